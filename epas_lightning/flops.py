@@ -1,0 +1,34 @@
+"""Analytic training FLOPs in the EPAS paper's convention (Table 1).
+
+FLOPs per sample = 3 * s * (2 * P_matmul + 4 * L * s * d): forward plus backward (3x forward) of every linear
+weight (the LM head included, the embedding lookup not) and of the attention products QK^T and PV, counted
+without causal halving. A sharing layer drops the projections it reuses: q_proj and k_proj in ``qk`` mode,
+k_proj and v_proj in ``kv`` mode. The attention products still run in every layer.
+"""
+
+from __future__ import annotations
+
+from epas_lightning.model.config import LlamaConfig
+
+
+def matmul_params(config: LlamaConfig, n_shared: int = 0) -> int:
+    """Number of weights that take part in a matmul when ``n_shared`` layers share."""
+    if not 0 <= n_shared <= config.n_layer - 1:
+        raise ValueError(f"n_shared={n_shared} must be in [0, n_layer - 1 = {config.n_layer - 1}].")
+    d, kv_dim = config.n_embd, config.n_kv_head * config.head_dim
+    q, k, v, o = d * d, d * kv_dim, d * kv_dim, d * d
+    mlp = 3 * d * config.intermediate_size
+    skipped = q + k if config.sharing_mode == "qk" else k + v
+    per_layer = q + k + v + o + mlp
+    return config.n_layer * per_layer - n_shared * skipped + d * config.padded_vocab_size
+
+
+def estimate_flops(config: LlamaConfig, n_shared: int, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per sample of ``seq_len`` tokens with ``n_shared`` sharing layers."""
+    attention = 4 * config.n_layer * seq_len * config.n_head * config.head_dim
+    return 3.0 * seq_len * (2 * matmul_params(config, n_shared) + attention)
+
+
+def flop_cut(config: LlamaConfig, n_shared: int, seq_len: int) -> float:
+    """Fraction of training FLOPs that ``n_shared`` sharing layers remove."""
+    return 1.0 - estimate_flops(config, n_shared, seq_len) / estimate_flops(config, 0, seq_len)

@@ -1,0 +1,117 @@
+"""Model configuration: one dataclass plus a handful of named presets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+SharingMode = Literal["qk", "kv"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Tests: tiny enough to build, run and differentiate in milliseconds.
+    "debug": dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128, vocab_size=512, block_size=64),
+    # The CPU demo (configs/demo.yaml): about 9M parameters.
+    "demo": dict(n_layer=8, n_embd=256, n_head=4, intermediate_size=704, vocab_size=4096, block_size=256),
+    # The paper's shapes (Table 1 and the throughput table).
+    "llama-125m": dict(n_layer=12, n_embd=768, n_head=12, intermediate_size=2048, vocab_size=32000, block_size=2048),
+    "tinyllama-1.1b": dict(
+        n_layer=22, n_embd=2048, n_head=32, n_kv_head=4, intermediate_size=5632, vocab_size=32000, block_size=2048
+    ),
+    "llama-3b": dict(n_layer=26, n_embd=3072, n_head=24, intermediate_size=8192, vocab_size=32000, block_size=2048),
+    "llama-7b": dict(n_layer=32, n_embd=4096, n_head=32, intermediate_size=11008, vocab_size=32000, block_size=2048),
+}
+
+
+@dataclass
+class LlamaConfig:
+    """Shape and numerics of a LLaMA decoder.
+
+    Fields left as ``None`` are taken from the preset named by ``name`` and, failing that, derived
+    (``n_kv_head = n_head``, ``intermediate_size`` from the SwiGLU 8/3 rule, ``padded_vocab_size``).
+    In YAML, ``config: {name: llama-125m, vocab_size: 8192}`` takes a preset and overrides one field.
+    """
+
+    name: str | None = None
+    """Preset to start from: debug, demo, llama-125m, tinyllama-1.1b, llama-3b, llama-7b."""
+    n_layer: int | None = None
+    """Number of decoder layers."""
+    n_embd: int | None = None
+    """Model width d (hidden size)."""
+    n_head: int | None = None
+    """Number of query heads."""
+    n_kv_head: int | None = None
+    """Number of key/value heads (GQA); defaults to n_head (plain multi-head attention)."""
+    intermediate_size: int | None = None
+    """SwiGLU hidden size; defaults to 8/3 * n_embd rounded up to a multiple of 256."""
+    vocab_size: int | None = None
+    """Tokenizer vocabulary size."""
+    padding_multiple: int = 64
+    """The embedding table is padded to a multiple of this (faster matmuls)."""
+    padded_vocab_size: int | None = None
+    """Rows of the embedding / LM head; defaults to vocab_size rounded up to padding_multiple."""
+    block_size: int | None = None
+    """Training sequence length (also the length RoPE tables are sized for)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = False
+    """Share the token embedding matrix with the LM head."""
+    init_std: float = 0.02
+    """Standard deviation of the normal init of linear and embedding weights."""
+    sharing_mode: SharingMode = "qk"
+    """What a sharing layer reuses from the last compute layer: 'qk' (the paper) or 'kv' (CLA-style)."""
+
+    def __post_init__(self) -> None:
+        if self.name is not None:
+            if self.name not in PRESETS:
+                raise ValueError(f"Unknown model preset {self.name!r}; choose one of {sorted(PRESETS)}.")
+            for key, value in PRESETS[self.name].items():
+                if getattr(self, key) is None:
+                    setattr(self, key, value)
+        missing = [k for k in ("n_layer", "n_embd", "n_head", "vocab_size", "block_size") if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"LlamaConfig needs {missing}: set them or pick a preset with `name`.")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.intermediate_size is None:
+            self.intermediate_size = _round_up(int(8 * self.n_embd / 3), 256)
+        if self.padded_vocab_size is None:
+            self.padded_vocab_size = _round_up(self.vocab_size, self.padding_multiple)
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}.")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}.")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE.")
+        if self.padded_vocab_size < self.vocab_size:
+            raise ValueError(f"padded_vocab_size={self.padded_vocab_size} < vocab_size={self.vocab_size}.")
+        if self.sharing_mode not in ("qk", "kv"):
+            raise ValueError(f"sharing_mode must be 'qk' or 'kv', got {self.sharing_mode!r}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> LlamaConfig:
+        """Build a preset, optionally overriding fields: ``LlamaConfig.from_name("debug", n_layer=4)``."""
+        return cls(name=name, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LlamaConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"Unknown LlamaConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple

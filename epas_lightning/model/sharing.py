@@ -1,0 +1,57 @@
+"""Which decoder layers share: a tiny module so the mask survives meta-device init and lands in checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+class SharingState(nn.Module):
+    """The sharing mask of an ``n_layer`` model.
+
+    The mask is a persistent bool buffer (saved in ``state_dict`` and so in every checkpoint) mirrored in a
+    Python tuple that the forward reads, so switching never syncs a device and ``torch.compile`` sees a constant.
+    """
+
+    def __init__(self, n_layer: int) -> None:
+        super().__init__()
+        self.n_layer = n_layer
+        self.register_buffer("mask", torch.zeros(n_layer, dtype=torch.bool))
+        self._flags: tuple[bool, ...] = (False,) * n_layer
+
+    def reset_parameters(self) -> None:
+        """Every layer computes (meta-device materialisation calls this)."""
+        self.mask.zero_()
+        self._flags = (False,) * self.n_layer
+
+    @property
+    def flags(self) -> tuple[bool, ...]:
+        """Per-layer ``True`` where the layer shares."""
+        return self._flags
+
+    @property
+    def shared_layers(self) -> list[int]:
+        return [i for i, shares in enumerate(self._flags) if shares]
+
+    @property
+    def n_shared(self) -> int:
+        return sum(self._flags)
+
+    def set_shared_layers(self, layers: Iterable[int]) -> None:
+        """Make exactly ``layers`` share; every other layer computes. Layer 0 can never share."""
+        layers = set(layers)
+        bad = sorted(i for i in layers if not 1 <= i < self.n_layer)
+        if bad:
+            raise ValueError(f"Layers {bad} cannot share: valid sharing layers are 1..{self.n_layer - 1}.")
+        self._flags = tuple(i in layers for i in range(self.n_layer))
+        self.mask.copy_(torch.tensor(self._flags, dtype=torch.bool))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "mask" in state_dict:
+            flags = tuple(bool(b) for b in self.mask.tolist())
+            if flags and flags[0]:
+                raise ValueError("Corrupt sharing mask in checkpoint: layer 0 is marked as sharing.")
+            self._flags = flags

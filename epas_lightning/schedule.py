@@ -1,0 +1,106 @@
+"""Algorithm 1 of the EPAS paper as a pure function of the optimizer step.
+
+The target region S_c is a contiguous run of layers listed deepest first. Starting at ``start_step`` and then every
+``interval`` optimizer steps, the next ``growth`` layers of S_c (deepest first) switch to sharing, until S_c is
+exhausted; the region then stays at full size. Because the mask depends on the step alone, every rank and every
+micro-batch of an accumulation window agree on it, and a resumed run picks it up from ``global_step``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+TargetSpec = int | float | Sequence[int]
+"""The full sharing region: a layer count, a fraction of the layers, or an explicit deepest-first list."""
+
+
+def resolve_target(target: TargetSpec, n_layer: int) -> tuple[int, ...]:
+    """Turn a count, fraction or list into the deepest-first list of layers of the full region.
+
+    A count or fraction takes the deepest layers (the last layer always included). A list must be a contiguous run of
+    layers in 1..n_layer-1, deepest first.
+    """
+    if isinstance(target, bool):
+        raise ValueError(f"Sharing target must be a count, a fraction or a list of layers, got {target!r}.")
+    if isinstance(target, float):
+        if not 0.0 < target < 1.0:
+            raise ValueError(f"A fractional sharing target must be in (0, 1), got {target}.")
+        count = int(target * n_layer)
+        if count == 0:
+            raise ValueError(f"Sharing target {target} of {n_layer} layers rounds down to 0 layers.")
+        target = count
+    if isinstance(target, int):
+        if not 1 <= target <= n_layer - 1:
+            raise ValueError(
+                f"Sharing target of {target} layers is invalid for a {n_layer}-layer model: "
+                f"between 1 and n_layer - 1 = {n_layer - 1} layers can share (layer 0 always computes)."
+            )
+        return tuple(range(n_layer - 1, n_layer - 1 - target, -1))
+    layers = tuple(int(i) for i in target)
+    if not layers:
+        raise ValueError("The sharing target list is empty.")
+    if any(not 1 <= i <= n_layer - 1 for i in layers):
+        raise ValueError(
+            f"Sharing target {list(layers)} names layers outside 1..{n_layer - 1} (layer 0 can never share)."
+        )
+    if any(a - b != 1 for a, b in zip(layers, layers[1:], strict=False)):
+        raise ValueError(
+            f"Sharing target {list(layers)} must be one contiguous block listed deepest first, e.g. [11, 10, 9]."
+        )
+    return layers
+
+
+@dataclass(frozen=True)
+class SharingSchedule:
+    """When each layer of the target region starts sharing."""
+
+    target_layers: tuple[int, ...]
+    """The full region, deepest first."""
+    growth: int = 1
+    """Layers added to the region per stage (B in the paper)."""
+    interval: int = 100
+    """Optimizer steps between stages (I in the paper)."""
+    start_step: int = 100
+    """Optimizer step at which the first stage switches."""
+
+    def __post_init__(self) -> None:
+        if self.growth < 1:
+            raise ValueError(f"growth must be >= 1, got {self.growth}.")
+        if self.interval < 1:
+            raise ValueError(f"interval must be >= 1 optimizer step, got {self.interval}.")
+        if self.start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {self.start_step}.")
+        if len(self.target_layers) % self.growth:
+            raise ValueError(
+                f"The target region has {len(self.target_layers)} layers, which is not a multiple of "
+                f"growth={self.growth}: pick a growth that divides it."
+            )
+
+    @classmethod
+    def build(
+        cls, n_layer: int, target: TargetSpec, growth: int = 1, interval: int = 100, start_step: int | None = None
+    ) -> SharingSchedule:
+        """Validate and build; ``start_step`` defaults to ``interval`` (the paper: grow after every I steps)."""
+        return cls(
+            resolve_target(target, n_layer), growth, interval, interval if start_step is None else start_step
+        )
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.target_layers) // self.growth
+
+    @property
+    def final_step(self) -> int:
+        """First optimizer step at which the region has its full size."""
+        return self.start_step + (self.n_stages - 1) * self.interval
+
+    def stage_at(self, step: int) -> int:
+        """Number of completed growth stages after ``step`` optimizer steps."""
+        if step < self.start_step:
+            return 0
+        return min(self.n_stages, (step - self.start_step) // self.interval + 1)
+
+    def shared_layers_at(self, step: int) -> list[int]:
+        """Layers sharing after ``step`` optimizer steps, ascending."""
+        return sorted(self.target_layers[: self.stage_at(step) * self.growth])

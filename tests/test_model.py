@@ -1,0 +1,195 @@
+"""The model: plain LLaMA when nothing shares, exact sharing semantics, gradients and FLOPs when layers share."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from epas_lightning.model import Llama, LlamaConfig
+from epas_lightning.model.rope import apply_rope
+
+
+def tiny(n_layer: int = 4, **kw) -> Llama:
+    torch.manual_seed(0)
+    return Llama(LlamaConfig.from_name("debug", n_layer=n_layer, **kw))
+
+
+def tokens(B: int = 2, T: int = 16) -> torch.Tensor:
+    return torch.randint(0, 512, (B, T), generator=torch.Generator().manual_seed(1))
+
+
+def reference_llama(model: Llama, input_ids: torch.Tensor) -> torch.Tensor:
+    """A from-scratch LLaMA forward (explicit softmax attention, repeated KV heads) over the model's weights."""
+    c = model.config
+    B, T = input_ids.shape
+    pos = torch.arange(T, dtype=torch.float32)
+    inv_freq = 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim)
+    ang = torch.cat([torch.outer(pos, inv_freq)] * 2, dim=-1)
+
+    def rope(x):
+        x1, x2 = x[..., : c.head_dim // 2], x[..., c.head_dim // 2 :]
+        return x * ang.cos() + torch.cat((-x2, x1), dim=-1) * ang.sin()
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c.norm_eps) * w
+
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    x = model.embed_tokens.weight[input_ids]
+    for layer in model.layers:
+        a = layer.self_attn
+        h = rms(x, layer.input_layernorm.weight)
+        q = rope((h @ a.q_proj.weight.T).view(B, T, c.n_head, c.head_dim).transpose(1, 2))
+        k = rope((h @ a.k_proj.weight.T).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2))
+        v = (h @ a.v_proj.weight.T).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+        rep = c.n_head // c.n_kv_head
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        att = (q @ k.transpose(-1, -2) / math.sqrt(c.head_dim)).masked_fill(~causal, float("-inf")).softmax(-1)
+        x = x + (att @ v).transpose(1, 2).reshape(B, T, -1) @ a.o_proj.weight.T
+        h = rms(x, layer.post_attention_layernorm.weight)
+        m = layer.mlp
+        x = x + (F.silu(h @ m.gate_proj.weight.T) * (h @ m.up_proj.weight.T)) @ m.down_proj.weight.T
+    return rms(x, model.norm.weight) @ model.lm_head.weight.T
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_empty_region_is_plain_llama(n_kv_head):
+    model = tiny(n_kv_head=n_kv_head)
+    x = tokens()
+    torch.testing.assert_close(model(x), reference_llama(model, x), atol=1e-5, rtol=1e-4)
+
+
+def test_tied_embeddings_share_one_tensor():
+    model = tiny(tie_embeddings=True)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in tiny().parameters())
+
+
+def capture_attention_inputs(model: Llama, input_ids: torch.Tensor) -> dict:
+    """Run the model and record each attention's input (normed x), returned pair and output."""
+    seen = {}
+    for i, layer in enumerate(model.layers):
+
+        def hook(mod, args, out, i=i):
+            seen[i] = {"x": args[0], "out": out[0], "shared": out[1]}
+
+        layer.self_attn.register_forward_hook(hook)
+    model(input_ids)
+    return seen
+
+
+def test_qk_sharing_layer_attends_with_source_qk_and_own_v():
+    model = tiny()
+    model.set_shared_layers([2, 3])
+    x = tokens()
+    seen = capture_attention_inputs(model, x)
+    c = model.config
+    q_src, k_src = seen[1]["shared"]
+    for i in (2, 3):
+        attn = model.layers[i].self_attn
+        B, T, _ = seen[i]["x"].shape
+        v = attn.v_proj(seen[i]["x"]).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q_src, k_src, v, is_causal=True, enable_gqa=True)
+        expected = attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        torch.testing.assert_close(seen[i]["out"], expected)
+        assert seen[i]["shared"][0] is q_src and seen[i]["shared"][1] is k_src
+    # the source pair is the post-RoPE projection of layer 1's own input
+    cos, sin = model.rotary_emb(x.shape[1])
+    B, T, _ = seen[1]["x"].shape
+    q1 = model.layers[1].self_attn.q_proj(seen[1]["x"]).view(B, T, c.n_head, c.head_dim).transpose(1, 2)
+    torch.testing.assert_close(q_src, apply_rope(q1, cos, sin))
+
+
+def test_kv_sharing_layer_reuses_source_kv_and_projects_own_q():
+    model = tiny(sharing_mode="kv")
+    model.set_shared_layers([3])
+    seen = capture_attention_inputs(model, tokens())
+    k_src, v_src = seen[2]["shared"]
+    assert seen[3]["shared"][0] is k_src and seen[3]["shared"][1] is v_src
+
+
+@pytest.mark.parametrize("mode,skipped", [("qk", ("q_proj", "k_proj")), ("kv", ("k_proj", "v_proj"))])
+def test_sharing_layers_get_no_grad_and_source_gets_theirs(mode, skipped):
+    model = tiny(sharing_mode=mode)
+    model.set_shared_layers([2, 3])
+    model(tokens()).logsumexp(-1).mean().backward()
+    no_grad = {n for n, p in model.named_parameters() if p.grad is None}
+    assert no_grad == {f"layers.{i}.self_attn.{p}.weight" for i in (2, 3) for p in skipped}
+
+    # The source layer's projections receive gradient through the sharing layers (no detach): compare with
+    # the gradient when the shared tensors are cut off from layer 1.
+    src = model.layers[1].self_attn
+    with_flow = src.q_proj.weight.grad.clone() if mode == "qk" else src.v_proj.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    detach_reuse = {}
+
+    def detach_hook(mod, args, out):
+        return out[0], tuple(t.detach() for t in out[1])
+
+    detach_reuse["h"] = src.register_forward_hook(detach_hook)
+    model(tokens()).logsumexp(-1).mean().backward()
+    detach_reuse["h"].remove()
+    without_flow = src.q_proj.weight.grad if mode == "qk" else src.v_proj.weight.grad
+    assert not torch.allclose(with_flow, without_flow)
+
+
+def test_region_switch_is_at_runtime_and_reversible():
+    model = tiny()
+    x = tokens()
+    dense = model(x)
+    model.set_shared_layers([3])
+    shared = model(x)
+    assert not torch.allclose(dense, shared)
+    model.set_shared_layers([])
+    torch.testing.assert_close(model(x), dense)
+
+
+def test_layer_zero_never_shares():
+    with pytest.raises(ValueError, match="cannot share"):
+        tiny().set_shared_layers([0, 1])
+    with pytest.raises(ValueError, match="cannot share"):
+        tiny().set_shared_layers([4])
+
+
+def count_flops(model: Llama, x: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    return counter.get_total_flops()
+
+
+def test_sharing_step_does_fewer_flops():
+    model = tiny()
+    x = tokens()
+    dense = count_flops(model, x)
+    model.set_shared_layers([3])
+    one = count_flops(model, x)
+    model.set_shared_layers([2, 3])
+    two = count_flops(model, x)
+    assert dense > one > two
+    c = model.config
+    per_layer_qk = 6 * x.numel() * c.n_embd * (c.n_embd + c.n_kv_head * c.head_dim)  # fwd+bwd of q_proj, k_proj
+    assert dense - one == per_layer_qk and one - two == per_layer_qk
+
+
+def test_sharing_mask_round_trips_through_state_dict():
+    model = tiny()
+    model.set_shared_layers([2, 3])
+    state = model.state_dict()
+    assert state["sharing.mask"].tolist() == [False, False, True, True]
+    fresh = tiny()
+    fresh.load_state_dict(state)
+    assert fresh.sharing.shared_layers == [2, 3]
+    x = tokens()
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_meta_device_build_then_init_has_no_garbage():
+    with torch.device("meta"):
+        model = Llama(LlamaConfig.from_name("debug"))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    assert model.sharing.mask.tolist() == [False, False]
+    assert torch.equal(model.norm.weight, torch.ones_like(model.norm.weight))
+    torch.testing.assert_close(model.rotary_emb.inv_freq, tiny(2).rotary_emb.inv_freq)
+    assert torch.isfinite(model(tokens())).all()
