@@ -1,0 +1,31 @@
+"""Shared fixtures. No test writes to the real home cache or into the repository."""
+
+from pathlib import Path
+
+import pytest
+
+TINY_CORPUS_MAX_BYTES = 1_500_000
+TINY_CORPUS_VOCAB_SIZE = 512
+
+
+@pytest.fixture(scope="session")
+def epas_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache directory for the whole session (``EPAS_CACHE_DIR`` points here in every test)."""
+    return tmp_path_factory.mktemp("epas_cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_epas_cache(monkeypatch: pytest.MonkeyPatch, epas_cache_dir: Path) -> None:
+    monkeypatch.setenv("EPAS_CACHE_DIR", str(epas_cache_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(epas_cache_dir: Path) -> Path:
+    """The built-in corpus cut to its first 1.5 MB with a 512-token vocabulary, prepared once per session.
+
+    It lives in the session's ``EPAS_CACHE_DIR``, so ``TokenDataModule(vocab_size=512, max_bytes=1_500_000)``
+    reuses it instead of building again.
+    """
+    from epas_lightning.data import prepare_builtin_corpus
+
+    return prepare_builtin_corpus(TINY_CORPUS_VOCAB_SIZE, cache_dir=epas_cache_dir, max_bytes=TINY_CORPUS_MAX_BYTES)

@@ -1,0 +1,261 @@
+"""The built-in stdlib corpus and the litdata TokenDataModule (fast: a 1.5 MB corpus with 512 tokens)."""
+
+import json
+import logging
+import random
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from epas_lightning.data import TokenDataModule, builtin, prepare_builtin_corpus
+from epas_lightning.data.builtin import (
+    SourceFile,
+    TokenizeShard,
+    builtin_entry_name,
+    collect_source_files,
+    default_cache_dir,
+    list_source_files,
+    load_meta,
+    split_train_val,
+    stdlib_root,
+    tokenize_shard,
+)
+
+TINY_CORPUS_MAX_BYTES = 1_500_000  # as prepared by the `tiny_corpus` fixture (conftest.py)
+TINY_CORPUS_VOCAB_SIZE = 512
+
+
+def tiny_datamodule(data_dir: Path, **kwargs) -> TokenDataModule:
+    kwargs = {"seq_len": 32, "batch_size": 4, "vocab_size": TINY_CORPUS_VOCAB_SIZE} | kwargs
+    dm = TokenDataModule(data_dir=str(data_dir), **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def read_stream(stream_dir: Path) -> torch.Tensor:
+    """All tokens of a (small) litdata token stream, in order."""
+    from litdata import StreamingDataset
+    from litdata.streaming.item_loader import TokensLoader
+
+    dataset = StreamingDataset(str(stream_dir), item_loader=TokensLoader(block_size=1))
+    return torch.cat([dataset[i] for i in range(len(dataset))])
+
+
+def fail_if_built(*args, **kwargs):
+    raise AssertionError("the cache entry was rebuilt")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Corpus: files, split, tokens
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_source_files_are_sorted_python_files_without_installed_packages():
+    rel_paths = list_source_files(stdlib_root())
+    assert rel_paths == sorted(rel_paths)
+    assert "os.py" in rel_paths
+    assert all(p.endswith(".py") for p in rel_paths)
+    assert not any("site-packages" in p or "dist-packages" in p for p in rel_paths)
+
+
+def test_max_bytes_limits_the_corpus():
+    files, _ = collect_source_files(stdlib_root(), max_bytes=200_000)
+    assert 0 < sum(f.n_bytes for f in files) <= 200_000
+    assert [f.rel_path for f in files] == list_source_files(stdlib_root())[: len(files)]  # a prefix, in order
+
+
+def test_split_is_deterministic_disjoint_and_holds_out_about_val_fraction():
+    files = [SourceFile(p, p, 0) for p in list_source_files(stdlib_root())]
+    train, val = split_train_val(files, val_fraction=0.02)
+    assert {f.rel_path for f in train}.isdisjoint(f.rel_path for f in val)
+    assert len(train) + len(val) == len(files)
+    assert 0.005 < len(val) / len(files) < 0.05
+    assert split_train_val(files, val_fraction=0.02) == (train, val)
+    shuffled_train, shuffled_val = split_train_val(random.Random(0).sample(files, len(files)), val_fraction=0.02)
+    assert {f.rel_path for f in shuffled_val} == {f.rel_path for f in val}  # decided per file, not by position
+
+
+def test_split_always_holds_out_one_file():
+    files = [SourceFile(f"f{i}.py", f"f{i}.py", 1) for i in range(5)]
+    train, val = split_train_val(files, val_fraction=1e-12)
+    assert len(val) == 1 and len(train) == 4
+
+
+def test_prepared_split_matches_the_manifest(tiny_corpus: Path):
+    manifest = json.loads((tiny_corpus / "files.json").read_text())
+    assert manifest["val"] and set(manifest["train"]).isdisjoint(manifest["val"])
+    files, _ = collect_source_files(stdlib_root(), TINY_CORPUS_MAX_BYTES)
+    train, val = split_train_val(files, val_fraction=0.02)
+    assert manifest == {"train": [f.rel_path for f in train], "val": [f.rel_path for f in val]}
+
+
+def test_meta_describes_the_entry(tiny_corpus: Path):
+    meta = load_meta(tiny_corpus)
+    assert (meta["vocab_size"], meta["max_bytes"]) == (TINY_CORPUS_VOCAB_SIZE, TINY_CORPUS_MAX_BYTES)
+    assert (tiny_corpus / meta["tokenizer"]).is_file()
+    assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] <= TINY_CORPUS_MAX_BYTES
+    assert meta["splits"]["val"]["files"] >= 1
+    assert meta["splits"]["train"]["tokens"] > 100 * meta["splits"]["val"]["files"]
+
+
+def test_each_file_is_one_bos_eos_document_that_decodes_back(tiny_corpus: Path):
+    meta = load_meta(tiny_corpus)
+    file = collect_source_files(stdlib_root(), max_bytes=50_000)[0][-1]
+    (tokens,) = tokenize_shard(TokenizeShard(str(tiny_corpus / "tokenizer.json"), (file.path,)))
+    assert tokens[0] == meta["bos_id"] and tokens[-1] == meta["eos_id"]
+    dm = tiny_datamodule(tiny_corpus)
+    assert dm.tokenizer.decode(tokens[1:-1].tolist()) == Path(file.path).read_text(encoding="utf-8")
+
+
+def test_val_stream_holds_whole_documents(tiny_corpus: Path):
+    meta = load_meta(tiny_corpus)
+    tokens = read_stream(tiny_corpus / "val")
+    assert len(tokens) == meta["splits"]["val"]["tokens"]
+    assert tokens[0] == meta["bos_id"] and tokens[-1] == meta["eos_id"]
+    n_docs = meta["splits"]["val"]["files"]
+    assert (tokens == meta["bos_id"]).sum() == n_docs == (tokens == meta["eos_id"]).sum()
+
+
+def test_byte_level_tokenizer_has_no_unknown_tokens(tiny_corpus: Path):
+    tokenizer = tiny_datamodule(tiny_corpus).tokenizer
+    text = "déjà vu → ✓ 中文 🐍\tx = 1\n"
+    assert tokenizer.decode(tokenizer.encode(text).ids) == text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cache entries
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_entry_name_encodes_its_inputs():
+    name = builtin_entry_name(4096)
+    assert name.startswith("stdlib-py3.") and "-v4096-all-" in name
+    assert len({name, builtin_entry_name(4096, max_bytes=10), builtin_entry_name(4096, val_fraction=0.1)}) == 3
+
+
+def test_default_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.setenv("EPAS_CACHE_DIR", str(tmp_path / "env"))
+    assert default_cache_dir() == tmp_path / "env"
+    monkeypatch.delenv("EPAS_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "epas_lightning"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == Path.home() / ".cache" / "epas_lightning"
+
+
+def test_complete_entry_is_reused_without_rebuilding(
+    tiny_corpus: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    monkeypatch.setattr(builtin, "build_entry", fail_if_built)
+    with caplog.at_level(logging.INFO, logger="epas_lightning"):
+        dm = TokenDataModule(vocab_size=TINY_CORPUS_VOCAB_SIZE, max_bytes=TINY_CORPUS_MAX_BYTES)  # EPAS_CACHE_DIR
+        dm.prepare_data()
+    assert dm.data_dir == tiny_corpus
+    assert "Reusing prepared corpus" in caplog.text
+
+
+def test_incomplete_entry_is_rebuilt_and_process_state_is_kept(tmp_path: Path):
+    entry = tmp_path / builtin_entry_name(300, max_bytes=200_000)
+    (entry / "train").mkdir(parents=True)  # looks like an interrupted build: no meta.json
+    (entry / "train" / "junk.bin").write_bytes(b"x")
+    stale = tmp_path / f".{entry.name}.tmp-crashed"
+    stale.mkdir()
+    random.seed(123)
+    expected_random = random.random()
+    random.seed(123)
+    torch_state = torch.random.get_rng_state()
+
+    assert prepare_builtin_corpus(300, cache_dir=tmp_path, max_bytes=200_000, num_workers=1) == entry
+
+    assert random.random() == expected_random  # litdata's reseeding is undone
+    assert torch.equal(torch.random.get_rng_state(), torch_state)
+    assert load_meta(entry)["vocab_size"] == 300
+    assert not (entry / "train" / "junk.bin").exists() and not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".locks", entry.name]
+
+
+def test_concurrent_callers_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    builds = []
+
+    def fake_build(build_dir: Path, *args) -> dict:
+        builds.append(build_dir)
+        threading.Event().wait(0.3)
+        (build_dir / "meta.json").write_text("{}")
+        return {"seconds": 0.3, "seconds_by_step": {}, "splits": {}}
+
+    monkeypatch.setattr(builtin, "build_entry", fake_build)
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(prepare_builtin_corpus(512, cache_dir=tmp_path)))
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and len(set(results)) == 1 and len(results) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TokenDataModule
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_batches_are_blocks_of_seq_len_plus_one_tokens(tiny_corpus: Path, split: str):
+    dm = tiny_datamodule(tiny_corpus, seq_len=32, batch_size=4)
+    batch = next(iter(dm.train_dataloader() if split == "train" else dm.val_dataloader()))
+    assert batch.shape == (4, 33)
+    assert batch.dtype == torch.int32
+    assert batch.min() >= 0 and batch.max() < TINY_CORPUS_VOCAB_SIZE
+    assert dm.on_after_batch_transfer(batch, 0).dtype == torch.int64
+
+
+def test_validation_order_is_fixed_and_training_order_is_shuffled(tiny_corpus: Path):
+    dm = tiny_datamodule(tiny_corpus)
+    val_a, val_b = (next(iter(dm.val_dataloader())) for _ in range(2))
+    assert torch.equal(val_a, val_b)
+    first_val_block = read_stream(tiny_corpus / "val")[:33]
+    assert torch.equal(val_a[0], first_val_block)
+    other_seed = tiny_datamodule(tiny_corpus, seed=1)
+    assert not torch.equal(next(iter(dm.train_dataloader())), next(iter(other_seed.train_dataloader())))
+
+
+def test_vocab_size_check_names_both_sizes(tiny_corpus: Path):
+    with pytest.raises(ValueError, match=r"has 512 tokens but the model's vocab_size is 300"):
+        tiny_datamodule(tiny_corpus, vocab_size=300)
+    assert tiny_datamodule(tiny_corpus, vocab_size=1024).tokenizer.get_vocab_size() == 512
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path: Path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=rf"{missing} does not exist.*prepare"):
+        tiny_datamodule(missing)
+
+
+def test_incomplete_data_dir_lists_what_is_missing(tiny_corpus: Path, tmp_path: Path):
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny_corpus, data_dir)
+    (data_dir / "meta.json").unlink()
+    shutil.rmtree(data_dir / "val")
+    with pytest.raises(FileNotFoundError, match=r"incomplete: missing val/index.json, meta.json.*prepare"):
+        tiny_datamodule(data_dir)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_loader_state_dict_resumes_with_the_same_batches(tiny_corpus: Path, num_workers: int):
+    loader = tiny_datamodule(tiny_corpus, num_workers=num_workers).train_dataloader()
+    batches = iter(loader)
+    for _ in range(3):
+        next(batches)
+    state = loader.state_dict()
+    expected = [next(batches) for _ in range(3)]
+
+    resumed = tiny_datamodule(tiny_corpus, num_workers=num_workers).train_dataloader()
+    resumed.load_state_dict(state)
+    batches = iter(resumed)
+    for want in expected:
+        assert torch.equal(next(batches), want)
