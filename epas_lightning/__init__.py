@@ -1,7 +1,31 @@
-"""EPAS progressive activation sharing for LLaMA training with PyTorch Lightning."""
+"""EPAS progressive activation sharing for LLaMA training with PyTorch Lightning.
 
+The public API: the model (``Llama``, ``LlamaConfig``), the Lightning pieces (``EPASModule``, ``ProgressiveSharing``,
+``TokenDataModule``), the schedule and the FLOPs model.
+"""
+
+from epas_lightning.callbacks import ProgressiveSharing
+from epas_lightning.data import TokenDataModule, prepare_builtin_corpus
 from epas_lightning.flops import estimate_flops, flop_cut, matmul_params
+from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.model import Llama, LlamaConfig, SharingState
+from epas_lightning.module import EPASModule
 from epas_lightning.schedule import SharingSchedule, resolve_target
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "EPASModule",
+    "Llama",
+    "LlamaConfig",
+    "ProgressiveSharing",
+    "SharingSchedule",
+    "SharingState",
+    "TokenDataModule",
+    "WarmupCosineLR",
+    "estimate_flops",
+    "flop_cut",
+    "matmul_params",
+    "prepare_builtin_corpus",
+    "resolve_target",
+]

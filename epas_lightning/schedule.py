@@ -82,9 +82,7 @@ class SharingSchedule:
         cls, n_layer: int, target: TargetSpec, growth: int = 1, interval: int = 100, start_step: int | None = None
     ) -> SharingSchedule:
         """Validate and build; ``start_step`` defaults to ``interval`` (the paper: grow after every I steps)."""
-        return cls(
-            resolve_target(target, n_layer), growth, interval, interval if start_step is None else start_step
-        )
+        return cls(resolve_target(target, n_layer), growth, interval, interval if start_step is None else start_step)
 
     @property
     def n_stages(self) -> int:

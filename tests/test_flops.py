@@ -8,9 +8,7 @@ from epas_lightning.flops import estimate_flops, flop_cut
 from epas_lightning.model import Llama, LlamaConfig
 
 
-@pytest.mark.parametrize(
-    "name,dense_tf,shared_tf", [("llama-125m", 1.81, 1.72), ("tinyllama-1.1b", 14.98, 14.34)]
-)
+@pytest.mark.parametrize("name,dense_tf,shared_tf", [("llama-125m", 1.81, 1.72), ("tinyllama-1.1b", 14.98, 14.34)])
 def test_reproduces_paper_table_1(name, dense_tf, shared_tf):
     config = LlamaConfig.from_name(name)
     half = config.n_layer // 2

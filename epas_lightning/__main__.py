@@ -1,0 +1,3 @@
+from epas_lightning.cli import main
+
+main()

@@ -1,0 +1,107 @@
+"""Lightning callbacks: ``ProgressiveSharing`` grows the sharing region; batch helpers for ``ThroughputMonitor``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from epas_lightning.schedule import SharingSchedule, TargetSpec
+
+
+class ProgressiveSharing(Callback):
+    """Grows the sharing region deep -> shallow during training (Algorithm 1 of the EPAS paper).
+
+    The mask is a pure function of ``trainer.global_step`` (optimizer steps), applied before every training batch,
+    so all ranks and all micro-batches of an accumulation window agree, and a resumed run continues exactly.
+
+    Args:
+        target: The full region: a layer count (``6``), a fraction of the layers (``0.5``) or an explicit contiguous
+            deepest-first list (``[11, 10, 9]``). Layer 0 can never share.
+        growth: Layers added per stage (B); must divide the region size.
+        interval: Optimizer steps between stages (I).
+        start_step: Optimizer step of the first stage; default ``interval``.
+        n_layer: Layers of the model (linked from ``model.config`` by the CLI); checked against the model.
+        enabled: ``False`` trains dense (every layer computes) with the same config.
+    """
+
+    def __init__(
+        self,
+        target: TargetSpec = 0.5,
+        growth: int = 1,
+        interval: int = 100,
+        start_step: int | None = None,
+        n_layer: int | None = None,
+        enabled: bool = True,
+    ) -> None:
+        self.target = list(target) if isinstance(target, (list, tuple)) else target
+        self.growth = growth
+        self.interval = interval
+        self.start_step = start_step
+        self.n_layer = n_layer
+        self.enabled = enabled
+        self.schedule: SharingSchedule | None = None
+        if n_layer is not None:  # fail at construction (before any data is prepared) when we can
+            self.schedule = self._build(n_layer)
+        self._applied: list[int] | None = None
+
+    def _build(self, n_layer: int) -> SharingSchedule:
+        return SharingSchedule.build(n_layer, self.target, self.growth, self.interval, self.start_step)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        n_layer = pl_module.config.n_layer
+        if self.n_layer is not None and self.n_layer != n_layer:
+            raise ValueError(f"ProgressiveSharing was configured for {self.n_layer} layers, the model has {n_layer}.")
+        self.schedule = self._build(n_layer)
+        if stage == "fit" and self.enabled:
+            rank_zero_info(
+                f"EPAS: region {list(self.schedule.target_layers)} grows by {self.growth} layer(s) every "
+                f"{self.interval} steps from step {self.schedule.start_step}; full at step {self.schedule.final_step}."
+            )
+
+    def shared_layers_at(self, step: int) -> list[int]:
+        if not self.enabled:
+            return []
+        return self.schedule.shared_layers_at(step)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        layers = self.shared_layers_at(step)
+        if layers != pl_module.model.sharing.shared_layers:
+            pl_module.set_shared_layers(layers)
+            rank_zero_info(f"EPAS: step {step}: {len(layers)} sharing layer(s) {layers}")
+            for logger in trainer.loggers:
+                logger.log_metrics({"sharing/layers": float(len(layers))}, step=step)
+        self._applied = layers
+        pl_module.log("sharing/layers", float(len(layers)), on_step=True, on_epoch=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "growth": self.growth,
+            "interval": self.interval,
+            "start_step": self.start_step,
+            "enabled": self.enabled,
+            "shared_layers": self._applied,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = {k: state_dict.get(k) for k in ("target", "growth", "interval", "start_step", "enabled")}
+        current = {k: getattr(self, k) for k in saved}
+        if saved != current:
+            rank_zero_warn(
+                f"ProgressiveSharing settings differ from the checkpoint ({saved} -> {current}); the region now "
+                "follows the new schedule from the resumed step."
+            )
+
+
+def batch_size(batch: torch.Tensor) -> int:
+    """Samples in a token batch of shape (B, T + 1) (for ``ThroughputMonitor.batch_size_fn``)."""
+    return batch.shape[0]
+
+
+def batch_tokens(batch: torch.Tensor) -> int:
+    """Trained tokens in a batch of shape (B, T + 1) (for ``ThroughputMonitor.length_fn``: items/s = tokens/s)."""
+    return batch.shape[0] * (batch.shape[1] - 1)

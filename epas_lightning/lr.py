@@ -1,0 +1,42 @@
+"""Learning-rate schedule: linear warmup then cosine decay to a floor."""
+
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+
+class WarmupCosineLR(LRScheduler):
+    """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr_ratio * base_lr`` at ``max_steps``.
+
+    Args:
+        optimizer: The wrapped optimizer.
+        warmup_steps: Optimizer steps of linear warmup from 0.
+        max_steps: Step at which the cosine reaches its floor; ``None`` lets ``EPASModule`` fill in the trainer's
+            total number of optimizer steps.
+        min_lr_ratio: Final learning rate as a fraction of the base learning rate.
+    """
+
+    def __init__(
+        self, optimizer: Optimizer, warmup_steps: int = 100, max_steps: int | None = None, min_lr_ratio: float = 0.1
+    ) -> None:
+        if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"Need warmup_steps >= 0 and 0 <= min_lr_ratio <= 1, got {warmup_steps}, {min_lr_ratio}.")
+        self.warmup_steps = warmup_steps
+        self.max_steps = max_steps
+        self.min_lr_ratio = min_lr_ratio
+        super().__init__(optimizer)
+
+    def lr_factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if self.max_steps is None or self.max_steps <= self.warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / (self.max_steps - self.warmup_steps))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def get_lr(self) -> list[float]:
+        factor = self.lr_factor(self.last_epoch)
+        return [base_lr * factor for base_lr in self.base_lrs]

@@ -1,0 +1,66 @@
+"""The command line: `python -m epas_lightning fit --config ...`, links, --print_config, early errors."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from epas_lightning.callbacks import ProgressiveSharing
+from epas_lightning.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+DEBUG = str(REPO / "configs" / "debug.yaml")
+
+
+def run_cli(args: list[str], cwd: Path, cache_dir: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "EPAS_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "epas_lightning", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_fit_through_the_entry_point_logs_and_checkpoints(tiny_corpus, tmp_path):
+    result = run_cli(["fit", "--config", DEBUG, "--sharing.interval", "3"], tmp_path, tiny_corpus.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in tiny_corpus.parent.glob("stdlib-*") if p.is_dir()] == [tiny_corpus.name]  # reused
+    assert "EPAS: step 3: 1 sharing layer(s) [1]" in result.stdout + result.stderr
+    run_dir = tmp_path / "runs" / "debug" / "version_0"
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert (run_dir / "config.yaml").exists()
+    events = EventAccumulator(str(run_dir)).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "val/ppl", "sharing/layers", "train/device/items_per_sec"} <= tags, tags
+    layers = [e.value for e in events.Scalars("sharing/layers")]
+    assert layers[0] == 0.0 and layers[-1] == 1.0
+
+
+def test_links_set_length_layers_and_vocab_once():
+    cli = main(["--config", DEBUG, "--model.config.n_layer", "4", "--sharing.target", "3"], run=False)
+    assert cli.model.config.n_layer == 4
+    assert cli.datamodule.seq_len == 32 and cli.datamodule.vocab_size == 512
+    (sharing,) = [c for c in cli.trainer.callbacks if isinstance(c, ProgressiveSharing)]
+    assert sharing.n_layer == 4 and sharing.schedule.target_layers == (3, 2, 1)
+
+
+def test_preset_override_from_the_command_line():
+    cli = main(["--config", DEBUG, "--model.config.name", "demo", "--model.config.block_size", "64"], run=False)
+    assert (cli.model.config.n_layer, cli.model.config.n_embd) == (8, 256)
+    assert cli.datamodule.seq_len == 64 and cli.datamodule.vocab_size == 4096
+
+
+def test_print_config_shows_the_sharing_section(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", DEBUG, "--print_config"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "sharing:" in out and "name: debug" in out and "ThroughputMonitor" in out
+
+
+def test_invalid_schedule_fails_before_training(tmp_path, tiny_corpus):
+    result = run_cli(["fit", "--config", DEBUG, "--sharing.target", "2"], tmp_path, tiny_corpus.parent)
+    assert result.returncode != 0
+    assert "between 1 and n_layer - 1 = 1" in result.stderr
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))

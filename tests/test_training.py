@@ -1,0 +1,150 @@
+"""Lightning integration on CPU: growth during fit, mask and FLOPs bookkeeping, exact resume mid-growth."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule
+from epas_lightning.flops import estimate_flops
+
+
+class Recorder(Callback):
+    """Records, per optimizer step, the training loss and the sharing layers used for it."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+        self.masks: dict[int, list[int]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step - 1
+        self.losses[step] = outputs["loss"].item()
+        self.masks[step] = pl_module.model.sharing.shared_layers
+
+
+def make_trainer(root: Path, max_steps: int, callbacks: list, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        default_root_dir=root,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+def make_run(corpus: Path, n_layer: int = 4):
+    L.seed_everything(7)
+    config = LlamaConfig.from_name("debug", n_layer=n_layer, block_size=32)
+    module = EPASModule(config)
+    data = TokenDataModule(data_dir=str(corpus), seq_len=32, batch_size=4, vocab_size=config.vocab_size)
+    return module, data
+
+
+def test_region_grows_during_fit_and_frozen_qk_stay_put(tiny_corpus, tmp_path):
+    module, data = make_run(tiny_corpus)
+    sharing = ProgressiveSharing(target=2, growth=1, interval=3)
+    recorder = Recorder()
+    snapshots = {}
+
+    class Snapshot(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            snapshots[trainer.global_step] = pl_module.model.layers[3].self_attn.q_proj.weight.detach().clone()
+
+    trainer = make_trainer(tmp_path, 8, [sharing, Snapshot(), recorder])
+    trainer.fit(module, data)
+    assert [len(recorder.masks[s]) for s in range(8)] == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert recorder.masks[3] == [3] and recorder.masks[7] == [2, 3]
+    # layer 3's q_proj trains while it computes and is left untouched (no grad, no weight decay) once it shares
+    assert not torch.equal(snapshots[0], snapshots[3])
+    assert torch.equal(snapshots[4], snapshots[7])
+    assert module.model.sharing.mask.tolist() == [False, False, True, True]
+
+
+def test_flops_per_batch_follows_the_mask(tiny_corpus, tmp_path):
+    module, data = make_run(tiny_corpus)
+    seen = []
+
+    class ReadFlops(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((pl_module.n_shared, pl_module.flops_per_batch))
+
+    trainer = make_trainer(tmp_path, 4, [ProgressiveSharing(target=2, interval=2), ReadFlops()])
+    trainer.fit(module, data)
+    config = module.config
+    assert seen == [(n, 4 * estimate_flops(config, n, 32)) for n in (0, 0, 1, 1)]
+
+
+def test_resume_mid_growth_matches_uninterrupted_run(tiny_corpus, tmp_path):
+    def run(max_steps, ckpt_path=None, checkpoint=None):
+        module, data = make_run(tiny_corpus)
+        recorder = Recorder()
+        callbacks = [ProgressiveSharing(target=3, interval=2), recorder] + ([checkpoint] if checkpoint else [])
+        trainer = make_trainer(tmp_path / "run", max_steps, callbacks, gradient_clip_val=1.0)
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        return recorder, module
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    full, full_module = run(10, checkpoint=checkpoint)
+    mid = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
+    assert mid.exists(), sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    resumed, resumed_module = run(10, ckpt_path=mid)
+
+    assert full.masks[2] == [3] and full.masks[9] == [1, 2, 3]  # the checkpoint is taken mid-growth
+    assert sorted(resumed.losses) == list(range(3, 10))
+    assert resumed.masks == {s: full.masks[s] for s in range(3, 10)}
+    assert [resumed.losses[s] for s in range(3, 10)] == pytest.approx([full.losses[s] for s in range(3, 10)], rel=1e-6)
+    assert resumed_module.model.sharing.mask.tolist() == full_module.model.sharing.mask.tolist()
+    for (name, a), b in zip(full_module.state_dict().items(), resumed_module.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_checkpoint_holds_the_mask_and_the_schedule(tiny_corpus, tmp_path):
+    module, data = make_run(tiny_corpus)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = make_trainer(tmp_path, 5, [ProgressiveSharing(target=2, interval=2), checkpoint])
+    trainer.fit(module, data)
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert ckpt["state_dict"]["model.sharing.mask"].tolist() == [False, False, True, True]
+    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("ProgressiveSharing")]
+    assert state["shared_layers"] == [2, 3] and state["interval"] == 2
+
+    restored = EPASModule(module.config)
+    restored.configure_model()
+    restored.load_state_dict(ckpt["state_dict"])
+    assert restored.model.sharing.shared_layers == [2, 3]
+
+
+def test_configure_model_is_idempotent_and_meta_init_leaves_no_garbage():
+    from lightning.fabric.utilities.init import _materialize_distributed_module
+
+    module = EPASModule(LlamaConfig.from_name("debug"))
+    with torch.device("meta"):
+        module.configure_model()
+    model = module.model
+    module.configure_model()
+    assert module.model is model
+    _materialize_distributed_module(module, torch.device("cpu"))  # what ModelParallelStrategy does
+    module.on_fit_start()
+    reference = EPASModule(LlamaConfig.from_name("debug"))
+    reference.configure_model()
+    assert module.model.sharing.mask.tolist() == [False, False]
+    for (name, p), q in zip(module.model.state_dict().items(), reference.model.state_dict().values(), strict=True):
+        assert torch.isfinite(p).all(), name
+        if p.ndim == 2:  # freshly drawn N(0, std): same statistics, not uninitialised memory
+            assert abs(p.float().std().item() - q.float().std().item()) < 0.2 * q.float().std().item(), name
+        else:
+            torch.testing.assert_close(p, q, msg=name)
+
+
+def test_schedule_too_large_for_the_model_fails_before_training(tiny_corpus, tmp_path):
+    module, data = make_run(tiny_corpus, n_layer=2)
+    trainer = make_trainer(tmp_path, 2, [ProgressiveSharing(target=2)])
+    with pytest.raises(ValueError, match="between 1 and n_layer - 1 = 1"):
+        trainer.fit(module, data)
