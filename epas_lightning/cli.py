@@ -6,6 +6,7 @@ import logging
 import sys
 from typing import Any
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from epas_lightning.callbacks import ProgressiveSharing
@@ -77,6 +78,7 @@ def _show_package_logs() -> None:
 def main(args: ArgsType = None, run: bool = True) -> EPASCLI:
     """Entry point of ``python -m epas_lightning``; ``args`` replaces ``sys.argv[1:]`` (for use from Python)."""
     _show_package_logs()
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # LlamaConfig field docs become --help text
     return EPASCLI(
         EPASModule,
         TokenDataModule,

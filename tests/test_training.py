@@ -25,6 +25,7 @@ class Recorder(Callback):
 
 
 def make_trainer(root: Path, max_steps: int, callbacks: list, **kwargs) -> L.Trainer:
+    kwargs.setdefault("limit_val_batches", 0)
     return L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -33,7 +34,6 @@ def make_trainer(root: Path, max_steps: int, callbacks: list, **kwargs) -> L.Tra
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        limit_val_batches=0,
         callbacks=callbacks,
         **kwargs,
     )
@@ -148,3 +148,21 @@ def test_schedule_too_large_for_the_model_fails_before_training(tiny_corpus, tmp
     trainer = make_trainer(tmp_path, 2, [ProgressiveSharing(target=2)])
     with pytest.raises(ValueError, match="between 1 and n_layer - 1 = 1"):
         trainer.fit(module, data)
+
+
+def test_validate_and_test_from_a_checkpoint_use_its_mask(tiny_corpus, tmp_path):
+    module, data = make_run(tiny_corpus)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = make_trainer(tmp_path, 5, [ProgressiveSharing(target=2, interval=2), checkpoint])
+    trainer.fit(module, data)
+    eval_trainer = make_trainer(tmp_path, 1, [], limit_val_batches=3, limit_test_batches=3)
+    expected = eval_trainer.validate(module, data)[0]["val/loss"]
+
+    fresh, fresh_data = make_run(tiny_corpus)
+    (metrics,) = make_trainer(tmp_path, 1, [], limit_val_batches=3).validate(
+        fresh, fresh_data, ckpt_path=tmp_path / "last.ckpt"
+    )
+    assert fresh.model.sharing.shared_layers == [2, 3]
+    assert metrics["val/loss"] == pytest.approx(expected, rel=1e-6)
+    (tested,) = make_trainer(tmp_path, 1, [], limit_test_batches=3).test(fresh, fresh_data)
+    assert tested["test/loss"] == pytest.approx(expected, rel=1e-6) and tested["test/ppl"] > 1

@@ -143,6 +143,10 @@ class TokenDataModule(LightningDataModule):
             )
         return loader
 
+    def test_dataloader(self):
+        """The held-out split (there is no separate test split): ``test`` reports held-out loss and perplexity."""
+        return self._dataloader("val", shuffle=False)
+
     def _dataloader(self, split: str, shuffle: bool) -> StreamingDataLoader:
         from litdata import StreamingDataLoader, StreamingDataset
         from litdata.streaming.item_loader import TokensLoader
