@@ -94,19 +94,19 @@ class EPASModule(LightningModule):
         self.val_loss.update(loss, weight=batch[:, 1:].numel())
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()  # token-weighted mean, reduced across ranks
-        self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
-        self.log("val/ppl", loss.exp(), sync_dist=False)
+        self._log_heldout("val")
 
     def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
+        self._log_heldout("test")
+
+    def _log_heldout(self, prefix: str) -> None:
+        loss = self.val_loss.compute()  # token-weighted mean, reduced across ranks
         self.val_loss.reset()
-        self.log("test/loss", loss, sync_dist=False)
-        self.log("test/ppl", loss.exp(), sync_dist=False)
+        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", sync_dist=False)
+        self.log(f"{prefix}/ppl", loss.exp(), sync_dist=False)
 
     def configure_optimizers(self):  # noqa: ANN201
         optimizer = self._build_optimizer(self._param_groups())

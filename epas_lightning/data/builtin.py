@@ -28,8 +28,8 @@ import shutil
 import signal
 import sys
 import sysconfig
-import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -470,7 +470,8 @@ def prepare_builtin_corpus(
             log.info("Reusing prepared corpus at %s", entry)
             return entry
         _remove_stale_builds(entry)
-        build_dir = Path(tempfile.mkdtemp(prefix=_build_prefix(entry), dir=entry.parent))
+        build_dir = entry.parent / f"{_build_prefix(entry)}{uuid.uuid4().hex[:8]}"
+        build_dir.mkdir()  # unlike mkdtemp's 0700, honours the umask: the cache may be shared
         try:
             meta = build_entry(build_dir, vocab_size, max_bytes, val_fraction, num_workers or default_num_workers())
             os.replace(build_dir, entry)
