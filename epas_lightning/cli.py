@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from typing import Any
@@ -75,9 +76,16 @@ def _show_package_logs() -> None:
         logger.setLevel(logging.INFO)
 
 
-def main(args: ArgsType = None, run: bool = True) -> EPASCLI:
+# Subcommands beside LightningCLI's fit/validate/test/predict: name -> module with ``main(argv: list[str]) -> int``.
+TOOLS: dict[str, str] = {}
+
+
+def main(args: ArgsType = None, run: bool = True) -> EPASCLI | int:
     """Entry point of ``python -m epas_lightning``; ``args`` replaces ``sys.argv[1:]`` (for use from Python)."""
     _show_package_logs()
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list) and argv and argv[0] in TOOLS:
+        return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # LlamaConfig field docs become --help text
     return EPASCLI(
         EPASModule,
