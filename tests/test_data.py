@@ -13,7 +13,6 @@ import torch
 from epas_lightning.data import TokenDataModule, builtin, prepare_builtin_corpus
 from epas_lightning.data.builtin import (
     SourceFile,
-    TokenizeShard,
     builtin_entry_name,
     collect_source_files,
     default_cache_dir,
@@ -21,8 +20,8 @@ from epas_lightning.data.builtin import (
     load_meta,
     split_train_val,
     stdlib_root,
-    tokenize_shard,
 )
+from epas_lightning.data.prepare import InputFile, WorkItem, tokenize_work_item
 
 TINY_CORPUS_MAX_BYTES = 1_500_000  # as prepared by the `tiny_corpus` fixture (conftest.py)
 TINY_CORPUS_VOCAB_SIZE = 512
@@ -101,10 +100,21 @@ def test_meta_describes_the_entry(tiny_corpus: Path):
     assert meta["splits"]["train"]["tokens"] > 100 * meta["splits"]["val"]["files"]
 
 
-def test_each_file_is_one_bos_eos_document_that_decodes_back(tiny_corpus: Path):
+def test_each_file_is_one_bos_eos_document_that_decodes_back(tiny_corpus: Path, tmp_path: Path):
     meta = load_meta(tiny_corpus)
     file = collect_source_files(stdlib_root(), max_bytes=50_000)[0][-1]
-    (tokens,) = tokenize_shard(TokenizeShard(str(tiny_corpus / "tokenizer.json"), (file.path,)))
+    item = WorkItem(
+        files=(InputFile(file.path, file.rel_path, "text", file.n_bytes, "train"),),
+        split="train",
+        val_fraction=0.02,
+        text_field="text",
+        tokenizer_path=str(tiny_corpus / "tokenizer.json"),
+        bos_token=None,
+        eos_token=None,
+        on_bad="fail",
+        stats_dir=str(tmp_path),
+    )
+    (tokens,) = tokenize_work_item(item)
     assert tokens[0] == meta["bos_id"] and tokens[-1] == meta["eos_id"]
     dm = tiny_datamodule(tiny_corpus)
     assert dm.tokenizer.decode(tokens[1:-1].tolist()) == Path(file.path).read_text(encoding="utf-8")
@@ -122,7 +132,7 @@ def test_val_stream_holds_whole_documents(tiny_corpus: Path):
 def test_byte_level_tokenizer_has_no_unknown_tokens(tiny_corpus: Path):
     tokenizer = tiny_datamodule(tiny_corpus).tokenizer
     text = "déjà vu → ✓ 中文 🐍\tx = 1\n"
-    assert tokenizer.decode(tokenizer.encode(text).ids) == text
+    assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""Data: the built-in Python-stdlib corpus and the litdata token-stream ``TokenDataModule``."""
+"""Data: ``prepare`` (any corpus into litdata token streams), the built-in stdlib corpus, ``TokenDataModule``."""
 
 from epas_lightning.data.builtin import prepare_builtin_corpus
 from epas_lightning.data.datamodule import TokenDataModule
+from epas_lightning.data.prepare import prepare
+from epas_lightning.data.tokenizer import load_tokenizer
 
-__all__ = ["TokenDataModule", "prepare_builtin_corpus"]
+__all__ = ["TokenDataModule", "load_tokenizer", "prepare", "prepare_builtin_corpus"]

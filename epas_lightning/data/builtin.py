@@ -16,44 +16,42 @@ build never leaves a directory that looks complete and concurrent callers (sever
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import platform
-import random
 import shutil
-import signal
 import sys
 import sysconfig
-import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-if TYPE_CHECKING:
-    import torch
-    from tokenizers import Tokenizer
+from epas_lightning.data.prepare import (
+    META_FILENAME,
+    BuildOptions,
+    InputFile,
+    TokenizerChoice,
+    build_dataset,
+    default_num_workers,
+    split_by_hash,
+    stable_unit_hash,
+    write_meta,
+)
+from epas_lightning.data.tokenizer import HF_FILENAME, TRAINED_BOS_TOKEN, TRAINED_EOS_TOKEN
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-BOS_TOKEN = "<|bos|>"
-EOS_TOKEN = "<|eos|>"
+BOS_TOKEN = TRAINED_BOS_TOKEN
+EOS_TOKEN = TRAINED_EOS_TOKEN
+TOKENIZER_FILENAME = HF_FILENAME
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN)
-META_FILENAME = "meta.json"
-TOKENIZER_FILENAME = "tokenizer.json"
 FILES_FILENAME = "files.json"
-TOKEN_DTYPE = np.int32
-CHUNK_BYTES = "8MB"
 _SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
-_SHARDS_PER_WORKER = 4
+__all__ = ["META_FILENAME", "stable_unit_hash", "prepare_builtin_corpus"]
 
 
 @dataclass(frozen=True)
@@ -65,14 +63,6 @@ class SourceFile:
     path: str
     """Absolute path."""
     n_bytes: int
-
-
-@dataclass(frozen=True)
-class TokenizeShard:
-    """A group of files tokenized by one ``litdata.optimize`` work item (batching amortises per-item overhead)."""
-
-    tokenizer_path: str
-    file_paths: tuple[str, ...]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -164,184 +154,12 @@ def collect_source_files(root: str | Path, max_bytes: int | None = None) -> tupl
     return files, n_undecodable
 
 
-def stable_unit_hash(text: str) -> float:
-    """A hash of ``text`` in ``[0, 1)`` that is the same in every process (unlike the salted builtin ``hash``)."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
-
-
 def split_train_val(files: Sequence[SourceFile], val_fraction: float) -> tuple[list[SourceFile], list[SourceFile]]:
     """Hold out whole files: those whose path hash is below ``val_fraction``, and always at least one."""
-    if len(files) < 2:
-        raise ValueError(f"Need at least 2 files to split into train and val, got {len(files)}; raise max_bytes.")
-    val_paths = {f.rel_path for f in files if stable_unit_hash(f.rel_path) < val_fraction}
-    if not val_paths:
-        val_paths = {min(files, key=lambda f: stable_unit_hash(f.rel_path)).rel_path}
-    if len(val_paths) == len(files):
-        raise ValueError(f"val_fraction={val_fraction} leaves no training files.")
-    train = [f for f in files if f.rel_path not in val_paths]
-    val = [f for f in files if f.rel_path in val_paths]
-    return train, val
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Tokenizer
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def read_texts(files: Sequence[SourceFile]) -> Iterator[str]:
-    """The files' contents, one string each, read lazily."""
-    for f in files:
-        yield Path(f.path).read_text(encoding="utf-8")
-
-
-def train_byte_level_bpe(files: Sequence[SourceFile], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE (never an unknown token) with ``vocab_size`` entries including the special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(read_texts(files), trainer=trainer, length=len(files))
-    return tokenizer
-
-
-_TOKENIZERS_BY_PATH: dict[str, Any] = {}
-
-
-def load_tokenizer_once(path: str) -> Tokenizer:
-    """Load a ``tokenizer.json`` once per process (a worker tokenizes several shards)."""
-    if path not in _TOKENIZERS_BY_PATH:
-        from tokenizers import Tokenizer
-
-        _TOKENIZERS_BY_PATH[path] = Tokenizer.from_file(path)
-    return _TOKENIZERS_BY_PATH[path]
-
-
-def tokenize_shard(shard: TokenizeShard) -> Iterator[torch.Tensor]:
-    """``litdata.optimize`` work function: yield one ``BOS + tokens + EOS`` tensor per file of the shard.
-
-    Tensors (not NumPy arrays) make the stream's items tensors too, like the dataloader's batches.
-    """
-    import torch
-
-    tokenizer = load_tokenizer_once(shard.tokenizer_path)
-    bos, eos = (tokenizer.token_to_id(t) for t in SPECIAL_TOKENS)
-    texts = [Path(p).read_text(encoding="utf-8") for p in shard.file_paths]
-    for encoding in tokenizer.encode_batch_fast(texts, add_special_tokens=False):
-        yield torch.from_numpy(np.array([bos, *encoding.ids, eos], dtype=TOKEN_DTYPE))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Writing token streams with litdata
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def default_num_workers() -> int:
-    """CPU cores available to this process."""
-    with contextlib.suppress(AttributeError):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def worker_start_method() -> str:
-    """``fork`` on Linux: workers start instantly and never re-import ``__main__``.
-
-    Under ``spawn`` (litdata's default) each worker re-imports torch, and a script without an
-    ``if __name__ == "__main__"`` guard would re-run its top level in every worker.
-    """
-    return "fork" if sys.platform.startswith("linux") else "spawn"
-
-
-def make_shards(files: Sequence[SourceFile], tokenizer_path: Path, n_shards: int) -> list[TokenizeShard]:
-    """Cut the (ordered) files into at most ``n_shards`` contiguous groups of roughly equal byte size."""
-    n_shards = max(1, min(n_shards, len(files)))
-    target = sum(f.n_bytes for f in files) / n_shards
-    groups: list[list[str]] = [[]]
-    filled = 0
-    for f in files:
-        if groups[-1] and filled >= target * len(groups) and len(groups) < n_shards:
-            groups.append([])
-        groups[-1].append(f.path)
-        filled += f.n_bytes
-    return [TokenizeShard(str(tokenizer_path), tuple(g)) for g in groups]
-
-
-@contextlib.contextmanager
-def _isolated_litdata(scratch_dir: Path) -> Iterator[None]:
-    """Undo ``litdata.optimize``'s process-wide side effects.
-
-    It reseeds the global ``random``/NumPy/torch RNGs (which would override a user's ``seed_everything`` on the first
-    run only), forces the multiprocessing start method, installs a SIGINT handler, sets an env var, and wipes its
-    shared scratch dirs under ``/tmp`` (which would break concurrent builds). Give it private scratch dirs instead.
-    """
-    import torch
-
-    rng_states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    start_method = multiprocessing.get_start_method(allow_none=True)
-    sigint_handler = signal.getsignal(signal.SIGINT)
-    litdata_logger = logging.getLogger("litdata")
-    litdata_level = litdata_logger.level
-    litdata_logger.setLevel(logging.WARNING)
-    env_overrides = {
-        "DATA_OPTIMIZER_CACHE_FOLDER": str(scratch_dir / "chunks"),
-        "DATA_OPTIMIZER_DATA_CACHE_FOLDER": str(scratch_dir / "data"),
-        "DATA_OPTIMIZER_NUM_WORKERS": None,
-        # Forked workers must not use the tokenizer's thread pool (already started by training): say so quietly.
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    saved_env = {k: os.environ.get(k) for k in env_overrides}
-    for key, value in env_overrides.items():
-        if value is not None:
-            os.environ[key] = value
     try:
-        yield
-    finally:
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        signal.signal(signal.SIGINT, sigint_handler)
-        litdata_logger.setLevel(litdata_level)
-        multiprocessing.set_start_method(start_method, force=True)
-        random.setstate(rng_states[0])
-        np.random.set_state(rng_states[1])
-        torch.random.set_rng_state(rng_states[2])
-        shutil.rmtree(scratch_dir, ignore_errors=True)
-
-
-def write_token_stream(files: Sequence[SourceFile], tokenizer_path: Path, output_dir: Path, num_workers: int) -> int:
-    """Tokenize ``files`` into a litdata ``TokensLoader`` stream at ``output_dir``; returns the number of tokens."""
-    from litdata import optimize
-    from litdata.streaming.item_loader import TokensLoader
-
-    num_workers = max(1, min(num_workers, len(files)))
-    shards = make_shards(files, tokenizer_path, n_shards=num_workers * _SHARDS_PER_WORKER)
-    with _isolated_litdata(output_dir.parent / f".litdata-scratch-{output_dir.name}"):
-        optimize(
-            fn=tokenize_shard,
-            inputs=shards,
-            output_dir=str(output_dir),
-            chunk_bytes=CHUNK_BYTES,
-            item_loader=TokensLoader(),
-            num_workers=min(num_workers, len(shards)),
-            keep_data_ordered=True,
-            start_method=worker_start_method(),
-            verbose=False,
-        )
-    return count_stream_tokens(output_dir)
-
-
-def count_stream_tokens(stream_dir: str | Path) -> int:
-    """Number of tokens in a litdata token stream, from its ``index.json``."""
-    index = json.loads((Path(stream_dir) / "index.json").read_text())
-    return sum(chunk["dim"] for chunk in index["chunks"])
+        return split_by_hash(files, lambda f: f.rel_path, val_fraction)
+    except ValueError as e:
+        raise ValueError(f"{e} Raise max_bytes.") from e
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -349,70 +167,43 @@ def count_stream_tokens(stream_dir: str | Path) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class StepTimer:
-    """Wall-clock seconds per named step."""
-
-    def __init__(self) -> None:
-        self.start = self.last = time.perf_counter()
-        self.laps: dict[str, float] = {}
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = round(now - self.last, 2)
-        self.last = now
-
-    def total(self) -> float:
-        return round(time.perf_counter() - self.start, 2)
-
-
-def split_summary(files: Sequence[SourceFile], n_tokens: int) -> dict[str, int]:
-    return {"files": len(files), "bytes": sum(f.n_bytes for f in files), "tokens": n_tokens}
-
-
 def build_entry(build_dir: Path, vocab_size: int, max_bytes: int | None, val_fraction: float, num_workers: int) -> dict:
-    """Write a complete entry into ``build_dir`` (``meta.json`` last) and return its metadata."""
-    timer = StepTimer()
+    """Write a complete entry into ``build_dir`` (``meta.json`` last) and return its metadata.
+
+    The files go through the same preparation as any corpus (:func:`~epas_lightning.data.prepare.build_dataset`):
+    each file is one document, held out whole by the hash of its path, with a byte-level BPE trained on the train files.
+    """
     root = stdlib_root()
     files, n_undecodable = collect_source_files(root, max_bytes)
     if n_undecodable:
         log.warning("Skipped %d standard library files that are not valid UTF-8.", n_undecodable)
     train, val = split_train_val(files, val_fraction)
     log.info("Corpus: %d train / %d val files (%.1f MB) from %s", len(train), len(val), _mb(files), root)
-    timer.lap("collect")
-
-    tokenizer = train_byte_level_bpe(train, vocab_size)
-    tokenizer_path = build_dir / TOKENIZER_FILENAME
-    tokenizer.save(str(tokenizer_path))
-    timer.lap("train_tokenizer")
-    n_tokens = {
-        name: write_token_stream(split, tokenizer_path, build_dir / name, num_workers)
-        for name, split in (("train", train), ("val", val))
-    }
-    timer.lap("tokenize")
+    inputs = [
+        InputFile(f.path, f.rel_path, "text", f.n_bytes, split)
+        for split, group in (("train", train), ("val", val))
+        for f in group
+    ]
+    meta = build_dataset(
+        build_dir,
+        inputs,
+        TokenizerChoice(train_vocab_size=vocab_size),
+        BuildOptions(val_fraction=val_fraction, on_bad="fail", num_workers=num_workers),
+    )
     (build_dir / FILES_FILENAME).write_text(
         json.dumps({"train": [f.rel_path for f in train], "val": [f.rel_path for f in val]}, indent=1)
     )
-    meta = {
-        "format_version": FORMAT_VERSION,
+    meta |= {
         "source": "python-stdlib",
         "source_root": str(root),
         "python_version": platform.python_version(),
-        "vocab_size": tokenizer.get_vocab_size(),
         "requested_vocab_size": vocab_size,
         "bos_token": BOS_TOKEN,
         "eos_token": EOS_TOKEN,
-        "bos_id": tokenizer.token_to_id(BOS_TOKEN),
-        "eos_id": tokenizer.token_to_id(EOS_TOKEN),
-        "token_dtype": np.dtype(TOKEN_DTYPE).name,
-        "tokenizer": TOKENIZER_FILENAME,
         "max_bytes": max_bytes,
-        "val_fraction": val_fraction,
         "skipped_undecodable_files": n_undecodable,
-        "splits": {"train": split_summary(train, n_tokens["train"]), "val": split_summary(val, n_tokens["val"])},
-        "seconds": timer.total(),
-        "seconds_by_step": timer.laps,
     }
-    (build_dir / META_FILENAME).write_text(json.dumps(meta, indent=2) + "\n")
+    write_meta(build_dir, meta)
     return meta
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,44 +11,86 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 
 from epas_lightning.data.builtin import (
-    META_FILENAME,
-    TOKENIZER_FILENAME,
     builtin_entry_path,
     is_complete_entry,
     load_meta,
     prepare_builtin_corpus,
+)
+from epas_lightning.data.prepare import META_FILENAME
+from epas_lightning.data.tokenizer import (
+    HF_FILENAME,
+    SENTENCEPIECE_FILENAME,
+    TextTokenizer,
+    file_sha256,
+    load_tokenizer,
 )
 
 if TYPE_CHECKING:
     from litdata import StreamingDataLoader
 
 DEFAULT_BUILTIN_VOCAB_SIZE = 4096
-REQUIRED_ENTRIES = ("train/index.json", "val/index.json", TOKENIZER_FILENAME, META_FILENAME)
+REQUIRED_ENTRIES = ("train/index.json", "val/index.json", META_FILENAME)
+
+
+class DataCheckError(ValueError):
+    """A prepared data directory that cannot be read as it is (corrupt or truncated chunks, mismatched tokenizers)."""
 
 
 def missing_entries(data_dir: Path) -> list[str]:
     """The parts of a prepared data directory that ``data_dir`` lacks."""
-    return [name for name in REQUIRED_ENTRIES if not (data_dir / name).is_file()]
+    missing = [name for name in REQUIRED_ENTRIES if not (data_dir / name).is_file()]
+    if META_FILENAME not in missing:
+        tokenizer = load_meta(data_dir).get("tokenizer", HF_FILENAME)
+        if not (data_dir / tokenizer).is_file():
+            missing.append(tokenizer)
+    elif not any((data_dir / name).is_file() for name in (HF_FILENAME, SENTENCEPIECE_FILENAME)):
+        missing.insert(-1, HF_FILENAME)
+    return missing
+
+
+def check_stream(stream_dir: Path) -> None:
+    """Fail, naming the file, when a token stream's ``index.json`` is unreadable or a chunk is missing or truncated."""
+    index_path = stream_dir / "index.json"
+    try:
+        chunks = json.loads(index_path.read_text())["chunks"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataCheckError(f"{index_path} is not a readable litdata index ({e}); prepare the data again.") from e
+    for chunk in chunks:
+        path = stream_dir / chunk["filename"]
+        if not path.is_file():
+            raise DataCheckError(f"Chunk {path} listed in {index_path} is missing; prepare the data again.")
+        if (size := path.stat().st_size) != chunk["chunk_bytes"]:
+            raise DataCheckError(
+                f"Chunk {path} is corrupt or truncated: {size} bytes, {index_path} says {chunk['chunk_bytes']}; "
+                "prepare the data again."
+            )
 
 
 class TokenDataModule(LightningDataModule):
-    """Batches of ``seq_len + 1`` consecutive tokens from a prepared token stream (inputs and shifted targets).
+    """Batches of ``seq_len + 1`` consecutive tokens from prepared token streams (inputs and shifted targets).
 
     Each batch is an integer tensor of shape ``(batch_size, seq_len + 1)``: the model reads ``batch[:, :-1]`` and
     predicts ``batch[:, 1:]``. Tokens are stored as int32 and cast to int64 once the batch is on the device. Training
-    batches are shuffled and the loader's position is saved in checkpoints, so a resumed run continues the stream
-    mid-epoch.
+    batches are shuffled with ``seed``; under several ranks each rank reads its own part of every stream. The loader's
+    position is saved in checkpoints (Lightning stores stateful loaders), so a resumed run continues mid-epoch with the
+    batches an uninterrupted run would have seen.
 
     Args:
-        data_dir: Prepared data directory with ``train/``, ``val/``, ``tokenizer.json`` and ``meta.json``. Leave
-            unset to use the built-in corpus: the Python standard library of the running interpreter, tokenized
-            once into the cache (no download).
+        data_dir: Prepared data directory (``python -m epas_lightning prepare``) with ``train/``, ``val/``, the
+            tokenizer and ``meta.json``, or a list of them to mix (see ``weights``). Leave unset to use the built-in
+            corpus: the Python standard library of the running interpreter, tokenized once into the cache (no
+            download).
         seq_len: Tokens per training sequence (the model's context length).
         batch_size: Sequences per batch on each device.
         vocab_size: The model's vocabulary size. The tokenizer must not have more tokens. With the built-in corpus
             it is also the size of the BPE vocabulary trained for it (default 4096 when unset).
         num_workers: Dataloader worker processes (0 loads in the main process).
-        seed: Seed of the shuffling order of the training stream.
+        seed: Seed of the shuffling order of the training stream (and of the mixing of several).
+        weights: Sampling weights of the ``data_dir`` list (litdata ``CombinedStreamingDataset``): an epoch ends when
+            one stream runs out. Unset: every stream is read in full, mixed in proportion to its length. All the
+            directories must hold the same tokenizer.
+        val_dir: Held-out data to validate and test on: a prepared directory (its ``val/`` is used) or a token
+            stream directory (with ``index.json``). Default: the ``val/`` split of every ``data_dir``.
         max_bytes: Built-in corpus only: use just the first files totalling at most this many bytes (fast tests).
         cache_dir: Built-in corpus only: where prepared corpora are cached. Default: ``$EPAS_CACHE_DIR``, else
             ``$XDG_CACHE_HOME/epas_lightning`` or ``~/.cache/epas_lightning``.
@@ -55,29 +98,41 @@ class TokenDataModule(LightningDataModule):
 
     def __init__(
         self,
-        data_dir: str | None = None,
+        data_dir: str | list[str] | None = None,
         seq_len: int = 256,
         batch_size: int = 8,
         vocab_size: int | None = None,
         num_workers: int = 0,
         seed: int = 42,
+        weights: list[float] | None = None,
+        val_dir: str | None = None,
         max_bytes: int | None = None,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}.")
+        dirs = [data_dir] if isinstance(data_dir, str | Path) else list(data_dir or [])
+        if weights is not None and (len(weights) != len(dirs) or min(weights) < 0 or sum(weights) <= 0):
+            raise ValueError(f"weights must be {len(dirs)} non-negative numbers (one per data_dir), got {weights}.")
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.vocab_size = vocab_size
         self.num_workers = num_workers
         self.seed = seed
+        self.weights = weights
         self.max_bytes = max_bytes
         self.cache_dir = cache_dir
-        self.use_builtin = data_dir is None
-        self.data_dir: Path | None = None if data_dir is None else Path(data_dir).expanduser()
-        self.tokenizer: Any = None
+        self.use_builtin = not dirs
+        self.data_dirs: list[Path] = [Path(d).expanduser() for d in dirs]
+        self.val_dir: Path | None = None if val_dir is None else Path(val_dir).expanduser()
+        self.tokenizer: TextTokenizer | None = None
         self.meta: dict | None = None
+
+    @property
+    def data_dir(self) -> Path | None:
+        """The (first) prepared data directory."""
+        return self.data_dirs[0] if self.data_dirs else None
 
     @property
     def builtin_vocab_size(self) -> int:
@@ -86,80 +141,118 @@ class TokenDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         """Build the built-in corpus once (local rank 0; a file lock makes concurrent calls safe)."""
         if self.use_builtin:
-            self.data_dir = prepare_builtin_corpus(self.builtin_vocab_size, self.cache_dir, self.max_bytes)
+            self.data_dirs = [prepare_builtin_corpus(self.builtin_vocab_size, self.cache_dir, self.max_bytes)]
 
     def setup(self, stage: str | None = None) -> None:
-        """Locate and check the data, load ``meta.json`` and the tokenizer."""
+        """Locate and check the data (complete, chunks intact, one tokenizer, vocab fits the model)."""
         if self.tokenizer is not None:
             return
-        self.data_dir = self.resolve_data_dir()
-        self.meta = load_meta(self.data_dir)
-        from tokenizers import Tokenizer
-
-        self.tokenizer = Tokenizer.from_file(str(self.data_dir / TOKENIZER_FILENAME))
+        self.data_dirs = [self.resolve_data_dir(d) for d in (self.data_dirs or [None])]
+        metas = [load_meta(d) for d in self.data_dirs]
+        tokenizer_files = [d / m.get("tokenizer", HF_FILENAME) for d, m in zip(self.data_dirs, metas, strict=True)]
+        if len(self.data_dirs) > 1 and len({file_sha256(f) for f in tokenizer_files}) > 1:
+            raise DataCheckError(
+                f"The data directories to mix were tokenized differently: {', '.join(map(str, tokenizer_files))} "
+                "differ. Prepare them with the same --tokenizer."
+            )
+        for stream in self.train_streams() + self.val_streams():
+            check_stream(stream)
+        self.meta = metas[0]
+        self.tokenizer = load_tokenizer(tokenizer_files[0], *self._special_tokens(self.meta))
         self.check_vocab_size()
 
-    def resolve_data_dir(self) -> Path:
+    @staticmethod
+    def _special_tokens(meta: dict) -> tuple[str | None, str | None]:
+        """BOS/EOS tokens the data was prepared with when they were named (sentencepiece/HF defaults otherwise)."""
+        return meta.get("bos_token_override"), meta.get("eos_token_override")
+
+    def train_streams(self) -> list[Path]:
+        return [d / "train" for d in self.data_dirs]
+
+    def val_streams(self) -> list[Path]:
+        if self.val_dir is None:
+            return [d / "val" for d in self.data_dirs]
+        if (self.val_dir / "index.json").is_file():
+            return [self.val_dir]
+        if (self.val_dir / "val" / "index.json").is_file():
+            return [self.val_dir / "val"]
+        raise FileNotFoundError(
+            f"val_dir {self.val_dir} is neither a token stream (index.json) nor a prepared directory (val/index.json)."
+        )
+
+    def resolve_data_dir(self, data_dir: Path | None) -> Path:
         """The complete data directory to read, building the built-in corpus if ``prepare_data`` did not run."""
-        if self.use_builtin:
+        if data_dir is None or self.use_builtin:
             entry = builtin_entry_path(self.builtin_vocab_size, self.cache_dir, self.max_bytes)
             if not is_complete_entry(entry):
                 entry = prepare_builtin_corpus(self.builtin_vocab_size, self.cache_dir, self.max_bytes)
             return entry
-        assert self.data_dir is not None
-        if not self.data_dir.is_dir():
-            raise FileNotFoundError(f"Data directory {self.data_dir} does not exist. {self._how_to_create()}")
-        if missing := missing_entries(self.data_dir):
+        if not data_dir.is_dir():
+            raise FileNotFoundError(f"Data directory {data_dir} does not exist. {self._how_to_create()}")
+        if missing := missing_entries(data_dir):
             raise FileNotFoundError(
-                f"Data directory {self.data_dir} is incomplete: missing {', '.join(missing)}. {self._how_to_create()}"
+                f"Data directory {data_dir} is incomplete: missing {', '.join(missing)}. {self._how_to_create()}"
             )
-        return self.data_dir
+        return data_dir
 
     @staticmethod
     def _how_to_create() -> str:
         return (
-            "Create it with the `prepare` command (or `epas_lightning.data.prepare_builtin_corpus`), "
-            "or leave `data_dir` unset to use the built-in Python standard library corpus."
+            "Create it with `python -m epas_lightning prepare --input ... --output ... --tokenizer ...` "
+            "(`epas_lightning.data.prepare`), or leave `data_dir` unset to use the built-in Python standard library "
+            "corpus."
         )
 
     def check_vocab_size(self) -> None:
         """Fail before training if the tokenizer can emit ids outside the model's embedding table."""
-        n_tokens = self.tokenizer.get_vocab_size()
+        assert self.tokenizer is not None
+        n_tokens = self.tokenizer.vocab_size
         if self.vocab_size is not None and n_tokens > self.vocab_size:
             raise ValueError(
-                f"The tokenizer in {self.data_dir} has {n_tokens} tokens but the model's vocab_size is "
-                f"{self.vocab_size}. Set the model's vocab_size to at least {n_tokens} or use a smaller tokenizer."
+                f"The tokenizer in {self.data_dir} ({self.tokenizer.path.name}) has {n_tokens} tokens but the model's "
+                f"vocab_size is {self.vocab_size}. Set the model's vocab_size to at least {n_tokens} or use a smaller "
+                "tokenizer."
             )
 
     def train_dataloader(self) -> StreamingDataLoader:
-        return self._dataloader("train", shuffle=True)
+        return self._dataloader(self.train_streams(), shuffle=True, weights=self.weights)
 
     def val_dataloader(self) -> StreamingDataLoader:
-        loader = self._dataloader("val", shuffle=False)
+        loader = self._dataloader(self.val_streams(), shuffle=False)
         if len(loader) == 0:
             rank_zero_warn(
-                f"The validation stream in {self.data_dir} holds fewer than batch_size={self.batch_size} sequences "
+                f"The validation stream of {self.data_dir} holds fewer than batch_size={self.batch_size} sequences "
                 f"of {self.seq_len + 1} tokens: validation will be skipped."
             )
         return loader
 
-    def test_dataloader(self):
+    def test_dataloader(self) -> StreamingDataLoader:
         """The held-out split (there is no separate test split): ``test`` reports held-out loss and perplexity."""
-        return self._dataloader("val", shuffle=False)
+        return self._dataloader(self.val_streams(), shuffle=False)
 
-    def _dataloader(self, split: str, shuffle: bool) -> StreamingDataLoader:
-        from litdata import StreamingDataLoader, StreamingDataset
+    def _dataloader(
+        self, streams: list[Path], shuffle: bool, weights: list[float] | None = None
+    ) -> StreamingDataLoader:
+        from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset
         from litdata.streaming.item_loader import TokensLoader
 
-        if self.data_dir is None or self.tokenizer is None:
+        if self.tokenizer is None:
             raise RuntimeError("Call `setup()` before requesting a dataloader.")
-        dataset = StreamingDataset(
-            str(self.data_dir / split),
-            item_loader=TokensLoader(block_size=self.seq_len + 1),
-            shuffle=shuffle,
-            drop_last=True,
-            seed=self.seed,
-        )
+        datasets = [
+            StreamingDataset(
+                str(stream),
+                item_loader=TokensLoader(block_size=self.seq_len + 1),
+                shuffle=shuffle,
+                drop_last=True,
+                seed=self.seed,
+            )
+            for stream in streams
+        ]
+        dataset: Any = datasets[0]
+        if len(datasets) > 1:
+            dataset = CombinedStreamingDataset(
+                datasets, seed=self.seed, weights=weights, iterate_over_all=weights is None
+            )
         return StreamingDataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -1,0 +1,140 @@
+"""Tokenizers for data preparation and checking: a local HF ``tokenizer.json``, a sentencepiece ``tokenizer.model``
+(LLaMA, TinyLlama), or a byte-level BPE trained on the corpus. One small interface for all of them."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+HF_FILENAME = "tokenizer.json"
+SENTENCEPIECE_FILENAME = "tokenizer.model"
+TRAINED_BOS_TOKEN = "<|bos|>"
+TRAINED_EOS_TOKEN = "<|eos|>"
+# Tried in order when the BOS/EOS token is not named: ours, LLaMA/TinyLlama, LLaMA-3, GPT-2 style (one token for both).
+BOS_CANDIDATES = (TRAINED_BOS_TOKEN, "<s>", "<|begin_of_text|>", "<|startoftext|>", "<|endoftext|>")
+EOS_CANDIDATES = (TRAINED_EOS_TOKEN, "</s>", "<|end_of_text|>", "<|endoftext|>", "<|eot_id|>")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used (unknown format, no BOS/EOS token)."""
+
+
+class TextTokenizer:
+    """Encode/decode without special tokens, plus the BOS/EOS ids that preparation wraps each document in.
+
+    Attributes:
+        kind: ``"hf"`` (a ``tokenizer.json``) or ``"sentencepiece"`` (a ``tokenizer.model``).
+        path: The tokenizer file.
+        vocab_size: One more than the largest id it can emit: the model's vocabulary must be at least this large.
+        backend: The underlying ``tokenizers.Tokenizer`` or ``sentencepiece.SentencePieceProcessor``.
+    """
+
+    def __init__(self, kind: str, path: Path, backend: Any, bos_id: int, eos_id: int, vocab_size: int) -> None:
+        self.kind, self.path, self.backend = kind, path, backend
+        self.bos_id, self.eos_id, self.vocab_size = bos_id, eos_id, vocab_size
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        if self.kind == "hf":
+            return [e.ids for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+        return self.backend.encode(list(texts), out_type=int)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backend.decode(list(ids))
+
+    def get_vocab_size(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"TextTokenizer(kind={self.kind!r}, path='{self.path}', vocab_size={self.vocab_size})"
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def resolve_tokenizer_path(path: str | Path) -> Path:
+    """A tokenizer file, or a model directory holding ``tokenizer.json`` or ``tokenizer.model``."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for name in (HF_FILENAME, SENTENCEPIECE_FILENAME):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"No {HF_FILENAME} or {SENTENCEPIECE_FILENAME} in the tokenizer directory {path}.")
+    if not path.is_file():
+        raise FileNotFoundError(f"Tokenizer file {path} does not exist.")
+    return path
+
+
+def _pick(named: str | None, candidates: Sequence[str], lookup, what: str, path: Path) -> int:
+    for token in (named,) if named else candidates:
+        token_id = lookup(token)
+        if token_id is not None:
+            return token_id
+    tried = repr(named) if named else ", ".join(candidates)
+    raise TokenizerError(f"Tokenizer {path} has no {what} token (tried {tried}); name it with --{what.lower()}-token.")
+
+
+def load_tokenizer(path: str | Path, bos_token: str | None = None, eos_token: str | None = None) -> TextTokenizer:
+    """Load a local ``tokenizer.json`` (HF ``tokenizers``) or sentencepiece model; never downloads anything."""
+    path = resolve_tokenizer_path(path)
+    head = path.read_bytes()[:64].lstrip()
+    if path.suffix == ".json" or head.startswith(b"{"):
+        from tokenizers import Tokenizer
+
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:
+            raise TokenizerError(f"Cannot load {path} as an HF tokenizer.json: {e}") from e
+        bos = _pick(bos_token, BOS_CANDIDATES, tok.token_to_id, "BOS", path)
+        eos = _pick(eos_token, EOS_CANDIDATES, tok.token_to_id, "EOS", path)
+        vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
+        return TextTokenizer("hf", path, tok, bos, eos, vocab_size)
+    import sentencepiece as spm
+
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except Exception as e:
+        raise TokenizerError(f"Cannot load {path} as a tokenizer.json or a sentencepiece model: {e}") from e
+
+    def sp_lookup(token: str) -> int | None:
+        token_id = sp.piece_to_id(token)
+        return token_id if token_id != sp.unk_id() or token == sp.id_to_piece(sp.unk_id()) else None
+
+    bos = sp.bos_id() if bos_token is None and sp.bos_id() >= 0 else _pick(bos_token, (), sp_lookup, "BOS", path)
+    eos = sp.eos_id() if eos_token is None and sp.eos_id() >= 0 else _pick(eos_token, (), sp_lookup, "EOS", path)
+    return TextTokenizer("sentencepiece", path, sp, bos, eos, sp.get_piece_size())
+
+
+def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None):
+    """Train a byte-level BPE (never an unknown token) with ``vocab_size`` entries including ``<|bos|>``/``<|eos|>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 256 + 2:
+        raise ValueError(f"vocab_size must be at least {256 + 2} for a byte-level BPE, got {vocab_size}.")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[TRAINED_BOS_TOKEN, TRAINED_EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
+    return tokenizer
+
+
+_LOADED: dict[tuple, TextTokenizer] = {}
+
+
+def load_tokenizer_once(path: str, bos_token: str | None = None, eos_token: str | None = None) -> TextTokenizer:
+    """Load once per process (a preparation worker tokenizes several work items)."""
+    key = (path, bos_token, eos_token)
+    if key not in _LOADED:
+        _LOADED[key] = load_tokenizer(path, bos_token, eos_token)
+    return _LOADED[key]
