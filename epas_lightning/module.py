@@ -13,6 +13,7 @@ from torchmetrics.aggregation import MeanMetric
 from epas_lightning.flops import estimate_flops
 from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.model import Llama, LlamaConfig
+from epas_lightning.parallel import mixed_precision_policy, parallelize
 
 
 class EPASModule(LightningModule):
@@ -25,6 +26,13 @@ class EPASModule(LightningModule):
         lr_scheduler: Builds a per-step LR scheduler from the optimizer. Default: ``WarmupCosineLR`` with
             ``warmup_steps=min(100, total // 10)``; a ``WarmupCosineLR`` with ``max_steps=None`` decays over the
             trainer's total number of optimizer steps.
+        activation_checkpointing: Recompute each decoder block's activations in backward (less memory, ~1/3 more
+            compute).
+        compile: ``torch.compile`` each decoder block (``fullgraph``; ``True``: inductor, a string names another
+            backend); a region switch costs at most one new graph.
+
+    Under a strategy with a device mesh (``epas_lightning.strategy.FSDP2Strategy``) the model is built on the meta
+    device and sharded per block with FSDP2, so no rank ever holds the full model.
     """
 
     def __init__(
@@ -32,27 +40,53 @@ class EPASModule(LightningModule):
         config: LlamaConfig,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        activation_checkpointing: bool = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         self.config = config
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        self.activation_checkpointing = activation_checkpointing
+        self.compile_blocks = compile
         self.model: Llama | None = None
         self.val_loss = MeanMetric()
         self._tokens_shape: tuple[int, int] | None = None
         self._built_on_meta = False
+        self._init_rng_state: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def configure_model(self) -> None:
-        """Build the model (idempotent; under meta-device init it is materialised and initialised later)."""
+        """Build the model and apply AC / compile / FSDP2 (idempotent).
+
+        A model built on the meta device is materialised by the strategy and initialised in ``on_fit_start``.
+        """
         if self.model is not None:
             return
-        self.model = Llama(self.config)
+        mesh = self.device_mesh
+        if mesh is None:
+            model = Llama(self.config)
+        else:
+            self._init_rng_state = _rng_state()  # `init_weights` draws from here later, whatever ran in between
+            with torch.device("meta"):  # shard first, then allocate only the local shards
+                model = Llama(self.config)
+            mesh = mesh["data_parallel"] if mesh.mesh_dim_names else mesh
+        precision = self._trainer.precision if self._trainer is not None else "32-true"
+        self.model = parallelize(
+            model,
+            mesh,
+            mp_policy=mixed_precision_policy(precision) if mesh is not None else None,
+            activation_checkpointing=self.activation_checkpointing,
+            compile=self.compile_blocks,
+        )
         self._built_on_meta = any(p.is_meta for p in self.model.parameters())
 
     def on_fit_start(self) -> None:
         # Runs after the strategy materialised a meta-device model and before a checkpoint is restored.
         if self._built_on_meta:
-            self.model.init_weights()
+            cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=cuda):
+                _set_rng_state(self._init_rng_state)
+                self.model.init_weights()
             self._built_on_meta = False
 
     def set_shared_layers(self, layers: Iterable[int]) -> None:
@@ -130,3 +164,17 @@ class EPASModule(LightningModule):
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _rng_state() -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The default CPU and current-CUDA-device generator states."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+
+
+def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None] | None) -> None:
+    if state is None:
+        return
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)

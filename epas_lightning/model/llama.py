@@ -7,12 +7,24 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from epas_lightning.model.attention import Attention, Shared
 from epas_lightning.model.config import LlamaConfig
 from epas_lightning.model.layers import MLP, RMSNorm
 from epas_lightning.model.rope import RotaryEmbedding
 from epas_lightning.model.sharing import SharingState
+
+
+def _normal_(weight: torch.Tensor, std: float) -> None:
+    """Fill ``weight`` from N(0, std). A sharded (DTensor) weight receives the shard of a full draw made on rank 0,
+    so the model is the same for any number of ranks (a local draw per shard would repeat values across ranks)."""
+    if isinstance(weight, DTensor):
+        full = torch.empty(weight.shape, dtype=weight.dtype, device=weight.to_local().device)
+        nn.init.normal_(full, std=std)
+        weight.copy_(distribute_tensor(full, weight.device_mesh, weight.placements))
+    else:
+        nn.init.normal_(weight, std=std)
 
 
 class DecoderLayer(nn.Module):
@@ -66,15 +78,15 @@ class Llama(nn.Module):
         """
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * self.config.n_layer)
-        nn.init.normal_(self.embed_tokens.weight, std=std)
+        _normal_(self.embed_tokens.weight, std)
         if not self.config.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=std)
+            _normal_(self.lm_head.weight, std)
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-                nn.init.normal_(linear.weight, std=std)
+                _normal_(linear.weight, std)
             for linear in (attn.o_proj, mlp.down_proj):
-                nn.init.normal_(linear.weight, std=residual_std)
+                _normal_(linear.weight, residual_std)
             layer.input_layernorm.reset_parameters()
             layer.post_attention_layernorm.reset_parameters()
         self.norm.reset_parameters()
