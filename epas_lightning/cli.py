@@ -77,7 +77,7 @@ def _show_package_logs() -> None:
 
 
 # Subcommands beside LightningCLI's fit/validate/test/predict: name -> module with ``main(argv: list[str]) -> int``.
-TOOLS: dict[str, str] = {"prepare": "epas_lightning.data.prepare"}
+TOOLS: dict[str, str] = {"prepare": "epas_lightning.data.prepare", "consolidate": "epas_lightning.checkpoint"}
 
 
 def main(args: ArgsType = None, run: bool = True) -> EPASCLI | int:

@@ -1,0 +1,137 @@
+"""Consolidate a training checkpoint into ``model.safetensors`` + ``config.json``, and load the result.
+
+``python -m epas_lightning consolidate <checkpoint> --output <dir>`` accepts the directory that FSDP2 writes (one
+shard per rank, torch distributed checkpoint) or a single-file ``.ckpt``. ``config.json`` records the model config
+(``LlamaConfig.to_dict()``) and the sharing state, so :func:`load_consolidated` rebuilds the trained model.
+
+Nothing is unpickled freely: ``meta.pt`` / ``.ckpt`` files load with ``weights_only=True``, and the distributed
+checkpoint's metadata (a pickle by design) is read by an unpickler that only admits the classes it consists of.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+from epas_lightning.model import Llama, LlamaConfig
+
+MODEL_PREFIX = "model."
+"""``EPASModule`` keeps the ``Llama`` as ``self.model``."""
+_DCP_METADATA_CLASSES = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles distributed-checkpoint metadata: its dataclasses, torch dtypes/sizes and paths, nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (
+            (module, name) in _DCP_METADATA_CLASSES
+            or module == "torch.distributed.checkpoint.metadata"
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"Refusing to load {module}.{name} from checkpoint metadata.")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """``FileSystemReader`` whose metadata is read by :class:`_MetadataUnpickler` (tensors load ``weights_only``)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as stream:
+            metadata = _MetadataUnpickler(io.BytesIO(stream.read())).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"{path} does not hold distributed-checkpoint metadata.")
+        if getattr(metadata, "storage_meta", None) is not None:
+            metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The ``Llama`` state dict (keys without ``model.``) and the Lightning metadata of a checkpoint file or dir."""
+    path = Path(path)
+    if path.is_file():
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        state = checkpoint.pop("state_dict")
+        return _strip_prefix(state), checkpoint
+    reader = SafeFileSystemReader(path)
+    wanted = "state_dict." + MODEL_PREFIX
+    state = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in reader.read_metadata().state_dict_metadata.items()
+        if key.startswith(wanted) and isinstance(meta, TensorStorageMetadata)
+    }
+    if not state:
+        raise ValueError(f"{path} holds no model weights (expected keys starting with {wanted!r}).")
+    dcp_load(state, storage_reader=reader, no_dist=True)
+    metadata = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+    return _strip_prefix(state, wanted), metadata
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], prefix: str = MODEL_PREFIX) -> dict[str, torch.Tensor]:
+    return {key[len(prefix) :]: t for key, t in state.items() if key.startswith(prefix)}
+
+
+def consolidate(checkpoint: str | Path, output: str | Path) -> Path:
+    """Write ``output/model.safetensors`` and ``output/config.json`` from a training checkpoint; return ``output``."""
+    state, metadata = read_checkpoint(checkpoint)
+    if "model_config" not in metadata:
+        raise ValueError(f"{checkpoint} has no 'model_config': it was not written by EPASModule.")
+    config = LlamaConfig.from_dict(metadata["model_config"])
+    mask = state.get("sharing.mask")
+    shared_layers = [i for i, shares in enumerate(mask.tolist()) if shares] if mask is not None else []
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    # clones: safetensors refuses tensors that share memory (tied embeddings)
+    save_file({key: t.contiguous().clone() for key, t in state.items()}, output / "model.safetensors")
+    record = {
+        "model": config.to_dict(),
+        "sharing": {"shared_layers": shared_layers, "mode": config.sharing_mode},
+        "global_step": metadata.get("global_step"),
+    }
+    (output / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+    return output
+
+
+def load_consolidated(path: str | Path, device: str | torch.device = "cpu") -> Llama:
+    """The ``Llama`` saved by :func:`consolidate`, with its trained sharing region switched on."""
+    path = Path(path)
+    record = json.loads((path / "config.json").read_text())
+    with torch.device("meta"):
+        model = Llama(LlamaConfig.from_dict(record["model"]))
+    model.to_empty(device=device)
+    model.rotary_emb.reset_parameters()  # a non-persistent buffer: not in the file
+    model.load_state_dict(load_file(path / "model.safetensors", device=str(device)), strict=True)
+    model.set_shared_layers(record["sharing"]["shared_layers"])
+    return model
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m epas_lightning consolidate",
+        description="Turn a (sharded) training checkpoint into model.safetensors + config.json.",
+    )
+    parser.add_argument("checkpoint", type=Path, help="checkpoint directory (FSDP2) or .ckpt file")
+    parser.add_argument("--output", "-o", type=Path, required=True, help="directory to write")
+    args = parser.parse_args(argv)
+    output = consolidate(args.checkpoint, args.output)
+    print(f"wrote {output / 'model.safetensors'} and {output / 'config.json'}")
+    return 0
