@@ -1,0 +1,153 @@
+"""A few training steps of a tiny EPAS model on synthetic tokens under FSDP2 or DDP, recording what tests compare.
+
+Run as a script (Lightning re-launches ``sys.argv`` for every extra process, and ``torchrun`` starts it per node).
+Every rank writes ``<out>/rank<R>.json``: per optimizer step the loss on this rank, the sharing layers, and the
+layers whose ``q_proj``/``k_proj`` got no gradient; plus the shapes of its local parameter shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
+from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader, Sampler
+
+from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule
+from epas_lightning.strategy import FSDP2Strategy
+
+SEQ_LEN = 32
+N_SAMPLES = 256
+
+
+class EveryWthSample(Sampler):
+    """Rank r of W takes samples r, r + W, ... in order, so a global batch is the same for any W (no shuffling)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def _rank_world(self) -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def __iter__(self):
+        rank, world = self._rank_world()
+        return iter(range(rank, self.n, world))
+
+    def __len__(self) -> int:
+        return self.n // self._rank_world()[1]
+
+
+class SeededInit(EPASModule):
+    """Seeds right before the model is built, so every strategy starts from the same weights."""
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            torch.manual_seed(7)
+        super().configure_model()
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.steps: dict[int, dict] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        no_grad = [
+            i
+            for i, layer in enumerate(pl_module.model.layers)
+            if layer.self_attn.q_proj.weight.grad is None and layer.self_attn.k_proj.weight.grad is None
+        ]
+        self.steps[trainer.global_step] = {"shared": pl_module.model.sharing.shared_layers, "qk_no_grad": no_grad}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps[trainer.global_step - 1]["loss"] = outputs["loss"].item()
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--strategy", choices=("fsdp2", "ddp", "single"), default="fsdp2")
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--data-dir", help="a prepared corpus (resumable litdata streams) instead of synthetic tokens")
+    p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--compile", default=False, help="torch.compile backend for every block")
+    p.add_argument("--save-final", type=Path, help="rank 0 writes the trained weights here (safetensors)")
+    p.add_argument("--ckpt-dir", type=Path, help="save a checkpoint every --ckpt-every steps here")
+    p.add_argument("--ckpt-every", type=int, default=3)
+    p.add_argument("--resume", type=Path, help="checkpoint to resume from")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    world_size = args.devices * args.num_nodes
+    tokens = torch.randint(0, 512, (N_SAMPLES, SEQ_LEN + 1), generator=torch.Generator().manual_seed(0))
+    if args.data_dir:
+        data = TokenDataModule(
+            args.data_dir, seq_len=SEQ_LEN, batch_size=args.global_batch // world_size, vocab_size=512
+        )
+    else:
+        data = DataLoader(tokens, batch_size=args.global_batch // world_size, sampler=EveryWthSample(N_SAMPLES))
+    L.seed_everything(7)
+    config = LlamaConfig.from_name("debug", n_layer=args.n_layer, block_size=SEQ_LEN)
+    module = SeededInit(config, activation_checkpointing=args.activation_checkpointing, compile=args.compile)
+    strategy = {
+        "fsdp2": FSDP2Strategy,
+        "ddp": lambda: DDPStrategy(find_unused_parameters=True),
+        "single": lambda: "auto",  # one process, no sharding: the reference
+    }[args.strategy]()
+    recorder = Recorder()
+    callbacks = [ProgressiveSharing(target=2, interval=2), recorder]
+    if args.ckpt_dir:
+        callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=args.ckpt_every, save_top_k=-1))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        strategy=strategy,
+        precision=args.precision,
+        max_steps=args.steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(args.ckpt_dir),
+        use_distributed_sampler=False,
+        default_root_dir=args.out,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, data, ckpt_path=args.resume)
+    shards = {
+        name: list((p.to_local() if isinstance(p, DTensor) else p).shape) for name, p in module.named_parameters()
+    }
+    result = {
+        "world_size": trainer.world_size,
+        "steps": recorder.steps,
+        "local_shapes": shards,
+        "param_dtype": str(next(module.parameters()).dtype),
+    }
+    if args.save_final:  # every rank takes part in the all-gather
+        full = {
+            k: (t.full_tensor() if isinstance(t, DTensor) else t).contiguous()
+            for k, t in module.model.state_dict().items()
+        }
+        if trainer.global_rank == 0:
+            save_file(full, args.save_final)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Multi-process training on CPU (gloo): FSDP2 and DDP through region switches, sharded resume, two torchrun nodes.
+
+Every run is a subprocess (``tests/scripts/distributed_fit.py``): Lightning re-launches ``sys.argv`` for extra ranks.
+The script trains a 4-layer debug model on synthetic tokens; layer 3 starts sharing at step 2, layers 2-3 at step 4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from epas_lightning.checkpoint import load_consolidated
+
+SCRIPT = Path(__file__).parent / "scripts" / "distributed_fit.py"
+MASKS = {0: [], 1: [], 2: [3], 3: [3], 4: [2, 3], 5: [2, 3]}
+
+pytestmark = pytest.mark.slow
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    env["PYTHONPATH"] = str(Path(__file__).parents[1])
+    return env
+
+
+def check(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def fit(out: Path, *args: str) -> list[dict]:
+    cmd = [sys.executable, str(SCRIPT), "--out", str(out), *args]
+    check(subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=clean_env()))
+    return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+
+
+def global_losses(ranks: list[dict]) -> list[float]:
+    """Mean of the per-rank losses per step (equal token counts: the loss of the global batch)."""
+    steps = sorted(ranks[0]["steps"], key=int)
+    return [sum(r["steps"][s]["loss"] for r in ranks) / len(ranks) for s in steps]
+
+
+def assert_switches_on_every_rank(ranks: list[dict]) -> None:
+    for rank in ranks:
+        assert {int(s): v["shared"] for s, v in rank["steps"].items()} == MASKS
+        # sharing layers' q/k get no gradient on any rank; every computing layer's do
+        assert {int(s): v["qk_no_grad"] for s, v in rank["steps"].items()} == MASKS
+
+
+def test_fsdp2_two_ranks_match_one_rank_through_switches(tmp_path):
+    one = fit(tmp_path / "one", "--devices", "1")
+    two = fit(tmp_path / "two", "--devices", "2")
+    assert len(two) == 2 and two[0]["world_size"] == 2
+    assert_switches_on_every_rank(two)
+    # each rank holds half of every sharded parameter
+    assert one[0]["local_shapes"]["model.embed_tokens.weight"] == [512, 64]
+    assert all(r["local_shapes"]["model.embed_tokens.weight"] == [256, 64] for r in two)
+    # same init for any number of ranks, same global batch: fp32 sums in another order only
+    assert global_losses(two) == pytest.approx(global_losses(one), rel=2e-6)
+
+
+def test_ddp_with_find_unused_parameters_matches_one_process(tmp_path):
+    single = fit(tmp_path / "single", "--devices", "1", "--strategy", "single")
+    ddp = fit(tmp_path / "ddp", "--devices", "2", "--strategy", "ddp")
+    assert_switches_on_every_rank(ddp)
+    assert global_losses(ddp) == pytest.approx(global_losses(single), rel=2e-6)
+
+
+def test_fsdp2_bf16_true_keeps_bf16_weights(tmp_path):
+    (run,) = fit(tmp_path, "--devices", "1", "--precision", "bf16-true", "--steps", "3")
+    assert run["param_dtype"] == "torch.bfloat16"
+    assert all(torch.isfinite(torch.tensor(s["loss"])) for s in run["steps"].values())
+
+
+def test_sharded_resume_mid_growth_and_consolidate(tiny_corpus, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    common = ["--devices", "2", "--activation-checkpointing", "--data-dir", str(tiny_corpus)]  # resumable loader
+    full = fit(tmp_path / "full", *common, "--ckpt-dir", str(ckpt), "--save-final", str(tmp_path / "final.st"))
+    mid = ckpt / "epoch=0-step=3.ckpt"
+    assert sorted(p.name for p in mid.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    resumed = fit(tmp_path / "resumed", *common, "--resume", str(mid))
+    for a, b in zip(full, resumed, strict=True):
+        assert sorted(b["steps"], key=int) == ["3", "4", "5"]
+        for step in ("3", "4", "5"):
+            assert b["steps"][step]["shared"] == a["steps"][step]["shared"]
+            assert b["steps"][step]["loss"] == pytest.approx(a["steps"][step]["loss"], rel=1e-6)
+
+    out = tmp_path / "consolidated"
+    cmd = [
+        sys.executable,
+        "-m",
+        "epas_lightning",
+        "consolidate",
+        str(ckpt / "epoch=0-step=6.ckpt"),
+        "--output",
+        str(out),
+    ]
+    check(subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=clean_env()))
+    record = json.loads((out / "config.json").read_text())
+    assert record["sharing"]["shared_layers"] == [2, 3] and record["model"]["n_layer"] == 4
+    model = load_consolidated(out)
+    assert model.sharing.shared_layers == [2, 3]
+    trained = load_file(tmp_path / "final.st")
+    state = model.state_dict()
+    assert sorted(trained) == sorted(state)  # plain Llama keys: no wrapper prefixes
+    for name, tensor in trained.items():
+        torch.testing.assert_close(state[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_with_torchrun(tmp_path):
+    """Two torchrun "nodes" of one process each on localhost (c10d rendezvous), bf16-mixed with AC."""
+    port = free_port()
+    out = tmp_path / "run"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+    rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "epas-test"]
+    args = ["--out", str(out), "--devices", "1", "--num-nodes", "2", "--precision", "bf16-mixed"]
+    cmd = [*launcher, *rendezvous, str(SCRIPT), *args, "--activation-checkpointing"]
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())]
+    nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env()))
+    try:
+        results = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for node, (stdout, stderr) in zip(nodes, results, strict=True):
+        assert node.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+    assert len(ranks) == 2 and all(r["world_size"] == 2 for r in ranks)
+    assert_switches_on_every_rank(ranks)
+    assert all(r["param_dtype"] == "torch.float32" for r in ranks)  # bf16-mixed: fp32 master weights
+    assert all(r["local_shapes"]["model.embed_tokens.weight"] == [256, 64] for r in ranks)
