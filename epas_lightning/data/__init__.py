@@ -2,7 +2,7 @@
 
 from epas_lightning.data.builtin import prepare_builtin_corpus
 from epas_lightning.data.datamodule import TokenDataModule
-from epas_lightning.data.prepare import prepare
+from epas_lightning.data.prepare import prepare_dataset
 from epas_lightning.data.tokenizer import load_tokenizer
 
-__all__ = ["TokenDataModule", "load_tokenizer", "prepare", "prepare_builtin_corpus"]
+__all__ = ["TokenDataModule", "load_tokenizer", "prepare_dataset", "prepare_builtin_corpus"]

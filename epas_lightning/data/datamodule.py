@@ -233,8 +233,10 @@ class TokenDataModule(LightningDataModule):
     def _dataloader(
         self, streams: list[Path], shuffle: bool, weights: list[float] | None = None
     ) -> StreamingDataLoader:
-        from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset
+        from litdata import StreamingDataLoader, StreamingDataset
         from litdata.streaming.item_loader import TokensLoader
+
+        from epas_lightning.data.mixing import SizedCombinedStreamingDataset
 
         if self.tokenizer is None:
             raise RuntimeError("Call `setup()` before requesting a dataloader.")
@@ -250,7 +252,7 @@ class TokenDataModule(LightningDataModule):
         ]
         dataset: Any = datasets[0]
         if len(datasets) > 1:
-            dataset = CombinedStreamingDataset(
+            dataset = SizedCombinedStreamingDataset(
                 datasets, seed=self.seed, weights=weights, iterate_over_all=weights is None
             )
         return StreamingDataLoader(

@@ -328,8 +328,10 @@ def tokenize_work_item(item: WorkItem) -> Iterator[torch.Tensor]:
                 batch = []
         yield from encode(batch)
     except DataPreparationError as e:
+        # Returning (not raising) lets litdata shut down cleanly: after a worker raises, it leaves an orphaned
+        # helper process behind. The parent raises the error once ``optimize`` returns.
         Path(item.stats_dir, f"error-{uuid.uuid4().hex}.txt").write_text(str(e))
-        raise
+        return
     Path(item.stats_dir, f"{uuid.uuid4().hex}.json").write_text(json.dumps(stats))
 
 
@@ -449,9 +451,9 @@ def write_split(
                 verbose=False,
             )
         except RuntimeError as e:
-            if errors := sorted(stats_dir.glob("error-*.txt")):
-                raise DataPreparationError(errors[0].read_text()) from None
             raise RuntimeError(f"Tokenizing the {split} split into {output_dir} failed: {e}") from e
+    if errors := sorted(stats_dir.glob("error-*.txt")):
+        raise DataPreparationError(errors[0].read_text())
     stats = {"documents": 0, "bytes": 0, "tokens": 0, "skipped": []}
     for path in stats_dir.glob("*.json"):
         for key, value in json.loads(path.read_text()).items():
@@ -637,7 +639,7 @@ def write_meta(directory: Path, meta: dict) -> None:
     (directory / META_FILENAME).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def prepare(
+def prepare_dataset(
     input: str | Path | Sequence[str | Path],
     output: str | Path,
     tokenizer: str | Path | None = None,
@@ -753,7 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
-        output = prepare(
+        output = prepare_dataset(
             args.input,
             args.output,
             args.tokenizer,

@@ -1,0 +1,385 @@
+"""`prepare` on user corpora (text, JSONL, parquet; sentencepiece, HF, trained tokenizers), bad input, mixing,
+resume through a Lightning checkpoint and two-rank reading. Tiny inputs in tmp dirs; no network."""
+
+import gzip
+import json
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from epas_lightning.cli import main as cli_main
+from epas_lightning.data import TokenDataModule, load_tokenizer
+from epas_lightning.data import prepare as prepare_module
+from epas_lightning.data.datamodule import DataCheckError
+from epas_lightning.data.prepare import DataPreparationError
+from epas_lightning.data.prepare import prepare_dataset as prepare
+
+WORDS = (
+    *("the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "data"),
+    *("model", "token", "train", "layer", "share", "query", "key", "value", "attention", "résumé", "naïve", "東京"),
+    *("→", "✓"),
+)
+SP_VOCAB = 320  # 256 byte-fallback pieces, 3 specials, the rest merges
+
+
+def make_text(rng: random.Random, n_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_words)) + " .\n"
+
+
+def write_corpus(root: Path, seed: int = 0) -> dict[str, list[str]]:
+    """Text files, JSONL, gzipped JSONL and parquet; returns the documents of each file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(seed)
+    docs: dict[str, list[str]] = {}
+    (root / "notes").mkdir(parents=True)
+    for i in range(6):
+        docs[f"notes/n{i}.md"] = [make_text(rng, 150)]
+        (root / f"notes/n{i}.md").write_text(docs[f"notes/n{i}.md"][0])
+    docs["a.jsonl"] = [make_text(rng, 40) for _ in range(150)]
+    (root / "a.jsonl").write_text(
+        "".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(docs["a.jsonl"]))
+    )
+    docs["b.jsonl.gz"] = [make_text(rng, 40) for _ in range(80)]
+    with gzip.open(root / "b.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in docs["b.jsonl.gz"])
+    docs["c.parquet"] = [make_text(rng, 30) for _ in range(100)]
+    pq.write_table(pa.table({"text": docs["c.parquet"]}), root / "c.parquet")
+    (root / "notes" / "image.png").write_bytes(b"\x89PNG not a text file")  # unknown suffix: ignored
+    return docs
+
+
+def train_sentencepiece(path: Path, vocab_size: int = SP_VOCAB) -> Path:
+    import sentencepiece as spm
+
+    rng = random.Random(1)
+    text_file = path.with_suffix(".txt")
+    text_file.write_text("".join(make_text(rng, 30) for _ in range(300)))
+    spm.SentencePieceTrainer.train(
+        input=str(text_file),
+        model_prefix=str(path.with_suffix("")),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        byte_fallback=True,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    return path.with_suffix(".model")
+
+
+def train_hf_tokenizer(path: Path) -> Path:
+    """A tiny word-level ``tokenizer.json`` with LLaMA-style ``<s>``/``</s>`` (like TinyLlama's file)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.train_from_iterator(
+        [" ".join(WORDS) + " ."], trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"])
+    )
+    tok.save(str(path))
+    return path
+
+
+def documents_of(stream_dir: Path, bos: int, eos: int) -> list[list[int]]:
+    """The token stream cut back into its BOS ... EOS documents."""
+    from litdata import StreamingDataset
+    from litdata.streaming.item_loader import TokensLoader
+
+    dataset = StreamingDataset(str(stream_dir), item_loader=TokensLoader(block_size=1))
+    tokens = torch.cat([dataset[i] for i in range(len(dataset))]).tolist()
+    docs, current = [], None
+    for t in tokens:
+        if t == bos and current is None:
+            current = []
+        elif t == eos and current is not None:
+            docs.append(current)
+            current = None
+        else:
+            assert current is not None, "token outside a BOS ... EOS document"
+            current.append(t)
+    assert current is None
+    return docs
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[str]]]:
+    root = tmp_path_factory.mktemp("corpus")
+    return root, write_corpus(root)
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_sentencepiece(tmp_path_factory.mktemp("sp") / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def sp_data(corpus, sp_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    return prepare(corpus[0], out, sp_model, val_fraction=0.1, num_workers=2)
+
+
+def tiny_dm(data_dir, **kwargs) -> TokenDataModule:
+    kwargs = {"seq_len": 16, "batch_size": 4, "vocab_size": 512} | kwargs
+    dm = TokenDataModule(data_dir=data_dir, **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preparing
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_sentencepiece_corpus_holds_every_document_once_as_bos_eos(corpus, sp_data: Path, sp_model: Path):
+    _, docs = corpus
+    meta = json.loads((sp_data / "meta.json").read_text())
+    assert sorted(p.name for p in sp_data.iterdir()) == ["meta.json", "tokenizer.model", "train", "val"]
+    assert (meta["tokenizer_kind"], meta["vocab_size"], meta["bos_id"], meta["eos_id"]) == (
+        "sentencepiece",
+        SP_VOCAB,
+        1,
+        2,
+    )
+    all_docs = [d for texts in docs.values() for d in texts]
+    assert meta["documents"] == len(all_docs) == sum(s["documents"] for s in meta["splits"].values())
+    assert meta["bytes"] == sum(len(d.encode()) for d in all_docs)
+    assert 0.03 < meta["splits"]["val"]["documents"] / meta["documents"] < 0.25
+    tokenizer = load_tokenizer(sp_data / "tokenizer.model")
+    decoded = {
+        split: [tokenizer.decode(ids) for ids in documents_of(sp_data / split, 1, 2)] for split in ("train", "val")
+    }
+    assert sum(len(v) for v in decoded.values()) == meta["documents"]
+    assert Counter(decoded["train"] + decoded["val"]) == Counter(d.rstrip("\n") for d in all_docs)  # sp drops "\n"
+    assert meta["tokens"] == sum(len(ids) + 2 for ids in map(tokenizer.encode, all_docs))
+    # text files are held out whole: a markdown note is in one split only
+    assert not set(decoded["train"]) & set(decoded["val"])
+
+
+def test_cli_with_hf_tokenizer_and_separate_val_input(corpus, tmp_path: Path, capsys: pytest.CaptureFixture):
+    root, docs = corpus
+    hf = train_hf_tokenizer(tmp_path / "tokenizer.json")
+    out = tmp_path / "hf"
+    argv = ["prepare", "--input", str(root / "a.jsonl"), str(root / "c.parquet"), "--val-input", str(root / "notes")]
+    assert cli_main([*argv, "--output", str(out), "--tokenizer", str(hf), "--no-progress", "--num-workers", "2"]) == 0
+    assert f"Prepared {out}: 256 documents (250 train / 6 val)" in capsys.readouterr().out
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["tokenizer"], meta["tokenizer_kind"]) == ("tokenizer.json", "hf")
+    tok = load_tokenizer(out / "tokenizer.json")
+    assert (meta["bos_id"], meta["eos_id"]) == (tok.backend.token_to_id("<s>"), tok.backend.token_to_id("</s>"))
+    val_docs = [tok.decode(ids) for ids in documents_of(out / "val", meta["bos_id"], meta["eos_id"])]
+    assert val_docs == [" ".join(docs[f"notes/n{i}.md"][0].split()) for i in range(6)]
+    batch = next(iter(tiny_dm(str(out), vocab_size=meta["vocab_size"]).train_dataloader()))
+    assert batch.shape == (4, 17) and batch.max() < meta["vocab_size"]
+
+
+def test_trained_tokenizer_is_saved_next_to_the_data(corpus, tmp_path: Path):
+    root, _ = corpus
+    out = prepare(root / "notes", tmp_path / "bpe", train_tokenizer=True, vocab_size=300, num_workers=1)
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["tokenizer"], meta["tokenizer_source"], meta["vocab_size"]) == ("tokenizer.json", "trained", 300)
+    assert meta["splits"]["val"]["documents"] >= 1  # one note at least, held out whole
+    with pytest.raises(ValueError, match=r"has 300 tokens but the model's vocab_size is 280"):
+        tiny_dm(str(out), vocab_size=280)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_empty_input_is_refused(tmp_path: Path, sp_model: Path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataPreparationError, match=rf"No input files found in {tmp_path / 'empty'}"):
+        prepare(tmp_path / "empty", tmp_path / "out", sp_model)
+    (tmp_path / "empty" / "a.txt").write_text("")
+    (tmp_path / "empty" / "b.txt").write_text("")
+    with pytest.raises(DataPreparationError, match="all empty"):
+        prepare(tmp_path / "empty", tmp_path / "out", sp_model)
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_utf8_file_is_skipped_with_a_warning_or_fails_by_flag(
+    tmp_path: Path, sp_model: Path, caplog: pytest.LogCaptureFixture
+):
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(3)
+    for i in range(5):
+        (src / f"ok{i}.txt").write_text(make_text(rng, 50))
+    (src / "latin1.txt").write_bytes("café crème".encode("latin-1"))
+    val = tmp_path / "val.txt"
+    val.write_text(make_text(rng, 50))
+    with caplog.at_level("WARNING", logger="epas_lightning"):
+        out = prepare(src, tmp_path / "skip", sp_model, val_input=val, num_workers=1)
+    assert f"Skipped {src / 'latin1.txt'}: not valid UTF-8" in caplog.text
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["documents"] == 6 and meta["skipped"] == {"train": 1, "val": 0}
+    with pytest.raises(DataPreparationError, match=rf"{src / 'latin1.txt'}: not valid UTF-8"):
+        prepare(src, tmp_path / "fail", sp_model, val_input=val, on_bad="fail", num_workers=1)
+    assert not (tmp_path / "fail").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["skip", "src", "val.txt"]  # no build directory left behind
+
+
+def test_missing_text_field_names_the_file(tmp_path: Path, sp_model: Path, corpus):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"content": "hello"}) + "\n")
+    with pytest.raises(DataPreparationError, match=rf"{bad}:1: no string field 'text' \(found \['content'\]\)"):
+        prepare(bad, tmp_path / "out", sp_model)
+    with pytest.raises(DataPreparationError, match=r"c.parquet: no column 'body'"):
+        prepare(corpus[0] / "c.parquet", tmp_path / "out", sp_model, text_field="body")
+    assert prepare(bad, tmp_path / "out", sp_model, text_field="content", val_input=bad).is_dir()
+
+
+def test_truncated_gzip_is_skipped_naming_the_file(tmp_path: Path, sp_model: Path, caplog: pytest.LogCaptureFixture):
+    rng = random.Random(4)
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"text": make_text(rng, 20)}) + "\n" for _ in range(40)))
+    payload = gzip.compress("".join(json.dumps({"text": make_text(rng, 20)}) + "\n" for _ in range(40)).encode())
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(payload[: len(payload) // 2])
+    with caplog.at_level("WARNING", logger="epas_lightning"):
+        out = prepare([good, broken], tmp_path / "out", sp_model, val_fraction=0.2, num_workers=1)
+    assert f"Skipped {broken}: unreadable" in caplog.text
+    assert json.loads((out / "meta.json").read_text())["documents"] >= 40
+
+
+def test_truncated_chunk_is_a_clear_error(sp_data: Path, tmp_path: Path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(sp_data, data)
+    chunk = sorted((data / "train").glob("chunk-*.bin"))[0]
+    chunk.write_bytes(chunk.read_bytes()[:-10])
+    with pytest.raises(DataCheckError, match=rf"Chunk {chunk} is corrupt or truncated"):
+        tiny_dm(str(data))
+    (data / "train" / "index.json").write_text("{not json")
+    with pytest.raises(DataCheckError, match=r"train/index.json is not a readable litdata index"):
+        tiny_dm(str(data))
+
+
+def test_tokenizer_larger_than_the_model_vocab_is_refused(sp_data: Path):
+    with pytest.raises(ValueError, match=rf"tokenizer.model\) has {SP_VOCAB} tokens but the model's vocab_size is 100"):
+        tiny_dm(str(sp_data), vocab_size=100)
+
+
+def test_interrupted_prepare_leaves_nothing_that_looks_complete(
+    corpus, sp_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    real_write_split = prepare_module.write_split
+
+    def interrupted(files, split, output_dir, **kwargs):
+        if split == "train":
+            raise KeyboardInterrupt
+        return real_write_split(files, split, output_dir, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "write_split", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(corpus[0], tmp_path / "out", sp_model, num_workers=1)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        prepare(corpus[0], tmp_path / "out", sp_model)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Mixing, resuming, several ranks
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def second_sp_data(sp_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("corpus2")
+    write_corpus(root, seed=1)
+    return prepare(root, tmp_path_factory.mktemp("prepared2") / "data", sp_model, val_fraction=0.1, num_workers=2)
+
+
+def test_mixed_datasets_follow_the_weights(sp_data: Path, second_sp_data: Path):
+    def rows(stream: Path) -> set[tuple[int, ...]]:
+        dm = tiny_dm(str(stream.parent), batch_size=1)
+        return {tuple(b[0].tolist()) for b in dm._dataloader([stream], shuffle=False)}
+
+    first, second = rows(sp_data / "train"), rows(second_sp_data / "train")
+    dm = tiny_dm([str(sp_data), str(second_sp_data)], weights=[3.0, 1.0], batch_size=1)
+    seen = [tuple(b[0].tolist()) for _, b in zip(range(400), dm.train_dataloader(), strict=False)]
+    from_first = sum(s in first for s in seen)
+    assert all(s in first or s in second for s in seen)
+    assert 0.65 < from_first / len(seen) < 0.85
+    assert len(dm.val_streams()) == 2
+
+
+def test_mixing_datasets_with_different_tokenizers_is_refused(sp_data: Path, tmp_path: Path, corpus):
+    other = prepare(corpus[0] / "notes", tmp_path / "other", train_tokenizer=True, vocab_size=260, num_workers=1)
+    with pytest.raises(DataCheckError, match="tokenized differently"):
+        tiny_dm([str(sp_data), str(other)])
+
+
+class BatchRecorder(L.LightningModule):
+    """A one-parameter model that records the batches it trains on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.batches: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        self.batches.append(batch.clone())
+        return (self.w - batch.float().mean()) ** 2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def fit(data: TokenDataModule, root: Path, max_steps: int, callbacks=(), ckpt_path=None) -> BatchRecorder:
+    model = BatchRecorder()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        default_root_dir=root,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=list(callbacks),
+    )
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return model
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["one", "mixed"])
+def test_resume_from_checkpoint_continues_with_the_same_batches(sp_data, second_sp_data, tmp_path, mixed):
+    dirs = [str(sp_data), str(second_sp_data)] if mixed else str(sp_data)
+    make = lambda: TokenDataModule(dirs, seq_len=16, batch_size=4, vocab_size=512, weights=[1, 2] if mixed else None)  # noqa: E731
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    full = fit(make(), tmp_path, 10, [checkpoint]).batches
+    resumed = fit(make(), tmp_path, 10, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt").batches
+    assert len(full) == 10 and len(resumed) == 6
+    assert all(torch.equal(a, b) for a, b in zip(full[4:], resumed, strict=True))
+
+
+@pytest.mark.slow
+def test_two_ranks_read_disjoint_samples_covering_the_epoch(sp_data: Path, tmp_path: Path):
+    script = Path(__file__).parent / "scripts" / "ddp_data_ranks.py"
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(sp_data), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    seen = [Counter(map(tuple, r["samples"])) for r in ranks]
+    assert all(r["world_size"] == 2 for r in ranks) and [r["rank"] for r in ranks] == [0, 1]
+    dm = tiny_dm(str(sp_data), batch_size=1)
+    stream = Counter(tuple(b[0].tolist()) for b in dm._dataloader([sp_data / "train"], shuffle=False))
+    assert seen[0] + seen[1] <= stream  # no sample read twice (by one rank or by both)
+    assert len(ranks[0]["samples"]) == len(ranks[1]["samples"]) > 0
+    assert sum(len(r["samples"]) for r in ranks) >= 0.9 * stream.total()  # the epoch is covered
