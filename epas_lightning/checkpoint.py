@@ -118,7 +118,6 @@ def load_consolidated(path: str | Path, device: str | torch.device = "cpu") -> L
     with torch.device("meta"):
         model = Llama(LlamaConfig.from_dict(record["model"]))
     model.to_empty(device=device)
-    model.rotary_emb.reset_parameters()  # a non-persistent buffer: not in the file
     model.load_state_dict(load_file(path / "model.safetensors", device=str(device)), strict=True)
     model.set_shared_layers(record["sharing"]["shared_layers"])
     return model

@@ -191,5 +191,12 @@ def test_meta_device_build_then_init_has_no_garbage():
     model.init_weights()
     assert model.sharing.mask.tolist() == [False, False]
     assert torch.equal(model.norm.weight, torch.ones_like(model.norm.weight))
-    torch.testing.assert_close(model.rotary_emb.inv_freq, tiny(2).rotary_emb.inv_freq)
     assert torch.isfinite(model(tokens())).all()
+
+
+def test_rope_stays_fp32_when_the_model_is_cast_to_bf16():
+    model = tiny().to(torch.bfloat16)
+    cos, sin = model.rotary_emb(2048)
+    assert cos.dtype == sin.dtype == torch.float32
+    angle = 2047 * model.rotary_emb.inv_freq()[1]  # a long position: bf16 frequencies would be visibly off
+    torch.testing.assert_close(cos[2047, 1], torch.cos(angle))

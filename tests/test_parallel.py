@@ -59,7 +59,6 @@ def test_materialised_sharded_model_equals_a_fresh_init(mesh):
     for name, tensor in state.items():
         full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
         torch.testing.assert_close(full, expected[name], rtol=0, atol=0, msg=name)
-    assert torch.equal(module.model.rotary_emb.inv_freq, reference.rotary_emb.inv_freq)  # non-persistent buffer
 
 
 @pytest.mark.parametrize("activation_checkpointing", [False, True])

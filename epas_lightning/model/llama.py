@@ -71,7 +71,6 @@ class Llama(nn.Module):
         | embed_tokens, lm_head, q/k/v_proj, gate/up_proj   | N(0, init_std)                |
         | o_proj, down_proj (write into the residual)       | N(0, init_std / sqrt(2 L))    |
         | RMSNorm weights                                   | 1                             |
-        | rotary inv_freq                                   | theta^(-2i/D)                 |
         | sharing mask                                      | all layers compute            |
 
         Runs in ``__init__`` and again after meta-device materialisation (see ``EPASModule.on_fit_start``).
@@ -90,7 +89,6 @@ class Llama(nn.Module):
             layer.input_layernorm.reset_parameters()
             layer.post_attention_layernorm.reset_parameters()
         self.norm.reset_parameters()
-        self.rotary_emb.reset_parameters()
         self.sharing.reset_parameters()
 
     def set_shared_layers(self, layers: Iterable[int]) -> None:
@@ -102,7 +100,7 @@ class Llama(nn.Module):
         T = input_ids.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"Sequence length {T} exceeds block_size={self.config.block_size}.")
-        rope = self.rotary_emb(T)  # fp32 (cos, sin), each (T, D)
+        rope = self.rotary_emb(T, input_ids.device)  # fp32 (cos, sin), each (T, D)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         shared: Shared | None = None
         for layer, shares in zip(self.layers, self.sharing.flags, strict=True):
