@@ -1,0 +1,325 @@
+"""Training throughput of dense vs EPAS (QK sharing) on one model, in one process.
+
+What it measures: tokens/s of full training steps (forward, cross-entropy on random tokens, backward, AdamW step,
+``zero_grad(set_to_none=True)``) for two arms that use the SAME model and optimizer:
+
+- dense: every layer computes its own Q/K;
+- EPAS: the deepest ``round(sharing * n_layer)`` layers share (never layer 0), so they skip q_proj, k_proj and RoPE
+  in forward and backward, and AdamW skips their q/k weights (their grad stays None).
+
+The arms alternate per repetition in ABBA order (dense/EPAS, EPAS/dense, ...) so drift (thermal, other load) hits
+both; warm-up steps of both arms are not timed. The median tokens/s of each arm gives
+``speedup = epas / dense - 1``. On CPU each rep also records how many cores OTHER processes used meanwhile; a shared
+machine makes single steps several times slower, so the summary warns and gives the speedup over the unloaded reps too
+(use more ``--reps`` there: the effect is a few percent, and one loaded rep moves a 5-rep median by more).
+
+Target (the issue): ``speedup >= 0.9 * flop_cut``, where ``flop_cut`` is the analytic fraction of training FLOPs that
+sharing removes (``epas_lightning.flops.flop_cut``, the paper's Table 1 convention).
+
+Usage::
+
+    python benchmarks/train_throughput.py --model llama-125m --seq-len 512 --sharing 0.5
+
+A human-readable table goes to stdout, and the last line of stdout is one JSON object with every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from epas_lightning.flops import flop_cut
+from epas_lightning.model import Llama, LlamaConfig
+
+ARMS = ("dense", "epas")
+TARGET_FRACTION = 0.9
+"""The target: the measured speedup must reach this fraction of the analytic FLOP cut."""
+NOISY_LOAD = 0.1
+"""CPU cores used by other processes during a rep above which the summary warns that timings are noisy."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="llama-125m", help="LlamaConfig preset name")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--sharing", type=float, default=0.5, help="fraction of layers that share in the EPAS arm")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per arm")
+    p.add_argument("--steps-per-rep", type=int, default=1, help="training steps in one timed repetition")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per arm before timing")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "bf16-mixed", "32-true", "bf16-true"),
+        default="auto",
+        help="auto: bf16-mixed on CUDA, 32-true on CPU (CPUs without bf16 units run bf16 matmuls 5-60x slower)",
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (does not affect the work done)")
+    p.add_argument(
+        "--fused-adamw",
+        action="store_true",
+        help="use AdamW(fused=True) instead of EPASModule's default AdamW (a for-loop over parameters on CPU)",
+    )
+    return p.parse_args(argv)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but CUDA is not available")
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(busy clock ticks of the whole host incl. steal, ticks of this process), or None where /proc is missing."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+        with open("/proc/self/stat") as f:
+            utime, stime = f.read().rsplit(")", 1)[1].split()[11:13]
+    except (OSError, ValueError):
+        return None
+    return user + nice + system + irq + softirq + steal, int(utime) + int(stime)
+
+
+def foreign_load(before: tuple[int, int] | None, after: tuple[int, int] | None, seconds: float) -> float | None:
+    """CPU cores that OTHER processes (or the hypervisor, as steal) used during an interval: timing noise."""
+    if before is None or after is None or seconds <= 0:
+        return None
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return max(others, 0) / os.sysconf("SC_CLK_TCK") / seconds
+
+
+def shared_layers(n_layer: int, sharing: float) -> list[int]:
+    """The deepest ``round(sharing * n_layer)`` layers, never layer 0."""
+    n_shared = min(max(round(sharing * n_layer), 0), n_layer - 1)
+    return list(range(n_layer - n_shared, n_layer))
+
+
+def autocast_context(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    if precision == "bf16-mixed":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+@dataclass
+class Bench:
+    """One model and optimizer, plus the fixed random batches both arms train on."""
+
+    model: Llama
+    optimizer: torch.optim.Optimizer
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    device: torch.device
+    epas_layers: list[int]
+    step_count: int = field(default=0)
+
+    def set_arm(self, arm: str) -> None:
+        self.model.set_shared_layers(self.epas_layers if arm == "epas" else [])
+
+    def train_step(self) -> None:
+        inputs, targets = self.batches[self.step_count % len(self.batches)]
+        self.step_count += 1
+        with self.autocast():
+            logits = self.model(inputs)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())  # as EPASModule computes it
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def timed_steps(self, arm: str, steps: int) -> tuple[float, float | None]:
+        """Seconds for ``steps`` training steps of ``arm`` (device synchronised at both ends), and the CPU load
+        other processes put on the host meanwhile (see ``foreign_load``; CPU runs only)."""
+        self.set_arm(arm)
+        synchronize(self.device)
+        ticks = cpu_ticks() if self.device.type == "cpu" else None
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.train_step()
+        synchronize(self.device)
+        seconds = time.perf_counter() - start
+        return seconds, foreign_load(ticks, cpu_ticks(), seconds)
+
+
+def build_bench(args: argparse.Namespace, device: torch.device) -> tuple[Bench, LlamaConfig]:
+    if args.precision == "auto":
+        args.precision = "bf16-mixed" if device.type == "cuda" else "32-true"
+    torch.manual_seed(args.seed)
+    config = LlamaConfig.from_name(args.model)
+    if args.seq_len > config.block_size:
+        config = LlamaConfig.from_name(args.model, block_size=args.seq_len)
+    model = Llama(config).to(device)
+    if args.precision == "bf16-true":
+        model = model.to(torch.bfloat16)
+    model.train()
+    # The optimizer EPASModule configures (default implementation: for-loop on CPU, foreach on CUDA), or its fused form.
+    fused = {"fused": True} if args.fused_adamw else {}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, **fused)
+    generator = torch.Generator().manual_seed(args.seed)
+    batches = []
+    for _ in range(max(args.steps_per_rep, 1)):
+        tokens = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator)
+        tokens = tokens.to(device)
+        batches.append((tokens[:, :-1], tokens[:, 1:]))
+    bench = Bench(
+        model=model,
+        optimizer=optimizer,
+        batches=batches,
+        autocast=autocast_context(args.precision, device),
+        device=device,
+        epas_layers=shared_layers(config.n_layer, args.sharing),
+    )
+    return bench, config
+
+
+def run_reps(bench: Bench, args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, list[float | None]]]:
+    """Warm up both arms, then time ``reps`` repetitions per arm in ABBA order: seconds and foreign load per rep."""
+    for arm in ARMS:
+        bench.timed_steps(arm, args.warmup)
+    times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    loads: dict[str, list[float | None]] = {arm: [] for arm in ARMS}
+    for rep in range(args.reps):
+        order = ARMS if rep % 2 == 0 else ARMS[::-1]
+        for arm in order:
+            seconds, load = bench.timed_steps(arm, args.steps_per_rep)
+            times[arm].append(seconds)
+            loads[arm].append(load)
+            other = "" if load is None else f"   (other processes: {load:.2f} cores)"
+            print(f"  rep {rep}: {arm:5s} {seconds:8.3f} s{other}", flush=True)
+    return times, loads
+
+
+def clean_reps(loads: dict[str, list[float | None]]) -> list[int]:
+    """Reps in which neither arm shared the CPU with other processes (all reps where the load is unknown)."""
+    pairs = zip(loads["dense"], loads["epas"], strict=True)
+    return [i for i, pair in enumerate(pairs) if all(x is None or x <= NOISY_LOAD for x in pair)]
+
+
+def median_speedup(tps: dict[str, list[float]], reps: list[int]) -> float | None:
+    """EPAS / dense - 1 from the median tokens/s of each arm over ``reps`` (None if empty)."""
+    if not reps:
+        return None
+    return statistics.median(tps["epas"][i] for i in reps) / statistics.median(tps["dense"][i] for i in reps) - 1.0
+
+
+def summarize(
+    args: argparse.Namespace,
+    config: LlamaConfig,
+    bench: Bench,
+    times: dict[str, list[float]],
+    loads: dict[str, list[float | None]],
+) -> dict:
+    tokens_per_rep = args.steps_per_rep * args.batch_size * args.seq_len
+    tps = {arm: [tokens_per_rep / t for t in times[arm]] for arm in ARMS}
+    dense, epas = statistics.median(tps["dense"]), statistics.median(tps["epas"])
+    n_shared = len(bench.epas_layers)
+    cut = flop_cut(config, n_shared, args.seq_len)
+    speedup = epas / dense - 1.0
+    paired = [d / e - 1.0 for d, e in zip(times["dense"], times["epas"], strict=True)]
+    clean = clean_reps(loads)
+    return {
+        "model": args.model,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "device": bench.device.type,
+        "device_name": device_name(bench.device),
+        "n_layer": config.n_layer,
+        "n_shared": n_shared,
+        "shared_layers": bench.epas_layers,
+        "flop_cut": cut,
+        "target_speedup": TARGET_FRACTION * cut,
+        "dense_tokens_per_s": dense,
+        "epas_tokens_per_s": epas,
+        "speedup": speedup,
+        "speedup_over_flop_cut": speedup / cut if cut else None,
+        "target_met": speedup >= TARGET_FRACTION * cut,
+        "paired_speedup_median": statistics.median(paired),
+        "dense_tokens_per_s_best": max(tps["dense"]),
+        "epas_tokens_per_s_best": max(tps["epas"]),
+        "speedup_best": max(tps["epas"]) / max(tps["dense"]) - 1.0,
+        "clean_reps": len(clean),
+        "speedup_clean": median_speedup(tps, clean),
+        "reps": args.reps,
+        "steps_per_rep": args.steps_per_rep,
+        "warmup": args.warmup,
+        "order": "ABBA",
+        "optimizer": "AdamW(fused=True)" if args.fused_adamw else "AdamW",
+        "dense_rep_seconds": times["dense"],
+        "epas_rep_seconds": times["epas"],
+        "dense_rep_foreign_load": loads["dense"],
+        "epas_rep_foreign_load": loads["epas"],
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "seed": args.seed,
+    }
+
+
+def print_table(r: dict) -> None:
+    print()
+    print(f"{r['model']}  seq {r['seq_len']}  batch {r['batch_size']}  {r['precision']}  on {r['device_name']}")
+    print(
+        f"torch {r['torch']}, {r['threads']} threads, {r['optimizer']}, "
+        f"{r['reps']} reps x {r['steps_per_rep']} steps, ABBA order"
+    )
+    print(f"{'arm':<8}{'shared layers':>15}{'median tok/s':>15}{'best tok/s':>13}   rep seconds")
+    for arm, n in (("dense", 0), ("epas", r["n_shared"])):
+        secs = " ".join(f"{t:.2f}" for t in r[f"{arm}_rep_seconds"])
+        print(f"{arm:<8}{n:>15}{r[f'{arm}_tokens_per_s']:>15.1f}{r[f'{arm}_tokens_per_s_best']:>13.1f}   {secs}")
+    print(f"flop_cut {r['flop_cut']:.4f}  target speedup >= {r['target_speedup']:.4f}")
+    ratio = "n/a" if r["speedup_over_flop_cut"] is None else f"{r['speedup_over_flop_cut']:.3f}"
+    print(
+        f"speedup {r['speedup']:+.4f} (paired median {r['paired_speedup_median']:+.4f}, "
+        f"best-rep {r['speedup_best']:+.4f})  speedup/flop_cut {ratio}  target met: {r['target_met']}"
+    )
+    known = [x for x in r["dense_rep_foreign_load"] + r["epas_rep_foreign_load"] if x is not None]
+    if known and max(known) > NOISY_LOAD:
+        print(f"WARNING: other processes used up to {max(known):.2f} CPU cores during timed reps: numbers are noisy.")
+        clean = "n/a" if r["speedup_clean"] is None else f"{r['speedup_clean']:+.4f}"
+        print(f"  reps without such load: {r['clean_reps']}/{r['reps']}, speedup from their medians {clean}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    bench, config = build_bench(args, device)
+    print(f"dense vs EPAS: {args.model}, sharing layers {bench.epas_layers}, device {device}", flush=True)
+    times, loads = run_reps(bench, args)
+    result = summarize(args, config, bench, times, loads)
+    print_table(result)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
