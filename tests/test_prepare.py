@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import cpu_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from epas_lightning.cli import main as cli_main
@@ -341,17 +342,7 @@ class BatchRecorder(L.LightningModule):
 
 def fit(data: TokenDataModule, root: Path, max_steps: int, callbacks=(), ckpt_path=None) -> BatchRecorder:
     model = BatchRecorder()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        default_root_dir=root,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=list(callbacks),
-    )
+    trainer = cpu_trainer(root, max_steps, callbacks)
     trainer.fit(model, data, ckpt_path=ckpt_path)
     return model
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import cpu_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule
@@ -25,18 +26,7 @@ class Recorder(Callback):
 
 
 def make_trainer(root: Path, max_steps: int, callbacks: list, **kwargs) -> L.Trainer:
-    kwargs.setdefault("limit_val_batches", 0)
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        default_root_dir=root,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        **kwargs,
-    )
+    return cpu_trainer(root, max_steps, callbacks, **kwargs)
 
 
 def make_run(corpus: Path, n_layer: int = 4):
