@@ -14,6 +14,8 @@ import argparse
 import io
 import json
 import pickle
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +93,10 @@ def _strip_prefix(state: dict[str, torch.Tensor], prefix: str = MODEL_PREFIX) ->
 
 
 def consolidate(checkpoint: str | Path, output: str | Path) -> Path:
-    """Write ``output/model.safetensors`` and ``output/config.json`` from a training checkpoint; return ``output``."""
+    """Write ``output/model.safetensors`` and ``output/config.json`` from a training checkpoint; return ``output``.
+
+    The tokenizer the run trained with (recorded in the checkpoint) is copied beside them when it still exists.
+    """
     state, metadata = read_checkpoint(checkpoint)
     if "model_config" not in metadata:
         raise ValueError(f"{checkpoint} has no 'model_config': it was not written by EPASModule.")
@@ -102,25 +107,100 @@ def consolidate(checkpoint: str | Path, output: str | Path) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     # clones: safetensors refuses tensors that share memory (tied embeddings)
     save_file({key: t.contiguous().clone() for key, t in state.items()}, output / "model.safetensors")
-    record = {
+    record: dict[str, Any] = {
         "model": config.to_dict(),
         "sharing": {"shared_layers": shared_layers, "mode": config.sharing_mode},
         "global_step": metadata.get("global_step"),
     }
+    tokenizer = metadata.get("tokenizer")
+    if tokenizer and Path(tokenizer["path"]).is_file():
+        source = Path(tokenizer["path"])
+        shutil.copyfile(source, output / source.name)
+        record["tokenizer"] = {**tokenizer, "path": source.name}
     (output / "config.json").write_text(json.dumps(record, indent=2) + "\n")
     return output
 
 
 def load_consolidated(path: str | Path, device: str | torch.device = "cpu") -> Llama:
     """The ``Llama`` saved by :func:`consolidate`, with its trained sharing region switched on."""
+    return load_model(path, device).model
+
+
+@dataclass
+class LoadedModel:
+    """A trained model with what inference, export and evaluation need to know about it.
+
+    Attributes:
+        model: The ``Llama`` in eval mode, its trained sharing region switched on.
+        trained_shared_layers: The layers that shared when the checkpoint was written: the largest region the
+            weights were trained for. Any region of the deepest ``0..len(trained_shared_layers)`` layers is valid.
+        tokenizer_path: The tokenizer file the run trained with, or ``None`` when the checkpoint did not record it
+            (or it no longer exists).
+        bos_id, eos_id: Its BOS/EOS ids, when recorded.
+        global_step: The optimizer step the checkpoint was written at, when known.
+    """
+
+    model: Llama
+    trained_shared_layers: list[int] = field(default_factory=list)
+    tokenizer_path: Path | None = None
+    bos_id: int | None = None
+    eos_id: int | None = None
+    global_step: int | None = None
+
+    @property
+    def max_shared(self) -> int:
+        return len(self.trained_shared_layers)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model from a ``.ckpt`` file, an FSDP2 checkpoint directory or a :func:`consolidate` directory.
+
+    Tensors load with ``weights_only=True`` (or from safetensors); a file that is not a checkpoint of ours gets an
+    error that says what was expected.
+    """
     path = Path(path)
-    record = json.loads((path / "config.json").read_text())
+    if not path.exists():
+        raise FileNotFoundError(f"Checkpoint {path} does not exist.")
+    if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        record = json.loads((path / "config.json").read_text())
+        if "model" not in record:
+            raise ValueError(f"{path / 'config.json'} was not written by `consolidate` (no 'model' entry).")
+        config = LlamaConfig.from_dict(record["model"])
+        state = load_file(path / "model.safetensors", device="cpu")
+        tokenizer = record.get("tokenizer") or {}
+        if tokenizer.get("path"):
+            tokenizer = {**tokenizer, "path": str(path / tokenizer["path"])}
+        global_step = record.get("global_step")
+    else:
+        try:
+            state, metadata = read_checkpoint(path)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError) as e:
+            raise ValueError(f"{path} is not a readable EPAS checkpoint (a .ckpt file or checkpoint dir): {e}") from e
+        if "model_config" not in metadata:
+            raise ValueError(f"{path} has no 'model_config': it was not written by EPASModule.")
+        config = LlamaConfig.from_dict(metadata["model_config"])
+        tokenizer = metadata.get("tokenizer") or {}
+        global_step = metadata.get("global_step")
     with torch.device("meta"):
-        model = Llama(LlamaConfig.from_dict(record["model"]))
+        model = Llama(config)
     model.to_empty(device=device)
-    model.load_state_dict(load_file(path / "model.safetensors", device=str(device)), strict=True)
-    model.set_shared_layers(record["sharing"]["shared_layers"])
-    return model
+    state = {key: t.to(device) for key, t in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"The weights in {path} do not fit the model config it records: {e}") from e
+    trained = model.sharing.shared_layers
+    tokenizer_path = Path(tokenizer["path"]) if tokenizer.get("path") else None
+    if tokenizer_path is not None and not tokenizer_path.is_file():
+        tokenizer_path = None
+    return LoadedModel(
+        model=model.eval(),
+        trained_shared_layers=trained,
+        tokenizer_path=tokenizer_path,
+        bos_id=tokenizer.get("bos_id"),
+        eos_id=tokenizer.get("eos_id"),
+        global_step=global_step,
+    )
 
 
 def main(argv: list[str]) -> int:

@@ -77,7 +77,15 @@ def _show_package_logs() -> None:
 
 
 # Subcommands beside LightningCLI's fit/validate/test/predict: name -> module with ``main(argv: list[str]) -> int``.
-TOOLS: dict[str, str] = {"prepare": "epas_lightning.data.prepare", "consolidate": "epas_lightning.checkpoint"}
+TOOLS: dict[str, str] = {
+    "prepare": "epas_lightning.data.prepare",
+    "consolidate": "epas_lightning.checkpoint",
+    "generate": "epas_lightning.inference.generate_cli",
+    "bench": "epas_lightning.inference.bench",
+    "export": "epas_lightning.hf.export",
+    "evaluate": "epas_lightning.evaluation.evaluate_cli",
+    "analyze": "epas_lightning.analysis.analyze",
+}
 
 
 def main(args: ArgsType = None, run: bool = True) -> EPASCLI | int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +109,13 @@ class EPASModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Plain types only, so the checkpoint stays loadable with ``weights_only=True``.
         checkpoint["model_config"] = self.config.to_dict()
+        tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
+        if tokenizer is not None:  # so `generate`, `export` and `evaluate` can find it without being told
+            checkpoint["tokenizer"] = {
+                "path": str(Path(tokenizer.path).resolve()),
+                "bos_id": int(tokenizer.bos_id),
+                "eos_id": int(tokenizer.eos_id),
+            }
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
