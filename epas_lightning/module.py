@@ -31,6 +31,10 @@ class EPASModule(LightningModule):
             compute).
         compile: ``torch.compile`` each decoder block (``fullgraph``; ``True``: inductor, a string names another
             backend); a region switch costs at most one new graph.
+        attention_reuse: With ``qk`` sharing, the source layer keeps its attention probabilities and every sharing
+            layer computes only P @ V (exactly the same model; the sharing layers' dP flows back into the source).
+            It materialises P (B, n_head, T, T) instead of a fused attention kernel, so it pays off at moderate
+            sequence lengths; ``benchmarks/train_throughput.py --attention-reuse`` measures the crossover.
 
     Under a strategy with a device mesh (``epas_lightning.strategy.FSDP2Strategy``) the model is built on the meta
     device and sharded per block with FSDP2, so no rank ever holds the full model.
@@ -43,6 +47,7 @@ class EPASModule(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         activation_checkpointing: bool = False,
         compile: bool | str = False,
+        attention_reuse: bool = False,
     ) -> None:
         super().__init__()
         self.config = config
@@ -50,6 +55,9 @@ class EPASModule(LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.activation_checkpointing = activation_checkpointing
         self.compile_blocks = compile
+        self.attention_reuse = attention_reuse
+        if attention_reuse and config.sharing_mode != "qk":
+            raise ValueError("attention_reuse needs model.config.sharing_mode 'qk' (in 'kv' mode the queries differ).")
         self.model: Llama | None = None
         self.val_loss = MeanMetric()
         self._tokens_shape: tuple[int, int] | None = None
@@ -65,11 +73,11 @@ class EPASModule(LightningModule):
             return
         mesh = self.device_mesh
         if mesh is None:
-            model = Llama(self.config)
+            model = Llama(self.config, attention_reuse=self.attention_reuse)
         else:
             self._init_rng_state = _rng_state()  # `init_weights` draws from here later, whatever ran in between
             with torch.device("meta"):  # shard first, then allocate only the local shards
-                model = Llama(self.config)
+                model = Llama(self.config, attention_reuse=self.attention_reuse)
             mesh = mesh["data_parallel"] if mesh.mesh_dim_names else mesh
         precision = self._trainer.precision if self._trainer is not None else "32-true"
         self.model = parallelize(

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from epas_lightning.model import Llama, LlamaConfig
+from epas_lightning.model.attention import Shared
 from epas_lightning.model.rope import apply_rope
 
 
@@ -85,7 +86,7 @@ def test_qk_sharing_layer_attends_with_source_qk_and_own_v():
     x = tokens()
     seen = capture_attention_inputs(model, x)
     c = model.config
-    q_src, k_src = seen[1]["shared"]
+    q_src, k_src = seen[1]["shared"].pair
     for i in (2, 3):
         attn = model.layers[i].self_attn
         B, T, _ = seen[i]["x"].shape
@@ -93,7 +94,7 @@ def test_qk_sharing_layer_attends_with_source_qk_and_own_v():
         y = F.scaled_dot_product_attention(q_src, k_src, v, is_causal=True, enable_gqa=True)
         expected = attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         torch.testing.assert_close(seen[i]["out"], expected)
-        assert seen[i]["shared"][0] is q_src and seen[i]["shared"][1] is k_src
+        assert seen[i]["shared"].pair[0] is q_src and seen[i]["shared"].pair[1] is k_src
     # the source pair is the post-RoPE projection of layer 1's own input
     cos, sin = model.rotary_emb(x.shape[1])
     B, T, _ = seen[1]["x"].shape
@@ -105,8 +106,8 @@ def test_kv_sharing_layer_reuses_source_kv_and_projects_own_q():
     model = tiny(sharing_mode="kv")
     model.set_shared_layers([3])
     seen = capture_attention_inputs(model, tokens())
-    k_src, v_src = seen[2]["shared"]
-    assert seen[3]["shared"][0] is k_src and seen[3]["shared"][1] is v_src
+    k_src, v_src = seen[2]["shared"].pair
+    assert seen[3]["shared"].pair[0] is k_src and seen[3]["shared"].pair[1] is v_src
 
 
 @pytest.mark.parametrize("mode,skipped", [("qk", ("q_proj", "k_proj")), ("kv", ("k_proj", "v_proj"))])
@@ -125,7 +126,7 @@ def test_sharing_layers_get_no_grad_and_source_gets_theirs(mode, skipped):
     detach_reuse = {}
 
     def detach_hook(mod, args, out):
-        return out[0], tuple(t.detach() for t in out[1])
+        return out[0], Shared(tuple(t.detach() for t in out[1].pair))
 
     detach_reuse["h"] = src.register_forward_hook(detach_hook)
     model(tokens()).logsumexp(-1).mean().backward()

@@ -1,17 +1,26 @@
 """Causal self-attention with switchable cross-layer activation sharing.
 
-Notation: B batch, T sequence length, C = n_embd, H = n_head, H_kv = n_kv_head, D = head_dim.
+Notation: B batch, T query length, S key length (T, or the cached length when decoding), C = n_embd,
+H = n_head, H_kv = n_kv_head, G = H / H_kv (query heads per KV head), D = head_dim.
 
 A layer runs in one of two modes, chosen per call by its caller (no module is rebuilt to switch):
-- compute: projects its own Q, K, V (RoPE on Q and K) and returns the pair that a later layer may reuse;
-- sharing: takes that pair from the last compute layer and skips the projections it replaces.
+- compute: projects its own Q, K, V (RoPE on Q and K) and returns what a later layer may reuse;
+- sharing: takes that from the last compute layer and skips the projections it replaces.
   In ``qk`` mode (the paper) it reuses post-RoPE (Q, K) and projects only V;
   in ``kv`` mode (CLA-style) it reuses (K, V) and projects only Q.
 Skipped projections are simply not called, so their weights get no gradient (``grad is None``) while the layer
 shares, and gradients of the sharing layers flow back into the source layer through the reused tensors.
+
+Attention-probability reuse (``qk`` mode): every sharing layer attends with the source's Q and K, so
+softmax(Q_src K_src^T / sqrt(D)) is the same matrix in all of them. With reuse on, the source materialises those
+probabilities once and each sharing layer computes only P @ V_i; autograd sums the sharing layers' dP into the
+source's single softmax backward. It is the same model as recomputing attention per layer (see the tests).
 """
 
 from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +29,40 @@ from torch import nn
 from epas_lightning.model.config import LlamaConfig
 from epas_lightning.model.rope import apply_rope
 
-Shared = tuple[torch.Tensor, torch.Tensor]
-"""The pair a sharing layer reuses: post-RoPE (q, k) in ``qk`` mode, (k, v) in ``kv`` mode."""
+if TYPE_CHECKING:
+    from epas_lightning.model.kv_cache import KVCache
+
+
+class Shared(NamedTuple):
+    """What a source layer hands to the sharing layers after it.
+
+    ``pair`` is post-RoPE (q, k) in ``qk`` mode and (k, v) in ``kv`` mode; with a KV cache, k and v span every cached
+    position. ``probs`` holds the source's attention probabilities, laid out (B, H_kv, G * T, S), when attention
+    reuse is on (``qk`` mode only), else ``None``.
+    """
+
+    pair: tuple[torch.Tensor, torch.Tensor]
+    probs: torch.Tensor | None = None
+
+
+class AttentionContext(NamedTuple):
+    """What every layer of one forward needs besides its input: positions and the mask.
+
+    ``cos``/``sin`` are fp32 RoPE tables, (T, D) or per row (B, 1, T, D). ``mask`` is ``None`` or a bool (B | 1, 1,
+    T, S) tensor, ``True`` where a query may attend to a key; with ``mask=None``, ``is_causal`` says whether the
+    usual T == S causal mask applies (training, a first prefill) or none does (one decode token sees all keys).
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None = None
+    is_causal: bool = True
 
 
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, layer_idx: int = 0) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head
         self.head_dim = config.head_dim
@@ -38,31 +74,81 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], reuse: Shared | None = None
+        self,
+        x: torch.Tensor,
+        ctx: AttentionContext,
+        reuse: Shared | None = None,
+        cache: KVCache | None = None,
+        want_probs: bool = False,
     ) -> tuple[torch.Tensor, Shared]:
         """Attend over ``x`` (B, T, C); with ``reuse`` given, run in sharing mode.
 
-        Returns the output (B, T, C) and the pair a following sharing layer should reuse.
+        ``cache`` stores this layer's new keys/values (only those it projects) and supplies the earlier ones.
+        ``want_probs`` (a compute layer followed by sharing layers, attention reuse on) makes the layer materialise
+        its attention probabilities and hand them on. Returns the output (B, T, C) and what sharing layers reuse.
         """
         B, T, _ = x.shape
-        cos, sin = rope
+        probs = None
         if reuse is None:
-            q = apply_rope(self._heads(self.q_proj(x), self.n_head), cos, sin)  # (B, H, T, D)
-            k = apply_rope(self._heads(self.k_proj(x), self.n_kv_head), cos, sin)  # (B, H_kv, T, D)
+            q = apply_rope(self._heads(self.q_proj(x), self.n_head), ctx.cos, ctx.sin)  # (B, H, T, D)
+            k = apply_rope(self._heads(self.k_proj(x), self.n_kv_head), ctx.cos, ctx.sin)  # (B, H_kv, T, D)
             v = self._heads(self.v_proj(x), self.n_kv_head)  # (B, H_kv, T, D)
-            shared = (q, k) if self.mode == "qk" else (k, v)
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, S, D) each
+            shared = Shared((q, k) if self.mode == "qk" else (k, v))
         elif self.mode == "qk":
-            q, k = reuse
+            q, k = reuse.pair
             v = self._heads(self.v_proj(x), self.n_kv_head)
-            shared = reuse
+            if cache is not None:
+                _, v = cache.update(self.layer_idx, None, v)
+            probs, shared = reuse.probs, reuse
         else:
-            k, v = reuse
-            q = apply_rope(self._heads(self.q_proj(x), self.n_head), cos, sin)
+            k, v = reuse.pair
+            q = apply_rope(self._heads(self.q_proj(x), self.n_head), ctx.cos, ctx.sin)
             shared = reuse
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        if probs is None and want_probs:
+            probs = attention_probs(q, k, ctx)
+            shared = Shared(shared.pair, probs)
+        if probs is not None:
+            y = apply_probs(probs, v, self.n_head)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal and ctx.mask is None, enable_gqa=self._gqa
+            )
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H * D)
         return self.o_proj(y), shared
+
+    @property
+    def _gqa(self) -> bool:
+        return self.n_kv_head != self.n_head
 
     def _heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
         B, T, _ = x.shape
         return x.view(B, T, n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, D)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) under the context's mask, (B, H_kv, G * T, S), softmax in fp32.
+
+    The G query heads that read one KV head are stacked along the query axis, so one batched matmul serves GQA
+    without repeating K: the layout ``apply_probs`` expects.
+    """
+    B, H, T, D = q.shape
+    H_kv, S = k.shape[1], k.shape[2]
+    G = H // H_kv
+    q = (q * (1.0 / math.sqrt(D))).reshape(B, H_kv, G * T, D)
+    scores = q @ k.transpose(-2, -1)  # (B, H_kv, G * T, S)
+    allowed = ctx.mask
+    if allowed is None and ctx.is_causal:
+        allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if allowed is not None:
+        allowed = allowed.repeat(*([1] * (allowed.dim() - 2)), G, 1)  # (..., G * T, S): row g * T + t
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+
+
+def apply_probs(probs: torch.Tensor, v: torch.Tensor, n_head: int) -> torch.Tensor:
+    """P @ V for probabilities from :func:`attention_probs`: (B, H, T, D)."""
+    B, H_kv, GT, _ = probs.shape
+    y = probs.to(v.dtype) @ v  # (B, H_kv, G * T, D)
+    return y.view(B, n_head, GT * H_kv // n_head, v.shape[-1])

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from epas_lightning.model.attention import Attention, Shared
+from epas_lightning.model.attention import Attention, AttentionContext, Shared
 from epas_lightning.model.config import LlamaConfig
+from epas_lightning.model.kv_cache import KVCache
 from epas_lightning.model.layers import MLP, RMSNorm
 from epas_lightning.model.rope import RotaryEmbedding
 from epas_lightning.model.sharing import SharingState
@@ -30,36 +31,46 @@ def _normal_(weight: torch.Tensor, std: float) -> None:
 class DecoderLayer(nn.Module):
     """RMSNorm -> attention -> residual -> RMSNorm -> SwiGLU MLP -> residual."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config.n_embd, config.intermediate_size)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], reuse: Shared | None = None
+        self,
+        x: torch.Tensor,
+        ctx: AttentionContext,
+        reuse: Shared | None = None,
+        cache: KVCache | None = None,
+        want_probs: bool = False,
     ) -> tuple[torch.Tensor, Shared]:
-        h, shared = self.self_attn(self.input_layernorm(x), rope, reuse)
+        h, shared = self.self_attn(self.input_layernorm(x), ctx, reuse, cache, want_probs)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, shared
 
 
 class Llama(nn.Module):
-    """Decoder-only LLaMA. ``sharing`` says which layers reuse the Q/K (or K/V) of the last compute layer."""
+    """Decoder-only LLaMA. ``sharing`` says which layers reuse the Q/K (or K/V) of the last compute layer.
 
-    def __init__(self, config: LlamaConfig) -> None:
+    ``attention_reuse`` (``qk`` mode): sharing layers reuse the source layer's attention probabilities instead of
+    recomputing softmax(Q K^T) from the same Q and K; the same model, less work (see ``attention.py``).
+    """
+
+    def __init__(self, config: LlamaConfig, attention_reuse: bool = False) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.padded_vocab_size, config.n_embd)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_layer))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.sharing = SharingState(config.n_layer)
+        self.attention_reuse = attention_reuse
         self.init_weights()
 
     @torch.no_grad()
@@ -95,14 +106,66 @@ class Llama(nn.Module):
         """Switch exactly ``layers`` to sharing mode (all others compute); cheap, no module is rebuilt."""
         self.sharing.set_shared_layers(layers)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, padded_vocab_size) for token ids (B, T)."""
+    @property
+    def attention_reuse(self) -> bool:
+        return self._attention_reuse
+
+    @attention_reuse.setter
+    def attention_reuse(self, value: bool) -> None:
+        if value and self.config.sharing_mode != "qk":
+            raise ValueError(
+                "attention_reuse needs sharing_mode='qk': in 'kv' mode each sharing layer has its own queries, so "
+                "its attention probabilities differ from the source's."
+            )
+        self._attention_reuse = bool(value)
+
+    def new_cache(
+        self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device: torch.device | None = None
+    ) -> KVCache:
+        """An empty KV cache for the current sharing region (dtype/device default to the weights')."""
+        weight = self.embed_tokens.weight
+        return KVCache(
+            self.config, self.sharing.flags, batch_size, max_len, device or weight.device, dtype or weight.dtype
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, padded_vocab_size) for token ids (B, T).
+
+        With ``cache``, the tokens continue the cached sequences (and are appended to them); ``attention_mask``
+        (B, T), 0 at left padding, lets rows of different lengths share a batch.
+        """
         T = input_ids.shape[1]
-        if T > self.config.block_size:
-            raise ValueError(f"Sequence length {T} exceeds block_size={self.config.block_size}.")
-        rope = self.rotary_emb(T, input_ids.device)  # fp32 (cos, sin), each (T, D)
+        flags = self.sharing.flags
+        if cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"Sequence length {T} exceeds block_size={self.config.block_size}.")
+            if attention_mask is not None:
+                raise ValueError("attention_mask is only supported with a KV cache (left-padded generation).")
+            cos, sin = self.rotary_emb(T, input_ids.device)  # fp32, each (T, D)
+            ctx = AttentionContext(cos, sin)
+        else:
+            if cache.shared_flags != flags:
+                raise ValueError(
+                    f"The KV cache was built for sharing layers {_layers(cache.shared_flags)}, but the model now "
+                    f"shares {_layers(flags)}: build a new cache after changing the region."
+                )
+            ctx = cache.context(T, attention_mask)
+        reuse_probs = self._attention_reuse
         x = self.embed_tokens(input_ids)  # (B, T, C)
         shared: Shared | None = None
-        for layer, shares in zip(self.layers, self.sharing.flags, strict=True):
-            x, shared = layer(x, rope, shared if shares else None)
+        n = len(flags)
+        for i, (layer, shares) in enumerate(zip(self.layers, flags, strict=True)):
+            want_probs = reuse_probs and not shares and i + 1 < n and flags[i + 1]
+            x, shared = layer(x, ctx, shared if shares else None, cache, want_probs)
+        if cache is not None:
+            cache.advance(T)
         return self.lm_head(self.norm(x))
+
+
+def _layers(flags: tuple[bool, ...]) -> list[int]:
+    return [i for i, shares in enumerate(flags) if shares]

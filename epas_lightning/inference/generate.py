@@ -1,0 +1,170 @@
+"""KV-cache generation with any sharing region: ``generate`` for Python, ``set_region`` to pick the region.
+
+One trained EPAS model serves several compute budgets ("many-in-one"): run it with the deepest ``N`` layers sharing
+for any ``N`` from 0 up to the region it was trained with. With attention reuse (``qk`` mode), sharing layers decode
+a token with one P @ V each: no Q/K projection, no RoPE, no Q K^T, no softmax and no K cache.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from epas_lightning.inference.sampling import sample
+from epas_lightning.model import Llama
+
+EOS_CHECK_EVERY = 8
+"""Decode steps between checks whether every row has finished (each check waits for the device)."""
+
+
+def deepest_layers(n_layer: int, n_shared: int) -> list[int]:
+    """The deepest ``n_shared`` layers of an ``n_layer`` model: the region EPAS trains (layer 0 never shares)."""
+    if not 0 <= n_shared < n_layer:
+        raise ValueError(f"A {n_layer}-layer model can share 0..{n_layer - 1} layers, not {n_shared}.")
+    return list(range(n_layer - n_shared, n_layer))
+
+
+def set_region(model: Llama, n_shared: int, trained_max: int | None = None, force: bool = False) -> list[int]:
+    """Make the deepest ``n_shared`` layers share and return them.
+
+    ``trained_max`` is the largest region the weights were trained with: asking for more is refused unless
+    ``force`` (the layers beyond it never learned to work without their own Q/K, so quality drops sharply).
+    """
+    if trained_max is not None and n_shared > trained_max and not force:
+        raise ValueError(
+            f"This checkpoint was trained with at most {trained_max} sharing layers; {n_shared} were asked for. "
+            f"Choose 0..{trained_max}, or force it (--force) to measure an untrained region."
+        )
+    layers = deepest_layers(model.config.n_layer, n_shared)
+    model.set_shared_layers(layers)
+    return layers
+
+
+@dataclass
+class GenerationResult:
+    """New tokens per prompt (stopped after EOS, which is kept) and how long each phase took."""
+
+    tokens: list[list[int]]
+    prompt_tokens: int
+    """Real (unpadded) prompt tokens, summed over the batch."""
+    decode_steps: int
+    """Forward passes after the prefill; each produces one token per row."""
+    batch_size: int
+    prefill_seconds: float
+    decode_seconds: float
+    cache_bytes: int
+    dense_cache_bytes: int
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = self.decode_steps * self.batch_size
+        return steps / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    @property
+    def cache_saving(self) -> float:
+        """Fraction of the dense KV cache that sharing saves."""
+        return 1.0 - self.cache_bytes / self.dense_cache_bytes
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def generate(
+    model: Llama,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    seed: int | None = None,
+    pad_id: int = 0,
+) -> GenerationResult:
+    """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens, with the model's current
+    sharing region and attention-reuse setting. Prompts of different lengths are left-padded into one batch.
+
+    Greedy when ``temperature == 0``; otherwise sampled (``top_k``/``top_p``), reproducibly when ``seed`` is given.
+    A row stops after it emits ``eos_id``; generation ends when every row has stopped.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("Give at least one prompt, each with at least one token.")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    config = model.config
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > config.block_size:
+        raise ValueError(
+            f"The longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} exceeds the model's "
+            f"block_size={config.block_size}: shorten the prompt or ask for fewer tokens."
+        )
+    if any(t < 0 or t >= config.vocab_size for p in prompts for t in p):
+        raise ValueError(f"Prompt token ids must lie in 0..{config.vocab_size - 1} (the model's vocab_size).")
+    device = model.embed_tokens.weight.device
+    B = len(prompts)
+    ids = torch.full((B, longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, longest, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, longest - len(prompt) :] = 1
+    ids, attention_mask = ids.to(device), attention_mask.to(device)
+    padded = any(len(p) != longest for p in prompts)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    cache = model.new_cache(B, longest + max_new_tokens)
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    V = config.vocab_size  # the padded rows of the embedding are never emitted
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        return sample(logits[:, -1, :V], temperature, top_k, top_p, generator)
+
+    _sync(device)
+    start = time.perf_counter()
+    token = choose(model(ids, cache, attention_mask if padded else None))
+    _sync(device)
+    prefill_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    steps = 0
+    for step in range(max_new_tokens):
+        out[:, step] = token
+        if eos_id is not None:
+            finished |= token == eos_id
+            if (step + 1) % EOS_CHECK_EVERY == 0 and bool(finished.all()):
+                break
+        if step + 1 == max_new_tokens:
+            break
+        token = choose(model(token[:, None], cache))
+        steps += 1
+    _sync(device)
+    decode_seconds = time.perf_counter() - start
+    model.train(was_training)
+    return GenerationResult(
+        tokens=[_until_eos(row, eos_id) for row in out[:, : steps + 1].tolist()],
+        prompt_tokens=int(attention_mask.sum()),
+        decode_steps=steps,
+        batch_size=B,
+        prefill_seconds=prefill_seconds,
+        decode_seconds=decode_seconds,
+        cache_bytes=cache.nbytes,
+        dense_cache_bytes=cache.dense_nbytes(),
+    )
+
+
+def _until_eos(tokens: list[int], eos_id: int | None) -> list[int]:
+    if eos_id is not None and eos_id in tokens:
+        return tokens[: tokens.index(eos_id) + 1]
+    return tokens

@@ -1,0 +1,156 @@
+"""KV-cache decoding and attention-probability reuse are the same model as the plain forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from epas_lightning.inference import deepest_layers, generate, sample, set_region
+from epas_lightning.model import Llama, LlamaConfig
+
+
+def tiny(**overrides) -> Llama:
+    torch.manual_seed(0)
+    cfg = dict(name="debug", n_layer=4, n_embd=64, n_head=4, n_kv_head=2, vocab_size=256, block_size=64)
+    cfg.update(overrides)
+    return Llama(LlamaConfig(**cfg)).eval()
+
+
+def tokens(B: int = 2, T: int = 24, vocab: int = 256, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("region", [[3], [2, 3], [1, 2, 3], [2, 3, 1]])
+def test_attention_reuse_matches_recompute_logits_and_gradients(region):
+    model = tiny()
+    model.set_shared_layers(region)
+    x = tokens()
+    grads = {}
+    for reuse in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.attention_reuse = reuse
+        logits = model(x)
+        logits.logsumexp(-1).mean().backward()
+        grads[reuse] = (logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    (ref, ref_grads), (out, out_grads) = grads[False], grads[True]
+    # fp32: the two paths differ only in summation order (SDPA kernel vs explicit softmax).
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert out_grads.keys() == ref_grads.keys()  # sharing layers' q/k still get no gradient
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(out_grads[name], grad, atol=2e-5, rtol=1e-3, msg=name)
+
+
+def test_attention_reuse_source_receives_every_sharing_layers_gradient():
+    model = tiny()
+    model.set_shared_layers([2, 3])
+    model.attention_reuse = True
+    model(tokens()).logsumexp(-1).mean().backward()
+    with_flow = model.layers[1].self_attn.q_proj.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    model.set_shared_layers([])  # layer 1 alone: its q_proj gradient must differ from the shared case
+    model(tokens()).logsumexp(-1).mean().backward()
+    assert not torch.allclose(with_flow, model.layers[1].self_attn.q_proj.weight.grad)
+
+
+def test_attention_reuse_needs_qk_mode():
+    with pytest.raises(ValueError, match="sharing_mode='qk'"):
+        tiny(sharing_mode="kv").attention_reuse = True
+
+
+@pytest.mark.parametrize("mode,reuse", [("qk", False), ("qk", True), ("kv", False)])
+@pytest.mark.parametrize("n_shared", [0, 1, 3])
+def test_incremental_decoding_equals_full_forward(mode, reuse, n_shared):
+    model = tiny(sharing_mode=mode)
+    set_region(model, n_shared)
+    model.attention_reuse = reuse
+    x = tokens(T=20)
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache(2, 20)
+        pieces = [model(x[:, :8], cache), model(x[:, 8:13], cache)]  # prefill, then a chunk
+        pieces += [model(x[:, t : t + 1], cache) for t in range(13, 20)]  # one token at a time
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["qk", "kv"])
+@pytest.mark.parametrize("n_shared", [0, 1, 2, 3])
+def test_cache_size_is_the_analytic_saving(mode, n_shared):
+    model = tiny(sharing_mode=mode)
+    set_region(model, n_shared)
+    cache = model.new_cache(2, 16)
+    L = model.config.n_layer
+    expected = n_shared / (2 * L) if mode == "qk" else n_shared / L  # qk: V kept; kv: nothing kept
+    assert cache.nbytes == pytest.approx(cache.dense_nbytes() * (1 - expected))
+    per_tensor = 2 * model.config.n_kv_head * 16 * model.config.head_dim * 4
+    assert cache.dense_nbytes() == 2 * L * per_tensor
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_left_padded_batch_equals_each_prompt_alone(reuse):
+    model = tiny()
+    set_region(model, 2)
+    model.attention_reuse = reuse
+    prompts = [tokens(1, 11, seed=3)[0].tolist(), tokens(1, 5, seed=4)[0].tolist(), tokens(1, 8, seed=5)[0].tolist()]
+    batched = generate(model, prompts, max_new_tokens=6)
+    for prompt, got in zip(prompts, batched.tokens, strict=True):
+        assert got == generate(model, [prompt], max_new_tokens=6).tokens[0]
+
+
+def full_forward_greedy(model: Llama, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1, : model.config.vocab_size].argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("n_shared", [0, 2, 3])
+def test_greedy_generation_equals_repeated_full_forwards(n_shared):
+    model = tiny()
+    set_region(model, n_shared)
+    model.attention_reuse = True
+    prompt = tokens(1, 7)[0].tolist()
+    result = generate(model, [prompt], max_new_tokens=10)
+    assert result.tokens[0] == full_forward_greedy(model, prompt, 10)
+    assert result.decode_steps == 9 and result.prompt_tokens == 7
+    assert result.cache_bytes == model.new_cache(1, 17).nbytes
+
+
+def test_generation_stops_after_eos_and_sampling_is_seeded():
+    model = tiny()
+    prompt = tokens(1, 5)[0].tolist()
+    greedy = generate(model, [prompt], max_new_tokens=12).tokens[0]
+    eos = greedy[3]
+    stopped = generate(model, [prompt, prompt], max_new_tokens=12, eos_id=eos).tokens
+    assert stopped[0] == greedy[: greedy.index(eos) + 1] and stopped[1] == stopped[0]
+    a = generate(model, [prompt], 12, temperature=1.0, top_k=20, top_p=0.9, seed=7).tokens
+    b = generate(model, [prompt], 12, temperature=1.0, top_k=20, top_p=0.9, seed=7).tokens
+    assert a == b
+    assert generate(model, [prompt], 12, temperature=0.7, top_k=1, seed=3).tokens[0] == greedy
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[4.0, 3.0, 1.0, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    assert set(sample(logits.expand(400, -1), 1.0, top_k=2, generator=g).tolist()) == {0, 1}
+    # p(0)=0.70, p(1)=0.26: top_p=0.5 keeps only token 0, top_p=0.9 keeps tokens 0 and 1
+    assert set(sample(logits.expand(400, -1), 1.0, top_p=0.5, generator=g).tolist()) == {0}
+    assert set(sample(logits.expand(400, -1), 1.0, top_p=0.9, generator=g).tolist()) == {0, 1}
+    with pytest.raises(ValueError, match="top_p"):
+        sample(logits, 1.0, top_p=0.0)
+
+
+def test_region_errors():
+    model = tiny()
+    assert deepest_layers(4, 2) == [2, 3]
+    with pytest.raises(ValueError, match="trained with at most 1"):
+        set_region(model, 2, trained_max=1)
+    assert set_region(model, 2, trained_max=1, force=True) == [2, 3]
+    with pytest.raises(ValueError, match="share 0..3"):
+        set_region(model, 4)
+    cache = model.new_cache(1, 8)
+    model.set_shared_layers([3])
+    with pytest.raises(ValueError, match="build a new cache"):
+        model(tokens(1, 2), cache)
+    with pytest.raises(ValueError, match="block_size"):
+        generate(model, [[1] * 60], max_new_tokens=10)
