@@ -16,6 +16,11 @@ machine makes single steps several times slower, so the summary warns and gives 
 Target (the issue): ``speedup >= 0.9 * flop_cut``, where ``flop_cut`` is the analytic fraction of training FLOPs that
 sharing removes (``epas_lightning.flops.flop_cut``, the paper's Table 1 convention).
 
+``--attention-reuse`` adds a third arm, ``reuse``: the same EPAS region, but the source layer keeps its attention
+probabilities and the sharing layers compute only P @ V (``Llama.attention_reuse``). All three arms alternate
+(forward, then reverse order). ``speedup_reuse = reuse / dense - 1``; its target is ``reuse_over_recompute =
+speedup_reuse / speedup >= 2`` at seq >= 1024.
+
 Usage::
 
     python benchmarks/train_throughput.py --model llama-125m --seq-len 512 --sharing 0.5
@@ -38,10 +43,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from epas_lightning.flops import flop_cut
+from epas_lightning.flops import estimate_flops, flop_cut
 from epas_lightning.model import Llama, LlamaConfig
 
-ARMS = ("dense", "epas")
+REUSE_TARGET = 2.0
+"""With --attention-reuse: speedup_reuse must reach this multiple of the recompute path's speedup."""
 TARGET_FRACTION = 0.9
 """The target: the measured speedup must reach this fraction of the analytic FLOP cut."""
 NOISY_LOAD = 0.1
@@ -72,7 +78,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="use AdamW(fused=True) instead of EPASModule's default AdamW (a for-loop over parameters on CPU)",
     )
+    p.add_argument(
+        "--attention-reuse",
+        action="store_true",
+        help="add an EPAS arm that reuses the source layer's attention probabilities (P @ V in sharing layers)",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="device peak for MFU (default: the dense bf16 peak of a known GPU: H100/H200 SXM 989 TFLOP/s)",
+    )
     return p.parse_args(argv)
+
+
+KNOWN_BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+"""Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets (SXM parts)."""
+
+
+def peak_tflops(args: argparse.Namespace, name: str) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops
+    if args.precision == "32-true":
+        return None
+    return next((tf for key, tf in KNOWN_BF16_PEAK_TFLOPS.items() if key in name), None)
+
+
+def arms(args: argparse.Namespace) -> tuple[str, ...]:
+    return ("dense", "epas", "reuse") if args.attention_reuse else ("dense", "epas")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -143,7 +176,8 @@ class Bench:
     step_count: int = field(default=0)
 
     def set_arm(self, arm: str) -> None:
-        self.model.set_shared_layers(self.epas_layers if arm == "epas" else [])
+        self.model.set_shared_layers([] if arm == "dense" else self.epas_layers)
+        self.model.attention_reuse = arm == "reuse"
 
     def train_step(self) -> None:
         inputs, targets = self.batches[self.step_count % len(self.batches)]
@@ -201,13 +235,14 @@ def build_bench(args: argparse.Namespace, device: torch.device) -> tuple[Bench, 
 
 
 def run_reps(bench: Bench, args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, list[float | None]]]:
-    """Warm up both arms, then time ``reps`` repetitions per arm in ABBA order: seconds and foreign load per rep."""
-    for arm in ARMS:
+    """Warm up every arm, then time ``reps`` repetitions per arm in ABBA order: seconds and foreign load per rep."""
+    names = arms(args)
+    for arm in names:
         bench.timed_steps(arm, args.warmup)
-    times: dict[str, list[float]] = {arm: [] for arm in ARMS}
-    loads: dict[str, list[float | None]] = {arm: [] for arm in ARMS}
+    times: dict[str, list[float]] = {arm: [] for arm in names}
+    loads: dict[str, list[float | None]] = {arm: [] for arm in names}
     for rep in range(args.reps):
-        order = ARMS if rep % 2 == 0 else ARMS[::-1]
+        order = names if rep % 2 == 0 else names[::-1]
         for arm in order:
             seconds, load = bench.timed_steps(arm, args.steps_per_rep)
             times[arm].append(seconds)
@@ -218,16 +253,16 @@ def run_reps(bench: Bench, args: argparse.Namespace) -> tuple[dict[str, list[flo
 
 
 def clean_reps(loads: dict[str, list[float | None]]) -> list[int]:
-    """Reps in which neither arm shared the CPU with other processes (all reps where the load is unknown)."""
-    pairs = zip(loads["dense"], loads["epas"], strict=True)
-    return [i for i, pair in enumerate(pairs) if all(x is None or x <= NOISY_LOAD for x in pair)]
+    """Reps in which no arm shared the CPU with other processes (all reps where the load is unknown)."""
+    per_rep = zip(*loads.values(), strict=True)
+    return [i for i, rep in enumerate(per_rep) if all(x is None or x <= NOISY_LOAD for x in rep)]
 
 
-def median_speedup(tps: dict[str, list[float]], reps: list[int]) -> float | None:
-    """EPAS / dense - 1 from the median tokens/s of each arm over ``reps`` (None if empty)."""
+def median_speedup(tps: dict[str, list[float]], reps: list[int], arm: str = "epas") -> float | None:
+    """``arm`` / dense - 1 from the median tokens/s of each arm over ``reps`` (None if empty)."""
     if not reps:
         return None
-    return statistics.median(tps["epas"][i] for i in reps) / statistics.median(tps["dense"][i] for i in reps) - 1.0
+    return statistics.median(tps[arm][i] for i in reps) / statistics.median(tps["dense"][i] for i in reps) - 1.0
 
 
 def summarize(
@@ -238,20 +273,48 @@ def summarize(
     loads: dict[str, list[float | None]],
 ) -> dict:
     tokens_per_rep = args.steps_per_rep * args.batch_size * args.seq_len
-    tps = {arm: [tokens_per_rep / t for t in times[arm]] for arm in ARMS}
+    tps = {arm: [tokens_per_rep / t for t in times[arm]] for arm in times}
     dense, epas = statistics.median(tps["dense"]), statistics.median(tps["epas"])
     n_shared = len(bench.epas_layers)
     cut = flop_cut(config, n_shared, args.seq_len)
     speedup = epas / dense - 1.0
     paired = [d / e - 1.0 for d, e in zip(times["dense"], times["epas"], strict=True)]
     clean = clean_reps(loads)
+    name = device_name(bench.device)
+    peak = peak_tflops(args, name)
+    flops_per_token = {
+        arm: estimate_flops(config, 0 if arm == "dense" else n_shared, args.seq_len) / args.seq_len for arm in times
+    }
+    mfu = (
+        {f"mfu_{arm}": statistics.median(tps[arm]) * flops_per_token[arm] / (peak * 1e12) for arm in times}
+        if peak
+        else {}
+    )
+    reuse: dict = {}
+    if "reuse" in times:
+        speedup_reuse = statistics.median(tps["reuse"]) / dense - 1.0
+        ratio = speedup_reuse / speedup if speedup > 0 else None
+        reuse = {
+            "reuse_tokens_per_s": statistics.median(tps["reuse"]),
+            "speedup_reuse": speedup_reuse,
+            "reuse_over_recompute": ratio,
+            "reuse_target_met": ratio is not None and ratio >= REUSE_TARGET,
+            "paired_speedup_reuse_median": statistics.median(
+                d / r - 1.0 for d, r in zip(times["dense"], times["reuse"], strict=True)
+            ),
+            "speedup_reuse_clean": median_speedup(tps, clean, "reuse"),
+            "reuse_rep_seconds": times["reuse"],
+            "reuse_rep_foreign_load": loads["reuse"],
+        }
     return {
         "model": args.model,
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,
         "precision": args.precision,
         "device": bench.device.type,
-        "device_name": device_name(bench.device),
+        "device_name": name,
+        "peak_tflops": peak,
+        **mfu,
         "n_layer": config.n_layer,
         "n_shared": n_shared,
         "shared_layers": bench.epas_layers,
@@ -280,6 +343,7 @@ def summarize(
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "seed": args.seed,
+        **reuse,
     }
 
 
@@ -295,11 +359,22 @@ def print_table(r: dict) -> None:
         secs = " ".join(f"{t:.2f}" for t in r[f"{arm}_rep_seconds"])
         print(f"{arm:<8}{n:>15}{r[f'{arm}_tokens_per_s']:>15.1f}{r[f'{arm}_tokens_per_s_best']:>13.1f}   {secs}")
     print(f"flop_cut {r['flop_cut']:.4f}  target speedup >= {r['target_speedup']:.4f}")
+    if r["peak_tflops"]:
+        mfus = "  ".join(f"{k[4:]} {v:.3f}" for k, v in r.items() if k.startswith("mfu_"))
+        print(f"MFU against {r['peak_tflops']:g} TFLOP/s (paper FLOPs convention, attention not halved): {mfus}")
     ratio = "n/a" if r["speedup_over_flop_cut"] is None else f"{r['speedup_over_flop_cut']:.3f}"
     print(
         f"speedup {r['speedup']:+.4f} (paired median {r['paired_speedup_median']:+.4f}, "
         f"best-rep {r['speedup_best']:+.4f})  speedup/flop_cut {ratio}  target met: {r['target_met']}"
     )
+    if "speedup_reuse" in r:
+        ratio = "n/a" if r["reuse_over_recompute"] is None else f"{r['reuse_over_recompute']:.2f}"
+        secs = " ".join(f"{t:.2f}" for t in r["reuse_rep_seconds"])
+        print(f"{'reuse':<8}{r['n_shared']:>15}{r['reuse_tokens_per_s']:>15.1f}{'':>13}   {secs}")
+        print(
+            f"attention reuse: speedup {r['speedup_reuse']:+.4f} = {ratio}x the recompute path's "
+            f"(target >= {REUSE_TARGET:g}x): {r['reuse_target_met']}"
+        )
     known = [x for x in r["dense_rep_foreign_load"] + r["epas_rep_foreign_load"] if x is not None]
     if known and max(known) > NOISY_LOAD:
         print(f"WARNING: other processes used up to {max(known):.2f} CPU cores during timed reps: numbers are noisy.")

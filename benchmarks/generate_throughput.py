@@ -1,0 +1,163 @@
+"""Generation throughput of one model at 0%, 25% and 50% sharing ("many-in-one"), in one process.
+
+What it measures: KV-cache generation (``epas_lightning.inference.generate``) of ``--new-tokens`` tokens after a
+random ``--prompt-len``-token prompt, greedy, no early stop, for every (batch size, sharing fraction) setting on the
+SAME randomly initialised model (the weights do not change the work done). Settings alternate within each repetition
+(forward order, then reversed) so drift hits all of them; one untimed warm-up per setting. Reported per setting: the
+median decode tokens/s (new tokens after the first, per second of decode), prefill tokens/s and KV-cache bytes.
+
+``gain_F = decode tokens/s at sharing F / decode tokens/s dense - 1``. The paper (V100, HF-style eager decoding, 125M):
+gain_25 = +0.227, gain_50 = +0.292. Target: ``gain_50 >= 0.29`` (stretch 0.35) at every batch size.
+
+Sharing layers decode with attention-probability reuse (``--no-attention-reuse`` recomputes Q K^T per layer instead,
+``--compare-reuse`` times both).
+
+Usage::
+
+    python benchmarks/generate_throughput.py --model llama-125m
+
+A table goes to stdout; the last line is one JSON object with every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from epas_lightning.inference import generate, set_region
+from epas_lightning.model import Llama, LlamaConfig
+
+TARGET = 0.29
+STRETCH = 0.35
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="llama-125m", help="LlamaConfig preset name")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--sharing", type=float, nargs="+", default=[0.0, 0.25, 0.5], help="fractions of layers sharing")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="auto: bf16 on CUDA")
+    p.add_argument("--no-attention-reuse", action="store_true", help="sharing layers recompute softmax(Q K^T)")
+    p.add_argument("--compare-reuse", action="store_true", help="time sharing with and without attention reuse")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(args.seed)
+    config = LlamaConfig.from_name(args.model)
+    if args.prompt_len + args.new_tokens > config.block_size:
+        config = LlamaConfig.from_name(args.model, block_size=args.prompt_len + args.new_tokens)
+    model = Llama(config).to(device=device, dtype=dtype).eval()
+    L = config.n_layer
+    settings = []  # (label, n_shared, attention_reuse)
+    for fraction in args.sharing:
+        n = min(round(fraction * L), L - 1)
+        if n == 0:
+            settings.append(("dense", 0, False))
+        elif args.compare_reuse:
+            settings += [(f"{fraction:g}", n, True), (f"{fraction:g}/recompute", n, False)]
+        else:
+            settings.append((f"{fraction:g}", n, not args.no_attention_reuse))
+    generator = torch.Generator().manual_seed(args.seed)
+    results: dict = {}
+    for B in args.batch_sizes:
+        prompts = torch.randint(0, config.vocab_size, (B, args.prompt_len), generator=generator).tolist()
+
+        def run(n_shared: int, reuse: bool, prompts: list = prompts):
+            set_region(model, n_shared)
+            model.attention_reuse = reuse
+            return generate(model, prompts, args.new_tokens)
+
+        for _, n, reuse in settings:
+            run(n, reuse)  # warm-up
+        decode: dict[str, list[float]] = {label: [] for label, _, _ in settings}
+        prefill: dict[str, list[float]] = {label: [] for label, _, _ in settings}
+        cache: dict[str, int] = {}
+        for rep in range(args.reps):
+            for label, n, reuse in settings if rep % 2 == 0 else settings[::-1]:
+                r = run(n, reuse)
+                decode[label].append(r.decode_tokens_per_s)
+                prefill[label].append(r.prefill_tokens_per_s)
+                cache[label] = r.cache_bytes
+                print(f"  batch {B} rep {rep} {label:>14}: decode {r.decode_tokens_per_s:9.1f} tok/s", flush=True)
+        med = {label: statistics.median(v) for label, v in decode.items()}
+        results[B] = {
+            label: {
+                "n_shared": n,
+                "attention_reuse": reuse,
+                "decode_tokens_per_s": med[label],
+                "prefill_tokens_per_s": statistics.median(prefill[label]),
+                "kv_cache_bytes": cache[label],
+                "gain": med[label] / med["dense"] - 1.0,
+                "decode_rep_tokens_per_s": decode[label],
+            }
+            for label, n, reuse in settings
+        }
+    summary = summarize(args, config, device, dtype_name, results)
+    print_table(summary)
+    print(json.dumps(summary))
+    return summary
+
+
+def summarize(args, config: LlamaConfig, device: torch.device, dtype: str, results: dict) -> dict:
+    def gain(B: int, fraction: float) -> float | None:
+        row = results[B].get(f"{fraction:g}")
+        return None if row is None else row["gain"]
+
+    first = args.batch_sizes[0]
+    gains_50 = [g for B in args.batch_sizes if (g := gain(B, 0.5)) is not None]
+    return {
+        "model": args.model,
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": dtype,
+        "n_layer": config.n_layer,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "reps": args.reps,
+        "gain_25": gain(first, 0.25),
+        "gain_50": gain(first, 0.5),
+        "gain_25_by_batch": {B: gain(B, 0.25) for B in args.batch_sizes},
+        "gain_50_by_batch": {B: gain(B, 0.5) for B in args.batch_sizes},
+        "target": TARGET,
+        "target_met": bool(gains_50) and min(gains_50) >= TARGET,
+        "stretch_met": bool(gains_50) and min(gains_50) >= STRETCH,
+        "results": results,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def print_table(s: dict) -> None:
+    print()
+    print(f"{s['model']} on {s['device_name']} ({s['dtype']}), prompt {s['prompt_len']}, {s['new_tokens']} new tokens")
+    head = f"{'batch':>5} {'setting':>16} {'shared':>6} {'decode tok/s':>13} {'gain':>8}"
+    print(f"{head} {'prefill tok/s':>14} {'KV MB':>8}")
+    for B, rows in s["results"].items():
+        for label, r in rows.items():
+            print(
+                f"{B:>5} {label:>16} {r['n_shared']:>6} {r['decode_tokens_per_s']:>13.1f} {r['gain']:>+8.3f} "
+                f"{r['prefill_tokens_per_s']:>14.1f} {r['kv_cache_bytes'] / 2**20:>8.2f}"
+            )
+    print(f"gain_50 >= {s['target']} at every batch size: {s['target_met']} (stretch {STRETCH}: {s['stretch_met']})")
+
+
+if __name__ == "__main__":
+    main()
