@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="auto: bf16 on CUDA")
     p.add_argument("--no-attention-reuse", action="store_true", help="sharing layers recompute softmax(Q K^T)")
     p.add_argument("--compare-reuse", action="store_true", help="time sharing with and without attention reuse")
+    p.add_argument(
+        "--cuda-graph", choices=("auto", "on", "off"), default="auto", help="replay decode steps (auto: on CUDA)"
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.prompt_len + args.new_tokens > config.block_size:
         config = LlamaConfig.from_name(args.model, block_size=args.prompt_len + args.new_tokens)
     model = Llama(config).to(device=device, dtype=dtype).eval()
+    graphs = {"auto": device.type == "cuda", "on": True, "off": False}[args.cuda_graph]
     L = config.n_layer
     settings = []  # (label, n_shared, attention_reuse)
     for fraction in args.sharing:
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         def run(n_shared: int, reuse: bool, prompts: list = prompts):
             set_region(model, n_shared)
             model.attention_reuse = reuse
-            return generate(model, prompts, args.new_tokens)
+            return generate(model, prompts, args.new_tokens, cuda_graph=graphs)
 
         for _, n, reuse in settings:
             run(n, reuse)  # warm-up
@@ -128,6 +132,7 @@ def summarize(args, config: LlamaConfig, device: torch.device, dtype: str, resul
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": dtype,
+        "cuda_graph": args.cuda_graph,
         "n_layer": config.n_layer,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,

@@ -154,3 +154,35 @@ def test_region_errors():
         model(tokens(1, 2), cache)
     with pytest.raises(ValueError, match="block_size"):
         generate(model, [[1] * 60], max_new_tokens=10)
+
+
+@pytest.mark.parametrize("mode,reuse", [("qk", False), ("qk", True), ("kv", False)])
+def test_static_decode_steps_equal_the_dynamic_ones(mode, reuse):
+    """The fixed-shape step a CUDA graph captures (all slots, masked; device-side positions) changes nothing."""
+    model = tiny(sharing_mode=mode)
+    set_region(model, 2)
+    model.attention_reuse = reuse
+    prompts = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    steps = tokens(2, 6, seed=9)
+    outs = {}
+    with torch.no_grad():
+        for static in (False, True):
+            cache = model.new_cache(2, 16)
+            model(prompts, cache, mask)
+            cache.static = static
+            outs[static] = torch.cat([model(steps[:, t : t + 1], cache) for t in range(6)], dim=1)
+            assert cache.length == (5 if static else 11) and int(cache.index) == 11
+    torch.testing.assert_close(outs[True], outs[False], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("reuse", [False, True])
+def test_cuda_graph_generation_equals_eager(reuse):
+    model = tiny().cuda()
+    set_region(model, 2)
+    model.attention_reuse = reuse
+    prompts = [tokens(1, 9, seed=3)[0].tolist(), tokens(1, 4, seed=4)[0].tolist()]
+    eager = generate(model, prompts, max_new_tokens=12, cuda_graph=False).tokens
+    assert generate(model, prompts, max_new_tokens=12, cuda_graph=True).tokens == eager

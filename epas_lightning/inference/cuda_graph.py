@@ -1,0 +1,47 @@
+"""Decode steps captured once in a CUDA graph and replayed for every token.
+
+Small models decode one token in a few hundred tiny kernels, and in eager mode the host spends longer launching
+them than the GPU spends running them. A graph replays the whole step with one launch. The step must have fixed
+shapes and device-side positions: the KV cache's static mode provides both (see ``KVCache.static``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from epas_lightning.model import Llama
+from epas_lightning.model.kv_cache import KVCache
+
+
+class GraphedDecodeStep:
+    """``step(tokens (B,)) -> logits (B, V)`` for the next position of ``cache``, replayed from a CUDA graph.
+
+    Build it after the prefill: it captures the model with its current sharing region and attention-reuse setting.
+    The returned logits live in a static buffer that the next call overwrites.
+    """
+
+    def __init__(self, model: Llama, cache: KVCache, warmup: int = 2) -> None:
+        if cache.k[0] is None or cache.k[0].device.type != "cuda":
+            raise ValueError("CUDA graphs need a model and KV cache on a CUDA device.")
+        self.cache = cache
+        cache.static = True
+        self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.k[0].device)
+        index, next_pos = cache.index.clone(), cache.next_pos.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up runs (allocator, lazy init) outside the capture, as CUDA requires
+            for _ in range(warmup):
+                model(self.tokens, cache)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.tokens, cache)[:, -1]
+        # The warm-ups advanced the positions and wrote into the next slot: rewind (the first replay rewrites it).
+        cache.index.copy_(index)
+        cache.next_pos.copy_(next_pos)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens.view(-1, 1))
+        self.graph.replay()  # also advances cache.index / cache.next_pos on the device
+        self.cache.length += 1
+        return self.logits

@@ -1,0 +1,103 @@
+"""`generate` and `bench` on a checkpoint trained with progressive sharing (tiny, CPU)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import lightning as L
+import pytest
+import torch
+from helpers import cpu_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule
+from epas_lightning.checkpoint import consolidate, load_model
+from epas_lightning.cli import main as cli_main
+from epas_lightning.inference import generate, set_region
+from epas_lightning.inference.bench import flops_ratio, region_for_budget
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_corpus, tmp_path_factory):
+    """A 4-layer model trained 6 steps while its region grew to the deepest 2 layers; its last.ckpt."""
+    root = tmp_path_factory.mktemp("run")
+    L.seed_everything(3)
+    config = LlamaConfig.from_name("debug", n_layer=4, block_size=32)
+    data = TokenDataModule(data_dir=str(tiny_corpus), seq_len=32, batch_size=4, vocab_size=config.vocab_size)
+    checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
+    trainer = cpu_trainer(root, 6, [ProgressiveSharing(target=2, interval=2), checkpoint])
+    trainer.fit(EPASModule(config), datamodule=data)
+    return root / "ckpt" / "last.ckpt"
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = cli_main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_checkpoint_knows_its_trained_region_and_tokenizer(trained, tiny_corpus):
+    loaded = load_model(trained)
+    assert loaded.trained_shared_layers == [2, 3]
+    assert loaded.tokenizer_path is not None and loaded.tokenizer_path.parent == tiny_corpus.resolve()
+    assert not loaded.model.training
+
+
+def test_generate_reports_the_analytic_cache_saving(trained, capsys):
+    rc, out, err = run_cli(
+        capsys, "generate", "--checkpoint", str(trained), "--prompt", "def main(", "--prompt", "import",
+        "--sharing-layers", "1", "--max-new-tokens", "5", "--temperature", "0", "--json",
+    )  # fmt: skip
+    assert rc == 0, err
+    numbers = json.loads(out.strip().splitlines()[-1])
+    assert numbers["shared_layers"] == [3]
+    assert numbers["kv_cache_saving"] == pytest.approx(1 / 8) == numbers["kv_cache_saving_analytic"]
+    assert out.startswith("def main(") and "\nimport" in out
+    assert "layers 3-3 share (1/4; trained with up to 2, attention reuse)" in err
+
+
+def test_generate_refuses_more_than_the_trained_region_unless_forced(trained, capsys):
+    args = ["generate", "--checkpoint", str(trained), "--prompt", "x", "--max-new-tokens", "2", "--sharing-layers", "3"]
+    rc, _, err = run_cli(capsys, *args)
+    assert rc == 2 and "trained with at most 2 sharing layers; 3 were asked for" in err
+    rc, _, err = run_cli(capsys, *args, "--force")
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, "generate", "--checkpoint", str(trained.parent / "nope.ckpt"), "--prompt", "x")
+    assert rc == 2 and "does not exist" in err
+
+
+def test_consolidated_checkpoint_generates_the_same_tokens(trained, tmp_path):
+    out = consolidate(trained, tmp_path / "model")
+    assert (out / "tokenizer.json").is_file()
+    a, b = load_model(trained), load_model(out)
+    assert b.trained_shared_layers == [2, 3] and b.tokenizer_path == out / "tokenizer.json"
+    prompt = [[1, 5, 9, 12]]
+    for n in range(3):
+        set_region(a.model, n)
+        set_region(b.model, n)
+        assert generate(a.model, prompt, 6).tokens == generate(b.model, prompt, 6).tokens
+
+
+def test_bench_writes_the_many_in_one_table(trained, tmp_path, capsys):
+    rc, out, err = run_cli(
+        capsys, "bench", "--checkpoint", str(trained), "--output", str(tmp_path), "--reps", "1",
+        "--prompt-len", "8", "--new-tokens", "4", "--val-batches", "2", "--budget", "0.99",
+    )  # fmt: skip
+    assert rc == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    rows = list(csv.DictReader((tmp_path / "many_in_one.csv").open()))
+    assert [int(r["n_shared"]) for r in rows] == [0, 1, 2]
+    ratios = [float(r["flops_ratio"]) for r in rows]
+    assert ratios[0] == 1.0 and ratios[0] > ratios[1] > ratios[2]
+    assert all(torch.isfinite(torch.tensor(float(r["val_loss"]))) for r in rows)
+    assert [float(r["kv_cache_saving"]) for r in rows] == pytest.approx([0, 1 / 8, 2 / 8])
+    assert (tmp_path / "many_in_one.png").stat().st_size > 1000
+    config = load_model(trained).model.config
+    assert summary["budget_pick"] == region_for_budget(config, 0.99, 2, config.block_size)
+    assert flops_ratio(config, summary["budget_pick"], 32) <= 0.99
+
+
+def test_bench_budget_below_the_trained_region_is_an_error(trained, capsys):
+    rc, _, err = run_cli(capsys, "bench", "--checkpoint", str(trained), "--budget", "0.5")
+    assert rc == 2 and "Raise --budget to at least" in err
