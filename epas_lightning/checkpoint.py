@@ -116,7 +116,7 @@ def consolidate(checkpoint: str | Path, output: str | Path) -> Path:
     if tokenizer and Path(tokenizer["path"]).is_file():
         source = Path(tokenizer["path"])
         shutil.copyfile(source, output / source.name)
-        record["tokenizer"] = {**tokenizer, "path": source.name}
+        record["tokenizer"] = {**tokenizer, "path": source.name, "data_dir": _data_dir_of(source)}
     (output / "config.json").write_text(json.dumps(record, indent=2) + "\n")
     return output
 
@@ -124,6 +124,11 @@ def consolidate(checkpoint: str | Path, output: str | Path) -> Path:
 def load_consolidated(path: str | Path, device: str | torch.device = "cpu") -> Llama:
     """The ``Llama`` saved by :func:`consolidate`, with its trained sharing region switched on."""
     return load_model(path, device).model
+
+
+def _data_dir_of(tokenizer_path: Path) -> str | None:
+    """The prepared data directory a tokenizer file lives in (``prepare`` writes it beside ``meta.json``)."""
+    return str(tokenizer_path.parent) if (tokenizer_path.parent / "meta.json").is_file() else None
 
 
 @dataclass
@@ -137,6 +142,8 @@ class LoadedModel:
         tokenizer_path: The tokenizer file the run trained with, or ``None`` when the checkpoint did not record it
             (or it no longer exists).
         bos_id, eos_id: Its BOS/EOS ids, when recorded.
+        data_dir: The prepared data directory the run trained on, when known (its ``val`` split gives held-out
+            tokens).
         global_step: The optimizer step the checkpoint was written at, when known.
     """
 
@@ -146,6 +153,7 @@ class LoadedModel:
     bos_id: int | None = None
     eos_id: int | None = None
     global_step: int | None = None
+    data_dir: Path | None = None
 
     @property
     def max_shared(self) -> int:
@@ -168,6 +176,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         config = LlamaConfig.from_dict(record["model"])
         state = load_file(path / "model.safetensors", device="cpu")
         tokenizer = record.get("tokenizer") or {}
+        data_dir = tokenizer.get("data_dir")
         if tokenizer.get("path"):
             tokenizer = {**tokenizer, "path": str(path / tokenizer["path"])}
         global_step = record.get("global_step")
@@ -181,6 +190,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         config = LlamaConfig.from_dict(metadata["model_config"])
         tokenizer = metadata.get("tokenizer") or {}
         global_step = metadata.get("global_step")
+        data_dir = _data_dir_of(Path(tokenizer["path"])) if tokenizer.get("path") else None
     with torch.device("meta"):
         model = Llama(config)
     model.to_empty(device=device)
@@ -200,6 +210,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         bos_id=tokenizer.get("bos_id"),
         eos_id=tokenizer.get("eos_id"),
         global_step=global_step,
+        data_dir=Path(data_dir) if data_dir and Path(data_dir).is_dir() else None,
     )
 
 

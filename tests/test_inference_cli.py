@@ -72,6 +72,7 @@ def test_consolidated_checkpoint_generates_the_same_tokens(trained, tmp_path):
     assert (out / "tokenizer.json").is_file()
     a, b = load_model(trained), load_model(out)
     assert b.trained_shared_layers == [2, 3] and b.tokenizer_path == out / "tokenizer.json"
+    assert a.data_dir == b.data_dir == a.tokenizer_path.parent  # bench finds held-out tokens from either
     prompt = [[1, 5, 9, 12]]
     for n in range(3):
         set_region(a.model, n)

@@ -83,13 +83,6 @@ def mean_loss(model: Llama, batches: list[torch.Tensor]) -> float:
     return total / count
 
 
-def default_data_dir(tokenizer_path: Path | None) -> Path | None:
-    """The prepared directory the checkpoint's tokenizer lives in (a run records its data's tokenizer)."""
-    if tokenizer_path is not None and (tokenizer_path.parent / "meta.json").is_file():
-        return tokenizer_path.parent
-    return None
-
-
 def measure(args: argparse.Namespace) -> dict:
     loaded = load_for_inference(args)
     model, config = loaded.model, loaded.model.config
@@ -102,7 +95,7 @@ def measure(args: argparse.Namespace) -> dict:
         raise ValueError(
             f"--prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} exceeds block_size={config.block_size}."
         )
-    data_dir = args.data or default_data_dir(loaded.tokenizer_path)
+    data_dir = args.data or loaded.data_dir
     batches = heldout_batches(data_dir, config, args.val_batch_size, args.val_batches) if data_dir else []
     if batches:
         prompts = [row[: args.prompt_len].tolist() for row in batches[0][: args.batch_size]]
