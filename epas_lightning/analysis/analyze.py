@@ -21,8 +21,12 @@ from epas_lightning.model import Llama
 
 
 def analyze_model(model: Llama, batches: Iterable[torch.Tensor]) -> RedundancyReport:
-    """Similarity matrices of ``model``'s layers over token batches (B, T), every layer in compute mode."""
-    return RedundancyReport.from_activations(capture_activations(model, batches))
+    """Similarity matrices of ``model``'s layers over token batches (B, T), every layer in compute mode.
+
+    Activations are kept on the CPU; the comparisons run on the model's device.
+    """
+    device = next(model.parameters()).device
+    return RedundancyReport.from_activations(capture_activations(model, batches), device)
 
 
 def resolve_data_dir(data: Path | None, tokenizer_path: Path | None) -> Path | None:
@@ -105,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", "-o", type=Path, default=Path("runs/analysis"), help="directory to write")
     parser.add_argument("--metric", choices=METRICS, default=DEFAULT_METRIC, help="similarity the advice is based on")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="lowest acceptable similarity")
-    parser.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda (default cpu)")
+    parser.add_argument("--device", default="cpu", help="where model and comparisons run (default cpu)")
     return parser
 
 

@@ -90,9 +90,12 @@ class RedundancyReport:
     metadata: dict = field(default_factory=dict)
 
     @classmethod
-    def from_activations(cls, acts: Activations) -> RedundancyReport:
+    def from_activations(cls, acts: Activations, device: torch.device | str = "cpu") -> RedundancyReport:
+        """Compare every pair of layers; the float64 arithmetic runs on ``device`` (a GPU is much faster)."""
         matrices = {
-            f"{signal}/{measure}": similarity_matrix(layer_features(acts, signal, measure), measure)
+            f"{signal}/{measure}": similarity_matrix(
+                [f.to(device) for f in layer_features(acts, signal, measure)], measure
+            ).cpu()
             for signal in SIGNALS
             for measure in MEASURES
         }

@@ -76,7 +76,7 @@ def similarity_matrix(features: list[torch.Tensor], measure: str) -> torch.Tenso
     if measure not in ("cosine", "cka"):
         raise ValueError(f"Unknown similarity measure {measure!r}; choose 'cosine' or 'cka'.")
     n = len(features)
-    out = torch.eye(n, dtype=torch.float64)
+    out = torch.eye(n, dtype=torch.float64, device=features[0].device if features else None)
     norms = [_self_norm(_centered(f)) for f in features] if measure == "cka" else []
     for i in range(n):
         xi = _centered(features[i]) if measure == "cka" else features[i]
