@@ -1,9 +1,11 @@
 """EPAS progressive activation sharing for LLaMA training with PyTorch Lightning.
 
 The public API: the model (``Llama``, ``LlamaConfig``), the Lightning pieces (``EPASModule``, ``ProgressiveSharing``,
-``TokenDataModule``), the schedule and the FLOPs model.
+``TokenDataModule``), the schedule, the FLOPs model and the
+redundancy analysis.
 """
 
+from epas_lightning.analysis import RedundancyReport, analyze_model, capture_activations, linear_cka
 from epas_lightning.callbacks import ProgressiveSharing
 from epas_lightning.data import TokenDataModule, prepare_builtin_corpus
 from epas_lightning.flops import estimate_flops, flop_cut, matmul_params
@@ -19,12 +21,16 @@ __all__ = [
     "Llama",
     "LlamaConfig",
     "ProgressiveSharing",
+    "RedundancyReport",
     "SharingSchedule",
     "SharingState",
     "TokenDataModule",
     "WarmupCosineLR",
+    "analyze_model",
+    "capture_activations",
     "estimate_flops",
     "flop_cut",
+    "linear_cka",
     "matmul_params",
     "prepare_builtin_corpus",
     "resolve_target",

@@ -1,0 +1,186 @@
+"""Redundancy analysis: similarity measures, activation capture, the region advice and `analyze` end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import cpu_trainer
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from epas_lightning import EPASModule, Llama, LlamaConfig, ProgressiveSharing, TokenDataModule
+from epas_lightning.analysis import analyze_model, capture_activations, linear_cka, mean_cosine, similarity_matrix
+from epas_lightning.cli import main as cli_main
+
+
+def naive_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """HSIC with the centring matrix, straight from the definition (biased estimator)."""
+    n = x.shape[0]
+    h = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    gram_x, gram_y = x.double() @ x.double().T, y.double() @ y.double().T
+    hsic = lambda a, b: torch.trace(a @ h @ b @ h)  # noqa: E731
+    return float(hsic(gram_x, gram_y) / (hsic(gram_x, gram_x) * hsic(gram_y, gram_y)).sqrt())
+
+
+# --- similarity measures ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, p, q", [(200, 8, 5), (6, 30, 40)])  # feature-space form and Gram form
+def test_cka_matches_the_definition_and_is_one_for_identical_inputs(n, p, q):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, p, generator=g), torch.randn(n, q, generator=g)
+    assert linear_cka(x, y) == pytest.approx(naive_cka(x, y), rel=1e-9)
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_cka_is_invariant_to_orthogonal_maps_and_isotropic_scaling_but_not_to_any_linear_map():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 16, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(16, 16, generator=g, dtype=torch.float64) + 0.5 * torch.randn_like(x)
+    rotation, _ = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))
+    base = linear_cka(x, y)
+    assert linear_cka(x @ rotation, 7.5 * y) == pytest.approx(base, rel=1e-9)
+    assert linear_cka(x + 3.0, y - 1.0) == pytest.approx(base, rel=1e-9)  # centring removes offsets
+    stretch = torch.diag(torch.logspace(-2, 2, 16, dtype=torch.float64))
+    assert abs(linear_cka(x @ stretch, y) - base) > 0.05  # anisotropic scaling does change it
+
+
+def test_independent_random_activations_are_dissimilar():
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(4000, 8, generator=g), torch.randn(4000, 8, generator=g)
+    assert linear_cka(x, y) < 0.02
+    assert abs(mean_cosine(x, y)) < 0.05
+    assert mean_cosine(x, x) == pytest.approx(1.0) and mean_cosine(x, -2 * x) == pytest.approx(-1.0)
+
+
+def test_similarity_matrix_is_symmetric_with_unit_diagonal():
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(100, 6, generator=g)
+    feats = [base, base * 2, torch.randn(100, 6, generator=g)]
+    for measure in ("cosine", "cka"):
+        m = similarity_matrix(feats, measure)
+        assert torch.equal(m, m.T) and torch.all(m.diagonal() == 1)
+        assert m[0, 1] == pytest.approx(1.0) and m[0, 2] < 0.5
+    with pytest.raises(ValueError, match="cosine' or 'cka"):
+        similarity_matrix(feats, "l2")
+
+
+# --- capture -----------------------------------------------------------------------------------------------------
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    return LlamaConfig(
+        **{
+            "name": "debug",
+            "n_layer": 4,
+            "n_embd": 32,
+            "n_head": 4,
+            "n_kv_head": 2,
+            "vocab_size": 128,
+            "block_size": 16,
+            **overrides,
+        }
+    )
+
+
+def test_capture_shapes_causal_probabilities_and_agreement_with_the_model():
+    torch.manual_seed(0)
+    model = Llama(tiny_config()).eval()
+    model.set_shared_layers([2, 3])
+    ids = torch.randint(0, 128, (2, 16))
+    seen: dict[int, tuple] = {}
+    hooks = [
+        layer.self_attn.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, (a[0], out[0])))
+        for i, layer in enumerate(model.layers)
+    ]
+    model.set_shared_layers([])
+    model(ids)  # reference: the model's own attention inputs and outputs in compute mode
+    for hook in hooks:
+        hook.remove()
+    model.set_shared_layers([2, 3])
+    acts = capture_activations(model, [ids[:1], ids[1:]])
+    assert model.sharing.shared_layers == [2, 3]  # the mask is restored
+    assert acts.n_layer == 4 and acts.n_tokens == 32
+    for i, layer in enumerate(model.layers):
+        q, k, p = acts.q[i], acts.k[i], acts.attn[i]
+        assert q.shape == (2, 4, 16, 8) and k.shape == (2, 2, 16, 8) and p.shape == (2, 4, 16, 16)
+        assert torch.allclose(p.sum(-1), torch.ones(2, 4, 16), atol=1e-6)
+        causal = torch.ones(16, 16, dtype=torch.bool).tril()
+        assert torch.all(p[..., ~causal] == 0) and torch.all(p[..., causal] > 0)
+        x, out = seen[i]
+        v = layer.self_attn.v_proj(x).view(2, 16, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)
+        rebuilt = layer.self_attn.o_proj((p @ v).transpose(1, 2).reshape(2, 16, 32))
+        torch.testing.assert_close(rebuilt, out, atol=1e-5, rtol=1e-4)  # captured Q/K/probs are the model's
+
+
+def planted_model(source: int = 1) -> Llama:
+    """Layers after ``source`` see the same input as ``source`` (the layers in between write nothing into the
+    residual stream) and carry its q/k weights: their Q, K and attention maps equal the source's exactly."""
+    torch.manual_seed(0)
+    model = Llama(tiny_config(init_std=0.3)).eval()  # large enough weights for peaked, distinct attention maps
+    layers = model.layers
+    with torch.no_grad():
+        for layer in layers[source:-1]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        for layer in layers[source + 1 :]:
+            for name in ("q_proj", "k_proj"):
+                getattr(layer.self_attn, name).weight.copy_(getattr(layers[source].self_attn, name).weight)
+            layer.input_layernorm.weight.copy_(layers[source].input_layernorm.weight)
+    return model
+
+
+def test_identical_qk_give_similarity_one_and_the_planted_region_is_recommended():
+    model = planted_model(source=1)
+    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
+    report = analyze_model(model, [ids[:4], ids[4:]])
+    for metric, matrix in report.matrices.items():
+        for i in (2, 3):
+            assert matrix[i, 1] == pytest.approx(1.0, abs=1e-6), (metric, i)
+    assert report.matrices["q/cka"][1, 0] < 0.9 and report.matrices["attn/cka"][1, 0] < 0.9
+    rec = report.recommend("attn/cka", threshold=0.99, config=model.config)
+    assert rec.meets_threshold and rec.start == 2 and rec.shared_layers == [2, 3] and rec.chosen.source == 1
+    assert rec.chosen.flop_cut > 0 and "layers 2..3" in rec.reasoning
+    strict = report.recommend("q/cka", threshold=1.5)  # nothing qualifies: the best region, flagged
+    assert not strict.meets_threshold and "No region" in strict.reasoning
+    assert strict.start == 2  # region 3..3 (source 2) and 2..3 (source 1) both score 1: the larger one wins
+
+
+# --- the command -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("analysis_run")
+    module = EPASModule(LlamaConfig(name="debug", block_size=32))
+    data = TokenDataModule(data_dir=str(tiny_corpus), seq_len=32, batch_size=4, vocab_size=512)
+    trainer = cpu_trainer(root, max_steps=2, callbacks=[ProgressiveSharing(target=1, interval=1)])
+    trainer.fit(module, data)
+    trainer.save_checkpoint(root / "tiny.ckpt")
+    return root / "tiny.ckpt"
+
+
+def test_analyze_command_writes_heatmap_json_and_tensorboard_image(tiny_checkpoint, tiny_corpus, tmp_path, capsys):
+    out = tmp_path / "analysis"
+    args = ["analyze", "--checkpoint", str(tiny_checkpoint), "--output", str(out), "--batches", "2"]
+    assert cli_main([*args, "--batch-size", "2", "--seq-len", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert str(tiny_corpus) in printed  # the data the checkpoint's tokenizer came from
+    assert "Recommendation" in printed or "No region" in printed
+    assert "trained with layers [1] sharing" in printed  # the caveat for regions trained with sharing
+    assert (out / "similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads((out / "similarity.json").read_text())
+    assert set(record["matrices"]) == {f"{s}/{m}" for s in ("q", "k", "attn") for m in ("cosine", "cka")}
+    assert len(record["matrices"]["attn/cka"]) == 2 and record["n_tokens"] == 2 * 2 * 16
+    assert record["recommendation"]["start_layer"] == 1 and record["recommendation"]["shared_layers"] == [1]
+    events = EventAccumulator(str(out / "tb")).Reload()
+    assert "analysis/similarity" in events.Tags()["images"]
+
+
+def test_analyze_reports_bad_inputs_before_work(tiny_checkpoint, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cli_main(["analyze", "--checkpoint", str(tmp_path / "nope.ckpt")])
+    with pytest.raises(SystemExit, match="not a directory"):
+        cli_main(["analyze", "--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="seq-len must be in"):
+        cli_main(["analyze", "--checkpoint", str(tiny_checkpoint), "--seq-len", "999", "-o", str(tmp_path)])

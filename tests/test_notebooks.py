@@ -1,0 +1,112 @@
+"""The notebooks run top to bottom on tiny inputs, and are committed without outputs."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from epas_lightning.cli import main as cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+KERNEL = "epas-test-python"
+
+
+@pytest.fixture
+def kernel_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A kernelspec for this interpreter (found through JUPYTER_PATH), our package importable, inline plots.
+
+    Returns a scratch directory for the notebook to run in, so nothing it might write lands in the repository.
+    """
+    spec_dir = tmp_path / "jupyter" / "kernels" / KERNEL
+    spec_dir.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec_dir / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": KERNEL, "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")  # no window: PNGs in the outputs
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    return workdir
+
+
+def execute(name: str, workdir: Path) -> nbformat.NotebookNode:
+    nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
+    NotebookClient(nb, kernel_name=KERNEL, timeout=300, resources={"metadata": {"path": str(workdir)}}).execute()
+    return nb
+
+
+def text_output(nb: nbformat.NotebookNode) -> str:
+    return "".join(
+        out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
+    )
+
+
+def image_count(nb: nbformat.NotebookNode) -> int:
+    return sum(
+        "image/png" in out.get("data", {})
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+    )
+
+
+def test_committed_notebooks_have_no_outputs():
+    assert [p.name for p in NOTEBOOKS] == ["01_prototype.ipynb", "02_read_a_run.ipynb"]
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: strip outputs"
+
+
+@pytest.mark.slow
+def test_prototype_notebook_runs_and_its_checks_pass(kernel_env):
+    nb = execute("01_prototype.ipynb", kernel_env)
+    out = text_output(nb)
+    assert "logits identical" in out and "equivalence checks passed" in out
+    assert "layer 3: output == Attn(Q_1, K_1, V_3)" in out
+    assert image_count(nb) == 2  # the schedule and the FLOPs per step
+    assert not list(kernel_env.iterdir())  # the notebook writes no files
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 steps of the debug config on the tiny corpus (region grows at step 8), logged like any CLI run."""
+    root = tmp_path_factory.mktemp("fit")
+    args = ["fit", "--config", str(REPO / "configs" / "debug.yaml"), "--data.data_dir", str(tiny_corpus)]
+    args += ["--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root / "runs")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["epas_lightning"])  # LightningCLI reads sys.argv when args are given too
+        cli_main(
+            [*args, "--trainer.max_steps", "16", "--sharing.interval", "8", "--trainer.enable_progress_bar", "false"]
+        )
+    return root / "runs" / "debug" / "version_0"
+
+
+@pytest.mark.slow
+def test_read_a_run_notebook_plots_a_fresh_run(tiny_run, kernel_env, monkeypatch):
+    monkeypatch.setenv("EPAS_RUN_DIR", str(tiny_run))
+    nb = execute("02_read_a_run.ipynb", kernel_env)
+    out = text_output(nb)
+    assert f"run: {tiny_run}" in out
+    assert "train/device/items_per_sec" in out and "sharing/layers" in out
+    assert "16 loss points" in out and "4 validation points" in out
+    assert image_count(nb) == 1
+    table = out[out.index("sharing layers") :].splitlines()[1:]
+    assert [line.split()[:2] for line in table] == [["0", "4"], ["1", "4"]]  # 4 clean points either side of step 8
+
+
+@pytest.mark.slow
+def test_read_a_run_notebook_finds_the_newest_run_or_says_how_to_make_one(tiny_run, kernel_env, monkeypatch):
+    monkeypatch.delenv("EPAS_RUN_DIR", raising=False)
+    with pytest.raises(Exception, match="No TensorBoard run under runs/"):
+        execute("02_read_a_run.ipynb", kernel_env)
+    (kernel_env / "runs").symlink_to(tiny_run.parents[1])
+    assert "run: runs/debug/version_0" in text_output(execute("02_read_a_run.ipynb", kernel_env))
