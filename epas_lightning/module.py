@@ -12,6 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.aggregation import MeanMetric
 
 from epas_lightning.flops import estimate_flops
+from epas_lightning.init_from import check_init_source, load_initial_weights
 from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.parallel import mixed_precision_policy, parallelize
@@ -31,6 +32,9 @@ class EPASModule(LightningModule):
             compute).
         compile: ``torch.compile`` each decoder block (``fullgraph``; ``True``: inductor, a string names another
             backend); a region switch costs at most one new graph.
+        init_from: Start ``fit`` from these weights instead of a random init (continual pretraining): a local HF
+            LLaMA directory (config.json + safetensors) or an EPAS checkpoint. ``config`` must describe the same
+            architecture (checked, with every difference named, before any work); a resumed checkpoint wins.
 
     Under a strategy with a device mesh (``epas_lightning.strategy.FSDP2Strategy``) the model is built on the meta
     device and sharded per block with FSDP2, so no rank ever holds the full model.
@@ -43,6 +47,7 @@ class EPASModule(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         activation_checkpointing: bool = False,
         compile: bool | str = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -50,6 +55,9 @@ class EPASModule(LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.activation_checkpointing = activation_checkpointing
         self.compile_blocks = compile
+        self.init_from = init_from
+        if init_from is not None:
+            check_init_source(init_from, config)
         self.model: Llama | None = None
         self.val_loss = MeanMetric()
         self._tokens_shape: tuple[int, int] | None = None
@@ -89,6 +97,8 @@ class EPASModule(LightningModule):
                 _set_rng_state(self._init_rng_state)
                 self.model.init_weights()
             self._built_on_meta = False
+        if self.init_from is not None and self.trainer.ckpt_path is None:  # a resumed checkpoint wins
+            load_initial_weights(self.model, self.init_from)
 
     def set_shared_layers(self, layers: Iterable[int]) -> None:
         """Switch exactly ``layers`` to sharing (the ``ProgressiveSharing`` callback calls this)."""

@@ -1,0 +1,176 @@
+"""HF interop: HF LLaMA -> our model (logits equal), ``model.init_from`` in ``fit``, export (stock and remote code).
+
+Every HF model here is a tiny random ``transformers.LlamaForCausalLM`` saved into tmp_path; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import cpu_trainer
+from lightning.pytorch import Callback
+
+from epas_lightning import EPASModule, Llama, LlamaConfig
+from epas_lightning.hf.convert import HFCheckpointError, config_from_hf, load_hf_state
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 512
+
+
+def tiny_hf_config(tie: bool = False, **overrides) -> transformers.LlamaConfig:
+    kwargs = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        rope_theta=50000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return transformers.LlamaConfig(**{**kwargs, **overrides})
+
+
+def save_tiny_hf(path: Path, tie: bool = False, sharded: bool = False, seed: int = 0, **overrides) -> Path:
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(tiny_hf_config(tie, **overrides)).eval()
+    with torch.no_grad():  # HF inits norms to 1: randomise them so a missed norm weight shows in the logits
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path, max_shard_size="100KB" if sharded else "10GB")
+    return path
+
+
+def ours_from_hf(path: Path, **overrides) -> Llama:
+    config = config_from_hf(path, **overrides)
+    model = Llama(config)
+    state = load_hf_state(path, config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert missing == ["sharing.mask"] and not unexpected
+    return model.eval()
+
+
+def hf_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("tie,sharded", [(False, False), (True, False), (False, True), (True, True)])
+def test_import_logits_equal_transformers(tmp_path: Path, tie: bool, sharded: bool) -> None:
+    path = save_tiny_hf(tmp_path / "hf", tie=tie, sharded=sharded)
+    if sharded:
+        assert (path / "model.safetensors.index.json").is_file()
+    config = config_from_hf(path)
+    assert (config.rope_theta, config.norm_eps, config.n_kv_head, config.tie_embeddings) == (50000.0, 1e-6, 2, tie)
+    ids = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        ours = ours_from_hf(path)(ids)
+    torch.testing.assert_close(ours, hf_logits(path, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_import_pads_vocab_rows(tmp_path: Path) -> None:
+    path = save_tiny_hf(tmp_path / "hf", vocab_size=500)
+    model = ours_from_hf(path, padded_vocab_size=512)
+    ids = torch.randint(0, 500, (1, 16))
+    with torch.no_grad():
+        ours = model(ids)
+    assert ours.shape[-1] == 512
+    torch.testing.assert_close(ours[..., :500], hf_logits(path, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_import_reads_pytorch_bin(tmp_path: Path) -> None:
+    path = save_tiny_hf(tmp_path / "hf")
+    from safetensors.torch import load_file
+
+    torch.save(load_file(path / "model.safetensors"), path / "pytorch_model.bin")
+    (path / "model.safetensors").unlink()
+    ids = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(ours_from_hf(path)(ids), hf_logits(path, ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"attention_bias": True}, "attention_bias"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "RoPE scaling"),
+        ({"head_dim": 32}, "head_dim"),
+    ],
+)
+def test_import_refuses_unsupported_configs(tmp_path: Path, overrides: dict, message: str) -> None:
+    path = save_tiny_hf(tmp_path / "hf")
+    config = json.loads((path / "config.json").read_text())
+    if "rope_scaling" in overrides:  # transformers 5 spells it rope_parameters
+        config["rope_parameters"] = {**config.get("rope_parameters", {}), **overrides.pop("rope_scaling")}
+    config.update(overrides)
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HFCheckpointError, match=message):
+        config_from_hf(path)
+
+
+def test_import_errors_name_the_problem(tmp_path: Path) -> None:
+    path = save_tiny_hf(tmp_path / "hf")
+    with pytest.raises(HFCheckpointError, match="n_layer: model 3 vs"):
+        load_hf_state(path, config_from_hf(path, n_layer=3))
+    (path / "model.safetensors").unlink()
+    with pytest.raises(HFCheckpointError, match="has no weights"):
+        load_hf_state(path, config_from_hf(path))
+    with pytest.raises(HFCheckpointError, match="does not exist"):
+        config_from_hf(tmp_path / "nowhere")
+
+
+class _FirstBatchWeights(Callback):
+    """Records the model's weights when the first training batch starts (after init_from, before any update)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if batch_idx == 0:
+            self.state = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+
+
+def _module_config() -> LlamaConfig:
+    """Our config for the tiny HF model, trained at a shorter sequence length."""
+    return LlamaConfig(
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        n_kv_head=2,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        block_size=32,
+        rope_theta=50000.0,
+        norm_eps=1e-6,
+    )
+
+
+def test_fit_init_from_hf_starts_at_hf_weights(tmp_path: Path, tiny_corpus: Path) -> None:
+    from epas_lightning import TokenDataModule
+
+    path = save_tiny_hf(tmp_path / "hf", sharded=True)
+    expected = load_hf_state(path, _module_config())
+    module = EPASModule(_module_config(), init_from=str(path))
+    probe = _FirstBatchWeights()
+    trainer = cpu_trainer(tmp_path, max_steps=1, callbacks=[probe])
+    trainer.fit(module, TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=VOCAB))
+    for key, tensor in expected.items():
+        torch.testing.assert_close(probe.state[key], tensor, msg=key)
+
+
+def test_init_from_checks_before_training(tmp_path: Path) -> None:
+    path = save_tiny_hf(tmp_path / "hf")
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        EPASModule(_module_config(), init_from=str(tmp_path / "missing"))
+    wide = LlamaConfig(n_layer=2, n_embd=128, n_head=4, vocab_size=VOCAB, block_size=32, rope_theta=50000.0)
+    with pytest.raises(HFCheckpointError, match="n_embd: model 128"):
+        EPASModule(wide, init_from=str(path))
