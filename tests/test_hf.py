@@ -174,3 +174,114 @@ def test_init_from_checks_before_training(tmp_path: Path) -> None:
     wide = LlamaConfig(n_layer=2, n_embd=128, n_head=4, vocab_size=VOCAB, block_size=32, rope_theta=50000.0)
     with pytest.raises(HFCheckpointError, match="n_embd: model 128"):
         EPASModule(wide, init_from=str(path))
+
+
+# ---------------------------------------------------------------- export
+
+
+def save_ours(
+    path: Path, tokenizer: Path | None = None, n_layer: int = 4, shared: int = 0, tie: bool = False, **fields
+) -> Llama:
+    """A random model of ours written as a `consolidate` directory (what `export` reads), region ``shared`` deep."""
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        **{
+            **dict(n_layer=n_layer, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128, vocab_size=VOCAB),
+            **dict(block_size=64, rope_theta=50000.0, norm_eps=1e-6, tie_embeddings=tie),
+            **fields,
+        }
+    )
+    model = Llama(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.set_shared_layers(range(n_layer - shared, n_layer))
+    path.mkdir(parents=True)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous().clone() for k, v in model.state_dict().items()}, path / "model.safetensors")
+    record = {"model": config.to_dict(), "sharing": {"shared_layers": model.sharing.shared_layers}}
+    if tokenizer is not None:
+        record["tokenizer"] = {"path": str(tokenizer), "bos_id": 0, "eos_id": 1}
+    (path / "config.json").write_text(json.dumps(record))
+    return model.eval()
+
+
+def greedy_by_full_forwards(model: Llama, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = model(ids)[:, -1, : model.config.vocab_size]
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_export_dense_loads_in_stock_transformers(tmp_path: Path, tiny_corpus: Path, tie: bool) -> None:
+    from epas_lightning.hf.export import export
+
+    ours = save_ours(tmp_path / "ckpt", tiny_corpus / "tokenizer.json", tie=tie, vocab_size=500)  # padded to 512
+    out = export(tmp_path / "ckpt", tmp_path / "hf")
+    assert not (out / "modeling_epas_llama.py").exists()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    ids = torch.randint(0, 500, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids)[..., :500], atol=1e-5, rtol=1e-5)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    from epas_lightning.data import load_tokenizer
+
+    text = "def f(x):\n    return x + 1\n"
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == load_tokenizer(out / "tokenizer.json").encode(text)
+    # and back: the export imports as the same model
+    back = ours_from_hf(out, padded_vocab_size=512)
+    torch.testing.assert_close(back(ids)[..., :500], ours(ids)[..., :500])
+
+
+@pytest.mark.parametrize("mode", ["qk", "kv"])
+def test_export_sharing_remote_code_logits_and_generate(tmp_path: Path, mode: str) -> None:
+    from epas_lightning.hf.export import export
+
+    ours = save_ours(tmp_path / "ckpt", n_layer=4, shared=2, sharing_mode=mode)
+    out = export(tmp_path / "ckpt", tmp_path / "hf")  # no tokenizer recorded: weights + config only
+    assert (out / "modeling_epas_llama.py").is_file() and not (out / "tokenizer_config.json").exists()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    assert hf.config.epas_shared_layers == [2, 3]
+    ids = torch.randint(0, VOCAB, (2, 20))
+    with torch.no_grad():
+        logits = hf(ids).logits
+        torch.testing.assert_close(logits, ours(ids), atol=1e-5, rtol=1e-5)
+        dense = Llama(ours.config)
+        dense.load_state_dict(ours.state_dict())
+        dense.set_shared_layers([])
+        assert (logits - dense(ids)).abs().max() > 1e-3  # the region really changes the function
+    prompt = ids[:, :6]
+    expected = greedy_by_full_forwards(ours, prompt, 8)
+    for use_cache in (True, False):
+        generated = hf.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False, use_cache=use_cache
+        )
+        assert torch.equal(generated, expected), use_cache
+    # a left-padded batch generates what each prompt alone does
+    padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), prompt[1:, :4]], dim=1)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    generated = hf.generate(padded, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated[:, 2:], greedy_by_full_forwards(ours, prompt[1:, :4], 5))
+
+
+def test_export_region_checks(tmp_path: Path) -> None:
+    from epas_lightning.hf.export import main
+
+    save_ours(tmp_path / "ckpt", n_layer=4, shared=1)
+    with pytest.raises(ValueError, match="exceeds the 1 layer"):
+        main(["--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "a"), "--sharing-layers", "2"])
+    assert main(["-c", str(tmp_path / "ckpt"), "-o", str(tmp_path / "b"), "--sharing-layers", "0"]) == 0
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["model_type"] == "llama"
+    assert (
+        main(["-c", str(tmp_path / "ckpt"), "-o", str(tmp_path / "c"), "--sharing-layers", "0", "--remote-code"]) == 0
+    )
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "c", trust_remote_code=True, epas_shared_layers=[3]
+    )
+    assert hf.config.epas_shared_layers == [3] and hf.config.epas_max_shared_layers == 1
