@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import cpu_trainer
 from lightning.pytorch import Callback
+from model_dirs import save_consolidated
 
 from epas_lightning import EPASModule, Llama, LlamaConfig
 from epas_lightning.hf.convert import HFCheckpointError, config_from_hf, load_hf_state
@@ -197,14 +198,7 @@ def save_ours(
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
     model.set_shared_layers(range(n_layer - shared, n_layer))
-    path.mkdir(parents=True)
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous().clone() for k, v in model.state_dict().items()}, path / "model.safetensors")
-    record = {"model": config.to_dict(), "sharing": {"shared_layers": model.sharing.shared_layers}}
-    if tokenizer is not None:
-        record["tokenizer"] = {"path": str(tokenizer), "bos_id": 0, "eos_id": 1}
-    (path / "config.json").write_text(json.dumps(record))
+    save_consolidated(model, path, tokenizer)
     return model.eval()
 
 
