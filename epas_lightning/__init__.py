@@ -1,12 +1,15 @@
 """EPAS progressive activation sharing for LLaMA training with PyTorch Lightning.
 
 The public API: the model (``Llama``, ``LlamaConfig``), the Lightning pieces (``EPASModule``, ``ProgressiveSharing``,
-``TokenDataModule``), the schedule and the FLOPs model.
+``TokenDataModule``), the schedule and the FLOPs model; HF import/export and evaluation.
 """
 
 from epas_lightning.callbacks import ProgressiveSharing
 from epas_lightning.data import TokenDataModule, prepare_builtin_corpus
+from epas_lightning.evaluation import evaluate_perplexity, evaluate_task
 from epas_lightning.flops import estimate_flops, flop_cut, matmul_params
+from epas_lightning.hf import config_from_hf, load_hf_state
+from epas_lightning.hf.export import export
 from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.model import Llama, LlamaConfig, SharingState
 from epas_lightning.module import EPASModule
@@ -23,8 +26,13 @@ __all__ = [
     "SharingState",
     "TokenDataModule",
     "WarmupCosineLR",
+    "config_from_hf",
     "estimate_flops",
+    "evaluate_perplexity",
+    "evaluate_task",
+    "export",
     "flop_cut",
+    "load_hf_state",
     "matmul_params",
     "prepare_builtin_corpus",
     "resolve_target",

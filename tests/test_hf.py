@@ -279,3 +279,34 @@ def test_export_region_checks(tmp_path: Path) -> None:
         tmp_path / "c", trust_remote_code=True, epas_shared_layers=[3]
     )
     assert hf.config.epas_shared_layers == [3] and hf.config.epas_max_shared_layers == 1
+
+
+# ---------------------------------------------------------------- configs/tinyllama-continual.yaml
+
+CONTINUAL = str(Path(__file__).resolve().parents[1] / "configs" / "tinyllama-continual.yaml")
+
+
+def test_tinyllama_continual_config_parses(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from epas_lightning.cli import main
+
+    path = save_tiny_hf(tmp_path / "hf")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", CONTINUAL, "--model.init_from", str(path), "--print_config"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"init_from: {path}" in out and "name: tinyllama-1.1b" in out and "target: 5" in out
+
+
+def test_tinyllama_continual_config_checks_init_from(tmp_path: Path) -> None:
+    """Scaled down to the tiny HF model on CPU: builds with a fitting directory, fails clearly without one."""
+    from epas_lightning.cli import main
+
+    path = save_tiny_hf(tmp_path / "hf", rope_theta=10000.0, rms_norm_eps=1e-5)
+    small = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto"]
+    small += ["--model.config.name", "debug", "--model.config.n_layer", "2", "--model.config.n_embd", "64"]
+    small += ["--model.config.block_size", "32", "--sharing.target", "1", "--model.compile", "false"]
+    small += ["--trainer.precision", "32-true", "--data.data_dir", "null", "--trainer.logger", "false"]
+    cli = main(["--config", CONTINUAL, *small, "--model.init_from", str(path)], run=False)
+    assert cli.model.init_from == str(path)
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        main(["--config", CONTINUAL, *small, "--model.init_from", str(tmp_path / "missing")], run=False)
