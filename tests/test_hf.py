@@ -136,7 +136,7 @@ class _FirstBatchWeights(Callback):
     """Records the model's weights when the first training batch starts (after init_from, before any update)."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
-        if batch_idx == 0:
+        if not hasattr(self, "state"):
             self.state = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
 
 
@@ -310,3 +310,24 @@ def test_tinyllama_continual_config_checks_init_from(tmp_path: Path) -> None:
     assert cli.model.init_from == str(path)
     with pytest.raises(FileNotFoundError, match="init_from"):
         main(["--config", CONTINUAL, *small, "--model.init_from", str(tmp_path / "missing")], run=False)
+
+
+def test_resume_wins_over_init_from(tmp_path: Path, tiny_corpus: Path) -> None:
+    from epas_lightning import TokenDataModule
+
+    def data() -> TokenDataModule:
+        return TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=VOCAB)
+
+    first = save_tiny_hf(tmp_path / "hf1", seed=1)
+    trainer = cpu_trainer(tmp_path / "a", max_steps=2)
+    trainer.fit(EPASModule(_module_config(), init_from=str(first)), data())
+    ckpt = tmp_path / "two_steps.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = {k: v for k, v in torch.load(ckpt, weights_only=True)["state_dict"].items() if k.startswith("model.")}
+
+    other = save_tiny_hf(tmp_path / "hf2", seed=2)  # a resume must not be overwritten by init_from
+    probe = _FirstBatchWeights()
+    trainer = cpu_trainer(tmp_path / "b", max_steps=3, callbacks=[probe])
+    trainer.fit(EPASModule(_module_config(), init_from=str(other)), data(), ckpt_path=ckpt)
+    for key, tensor in saved.items():
+        torch.testing.assert_close(probe.state[key.removeprefix("model.")], tensor, msg=key)
