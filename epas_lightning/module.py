@@ -12,6 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.aggregation import MeanMetric
 
 from epas_lightning.flops import estimate_flops
+from epas_lightning.init_from import check_init_source, load_initial_weights
 from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.parallel import mixed_precision_policy, parallelize
@@ -35,6 +36,9 @@ class EPASModule(LightningModule):
             layer computes only P @ V (exactly the same model; the sharing layers' dP flows back into the source).
             It materialises P (B, n_head, T, T) instead of a fused attention kernel, so it pays off at moderate
             sequence lengths; ``benchmarks/train_throughput.py --attention-reuse`` measures the crossover.
+        init_from: Start ``fit`` from these weights instead of a random init (continual pretraining): a local HF
+            LLaMA directory (config.json + safetensors) or an EPAS checkpoint. ``config`` must describe the same
+            architecture (checked, with every difference named, before any work); a resumed checkpoint wins.
 
     Under a strategy with a device mesh (``epas_lightning.strategy.FSDP2Strategy``) the model is built on the meta
     device and sharded per block with FSDP2, so no rank ever holds the full model.
@@ -48,6 +52,7 @@ class EPASModule(LightningModule):
         activation_checkpointing: bool = False,
         compile: bool | str = False,
         attention_reuse: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -58,6 +63,9 @@ class EPASModule(LightningModule):
         self.attention_reuse = attention_reuse
         if attention_reuse and config.sharing_mode != "qk":
             raise ValueError("attention_reuse needs model.config.sharing_mode 'qk' (in 'kv' mode the queries differ).")
+        self.init_from = init_from
+        if init_from is not None:
+            check_init_source(init_from, config)
         self.model: Llama | None = None
         self.val_loss = MeanMetric()
         self._tokens_shape: tuple[int, int] | None = None
@@ -97,6 +105,8 @@ class EPASModule(LightningModule):
                 _set_rng_state(self._init_rng_state)
                 self.model.init_weights()
             self._built_on_meta = False
+        if self.init_from is not None and self.trainer.ckpt_path is None:  # a resumed checkpoint wins
+            load_initial_weights(self.model, self.init_from)
 
     def set_shared_layers(self, layers: Iterable[int]) -> None:
         """Switch exactly ``layers`` to sharing (the ``ProgressiveSharing`` callback calls this)."""

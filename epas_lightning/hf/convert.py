@@ -1,0 +1,232 @@
+"""Map HF LLaMA checkpoints to our ``Llama`` and back: configs, parameter names, vocabulary rows, weight files.
+
+An HF LLaMA directory holds ``config.json`` and the weights as ``model.safetensors``, sharded safetensors with
+``model.safetensors.index.json``, or (legacy) ``pytorch_model.bin`` (loaded with ``weights_only=True``). Parameter
+names differ only by the ``model.`` prefix HF puts before the decoder (``lm_head`` has none), and both use the
+rotate-half RoPE layout, so no weight is permuted. Nothing here needs ``transformers``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from epas_lightning.model import LlamaConfig
+
+HF_PREFIX = "model."
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_FILE = "pytorch_model.bin"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+SUPPORTED_MODEL_TYPES = ("llama", "epas_llama")
+VOCAB_KEYS = ("embed_tokens.weight", "lm_head.weight")
+"""Our parameters with one row per vocabulary entry (padded to ``padded_vocab_size``)."""
+IGNORED_HF_KEYS = ("rotary_emb.inv_freq",)
+"""Buffers some old HF checkpoints saved; we recompute them."""
+COMPARED_FIELDS = (
+    "n_layer",
+    "n_embd",
+    "n_head",
+    "n_kv_head",
+    "intermediate_size",
+    "rope_theta",
+    "norm_eps",
+    "tie_embeddings",
+)
+"""Fields where a model config must equal the checkpoint's for the weights to mean the same function."""
+
+
+class HFCheckpointError(ValueError):
+    """An HF checkpoint directory we cannot read or that does not fit the model."""
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """Whether ``path`` looks like an HF model directory (``config.json`` with a ``model_type``)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return "model_type" in json.loads(config.read_text())
+    except ValueError:
+        return False
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of an HF model directory as a dict."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise HFCheckpointError(f"HF model directory {path} does not exist (or is not a directory).")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise HFCheckpointError(f"{path} has no config.json: it is not an HF model directory.")
+    try:
+        return json.loads(config_file.read_text())
+    except ValueError as e:
+        raise HFCheckpointError(f"{config_file} is not valid JSON: {e}") from e
+
+
+def rope_theta_of(hf: dict[str, Any]) -> float:
+    """RoPE base of an HF config, refusing scaling (5.x ``rope_parameters``, 4.x ``rope_scaling``)."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise HFCheckpointError(
+            f"RoPE scaling {rope_type!r} is not supported (only the default RoPE): the model would compute different "
+            "positions than the checkpoint was trained with."
+        )
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaConfig:
+    """Our ``LlamaConfig`` for an HF LLaMA config (a dict or a model directory); ``overrides`` set other fields.
+
+    ``padded_vocab_size`` equals ``vocab_size`` so the logits match HF over the whole vocabulary, and
+    ``block_size`` is ``max_position_embeddings`` unless overridden (RoPE is computed for any length).
+    """
+    if not isinstance(hf, dict):
+        hf = read_hf_config(hf)
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise HFCheckpointError(f"model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}.")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise HFCheckpointError(f"{flag}=true is not supported: our LLaMA has no biases.")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise HFCheckpointError(f"hidden_act={hf['hidden_act']!r} is not supported: our MLP is SwiGLU (silu).")
+    n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or n_embd // n_head
+    if head_dim * n_head != n_embd:
+        raise HFCheckpointError(
+            f"head_dim={head_dim} with {n_head} heads != hidden_size={n_embd}: decoupled head_dim is not supported."
+        )
+    fields = dict(
+        n_layer=hf["num_hidden_layers"],
+        n_embd=n_embd,
+        n_head=n_head,
+        n_kv_head=hf.get("num_key_value_heads") or n_head,
+        intermediate_size=hf["intermediate_size"],
+        vocab_size=hf["vocab_size"],
+        padded_vocab_size=hf["vocab_size"],
+        block_size=hf.get("max_position_embeddings", 2048),
+        rope_theta=rope_theta_of(hf),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        sharing_mode=hf.get("epas_sharing_mode", "qk"),
+    )
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def check_compatible(config: LlamaConfig, hf: dict[str, Any] | str | Path, source: str = "the checkpoint") -> None:
+    """Fail, listing every difference, when ``config`` cannot hold the weights of the HF config ``hf``."""
+    theirs = config_from_hf(hf)
+    diffs = [
+        f"{name}: model {getattr(config, name)!r} vs {source} {getattr(theirs, name)!r}"
+        for name in COMPARED_FIELDS
+        if getattr(config, name) != getattr(theirs, name)
+    ]
+    if theirs.vocab_size > config.padded_vocab_size:
+        diffs.append(
+            f"vocab: {source} has {theirs.vocab_size} rows, the model only padded_vocab_size={config.padded_vocab_size}"
+        )
+    if diffs:
+        suggestion = {k: getattr(theirs, k) for k in (*COMPARED_FIELDS, "vocab_size")}
+        raise HFCheckpointError(
+            f"model.config does not match {source}: " + "; ".join(diffs) + f". Use these model.config fields: "
+            f"{json.dumps(suggestion)}"
+        )
+
+
+def read_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF directory (single or sharded safetensors, else ``pytorch_model.bin``), on the CPU."""
+    path = Path(path).expanduser()
+    if (path / SAFETENSORS_FILE).is_file():
+        return load_file(path / SAFETENSORS_FILE, device="cpu")
+    if (path / SAFETENSORS_INDEX).is_file():
+        return _read_sharded(path, SAFETENSORS_INDEX, lambda f: load_file(f, device="cpu"))
+    if (path / TORCH_FILE).is_file():
+        return _torch_load(path / TORCH_FILE)
+    if (path / TORCH_INDEX).is_file():
+        return _read_sharded(path, TORCH_INDEX, _torch_load)
+    raise HFCheckpointError(
+        f"{path} has no weights: expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, {TORCH_FILE} or {TORCH_INDEX}."
+    )
+
+
+def _torch_load(file: Path) -> dict[str, torch.Tensor]:
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _read_sharded(path: Path, index_name: str, load) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    weight_map = json.loads((path / index_name).read_text()).get("weight_map")
+    if not weight_map:
+        raise HFCheckpointError(f"{path / index_name} has no weight_map.")
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (path / shard).is_file():
+            raise HFCheckpointError(f"Shard {path / shard} listed in {path / index_name} is missing.")
+        state.update(load(path / shard))
+    return state
+
+
+def hf_to_ours(hf_state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """Our ``Llama`` parameters from an HF state dict (no ``sharing.mask``); vocabulary rows padded with zeros."""
+    state: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, tensor in hf_state.items():
+        if key.endswith(IGNORED_HF_KEYS):
+            continue
+        if key.startswith(HF_PREFIX):
+            state[key[len(HF_PREFIX) :]] = tensor
+        elif key == "lm_head.weight":
+            state[key] = tensor
+        else:
+            unknown.append(key)
+    if unknown:
+        raise HFCheckpointError(f"Unexpected tensors in the HF checkpoint: {sorted(unknown)[:8]}")
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    elif "lm_head.weight" not in state:
+        raise HFCheckpointError("The HF checkpoint has no lm_head.weight but tie_word_embeddings is false.")
+    for key in VOCAB_KEYS:
+        if key in state:
+            state[key] = resize_rows(state[key], config.padded_vocab_size)
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    return state
+
+
+def ours_to_hf(state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """An HF ``LlamaForCausalLM`` state dict from ours: padded vocabulary rows dropped, no ``lm_head`` when tied."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key.startswith("sharing."):
+            continue
+        if key in VOCAB_KEYS:
+            tensor = resize_rows(tensor, config.vocab_size)
+        if key == "lm_head.weight":
+            if config.tie_embeddings:
+                continue
+            out[key] = tensor.contiguous().clone()
+        else:
+            out[HF_PREFIX + key] = tensor.contiguous().clone()  # clones: safetensors refuses shared storage
+    return out
+
+
+def resize_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """``tensor`` with exactly ``rows`` rows: extra rows dropped, missing rows zero (never-emitted padding tokens)."""
+    if tensor.shape[0] >= rows:
+        return tensor[:rows]
+    pad = tensor.new_zeros((rows - tensor.shape[0], *tensor.shape[1:]))
+    return torch.cat([tensor, pad])
+
+
+def load_hf_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """Read and convert an HF LLaMA directory for a model of ``config`` (checked first, with every difference named)."""
+    path = Path(path).expanduser()
+    check_compatible(config, read_hf_config(path), source=str(path))
+    return hf_to_ours(read_hf_weights(path), config)

@@ -1,0 +1,191 @@
+"""``python -m epas_lightning export --checkpoint CKPT --output DIR``: an HF model directory from a checkpoint of ours.
+
+The directory holds ``model.safetensors``, ``config.json``, ``generation_config.json`` and the tokenizer files.
+
+- No sharing region (``--sharing-layers 0``, or a dense checkpoint): a stock ``LlamaForCausalLM``; it loads in
+  plain ``transformers`` (and anything that reads LLaMA checkpoints) with the same logits as our model.
+- With a region: ``model_type`` ``epas_llama`` plus its own modeling code (``configuration_epas_llama.py``,
+  ``modeling_epas_llama.py``, torch + transformers only), loaded with
+  ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``; the same weights, run with the region.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from epas_lightning.checkpoint import load_model
+from epas_lightning.data.tokenizer import HF_FILENAME, SENTENCEPIECE_FILENAME, load_tokenizer, resolve_tokenizer_path
+from epas_lightning.hf.convert import ours_to_hf
+from epas_lightning.model import LlamaConfig
+
+log = logging.getLogger(__name__)
+
+REMOTE_DIR = Path(__file__).parent / "remote"
+REMOTE_FILES = ("configuration_epas_llama.py", "modeling_epas_llama.py")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def hf_config(
+    config: LlamaConfig,
+    shared_layers: list[int] | None = None,
+    max_shared: int = 0,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """The ``config.json`` of an exported model: stock LLaMA when ``shared_layers`` is None, else ``epas_llama``.
+
+    RoPE is written both ways (``rope_theta`` for transformers 4.x, ``rope_parameters`` for 5.x).
+    """
+    record: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.block_size,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "tie_word_embeddings": config.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "initializer_range": config.init_std,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "use_cache": True,
+        "torch_dtype": DTYPE_NAMES[dtype],
+    }
+    if shared_layers is not None:
+        record.update(
+            architectures=["EpasLlamaForCausalLM"],
+            model_type="epas_llama",
+            auto_map={
+                "AutoConfig": "configuration_epas_llama.EpasLlamaConfig",
+                "AutoModelForCausalLM": "modeling_epas_llama.EpasLlamaForCausalLM",
+            },
+            epas_shared_layers=sorted(shared_layers),
+            epas_sharing_mode=config.sharing_mode,
+            epas_max_shared_layers=max_shared,
+        )
+    return record
+
+
+def export_tokenizer(path: Path, output: Path, block_size: int, bos_id: int | None, eos_id: int | None) -> None:
+    """Copy the tokenizer and write a ``tokenizer_config.json`` that ``AutoTokenizer.from_pretrained`` reads."""
+    path = resolve_tokenizer_path(path)
+    tokenizer = load_tokenizer(path)
+    bos_id = tokenizer.bos_id if bos_id is None else bos_id
+    eos_id = tokenizer.eos_id if eos_id is None else eos_id
+    if tokenizer.kind == "hf":
+        shutil.copyfile(path, output / HF_FILENAME)
+        token = tokenizer.backend.id_to_token
+        extra = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    else:
+        shutil.copyfile(path, output / SENTENCEPIECE_FILENAME)
+        token = tokenizer.backend.id_to_piece
+        extra = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False}
+    tokenizer_config = {**extra, "bos_token": token(bos_id), "eos_token": token(eos_id), "model_max_length": block_size}
+    (output / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    special = {"bos_token": token(bos_id), "eos_token": token(eos_id)}
+    (output / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def export(
+    checkpoint: str | Path,
+    output: str | Path,
+    sharing_layers: int | None = None,
+    tokenizer: str | Path | None = None,
+    remote_code: bool = False,
+    dtype: str | None = None,
+    force: bool = False,
+) -> Path:
+    """Write the HF directory ``output`` for ``checkpoint``; return ``output``.
+
+    Args:
+        checkpoint: A ``.ckpt``, FSDP2 checkpoint directory or ``consolidate`` directory.
+        output: Directory to write (created).
+        sharing_layers: Region length N (the deepest N layers share). Default: the region the checkpoint trained.
+        tokenizer: Tokenizer file or directory to ship. Default: the one the checkpoint records.
+        remote_code: Write the ``epas_llama`` form (own modeling code) even with no region, so a region can be chosen
+            at load time (``epas_shared_layers=[...]``).
+        dtype: ``fp32``, ``bf16`` or ``fp16``; default: the checkpoint's.
+        force: Allow a region longer than the one the weights were trained with.
+    """
+    loaded = load_model(checkpoint)
+    model, config = loaded.model, loaded.model.config
+    n = loaded.max_shared if sharing_layers is None else sharing_layers
+    if not 0 <= n <= config.n_layer - 1:
+        raise ValueError(f"--sharing-layers must be in 0..{config.n_layer - 1} for a {config.n_layer}-layer model.")
+    if n > loaded.max_shared and not force:
+        raise ValueError(
+            f"--sharing-layers {n} exceeds the {loaded.max_shared} layer(s) the checkpoint was trained to share; "
+            "pass --force to export it anyway."
+        )
+    shared = list(range(config.n_layer - n, config.n_layer))
+    use_remote = remote_code or n > 0
+    state = ours_to_hf(model.state_dict(), config)
+    torch_dtype = DTYPES[dtype] if dtype else next(iter(state.values())).dtype
+    state = {key: t.to(torch_dtype) for key, t in state.items()}
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    save_file(state, output / "model.safetensors", metadata={"format": "pt"})
+    record = hf_config(
+        config, shared if use_remote else None, loaded.max_shared, loaded.bos_id, loaded.eos_id, torch_dtype
+    )
+    (output / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+    generation = {"bos_token_id": loaded.bos_id, "eos_token_id": loaded.eos_id}
+    (output / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if use_remote:
+        for name in REMOTE_FILES:
+            shutil.copyfile(REMOTE_DIR / name, output / name)
+    tokenizer_path = tokenizer if tokenizer is not None else loaded.tokenizer_path
+    if tokenizer_path is None:
+        log.warning(
+            "The checkpoint records no (existing) tokenizer: exported weights and config only; pass --tokenizer."
+        )
+    else:
+        export_tokenizer(Path(tokenizer_path), output, config.block_size, loaded.bos_id, loaded.eos_id)
+    return output
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m epas_lightning export",
+        description="Write an HF model directory (safetensors, config, tokenizer) from an EPAS checkpoint.",
+    )
+    parser.add_argument("--checkpoint", "-c", type=Path, required=True, help=".ckpt, FSDP2 dir or consolidated dir")
+    parser.add_argument("--output", "-o", type=Path, required=True, help="directory to write")
+    parser.add_argument(
+        "--sharing-layers",
+        type=int,
+        default=None,
+        help="region length N (deepest N layers share); default: the trained region. 0 = stock LLaMA",
+    )
+    parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer file/dir (default: the recorded one)")
+    parser.add_argument(
+        "--remote-code", action="store_true", help="write the epas_llama form (own modeling code) even for N = 0"
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight dtype (default: as stored)")
+    parser.add_argument("--force", action="store_true", help="allow a region longer than the trained one")
+    args = parser.parse_args(argv)
+    output = export(
+        args.checkpoint, args.output, args.sharing_layers, args.tokenizer, args.remote_code, args.dtype, args.force
+    )
+    kind = "epas_llama (trust_remote_code=True)" if (output / REMOTE_FILES[1]).is_file() else "stock LlamaForCausalLM"
+    print(f"wrote {output} ({kind})")
+    return 0

@@ -1,0 +1,27 @@
+"""Configuration of an EPAS LLaMA exported by epas_lightning (HF remote code: imports only torch and transformers).
+
+It is a ``LlamaConfig`` with the sharing region: ``epas_shared_layers`` (the deep layers that reuse the Q/K, or K/V,
+of the last computing layer before them) and ``epas_sharing_mode`` ("qk" as in the EPAS paper, or "kv").
+``epas_max_shared_layers`` records the largest region the weights were trained with; any shorter deepest region
+(including none) is valid. Pick one at load time:
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True, epas_shared_layers=[...])``.
+"""
+
+from transformers import LlamaConfig
+
+
+class EpasLlamaConfig(LlamaConfig):
+    model_type = "epas_llama"
+
+    def __init__(self, epas_shared_layers=None, epas_sharing_mode="qk", epas_max_shared_layers=None, **kwargs):
+        self.epas_shared_layers = sorted(int(i) for i in (epas_shared_layers or []))
+        self.epas_sharing_mode = epas_sharing_mode
+        self.epas_max_shared_layers = (
+            len(self.epas_shared_layers) if epas_max_shared_layers is None else int(epas_max_shared_layers)
+        )
+        super().__init__(**kwargs)
+        if self.epas_sharing_mode not in ("qk", "kv"):
+            raise ValueError(f"epas_sharing_mode must be 'qk' or 'kv', got {self.epas_sharing_mode!r}.")
+        bad = [i for i in self.epas_shared_layers if not 1 <= i < self.num_hidden_layers]
+        if bad:
+            raise ValueError(f"epas_shared_layers {bad} outside 1..{self.num_hidden_layers - 1} (layer 0 computes).")

@@ -1,0 +1,142 @@
+"""An EPAS LLaMA for ``transformers`` (HF remote code written by epas_lightning; imports only torch + transformers).
+
+The parameters and their names are those of ``LlamaForCausalLM``; only the forward differs. A layer listed in
+``config.epas_shared_layers`` runs in sharing mode: in "qk" mode it reuses the post-RoPE query and key of the last
+computing layer before it and projects only V (in "kv" mode it reuses that layer's K and V and projects only Q).
+V, the output projection, the MLP, norms and residuals always run.
+
+Generation works with and without a KV cache. With the cache every layer stores the K/V it attends over, so a
+sharing layer stores a copy of its source's keys (correct, not memory-saving); the project's own ``generate`` is the
+place for the smaller cache.
+
+Notation: B batch, T new tokens, S cached + new tokens, H query heads, H_kv key/value heads, D head dim.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from .configuration_epas_llama import EpasLlamaConfig
+
+
+def _rope_theta(config):
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def _rope_tables(config, head_dim, position_ids):
+    """fp32 (cos, sin), each (B, 1, T, D), for ``position_ids`` (B, T): rotate-half layout."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim
+    inv_freq = 1.0 / _rope_theta(config) ** exponent
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, D / 2)
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+    return angles.cos(), angles.sin()
+
+
+def _apply_rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def _attention_mask(attention_mask, batch, new, total, device):
+    """Boolean mask (B, 1, T, S), True where a query may attend, or None for plain causal attention."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask if attention_mask.dtype == torch.bool else attention_mask > -1
+    if attention_mask is None and new == total:
+        return None
+    past = total - new
+    query_pos = torch.arange(past, total, device=device)[:, None]  # (T, 1)
+    mask = torch.arange(total, device=device)[None, :] <= query_pos  # (T, S) causal
+    mask = mask[None, None].expand(batch, 1, new, total)
+    if attention_mask is not None:
+        keep = attention_mask[:, None, None, -total:].bool()
+        diagonal = torch.zeros(batch, 1, new, total, dtype=torch.bool, device=device)
+        diagonal[..., torch.arange(new, device=device), query_pos[:, 0]] = True  # a padded row still sees itself
+        mask = (mask & keep) | diagonal
+    return mask
+
+
+class EpasLlamaModel(LlamaModel):
+    config_class = EpasLlamaConfig
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        **kwargs,
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Give exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        B, T, _ = inputs_embeds.shape
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, T)
+        config = self.config
+        n_head, n_kv_head = config.num_attention_heads, config.num_key_value_heads
+        head_dim = config.hidden_size // n_head
+        cos, sin = _rope_tables(config, head_dim, position_ids)
+        mask = _attention_mask(attention_mask, B, T, past + T, inputs_embeds.device)
+        shared_layers = set(config.epas_shared_layers)
+        qk_mode = config.epas_sharing_mode == "qk"
+
+        def heads(x, n):
+            return x.view(B, T, n, head_dim).transpose(1, 2)  # (B, n, T, D)
+
+        h = inputs_embeds
+        reuse = None
+        for i, layer in enumerate(self.layers[: config.num_hidden_layers]):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            if i not in shared_layers or reuse is None:
+                q = _apply_rope(heads(attn.q_proj(x), n_head), cos, sin)  # (B, H, T, D)
+                k = _apply_rope(heads(attn.k_proj(x), n_kv_head), cos, sin)  # (B, H_kv, T, D)
+                v = heads(attn.v_proj(x), n_kv_head)
+                reuse = (q, k) if qk_mode else (k, v)
+            elif qk_mode:
+                q, k = reuse
+                v = heads(attn.v_proj(x), n_kv_head)
+            else:
+                k, v = reuse
+                q = _apply_rope(heads(attn.q_proj(x), n_head), cos, sin)
+            if past_key_values is not None:
+                k, v = past_key_values.update(k, v, i)  # (B, H_kv, S, D) each
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=n_kv_head != n_head
+            )
+            h = h + attn.o_proj(y.transpose(1, 2).reshape(B, T, n_head * head_dim))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return BaseModelOutputWithPast(
+            last_hidden_state=self.norm(h), past_key_values=past_key_values if use_cache else None
+        )
+
+
+class EpasLlamaForCausalLM(LlamaForCausalLM):
+    config_class = EpasLlamaConfig
+
+    def __init__(self, config):
+        LlamaPreTrainedModel.__init__(self, config)
+        self.model = EpasLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def set_shared_layers(self, layers):
+        """Run with exactly ``layers`` sharing (e.g. a shorter deepest region for a smaller compute budget)."""
+        layers = sorted(int(i) for i in layers)
+        bad = [i for i in layers if not 1 <= i < self.config.num_hidden_layers]
+        if bad:
+            raise ValueError(f"Layers {bad} cannot share: valid are 1..{self.config.num_hidden_layers - 1}.")
+        self.config.epas_shared_layers = layers

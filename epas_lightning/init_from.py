@@ -1,0 +1,65 @@
+"""Initial weights of a ``fit`` from a pretrained model (``model.init_from``): an HF LLaMA directory or our checkpoint.
+
+Continual pretraining starts here: the weights are copied into the freshly built (possibly FSDP2-sharded) model
+before training, after meta-device materialisation, and never over a resumed checkpoint (a resume wins).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+from epas_lightning.hf.convert import HFCheckpointError, check_compatible, is_hf_dir, load_hf_state, read_hf_config
+from epas_lightning.model import LlamaConfig
+
+NOT_LOADED = ("sharing.mask",)
+"""State the initial weights do not set: the sharing region belongs to the new run's schedule."""
+
+
+def check_init_source(path: str | Path, config: LlamaConfig) -> None:
+    """Fail before any work when ``path`` is missing or holds weights of another shape than ``config``."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model.init_from={str(path)!r} does not exist: give a local HF LLaMA directory (config.json + "
+            "safetensors) or an EPAS checkpoint (.ckpt, FSDP2 checkpoint dir or `consolidate` dir)."
+        )
+    if is_hf_dir(path):
+        check_compatible(config, read_hf_config(path), source=f"init_from {path}")
+
+
+def read_init_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """The full (unsharded) ``Llama`` parameters stored at ``path``, converted and checked for ``config``."""
+    path = Path(path).expanduser()
+    check_init_source(path, config)
+    if is_hf_dir(path):
+        return load_hf_state(path, config)
+    from epas_lightning.checkpoint import load_model  # our own .ckpt / FSDP2 dir / consolidated dir
+
+    loaded = load_model(path).model
+    theirs = loaded.config
+    diffs = [
+        f"{name}: model {getattr(config, name)!r} vs checkpoint {getattr(theirs, name)!r}"
+        for name in ("n_layer", "n_embd", "n_head", "n_kv_head", "intermediate_size", "padded_vocab_size")
+        + ("tie_embeddings", "sharing_mode")
+        if getattr(config, name) != getattr(theirs, name)
+    ]
+    if diffs:
+        raise HFCheckpointError(f"model.config does not match init_from {path}: " + "; ".join(diffs))
+    return {k: v for k, v in loaded.state_dict().items() if k not in NOT_LOADED}
+
+
+@torch.no_grad()
+def load_initial_weights(model: nn.Module, path: str | Path) -> None:
+    """Copy the weights at ``path`` into ``model`` (plain or FSDP2-sharded: each rank keeps its shard)."""
+    state = read_init_state(path, model.config)
+    expected = {k for k in model.state_dict() if k not in NOT_LOADED}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise HFCheckpointError(f"init_from {path}: missing {missing[:8]}, unexpected {unexpected[:8]}.")
+    dtype = next(model.parameters()).dtype
+    state = {k: v.to(dtype) for k, v in state.items()}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))

@@ -1,0 +1,184 @@
+"""Evaluation: perplexity, multiple-choice scoring (lm-eval style), the lm-eval adapter's request handling, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from model_dirs import save_consolidated
+from torch import nn
+
+from epas_lightning import Llama, LlamaConfig
+from epas_lightning.evaluation import evaluate_perplexity, evaluate_task, load_task, score_continuations
+from epas_lightning.evaluation import lm_eval_adapter as adapter
+from epas_lightning.evaluation.evaluate_cli import main as evaluate_main
+
+VOCAB = 512
+
+
+def tiny_model(n_layer: int = 4, block_size: int = 32, shared: int = 0) -> Llama:
+    torch.manual_seed(0)
+    config = LlamaConfig(n_layer=n_layer, n_embd=64, n_head=4, n_kv_head=2, vocab_size=VOCAB, block_size=block_size)
+    model = Llama(config).eval()
+    model.set_shared_layers(range(n_layer - shared, n_layer))
+    return model
+
+
+def direct_loglik(model: Llama, context: list[int], continuation: list[int]) -> float:
+    tokens = torch.tensor([context + continuation])
+    with torch.no_grad():
+        logprobs = F.log_softmax(model(tokens[:, :-1])[0, :, :VOCAB], dim=-1)
+    positions = range(len(context) - 1, len(context) + len(continuation) - 1)
+    return sum(logprobs[p, t].item() for p, t in zip(positions, continuation, strict=True))
+
+
+def test_score_continuations_equals_direct_computation() -> None:
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    requests = [
+        (torch.randint(0, VOCAB, (n,), generator=g).tolist(), torch.randint(0, VOCAB, (m,), generator=g).tolist())
+        for n, m in [(1, 3), (10, 1), (5, 7), (20, 4)]
+    ]
+    scores = score_continuations(model, requests, batch_size=3)  # mixed lengths in one padded batch
+    for (context, continuation), (score, _) in zip(requests, scores, strict=True):
+        assert score == pytest.approx(direct_loglik(model, context, continuation), abs=1e-4)
+    # too long: cut from the left to block_size inputs, the continuation kept whole
+    context, continuation = list(range(40)), [7, 8]
+    (score, _) = score_continuations(model, [(context, continuation)])[0]
+    assert score == pytest.approx(direct_loglik(model, context[-31:], continuation), abs=1e-4)
+
+
+class CharTokenizer:
+    """ord(c) per character; BOS 0, EOS 1."""
+
+    bos_id, eos_id = 0, 1
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+class FavoursA(nn.Module):
+    """A 'model' whose next token is 'a' with probability ~1 everywhere: every other character costs ~ -L."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = LlamaConfig(n_layer=2, n_embd=8, n_head=2, vocab_size=128, block_size=16)
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*input_ids.shape, self.config.padded_vocab_size)
+        logits[..., ord("a")] = 20.0
+        return logits
+
+
+def test_multiple_choice_acc_and_acc_norm_known_answers(tmp_path: Path) -> None:
+    task = tmp_path / "task.jsonl"
+    lines = [
+        {"context": "q1", "choices": ["x", "a"], "label": 1},  # both metrics right
+        {"context": "q2", "choices": ["x", "aaaaxx"], "label": 1},  # sum picks the short one, per-char the long one
+        {"context": "q3", "choices": ["ab", "x"], "label": 1},  # both pick "ab": wrong
+    ]
+    task.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    result = evaluate_task(FavoursA(), CharTokenizer(), load_task(task), batch_size=2)
+    assert result == {"acc": pytest.approx(1 / 3), "acc_norm": pytest.approx(2 / 3), "n": 3}
+
+
+def test_load_task_names_bad_lines(tmp_path: Path) -> None:
+    task = tmp_path / "bad.jsonl"
+    task.write_text('{"context": "c", "choices": ["a", "b"], "label": 0}\n{"context": "c", "choices": ["a"]}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        load_task(task)
+    task.write_text('{"context": "c", "choices": ["a", "b"], "label": 2}\n')
+    with pytest.raises(ValueError, match="label 2"):
+        load_task(task)
+    with pytest.raises(FileNotFoundError):
+        load_task(tmp_path / "missing.jsonl")
+
+
+def test_perplexity_equals_direct_cross_entropy(tiny_corpus: Path) -> None:
+    from epas_lightning import TokenDataModule
+
+    model = tiny_model(block_size=32)
+    result = evaluate_perplexity(model, tiny_corpus, batch_size=4, max_batches=3)
+    data = TokenDataModule(str(tiny_corpus), seq_len=32, batch_size=4, vocab_size=VOCAB)
+    data.setup("validate")
+    losses = []
+    with torch.no_grad():
+        for i, batch in enumerate(data.val_dataloader()):
+            if i == 3:
+                break
+            batch = batch.long()
+            logits = model(batch[:, :-1])
+            losses.append(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
+    expected = (torch.stack(losses).sum() / result["tokens"]).item()
+    assert result["tokens"] == 3 * 4 * 32
+    assert result["loss"] == pytest.approx(expected, rel=1e-4)
+    assert result["ppl"] == pytest.approx(torch.tensor(expected).exp().item(), rel=1e-4)
+
+
+def test_lm_eval_request_handling() -> None:
+    model, tokenizer = FavoursA(), CharTokenizer()
+    # trailing context spaces move to the continuation, as lm-eval-harness does
+    [(with_space, _)] = adapter.loglikelihood(model, tokenizer, [("q ", "a")])
+    [(explicit, greedy)] = adapter.loglikelihood(model, tokenizer, [("q", " a")])
+    assert with_space == explicit and not greedy
+    [(_, greedy)] = adapter.loglikelihood(model, tokenizer, [("q", "aaa")])
+    assert greedy
+    assert adapter.generate_until(model, tokenizer, "q", until=["\n"], max_gen_toks=5) == "aaaaa"
+    assert adapter.generate_until(model, tokenizer, "q", until=["aaa"], max_gen_toks=9) == ""
+
+
+def test_loglikelihood_rolling_windows() -> None:
+    model = tiny_model(block_size=8)
+    tokenizer = CharTokenizer()
+    short = "abcdef"  # fits one window: the plain log-likelihood of the text after BOS
+    ids = [0] + tokenizer.encode(short)
+    assert adapter.loglikelihood_rolling(model, tokenizer, short) == pytest.approx(
+        direct_loglik(model, ids[:1], ids[1:]), abs=1e-4
+    )
+    long = "abcdefghijklmnopqrst"  # 21 tokens with BOS: windows of 8 scored tokens, each with a full context
+    ids = [0] + tokenizer.encode(long)
+    expected = (
+        direct_loglik(model, ids[:1], ids[1:9])
+        + direct_loglik(model, ids[8:9], ids[9:17])  # 1 + 8 tokens: inputs fill block_size exactly
+        + direct_loglik(model, ids[12:17], ids[17:21])
+    )
+    assert adapter.loglikelihood_rolling(model, tokenizer, long) == pytest.approx(expected, abs=1e-4)
+
+
+def test_lm_eval_model_class_on_a_checkpoint(tmp_path: Path, tiny_corpus: Path) -> None:
+    model = tiny_model(shared=2)
+    save_consolidated(model, tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
+    lm = adapter.EPASLM(str(tmp_path / "ckpt"), sharing_layers=1)
+    assert lm.model.sharing.shared_layers == [3]
+    [(score, _)] = lm.loglikelihood([("def f(x):", " return x")])
+    tok = lm.tokenizer
+    assert score == pytest.approx(
+        direct_loglik(lm.model, [tok.bos_id] + tok.encode("def f(x):"), tok.encode(" return x")), abs=1e-4
+    )
+    with pytest.raises(ValueError, match="exceeds the 2 layer"):
+        adapter.EPASLM(str(tmp_path / "ckpt"), sharing_layers=3)
+
+
+def test_evaluate_cli_sweeps_regions(tmp_path: Path, tiny_corpus: Path, capsys: pytest.CaptureFixture) -> None:
+    model = tiny_model(shared=2)
+    save_consolidated(model, tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
+    task = tmp_path / "code.jsonl"
+    task.write_text(json.dumps({"context": "import", "choices": [" os", " the"], "label": 0}) + "\n")
+    out = tmp_path / "rows.json"
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--sharing-layers", "all", "--data", str(tiny_corpus)]
+    assert evaluate_main([*argv, "--tasks", str(task), "--max-batches", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [row["sharing_layers"] for row in rows] == [0, 1, 2]
+    assert {"val_loss", "val_ppl", "code/acc", "code/acc_norm"} <= set(rows[0])
+    assert rows[0]["val_loss"] != rows[2]["val_loss"]  # the region changes the model
+    assert "| sharing_layers |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="exceeds the 2 layer"):
+        evaluate_main(["--checkpoint", str(tmp_path / "ckpt"), "--sharing-layers", "3", "--data", str(tiny_corpus)])
+    assert evaluate_main([*argv[:3], "3", "--force", "--data", str(tiny_corpus), "--max-batches", "1"]) == 0

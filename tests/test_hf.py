@@ -1,0 +1,333 @@
+"""HF interop: HF LLaMA -> our model (logits equal), ``model.init_from`` in ``fit``, export (stock and remote code).
+
+Every HF model here is a tiny random ``transformers.LlamaForCausalLM`` saved into tmp_path; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import cpu_trainer
+from lightning.pytorch import Callback
+from model_dirs import save_consolidated
+
+from epas_lightning import EPASModule, Llama, LlamaConfig
+from epas_lightning.hf.convert import HFCheckpointError, config_from_hf, load_hf_state
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 512
+
+
+def tiny_hf_config(tie: bool = False, **overrides) -> transformers.LlamaConfig:
+    kwargs = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        rope_theta=50000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return transformers.LlamaConfig(**{**kwargs, **overrides})
+
+
+def save_tiny_hf(path: Path, tie: bool = False, sharded: bool = False, seed: int = 0, **overrides) -> Path:
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(tiny_hf_config(tie, **overrides)).eval()
+    with torch.no_grad():  # HF inits norms to 1: randomise them so a missed norm weight shows in the logits
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path, max_shard_size="100KB" if sharded else "10GB")
+    return path
+
+
+def ours_from_hf(path: Path, **overrides) -> Llama:
+    config = config_from_hf(path, **overrides)
+    model = Llama(config)
+    state = load_hf_state(path, config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert missing == ["sharing.mask"] and not unexpected
+    return model.eval()
+
+
+def hf_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("tie,sharded", [(False, False), (True, False), (False, True), (True, True)])
+def test_import_logits_equal_transformers(tmp_path: Path, tie: bool, sharded: bool) -> None:
+    path = save_tiny_hf(tmp_path / "hf", tie=tie, sharded=sharded)
+    if sharded:
+        assert (path / "model.safetensors.index.json").is_file()
+    config = config_from_hf(path)
+    assert (config.rope_theta, config.norm_eps, config.n_kv_head, config.tie_embeddings) == (50000.0, 1e-6, 2, tie)
+    ids = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        ours = ours_from_hf(path)(ids)
+    torch.testing.assert_close(ours, hf_logits(path, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_import_pads_vocab_rows(tmp_path: Path) -> None:
+    path = save_tiny_hf(tmp_path / "hf", vocab_size=500)
+    model = ours_from_hf(path, padded_vocab_size=512)
+    ids = torch.randint(0, 500, (1, 16))
+    with torch.no_grad():
+        ours = model(ids)
+    assert ours.shape[-1] == 512
+    torch.testing.assert_close(ours[..., :500], hf_logits(path, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_import_reads_pytorch_bin(tmp_path: Path) -> None:
+    path = save_tiny_hf(tmp_path / "hf")
+    from safetensors.torch import load_file
+
+    torch.save(load_file(path / "model.safetensors"), path / "pytorch_model.bin")
+    (path / "model.safetensors").unlink()
+    ids = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(ours_from_hf(path)(ids), hf_logits(path, ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"attention_bias": True}, "attention_bias"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "RoPE scaling"),
+        ({"head_dim": 32}, "head_dim"),
+    ],
+)
+def test_import_refuses_unsupported_configs(tmp_path: Path, overrides: dict, message: str) -> None:
+    path = save_tiny_hf(tmp_path / "hf")
+    config = json.loads((path / "config.json").read_text())
+    if "rope_scaling" in overrides:  # transformers 5 spells it rope_parameters
+        config["rope_parameters"] = {**config.get("rope_parameters", {}), **overrides.pop("rope_scaling")}
+    config.update(overrides)
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HFCheckpointError, match=message):
+        config_from_hf(path)
+
+
+def test_import_errors_name_the_problem(tmp_path: Path) -> None:
+    path = save_tiny_hf(tmp_path / "hf")
+    with pytest.raises(HFCheckpointError, match="n_layer: model 3 vs"):
+        load_hf_state(path, config_from_hf(path, n_layer=3))
+    (path / "model.safetensors").unlink()
+    with pytest.raises(HFCheckpointError, match="has no weights"):
+        load_hf_state(path, config_from_hf(path))
+    with pytest.raises(HFCheckpointError, match="does not exist"):
+        config_from_hf(tmp_path / "nowhere")
+
+
+class _FirstBatchWeights(Callback):
+    """Records the model's weights when the first training batch starts (after init_from, before any update)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if not hasattr(self, "state"):
+            self.state = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+
+
+def _module_config() -> LlamaConfig:
+    """Our config for the tiny HF model, trained at a shorter sequence length."""
+    return LlamaConfig(
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        n_kv_head=2,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        block_size=32,
+        rope_theta=50000.0,
+        norm_eps=1e-6,
+    )
+
+
+def test_fit_init_from_hf_starts_at_hf_weights(tmp_path: Path, tiny_corpus: Path) -> None:
+    from epas_lightning import TokenDataModule
+
+    path = save_tiny_hf(tmp_path / "hf", sharded=True)
+    expected = load_hf_state(path, _module_config())
+    module = EPASModule(_module_config(), init_from=str(path))
+    probe = _FirstBatchWeights()
+    trainer = cpu_trainer(tmp_path, max_steps=1, callbacks=[probe])
+    trainer.fit(module, TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=VOCAB))
+    for key, tensor in expected.items():
+        torch.testing.assert_close(probe.state[key], tensor, msg=key)
+
+
+def test_init_from_checks_before_training(tmp_path: Path) -> None:
+    path = save_tiny_hf(tmp_path / "hf")
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        EPASModule(_module_config(), init_from=str(tmp_path / "missing"))
+    wide = LlamaConfig(n_layer=2, n_embd=128, n_head=4, vocab_size=VOCAB, block_size=32, rope_theta=50000.0)
+    with pytest.raises(HFCheckpointError, match="n_embd: model 128"):
+        EPASModule(wide, init_from=str(path))
+
+
+# ---------------------------------------------------------------- export
+
+
+def save_ours(
+    path: Path, tokenizer: Path | None = None, n_layer: int = 4, shared: int = 0, tie: bool = False, **fields
+) -> Llama:
+    """A random model of ours written as a `consolidate` directory (what `export` reads), region ``shared`` deep."""
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        **{
+            **dict(n_layer=n_layer, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128, vocab_size=VOCAB),
+            **dict(block_size=64, rope_theta=50000.0, norm_eps=1e-6, tie_embeddings=tie),
+            **fields,
+        }
+    )
+    model = Llama(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.set_shared_layers(range(n_layer - shared, n_layer))
+    save_consolidated(model, path, tokenizer)
+    return model.eval()
+
+
+def greedy_by_full_forwards(model: Llama, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = model(ids)[:, -1, : model.config.vocab_size]
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_export_dense_loads_in_stock_transformers(tmp_path: Path, tiny_corpus: Path, tie: bool) -> None:
+    from epas_lightning.hf.export import export
+
+    ours = save_ours(tmp_path / "ckpt", tiny_corpus / "tokenizer.json", tie=tie, vocab_size=500)  # padded to 512
+    out = export(tmp_path / "ckpt", tmp_path / "hf")
+    assert not (out / "modeling_epas_llama.py").exists()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    ids = torch.randint(0, 500, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids)[..., :500], atol=1e-5, rtol=1e-5)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    from epas_lightning.data import load_tokenizer
+
+    text = "def f(x):\n    return x + 1\n"
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == load_tokenizer(out / "tokenizer.json").encode(text)
+    # and back: the export imports as the same model
+    back = ours_from_hf(out, padded_vocab_size=512)
+    torch.testing.assert_close(back(ids)[..., :500], ours(ids)[..., :500])
+
+
+@pytest.mark.parametrize("mode", ["qk", "kv"])
+def test_export_sharing_remote_code_logits_and_generate(tmp_path: Path, mode: str) -> None:
+    from epas_lightning.hf.export import export
+
+    ours = save_ours(tmp_path / "ckpt", n_layer=4, shared=2, sharing_mode=mode)
+    out = export(tmp_path / "ckpt", tmp_path / "hf")  # no tokenizer recorded: weights + config only
+    assert (out / "modeling_epas_llama.py").is_file() and not (out / "tokenizer_config.json").exists()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    assert hf.config.epas_shared_layers == [2, 3]
+    ids = torch.randint(0, VOCAB, (2, 20))
+    with torch.no_grad():
+        logits = hf(ids).logits
+        torch.testing.assert_close(logits, ours(ids), atol=1e-5, rtol=1e-5)
+        dense = Llama(ours.config)
+        dense.load_state_dict(ours.state_dict())
+        dense.set_shared_layers([])
+        assert (logits - dense(ids)).abs().max() > 1e-3  # the region really changes the function
+    prompt = ids[:, :6]
+    expected = greedy_by_full_forwards(ours, prompt, 8)
+    for use_cache in (True, False):
+        generated = hf.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False, use_cache=use_cache
+        )
+        assert torch.equal(generated, expected), use_cache
+    # a left-padded batch generates what each prompt alone does
+    padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), prompt[1:, :4]], dim=1)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    generated = hf.generate(padded, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated[:, 2:], greedy_by_full_forwards(ours, prompt[1:, :4], 5))
+
+
+def test_export_region_checks(tmp_path: Path) -> None:
+    from epas_lightning.hf.export import main
+
+    save_ours(tmp_path / "ckpt", n_layer=4, shared=1)
+    with pytest.raises(ValueError, match="exceeds the 1 layer"):
+        main(["--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "a"), "--sharing-layers", "2"])
+    assert main(["-c", str(tmp_path / "ckpt"), "-o", str(tmp_path / "b"), "--sharing-layers", "0"]) == 0
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["model_type"] == "llama"
+    assert (
+        main(["-c", str(tmp_path / "ckpt"), "-o", str(tmp_path / "c"), "--sharing-layers", "0", "--remote-code"]) == 0
+    )
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "c", trust_remote_code=True, epas_shared_layers=[3]
+    )
+    assert hf.config.epas_shared_layers == [3] and hf.config.epas_max_shared_layers == 1
+
+
+# ---------------------------------------------------------------- configs/tinyllama-continual.yaml
+
+CONTINUAL = str(Path(__file__).resolve().parents[1] / "configs" / "tinyllama-continual.yaml")
+
+
+def test_tinyllama_continual_config_parses(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from epas_lightning.cli import main
+
+    path = save_tiny_hf(tmp_path / "hf")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", CONTINUAL, "--model.init_from", str(path), "--print_config"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"init_from: {path}" in out and "name: tinyllama-1.1b" in out and "target: 5" in out
+
+
+def test_tinyllama_continual_config_checks_init_from(tmp_path: Path) -> None:
+    """Scaled down to the tiny HF model on CPU: builds with a fitting directory, fails clearly without one."""
+    from epas_lightning.cli import main
+
+    path = save_tiny_hf(tmp_path / "hf", rope_theta=10000.0, rms_norm_eps=1e-5)
+    small = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto"]
+    small += ["--model.config.name", "debug", "--model.config.n_layer", "2", "--model.config.n_embd", "64"]
+    small += ["--model.config.block_size", "32", "--sharing.target", "1", "--model.compile", "false"]
+    small += ["--trainer.precision", "32-true", "--data.data_dir", "null", "--trainer.logger", "false"]
+    cli = main(["--config", CONTINUAL, *small, "--model.init_from", str(path)], run=False)
+    assert cli.model.init_from == str(path)
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        main(["--config", CONTINUAL, *small, "--model.init_from", str(tmp_path / "missing")], run=False)
+
+
+def test_resume_wins_over_init_from(tmp_path: Path, tiny_corpus: Path) -> None:
+    from epas_lightning import TokenDataModule
+
+    def data() -> TokenDataModule:
+        return TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=VOCAB)
+
+    first = save_tiny_hf(tmp_path / "hf1", seed=1)
+    trainer = cpu_trainer(tmp_path / "a", max_steps=2)
+    trainer.fit(EPASModule(_module_config(), init_from=str(first)), data())
+    ckpt = tmp_path / "two_steps.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = {k: v for k, v in torch.load(ckpt, weights_only=True)["state_dict"].items() if k.startswith("model.")}
+
+    other = save_tiny_hf(tmp_path / "hf2", seed=2)  # a resume must not be overwritten by init_from
+    probe = _FirstBatchWeights()
+    trainer = cpu_trainer(tmp_path / "b", max_steps=3, callbacks=[probe])
+    trainer.fit(EPASModule(_module_config(), init_from=str(other)), data(), ckpt_path=ckpt)
+    for key, tensor in saved.items():
+        torch.testing.assert_close(probe.state[key.removeprefix("model.")], tensor, msg=key)
