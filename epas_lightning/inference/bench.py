@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--max-shared", type=int, default=None, help="largest region to measure (default: as trained)")
     p.add_argument("--budget", type=float, default=None, help="pick the region with FLOPs <= F x dense")
-    p.add_argument("--output", type=Path, default=Path("bench"), help="directory for many_in_one.csv/.png/.json")
+    p.add_argument("--output", type=Path, default=Path("out/bench"), help="directory for many_in_one.csv/.png/.json")
     args = p.parse_args(argv)
     try:
         summary = measure(args)
