@@ -162,7 +162,7 @@ def test_lm_eval_model_class_on_a_checkpoint(tmp_path: Path, tiny_corpus: Path) 
     assert score == pytest.approx(
         direct_loglik(lm.model, [tok.bos_id] + tok.encode("def f(x):"), tok.encode(" return x")), abs=1e-4
     )
-    with pytest.raises(ValueError, match="exceeds the 2 layer"):
+    with pytest.raises(ValueError, match="trained with at most 2 sharing layers"):
         adapter.EPASLM(str(tmp_path / "ckpt"), sharing_layers=3)
 
 
@@ -179,6 +179,6 @@ def test_evaluate_cli_sweeps_regions(tmp_path: Path, tiny_corpus: Path, capsys: 
     assert {"val_loss", "val_ppl", "code/acc", "code/acc_norm"} <= set(rows[0])
     assert rows[0]["val_loss"] != rows[2]["val_loss"]  # the region changes the model
     assert "| sharing_layers |" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="exceeds the 2 layer"):
+    with pytest.raises(ValueError, match="trained with at most 2 sharing layers"):
         evaluate_main(["--checkpoint", str(tmp_path / "ckpt"), "--sharing-layers", "3", "--data", str(tiny_corpus)])
     assert evaluate_main([*argv[:3], "3", "--force", "--data", str(tiny_corpus), "--max-batches", "1"]) == 0

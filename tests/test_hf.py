@@ -268,7 +268,7 @@ def test_export_region_checks(tmp_path: Path) -> None:
     from epas_lightning.hf.export import main
 
     save_ours(tmp_path / "ckpt", n_layer=4, shared=1)
-    with pytest.raises(ValueError, match="exceeds the 1 layer"):
+    with pytest.raises(ValueError, match="trained with at most 1 sharing layers"):
         main(["--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "a"), "--sharing-layers", "2"])
     assert main(["-c", str(tmp_path / "ckpt"), "-o", str(tmp_path / "b"), "--sharing-layers", "0"]) == 0
     assert json.loads((tmp_path / "b" / "config.json").read_text())["model_type"] == "llama"

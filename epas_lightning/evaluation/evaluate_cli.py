@@ -17,6 +17,7 @@ import torch
 from epas_lightning.checkpoint import LoadedModel, load_model
 from epas_lightning.evaluation.multiple_choice import evaluate_task, load_task
 from epas_lightning.evaluation.perplexity import evaluate_perplexity
+from epas_lightning.inference.generate import set_region
 
 
 def load_for_eval(checkpoint: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
@@ -25,17 +26,7 @@ def load_for_eval(checkpoint: str | Path, device: str | torch.device = "cpu") ->
 
 def apply_region(loaded: LoadedModel, n: int, force: bool = False) -> list[int]:
     """Switch the deepest ``n`` layers to sharing; refuse more than the trained region unless ``force``."""
-    n_layer = loaded.model.config.n_layer
-    if not 0 <= n <= n_layer - 1:
-        raise ValueError(f"--sharing-layers must be in 0..{n_layer - 1} for a {n_layer}-layer model, got {n}.")
-    if n > loaded.max_shared and not force:
-        raise ValueError(
-            f"--sharing-layers {n} exceeds the {loaded.max_shared} layer(s) the checkpoint was trained to share "
-            "(its weights were never trained for that region); pass --force to evaluate it anyway."
-        )
-    layers = list(range(n_layer - n, n_layer))
-    loaded.model.set_shared_layers(layers)
-    return layers
+    return set_region(loaded.model, n, loaded.max_shared, force)
 
 
 def region_lengths(spec: str | None, loaded: LoadedModel, force: bool) -> list[int]:

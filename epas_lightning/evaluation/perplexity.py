@@ -13,12 +13,13 @@ from epas_lightning.model import Llama
 @torch.no_grad()
 def perplexity_of_batches(model: Llama, batches, max_batches: int | None = None) -> dict[str, float]:  # noqa: ANN001
     """Token-weighted loss and perplexity of ``model`` over token batches (B, T + 1)."""
-    metric = Perplexity()
+    device = model.embed_tokens.weight.device
+    metric = Perplexity().to(device)
     tokens = 0
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
-        batch = batch.long()
+        batch = batch.to(device).long()
         logits = model(batch[:, :-1])  # (B, T, V)
         metric.update(logits.float(), batch[:, 1:])
         tokens += batch[:, 1:].numel()

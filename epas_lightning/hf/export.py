@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from epas_lightning.checkpoint import load_model
 from epas_lightning.data.tokenizer import HF_FILENAME, SENTENCEPIECE_FILENAME, load_tokenizer, resolve_tokenizer_path
 from epas_lightning.hf.convert import ours_to_hf
+from epas_lightning.inference.generate import set_region
 from epas_lightning.model import LlamaConfig
 
 log = logging.getLogger(__name__)
@@ -129,14 +130,7 @@ def export(
     loaded = load_model(checkpoint)
     model, config = loaded.model, loaded.model.config
     n = loaded.max_shared if sharing_layers is None else sharing_layers
-    if not 0 <= n <= config.n_layer - 1:
-        raise ValueError(f"--sharing-layers must be in 0..{config.n_layer - 1} for a {config.n_layer}-layer model.")
-    if n > loaded.max_shared and not force:
-        raise ValueError(
-            f"--sharing-layers {n} exceeds the {loaded.max_shared} layer(s) the checkpoint was trained to share; "
-            "pass --force to export it anyway."
-        )
-    shared = list(range(config.n_layer - n, config.n_layer))
+    shared = set_region(model, n, loaded.max_shared, force)
     use_remote = remote_code or n > 0
     state = ours_to_hf(model.state_dict(), config)
     torch_dtype = DTYPES[dtype] if dtype else next(iter(state.values())).dtype

@@ -18,12 +18,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from epas_lightning.evaluation.perplexity import perplexity_of_batches
 from epas_lightning.flops import estimate_flops
 from epas_lightning.inference.generate import generate, set_region
 from epas_lightning.inference.generate_cli import MIB, add_model_arguments, cuda_graph_choice, load_for_inference
-from epas_lightning.model import Llama, LlamaConfig
+from epas_lightning.model import LlamaConfig
 
 COLUMNS = (
     "n_shared",
@@ -70,19 +70,6 @@ def heldout_batches(data_dir: Path, config: LlamaConfig, batch_size: int, n_batc
     return batches
 
 
-@torch.inference_mode()
-def mean_loss(model: Llama, batches: list[torch.Tensor]) -> float:
-    """Token-weighted mean next-token cross-entropy over ``batches``."""
-    device = model.embed_tokens.weight.device
-    total, count = 0.0, 0
-    for batch in batches:
-        batch = batch.to(device)
-        logits = model(batch[:, :-1])
-        total += float(F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"))
-        count += batch[:, 1:].numel()
-    return total / count
-
-
 def measure(args: argparse.Namespace) -> dict:
     loaded = load_for_inference(args)
     model, config = loaded.model, loaded.model.config
@@ -124,7 +111,7 @@ def measure(args: argparse.Namespace) -> dict:
     rows = []
     for n in regions:
         set_region(model, n, loaded.max_shared, args.force)
-        loss = mean_loss(model, batches) if batches else float("nan")
+        loss = perplexity_of_batches(model, batches)["loss"] if batches else float("nan")
         rows.append(
             {
                 "n_shared": n,
