@@ -186,3 +186,54 @@ def test_cuda_graph_generation_equals_eager(reuse):
     prompts = [tokens(1, 9, seed=3)[0].tolist(), tokens(1, 4, seed=4)[0].tolist()]
     eager = generate(model, prompts, max_new_tokens=12, cuda_graph=False).tokens
     assert generate(model, prompts, max_new_tokens=12, cuda_graph=True).tokens == eager
+
+
+def test_blockwise_causal_probs_matmul_equals_the_dense_one():
+    """Long sequences take the block-skipping P @ V; values and gradients equal the plain matmul."""
+    from epas_lightning.model import attention
+
+    torch.manual_seed(0)
+    B, H_kv, G, T, D = 2, 2, 2, 3 * attention.CAUSAL_BLOCK + 5, 8
+    scores = torch.randn(B, H_kv, G, T, T).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    probs = scores.softmax(-1).requires_grad_()
+    v = torch.randn(B, H_kv, 1, T, D, requires_grad=True)
+    out = attention.CausalProbsMatmul.apply(probs, v)
+    ref = probs @ v
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (probs, v), g)
+    want = torch.autograd.grad(ref, (probs, v), g)
+    torch.testing.assert_close(got[1], want[1])
+    lower = torch.ones(T, T, dtype=torch.bool).tril()  # the upper triangle of dP is multiplied by P = 0 downstream
+    torch.testing.assert_close(got[0][..., lower], want[0][..., lower])
+
+
+def test_attention_reuse_on_long_sequences_matches_recompute():
+    model = tiny(block_size=320)
+    model.set_shared_layers([2, 3])
+    x = tokens(1, 300)
+    results = []
+    for reuse in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.attention_reuse = reuse
+        logits = model(x)
+        logits.logsumexp(-1).mean().backward()
+        results.append((logits.detach(), model.layers[1].self_attn.q_proj.weight.grad.clone()))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=2e-5, rtol=1e-3)
+
+
+def test_blockwise_causal_scores_equal_the_masked_dense_ones():
+    from epas_lightning.model import attention
+
+    torch.manual_seed(1)
+    B, H_kv, G, T, D = 1, 2, 2, 2 * attention.CAUSAL_BLOCK + 7, 8
+    q = torch.randn(B, H_kv, G, T, D, requires_grad=True)
+    k = torch.randn(B, H_kv, 1, T, D, requires_grad=True)
+    upper = torch.ones(T, T, dtype=torch.bool).triu(1)
+    probs = attention.CausalScores.apply(q, k).softmax(-1)
+    ref = (q @ k.transpose(-2, -1)).masked_fill(upper, float("-inf")).softmax(-1)
+    torch.testing.assert_close(probs, ref)
+    g = torch.randn_like(probs)
+    for got, want in zip(torch.autograd.grad(probs, (q, k), g), torch.autograd.grad(ref, (q, k), g), strict=True):
+        torch.testing.assert_close(got, want)

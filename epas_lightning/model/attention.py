@@ -110,7 +110,7 @@ class Attention(nn.Module):
             probs = attention_probs(q, k, ctx)
             shared = Shared(shared.pair, probs)
         if probs is not None:
-            y = apply_probs(probs, v, self.n_head)
+            y = apply_probs(probs, v, self.n_head, causal=ctx.is_causal and ctx.mask is None)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal and ctx.mask is None, enable_gqa=self._gqa
@@ -131,13 +131,17 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> 
     """softmax(q k^T / sqrt(D)) under the context's mask, (B, H_kv, G * T, S), softmax in fp32.
 
     The G query heads that read one KV head are stacked along the query axis, so one batched matmul serves GQA
-    without repeating K: the layout ``apply_probs`` expects.
+    without repeating K: the layout ``apply_probs`` expects. Long causal sequences (training) compute only the
+    blocks on and below the diagonal.
     """
     B, H, T, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
     G = H // H_kv
-    q = (q * (1.0 / math.sqrt(D))).reshape(B, H_kv, G * T, D)
-    scores = q @ k.transpose(-2, -1)  # (B, H_kv, G * T, S)
+    q = q * (1.0 / math.sqrt(D))
+    if ctx.mask is None and ctx.is_causal and T == S and T >= 2 * CAUSAL_BLOCK:
+        scores = CausalScores.apply(q.reshape(B, H_kv, G, T, D), k.unsqueeze(2))  # (B, H_kv, G, T, T)
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).view(B, H_kv, G * T, S)
+    scores = q.reshape(B, H_kv, G * T, D) @ k.transpose(-2, -1)  # (B, H_kv, G * T, S)
     allowed = ctx.mask
     if allowed is None and ctx.is_causal:
         allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
@@ -147,8 +151,87 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> 
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
 
 
-def apply_probs(probs: torch.Tensor, v: torch.Tensor, n_head: int) -> torch.Tensor:
-    """P @ V for probabilities from :func:`attention_probs`: (B, H, T, D)."""
-    B, H_kv, GT, _ = probs.shape
-    y = probs.to(v.dtype) @ v  # (B, H_kv, G * T, D)
-    return y.view(B, n_head, GT * H_kv // n_head, v.shape[-1])
+def apply_probs(probs: torch.Tensor, v: torch.Tensor, n_head: int, causal: bool = False) -> torch.Tensor:
+    """P @ V for probabilities from :func:`attention_probs`: (B, H, T, D).
+
+    ``causal`` (training: T == S, no cache) skips the all-zero blocks above the diagonal in forward and backward.
+    """
+    B, H_kv, GT, S = probs.shape
+    T, D = GT * H_kv // n_head, v.shape[-1]
+    if causal and T == S and T >= 2 * CAUSAL_BLOCK:
+        probs5 = probs.view(B, H_kv, GT // T, T, S)  # (B, H_kv, G, T, S)
+        y = CausalProbsMatmul.apply(probs5, v.unsqueeze(2).to(probs.dtype))  # (B, H_kv, G, T, D)
+    else:
+        y = probs.to(v.dtype) @ v  # (B, H_kv, G * T, D)
+    return y.reshape(B, n_head, T, D)
+
+
+CAUSAL_BLOCK = 128
+"""Query rows per block of the causal P @ V: blocks above the diagonal are zero and skipped."""
+
+
+def _blocks(T: int) -> list[tuple[int, int]]:
+    return [(start, min(start + CAUSAL_BLOCK, T)) for start in range(0, T, CAUSAL_BLOCK)]
+
+
+class CausalProbsMatmul(torch.autograd.Function):
+    """P @ V for a causal (lower-triangular) P, block by block: about (n + 1) / 2n of the dense matmul's work for n
+    blocks, forward and backward. P is (B, H_kv, G, T, T) and V is (B, H_kv, 1, T, D) (one V per KV head)."""
+
+    @staticmethod
+    def forward(ctx, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        out = probs.new_empty(*probs.shape[:-1], v.shape[-1])
+        for start, end in _blocks(probs.shape[-1]):
+            out[..., start:end, :] = probs[..., start:end, :end] @ v[..., :end, :]
+        ctx.save_for_backward(probs, v)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # noqa: ANN001
+        probs, v = ctx.saved_tensors
+        grad_probs = grad_v = None
+        if ctx.needs_input_grad[0]:  # above the diagonal P is 0, so its gradient there never matters
+            grad_probs = torch.zeros_like(probs)
+            for start, end in _blocks(probs.shape[-1]):
+                grad_probs[..., start:end, :end] = grad[..., start:end, :] @ v[..., :end, :].transpose(-2, -1)
+        if ctx.needs_input_grad[1]:  # keys start:end are read by queries start: onwards; sum over the G heads
+            grad_v = torch.empty_like(v)
+            for start, end in _blocks(probs.shape[-1]):
+                part = probs[..., start:, start:end].transpose(-2, -1) @ grad[..., start:, :]  # (B, H_kv, G, b, D)
+                grad_v[..., start:end, :] = part.sum(dim=2, keepdim=True)
+        return grad_probs, grad_v
+
+
+class CausalScores(torch.autograd.Function):
+    """Causal q k^T, block by block: the blocks above the diagonal are never computed (they are -inf).
+
+    q is (B, H_kv, G, T, D) (already scaled) and k is (B, H_kv, 1, T, D); returns (B, H_kv, G, T, T).
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        T = q.shape[-2]
+        scores = q.new_full((*q.shape[:-1], T), float("-inf"))
+        for start, end in _blocks(T):
+            block = q[..., start:end, :] @ k[..., :end, :].transpose(-2, -1)  # (B, H_kv, G, b, end)
+            diagonal = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu(1)
+            block[..., start:end].masked_fill_(diagonal, float("-inf"))
+            scores[..., start:end, :end] = block
+        ctx.save_for_backward(q, k)
+        return scores
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # noqa: ANN001
+        # Where the scores are -inf the softmax gradient is exactly 0, so the skipped blocks contribute nothing.
+        q, k = ctx.saved_tensors
+        grad_q = grad_k = None
+        if ctx.needs_input_grad[0]:
+            grad_q = torch.empty_like(q)
+            for start, end in _blocks(q.shape[-2]):
+                grad_q[..., start:end, :] = grad[..., start:end, :end] @ k[..., :end, :]
+        if ctx.needs_input_grad[1]:
+            grad_k = torch.empty_like(k)
+            for start, end in _blocks(q.shape[-2]):
+                part = grad[..., start:, start:end].transpose(-2, -1) @ q[..., start:, :]  # (B, H_kv, G, b, D)
+                grad_k[..., start:end, :] = part.sum(dim=2, keepdim=True)
+        return grad_q, grad_k
