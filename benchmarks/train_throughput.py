@@ -84,6 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="add an EPAS arm that reuses the source layer's attention probabilities (P @ V in sharing layers)",
     )
     p.add_argument(
+        "--tune-malloc",
+        action="store_true",
+        help="CPU: keep large tensors in glibc's heap (epas_lightning.cpu.tune_glibc_malloc) instead of fresh mmaps",
+    )
+    p.add_argument(
         "--peak-tflops",
         type=float,
         default=None,
@@ -343,6 +348,7 @@ def summarize(
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "seed": args.seed,
+        "tune_malloc": args.tune_malloc,
         **reuse,
     }
 
@@ -384,6 +390,10 @@ def print_table(r: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.tune_malloc:
+        from epas_lightning.cpu import tune_glibc_malloc
+
+        print(f"glibc malloc tuned: {tune_glibc_malloc()}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
