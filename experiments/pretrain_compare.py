@@ -1,10 +1,12 @@
 """Small-scale pretraining comparison: dense vs EPAS progressive vs static sharing vs shallow-first growth.
 
-CPU budget (the default run, about 10-12 minutes on 2 shared AMD EPYC cores, fp32): the ``demo`` shape (8 layers,
-d 256, 4 heads, vocab 4096, 8.5M parameters) at sequence length 128, batch 8, 300 optimizer steps per variant
-(307k training tokens each), AdamW lr 2e-3 with 20 warm-up steps and a cosine to 10%, gradient clipping at 1.0,
-validation every 25 steps on the same 8 held-out batches (8k tokens). Data: the built-in corpus (the Python standard
-library tokenized with a 4096-token BPE, built once into the cache) through ``TokenDataModule``, or ``--data-dir``.
+CPU budget (the default run, about 12-15 minutes on a shared 2-core AMD EPYC, fp32, one torch thread): the ``demo``
+shape (8 layers, d 256, 4 heads, vocab 4096, 8.5M parameters) at sequence length 128, batch 8, 200 optimizer steps
+per variant (205k training tokens each), AdamW lr 2e-3 with 20 warm-up steps and a cosine to 10%, gradient clipping
+at 1.0, validation every 20 steps on the same 8 held-out batches (8k tokens). One thread by default: on a shared
+2-core machine a two-thread step stalls whenever another process holds a core. Data: the built-in corpus (the Python
+standard library tokenized with a 4096-token BPE, built once into the cache) through ``TokenDataModule``, or
+``--data-dir``.
 
 The four variants, all from the same initial weights (same seed), trained on the same batches in the same order:
 
@@ -18,11 +20,12 @@ The sharing mask of every step comes from ``ProgressiveSharing.shared_layers_at(
 applied with ``Llama.set_shared_layers``, as the callback does inside ``Trainer.fit``. The loss, the parameter groups
 (weight decay on matrices only), the optimizer and the LR schedule are those ``EPASModule`` configures.
 
-Fair timing on a shared machine: all four models live in ONE process and train round-robin, ``--chunk`` steps of one
-variant, then ``--chunk`` of the next (the order rotates every round). Each variant's "own" wall clock is the sum of
-``time.perf_counter`` around its own training steps only (validation excluded), so load from other processes lands
-on all variants alike instead of on whichever ran while the machine was busy. Equal-wall-clock comparisons read every
-variant's validation curve at the same own time (the shortest run's total), interpolated linearly.
+Fair timing on a shared machine: all four models live in ONE process and train round-robin, ``--chunk`` steps
+(default 1) of one variant, then ``--chunk`` of the next (the order rotates every round). Each variant's "own" wall
+clock is the sum of ``time.perf_counter`` around its own training steps only (validation excluded), so load from
+other processes lands on all variants alike instead of on whichever ran while the machine was busy. Equal-wall-clock
+comparisons read every variant's validation curve at the same own time (the shortest run's total), interpolated
+linearly.
 
 Outputs under ``--out`` (default ``out/pretrain_compare/``, gitignored): TensorBoard runs side by side in
 ``tb/<variant>/`` (scalars ``val/loss``, ``train/loss``, ``perf/tokens_per_s``, ``sharing/layers``,
@@ -66,17 +69,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-layer", type=int, default=None, help="override the preset's number of layers")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps per variant")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per variant")
     p.add_argument("--sharing", type=float, default=0.5, help="fraction of the layers in the full region")
     p.add_argument("--start-step", type=int, default=None, help="first growth step (default: 20%% of --steps)")
     p.add_argument("--interval", type=int, default=None, help="steps between growth stages (default: full at 50%%)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--val-batches", type=int, default=8)
-    p.add_argument("--chunk", type=int, default=5, help="steps of one variant before the next one runs")
+    p.add_argument("--chunk", type=int, default=1, help="steps of one variant before the next one runs")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's choice)")
     p.add_argument("--data-dir", default=None, help="prepared data dir (default: the built-in corpus)")
     p.add_argument("--out", default="out/pretrain_compare")
     p.add_argument("--quick", action="store_true", help="tiny model on random tokens, a few steps (smoke test)")
