@@ -14,6 +14,9 @@
 CPUs without bf16 matrix units (AVX2-only Zen 3 here) run bf16 GEMMs far below fp32 and some layouts far below
 others, so a bf16-mixed step here is slow (tens of seconds for llama-125m at seq 128): keep ``--seq-len`` small.
 
+``--device cuda`` measures the same on a GPU (for context; the target is about this CPU): there TF32 is turned off
+so the fp32 peak is plain fp32.
+
 Usage::
 
     python benchmarks/mfu.py --model llama-125m --seq-len 128 --batch-size 1 --reps 2
@@ -32,7 +35,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from train_throughput import cpu_ticks, device_name, foreign_load
+from train_throughput import cpu_ticks, device_name, foreign_load, resolve_device, synchronize
 
 from epas_lightning.flops import estimate_flops
 from epas_lightning.model import Llama, LlamaConfig
@@ -53,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mm-budget", type=float, default=2.0, help="seconds per product above which sizes stop growing")
     p.add_argument("--no-fp32-step", action="store_true", help="skip the fp32 context step")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="the target is CPU MFU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="debug model, small matmuls (smoke test)")
     args = p.parse_args(argv)
@@ -61,16 +65,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def matmul_peak(dtype: torch.dtype, sizes: list[int], reps: int, budget: float) -> dict:
+def matmul_peak(dtype: torch.dtype, sizes: list[int], reps: int, budget: float, device: torch.device) -> dict:
     """Best GFLOP/s of square products per layout and overall."""
     table: dict[str, dict[int, float]] = {layout: {} for layout in LAYOUTS}
     for layout in LAYOUTS:
         for n in sorted(sizes):
-            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
             a = a.t() if layout == "tn" else a
             b = b.t() if layout == "nt" else b
             torch.mm(a, b)  # warm-up (oneDNN primitive creation)
-            best = min(timed(lambda a=a, b=b: torch.mm(a, b)) for _ in range(reps))
+            best = min(timed(lambda a=a, b=b: torch.mm(a, b), device) for _ in range(reps))
             table[layout][n] = 2 * n**3 / best / 1e9
             if best > budget:
                 break
@@ -83,21 +87,25 @@ def matmul_peak(dtype: torch.dtype, sizes: list[int], reps: int, budget: float) 
     }
 
 
-def timed(fn) -> float:  # noqa: ANN001
+def timed(fn, device: torch.device) -> float:  # noqa: ANN001
+    synchronize(device)
     start = time.perf_counter()
     fn()
+    synchronize(device)
     return time.perf_counter() - start
 
 
-def step_seconds(config: LlamaConfig, args: argparse.Namespace, bf16: bool, reps: int) -> tuple[list[float], list]:
+def step_seconds(
+    config: LlamaConfig, args: argparse.Namespace, bf16: bool, reps: int, device: torch.device
+) -> tuple[list[float], list]:
     """Times of ``reps`` dense training steps after one warm-up, and the foreign CPU load during each."""
     torch.manual_seed(args.seed)
-    model = Llama(config)
+    model = Llama(config).to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    tokens = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1))
+    tokens = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def step() -> None:
         with autocast:
@@ -110,11 +118,11 @@ def step_seconds(config: LlamaConfig, args: argparse.Namespace, bf16: bool, reps
     step()
     times, loads = [], []
     for _ in range(reps):
-        ticks = cpu_ticks()
-        seconds = timed(step)
+        ticks = cpu_ticks() if device.type == "cpu" else None
+        seconds = timed(step, device)
         times.append(seconds)
         loads.append(foreign_load(ticks, cpu_ticks(), seconds))
-        print(f"  {'bf16-mixed' if bf16 else 'fp32'} step {seconds:8.3f} s", flush=True)
+        print(f"  {'bf16-mixed' if bf16 else 'fp32'} step {seconds:8.4f} s", flush=True)
     return times, loads
 
 
@@ -126,12 +134,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.seq_len > config.block_size:
         config = LlamaConfig.from_name(args.model, block_size=args.seq_len)
     print("matmul peak (GFLOP/s, best over sizes and layouts) ...", flush=True)
-    peak_bf16 = matmul_peak(torch.bfloat16, args.sizes, args.mm_reps, args.mm_budget)
-    peak_fp32 = matmul_peak(torch.float32, args.sizes, args.mm_reps, args.mm_budget)
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 peak means fp32, as on CPU
+    peak_bf16 = matmul_peak(torch.bfloat16, args.sizes, args.mm_reps, args.mm_budget, device)
+    peak_fp32 = matmul_peak(torch.float32, args.sizes, args.mm_reps, args.mm_budget, device)
     print(f"  bf16 {peak_bf16['gflops']:.1f} {peak_bf16['by_layout']}", flush=True)
     print(f"  fp32 {peak_fp32['gflops']:.1f} {peak_fp32['by_layout']}", flush=True)
     flops = args.batch_size * estimate_flops(config, 0, args.seq_len)
-    bf16_times, bf16_loads = step_seconds(config, args, bf16=True, reps=args.reps)
+    bf16_times, bf16_loads = step_seconds(config, args, bf16=True, reps=args.reps, device=device)
     bf16_s = statistics.median(bf16_times)
     achieved = flops / bf16_s / 1e9
     result = {
@@ -139,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,
         "precision": "bf16-mixed",
-        "device_name": device_name(torch.device("cpu")),
+        "device": device.type,
+        "device_name": device_name(device),
         "threads": torch.get_num_threads(),
         "model_flops_per_step": flops,
         "bf16_step_s": bf16_s,
@@ -157,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
     }
     if not args.no_fp32_step:
-        fp32_times, fp32_loads = step_seconds(config, args, bf16=False, reps=args.reps + 2)
+        fp32_times, fp32_loads = step_seconds(config, args, bf16=False, reps=args.reps + 2, device=device)
         fp32_s = statistics.median(fp32_times)
         result |= {
             "fp32_step_s": fp32_s,
