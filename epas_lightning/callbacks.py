@@ -8,23 +8,25 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from epas_lightning.schedule import SharingSchedule, TargetSpec
+from epas_lightning.schedule import GrowthOrder, SharingSchedule, TargetSpec, check_order
 
 
 class ProgressiveSharing(Callback):
-    """Grows the sharing region deep -> shallow during training (Algorithm 1 of the EPAS paper).
+    """Grows the sharing region deep -> shallow during training (Algorithm 1 of the EPAS paper; see ``order``).
 
     The mask is a pure function of ``trainer.global_step`` (optimizer steps), applied before every training batch,
     so all ranks and all micro-batches of an accumulation window agree, and a resumed run continues exactly.
 
     Args:
         target: The full region: a layer count (``6``), a fraction of the layers (``0.5``) or an explicit contiguous
-            deepest-first list (``[11, 10, 9]``). Layer 0 can never share.
+            list in growth order (``[11, 10, 9]``; ``[1, 2, 3]`` with ``shallow_first``). Layer 0 can never share.
         growth: Layers added per stage (B); must divide the region size.
         interval: Optimizer steps between stages (I).
         start_step: Optimizer step of the first stage; default ``interval``.
         n_layer: Layers of the model (linked from ``model.config`` by the CLI); checked against the model.
         enabled: ``False`` trains dense (every layer computes) with the same config.
+        order: ``deep_first`` (the paper): the deepest layers, growing shallower. ``shallow_first`` (an ablation):
+            the layers right after layer 0, growing deeper (layer 1, then 1-2, ...).
     """
 
     def __init__(
@@ -35,20 +37,23 @@ class ProgressiveSharing(Callback):
         start_step: int | None = None,
         n_layer: int | None = None,
         enabled: bool = True,
+        order: GrowthOrder = "deep_first",
     ) -> None:
+        check_order(order)
         self.target = list(target) if isinstance(target, (list, tuple)) else target
         self.growth = growth
         self.interval = interval
         self.start_step = start_step
         self.n_layer = n_layer
         self.enabled = enabled
+        self.order = order
         self.schedule: SharingSchedule | None = None
         if n_layer is not None:  # fail at construction (before any data is prepared) when we can
             self.schedule = self._build(n_layer)
         self._applied: list[int] | None = None
 
     def _build(self, n_layer: int) -> SharingSchedule:
-        return SharingSchedule.build(n_layer, self.target, self.growth, self.interval, self.start_step)
+        return SharingSchedule.build(n_layer, self.target, self.growth, self.interval, self.start_step, self.order)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         n_layer = pl_module.config.n_layer
@@ -84,11 +89,13 @@ class ProgressiveSharing(Callback):
             "interval": self.interval,
             "start_step": self.start_step,
             "enabled": self.enabled,
+            "order": self.order,
             "shared_layers": self._applied,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = {k: state_dict.get(k) for k in ("target", "growth", "interval", "start_step", "enabled")}
+        saved["order"] = state_dict.get("order", "deep_first")  # checkpoints from before the option grew deep-first
         current = {k: getattr(self, k) for k in saved}
         if saved != current:
             rank_zero_warn(

@@ -1,26 +1,46 @@
 """Algorithm 1 of the EPAS paper as a pure function of the optimizer step.
 
-The target region S_c is a contiguous run of layers listed deepest first. Starting at ``start_step`` and then every
-``interval`` optimizer steps, the next ``growth`` layers of S_c (deepest first) switch to sharing, until S_c is
-exhausted; the region then stays at full size. Because the mask depends on the step alone, every rank and every
-micro-batch of an accumulation window agree on it, and a resumed run picks it up from ``global_step``.
+The target region S_c is a contiguous run of layers listed in the order they join the region: deepest first (the
+paper). Starting at ``start_step`` and then every ``interval`` optimizer steps, the next ``growth`` layers of S_c
+switch to sharing, until S_c is exhausted; the region then stays at full size. Because the mask depends on the step
+alone, every rank and every micro-batch of an accumulation window agree on it, and a resumed run picks it up from
+``global_step``.
+
+``order="shallow_first"`` is an ablation, not the paper's method: the region sits right after layer 0 (layers
+1..N for a count or fraction) and grows deeper (layer 1, then 1-2, ...), so every sharing layer reuses layer 0's Q/K.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 TargetSpec = int | float | Sequence[int]
-"""The full sharing region: a layer count, a fraction of the layers, or an explicit deepest-first list."""
+"""The full sharing region: a layer count, a fraction of the layers, or an explicit list in growth order."""
+
+GrowthOrder = Literal["deep_first", "shallow_first"]
+"""Where the region sits and how it grows: ``deep_first`` (the paper: the deepest layers, growing shallower) or
+``shallow_first`` (an ablation: the layers right after layer 0, growing deeper)."""
+GROWTH_ORDERS: tuple[str, ...] = get_args(GrowthOrder)
 
 
-def resolve_target(target: TargetSpec, n_layer: int) -> tuple[int, ...]:
-    """Turn a count, fraction or list into the deepest-first list of layers of the full region.
+def check_order(order: str) -> None:
+    """Fail with the valid choices when ``order`` is not a :data:`GrowthOrder`."""
+    if order not in GROWTH_ORDERS:
+        raise ValueError(f"Sharing growth order must be one of {list(GROWTH_ORDERS)}, got {order!r}.")
 
-    A count or fraction takes the deepest layers (the last layer always included). A list must be a contiguous run of
-    layers in 1..n_layer-1, deepest first.
+
+def resolve_target(target: TargetSpec, n_layer: int, order: GrowthOrder = "deep_first") -> tuple[int, ...]:
+    """Turn a count, fraction or list into the layers of the full region, in the order they start sharing.
+
+    ``deep_first`` (default): a count or fraction takes the deepest layers (the last layer always included), deepest
+    first; a list must be a contiguous run of layers in 1..n_layer-1, deepest first.
+    ``shallow_first``: a count or fraction takes layers 1, 2, ... (right after layer 0), shallowest first; a list must
+    be a contiguous run in 1..n_layer-1, shallowest first.
     """
+    check_order(order)
+    deep_first = order == "deep_first"
     if isinstance(target, bool):
         raise ValueError(f"Sharing target must be a count, a fraction or a list of layers, got {target!r}.")
     if isinstance(target, float):
@@ -36,7 +56,7 @@ def resolve_target(target: TargetSpec, n_layer: int) -> tuple[int, ...]:
                 f"Sharing target of {target} layers is invalid for a {n_layer}-layer model: "
                 f"between 1 and n_layer - 1 = {n_layer - 1} layers can share (layer 0 always computes)."
             )
-        return tuple(range(n_layer - 1, n_layer - 1 - target, -1))
+        return tuple(range(n_layer - 1, n_layer - 1 - target, -1)) if deep_first else tuple(range(1, target + 1))
     layers = tuple(int(i) for i in target)
     if not layers:
         raise ValueError("The sharing target list is empty.")
@@ -44,9 +64,12 @@ def resolve_target(target: TargetSpec, n_layer: int) -> tuple[int, ...]:
         raise ValueError(
             f"Sharing target {list(layers)} names layers outside 1..{n_layer - 1} (layer 0 can never share)."
         )
-    if any(a - b != 1 for a, b in zip(layers, layers[1:], strict=False)):
+    step = -1 if deep_first else 1
+    if any(b - a != step for a, b in zip(layers, layers[1:], strict=False)):
+        example, listed = ("[11, 10, 9]", "deepest first") if deep_first else ("[1, 2, 3]", "shallowest first")
         raise ValueError(
-            f"Sharing target {list(layers)} must be one contiguous block listed deepest first, e.g. [11, 10, 9]."
+            f"Sharing target {list(layers)} must be one contiguous block listed {listed} (order={order!r}), "
+            f"e.g. {example}."
         )
     return layers
 
@@ -56,7 +79,7 @@ class SharingSchedule:
     """When each layer of the target region starts sharing."""
 
     target_layers: tuple[int, ...]
-    """The full region, deepest first."""
+    """The full region in the order its layers start sharing (deepest first unless built with ``shallow_first``)."""
     growth: int = 1
     """Layers added to the region per stage (B in the paper)."""
     interval: int = 100
@@ -79,10 +102,20 @@ class SharingSchedule:
 
     @classmethod
     def build(
-        cls, n_layer: int, target: TargetSpec, growth: int = 1, interval: int = 100, start_step: int | None = None
+        cls,
+        n_layer: int,
+        target: TargetSpec,
+        growth: int = 1,
+        interval: int = 100,
+        start_step: int | None = None,
+        order: GrowthOrder = "deep_first",
     ) -> SharingSchedule:
-        """Validate and build; ``start_step`` defaults to ``interval`` (the paper: grow after every I steps)."""
-        return cls(resolve_target(target, n_layer), growth, interval, interval if start_step is None else start_step)
+        """Validate and build; ``start_step`` defaults to ``interval`` (the paper: grow after every I steps).
+
+        ``order`` picks where the region sits and which way it grows (see :func:`resolve_target`).
+        """
+        layers = resolve_target(target, n_layer, order)
+        return cls(layers, growth, interval, interval if start_step is None else start_step)
 
     @property
     def n_stages(self) -> int:

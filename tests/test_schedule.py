@@ -64,3 +64,69 @@ def test_region_only_grows():
     sizes = [len(s.shared_layers_at(t)) for t in range(40)]
     assert sizes == sorted(sizes) and sizes[-1] == 5
     assert all(set(s.shared_layers_at(t)) <= set(s.shared_layers_at(t + 1)) for t in range(40))
+
+
+def test_shallow_first_region_starts_after_layer_0_and_grows_deeper():
+    assert resolve_target(3, 12, order="shallow_first") == (1, 2, 3)
+    assert resolve_target(0.5, 8, order="shallow_first") == (1, 2, 3, 4)
+    assert resolve_target([4, 5, 6], 12, order="shallow_first") == (4, 5, 6)
+    s = SharingSchedule.build(8, 0.5, growth=1, interval=5, start_step=0, order="shallow_first")
+    assert [s.shared_layers_at(t) for t in (0, 5, 10, 15, 100)] == [[1], [1, 2], [1, 2, 3], [1, 2, 3, 4], [1, 2, 3, 4]]
+    for t in range(30):  # always contiguous, never layer 0, only grows
+        layers = s.shared_layers_at(t)
+        assert 0 not in layers and layers == list(range(1, len(layers) + 1))
+        assert set(layers) <= set(s.shared_layers_at(t + 1))
+
+
+def test_default_order_is_deep_first():
+    assert SharingSchedule.build(12, 0.5, growth=2, interval=10) == SharingSchedule.build(
+        12, 0.5, growth=2, interval=10, order="deep_first"
+    )
+
+
+@pytest.mark.parametrize(
+    "target,match",
+    [
+        ([3, 2, 1], "shallowest first"),
+        ([1, 3], "contiguous"),
+        ([0, 1], "layer 0 can never share"),
+        (12, "between 1 and n_layer - 1"),
+    ],
+)
+def test_invalid_shallow_first_targets_are_explained(target, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_target(target, 12, order="shallow_first")
+
+
+def test_unknown_order_is_explained():
+    with pytest.raises(ValueError, match=r"one of \['deep_first', 'shallow_first'\], got 'middle'"):
+        SharingSchedule.build(12, 6, order="middle")
+    from epas_lightning.callbacks import ProgressiveSharing
+
+    with pytest.raises(ValueError, match="growth order"):
+        ProgressiveSharing(target=2, order="backwards")
+
+
+def test_shallow_first_grows_from_layer_1_during_fit(tmp_path):
+    import lightning as L
+    import torch
+    from helpers import cpu_trainer
+    from lightning.pytorch.callbacks import Callback
+
+    from epas_lightning import EPASModule, LlamaConfig
+    from epas_lightning.callbacks import ProgressiveSharing
+
+    L.seed_everything(3)
+    masks = {}
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            masks[trainer.global_step - 1] = pl_module.model.sharing.shared_layers
+
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=4, block_size=16))
+    tokens = torch.randint(0, 512, (12, 17))
+    loader = torch.utils.data.DataLoader(tokens, batch_size=2)
+    sharing = ProgressiveSharing(target=3, interval=2, start_step=1, order="shallow_first")
+    cpu_trainer(tmp_path, 6, [sharing, Record()]).fit(module, loader)
+    assert [masks[s] for s in range(6)] == [[], [1], [1], [1, 2], [1, 2], [1, 2, 3]]
+    assert sharing.state_dict()["order"] == "shallow_first"

@@ -1,0 +1,66 @@
+"""Smoke tests of the peer benchmarks and the pretraining comparison: each runs its ``--quick`` mode in a subprocess
+and must end with one JSON line holding the numbers the RESULTS table is built from. No timing is asserted."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def last_json_line(script: str, *args: str, cwd: Path = ROOT) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), "--quick", "--threads", "1", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_vs_hf_reports_a_ratio_on_identical_logits():
+    pytest.importorskip("transformers")
+    r = last_json_line("benchmarks/vs_hf.py")
+    assert {"ratio", "ours_step_s", "hf_step_s", "logits_max_abs_diff", "target_met"} <= set(r)
+    assert r["ratio"] > 0 and r["logits_max_abs_diff"] < 1e-3
+    assert len(r["ours_rep_seconds"]) == len(r["hf_rep_seconds"]) == r["reps"]
+
+
+@pytest.mark.slow
+def test_lightning_overhead_reports_ratios_and_same_losses():
+    r = last_json_line("benchmarks/lightning_overhead.py")
+    assert {"ratio", "ratio_default", "bare_step_ms", "lightning_step_ms", "target_met"} <= set(r)
+    assert r["ratio"] > 0 and r["ratio_default"] > 0
+    assert r["loss_max_abs_diff"] < 1e-4  # Trainer.fit and the bare loop did the same work
+
+
+@pytest.mark.slow
+def test_mfu_reports_utilisation_against_measured_peaks():
+    r = last_json_line("benchmarks/mfu.py")
+    assert {"mfu", "mfu_vs_fp32_peak", "peak_bf16_gflops", "peak_fp32_gflops", "achieved_gflops"} <= set(r)
+    assert r["mfu"] > 0 and r["peak_bf16_gflops"] > 0 and r["mfu_fp32"] > 0
+    assert set(r["peak_bf16"]["by_layout"]) == {"nn", "nt", "tn"}
+
+
+@pytest.mark.slow
+def test_pretrain_compare_writes_every_output(tmp_path):
+    r = last_json_line("experiments/pretrain_compare.py", "--out", str(tmp_path))
+    assert set(r["variants"]) == {"dense", "epas", "static", "shallow"}
+    v = r["variants"]
+    assert v["dense"]["final_shared_layers"] == []
+    assert v["epas"]["final_shared_layers"] == v["static"]["final_shared_layers"] == [2, 3]
+    assert v["shallow"]["final_shared_layers"] == [1, 2]
+    assert v["static"]["mean_shared_layers"] == 2 > v["epas"]["mean_shared_layers"] > 0
+    for key in ("final_val_loss", "val_loss_at_equal_time", "tokens_per_s", "delta_final_vs_dense"):
+        assert all(key in row for row in v.values())
+    assert (tmp_path / "loss.png").stat().st_size > 0 and (tmp_path / "results.md").is_file()
+    assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["dense", "epas", "shallow", "static"]
