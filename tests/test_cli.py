@@ -59,6 +59,17 @@ def test_print_config_shows_the_sharing_section(capsys):
     assert "sharing:" in out and "name: debug" in out and "ThroughputMonitor" in out
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_every_config_parses_and_keeps_the_throughput_monitor(name, capsys):
+    """A `trainer.callbacks` list in a config replaces the defaults: it must list the ThroughputMonitor again."""
+    config = str(Path(__file__).parents[1] / "configs" / name)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", config, "--print_config"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "lightning.pytorch.callbacks.ThroughputMonitor" in out and "epas_lightning.callbacks.batch_tokens" in out
+
+
 def test_invalid_schedule_fails_before_training(tmp_path, tiny_corpus):
     result = run_cli(["fit", "--config", DEBUG, "--sharing.target", "2"], tmp_path, tiny_corpus.parent)
     assert result.returncode != 0
