@@ -170,6 +170,8 @@ def write_plot(summary: dict, path: Path) -> None:
     quality.set_xlabel("sharing layers (deepest N)")
     quality.set_ylabel("validation loss")
     quality.set_title("quality at each region")
+    for ax in (speed, quality):
+        ax.set_xticks(n)
     if summary["budget_pick"] is not None:
         for ax in (speed, quality):
             ax.axvline(summary["budget_pick"], color="tab:green", linestyle=":", label=f"budget {summary['budget']}")
