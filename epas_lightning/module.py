@@ -34,8 +34,9 @@ class EPASModule(LightningModule):
             backend); a region switch costs at most one new graph.
         attention_reuse: With ``qk`` sharing, the source layer keeps its attention probabilities and every sharing
             layer computes only P @ V (exactly the same model; the sharing layers' dP flows back into the source).
-            It materialises P (B, n_head, T, T) instead of a fused attention kernel, so it pays off at moderate
-            sequence lengths; ``benchmarks/train_throughput.py --attention-reuse`` measures the crossover.
+            It materialises P (B, n_head, T, T) instead of a fused attention kernel: on GPUs FlashAttention is faster
+            (leave it off); on CPUs it wins, at seq >= 1024 once ``epas_lightning.cpu.tune_glibc_malloc()`` stops
+            large tensors from page-faulting (``benchmarks/RESULTS.md``). Decoding uses it regardless.
         init_from: Start ``fit`` from these weights instead of a random init (continual pretraining): a local HF
             LLaMA directory (config.json + safetensors) or an EPAS checkpoint. ``config`` must describe the same
             architecture (checked, with every difference named, before any work); a resumed checkpoint wins.
