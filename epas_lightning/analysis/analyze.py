@@ -47,17 +47,9 @@ def heldout_batches(
     data_dir: Path | None, vocab_size: int, seq_len: int, batch_size: int, n_batches: int
 ) -> Iterator[torch.Tensor]:
     """Up to ``n_batches`` token batches (B, seq_len) from the validation split of a prepared data dir."""
-    from epas_lightning.data import TokenDataModule
+    from epas_lightning.data import heldout_loader
 
-    dm = TokenDataModule(
-        data_dir=None if data_dir is None else str(data_dir),
-        seq_len=seq_len,
-        batch_size=batch_size,
-        vocab_size=vocab_size,
-    )
-    dm.prepare_data()
-    dm.setup("validate")
-    for batch in islice(dm.val_dataloader(), n_batches):
+    for batch in islice(heldout_loader(data_dir, seq_len, batch_size, vocab_size), n_batches):
         yield batch[:, :-1]  # the model's inputs; the extra target token is not needed
 
 

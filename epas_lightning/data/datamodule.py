@@ -266,3 +266,16 @@ class TokenDataModule(LightningDataModule):
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
         """Tokens are stored as int32; embeddings and cross-entropy targets want int64 (cast on the device)."""
         return batch.long()
+
+
+def heldout_loader(
+    data_dir: str | Path | None, seq_len: int, batch_size: int, vocab_size: int | None = None
+) -> StreamingDataLoader:
+    """The validation split of a prepared data directory (``None``: the built-in corpus), checked and in a fixed
+    order: batches of (B, seq_len + 1) int32 tokens. Iterating it again yields the same batches."""
+    data = TokenDataModule(
+        str(data_dir) if data_dir is not None else None, seq_len=seq_len, batch_size=batch_size, vocab_size=vocab_size
+    )
+    data.prepare_data()
+    data.setup("validate")
+    return data.val_dataloader()

@@ -16,7 +16,7 @@ import torch
 
 from epas_lightning.checkpoint import LoadedModel, load_model
 from epas_lightning.evaluation.multiple_choice import evaluate_task, load_task
-from epas_lightning.evaluation.perplexity import evaluate_perplexity
+from epas_lightning.evaluation.perplexity import perplexity_of_batches
 from epas_lightning.inference.generate import set_region
 
 
@@ -67,12 +67,18 @@ def evaluate(
         if path is None:
             raise ValueError(f"{checkpoint} records no tokenizer; pass --tokenizer to score --tasks.")
         text_tokenizer = load_tokenizer(path)
+    loader = None
+    if data is not None:  # set up (and checked) once; every region reads the same batches
+        from epas_lightning.data import heldout_loader
+
+        config = loaded.model.config
+        loader = heldout_loader(data, config.block_size, batch_size, config.vocab_size)
     rows = []
     for n in lengths:
         apply_region(loaded, n, force)
         row: dict = {"sharing_layers": n}
-        if data is not None:
-            result = evaluate_perplexity(loaded.model, data, batch_size, max_batches)
+        if loader is not None:
+            result = perplexity_of_batches(loaded.model, loader, max_batches)
             row.update(val_loss=result["loss"], val_ppl=result["ppl"], val_tokens=result["tokens"])
         for name, items in questions.items():
             result = evaluate_task(loaded.model, text_tokenizer, items, batch_size)

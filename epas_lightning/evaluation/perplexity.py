@@ -41,15 +41,7 @@ def evaluate_perplexity(
     Sequences are ``seq_len`` (default: the model's ``block_size``) tokens; the order is fixed, so every region
     length of one model is scored on the same tokens.
     """
-    from epas_lightning.data import TokenDataModule
+    from epas_lightning.data import heldout_loader
 
-    config = model.config
-    data = TokenDataModule(
-        str(data_dir) if data_dir is not None else None,
-        seq_len=seq_len or config.block_size,
-        batch_size=batch_size,
-        vocab_size=config.vocab_size,
-    )
-    data.prepare_data()
-    data.setup("validate")
-    return perplexity_of_batches(model, data.val_dataloader(), max_batches)
+    loader = heldout_loader(data_dir, seq_len or model.config.block_size, batch_size, model.config.vocab_size)
+    return perplexity_of_batches(model, loader, max_batches)

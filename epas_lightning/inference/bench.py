@@ -15,6 +15,7 @@ import json
 import math
 import statistics
 import sys
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -55,16 +56,11 @@ def region_for_budget(config: LlamaConfig, budget: float, max_shared: int, seq_l
 
 
 def heldout_batches(data_dir: Path, config: LlamaConfig, batch_size: int, n_batches: int) -> list[torch.Tensor]:
-    """Up to ``n_batches`` validation batches (B, block_size + 1) of a prepared data directory."""
-    from epas_lightning.data import TokenDataModule
+    """Up to ``n_batches`` validation batches (B, block_size + 1), kept in memory to score every region alike."""
+    from epas_lightning.data import heldout_loader
 
-    dm = TokenDataModule(str(data_dir), seq_len=config.block_size, batch_size=batch_size, vocab_size=config.vocab_size)
-    dm.setup("validate")
-    batches = []
-    for batch in dm.val_dataloader():
-        batches.append(batch.long())
-        if len(batches) == n_batches:
-            break
+    loader = heldout_loader(data_dir, config.block_size, batch_size, config.vocab_size)
+    batches = [batch.long() for batch in islice(loader, n_batches)]
     if not batches:
         raise ValueError(f"{data_dir} has no validation batch of {batch_size} x {config.block_size + 1} tokens.")
     return batches
