@@ -127,8 +127,10 @@ def load_consolidated(path: str | Path, device: str | torch.device = "cpu") -> L
 
 
 def _data_dir_of(tokenizer_path: Path) -> str | None:
-    """The prepared data directory a tokenizer file lives in (``prepare`` writes it beside ``meta.json``)."""
-    return str(tokenizer_path.parent) if (tokenizer_path.parent / "meta.json").is_file() else None
+    """The complete prepared data directory a tokenizer file lives in (``prepare`` writes it there), if any."""
+    from epas_lightning.data.datamodule import missing_entries
+
+    return None if missing_entries(tokenizer_path.parent) else str(tokenizer_path.parent)
 
 
 @dataclass

@@ -29,20 +29,6 @@ def analyze_model(model: Llama, batches: Iterable[torch.Tensor]) -> RedundancyRe
     return RedundancyReport.from_activations(capture_activations(model, batches), device)
 
 
-def resolve_data_dir(data: Path | None, tokenizer_path: Path | None) -> Path | None:
-    """The prepared data to read: ``data`` when given, else the data dir the checkpoint's tokenizer came from.
-
-    ``None`` means the built-in corpus.
-    """
-    from epas_lightning.data.datamodule import missing_entries
-
-    if data is not None:
-        return data
-    if tokenizer_path is not None and not missing_entries(tokenizer_path.parent):
-        return tokenizer_path.parent
-    return None
-
-
 def heldout_batches(
     data_dir: Path | None, vocab_size: int, seq_len: int, batch_size: int, n_batches: int
 ) -> Iterator[torch.Tensor]:
@@ -121,7 +107,7 @@ def main(argv: list[str]) -> int:
     seq_len = args.seq_len or min(config.block_size, 256)
     if not 2 <= seq_len <= config.block_size:
         raise SystemExit(f"--seq-len must be in [2, block_size={config.block_size}], got {seq_len}.")
-    data_dir = resolve_data_dir(args.data, loaded.tokenizer_path)
+    data_dir = args.data or loaded.data_dir  # None: the built-in corpus
     print(f"analysing {args.checkpoint} ({config.n_layer} layers) on {data_dir or 'the built-in corpus'}")
     batches = heldout_batches(data_dir, config.vocab_size, seq_len, args.batch_size, args.batches)
     report = analyze_model(model, batches)

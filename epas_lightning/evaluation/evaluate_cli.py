@@ -12,21 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from epas_lightning.checkpoint import LoadedModel, load_model
 from epas_lightning.evaluation.multiple_choice import evaluate_task, load_task
 from epas_lightning.evaluation.perplexity import perplexity_of_batches
 from epas_lightning.inference.generate import set_region
-
-
-def load_for_eval(checkpoint: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    return load_model(checkpoint, device)
-
-
-def apply_region(loaded: LoadedModel, n: int, force: bool = False) -> list[int]:
-    """Switch the deepest ``n`` layers to sharing; refuse more than the trained region unless ``force``."""
-    return set_region(loaded.model, n, loaded.max_shared, force)
 
 
 def region_lengths(spec: str | None, loaded: LoadedModel, force: bool) -> list[int]:
@@ -54,10 +43,10 @@ def evaluate(
     device: str = "cpu",
 ) -> list[dict]:
     """One row per region length: ``{"sharing_layers", "val_loss", "val_ppl", "<task>/acc", "<task>/acc_norm"}``."""
-    loaded = load_for_eval(checkpoint, device)
+    loaded = load_model(checkpoint, device)
     lengths = region_lengths(sharing_layers, loaded, force)
     for n in lengths:  # fail on a bad region before any scoring
-        apply_region(loaded, n, force)
+        set_region(loaded.model, n, loaded.max_shared, force)
     questions = {Path(t).stem: load_task(t) for t in tasks}
     text_tokenizer = None
     if questions:
@@ -75,7 +64,7 @@ def evaluate(
         loader = heldout_loader(data, config.block_size, batch_size, config.vocab_size)
     rows = []
     for n in lengths:
-        apply_region(loaded, n, force)
+        set_region(loaded.model, n, loaded.max_shared, force)
         row: dict = {"sharing_layers": n}
         if loader is not None:
             result = perplexity_of_batches(loaded.model, loader, max_batches)

@@ -106,12 +106,14 @@ class EPASLM(_LMBase):
     ) -> None:
         if _LMBase is not object:
             super().__init__()
+        from epas_lightning.checkpoint import load_model
         from epas_lightning.data import load_tokenizer
-        from epas_lightning.evaluation.evaluate_cli import apply_region, load_for_eval
+        from epas_lightning.inference.generate import set_region
 
-        loaded = load_for_eval(checkpoint, device)
+        loaded = load_model(checkpoint, device)
         self.model = loaded.model
-        apply_region(loaded, loaded.max_shared if sharing_layers is None else int(sharing_layers), bool(force))
+        n_shared = loaded.max_shared if sharing_layers is None else int(sharing_layers)
+        set_region(loaded.model, n_shared, loaded.max_shared, bool(force))
         path = tokenizer or loaded.tokenizer_path
         if path is None:
             raise ValueError(f"{checkpoint} records no tokenizer: pass model_args tokenizer=PATH.")
