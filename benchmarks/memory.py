@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from epas_lightning.inference import deepest_layers
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.parallel import parallelize
 
@@ -78,7 +79,7 @@ def measure(args: argparse.Namespace, device: torch.device, n_shared: int, check
     torch.manual_seed(args.seed)
     config = LlamaConfig.from_name(args.model, block_size=args.seq_len)
     model = parallelize(Llama(config).to(device), None, activation_checkpointing=checkpointing)
-    model.set_shared_layers(range(config.n_layer - n_shared, config.n_layer))
+    model.set_shared_layers(deepest_layers(config.n_layer, n_shared))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
     train_step(model, optimizer, tokens)  # warm-up: optimizer state exists before the measured step

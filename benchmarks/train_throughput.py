@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from epas_lightning.flops import estimate_flops, flop_cut
+from epas_lightning.inference import deepest_layers
 from epas_lightning.model import Llama, LlamaConfig
 
 REUSE_TARGET = 2.0
@@ -158,8 +159,7 @@ def foreign_load(before: tuple[int, int] | None, after: tuple[int, int] | None, 
 
 def shared_layers(n_layer: int, sharing: float) -> list[int]:
     """The deepest ``round(sharing * n_layer)`` layers, never layer 0."""
-    n_shared = min(max(round(sharing * n_layer), 0), n_layer - 1)
-    return list(range(n_layer - n_shared, n_layer))
+    return deepest_layers(n_layer, min(max(round(sharing * n_layer), 0), n_layer - 1))
 
 
 def autocast_context(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:

@@ -30,7 +30,9 @@ import torch
 
 from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule, WarmupCosineLR
 from epas_lightning.checkpoint import load_model
-from epas_lightning.evaluation import evaluate_perplexity
+from epas_lightning.data import heldout_loader
+from epas_lightning.evaluation.perplexity import perplexity_of_batches
+from epas_lightning.inference import deepest_layers
 
 RUNS = {
     "dense": "(a) continue dense",
@@ -100,10 +102,11 @@ def callback_name(callback: ProgressiveSharing) -> str:
 def evaluate_all(checkpoint: Path, args: argparse.Namespace) -> list[float]:
     """Held-out loss at region lengths 0..target (forcing regions beyond what the weights trained for)."""
     model = load_model(checkpoint).model
+    loader = heldout_loader(None, model.config.block_size, args.eval_batch_size, model.config.vocab_size)
     losses = []
     for n in range(args.target + 1):
-        model.set_shared_layers(range(args.n_layer - n, args.n_layer))
-        losses.append(evaluate_perplexity(model, None, args.eval_batch_size, args.eval_batches)["loss"])
+        model.set_shared_layers(deepest_layers(args.n_layer, n))
+        losses.append(perplexity_of_batches(model, loader, args.eval_batches)["loss"])
     return losses
 
 
