@@ -15,6 +15,7 @@ from epas_lightning.flops import estimate_flops
 from epas_lightning.init_from import check_init_source, load_initial_weights
 from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.model import Llama, LlamaConfig
+from epas_lightning.model.llama import check_attention_reuse
 from epas_lightning.parallel import mixed_precision_policy, parallelize
 
 
@@ -62,8 +63,7 @@ class EPASModule(LightningModule):
         self.activation_checkpointing = activation_checkpointing
         self.compile_blocks = compile
         self.attention_reuse = attention_reuse
-        if attention_reuse and config.sharing_mode != "qk":
-            raise ValueError("attention_reuse needs model.config.sharing_mode 'qk' (in 'kv' mode the queries differ).")
+        check_attention_reuse(config, attention_reuse)  # before any model is built
         self.init_from = init_from
         if init_from is not None:
             check_init_source(init_from, config)

@@ -112,11 +112,7 @@ class Llama(nn.Module):
 
     @attention_reuse.setter
     def attention_reuse(self, value: bool) -> None:
-        if value and self.config.sharing_mode != "qk":
-            raise ValueError(
-                "attention_reuse needs sharing_mode='qk': in 'kv' mode each sharing layer has its own queries, so "
-                "its attention probabilities differ from the source's."
-            )
+        check_attention_reuse(self.config, value)
         self._attention_reuse = bool(value)
 
     def new_cache(
@@ -165,6 +161,15 @@ class Llama(nn.Module):
         if cache is not None:
             cache.advance(T)
         return self.lm_head(self.norm(x))
+
+
+def check_attention_reuse(config: LlamaConfig, enabled: bool) -> None:
+    """Attention-probability reuse is only the same model in ``qk`` mode; refuse it otherwise."""
+    if enabled and config.sharing_mode != "qk":
+        raise ValueError(
+            "attention_reuse needs sharing_mode='qk': in 'kv' mode each sharing layer has its own queries, so "
+            "its attention probabilities differ from the source's."
+        )
 
 
 def _layers(flags: tuple[bool, ...]) -> list[int]:
