@@ -5,7 +5,8 @@ The parameters and their names are those of ``LlamaForCausalLM``; only the forwa
 computing layer before it and projects only V (in "kv" mode it reuses that layer's K and V and projects only Q).
 V, the output projection, the MLP, norms and residuals always run.
 
-Generation works with and without a KV cache. With the cache every layer stores the K/V it attends over, so a
+Generation works with and without a KV cache, on transformers 4.57 to 5.24: the cache reaches ``forward`` as
+``past_key_values`` up to 5.23 and as ``cache`` from 5.24, and the output names it the same way. With the cache every layer stores the K/V it attends over, so a
 sharing layer stores a copy of its source's keys (correct, not memory-saving); the project's own ``generate`` is the
 place for the smaller cache.
 
@@ -19,6 +20,9 @@ from transformers import DynamicCache, LlamaForCausalLM, LlamaModel, LlamaPreTra
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .configuration_epas_llama import EpasLlamaConfig
+
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+"""How this transformers version names the KV cache in model inputs and outputs (``cache`` from 5.24 on)."""
 
 
 def _rope_theta(config):
@@ -71,8 +75,10 @@ class EpasLlamaModel(LlamaModel):
         past_key_values=None,
         inputs_embeds=None,
         use_cache=None,
+        cache=None,
         **kwargs,
     ):
+        past_key_values = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Give exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
@@ -119,7 +125,7 @@ class EpasLlamaModel(LlamaModel):
             h = h + attn.o_proj(y.transpose(1, 2).reshape(B, T, n_head * head_dim))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return BaseModelOutputWithPast(
-            last_hidden_state=self.norm(h), past_key_values=past_key_values if use_cache else None
+            last_hidden_state=self.norm(h), **{CACHE_FIELD: past_key_values if use_cache else None}
         )
 
 
