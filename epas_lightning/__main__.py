@@ -2,5 +2,4 @@ import sys
 
 from epas_lightning.cli import main
 
-result = main()
-sys.exit(result if isinstance(result, int) else 0)
+sys.exit(main())

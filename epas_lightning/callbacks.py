@@ -1,4 +1,4 @@
-"""Lightning callbacks: ``ProgressiveSharing`` grows the sharing region; batch helpers for ``ThroughputMonitor``."""
+"""Lightning callbacks: ``ProgressiveSharing`` grows the sharing region; ``TokenThroughputMonitor`` counts tokens."""
 
 from __future__ import annotations
 
@@ -6,9 +6,15 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from epas_lightning.errors import ConfigError
+from epas_lightning.region import TrainedRegion, region_in_growth_order
 from epas_lightning.schedule import GrowthOrder, SharingSchedule, TargetSpec, check_order
+
+REGION_KEY = "sharing_region"
+"""Checkpoint entry recording the trained region in growth order (:class:`~epas_lightning.region.TrainedRegion`)."""
 
 
 class ProgressiveSharing(Callback):
@@ -51,6 +57,8 @@ class ProgressiveSharing(Callback):
         if n_layer is not None:  # fail at construction (before any data is prepared) when we can
             self.schedule = self._build(n_layer)
         self._applied: list[int] | None = None
+        self.reached_at: int | None = None
+        """The step at which the region reached its full size in this run (``None``: not yet)."""
 
     def _build(self, n_layer: int) -> SharingSchedule:
         return SharingSchedule.build(n_layer, self.target, self.growth, self.interval, self.start_step, self.order)
@@ -58,7 +66,10 @@ class ProgressiveSharing(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         n_layer = pl_module.config.n_layer
         if self.n_layer is not None and self.n_layer != n_layer:
-            raise ValueError(f"ProgressiveSharing was configured for {self.n_layer} layers, the model has {n_layer}.")
+            raise ConfigError(
+                f"ProgressiveSharing was configured for {self.n_layer} layers, the model has {n_layer}",
+                "sharing.n_layer",
+            )
         self.schedule = self._build(n_layer)
         if stage == "fit" and self.enabled:
             rank_zero_info(
@@ -77,10 +88,19 @@ class ProgressiveSharing(Callback):
         if layers != pl_module.model.sharing.shared_layers:
             pl_module.set_shared_layers(layers)
             rank_zero_info(f"EPAS: step {step}: {len(layers)} sharing layer(s) {layers}")
-            for logger in trainer.loggers:
-                logger.log_metrics({"sharing/layers": float(len(layers))}, step=step)
+            if self.reached_at is None and len(layers) == len(self.schedule.target_layers):
+                self.reached_at = step
         self._applied = layers
         pl_module.log("sharing/layers", float(len(layers)), on_step=True, on_epoch=False)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # plain types at the top level, so every reader finds the region without knowing the callback's state key
+        region = TrainedRegion(
+            pl_module.config.n_layer,
+            region_in_growth_order(self.schedule.target_layers, pl_module.model.sharing.shared_layers),
+            self.order,
+        )
+        checkpoint[REGION_KEY] = region.to_record()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -91,9 +111,11 @@ class ProgressiveSharing(Callback):
             "enabled": self.enabled,
             "order": self.order,
             "shared_layers": self._applied,
+            "reached_at": self.reached_at,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.reached_at = state_dict.get("reached_at")
         saved = {k: state_dict.get(k) for k in ("target", "growth", "interval", "start_step", "enabled")}
         saved["order"] = state_dict.get("order", "deep_first")  # checkpoints from before the option grew deep-first
         current = {k: getattr(self, k) for k in saved}
@@ -112,3 +134,17 @@ def batch_size(batch: torch.Tensor) -> int:
 def batch_tokens(batch: torch.Tensor) -> int:
     """Trained tokens in a batch of shape (B, T + 1) (for ``ThroughputMonitor.length_fn``: items/s = tokens/s)."""
     return batch.shape[0] * (batch.shape[1] - 1)
+
+
+class TokenThroughputMonitor(ThroughputMonitor):
+    """Lightning's ``ThroughputMonitor`` counting tokens: ``train/device/items_per_sec`` is tokens/s per device.
+
+    FLOPs (``train/device/flops_per_sec``, and MFU where Lightning knows the device's peak) follow the sharing mask
+    through ``EPASModule.flops_per_batch``.
+
+    Args:
+        window_size: Batches over which the rates are averaged.
+    """
+
+    def __init__(self, window_size: int = 5) -> None:
+        super().__init__(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=window_size)

@@ -1,77 +1,57 @@
-"""Consolidate a training checkpoint into ``model.safetensors`` + ``config.json``, and load the result.
+"""Training checkpoints in, models out: ``load_model`` for every consumer, and ``consolidate``.
 
-``python -m epas_lightning consolidate <checkpoint> --output <dir>`` accepts the directory that FSDP2 writes (one
-shard per rank, torch distributed checkpoint) or a single-file ``.ckpt``. ``config.json`` records the model config
-(``LlamaConfig.to_dict()``) and the sharing state, so :func:`load_consolidated` rebuilds the trained model.
+``load_model`` reads the three forms a trained model comes in: a single-file ``.ckpt``, the directory FSDP2 training
+writes (one shard per rank, torch distributed checkpoint), and a ``consolidate`` directory (``model.safetensors`` +
+``config.json``). It returns the model with what every consumer needs to know: the trained sharing region in growth
+order, the tokenizer and the data the run trained on. Nothing is unpickled freely (see :mod:`epas_lightning.safe_load`).
 
-Nothing is unpickled freely: ``meta.pt`` / ``.ckpt`` files load with ``weights_only=True``, and the distributed
-checkpoint's metadata (a pickle by design) is read by an unpickler that only admits the classes it consists of.
+``python -m epas_lightning consolidate --checkpoint <ckpt> --output <dir>`` turns either training form into the
+consolidated one, built beside the target and renamed into place.
 """
 
 from __future__ import annotations
 
-import argparse
-import io
 import json
-import pickle
-import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from epas_lightning.errors import CheckpointError
 from epas_lightning.model import Llama, LlamaConfig
+from epas_lightning.outputs import output_folder
+from epas_lightning.region import TrainedRegion
+from epas_lightning.safe_load import (
+    DCP_METADATA,
+    LIGHTNING_METADATA,
+    SafeFileSystemReader,
+    is_sharded_checkpoint,
+    load_torch_file,
+    verify_checkpoint,
+)
 
 MODEL_PREFIX = "model."
 """``EPASModule`` keeps the ``Llama`` as ``self.model``."""
-_DCP_METADATA_CLASSES = {
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("pathlib", "PurePosixPath"),
-    ("pathlib", "PureWindowsPath"),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles distributed-checkpoint metadata: its dataclasses, torch dtypes/sizes and paths, nothing else."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (
-            (module, name) in _DCP_METADATA_CLASSES
-            or module == "torch.distributed.checkpoint.metadata"
-            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
-        ):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"Refusing to load {module}.{name} from checkpoint metadata.")
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """``FileSystemReader`` whose metadata is read by :class:`_MetadataUnpickler` (tensors load ``weights_only``)."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as stream:
-            metadata = _MetadataUnpickler(io.BytesIO(stream.read())).load()
-        if not isinstance(metadata, Metadata):
-            raise pickle.UnpicklingError(f"{path} does not hold distributed-checkpoint metadata.")
-        if getattr(metadata, "storage_meta", None) is not None:
-            metadata.storage_meta.load_id = self.load_id
-        return metadata
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+REGION_KEY = "sharing_region"
+"""Where checkpoints record the trained region (written by ``ProgressiveSharing``)."""
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The ``Llama`` state dict (keys without ``model.``) and the Lightning metadata of a checkpoint file or dir."""
-    path = Path(path)
+    path = verify_checkpoint(path, "--checkpoint")
     if path.is_file():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_torch_file(path)
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+            raise CheckpointError(
+                "not a Lightning checkpoint (no state_dict)", path, "pass a checkpoint written by fit"
+            )
         state = checkpoint.pop("state_dict")
         return _strip_prefix(state), checkpoint
     reader = SafeFileSystemReader(path)
@@ -82,9 +62,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         if key.startswith(wanted) and isinstance(meta, TensorStorageMetadata)
     }
     if not state:
-        raise ValueError(f"{path} holds no model weights (expected keys starting with {wanted!r}).")
-    dcp_load(state, storage_reader=reader, no_dist=True)
-    metadata = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+        raise CheckpointError(f"no model weights (no keys starting with {wanted!r})", path / DCP_METADATA)
+    try:
+        dcp_load(state, storage_reader=reader, no_dist=True)
+    except Exception as e:  # a missing or truncated shard
+        raise CheckpointError(f"cannot read the shards ({str(e).splitlines()[0]})", path, "copy it again") from e
+    metadata = load_torch_file(path / LIGHTNING_METADATA) if (path / LIGHTNING_METADATA).is_file() else {}
     return _strip_prefix(state, wanted), metadata
 
 
@@ -92,45 +75,26 @@ def _strip_prefix(state: dict[str, torch.Tensor], prefix: str = MODEL_PREFIX) ->
     return {key[len(prefix) :]: t for key, t in state.items() if key.startswith(prefix)}
 
 
-def consolidate(checkpoint: str | Path, output: str | Path) -> Path:
-    """Write ``output/model.safetensors`` and ``output/config.json`` from a training checkpoint; return ``output``.
-
-    The tokenizer the run trained with (recorded in the checkpoint) is copied beside them when it still exists.
-    """
-    state, metadata = read_checkpoint(checkpoint)
+def _model_config(metadata: dict[str, Any], path: Path) -> LlamaConfig:
     if "model_config" not in metadata:
-        raise ValueError(f"{checkpoint} has no 'model_config': it was not written by EPASModule.")
-    config = LlamaConfig.from_dict(metadata["model_config"])
-    mask = state.get("sharing.mask")
-    shared_layers = [i for i, shares in enumerate(mask.tolist()) if shares] if mask is not None else []
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    # clones: safetensors refuses tensors that share memory (tied embeddings)
-    save_file({key: t.contiguous().clone() for key, t in state.items()}, output / "model.safetensors")
-    record: dict[str, Any] = {
-        "model": config.to_dict(),
-        "sharing": {"shared_layers": shared_layers, "mode": config.sharing_mode},
-        "global_step": metadata.get("global_step"),
-    }
-    tokenizer = metadata.get("tokenizer")
-    if tokenizer and Path(tokenizer["path"]).is_file():
-        source = Path(tokenizer["path"])
-        shutil.copyfile(source, output / source.name)
-        record["tokenizer"] = {**tokenizer, "path": source.name, "data_dir": _data_dir_of(source)}
-    (output / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-    return output
+        raise CheckpointError("no 'model_config': it was not written by EPASModule", path, "pass a checkpoint of fit")
+    try:
+        return LlamaConfig.from_dict(metadata["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"its model config is invalid ({e})", path) from e
 
 
-def load_consolidated(path: str | Path, device: str | torch.device = "cpu") -> Llama:
-    """The ``Llama`` saved by :func:`consolidate`, with its trained sharing region switched on."""
-    return load_model(path, device).model
-
-
-def _data_dir_of(tokenizer_path: Path) -> str | None:
-    """The complete prepared data directory a tokenizer file lives in (``prepare`` writes it there), if any."""
-    from epas_lightning.data.datamodule import missing_entries
-
-    return None if missing_entries(tokenizer_path.parent) else str(tokenizer_path.parent)
+def recorded_region(metadata: dict[str, Any], shared: list[int], n_layer: int) -> TrainedRegion:
+    """The trained region a checkpoint records; for older checkpoints, derived from the mask (and the schedule)."""
+    if REGION_KEY in metadata:
+        region = TrainedRegion.from_record(metadata[REGION_KEY], n_layer)
+        if sorted(region.layers) == sorted(shared):
+            return region
+    order = None
+    for key, state in (metadata.get("callbacks") or {}).items():
+        if str(key).startswith("ProgressiveSharing") and isinstance(state, dict):
+            order = state.get("order", "deep_first")
+    return TrainedRegion.from_shared(shared, n_layer, order)
 
 
 @dataclass
@@ -139,8 +103,7 @@ class LoadedModel:
 
     Attributes:
         model: The ``Llama`` in eval mode, its trained sharing region switched on.
-        trained_shared_layers: The layers that shared when the checkpoint was written: the largest region the
-            weights were trained for. Any region of the deepest ``0..len(trained_shared_layers)`` layers is valid.
+        region: The trained region in growth order: ``region.first(n)`` is the region of ``n`` sharing layers.
         tokenizer_path: The tokenizer file the run trained with, or ``None`` when the checkpoint did not record it
             (or it no longer exists).
         bos_id, eos_id: Its BOS/EOS ids, when recorded.
@@ -150,7 +113,7 @@ class LoadedModel:
     """
 
     model: Llama
-    trained_shared_layers: list[int] = field(default_factory=list)
+    region: TrainedRegion
     tokenizer_path: Path | None = None
     bos_id: int | None = None
     eos_id: int | None = None
@@ -159,71 +122,146 @@ class LoadedModel:
 
     @property
     def max_shared(self) -> int:
-        return len(self.trained_shared_layers)
+        return self.region.size
+
+    @property
+    def trained_shared_layers(self) -> list[int]:
+        return sorted(self.region.layers)
+
+
+def _read_consolidated(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights and a checkpoint-like metadata dict of a ``consolidate`` directory."""
+    try:
+        record = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"unreadable {CONFIG_FILE} ({e})", path / CONFIG_FILE) from e
+    if not isinstance(record, dict) or "model" not in record:
+        raise CheckpointError(f"{CONFIG_FILE} was not written by consolidate (no 'model' entry)", path / CONFIG_FILE)
+    try:
+        state = load_file(path / WEIGHTS_FILE, device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"corrupt or truncated weights ({e})", path / WEIGHTS_FILE, "consolidate again") from e
+    tokenizer = dict(record.get("tokenizer") or {})
+    if tokenizer.get("path"):
+        tokenizer["path"] = str(path / Path(tokenizer["path"]).name)
+    sharing = record.get("sharing") or {}
+    metadata = {
+        "model_config": record["model"],
+        "tokenizer": tokenizer,
+        "global_step": record.get("global_step"),
+        "data_dir": tokenizer.get("data_dir"),
+    }
+    if "region" in sharing:
+        metadata[REGION_KEY] = sharing["region"]
+    return state, metadata
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a model from a ``.ckpt`` file, an FSDP2 checkpoint directory or a :func:`consolidate` directory.
 
-    Tensors load with ``weights_only=True`` (or from safetensors); a file that is not a checkpoint of ours gets an
-    error that says what was expected.
+    Pickles are read only with ``weights_only=True`` or the restricted metadata unpickler; anything that is not a
+    checkpoint of ours is a :class:`~epas_lightning.errors.CheckpointError` that says what was expected.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"Checkpoint {path} does not exist.")
-    if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        record = json.loads((path / "config.json").read_text())
-        if "model" not in record:
-            raise ValueError(f"{path / 'config.json'} was not written by `consolidate` (no 'model' entry).")
-        config = LlamaConfig.from_dict(record["model"])
-        state = load_file(path / "model.safetensors", device="cpu")
-        tokenizer = record.get("tokenizer") or {}
-        data_dir = tokenizer.get("data_dir")
-        if tokenizer.get("path"):
-            tokenizer = {**tokenizer, "path": str(path / tokenizer["path"])}
-        global_step = record.get("global_step")
+        raise CheckpointError("checkpoint does not exist", f"--checkpoint {path}", "check the path")
+    if path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+        state, metadata = _read_consolidated(path)
+    elif path.is_file() or is_sharded_checkpoint(path):
+        state, metadata = read_checkpoint(path)
     else:
-        try:
-            state, metadata = read_checkpoint(path)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError) as e:
-            raise ValueError(f"{path} is not a readable EPAS checkpoint (a .ckpt file or checkpoint dir): {e}") from e
-        if "model_config" not in metadata:
-            raise ValueError(f"{path} has no 'model_config': it was not written by EPASModule.")
-        config = LlamaConfig.from_dict(metadata["model_config"])
-        tokenizer = metadata.get("tokenizer") or {}
-        global_step = metadata.get("global_step")
-        data_dir = _data_dir_of(Path(tokenizer["path"])) if tokenizer.get("path") else None
+        raise CheckpointError(
+            "not a checkpoint", path, "pass a .ckpt file, an FSDP2 checkpoint directory or a consolidated directory"
+        )
+    config = _model_config(metadata, path)
     with torch.device("meta"):
         model = Llama(config)
     model.to_empty(device=device)
     state = {key: t.to(device) for key, t in state.items()}
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"The weights in {path} do not fit the model config it records: {e}") from e
-    trained = model.sharing.shared_layers
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"the weights do not fit the model config it records ({e})", path) from e
+    region = recorded_region(metadata, model.sharing.shared_layers, config.n_layer)
+    tokenizer = metadata.get("tokenizer") or {}
     tokenizer_path = Path(tokenizer["path"]) if tokenizer.get("path") else None
     if tokenizer_path is not None and not tokenizer_path.is_file():
         tokenizer_path = None
+    data_dir = metadata.get("data_dir") or (_data_dir_of(tokenizer_path) if tokenizer_path else None)
     return LoadedModel(
         model=model.eval(),
-        trained_shared_layers=trained,
+        region=region,
         tokenizer_path=tokenizer_path,
         bos_id=tokenizer.get("bos_id"),
         eos_id=tokenizer.get("eos_id"),
-        global_step=global_step,
+        global_step=metadata.get("global_step"),
         data_dir=Path(data_dir) if data_dir and Path(data_dir).is_dir() else None,
     )
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m epas_lightning consolidate",
-        description="Turn a (sharded) training checkpoint into model.safetensors + config.json.",
-    )
-    parser.add_argument("checkpoint", type=Path, help="checkpoint directory (FSDP2) or .ckpt file")
-    parser.add_argument("--output", "-o", type=Path, required=True, help="directory to write")
-    args = parser.parse_args(argv)
-    output = consolidate(args.checkpoint, args.output)
-    print(f"wrote {output / 'model.safetensors'} and {output / 'config.json'}")
-    return 0
+def load_consolidated(path: str | Path, device: str | torch.device = "cpu") -> Llama:
+    """The ``Llama`` saved by :func:`consolidate`, with its trained sharing region switched on."""
+    return load_model(path, device).model
+
+
+def _data_dir_of(tokenizer_path: Path) -> str | None:
+    """The complete prepared data directory a tokenizer file lives in (``prepare`` writes it there), if any."""
+    from epas_lightning.data.layout import missing_entries
+
+    return None if missing_entries(tokenizer_path.parent) else str(tokenizer_path.parent)
+
+
+def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = False) -> Path:
+    """Write ``output/model.safetensors`` and ``output/config.json`` from a training checkpoint; return ``output``.
+
+    The tokenizer the run trained with (recorded in the checkpoint) is copied beside them when it still exists and
+    parses as a tokenizer; only the tokenizer file itself is copied, under its standard name.
+    """
+    from epas_lightning.data.tokenizer import TokenizerError, load_tokenizer, standard_filename
+
+    checkpoint = Path(checkpoint).expanduser()
+    loaded = load_model(checkpoint)
+    state = loaded.model.state_dict()
+    record: dict[str, Any] = {
+        "model": loaded.model.config.to_dict(),
+        "sharing": {
+            "shared_layers": loaded.trained_shared_layers,
+            "mode": loaded.model.config.sharing_mode,
+            "region": loaded.region.to_record(),
+        },
+        "global_step": loaded.global_step,
+    }
+    with output_folder(output, "consolidated", overwrite, inputs=[checkpoint]) as build:
+        # clones: safetensors refuses tensors that share memory (tied embeddings)
+        save_file({key: t.contiguous().clone() for key, t in state.items()}, build / WEIGHTS_FILE)
+        if loaded.tokenizer_path is not None:
+            try:
+                tokenizer = load_tokenizer(loaded.tokenizer_path)
+            except (TokenizerError, OSError):
+                tokenizer = None  # not a tokenizer after all: copy nothing
+            if tokenizer is not None:
+                name = standard_filename(tokenizer)
+                (build / name).write_bytes(tokenizer.path.read_bytes())
+                record["tokenizer"] = {
+                    "path": name,
+                    "bos_id": tokenizer.bos_id if loaded.bos_id is None else loaded.bos_id,
+                    "eos_id": tokenizer.eos_id if loaded.eos_id is None else loaded.eos_id,
+                    "data_dir": str(loaded.data_dir) if loaded.data_dir else None,
+                }
+        (build / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return Path(output).expanduser().absolute()
+
+
+def consolidate_command(checkpoint: Path, output: Path, overwrite: bool = False) -> None:
+    """Turn a training checkpoint (.ckpt or FSDP2 directory) into model.safetensors + config.json.
+
+    The folder is built beside the target and renamed into place when complete; it records the model config, the
+    trained sharing region in growth order and the tokenizer (copied when it still exists).
+
+    Args:
+        checkpoint: A .ckpt file or an FSDP2 checkpoint directory written by fit.
+        output: The folder to write.
+        overwrite: Replace ``output`` if it is a consolidated folder written by this command.
+    """
+    out = consolidate(checkpoint, output, overwrite)
+    print(f"wrote {out / WEIGHTS_FILE} and {out / CONFIG_FILE}")

@@ -1,73 +1,190 @@
-"""``python -m epas_lightning fit|validate|test --config ...``: the LightningCLI wiring, and nothing else."""
+"""``python -m epas_lightning <command>`` (also ``epas <command>``): every command, one vocabulary, one error policy.
+
+``fit``, ``validate`` and ``test`` are LightningCLI (:mod:`epas_lightning.lightning_cli`). Every other command is a
+typed function exposed through jsonargparse, as LitGPT does for ``litgpt <command>``: its ``--help`` comes from the
+function's docstring, ``--config FILE`` sets any of its arguments from YAML, flags are spelled with dashes
+(``--sharing-layers``), booleans are switches (``--force``, ``--no-force``) and list flags repeat (``--prompt a
+--prompt b``).
+
+A user error prints ``error: <what> — <where> — <what to do>`` on stderr and exits 2; ``--debug`` (anywhere on the
+line) or ``EPAS_DEBUG=1`` shows its traceback. A diverged training run exits 3. Unexpected errors keep their traceback.
+"""
 
 from __future__ import annotations
 
 import importlib
-import logging
+import inspect
+import os
 import sys
-from typing import Any
+import traceback
+from argparse import ArgumentError
+from collections.abc import Callable, Sequence
+from typing import Any, get_args, get_origin, get_type_hints
 
-from jsonargparse import set_parsing_settings
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from epas_lightning.errors import (
+    DEBUG_ENV,
+    EXIT_DIVERGED,
+    EXIT_USER_ERROR,
+    ConfigError,
+    UserError,
+    debug_enabled,
+    error_line,
+)
 
-from epas_lightning.callbacks import ProgressiveSharing
-from epas_lightning.data import TokenDataModule
-from epas_lightning.model import LlamaConfig
-from epas_lightning.module import EPASModule
-
-# The Trainer adds its own progress bar (TQDM); `trainer.enable_progress_bar: false` turns it off.
-DEFAULT_CALLBACKS = [
-    {
-        "class_path": "lightning.pytorch.callbacks.ThroughputMonitor",
-        "init_args": {
-            "batch_size_fn": "epas_lightning.callbacks.batch_size",
-            "length_fn": "epas_lightning.callbacks.batch_tokens",  # items/s is then tokens/s
-            "window_size": 5,
-        },
-    },
-    {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "step"}},
-    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}},
-]
-DEFAULT_LOGGER = {
-    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-    "init_args": {"save_dir": "runs", "name": "epas", "default_hp_metric": False},
+PROG = "python -m epas_lightning"
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+TOOLS: dict[str, str] = {
+    "prepare": "epas_lightning.data.prepare:prepare_command",
+    "consolidate": "epas_lightning.checkpoint:consolidate_command",
+    "generate": "epas_lightning.inference.generate_cli:generate_command",
+    "bench": "epas_lightning.inference.bench:bench_command",
+    "evaluate": "epas_lightning.evaluation.evaluate_cli:evaluate_command",
+    "export": "epas_lightning.hf.export:export_command",
+    "analyze": "epas_lightning.analysis.analyze:analyze_command",
+}
+"""Command name -> ``module:function``; the function's docstring is its help."""
+LIGHTNING_HELP = {
+    "fit": "Train a model (LightningCLI; the sharing region grows as configured).",
+    "validate": "Held-out loss and perplexity of a checkpoint, as during fit (LightningCLI).",
+    "test": "The same as validate, logged as test/* (LightningCLI).",
 }
 
 
-def _as_config(value: Any) -> LlamaConfig:
-    """The model config from a parsed ``model.config`` value (a namespace, dict or dataclass)."""
-    if isinstance(value, LlamaConfig):
-        return value
-    data = value.as_dict() if hasattr(value, "as_dict") else dict(value)
-    data = data.get("init_args", data)
-    return LlamaConfig(**data)
+def tool(name: str) -> Callable[..., Any]:
+    """The function behind a tool command."""
+    module, function = TOOLS[name].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
-def config_n_layer(value: Any) -> int:
-    return _as_config(value).n_layer
+def overview() -> str:
+    """The top-level ``--help``: every command with its one-line description."""
+    from epas_lightning import __version__
+
+    lines = [
+        f"usage: {PROG} <command> [--help] [options]   (also: epas <command>)",
+        "",
+        f"epas_lightning {__version__}: LLaMA training with EPAS progressive activation sharing.",
+        "",
+        "commands:",
+    ]
+    descriptions = dict(LIGHTNING_HELP)
+    descriptions.update({name: _short_description(tool(name)) for name in TOOLS})
+    width = max(map(len, descriptions))
+    lines += [f"  {name:<{width}}  {text}" for name, text in descriptions.items()]
+    lines += [
+        "",
+        f"`{PROG} <command> --help` documents a command's options; every command takes --config FILE (YAML).",
+        "--debug (or EPAS_DEBUG=1) shows the traceback of an error.",
+    ]
+    return "\n".join(lines)
 
 
-def config_block_size(value: Any) -> int:
-    return _as_config(value).block_size
+def _short_description(fn: Callable) -> str:
+    doc = inspect.getdoc(fn) or ""
+    return doc.split("\n\n")[0].replace("\n", " ").strip()
 
 
-def config_vocab_size(value: Any) -> int:
-    return _as_config(value).vocab_size
+# ---------------------------------------------------------------------------------------------------------------------
+# Typed functions as commands (jsonargparse)
+# ---------------------------------------------------------------------------------------------------------------------
 
 
-class EPASCLI(LightningCLI):
-    """LightningCLI with the ``sharing`` section and one source of truth for layer count, length and vocab."""
+def _is_bool(annotation: Any) -> bool:
+    return annotation is bool
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ProgressiveSharing, "sharing")
-        parser.link_arguments("model.config", "sharing.n_layer", compute_fn=config_n_layer)
-        parser.link_arguments("model.config", "data.seq_len", compute_fn=config_block_size)
-        parser.link_arguments("model.config", "data.vocab_size", compute_fn=config_vocab_size)
-        parser.set_defaults({"trainer.callbacks": DEFAULT_CALLBACKS, "trainer.logger": DEFAULT_LOGGER})
+
+def _is_list(annotation: Any) -> bool:
+    options = get_args(annotation) if get_origin(annotation) is not list else (annotation,)
+    return get_origin(annotation) is list or any(get_origin(a) is list for a in options)
+
+
+def function_parser(fn: Callable, prog: str):  # noqa: ANN201 - jsonargparse.ArgumentParser
+    """A jsonargparse parser for ``fn``'s typed keyword arguments, with dashed flags and switch booleans."""
+    import docstring_parser
+    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+
+    doc = docstring_parser.parse(inspect.getdoc(fn) or "")
+    described = {p.arg_name: p.description for p in doc.params}
+    params = inspect.signature(fn).parameters
+    hints = get_type_hints(fn)
+    switches = {name for name in params if _is_bool(hints.get(name))}
+    description = "\n\n".join(part for part in (doc.short_description, doc.long_description) if part)
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file setting any of the options below.")
+    parser.add_function_arguments(fn, skip=switches, as_group=False)
+    for name in switches:
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            action=ActionYesNo(no_prefix="no-"),
+            default=params[name].default,
+            help=described.get(name),
+        )
+    for action in parser._actions:  # --sharing_layers -> --sharing-layers (the option names, not the config keys)
+        if action.dest not in params:
+            continue
+        for i, option in enumerate(action.option_strings):
+            if option.startswith("--") and "_" in option:
+                dashed = option.replace("_", "-")
+                parser._option_string_actions.pop(option, None)
+                parser._option_string_actions[dashed] = action
+                action.option_strings[i] = dashed
+    parser.list_options = {"--" + name.replace("_", "-") for name in params if _is_list(hints.get(name))}
+    return parser
+
+
+def _append_lists(argv: Sequence[str], list_options: set[str]) -> list[str]:
+    """``--prompt a --prompt b`` -> jsonargparse's ``--prompt+ a --prompt+ b`` (a JSON/YAML list value stays whole)."""
+    out = []
+    for i, token in enumerate(argv):
+        name, _, value = token.partition("=")
+        following = value if value else (argv[i + 1] if i + 1 < len(argv) else "")
+        if name in list_options and not following.lstrip().startswith("["):
+            token = name + "+" + ("=" + value if value else "")
+        out.append(token)
+    return out
+
+
+def parse_error(error: Exception, prog: str) -> UserError:
+    """One line for a jsonargparse/argparse error: the flag, the value and the type it wanted."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    what = lines[0] if lines else "invalid arguments"
+    given = next((line for line in lines if line.startswith(("Given value:", "Got value:"))), None)
+    expected = next((line for line in lines if line.startswith("Expected")), None)
+    if what.startswith("Parser key"):
+        key = what.split('"')[1] if '"' in what else what
+        detail = "; ".join(part for part in (expected, given) if part)
+        what = f"invalid value for --{key.replace('_', '-')}" + (f" ({detail})" if detail else "")
+    return ConfigError(what, prog, f"see `{prog} --help`")
+
+
+def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:
+    """Parse ``argv`` for ``fn`` and call it; ``--help`` and ``--print-config`` exit 0 (``SystemExit``)."""
+    parser = function_parser(fn, prog)
+    try:
+        config = parser.parse_args(_append_lists(argv, parser.list_options))
+    except ArgumentError as e:
+        raise parse_error(e, prog) from e
+    kwargs = parser.instantiate(config)
+    kwargs.pop("config", None)
+    return fn(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _pop_debug(argv: list[str]) -> list[str]:
+    if "--debug" in argv:
+        os.environ[DEBUG_ENV] = "1"
+        argv = [a for a in argv if a != "--debug"]
+    return argv
 
 
 def _show_package_logs() -> None:
     """Print our INFO lines (data preparation, region growth) on stderr, the way Lightning shows its own."""
+    import logging
+
     logger = logging.getLogger("epas_lightning")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -76,30 +193,46 @@ def _show_package_logs() -> None:
         logger.setLevel(logging.INFO)
 
 
-# Subcommands beside LightningCLI's fit/validate/test/predict: name -> module with ``main(argv: list[str]) -> int``.
-TOOLS: dict[str, str] = {
-    "prepare": "epas_lightning.data.prepare",
-    "consolidate": "epas_lightning.checkpoint",
-    "generate": "epas_lightning.inference.generate_cli",
-    "bench": "epas_lightning.inference.bench",
-    "export": "epas_lightning.hf.export",
-    "evaluate": "epas_lightning.evaluation.evaluate_cli",
-    "analyze": "epas_lightning.analysis.analyze",
-}
+def dispatch(argv: list[str]) -> int:
+    """Run one command line (without the program name); errors propagate."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(overview())
+        return 0
+    if argv[0] == "--version":
+        from epas_lightning import __version__
+
+        print(f"epas_lightning {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command in LIGHTNING_COMMANDS:
+        from epas_lightning.lightning_cli import lightning_cli
+
+        try:
+            lightning_cli(argv)
+        except ArgumentError as e:
+            raise parse_error(e, f"{PROG} {command}") from e
+        return 0
+    if command not in TOOLS:
+        raise ConfigError(
+            f"unknown command {command!r}", PROG, f"choose one of {', '.join((*LIGHTNING_COMMANDS, *TOOLS))}"
+        )
+    result = run_function(tool(command), f"{PROG} {command}", rest)
+    return result if isinstance(result, int) else 0
 
 
-def main(args: ArgsType = None, run: bool = True) -> EPASCLI | int:
-    """Entry point of ``python -m epas_lightning``; ``args`` replaces ``sys.argv[1:]`` (for use from Python)."""
+def main(args: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m epas_lightning`` and ``epas``; ``args`` replaces ``sys.argv[1:]``. Returns the exit
+    status: 0 on success, 2 for a user error, 3 for a diverged training run."""
+    from epas_lightning.divergence import TrainingDiverged
+
+    argv = _pop_debug(list(sys.argv[1:] if args is None else args))
     _show_package_logs()
-    argv = sys.argv[1:] if args is None else args
-    if isinstance(argv, list) and argv and argv[0] in TOOLS:
-        return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # LlamaConfig field docs become --help text
-    return EPASCLI(
-        EPASModule,
-        TokenDataModule,
-        seed_everything_default=1234,
-        auto_configure_optimizers=False,
-        args=args,
-        run=run,
-    )
+    try:
+        return dispatch(argv)
+    except SystemExit as e:  # --help, --print_config
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USER_ERROR)
+    except (UserError, TrainingDiverged) as e:
+        if debug_enabled():
+            traceback.print_exc()
+        print(error_line(e), file=sys.stderr)
+        return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_USER_ERROR

@@ -12,7 +12,15 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from epas_lightning.hf.convert import HFCheckpointError, check_compatible, is_hf_dir, load_hf_state, read_hf_config
+from epas_lightning.errors import CheckpointError
+from epas_lightning.hf.convert import (
+    COMPARED_FIELDS,
+    HFCheckpointError,
+    check_compatible,
+    is_hf_dir,
+    load_hf_state,
+    read_hf_config,
+)
 from epas_lightning.model import LlamaConfig
 
 NOT_LOADED = ("sharing.mask",)
@@ -23,12 +31,19 @@ def check_init_source(path: str | Path, config: LlamaConfig) -> None:
     """Fail before any work when ``path`` is missing or holds weights of another shape than ``config``."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(
-            f"model.init_from={str(path)!r} does not exist: give a local HF LLaMA directory (config.json + "
-            "safetensors) or an EPAS checkpoint (.ckpt, FSDP2 checkpoint dir or `consolidate` dir)."
+        raise CheckpointError(
+            "does not exist",
+            f"model.init_from {path}",
+            "give a local HF LLaMA directory (config.json + safetensors) or an EPAS checkpoint (.ckpt, FSDP2 "
+            "checkpoint dir or consolidated dir)",
         )
     if is_hf_dir(path):
         check_compatible(config, read_hf_config(path), source=f"init_from {path}")
+    else:
+        from epas_lightning.safe_load import verify_checkpoint
+
+        if not (path / "model.safetensors").is_file():  # a consolidated dir holds no pickle to check
+            verify_checkpoint(path, "model.init_from")
 
 
 def read_init_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Tensor]:
@@ -43,12 +58,15 @@ def read_init_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Te
     theirs = loaded.config
     diffs = [
         f"{name}: model {getattr(config, name)!r} vs checkpoint {getattr(theirs, name)!r}"
-        for name in ("n_layer", "n_embd", "n_head", "n_kv_head", "intermediate_size", "padded_vocab_size")
-        + ("tie_embeddings", "sharing_mode")
+        for name in (*COMPARED_FIELDS, "padded_vocab_size", "sharing_mode")
         if getattr(config, name) != getattr(theirs, name)
     ]
     if diffs:
-        raise HFCheckpointError(f"model.config does not match init_from {path}: " + "; ".join(diffs))
+        raise HFCheckpointError(
+            "model.config does not match the checkpoint: " + "; ".join(diffs),
+            f"model.init_from {path}",
+            "set those model.config fields to the checkpoint's values",
+        )
     return {k: v for k, v in loaded.state_dict().items() if k not in NOT_LOADED}
 
 
@@ -59,7 +77,7 @@ def load_initial_weights(model: nn.Module, path: str | Path) -> None:
     expected = {k for k in model.state_dict() if k not in NOT_LOADED}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise HFCheckpointError(f"init_from {path}: missing {missing[:8]}, unexpected {unexpected[:8]}.")
+        raise HFCheckpointError(f"missing {missing[:8]}, unexpected {unexpected[:8]}", f"model.init_from {path}")
     dtype = next(model.parameters()).dtype
     state = {k: v.to(dtype) for k, v in state.items()}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))

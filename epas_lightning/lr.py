@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
+
+log = logging.getLogger(__name__)
+
+SHAPE = ("base_lrs", "warmup_steps", "max_steps", "min_lr_ratio")
+"""What defines the schedule, as opposed to how far along it a run is (``last_epoch``)."""
 
 
 class WarmupCosineLR(LRScheduler):
@@ -17,6 +23,10 @@ class WarmupCosineLR(LRScheduler):
         max_steps: Step at which the cosine reaches its floor; ``None`` lets ``EPASModule`` fill in the trainer's
             total number of optimizer steps.
         min_lr_ratio: Final learning rate as a fraction of the base learning rate.
+
+    On resume the schedule's shape comes from the current configuration, not the checkpoint: a run resumed with
+    another ``max_steps`` (or warmup, floor or learning rate) follows the new schedule from the resumed step, and
+    says so. Only the position (``last_epoch``) is restored.
     """
 
     def __init__(
@@ -40,3 +50,14 @@ class WarmupCosineLR(LRScheduler):
     def get_lr(self) -> list[float]:
         factor = self.lr_factor(self.last_epoch)
         return [base_lr * factor for base_lr in self.base_lrs]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = {k: state_dict.get(k) for k in SHAPE}
+        current = {k: getattr(self, k) for k in SHAPE}
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in SHAPE})
+        if saved != current:
+            changed = ", ".join(f"{k} {saved[k]} -> {current[k]}" for k in SHAPE if saved[k] != current[k])
+            log.info("LR schedule: resumed at step %d with the configured schedule (%s).", self.last_epoch, changed)
+        for group, base_lr, lr in zip(self.optimizer.param_groups, self.base_lrs, self.get_lr(), strict=True):
+            group["initial_lr"], group["lr"] = base_lr, lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]

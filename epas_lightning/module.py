@@ -6,16 +6,17 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.aggregation import MeanMetric
 
 from epas_lightning.flops import estimate_flops
 from epas_lightning.init_from import check_init_source, load_initial_weights
+from epas_lightning.loss import next_token_loss
 from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.llama import check_attention_reuse
+from epas_lightning.optim import default_optimizer, param_groups
 from epas_lightning.parallel import mixed_precision_policy, parallelize
 
 
@@ -139,19 +140,14 @@ class EPASModule(LightningModule):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
 
-    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
-        input_ids, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
-        logits = self.model(input_ids)  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().long())
-
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         self._tokens_shape = (batch.shape[0], batch.shape[1] - 1)
-        loss = self._loss(batch)
+        loss = next_token_loss(self.model, batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        loss = self._loss(batch)
+        loss = next_token_loss(self.model, batch)
         self.val_loss.update(loss, weight=batch[:, 1:].numel())
 
     def on_validation_epoch_end(self) -> None:
@@ -170,7 +166,10 @@ class EPASModule(LightningModule):
         self.log(f"{prefix}/ppl", loss.exp(), sync_dist=False)
 
     def configure_optimizers(self):  # noqa: ANN201
-        optimizer = self._build_optimizer(self._param_groups())
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(param_groups(self))
+        else:
+            optimizer = default_optimizer(self)
         total_steps = int(self.trainer.estimated_stepping_batches)
         if self.lr_scheduler_factory is None:
             scheduler = WarmupCosineLR(optimizer, warmup_steps=min(100, total_steps // 10), max_steps=total_steps)
@@ -179,18 +178,6 @@ class EPASModule(LightningModule):
             if isinstance(scheduler, WarmupCosineLR) and scheduler.max_steps is None:
                 scheduler.max_steps = total_steps
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _build_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
-        if self.optimizer_factory is not None:
-            return self.optimizer_factory(groups)
-        return torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
-
-    def _param_groups(self) -> list[dict]:
-        """Weight decay on matrices (linear and embedding weights), none on norm gains."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _rng_state() -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from epas_lightning.errors import ConfigError
+
 TargetSpec = int | float | Sequence[int]
 """The full sharing region: a layer count, a fraction of the layers, or an explicit list in growth order."""
 
@@ -28,7 +30,7 @@ GROWTH_ORDERS: tuple[str, ...] = get_args(GrowthOrder)
 def check_order(order: str) -> None:
     """Fail with the valid choices when ``order`` is not a :data:`GrowthOrder`."""
     if order not in GROWTH_ORDERS:
-        raise ValueError(f"Sharing growth order must be one of {list(GROWTH_ORDERS)}, got {order!r}.")
+        raise ConfigError(f"unknown growth order {order!r}", "sharing.order", f"use one of {list(GROWTH_ORDERS)}")
 
 
 def resolve_target(target: TargetSpec, n_layer: int, order: GrowthOrder = "deep_first") -> tuple[int, ...]:
@@ -42,34 +44,44 @@ def resolve_target(target: TargetSpec, n_layer: int, order: GrowthOrder = "deep_
     check_order(order)
     deep_first = order == "deep_first"
     if isinstance(target, bool):
-        raise ValueError(f"Sharing target must be a count, a fraction or a list of layers, got {target!r}.")
+        raise ConfigError(
+            f"the sharing target must be a count, a fraction or a list of layers, not {target!r}", "sharing.target"
+        )
     if isinstance(target, float):
         if not 0.0 < target < 1.0:
-            raise ValueError(f"A fractional sharing target must be in (0, 1), got {target}.")
+            raise ConfigError(f"a fractional sharing target must be in (0, 1), got {target}", "sharing.target")
         count = int(target * n_layer)
         if count == 0:
-            raise ValueError(f"Sharing target {target} of {n_layer} layers rounds down to 0 layers.")
+            raise ConfigError(
+                f"a sharing target of {target} of {n_layer} layers rounds down to 0 layers",
+                "sharing.target",
+                "raise it, or give a layer count",
+            )
         target = count
     if isinstance(target, int):
         if not 1 <= target <= n_layer - 1:
-            raise ValueError(
-                f"Sharing target of {target} layers is invalid for a {n_layer}-layer model: "
-                f"between 1 and n_layer - 1 = {n_layer - 1} layers can share (layer 0 always computes)."
+            raise ConfigError(
+                f"a sharing target of {target} layers is invalid for a {n_layer}-layer model",
+                "sharing.target",
+                f"choose between 1 and n_layer - 1 = {n_layer - 1} layers (layer 0 always computes)",
             )
         return tuple(range(n_layer - 1, n_layer - 1 - target, -1)) if deep_first else tuple(range(1, target + 1))
     layers = tuple(int(i) for i in target)
     if not layers:
-        raise ValueError("The sharing target list is empty.")
+        raise ConfigError("the sharing target list is empty", "sharing.target")
     if any(not 1 <= i <= n_layer - 1 for i in layers):
-        raise ValueError(
-            f"Sharing target {list(layers)} names layers outside 1..{n_layer - 1} (layer 0 can never share)."
+        raise ConfigError(
+            f"the sharing target {list(layers)} names layers outside 1..{n_layer - 1}",
+            "sharing.target",
+            "list layers 1..n_layer - 1 (layer 0 can never share)",
         )
     step = -1 if deep_first else 1
     if any(b - a != step for a, b in zip(layers, layers[1:], strict=False)):
         example, listed = ("[11, 10, 9]", "deepest first") if deep_first else ("[1, 2, 3]", "shallowest first")
-        raise ValueError(
-            f"Sharing target {list(layers)} must be one contiguous block listed {listed} (order={order!r}), "
-            f"e.g. {example}."
+        raise ConfigError(
+            f"the sharing target {list(layers)} is not one contiguous block listed {listed} (order={order!r})",
+            "sharing.target",
+            f"list it like {example}",
         )
     return layers
 
@@ -89,15 +101,16 @@ class SharingSchedule:
 
     def __post_init__(self) -> None:
         if self.growth < 1:
-            raise ValueError(f"growth must be >= 1, got {self.growth}.")
+            raise ConfigError(f"growth must be >= 1, got {self.growth}", "sharing.growth")
         if self.interval < 1:
-            raise ValueError(f"interval must be >= 1 optimizer step, got {self.interval}.")
+            raise ConfigError(f"interval must be >= 1 optimizer step, got {self.interval}", "sharing.interval")
         if self.start_step < 0:
-            raise ValueError(f"start_step must be >= 0, got {self.start_step}.")
+            raise ConfigError(f"start_step must be >= 0, got {self.start_step}", "sharing.start_step")
         if len(self.target_layers) % self.growth:
-            raise ValueError(
-                f"The target region has {len(self.target_layers)} layers, which is not a multiple of "
-                f"growth={self.growth}: pick a growth that divides it."
+            raise ConfigError(
+                f"the target region has {len(self.target_layers)} layers, not a multiple of growth={self.growth}",
+                "sharing.growth",
+                "pick a growth that divides the region size",
             )
 
     @classmethod

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
+from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.constants import default_pg_timeout
+
+from epas_lightning.safe_load import is_sharded_checkpoint, load_sharded_checkpoint
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -14,6 +19,9 @@ class FSDP2Strategy(ModelParallelStrategy):
     ``ModelParallelStrategy`` defaults to tensor parallelism within a node; here the data-parallel size is the world
     size and the tensor-parallel size 1. The module applies ``fully_shard`` in ``configure_model`` (see
     ``epas_lightning.parallel``). In YAML: ``trainer.strategy: {class_path: epas_lightning.strategy.FSDP2Strategy}``.
+
+    Checkpoints load without unpickling anything but tensors and plain data: a sharded directory's metadata through a
+    restricted unpickler (``torch.distributed.checkpoint`` would use plain ``pickle``), files with ``weights_only``.
 
     Args:
         save_distributed_checkpoint: Each rank writes its shard into a checkpoint directory (``True``) or rank 0
@@ -40,3 +48,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         # `ModelParallelStrategy` would take `data_parallel_size = num_nodes`; shard over every rank instead.
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(checkpoint_path))
+        if not is_sharded_checkpoint(path):
+            return super().load_checkpoint(path, weights_only=True)
+        return load_sharded_checkpoint(path, self.model, self.optimizers, strict=self.lightning_module.strict_loading)

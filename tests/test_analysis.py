@@ -164,8 +164,9 @@ def test_analyze_command_writes_heatmap_json_and_tensorboard_image(tiny_checkpoi
     out = tmp_path / "analysis"
     args = ["analyze", "--checkpoint", str(tiny_checkpoint), "--output", str(out), "--batches", "2"]
     assert cli_main([*args, "--batch-size", "2", "--seq-len", "16"]) == 0
-    printed = capsys.readouterr().out
-    assert str(tiny_corpus) in printed  # the data the checkpoint's tokenizer came from
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert str(tiny_corpus) in captured.err  # the data the checkpoint's tokenizer came from
     assert "Recommendation" in printed or "No region" in printed
     assert "trained with layers [1] sharing" in printed  # the caveat for regions trained with sharing
     assert (out / "similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -177,10 +178,14 @@ def test_analyze_command_writes_heatmap_json_and_tensorboard_image(tiny_checkpoi
     assert "analysis/similarity" in events.Tags()["images"]
 
 
-def test_analyze_reports_bad_inputs_before_work(tiny_checkpoint, tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        cli_main(["analyze", "--checkpoint", str(tmp_path / "nope.ckpt")])
-    with pytest.raises(SystemExit, match="not a directory"):
-        cli_main(["analyze", "--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path / "missing")])
-    with pytest.raises(SystemExit, match="seq-len must be in"):
-        cli_main(["analyze", "--checkpoint", str(tiny_checkpoint), "--seq-len", "999", "-o", str(tmp_path)])
+def test_analyze_reports_bad_inputs_before_work(tiny_checkpoint, tmp_path, capsys):
+    def fails(*argv: str) -> str:
+        assert cli_main(["analyze", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err  # one line, no traceback
+        return err
+
+    assert "checkpoint does not exist" in fails("--checkpoint", str(tmp_path / "nope.ckpt"))
+    assert "not a folder" in fails("--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path / "missing"))
+    assert "must be in [2, block_size" in fails("--checkpoint", str(tiny_checkpoint), "--seq-len", "999")
+    assert not (tmp_path / "runs").exists()

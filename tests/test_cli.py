@@ -10,6 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from epas_lightning.callbacks import ProgressiveSharing
 from epas_lightning.cli import main
+from epas_lightning.lightning_cli import lightning_cli
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG = str(REPO / "configs" / "debug.yaml")
@@ -38,7 +39,7 @@ def test_fit_through_the_entry_point_logs_and_checkpoints(tiny_corpus, tmp_path)
 
 
 def test_links_set_length_layers_and_vocab_once():
-    cli = main(["--config", DEBUG, "--model.config.n_layer", "4", "--sharing.target", "3"], run=False)
+    cli = lightning_cli(["--config", DEBUG, "--model.config.n_layer", "4", "--sharing.target", "3"], run=False)
     assert cli.model.config.n_layer == 4
     assert cli.datamodule.seq_len == 32 and cli.datamodule.vocab_size == 512
     (sharing,) = [c for c in cli.trainer.callbacks if isinstance(c, ProgressiveSharing)]
@@ -46,28 +47,27 @@ def test_links_set_length_layers_and_vocab_once():
 
 
 def test_preset_override_from_the_command_line():
-    cli = main(["--config", DEBUG, "--model.config.name", "demo", "--model.config.block_size", "64"], run=False)
+    cli = lightning_cli(
+        ["--config", DEBUG, "--model.config.name", "demo", "--model.config.block_size", "64"], run=False
+    )
     assert (cli.model.config.n_layer, cli.model.config.n_embd) == (8, 256)
     assert cli.datamodule.seq_len == 64 and cli.datamodule.vocab_size == 4096
 
 
-def test_print_config_shows_the_sharing_section(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", DEBUG, "--print_config"])
-    assert exit_info.value.code == 0
+def test_print_config_shows_the_sharing_section_and_the_resolved_preset(capsys):
+    assert main(["fit", "--config", DEBUG, "--print_config"]) == 0
     out = capsys.readouterr().out
-    assert "sharing:" in out and "name: debug" in out and "ThroughputMonitor" in out
+    assert "sharing:" in out and "name: debug" in out and "throughput:" in out and "divergence:" in out
+    assert "n_layer: 2" in out and "vocab_size: 512" in out and "block_size: 32" in out  # not null
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
-def test_every_config_parses_and_keeps_the_throughput_monitor(name, capsys):
-    """A `trainer.callbacks` list in a config replaces the defaults: it must list the ThroughputMonitor again."""
-    config = str(Path(__file__).parents[1] / "configs" / name)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", config, "--print_config"])
-    assert exit_info.value.code == 0
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_every_packaged_config_parses_by_name_with_the_monitors(name, capsys):
+    """Configs are found by name (they ship in the wheel), and every run keeps the monitors and the guard."""
+    assert main(["fit", "--config", name, "--print_config"]) == 0
     out = capsys.readouterr().out
-    assert "lightning.pytorch.callbacks.ThroughputMonitor" in out and "epas_lightning.callbacks.batch_tokens" in out
+    for section in ("throughput:", "lr_monitor:", "checkpoint:", "divergence:", "sharing:"):
+        assert f"\n{section}" in out, section
 
 
 def test_invalid_schedule_fails_before_training(tmp_path, tiny_corpus):

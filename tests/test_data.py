@@ -17,11 +17,13 @@ from epas_lightning.data.builtin import (
     collect_source_files,
     default_cache_dir,
     list_source_files,
-    load_meta,
     split_train_val,
     stdlib_root,
 )
-from epas_lightning.data.prepare import InputFile, WorkItem, tokenize_work_item
+from epas_lightning.data.layout import load_meta
+from epas_lightning.data.sources import InputFile
+from epas_lightning.data.writing import WorkItem, tokenize_work_item
+from epas_lightning.errors import DataError
 
 TINY_CORPUS_MAX_BYTES = 1_500_000  # as prepared by the `tiny_corpus` fixture (conftest.py)
 TINY_CORPUS_VOCAB_SIZE = 512
@@ -194,7 +196,12 @@ def test_concurrent_callers_build_once(tmp_path: Path, monkeypatch: pytest.Monke
         builds.append(build_dir)
         threading.Event().wait(0.3)
         (build_dir / "meta.json").write_text("{}")
-        return {"seconds": 0.3, "seconds_by_step": {}, "splits": {}}
+        return {
+            "seconds": 0.3,
+            "seconds_by_step": {},
+            "splits": {"train": {"tokens": 1}, "val": {"tokens": 1}},
+            "vocab_size": 512,
+        }
 
     monkeypatch.setattr(builtin, "build_entry", fake_build)
     results = []
@@ -235,14 +242,14 @@ def test_validation_order_is_fixed_and_training_order_is_shuffled(tiny_corpus: P
 
 
 def test_vocab_size_check_names_both_sizes(tiny_corpus: Path):
-    with pytest.raises(ValueError, match=r"has 512 tokens but the model's vocab_size is 300"):
+    with pytest.raises(DataError, match=r"has 512 tokens but the model's vocab_size is 300"):
         tiny_datamodule(tiny_corpus, vocab_size=300)
     assert tiny_datamodule(tiny_corpus, vocab_size=1024).tokenizer.get_vocab_size() == 512
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path: Path):
     missing = tmp_path / "nowhere"
-    with pytest.raises(FileNotFoundError, match=rf"{missing} does not exist.*prepare"):
+    with pytest.raises(DataError, match=rf"does not exist — data.data_dir {missing} — create it with .*prepare"):
         tiny_datamodule(missing)
 
 
@@ -251,7 +258,7 @@ def test_incomplete_data_dir_lists_what_is_missing(tiny_corpus: Path, tmp_path: 
     shutil.copytree(tiny_corpus, data_dir)
     (data_dir / "meta.json").unlink()
     shutil.rmtree(data_dir / "val")
-    with pytest.raises(FileNotFoundError, match=r"incomplete: missing val/index.json, meta.json.*prepare"):
+    with pytest.raises(DataError, match=r"incomplete data directory: missing val/index.json, meta.json.*prepare"):
         tiny_datamodule(data_dir)
 
 

@@ -14,7 +14,13 @@ from torch import nn
 from epas_lightning import Llama, LlamaConfig
 from epas_lightning.evaluation import evaluate_perplexity, evaluate_task, load_task, score_continuations
 from epas_lightning.evaluation import lm_eval_adapter as adapter
-from epas_lightning.evaluation.evaluate_cli import main as evaluate_main
+from epas_lightning.cli import main as cli_main
+from epas_lightning.errors import ConfigError
+
+
+def evaluate_main(argv: list[str]) -> int:
+    return cli_main(["evaluate", *argv])
+
 
 VOCAB = 512
 
@@ -162,7 +168,7 @@ def test_lm_eval_model_class_on_a_checkpoint(tmp_path: Path, tiny_corpus: Path) 
     assert score == pytest.approx(
         direct_loglik(lm.model, [tok.bos_id] + tok.encode("def f(x):"), tok.encode(" return x")), abs=1e-4
     )
-    with pytest.raises(ValueError, match="trained with at most 2 sharing layers"):
+    with pytest.raises(ConfigError, match="trained with at most 2 sharing layers"):
         adapter.EPASLM(str(tmp_path / "ckpt"), sharing_layers=3)
 
 
@@ -171,14 +177,16 @@ def test_evaluate_cli_sweeps_regions(tmp_path: Path, tiny_corpus: Path, capsys: 
     save_consolidated(model, tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
     task = tmp_path / "code.jsonl"
     task.write_text(json.dumps({"context": "import", "choices": [" os", " the"], "label": 0}) + "\n")
-    out = tmp_path / "rows.json"
     argv = ["--checkpoint", str(tmp_path / "ckpt"), "--sharing-layers", "all", "--data", str(tiny_corpus)]
-    assert evaluate_main([*argv, "--tasks", str(task), "--max-batches", "2", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())
+    assert evaluate_main([*argv, "--tasks", str(task), "--batches", "2", "--json"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out.strip().splitlines()[-1])
     assert [row["sharing_layers"] for row in rows] == [0, 1, 2]
+    assert [row["shared_layers"] for row in rows] == [[], [3], [2, 3]]
     assert {"val_loss", "val_ppl", "code/acc", "code/acc_norm"} <= set(rows[0])
     assert rows[0]["val_loss"] != rows[2]["val_loss"]  # the region changes the model
-    assert "| sharing_layers |" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="trained with at most 2 sharing layers"):
-        evaluate_main(["--checkpoint", str(tmp_path / "ckpt"), "--sharing-layers", "3", "--data", str(tiny_corpus)])
-    assert evaluate_main([*argv[:3], "3", "--force", "--data", str(tiny_corpus), "--max-batches", "1"]) == 0
+    assert "| sharing_layers |" in out
+    too_many = ["--checkpoint", str(tmp_path / "ckpt"), "--sharing-layers", "3", "--data", str(tiny_corpus)]
+    assert evaluate_main(too_many) == 2
+    assert "trained with at most 2 sharing layers" in capsys.readouterr().err
+    assert evaluate_main([*argv[:3], "3", "--force", "--data", str(tiny_corpus), "--batches", "1"]) == 0

@@ -15,6 +15,7 @@ from lightning.pytorch import Callback
 from model_dirs import save_consolidated
 
 from epas_lightning import EPASModule, Llama, LlamaConfig
+from epas_lightning.errors import CheckpointError
 from epas_lightning.hf.convert import HFCheckpointError, config_from_hf, load_hf_state
 
 transformers = pytest.importorskip("transformers")
@@ -126,7 +127,7 @@ def test_import_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(HFCheckpointError, match="n_layer: model 3 vs"):
         load_hf_state(path, config_from_hf(path, n_layer=3))
     (path / "model.safetensors").unlink()
-    with pytest.raises(HFCheckpointError, match="has no weights"):
+    with pytest.raises(HFCheckpointError, match="no weights"):
         load_hf_state(path, config_from_hf(path))
     with pytest.raises(HFCheckpointError, match="does not exist"):
         config_from_hf(tmp_path / "nowhere")
@@ -170,7 +171,7 @@ def test_fit_init_from_hf_starts_at_hf_weights(tmp_path: Path, tiny_corpus: Path
 
 def test_init_from_checks_before_training(tmp_path: Path) -> None:
     path = save_tiny_hf(tmp_path / "hf")
-    with pytest.raises(FileNotFoundError, match="init_from"):
+    with pytest.raises(CheckpointError, match="init_from"):
         EPASModule(_module_config(), init_from=str(tmp_path / "missing"))
     wide = LlamaConfig(n_layer=2, n_embd=128, n_head=4, vocab_size=VOCAB, block_size=32, rope_theta=50000.0)
     with pytest.raises(HFCheckpointError, match="n_embd: model 128"):
@@ -264,21 +265,21 @@ def test_export_sharing_remote_code_logits_and_generate(tmp_path: Path, mode: st
     assert torch.equal(generated[:, 2:], greedy_by_full_forwards(ours, prompt[1:, :4], 5))
 
 
-def test_export_region_checks(tmp_path: Path) -> None:
-    from epas_lightning.hf.export import main
+def test_export_region_checks(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from epas_lightning.cli import main
 
     save_ours(tmp_path / "ckpt", n_layer=4, shared=1)
-    with pytest.raises(ValueError, match="trained with at most 1 sharing layers"):
-        main(["--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "a"), "--sharing-layers", "2"])
-    assert main(["-c", str(tmp_path / "ckpt"), "-o", str(tmp_path / "b"), "--sharing-layers", "0"]) == 0
+    export = ["export", "--checkpoint", str(tmp_path / "ckpt")]
+    assert main([*export, "--output", str(tmp_path / "a"), "--sharing-layers", "2"]) == 2
+    assert "trained with at most 1 sharing layers" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main([*export, "--output", str(tmp_path / "b"), "--sharing-layers", "0"]) == 0
     assert json.loads((tmp_path / "b" / "config.json").read_text())["model_type"] == "llama"
-    assert (
-        main(["-c", str(tmp_path / "ckpt"), "-o", str(tmp_path / "c"), "--sharing-layers", "0", "--remote-code"]) == 0
-    )
+    assert main([*export, "--output", str(tmp_path / "c"), "--sharing-layers", "0", "--remote-code"]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "c", trust_remote_code=True, epas_shared_layers=[3]
     )
     assert hf.config.epas_shared_layers == [3] and hf.config.epas_max_shared_layers == 1
+    assert hf.config.epas_trained_region == [3] and hf.config.epas_growth_order == "deep_first"
 
 
 # ---------------------------------------------------------------- configs/tinyllama-continual.yaml
@@ -290,26 +291,24 @@ def test_tinyllama_continual_config_parses(tmp_path: Path, capsys: pytest.Captur
     from epas_lightning.cli import main
 
     path = save_tiny_hf(tmp_path / "hf")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", CONTINUAL, "--model.init_from", str(path), "--print_config"])
-    assert exit_info.value.code == 0
+    assert main(["fit", "--config", CONTINUAL, "--model.init_from", str(path), "--print_config"]) == 0
     out = capsys.readouterr().out
     assert f"init_from: {path}" in out and "name: tinyllama-1.1b" in out and "target: 5" in out
 
 
 def test_tinyllama_continual_config_checks_init_from(tmp_path: Path) -> None:
     """Scaled down to the tiny HF model on CPU: builds with a fitting directory, fails clearly without one."""
-    from epas_lightning.cli import main
+    from epas_lightning.lightning_cli import lightning_cli
 
     path = save_tiny_hf(tmp_path / "hf", rope_theta=10000.0, rms_norm_eps=1e-5)
     small = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto"]
     small += ["--model.config.name", "debug", "--model.config.n_layer", "2", "--model.config.n_embd", "64"]
     small += ["--model.config.block_size", "32", "--sharing.target", "1", "--model.compile", "false"]
     small += ["--trainer.precision", "32-true", "--data.data_dir", "null", "--trainer.logger", "false"]
-    cli = main(["--config", CONTINUAL, *small, "--model.init_from", str(path)], run=False)
+    cli = lightning_cli(["--config", CONTINUAL, *small, "--model.init_from", str(path)], run=False)
     assert cli.model.init_from == str(path)
-    with pytest.raises(FileNotFoundError, match="init_from"):
-        main(["--config", CONTINUAL, *small, "--model.init_from", str(tmp_path / "missing")], run=False)
+    with pytest.raises(CheckpointError, match="init_from"):
+        lightning_cli(["--config", CONTINUAL, *small, "--model.init_from", str(tmp_path / "missing")], run=False)
 
 
 def test_resume_wins_over_init_from(tmp_path: Path, tiny_corpus: Path) -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from epas_lightning.inference import deepest_layers, generate, sample, set_region
+from epas_lightning.region import TrainedRegion
 from epas_lightning.model import Llama, LlamaConfig
 
 
@@ -143,11 +144,14 @@ def test_sampling_filters():
 def test_region_errors():
     model = tiny()
     assert deepest_layers(4, 2) == [2, 3]
+    trained = TrainedRegion(4, (3,))
     with pytest.raises(ValueError, match="trained with at most 1"):
-        set_region(model, 2, trained_max=1)
-    assert set_region(model, 2, trained_max=1, force=True) == [2, 3]
+        set_region(model, 2, trained)
+    assert set_region(model, 2, trained, force=True) == [2, 3]
     with pytest.raises(ValueError, match="share 0..3"):
         set_region(model, 4)
+    shallow = TrainedRegion(4, (1, 2), "shallow_first")
+    assert set_region(model, 1, shallow) == [1] and set_region(model, 3, shallow, force=True) == [1, 2, 3]
     cache = model.new_cache(1, 8)
     model.set_shared_layers([3])
     with pytest.raises(ValueError, match="build a new cache"):

@@ -34,6 +34,8 @@ def trained(tiny_corpus, tmp_path_factory):
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     rc = cli_main(list(argv))
     out = capsys.readouterr()
+    if rc == 2:
+        assert out.err.startswith("error: ") and out.err.count("\n") == 1, out.err  # one line, no traceback
     return rc, out.out, out.err
 
 
@@ -54,13 +56,13 @@ def test_generate_reports_the_analytic_cache_saving(trained, capsys):
     assert numbers["shared_layers"] == [3]
     assert numbers["kv_cache_saving"] == pytest.approx(1 / 8) == numbers["kv_cache_saving_analytic"]
     assert out.startswith("def main(") and "\nimport" in out
-    assert "layers 3-3 share (1/4; trained with up to 2, attention reuse)" in err
+    assert "layers [3] share (1/4; trained region: layers [3, 2], deep-first, attention reuse)" in err
 
 
 def test_generate_refuses_more_than_the_trained_region_unless_forced(trained, capsys):
     args = ["generate", "--checkpoint", str(trained), "--prompt", "x", "--max-new-tokens", "2", "--sharing-layers", "3"]
     rc, _, err = run_cli(capsys, *args)
-    assert rc == 2 and "trained with at most 2 sharing layers; 3 were asked for" in err
+    assert rc == 2 and "trained with at most 2 sharing layers (layers [3, 2], deep-first); 3 were asked for" in err
     rc, _, err = run_cli(capsys, *args, "--force")
     assert rc == 0, err
     rc, _, err = run_cli(capsys, "generate", "--checkpoint", str(trained.parent / "nope.ckpt"), "--prompt", "x")
@@ -81,12 +83,15 @@ def test_consolidated_checkpoint_generates_the_same_tokens(trained, tmp_path):
 
 
 def test_bench_writes_the_many_in_one_table(trained, tmp_path, capsys):
+    out_dir = tmp_path / "bench"
     rc, out, err = run_cli(
-        capsys, "bench", "--checkpoint", str(trained), "--output", str(tmp_path), "--reps", "1",
-        "--prompt-len", "8", "--new-tokens", "4", "--val-batches", "2", "--budget", "0.99",
+        capsys, "bench", "--checkpoint", str(trained), "--output", str(out_dir), "--reps", "1",
+        "--prompt-len", "8", "--max-new-tokens", "4", "--batches", "2", "--budget", "0.99", "--json",
     )  # fmt: skip
     assert rc == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
+    assert summary == json.loads((out_dir / "many_in_one.json").read_text())
+    tmp_path = out_dir
     rows = list(csv.DictReader((tmp_path / "many_in_one.csv").open()))
     assert [int(r["n_shared"]) for r in rows] == [0, 1, 2]
     ratios = [float(r["flops_ratio"]) for r in rows]
@@ -101,4 +106,4 @@ def test_bench_writes_the_many_in_one_table(trained, tmp_path, capsys):
 
 def test_bench_budget_below_the_trained_region_is_an_error(trained, capsys):
     rc, _, err = run_cli(capsys, "bench", "--checkpoint", str(trained), "--budget", "0.5")
-    assert rc == 2 and "Raise --budget to at least" in err
+    assert rc == 2 and "— --budget — raise --budget to at least" in err

@@ -19,9 +19,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from epas_lightning.cli import main as cli_main
 from epas_lightning.data import TokenDataModule, load_tokenizer
 from epas_lightning.data import prepare as prepare_module
-from epas_lightning.data.datamodule import DataCheckError
-from epas_lightning.data.prepare import DataPreparationError
+from epas_lightning.data.layout import DataCheckError
 from epas_lightning.data.prepare import prepare_dataset as prepare
+from epas_lightning.data.sources import DataPreparationError
+from epas_lightning.errors import DataError, OutputError
 
 WORDS = (
     *("the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "data"),
@@ -144,7 +145,13 @@ def tiny_dm(data_dir, **kwargs) -> TokenDataModule:
 def test_sentencepiece_corpus_holds_every_document_once_as_bos_eos(corpus, sp_data: Path, sp_model: Path):
     _, docs = corpus
     meta = json.loads((sp_data / "meta.json").read_text())
-    assert sorted(p.name for p in sp_data.iterdir()) == ["meta.json", "tokenizer.model", "train", "val"]
+    assert sorted(p.name for p in sp_data.iterdir()) == [
+        ".epas_output.json",
+        "meta.json",
+        "tokenizer.model",
+        "train",
+        "val",
+    ]
     assert (meta["tokenizer_kind"], meta["vocab_size"], meta["bos_id"], meta["eos_id"]) == (
         "sentencepiece",
         SP_VOCAB,
@@ -170,7 +177,8 @@ def test_cli_with_hf_tokenizer_and_separate_val_input(corpus, tmp_path: Path, ca
     root, docs = corpus
     hf = train_hf_tokenizer(tmp_path / "tokenizer.json")
     out = tmp_path / "hf"
-    argv = ["prepare", "--input", str(root / "a.jsonl"), str(root / "c.parquet"), "--val-input", str(root / "notes")]
+    argv = ["prepare", "--input", str(root / "a.jsonl"), "--input", str(root / "c.parquet")]
+    argv += ["--val-input", str(root / "notes")]
     assert cli_main([*argv, "--output", str(out), "--tokenizer", str(hf), "--no-progress", "--num-workers", "2"]) == 0
     assert f"Prepared {out}: 256 documents (250 train / 6 val)" in capsys.readouterr().out
     meta = json.loads((out / "meta.json").read_text())
@@ -189,7 +197,7 @@ def test_trained_tokenizer_is_saved_next_to_the_data(corpus, tmp_path: Path):
     meta = json.loads((out / "meta.json").read_text())
     assert (meta["tokenizer"], meta["tokenizer_source"], meta["vocab_size"]) == ("tokenizer.json", "trained", 300)
     assert meta["splits"]["val"]["documents"] >= 1  # one note at least, held out whole
-    with pytest.raises(ValueError, match=r"has 300 tokens but the model's vocab_size is 280"):
+    with pytest.raises(DataError, match=r"has 300 tokens but the model's vocab_size is 280"):
         tiny_dm(str(out), vocab_size=280)
 
 
@@ -200,7 +208,7 @@ def test_trained_tokenizer_is_saved_next_to_the_data(corpus, tmp_path: Path):
 
 def test_empty_input_is_refused(tmp_path: Path, sp_model: Path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataPreparationError, match=rf"No input files found in {tmp_path / 'empty'}"):
+    with pytest.raises(DataPreparationError, match=rf"no input files found — --input {tmp_path / 'empty'}"):
         prepare(tmp_path / "empty", tmp_path / "out", sp_model)
     (tmp_path / "empty" / "a.txt").write_text("")
     (tmp_path / "empty" / "b.txt").write_text("")
@@ -225,7 +233,7 @@ def test_non_utf8_file_is_skipped_with_a_warning_or_fails_by_flag(
     assert f"Skipped {src / 'latin1.txt'}: not valid UTF-8" in caplog.text
     meta = json.loads((out / "meta.json").read_text())
     assert meta["documents"] == 6 and meta["skipped"] == {"train": 1, "val": 0}
-    with pytest.raises(DataPreparationError, match=rf"{src / 'latin1.txt'}: not valid UTF-8"):
+    with pytest.raises(DataPreparationError, match=rf"not valid UTF-8 .* — {src / 'latin1.txt'} — pass --on-bad skip"):
         prepare(src, tmp_path / "fail", sp_model, val_input=val, on_bad="fail", num_workers=1)
     assert not (tmp_path / "fail").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["skip", "src", "val.txt"]  # no build directory left behind
@@ -234,9 +242,9 @@ def test_non_utf8_file_is_skipped_with_a_warning_or_fails_by_flag(
 def test_missing_text_field_names_the_file(tmp_path: Path, sp_model: Path, corpus):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"content": "hello"}) + "\n")
-    with pytest.raises(DataPreparationError, match=rf"{bad}:1: no string field 'text' \(found \['content'\]\)"):
+    with pytest.raises(DataPreparationError, match=rf"no string field 'text' \(found \['content'\]\) — {bad}:1"):
         prepare(bad, tmp_path / "out", sp_model)
-    with pytest.raises(DataPreparationError, match=r"c.parquet: no column 'body'"):
+    with pytest.raises(DataPreparationError, match=r"no column 'body' .* — .*c.parquet"):
         prepare(corpus[0] / "c.parquet", tmp_path / "out", sp_model, text_field="body")
     assert prepare(bad, tmp_path / "out", sp_model, text_field="content", val_input=bad).is_dir()
 
@@ -261,15 +269,17 @@ def test_truncated_chunk_is_a_clear_error(sp_data: Path, tmp_path: Path):
     shutil.copytree(sp_data, data)
     chunk = sorted((data / "train").glob("chunk-*.bin"))[0]
     chunk.write_bytes(chunk.read_bytes()[:-10])
-    with pytest.raises(DataCheckError, match=rf"Chunk {chunk} is corrupt or truncated"):
+    with pytest.raises(DataCheckError, match=rf"corrupt or truncated chunk.* — {chunk} — prepare the data again"):
         tiny_dm(str(data))
     (data / "train" / "index.json").write_text("{not json")
-    with pytest.raises(DataCheckError, match=r"train/index.json is not a readable litdata index"):
+    with pytest.raises(DataCheckError, match=r"not a readable litdata index .* — .*train/index.json"):
         tiny_dm(str(data))
 
 
 def test_tokenizer_larger_than_the_model_vocab_is_refused(sp_data: Path):
-    with pytest.raises(ValueError, match=rf"tokenizer.model\) has {SP_VOCAB} tokens but the model's vocab_size is 100"):
+    with pytest.raises(
+        DataError, match=rf"has {SP_VOCAB} tokens but the model's vocab_size is 100 — .*tokenizer.model"
+    ):
         tiny_dm(str(sp_data), vocab_size=100)
 
 
@@ -288,7 +298,7 @@ def test_interrupted_prepare_leaves_nothing_that_looks_complete(
         prepare(corpus[0], tmp_path / "out", sp_model, num_workers=1)
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "out").mkdir()
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(OutputError, match="already exists .* pass --overwrite"):
         prepare(corpus[0], tmp_path / "out", sp_model)
 
 

@@ -99,7 +99,10 @@ def test_invalid_shallow_first_targets_are_explained(target, match):
 
 
 def test_unknown_order_is_explained():
-    with pytest.raises(ValueError, match=r"one of \['deep_first', 'shallow_first'\], got 'middle'"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown growth order 'middle' — sharing.order — use one of \['deep_first', 'shallow_first'\]",
+    ):
         SharingSchedule.build(12, 6, order="middle")
     from epas_lightning.callbacks import ProgressiveSharing
 

@@ -7,8 +7,8 @@ which deepest region could share with the least change.
 
 from __future__ import annotations
 
-import argparse
-import json
+import json as json_lib
+import sys
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -16,8 +16,12 @@ from pathlib import Path
 import torch
 
 from epas_lightning.analysis.capture import capture_activations
-from epas_lightning.analysis.report import DEFAULT_METRIC, DEFAULT_THRESHOLD, METRICS, RedundancyReport
+from epas_lightning.analysis.report import DEFAULT_METRIC, DEFAULT_THRESHOLD, Metric, RedundancyReport
+from epas_lightning.errors import ConfigError
 from epas_lightning.model import Llama
+from epas_lightning.outputs import output_folder
+from epas_lightning.progress import progress
+from epas_lightning.runtime import emit_json, resolve_device
 
 
 def analyze_model(model: Llama, batches: Iterable[torch.Tensor]) -> RedundancyReport:
@@ -30,7 +34,7 @@ def analyze_model(model: Llama, batches: Iterable[torch.Tensor]) -> RedundancyRe
 
 
 def heldout_batches(
-    data_dir: Path | None, vocab_size: int, seq_len: int, batch_size: int, n_batches: int
+    data_dir: Path, vocab_size: int, seq_len: int, batch_size: int, n_batches: int
 ) -> Iterator[torch.Tensor]:
     """Up to ``n_batches`` token batches (B, seq_len) from the validation split of a prepared data dir."""
     from epas_lightning.data import heldout_loader
@@ -39,8 +43,8 @@ def heldout_batches(
         yield batch[:, :-1]  # the model's inputs; the extra target token is not needed
 
 
-def write_outputs(report: RedundancyReport, recommendation, output: Path) -> list[Path]:  # noqa: ANN001
-    """similarity.png, similarity.json and a TensorBoard event file under ``output/tb``."""
+def write_outputs(report: RedundancyReport, recommendation, output: Path) -> dict:  # noqa: ANN001
+    """Write similarity.png, similarity.json and a TensorBoard event file under ``output/tb``; return the record."""
     from torch.utils.tensorboard import SummaryWriter
 
     from epas_lightning.analysis.plots import similarity_figure
@@ -61,70 +65,87 @@ def write_outputs(report: RedundancyReport, recommendation, output: Path) -> lis
         "candidates": [c.__dict__ | {"source": c.source} for c in recommendation.candidates],
     }
     path_json = output / "similarity.json"
-    path_json.write_text(json.dumps(record, indent=1) + "\n")
+    path_json.write_text(json_lib.dumps(record, indent=1) + "\n")
     with SummaryWriter(log_dir=str(output / "tb")) as writer:
         writer.add_figure("analysis/similarity", figure, global_step=report.metadata.get("global_step") or 0)
         writer.add_text("analysis/recommendation", "```\n" + recommendation.reasoning + "\n```")
-    return [png, path_json, output / "tb"]
+    return record
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m epas_lightning analyze",
-        description="Measure how similar the layers' Q, K and attention maps are and recommend a sharing region.",
-    )
-    parser.add_argument("--checkpoint", type=Path, required=True, help=".ckpt file, FSDP2 dir or consolidated dir")
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        help="prepared data dir whose val/ split is read (default: the data the checkpoint's tokenizer came from, "
-        "else the built-in corpus)",
-    )
-    parser.add_argument("--batches", type=int, default=4, help="batches to measure on (default 4)")
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per batch (default 4)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: min(block_size, 256))")
-    parser.add_argument("--output", "-o", type=Path, default=Path("runs/analysis"), help="directory to write")
-    parser.add_argument("--metric", choices=METRICS, default=DEFAULT_METRIC, help="similarity the advice is based on")
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="lowest acceptable similarity")
-    parser.add_argument("--device", default="cpu", help="where model and comparisons run (default cpu)")
-    return parser
+def analyze_command(
+    checkpoint: Path,
+    data: Path | None = None,
+    batches: int = 4,
+    batch_size: int = 4,
+    seq_len: int | None = None,
+    metric: Metric = DEFAULT_METRIC,
+    threshold: float = DEFAULT_THRESHOLD,
+    device: str = "auto",
+    output: Path = Path("runs/analyze"),
+    overwrite: bool = False,
+    json: bool = False,
+) -> None:
+    """Measure how similar the layers' Q, K and attention maps are, and recommend a sharing region.
 
+    Runs the model with every layer computing over held-out batches, compares every pair of layers (cosine and linear
+    CKA), writes similarity.png, similarity.json and a TensorBoard image into --output, and prints which deepest
+    region could share with the least change.
 
-def main(argv: list[str]) -> int:
+    Args:
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
+        data: Prepared data folder whose val split is read (default: the data the checkpoint trained on).
+        batches: Held-out batches to measure on.
+        batch_size: Sequences per batch.
+        seq_len: Tokens per sequence (default: min(block_size, 256)).
+        metric: The similarity the recommendation is based on.
+        threshold: Lowest similarity a region may have to its source layer.
+        device: Where model and comparisons run: auto (CUDA when available), cpu, cuda, ...
+        output: Folder for similarity.png, similarity.json and tb/.
+        overwrite: Replace --output if it is an analysis folder written by this command.
+        json: End with one JSON line of the recommendation.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     from epas_lightning.checkpoint import load_model
 
-    args = _parser().parse_args(argv)
-    if args.batches < 1 or args.batch_size < 1:
-        raise SystemExit("--batches and --batch-size must be positive.")
-    if args.data is not None and not args.data.is_dir():
-        raise SystemExit(f"--data {args.data} is not a directory (create one with `python -m epas_lightning prepare`).")
-    loaded = load_model(args.checkpoint, args.device)
+    if batches < 1 or batch_size < 1:
+        raise ConfigError("--batches and --batch-size must be positive", "--batches / --batch-size")
+    if data is not None and not data.is_dir():
+        raise ConfigError("not a folder", f"--data {data}", "create one with `python -m epas_lightning prepare`")
+    loaded = load_model(checkpoint, resolve_device(device))
     model, config = loaded.model, loaded.model.config
-    seq_len = args.seq_len or min(config.block_size, 256)
+    seq_len = seq_len or min(config.block_size, 256)
     if not 2 <= seq_len <= config.block_size:
-        raise SystemExit(f"--seq-len must be in [2, block_size={config.block_size}], got {seq_len}.")
-    data_dir = args.data or loaded.data_dir  # None: the built-in corpus
-    print(f"analysing {args.checkpoint} ({config.n_layer} layers) on {data_dir or 'the built-in corpus'}")
-    batches = heldout_batches(data_dir, config.vocab_size, seq_len, args.batch_size, args.batches)
-    report = analyze_model(model, batches)
-    report.metadata.update(
-        checkpoint=str(args.checkpoint),
-        data=str(data_dir) if data_dir else "builtin",
-        global_step=loaded.global_step,
-        trained_shared_layers=loaded.trained_shared_layers,
-    )
-    recommendation = report.recommend(args.metric, args.threshold, config)
-    written = write_outputs(report, recommendation, args.output)
+        raise ConfigError(f"must be in [2, block_size={config.block_size}], got {seq_len}", "--seq-len")
+    data_dir = data or loaded.data_dir
+    if data_dir is None:
+        raise ConfigError(
+            "the checkpoint does not say which data it trained on, and held-out text in another tokenization would "
+            "measure nothing",
+            "--data",
+            "pass --data with the prepared folder the model trained on",
+        )
+    with output_folder(output, "analysis", overwrite, inputs=[checkpoint]) as build:
+        print(f"analysing {checkpoint} ({config.n_layer} layers) on {data_dir}", file=sys.stderr)
+        held_out = progress(heldout_batches(data_dir, config.vocab_size, seq_len, batch_size, batches),
+                            "analyze: capturing activations", batches, "batch")  # fmt: skip
+        report = analyze_model(model, held_out)
+        report.metadata.update(
+            checkpoint=str(checkpoint),
+            data=str(data_dir),
+            global_step=loaded.global_step,
+            trained_shared_layers=loaded.trained_shared_layers,
+            trained_region=loaded.region.to_record(),
+        )
+        recommendation = report.recommend(metric, threshold, config)
+        record = write_outputs(report, recommendation, build)
     print(recommendation.reasoning)
-    if loaded.trained_shared_layers:
+    if loaded.region.layers:
         print(
             f"Note: the checkpoint was trained with layers {loaded.trained_shared_layers} sharing; their own q/k "
             "weights stopped training when they started to share, so their scores describe those frozen weights. "
             "Analyse a dense (or earlier) checkpoint to choose a region."
         )
-    print("wrote " + ", ".join(str(p) for p in written))
-    return 0
+    print(f"wrote {Path(output) / 'similarity.png'}, similarity.json and tb/")
+    emit_json(record["recommendation"], json)

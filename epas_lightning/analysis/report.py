@@ -8,6 +8,7 @@ the region's score is the smallest similarity sim(i, s - 1) over its layers i = 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 
@@ -19,7 +20,9 @@ from epas_lightning.model import LlamaConfig
 SIGNALS = ("q", "k", "attn")
 """What is compared: post-RoPE queries, post-RoPE keys, attention probabilities."""
 MEASURES = ("cosine", "cka")
-METRICS = tuple(f"{signal}/{measure}" for signal in SIGNALS for measure in MEASURES)
+Metric = Literal["q/cosine", "q/cka", "k/cosine", "k/cka", "attn/cosine", "attn/cka"]
+"""A signal compared by a measure."""
+METRICS: tuple[str, ...] = get_args(Metric)
 DEFAULT_METRIC = "attn/cka"
 """A sharing layer in ``qk`` mode attends with its source's probabilities: their similarity is the direct measure."""
 DEFAULT_THRESHOLD = 0.9

@@ -29,18 +29,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from epas_lightning.data.prepare import (
-    META_FILENAME,
-    BuildOptions,
-    InputFile,
-    TokenizerChoice,
-    build_dataset,
-    default_num_workers,
-    split_by_hash,
-    stable_unit_hash,
-    write_meta,
-)
+from epas_lightning.data.layout import META_FILENAME, is_complete, write_meta
+from epas_lightning.data.prepare import BuildOptions, TokenizerChoice, build_dataset
+from epas_lightning.data.sources import InputFile, split_by_hash
 from epas_lightning.data.tokenizer import HF_FILENAME, TRAINED_BOS_TOKEN, TRAINED_EOS_TOKEN
+from epas_lightning.data.writing import default_num_workers
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +44,6 @@ TOKENIZER_FILENAME = HF_FILENAME
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN)
 FILES_FILENAME = "files.json"
 _SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
-__all__ = ["META_FILENAME", "stable_unit_hash", "prepare_builtin_corpus"]
 
 
 @dataclass(frozen=True)
@@ -99,16 +91,6 @@ def builtin_entry_path(
     """Where :func:`prepare_builtin_corpus` puts (or finds) the entry for these arguments."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     return root / builtin_entry_name(vocab_size, max_bytes, val_fraction)
-
-
-def is_complete_entry(path: str | Path) -> bool:
-    """An entry is complete once ``meta.json`` exists: it is written last."""
-    return (Path(path) / META_FILENAME).is_file()
-
-
-def load_meta(path: str | Path) -> dict:
-    """Read the ``meta.json`` of a prepared data directory."""
-    return json.loads((Path(path) / META_FILENAME).read_text())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -167,7 +149,9 @@ def split_train_val(files: Sequence[SourceFile], val_fraction: float) -> tuple[l
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def build_entry(build_dir: Path, vocab_size: int, max_bytes: int | None, val_fraction: float, num_workers: int) -> dict:
+def build_entry(
+    build_dir: Path, vocab_size: int, max_bytes: int | None, val_fraction: float, num_workers: int, progress: bool
+) -> dict:
     """Write a complete entry into ``build_dir`` (``meta.json`` last) and return its metadata.
 
     The files go through the same preparation as any corpus (:func:`~epas_lightning.data.prepare.build_dataset`):
@@ -178,7 +162,13 @@ def build_entry(build_dir: Path, vocab_size: int, max_bytes: int | None, val_fra
     if n_undecodable:
         log.warning("Skipped %d standard library files that are not valid UTF-8.", n_undecodable)
     train, val = split_train_val(files, val_fraction)
-    log.info("Corpus: %d train / %d val files (%.1f MB) from %s", len(train), len(val), _mb(files), root)
+    log.info(
+        "Preparing the built-in corpus (first use only): %d train / %d val files, %.1f MB of Python from %s",
+        len(train),
+        len(val),
+        _mb(files),
+        root,
+    )
     inputs = [
         InputFile(f.path, f.rel_path, "text", f.n_bytes, split)
         for split, group in (("train", train), ("val", val))
@@ -188,7 +178,7 @@ def build_entry(build_dir: Path, vocab_size: int, max_bytes: int | None, val_fra
         build_dir,
         inputs,
         TokenizerChoice(train_vocab_size=vocab_size),
-        BuildOptions(val_fraction=val_fraction, on_bad="fail", num_workers=num_workers),
+        BuildOptions(val_fraction=val_fraction, on_bad="fail", num_workers=num_workers, progress=progress),
     )
     (build_dir / FILES_FILENAME).write_text(
         json.dumps({"train": [f.rel_path for f in train], "val": [f.rel_path for f in val]}, indent=1)
@@ -220,7 +210,7 @@ def _remove_stale_builds(entry: Path) -> None:
     """Delete leftovers of interrupted builds (safe: the caller holds the entry's lock)."""
     for stale in entry.parent.glob(f"{_build_prefix(entry)}*"):
         shutil.rmtree(stale, ignore_errors=True)
-    if entry.exists() and not is_complete_entry(entry):
+    if entry.exists() and not is_complete(entry):
         log.info("Rebuilding incomplete corpus entry %s (no %s).", entry, META_FILENAME)
         shutil.rmtree(entry)
 
@@ -231,6 +221,7 @@ def prepare_builtin_corpus(
     max_bytes: int | None = None,
     val_fraction: float = 0.02,
     num_workers: int | None = None,
+    progress: bool = False,
 ) -> Path:
     """Tokenize the running interpreter's standard library into a cached train/val token stream.
 
@@ -240,6 +231,7 @@ def prepare_builtin_corpus(
         max_bytes: Use only the first files (in sorted order) totalling at most this many bytes, for fast tests.
         val_fraction: Approximate fraction of files held out for validation (at least one file).
         num_workers: Processes for tokenization. Default: the CPU cores available.
+        progress: Log each step and show progress bars while building.
 
     Returns:
         The complete entry directory (``train/``, ``val/``, ``tokenizer.json``, ``files.json``, ``meta.json``).
@@ -251,23 +243,32 @@ def prepare_builtin_corpus(
     from filelock import FileLock
 
     entry = builtin_entry_path(vocab_size, cache_dir, max_bytes, val_fraction)
-    if is_complete_entry(entry):
+    if is_complete(entry):
         log.info("Reusing prepared corpus at %s", entry)
         return entry
     lock_path = entry.parent / ".locks" / f"{entry.name}.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock_path)):
-        if is_complete_entry(entry):  # another process built it while we waited
+        if is_complete(entry):  # another process built it while we waited
             log.info("Reusing prepared corpus at %s", entry)
             return entry
         _remove_stale_builds(entry)
         build_dir = entry.parent / f"{_build_prefix(entry)}{uuid.uuid4().hex[:8]}"
         build_dir.mkdir()  # unlike mkdtemp's 0700, honours the umask: the cache may be shared
         try:
-            meta = build_entry(build_dir, vocab_size, max_bytes, val_fraction, num_workers or default_num_workers())
+            workers = num_workers or default_num_workers()
+            meta = build_entry(build_dir, vocab_size, max_bytes, val_fraction, workers, progress)
             os.replace(build_dir, entry)
         except BaseException:
             shutil.rmtree(build_dir, ignore_errors=True)
             raise
-    log.info("Prepared corpus at %s in %.1f s %s: %s", entry, meta["seconds"], meta["seconds_by_step"], meta["splits"])
+    splits = meta["splits"]
+    log.info(
+        "Prepared the built-in corpus in %.1f s: %s train / %s val tokens, vocab %d, at %s",
+        meta["seconds"],
+        f"{splits['train']['tokens']:,}",
+        f"{splits['val']['tokens']:,}",
+        meta["vocab_size"],
+        entry,
+    )
     return entry

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,60 +9,26 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 
-from epas_lightning.data.builtin import (
-    builtin_entry_path,
-    is_complete_entry,
+from epas_lightning.data.builtin import builtin_entry_path, prepare_builtin_corpus
+from epas_lightning.data.layout import (
+    DataCheckError,
+    check_stream,
+    is_complete,
     load_meta,
-    prepare_builtin_corpus,
+    missing_entries,
+    tokenizer_file,
 )
-from epas_lightning.data.prepare import META_FILENAME
-from epas_lightning.data.tokenizer import (
-    HF_FILENAME,
-    SENTENCEPIECE_FILENAME,
-    TextTokenizer,
-    file_sha256,
-    load_tokenizer,
-)
+from epas_lightning.data.tokenizer import TextTokenizer, file_sha256, load_tokenizer
+from epas_lightning.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from litdata import StreamingDataLoader
 
 DEFAULT_BUILTIN_VOCAB_SIZE = 4096
-REQUIRED_ENTRIES = ("train/index.json", "val/index.json", META_FILENAME)
-
-
-class DataCheckError(ValueError):
-    """A prepared data directory that cannot be read as it is (corrupt or truncated chunks, mismatched tokenizers)."""
-
-
-def missing_entries(data_dir: Path) -> list[str]:
-    """The parts of a prepared data directory that ``data_dir`` lacks."""
-    missing = [name for name in REQUIRED_ENTRIES if not (data_dir / name).is_file()]
-    if META_FILENAME not in missing:
-        tokenizer = load_meta(data_dir).get("tokenizer", HF_FILENAME)
-        if not (data_dir / tokenizer).is_file():
-            missing.append(tokenizer)
-    elif not any((data_dir / name).is_file() for name in (HF_FILENAME, SENTENCEPIECE_FILENAME)):
-        missing.insert(-1, HF_FILENAME)
-    return missing
-
-
-def check_stream(stream_dir: Path) -> None:
-    """Fail, naming the file, when a token stream's ``index.json`` is unreadable or a chunk is missing or truncated."""
-    index_path = stream_dir / "index.json"
-    try:
-        chunks = json.loads(index_path.read_text())["chunks"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataCheckError(f"{index_path} is not a readable litdata index ({e}); prepare the data again.") from e
-    for chunk in chunks:
-        path = stream_dir / chunk["filename"]
-        if not path.is_file():
-            raise DataCheckError(f"Chunk {path} listed in {index_path} is missing; prepare the data again.")
-        if (size := path.stat().st_size) != chunk["chunk_bytes"]:
-            raise DataCheckError(
-                f"Chunk {path} is corrupt or truncated: {size} bytes, {index_path} says {chunk['chunk_bytes']}; "
-                "prepare the data again."
-            )
+HOW_TO_CREATE = (
+    "create it with `python -m epas_lightning prepare --input ... --output ...`, or leave data.data_dir unset to "
+    "train on the built-in corpus"
+)
 
 
 class TokenDataModule(LightningDataModule):
@@ -111,10 +76,12 @@ class TokenDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         if seq_len < 1 or batch_size < 1:
-            raise ValueError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}.")
+            raise ConfigError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}", "data")
         dirs = [data_dir] if isinstance(data_dir, str | Path) else list(data_dir or [])
         if weights is not None and (len(weights) != len(dirs) or min(weights) < 0 or sum(weights) <= 0):
-            raise ValueError(f"weights must be {len(dirs)} non-negative numbers (one per data_dir), got {weights}.")
+            raise ConfigError(
+                f"weights must be {len(dirs)} non-negative numbers (one per data_dir), got {weights}", "data.weights"
+            )
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.vocab_size = vocab_size
@@ -141,7 +108,9 @@ class TokenDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         """Build the built-in corpus once (local rank 0; a file lock makes concurrent calls safe)."""
         if self.use_builtin:
-            self.data_dirs = [prepare_builtin_corpus(self.builtin_vocab_size, self.cache_dir, self.max_bytes)]
+            self.data_dirs = [
+                prepare_builtin_corpus(self.builtin_vocab_size, self.cache_dir, self.max_bytes, progress=True)
+            ]
 
     def setup(self, stage: str | None = None) -> None:
         """Locate and check the data (complete, chunks intact, one tokenizer, vocab fits the model)."""
@@ -149,11 +118,12 @@ class TokenDataModule(LightningDataModule):
             return
         self.data_dirs = [self.resolve_data_dir(d) for d in (self.data_dirs or [None])]
         metas = [load_meta(d) for d in self.data_dirs]
-        tokenizer_files = [d / m.get("tokenizer", HF_FILENAME) for d, m in zip(self.data_dirs, metas, strict=True)]
+        tokenizer_files = [tokenizer_file(d, m) for d, m in zip(self.data_dirs, metas, strict=True)]
         if len(self.data_dirs) > 1 and len({file_sha256(f) for f in tokenizer_files}) > 1:
             raise DataCheckError(
-                f"The data directories to mix were tokenized differently: {', '.join(map(str, tokenizer_files))} "
-                "differ. Prepare them with the same --tokenizer."
+                "the data directories to mix were tokenized differently",
+                ", ".join(map(str, tokenizer_files)),
+                "prepare them with the same --tokenizer",
             )
         for stream in self.train_streams() + self.val_streams():
             check_stream(stream)
@@ -176,42 +146,35 @@ class TokenDataModule(LightningDataModule):
             return [self.val_dir]
         if (self.val_dir / "val" / "index.json").is_file():
             return [self.val_dir / "val"]
-        raise FileNotFoundError(
-            f"val_dir {self.val_dir} is neither a token stream (index.json) nor a prepared directory (val/index.json)."
+        raise DataError(
+            "neither a token stream (index.json) nor a prepared directory (val/index.json)",
+            f"data.val_dir {self.val_dir}",
         )
 
     def resolve_data_dir(self, data_dir: Path | None) -> Path:
         """The complete data directory to read, building the built-in corpus if ``prepare_data`` did not run."""
         if data_dir is None or self.use_builtin:
             entry = builtin_entry_path(self.builtin_vocab_size, self.cache_dir, self.max_bytes)
-            if not is_complete_entry(entry):
-                entry = prepare_builtin_corpus(self.builtin_vocab_size, self.cache_dir, self.max_bytes)
+            if not is_complete(entry):
+                entry = prepare_builtin_corpus(self.builtin_vocab_size, self.cache_dir, self.max_bytes, progress=True)
             return entry
         if not data_dir.is_dir():
-            raise FileNotFoundError(f"Data directory {data_dir} does not exist. {self._how_to_create()}")
+            raise DataError("data directory does not exist", f"data.data_dir {data_dir}", HOW_TO_CREATE)
         if missing := missing_entries(data_dir):
-            raise FileNotFoundError(
-                f"Data directory {data_dir} is incomplete: missing {', '.join(missing)}. {self._how_to_create()}"
+            raise DataError(
+                f"incomplete data directory: missing {', '.join(missing)}", f"data.data_dir {data_dir}", HOW_TO_CREATE
             )
         return data_dir
-
-    @staticmethod
-    def _how_to_create() -> str:
-        return (
-            "Create it with `python -m epas_lightning prepare --input ... --output ... --tokenizer ...` "
-            "(`epas_lightning.data.prepare`), or leave `data_dir` unset to use the built-in Python standard library "
-            "corpus."
-        )
 
     def check_vocab_size(self) -> None:
         """Fail before training if the tokenizer can emit ids outside the model's embedding table."""
         assert self.tokenizer is not None
         n_tokens = self.tokenizer.vocab_size
         if self.vocab_size is not None and n_tokens > self.vocab_size:
-            raise ValueError(
-                f"The tokenizer in {self.data_dir} ({self.tokenizer.path.name}) has {n_tokens} tokens but the model's "
-                f"vocab_size is {self.vocab_size}. Set the model's vocab_size to at least {n_tokens} or use a smaller "
-                "tokenizer."
+            raise DataError(
+                f"the tokenizer has {n_tokens} tokens but the model's vocab_size is {self.vocab_size}",
+                self.tokenizer.path,
+                f"set model.config.vocab_size to at least {n_tokens}, or use a smaller tokenizer",
             )
 
     def train_dataloader(self) -> StreamingDataLoader:

@@ -1,517 +1,59 @@
-"""``prepare``: tokenize any corpus into the litdata layout that :class:`~epas_lightning.data.TokenDataModule` reads.
+"""``prepare``: tokenize any corpus into the layout :class:`~epas_lightning.data.TokenDataModule` reads.
 
-Inputs are files or directories of text/markdown/code files (one document per file), JSONL (``.jsonl``,
-``.jsonl.gz``, ``.jsonl.zst``; one document per line, text in a configurable field) and parquet (one document per
-row). The output directory::
-
-    <output>/
-        train/                 litdata TokensLoader stream: BOS + tokens + EOS per document, int32
-        val/                   the held-out documents (a hash split by document, or a separate --val-input)
-        tokenizer.json | tokenizer.model   the tokenizer the tokens came from (copied, or trained on the train split)
-        meta.json              written last: tokenizer kind, vocab size, BOS/EOS ids, documents/tokens/bytes/seconds
-
-It is built in a hidden sibling directory and renamed into place, with ``meta.json`` written last, so an interrupted
-run never leaves a directory that looks complete. The built-in standard-library corpus goes through the same code.
+The layout is described in :mod:`epas_lightning.data.layout`; where documents come from in
+:mod:`epas_lightning.data.sources`; how they become token streams in :mod:`epas_lightning.data.writing`. This module
+assembles a dataset: the tokenizer (copied, or trained on the train split), both splits, ``meta.json`` last, all in a
+folder built beside the output and renamed into place (:mod:`epas_lightning.outputs`), so an interrupted run never
+leaves a dataset that looks complete and ``--overwrite`` never replaces a folder this command did not write. The
+built-in standard-library corpus goes through the same code.
 
     python -m epas_lightning prepare --input corpus/ --output data/my --tokenizer path/to/tokenizer.model
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import gzip
-import hashlib
-import io
-import json
 import logging
-import multiprocessing
-import os
-import random
 import shutil
-import signal
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Literal
 
 import numpy as np
 
+from epas_lightning.data.layout import (
+    DATASET_KIND,
+    FORMAT_VERSION,
+    is_prepared_dataset,
+    load_meta,
+    write_meta,
+)
+from epas_lightning.data.sources import (
+    BadDocument,
+    DataPreparationError,
+    InputFile,
+    check_text_field,
+    discover_files,
+    plan_split,
+    split_documents,
+    with_split,
+)
 from epas_lightning.data.tokenizer import (
     HF_FILENAME,
     SENTENCEPIECE_FILENAME,
     file_sha256,
     load_tokenizer,
-    load_tokenizer_once,
     train_byte_level_bpe,
 )
-
-if TYPE_CHECKING:
-    import torch
+from epas_lightning.data.writing import TOKEN_DTYPE, default_num_workers, write_split
+from epas_lightning.errors import ConfigError
+from epas_lightning.outputs import output_folder, write_marker
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-META_FILENAME = "meta.json"
-TOKEN_DTYPE = np.int32
-CHUNK_BYTES = "8MB"
-TEXT_SUFFIXES = frozenset(
-    {
-        *(".txt", ".text", ".md", ".markdown", ".rst", ".tex", ".html", ".htm", ".xml", ".csv", ".tsv", ".json"),
-        *(".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".cxx", ".cu", ".java", ".js", ".ts", ".jsx", ".tsx"),
-        *(".go", ".rs", ".rb", ".php", ".swift", ".kt", ".scala", ".sh", ".bash", ".lua", ".pl", ".r", ".jl", ".hs"),
-        *(".ml", ".sql", ".yaml", ".yml", ".toml", ".ini", ".cfg", ".css", ".el", ".ex", ".erl", ".dart", ".proto"),
-    }
-)
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson")
-SKIPPED_DIRS = frozenset({"__pycache__", "node_modules", "site-packages", "dist-packages"})
 ON_BAD_CHOICES = ("skip", "fail")
-_DOCS_PER_BATCH = 256
-_BYTES_PER_WORK_ITEM = 32 * 2**20
-
-
-class DataPreparationError(ValueError):
-    """Input that cannot be prepared; the message names the file."""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Input files and documents
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InputFile:
-    """One input file and the split its documents go to."""
-
-    path: str
-    key: str
-    """Stable name (path relative to its input root) that the hash split of documents is keyed on."""
-    kind: str
-    """``text`` (the file is one document), ``jsonl`` or ``parquet`` (one document per record)."""
-    n_bytes: int
-    split: str = "hash"
-    """``train`` or ``val`` (every document), or ``hash`` (each document by the hash of its key)."""
-
-
-def file_kind(path: Path, explicit: bool) -> str | None:
-    name = path.name.lower()
-    if name.endswith(JSONL_SUFFIXES):
-        return "jsonl"
-    if name.endswith(".parquet"):
-        return "parquet"
-    if path.suffix.lower() in TEXT_SUFFIXES or explicit:
-        return "text"
-    return None
-
-
-def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[InputFile]:
-    """The files of ``inputs`` (files or directories, walked in sorted order; hidden entries skipped)."""
-    files: list[InputFile] = []
-    for raw in inputs:
-        root = Path(raw).expanduser()
-        if root.is_file():
-            kind = file_kind(root, explicit=True)
-            files.append(InputFile(str(root), root.name, kind, root.stat().st_size, split))  # type: ignore[arg-type]
-            continue
-        if not root.is_dir():
-            raise DataPreparationError(f"Input {root} does not exist.")
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d not in SKIPPED_DIRS and not d.startswith("."))
-            for name in sorted(filenames):
-                path = Path(dirpath) / name
-                if name.startswith(".") or not path.is_file() or (kind := file_kind(path, explicit=False)) is None:
-                    continue
-                files.append(InputFile(str(path), path.relative_to(root).as_posix(), kind, path.stat().st_size, split))
-    return files
-
-
-def stable_unit_hash(text: str) -> float:
-    """A hash of ``text`` in ``[0, 1)`` that is the same in every process (unlike the salted builtin ``hash``)."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
-
-
-def split_by_hash(items: Sequence, key: Callable[[object], str], val_fraction: float) -> tuple[list, list]:
-    """Hold out the items whose key hashes below ``val_fraction``, and always at least one."""
-    if len(items) < 2:
-        raise ValueError(f"Need at least 2 files to split into train and val, got {len(items)}.")
-    val_keys = {key(f) for f in items if stable_unit_hash(key(f)) < val_fraction}
-    if not val_keys:
-        val_keys = {key(min(items, key=lambda f: stable_unit_hash(key(f))))}
-    if len(val_keys) == len(items):
-        raise ValueError(f"val_fraction={val_fraction} leaves no training files.")
-    return [f for f in items if key(f) not in val_keys], [f for f in items if key(f) in val_keys]
-
-
-def plan_split(files: list[InputFile], val_fraction: float) -> list[InputFile]:
-    """Text files are held out whole (by path hash); JSONL/parquet records by the hash of ``file#index``."""
-    text = [f for f in files if f.kind == "text"]
-    records = [f for f in files if f.kind != "text"]
-    if len(text) == 1 and not records:
-        raise DataPreparationError(
-            f"Only one document ({text[0].path}): cannot hold one out for validation. Pass --val-input."
-        )
-    if len(text) >= 2:
-        train, val = split_by_hash(text, lambda f: f.key, val_fraction)
-        text = [_with_split(f, "train") for f in train] + [_with_split(f, "val") for f in val]
-    else:
-        text = [_with_split(f, "train") for f in text]
-    return text + records
-
-
-def _with_split(f: InputFile, split: str) -> InputFile:
-    return InputFile(f.path, f.key, f.kind, f.n_bytes, split)
-
-
-def check_text_field(f: InputFile, text_field: str) -> None:
-    """Fail early, naming the file, when the first record has no ``text_field``."""
-    if f.kind == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            names = pq.read_schema(f.path).names
-        except Exception as e:
-            raise DataPreparationError(f"{f.path}: not a readable parquet file ({e}).") from e
-        if text_field not in names:
-            raise DataPreparationError(f"{f.path}: no column {text_field!r} (columns: {names}); set --text-field.")
-    elif f.kind == "jsonl":
-        with contextlib.suppress(StopIteration, BadDocument):
-            lineno, record = next(_jsonl_records(f))
-            _record_text(record, text_field, f.path, lineno)
-
-
-class BadDocument(Exception):
-    """An unreadable file or record; skipped with a warning or fatal, depending on ``on_bad``."""
-
-    def __init__(self, where: str, reason: str) -> None:
-        super().__init__(f"{where}: {reason}")
-        self.where, self.reason = where, reason
-
-
-def _open_binary(path: str) -> io.BufferedIOBase:
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    if path.endswith(".zst"):
-        try:
-            import zstandard
-        except ImportError as e:
-            raise DataPreparationError(f"{path}: reading .zst needs `pip install zstandard`.") from e
-        return zstandard.open(path, "rb")  # type: ignore[return-value]
-    return open(path, "rb")  # noqa: SIM115
-
-
-def _jsonl_records(f: InputFile) -> Iterator[tuple[int, object]]:
-    try:
-        with _open_binary(f.path) as stream:
-            for lineno, line in enumerate(stream, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield lineno, json.loads(line.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise BadDocument(f"{f.path}:{lineno}", f"not a UTF-8 JSON line ({e})") from e
-    except (OSError, EOFError, ValueError) as e:
-        if isinstance(e, DataPreparationError | BadDocument):
-            raise
-        raise BadDocument(f.path, f"unreadable ({type(e).__name__}: {e})") from e
-
-
-def _record_text(record: object, text_field: str, path: str, lineno: int) -> str:
-    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-        fields = list(record) if isinstance(record, dict) else type(record).__name__
-        raise DataPreparationError(
-            f"{path}:{lineno}: no string field {text_field!r} (found {fields}); set --text-field."
-        )
-    return record[text_field]
-
-
-def iter_documents(f: InputFile, text_field: str, on_bad: Callable[[BadDocument], None]) -> Iterator[tuple[str, str]]:
-    """``(key, text)`` for each document of ``f``. Bad records go to ``on_bad``, which may raise."""
-    if f.kind == "text":
-        try:
-            yield f.key, Path(f.path).read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            on_bad(BadDocument(f.path, f"not valid UTF-8 ({e})"))
-        except OSError as e:
-            on_bad(BadDocument(f.path, f"unreadable ({e.strerror or e})"))
-    elif f.kind == "jsonl":
-        records = _jsonl_records(f)
-        while True:
-            try:
-                lineno, record = next(records)
-            except StopIteration:
-                return
-            except BadDocument as bad:
-                on_bad(bad)
-                if bad.where == f.path:  # the whole file is unreadable (truncated archive, I/O error)
-                    return
-                continue
-            yield f"{f.key}#{lineno}", _record_text(record, text_field, f.path, lineno)
-    else:
-        import pyarrow.parquet as pq
-
-        try:
-            index = 0
-            for batch in pq.ParquetFile(f.path).iter_batches(columns=[text_field], batch_size=1024):
-                for text in batch.column(0).to_pylist():
-                    index += 1
-                    yield f"{f.key}#{index}", text or ""
-        except DataPreparationError:
-            raise
-        except Exception as e:
-            on_bad(BadDocument(f.path, f"unreadable parquet ({type(e).__name__}: {e})"))
-
-
-def split_documents(
-    files: Sequence[InputFile], split: str, val_fraction: float, text_field: str, on_bad: Callable
-) -> Iterator[str]:
-    """The texts of ``split`` (``train`` or ``val``) among ``files``, in order; empty documents are dropped."""
-    for f in files:
-        if f.split not in (split, "hash"):
-            continue
-        for key, text in iter_documents(f, text_field, on_bad):
-            if text and (f.split != "hash" or (stable_unit_hash(key) < val_fraction) == (split == "val")):
-                yield text
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Tokenizing into litdata streams
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WorkItem:
-    """One ``litdata.optimize`` input: some files, tokenized for one split by one worker."""
-
-    files: tuple[InputFile, ...]
-    split: str
-    val_fraction: float
-    text_field: str
-    tokenizer_path: str
-    bos_token: str | None
-    eos_token: str | None
-    on_bad: str
-    stats_dir: str
-
-
-def tokenize_work_item(item: WorkItem) -> Iterator[torch.Tensor]:
-    """``litdata.optimize`` work function: one ``BOS + tokens + EOS`` int32 tensor per document.
-
-    Writes ``documents/bytes/tokens/skipped`` to a file in ``item.stats_dir`` (workers are separate processes), and
-    the message of a fatal input error to ``error-*.txt`` there, so the parent can re-raise it cleanly.
-    """
-    import torch
-
-    tokenizer = load_tokenizer_once(item.tokenizer_path, item.bos_token, item.eos_token)
-    stats = {"documents": 0, "bytes": 0, "tokens": 0, "skipped": []}
-
-    def on_bad(bad: BadDocument) -> None:
-        if item.on_bad == "fail":
-            raise DataPreparationError(f"{bad} (pass --on-bad skip to skip it)")
-        stats["skipped"].append([bad.where, bad.reason])
-
-    def encode(texts: list[str]) -> Iterator[torch.Tensor]:
-        for ids in tokenizer.encode_batch(texts):
-            stats["tokens"] += len(ids) + 2
-            yield torch.from_numpy(np.array([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=TOKEN_DTYPE))
-
-    try:
-        batch: list[str] = []
-        for text in split_documents(item.files, item.split, item.val_fraction, item.text_field, on_bad):
-            stats["documents"] += 1
-            stats["bytes"] += len(text.encode("utf-8"))
-            batch.append(text)
-            if len(batch) >= _DOCS_PER_BATCH:
-                yield from encode(batch)
-                batch = []
-        yield from encode(batch)
-    except DataPreparationError as e:
-        # Returning (not raising) lets litdata shut down cleanly: after a worker raises, it leaves an orphaned
-        # helper process behind. The parent raises the error once ``optimize`` returns.
-        Path(item.stats_dir, f"error-{uuid.uuid4().hex}.txt").write_text(str(e))
-        return
-    Path(item.stats_dir, f"{uuid.uuid4().hex}.json").write_text(json.dumps(stats))
-
-
-def default_num_workers() -> int:
-    """CPU cores available to this process."""
-    with contextlib.suppress(AttributeError):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def worker_start_method() -> str:
-    """``fork`` on Linux: workers start instantly and never re-import ``__main__``.
-
-    Under ``spawn`` (litdata's default) each worker re-imports torch, and a script without an
-    ``if __name__ == "__main__"`` guard would re-run its top level in every worker.
-    """
-    return "fork" if sys.platform.startswith("linux") else "spawn"
-
-
-def make_work_groups(files: Sequence[InputFile], n_groups: int) -> list[tuple[InputFile, ...]]:
-    """Cut the (ordered) files into at most ``n_groups`` contiguous groups of roughly equal byte size."""
-    n_groups = max(1, min(n_groups, len(files)))
-    target = sum(f.n_bytes for f in files) / n_groups
-    groups: list[list[InputFile]] = [[]]
-    filled = 0
-    for f in files:
-        if groups[-1] and filled >= target * len(groups) and len(groups) < n_groups:
-            groups.append([])
-        groups[-1].append(f)
-        filled += f.n_bytes
-    return [tuple(g) for g in groups]
-
-
-@contextlib.contextmanager
-def isolated_litdata(scratch_dir: Path) -> Iterator[None]:
-    """Undo ``litdata.optimize``'s process-wide side effects.
-
-    It reseeds the global ``random``/NumPy/torch RNGs (which would override a user's ``seed_everything`` on the first
-    run only), forces the multiprocessing start method, installs a SIGINT handler, sets an env var, and wipes its
-    shared scratch dirs under ``/tmp`` (which would break concurrent builds). Give it private scratch dirs instead.
-    """
-    import torch
-
-    rng_states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    start_method = multiprocessing.get_start_method(allow_none=True)
-    sigint_handler = signal.getsignal(signal.SIGINT)
-    litdata_logger = logging.getLogger("litdata")
-    litdata_level = litdata_logger.level
-    litdata_logger.setLevel(logging.WARNING)
-    env_overrides = {
-        "DATA_OPTIMIZER_CACHE_FOLDER": str(scratch_dir / "chunks"),
-        "DATA_OPTIMIZER_DATA_CACHE_FOLDER": str(scratch_dir / "data"),
-        "DATA_OPTIMIZER_NUM_WORKERS": None,
-        # Forked workers must not use the tokenizer's thread pool (already started by training): say so quietly.
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    saved_env = {k: os.environ.get(k) for k in env_overrides}
-    for key, value in env_overrides.items():
-        if value is not None:
-            os.environ[key] = value
-    try:
-        yield
-    finally:
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        signal.signal(signal.SIGINT, sigint_handler)
-        litdata_logger.setLevel(litdata_level)
-        multiprocessing.set_start_method(start_method, force=True)
-        random.setstate(rng_states[0])
-        np.random.set_state(rng_states[1])
-        torch.random.set_rng_state(rng_states[2])
-        shutil.rmtree(scratch_dir, ignore_errors=True)
-
-
-def write_split(
-    files: Sequence[InputFile],
-    split: str,
-    output_dir: Path,
-    *,
-    tokenizer_path: Path,
-    val_fraction: float,
-    text_field: str = "text",
-    bos_token: str | None = None,
-    eos_token: str | None = None,
-    on_bad: str = "skip",
-    num_workers: int = 1,
-    progress: bool = False,
-) -> dict:
-    """Tokenize the ``split`` documents of ``files`` into a litdata token stream; returns its statistics."""
-    from litdata import optimize
-    from litdata.streaming.item_loader import TokensLoader
-
-    files = [f for f in files if f.split in (split, "hash")]
-    scratch = output_dir.parent / f".scratch-{output_dir.name}"
-    stats_dir = scratch / "stats"
-    stats_dir.mkdir(parents=True)
-    n_groups = max(max(1, num_workers) * 4, sum(f.n_bytes for f in files) // _BYTES_PER_WORK_ITEM)
-    groups = make_work_groups(files, n_groups=n_groups)
-    items = [
-        WorkItem(g, split, val_fraction, text_field, str(tokenizer_path), bos_token, eos_token, on_bad, str(stats_dir))
-        for g in groups
-    ]
-    with isolated_litdata(scratch / "litdata"), progress_bar(stats_dir, len(items), split, enabled=progress):
-        try:
-            optimize(
-                fn=tokenize_work_item,
-                inputs=items,
-                output_dir=str(output_dir),
-                chunk_bytes=CHUNK_BYTES,
-                item_loader=TokensLoader(),
-                num_workers=max(1, min(num_workers, len(items))),
-                keep_data_ordered=True,
-                start_method=worker_start_method(),
-                verbose=False,
-            )
-        except RuntimeError as e:
-            raise RuntimeError(f"Tokenizing the {split} split into {output_dir} failed: {e}") from e
-    if errors := sorted(stats_dir.glob("error-*.txt")):
-        raise DataPreparationError(errors[0].read_text())
-    stats = {"documents": 0, "bytes": 0, "tokens": 0, "skipped": []}
-    for path in stats_dir.glob("*.json"):
-        for key, value in json.loads(path.read_text()).items():
-            stats[key] += value
-    shutil.rmtree(scratch, ignore_errors=True)
-    stats["skipped"].sort()
-    stats["files"] = len({f.path for f in files} - {where.split(":")[0] for where, _ in stats["skipped"]})
-    if stats["documents"] == 0:
-        shutil.rmtree(output_dir, ignore_errors=True)
-        return stats
-    stats["tokens"] = count_stream_tokens(output_dir)
-    return stats
-
-
-@contextlib.contextmanager
-def progress_bar(stats_dir: Path, total: int, split: str, enabled: bool) -> Iterator[None]:
-    """A tqdm bar over work items, fed from the statistics files that workers write when they finish one."""
-    if not enabled:
-        yield
-        return
-    import threading
-
-    from tqdm.auto import tqdm
-
-    done = threading.Event()
-
-    def poll(bar: tqdm) -> None:
-        while True:
-            finished = done.wait(0.5)
-            paths = list(stats_dir.glob("*.json"))
-            tokens = 0
-            for path in paths:
-                with contextlib.suppress(OSError, ValueError):
-                    tokens += json.loads(path.read_text())["tokens"]
-            bar.n = len(paths)
-            bar.set_postfix_str(f"{tokens:,} tokens", refresh=True)
-            if finished:
-                return
-
-    with tqdm(total=total, desc=f"Tokenizing {split}", unit="shard", dynamic_ncols=True) as bar:
-        thread = threading.Thread(target=poll, args=(bar,), daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            done.set()
-            thread.join()
-
-
-def count_stream_tokens(stream_dir: str | Path) -> int:
-    """Number of tokens in a litdata token stream, from its ``index.json``."""
-    index = json.loads((Path(stream_dir) / "index.json").read_text())
-    return sum(chunk["dim"] for chunk in index["chunks"])
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# A whole dataset
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 class StepTimer:
@@ -541,7 +83,9 @@ class TokenizerChoice:
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.train_vocab_size is None):
-            raise ValueError("Give a tokenizer file or a vocabulary size to train one (--train-tokenizer), not both.")
+            raise ConfigError(
+                "give a tokenizer file or a vocabulary size to train one, not both", "--tokenizer / --train-tokenizer"
+            )
 
 
 @dataclass
@@ -554,7 +98,7 @@ class BuildOptions:
 
 
 def _raise_bad(bad: BadDocument) -> None:
-    raise DataPreparationError(f"{bad} (pass --on-bad skip to skip it)")
+    raise DataPreparationError(bad.reason, bad.where, "pass --on-bad skip to skip it")
 
 
 def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerChoice, options: BuildOptions) -> dict:
@@ -563,9 +107,9 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
     ``files`` carry their split (``train``/``val``/``hash``, see :func:`plan_split`).
     """
     if options.on_bad not in ON_BAD_CHOICES:
-        raise ValueError(f"on_bad must be one of {ON_BAD_CHOICES}, got {options.on_bad!r}.")
+        raise ConfigError(f"on_bad must be one of {ON_BAD_CHOICES}, got {options.on_bad!r}", "--on-bad")
     if not 0.0 <= options.val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {options.val_fraction}.")
+        raise ConfigError(f"val_fraction must be in [0, 1), got {options.val_fraction}", "--val-fraction")
     timer = StepTimer()
     for f in files:
         check_text_field(f, options.text_field)
@@ -578,12 +122,17 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
         skipped: list = []
         on_bad = _raise_bad if options.on_bad == "fail" else skipped.append
         texts = split_documents(files, "train", options.val_fraction, options.text_field, on_bad)
-        trained = train_byte_level_bpe(texts, tokenizer.train_vocab_size)  # type: ignore[arg-type]
+        if options.progress:
+            log.info("Training a %d-token byte-level BPE on the train split ...", tokenizer.train_vocab_size)
+        show = options.progress and sys.stderr.isatty()
+        trained = train_byte_level_bpe(texts, tokenizer.train_vocab_size, show_progress=show)
         tokenizer_path = build_dir / HF_FILENAME
         trained.save(str(tokenizer_path))
         loaded = load_tokenizer(tokenizer_path)
         source = "trained"
         timer.lap("train_tokenizer")
+        if options.progress:
+            log.info("Trained the tokenizer in %.1f s.", timer.laps["train_tokenizer"])
 
     common = {
         "tokenizer_path": tokenizer_path,
@@ -600,7 +149,7 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
         splits[split] = write_split(files, split, build_dir / split, **common)
         if splits[split]["documents"] == 0:
             hint = "raise --val-fraction or pass --val-input" if split == "val" else "check the inputs"
-            raise DataPreparationError(f"The {split} split has no documents: {hint}.")
+            raise DataPreparationError(f"the {split} split has no documents", "--input", hint)
         timer.lap(f"tokenize_{split}")
     for split, stats in splits.items():
         for where, reason in stats["skipped"][:20]:
@@ -634,11 +183,6 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
     }
 
 
-def write_meta(directory: Path, meta: dict) -> None:
-    """Write ``meta.json``: the last file of a build, which marks it complete."""
-    (directory / META_FILENAME).write_text(json.dumps(meta, indent=2) + "\n")
-
-
 def prepare_dataset(
     input: str | Path | Sequence[str | Path],
     output: str | Path,
@@ -660,61 +204,48 @@ def prepare_dataset(
 
     Args:
         input: Files or directories: text/code files, ``.jsonl[.gz|.zst]``, ``.parquet``.
-        output: The dataset directory to create.
+        output: The dataset directory to create; it may not contain or lie inside an input.
         tokenizer: A local ``tokenizer.json``, sentencepiece ``tokenizer.model``, or a directory holding one.
         train_tokenizer: Train a byte-level BPE of ``vocab_size`` tokens on the train split instead.
         val_input: Separate validation inputs. Otherwise ``val_fraction`` of the documents are held out by hash
             (whole files for text inputs, records for JSONL/parquet).
         text_field: The JSONL field / parquet column holding the text.
-        on_bad: ``skip`` (warn) or ``fail`` on an unreadable or non-UTF-8 file or record.
-        overwrite: Replace an existing ``output``.
+        on_bad: ``skip`` (warn) or ``fail`` on an unreadable, binary or non-UTF-8 file or record.
+        overwrite: Replace ``output`` if it is a dataset prepared by this command (never anything else).
     """
     inputs = [input] if isinstance(input, str | Path) else list(input)
+    val_inputs = [] if val_input is None else [val_input] if isinstance(val_input, str | Path) else list(val_input)
     output = Path(output).expanduser().absolute()
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"Output {output} already exists; pass --overwrite to replace it.")
     if train_tokenizer != (tokenizer is None):
-        raise ValueError("Pass either a tokenizer file (--tokenizer) or --train-tokenizer with --vocab-size.")
+        raise ConfigError("pass either a tokenizer file or --train-tokenizer with --vocab-size", "--tokenizer")
     if train_tokenizer and vocab_size is None:
-        raise ValueError("--train-tokenizer needs --vocab-size.")
-    files = discover_files(inputs)
-    if not files:
-        raise DataPreparationError(f"No input files found in {', '.join(map(str, inputs))}.")
-    if val_input is not None:
-        val_inputs = [val_input] if isinstance(val_input, str | Path) else list(val_input)
-        val_files = discover_files(val_inputs, split="val")
-        if not val_files:
-            raise DataPreparationError(f"No validation files found in {', '.join(map(str, val_inputs))}.")
-        files = [_with_split(f, "train") for f in files] + val_files
-    else:
-        files = plan_split(files, val_fraction)
-    if sum(f.n_bytes for f in files) == 0:
-        raise DataPreparationError(f"The input files are all empty: {', '.join(map(str, inputs))}.")
-    choice = TokenizerChoice(
-        path=None if tokenizer is None else str(tokenizer),
-        train_vocab_size=vocab_size if train_tokenizer else None,
-        bos_token=bos_token,
-        eos_token=eos_token,
-    )
-    options = BuildOptions(val_fraction, text_field, on_bad, num_workers or default_num_workers(), progress)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    build_dir = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
-    build_dir.mkdir()
-    try:
-        meta = build_dataset(build_dir, files, choice, options)
-        meta["inputs"] = [str(p) for p in inputs]
-        meta["val_inputs"] = None if val_input is None else [str(p) for p in val_inputs]
-        write_meta(build_dir, meta)
-        if output.exists():
-            old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(output, old)
-            os.replace(build_dir, output)
-            shutil.rmtree(old, ignore_errors=True)
+        raise ConfigError("--train-tokenizer needs the size of the vocabulary to train", "--vocab-size")
+    if output.is_dir() and is_prepared_dataset(output) and overwrite:
+        write_marker(output, DATASET_KIND)  # prepared before output folders carried a marker: ours all the same
+    with output_folder(output, DATASET_KIND, overwrite, inputs=[*inputs, *val_inputs]) as build:
+        files = discover_files(inputs)
+        if not files:
+            raise DataPreparationError("no input files found", "--input " + " ".join(map(str, inputs)))
+        if val_inputs:
+            val_files = discover_files(val_inputs, split="val")
+            if not val_files:
+                raise DataPreparationError("no validation files found", "--val-input " + " ".join(map(str, val_inputs)))
+            files = [with_split(f, "train") for f in files] + val_files
         else:
-            os.replace(build_dir, output)
-    except BaseException:
-        shutil.rmtree(build_dir, ignore_errors=True)
-        raise
+            files = plan_split(files, val_fraction)
+        if sum(f.n_bytes for f in files) == 0:
+            raise DataPreparationError("the input files are all empty", "--input " + " ".join(map(str, inputs)))
+        choice = TokenizerChoice(
+            path=None if tokenizer is None else str(tokenizer),
+            train_vocab_size=vocab_size if train_tokenizer else None,
+            bos_token=bos_token,
+            eos_token=eos_token,
+        )
+        options = BuildOptions(val_fraction, text_field, on_bad, num_workers or default_num_workers(), progress)
+        meta = build_dataset(build, files, choice, options)
+        meta["inputs"] = [str(p) for p in inputs]
+        meta["val_inputs"] = [str(p) for p in val_inputs] or None
+        write_meta(build, meta)
     return output
 
 
@@ -728,51 +259,58 @@ def summary_line(output: Path, meta: dict) -> str:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m epas_lightning prepare",
-        description="Tokenize a corpus (text/code files, JSONL, parquet) into litdata streams for TokenDataModule.",
-    )
-    p.add_argument(
-        "--input", nargs="+", required=True, help="files or directories (.txt/.md/code, .jsonl[.gz|.zst], .parquet)"
-    )
-    p.add_argument("--output", required=True, help="dataset directory to create (train/, val/, tokenizer, meta.json)")
-    p.add_argument("--tokenizer", help="local tokenizer.json, sentencepiece tokenizer.model, or a directory with one")
-    p.add_argument("--train-tokenizer", action="store_true", help="train a byte-level BPE on the train split")
-    p.add_argument("--vocab-size", type=int, help="vocabulary size of the trained tokenizer")
-    p.add_argument("--val-input", nargs="+", help="separate validation inputs (default: hold out --val-fraction)")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="documents held out by hash (default 0.01)")
-    p.add_argument("--text-field", default="text", help="JSONL field / parquet column with the text (default text)")
-    p.add_argument("--bos-token", help="BOS token of an HF tokenizer (default: detected, e.g. <s>)")
-    p.add_argument("--eos-token", help="EOS token of an HF tokenizer (default: detected, e.g. </s>)")
-    p.add_argument("--on-bad", choices=ON_BAD_CHOICES, default="skip", help="unreadable/non-UTF-8 input (default skip)")
-    p.add_argument("--num-workers", type=int, help="tokenizer processes (default: CPU cores)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+def prepare_command(
+    input: list[Path],
+    output: Path,
+    tokenizer: Path | None = None,
+    train_tokenizer: bool = False,
+    vocab_size: int | None = None,
+    val_input: list[Path] | None = None,
+    val_fraction: float = 0.01,
+    text_field: str = "text",
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    on_bad: Literal["skip", "fail"] = "skip",
+    num_workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> None:
+    """Tokenize a corpus (text/code files, JSONL, parquet) into the token streams that fit trains on.
 
+    Writes train/ and val/ litdata token streams (BOS + tokens + EOS per document), the tokenizer and meta.json into
+    --output, built beside it and renamed into place when complete.
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        output = prepare_dataset(
-            args.input,
-            args.output,
-            args.tokenizer,
-            train_tokenizer=args.train_tokenizer,
-            vocab_size=args.vocab_size,
-            val_input=args.val_input,
-            val_fraction=args.val_fraction,
-            text_field=args.text_field,
-            bos_token=args.bos_token,
-            eos_token=args.eos_token,
-            on_bad=args.on_bad,
-            num_workers=args.num_workers,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
-    except (DataPreparationError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"prepare: error: {e}", file=sys.stderr)
-        return 1
-    print(summary_line(output, json.loads((output / META_FILENAME).read_text())))
-    return 0
+    Args:
+        input: Files or folders: text/markdown/code files (one document each), .jsonl[.gz|.zst] and .parquet (one
+            document per record). Repeat the flag for several.
+        output: The dataset folder to create; it may not contain or lie inside an input.
+        tokenizer: A local tokenizer.json, sentencepiece tokenizer.model, or a folder holding one.
+        train_tokenizer: Train a byte-level BPE on the train split instead (with --vocab-size).
+        vocab_size: Vocabulary size of the trained tokenizer.
+        val_input: Separate validation inputs (default: hold out --val-fraction of the documents by hash).
+        val_fraction: Fraction of the documents held out for validation.
+        text_field: The JSONL field / parquet column with the text.
+        bos_token: BOS token of an HF tokenizer (default: detected, e.g. <s>).
+        eos_token: EOS token of an HF tokenizer (default: detected, e.g. </s>).
+        on_bad: An unreadable, binary or non-UTF-8 file or record is skipped with a warning, or stops the run.
+        num_workers: Tokenizer processes (default: the CPU cores available).
+        overwrite: Replace --output if it is a dataset this command prepared (never anything else).
+        progress: Show a progress bar.
+    """
+    out = prepare_dataset(
+        input,
+        output,
+        tokenizer,
+        train_tokenizer=train_tokenizer,
+        vocab_size=vocab_size,
+        val_input=val_input,
+        val_fraction=val_fraction,
+        text_field=text_field,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        on_bad=on_bad,
+        num_workers=num_workers,
+        overwrite=overwrite,
+        progress=progress,
+    )
+    print(summary_line(out, load_meta(out)))

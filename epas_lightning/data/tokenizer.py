@@ -8,6 +8,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from epas_lightning.errors import DataError
+
 HF_FILENAME = "tokenizer.json"
 SENTENCEPIECE_FILENAME = "tokenizer.model"
 TRAINED_BOS_TOKEN = "<|bos|>"
@@ -17,8 +19,8 @@ BOS_CANDIDATES = (TRAINED_BOS_TOKEN, "<s>", "<|begin_of_text|>", "<|startoftext|
 EOS_CANDIDATES = (TRAINED_EOS_TOKEN, "</s>", "<|end_of_text|>", "<|endoftext|>", "<|eot_id|>")
 
 
-class TokenizerError(ValueError):
-    """A tokenizer file that cannot be used (unknown format, no BOS/EOS token)."""
+class TokenizerError(DataError):
+    """A tokenizer file that cannot be used (missing, unknown format, no BOS/EOS token)."""
 
 
 class TextTokenizer:
@@ -64,10 +66,15 @@ def resolve_tokenizer_path(path: str | Path) -> Path:
         for name in (HF_FILENAME, SENTENCEPIECE_FILENAME):
             if (path / name).is_file():
                 return path / name
-        raise FileNotFoundError(f"No {HF_FILENAME} or {SENTENCEPIECE_FILENAME} in the tokenizer directory {path}.")
+        raise TokenizerError(f"no {HF_FILENAME} or {SENTENCEPIECE_FILENAME} in the tokenizer folder", path)
     if not path.is_file():
-        raise FileNotFoundError(f"Tokenizer file {path} does not exist.")
+        raise TokenizerError("tokenizer file does not exist", path, "check the path")
     return path
+
+
+def standard_filename(tokenizer: TextTokenizer) -> str:
+    """The name a tokenizer file gets in folders we write: ``tokenizer.json`` or ``tokenizer.model``."""
+    return HF_FILENAME if tokenizer.kind == "hf" else SENTENCEPIECE_FILENAME
 
 
 def _pick(named: str | None, candidates: Sequence[str], lookup, what: str, path: Path) -> int:
@@ -76,20 +83,21 @@ def _pick(named: str | None, candidates: Sequence[str], lookup, what: str, path:
         if token_id is not None:
             return token_id
     tried = repr(named) if named else ", ".join(candidates)
-    raise TokenizerError(f"Tokenizer {path} has no {what} token (tried {tried}); name it with --{what.lower()}-token.")
+    raise TokenizerError(f"no {what} token (tried {tried})", path, f"name it with --{what.lower()}-token")
 
 
 def load_tokenizer(path: str | Path, bos_token: str | None = None, eos_token: str | None = None) -> TextTokenizer:
     """Load a local ``tokenizer.json`` (HF ``tokenizers``) or sentencepiece model; never downloads anything."""
     path = resolve_tokenizer_path(path)
-    head = path.read_bytes()[:64].lstrip()
+    with path.open("rb") as f:
+        head = f.read(64).lstrip()
     if path.suffix == ".json" or head.startswith(b"{"):
         from tokenizers import Tokenizer
 
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:
-            raise TokenizerError(f"Cannot load {path} as an HF tokenizer.json: {e}") from e
+            raise TokenizerError(f"not a readable HF tokenizer.json ({e})", path) from e
         bos = _pick(bos_token, BOS_CANDIDATES, tok.token_to_id, "BOS", path)
         eos = _pick(eos_token, EOS_CANDIDATES, tok.token_to_id, "EOS", path)
         vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
@@ -99,7 +107,7 @@ def load_tokenizer(path: str | Path, bos_token: str | None = None, eos_token: st
     try:
         sp = spm.SentencePieceProcessor(model_file=str(path))
     except Exception as e:
-        raise TokenizerError(f"Cannot load {path} as a tokenizer.json or a sentencepiece model: {e}") from e
+        raise TokenizerError(f"neither a tokenizer.json nor a sentencepiece model ({e})", path) from e
 
     def sp_lookup(token: str) -> int | None:
         token_id = sp.piece_to_id(token)
@@ -110,12 +118,14 @@ def load_tokenizer(path: str | Path, bos_token: str | None = None, eos_token: st
     return TextTokenizer("sentencepiece", path, sp, bos, eos, sp.get_piece_size())
 
 
-def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None):
+def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None, show_progress: bool = False):
     """Train a byte-level BPE (never an unknown token) with ``vocab_size`` entries including ``<|bos|>``/``<|eos|>``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 256 + 2:
-        raise ValueError(f"vocab_size must be at least {256 + 2} for a byte-level BPE, got {vocab_size}.")
+        raise TokenizerError(
+            f"vocab_size must be at least {256 + 2} for a byte-level BPE, got {vocab_size}", "vocab_size"
+        )
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -123,7 +133,7 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, length: int | No
         vocab_size=vocab_size,
         special_tokens=[TRAINED_BOS_TOKEN, TRAINED_EOS_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=show_progress,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
     return tokenizer

@@ -1,61 +1,69 @@
-"""``python -m epas_lightning evaluate --checkpoint CKPT --sharing-layers N|all [--data DIR] [--tasks T.jsonl ...]``.
+"""``python -m epas_lightning evaluate --checkpoint CKPT [--sharing-layers N|all] [--data DIR] [--tasks T.jsonl ...]``.
 
-Scores one trained model at one or every sharing-region length (the deepest N layers share; ``all`` sweeps
-0..trained maximum): held-out perplexity on a prepared data directory's ``val`` split, and multiple-choice accuracy
-(``acc``, ``acc_norm``) on local JSONL tasks. Prints a table; ``--json`` writes the numbers.
+Scores one trained model at one or every sharing-region length (the first N layers of its trained region; ``all``
+sweeps 0..trained maximum): held-out perplexity on a prepared data directory's ``val`` split (the run's own data by
+default), and multiple-choice accuracy (``acc``, ``acc_norm``) on local JSONL tasks. Prints a table.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
+from itertools import islice
 from pathlib import Path
+from typing import Literal
 
-from epas_lightning.checkpoint import LoadedModel, load_model
+from epas_lightning.checkpoint import LoadedModel
+from epas_lightning.errors import ConfigError
 from epas_lightning.evaluation.multiple_choice import evaluate_task, load_task
 from epas_lightning.evaluation.perplexity import perplexity_of_batches
 from epas_lightning.inference.generate import set_region
+from epas_lightning.inference.generate_cli import load_for_inference, resolve_tokenizer
+from epas_lightning.progress import progress
+from epas_lightning.runtime import DType, emit_json
 
 
-def region_lengths(spec: str | None, loaded: LoadedModel, force: bool) -> list[int]:
-    """``None``: the trained region; ``all``: 0..trained max (0..n_layer-1 with ``force``); else one N."""
+def region_lengths(spec: int | str | None, loaded: LoadedModel, force: bool) -> list[int]:
+    """``None``: the trained region; ``all``: 0..trained max (every possible length with ``force``); else one N."""
     if spec is None:
         return [loaded.max_shared]
     if spec == "all":
-        top = loaded.model.config.n_layer - 1 if force else loaded.max_shared
+        top = len(loaded.region.growth_order()) if force else loaded.max_shared
         return list(range(top + 1))
     try:
         return [int(spec)]
     except ValueError:
-        raise ValueError(f"--sharing-layers takes a layer count or 'all', got {spec!r}.") from None
+        raise ConfigError(f"a layer count or 'all', not {spec!r}", "--sharing-layers") from None
 
 
 def evaluate(
     checkpoint: str | Path,
-    sharing_layers: str | None = None,
+    sharing_layers: int | str | None = None,
     data: str | Path | None = None,
     tasks: list[str | Path] = (),
-    max_batches: int | None = None,
+    batches: int | None = None,
     batch_size: int = 8,
     tokenizer: str | Path | None = None,
     force: bool = False,
-    device: str = "cpu",
+    device: str = "auto",
+    dtype: DType = "auto",
 ) -> list[dict]:
-    """One row per region length: ``{"sharing_layers", "val_loss", "val_ppl", "<task>/acc", "<task>/acc_norm"}``."""
-    loaded = load_model(checkpoint, device)
+    """One row per region length: ``{"sharing_layers", "val_loss", "val_ppl", "<task>/acc", "<task>/acc_norm"}``.
+
+    ``data=None`` scores perplexity on the data the checkpoint trained on, when it is known and no ``tasks`` are
+    given.
+    """
+    loaded = load_for_inference(Path(checkpoint), device, dtype, attention_reuse=True)
     lengths = region_lengths(sharing_layers, loaded, force)
     for n in lengths:  # fail on a bad region before any scoring
-        set_region(loaded.model, n, loaded.max_shared, force)
+        loaded.region.first(n, force)
     questions = {Path(t).stem: load_task(t) for t in tasks}
-    text_tokenizer = None
-    if questions:
-        from epas_lightning.data import load_tokenizer
-
-        path = tokenizer or loaded.tokenizer_path
-        if path is None:
-            raise ValueError(f"{checkpoint} records no tokenizer; pass --tokenizer to score --tasks.")
-        text_tokenizer = load_tokenizer(path)
+    text_tokenizer = resolve_tokenizer(loaded, Path(tokenizer) if tokenizer else None) if questions else None
+    data = data if data is not None else (loaded.data_dir if not questions else None)
+    if data is None and not questions:
+        raise ConfigError(
+            "nothing to evaluate: the checkpoint does not say which data it trained on",
+            "--data / --tasks",
+            "give --data (a prepared folder: perplexity on its val split) and/or --tasks (multiple choice)",
+        )
     loader = None
     if data is not None:  # set up (and checked) once; every region reads the same batches
         from epas_lightning.data import heldout_loader
@@ -64,10 +72,12 @@ def evaluate(
         loader = heldout_loader(data, config.block_size, batch_size, config.vocab_size)
     rows = []
     for n in lengths:
-        set_region(loaded.model, n, loaded.max_shared, force)
-        row: dict = {"sharing_layers": n}
+        layers = set_region(loaded.model, n, loaded.region, force)
+        row: dict = {"sharing_layers": n, "shared_layers": layers}
         if loader is not None:
-            result = perplexity_of_batches(loaded.model, loader, max_batches)
+            total = len(loader) if batches is None else min(batches, len(loader))
+            scored = progress(islice(loader, total), f"evaluate: held-out loss, {n} sharing layers", total, "batch")
+            result = perplexity_of_batches(loaded.model, scored)
             row.update(val_loss=result["loss"], val_ppl=result["ppl"], val_tokens=result["tokens"])
         for name, items in questions.items():
             result = evaluate_task(loaded.model, text_tokenizer, items, batch_size)
@@ -88,41 +98,35 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m epas_lightning evaluate",
-        description="Held-out perplexity and multiple-choice accuracy of a checkpoint at given sharing-region lengths.",
-    )
-    parser.add_argument("--checkpoint", "-c", type=Path, required=True, help=".ckpt, FSDP2 dir or consolidated dir")
-    parser.add_argument(
-        "--sharing-layers",
-        default=None,
-        help="region length N (deepest N layers share), or 'all' for 0..trained max; default: the trained region",
-    )
-    parser.add_argument("--data", type=Path, default=None, help="prepared data dir: perplexity on its val split")
-    parser.add_argument("--tasks", type=Path, nargs="*", default=[], help='JSONL tasks {"context","choices","label"}')
-    parser.add_argument("--max-batches", type=int, default=None, help="held-out batches to score (default: all)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer for --tasks (default: recorded one)")
-    parser.add_argument("--force", action="store_true", help="allow regions longer than the trained one")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
-    args = parser.parse_args(argv)
-    if args.data is None and not args.tasks:
-        parser.error("nothing to evaluate: give --data (perplexity) and/or --tasks (multiple choice).")
-    rows = evaluate(
-        args.checkpoint,
-        args.sharing_layers,
-        args.data,
-        args.tasks,
-        args.max_batches,
-        args.batch_size,
-        args.tokenizer,
-        args.force,
-        args.device,
-    )
+def evaluate_command(
+    checkpoint: Path,
+    sharing_layers: int | Literal["all"] | None = None,
+    data: Path | None = None,
+    tasks: list[Path] | None = None,
+    batches: int | None = None,
+    batch_size: int = 8,
+    tokenizer: Path | None = None,
+    device: str = "auto",
+    dtype: DType = "auto",
+    force: bool = False,
+    json: bool = False,
+) -> None:
+    """Held-out perplexity and multiple-choice accuracy of a checkpoint at chosen sharing regions.
+
+    Args:
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
+        sharing_layers: Region length N (the first N layers of the trained region), or all for 0..trained max;
+            default: the trained region.
+        data: Prepared data folder: perplexity on its val split (default: the data the run trained on).
+        tasks: Multiple-choice JSONL tasks {"context", "choices", "label"}; repeat the flag for several.
+        batches: Held-out batches to score (default: the whole val split).
+        batch_size: Sequences per batch.
+        tokenizer: Tokenizer for --tasks (default: the one the checkpoint records).
+        device: auto (CUDA when available), cpu, cuda, cuda:1, ...
+        dtype: auto is bfloat16 on CUDA, float32 elsewhere.
+        force: Allow regions longer than the trained one.
+        json: End with one JSON line of the rows.
+    """
+    rows = evaluate(checkpoint, sharing_layers, data, tasks or [], batches, batch_size, tokenizer, force, device, dtype)
     print(format_table(rows))
-    if args.json is not None:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
-    return 0
+    emit_json(rows, json)

@@ -84,7 +84,8 @@ def generate_until(model: Llama, tokenizer, context: str, until: list[str], max_
 
 @_register_model("epas")
 class EPASLM(_LMBase):
-    """An EPAS checkpoint as an lm-eval-harness model, run with the deepest ``sharing_layers`` layers sharing.
+    """An EPAS checkpoint as an lm-eval-harness model, run with the first ``sharing_layers`` layers of its trained
+    region sharing.
 
     Args:
         checkpoint: ``.ckpt``, FSDP2 checkpoint directory or ``consolidate`` directory.
@@ -113,7 +114,7 @@ class EPASLM(_LMBase):
         loaded = load_model(checkpoint, device)
         self.model = loaded.model
         n_shared = loaded.max_shared if sharing_layers is None else int(sharing_layers)
-        set_region(loaded.model, n_shared, loaded.max_shared, bool(force))
+        set_region(loaded.model, n_shared, loaded.region, bool(force))
         path = tokenizer or loaded.tokenizer_path
         if path is None:
             raise ValueError(f"{checkpoint} records no tokenizer: pass model_args tokenizer=PATH.")

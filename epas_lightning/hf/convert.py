@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from epas_lightning.errors import CheckpointError
 from epas_lightning.model import LlamaConfig
 
 HF_PREFIX = "model."
@@ -40,7 +42,7 @@ COMPARED_FIELDS = (
 """Fields where a model config must equal the checkpoint's for the weights to mean the same function."""
 
 
-class HFCheckpointError(ValueError):
+class HFCheckpointError(CheckpointError):
     """An HF checkpoint directory we cannot read or that does not fit the model."""
 
 
@@ -59,14 +61,14 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     """The ``config.json`` of an HF model directory as a dict."""
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise HFCheckpointError(f"HF model directory {path} does not exist (or is not a directory).")
+        raise HFCheckpointError("HF model directory does not exist", path, "check the path")
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise HFCheckpointError(f"{path} has no config.json: it is not an HF model directory.")
+        raise HFCheckpointError("no config.json: not an HF model directory", path)
     try:
         return json.loads(config_file.read_text())
     except ValueError as e:
-        raise HFCheckpointError(f"{config_file} is not valid JSON: {e}") from e
+        raise HFCheckpointError(f"not valid JSON ({e})", config_file) from e
 
 
 def rope_theta_of(hf: dict[str, Any]) -> float:
@@ -145,30 +147,39 @@ def read_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of an HF directory (single or sharded safetensors, else ``pytorch_model.bin``), on the CPU."""
     path = Path(path).expanduser()
     if (path / SAFETENSORS_FILE).is_file():
-        return load_file(path / SAFETENSORS_FILE, device="cpu")
+        return _safetensors_load(path / SAFETENSORS_FILE)
     if (path / SAFETENSORS_INDEX).is_file():
-        return _read_sharded(path, SAFETENSORS_INDEX, lambda f: load_file(f, device="cpu"))
+        return _read_sharded(path, SAFETENSORS_INDEX, _safetensors_load)
     if (path / TORCH_FILE).is_file():
         return _torch_load(path / TORCH_FILE)
     if (path / TORCH_INDEX).is_file():
         return _read_sharded(path, TORCH_INDEX, _torch_load)
     raise HFCheckpointError(
-        f"{path} has no weights: expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, {TORCH_FILE} or {TORCH_INDEX}."
+        "no weights", path, f"expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, {TORCH_FILE} or {TORCH_INDEX}"
     )
 
 
 def _torch_load(file: Path) -> dict[str, torch.Tensor]:
-    return torch.load(file, map_location="cpu", weights_only=True)
+    from epas_lightning.safe_load import load_torch_file
+
+    return load_torch_file(file)
+
+
+def _safetensors_load(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file, device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise HFCheckpointError(f"corrupt or truncated safetensors ({e})", file) from e
 
 
 def _read_sharded(path: Path, index_name: str, load) -> dict[str, torch.Tensor]:  # noqa: ANN001
     weight_map = json.loads((path / index_name).read_text()).get("weight_map")
     if not weight_map:
-        raise HFCheckpointError(f"{path / index_name} has no weight_map.")
+        raise HFCheckpointError("no weight_map", path / index_name)
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
         if not (path / shard).is_file():
-            raise HFCheckpointError(f"Shard {path / shard} listed in {path / index_name} is missing.")
+            raise HFCheckpointError(f"shard listed in {index_name} is missing", path / shard)
         state.update(load(path / shard))
     return state
 

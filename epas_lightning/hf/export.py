@@ -1,6 +1,8 @@
 """``python -m epas_lightning export --checkpoint CKPT --output DIR``: an HF model directory from a checkpoint of ours.
 
-The directory holds ``model.safetensors``, ``config.json``, ``generation_config.json`` and the tokenizer files.
+The directory holds ``model.safetensors``, ``config.json``, ``generation_config.json`` and the tokenizer files. It is
+built beside the target and renamed into place when complete, so a failed export leaves nothing that looks loadable
+and a re-export (``--overwrite``, of a folder this command wrote) leaves no stale file.
 
 - No sharing region (``--sharing-layers 0``, or a dense checkpoint): a stock ``LlamaForCausalLM``; it loads in
   plain ``transformers`` (and anything that reads LLaMA checkpoints) with the same logits as our model.
@@ -11,7 +13,6 @@ The directory holds ``model.safetensors``, ``config.json``, ``generation_config.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -26,19 +27,21 @@ from epas_lightning.data.tokenizer import HF_FILENAME, SENTENCEPIECE_FILENAME, l
 from epas_lightning.hf.convert import ours_to_hf
 from epas_lightning.inference.generate import set_region
 from epas_lightning.model import LlamaConfig
+from epas_lightning.outputs import output_folder
+from epas_lightning.region import TrainedRegion
+from epas_lightning.runtime import DTYPES, DType, dtype_name
 
 log = logging.getLogger(__name__)
 
 REMOTE_DIR = Path(__file__).parent / "remote"
 REMOTE_FILES = ("configuration_epas_llama.py", "modeling_epas_llama.py")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+EXPORT_KIND = "hf-export"
 
 
 def hf_config(
     config: LlamaConfig,
     shared_layers: list[int] | None = None,
-    max_shared: int = 0,
+    region: TrainedRegion | None = None,
     bos_id: int | None = None,
     eos_id: int | None = None,
     dtype: torch.dtype = torch.float32,
@@ -69,7 +72,7 @@ def hf_config(
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
         "use_cache": True,
-        "torch_dtype": DTYPE_NAMES[dtype],
+        "torch_dtype": dtype_name(dtype),
     }
     if shared_layers is not None:
         record.update(
@@ -81,7 +84,9 @@ def hf_config(
             },
             epas_shared_layers=sorted(shared_layers),
             epas_sharing_mode=config.sharing_mode,
-            epas_max_shared_layers=max_shared,
+            epas_max_shared_layers=region.size if region else len(shared_layers),
+            epas_trained_region=list(region.layers) if region else sorted(shared_layers, reverse=True),
+            epas_growth_order=region.order if region else "deep_first",
         )
     return record
 
@@ -89,7 +94,7 @@ def hf_config(
 def export_tokenizer(path: Path, output: Path, block_size: int, bos_id: int | None, eos_id: int | None) -> None:
     """Copy the tokenizer and write a ``tokenizer_config.json`` that ``AutoTokenizer.from_pretrained`` reads."""
     path = resolve_tokenizer_path(path)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path)  # only a file that parses as a tokenizer is shipped
     bos_id = tokenizer.bos_id if bos_id is None else bos_id
     eos_id = tokenizer.eos_id if eos_id is None else eos_id
     if tokenizer.kind == "hf":
@@ -112,74 +117,78 @@ def export(
     sharing_layers: int | None = None,
     tokenizer: str | Path | None = None,
     remote_code: bool = False,
-    dtype: str | None = None,
+    dtype: DType = "auto",
     force: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write the HF directory ``output`` for ``checkpoint``; return ``output``.
 
     Args:
         checkpoint: A ``.ckpt``, FSDP2 checkpoint directory or ``consolidate`` directory.
-        output: Directory to write (created).
-        sharing_layers: Region length N (the deepest N layers share). Default: the region the checkpoint trained.
+        output: Directory to write (built beside it and renamed into place).
+        sharing_layers: Region length N (the first N layers of the trained region). Default: the trained region.
         tokenizer: Tokenizer file or directory to ship. Default: the one the checkpoint records.
         remote_code: Write the ``epas_llama`` form (own modeling code) even with no region, so a region can be chosen
             at load time (``epas_shared_layers=[...]``).
-        dtype: ``fp32``, ``bf16`` or ``fp16``; default: the checkpoint's.
+        dtype: ``float32``, ``bfloat16`` or ``float16``; ``auto``: the checkpoint's.
         force: Allow a region longer than the one the weights were trained with.
+        overwrite: Replace ``output`` if it is an export written by this function.
     """
     loaded = load_model(checkpoint)
     model, config = loaded.model, loaded.model.config
     n = loaded.max_shared if sharing_layers is None else sharing_layers
-    shared = set_region(model, n, loaded.max_shared, force)
+    shared = set_region(model, n, loaded.region, force)
     use_remote = remote_code or n > 0
     state = ours_to_hf(model.state_dict(), config)
-    torch_dtype = DTYPES[dtype] if dtype else next(iter(state.values())).dtype
+    torch_dtype = DTYPES[dtype] if dtype != "auto" else next(iter(state.values())).dtype
     state = {key: t.to(torch_dtype) for key, t in state.items()}
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    save_file(state, output / "model.safetensors", metadata={"format": "pt"})
-    record = hf_config(
-        config, shared if use_remote else None, loaded.max_shared, loaded.bos_id, loaded.eos_id, torch_dtype
-    )
-    (output / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-    generation = {"bos_token_id": loaded.bos_id, "eos_token_id": loaded.eos_id}
-    (output / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    if use_remote:
-        for name in REMOTE_FILES:
-            shutil.copyfile(REMOTE_DIR / name, output / name)
     tokenizer_path = tokenizer if tokenizer is not None else loaded.tokenizer_path
-    if tokenizer_path is None:
-        log.warning(
-            "The checkpoint records no (existing) tokenizer: exported weights and config only; pass --tokenizer."
+    with output_folder(output, EXPORT_KIND, overwrite, inputs=[checkpoint]) as build:
+        save_file(state, build / "model.safetensors", metadata={"format": "pt"})
+        record = hf_config(
+            config, shared if use_remote else None, loaded.region, loaded.bos_id, loaded.eos_id, torch_dtype
         )
-    else:
-        export_tokenizer(Path(tokenizer_path), output, config.block_size, loaded.bos_id, loaded.eos_id)
-    return output
+        (build / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+        generation = {"bos_token_id": loaded.bos_id, "eos_token_id": loaded.eos_id}
+        (build / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if use_remote:
+            for name in REMOTE_FILES:
+                shutil.copyfile(REMOTE_DIR / name, build / name)
+        if tokenizer_path is None:
+            log.warning(
+                "The checkpoint records no (existing) tokenizer: exported weights and config only; pass --tokenizer."
+            )
+        else:
+            export_tokenizer(Path(tokenizer_path), build, config.block_size, loaded.bos_id, loaded.eos_id)
+    return Path(output).expanduser().absolute()
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m epas_lightning export",
-        description="Write an HF model directory (safetensors, config, tokenizer) from an EPAS checkpoint.",
-    )
-    parser.add_argument("--checkpoint", "-c", type=Path, required=True, help=".ckpt, FSDP2 dir or consolidated dir")
-    parser.add_argument("--output", "-o", type=Path, required=True, help="directory to write")
-    parser.add_argument(
-        "--sharing-layers",
-        type=int,
-        default=None,
-        help="region length N (deepest N layers share); default: the trained region. 0 = stock LLaMA",
-    )
-    parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer file/dir (default: the recorded one)")
-    parser.add_argument(
-        "--remote-code", action="store_true", help="write the epas_llama form (own modeling code) even for N = 0"
-    )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight dtype (default: as stored)")
-    parser.add_argument("--force", action="store_true", help="allow a region longer than the trained one")
-    args = parser.parse_args(argv)
-    output = export(
-        args.checkpoint, args.output, args.sharing_layers, args.tokenizer, args.remote_code, args.dtype, args.force
-    )
-    kind = "epas_llama (trust_remote_code=True)" if (output / REMOTE_FILES[1]).is_file() else "stock LlamaForCausalLM"
-    print(f"wrote {output} ({kind})")
-    return 0
+def export_command(
+    checkpoint: Path,
+    output: Path,
+    sharing_layers: int | None = None,
+    tokenizer: Path | None = None,
+    remote_code: bool = False,
+    dtype: DType = "auto",
+    force: bool = False,
+    overwrite: bool = False,
+) -> None:
+    """Write a Hugging Face model folder (safetensors, config, tokenizer) from a checkpoint.
+
+    With no sharing region it is a stock LlamaForCausalLM; with one, an epas_llama folder with its own modeling code,
+    loaded with AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).
+
+    Args:
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
+        output: The folder to write.
+        sharing_layers: Region length N (the first N layers of the trained region); default: the trained region;
+            0 writes a stock LLaMA.
+        tokenizer: Tokenizer file or folder to ship (default: the one the checkpoint records).
+        remote_code: Write the epas_llama form (own modeling code) even for N = 0.
+        dtype: Weight dtype of the export; auto keeps the checkpoint's.
+        force: Allow a region longer than the trained one.
+        overwrite: Replace --output if it is an export written by this command.
+    """
+    out = export(checkpoint, output, sharing_layers, tokenizer, remote_code, dtype, force, overwrite)
+    kind = "epas_llama (trust_remote_code=True)" if (out / REMOTE_FILES[1]).is_file() else "stock LlamaForCausalLM"
+    print(f"wrote {out} ({kind})")

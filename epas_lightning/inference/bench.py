@@ -1,33 +1,37 @@
 """``python -m epas_lightning bench --checkpoint ...``: the many-in-one table of one trained model.
 
-For every sharing region the checkpoint supports (the deepest 0, 1, ..., N layers), it measures generation
-tokens/s (prefill and decode, median of ``--reps`` alternating runs), the KV-cache size, the FLOPs relative to dense
-(``estimate_flops``) and the validation loss on held-out tokens. The table is printed and written as CSV and PNG.
+For every sharing region the checkpoint supports (the first 0, 1, ..., N layers of its trained region), it measures
+generation tokens/s (prefill and decode, median of ``--reps`` alternating runs), the KV-cache size, the FLOPs relative
+to dense (``estimate_flops``) and the loss on held-out tokens. The table is printed and written as CSV, PNG and JSON.
 
 ``--budget F`` picks the shortest region whose FLOPs are at most ``F`` x dense: the most accurate setting that fits.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
+import json as json_lib
 import math
 import statistics
-import sys
 from itertools import islice
 from pathlib import Path
 
 import torch
 
+from epas_lightning.checkpoint import LoadedModel
+from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.evaluation.perplexity import perplexity_of_batches
 from epas_lightning.flops import estimate_flops
 from epas_lightning.inference.generate import generate, set_region
-from epas_lightning.inference.generate_cli import MIB, add_model_arguments, cuda_graph_choice, load_for_inference
+from epas_lightning.inference.generate_cli import MIB, CudaGraph, cuda_graph_choice, load_for_inference
 from epas_lightning.model import LlamaConfig
+from epas_lightning.outputs import output_folder
+from epas_lightning.progress import progress
+from epas_lightning.runtime import DType, dtype_name, emit_json
 
 COLUMNS = (
     "n_shared",
+    "shared_layers",
     "flops_ratio",
     "prefill_tokens_per_s",
     "decode_tokens_per_s",
@@ -49,9 +53,11 @@ def region_for_budget(config: LlamaConfig, budget: float, max_shared: int, seq_l
         if flops_ratio(config, n, seq_len) <= budget + 1e-12:
             return n
     floor = flops_ratio(config, max_shared, seq_len)
-    raise ValueError(
-        f"No region fits a budget of {budget:g} x dense: the largest trained region ({max_shared} layers) needs "
-        f"{floor:.4f} x dense. Raise --budget to at least {math.ceil(floor * 1e4) / 1e4:g}."
+    raise ConfigError(
+        f"no region fits a budget of {budget:g} x dense: the largest region ({max_shared} layers) needs "
+        f"{floor:.4f} x dense",
+        "--budget",
+        f"raise --budget to at least {math.ceil(floor * 1e4) / 1e4:g}",
     )
 
 
@@ -62,55 +68,59 @@ def heldout_batches(data_dir: Path, config: LlamaConfig, batch_size: int, n_batc
     loader = heldout_loader(data_dir, config.block_size, batch_size, config.vocab_size)
     batches = [batch.long() for batch in islice(loader, n_batches)]
     if not batches:
-        raise ValueError(f"{data_dir} has no validation batch of {batch_size} x {config.block_size + 1} tokens.")
+        raise DataError(
+            f"no validation batch of {batch_size} x {config.block_size + 1} tokens",
+            data_dir,
+            "lower --batch-size or hold out more data",
+        )
     return batches
 
 
-def measure(args: argparse.Namespace) -> dict:
-    loaded = load_for_inference(args)
+def measure(
+    loaded: LoadedModel,
+    max_shared: int,
+    force: bool,
+    batches: list[torch.Tensor],
+    prompts: int,
+    prompt_len: int,
+    max_new_tokens: int,
+    reps: int,
+    cuda_graph: bool | None,
+) -> list[dict]:
+    """One row per region 0..``max_shared``: FLOPs ratio, generation tokens/s (median of ``reps`` alternating runs),
+    KV-cache bytes and held-out loss."""
     model, config = loaded.model, loaded.model.config
-    max_shared = loaded.max_shared if args.max_shared is None else args.max_shared
-    set_region(model, max_shared, loaded.max_shared, args.force)  # validates before any timing
-    pick = None
-    if args.budget is not None:
-        pick = region_for_budget(config, args.budget, max_shared, config.block_size)
-    if args.prompt_len + args.new_tokens > config.block_size:
-        raise ValueError(
-            f"--prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} exceeds block_size={config.block_size}."
-        )
-    data_dir = args.data or loaded.data_dir
-    batches = heldout_batches(data_dir, config, args.val_batch_size, args.val_batches) if data_dir else []
     if batches:
-        prompts = [row[: args.prompt_len].tolist() for row in batches[0][: args.batch_size]]
-        prompts += [prompts[0]] * (args.batch_size - len(prompts))
+        rows = [row[:prompt_len].tolist() for row in batches[0][:prompts]]
+        rows += [rows[0]] * (prompts - len(rows))
     else:
         gen = torch.Generator().manual_seed(0)
-        prompts = torch.randint(0, config.vocab_size, (args.batch_size, args.prompt_len), generator=gen).tolist()
+        rows = torch.randint(0, config.vocab_size, (prompts, prompt_len), generator=gen).tolist()
     regions = list(range(max_shared + 1))
-    graphs = cuda_graph_choice(args)
 
     def run(n: int):
-        set_region(model, n, loaded.max_shared, args.force)
-        return generate(model, prompts, args.new_tokens, cuda_graph=graphs)
+        set_region(model, n, loaded.region, force)
+        return generate(model, rows, max_new_tokens, cuda_graph=cuda_graph)
 
-    for n in regions:
-        run(n)  # warm-up
+    for n in progress(regions, "bench: warm-up", unit="region"):
+        run(n)
     decode: dict[int, list[float]] = {n: [] for n in regions}
     prefill: dict[int, list[float]] = {n: [] for n in regions}
     cache: dict[int, tuple[int, int]] = {}
-    for rep in range(args.reps):
+    for rep in progress(range(reps), "bench: timing every region", unit="rep"):
         for n in regions if rep % 2 == 0 else regions[::-1]:
             result = run(n)
             decode[n].append(result.decode_tokens_per_s)
             prefill[n].append(result.prefill_tokens_per_s)
             cache[n] = (result.cache_bytes, result.dense_cache_bytes)
-    rows = []
-    for n in regions:
-        set_region(model, n, loaded.max_shared, args.force)
+    table = []
+    for n in progress(regions, "bench: held-out loss", unit="region"):
+        set_region(model, n, loaded.region, force)
         loss = perplexity_of_batches(model, batches)["loss"] if batches else float("nan")
-        rows.append(
+        table.append(
             {
                 "n_shared": n,
+                "shared_layers": loaded.region.first(n, force),
                 "flops_ratio": flops_ratio(config, n, config.block_size),
                 "prefill_tokens_per_s": statistics.median(prefill[n]),
                 "decode_tokens_per_s": statistics.median(decode[n]),
@@ -120,23 +130,7 @@ def measure(args: argparse.Namespace) -> dict:
                 "val_ppl": math.exp(loss) if loss == loss else float("nan"),
             }
         )
-    return {
-        "checkpoint": str(args.checkpoint),
-        "device": str(model.embed_tokens.weight.device),
-        "dtype": str(model.embed_tokens.weight.dtype).removeprefix("torch."),
-        "n_layer": config.n_layer,
-        "trained_max_shared": loaded.max_shared,
-        "attention_reuse": model.attention_reuse,
-        "batch_size": args.batch_size,
-        "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens,
-        "reps": args.reps,
-        "data": str(data_dir) if data_dir else None,
-        "val_tokens": sum(b[:, 1:].numel() for b in batches),
-        "budget": args.budget,
-        "budget_pick": pick,
-        "rows": rows,
-    }
+    return table
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -156,14 +150,14 @@ def write_plot(summary: dict, path: Path) -> None:
     n = [r["n_shared"] for r in rows]
     fig, (speed, quality) = plt.subplots(1, 2, figsize=(10, 4))
     speed.plot(n, [r["decode_tokens_per_s"] for r in rows], "o-", label="decode tok/s")
-    speed.set_xlabel("sharing layers (deepest N)")
+    speed.set_xlabel("sharing layers (first N of the trained region)")
     speed.set_ylabel("decode tokens/s")
     kv = speed.twinx()
     kv.plot(n, [r["kv_cache_bytes"] / MIB for r in rows], "s--", color="tab:gray", label="KV cache MiB")
     kv.set_ylabel("KV cache (MiB)")
-    speed.set_title(f"batch {summary['batch_size']}, {summary['new_tokens']} new tokens")
+    speed.set_title(f"{summary['prompts']} prompt(s), {summary['max_new_tokens']} new tokens")
     quality.plot(n, [r["val_loss"] for r in rows], "o-", color="tab:red")
-    quality.set_xlabel("sharing layers (deepest N)")
+    quality.set_xlabel("sharing layers (first N of the trained region)")
     quality.set_ylabel("validation loss")
     quality.set_title("quality at each region")
     for ax in (speed, quality):
@@ -180,8 +174,8 @@ def write_plot(summary: dict, path: Path) -> None:
 def print_table(summary: dict) -> None:
     print(
         f"{summary['checkpoint']}: {summary['n_layer']} layers, trained with up to {summary['trained_max_shared']} "
-        f"sharing; {summary['device']} {summary['dtype']}, batch {summary['batch_size']}, prompt "
-        f"{summary['prompt_len']}, {summary['new_tokens']} new tokens, median of {summary['reps']}"
+        f"sharing; {summary['device']} {summary['dtype']}, {summary['prompts']} prompt(s) of "
+        f"{summary['prompt_len']} tokens, {summary['max_new_tokens']} new tokens, median of {summary['reps']}"
     )
     head = f"{'shared':>6} {'FLOPs':>6} {'prefill tok/s':>14} {'decode tok/s':>13}"
     print(f"{head} {'KV MiB':>8} {'KV saved':>9} {'val loss':>9}")
@@ -193,33 +187,94 @@ def print_table(summary: dict) -> None:
         )
     if summary["budget_pick"] is not None:
         n = summary["budget_pick"]
-        print(f"budget {summary['budget']:g} x dense FLOPs -> share the deepest {n} layers")
+        layers = summary["rows"][n]["shared_layers"]
+        print(f"budget {summary['budget']:g} x dense FLOPs -> {n} sharing layers {layers}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m epas_lightning bench", description=__doc__.split("\n\n")[0])
-    add_model_arguments(p)
-    p.add_argument("--data", type=Path, default=None, help="prepared data dir for validation loss (default: the run's)")
-    p.add_argument("--val-batches", type=int, default=8)
-    p.add_argument("--val-batch-size", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=1, help="generation batch size")
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--max-shared", type=int, default=None, help="largest region to measure (default: as trained)")
-    p.add_argument("--budget", type=float, default=None, help="pick the region with FLOPs <= F x dense")
-    p.add_argument("--output", type=Path, default=Path("out/bench"), help="directory for many_in_one.csv/.png/.json")
-    args = p.parse_args(argv)
-    try:
-        summary = measure(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    args.output.mkdir(parents=True, exist_ok=True)
-    write_csv(summary["rows"], args.output / "many_in_one.csv")
-    write_plot(summary, args.output / "many_in_one.png")
-    (args.output / "many_in_one.json").write_text(json.dumps(summary, indent=2) + "\n")
+def bench_command(
+    checkpoint: Path,
+    sharing_layers: int | None = None,
+    budget: float | None = None,
+    data: Path | None = None,
+    batches: int = 8,
+    batch_size: int = 4,
+    prompts: int = 1,
+    prompt_len: int = 64,
+    max_new_tokens: int = 64,
+    reps: int = 3,
+    device: str = "auto",
+    dtype: DType = "auto",
+    attention_reuse: bool = True,
+    cuda_graph: CudaGraph = "auto",
+    force: bool = False,
+    output: Path = Path("runs/bench"),
+    overwrite: bool = False,
+    json: bool = False,
+) -> None:
+    """Measure one trained model at every sharing region: FLOPs, tokens/s, KV cache and held-out loss.
+
+    For each region of 0..N layers (the first N of the trained region's growth order) it measures generation
+    tokens/s (prefill and decode, median of --reps alternating runs), the KV-cache size, the FLOPs relative to dense
+    and the held-out loss, prints the table and writes many_in_one.{csv,png,json} into --output. --budget F picks the
+    most accurate region whose FLOPs are at most F x dense.
+
+    Args:
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
+        sharing_layers: The largest region to measure (default: the trained region).
+        budget: Pick the region with the fewest sharing layers whose FLOPs are at most this fraction of dense.
+        data: Prepared data folder whose val split gives the held-out loss (default: the run's own data).
+        batches: Held-out batches of block_size tokens to score.
+        batch_size: Sequences per held-out batch.
+        prompts: Prompts decoded together (the generation batch).
+        prompt_len: Tokens per prompt.
+        max_new_tokens: Tokens generated per prompt.
+        reps: Timed runs per region (alternating order; the median is reported).
+        device: auto (CUDA when available), cpu, cuda, cuda:1, ...
+        dtype: auto is bfloat16 on CUDA, float32 elsewhere.
+        attention_reuse: Sharing layers reuse the source layer's attention probabilities.
+        cuda_graph: Replay decode steps from a CUDA graph (auto: on for CUDA).
+        force: Allow regions longer than the trained one.
+        output: Folder for many_in_one.csv, .png and .json.
+        overwrite: Replace --output if it is a bench folder written by this command.
+        json: End with one JSON line of the summary.
+    """
+    loaded = load_for_inference(checkpoint, device, dtype, attention_reuse)
+    config = loaded.model.config
+    max_shared = loaded.max_shared if sharing_layers is None else sharing_layers
+    set_region(loaded.model, max_shared, loaded.region, force)  # validates before any timing
+    pick = region_for_budget(config, budget, max_shared, config.block_size) if budget is not None else None
+    if prompt_len + max_new_tokens > config.block_size:
+        raise ConfigError(
+            f"--prompt-len + --max-new-tokens = {prompt_len + max_new_tokens} exceeds block_size={config.block_size}",
+            "--prompt-len",
+            "ask for fewer tokens",
+        )
+    data_dir = data or loaded.data_dir
+    with output_folder(output, "bench", overwrite, inputs=[checkpoint]) as build:
+        held_out = heldout_batches(data_dir, config, batch_size, batches) if data_dir else []
+        rows = measure(loaded, max_shared, force, held_out, prompts, prompt_len, max_new_tokens, reps,
+                       cuda_graph_choice(cuda_graph))  # fmt: skip
+        summary = {
+            "checkpoint": str(checkpoint),
+            "device": str(loaded.model.embed_tokens.weight.device),
+            "dtype": dtype_name(loaded.model.embed_tokens.weight.dtype),
+            "n_layer": config.n_layer,
+            "trained_region": loaded.region.to_record(),
+            "trained_max_shared": loaded.max_shared,
+            "attention_reuse": loaded.model.attention_reuse,
+            "prompts": prompts,
+            "prompt_len": prompt_len,
+            "max_new_tokens": max_new_tokens,
+            "reps": reps,
+            "data": str(data_dir) if data_dir else None,
+            "val_tokens": sum(b[:, 1:].numel() for b in held_out),
+            "budget": budget,
+            "budget_pick": pick,
+            "rows": rows,
+        }
+        write_csv(rows, build / "many_in_one.csv")
+        write_plot(summary, build / "many_in_one.png")
+        (build / "many_in_one.json").write_text(json_lib.dumps(summary, indent=2) + "\n")
     print_table(summary)
-    print(f"wrote {args.output / 'many_in_one.csv'} and {args.output / 'many_in_one.png'}")
-    print(json.dumps(summary))
-    return 0
+    print(f"wrote {Path(output) / 'many_in_one.csv'}, .png and .json")
+    emit_json(summary, json)

@@ -15,6 +15,7 @@ import torch
 
 from epas_lightning.inference.sampling import sample
 from epas_lightning.model import Llama
+from epas_lightning.region import TrainedRegion
 
 EOS_CHECK_EVERY = 8
 """Decode steps between checks whether every row has finished (each check waits for the device)."""
@@ -27,18 +28,16 @@ def deepest_layers(n_layer: int, n_shared: int) -> list[int]:
     return list(range(n_layer - n_shared, n_layer))
 
 
-def set_region(model: Llama, n_shared: int, trained_max: int | None = None, force: bool = False) -> list[int]:
-    """Make the deepest ``n_shared`` layers share and return them.
+def set_region(model: Llama, n_shared: int, region: TrainedRegion | None = None, force: bool = False) -> list[int]:
+    """Make the first ``n_shared`` layers of the trained ``region`` (in its growth order) share; return them.
 
-    ``trained_max`` is the largest region the weights were trained with: asking for more is refused unless
-    ``force`` (the layers beyond it never learned to work without their own Q/K, so quality drops sharply).
+    ``region`` is what the checkpoint trained (``LoadedModel.region``): asking for more layers is refused unless
+    ``force`` (the layers beyond it never learned to work without their own Q/K, so quality drops sharply). Without a
+    region, the deepest ``n_shared`` layers share, unchecked.
     """
-    if trained_max is not None and n_shared > trained_max and not force:
-        raise ValueError(
-            f"This checkpoint was trained with at most {trained_max} sharing layers; {n_shared} were asked for. "
-            f"Choose 0..{trained_max}, or force it (--force) to measure an untrained region."
-        )
-    layers = deepest_layers(model.config.n_layer, n_shared)
+    if region is None:
+        region, force = TrainedRegion(model.config.n_layer), True
+    layers = region.first(n_shared, force)
     model.set_shared_layers(layers)
     return layers
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from epas_lightning.errors import ConfigError
+
 SharingMode = Literal["qk", "kv"]
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -65,13 +67,15 @@ class LlamaConfig:
     def __post_init__(self) -> None:
         if self.name is not None:
             if self.name not in PRESETS:
-                raise ValueError(f"Unknown model preset {self.name!r}; choose one of {sorted(PRESETS)}.")
+                raise ConfigError(
+                    f"Unknown model preset {self.name!r}; choose one of {sorted(PRESETS)}", "model.config"
+                )
             for key, value in PRESETS[self.name].items():
                 if getattr(self, key) is None:
                     setattr(self, key, value)
         missing = [k for k in ("n_layer", "n_embd", "n_head", "vocab_size", "block_size") if getattr(self, k) is None]
         if missing:
-            raise ValueError(f"LlamaConfig needs {missing}: set them or pick a preset with `name`.")
+            raise ConfigError(f"LlamaConfig needs {missing}: set them or pick a preset with `name`", "model.config")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.intermediate_size is None:
@@ -82,15 +86,17 @@ class LlamaConfig:
 
     def _validate(self) -> None:
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}.")
+            raise ConfigError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}", "model.config")
         if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}.")
+            raise ConfigError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}", "model.config")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE.")
+            raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE", "model.config")
         if self.padded_vocab_size < self.vocab_size:
-            raise ValueError(f"padded_vocab_size={self.padded_vocab_size} < vocab_size={self.vocab_size}.")
+            raise ConfigError(
+                f"padded_vocab_size={self.padded_vocab_size} < vocab_size={self.vocab_size}", "model.config"
+            )
         if self.sharing_mode not in ("qk", "kv"):
-            raise ValueError(f"sharing_mode must be 'qk' or 'kv', got {self.sharing_mode!r}.")
+            raise ConfigError(f"sharing_mode must be 'qk' or 'kv', got {self.sharing_mode!r}", "model.config")
 
     @property
     def head_dim(self) -> int:
@@ -109,7 +115,7 @@ class LlamaConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"Unknown LlamaConfig fields: {sorted(unknown)}")
+            raise ConfigError(f"Unknown LlamaConfig fields: {sorted(unknown)}", "model.config")
         return cls(**data)
 
 

@@ -1,10 +1,12 @@
 """Configuration of an EPAS LLaMA exported by epas_lightning (HF remote code: imports only torch and transformers).
 
-It is a ``LlamaConfig`` with the sharing region: ``epas_shared_layers`` (the deep layers that reuse the Q/K, or K/V,
-of the last computing layer before them) and ``epas_sharing_mode`` ("qk" as in the EPAS paper, or "kv").
-``epas_max_shared_layers`` records the largest region the weights were trained with; any shorter deepest region
-(including none) is valid. Pick one at load time:
-``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True, epas_shared_layers=[...])``.
+It is a ``LlamaConfig`` with the sharing region: ``epas_shared_layers`` (the layers that reuse the Q/K, or K/V, of the
+last computing layer before them) and ``epas_sharing_mode`` ("qk" as in the EPAS paper, or "kv").
+``epas_trained_region`` lists the layers the weights were trained to share, in the order they joined the region
+(``epas_growth_order``: deep_first or shallow_first); ``epas_max_shared_layers`` is its length. Any first N layers of
+it (including none) is a valid region. Pick one at load time with
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True, epas_shared_layers=[...])`` or afterwards with
+``model.set_region(n)``.
 """
 
 from transformers import LlamaConfig
@@ -13,11 +15,21 @@ from transformers import LlamaConfig
 class EpasLlamaConfig(LlamaConfig):
     model_type = "epas_llama"
 
-    def __init__(self, epas_shared_layers=None, epas_sharing_mode="qk", epas_max_shared_layers=None, **kwargs):
+    def __init__(
+        self,
+        epas_shared_layers=None,
+        epas_sharing_mode="qk",
+        epas_max_shared_layers=None,
+        epas_trained_region=None,
+        epas_growth_order="deep_first",
+        **kwargs,
+    ):
         self.epas_shared_layers = sorted(int(i) for i in (epas_shared_layers or []))
         self.epas_sharing_mode = epas_sharing_mode
+        self.epas_trained_region = [int(i) for i in (epas_trained_region or sorted(self.epas_shared_layers)[::-1])]
+        self.epas_growth_order = epas_growth_order
         self.epas_max_shared_layers = (
-            len(self.epas_shared_layers) if epas_max_shared_layers is None else int(epas_max_shared_layers)
+            len(self.epas_trained_region) if epas_max_shared_layers is None else int(epas_max_shared_layers)
         )
         super().__init__(**kwargs)
         if self.epas_sharing_mode not in ("qk", "kv"):

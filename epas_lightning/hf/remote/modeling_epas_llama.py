@@ -6,9 +6,9 @@ computing layer before it and projects only V (in "kv" mode it reuses that layer
 V, the output projection, the MLP, norms and residuals always run.
 
 Generation works with and without a KV cache, on transformers 4.57 to 5.24: the cache reaches ``forward`` as
-``past_key_values`` up to 5.23 and as ``cache`` from 5.24, and the output names it the same way. With the cache every layer stores the K/V it attends over, so a
-sharing layer stores a copy of its source's keys (correct, not memory-saving); the project's own ``generate`` is the
-place for the smaller cache.
+``past_key_values`` up to 5.23 and as ``cache`` from 5.24, and the output names it the same way. With the cache every
+layer stores the K/V it attends over, so a sharing layer stores a copy of its source's keys (correct, not
+memory-saving); the project's own ``generate`` is the place for the smaller cache.
 
 Notation: B batch, T new tokens, S cached + new tokens, H query heads, H_kv key/value heads, D head dim.
 """
@@ -138,6 +138,13 @@ class EpasLlamaForCausalLM(LlamaForCausalLM):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def set_region(self, n):
+        """Run with the first ``n`` layers of the trained region sharing (0 = dense; up to its length)."""
+        trained = self.config.epas_trained_region
+        if not 0 <= n <= len(trained):
+            raise ValueError(f"The weights were trained with up to {len(trained)} sharing layers, not {n}.")
+        self.set_shared_layers(trained[:n])
 
     def set_shared_layers(self, layers):
         """Run with exactly ``layers`` sharing (e.g. a shorter deepest region for a smaller compute budget)."""

@@ -1,0 +1,112 @@
+"""The on-disk layout of a prepared dataset, in one place: names, ``meta.json``, and the completeness checks.
+
+::
+
+    <dataset>/
+        train/                 litdata TokensLoader stream (index.json + chunk-*.bin): BOS + tokens + EOS per document
+        val/                   the held-out documents, the same way
+        tokenizer.json | tokenizer.model   the tokenizer the tokens came from
+        meta.json              written last: tokenizer kind, vocab size, BOS/EOS ids, documents/tokens/bytes/seconds
+
+A dataset is complete once ``meta.json`` exists; ``prepare`` and the built-in corpus write it last, in a folder that is
+renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from epas_lightning.data.tokenizer import HF_FILENAME, SENTENCEPIECE_FILENAME
+from epas_lightning.errors import DataError
+
+FORMAT_VERSION = 1
+META_FILENAME = "meta.json"
+SPLITS = ("train", "val")
+INDEX_FILENAME = "index.json"
+REQUIRED_ENTRIES = (f"train/{INDEX_FILENAME}", f"val/{INDEX_FILENAME}", META_FILENAME)
+DATASET_KIND = "dataset"
+"""The output kind of a prepared dataset (see :mod:`epas_lightning.outputs`)."""
+
+
+class DataCheckError(DataError):
+    """A prepared data directory that cannot be read as it is (corrupt or truncated chunks, mismatched tokenizers)."""
+
+
+def load_meta(path: str | Path) -> dict:
+    """Read the ``meta.json`` of a prepared data directory."""
+    meta_path = Path(path) / META_FILENAME
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataCheckError(f"unreadable {META_FILENAME} ({e})", meta_path, "prepare the data again") from e
+    if not isinstance(meta, dict):
+        raise DataCheckError(f"{META_FILENAME} is not a JSON object", meta_path, "prepare the data again")
+    return meta
+
+
+def write_meta(directory: Path, meta: dict) -> None:
+    """Write ``meta.json``: the last file of a build, which marks it complete."""
+    (directory / META_FILENAME).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def is_complete(path: str | Path) -> bool:
+    """A dataset is complete once ``meta.json`` exists: it is written last."""
+    return (Path(path) / META_FILENAME).is_file()
+
+
+def is_prepared_dataset(path: Path) -> bool:
+    """A complete folder written by ``prepare`` (also before output folders carried a marker)."""
+    if not is_complete(path):
+        return False
+    try:
+        meta = load_meta(path)
+    except DataCheckError:
+        return False
+    return meta.get("format_version") == FORMAT_VERSION and "tokenizer_sha256" in meta
+
+
+def tokenizer_file(data_dir: Path, meta: dict | None = None) -> Path:
+    """The tokenizer file of a prepared data directory."""
+    meta = load_meta(data_dir) if meta is None else meta
+    return data_dir / meta.get("tokenizer", HF_FILENAME)
+
+
+def missing_entries(data_dir: Path) -> list[str]:
+    """The parts of a prepared data directory that ``data_dir`` lacks."""
+    missing = [name for name in REQUIRED_ENTRIES if not (data_dir / name).is_file()]
+    if META_FILENAME not in missing:
+        try:
+            tokenizer = tokenizer_file(data_dir)
+        except DataCheckError:
+            return [*missing, META_FILENAME]
+        if not tokenizer.is_file():
+            missing.append(tokenizer.name)
+    elif not any((data_dir / name).is_file() for name in (HF_FILENAME, SENTENCEPIECE_FILENAME)):
+        missing.insert(-1, HF_FILENAME)
+    return missing
+
+
+def check_stream(stream_dir: Path) -> None:
+    """Fail, naming the file, when a token stream's ``index.json`` is unreadable or a chunk is missing or truncated."""
+    index_path = stream_dir / INDEX_FILENAME
+    try:
+        chunks = json.loads(index_path.read_text())["chunks"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataCheckError(f"not a readable litdata index ({e})", index_path, "prepare the data again") from e
+    for chunk in chunks:
+        path = stream_dir / chunk["filename"]
+        if not path.is_file():
+            raise DataCheckError(f"chunk listed in {index_path} is missing", path, "prepare the data again")
+        if (size := path.stat().st_size) != chunk["chunk_bytes"]:
+            raise DataCheckError(
+                f"corrupt or truncated chunk: {size} bytes, {index_path} says {chunk['chunk_bytes']}",
+                path,
+                "prepare the data again",
+            )
+
+
+def count_stream_tokens(stream_dir: str | Path) -> int:
+    """Number of tokens in a litdata token stream, from its ``index.json``."""
+    index = json.loads((Path(stream_dir) / INDEX_FILENAME).read_text())
+    return sum(chunk["dim"] for chunk in index["chunks"])

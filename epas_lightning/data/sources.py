@@ -1,0 +1,243 @@
+"""Where documents come from: input files and folders, the train/val split, and reading each document.
+
+Inputs are files or directories of text/markdown/code files (one document per file), JSONL (``.jsonl``,
+``.jsonl.gz``, ``.jsonl.zst``; one document per line, text in a configurable field) and parquet (one document per
+row). A text file that looks binary (NUL bytes) is a bad document, like an undecodable one: skipped with its name, or
+fatal with ``--on-bad fail``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from epas_lightning.errors import DataError
+
+TEXT_SUFFIXES = frozenset(
+    {
+        *(".txt", ".text", ".md", ".markdown", ".rst", ".tex", ".html", ".htm", ".xml", ".csv", ".tsv", ".json"),
+        *(".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".cxx", ".cu", ".java", ".js", ".ts", ".jsx", ".tsx"),
+        *(".go", ".rs", ".rb", ".php", ".swift", ".kt", ".scala", ".sh", ".bash", ".lua", ".pl", ".r", ".jl", ".hs"),
+        *(".ml", ".sql", ".yaml", ".yml", ".toml", ".ini", ".cfg", ".css", ".el", ".ex", ".erl", ".dart", ".proto"),
+    }
+)
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson")
+SKIPPED_DIRS = frozenset({"__pycache__", "node_modules", "site-packages", "dist-packages"})
+BINARY_SNIFF_BYTES = 8192
+"""A text file with a NUL byte among its first bytes is binary (git's rule)."""
+
+
+class DataPreparationError(DataError):
+    """Input that cannot be prepared; ``where`` names the file."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input file and the split its documents go to."""
+
+    path: str
+    key: str
+    """Stable name (path relative to its input root) that the hash split of documents is keyed on."""
+    kind: str
+    """``text`` (the file is one document), ``jsonl`` or ``parquet`` (one document per record)."""
+    n_bytes: int
+    split: str = "hash"
+    """``train`` or ``val`` (every document), or ``hash`` (each document by the hash of its key)."""
+
+
+def file_kind(path: Path, explicit: bool) -> str | None:
+    name = path.name.lower()
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if path.suffix.lower() in TEXT_SUFFIXES or explicit:
+        return "text"
+    return None
+
+
+def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[InputFile]:
+    """The files of ``inputs`` (files or directories, walked in sorted order; hidden entries skipped)."""
+    files: list[InputFile] = []
+    for raw in inputs:
+        root = Path(raw).expanduser()
+        if root.is_file():
+            kind = file_kind(root, explicit=True)
+            files.append(InputFile(str(root), root.name, kind, root.stat().st_size, split))  # type: ignore[arg-type]
+            continue
+        if not root.is_dir():
+            raise DataPreparationError("input does not exist", f"--input {root}", "check the path")
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d not in SKIPPED_DIRS and not d.startswith("."))
+            for name in sorted(filenames):
+                path = Path(dirpath) / name
+                if name.startswith(".") or not path.is_file() or (kind := file_kind(path, explicit=False)) is None:
+                    continue
+                files.append(InputFile(str(path), path.relative_to(root).as_posix(), kind, path.stat().st_size, split))
+    return files
+
+
+def stable_unit_hash(text: str) -> float:
+    """A hash of ``text`` in ``[0, 1)`` that is the same in every process (unlike the salted builtin ``hash``)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+
+
+def split_by_hash(items: Sequence, key: Callable[[object], str], val_fraction: float) -> tuple[list, list]:
+    """Hold out the items whose key hashes below ``val_fraction``, and always at least one."""
+    if len(items) < 2:
+        raise ValueError(f"Need at least 2 files to split into train and val, got {len(items)}.")
+    val_keys = {key(f) for f in items if stable_unit_hash(key(f)) < val_fraction}
+    if not val_keys:
+        val_keys = {key(min(items, key=lambda f: stable_unit_hash(key(f))))}
+    if len(val_keys) == len(items):
+        raise ValueError(f"val_fraction={val_fraction} leaves no training files.")
+    return [f for f in items if key(f) not in val_keys], [f for f in items if key(f) in val_keys]
+
+
+def plan_split(files: list[InputFile], val_fraction: float) -> list[InputFile]:
+    """Text files are held out whole (by path hash); JSONL/parquet records by the hash of ``file#index``."""
+    text = [f for f in files if f.kind == "text"]
+    records = [f for f in files if f.kind != "text"]
+    if len(text) == 1 and not records:
+        raise DataPreparationError(
+            "only one document: none can be held out for validation", text[0].path, "pass --val-input"
+        )
+    if len(text) >= 2:
+        try:
+            train, val = split_by_hash(text, lambda f: f.key, val_fraction)
+        except ValueError as e:
+            raise DataPreparationError(str(e), "--val-fraction", "hold out a smaller fraction") from e
+        text = [with_split(f, "train") for f in train] + [with_split(f, "val") for f in val]
+    else:
+        text = [with_split(f, "train") for f in text]
+    return text + records
+
+
+def with_split(f: InputFile, split: str) -> InputFile:
+    return InputFile(f.path, f.key, f.kind, f.n_bytes, split)
+
+
+def check_text_field(f: InputFile, text_field: str) -> None:
+    """Fail early, naming the file, when the first record has no ``text_field``."""
+    if f.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            names = pq.read_schema(f.path).names
+        except Exception as e:
+            raise DataPreparationError(f"not a readable parquet file ({e})", f.path) from e
+        if text_field not in names:
+            raise DataPreparationError(
+                f"no column {text_field!r} (columns: {names})", f.path, "name the text column with --text-field"
+            )
+    elif f.kind == "jsonl":
+        with contextlib.suppress(StopIteration, BadDocument):
+            lineno, record = next(_jsonl_records(f))
+            _record_text(record, text_field, f.path, lineno)
+
+
+class BadDocument(Exception):
+    """An unreadable file or record; skipped with a warning or fatal, depending on ``on_bad``."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.where, self.reason = where, reason
+
+
+def _open_binary(path: str) -> io.BufferedIOBase:
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    if path.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError as e:
+            raise DataPreparationError(
+                "reading .zst needs zstandard", path, "pip install 'epas_lightning[zstd]'"
+            ) from e
+        return zstandard.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")  # noqa: SIM115
+
+
+def _jsonl_records(f: InputFile) -> Iterator[tuple[int, object]]:
+    try:
+        with _open_binary(f.path) as stream:
+            for lineno, line in enumerate(stream, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise BadDocument(f"{f.path}:{lineno}", f"not a UTF-8 JSON line ({e})") from e
+    except (OSError, EOFError, ValueError) as e:
+        if isinstance(e, DataPreparationError | BadDocument):
+            raise
+        raise BadDocument(f.path, f"unreadable ({type(e).__name__}: {e})") from e
+
+
+def _record_text(record: object, text_field: str, path: str, lineno: int) -> str:
+    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+        fields = list(record) if isinstance(record, dict) else type(record).__name__
+        raise DataPreparationError(
+            f"no string field {text_field!r} (found {fields})", f"{path}:{lineno}", "name it with --text-field"
+        )
+    return record[text_field]
+
+
+def iter_documents(f: InputFile, text_field: str, on_bad: Callable[[BadDocument], None]) -> Iterator[tuple[str, str]]:
+    """``(key, text)`` for each document of ``f``. Bad records go to ``on_bad``, which may raise."""
+    if f.kind == "text":
+        try:
+            data = Path(f.path).read_bytes()
+            if b"\0" in data[:BINARY_SNIFF_BYTES]:
+                on_bad(BadDocument(f.path, "looks binary (NUL bytes), not text"))
+                return
+            yield f.key, data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            on_bad(BadDocument(f.path, f"not valid UTF-8 ({e})"))
+        except OSError as e:
+            on_bad(BadDocument(f.path, f"unreadable ({e.strerror or e})"))
+    elif f.kind == "jsonl":
+        records = _jsonl_records(f)
+        while True:
+            try:
+                lineno, record = next(records)
+            except StopIteration:
+                return
+            except BadDocument as bad:
+                on_bad(bad)
+                if bad.where == f.path:  # the whole file is unreadable (truncated archive, I/O error)
+                    return
+                continue
+            yield f"{f.key}#{lineno}", _record_text(record, text_field, f.path, lineno)
+    else:
+        import pyarrow.parquet as pq
+
+        try:
+            index = 0
+            for batch in pq.ParquetFile(f.path).iter_batches(columns=[text_field], batch_size=1024):
+                for text in batch.column(0).to_pylist():
+                    index += 1
+                    yield f"{f.key}#{index}", text or ""
+        except DataPreparationError:
+            raise
+        except Exception as e:
+            on_bad(BadDocument(f.path, f"unreadable parquet ({type(e).__name__}: {e})"))
+
+
+def split_documents(
+    files: Sequence[InputFile], split: str, val_fraction: float, text_field: str, on_bad: Callable
+) -> Iterator[str]:
+    """The texts of ``split`` (``train`` or ``val``) among ``files``, in order; empty documents are dropped."""
+    for f in files:
+        if f.split not in (split, "hash"):
+            continue
+        for key, text in iter_documents(f, text_field, on_bad):
+            if text and (f.split != "hash" or (stable_unit_hash(key) < val_fraction) == (split == "val")):
+                yield text

@@ -1,0 +1,263 @@
+"""Tokenizing documents into litdata token streams, in worker processes, with progress.
+
+Every document becomes ``BOS + tokens + EOS`` (int32) in litdata chunks; several processes tokenize groups of files of
+about equal size, and the stream keeps the input order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from epas_lightning.data.layout import count_stream_tokens
+from epas_lightning.data.sources import BadDocument, DataPreparationError, InputFile, split_documents
+from epas_lightning.data.tokenizer import load_tokenizer_once
+
+if TYPE_CHECKING:
+    import torch
+
+TOKEN_DTYPE = np.int32
+CHUNK_BYTES = "8MB"
+_DOCS_PER_BATCH = 256
+_BYTES_PER_WORK_ITEM = 32 * 2**20
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One ``litdata.optimize`` input: some files, tokenized for one split by one worker."""
+
+    files: tuple[InputFile, ...]
+    split: str
+    val_fraction: float
+    text_field: str
+    tokenizer_path: str
+    bos_token: str | None
+    eos_token: str | None
+    on_bad: str
+    stats_dir: str
+
+
+def tokenize_work_item(item: WorkItem) -> Iterator[torch.Tensor]:
+    """``litdata.optimize`` work function: one ``BOS + tokens + EOS`` int32 tensor per document.
+
+    Writes ``documents/bytes/tokens/skipped`` to a file in ``item.stats_dir`` (workers are separate processes), and
+    the message of a fatal input error to ``error-*.txt`` there, so the parent can re-raise it cleanly.
+    """
+    import torch
+
+    tokenizer = load_tokenizer_once(item.tokenizer_path, item.bos_token, item.eos_token)
+    stats = {"documents": 0, "bytes": 0, "tokens": 0, "skipped": []}
+
+    def on_bad(bad: BadDocument) -> None:
+        if item.on_bad == "fail":
+            raise DataPreparationError(bad.reason, bad.where, "pass --on-bad skip to skip it")
+        stats["skipped"].append([bad.where, bad.reason])
+
+    def encode(texts: list[str]) -> Iterator[torch.Tensor]:
+        for ids in tokenizer.encode_batch(texts):
+            stats["tokens"] += len(ids) + 2
+            yield torch.from_numpy(np.array([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=TOKEN_DTYPE))
+
+    try:
+        batch: list[str] = []
+        for text in split_documents(item.files, item.split, item.val_fraction, item.text_field, on_bad):
+            stats["documents"] += 1
+            stats["bytes"] += len(text.encode("utf-8"))
+            batch.append(text)
+            if len(batch) >= _DOCS_PER_BATCH:
+                yield from encode(batch)
+                batch = []
+        yield from encode(batch)
+    except DataPreparationError as e:
+        # Returning (not raising) lets litdata shut down cleanly: after a worker raises, it leaves an orphaned
+        # helper process behind. The parent raises the error once ``optimize`` returns.
+        Path(item.stats_dir, f"error-{uuid.uuid4().hex}.txt").write_text(json.dumps([e.what, e.where, e.fix]))
+        return
+    Path(item.stats_dir, f"{uuid.uuid4().hex}.json").write_text(json.dumps(stats))
+
+
+def default_num_workers() -> int:
+    """CPU cores available to this process."""
+    with contextlib.suppress(AttributeError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def worker_start_method() -> str:
+    """``fork`` on Linux: workers start instantly and never re-import ``__main__``.
+
+    Under ``spawn`` (litdata's default) each worker re-imports torch, and a script without an
+    ``if __name__ == "__main__"`` guard would re-run its top level in every worker.
+    """
+    return "fork" if sys.platform.startswith("linux") else "spawn"
+
+
+def make_work_groups(files: Sequence[InputFile], n_groups: int) -> list[tuple[InputFile, ...]]:
+    """Cut the (ordered) files into at most ``n_groups`` contiguous groups of roughly equal byte size."""
+    n_groups = max(1, min(n_groups, len(files)))
+    target = sum(f.n_bytes for f in files) / n_groups
+    groups: list[list[InputFile]] = [[]]
+    filled = 0
+    for f in files:
+        if groups[-1] and filled >= target * len(groups) and len(groups) < n_groups:
+            groups.append([])
+        groups[-1].append(f)
+        filled += f.n_bytes
+    return [tuple(g) for g in groups]
+
+
+@contextlib.contextmanager
+def isolated_litdata(scratch_dir: Path) -> Iterator[None]:
+    """Undo ``litdata.optimize``'s process-wide side effects.
+
+    It reseeds the global ``random``/NumPy/torch RNGs (which would override a user's ``seed_everything`` on the first
+    run only), forces the multiprocessing start method, installs a SIGINT handler, sets an env var, and wipes its
+    shared scratch dirs under ``/tmp`` (which would break concurrent builds). Give it private scratch dirs instead.
+    """
+    import torch
+
+    rng_states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    start_method = multiprocessing.get_start_method(allow_none=True)
+    sigint_handler = signal.getsignal(signal.SIGINT)
+    litdata_logger = logging.getLogger("litdata")
+    litdata_level = litdata_logger.level
+    litdata_logger.setLevel(logging.WARNING)
+    env_overrides = {
+        "DATA_OPTIMIZER_CACHE_FOLDER": str(scratch_dir / "chunks"),
+        "DATA_OPTIMIZER_DATA_CACHE_FOLDER": str(scratch_dir / "data"),
+        "DATA_OPTIMIZER_NUM_WORKERS": None,
+        # Forked workers must not use the tokenizer's thread pool (already started by training): say so quietly.
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    saved_env = {k: os.environ.get(k) for k in env_overrides}
+    for key, value in env_overrides.items():
+        if value is not None:
+            os.environ[key] = value
+    try:
+        yield
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        signal.signal(signal.SIGINT, sigint_handler)
+        litdata_logger.setLevel(litdata_level)
+        multiprocessing.set_start_method(start_method, force=True)
+        random.setstate(rng_states[0])
+        np.random.set_state(rng_states[1])
+        torch.random.set_rng_state(rng_states[2])
+        shutil.rmtree(scratch_dir, ignore_errors=True)
+
+
+def write_split(
+    files: Sequence[InputFile],
+    split: str,
+    output_dir: Path,
+    *,
+    tokenizer_path: Path,
+    val_fraction: float,
+    text_field: str = "text",
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    on_bad: str = "skip",
+    num_workers: int = 1,
+    progress: bool = False,
+) -> dict:
+    """Tokenize the ``split`` documents of ``files`` into a litdata token stream; returns its statistics."""
+    from litdata import optimize
+    from litdata.streaming.item_loader import TokensLoader
+
+    files = [f for f in files if f.split in (split, "hash")]
+    scratch = output_dir.parent / f".scratch-{output_dir.name}"
+    stats_dir = scratch / "stats"
+    stats_dir.mkdir(parents=True)
+    n_groups = max(max(1, num_workers) * 4, sum(f.n_bytes for f in files) // _BYTES_PER_WORK_ITEM)
+    groups = make_work_groups(files, n_groups=n_groups)
+    items = [
+        WorkItem(g, split, val_fraction, text_field, str(tokenizer_path), bos_token, eos_token, on_bad, str(stats_dir))
+        for g in groups
+    ]
+    with isolated_litdata(scratch / "litdata"), progress_bar(stats_dir, len(items), split, enabled=progress):
+        try:
+            optimize(
+                fn=tokenize_work_item,
+                inputs=items,
+                output_dir=str(output_dir),
+                chunk_bytes=CHUNK_BYTES,
+                item_loader=TokensLoader(),
+                num_workers=max(1, min(num_workers, len(items))),
+                keep_data_ordered=True,
+                start_method=worker_start_method(),
+                verbose=False,
+            )
+        except RuntimeError as e:
+            raise RuntimeError(f"Tokenizing the {split} split into {output_dir} failed: {e}") from e
+    if errors := sorted(stats_dir.glob("error-*.txt")):
+        raise DataPreparationError(*json.loads(errors[0].read_text()))
+    stats = {"documents": 0, "bytes": 0, "tokens": 0, "skipped": []}
+    for path in stats_dir.glob("*.json"):
+        for key, value in json.loads(path.read_text()).items():
+            stats[key] += value
+    shutil.rmtree(scratch, ignore_errors=True)
+    stats["skipped"].sort()
+    stats["files"] = len({f.path for f in files} - {where.split(":")[0] for where, _ in stats["skipped"]})
+    if stats["documents"] == 0:
+        shutil.rmtree(output_dir, ignore_errors=True)
+        return stats
+    stats["tokens"] = count_stream_tokens(output_dir)
+    return stats
+
+
+@contextlib.contextmanager
+def progress_bar(stats_dir: Path, total: int, split: str, enabled: bool) -> Iterator[None]:
+    """A tqdm bar over work items, fed from the statistics files that workers write when they finish one."""
+    if not enabled:
+        yield
+        return
+    import threading
+
+    from tqdm.auto import tqdm
+
+    done = threading.Event()
+
+    def poll(bar: tqdm) -> None:
+        while True:
+            finished = done.wait(0.5)
+            paths = list(stats_dir.glob("*.json"))
+            tokens = 0
+            for path in paths:
+                with contextlib.suppress(OSError, ValueError):
+                    tokens += json.loads(path.read_text())["tokens"]
+            bar.n = len(paths)
+            bar.set_postfix_str(f"{tokens:,} tokens", refresh=True)
+            if finished:
+                return
+
+    terminal = sys.stderr.isatty()  # in a log file: one line per split, not a redrawn bar
+    with tqdm(total=total, desc=f"Tokenizing {split}", unit="shard", dynamic_ncols=True, disable=not terminal) as bar:
+        thread = threading.Thread(target=poll, args=(bar,), daemon=True)
+        thread.start()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+        if not terminal:
+            print(f"Tokenized {split}: {total} shards in {time.perf_counter() - start:.1f} s", file=sys.stderr)

@@ -1,0 +1,138 @@
+"""``DivergenceGuard``: a run whose loss or gradients become non-finite stops, and no checkpoint holds such weights.
+
+The check runs before every optimizer step, after backward: a non-finite loss in any micro-batch of the step, or a
+non-finite gradient on any rank, is a bad step. Ranks agree through one boolean all-reduce, so they all stop (or
+skip) together, and the bad gradients are never applied. Before any checkpoint is written the weights are checked
+too. The ``fit`` command turns the guard on by default (``divergence:`` in YAML).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.distributed.tensor import DTensor
+
+log = logging.getLogger(__name__)
+
+DivergenceAction = Literal["stop", "skip", "off"]
+
+
+class TrainingDiverged(RuntimeError):
+    """Training stopped at a non-finite loss, gradient or weight; the message says where and what to try."""
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-dim bool tensor: every element of every tensor (each rank's local shard) is finite. No host sync."""
+    local = [_local(t) for t in tensors if t is not None and t.numel()]
+    if not local:
+        return torch.tensor(True)
+    return torch.isfinite(torch.stack(torch._foreach_norm(local, math.inf))).all()  # max |x|: NaN or inf if any is
+
+
+class DivergenceGuard(Callback):
+    """Stops training at the first step whose loss or gradients are not finite (or skips a few such steps first).
+
+    Args:
+        action: ``stop`` (default): raise :class:`TrainingDiverged` at the first bad step, before its update, naming
+            the step and the last checkpoint written. ``skip``: drop the bad step's gradients (no update) up to
+            ``max_skips`` times in the run, then stop. ``off``: no checks.
+        max_skips: With ``action: skip``, how many bad steps to drop before stopping.
+        check_weights: Refuse to write a checkpoint whose weights are not all finite.
+    """
+
+    def __init__(self, action: DivergenceAction = "stop", max_skips: int = 10, check_weights: bool = True) -> None:
+        if action not in ("stop", "skip", "off"):
+            raise ValueError(f"divergence.action must be 'stop', 'skip' or 'off', got {action!r}.")
+        if max_skips < 0:
+            raise ValueError(f"divergence.max_skips must be >= 0, got {max_skips}.")
+        self.action = action
+        self.max_skips = max_skips
+        self.check_weights = check_weights
+        self.skipped = 0
+        self._loss_finite: torch.Tensor | None = None
+        self._bad_loss_step = False
+
+    # ------------------------------------------------------------------------------------------------ the checks
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        if self.action == "off":
+            return
+        finite = torch.isfinite(loss.detach()).all()
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        if self.action == "off":
+            return
+        loss_ok = self._loss_finite if self._loss_finite is not None else torch.tensor(True)
+        self._loss_finite = None
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        # fp16 with a GradScaler: inf gradients are the scaler's business (it skips the step and lowers the scale)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        grads_ok = all_finite(grads) if scaler is None else torch.tensor(True)
+        local_bad = not bool(loss_ok.to(grads_ok.device) & grads_ok)
+        if not trainer.strategy.reduce_boolean_decision(local_bad, all=False):
+            return
+        step = trainer.global_step
+        reason = "loss" if not bool(loss_ok) else "gradients"
+        if self.action == "skip" and self.skipped < self.max_skips:
+            self.skipped += 1
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            log.warning(
+                "Divergence guard: non-finite %s at step %d; skipped its update (%d of %d allowed).",
+                reason,
+                step,
+                self.skipped,
+                self.max_skips,
+            )
+            pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
+            return
+        raise TrainingDiverged(self._message(trainer, f"non-finite {reason} at step {step}"))
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.action == "off" or not self.check_weights:
+            return
+        weights = [t for t in pl_module.state_dict().values() if torch.is_tensor(t) and t.is_floating_point()]
+        local_bad = not bool(all_finite(weights))
+        if trainer.strategy.reduce_boolean_decision(local_bad, all=False):
+            raise TrainingDiverged(
+                self._message(trainer, f"non-finite weights at step {trainer.global_step}; no checkpoint written")
+            )
+
+    # ------------------------------------------------------------------------------------------------ reporting
+
+    def _message(self, trainer: Trainer, what: str) -> str:
+        last = last_checkpoint(trainer)
+        where = f"last good checkpoint: {last}" if last else "no checkpoint was written before it"
+        resume = f"then resume with --ckpt_path {last}" if last else "then train again"
+        return (
+            f"training diverged: {what} — {where} — lower the learning rate (model.optimizer), lengthen the warmup or "
+            f"set trainer.gradient_clip_val, {resume}"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+
+
+def last_checkpoint(trainer: Trainer) -> str | None:
+    """The newest checkpoint file or directory that this run's ``ModelCheckpoint`` callbacks wrote, if any."""
+    written = []
+    for callback in trainer.checkpoint_callbacks:
+        for name in ("_last_checkpoint_saved", "last_model_path", "best_model_path"):
+            path = getattr(callback, name, "")
+            if path and Path(path).exists():
+                written.append(Path(path))
+    return str(max(written, key=lambda p: p.stat().st_mtime)) if written else None

@@ -1,0 +1,63 @@
+"""One error policy for every command: a user's mistake is one line on stderr and exit status 2.
+
+A :class:`UserError` carries what is wrong, where (a path, a config key, a flag) and what to do about it; the command
+line prints it as ``error: <what> — <where> — <what to do>`` without a traceback (``--debug`` or ``EPAS_DEBUG=1``
+shows it). Anything else is unexpected and keeps its traceback. The subclasses are also ``ValueError`` s, so code
+that caught the plain errors these replace keeps working.
+"""
+
+from __future__ import annotations
+
+import os
+
+EXIT_USER_ERROR = 2
+"""Exit status of a command stopped by a user error (argparse's convention)."""
+EXIT_DIVERGED = 3
+"""Exit status of a training run stopped because its loss or gradients became non-finite."""
+DEBUG_ENV = "EPAS_DEBUG"
+
+
+class UserError(ValueError):
+    """A mistake the user can fix: a bad path, config, data or checkpoint.
+
+    Args:
+        what: What is wrong, as a short sentence without the location.
+        where: The file, directory, config key or flag it concerns.
+        fix: What to do about it.
+    """
+
+    def __init__(self, what: str, where: object = None, fix: str | None = None) -> None:
+        self.what, self.where, self.fix = what, None if where is None else str(where), fix
+        super().__init__(what)
+
+    def __str__(self) -> str:
+        return " — ".join(part for part in (self.what, self.where, self.fix) if part)
+
+    def __reduce__(self):  # noqa: ANN204 - survives pickling between processes (litdata workers, DDP ranks)
+        return type(self), (self.what, self.where, self.fix)
+
+
+class ConfigError(UserError):
+    """A configuration value that cannot work (schedule, model shape, flags)."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint or model directory that is missing, corrupt, unsafe or does not fit."""
+
+
+class DataError(UserError):
+    """Input data that is missing, incomplete, corrupt or does not fit the model."""
+
+
+class OutputError(UserError):
+    """An output location that we may not write or replace."""
+
+
+def debug_enabled() -> bool:
+    """Whether user errors should show their traceback (``EPAS_DEBUG=1``; ``--debug`` sets it)."""
+    return os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no")
+
+
+def error_line(error: BaseException) -> str:
+    """The one line a command prints for ``error``."""
+    return f"error: {error}"

@@ -1,0 +1,256 @@
+"""``fit``, ``validate`` and ``test``: the LightningCLI wiring of the project, and nothing else.
+
+Beside the trainer, model and data, every run has these sections, each a callback that user lists add to (a
+``trainer.callbacks`` list in YAML never replaces them):
+
+- ``sharing``: ``ProgressiveSharing``, the growth schedule;
+- ``divergence``: ``DivergenceGuard``, on by default (``action: stop``);
+- ``checkpoint``: the run's ``ModelCheckpoint`` (``save_last: true``);
+- ``throughput``: tokens/s and FLOPs/s (``TokenThroughputMonitor``); ``lr_monitor``: the learning rate per step.
+
+``--ckpt_path last`` resumes the newest ``last.ckpt`` of the same run (logger ``save_dir``/``name``) and keeps logging
+into its version folder; ``auto`` does the same or starts fresh when there is none. Every checkpoint is checked to
+load without running code (:func:`~epas_lightning.safe_load.verify_checkpoint`) before Lightning opens it, and loads
+with ``weights_only=True``. ``--print_config`` prints the resolved model preset.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace, set_parsing_settings
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+from epas_lightning.callbacks import ProgressiveSharing, TokenThroughputMonitor
+from epas_lightning.data import TokenDataModule
+from epas_lightning.divergence import DivergenceGuard
+from epas_lightning.errors import CheckpointError, ConfigError, UserError
+from epas_lightning.model import LlamaConfig
+from epas_lightning.module import EPASModule
+from epas_lightning.run_summary import FlopsModelSummary, RunSummary
+from epas_lightning.safe_load import verify_checkpoint
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+"""The YAML configs shipped with the package (``--config demo`` finds ``demo.yaml`` here)."""
+DEFAULT_LOGGER = {
+    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+    "init_args": {"save_dir": "runs", "name": "epas", "default_hp_metric": False},
+}
+RESUME_WORDS = ("last", "auto")
+IGNORED_WARNINGS = (
+    # The token loader reads memory-mapped chunks in the main process far faster than any model trains.
+    r".*does not have many workers which may be a bottleneck.*",
+    # litdata's streams know their length per rank and worker; the generic caution does not apply.
+    r".*Your `IterableDataset` has `__len__` defined.*",
+    # Lightning's own use of a torch API that torch deprecated; nothing a user can change.
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+)
+
+
+def _as_config(value: Any) -> LlamaConfig:
+    """The model config from a parsed ``model.config`` value (a namespace, dict or dataclass)."""
+    if isinstance(value, LlamaConfig):
+        return value
+    data = value.as_dict() if hasattr(value, "as_dict") else dict(value)
+    data = data.get("init_args", data)
+    return LlamaConfig(**data)
+
+
+def config_n_layer(value: Any) -> int:
+    return _as_config(value).n_layer
+
+
+def config_block_size(value: Any) -> int:
+    return _as_config(value).block_size
+
+
+def config_vocab_size(value: Any) -> int:
+    return _as_config(value).vocab_size
+
+
+def packaged_config(name: str) -> Path | None:
+    """A config shipped with the package, by name (``demo`` or ``demo.yaml``), if there is one."""
+    for candidate in (name, f"{name}.yaml"):
+        path = CONFIG_DIR / candidate
+        if "/" not in name and path.is_file():
+            return path
+    return None
+
+
+def resolve_config_names(argv: list[str]) -> list[str]:
+    """``--config demo`` -> the packaged ``demo.yaml`` when no file of that name exists here."""
+    out = list(argv)
+    for i, token in enumerate(out):
+        name, sep, value = token.partition("=")
+        if name not in ("--config", "-c"):
+            continue
+        target = value if sep else (out[i + 1] if i + 1 < len(out) else None)
+        if target is None or Path(target).expanduser().exists():
+            continue
+        packaged = packaged_config(target)
+        if packaged is None:
+            shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+            raise ConfigError("config file does not exist", f"--config {target}", f"give a path, or one of: {shipped}")
+        if sep:
+            out[i] = f"{name}={packaged}"
+        else:
+            out[i + 1] = str(packaged)
+    return out
+
+
+class EPASCLI(LightningCLI):
+    """LightningCLI with the project's sections, one source of truth for layer count, length and vocab, safe resume."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        commands = LightningCLI.subcommands()
+        return {name: commands[name] for name in ("fit", "validate", "test")}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ProgressiveSharing, "sharing")
+        parser.add_lightning_class_args(DivergenceGuard, "divergence")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.link_arguments("model.config", "sharing.n_layer", compute_fn=config_n_layer)
+        parser.link_arguments("model.config", "data.seq_len", compute_fn=config_block_size)
+        parser.link_arguments("model.config", "data.vocab_size", compute_fn=config_vocab_size)
+        parser.set_defaults(
+            {
+                "trainer.logger": DEFAULT_LOGGER,
+                "checkpoint.save_last": True,
+                "lr_monitor.logging_interval": "step",
+            }
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse ``args`` (a list; ``--print_config`` prints the config with the model preset resolved)."""
+        args = list(sys.argv[1:] if args is None else args)
+        printing = [a for a in args if a.split("=")[0] == "--print_config"]
+        args = [a for a in args if a not in printing]
+        self.config = parser.parse_args(args)
+        if printing:
+            subcommand = self.config.subcommand
+            config = self.config[subcommand].clone()
+            config.model.config = Namespace(**_as_config(config.model.config).to_dict())
+            print(self._subcommand_parsers[subcommand].dump(config, skip_none=False, skip_link_targets=False))
+            raise SystemExit(0)
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path last``/``auto`` and check the checkpoint is safe to load, before anything opens it."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        if config.get("ckpt_path") in RESUME_WORDS:
+            config.ckpt_path = resume_checkpoint(config, config.ckpt_path)
+            if config.ckpt_path and (run_dir := Path(config.ckpt_path).parent.parent).is_dir():
+                # the resumed run logs into the same folder: keep its config.yaml, add this run's beside it
+                self.save_config_kwargs["config_filename"] = free_name(run_dir, "config-resume", ".yaml")
+        if config.get("ckpt_path"):
+            config.ckpt_path = str(verify_checkpoint(config.ckpt_path, "--ckpt_path"))
+        super()._parse_ckpt_path()
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except UserError:
+            raise
+        except (ValueError, TypeError) as e:  # a constructor refused a configured value
+            raise ConfigError(str(e).rstrip("."), "the configuration", "fix the value in the YAML or the flag") from e
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        kwargs["weights_only"] = True  # checkpoints hold tensors and plain data only: never unpickle anything else
+        return kwargs
+
+
+def _logger_run_dirs(config: Namespace) -> list[Path]:
+    """The folders whose ``version_*`` subfolders hold this run's versions (logger ``save_dir``/``name``)."""
+    loggers = config.trainer.get("logger")
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    dirs = []
+    for logger in loggers:
+        if isinstance(logger, Namespace | dict) and logger.get("init_args"):
+            init = logger["init_args"]
+            if init.get("save_dir"):
+                dirs.append(Path(init["save_dir"]).expanduser() / str(init.get("name") or "lightning_logs"))
+    return dirs
+
+
+def resume_checkpoint(config: Namespace, word: str) -> str | None:
+    """The newest ``last.ckpt`` of this run for ``--ckpt_path last|auto``; logging continues in its version folder.
+
+    ``last`` with no checkpoint is an error; ``auto`` then starts from scratch (and says so).
+    """
+    candidates = []
+    dirpath = config.get("checkpoint", {}).get("dirpath") if config.get("checkpoint") else None
+    if dirpath:
+        candidates.append(Path(dirpath).expanduser() / "last.ckpt")
+    run_dirs = _logger_run_dirs(config)
+    for run_dir in run_dirs:
+        candidates += run_dir.glob("version_*/checkpoints/last.ckpt")
+    found = [p for p in candidates if p.exists()]
+    if not found:
+        places = ", ".join(str(d / "version_*/checkpoints") for d in run_dirs) or str(dirpath)
+        if word == "auto":
+            print(f"--ckpt_path auto: no last.ckpt under {places}; starting from scratch.", file=sys.stderr)
+            return None
+        raise CheckpointError(
+            "no last.ckpt of this run to resume", places, "train first, or pass the checkpoint's path to --ckpt_path"
+        )
+    newest = max(found, key=lambda p: p.stat().st_mtime)
+    version_dir = newest.parent.parent
+    if not dirpath and version_dir.name.startswith("version_"):
+        for logger in [config.trainer.logger] if not isinstance(config.trainer.logger, list) else config.trainer.logger:
+            if isinstance(logger, Namespace) and logger.get("init_args") and logger.init_args.get("version") is None:
+                # keep logging (and checkpointing) into the same folder
+                number = version_dir.name.removeprefix("version_")
+                logger.init_args.version = int(number) if number.isdigit() else version_dir.name
+    print(f"Resuming from {newest}", file=sys.stderr)
+    return str(newest)
+
+
+QUIET_INFO = (
+    "Skipping setting a default `ModelSummary`",  # we install our own summary on purpose
+    "Tip: For seamless cloud logging",  # an advertisement
+)
+
+
+class _QuietInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in QUIET_INFO)
+
+
+def free_name(folder: Path, stem: str, suffix: str) -> str:
+    """``stem-1.suffix``, ``stem-2.suffix``, ...: the first name not taken in ``folder``."""
+    n = 1
+    while (folder / f"{stem}-{n}{suffix}").exists():
+        n += 1
+    return f"{stem}-{n}{suffix}"
+
+
+def lightning_cli(args: ArgsType = None, run: bool = True) -> EPASCLI:
+    """Run ``fit``/``validate``/``test`` (``args`` replaces ``sys.argv[1:]``); ``run=False`` only builds the objects."""
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # LlamaConfig field docs become --help text
+    for pattern in IGNORED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:  # handlers see the records of every child logger
+            handler.addFilter(_QuietInfo())
+    args = resolve_config_names(list(sys.argv[1:] if args is None else args))
+    return EPASCLI(
+        EPASModule,
+        TokenDataModule,
+        seed_everything_default=1234,
+        auto_configure_optimizers=False,
+        trainer_defaults={"callbacks": [RunSummary(), FlopsModelSummary()]},
+        parser_kwargs={"exit_on_error": False, **{name: {"exit_on_error": False} for name in EPASCLI.subcommands()}},
+        args=args,
+        run=run,
+    )

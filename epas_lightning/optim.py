@@ -1,0 +1,24 @@
+"""The optimizer every run starts from: AdamW with weight decay on matrices only."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DEFAULT_ADAMW = {"lr": 3e-4, "betas": (0.9, 0.95), "weight_decay": 0.1}
+"""``EPASModule``'s AdamW when no optimizer is configured."""
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Trainable parameters in two groups: matrices (linear and embedding weights) with the optimizer's weight decay,
+    vectors (norm gains) without."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2]},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def default_optimizer(model: nn.Module, **overrides) -> torch.optim.AdamW:
+    """``AdamW(param_groups(model), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)``, any of them overridden."""
+    return torch.optim.AdamW(param_groups(model), **{**DEFAULT_ADAMW, **overrides})

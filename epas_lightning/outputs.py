@@ -1,0 +1,147 @@
+"""Output folders that never destroy what we did not create, and never look complete when they are not.
+
+Every command that writes a folder (``prepare``, ``consolidate``, ``export``, ``bench``, ``analyze``) goes through
+:func:`output_folder`:
+
+- the folder is built under a hidden temporary name beside the target and renamed into place at the end, so a
+  failure or a kill leaves nothing that looks loadable, and a rewrite leaves no stale file behind;
+- an existing target is replaced only with ``overwrite=True`` *and* only if its marker file says this project wrote
+  it, as the same kind of output (a user's own folder is never touched);
+- an output that contains, or lies inside, one of the command's inputs is refused;
+- temporary folders of earlier runs that were killed (their process is gone) are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from epas_lightning.errors import OutputError
+
+MARKER = ".epas_output.json"
+"""Written into every folder we create: who wrote it and what it is (``kind``)."""
+_TMP = ".tmp-"
+_OLD = ".old-"
+
+
+def read_marker(folder: Path) -> dict | None:
+    """The marker of a folder we wrote, or ``None``."""
+    try:
+        record = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("created_by") == "epas_lightning" else None
+
+
+def write_marker(folder: Path, kind: str) -> None:
+    record = {"created_by": "epas_lightning", "kind": kind, "pid": os.getpid(), "host": socket.gethostname()}
+    (folder / MARKER).write_text(json.dumps(record) + "\n")
+
+
+def check_apart(output: Path, inputs: Iterable[str | Path], flag: str = "--output") -> None:
+    """Refuse an output that is an input, contains one, or lies inside one."""
+    out = Path(output).expanduser().resolve()
+    for raw in inputs:
+        source = Path(raw).expanduser().resolve()
+        if out == source or source.is_relative_to(out) or out.is_relative_to(source):
+            relation = "is" if out == source else ("contains" if source.is_relative_to(out) else "lies inside")
+            raise OutputError(
+                f"the output {relation} the input {source}", f"{flag} {out}", "choose an output folder apart from it"
+            )
+
+
+def _owned_by_dead_process(folder: Path) -> bool:
+    record = read_marker(folder)
+    if record is None or record.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(record["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, KeyError, TypeError):
+        return False
+    return False
+
+
+def remove_stale_builds(target: Path) -> list[Path]:
+    """Clean up after killed runs of ours beside ``target``; return the folders removed.
+
+    Their half-built folders are deleted. A previous output moved aside for a replacement that never finished is put
+    back when the target is missing, else deleted.
+    """
+    removed = []
+    for stale in sorted(target.parent.glob(f".{target.name}{_TMP}*")):
+        if stale.is_dir() and _owned_by_dead_process(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale)
+    for old in sorted(target.parent.glob(f".{target.name}{_OLD}*")):
+        if not (old.is_dir() and _owned_by_dead_process(old)):
+            continue
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old)
+        else:
+            os.replace(old, target)
+    return removed
+
+
+def check_replaceable(target: Path, kind: str, overwrite: bool, flag: str = "--output") -> None:
+    """Fail unless ``target`` may be written: absent, or (with ``overwrite``) a folder we wrote as ``kind``."""
+    if not target.exists() and not target.is_symlink():
+        return
+    if not overwrite:
+        raise OutputError("the output already exists", f"{flag} {target}", "choose a new folder or pass --overwrite")
+    record = read_marker(target) if target.is_dir() and not target.is_symlink() else None
+    if record is None or record.get("kind") != kind:
+        what = "a folder this project did not write" if record is None else f"a {record.get('kind')} folder"
+        raise OutputError(
+            f"--overwrite replaces only a {kind} folder written by epas_lightning, and this is {what}",
+            f"{flag} {target}",
+            "choose a new folder, or move it away yourself",
+        )
+
+
+@contextlib.contextmanager
+def output_folder(
+    target: str | Path,
+    kind: str,
+    overwrite: bool = False,
+    inputs: Iterable[str | Path] = (),
+    flag: str = "--output",
+) -> Iterator[Path]:
+    """Build the folder ``target`` atomically: yield a temporary folder beside it, rename it into place on success.
+
+    On an exception the temporary folder is removed and ``target`` is left as it was.
+    """
+    target = Path(target).expanduser().absolute()
+    check_apart(target, inputs, flag)
+    check_replaceable(target, kind, overwrite, flag)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(target)
+    build = target.parent / f".{target.name}{_TMP}{uuid.uuid4().hex[:8]}"
+    build.mkdir()
+    write_marker(build, kind)
+    try:
+        yield build
+        replace_folder(build, target)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+
+
+def replace_folder(build: Path, target: Path) -> None:
+    """Move ``build`` to ``target``; an existing ``target`` (already checked as ours) is moved aside, then deleted."""
+    if not target.exists():
+        os.replace(build, target)
+        return
+    old = target.parent / f".{target.name}{_OLD}{uuid.uuid4().hex[:8]}"
+    os.replace(target, old)
+    write_marker(old, read_marker(old)["kind"])  # this process's now: restored by the next run if it dies here
+    os.replace(build, target)
+    shutil.rmtree(old, ignore_errors=True)

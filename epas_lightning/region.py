@@ -1,0 +1,102 @@
+"""The trained sharing region as a record: which layers a checkpoint trained to share, in the order they joined.
+
+"N sharing layers" always means the first N layers of that growth order: with the paper's deep-first growth of
+``[7, 6, 5, 4]``, N = 2 is layers 7 and 6; with shallow-first growth of ``[1, 2, 3]``, N = 1 is layer 1. Every
+consumer of a checkpoint (generate, bench, evaluate, export, the lm-eval adapter) resolves N through
+:meth:`TrainedRegion.first`, which refuses a region the weights never trained unless forced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from epas_lightning.errors import ConfigError
+from epas_lightning.schedule import GROWTH_ORDERS, GrowthOrder, check_order
+
+
+@dataclass(frozen=True)
+class TrainedRegion:
+    """The layers that shared when a checkpoint was written, in growth order, and the order itself."""
+
+    n_layer: int
+    layers: tuple[int, ...] = ()
+    """The trained region in the order its layers started sharing."""
+    order: GrowthOrder = "deep_first"
+    """``deep_first`` (the paper) or ``shallow_first``; decides how a forced region continues past the trained one."""
+
+    def __post_init__(self) -> None:
+        check_order(self.order)
+        if any(not 1 <= i < self.n_layer for i in self.layers) or len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"Invalid trained region {list(self.layers)} for a {self.n_layer}-layer model.")
+
+    @property
+    def size(self) -> int:
+        return len(self.layers)
+
+    def growth_order(self) -> list[int]:
+        """Every layer that can share, trained ones first, then the untrained ones in the same direction."""
+        rest = [i for i in self._direction() if i not in self.layers]
+        return [*self.layers, *rest]
+
+    def _direction(self) -> range:
+        if self.order == "deep_first":
+            start = min(self.layers, default=self.n_layer) - 1
+            return range(start, 0, -1)
+        start = max(self.layers, default=0) + 1
+        return range(start, self.n_layer)
+
+    def first(self, n: int, force: bool = False, flag: str = "--sharing-layers") -> list[int]:
+        """The layers that share with a region of ``n`` layers: the first ``n`` of the growth order, ascending.
+
+        More than the trained region is refused unless ``force`` (its extra layers never learned to work without their
+        own Q/K, so quality drops sharply).
+        """
+        limit = len(self.growth_order())
+        if not 0 <= n <= limit:
+            raise ConfigError(
+                f"A {self.n_layer}-layer model can share 0..{limit} layers, not {n}", flag, f"choose 0..{self.size}"
+            )
+        if n > self.size and not force:
+            raise ConfigError(
+                f"this checkpoint was trained with at most {self.size} sharing layers ({self.describe()}); "
+                f"{n} were asked for",
+                flag,
+                f"choose 0..{self.size}, or pass --force to measure a region it never trained",
+            )
+        return sorted(self.growth_order()[:n])
+
+    def describe(self) -> str:
+        if not self.layers:
+            return "dense, no sharing layers"
+        return f"layers {list(self.layers)}, {self.order.replace('_', '-')}"
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain types for checkpoints and JSON (``weights_only``-loadable)."""
+        return {"layers": list(self.layers), "order": self.order}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], n_layer: int) -> TrainedRegion:
+        order = record.get("order", "deep_first")
+        if order not in GROWTH_ORDERS:
+            raise ConfigError(f"Unknown growth order {order!r} in the recorded sharing region.")
+        return cls(n_layer, tuple(int(i) for i in record.get("layers", ())), order)
+
+    @classmethod
+    def from_shared(cls, shared: Iterable[int], n_layer: int, order: GrowthOrder | None = None) -> TrainedRegion:
+        """The region of a checkpoint that records only which layers share (written before the region record).
+
+        Without a known order, a region that holds the last layer is taken as deep-first (the paper, and every
+        schedule before ``shallow_first`` existed), else as shallow-first.
+        """
+        layers = sorted(set(shared))
+        if order is None:
+            order = "deep_first" if not layers or layers[-1] == n_layer - 1 else "shallow_first"
+        return cls(n_layer, tuple(reversed(layers)) if order == "deep_first" else tuple(layers), order)
+
+
+def region_in_growth_order(target_layers: Sequence[int], shared: Iterable[int]) -> tuple[int, ...]:
+    """The currently shared layers listed in the order a schedule's target adds them."""
+    shared = set(shared)
+    return tuple(i for i in target_layers if i in shared)

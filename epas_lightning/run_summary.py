@@ -1,0 +1,137 @@
+"""What a run reports about itself: the model summary with its real FLOPs, and ``RunSummary`` at the end of ``fit``.
+
+``RunSummary`` says where the checkpoints and logs are, the final validation loss and perplexity, the median training
+throughput, the sharing region reached and when, the wall time, and the next commands with the run's real paths.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
+
+from epas_lightning.callbacks import ProgressiveSharing
+from epas_lightning.flops import estimate_flops, flop_cut
+
+WARMUP_BATCHES = 2
+"""Batches left out of the throughput median (allocator warm-up, compilation)."""
+
+
+class RunSummary(Callback):
+    """Prints a summary of the run when ``fit`` ends (rank zero only)."""
+
+    def __init__(self) -> None:
+        self._fit_start = 0.0
+        self._batch_start = 0.0
+        self._rates: list[float] = []
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+        self._rates = []
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        seconds = time.perf_counter() - self._batch_start
+        tokens = batch.shape[0] * (batch.shape[1] - 1) * trainer.world_size
+        if seconds > 0:
+            self._rates.append(tokens / seconds)
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        print(self.summary(trainer, pl_module), file=sys.stdout, flush=True)
+
+    def summary(self, trainer: Trainer, pl_module: LightningModule) -> str:
+        lines = [f"Run finished: {trainer.global_step} optimizer steps in {_duration(self._fit_start)}."]
+        checkpoint = _last_checkpoint(trainer)
+        if checkpoint:
+            lines.append(f"  checkpoints  {Path(checkpoint).parent}  (last: {Path(checkpoint).name})")
+        if trainer.log_dir:
+            lines.append(f"  logs         {trainer.log_dir}  (tensorboard --logdir {trainer.log_dir})")
+        loss = trainer.callback_metrics.get("val/loss")
+        if loss is not None:
+            loss = float(loss)
+            lines.append(f"  val loss     {loss:.4f} (perplexity {math.exp(loss):.1f}) at the last validation")
+        rates = self._rates[WARMUP_BATCHES:] or self._rates
+        if rates:
+            lines.append(f"  throughput   {statistics.median(rates):,.0f} tokens/s (median over {len(rates)} batches)")
+        lines.append(f"  sharing      {_region_line(trainer, pl_module)}")
+        if checkpoint:
+            lines += [
+                "next:",
+                f"  python -m epas_lightning generate --checkpoint {checkpoint} --prompt 'def main('",
+                f"  python -m epas_lightning bench --checkpoint {checkpoint}",
+                f"  python -m epas_lightning evaluate --checkpoint {checkpoint} --sharing-layers all",
+                f"  python -m epas_lightning export --checkpoint {checkpoint} --output hf-export",
+                "  resume: the same command with --ckpt_path last",
+            ]
+        return "\n".join(lines)
+
+
+def _duration(start: float) -> str:
+    seconds = time.perf_counter() - start
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _last_checkpoint(trainer: Trainer) -> str | None:
+    from epas_lightning.divergence import last_checkpoint
+
+    return last_checkpoint(trainer)
+
+
+def _region_line(trainer: Trainer, pl_module: LightningModule) -> str:
+    shared = pl_module.model.sharing.shared_layers
+    n_layer = pl_module.config.n_layer
+    sharing = next((c for c in trainer.callbacks if isinstance(c, ProgressiveSharing)), None)
+    if not shared:
+        return f"dense: no layer shares (0/{n_layer})"
+    line = f"{len(shared)}/{n_layer} layers share {shared}"
+    if sharing is not None and sharing.schedule is not None:
+        full = len(sharing.schedule.target_layers)
+        if len(shared) == full:
+            when = f"step {sharing.reached_at}" if sharing.reached_at is not None else "before this run resumed"
+            line += f"; full region since {when}"
+        else:
+            line += f"; {full - len(shared)} more would join by step {sharing.schedule.final_step}"
+    return line
+
+
+class FlopsModelSummary(ModelSummary):
+    """Lightning's model summary, with the analytic training FLOPs of the model in place of the measured forward FLOPs
+    (Lightning measures them only with an ``example_input_array``, and prints 0 without one)."""
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._max_depth:
+            return
+        summary = self._summary(trainer, pl_module)
+        config = pl_module.config
+        dense = estimate_flops(config, 0, config.block_size)
+        data = [
+            (name, [get_human_readable_count(int(dense)) if row == "model" else "-" for row in summary.layer_names])
+            if name == "FLOPs"
+            else (name, values)
+            for name, values in summary._get_summary_data()
+        ]
+        if not trainer.is_global_zero:
+            return
+        summarize = RichModelSummary.summarize if _RICH_AVAILABLE else ModelSummary.summarize
+        args = (summary.total_parameters, summary.trainable_parameters, summary.model_size)
+        summarize(data, *args, summary.total_training_modes, total_flops=int(dense), **self._summarize_kwargs)
+        sharing = next((c for c in trainer.callbacks if isinstance(c, ProgressiveSharing)), None)
+        line = f"FLOPs: training FLOPs per sequence of {config.block_size} tokens, dense"
+        if sharing is not None and sharing.enabled and sharing.schedule is not None:
+            n = len(sharing.schedule.target_layers)
+            line += f"; {flop_cut(config, n, config.block_size):.1%} fewer once {n} layers share"
+        rank_zero_info(line + ".")

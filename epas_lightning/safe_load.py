@@ -1,0 +1,155 @@
+"""Reading checkpoints without running code from them.
+
+A checkpoint is a file a user hands us, possibly from someone else. Pickles are only ever read by a restricted
+unpickler: ``torch.load(weights_only=True)`` for ``.ckpt``/``.pt``/``.bin`` files, and :class:`SafeFileSystemReader`
+for the metadata of a torch distributed checkpoint (``.metadata``, a plain pickle that ``torch.distributed.checkpoint``
+would otherwise load with ``pickle.load``). Weights in safetensors need no unpickling at all.
+
+:func:`verify_checkpoint` checks a checkpoint this way before Lightning or torch.distributed.checkpoint open it, and
+:func:`load_sharded_checkpoint` is the resume path of a sharded (FSDP2) checkpoint directory with the safe reader.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+from epas_lightning.errors import CheckpointError
+
+DCP_METADATA = ".metadata"
+"""The pickle of a torch distributed checkpoint directory (tensor names, shapes, storage layout)."""
+LIGHTNING_METADATA = "meta.pt"
+"""What Lightning saves beside the shards: loops, callbacks, hyperparameters (a ``torch.save`` file)."""
+_DCP_METADATA_CLASSES = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles distributed-checkpoint metadata: its dataclasses, torch dtypes/sizes and paths, nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (
+            (module, name) in _DCP_METADATA_CLASSES
+            or module == "torch.distributed.checkpoint.metadata"
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+
+
+def read_dcp_metadata(data: bytes, where: object) -> Metadata:
+    """Distributed-checkpoint metadata from its pickle bytes, through the restricted unpickler."""
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+    except Exception as e:  # any failure of an untrusted pickle is the file's fault
+        raise CheckpointError(
+            f"unsafe or corrupt distributed-checkpoint metadata ({e})", where, "use a checkpoint written by fit"
+        ) from e
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError("not distributed-checkpoint metadata", where, "use a checkpoint written by fit")
+    return metadata
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """``FileSystemReader`` whose metadata is read by the restricted unpickler (tensors load ``weights_only``)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as stream:
+            metadata = read_dcp_metadata(stream.read(), path)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def load_torch_file(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load`` with ``weights_only=True``; an unsafe, corrupt or truncated file is a :class:`CheckpointError`."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and _is_zip(path))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, pickle.UnpicklingError):
+            reason = "it holds objects other than tensors and plain data, which we never unpickle"
+        raise CheckpointError(
+            f"cannot read this file safely ({reason})", path, "pass a checkpoint written by fit or consolidate"
+        ) from e
+
+
+def _is_zip(path: Path) -> bool:
+    return zipfile.is_zipfile(path)
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A torch distributed checkpoint directory (what FSDP2 training writes)."""
+    return path.is_dir() and (path / DCP_METADATA).is_file()
+
+
+def verify_checkpoint(path: str | Path, flag: str = "--ckpt_path") -> Path:
+    """Check that a checkpoint exists and reads safely before anything else opens it; return its path.
+
+    A file must load with ``weights_only=True``; a sharded directory must have metadata the restricted unpickler
+    accepts and a ``meta.pt`` that loads with ``weights_only=True``.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError("checkpoint does not exist", f"{flag} {path}", "check the path")
+    if path.is_file():
+        load_torch_file(path, mmap=True)
+        return path
+    if not is_sharded_checkpoint(path):
+        raise CheckpointError(
+            "not a checkpoint: a directory without distributed-checkpoint metadata",
+            f"{flag} {path}",
+            "pass a .ckpt file or a checkpoint directory written by fit with FSDP2",
+        )
+    read_dcp_metadata((path / DCP_METADATA).read_bytes(), path / DCP_METADATA)
+    if (path / LIGHTNING_METADATA).is_file():
+        load_torch_file(path / LIGHTNING_METADATA)
+    return path
+
+
+def load_sharded_checkpoint(
+    path: Path, module: torch.nn.Module, optimizers: list[torch.optim.Optimizer], strict: bool = True
+) -> dict[str, Any]:
+    """Load a sharded checkpoint directory into ``module`` (and ``optimizers``) on every rank; return the metadata.
+
+    The model and optimizer states go through ``torch.distributed.checkpoint`` with :class:`SafeFileSystemReader`;
+    the rest (``meta.pt``) loads with ``weights_only=True``. Optimizer states are returned as Lightning expects them
+    (``optimizer_states``), already loaded into the optimizers.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    module_state = {"state_dict": get_model_state_dict(module)}
+    dcp_load(module_state, storage_reader=SafeFileSystemReader(path))
+    module.load_state_dict(module_state["state_dict"], strict=strict)
+    for index, optimizer in enumerate(optimizers):
+        key = f"optimizer_{index}"
+        optimizer_state = {key: get_optimizer_state_dict(module, optimizer)}
+        dcp_load(optimizer_state, storage_reader=SafeFileSystemReader(path))
+        set_optimizer_state_dict(
+            module, optimizer, optim_state_dict=optimizer_state[key], options=StateDictOptions(cpu_offload=True)
+        )
+    return load_torch_file(path / LIGHTNING_METADATA) if (path / LIGHTNING_METADATA).is_file() else {}
