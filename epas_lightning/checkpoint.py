@@ -199,6 +199,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     )
 
 
+def recorded_config(path: str | Path, flag: str = "--checkpoint") -> LlamaConfig:
+    """The model config a checkpoint records, read without loading its weights (checked to load safely)."""
+    path = Path(path).expanduser()
+    if path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+        try:
+            metadata = {"model_config": json.loads((path / CONFIG_FILE).read_text()).get("model")}
+        except (OSError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"unreadable {CONFIG_FILE} ({e})", path / CONFIG_FILE) from e
+        return _model_config(metadata, path)
+    path = verify_checkpoint(path, flag)
+    if path.is_file():
+        metadata = load_torch_file(path, mmap=True)
+    else:
+        metadata = load_torch_file(path / LIGHTNING_METADATA) if (path / LIGHTNING_METADATA).is_file() else {}
+    return _model_config(metadata if isinstance(metadata, dict) else {}, path)
+
+
 def load_consolidated(path: str | Path, device: str | torch.device = "cpu") -> Llama:
     """The ``Llama`` saved by :func:`consolidate`, with its trained sharing region switched on."""
     return load_model(path, device).model

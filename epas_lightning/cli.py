@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import os
 import sys
 import traceback
 from argparse import ArgumentError
@@ -22,7 +21,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, get_args, get_origin, get_type_hints
 
 from epas_lightning.errors import (
-    DEBUG_ENV,
     EXIT_DIVERGED,
     EXIT_USER_ERROR,
     ConfigError,
@@ -174,11 +172,9 @@ def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _pop_debug(argv: list[str]) -> list[str]:
-    if "--debug" in argv:
-        os.environ[DEBUG_ENV] = "1"
-        argv = [a for a in argv if a != "--debug"]
-    return argv
+def _pop_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` without ``--debug``, and whether tracebacks of user errors are wanted."""
+    return [a for a in argv if a != "--debug"], "--debug" in argv or debug_enabled()
 
 
 def _show_package_logs() -> None:
@@ -225,14 +221,14 @@ def main(args: Sequence[str] | None = None) -> int:
     status: 0 on success, 2 for a user error, 3 for a diverged training run."""
     from epas_lightning.divergence import TrainingDiverged
 
-    argv = _pop_debug(list(sys.argv[1:] if args is None else args))
+    argv, debug = _pop_debug(list(sys.argv[1:] if args is None else args))
     _show_package_logs()
     try:
         return dispatch(argv)
     except SystemExit as e:  # --help, --print_config
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USER_ERROR)
     except (UserError, TrainingDiverged) as e:
-        if debug_enabled():
+        if debug:
             traceback.print_exc()
         print(error_line(e), file=sys.stderr)
         return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_USER_ERROR

@@ -59,7 +59,7 @@ class DivergenceGuard(Callback):
         self.check_weights = check_weights
         self.skipped = 0
         self._loss_finite: torch.Tensor | None = None
-        self._bad_loss_step = False
+        self._saved_at: int | None = None
 
     # ------------------------------------------------------------------------------------------------ the checks
 
@@ -108,12 +108,14 @@ class DivergenceGuard(Callback):
             raise TrainingDiverged(
                 self._message(trainer, f"non-finite weights at step {trainer.global_step}; no checkpoint written")
             )
+        self._saved_at = trainer.global_step
 
     # ------------------------------------------------------------------------------------------------ reporting
 
     def _message(self, trainer: Trainer, what: str) -> str:
         last = last_checkpoint(trainer)
-        where = f"last good checkpoint: {last}" if last else "no checkpoint was written before it"
+        written = f" (written after step {self._saved_at})" if self._saved_at is not None else ""
+        where = f"last good checkpoint: {last}{written}" if last else "no checkpoint was written before it"
         resume = f"then resume with --ckpt_path {last}" if last else "then train again"
         return (
             f"training diverged: {what} — {where} — lower the learning rate (model.optimizer), lengthen the warmup or "

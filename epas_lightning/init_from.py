@@ -40,22 +40,13 @@ def check_init_source(path: str | Path, config: LlamaConfig) -> None:
     if is_hf_dir(path):
         check_compatible(config, read_hf_config(path), source=f"init_from {path}")
     else:
-        from epas_lightning.safe_load import verify_checkpoint
+        from epas_lightning.checkpoint import recorded_config
 
-        if not (path / "model.safetensors").is_file():  # a consolidated dir holds no pickle to check
-            verify_checkpoint(path, "model.init_from")
+        check_same_architecture(config, recorded_config(path, "model.init_from"), path)
 
 
-def read_init_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Tensor]:
-    """The full (unsharded) ``Llama`` parameters stored at ``path``, converted and checked for ``config``."""
-    path = Path(path).expanduser()
-    check_init_source(path, config)
-    if is_hf_dir(path):
-        return load_hf_state(path, config)
-    from epas_lightning.checkpoint import load_model  # our own .ckpt / FSDP2 dir / consolidated dir
-
-    loaded = load_model(path).model
-    theirs = loaded.config
+def check_same_architecture(config: LlamaConfig, theirs: LlamaConfig, path: Path) -> None:
+    """Fail, naming every differing field, unless ``theirs`` (one of our checkpoints) holds the same function."""
     diffs = [
         f"{name}: model {getattr(config, name)!r} vs checkpoint {getattr(theirs, name)!r}"
         for name in (*COMPARED_FIELDS, "padded_vocab_size", "sharing_mode")
@@ -67,6 +58,18 @@ def read_init_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Te
             f"model.init_from {path}",
             "set those model.config fields to the checkpoint's values",
         )
+
+
+def read_init_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """The full (unsharded) ``Llama`` parameters stored at ``path``, converted and checked for ``config``."""
+    path = Path(path).expanduser()
+    check_init_source(path, config)
+    if is_hf_dir(path):
+        return load_hf_state(path, config)
+    from epas_lightning.checkpoint import load_model  # our own .ckpt / FSDP2 dir / consolidated dir
+
+    loaded = load_model(path).model
+    check_same_architecture(config, loaded.config, path)
     return {k: v for k, v in loaded.state_dict().items() if k not in NOT_LOADED}
 
 

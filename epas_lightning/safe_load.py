@@ -79,8 +79,9 @@ class SafeFileSystemReader(FileSystemReader):
         return metadata
 
 
-def load_torch_file(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
-    """``torch.load`` with ``weights_only=True``; an unsafe, corrupt or truncated file is a :class:`CheckpointError`."""
+def load_torch_file(path: str | Path, map_location: Any = "cpu", mmap: bool = False, where: str | None = None) -> Any:
+    """``torch.load`` with ``weights_only=True``; an unsafe, corrupt or truncated file is a :class:`CheckpointError`
+    (``where`` names it in the message; default: the path)."""
     path = Path(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and _is_zip(path))
@@ -89,7 +90,7 @@ def load_torch_file(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
         if isinstance(e, pickle.UnpicklingError):
             reason = "it holds objects other than tensors and plain data, which we never unpickle"
         raise CheckpointError(
-            f"cannot read this file safely ({reason})", path, "pass a checkpoint written by fit or consolidate"
+            f"cannot read this file safely ({reason})", where or path, "pass a checkpoint written by fit or consolidate"
         ) from e
 
 
@@ -112,7 +113,7 @@ def verify_checkpoint(path: str | Path, flag: str = "--ckpt_path") -> Path:
     if not path.exists():
         raise CheckpointError("checkpoint does not exist", f"{flag} {path}", "check the path")
     if path.is_file():
-        load_torch_file(path, mmap=True)
+        load_torch_file(path, mmap=True, where=f"{flag} {path}")
         return path
     if not is_sharded_checkpoint(path):
         raise CheckpointError(
@@ -120,9 +121,9 @@ def verify_checkpoint(path: str | Path, flag: str = "--ckpt_path") -> Path:
             f"{flag} {path}",
             "pass a .ckpt file or a checkpoint directory written by fit with FSDP2",
         )
-    read_dcp_metadata((path / DCP_METADATA).read_bytes(), path / DCP_METADATA)
+    read_dcp_metadata((path / DCP_METADATA).read_bytes(), f"{flag} {path}")
     if (path / LIGHTNING_METADATA).is_file():
-        load_torch_file(path / LIGHTNING_METADATA)
+        load_torch_file(path / LIGHTNING_METADATA, where=f"{flag} {path}")
     return path
 
 
@@ -142,8 +143,10 @@ def load_sharded_checkpoint(
         set_optimizer_state_dict,
     )
 
+    reader = SafeFileSystemReader(path)
+    reader.read_metadata()  # refuse unsafe metadata before anything else happens
     module_state = {"state_dict": get_model_state_dict(module)}
-    dcp_load(module_state, storage_reader=SafeFileSystemReader(path))
+    dcp_load(module_state, storage_reader=reader)
     module.load_state_dict(module_state["state_dict"], strict=strict)
     for index, optimizer in enumerate(optimizers):
         key = f"optimizer_{index}"

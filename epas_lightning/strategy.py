@@ -53,4 +53,5 @@ class FSDP2Strategy(ModelParallelStrategy):
         path = Path(self.broadcast(checkpoint_path))
         if not is_sharded_checkpoint(path):
             return super().load_checkpoint(path, weights_only=True)
-        return load_sharded_checkpoint(path, self.model, self.optimizers, strict=self.lightning_module.strict_loading)
+        strict = getattr(self.lightning_module, "strict_loading", True)
+        return load_sharded_checkpoint(path, self.model, self.optimizers, strict=strict)

@@ -98,6 +98,7 @@ def test_sharded_resume_mid_growth_and_consolidate(tiny_corpus, tmp_path):
         "-m",
         "epas_lightning",
         "consolidate",
+        "--checkpoint",
         str(ckpt / "epoch=0-step=6.ckpt"),
         "--output",
         str(out),

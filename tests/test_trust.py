@@ -1,0 +1,470 @@
+"""What is safe (README "What is safe"): untrusted files run no code, a diverging run stops, nothing the user owns is
+deleted or replaced, and user errors are one line. Each guarantee has a test here."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import cpu_trainer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from model_dirs import save_consolidated
+
+from epas_lightning import (
+    DivergenceGuard,
+    EPASModule,
+    Llama,
+    LlamaConfig,
+    TokenDataModule,
+    TrainingDiverged,
+    WarmupCosineLR,
+)
+from epas_lightning.checkpoint import consolidate
+from epas_lightning.cli import main
+from epas_lightning.data.prepare import prepare_dataset
+from epas_lightning.errors import CheckpointError, OutputError
+from epas_lightning.outputs import MARKER, output_folder, remove_stale_builds
+
+REPO = Path(__file__).resolve().parents[1]
+DEBUG = str(REPO / "configs" / "debug.yaml")
+VOCAB = 512
+
+
+class Evil:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):  # noqa: ANN204
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def evil(tmp_path: Path) -> SimpleNamespace:
+    """A malicious .ckpt file, sharded checkpoint folder and HF folder; each would create ``marker`` if unpickled."""
+    marker = tmp_path / "PWNED"
+    file = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "model_config": {}, "payload": Evil(marker)}, file)
+    sharded = tmp_path / "evil_sharded"
+    sharded.mkdir()
+    (sharded / ".metadata").write_bytes(pickle.dumps(Evil(marker)))
+    torch.save({"epoch": 0}, sharded / "meta.pt")
+    hf = tmp_path / "evil_hf"
+    hf.mkdir()
+    config = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
+    config |= {"num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": VOCAB, "max_position_embeddings": 32}
+    (hf / "config.json").write_text(json.dumps(config))
+    torch.save({"model.embed_tokens.weight": Evil(marker)}, hf / "pytorch_model.bin")
+    # the files are really malicious: a plain unpickler runs them
+    torch.load(file, weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    return SimpleNamespace(marker=marker, file=file, sharded=sharded, hf=hf)
+
+
+def one_line_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# No code runs from a file a user hands us
+# ---------------------------------------------------------------------------------------------------------------------
+
+TOOL_ARGS = {
+    "generate": ["--prompt", "x"],
+    "bench": [],
+    "evaluate": ["--data", "."],
+    "export": ["--output", "{tmp}/out"],
+    "consolidate": ["--output", "{tmp}/out"],
+    "analyze": ["--data", "."],
+}
+
+
+@pytest.mark.parametrize("form", ["file", "sharded"])
+@pytest.mark.parametrize("command", sorted(TOOL_ARGS))
+def test_tools_refuse_malicious_checkpoints(command, form, evil, tmp_path, capsys):
+    path = evil.file if form == "file" else evil.sharded
+    extra = [a.format(tmp=tmp_path) for a in TOOL_ARGS[command]]
+    err = one_line_error(capsys, [command, "--checkpoint", str(path), *extra])
+    assert str(path) in err
+    assert not evil.marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("form", ["file", "sharded"])
+@pytest.mark.parametrize("command", ["fit", "validate", "test"])
+def test_lightning_commands_refuse_malicious_checkpoints(command, form, evil, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    path = evil.file if form == "file" else evil.sharded
+    err = one_line_error(capsys, [command, "--config", DEBUG, "--ckpt_path", str(path)])
+    assert "--ckpt_path" in err and not evil.marker.exists()
+
+
+def test_init_from_refuses_malicious_checkpoints_and_hf_weights(evil, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    for path in (evil.file, evil.sharded):
+        err = one_line_error(capsys, ["fit", "--config", DEBUG, "--model.init_from", str(path)])
+        assert "model.init_from" in err
+    from epas_lightning.hf.convert import read_hf_weights
+
+    with pytest.raises(CheckpointError, match="never unpickle"):
+        read_hf_weights(evil.hf)
+    assert not evil.marker.exists()
+
+
+def test_fsdp2_resume_reads_sharded_metadata_safely(evil):
+    """The resume path Lightning takes for a sharded folder goes through the restricted unpickler."""
+    from epas_lightning.strategy import FSDP2Strategy
+
+    with pytest.raises(CheckpointError, match="unsafe or corrupt distributed-checkpoint metadata"):
+        FSDP2Strategy().load_checkpoint(evil.sharded)
+    assert not evil.marker.exists()
+
+
+def test_lm_eval_adapter_refuses_malicious_checkpoints(evil):
+    from epas_lightning.evaluation.lm_eval_adapter import EPASLM
+
+    with pytest.raises(CheckpointError):
+        EPASLM(str(evil.file))
+    assert not evil.marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A diverging run stops
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run_cli(args: list[str], cwd: Path, cache_dir: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "EPAS_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "epas_lightning", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def finite_weights(path: Path) -> bool:
+    state = torch.load(path, weights_only=True)["state_dict"]
+    return all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+@pytest.mark.slow
+def test_a_diverging_fit_stops_with_one_line_and_writes_no_bad_checkpoint(tiny_corpus, tmp_path):
+    args = ["fit", "--config", DEBUG, "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "1e6"]
+    args += ["--trainer.max_steps", "20", "--checkpoint.every_n_train_steps", "2", "--checkpoint.save_top_k", "-1"]
+    result = run_cli(args, tmp_path, tiny_corpus.parent)
+    assert result.returncode == 3, result.stderr[-3000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: training diverged: non-finite") and "at step " in last_line, last_line
+    assert "last good checkpoint: runs/debug/version_0/checkpoints/" in last_line and "--ckpt_path" in last_line
+    step = int(last_line.split("at step ")[1].split()[0])
+    checkpoints = sorted((tmp_path / "runs" / "debug" / "version_0" / "checkpoints").glob("*.ckpt"))
+    assert checkpoints and all(finite_weights(p) for p in checkpoints)
+    assert all(torch.load(p, weights_only=True)["global_step"] <= step for p in checkpoints)
+
+
+class NaNLossAt(EPASModule):
+    """EPASModule whose loss is NaN at the given optimizer steps."""
+
+    def __init__(self, config: LlamaConfig, bad_steps: set[int]) -> None:
+        super().__init__(config)
+        self.bad_steps = bad_steps
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.trainer.global_step in self.bad_steps else loss
+
+
+class WeightTrace(Callback):
+    def __init__(self) -> None:
+        self.before: dict[int, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        self.before[trainer.global_step] = pl_module.model.layers[0].mlp.up_proj.weight.detach().clone()
+
+
+def guarded_fit(tiny_corpus: Path, root: Path, bad_steps: set[int], guard: DivergenceGuard, steps: int = 6):
+    torch.manual_seed(0)
+    module = NaNLossAt(LlamaConfig.from_name("debug", block_size=32), bad_steps)
+    trace = WeightTrace()
+    checkpoint = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_top_k=-1, save_last=True)
+    trainer = cpu_trainer(root, steps, [guard, trace, checkpoint])
+    data = TokenDataModule(str(tiny_corpus), seq_len=32, batch_size=2, vocab_size=VOCAB)
+    return module, trace, trainer, data
+
+
+def all_finite(module: EPASModule) -> bool:
+    return all(torch.isfinite(p).all() for p in module.model.parameters())
+
+
+def test_guard_stops_before_the_bad_update(tiny_corpus, tmp_path):
+    module, _, trainer, data = guarded_fit(tiny_corpus, tmp_path, {3}, DivergenceGuard())
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss at step 3 — last good checkpoint: .*ckpt"):
+        trainer.fit(module, data)
+    assert all_finite(module) and trainer.global_step == 3
+    saved = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    assert {torch.load(p, weights_only=True)["global_step"] for p in saved} == {1, 2, 3}
+    assert all(finite_weights(p) for p in saved)
+
+
+def test_guard_skips_bad_steps_up_to_max_skips(tiny_corpus, tmp_path):
+    module, trace, trainer, data = guarded_fit(tiny_corpus, tmp_path / "a", {2, 4}, DivergenceGuard("skip", 2))
+    trainer.fit(module, data)
+    assert trainer.global_step == 6 and all_finite(module)
+    assert torch.equal(trace.before[2], trace.before[3]) and not torch.equal(trace.before[1], trace.before[2])
+    module, _, trainer, data = guarded_fit(tiny_corpus, tmp_path / "b", {1, 2, 3}, DivergenceGuard("skip", 2))
+    with pytest.raises(TrainingDiverged, match="at step 3"):
+        trainer.fit(module, data)
+
+
+def test_without_the_guard_nan_reaches_the_weights(tiny_corpus, tmp_path):
+    """What the guard prevents: with it off, one NaN step poisons the model (and every later checkpoint)."""
+    module, _, trainer, data = guarded_fit(tiny_corpus, tmp_path, {2}, DivergenceGuard("off"), steps=3)
+    trainer.fit(module, data)
+    assert not all_finite(module)
+
+
+def test_no_checkpoint_with_non_finite_weights_is_written(tiny_corpus, tmp_path):
+    module, _, trainer, data = guarded_fit(tiny_corpus, tmp_path, set(), DivergenceGuard(), steps=1)
+    trainer.fit(module, data)
+    with torch.no_grad():
+        module.model.norm.weight[0] = float("inf")
+    with pytest.raises(TrainingDiverged, match="non-finite weights"):
+        trainer.save_checkpoint(tmp_path / "bad.ckpt")
+    assert not (tmp_path / "bad.ckpt").exists()
+
+
+def test_guard_settings_come_from_yaml(tmp_path):
+    from epas_lightning.lightning_cli import lightning_cli
+
+    config = tmp_path / "guard.yaml"
+    config.write_text("divergence:\n  action: skip\n  max_skips: 3\n")
+    cli = lightning_cli(["--config", DEBUG, "--config", str(config), "--trainer.logger", "false"], run=False)
+    (guard,) = [c for c in cli.trainer.callbacks if isinstance(c, DivergenceGuard)]
+    assert (guard.action, guard.max_skips) == ("skip", 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Nothing the user owns is deleted or replaced; writers are atomic
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("src") / "corpus"
+    root.mkdir()
+    for i in range(6):
+        (root / f"doc{i}.txt").write_text(f"document {i}: " + "some words here " * 50)
+    return root
+
+
+def prepare(corpus: Path, output: Path, **kwargs) -> Path:
+    return prepare_dataset(corpus, output, train_tokenizer=True, vocab_size=300, num_workers=1, **kwargs)
+
+
+def test_overwrite_never_replaces_a_folder_we_did_not_write(text_corpus, tmp_path):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    with pytest.raises(OutputError, match="already exists"):
+        prepare(text_corpus, user)
+    with pytest.raises(OutputError, match="replaces only a dataset folder written by epas_lightning"):
+        prepare(text_corpus, user, overwrite=True)
+    assert (user / "thesis.tex").read_text() == "years of work"
+
+
+def test_output_may_not_contain_or_lie_inside_an_input(text_corpus, tmp_path):
+    with pytest.raises(OutputError, match="contains the input"):
+        prepare(text_corpus, text_corpus.parent, overwrite=True)
+    with pytest.raises(OutputError, match="lies inside the input"):
+        prepare(text_corpus, text_corpus / "data")
+    assert sorted(p.name for p in text_corpus.iterdir()) == [f"doc{i}.txt" for i in range(6)]
+
+
+def test_overwrite_replaces_our_own_dataset_completely(text_corpus, tmp_path):
+    out = prepare(text_corpus, tmp_path / "data")
+    (out / "stale.bin").write_bytes(b"left over")
+    again = prepare(text_corpus, out, overwrite=True)
+    assert again == out and not (out / "stale.bin").exists() and (out / "meta.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no temporary folder left beside it
+
+
+def test_builds_left_by_killed_runs_are_cleaned_by_the_next(tmp_path):
+    target = tmp_path / "data"
+    dead = tmp_path / ".data.tmp-deadbeef"
+    dead.mkdir()
+    record = {"created_by": "epas_lightning", "kind": "dataset", "pid": 2**22 + 12345, "host": os.uname().nodename}
+    (dead / MARKER).write_text(json.dumps(record))
+    alive = tmp_path / ".data.tmp-cafecafe"
+    alive.mkdir()
+    (alive / MARKER).write_text(json.dumps(record | {"pid": os.getpid()}))
+    foreign = tmp_path / ".data.tmp-notours"
+    foreign.mkdir()
+    assert remove_stale_builds(target) == [dead]
+    assert alive.exists() and foreign.exists()
+
+
+def test_a_failed_build_leaves_nothing_and_the_old_output_intact(tmp_path):
+    with output_folder(tmp_path / "out", "bench") as build:
+        (build / "a.txt").write_text("first")
+    with pytest.raises(RuntimeError), output_folder(tmp_path / "out", "bench", overwrite=True) as build:
+        (build / "b.txt").write_text("half")
+        raise RuntimeError("killed")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MARKER, "a.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path: Path, tiny_corpus: Path) -> Path:
+    torch.manual_seed(0)
+    config = LlamaConfig(n_layer=4, n_embd=64, n_head=4, n_kv_head=2, vocab_size=VOCAB, block_size=32)
+    model = Llama(config)
+    model.set_shared_layers([3])
+    return save_consolidated(model, tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
+
+
+def test_export_is_atomic_and_a_reexport_leaves_no_stale_file(small_checkpoint, tmp_path, capsys, monkeypatch):
+    from epas_lightning.hf import export as export_module
+
+    out = tmp_path / "hf"
+    base = ["export", "--checkpoint", str(small_checkpoint), "--output", str(out)]
+    real = export_module.export_tokenizer
+    monkeypatch.setattr(export_module, "export_tokenizer", lambda *a: (_ for _ in ()).throw(RuntimeError("disk full")))
+    with pytest.raises(RuntimeError, match="disk full"):
+        main(base)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # nothing half-written that looks loadable
+    monkeypatch.setattr(export_module, "export_tokenizer", real)
+    assert main(base) == 0 and (out / "modeling_epas_llama.py").is_file()
+    capsys.readouterr()
+    assert main([*base, "--sharing-layers", "0"]) == 2  # exists: refuse without --overwrite
+    assert main([*base, "--sharing-layers", "0", "--overwrite"]) == 0
+    assert "stock LlamaForCausalLM" in capsys.readouterr().out
+    assert not (out / "modeling_epas_llama.py").exists() and not (out / "configuration_epas_llama.py").exists()
+    user = tmp_path / "user"
+    user.mkdir()
+    err = one_line_error(
+        capsys, ["export", "--checkpoint", str(small_checkpoint), "--output", str(user), "--overwrite"]
+    )
+    assert "replaces only a hf-export folder" in err
+
+
+def test_consolidate_copies_only_a_real_tokenizer(tmp_path, tiny_corpus):
+    secret = tmp_path / "id_rsa"
+    secret.write_text("-----BEGIN PRIVATE KEY-----")
+    config = LlamaConfig(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, block_size=32)
+    state = {f"model.{k}": v for k, v in Llama(config).state_dict().items()}
+
+    def checkpoint(name: str, tokenizer: Path) -> Path:
+        path = tmp_path / name
+        record = {"path": str(tokenizer), "bos_id": 0, "eos_id": 1}
+        torch.save({"state_dict": state, "model_config": config.to_dict(), "tokenizer": record}, path)
+        return path
+
+    out = consolidate(checkpoint("a.ckpt", secret), tmp_path / "a")
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "config.json", "model.safetensors"]
+    assert "tokenizer" not in json.loads((out / "config.json").read_text())
+    out = consolidate(checkpoint("b.ckpt", tiny_corpus / "tokenizer.json"), tmp_path / "b")
+    assert (out / "tokenizer.json").read_bytes() == (tiny_corpus / "tokenizer.json").read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resume says what it does: the LR schedule follows the configured max_steps
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class LRTrace(Callback):
+    def __init__(self) -> None:
+        self.lrs: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        self.lrs[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+
+def test_resume_with_a_new_max_steps_follows_the_new_horizon(tiny_corpus, tmp_path, caplog):
+    def run(max_steps: int, ckpt_path: Path | None = None) -> LRTrace:
+        torch.manual_seed(0)
+        module = EPASModule(
+            LlamaConfig.from_name("debug", block_size=32),
+            lr_scheduler=lambda optimizer: WarmupCosineLR(optimizer, warmup_steps=2),
+        )
+        trace = LRTrace()
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+        trainer = cpu_trainer(tmp_path, max_steps, [trace, checkpoint])
+        data = TokenDataModule(str(tiny_corpus), seq_len=32, batch_size=2, vocab_size=VOCAB)
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        return trace
+
+    run(8)
+    with caplog.at_level("INFO", logger="epas_lightning"):
+        resumed = run(16, tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
+    assert "max_steps 8 -> 16" in caplog.text
+    reference = WarmupCosineLR(torch.optim.SGD([torch.zeros(1)], lr=3e-4), warmup_steps=2, max_steps=16)
+    for step in range(4, 16):
+        assert resumed.lrs[step] == pytest.approx(3e-4 * reference.lr_factor(step)), step
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# User mistakes end in one line
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_missing_data_dir_bad_schedule_and_truncated_checkpoints_are_one_line(tmp_path, capsys, monkeypatch, evil):
+    monkeypatch.chdir(tmp_path)
+    err = one_line_error(capsys, ["fit", "--config", DEBUG, "--data.data_dir", str(tmp_path / "nowhere")])
+    assert "data directory does not exist — data.data_dir" in err
+    assert "sharing.target" in one_line_error(capsys, ["fit", "--config", DEBUG, "--sharing.target", "5"])
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(evil.file.read_bytes()[:100])
+    assert str(truncated) in one_line_error(capsys, ["fit", "--config", DEBUG, "--ckpt_path", str(truncated)])
+    for command, extra in (("export", ["--output", str(tmp_path / "o")]), ("evaluate", ["--data", "."])):
+        assert "cannot read this file safely" in one_line_error(
+            capsys, [command, "--checkpoint", str(truncated), *extra]
+        )
+    assert "model.init_from" in one_line_error(capsys, ["fit", "--config", DEBUG, "--model.init_from", str(truncated)])
+    assert "unknown command 'predict'" in one_line_error(capsys, ["predict"])
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    assert main(["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: checkpoint does not exist")
+
+
+def test_binary_looking_text_files_are_skipped_by_name(text_corpus, tmp_path, caplog):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(text_corpus, corpus)
+    (corpus / "zeros.txt").write_bytes(b"\0" * 4096)
+    with caplog.at_level("WARNING", logger="epas_lightning"):
+        out = prepare(corpus, tmp_path / "data", val_fraction=0.3)
+    assert f"Skipped {corpus / 'zeros.txt'}: looks binary" in caplog.text
+    assert json.loads((out / "meta.json").read_text())["documents"] == 6
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# No silent wrong answers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_init_from_our_checkpoint_compares_rope_theta_and_norm_eps(small_checkpoint):
+    config = LlamaConfig(n_layer=4, n_embd=64, n_head=4, n_kv_head=2, vocab_size=VOCAB, block_size=32)
+    EPASModule(config, init_from=str(small_checkpoint))  # the same architecture: accepted
+    other = LlamaConfig(**{**config.to_dict(), "rope_theta": 50000.0, "norm_eps": 1e-6})
+    with pytest.raises(CheckpointError, match=r"rope_theta: model 50000.0 vs checkpoint 10000.0; norm_eps"):
+        EPASModule(other, init_from=str(small_checkpoint))  # at construction, before any work
+
+
+def test_analyze_refuses_without_the_data_the_model_trained_on(tmp_path, capsys):
+    config = LlamaConfig(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, block_size=32)
+    ckpt = save_consolidated(Llama(config), tmp_path / "ckpt")  # records no tokenizer, so no data
+    err = one_line_error(capsys, ["analyze", "--checkpoint", str(ckpt), "--output", str(tmp_path / "a")])
+    assert "does not say which data it trained on" in err and "— --data —" in err and not (tmp_path / "a").exists()
