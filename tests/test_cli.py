@@ -72,6 +72,8 @@ def test_every_packaged_config_parses_by_name_with_the_monitors(name, capsys):
 
 def test_invalid_schedule_fails_before_training(tmp_path, tiny_corpus):
     result = run_cli(["fit", "--config", DEBUG, "--sharing.target", "2"], tmp_path, tiny_corpus.parent)
-    assert result.returncode != 0
-    assert "between 1 and n_layer - 1 = 1" in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: a sharing target of 2 layers is invalid") and "— sharing.target —" in last
+    assert "between 1 and n_layer - 1 = 1" in last
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))

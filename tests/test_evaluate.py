@@ -12,10 +12,10 @@ from model_dirs import save_consolidated
 from torch import nn
 
 from epas_lightning import Llama, LlamaConfig
-from epas_lightning.evaluation import evaluate_perplexity, evaluate_task, load_task, score_continuations
-from epas_lightning.evaluation import lm_eval_adapter as adapter
 from epas_lightning.cli import main as cli_main
 from epas_lightning.errors import ConfigError
+from epas_lightning.evaluation import evaluate_perplexity, evaluate_task, load_task, score_continuations
+from epas_lightning.evaluation import lm_eval_adapter as adapter
 
 
 def evaluate_main(argv: list[str]) -> int:

@@ -1,0 +1,207 @@
+"""One product surface: every command from one CLI, the trained region as a record, a run that says what happened."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from helpers import cpu_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule
+from epas_lightning.checkpoint import REGION_KEY, consolidate, load_model
+from epas_lightning.cli import LIGHTNING_COMMANDS, TOOLS, main
+
+REPO = Path(__file__).resolve().parents[1]
+DEBUG = str(REPO / "configs" / "debug.yaml")
+
+
+def run_cli(
+    args: list[str], cwd: Path, cache_dir: Path, program: list[str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "EPAS_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(REPO)}
+    program = program or [sys.executable, "-m", "epas_lightning"]
+    return subprocess.run([*program, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One CLI
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_top_level_help_lists_every_command_with_a_description(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in (*LIGHTNING_COMMANDS, *TOOLS):
+        line = next(line for line in out.splitlines() if line.strip().startswith(command + " "))
+        assert len(line.split(maxsplit=1)[1]) > 20, line
+    assert "predict" not in out
+
+
+@pytest.mark.parametrize("command", sorted(TOOLS))
+def test_every_tool_speaks_the_same_vocabulary(command, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--config CONFIG" in out
+    vocabulary = {
+        "--checkpoint": command != "prepare",
+        "--output": command in ("prepare", "consolidate", "export", "bench", "analyze"),
+        "--device": command in ("generate", "bench", "evaluate", "analyze"),
+        "--sharing-layers": command in ("generate", "bench", "evaluate", "export"),
+        "--json": command in ("generate", "bench", "evaluate", "analyze"),
+    }
+    for flag, expected in vocabulary.items():
+        assert re.search(rf"{flag}[ ,]", out) or not expected, (command, flag)
+    assert "_" not in "".join(w for w in out.split() if w.startswith("--") and w != "--print_config")
+
+
+def test_epas_console_script_exits_zero(tmp_path):
+    script = Path(sys.executable).with_name("epas")
+    assert script.is_file(), "the package's console script is installed with it"
+    assert run_cli(["--version"], tmp_path, tmp_path, [str(script)]).returncode == 0
+    bad = run_cli(
+        ["generate", "--checkpoint", str(tmp_path / "none"), "--prompt", "x"], tmp_path, tmp_path, [str(script)]
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("error: checkpoint does not exist")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The trained region is a record
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shallow(tiny_corpus, tmp_path_factory):
+    """A 4-layer model trained with shallow-first growth to layers [1, 2]; its last.ckpt."""
+    root = tmp_path_factory.mktemp("shallow")
+    L.seed_everything(5)
+    config = LlamaConfig.from_name("debug", n_layer=4, block_size=32)
+    data = TokenDataModule(data_dir=str(tiny_corpus), seq_len=32, batch_size=4, vocab_size=config.vocab_size)
+    checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
+    sharing = ProgressiveSharing(target=2, interval=2, order="shallow_first")
+    cpu_trainer(root, 6, [sharing, checkpoint]).fit(EPASModule(config), datamodule=data)
+    return root / "ckpt" / "last.ckpt"
+
+
+def test_checkpoints_record_the_region_in_growth_order(shallow, tmp_path):
+    assert torch.load(shallow, weights_only=True)[REGION_KEY] == {"layers": [1, 2], "order": "shallow_first"}
+    loaded = load_model(shallow)
+    assert loaded.region.layers == (1, 2) and loaded.region.order == "shallow_first"
+    assert loaded.region.first(1) == [1]  # not the deepest layer
+    consolidated = load_model(consolidate(shallow, tmp_path / "c"))
+    assert consolidated.region == loaded.region
+
+
+def test_checkpoints_from_before_the_record_keep_working(shallow, tmp_path):
+    old = torch.load(shallow, weights_only=True)
+    del old[REGION_KEY]  # written before this change: the schedule's state still says shallow-first
+    torch.save(old, tmp_path / "old.ckpt")
+    assert load_model(tmp_path / "old.ckpt").region.first(1) == [1]
+    for state in old["callbacks"].values():
+        state.pop("order", None)  # older still: deep-first was the only order
+    old["state_dict"]["model.sharing.mask"] = torch.tensor([False, False, True, True])
+    torch.save(old, tmp_path / "older.ckpt")
+    assert load_model(tmp_path / "older.ckpt").region.first(1) == [3]
+
+
+def test_every_consumer_reads_n_sharing_layers_in_growth_order(shallow, tmp_path, capsys):
+    assert main(["generate", "--checkpoint", str(shallow), "--prompt", "def", "--sharing-layers", "1",
+                 "--max-new-tokens", "2", "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["shared_layers"] == [1]
+    assert main(["bench", "--checkpoint", str(shallow), "--output", str(tmp_path / "b"), "--reps", "1",
+                 "--prompt-len", "4", "--max-new-tokens", "2", "--batches", "1"]) == 0  # fmt: skip
+    rows = json.loads((tmp_path / "b" / "many_in_one.json").read_text())["rows"]
+    assert [r["shared_layers"] for r in rows] == [[], [1], [1, 2]]
+    assert main(["evaluate", "--checkpoint", str(shallow), "--sharing-layers", "all", "--batches", "1", "--json"]) == 0
+    assert [r["shared_layers"] for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])] == [
+        [],
+        [1],
+        [1, 2],
+    ]
+    assert (
+        main(["export", "--checkpoint", str(shallow), "--output", str(tmp_path / "hf"), "--sharing-layers", "1"]) == 0
+    )
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["epas_shared_layers"] == [1] and config["epas_trained_region"] == [1, 2]
+    from epas_lightning.evaluation.lm_eval_adapter import EPASLM
+
+    assert EPASLM(str(shallow), sharing_layers=1).model.sharing.shared_layers == [1]
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(shallow), "--prompt", "x", "--sharing-layers", "3"]) == 2
+    assert "trained with at most 2 sharing layers (layers [1, 2], shallow-first)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A run that says what happened, resumes with `last`, and merges callbacks
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fit_summary_and_resume_with_last(tiny_corpus, tmp_path):
+    first = run_cli(["fit", "--config", DEBUG], tmp_path, tiny_corpus.parent)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = first.stdout
+    run = "runs/debug/version_0"
+    assert f"checkpoints  {run}/checkpoints  (last: last.ckpt)" in out and f"logs         {run}" in out
+    assert (
+        "val loss" in out and "tokens/s (median over" in out and "1/2 layers share [1]; full region since step 4" in out
+    )
+    assert f"python -m epas_lightning generate --checkpoint {run}/checkpoints/last.ckpt" in out
+    assert "Warning" not in first.stderr and "warn" not in first.stderr.lower(), first.stderr
+    resumed = run_cli(["fit", "--config", DEBUG, "--ckpt_path", "last", "--trainer.max_steps", "10"], tmp_path,
+                      tiny_corpus.parent)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {run}/checkpoints/last.ckpt" in resumed.stderr
+    assert sorted(p.name for p in (tmp_path / "runs" / "debug").iterdir()) == ["version_0"]  # the same run
+    assert torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
+    assert (tmp_path / run / "config.yaml").is_file() and (tmp_path / run / "config-resume-1.yaml").is_file()
+    events = EventAccumulator(str(tmp_path / run)).Reload()
+    layers = events.Scalars("sharing/layers")
+    assert len({e.step for e in layers}) == len(layers)  # logged once per step
+
+
+def test_resume_last_without_a_checkpoint_is_an_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", DEBUG, "--ckpt_path", "last"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no last.ckpt of this run to resume — runs/debug/version_*/checkpoints")
+
+
+def test_user_callbacks_add_to_the_defaults_without_inheriting_them(tmp_path):
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from epas_lightning import DivergenceGuard, TokenThroughputMonitor
+    from epas_lightning.lightning_cli import lightning_cli
+
+    config = tmp_path / "callbacks.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args:\n        dirpath: best\n        monitor: val/loss\n"
+    )
+    cli = lightning_cli(["--config", DEBUG, "--config", str(config), "--trainer.logger", "false"], run=False)
+    callbacks = cli.trainer.callbacks
+    checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
+    assert len(checkpoints) == 2
+    mine = next(c for c in checkpoints if c.monitor == "val/loss")
+    assert not mine.save_last  # not inherited from the default checkpoint by position
+    for kind in (TokenThroughputMonitor, LearningRateMonitor, DivergenceGuard, ProgressiveSharing):
+        assert sum(isinstance(c, kind) for c in callbacks) == 1, kind
+
+
+def test_configs_travel_with_the_package():
+    import epas_lightning
+
+    shipped = Path(epas_lightning.__file__).parent / "configs"
+    assert sorted(p.name for p in shipped.glob("*.yaml")) == sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert 'epas_lightning = ["configs/*.yaml"]' in pyproject
+    assert shutil.which("python") is not None
