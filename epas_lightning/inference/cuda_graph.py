@@ -2,7 +2,7 @@
 
 Small models decode one token in a few hundred tiny kernels, and in eager mode the host spends longer launching
 them than the GPU spends running them. A graph replays the whole step with one launch. The step must have fixed
-shapes and device-side positions: the KV cache's static mode provides both (see ``KVCache.static``).
+shapes and device-side positions: ``StaticKVCache`` provides both.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from epas_lightning.model import Llama
-from epas_lightning.model.kv_cache import KVCache
+from epas_lightning.model.kv_cache import StaticKVCache
 
 
 class GraphedDecodeStep:
@@ -20,11 +20,12 @@ class GraphedDecodeStep:
     The returned logits live in a static buffer that the next call overwrites.
     """
 
-    def __init__(self, model: Llama, cache: KVCache, warmup: int = 2) -> None:
-        if cache.k[0] is None or cache.k[0].device.type != "cuda":
+    def __init__(self, model: Llama, cache: StaticKVCache, warmup: int = 2) -> None:
+        if not isinstance(cache, StaticKVCache):
+            raise TypeError("CUDA-graph decoding needs a StaticKVCache (model.new_cache(..., static=True)).")
+        if cache.valid.device.type != "cuda":
             raise ValueError("CUDA graphs need a model and KV cache on a CUDA device.")
         self.cache = cache
-        cache.static = True
         self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.k[0].device)
         index, next_pos = cache.index.clone(), cache.next_pos.clone()
         stream = torch.cuda.Stream()
@@ -43,5 +44,5 @@ class GraphedDecodeStep:
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens.view(-1, 1))
         self.graph.replay()  # also advances cache.index / cache.next_pos on the device
-        self.cache.length += 1
+        self.cache.count_step()
         return self.logits

@@ -125,7 +125,10 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
-    cache = model.new_cache(B, longest + max_new_tokens)
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda"
+    cuda_graph = cuda_graph and max_new_tokens > 1
+    cache = model.new_cache(B, longest + max_new_tokens, static=cuda_graph)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     V = config.vocab_size  # the padded rows of the embedding are never emitted
@@ -138,9 +141,7 @@ def generate(
     token = choose(model(ids, cache, attention_mask if padded else None)[:, -1])
     _sync(device)
     prefill_seconds = time.perf_counter() - start
-    if cuda_graph is None:
-        cuda_graph = device.type == "cuda"
-    if cuda_graph and max_new_tokens > 1:
+    if cuda_graph:
         from epas_lightning.inference.cuda_graph import GraphedDecodeStep
 
         step_logits = GraphedDecodeStep(model, cache)  # capture time is not counted as decoding

@@ -10,9 +10,9 @@ With half the layers sharing in ``qk`` mode the cache is 25% smaller: the saving
 Rows may be left-padded prompts of different lengths: ``valid`` marks real key positions, and each row has its
 own RoPE positions, so a padded row produces exactly what it would alone.
 
-Static decoding (``static=True``): one-token steps keep every shape fixed (attention over all ``max_len`` slots
-under a mask) and take their position from device tensors that the step itself advances, so a decode step can be
-captured once in a CUDA graph and replayed for every token (``epas_lightning.inference.cuda_graph``).
+``StaticKVCache`` is the same cache for decoding with CUDA graphs: its one-token steps keep every shape fixed
+(attention over all ``max_len`` slots under a mask) and take their position from device tensors that the step itself
+advances, so a decode step can be captured once and replayed for every token (``epas_lightning.inference.cuda_graph``).
 """
 
 from __future__ import annotations
@@ -62,11 +62,6 @@ class KVCache:
         """Each row's next RoPE position: the count of its real tokens so far."""
         cos, sin = RotaryEmbedding(config.head_dim, config.rope_theta)(max_len, device)
         self._cos, self._sin = cos, sin  # (max_len, D) fp32
-        self.static = False
-        """One-token steps use fixed shapes and device-side positions (set by a CUDA-graph runner)."""
-        self.index = torch.zeros(1, dtype=torch.long, device=device)
-        """The slot the next token is written to, as a device tensor (static steps read and advance it)."""
-        self._slots = torch.arange(max_len, device=device)
 
     @property
     def nbytes(self) -> int:
@@ -80,8 +75,6 @@ class KVCache:
 
     def context(self, T: int, attention_mask: torch.Tensor | None = None) -> AttentionContext:
         """Positions and mask for the next ``T`` tokens; ``attention_mask`` (B, T), 0 at (left) padding, if any."""
-        if self.static and T == 1:
-            return self._static_context()
         start, end = self.length, self.length + T
         if end > self.max_len:
             raise ValueError(f"The KV cache holds {self.max_len} positions; {end} were asked for.")
@@ -103,12 +96,6 @@ class KVCache:
         diagonal[torch.arange(T), torch.arange(start, end)] = True
         return AttentionContext(cos, sin, mask | diagonal, False)
 
-    def _static_context(self) -> AttentionContext:
-        cos = self._cos[self.next_pos][:, None, None, :]  # (B, 1, 1, D): each row at its own position
-        sin = self._sin[self.next_pos][:, None, None, :]
-        mask = (self._slots <= self.index) & self.valid  # (B, max_len): slots written so far, minus padding
-        return AttentionContext(cos, sin, mask[:, None, None, :], False)
-
     def _causal(self, start: int, end: int) -> torch.Tensor:
         """(T, S) bool: query ``start + t`` sees keys ``<= start + t``."""
         return torch.ones(end - start, end, dtype=torch.bool, device=self.valid.device).tril(start)
@@ -117,12 +104,6 @@ class KVCache:
         self, layer: int, k: torch.Tensor | None, v: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Write layer ``layer``'s new k/v (B, H_kv, T, D) at the current position; return all cached so far."""
-        if self.static and (k if k is not None else v).shape[2] == 1:
-            if k is not None:
-                self.k[layer].index_copy_(2, self.index, k)
-            if v is not None:
-                self.v[layer].index_copy_(2, self.index, v)
-            return self.k[layer], self.v[layer]  # every slot; the mask hides the unwritten ones
         start = self.length
         end = start + (k if k is not None else v).shape[2]
         full_k = full_v = None
@@ -135,15 +116,54 @@ class KVCache:
         return full_k, full_v
 
     def advance(self, T: int) -> None:
-        """Mark ``T`` more positions filled (the model calls this after a forward).
-
-        A static step advances only the device tensors (a replayed CUDA graph repeats exactly that); its runner
-        counts ``length`` on the host.
-        """
-        if self.static and T == 1:
-            self.next_pos += 1
-            self.index += 1
-            return
+        """Mark ``T`` more positions filled (the model calls this after a forward)."""
         self.next_pos += self.valid[:, self.length : self.length + T].sum(-1)
         self.length += T
-        self.index.fill_(self.length)
+
+
+class StaticKVCache(KVCache):
+    """A :class:`KVCache` whose one-token steps have fixed shapes and device-side positions: what a CUDA graph captures.
+
+    A prefill (``T > 1``) runs as in the dynamic cache. A one-token step attends over all ``max_len`` slots under a
+    mask, writes its keys/values at the slot ``index`` (a device tensor) and advances ``index`` and the positions on
+    the device, so a replayed graph repeats exactly that; the host-side ``length`` is the runner's to count
+    (:meth:`count_step`).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - those of KVCache
+        super().__init__(*args, **kwargs)
+        device = self.valid.device
+        self.index = torch.zeros(1, dtype=torch.long, device=device)
+        """The slot the next token is written to (static steps read and advance it on the device)."""
+        self._slots = torch.arange(self.max_len, device=device)
+
+    def context(self, T: int, attention_mask: torch.Tensor | None = None) -> AttentionContext:
+        if T != 1:
+            return super().context(T, attention_mask)
+        cos = self._cos[self.next_pos][:, None, None, :]  # (B, 1, 1, D): each row at its own position
+        sin = self._sin[self.next_pos][:, None, None, :]
+        mask = (self._slots <= self.index) & self.valid  # (B, max_len): slots written so far, minus padding
+        return AttentionContext(cos, sin, mask[:, None, None, :], False)
+
+    def update(
+        self, layer: int, k: torch.Tensor | None, v: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if (k if k is not None else v).shape[2] != 1:
+            return super().update(layer, k, v)
+        if k is not None:
+            self.k[layer].index_copy_(2, self.index, k)
+        if v is not None:
+            self.v[layer].index_copy_(2, self.index, v)
+        return self.k[layer], self.v[layer]  # every slot; the mask hides the unwritten ones
+
+    def advance(self, T: int) -> None:
+        if T != 1:
+            super().advance(T)
+            self.index.fill_(self.length)
+            return
+        self.next_pos += 1
+        self.index += 1
+
+    def count_step(self) -> None:
+        """Count on the host the one-token step that a replayed graph took on the device."""
+        self.length += 1

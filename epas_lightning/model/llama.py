@@ -11,7 +11,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from epas_lightning.model.attention import Attention, AttentionContext, Shared
 from epas_lightning.model.config import LlamaConfig
-from epas_lightning.model.kv_cache import KVCache
+from epas_lightning.model.kv_cache import KVCache, StaticKVCache
 from epas_lightning.model.layers import MLP, RMSNorm
 from epas_lightning.model.rope import RotaryEmbedding
 from epas_lightning.model.sharing import SharingState
@@ -116,11 +116,18 @@ class Llama(nn.Module):
         self._attention_reuse = bool(value)
 
     def new_cache(
-        self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device: torch.device | None = None
+        self,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+        static: bool = False,
     ) -> KVCache:
-        """An empty KV cache for the current sharing region (dtype/device default to the weights')."""
+        """An empty KV cache for the current sharing region (dtype/device default to the weights'); ``static``: one
+        whose decode steps a CUDA graph can capture (:class:`StaticKVCache`)."""
         weight = self.embed_tokens.weight
-        return KVCache(
+        kind = StaticKVCache if static else KVCache
+        return kind(
             self.config, self.sharing.flags, batch_size, max_len, device or weight.device, dtype or weight.dtype
         )
 
