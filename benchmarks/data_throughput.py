@@ -15,9 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import emit
+
 from epas_lightning.data import TokenDataModule
 from epas_lightning.data.builtin import collect_source_files, stdlib_root
-from epas_lightning.data.prepare import default_num_workers, prepare_dataset
+from epas_lightning.data.prepare import prepare_dataset
+from epas_lightning.data.writing import default_num_workers
 
 
 def main() -> None:
@@ -79,7 +82,7 @@ def main() -> None:
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,
     }
-    print(json.dumps(result))
+    emit(result)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,10 @@ A table goes to stdout; the last line is one JSON object with every number.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import torch
+from harness import alternate, emit, resolve_device
 
 from epas_lightning.inference import generate, set_region
 from epas_lightning.model import Llama, LlamaConfig
@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(args.seed)
@@ -94,13 +92,14 @@ def main(argv: list[str] | None = None) -> dict:
         decode: dict[str, list[float]] = {label: [] for label, _, _ in settings}
         prefill: dict[str, list[float]] = {label: [] for label, _, _ in settings}
         cache: dict[str, int] = {}
-        for rep in range(args.reps):
-            for label, n, reuse in settings if rep % 2 == 0 else settings[::-1]:
-                r = run(n, reuse)
-                decode[label].append(r.decode_tokens_per_s)
-                prefill[label].append(r.prefill_tokens_per_s)
-                cache[label] = r.cache_bytes
-                print(f"  batch {B} rep {rep} {label:>14}: decode {r.decode_tokens_per_s:9.1f} tok/s", flush=True)
+        by_label = {label: (n, reuse) for label, n, reuse in settings}
+        for rep, label in alternate(list(by_label), args.reps):
+            n, reuse = by_label[label]
+            r = run(n, reuse)
+            decode[label].append(r.decode_tokens_per_s)
+            prefill[label].append(r.prefill_tokens_per_s)
+            cache[label] = r.cache_bytes
+            print(f"  batch {B} rep {rep} {label:>14}: decode {r.decode_tokens_per_s:9.1f} tok/s", flush=True)
         med = {label: statistics.median(v) for label, v in decode.items()}
         results[B] = {
             label: {
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
     summary = summarize(args, config, device, dtype_name, results)
     print_table(summary)
-    print(json.dumps(summary))
+    emit(summary)
     return summary
 
 

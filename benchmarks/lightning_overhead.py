@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import logging
 import statistics
 import tempfile
@@ -40,15 +39,16 @@ import warnings
 
 import lightning as L
 import torch
-import torch.nn.functional as F
+from harness import cpu_ticks, device_name, emit, foreign_load
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from train_throughput import cpu_ticks, device_name, foreign_load
 
 from epas_lightning.callbacks import ProgressiveSharing
+from epas_lightning.loss import next_token_loss
 from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.module import EPASModule
+from epas_lightning.optim import default_optimizer
 
 ARMS = ("bare", "lightning", "lightning_default")
 
@@ -93,21 +93,14 @@ def run_bare(config: LlamaConfig, loader, args: argparse.Namespace, total: int) 
     torch.manual_seed(args.seed)
     model = Llama(config)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2]},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)  # EPASModule's default
+    optimizer = default_optimizer(model)  # EPASModule's default
     scheduler = WarmupCosineLR(optimizer, warmup_steps=min(100, total // 10), max_steps=total)
     starts, losses = [], []
     for step, batch in enumerate(loader):
         if step == total:
             break
         starts.append(time.perf_counter())
-        input_ids, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
-        logits = model(input_ids)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().long())
+        loss = next_token_loss(model, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -215,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"(ratio {result['ratio']:.3f}), with logger/progress bar/callbacks {result['lightning_default_step_ms']:.1f} "
         f"(ratio {result['ratio_default']:.3f}); max loss difference {loss_diff:.2e}"
     )
-    print(json.dumps(result))
+    emit(result)
     return result
 
 

@@ -21,14 +21,14 @@ A table goes to stdout, and the last line is one JSON object with every number.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 
 import torch
-import torch.nn.functional as F
+from harness import emit
 from torch.profiler import ProfilerActivity, profile
 
 from epas_lightning.inference import deepest_layers
+from epas_lightning.loss import lm_loss
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.parallel import parallelize
 
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def train_step(model: Llama, optimizer: torch.optim.Optimizer, tokens: torch.Tensor) -> None:
     logits = model(tokens[:, :-1])
-    F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
+    lm_loss(logits, tokens[:, 1:]).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         "epas_saving": round(1 - arms["epas"] / arms["dense"], 4),
         "epas_saving_with_ac": round(1 - arms["epas+ac"] / arms["dense+ac"], 4),
     }
-    print(json.dumps(result))
+    emit(result)
     return result
 
 

@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import time
 
 import torch
-import torch.nn.functional as F
-from train_throughput import cpu_ticks, device_name, foreign_load, resolve_device, synchronize
+from harness import cpu_ticks, device_name, emit, foreign_load, resolve_device, synchronize
 
 from epas_lightning.flops import estimate_flops
+from epas_lightning.loss import lm_loss
 from epas_lightning.model import Llama, LlamaConfig
 
 LAYOUTS = ("nn", "nt", "tn")
@@ -110,7 +109,7 @@ def step_seconds(
     def step() -> None:
         with autocast:
             logits = model(inputs)  # (B, T, V)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            loss = lm_loss(logits, targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -183,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"bf16-mixed step {bf16_s:.2f} s = {achieved:.1f} GFLOP/s: mfu {result['mfu']:.3f} of the bf16 peak "
         f"{peak_bf16['gflops']:.1f} ({result['mfu_vs_fp32_peak']:.3f} of the fp32 peak){fp32}"
     )
-    print(json.dumps(result))
+    emit(result)
     return result
 
 

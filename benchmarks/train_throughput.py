@@ -32,19 +32,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+from harness import cpu_ticks, device_name, emit, foreign_load, resolve_device, synchronize
 
 from epas_lightning.flops import estimate_flops, flop_cut
 from epas_lightning.inference import deepest_layers
+from epas_lightning.loss import lm_loss
 from epas_lightning.model import Llama, LlamaConfig
 
 REUSE_TARGET = 2.0
@@ -114,49 +112,6 @@ def arms(args: argparse.Namespace) -> tuple[str, ...]:
     return ("dense", "epas", "reuse") if args.attention_reuse else ("dense", "epas")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but CUDA is not available")
-    return torch.device(name)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def cpu_ticks() -> tuple[int, int] | None:
-    """(busy clock ticks of the whole host incl. steal, ticks of this process), or None where /proc is missing."""
-    try:
-        with open("/proc/stat") as f:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-        with open("/proc/self/stat") as f:
-            utime, stime = f.read().rsplit(")", 1)[1].split()[11:13]
-    except (OSError, ValueError):
-        return None
-    return user + nice + system + irq + softirq + steal, int(utime) + int(stime)
-
-
-def foreign_load(before: tuple[int, int] | None, after: tuple[int, int] | None, seconds: float) -> float | None:
-    """CPU cores that OTHER processes (or the hypervisor, as steal) used during an interval: timing noise."""
-    if before is None or after is None or seconds <= 0:
-        return None
-    others = (after[0] - before[0]) - (after[1] - before[1])
-    return max(others, 0) / os.sysconf("SC_CLK_TCK") / seconds
-
-
 def shared_layers(n_layer: int, sharing: float) -> list[int]:
     """The deepest ``round(sharing * n_layer)`` layers, never layer 0."""
     return deepest_layers(n_layer, min(max(round(sharing * n_layer), 0), n_layer - 1))
@@ -189,7 +144,7 @@ class Bench:
         self.step_count += 1
         with self.autocast():
             logits = self.model(inputs)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())  # as EPASModule computes it
+            loss = lm_loss(logits, targets)  # as EPASModule computes it
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -402,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
     times, loads = run_reps(bench, args)
     result = summarize(args, config, bench, times, loads)
     print_table(result)
-    print(json.dumps(result))
+    emit(result)
     return result
 
 

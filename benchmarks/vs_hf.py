@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import time
 
 import torch
-import torch.nn.functional as F
-from train_throughput import cpu_ticks, device_name, foreign_load, resolve_device, synchronize
+from harness import cpu_ticks, device_name, emit, foreign_load, resolve_device, synchronize
 
+from epas_lightning.loss import lm_loss
 from epas_lightning.model import Llama, LlamaConfig
 
 ARMS = ("ours", "hf")
@@ -122,7 +121,7 @@ class Arm:
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         with self.autocast():
             logits = self.logits(inputs)  # (B, T, V)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            loss = lm_loss(logits, targets)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -206,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"({result['hf_tokens_per_s']:.0f} tok/s)  ratio {result['ratio']:.3f} "
         f"(paired {result['paired_ratio_median']:.3f})"
     )
-    print(json.dumps(result))
+    emit(result)
     return result
 
 

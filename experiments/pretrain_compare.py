@@ -51,12 +51,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from epas_lightning.callbacks import ProgressiveSharing
 from epas_lightning.flops import flop_cut
+from epas_lightning.loss import next_token_loss
 from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.model import Llama, LlamaConfig
+from epas_lightning.optim import default_optimizer
 
 VARIANTS = ("dense", "epas", "static", "shallow")
 PAPER_LOSS_GAP = (0.03, 0.05)
@@ -168,20 +169,9 @@ def build_run(name: str, config: LlamaConfig, sharing: ProgressiveSharing, args:
     torch.manual_seed(args.seed)  # identical initial weights in every variant
     model = Llama(config)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [  # as EPASModule: weight decay on matrices only
-        {"params": [p for p in params if p.ndim >= 2]},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    optimizer = default_optimizer(model, lr=args.lr)  # as EPASModule: weight decay on matrices only
     lr_schedule = WarmupCosineLR(optimizer, warmup_steps=args.warmup, max_steps=args.steps)
     return Run(name, model, optimizer, lr_schedule, sharing)
-
-
-def lm_loss(model: Llama, batch: torch.Tensor) -> torch.Tensor:
-    input_ids, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
-    logits = model(input_ids)  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 def train_step(run: Run, batch: torch.Tensor) -> None:
@@ -190,7 +180,7 @@ def train_step(run: Run, batch: torch.Tensor) -> None:
     layers = run.sharing.shared_layers_at(run.step)
     if layers != run.model.sharing.shared_layers:
         run.model.set_shared_layers(layers)
-    loss = lm_loss(run.model, batch)
+    loss = next_token_loss(run.model, batch)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
     run.optimizer.step()
@@ -208,7 +198,7 @@ def train_step(run: Run, batch: torch.Tensor) -> None:
 def validate(run: Run, val: list[torch.Tensor]) -> float:
     """Token-weighted mean loss on the held-out batches, with the mask the model trains with at this step."""
     run.model.eval()
-    total = sum(lm_loss(run.model, b).item() * b[:, 1:].numel() for b in val)
+    total = sum(next_token_loss(run.model, b).item() * b[:, 1:].numel() for b in val)
     run.model.train()
     loss = total / sum(b[:, 1:].numel() for b in val)
     run.val.append((run.step, run.own_seconds, loss))
