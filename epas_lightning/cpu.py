@@ -12,9 +12,9 @@ def tune_glibc_malloc(mmap_threshold: int = 1 << 32, trim_threshold: int = 1 << 
     """Make glibc serve large allocations from its heap and keep freed memory for reuse.
 
     By default glibc maps every block above ~32 MiB afresh and returns it on free, so a training step that allocates
-    attention matrices or logits of that size pays page faults for each one (10% or more of CPU time in our
-    profiles). Equivalent to ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``/``MALLOC_TOP_PAD_``; the process
-    keeps its peak memory instead of returning it. Returns False where glibc is not the allocator.
+    attention matrices or logits of that size pays page faults for each one (measured in ``benchmarks/RESULTS.md``).
+    Equivalent to ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``/``MALLOC_TOP_PAD_``; the process keeps its
+    peak memory instead of returning it. Returns False where glibc is not the allocator.
     """
     name = ctypes.util.find_library("c")
     if name is None:
