@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 def cpu_trainer(root: Path, max_steps: int, callbacks=(), **overrides) -> L.Trainer:
@@ -19,3 +20,15 @@ def cpu_trainer(root: Path, max_steps: int, callbacks=(), **overrides) -> L.Trai
         callbacks=list(callbacks),
     )
     return L.Trainer(**{**kwargs, **overrides})
+
+
+def train_tiny_checkpoint(corpus: Path, root: Path, sharing: L.Callback, steps: int = 6, seed: int = 3) -> Path:
+    """A 4-layer debug model trained ``steps`` steps on ``corpus`` with the ``sharing`` schedule; its last.ckpt."""
+    from epas_lightning import EPASModule, LlamaConfig, TokenDataModule
+
+    L.seed_everything(seed)
+    config = LlamaConfig.from_name("debug", n_layer=4, block_size=32)
+    data = TokenDataModule(data_dir=str(corpus), seq_len=32, batch_size=4, vocab_size=config.vocab_size)
+    checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
+    cpu_trainer(root, steps, [sharing, checkpoint]).fit(EPASModule(config), datamodule=data)
+    return root / "ckpt" / "last.ckpt"

@@ -5,13 +5,11 @@ from __future__ import annotations
 import csv
 import json
 
-import lightning as L
 import pytest
 import torch
-from helpers import cpu_trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import train_tiny_checkpoint
 
-from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule
+from epas_lightning import ProgressiveSharing
 from epas_lightning.checkpoint import consolidate, load_model
 from epas_lightning.cli import main as cli_main
 from epas_lightning.inference import generate, set_region
@@ -21,14 +19,7 @@ from epas_lightning.inference.bench import flops_ratio, region_for_budget
 @pytest.fixture(scope="module")
 def trained(tiny_corpus, tmp_path_factory):
     """A 4-layer model trained 6 steps while its region grew to the deepest 2 layers; its last.ckpt."""
-    root = tmp_path_factory.mktemp("run")
-    L.seed_everything(3)
-    config = LlamaConfig.from_name("debug", n_layer=4, block_size=32)
-    data = TokenDataModule(data_dir=str(tiny_corpus), seq_len=32, batch_size=4, vocab_size=config.vocab_size)
-    checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
-    trainer = cpu_trainer(root, 6, [ProgressiveSharing(target=2, interval=2), checkpoint])
-    trainer.fit(EPASModule(config), datamodule=data)
-    return root / "ckpt" / "last.ckpt"
+    return train_tiny_checkpoint(tiny_corpus, tmp_path_factory.mktemp("run"), ProgressiveSharing(target=2, interval=2))
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

@@ -10,14 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-from helpers import cpu_trainer
+from helpers import train_tiny_checkpoint
 from lightning.pytorch.callbacks import ModelCheckpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule
+from epas_lightning import ProgressiveSharing
 from epas_lightning.checkpoint import REGION_KEY, consolidate, load_model
 from epas_lightning.cli import LIGHTNING_COMMANDS, TOOLS, main
 
@@ -82,14 +81,8 @@ def test_epas_console_script_exits_zero(tmp_path):
 @pytest.fixture(scope="module")
 def shallow(tiny_corpus, tmp_path_factory):
     """A 4-layer model trained with shallow-first growth to layers [1, 2]; its last.ckpt."""
-    root = tmp_path_factory.mktemp("shallow")
-    L.seed_everything(5)
-    config = LlamaConfig.from_name("debug", n_layer=4, block_size=32)
-    data = TokenDataModule(data_dir=str(tiny_corpus), seq_len=32, batch_size=4, vocab_size=config.vocab_size)
-    checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
     sharing = ProgressiveSharing(target=2, interval=2, order="shallow_first")
-    cpu_trainer(root, 6, [sharing, checkpoint]).fit(EPASModule(config), datamodule=data)
-    return root / "ckpt" / "last.ckpt"
+    return train_tiny_checkpoint(tiny_corpus, tmp_path_factory.mktemp("shallow"), sharing, seed=5)
 
 
 def test_checkpoints_record_the_region_in_growth_order(shallow, tmp_path):
