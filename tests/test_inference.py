@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from epas_lightning.inference import deepest_layers, generate, sample, set_region
-from epas_lightning.region import TrainedRegion
 from epas_lightning.model import Llama, LlamaConfig
+from epas_lightning.region import TrainedRegion
 
 
 def tiny(**overrides) -> Llama:
