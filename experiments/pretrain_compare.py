@@ -51,10 +51,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from epas_lightning.callbacks import ProgressiveSharing
 from epas_lightning.flops import flop_cut
+from epas_lightning.loss import next_token_loss
 from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.model import Llama, LlamaConfig
 
@@ -178,19 +178,13 @@ def build_run(name: str, config: LlamaConfig, sharing: ProgressiveSharing, args:
     return Run(name, model, optimizer, lr_schedule, sharing)
 
 
-def lm_loss(model: Llama, batch: torch.Tensor) -> torch.Tensor:
-    input_ids, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
-    logits = model(input_ids)  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
 def train_step(run: Run, batch: torch.Tensor) -> None:
     """One optimizer step under the mask the schedule gives for this step; times itself."""
     start = time.perf_counter()
     layers = run.sharing.shared_layers_at(run.step)
     if layers != run.model.sharing.shared_layers:
         run.model.set_shared_layers(layers)
-    loss = lm_loss(run.model, batch)
+    loss = next_token_loss(run.model, batch)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
     run.optimizer.step()
@@ -208,7 +202,7 @@ def train_step(run: Run, batch: torch.Tensor) -> None:
 def validate(run: Run, val: list[torch.Tensor]) -> float:
     """Token-weighted mean loss on the held-out batches, with the mask the model trains with at this step."""
     run.model.eval()
-    total = sum(lm_loss(run.model, b).item() * b[:, 1:].numel() for b in val)
+    total = sum(next_token_loss(run.model, b).item() * b[:, 1:].numel() for b in val)
     run.model.train()
     loss = total / sum(b[:, 1:].numel() for b in val)
     run.val.append((run.step, run.own_seconds, loss))
