@@ -37,6 +37,7 @@ TOOLS: dict[str, str] = {
     "generate": "epas_lightning.inference.generate_cli:generate_command",
     "bench": "epas_lightning.inference.bench:bench_command",
     "evaluate": "epas_lightning.evaluation.evaluate_cli:evaluate_command",
+    "lm-eval": "epas_lightning.evaluation.harness:lm_eval_command",
     "export": "epas_lightning.hf.export:export_command",
     "analyze": "epas_lightning.analysis.analyze:analyze_command",
 }

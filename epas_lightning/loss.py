@@ -1,4 +1,9 @@
-"""The language-modelling loss: one definition for training, validation, benchmarks and experiments."""
+"""The language-modelling loss: one definition for training, validation, test, ``evaluate``, ``bench`` and experiments.
+
+The softmax runs over the tokenizer's vocabulary (``config.vocab_size``), not over the rows the embedding table is
+padded with (``padded_vocab_size``): the padded rows can never be a target, and leaving them out makes every number
+equal to what an exported model (which has no padded rows) gives in ``transformers`` and lm-eval-harness.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``logits`` (B, T, V) against ``targets`` (B, T), computed in fp32."""
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``logits`` (B, T, V) against ``targets`` (B, T), computed in fp32, with the
+    softmax over the first ``vocab_size`` logits (all of them when ``None``)."""
+    if vocab_size is not None:
+        logits = logits[..., :vocab_size]
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().long())
 
 
 def next_token_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """The loss of ``model`` on a token batch (B, T + 1): it reads ``batch[:, :-1]`` and predicts ``batch[:, 1:]``."""
+    """The loss of ``model`` on a token batch (B, T + 1): it reads ``batch[:, :-1]`` and predicts ``batch[:, 1:]``,
+    over the real vocabulary (``model.config.vocab_size``)."""
     input_ids, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
-    return lm_loss(model(input_ids), targets)
+    return lm_loss(model(input_ids), targets, model.config.vocab_size)

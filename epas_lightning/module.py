@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torchmetrics.aggregation import MeanMetric
+from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from epas_lightning.flops import estimate_flops
 from epas_lightning.init_from import check_init_source, load_initial_weights
@@ -70,6 +70,7 @@ class EPASModule(LightningModule):
             check_init_source(init_from, config)
         self.model: Llama | None = None
         self.val_loss = MeanMetric()
+        self.val_tokens = SumMetric()
         self._tokens_shape: tuple[int, int] | None = None
         self._built_on_meta = False
         self._init_rng_state: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -149,6 +150,7 @@ class EPASModule(LightningModule):
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         loss = next_token_loss(self.model, batch)
         self.val_loss.update(loss, weight=batch[:, 1:].numel())
+        self.val_tokens.update(batch[:, 1:].numel())
 
     def on_validation_epoch_end(self) -> None:
         self._log_heldout("val")
@@ -160,10 +162,14 @@ class EPASModule(LightningModule):
         self._log_heldout("test")
 
     def _log_heldout(self, prefix: str) -> None:
+        # the held-out loss of `evaluate` and `bench` too; each reports the tokens it scored, as <prefix>/tokens does
         loss = self.val_loss.compute()  # token-weighted mean, reduced across ranks
+        tokens = self.val_tokens.compute()
         self.val_loss.reset()
+        self.val_tokens.reset()
         self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", sync_dist=False)
         self.log(f"{prefix}/ppl", loss.exp(), sync_dist=False)
+        self.log(f"{prefix}/tokens", tokens, sync_dist=False)
 
     def configure_optimizers(self):  # noqa: ANN201
         if self.optimizer_factory is not None:

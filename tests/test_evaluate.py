@@ -1,4 +1,6 @@
-"""Evaluation: perplexity, multiple-choice scoring (lm-eval style), the lm-eval adapter's request handling, the CLI."""
+"""Evaluation: the held-out loss over the real vocabulary, multiple-choice scoring (lm-eval style), the CLI.
+
+lm-eval itself (the `epas` model, the `lm-eval` command) is tested in test_lm_eval.py."""
 
 from __future__ import annotations
 
@@ -13,9 +15,8 @@ from torch import nn
 
 from epas_lightning import Llama, LlamaConfig
 from epas_lightning.cli import main as cli_main
-from epas_lightning.errors import ConfigError
+from epas_lightning.errors import DataError
 from epas_lightning.evaluation import evaluate_perplexity, evaluate_task, load_task, score_continuations
-from epas_lightning.evaluation import lm_eval_adapter as adapter
 
 
 def evaluate_main(argv: list[str]) -> int:
@@ -25,9 +26,12 @@ def evaluate_main(argv: list[str]) -> int:
 VOCAB = 512
 
 
-def tiny_model(n_layer: int = 4, block_size: int = 32, shared: int = 0) -> Llama:
+def tiny_model(n_layer: int = 4, block_size: int = 32, shared: int = 0, padded: int | None = None) -> Llama:
     torch.manual_seed(0)
-    config = LlamaConfig(n_layer=n_layer, n_embd=64, n_head=4, n_kv_head=2, vocab_size=VOCAB, block_size=block_size)
+    config = LlamaConfig(
+        n_layer=n_layer, n_embd=64, n_head=4, n_kv_head=2, vocab_size=VOCAB, block_size=block_size,
+        padded_vocab_size=padded,
+    )  # fmt: skip
     model = Llama(config).eval()
     model.set_shared_layers(range(n_layer - shared, n_layer))
     return model
@@ -98,19 +102,32 @@ def test_multiple_choice_acc_and_acc_norm_known_answers(tmp_path: Path) -> None:
 def test_load_task_names_bad_lines(tmp_path: Path) -> None:
     task = tmp_path / "bad.jsonl"
     task.write_text('{"context": "c", "choices": ["a", "b"], "label": 0}\n{"context": "c", "choices": ["a"]}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2"):
+    with pytest.raises(DataError, match="bad.jsonl:2"):
         load_task(task)
     task.write_text('{"context": "c", "choices": ["a", "b"], "label": 2}\n')
-    with pytest.raises(ValueError, match="label 2"):
+    with pytest.raises(DataError, match="label 2"):
         load_task(task)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataError, match="does not exist"):
         load_task(tmp_path / "missing.jsonl")
+
+
+def test_lm_loss_softmax_runs_over_the_real_vocabulary() -> None:
+    from epas_lightning import lm_loss, next_token_loss
+
+    model = tiny_model(padded=576)  # 64 padded rows of random weights
+    batch = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        logits = model(batch[:, :-1])
+        expected = F.cross_entropy(logits[..., :VOCAB].flatten(0, 1), batch[:, 1:].flatten())
+        assert next_token_loss(model, batch).item() == pytest.approx(expected.item(), rel=1e-6)
+        assert lm_loss(logits, batch[:, 1:], VOCAB).item() == pytest.approx(expected.item(), rel=1e-6)
+        assert lm_loss(logits, batch[:, 1:]).item() > expected.item()  # the padded rows take probability mass
 
 
 def test_perplexity_equals_direct_cross_entropy(tiny_corpus: Path) -> None:
     from epas_lightning import TokenDataModule
 
-    model = tiny_model(block_size=32)
+    model = tiny_model(block_size=32, padded=576)
     result = evaluate_perplexity(model, tiny_corpus, batch_size=4, max_batches=3)
     data = TokenDataModule(str(tiny_corpus), seq_len=32, batch_size=4, vocab_size=VOCAB)
     data.setup("validate")
@@ -120,56 +137,12 @@ def test_perplexity_equals_direct_cross_entropy(tiny_corpus: Path) -> None:
             if i == 3:
                 break
             batch = batch.long()
-            logits = model(batch[:, :-1])
+            logits = model(batch[:, :-1])[..., :VOCAB]  # the softmax over the real vocabulary
             losses.append(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
     expected = (torch.stack(losses).sum() / result["tokens"]).item()
-    assert result["tokens"] == 3 * 4 * 32
+    assert result["tokens"] == 3 * 4 * 32 and result["sequences"] == 3 * 4
     assert result["loss"] == pytest.approx(expected, rel=1e-4)
     assert result["ppl"] == pytest.approx(torch.tensor(expected).exp().item(), rel=1e-4)
-
-
-def test_lm_eval_request_handling() -> None:
-    model, tokenizer = FavoursA(), CharTokenizer()
-    # trailing context spaces move to the continuation, as lm-eval-harness does
-    [(with_space, _)] = adapter.loglikelihood(model, tokenizer, [("q ", "a")])
-    [(explicit, greedy)] = adapter.loglikelihood(model, tokenizer, [("q", " a")])
-    assert with_space == explicit and not greedy
-    [(_, greedy)] = adapter.loglikelihood(model, tokenizer, [("q", "aaa")])
-    assert greedy
-    assert adapter.generate_until(model, tokenizer, "q", until=["\n"], max_gen_toks=5) == "aaaaa"
-    assert adapter.generate_until(model, tokenizer, "q", until=["aaa"], max_gen_toks=9) == ""
-
-
-def test_loglikelihood_rolling_windows() -> None:
-    model = tiny_model(block_size=8)
-    tokenizer = CharTokenizer()
-    short = "abcdef"  # fits one window: the plain log-likelihood of the text after BOS
-    ids = [0] + tokenizer.encode(short)
-    assert adapter.loglikelihood_rolling(model, tokenizer, short) == pytest.approx(
-        direct_loglik(model, ids[:1], ids[1:]), abs=1e-4
-    )
-    long = "abcdefghijklmnopqrst"  # 21 tokens with BOS: windows of 8 scored tokens, each with a full context
-    ids = [0] + tokenizer.encode(long)
-    expected = (
-        direct_loglik(model, ids[:1], ids[1:9])
-        + direct_loglik(model, ids[8:9], ids[9:17])  # 1 + 8 tokens: inputs fill block_size exactly
-        + direct_loglik(model, ids[12:17], ids[17:21])
-    )
-    assert adapter.loglikelihood_rolling(model, tokenizer, long) == pytest.approx(expected, abs=1e-4)
-
-
-def test_lm_eval_model_class_on_a_checkpoint(tmp_path: Path, tiny_corpus: Path) -> None:
-    model = tiny_model(shared=2)
-    save_consolidated(model, tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
-    lm = adapter.EPASLM(str(tmp_path / "ckpt"), sharing_layers=1)
-    assert lm.model.sharing.shared_layers == [3]
-    [(score, _)] = lm.loglikelihood([("def f(x):", " return x")])
-    tok = lm.tokenizer
-    assert score == pytest.approx(
-        direct_loglik(lm.model, [tok.bos_id] + tok.encode("def f(x):"), tok.encode(" return x")), abs=1e-4
-    )
-    with pytest.raises(ConfigError, match="trained with at most 2 sharing layers"):
-        adapter.EPASLM(str(tmp_path / "ckpt"), sharing_layers=3)
 
 
 def test_evaluate_cli_sweeps_regions(tmp_path: Path, tiny_corpus: Path, capsys: pytest.CaptureFixture) -> None:

@@ -227,8 +227,9 @@ def test_export_dense_loads_in_stock_transformers(tmp_path: Path, tiny_corpus: P
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     from epas_lightning.data import load_tokenizer
 
-    text = "def f(x):\n    return x + 1\n"
-    assert tokenizer(text, add_special_tokens=False)["input_ids"] == load_tokenizer(out / "tokenizer.json").encode(text)
+    text, ours_tokenizer = "def f(x):\n    return x + 1\n", load_tokenizer(out / "tokenizer.json")
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == ours_tokenizer.encode(text)
+    assert tokenizer(text)["input_ids"] == [ours_tokenizer.bos_id, *ours_tokenizer.encode(text)]  # BOS first
     # and back: the export imports as the same model
     back = ours_from_hf(out, padded_vocab_size=512)
     torch.testing.assert_close(back(ids)[..., :500], ours(ids)[..., :500])

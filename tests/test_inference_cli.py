@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-from helpers import train_tiny_checkpoint
+from helpers import cpu_trainer, train_tiny_checkpoint
 
-from epas_lightning import ProgressiveSharing
+from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule
 from epas_lightning.checkpoint import consolidate, load_model
 from epas_lightning.cli import main as cli_main
 from epas_lightning.inference import generate, set_region
@@ -98,3 +98,28 @@ def test_bench_writes_the_many_in_one_table(trained, tmp_path, capsys):
 def test_bench_budget_below_the_trained_region_is_an_error(trained, capsys):
     rc, _, err = run_cli(capsys, "bench", "--checkpoint", str(trained), "--budget", "0.5")
     assert rc == 2 and "— --budget — raise --budget to at least" in err
+
+
+def test_one_heldout_loss_for_validate_test_evaluate_and_bench(trained, tiny_corpus, tmp_path, capsys):
+    """fit's validation, `test`, `evaluate` and `bench` measure one thing: on the same tokens, the same number."""
+    config = LlamaConfig.from_name("debug", n_layer=4, block_size=32)
+    data = TokenDataModule(data_dir=str(tiny_corpus), seq_len=32, batch_size=4, vocab_size=config.vocab_size)
+    trainer = cpu_trainer(tmp_path, 1, limit_val_batches=3, limit_test_batches=3)
+    (validated,) = trainer.validate(EPASModule(config), datamodule=data, ckpt_path=trained)
+    (tested,) = trainer.test(EPASModule(config), datamodule=data, ckpt_path=trained)
+    common = ["--checkpoint", str(trained), "--batches", "3", "--batch-size", "4", "--json"]
+    rc, out, err = run_cli(capsys, "evaluate", *common, "--data", str(tiny_corpus))
+    assert rc == 0, err
+    [evaluated] = json.loads(out.strip().splitlines()[-1])  # the trained region, as the checkpoint holds it
+    rc, out, err = run_cli(
+        capsys, "bench", *common, "--output", str(tmp_path / "bench"), "--reps", "1", "--prompt-len", "8",
+        "--max-new-tokens", "2",
+    )  # fmt: skip
+    assert rc == 0, err
+    bench = json.loads(out.strip().splitlines()[-1])
+    tokens = 3 * 4 * 32
+    assert validated["val/tokens"] == tested["test/tokens"] == evaluated["val_tokens"] == bench["val_tokens"] == tokens
+    loss = validated["val/loss"]
+    assert tested["test/loss"] == pytest.approx(loss, rel=1e-6)
+    assert evaluated["val_loss"] == pytest.approx(loss, rel=1e-5)  # attention reuse: the same model, other rounding
+    assert bench["rows"][-1]["val_loss"] == pytest.approx(loss, rel=1e-5)

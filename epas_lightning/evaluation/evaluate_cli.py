@@ -1,8 +1,10 @@
 """``python -m epas_lightning evaluate --checkpoint CKPT [--sharing-layers N|all] [--data DIR] [--tasks T.jsonl ...]``.
 
 Scores one trained model at one or every sharing-region length (the first N layers of its trained region; ``all``
-sweeps 0..trained maximum): held-out perplexity on a prepared data directory's ``val`` split (the run's own data by
-default), and multiple-choice accuracy (``acc``, ``acc_norm``) on local JSONL tasks. Prints a table.
+sweeps 0..trained maximum): the held-out loss of ``fit`` and ``test`` (:mod:`epas_lightning.evaluation.perplexity`)
+on a prepared data directory's ``val`` split (the run's own data by default), with the tokens it scored, and
+multiple-choice accuracy (``acc``, ``acc_norm``) on local JSONL tasks, scored as lm-eval scores them (the fallback
+for installs without the ``eval`` extra; ``lm-eval`` runs any lm-eval task). Prints a table.
 """
 
 from __future__ import annotations
@@ -111,7 +113,11 @@ def evaluate_command(
     force: bool = False,
     json: bool = False,
 ) -> None:
-    """Held-out perplexity and multiple-choice accuracy of a checkpoint at chosen sharing regions.
+    """Held-out loss and perplexity, and multiple-choice accuracy, of a checkpoint at chosen sharing regions.
+
+    The held-out loss is fit's validation loss on the val split in stored order: --batches B --batch-size S scores
+    the same first B x S sequences as fit with limit_val_batches B and data.batch_size S; val_tokens says how many
+    tokens were scored. JSONL tasks are scored as lm-eval scores them (use the lm-eval command for lm-eval's tasks).
 
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.

@@ -1,139 +1,171 @@
-"""lm-eval-harness adapter: ``lm_eval --model epas --model_args checkpoint=PATH,sharing_layers=5 --tasks ...``.
+"""The lm-eval-harness model ``epas``: a checkpoint of ours at any sharing region, scored as lm-eval's ``hf`` model
+scores its export.
 
-``lm_eval`` is optional: importing this module registers the model ``epas`` when it is installed, and otherwise
-leaves a plain class whose request handling (the functions below) still works and is tested.
+Needs the ``eval`` extra (``pip install 'epas_lightning[eval]'``). lm-eval 0.4.13 finds no models outside its own
+package, so importing this module is what registers ``epas``::
+
+    import lm_eval
+    import epas_lightning.evaluation.lm_eval_adapter  # registers the model "epas"
+
+    lm_eval.simple_evaluate(model="epas", model_args={"checkpoint": "last.ckpt", "sharing_layers": 2}, tasks=[...])
+
+From the shell, ``python -m epas_lightning lm-eval`` runs lm-eval's evaluator with it (one region or all of them).
+
+Why the numbers equal ``hf`` on ``export``'s folder: :class:`EPASLM` *is* lm-eval's ``HFLM``, handed the tokenizer
+that the export ships (BOS added as the model trained with it), so tokenization, the context/continuation split,
+batching, truncation, rolling windows and the bookkeeping of generation are lm-eval's own code. Two methods change:
+``_model_call`` runs our ``Llama`` and returns logits over the real vocabulary (``config.vocab_size``, the rows the
+export keeps), and ``_model_generate`` decodes with our KV-cache ``generate``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from torch import nn
 
-from epas_lightning.evaluation.multiple_choice import score_continuations
+from epas_lightning.errors import ConfigError
+from epas_lightning.inference.generate import generate, set_region
 from epas_lightning.model import Llama
-
-try:  # pragma: no cover - depends on the optional package
-    from lm_eval.api.model import LM as _LMBase
-    from lm_eval.api.registry import register_model as _register_model
-except ImportError:
-    _LMBase = object
-
-    def _register_model(*names: str):  # noqa: ANN202
-        return lambda cls: cls
+from epas_lightning.runtime import dtype_name
 
 
-def _args(request: Any) -> tuple:
-    """lm-eval passes ``Instance`` objects whose ``.args`` hold the request; tests pass plain tuples."""
-    return tuple(request.args) if hasattr(request, "args") else tuple(request)
+class CausalLM(nn.Module):
+    """Our ``Llama`` where ``HFLM`` expects a ``transformers`` model: logits over the real vocabulary only."""
+
+    def __init__(self, model: Llama) -> None:
+        super().__init__()
+        self.llama = model
+        self.config = SimpleNamespace(model_type="epas_llama", max_position_embeddings=model.config.block_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.llama.embed_tokens.weight.device
+
+    def tie_weights(self) -> None:
+        """``HFLM`` calls it; our tied embeddings are tied already."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.llama(input_ids)[..., : self.llama.config.vocab_size]
 
 
-def loglikelihood(
-    model: Llama, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16
-) -> list[tuple[float, bool]]:  # noqa: ANN001
-    """(log P(continuation | context), is_greedy) per (context, continuation) text pair; the context starts with BOS.
-
-    As lm-eval-harness, trailing spaces of the context move to the continuation before tokenizing each part.
-    """
-    requests = []
-    for context, continuation in pairs:
-        stripped = context.rstrip(" ")
-        continuation = context[len(stripped) :] + continuation
-        requests.append(([tokenizer.bos_id] + tokenizer.encode(stripped), tokenizer.encode(continuation)))
-    return score_continuations(model, requests, batch_size)
+@contextlib.contextmanager
+def _quiet(name: str = "lm_eval.models.huggingface") -> Iterator[None]:
+    """Hide ``HFLM``'s warnings about being handed a model object (that is how this class works)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
-@torch.no_grad()
-def loglikelihood_rolling(model: Llama, tokenizer, text: str) -> float:  # noqa: ANN001
-    """Total log-likelihood of ``text`` (BOS first), in disjoint windows of ``block_size`` scored tokens.
-
-    Each window after the first is conditioned on up to ``block_size`` preceding tokens (lm-eval's rolling windows
-    with full context overlap).
-    """
-    tokens = [tokenizer.bos_id] + tokenizer.encode(text)
-    block = model.config.block_size
-    requests = []
-    for start in range(1, len(tokens), block):
-        end = min(start + block, len(tokens))
-        context = tokens[max(0, end - block - 1) : start]
-        requests.append((context, tokens[start:end]))
-    return sum(score for score, _ in score_continuations(model, requests))
-
-
-@torch.no_grad()
-def generate_until(model: Llama, tokenizer, context: str, until: list[str], max_gen_toks: int = 128) -> str:  # noqa: ANN001
-    """Greedy continuation of ``context``, cut before the first stop string (or at EOS / ``max_gen_toks``)."""
-    ids = [tokenizer.bos_id] + tokenizer.encode(context)
-    device = next(model.parameters()).device
-    generated: list[int] = []
-    vocab = model.config.vocab_size
-    for _ in range(max_gen_toks):
-        window = (ids + generated)[-model.config.block_size :]
-        logits = model(torch.tensor([window], device=device))[0, -1, :vocab]
-        token = int(logits.argmax())
-        if token == tokenizer.eos_id:
-            break
-        generated.append(token)
-        text = tokenizer.decode(generated)
-        if any(stop in text for stop in until):
-            break
-    text = tokenizer.decode(generated)
-    cut = min((text.find(s) for s in until if s in text), default=len(text))
-    return text[:cut]
-
-
-@_register_model("epas")
-class EPASLM(_LMBase):
-    """An EPAS checkpoint as an lm-eval-harness model, run with the first ``sharing_layers`` layers of its trained
-    region sharing.
+@register_model("epas")
+class EPASLM(HFLM):
+    """A checkpoint of ours as an lm-eval model, with the first ``sharing_layers`` layers of its trained region sharing.
 
     Args:
-        checkpoint: ``.ckpt``, FSDP2 checkpoint directory or ``consolidate`` directory.
-        sharing_layers: Region length N (default: the trained region); may not exceed it unless ``force``.
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
+        sharing_layers: Region length N (the first N layers of the trained region); default: the trained region.
         tokenizer: Tokenizer file (default: the one the checkpoint records).
-        batch_size: Sequences per forward when scoring.
-        device: ``cpu``, ``cuda``, ...
+        batch_size: Sequences per forward pass.
+        max_batch_size: Upper bound for lm-eval's ``batch_size=auto``.
+        device: auto (CUDA when available), cpu, cuda, cuda:1, ...
+        dtype: auto is bfloat16 on CUDA, float32 elsewhere.
+        force: Allow a region longer than the trained one.
+        **kwargs: Further ``HFLM`` options that apply to a model object (``add_bos_token``, ``prefix_token_id``,
+            ``logits_cache``, ``softmax_dtype``, ...).
     """
 
     def __init__(
         self,
-        checkpoint: str,
+        checkpoint: str | Path,
         sharing_layers: int | None = None,
-        tokenizer: str | None = None,
+        tokenizer: str | Path | None = None,
         batch_size: int | str = 16,
-        device: str = "cpu",
+        max_batch_size: int | None = 64,
+        device: str | None = "auto",
+        dtype: str | None = "auto",
         force: bool = False,
         **kwargs: Any,
     ) -> None:
-        if _LMBase is not object:
-            super().__init__()
-        from epas_lightning.checkpoint import load_model
-        from epas_lightning.data import load_tokenizer
-        from epas_lightning.inference.generate import set_region
+        from epas_lightning.hf.export import exported_tokenizer
+        from epas_lightning.inference.generate_cli import load_for_inference
 
-        loaded = load_model(checkpoint, device)
-        self.model = loaded.model
-        n_shared = loaded.max_shared if sharing_layers is None else int(sharing_layers)
-        set_region(loaded.model, n_shared, loaded.region, bool(force))
-        path = tokenizer or loaded.tokenizer_path
+        # attention recomputed in every layer, as the export's modeling code does
+        self.loaded = load_for_inference(Path(checkpoint), device or "auto", dtype or "auto", attention_reuse=False)
+        self.checkpoint, self.force = str(checkpoint), bool(force)
+        config = self.loaded.model.config
+        path = tokenizer or self.loaded.tokenizer_path
         if path is None:
-            raise ValueError(f"{checkpoint} records no tokenizer: pass model_args tokenizer=PATH.")
-        self.tokenizer = load_tokenizer(path)
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
-
-    def loglikelihood(self, requests: list) -> list[tuple[float, bool]]:
-        return loglikelihood(self.model, self.tokenizer, [_args(r)[:2] for r in requests], self.batch_size)
-
-    def loglikelihood_rolling(self, requests: list) -> list[float]:
-        return [loglikelihood_rolling(self.model, self.tokenizer, _args(r)[0]) for r in requests]
-
-    def generate_until(self, requests: list) -> list[str]:
-        out = []
-        for request in requests:
-            context, gen_kwargs = _args(request)[:2]
-            until = gen_kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            out.append(
-                generate_until(self.model, self.tokenizer, context, until, int(gen_kwargs.get("max_gen_toks", 128)))
+            raise ConfigError(
+                "the checkpoint does not name an existing tokenizer",
+                f"checkpoint={checkpoint}",
+                "pass the tokenizer file (model argument tokenizer=PATH, or --tokenizer)",
             )
-        return out
+        hf_tokenizer = exported_tokenizer(Path(path), config.block_size, self.loaded.bos_id, self.loaded.eos_id)
+        with _quiet():
+            super().__init__(
+                pretrained=CausalLM(self.loaded.model),
+                tokenizer=hf_tokenizer,
+                backend="causal",
+                batch_size=batch_size,
+                max_batch_size=max_batch_size,
+                max_length=config.block_size,
+                **kwargs,
+            )
+        self.set_sharing_layers(self.loaded.max_shared if sharing_layers is None else int(sharing_layers))
+
+    def set_sharing_layers(self, n: int) -> list[int]:
+        """Run with the first ``n`` layers of the trained region sharing; return those layers."""
+        self.sharing_layers = n
+        self.shared_layers = set_region(self.loaded.model, n, self.loaded.region, self.force)
+        return self.shared_layers
+
+    def _model_call(self, inps: torch.Tensor, attn_mask: Any = None, labels: Any = None) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(inps)
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs: Any) -> torch.Tensor:
+        """Left-padded ``context`` (B, T) followed by the new tokens, padded after EOS: what ``model.generate`` gives.
+
+        Greedy unless the task asks for ``do_sample`` (then ``temperature``, ``top_k``, ``top_p``); ``HFLM`` cuts
+        the decoded text at the stop strings.
+        """
+        mask = kwargs.get("attention_mask")
+        rows = context.tolist() if mask is None else [r[m.bool()].tolist() for r, m in zip(context, mask, strict=True)]
+        sample = bool(kwargs.get("do_sample"))
+        result = generate(
+            self.loaded.model,
+            rows,
+            max_length - context.shape[1],
+            temperature=float(kwargs.get("temperature") or 0.0) if sample else 0.0,
+            top_k=kwargs.get("top_k") if sample else None,
+            top_p=kwargs.get("top_p") if sample else None,
+            eos_id=self.eot_token_id,
+        )
+        pad = self.tokenizer.pad_token_id
+        width = max(len(tokens) for tokens in result.tokens)
+        new = [tokens + [pad] * (width - len(tokens)) for tokens in result.tokens]
+        return torch.cat([context, torch.tensor(new, dtype=context.dtype, device=context.device)], dim=1)
+
+    def get_model_info(self) -> dict:
+        """What ``simple_evaluate`` records as the model: the checkpoint and the region it ran with."""
+        model = self.loaded.model
+        return {
+            "checkpoint": self.checkpoint,
+            "sharing_layers": self.sharing_layers,
+            "shared_layers": self.shared_layers,
+            "trained_region": self.loaded.region.to_record(),
+            "model_num_parameters": sum(p.numel() for p in model.parameters()),
+            "model_dtype": dtype_name(model.embed_tokens.weight.dtype),
+        }

@@ -1,12 +1,15 @@
-"""Multiple-choice accuracy by log-likelihood scoring, as lm-eval-harness does it, on local JSONL tasks.
+"""Multiple-choice accuracy by log-likelihood on local JSONL tasks: the fallback for installs without lm-eval.
 
-A task is a JSONL file, one question a line: ``{"context": "...", "choices": [" a", " b", ...], "label": 1}``.
-Each choice is scored by the sum of the log-probabilities of its tokens following the context (BOS + context,
-then the choice, tokenized separately as lm-eval-harness does; write the separating space into the choices).
+A task is a JSONL file, one question a line: ``{"context": "...", "choices": [" a", " b", ...], "label": 1}``
+(write the separating space into the choices). Each choice is scored by the summed log-probabilities of its tokens
+after the context, with the requests built as lm-eval's ``hf`` model builds them on our export (:func:`encode_pair`),
+so the numbers equal ``python -m epas_lightning lm-eval`` on the same questions as a task YAML with
+``output_type: multiple_choice``, ``doc_to_text: context``, ``doc_to_choice: choices``, ``doc_to_target: label``
+and ``target_delimiter: ""`` (the README shows it).
 
 - ``acc``: the choice with the highest summed log-likelihood is the answer.
-- ``acc_norm``: the summed log-likelihood divided by the choice's length in characters (lm-eval-harness's
-  ``acc_norm``), which removes the bias towards short answers.
+- ``acc_norm``: the summed log-likelihood divided by the choice's length in characters (lm-eval's ``acc_norm``),
+  which removes the bias towards short answers.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from epas_lightning.errors import DataError
 from epas_lightning.model import Llama
 
 
@@ -32,7 +36,7 @@ def load_task(path: str | Path) -> list[Question]:
     """Read a JSONL task, naming the line of any malformed question."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Task file {path} does not exist.")
+        raise DataError("task file does not exist", f"--tasks {path}", "check the path")
     questions = []
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -41,13 +45,35 @@ def load_task(path: str | Path) -> list[Question]:
             item = json.loads(line)
             question = Question(str(item["context"]), [str(c) for c in item["choices"]], int(item["label"]))
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{n}: expected {{'context', 'choices', 'label'}}: {e}") from e
+            raise DataError(f"expected {{'context', 'choices', 'label'}} ({e})", f"{path}:{n}") from e
         if not 0 <= question.label < len(question.choices) or len(question.choices) < 2:
-            raise ValueError(f"{path}:{n}: label {question.label} is not one of {len(question.choices)} choices.")
+            raise DataError(f"label {question.label} is not one of {len(question.choices)} choices", f"{path}:{n}")
         questions.append(question)
     if not questions:
-        raise ValueError(f"Task file {path} holds no questions.")
+        raise DataError("the task file holds no questions", path)
     return questions
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:  # noqa: ANN001
+    """The (context, continuation) token ids of one request, as lm-eval's ``hf`` model makes them with our exported
+    tokenizer (which starts every text with BOS).
+
+    Trailing whitespace of the context moves to the continuation; the continuation's tokens are those of
+    ``context + continuation`` after the context's own tokens. An empty context becomes BOS.
+    """
+    bos = tokenizer.bos_id
+
+    def with_bos(ids: list[int]) -> list[int]:
+        return ids if ids[:1] == [bos] else [bos, *ids]
+
+    if not context:
+        ids = tokenizer.encode(continuation)
+        return ([bos], ids) if ids[:1] != [bos] else (ids[:1], ids[1:])
+    stripped = context.rstrip()
+    context, continuation = stripped, context[len(stripped) :] + continuation
+    whole = with_bos(tokenizer.encode(context + continuation))
+    context_ids = with_bos(tokenizer.encode(context))
+    return context_ids, whole[len(context_ids) :]
 
 
 @torch.no_grad()
@@ -93,11 +119,7 @@ def score_continuations(
 
 def evaluate_task(model: Llama, tokenizer, questions: list[Question], batch_size: int = 16) -> dict[str, float]:  # noqa: ANN001
     """``acc`` and ``acc_norm`` (per-character normalised) of ``model`` on ``questions``."""
-    requests = []
-    for question in questions:
-        context = [tokenizer.bos_id] + tokenizer.encode(question.context)
-        for choice in question.choices:
-            requests.append((context, tokenizer.encode(choice)))
+    requests = [encode_pair(tokenizer, q.context, choice) for q in questions for choice in q.choices]
     scores = score_continuations(model, requests, batch_size)
     correct = correct_norm = 0
     at = 0

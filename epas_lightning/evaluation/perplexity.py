@@ -1,32 +1,39 @@
-"""Held-out perplexity with ``torchmetrics`` over a prepared data directory's validation stream."""
+"""Held-out loss and perplexity over a prepared data directory's validation split.
+
+The held-out loss is the one ``fit`` validates with and ``test`` reports (:func:`epas_lightning.loss.next_token_loss`:
+token-weighted mean next-token cross-entropy, softmax over the real vocabulary), on sequences of ``block_size + 1``
+tokens read from the ``val`` split in stored order. Each result says how many tokens it scored: two numbers are the
+same measurement only when their token counts (and regions) agree.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
-from torchmetrics.text import Perplexity
 
+from epas_lightning.loss import next_token_loss
 from epas_lightning.model import Llama
 
 
 @torch.no_grad()
 def perplexity_of_batches(model: Llama, batches, max_batches: int | None = None) -> dict[str, float]:  # noqa: ANN001
-    """Token-weighted loss and perplexity of ``model`` over token batches (B, T + 1)."""
+    """Token-weighted loss and perplexity of ``model`` over token batches (B, T + 1), and the tokens scored."""
     device = model.embed_tokens.weight.device
-    metric = Perplexity().to(device)
-    tokens = 0
+    total, tokens, sequences = 0.0, 0, 0
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
         batch = batch.to(device).long()
-        logits = model(batch[:, :-1])  # (B, T, V)
-        metric.update(logits.float(), batch[:, 1:])
-        tokens += batch[:, 1:].numel()
+        n = batch[:, 1:].numel()
+        total += next_token_loss(model, batch).item() * n
+        tokens += n
+        sequences += batch.shape[0]
     if tokens == 0:
         raise ValueError("No held-out batches to evaluate (is the validation split empty?).")
-    ppl = float(metric.compute())
-    return {"loss": float(torch.log(torch.tensor(ppl))), "ppl": ppl, "tokens": tokens}
+    loss = total / tokens
+    return {"loss": loss, "ppl": math.exp(loss), "tokens": tokens, "sequences": sequences}
 
 
 def evaluate_perplexity(

@@ -92,14 +92,25 @@ def hf_config(
 
 
 def export_tokenizer(path: Path, output: Path, block_size: int, bos_id: int | None, eos_id: int | None) -> None:
-    """Copy the tokenizer and write a ``tokenizer_config.json`` that ``AutoTokenizer.from_pretrained`` reads."""
+    """Write the tokenizer files and a ``tokenizer_config.json`` that ``AutoTokenizer.from_pretrained`` reads.
+
+    Like LLaMA's, the exported tokenizer starts every text with BOS (``tokenizer(text)`` and ``encode(text)``), as
+    every document the model trained on did: a ``tokenizer.json`` gets a post-processor that adds it, a sentencepiece
+    model ``add_bos_token``.
+    """
     path = resolve_tokenizer_path(path)
     tokenizer = load_tokenizer(path)  # only a file that parses as a tokenizer is shipped
     bos_id = tokenizer.bos_id if bos_id is None else bos_id
     eos_id = tokenizer.eos_id if eos_id is None else eos_id
     if tokenizer.kind == "hf":
-        shutil.copyfile(path, output / HF_FILENAME)
+        from tokenizers import processors
+
         token = tokenizer.backend.id_to_token
+        bos = token(bos_id)
+        tokenizer.backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+        )
+        tokenizer.backend.save(str(output / HF_FILENAME))
         extra = {"tokenizer_class": "PreTrainedTokenizerFast"}
     else:
         shutil.copyfile(path, output / SENTENCEPIECE_FILENAME)
@@ -109,6 +120,18 @@ def export_tokenizer(path: Path, output: Path, block_size: int, bos_id: int | No
     (output / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     special = {"bos_token": token(bos_id), "eos_token": token(eos_id)}
     (output / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def exported_tokenizer(path: Path, block_size: int, bos_id: int | None = None, eos_id: int | None = None):  # noqa: ANN201
+    """The ``transformers`` tokenizer that :func:`export` ships for the tokenizer file ``path``, in memory: what
+    ``AutoTokenizer.from_pretrained(export_dir)`` (and lm-eval's ``hf`` model) reads."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        export_tokenizer(Path(path), Path(folder), block_size, bos_id, eos_id)
+        return AutoTokenizer.from_pretrained(folder)
 
 
 def export(

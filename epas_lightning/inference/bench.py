@@ -175,7 +175,8 @@ def print_table(summary: dict) -> None:
     print(
         f"{summary['checkpoint']}: {summary['n_layer']} layers, trained with up to {summary['trained_max_shared']} "
         f"sharing; {summary['device']} {summary['dtype']}, {summary['prompts']} prompt(s) of "
-        f"{summary['prompt_len']} tokens, {summary['max_new_tokens']} new tokens, median of {summary['reps']}"
+        f"{summary['prompt_len']} tokens, {summary['max_new_tokens']} new tokens, median of {summary['reps']}; "
+        f"val loss on {summary['val_tokens']} held-out tokens"
     )
     head = f"{'shared':>6} {'FLOPs':>6} {'prefill tok/s':>14} {'decode tok/s':>13}"
     print(f"{head} {'KV MiB':>8} {'KV saved':>9} {'val loss':>9}")

@@ -1,0 +1,209 @@
+"""``python -m epas_lightning lm-eval --checkpoint CKPT --tasks NAME_OR_YAML [--sharing-layers N|all]``.
+
+Runs lm-eval-harness's own evaluator (``lm_eval.simple_evaluate``) on a checkpoint of ours through the model ``epas``
+(:mod:`epas_lightning.evaluation.lm_eval_adapter`), at one sharing region or at each of them, and reports one row per
+region with a column per task metric. The checkpoint is loaded once; only the region changes between runs, and
+every run scores the same documents.
+
+Tasks are lm-eval task names (glob patterns too), task YAML files, or names defined in ``--include-path`` folders.
+lm-eval's own task list is indexed (a few seconds) only when a name is not found in the local ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import json as json_lib
+from collections.abc import Sequence
+from fnmatch import fnmatch
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Literal
+
+from epas_lightning.errors import ConfigError
+from epas_lightning.evaluation.evaluate_cli import format_table, region_lengths
+from epas_lightning.outputs import output_folder
+from epas_lightning.runtime import DType, emit_json
+
+INSTALL = "pip install 'epas_lightning[eval]'"
+OUTPUT_KIND = "lm-eval"
+SUMMARY_FILE = "lm_eval.json"
+TABLE_FILE = "lm_eval.csv"
+
+
+def require_lm_eval() -> None:
+    """A :class:`ConfigError` that says how to install the ``eval`` extra when lm-eval (or what it needs) is missing."""
+    try:
+        import accelerate  # noqa: F401
+        import lm_eval  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"lm-eval-harness is not installed ({e.name} is missing)", "lm-eval", INSTALL) from e
+
+
+def resolve_tasks(tasks: Sequence[str], include_path: Sequence[str | Path] = ()) -> tuple[list[str], Any]:
+    """The task specs for ``simple_evaluate`` (names, glob patterns expanded, YAML files) and the ``TaskManager``."""
+    from lm_eval.tasks import TaskManager
+
+    specs = [part.strip() for task in tasks for part in str(task).split(",") if part.strip()]
+    if not specs:
+        raise ConfigError("no task given", "--tasks", "name an lm-eval task or a task YAML file")
+    for folder in include_path:
+        if not Path(folder).is_dir():
+            raise ConfigError("task folder does not exist", f"--include-path {folder}", "check the path")
+    files = [spec for spec in specs if spec.endswith((".yaml", ".yml"))]
+    for file in files:
+        if not Path(file).is_file():
+            raise ConfigError("task file does not exist", f"--tasks {file}", "check the path")
+    names = [spec for spec in specs if spec not in files]
+    paths = [str(folder) for folder in include_path] or None
+    manager = TaskManager(include_path=paths, include_defaults=False)
+    if any(not _matches(name, manager.all_tasks) for name in names):
+        manager = TaskManager(include_path=paths)  # lm-eval's own tasks
+    unknown = [name for name in names if not _matches(name, manager.all_tasks)]
+    if unknown:
+        raise ConfigError(
+            f"unknown lm-eval task {', '.join(unknown)}",
+            "--tasks",
+            "`lm_eval ls tasks` lists them; or give a task YAML file, or the folder of yours with --include-path",
+        )
+    return [*files, *manager.match_tasks(names)], manager
+
+
+def _matches(pattern: str, names: Sequence[str]) -> bool:
+    return pattern in names or any(fnmatch(name, pattern) for name in names)
+
+
+def metric_columns(results: dict[str, dict]) -> dict[str, Any]:
+    """lm-eval's ``results`` as ``{"<task>/<metric>": value}`` (a filter other than ``none`` in brackets), no stderr."""
+    columns = {}
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            metric, _, kind = key.partition(",")
+            if not kind or metric.endswith("_stderr"):
+                continue
+            columns[f"{task}/{metric}" + ("" if kind == "none" else f"[{kind}]")] = value
+    return columns
+
+
+def run_lm_eval(
+    checkpoint: str | Path,
+    tasks: Sequence[str],
+    include_path: Sequence[str | Path] = (),
+    sharing_layers: int | str | None = None,
+    num_fewshot: int | None = None,
+    limit: float | None = None,
+    batch_size: int = 16,
+    bootstrap_iters: int = 100000,
+    tokenizer: str | Path | None = None,
+    device: str = "auto",
+    dtype: DType = "auto",
+    force: bool = False,
+) -> dict:
+    """lm-eval on ``checkpoint`` at each requested region: ``{"rows": [one per region], "runs": {n: lm-eval's
+    results, versions, n-shot, n-samples}, ...}``."""
+    require_lm_eval()
+    import lm_eval
+
+    from epas_lightning.evaluation.lm_eval_adapter import EPASLM
+
+    specs, manager = resolve_tasks(tasks, include_path)
+    lm = EPASLM(checkpoint, tokenizer=tokenizer, batch_size=batch_size, device=device, dtype=dtype, force=force)
+    lengths = region_lengths(sharing_layers, lm.loaded, force)
+    for n in lengths:  # fail on a bad region before any scoring
+        lm.loaded.region.first(n, force)
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    rows, runs = [], {}
+    for n in lengths:
+        layers = lm.set_sharing_layers(n)
+        result = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=specs,
+            task_manager=manager,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=False,
+        )
+        rows.append({"sharing_layers": n, "shared_layers": layers, **metric_columns(result["results"])})
+        runs[n] = {key: result.get(key) for key in ("results", "groups", "n-shot", "n-samples", "versions")}
+    return {
+        "checkpoint": str(checkpoint),
+        "trained_region": lm.loaded.region.to_record(),
+        "tasks": specs,
+        "num_fewshot": num_fewshot,
+        "limit": limit,
+        "lm_eval_version": version("lm_eval"),
+        "rows": rows,
+        "runs": runs,
+    }
+
+
+def write_outputs(summary: dict, folder: Path) -> None:
+    """``lm_eval.json`` (everything) and ``lm_eval.csv`` (the table: one row per region, one column per metric)."""
+    (folder / SUMMARY_FILE).write_text(json_lib.dumps(summary, indent=2, default=str) + "\n")
+    columns = list(dict.fromkeys(key for row in summary["rows"] for key in row))
+    with (folder / TABLE_FILE).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(summary["rows"])
+
+
+def lm_eval_command(
+    checkpoint: Path,
+    tasks: list[str],
+    include_path: list[Path] | None = None,
+    sharing_layers: int | Literal["all"] | None = None,
+    num_fewshot: int | None = None,
+    limit: float | None = None,
+    batch_size: int = 16,
+    bootstrap_iters: int = 100000,
+    tokenizer: Path | None = None,
+    device: str = "auto",
+    dtype: DType = "auto",
+    force: bool = False,
+    output: Path | None = None,
+    overwrite: bool = False,
+    json: bool = False,
+) -> None:
+    """Run lm-eval-harness tasks on a checkpoint, at one sharing region or at every one (needs the eval extra).
+
+    lm-eval's own evaluator scores the model exactly as its hf model scores the export of the same weights (the
+    exported tokenizer, BOS included; the softmax over the real vocabulary). Prints a table with one row per region
+    and one column per task metric; --output also writes it as lm_eval.csv, with lm-eval's full results per region
+    in lm_eval.json.
+
+    Args:
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
+        tasks: An lm-eval task or group name (glob patterns work), a task YAML file, or a comma-separated list;
+            repeat the flag for more.
+        include_path: A folder of task YAMLs (lm-eval's --include_path); repeat the flag for more.
+        sharing_layers: Region length N (the first N layers of the trained region), or all for 0..trained max;
+            default: the trained region.
+        num_fewshot: Few-shot examples per question (default: each task's own).
+        limit: Score only the first N documents of each task (a fraction below 1); for quick checks.
+        batch_size: Sequences per forward pass.
+        bootstrap_iters: Bootstrap samples for lm-eval's standard errors (0 skips them).
+        tokenizer: Tokenizer file (default: the one the checkpoint records).
+        device: auto (CUDA when available), cpu, cuda, cuda:1, ...
+        dtype: auto is bfloat16 on CUDA, float32 elsewhere.
+        force: Allow regions longer than the trained one.
+        output: Folder for lm_eval.csv and lm_eval.json (default: print only).
+        overwrite: Replace --output if it is an lm-eval folder written by this command.
+        json: End with one JSON line of the rows.
+    """
+    if output is not None:  # refuse a bad output before hours of scoring
+        from epas_lightning.outputs import check_apart, check_replaceable
+
+        check_apart(output, [checkpoint])
+        check_replaceable(Path(output).expanduser().absolute(), OUTPUT_KIND, overwrite)
+    summary = run_lm_eval(
+        checkpoint, tasks, include_path or [], sharing_layers, num_fewshot, limit, batch_size, bootstrap_iters,
+        tokenizer, device, dtype, force,
+    )  # fmt: skip
+    print(format_table(summary["rows"]))
+    if output is not None:
+        with output_folder(output, OUTPUT_KIND, overwrite, inputs=[checkpoint]) as build:
+            write_outputs(summary, build)
+        print(f"wrote {Path(output) / TABLE_FILE} and {SUMMARY_FILE}")
+    emit_json(summary["rows"], json)

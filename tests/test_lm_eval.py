@@ -1,0 +1,237 @@
+"""lm-eval-harness on our checkpoints: the same metrics as lm-eval's `hf` model on the export, at any region; the
+`lm-eval` command; the multiple-choice fallback of `evaluate` equal to lm-eval. Tiny models, local tasks, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from model_dirs import save_consolidated
+
+from epas_lightning import Llama, LlamaConfig
+from epas_lightning.cli import main as cli_main
+from epas_lightning.data import load_tokenizer
+from epas_lightning.errors import ConfigError
+from epas_lightning.evaluation.harness import metric_columns
+
+lm_eval = pytest.importorskip("lm_eval")
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ["def", "return", "import", "class", "self", "value", "list", "dict", "None", "True", "False", "for", "in"]
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+
+
+def words(i: int, n: int) -> str:
+    return " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(n))
+
+
+def task_yaml(name: str, data: Path, cache: Path, body: str) -> str:
+    return (
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n  cache_dir: {cache}\n"
+        f"test_split: test\n{body}"
+    )
+
+
+MULTIPLE_CHOICE = """output_type: multiple_choice
+doc_to_text: context
+doc_to_choice: choices
+doc_to_target: label
+target_delimiter: ""
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+ROLLING = """output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: text
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""
+GENERATE = """output_type: generate_until
+doc_to_text: context
+doc_to_target: answer
+generation_kwargs: {until: ["\\n", " if"], max_gen_toks: 8, do_sample: false}
+metric_list:
+  - metric: exact_match
+"""
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Local tasks: multiple choice (trailing spaces, a newline, a context longer than the model's 32 tokens),
+    rolling log-likelihood over documents of several windows, and greedy generation."""
+    root = tmp_path_factory.mktemp("tasks")
+    questions = [
+        {"context": words(i, 2 + i % 5), "choices": [" " + words(i + k, 1 + k % 3) for k in range(3)], "label": i % 3}
+        for i in range(10)
+    ]
+    questions += [
+        {"context": "def f(x): ", "choices": ["return x", "pass", "import os"], "label": 0},
+        {"context": "class A:\n", "choices": ["    pass", "    def", "x"], "label": 0},
+        {"context": words(3, 40), "choices": [" else", " import os"], "label": 1},
+    ]
+    documents = [{"text": words(i, 5 + 17 * i)} for i in range(5)]
+    prompts = [{"context": words(i, 1 + i), "answer": " x"} for i in range(5)]
+    for name, rows, body in (
+        ("tiny_mc", questions, MULTIPLE_CHOICE),
+        ("tiny_ppl", documents, ROLLING),
+        ("tiny_gen", prompts, GENERATE),
+    ):
+        data = root / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        (root / f"{name}.yaml").write_text(task_yaml(name, data, root / "cache", body))
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-layer model trained (here: set) with the deepest 2 layers sharing; vocabulary 512 padded to 576 rows."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        n_layer=4, n_embd=64, n_head=4, n_kv_head=2, vocab_size=512, padded_vocab_size=576, block_size=32, init_std=0.1
+    )
+    model = Llama(config).eval()
+    model.set_shared_layers([2, 3])
+    tokenizer = load_tokenizer(tiny_corpus / "tokenizer.json")
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    return save_consolidated(model, path, tiny_corpus / "tokenizer.json", tokenizer.bos_id, tokenizer.eos_id)
+
+
+@pytest.fixture(scope="module")
+def exports(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """``export`` at region 0 (stock LLaMA) and at the trained region 2 (trust_remote_code)."""
+    from epas_lightning.hf.export import export
+
+    root = tmp_path_factory.mktemp("exports")
+    return {n: export(checkpoint, root / f"hf{n}", sharing_layers=n) for n in (0, 2)}
+
+
+def evaluate(model: str, model_args: dict, tasks: Path, names: list[str]) -> dict:
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(tasks), include_defaults=False)
+    return lm_eval.simple_evaluate(
+        model=model, model_args=model_args, tasks=names, task_manager=manager, batch_size=4, bootstrap_iters=0
+    )
+
+
+def generations(result: dict) -> list:
+    return [sample["resps"] for sample in result["samples"]["tiny_gen"]]
+
+
+@pytest.mark.parametrize("n", [0, 2])
+def test_lm_eval_scores_our_checkpoint_as_hf_scores_its_export(checkpoint, exports, tasks, n: int) -> None:
+    import epas_lightning.evaluation.lm_eval_adapter  # noqa: F401 - registers "epas"
+
+    names = ["tiny_mc", "tiny_ppl", "tiny_gen"]
+    ours = evaluate("epas", {"checkpoint": str(checkpoint), "sharing_layers": n, "device": "cpu"}, tasks, names)
+    theirs = evaluate("hf", {"pretrained": str(exports[n]), "device": "cpu", "trust_remote_code": True}, tasks, names)
+    assert (exports[n] / "modeling_epas_llama.py").is_file() == (n > 0)  # region 0: a stock LlamaForCausalLM
+    assert ours["config"]["shared_layers"] == [2, 3][2 - n :]
+    metrics, expected = metric_columns(ours["results"]), metric_columns(theirs["results"])
+    assert metrics == pytest.approx(expected, rel=1e-6) and len(metrics) == 6
+    for exact in ("tiny_mc/acc", "tiny_mc/acc_norm"):
+        assert metrics[exact] == expected[exact]
+    assert generations(ours) == generations(theirs) and any(text for [[text]] in generations(ours))
+    assert ours["n-samples"] == theirs["n-samples"] and ours["n-samples"]["tiny_mc"]["effective"] == 13
+    assert 1 < metrics["tiny_ppl/byte_perplexity"] < 512
+
+
+def test_regions_change_the_scores_and_the_tokenizer_is_the_exports(checkpoint, exports) -> None:
+    import transformers
+    from lm_eval.api.instance import Instance
+
+    from epas_lightning.evaluation.lm_eval_adapter import EPASLM
+    from epas_lightning.evaluation.multiple_choice import encode_pair, score_continuations
+
+    lm = EPASLM(str(checkpoint), sharing_layers=0, device="cpu", batch_size=3)
+    exported = transformers.AutoTokenizer.from_pretrained(exports[0])
+    tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
+    for text in ("def f(x):", " leading", "two  spaces\nand a line"):
+        assert lm.tok_encode(text) == exported.encode(text)
+        assert exported.encode(text)[0] == tokenizer.bos_id  # the export starts every text with BOS, as trained
+    assert lm.tok_encode("<|bos|>import") == exported.encode("import")  # lm-eval adds no second BOS
+    pairs = [("def f(x): ", "return x"), ("", "import os"), ("class A:\n", "    pass"), (words(1, 40), " else")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    dense = lm.loglikelihood(requests)
+    # the fallback scorer of `evaluate --tasks` builds and scores the same requests
+    fallback = score_continuations(lm.loaded.model, [encode_pair(tokenizer, *pair) for pair in pairs], batch_size=2)
+    assert [s for s, _ in fallback] == pytest.approx([s for s, _ in dense], abs=1e-4)
+    assert [g for _, g in fallback] == [g for _, g in dense]
+    lm.set_sharing_layers(2)
+    assert lm.loaded.model.sharing.shared_layers == [2, 3]
+    assert all(abs(a[0] - b[0]) > 1e-6 for a, b in zip(lm.loglikelihood(requests), dense, strict=True))
+    with pytest.raises(ConfigError, match="trained with at most 2 sharing layers"):
+        lm.set_sharing_layers(3)
+
+
+def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    rc = cli_main(list(argv))
+    out = capsys.readouterr()
+    if rc == 2:
+        assert out.err.startswith("error: ") and out.err.count("\n") == 1, out.err  # one line, no traceback
+    return rc, out.out, out.err
+
+
+def test_lm_eval_command_sweeps_regions_and_equals_the_fallback(checkpoint, tasks, tmp_path, capsys) -> None:
+    base = ["--checkpoint", str(checkpoint), "--sharing-layers", "all", "--json"]
+    rc, out, _ = run_cli(
+        capsys, "lm-eval", *base, "--tasks", str(tasks / "tiny_mc.yaml"), "--include-path", str(tasks),
+        "--tasks", "tiny_p*", "--bootstrap-iters", "0", "--batch-size", "4", "--output", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert rc == 0
+    rows = json.loads(out.strip().splitlines()[-1])
+    assert [row["shared_layers"] for row in rows] == [[], [3], [2, 3]]
+    assert {"tiny_mc/acc", "tiny_mc/acc_norm", "tiny_ppl/word_perplexity", "tiny_ppl/bits_per_byte"} <= set(rows[0])
+    assert "| sharing_layers |" in out
+    written = json.loads((tmp_path / "out" / "lm_eval.json").read_text())
+    assert written["rows"] == rows and written["runs"]["2"]["results"]["tiny_mc"]["acc,none"] == rows[2]["tiny_mc/acc"]
+    assert (tmp_path / "out" / "lm_eval.csv").read_text().splitlines()[0].startswith("sharing_layers,shared_layers,")
+    # evaluate's own multiple-choice scorer (no lm-eval needed) gives lm-eval's numbers on the same questions
+    rc, out, _ = run_cli(capsys, "evaluate", *base, "--tasks", str(tasks / "tiny_mc.jsonl"), "--device", "cpu")
+    assert rc == 0
+    fallback = json.loads(out.strip().splitlines()[-1])
+    assert [(r["tiny_mc/acc"], r["tiny_mc/acc_norm"]) for r in fallback] == [
+        (r["tiny_mc/acc"], r["tiny_mc/acc_norm"]) for r in rows
+    ]
+    # the output exists now: refused before any scoring
+    rc, _, err = run_cli(capsys, "lm-eval", *base, "--tasks", "tiny_mc", "--output", str(tmp_path / "out"))
+    assert rc == 2 and "already exists" in err
+
+
+def test_lm_eval_command_errors(checkpoint, tasks, tmp_path, capsys, monkeypatch) -> None:
+    argv = ["lm-eval", "--checkpoint", str(checkpoint)]
+    rc, _, err = run_cli(capsys, *argv, "--tasks", str(tmp_path / "missing.yaml"))
+    assert rc == 2 and "task file does not exist" in err
+    rc, _, err = run_cli(capsys, *argv, "--tasks", "tiny_mc", "--include-path", str(tmp_path / "nowhere"))
+    assert rc == 2 and "task folder does not exist" in err
+    rc, _, err = run_cli(capsys, *argv, "--tasks", str(tasks / "tiny_mc.yaml"), "--sharing-layers", "3")
+    assert rc == 2 and "trained with at most 2 sharing layers" in err
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if the eval extra were not installed
+    rc, _, err = run_cli(capsys, *argv, "--tasks", "tiny_mc")
+    assert rc == 2 and "pip install 'epas_lightning[eval]'" in err
+
+
+def test_readme_shell_command_runs_in_a_fresh_process(checkpoint, tasks, tmp_path) -> None:
+    env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "epas_lightning", "lm-eval", "--checkpoint", str(checkpoint), "--tasks",
+               "tiny_mc", "--include-path", str(tasks), "--sharing-layers", "2", "--limit", "4", "--json"]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads(done.stdout.strip().splitlines()[-1])
+    assert row["shared_layers"] == [2, 3] and 0 <= row["tiny_mc/acc"] <= 1
