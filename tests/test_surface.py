@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from epas_lightning import ProgressiveSharing
 from epas_lightning.checkpoint import REGION_KEY, consolidate, load_model
-from epas_lightning.cli import LIGHTNING_COMMANDS, TOOLS, main
+from epas_lightning.cli import LIGHTNING_COMMANDS, TOOLS, function_parser, main, tool
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG = str(REPO / "configs" / "debug.yaml")
@@ -60,7 +60,9 @@ def test_every_tool_speaks_the_same_vocabulary(command, capsys):
     }
     for flag, expected in vocabulary.items():
         assert re.search(rf"{flag}[ ,]", out) or not expected, (command, flag)
-    assert "_" not in "".join(w for w in out.split() if w.startswith("--") and w != "--print_config")
+    parser = function_parser(tool(command), command)
+    options = [o for a in parser._actions if a.dest not in ("help", "print_config") for o in a.option_strings]
+    assert options and not [o for o in options if "_" in o], options  # dashes, never underscores
 
 
 def test_epas_console_script_exits_zero(tmp_path):
@@ -127,7 +129,7 @@ def test_every_consumer_reads_n_sharing_layers_in_growth_order(shallow, tmp_path
     assert config["epas_shared_layers"] == [1] and config["epas_trained_region"] == [1, 2]
     from epas_lightning.evaluation.lm_eval_adapter import EPASLM
 
-    assert EPASLM(str(shallow), sharing_layers=1).model.sharing.shared_layers == [1]
+    assert EPASLM(str(shallow), sharing_layers=1).model.llama.sharing.shared_layers == [1]
     capsys.readouterr()
     assert main(["generate", "--checkpoint", str(shallow), "--prompt", "x", "--sharing-layers", "3"]) == 2
     assert "trained with at most 2 sharing layers (layers [1, 2], shallow-first)" in capsys.readouterr().err
