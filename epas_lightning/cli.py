@@ -157,7 +157,7 @@ def parse_error(error: Exception, prog: str) -> UserError:
 
 
 def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:
-    """Parse ``argv`` for ``fn`` and call it; ``--help`` and ``--print-config`` exit 0 (``SystemExit``)."""
+    """Parse ``argv`` for ``fn`` and call it; ``--help`` and ``--print_config`` exit 0 (``SystemExit``)."""
     parser = function_parser(fn, prog)
     try:
         config = parser.parse_args(_append_lists(argv, parser.list_options))
