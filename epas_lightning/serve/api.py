@@ -15,14 +15,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import queue
 import signal
+import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Hashable
 from contextlib import aclosing
 from pathlib import Path
-from queue import Empty
 from typing import Any
 
 import litserve as ls
@@ -161,6 +162,18 @@ class CompletionsSpec(LitSpec):
         yield "data: [DONE]\n\n"
 
 
+def _forward(request_queue, inbox: queue.Queue) -> None:
+    """Move requests from LitServe's queue (another process: each read is a round trip) to the worker's own queue,
+    so that decode steps never wait on it."""
+    item = None
+    while item != _SENTINEL_VALUE:
+        try:
+            item = request_queue.get()
+        except (EOFError, OSError):  # the server is shutting down
+            item = _SENTINEL_VALUE
+        inbox.put(item)
+
+
 class EngineLoop(LitLoop):
     """The inference worker's loop: take new sequences between decode steps, step the engine, send what it made."""
 
@@ -170,22 +183,24 @@ class EngineLoop(LitLoop):
         self.routes: dict[Hashable, int] = {}
         self.streams: dict[Hashable, bool] = {}
         self.pieces: dict[Hashable, list[str]] = {}
-        while self._receive(engine, request_queue):
+        inbox: queue.Queue = queue.Queue()
+        threading.Thread(target=_forward, args=(request_queue, inbox), daemon=True, name="epas-receive").start()
+        while self._receive(engine, inbox):
             self._send(engine, transport)
 
-    def _receive(self, engine: Engine, request_queue) -> bool:
+    def _receive(self, engine: Engine, inbox: queue.Queue) -> bool:
         """Add the sequences that have arrived (waiting for one while the engine is idle); False on shutdown."""
         wait = engine.wait_time()
         try:
-            item = request_queue.get(block=wait != 0, timeout=1.0 if wait is None else wait)
+            item = inbox.get(block=wait != 0, timeout=1.0 if wait is None else wait)
             while True:
                 if item == _SENTINEL_VALUE:
                     return False
                 response_queue_id, uid, _, sequence = item
                 self.routes[uid], self.streams[uid], self.pieces[uid] = response_queue_id, sequence.stream, []
                 engine.add(uid, sequence)
-                item = request_queue.get_nowait()
-        except Empty:
+                item = inbox.get_nowait()
+        except queue.Empty:
             return True
 
     def _send(self, engine: Engine, transport) -> None:
