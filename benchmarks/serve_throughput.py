@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=3, help="timed rounds per setting")
     p.add_argument("--max-batch-size", type=int, default=8, help="serve --max-batch-size")
-    p.add_argument("--batch-timeout", type=float, default=0.01, help="serve --batch-timeout")
+    p.add_argument("--batch-timeout", type=float, default=0.05, help="serve --batch-timeout")
     p.add_argument("--device", default="cpu", help="serve --device")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the server (OMP_NUM_THREADS)")
     p.add_argument("--seed", type=int, default=0)
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         server = Server(folder, args, Path(tmp) / "server.log")
         try:
             rounds: dict[str, list[dict]] = {label: [] for label in settings}
-            for label, n in settings.items():
+            for n in settings.values():
                 run_round(server, args, prompts.tolist(), n)  # warm-up
             for rep in range(args.reps):
                 order = list(settings.items())

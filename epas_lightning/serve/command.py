@@ -64,7 +64,7 @@ def serve_command(
     dtype: DType = "auto",
     attention_reuse: bool = True,
     max_batch_size: int = 8,
-    batch_timeout: float = 0.01,
+    batch_timeout: float = 0.05,
     max_tokens: int | None = None,
     max_choices: int = 16,
     log_level: LogLevel = "warning",
@@ -88,7 +88,7 @@ def serve_command(
         dtype: Weights and activations; auto is bfloat16 on CUDA, float32 elsewhere.
         attention_reuse: Sharing layers reuse the source layer's attention probabilities (the same model, less work).
         max_batch_size: Sequences decoded at the same time (over all regions).
-        batch_timeout: Seconds a request waits for others to share its forward.
+        batch_timeout: Seconds a request waits for others to share its forward (at most; none when the batch fills).
         max_tokens: The largest max_tokens a request may ask for (default: the block size minus one).
         max_choices: Prompts x n one request may ask for.
         log_level: LitServe and uvicorn logging (info logs every request).

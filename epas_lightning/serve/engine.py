@@ -5,8 +5,8 @@ a *group*: one left-padded batch with its own KV cache (:class:`~epas_lightning.
 behind ``generate``). A sequence with a ``seed`` decodes alone, so it gets exactly what ``generate`` gives for that
 prompt and seed, whoever else is being served. Every :meth:`Engine.step` advances each running group by one token
 (switching the model's region in between is a flag flip) and admits waiting sequences into new groups, up to
-``max_batch_size`` sequences in flight; a waiting sequence is admitted once the oldest has waited ``batch_timeout``
-seconds, so requests that arrive together share a forward.
+``max_batch_size`` sequences in flight; waiting sequences are admitted once they fill the free places or the oldest
+has waited ``batch_timeout`` seconds, so requests that arrive together share a forward.
 """
 
 from __future__ import annotations
@@ -156,6 +156,8 @@ class Engine:
             return 0.0
         if not self.waiting:
             return None
+        if len(self.waiting) >= self._free():
+            return 0.0
         return max(0.0, self.waiting[0][2] + self.batch_timeout - time.monotonic())
 
     @torch.inference_mode()
@@ -175,10 +177,15 @@ class Engine:
         self.groups, self.waiting = [], []
         return keys
 
+    def _free(self) -> int:
+        return self.max_batch_size - sum(sum(group.running) for group in self.groups)
+
     def _admit(self) -> list[_Group]:
-        free = self.max_batch_size - sum(sum(group.running) for group in self.groups)
-        if not self.waiting or free <= 0 or time.monotonic() < self.waiting[0][2] + self.batch_timeout:
+        free = self._free()
+        if not self.waiting or free <= 0:
             return []
+        if len(self.waiting) < free and time.monotonic() < self.waiting[0][2] + self.batch_timeout:
+            return []  # room for more: wait for them until the oldest has waited batch_timeout
         admitted, self.waiting = self.waiting[:free], self.waiting[free:]
         block_size = self.model.config.block_size
         open_groups: dict[Hashable, list] = {}
