@@ -103,6 +103,16 @@ def test_engine_matches_generate_for_every_region_and_seed(checkpoint):
     assert saving == pytest.approx({0: 0.0, 1: 1 / 8, 2: 2 / 8})  # a sharing layer caches only V
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--sharing-layers", "3"], "trained with at most 2 sharing layers"), (["--port", "80"], "1024..65535")],
+)
+def test_startup_mistakes_are_one_line_errors(checkpoint, capsys, args, message):
+    assert cli_main(["serve", "--checkpoint", str(checkpoint), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
 def test_serve_without_litserve_names_the_extra(monkeypatch, checkpoint, capsys):
     monkeypatch.setitem(sys.modules, "litserve", None)
     assert cli_main(["serve", "--checkpoint", str(checkpoint)]) == 2
