@@ -170,6 +170,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
+    pytest.importorskip("litserve")
     server = Server(checkpoint, tmp_path_factory.mktemp("cwd"))
     yield server
     server.stop()
