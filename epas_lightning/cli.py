@@ -36,6 +36,7 @@ TOOLS: dict[str, str] = {
     "consolidate": "epas_lightning.checkpoint:consolidate_command",
     "generate": "epas_lightning.inference.generate_cli:generate_command",
     "bench": "epas_lightning.inference.bench:bench_command",
+    "serve": "epas_lightning.serve.command:serve_command",
     "evaluate": "epas_lightning.evaluation.evaluate_cli:evaluate_command",
     "lm-eval": "epas_lightning.evaluation.harness:lm_eval_command",
     "export": "epas_lightning.hf.export:export_command",

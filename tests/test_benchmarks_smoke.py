@@ -64,3 +64,14 @@ def test_pretrain_compare_writes_every_output(tmp_path):
         assert all(key in row for row in v.values())
     assert (tmp_path / "loss.png").stat().st_size > 0 and (tmp_path / "results.md").is_file()
     assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["dense", "epas", "shallow", "static"]
+
+
+@pytest.mark.slow
+def test_serve_throughput_reports_both_budgets():
+    pytest.importorskip("litserve")
+    r = last_json_line("benchmarks/serve_throughput.py")
+    dense, trained = r["results"]["dense"], r["results"]["trained"]
+    assert dense["sharing_layers"] == 0 and trained["sharing_layers"] == r["n_layer"] // 2 > 0
+    assert dense["requests_per_s"] > 0 and trained["tokens_per_s"] > 0 and "gain_tokens_per_s" in r
+    assert dense["kv_cache_saving"] == 0 and trained["kv_cache_saving"] == pytest.approx(0.25)  # V-only cache
+    assert r["server_exit_code"] == 0  # SIGTERM shut the server down cleanly

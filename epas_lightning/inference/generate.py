@@ -77,6 +77,96 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Decoder:
+    """One left-padded batch decoded token by token with the KV cache: the loop behind :func:`generate`, for callers
+    that need each token as it comes (a server streaming completions).
+
+    ``prefill()`` runs the prompts and returns the first new token of every row (B,); each ``step(tokens)`` feeds the
+    tokens just chosen and returns the next ones. Call them under ``torch.inference_mode()`` with the model in eval
+    mode and its sharing region set (the cache is built for the region the model has when the decoder is made).
+    At most ``max_new_tokens`` tokens per row: the prefill's and ``max_new_tokens - 1`` steps.
+    """
+
+    def __init__(
+        self,
+        model: Llama,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        pad_id: int = 0,
+        cuda_graph: bool | None = None,
+    ) -> None:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("Give at least one prompt, each with at least one token.")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        config = model.config
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > config.block_size:
+            raise ValueError(
+                f"The longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} exceeds the model's "
+                f"block_size={config.block_size}: shorten the prompt or ask for fewer tokens."
+            )
+        if any(t < 0 or t >= config.vocab_size for p in prompts for t in p):
+            raise ValueError(f"Prompt token ids must lie in 0..{config.vocab_size - 1} (the model's vocab_size).")
+        self.model, self.max_new_tokens = model, max_new_tokens
+        self.device = device = model.embed_tokens.weight.device
+        B = len(prompts)
+        ids = torch.full((B, longest), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros(B, longest, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            attention_mask[row, longest - len(prompt) :] = 1
+        self.ids, self.attention_mask = ids.to(device), attention_mask.to(device)
+        self.padded = any(len(p) != longest for p in prompts)
+        self.prompt_tokens = sum(len(p) for p in prompts)
+        """Real (unpadded) prompt tokens, summed over the batch."""
+        self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.cuda_graph = cuda_graph and max_new_tokens > 1
+        self.cache = model.new_cache(B, longest + max_new_tokens, static=self.cuda_graph)
+        self._step_logits = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.cache.batch_size
+
+    def _choose(self, logits: torch.Tensor) -> torch.Tensor:  # (B, V_padded) -> (B,)
+        V = self.model.config.vocab_size  # the padded rows of the embedding are never emitted
+        return sample(logits[:, :V], self.temperature, self.top_k, self.top_p, self.generator)
+
+    def prefill(self) -> torch.Tensor:
+        """The first new token of every row (B,)."""
+        mask = self.attention_mask if self.padded else None
+        return self._choose(self.model(self.ids, self.cache, mask)[:, -1])
+
+    def prepare_steps(self) -> None:
+        """Build the decode step (with ``cuda_graph``, capture it); ``step`` does it on first use otherwise."""
+        if self._step_logits is not None:
+            return
+        if self.cuda_graph:
+            from epas_lightning.inference.cuda_graph import GraphedDecodeStep
+
+            self._step_logits = GraphedDecodeStep(self.model, self.cache)
+        else:
+            model, cache = self.model, self.cache
+
+            def step_logits(token: torch.Tensor) -> torch.Tensor:
+                return model(token[:, None], cache)[:, -1]
+
+            self._step_logits = step_logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed the last tokens (B,) and return the next ones (B,)."""
+        self.prepare_steps()
+        return self._choose(self._step_logits(tokens))
+
+
 @torch.inference_mode()
 def generate(
     model: Llama,
@@ -98,58 +188,22 @@ def generate(
     A row stops after it emits ``eos_id``; generation ends when every row has stopped.
     ``cuda_graph`` (default: on for CUDA) replays each decode step from a CUDA graph (same results, fewer launches).
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("Give at least one prompt, each with at least one token.")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-    config = model.config
-    longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > config.block_size:
-        raise ValueError(
-            f"The longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} exceeds the model's "
-            f"block_size={config.block_size}: shorten the prompt or ask for fewer tokens."
-        )
-    if any(t < 0 or t >= config.vocab_size for p in prompts for t in p):
-        raise ValueError(f"Prompt token ids must lie in 0..{config.vocab_size - 1} (the model's vocab_size).")
-    device = model.embed_tokens.weight.device
-    B = len(prompts)
-    ids = torch.full((B, longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(B, longest, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, longest - len(prompt) :] = 1
-    ids, attention_mask = ids.to(device), attention_mask.to(device)
-    padded = any(len(p) != longest for p in prompts)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    decoder = Decoder(
+        model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, pad_id=pad_id,
+        cuda_graph=cuda_graph,
+    )  # fmt: skip
+    device, B = decoder.device, decoder.batch_size
     was_training = model.training
     model.eval()
-    if cuda_graph is None:
-        cuda_graph = device.type == "cuda"
-    cuda_graph = cuda_graph and max_new_tokens > 1
-    cache = model.new_cache(B, longest + max_new_tokens, static=cuda_graph)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    V = config.vocab_size  # the padded rows of the embedding are never emitted
-
-    def choose(logits: torch.Tensor) -> torch.Tensor:  # (B, V_padded) -> (B,)
-        return sample(logits[:, :V], temperature, top_k, top_p, generator)
-
     _sync(device)
     start = time.perf_counter()
-    token = choose(model(ids, cache, attention_mask if padded else None)[:, -1])
+    token = decoder.prefill()
     _sync(device)
     prefill_seconds = time.perf_counter() - start
-    if cuda_graph:
-        from epas_lightning.inference.cuda_graph import GraphedDecodeStep
-
-        step_logits = GraphedDecodeStep(model, cache)  # capture time is not counted as decoding
-    else:
-
-        def step_logits(token: torch.Tensor) -> torch.Tensor:
-            return model(token[:, None], cache)[:, -1]
-
+    if max_new_tokens > 1:
+        decoder.prepare_steps()  # capture time is not counted as decoding
     start = time.perf_counter()
     steps = 0
     for step in range(max_new_tokens):
@@ -160,14 +214,15 @@ def generate(
                 break
         if step + 1 == max_new_tokens:
             break
-        token = choose(step_logits(token))
+        token = decoder.step(token)
         steps += 1
     _sync(device)
     decode_seconds = time.perf_counter() - start
     model.train(was_training)
+    cache = decoder.cache
     return GenerationResult(
         tokens=[_until_eos(row, eos_id) for row in out[:, : steps + 1].tolist()],
-        prompt_tokens=int(attention_mask.sum()),
+        prompt_tokens=decoder.prompt_tokens,
         decode_steps=steps,
         batch_size=B,
         prefill_seconds=prefill_seconds,

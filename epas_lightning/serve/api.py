@@ -1,0 +1,262 @@
+"""``serve`` on LitServe: the OpenAI completions endpoints, the inference worker's loop and its model.
+
+LitServe runs the HTTP side (uvicorn) and one inference worker process, and passes requests and responses between
+them. Its own ``OpenAISpec`` serves chat completions only, so :class:`CompletionsSpec` adds ``/v1/completions`` and
+``/v1/models`` the same way (a ``LitSpec`` with its own endpoints). A request is checked on the HTTP side and sent to
+the worker as one :class:`~epas_lightning.serve.engine.SequenceRequest` per choice; the worker's loop
+(:class:`EngineLoop`, a ``LitLoop``) feeds them to the :class:`~epas_lightning.serve.engine.Engine`, which decodes
+every sequence in flight one token per step, so a request that arrives while others decode joins at the next step
+instead of waiting for a whole batch to finish. A streamed sequence sends its text as it comes; the others send it
+once, at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import signal
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Hashable
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+import litserve as ls
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from litserve.loops.base import _SENTINEL_VALUE, LitLoop
+from litserve.specs.base import LitSpec
+from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem
+
+from epas_lightning.data.tokenizer import load_tokenizer_once
+from epas_lightning.inference.generate_cli import load_for_inference
+from epas_lightning.runtime import DType
+from epas_lightning.serve.engine import Engine, Output
+from epas_lightning.serve.model_card import ServedModel
+from epas_lightning.serve.protocol import (
+    Completion,
+    RequestError,
+    chunk,
+    completion_response,
+    parse_completion,
+    usage_chunk,
+)
+
+logger = logging.getLogger("epas_lightning.serve")
+COMPLETIONS_PATH = "/v1/completions"
+MODELS_PATH = "/v1/models"
+WORKER_FAILED = "the inference worker failed while decoding this request (see the server log)"
+
+
+def _error_response(error: RequestError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+def _sse(record: dict[str, Any]) -> str:
+    return f"data: {json.dumps(record)}\n\n"
+
+
+class CompletionsSpec(LitSpec):
+    """``POST /v1/completions`` (streamed or not), ``GET /v1/models`` and ``GET /v1/models/{id}``."""
+
+    def __init__(self, served: ServedModel) -> None:
+        super().__init__()
+        self.served = served
+        self.api_path = COMPLETIONS_PATH
+        self.add_endpoint(COMPLETIONS_PATH, self.completions, ["POST"])
+        self.add_endpoint(MODELS_PATH, self.models, ["GET"])
+        self.add_endpoint(MODELS_PATH + "/{model_id}", self.model, ["GET"])
+
+    @property
+    def stream(self) -> bool:
+        return True  # responses come as a sequence of messages from the worker, streamed to the client or not
+
+    def decode_request(self, request, context_kwargs=None):  # unused: EngineLoop decodes
+        return request
+
+    def encode_response(self, output, context_kwargs=None):  # unused: EngineLoop encodes
+        return output
+
+    async def models(self) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [self.served.model_record()]})
+
+    async def model(self, model_id: str) -> JSONResponse:
+        if model_id != self.served.name:
+            error = RequestError(f"the model {model_id!r} does not exist", "model", 404, "model_not_found")
+            return _error_response(error)
+        return JSONResponse(self.served.model_record())
+
+    async def completions(self, request: Request) -> Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error_response(RequestError("the request body is not valid JSON"))
+        try:
+            completion = parse_completion(body, self.served, load_tokenizer_once(str(self.served.tokenizer_path)))
+        except RequestError as e:
+            return _error_response(e)
+        event = asyncio.Event()
+        uids = [self._submit(sequence, event) for sequence in completion.sequences]
+        messages = self._messages(uids, event)
+        if completion.stream:
+            return StreamingResponse(self._stream(completion, messages), media_type="text/event-stream")
+        texts, reasons, infos = [""] * len(uids), [""] * len(uids), [{}] * len(uids)
+        async with aclosing(messages):
+            async for index, message in messages:
+                if "error" in message:
+                    return _error_response(RequestError(message["error"], status=500))
+                texts[index] += message["text"]
+                if message.get("finish_reason"):
+                    reasons[index], infos[index] = message["finish_reason"], message["info"]
+        return JSONResponse(completion_response(completion, texts, reasons, infos))
+
+    def _submit(self, sequence: Any, event: asyncio.Event) -> str:
+        """Queue one sequence for the worker; its messages arrive in its own deque and set the request's event."""
+        uid = uuid.uuid4().hex
+        self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=deque())
+        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), sequence))
+        return uid
+
+    async def _messages(self, uids: list[str], event: asyncio.Event) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        """(choice index, message) in the order the worker sends them, until every sequence has finished."""
+        queues = [self.response_buffer[uid].response_queue for uid in uids]
+        running = set(range(len(uids)))
+        try:
+            while running:
+                await event.wait()
+                event.clear()
+                for index in sorted(running):
+                    while queues[index]:
+                        data, status = queues[index].popleft()
+                        if status == LitAPIStatus.FINISH_STREAMING:
+                            running.discard(index)
+                            break
+                        if status == LitAPIStatus.ERROR:
+                            running.discard(index)
+                            yield index, {"error": WORKER_FAILED}
+                            break
+                        yield index, json.loads(data)
+        finally:
+            for uid in uids:
+                self.response_buffer.pop(uid, None)
+
+    async def _stream(self, completion: Completion, messages: AsyncIterator) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per piece of text, the usage chunk if asked for, then ``[DONE]``."""
+        infos = []
+        async with aclosing(messages):
+            async for index, message in messages:
+                if "error" in message:
+                    yield _sse(RequestError(message["error"], status=500).body())
+                    return
+                if message["text"] or message.get("finish_reason"):
+                    info = message.get("info")
+                    infos += [info] if info else []
+                    yield _sse(chunk(completion, index, message["text"], message.get("finish_reason"), info))
+        if completion.include_usage:
+            yield _sse(usage_chunk(completion, infos))
+        yield "data: [DONE]\n\n"
+
+
+def _forward(request_queue, inbox: queue.Queue) -> None:
+    """Move requests from LitServe's queue (another process: each read is a round trip) to the worker's own queue,
+    so that decode steps never wait on it."""
+    item = None
+    while item != _SENTINEL_VALUE:
+        try:
+            item = request_queue.get()
+        except (EOFError, OSError):  # the server is shutting down
+            item = _SENTINEL_VALUE
+        inbox.put(item)
+
+
+class EngineLoop(LitLoop):
+    """The inference worker's loop: take new sequences between decode steps, step the engine, send what it made."""
+
+    def __call__(self, lit_api, device, worker_id, request_queue, transport, workers_setup_status, callback_runner):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches every process: the main one shuts us down
+        engine: Engine = lit_api.engine
+        self.routes: dict[Hashable, int] = {}
+        self.streams: dict[Hashable, bool] = {}
+        self.pieces: dict[Hashable, list[str]] = {}
+        inbox: queue.Queue = queue.Queue()
+        threading.Thread(target=_forward, args=(request_queue, inbox), daemon=True, name="epas-receive").start()
+        while self._receive(engine, inbox):
+            self._send(engine, transport)
+
+    def _receive(self, engine: Engine, inbox: queue.Queue) -> bool:
+        """Add the sequences that have arrived (waiting for one while the engine is idle); False on shutdown."""
+        wait = engine.wait_time()
+        try:
+            item = inbox.get(block=wait != 0, timeout=1.0 if wait is None else wait)
+            while True:
+                if item == _SENTINEL_VALUE:
+                    return False
+                response_queue_id, uid, _, sequence = item
+                self.routes[uid], self.streams[uid], self.pieces[uid] = response_queue_id, sequence.stream, []
+                engine.add(uid, sequence)
+                item = inbox.get_nowait()
+        except queue.Empty:
+            return True
+
+    def _send(self, engine: Engine, transport) -> None:
+        try:
+            outputs = engine.step()
+        except Exception:
+            logger.exception("decoding failed; the sequences in flight get an error")
+            for uid in engine.abort():
+                self._put(transport, uid, "", LitAPIStatus.ERROR)
+            return
+        for output in outputs:
+            self._deliver(transport, output)
+
+    def _deliver(self, transport, output: Output) -> None:
+        uid, finished = output.key, output.finish_reason is not None
+        if not self.streams[uid] and not finished:
+            self.pieces[uid].append(output.text)
+            return
+        text = "".join(self.pieces[uid]) + output.text
+        if text or finished:
+            message = {"text": text, "finish_reason": output.finish_reason, "info": output.info}
+            self._put(transport, uid, json.dumps(message), LitAPIStatus.OK)
+        self.pieces[uid] = []
+        if finished:
+            self._put(transport, uid, "", LitAPIStatus.FINISH_STREAMING)
+
+    def _put(self, transport, uid: Hashable, data: str, status: str) -> None:
+        self.put_response(transport, self.routes[uid], uid, data, status, LoopResponseType.STREAMING)
+        if status != LitAPIStatus.OK:  # finished or failed: nothing more is sent for it
+            for table in (self.routes, self.streams, self.pieces):
+                table.pop(uid, None)
+
+
+class CompletionsAPI(ls.LitAPI):
+    """The model behind the endpoints: loaded in the inference worker, decoded by :class:`EngineLoop`."""
+
+    def __init__(
+        self,
+        served: ServedModel,
+        checkpoint: Path,
+        dtype: DType,
+        attention_reuse: bool,
+        max_batch_size: int,
+        batch_timeout: float,
+    ) -> None:
+        super().__init__(
+            max_batch_size=max_batch_size, batch_timeout=batch_timeout, spec=CompletionsSpec(served), loop=EngineLoop()
+        )
+        self.served, self.checkpoint, self.dtype, self.attention_reuse = served, checkpoint, dtype, attention_reuse
+
+    def setup(self, device: str) -> None:
+        loaded = load_for_inference(self.checkpoint, device, self.dtype, self.attention_reuse)
+        tokenizer = load_tokenizer_once(str(self.served.tokenizer_path))
+        self.engine = Engine(
+            loaded.model, loaded.region, tokenizer.decode, tokenizer.eos_id, self.max_batch_size, self.batch_timeout
+        )
+
+    def predict(self, x: Any) -> Any:
+        raise NotImplementedError("EngineLoop decodes; predict is not called")

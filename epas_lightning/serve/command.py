@@ -1,0 +1,138 @@
+"""``python -m epas_lightning serve --checkpoint ...``: one model over the OpenAI completions API, at every budget.
+
+This module stays importable without the ``serve`` extra (the command list imports it for ``--help``); LitServe is
+imported when the command runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+from epas_lightning.checkpoint import load_model
+from epas_lightning.errors import ConfigError
+from epas_lightning.inference.generate_cli import resolve_tokenizer
+from epas_lightning.runtime import DType, resolve_device, resolve_dtype
+
+Host = Literal["127.0.0.1", "0.0.0.0", "::"]
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+INSTALL = "pip install 'epas_lightning[serve]'"
+
+
+def require_litserve() -> None:
+    """A :class:`ConfigError` naming the extra to install when LitServe is missing."""
+    try:
+        import litserve  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"serving needs LitServe, which is not installed ({e})", "serve", INSTALL) from e
+
+
+@contextmanager
+def signals_stop_server() -> Iterator[None]:
+    """SIGTERM and Ctrl+C stop the server: LitServe then shuts its processes down and ``run`` returns.
+
+    The server's forked processes inherit the handler; there it does nothing, so that uvicorn's own handlers (which
+    re-raise the signal once uvicorn has shut down) end them quietly instead of with a traceback.
+    """
+    owner = os.getpid()
+
+    def interrupt(signum, frame) -> None:
+        if os.getpid() == owner:
+            raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def serve_command(
+    checkpoint: Path,
+    host: Host = "127.0.0.1",
+    port: int = 8000,
+    model_name: str | None = None,
+    sharing_layers: int | None = None,
+    tokenizer: Path | None = None,
+    device: str = "auto",
+    dtype: DType = "auto",
+    attention_reuse: bool = True,
+    max_batch_size: int = 8,
+    batch_timeout: float = 0.05,
+    max_tokens: int | None = None,
+    max_choices: int = 16,
+    log_level: LogLevel = "warning",
+) -> None:
+    """Serve a checkpoint over the OpenAI completions API; each request may pick its sharing region.
+
+    Endpoints: POST /v1/completions (streamed or not), GET /v1/models, GET /health. A request picks its region with
+    the extra field sharing_layers (the first N layers of the trained region) or budget (a fraction of dense FLOPs,
+    resolved like bench --budget); responses report it under "epas", with the KV cache the request held (a sharing
+    layer caches only V). Requests with the same region and sampling settings are decoded together in one
+    left-padded batch. SIGTERM or Ctrl+C stops the server.
+
+    Args:
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
+        host: Interface to listen on (0.0.0.0 or :: for every interface).
+        port: TCP port (1024..65535).
+        model_name: The model id clients name (default: the checkpoint's file or folder name).
+        sharing_layers: The region of requests that name none (default: the whole trained region).
+        tokenizer: Tokenizer file (default: the one the checkpoint records).
+        device: auto (CUDA when available), cpu, cuda, cuda:1, ...
+        dtype: Weights and activations; auto is bfloat16 on CUDA, float32 elsewhere.
+        attention_reuse: Sharing layers reuse the source layer's attention probabilities (the same model, less work).
+        max_batch_size: Sequences decoded at the same time (over all regions).
+        batch_timeout: Seconds a request waits for others to share its forward (at most; none when the batch fills).
+        max_tokens: The largest max_tokens a request may ask for (default: the block size minus one).
+        max_choices: Prompts x n one request may ask for.
+        log_level: LitServe and uvicorn logging (info logs every request).
+    """
+    require_litserve()
+    if not 1024 <= port <= 65535:
+        raise ConfigError(f"port must lie in 1024..65535, not {port}", "--port")
+    if max_batch_size < 1 or batch_timeout < 0:
+        raise ConfigError("--max-batch-size must be >= 1 and --batch-timeout >= 0", "serve", "see --help")
+    where = resolve_device(device)
+    resolve_dtype(dtype, where)
+    loaded = load_model(checkpoint)  # on the CPU: checks the checkpoint before any process starts
+    text_tokenizer = resolve_tokenizer(loaded, tokenizer)
+    name = model_name or (checkpoint.stem if checkpoint.is_file() else checkpoint.name)
+
+    from epas_lightning.serve.api import CompletionsAPI
+    from epas_lightning.serve.model_card import ServedModel
+
+    served = ServedModel.build(loaded, text_tokenizer, name, sharing_layers, max_tokens, max_choices)
+    del loaded  # the inference worker loads its own copy on --device
+    run_server(
+        CompletionsAPI(served, checkpoint, dtype, attention_reuse, max_batch_size, batch_timeout),
+        where.type,
+        where.index,
+        host,
+        port,
+        log_level,
+    )
+
+
+def run_server(api, accelerator: str, index: int | None, host: str, port: int, log_level: str) -> None:
+    """Run LitServe until SIGTERM or Ctrl+C; returns after a clean shutdown."""
+    import litserve as ls
+
+    served = api.served
+    devices = [index or 0] if accelerator == "cuda" else "auto"
+    server = ls.LitServer(api, accelerator=accelerator, devices=devices, timeout=False)
+    region = served.region_record(served.default_sharing)
+    print(
+        f"serving {served.name!r} (trained region: {served.region.describe()}; default {region['sharing_layers']} "
+        f"sharing layers) at http://{host}:{port}/v1 — ready when GET /health answers ok; SIGTERM or Ctrl+C stops it",
+        file=sys.stderr,
+        flush=True,
+    )
+    with signals_stop_server():
+        server.run(host=host, port=port, log_level=log_level, generate_client_file=False, num_api_servers=1)
+    print("server stopped", file=sys.stderr, flush=True)

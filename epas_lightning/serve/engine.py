@@ -1,0 +1,211 @@
+"""The decoding engine behind ``serve``: sequences that can share a forward are decoded together, one token per step.
+
+A *sequence* is one choice of one prompt. Sequences with the same sharing region and the same sampling settings form
+a *group*: one left-padded batch with its own KV cache (:class:`~epas_lightning.inference.generate.Decoder`, the loop
+behind ``generate``). A sequence with a ``seed`` decodes alone, so it gets exactly what ``generate`` gives for that
+prompt and seed, whoever else is being served. Every :meth:`Engine.step` advances each running group by one token
+(switching the model's region in between is a flag flip) and admits waiting sequences into new groups, up to
+``max_batch_size`` sequences in flight; waiting sequences are admitted once they fill the free places or the oldest
+has waited ``batch_timeout`` seconds, so requests that arrive together share a forward.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from epas_lightning.inference.generate import Decoder
+from epas_lightning.model import Llama
+from epas_lightning.region import TrainedRegion
+from epas_lightning.serve.text import TextStream
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a sequence picks its tokens: greedy at temperature 0."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+
+@dataclass
+class SequenceRequest:
+    """One sequence to decode: prompt token ids, its region (the first ``n_shared`` trained layers) and limits."""
+
+    prompt: list[int]
+    max_tokens: int
+    n_shared: int
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+
+
+@dataclass
+class Output:
+    """What a step produced for one sequence: text to send, and, when ``finish_reason`` is set, its last message."""
+
+    key: Hashable
+    text: str
+    finish_reason: str | None = None
+    """``stop`` (EOS or a stop string) or ``length`` (max_tokens reached); ``None`` while it runs."""
+    info: dict[str, Any] | None = None
+    """On the last output: completion_tokens, kv_cache_bytes, dense_kv_cache_bytes, batch_size."""
+
+
+class _Group:
+    """Sequences decoded as one left-padded batch with one KV cache, in one region."""
+
+    def __init__(self, engine: Engine, members: list[tuple[Hashable, SequenceRequest]]) -> None:
+        first = members[0][1]
+        self.engine, self.keys = engine, [key for key, _ in members]
+        self.requests = [request for _, request in members]
+        self.layers = engine.region.first(first.n_shared)
+        engine.model.set_shared_layers(self.layers)
+        s = first.sampling
+        self.decoder = Decoder(
+            engine.model, [r.prompt for r in self.requests], max(r.max_tokens for r in self.requests),
+            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed, cuda_graph=False,
+        )  # fmt: skip
+        self.texts = [TextStream(engine.decode, r.stop) for r in self.requests]
+        self.running = [True] * len(members)
+        self.tokens: torch.Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        return not any(self.running)
+
+    def advance(self) -> list[Output]:
+        """One token for every row (the prefill's on the first call); outputs of the rows still running."""
+        self.engine.model.set_shared_layers(self.layers)
+        self.tokens = self.decoder.prefill() if self.tokens is None else self.decoder.step(self.tokens)
+        outputs = []
+        for row, token in enumerate(self.tokens.tolist()):
+            if self.running[row]:
+                outputs.append(self._take(row, token))
+        return outputs
+
+    def _take(self, row: int, token: int) -> Output:
+        text, request, key = self.texts[row], self.requests[row], self.keys[row]
+        if token == self.engine.eos_id:
+            return self._finish(row, text.finish(), "stop", len(text.tokens) + 1)
+        delta = text.push(token)
+        if text.stopped:
+            return self._finish(row, delta, "stop", len(text.tokens))
+        if len(text.tokens) == request.max_tokens:
+            delta += text.finish()
+            return self._finish(row, delta, "stop" if text.stopped else "length", len(text.tokens))
+        return Output(key, delta)
+
+    def _finish(self, row: int, text: str, reason: str, completion_tokens: int) -> Output:
+        self.running[row] = False
+        cache, B = self.decoder.cache, self.decoder.batch_size
+        info = {
+            "completion_tokens": completion_tokens,
+            "kv_cache_bytes": cache.nbytes // B,
+            "dense_kv_cache_bytes": cache.dense_nbytes() // B,
+            "batch_size": B,
+        }
+        return Output(self.keys[row], text, reason, info)
+
+
+class Engine:
+    """Decode many sequences at once, grouped by region and sampling settings (see the module docstring).
+
+    Args:
+        model: The model in eval mode, on its device.
+        region: The trained region; a sequence's ``n_shared`` picks ``region.first(n_shared)`` (already validated).
+        decode: Token ids -> text (the tokenizer's decode).
+        eos_id: A sequence stops after emitting it (it is not part of the text).
+        max_batch_size: Sequences decoded at the same time, over all groups.
+        batch_timeout: Seconds the oldest waiting sequence waits for others to share its forward.
+    """
+
+    def __init__(
+        self,
+        model: Llama,
+        region: TrainedRegion,
+        decode,
+        eos_id: int | None,
+        max_batch_size: int = 8,
+        batch_timeout: float = 0.0,
+    ) -> None:
+        self.model, self.region, self.decode, self.eos_id = model, region, decode, eos_id
+        self.max_batch_size, self.batch_timeout = max_batch_size, batch_timeout
+        self.waiting: list[tuple[Hashable, SequenceRequest, float]] = []
+        self.groups: list[_Group] = []
+        self._alone = itertools.count()
+
+    def add(self, key: Hashable, request: SequenceRequest) -> None:
+        """Queue a sequence; it is admitted by a later :meth:`step`."""
+        self.waiting.append((key, request, time.monotonic()))
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.groups or self.waiting)
+
+    def wait_time(self) -> float | None:
+        """Seconds until :meth:`step` has work: 0 while groups run, the admission delay, or ``None`` when idle."""
+        if self.groups:
+            return 0.0
+        if not self.waiting:
+            return None
+        if len(self.waiting) >= self._free():
+            return 0.0
+        return max(0.0, self.waiting[0][2] + self.batch_timeout - time.monotonic())
+
+    @torch.inference_mode()
+    def step(self) -> list[Output]:
+        """Advance every running group by one token and start the sequences that may start now."""
+        outputs = [output for group in self.groups for output in group.advance()]
+        for group in self._admit():
+            self.groups.append(group)
+            outputs += group.advance()
+        self.groups = [group for group in self.groups if not group.done]
+        return outputs
+
+    def abort(self) -> list[Hashable]:
+        """Drop every sequence (after an unexpected error); return their keys."""
+        keys = [key for group in self.groups for key, run in zip(group.keys, group.running, strict=True) if run]
+        keys += [key for key, _, _ in self.waiting]
+        self.groups, self.waiting = [], []
+        return keys
+
+    def _free(self) -> int:
+        return self.max_batch_size - sum(sum(group.running) for group in self.groups)
+
+    def _admit(self) -> list[_Group]:
+        free = self._free()
+        if not self.waiting or free <= 0:
+            return []
+        if len(self.waiting) < free and time.monotonic() < self.waiting[0][2] + self.batch_timeout:
+            return []  # room for more: wait for them until the oldest has waited batch_timeout
+        admitted, self.waiting = self.waiting[:free], self.waiting[free:]
+        block_size = self.model.config.block_size
+        open_groups: dict[Hashable, list] = {}
+        closed = []
+        for key, request, _ in admitted:
+            kind = self._kind(request)
+            members = open_groups.setdefault(kind, [])
+            together = [r for _, r in members] + [request]
+            length = max(len(r.prompt) for r in together) + max(r.max_tokens for r in together)
+            if members and length > block_size:  # each sequence fits alone (checked on arrival), not padded to all
+                closed.append(members)
+                members = open_groups[kind] = []
+            members.append((key, request))
+        return [_Group(self, members) for members in [*closed, *open_groups.values()]]
+
+    def _kind(self, request: SequenceRequest) -> Hashable:
+        """Sequences of the same kind can share a forward and a sampler."""
+        s = request.sampling
+        if s.seed is not None:
+            return ("alone", next(self._alone))
+        if s.temperature == 0:
+            return (request.n_shared, "greedy")
+        return (request.n_shared, s.temperature, s.top_k, s.top_p)

@@ -1,0 +1,111 @@
+"""What ``serve`` serves: the model's name, shape and trained region, the regions a request may pick, the limits."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from epas_lightning.checkpoint import LoadedModel
+from epas_lightning.data.tokenizer import TextTokenizer
+from epas_lightning.errors import ConfigError
+from epas_lightning.inference.bench import flops_ratio, region_for_budget
+from epas_lightning.model import LlamaConfig
+from epas_lightning.region import TrainedRegion
+from epas_lightning.serve.protocol import RequestError
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """Plain data shared by the HTTP side (which checks requests) and the inference worker (which decodes)."""
+
+    name: str
+    config: LlamaConfig
+    region: TrainedRegion
+    default_sharing: int
+    """The region of a request that names none (``--sharing-layers``; default: the whole trained region)."""
+    tokenizer_path: Path
+    max_tokens: int
+    """The largest ``max_tokens`` a request may ask for."""
+    max_choices: int
+    """Prompts x ``n`` one request may ask for."""
+    created: int
+
+    @classmethod
+    def build(
+        cls,
+        loaded: LoadedModel,
+        tokenizer: TextTokenizer,
+        name: str,
+        sharing_layers: int | None,
+        max_tokens: int | None,
+        max_choices: int,
+    ) -> ServedModel:
+        """Check the server's settings against the checkpoint (a :class:`ConfigError` at startup if they do not fit)."""
+        config, region = loaded.model.config, loaded.region
+        default = region.size if sharing_layers is None else sharing_layers
+        if not 0 <= default <= region.size:
+            raise ConfigError(
+                f"this checkpoint was trained with at most {region.size} sharing layers ({region.describe()}); "
+                f"{default} were asked for",
+                "--sharing-layers",
+                f"choose 0..{region.size}",
+            )
+        limit = config.block_size - 1 if max_tokens is None else max_tokens
+        if not 1 <= limit < config.block_size:
+            raise ConfigError(
+                f"--max-tokens must lie in 1..{config.block_size - 1} (the block size leaves room for a prompt)",
+                f"--max-tokens {max_tokens}",
+            )
+        if max_choices < 1:
+            raise ConfigError("--max-choices must be at least 1", f"--max-choices {max_choices}")
+        return cls(name, config, region, default, tokenizer.path, limit, max_choices, int(time.time()))
+
+    def resolve_region(self, sharing_layers: int | None, budget: float | None) -> int:
+        """The number of sharing layers a request runs with; :class:`RequestError` if the checkpoint cannot do it."""
+        trained = self.region.size
+        if sharing_layers is not None and budget is not None:
+            raise RequestError("give sharing_layers or budget, not both", "sharing_layers")
+        if budget is not None:
+            if not math.isfinite(budget) or budget <= 0:
+                raise RequestError(f"budget must be a positive fraction of dense FLOPs, got {budget}", "budget")
+            try:
+                return region_for_budget(self.config, budget, trained, self.config.block_size)
+            except ConfigError as e:
+                raise RequestError(f"{e.what}: {(e.fix or '').replace('--budget', 'budget')}", "budget") from None
+        if sharing_layers is None:
+            return self.default_sharing
+        if not 0 <= sharing_layers <= trained:
+            raise RequestError(
+                f"sharing_layers={sharing_layers} is outside the trained region: this model was trained with at most "
+                f"{trained} sharing layers ({self.region.describe()}); choose 0..{trained}",
+                "sharing_layers",
+            )
+        return sharing_layers
+
+    def region_record(self, n_shared: int) -> dict[str, Any]:
+        """The region of ``n_shared`` layers as responses report it."""
+        return {
+            "sharing_layers": n_shared,
+            "shared_layers": self.region.first(n_shared),
+            "flops_ratio": flops_ratio(self.config, n_shared, self.config.block_size),
+        }
+
+    def model_record(self) -> dict[str, Any]:
+        """The model as ``/v1/models`` lists it, with every region a request may pick."""
+        return {
+            "id": self.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "epas_lightning",
+            "epas": {
+                "n_layer": self.config.n_layer,
+                "block_size": self.config.block_size,
+                "trained_region": self.region.to_record(),
+                "default_sharing_layers": self.default_sharing,
+                "max_tokens": self.max_tokens,
+                "regions": [self.region_record(n) for n in range(self.region.size + 1)],
+            },
+        }

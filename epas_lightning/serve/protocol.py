@@ -1,0 +1,296 @@
+"""The OpenAI completions API as ``serve`` speaks it: the request schema, its checks, and the response objects.
+
+A request is checked completely before anything reaches the model: a wrong type, an unknown model, a prompt longer
+than the block size, ``max_tokens <= 0``, a region the checkpoint never trained or a budget nothing meets is a
+:class:`RequestError` (HTTP 4xx with an OpenAI-style ``{"error": {...}}`` body). Two fields extend the API: the
+region a request runs with, ``sharing_layers`` (the first N layers of the trained region) or ``budget`` (a fraction
+of dense FLOPs, resolved like ``bench --budget``); the openai client sends them with ``extra_body=``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from epas_lightning.serve.engine import Sampling, SequenceRequest
+
+if TYPE_CHECKING:
+    from epas_lightning.data.tokenizer import TextTokenizer
+    from epas_lightning.serve.model_card import ServedModel
+
+MAX_STOP = 4
+"""Stop strings per request, as OpenAI allows."""
+DEFAULT_MAX_TOKENS = 16
+"""OpenAI's default ``max_tokens`` for completions."""
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP ``status`` with an OpenAI-style error body."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param, self.status, self.code = message, param, status, code
+
+    def body(self) -> dict[str, Any]:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    include_usage: bool | None = False
+
+
+class CompletionRequest(BaseModel):
+    """``POST /v1/completions``: OpenAI's fields (unsupported ones are refused when set) plus the region fields."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = DEFAULT_MAX_TOKENS
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    top_k: int | None = None
+    n: int | None = 1
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    sharing_layers: int | None = None
+    budget: float | None = None
+    # OpenAI fields this server does not implement: refused unless left at their defaults
+    echo: bool | None = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+
+
+@dataclass
+class Completion:
+    """A checked request: its prompts as token ids, its region and one sequence per (prompt, choice)."""
+
+    model: str
+    prompts: list[list[int]]
+    sequences: list[SequenceRequest]
+    """Prompt-major: choice ``i`` of prompt ``p`` is ``sequences[p * n + i]``, the OpenAI choice index."""
+    region: dict[str, Any]
+    stream: bool
+    include_usage: bool
+    id: str
+    created: int
+
+
+def parse_completion(body: Any, served: ServedModel, tokenizer: TextTokenizer) -> Completion:
+    """Check a request body and turn it into sequences for the engine; :class:`RequestError` if it cannot run."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    try:
+        request = CompletionRequest.model_validate(body)
+    except ValidationError as e:
+        raise _schema_error(e) from None
+    if request.model != served.name:
+        raise RequestError(
+            f"the model {request.model!r} does not exist: this server serves {served.name!r}", "model", 404,
+            "model_not_found",
+        )  # fmt: skip
+    _refuse_unsupported(request)
+    max_tokens = DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
+    if max_tokens < 1:
+        raise RequestError(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+    if max_tokens > served.max_tokens:
+        raise RequestError(f"max_tokens may be at most {served.max_tokens} on this server", "max_tokens")
+    sampling = _sampling(request)
+    n = 1 if request.n is None else request.n
+    if n < 1:
+        raise RequestError(f"n must be at least 1, got {n}", "n")
+    n_shared = served.resolve_region(request.sharing_layers, request.budget)
+    prompts = _prompt_ids(request.prompt, tokenizer, served)
+    if len(prompts) * n > served.max_choices:
+        raise RequestError(
+            f"{len(prompts)} prompt(s) x n={n} is more than the {served.max_choices} completions one request may ask "
+            "for on this server",
+            "n",
+        )
+    for ids in prompts:
+        _check_length(ids, max_tokens, served.config.block_size)
+    stop = _stop_strings(request.stop)
+    sequences = [
+        SequenceRequest(
+            prompt=ids,
+            max_tokens=max_tokens,
+            n_shared=n_shared,
+            sampling=sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + i),
+            stop=stop,
+            stream=bool(request.stream),
+        )
+        for ids in prompts
+        for i in range(n)
+    ]
+    options = request.stream_options
+    return Completion(
+        model=served.name,
+        prompts=prompts,
+        sequences=sequences,
+        region={**served.region_record(n_shared), "budget": request.budget},
+        stream=bool(request.stream),
+        include_usage=bool(options and options.include_usage),
+        id=f"cmpl-{uuid.uuid4().hex}",
+        created=int(time.time()),
+    )
+
+
+def _schema_error(error: ValidationError) -> RequestError:
+    first = error.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else None
+    if field == "prompt" and first["type"] != "missing":
+        message = "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids"
+    else:
+        where = ".".join(str(part) for part in first["loc"])
+        message = f"{where}: {first['msg']}" + (f" (got {first['input']!r})" if first["type"] != "missing" else "")
+    return RequestError(message, field)
+
+
+def _refuse_unsupported(request: CompletionRequest) -> None:
+    unsupported = {
+        "echo": bool(request.echo),
+        "logprobs": request.logprobs is not None,
+        "best_of": request.best_of not in (None, 1, request.n),
+        "suffix": request.suffix is not None,
+        "logit_bias": bool(request.logit_bias),
+        "presence_penalty": bool(request.presence_penalty),
+        "frequency_penalty": bool(request.frequency_penalty),
+    }
+    for name, used in unsupported.items():
+        if used:
+            raise RequestError(f"{name} is not supported by this server; leave it at its default", name)
+
+
+def _sampling(request: CompletionRequest) -> Sampling:
+    temperature = 1.0 if request.temperature is None else request.temperature
+    if not 0.0 <= temperature <= 2.0:
+        raise RequestError(f"temperature must lie in [0, 2], got {temperature}", "temperature")
+    top_p = 1.0 if request.top_p is None else request.top_p
+    if not 0.0 < top_p <= 1.0:
+        raise RequestError(f"top_p must lie in (0, 1], got {top_p}", "top_p")
+    if request.top_k is not None and request.top_k < 1:
+        raise RequestError(f"top_k must be at least 1, got {request.top_k}", "top_k")
+    return Sampling(temperature, request.top_k, None if top_p == 1.0 else top_p, request.seed)
+
+
+def _prompt_ids(prompt: Any, tokenizer: TextTokenizer, served: ServedModel) -> list[list[int]]:
+    """Token ids of each prompt: text gets BOS in front (as in ``generate``), token ids are taken as they are."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise RequestError("prompt must not be an empty list", "prompt")
+    if isinstance(prompt[0], int):
+        prompt = [prompt]
+    if isinstance(prompt[0], str):
+        return [[tokenizer.bos_id, *ids] for ids in tokenizer.encode_batch(prompt)]
+    vocab = served.config.vocab_size
+    for ids in prompt:
+        if not ids:
+            raise RequestError("a prompt of token ids must hold at least one token", "prompt")
+        if any(not 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must lie in 0..{vocab - 1}", "prompt")
+    return [list(ids) for ids in prompt]
+
+
+def _check_length(ids: list[int], max_tokens: int, block_size: int) -> None:
+    if len(ids) >= block_size:
+        raise RequestError(
+            f"the prompt is {len(ids)} tokens long; the model's block_size is {block_size}: shorten it", "prompt"
+        )
+    if len(ids) + max_tokens > block_size:
+        raise RequestError(
+            f"the prompt ({len(ids)} tokens) plus max_tokens={max_tokens} exceeds the model's block_size="
+            f"{block_size}: ask for at most {block_size - len(ids)} tokens",
+            "max_tokens",
+        )
+
+
+def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if len(stop) > MAX_STOP:
+        raise RequestError(f"at most {MAX_STOP} stop strings, got {len(stop)}", "stop")
+    if any(not s for s in stop):
+        raise RequestError("stop strings must not be empty", "stop")
+    return tuple(stop)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Responses
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
+
+
+def usage(completion: Completion, completion_tokens: int) -> dict[str, int]:
+    prompt_tokens = sum(len(ids) for ids in completion.prompts)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def region_report(completion: Completion, infos: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``epas`` field: the region that served the request and the KV cache its sequences held."""
+    cache = sum(info["kv_cache_bytes"] for info in infos)
+    dense = sum(info["dense_kv_cache_bytes"] for info in infos)
+    return {
+        **completion.region,
+        "kv_cache_bytes": cache,
+        "dense_kv_cache_bytes": dense,
+        "kv_cache_saving": 1 - cache / dense if dense else 0.0,
+        "batch_size": max((info["batch_size"] for info in infos), default=0),
+    }
+
+
+def _envelope(completion: Completion) -> dict[str, Any]:
+    return {"id": completion.id, "object": "text_completion", "created": completion.created, "model": completion.model}
+
+
+def completion_response(
+    completion: Completion, texts: list[str], finish_reasons: list[str], infos: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The whole response of a request that did not stream."""
+    return {
+        **_envelope(completion),
+        "choices": [
+            _choice(i, text, reason) for i, (text, reason) in enumerate(zip(texts, finish_reasons, strict=True))
+        ],
+        "usage": usage(completion, sum(info["completion_tokens"] for info in infos)),
+        "epas": region_report(completion, infos),
+    }
+
+
+def chunk(
+    completion: Completion, index: int, text: str, finish_reason: str | None, info: dict[str, Any] | None
+) -> dict[str, Any]:
+    """One streamed piece of choice ``index``; the last piece of a choice reports its KV cache in ``epas``."""
+    return {
+        **_envelope(completion),
+        "choices": [_choice(index, text, finish_reason)],
+        "usage": None,
+        "epas": region_report(completion, [info]) if info else completion.region,
+    }
+
+
+def usage_chunk(completion: Completion, infos: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last streamed piece when ``stream_options.include_usage`` is set: no choices, the usage and the region."""
+    return {
+        **_envelope(completion),
+        "choices": [],
+        "usage": usage(completion, sum(info["completion_tokens"] for info in infos)),
+        "epas": region_report(completion, infos),
+    }

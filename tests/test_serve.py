@@ -1,0 +1,285 @@
+"""``serve``: the engine in-process, then the server in a subprocess driven by the official ``openai`` client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from model_dirs import save_consolidated
+
+from epas_lightning import Llama, LlamaConfig
+from epas_lightning.checkpoint import load_model
+from epas_lightning.cli import main as cli_main
+from epas_lightning.data.tokenizer import load_tokenizer, train_byte_level_bpe
+from epas_lightning.inference import generate, set_region
+from epas_lightning.serve.engine import Engine, Sampling, SequenceRequest
+from epas_lightning.serve.text import TextStream
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINED = [2, 3]  # the deepest 2 of 4 layers
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A random 4-layer model whose trained region is layers [3, 2], consolidated with a small byte-level BPE."""
+    root = tmp_path_factory.mktemp("serve")
+    texts = ["def main():\n    return 0\n", "import os\nprint('hello world')\n"] * 20
+    train_byte_level_bpe(texts, 300).save(str(root / "tokenizer.json"))
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name("debug", n_layer=4, block_size=64))
+    model.set_shared_layers(TRAINED)
+    return save_consolidated(model, root / "tiny", root / "tokenizer.json")
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """The checkpoint loaded in this process, to compute what ``generate`` gives."""
+    loaded = load_model(checkpoint)
+    tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
+
+    def complete(prompt: str, n_shared: int, max_tokens: int, **sampling) -> str:
+        set_region(loaded.model, n_shared, loaded.region)
+        ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+        out = generate(loaded.model, [ids], max_tokens, eos_id=tokenizer.eos_id, **sampling).tokens[0]
+        return tokenizer.decode([t for t in out if t != tokenizer.eos_id])
+
+    return complete
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# In-process: text deltas and the engine
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_text_stream_holds_back_half_characters_and_stop_prefixes():
+    pieces = ["ab", "\xe2", "\x82\xac", "c", "ST", "O", "P", "tail"]  # "€" arrives in two byte tokens
+
+    def decode(ids: list[int]) -> str:
+        raw = "".join(pieces[i] for i in ids).encode("latin-1")
+        return raw.decode("utf-8", errors="replace")
+
+    stream = TextStream(decode, stop=["STOP"])
+    deltas = [stream.push(i) for i in range(7)]
+    assert deltas == ["ab", "", "€", "c", "", "", ""] and stream.stopped and stream.text == "ab€c"
+    stream = TextStream(decode, stop=["STOX"])
+    assert "".join(stream.push(i) for i in range(6)) == "ab€c" and stream.finish() == "STO"
+
+
+def test_engine_matches_generate_for_every_region_and_seed(checkpoint):
+    loaded = load_model(checkpoint)
+    tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
+    engine = Engine(loaded.model, loaded.region, tokenizer.decode, eos_id=None, max_batch_size=8)
+    prompts = [[0, 5, 9, 12], [0, 7], [0, 3, 3]]
+    requests = {("greedy", n, i): SequenceRequest(prompt, 6, n) for n in (0, 1, 2) for i, prompt in enumerate(prompts)}
+    requests["seeded"] = SequenceRequest(prompts[0], 6, 2, Sampling(temperature=0.9, top_k=20, seed=7))
+    for key, request in requests.items():
+        engine.add(key, request)
+    texts, infos = {key: "" for key in requests}, {}
+    while engine.busy:
+        for output in engine.step():
+            texts[output.key] += output.text
+            if output.finish_reason:
+                assert output.finish_reason == "length"
+                infos[output.key] = output.info
+    for key, request in requests.items():
+        set_region(loaded.model, request.n_shared, loaded.region)
+        s = request.sampling
+        out = generate(loaded.model, [request.prompt], 6, temperature=s.temperature, top_k=s.top_k, seed=s.seed)
+        assert texts[key] == tokenizer.decode(out.tokens[0]), key
+    assert infos[("greedy", 0, 0)]["batch_size"] == 3 and infos["seeded"]["batch_size"] == 1  # grouped by region
+    saving = {n: 1 - infos[("greedy", n, 0)]["kv_cache_bytes"] / infos[("greedy", n, 0)]["dense_kv_cache_bytes"]
+              for n in (0, 1, 2)}  # fmt: skip
+    assert saving == pytest.approx({0: 0.0, 1: 1 / 8, 2: 2 / 8})  # a sharing layer caches only V
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--sharing-layers", "3"], "trained with at most 2 sharing layers"), (["--port", "80"], "1024..65535")],
+)
+def test_startup_mistakes_are_one_line_errors(checkpoint, capsys, args, message):
+    assert cli_main(["serve", "--checkpoint", str(checkpoint), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_serve_without_litserve_names_the_extra(monkeypatch, checkpoint, capsys):
+    monkeypatch.setitem(sys.modules, "litserve", None)
+    assert cli_main(["serve", "--checkpoint", str(checkpoint)]) == 2
+    assert "pip install 'epas_lightning[serve]'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The server in a subprocess
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Server:
+    def __init__(self, checkpoint: Path, cwd: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        args = ["serve", "--checkpoint", str(checkpoint), "--port", str(self.port), "--batch-timeout", "0.2"]
+        self.stderr = open(cwd / "server.err", "w+")  # noqa: SIM115 - read back after the process ends
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "epas_lightning", *args], cwd=cwd, env=env, stdout=self.stderr, stderr=self.stderr
+        )
+        deadline = time.monotonic() + 120
+        while self.get("/health")[0] != 200:
+            assert self.process.poll() is None and time.monotonic() < deadline, self.log()
+            time.sleep(0.3)
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except OSError:
+            return 0, ""
+
+    def post(self, path: str, body: bytes) -> tuple[int, dict]:
+        request = urllib.request.Request(self.url + path, body, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def log(self) -> str:
+        self.stderr.seek(0)
+        return self.stderr.read()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    pytest.importorskip("litserve")
+    server = Server(checkpoint, tmp_path_factory.mktemp("cwd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_health_and_models_list_every_region(server, client):
+    assert server.get("/health") == (200, "ok")
+    (model,) = client.models.list().data
+    assert model.id == "tiny" and client.models.retrieve("tiny").id == "tiny"
+    regions = model.epas["regions"]
+    assert [r["shared_layers"] for r in regions] == [[], [3], [2, 3]]
+    assert regions[0]["flops_ratio"] == 1.0 > regions[1]["flops_ratio"] > regions[2]["flops_ratio"]
+
+
+@pytest.mark.parametrize("region", [{"sharing_layers": 0}, {"sharing_layers": 1}, {}, {"budget": 0.99}])
+def test_greedy_completion_equals_generate_at_the_region_asked_for(client, reference, region):
+    response = client.completions.create(
+        model="tiny", prompt="def main", max_tokens=12, temperature=0, extra_body=region
+    )
+    expected_n = {"sharing_layers": region.get("sharing_layers")}.get("sharing_layers")
+    if expected_n is None:
+        expected_n = 2 if "budget" not in region else 1  # the trained region by default; 0.99 x dense needs 1 layer
+    assert response.epas["sharing_layers"] == expected_n
+    assert response.epas["shared_layers"] == sorted(TRAINED[::-1][:expected_n])
+    assert response.epas["kv_cache_saving"] == pytest.approx(expected_n / 8)  # |S| / (2 L): V-only cache
+    assert response.choices[0].text == reference("def main", expected_n, 12)
+    assert response.usage.prompt_tokens > 1 and response.usage.completion_tokens <= 12
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.8, "top_p": 0.9, "seed": 3}])
+def test_streaming_equals_non_streaming(client, reference, sampling):
+    kwargs = dict(model="tiny", prompt=["import os", "def"], max_tokens=10, extra_body={"sharing_layers": 1})
+    whole = client.completions.create(**kwargs, **sampling)
+    stream = client.completions.create(**kwargs, **sampling, stream=True, stream_options={"include_usage": True})
+    texts, reasons, usage = ["", ""], [None, None], None
+    for piece in stream:
+        for choice in piece.choices:
+            texts[choice.index] += choice.text
+            reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+        usage = piece.usage or usage
+        assert piece.epas["sharing_layers"] == 1
+    assert texts == [c.text for c in whole.choices] and reasons == [c.finish_reason for c in whole.choices]
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    if "seed" in sampling:  # a seeded request decodes alone: what generate gives for that seed
+        assert texts[0] == reference("import os", 1, 10, temperature=0.8, top_p=0.9, seed=3)
+
+
+def test_eight_concurrent_requests_share_forwards(client, reference):
+    def ask(i: int):
+        return client.completions.create(
+            model="tiny", prompt=f"print({i})", max_tokens=8, temperature=0, extra_body={"sharing_layers": i % 2 * 2}
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(ask, range(8)))
+    for i, response in enumerate(responses):
+        assert response.epas["sharing_layers"] == i % 2 * 2
+        assert response.choices[0].text == reference(f"print({i})", i % 2 * 2, 8)
+    assert max(r.epas["batch_size"] for r in responses) > 1
+
+
+def test_stop_strings_cut_the_text(client, reference):
+    full = reference("def main", 2, 12)
+    stop = full[3:5]
+    response = client.completions.create(model="tiny", prompt="def main", max_tokens=12, temperature=0, stop=[stop])
+    assert response.choices[0].text == full[: full.index(stop)] and response.choices[0].finish_reason == "stop"
+
+
+BAD_REQUESTS = [
+    ({"temperature": "hot"}, 400, "temperature"),
+    ({"prompt": 5}, 400, "prompt must be a string"),
+    ({"max_tokens": 0}, 400, "max_tokens must be at least 1"),
+    ({"max_tokens": -3}, 400, "max_tokens must be at least 1"),
+    ({"prompt": "x" * 200}, 400, "block_size is 64"),
+    ({"max_tokens": 63}, 400, "exceeds the model's block_size=64"),
+    ({"model": "gpt-4"}, 404, "does not exist"),
+    ({"sharing_layers": 3}, 400, "trained with at most 2 sharing layers"),
+    ({"budget": 0.5}, 400, "raise budget to at least"),
+    ({"budget": 0.9, "sharing_layers": 1}, 400, "not both"),
+    ({"n": 20}, 400, "more than the 16 completions"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 stop strings"),
+    ({"logprobs": 2}, 400, "logprobs is not supported"),
+]
+
+
+@pytest.mark.parametrize(("change", "status", "message"), BAD_REQUESTS)
+def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, client, change, status, message):
+    import openai
+
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 2, **change}
+    with pytest.raises(openai.APIStatusError) as error:
+        client.completions.create(**{k: body.pop(k) for k in ("model", "prompt")}, extra_body=body)
+    assert error.value.status_code == status and message in error.value.message, error.value.message
+    assert error.value.body["message"]  # the openai client found the OpenAI error object
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices[0].text is not None
+
+
+def test_malformed_json_is_a_400(server):
+    status, body = server.post("/v1/completions", b"{not json")
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+
+
+def test_sigterm_shuts_down_cleanly(server):
+    assert server.stop() == 0
+    log = server.log()
+    assert "Traceback" not in log and "server stopped" in log, log
