@@ -105,7 +105,11 @@ def test_engine_matches_generate_for_every_region_and_seed(checkpoint):
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--sharing-layers", "3"], "trained with at most 2 sharing layers"), (["--port", "80"], "1024..65535")],
+    [
+        (["--sharing-layers", "3"], "trained with at most 2 sharing layers"),
+        (["--port", "80"], "1024..65535"),
+        (["--host", "no such host.invalid"], "cannot listen on 'no such host.invalid'"),
+    ],
 )
 def test_startup_mistakes_are_one_line_errors(checkpoint, capsys, args, message):
     assert cli_main(["serve", "--checkpoint", str(checkpoint), *args]) == 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +20,6 @@ from epas_lightning.errors import ConfigError
 from epas_lightning.inference.generate_cli import resolve_tokenizer
 from epas_lightning.runtime import DType, resolve_device, resolve_dtype
 
-Host = Literal["127.0.0.1", "0.0.0.0", "::"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 INSTALL = "pip install 'epas_lightning[serve]'"
 
@@ -55,7 +55,7 @@ def signals_stop_server() -> Iterator[None]:
 
 def serve_command(
     checkpoint: Path,
-    host: Host = "127.0.0.1",
+    host: str = "127.0.0.1",
     port: int = 8000,
     model_name: str | None = None,
     sharing_layers: int | None = None,
@@ -94,6 +94,7 @@ def serve_command(
         log_level: LitServe and uvicorn logging (info logs every request).
     """
     require_litserve()
+    check_host(host)
     if not 1024 <= port <= 65535:
         raise ConfigError(f"port must lie in 1024..65535, not {port}", "--port")
     if max_batch_size < 1 or batch_timeout < 0:
@@ -117,6 +118,16 @@ def serve_command(
         port,
         log_level,
     )
+
+
+def check_host(host: str) -> None:
+    """Fail with one line, before anything starts, when ``host`` is not an address this machine can listen on."""
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(
+            f"cannot listen on {host!r} ({e})", "--host", "give an address of this machine: 127.0.0.1, 0.0.0.0, ::"
+        ) from e
 
 
 def run_server(api, accelerator: str, index: int | None, host: str, port: int, log_level: str) -> None:
