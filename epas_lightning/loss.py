@@ -1,10 +1,16 @@
-"""The language-modelling loss: one definition for training, validation, benchmarks and experiments."""
+"""The language-modelling loss: one definition for training, validation, benchmarks and experiments.
+
+``train_loss`` is the same cross-entropy computed without materialising the logits (``linear_cross_entropy``), over
+the real vocabulary; validation and evaluation keep ``next_token_loss`` on the full logits.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from epas_lightning.linear_ce import linear_cross_entropy
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -16,3 +22,12 @@ def next_token_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """The loss of ``model`` on a token batch (B, T + 1): it reads ``batch[:, :-1]`` and predicts ``batch[:, 1:]``."""
     input_ids, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
     return lm_loss(model(input_ids), targets)
+
+
+def train_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The training loss of a ``Llama`` on a token batch (B, T + 1): ``next_token_loss`` with the softmax over the
+    first ``config.vocab_size`` rows of the head (padding rows left out), chunked so the (B, T, V) logits never exist.
+    """
+    input_ids, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
+    vocab_size = model.config.vocab_size
+    return model(input_ids, head=lambda hidden, weight: linear_cross_entropy(hidden, weight[:vocab_size], targets))

@@ -12,7 +12,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from epas_lightning.flops import estimate_flops
 from epas_lightning.init_from import check_init_source, load_initial_weights
-from epas_lightning.loss import next_token_loss
+from epas_lightning.loss import next_token_loss, train_loss
 from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.llama import check_attention_reuse
@@ -142,7 +142,7 @@ class EPASModule(LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         self._tokens_shape = (batch.shape[0], batch.shape[1] - 1)
-        loss = next_token_loss(self.model, batch)
+        loss = train_loss(self.model, batch)  # the logits are never materialised; validation keeps next_token_loss
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
