@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from harness import cpu_ticks, device_name, emit, foreign_load, resolve_device, synchronize
 
-from epas_lightning.flops import estimate_flops, flop_cut
+from epas_lightning.flops import estimate_flops, flop_cut, peak_flops
 from epas_lightning.inference import deepest_layers
 from epas_lightning.loss import lm_loss
 from epas_lightning.model import Llama, LlamaConfig
@@ -96,16 +96,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-KNOWN_BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
-"""Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets (SXM parts)."""
-
-
-def peak_tflops(args: argparse.Namespace, name: str) -> float | None:
+def peak_tflops(args: argparse.Namespace, device: torch.device) -> float | None:
+    """``--peak-tflops``, else the dense bf16 peak of a known GPU (``epas_lightning.flops.peak_flops``)."""
     if args.peak_tflops:
         return args.peak_tflops
     if args.precision == "32-true":
         return None
-    return next((tf for key, tf in KNOWN_BF16_PEAK_TFLOPS.items() if key in name), None)
+    peak = peak_flops(device)
+    return peak / 1e12 if peak else None
 
 
 def arms(args: argparse.Namespace) -> tuple[str, ...]:
@@ -241,7 +239,7 @@ def summarize(
     paired = [d / e - 1.0 for d, e in zip(times["dense"], times["epas"], strict=True)]
     clean = clean_reps(loads)
     name = device_name(bench.device)
-    peak = peak_tflops(args, name)
+    peak = peak_tflops(args, bench.device)
     flops_per_token = {
         arm: estimate_flops(config, 0 if arm == "dense" else n_shared, args.seq_len) / args.seq_len for arm in times
     }

@@ -8,7 +8,8 @@ compute the same function. A step is each system's own training step:
 
 - ``dense``: our ``Llama``, every layer computing, and our training loss (``epas_lightning.loss.train_loss``: the LM
   head and cross-entropy chunk by chunk, the logits never materialised);
-- ``epas``: the same model and optimizer with the deepest ``--sharing`` fraction of layers sharing layer Q/K;
+- ``epas``: the same model and optimizer with the deepest ``--sharing`` fraction of layers reusing the Q/K of the last
+  computing layer (on CPU also its attention probabilities: ``--attention-reuse``, the same model, less work);
 - ``litgpt``: ``litgpt.model.GPT`` and ``litgpt.utils.chunked_cross_entropy``, as ``litgpt pretrain`` runs them;
 - ``hf``: ``LlamaForCausalLM(attn_implementation="sdpa")`` computing its own loss from ``labels``;
 
@@ -23,9 +24,11 @@ targets. Peers come from the ``bench`` extra (see ``pyproject.toml``); a missing
 
 Usage::
 
-    python benchmarks/vs_peers.py --model llama-125m --seq-len 512 --reps 9                     # CPU, fp32
-    python benchmarks/vs_peers.py --model tinyllama-1.1b --seq-len 2048 --batch-size 4 --device cuda  # bf16-mixed
-    python benchmarks/vs_peers.py --quick                                                       # smoke test
+    python benchmarks/vs_peers.py --model llama-125m --seq-len 512 --reps 9          # CPU, fp32
+    python benchmarks/vs_peers.py --model tinyllama-1.1b --seq-len 2048 --batch-size 4 --warmup 3 --device cuda
+    python benchmarks/vs_peers.py --quick                                            # smoke test
+
+On CUDA ``benchmarks/gpu_session.py`` runs it together with the ``fit``-path MFU in one lent-GPU session.
 """
 
 from __future__ import annotations
@@ -48,9 +51,10 @@ from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.optim import default_optimizer
 from epas_lightning.parallel import parallelize
 
-SYSTEMS = ("dense", "epas", "litgpt", "hf")
+SYSTEMS = ("dense", "epas", "litgpt", "hf", "liger")
 PEERS = ("litgpt", "hf")
-PEER_MODULES = {"litgpt": "litgpt", "hf": "transformers"}
+MODULES = {"litgpt": "litgpt", "hf": "transformers", "liger": "liger_kernel"}
+"""The package each optional system needs (``liger``: our dense model with Liger's fused linear cross-entropy)."""
 TARGETS = {
     "cpu": {"dense_vs_best_peer": 0.98, "epas_vs_best_peer": 1.04},
     "cuda": {"dense_vs_best_peer": 1.0, "epas_vs_best_peer": 1.10},
@@ -74,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="EPAS arm: sharing layers reuse the source's attention probabilities (auto: on CPU only, where it pays)",
     )
-    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS[:4]))
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
@@ -209,6 +213,8 @@ def build_systems(
         systems["dense"] = System(ours, lambda b: train_loss(ours, b), optimizer, use([], False))
     if "epas" in args.systems:
         systems["epas"] = System(ours, lambda b: train_loss(ours, b), optimizer, use(region, args.attention_reuse))
+    if "liger" in args.systems:
+        systems["liger"] = System(ours, liger_loss(ours), optimizer, use([], False))
     for name, model in peers.items():
         model.to(device)
         run = torch.compile(model) if compile_all else model
@@ -234,10 +240,31 @@ def peer_loss(name: str, model: torch.nn.Module) -> Callable[[torch.Tensor], tor
     )
 
 
-def available_systems(requested: list[str]) -> tuple[list[str], dict[str, str]]:
-    """The requested systems whose package is installed, and why the others were skipped."""
-    skipped = {s: f"{PEER_MODULES[s]} not installed" for s in requested if s in PEERS}
-    skipped = {s: why for s, why in skipped.items() if importlib.util.find_spec(PEER_MODULES[s]) is None}
+def liger_loss(model: Llama) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``train_loss`` with Liger's fused linear cross-entropy (Triton, CUDA) in place of our chunked one."""
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    fused = LigerFusedLinearCrossEntropyLoss()
+    vocab_size = model.config.vocab_size
+
+    def head(targets: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        def loss(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            if torch.is_autocast_enabled(hidden.device.type):  # Liger takes the compute dtype as given
+                dtype = torch.get_autocast_dtype(hidden.device.type)
+                hidden, weight = hidden.to(dtype), weight.to(dtype)
+            return fused(weight[:vocab_size], hidden.flatten(0, 1), targets.flatten())
+
+        return loss
+
+    return lambda batch: model(batch[:, :-1], head=head(batch[:, 1:]))
+
+
+def available_systems(requested: list[str], device: torch.device) -> tuple[list[str], dict[str, str]]:
+    """The requested systems that can run here, and why the others were skipped."""
+    skipped = {s: f"{MODULES[s]} not installed" for s in requested if s in MODULES}
+    skipped = {s: why for s, why in skipped.items() if importlib.util.find_spec(MODULES[s]) is None}
+    if "liger" in requested and device.type != "cuda":
+        skipped["liger"] = "Liger's kernels need CUDA"
     return [s for s in requested if s not in skipped], skipped
 
 
@@ -250,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.precision = "bf16-mixed" if device.type == "cuda" else "32-true"
     if args.compile == "auto":
         args.compile = "all" if device.type == "cuda" else "none"
-    args.systems, skipped = available_systems(args.systems)
+    args.systems, skipped = available_systems(args.systems, device)
     if args.attention_reuse == "auto":
         args.attention_reuse = "on" if device.type == "cpu" else "off"
     args.attention_reuse = args.attention_reuse == "on"
@@ -266,6 +293,13 @@ def main(argv: list[str] | None = None) -> dict:
         torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator).to(device)
         for _ in range(args.steps_per_rep)
     ]
+
+    if "liger" in systems:  # an optional kernel: a failure drops the arm, not the run
+        try:
+            systems["liger"].step(batches[0], autocast)
+        except Exception as error:  # noqa: BLE001
+            skipped["liger"] = f"{type(error).__name__}: {error}"[:300]
+            del systems["liger"]
 
     def steps(system: System) -> Callable[[], None]:
         return lambda: [system.step(batch, autocast) for batch in batches]
@@ -324,13 +358,16 @@ def summarize(args, config, device, systems, times, loads, shared) -> dict:  # n
         "rep_seconds": times,
         "rep_foreign_load": loads,
         "torch": torch.__version__,
-        "versions": {p: _version(PEER_MODULES[p]) for p in PEERS if p in tps},
+        "versions": {s: _version(MODULES[s]) for s in MODULES if s in tps},
     }
     return result
 
 
-def _version(module: str) -> str:
-    return importlib.metadata.version(module)
+def _version(module: str) -> str | None:
+    try:
+        return importlib.metadata.version(module)
+    except importlib.metadata.PackageNotFoundError:
+        return getattr(__import__(module), "__version__", None)
 
 
 def print_table(r: dict) -> None:
