@@ -90,4 +90,3 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_loss.to(grad_weight.dtype))
         return grad_hidden, grad_weight, None, None, None
-
