@@ -9,7 +9,7 @@ compute the same function. A step is each system's own training step:
 - ``dense``: our ``Llama``, every layer computing, and our training loss (``epas_lightning.loss.train_loss``: the LM
   head and cross-entropy chunk by chunk, the logits never materialised);
 - ``epas``: the same model and optimizer with the deepest ``--sharing`` fraction of layers reusing the Q/K of the last
-  computing layer (on CPU also its attention probabilities: ``--attention-reuse``, the same model, less work);
+  computing layer (``--attention-reuse``: also its attention probabilities, as ``EPASModule(attention_reuse=True)``);
 - ``litgpt``: ``litgpt.model.GPT`` and ``litgpt.utils.chunked_cross_entropy``, as ``litgpt pretrain`` runs them;
 - ``hf``: ``LlamaForCausalLM(attn_implementation="sdpa")`` computing its own loss from ``labels``;
 
@@ -44,6 +44,7 @@ import torch
 from harness import device_name, emit, resolve_device, time_arms
 from vs_hf import build_hf
 
+from epas_lightning.cpu import tune_glibc_malloc
 from epas_lightning.flops import estimate_flops, flop_cut, peak_flops
 from epas_lightning.inference import deepest_layers
 from epas_lightning.loss import train_loss
@@ -74,9 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", choices=("auto", "none", "all"), default="auto", help="auto: all on CUDA, none on CPU")
     p.add_argument(
         "--attention-reuse",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="EPAS arm: sharing layers reuse the source's attention probabilities (auto: on CPU only, where it pays)",
+        action="store_true",
+        help="EPAS arm: sharing layers reuse the source's attention probabilities (EPASModule's attention_reuse)",
+    )
+    p.add_argument(
+        "--tune-malloc",
+        action="store_true",
+        help="CPU: glibc keeps freed memory for reuse (epas_lightning.cpu.tune_glibc_malloc), for every system alike",
     )
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS[:4]))
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -272,15 +277,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tune_malloc:
+        args.tune_malloc = tune_glibc_malloc()
     device = resolve_device(args.device)
     if args.precision == "auto":
         args.precision = "bf16-mixed" if device.type == "cuda" else "32-true"
     if args.compile == "auto":
         args.compile = "all" if device.type == "cuda" else "none"
     args.systems, skipped = available_systems(args.systems, device)
-    if args.attention_reuse == "auto":
-        args.attention_reuse = "on" if device.type == "cpu" else "off"
-    args.attention_reuse = args.attention_reuse == "on"
     config = LlamaConfig.from_name(args.model)
     if args.seq_len > config.block_size:
         config = LlamaConfig.from_name(args.model, block_size=args.seq_len)
@@ -338,6 +342,7 @@ def summarize(args, config, device, systems, times, loads, shared) -> dict:  # n
         "precision": args.precision,
         "compile": args.compile,
         "attention_reuse": args.attention_reuse,
+        "tune_malloc": args.tune_malloc,
         "device": device.type,
         "device_name": name,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,

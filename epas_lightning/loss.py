@@ -30,4 +30,4 @@ def train_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """
     input_ids, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
     vocab_size = model.config.vocab_size
-    return model(input_ids, head=lambda hidden, weight: linear_cross_entropy(hidden, weight[:vocab_size], targets))
+    return model(input_ids, head=lambda hidden, weight: linear_cross_entropy(hidden, weight, targets, vocab_size))
