@@ -24,7 +24,7 @@ targets. Peers come from the ``bench`` extra (see ``pyproject.toml``); a missing
 
 Usage::
 
-    python benchmarks/vs_peers.py --model llama-125m --seq-len 512 --reps 9          # CPU, fp32
+    python benchmarks/vs_peers.py --model llama-125m --seq-len 512 --reps 15         # CPU, fp32
     python benchmarks/vs_peers.py --model tinyllama-1.1b --seq-len 2048 --batch-size 4 --warmup 3 --device cuda
     python benchmarks/vs_peers.py --quick                                            # smoke test
 
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sharing", type=float, default=0.5, help="fraction of layers sharing in the EPAS arm")
     p.add_argument("--reps", type=int, default=7, help="timed repetitions per system")
     p.add_argument("--steps-per-rep", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per system first (compile: 3 or more)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per system first (compile: 3 or more)")
     p.add_argument("--precision", choices=("auto", "32-true", "bf16-mixed"), default="auto", help="auto: bf16 on CUDA")
     p.add_argument("--compile", choices=("auto", "none", "all"), default="auto", help="auto: all on CUDA, none on CPU")
     p.add_argument(
