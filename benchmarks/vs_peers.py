@@ -42,7 +42,7 @@ from collections.abc import Callable
 
 import torch
 from harness import device_name, emit, resolve_device, time_arms
-from vs_hf import build_hf
+from vs_hf import build_hf, check_same_logits
 
 from epas_lightning.cpu import tune_glibc_malloc
 from epas_lightning.flops import estimate_flops, flop_cut, peak_flops
@@ -148,21 +148,6 @@ def build_litgpt(ours: Llama, seq_len: int):  # noqa: ANN201
     model.load_state_dict(state, strict=True)
     model.max_seq_length = seq_len
     return model
-
-
-def check_same_logits(ours: Llama, peers: dict[str, Callable], tokens: torch.Tensor) -> dict[str, float]:
-    """Max |logit difference| of each peer from ours (fp32, eval mode); raises where they compute another function."""
-    ours.eval()
-    diffs = {}
-    with torch.no_grad():
-        reference = ours(tokens)
-        for name, logits in peers.items():
-            theirs = logits(tokens)
-            diffs[name] = (reference - theirs).abs().max().item()
-            if not torch.allclose(reference, theirs, atol=1e-3, rtol=1e-3):
-                raise RuntimeError(f"{name}'s logits differ from ours by up to {diffs[name]:.3g}: mapping or shape.")
-    ours.train()
-    return diffs
 
 
 class System:
