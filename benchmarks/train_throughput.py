@@ -42,7 +42,7 @@ from harness import cpu_ticks, device_name, emit, foreign_load, resolve_device, 
 
 from epas_lightning.flops import estimate_flops, flop_cut, peak_flops
 from epas_lightning.inference import deepest_layers
-from epas_lightning.loss import lm_loss
+from epas_lightning.loss import train_loss
 from epas_lightning.model import Llama, LlamaConfig
 
 REUSE_TARGET = 2.0
@@ -127,7 +127,7 @@ class Bench:
 
     model: Llama
     optimizer: torch.optim.Optimizer
-    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    batches: list[torch.Tensor]  # (B, T + 1) token batches
     autocast: Callable[[], contextlib.AbstractContextManager]
     device: torch.device
     epas_layers: list[int]
@@ -138,11 +138,10 @@ class Bench:
         self.model.attention_reuse = arm == "reuse"
 
     def train_step(self) -> None:
-        inputs, targets = self.batches[self.step_count % len(self.batches)]
+        batch = self.batches[self.step_count % len(self.batches)]
         self.step_count += 1
         with self.autocast():
-            logits = self.model(inputs)
-            loss = lm_loss(logits, targets)  # as EPASModule computes it
+            loss = train_loss(self.model, batch)  # as EPASModule computes it
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -180,7 +179,7 @@ def build_bench(args: argparse.Namespace, device: torch.device) -> tuple[Bench, 
     for _ in range(max(args.steps_per_rep, 1)):
         tokens = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator)
         tokens = tokens.to(device)
-        batches.append((tokens[:, :-1], tokens[:, 1:]))
+        batches.append(tokens)
     bench = Bench(
         model=model,
         optimizer=optimizer,
