@@ -44,7 +44,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from epas_lightning.callbacks import ProgressiveSharing
-from epas_lightning.loss import next_token_loss
+from epas_lightning.loss import train_loss
 from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.module import EPASModule
@@ -100,7 +100,7 @@ def run_bare(config: LlamaConfig, loader, args: argparse.Namespace, total: int) 
         if step == total:
             break
         starts.append(time.perf_counter())
-        loss = next_token_loss(model, batch)
+        loss = train_loss(model, batch)  # EPASModule.training_step's loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

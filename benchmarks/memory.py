@@ -28,7 +28,7 @@ from harness import emit
 from torch.profiler import ProfilerActivity, profile
 
 from epas_lightning.inference import deepest_layers
-from epas_lightning.loss import lm_loss
+from epas_lightning.loss import train_loss
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.parallel import parallelize
 
@@ -47,8 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def train_step(model: Llama, optimizer: torch.optim.Optimizer, tokens: torch.Tensor) -> None:
-    logits = model(tokens[:, :-1])
-    lm_loss(logits, tokens[:, 1:]).backward()
+    train_loss(model, tokens).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

@@ -36,7 +36,7 @@ import torch
 from harness import cpu_ticks, device_name, emit, foreign_load, resolve_device, synchronize
 
 from epas_lightning.flops import estimate_flops
-from epas_lightning.loss import lm_loss
+from epas_lightning.loss import train_loss
 from epas_lightning.model import Llama, LlamaConfig
 
 LAYOUTS = ("nn", "nt", "tn")
@@ -103,13 +103,11 @@ def step_seconds(
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     tokens = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def step() -> None:
         with autocast:
-            logits = model(inputs)  # (B, T, V)
-            loss = lm_loss(logits, targets)
+            loss = train_loss(model, tokens)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

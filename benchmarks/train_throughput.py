@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 import torch
 from harness import cpu_ticks, device_name, emit, foreign_load, resolve_device, synchronize
 
-from epas_lightning.flops import estimate_flops, flop_cut
+from epas_lightning.flops import estimate_flops, flop_cut, peak_flops
 from epas_lightning.inference import deepest_layers
-from epas_lightning.loss import lm_loss
+from epas_lightning.loss import train_loss
 from epas_lightning.model import Llama, LlamaConfig
 
 REUSE_TARGET = 2.0
@@ -96,16 +96,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-KNOWN_BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
-"""Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets (SXM parts)."""
-
-
-def peak_tflops(args: argparse.Namespace, name: str) -> float | None:
+def peak_tflops(args: argparse.Namespace, device: torch.device) -> float | None:
+    """``--peak-tflops``, else the dense bf16 peak of a known GPU (``epas_lightning.flops.peak_flops``)."""
     if args.peak_tflops:
         return args.peak_tflops
     if args.precision == "32-true":
         return None
-    return next((tf for key, tf in KNOWN_BF16_PEAK_TFLOPS.items() if key in name), None)
+    peak = peak_flops(device)
+    return peak / 1e12 if peak else None
 
 
 def arms(args: argparse.Namespace) -> tuple[str, ...]:
@@ -129,7 +127,7 @@ class Bench:
 
     model: Llama
     optimizer: torch.optim.Optimizer
-    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    batches: list[torch.Tensor]  # (B, T + 1) token batches
     autocast: Callable[[], contextlib.AbstractContextManager]
     device: torch.device
     epas_layers: list[int]
@@ -140,11 +138,10 @@ class Bench:
         self.model.attention_reuse = arm == "reuse"
 
     def train_step(self) -> None:
-        inputs, targets = self.batches[self.step_count % len(self.batches)]
+        batch = self.batches[self.step_count % len(self.batches)]
         self.step_count += 1
         with self.autocast():
-            logits = self.model(inputs)
-            loss = lm_loss(logits, targets)  # as EPASModule computes it
+            loss = train_loss(self.model, batch)  # as EPASModule computes it
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -182,7 +179,7 @@ def build_bench(args: argparse.Namespace, device: torch.device) -> tuple[Bench, 
     for _ in range(max(args.steps_per_rep, 1)):
         tokens = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator)
         tokens = tokens.to(device)
-        batches.append((tokens[:, :-1], tokens[:, 1:]))
+        batches.append(tokens)
     bench = Bench(
         model=model,
         optimizer=optimizer,
@@ -241,7 +238,7 @@ def summarize(
     paired = [d / e - 1.0 for d, e in zip(times["dense"], times["epas"], strict=True)]
     clean = clean_reps(loads)
     name = device_name(bench.device)
-    peak = peak_tflops(args, name)
+    peak = peak_tflops(args, bench.device)
     flops_per_token = {
         arm: estimate_flops(config, 0 if arm == "dense" else n_shared, args.seq_len) / args.seq_len for arm in times
     }

@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from harness import cpu_ticks, device_name, emit, foreign_load, resolve_device, synchronize
@@ -96,17 +97,20 @@ def build_hf(ours: Llama):  # noqa: ANN201
     return model
 
 
-def check_same_logits(ours: Llama, hf, tokens: torch.Tensor) -> float:  # noqa: ANN001
-    """Max |logit difference| in fp32 eval mode; raises when the two models do not compute the same function."""
-    ours.eval(), hf.eval()
+def check_same_logits(ours: Llama, peers: dict[str, Callable], tokens: torch.Tensor) -> dict[str, float]:
+    """Max |logit difference| of each peer's logits function from ours (fp32, eval mode); raises where one computes
+    another function."""
+    ours.eval()
+    diffs = {}
     with torch.no_grad():
-        a = ours(tokens)
-        b = hf(input_ids=tokens, use_cache=False).logits
-    ours.train(), hf.train()
-    diff = (a - b).abs().max().item()
-    if not torch.allclose(a, b, atol=1e-3, rtol=1e-3):
-        raise RuntimeError(f"Our logits and HF's differ by up to {diff:.3g}: the weight copy or the shapes are wrong.")
-    return diff
+        reference = ours(tokens)
+        for name, logits in peers.items():
+            theirs = logits(tokens)
+            diffs[name] = (reference - theirs).abs().max().item()
+            if not torch.allclose(reference, theirs, atol=1e-3, rtol=1e-3):
+                raise RuntimeError(f"{name}'s logits differ from ours by up to {diffs[name]:.3g}: mapping or shape.")
+    ours.train()
+    return diffs
 
 
 class Arm:
@@ -141,7 +145,9 @@ def main(argv: list[str] | None = None) -> dict:
     ours = Llama(config)
     hf = build_hf(ours)
     tokens = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1))
-    max_diff = check_same_logits(ours, hf, tokens[:, :-1])
+    hf.eval()
+    max_diff = check_same_logits(ours, {"hf": lambda x: hf(input_ids=x, use_cache=False).logits}, tokens[:, :-1])["hf"]
+    hf.train()
     ours.to(device), hf.to(device)
     if args.dtype == "bf16":
         ours.to(torch.bfloat16), hf.to(torch.bfloat16)

@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from epas_lightning.errors import ConfigError
+from epas_lightning.flops import peak_flops
 from epas_lightning.region import TrainedRegion, region_in_growth_order
 from epas_lightning.schedule import GrowthOrder, SharingSchedule, TargetSpec, check_order
 
@@ -136,11 +137,17 @@ def batch_tokens(batch: torch.Tensor) -> int:
     return batch.shape[0] * (batch.shape[1] - 1)
 
 
+PEAK_MEMORY_KEY = "train/device/peak_memory_gib"
+"""Logged on CUDA: the most memory the device has allocated so far (``torch.cuda.max_memory_allocated``), GiB."""
+
+
 class TokenThroughputMonitor(ThroughputMonitor):
     """Lightning's ``ThroughputMonitor`` counting tokens: ``train/device/items_per_sec`` is tokens/s per device.
 
-    FLOPs (``train/device/flops_per_sec``, and MFU where Lightning knows the device's peak) follow the sharing mask
-    through ``EPASModule.flops_per_batch``.
+    FLOPs (``train/device/flops_per_sec``) follow the sharing mask through ``EPASModule.flops_per_batch``, and
+    ``train/device/mfu`` divides them by the device's dense peak: ``epas_lightning.flops.peak_flops`` for the GPUs it
+    knows (the H200 too, which Lightning's table misses), else Lightning's figure; no MFU where neither knows it
+    (CPUs). On CUDA it also logs the peak memory allocated (``train/device/peak_memory_gib``).
 
     Args:
         window_size: Batches over which the rates are averaged.
@@ -148,3 +155,34 @@ class TokenThroughputMonitor(ThroughputMonitor):
 
     def __init__(self, window_size: int = 5) -> None:
         super().__init__(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=window_size)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        peak = peak_flops(trainer.strategy.root_device, _compute_dtype(str(trainer.precision)))
+        if peak is not None:
+            self.available_flops = int(peak)
+            for throughput in self._throughputs.values():
+                throughput.available_flops = int(peak)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        peak = peak_memory_gib(trainer.strategy.root_device)
+        if peak is not None:
+            pl_module.log(PEAK_MEMORY_KEY, peak, on_step=True, on_epoch=False)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """The peak memory allocated on a CUDA device so far, in GiB; ``None`` elsewhere."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def _compute_dtype(precision: str) -> torch.dtype:
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float32

@@ -8,7 +8,19 @@ k_proj and v_proj in ``kv`` mode. The attention products still run in every laye
 
 from __future__ import annotations
 
+import torch
+
 from epas_lightning.model.config import LlamaConfig
+
+DENSE_BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200 NVL", 835.0),
+    ("H100", 989.4),
+    ("H200", 989.4),
+    ("A100", 312.0),
+)
+"""Dense (no sparsity) bf16 tensor-core peaks per GPU name, from the vendors' datasheets; first match wins."""
 
 
 def matmul_params(config: LlamaConfig, n_shared: int = 0) -> int:
@@ -32,3 +44,11 @@ def estimate_flops(config: LlamaConfig, n_shared: int, seq_len: int) -> float:
 def flop_cut(config: LlamaConfig, n_shared: int, seq_len: int) -> float:
     """Fraction of training FLOPs that ``n_shared`` sharing layers remove."""
     return 1.0 - estimate_flops(config, n_shared, seq_len) / estimate_flops(config, 0, seq_len)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """The dense bf16/fp16 peak FLOP/s of a known GPU (``DENSE_BF16_PEAK_TFLOPS``), else ``None``."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in DENSE_BF16_PEAK_TFLOPS if key in name), None)

@@ -3,6 +3,8 @@
 The softmax runs over the tokenizer's vocabulary (``config.vocab_size``), not over the rows the embedding table is
 padded with (``padded_vocab_size``): the padded rows can never be a target, and leaving them out makes every number
 equal to what an exported model (which has no padded rows) gives in ``transformers`` and lm-eval-harness.
+``train_loss`` is the same cross-entropy computed without materialising the logits (``linear_cross_entropy``);
+validation and evaluation use ``next_token_loss`` on the full logits.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from epas_lightning.linear_ce import linear_cross_entropy
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
@@ -25,3 +29,12 @@ def next_token_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     over the real vocabulary (``model.config.vocab_size``)."""
     input_ids, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
     return lm_loss(model(input_ids), targets, model.config.vocab_size)
+
+
+def train_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The training loss of a ``Llama`` on a token batch (B, T + 1): ``next_token_loss`` with the softmax over the
+    first ``config.vocab_size`` rows of the head (padding rows left out), chunked so the (B, T, V) logits never exist.
+    """
+    input_ids, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
+    vocab_size = model.config.vocab_size
+    return model(input_ids, head=lambda hidden, weight: linear_cross_entropy(hidden, weight, targets, vocab_size))

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from epas_lightning.flops import estimate_flops
 from epas_lightning.init_from import check_init_source, load_initial_weights
-from epas_lightning.loss import next_token_loss
+from epas_lightning.loss import next_token_loss, train_loss
 from epas_lightning.lr import WarmupCosineLR
+from epas_lightning.memory_plan import plan_checkpointing
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.llama import check_attention_reuse
 from epas_lightning.optim import default_optimizer, param_groups
@@ -30,8 +33,9 @@ class EPASModule(LightningModule):
         lr_scheduler: Builds a per-step LR scheduler from the optimizer. Default: ``WarmupCosineLR`` with
             ``warmup_steps=min(100, total // 10)``; a ``WarmupCosineLR`` with ``max_steps=None`` decays over the
             trainer's total number of optimizer steps.
-        activation_checkpointing: Recompute each decoder block's activations in backward (less memory, ~1/3 more
-            compute).
+        activation_checkpointing: Recompute decoder blocks' activations in backward (less memory, ~1/3 more compute
+            per checkpointed block): ``True`` every block, an integer k the first k blocks, ``"auto"`` as many as a
+            micro-batch needs to fit the GPU's free memory (``epas_lightning.memory_plan``; none on CPUs).
         compile: ``torch.compile`` each decoder block (``fullgraph``; ``True``: inductor, a string names another
             backend); a region switch costs at most one new graph.
         attention_reuse: With ``qk`` sharing, the source layer keeps its attention probabilities and every sharing
@@ -52,7 +56,7 @@ class EPASModule(LightningModule):
         config: LlamaConfig,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
-        activation_checkpointing: bool = False,
+        activation_checkpointing: bool | int | Literal["auto"] = False,
         compile: bool | str = False,
         attention_reuse: bool = False,
         init_from: str | None = None,
@@ -95,10 +99,26 @@ class EPASModule(LightningModule):
             model,
             mesh,
             mp_policy=mixed_precision_policy(precision) if mesh is not None else None,
-            activation_checkpointing=self.activation_checkpointing,
+            activation_checkpointing=self._checkpointing(mesh),
             compile=self.compile_blocks,
         )
         self._built_on_meta = any(p.is_meta for p in self.model.parameters())
+
+    def _checkpointing(self, mesh) -> bool | int:  # noqa: ANN001
+        """The ``activation_checkpointing`` setting, with ``"auto"`` resolved for this device and micro-batch."""
+        if self.activation_checkpointing != "auto":
+            return self.activation_checkpointing
+        device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        if device.type != "cuda":
+            return False
+        batch_size = getattr(getattr(self._trainer, "datamodule", None), "batch_size", None)
+        if batch_size is None:
+            rank_zero_info("activation_checkpointing='auto': micro-batch size unknown, checkpointing every block")
+            return True
+        free, _ = torch.cuda.mem_get_info(device)
+        k = plan_checkpointing(self.config, batch_size * self.config.block_size, free, mesh.size() if mesh else 1)
+        rank_zero_info(f"activation_checkpointing='auto': {k} of {self.config.n_layer} blocks checkpointed")
+        return k
 
     def on_fit_start(self) -> None:
         # Runs after the strategy materialised a meta-device model and before a checkpoint is restored.
@@ -143,7 +163,7 @@ class EPASModule(LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         self._tokens_shape = (batch.shape[0], batch.shape[1] - 1)
-        loss = next_token_loss(self.model, batch)
+        loss = train_loss(self.model, batch)  # the logits are never materialised; validation keeps next_token_loss
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

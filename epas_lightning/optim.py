@@ -20,5 +20,12 @@ def param_groups(model: nn.Module) -> list[dict]:
 
 
 def default_optimizer(model: nn.Module, **overrides) -> torch.optim.AdamW:
-    """``AdamW(param_groups(model), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)``, any of them overridden."""
-    return torch.optim.AdamW(param_groups(model), **{**DEFAULT_ADAMW, **overrides})
+    """``AdamW(param_groups(model), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)``, any of them overridden.
+
+    Fused (one kernel for every parameter) when all trainable parameters are on CUDA at construction, the default
+    implementation (for-loop / foreach) elsewhere; ``fused=...`` overrides the choice.
+    """
+    groups = param_groups(model)
+    params = [p for group in groups for p in group["params"]]
+    fused = bool(params) and all(p.device.type == "cuda" for p in params)
+    return torch.optim.AdamW(groups, **{**DEFAULT_ADAMW, "fused": fused or None, **overrides})

@@ -32,12 +32,30 @@ def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
     raise ValueError(f"FSDP2 supports precision {PRECISIONS}, got {precision!r}.")
 
 
+def checkpointed_blocks(activation_checkpointing: bool | int, n_blocks: int) -> int:
+    """How many blocks (the first ones) an ``activation_checkpointing`` setting checkpoints."""
+    if isinstance(activation_checkpointing, bool):
+        return n_blocks if activation_checkpointing else 0
+    if not 0 <= activation_checkpointing <= n_blocks:
+        raise ValueError(f"activation_checkpointing={activation_checkpointing} must be a bool or in [0, {n_blocks}].")
+    return activation_checkpointing
+
+
+def blocks_to_checkpoint(n_blocks: int, block_bytes: float, kept_bytes: float, budget: float) -> int:
+    """The fewest blocks to checkpoint so that activations fit ``budget`` bytes: each block keeps ``block_bytes``
+    without checkpointing and ``kept_bytes`` (its inputs) with it; ``n_blocks`` when even that does not fit."""
+    for k in range(n_blocks + 1):
+        if (n_blocks - k) * block_bytes + k * kept_bytes <= budget:
+            return k
+    return n_blocks
+
+
 def parallelize(
     model: nn.Module,
     device_mesh: DeviceMesh | None,
     *,
     mp_policy: MixedPrecisionPolicy | None = None,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool | int = False,
     compile: bool | str = False,
 ) -> nn.Module:
     """Apply, in place and in this order: AC per block -> compile per block -> ``fully_shard`` per block -> root.
@@ -46,11 +64,14 @@ def parallelize(
         model: A decoder with ``model.layers``; may live on the meta device (sharding then allocates nothing).
         device_mesh: A 1-D data-parallel mesh to shard over; ``None`` skips FSDP (single device, DDP).
         mp_policy: FSDP2 mixed precision (see :func:`mixed_precision_policy`); default fp32.
-        activation_checkpointing: Recompute each block's activations in backward instead of keeping them.
+        activation_checkpointing: Recompute blocks' activations in backward instead of keeping them: ``True`` every
+            block, an integer k the first k blocks (selective: less recompute where memory allows some blocks to keep
+            theirs), ``False`` / 0 none.
         compile: ``torch.compile`` each block (``True``: inductor; a string names the backend).
     """
+    n_checkpointed = checkpointed_blocks(activation_checkpointing, len(model.layers))
     for index, block in enumerate(model.layers):
-        if activation_checkpointing:
+        if index < n_checkpointed:
             block = checkpoint_wrapper(block)  # state-dict keys stay those of the unwrapped block
         if compile:
             block.compile(backend="inductor" if compile is True else compile, fullgraph=True)

@@ -54,7 +54,7 @@ import torch
 
 from epas_lightning.callbacks import ProgressiveSharing
 from epas_lightning.flops import flop_cut
-from epas_lightning.loss import next_token_loss
+from epas_lightning.loss import next_token_loss, train_loss
 from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.optim import default_optimizer
@@ -180,7 +180,7 @@ def train_step(run: Run, batch: torch.Tensor) -> None:
     layers = run.sharing.shared_layers_at(run.step)
     if layers != run.model.sharing.shared_layers:
         run.model.set_shared_layers(layers)
-    loss = next_token_loss(run.model, batch)
+    loss = train_loss(run.model, batch)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
     run.optimizer.step()

@@ -36,6 +36,19 @@ def test_vs_hf_reports_a_ratio_on_identical_logits():
 
 
 @pytest.mark.slow
+def test_vs_peers_reports_each_system_against_the_best_peer():
+    pytest.importorskip("transformers")
+    r = last_json_line("benchmarks/vs_peers.py")
+    assert {"device", "flop_cut", "tokens_per_s", "best_peer", "dense_vs_best_peer", "epas_vs_best_peer", "mfu"} <= set(
+        r
+    )
+    expected = {"dense", "epas", "hf"} | ({"litgpt"} if "litgpt" not in r["skipped"] else set())
+    assert set(r["tokens_per_s"]) == expected and r["best_peer"] in {"hf", "litgpt"}
+    assert all(diff < 1e-3 for diff in r["logits_max_abs_diff"].values())  # every peer computes our function
+    assert r["dense_vs_best_peer"] > 0 and r["flop_cut"] > 0 and r["mfu"] is None  # no MFU without a known peak
+
+
+@pytest.mark.slow
 def test_lightning_overhead_reports_ratios_and_same_losses():
     r = last_json_line("benchmarks/lightning_overhead.py")
     assert {"ratio", "ratio_default", "bare_step_ms", "lightning_step_ms", "target_met"} <= set(r)

@@ -9,11 +9,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.fabric.utilities.init import _materialize_distributed_module
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from epas_lightning import EPASModule, Llama, LlamaConfig
-from epas_lightning.parallel import mixed_precision_policy, parallelize
+from epas_lightning.loss import train_loss
+from epas_lightning.memory_plan import plan_checkpointing
+from epas_lightning.parallel import blocks_to_checkpoint, checkpointed_blocks, mixed_precision_policy, parallelize
 
 
 @pytest.fixture
@@ -61,20 +64,27 @@ def test_materialised_sharded_model_equals_a_fresh_init(mesh):
         torch.testing.assert_close(full, expected[name], rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("activation_checkpointing", [False, True])
-def test_fsdp2_model_matches_eager_through_sharing(mesh, activation_checkpointing):
+@pytest.mark.parametrize(("activation_checkpointing", "chunked_loss"), [(False, False), (True, False), (2, True)])
+def test_fsdp2_model_matches_eager_through_sharing(mesh, activation_checkpointing, chunked_loss):
+    """Same gradients sharded as eager; with the chunked training loss (the LM head's weight gathered by FSDP inside
+    forward) too, and with only the first 2 of 4 blocks checkpointed."""
     config = LlamaConfig.from_name("debug", n_layer=4)
     torch.manual_seed(0)
     module = sharded_module(config, mesh, activation_checkpointing=activation_checkpointing)
     _materialize_distributed_module(module, torch.device("cpu"))
     module.on_fit_start()
+    wrapped = [isinstance(block, CheckpointWrapper) for block in module.model.layers]
+    assert wrapped == [i < checkpointed_blocks(activation_checkpointing, 4) for i in range(4)]
     eager = Llama(config)
     torch.manual_seed(0)
     eager.init_weights()
     tokens = torch.randint(0, 512, (2, 17))
     for model in (module.model, eager):
         model.set_shared_layers([2, 3])
-        F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        if chunked_loss and model is module.model:
+            train_loss(model, tokens).backward()
+        else:
+            F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
     eager_grads = dict(eager.named_parameters())
     for name, p in module.model.named_parameters():
         name = name.replace("_checkpoint_wrapped_module.", "")
@@ -86,6 +96,26 @@ def test_fsdp2_model_matches_eager_through_sharing(mesh, activation_checkpointin
     assert {n for n, p in eager.named_parameters() if p.grad is None} == {
         f"layers.{i}.self_attn.{proj}.weight" for i in (2, 3) for proj in ("q_proj", "k_proj")
     }
+
+
+def test_checkpointing_settings_and_the_memory_plan():
+    assert [checkpointed_blocks(x, 4) for x in (False, True, 0, 3)] == [0, 4, 0, 3]
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        checkpointed_blocks(5, 4)
+    assert blocks_to_checkpoint(4, block_bytes=10, kept_bytes=1, budget=40) == 0
+    assert blocks_to_checkpoint(4, block_bytes=10, kept_bytes=1, budget=25) == 2  # 2 * 10 + 2 * 1
+    assert blocks_to_checkpoint(4, block_bytes=10, kept_bytes=1, budget=3) == 4  # does not fit at all: every block
+    config = LlamaConfig.from_name("tinyllama-1.1b")
+    gib = 2**30
+    assert plan_checkpointing(config, 4 * 2048, free_bytes=139 * gib) == 0  # one H200, 4 x 2048 tokens
+    more = [plan_checkpointing(config, b * 2048, free_bytes=139 * gib) for b in (8, 32, 64)]
+    assert more == sorted(more) and 0 < more[-1] <= config.n_layer  # bigger micro-batches checkpoint more blocks
+    assert plan_checkpointing(config, 32 * 2048, 139 * gib, shards=8) <= more[1]  # sharded state leaves more room
+
+
+def test_auto_checkpointing_is_off_on_cpu(mesh):
+    module = sharded_module(LlamaConfig.from_name("debug", n_layer=2), mesh, activation_checkpointing="auto")
+    assert not any(isinstance(block, CheckpointWrapper) for block in module.model.layers)
 
 
 def test_mixed_precision_policies():

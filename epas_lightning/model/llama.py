@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -136,11 +136,15 @@ class Llama(nn.Module):
         input_ids: torch.Tensor,
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, padded_vocab_size) for token ids (B, T).
 
         With ``cache``, the tokens continue the cached sequences (and are appended to them); ``attention_mask``
-        (B, T), 0 at left padding, lets rows of different lengths share a batch.
+        (B, T), 0 at left padding, lets rows of different lengths share a batch. ``head(hidden, lm_head_weight)``,
+        given the final normed hidden states (B, T, C) and the head's (padded_vocab_size, C) weight, replaces the LM
+        head and its result is returned: a loss that never materialises the logits (``epas_lightning.loss``). It runs
+        inside ``forward``, so FSDP has the head's weight gathered.
         """
         T = input_ids.shape[1]
         flags = self.sharing.flags
@@ -167,7 +171,10 @@ class Llama(nn.Module):
             x, shared = layer(x, ctx, shared if shares else None, cache, want_probs)
         if cache is not None:
             cache.advance(T)
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        if head is not None:
+            return head(x, self.lm_head.weight)
+        return self.lm_head(x)
 
 
 def check_attention_reuse(config: LlamaConfig, enabled: bool) -> None:

@@ -1,0 +1,206 @@
+"""One lent-GPU session, about 8 minutes: the MFU of the real ``fit`` path (Lightning + FSDP2 on one GPU,
+``configs/tinyllama-1gpu.yaml``), then ours vs LitGPT and transformers on TinyLlama-1.1B (``vs_peers.py`` on CUDA).
+Writes ``gpu_session.json`` (every number), ``gpu_session.md`` (the tables for RESULTS.md) and both logs to ``--out``.
+
+The device machine reaches no package index, so what it lacks travels as wheels (pure Python, ~16 MB)::
+
+    python benchmarks/gpu_session.py wheels             # here, once: downloads them into .whl/ (git ignores it)
+    # then one device call, carrying .whl:
+    #   run(command="python3 benchmarks/gpu_session.py run --out $OUT", carry=[".whl"], timeout_s=600)
+
+``run`` installs ``.whl/`` into ``/tmp/site`` (no dependencies resolved: the machine's torch, lightning, transformers
+and tensorboard are used), then runs both parts with their own time limits, so a slow part cannot cost the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WHEELS = (
+    "litgpt==0.5.13",
+    "liger-kernel==0.8.5",
+    "jsonargparse==4.53.0",
+    "docstring-parser==0.18.0",
+    "typeshed-client==2.15.0",
+    "litdata==0.2.76",
+    "boto3==1.44.8",
+    "botocore==1.44.8",
+    "s3transfer==0.19.3",
+    "jmespath==1.1.0",
+)
+"""What the device image lacks for the fit path (jsonargparse, litdata and theirs) and the benchmark (peers, Liger)."""
+SITE = Path("/tmp/site")
+FIT_STEPS = 60
+DENSE_STEPS = (15, 30)
+"""Steps whose logged rates are dense (the region switches at step 30; earlier steps include compilation)."""
+EPAS_STEPS = (40, 60)
+"""Steps whose logged rates are EPAS (after the switch's recompilation and a full rate window)."""
+MFU_TARGET = 0.45
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("wheels", help="download the wheels into .whl/ (run where pip reaches the index)")
+    run = sub.add_parser("run", help="run the GPU comparison and the fit-path MFU (on the device machine)")
+    run.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_out")))
+    run.add_argument("--batch-size", type=int, default=4, help="vs_peers micro-batch (sequences of 2048 tokens)")
+    run.add_argument("--fit-batch-size", type=int, default=8, help="fit micro-batch (activation checkpointing: auto)")
+    run.add_argument("--fit-timeout", type=int, default=240)
+    run.add_argument("--peers-timeout", type=int, default=300)
+    run.add_argument("--fit-args", default="", help="more `fit` flags, space-separated (e.g. a CPU dry run)")
+    run.add_argument("--skip-peers", action="store_true")
+    return p.parse_args(argv)
+
+
+def download_wheels() -> None:
+    platforms = [f"--platform={p}" for p in ("manylinux_2_28_x86_64", "manylinux2014_x86_64", "any")]
+    for wheel in WHEELS:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12"]
+        subprocess.run([*cmd, "--implementation", "cp", *platforms, "-d", str(REPO / ".whl"), wheel], check=True)
+    print(f"{len(list((REPO / '.whl').glob('*.whl')))} wheels in {REPO / '.whl'}")
+
+
+def install_wheels() -> None:
+    wheels = sorted(str(p) for p in (REPO / ".whl").glob("*.whl"))
+    if wheels:
+        pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
+        subprocess.run([*pip, "--no-cache-dir", "--upgrade", "--target", str(SITE), *wheels], check=True)
+
+
+def run_logged(cmd: list[str], log: Path, timeout: int) -> tuple[int, float]:
+    """Run ``cmd`` in the repository with the carried packages importable; output to ``log``. (exit code, seconds)"""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(SITE)])}
+    start = time.perf_counter()
+    with log.open("w") as f:
+        try:
+            code = subprocess.run(
+                cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout
+            ).returncode
+        except subprocess.TimeoutExpired:
+            code = 124
+    return code, time.perf_counter() - start
+
+
+def fit_part(args: argparse.Namespace) -> dict:
+    """``fit`` 60 steps of tinyllama-1gpu (dense to step 30, then half the layers sharing); rates from TensorBoard."""
+    runs = Path(tempfile.mkdtemp(prefix="epas_runs_"))
+    cmd = [sys.executable, "-m", "epas_lightning", "fit", "--config", "tinyllama-1gpu"]
+    cmd += [f"--trainer.max_steps={FIT_STEPS}", f"--data.batch_size={args.fit_batch_size}"]
+    cmd += [f"--trainer.logger.init_args.save_dir={runs}", "--checkpoint.save_last=false", "--checkpoint.save_top_k=0"]
+    cmd += args.fit_args.split()
+    code, seconds = run_logged(cmd, args.out / "fit.log", args.fit_timeout)
+    result = {"command": " ".join(cmd[1:]), "exit_code": code, "wall_s": seconds, "batch_size": args.fit_batch_size}
+    events = sorted(runs.glob("tinyllama-1gpu/version_*"))
+    if not events:
+        return result
+    scalars = read_scalars(events[-1])
+    for arm, (first, last) in (("dense", DENSE_STEPS), ("epas", EPAS_STEPS)):
+        for key, name in (("train/device/items_per_sec", "tokens_per_s"), ("train/device/mfu", "mfu")):
+            values = [v for step, v in scalars.get(key, []) if first <= step <= last]
+            result[f"{arm}_{name}"] = statistics.median(values) if values else None
+    memory = [v for _, v in scalars.get("train/device/peak_memory_gib", [])]
+    result["peak_memory_gib"] = max(memory) if memory else None
+    result["shared_layers_at_end"] = scalars.get("sharing/layers", [(None, None)])[-1][1]
+    result["checkpointed_blocks"] = next(
+        (
+            line.split(":")[1].split("of")[0].strip()
+            for line in (args.out / "fit.log").read_text().splitlines()
+            if "activation_checkpointing='auto'" in line
+        ),
+        None,
+    )
+    if result.get("dense_tokens_per_s") and result.get("epas_tokens_per_s"):
+        result["epas_vs_dense"] = result["epas_tokens_per_s"] / result["dense_tokens_per_s"]
+    return result
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def peers_part(args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, "benchmarks/vs_peers.py", "--device", "cuda", "--model", "tinyllama-1.1b"]
+    cmd += ["--seq-len", "2048", "--batch-size", str(args.batch_size), "--reps", "5", "--warmup", "3"]
+    cmd += ["--systems", "dense", "epas", "litgpt", "hf", "liger"]
+    code, seconds = run_logged(cmd, args.out / "vs_peers.log", args.peers_timeout)
+    result: dict = {"command": " ".join(cmd[1:]), "exit_code": code, "wall_s": seconds}
+    lines = (args.out / "vs_peers.log").read_text().strip().splitlines()
+    if code == 0 and lines:
+        result |= json.loads(lines[-1])
+    return result
+
+
+def table(report: dict) -> str:
+    fit, peers = report["fit"], report["peers"]
+    rows = [f"GPU: {report['device']}; torch {report['torch']}", ""]
+    if "tokens_per_s" in peers:
+        rows += [
+            f"| system (vs_peers, tinyllama-1.1b, 2048 x {peers['batch_size']}, bf16-mixed) | tokens/s | × best peer "
+            "| MFU | step peak MiB |",
+            "|---|---|---|---|---|",
+        ]
+        best = peers["tokens_per_s"][peers["best_peer"]]
+        for name, tps in peers["tokens_per_s"].items():
+            mfu = peers["mfu"][name] if peers.get("mfu") else None
+            mem = peers["step_peak_memory_mib"][name]
+            rows.append(
+                f"| {name} | {tps:,.0f} | {tps / best:.3f} | {mfu if mfu is None else f'{mfu:.3f}'} | {mem:,.0f} |"
+            )
+        rows += ["", f"targets {peers['targets']}, met {peers['targets_met']}; skipped {peers['skipped']}", ""]
+    else:
+        rows += [f"vs_peers did not finish (exit {peers['exit_code']}); see vs_peers.log", ""]
+    rows += [
+        f"| fit (Lightning + FSDP2, 1 GPU, batch {fit['batch_size']} x 2048) | tokens/s | MFU |",
+        "|---|---|---|",
+    ]
+    for arm in ("dense", "epas"):
+        tps, mfu = fit.get(f"{arm}_tokens_per_s"), fit.get(f"{arm}_mfu")
+        rows.append(f"| {arm} | {tps if tps is None else f'{tps:,.0f}'} | {mfu if mfu is None else f'{mfu:.3f}'} |")
+    rows += [
+        "",
+        f"fit: peak memory {fit.get('peak_memory_gib')} GiB, blocks checkpointed {fit.get('checkpointed_blocks')}, "
+        f"MFU target {MFU_TARGET} (dense) met: {(fit.get('dense_mfu') or 0) >= MFU_TARGET}",
+    ]
+    return "\n".join(rows) + "\n"
+
+
+def run(args: argparse.Namespace) -> dict:
+    args.out.mkdir(parents=True, exist_ok=True)
+    install_wheels()
+    import torch
+
+    report = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device",
+        "torch": torch.__version__,
+        "fit": fit_part(args),
+        "peers": {"exit_code": None} if args.skip_peers else peers_part(args),
+    }
+    (args.out / "gpu_session.json").write_text(json.dumps(report, indent=1))
+    text = table(report)
+    (args.out / "gpu_session.md").write_text(text)
+    print(text)
+    print(json.dumps({k: report[k] for k in ("device", "torch")} | {"fit": report["fit"]}))
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    download_wheels() if args.command == "wheels" else run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""Training tokens/s of ours (dense and EPAS) beside the dense trainers a user would otherwise pick: LitGPT's ``GPT``
+with its training step and transformers' ``LlamaForCausalLM`` (SDPA).
+
+Every system trains the same LLaMA shape on the same random tokens (sequence length, micro-batch, precision), with the
+same AdamW (``epas_lightning.optim.default_optimizer``: one implementation and hyper-parameters, fused on CUDA). Each
+starts from the same weights, and before anything is timed the peers' logits are checked against ours, so all of them
+compute the same function. A step is each system's own training step:
+
+- ``dense``: our ``Llama``, every layer computing, and our training loss (``epas_lightning.loss.train_loss``: the LM
+  head and cross-entropy chunk by chunk, the logits never materialised);
+- ``epas``: the same model and optimizer with the deepest ``--sharing`` fraction of layers reusing the Q/K of the last
+  computing layer (``--attention-reuse``: also its attention probabilities, as ``EPASModule(attention_reuse=True)``);
+- ``litgpt``: ``litgpt.model.GPT`` and ``litgpt.utils.chunked_cross_entropy``, as ``litgpt pretrain`` runs them;
+- ``hf``: ``LlamaForCausalLM(attn_implementation="sdpa")`` computing its own loss from ``labels``;
+
+then ``backward``, ``optimizer.step()`` and ``zero_grad(set_to_none=True)``. ``--compile`` compiles our decoder
+blocks (``epas_lightning.parallel.parallelize``) and each peer's whole model (what ``litgpt pretrain`` does).
+
+The systems alternate within each repetition (forward order, then reverse) after untimed warm-up steps; tokens/s are
+medians over repetitions. The last line is JSON: the tokens/s (and on CUDA the step's peak memory above its start and
+the MFU in the paper's FLOPs convention, attention not halved, against ``--peak-tflops`` or the device's dense bf16
+peak) of each system, ``best_peer``, ``dense_vs_best_peer`` and ``epas_vs_best_peer`` (tokens/s ratios) and the
+targets. Peers come from the ``bench`` extra (see ``pyproject.toml``); a missing peer is skipped and reported.
+
+Usage::
+
+    python benchmarks/vs_peers.py --model llama-125m --seq-len 512 --reps 15         # CPU, fp32
+    python benchmarks/vs_peers.py --model tinyllama-1.1b --seq-len 2048 --batch-size 4 --warmup 3 --device cuda
+    python benchmarks/vs_peers.py --quick                                            # smoke test
+
+On CUDA ``benchmarks/gpu_session.py`` runs it together with the ``fit``-path MFU in one lent-GPU session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import importlib.util
+import statistics
+from collections.abc import Callable
+
+import torch
+from harness import device_name, emit, resolve_device, time_arms
+from vs_hf import build_hf, check_same_logits
+
+from epas_lightning.cpu import tune_glibc_malloc
+from epas_lightning.flops import estimate_flops, flop_cut, peak_flops
+from epas_lightning.inference import deepest_layers
+from epas_lightning.loss import train_loss
+from epas_lightning.model import Llama, LlamaConfig
+from epas_lightning.optim import default_optimizer
+from epas_lightning.parallel import parallelize
+
+SYSTEMS = ("dense", "epas", "litgpt", "hf", "liger")
+PEERS = ("litgpt", "hf")
+MODULES = {"litgpt": "litgpt", "hf": "transformers", "liger": "liger_kernel"}
+"""The package each optional system needs (``liger``: our dense model with Liger's fused linear cross-entropy)."""
+TARGETS = {
+    "cpu": {"dense_vs_best_peer": 0.98, "epas_vs_best_peer": 1.04},
+    "cuda": {"dense_vs_best_peer": 1.0, "epas_vs_best_peer": 1.10},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="llama-125m", help="LlamaConfig preset name")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--sharing", type=float, default=0.5, help="fraction of layers sharing in the EPAS arm")
+    p.add_argument("--reps", type=int, default=7, help="timed repetitions per system")
+    p.add_argument("--steps-per-rep", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per system first (compile: 3 or more)")
+    p.add_argument("--precision", choices=("auto", "32-true", "bf16-mixed"), default="auto", help="auto: bf16 on CUDA")
+    p.add_argument("--compile", choices=("auto", "none", "all"), default="auto", help="auto: all on CUDA, none on CPU")
+    p.add_argument(
+        "--attention-reuse",
+        action="store_true",
+        help="EPAS arm: sharing layers reuse the source's attention probabilities (EPASModule's attention_reuse)",
+    )
+    p.add_argument(
+        "--tune-malloc",
+        action="store_true",
+        help="CPU: glibc keeps freed memory for reuse (epas_lightning.cpu.tune_glibc_malloc), for every system alike",
+    )
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS[:4]))
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="debug shape, seq 64, 2 reps (smoke test)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.model, args.seq_len, args.reps = "debug", 64, 2
+    return args
+
+
+def litgpt_config(config: LlamaConfig):  # noqa: ANN201
+    """The ``litgpt.Config`` of the same network (LitGPT's LLaMA settings, as its ``tiny-llama-1.1b`` entry)."""
+    from litgpt.config import Config
+
+    return Config(
+        name="epas-peer",
+        block_size=config.block_size,
+        vocab_size=config.vocab_size,
+        padded_vocab_size=config.padded_vocab_size,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_query_groups=config.n_kv_head,
+        n_embd=config.n_embd,
+        head_size=config.head_dim,
+        intermediate_size=config.intermediate_size,
+        rotary_percentage=1.0,
+        parallel_residual=False,
+        bias=False,
+        norm_class_name="RMSNorm",
+        norm_eps=config.norm_eps,
+        mlp_class_name="LLaMAMLP",
+        rope_base=int(config.rope_theta),
+    )
+
+
+def build_litgpt(ours: Llama, seq_len: int):  # noqa: ANN201
+    """``litgpt.model.GPT`` holding a copy of ``ours``'s weights (q, k, v stacked into LitGPT's ``qkv``)."""
+    from litgpt.model import GPT
+
+    model = GPT(litgpt_config(ours.config))
+    src = ours.state_dict()
+    state = {
+        "transformer.wte.weight": src["embed_tokens.weight"],
+        "transformer.ln_f.weight": src["norm.weight"],
+        "lm_head.weight": src["lm_head.weight"],
+    }
+    names = {
+        "norm_1": "input_layernorm",
+        "norm_2": "post_attention_layernorm",
+        "attn.proj": "self_attn.o_proj",
+        "mlp.fc_1": "mlp.gate_proj",
+        "mlp.fc_2": "mlp.up_proj",
+        "mlp.proj": "mlp.down_proj",
+    }
+    for i in range(ours.config.n_layer):
+        ours_block, theirs = f"layers.{i}.", f"transformer.h.{i}."
+        for name, our_name in names.items():
+            state[f"{theirs}{name}.weight"] = src[f"{ours_block}{our_name}.weight"]
+        qkv = [src[f"{ours_block}self_attn.{p}_proj.weight"] for p in "qkv"]
+        state[f"{theirs}attn.qkv.weight"] = torch.cat(qkv)
+    model.load_state_dict(state, strict=True)
+    model.max_seq_length = seq_len
+    return model
+
+
+class System:
+    """A model, its optimizer and its training step; ``peak`` collects each timed step's peak memory (CUDA)."""
+
+    def __init__(self, model: torch.nn.Module, loss: Callable, optimizer: torch.optim.Optimizer, before=None) -> None:  # noqa: ANN001
+        self.model, self.loss, self.optimizer, self.before = model, loss, optimizer, before
+        self.peak: list[int] = []
+
+    def step(self, batch: torch.Tensor, autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
+        if self.before is not None:
+            self.before()
+        device = batch.device
+        if device.type == "cuda":
+            start = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        with autocast():
+            loss = self.loss(batch)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            self.peak.append(torch.cuda.max_memory_allocated(device) - start)
+
+
+def build_systems(
+    args: argparse.Namespace, config: LlamaConfig, device: torch.device
+) -> tuple[dict[str, System], dict[str, float], list[int]]:
+    """Every requested system on ``device``, the peers' logit differences from ours, and the EPAS region."""
+    torch.manual_seed(args.seed)
+    ours = Llama(config)
+    peers: dict[str, torch.nn.Module] = {}
+    if "litgpt" in args.systems:
+        peers["litgpt"] = build_litgpt(ours, args.seq_len)
+    if "hf" in args.systems:
+        peers["hf"] = build_hf(ours)
+    probe = torch.randint(0, config.vocab_size, (1, min(args.seq_len, 128)), generator=torch.Generator().manual_seed(1))
+    diffs = check_same_logits(ours, {name: peer_logits(name, model) for name, model in peers.items()}, probe)
+    compile_all = args.compile == "all"
+    ours = parallelize(ours.to(device), None, compile=compile_all)
+    optimizer = default_optimizer(ours)
+    region = deepest_layers(config.n_layer, min(max(round(args.sharing * config.n_layer), 0), config.n_layer - 1))
+
+    def use(layers: list[int], reuse: bool) -> Callable[[], None]:
+        def switch() -> None:
+            ours.set_shared_layers(layers)
+            ours.attention_reuse = reuse
+
+        return switch
+
+    systems: dict[str, System] = {}
+    if "dense" in args.systems:
+        systems["dense"] = System(ours, lambda b: train_loss(ours, b), optimizer, use([], False))
+    if "epas" in args.systems:
+        systems["epas"] = System(ours, lambda b: train_loss(ours, b), optimizer, use(region, args.attention_reuse))
+    if "liger" in args.systems:
+        systems["liger"] = System(ours, liger_loss(ours), optimizer, use([], False))
+    for name, model in peers.items():
+        model.to(device)
+        run = torch.compile(model) if compile_all else model
+        systems[name] = System(model, peer_loss(name, run), default_optimizer(model))
+    return systems, diffs, region
+
+
+def peer_logits(name: str, model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name == "litgpt":
+        return model
+    return lambda input_ids: model(input_ids=input_ids, use_cache=False).logits
+
+
+def peer_loss(name: str, model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The peer's own training loss on a token batch (B, T + 1)."""
+    if name == "litgpt":  # as `litgpt pretrain`: full logits, then its chunked cross-entropy
+        from litgpt.utils import chunked_cross_entropy
+
+        return lambda batch: chunked_cross_entropy(model(batch[:, :-1]), batch[:, 1:])
+    # HF: the model computes its loss from labels (already shifted: `shift_labels`)
+    return lambda batch: (
+        model(input_ids=batch[:, :-1], labels=batch[:, 1:], shift_labels=batch[:, 1:], use_cache=False).loss
+    )
+
+
+def liger_loss(model: Llama) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``train_loss`` with Liger's fused linear cross-entropy (Triton, CUDA) in place of our chunked one."""
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    fused = LigerFusedLinearCrossEntropyLoss()
+    vocab_size = model.config.vocab_size
+
+    def head(targets: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        def loss(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            if torch.is_autocast_enabled(hidden.device.type):  # Liger takes the compute dtype as given
+                dtype = torch.get_autocast_dtype(hidden.device.type)
+                hidden, weight = hidden.to(dtype), weight.to(dtype)
+            return fused(weight[:vocab_size], hidden.flatten(0, 1), targets.flatten())
+
+        return loss
+
+    return lambda batch: model(batch[:, :-1], head=head(batch[:, 1:]))
+
+
+def available_systems(requested: list[str], device: torch.device) -> tuple[list[str], dict[str, str]]:
+    """The requested systems that can run here, and why the others were skipped."""
+    skipped = {s: f"{MODULES[s]} not installed" for s in requested if s in MODULES}
+    skipped = {s: why for s, why in skipped.items() if importlib.util.find_spec(MODULES[s]) is None}
+    if "liger" in requested and device.type != "cuda":
+        skipped["liger"] = "Liger's kernels need CUDA"
+    return [s for s in requested if s not in skipped], skipped
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.tune_malloc:
+        args.tune_malloc = tune_glibc_malloc()
+    device = resolve_device(args.device)
+    if args.precision == "auto":
+        args.precision = "bf16-mixed" if device.type == "cuda" else "32-true"
+    if args.compile == "auto":
+        args.compile = "all" if device.type == "cuda" else "none"
+    args.systems, skipped = available_systems(args.systems, device)
+    config = LlamaConfig.from_name(args.model)
+    if args.seq_len > config.block_size:
+        config = LlamaConfig.from_name(args.model, block_size=args.seq_len)
+    systems, diffs, shared = build_systems(args, config, device)
+    autocast = contextlib.nullcontext
+    if args.precision == "bf16-mixed":
+        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+    generator = torch.Generator().manual_seed(args.seed)
+    batches = [
+        torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator).to(device)
+        for _ in range(args.steps_per_rep)
+    ]
+
+    if "liger" in systems:  # an optional kernel: a failure drops the arm, not the run
+        try:
+            systems["liger"].step(batches[0], autocast)
+        except Exception as error:  # noqa: BLE001
+            skipped["liger"] = f"{type(error).__name__}: {error}"[:300]
+            del systems["liger"]
+
+    def steps(system: System) -> Callable[[], None]:
+        return lambda: [system.step(batch, autocast) for batch in batches]
+
+    print(
+        f"ours vs peers: {args.model}, seq {args.seq_len} x batch {args.batch_size}, {args.precision}, compile "
+        f"{args.compile}, EPAS shares {shared} (attention reuse {args.attention_reuse}); peers' logits vs ours "
+        f"{diffs}; skipped {skipped or 'none'}",
+        flush=True,
+    )
+    times, loads = time_arms({name: steps(s) for name, s in systems.items()}, args.reps, device, warmup=args.warmup)
+    result = summarize(args, config, device, systems, times, loads, shared)
+    result |= {"logits_max_abs_diff": diffs, "skipped": skipped}
+    print_table(result)
+    emit(result)
+    return result
+
+
+def summarize(args, config, device, systems, times, loads, shared) -> dict:  # noqa: ANN001
+    tokens = args.steps_per_rep * args.batch_size * args.seq_len
+    tps = {name: tokens / statistics.median(t) for name, t in times.items()}
+    n_shared = {name: len(shared) if name == "epas" else 0 for name in tps}
+    flops = {name: estimate_flops(config, n_shared[name], args.seq_len) / args.seq_len for name in tps}
+    name = device_name(device)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device, torch.bfloat16)
+    if args.precision == "32-true" and not args.peak_tflops:
+        peak = None
+    peers = {p: tps[p] for p in PEERS if p in tps}
+    best = max(peers, key=peers.get) if peers else None
+    ratios = {f"{s}_vs_best_peer": tps[s] / peers[best] for s in ("dense", "epas") if s in tps and best}
+    targets = TARGETS[device.type]
+    result = {
+        "model": args.model,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "compile": args.compile,
+        "attention_reuse": args.attention_reuse,
+        "tune_malloc": args.tune_malloc,
+        "device": device.type,
+        "device_name": name,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "n_shared": len(shared),
+        "flop_cut": flop_cut(config, len(shared), args.seq_len),
+        "tokens_per_s": tps,
+        "best_peer": best,
+        **ratios,
+        "epas_vs_dense": tps["epas"] / tps["dense"] if {"epas", "dense"} <= set(tps) else None,
+        "targets": targets,
+        "targets_met": {k: ratios[k] >= v for k, v in targets.items() if k in ratios},
+        "peak_tflops": peak / 1e12 if peak else None,
+        "mfu": {s: tps[s] * flops[s] / peak for s in tps} if peak else None,
+        "step_peak_memory_mib": {s: max(x.peak) / 2**20 for s, x in systems.items()} if device.type == "cuda" else None,
+        "reps": args.reps,
+        "steps_per_rep": args.steps_per_rep,
+        "order": "ABBA",
+        "rep_seconds": times,
+        "rep_foreign_load": loads,
+        "torch": torch.__version__,
+        "versions": {s: _version(MODULES[s]) for s in MODULES if s in tps},
+    }
+    return result
+
+
+def _version(module: str) -> str | None:
+    try:
+        return importlib.metadata.version(module)
+    except importlib.metadata.PackageNotFoundError:
+        return getattr(__import__(module), "__version__", None)
+
+
+def print_table(r: dict) -> None:
+    print()
+    print(f"{r['model']}  seq {r['seq_len']} x batch {r['batch_size']}  {r['precision']}  on {r['device_name']}")
+    header = f"{'system':<8}{'tokens/s':>12}{'vs best peer':>14}"
+    header += f"{'MFU':>8}{'peak MiB':>10}" if r["mfu"] else ""
+    print(header)
+    best = r["tokens_per_s"].get(r["best_peer"]) if r["best_peer"] else None
+    for s, v in r["tokens_per_s"].items():
+        line = f"{s:<8}{v:>12.1f}{(v / best if best else float('nan')):>14.3f}"
+        if r["mfu"]:
+            line += f"{r['mfu'][s]:>8.3f}{r['step_peak_memory_mib'][s]:>10.0f}"
+        print(line)
+    loads = [x for v in r["rep_foreign_load"].values() for x in v if x is not None]
+    if loads:
+        print(f"foreign load per rep (cores): median {statistics.median(loads):.2f}, max {max(loads):.2f}")
+    print(f"flop_cut {r['flop_cut']:.4f}; targets {r['targets']}; met {r['targets_met']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""LM head + cross-entropy chunk by chunk over tokens: the (N, V) logits of a batch never exist at once.
+
+For each chunk of rows the forward computes the logits, their log-softmax and the loss, and right away the gradients
+(softmax - one-hot), which it turns into the chunk's gradient of the hidden states and adds to the LM-head weight's;
+the logits chunk is freed before the next one. Backward only scales the stored gradients by the incoming one. The
+matmuls are those of the plain path (one forward, two backward), so no work is recomputed; what stays allocated past
+the loss is the two gradients instead of the logits (and their fp32 copies, softmax and gradient).
+
+Mean over the targets that are not ``ignore_index``, as ``F.cross_entropy``; log-softmax in fp32 whatever the
+compute dtype (under autocast the inputs are cast to its dtype, as ``F.linear`` would be).
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+CHUNK_ELEMENTS = 1 << 24
+"""Logits per chunk (fp32: 64 MiB): rows per chunk = CHUNK_ELEMENTS // vocabulary, at least one. Fewer, larger
+chunks are faster: each chunk's weight-gradient matmul reads and writes the whole (V, C) gradient once."""
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_size: int | None = None,
+    chunk_rows: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """``F.cross_entropy(hidden @ weight[:vocab_size].T, targets)`` without materialising the logits.
+
+    Args:
+        hidden: (..., C) final hidden states (after the last norm).
+        weight: (V_pad, C) LM-head weight.
+        targets: (...) token ids in ``[0, vocab_size)`` or ``ignore_index``.
+        vocab_size: The softmax runs over the first ``vocab_size`` rows (default all); the padding rows after them
+            get a zero gradient.
+        chunk_rows: Tokens per chunk; default ``CHUNK_ELEMENTS // vocab_size``.
+    """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    elif hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden is {hidden.dtype} but weight is {weight.dtype}")
+    vocab_size = vocab_size or weight.shape[0]
+    rows = chunk_rows or max(1, CHUNK_ELEMENTS // vocab_size)
+    with torch.autocast(device_type, enabled=False):
+        return _LinearCrossEntropy.apply(
+            hidden.flatten(0, -2), weight, targets.flatten().long(), vocab_size, rows, ignore_index
+        )
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, vocab_size, rows, ignore_index):  # noqa: ANN001, ANN205
+        # hidden (N, C), weight (V_pad, C), targets (N,)
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_weight = torch.empty_like(weight) if want_weight else None  # (V_pad, C)
+        if want_weight and vocab_size < weight.shape[0]:
+            grad_weight[vocab_size:].zero_()  # padding rows take no part in the softmax
+        weight = weight[:vocab_size]  # (V, C)
+        valid = targets != ignore_index  # (N,)
+        safe_targets = torch.where(valid, targets, 0).unsqueeze(1)  # (N, 1)
+        scale = valid / valid.sum()  # (N,): each valid token's weight in the mean, 0 where ignored
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        for start in range(0, hidden.shape[0], rows):
+            end = min(start + rows, hidden.shape[0])
+            h = hidden[start:end]  # (n, C)
+            logp = torch.log_softmax((h @ weight.T).float(), dim=-1)  # (n, V), fp32
+            nll = -logp.gather(1, safe_targets[start:end]).squeeze(1)  # (n,)
+            loss += (nll * scale[start:end]).sum()
+            if not (want_hidden or want_weight):
+                continue
+            probs = logp.exp_()  # softmax, in place
+            probs.scatter_add_(1, safe_targets[start:end], probs.new_full((end - start, 1), -1.0))  # - one-hot
+            g = probs.to(weight.dtype)  # d(sum of nll)/d(logits); the per-token scale goes on the (n, C) side
+            del logp, probs
+            chunk_scale = scale[start:end, None].to(weight.dtype)  # (n, 1)
+            if want_hidden:
+                torch.mm(g, weight, out=grad_hidden[start:end]).mul_(chunk_scale)
+            if want_weight:  # accumulated by the matmul itself (beta = 1), no (V, C) temporary per chunk
+                scaled = h * chunk_scale  # (n, C)
+                if start == 0:
+                    torch.mm(g.T, scaled, out=grad_weight[:vocab_size])
+                else:
+                    grad_weight[:vocab_size].addmm_(g.T, scaled)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # noqa: ANN001, ANN205
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:  # the usual case; a free check on the host
+            return grad_hidden, grad_weight, None, None, None, None
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_loss.to(grad_weight.dtype))
+        return grad_hidden, grad_weight, None, None, None, None

@@ -1,0 +1,107 @@
+"""The chunked LM head + cross-entropy: the same loss and gradients as full logits + ``F.cross_entropy`` (fp32)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from epas_lightning.linear_ce import linear_cross_entropy
+from epas_lightning.loss import next_token_loss, train_loss
+from epas_lightning.model import Llama, LlamaConfig
+
+TOL = dict(atol=1e-6, rtol=1e-5)
+
+
+def plain_linear_cross_entropy(hidden, weight, targets):
+    """The plain path: full logits, then ``F.cross_entropy`` in fp32."""
+    logits = F.linear(hidden, weight)
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+
+
+def inputs(N=37, C=32, V=500, ignored=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, C, generator=g).requires_grad_()
+    weight = (torch.randn(V, C, generator=g) * 0.3).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[:ignored] = -100
+    return hidden, weight, targets
+
+
+def loss_and_grads(fn, hidden, weight, targets, grad_out=1.0, **kw):
+    hidden.grad = weight.grad = None
+    loss = fn(hidden, weight, targets, **kw)
+    loss.backward(torch.tensor(grad_out))
+    return loss.detach(), hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 8, 37, 64, None])
+@pytest.mark.parametrize("ignored", [0, 5])
+def test_same_loss_and_grads_as_full_logits(chunk_rows, ignored):
+    hidden, weight, targets = inputs(ignored=ignored)
+    ours = loss_and_grads(linear_cross_entropy, hidden, weight, targets, grad_out=2.5, chunk_rows=chunk_rows)
+    ref = loss_and_grads(plain_linear_cross_entropy, hidden, weight, targets, grad_out=2.5)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_batched_input_and_frozen_weight():
+    hidden, weight, targets = inputs(N=24)
+    weight.requires_grad_(False)
+    h3, t3 = hidden.detach().view(2, 12, -1).requires_grad_(), targets.view(2, 12)
+    loss = linear_cross_entropy(h3, weight, t3, chunk_rows=5)
+    loss.backward()
+    ref_h = h3.detach().clone().requires_grad_()
+    plain_linear_cross_entropy(ref_h, weight, t3).backward()
+    torch.testing.assert_close(h3.grad, ref_h.grad, **TOL)
+    with torch.no_grad():  # no gradient work at all, same value
+        torch.testing.assert_close(linear_cross_entropy(h3, weight, t3), loss.detach(), **TOL)
+
+
+def test_under_bf16_autocast_the_matmuls_run_in_bf16_and_grads_keep_the_param_dtype():
+    hidden, weight, targets = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=16)
+    loss.backward()
+    assert loss.dtype == torch.float32 and hidden.grad.dtype == weight.grad.dtype == torch.float32
+    ref = plain_linear_cross_entropy(hidden.detach(), weight.detach(), targets)
+    torch.testing.assert_close(loss.detach(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("shared", [[], [2, 3]])
+def test_train_loss_matches_next_token_loss_over_the_real_vocabulary(shared):
+    """train_loss == cross-entropy of the full logits cut to vocab_size (500 of 512 padded rows), same param grads."""
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name("debug", n_layer=4, vocab_size=500))
+    assert model.config.padded_vocab_size == 512
+    model.set_shared_layers(shared)
+    batch = torch.randint(0, 500, (2, 17), generator=torch.Generator().manual_seed(1))
+    loss = train_loss(model, batch)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    logits = model(batch[:, :-1])[..., :500]
+    ref = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+    ref.backward()
+    theirs = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(loss, ref, **TOL)
+    assert ours.keys() == theirs.keys()  # sharing layers' q/k get no gradient on either path
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_without_padding_train_loss_equals_next_token_loss():
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name("debug", n_layer=2))
+    batch = torch.randint(0, 512, (2, 9))
+    torch.testing.assert_close(train_loss(model, batch), next_token_loss(model, batch), **TOL)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_matches_full_logits_loosely():
+    hidden, weight, targets = (t.cuda() for t in inputs(N=300, C=64, V=1000))
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ours = loss_and_grads(linear_cross_entropy, hidden, weight, targets, chunk_rows=64)
+        ref = loss_and_grads(plain_linear_cross_entropy, hidden, weight, targets)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)

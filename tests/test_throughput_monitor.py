@@ -1,0 +1,67 @@
+"""TokenThroughputMonitor during fit: tokens/s always; MFU and peak memory where the device has them (CUDA)."""
+
+import lightning as L
+import pytest
+import torch
+from helpers import cpu_trainer
+from lightning.pytorch.loggers import Logger
+
+import epas_lightning.callbacks as callbacks
+from epas_lightning import EPASModule, LlamaConfig, TokenThroughputMonitor
+from epas_lightning.flops import peak_flops
+
+
+class Keys(Logger):
+    """Remembers every metric name logged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: set[str] = set()
+
+    @property
+    def name(self) -> str:
+        return "keys"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.keys |= set(metrics)
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+def fit_keys(tmp_path) -> set[str]:
+    L.seed_everything(0)
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16))
+    data = torch.utils.data.DataLoader(torch.randint(0, 512, (8, 17)), batch_size=2)
+    logger = Keys()
+    trainer = cpu_trainer(tmp_path, 4, [TokenThroughputMonitor(window_size=2)], logger=logger, log_every_n_steps=1)
+    trainer.fit(module, data)
+    return logger.keys
+
+
+def test_cpu_logs_tokens_and_flops_but_no_mfu_or_memory(tmp_path):
+    keys = fit_keys(tmp_path)
+    assert {"train/device/items_per_sec", "train/device/flops_per_sec"} <= keys
+    assert "train/device/mfu" not in keys and callbacks.PEAK_MEMORY_KEY not in keys
+
+
+def test_mfu_and_peak_memory_are_logged_where_the_device_has_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(callbacks, "peak_flops", lambda device, dtype: 1e12)
+    monkeypatch.setattr(callbacks, "peak_memory_gib", lambda device: 1.5)
+    keys = fit_keys(tmp_path)
+    assert {"train/device/mfu", callbacks.PEAK_MEMORY_KEY} <= keys
+
+
+@pytest.mark.parametrize(
+    ("name", "tflops"),
+    [("NVIDIA H200", 989.4), ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("Tesla T4", None)],
+)
+def test_peak_flops_are_dense_bf16_datasheet_figures(monkeypatch, name, tflops):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda"), torch.bfloat16) == (tflops * 1e12 if tflops else None)
+    assert peak_flops(torch.device("cuda"), torch.float32) is None
+    assert peak_flops(torch.device("cpu")) is None
