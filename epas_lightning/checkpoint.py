@@ -45,15 +45,16 @@ REGION_KEY = "sharing_region"
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The ``Llama`` state dict (keys without ``model.``) and the Lightning metadata of a checkpoint file or dir."""
-    path = verify_checkpoint(path, "--checkpoint")
-    if path.is_file():
-        checkpoint = load_torch_file(path)
+    path = Path(path).expanduser()
+    if path.is_file():  # one weights_only load: refusing an unsafe file needs no separate check
+        checkpoint = load_torch_file(path, where=f"--checkpoint {path}")
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
             raise CheckpointError(
                 "not a Lightning checkpoint (no state_dict)", path, "pass a checkpoint written by fit"
             )
         state = checkpoint.pop("state_dict")
         return _strip_prefix(state), checkpoint
+    path = verify_checkpoint(path, "--checkpoint")  # exists, and its metadata reads safely
     reader = SafeFileSystemReader(path)
     wanted = "state_dict." + MODEL_PREFIX
     state = {
@@ -208,10 +209,10 @@ def recorded_config(path: str | Path, flag: str = "--checkpoint") -> LlamaConfig
         except (OSError, ValueError, AttributeError) as e:
             raise CheckpointError(f"unreadable {CONFIG_FILE} ({e})", path / CONFIG_FILE) from e
         return _model_config(metadata, path)
-    path = verify_checkpoint(path, flag)
     if path.is_file():
-        metadata = load_torch_file(path, mmap=True)
+        metadata = load_torch_file(path, mmap=True, where=f"{flag} {path}")
     else:
+        path = verify_checkpoint(path, flag)
         metadata = load_torch_file(path / LIGHTNING_METADATA) if (path / LIGHTNING_METADATA).is_file() else {}
     return _model_config(metadata if isinstance(metadata, dict) else {}, path)
 

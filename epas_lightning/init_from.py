@@ -29,6 +29,16 @@ NOT_LOADED = ("sharing.mask",)
 
 def check_init_source(path: str | Path, config: LlamaConfig) -> None:
     """Fail before any work when ``path`` is missing or holds weights of another shape than ``config``."""
+    path = _existing(path)
+    if is_hf_dir(path):
+        check_compatible(config, read_hf_config(path), source=f"init_from {path}")
+    else:
+        from epas_lightning.checkpoint import recorded_config
+
+        check_same_architecture(config, recorded_config(path, "model.init_from"), path)
+
+
+def _existing(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(
@@ -37,12 +47,7 @@ def check_init_source(path: str | Path, config: LlamaConfig) -> None:
             "give a local HF LLaMA directory (config.json + safetensors) or an EPAS checkpoint (.ckpt, FSDP2 "
             "checkpoint dir or consolidated dir)",
         )
-    if is_hf_dir(path):
-        check_compatible(config, read_hf_config(path), source=f"init_from {path}")
-    else:
-        from epas_lightning.checkpoint import recorded_config
-
-        check_same_architecture(config, recorded_config(path, "model.init_from"), path)
+    return path
 
 
 def check_same_architecture(config: LlamaConfig, theirs: LlamaConfig, path: Path) -> None:
@@ -62,8 +67,7 @@ def check_same_architecture(config: LlamaConfig, theirs: LlamaConfig, path: Path
 
 def read_init_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Tensor]:
     """The full (unsharded) ``Llama`` parameters stored at ``path``, converted and checked for ``config``."""
-    path = Path(path).expanduser()
-    check_init_source(path, config)
+    path = _existing(path)  # the loaders below check safety and architecture as they read
     if is_hf_dir(path):
         return load_hf_state(path, config)
     from epas_lightning.checkpoint import load_model  # our own .ckpt / FSDP2 dir / consolidated dir

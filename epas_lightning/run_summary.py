@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 from epas_lightning.callbacks import ProgressiveSharing
+from epas_lightning.divergence import last_checkpoint
 from epas_lightning.flops import estimate_flops, flop_cut
 
 WARMUP_BATCHES = 2
@@ -55,7 +56,7 @@ class RunSummary(Callback):
 
     def summary(self, trainer: Trainer, pl_module: LightningModule) -> str:
         lines = [f"Run finished: {trainer.global_step} optimizer steps in {_duration(self._fit_start)}."]
-        checkpoint = _last_checkpoint(trainer)
+        checkpoint = last_checkpoint(trainer)
         if checkpoint:
             lines.append(f"  checkpoints  {Path(checkpoint).parent}  (last: {Path(checkpoint).name})")
         if trainer.log_dir:
@@ -83,12 +84,6 @@ class RunSummary(Callback):
 def _duration(start: float) -> str:
     seconds = time.perf_counter() - start
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
-def _last_checkpoint(trainer: Trainer) -> str | None:
-    from epas_lightning.divergence import last_checkpoint
-
-    return last_checkpoint(trainer)
 
 
 def _region_line(trainer: Trainer, pl_module: LightningModule) -> str:
