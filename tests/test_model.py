@@ -68,12 +68,14 @@ def test_tied_embeddings_share_one_tensor():
 
 
 def capture_attention_inputs(model: Llama, input_ids: torch.Tensor) -> dict:
-    """Run the model and record each attention's input (normed x), returned pair and output."""
+    """Run the model and record each attention's input (normed x), the pair it reused, its output and the pair
+    it handed on."""
     seen = {}
     for i, layer in enumerate(model.layers):
 
         def hook(mod, args, out, i=i):
-            seen[i] = {"x": args[0], "out": out[0], "shared": out[1]}
+            reuse = args[2] if len(args) > 2 else None
+            seen[i] = {"x": args[0], "reused": reuse, "out": out[0], "shared": out[1]}
 
         layer.self_attn.register_forward_hook(hook)
     model(input_ids)
@@ -94,7 +96,8 @@ def test_qk_sharing_layer_attends_with_source_qk_and_own_v():
         y = F.scaled_dot_product_attention(q_src, k_src, v, is_causal=True, enable_gqa=True)
         expected = attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         torch.testing.assert_close(seen[i]["out"], expected)
-        assert seen[i]["shared"].pair[0] is q_src and seen[i]["shared"].pair[1] is k_src
+        assert seen[i]["reused"].pair[0] is q_src and seen[i]["reused"].pair[1] is k_src
+        assert seen[i]["shared"] is None  # a sharing layer hands nothing new on
     # the source pair is the post-RoPE projection of layer 1's own input
     cos, sin = model.rotary_emb(x.shape[1])
     B, T, _ = seen[1]["x"].shape
@@ -107,7 +110,7 @@ def test_kv_sharing_layer_reuses_source_kv_and_projects_own_q():
     model.set_shared_layers([3])
     seen = capture_attention_inputs(model, tokens())
     k_src, v_src = seen[2]["shared"].pair
-    assert seen[3]["shared"].pair[0] is k_src and seen[3]["shared"].pair[1] is v_src
+    assert seen[3]["reused"].pair[0] is k_src and seen[3]["reused"].pair[1] is v_src and seen[3]["shared"] is None
 
 
 @pytest.mark.parametrize("mode,skipped", [("qk", ("q_proj", "k_proj")), ("kv", ("k_proj", "v_proj"))])

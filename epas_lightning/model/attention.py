@@ -80,12 +80,14 @@ class Attention(nn.Module):
         reuse: Shared | None = None,
         cache: KVCache | None = None,
         want_probs: bool = False,
-    ) -> tuple[torch.Tensor, Shared]:
+    ) -> tuple[torch.Tensor, Shared | None]:
         """Attend over ``x`` (B, T, C); with ``reuse`` given, run in sharing mode.
 
         ``cache`` stores this layer's new keys/values (only those it projects) and supplies the earlier ones.
         ``want_probs`` (a compute layer followed by sharing layers, attention reuse on) makes the layer materialise
-        its attention probabilities and hand them on. Returns the output (B, T, C) and what sharing layers reuse.
+        its attention probabilities and hand them on. Returns the output (B, T, C) and, from a compute layer, what
+        sharing layers reuse (``None`` from a sharing layer: it hands nothing new on, and passing its input through
+        would return a view of it, which FSDP2 warns about).
         """
         B, T, _ = x.shape
         probs = None
@@ -101,12 +103,12 @@ class Attention(nn.Module):
             v = self._heads(self.v_proj(x), self.n_kv_head)
             if cache is not None:
                 _, v = cache.update(self.layer_idx, None, v)
-            probs, shared = reuse.probs, reuse
+            probs, shared = reuse.probs, None
         else:
             k, v = reuse.pair
             q = apply_rope(self._heads(self.q_proj(x), self.n_head), ctx.cos, ctx.sin)
-            shared = reuse
-        if probs is None and want_probs:
+            shared = None
+        if probs is None and want_probs and shared is not None:
             probs = attention_probs(q, k, ctx)
             shared = Shared(shared.pair, probs)
         if probs is not None:

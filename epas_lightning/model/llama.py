@@ -45,7 +45,7 @@ class DecoderLayer(nn.Module):
         reuse: Shared | None = None,
         cache: KVCache | None = None,
         want_probs: bool = False,
-    ) -> tuple[torch.Tensor, Shared]:
+    ) -> tuple[torch.Tensor, Shared | None]:
         h, shared = self.self_attn(self.input_layernorm(x), ctx, reuse, cache, want_probs)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
@@ -168,7 +168,9 @@ class Llama(nn.Module):
         n = len(flags)
         for i, (layer, shares) in enumerate(zip(self.layers, flags, strict=True)):
             want_probs = reuse_probs and not shares and i + 1 < n and flags[i + 1]
-            x, shared = layer(x, ctx, shared if shares else None, cache, want_probs)
+            x, produced = layer(x, ctx, shared if shares else None, cache, want_probs)
+            if produced is not None:  # a compute layer: the later sharing layers reuse what it produced
+                shared = produced
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)
