@@ -2,7 +2,8 @@
 
 For each chunk of rows the forward computes the logits, their log-softmax and the loss, and right away the gradients
 (softmax - one-hot), which it turns into the chunk's gradient of the hidden states and adds to the LM-head weight's;
-the logits chunk is freed before the next one. Backward only scales the stored gradients by the incoming one. The
+the logits chunk is freed before the next one. Backward only scales the stored gradients, in place, by the incoming
+one, so a graph can be backpropagated through once (a second ``backward`` after ``retain_graph=True`` raises). The
 matmuls are those of the plain path (one forward, two backward), so no work is recomputed; what stays allocated past
 the loss is the two gradients instead of the logits (and their fp32 copies, softmax and gradient).
 
@@ -89,10 +90,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:
                     grad_weight[:vocab_size].addmm_(g.T, scaled)
         ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.backward_done = False
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):  # noqa: ANN001, ANN205
+        if ctx.backward_done:  # the stored gradients were scaled in place by the first backward
+            raise RuntimeError(
+                "linear_cross_entropy supports one backward per forward: run the forward again instead of "
+                "backpropagating a retained graph twice"
+            )
+        ctx.backward_done = True
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:  # the usual case; a free check on the host
             return grad_hidden, grad_weight, None, None, None, None

@@ -43,6 +43,16 @@ def test_same_loss_and_grads_as_full_logits(chunk_rows, ignored):
         torch.testing.assert_close(a, b, **TOL)
 
 
+def test_a_retained_graph_refuses_a_second_backward_instead_of_scaling_twice():
+    hidden, weight, targets = inputs()
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=8)
+    loss.backward(torch.tensor(2.0), retain_graph=True)
+    first = weight.grad.clone()
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward(torch.tensor(3.0))
+    torch.testing.assert_close(weight.grad, first, rtol=0, atol=0)  # nothing was added
+
+
 def test_batched_input_and_frozen_weight():
     hidden, weight, targets = inputs(N=24)
     weight.requires_grad_(False)
