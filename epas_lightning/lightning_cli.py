@@ -32,7 +32,7 @@ from epas_lightning.divergence import DivergenceGuard
 from epas_lightning.errors import CheckpointError, ConfigError, UserError
 from epas_lightning.model import LlamaConfig
 from epas_lightning.module import EPASModule
-from epas_lightning.run_summary import FlopsModelSummary, RunSummary
+from epas_lightning.run_summary import FlopsModelSummary, RunSummary, progress_bar_for
 from epas_lightning.safe_load import verify_checkpoint
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -163,6 +163,9 @@ class EPASCLI(LightningCLI):
             raise
         except (ValueError, TypeError) as e:  # a constructor refused a configured value
             raise ConfigError(str(e).rstrip("."), "the configuration", "fix the value in the YAML or the flag") from e
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        return super()._instantiate_trainer(config, [*callbacks, *progress_bar_for(config)])
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)

@@ -1,4 +1,5 @@
-"""What a run reports about itself: the model summary with its real FLOPs, and ``RunSummary`` at the end of ``fit``.
+"""What a run reports about itself: the model summary with its real FLOPs, a progress bar that does not count to
+epoch -2, and ``RunSummary`` at the end of ``fit``.
 
 ``RunSummary`` says where the checkpoints and logs are, the final validation loss and perplexity, the median training
 throughput, the sharing region reached and when, the wall time, and the next commands with the run's real paths.
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar, RichModelSummary, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
@@ -130,3 +131,25 @@ class FlopsModelSummary(ModelSummary):
             n = len(sharing.schedule.target_layers)
             line += f"; {flop_cut(config, n, config.block_size):.1%} fewer once {n} layers share"
         rank_zero_info(line + ".")
+
+
+class StepRunProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, minus the epoch total that a run bounded by ``max_steps`` does not have
+    (Lightning then sets ``max_epochs=-1``, and its bar reads "Epoch 0/-2")."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
+
+
+def progress_bar_for(trainer_config: dict[str, Any]) -> list[Callback]:
+    """The progress bar to add to a trainer built from ``trainer_config``: none where the user switched the bar off
+    or chose their own, or where ``rich`` is missing (Lightning's plain bar has no epoch total to get wrong)."""
+    callbacks = trainer_config.get("callbacks") or []
+    if trainer_config.get("enable_progress_bar") is False or not _RICH_AVAILABLE:
+        return []
+    if any(isinstance(c, ProgressBar) for c in (callbacks if isinstance(callbacks, list) else [callbacks])):
+        return []
+    return [StepRunProgressBar()]

@@ -152,6 +152,7 @@ def test_fit_summary_and_resume_with_last(tiny_corpus, tmp_path):
     )
     assert f"python -m epas_lightning generate --checkpoint {run}/checkpoints/last.ckpt" in out
     assert "Warning" not in first.stderr and "warn" not in first.stderr.lower(), first.stderr
+    assert "Epoch 0 " in out and "Epoch 0/-2" not in out  # a run bounded by max_steps has no epoch total
     resumed = run_cli(["fit", "--config", DEBUG, "--ckpt_path", "last", "--trainer.max_steps", "10"], tmp_path,
                       tiny_corpus.parent)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -172,10 +173,11 @@ def test_resume_last_without_a_checkpoint_is_an_error(tmp_path, capsys, monkeypa
 
 
 def test_user_callbacks_add_to_the_defaults_without_inheriting_them(tmp_path):
-    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 
     from epas_lightning import DivergenceGuard, TokenThroughputMonitor
     from epas_lightning.lightning_cli import lightning_cli
+    from epas_lightning.run_summary import StepRunProgressBar
 
     config = tmp_path / "callbacks.yaml"
     config.write_text(
@@ -188,8 +190,11 @@ def test_user_callbacks_add_to_the_defaults_without_inheriting_them(tmp_path):
     assert len(checkpoints) == 2
     mine = next(c for c in checkpoints if c.monitor == "val/loss")
     assert not mine.save_last  # not inherited from the default checkpoint by position
-    for kind in (TokenThroughputMonitor, LearningRateMonitor, DivergenceGuard, ProgressiveSharing):
+    for kind in (TokenThroughputMonitor, LearningRateMonitor, DivergenceGuard, ProgressiveSharing, StepRunProgressBar):
         assert sum(isinstance(c, kind) for c in callbacks) == 1, kind
+    no_bar = ["--config", DEBUG, "--trainer.enable_progress_bar=false", "--trainer.logger=false"]
+    quiet = lightning_cli(no_bar, run=False)
+    assert not any(isinstance(c, ProgressBar) for c in quiet.trainer.callbacks)  # switched off: no bar forced in
 
 
 def test_configs_travel_with_the_package():
