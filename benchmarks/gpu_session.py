@@ -1,6 +1,7 @@
 """One lent-GPU session, about 8 minutes: the MFU of the real ``fit`` path (Lightning + FSDP2 on one GPU,
 ``configs/tinyllama-1gpu.yaml``), then ours vs LitGPT and transformers on TinyLlama-1.1B (``vs_peers.py`` on CUDA).
-Writes ``gpu_session.json`` (every number), ``gpu_session.md`` (the tables for RESULTS.md) and both logs to ``--out``.
+Writes ``gpu_session.json`` (every number), ``gpu_session.md`` (the tables for RESULTS.md) and the logs to ``--out``
+(``vs_peers-b4.log``, and ``vs_peers-b2.log`` if a system ran out of memory at micro-batch 4).
 
 The device machine reaches no package index, so what it lacks travels as wheels (pure Python, ~16 MB)::
 
@@ -133,12 +134,25 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def peers_part(args: argparse.Namespace) -> dict:
+    """vs_peers on CUDA; when a system runs out of memory, again at half the micro-batch while time is left."""
+    deadline, batch_size, attempts = time.monotonic() + args.peers_timeout, args.batch_size, []
+    while True:
+        result = peers_run(args, batch_size, int(deadline - time.monotonic()))
+        attempts.append({k: result.get(k) for k in ("batch_size", "exit_code", "wall_s", "skipped")})
+        out_of_memory = "OutOfMemoryError" in (args.out / f"vs_peers-b{batch_size}.log").read_text()
+        if not out_of_memory or batch_size == 1 or deadline - time.monotonic() < 90:
+            return result | {"attempts": attempts}
+        batch_size //= 2
+
+
+def peers_run(args: argparse.Namespace, batch_size: int, timeout: int) -> dict:
     cmd = [sys.executable, "benchmarks/vs_peers.py", "--device", "cuda", "--model", "tinyllama-1.1b"]
-    cmd += ["--seq-len", "2048", "--batch-size", str(args.batch_size), "--reps", "5", "--warmup", "3"]
+    cmd += ["--seq-len", "2048", "--batch-size", str(batch_size), "--reps", "5", "--warmup", "3"]
     cmd += ["--systems", "dense", "epas", "litgpt", "hf", "liger"]
-    code, seconds = run_logged(cmd, args.out / "vs_peers.log", args.peers_timeout)
-    result: dict = {"command": " ".join(cmd[1:]), "exit_code": code, "wall_s": seconds}
-    lines = (args.out / "vs_peers.log").read_text().strip().splitlines()
+    log = args.out / f"vs_peers-b{batch_size}.log"
+    code, seconds = run_logged(cmd, log, timeout)
+    result: dict = {"command": " ".join(cmd[1:]), "exit_code": code, "wall_s": seconds, "batch_size": batch_size}
+    lines = log.read_text().strip().splitlines()
     if code == 0 and lines:
         result |= json.loads(lines[-1])
     return result
@@ -153,7 +167,7 @@ def table(report: dict) -> str:
             "| MFU | step peak MiB |",
             "|---|---|---|---|---|",
         ]
-        best = peers["tokens_per_s"][peers["best_peer"]]
+        best = peers["tokens_per_s"].get(peers["best_peer"]) or float("nan")  # nan when every peer was skipped
         for name, tps in peers["tokens_per_s"].items():
             mfu = peers["mfu"][name] if peers.get("mfu") else None
             mem = peers["step_peak_memory_mib"][name]
@@ -162,7 +176,7 @@ def table(report: dict) -> str:
             )
         rows += ["", f"targets {peers['targets']}, met {peers['targets_met']}; skipped {peers['skipped']}", ""]
     else:
-        rows += [f"vs_peers did not finish (exit {peers['exit_code']}); see vs_peers.log", ""]
+        rows += [f"vs_peers did not finish (exit {peers['exit_code']}); see vs_peers-b*.log", ""]
     rows += [
         f"| fit (Lightning + FSDP2, 1 GPU, batch {fit['batch_size']} x 2048) | tokens/s | MFU |",
         "|---|---|---|",

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib.metadata
 import importlib.util
 import statistics
@@ -53,6 +54,7 @@ from epas_lightning.optim import default_optimizer
 from epas_lightning.parallel import parallelize
 
 SYSTEMS = ("dense", "epas", "litgpt", "hf", "liger")
+OURS = ("dense", "epas")
 PEERS = ("litgpt", "hf")
 MODULES = {"litgpt": "litgpt", "hf": "transformers", "liger": "liger_kernel"}
 """The package each optional system needs (``liger``: our dense model with Liger's fused linear cross-entropy)."""
@@ -258,6 +260,21 @@ def available_systems(requested: list[str], device: torch.device) -> tuple[list[
     return [s for s in requested if s not in skipped], skipped
 
 
+def drop_failing_systems(systems: dict[str, System], skipped: dict[str, str], batch: torch.Tensor, autocast) -> None:  # noqa: ANN001
+    """One untimed step of every optional system (peers, Liger): one that fails (out of memory, a compile error) is
+    dropped with the reason in ``skipped``, so it costs its arm and not the run. Ours must run: their errors raise."""
+    for name in [n for n in systems if n not in OURS]:
+        try:
+            systems[name].step(batch, autocast)
+            continue
+        except Exception as error:  # noqa: BLE001
+            skipped[name] = f"{type(error).__name__}: {error}"[:300]
+        systems.pop(name).optimizer.zero_grad(set_to_none=True)  # (Liger shares our optimizer)
+        gc.collect()  # outside the except block: its traceback no longer holds the failed step's tensors
+        if batch.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
@@ -283,12 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(args.steps_per_rep)
     ]
 
-    if "liger" in systems:  # an optional kernel: a failure drops the arm, not the run
-        try:
-            systems["liger"].step(batches[0], autocast)
-        except Exception as error:  # noqa: BLE001
-            skipped["liger"] = f"{type(error).__name__}: {error}"[:300]
-            del systems["liger"]
+    drop_failing_systems(systems, skipped, batches[0], autocast)
 
     def steps(system: System) -> Callable[[], None]:
         return lambda: [system.step(batch, autocast) for batch in batches]

@@ -88,3 +88,31 @@ def test_serve_throughput_reports_both_budgets():
     assert dense["requests_per_s"] > 0 and trained["tokens_per_s"] > 0 and "gain_tokens_per_s" in r
     assert dense["kv_cache_saving"] == 0 and trained["kv_cache_saving"] == pytest.approx(0.25)  # V-only cache
     assert r["server_exit_code"] == 0  # SIGTERM shut the server down cleanly
+
+
+def test_gpu_session_retries_vs_peers_at_half_batch_after_out_of_memory(tmp_path, monkeypatch):
+    """The GPU session's own logic, without a GPU: an out-of-memory run is retried at half the micro-batch, a clean
+    one is not, and the table renders even when every peer was dropped."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_session
+
+    calls = []
+
+    def fake_run_logged(cmd, log, timeout):
+        batch = int(cmd[cmd.index("--batch-size") + 1])
+        calls.append(batch)
+        if batch == 4:
+            log.write_text("torch.OutOfMemoryError: CUDA out of memory\n")
+            return 1, 1.0
+        result = {"batch_size": batch, "tokens_per_s": {"dense": 10.0, "epas": 11.0}, "best_peer": None}
+        result |= {"mfu": None, "step_peak_memory_mib": {"dense": 1.0, "epas": 1.0}, "targets": {}}
+        log.write_text("table\n" + json.dumps(result | {"targets_met": {}, "skipped": {"hf": "OutOfMemoryError"}}))
+        return 0, 1.0
+
+    monkeypatch.setattr(gpu_session, "run_logged", fake_run_logged)
+    args = gpu_session.parse_args(["run", "--out", str(tmp_path)])
+    peers = gpu_session.peers_part(args)
+    assert calls == [4, 2, 1]  # the batch-2 run still dropped a peer for memory: one more halving
+    assert [a["batch_size"] for a in peers["attempts"]] == [4, 2, 1] and peers["exit_code"] == 0
+    text = gpu_session.table({"device": "x", "torch": "y", "fit": {"batch_size": 8}, "peers": peers})
+    assert "| dense | 10 | nan |" in text and "MFU target 0.45 (dense) met: False" in text
