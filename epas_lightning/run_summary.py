@@ -135,7 +135,14 @@ class FlopsModelSummary(ModelSummary):
 
 class StepRunProgressBar(RichProgressBar):
     """Lightning's rich progress bar, minus the epoch total that a run bounded by ``max_steps`` does not have
-    (Lightning then sets ``max_epochs=-1``, and its bar reads "Epoch 0/-2")."""
+    (Lightning then sets ``max_epochs=-1``, and its bar reads "Epoch 0/-2"), and with the run's version number shown
+    as the integer it is ("v_num: 3", not "v_num: 3.000")."""
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        if isinstance(items.get("v_num"), int):
+            items["v_num"] = str(items["v_num"])
+        return items
 
     def _get_train_description(self, current_epoch: int) -> str:
         max_epochs = self.trainer.max_epochs

@@ -153,6 +153,7 @@ def test_fit_summary_and_resume_with_last(tiny_corpus, tmp_path):
     assert f"python -m epas_lightning generate --checkpoint {run}/checkpoints/last.ckpt" in out
     assert "Warning" not in first.stderr and "warn" not in first.stderr.lower(), first.stderr
     assert "Epoch 0 " in out and "Epoch 0/-2" not in out  # a run bounded by max_steps has no epoch total
+    assert "v_num: 0 " in out
     resumed = run_cli(["fit", "--config", DEBUG, "--ckpt_path", "last", "--trainer.max_steps", "10"], tmp_path,
                       tiny_corpus.parent)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
