@@ -1,5 +1,6 @@
-"""One lent-GPU session, about 8 minutes: the MFU of the real ``fit`` path (Lightning + FSDP2 on one GPU,
-``configs/tinyllama-1gpu.yaml``), then ours vs LitGPT and transformers on TinyLlama-1.1B (``vs_peers.py`` on CUDA).
+"""One lent-GPU session, about 8 minutes: the CUDA-only tests (``-m cuda``: CUDA-graph decoding, the bf16 chunked
+loss, fused AdamW), the MFU of the real ``fit`` path (Lightning + FSDP2 on one GPU, ``configs/tinyllama-1gpu.yaml``),
+then ours vs LitGPT and transformers on TinyLlama-1.1B (``vs_peers.py`` on CUDA).
 Writes ``gpu_session.json`` (every number), ``gpu_session.md`` (the tables for RESULTS.md) and the logs to ``--out``
 (``vs_peers-b4.log``, and ``vs_peers-b2.log`` if a system ran out of memory at micro-batch 4).
 
@@ -56,8 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_out")))
     run.add_argument("--batch-size", type=int, default=4, help="vs_peers micro-batch (sequences of 2048 tokens)")
     run.add_argument("--fit-batch-size", type=int, default=8, help="fit micro-batch (activation checkpointing: auto)")
-    run.add_argument("--fit-timeout", type=int, default=240)
-    run.add_argument("--peers-timeout", type=int, default=300)
+    run.add_argument("--tests-timeout", type=int, default=45)
+    run.add_argument("--fit-timeout", type=int, default=225)
+    run.add_argument("--peers-timeout", type=int, default=270)
     run.add_argument("--fit-args", default="", help="more `fit` flags, space-separated (e.g. a CPU dry run)")
     run.add_argument("--skip-peers", action="store_true")
     return p.parse_args(argv)
@@ -90,6 +92,18 @@ def run_logged(cmd: list[str], log: Path, timeout: int) -> tuple[int, float]:
         except subprocess.TimeoutExpired:
             code = 124
     return code, time.perf_counter() - start
+
+
+CUDA_TEST_FILES = ("tests/test_inference.py", "tests/test_linear_ce.py", "tests/test_optim.py")
+"""The files holding ``@pytest.mark.cuda`` tests (named, so that no other test module needs importing there)."""
+
+
+def tests_part(args: argparse.Namespace) -> dict:
+    """The tests that skip on the CPU; the summary line of pytest (e.g. ``4 passed, 52 deselected``)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *CUDA_TEST_FILES]
+    code, seconds = run_logged(cmd, args.out / "cuda_tests.log", args.tests_timeout)
+    lines = (args.out / "cuda_tests.log").read_text().strip().splitlines()
+    return {"command": " ".join(cmd[1:]), "exit_code": code, "wall_s": seconds, "summary": lines[-1] if lines else ""}
 
 
 def fit_part(args: argparse.Namespace) -> dict:
@@ -161,6 +175,9 @@ def peers_run(args: argparse.Namespace, batch_size: int, timeout: int) -> dict:
 def table(report: dict) -> str:
     fit, peers = report["fit"], report["peers"]
     rows = [f"GPU: {report['device']}; torch {report['torch']}", ""]
+    if "cuda_tests" in report:
+        tests = report["cuda_tests"]
+        rows += [f"CUDA tests (exit {tests['exit_code']}): {tests['summary']}", ""]
     if "tokens_per_s" in peers:
         rows += [
             f"| system (vs_peers, tinyllama-1.1b, 2048 x {peers['batch_size']}, bf16-mixed) | tokens/s | × best peer "
@@ -200,6 +217,7 @@ def run(args: argparse.Namespace) -> dict:
     report = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device",
         "torch": torch.__version__,
+        "cuda_tests": tests_part(args),
         "fit": fit_part(args),
         "peers": {"exit_code": None} if args.skip_peers else peers_part(args),
     }
@@ -207,7 +225,7 @@ def run(args: argparse.Namespace) -> dict:
     text = table(report)
     (args.out / "gpu_session.md").write_text(text)
     print(text)
-    print(json.dumps({k: report[k] for k in ("device", "torch")} | {"fit": report["fit"]}))
+    print(json.dumps({k: report[k] for k in ("device", "torch", "cuda_tests", "fit")}))
     return report
 
 
