@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from epas_lightning.errors import ConfigError
@@ -73,6 +74,7 @@ class ProgressiveSharing(Callback):
             )
         self.schedule = self._build(n_layer)
         if stage == "fit" and self.enabled:
+            let_ddp_find_unused_parameters(trainer)
             rank_zero_info(
                 f"EPAS: region {list(self.schedule.target_layers)} grows by {self.growth} layer(s) every "
                 f"{self.interval} steps from step {self.schedule.start_step}; full at step {self.schedule.final_step}."
@@ -139,6 +141,18 @@ def batch_tokens(batch: torch.Tensor) -> int:
 
 PEAK_MEMORY_KEY = "train/device/peak_memory_gib"
 """Logged on CUDA: the most memory the device has allocated so far (``torch.cuda.max_memory_allocated``), GiB."""
+
+
+def let_ddp_find_unused_parameters(trainer: Trainer) -> None:
+    """Sharing layers skip their Q/K projections, so under DDP those weights get no gradient from the step the region
+    first grows: DDP must look for unused parameters or it fails mid-run. Switch that on before DDP wraps the model
+    (a plain ``strategy: ddp`` leaves it off), and say so."""
+    strategy = trainer.strategy
+    ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
+    plain_ddp = isinstance(strategy, DDPStrategy) and isinstance(ddp_kwargs, dict)
+    if plain_ddp and not ddp_kwargs.get("find_unused_parameters"):
+        ddp_kwargs["find_unused_parameters"] = True
+        rank_zero_info("EPAS: DDP set to find_unused_parameters=True (sharing layers' q/k projections get no grad)")
 
 
 class TokenThroughputMonitor(ThroughputMonitor):

@@ -187,9 +187,11 @@ class EPASModule(LightningModule):
         tokens = self.val_tokens.compute()
         self.val_loss.reset()
         self.val_tokens.reset()
-        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", sync_dist=False)
-        self.log(f"{prefix}/ppl", loss.exp(), sync_dist=False)
-        self.log(f"{prefix}/tokens", tokens, sync_dist=False)
+        # Already the same on every rank: a max over ranks keeps the values exactly and tells Lightning they are synced
+        synced = {"sync_dist": True, "reduce_fx": "max"}
+        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", **synced)
+        self.log(f"{prefix}/ppl", loss.exp(), **synced)
+        self.log(f"{prefix}/tokens", tokens, **synced)
 
     def configure_optimizers(self):  # noqa: ANN201
         if self.optimizer_factory is not None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar, RichModelSummary, RichProgressBar
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
@@ -51,17 +51,18 @@ class RunSummary(Callback):
         if seconds > 0:
             self._rates.append(tokens / seconds)
 
-    @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        print(self.summary(trainer, pl_module), file=sys.stdout, flush=True)
+        log_dir = trainer.log_dir  # every rank asks: Lightning broadcasts it from rank zero
+        if trainer.is_global_zero:
+            print(self.summary(trainer, pl_module, log_dir), file=sys.stdout, flush=True)
 
-    def summary(self, trainer: Trainer, pl_module: LightningModule) -> str:
+    def summary(self, trainer: Trainer, pl_module: LightningModule, log_dir: str | None) -> str:
         lines = [f"Run finished: {trainer.global_step} optimizer steps in {_duration(self._fit_start)}."]
         checkpoint = last_checkpoint(trainer)
         if checkpoint:
             lines.append(f"  checkpoints  {Path(checkpoint).parent}  (last: {Path(checkpoint).name})")
-        if trainer.log_dir:
-            lines.append(f"  logs         {trainer.log_dir}  (tensorboard --logdir {trainer.log_dir})")
+        if log_dir:
+            lines.append(f"  logs         {log_dir}  (tensorboard --logdir {log_dir})")
         loss = trainer.callback_metrics.get("val/loss")
         if loss is not None:
             loss = float(loss)

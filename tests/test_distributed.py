@@ -143,3 +143,24 @@ def test_two_nodes_with_torchrun(tmp_path):
     assert_switches_on_every_rank(ranks)
     assert all(r["param_dtype"] == "torch.float32" for r in ranks)  # bf16-mixed: fp32 master weights
     assert all(r["local_shapes"]["model.embed_tokens.weight"] == [256, 64] for r in ranks)
+
+
+def test_fit_with_plain_ddp_from_the_cli_trains_through_sharing_and_summarises_once(tiny_corpus, tmp_path):
+    """``--trainer.strategy=ddp`` (find_unused_parameters off) must survive the first sharing step, the end-of-fit
+    summary must not hang or crash on a collective that only rank 0 joins, and validation logs no sync warning."""
+    args = ["fit", "--config", "debug", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    args += ["--trainer.max_steps=6", "--trainer.val_check_interval=3"]
+    env = clean_env() | {"EPAS_CACHE_DIR": str(tiny_corpus.parent)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "epas_lightning", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    check(proc)
+    assert "EPAS: DDP set to find_unused_parameters=True" in proc.stderr and "step 4: 1 sharing layer(s)" in proc.stderr
+    assert proc.stdout.count("Run finished: 6 optimizer steps") == 1
+    assert "logs         runs/debug/version_0" in proc.stdout and "val loss" in proc.stdout
+    assert "sync_dist" not in proc.stderr
