@@ -22,7 +22,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from jsonargparse import Namespace, set_parsing_settings
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
@@ -159,13 +161,24 @@ class EPASCLI(LightningCLI):
             config.ckpt_path = str(verify_checkpoint(config.ckpt_path, "--ckpt_path"))
         super()._parse_ckpt_path()
 
+    def before_instantiate_classes(self) -> None:
+        trainer = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
+        accelerator = trainer.get("accelerator")
+        if isinstance(accelerator, str) and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            raise ConfigError(
+                "no CUDA GPU is visible to this process",
+                f"trainer.accelerator: {accelerator}",
+                "run on a machine with a GPU, or pass --trainer.accelerator=cpu (CPUs train best in 32-true)",
+            )
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
         except UserError:
             raise
-        except (ValueError, TypeError) as e:  # a constructor refused a configured value
-            raise ConfigError(str(e).rstrip("."), "the configuration", "fix the value in the YAML or the flag") from e
+        except (ValueError, TypeError, MisconfigurationException) as e:  # a constructor refused a configured value
+            what = " ".join(str(e).split()).rstrip(".!")  # Lightning's messages may span lines
+            raise ConfigError(what, "the configuration", "fix the value in the YAML or the flag") from e
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         return super()._instantiate_trainer(config, [*callbacks, *progress_bar_for(config)])

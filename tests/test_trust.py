@@ -432,6 +432,12 @@ def test_missing_data_dir_bad_schedule_and_truncated_checkpoints_are_one_line(tm
         )
     assert "model.init_from" in one_line_error(capsys, ["fit", "--config", DEBUG, "--model.init_from", str(truncated)])
     assert "unknown command 'predict'" in one_line_error(capsys, ["predict"])
+    # what Lightning refuses while building the trainer is one line too
+    fsdp_on_cpu = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=fsdp"]
+    assert "requires a GPU accelerator" in one_line_error(capsys, ["fit", "--config", DEBUG, *fsdp_on_cpu])
+    if not torch.cuda.is_available():
+        err = one_line_error(capsys, ["fit", "--config", "tinyllama-1gpu"])
+        assert err.startswith("error: no CUDA GPU is visible to this process — trainer.accelerator: gpu")
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys):
