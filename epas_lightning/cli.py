@@ -145,7 +145,13 @@ def _append_lists(argv: Sequence[str], list_options: set[str]) -> list[str]:
 
 
 def parse_error(error: Exception, prog: str) -> UserError:
-    """One line for a jsonargparse/argparse error: the flag, the value and the type it wanted."""
+    """One line for a jsonargparse/argparse error: the flag, the value and the type it wanted; or, where one of our
+    own checks failed inside the parser (a config linked to other sections), that check's error."""
+    cause = error.__cause__ or error.__context__
+    while cause is not None:
+        if isinstance(cause, UserError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     what = lines[0] if lines else "invalid arguments"
     given = next((line for line in lines if line.startswith(("Given value:", "Got value:"))), None)

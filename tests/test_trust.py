@@ -432,6 +432,8 @@ def test_missing_data_dir_bad_schedule_and_truncated_checkpoints_are_one_line(tm
         )
     assert "model.init_from" in one_line_error(capsys, ["fit", "--config", DEBUG, "--model.init_from", str(truncated)])
     assert "unknown command 'predict'" in one_line_error(capsys, ["predict"])
+    err = one_line_error(capsys, ["fit", "--config", DEBUG, "--model.config.n_layer=0"])  # checked inside a link
+    assert err.startswith("error: model sizes must be positive integers, got {'n_layer': 0} — model.config")
     # what Lightning refuses while building the trainer is one line too
     fsdp_on_cpu = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=fsdp"]
     assert "requires a GPU accelerator" in one_line_error(capsys, ["fit", "--config", DEBUG, *fsdp_on_cpu])

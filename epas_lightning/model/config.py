@@ -85,6 +85,10 @@ class LlamaConfig:
         self._validate()
 
     def _validate(self) -> None:
+        sizes = ("n_layer", "n_embd", "n_head", "n_kv_head", "vocab_size", "block_size", "intermediate_size")
+        bad = {k: getattr(self, k) for k in sizes if not isinstance(getattr(self, k), int) or getattr(self, k) < 1}
+        if bad:
+            raise ConfigError(f"model sizes must be positive integers, got {bad}", "model.config")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}", "model.config")
         if self.n_head % self.n_kv_head:
