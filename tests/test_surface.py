@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from epas_lightning import ProgressiveSharing
 from epas_lightning.checkpoint import REGION_KEY, consolidate, load_model
 from epas_lightning.cli import LIGHTNING_COMMANDS, TOOLS, function_parser, main, tool
+from epas_lightning.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG = str(REPO / "configs" / "debug.yaml")
@@ -92,6 +93,12 @@ def test_checkpoints_record_the_region_in_growth_order(shallow, tmp_path):
     loaded = load_model(shallow)
     assert loaded.region.layers == (1, 2) and loaded.region.order == "shallow_first"
     assert loaded.region.first(1) == [1]  # not the deepest layer
+    with pytest.raises(ConfigError) as beyond:
+        loaded.region.first(4)
+    assert beyond.value.what == (
+        "4 sharing layers were asked for; a 4-layer model can share at most 3 "
+        "(it trained 2: layers [1, 2], shallow-first)"
+    )
     consolidated = load_model(consolidate(shallow, tmp_path / "c"))
     assert consolidated.region == loaded.region
 
