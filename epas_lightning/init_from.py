@@ -35,7 +35,7 @@ def check_init_source(path: str | Path, config: LlamaConfig) -> None:
     else:
         from epas_lightning.checkpoint import recorded_config
 
-        check_same_architecture(config, recorded_config(path, "model.init_from"), path)
+        check_same_architecture(config, recorded_config(path, "model.init_from"), f"model.init_from {path}")
 
 
 def _existing(path: str | Path) -> Path:
@@ -50,7 +50,12 @@ def _existing(path: str | Path) -> Path:
     return path
 
 
-def check_same_architecture(config: LlamaConfig, theirs: LlamaConfig, path: Path) -> None:
+def check_same_architecture(
+    config: LlamaConfig,
+    theirs: LlamaConfig,
+    where: str,
+    fix: str = "set those model.config fields to the checkpoint's values",
+) -> None:
     """Fail, naming every differing field, unless ``theirs`` (one of our checkpoints) holds the same function."""
     diffs = [
         f"{name}: model {getattr(config, name)!r} vs checkpoint {getattr(theirs, name)!r}"
@@ -58,11 +63,7 @@ def check_same_architecture(config: LlamaConfig, theirs: LlamaConfig, path: Path
         if getattr(config, name) != getattr(theirs, name)
     ]
     if diffs:
-        raise HFCheckpointError(
-            "model.config does not match the checkpoint: " + "; ".join(diffs),
-            f"model.init_from {path}",
-            "set those model.config fields to the checkpoint's values",
-        )
+        raise HFCheckpointError("model.config does not match the checkpoint: " + "; ".join(diffs), where, fix)
 
 
 def read_init_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Tensor]:
@@ -73,7 +74,7 @@ def read_init_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Te
     from epas_lightning.checkpoint import load_model  # our own .ckpt / FSDP2 dir / consolidated dir
 
     loaded = load_model(path).model
-    check_same_architecture(config, loaded.config, path)
+    check_same_architecture(config, loaded.config, f"model.init_from {path}")
     return {k: v for k, v in loaded.state_dict().items() if k not in NOT_LOADED}
 
 

@@ -29,9 +29,11 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from epas_lightning.callbacks import ProgressiveSharing, TokenThroughputMonitor
+from epas_lightning.checkpoint import recorded_config
 from epas_lightning.data import TokenDataModule
 from epas_lightning.divergence import DivergenceGuard
 from epas_lightning.errors import CheckpointError, ConfigError, UserError
+from epas_lightning.init_from import check_same_architecture
 from epas_lightning.model import LlamaConfig
 from epas_lightning.module import EPASModule
 from epas_lightning.run_summary import FlopsModelSummary, RunSummary, progress_bar_for
@@ -159,6 +161,7 @@ class EPASCLI(LightningCLI):
                 self.save_config_kwargs["config_filename"] = free_name(run_dir, "config-resume", ".yaml")
         if config.get("ckpt_path"):
             config.ckpt_path = str(verify_checkpoint(config.ckpt_path, "--ckpt_path"))
+            check_same_model(config.model.config, config.ckpt_path)
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
@@ -187,6 +190,18 @@ class EPASCLI(LightningCLI):
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         kwargs["weights_only"] = True  # checkpoints hold tensors and plain data only: never unpickle anything else
         return kwargs
+
+
+def check_same_model(model_config: Any, ckpt_path: str) -> None:
+    """Before Lightning loads ``ckpt_path`` into the configured model: the same architecture, or one line naming every
+    field that differs (instead of a wall of size mismatches from ``load_state_dict``)."""
+    check_same_architecture(
+        _as_config(model_config),
+        recorded_config(ckpt_path, "--ckpt_path"),
+        f"--ckpt_path {ckpt_path}",
+        "use the model.config it was trained with (its run folder keeps config.yaml), or start a new run from its "
+        "weights with --model.init_from",
+    )
 
 
 def _logger_run_dirs(config: Namespace) -> list[Path]:

@@ -442,6 +442,19 @@ def test_missing_data_dir_bad_schedule_and_truncated_checkpoints_are_one_line(tm
         assert err.startswith("error: no CUDA GPU is visible to this process — trainer.accelerator: gpu")
 
 
+def test_resuming_into_another_architecture_is_one_line_before_anything_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    configured = LlamaConfig.from_name("debug")
+    other = LlamaConfig.from_name("debug", n_layer=configured.n_layer + 1)
+    torch.save({"model_config": other.to_dict(), "state_dict": {}}, tmp_path / "other.ckpt")
+    for command in ("fit", "validate"):
+        err = one_line_error(capsys, [command, "--config", DEBUG, "--ckpt_path", str(tmp_path / "other.ckpt")])
+        assert f"n_layer: model {configured.n_layer} vs checkpoint {other.n_layer} — --ckpt_path" in err
+    torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")  # not written by fit: nothing says what it holds
+    err = one_line_error(capsys, ["fit", "--config", DEBUG, "--ckpt_path", str(tmp_path / "foreign.ckpt")])
+    assert "no 'model_config': it was not written by EPASModule" in err
+
+
 def test_debug_shows_the_traceback(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x", "--debug"]) == 2
     err = capsys.readouterr().err
