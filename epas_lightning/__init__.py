@@ -23,6 +23,7 @@ from epas_lightning.module import EPASModule
 from epas_lightning.optim import param_groups
 from epas_lightning.region import TrainedRegion
 from epas_lightning.schedule import SharingSchedule, resolve_target
+from epas_lightning.strategy import FSDP2Strategy
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "GenerationResult",
     "KVCache",
     "EPASModule",
+    "FSDP2Strategy",
     "Llama",
     "LlamaConfig",
     "LoadedModel",

@@ -1,4 +1,4 @@
-"""``FSDP2Strategy``: Lightning's ``ModelParallelStrategy`` with FSDP-only defaults."""
+"""``FSDP2Strategy``: Lightning's ``ModelParallelStrategy`` with FSDP-only defaults; also ``strategy: fsdp2``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch.distributed.constants import default_pg_timeout
 
 from epas_lightning.safe_load import is_sharded_checkpoint, load_sharded_checkpoint
@@ -18,7 +18,8 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     ``ModelParallelStrategy`` defaults to tensor parallelism within a node; here the data-parallel size is the world
     size and the tensor-parallel size 1. The module applies ``fully_shard`` in ``configure_model`` (see
-    ``epas_lightning.parallel``). In YAML: ``trainer.strategy: {class_path: epas_lightning.strategy.FSDP2Strategy}``.
+    ``epas_lightning.parallel``). In YAML: ``trainer.strategy: fsdp2`` (registered with Lightning under that name), or
+``{class_path: epas_lightning.strategy.FSDP2Strategy, init_args: {...}}`` to change its arguments.
 
     Checkpoints load without unpickling anything but tensors and plain data: a sharded directory's metadata through a
     restricted unpickler (``torch.distributed.checkpoint`` would use plain ``pickle``), files with ``weights_only``.
@@ -55,3 +56,10 @@ class FSDP2Strategy(ModelParallelStrategy):
             return super().load_checkpoint(path, weights_only=True)
         strict = getattr(self.lightning_module, "strict_loading", True)
         return load_sharded_checkpoint(path, self.model, self.optimizers, strict=strict)
+
+
+STRATEGY_NAME = "fsdp2"
+if STRATEGY_NAME not in StrategyRegistry:
+    StrategyRegistry.register(
+        STRATEGY_NAME, FSDP2Strategy, description="FSDP2 (fully_shard) over every rank, one shard per rank on disk"
+    )
