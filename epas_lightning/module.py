@@ -73,8 +73,7 @@ class EPASModule(LightningModule):
         if init_from is not None:
             check_init_source(init_from, config)
         self.model: Llama | None = None
-        self.val_loss = MeanMetric()
-        self.val_tokens = SumMetric()
+        self._new_heldout_metrics()
         self._tokens_shape: tuple[int, int] | None = None
         self._built_on_meta = False
         self._init_rng_state: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -172,6 +171,18 @@ class EPASModule(LightningModule):
         self.val_loss.update(loss, weight=batch[:, 1:].numel())
         self.val_tokens.update(batch[:, 1:].numel())
 
+    def on_validation_epoch_start(self) -> None:
+        self._new_heldout_metrics()
+
+    def on_test_epoch_start(self) -> None:
+        self._new_heldout_metrics()
+
+    def _new_heldout_metrics(self) -> None:
+        """Fresh held-out loss and token count. Materialising a meta-device module (FSDP2) turns every tensor of the
+        LightningModule into uninitialised memory, torchmetrics' stored defaults too, so ``reset()`` cannot help."""
+        self.val_loss = MeanMetric().to(self.device)  # token-weighted mean, reduced across ranks by compute()
+        self.val_tokens = SumMetric().to(self.device)
+
     def on_validation_epoch_end(self) -> None:
         self._log_heldout("val")
 
@@ -183,10 +194,8 @@ class EPASModule(LightningModule):
 
     def _log_heldout(self, prefix: str) -> None:
         # the held-out loss of `evaluate` and `bench` too; each reports the tokens it scored, as <prefix>/tokens does
-        loss = self.val_loss.compute()  # token-weighted mean, reduced across ranks
+        loss = self.val_loss.compute()
         tokens = self.val_tokens.compute()
-        self.val_loss.reset()
-        self.val_tokens.reset()
         # Already the same on every rank: a max over ranks keeps the values exactly and tells Lightning they are synced
         synced = {"sync_dist": True, "reduce_fx": "max"}
         self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", **synced)
