@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -12,17 +14,22 @@ from torch.distributed.constants import default_pg_timeout
 
 from epas_lightning.safe_load import is_sharded_checkpoint, load_sharded_checkpoint
 
+STAGING, REPLACED = ".saving", ".replaced"
+"""Suffixes of the hidden folders beside a sharded checkpoint ``name``: ``.name.saving`` while it is written,
+``.name.replaced`` for the previous one while the new one moves into place."""
+
 
 class FSDP2Strategy(ModelParallelStrategy):
     """Fully sharded data parallel (FSDP2) over every process of every node; no tensor parallelism.
 
     ``ModelParallelStrategy`` defaults to tensor parallelism within a node; here the data-parallel size is the world
     size and the tensor-parallel size 1. The module applies ``fully_shard`` in ``configure_model`` (see
-    ``epas_lightning.parallel``). In YAML: ``trainer.strategy: fsdp2`` (registered with Lightning under that name), or
-``{class_path: epas_lightning.strategy.FSDP2Strategy, init_args: {...}}`` to change its arguments.
+    ``epas_lightning.parallel``). In YAML: ``trainer.strategy: fsdp2`` (registered with Lightning under that name),
+    or ``{class_path: epas_lightning.strategy.FSDP2Strategy, init_args: {...}}`` to change its arguments.
 
     Checkpoints load without unpickling anything but tensors and plain data: a sharded directory's metadata through a
     restricted unpickler (``torch.distributed.checkpoint`` would use plain ``pickle``), files with ``weights_only``.
+    Sharded checkpoints are written beside their target and renamed into place (see :meth:`save_checkpoint`).
 
     Args:
         save_distributed_checkpoint: Each rank writes its shard into a checkpoint directory (``True``) or rank 0
@@ -49,6 +56,33 @@ class FSDP2Strategy(ModelParallelStrategy):
         # `ModelParallelStrategy` would take `data_parallel_size = num_nodes`; shard over every rank instead.
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        """Sharded: every rank writes into a staging folder beside ``filepath``, which rank 0 then renames into place,
+        so a save that dies halfway never leaves a checkpoint of mixed shards (DCP would overwrite in place)."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)  # one file, written atomically
+        path = Path(self.broadcast(filepath))
+        staging, old = (path.with_name(f".{path.name}{suffix}") for suffix in (STAGING, REPLACED))
+        if self.is_global_zero:
+            if old.exists() and not path.exists():  # killed between the two renames below: the old one is complete
+                os.replace(old, path)
+            for leftover in (staging, old):  # a killed save's partial shards; a replaced checkpoint not yet deleted
+                if leftover.exists():
+                    shutil.rmtree(leftover)
+        self.barrier("epas_checkpoint_staging")
+        super().save_checkpoint(checkpoint, staging, storage_options)
+        self.barrier("epas_checkpoint_written")
+        if self.is_global_zero:
+            if path.exists() or path.is_symlink():
+                os.replace(path, old)
+            os.replace(staging, path)
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.exists():
+                old.unlink()
+        self.barrier("epas_checkpoint_in_place")
+        return None
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(checkpoint_path))

@@ -156,3 +156,29 @@ def test_validate_and_test_from_a_checkpoint_use_its_mask(tiny_corpus, tmp_path)
     assert metrics["val/loss"] == pytest.approx(expected, rel=1e-6)
     (tested,) = make_trainer(tmp_path, 1, [], limit_test_batches=3).test(fresh, fresh_data)
     assert tested["test/loss"] == pytest.approx(expected, rel=1e-6) and tested["test/ppl"] > 1
+
+
+def test_sharded_checkpoints_are_replaced_whole_and_a_killed_save_leaves_no_trace(tiny_corpus, tmp_path):
+    """FSDP2 sharded checkpoints are written beside the target and renamed into place: a save killed halfway (its
+    partial folder left behind) is cleaned by the next, the previous checkpoint is swapped out whole, and DCP never
+    overwrites shards in place (which would mix two steps' shards if the save died)."""
+    import warnings
+
+    from epas_lightning import FSDP2Strategy, load_model
+
+    module, data = make_run(tiny_corpus)
+    ckpt_dir = tmp_path / "ckpt"
+    (ckpt_dir / ".last.ckpt.saving").mkdir(parents=True)  # what a killed save leaves
+    (ckpt_dir / ".last.ckpt.saving" / "__0_0.distcp").write_bytes(b"partial")
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=2, save_top_k=0)
+    trainer = make_trainer(
+        tmp_path, 4, [ProgressiveSharing(target=1, interval=2), checkpoint], strategy=FSDP2Strategy()
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=data)
+    assert not [w for w in caught if "existing checkpoint" in str(w.message)]  # never overwritten in place
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last.ckpt"]  # saved twice; nothing left beside it
+    assert (ckpt_dir / "last.ckpt" / ".metadata").is_file()
+    assert torch.load(ckpt_dir / "last.ckpt" / "meta.pt", weights_only=True)["global_step"] == 4
+    assert load_model(ckpt_dir / "last.ckpt").model.sharing.shared_layers == [3]
