@@ -103,6 +103,43 @@ def test_engine_matches_generate_for_every_region_and_seed(checkpoint):
     assert saving == pytest.approx({0: 0.0, 1: 1 / 8, 2: 2 / 8})  # a sharing layer caches only V
 
 
+def token_text(ids: list[int]) -> str:
+    """A "decode" that spells the token ids out, so that a sequence's text is its exact tokens."""
+    return "".join(f"{t}," for t in ids)
+
+
+def test_finished_rows_leave_the_batch_and_the_others_decode_as_alone(checkpoint):
+    loaded = load_model(checkpoint)
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=4)
+    prompts = {"a": [0, 5, 9, 12, 4, 4], "b": [0, 7], "c": [0, 3, 3], "d": [0, 8, 2, 6]}
+    max_tokens = {"a": 2, "b": 9, "c": 4, "d": 6}
+    for key, prompt in prompts.items():
+        engine.add(key, SequenceRequest(prompt, max_tokens[key], 2))
+    texts, running, infos = {}, set(prompts), {}
+    step = 0
+    while engine.busy:
+        outputs = engine.step()
+        step += 1
+        if step == 1:
+            assert len(engine.groups) == 1  # all four greedy in one region: one batch
+            engine.add("e", SequenceRequest([0, 11, 12], 3, 2))  # admitted once a place is free
+            running.add("e")
+        for output in outputs:
+            texts[output.key] = texts.get(output.key, "") + output.text
+            if output.finish_reason:
+                running.discard(output.key)
+                infos[output.key] = output.info
+        computed = sum(group.decoder.batch_size for group in engine.groups)  # rows the next step computes
+        assert computed == len(running) - len(engine.waiting) <= engine.max_batch_size
+    set_region(loaded.model, 2, loaded.region)
+    for key, prompt in {**prompts, "e": [0, 11, 12]}.items():
+        alone = generate(loaded.model, [prompt], {**max_tokens, "e": 3}[key]).tokens[0]
+        assert texts[key] == token_text(alone), key  # token for token, whoever left the batch before it
+    assert {key: info["batch_size"] for key, info in infos.items()} == {"a": 4, "b": 4, "c": 4, "d": 4, "e": 1}
+    per_row = {key: info["kv_cache_bytes"] for key, info in infos.items()}
+    assert per_row["a"] == per_row["b"] == loaded.model.new_cache(1, 6 + 9).nbytes  # one row: longest prompt + 9
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
