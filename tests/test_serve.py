@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -140,6 +141,62 @@ def test_finished_rows_leave_the_batch_and_the_others_decode_as_alone(checkpoint
     assert per_row["a"] == per_row["b"] == loaded.model.new_cache(1, 6 + 9).nbytes  # one row: longest prompt + 9
 
 
+def test_cancel_drops_waiting_and_running_sequences(checkpoint):
+    loaded = load_model(checkpoint)
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=3)
+    prompts = {"a": [0, 5, 9], "b": [0, 7, 1, 2], "c": [0, 3], "d": [0, 4]}
+    for key, prompt in prompts.items():
+        engine.add(key, SequenceRequest(prompt, 8, 2))
+    texts = {key: "" for key in prompts}
+    for output in engine.step():  # a, b and c run in one batch, d waits for a place
+        texts[output.key] += output.text
+    assert [key for key, _, _ in engine.waiting] == ["d"]
+    assert engine.cancel("d") and not engine.waiting  # waiting
+    assert engine.cancel("b") and engine.groups[0].decoder.batch_size == 2  # running: it leaves the batch
+    assert not engine.cancel("b") and not engine.cancel("nobody")
+    for _ in range(3):
+        for output in engine.step():
+            texts[output.key] += output.text
+    assert engine.cancel("c") and engine.cancel("a") and not engine.busy  # the group's last rows: it is gone
+    assert not engine.step()
+    set_region(loaded.model, 2, loaded.region)
+    for key, n in {"a": 4, "b": 1, "c": 4, "d": 0}.items():  # tokens made before their cancel, and nothing after
+        expected = generate(loaded.model, [prompts[key]], 8).tokens[0][:n]
+        assert texts[key] == token_text(expected), key
+
+
+def test_engine_loop_forgets_cancelled_sequences(checkpoint):
+    """The worker's loop, in-process: a cancel stops a streamed or buffered sequence; nothing more is sent for it."""
+    pytest.importorskip("litserve")
+    from litserve.utils import LitAPIStatus
+
+    from epas_lightning.serve.api import CANCEL, EngineLoop
+
+    loaded = load_model(checkpoint)
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=8)
+    sent: list[tuple[str, str]] = []
+
+    class Transport:
+        def send(self, item, consumer_id: int) -> None:
+            uid, (data, status, _, _) = item
+            sent.append((uid, status))
+
+    loop, inbox, transport = EngineLoop(), queue.Queue(), Transport()
+    for uid, stream, max_tokens in (("streamed", True, 20), ("buffered", False, 20), ("short", False, 3)):
+        inbox.put((0, uid, 0.0, SequenceRequest([0, 5, 9], max_tokens, 2, stream=stream)))
+    loop._receive(engine, inbox)
+    loop._send(engine, transport)
+    assert sent == [("streamed", LitAPIStatus.OK)] and set(loop.routes) == {"streamed", "buffered", "short"}
+    for uid in ("streamed", "buffered", "never-sent"):
+        inbox.put((0, uid, 0.0, CANCEL))
+    sent.clear()
+    while engine.busy:
+        loop._receive(engine, inbox)
+        loop._send(engine, transport)
+    assert {uid for uid, _ in sent} == {"short"} and sent[-1] == ("short", LitAPIStatus.FINISH_STREAMING)
+    assert loop.routes == loop.streams == loop.pieces == {}
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -166,13 +223,13 @@ def test_serve_without_litserve_names_the_extra(monkeypatch, checkpoint, capsys)
 
 
 class Server:
-    def __init__(self, checkpoint: Path, cwd: Path) -> None:
+    def __init__(self, checkpoint: Path, cwd: Path, *extra: str) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        args = ["serve", "--checkpoint", str(checkpoint), "--port", str(self.port), "--batch-timeout", "0.2"]
+        args = ["serve", "--checkpoint", str(checkpoint), "--port", str(self.port), "--batch-timeout", "0.2", *extra]
         self.stderr = open(cwd / "server.err", "w+")  # noqa: SIM115 - read back after the process ends
         self.process = subprocess.Popen(
             [sys.executable, "-m", "epas_lightning", *args], cwd=cwd, env=env, stdout=self.stderr, stderr=self.stderr
@@ -318,6 +375,47 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, client, cha
 def test_malformed_json_is_a_400(server):
     status, body = server.post("/v1/completions", b"{not json")
     assert status == 400 and "not valid JSON" in body["error"]["message"]
+
+
+def test_clients_that_go_away_are_cancelled_and_the_others_go_on(checkpoint, tmp_path):
+    """A streamed client that closes its connection after one chunk, and one that stops waiting for a whole response:
+    the worker cancels both (its log says so) while a request decoded in the same batch gets its exact text."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("litserve")
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name("debug", n_layer=2, block_size=4096))  # 4,000 tokens take seconds
+    model.set_shared_layers([1])
+    long = save_consolidated(model, tmp_path / "long", checkpoint / "tokenizer.json")
+    server = Server(long, tmp_path)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        with ThreadPoolExecutor(1) as pool:
+            other = pool.submit(
+                client.completions.create, model="long", prompt="import os", max_tokens=300, temperature=0
+            )
+            stream = client.completions.create(model="long", prompt="def", max_tokens=4000, temperature=0, stream=True)
+            assert next(iter(stream)).choices[0].index == 0
+            stream.close()  # mid-stream: the server sees the connection close
+            body = json.dumps({"model": "long", "prompt": "def main", "max_tokens": 4000, "temperature": 0}).encode()
+            head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+            with socket.create_connection(("127.0.0.1", server.port)) as connection:
+                connection.sendall(head.encode() + body)
+                time.sleep(0.3)  # then it stops waiting
+            deadline = time.monotonic() + 30
+            while server.log().count("client went away") < 2:
+                assert time.monotonic() < deadline, server.log()
+                time.sleep(0.2)
+            answer = other.result()
+        expected = load_model(long)
+        tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
+        out = generate(
+            expected.model, [[tokenizer.bos_id, *tokenizer.encode("import os")]], 300, eos_id=tokenizer.eos_id
+        )
+        assert answer.choices[0].text == tokenizer.decode([t for t in out.tokens[0] if t != tokenizer.eos_id])
+    finally:
+        assert server.stop() == 0
+    log = server.log()
+    assert log.count("client went away") == 2 and "Traceback" not in log, log
 
 
 def test_sigterm_shuts_down_cleanly(server):

@@ -75,7 +75,8 @@ def serve_command(
     the extra field sharing_layers (the first N layers of the trained region) or budget (a fraction of dense FLOPs,
     resolved like bench --budget); responses report it under "epas", with the KV cache the request held (a sharing
     layer caches only V). Requests with the same region and sampling settings are decoded together in one
-    left-padded batch. SIGTERM or Ctrl+C stops the server.
+    left-padded batch; a sequence leaves it when it finishes or its client goes away. SIGTERM or Ctrl+C stops the
+    server.
 
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.

@@ -185,6 +185,20 @@ class Engine:
         self.groups = [group for group in self.groups if not group.done]
         return outputs
 
+    def cancel(self, key: Hashable) -> bool:
+        """Drop a sequence, waiting or running (it leaves its batch); no output follows. False if it is not here."""
+        for i, (waiting, _, _) in enumerate(self.waiting):
+            if waiting == key:
+                del self.waiting[i]
+                return True
+        for group in self.groups:
+            if key in group.keys:
+                group.keep([row for row, running in enumerate(group.keys) if running != key])
+                if group.done:
+                    self.groups.remove(group)
+                return True
+        return False
+
     def abort(self) -> list[Hashable]:
         """Drop every sequence (after an unexpected error); return their keys."""
         keys = [key for group in self.groups for key in group.keys] + [key for key, _, _ in self.waiting]
