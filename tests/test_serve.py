@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -209,6 +210,68 @@ def test_startup_mistakes_are_one_line_errors(checkpoint, capsys, args, message)
     assert cli_main(["serve", "--checkpoint", str(checkpoint), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def checkpoint_forms(consolidated: Path, root: Path) -> dict[str, Path]:
+    """The consolidated checkpoint also as a Lightning ``.ckpt`` file and as an FSDP2-style sharded directory."""
+    from torch.distributed.checkpoint import save as dcp_save
+
+    loaded = load_model(consolidated)
+    state = {"model." + key: t for key, t in loaded.model.state_dict().items()}
+    tokenizer = {"path": str(consolidated / "tokenizer.json"), "bos_id": loaded.bos_id, "eos_id": loaded.eos_id}
+    meta = {"model_config": loaded.model.config.to_dict(), "tokenizer": tokenizer}
+    torch.save({"state_dict": state, **meta}, root / "tiny.ckpt")
+    dcp_save({"state_dict": state}, checkpoint_id=root / "sharded", no_dist=True)
+    torch.save(meta, root / "sharded" / "meta.pt")
+    return {"consolidated": consolidated, "file": root / "tiny.ckpt", "sharded": root / "sharded"}
+
+
+def test_serve_checks_the_checkpoint_without_reading_its_weights(checkpoint, tmp_path, monkeypatch):
+    """The main process reads what load_model reports (config, region, tokenizer) but no weight: only the inference
+    worker loads them. Of the tensors, only the sharing mask is read."""
+    pytest.importorskip("litserve")
+    from epas_lightning import checkpoint as checkpoint_module
+    from epas_lightning.serve import command
+
+    forms = checkpoint_forms(checkpoint, tmp_path)
+    loaded = {form: load_model(path) for form, path in forms.items()}
+    started, read = [], []
+    monkeypatch.setattr(command, "run_server", lambda api, *args: started.append(api.served))
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    def load_mask_only(state, **kwargs):
+        read.extend(state)
+        return dcp_load(state, **kwargs)
+
+    def mapped_only(path, *args, mmap=False, **kwargs):
+        assert mmap or Path(path).name == "meta.pt", path  # a .ckpt file is mapped, its weights never read
+        return load_torch_file(path, *args, mmap=mmap, **kwargs)
+
+    dcp_load, load_torch_file = checkpoint_module.dcp_load, checkpoint_module.load_torch_file
+    monkeypatch.setattr(checkpoint_module, "load_file", no_weights)
+    monkeypatch.setattr(checkpoint_module, "dcp_load", load_mask_only)
+    monkeypatch.setattr(checkpoint_module, "load_torch_file", mapped_only)
+    monkeypatch.setattr(Llama, "to_empty", no_weights)  # no whole model is materialised
+    for form, path in forms.items():
+        assert cli_main(["serve", "--checkpoint", str(path)]) == 0, form
+        served = started.pop()
+        assert served.config == loaded[form].model.config and served.region == loaded[form].region, form
+        assert served.tokenizer_path == loaded[form].tokenizer_path == checkpoint / "tokenizer.json", form
+    assert read == ["state_dict.model.sharing.mask"]  # the sharded form: the mask's bytes only
+
+
+def test_serve_refuses_weights_that_do_not_fit_their_config_before_starting(checkpoint, tmp_path, capsys):
+    pytest.importorskip("litserve")
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint, bad)
+    record = json.loads((bad / "config.json").read_text())
+    record["model"]["n_embd"] *= 2
+    (bad / "config.json").write_text(json.dumps(record))
+    assert cli_main(["serve", "--checkpoint", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the weights do not fit the model config it records") and err.count("\n") == 1, err
 
 
 def test_serve_without_litserve_names_the_extra(monkeypatch, checkpoint, capsys):
