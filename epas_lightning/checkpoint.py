@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -41,35 +41,54 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 REGION_KEY = "sharing_region"
 """Where checkpoints record the trained region (written by ``ProgressiveSharing``)."""
+SHARING_MASK = "sharing.mask"
+"""The one tensor a description reads (with the metadata, it gives the trained region)."""
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The ``Llama`` state dict (keys without ``model.``) and the Lightning metadata of a checkpoint file or dir."""
+def read_checkpoint(
+    path: str | Path, weights: bool = True, flag: str = "--checkpoint"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The ``Llama`` state dict (keys without ``model.``) and the Lightning metadata of a checkpoint file or dir.
+
+    Without ``weights``, every tensor but the sharing mask is an empty meta tensor of its shape: a file is mapped
+    into memory (``mmap``) and its weights are never read, a dir's shards are not opened but for the mask.
+    """
     path = Path(path).expanduser()
     if path.is_file():  # one weights_only load: refusing an unsafe file needs no separate check
-        checkpoint = load_torch_file(path, where=f"--checkpoint {path}")
+        checkpoint = load_torch_file(path, mmap=not weights, where=f"{flag} {path}")
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
             raise CheckpointError(
                 "not a Lightning checkpoint (no state_dict)", path, "pass a checkpoint written by fit"
             )
-        state = checkpoint.pop("state_dict")
-        return _strip_prefix(state), checkpoint
-    path = verify_checkpoint(path, "--checkpoint")  # exists, and its metadata reads safely
+        state = _strip_prefix(checkpoint.pop("state_dict"))
+        return (state if weights else _shapes_only(state)), checkpoint
+    path = verify_checkpoint(path, flag)  # exists, and its metadata reads safely
     reader = SafeFileSystemReader(path)
-    wanted = "state_dict." + MODEL_PREFIX
+    wanted, mask = "state_dict." + MODEL_PREFIX, "state_dict." + MODEL_PREFIX + SHARING_MASK
     state = {
-        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        key: torch.empty(meta.size, dtype=meta.properties.dtype, device=None if weights or key == mask else "meta")
         for key, meta in reader.read_metadata().state_dict_metadata.items()
         if key.startswith(wanted) and isinstance(meta, TensorStorageMetadata)
     }
     if not state:
         raise CheckpointError(f"no model weights (no keys starting with {wanted!r})", path / DCP_METADATA)
+    to_read = state if weights else {key: t for key, t in state.items() if key == mask}
     try:
-        dcp_load(state, storage_reader=reader, no_dist=True)
+        dcp_load(to_read, storage_reader=reader, no_dist=True)
     except Exception as e:  # a missing or truncated shard
         raise CheckpointError(f"cannot read the shards ({str(e).splitlines()[0]})", path, "copy it again") from e
     metadata = load_torch_file(path / LIGHTNING_METADATA) if (path / LIGHTNING_METADATA).is_file() else {}
     return _strip_prefix(state, wanted), metadata
+
+
+def _shapes_only(state: dict[str, Any]) -> dict[str, Any]:
+    """Empty meta tensors of the weights' shapes (nothing is read), the sharing mask as it is."""
+    return {
+        key: torch.empty(t.shape, dtype=t.dtype, device="meta")
+        if isinstance(t, torch.Tensor) and key != SHARING_MASK
+        else t
+        for key, t in state.items()
+    }
 
 
 def _strip_prefix(state: dict[str, torch.Tensor], prefix: str = MODEL_PREFIX) -> dict[str, torch.Tensor]:
@@ -130,8 +149,9 @@ class LoadedModel:
         return sorted(self.region.layers)
 
 
-def _read_consolidated(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The weights and a checkpoint-like metadata dict of a ``consolidate`` directory."""
+def _read_consolidated(path: Path, weights: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights and a checkpoint-like metadata dict of a ``consolidate`` directory (without ``weights``: as
+    :func:`read_checkpoint`, from the safetensors header and the mask)."""
     try:
         record = json.loads((path / CONFIG_FILE).read_text())
     except (OSError, ValueError) as e:
@@ -139,7 +159,16 @@ def _read_consolidated(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     if not isinstance(record, dict) or "model" not in record:
         raise CheckpointError(f"{CONFIG_FILE} was not written by consolidate (no 'model' entry)", path / CONFIG_FILE)
     try:
-        state = load_file(path / WEIGHTS_FILE, device="cpu")
+        if weights:
+            state = load_file(path / WEIGHTS_FILE, device="cpu")
+        else:
+            with safe_open(path / WEIGHTS_FILE, "pt") as f:  # its header (names, shapes), then the mask
+                state = {
+                    key: f.get_tensor(key)
+                    if key == SHARING_MASK
+                    else torch.empty(f.get_slice(key).get_shape(), device="meta")
+                    for key in f.keys()  # noqa: SIM118 - a safe_open handle is no dict
+                }
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"corrupt or truncated weights ({e})", path / WEIGHTS_FILE, "consolidate again") from e
     tokenizer = dict(record.get("tokenizer") or {})
@@ -157,41 +186,60 @@ def _read_consolidated(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     return state, metadata
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model from a ``.ckpt`` file, an FSDP2 checkpoint directory or a :func:`consolidate` directory.
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint records besides its weights, read by :func:`describe_checkpoint` (see :class:`LoadedModel`)."""
 
-    Pickles are read only with ``weights_only=True`` or the restricted metadata unpickler; anything that is not a
-    checkpoint of ours is a :class:`~epas_lightning.errors.CheckpointError` that says what was expected.
-    """
-    path = Path(path).expanduser()
+    config: LlamaConfig
+    region: TrainedRegion
+    tokenizer_path: Path | None = None
+    bos_id: int | None = None
+    eos_id: int | None = None
+    global_step: int | None = None
+    data_dir: Path | None = None
+
+
+def _read_any(path: Path, weights: bool, flag: str = "--checkpoint") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict and metadata of a ``.ckpt`` file, an FSDP2 directory or a consolidated directory."""
     if not path.exists():
-        raise CheckpointError("checkpoint does not exist", f"--checkpoint {path}", "check the path")
+        raise CheckpointError("checkpoint does not exist", f"{flag} {path}", "check the path")
     if path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
-        state, metadata = _read_consolidated(path)
-    elif path.is_file() or is_sharded_checkpoint(path):
-        state, metadata = read_checkpoint(path)
-    else:
-        raise CheckpointError(
-            "not a checkpoint", path, "pass a .ckpt file, an FSDP2 checkpoint directory or a consolidated directory"
-        )
-    config = _model_config(metadata, path)
+        return _read_consolidated(path, weights)
+    if path.is_file() or is_sharded_checkpoint(path):
+        return read_checkpoint(path, weights, flag)
+    raise CheckpointError(
+        "not a checkpoint", path, "pass a .ckpt file, an FSDP2 checkpoint directory or a consolidated directory"
+    )
+
+
+def _fitted_model(config: LlamaConfig, state: dict[str, torch.Tensor], path: Path, device: torch.device) -> Llama:
+    """The model with ``state`` loaded (strictly: every name and shape); on the meta device only the mask is real."""
     with torch.device("meta"):
         model = Llama(config)
-    model.to_empty(device=device)
-    state = {key: t.to(device) for key, t in state.items()}
+    if device.type == "meta":
+        model.sharing.to_empty(device="cpu")  # the shapes are checked, the mask is read
+    else:
+        model.to_empty(device=device)
+        state = {key: t.to(device) for key, t in state.items()}
     try:
         model.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError) as e:
-        raise CheckpointError(f"the weights do not fit the model config it records ({e})", path) from e
-    region = recorded_region(metadata, model.sharing.shared_layers, config.n_layer)
+    except (RuntimeError, ValueError) as e:  # torch lists every problem on its own line: name the first
+        problems = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [str(e)]
+        more = f"; {len(problems) - 1} more" if len(problems) > 1 else ""
+        raise CheckpointError(f"the weights do not fit the model config it records ({problems[0]}{more})", path) from e
+    return model
+
+
+def _info(metadata: dict[str, Any], model: Llama) -> CheckpointInfo:
+    config = model.config
     tokenizer = metadata.get("tokenizer") or {}
     tokenizer_path = Path(tokenizer["path"]) if tokenizer.get("path") else None
     if tokenizer_path is not None and not tokenizer_path.is_file():
         tokenizer_path = None
     data_dir = metadata.get("data_dir") or (_data_dir_of(tokenizer_path) if tokenizer_path else None)
-    return LoadedModel(
-        model=model.eval(),
-        region=region,
+    return CheckpointInfo(
+        config=config,
+        region=recorded_region(metadata, model.sharing.shared_layers, config.n_layer),
         tokenizer_path=tokenizer_path,
         bos_id=tokenizer.get("bos_id"),
         eos_id=tokenizer.get("eos_id"),
@@ -200,21 +248,44 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     )
 
 
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model from a ``.ckpt`` file, an FSDP2 checkpoint directory or a :func:`consolidate` directory.
+
+    Pickles are read only with ``weights_only=True`` or the restricted metadata unpickler; anything that is not a
+    checkpoint of ours is a :class:`~epas_lightning.errors.CheckpointError` that says what was expected.
+    """
+    path = Path(path).expanduser()
+    state, metadata = _read_any(path, weights=True)
+    model = _fitted_model(_model_config(metadata, path), state, path, torch.device(device))
+    info = _info(metadata, model)
+    return LoadedModel(
+        model=model.eval(),
+        region=info.region,
+        tokenizer_path=info.tokenizer_path,
+        bos_id=info.bos_id,
+        eos_id=info.eos_id,
+        global_step=info.global_step,
+        data_dir=info.data_dir,
+    )
+
+
+def describe_checkpoint(path: str | Path, flag: str = "--checkpoint") -> CheckpointInfo:
+    """What :func:`load_model` would report, without reading the weights: the same safe readers and the same checks
+    (every weight's name and shape against the recorded config), but of the tensors only the sharing mask is read.
+
+    A sharded directory's shards are not opened but for the mask's, so a missing or truncated shard shows only when
+    the model is loaded.
+    """
+    path = Path(path).expanduser()
+    state, metadata = _read_any(path, weights=False, flag=flag)
+    model = _fitted_model(_model_config(metadata, path), state, path, torch.device("meta"))
+    return _info(metadata, model)
+
+
 def recorded_config(path: str | Path, flag: str = "--checkpoint") -> LlamaConfig:
     """The model config a checkpoint records, read without loading its weights (checked to load safely)."""
     path = Path(path).expanduser()
-    if path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
-        try:
-            metadata = {"model_config": json.loads((path / CONFIG_FILE).read_text()).get("model")}
-        except (OSError, ValueError, AttributeError) as e:
-            raise CheckpointError(f"unreadable {CONFIG_FILE} ({e})", path / CONFIG_FILE) from e
-        return _model_config(metadata, path)
-    if path.is_file():
-        metadata = load_torch_file(path, mmap=True, where=f"{flag} {path}")
-    else:
-        path = verify_checkpoint(path, flag)
-        metadata = load_torch_file(path / LIGHTNING_METADATA) if (path / LIGHTNING_METADATA).is_file() else {}
-    return _model_config(metadata if isinstance(metadata, dict) else {}, path)
+    return _model_config(_read_any(path, weights=False, flag=flag)[1], path)
 
 
 def load_consolidated(path: str | Path, device: str | torch.device = "cpu") -> Llama:

@@ -185,7 +185,7 @@ def _pop_debug(argv: list[str]) -> tuple[list[str], bool]:
     return [a for a in argv if a != "--debug"], "--debug" in argv or debug_enabled()
 
 
-def _show_package_logs() -> None:
+def show_package_logs() -> None:
     """Print our INFO lines (data preparation, region growth) on stderr, the way Lightning shows its own."""
     import logging
 
@@ -230,7 +230,7 @@ def main(args: Sequence[str] | None = None) -> int:
     from epas_lightning.divergence import TrainingDiverged
 
     argv, debug = _pop_debug(list(sys.argv[1:] if args is None else args))
-    _show_package_logs()
+    show_package_logs()
     try:
         return dispatch(argv)
     except SystemExit as e:  # --help, --print_config

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from epas_lightning.inference import deepest_layers, generate, sample, set_region
+from epas_lightning.inference.generate import Decoder
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.region import TrainedRegion
 
@@ -95,6 +96,36 @@ def test_left_padded_batch_equals_each_prompt_alone(reuse):
     batched = generate(model, prompts, max_new_tokens=6)
     for prompt, got in zip(prompts, batched.tokens, strict=True):
         assert got == generate(model, [prompt], max_new_tokens=6).tokens[0]
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_rows_leaving_the_batch_change_nothing_for_the_others(reuse):
+    """``Decoder.keep_rows`` mid-decoding (dropping, reordering): each row kept goes on exactly as alone."""
+    model = tiny()
+    set_region(model, 2)
+    model.attention_reuse = reuse
+    prompts = [tokens(1, n, seed=n)[0].tolist() for n in (11, 5, 11, 8)]  # rows 0 and 2 are the longest
+    alone = [generate(model, [prompt], max_new_tokens=9).tokens[0] for prompt in prompts]
+    keep = {2: [1, 2, 3], 4: [2, 1], 6: [1]}  # after that many tokens: the rows kept, as indices of the batch then
+    rows, out = list(range(4)), [[] for _ in prompts]
+    with torch.inference_mode():
+        decoder = Decoder(model, prompts, 9)
+        token = decoder.prefill()
+        for n in range(1, 10):
+            for row, t in zip(rows, token.tolist(), strict=True):
+                out[row].append(t)
+            if n in keep:
+                decoder.keep_rows(keep[n])
+                rows, token = [rows[i] for i in keep[n]], token[keep[n]]
+                assert decoder.batch_size == len(rows) and decoder.cache.nbytes == model.new_cache(len(rows), 20).nbytes
+            if n < 9:
+                token = decoder.step(token)
+    assert rows == [2] and not decoder.cache.padded  # only a longest prompt is left: no padding, as alone
+    assert [len(o) for o in out] == [2, 4, 9, 6]
+    for got, expected in zip(out, alone, strict=True):
+        assert got == expected[: len(got)]
+    with pytest.raises(NotImplementedError, match="cuda_graph=False"):
+        model.new_cache(2, 16, static=True).keep_rows([0])
 
 
 def full_forward_greedy(model: Llama, prompt: list[int], n: int) -> list[int]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -103,6 +105,99 @@ def test_engine_matches_generate_for_every_region_and_seed(checkpoint):
     assert saving == pytest.approx({0: 0.0, 1: 1 / 8, 2: 2 / 8})  # a sharing layer caches only V
 
 
+def token_text(ids: list[int]) -> str:
+    """A "decode" that spells the token ids out, so that a sequence's text is its exact tokens."""
+    return "".join(f"{t}," for t in ids)
+
+
+def test_finished_rows_leave_the_batch_and_the_others_decode_as_alone(checkpoint):
+    loaded = load_model(checkpoint)
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=4)
+    prompts = {"a": [0, 5, 9, 12, 4, 4], "b": [0, 7], "c": [0, 3, 3], "d": [0, 8, 2, 6]}
+    max_tokens = {"a": 2, "b": 9, "c": 4, "d": 6}
+    for key, prompt in prompts.items():
+        engine.add(key, SequenceRequest(prompt, max_tokens[key], 2))
+    texts, running, infos = {}, set(prompts), {}
+    step = 0
+    while engine.busy:
+        outputs = engine.step()
+        step += 1
+        if step == 1:
+            assert len(engine.groups) == 1  # all four greedy in one region: one batch
+            engine.add("e", SequenceRequest([0, 11, 12], 3, 2))  # admitted once a place is free
+            running.add("e")
+        for output in outputs:
+            texts[output.key] = texts.get(output.key, "") + output.text
+            if output.finish_reason:
+                running.discard(output.key)
+                infos[output.key] = output.info
+        computed = sum(group.decoder.batch_size for group in engine.groups)  # rows the next step computes
+        assert computed == len(running) - len(engine.waiting) <= engine.max_batch_size
+    set_region(loaded.model, 2, loaded.region)
+    for key, prompt in {**prompts, "e": [0, 11, 12]}.items():
+        alone = generate(loaded.model, [prompt], {**max_tokens, "e": 3}[key]).tokens[0]
+        assert texts[key] == token_text(alone), key  # token for token, whoever left the batch before it
+    assert {key: info["batch_size"] for key, info in infos.items()} == {"a": 4, "b": 4, "c": 4, "d": 4, "e": 1}
+    per_row = {key: info["kv_cache_bytes"] for key, info in infos.items()}
+    assert per_row["a"] == per_row["b"] == loaded.model.new_cache(1, 6 + 9).nbytes  # one row: longest prompt + 9
+
+
+def test_cancel_drops_waiting_and_running_sequences(checkpoint):
+    loaded = load_model(checkpoint)
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=3)
+    prompts = {"a": [0, 5, 9], "b": [0, 7, 1, 2], "c": [0, 3], "d": [0, 4]}
+    for key, prompt in prompts.items():
+        engine.add(key, SequenceRequest(prompt, 8, 2))
+    texts = {key: "" for key in prompts}
+    for output in engine.step():  # a, b and c run in one batch, d waits for a place
+        texts[output.key] += output.text
+    assert [key for key, _, _ in engine.waiting] == ["d"]
+    assert engine.cancel("d") and not engine.waiting  # waiting
+    assert engine.cancel("b") and engine.groups[0].decoder.batch_size == 2  # running: it leaves the batch
+    assert not engine.cancel("b") and not engine.cancel("nobody")
+    for _ in range(3):
+        for output in engine.step():
+            texts[output.key] += output.text
+    assert engine.cancel("c") and engine.cancel("a") and not engine.busy  # the group's last rows: it is gone
+    assert not engine.step()
+    set_region(loaded.model, 2, loaded.region)
+    for key, n in {"a": 4, "b": 1, "c": 4, "d": 0}.items():  # tokens made before their cancel, and nothing after
+        expected = generate(loaded.model, [prompts[key]], 8).tokens[0][:n]
+        assert texts[key] == token_text(expected), key
+
+
+def test_engine_loop_forgets_cancelled_sequences(checkpoint):
+    """The worker's loop, in-process: a cancel stops a streamed or buffered sequence; nothing more is sent for it."""
+    pytest.importorskip("litserve")
+    from litserve.utils import LitAPIStatus
+
+    from epas_lightning.serve.api import CANCEL, EngineLoop
+
+    loaded = load_model(checkpoint)
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=8)
+    sent: list[tuple[str, str]] = []
+
+    class Transport:
+        def send(self, item, consumer_id: int) -> None:
+            uid, (data, status, _, _) = item
+            sent.append((uid, status))
+
+    loop, inbox, transport = EngineLoop(), queue.Queue(), Transport()
+    for uid, stream, max_tokens in (("streamed", True, 20), ("buffered", False, 20), ("short", False, 3)):
+        inbox.put((0, uid, 0.0, SequenceRequest([0, 5, 9], max_tokens, 2, stream=stream)))
+    loop._receive(engine, inbox)
+    loop._send(engine, transport)
+    assert sent == [("streamed", LitAPIStatus.OK)] and set(loop.routes) == {"streamed", "buffered", "short"}
+    for uid in ("streamed", "buffered", "never-sent"):
+        inbox.put((0, uid, 0.0, CANCEL))
+    sent.clear()
+    while engine.busy:
+        loop._receive(engine, inbox)
+        loop._send(engine, transport)
+    assert {uid for uid, _ in sent} == {"short"} and sent[-1] == ("short", LitAPIStatus.FINISH_STREAMING)
+    assert loop.routes == loop.streams == loop.pieces == {}
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -117,6 +212,68 @@ def test_startup_mistakes_are_one_line_errors(checkpoint, capsys, args, message)
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
+def checkpoint_forms(consolidated: Path, root: Path) -> dict[str, Path]:
+    """The consolidated checkpoint also as a Lightning ``.ckpt`` file and as an FSDP2-style sharded directory."""
+    from torch.distributed.checkpoint import save as dcp_save
+
+    loaded = load_model(consolidated)
+    state = {"model." + key: t for key, t in loaded.model.state_dict().items()}
+    tokenizer = {"path": str(consolidated / "tokenizer.json"), "bos_id": loaded.bos_id, "eos_id": loaded.eos_id}
+    meta = {"model_config": loaded.model.config.to_dict(), "tokenizer": tokenizer}
+    torch.save({"state_dict": state, **meta}, root / "tiny.ckpt")
+    dcp_save({"state_dict": state}, checkpoint_id=root / "sharded", no_dist=True)
+    torch.save(meta, root / "sharded" / "meta.pt")
+    return {"consolidated": consolidated, "file": root / "tiny.ckpt", "sharded": root / "sharded"}
+
+
+def test_serve_checks_the_checkpoint_without_reading_its_weights(checkpoint, tmp_path, monkeypatch):
+    """The main process reads what load_model reports (config, region, tokenizer) but no weight: only the inference
+    worker loads them. Of the tensors, only the sharing mask is read."""
+    pytest.importorskip("litserve")
+    from epas_lightning import checkpoint as checkpoint_module
+    from epas_lightning.serve import command
+
+    forms = checkpoint_forms(checkpoint, tmp_path)
+    loaded = {form: load_model(path) for form, path in forms.items()}
+    started, read = [], []
+    monkeypatch.setattr(command, "run_server", lambda api, *args: started.append(api.served))
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    def load_mask_only(state, **kwargs):
+        read.extend(state)
+        return dcp_load(state, **kwargs)
+
+    def mapped_only(path, *args, mmap=False, **kwargs):
+        assert mmap or Path(path).name == "meta.pt", path  # a .ckpt file is mapped, its weights never read
+        return load_torch_file(path, *args, mmap=mmap, **kwargs)
+
+    dcp_load, load_torch_file = checkpoint_module.dcp_load, checkpoint_module.load_torch_file
+    monkeypatch.setattr(checkpoint_module, "load_file", no_weights)
+    monkeypatch.setattr(checkpoint_module, "dcp_load", load_mask_only)
+    monkeypatch.setattr(checkpoint_module, "load_torch_file", mapped_only)
+    monkeypatch.setattr(Llama, "to_empty", no_weights)  # no whole model is materialised
+    for form, path in forms.items():
+        assert cli_main(["serve", "--checkpoint", str(path)]) == 0, form
+        served = started.pop()
+        assert served.config == loaded[form].model.config and served.region == loaded[form].region, form
+        assert served.tokenizer_path == loaded[form].tokenizer_path == checkpoint / "tokenizer.json", form
+    assert read == ["state_dict.model.sharing.mask"]  # the sharded form: the mask's bytes only
+
+
+def test_serve_refuses_weights_that_do_not_fit_their_config_before_starting(checkpoint, tmp_path, capsys):
+    pytest.importorskip("litserve")
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint, bad)
+    record = json.loads((bad / "config.json").read_text())
+    record["model"]["n_embd"] *= 2
+    (bad / "config.json").write_text(json.dumps(record))
+    assert cli_main(["serve", "--checkpoint", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the weights do not fit the model config it records") and err.count("\n") == 1, err
+
+
 def test_serve_without_litserve_names_the_extra(monkeypatch, checkpoint, capsys):
     monkeypatch.setitem(sys.modules, "litserve", None)
     assert cli_main(["serve", "--checkpoint", str(checkpoint)]) == 2
@@ -129,13 +286,13 @@ def test_serve_without_litserve_names_the_extra(monkeypatch, checkpoint, capsys)
 
 
 class Server:
-    def __init__(self, checkpoint: Path, cwd: Path) -> None:
+    def __init__(self, checkpoint: Path, cwd: Path, *extra: str) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        args = ["serve", "--checkpoint", str(checkpoint), "--port", str(self.port), "--batch-timeout", "0.2"]
+        args = ["serve", "--checkpoint", str(checkpoint), "--port", str(self.port), "--batch-timeout", "0.2", *extra]
         self.stderr = open(cwd / "server.err", "w+")  # noqa: SIM115 - read back after the process ends
         self.process = subprocess.Popen(
             [sys.executable, "-m", "epas_lightning", *args], cwd=cwd, env=env, stdout=self.stderr, stderr=self.stderr
@@ -281,6 +438,47 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, client, cha
 def test_malformed_json_is_a_400(server):
     status, body = server.post("/v1/completions", b"{not json")
     assert status == 400 and "not valid JSON" in body["error"]["message"]
+
+
+def test_clients_that_go_away_are_cancelled_and_the_others_go_on(checkpoint, tmp_path):
+    """A streamed client that closes its connection after one chunk, and one that stops waiting for a whole response:
+    the worker cancels both (its log says so) while a request decoded in the same batch gets its exact text."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("litserve")
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name("debug", n_layer=2, block_size=4096))  # 4,000 tokens take seconds
+    model.set_shared_layers([1])
+    long = save_consolidated(model, tmp_path / "long", checkpoint / "tokenizer.json")
+    server = Server(long, tmp_path)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        with ThreadPoolExecutor(1) as pool:
+            other = pool.submit(
+                client.completions.create, model="long", prompt="import os", max_tokens=300, temperature=0
+            )
+            stream = client.completions.create(model="long", prompt="def", max_tokens=4000, temperature=0, stream=True)
+            assert next(iter(stream)).choices[0].index == 0
+            stream.close()  # mid-stream: the server sees the connection close
+            body = json.dumps({"model": "long", "prompt": "def main", "max_tokens": 4000, "temperature": 0}).encode()
+            head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+            with socket.create_connection(("127.0.0.1", server.port)) as connection:
+                connection.sendall(head.encode() + body)
+                time.sleep(0.3)  # then it stops waiting
+            deadline = time.monotonic() + 30
+            while server.log().count("client went away") < 2:
+                assert time.monotonic() < deadline, server.log()
+                time.sleep(0.2)
+            answer = other.result()
+        expected = load_model(long)
+        tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
+        out = generate(
+            expected.model, [[tokenizer.bos_id, *tokenizer.encode("import os")]], 300, eos_id=tokenizer.eos_id
+        )
+        assert answer.choices[0].text == tokenizer.decode([t for t in out.tokens[0] if t != tokenizer.eos_id])
+    finally:
+        assert server.stop() == 0
+    log = server.log()
+    assert log.count("client went away") == 2 and "Traceback" not in log, log
 
 
 def test_sigterm_shuts_down_cleanly(server):

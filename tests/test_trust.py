@@ -89,6 +89,7 @@ TOOL_ARGS = {
     "export": ["--output", "{tmp}/out"],
     "consolidate": ["--output", "{tmp}/out"],
     "analyze": ["--data", "."],
+    "serve": [],
 }
 
 
@@ -426,7 +427,7 @@ def test_missing_data_dir_bad_schedule_and_truncated_checkpoints_are_one_line(tm
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(evil.file.read_bytes()[:100])
     assert str(truncated) in one_line_error(capsys, ["fit", "--config", DEBUG, "--ckpt_path", str(truncated)])
-    for command, extra in (("export", ["--output", str(tmp_path / "o")]), ("evaluate", ["--data", "."])):
+    for command, extra in (("export", ["--output", str(tmp_path / "o")]), ("evaluate", ["--data", "."]), ("serve", [])):
         assert "cannot read this file safely" in one_line_error(
             capsys, [command, "--checkpoint", str(truncated), *extra]
         )

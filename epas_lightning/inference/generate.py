@@ -124,7 +124,7 @@ class Decoder:
         self.ids, self.attention_mask = ids.to(device), attention_mask.to(device)
         self.padded = any(len(p) != longest for p in prompts)
         self.prompt_tokens = sum(len(p) for p in prompts)
-        """Real (unpadded) prompt tokens, summed over the batch."""
+        """Real (unpadded) prompt tokens, summed over the rows in the batch."""
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
@@ -165,6 +165,20 @@ class Decoder:
         """Feed the last tokens (B,) and return the next ones (B,)."""
         self.prepare_steps()
         return self._choose(self._step_logits(tokens))
+
+    def keep_rows(self, rows: torch.Tensor | Sequence[int]) -> None:
+        """Decode only the batch rows ``rows`` from now on (indices, in their new order): the others leave the batch
+        and the KV cache, and ``step`` takes and returns the kept rows' tokens (B',).
+
+        A greedy row decodes exactly as it would have. Sampled rows draw from one generator, so after rows leave the
+        others draw other (equally distributed) tokens than they would have. Not with ``cuda_graph`` (a captured
+        step has a fixed batch).
+        """
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.device)  # (B',)
+        self.cache.keep_rows(index)
+        self.ids, self.attention_mask = self.ids[index], self.attention_mask[index]  # (B', T): for a prefill to come
+        self.padded = not bool(self.attention_mask.all())
+        self.prompt_tokens = int(self.attention_mask.sum())
 
 
 @torch.inference_mode()

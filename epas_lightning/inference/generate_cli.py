@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from epas_lightning.checkpoint import LoadedModel, load_model
+from epas_lightning.checkpoint import CheckpointInfo, LoadedModel, load_model
 from epas_lightning.data.tokenizer import TextTokenizer, load_tokenizer
 from epas_lightning.errors import ConfigError
 from epas_lightning.inference.generate import GenerationResult, generate, set_region
@@ -31,7 +31,7 @@ def cuda_graph_choice(cuda_graph: CudaGraph) -> bool | None:
     return {"auto": None, "on": True, "off": False}[cuda_graph]
 
 
-def resolve_tokenizer(loaded: LoadedModel, path: Path | None) -> TextTokenizer:
+def resolve_tokenizer(loaded: LoadedModel | CheckpointInfo, path: Path | None) -> TextTokenizer:
     """``--tokenizer`` if given, else the one the checkpoint recorded; a clear error if neither exists."""
     path = path or loaded.tokenizer_path
     if path is None:

@@ -17,6 +17,8 @@ advances, so a decode step can be captured once and replayed for every token (``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from epas_lightning.model.attention import AttentionContext
@@ -120,6 +122,19 @@ class KVCache:
         self.next_pos += self.valid[:, self.length : self.length + T].sum(-1)
         self.length += T
 
+    def keep_rows(self, rows: torch.Tensor | Sequence[int]) -> None:
+        """Keep only the batch rows ``rows`` (indices, in their new order) and free the others' keys and values.
+
+        Each row kept goes on exactly as before: its keys, values, padding and positions move with it.
+        """
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.valid.device)  # (B',)
+        self.k = [None if t is None else t.index_select(0, index) for t in self.k]  # (B', H_kv, max_len, D)
+        self.v = [None if t is None else t.index_select(0, index) for t in self.v]
+        self.valid, self.next_pos = self.valid.index_select(0, index), self.next_pos.index_select(0, index)
+        self.batch_size = index.numel()
+        # Without the padded rows, every row is at position ``length``: the unmasked path (as alone) applies again.
+        self.padded = self.padded and not bool(self.valid[:, : self.length].all())
+
 
 class StaticKVCache(KVCache):
     """A :class:`KVCache` whose one-token steps have fixed shapes and device-side positions: what a CUDA graph captures.
@@ -167,3 +182,9 @@ class StaticKVCache(KVCache):
     def count_step(self) -> None:
         """Count on the host the one-token step that a replayed graph took on the device."""
         self.length += 1
+
+    def keep_rows(self, rows: torch.Tensor | Sequence[int]) -> None:
+        """Refused: a captured CUDA graph holds this cache's buffers and batch size."""
+        raise NotImplementedError(
+            "rows cannot leave a StaticKVCache (a CUDA graph captured its batch): decode with cuda_graph=False"
+        )

@@ -7,7 +7,8 @@ the worker as one :class:`~epas_lightning.serve.engine.SequenceRequest` per choi
 (:class:`EngineLoop`, a ``LitLoop``) feeds them to the :class:`~epas_lightning.serve.engine.Engine`, which decodes
 every sequence in flight one token per step, so a request that arrives while others decode joins at the next step
 instead of waiting for a whole batch to finish. A streamed sequence sends its text as it comes; the others send it
-once, at the end.
+once, at the end. When a client goes away (it closes a stream, or stops waiting for a response), its sequences are
+cancelled: a :data:`CANCEL` item follows them on the same queue and the worker drops them from the engine.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from litserve.loops.base import _SENTINEL_VALUE, LitLoop
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem
 
+from epas_lightning.cli import show_package_logs
 from epas_lightning.data.tokenizer import load_tokenizer_once
 from epas_lightning.inference.generate_cli import load_for_inference
 from epas_lightning.runtime import DType
@@ -51,6 +53,10 @@ logger = logging.getLogger("epas_lightning.serve")
 COMPLETIONS_PATH = "/v1/completions"
 MODELS_PATH = "/v1/models"
 WORKER_FAILED = "the inference worker failed while decoding this request (see the server log)"
+CANCEL = "cancel"
+"""Sent in place of a sequence on the request queue: stop decoding that uid, its client went away."""
+DISCONNECT_POLL = 0.5
+"""Seconds between checks whether the client of a request that does not stream is still there."""
 
 
 def _error_response(error: RequestError) -> JSONResponse:
@@ -102,9 +108,11 @@ class CompletionsSpec(LitSpec):
             return _error_response(e)
         event = asyncio.Event()
         uids = [self._submit(sequence, event) for sequence in completion.sequences]
-        messages = self._messages(uids, event)
-        if completion.stream:
-            return StreamingResponse(self._stream(completion, messages), media_type="text/event-stream")
+        if completion.stream:  # a client that goes away closes the stream, and so the messages
+            return StreamingResponse(
+                self._stream(completion, self._messages(uids, event)), media_type="text/event-stream"
+            )
+        messages = self._messages(uids, event, request.is_disconnected)
         texts, reasons, infos = [""] * len(uids), [""] * len(uids), [{}] * len(uids)
         async with aclosing(messages):
             async for index, message in messages:
@@ -113,6 +121,8 @@ class CompletionsSpec(LitSpec):
                 texts[index] += message["text"]
                 if message.get("finish_reason"):
                     reasons[index], infos[index] = message["finish_reason"], message["info"]
+        if "" in reasons:  # the client went away: nobody reads a response
+            return Response(status_code=499)
         return JSONResponse(completion_response(completion, texts, reasons, infos))
 
     def _submit(self, sequence: Any, event: asyncio.Event) -> str:
@@ -122,14 +132,20 @@ class CompletionsSpec(LitSpec):
         self.request_queue.put((self.response_queue_id, uid, time.monotonic(), sequence))
         return uid
 
-    async def _messages(self, uids: list[str], event: asyncio.Event) -> AsyncIterator[tuple[int, dict[str, Any]]]:
-        """(choice index, message) in the order the worker sends them, until every sequence has finished."""
+    async def _messages(
+        self, uids: list[str], event: asyncio.Event, disconnected: Callable[[], Awaitable[bool]] | None = None
+    ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        """(choice index, message) in the order the worker sends them, until every sequence has finished or
+        ``disconnected`` (asked while no message comes) says the client is gone.
+
+        The sequences still running when it ends (the client went away, the caller closed it) are cancelled.
+        """
         queues = [self.response_buffer[uid].response_queue for uid in uids]
         running = set(range(len(uids)))
         try:
             while running:
-                await event.wait()
-                event.clear()
+                if not await _next_message(event, disconnected):
+                    return
                 for index in sorted(running):
                     while queues[index]:
                         data, status = queues[index].popleft()
@@ -142,8 +158,10 @@ class CompletionsSpec(LitSpec):
                             break
                         yield index, json.loads(data)
         finally:
-            for uid in uids:
-                self.response_buffer.pop(uid, None)
+            for index, uid in enumerate(uids):
+                self.response_buffer.pop(uid, None)  # LitServe drops the messages still on their way for it
+                if index in running:
+                    self.request_queue.put((self.response_queue_id, uid, time.monotonic(), CANCEL))
 
     async def _stream(self, completion: Completion, messages: AsyncIterator) -> AsyncIterator[str]:
         """Server-sent events: one chunk per piece of text, the usage chunk if asked for, then ``[DONE]``."""
@@ -162,6 +180,20 @@ class CompletionsSpec(LitSpec):
         yield "data: [DONE]\n\n"
 
 
+async def _next_message(event: asyncio.Event, disconnected: Callable[[], Awaitable[bool]] | None) -> bool:
+    """Wait until ``event`` is set (and clear it); False instead once ``disconnected`` is true (asked every
+    :data:`DISCONNECT_POLL` seconds)."""
+    while True:
+        try:
+            await asyncio.wait_for(event.wait(), None if disconnected is None else DISCONNECT_POLL)
+        except asyncio.TimeoutError:
+            if await disconnected():
+                return False
+            continue
+        event.clear()
+        return True
+
+
 def _forward(request_queue, inbox: queue.Queue) -> None:
     """Move requests from LitServe's queue (another process: each read is a round trip) to the worker's own queue,
     so that decode steps never wait on it."""
@@ -175,21 +207,27 @@ def _forward(request_queue, inbox: queue.Queue) -> None:
 
 
 class EngineLoop(LitLoop):
-    """The inference worker's loop: take new sequences between decode steps, step the engine, send what it made."""
+    """The inference worker's loop: take new sequences (and cancellations) between decode steps, step the engine,
+    send what it made. Its tables hold the sequences in the engine: the response queue, whether it streams and the
+    text not sent yet of each uid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.routes: dict[Hashable, int] = {}
+        self.streams: dict[Hashable, bool] = {}
+        self.pieces: dict[Hashable, list[str]] = {}
 
     def __call__(self, lit_api, device, worker_id, request_queue, transport, workers_setup_status, callback_runner):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches every process: the main one shuts us down
         engine: Engine = lit_api.engine
-        self.routes: dict[Hashable, int] = {}
-        self.streams: dict[Hashable, bool] = {}
-        self.pieces: dict[Hashable, list[str]] = {}
         inbox: queue.Queue = queue.Queue()
         threading.Thread(target=_forward, args=(request_queue, inbox), daemon=True, name="epas-receive").start()
         while self._receive(engine, inbox):
             self._send(engine, transport)
 
     def _receive(self, engine: Engine, inbox: queue.Queue) -> bool:
-        """Add the sequences that have arrived (waiting for one while the engine is idle); False on shutdown."""
+        """Add the sequences that have arrived and cancel those asked for (waiting for an item while the engine is
+        idle); False on shutdown."""
         wait = engine.wait_time()
         try:
             item = inbox.get(block=wait != 0, timeout=1.0 if wait is None else wait)
@@ -197,11 +235,21 @@ class EngineLoop(LitLoop):
                 if item == _SENTINEL_VALUE:
                     return False
                 response_queue_id, uid, _, sequence = item
-                self.routes[uid], self.streams[uid], self.pieces[uid] = response_queue_id, sequence.stream, []
-                engine.add(uid, sequence)
+                if sequence == CANCEL:
+                    self._cancel(engine, uid)
+                else:
+                    self.routes[uid], self.streams[uid], self.pieces[uid] = response_queue_id, sequence.stream, []
+                    engine.add(uid, sequence)
                 item = inbox.get_nowait()
         except queue.Empty:
             return True
+
+    def _cancel(self, engine: Engine, uid: Hashable) -> None:
+        """Stop a sequence whose client went away; nothing more is sent for it. One that has finished is gone."""
+        if uid in self.routes:
+            engine.cancel(uid)
+            self._forget(uid)
+            logger.info("cancelled sequence %s: its client went away", uid)
 
     def _send(self, engine: Engine, transport) -> None:
         try:
@@ -230,8 +278,11 @@ class EngineLoop(LitLoop):
     def _put(self, transport, uid: Hashable, data: str, status: str) -> None:
         self.put_response(transport, self.routes[uid], uid, data, status, LoopResponseType.STREAMING)
         if status != LitAPIStatus.OK:  # finished or failed: nothing more is sent for it
-            for table in (self.routes, self.streams, self.pieces):
-                table.pop(uid, None)
+            self._forget(uid)
+
+    def _forget(self, uid: Hashable) -> None:
+        for table in (self.routes, self.streams, self.pieces):
+            table.pop(uid, None)
 
 
 class CompletionsAPI(ls.LitAPI):
@@ -252,6 +303,8 @@ class CompletionsAPI(ls.LitAPI):
         self.served, self.checkpoint, self.dtype, self.attention_reuse = served, checkpoint, dtype, attention_reuse
 
     def setup(self, device: str) -> None:
+        show_package_logs()  # this process was spawned: our INFO lines (cancellations) go to stderr as in the main one
+        logging.getLogger("epas_lightning").propagate = False  # and not once more through LitServe's root handler
         loaded = load_for_inference(self.checkpoint, device, self.dtype, self.attention_reuse)
         tokenizer = load_tokenizer_once(str(self.served.tokenizer_path))
         self.engine = Engine(

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
-from epas_lightning.checkpoint import load_model
+from epas_lightning.checkpoint import describe_checkpoint
 from epas_lightning.errors import ConfigError
 from epas_lightning.inference.generate_cli import resolve_tokenizer
 from epas_lightning.runtime import DType, resolve_device, resolve_dtype
@@ -75,7 +75,8 @@ def serve_command(
     the extra field sharing_layers (the first N layers of the trained region) or budget (a fraction of dense FLOPs,
     resolved like bench --budget); responses report it under "epas", with the KV cache the request held (a sharing
     layer caches only V). Requests with the same region and sampling settings are decoded together in one
-    left-padded batch. SIGTERM or Ctrl+C stops the server.
+    left-padded batch; a sequence leaves it when it finishes or its client goes away. SIGTERM or Ctrl+C stops the
+    server.
 
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
@@ -101,15 +102,14 @@ def serve_command(
         raise ConfigError("--max-batch-size must be >= 1 and --batch-timeout >= 0", "serve", "see --help")
     where = resolve_device(device)
     resolve_dtype(dtype, where)
-    loaded = load_model(checkpoint)  # on the CPU: checks the checkpoint before any process starts
-    text_tokenizer = resolve_tokenizer(loaded, tokenizer)
+    recorded = describe_checkpoint(checkpoint)  # checked before any process starts; only the worker reads weights
+    text_tokenizer = resolve_tokenizer(recorded, tokenizer)
     name = model_name or (checkpoint.stem if checkpoint.is_file() else checkpoint.name)
 
     from epas_lightning.serve.api import CompletionsAPI
     from epas_lightning.serve.model_card import ServedModel
 
-    served = ServedModel.build(loaded, text_tokenizer, name, sharing_layers, max_tokens, max_choices)
-    del loaded  # the inference worker loads its own copy on --device
+    served = ServedModel.build(recorded, text_tokenizer, name, sharing_layers, max_tokens, max_choices)
     run_server(
         CompletionsAPI(served, checkpoint, dtype, attention_reuse, max_batch_size, batch_timeout),
         where.type,

@@ -6,7 +6,9 @@ behind ``generate``). A sequence with a ``seed`` decodes alone, so it gets exact
 prompt and seed, whoever else is being served. Every :meth:`Engine.step` advances each running group by one token
 (switching the model's region in between is a flag flip) and admits waiting sequences into new groups, up to
 ``max_batch_size`` sequences in flight; waiting sequences are admitted once they fill the free places or the oldest
-has waited ``batch_timeout`` seconds, so requests that arrive together share a forward.
+has waited ``batch_timeout`` seconds, so requests that arrive together share a forward. A sequence that finishes (or
+is cancelled) leaves its group's batch and KV cache at once, so every row computed is a sequence in flight and
+``max_batch_size`` bounds the rows each step computes.
 """
 
 from __future__ import annotations
@@ -56,16 +58,21 @@ class Output:
     finish_reason: str | None = None
     """``stop`` (EOS or a stop string) or ``length`` (max_tokens reached); ``None`` while it runs."""
     info: dict[str, Any] | None = None
-    """On the last output: completion_tokens, kv_cache_bytes, dense_kv_cache_bytes, batch_size."""
+    """On the last output: ``completion_tokens``; ``kv_cache_bytes``, the KV cache this sequence's row held (its
+    group's longest prompt plus largest ``max_tokens`` positions of every layer it caches), and
+    ``dense_kv_cache_bytes``, the same with no sharing layer; ``batch_size``, the sequences its group started with
+    (that shared its prefill; the batch shrinks as they finish)."""
 
 
 class _Group:
-    """Sequences decoded as one left-padded batch with one KV cache, in one region."""
+    """Sequences decoded as one left-padded batch with one KV cache, in one region; each leaves when it finishes."""
 
     def __init__(self, engine: Engine, members: list[tuple[Hashable, SequenceRequest]]) -> None:
         first = members[0][1]
         self.engine, self.keys = engine, [key for key, _ in members]
         self.requests = [request for _, request in members]
+        self.size = len(members)
+        """The batch the group started with (it shrinks as sequences leave)."""
         self.layers = engine.region.first(first.n_shared)
         engine.model.set_shared_layers(self.layers)
         s = first.sampling
@@ -74,22 +81,31 @@ class _Group:
             temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed, cuda_graph=False,
         )  # fmt: skip
         self.texts = [TextStream(engine.decode, r.stop) for r in self.requests]
-        self.running = [True] * len(members)
-        self.tokens: torch.Tensor | None = None
+        self.tokens: torch.Tensor | None = None  # (B,): each row's last token, fed to the next step
 
     @property
     def done(self) -> bool:
-        return not any(self.running)
+        return not self.keys
 
     def advance(self) -> list[Output]:
-        """One token for every row (the prefill's on the first call); outputs of the rows still running."""
+        """One token for every row (the prefill's on the first call); the finished rows leave the batch."""
         self.engine.model.set_shared_layers(self.layers)
         self.tokens = self.decoder.prefill() if self.tokens is None else self.decoder.step(self.tokens)
-        outputs = []
-        for row, token in enumerate(self.tokens.tolist()):
-            if self.running[row]:
-                outputs.append(self._take(row, token))
+        outputs = [self._take(row, token) for row, token in enumerate(self.tokens.tolist())]
+        self.keep([row for row, output in enumerate(outputs) if output.finish_reason is None])
         return outputs
+
+    def keep(self, rows: list[int]) -> None:
+        """Go on decoding only the sequences in ``rows``; the others leave the batch and the KV cache."""
+        if len(rows) == len(self.keys):
+            return
+        if rows:  # a group is advanced when admitted, so it has tokens
+            index = torch.tensor(rows, device=self.decoder.device)  # (B',)
+            self.decoder.keep_rows(index)
+            self.tokens = self.tokens.index_select(0, index)
+        self.keys = [self.keys[row] for row in rows]
+        self.requests = [self.requests[row] for row in rows]
+        self.texts = [self.texts[row] for row in rows]
 
     def _take(self, row: int, token: int) -> Output:
         text, request, key = self.texts[row], self.requests[row], self.keys[row]
@@ -104,13 +120,12 @@ class _Group:
         return Output(key, delta)
 
     def _finish(self, row: int, text: str, reason: str, completion_tokens: int) -> Output:
-        self.running[row] = False
-        cache, B = self.decoder.cache, self.decoder.batch_size
+        cache = self.decoder.cache
         info = {
             "completion_tokens": completion_tokens,
-            "kv_cache_bytes": cache.nbytes // B,
-            "dense_kv_cache_bytes": cache.dense_nbytes() // B,
-            "batch_size": B,
+            "kv_cache_bytes": cache.nbytes // cache.batch_size,
+            "dense_kv_cache_bytes": cache.dense_nbytes() // cache.batch_size,
+            "batch_size": self.size,
         }
         return Output(self.keys[row], text, reason, info)
 
@@ -170,15 +185,28 @@ class Engine:
         self.groups = [group for group in self.groups if not group.done]
         return outputs
 
+    def cancel(self, key: Hashable) -> bool:
+        """Drop a sequence, waiting or running (it leaves its batch); no output follows. False if it is not here."""
+        for i, (waiting, _, _) in enumerate(self.waiting):
+            if waiting == key:
+                del self.waiting[i]
+                return True
+        for group in self.groups:
+            if key in group.keys:
+                group.keep([row for row, running in enumerate(group.keys) if running != key])
+                if group.done:
+                    self.groups.remove(group)
+                return True
+        return False
+
     def abort(self) -> list[Hashable]:
         """Drop every sequence (after an unexpected error); return their keys."""
-        keys = [key for group in self.groups for key, run in zip(group.keys, group.running, strict=True) if run]
-        keys += [key for key, _, _ in self.waiting]
+        keys = [key for group in self.groups for key in group.keys] + [key for key, _, _ in self.waiting]
         self.groups, self.waiting = [], []
         return keys
 
     def _free(self) -> int:
-        return self.max_batch_size - sum(sum(group.running) for group in self.groups)
+        return self.max_batch_size - sum(len(group.keys) for group in self.groups)  # the rows the next step computes
 
     def _admit(self) -> list[_Group]:
         free = self._free()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from epas_lightning.checkpoint import LoadedModel
+from epas_lightning.checkpoint import CheckpointInfo
 from epas_lightning.data.tokenizer import TextTokenizer
 from epas_lightning.errors import ConfigError
 from epas_lightning.inference.bench import flops_ratio, region_for_budget
@@ -36,7 +36,7 @@ class ServedModel:
     @classmethod
     def build(
         cls,
-        loaded: LoadedModel,
+        recorded: CheckpointInfo,
         tokenizer: TextTokenizer,
         name: str,
         sharing_layers: int | None,
@@ -44,7 +44,7 @@ class ServedModel:
         max_choices: int,
     ) -> ServedModel:
         """Check the server's settings against the checkpoint (a :class:`ConfigError` at startup if they do not fit)."""
-        config, region = loaded.model.config, loaded.region
+        config, region = recorded.config, recorded.region
         default = region.size if sharing_layers is None else sharing_layers
         if not 0 <= default <= region.size:
             raise ConfigError(
