@@ -55,11 +55,11 @@ class TrainedRegion:
         """
         limit = len(self.growth_order())
         if not 0 <= n <= limit:
-            trained = f" (it trained {self.size}: {self.describe()})" if self.size < limit else ""
+            trained = f" (it trained {self.size}: {self.describe()})" if self.size < limit and not force else ""
             raise ConfigError(
                 f"{n} sharing layers were asked for; a {self.n_layer}-layer model can share at most {limit}{trained}",
                 flag,
-                f"choose 0..{self.size}",
+                f"choose 0..{limit if force else self.size}",
             )
         if n > self.size and not force:
             raise ConfigError(

@@ -179,8 +179,8 @@ def test_region_errors():
     with pytest.raises(ValueError, match="trained with at most 1"):
         set_region(model, 2, trained)
     assert set_region(model, 2, trained, force=True) == [2, 3]
-    with pytest.raises(ValueError, match="share 0..3"):
-        set_region(model, 4)
+    with pytest.raises(ValueError, match="can share at most 3 — --sharing-layers — choose 0..3"):
+        set_region(model, 4)  # no trained region given: any layer count the model allows
     shallow = TrainedRegion(4, (1, 2), "shallow_first")
     assert set_region(model, 1, shallow) == [1] and set_region(model, 3, shallow, force=True) == [1, 2, 3]
     cache = model.new_cache(1, 8)
