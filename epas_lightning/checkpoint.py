@@ -12,6 +12,7 @@ consolidated one, built beside the target and renamed into place.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,9 @@ def read_checkpoint(
         raise CheckpointError(f"no model weights (no keys starting with {wanted!r})", path / DCP_METADATA)
     to_read = state if weights else {key: t for key, t in state.items() if key == mask}
     try:
-        dcp_load(to_read, storage_reader=reader, no_dist=True)
+        with warnings.catch_warnings():  # torch warns that it loads in one process even when told to (no_dist)
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp_load(to_read, storage_reader=reader, no_dist=True)
     except Exception as e:  # a missing or truncated shard
         raise CheckpointError(f"cannot read the shards ({str(e).splitlines()[0]})", path, "copy it again") from e
     metadata = load_torch_file(path / LIGHTNING_METADATA) if (path / LIGHTNING_METADATA).is_file() else {}

@@ -27,6 +27,7 @@ from jsonargparse import Namespace, set_parsing_settings
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
 from epas_lightning.callbacks import ProgressiveSharing, TokenThroughputMonitor
 from epas_lightning.checkpoint import recorded_config
@@ -233,7 +234,7 @@ def resume_checkpoint(config: Namespace, word: str) -> str | None:
     if not found:
         places = ", ".join(str(d / "version_*/checkpoints") for d in run_dirs) or str(dirpath)
         if word == "auto":
-            print(f"--ckpt_path auto: no last.ckpt under {places}; starting from scratch.", file=sys.stderr)
+            _say(f"--ckpt_path auto: no last.ckpt under {places}; starting from scratch.")
             return None
         raise CheckpointError(
             "no last.ckpt of this run to resume", places, "train first, or pass the checkpoint's path to --ckpt_path"
@@ -246,8 +247,14 @@ def resume_checkpoint(config: Namespace, word: str) -> str | None:
                 # keep logging (and checkpointing) into the same folder
                 number = version_dir.name.removeprefix("version_")
                 logger.init_args.version = int(number) if number.isdigit() else version_dir.name
-    print(f"Resuming from {newest}", file=sys.stderr)
+    _say(f"Resuming from {newest}")
     return str(newest)
+
+
+@rank_zero_only
+def _say(line: str) -> None:
+    """A line on stderr from the first process only (every rank parses the same command line)."""
+    print(line, file=sys.stderr)
 
 
 QUIET_INFO = (

@@ -175,3 +175,16 @@ def test_two_rank_fit_from_the_cli_trains_through_sharing_and_reports_true_held_
     events = EventAccumulator(str(tmp_path / "runs" / "debug" / "version_0")).Reload()
     losses = [e.value for e in events.Scalars("val/loss")]
     assert len(losses) == 2 and all(5.5 < loss < 7.0 for loss in losses), losses  # ln(512) = 6.24 at init
+    if strategy == "fsdp2":  # resume the sharded last.ckpt: said once, read without torch's one-process warning
+        args[args.index("--trainer.max_steps=6")] = "--trainer.max_steps=8"
+        resumed = subprocess.run(
+            [sys.executable, "-m", "epas_lightning", *args, "--ckpt_path", "last"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        check(resumed)
+        assert resumed.stderr.count("Resuming from runs/debug/version_0/checkpoints/last.ckpt") == 1
+        assert "Warning" not in resumed.stderr and "Run finished: 8 optimizer steps" in resumed.stdout
