@@ -38,7 +38,8 @@ from epas_lightning.init_from import check_same_architecture
 from epas_lightning.model import LlamaConfig
 from epas_lightning.module import EPASModule
 from epas_lightning.run_summary import FlopsModelSummary, RunSummary, progress_bar_for
-from epas_lightning.safe_load import verify_checkpoint
+from epas_lightning.safe_load import is_sharded_checkpoint, verify_checkpoint
+from epas_lightning.strategy import STRATEGY_NAME
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 """The YAML configs shipped with the package (``--config demo`` finds ``demo.yaml`` here)."""
@@ -163,6 +164,7 @@ class EPASCLI(LightningCLI):
         if config.get("ckpt_path"):
             config.ckpt_path = str(verify_checkpoint(config.ckpt_path, "--ckpt_path"))
             check_same_model(config.model.config, config.ckpt_path)
+            check_strategy_reads(config.trainer.get("strategy"), Path(config.ckpt_path))
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
@@ -202,6 +204,25 @@ def check_same_model(model_config: Any, ckpt_path: str) -> None:
         f"--ckpt_path {ckpt_path}",
         "use the model.config it was trained with (its run folder keeps config.yaml), or start a new run from its "
         "weights with --model.init_from",
+    )
+
+
+SHARDED_READERS = ("FSDP2Strategy", "ModelParallelStrategy")
+"""Strategies that read a sharded (torch.distributed.checkpoint) folder, on any number of devices."""
+
+
+def check_strategy_reads(strategy: Any, ckpt_path: Path) -> None:
+    """A sharded checkpoint folder loads only under FSDP2: say so before Lightning tries to open it as a file."""
+    if not is_sharded_checkpoint(ckpt_path):
+        return
+    name = strategy if isinstance(strategy, str) else strategy.get("class_path", "") if strategy else ""
+    if name == STRATEGY_NAME or str(name).endswith(SHARDED_READERS):
+        return
+    raise CheckpointError(
+        f"a sharded FSDP2 checkpoint loads only under the fsdp2 strategy, not {name or 'auto'}",
+        f"--ckpt_path {ckpt_path}",
+        "add --trainer.strategy=fsdp2 (it reads the shards on any number of devices), or `consolidate` it into one "
+        "file",
     )
 
 

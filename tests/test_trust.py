@@ -456,6 +456,20 @@ def test_resuming_into_another_architecture_is_one_line_before_anything_loads(tm
     assert "no 'model_config': it was not written by EPASModule" in err
 
 
+def test_a_sharded_checkpoint_under_a_strategy_that_cannot_read_it_is_one_line(tmp_path):
+    from epas_lightning.lightning_cli import check_strategy_reads
+
+    sharded = tmp_path / "last.ckpt"
+    sharded.mkdir()
+    (sharded / ".metadata").write_bytes(b"")
+    for strategy in (None, "auto", "ddp", {"class_path": "lightning.pytorch.strategies.DDPStrategy"}):
+        with pytest.raises(CheckpointError, match="loads only under the fsdp2 strategy") as refused:
+            check_strategy_reads(strategy, sharded)
+        assert "--trainer.strategy=fsdp2" in str(refused.value)
+    for strategy in ("fsdp2", {"class_path": "epas_lightning.strategy.FSDP2Strategy"}, None):
+        check_strategy_reads(strategy, sharded if strategy else tmp_path / "one-file.ckpt")  # no error
+
+
 def test_debug_shows_the_traceback(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x", "--debug"]) == 2
     err = capsys.readouterr().err
