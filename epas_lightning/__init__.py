@@ -16,6 +16,7 @@ from epas_lightning.flops import estimate_flops, flop_cut, matmul_params
 from epas_lightning.hf import config_from_hf, load_hf_state
 from epas_lightning.hf.export import export
 from epas_lightning.inference import GenerationResult, generate, set_region
+from epas_lightning.interrupt import GracefulStop
 from epas_lightning.loss import lm_loss, next_token_loss
 from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.model import KVCache, Llama, LlamaConfig, SharingState
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DivergenceGuard",
     "GenerationResult",
+    "GracefulStop",
     "KVCache",
     "EPASModule",
     "FSDP2Strategy",

@@ -209,13 +209,13 @@ def dispatch(argv: list[str]) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command in LIGHTNING_COMMANDS:
-        from epas_lightning.lightning_cli import lightning_cli
+        from epas_lightning.lightning_cli import exit_status, lightning_cli
 
         try:
-            lightning_cli(argv)
+            cli = lightning_cli(argv)
         except ArgumentError as e:
             raise parse_error(e, f"{PROG} {command}") from e
-        return 0
+        return exit_status(cli)
     if command not in TOOLS:
         raise ConfigError(
             f"unknown command {command!r}", PROG, f"choose one of {', '.join((*LIGHTNING_COMMANDS, *TOOLS))}"

@@ -6,7 +6,8 @@ Beside the trainer, model and data, every run has these sections, each a callbac
 - ``sharing``: ``ProgressiveSharing``, the growth schedule;
 - ``divergence``: ``DivergenceGuard``, on by default (``action: stop``);
 - ``checkpoint``: the run's ``ModelCheckpoint`` (``save_last: true``);
-- ``throughput``: tokens/s and FLOPs/s (``TokenThroughputMonitor``); ``lr_monitor``: the learning rate per step.
+- ``throughput``: tokens/s and FLOPs/s (``TokenThroughputMonitor``); ``lr_monitor``: the learning rate per step;
+- ``interrupt``: ``GracefulStop``, SIGTERM or Ctrl+C stop between steps with a ``last.ckpt`` (exit 143 / 130).
 
 ``--ckpt_path last`` resumes the newest ``last.ckpt`` of the same run (logger ``save_dir``/``name``) and keeps logging
 into its version folder; ``auto`` does the same or starts fresh when there is none. Every checkpoint is checked to
@@ -35,6 +36,7 @@ from epas_lightning.data import TokenDataModule
 from epas_lightning.divergence import DivergenceGuard
 from epas_lightning.errors import CheckpointError, ConfigError, UserError
 from epas_lightning.init_from import check_same_architecture
+from epas_lightning.interrupt import GracefulStop
 from epas_lightning.model import LlamaConfig
 from epas_lightning.module import EPASModule
 from epas_lightning.run_summary import FlopsModelSummary, RunSummary, progress_bar_for
@@ -126,6 +128,7 @@ class EPASCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(GracefulStop, "interrupt")
         parser.link_arguments("model.config", "sharing.n_layer", compute_fn=config_n_layer)
         parser.link_arguments("model.config", "data.seq_len", compute_fn=config_block_size)
         parser.link_arguments("model.config", "data.vocab_size", compute_fn=config_vocab_size)
@@ -295,6 +298,13 @@ def free_name(folder: Path, stem: str, suffix: str) -> str:
     while (folder / f"{stem}-{n}{suffix}").exists():
         n += 1
     return f"{stem}-{n}{suffix}"
+
+
+def exit_status(cli: EPASCLI) -> int:
+    """0, or 128 + the signal (130 Ctrl+C, 143 SIGTERM) when ``GracefulStop`` ended ``fit`` early."""
+    callbacks = cli.trainer.callbacks if getattr(cli, "trainer", None) is not None else []
+    stops = [c.exit_status for c in callbacks if isinstance(c, GracefulStop) and c.exit_status is not None]
+    return stops[0] if stops else 0
 
 
 def lightning_cli(args: ArgsType = None, run: bool = True) -> EPASCLI:

@@ -32,3 +32,31 @@ def train_tiny_checkpoint(corpus: Path, root: Path, sharing: L.Callback, steps: 
     checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
     cpu_trainer(root, steps, [sharing, checkpoint]).fit(EPASModule(config), datamodule=data)
     return root / "ckpt" / "last.ckpt"
+
+
+def signal_fit_once_training(
+    args: list[str], cwd: Path, env: dict, signum: int, after: str = "EPAS: step 4:", timeout: float = 180
+) -> tuple[int, str, str]:
+    """Start ``python -m epas_lightning <args>``, send ``signum`` once a stderr line contains ``after`` (training is
+    under way), and wait for it to end (killed after ``timeout`` s): (exit status, stdout, stderr)."""
+    import subprocess
+    import sys
+    import threading
+
+    out = cwd / "signalled.stdout"
+    with out.open("w") as stdout:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "epas_lightning", *args], cwd=cwd, env=env, stdout=stdout, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        watchdog = threading.Timer(timeout, proc.kill)
+        watchdog.start()
+        lines, sent = [], False
+        for line in proc.stderr:  # to the end of the output: the process has exited (or was killed)
+            lines.append(line)
+            if not sent and after in line:
+                proc.send_signal(signum)
+                sent = True
+        proc.wait()
+        watchdog.cancel()
+    return proc.returncode, out.read_text(), "".join(lines)

@@ -188,3 +188,21 @@ def test_two_rank_fit_from_the_cli_trains_through_sharing_and_reports_true_held_
         check(resumed)
         assert resumed.stderr.count("Resuming from runs/debug/version_0/checkpoints/last.ckpt") == 1
         assert "Warning" not in resumed.stderr and "Run finished: 8 optimizer steps" in resumed.stdout
+
+
+def test_sigterm_to_the_first_rank_stops_every_rank_after_one_step_with_a_checkpoint(tiny_corpus, tmp_path):
+    """A scheduler's SIGTERM (here to rank 0 only) stops both DDP ranks after the same optimizer step; they save
+    last.ckpt together and the run exits 143, with no collective broken on the way."""
+    import signal
+
+    from helpers import signal_fit_once_training
+
+    args = ["fit", "--config", "debug", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    args += ["--trainer.max_steps=100000", "--trainer.val_check_interval=1000"]
+    env = clean_env() | {"EPAS_CACHE_DIR": str(tiny_corpus.parent)}
+    code, out, err = signal_fit_once_training(args, tmp_path, env, signal.SIGTERM)
+    assert code == 143, err[-4000:]
+    assert "Traceback" not in err and "Error" not in err, err[-4000:]
+    step = int(err.split("stopped by SIGTERM after step ")[1].split(";")[0])
+    last = tmp_path / "runs" / "debug" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == step and f"Run finished: {step} optimizer" in out

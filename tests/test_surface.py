@@ -6,13 +6,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import train_tiny_checkpoint
+from helpers import signal_fit_once_training, train_tiny_checkpoint
 from lightning.pytorch.callbacks import ModelCheckpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -171,6 +172,22 @@ def test_fit_summary_and_resume_with_last(tiny_corpus, tmp_path):
     events = EventAccumulator(str(tmp_path / run)).Reload()
     layers = events.Scalars("sharing/layers")
     assert len({e.step for e in layers}) == len(layers)  # logged once per step
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_that_resumes(tiny_corpus, tmp_path):
+    env = {**os.environ, "EPAS_CACHE_DIR": str(tiny_corpus.parent), "PYTHONPATH": str(REPO)}
+    args = ["fit", "--config", DEBUG, "--trainer.max_steps", "100000", "--trainer.val_check_interval", "1000"]
+    code, out, err = signal_fit_once_training(args, tmp_path, env, signal.SIGINT)
+    assert code == 130, err[-3000:]
+    stopped = re.search(r"stopped by SIGINT after step (\d+); saved (\S+) — resume with the same command", err)
+    assert stopped, err[-3000:]
+    step, saved = int(stopped.group(1)), tmp_path / stopped.group(2)
+    assert step >= 4 and saved == tmp_path / "runs/debug/version_0/checkpoints/last.ckpt"
+    assert torch.load(saved, weights_only=True)["global_step"] == step and f"Run finished: {step} optimizer" in out
+    resumed = run_cli(["fit", "--config", DEBUG, "--ckpt_path", "last", "--trainer.max_steps", str(step + 2)], tmp_path,
+                      tiny_corpus.parent)  # fmt: skip
+    assert resumed.returncode == 0 and f"Run finished: {step + 2} optimizer steps" in resumed.stdout, resumed.stderr
 
 
 def test_resume_last_without_a_checkpoint_is_an_error(tmp_path, capsys, monkeypatch):

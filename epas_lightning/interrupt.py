@@ -1,0 +1,109 @@
+"""``GracefulStop``: SIGTERM or Ctrl+C ends ``fit`` after the current optimizer step, with a ``last.ckpt`` to resume.
+
+Without it, Lightning ends a run on SIGTERM (a scheduler's preemption, ``timeout``, ``kill``) with exit status 0 and
+nothing saved, and on Ctrl+C wherever the interrupt lands, also without a checkpoint. Its SIGTERM handler also
+broadcasts from inside the signal handler, which can break a collective in flight (seen with gloo).
+
+Here a signal only sets a flag. After every optimizer step the ranks agree (one boolean all-reduce: a signal to any
+rank is enough), and if any was signalled every rank writes ``last.ckpt`` into the run's checkpoint folder together,
+``fit`` stops, and the CLI exits with 128 + the signal: 130 after Ctrl+C, 143 after SIGTERM. A second signal stops at
+once, without a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class GracefulStop(Callback):
+    """Stop ``fit`` after the optimizer step during which SIGTERM or Ctrl+C came, and save ``last.ckpt`` first.
+
+    Args:
+        enabled: ``False`` leaves Lightning's behaviour (SIGTERM and Ctrl+C stop without a checkpoint).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.received: signal.Signals | None = None
+        """The first signal this process received during ``fit``."""
+        self.stopped_by: signal.Signals | None = None
+        """Set when ``fit`` stopped for a signal (on any rank): ``exit_status`` is then 128 + it."""
+        self.saved: Path | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+        self._step = -1
+
+    @property
+    def exit_status(self) -> int | None:
+        return None if self.stopped_by is None else 128 + int(self.stopped_by)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.received = self.stopped_by = self.saved = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._step = trainer.global_step
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            # Lightning registered its SIGTERM handler after on_fit_start: this one replaces it until training ends
+            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in SIGNALS}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # a second signal: stop at once
+            self._restore()
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signal.Signals(signum)
+        what = "Ctrl+C" if signum == signal.SIGINT else self.received.name
+        _say(f"\n{what}: stopping after this optimizer step with a checkpoint ({what} again: at once, without one)")
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.enabled or trainer.global_step == self._step:  # mid-accumulation: no optimizer step yet
+            return
+        self._step = trainer.global_step
+        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            return
+        self.stopped_by = self.received or signal.SIGTERM  # another rank was signalled: report it as SIGTERM
+        self.saved = self._save(trainer)
+        trainer.should_stop = True
+        where = f"saved {self.saved} — resume with the same command and --ckpt_path last" if self.saved else ""
+        _say(f"stopped by {self.stopped_by.name} after step {trainer.global_step}; {where or 'checkpointing is off'}")
+
+    @staticmethod
+    def _save(trainer: Trainer) -> Path | None:
+        checkpoint = trainer.checkpoint_callback
+        if not isinstance(checkpoint, ModelCheckpoint) or checkpoint.dirpath is None:
+            return None
+        path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+        trainer.save_checkpoint(path, weights_only=False)  # every rank takes part, as in any save
+        checkpoint.last_model_path = str(path)
+        return path
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._previous and threading.current_thread() is threading.main_thread():
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+        self._previous = {}
+
+
+@rank_zero_only
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
