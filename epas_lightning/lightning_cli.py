@@ -190,6 +190,8 @@ class EPASCLI(LightningCLI):
             raise ConfigError(what, "the configuration", "fix the value in the YAML or the flag") from e
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        if config.get("enable_checkpointing") is False:  # the checkpoint section steps aside rather than conflict
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         return super()._instantiate_trainer(config, [*callbacks, *progress_bar_for(config)])
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:

@@ -220,6 +220,8 @@ def test_user_callbacks_add_to_the_defaults_without_inheriting_them(tmp_path):
     no_bar = ["--config", DEBUG, "--trainer.enable_progress_bar=false", "--trainer.logger=false"]
     quiet = lightning_cli(no_bar, run=False)
     assert not any(isinstance(c, ProgressBar) for c in quiet.trainer.callbacks)  # switched off: no bar forced in
+    no_checkpoints = lightning_cli([*no_bar, "--trainer.enable_checkpointing=false"], run=False)
+    assert not any(isinstance(c, ModelCheckpoint) for c in no_checkpoints.trainer.callbacks)
 
 
 def test_configs_travel_with_the_package():
