@@ -192,6 +192,11 @@ class EPASCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         if config.get("enable_checkpointing") is False:  # the checkpoint section steps aside rather than conflict
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        if config.get("logger") in (False, []):
+            # No run folder: nothing to monitor the LR into, and config.yaml would land in the working directory
+            # (where a user's own config.yaml may be, and a second run would refuse to start).
+            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+            self.save_config_callback = None
         return super()._instantiate_trainer(config, [*callbacks, *progress_bar_for(config)])
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:

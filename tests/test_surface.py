@@ -197,7 +197,7 @@ def test_resume_last_without_a_checkpoint_is_an_error(tmp_path, capsys, monkeypa
     assert err.startswith("error: no last.ckpt of this run to resume — runs/debug/version_*/checkpoints")
 
 
-def test_user_callbacks_add_to_the_defaults_without_inheriting_them(tmp_path):
+def test_user_callbacks_add_to_the_defaults_without_inheriting_them(tmp_path, monkeypatch):
     from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 
     from epas_lightning import DivergenceGuard, TokenThroughputMonitor
@@ -209,7 +209,8 @@ def test_user_callbacks_add_to_the_defaults_without_inheriting_them(tmp_path):
         "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
         "      init_args:\n        dirpath: best\n        monitor: val/loss\n"
     )
-    cli = lightning_cli(["--config", DEBUG, "--config", str(config), "--trainer.logger", "false"], run=False)
+    monkeypatch.chdir(tmp_path)  # the default logger's run folder
+    cli = lightning_cli(["--config", DEBUG, "--config", str(config)], run=False)
     callbacks = cli.trainer.callbacks
     checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
     assert len(checkpoints) == 2
@@ -222,6 +223,8 @@ def test_user_callbacks_add_to_the_defaults_without_inheriting_them(tmp_path):
     assert not any(isinstance(c, ProgressBar) for c in quiet.trainer.callbacks)  # switched off: no bar forced in
     no_checkpoints = lightning_cli([*no_bar, "--trainer.enable_checkpointing=false"], run=False)
     assert not any(isinstance(c, ModelCheckpoint) for c in no_checkpoints.trainer.callbacks)
+    no_logger = [type(c).__name__ for c in quiet.trainer.callbacks]  # --trainer.logger=false (in no_bar)
+    assert "LearningRateMonitor" not in no_logger and "SaveConfigCallback" not in no_logger
 
 
 def test_configs_travel_with_the_package():
