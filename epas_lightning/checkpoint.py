@@ -121,11 +121,26 @@ def recorded_region(metadata: dict[str, Any], shared: list[int], n_layer: int) -
 
 
 @dataclass
-class LoadedModel:
-    """A trained model with what inference, export and evaluation need to know about it.
+class CheckpointInfo:
+    """What a checkpoint records besides its weights, read by :func:`describe_checkpoint` (see :class:`LoadedModel`)."""
+
+    config: LlamaConfig
+    region: TrainedRegion
+    tokenizer_path: Path | None = None
+    bos_id: int | None = None
+    eos_id: int | None = None
+    global_step: int | None = None
+    data_dir: Path | None = None
+
+
+@dataclass(kw_only=True)
+class LoadedModel(CheckpointInfo):
+    """A trained model with what inference, export and evaluation need to know about it: the model, and what
+    :class:`CheckpointInfo` says of its checkpoint.
 
     Attributes:
         model: The ``Llama`` in eval mode, its trained sharing region switched on.
+        config: Its ``LlamaConfig``.
         region: The trained region in growth order: ``region.first(n)`` is the region of ``n`` sharing layers.
         tokenizer_path: The tokenizer file the run trained with, or ``None`` when the checkpoint did not record it
             (or it no longer exists).
@@ -136,12 +151,6 @@ class LoadedModel:
     """
 
     model: Llama
-    region: TrainedRegion
-    tokenizer_path: Path | None = None
-    bos_id: int | None = None
-    eos_id: int | None = None
-    global_step: int | None = None
-    data_dir: Path | None = None
 
     @property
     def max_shared(self) -> int:
@@ -187,19 +196,6 @@ def _read_consolidated(path: Path, weights: bool = True) -> tuple[dict[str, torc
     if "region" in sharing:
         metadata[REGION_KEY] = sharing["region"]
     return state, metadata
-
-
-@dataclass
-class CheckpointInfo:
-    """What a checkpoint records besides its weights, read by :func:`describe_checkpoint` (see :class:`LoadedModel`)."""
-
-    config: LlamaConfig
-    region: TrainedRegion
-    tokenizer_path: Path | None = None
-    bos_id: int | None = None
-    eos_id: int | None = None
-    global_step: int | None = None
-    data_dir: Path | None = None
 
 
 def _read_any(path: Path, weights: bool, flag: str = "--checkpoint") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -261,15 +257,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     state, metadata = _read_any(path, weights=True)
     model = _fitted_model(_model_config(metadata, path), state, path, torch.device(device))
     info = _info(metadata, model)
-    return LoadedModel(
-        model=model.eval(),
-        region=info.region,
-        tokenizer_path=info.tokenizer_path,
-        bos_id=info.bos_id,
-        eos_id=info.eos_id,
-        global_step=info.global_step,
-        data_dir=info.data_dir,
-    )
+    return LoadedModel(model=model.eval(), **vars(info))
 
 
 def describe_checkpoint(path: str | Path, flag: str = "--checkpoint") -> CheckpointInfo:

@@ -154,15 +154,14 @@ def test_two_rank_fsdp2_fit_from_the_cli_reports_true_held_out_loss_and_resumes(
     args = ["fit", "--config", "debug", f"--trainer.strategy={strategy}", "--trainer.devices=2"]
     args += ["--trainer.accelerator=cpu", "--trainer.max_steps=6", "--trainer.val_check_interval=3"]
     env = clean_env() | {"EPAS_CACHE_DIR": str(tiny_corpus.parent)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "epas_lightning", *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    check(proc)
+
+    def run_fit(*more: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "epas_lightning", *args, *more]
+        proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+        check(proc)
+        return proc
+
+    proc = run_fit()
     assert "step 4: 1 sharing layer(s)" in proc.stderr and "sync_dist" not in proc.stderr
     assert proc.stdout.count("Run finished: 6 optimizer steps") == 1
     assert "logs         runs/debug/version_0" in proc.stdout
@@ -173,15 +172,7 @@ def test_two_rank_fsdp2_fit_from_the_cli_reports_true_held_out_loss_and_resumes(
     assert len(losses) == 2 and all(5.5 < loss < 7.0 for loss in losses), losses  # ln(512) = 6.24 at init
     # resume the sharded last.ckpt: said once, read without torch's one-process warning
     args[args.index("--trainer.max_steps=6")] = "--trainer.max_steps=8"
-    resumed = subprocess.run(
-        [sys.executable, "-m", "epas_lightning", *args, "--ckpt_path", "last"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    check(resumed)
+    resumed = run_fit("--ckpt_path", "last")
     assert resumed.stderr.count("Resuming from runs/debug/version_0/checkpoints/last.ckpt") == 1
     assert "Warning" not in resumed.stderr and "Run finished: 8 optimizer steps" in resumed.stdout
 
