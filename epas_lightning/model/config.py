@@ -75,7 +75,12 @@ class LlamaConfig:
                     setattr(self, key, value)
         missing = [k for k in ("n_layer", "n_embd", "n_head", "vocab_size", "block_size") if getattr(self, k) is None]
         if missing:
-            raise ConfigError(f"LlamaConfig needs {missing}: set them or pick a preset with `name`", "model.config")
+            raise ConfigError(
+                f"LlamaConfig needs {missing}",
+                "model.config",
+                f"set them, pick a preset with model.config.name ({', '.join(sorted(PRESETS))}), or start from a "
+                "shipped config: --config demo",
+            )
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.intermediate_size is None:
