@@ -193,7 +193,10 @@ def table(report: dict) -> str:
             )
         rows += ["", f"targets {peers['targets']}, met {peers['targets_met']}; skipped {peers['skipped']}", ""]
     else:
-        rows += [f"vs_peers did not finish (exit {peers['exit_code']}); see vs_peers-b*.log", ""]
+        if peers["exit_code"] is None:
+            rows += ["vs_peers not run (--skip-peers)", ""]
+        else:
+            rows += [f"vs_peers did not finish (exit {peers['exit_code']}); see vs_peers-b*.log", ""]
     rows += [
         f"| fit (Lightning + FSDP2, 1 GPU, batch {fit['batch_size']} x 2048) | tokens/s | MFU |",
         "|---|---|---|",
