@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_only
+
+from epas_lightning.run_summary import say
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -39,7 +39,6 @@ class GracefulStop(Callback):
         """The first signal this process received during ``fit``."""
         self.stopped_by: signal.Signals | None = None
         """Set when ``fit`` stopped for a signal (on any rank): ``exit_status`` is then 128 + it."""
-        self.saved: Path | None = None
         self._previous: dict[signal.Signals, Any] = {}
         self._step = -1
 
@@ -48,7 +47,7 @@ class GracefulStop(Callback):
         return None if self.stopped_by is None else 128 + int(self.stopped_by)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.received = self.stopped_by = self.saved = None
+        self.received = self.stopped_by = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._step = trainer.global_step
@@ -65,7 +64,7 @@ class GracefulStop(Callback):
             return
         self.received = signal.Signals(signum)
         what = "Ctrl+C" if signum == signal.SIGINT else self.received.name
-        _say(f"\n{what}: stopping after this optimizer step with a checkpoint ({what} again: at once, without one)")
+        say(f"\n{what}: stopping after this optimizer step with a checkpoint ({what} again: at once, without one)")
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -76,10 +75,10 @@ class GracefulStop(Callback):
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
         self.stopped_by = self.received or signal.SIGTERM  # another rank was signalled: report it as SIGTERM
-        self.saved = self._save(trainer)
+        saved = self._save(trainer)
         trainer.should_stop = True
-        where = f"saved {self.saved} — resume with the same command and --ckpt_path last" if self.saved else ""
-        _say(f"stopped by {self.stopped_by.name} after step {trainer.global_step}; {where or 'checkpointing is off'}")
+        where = f"saved {saved} — resume with the same command and --ckpt_path last" if saved else ""
+        say(f"stopped by {self.stopped_by.name} after step {trainer.global_step}; {where or 'checkpointing is off'}")
 
     @staticmethod
     def _save(trainer: Trainer) -> Path | None:
@@ -102,8 +101,3 @@ class GracefulStop(Callback):
             for sig, handler in self._previous.items():
                 signal.signal(sig, handler)
         self._previous = {}
-
-
-@rank_zero_only
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)

@@ -28,7 +28,6 @@ from jsonargparse import Namespace, set_parsing_settings
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_only
 
 from epas_lightning.callbacks import ProgressiveSharing, TokenThroughputMonitor
 from epas_lightning.checkpoint import recorded_config
@@ -39,7 +38,7 @@ from epas_lightning.init_from import check_same_architecture
 from epas_lightning.interrupt import GracefulStop
 from epas_lightning.model import LlamaConfig
 from epas_lightning.module import EPASModule
-from epas_lightning.run_summary import FlopsModelSummary, RunSummary, progress_bar_for
+from epas_lightning.run_summary import FlopsModelSummary, RunSummary, progress_bar_for, say
 from epas_lightning.safe_load import is_sharded_checkpoint, verify_checkpoint
 from epas_lightning.strategy import STRATEGY_NAME
 
@@ -265,7 +264,7 @@ def resume_checkpoint(config: Namespace, word: str) -> str | None:
     if not found:
         places = ", ".join(str(d / "version_*/checkpoints") for d in run_dirs) or str(dirpath)
         if word == "auto":
-            _say(f"--ckpt_path auto: no last.ckpt under {places}; starting from scratch.")
+            say(f"--ckpt_path auto: no last.ckpt under {places}; starting from scratch.")
             return None
         raise CheckpointError(
             "no last.ckpt of this run to resume", places, "train first, or pass the checkpoint's path to --ckpt_path"
@@ -278,14 +277,8 @@ def resume_checkpoint(config: Namespace, word: str) -> str | None:
                 # keep logging (and checkpointing) into the same folder
                 number = version_dir.name.removeprefix("version_")
                 logger.init_args.version = int(number) if number.isdigit() else version_dir.name
-    _say(f"Resuming from {newest}")
+    say(f"Resuming from {newest}")
     return str(newest)
-
-
-@rank_zero_only
-def _say(line: str) -> None:
-    """A line on stderr from the first process only (every rank parses the same command line)."""
-    print(line, file=sys.stderr)
 
 
 QUIET_INFO = (

@@ -16,7 +16,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar, RichModelSummary, RichProgressBar
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
@@ -26,6 +26,12 @@ from epas_lightning.flops import estimate_flops, flop_cut
 
 WARMUP_BATCHES = 2
 """Batches left out of the throughput median (allocator warm-up, compilation)."""
+
+
+@rank_zero_only
+def say(line: str) -> None:
+    """A line on stderr from the first process only (every rank runs the same command line and callbacks)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 class RunSummary(Callback):

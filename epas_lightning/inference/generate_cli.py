@@ -31,7 +31,7 @@ def cuda_graph_choice(cuda_graph: CudaGraph) -> bool | None:
     return {"auto": None, "on": True, "off": False}[cuda_graph]
 
 
-def resolve_tokenizer(loaded: LoadedModel | CheckpointInfo, path: Path | None) -> TextTokenizer:
+def resolve_tokenizer(loaded: CheckpointInfo, path: Path | None) -> TextTokenizer:
     """``--tokenizer`` if given, else the one the checkpoint recorded; a clear error if neither exists."""
     path = path or loaded.tokenizer_path
     if path is None:
