@@ -65,22 +65,18 @@ class FSDP2Strategy(ModelParallelStrategy):
         path = Path(self.broadcast(filepath))
         staging, old = (path.with_name(f".{path.name}{suffix}") for suffix in (STAGING, REPLACED))
         if self.is_global_zero:
-            if old.exists() and not path.exists():  # killed between the two renames below: the old one is complete
+            if os.path.lexists(old) and not os.path.lexists(path):  # killed between the renames below: old is whole
                 os.replace(old, path)
             for leftover in (staging, old):  # a killed save's partial shards; a replaced checkpoint not yet deleted
-                if leftover.exists():
-                    shutil.rmtree(leftover)
+                _remove(leftover)
         self.barrier("epas_checkpoint_staging")
         super().save_checkpoint(checkpoint, staging, storage_options)
         self.barrier("epas_checkpoint_written")
         if self.is_global_zero:
-            if path.exists() or path.is_symlink():
+            if os.path.lexists(path):  # a checkpoint folder or file, or a link (save_last: link) to another one
                 os.replace(path, old)
             os.replace(staging, path)
-            if old.is_dir():
-                shutil.rmtree(old)
-            elif old.exists():
-                old.unlink()
+            _remove(old)
         self.barrier("epas_checkpoint_in_place")
         return None
 
@@ -90,6 +86,14 @@ class FSDP2Strategy(ModelParallelStrategy):
             return super().load_checkpoint(path, weights_only=True)
         strict = getattr(self.lightning_module, "strict_loading", True)
         return load_sharded_checkpoint(path, self.model, self.optimizers, strict=strict)
+
+
+def _remove(path: Path) -> None:
+    """Delete ``path`` if it is there: a link itself (never what it points to), a file, or a folder with its files."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 STRATEGY_NAME = "fsdp2"

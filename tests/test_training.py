@@ -182,3 +182,30 @@ def test_sharded_checkpoints_are_replaced_whole_and_a_killed_save_leaves_no_trac
     assert (ckpt_dir / "last.ckpt" / ".metadata").is_file()
     assert torch.load(ckpt_dir / "last.ckpt" / "meta.pt", weights_only=True)["global_step"] == 4
     assert load_model(ckpt_dir / "last.ckpt").model.sharing.shared_layers == [3]
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_graceful_stop_never_writes_through_a_linked_last_ckpt(tiny_corpus, tmp_path, sharded):
+    """With ``save_last: link`` last.ckpt is a link to the newest top-k checkpoint: the stop's save replaces the link
+    with a checkpoint of its own instead of overwriting the linked one (or failing to remove a link as a folder)."""
+    import signal
+
+    from epas_lightning import FSDP2Strategy, GracefulStop
+
+    class SignalAtStep(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                stop.received = signal.SIGTERM  # what the signal handler records
+
+    stop = GracefulStop()
+    module, data = make_run(tiny_corpus)
+    ckpt_dir = tmp_path / "ckpt"
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last="link", every_n_train_steps=2, save_top_k=1)
+    strategy = {"strategy": FSDP2Strategy()} if sharded else {}
+    make_trainer(tmp_path, 100, [SignalAtStep(), stop, checkpoint], **strategy).fit(module, datamodule=data)
+    assert stop.exit_status == 143
+    for path in ckpt_dir.glob("epoch=*-step=*.ckpt"):  # each still holds the step it is named after
+        meta = path / "meta.pt" if sharded else path
+        assert torch.load(meta, weights_only=True)["global_step"] == int(path.stem.split("step=")[1])
+    last = ckpt_dir / "last.ckpt"
+    assert torch.load(last / "meta.pt" if sharded else last, weights_only=True)["global_step"] == 4
