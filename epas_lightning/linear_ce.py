@@ -8,7 +8,9 @@ matmuls are those of the plain path (one forward, two backward), so no work is r
 the loss is the two gradients instead of the logits (and their fp32 copies, softmax and gradient).
 
 Mean over the targets that are not ``ignore_index``, as ``F.cross_entropy``; log-softmax in fp32 whatever the
-compute dtype (under autocast the inputs are cast to its dtype, as ``F.linear`` would be).
+compute dtype (under autocast the inputs are cast to its dtype, as ``F.linear`` would be). In 16-bit compute the
+LM-head weight gradient is summed over chunks in that dtype (as Liger's fused kernel does by default), so it rounds
+once per chunk where the plain path rounds once: fewer chunks, closer to the plain path (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

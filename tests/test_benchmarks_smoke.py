@@ -116,3 +116,13 @@ def test_gpu_session_retries_vs_peers_at_half_batch_after_out_of_memory(tmp_path
     assert [a["batch_size"] for a in peers["attempts"]] == [4, 2, 1] and peers["exit_code"] == 0
     text = gpu_session.table({"device": "x", "torch": "y", "fit": {"batch_size": 8}, "peers": peers})
     assert "| dense | 10 | nan |" in text and "MFU target 0.45 (dense) met: False" in text
+
+
+def test_linear_ce_precision_compares_chunk_counts_with_the_plain_path():
+    r = last_json_line("benchmarks/linear_ce_precision.py", "--chunks", "8", "1")
+    errors = r["relative_error_vs_fp64"]
+    assert set(errors) == {"plain", "chunked_8", "chunked_1"}
+    assert 0 < errors["plain"]["weight"] < 2e-2  # bf16 rounding, not a broken gradient
+    # one chunk rounds the weight gradient once, as the plain path does; eight chunks round it eight times
+    assert errors["chunked_1"]["weight"] == pytest.approx(errors["plain"]["weight"], rel=0.05)
+    assert errors["chunked_8"]["weight"] > errors["chunked_1"]["weight"]
