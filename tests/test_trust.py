@@ -428,9 +428,10 @@ def test_missing_data_dir_bad_schedule_and_truncated_checkpoints_are_one_line(tm
     truncated.write_bytes(evil.file.read_bytes()[:100])
     assert str(truncated) in one_line_error(capsys, ["fit", "--config", DEBUG, "--ckpt_path", str(truncated)])
     for command, extra in (("export", ["--output", str(tmp_path / "o")]), ("evaluate", ["--data", "."]), ("serve", [])):
-        assert "cannot read this file safely" in one_line_error(
-            capsys, [command, "--checkpoint", str(truncated), *extra]
-        )
+        assert "corrupt or truncated" in one_line_error(capsys, [command, "--checkpoint", str(truncated), *extra])
+    text = tmp_path / "notes.ckpt"  # not a pickle at all: the unpickler fails with a KeyError, not an UnpicklingError
+    text.write_text("hello")
+    assert "corrupt or truncated" in one_line_error(capsys, ["generate", "--checkpoint", str(text), "--prompt", "x"])
     assert "model.init_from" in one_line_error(capsys, ["fit", "--config", DEBUG, "--model.init_from", str(truncated)])
     assert "unknown command 'predict'" in one_line_error(capsys, ["predict"])
     err = one_line_error(capsys, ["fit", "--config", DEBUG, "--model.config.n_layer=0"])  # checked inside a link
