@@ -148,9 +148,12 @@ class LoadedModel(CheckpointInfo):
         data_dir: The prepared data directory the run trained on, when known (its ``val`` split gives held-out
             tokens).
         global_step: The optimizer step the checkpoint was written at, when known.
+        weights_dtype: The dtype the checkpoint stores its weights in (bfloat16 for a ``bf16-true`` run); the model
+            itself is loaded in float32.
     """
 
     model: Llama
+    weights_dtype: torch.dtype = torch.float32
 
     @property
     def max_shared(self) -> int:
@@ -257,7 +260,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     state, metadata = _read_any(path, weights=True)
     model = _fitted_model(_model_config(metadata, path), state, path, torch.device(device))
     info = _info(metadata, model)
-    return LoadedModel(model=model.eval(), **vars(info))
+    stored = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    return LoadedModel(model=model.eval(), weights_dtype=stored, **vars(info))
 
 
 def describe_checkpoint(path: str | Path, flag: str = "--checkpoint") -> CheckpointInfo:
@@ -294,8 +298,9 @@ def _data_dir_of(tokenizer_path: Path) -> str | None:
 def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = False) -> Path:
     """Write ``output/model.safetensors`` and ``output/config.json`` from a training checkpoint; return ``output``.
 
-    The tokenizer the run trained with (recorded in the checkpoint) is copied beside them when it still exists and
-    parses as a tokenizer; only the tokenizer file itself is copied, under its standard name.
+    The weights keep the dtype the checkpoint stores them in. The tokenizer the run trained with (recorded in the
+    checkpoint) is copied beside them when it still exists and parses as a tokenizer; only the tokenizer file itself
+    is copied, under its standard name.
     """
     from epas_lightning.data.tokenizer import TokenizerError, load_tokenizer, standard_filename
 
@@ -313,7 +318,8 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
     }
     with output_folder(output, "consolidated", overwrite, inputs=[checkpoint]) as build:
         # clones: safetensors refuses tensors that share memory (tied embeddings)
-        save_file({key: t.contiguous().clone() for key, t in state.items()}, build / WEIGHTS_FILE)
+        stored = {key: t.to(loaded.weights_dtype) if t.is_floating_point() else t for key, t in state.items()}
+        save_file({key: t.contiguous().clone() for key, t in stored.items()}, build / WEIGHTS_FILE)
         if loaded.tokenizer_path is not None:
             try:
                 tokenizer = load_tokenizer(loaded.tokenizer_path)

@@ -163,7 +163,7 @@ def export(
     shared = set_region(model, n, loaded.region, force)
     use_remote = remote_code or n > 0
     state = ours_to_hf(model.state_dict(), config)
-    torch_dtype = DTYPES[dtype] if dtype != "auto" else next(iter(state.values())).dtype
+    torch_dtype = DTYPES[dtype] if dtype != "auto" else loaded.weights_dtype
     state = {key: t.to(torch_dtype) for key, t in state.items()}
     tokenizer_path = tokenizer if tokenizer is not None else loaded.tokenizer_path
     with output_folder(output, EXPORT_KIND, overwrite, inputs=[checkpoint]) as build:
