@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from epas_lightning.errors import CheckpointError
 from epas_lightning.model import Llama, LlamaConfig
-from epas_lightning.outputs import output_folder
+from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.region import TrainedRegion
 from epas_lightning.safe_load import (
     DCP_METADATA,
@@ -305,6 +305,7 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
     from epas_lightning.data.tokenizer import TokenizerError, load_tokenizer, standard_filename
 
     checkpoint = Path(checkpoint).expanduser()
+    check_output(output, "consolidated", overwrite, [checkpoint])
     loaded = load_model(checkpoint)
     state = loaded.model.state_dict()
     record: dict[str, Any] = {

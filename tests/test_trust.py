@@ -292,6 +292,19 @@ def test_output_may_not_contain_or_lie_inside_an_input(text_corpus, tmp_path):
     assert sorted(p.name for p in text_corpus.iterdir()) == [f"doc{i}.txt" for i in range(6)]
 
 
+@pytest.mark.parametrize("command", ["consolidate", "export", "bench", "analyze"])
+def test_an_output_in_the_way_is_refused_before_the_model_loads(command, tmp_path, capsys, monkeypatch):
+    """Loading a 7B checkpoint takes minutes: a taken --output must not wait for it."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before --output was checked")
+
+    monkeypatch.setattr("epas_lightning.checkpoint._read_any", never)
+    (tmp_path / "mine").mkdir()
+    argv = [command, "--checkpoint", str(tmp_path / "x.ckpt"), "--output", str(tmp_path / "mine")]
+    assert "the output already exists" in one_line_error(capsys, argv)
+
+
 def test_overwrite_replaces_our_own_dataset_completely(text_corpus, tmp_path):
     out = prepare(text_corpus, tmp_path / "data")
     (out / "stale.bin").write_bytes(b"left over")
