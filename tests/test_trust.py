@@ -480,6 +480,7 @@ def test_a_sharded_checkpoint_under_a_strategy_that_cannot_read_it_is_one_line(t
         with pytest.raises(CheckpointError, match="loads only under the fsdp2 strategy") as refused:
             check_strategy_reads(strategy, sharded)
         assert "--trainer.strategy=fsdp2" in str(refused.value)
+        assert "`python -m epas_lightning evaluate --checkpoint" in str(refused.value)  # consolidate gives no .ckpt
     for strategy in ("fsdp2", {"class_path": "epas_lightning.strategy.FSDP2Strategy"}, None):
         check_strategy_reads(strategy, sharded if strategy else tmp_path / "one-file.ckpt")  # no error
 
