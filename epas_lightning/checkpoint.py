@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from epas_lightning.errors import CheckpointError
@@ -78,8 +79,10 @@ def read_checkpoint(
         with warnings.catch_warnings():  # torch warns that it loads in one process even when told to (no_dist)
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
             dcp_load(to_read, storage_reader=reader, no_dist=True)
-    except Exception as e:  # a missing or truncated shard
-        raise CheckpointError(f"cannot read the shards ({str(e).splitlines()[0]})", path, "copy it again") from e
+    except (Exception, CheckpointException) as e:  # a missing or truncated shard (CheckpointException is no Exception)
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise CheckpointError(f"cannot read the shards ({detail})", path, "copy it again") from e
     metadata = load_torch_file(path / LIGHTNING_METADATA) if (path / LIGHTNING_METADATA).is_file() else {}
     return _strip_prefix(state, wanted), metadata
 

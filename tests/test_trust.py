@@ -457,6 +457,23 @@ def test_missing_data_dir_bad_schedule_and_truncated_checkpoints_are_one_line(tm
         assert err.startswith("error: no CUDA GPU is visible to this process — trainer.accelerator: gpu")
 
 
+def test_a_sharded_checkpoint_with_a_truncated_or_missing_shard_is_one_line(tmp_path, capsys):
+    """torch.distributed.checkpoint reports a missing shard as a CheckpointException, which is no Exception."""
+    from torch.distributed.checkpoint import save as dcp_save
+
+    model = Llama(LlamaConfig.from_name("debug"))
+    sharded = tmp_path / "last.ckpt"
+    state = {"model." + key: t for key, t in model.state_dict().items()}
+    dcp_save({"state_dict": state}, checkpoint_id=sharded, no_dist=True)
+    torch.save({"model_config": model.config.to_dict()}, sharded / "meta.pt")
+    (shard,) = sharded.glob("*.distcp")
+    argv = ["consolidate", "--checkpoint", str(sharded), "--output", str(tmp_path / "out")]
+    shard.write_bytes(shard.read_bytes()[:3000])
+    assert one_line_error(capsys, argv).startswith("error: cannot read the shards (")
+    shard.unlink()
+    assert one_line_error(capsys, argv).startswith("error: cannot read the shards ([Errno 2] No such file")
+
+
 def test_resuming_into_another_architecture_is_one_line_before_anything_loads(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     configured = LlamaConfig.from_name("debug")
