@@ -21,11 +21,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from epas_lightning.errors import CheckpointError
 from epas_lightning.model import Llama, LlamaConfig
-from epas_lightning.outputs import output_folder
+from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.region import TrainedRegion
 from epas_lightning.safe_load import (
     DCP_METADATA,
@@ -78,8 +79,10 @@ def read_checkpoint(
         with warnings.catch_warnings():  # torch warns that it loads in one process even when told to (no_dist)
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
             dcp_load(to_read, storage_reader=reader, no_dist=True)
-    except Exception as e:  # a missing or truncated shard
-        raise CheckpointError(f"cannot read the shards ({str(e).splitlines()[0]})", path, "copy it again") from e
+    except (Exception, CheckpointException) as e:  # a missing or truncated shard (CheckpointException is no Exception)
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise CheckpointError(f"cannot read the shards ({detail})", path, "copy it again") from e
     metadata = load_torch_file(path / LIGHTNING_METADATA) if (path / LIGHTNING_METADATA).is_file() else {}
     return _strip_prefix(state, wanted), metadata
 
@@ -148,9 +151,12 @@ class LoadedModel(CheckpointInfo):
         data_dir: The prepared data directory the run trained on, when known (its ``val`` split gives held-out
             tokens).
         global_step: The optimizer step the checkpoint was written at, when known.
+        weights_dtype: The dtype the checkpoint stores its weights in (bfloat16 for a ``bf16-true`` run); the model
+            itself is loaded in float32.
     """
 
     model: Llama
+    weights_dtype: torch.dtype = torch.float32
 
     @property
     def max_shared(self) -> int:
@@ -257,7 +263,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     state, metadata = _read_any(path, weights=True)
     model = _fitted_model(_model_config(metadata, path), state, path, torch.device(device))
     info = _info(metadata, model)
-    return LoadedModel(model=model.eval(), **vars(info))
+    stored = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    return LoadedModel(model=model.eval(), weights_dtype=stored, **vars(info))
 
 
 def describe_checkpoint(path: str | Path, flag: str = "--checkpoint") -> CheckpointInfo:
@@ -294,12 +301,14 @@ def _data_dir_of(tokenizer_path: Path) -> str | None:
 def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = False) -> Path:
     """Write ``output/model.safetensors`` and ``output/config.json`` from a training checkpoint; return ``output``.
 
-    The tokenizer the run trained with (recorded in the checkpoint) is copied beside them when it still exists and
-    parses as a tokenizer; only the tokenizer file itself is copied, under its standard name.
+    The weights keep the dtype the checkpoint stores them in. The tokenizer the run trained with (recorded in the
+    checkpoint) is copied beside them when it still exists and parses as a tokenizer; only the tokenizer file itself
+    is copied, under its standard name.
     """
     from epas_lightning.data.tokenizer import TokenizerError, load_tokenizer, standard_filename
 
     checkpoint = Path(checkpoint).expanduser()
+    check_output(output, "consolidated", overwrite, [checkpoint])
     loaded = load_model(checkpoint)
     state = loaded.model.state_dict()
     record: dict[str, Any] = {
@@ -313,7 +322,8 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
     }
     with output_folder(output, "consolidated", overwrite, inputs=[checkpoint]) as build:
         # clones: safetensors refuses tensors that share memory (tied embeddings)
-        save_file({key: t.contiguous().clone() for key, t in state.items()}, build / WEIGHTS_FILE)
+        stored = {key: t.to(loaded.weights_dtype) if t.is_floating_point() else t for key, t in state.items()}
+        save_file({key: t.contiguous().clone() for key, t in stored.items()}, build / WEIGHTS_FILE)
         if loaded.tokenizer_path is not None:
             try:
                 tokenizer = load_tokenizer(loaded.tokenizer_path)

@@ -230,8 +230,8 @@ def check_strategy_reads(strategy: Any, ckpt_path: Path) -> None:
     raise CheckpointError(
         f"a sharded FSDP2 checkpoint loads only under the fsdp2 strategy, not {name or 'auto'}",
         f"--ckpt_path {ckpt_path}",
-        "add --trainer.strategy=fsdp2 (it reads the shards on any number of devices), or `consolidate` it into one "
-        "file",
+        "add --trainer.strategy=fsdp2 (it reads the shards on any number of devices); "
+        f"`python -m epas_lightning evaluate --checkpoint {ckpt_path}` also scores it as it is",
     )
 
 

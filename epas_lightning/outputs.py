@@ -107,6 +107,16 @@ def check_replaceable(target: Path, kind: str, overwrite: bool, flag: str = "--o
         )
 
 
+def check_output(
+    target: str | Path, kind: str, overwrite: bool = False, inputs: Iterable[str | Path] = (), flag: str = "--output"
+) -> Path:
+    """Fail before any work unless :func:`output_folder` may build ``target``; return its absolute path."""
+    target = Path(target).expanduser().absolute()
+    check_apart(target, inputs, flag)
+    check_replaceable(target, kind, overwrite, flag)
+    return target
+
+
 @contextlib.contextmanager
 def output_folder(
     target: str | Path,
@@ -119,9 +129,7 @@ def output_folder(
 
     On an exception the temporary folder is removed and ``target`` is left as it was.
     """
-    target = Path(target).expanduser().absolute()
-    check_apart(target, inputs, flag)
-    check_replaceable(target, kind, overwrite, flag)
+    target = check_output(target, kind, overwrite, inputs, flag)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_builds(target)
     build = target.parent / f".{target.name}{_TMP}{uuid.uuid4().hex[:8]}"

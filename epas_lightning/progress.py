@@ -30,4 +30,5 @@ def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str 
             last = now
             of = f"/{total}" if total else ""
             eta = f", about {(now - start) / done * (total - done):.0f} s left" if total and done < total else ""
-            print(f"{desc}: {done}{of} {unit}s in {now - start:.0f} s{eta}", file=sys.stderr, flush=True)
+            units = unit + ("es" if unit.endswith(("ch", "sh", "s", "x")) else "s")
+            print(f"{desc}: {done}{of} {units} in {now - start:.0f} s{eta}", file=sys.stderr, flush=True)

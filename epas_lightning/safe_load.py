@@ -85,12 +85,21 @@ def load_torch_file(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
     path = Path(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and _is_zip(path))
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, pickle.UnpicklingError):
-            reason = "it holds objects other than tensors and plain data, which we never unpickle"
+    except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"cannot read this file safely ({reason})", where or path, "pass a checkpoint written by fit or consolidate"
+            "cannot read this file safely (it holds objects other than tensors and plain data, which we never "
+            "unpickle)",
+            where or path,
+            "pass a checkpoint written by fit or consolidate",
+        ) from e
+    except MemoryError:
+        raise
+    except Exception as e:  # garbage fails the unpickler in many ways (KeyError, IndexError, ...): the file is bad
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(
+            f"not a readable checkpoint: corrupt or truncated ({type(e).__name__}: {detail})",
+            where or path,
+            "copy it again, or pass a checkpoint written by fit or consolidate",
         ) from e
 
 

@@ -283,6 +283,25 @@ def test_export_region_checks(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert hf.config.epas_trained_region == [3] and hf.config.epas_growth_order == "deep_first"
 
 
+def test_export_and_consolidate_keep_the_dtype_the_checkpoint_trained_in(tmp_path: Path) -> None:
+    """A bf16-true run's checkpoint holds bf16 weights: --dtype auto keeps them, nothing doubles in size."""
+    from safetensors import safe_open
+
+    from epas_lightning.checkpoint import consolidate
+    from epas_lightning.hf.export import export
+
+    model = save_ours(tmp_path / "fp32", shared=1)
+    state = {"model." + k: v.bfloat16() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "model_config": model.config.to_dict()}, tmp_path / "bf16.ckpt")
+    for out in (export(tmp_path / "bf16.ckpt", tmp_path / "hf"), consolidate(tmp_path / "bf16.ckpt", tmp_path / "c")):
+        with safe_open(out / "model.safetensors", "pt") as f:
+            assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16, out
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    fp32 = export(tmp_path / "bf16.ckpt", tmp_path / "hf32", dtype="float32")
+    with safe_open(fp32 / "model.safetensors", "pt") as f:
+        assert f.get_tensor("lm_head.weight").dtype == torch.float32
+
+
 # ---------------------------------------------------------------- configs/tinyllama-continual.yaml
 
 CONTINUAL = str(Path(__file__).resolve().parents[1] / "configs" / "tinyllama-continual.yaml")

@@ -188,6 +188,14 @@ def test_sharing_mask_round_trips_through_state_dict():
     torch.testing.assert_close(fresh(x), model(x))
 
 
+def test_a_mask_of_another_layer_count_is_a_size_mismatch_not_a_corrupt_mask():
+    state = tiny(n_layer=3).state_dict()
+    model = tiny()
+    model.sharing.mask[0] = True  # what an uninitialised (to_empty) buffer may hold
+    with pytest.raises(RuntimeError, match="size mismatch for sharing.mask"):
+        model.load_state_dict(state)
+
+
 def test_meta_device_build_then_init_has_no_garbage():
     with torch.device("meta"):
         model = Llama(LlamaConfig.from_name("debug"))

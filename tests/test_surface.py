@@ -67,6 +67,13 @@ def test_every_tool_speaks_the_same_vocabulary(command, capsys):
     assert options and not [o for o in options if "_" in o], options  # dashes, never underscores
 
 
+def test_progress_lines_in_a_log_say_batches(capsys):
+    from epas_lightning.progress import progress
+
+    assert list(progress(range(2), "evaluate", 2, "batch")) == [0, 1]
+    assert capsys.readouterr().err.startswith("evaluate: 2/2 batches in ")
+
+
 def test_epas_console_script_exits_zero(tmp_path):
     script = Path(sys.executable).with_name("epas")
     assert script.is_file(), "the package's console script is installed with it"

@@ -292,6 +292,19 @@ def test_output_may_not_contain_or_lie_inside_an_input(text_corpus, tmp_path):
     assert sorted(p.name for p in text_corpus.iterdir()) == [f"doc{i}.txt" for i in range(6)]
 
 
+@pytest.mark.parametrize("command", ["consolidate", "export", "bench", "analyze"])
+def test_an_output_in_the_way_is_refused_before_the_model_loads(command, tmp_path, capsys, monkeypatch):
+    """Loading a 7B checkpoint takes minutes: a taken --output must not wait for it."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before --output was checked")
+
+    monkeypatch.setattr("epas_lightning.checkpoint._read_any", never)
+    (tmp_path / "mine").mkdir()
+    argv = [command, "--checkpoint", str(tmp_path / "x.ckpt"), "--output", str(tmp_path / "mine")]
+    assert "the output already exists" in one_line_error(capsys, argv)
+
+
 def test_overwrite_replaces_our_own_dataset_completely(text_corpus, tmp_path):
     out = prepare(text_corpus, tmp_path / "data")
     (out / "stale.bin").write_bytes(b"left over")
@@ -428,9 +441,10 @@ def test_missing_data_dir_bad_schedule_and_truncated_checkpoints_are_one_line(tm
     truncated.write_bytes(evil.file.read_bytes()[:100])
     assert str(truncated) in one_line_error(capsys, ["fit", "--config", DEBUG, "--ckpt_path", str(truncated)])
     for command, extra in (("export", ["--output", str(tmp_path / "o")]), ("evaluate", ["--data", "."]), ("serve", [])):
-        assert "cannot read this file safely" in one_line_error(
-            capsys, [command, "--checkpoint", str(truncated), *extra]
-        )
+        assert "corrupt or truncated" in one_line_error(capsys, [command, "--checkpoint", str(truncated), *extra])
+    text = tmp_path / "notes.ckpt"  # not a pickle at all: the unpickler fails with a KeyError, not an UnpicklingError
+    text.write_text("hello")
+    assert "corrupt or truncated" in one_line_error(capsys, ["generate", "--checkpoint", str(text), "--prompt", "x"])
     assert "model.init_from" in one_line_error(capsys, ["fit", "--config", DEBUG, "--model.init_from", str(truncated)])
     assert "unknown command 'predict'" in one_line_error(capsys, ["predict"])
     err = one_line_error(capsys, ["fit", "--config", DEBUG, "--model.config.n_layer=0"])  # checked inside a link
@@ -441,6 +455,23 @@ def test_missing_data_dir_bad_schedule_and_truncated_checkpoints_are_one_line(tm
     if not torch.cuda.is_available():
         err = one_line_error(capsys, ["fit", "--config", "tinyllama-1gpu"])
         assert err.startswith("error: no CUDA GPU is visible to this process — trainer.accelerator: gpu")
+
+
+def test_a_sharded_checkpoint_with_a_truncated_or_missing_shard_is_one_line(tmp_path, capsys):
+    """torch.distributed.checkpoint reports a missing shard as a CheckpointException, which is no Exception."""
+    from torch.distributed.checkpoint import save as dcp_save
+
+    model = Llama(LlamaConfig.from_name("debug"))
+    sharded = tmp_path / "last.ckpt"
+    state = {"model." + key: t for key, t in model.state_dict().items()}
+    dcp_save({"state_dict": state}, checkpoint_id=sharded, no_dist=True)
+    torch.save({"model_config": model.config.to_dict()}, sharded / "meta.pt")
+    (shard,) = sharded.glob("*.distcp")
+    argv = ["consolidate", "--checkpoint", str(sharded), "--output", str(tmp_path / "out")]
+    shard.write_bytes(shard.read_bytes()[:3000])
+    assert one_line_error(capsys, argv).startswith("error: cannot read the shards (")
+    shard.unlink()
+    assert one_line_error(capsys, argv).startswith("error: cannot read the shards ([Errno 2] No such file")
 
 
 def test_resuming_into_another_architecture_is_one_line_before_anything_loads(tmp_path, capsys, monkeypatch):
@@ -466,6 +497,7 @@ def test_a_sharded_checkpoint_under_a_strategy_that_cannot_read_it_is_one_line(t
         with pytest.raises(CheckpointError, match="loads only under the fsdp2 strategy") as refused:
             check_strategy_reads(strategy, sharded)
         assert "--trainer.strategy=fsdp2" in str(refused.value)
+        assert "`python -m epas_lightning evaluate --checkpoint" in str(refused.value)  # consolidate gives no .ckpt
     for strategy in ("fsdp2", {"class_path": "epas_lightning.strategy.FSDP2Strategy"}, None):
         check_strategy_reads(strategy, sharded if strategy else tmp_path / "one-file.ckpt")  # no error
 

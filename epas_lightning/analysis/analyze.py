@@ -19,7 +19,7 @@ from epas_lightning.analysis.capture import capture_activations
 from epas_lightning.analysis.report import DEFAULT_METRIC, DEFAULT_THRESHOLD, Metric, RedundancyReport
 from epas_lightning.errors import ConfigError
 from epas_lightning.model import Llama
-from epas_lightning.outputs import output_folder
+from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.progress import progress
 from epas_lightning.runtime import emit_json, resolve_device
 
@@ -113,6 +113,7 @@ def analyze_command(
         raise ConfigError("--batches and --batch-size must be positive", "--batches / --batch-size")
     if data is not None and not data.is_dir():
         raise ConfigError("not a folder", f"--data {data}", "create one with `python -m epas_lightning prepare`")
+    check_output(output, "analysis", overwrite, [checkpoint])
     loaded = load_model(checkpoint, resolve_device(device))
     model, config = loaded.model, loaded.model.config
     seq_len = seq_len or min(config.block_size, 256)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from epas_lightning.errors import ConfigError
 from epas_lightning.evaluation.evaluate_cli import format_table, region_lengths
-from epas_lightning.outputs import output_folder
+from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.runtime import DType, emit_json
 
 INSTALL = "pip install 'epas_lightning[eval]'"
@@ -193,10 +193,7 @@ def lm_eval_command(
         json: End with one JSON line of the rows.
     """
     if output is not None:  # refuse a bad output before hours of scoring
-        from epas_lightning.outputs import check_apart, check_replaceable
-
-        check_apart(output, [checkpoint])
-        check_replaceable(Path(output).expanduser().absolute(), OUTPUT_KIND, overwrite)
+        check_output(output, OUTPUT_KIND, overwrite, [checkpoint])
     summary = run_lm_eval(
         checkpoint, tasks, include_path or [], sharing_layers, num_fewshot, limit, batch_size, bootstrap_iters,
         tokenizer, device, dtype, force,

@@ -27,7 +27,7 @@ from epas_lightning.data.tokenizer import HF_FILENAME, SENTENCEPIECE_FILENAME, l
 from epas_lightning.hf.convert import ours_to_hf
 from epas_lightning.inference.generate import set_region
 from epas_lightning.model import LlamaConfig
-from epas_lightning.outputs import output_folder
+from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.region import TrainedRegion
 from epas_lightning.runtime import DTYPES, DType, dtype_name
 
@@ -157,13 +157,14 @@ def export(
         force: Allow a region longer than the one the weights were trained with.
         overwrite: Replace ``output`` if it is an export written by this function.
     """
+    check_output(output, EXPORT_KIND, overwrite, [checkpoint])
     loaded = load_model(checkpoint)
     model, config = loaded.model, loaded.model.config
     n = loaded.max_shared if sharing_layers is None else sharing_layers
     shared = set_region(model, n, loaded.region, force)
     use_remote = remote_code or n > 0
     state = ours_to_hf(model.state_dict(), config)
-    torch_dtype = DTYPES[dtype] if dtype != "auto" else next(iter(state.values())).dtype
+    torch_dtype = DTYPES[dtype] if dtype != "auto" else loaded.weights_dtype
     state = {key: t.to(torch_dtype) for key, t in state.items()}
     tokenizer_path = tokenizer if tokenizer is not None else loaded.tokenizer_path
     with output_folder(output, EXPORT_KIND, overwrite, inputs=[checkpoint]) as build:

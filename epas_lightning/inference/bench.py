@@ -25,7 +25,7 @@ from epas_lightning.flops import estimate_flops
 from epas_lightning.inference.generate import generate, set_region
 from epas_lightning.inference.generate_cli import MIB, CudaGraph, cuda_graph_choice, load_for_inference
 from epas_lightning.model import LlamaConfig
-from epas_lightning.outputs import output_folder
+from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.progress import progress
 from epas_lightning.runtime import DType, dtype_name, emit_json
 
@@ -239,6 +239,7 @@ def bench_command(
         overwrite: Replace --output if it is a bench folder written by this command.
         json: End with one JSON line of the summary.
     """
+    check_output(output, "bench", overwrite, [checkpoint])
     loaded = load_for_inference(checkpoint, device, dtype, attention_reuse)
     config = loaded.model.config
     max_shared = loaded.max_shared if sharing_layers is None else sharing_layers

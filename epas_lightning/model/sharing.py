@@ -50,7 +50,8 @@ class SharingState(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if prefix + "mask" in state_dict:
+        loaded = state_dict.get(prefix + "mask")
+        if loaded is not None and loaded.shape == self.mask.shape:  # else torch reports the size mismatch
             flags = tuple(bool(b) for b in self.mask.tolist())
             if flags and flags[0]:
                 raise ValueError("Corrupt sharing mask in checkpoint: layer 0 is marked as sharing.")
