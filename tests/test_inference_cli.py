@@ -60,6 +60,22 @@ def test_generate_refuses_more_than_the_trained_region_unless_forced(trained, ca
     assert rc == 2 and "does not exist" in err
 
 
+def test_default_lengths_fit_a_short_block_size_and_explicit_ones_are_checked(trained, tmp_path, capsys):
+    """block_size is 32: the default 100 new tokens (generate) and 64 + 64 (bench) are cut to fit, as the run
+    summary's `next:` commands rely on; an explicit length that cannot fit says how many can."""
+    rc, _, err = run_cli(capsys, "generate", "--checkpoint", str(trained), "--prompt", "x", "--ignore-eos", "--json")
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, "generate", "--checkpoint", str(trained), "--prompt", "x", "--max-new-tokens", "40")
+    assert rc == 2 and "--max-new-tokens — ask for at most" in err
+    rc, _, err = run_cli(capsys, "generate", "--checkpoint", str(trained), "--prompt", "x " * 40)
+    assert rc == 2 and "no room left in the model's block_size 32" in err
+    bench = ["bench", "--checkpoint", str(trained), "--reps", "1", "--batches", "1", "--json"]
+    rc, out, err = run_cli(capsys, *bench, "--output", str(tmp_path / "bench"))
+    assert rc == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert (summary["prompt_len"], summary["max_new_tokens"]) == (16, 16)
+
+
 def test_consolidated_checkpoint_generates_the_same_tokens(trained, tmp_path):
     out = consolidate(trained, tmp_path / "model")
     assert (out / "tokenizer.json").is_file()

@@ -4,7 +4,7 @@ For every sharing region the checkpoint supports (the first 0, 1, ..., N layers 
 generation tokens/s (prefill and decode, median of ``--reps`` alternating runs), the KV-cache size, the FLOPs relative
 to dense (``estimate_flops``) and the loss on held-out tokens. The table is printed and written as CSV, PNG and JSON.
 
-``--budget F`` picks the shortest region whose FLOPs are at most ``F`` x dense: the most accurate setting that fits.
+``--budget F`` picks the shortest region whose FLOPs are at most ``F`` x dense: the least sharing that fits.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.progress import progress
 from epas_lightning.runtime import DType, dtype_name, emit_json
 
+DEFAULT_TOKENS = 64
+"""Default --prompt-len and --max-new-tokens, each cut to what the model's block_size leaves."""
+
 COLUMNS = (
     "n_shared",
     "shared_layers",
@@ -48,7 +51,7 @@ def flops_ratio(config: LlamaConfig, n_shared: int, seq_len: int) -> float:
 
 
 def region_for_budget(config: LlamaConfig, budget: float, max_shared: int, seq_len: int) -> int:
-    """The fewest sharing layers (most accurate model) whose FLOPs are ``<= budget`` x dense."""
+    """The fewest sharing layers whose FLOPs are ``<= budget`` x dense."""
     for n in range(max_shared + 1):
         if flops_ratio(config, n, seq_len) <= budget + 1e-12:
             return n
@@ -200,8 +203,8 @@ def bench_command(
     batches: int = 8,
     batch_size: int = 4,
     prompts: int = 1,
-    prompt_len: int = 64,
-    max_new_tokens: int = 64,
+    prompt_len: int | None = None,
+    max_new_tokens: int | None = None,
     reps: int = 3,
     device: str = "auto",
     dtype: DType = "auto",
@@ -217,7 +220,7 @@ def bench_command(
     For each region of 0..N layers (the first N of the trained region's growth order) it measures generation
     tokens/s (prefill and decode, median of --reps alternating runs), the KV-cache size, the FLOPs relative to dense
     and the held-out loss, prints the table and writes many_in_one.{csv,png,json} into --output. --budget F picks the
-    most accurate region whose FLOPs are at most F x dense.
+    region with the fewest sharing layers whose FLOPs are at most F x dense.
 
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
@@ -227,8 +230,8 @@ def bench_command(
         batches: Held-out batches of block_size tokens to score.
         batch_size: Sequences per held-out batch.
         prompts: Prompts decoded together (the generation batch).
-        prompt_len: Tokens per prompt.
-        max_new_tokens: Tokens generated per prompt.
+        prompt_len: Tokens per prompt (default: 64, at most half the model's block_size).
+        max_new_tokens: Tokens generated per prompt (default: 64, at most what block_size leaves after the prompt).
         reps: Timed runs per region (alternating order; the median is reported).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
         dtype: auto is bfloat16 on CUDA, float32 elsewhere.
@@ -245,11 +248,16 @@ def bench_command(
     max_shared = loaded.max_shared if sharing_layers is None else sharing_layers
     set_region(loaded.model, max_shared, loaded.region, force)  # validates before any timing
     pick = region_for_budget(config, budget, max_shared, config.block_size) if budget is not None else None
+    if prompt_len is None:
+        prompt_len = min(DEFAULT_TOKENS, config.block_size // 2)
+    if max_new_tokens is None:
+        max_new_tokens = min(DEFAULT_TOKENS, config.block_size - prompt_len)
     if prompt_len + max_new_tokens > config.block_size:
         raise ConfigError(
-            f"--prompt-len + --max-new-tokens = {prompt_len + max_new_tokens} exceeds block_size={config.block_size}",
-            "--prompt-len",
-            "ask for fewer tokens",
+            f"--prompt-len + --max-new-tokens = {prompt_len + max_new_tokens} exceeds the model's block_size "
+            f"{config.block_size}",
+            "--prompt-len / --max-new-tokens",
+            f"ask for at most {config.block_size} tokens in all",
         )
     data_dir = data or loaded.data_dir
     with output_folder(output, "bench", overwrite, inputs=[checkpoint]) as build:

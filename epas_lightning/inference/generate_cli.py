@@ -67,12 +67,37 @@ def report(result: GenerationResult, loaded: LoadedModel, n_shared: int) -> dict
     }
 
 
+DEFAULT_NEW_TOKENS = 100
+
+
+def fit_new_tokens(prompt_tokens: int, max_new_tokens: int | None, block_size: int) -> int:
+    """``--max-new-tokens``, or its default cut to the room the longest prompt leaves in ``block_size``."""
+    room = block_size - prompt_tokens
+    if room < 1:
+        raise ConfigError(
+            f"the longest prompt is {prompt_tokens} tokens (with BOS): no room left in the model's block_size "
+            f"{block_size}",
+            "--prompt",
+            f"shorten it to at most {block_size - 1} tokens",
+        )
+    if max_new_tokens is None:
+        return min(DEFAULT_NEW_TOKENS, room)
+    if max_new_tokens > room:
+        raise ConfigError(
+            f"the longest prompt ({prompt_tokens} tokens) plus {max_new_tokens} new tokens exceeds the model's "
+            f"block_size {block_size}",
+            "--max-new-tokens",
+            f"ask for at most {room}, or shorten the prompt",
+        )
+    return max_new_tokens
+
+
 def generate_command(
     checkpoint: Path,
     prompt: list[str] | None = None,
     prompt_file: Path | None = None,
     sharing_layers: int | None = None,
-    max_new_tokens: int = 100,
+    max_new_tokens: int | None = None,
     temperature: float = 0.8,
     top_k: int | None = 50,
     top_p: float | None = None,
@@ -96,7 +121,8 @@ def generate_command(
         prompt: A prompt; repeat the flag for a batch.
         prompt_file: A file with one prompt per line (added to --prompt).
         sharing_layers: The first N layers of the trained region (in its growth order) share; default: all of it.
-        max_new_tokens: Tokens to generate per prompt.
+        max_new_tokens: Tokens to generate per prompt (default: 100, or what the model's block_size leaves after the
+            longest prompt).
         temperature: 0 is greedy decoding.
         top_k: Sample among the k most likely tokens.
         top_p: Sample among the most likely tokens whose probability reaches p.
@@ -122,6 +148,7 @@ def generate_command(
     n_shared = loaded.max_shared if sharing_layers is None else sharing_layers
     layers = set_region(loaded.model, n_shared, loaded.region, force)
     ids = [[text_tokenizer.bos_id, *text_tokenizer.encode(text)] for text in prompts]
+    max_new_tokens = fit_new_tokens(max(map(len, ids)), max_new_tokens, loaded.model.config.block_size)
     try:
         result = generate(
             loaded.model,
