@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,13 +227,33 @@ def _fitted_model(config: LlamaConfig, state: dict[str, torch.Tensor], path: Pat
     else:
         model.to_empty(device=device)
         state = {key: t.to(device) for key, t in state.items()}
+    fix = "pass the checkpoint as fit or consolidate wrote it (weights and config from the same run)"
+    mismatch = state_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise CheckpointError(f"the weights do not fit the model config it records ({mismatch})", path, fix)
     try:
         model.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError) as e:  # torch lists every problem on its own line: name the first
-        problems = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [str(e)]
-        more = f"; {len(problems) - 1} more" if len(problems) > 1 else ""
-        raise CheckpointError(f"the weights do not fit the model config it records ({problems[0]}{more})", path) from e
+    except (RuntimeError, ValueError) as e:  # a corrupt sharing mask
+        raise CheckpointError(f"the weights do not fit the model config it records ({e})", path, fix) from e
     return model
+
+
+def state_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], shown: int = 3) -> str:
+    """What keeps ``given`` from loading into a model whose state is ``expected`` ("" when it fits): each kind of
+    problem with its count and first few names, so that a large model's 300 missing keys stay one readable line."""
+
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
+
+    missing = [key for key in expected if key not in given]
+    unexpected = [key for key in given if key not in expected]
+    reshaped = [
+        f"{key} {list(given[key].shape)} where the model has {list(expected[key].shape)}"
+        for key in expected
+        if key in given and given[key].shape != expected[key].shape
+    ]
+    kinds = (("missing", missing), ("unexpected", unexpected), ("other shape", reshaped))
+    return "; ".join(f"{kind}: {listed(names)}" for kind, names in kinds if names)
 
 
 def _info(metadata: dict[str, Any], model: Llama) -> CheckpointInfo:

@@ -81,11 +81,12 @@ def read_init_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Te
 @torch.no_grad()
 def load_initial_weights(model: nn.Module, path: str | Path) -> None:
     """Copy the weights at ``path`` into ``model`` (plain or FSDP2-sharded: each rank keeps its shard)."""
+    from epas_lightning.checkpoint import state_mismatch
+
     state = read_init_state(path, model.config)
-    expected = {k for k in model.state_dict() if k not in NOT_LOADED}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise HFCheckpointError(f"missing {missing[:8]}, unexpected {unexpected[:8]}", f"model.init_from {path}")
+    mismatch = state_mismatch({k: v for k, v in model.state_dict().items() if k not in NOT_LOADED}, state)
+    if mismatch:
+        raise HFCheckpointError(f"the weights do not fit the model ({mismatch})", f"model.init_from {path}")
     dtype = next(model.parameters()).dtype
     state = {k: v.to(dtype) for k, v in state.items()}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))

@@ -536,3 +536,16 @@ def test_analyze_refuses_without_the_data_the_model_trained_on(tmp_path, capsys)
     ckpt = save_consolidated(Llama(config), tmp_path / "ckpt")  # records no tokenizer, so no data
     err = one_line_error(capsys, ["analyze", "--checkpoint", str(ckpt), "--output", str(tmp_path / "a")])
     assert "does not say which data it trained on" in err and "— --data —" in err and not (tmp_path / "a").exists()
+
+
+def test_weights_that_do_not_fit_their_config_are_summed_up_in_one_short_line(tmp_path, capsys):
+    """A 2-layer state under a 4-layer config: 18 missing tensors are counted, not all listed."""
+    small = Llama(LlamaConfig.from_name("debug")).state_dict()
+    state = {"model." + key: t for key, t in small.items()} | {"model.extra.weight": torch.zeros(1)}
+    config = LlamaConfig.from_name("debug", n_layer=4).to_dict()
+    torch.save({"state_dict": state, "model_config": config}, tmp_path / "x.ckpt")
+    err = one_line_error(capsys, ["generate", "--checkpoint", str(tmp_path / "x.ckpt"), "--prompt", "x"])
+    assert "missing: layers.2.input_layernorm.weight, " in err and ", ... (18 in all)" in err, err
+    assert "unexpected: extra.weight" in err
+    assert "other shape: sharing.mask [2] where the model has [4]" in err
+    assert len(err) < 600, err
