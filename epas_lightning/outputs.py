@@ -97,11 +97,15 @@ def check_replaceable(target: Path, kind: str, overwrite: bool, flag: str = "--o
         return
     if not overwrite:
         raise OutputError("the output already exists", f"{flag} {target}", "choose a new folder or pass --overwrite")
-    record = read_marker(target) if target.is_dir() and not target.is_symlink() else None
+    is_folder = target.is_dir() and not target.is_symlink()
+    record = read_marker(target) if is_folder else None
     if record is None or record.get("kind") != kind:
-        what = "a folder this project did not write" if record is None else f"a {record.get('kind')} folder"
+        if record is not None:
+            what = f"its {record.get('kind')} output"
+        else:
+            what = "a folder it did not write" if is_folder else "not a folder"
         raise OutputError(
-            f"--overwrite replaces only a {kind} folder written by epas_lightning, and this is {what}",
+            f"--overwrite replaces only a folder epas_lightning wrote as its {kind} output, and this is {what}",
             f"{flag} {target}",
             "choose a new folder, or move it away yourself",
         )

@@ -279,9 +279,11 @@ def test_overwrite_never_replaces_a_folder_we_did_not_write(text_corpus, tmp_pat
     (user / "thesis.tex").write_text("years of work")
     with pytest.raises(OutputError, match="already exists"):
         prepare(text_corpus, user)
-    with pytest.raises(OutputError, match="replaces only a dataset folder written by epas_lightning"):
+    with pytest.raises(OutputError, match="its dataset output, and this is a folder it did not write"):
         prepare(text_corpus, user, overwrite=True)
     assert (user / "thesis.tex").read_text() == "years of work"
+    with pytest.raises(OutputError, match="and this is not a folder"):
+        prepare(text_corpus, user / "thesis.tex", overwrite=True)
 
 
 def test_output_may_not_contain_or_lie_inside_an_input(text_corpus, tmp_path):
@@ -369,7 +371,7 @@ def test_export_is_atomic_and_a_reexport_leaves_no_stale_file(small_checkpoint, 
     err = one_line_error(
         capsys, ["export", "--checkpoint", str(small_checkpoint), "--output", str(user), "--overwrite"]
     )
-    assert "replaces only a hf-export folder" in err
+    assert "replaces only a folder epas_lightning wrote as its hf-export output" in err
 
 
 def test_consolidate_copies_only_a_real_tokenizer(tmp_path, tiny_corpus):
