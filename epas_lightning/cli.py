@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 import sys
 import traceback
 from argparse import ArgumentError
 from collections.abc import Callable, Sequence
-from typing import Any, get_args, get_origin, get_type_hints
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from epas_lightning.errors import (
     EXIT_DIVERGED,
@@ -144,9 +146,24 @@ def _append_lists(argv: Sequence[str], list_options: set[str]) -> list[str]:
     return out
 
 
-def parse_error(error: Exception, prog: str) -> UserError:
-    """One line for a jsonargparse/argparse error: the flag, the value and the type it wanted; or, where one of our
-    own checks failed inside the parser (a config linked to other sections), that check's error."""
+def describe_type(hint: Any) -> str | None:
+    """``int | None`` -> "a whole number", ``Literal["a", "b"]`` -> "one of a, b": what a flag of that type takes."""
+    if get_origin(hint) is Literal:
+        return "one of " + ", ".join(str(option) for option in get_args(hint))
+    if get_origin(hint) is list:
+        return describe_type(get_args(hint)[0])
+    options = [option for option in get_args(hint) if option is not type(None)]
+    if options:  # a union: describe each choice
+        described = [describe_type(option) for option in options]
+        return " or ".join(described) if all(described) else None
+    names = {int: "a whole number", float: "a number", bool: "true or false", str: "text", Path: "a path"}
+    return names.get(hint)
+
+
+def parse_error(error: Exception, prog: str, fn: Callable | None = None) -> UserError:
+    """One line for a jsonargparse/argparse error: the flag, the value and what it takes (from ``fn``'s type hints
+    where known); or, where one of our own checks failed inside the parser (a config linked to other sections), that
+    check's error."""
     cause = error.__cause__ or error.__context__
     while cause is not None:
         if isinstance(cause, UserError):
@@ -158,8 +175,14 @@ def parse_error(error: Exception, prog: str) -> UserError:
     expected = next((line for line in lines if line.startswith("Expected")), None)
     if what.startswith("Parser key"):
         key = what.split('"')[1] if '"' in what else what
-        detail = "; ".join(part for part in (expected, given) if part)
-        what = f"invalid value for --{key.replace('_', '-')}" + (f" ({detail})" if detail else "")
+        flag = "--" + (key.replace("_", "-") if fn is not None else key)  # LightningCLI keeps --trainer.max_steps
+        takes = describe_type(get_type_hints(fn).get(key)) if fn is not None else None
+        value = re.search(r"(?:Given|Got) value: (.*)$", str(error), re.MULTILINE)
+        if takes and value:
+            what = f"{flag} takes {takes}, not {value.group(1).strip()!r}"
+        else:
+            detail = "; ".join(part for part in (expected, given) if part)
+            what = f"invalid value for {flag}" + (f" ({detail})" if detail else "")
     return ConfigError(what, prog, f"see `{prog} --help`")
 
 
@@ -169,7 +192,7 @@ def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:
     try:
         config = parser.parse_args(_append_lists(argv, parser.list_options))
     except ArgumentError as e:
-        raise parse_error(e, prog) from e
+        raise parse_error(e, prog, fn) from e
     kwargs = parser.instantiate(config)
     kwargs.pop("config", None)
     return fn(**kwargs)

@@ -67,6 +67,26 @@ def test_every_tool_speaks_the_same_vocabulary(command, capsys):
     assert options and not [o for o in options if "_" in o], options  # dashes, never underscores
 
 
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["generate", "--sharing-layers", "all"], "--sharing-layers takes a whole number, not 'all'"),
+        (["evaluate", "--sharing-layers", "lots"], "--sharing-layers takes a whole number or one of all, not 'lots'"),
+        (["generate", "--dtype", "fp16"], "--dtype takes one of auto, float32, bfloat16, float16, not 'fp16'"),
+        (["bench", "--budget", "x"], "--budget takes a number, not 'x'"),
+    ],
+)
+def test_a_value_of_the_wrong_kind_says_what_the_flag_takes(argv, says, capsys):
+    assert main([argv[0], "--checkpoint", "x.ckpt", *argv[1:]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {says} — python -m epas_lightning {argv[0]}") and err.count("\n") == 1, err
+
+
+def test_a_lightning_cli_value_error_names_the_flag_as_typed(capsys):
+    assert main(["fit", "--config", DEBUG, "--trainer.max_steps", "abc"]) == 2
+    assert capsys.readouterr().err.startswith("error: invalid value for --trainer.max_steps (")
+
+
 def test_progress_lines_in_a_log_say_batches(capsys):
     from epas_lightning.progress import progress
 
