@@ -127,8 +127,13 @@ class EPASModule(LightningModule):
                 _set_rng_state(self._init_rng_state)
                 self.model.init_weights()
             self._built_on_meta = False
-        if self.init_from is not None and self.trainer.ckpt_path is None:  # a resumed checkpoint wins
+        if self.init_from is None:
+            return
+        if self.trainer.ckpt_path is None:
             load_initial_weights(self.model, self.init_from)
+            rank_zero_info(f"init_from: the weights start from {self.init_from}")
+        else:
+            rank_zero_info(f"init_from: not applied, the weights resume from {self.trainer.ckpt_path}")
 
     def set_shared_layers(self, layers: Iterable[int]) -> None:
         """Switch exactly ``layers`` to sharing (the ``ProgressiveSharing`` callback calls this)."""

@@ -156,7 +156,7 @@ def _module_config() -> LlamaConfig:
     )
 
 
-def test_fit_init_from_hf_starts_at_hf_weights(tmp_path: Path, tiny_corpus: Path) -> None:
+def test_fit_init_from_hf_starts_at_hf_weights(tmp_path: Path, tiny_corpus: Path, caplog) -> None:
     from epas_lightning import TokenDataModule
 
     path = save_tiny_hf(tmp_path / "hf", sharded=True)
@@ -164,9 +164,11 @@ def test_fit_init_from_hf_starts_at_hf_weights(tmp_path: Path, tiny_corpus: Path
     module = EPASModule(_module_config(), init_from=str(path))
     probe = _FirstBatchWeights()
     trainer = cpu_trainer(tmp_path, max_steps=1, callbacks=[probe])
-    trainer.fit(module, TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=VOCAB))
+    with caplog.at_level("INFO"):
+        trainer.fit(module, TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=VOCAB))
     for key, tensor in expected.items():
         torch.testing.assert_close(probe.state[key], tensor, msg=key)
+    assert f"init_from: the weights start from {path}" in caplog.text  # the user sees that it happened
 
 
 def test_init_from_checks_before_training(tmp_path: Path) -> None:
