@@ -368,6 +368,21 @@ def test_resume_from_checkpoint_continues_with_the_same_batches(sp_data, second_
     assert all(torch.equal(a, b) for a, b in zip(full[4:], resumed, strict=True))
 
 
+@pytest.mark.parametrize("weights", [[1, 2], None], ids=["weights", "all"])
+def test_mixed_loader_with_workers_resumes_with_the_same_batches(sp_data, second_sp_data, weights):
+    """Each worker draws its own mix: every stream must resume where that worker stopped, not at an even split."""
+    dirs = [str(sp_data), str(second_sp_data)]
+    make = lambda: tiny_dm(dirs, weights=weights, num_workers=2).train_dataloader()  # noqa: E731
+    batches = iter(loader := make())
+    for _ in range(2):  # one batch per worker, each its own mix of the streams: an even split of the totals is wrong
+        next(batches)
+    state = loader.state_dict()
+    expected = [next(batches) for _ in range(6)]
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(expected, resumed, strict=False))
+
+
 @pytest.mark.slow
 def test_two_ranks_read_disjoint_samples_covering_the_epoch(sp_data: Path, tmp_path: Path):
     script = Path(__file__).parent / "scripts" / "ddp_data_ranks.py"
