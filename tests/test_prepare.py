@@ -302,6 +302,28 @@ def test_interrupted_prepare_leaves_nothing_that_looks_complete(
         prepare(corpus[0], tmp_path / "out", sp_model)
 
 
+def test_ctrl_c_while_tokenizing_fails_and_leaves_nothing(corpus, sp_model: Path, tmp_path: Path):
+    """litdata's own Ctrl+C handler ended the process with exit status 0, the half-built folder left behind."""
+    out = tmp_path / "out"
+    script = f"""
+import os, signal, time
+from epas_lightning.data import writing
+from epas_lightning.data.prepare import prepare_dataset
+
+def interrupted(item):  # a Ctrl+C while a worker tokenizes
+    os.kill(os.getppid(), signal.SIGINT)
+    time.sleep(10)
+    yield from ()
+
+writing.tokenize_work_item = interrupted
+prepare_dataset({str(corpus[0])!r}, {str(out)!r}, {str(sp_model)!r}, num_workers=1)
+"""
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr, proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Mixing, resuming, several ranks
 # ---------------------------------------------------------------------------------------------------------------------
