@@ -206,6 +206,18 @@ def test_trained_tokenizer_is_saved_next_to_the_data(corpus, tmp_path: Path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def test_linked_folders_are_read_once_and_link_loops_end(tmp_path: Path):
+    from epas_lightning.data.sources import discover_files
+
+    (tmp_path / "shards" / "a").mkdir(parents=True)
+    (tmp_path / "shards" / "a" / "doc.txt").write_text("text")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a").symlink_to(tmp_path / "shards" / "a")  # a corpus assembled from links
+    (tmp_path / "corpus" / "b").symlink_to(tmp_path / "shards" / "a")  # the same folder again
+    (tmp_path / "shards" / "a" / "loop").symlink_to(tmp_path / "shards")
+    assert [f.key for f in discover_files([tmp_path / "corpus"])] == ["a/doc.txt"]
+
+
 def test_empty_input_is_refused(tmp_path: Path, sp_model: Path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataPreparationError, match=rf"no input files found — --input {tmp_path / 'empty'}"):
