@@ -366,6 +366,10 @@ def test_mixing_datasets_with_different_tokenizers_is_refused(sp_data: Path, tmp
     other = prepare(corpus[0] / "notes", tmp_path / "other", train_tokenizer=True, vocab_size=260, num_workers=1)
     with pytest.raises(DataCheckError, match="tokenized differently"):
         tiny_dm([str(sp_data), str(other)])
+    for val_dir in (other, other / "val"):  # validation data must speak the same tokens too
+        with pytest.raises(DataCheckError, match=r"data.val_dir was tokenized differently .* same --tokenizer"):
+            tiny_dm(str(sp_data), val_dir=str(val_dir))
+    assert tiny_dm(str(sp_data), val_dir=str(sp_data / "val")).val_streams() == [sp_data / "val"]
 
 
 class BatchRecorder(L.LightningModule):
