@@ -288,6 +288,12 @@ def test_truncated_chunk_is_a_clear_error(sp_data: Path, tmp_path: Path):
         tiny_dm(str(data))
 
 
+def test_training_stream_shorter_than_one_batch_is_refused(sp_data: Path):
+    """Lightning would "train" for 0 steps and exit 0."""
+    with pytest.raises(DataError, match=r"training stream .* fewer than batch_size=4 sequences of 100001 tokens"):
+        tiny_dm(str(sp_data), seq_len=100_000).train_dataloader()
+
+
 def test_tokenizer_larger_than_the_model_vocab_is_refused(sp_data: Path):
     with pytest.raises(
         DataError, match=rf"has {SP_VOCAB} tokens but the model's vocab_size is 100 — .*tokenizer.model"

@@ -192,7 +192,16 @@ class TokenDataModule(LightningDataModule):
             )
 
     def train_dataloader(self) -> StreamingDataLoader:
-        return self._dataloader(self.train_streams(), shuffle=True, weights=self.weights)
+        loader = self._dataloader(self.train_streams(), shuffle=True, weights=self.weights)
+        if len(loader) == 0:
+            raise DataError(
+                f"the training stream holds fewer than batch_size={self.batch_size} sequences of {self.seq_len + 1} "
+                "tokens (for each rank and loader worker): not one training step",
+                f"data.data_dir {', '.join(map(str, self.data_dirs))}",
+                "lower data.batch_size, data.num_workers or the sequence length (model.config.block_size), or "
+                "prepare more data",
+            )
+        return loader
 
     def val_dataloader(self) -> StreamingDataLoader:
         loader = self._dataloader(self.val_streams(), shuffle=False)
