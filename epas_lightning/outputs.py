@@ -122,10 +122,15 @@ def output_folder(
     target = Path(target).expanduser().absolute()
     check_apart(target, inputs, flag)
     check_replaceable(target, kind, overwrite, flag)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_builds(target)
     build = target.parent / f".{target.name}{_TMP}{uuid.uuid4().hex[:8]}"
-    build.mkdir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_builds(target)
+        build.mkdir()
+    except OSError as e:
+        raise OutputError(
+            f"cannot create the output folder ({e.strerror or e})", f"{flag} {target}", "choose a writable location"
+        ) from e
     write_marker(build, kind)
     try:
         yield build

@@ -325,6 +325,13 @@ def test_a_failed_build_leaves_nothing_and_the_old_output_intact(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_an_output_that_cannot_be_created_is_a_user_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    unwritable = pytest.raises(OutputError, match=r"cannot create the output folder .* — --output .*file/out")
+    with unwritable, output_folder(tmp_path / "file" / "out", "dataset"):
+        pass
+
+
 @pytest.fixture
 def small_checkpoint(tmp_path: Path, tiny_corpus: Path) -> Path:
     torch.manual_seed(0)
