@@ -134,6 +134,7 @@ def output_folder(
     write_marker(build, kind)
     try:
         yield build
+        check_replaceable(target, kind, overwrite, flag)  # it may have appeared meanwhile (another run, the user)
         replace_folder(build, target)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)

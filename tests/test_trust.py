@@ -332,6 +332,17 @@ def test_an_output_that_cannot_be_created_is_a_user_error(tmp_path):
         pass
 
 
+def test_an_output_that_appears_while_building_is_not_replaced(tmp_path):
+    """A second run (or the user) created it meanwhile: without --overwrite it is not ours to replace."""
+    target = tmp_path / "out"
+    with pytest.raises(OutputError, match="already exists"), output_folder(target, "dataset") as build:
+        (build / "data.bin").write_text("ours")
+        target.mkdir()
+        (target / "precious.txt").write_text("theirs")
+    assert [p.name for p in target.iterdir()] == ["precious.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 @pytest.fixture
 def small_checkpoint(tmp_path: Path, tiny_corpus: Path) -> Path:
     torch.manual_seed(0)
