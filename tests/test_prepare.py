@@ -251,6 +251,15 @@ def test_non_utf8_file_is_skipped_with_a_warning_or_fails_by_flag(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["skip", "src", "val.txt"]  # no build directory left behind
 
 
+def test_an_empty_split_names_the_skipped_files_it_lost(tmp_path: Path, sp_model: Path, caplog):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "good.txt").write_text("text")
+    (tmp_path / "in" / "latin1.txt").write_bytes(b"caf\xe9")  # the one held out, and skipped
+    with caplog.at_level("WARNING"), pytest.raises(DataPreparationError, match="the val split has no documents"):
+        prepare(tmp_path / "in", tmp_path / "out", sp_model, val_input=tmp_path / "in" / "latin1.txt", num_workers=1)
+    assert "latin1.txt: not valid UTF-8" in caplog.text
+
+
 def test_missing_text_field_names_the_file(tmp_path: Path, sp_model: Path, corpus):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"content": "hello"}) + "\n")
