@@ -255,6 +255,8 @@ def resume_checkpoint(config: Namespace, word: str) -> str | None:
     """
     candidates = []
     dirpath = config.get("checkpoint", {}).get("dirpath") if config.get("checkpoint") else None
+    if not dirpath and config.trainer.get("logger") is False:  # no logger: Lightning saves into the root folder
+        dirpath = str(Path(config.trainer.get("default_root_dir") or ".") / "checkpoints")
     if dirpath:
         candidates.append(Path(dirpath).expanduser() / "last.ckpt")
     run_dirs = _logger_run_dirs(config)

@@ -134,13 +134,19 @@ def output_folder(
     On an exception the temporary folder is removed and ``target`` is left as it was.
     """
     target = check_output(target, kind, overwrite, inputs, flag)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_builds(target)
     build = target.parent / f".{target.name}{_TMP}{uuid.uuid4().hex[:8]}"
-    build.mkdir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_builds(target)
+        build.mkdir()
+    except OSError as e:
+        raise OutputError(
+            f"cannot create the output folder ({e.strerror or e})", f"{flag} {target}", "choose a writable location"
+        ) from e
     write_marker(build, kind)
     try:
         yield build
+        check_replaceable(target, kind, overwrite, flag)  # it may have appeared meanwhile (another run, the user)
         replace_folder(build, target)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)

@@ -206,6 +206,18 @@ def test_trained_tokenizer_is_saved_next_to_the_data(corpus, tmp_path: Path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def test_linked_folders_are_read_once_and_link_loops_end(tmp_path: Path):
+    from epas_lightning.data.sources import discover_files
+
+    (tmp_path / "shards" / "a").mkdir(parents=True)
+    (tmp_path / "shards" / "a" / "doc.txt").write_text("text")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a").symlink_to(tmp_path / "shards" / "a")  # a corpus assembled from links
+    (tmp_path / "corpus" / "b").symlink_to(tmp_path / "shards" / "a")  # the same folder again
+    (tmp_path / "shards" / "a" / "loop").symlink_to(tmp_path / "shards")
+    assert [f.key for f in discover_files([tmp_path / "corpus"])] == ["a/doc.txt"]
+
+
 def test_empty_input_is_refused(tmp_path: Path, sp_model: Path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataPreparationError, match=rf"no input files found — --input {tmp_path / 'empty'}"):
@@ -237,6 +249,15 @@ def test_non_utf8_file_is_skipped_with_a_warning_or_fails_by_flag(
         prepare(src, tmp_path / "fail", sp_model, val_input=val, on_bad="fail", num_workers=1)
     assert not (tmp_path / "fail").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["skip", "src", "val.txt"]  # no build directory left behind
+
+
+def test_an_empty_split_names_the_skipped_files_it_lost(tmp_path: Path, sp_model: Path, caplog):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "good.txt").write_text("text")
+    (tmp_path / "in" / "latin1.txt").write_bytes(b"caf\xe9")  # the one held out, and skipped
+    with caplog.at_level("WARNING"), pytest.raises(DataPreparationError, match="the val split has no documents"):
+        prepare(tmp_path / "in", tmp_path / "out", sp_model, val_input=tmp_path / "in" / "latin1.txt", num_workers=1)
+    assert "latin1.txt: not valid UTF-8" in caplog.text
 
 
 def test_missing_text_field_names_the_file(tmp_path: Path, sp_model: Path, corpus):
@@ -276,6 +297,12 @@ def test_truncated_chunk_is_a_clear_error(sp_data: Path, tmp_path: Path):
         tiny_dm(str(data))
 
 
+def test_training_stream_shorter_than_one_batch_is_refused(sp_data: Path):
+    """Lightning would "train" for 0 steps and exit 0."""
+    with pytest.raises(DataError, match=r"training stream .* fewer than batch_size=4 sequences of 100001 tokens"):
+        tiny_dm(str(sp_data), seq_len=100_000).train_dataloader()
+
+
 def test_tokenizer_larger_than_the_model_vocab_is_refused(sp_data: Path):
     with pytest.raises(
         DataError, match=rf"has {SP_VOCAB} tokens but the model's vocab_size is 100 — .*tokenizer.model"
@@ -300,6 +327,28 @@ def test_interrupted_prepare_leaves_nothing_that_looks_complete(
     (tmp_path / "out").mkdir()
     with pytest.raises(OutputError, match="already exists .* pass --overwrite"):
         prepare(corpus[0], tmp_path / "out", sp_model)
+
+
+def test_ctrl_c_while_tokenizing_fails_and_leaves_nothing(corpus, sp_model: Path, tmp_path: Path):
+    """litdata's own Ctrl+C handler ended the process with exit status 0, the half-built folder left behind."""
+    out = tmp_path / "out"
+    script = f"""
+import os, signal, time
+from epas_lightning.data import writing
+from epas_lightning.data.prepare import prepare_dataset
+
+def interrupted(item):  # a Ctrl+C while a worker tokenizes
+    os.kill(os.getppid(), signal.SIGINT)
+    time.sleep(10)
+    yield from ()
+
+writing.tokenize_work_item = interrupted
+prepare_dataset({str(corpus[0])!r}, {str(out)!r}, {str(sp_model)!r}, num_workers=1)
+"""
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr, proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -332,6 +381,10 @@ def test_mixing_datasets_with_different_tokenizers_is_refused(sp_data: Path, tmp
     other = prepare(corpus[0] / "notes", tmp_path / "other", train_tokenizer=True, vocab_size=260, num_workers=1)
     with pytest.raises(DataCheckError, match="tokenized differently"):
         tiny_dm([str(sp_data), str(other)])
+    for val_dir in (other, other / "val"):  # validation data must speak the same tokens too
+        with pytest.raises(DataCheckError, match=r"data.val_dir was tokenized differently .* same --tokenizer"):
+            tiny_dm(str(sp_data), val_dir=str(val_dir))
+    assert tiny_dm(str(sp_data), val_dir=str(sp_data / "val")).val_streams() == [sp_data / "val"]
 
 
 class BatchRecorder(L.LightningModule):
@@ -366,6 +419,21 @@ def test_resume_from_checkpoint_continues_with_the_same_batches(sp_data, second_
     resumed = fit(make(), tmp_path, 10, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt").batches
     assert len(full) == 10 and len(resumed) == 6
     assert all(torch.equal(a, b) for a, b in zip(full[4:], resumed, strict=True))
+
+
+@pytest.mark.parametrize("weights", [[1, 2], None], ids=["weights", "all"])
+def test_mixed_loader_with_workers_resumes_with_the_same_batches(sp_data, second_sp_data, weights):
+    """Each worker draws its own mix: every stream must resume where that worker stopped, not at an even split."""
+    dirs = [str(sp_data), str(second_sp_data)]
+    make = lambda: tiny_dm(dirs, weights=weights, num_workers=2).train_dataloader()  # noqa: E731
+    batches = iter(loader := make())
+    for _ in range(2):  # one batch per worker, each its own mix of the streams: an even split of the totals is wrong
+        next(batches)
+    state = loader.state_dict()
+    expected = [next(batches) for _ in range(6)]
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(expected, resumed, strict=False))
 
 
 @pytest.mark.slow

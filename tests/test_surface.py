@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import signal_fit_once_training, train_tiny_checkpoint
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -21,6 +22,7 @@ from epas_lightning import ProgressiveSharing
 from epas_lightning.checkpoint import REGION_KEY, consolidate, load_model
 from epas_lightning.cli import LIGHTNING_COMMANDS, TOOLS, function_parser, main, tool
 from epas_lightning.errors import ConfigError
+from epas_lightning.lightning_cli import resume_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG = str(REPO / "configs" / "debug.yaml")
@@ -222,6 +224,18 @@ def test_resume_last_without_a_checkpoint_is_an_error(tmp_path, capsys, monkeypa
     assert main(["fit", "--config", DEBUG, "--ckpt_path", "last"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no last.ckpt of this run to resume — runs/debug/version_*/checkpoints")
+
+
+def test_resume_last_without_a_logger_finds_the_root_folder_checkpoint(tmp_path, capsys, monkeypatch):
+    """Without a logger Lightning saves into <default_root_dir>/checkpoints: the printed resume hint must work."""
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", DEBUG, "--trainer.logger", "false", "--trainer.default_root_dir", "run", "--ckpt_path"]
+    assert main([*args, "last"]) == 2
+    assert capsys.readouterr().err.startswith("error: no last.ckpt of this run to resume — run/checkpoints")
+    config = Namespace(trainer=Namespace(logger=False, default_root_dir="run"), checkpoint=Namespace(dirpath=None))
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").touch()
+    assert resume_checkpoint(config, "last") == "run/checkpoints/last.ckpt"
 
 
 def test_user_callbacks_add_to_the_defaults_without_inheriting_them(tmp_path, monkeypatch):

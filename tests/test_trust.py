@@ -340,6 +340,24 @@ def test_a_failed_build_leaves_nothing_and_the_old_output_intact(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_an_output_that_cannot_be_created_is_a_user_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    unwritable = pytest.raises(OutputError, match=r"cannot create the output folder .* — --output .*file/out")
+    with unwritable, output_folder(tmp_path / "file" / "out", "dataset"):
+        pass
+
+
+def test_an_output_that_appears_while_building_is_not_replaced(tmp_path):
+    """A second run (or the user) created it meanwhile: without --overwrite it is not ours to replace."""
+    target = tmp_path / "out"
+    with pytest.raises(OutputError, match="already exists"), output_folder(target, "dataset") as build:
+        (build / "data.bin").write_text("ours")
+        target.mkdir()
+        (target / "precious.txt").write_text("theirs")
+    assert [p.name for p in target.iterdir()] == ["precious.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 @pytest.fixture
 def small_checkpoint(tmp_path: Path, tiny_corpus: Path) -> Path:
     torch.manual_seed(0)

@@ -125,6 +125,14 @@ class TokenDataModule(LightningDataModule):
                 ", ".join(map(str, tokenizer_files)),
                 "prepare them with the same --tokenizer",
             )
+        if (val_data := self._prepared_val_dir()) is not None:
+            val_tokenizer = tokenizer_file(val_data)
+            if file_sha256(val_tokenizer) != file_sha256(tokenizer_files[0]):
+                raise DataCheckError(
+                    "data.val_dir was tokenized differently from data.data_dir",
+                    f"{val_tokenizer}, {tokenizer_files[0]}",
+                    "prepare them with the same --tokenizer",
+                )
         for stream in self.train_streams() + self.val_streams():
             check_stream(stream)
         self.meta = metas[0]
@@ -150,6 +158,12 @@ class TokenDataModule(LightningDataModule):
             "neither a token stream (index.json) nor a prepared directory (val/index.json)",
             f"data.val_dir {self.val_dir}",
         )
+
+    def _prepared_val_dir(self) -> Path | None:
+        """The prepared directory that ``val_dir`` is or holds the stream of (``None``: unset, or a bare stream)."""
+        if self.val_dir is None:
+            return None
+        return next((d for d in (self.val_dir, self.val_dir.parent) if is_complete(d)), None)
 
     def resolve_data_dir(self, data_dir: Path | None) -> Path:
         """The complete data directory to read, building the built-in corpus if ``prepare_data`` did not run."""
@@ -178,7 +192,16 @@ class TokenDataModule(LightningDataModule):
             )
 
     def train_dataloader(self) -> StreamingDataLoader:
-        return self._dataloader(self.train_streams(), shuffle=True, weights=self.weights)
+        loader = self._dataloader(self.train_streams(), shuffle=True, weights=self.weights)
+        if len(loader) == 0:
+            raise DataError(
+                f"the training stream holds fewer than batch_size={self.batch_size} sequences of {self.seq_len + 1} "
+                "tokens (for each rank and loader worker): not one training step",
+                f"data.data_dir {', '.join(map(str, self.data_dirs))}",
+                "lower data.batch_size, data.num_workers or the sequence length (model.config.block_size), or "
+                "prepare more data",
+            )
+        return loader
 
     def val_dataloader(self) -> StreamingDataLoader:
         loader = self._dataloader(self.val_streams(), shuffle=False)

@@ -146,16 +146,15 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
     }
     splits = {}
     for split in ("val", "train"):  # val first: a split that comes out empty fails before the long part
-        splits[split] = write_split(files, split, build_dir / split, **common)
-        if splits[split]["documents"] == 0:
-            hint = "raise --val-fraction or pass --val-input" if split == "val" else "check the inputs"
-            raise DataPreparationError(f"the {split} split has no documents", "--input", hint)
-        timer.lap(f"tokenize_{split}")
-    for split, stats in splits.items():
-        for where, reason in stats["skipped"][:20]:
+        splits[split] = stats = write_split(files, split, build_dir / split, **common)
+        for where, reason in stats["skipped"][:20]:  # before an empty split fails: they may be why
             log.warning("Skipped %s: %s", where, reason)
         if len(stats["skipped"]) > 20:
             log.warning("... and %d more skipped in the %s split.", len(stats["skipped"]) - 20, split)
+        if stats["documents"] == 0:
+            hint = "raise --val-fraction or pass --val-input" if split == "val" else "check the inputs"
+            raise DataPreparationError(f"the {split} split has no documents", "--input", hint)
+        timer.lap(f"tokenize_{split}")
     seconds = timer.total()
     n_tokens = sum(s["tokens"] for s in splits.values())
     return {

@@ -74,8 +74,14 @@ def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[In
             continue
         if not root.is_dir():
             raise DataPreparationError("input does not exist", f"--input {root}", "check the path")
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d not in SKIPPED_DIRS and not d.startswith("."))
+        seen = {os.path.realpath(root)}  # linked folders are followed, each real folder read once (no link loops)
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            kept = []
+            for name in sorted(d for d in dirnames if d not in SKIPPED_DIRS and not d.startswith(".")):
+                if (real := os.path.realpath(os.path.join(dirpath, name))) not in seen:
+                    seen.add(real)
+                    kept.append(name)
+            dirnames[:] = kept
             for name in sorted(filenames):
                 path = Path(dirpath) / name
                 if name.startswith(".") or not path.is_file() or (kind := file_kind(path, explicit=False)) is None:

@@ -17,10 +17,10 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -126,10 +126,13 @@ def isolated_litdata(scratch_dir: Path) -> Iterator[None]:
     """Undo ``litdata.optimize``'s process-wide side effects.
 
     It reseeds the global ``random``/NumPy/torch RNGs (which would override a user's ``seed_everything`` on the first
-    run only), forces the multiprocessing start method, installs a SIGINT handler, sets an env var, and wipes its
-    shared scratch dirs under ``/tmp`` (which would break concurrent builds). Give it private scratch dirs instead.
+    run only), forces the multiprocessing start method, sets an env var, and wipes its shared scratch dirs under
+    ``/tmp`` (which would break concurrent builds). Give it private scratch dirs instead. Its Ctrl+C handler ends the
+    process with exit status 0 and no clean-up (a half-built output stays, a script carries on): here Ctrl+C stops
+    the workers and raises ``KeyboardInterrupt``.
     """
     import torch
+    from litdata.processing.data_processor import DataProcessor
 
     rng_states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     start_method = multiprocessing.get_start_method(allow_none=True)
@@ -148,9 +151,12 @@ def isolated_litdata(scratch_dir: Path) -> Iterator[None]:
     for key, value in env_overrides.items():
         if value is not None:
             os.environ[key] = value
+    litdata_interrupt = DataProcessor._signal_handler
+    DataProcessor._signal_handler = _stop_workers_and_interrupt(os.getpid())
     try:
         yield
     finally:
+        DataProcessor._signal_handler = litdata_interrupt
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -163,6 +169,29 @@ def isolated_litdata(scratch_dir: Path) -> Iterator[None]:
         np.random.set_state(rng_states[1])
         torch.random.set_rng_state(rng_states[2])
         shutil.rmtree(scratch_dir, ignore_errors=True)
+
+
+def _stop_workers_and_interrupt(parent_pid: int) -> Callable[[Any, int, Any], None]:
+    """A Ctrl+C handler for litdata's ``DataProcessor``: the parent passes the signal to its workers, waits for them
+    and raises ``KeyboardInterrupt``. A worker, or a helper process of one (forked with this handler, and signalled
+    too by a Ctrl+C in a terminal), ends its own helpers and exits."""
+
+    def handler(processor: Any, signum: int, frame: Any) -> None:
+        if os.getpid() != parent_pid:
+            for helper in multiprocessing.active_children():
+                helper.terminate()
+            os._exit(128 + signum)
+        workers = getattr(processor, "workers", [])
+        for worker in workers:
+            with contextlib.suppress(ProcessLookupError, TypeError):
+                os.kill(worker.pid, signum)
+        for worker in workers:
+            worker.join(5)
+            if worker.is_alive():
+                worker.kill()
+        raise KeyboardInterrupt
+
+    return handler
 
 
 def write_split(
