@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import signal
 import sys
 import traceback
 from argparse import ArgumentError
@@ -249,7 +250,7 @@ def dispatch(argv: list[str]) -> int:
 
 def main(args: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m epas_lightning`` and ``epas``; ``args`` replaces ``sys.argv[1:]``. Returns the exit
-    status: 0 on success, 2 for a user error, 3 for a diverged training run."""
+    status: 0 on success, 2 for a user error, 3 for a diverged training run, 130 after Ctrl+C."""
     from epas_lightning.divergence import TrainingDiverged
 
     argv, debug = _pop_debug(list(sys.argv[1:] if args is None else args))
@@ -263,3 +264,8 @@ def main(args: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(error_line(e), file=sys.stderr)
         return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_USER_ERROR
+    except KeyboardInterrupt:  # Ctrl+C outside fit's graceful stop: output folders in the making are already removed
+        if debug:
+            traceback.print_exc()
+        print(f"interrupted: {argv[0] if argv else PROG} stopped (Ctrl+C)", file=sys.stderr)
+        return 128 + signal.SIGINT

@@ -89,6 +89,15 @@ def test_a_lightning_cli_value_error_names_the_flag_as_typed(capsys):
     assert capsys.readouterr().err.startswith("error: invalid value for --trainer.max_steps (")
 
 
+def test_ctrl_c_in_a_command_is_one_line_and_status_130(capsys, monkeypatch):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("epas_lightning.cli.dispatch", interrupted)
+    assert main(["prepare", "--input", "x"]) == 130
+    assert capsys.readouterr().err == "interrupted: prepare stopped (Ctrl+C)\n"
+
+
 def test_progress_lines_in_a_log_say_batches(capsys):
     from epas_lightning.progress import progress
 
