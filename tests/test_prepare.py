@@ -419,6 +419,11 @@ def test_resume_from_checkpoint_continues_with_the_same_batches(sp_data, second_
     resumed = fit(make(), tmp_path, 10, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt").batches
     assert len(full) == 10 and len(resumed) == 6
     assert all(torch.equal(a, b) for a, b in zip(full[4:], resumed, strict=True))
+    # the saved position holds for these settings only: another seed (and, mixed, batch size) is refused up front
+    other = TokenDataModule(dirs, seq_len=16, batch_size=2, vocab_size=512, weights=[1, 2] if mixed else None, seed=7)
+    with pytest.raises(DataError, match="seed 42 -> 7") as refused:
+        fit(other, tmp_path, 10, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
+    assert ("batch_size 4 -> 2" in str(refused.value)) == mixed
 
 
 @pytest.mark.parametrize("weights", [[1, 2], None], ids=["weights", "all"])

@@ -144,6 +144,44 @@ class TokenDataModule(LightningDataModule):
         """BOS/EOS tokens the data was prepared with when they were named (sentencepiece/HF defaults otherwise)."""
         return meta.get("bos_token_override"), meta.get("eos_token_override")
 
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints beside the loader's position: the settings that position only holds for."""
+        return {"position_settings": self._position_settings()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse, before any batch, to resume a loader position under settings it cannot continue with (litdata
+        fails inside a loader worker, or reads other samples): other streams, seed or sequence length, and for mixed
+        streams another weighting, batch size, worker count or rank count."""
+        saved = state_dict.get("position_settings")
+        if not saved:
+            return
+        current = self._position_settings()
+        fixed = ["streams", "seed", "seq_len"]
+        if len(current["streams"]) > 1 or len(saved["streams"]) > 1:
+            fixed += ["weights", "batch_size", "num_workers", "world_size"]
+        changed = [f"{key} {saved[key]} -> {current[key]}" for key in fixed if saved.get(key) != current[key]]
+        if changed:
+            raise DataError(
+                "the checkpoint's position in the data holds only for the data settings it was saved with ("
+                + "; ".join(changed)
+                + ")",
+                "--ckpt_path",
+                "resume with those settings (data.*, trainer.devices/num_nodes), or start a new run from its weights "
+                "with --model.init_from",
+            )
+
+    def _position_settings(self) -> dict[str, Any]:
+        trainer = getattr(self, "trainer", None)
+        return {
+            "streams": [str(stream.resolve()) for stream in self.train_streams()],
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "weights": self.weights,
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "world_size": trainer.world_size if trainer is not None else 1,
+        }
+
     def train_streams(self) -> list[Path]:
         return [d / "train" for d in self.data_dirs]
 
