@@ -263,7 +263,7 @@ def test_an_empty_split_names_the_skipped_files_it_lost(tmp_path: Path, sp_model
 def test_missing_text_field_names_the_file(tmp_path: Path, sp_model: Path, corpus):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"content": "hello"}) + "\n")
-    with pytest.raises(DataPreparationError, match=rf"no string field 'text' \(found \['content'\]\) — {bad}:1"):
+    with pytest.raises(DataPreparationError, match=rf"no field 'text' \(found \['content'\]\) — {bad}:1"):
         prepare(bad, tmp_path / "out", sp_model)
     with pytest.raises(DataPreparationError, match=r"no column 'body' .* — .*c.parquet"):
         prepare(corpus[0] / "c.parquet", tmp_path / "out", sp_model, text_field="body")
@@ -281,6 +281,26 @@ def test_truncated_gzip_is_skipped_naming_the_file(tmp_path: Path, sp_model: Pat
         out = prepare([good, broken], tmp_path / "out", sp_model, val_fraction=0.2, num_workers=1)
     assert f"Skipped {broken}: unreadable" in caplog.text
     assert json.loads((out / "meta.json").read_text())["documents"] >= 40
+
+
+def test_records_whose_text_is_null_or_not_text_are_bad_records(tmp_path: Path, sp_model: Path, caplog):
+    """The same in JSONL and parquet: skipped with a warning naming the record, or fatal with --on-bad fail."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(5)
+    records = [{"text": make_text(rng, 20)} for _ in range(30)] + [{"text": None}, {"text": 5}]
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    parquet = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"text": [r["text"] if r["text"] != 5 else None for r in records]}), parquet)
+    with caplog.at_level("WARNING", logger="epas_lightning"):
+        out = prepare([jsonl, parquet], tmp_path / "out", sp_model, val_fraction=0.5, num_workers=1)
+    assert f"{jsonl}:31: 'text' is null, not text" in caplog.text and f"{jsonl}:32: 'text' is int" in caplog.text
+    assert f"{parquet} row 31: 'text' is null, not text" in caplog.text
+    assert json.loads((out / "meta.json").read_text())["documents"] == 60
+    with pytest.raises(DataPreparationError, match=rf"'text' is null, not text — {jsonl}:31"):
+        prepare(jsonl, tmp_path / "out2", sp_model, val_fraction=0.5, num_workers=1, on_bad="fail")
 
 
 def test_truncated_chunk_is_a_clear_error(sp_data: Path, tmp_path: Path):

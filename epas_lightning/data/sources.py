@@ -188,12 +188,21 @@ def _jsonl_records(f: InputFile) -> Iterator[tuple[int, object]]:
 
 
 def _record_text(record: object, text_field: str, path: str, lineno: int) -> str:
-    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+    """The record's text; a record without the field stops the run (the wrong --text-field), one whose value is not
+    text (null, a number) is a bad record."""
+    if not isinstance(record, dict) or text_field not in record:
         fields = list(record) if isinstance(record, dict) else type(record).__name__
         raise DataPreparationError(
-            f"no string field {text_field!r} (found {fields})", f"{path}:{lineno}", "name it with --text-field"
+            f"no field {text_field!r} (found {fields})", f"{path}:{lineno}", "name it with --text-field"
         )
-    return record[text_field]
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise BadDocument(f"{path}:{lineno}", _not_text(text_field, text))
+    return text
+
+
+def _not_text(text_field: str, value: object) -> str:
+    return f"{text_field!r} is {'null' if value is None else type(value).__name__}, not text"
 
 
 def iter_documents(f: InputFile, text_field: str, on_bad: Callable[[BadDocument], None]) -> Iterator[tuple[str, str]]:
@@ -221,7 +230,12 @@ def iter_documents(f: InputFile, text_field: str, on_bad: Callable[[BadDocument]
                 if bad.where == f.path:  # the whole file is unreadable (truncated archive, I/O error)
                     return
                 continue
-            yield f"{f.key}#{lineno}", _record_text(record, text_field, f.path, lineno)
+            try:
+                text = _record_text(record, text_field, f.path, lineno)
+            except BadDocument as bad:
+                on_bad(bad)
+                continue
+            yield f"{f.key}#{lineno}", text
     else:
         import pyarrow.parquet as pq
 
@@ -230,7 +244,10 @@ def iter_documents(f: InputFile, text_field: str, on_bad: Callable[[BadDocument]
             for batch in pq.ParquetFile(f.path).iter_batches(columns=[text_field], batch_size=1024):
                 for text in batch.column(0).to_pylist():
                     index += 1
-                    yield f"{f.key}#{index}", text or ""
+                    if isinstance(text, str):
+                        yield f"{f.key}#{index}", text
+                    else:
+                        on_bad(BadDocument(f"{f.path} row {index}", _not_text(text_field, text)))
         except DataPreparationError:
             raise
         except Exception as e:
