@@ -137,6 +137,17 @@ def test_byte_level_tokenizer_has_no_unknown_tokens(tiny_corpus: Path):
     assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
+def test_bpe_training_cuts_very_long_runs_and_still_encodes_them_exactly():
+    """A minified file or a data blob is one enormous pre-token: the trainer's time grows with its length times the
+    merges, so training sees it in pieces of LONGEST_TRAINING_RUN; no learned token is longer, encoding is exact."""
+    from epas_lightning.data.tokenizer import train_byte_level_bpe
+
+    blob = "q" * 5000 + "7" * 3000
+    tokenizer = train_byte_level_bpe(["def f(x):\n    return x\n", blob], vocab_size=300)
+    assert max(len(token) for token in tokenizer.get_vocab()) <= 256 + 1  # a piece and the space before it
+    assert tokenizer.decode(tokenizer.encode(blob).ids) == blob
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Cache entries
 # ---------------------------------------------------------------------------------------------------------------------

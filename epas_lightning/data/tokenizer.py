@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -118,8 +119,23 @@ def load_tokenizer(path: str | Path, bos_token: str | None = None, eos_token: st
     return TextTokenizer("sentencepiece", path, sp, bos, eos, sp.get_piece_size())
 
 
+LONGEST_TRAINING_RUN = 256
+"""Runs of non-space characters longer than this are cut into pieces of this length for BPE training only: the
+trainer's time grows with the longest pre-token times the merges (a megabyte-long word in a minified file or a data
+blob took minutes per merge batch), and no merge ever gets that long. Encoding is unchanged."""
+
+_LONG_RUN = re.compile(rf"\S{{{LONGEST_TRAINING_RUN + 1},}}")
+
+
+def cut_long_runs(text: str) -> str:
+    """``text`` with every run of non-space characters longer than ``LONGEST_TRAINING_RUN`` split by spaces."""
+    n = LONGEST_TRAINING_RUN
+    return _LONG_RUN.sub(lambda run: " ".join(run[0][i : i + n] for i in range(0, len(run[0]), n)), text)
+
+
 def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None, show_progress: bool = False):
-    """Train a byte-level BPE (never an unknown token) with ``vocab_size`` entries including ``<|bos|>``/``<|eos|>``."""
+    """Train a byte-level BPE (never an unknown token) with ``vocab_size`` entries including ``<|bos|>``/``<|eos|>``;
+    very long runs of non-space characters are cut for the training (``cut_long_runs``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 256 + 2:
@@ -135,7 +151,7 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, length: int | No
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
+    tokenizer.train_from_iterator(map(cut_long_runs, texts), trainer=trainer, length=length)
     return tokenizer
 
 
