@@ -60,7 +60,7 @@ def write_corpus(root: Path, seed: int = 0) -> dict[str, list[str]]:
     return docs
 
 
-def train_sentencepiece(path: Path, vocab_size: int = SP_VOCAB) -> Path:
+def train_sentencepiece(path: Path, vocab_size: int = SP_VOCAB, **options) -> Path:
     import sentencepiece as spm
 
     rng = random.Random(1)
@@ -75,6 +75,7 @@ def train_sentencepiece(path: Path, vocab_size: int = SP_VOCAB) -> Path:
         byte_fallback=True,
         hard_vocab_limit=False,
         minloglevel=2,
+        **options,
     )
     return path.with_suffix(".model")
 
@@ -315,12 +316,24 @@ def test_truncated_chunk_is_a_clear_error(sp_data: Path, tmp_path: Path):
     (data / "train" / "index.json").write_text("{not json")
     with pytest.raises(DataCheckError, match=r"not a readable litdata index .* — .*train/index.json"):
         tiny_dm(str(data))
+    (data / "meta.json").write_text("{not json")  # there but unreadable: not "missing meta.json"
+    with pytest.raises(DataCheckError, match=r"unreadable meta.json .* — .*data/meta.json — prepare the data again"):
+        tiny_dm(str(data))
 
 
 def test_training_stream_shorter_than_one_batch_is_refused(sp_data: Path):
     """Lightning would "train" for 0 steps and exit 0."""
     with pytest.raises(DataError, match=r"training stream .* fewer than batch_size=4 sequences of 100001 tokens"):
         tiny_dm(str(sp_data), seq_len=100_000).train_dataloader()
+
+
+def test_a_sentencepiece_model_without_bos_asks_for_one_of_its_tokens(tmp_path: Path):
+    from epas_lightning.data.tokenizer import TokenizerError, load_tokenizer
+
+    model = train_sentencepiece(tmp_path / "nobos.model", bos_id=-1)
+    with pytest.raises(TokenizerError, match="the model defines no BOS token — .* — name one of its tokens with --bos"):
+        load_tokenizer(model)
+    assert load_tokenizer(model, bos_token="<unk>").bos_id == 0
 
 
 def test_tokenizer_larger_than_the_model_vocab_is_refused(sp_data: Path):

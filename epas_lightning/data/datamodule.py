@@ -212,6 +212,8 @@ class TokenDataModule(LightningDataModule):
             return entry
         if not data_dir.is_dir():
             raise DataError("data directory does not exist", f"data.data_dir {data_dir}", HOW_TO_CREATE)
+        if is_complete(data_dir):
+            load_meta(data_dir)  # an unreadable meta.json says so, rather than counting as missing
         if missing := missing_entries(data_dir):
             raise DataError(
                 f"incomplete data directory: missing {', '.join(missing)}", f"data.data_dir {data_dir}", HOW_TO_CREATE

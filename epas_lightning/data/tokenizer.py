@@ -84,7 +84,8 @@ def _pick(named: str | None, candidates: Sequence[str], lookup, what: str, path:
         if token_id is not None:
             return token_id
     tried = repr(named) if named else ", ".join(candidates)
-    raise TokenizerError(f"no {what} token (tried {tried})", path, f"name it with --{what.lower()}-token")
+    found = f"no {what} token (tried {tried})" if tried else f"the model defines no {what} token"
+    raise TokenizerError(found, path, f"name one of its tokens with --{what.lower()}-token")
 
 
 def load_tokenizer(path: str | Path, bos_token: str | None = None, eos_token: str | None = None) -> TextTokenizer:
