@@ -26,7 +26,8 @@ class WarmupCosineLR(LRScheduler):
 
     On resume the schedule's shape comes from the current configuration, not the checkpoint: a run resumed with
     another ``max_steps`` (or warmup, floor or learning rate) follows the new schedule from the resumed step, and
-    says so. Only the position (``last_epoch``) is restored.
+    says so. Only the position (``last_epoch``) is restored, and a warmup the run had finished stays finished: a
+    longer warmup (the default one grows with ``max_steps``) would drop the learning rate back towards 0 mid-run.
     """
 
     def __init__(
@@ -53,8 +54,12 @@ class WarmupCosineLR(LRScheduler):
 
     def load_state_dict(self, state_dict: dict) -> None:
         saved = {k: state_dict.get(k) for k in SHAPE}
-        current = {k: getattr(self, k) for k in SHAPE}
         super().load_state_dict({k: v for k, v in state_dict.items() if k not in SHAPE})
+        done = saved["warmup_steps"]
+        if done is not None and done <= self.last_epoch < self.warmup_steps:  # never warm up twice
+            log.info("LR schedule: warmup_steps %d kept, the run finished its warmup at step %d", done, done)
+            self.warmup_steps = done
+        current = {k: getattr(self, k) for k in SHAPE}
         if saved != current:
             changed = ", ".join(f"{k} {saved[k]} -> {current[k]}" for k in SHAPE if saved[k] != current[k])
             log.info("LR schedule: resumed at step %d with the configured schedule (%s).", self.last_epoch, changed)

@@ -447,6 +447,23 @@ def test_resume_with_a_new_max_steps_follows_the_new_horizon(tiny_corpus, tmp_pa
         assert resumed.lrs[step] == pytest.approx(3e-4 * reference.lr_factor(step)), step
 
 
+def test_a_resumed_run_never_warms_up_again(caplog):
+    """The default warmup is min(100, max_steps // 10): resuming at step 60 with a larger max_steps must not put the
+    run back into a warmup that now lasts 100 steps."""
+    before = WarmupCosineLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), warmup_steps=50, max_steps=500)
+    for _ in range(60):
+        before.optimizer.step()
+        before.step()
+    after = WarmupCosineLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), warmup_steps=100, max_steps=2000)
+    with caplog.at_level("INFO", logger="epas_lightning"):
+        after.load_state_dict(before.state_dict())
+    assert after.warmup_steps == 50 and "warmup_steps 50 kept" in caplog.text
+    assert after.optimizer.param_groups[0]["lr"] > 0.99  # cosine at its start, not 61/101 of the way up
+    early = WarmupCosineLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), warmup_steps=100, max_steps=2000)
+    early.load_state_dict(WarmupCosineLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), warmup_steps=50).state_dict())
+    assert early.warmup_steps == 100  # still warming up at step 0: the new warmup applies
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # User mistakes end in one line
 # ---------------------------------------------------------------------------------------------------------------------
