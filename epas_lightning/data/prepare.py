@@ -287,7 +287,8 @@ def prepare_command(
         train_tokenizer: Train a byte-level BPE on the train split instead (with --vocab-size).
         vocab_size: Vocabulary size of the trained tokenizer.
         val_input: Separate validation inputs (default: hold out --val-fraction of the documents by hash).
-        val_fraction: Fraction of the documents held out for validation.
+        val_fraction: Fraction of the documents held out for validation (text files are held out whole, and at
+            least one of them).
         text_field: The JSONL field / parquet column with the text.
         bos_token: BOS token of an HF tokenizer (default: detected, e.g. <s>).
         eos_token: EOS token of an HF tokenizer (default: detected, e.g. </s>).
