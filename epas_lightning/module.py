@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -9,7 +10,7 @@ from typing import Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from epas_lightning.flops import estimate_flops
@@ -32,7 +33,8 @@ class EPASModule(LightningModule):
             Default: ``AdamW(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)``.
         lr_scheduler: Builds a per-step LR scheduler from the optimizer. Default: ``WarmupCosineLR`` with
             ``warmup_steps=min(100, total // 10)``; a ``WarmupCosineLR`` with ``max_steps=None`` decays over the
-            trainer's total number of optimizer steps.
+            trainer's total number of optimizer steps; a run without one (``max_epochs=-1``) keeps the peak learning
+            rate after the warmup (100 steps by default), with a warning.
         activation_checkpointing: Recompute decoder blocks' activations in backward (less memory, ~1/3 more compute
             per checkpointed block): ``True`` every block, an integer k the first k blocks, ``"auto"`` as many as a
             micro-batch needs to fit the GPU's free memory (``epas_lightning.memory_plan``; none on CPUs).
@@ -212,13 +214,21 @@ class EPASModule(LightningModule):
             optimizer = self.optimizer_factory(param_groups(self))
         else:
             optimizer = default_optimizer(self)
-        total_steps = int(self.trainer.estimated_stepping_batches)
+        total = self.trainer.estimated_stepping_batches  # inf: no max_steps and max_epochs=-1 (a max_time run)
+        total_steps = int(total) if math.isfinite(total) else None
         if self.lr_scheduler_factory is None:
-            scheduler = WarmupCosineLR(optimizer, warmup_steps=min(100, total_steps // 10), max_steps=total_steps)
+            warmup = 100 if total_steps is None else min(100, total_steps // 10)
+            scheduler = WarmupCosineLR(optimizer, warmup_steps=warmup, max_steps=total_steps)
         else:
             scheduler = self.lr_scheduler_factory(optimizer)
             if isinstance(scheduler, WarmupCosineLR) and scheduler.max_steps is None:
                 scheduler.max_steps = total_steps
+        if isinstance(scheduler, WarmupCosineLR) and scheduler.max_steps is None:
+            rank_zero_warn(
+                "the run has no step limit (trainer.max_steps and trainer.max_epochs are -1): the learning rate "
+                f"warms up for {scheduler.warmup_steps} steps and then stays at its peak; set trainer.max_steps, or "
+                "the max_steps of model.lr_scheduler (epas_lightning.WarmupCosineLR), for the cosine decay"
+            )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
