@@ -186,6 +186,31 @@ def test_every_consumer_reads_n_sharing_layers_in_growth_order(shallow, tmp_path
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def test_the_summary_points_only_at_logs_that_exist(tmp_path):
+    """`trainer.logger: false` writes no logs, yet Lightning's log_dir is then the working directory: the summary
+    must not send the user to `tensorboard --logdir` there; a CSV logger gets its folder, no TensorBoard hint."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from epas_lightning.run_summary import RunSummary
+
+    module = SimpleNamespace(
+        model=SimpleNamespace(sharing=SimpleNamespace(shared_layers=[])), config=SimpleNamespace(n_layer=2)
+    )
+
+    def summary(loggers: list) -> str:
+        trainer = SimpleNamespace(
+            global_step=3, checkpoint_callbacks=[], callback_metrics={}, callbacks=[], loggers=loggers
+        )
+        return RunSummary().summary(trainer, module, loggers[0].log_dir if loggers else str(tmp_path))
+
+    assert "  logs " not in summary([]) and "tensorboard" not in summary([])
+    csv, tb = CSVLogger(tmp_path / "csv"), TensorBoardLogger(tmp_path / "tb")
+    assert f"logs         {csv.log_dir}\n" in summary([csv]) and "tensorboard" not in summary([csv])
+    assert f"(tensorboard --logdir {tb.log_dir})" in summary([csv, tb])
+
+
 @pytest.mark.slow
 def test_fit_summary_and_resume_with_last(tiny_corpus, tmp_path):
     first = run_cli(["fit", "--config", DEBUG], tmp_path, tiny_corpus.parent)
