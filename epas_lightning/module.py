@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.aggregation import MeanMetric, SumMetric
 
+from epas_lightning.errors import ConfigError
 from epas_lightning.flops import estimate_flops
 from epas_lightning.init_from import check_init_source, load_initial_weights
 from epas_lightning.loss import next_token_loss, train_loss
@@ -221,6 +222,12 @@ class EPASModule(LightningModule):
             scheduler = WarmupCosineLR(optimizer, warmup_steps=warmup, max_steps=total_steps)
         else:
             scheduler = self.lr_scheduler_factory(optimizer)
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                raise ConfigError(
+                    "ReduceLROnPlateau is not supported: it steps on a metric, this scheduler per optimizer step",
+                    "model.lr_scheduler",
+                    "use a per-step scheduler (epas_lightning.WarmupCosineLR, or one of torch.optim.lr_scheduler)",
+                )
             if isinstance(scheduler, WarmupCosineLR) and scheduler.max_steps is None:
                 scheduler.max_steps = total_steps
         if isinstance(scheduler, WarmupCosineLR) and scheduler.max_steps is None:

@@ -35,3 +35,18 @@ def test_a_run_without_a_step_limit_gets_warmup_then_a_constant_lr():
         scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
     assert scheduler.warmup_steps == 100 and scheduler.max_steps is None
     assert scheduler.lr_factor(100) == scheduler.lr_factor(10**9) == 1.0
+
+
+def test_a_metric_driven_lr_scheduler_is_refused_in_one_line():
+    """ReduceLROnPlateau steps on a metric, not per optimizer step: Lightning failed with a traceback; it is a user
+    error that names the setting and the schedulers that work."""
+    from functools import partial
+
+    from epas_lightning.errors import ConfigError
+
+    scheduler = partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=2)
+    module = EPASModule(LlamaConfig.from_name("debug", block_size=16), lr_scheduler=scheduler)
+    module.configure_model()
+    module.trainer = SimpleNamespace(estimated_stepping_batches=10)
+    with pytest.raises(ConfigError, match="model.lr_scheduler"):
+        module.configure_optimizers()
