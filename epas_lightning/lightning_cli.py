@@ -83,6 +83,24 @@ def config_vocab_size(value: Any) -> int:
     return _as_config(value).vocab_size
 
 
+SINGLE_SECTIONS = {ProgressiveSharing: "sharing", DivergenceGuard: "divergence", GracefulStop: "interrupt"}
+"""Run sections whose callback must exist once: a second schedule would fight over the mask, and Lightning checkpoints
+one state per type."""
+
+
+def check_no_repeated_section(user_callbacks: Any) -> None:
+    """Refuse a ``trainer.callbacks`` entry that repeats one of :data:`SINGLE_SECTIONS`."""
+    listed = user_callbacks if isinstance(user_callbacks, list) else [user_callbacks]
+    for callback in listed:
+        section = SINGLE_SECTIONS.get(type(callback))
+        if section is not None:
+            raise ConfigError(
+                f"{type(callback).__name__} is listed, and the `{section}` section already adds one",
+                "trainer.callbacks",
+                f"remove it from the list and set its values under `{section}:`",
+            )
+
+
 def packaged_config(name: str) -> Path | None:
     """A config shipped with the package, by name (``demo`` or ``demo.yaml``), if there is one."""
     for candidate in (name, f"{name}.yaml"):
@@ -189,6 +207,7 @@ class EPASCLI(LightningCLI):
             raise ConfigError(what, "the configuration", "fix the value in the YAML or the flag") from e
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        check_no_repeated_section(config.get("callbacks"))
         if config.get("enable_checkpointing") is False:  # the checkpoint section steps aside rather than conflict
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         if config.get("logger") in (False, []):
