@@ -101,6 +101,20 @@ def check_no_repeated_section(user_callbacks: Any) -> None:
             )
 
 
+def check_validation_interval(trainer: Namespace) -> None:
+    """A validation interval in batches must fit in an epoch that ``limit_train_batches`` caps (Lightning checks this
+    only once the data is set up, with a traceback)."""
+    interval, limit = trainer.get("val_check_interval"), trainer.get("limit_train_batches")
+    whole = [isinstance(v, int) and not isinstance(v, bool) for v in (interval, limit)]
+    if all(whole) and trainer.get("check_val_every_n_epoch") is not None and interval > limit:
+        raise ConfigError(
+            f"trainer.val_check_interval ({interval}) is longer than an epoch of {limit} training batches "
+            "(trainer.limit_train_batches)",
+            "trainer.val_check_interval",
+            "lower it, or set trainer.check_val_every_n_epoch: null to count batches across epochs",
+        )
+
+
 def packaged_config(name: str) -> Path | None:
     """A config shipped with the package, by name (``demo`` or ``demo.yaml``), if there is one."""
     for candidate in (name, f"{name}.yaml"):
@@ -196,6 +210,7 @@ class EPASCLI(LightningCLI):
                 f"trainer.accelerator: {accelerator}",
                 "run on a machine with a GPU, or pass --trainer.accelerator=cpu (CPUs train best in 32-true)",
             )
+        check_validation_interval(trainer)
 
     def instantiate_classes(self) -> None:
         try:
