@@ -22,7 +22,7 @@ from epas_lightning.memory_plan import plan_checkpointing
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.llama import check_attention_reuse
 from epas_lightning.optim import default_optimizer, param_groups
-from epas_lightning.parallel import mixed_precision_policy, parallelize
+from epas_lightning.parallel import checkpointed_blocks, mixed_precision_policy, parallelize
 
 
 class EPASModule(LightningModule):
@@ -72,6 +72,13 @@ class EPASModule(LightningModule):
         self.compile_blocks = compile
         self.attention_reuse = attention_reuse
         check_attention_reuse(config, attention_reuse)  # before any model is built
+        if activation_checkpointing != "auto":
+            try:
+                checkpointed_blocks(activation_checkpointing, config.n_layer)
+            except ValueError as e:
+                raise ConfigError(
+                    str(e).rstrip("."), "model.activation_checkpointing", "give true, false, auto or a block count"
+                ) from e
         self.init_from = init_from
         if init_from is not None:
             check_init_source(init_from, config)
