@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -78,6 +79,19 @@ class ProgressiveSharing(Callback):
             rank_zero_info(
                 f"EPAS: region {list(self.schedule.target_layers)} grows by {self.growth} layer(s) every "
                 f"{self.interval} steps from step {self.schedule.start_step}; full at step {self.schedule.final_step}."
+            )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.enabled:
+            return
+        total = trainer.estimated_stepping_batches  # the run's optimizer steps (inf: no limit)
+        final, full = self.schedule.final_step, len(self.schedule.target_layers)
+        if math.isfinite(total) and final >= total:
+            reached = len(self.schedule.shared_layers_at(int(total) - 1))
+            rank_zero_warn(
+                f"EPAS: the run ends after {int(total)} optimizer steps and reaches {reached} of the {full} layers of "
+                f"its region (full at step {final}); raise trainer.max_steps, or lower sharing.start_step or "
+                "sharing.interval, to train with the full region"
             )
 
     def shared_layers_at(self, step: int) -> list[int]:

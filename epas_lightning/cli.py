@@ -179,6 +179,11 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None) -> User
         flag = "--" + (key.replace("_", "-") if fn is not None else key)  # LightningCLI keeps --trainer.max_steps
         takes = describe_type(get_type_hints(fn).get(key)) if fn is not None else None
         value = re.search(r"(?:Given|Got) value: (.*)$", str(error), re.MULTILINE)
+        nested = re.search(r"NestedArg\(key='([^']*)', val='([^']*)'\)", str(error))
+        if nested:  # `--model.optimizer.lr 1e-3` where no class was given for --model.optimizer
+            name, val = nested.groups()
+            what = f"{flag}.{name} sets an argument of the class of {flag}, and none was given"
+            return ConfigError(what, prog, f"name the class first: {flag} CLASS {flag}.{name} {val}")
         if takes and value:
             what = f"{flag} takes {takes}, not {value.group(1).strip()!r}"
         else:

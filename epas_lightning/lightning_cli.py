@@ -83,6 +83,38 @@ def config_vocab_size(value: Any) -> int:
     return _as_config(value).vocab_size
 
 
+SINGLE_SECTIONS = {ProgressiveSharing: "sharing", DivergenceGuard: "divergence", GracefulStop: "interrupt"}
+"""Run sections whose callback must exist once: a second schedule would fight over the mask, and Lightning checkpoints
+one state per type."""
+
+
+def check_no_repeated_section(user_callbacks: Any) -> None:
+    """Refuse a ``trainer.callbacks`` entry that repeats one of :data:`SINGLE_SECTIONS`."""
+    listed = user_callbacks if isinstance(user_callbacks, list) else [user_callbacks]
+    for callback in listed:
+        section = SINGLE_SECTIONS.get(type(callback))
+        if section is not None:
+            raise ConfigError(
+                f"{type(callback).__name__} is listed, and the `{section}` section already adds one",
+                "trainer.callbacks",
+                f"remove it from the list and set its values under `{section}:`",
+            )
+
+
+def check_validation_interval(trainer: Namespace) -> None:
+    """A validation interval in batches must fit in an epoch that ``limit_train_batches`` caps (Lightning checks this
+    only once the data is set up, with a traceback)."""
+    interval, limit = trainer.get("val_check_interval"), trainer.get("limit_train_batches")
+    whole = [isinstance(v, int) and not isinstance(v, bool) for v in (interval, limit)]
+    if all(whole) and trainer.get("check_val_every_n_epoch") is not None and interval > limit:
+        raise ConfigError(
+            f"trainer.val_check_interval ({interval}) is longer than an epoch of {limit} training batches "
+            "(trainer.limit_train_batches)",
+            "trainer.val_check_interval",
+            "lower it, or set trainer.check_val_every_n_epoch: null to count batches across epochs",
+        )
+
+
 def packaged_config(name: str) -> Path | None:
     """A config shipped with the package, by name (``demo`` or ``demo.yaml``), if there is one."""
     for candidate in (name, f"{name}.yaml"):
@@ -178,6 +210,7 @@ class EPASCLI(LightningCLI):
                 f"trainer.accelerator: {accelerator}",
                 "run on a machine with a GPU, or pass --trainer.accelerator=cpu (CPUs train best in 32-true)",
             )
+        check_validation_interval(trainer)
 
     def instantiate_classes(self) -> None:
         try:
@@ -189,6 +222,7 @@ class EPASCLI(LightningCLI):
             raise ConfigError(what, "the configuration", "fix the value in the YAML or the flag") from e
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        check_no_repeated_section(config.get("callbacks"))
         if config.get("enable_checkpointing") is False:  # the checkpoint section steps aside rather than conflict
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         if config.get("logger") in (False, []):

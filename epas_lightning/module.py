@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -9,9 +10,10 @@ from typing import Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.aggregation import MeanMetric, SumMetric
 
+from epas_lightning.errors import ConfigError
 from epas_lightning.flops import estimate_flops
 from epas_lightning.init_from import check_init_source, load_initial_weights
 from epas_lightning.loss import next_token_loss, train_loss
@@ -20,7 +22,7 @@ from epas_lightning.memory_plan import plan_checkpointing
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.llama import check_attention_reuse
 from epas_lightning.optim import default_optimizer, param_groups
-from epas_lightning.parallel import mixed_precision_policy, parallelize
+from epas_lightning.parallel import checkpointed_blocks, mixed_precision_policy, parallelize
 
 
 class EPASModule(LightningModule):
@@ -32,7 +34,8 @@ class EPASModule(LightningModule):
             Default: ``AdamW(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)``.
         lr_scheduler: Builds a per-step LR scheduler from the optimizer. Default: ``WarmupCosineLR`` with
             ``warmup_steps=min(100, total // 10)``; a ``WarmupCosineLR`` with ``max_steps=None`` decays over the
-            trainer's total number of optimizer steps.
+            trainer's total number of optimizer steps; a run without one (``max_epochs=-1``) keeps the peak learning
+            rate after the warmup (100 steps by default), with a warning.
         activation_checkpointing: Recompute decoder blocks' activations in backward (less memory, ~1/3 more compute
             per checkpointed block): ``True`` every block, an integer k the first k blocks, ``"auto"`` as many as a
             micro-batch needs to fit the GPU's free memory (``epas_lightning.memory_plan``; none on CPUs).
@@ -69,6 +72,13 @@ class EPASModule(LightningModule):
         self.compile_blocks = compile
         self.attention_reuse = attention_reuse
         check_attention_reuse(config, attention_reuse)  # before any model is built
+        if activation_checkpointing != "auto":
+            try:
+                checkpointed_blocks(activation_checkpointing, config.n_layer)
+            except ValueError as e:
+                raise ConfigError(
+                    str(e).rstrip("."), "model.activation_checkpointing", "give true, false, auto or a block count"
+                ) from e
         self.init_from = init_from
         if init_from is not None:
             check_init_source(init_from, config)
@@ -212,13 +222,27 @@ class EPASModule(LightningModule):
             optimizer = self.optimizer_factory(param_groups(self))
         else:
             optimizer = default_optimizer(self)
-        total_steps = int(self.trainer.estimated_stepping_batches)
+        total = self.trainer.estimated_stepping_batches  # inf: no max_steps and max_epochs=-1 (a max_time run)
+        total_steps = int(total) if math.isfinite(total) else None
         if self.lr_scheduler_factory is None:
-            scheduler = WarmupCosineLR(optimizer, warmup_steps=min(100, total_steps // 10), max_steps=total_steps)
+            warmup = 100 if total_steps is None else min(100, total_steps // 10)
+            scheduler = WarmupCosineLR(optimizer, warmup_steps=warmup, max_steps=total_steps)
         else:
             scheduler = self.lr_scheduler_factory(optimizer)
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                raise ConfigError(
+                    "ReduceLROnPlateau is not supported: it steps on a metric, this scheduler per optimizer step",
+                    "model.lr_scheduler",
+                    "use a per-step scheduler (epas_lightning.WarmupCosineLR, or one of torch.optim.lr_scheduler)",
+                )
             if isinstance(scheduler, WarmupCosineLR) and scheduler.max_steps is None:
                 scheduler.max_steps = total_steps
+        if isinstance(scheduler, WarmupCosineLR) and scheduler.max_steps is None:
+            rank_zero_warn(
+                "the run has no step limit (trainer.max_steps and trainer.max_epochs are -1): the learning rate "
+                f"warms up for {scheduler.warmup_steps} steps and then stays at its peak; set trainer.max_steps, or "
+                "the max_steps of model.lr_scheduler (epas_lightning.WarmupCosineLR), for the cosine decay"
+            )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

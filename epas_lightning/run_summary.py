@@ -16,6 +16,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar, RichModelSummary, RichProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
@@ -67,8 +68,10 @@ class RunSummary(Callback):
         checkpoint = last_checkpoint(trainer)
         if checkpoint:
             lines.append(f"  checkpoints  {Path(checkpoint).parent}  (last: {Path(checkpoint).name})")
-        if log_dir:
-            lines.append(f"  logs         {log_dir}  (tensorboard --logdir {log_dir})")
+        if log_dir and trainer.loggers:  # without a logger Lightning's log_dir is the working directory: no logs
+            tensorboard = next((lg.log_dir for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+            hint = f"  (tensorboard --logdir {tensorboard})" if tensorboard else ""
+            lines.append(f"  logs         {log_dir}{hint}")
         loss = trainer.callback_metrics.get("val/loss")
         if loss is not None:
             loss = float(loss)

@@ -77,3 +77,25 @@ def test_invalid_schedule_fails_before_training(tmp_path, tiny_corpus):
     assert last.startswith("error: a sharing target of 2 layers is invalid") and "— sharing.target —" in last
     assert "between 1 and n_layer - 1 = 1" in last
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def test_an_argument_of_a_classless_optimizer_says_to_give_the_class_first(capsys):
+    """debug.yaml leaves model.optimizer to the default AdamW, so `--model.optimizer.lr` alone has no class to go to;
+    jsonargparse's message was "invalid value for --model.optimizer (Given value: NestedArg(key='lr', val='1e-3'))"."""
+    assert main(["fit", "--config", DEBUG, "--model.optimizer.lr", "1e-3", "--print_config"]) == 2
+    err = capsys.readouterr().err
+    assert "NestedArg" not in err and "--model.optimizer CLASS --model.optimizer.lr 1e-3" in err, err
+
+
+def test_a_validation_interval_longer_than_the_limited_epoch_is_one_line(tmp_path, monkeypatch):
+    """debug.yaml validates every 4 batches; `--trainer.limit_train_batches 3` made Lightning raise a ValueError
+    traceback once data was set up. It is a config error before anything is built."""
+    from epas_lightning.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"val_check_interval \(4\) .* 3 training batches"):
+        lightning_cli(["--config", DEBUG, "--trainer.limit_train_batches", "3"], run=False)
+    lightning_cli(
+        ["--config", DEBUG, "--trainer.limit_train_batches", "3", "--trainer.check_val_every_n_epoch", "null"],
+        run=False,
+    )

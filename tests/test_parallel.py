@@ -106,6 +106,10 @@ def test_checkpointing_settings_and_the_memory_plan():
     assert [checkpointed_blocks(x, 4) for x in (False, True, 0, 3)] == [0, 4, 0, 3]
     with pytest.raises(ValueError, match="activation_checkpointing"):
         checkpointed_blocks(5, 4)
+    from epas_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.activation_checkpointing"):  # at construction, not mid-fit
+        EPASModule(LlamaConfig.from_name("debug"), activation_checkpointing=5)
     assert blocks_to_checkpoint(4, block_bytes=10, kept_bytes=1, budget=40) == 0
     assert blocks_to_checkpoint(4, block_bytes=10, kept_bytes=1, budget=25) == 2  # 2 * 10 + 2 * 1
     assert blocks_to_checkpoint(4, block_bytes=10, kept_bytes=1, budget=3) == 4  # does not fit at all: every block

@@ -133,3 +133,18 @@ def test_shallow_first_grows_from_layer_1_during_fit(tmp_path):
     cpu_trainer(tmp_path, 6, [sharing, Record()]).fit(module, loader)
     assert [masks[s] for s in range(6)] == [[], [1], [1], [1, 2], [1, 2], [1, 2, 3]]
     assert sharing.state_dict()["order"] == "shallow_first"
+
+
+@pytest.mark.parametrize(("total", "warned"), [(6, True), (7, False), (float("inf"), False)])
+def test_a_run_too_short_for_the_region_says_so_at_the_start(total, warned, recwarn):
+    """Growth finishing at step 6 (3 stages of 2 from step 2) needs 7 optimizer steps; a 6-step run reaches 2 of 3
+    layers, and the user is told before training instead of learning it from the summary."""
+    from types import SimpleNamespace
+
+    from epas_lightning.callbacks import ProgressiveSharing
+
+    sharing = ProgressiveSharing(target=3, interval=2, n_layer=4)
+    sharing.on_fit_start(SimpleNamespace(estimated_stepping_batches=total), None)
+    messages = [str(w.message) for w in recwarn]
+    assert any("reaches 2 of the 3 layers" in m and "full at step 6" in m for m in messages) == warned
+    ProgressiveSharing(target=3, interval=2, n_layer=4, enabled=False).on_fit_start(SimpleNamespace(), None)

@@ -186,6 +186,31 @@ def test_every_consumer_reads_n_sharing_layers_in_growth_order(shallow, tmp_path
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def test_the_summary_points_only_at_logs_that_exist(tmp_path):
+    """`trainer.logger: false` writes no logs, yet Lightning's log_dir is then the working directory: the summary
+    must not send the user to `tensorboard --logdir` there; a CSV logger gets its folder, no TensorBoard hint."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from epas_lightning.run_summary import RunSummary
+
+    module = SimpleNamespace(
+        model=SimpleNamespace(sharing=SimpleNamespace(shared_layers=[])), config=SimpleNamespace(n_layer=2)
+    )
+
+    def summary(loggers: list) -> str:
+        trainer = SimpleNamespace(
+            global_step=3, checkpoint_callbacks=[], callback_metrics={}, callbacks=[], loggers=loggers
+        )
+        return RunSummary().summary(trainer, module, loggers[0].log_dir if loggers else str(tmp_path))
+
+    assert "  logs " not in summary([]) and "tensorboard" not in summary([])
+    csv, tb = CSVLogger(tmp_path / "csv"), TensorBoardLogger(tmp_path / "tb")
+    assert f"logs         {csv.log_dir}\n" in summary([csv]) and "tensorboard" not in summary([csv])
+    assert f"(tensorboard --logdir {tb.log_dir})" in summary([csv, tb])
+
+
 @pytest.mark.slow
 def test_fit_summary_and_resume_with_last(tiny_corpus, tmp_path):
     first = run_cli(["fit", "--config", DEBUG], tmp_path, tiny_corpus.parent)
@@ -275,6 +300,21 @@ def test_user_callbacks_add_to_the_defaults_without_inheriting_them(tmp_path, mo
     assert not any(isinstance(c, ModelCheckpoint) for c in no_checkpoints.trainer.callbacks)
     no_logger = [type(c).__name__ for c in quiet.trainer.callbacks]  # --trainer.logger=false (in no_bar)
     assert "LearningRateMonitor" not in no_logger and "SaveConfigCallback" not in no_logger
+
+
+def test_a_section_callback_repeated_in_trainer_callbacks_is_one_line(tmp_path, monkeypatch):
+    """A second ProgressiveSharing in trainer.callbacks would fight the `sharing` section over the mask; Lightning
+    refused it with a RuntimeError traceback about stateful callbacks. It is a user error naming the section."""
+    from epas_lightning.lightning_cli import lightning_cli
+
+    config = tmp_path / "callbacks.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: epas_lightning.ProgressiveSharing\n"
+        "      init_args:\n        target: 1\n        interval: 2\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="the `sharing` section already adds one — trainer.callbacks"):
+        lightning_cli(["--config", DEBUG, "--config", str(config)], run=False)
 
 
 def test_configs_travel_with_the_package():
