@@ -12,6 +12,7 @@ alone, every rank and every micro-batch of an accumulation window agree on it, a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -50,7 +51,7 @@ def resolve_target(target: TargetSpec, n_layer: int, order: GrowthOrder = "deep_
     if isinstance(target, float):
         if not 0.0 < target < 1.0:
             raise ConfigError(f"a fractional sharing target must be in (0, 1), got {target}", "sharing.target")
-        count = int(target * n_layer)
+        count = math.floor(target * n_layer + 1e-9)  # rounds down; 0.29 of 100 layers is 29, not 28.999...
         if count == 0:
             raise ConfigError(
                 f"a sharing target of {target} of {n_layer} layers rounds down to 0 layers",

@@ -10,6 +10,8 @@ def test_targets_resolve_deepest_first():
     assert resolve_target(0.5, 12) == (11, 10, 9, 8, 7, 6)
     assert resolve_target(5 / 22, 22) == (21, 20, 19, 18, 17)
     assert resolve_target([7, 6, 5], 12) == (7, 6, 5)
+    assert len(resolve_target(0.29, 100)) == 29  # 0.29 * 100 is 28.999... in floating point
+    assert len(resolve_target(0.3, 22)) == 6  # a fraction rounds down
 
 
 @pytest.mark.parametrize(
