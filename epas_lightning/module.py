@@ -87,6 +87,9 @@ class EPASModule(LightningModule):
         self._tokens_shape: tuple[int, int] | None = None
         self._built_on_meta = False
         self._init_rng_state: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._loss_step: int | None = None  # the optimizer step whose micro-batch losses _loss_sum adds up
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_count = 0
 
     def configure_model(self) -> None:
         """Build the model and apply AC / compile / FSDP2 (idempotent).
@@ -178,8 +181,21 @@ class EPASModule(LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         self._tokens_shape = (batch.shape[0], batch.shape[1] - 1)
         loss = train_loss(self.model, batch)  # the logits are never materialised; validation keeps next_token_loss
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", self._step_mean_loss(loss), prog_bar=True, sync_dist=True)
         return loss
+
+    def _step_mean_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The mean loss of the micro-batches of this optimizer step so far (the step's loss at its last one).
+
+        Lightning keeps the value logged by the step's last micro-batch; logging the running mean makes ``train/loss``
+        the step's loss under gradient accumulation too. ``sync_dist`` then averages it over the ranks.
+        """
+        step = self.trainer.global_step
+        if self._loss_step != step:
+            self._loss_step, self._loss_sum, self._loss_count = step, torch.zeros_like(loss, dtype=torch.float32), 0
+        self._loss_sum = self._loss_sum + loss.detach().float()
+        self._loss_count += 1
+        return self._loss_sum / self._loss_count
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         loss = next_token_loss(self.model, batch)

@@ -71,6 +71,29 @@ def test_flops_per_batch_follows_the_mask(tiny_corpus, tmp_path):
     assert seen == [(n, 4 * estimate_flops(config, n, 32)) for n in (0, 0, 1, 1)]
 
 
+def test_train_loss_is_the_mean_of_the_steps_micro_batches(tiny_corpus, tmp_path):
+    module, data = make_run(tiny_corpus, n_layer=2)
+    micro_losses, logged = [], {}
+    step_loss = module.training_step
+
+    def recording_step(batch, batch_idx):
+        loss = step_loss(batch, batch_idx)
+        micro_losses.append(loss.item())
+        return loss
+
+    module.training_step = recording_step
+
+    class ReadLogged(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            logged[batch_idx] = trainer.callback_metrics["train/loss"].item()
+
+    make_trainer(tmp_path, 2, [ReadLogged()], accumulate_grad_batches=3).fit(module, data)
+    assert len(micro_losses) == 6
+    for step in range(2):  # what the step's last micro-batch leaves in the logs is the mean of its three
+        expected = sum(micro_losses[3 * step : 3 * step + 3]) / 3
+        assert logged[3 * step + 2] == pytest.approx(expected, rel=1e-6)
+
+
 def test_resume_mid_growth_matches_uninterrupted_run(tiny_corpus, tmp_path):
     def run(max_steps, ckpt_path=None, checkpoint=None):
         module, data = make_run(tiny_corpus)
