@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.distributed.tensor import DTensor
 from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from epas_lightning.errors import ConfigError
@@ -196,6 +197,30 @@ class EPASModule(LightningModule):
         self._loss_sum = self._loss_sum + loss.detach().float()
         self._loss_count += 1
         return self._loss_sum / self._loss_count
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip as the trainer says, and log the total L2 norm of the gradients before clipping (``train/grad_norm``).
+
+        Clipping by norm computes that norm anyway, so it is logged every step at no cost; otherwise it is computed
+        only on the steps the loggers write. Not logged under fp16 loss scaling, where the precision plugin clips.
+        """
+        by_norm = bool(gradient_clip_val) and gradient_clip_algorithm in (None, "norm")
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        logs_now = bool(self.trainer.loggers) and getattr(self.trainer._logger_connector, "should_update_logs", True)
+        if scaled or not (by_norm or logs_now):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        # the same call the precision plugin makes to clip; an infinite max_norm only measures
+        norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val if by_norm else math.inf)
+        self.log("train/grad_norm", norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        if not by_norm:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         loss = next_token_loss(self.model, batch)

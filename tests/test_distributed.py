@@ -55,8 +55,8 @@ def assert_switches_on_every_rank(ranks: list[dict]) -> None:
 
 
 def test_fsdp2_two_ranks_match_one_rank_through_switches(tmp_path):
-    one = fit(tmp_path / "one", "--devices", "1")
-    two = fit(tmp_path / "two", "--devices", "2")
+    one = fit(tmp_path / "one", "--devices", "1", "--clip", "0.5")
+    two = fit(tmp_path / "two", "--devices", "2", "--clip", "0.5")
     assert len(two) == 2 and two[0]["world_size"] == 2
     assert_switches_on_every_rank(two)
     # each rank holds half of every sharded parameter
@@ -64,6 +64,12 @@ def test_fsdp2_two_ranks_match_one_rank_through_switches(tmp_path):
     assert all(r["local_shapes"]["model.embed_tokens.weight"] == [256, 64] for r in two)
     # same init for any number of ranks, same global batch: fp32 sums in another order only
     assert global_losses(two) == pytest.approx(global_losses(one), rel=2e-6)
+    # train/loss and train/grad_norm are the global batch's, the same on every rank
+    for rank in two:
+        logged = [rank["steps"][s]["logged"] for s in sorted(rank["steps"], key=int)]
+        assert [m["train/loss"] for m in logged] == pytest.approx(global_losses(two), rel=1e-6)
+        norms = [one[0]["steps"][s]["logged"]["train/grad_norm"] for s in sorted(rank["steps"], key=int)]
+        assert [m["train/grad_norm"] for m in logged] == pytest.approx(norms, rel=1e-5)
 
 
 def test_ddp_with_find_unused_parameters_matches_one_process(tmp_path):

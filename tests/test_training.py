@@ -94,6 +94,35 @@ def test_train_loss_is_the_mean_of_the_steps_micro_batches(tiny_corpus, tmp_path
         assert logged[3 * step + 2] == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_grad_norm_is_logged_before_clipping_and_clipping_is_lightnings(tiny_corpus, tmp_path, clip):
+    norms, logged = [], []
+
+    class ReadNorms(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # runs before clipping
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            logged.append(trainer.callback_metrics["train/grad_norm"].item())
+
+    def run(module, callbacks):
+        logger = L.pytorch.loggers.CSVLogger(tmp_path / "logs")
+        trainer = make_trainer(tmp_path, 3, callbacks, gradient_clip_val=clip, logger=logger, log_every_n_steps=1)
+        trainer.fit(module, data)
+        return module.model.state_dict()
+
+    module, data = make_run(tiny_corpus, n_layer=2)
+    ours = run(module, [ReadNorms()])
+    assert logged == pytest.approx(norms, rel=1e-5) and len(logged) == 3
+    if clip:  # the same clipping as Lightning's own: identical weights after three clipped steps
+        assert min(norms) > clip
+        module, data = make_run(tiny_corpus, n_layer=2)
+        module.configure_gradient_clipping = module.clip_gradients  # LightningModule's default hook
+        theirs = run(module, [])
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_resume_mid_growth_matches_uninterrupted_run(tiny_corpus, tmp_path):
     def run(max_steps, ckpt_path=None, checkpoint=None):
         module, data = make_run(tiny_corpus)

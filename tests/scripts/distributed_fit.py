@@ -68,7 +68,10 @@ class Recorder(Callback):
         self.steps[trainer.global_step] = {"shared": pl_module.model.sharing.shared_layers, "qk_no_grad": no_grad}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.steps[trainer.global_step - 1]["loss"] = outputs["loss"].item()
+        step = self.steps[trainer.global_step - 1]
+        step["loss"] = outputs["loss"].item()
+        logged = trainer.callback_metrics
+        step["logged"] = {k: logged[k].item() for k in ("train/loss", "train/grad_norm") if k in logged}
 
 
 def parse_args() -> argparse.Namespace:
@@ -81,6 +84,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data-dir", help="a prepared corpus (resumable litdata streams) instead of synthetic tokens")
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--clip", type=float, help="gradient_clip_val (by norm)")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--compile", default=False, help="torch.compile backend for every block")
@@ -120,6 +124,7 @@ def main() -> None:
         strategy=strategy,
         precision=args.precision,
         max_steps=args.steps,
+        gradient_clip_val=args.clip,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
