@@ -33,7 +33,14 @@ def test_fit_through_the_entry_point_logs_and_checkpoints(tiny_corpus, tmp_path)
     assert (run_dir / "config.yaml").exists()
     events = EventAccumulator(str(run_dir)).Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "val/loss", "val/ppl", "sharing/layers", "train/device/items_per_sec"} <= tags, tags
+    assert {
+        "train/loss",
+        "train/grad_norm",
+        "val/loss",
+        "val/ppl",
+        "sharing/layers",
+        "train/device/items_per_sec",
+    } <= tags, tags
     layers = [e.value for e in events.Scalars("sharing/layers")]
     assert layers[0] == 0.0 and layers[-1] == 1.0
 
