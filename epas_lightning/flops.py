@@ -35,10 +35,12 @@ def matmul_params(config: LlamaConfig, n_shared: int = 0) -> int:
     return config.n_layer * per_layer - n_shared * skipped + d * config.padded_vocab_size
 
 
-def estimate_flops(config: LlamaConfig, n_shared: int, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per sample of ``seq_len`` tokens with ``n_shared`` sharing layers."""
+def estimate_flops(config: LlamaConfig, n_shared: int, seq_len: int, backward: bool = True) -> float:
+    """Training FLOPs (forward + backward) per sample of ``seq_len`` tokens with ``n_shared`` sharing layers;
+    ``backward=False``: the forward pass alone (a third: the convention counts the backward as two forwards)."""
     attention = 4 * config.n_layer * seq_len * config.n_head * config.head_dim
-    return 3.0 * seq_len * (2 * matmul_params(config, n_shared) + attention)
+    passes = 3.0 if backward else 1.0
+    return passes * seq_len * (2 * matmul_params(config, n_shared) + attention)
 
 
 def flop_cut(config: LlamaConfig, n_shared: int, seq_len: int) -> float:

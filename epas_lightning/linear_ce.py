@@ -10,7 +10,9 @@ the loss is the two gradients instead of the logits (and their fp32 copies, soft
 Mean over the targets that are not ``ignore_index``, as ``F.cross_entropy``; log-softmax in fp32 whatever the
 compute dtype (under autocast the inputs are cast to its dtype, as ``F.linear`` would be). In 16-bit compute the
 LM-head weight gradient is summed over chunks in that dtype (as Liger's fused kernel does by default), so it rounds
-once per chunk where the plain path rounds once: fewer chunks, closer to the plain path (benchmarks/RESULTS.md).
+once per chunk where the plain path rounds once: fewer chunks, closer to the plain path (benchmarks/RESULTS.md). In
+fp16 (``16-mixed``) the hidden-state gradient is kept in fp32 until the loss scale is applied: its 1/N mean over the
+tokens would underflow fp16 before GradScaler's scale could lift it.
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         safe_targets = torch.where(valid, targets, 0).unsqueeze(1)  # (N, 1)
         scale = valid / valid.sum()  # (N,): each valid token's weight in the mean, 0 where ignored
         loss = hidden.new_zeros((), dtype=torch.float32)
-        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        # fp16 (16-mixed): the hidden-state gradient, scaled by 1/N long before the loss scale arrives, would underflow
+        wide = hidden.dtype == torch.float16
+        grad_hidden = torch.empty_like(hidden, dtype=torch.float32 if wide else None) if want_hidden else None
         for start in range(0, hidden.shape[0], rows):
             end = min(start + rows, hidden.shape[0])
             h = hidden[start:end]  # (n, C)
@@ -83,7 +87,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g = probs.to(weight.dtype)  # d(sum of nll)/d(logits); the per-token scale goes on the (n, C) side
             del logp, probs
             chunk_scale = scale[start:end, None].to(weight.dtype)  # (n, 1)
-            if want_hidden:
+            if want_hidden and wide:
+                grad_hidden[start:end] = torch.mm(g, weight).float().mul_(scale[start:end, None])
+            elif want_hidden:
                 torch.mm(g, weight, out=grad_hidden[start:end]).mul_(chunk_scale)
             if want_weight:  # accumulated by the matmul itself (beta = 1), no (V, C) temporary per chunk
                 scaled = h * chunk_scale  # (n, C)
@@ -106,8 +112,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:  # the usual case; a free check on the host
             return grad_hidden, grad_weight, None, None, None, None
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
-        if grad_weight is not None:
-            grad_weight = grad_weight.mul_(grad_loss.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None, None
+        return _times(grad_hidden, grad_loss), _times(grad_weight, grad_loss), None, None, None, None
+
+
+def _times(grad: torch.Tensor | None, grad_loss: torch.Tensor) -> torch.Tensor | None:
+    """``grad * grad_loss``: in place, but an fp16 gradient is scaled in fp32 (GradScaler's 65536 is inf in fp16)."""
+    if grad is None:
+        return None
+    if grad.dtype == torch.float16:
+        return (grad.float() * grad_loss).half()
+    return grad.mul_(grad_loss.to(grad.dtype))

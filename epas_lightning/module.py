@@ -159,11 +159,12 @@ class EPASModule(LightningModule):
 
     @property
     def flops_per_batch(self) -> float | None:
-        """Training FLOPs of the last batch shape under the current mask (read by ``ThroughputMonitor``)."""
+        """FLOPs of the last batch under the current mask (read by ``ThroughputMonitor``): forward and backward of a
+        training batch, the forward alone of a validation or test batch (the module is in eval mode there)."""
         if self._tokens_shape is None or self.model is None:
             return None
         batch_size, seq_len = self._tokens_shape
-        return batch_size * estimate_flops(self.config, self.n_shared, seq_len)
+        return batch_size * estimate_flops(self.config, self.n_shared, seq_len, backward=self.training)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Plain types only, so the checkpoint stays loadable with ``weights_only=True``.
@@ -223,6 +224,7 @@ class EPASModule(LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._tokens_shape = (batch.shape[0], batch.shape[1] - 1)
         loss = next_token_loss(self.model, batch)
         self.val_loss.update(loss, weight=batch[:, 1:].numel())
         self.val_tokens.update(batch[:, 1:].numel())

@@ -76,6 +76,20 @@ def test_under_bf16_autocast_the_matmuls_run_in_bf16_and_grads_keep_the_param_dt
     torch.testing.assert_close(loss.detach(), ref, atol=2e-2, rtol=2e-2)
 
 
+def test_under_fp16_autocast_a_loss_scaled_gradient_stays_finite_and_as_accurate_as_full_logits():
+    """16-mixed: GradScaler's first scale (65536) must not overflow the stored gradients, and the 1/N mean over many
+    tokens must not underflow them in fp16 before the scale is applied."""
+    hidden, weight, targets = inputs(N=4096, C=64, V=1000)
+    exact_inputs = (t.detach().double().requires_grad_() for t in (hidden, weight))
+    exact = loss_and_grads(plain_linear_cross_entropy, *exact_inputs, targets)[1:]
+    errors = {}
+    for name, fn in (("ours", linear_cross_entropy), ("plain", plain_linear_cross_entropy)):
+        with torch.autocast("cpu", dtype=torch.float16):
+            grads = loss_and_grads(fn, hidden, weight, targets, grad_out=65536.0)[1:]
+        errors[name] = [((g / 65536.0 - e).norm() / e.norm()).item() for g, e in zip(grads, exact, strict=True)]
+    assert all(err <= 2 * plain for err, plain in zip(errors["ours"], errors["plain"], strict=True)), errors
+
+
 @pytest.mark.parametrize("shared", [[], [2, 3]])
 def test_train_loss_matches_next_token_loss_over_the_real_vocabulary(shared):
     """train_loss == cross-entropy of the full logits cut to vocab_size (500 of 512 padded rows), same param grads."""

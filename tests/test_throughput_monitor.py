@@ -4,11 +4,12 @@ import lightning as L
 import pytest
 import torch
 from helpers import cpu_trainer
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 
 import epas_lightning.callbacks as callbacks
 from epas_lightning import EPASModule, LlamaConfig, TokenThroughputMonitor
-from epas_lightning.flops import peak_flops
+from epas_lightning.flops import estimate_flops, peak_flops
 
 
 class Keys(Logger):
@@ -54,6 +55,26 @@ def test_mfu_and_peak_memory_are_logged_where_the_device_has_them(tmp_path, monk
     monkeypatch.setattr(callbacks, "peak_memory_gib", lambda device: 1.5)
     keys = fit_keys(tmp_path)
     assert {"train/device/mfu", callbacks.PEAK_MEMORY_KEY} <= keys
+
+
+def test_validation_flops_count_the_forward_pass_of_the_validation_batch(tmp_path):
+    seen = {}
+
+    class ReadFlops(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen["train"] = pl_module.flops_per_batch
+
+        def on_validation_batch_end(self, trainer, pl_module, *args):
+            seen["val"] = pl_module.flops_per_batch
+
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16))
+    train = torch.utils.data.DataLoader(torch.randint(0, 512, (4, 17)), batch_size=2)
+    val = torch.utils.data.DataLoader(torch.randint(0, 512, (3, 9)), batch_size=3)
+    trainer = cpu_trainer(tmp_path, 2, [ReadFlops()], limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(module, train, val)
+    config = module.config
+    assert seen["train"] == 2 * estimate_flops(config, 0, 16)
+    assert seen["val"] == 3 * estimate_flops(config, 0, 8, backward=False)  # not the last training batch's 3x
 
 
 @pytest.mark.parametrize(
