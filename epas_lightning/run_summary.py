@@ -145,14 +145,25 @@ class FlopsModelSummary(ModelSummary):
 
 class StepRunProgressBar(RichProgressBar):
     """Lightning's rich progress bar, minus the epoch total that a run bounded by ``max_steps`` does not have
-    (Lightning then sets ``max_epochs=-1``, and its bar reads "Epoch 0/-2"), and with the run's version number shown
-    as the integer it is ("v_num: 3", not "v_num: 3.000")."""
+    (Lightning then sets ``max_epochs=-1``, and its bar reads "Epoch 0/-2"), with the batches of a step-bounded run
+    counted right under gradient accumulation, and with the run's version number shown as the integer it is
+    ("v_num: 3", not "v_num: 3.000")."""
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
         if isinstance(items.get("v_num"), int):
             items["v_num"] = str(items["v_num"])
         return items
+
+    @property
+    def total_train_batches(self) -> int | float:
+        """Batches left in the epoch: Lightning caps them at the optimizer steps left, which under gradient
+        accumulation are fewer than the batches ("20/10" for 10 steps of 2 batches)."""
+        trainer = self.trainer
+        if trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0:
+            remaining = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
+            return min(trainer.num_training_batches, remaining)
+        return super().total_train_batches
 
     def _get_train_description(self, current_epoch: int) -> str:
         max_epochs = self.trainer.max_epochs

@@ -325,3 +325,20 @@ def test_configs_travel_with_the_package():
     pyproject = (REPO / "pyproject.toml").read_text()
     assert 'epas_lightning = ["configs/*.yaml"]' in pyproject
     assert shutil.which("python") is not None
+
+
+@pytest.mark.parametrize("accumulate,global_step,expected", [(1, 0, 10), (2, 0, 20), (4, 7, 12)])
+def test_the_progress_bar_counts_the_batches_of_a_step_bounded_run(accumulate, global_step, expected):
+    from types import SimpleNamespace
+
+    from epas_lightning.run_summary import StepRunProgressBar
+
+    bar = StepRunProgressBar()
+    bar._trainer = SimpleNamespace(
+        max_epochs=-1,
+        max_steps=10,
+        global_step=global_step,
+        accumulate_grad_batches=accumulate,
+        num_training_batches=float("inf"),
+    )
+    assert bar.total_train_batches == expected  # Lightning's own bar read 10 for 20 batches of 10 steps of 2
