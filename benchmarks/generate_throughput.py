@@ -27,6 +27,7 @@ import statistics
 import torch
 from harness import alternate, emit, resolve_device
 
+from epas_lightning.errors import run_script
 from epas_lightning.inference import generate, set_region
 from epas_lightning.model import Llama, LlamaConfig
 
@@ -164,4 +165,4 @@ def print_table(s: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

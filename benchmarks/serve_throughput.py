@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import save_file
 
 from epas_lightning.data.tokenizer import train_byte_level_bpe
+from epas_lightning.errors import run_script
 from epas_lightning.model import Llama, LlamaConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,4 +238,4 @@ def print_table(s: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 from harness import cpu_ticks, device_name, emit, foreign_load, resolve_device, synchronize
 
+from epas_lightning.errors import run_script
 from epas_lightning.loss import lm_loss
 from epas_lightning.model import Llama, LlamaConfig
 
@@ -216,4 +217,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

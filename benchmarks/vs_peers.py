@@ -42,12 +42,12 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from harness import device_name, emit, resolve_device, time_arms
+from harness import device_name, emit, resolve_device, sharing_layers, time_arms
 from vs_hf import build_hf, check_same_logits
 
 from epas_lightning.cpu import tune_glibc_malloc
+from epas_lightning.errors import run_script
 from epas_lightning.flops import estimate_flops, flop_cut, peak_flops
-from epas_lightning.inference import deepest_layers
 from epas_lightning.loss import train_loss
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.optim import default_optimizer
@@ -191,7 +191,7 @@ def build_systems(
     compile_all = args.compile == "all"
     ours = parallelize(ours.to(device), None, compile=compile_all)
     optimizer = default_optimizer(ours)
-    region = deepest_layers(config.n_layer, min(max(round(args.sharing * config.n_layer), 0), config.n_layer - 1))
+    region = sharing_layers(config.n_layer, args.sharing)
 
     def use(layers: list[int], reuse: bool) -> Callable[[], None]:
         def switch() -> None:
@@ -391,4 +391,4 @@ def print_table(r: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

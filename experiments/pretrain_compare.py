@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 
 from epas_lightning.callbacks import ProgressiveSharing
+from epas_lightning.errors import DataError, run_script
 from epas_lightning.flops import flop_cut
 from epas_lightning.loss import next_token_loss, train_loss
 from epas_lightning.lr import WarmupCosineLR
@@ -133,7 +134,8 @@ def load_batches(args: argparse.Namespace, vocab_size: int) -> tuple[list[torch.
     train = take(data.train_dataloader(), args.steps)
     val = take(data.val_dataloader(), args.val_batches)
     if len(train) < args.steps or len(val) < args.val_batches:
-        raise SystemExit(f"The data has {len(train)} training / {len(val)} validation batches; asked for more.")
+        have = f"{len(train)} training / {len(val)} validation batches of {args.batch_size} x {args.seq_len + 1} tokens"
+        raise DataError(f"the data holds {have}", data.data_dir, "lower --steps, --val-batches or --batch-size")
     name = "built-in corpus" if args.data_dir is None else args.data_dir
     return train, val, f"{name} ({data.data_dir})"
 
@@ -412,4 +414,4 @@ def strip_curves(result: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -126,3 +126,48 @@ def test_linear_ce_precision_compares_chunk_counts_with_the_plain_path():
     # one chunk rounds the weight gradient once, as the plain path does; eight chunks round it eight times
     assert errors["chunked_1"]["weight"] == pytest.approx(errors["plain"]["weight"], rel=0.05)
     assert errors["chunked_8"]["weight"] > errors["chunked_1"]["weight"]
+
+
+SCRIPTS = sorted(ROOT.glob("benchmarks/*.py")) + sorted(ROOT.glob("experiments/*.py"))
+
+
+@pytest.fixture
+def benchmarks_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+
+
+def test_every_script_reports_a_user_error_in_one_line():
+    """A bad flag value (an unknown preset, CUDA on a CPU machine) ends the script with one line and status 2."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--model", "nope"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: Unknown model preset 'nope'") and proc.stderr.count("\n") == 1
+    mains = [p.name for p in SCRIPTS if 'if __name__ == "__main__":' in p.read_text()]
+    wrapped = [p.name for p in SCRIPTS if p.read_text().endswith("    run_script(main)\n")]
+    assert sorted(set(mains) - set(wrapped)) == ["gpu_session.py"]  # it runs before the package's dependencies exist
+
+
+def test_cuda_on_a_cpu_machine_is_a_user_error(benchmarks_importable, monkeypatch):
+    import harness
+
+    from epas_lightning.errors import ConfigError
+
+    monkeypatch.setattr(harness.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        harness.resolve_device("cuda")
+
+
+def test_memory_caps_the_region_below_the_layer_count(benchmarks_importable, monkeypatch):
+    """``--sharing 1.0`` measures the largest region a model can have (every layer but layer 0), as the other
+    benchmarks do, instead of failing in ``deepest_layers``."""
+    import memory
+
+    regions = []
+    monkeypatch.setattr(memory, "measure", lambda args, device, shared, ac: regions.append(shared) or 1.0)
+    result = memory.main(["--model", "debug", "--sharing", "1.0", "--device", "cpu"])
+    assert regions == [[], [1], [], [1]] and result["n_shared"] == 1
