@@ -171,3 +171,24 @@ def test_memory_caps_the_region_below_the_layer_count(benchmarks_importable, mon
     monkeypatch.setattr(memory, "measure", lambda args, device, shared, ac: regions.append(shared) or 1.0)
     result = memory.main(["--model", "debug", "--sharing", "1.0", "--device", "cpu"])
     assert regions == [[], [1], [], [1]] and result["n_shared"] == 1
+
+
+def test_generate_throughput_always_measures_the_dense_baseline(benchmarks_importable):
+    """Gains are relative to dense: ``--sharing 0.5`` alone used to fail with KeyError 'dense' after all the work."""
+    import generate_throughput
+
+    args = ["--model", "debug", "--batch-sizes", "1", "--prompt-len", "4", "--new-tokens", "3", "--reps", "1"]
+    result = generate_throughput.main([*args, "--device", "cpu", "--sharing", "0.5"])
+    rows = result["results"][1]
+    assert list(rows) == ["dense", "0.5"] and rows["dense"]["gain"] == 0 and result["gain_50"] is not None
+
+
+def test_generate_throughput_refuses_arguments_it_cannot_measure(benchmarks_importable):
+    import generate_throughput
+
+    from epas_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="at least 2 new tokens"):  # was a ZeroDivisionError after the runs
+        generate_throughput.main(["--model", "debug", "--new-tokens", "1", "--device", "cpu"])
+    with pytest.raises(ConfigError, match="CUDA graphs need a CUDA device"):  # was a ValueError traceback
+        generate_throughput.main(["--model", "debug", "--cuda-graph", "on", "--device", "cpu"])
