@@ -192,3 +192,16 @@ def test_generate_throughput_refuses_arguments_it_cannot_measure(benchmarks_impo
         generate_throughput.main(["--model", "debug", "--new-tokens", "1", "--device", "cpu"])
     with pytest.raises(ConfigError, match="CUDA graphs need a CUDA device"):  # was a ValueError traceback
         generate_throughput.main(["--model", "debug", "--cuda-graph", "on", "--device", "cpu"])
+
+
+def test_vs_peers_table_prints_mfu_without_memory(benchmarks_importable, capsys):
+    """``--peak-tflops`` on the CPU gives an MFU column but no CUDA memory; the table used to crash on it."""
+    import vs_peers
+
+    result = {"model": "debug", "seq_len": 8, "batch_size": 1, "precision": "32-true", "device_name": "cpu"}
+    result |= {"tokens_per_s": {"dense": 10.0, "hf": 8.0}, "best_peer": "hf", "mfu": {"dense": 0.5, "hf": 0.4}}
+    result |= {"step_peak_memory_mib": None, "rep_foreign_load": {}, "flop_cut": 0.05, "targets": {}}
+    vs_peers.print_table(result | {"targets_met": {}})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split() == ["system", "tokens/s", "vs", "best", "peer", "MFU"]
+    assert lines[3].split() == ["dense", "10.0", "1.250", "0.500"]
