@@ -21,6 +21,9 @@ import torch
 from epas_lightning.errors import ConfigError
 from epas_lightning.inference import deepest_layers
 
+BENCH_EXTRA = 'pip install ".[bench]"'
+"""How to install the peers the benchmarks compare against (``transformers``; see ``pyproject.toml``)."""
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto``: CUDA when available, else the CPU."""

@@ -42,7 +42,7 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from harness import device_name, emit, resolve_device, sharing_layers, time_arms
+from harness import BENCH_EXTRA, device_name, emit, resolve_device, sharing_layers, time_arms
 from vs_hf import build_hf, check_same_logits
 
 from epas_lightning.cpu import tune_glibc_malloc
@@ -58,6 +58,8 @@ OURS = ("dense", "epas")
 PEERS = ("litgpt", "hf")
 MODULES = {"litgpt": "litgpt", "hf": "transformers", "liger": "liger_kernel"}
 """The package each optional system needs (``liger``: our dense model with Liger's fused linear cross-entropy)."""
+INSTALL = {"litgpt": 'pip install --no-deps "litgpt==0.5.13"', "hf": BENCH_EXTRA, "liger": 'pip install ".[gpu]"'}
+"""How to install each optional system's package (LitGPT without its pins, which conflict with ours)."""
 TARGETS = {
     "cpu": {"dense_vs_best_peer": 0.98, "epas_vs_best_peer": 1.04},
     "cuda": {"dense_vs_best_peer": 1.0, "epas_vs_best_peer": 1.10},
@@ -253,7 +255,7 @@ def liger_loss(model: Llama) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def available_systems(requested: list[str], device: torch.device) -> tuple[list[str], dict[str, str]]:
     """The requested systems that can run here, and why the others were skipped."""
-    skipped = {s: f"{MODULES[s]} not installed" for s in requested if s in MODULES}
+    skipped = {s: f"{MODULES[s]} not installed: {INSTALL[s]}" for s in requested if s in MODULES}
     skipped = {s: why for s, why in skipped.items() if importlib.util.find_spec(MODULES[s]) is None}
     if "liger" in requested and device.type != "cuda":
         skipped["liger"] = "Liger's kernels need CUDA"

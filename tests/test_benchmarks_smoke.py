@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,6 +193,23 @@ def test_generate_throughput_refuses_arguments_it_cannot_measure(benchmarks_impo
         generate_throughput.main(["--model", "debug", "--new-tokens", "1", "--device", "cpu"])
     with pytest.raises(ConfigError, match="CUDA graphs need a CUDA device"):  # was a ValueError traceback
         generate_throughput.main(["--model", "debug", "--cuda-graph", "on", "--device", "cpu"])
+
+
+def test_a_missing_peer_package_says_what_to_install(benchmarks_importable, monkeypatch):
+    import vs_hf
+    import vs_peers
+
+    from epas_lightning.errors import ConfigError
+
+    monkeypatch.setattr(vs_peers.importlib.util, "find_spec", lambda name: None)
+    systems, skipped = vs_peers.available_systems(["dense", "litgpt", "hf"], torch.device("cpu"))
+    assert systems == ["dense"]
+    assert skipped == {
+        "litgpt": 'litgpt not installed: pip install --no-deps "litgpt==0.5.13"',
+        "hf": 'transformers not installed: pip install ".[bench]"',
+    }
+    with pytest.raises(ConfigError, match=r"transformers is not installed .* pip install \"\.\[bench\]\""):
+        vs_hf.main(["--quick"])  # was a ModuleNotFoundError traceback
 
 
 def test_vs_peers_table_prints_mfu_without_memory(benchmarks_importable, capsys):
