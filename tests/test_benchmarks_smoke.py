@@ -223,3 +223,28 @@ def test_vs_peers_table_prints_mfu_without_memory(benchmarks_importable, capsys)
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].split() == ["system", "tokens/s", "vs", "best", "peer", "MFU"]
     assert lines[3].split() == ["dense", "10.0", "1.250", "0.500"]
+
+
+def test_serve_throughput_says_why_the_server_did_not_start(benchmarks_importable, monkeypatch, tmp_path):
+    """The server's log is in a temporary folder that is gone when the script ends: its last line is the message."""
+    import serve_throughput
+
+    from epas_lightning.errors import ConfigError
+
+    class ExitedServer:
+        def __init__(self, command, env, stdout, stderr):  # noqa: ANN001
+            stdout.write("Loading\nerror: CUDA is not available on this machine — --device cuda — use --device cpu\n")
+            stdout.flush()
+
+        def poll(self) -> int:
+            return 2
+
+        terminate = poll
+
+        def wait(self, timeout: float) -> int:
+            return 2
+
+    monkeypatch.setattr(serve_throughput.subprocess, "Popen", ExitedServer)
+    args = serve_throughput.parse_args(["--quick", "--device", "cuda"])
+    with pytest.raises(ConfigError, match="^the server did not start: CUDA is not available .* use --device cpu$"):
+        serve_throughput.Server(tmp_path, args, tmp_path / "server.log")
