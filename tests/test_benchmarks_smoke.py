@@ -248,3 +248,15 @@ def test_serve_throughput_says_why_the_server_did_not_start(benchmarks_importabl
     args = serve_throughput.parse_args(["--quick", "--device", "cuda"])
     with pytest.raises(ConfigError, match="^the server did not start: CUDA is not available .* use --device cpu$"):
         serve_throughput.Server(tmp_path, args, tmp_path / "server.log")
+
+
+def test_pretrain_compare_refuses_to_mix_its_tensorboard_runs_with_an_earlier_one(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import pretrain_compare
+
+    from epas_lightning.errors import OutputError
+
+    (tmp_path / "tb" / "dense").mkdir(parents=True)
+    (tmp_path / "tb" / "dense" / "events.out.tfevents.1.host.1.0").write_bytes(b"")
+    with pytest.raises(OutputError, match="earlier comparison"):  # before any training
+        pretrain_compare.main(["--quick", "--out", str(tmp_path)])
