@@ -90,3 +90,14 @@ def test_quoted_commands_use_flags_that_exist(monkeypatch, capsys):
                 unknown += [f"{doc}: {script} {flag}" for flag in sorted(flags(arguments) - flags(helps[key]))]
     assert len(helps) >= 10  # the scripts were found
     assert unknown == []
+
+
+def test_write_replaces_a_table_whatever_the_blank_lines_around_it(tmp_path, monkeypatch):
+    """The table used to be matched with exactly one newline on each side: with a blank line it was left stale while
+    the script said "updated"."""
+    script = load_table_script()
+    guide = tmp_path / "guide.md"
+    guide.write_text(f"intro\n{script.BEGIN}\n\n| stale |\n\n{script.END}\noutro\n")
+    monkeypatch.setattr(script, "GUIDE", guide)
+    assert script.main(["--write"]) == 0
+    assert guide.read_text() == f"intro\n{script.BEGIN}\n{script.speedup_table()}\n{script.END}\noutro\n"
