@@ -137,17 +137,17 @@ def benchmarks_importable(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
 
 
-def test_every_script_reports_a_user_error_in_one_line():
+def test_every_script_reports_a_user_error_in_one_line(benchmarks_importable, capsys):
     """A bad flag value (an unknown preset, CUDA on a CPU machine) ends the script with one line and status 2."""
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--model", "nope"],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.startswith("error: Unknown model preset 'nope'") and proc.stderr.count("\n") == 1
+    import memory
+
+    from epas_lightning.errors import run_script
+
+    with pytest.raises(SystemExit) as stopped:
+        run_script(lambda: memory.main(["--model", "nope"]))
+    out, err = capsys.readouterr()
+    assert stopped.value.code == 2 and out == ""
+    assert err.startswith("error: Unknown model preset 'nope'") and err.count("\n") == 1
     mains = [p.name for p in SCRIPTS if 'if __name__ == "__main__":' in p.read_text()]
     wrapped = [p.name for p in SCRIPTS if p.read_text().endswith("    run_script(main)\n")]
     assert sorted(set(mains) - set(wrapped)) == ["gpu_session.py"]  # it runs before the package's dependencies exist
