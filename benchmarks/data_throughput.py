@@ -21,6 +21,7 @@ from epas_lightning.data import TokenDataModule
 from epas_lightning.data.builtin import collect_source_files, stdlib_root
 from epas_lightning.data.prepare import prepare_dataset
 from epas_lightning.data.writing import default_num_workers
+from epas_lightning.errors import run_script
 
 
 def main() -> None:
@@ -86,4 +87,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

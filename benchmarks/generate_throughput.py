@@ -27,6 +27,7 @@ import statistics
 import torch
 from harness import alternate, emit, resolve_device
 
+from epas_lightning.errors import ConfigError, run_script
 from epas_lightning.inference import generate, set_region
 from epas_lightning.model import Llama, LlamaConfig
 
@@ -38,7 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama-125m", help="LlamaConfig preset name")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--sharing", type=float, nargs="+", default=[0.0, 0.25, 0.5], help="fractions of layers sharing")
+    p.add_argument(
+        "--sharing",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.25, 0.5],
+        help="fractions of layers sharing (dense is always measured)",
+    )
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
@@ -56,9 +63,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.new_tokens < 2:  # the first new token comes from the prefill: decode tokens/s needs a second one
+        raise ConfigError("decoding needs at least 2 new tokens", f"--new-tokens {args.new_tokens}", "pass 2 or more")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    graphs = {"auto": device.type == "cuda", "on": True, "off": False}[args.cuda_graph]
+    if graphs and device.type != "cuda":
+        raise ConfigError(
+            "CUDA graphs need a CUDA device", f"--cuda-graph on --device {args.device}", "use --cuda-graph off"
+        )
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(args.seed)
@@ -66,14 +80,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.prompt_len + args.new_tokens > config.block_size:
         config = LlamaConfig.from_name(args.model, block_size=args.prompt_len + args.new_tokens)
     model = Llama(config).to(device=device, dtype=dtype).eval()
-    graphs = {"auto": device.type == "cuda", "on": True, "off": False}[args.cuda_graph]
     L = config.n_layer
-    settings = []  # (label, n_shared, attention_reuse)
+    settings = [("dense", 0, False)]  # (label, n_shared, attention_reuse); dense is the baseline of every gain
     for fraction in args.sharing:
         n = min(round(fraction * L), L - 1)
         if n == 0:
-            settings.append(("dense", 0, False))
-        elif args.compare_reuse:
+            continue
+        if args.compare_reuse:
             settings += [(f"{fraction:g}", n, True), (f"{fraction:g}/recompute", n, False)]
         else:
             settings.append((f"{fraction:g}", n, not args.no_attention_reuse))
@@ -164,4 +177,4 @@ def print_table(s: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

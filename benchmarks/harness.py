@@ -18,14 +18,25 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from epas_lightning.errors import ConfigError
+from epas_lightning.inference import deepest_layers
+
+BENCH_EXTRA = 'pip install ".[bench]"'
+"""How to install the peers the benchmarks compare against (``transformers``; see ``pyproject.toml``)."""
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto``: CUDA when available, else the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but CUDA is not available")
+        raise ConfigError("CUDA is not available on this machine", f"--device {name}", "use --device cpu (or auto)")
     return torch.device(name)
+
+
+def sharing_layers(n_layer: int, fraction: float) -> list[int]:
+    """The deepest ``round(fraction * n_layer)`` layers, at most ``n_layer - 1`` (layer 0 never shares)."""
+    return deepest_layers(n_layer, min(max(round(fraction * n_layer), 0), n_layer - 1))
 
 
 def device_name(device: torch.device) -> str:

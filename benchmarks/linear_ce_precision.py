@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from harness import device_name, emit, resolve_device
 
+from epas_lightning.errors import run_script
 from epas_lightning.linear_ce import linear_cross_entropy
 
 
@@ -81,4 +82,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -21,13 +21,12 @@ A table goes to stdout, and the last line is one JSON object with every number.
 from __future__ import annotations
 
 import argparse
-import platform
 
 import torch
-from harness import emit
+from harness import device_name, emit, resolve_device, sharing_layers
 from torch.profiler import ProfilerActivity, profile
 
-from epas_lightning.inference import deepest_layers
+from epas_lightning.errors import run_script
 from epas_lightning.loss import train_loss
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.parallel import parallelize
@@ -74,11 +73,11 @@ def cuda_step_peak(step, device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def measure(args: argparse.Namespace, device: torch.device, n_shared: int, checkpointing: bool) -> float:
+def measure(args: argparse.Namespace, device: torch.device, shared: list[int], checkpointing: bool) -> float:
     torch.manual_seed(args.seed)
     config = LlamaConfig.from_name(args.model, block_size=args.seq_len)
     model = parallelize(Llama(config).to(device), None, activation_checkpointing=checkpointing)
-    model.set_shared_layers(deepest_layers(config.n_layer, n_shared))
+    model.set_shared_layers(shared)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
     train_step(model, optimizer, tokens)  # warm-up: optimizer state exists before the measured step
@@ -92,13 +91,12 @@ def measure(args: argparse.Namespace, device: torch.device, n_shared: int, check
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    name = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    device = torch.device("cpu" if name == "auto" else name)
+    device = resolve_device(args.device)
     n_layer = LlamaConfig.from_name(args.model).n_layer
-    n_shared = round(args.sharing * n_layer)
+    region = sharing_layers(n_layer, args.sharing)
     arms = {}
     for checkpointing in (False, True):
-        for label, shared in (("dense", 0), ("epas", n_shared)):
+        for label, shared in (("dense", []), ("epas", region)):
             key = f"{label}{'+ac' if checkpointing else ''}"
             arms[key] = round(measure(args, device, shared, checkpointing), 1)
             print(f"{key:10s} peak above start of step: {arms[key]:9.1f} MiB")
@@ -106,9 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
         "model": args.model,
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,
-        "n_shared": n_shared,
+        "n_shared": len(region),
         "n_layer": n_layer,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": device_name(device),
         "torch": torch.__version__,
         "peak_mib": arms,
         "epas_saving": round(1 - arms["epas"] / arms["dense"], 4),
@@ -119,4 +117,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -35,6 +35,7 @@ import time
 import torch
 from harness import cpu_ticks, device_name, emit, foreign_load, resolve_device, synchronize
 
+from epas_lightning.errors import run_script
 from epas_lightning.flops import estimate_flops
 from epas_lightning.loss import train_loss
 from epas_lightning.model import Llama, LlamaConfig
@@ -185,4 +186,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

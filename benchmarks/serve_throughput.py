@@ -36,10 +36,12 @@ import torch
 from safetensors.torch import save_file
 
 from epas_lightning.data.tokenizer import train_byte_level_bpe
+from epas_lightning.errors import ConfigError, run_script
 from epas_lightning.model import Llama, LlamaConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "bench"
+START_TIMEOUT_S = 300
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,13 +99,21 @@ class Server:
             "--model-name", NAME, "--device", args.device, "--max-batch-size", str(args.max_batch_size),
             "--batch-timeout", str(args.batch_timeout),
         ]  # fmt: skip
-        self.log = log.open("w")
+        self.log_path, self.log = log, log.open("w")
         self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + START_TIMEOUT_S
         while not self.ready():
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start; see {log}")
+                silent = f"no answer within {START_TIMEOUT_S} s" if self.process.poll() is None else "no output"
+                self.stop()
+                raise ConfigError(f"the server did not start: {self.last_line() or silent}")
             time.sleep(0.5)
+
+    def last_line(self) -> str:
+        """The server's last output line (its one-line error, or the last line of a traceback): the log lives in a
+        temporary folder that is gone when the script ends, so the reason travels in the message."""
+        lines = [line.strip() for line in self.log_path.read_text(errors="replace").splitlines() if line.strip()]
+        return lines[-1].removeprefix("error: ") if lines else ""
 
     def ready(self) -> bool:
         try:
@@ -237,4 +247,4 @@ def print_table(s: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

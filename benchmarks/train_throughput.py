@@ -38,10 +38,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from harness import cpu_ticks, device_name, emit, foreign_load, resolve_device, synchronize
+from harness import cpu_ticks, device_name, emit, foreign_load, resolve_device, sharing_layers, synchronize
 
+from epas_lightning.errors import run_script
 from epas_lightning.flops import estimate_flops, flop_cut, peak_flops
-from epas_lightning.inference import deepest_layers
 from epas_lightning.loss import train_loss
 from epas_lightning.model import Llama, LlamaConfig
 
@@ -108,11 +108,6 @@ def peak_tflops(args: argparse.Namespace, device: torch.device) -> float | None:
 
 def arms(args: argparse.Namespace) -> tuple[str, ...]:
     return ("dense", "epas", "reuse") if args.attention_reuse else ("dense", "epas")
-
-
-def shared_layers(n_layer: int, sharing: float) -> list[int]:
-    """The deepest ``round(sharing * n_layer)`` layers, never layer 0."""
-    return deepest_layers(n_layer, min(max(round(sharing * n_layer), 0), n_layer - 1))
 
 
 def autocast_context(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
@@ -186,7 +181,7 @@ def build_bench(args: argparse.Namespace, device: torch.device) -> tuple[Bench, 
         batches=batches,
         autocast=autocast_context(args.precision, device),
         device=device,
-        epas_layers=shared_layers(config.n_layer, args.sharing),
+        epas_layers=sharing_layers(config.n_layer, args.sharing),
     )
     return bench, config
 
@@ -359,4 +354,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
-from harness import cpu_ticks, device_name, emit, foreign_load, resolve_device, synchronize
+from harness import BENCH_EXTRA, cpu_ticks, device_name, emit, foreign_load, resolve_device, synchronize
 
+from epas_lightning.errors import ConfigError, run_script
 from epas_lightning.loss import lm_loss
 from epas_lightning.model import Llama, LlamaConfig
 
@@ -133,6 +135,10 @@ class Arm:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if importlib.util.find_spec("transformers") is None:
+        raise ConfigError(
+            "transformers is not installed", "benchmarks/vs_hf.py", f"install the bench extra: {BENCH_EXTRA}"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -216,4 +222,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -42,12 +42,12 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from harness import device_name, emit, resolve_device, time_arms
+from harness import BENCH_EXTRA, device_name, emit, resolve_device, sharing_layers, time_arms
 from vs_hf import build_hf, check_same_logits
 
 from epas_lightning.cpu import tune_glibc_malloc
+from epas_lightning.errors import run_script
 from epas_lightning.flops import estimate_flops, flop_cut, peak_flops
-from epas_lightning.inference import deepest_layers
 from epas_lightning.loss import train_loss
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.optim import default_optimizer
@@ -58,6 +58,8 @@ OURS = ("dense", "epas")
 PEERS = ("litgpt", "hf")
 MODULES = {"litgpt": "litgpt", "hf": "transformers", "liger": "liger_kernel"}
 """The package each optional system needs (``liger``: our dense model with Liger's fused linear cross-entropy)."""
+INSTALL = {"litgpt": 'pip install --no-deps "litgpt==0.5.13"', "hf": BENCH_EXTRA, "liger": 'pip install ".[gpu]"'}
+"""How to install each optional system's package (LitGPT without its pins, which conflict with ours)."""
 TARGETS = {
     "cpu": {"dense_vs_best_peer": 0.98, "epas_vs_best_peer": 1.04},
     "cuda": {"dense_vs_best_peer": 1.0, "epas_vs_best_peer": 1.10},
@@ -191,7 +193,7 @@ def build_systems(
     compile_all = args.compile == "all"
     ours = parallelize(ours.to(device), None, compile=compile_all)
     optimizer = default_optimizer(ours)
-    region = deepest_layers(config.n_layer, min(max(round(args.sharing * config.n_layer), 0), config.n_layer - 1))
+    region = sharing_layers(config.n_layer, args.sharing)
 
     def use(layers: list[int], reuse: bool) -> Callable[[], None]:
         def switch() -> None:
@@ -253,7 +255,7 @@ def liger_loss(model: Llama) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def available_systems(requested: list[str], device: torch.device) -> tuple[list[str], dict[str, str]]:
     """The requested systems that can run here, and why the others were skipped."""
-    skipped = {s: f"{MODULES[s]} not installed" for s in requested if s in MODULES}
+    skipped = {s: f"{MODULES[s]} not installed: {INSTALL[s]}" for s in requested if s in MODULES}
     skipped = {s: why for s, why in skipped.items() if importlib.util.find_spec(MODULES[s]) is None}
     if "liger" in requested and device.type != "cuda":
         skipped["liger"] = "Liger's kernels need CUDA"
@@ -375,14 +377,14 @@ def _version(module: str) -> str | None:
 def print_table(r: dict) -> None:
     print()
     print(f"{r['model']}  seq {r['seq_len']} x batch {r['batch_size']}  {r['precision']}  on {r['device_name']}")
+    mfu, memory = r["mfu"], r["step_peak_memory_mib"]  # MFU needs a peak, memory CUDA: either may be missing
     header = f"{'system':<8}{'tokens/s':>12}{'vs best peer':>14}"
-    header += f"{'MFU':>8}{'peak MiB':>10}" if r["mfu"] else ""
+    header += (f"{'MFU':>8}" if mfu else "") + (f"{'peak MiB':>10}" if memory else "")
     print(header)
     best = r["tokens_per_s"].get(r["best_peer"]) if r["best_peer"] else None
     for s, v in r["tokens_per_s"].items():
         line = f"{s:<8}{v:>12.1f}{(v / best if best else float('nan')):>14.3f}"
-        if r["mfu"]:
-            line += f"{r['mfu'][s]:>8.3f}{r['step_peak_memory_mib'][s]:>10.0f}"
+        line += (f"{mfu[s]:>8.3f}" if mfu else "") + (f"{memory[s]:>10.0f}" if memory else "")
         print(line)
     loads = [x for v in r["rep_foreign_load"].values() for x in v if x is not None]
     if loads:
@@ -391,4 +393,4 @@ def print_table(r: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

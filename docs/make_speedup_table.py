@@ -75,8 +75,9 @@ def main(argv: list[str]) -> int:
         print(table)
         return 0
     text = GUIDE.read_text()
-    old = guide_table(text)
-    GUIDE.write_text(text.replace(f"{BEGIN}\n{old}\n{END}", f"{BEGIN}\n{table}\n{END}"))
+    guide_table(text)  # the markers are there
+    before, rest = text.split(BEGIN, 1)
+    GUIDE.write_text(f"{before}{BEGIN}\n{table}\n{END}{rest.split(END, 1)[1]}")
     print(f"updated {GUIDE}")
     return 0
 

@@ -9,6 +9,9 @@ that caught the plain errors these replace keeps working.
 from __future__ import annotations
 
 import os
+import sys
+import traceback
+from collections.abc import Callable
 
 EXIT_USER_ERROR = 2
 """Exit status of a command stopped by a user error (argparse's convention)."""
@@ -61,3 +64,15 @@ def debug_enabled() -> bool:
 def error_line(error: BaseException) -> str:
     """The one line a command prints for ``error``."""
     return f"error: {error}"
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """Run a script's ``main()`` (``benchmarks/``, ``experiments/``) under this policy: a :class:`UserError` prints one
+    line on stderr and exits with status 2 (with its traceback when ``EPAS_DEBUG=1``)."""
+    try:
+        main()
+    except UserError as error:
+        if debug_enabled():
+            traceback.print_exc()
+        print(error_line(error), file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None

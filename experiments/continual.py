@@ -31,6 +31,7 @@ import torch
 from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule, WarmupCosineLR
 from epas_lightning.checkpoint import load_model
 from epas_lightning.data import heldout_loader
+from epas_lightning.errors import run_script
 from epas_lightning.evaluation.perplexity import perplexity_of_batches
 from epas_lightning.inference import deepest_layers
 
@@ -203,4 +204,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 
 from epas_lightning.callbacks import ProgressiveSharing
+from epas_lightning.errors import DataError, OutputError, run_script
 from epas_lightning.flops import flop_cut
 from epas_lightning.loss import next_token_loss, train_loss
 from epas_lightning.lr import WarmupCosineLR
@@ -133,7 +134,8 @@ def load_batches(args: argparse.Namespace, vocab_size: int) -> tuple[list[torch.
     train = take(data.train_dataloader(), args.steps)
     val = take(data.val_dataloader(), args.val_batches)
     if len(train) < args.steps or len(val) < args.val_batches:
-        raise SystemExit(f"The data has {len(train)} training / {len(val)} validation batches; asked for more.")
+        have = f"{len(train)} training / {len(val)} validation batches of {args.batch_size} x {args.seq_len + 1} tokens"
+        raise DataError(f"the data holds {have}", data.data_dir, "lower --steps, --val-batches or --batch-size")
     name = "built-in corpus" if args.data_dir is None else args.data_dir
     return train, val, f"{name} ({data.data_dir})"
 
@@ -377,13 +379,16 @@ def open_writers(out: Path, names: tuple[str, ...]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    out = Path(args.out)
+    if any((out / "tb").glob("*/events.out.tfevents.*")):  # TensorBoard would merge both runs into one curve each
+        what = "holds the TensorBoard runs of an earlier comparison, which this run's would mix with"
+        raise OutputError(what, out / "tb", "choose another --out, or delete that folder")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = build_config(args)
     train, val, data = load_batches(args, config.vocab_size)
     sharing = schedules(args, config.n_layer)
     runs = {name: build_run(name, config, sharing[name], args) for name in VARIANTS}
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     writers = open_writers(out, VARIANTS)
     for name in VARIANTS:
@@ -412,4 +417,4 @@ def strip_curves(result: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

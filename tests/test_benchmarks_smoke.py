@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,3 +127,136 @@ def test_linear_ce_precision_compares_chunk_counts_with_the_plain_path():
     # one chunk rounds the weight gradient once, as the plain path does; eight chunks round it eight times
     assert errors["chunked_1"]["weight"] == pytest.approx(errors["plain"]["weight"], rel=0.05)
     assert errors["chunked_8"]["weight"] > errors["chunked_1"]["weight"]
+
+
+SCRIPTS = sorted(ROOT.glob("benchmarks/*.py")) + sorted(ROOT.glob("experiments/*.py"))
+
+
+@pytest.fixture
+def benchmarks_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+
+
+def test_every_script_reports_a_user_error_in_one_line(benchmarks_importable, capsys):
+    """A bad flag value (an unknown preset, CUDA on a CPU machine) ends the script with one line and status 2."""
+    import memory
+
+    from epas_lightning.errors import run_script
+
+    with pytest.raises(SystemExit) as stopped:
+        run_script(lambda: memory.main(["--model", "nope"]))
+    out, err = capsys.readouterr()
+    assert stopped.value.code == 2 and out == ""
+    assert err.startswith("error: Unknown model preset 'nope'") and err.count("\n") == 1
+    mains = [p.name for p in SCRIPTS if 'if __name__ == "__main__":' in p.read_text()]
+    wrapped = [p.name for p in SCRIPTS if p.read_text().endswith("    run_script(main)\n")]
+    assert sorted(set(mains) - set(wrapped)) == ["gpu_session.py"]  # it runs before the package's dependencies exist
+
+
+def test_cuda_on_a_cpu_machine_is_a_user_error(benchmarks_importable, monkeypatch):
+    import harness
+
+    from epas_lightning.errors import ConfigError
+
+    monkeypatch.setattr(harness.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        harness.resolve_device("cuda")
+
+
+def test_memory_caps_the_region_below_the_layer_count(benchmarks_importable, monkeypatch):
+    """``--sharing 1.0`` measures the largest region a model can have (every layer but layer 0), as the other
+    benchmarks do, instead of failing in ``deepest_layers``."""
+    import memory
+
+    regions = []
+    monkeypatch.setattr(memory, "measure", lambda args, device, shared, ac: regions.append(shared) or 1.0)
+    result = memory.main(["--model", "debug", "--sharing", "1.0", "--device", "cpu"])
+    assert regions == [[], [1], [], [1]] and result["n_shared"] == 1
+
+
+def test_generate_throughput_always_measures_the_dense_baseline(benchmarks_importable):
+    """Gains are relative to dense: ``--sharing 0.5`` alone used to fail with KeyError 'dense' after all the work."""
+    import generate_throughput
+
+    args = ["--model", "debug", "--batch-sizes", "1", "--prompt-len", "4", "--new-tokens", "3", "--reps", "1"]
+    result = generate_throughput.main([*args, "--device", "cpu", "--sharing", "0.5"])
+    rows = result["results"][1]
+    assert list(rows) == ["dense", "0.5"] and rows["dense"]["gain"] == 0 and result["gain_50"] is not None
+
+
+def test_generate_throughput_refuses_arguments_it_cannot_measure(benchmarks_importable):
+    import generate_throughput
+
+    from epas_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="at least 2 new tokens"):  # was a ZeroDivisionError after the runs
+        generate_throughput.main(["--model", "debug", "--new-tokens", "1", "--device", "cpu"])
+    with pytest.raises(ConfigError, match="CUDA graphs need a CUDA device"):  # was a ValueError traceback
+        generate_throughput.main(["--model", "debug", "--cuda-graph", "on", "--device", "cpu"])
+
+
+def test_a_missing_peer_package_says_what_to_install(benchmarks_importable, monkeypatch):
+    import vs_hf
+    import vs_peers
+
+    from epas_lightning.errors import ConfigError
+
+    monkeypatch.setattr(vs_peers.importlib.util, "find_spec", lambda name: None)
+    systems, skipped = vs_peers.available_systems(["dense", "litgpt", "hf"], torch.device("cpu"))
+    assert systems == ["dense"]
+    assert skipped == {
+        "litgpt": 'litgpt not installed: pip install --no-deps "litgpt==0.5.13"',
+        "hf": 'transformers not installed: pip install ".[bench]"',
+    }
+    with pytest.raises(ConfigError, match=r"transformers is not installed .* pip install \"\.\[bench\]\""):
+        vs_hf.main(["--quick"])  # was a ModuleNotFoundError traceback
+
+
+def test_vs_peers_table_prints_mfu_without_memory(benchmarks_importable, capsys):
+    """``--peak-tflops`` on the CPU gives an MFU column but no CUDA memory; the table used to crash on it."""
+    import vs_peers
+
+    result = {"model": "debug", "seq_len": 8, "batch_size": 1, "precision": "32-true", "device_name": "cpu"}
+    result |= {"tokens_per_s": {"dense": 10.0, "hf": 8.0}, "best_peer": "hf", "mfu": {"dense": 0.5, "hf": 0.4}}
+    result |= {"step_peak_memory_mib": None, "rep_foreign_load": {}, "flop_cut": 0.05, "targets": {}}
+    vs_peers.print_table(result | {"targets_met": {}})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split() == ["system", "tokens/s", "vs", "best", "peer", "MFU"]
+    assert lines[3].split() == ["dense", "10.0", "1.250", "0.500"]
+
+
+def test_serve_throughput_says_why_the_server_did_not_start(benchmarks_importable, monkeypatch, tmp_path):
+    """The server's log is in a temporary folder that is gone when the script ends: its last line is the message."""
+    import serve_throughput
+
+    from epas_lightning.errors import ConfigError
+
+    class ExitedServer:
+        def __init__(self, command, env, stdout, stderr):  # noqa: ANN001
+            stdout.write("Loading\nerror: CUDA is not available on this machine — --device cuda — use --device cpu\n")
+            stdout.flush()
+
+        def poll(self) -> int:
+            return 2
+
+        terminate = poll
+
+        def wait(self, timeout: float) -> int:
+            return 2
+
+    monkeypatch.setattr(serve_throughput.subprocess, "Popen", ExitedServer)
+    args = serve_throughput.parse_args(["--quick", "--device", "cuda"])
+    with pytest.raises(ConfigError, match="^the server did not start: CUDA is not available .* use --device cpu$"):
+        serve_throughput.Server(tmp_path, args, tmp_path / "server.log")
+
+
+def test_pretrain_compare_refuses_to_mix_its_tensorboard_runs_with_an_earlier_one(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import pretrain_compare
+
+    from epas_lightning.errors import OutputError
+
+    (tmp_path / "tb" / "dense").mkdir(parents=True)
+    (tmp_path / "tb" / "dense" / "events.out.tfevents.1.host.1.0").write_bytes(b"")
+    with pytest.raises(OutputError, match="earlier comparison"):  # before any training
+        pretrain_compare.main(["--quick", "--out", str(tmp_path)])

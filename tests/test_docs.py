@@ -1,7 +1,11 @@
 """docs/guide.md cannot drift from the code: its speed-up table is regenerated and compared."""
 
 import importlib.util
+import re
+import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,6 +32,72 @@ def test_write_updates_only_the_table(tmp_path, monkeypatch):
     script = load_table_script()
     guide = tmp_path / "guide.md"
     guide.write_text(f"intro\n{script.BEGIN}\n| stale |\n{script.END}\noutro\n")
+    monkeypatch.setattr(script, "GUIDE", guide)
+    assert script.main(["--write"]) == 0
+    assert guide.read_text() == f"intro\n{script.BEGIN}\n{script.speedup_table()}\n{script.END}\noutro\n"
+
+
+DOCS = ("README.md", "docs/guide.md", "benchmarks/RESULTS.md")
+
+
+def quoted_commands(text: str) -> list[str]:
+    """Every command line the text quotes: the lines of its fenced blocks (``\\`` continuations joined) and its inline
+    code spans (which may wrap onto the next line), each without a trailing ``# comment``."""
+    text = text.replace("\\\n", " ")
+    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
+    outside = re.sub(r"^```[^\n]*\n.*?^```", "", text, flags=re.DOTALL | re.MULTILINE)
+    lines = [line for block in blocks for line in block.splitlines()]
+    lines += [span.replace("\n", " ") for span in re.findall(r"`([^`]+)`", outside)]
+    return [line.split(" # ")[0] for line in lines]
+
+
+def flags(arguments: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", arguments))
+
+
+def script_help(script: Path, positionals: list[str], monkeypatch, capsys) -> str:  # noqa: ANN001
+    """The ``--help`` of a script (of its subcommand, for ``gpu_session.py run``), run in this process."""
+    spec = importlib.util.spec_from_file_location(f"doc_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", [str(script), *positionals, "--help"])
+    with pytest.raises(SystemExit):
+        module.main()
+    return capsys.readouterr().out
+
+
+def test_quoted_commands_use_flags_that_exist(monkeypatch, capsys):
+    """The commands README.md, the guide and RESULTS.md tell a user to run take those flags: every tool command's and
+    every benchmark or experiment script's flags are checked against its parser."""
+    from epas_lightning.cli import TOOLS, function_parser, tool
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    tool_flags = {name: set(function_parser(tool(name), name)._option_string_actions) for name in TOOLS}
+    tool_command = re.compile(r"epas_lightning (" + "|".join(map(re.escape, TOOLS)) + r")\b(.*)")
+    script_command = re.compile(r"python3? ((?:benchmarks|experiments)/\w+\.py)((?: +[a-z]\w*)*)(.*)")
+    unknown, helps = [], {}
+    for doc in DOCS:
+        for line in quoted_commands((REPO / doc).read_text()):
+            if match := tool_command.search(line):
+                name, arguments = match.groups()
+                unknown += [f"{doc}: {name} {flag}" for flag in sorted(flags(arguments) - tool_flags[name])]
+            elif match := script_command.search(line):
+                script, positionals, arguments = match.group(1), match.group(2).split(), match.group(3)
+                key = (script, *positionals)
+                if key not in helps:
+                    helps[key] = script_help(REPO / script, positionals, monkeypatch, capsys)
+                unknown += [f"{doc}: {script} {flag}" for flag in sorted(flags(arguments) - flags(helps[key]))]
+    assert len(helps) >= 10  # the scripts were found
+    assert unknown == []
+
+
+def test_write_replaces_a_table_whatever_the_blank_lines_around_it(tmp_path, monkeypatch):
+    """The table used to be matched with exactly one newline on each side: with a blank line it was left stale while
+    the script said "updated"."""
+    script = load_table_script()
+    guide = tmp_path / "guide.md"
+    guide.write_text(f"intro\n{script.BEGIN}\n\n| stale |\n\n{script.END}\noutro\n")
     monkeypatch.setattr(script, "GUIDE", guide)
     assert script.main(["--write"]) == 0
     assert guide.read_text() == f"intro\n{script.BEGIN}\n{script.speedup_table()}\n{script.END}\noutro\n"
