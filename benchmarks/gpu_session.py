@@ -4,7 +4,7 @@ then ours vs LitGPT and transformers on TinyLlama-1.1B (``vs_peers.py`` on CUDA)
 Writes ``gpu_session.json`` (every number), ``gpu_session.md`` (the tables for RESULTS.md) and the logs to ``--out``
 (``vs_peers-b4.log``, and ``vs_peers-b2.log`` if a system ran out of memory at micro-batch 4).
 
-The device machine reaches no package index, so what it lacks travels as wheels (pure Python, ~16 MB)::
+The device machine reaches no package index, so what it lacks travels as wheels (pure Python, ~19 MB)::
 
     python benchmarks/gpu_session.py wheels             # here, once: downloads them into .whl/ (git ignores it)
     # then one device call, carrying .whl:
