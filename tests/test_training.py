@@ -209,3 +209,17 @@ def test_a_graceful_stop_never_writes_through_a_linked_last_ckpt(tiny_corpus, tm
         assert torch.load(meta, weights_only=True)["global_step"] == int(path.stem.split("step=")[1])
     last = ckpt_dir / "last.ckpt"
     assert torch.load(last / "meta.pt" if sharded else last, weights_only=True)["global_step"] == 4
+
+
+def test_last_ckpt_holds_the_step_training_ended_at(tiny_corpus, tmp_path):
+    """Lightning writes last.ckpt only beside a scheduled save: 5 steps saving every 2 ended with last.ckpt at step 4
+    (a 3815-step run saving every 500 lost its last 315 steps). The run's checkpoint writes the final step too."""
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    module, data = make_run(tiny_corpus)
+    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2, save_top_k=-1)
+    make_trainer(tmp_path, 5, [checkpoint]).fit(module, datamodule=data)
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 5
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"
+    ]  # fmt: skip
