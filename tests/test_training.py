@@ -223,3 +223,29 @@ def test_last_ckpt_holds_the_step_training_ended_at(tiny_corpus, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
         "epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"
     ]  # fmt: skip
+
+
+def test_a_graceful_stop_saves_its_step_once(tiny_corpus, tmp_path):
+    """After the stop's last.ckpt, the validation Lightning runs when fit stops early made ModelCheckpoint save the
+    same step again (a step file): more full saves inside a scheduler's grace period than the one needed."""
+    import signal
+
+    from epas_lightning import GracefulStop
+
+    saves = []
+
+    class SignalAndCount(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:
+                stop.received = signal.SIGTERM  # what the signal handler records
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            saves.append(trainer.global_step)
+
+    stop = GracefulStop()
+    module, data = make_run(tiny_corpus)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=100, save_top_k=-1)
+    trainer = make_trainer(tmp_path, 100, [SignalAndCount(), stop, checkpoint], limit_val_batches=1)
+    trainer.fit(module, datamodule=data)
+    assert stop.exit_status == 143 and saves == [3]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt"]
