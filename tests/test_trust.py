@@ -245,6 +245,24 @@ def test_no_checkpoint_with_non_finite_weights_is_written(tiny_corpus, tmp_path)
     assert not (tmp_path / "bad.ckpt").exists()
 
 
+def test_a_divergence_is_said_once_however_many_ranks_stop(capsys, monkeypatch):
+    """Every rank raises TrainingDiverged together; each printed the same error line (twice on 2 ranks, 16 times on
+    two 8-GPU nodes). Only the first says it; every rank still exits 3."""
+    import epas_lightning.cli as cli
+
+    guard = DivergenceGuard()
+    for rank in (0, 1):
+        trainer = SimpleNamespace(
+            global_step=7, global_rank=rank, is_global_zero=rank == 0, checkpoint_callbacks=[], precision_plugin=None,
+            strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: True),  # another rank saw NaN
+        )  # fmt: skip
+        with pytest.raises(TrainingDiverged, match="non-finite gradients at step 7") as stopped:
+            guard.on_before_optimizer_step(trainer, None, SimpleNamespace(param_groups=[]))
+        monkeypatch.setattr(cli, "dispatch", lambda argv, error=stopped.value: (_ for _ in ()).throw(error))
+        assert main(["fit"]) == 3
+        assert capsys.readouterr().err.count("error: training diverged") == (rank == 0)
+
+
 def test_guard_settings_come_from_yaml(tmp_path):
     from epas_lightning.lightning_cli import lightning_cli
 
