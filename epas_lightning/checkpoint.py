@@ -292,8 +292,8 @@ def describe_checkpoint(path: str | Path, flag: str = "--checkpoint") -> Checkpo
     """What :func:`load_model` would report, without reading the weights: the same safe readers and the same checks
     (every weight's name and shape against the recorded config), but of the tensors only the sharing mask is read.
 
-    A sharded directory's shards are not opened but for the mask's, so a missing or truncated shard shows only when
-    the model is loaded.
+    A sharded directory's shards are not opened but for the mask's: a missing or short shard file is refused here
+    (its size is checked), one corrupt within its length only when the model is loaded.
     """
     path = Path(path).expanduser()
     state, metadata = _read_any(path, weights=False, flag=flag)

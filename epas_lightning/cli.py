@@ -267,7 +267,8 @@ def main(args: Sequence[str] | None = None) -> int:
     except (UserError, TrainingDiverged) as e:
         if debug:
             traceback.print_exc()
-        print(error_line(e), file=sys.stderr)
+        if getattr(e, "announce", True):  # a divergence stops every rank; the first one says so
+            print(error_line(e), file=sys.stderr)
         return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_USER_ERROR
     except KeyboardInterrupt:  # Ctrl+C outside fit's graceful stop: output folders in the making are already removed
         if debug:

@@ -23,7 +23,14 @@ DivergenceAction = Literal["stop", "skip", "off"]
 
 
 class TrainingDiverged(RuntimeError):
-    """Training stopped at a non-finite loss, gradient or weight; the message says where and what to try."""
+    """Training stopped at a non-finite loss, gradient or weight; the message says where and what to try.
+
+    Every rank raises it together; ``announce`` is ``False`` on all but the first, so the command line says it once.
+    """
+
+    def __init__(self, message: str, announce: bool = True) -> None:
+        super().__init__(message)
+        self.announce = announce
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -97,7 +104,7 @@ class DivergenceGuard(Callback):
             )
             pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
             return
-        raise TrainingDiverged(self._message(trainer, f"non-finite {reason} at step {step}"))
+        raise TrainingDiverged(self._message(trainer, f"non-finite {reason} at step {step}"), trainer.is_global_zero)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.action == "off" or not self.check_weights:
@@ -106,7 +113,8 @@ class DivergenceGuard(Callback):
         local_bad = not bool(all_finite(weights))
         if trainer.strategy.reduce_boolean_decision(local_bad, all=False):
             raise TrainingDiverged(
-                self._message(trainer, f"non-finite weights at step {trainer.global_step}; no checkpoint written")
+                self._message(trainer, f"non-finite weights at step {trainer.global_step}; no checkpoint written"),
+                trainer.is_global_zero,
             )
         self._saved_at = trainer.global_step
 

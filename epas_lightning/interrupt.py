@@ -21,6 +21,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from epas_lightning.run_checkpoint import save_last_now
 from epas_lightning.run_summary import say
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -83,12 +84,7 @@ class GracefulStop(Callback):
     @staticmethod
     def _save(trainer: Trainer) -> Path | None:
         checkpoint = trainer.checkpoint_callback
-        if not isinstance(checkpoint, ModelCheckpoint) or checkpoint.dirpath is None:
-            return None
-        path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
-        trainer.save_checkpoint(path, weights_only=False)  # every rank takes part, as in any save
-        checkpoint.last_model_path = str(path)
-        return path
+        return save_last_now(trainer, checkpoint) if isinstance(checkpoint, ModelCheckpoint) else None
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore()

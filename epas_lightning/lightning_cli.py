@@ -5,7 +5,7 @@ Beside the trainer, model and data, every run has these sections, each a callbac
 
 - ``sharing``: ``ProgressiveSharing``, the growth schedule;
 - ``divergence``: ``DivergenceGuard``, on by default (``action: stop``);
-- ``checkpoint``: the run's ``ModelCheckpoint`` (``save_last: true``);
+- ``checkpoint``: the run's ``ModelCheckpoint`` (``save_last: true``; ``last.ckpt`` also written when training ends);
 - ``throughput``: tokens/s and FLOPs/s (``TokenThroughputMonitor``); ``lr_monitor``: the learning rate per step;
 - ``interrupt``: ``GracefulStop``, SIGTERM or Ctrl+C stop between steps with a ``last.ckpt`` (exit 143 / 130).
 
@@ -38,6 +38,7 @@ from epas_lightning.init_from import check_same_architecture
 from epas_lightning.interrupt import GracefulStop
 from epas_lightning.model import LlamaConfig
 from epas_lightning.module import EPASModule
+from epas_lightning.run_checkpoint import RunCheckpoint
 from epas_lightning.run_summary import FlopsModelSummary, RunSummary, progress_bar_for, say
 from epas_lightning.safe_load import is_sharded_checkpoint, verify_checkpoint
 from epas_lightning.strategy import STRATEGY_NAME
@@ -156,7 +157,7 @@ class EPASCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ProgressiveSharing, "sharing")
         parser.add_lightning_class_args(DivergenceGuard, "divergence")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(GracefulStop, "interrupt")

@@ -116,7 +116,8 @@ def verify_checkpoint(path: str | Path, flag: str = "--ckpt_path") -> Path:
     """Check that a checkpoint exists and reads safely before anything else opens it; return its path.
 
     A file must load with ``weights_only=True``; a sharded directory must have metadata the restricted unpickler
-    accepts and a ``meta.pt`` that loads with ``weights_only=True``.
+    accepts, every shard file that metadata names at its full length, and a ``meta.pt`` that loads with
+    ``weights_only=True``.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -130,10 +131,27 @@ def verify_checkpoint(path: str | Path, flag: str = "--ckpt_path") -> Path:
             f"{flag} {path}",
             "pass a .ckpt file or a checkpoint directory written by fit with FSDP2",
         )
-    read_dcp_metadata((path / DCP_METADATA).read_bytes(), f"{flag} {path}")
+    metadata = read_dcp_metadata((path / DCP_METADATA).read_bytes(), f"{flag} {path}")
+    check_shard_files(metadata, path, f"{flag} {path}")
     if (path / LIGHTNING_METADATA).is_file():
         load_torch_file(path / LIGHTNING_METADATA, where=f"{flag} {path}")
     return path
+
+
+def check_shard_files(metadata: Metadata, path: Path, where: str) -> None:
+    """Every shard file of a sharded checkpoint is in ``path`` and holds all the bytes its metadata places in it
+    (checked from file sizes, before any rank starts reading and fails alone with a traceback)."""
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        name = str(info.relative_path)
+        needed[name] = max(needed.get(name, 0), info.offset + info.length)
+    fix = "copy the whole checkpoint folder again (one .distcp file per rank that saved it)"
+    for name, size in sorted(needed.items()):
+        shard = path / name
+        if not shard.is_file():
+            raise CheckpointError(f"shard {name} is missing ({len(needed)} shard files expected)", where, fix)
+        if shard.stat().st_size < size:
+            raise CheckpointError(f"shard {name} is truncated ({shard.stat().st_size} of {size} bytes)", where, fix)
 
 
 def load_sharded_checkpoint(

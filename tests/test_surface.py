@@ -291,6 +291,7 @@ def test_user_callbacks_add_to_the_defaults_without_inheriting_them(tmp_path, mo
     assert len(checkpoints) == 2
     mine = next(c for c in checkpoints if c.monitor == "val/loss")
     assert not mine.save_last  # not inherited from the default checkpoint by position
+    assert type(next(c for c in checkpoints if c is not mine)).__name__ == "RunCheckpoint"  # last.ckpt at the end
     for kind in (TokenThroughputMonitor, LearningRateMonitor, DivergenceGuard, ProgressiveSharing, StepRunProgressBar):
         assert sum(isinstance(c, kind) for c in callbacks) == 1, kind
     no_bar = ["--config", DEBUG, "--trainer.enable_progress_bar=false", "--trainer.logger=false"]

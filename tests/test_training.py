@@ -261,3 +261,43 @@ def test_a_graceful_stop_never_writes_through_a_linked_last_ckpt(tiny_corpus, tm
         assert torch.load(meta, weights_only=True)["global_step"] == int(path.stem.split("step=")[1])
     last = ckpt_dir / "last.ckpt"
     assert torch.load(last / "meta.pt" if sharded else last, weights_only=True)["global_step"] == 4
+
+
+def test_last_ckpt_holds_the_step_training_ended_at(tiny_corpus, tmp_path):
+    """Lightning writes last.ckpt only beside a scheduled save: 5 steps saving every 2 ended with last.ckpt at step 4
+    (a 3815-step run saving every 500 lost its last 315 steps). The run's checkpoint writes the final step too."""
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    module, data = make_run(tiny_corpus)
+    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2, save_top_k=-1)
+    make_trainer(tmp_path, 5, [checkpoint]).fit(module, datamodule=data)
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 5
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"
+    ]  # fmt: skip
+
+
+def test_a_graceful_stop_saves_its_step_once(tiny_corpus, tmp_path):
+    """After the stop's last.ckpt, the validation Lightning runs when fit stops early made ModelCheckpoint save the
+    same step again (a step file): more full saves inside a scheduler's grace period than the one needed."""
+    import signal
+
+    from epas_lightning import GracefulStop
+
+    saves = []
+
+    class SignalAndCount(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:
+                stop.received = signal.SIGTERM  # what the signal handler records
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            saves.append(trainer.global_step)
+
+    stop = GracefulStop()
+    module, data = make_run(tiny_corpus)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=100, save_top_k=-1)
+    trainer = make_trainer(tmp_path, 100, [SignalAndCount(), stop, checkpoint], limit_val_batches=1)
+    trainer.fit(module, datamodule=data)
+    assert stop.exit_status == 143 and saves == [3]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt"]

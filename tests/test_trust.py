@@ -245,6 +245,24 @@ def test_no_checkpoint_with_non_finite_weights_is_written(tiny_corpus, tmp_path)
     assert not (tmp_path / "bad.ckpt").exists()
 
 
+def test_a_divergence_is_said_once_however_many_ranks_stop(capsys, monkeypatch):
+    """Every rank raises TrainingDiverged together; each printed the same error line (twice on 2 ranks, 16 times on
+    two 8-GPU nodes). Only the first says it; every rank still exits 3."""
+    import epas_lightning.cli as cli
+
+    guard = DivergenceGuard()
+    for rank in (0, 1):
+        trainer = SimpleNamespace(
+            global_step=7, global_rank=rank, is_global_zero=rank == 0, checkpoint_callbacks=[], precision_plugin=None,
+            strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: True),  # another rank saw NaN
+        )  # fmt: skip
+        with pytest.raises(TrainingDiverged, match="non-finite gradients at step 7") as stopped:
+            guard.on_before_optimizer_step(trainer, None, SimpleNamespace(param_groups=[]))
+        monkeypatch.setattr(cli, "dispatch", lambda argv, error=stopped.value: (_ for _ in ()).throw(error))
+        assert main(["fit"]) == 3
+        assert capsys.readouterr().err.count("error: training diverged") == (rank == 0)
+
+
 def test_guard_settings_come_from_yaml(tmp_path):
     from epas_lightning.lightning_cli import lightning_cli
 
@@ -494,21 +512,35 @@ def test_missing_data_dir_bad_schedule_and_truncated_checkpoints_are_one_line(tm
         assert err.startswith("error: no CUDA GPU is visible to this process — trainer.accelerator: gpu")
 
 
-def test_a_sharded_checkpoint_with_a_truncated_or_missing_shard_is_one_line(tmp_path, capsys):
-    """torch.distributed.checkpoint reports a missing shard as a CheckpointException, which is no Exception."""
+def test_a_sharded_checkpoint_with_a_truncated_or_missing_shard_is_one_line(tmp_path, capsys, monkeypatch):
+    """Every shard file the metadata names is checked (there, at full length) before anything reads one. A resume
+    whose missing shard did not hold the sharing mask got past the checks and failed inside torch.distributed.checkpoint
+    on one rank: a traceback from every rank, exit 1."""
+    from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
+
+    from epas_lightning.safe_load import read_dcp_metadata
 
     model = Llama(LlamaConfig.from_name("debug"))
     sharded = tmp_path / "last.ckpt"
     state = {"model." + key: t for key, t in model.state_dict().items()}
-    dcp_save({"state_dict": state}, checkpoint_id=sharded, no_dist=True)
+    writer = FileSystemWriter(sharded, single_file_per_rank=False)  # one file per tensor: several shard files
+    dcp_save({"state_dict": state}, storage_writer=writer, no_dist=True)
     torch.save({"model_config": model.config.to_dict()}, sharded / "meta.pt")
-    (shard,) = sharded.glob("*.distcp")
+    metadata = read_dcp_metadata((sharded / ".metadata").read_bytes(), sharded)
+    files = {index.fqn: info.relative_path for index, info in metadata.storage_data.items()}
+    shard = sharded / files["state_dict.model.layers.0.mlp.up_proj.weight"]
+    assert shard.name != files["state_dict.model.sharing.mask"]
     argv = ["consolidate", "--checkpoint", str(sharded), "--output", str(tmp_path / "out")]
+    size = shard.stat().st_size
     shard.write_bytes(shard.read_bytes()[:3000])
-    assert one_line_error(capsys, argv).startswith("error: cannot read the shards (")
+    truncated = f"error: shard {shard.name} is truncated (3000 of {size} bytes) — --checkpoint"
+    assert truncated in one_line_error(capsys, argv)
     shard.unlink()
-    assert one_line_error(capsys, argv).startswith("error: cannot read the shards ([Errno 2] No such file")
+    assert f"error: shard {shard.name} is missing" in one_line_error(capsys, argv)
+    monkeypatch.chdir(tmp_path)
+    resume = ["fit", "--config", DEBUG, "--trainer.strategy=fsdp2", "--ckpt_path", str(sharded)]
+    assert f"error: shard {shard.name} is missing" in one_line_error(capsys, resume)
 
 
 def test_resuming_into_another_architecture_is_one_line_before_anything_loads(tmp_path, capsys, monkeypatch):
