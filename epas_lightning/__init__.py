@@ -23,6 +23,7 @@ from epas_lightning.model import KVCache, Llama, LlamaConfig, SharingState
 from epas_lightning.module import EPASModule
 from epas_lightning.optim import param_groups
 from epas_lightning.region import TrainedRegion
+from epas_lightning.run_checkpoint import RunCheckpoint
 from epas_lightning.schedule import SharingSchedule, resolve_target
 from epas_lightning.strategy import FSDP2Strategy
 
@@ -40,6 +41,7 @@ __all__ = [
     "LoadedModel",
     "ProgressiveSharing",
     "RedundancyReport",
+    "RunCheckpoint",
     "SharingSchedule",
     "SharingState",
     "TokenDataModule",
