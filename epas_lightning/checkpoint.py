@@ -21,8 +21,6 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint import load as dcp_load
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from epas_lightning.errors import CheckpointError
@@ -34,6 +32,7 @@ from epas_lightning.safe_load import (
     LIGHTNING_METADATA,
     SafeFileSystemReader,
     is_sharded_checkpoint,
+    load_shards,
     load_torch_file,
     verify_checkpoint,
 )
@@ -76,14 +75,9 @@ def read_checkpoint(
     if not state:
         raise CheckpointError(f"no model weights (no keys starting with {wanted!r})", path / DCP_METADATA)
     to_read = state if weights else {key: t for key, t in state.items() if key == mask}
-    try:
-        with warnings.catch_warnings():  # torch warns that it loads in one process even when told to (no_dist)
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-            dcp_load(to_read, storage_reader=reader, no_dist=True)
-    except (Exception, CheckpointException) as e:  # a missing or truncated shard (CheckpointException is no Exception)
-        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
-        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise CheckpointError(f"cannot read the shards ({detail})", path, "copy it again") from e
+    with warnings.catch_warnings():  # torch warns that it loads in one process even when told to (no_dist)
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        load_shards(to_read, path, no_dist=True)
     metadata = load_torch_file(path / LIGHTNING_METADATA) if (path / LIGHTNING_METADATA).is_file() else {}
     return _strip_prefix(state, wanted), metadata
 

@@ -134,6 +134,24 @@ def test_fsdp2_resume_reads_sharded_metadata_safely(evil):
     assert not evil.marker.exists()
 
 
+def test_fsdp2_resume_reads_non_tensor_shard_entries_safely(tmp_path):
+    """A sharded checkpoint keeps the optimizer's hyperparameters as pickles inside the shards, which
+    torch.distributed.checkpoint would load with ``weights_only=False``; the resume path refuses a malicious one."""
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from epas_lightning.safe_load import load_sharded_checkpoint
+
+    marker, module = tmp_path / "PWNED", torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    state = get_optimizer_state_dict(module, optimizer)
+    state["param_groups"][0]["lr"] = Evil(marker)
+    dcp_save({"state_dict": module.state_dict(), "optimizer_0": state}, checkpoint_id=tmp_path, no_dist=True)
+    with pytest.raises(CheckpointError, match="cannot read this file safely"):
+        load_sharded_checkpoint(tmp_path, module, [optimizer])
+    assert not marker.exists()
+
+
 def test_lm_eval_adapter_refuses_malicious_checkpoints(evil):
     from epas_lightning.evaluation.lm_eval_adapter import EPASLM
 
