@@ -250,8 +250,9 @@ def check_same_model(model_config: Any, ckpt_path: str) -> None:
     )
 
 
-SHARDED_READERS = ("FSDP2Strategy", "ModelParallelStrategy")
-"""Strategies that read a sharded (torch.distributed.checkpoint) folder, on any number of devices."""
+SHARDED_READERS = ("FSDP2Strategy",)
+"""Strategies that read a sharded (torch.distributed.checkpoint) folder, on any number of devices, and safely
+(Lightning's own ``ModelParallelStrategy`` unpickles its metadata and optimizer entries freely)."""
 
 
 def check_strategy_reads(strategy: Any, ckpt_path: Path) -> None:

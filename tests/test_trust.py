@@ -548,7 +548,8 @@ def test_a_sharded_checkpoint_under_a_strategy_that_cannot_read_it_is_one_line(t
     sharded = tmp_path / "last.ckpt"
     sharded.mkdir()
     (sharded / ".metadata").write_bytes(b"")
-    for strategy in (None, "auto", "ddp", {"class_path": "lightning.pytorch.strategies.DDPStrategy"}):
+    model_parallel = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}  # loads it unsafely
+    for strategy in (None, "auto", "ddp", {"class_path": "lightning.pytorch.strategies.DDPStrategy"}, model_parallel):
         with pytest.raises(CheckpointError, match="loads only under the fsdp2 strategy") as refused:
             check_strategy_reads(strategy, sharded)
         assert "--trainer.strategy=fsdp2" in str(refused.value)
