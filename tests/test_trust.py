@@ -273,6 +273,32 @@ def test_guard_settings_come_from_yaml(tmp_path):
     assert (guard.action, guard.max_skips) == ("skip", 3)
 
 
+def test_a_checkpoint_file_is_renamed_into_place_never_rewritten_in_place(tmp_path, monkeypatch):
+    """Lightning stages a checkpoint in the system temp folder and moves it; across file systems (a local /tmp, runs
+    on a network disk) the move rewrote the previous ``last.ckpt`` in place, so a kill or a full disk mid-copy left no
+    good one. fit's trainer writes the file beside its name and renames it."""
+    import errno
+
+    from epas_lightning.lightning_cli import lightning_cli
+
+    def cross_device(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    cli = lightning_cli(["--config", DEBUG, "--trainer.logger", "false"], run=False)
+    path, kept = tmp_path / "last.ckpt", tmp_path / "kept.ckpt"
+    io = cli.trainer.strategy.checkpoint_io
+    io.save_checkpoint({"step": 1}, path)
+    os.link(path, kept)  # the previous checkpoint's bytes, wherever its name points next
+    monkeypatch.setattr(os, "rename", cross_device)
+    io.save_checkpoint({"step": 2}, path)
+    assert torch.load(path, weights_only=True) == {"step": 2}
+    assert torch.load(kept, weights_only=True) == {"step": 1}  # never overwritten: a new file took the name
+    with pytest.raises(AttributeError, match="pickle"):  # a failed save leaves the last one and nothing else
+        io.save_checkpoint({"step": 3, "bad": lambda: 0}, path)
+    assert torch.load(path, weights_only=True) == {"step": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.ckpt", "last.ckpt"]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Nothing the user owns is deleted or replaced; writers are atomic
 # ---------------------------------------------------------------------------------------------------------------------
