@@ -229,16 +229,28 @@ def _fitted_model(config: LlamaConfig, state: dict[str, torch.Tensor], path: Pat
         model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as e:  # a corrupt sharing mask
         raise CheckpointError(f"the weights do not fit the model config it records ({e})", path, fix) from e
+    check_finite(state, path)
     return model
+
+
+def check_finite(state: Mapping[str, torch.Tensor], where: object) -> None:
+    """Refuse weights holding NaN or inf (meta tensors are not checked): nothing should run, export or train them."""
+    bad = [
+        key
+        for key, t in state.items()
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        raise CheckpointError(
+            f"the weights hold NaN or inf ({listed(bad)})",
+            where,
+            "use another checkpoint, e.g. an earlier one of the run (fit's divergence guard never writes such weights)",
+        )
 
 
 def state_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], shown: int = 3) -> str:
     """What keeps ``given`` from loading into a model whose state is ``expected`` ("" when it fits): each kind of
     problem with its count and first few names, so that a large model's 300 missing keys stay one readable line."""
-
-    def listed(names: list[str]) -> str:
-        return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
-
     missing = [key for key in expected if key not in given]
     unexpected = [key for key in given if key not in expected]
     reshaped = [
@@ -247,7 +259,12 @@ def state_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, tor
         if key in given and given[key].shape != expected[key].shape
     ]
     kinds = (("missing", missing), ("unexpected", unexpected), ("other shape", reshaped))
-    return "; ".join(f"{kind}: {listed(names)}" for kind, names in kinds if names)
+    return "; ".join(f"{kind}: {listed(names, shown)}" for kind, names in kinds if names)
+
+
+def listed(names: list[str], shown: int = 3) -> str:
+    """The first ``shown`` names, and how many there are in all when more."""
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
 
 
 def _info(metadata: dict[str, Any], model: Llama) -> CheckpointInfo:

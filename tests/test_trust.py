@@ -631,3 +631,16 @@ def test_weights_that_do_not_fit_their_config_are_summed_up_in_one_short_line(tm
     assert "unexpected: extra.weight" in err
     assert "other shape: sharing.mask [2] where the model has [4]" in err
     assert len(err) < 600, err
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_by_every_consumer(tmp_path, capsys):
+    """Weights with NaN or inf (a run without the guard, a bad copy) were consolidated and exported as they were, and
+    generate died in sampling with a traceback."""
+    model = Llama(LlamaConfig.from_name("debug"))
+    state = {"model." + key: t for key, t in model.state_dict().items()}
+    state["model.norm.weight"][0] = float("nan")
+    torch.save({"state_dict": state, "model_config": model.config.to_dict()}, tmp_path / "nan.ckpt")
+    for command, extra in (("consolidate", ["--output", str(tmp_path / "out")]), ("generate", ["--prompt", "x"])):
+        err = one_line_error(capsys, [command, "--checkpoint", str(tmp_path / "nan.ckpt"), *extra])
+        assert err.startswith("error: the weights hold NaN or inf (norm.weight) — ") and "an earlier one" in err
+    assert not (tmp_path / "out").exists()
