@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from epas_lightning.errors import CheckpointError
+from epas_lightning.hf.convert import is_hf_dir
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.region import TrainedRegion
@@ -203,6 +204,12 @@ def _read_any(path: Path, weights: bool, flag: str = "--checkpoint") -> tuple[di
     """The state dict and metadata of a ``.ckpt`` file, an FSDP2 directory or a consolidated directory."""
     if not path.exists():
         raise CheckpointError("checkpoint does not exist", f"{flag} {path}", "check the path")
+    if path.is_dir() and is_hf_dir(path):
+        raise CheckpointError(
+            "a Hugging Face model folder, not a checkpoint of fit or consolidate",
+            f"{flag} {path}",
+            f"train from its weights with `fit --model.init_from {path}`",
+        )
     if path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
         return _read_consolidated(path, weights)
     if path.is_file() or is_sharded_checkpoint(path):

@@ -164,6 +164,12 @@ def verify_checkpoint(path: str | Path, flag: str = "--ckpt_path") -> Path:
     if path.is_file():
         load_torch_file(path, mmap=True, where=f"{flag} {path}")
         return path
+    if (path / "config.json").is_file() and not is_sharded_checkpoint(path):
+        raise CheckpointError(
+            "a model folder (consolidated or Hugging Face) holds weights only, no training state to resume",
+            f"{flag} {path}",
+            f"start a new run from its weights with --model.init_from {path}",
+        )
     if not is_sharded_checkpoint(path):
         raise CheckpointError(
             "not a checkpoint: a directory without distributed-checkpoint metadata",

@@ -644,3 +644,15 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_by_every_consumer(tmp_p
         err = one_line_error(capsys, [command, "--checkpoint", str(tmp_path / "nan.ckpt"), *extra])
         assert err.startswith("error: the weights hold NaN or inf (norm.weight) — ") and "an earlier one" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_folder_where_a_checkpoint_belongs_says_to_start_from_it(small_checkpoint, tmp_path, capsys):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "llama"}')
+    (hf / "model.safetensors").write_bytes(b"")
+    err = one_line_error(capsys, ["generate", "--checkpoint", str(hf), "--prompt", "x"])
+    assert "a Hugging Face model folder" in err and f"--model.init_from {hf}" in err, err
+    for folder in (hf, small_checkpoint):
+        err = one_line_error(capsys, ["fit", "--config", DEBUG, "--ckpt_path", str(folder)])
+        assert "no training state to resume" in err and f"--model.init_from {folder}" in err, err
