@@ -21,11 +21,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint import load as dcp_load
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from epas_lightning.errors import CheckpointError
+from epas_lightning.hf.convert import is_hf_dir
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.region import TrainedRegion
@@ -34,6 +33,7 @@ from epas_lightning.safe_load import (
     LIGHTNING_METADATA,
     SafeFileSystemReader,
     is_sharded_checkpoint,
+    load_shards,
     load_torch_file,
     verify_checkpoint,
 )
@@ -76,14 +76,9 @@ def read_checkpoint(
     if not state:
         raise CheckpointError(f"no model weights (no keys starting with {wanted!r})", path / DCP_METADATA)
     to_read = state if weights else {key: t for key, t in state.items() if key == mask}
-    try:
-        with warnings.catch_warnings():  # torch warns that it loads in one process even when told to (no_dist)
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-            dcp_load(to_read, storage_reader=reader, no_dist=True)
-    except (Exception, CheckpointException) as e:  # a missing or truncated shard (CheckpointException is no Exception)
-        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
-        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise CheckpointError(f"cannot read the shards ({detail})", path, "copy it again") from e
+    with warnings.catch_warnings():  # torch warns that it loads in one process even when told to (no_dist)
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        load_shards(to_read, path, no_dist=True)
     metadata = load_torch_file(path / LIGHTNING_METADATA) if (path / LIGHTNING_METADATA).is_file() else {}
     return _strip_prefix(state, wanted), metadata
 
@@ -209,6 +204,12 @@ def _read_any(path: Path, weights: bool, flag: str = "--checkpoint") -> tuple[di
     """The state dict and metadata of a ``.ckpt`` file, an FSDP2 directory or a consolidated directory."""
     if not path.exists():
         raise CheckpointError("checkpoint does not exist", f"{flag} {path}", "check the path")
+    if path.is_dir() and is_hf_dir(path):
+        raise CheckpointError(
+            "a Hugging Face model folder, not a checkpoint of fit or consolidate",
+            f"{flag} {path}",
+            f"train from its weights with `fit --model.init_from {path}`",
+        )
     if path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
         return _read_consolidated(path, weights)
     if path.is_file() or is_sharded_checkpoint(path):
@@ -235,16 +236,28 @@ def _fitted_model(config: LlamaConfig, state: dict[str, torch.Tensor], path: Pat
         model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as e:  # a corrupt sharing mask
         raise CheckpointError(f"the weights do not fit the model config it records ({e})", path, fix) from e
+    check_finite(state, path)
     return model
+
+
+def check_finite(state: Mapping[str, torch.Tensor], where: object) -> None:
+    """Refuse weights holding NaN or inf (meta tensors are not checked): nothing should run, export or train them."""
+    bad = [
+        key
+        for key, t in state.items()
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        raise CheckpointError(
+            f"the weights hold NaN or inf ({listed(bad)})",
+            where,
+            "use another checkpoint, e.g. an earlier one of the run (fit's divergence guard never writes such weights)",
+        )
 
 
 def state_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], shown: int = 3) -> str:
     """What keeps ``given`` from loading into a model whose state is ``expected`` ("" when it fits): each kind of
     problem with its count and first few names, so that a large model's 300 missing keys stay one readable line."""
-
-    def listed(names: list[str]) -> str:
-        return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
-
     missing = [key for key in expected if key not in given]
     unexpected = [key for key in given if key not in expected]
     reshaped = [
@@ -253,7 +266,12 @@ def state_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, tor
         if key in given and given[key].shape != expected[key].shape
     ]
     kinds = (("missing", missing), ("unexpected", unexpected), ("other shape", reshaped))
-    return "; ".join(f"{kind}: {listed(names)}" for kind, names in kinds if names)
+    return "; ".join(f"{kind}: {listed(names, shown)}" for kind, names in kinds if names)
+
+
+def listed(names: list[str], shown: int = 3) -> str:
+    """The first ``shown`` names, and how many there are in all when more."""
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
 
 
 def _info(metadata: dict[str, Any], model: Llama) -> CheckpointInfo:

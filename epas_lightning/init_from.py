@@ -69,9 +69,12 @@ def check_same_architecture(
 def read_init_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Tensor]:
     """The full (unsharded) ``Llama`` parameters stored at ``path``, converted and checked for ``config``."""
     path = _existing(path)  # the loaders below check safety and architecture as they read
+    from epas_lightning.checkpoint import check_finite, load_model  # our own .ckpt / FSDP2 dir / consolidated dir
+
     if is_hf_dir(path):
-        return load_hf_state(path, config)
-    from epas_lightning.checkpoint import load_model  # our own .ckpt / FSDP2 dir / consolidated dir
+        state = load_hf_state(path, config)
+        check_finite(state, f"model.init_from {path}")
+        return state
 
     loaded = load_model(path).model
     check_same_architecture(config, loaded.config, f"model.init_from {path}")

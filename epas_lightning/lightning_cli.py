@@ -9,6 +9,9 @@ Beside the trainer, model and data, every run has these sections, each a callbac
 - ``throughput``: tokens/s and FLOPs/s (``TokenThroughputMonitor``); ``lr_monitor``: the learning rate per step;
 - ``interrupt``: ``GracefulStop``, SIGTERM or Ctrl+C stop between steps with a ``last.ckpt`` (exit 143 / 130).
 
+Checkpoint files are written beside their name and renamed into place (``AtomicCheckpointIO``) unless the
+configuration names its own ``CheckpointIO``.
+
 ``--ckpt_path last`` resumes the newest ``last.ckpt`` of the same run (logger ``save_dir``/``name``) and keeps logging
 into its version folder; ``auto`` does the same or starts fresh when there is none. Every checkpoint is checked to
 load without running code (:func:`~epas_lightning.safe_load.verify_checkpoint`) before Lightning opens it, and loads
@@ -28,9 +31,11 @@ from jsonargparse import Namespace, set_parsing_settings
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from epas_lightning.callbacks import ProgressiveSharing, TokenThroughputMonitor
 from epas_lightning.checkpoint import recorded_config
+from epas_lightning.checkpoint_io import AtomicCheckpointIO
 from epas_lightning.data import TokenDataModule
 from epas_lightning.divergence import DivergenceGuard
 from epas_lightning.errors import CheckpointError, ConfigError, UserError
@@ -231,12 +236,23 @@ class EPASCLI(LightningCLI):
             # (where a user's own config.yaml may be, and a second run would refuse to start).
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
             self.save_config_callback = None
-        return super()._instantiate_trainer(config, [*callbacks, *progress_bar_for(config)])
+        return super()._instantiate_trainer(with_atomic_checkpoint_io(config), [*callbacks, *progress_bar_for(config)])
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         kwargs["weights_only"] = True  # checkpoints hold tensors and plain data only: never unpickle anything else
         return kwargs
+
+
+def with_atomic_checkpoint_io(trainer_config: dict[str, Any]) -> dict[str, Any]:
+    """The trainer arguments with ``AtomicCheckpointIO`` among the plugins, unless they or the strategy name a
+    ``CheckpointIO`` already."""
+    plugins = trainer_config.get("plugins")
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+    strategy = trainer_config.get("strategy")
+    if any(isinstance(p, CheckpointIO) for p in plugins) or getattr(strategy, "_checkpoint_io", None) is not None:
+        return trainer_config
+    return {**trainer_config, "plugins": [*plugins, AtomicCheckpointIO()]}
 
 
 def check_same_model(model_config: Any, ckpt_path: str) -> None:
@@ -251,8 +267,9 @@ def check_same_model(model_config: Any, ckpt_path: str) -> None:
     )
 
 
-SHARDED_READERS = ("FSDP2Strategy", "ModelParallelStrategy")
-"""Strategies that read a sharded (torch.distributed.checkpoint) folder, on any number of devices."""
+SHARDED_READERS = ("FSDP2Strategy",)
+"""Strategies that read a sharded (torch.distributed.checkpoint) folder, on any number of devices, and safely
+(Lightning's own ``ModelParallelStrategy`` unpickles its metadata and optimizer entries freely)."""
 
 
 def check_strategy_reads(strategy: Any, ckpt_path: Path) -> None:

@@ -3,7 +3,9 @@
 A checkpoint is a file a user hands us, possibly from someone else. Pickles are only ever read by a restricted
 unpickler: ``torch.load(weights_only=True)`` for ``.ckpt``/``.pt``/``.bin`` files, and :class:`SafeFileSystemReader`
 for the metadata of a torch distributed checkpoint (``.metadata``, a plain pickle that ``torch.distributed.checkpoint``
-would otherwise load with ``pickle.load``). Weights in safetensors need no unpickling at all.
+would otherwise load with ``pickle.load``), and :class:`SafeLoadPlanner` for the non-tensor entries inside its shards
+(an optimizer's hyperparameters, pickles that it would load with ``weights_only=False``). Weights in safetensors need
+no unpickling at all.
 
 :func:`verify_checkpoint` checks a checkpoint this way before Lightning or torch.distributed.checkpoint open it, and
 :func:`load_sharded_checkpoint` is the resume path of a sharded (FSDP2) checkpoint directory with the safe reader.
@@ -15,12 +17,14 @@ import io
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 
 from epas_lightning.errors import CheckpointError
 
@@ -78,13 +82,49 @@ class SafeFileSystemReader(FileSystemReader):
         metadata.storage_meta.load_id = self.load_id
         return metadata
 
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Any:
+        if not isinstance(planner, SafeLoadPlanner):  # torch's planner unpickles non-tensor entries freely
+            raise TypeError("SafeFileSystemReader reads only with a SafeLoadPlanner")
+        return super().read_data(plan, planner)
 
-def load_torch_file(path: str | Path, map_location: Any = "cpu", mmap: bool = False, where: str | None = None) -> Any:
-    """``torch.load`` with ``weights_only=True``; an unsafe, corrupt or truncated file is a :class:`CheckpointError`
-    (``where`` names it in the message; default: the path)."""
-    path = Path(path)
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """``DefaultLoadPlanner`` whose non-tensor entries load with ``weights_only=True`` (``where`` names the checkpoint
+    in the error); torch's loads them with ``weights_only=False``."""
+
+    def __init__(self, where: object, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.where = where
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        checked = io.BytesIO()  # only tensors and plain data get through, saved again for torch's own loader
+        torch.save(load_torch_file(value, where=self.where), checked)
+        checked.seek(0)
+        super().load_bytes(read_item, checked)
+
+
+def load_shards(state: dict[str, Any], path: Path, **kwargs: Any) -> None:
+    """``torch.distributed.checkpoint.load`` of ``state`` from the directory ``path`` with the safe reader and planner;
+    a missing, truncated or unsafe shard is a :class:`CheckpointError`."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and _is_zip(path))
+        dcp_load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(path), **kwargs)
+    except (Exception, CheckpointException) as e:  # a missing or truncated shard (CheckpointException is no Exception)
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+        if isinstance(cause, CheckpointError):
+            raise cause from e
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise CheckpointError(f"cannot read the shards ({detail})", path, "copy it again") from e
+
+
+def load_torch_file(
+    path: str | Path | IO[bytes], map_location: Any = "cpu", mmap: bool = False, where: object = None
+) -> Any:
+    """``torch.load`` with ``weights_only=True``; an unsafe, corrupt or truncated file is a :class:`CheckpointError`
+    (``where`` names it in the message; default: the path). ``path`` may be an open binary stream (never mapped)."""
+    path = path if isinstance(path, io.IOBase) else Path(path)
+    try:
+        mmap = mmap and isinstance(path, Path) and _is_zip(path)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             "cannot read this file safely (it holds objects other than tensors and plain data, which we never "
@@ -125,6 +165,12 @@ def verify_checkpoint(path: str | Path, flag: str = "--ckpt_path") -> Path:
     if path.is_file():
         load_torch_file(path, mmap=True, where=f"{flag} {path}")
         return path
+    if (path / "config.json").is_file() and not is_sharded_checkpoint(path):
+        raise CheckpointError(
+            "a model folder (consolidated or Hugging Face) holds weights only, no training state to resume",
+            f"{flag} {path}",
+            f"start a new run from its weights with --model.init_from {path}",
+        )
     if not is_sharded_checkpoint(path):
         raise CheckpointError(
             "not a checkpoint: a directory without distributed-checkpoint metadata",
@@ -170,15 +216,14 @@ def load_sharded_checkpoint(
         set_optimizer_state_dict,
     )
 
-    reader = SafeFileSystemReader(path)
-    reader.read_metadata()  # refuse unsafe metadata before anything else happens
+    SafeFileSystemReader(path).read_metadata()  # refuse unsafe metadata before anything else happens
     module_state = {"state_dict": get_model_state_dict(module)}
-    dcp_load(module_state, storage_reader=reader)
+    load_shards(module_state, path)
     module.load_state_dict(module_state["state_dict"], strict=strict)
     for index, optimizer in enumerate(optimizers):
         key = f"optimizer_{index}"
         optimizer_state = {key: get_optimizer_state_dict(module, optimizer)}
-        dcp_load(optimizer_state, storage_reader=SafeFileSystemReader(path))
+        load_shards(optimizer_state, path)
         set_optimizer_state_dict(
             module, optimizer, optim_state_dict=optimizer_state[key], options=StateDictOptions(cpu_offload=True)
         )

@@ -180,6 +180,19 @@ def test_init_from_checks_before_training(tmp_path: Path) -> None:
         EPASModule(wide, init_from=str(path))
 
 
+def test_init_from_refuses_hf_weights_holding_nan(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from epas_lightning.init_from import read_init_state
+
+    path = save_tiny_hf(tmp_path / "hf")
+    state = load_file(path / "model.safetensors")
+    state["model.norm.weight"][0] = float("nan")
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"NaN or inf \(norm.weight\) — model.init_from"):
+        read_init_state(path, _module_config())
+
+
 # ---------------------------------------------------------------- export
 
 

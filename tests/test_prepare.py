@@ -313,7 +313,18 @@ def test_truncated_chunk_is_a_clear_error(sp_data: Path, tmp_path: Path):
     chunk.write_bytes(chunk.read_bytes()[:-10])
     with pytest.raises(DataCheckError, match=rf"corrupt or truncated chunk.* — {chunk} — prepare the data again"):
         tiny_dm(str(data))
-    (data / "train" / "index.json").write_text("{not json")
+    index_path = data / "train" / "index.json"
+    index = json.loads(index_path.read_text())
+    chunk.write_bytes(b"\0" * index["chunks"][0]["chunk_bytes"])  # the size right, the token count too large
+    index["chunks"][0]["dim"] *= 2
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(DataCheckError, match=rf"holds fewer tokens than .* says .* — {chunk} — prepare the data"):
+        tiny_dm(str(data))
+    index["config"]["data_format"] = ["pickle"]  # not a token stream (litdata's unpacking failed with a traceback)
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(DataCheckError, match=r"not a token stream \(data format \['pickle'\]\) — .*index.json"):
+        tiny_dm(str(data))
+    index_path.write_text("{not json")
     with pytest.raises(DataCheckError, match=r"not a readable litdata index .* — .*train/index.json"):
         tiny_dm(str(data))
     (data / "meta.json").write_text("{not json")  # there but unreadable: not "missing meta.json"

@@ -231,6 +231,7 @@ def test_serve_checks_the_checkpoint_without_reading_its_weights(checkpoint, tmp
     worker loads them. Of the tensors, only the sharing mask is read."""
     pytest.importorskip("litserve")
     from epas_lightning import checkpoint as checkpoint_module
+    from epas_lightning import safe_load
     from epas_lightning.serve import command
 
     forms = checkpoint_forms(checkpoint, tmp_path)
@@ -249,9 +250,9 @@ def test_serve_checks_the_checkpoint_without_reading_its_weights(checkpoint, tmp
         assert mmap or Path(path).name == "meta.pt", path  # a .ckpt file is mapped, its weights never read
         return load_torch_file(path, *args, mmap=mmap, **kwargs)
 
-    dcp_load, load_torch_file = checkpoint_module.dcp_load, checkpoint_module.load_torch_file
+    dcp_load, load_torch_file = safe_load.dcp_load, checkpoint_module.load_torch_file
     monkeypatch.setattr(checkpoint_module, "load_file", no_weights)
-    monkeypatch.setattr(checkpoint_module, "dcp_load", load_mask_only)
+    monkeypatch.setattr(safe_load, "dcp_load", load_mask_only)
     monkeypatch.setattr(checkpoint_module, "load_torch_file", mapped_only)
     monkeypatch.setattr(Llama, "to_empty", no_weights)  # no whole model is materialised
     for form, path in forms.items():

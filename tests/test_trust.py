@@ -134,6 +134,24 @@ def test_fsdp2_resume_reads_sharded_metadata_safely(evil):
     assert not evil.marker.exists()
 
 
+def test_fsdp2_resume_reads_non_tensor_shard_entries_safely(tmp_path):
+    """A sharded checkpoint keeps the optimizer's hyperparameters as pickles inside the shards, which
+    torch.distributed.checkpoint would load with ``weights_only=False``; the resume path refuses a malicious one."""
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from epas_lightning.safe_load import load_sharded_checkpoint
+
+    marker, module = tmp_path / "PWNED", torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    state = get_optimizer_state_dict(module, optimizer)
+    state["param_groups"][0]["lr"] = Evil(marker)
+    dcp_save({"state_dict": module.state_dict(), "optimizer_0": state}, checkpoint_id=tmp_path, no_dist=True)
+    with pytest.raises(CheckpointError, match="cannot read this file safely"):
+        load_sharded_checkpoint(tmp_path, module, [optimizer])
+    assert not marker.exists()
+
+
 def test_lm_eval_adapter_refuses_malicious_checkpoints(evil):
     from epas_lightning.evaluation.lm_eval_adapter import EPASLM
 
@@ -271,6 +289,32 @@ def test_guard_settings_come_from_yaml(tmp_path):
     cli = lightning_cli(["--config", DEBUG, "--config", str(config), "--trainer.logger", "false"], run=False)
     (guard,) = [c for c in cli.trainer.callbacks if isinstance(c, DivergenceGuard)]
     assert (guard.action, guard.max_skips) == ("skip", 3)
+
+
+def test_a_checkpoint_file_is_renamed_into_place_never_rewritten_in_place(tmp_path, monkeypatch):
+    """Lightning stages a checkpoint in the system temp folder and moves it; across file systems (a local /tmp, runs
+    on a network disk) the move rewrote the previous ``last.ckpt`` in place, so a kill or a full disk mid-copy left no
+    good one. fit's trainer writes the file beside its name and renames it."""
+    import errno
+
+    from epas_lightning.lightning_cli import lightning_cli
+
+    def cross_device(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    cli = lightning_cli(["--config", DEBUG, "--trainer.logger", "false"], run=False)
+    path, kept = tmp_path / "last.ckpt", tmp_path / "kept.ckpt"
+    io = cli.trainer.strategy.checkpoint_io
+    io.save_checkpoint({"step": 1}, path)
+    os.link(path, kept)  # the previous checkpoint's bytes, wherever its name points next
+    monkeypatch.setattr(os, "rename", cross_device)
+    io.save_checkpoint({"step": 2}, path)
+    assert torch.load(path, weights_only=True) == {"step": 2}
+    assert torch.load(kept, weights_only=True) == {"step": 1}  # never overwritten: a new file took the name
+    with pytest.raises(AttributeError, match="pickle"):  # a failed save leaves the last one and nothing else
+        io.save_checkpoint({"step": 3, "bad": lambda: 0}, path)
+    assert torch.load(path, weights_only=True) == {"step": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.ckpt", "last.ckpt"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -562,7 +606,8 @@ def test_a_sharded_checkpoint_under_a_strategy_that_cannot_read_it_is_one_line(t
     sharded = tmp_path / "last.ckpt"
     sharded.mkdir()
     (sharded / ".metadata").write_bytes(b"")
-    for strategy in (None, "auto", "ddp", {"class_path": "lightning.pytorch.strategies.DDPStrategy"}):
+    model_parallel = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}  # loads it unsafely
+    for strategy in (None, "auto", "ddp", {"class_path": "lightning.pytorch.strategies.DDPStrategy"}, model_parallel):
         with pytest.raises(CheckpointError, match="loads only under the fsdp2 strategy") as refused:
             check_strategy_reads(strategy, sharded)
         assert "--trainer.strategy=fsdp2" in str(refused.value)
@@ -618,3 +663,28 @@ def test_weights_that_do_not_fit_their_config_are_summed_up_in_one_short_line(tm
     assert "unexpected: extra.weight" in err
     assert "other shape: sharing.mask [2] where the model has [4]" in err
     assert len(err) < 600, err
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_by_every_consumer(tmp_path, capsys):
+    """Weights with NaN or inf (a run without the guard, a bad copy) were consolidated and exported as they were, and
+    generate died in sampling with a traceback."""
+    model = Llama(LlamaConfig.from_name("debug"))
+    state = {"model." + key: t for key, t in model.state_dict().items()}
+    state["model.norm.weight"][0] = float("nan")
+    torch.save({"state_dict": state, "model_config": model.config.to_dict()}, tmp_path / "nan.ckpt")
+    for command, extra in (("consolidate", ["--output", str(tmp_path / "out")]), ("generate", ["--prompt", "x"])):
+        err = one_line_error(capsys, [command, "--checkpoint", str(tmp_path / "nan.ckpt"), *extra])
+        assert err.startswith("error: the weights hold NaN or inf (norm.weight) — ") and "an earlier one" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_folder_where_a_checkpoint_belongs_says_to_start_from_it(small_checkpoint, tmp_path, capsys):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "llama"}')
+    (hf / "model.safetensors").write_bytes(b"")
+    err = one_line_error(capsys, ["generate", "--checkpoint", str(hf), "--prompt", "x"])
+    assert "a Hugging Face model folder" in err and f"--model.init_from {hf}" in err, err
+    for folder in (hf, small_checkpoint):
+        err = one_line_error(capsys, ["fit", "--config", DEBUG, "--ckpt_path", str(folder)])
+        assert "no training state to resume" in err and f"--model.init_from {folder}" in err, err

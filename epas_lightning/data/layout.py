@@ -88,22 +88,48 @@ def missing_entries(data_dir: Path) -> list[str]:
 
 
 def check_stream(stream_dir: Path) -> None:
-    """Fail, naming the file, when a token stream's ``index.json`` is unreadable or a chunk is missing or truncated."""
+    """Fail, naming the file, when a token stream's ``index.json`` is unreadable or not a token stream's, or a chunk
+    is missing, truncated or holds fewer tokens than the index says."""
     index_path = stream_dir / INDEX_FILENAME
     try:
-        chunks = json.loads(index_path.read_text())["chunks"]
+        index = json.loads(index_path.read_text())
+        chunks, data_format = index["chunks"], index["config"]["data_format"]
+        token_bytes = _token_itemsize(data_format)
+        sized = [
+            (stream_dir / c["filename"], int(c["chunk_bytes"]), int(c["chunk_size"]), int(c["dim"])) for c in chunks
+        ]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataCheckError(f"not a readable litdata index ({e})", index_path, "prepare the data again") from e
-    for chunk in chunks:
-        path = stream_dir / chunk["filename"]
+    if token_bytes is None:
+        raise DataCheckError(f"not a token stream (data format {data_format})", index_path, "prepare the data again")
+    for path, chunk_bytes, items, tokens in sized:
         if not path.is_file():
             raise DataCheckError(f"chunk listed in {index_path} is missing", path, "prepare the data again")
-        if (size := path.stat().st_size) != chunk["chunk_bytes"]:
+        if (size := path.stat().st_size) != chunk_bytes:
             raise DataCheckError(
-                f"corrupt or truncated chunk: {size} bytes, {index_path} says {chunk['chunk_bytes']}",
+                f"corrupt or truncated chunk: {size} bytes, {index_path} says {chunk_bytes}",
                 path,
                 "prepare the data again",
             )
+        if (items + 2) * 4 + tokens * token_bytes > size:  # a header of uint32 counts and offsets, then the tokens
+            raise DataCheckError(
+                f"corrupt chunk: it holds fewer tokens than {index_path} says ({tokens})",
+                path,
+                "prepare the data again",
+            )
+
+
+def _token_itemsize(data_format: object) -> int | None:
+    """Bytes per token of a litdata token stream's ``data_format`` (``["no_header_tensor:<dtype>"]``), else ``None``."""
+    from litdata.constants import _NUMPY_DTYPES_MAPPING, _TORCH_DTYPES_MAPPING
+
+    if not (isinstance(data_format, list) and len(data_format) == 1 and isinstance(data_format[0], str)):
+        return None
+    kind, _, dtype = data_format[0].partition(":")
+    mapping = {"no_header_tensor": _TORCH_DTYPES_MAPPING, "no_header_numpy": _NUMPY_DTYPES_MAPPING}.get(kind, {})
+    if not dtype.isdigit() or int(dtype) not in mapping:
+        return None
+    return mapping[int(dtype)].itemsize
 
 
 def count_stream_tokens(stream_dir: str | Path) -> int:

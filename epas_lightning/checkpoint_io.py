@@ -1,0 +1,42 @@
+"""``AtomicCheckpointIO``: each checkpoint file is written beside its name and renamed into place.
+
+Lightning's ``TorchCheckpointIO`` stages the file in the system temp folder and moves it; across file systems (a
+local ``/tmp``, the run on a network disk) that move copies into the target, rewriting the previous checkpoint in
+place, so a kill or a full disk mid-copy leaves none that loads (and a large checkpoint needs as much room in
+``/tmp``). ``fit`` uses this one instead; sharded checkpoints have their own staging (``FSDP2Strategy``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from epas_lightning.strategy import STAGING
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` that writes ``.<name>.saving`` beside the target, syncs it and renames it over the target
+    (never writing through it: a link there is replaced, not followed). Remote paths keep Lightning's way."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}{STAGING}")
+        try:
+            with open(staging, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(staging, path)
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
+        return None
