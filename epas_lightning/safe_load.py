@@ -134,6 +134,10 @@ def load_torch_file(
         ) from e
     except MemoryError:
         raise
+    except PermissionError as e:
+        raise CheckpointError(
+            "cannot open the file: permission denied", where or path, "make it readable for this user"
+        ) from e
     except Exception as e:  # garbage fails the unpickler in many ways (KeyError, IndexError, ...): the file is bad
         detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(

@@ -545,6 +545,9 @@ def test_missing_data_dir_bad_schedule_and_truncated_checkpoints_are_one_line(tm
     text.write_text("hello")
     assert "corrupt or truncated" in one_line_error(capsys, ["generate", "--checkpoint", str(text), "--prompt", "x"])
     assert "model.init_from" in one_line_error(capsys, ["fit", "--config", DEBUG, "--model.init_from", str(truncated)])
+    (tmp_path / "empty").mkdir()
+    err = one_line_error(capsys, ["fit", "--config", DEBUG, "--model.init_from", str(tmp_path / "empty")])
+    assert f"not a checkpoint — model.init_from {tmp_path / 'empty'}" in err
     assert "unknown command 'predict'" in one_line_error(capsys, ["predict"])
     err = one_line_error(capsys, ["fit", "--config", DEBUG, "--model.config.n_layer=0"])  # checked inside a link
     assert err.startswith("error: model sizes must be positive integers, got {'n_layer': 0} — model.config")
@@ -554,6 +557,17 @@ def test_missing_data_dir_bad_schedule_and_truncated_checkpoints_are_one_line(tm
     if not torch.cuda.is_available():
         err = one_line_error(capsys, ["fit", "--config", "tinyllama-1gpu"])
         assert err.startswith("error: no CUDA GPU is visible to this process — trainer.accelerator: gpu")
+
+
+def test_an_unreadable_checkpoint_says_permission_denied_not_corrupt(tmp_path, monkeypatch):
+    from epas_lightning import safe_load
+
+    def denied(path, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(safe_load.torch, "load", denied)  # root reads any file, so a chmod cannot show it here
+    with pytest.raises(CheckpointError, match="permission denied .* make it readable"):
+        safe_load.load_torch_file(tmp_path / "last.ckpt")
 
 
 def test_a_sharded_checkpoint_with_a_truncated_or_missing_shard_is_one_line(tmp_path, capsys, monkeypatch):
