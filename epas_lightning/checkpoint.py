@@ -215,7 +215,9 @@ def _read_any(path: Path, weights: bool, flag: str = "--checkpoint") -> tuple[di
     if path.is_file() or is_sharded_checkpoint(path):
         return read_checkpoint(path, weights, flag)
     raise CheckpointError(
-        "not a checkpoint", path, "pass a .ckpt file, an FSDP2 checkpoint directory or a consolidated directory"
+        "not a checkpoint",
+        f"{flag} {path}",
+        "pass a .ckpt file, an FSDP2 checkpoint directory or a consolidated directory",
     )
 
 
