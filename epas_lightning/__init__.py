@@ -8,6 +8,7 @@ redundancy analysis.
 from epas_lightning.analysis import RedundancyReport, analyze_model, capture_activations, linear_cka
 from epas_lightning.callbacks import ProgressiveSharing, TokenThroughputMonitor
 from epas_lightning.checkpoint import LoadedModel, consolidate, load_model
+from epas_lightning.checkpoint_io import AtomicCheckpointIO
 from epas_lightning.data import TokenDataModule, prepare_builtin_corpus, prepare_dataset
 from epas_lightning.divergence import DivergenceGuard, TrainingDiverged
 from epas_lightning.errors import UserError
@@ -30,6 +31,7 @@ from epas_lightning.strategy import FSDP2Strategy
 __version__ = "0.1.0"
 
 __all__ = [
+    "AtomicCheckpointIO",
     "DivergenceGuard",
     "GenerationResult",
     "GracefulStop",
