@@ -262,8 +262,7 @@ def check_same_model(model_config: Any, ckpt_path: str) -> None:
         _as_config(model_config),
         recorded_config(ckpt_path, "--ckpt_path"),
         f"--ckpt_path {ckpt_path}",
-        "use the model.config it was trained with (its run folder keeps config.yaml), or start a new run from its "
-        "weights with --model.init_from",
+        "use the model.config it was trained with (its run folder keeps config.yaml)",
     )
 
 

@@ -609,6 +609,7 @@ def test_resuming_into_another_architecture_is_one_line_before_anything_loads(tm
     for command in ("fit", "validate"):
         err = one_line_error(capsys, [command, "--config", DEBUG, "--ckpt_path", str(tmp_path / "other.ckpt")])
         assert f"n_layer: model {configured.n_layer} vs checkpoint {other.n_layer} — --ckpt_path" in err
+        assert "init_from" not in err  # it checks the same architecture: no way around the checkpoint's config
     torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")  # not written by fit: nothing says what it holds
     err = one_line_error(capsys, ["fit", "--config", DEBUG, "--ckpt_path", str(tmp_path / "foreign.ckpt")])
     assert "no 'model_config': it was not written by EPASModule" in err
