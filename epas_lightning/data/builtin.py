@@ -34,6 +34,7 @@ from epas_lightning.data.prepare import BuildOptions, TokenizerChoice, build_dat
 from epas_lightning.data.sources import InputFile, split_by_hash
 from epas_lightning.data.tokenizer import HF_FILENAME, TRAINED_BOS_TOKEN, TRAINED_EOS_TOKEN
 from epas_lightning.data.writing import default_num_workers
+from epas_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,9 @@ def split_train_val(files: Sequence[SourceFile], val_fraction: float) -> tuple[l
     try:
         return split_by_hash(files, lambda f: f.rel_path, val_fraction)
     except ValueError as e:
-        raise ValueError(f"{e} Raise max_bytes.") from e
+        raise ConfigError(
+            str(e).rstrip("."), "data.max_bytes", "raise it, or leave it unset for the whole corpus"
+        ) from e
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -237,7 +240,12 @@ def prepare_builtin_corpus(
         The complete entry directory (``train/``, ``val/``, ``tokenizer.json``, ``files.json``, ``meta.json``).
     """
     if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} for a byte-level BPE.")
+        raise ConfigError(
+            f"the built-in corpus trains a byte-level BPE of vocab_size tokens, at least {256 + len(SPECIAL_TOKENS)} "
+            f"(256 bytes, BOS, EOS), not {vocab_size}",
+            "model.config.vocab_size",
+            f"raise it to {256 + len(SPECIAL_TOKENS)} or more",
+        )
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
     from filelock import FileLock
