@@ -392,7 +392,7 @@ def consolidate_command(checkpoint: Path, output: Path, overwrite: bool = False)
     Args:
         checkpoint: A .ckpt file or an FSDP2 checkpoint directory written by fit.
         output: The folder to write.
-        overwrite: Replace ``output`` if it is a consolidated folder written by this command.
+        overwrite: Replace --output if it is a consolidated folder written by this command.
     """
     out = consolidate(checkpoint, output, overwrite)
     print(f"wrote {out / WEIGHTS_FILE} and {out / CONFIG_FILE}")

@@ -290,8 +290,8 @@ def prepare_command(
         val_fraction: Fraction of the documents held out for validation (text files are held out whole, and at
             least one of them).
         text_field: The JSONL field / parquet column with the text.
-        bos_token: BOS token of an HF tokenizer (default: detected, e.g. <s>).
-        eos_token: EOS token of an HF tokenizer (default: detected, e.g. </s>).
+        bos_token: BOS token to wrap documents in (default: the tokenizer's own, e.g. <s>).
+        eos_token: EOS token to end documents with (default: the tokenizer's own, e.g. </s>).
         on_bad: An unreadable, binary or non-UTF-8 file or record is skipped with a warning, or stops the run.
         num_workers: Tokenizer processes (default: the CPU cores available).
         overwrite: Replace --output if it is a dataset this command prepared (never anything else).
