@@ -32,7 +32,7 @@ from pathlib import Path
 from epas_lightning.data.layout import META_FILENAME, is_complete, write_meta
 from epas_lightning.data.prepare import BuildOptions, TokenizerChoice, build_dataset
 from epas_lightning.data.sources import InputFile, split_by_hash
-from epas_lightning.data.tokenizer import HF_FILENAME, TRAINED_BOS_TOKEN, TRAINED_EOS_TOKEN
+from epas_lightning.data.tokenizer import TRAINED_BOS_TOKEN, TRAINED_EOS_TOKEN
 from epas_lightning.data.writing import default_num_workers
 from epas_lightning.errors import ConfigError
 
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 BOS_TOKEN = TRAINED_BOS_TOKEN
 EOS_TOKEN = TRAINED_EOS_TOKEN
-TOKENIZER_FILENAME = HF_FILENAME
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN)
 FILES_FILENAME = "files.json"
 _SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
