@@ -36,6 +36,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from epas_lightning.callbacks import ProgressiveSharing, TokenThroughputMonitor
 from epas_lightning.checkpoint import recorded_config
 from epas_lightning.checkpoint_io import AtomicCheckpointIO
+from epas_lightning.cli import PROG
 from epas_lightning.data import TokenDataModule
 from epas_lightning.divergence import DivergenceGuard
 from epas_lightning.errors import CheckpointError, ConfigError, UserError
@@ -375,7 +376,11 @@ def lightning_cli(args: ArgsType = None, run: bool = True) -> EPASCLI:
         seed_everything_default=1234,
         auto_configure_optimizers=False,
         trainer_defaults={"callbacks": [RunSummary(), FlopsModelSummary()]},
-        parser_kwargs={"exit_on_error": False, **{name: {"exit_on_error": False} for name in EPASCLI.subcommands()}},
+        parser_kwargs={
+            "prog": PROG,  # usage lines read `python -m epas_lightning fit`, not `__main__.py fit`
+            "exit_on_error": False,
+            **{name: {"exit_on_error": False} for name in EPASCLI.subcommands()},
+        },
         args=args,
         run=run,
     )

@@ -48,6 +48,8 @@ def test_top_level_help_lists_every_command_with_a_description(capsys):
         line = next(line for line in out.splitlines() if line.strip().startswith(command + " "))
         assert len(line.split(maxsplit=1)[1]) > 20, line
     assert "predict" not in out
+    assert main(["fit", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: python -m epas_lightning [options] fit ")
 
 
 @pytest.mark.parametrize("command", sorted(TOOLS))
