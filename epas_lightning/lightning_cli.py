@@ -56,6 +56,10 @@ DEFAULT_LOGGER = {
     "init_args": {"save_dir": "runs", "name": "epas", "default_hp_metric": False},
 }
 RESUME_WORDS = ("last", "auto")
+WEIGHTS_ONLY_HELP = (
+    "Always true: a checkpoint loads with weights_only=True (tensors and plain data; nothing else is unpickled), "
+    "and false is refused."
+)
 IGNORED_WARNINGS = (
     # The token loader reads memory-mapped chunks in the main process far faster than any model trains.
     r".*does not have many workers which may be a bottleneck.*",
@@ -180,6 +184,10 @@ class EPASCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse ``args`` (a list; ``--print_config`` prints the config with the model preset resolved)."""
+        for subcommand_parser in self._subcommand_parsers.values():
+            for action in subcommand_parser._actions:
+                if action.dest == "weights_only":  # Lightning's help advises false for trusted checkpoints
+                    action.help = WEIGHTS_ONLY_HELP
         args = list(sys.argv[1:] if args is None else args)
         printing = [a for a in args if a.split("=")[0] == "--print_config"]
         args = [a for a in args if a not in printing]
@@ -209,6 +217,10 @@ class EPASCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
+        if self.subcommand and self.config[self.subcommand].get("weights_only") is False:
+            raise ConfigError(
+                "checkpoints always load with weights_only=True here", "--weights_only false", "leave it unset"
+            )
         trainer = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
         accelerator = trainer.get("accelerator")
         if isinstance(accelerator, str) and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
