@@ -42,6 +42,7 @@ from epas_lightning.data.sources import (
 )
 from epas_lightning.data.tokenizer import (
     HF_FILENAME,
+    MIN_BPE_VOCAB,
     SENTENCEPIECE_FILENAME,
     file_sha256,
     load_tokenizer,
@@ -219,6 +220,17 @@ def prepare_dataset(
         raise ConfigError("pass either a tokenizer file or --train-tokenizer with --vocab-size", "--tokenizer")
     if train_tokenizer and vocab_size is None:
         raise ConfigError("--train-tokenizer needs the size of the vocabulary to train", "--vocab-size")
+    if train_tokenizer and vocab_size < MIN_BPE_VOCAB:
+        raise ConfigError(
+            f"a byte-level BPE needs at least {MIN_BPE_VOCAB} tokens (256 bytes, BOS, EOS), not {vocab_size}",
+            "--vocab-size",
+        )
+    if not train_tokenizer and vocab_size is not None:
+        raise ConfigError(
+            "--vocab-size sizes a tokenizer to train; the --tokenizer given has its own",
+            "--vocab-size",
+            "drop it, or train one with --train-tokenizer instead of --tokenizer",
+        )
     if output.is_dir() and is_prepared_dataset(output) and overwrite:
         write_marker(output, DATASET_KIND)  # prepared before output folders carried a marker: ours all the same
     with output_folder(output, DATASET_KIND, overwrite, inputs=[*inputs, *val_inputs]) as build:
