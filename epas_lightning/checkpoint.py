@@ -61,7 +61,7 @@ def read_checkpoint(
         checkpoint = load_torch_file(path, mmap=not weights, where=f"{flag} {path}")
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
             raise CheckpointError(
-                "not a Lightning checkpoint (no state_dict)", path, "pass a checkpoint written by fit"
+                "not a Lightning checkpoint (no state_dict)", f"{flag} {path}", "pass a checkpoint written by fit"
             )
         state = _strip_prefix(checkpoint.pop("state_dict"))
         return (state if weights else _shapes_only(state)), checkpoint

@@ -549,6 +549,9 @@ def test_missing_data_dir_bad_schedule_and_truncated_checkpoints_are_one_line(tm
     (tmp_path / "empty").mkdir()
     err = one_line_error(capsys, ["fit", "--config", DEBUG, "--model.init_from", str(tmp_path / "empty")])
     assert f"not a checkpoint — model.init_from {tmp_path / 'empty'}" in err
+    torch.save({"weights": 1}, tmp_path / "plain.pt")  # a safe pickle, but not a checkpoint of fit
+    err = one_line_error(capsys, ["fit", "--config", DEBUG, "--model.init_from", str(tmp_path / "plain.pt")])
+    assert f"(no state_dict) — model.init_from {tmp_path / 'plain.pt'}" in err
     assert "unknown command 'predict'" in one_line_error(capsys, ["predict"])
     err = one_line_error(capsys, ["fit", "--config", DEBUG, "--model.config.n_layer=0"])  # checked inside a link
     assert err.startswith("error: model sizes must be positive integers, got {'n_layer': 0} — model.config")
