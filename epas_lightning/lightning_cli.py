@@ -184,7 +184,7 @@ class EPASCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse ``args`` (a list; ``--print_config`` prints the config with the model preset resolved)."""
-        for subcommand_parser in self._subcommand_parsers.values():
+        for subcommand_parser in getattr(self, "_subcommand_parsers", {}).values():  # none when run=False
             for action in subcommand_parser._actions:
                 if action.dest == "weights_only":  # Lightning's help advises false for trusted checkpoints
                     action.help = WEIGHTS_ONLY_HELP
