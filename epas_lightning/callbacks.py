@@ -61,7 +61,7 @@ class ProgressiveSharing(Callback):
             self.schedule = self._build(n_layer)
         self._applied: list[int] | None = None
         self.reached_at: int | None = None
-        """The step at which the region reached its full size in this run (``None``: not yet)."""
+        """The step at which the region reached its full size (kept across a resume; ``None``: not yet)."""
 
     def _build(self, n_layer: int) -> SharingSchedule:
         return SharingSchedule.build(n_layer, self.target, self.growth, self.interval, self.start_step, self.order)

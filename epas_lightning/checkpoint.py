@@ -61,7 +61,7 @@ def read_checkpoint(
         checkpoint = load_torch_file(path, mmap=not weights, where=f"{flag} {path}")
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
             raise CheckpointError(
-                "not a Lightning checkpoint (no state_dict)", path, "pass a checkpoint written by fit"
+                "not a Lightning checkpoint (no state_dict)", f"{flag} {path}", "pass a checkpoint written by fit"
             )
         state = _strip_prefix(checkpoint.pop("state_dict"))
         return (state if weights else _shapes_only(state)), checkpoint
@@ -392,7 +392,7 @@ def consolidate_command(checkpoint: Path, output: Path, overwrite: bool = False)
     Args:
         checkpoint: A .ckpt file or an FSDP2 checkpoint directory written by fit.
         output: The folder to write.
-        overwrite: Replace ``output`` if it is a consolidated folder written by this command.
+        overwrite: Replace --output if it is a consolidated folder written by this command.
     """
     out = consolidate(checkpoint, output, overwrite)
     print(f"wrote {out / WEIGHTS_FILE} and {out / CONFIG_FILE}")

@@ -122,13 +122,16 @@ class DivergenceGuard(Callback):
 
     def _message(self, trainer: Trainer, what: str) -> str:
         last = last_checkpoint(trainer)
-        written = f" (written after step {self._saved_at})" if self._saved_at is not None else ""
-        where = f"last good checkpoint: {last}{written}" if last else "no checkpoint was written before it"
-        resume = f"then resume with --ckpt_path {last}" if last else "then train again"
-        return (
-            f"training diverged: {what} — {where} — lower the learning rate (model.optimizer), lengthen the warmup or "
-            f"set trainer.gradient_clip_val, {resume}"
-        )
+        if last is None:
+            where = "no checkpoint was written before it"
+            fix = "lower the learning rate (model.optimizer), lengthen the warmup or set trainer.gradient_clip_val, "
+            fix += "then train again"
+        else:  # not a longer warmup: a resumed run keeps the warmup it has finished (WarmupCosineLR)
+            written = f" (written after step {self._saved_at})" if self._saved_at is not None else ""
+            where = f"last good checkpoint: {last}{written}"
+            fix = "lower the learning rate (model.optimizer) or set trainer.gradient_clip_val, then resume with "
+            fix += f"--ckpt_path {last}"
+        return f"training diverged: {what} — {where} — {fix}"
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped": self.skipped}

@@ -36,6 +36,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from epas_lightning.callbacks import ProgressiveSharing, TokenThroughputMonitor
 from epas_lightning.checkpoint import recorded_config
 from epas_lightning.checkpoint_io import AtomicCheckpointIO
+from epas_lightning.cli import PROG
 from epas_lightning.data import TokenDataModule
 from epas_lightning.divergence import DivergenceGuard
 from epas_lightning.errors import CheckpointError, ConfigError, UserError
@@ -55,6 +56,10 @@ DEFAULT_LOGGER = {
     "init_args": {"save_dir": "runs", "name": "epas", "default_hp_metric": False},
 }
 RESUME_WORDS = ("last", "auto")
+WEIGHTS_ONLY_HELP = (
+    "Always true: a checkpoint loads with weights_only=True (tensors and plain data; nothing else is unpickled), "
+    "and false is refused."
+)
 IGNORED_WARNINGS = (
     # The token loader reads memory-mapped chunks in the main process far faster than any model trains.
     r".*does not have many workers which may be a bottleneck.*",
@@ -179,6 +184,10 @@ class EPASCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse ``args`` (a list; ``--print_config`` prints the config with the model preset resolved)."""
+        for subcommand_parser in getattr(self, "_subcommand_parsers", {}).values():  # none when run=False
+            for action in subcommand_parser._actions:
+                if action.dest == "weights_only":  # Lightning's help advises false for trusted checkpoints
+                    action.help = WEIGHTS_ONLY_HELP
         args = list(sys.argv[1:] if args is None else args)
         printing = [a for a in args if a.split("=")[0] == "--print_config"]
         args = [a for a in args if a not in printing]
@@ -208,6 +217,10 @@ class EPASCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
+        if self.subcommand and self.config[self.subcommand].get("weights_only") is False:
+            raise ConfigError(
+                "checkpoints always load with weights_only=True here", "--weights_only false", "leave it unset"
+            )
         trainer = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
         accelerator = trainer.get("accelerator")
         if isinstance(accelerator, str) and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -262,8 +275,7 @@ def check_same_model(model_config: Any, ckpt_path: str) -> None:
         _as_config(model_config),
         recorded_config(ckpt_path, "--ckpt_path"),
         f"--ckpt_path {ckpt_path}",
-        "use the model.config it was trained with (its run folder keeps config.yaml), or start a new run from its "
-        "weights with --model.init_from",
+        "use the model.config it was trained with (its run folder keeps config.yaml)",
     )
 
 
@@ -376,7 +388,11 @@ def lightning_cli(args: ArgsType = None, run: bool = True) -> EPASCLI:
         seed_everything_default=1234,
         auto_configure_optimizers=False,
         trainer_defaults={"callbacks": [RunSummary(), FlopsModelSummary()]},
-        parser_kwargs={"exit_on_error": False, **{name: {"exit_on_error": False} for name in EPASCLI.subcommands()}},
+        parser_kwargs={
+            "prog": PROG,  # usage lines read `python -m epas_lightning fit`, not `__main__.py fit`
+            "exit_on_error": False,
+            **{name: {"exit_on_error": False} for name in EPASCLI.subcommands()},
+        },
         args=args,
         run=run,
     )

@@ -35,8 +35,8 @@ class EPASModule(LightningModule):
             Default: ``AdamW(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)``.
         lr_scheduler: Builds a per-step LR scheduler from the optimizer. Default: ``WarmupCosineLR`` with
             ``warmup_steps=min(100, total // 10)``; a ``WarmupCosineLR`` with ``max_steps=None`` decays over the
-            trainer's total number of optimizer steps; a run without one (``max_epochs=-1``) keeps the peak learning
-            rate after the warmup (100 steps by default), with a warning.
+            trainer's total number of optimizer steps; a run without a step limit (``max_steps`` and ``max_epochs``
+            -1) keeps the peak learning rate after the warmup (100 steps by default), with a warning.
         activation_checkpointing: Recompute decoder blocks' activations in backward (less memory, ~1/3 more compute
             per checkpointed block): ``True`` every block, an integer k the first k blocks, ``"auto"`` as many as a
             micro-batch needs to fit the GPU's free memory (``epas_lightning.memory_plan``; none on CPUs).
@@ -45,8 +45,9 @@ class EPASModule(LightningModule):
         attention_reuse: With ``qk`` sharing, the source layer keeps its attention probabilities and every sharing
             layer computes only P @ V (exactly the same model; the sharing layers' dP flows back into the source).
             It materialises P (B, n_head, T, T) instead of a fused attention kernel: on GPUs FlashAttention is faster
-            (leave it off); on CPUs it wins, at seq >= 1024 once ``epas_lightning.cpu.tune_glibc_malloc()`` stops
-            large tensors from page-faulting (``benchmarks/RESULTS.md``). `generate` and `bench` turn it on.
+            (leave it off); on CPUs it can win at long sequences once ``epas_lightning.cpu.tune_glibc_malloc()`` stops
+            large tensors from page-faulting (``benchmarks/RESULTS.md``). ``generate``, ``bench``, ``serve`` and
+            ``evaluate`` turn it on.
         init_from: Start ``fit`` from these weights instead of a random init (continual pretraining): a local HF
             LLaMA directory (config.json + safetensors) or an EPAS checkpoint. ``config`` must describe the same
             architecture (checked, with every difference named, before any work); a resumed checkpoint wins.

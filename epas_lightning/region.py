@@ -2,7 +2,7 @@
 
 "N sharing layers" always means the first N layers of that growth order: with the paper's deep-first growth of
 ``[7, 6, 5, 4]``, N = 2 is layers 7 and 6; with shallow-first growth of ``[1, 2, 3]``, N = 1 is layer 1. Every
-consumer of a checkpoint (generate, bench, evaluate, export, the lm-eval adapter) resolves N through
+consumer of a checkpoint (generate, bench, serve, evaluate, export, the lm-eval adapter) resolves N through
 :meth:`TrainedRegion.first`, which refuses a region the weights never trained unless forced.
 """
 

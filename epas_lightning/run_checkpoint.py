@@ -28,8 +28,11 @@ def save_last_now(trainer: Trainer, checkpoint: ModelCheckpoint) -> Path | None:
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that, with ``save_last``, also writes ``last.ckpt`` when training ends at a step that no
-    checkpoint holds yet (the ``checkpoint`` section of ``fit``; its arguments are ``ModelCheckpoint``'s)."""
+    """Lightning's ``ModelCheckpoint``, whose ``last.ckpt`` (with ``save_last``) holds the step training ended at.
+
+    It is the ``checkpoint`` section of ``fit``, with ``ModelCheckpoint``'s arguments; when training ends at a step
+    that no checkpoint holds yet, it writes ``last.ckpt`` then.
+    """
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):

@@ -139,7 +139,7 @@ class FlopsModelSummary(ModelSummary):
         line = f"FLOPs: training FLOPs per sequence of {config.block_size} tokens, dense"
         if sharing is not None and sharing.enabled and sharing.schedule is not None:
             n = len(sharing.schedule.target_layers)
-            line += f"; {flop_cut(config, n, config.block_size):.1%} fewer once {n} layers share"
+            line += f"; {flop_cut(config, n, config.block_size):.1%} fewer once {n} layer(s) share"
         rank_zero_info(line + ".")
 
 

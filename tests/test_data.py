@@ -23,7 +23,7 @@ from epas_lightning.data.builtin import (
 from epas_lightning.data.layout import load_meta
 from epas_lightning.data.sources import InputFile
 from epas_lightning.data.writing import WorkItem, tokenize_work_item
-from epas_lightning.errors import DataError
+from epas_lightning.errors import ConfigError, DataError
 
 TINY_CORPUS_MAX_BYTES = 1_500_000  # as prepared by the `tiny_corpus` fixture (conftest.py)
 TINY_CORPUS_VOCAB_SIZE = 512
@@ -256,6 +256,13 @@ def test_vocab_size_check_names_both_sizes(tiny_corpus: Path):
     with pytest.raises(DataError, match=r"has 512 tokens but the model's vocab_size is 300"):
         tiny_datamodule(tiny_corpus, vocab_size=300)
     assert tiny_datamodule(tiny_corpus, vocab_size=1024).tokenizer.get_vocab_size() == 512
+
+
+def test_a_built_in_corpus_that_cannot_be_built_names_the_setting(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"at least 258 .* not 100 — model.config.vocab_size"):
+        TokenDataModule(vocab_size=100, cache_dir=str(tmp_path)).prepare_data()
+    with pytest.raises(ConfigError, match=r"got 0 — data.max_bytes — raise it"):  # no file fits in 100 bytes
+        TokenDataModule(vocab_size=512, max_bytes=100, cache_dir=str(tmp_path)).prepare_data()
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path: Path):

@@ -163,3 +163,6 @@ def test_evaluate_cli_sweeps_regions(tmp_path: Path, tiny_corpus: Path, capsys: 
     assert evaluate_main(too_many) == 2
     assert "trained with at most 2 sharing layers" in capsys.readouterr().err
     assert evaluate_main([*argv[:3], "3", "--force", "--data", str(tiny_corpus), "--batches", "1"]) == 0
+    capsys.readouterr()
+    assert evaluate_main([*argv, "--batch-size", "100000"]) == 2  # a split too small for one batch: one line
+    assert "holds fewer than 100000 sequences" in capsys.readouterr().err

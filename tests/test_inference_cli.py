@@ -60,6 +60,15 @@ def test_generate_refuses_more_than_the_trained_region_unless_forced(trained, ca
     assert rc == 2 and "does not exist" in err
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--temperature", "-1"), ("--top-k", "0"), ("--top-p", "2"), ("--max-new-tokens", "0")]
+)
+def test_generate_names_a_bad_sampling_flag_before_loading_anything(flag, value, tmp_path, capsys):
+    missing = str(tmp_path / "nope.ckpt")  # never opened: the flag is checked first
+    rc, _, err = run_cli(capsys, "generate", "--checkpoint", missing, "--prompt", "x", flag, value)
+    assert rc == 2 and f"— {flag}" in err and "does not exist" not in err, err
+
+
 def test_default_lengths_fit_a_short_block_size_and_explicit_ones_are_checked(trained, tmp_path, capsys):
     """block_size is 32: the default 100 new tokens (generate) and 64 + 64 (bench) are cut to fit, as the run
     summary's `next:` commands rely on; an explicit length that cannot fit says how many can."""

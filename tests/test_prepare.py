@@ -192,6 +192,19 @@ def test_cli_with_hf_tokenizer_and_separate_val_input(corpus, tmp_path: Path, ca
     assert batch.shape == (4, 17) and batch.max() < meta["vocab_size"]
 
 
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--train-tokenizer", "--vocab-size", "100"], "at least 258 tokens (256 bytes, BOS, EOS), not 100 — --vocab"),
+        (["--tokenizer", "t.json", "--vocab-size", "300"], "the --tokenizer given has its own — --vocab-size"),
+    ],
+)
+def test_a_vocab_size_that_cannot_apply_is_refused_before_any_work(flags, says, tmp_path, capsys):
+    argv = ["prepare", "--input", str(tmp_path), "--output", str(tmp_path / "out"), *flags]
+    assert cli_main(argv) == 2
+    assert says in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_trained_tokenizer_is_saved_next_to_the_data(corpus, tmp_path: Path):
     root, _ = corpus
     out = prepare(root / "notes", tmp_path / "bpe", train_tokenizer=True, vocab_size=300, num_workers=1)

@@ -48,6 +48,12 @@ def test_top_level_help_lists_every_command_with_a_description(capsys):
         line = next(line for line in out.splitlines() if line.strip().startswith(command + " "))
         assert len(line.split(maxsplit=1)[1]) > 20, line
     assert "predict" not in out
+    assert main(["fit", "--help"]) == 0
+    fit_help = capsys.readouterr().out
+    assert fit_help.startswith("usage: python -m epas_lightning [options] fit ")
+    assert "use ``weights_only=False``" not in fit_help  # Lightning's advice, refused here
+    assert main(["fit", "--config", DEBUG, "--weights_only", "false"]) == 2
+    assert "— --weights_only false — leave it unset" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", sorted(TOOLS))

@@ -228,8 +228,9 @@ def all_finite(module: EPASModule) -> bool:
 
 def test_guard_stops_before_the_bad_update(tiny_corpus, tmp_path):
     module, _, trainer, data = guarded_fit(tiny_corpus, tmp_path, {3}, DivergenceGuard())
-    with pytest.raises(TrainingDiverged, match=r"non-finite loss at step 3 — last good checkpoint: .*ckpt"):
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss at step 3 — last good checkpoint: .*ckpt") as stop:
         trainer.fit(module, data)
+    assert "warmup" not in str(stop.value)  # a resumed run keeps its finished warmup: only the LR or clipping help
     assert all_finite(module) and trainer.global_step == 3
     saved = sorted((tmp_path / "ckpt").glob("*.ckpt"))
     assert {torch.load(p, weights_only=True)["global_step"] for p in saved} == {1, 2, 3}
@@ -548,6 +549,9 @@ def test_missing_data_dir_bad_schedule_and_truncated_checkpoints_are_one_line(tm
     (tmp_path / "empty").mkdir()
     err = one_line_error(capsys, ["fit", "--config", DEBUG, "--model.init_from", str(tmp_path / "empty")])
     assert f"not a checkpoint — model.init_from {tmp_path / 'empty'}" in err
+    torch.save({"weights": 1}, tmp_path / "plain.pt")  # a safe pickle, but not a checkpoint of fit
+    err = one_line_error(capsys, ["fit", "--config", DEBUG, "--model.init_from", str(tmp_path / "plain.pt")])
+    assert f"(no state_dict) — model.init_from {tmp_path / 'plain.pt'}" in err
     assert "unknown command 'predict'" in one_line_error(capsys, ["predict"])
     err = one_line_error(capsys, ["fit", "--config", DEBUG, "--model.config.n_layer=0"])  # checked inside a link
     assert err.startswith("error: model sizes must be positive integers, got {'n_layer': 0} — model.config")
@@ -609,6 +613,7 @@ def test_resuming_into_another_architecture_is_one_line_before_anything_loads(tm
     for command in ("fit", "validate"):
         err = one_line_error(capsys, [command, "--config", DEBUG, "--ckpt_path", str(tmp_path / "other.ckpt")])
         assert f"n_layer: model {configured.n_layer} vs checkpoint {other.n_layer} — --ckpt_path" in err
+        assert "init_from" not in err  # it checks the same architecture: no way around the checkpoint's config
     torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")  # not written by fit: nothing says what it holds
     err = one_line_error(capsys, ["fit", "--config", DEBUG, "--ckpt_path", str(tmp_path / "foreign.ckpt")])
     assert "no 'model_config': it was not written by EPASModule" in err

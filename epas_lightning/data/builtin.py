@@ -32,16 +32,15 @@ from pathlib import Path
 from epas_lightning.data.layout import META_FILENAME, is_complete, write_meta
 from epas_lightning.data.prepare import BuildOptions, TokenizerChoice, build_dataset
 from epas_lightning.data.sources import InputFile, split_by_hash
-from epas_lightning.data.tokenizer import HF_FILENAME, TRAINED_BOS_TOKEN, TRAINED_EOS_TOKEN
+from epas_lightning.data.tokenizer import MIN_BPE_VOCAB, TRAINED_BOS_TOKEN, TRAINED_EOS_TOKEN
 from epas_lightning.data.writing import default_num_workers
+from epas_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 BOS_TOKEN = TRAINED_BOS_TOKEN
 EOS_TOKEN = TRAINED_EOS_TOKEN
-TOKENIZER_FILENAME = HF_FILENAME
-SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN)
 FILES_FILENAME = "files.json"
 _SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
@@ -141,7 +140,9 @@ def split_train_val(files: Sequence[SourceFile], val_fraction: float) -> tuple[l
     try:
         return split_by_hash(files, lambda f: f.rel_path, val_fraction)
     except ValueError as e:
-        raise ValueError(f"{e} Raise max_bytes.") from e
+        raise ConfigError(
+            str(e).rstrip("."), "data.max_bytes", "raise it, or leave it unset for the whole corpus"
+        ) from e
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -236,8 +237,13 @@ def prepare_builtin_corpus(
     Returns:
         The complete entry directory (``train/``, ``val/``, ``tokenizer.json``, ``files.json``, ``meta.json``).
     """
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} for a byte-level BPE.")
+    if vocab_size < MIN_BPE_VOCAB:
+        raise ConfigError(
+            f"the built-in corpus trains a byte-level BPE of vocab_size tokens, at least {MIN_BPE_VOCAB} (256 bytes, "
+            f"BOS, EOS), not {vocab_size}",
+            "model.config.vocab_size",
+            f"raise it to {MIN_BPE_VOCAB} or more",
+        )
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
     from filelock import FileLock

@@ -298,10 +298,18 @@ def heldout_loader(
     data_dir: str | Path | None, seq_len: int, batch_size: int, vocab_size: int | None = None
 ) -> StreamingDataLoader:
     """The validation split of a prepared data directory (``None``: the built-in corpus), checked and in a fixed
-    order: batches of (B, seq_len + 1) int32 tokens. Iterating it again yields the same batches."""
+    order: batches of (B, seq_len + 1) int32 tokens. Iterating it again yields the same batches. A split too small
+    for one batch is a :class:`DataError`."""
     data = TokenDataModule(
         str(data_dir) if data_dir is not None else None, seq_len=seq_len, batch_size=batch_size, vocab_size=vocab_size
     )
     data.prepare_data()
     data.setup("validate")
-    return data.val_dataloader()
+    loader = data.test_dataloader()  # the held-out split, without validation's "will be skipped" warning
+    if len(loader) == 0:
+        raise DataError(
+            f"the validation split holds fewer than {batch_size} sequences of {seq_len + 1} tokens: not one batch",
+            data.val_streams()[0],
+            "lower --batch-size, or hold out more data",
+        )
+    return loader

@@ -22,7 +22,6 @@ from epas_lightning.errors import DataError
 
 FORMAT_VERSION = 1
 META_FILENAME = "meta.json"
-SPLITS = ("train", "val")
 INDEX_FILENAME = "index.json"
 REQUIRED_ENTRIES = (f"train/{INDEX_FILENAME}", f"val/{INDEX_FILENAME}", META_FILENAME)
 DATASET_KIND = "dataset"

@@ -42,6 +42,7 @@ from epas_lightning.data.sources import (
 )
 from epas_lightning.data.tokenizer import (
     HF_FILENAME,
+    MIN_BPE_VOCAB,
     SENTENCEPIECE_FILENAME,
     file_sha256,
     load_tokenizer,
@@ -219,6 +220,17 @@ def prepare_dataset(
         raise ConfigError("pass either a tokenizer file or --train-tokenizer with --vocab-size", "--tokenizer")
     if train_tokenizer and vocab_size is None:
         raise ConfigError("--train-tokenizer needs the size of the vocabulary to train", "--vocab-size")
+    if train_tokenizer and vocab_size < MIN_BPE_VOCAB:
+        raise ConfigError(
+            f"a byte-level BPE needs at least {MIN_BPE_VOCAB} tokens (256 bytes, BOS, EOS), not {vocab_size}",
+            "--vocab-size",
+        )
+    if not train_tokenizer and vocab_size is not None:
+        raise ConfigError(
+            "--vocab-size sizes a tokenizer to train; the --tokenizer given has its own",
+            "--vocab-size",
+            "drop it, or train one with --train-tokenizer instead of --tokenizer",
+        )
     if output.is_dir() and is_prepared_dataset(output) and overwrite:
         write_marker(output, DATASET_KIND)  # prepared before output folders carried a marker: ours all the same
     with output_folder(output, DATASET_KIND, overwrite, inputs=[*inputs, *val_inputs]) as build:
@@ -290,8 +302,8 @@ def prepare_command(
         val_fraction: Fraction of the documents held out for validation (text files are held out whole, and at
             least one of them).
         text_field: The JSONL field / parquet column with the text.
-        bos_token: BOS token of an HF tokenizer (default: detected, e.g. <s>).
-        eos_token: EOS token of an HF tokenizer (default: detected, e.g. </s>).
+        bos_token: BOS token to wrap documents in (default: the tokenizer's own, e.g. <s>).
+        eos_token: EOS token to end documents with (default: the tokenizer's own, e.g. </s>).
         on_bad: An unreadable, binary or non-UTF-8 file or record is skipped with a warning, or stops the run.
         num_workers: Tokenizer processes (default: the CPU cores available).
         overwrite: Replace --output if it is a dataset this command prepared (never anything else).

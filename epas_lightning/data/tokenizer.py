@@ -15,6 +15,8 @@ HF_FILENAME = "tokenizer.json"
 SENTENCEPIECE_FILENAME = "tokenizer.model"
 TRAINED_BOS_TOKEN = "<|bos|>"
 TRAINED_EOS_TOKEN = "<|eos|>"
+MIN_BPE_VOCAB = 256 + 2
+"""The smallest byte-level BPE we train: the 256 byte tokens, BOS and EOS."""
 # Tried in order when the BOS/EOS token is not named: ours, LLaMA/TinyLlama, LLaMA-3, GPT-2 style (one token for both).
 BOS_CANDIDATES = (TRAINED_BOS_TOKEN, "<s>", "<|begin_of_text|>", "<|startoftext|>", "<|endoftext|>")
 EOS_CANDIDATES = (TRAINED_EOS_TOKEN, "</s>", "<|end_of_text|>", "<|endoftext|>", "<|eot_id|>")
@@ -139,10 +141,8 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, length: int | No
     very long runs of non-space characters are cut for the training (``cut_long_runs``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < 256 + 2:
-        raise TokenizerError(
-            f"vocab_size must be at least {256 + 2} for a byte-level BPE, got {vocab_size}", "vocab_size"
-        )
+    if vocab_size < MIN_BPE_VOCAB:
+        raise TokenizerError(f"vocab_size must be at least {MIN_BPE_VOCAB} for a byte-level BPE, got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -123,7 +123,8 @@ def evaluate_command(
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
         sharing_layers: Region length N (the first N layers of the trained region), or all for 0..trained max;
             default: the trained region.
-        data: Prepared data folder: perplexity on its val split (default: the data the run trained on).
+        data: Prepared data folder: perplexity on its val split (default: the data the run trained on, unless
+            --tasks are given).
         tasks: Multiple-choice JSONL tasks {"context", "choices", "label"}; repeat the flag for several.
         batches: Held-out batches to score (default: the whole val split).
         batch_size: Sequences per batch.

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from epas_lightning.checkpoint import LoadedModel
-from epas_lightning.errors import ConfigError, DataError
+from epas_lightning.errors import ConfigError
 from epas_lightning.evaluation.perplexity import perplexity_of_batches
 from epas_lightning.flops import estimate_flops
 from epas_lightning.inference.generate import generate, set_region
@@ -69,14 +69,7 @@ def heldout_batches(data_dir: Path, config: LlamaConfig, batch_size: int, n_batc
     from epas_lightning.data import heldout_loader
 
     loader = heldout_loader(data_dir, config.block_size, batch_size, config.vocab_size)
-    batches = [batch.long() for batch in islice(loader, n_batches)]
-    if not batches:
-        raise DataError(
-            f"no validation batch of {batch_size} x {config.block_size + 1} tokens",
-            data_dir,
-            "lower --batch-size or hold out more data",
-        )
-    return batches
+    return [batch.long() for batch in islice(loader, n_batches)]
 
 
 def measure(

@@ -1,8 +1,9 @@
 """KV-cache generation with any sharing region: ``generate`` for Python, ``set_region`` to pick the region.
 
-One trained EPAS model serves several compute budgets ("many-in-one"): run it with the deepest ``N`` layers sharing
-for any ``N`` from 0 up to the region it was trained with. With attention reuse (``qk`` mode), sharing layers decode
-a token with one P @ V each: no Q/K projection, no RoPE, no Q K^T, no softmax and no K cache.
+One trained EPAS model serves several compute budgets ("many-in-one"): run it with the first ``N`` layers of its
+trained region (in growth order) sharing, for any ``N`` from 0 up to the whole region. With attention reuse (``qk``
+mode), sharing layers decode a token with one P @ V each: no Q/K projection, no RoPE, no Q K^T, no softmax and no K
+cache.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from epas_lightning.checkpoint import CheckpointInfo, LoadedModel, load_model
 from epas_lightning.data.tokenizer import TextTokenizer, load_tokenizer
 from epas_lightning.errors import ConfigError
 from epas_lightning.inference.generate import GenerationResult, generate, set_region
+from epas_lightning.inference.sampling import SamplingError, check_sampling
 from epas_lightning.runtime import DType, emit_json, resolve_device, resolve_dtype
 
 MIB = 2**20
@@ -136,6 +137,12 @@ def generate_command(
         force: Allow more sharing layers than the checkpoint trained (quality drops sharply).
         json: End with one JSON line of the numbers.
     """
+    try:  # before the model loads
+        check_sampling(temperature, top_k, top_p)
+    except SamplingError as e:
+        raise ConfigError(str(e), "--" + e.setting.replace("_", "-")) from e
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}", "--max-new-tokens")
     prompts = list(prompt or [])
     if prompt_file is not None:
         if not prompt_file.is_file():

@@ -5,6 +5,24 @@ from __future__ import annotations
 import torch
 
 
+class SamplingError(ValueError):
+    """A sampling setting ``sample`` cannot use; ``setting`` names it."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+def check_sampling(temperature: float, top_k: int | None = None, top_p: float | None = None) -> None:
+    """Raise :class:`SamplingError` for the first setting out of range."""
+    if temperature < 0:
+        raise SamplingError("temperature", f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise SamplingError("top_k", f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise SamplingError("top_p", f"top_p must be in (0, 1], got {top_p}")
+
+
 def sample(
     logits: torch.Tensor,
     temperature: float = 0.0,
@@ -15,12 +33,7 @@ def sample(
     """Token ids (B,) from logits (B, V). ``temperature == 0`` is greedy; otherwise sample from the tempered
     distribution restricted to the ``top_k`` most likely tokens and then to the smallest set whose probability
     reaches ``top_p``."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}.")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}.")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0 or top_k == 1:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature

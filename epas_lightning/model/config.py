@@ -12,7 +12,7 @@ SharingMode = Literal["qk", "kv"]
 PRESETS: dict[str, dict[str, Any]] = {
     # Tests: tiny enough to build, run and differentiate in milliseconds.
     "debug": dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128, vocab_size=512, block_size=64),
-    # The CPU demo (configs/demo.yaml): about 9M parameters.
+    # The CPU demo (configs/demo.yaml): about 8.5M parameters.
     "demo": dict(n_layer=8, n_embd=256, n_head=4, intermediate_size=704, vocab_size=4096, block_size=256),
     # The paper's shapes (Table 1 and the throughput table).
     "llama-125m": dict(n_layer=12, n_embd=768, n_head=12, intermediate_size=2048, vocab_size=32000, block_size=2048),
