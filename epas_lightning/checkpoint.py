@@ -367,7 +367,7 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
         save_file({key: t.contiguous().clone() for key, t in stored.items()}, build / WEIGHTS_FILE)
         if loaded.tokenizer_path is not None:
             try:
-                tokenizer = load_tokenizer(loaded.tokenizer_path)
+                tokenizer = load_tokenizer(loaded.tokenizer_path, bos_id=loaded.bos_id, eos_id=loaded.eos_id)
             except (TokenizerError, OSError):
                 tokenizer = None  # not a tokenizer after all: copy nothing
             if tokenizer is not None:
@@ -375,8 +375,8 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
                 (build / name).write_bytes(tokenizer.path.read_bytes())
                 record["tokenizer"] = {
                     "path": name,
-                    "bos_id": tokenizer.bos_id if loaded.bos_id is None else loaded.bos_id,
-                    "eos_id": tokenizer.eos_id if loaded.eos_id is None else loaded.eos_id,
+                    "bos_id": tokenizer.bos_id,  # the checkpoint's, when it recorded them
+                    "eos_id": tokenizer.eos_id,
                     "data_dir": str(loaded.data_dir) if loaded.data_dir else None,
                 }
         (build / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")

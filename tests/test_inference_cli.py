@@ -37,6 +37,26 @@ def test_checkpoint_knows_its_trained_region_and_tokenizer(trained, tiny_corpus)
     assert not loaded.model.training
 
 
+def test_commands_wrap_prompts_in_the_bos_the_checkpoint_recorded(trained, tiny_corpus, tmp_path):
+    from epas_lightning.checkpoint import describe_checkpoint
+    from epas_lightning.data.tokenizer import TokenizerError
+    from epas_lightning.inference.generate_cli import resolve_tokenizer
+
+    state = torch.load(trained, weights_only=True)
+    state["tokenizer"] |= {"bos_id": 7, "eos_id": 9}  # as after `prepare --bos-token X --eos-token Y`
+    custom = tmp_path / "custom.ckpt"
+    torch.save(state, custom)
+    info = describe_checkpoint(custom)
+    tokenizer = resolve_tokenizer(info, None)  # generate, evaluate and serve
+    assert (tokenizer.bos_id, tokenizer.eos_id) == (7, 9)  # not the tokenizer's default <|bos|>/<|eos|>
+    consolidated = json.loads((consolidate(custom, tmp_path / "model") / "config.json").read_text())
+    assert (consolidated["tokenizer"]["bos_id"], consolidated["tokenizer"]["eos_id"]) == (7, 9)
+    state["tokenizer"]["bos_id"] = 600  # beyond the 512 ids of the tokenizer
+    torch.save(state, custom)
+    with pytest.raises(TokenizerError, match="BOS id 600 is not in this tokenizer"):
+        resolve_tokenizer(describe_checkpoint(custom), None)
+
+
 def test_generate_reports_the_analytic_cache_saving(trained, capsys):
     rc, out, err = run_cli(
         capsys, "generate", "--checkpoint", str(trained), "--prompt", "def main(", "--prompt", "import",

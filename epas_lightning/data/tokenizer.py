@@ -90,9 +90,35 @@ def _pick(named: str | None, candidates: Sequence[str], lookup, what: str, path:
     raise TokenizerError(found, path, f"name one of its tokens with --{what.lower()}-token")
 
 
-def load_tokenizer(path: str | Path, bos_token: str | None = None, eos_token: str | None = None) -> TextTokenizer:
-    """Load a local ``tokenizer.json`` (HF ``tokenizers``) or sentencepiece model; never downloads anything."""
-    path = resolve_tokenizer_path(path)
+def load_tokenizer(
+    path: str | Path,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+) -> TextTokenizer:
+    """Load a local ``tokenizer.json`` (HF ``tokenizers``) or sentencepiece model; never downloads anything.
+
+    BOS/EOS: ``bos_id``/``eos_id`` when given (the ids a checkpoint recorded: what its documents were wrapped in), else
+    the tokens named, else the usual candidates.
+    """
+    tokenizer = _load_tokenizer(resolve_tokenizer_path(path), bos_token, eos_token, bos_id is None, eos_id is None)
+    for what, token_id in (("BOS", bos_id), ("EOS", eos_id)):
+        if token_id is not None and not 0 <= token_id < tokenizer.vocab_size:
+            raise TokenizerError(
+                f"the checkpoint's {what} id {token_id} is not in this tokenizer ({tokenizer.vocab_size} ids)",
+                tokenizer.path,
+                "pass the tokenizer the model was trained with",
+            )
+    tokenizer.bos_id = tokenizer.bos_id if bos_id is None else bos_id
+    tokenizer.eos_id = tokenizer.eos_id if eos_id is None else eos_id
+    return tokenizer
+
+
+def _load_tokenizer(
+    path: Path, bos_token: str | None, eos_token: str | None, find_bos: bool, find_eos: bool
+) -> TextTokenizer:
+    """The tokenizer at ``path``; its BOS/EOS looked up only where asked (-1 otherwise, set by the caller)."""
     with path.open("rb") as f:
         head = f.read(64).lstrip()
     if path.suffix == ".json" or head.startswith(b"{"):
@@ -102,8 +128,8 @@ def load_tokenizer(path: str | Path, bos_token: str | None = None, eos_token: st
             tok = Tokenizer.from_file(str(path))
         except Exception as e:
             raise TokenizerError(f"not a readable HF tokenizer.json ({e})", path) from e
-        bos = _pick(bos_token, BOS_CANDIDATES, tok.token_to_id, "BOS", path)
-        eos = _pick(eos_token, EOS_CANDIDATES, tok.token_to_id, "EOS", path)
+        bos = _pick(bos_token, BOS_CANDIDATES, tok.token_to_id, "BOS", path) if find_bos else -1
+        eos = _pick(eos_token, EOS_CANDIDATES, tok.token_to_id, "EOS", path) if find_eos else -1
         vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
         return TextTokenizer("hf", path, tok, bos, eos, vocab_size)
     import sentencepiece as spm
@@ -117,8 +143,11 @@ def load_tokenizer(path: str | Path, bos_token: str | None = None, eos_token: st
         token_id = sp.piece_to_id(token)
         return token_id if token_id != sp.unk_id() or token == sp.id_to_piece(sp.unk_id()) else None
 
-    bos = sp.bos_id() if bos_token is None and sp.bos_id() >= 0 else _pick(bos_token, (), sp_lookup, "BOS", path)
-    eos = sp.eos_id() if eos_token is None and sp.eos_id() >= 0 else _pick(eos_token, (), sp_lookup, "EOS", path)
+    bos = eos = -1  # where not looked up, the caller sets them
+    if find_bos:
+        bos = sp.bos_id() if bos_token is None and sp.bos_id() >= 0 else _pick(bos_token, (), sp_lookup, "BOS", path)
+    if find_eos:
+        eos = sp.eos_id() if eos_token is None and sp.eos_id() >= 0 else _pick(eos_token, (), sp_lookup, "EOS", path)
     return TextTokenizer("sentencepiece", path, sp, bos, eos, sp.get_piece_size())
 
 

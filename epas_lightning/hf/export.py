@@ -99,9 +99,8 @@ def export_tokenizer(path: Path, output: Path, block_size: int, bos_id: int | No
     model ``add_bos_token``.
     """
     path = resolve_tokenizer_path(path)
-    tokenizer = load_tokenizer(path)  # only a file that parses as a tokenizer is shipped
-    bos_id = tokenizer.bos_id if bos_id is None else bos_id
-    eos_id = tokenizer.eos_id if eos_id is None else eos_id
+    tokenizer = load_tokenizer(path, bos_id=bos_id, eos_id=eos_id)  # only a file that parses as a tokenizer is shipped
+    bos_id, eos_id = tokenizer.bos_id, tokenizer.eos_id
     if tokenizer.kind == "hf":
         from tokenizers import processors
 

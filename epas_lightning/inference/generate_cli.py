@@ -41,7 +41,7 @@ def resolve_tokenizer(loaded: CheckpointInfo, path: Path | None) -> TextTokenize
             "--tokenizer",
             "pass --tokenizer PATH (the tokenizer.json or tokenizer.model the model was trained with)",
         )
-    return load_tokenizer(path)
+    return load_tokenizer(path, bos_id=loaded.bos_id, eos_id=loaded.eos_id)  # the ids its documents were wrapped in
 
 
 def describe_region(loaded: LoadedModel, layers: list[int]) -> str:
