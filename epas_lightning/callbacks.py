@@ -13,11 +13,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from epas_lightning.errors import ConfigError
 from epas_lightning.flops import peak_flops
-from epas_lightning.region import TrainedRegion, region_in_growth_order
+from epas_lightning.region import REGION_KEY, TrainedRegion, region_in_growth_order
 from epas_lightning.schedule import GrowthOrder, SharingSchedule, TargetSpec, check_order
-
-REGION_KEY = "sharing_region"
-"""Checkpoint entry recording the trained region in growth order (:class:`~epas_lightning.region.TrainedRegion`)."""
 
 
 class ProgressiveSharing(Callback):

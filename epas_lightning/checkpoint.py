@@ -27,7 +27,7 @@ from epas_lightning.errors import CheckpointError
 from epas_lightning.hf.convert import is_hf_dir
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
-from epas_lightning.region import TrainedRegion
+from epas_lightning.region import REGION_KEY, TrainedRegion
 from epas_lightning.safe_load import (
     DCP_METADATA,
     LIGHTNING_METADATA,
@@ -42,8 +42,6 @@ MODEL_PREFIX = "model."
 """``EPASModule`` keeps the ``Llama`` as ``self.model``."""
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-REGION_KEY = "sharing_region"
-"""Where checkpoints record the trained region (written by ``ProgressiveSharing``)."""
 SHARING_MASK = "sharing.mask"
 """The one tensor a description reads (with the metadata, it gives the trained region)."""
 

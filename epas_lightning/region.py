@@ -15,6 +15,9 @@ from typing import Any
 from epas_lightning.errors import ConfigError
 from epas_lightning.schedule import GROWTH_ORDERS, GrowthOrder, check_order
 
+REGION_KEY = "sharing_region"
+"""The checkpoint entry holding :meth:`TrainedRegion.to_record` (written by ``ProgressiveSharing``)."""
+
 
 @dataclass(frozen=True)
 class TrainedRegion:
