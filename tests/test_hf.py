@@ -171,6 +171,24 @@ def test_fit_init_from_hf_starts_at_hf_weights(tmp_path: Path, tiny_corpus: Path
     assert f"init_from: the weights start from {path}" in caplog.text  # the user sees that it happened
 
 
+def test_validate_and_test_start_from_init_from(tmp_path: Path, tiny_corpus: Path) -> None:
+    """`validate`/`test` without --ckpt_path score the init_from weights (the baseline of a continual run), once."""
+    from epas_lightning import TokenDataModule
+
+    path = save_tiny_hf(tmp_path / "hf")
+    expected = load_hf_state(path, _module_config())
+    module = EPASModule(_module_config(), init_from=str(path))
+    data = TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=VOCAB)
+    trainer = cpu_trainer(tmp_path, max_steps=1, limit_val_batches=1, limit_test_batches=1)
+    trainer.validate(module, data, verbose=False)
+    for key, tensor in expected.items():
+        torch.testing.assert_close(module.model.state_dict()[key], tensor, msg=key)
+    with torch.no_grad():
+        module.model.norm.weight.fill_(2.0)  # weights changed since: a second stage must not reload init_from
+    trainer.test(module, data, verbose=False)
+    assert bool((module.model.norm.weight == 2.0).all())
+
+
 def test_init_from_checks_before_training(tmp_path: Path) -> None:
     path = save_tiny_hf(tmp_path / "hf")
     with pytest.raises(CheckpointError, match="init_from"):
