@@ -6,6 +6,7 @@ Every HF model here is a tiny random ``transformers.LlamaForCausalLM`` saved int
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,9 @@ def test_init_from_checks_before_training(tmp_path: Path) -> None:
     wide = LlamaConfig(n_layer=2, n_embd=128, n_head=4, vocab_size=VOCAB, block_size=32, rope_theta=50000.0)
     with pytest.raises(HFCheckpointError, match="n_embd: model 128"):
         EPASModule(wide, init_from=str(path))
+    # more vocabulary than the HF model: the extra rows would be zeros inside the softmax (a worse loss from step 0)
+    with pytest.raises(HFCheckpointError, match="vocab_size: model 32000 vs init_from"):
+        EPASModule(replace(_module_config(), vocab_size=32000, padded_vocab_size=None), init_from=str(path))
 
 
 def test_init_from_refuses_hf_weights_holding_nan(tmp_path: Path) -> None:
