@@ -368,6 +368,25 @@ def test_tinyllama_continual_config_checks_init_from(tmp_path: Path) -> None:
         lightning_cli(["--config", CONTINUAL, *small, "--model.init_from", str(tmp_path / "missing")], run=False)
 
 
+def test_a_resume_does_not_need_init_from_any_more(tmp_path: Path, tiny_corpus: Path, capsys) -> None:
+    """A resume never reads init_from: a model folder deleted or unmounted since must not stop `--ckpt_path`."""
+    import shutil
+
+    from epas_lightning.cli import main
+
+    path = save_tiny_hf(tmp_path / "hf", rope_theta=10000.0, rms_norm_eps=1e-5)  # the debug preset's shape
+    debug = str(Path(CONTINUAL).with_name("debug.yaml"))
+    args = ["--config", debug, "--data.data_dir", str(tiny_corpus), "--model.init_from", str(path)]
+    args += ["--trainer.limit_val_batches", "0", "--trainer.logger", "false"]
+    args += ["--trainer.default_root_dir", str(tmp_path)]
+    assert main(["fit", *args, "--trainer.max_steps", "1"]) == 0
+    shutil.rmtree(path)
+    capsys.readouterr()
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert main(["fit", *args, "--trainer.max_steps", "2", "--ckpt_path", str(ckpt)]) == 0
+    assert f"init_from: not applied, the weights resume from {ckpt}" in capsys.readouterr().err
+
+
 def test_resume_wins_over_init_from(tmp_path: Path, tiny_corpus: Path) -> None:
     from epas_lightning import TokenDataModule
 
