@@ -214,6 +214,9 @@ class EPASCLI(LightningCLI):
             config.ckpt_path = str(verify_checkpoint(config.ckpt_path, "--ckpt_path"))
             check_same_model(config.model.config, config.ckpt_path)
             check_strategy_reads(config.trainer.get("strategy"), Path(config.ckpt_path))
+            if config.model.get("init_from"):  # never read: a folder deleted or unmounted since must not stop this
+                say(f"init_from: not applied, the weights resume from {config.ckpt_path}")
+                config.model.init_from = None
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:

@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.tensor import DTensor
 from torchmetrics.aggregation import MeanMetric, SumMetric
@@ -51,6 +52,7 @@ class EPASModule(LightningModule):
         init_from: Start ``fit`` from these weights instead of a random init (continual pretraining): a local HF
             LLaMA directory (config.json + safetensors) or an EPAS checkpoint. ``config`` must describe the same
             architecture (checked, with every difference named, before any work); a resumed checkpoint wins.
+            ``validate``/``test`` without a checkpoint score these weights (the run's baseline).
 
     Under a strategy with a device mesh (``epas_lightning.strategy.FSDP2Strategy``) the model is built on the meta
     device and sharded per block with FSDP2, so no rank ever holds the full model.
@@ -88,6 +90,7 @@ class EPASModule(LightningModule):
         self._new_heldout_metrics()
         self._tokens_shape: tuple[int, int] | None = None
         self._built_on_meta = False
+        self._start_weights_set = False  # the weights a stage starts from are set once (a later stage keeps them)
         self._init_rng_state: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._loss_step: int | None = None  # the optimizer step whose micro-batch losses _loss_sum adds up
         self._loss_sum: torch.Tensor | None = None
@@ -136,6 +139,24 @@ class EPASModule(LightningModule):
 
     def on_fit_start(self) -> None:
         # Runs after the strategy materialised a meta-device model and before a checkpoint is restored.
+        self._set_start_weights()
+
+    def on_validation_start(self) -> None:
+        # `validate`/`test` on their own run this after a checkpoint was restored: only without one are weights set
+        if self.trainer.state.fn != TrainerFn.FITTING:
+            if self.trainer.ckpt_path is None:
+                self._set_start_weights()
+            self._start_weights_set = True
+
+    def on_test_start(self) -> None:
+        self.on_validation_start()
+
+    def _set_start_weights(self) -> None:
+        """Initialise a meta-built model, then load ``init_from`` unless a checkpoint is resumed; once per module,
+        so a later stage (``validate`` after ``fit``) keeps the weights it finds."""
+        if self._start_weights_set:
+            return
+        self._start_weights_set = True
         if self._built_on_meta:
             cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
             with torch.random.fork_rng(devices=cuda):

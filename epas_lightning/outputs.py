@@ -147,10 +147,21 @@ def output_folder(
     try:
         yield build
         check_replaceable(target, kind, overwrite, flag)  # it may have appeared meanwhile (another run, the user)
+        honour_umask(build)
         replace_folder(build, target)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
+
+
+def honour_umask(folder: Path) -> None:
+    """Give the files under ``folder`` the permissions the umask allows: libraries that write through a private temp
+    file (safetensors: 0600) would otherwise keep others from reading an output meant to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in folder.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            file.chmod(0o666 & ~umask)
 
 
 def replace_folder(build: Path, target: Path) -> None:

@@ -145,6 +145,21 @@ def test_perplexity_equals_direct_cross_entropy(tiny_corpus: Path) -> None:
     assert result["ppl"] == pytest.approx(torch.tensor(expected).exp().item(), rel=1e-4)
 
 
+def test_evaluate_batches_with_tasks_scores_the_run_data_too(tmp_path: Path, tiny_corpus: Path) -> None:
+    """--batches asks for the held-out loss: with --tasks it is still scored on the run's own data, not dropped."""
+    from epas_lightning.evaluation.evaluate_cli import evaluate
+
+    ckpt = save_consolidated(tiny_model(), tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
+    record = json.loads((ckpt / "config.json").read_text())
+    record["tokenizer"]["data_dir"] = str(tiny_corpus)  # as consolidate records the run's data
+    (ckpt / "config.json").write_text(json.dumps(record))
+    task = tmp_path / "code.jsonl"
+    task.write_text(json.dumps({"context": "import", "choices": [" os", " the"], "label": 0}) + "\n")
+    rows = evaluate(ckpt, tasks=[task], batches=1, batch_size=2, device="cpu")
+    assert rows[0]["val_tokens"] == 2 * 32 and "code/acc" in rows[0]
+    assert "val_loss" not in evaluate(ckpt, tasks=[task], device="cpu")[0]  # tasks alone: only the tasks
+
+
 def test_evaluate_cli_sweeps_regions(tmp_path: Path, tiny_corpus: Path, capsys: pytest.CaptureFixture) -> None:
     model = tiny_model(shared=2)
     save_consolidated(model, tmp_path / "ckpt", tiny_corpus / "tokenizer.json")

@@ -6,6 +6,7 @@ Every HF model here is a tiny random ``transformers.LlamaForCausalLM`` saved int
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,24 @@ def test_fit_init_from_hf_starts_at_hf_weights(tmp_path: Path, tiny_corpus: Path
     assert f"init_from: the weights start from {path}" in caplog.text  # the user sees that it happened
 
 
+def test_validate_and_test_start_from_init_from(tmp_path: Path, tiny_corpus: Path) -> None:
+    """`validate`/`test` without --ckpt_path score the init_from weights (the baseline of a continual run), once."""
+    from epas_lightning import TokenDataModule
+
+    path = save_tiny_hf(tmp_path / "hf")
+    expected = load_hf_state(path, _module_config())
+    module = EPASModule(_module_config(), init_from=str(path))
+    data = TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=VOCAB)
+    trainer = cpu_trainer(tmp_path, max_steps=1, limit_val_batches=1, limit_test_batches=1)
+    trainer.validate(module, data, verbose=False)
+    for key, tensor in expected.items():
+        torch.testing.assert_close(module.model.state_dict()[key], tensor, msg=key)
+    with torch.no_grad():
+        module.model.norm.weight.fill_(2.0)  # weights changed since: a second stage must not reload init_from
+    trainer.test(module, data, verbose=False)
+    assert bool((module.model.norm.weight == 2.0).all())
+
+
 def test_init_from_checks_before_training(tmp_path: Path) -> None:
     path = save_tiny_hf(tmp_path / "hf")
     with pytest.raises(CheckpointError, match="init_from"):
@@ -178,6 +197,9 @@ def test_init_from_checks_before_training(tmp_path: Path) -> None:
     wide = LlamaConfig(n_layer=2, n_embd=128, n_head=4, vocab_size=VOCAB, block_size=32, rope_theta=50000.0)
     with pytest.raises(HFCheckpointError, match="n_embd: model 128"):
         EPASModule(wide, init_from=str(path))
+    # more vocabulary than the HF model: the extra rows would be zeros inside the softmax (a worse loss from step 0)
+    with pytest.raises(HFCheckpointError, match="vocab_size: model 32000 vs init_from"):
+        EPASModule(replace(_module_config(), vocab_size=32000, padded_vocab_size=None), init_from=str(path))
 
 
 def test_init_from_refuses_hf_weights_holding_nan(tmp_path: Path) -> None:
@@ -344,6 +366,25 @@ def test_tinyllama_continual_config_checks_init_from(tmp_path: Path) -> None:
     assert cli.model.init_from == str(path)
     with pytest.raises(CheckpointError, match="init_from"):
         lightning_cli(["--config", CONTINUAL, *small, "--model.init_from", str(tmp_path / "missing")], run=False)
+
+
+def test_a_resume_does_not_need_init_from_any_more(tmp_path: Path, tiny_corpus: Path, capsys) -> None:
+    """A resume never reads init_from: a model folder deleted or unmounted since must not stop `--ckpt_path`."""
+    import shutil
+
+    from epas_lightning.cli import main
+
+    path = save_tiny_hf(tmp_path / "hf", rope_theta=10000.0, rms_norm_eps=1e-5)  # the debug preset's shape
+    debug = str(Path(CONTINUAL).with_name("debug.yaml"))
+    args = ["--config", debug, "--data.data_dir", str(tiny_corpus), "--model.init_from", str(path)]
+    args += ["--trainer.limit_val_batches", "0", "--trainer.logger", "false"]
+    args += ["--trainer.default_root_dir", str(tmp_path)]
+    assert main(["fit", *args, "--trainer.max_steps", "1"]) == 0
+    shutil.rmtree(path)
+    capsys.readouterr()
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert main(["fit", *args, "--trainer.max_steps", "2", "--ckpt_path", str(ckpt)]) == 0
+    assert f"init_from: not applied, the weights resume from {ckpt}" in capsys.readouterr().err
 
 
 def test_resume_wins_over_init_from(tmp_path: Path, tiny_corpus: Path) -> None:

@@ -430,6 +430,16 @@ def small_checkpoint(tmp_path: Path, tiny_corpus: Path) -> Path:
     return save_consolidated(model, tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
 
 
+def test_exported_weights_are_as_readable_as_the_umask_allows(small_checkpoint, tmp_path):
+    """safetensors writes its file 0600: a teammate could not load an export or a consolidated folder we shared."""
+    old = os.umask(0o022)
+    try:
+        assert main(["export", "--checkpoint", str(small_checkpoint), "--output", str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}["model.safetensors"] == 0o644
+
+
 def test_export_is_atomic_and_a_reexport_leaves_no_stale_file(small_checkpoint, tmp_path, capsys, monkeypatch):
     from epas_lightning.hf import export as export_module
 

@@ -50,8 +50,8 @@ def evaluate(
 ) -> list[dict]:
     """One row per region length: ``{"sharing_layers", "val_loss", "val_ppl", "<task>/acc", "<task>/acc_norm"}``.
 
-    ``data=None`` scores perplexity on the data the checkpoint trained on, when it is known and no ``tasks`` are
-    given.
+    ``data=None`` scores perplexity on the data the checkpoint trained on, when it is known and either no ``tasks``
+    or ``batches`` are given.
     """
     loaded = load_for_inference(Path(checkpoint), device, dtype, attention_reuse=True)
     lengths = region_lengths(sharing_layers, loaded, force)
@@ -59,7 +59,8 @@ def evaluate(
         loaded.region.first(n, force)
     questions = {Path(t).stem: load_task(t) for t in tasks}
     text_tokenizer = resolve_tokenizer(loaded, Path(tokenizer) if tokenizer else None) if questions else None
-    data = data if data is not None else (loaded.data_dir if not questions else None)
+    if data is None and (not questions or batches is not None):
+        data = loaded.data_dir
     if data is None and not questions:
         raise ConfigError(
             "nothing to evaluate: the checkpoint does not say which data it trained on",
@@ -123,8 +124,8 @@ def evaluate_command(
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
         sharing_layers: Region length N (the first N layers of the trained region), or all for 0..trained max;
             default: the trained region.
-        data: Prepared data folder: perplexity on its val split (default: the data the run trained on, unless
-            --tasks are given).
+        data: Prepared data folder: perplexity on its val split (default: the data the run trained on; with --tasks
+            only when --batches is given).
         tasks: Multiple-choice JSONL tasks {"context", "choices", "label"}; repeat the flag for several.
         batches: Held-out batches to score (default: the whole val split).
         batch_size: Sequences per batch.

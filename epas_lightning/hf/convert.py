@@ -38,8 +38,10 @@ COMPARED_FIELDS = (
     "rope_theta",
     "norm_eps",
     "tie_embeddings",
+    "vocab_size",
 )
-"""Fields where a model config must equal the checkpoint's for the weights to mean the same function."""
+"""Fields where a model config must equal the checkpoint's for the weights to mean the same function (a larger
+``vocab_size`` would put zero rows inside the softmax; ``padded_vocab_size`` may add rows outside it)."""
 
 
 class HFCheckpointError(CheckpointError):
@@ -131,12 +133,8 @@ def check_compatible(config: LlamaConfig, hf: dict[str, Any] | str | Path, sourc
         for name in COMPARED_FIELDS
         if getattr(config, name) != getattr(theirs, name)
     ]
-    if theirs.vocab_size > config.padded_vocab_size:
-        diffs.append(
-            f"vocab: {source} has {theirs.vocab_size} rows, the model only padded_vocab_size={config.padded_vocab_size}"
-        )
     if diffs:
-        suggestion = {k: getattr(theirs, k) for k in (*COMPARED_FIELDS, "vocab_size")}
+        suggestion = {k: getattr(theirs, k) for k in COMPARED_FIELDS}
         raise HFCheckpointError(
             f"model.config does not match {source}: " + "; ".join(diffs) + f". Use these model.config fields: "
             f"{json.dumps(suggestion)}"
