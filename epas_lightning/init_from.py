@@ -6,6 +6,7 @@ before training, after meta-device materialisation, and never over a resumed che
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -76,9 +77,16 @@ def read_init_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Te
         check_finite(state, f"model.init_from {path}")
         return state
 
-    loaded = load_model(path).model
-    check_same_architecture(config, loaded.config, f"model.init_from {path}")
-    return {k: v for k, v in loaded.state_dict().items() if k not in NOT_LOADED}
+    loaded = load_model(path)
+    check_same_architecture(config, loaded.model.config, f"model.init_from {path}")
+    if loaded.trained_shared_layers:
+        warnings.warn(
+            f"model.init_from {path} trained layers {loaded.trained_shared_layers} sharing; this run starts every "
+            "layer computing its own Q/K (their q/k weights are the ones left from before they shared) and its sharing "
+            "schedule decides the region",
+            stacklevel=2,
+        )
+    return {k: v for k, v in loaded.model.state_dict().items() if k not in NOT_LOADED}
 
 
 @torch.no_grad()

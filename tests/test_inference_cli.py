@@ -168,3 +168,12 @@ def test_one_heldout_loss_for_validate_test_evaluate_and_bench(trained, tiny_cor
     assert tested["test/loss"] == pytest.approx(loss, rel=1e-6)
     assert evaluated["val_loss"] == pytest.approx(loss, rel=1e-5)  # attention reuse: the same model, other rounding
     assert bench["rows"][-1]["val_loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_init_from_a_checkpoint_that_shared_says_this_run_starts_dense(trained):
+    from epas_lightning.init_from import read_init_state
+
+    config = load_model(trained).model.config
+    with pytest.warns(UserWarning, match=r"trained layers \[3, 2\] sharing; this run starts every layer computing"):
+        state = read_init_state(trained, config)
+    assert "sharing.mask" not in state  # the new run's schedule decides the region
