@@ -174,6 +174,6 @@ def test_init_from_a_checkpoint_that_shared_says_this_run_starts_dense(trained):
     from epas_lightning.init_from import read_init_state
 
     config = load_model(trained).model.config
-    with pytest.warns(UserWarning, match=r"trained layers \[3, 2\] sharing; this run starts every layer computing"):
+    with pytest.warns(UserWarning, match=r"trained layers \[2, 3\] sharing; this run starts every layer computing"):
         state = read_init_state(trained, config)
     assert "sharing.mask" not in state  # the new run's schedule decides the region
