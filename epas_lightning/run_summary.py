@@ -42,10 +42,14 @@ class RunSummary(Callback):
         self._fit_start = 0.0
         self._batch_start = 0.0
         self._rates: list[float] = []
+        self._start_step = 0
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_start = time.perf_counter()
         self._rates = []
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start_step = trainer.global_step  # a resumed checkpoint's step (restored after on_fit_start)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
@@ -64,7 +68,10 @@ class RunSummary(Callback):
             print(self.summary(trainer, pl_module, log_dir), file=sys.stdout, flush=True)
 
     def summary(self, trainer: Trainer, pl_module: LightningModule, log_dir: str | None) -> str:
-        lines = [f"Run finished: {trainer.global_step} optimizer steps in {_duration(self._fit_start)}."]
+        steps = f"{trainer.global_step} optimizer steps"
+        if self._start_step:
+            steps += f" ({trainer.global_step - self._start_step} in this session, resumed at step {self._start_step})"
+        lines = [f"Run finished: {steps} in {_duration(self._fit_start)}."]
         checkpoint = last_checkpoint(trainer)
         if checkpoint:
             lines.append(f"  checkpoints  {Path(checkpoint).parent}  (last: {Path(checkpoint).name})")
