@@ -1,8 +1,10 @@
 """Shared fixtures. No test writes to the real home cache or into the repository."""
 
+import os
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 TINY_CORPUS_MAX_BYTES = 1_500_000
 TINY_CORPUS_VOCAB_SIZE = 512
@@ -17,6 +19,19 @@ def epas_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _isolated_epas_cache(monkeypatch: pytest.MonkeyPatch, epas_cache_dir: Path) -> None:
     monkeypatch.setenv("EPAS_CACHE_DIR", str(epas_cache_dir))
+
+
+@pytest.fixture(autouse=True)
+def _no_distributed_state_outlives_a_test():
+    """A Trainer with a distributed strategy (FSDP2 on one device here) keeps its process group and leaves
+    ``LOCAL_RANK``, ``NODE_RANK`` and ``MASTER_*`` in the environment: a multi-rank subprocess started by a later test
+    inherits them, takes itself for an already launched rank and waits for peers that never come."""
+    environment = dict(os.environ)
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environment)
 
 
 @pytest.fixture(scope="session")

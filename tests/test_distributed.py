@@ -25,8 +25,12 @@ MASKS = {0: [], 1: [], 2: [3], 3: [3], 4: [2, 3], 5: [2, 3]}
 pytestmark = pytest.mark.slow
 
 
+LAUNCHED_RANK = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")  # set by a launcher
+
+
 def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    """This environment without what marks a launched rank (an in-process one-rank run leaves ``LOCAL_RANK``)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHED_RANK}
     env["PYTHONPATH"] = str(Path(__file__).parents[1])
     return env
 
