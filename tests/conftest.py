@@ -4,7 +4,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
+
+# One intra-op thread, here and in every subprocess a test starts: with the tiny models of the tests, OpenMP's
+# hand-off between two threads costs more than it saves, and on a 2-core machine the ranks of a multi-process test
+# (or another job) would otherwise fight over the cores. A value the caller exported is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TINY_CORPUS_MAX_BYTES = 1_500_000
 TINY_CORPUS_VOCAB_SIZE = 512
