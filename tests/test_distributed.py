@@ -101,7 +101,7 @@ def test_ddp_with_find_unused_parameters_matches_one_process(tmp_path):
 
 def test_fsdp2_bf16_true_keeps_bf16_weights(tmp_path):
     (run,) = fit_in_this_process(tmp_path, "--devices", "1", "--precision", "bf16-true", "--steps", "3")
-    assert run["param_dtype"] == "torch.bfloat16"
+    assert run["param_dtype"] == "torch.bfloat16" and sorted(run["steps"], key=int) == ["0", "1", "2"]
     assert all(torch.isfinite(torch.tensor(s["loss"])) for s in run["steps"].values())
 
 
