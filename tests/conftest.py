@@ -51,3 +51,14 @@ def tiny_corpus(epas_cache_dir: Path) -> Path:
     from epas_lightning.data import prepare_builtin_corpus
 
     return prepare_builtin_corpus(TINY_CORPUS_VOCAB_SIZE, cache_dir=epas_cache_dir, max_bytes=TINY_CORPUS_MAX_BYTES)
+
+
+@pytest.fixture(scope="session")
+def debug_fit_run(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``python -m epas_lightning fit --config configs/debug.yaml --sharing.interval 3``, run once for the tests that
+    read what a run through the entry point prints and writes: (its CompletedProcess, the folder it ran in). Tests
+    only read that folder; one that trains on copies it first."""
+    from helpers import DEBUG_CONFIG, run_cli
+
+    cwd = tmp_path_factory.mktemp("debug_fit")
+    return run_cli(["fit", "--config", DEBUG_CONFIG, "--sharing.interval", "3"], cwd, tiny_corpus.parent), cwd

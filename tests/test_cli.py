@@ -1,34 +1,23 @@
 """The command line: `python -m epas_lightning fit --config ...`, links, --print_config, early errors."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import DEBUG_CONFIG as DEBUG
+from helpers import run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from epas_lightning.callbacks import ProgressiveSharing
 from epas_lightning.cli import main
 from epas_lightning.lightning_cli import lightning_cli
 
-REPO = Path(__file__).resolve().parents[1]
-DEBUG = str(REPO / "configs" / "debug.yaml")
 
-
-def run_cli(args: list[str], cwd: Path, cache_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "EPAS_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "epas_lightning", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
-
-
-def test_fit_through_the_entry_point_logs_and_checkpoints(tiny_corpus, tmp_path):
-    result = run_cli(["fit", "--config", DEBUG, "--sharing.interval", "3"], tmp_path, tiny_corpus.parent)
+def test_fit_through_the_entry_point_logs_and_checkpoints(tiny_corpus, debug_fit_run):
+    result, cwd = debug_fit_run
     assert result.returncode == 0, result.stderr[-3000:]
     assert [p.name for p in tiny_corpus.parent.glob("stdlib-*") if p.is_dir()] == [tiny_corpus.name]  # reused
     assert "EPAS: step 3: 1 sharing layer(s) [1]" in result.stdout + result.stderr
-    run_dir = tmp_path / "runs" / "debug" / "version_0"
+    run_dir = cwd / "runs" / "debug" / "version_0"
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     assert (run_dir / "config.yaml").exists()
     events = EventAccumulator(str(run_dir)).Reload()
