@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 from helpers import DEBUG_CONFIG as DEBUG
-from helpers import run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from epas_lightning.callbacks import ProgressiveSharing
@@ -66,10 +65,12 @@ def test_every_packaged_config_parses_by_name_with_the_monitors(name, capsys):
         assert f"\n{section}" in out, section
 
 
-def test_invalid_schedule_fails_before_training(tmp_path, tiny_corpus):
-    result = run_cli(["fit", "--config", DEBUG, "--sharing.target", "2"], tmp_path, tiny_corpus.parent)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
+def test_invalid_schedule_fails_before_training(tmp_path, tiny_corpus, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", DEBUG, "--sharing.target", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
     assert last.startswith("error: a sharing target of 2 layers is invalid") and "— sharing.target —" in last
     assert "between 1 and n_layer - 1 = 1" in last
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))
