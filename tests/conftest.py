@@ -1,8 +1,17 @@
 """Shared fixtures. No test writes to the real home cache or into the repository."""
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+
+# One intra-op thread, here and in every subprocess a test starts: with the tiny models of the tests, OpenMP's
+# hand-off between two threads costs more than it saves, and on a 2-core machine the ranks of a multi-process test
+# (or another job) would otherwise fight over the cores. A value the caller exported is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TINY_CORPUS_MAX_BYTES = 1_500_000
 TINY_CORPUS_VOCAB_SIZE = 512
@@ -19,6 +28,19 @@ def _isolated_epas_cache(monkeypatch: pytest.MonkeyPatch, epas_cache_dir: Path) 
     monkeypatch.setenv("EPAS_CACHE_DIR", str(epas_cache_dir))
 
 
+@pytest.fixture(autouse=True)
+def _no_distributed_state_outlives_a_test():
+    """A Trainer with a distributed strategy (FSDP2 on one device here) keeps its process group and leaves
+    ``LOCAL_RANK``, ``NODE_RANK`` and ``MASTER_*`` in the environment: a multi-rank subprocess started by a later test
+    inherits them, takes itself for an already launched rank and waits for peers that never come."""
+    environment = dict(os.environ)
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environment)
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(epas_cache_dir: Path) -> Path:
     """The built-in corpus cut to its first 1.5 MB with a 512-token vocabulary, prepared once per session.
@@ -29,3 +51,14 @@ def tiny_corpus(epas_cache_dir: Path) -> Path:
     from epas_lightning.data import prepare_builtin_corpus
 
     return prepare_builtin_corpus(TINY_CORPUS_VOCAB_SIZE, cache_dir=epas_cache_dir, max_bytes=TINY_CORPUS_MAX_BYTES)
+
+
+@pytest.fixture(scope="session")
+def debug_fit_run(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``python -m epas_lightning fit --config configs/debug.yaml --sharing.interval 3``, run once for the tests that
+    read what a run through the entry point prints and writes: (its CompletedProcess, the folder it ran in). Tests
+    only read that folder; one that trains on copies it first."""
+    from helpers import DEBUG_CONFIG, run_cli
+
+    cwd = tmp_path_factory.mktemp("debug_fit")
+    return run_cli(["fit", "--config", DEBUG_CONFIG, "--sharing.interval", "3"], cwd, tiny_corpus.parent), cwd

@@ -1,9 +1,24 @@
 """Helpers shared by test modules (pytest puts this folder on sys.path)."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+REPO = Path(__file__).resolve().parents[1]
+DEBUG_CONFIG = str(REPO / "configs" / "debug.yaml")
+
+
+def run_cli(
+    args: list[str], cwd: Path, cache_dir: Path, program: list[str] | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m epas_lightning <args>`` (or ``program <args>``) in a fresh process run from ``cwd``."""
+    env = {**os.environ, "EPAS_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(REPO)}
+    program = program or [sys.executable, "-m", "epas_lightning"]
+    return subprocess.run([*program, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def cpu_trainer(root: Path, max_steps: int, callbacks=(), **overrides) -> L.Trainer:

@@ -1,7 +1,10 @@
-"""Smoke tests of the peer benchmarks and the pretraining comparison: each runs its ``--quick`` mode in a subprocess
-and must end with one JSON line holding the numbers the RESULTS table is built from. No timing is asserted."""
+"""Smoke tests of the peer benchmarks and the pretraining comparison: each runs its ``--quick`` mode and must end with
+one JSON line holding the numbers the RESULTS table is built from. No timing is asserted. One script runs in a
+subprocess, as a user runs it; the others run their ``main`` in this process (no interpreter to start)."""
 
+import importlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -27,19 +30,40 @@ def last_json_line(script: str, *args: str, cwd: Path = ROOT) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture
+def quick_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """``quick_main(script, *args)``: the script's ``main(["--quick", "--threads", "1", *args])`` in this process, with
+    its folder on ``sys.path`` as when it runs as a script; torch's thread count and the loggers' levels (a script may
+    quiet Lightning's) are put back after. Returns the last line of what it printed, as JSON."""
+    threads = torch.get_num_threads()
+    loggers = [log for log in logging.root.manager.loggerDict.values() if isinstance(log, logging.Logger)]
+    levels = [(log, log.level) for log in [logging.root, *loggers]]
+
+    def run(script: str, *args: str) -> dict:
+        path = ROOT / script
+        monkeypatch.syspath_prepend(str(path.parent))
+        importlib.import_module(path.stem).main(["--quick", "--threads", "1", *args])
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    yield run
+    torch.set_num_threads(threads)
+    for log, level in levels:
+        log.setLevel(level)
+
+
 @pytest.mark.slow
-def test_vs_hf_reports_a_ratio_on_identical_logits():
+def test_vs_hf_reports_a_ratio_on_identical_logits(quick_main):
     pytest.importorskip("transformers")
-    r = last_json_line("benchmarks/vs_hf.py")
+    r = quick_main("benchmarks/vs_hf.py")
     assert {"ratio", "ours_step_s", "hf_step_s", "logits_max_abs_diff", "target_met"} <= set(r)
     assert r["ratio"] > 0 and r["logits_max_abs_diff"] < 1e-3
     assert len(r["ours_rep_seconds"]) == len(r["hf_rep_seconds"]) == r["reps"]
 
 
 @pytest.mark.slow
-def test_vs_peers_reports_each_system_against_the_best_peer():
+def test_vs_peers_reports_each_system_against_the_best_peer(quick_main):
     pytest.importorskip("transformers")
-    r = last_json_line("benchmarks/vs_peers.py")
+    r = quick_main("benchmarks/vs_peers.py")
     assert {"device", "flop_cut", "tokens_per_s", "best_peer", "dense_vs_best_peer", "epas_vs_best_peer", "mfu"} <= set(
         r
     )
@@ -50,24 +74,24 @@ def test_vs_peers_reports_each_system_against_the_best_peer():
 
 
 @pytest.mark.slow
-def test_lightning_overhead_reports_ratios_and_same_losses():
-    r = last_json_line("benchmarks/lightning_overhead.py")
+def test_lightning_overhead_reports_ratios_and_same_losses(quick_main):
+    r = quick_main("benchmarks/lightning_overhead.py")
     assert {"ratio", "ratio_default", "bare_step_ms", "lightning_step_ms", "target_met"} <= set(r)
     assert r["ratio"] > 0 and r["ratio_default"] > 0
     assert r["loss_max_abs_diff"] < 1e-4  # Trainer.fit and the bare loop did the same work
 
 
 @pytest.mark.slow
-def test_mfu_reports_utilisation_against_measured_peaks():
-    r = last_json_line("benchmarks/mfu.py")
+def test_mfu_reports_utilisation_against_measured_peaks(quick_main):
+    r = quick_main("benchmarks/mfu.py")
     assert {"mfu", "mfu_vs_fp32_peak", "peak_bf16_gflops", "peak_fp32_gflops", "achieved_gflops"} <= set(r)
     assert r["mfu"] > 0 and r["peak_bf16_gflops"] > 0 and r["mfu_fp32"] > 0
     assert set(r["peak_bf16"]["by_layout"]) == {"nn", "nt", "tn"}
 
 
 @pytest.mark.slow
-def test_pretrain_compare_writes_every_output(tmp_path):
-    r = last_json_line("experiments/pretrain_compare.py", "--out", str(tmp_path))
+def test_pretrain_compare_writes_every_output(quick_main, tmp_path):
+    r = quick_main("experiments/pretrain_compare.py", "--out", str(tmp_path))
     assert set(r["variants"]) == {"dense", "epas", "static", "shallow"}
     v = r["variants"]
     assert v["dense"]["final_shared_layers"] == []
@@ -81,9 +105,9 @@ def test_pretrain_compare_writes_every_output(tmp_path):
 
 
 @pytest.mark.slow
-def test_serve_throughput_reports_both_budgets():
+def test_serve_throughput_reports_both_budgets(quick_main):
     pytest.importorskip("litserve")
-    r = last_json_line("benchmarks/serve_throughput.py")
+    r = quick_main("benchmarks/serve_throughput.py")
     dense, trained = r["results"]["dense"], r["results"]["trained"]
     assert dense["sharing_layers"] == 0 and trained["sharing_layers"] == r["n_layer"] // 2 > 0
     assert dense["requests_per_s"] > 0 and trained["tokens_per_s"] > 0 and "gain_tokens_per_s" in r

@@ -1,34 +1,22 @@
 """The command line: `python -m epas_lightning fit --config ...`, links, --print_config, early errors."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import DEBUG_CONFIG as DEBUG
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from epas_lightning.callbacks import ProgressiveSharing
 from epas_lightning.cli import main
 from epas_lightning.lightning_cli import lightning_cli
 
-REPO = Path(__file__).resolve().parents[1]
-DEBUG = str(REPO / "configs" / "debug.yaml")
 
-
-def run_cli(args: list[str], cwd: Path, cache_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "EPAS_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "epas_lightning", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
-
-
-def test_fit_through_the_entry_point_logs_and_checkpoints(tiny_corpus, tmp_path):
-    result = run_cli(["fit", "--config", DEBUG, "--sharing.interval", "3"], tmp_path, tiny_corpus.parent)
+def test_fit_through_the_entry_point_logs_and_checkpoints(tiny_corpus, debug_fit_run):
+    result, cwd = debug_fit_run
     assert result.returncode == 0, result.stderr[-3000:]
     assert [p.name for p in tiny_corpus.parent.glob("stdlib-*") if p.is_dir()] == [tiny_corpus.name]  # reused
     assert "EPAS: step 3: 1 sharing layer(s) [1]" in result.stdout + result.stderr
-    run_dir = tmp_path / "runs" / "debug" / "version_0"
+    run_dir = cwd / "runs" / "debug" / "version_0"
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     assert (run_dir / "config.yaml").exists()
     events = EventAccumulator(str(run_dir)).Reload()
@@ -77,10 +65,12 @@ def test_every_packaged_config_parses_by_name_with_the_monitors(name, capsys):
         assert f"\n{section}" in out, section
 
 
-def test_invalid_schedule_fails_before_training(tmp_path, tiny_corpus):
-    result = run_cli(["fit", "--config", DEBUG, "--sharing.target", "2"], tmp_path, tiny_corpus.parent)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
+def test_invalid_schedule_fails_before_training(tmp_path, tiny_corpus, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", DEBUG, "--sharing.target", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
     assert last.startswith("error: a sharing target of 2 layers is invalid") and "— sharing.target —" in last
     assert "between 1 and n_layer - 1 = 1" in last
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))

@@ -1,11 +1,13 @@
 """Multi-process training on CPU (gloo): FSDP2 and DDP through region switches, sharded resume, two torchrun nodes.
 
-Every run is a subprocess (``tests/scripts/distributed_fit.py``): Lightning re-launches ``sys.argv`` for extra ranks.
-The script trains a 4-layer debug model on synthetic tokens; layer 3 starts sharing at step 2, layers 2-3 at step 4.
+Every multi-process run is a subprocess (``tests/scripts/distributed_fit.py``): Lightning re-launches ``sys.argv`` for
+extra ranks. One-process runs call the script's ``main`` in the test process (no interpreter to start). The script
+trains a 4-layer debug model on synthetic tokens; layer 3 starts sharing at step 2, layers 2-3 at step 4.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -18,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from epas_lightning.checkpoint import load_consolidated
+from epas_lightning.cli import main as cli_main
 
 SCRIPT = Path(__file__).parent / "scripts" / "distributed_fit.py"
 MASKS = {0: [], 1: [], 2: [3], 3: [3], 4: [2, 3], 5: [2, 3]}
@@ -25,8 +28,12 @@ MASKS = {0: [], 1: [], 2: [3], 3: [3], 4: [2, 3], 5: [2, 3]}
 pytestmark = pytest.mark.slow
 
 
+LAUNCHED_RANK = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")  # set by a launcher
+
+
 def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    """This environment without what marks a launched rank (an in-process one-rank run leaves ``LOCAL_RANK``)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHED_RANK}
     env["PYTHONPATH"] = str(Path(__file__).parents[1])
     return env
 
@@ -35,10 +42,23 @@ def check(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
+def ranks(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+
+
 def fit(out: Path, *args: str) -> list[dict]:
     cmd = [sys.executable, str(SCRIPT), "--out", str(out), *args]
     check(subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=clean_env()))
-    return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+    return ranks(out)
+
+
+def fit_in_this_process(out: Path, *args: str) -> list[dict]:
+    """A one-process run of the script inside pytest (``--devices 1``)."""
+    spec = importlib.util.spec_from_file_location("distributed_fit", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--out", str(out), *args])
+    return ranks(out)
 
 
 def global_losses(ranks: list[dict]) -> list[float]:
@@ -55,7 +75,7 @@ def assert_switches_on_every_rank(ranks: list[dict]) -> None:
 
 
 def test_fsdp2_two_ranks_match_one_rank_through_switches(tmp_path):
-    one = fit(tmp_path / "one", "--devices", "1", "--clip", "0.5")
+    one = fit_in_this_process(tmp_path / "one", "--devices", "1", "--clip", "0.5")
     two = fit(tmp_path / "two", "--devices", "2", "--clip", "0.5")
     assert len(two) == 2 and two[0]["world_size"] == 2
     assert_switches_on_every_rank(two)
@@ -73,15 +93,15 @@ def test_fsdp2_two_ranks_match_one_rank_through_switches(tmp_path):
 
 
 def test_ddp_with_find_unused_parameters_matches_one_process(tmp_path):
-    single = fit(tmp_path / "single", "--devices", "1", "--strategy", "single")
+    single = fit_in_this_process(tmp_path / "single", "--devices", "1", "--strategy", "single")
     ddp = fit(tmp_path / "ddp", "--devices", "2", "--strategy", "ddp")
     assert_switches_on_every_rank(ddp)
     assert global_losses(ddp) == pytest.approx(global_losses(single), rel=2e-6)
 
 
 def test_fsdp2_bf16_true_keeps_bf16_weights(tmp_path):
-    (run,) = fit(tmp_path, "--devices", "1", "--precision", "bf16-true", "--steps", "3")
-    assert run["param_dtype"] == "torch.bfloat16"
+    (run,) = fit_in_this_process(tmp_path, "--devices", "1", "--precision", "bf16-true", "--steps", "3")
+    assert run["param_dtype"] == "torch.bfloat16" and sorted(run["steps"], key=int) == ["0", "1", "2"]
     assert all(torch.isfinite(torch.tensor(s["loss"])) for s in run["steps"].values())
 
 
@@ -99,17 +119,7 @@ def test_sharded_resume_mid_growth_and_consolidate(tiny_corpus, tmp_path):
             assert b["steps"][step]["loss"] == pytest.approx(a["steps"][step]["loss"], rel=1e-6)
 
     out = tmp_path / "consolidated"
-    cmd = [
-        sys.executable,
-        "-m",
-        "epas_lightning",
-        "consolidate",
-        "--checkpoint",
-        str(ckpt / "epoch=0-step=6.ckpt"),
-        "--output",
-        str(out),
-    ]
-    check(subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=clean_env()))
+    assert cli_main(["consolidate", "--checkpoint", str(ckpt / "epoch=0-step=6.ckpt"), "--output", str(out)]) == 0
     record = json.loads((out / "config.json").read_text())
     assert record["sharing"]["shared_layers"] == [2, 3] and record["model"]["n_layer"] == 4
     model = load_consolidated(out)

@@ -7,13 +7,13 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import signal_fit_once_training, train_tiny_checkpoint
+from helpers import DEBUG_CONFIG as DEBUG
+from helpers import REPO, run_cli, signal_fit_once_training, train_tiny_checkpoint
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -23,18 +23,6 @@ from epas_lightning.checkpoint import REGION_KEY, consolidate, load_model
 from epas_lightning.cli import LIGHTNING_COMMANDS, TOOLS, function_parser, main, tool
 from epas_lightning.errors import ConfigError
 from epas_lightning.lightning_cli import resume_checkpoint
-
-REPO = Path(__file__).resolve().parents[1]
-DEBUG = str(REPO / "configs" / "debug.yaml")
-
-
-def run_cli(
-    args: list[str], cwd: Path, cache_dir: Path, program: list[str] | None = None
-) -> subprocess.CompletedProcess:
-    env = {**os.environ, "EPAS_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(REPO)}
-    program = program or [sys.executable, "-m", "epas_lightning"]
-    return subprocess.run([*program, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # One CLI
@@ -218,21 +206,22 @@ def test_the_summary_points_only_at_logs_that_exist(tmp_path):
 
 
 @pytest.mark.slow
-def test_fit_summary_and_resume_with_last(tiny_corpus, tmp_path):
-    first = run_cli(["fit", "--config", DEBUG], tmp_path, tiny_corpus.parent)
+def test_fit_summary_and_resume_with_last(tiny_corpus, debug_fit_run, tmp_path):
+    first, first_cwd = debug_fit_run  # fit --config configs/debug.yaml --sharing.interval 3
     assert first.returncode == 0, first.stderr[-3000:]
     out = first.stdout
     run = "runs/debug/version_0"
     assert f"checkpoints  {run}/checkpoints  (last: last.ckpt)" in out and f"logs         {run}" in out
     assert (
-        "val loss" in out and "tokens/s (median over" in out and "1/2 layers share [1]; full region since step 4" in out
+        "val loss" in out and "tokens/s (median over" in out and "1/2 layers share [1]; full region since step 3" in out
     )
     assert f"python -m epas_lightning generate --checkpoint {run}/checkpoints/last.ckpt" in out
     assert "Warning" not in first.stderr and "warn" not in first.stderr.lower(), first.stderr
     assert "Epoch 0 " in out and "Epoch 0/-2" not in out  # a run bounded by max_steps has no epoch total
     assert "v_num: 0 " in out
-    resumed = run_cli(["fit", "--config", DEBUG, "--ckpt_path", "last", "--trainer.max_steps", "10"], tmp_path,
-                      tiny_corpus.parent)  # fmt: skip
+    shutil.copytree(first_cwd / "runs", tmp_path / "runs")  # resume a copy: other tests read the first run
+    resume = ["--sharing.interval", "3", "--ckpt_path", "last", "--trainer.max_steps", "10"]
+    resumed = run_cli(["fit", "--config", DEBUG, *resume], tmp_path, tiny_corpus.parent)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming from {run}/checkpoints/last.ckpt" in resumed.stderr
     assert sorted(p.name for p in (tmp_path / "runs" / "debug").iterdir()) == ["version_0"]  # the same run

@@ -7,14 +7,12 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import cpu_trainer
+from helpers import cpu_trainer, run_cli
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from model_dirs import save_consolidated
 
@@ -163,13 +161,6 @@ def test_lm_eval_adapter_refuses_malicious_checkpoints(evil):
 # ---------------------------------------------------------------------------------------------------------------------
 # A diverging run stops
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def run_cli(args: list[str], cwd: Path, cache_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "EPAS_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "epas_lightning", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
 
 
 def finite_weights(path: Path) -> bool:

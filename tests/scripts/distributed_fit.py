@@ -1,8 +1,9 @@
 """A few training steps of a tiny EPAS model on synthetic tokens under FSDP2 or DDP, recording what tests compare.
 
-Run as a script (Lightning re-launches ``sys.argv`` for every extra process, and ``torchrun`` starts it per node).
-Every rank writes ``<out>/rank<R>.json``: per optimizer step the loss on this rank, the sharing layers, and the
-layers whose ``q_proj``/``k_proj`` got no gradient; plus the shapes of its local parameter shards.
+Run as a script (Lightning re-launches ``sys.argv`` for every extra process, and ``torchrun`` starts it per node);
+one-process runs may call ``main(argv)`` inside the test process instead. Every rank writes ``<out>/rank<R>.json``:
+per optimizer step the loss on this rank, the sharing layers, and the layers whose ``q_proj``/``k_proj`` got no
+gradient; plus the shapes of its local parameter shards.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class Recorder(Callback):
         step["logged"] = {k: logged[k].item() for k in ("train/loss", "train/grad_norm") if k in logged}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--devices", type=int, default=2)
@@ -92,11 +93,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ckpt-dir", type=Path, help="save a checkpoint every --ckpt-every steps here")
     p.add_argument("--ckpt-every", type=int, default=3)
     p.add_argument("--resume", type=Path, help="checkpoint to resume from")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     world_size = args.devices * args.num_nodes
     tokens = torch.randint(0, 512, (N_SAMPLES, SEQ_LEN + 1), generator=torch.Generator().manual_seed(0))
     if args.data_dir:
