@@ -28,10 +28,13 @@ def test_guide_speedup_table_is_the_generated_one():
     assert "| 14.98 |" in table and "11, 14.34" in table
 
 
-def test_write_updates_only_the_table(tmp_path, monkeypatch):
+@pytest.mark.parametrize("blank", ["", "\n"])
+def test_write_updates_only_the_table_whatever_the_blank_lines_around_it(tmp_path, monkeypatch, blank):
+    """The table used to be matched with exactly one newline on each side: with a blank line it was left stale while
+    the script said "updated"."""
     script = load_table_script()
     guide = tmp_path / "guide.md"
-    guide.write_text(f"intro\n{script.BEGIN}\n| stale |\n{script.END}\noutro\n")
+    guide.write_text(f"intro\n{script.BEGIN}\n{blank}| stale |\n{blank}{script.END}\noutro\n")
     monkeypatch.setattr(script, "GUIDE", guide)
     assert script.main(["--write"]) == 0
     assert guide.read_text() == f"intro\n{script.BEGIN}\n{script.speedup_table()}\n{script.END}\noutro\n"
@@ -90,14 +93,3 @@ def test_quoted_commands_use_flags_that_exist(monkeypatch, capsys):
                 unknown += [f"{doc}: {script} {flag}" for flag in sorted(flags(arguments) - flags(helps[key]))]
     assert len(helps) >= 10  # the scripts were found
     assert unknown == []
-
-
-def test_write_replaces_a_table_whatever_the_blank_lines_around_it(tmp_path, monkeypatch):
-    """The table used to be matched with exactly one newline on each side: with a blank line it was left stale while
-    the script said "updated"."""
-    script = load_table_script()
-    guide = tmp_path / "guide.md"
-    guide.write_text(f"intro\n{script.BEGIN}\n\n| stale |\n\n{script.END}\noutro\n")
-    monkeypatch.setattr(script, "GUIDE", guide)
-    assert script.main(["--write"]) == 0
-    assert guide.read_text() == f"intro\n{script.BEGIN}\n{script.speedup_table()}\n{script.END}\noutro\n"
