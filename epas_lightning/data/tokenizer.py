@@ -102,23 +102,7 @@ def load_tokenizer(
     BOS/EOS: ``bos_id``/``eos_id`` when given (the ids a checkpoint recorded: what its documents were wrapped in), else
     the tokens named, else the usual candidates.
     """
-    tokenizer = _load_tokenizer(resolve_tokenizer_path(path), bos_token, eos_token, bos_id is None, eos_id is None)
-    for what, token_id in (("BOS", bos_id), ("EOS", eos_id)):
-        if token_id is not None and not 0 <= token_id < tokenizer.vocab_size:
-            raise TokenizerError(
-                f"the checkpoint's {what} id {token_id} is not in this tokenizer ({tokenizer.vocab_size} ids)",
-                tokenizer.path,
-                "pass the tokenizer the model was trained with",
-            )
-    tokenizer.bos_id = tokenizer.bos_id if bos_id is None else bos_id
-    tokenizer.eos_id = tokenizer.eos_id if eos_id is None else eos_id
-    return tokenizer
-
-
-def _load_tokenizer(
-    path: Path, bos_token: str | None, eos_token: str | None, find_bos: bool, find_eos: bool
-) -> TextTokenizer:
-    """The tokenizer at ``path``; its BOS/EOS looked up only where asked (-1 otherwise, set by the caller)."""
+    path = resolve_tokenizer_path(path)
     with path.open("rb") as f:
         head = f.read(64).lstrip()
     if path.suffix == ".json" or head.startswith(b"{"):
@@ -128,9 +112,11 @@ def _load_tokenizer(
             tok = Tokenizer.from_file(str(path))
         except Exception as e:
             raise TokenizerError(f"not a readable HF tokenizer.json ({e})", path) from e
-        bos = _pick(bos_token, BOS_CANDIDATES, tok.token_to_id, "BOS", path) if find_bos else -1
-        eos = _pick(eos_token, EOS_CANDIDATES, tok.token_to_id, "EOS", path) if find_eos else -1
         vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
+        bos = _recorded(bos_id, "BOS", vocab_size, path)
+        bos = _pick(bos_token, BOS_CANDIDATES, tok.token_to_id, "BOS", path) if bos is None else bos
+        eos = _recorded(eos_id, "EOS", vocab_size, path)
+        eos = _pick(eos_token, EOS_CANDIDATES, tok.token_to_id, "EOS", path) if eos is None else eos
         return TextTokenizer("hf", path, tok, bos, eos, vocab_size)
     import sentencepiece as spm
 
@@ -143,12 +129,25 @@ def _load_tokenizer(
         token_id = sp.piece_to_id(token)
         return token_id if token_id != sp.unk_id() or token == sp.id_to_piece(sp.unk_id()) else None
 
-    bos = eos = -1  # where not looked up, the caller sets them
-    if find_bos:
+    vocab_size = sp.get_piece_size()
+    bos = _recorded(bos_id, "BOS", vocab_size, path)
+    if bos is None:
         bos = sp.bos_id() if bos_token is None and sp.bos_id() >= 0 else _pick(bos_token, (), sp_lookup, "BOS", path)
-    if find_eos:
+    eos = _recorded(eos_id, "EOS", vocab_size, path)
+    if eos is None:
         eos = sp.eos_id() if eos_token is None and sp.eos_id() >= 0 else _pick(eos_token, (), sp_lookup, "EOS", path)
-    return TextTokenizer("sentencepiece", path, sp, bos, eos, sp.get_piece_size())
+    return TextTokenizer("sentencepiece", path, sp, bos, eos, vocab_size)
+
+
+def _recorded(token_id: int | None, what: str, vocab_size: int, path: Path) -> int | None:
+    """A checkpoint's recorded BOS/EOS id, checked to be one of the tokenizer's ids."""
+    if token_id is not None and not 0 <= token_id < vocab_size:
+        raise TokenizerError(
+            f"the checkpoint's {what} id {token_id} is not in this tokenizer ({vocab_size} ids)",
+            path,
+            "pass the tokenizer the model was trained with",
+        )
+    return token_id
 
 
 LONGEST_TRAINING_RUN = 256
