@@ -39,6 +39,11 @@ def check_init_source(path: str | Path, config: LlamaConfig) -> None:
         check_same_architecture(config, recorded_config(path, "model.init_from"), f"model.init_from {path}")
 
 
+def resumed_instead(ckpt_path: str | Path) -> str:
+    """What ``fit`` says when a resumed checkpoint wins over ``init_from``."""
+    return f"init_from: not applied, the weights resume from {ckpt_path}"
+
+
 def _existing(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if not path.exists():

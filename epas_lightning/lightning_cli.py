@@ -40,7 +40,7 @@ from epas_lightning.cli import PROG
 from epas_lightning.data import TokenDataModule
 from epas_lightning.divergence import DivergenceGuard
 from epas_lightning.errors import CheckpointError, ConfigError, UserError
-from epas_lightning.init_from import check_same_architecture
+from epas_lightning.init_from import check_same_architecture, resumed_instead
 from epas_lightning.interrupt import GracefulStop
 from epas_lightning.model import LlamaConfig
 from epas_lightning.module import EPASModule
@@ -215,7 +215,7 @@ class EPASCLI(LightningCLI):
             check_same_model(config.model.config, config.ckpt_path)
             check_strategy_reads(config.trainer.get("strategy"), Path(config.ckpt_path))
             if config.model.get("init_from"):  # never read: a folder deleted or unmounted since must not stop this
-                say(f"init_from: not applied, the weights resume from {config.ckpt_path}")
+                say(resumed_instead(config.ckpt_path))
                 config.model.init_from = None
         super()._parse_ckpt_path()
 

@@ -17,7 +17,7 @@ from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from epas_lightning.errors import ConfigError
 from epas_lightning.flops import estimate_flops
-from epas_lightning.init_from import check_init_source, load_initial_weights
+from epas_lightning.init_from import check_init_source, load_initial_weights, resumed_instead
 from epas_lightning.loss import next_token_loss, train_loss
 from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.memory_plan import plan_checkpointing
@@ -169,7 +169,7 @@ class EPASModule(LightningModule):
             load_initial_weights(self.model, self.init_from)
             rank_zero_info(f"init_from: the weights start from {self.init_from}")
         else:
-            rank_zero_info(f"init_from: not applied, the weights resume from {self.trainer.ckpt_path}")
+            rank_zero_info(resumed_instead(self.trainer.ckpt_path))
 
     def set_shared_layers(self, layers: Iterable[int]) -> None:
         """Switch exactly ``layers`` to sharing (the ``ProgressiveSharing`` callback calls this)."""
