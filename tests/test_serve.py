@@ -486,3 +486,16 @@ def test_sigterm_shuts_down_cleanly(server):
     assert server.stop() == 0
     log = server.log()
     assert "Traceback" not in log and "server stopped" in log, log
+
+
+def test_litserves_shutdown_race_traceback_is_dropped_and_nothing_else():
+    import logging
+
+    from epas_lightning.serve.command import _shutdown_race
+
+    def record(message, error):
+        return logging.LogRecord("litserve.server", logging.ERROR, "", 0, message, (), (type(error), error, None))
+
+    assert not _shutdown_race(record("Monitoring worker crashed", BrokenPipeError(32, "Broken pipe")))
+    assert _shutdown_race(record("Monitoring worker crashed", RuntimeError("a real failure")))
+    assert _shutdown_race(record("Worker crashed", BrokenPipeError(32, "Broken pipe")))

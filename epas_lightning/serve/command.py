@@ -6,6 +6,7 @@ imported when the command runs.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -144,6 +145,18 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
         file=sys.stderr,
         flush=True,
     )
-    with signals_stop_server():
-        server.run(host=host, port=port, log_level=log_level, generate_client_file=False, num_api_servers=1)
+    monitor_log = logging.getLogger("litserve.server")
+    monitor_log.addFilter(_shutdown_race)
+    try:
+        with signals_stop_server():
+            server.run(host=host, port=port, log_level=log_level, generate_client_file=False, num_api_servers=1)
+    finally:
+        monitor_log.removeFilter(_shutdown_race)
     print("server stopped", file=sys.stderr, flush=True)
+
+
+def _shutdown_race(record: logging.LogRecord) -> bool:
+    """Drop LitServe's "Monitoring worker crashed" traceback when its monitor thread finds the process manager already
+    gone (a broken pipe or closed connection): that happens only while the server shuts down, at random."""
+    error = record.exc_info[1] if record.exc_info else None
+    return not (record.getMessage().startswith("Monitoring worker crashed") and isinstance(error, OSError | EOFError))
