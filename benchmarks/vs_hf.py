@@ -24,17 +24,14 @@ import argparse
 import contextlib
 import importlib.util
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
-from harness import BENCH_EXTRA, cpu_ticks, device_name, emit, foreign_load, resolve_device, synchronize
+from harness import BENCH_EXTRA, device_name, emit, resolve_device, time_arms
 
 from epas_lightning.errors import ConfigError, run_script
 from epas_lightning.loss import lm_loss
 from epas_lightning.model import Llama, LlamaConfig
-
-ARMS = ("ours", "hf")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -167,22 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = tokens.to(device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     print(f"ours vs HF LlamaForCausalLM (sdpa): {args.model}, {args.dtype}, logits max diff {max_diff:.2e}", flush=True)
-    for arm in arms.values():
-        for _ in range(args.warmup):
-            arm.step(inputs, targets)
-    times: dict[str, list[float]] = {a: [] for a in ARMS}
-    loads: dict[str, list[float | None]] = {a: [] for a in ARMS}
-    for rep in range(args.reps):
-        for name in ARMS if rep % 2 == 0 else ARMS[::-1]:
-            synchronize(device)
-            ticks = cpu_ticks() if device.type == "cpu" else None
-            start = time.perf_counter()
-            arms[name].step(inputs, targets)
-            synchronize(device)
-            seconds = time.perf_counter() - start
-            times[name].append(seconds)
-            loads[name].append(foreign_load(ticks, cpu_ticks(), seconds))
-            print(f"  rep {rep}: {name:4s} {seconds:8.3f} s", flush=True)
+    steps = {name: (lambda arm=arm: arm.step(inputs, targets)) for name, arm in arms.items()}
+    times, loads = time_arms(steps, args.reps, device, warmup=args.warmup)
     ours_s, hf_s = statistics.median(times["ours"]), statistics.median(times["hf"])
     tokens_per_step = args.batch_size * args.seq_len
     result = {
