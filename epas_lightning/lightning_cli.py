@@ -9,6 +9,9 @@ Beside the trainer, model and data, every run has these sections, each a callbac
 - ``throughput``: tokens/s and FLOPs/s (``TokenThroughputMonitor``); ``lr_monitor``: the learning rate per step;
 - ``interrupt``: ``GracefulStop``, SIGTERM or Ctrl+C stop between steps with a ``last.ckpt`` (exit 143 / 130).
 
+An error on rank 0 of a one-node multi-process run also ends the ranks it started (``EndChildRanksOnError``), so
+they do not hold their GPUs until a collective times out.
+
 Checkpoint files are written beside their name and renamed into place (``AtomicCheckpointIO``) unless the
 configuration names its own ``CheckpointIO``.
 
@@ -36,6 +39,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from epas_lightning.callbacks import ProgressiveSharing, TokenThroughputMonitor
 from epas_lightning.checkpoint import recorded_config
 from epas_lightning.checkpoint_io import AtomicCheckpointIO
+from epas_lightning.child_ranks import EndChildRanksOnError
 from epas_lightning.cli import PROG
 from epas_lightning.data import TokenDataModule
 from epas_lightning.divergence import DivergenceGuard
@@ -390,7 +394,7 @@ def lightning_cli(args: ArgsType = None, run: bool = True) -> EPASCLI:
         TokenDataModule,
         seed_everything_default=1234,
         auto_configure_optimizers=False,
-        trainer_defaults={"callbacks": [RunSummary(), FlopsModelSummary()]},
+        trainer_defaults={"callbacks": [RunSummary(), FlopsModelSummary(), EndChildRanksOnError()]},
         parser_kwargs={
             "prog": PROG,  # usage lines read `python -m epas_lightning fit`, not `__main__.py fit`
             "exit_on_error": False,

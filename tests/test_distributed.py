@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -211,3 +212,29 @@ def test_sigterm_to_the_first_rank_stops_every_rank_after_one_step_with_a_checkp
     step = int(err.split("stopped by SIGTERM after step ")[1].split(";")[0])
     last = tmp_path / "runs" / "debug" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == step and out.count(f"Run finished: {step} optim") == 1
+
+
+def test_an_error_on_rank_zero_ends_the_ranks_it_started(tiny_corpus, tmp_path):
+    """Rank 0 fails with a user error while rank 1 is stuck (as in an NCCL collective, which waits out its timeout):
+    the command says it in one line and exits 2, and rank 1 is gone within seconds instead of outliving it."""
+    pid_file = tmp_path / "rank1.pid"
+    scripts = Path(__file__).parent / "scripts"
+    env = clean_env() | {"EPAS_CACHE_DIR": str(tiny_corpus.parent), "EPAS_TEST_PID_FILE": str(pid_file)}
+    env["PYTHONPATH"] += os.pathsep + str(scripts)
+    args = ["fit", "--config", "debug", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    args += ["--trainer.logger=false", "--trainer.callbacks+=rank_failure.FailOnRankZero"]
+    command = [sys.executable, "-m", "epas_lightning", *args]
+    try:
+        proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=90, env=env)
+        hung = None
+    except subprocess.TimeoutExpired as timeout:
+        proc, hung = None, timeout  # rank 0's teardown waited for rank 1
+    try:
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    assert hung is None, f"rank 0 did not exit after its error: {hung.stderr!r:.4000}"
+    assert not alive, "rank 1 outlived rank 0's error"
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "error: a failure only rank 0 sees — rank 0" in proc.stderr and "Traceback" not in proc.stderr

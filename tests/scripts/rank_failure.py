@@ -1,0 +1,25 @@
+"""A test callback: rank 0 fails with a user error while rank 1 is stuck (as in an NCCL collective that never ends).
+
+Used by ``tests/test_distributed.py`` through ``--trainer.callbacks+=rank_failure.FailOnRankZero`` (this folder on
+``PYTHONPATH``). Rank 1 writes its process id to ``$EPAS_TEST_PID_FILE`` and sleeps; rank 0 waits for that file, then
+raises.
+"""
+
+import os
+import time
+from pathlib import Path
+
+from lightning.pytorch import Callback
+
+from epas_lightning.errors import UserError
+
+
+class FailOnRankZero(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        pid_file = Path(os.environ["EPAS_TEST_PID_FILE"])
+        if trainer.global_rank == 1:
+            pid_file.write_text(str(os.getpid()))
+            time.sleep(300)
+        while not pid_file.exists():
+            time.sleep(0.1)
+        raise UserError("a failure only rank 0 sees", "rank 0", "nothing: this is a test")
