@@ -96,6 +96,10 @@ class EPASModule(LightningModule):
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            check_trainable_precision(self.trainer.precision)
+
     def configure_model(self) -> None:
         """Build the model and apply AC / compile / FSDP2 (idempotent).
 
@@ -309,6 +313,19 @@ class EPASModule(LightningModule):
                 "the max_steps of model.lr_scheduler (epas_lightning.WarmupCosineLR), for the cosine decay"
             )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_trainable_precision(precision: str) -> None:
+    """Refuse ``16-true`` for training: fp16 weights and AdamW state with no loss scaling cannot train a LLaMA."""
+    if str(precision) != "16-true":
+        return
+    raise ConfigError(
+        "16-true cannot train: it keeps the weights and AdamW's state in fp16 with no loss scaling, where AdamW's "
+        "eps (1e-8) rounds to 0 and small gradients and second moments underflow, so the first update writes NaN",
+        "trainer.precision: 16-true",
+        "train in bf16-mixed or bf16-true, or 16-mixed on a GPU (fp32 weights, loss scaling); "
+        "16-true is fine for validate and test",
+    )
 
 
 def _rng_state() -> tuple[torch.Tensor, torch.Tensor | None]:
