@@ -17,7 +17,12 @@ from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from epas_lightning.errors import ConfigError
 from epas_lightning.flops import estimate_flops
-from epas_lightning.init_from import check_init_source, load_initial_weights, resumed_instead
+from epas_lightning.init_from import (
+    check_init_source,
+    keeping_source_context,
+    load_initial_weights,
+    resumed_instead,
+)
 from epas_lightning.loss import next_token_loss, train_loss
 from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.memory_plan import plan_checkpointing
@@ -51,7 +56,9 @@ class EPASModule(LightningModule):
             ``evaluate`` turn it on.
         init_from: Start ``fit`` from these weights instead of a random init (continual pretraining): a local HF
             LLaMA directory (config.json + safetensors) or an EPAS checkpoint. ``config`` must describe the same
-            architecture (checked, with every difference named, before any work); a resumed checkpoint wins.
+            architecture (checked, with every difference named, before any work); a resumed checkpoint wins. A
+            source with more positions than ``block_size`` keeps them (``config.max_position_embeddings``), so the
+            run's exports and inference take prompts as long as the source model did.
             ``validate``/``test`` without a checkpoint score these weights (the run's baseline).
 
     Under a strategy with a device mesh (``epas_lightning.strategy.FSDP2Strategy``) the model is built on the meta
@@ -69,6 +76,8 @@ class EPASModule(LightningModule):
         init_from: str | None = None,
     ) -> None:
         super().__init__()
+        if init_from is not None:
+            config = keeping_source_context(config, check_init_source(init_from, config))
         self.config = config
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -84,8 +93,6 @@ class EPASModule(LightningModule):
                     str(e).rstrip("."), "model.activation_checkpointing", "give true, false, auto or a block count"
                 ) from e
         self.init_from = init_from
-        if init_from is not None:
-            check_init_source(init_from, config)
         self.model: Llama | None = None
         self._new_heldout_metrics()
         self._tokens_shape: tuple[int, int] | None = None
@@ -202,6 +209,12 @@ class EPASModule(LightningModule):
                 "bos_id": int(tokenizer.bos_id),
                 "eos_id": int(tokenizer.eos_id),
             }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # a resume does not read init_from again: keep the context length the run inherited from it
+        recorded = (checkpoint.get("model_config") or {}).get("max_position_embeddings")
+        if self.config.max_position_embeddings is None and recorded and recorded > self.config.block_size:
+            self.config.max_position_embeddings = recorded
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
