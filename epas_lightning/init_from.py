@@ -7,6 +7,7 @@ before training, after meta-device materialisation, and never over a resumed che
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,15 +29,25 @@ NOT_LOADED = ("sharing.mask",)
 """State the initial weights do not set: the sharing region belongs to the new run's schedule."""
 
 
-def check_init_source(path: str | Path, config: LlamaConfig) -> None:
-    """Fail before any work when ``path`` is missing or holds weights of another shape than ``config``."""
+def check_init_source(path: str | Path, config: LlamaConfig) -> LlamaConfig:
+    """Fail before any work when ``path`` is missing or holds weights of another shape than ``config``; return the
+    config of the model at ``path``."""
     path = _existing(path)
     if is_hf_dir(path):
-        check_compatible(config, read_hf_config(path), source=f"init_from {path}")
-    else:
-        from epas_lightning.checkpoint import recorded_config
+        return check_compatible(config, read_hf_config(path), source=f"init_from {path}")
+    from epas_lightning.checkpoint import recorded_config
 
-        check_same_architecture(config, recorded_config(path, "model.init_from"), f"model.init_from {path}")
+    theirs = recorded_config(path, "model.init_from")
+    check_same_architecture(config, theirs, f"model.init_from {path}")
+    return theirs
+
+
+def keeping_source_context(config: LlamaConfig, source: LlamaConfig) -> LlamaConfig:
+    """``config`` with the context length of the ``init_from`` model ``source`` when that is longer and ``config``
+    sets none: a continual run at a shorter ``block_size`` keeps (and exports) the positions the model had."""
+    if config.max_position_embeddings is not None or source.context_length <= config.block_size:
+        return config
+    return replace(config, max_position_embeddings=source.context_length)
 
 
 def resumed_instead(ckpt_path: str | Path) -> str:

@@ -47,7 +47,7 @@ from epas_lightning.errors import CheckpointError, ConfigError, UserError
 from epas_lightning.init_from import check_same_architecture, resumed_instead
 from epas_lightning.interrupt import GracefulStop
 from epas_lightning.model import LlamaConfig
-from epas_lightning.module import EPASModule
+from epas_lightning.module import EPASModule, check_trainable_precision
 from epas_lightning.run_checkpoint import RunCheckpoint
 from epas_lightning.run_summary import FlopsModelSummary, RunSummary, progress_bar_for, say
 from epas_lightning.safe_load import is_sharded_checkpoint, verify_checkpoint
@@ -237,6 +237,8 @@ class EPASCLI(LightningCLI):
                 "run on a machine with a GPU, or pass --trainer.accelerator=cpu (CPUs train best in 32-true)",
             )
         check_validation_interval(trainer)
+        if self.subcommand == "fit":
+            check_trainable_precision(trainer.get("precision"))
 
     def instantiate_classes(self) -> None:
         try:

@@ -17,7 +17,12 @@ from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from epas_lightning.errors import ConfigError
 from epas_lightning.flops import estimate_flops
-from epas_lightning.init_from import check_init_source, load_initial_weights, resumed_instead
+from epas_lightning.init_from import (
+    check_init_source,
+    keeping_source_context,
+    load_initial_weights,
+    resumed_instead,
+)
 from epas_lightning.loss import next_token_loss, train_loss
 from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.memory_plan import plan_checkpointing
@@ -51,7 +56,9 @@ class EPASModule(LightningModule):
             ``evaluate`` turn it on.
         init_from: Start ``fit`` from these weights instead of a random init (continual pretraining): a local HF
             LLaMA directory (config.json + safetensors) or an EPAS checkpoint. ``config`` must describe the same
-            architecture (checked, with every difference named, before any work); a resumed checkpoint wins.
+            architecture (checked, with every difference named, before any work); a resumed checkpoint wins. A
+            source with more positions than ``block_size`` keeps them (``config.max_position_embeddings``), so the
+            run's exports and inference take prompts as long as the source model did.
             ``validate``/``test`` without a checkpoint score these weights (the run's baseline).
 
     Under a strategy with a device mesh (``epas_lightning.strategy.FSDP2Strategy``) the model is built on the meta
@@ -69,6 +76,8 @@ class EPASModule(LightningModule):
         init_from: str | None = None,
     ) -> None:
         super().__init__()
+        if init_from is not None:
+            config = keeping_source_context(config, check_init_source(init_from, config))
         self.config = config
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -84,8 +93,6 @@ class EPASModule(LightningModule):
                     str(e).rstrip("."), "model.activation_checkpointing", "give true, false, auto or a block count"
                 ) from e
         self.init_from = init_from
-        if init_from is not None:
-            check_init_source(init_from, config)
         self.model: Llama | None = None
         self._new_heldout_metrics()
         self._tokens_shape: tuple[int, int] | None = None
@@ -95,6 +102,10 @@ class EPASModule(LightningModule):
         self._loss_step: int | None = None  # the optimizer step whose micro-batch losses _loss_sum adds up
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            check_trainable_precision(self.trainer.precision)
 
     def configure_model(self) -> None:
         """Build the model and apply AC / compile / FSDP2 (idempotent).
@@ -198,6 +209,12 @@ class EPASModule(LightningModule):
                 "bos_id": int(tokenizer.bos_id),
                 "eos_id": int(tokenizer.eos_id),
             }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # a resume does not read init_from again: keep the context length the run inherited from it
+        recorded = (checkpoint.get("model_config") or {}).get("max_position_embeddings")
+        if self.config.max_position_embeddings is None and recorded and recorded > self.config.block_size:
+            self.config.max_position_embeddings = recorded
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -309,6 +326,19 @@ class EPASModule(LightningModule):
                 "the max_steps of model.lr_scheduler (epas_lightning.WarmupCosineLR), for the cosine decay"
             )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_trainable_precision(precision: str) -> None:
+    """Refuse ``16-true`` for training: fp16 weights and AdamW state with no loss scaling cannot train a LLaMA."""
+    if str(precision) != "16-true":
+        return
+    raise ConfigError(
+        "16-true cannot train: it keeps the weights and AdamW's state in fp16 with no loss scaling, where AdamW's "
+        "eps (1e-8) rounds to 0 and small gradients and second moments underflow, so the first update writes NaN",
+        "trainer.precision: 16-true",
+        "train in bf16-mixed or bf16-true, or 16-mixed on a GPU (fp32 weights, loss scaling); "
+        "16-true is fine for validate and test",
+    )
 
 
 def _rng_state() -> tuple[torch.Tensor, torch.Tensor | None]:

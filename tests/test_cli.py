@@ -76,6 +76,14 @@ def test_invalid_schedule_fails_before_training(tmp_path, tiny_corpus, capsys, m
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))
 
 
+def test_fit_in_pure_fp16_is_one_line_before_anything_is_built(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", DEBUG, "--trainer.precision", "16-true"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ")
+    assert "— trainer.precision: 16-true —" in err and not (tmp_path / "runs").exists()
+
+
 def test_an_argument_of_a_classless_optimizer_says_to_give_the_class_first(capsys):
     """debug.yaml leaves model.optimizer to the default AdamW, so `--model.optimizer.lr` alone has no class to go to;
     jsonargparse's message was "invalid value for --model.optimizer (Given value: NestedArg(key='lr', val='1e-3'))"."""

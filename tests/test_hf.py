@@ -215,6 +215,35 @@ def test_init_from_refuses_hf_weights_holding_nan(tmp_path: Path) -> None:
         read_init_state(path, _module_config())
 
 
+def test_a_continual_run_at_a_shorter_block_keeps_the_models_context(tmp_path: Path, tiny_corpus: Path) -> None:
+    """init_from an HF model of 64 positions, trained (and resumed) at block 32: the export said
+    max_position_embeddings 32 and generate refused longer prompts; the run keeps the 64 positions the model had."""
+    from epas_lightning import TokenDataModule
+    from epas_lightning.checkpoint import load_model
+    from epas_lightning.hf.export import export
+    from epas_lightning.inference import generate
+
+    def data() -> TokenDataModule:
+        return TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=VOCAB)
+
+    source = save_tiny_hf(tmp_path / "hf")  # max_position_embeddings 64
+    trainer = cpu_trainer(tmp_path / "a", max_steps=1)
+    trainer.fit(EPASModule(_module_config(), init_from=str(source)), data())
+    trainer.save_checkpoint(tmp_path / "first.ckpt")
+    trainer = cpu_trainer(tmp_path / "b", max_steps=2)  # a resume does not read init_from again
+    trainer.fit(EPASModule(_module_config()), data(), ckpt_path=tmp_path / "first.ckpt")
+    trainer.save_checkpoint(tmp_path / "resumed.ckpt")
+
+    out = export(tmp_path / "resumed.ckpt", tmp_path / "export")
+    theirs, ours = (json.loads((folder / "config.json").read_text()) for folder in (source, out))
+    for key in ("max_position_embeddings", "rope_parameters", "rms_norm_eps", "hidden_size", "num_key_value_heads"):
+        assert ours[key] == theirs[key], key
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 64
+    model = load_model(tmp_path / "resumed.ckpt").model
+    assert model.config.block_size == 32
+    assert len(generate(model, [list(range(3, 43))], 8).tokens[0]) == 8  # a 40-token prompt
+
+
 # ---------------------------------------------------------------- export
 
 

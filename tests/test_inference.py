@@ -187,7 +187,7 @@ def test_region_errors():
     model.set_shared_layers([3])
     with pytest.raises(ValueError, match="build a new cache"):
         model(tokens(1, 2), cache)
-    with pytest.raises(ValueError, match="block_size"):
+    with pytest.raises(ValueError, match="context length"):
         generate(model, [[1] * 60], max_new_tokens=10)
 
 

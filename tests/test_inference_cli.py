@@ -97,7 +97,7 @@ def test_default_lengths_fit_a_short_block_size_and_explicit_ones_are_checked(tr
     rc, _, err = run_cli(capsys, "generate", "--checkpoint", str(trained), "--prompt", "x", "--max-new-tokens", "40")
     assert rc == 2 and "--max-new-tokens — ask for at most" in err
     rc, _, err = run_cli(capsys, "generate", "--checkpoint", str(trained), "--prompt", "x " * 40)
-    assert rc == 2 and "no room left in the model's block_size 32" in err
+    assert rc == 2 and "no room left in the model's context length 32" in err
     bench = ["bench", "--checkpoint", str(trained), "--reps", "1", "--batches", "1", "--json"]
     rc, out, err = run_cli(capsys, *bench, "--output", str(tmp_path / "bench"))
     assert rc == 0, err

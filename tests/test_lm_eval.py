@@ -121,13 +121,14 @@ def exports(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     return {n: export(checkpoint, root / f"hf{n}", sharing_layers=n) for n in (0, 2)}
 
 
-def evaluate(model: str, model_args: dict, tasks: Path, names: list[str]) -> dict:
+def evaluate(model: str, model_args: dict, tasks: Path, names: list[str], limit: int | None = None) -> dict:
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(tasks), include_defaults=False)
     return lm_eval.simple_evaluate(
-        model=model, model_args=model_args, tasks=names, task_manager=manager, batch_size=4, bootstrap_iters=0
-    )
+        model=model, model_args=model_args, tasks=names, task_manager=manager, batch_size=4, bootstrap_iters=0,
+        limit=limit,
+    )  # fmt: skip
 
 
 def generations(result: dict) -> list:
@@ -230,8 +231,16 @@ def test_lm_eval_command_errors(checkpoint, tasks, tmp_path, capsys, monkeypatch
 def test_readme_shell_command_runs_in_a_fresh_process(checkpoint, tasks, tmp_path) -> None:
     env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "epas_lightning", "lm-eval", "--checkpoint", str(checkpoint), "--tasks",
-               "tiny_mc", "--include-path", str(tasks), "--sharing-layers", "2", "--limit", "4", "--json"]  # fmt: skip
+               "tiny_mc", "--tasks", "tiny_ppl", "--include-path", str(tasks), "--sharing-layers", "2", "--limit", "4",
+               "--json"]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     (row,) = json.loads(done.stdout.strip().splitlines()[-1])
-    assert row["shared_layers"] == [2, 3] and 0 <= row["tiny_mc/acc"] <= 1
+    assert row["shared_layers"] == [2, 3]
+    import epas_lightning.evaluation.lm_eval_adapter  # noqa: F401 - registers "epas"
+
+    # the same scores as lm-eval in this process; the perplexities tell the regions apart where accuracy does not
+    args = {"checkpoint": str(checkpoint), "sharing_layers": 2, "device": "cpu"}
+    expected = metric_columns(evaluate("epas", args, tasks, ["tiny_mc", "tiny_ppl"], limit=4)["results"])
+    assert len(expected) == 5 and {key: row[key] for key in expected} == pytest.approx(expected, rel=1e-9)
+    assert (row["tiny_mc/acc"], row["tiny_mc/acc_norm"]) == (expected["tiny_mc/acc"], expected["tiny_mc/acc_norm"])

@@ -192,6 +192,18 @@ def test_schedule_too_large_for_the_model_fails_before_training(tiny_corpus, tmp
         trainer.fit(module, data)
 
 
+def test_pure_fp16_training_is_refused_before_it_starts(tiny_corpus, tmp_path):
+    """16-true keeps fp16 weights and AdamW state with no loss scaling: eps 1e-8 is 0 in fp16, so the first update
+    divided 0 by 0 and the run died at step 1 with "non-finite loss"; ``fit`` now refuses it up front."""
+    from epas_lightning.errors import ConfigError
+
+    module, data = make_run(tiny_corpus, n_layer=2)
+    with pytest.raises(ConfigError, match="16-true") as refused:
+        make_trainer(tmp_path, 2, [], precision="16-true").fit(module, data)
+    assert "bf16-true" in str(refused.value) and "16-mixed" in str(refused.value)
+    assert module.model is None  # nothing was built
+
+
 def test_validate_and_test_from_a_checkpoint_use_its_mask(tiny_corpus, tmp_path):
     module, data = make_run(tiny_corpus)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)

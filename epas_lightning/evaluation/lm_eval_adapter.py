@@ -44,7 +44,7 @@ class CausalLM(nn.Module):
     def __init__(self, model: Llama) -> None:
         super().__init__()
         self.llama = model
-        self.config = SimpleNamespace(model_type="epas_llama", max_position_embeddings=model.config.block_size)
+        self.config = SimpleNamespace(model_type="epas_llama", max_position_embeddings=model.config.context_length)
 
     @property
     def device(self) -> torch.device:
@@ -112,7 +112,7 @@ class EPASLM(HFLM):
                 f"checkpoint={checkpoint}",
                 "pass the tokenizer file (model argument tokenizer=PATH, or --tokenizer)",
             )
-        hf_tokenizer = exported_tokenizer(Path(path), config.block_size, self.loaded.bos_id, self.loaded.eos_id)
+        hf_tokenizer = exported_tokenizer(Path(path), config.context_length, self.loaded.bos_id, self.loaded.eos_id)
         with _quiet():
             super().__init__(
                 pretrained=CausalLM(self.loaded.model),
@@ -120,7 +120,7 @@ class EPASLM(HFLM):
                 backend="causal",
                 batch_size=batch_size,
                 max_batch_size=max_batch_size,
-                max_length=config.block_size,
+                max_length=config.context_length,
                 **kwargs,
             )
         self.set_sharing_layers(self.loaded.max_shared if sharing_layers is None else int(sharing_layers))

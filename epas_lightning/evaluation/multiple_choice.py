@@ -82,10 +82,11 @@ def score_continuations(
 ) -> list[tuple[float, bool]]:
     """For each (context ids, continuation ids): the summed log-prob of the continuation and whether it is greedy.
 
-    Sequences longer than ``block_size`` are cut from the left (the continuation is always kept whole). Requests are
-    batched longest first and right-padded; padding never influences a scored position (causal attention).
+    Sequences longer than the model's context length are cut from the left (the continuation is always kept whole).
+    Requests are batched longest first and right-padded; padding never influences a scored position (causal
+    attention).
     """
-    block = model.config.block_size
+    block = model.config.context_length
     vocab = model.config.vocab_size
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
     results: list[tuple[float, bool] | None] = [None] * len(requests)
@@ -98,7 +99,7 @@ def score_continuations(
             if not continuation:
                 raise ValueError("An empty continuation cannot be scored.")
             if len(continuation) > block:
-                raise ValueError(f"A continuation of {len(continuation)} tokens exceeds block_size={block}.")
+                raise ValueError(f"A continuation of {len(continuation)} tokens exceeds the context length {block}.")
             if not context:
                 raise ValueError("The context must hold at least one token (BOS).")
             tokens = (context + continuation)[-(block + 1) :]

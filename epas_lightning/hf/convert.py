@@ -125,8 +125,11 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
     return LlamaConfig(**{**fields, **overrides})
 
 
-def check_compatible(config: LlamaConfig, hf: dict[str, Any] | str | Path, source: str = "the checkpoint") -> None:
-    """Fail, listing every difference, when ``config`` cannot hold the weights of the HF config ``hf``."""
+def check_compatible(
+    config: LlamaConfig, hf: dict[str, Any] | str | Path, source: str = "the checkpoint"
+) -> LlamaConfig:
+    """Fail, listing every difference, when ``config`` cannot hold the weights of the HF config ``hf``; return the
+    HF model's config (:func:`config_from_hf`)."""
     theirs = config_from_hf(hf)
     diffs = [
         f"{name}: model {getattr(config, name)!r} vs {source} {getattr(theirs, name)!r}"
@@ -139,6 +142,7 @@ def check_compatible(config: LlamaConfig, hf: dict[str, Any] | str | Path, sourc
             f"model.config does not match {source}: " + "; ".join(diffs) + f". Use these model.config fields: "
             f"{json.dumps(suggestion)}"
         )
+    return theirs
 
 
 def read_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -61,7 +61,7 @@ def hf_config(
         "num_key_value_heads": config.n_kv_head,
         "head_dim": config.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": config.block_size,
+        "max_position_embeddings": config.context_length,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
@@ -182,7 +182,7 @@ def export(
                 "The checkpoint records no (existing) tokenizer: exported weights and config only; pass --tokenizer."
             )
         else:
-            export_tokenizer(Path(tokenizer_path), build, config.block_size, loaded.bos_id, loaded.eos_id)
+            export_tokenizer(Path(tokenizer_path), build, config.context_length, loaded.bos_id, loaded.eos_id)
     return Path(output).expanduser().absolute()
 
 

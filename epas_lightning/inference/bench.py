@@ -30,7 +30,7 @@ from epas_lightning.progress import progress
 from epas_lightning.runtime import DType, dtype_name, emit_json
 
 DEFAULT_TOKENS = 64
-"""Default --prompt-len and --max-new-tokens, each cut to what the model's block_size leaves."""
+"""Default --prompt-len and --max-new-tokens, each cut to what the model's context length leaves."""
 
 COLUMNS = (
     "n_shared",
@@ -223,8 +223,8 @@ def bench_command(
         batches: Held-out batches of block_size tokens to score.
         batch_size: Sequences per held-out batch.
         prompts: Prompts decoded together (the generation batch).
-        prompt_len: Tokens per prompt (default: 64, at most half the model's block_size).
-        max_new_tokens: Tokens generated per prompt (default: 64, at most what block_size leaves after the prompt).
+        prompt_len: Tokens per prompt (default: 64, at most half the model's context length).
+        max_new_tokens: Tokens generated per prompt (default: 64, at most what the context leaves after the prompt).
         reps: Timed runs per region (alternating order; the median is reported).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
         dtype: auto is bfloat16 on CUDA, float32 elsewhere.
@@ -242,15 +242,15 @@ def bench_command(
     set_region(loaded.model, max_shared, loaded.region, force)  # validates before any timing
     pick = region_for_budget(config, budget, max_shared, config.block_size) if budget is not None else None
     if prompt_len is None:
-        prompt_len = min(DEFAULT_TOKENS, config.block_size // 2)
+        prompt_len = min(DEFAULT_TOKENS, config.context_length // 2)
     if max_new_tokens is None:
-        max_new_tokens = min(DEFAULT_TOKENS, config.block_size - prompt_len)
-    if prompt_len + max_new_tokens > config.block_size:
+        max_new_tokens = min(DEFAULT_TOKENS, config.context_length - prompt_len)
+    if prompt_len + max_new_tokens > config.context_length:
         raise ConfigError(
-            f"--prompt-len + --max-new-tokens = {prompt_len + max_new_tokens} exceeds the model's block_size "
-            f"{config.block_size}",
+            f"--prompt-len + --max-new-tokens = {prompt_len + max_new_tokens} exceeds the model's context length "
+            f"{config.context_length}",
             "--prompt-len / --max-new-tokens",
-            f"ask for at most {config.block_size} tokens in all",
+            f"ask for at most {config.context_length} tokens in all",
         )
     data_dir = data or loaded.data_dir
     with output_folder(output, "bench", overwrite, inputs=[checkpoint]) as build:

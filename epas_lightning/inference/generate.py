@@ -107,10 +107,10 @@ class Decoder:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
         config = model.config
         longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > config.block_size:
+        if longest + max_new_tokens > config.context_length:
             raise ValueError(
                 f"The longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} exceeds the model's "
-                f"block_size={config.block_size}: shorten the prompt or ask for fewer tokens."
+                f"context length {config.context_length}: shorten the prompt or ask for fewer tokens."
             )
         if any(t < 0 or t >= config.vocab_size for p in prompts for t in p):
             raise ValueError(f"Prompt token ids must lie in 0..{config.vocab_size - 1} (the model's vocab_size).")

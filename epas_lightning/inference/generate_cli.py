@@ -71,22 +71,22 @@ def report(result: GenerationResult, loaded: LoadedModel, n_shared: int) -> dict
 DEFAULT_NEW_TOKENS = 100
 
 
-def fit_new_tokens(prompt_tokens: int, max_new_tokens: int | None, block_size: int) -> int:
-    """``--max-new-tokens``, or its default cut to the room the longest prompt leaves in ``block_size``."""
-    room = block_size - prompt_tokens
+def fit_new_tokens(prompt_tokens: int, max_new_tokens: int | None, context_length: int) -> int:
+    """``--max-new-tokens``, or its default cut to the room the longest prompt leaves in the model's context."""
+    room = context_length - prompt_tokens
     if room < 1:
         raise ConfigError(
-            f"the longest prompt is {prompt_tokens} tokens (with BOS): no room left in the model's block_size "
-            f"{block_size}",
+            f"the longest prompt is {prompt_tokens} tokens (with BOS): no room left in the model's context length "
+            f"{context_length}",
             "--prompt",
-            f"shorten it to at most {block_size - 1} tokens",
+            f"shorten it to at most {context_length - 1} tokens",
         )
     if max_new_tokens is None:
         return min(DEFAULT_NEW_TOKENS, room)
     if max_new_tokens > room:
         raise ConfigError(
             f"the longest prompt ({prompt_tokens} tokens) plus {max_new_tokens} new tokens exceeds the model's "
-            f"block_size {block_size}",
+            f"context length {context_length}",
             "--max-new-tokens",
             f"ask for at most {room}, or shorten the prompt",
         )
@@ -122,8 +122,8 @@ def generate_command(
         prompt: A prompt; repeat the flag for a batch.
         prompt_file: A file with one prompt per line (added to --prompt).
         sharing_layers: The first N layers of the trained region (in its growth order) share; default: all of it.
-        max_new_tokens: Tokens to generate per prompt (default: 100, or what the model's block_size leaves after the
-            longest prompt).
+        max_new_tokens: Tokens to generate per prompt (default: 100, or what the model's context length leaves after
+            the longest prompt).
         temperature: 0 is greedy decoding.
         top_k: Sample among the k most likely tokens.
         top_p: Sample among the most likely tokens whose probability reaches p.
@@ -155,7 +155,7 @@ def generate_command(
     n_shared = loaded.max_shared if sharing_layers is None else sharing_layers
     layers = set_region(loaded.model, n_shared, loaded.region, force)
     ids = [[text_tokenizer.bos_id, *text_tokenizer.encode(text)] for text in prompts]
-    max_new_tokens = fit_new_tokens(max(map(len, ids)), max_new_tokens, loaded.model.config.block_size)
+    max_new_tokens = fit_new_tokens(max(map(len, ids)), max_new_tokens, loaded.model.config.context_length)
     try:
         result = generate(
             loaded.model,

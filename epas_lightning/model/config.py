@@ -52,7 +52,10 @@ class LlamaConfig:
     padded_vocab_size: int | None = None
     """Rows of the embedding / LM head; defaults to vocab_size rounded up to padding_multiple."""
     block_size: int | None = None
-    """Training sequence length (also the length RoPE tables are sized for)."""
+    """Training sequence length (linked to data.seq_len)."""
+    max_position_embeddings: int | None = None
+    """The longest sequence the model runs at inference (prompt plus new tokens), written to an export's
+    config.json; default block_size. A fit from init_from keeps the source model's, when longer than block_size."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
     norm_eps: float = 1e-5
@@ -104,12 +107,23 @@ class LlamaConfig:
             raise ConfigError(
                 f"padded_vocab_size={self.padded_vocab_size} < vocab_size={self.vocab_size}", "model.config"
             )
+        if self.max_position_embeddings is not None and self.max_position_embeddings < self.block_size:
+            raise ConfigError(
+                f"max_position_embeddings={self.max_position_embeddings} < block_size={self.block_size}",
+                "model.config",
+                "leave it unset (it defaults to block_size) or raise it",
+            )
         if self.sharing_mode not in ("qk", "kv"):
             raise ConfigError(f"sharing_mode must be 'qk' or 'kv', got {self.sharing_mode!r}", "model.config")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the model runs at inference: ``max_position_embeddings``, else ``block_size``."""
+        return self.max_position_embeddings or self.block_size
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> LlamaConfig:

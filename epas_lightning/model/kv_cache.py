@@ -44,8 +44,8 @@ class KVCache:
     ) -> None:
         if len(shared_flags) != config.n_layer:
             raise ValueError(f"shared_flags has {len(shared_flags)} entries for a {config.n_layer}-layer model.")
-        if max_len > config.block_size:
-            raise ValueError(f"max_len={max_len} exceeds the model's block_size={config.block_size}.")
+        if max_len > config.context_length:
+            raise ValueError(f"max_len={max_len} exceeds the model's context length {config.context_length}.")
         self.config, self.shared_flags = config, tuple(shared_flags)
         self.batch_size, self.max_len = batch_size, max_len
         shape = (batch_size, config.n_kv_head, max_len, config.head_dim)

@@ -149,8 +149,8 @@ class Llama(nn.Module):
         T = input_ids.shape[1]
         flags = self.sharing.flags
         if cache is None:
-            if T > self.config.block_size:
-                raise ValueError(f"Sequence length {T} exceeds block_size={self.config.block_size}.")
+            if T > self.config.context_length:
+                raise ValueError(f"Sequence length {T} exceeds the context length {self.config.context_length}.")
             if attention_mask is not None:
                 raise ValueError("attention_mask is only supported with a KV cache (left-padded generation).")
             cos, sin = self.rotary_emb(T, input_ids.device)  # fp32, each (T, D)

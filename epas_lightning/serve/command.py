@@ -91,7 +91,7 @@ def serve_command(
         attention_reuse: Sharing layers reuse the source layer's attention probabilities (the same model, less work).
         max_batch_size: Sequences decoded at the same time (over all regions).
         batch_timeout: Seconds a request waits for others to share its forward (at most; none when the batch fills).
-        max_tokens: The largest max_tokens a request may ask for (default: the block size minus one).
+        max_tokens: The largest max_tokens a request may ask for (default: the model's context length minus one).
         max_choices: Prompts x n one request may ask for.
         log_level: LitServe and uvicorn logging (info logs every request).
     """

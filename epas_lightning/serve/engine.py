@@ -215,7 +215,7 @@ class Engine:
         if len(self.waiting) < free and time.monotonic() < self.waiting[0][2] + self.batch_timeout:
             return []  # room for more: wait for them until the oldest has waited batch_timeout
         admitted, self.waiting = self.waiting[:free], self.waiting[free:]
-        block_size = self.model.config.block_size
+        context_length = self.model.config.context_length
         open_groups: dict[Hashable, list] = {}
         closed = []
         for key, request, _ in admitted:
@@ -223,7 +223,7 @@ class Engine:
             members = open_groups.setdefault(kind, [])
             together = [r for _, r in members] + [request]
             length = max(len(r.prompt) for r in together) + max(r.max_tokens for r in together)
-            if members and length > block_size:  # each sequence fits alone (checked on arrival), not padded to all
+            if members and length > context_length:  # each sequence fits alone (checked on arrival), not padded to all
                 closed.append(members)
                 members = open_groups[kind] = []
             members.append((key, request))

@@ -53,10 +53,11 @@ class ServedModel:
                 "--sharing-layers",
                 f"choose 0..{region.size}",
             )
-        limit = config.block_size - 1 if max_tokens is None else max_tokens
-        if not 1 <= limit < config.block_size:
+        limit = config.context_length - 1 if max_tokens is None else max_tokens
+        if not 1 <= limit < config.context_length:
             raise ConfigError(
-                f"--max-tokens must lie in 1..{config.block_size - 1} (the block size leaves room for a prompt)",
+                f"--max-tokens must lie in 1..{config.context_length - 1} (the context length leaves room for a "
+                "prompt)",
                 f"--max-tokens {max_tokens}",
             )
         if max_choices < 1:
@@ -103,6 +104,7 @@ class ServedModel:
             "epas": {
                 "n_layer": self.config.n_layer,
                 "block_size": self.config.block_size,
+                "context_length": self.config.context_length,
                 "trained_region": self.region.to_record(),
                 "default_sharing_layers": self.default_sharing,
                 "max_tokens": self.max_tokens,

@@ -1,7 +1,7 @@
 """The OpenAI completions API as ``serve`` speaks it: the request schema, its checks, and the response objects.
 
 A request is checked completely before anything reaches the model: a wrong type, an unknown model, a prompt longer
-than the block size, ``max_tokens <= 0``, a region the checkpoint never trained or a budget nothing meets is a
+than the model's context, ``max_tokens <= 0``, a region the checkpoint never trained or a budget nothing meets is a
 :class:`RequestError` (HTTP 4xx with an OpenAI-style ``{"error": {...}}`` body). Two fields extend the API: the
 region a request runs with, ``sharing_layers`` (the first N layers of the trained region) or ``budget`` (a fraction
 of dense FLOPs, resolved like ``bench --budget``); the openai client sends them with ``extra_body=``.
@@ -119,7 +119,7 @@ def parse_completion(body: Any, served: ServedModel, tokenizer: TextTokenizer) -
             "n",
         )
     for ids in prompts:
-        _check_length(ids, max_tokens, served.config.block_size)
+        _check_length(ids, max_tokens, served.config.context_length)
     stop = _stop_strings(request.stop)
     sequences = [
         SequenceRequest(
@@ -203,15 +203,16 @@ def _prompt_ids(prompt: Any, tokenizer: TextTokenizer, served: ServedModel) -> l
     return [list(ids) for ids in prompt]
 
 
-def _check_length(ids: list[int], max_tokens: int, block_size: int) -> None:
-    if len(ids) >= block_size:
+def _check_length(ids: list[int], max_tokens: int, context_length: int) -> None:
+    if len(ids) >= context_length:
         raise RequestError(
-            f"the prompt is {len(ids)} tokens long; the model's block_size is {block_size}: shorten it", "prompt"
+            f"the prompt is {len(ids)} tokens long; the model's context length is {context_length}: shorten it",
+            "prompt",
         )
-    if len(ids) + max_tokens > block_size:
+    if len(ids) + max_tokens > context_length:
         raise RequestError(
-            f"the prompt ({len(ids)} tokens) plus max_tokens={max_tokens} exceeds the model's block_size="
-            f"{block_size}: ask for at most {block_size - len(ids)} tokens",
+            f"the prompt ({len(ids)} tokens) plus max_tokens={max_tokens} exceeds the model's context length "
+            f"{context_length}: ask for at most {context_length - len(ids)} tokens",
             "max_tokens",
         )
 
