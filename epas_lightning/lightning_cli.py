@@ -23,6 +23,7 @@ with ``weights_only=True``. ``--print_config`` prints the resolved model preset.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 import warnings
@@ -237,6 +238,7 @@ class EPASCLI(LightningCLI):
                 "run on a machine with a GPU, or pass --trainer.accelerator=cpu (CPUs train best in 32-true)",
             )
         check_validation_interval(trainer)
+        check_precision_available(trainer.get("precision"))
         if self.subcommand == "fit":
             check_trainable_precision(trainer.get("precision"))
 
@@ -373,6 +375,16 @@ def free_name(folder: Path, stem: str, suffix: str) -> str:
     while (folder / f"{stem}-{n}{suffix}").exists():
         n += 1
     return f"{stem}-{n}{suffix}"
+
+
+def check_precision_available(precision: object) -> None:
+    """Refuse a Transformer Engine precision when the package is missing (Lightning raised a ModuleNotFoundError)."""
+    if str(precision).startswith("transformer-engine") and importlib.util.find_spec("transformer_engine") is None:
+        raise ConfigError(
+            "this precision needs NVIDIA Transformer Engine, which is not installed",
+            f"trainer.precision: {precision}",
+            "install transformer_engine (GPUs only) or train in bf16-mixed",
+        )
 
 
 def exit_status(cli: EPASCLI) -> int:

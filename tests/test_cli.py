@@ -84,6 +84,15 @@ def test_fit_in_pure_fp16_is_one_line_before_anything_is_built(tmp_path, capsys,
     assert "— trainer.precision: 16-true —" in err and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+def test_a_transformer_engine_precision_without_the_package_is_one_line(subcommand, tmp_path, capsys, monkeypatch):
+    """Lightning raised a ModuleNotFoundError traceback while building the precision plugin."""
+    monkeypatch.chdir(tmp_path)
+    assert main([subcommand, "--config", DEBUG, "--trainer.precision", "transformer-engine"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "— trainer.precision: transformer-engine —" in err.strip().splitlines()[-1]
+
+
 def test_an_argument_of_a_classless_optimizer_says_to_give_the_class_first(capsys):
     """debug.yaml leaves model.optimizer to the default AdamW, so `--model.optimizer.lr` alone has no class to go to;
     jsonargparse's message was "invalid value for --model.optimizer (Given value: NestedArg(key='lr', val='1e-3'))"."""
