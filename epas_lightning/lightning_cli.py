@@ -12,10 +12,11 @@ Beside the trainer, model and data, every run has these sections, each a callbac
 Checkpoint files are written beside their name and renamed into place (``AtomicCheckpointIO``) unless the
 configuration names its own ``CheckpointIO``.
 
-``--ckpt_path last`` resumes the newest ``last.ckpt`` of the same run (logger ``save_dir``/``name``) and keeps logging
-into its version folder; ``auto`` does the same or starts fresh when there is none. Every checkpoint is checked to
-load without running code (:func:`~epas_lightning.safe_load.verify_checkpoint`) before Lightning opens it, and loads
-with ``weights_only=True``. ``--print_config`` prints the resolved model preset.
+``--ckpt_path last`` resumes the newest ``last.ckpt`` of the same run (logger ``save_dir``/``name``); ``auto`` does the
+same or starts fresh when there is none. ``fit`` from a checkpoint in a run's ``version_N/checkpoints`` folder
+(``last``, or a path) keeps logging and checkpointing into that version folder, unless that run went on past it. Every
+checkpoint is checked to load without running code (:func:`~epas_lightning.safe_load.verify_checkpoint`) before
+Lightning opens it, and loads with ``weights_only=True``. ``--print_config`` prints the resolved model preset.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from epas_lightning.callbacks import ProgressiveSharing, TokenThroughputMonitor
-from epas_lightning.checkpoint import recorded_config
+from epas_lightning.checkpoint import read_checkpoint, recorded_config
 from epas_lightning.checkpoint_io import AtomicCheckpointIO
 from epas_lightning.cli import PROG
 from epas_lightning.data import TokenDataModule
@@ -207,13 +208,13 @@ class EPASCLI(LightningCLI):
         config = self.config[subcommand]
         if config.get("ckpt_path") in RESUME_WORDS:
             config.ckpt_path = resume_checkpoint(config, config.ckpt_path)
-            if config.ckpt_path and (run_dir := Path(config.ckpt_path).parent.parent).is_dir():
-                # the resumed run logs into the same folder: keep its config.yaml, add this run's beside it
-                self.save_config_kwargs["config_filename"] = free_name(run_dir, "config-resume", ".yaml")
         if config.get("ckpt_path"):
             config.ckpt_path = str(verify_checkpoint(config.ckpt_path, "--ckpt_path"))
             check_same_model(config.model.config, config.ckpt_path)
             check_strategy_reads(config.trainer.get("strategy"), Path(config.ckpt_path))
+            if subcommand == "fit" and (version_dir := continue_version(config, Path(config.ckpt_path))):
+                # the resumed run logs into the same folder: keep its config.yaml, add this run's beside it
+                self.save_config_kwargs["config_filename"] = free_name(version_dir, "config-resume", ".yaml")
             if config.model.get("init_from"):  # never read: a folder deleted or unmounted since must not stop this
                 say(resumed_instead(config.ckpt_path))
                 config.model.init_from = None
@@ -339,15 +340,47 @@ def resume_checkpoint(config: Namespace, word: str) -> str | None:
             "no last.ckpt of this run to resume", places, "train first, or pass the checkpoint's path to --ckpt_path"
         )
     newest = max(found, key=lambda p: p.stat().st_mtime)
-    version_dir = newest.parent.parent
-    if not dirpath and version_dir.name.startswith("version_"):
-        for logger in [config.trainer.logger] if not isinstance(config.trainer.logger, list) else config.trainer.logger:
-            if isinstance(logger, Namespace) and logger.get("init_args") and logger.init_args.get("version") is None:
-                # keep logging (and checkpointing) into the same folder
-                number = version_dir.name.removeprefix("version_")
-                logger.init_args.version = int(number) if number.isdigit() else version_dir.name
     say(f"Resuming from {newest}")
     return str(newest)
+
+
+def continue_version(config: Namespace, ckpt_path: Path) -> Path | None:
+    """Set the loggers' version so that ``fit`` resuming ``ckpt_path`` logs and checkpoints into the version folder the
+    checkpoint lives in (``<save_dir>/<name>/version_N/checkpoints/``); return that folder.
+
+    ``None`` (Lightning then starts a new version folder) where the checkpoint lives elsewhere, the ``checkpoint``
+    section names its own folder, or that run went on past the checkpoint (resuming it there would overwrite the
+    later checkpoints). A logger given a version keeps it.
+    """
+    version_dir = ckpt_path.parent.parent
+    if ckpt_path.parent.name != "checkpoints" or not version_dir.name.startswith("version_"):
+        return None
+    if config.get("checkpoint") and config.checkpoint.get("dirpath"):
+        return None
+    if not any(run_dir.resolve() == version_dir.parent.resolve() for run_dir in _logger_run_dirs(config)):
+        return None
+    latest = ckpt_path.parent / "last.ckpt"
+    if latest.exists() and not latest.samefile(ckpt_path):
+        step, latest_step = _global_step(ckpt_path), _global_step(latest)
+        if latest_step is None or step is None or latest_step > step:
+            went_on = f"went on to step {latest_step}" if latest_step is not None else "has a last.ckpt that won't load"
+            say(f"{version_dir} {went_on}: this run logs and checkpoints into a new version folder; that one stays")
+            return None
+    loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+    number = version_dir.name.removeprefix("version_")
+    for logger in loggers:
+        if isinstance(logger, Namespace) and logger.get("init_args") and logger.init_args.get("version") is None:
+            logger.init_args.version = int(number) if number.isdigit() else version_dir.name
+    return version_dir
+
+
+def _global_step(ckpt_path: Path) -> int | None:
+    """The optimizer step a checkpoint was saved at, or ``None`` when it does not load or does not say."""
+    try:
+        step = read_checkpoint(ckpt_path, weights=False, flag="--ckpt_path")[1].get("global_step")
+    except UserError:
+        return None
+    return step if isinstance(step, int) else None
 
 
 QUIET_INFO = (
