@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +162,9 @@ def resolve_config_names(argv: list[str]) -> list[str]:
 class EPASCLI(LightningCLI):
     """LightningCLI with the project's sections, one source of truth for layer count, length and vocab, safe resume."""
 
+    _quiet: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    """Lightning's INFO lines and warnings that mislead in this run (:func:`quiet_messages`), set with ``ckpt_path``."""
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         commands = LightningCLI.subcommands()
@@ -206,15 +211,21 @@ class EPASCLI(LightningCLI):
         if not subcommand:
             return
         config = self.config[subcommand]
+        fitting = subcommand == "fit"
         if config.get("ckpt_path") in RESUME_WORDS:
-            config.ckpt_path = resume_checkpoint(config, config.ckpt_path)
+            config.ckpt_path = resume_checkpoint(config, config.ckpt_path, fitting)
         if config.get("ckpt_path"):
             config.ckpt_path = str(verify_checkpoint(config.ckpt_path, "--ckpt_path"))
             check_same_model(config.model.config, config.ckpt_path)
             check_strategy_reads(config.trainer.get("strategy"), Path(config.ckpt_path))
-            if subcommand == "fit" and (version_dir := continue_version(config, Path(config.ckpt_path))):
+            if not fitting:
+                self._quiet = (SCORING_QUIET_INFO, SCORING_QUIET_WARNINGS)
+            elif version_dir := continue_version(config, Path(config.ckpt_path)):
                 # the resumed run logs into the same folder: keep its config.yaml, add this run's beside it
                 self.save_config_kwargs["config_filename"] = free_name(version_dir, "config-resume", ".yaml")
+                self._quiet = ((), RESUMING_QUIET_WARNINGS)
+            elif _same_folder(_checkpoint_folder(config), Path(config.ckpt_path).parent):
+                self._quiet = ((), RESUMING_QUIET_WARNINGS)
             if config.model.get("init_from"):  # never read: a folder deleted or unmounted since must not stop this
                 say(resumed_instead(config.ckpt_path))
                 config.model.init_from = None
@@ -254,6 +265,10 @@ class EPASCLI(LightningCLI):
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
             self.save_config_callback = None
         return super()._instantiate_trainer(with_atomic_checkpoint_io(config), [*callbacks, *progress_bar_for(config)])
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        with quiet_messages(*self._quiet):
+            super()._run_subcommand(subcommand)
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
@@ -316,15 +331,14 @@ def _logger_run_dirs(config: Namespace) -> list[Path]:
     return dirs
 
 
-def resume_checkpoint(config: Namespace, word: str) -> str | None:
-    """The newest ``last.ckpt`` of this run for ``--ckpt_path last|auto``; logging continues in its version folder.
+def resume_checkpoint(config: Namespace, word: str, fitting: bool = True) -> str | None:
+    """The newest ``last.ckpt`` of this run for ``--ckpt_path last|auto`` (``fit`` says it resumes it).
 
-    ``last`` with no checkpoint is an error; ``auto`` then starts from scratch (and says so).
+    ``last`` with no checkpoint is an error; ``auto`` then starts from scratch, or scores the configured model (and
+    says so).
     """
     candidates = []
-    dirpath = config.get("checkpoint", {}).get("dirpath") if config.get("checkpoint") else None
-    if not dirpath and config.trainer.get("logger") is False:  # no logger: Lightning saves into the root folder
-        dirpath = str(Path(config.trainer.get("default_root_dir") or ".") / "checkpoints")
+    dirpath = _checkpoint_folder(config)
     if dirpath:
         candidates.append(Path(dirpath).expanduser() / "last.ckpt")
     run_dirs = _logger_run_dirs(config)
@@ -334,14 +348,29 @@ def resume_checkpoint(config: Namespace, word: str) -> str | None:
     if not found:
         places = ", ".join(str(d / "version_*/checkpoints") for d in run_dirs) or str(dirpath)
         if word == "auto":
-            say(f"--ckpt_path auto: no last.ckpt under {places}; starting from scratch.")
+            instead = "starting from scratch" if fitting else "scoring the configured model"
+            say(f"--ckpt_path auto: no last.ckpt under {places}; {instead}.")
             return None
         raise CheckpointError(
             "no last.ckpt of this run to resume", places, "train first, or pass the checkpoint's path to --ckpt_path"
         )
     newest = max(found, key=lambda p: p.stat().st_mtime)
-    say(f"Resuming from {newest}")
+    if fitting:  # validate/test: Lightning says which file it loaded the weights from
+        say(f"Resuming from {newest}")
     return str(newest)
+
+
+def _checkpoint_folder(config: Namespace) -> str | None:
+    """The folder ``fit`` checkpoints into where it does not depend on the logger's version: the ``checkpoint``
+    section's ``dirpath``, or without a logger ``<default_root_dir>/checkpoints``."""
+    dirpath = config.get("checkpoint", {}).get("dirpath") if config.get("checkpoint") else None
+    if not dirpath and config.trainer.get("logger") is False:  # no logger: Lightning saves into the root folder
+        dirpath = str(Path(config.trainer.get("default_root_dir") or ".") / "checkpoints")
+    return dirpath
+
+
+def _same_folder(folder: str | None, other: Path) -> bool:
+    return bool(folder) and Path(folder).expanduser().resolve() == other.resolve()
 
 
 def continue_version(config: Namespace, ckpt_path: Path) -> Path | None:
@@ -389,9 +418,40 @@ QUIET_INFO = (
 )
 
 
+LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+SCORING_QUIET_INFO = ("Restoring states from the checkpoint path at",)
+"""``validate``/``test --ckpt_path``: nothing is resumed; Lightning's next line says it loaded the file's weights."""
+SCORING_QUIET_WARNINGS = (r"The dirpath has changed from .* won't be reloaded",)
+"""``validate``/``test --ckpt_path`` of a checkpoint of another version folder: they write no checkpoints."""
+RESUMING_QUIET_WARNINGS = (r"Checkpoint directory .* exists and is not empty",)
+"""``fit`` resuming into the folder its checkpoint came from: that folder is meant to hold the run's checkpoints."""
+
+
 class _QuietInfo(logging.Filter):
+    def __init__(self, texts: tuple[str, ...] = QUIET_INFO) -> None:
+        super().__init__()
+        self.texts = texts
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not any(text in record.getMessage() for text in QUIET_INFO)
+        return not any(text in record.getMessage() for text in self.texts)
+
+
+@contextmanager
+def quiet_messages(info: tuple[str, ...], warning_patterns: tuple[str, ...]) -> Iterator[None]:
+    """Leave out Lightning's INFO lines containing one of ``info`` and the warnings matching ``warning_patterns``."""
+    quiet = _QuietInfo(info)
+    # Lightning's loggers print through their own handler, or through the root logger's where it has one
+    handlers = [handler for name in (*LIGHTNING_LOGGERS, None) for handler in logging.getLogger(name).handlers]
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        with warnings.catch_warnings():
+            for pattern in warning_patterns:
+                warnings.filterwarnings("ignore", message=pattern)
+            yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
 
 
 def free_name(folder: Path, stem: str, suffix: str) -> str:
@@ -414,7 +474,7 @@ def lightning_cli(args: ArgsType = None, run: bool = True) -> EPASCLI:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # LlamaConfig field docs become --help text
     for pattern in IGNORED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in LIGHTNING_LOGGERS:
         for handler in logging.getLogger(name).handlers:  # handlers see the records of every child logger
             handler.addFilter(_QuietInfo())
     args = resolve_config_names(list(sys.argv[1:] if args is None else args))

@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -225,6 +226,7 @@ def test_fit_summary_and_a_resume_that_continues_the_run(tiny_corpus, debug_fit_
     resume = ["--sharing.interval", "3", "--ckpt_path", f"{run}/checkpoints/last.ckpt", "--trainer.max_steps", "10"]
     resumed = run_cli(["fit", "--config", DEBUG, *resume], tmp_path, tiny_corpus.parent)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "exists and is not empty" not in resumed.stderr  # Lightning's warning: a resume is meant to write there
     assert sorted(p.name for p in (tmp_path / "runs" / "debug").iterdir()) == ["version_0"]  # the same run
     assert f"logs         {run}" in resumed.stdout and "v_num: 0 " in resumed.stdout
     assert torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
@@ -253,6 +255,23 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_that_resumes(tiny_corpus,
     assert f"Run finished: {step + 2} optimizer steps (2 in this session, resumed at step {step}) in" in resumed.stdout
     assert f"Resuming from {saved.relative_to(tmp_path)}" in resumed.stderr
     assert sorted(p.name for p in (tmp_path / "runs" / "debug").iterdir()) == ["version_0"]  # the same run
+
+
+def test_validate_of_a_run_checkpoint_resumes_nothing_and_leaves_the_run_folder(
+    debug_fit_run, tmp_path, capsys, caplog, monkeypatch
+):
+    """`validate --ckpt_path last` loads the run's weights: no "Resuming"/"Restoring states" lines, no warning about a
+    checkpoint folder it never writes, and no val/loss at step 0 among the training run's curves."""
+    shutil.copytree(debug_fit_run[1] / "runs", tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["validate", "--config", DEBUG, "--ckpt_path", "last"]) == 0
+    said = [record.getMessage() for record in caplog.records] + capsys.readouterr().err.splitlines()
+    assert "Loaded model weights from the checkpoint at runs/debug/version_0/checkpoints/last.ckpt" in said
+    assert not [line for line in said if line.startswith(("Resuming", "Restoring"))], said
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]
+    assert len(list(Path("runs/debug/version_0").glob("events.out.tfevents.*"))) == 1
 
 
 def test_resume_last_without_a_checkpoint_is_an_error(tmp_path, capsys, monkeypatch):
