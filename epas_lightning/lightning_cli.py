@@ -44,7 +44,7 @@ from epas_lightning.data import TokenDataModule
 from epas_lightning.divergence import DivergenceGuard
 from epas_lightning.errors import CheckpointError, ConfigError, UserError
 from epas_lightning.init_from import check_same_architecture, resumed_instead
-from epas_lightning.interrupt import GracefulStop
+from epas_lightning.interrupt import GracefulStop, Interrupted
 from epas_lightning.model import LlamaConfig
 from epas_lightning.module import EPASModule
 from epas_lightning.run_checkpoint import RunCheckpoint
@@ -267,8 +267,17 @@ class EPASCLI(LightningCLI):
         return super()._instantiate_trainer(with_atomic_checkpoint_io(config), [*callbacks, *progress_bar_for(config)])
 
     def _run_subcommand(self, subcommand: str) -> None:
-        with quiet_messages(*self._quiet):
-            super()._run_subcommand(subcommand)
+        stop = next((c for c in self.trainer.callbacks if isinstance(c, GracefulStop) and c.enabled), None)
+        info, warning_patterns = self._quiet
+        if stop is not None:  # it says what a signal does; Lightning's "attempting graceful shutdown" is not it
+            info = (*info, "Detected KeyboardInterrupt")
+        try:
+            with quiet_messages(info, warning_patterns):
+                super()._run_subcommand(subcommand)
+        except SystemExit as e:  # Lightning's exit after a signal: 1 after Ctrl+C, 0 after SIGTERM
+            if stop is None or stop.interrupted_by is None:
+                raise
+            raise Interrupted(stop.interrupted_by) from e
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
@@ -418,7 +427,7 @@ QUIET_INFO = (
 )
 
 
-LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
 SCORING_QUIET_INFO = ("Restoring states from the checkpoint path at",)
 """``validate``/``test --ckpt_path``: nothing is resumed; Lightning's next line says it loaded the file's weights."""
 SCORING_QUIET_WARNINGS = (r"The dirpath has changed from .* won't be reloaded",)

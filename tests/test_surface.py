@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -272,6 +273,29 @@ def test_validate_of_a_run_checkpoint_resumes_nothing_and_leaves_the_run_folder(
     assert not [line for line in said if line.startswith(("Resuming", "Restoring"))], said
     assert not [w for w in caught if "dirpath has changed" in str(w.message)]
     assert len(list(Path("runs/debug/version_0").glob("events.out.tfevents.*"))) == 1
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_stops_fit_at_once_with_one_line_and_its_status(
+    signum, tiny_corpus, tmp_path, capfd, monkeypatch
+):
+    """Lightning ended a fit interrupted during the graceful stop with "Detected KeyboardInterrupt, attempting graceful
+    shutdown" and exit status 1 (after Ctrl+C), or 0 after the step (SIGTERM)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        logging.getLogger("epas_lightning"), "handlers", []
+    )  # not one bound to an earlier test's capture
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # Lightning ignores Ctrl+C
+    signals = ["--trainer.callbacks+=helpers.SignalTwice", f"--trainer.callbacks.signum={int(signum)}"]
+    try:
+        code = main(["fit", "--config", DEBUG, *signals])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    err = capfd.readouterr().err
+    what = "Ctrl+C" if signum == signal.SIGINT else "SIGTERM"
+    assert code == 128 + signum and err.endswith(f"interrupted: fit stopped ({what})\n"), err[-2000:]
+    assert "Traceback" not in err and "Detected KeyboardInterrupt" not in err and "stopped by" not in err
 
 
 def test_resume_last_without_a_checkpoint_is_an_error(tmp_path, capsys, monkeypatch):
