@@ -6,10 +6,10 @@ broadcasts from inside the signal handler, which can break a collective in fligh
 
 Here a signal only sets a flag. After every optimizer step the ranks agree (one boolean all-reduce: a signal to any
 rank is enough), and if any was signalled every rank writes ``last.ckpt`` into the run's checkpoint folder together,
-``fit`` stops, and the CLI exits with 128 + the signal: 130 after Ctrl+C, 143 after SIGTERM. A second signal stops at
-once, without a checkpoint, as does a signal before training starts (during setup, where Lightning's own handling
-applies): the CLI then prints one line and exits with the same status (Lightning would exit 1 after Ctrl+C, and 0 after
-SIGTERM).
+``fit`` stops (without the validation Lightning runs when a fit stops early), and the CLI exits with 128 + the signal:
+130 after Ctrl+C, 143 after SIGTERM. A second signal stops at once, without a checkpoint, as does a signal before
+training starts (during setup, where Lightning's own handling applies): the CLI then prints one line and exits with the
+same status (Lightning would exit 1 after Ctrl+C, and 0 after SIGTERM).
 """
 
 from __future__ import annotations
@@ -87,6 +87,9 @@ class GracefulStop(Callback):
         self.stopped_by = self.received or signal.SIGTERM  # another rank was signalled: report it as SIGTERM
         saved = self._save(trainer)
         trainer.should_stop = True
+        # Lightning validates when fit stops early (for early stopping): here a whole validation after the save, inside
+        # the scheduler's grace period and before the loggers flush; the run resumes on the same schedule instead
+        trainer.fit_loop.epoch_loop._skip_next_val = True
         where = f"saved {saved} — resume with the same command and --ckpt_path last" if saved else ""
         say(f"stopped by {self.stopped_by.name} after step {trainer.global_step}; {where or 'checkpointing is off'}")
 
