@@ -255,7 +255,7 @@ def dispatch(argv: list[str]) -> int:
 
 def main(args: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m epas_lightning`` and ``epas``; ``args`` replaces ``sys.argv[1:]``. Returns the exit
-    status: 0 on success, 2 for a user error, 3 for a diverged training run, 130 after Ctrl+C."""
+    status: 0 on success, 2 for a user error, 3 for a diverged training run, 130 after Ctrl+C, 143 after SIGTERM."""
     from epas_lightning.divergence import TrainingDiverged
 
     argv, debug = _pop_debug(list(sys.argv[1:] if args is None else args))
@@ -270,8 +270,10 @@ def main(args: Sequence[str] | None = None) -> int:
         if getattr(e, "announce", True):  # a divergence stops every rank; the first one says so
             print(error_line(e), file=sys.stderr)
         return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_USER_ERROR
-    except KeyboardInterrupt:  # Ctrl+C outside fit's graceful stop: output folders in the making are already removed
+    except KeyboardInterrupt as e:  # Ctrl+C outside fit's graceful stop: output folders in the making are removed
         if debug:
             traceback.print_exc()
-        print(f"interrupted: {argv[0] if argv else PROG} stopped (Ctrl+C)", file=sys.stderr)
-        return 128 + signal.SIGINT
+        signum = getattr(e, "signum", signal.SIGINT)  # fit ended at once by a signal: which one
+        what = "Ctrl+C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"interrupted: {argv[0] if argv else PROG} stopped ({what})", file=sys.stderr)
+        return 128 + signum

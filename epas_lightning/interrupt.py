@@ -6,13 +6,14 @@ broadcasts from inside the signal handler, which can break a collective in fligh
 
 Here a signal only sets a flag. After every optimizer step the ranks agree (one boolean all-reduce: a signal to any
 rank is enough), and if any was signalled every rank writes ``last.ckpt`` into the run's checkpoint folder together,
-``fit`` stops, and the CLI exits with 128 + the signal: 130 after Ctrl+C, 143 after SIGTERM. A second signal stops at
-once, without a checkpoint.
+``fit`` stops (without the validation Lightning runs when a fit stops early), and the CLI exits with 128 + the signal:
+130 after Ctrl+C, 143 after SIGTERM. A second signal stops at once, without a checkpoint, as does a signal before
+training starts (during setup, where Lightning's own handling applies): the CLI then prints one line and exits with the
+same status (Lightning would exit 1 after Ctrl+C, and 0 after SIGTERM).
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from pathlib import Path
@@ -20,11 +21,20 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from epas_lightning.run_checkpoint import save_last_now
 from epas_lightning.run_summary import say
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """``fit`` ended at once by ``signum``, without a checkpoint of the step it was in."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signal.Signals(signum)
 
 
 class GracefulStop(Callback):
@@ -40,6 +50,8 @@ class GracefulStop(Callback):
         """The first signal this process received during ``fit``."""
         self.stopped_by: signal.Signals | None = None
         """Set when ``fit`` stopped for a signal (on any rank): ``exit_status`` is then 128 + it."""
+        self.interrupted_by: signal.Signals | None = None
+        """Set when a signal ended ``fit`` at once (a second one, or one before training), without a checkpoint."""
         self._previous: dict[signal.Signals, Any] = {}
         self._step = -1
 
@@ -48,7 +60,7 @@ class GracefulStop(Callback):
         return None if self.stopped_by is None else 128 + int(self.stopped_by)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.received = self.stopped_by = None
+        self.received = self.stopped_by = self.interrupted_by = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._step = trainer.global_step
@@ -57,12 +69,9 @@ class GracefulStop(Callback):
             self._previous = {sig: signal.signal(sig, self._on_signal) for sig in SIGNALS}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.received is not None:  # a second signal: stop at once
+        if self.received is not None:  # a second signal: stop at once (Lightning's KeyboardInterrupt path tears down)
             self._restore()
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            os.kill(os.getpid(), signum)
-            return
+            raise Interrupted(signum)
         self.received = signal.Signals(signum)
         what = "Ctrl+C" if signum == signal.SIGINT else self.received.name
         say(f"\n{what}: stopping after this optimizer step with a checkpoint ({what} again: at once, without one)")
@@ -78,6 +87,9 @@ class GracefulStop(Callback):
         self.stopped_by = self.received or signal.SIGTERM  # another rank was signalled: report it as SIGTERM
         saved = self._save(trainer)
         trainer.should_stop = True
+        # Lightning validates when fit stops early (for early stopping): here a whole validation after the save, inside
+        # the scheduler's grace period and before the loggers flush; the run resumes on the same schedule instead
+        trainer.fit_loop.epoch_loop._skip_next_val = True
         where = f"saved {saved} — resume with the same command and --ckpt_path last" if saved else ""
         say(f"stopped by {self.stopped_by.name} after step {trainer.global_step}; {where or 'checkpointing is off'}")
 
@@ -91,6 +103,10 @@ class GracefulStop(Callback):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._restore()
+        if self.enabled and isinstance(exception, KeyboardInterrupt):  # Ctrl+C before training, or a second signal
+            self.interrupted_by = getattr(exception, "signum", signal.SIGINT)
+        elif self.enabled and isinstance(exception, SIGTERMException):  # SIGTERM before training: Lightning's handler
+            self.interrupted_by = signal.SIGTERM
 
     def _restore(self) -> None:
         if self._previous and threading.current_thread() is threading.main_thread():

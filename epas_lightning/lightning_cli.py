@@ -15,10 +15,11 @@ they do not hold their GPUs until a collective times out.
 Checkpoint files are written beside their name and renamed into place (``AtomicCheckpointIO``) unless the
 configuration names its own ``CheckpointIO``.
 
-``--ckpt_path last`` resumes the newest ``last.ckpt`` of the same run (logger ``save_dir``/``name``) and keeps logging
-into its version folder; ``auto`` does the same or starts fresh when there is none. Every checkpoint is checked to
-load without running code (:func:`~epas_lightning.safe_load.verify_checkpoint`) before Lightning opens it, and loads
-with ``weights_only=True``. ``--print_config`` prints the resolved model preset.
+``--ckpt_path last`` resumes the newest ``last.ckpt`` of the same run (logger ``save_dir``/``name``); ``auto`` does the
+same or starts fresh when there is none. ``fit`` from a checkpoint in a run's ``version_N/checkpoints`` folder
+(``last``, or a path) keeps logging and checkpointing into that version folder, unless that run went on past it. Every
+checkpoint is checked to load without running code (:func:`~epas_lightning.safe_load.verify_checkpoint`) before
+Lightning opens it, and loads with ``weights_only=True``. ``--print_config`` prints the resolved model preset.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import importlib.util
 import logging
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +41,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from epas_lightning.callbacks import ProgressiveSharing, TokenThroughputMonitor
-from epas_lightning.checkpoint import recorded_config
+from epas_lightning.checkpoint import read_checkpoint, recorded_config
 from epas_lightning.checkpoint_io import AtomicCheckpointIO
 from epas_lightning.child_ranks import EndChildRanksOnError
 from epas_lightning.cli import PROG
@@ -46,7 +49,7 @@ from epas_lightning.data import TokenDataModule
 from epas_lightning.divergence import DivergenceGuard
 from epas_lightning.errors import CheckpointError, ConfigError, UserError
 from epas_lightning.init_from import check_same_architecture, resumed_instead
-from epas_lightning.interrupt import GracefulStop
+from epas_lightning.interrupt import GracefulStop, Interrupted
 from epas_lightning.model import LlamaConfig
 from epas_lightning.module import EPASModule, check_trainable_precision
 from epas_lightning.run_checkpoint import RunCheckpoint
@@ -164,6 +167,9 @@ def resolve_config_names(argv: list[str]) -> list[str]:
 class EPASCLI(LightningCLI):
     """LightningCLI with the project's sections, one source of truth for layer count, length and vocab, safe resume."""
 
+    _quiet: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    """Lightning's INFO lines and warnings that mislead in this run (:func:`quiet_messages`), set with ``ckpt_path``."""
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         commands = LightningCLI.subcommands()
@@ -210,15 +216,21 @@ class EPASCLI(LightningCLI):
         if not subcommand:
             return
         config = self.config[subcommand]
+        fitting = subcommand == "fit"
         if config.get("ckpt_path") in RESUME_WORDS:
-            config.ckpt_path = resume_checkpoint(config, config.ckpt_path)
-            if config.ckpt_path and (run_dir := Path(config.ckpt_path).parent.parent).is_dir():
-                # the resumed run logs into the same folder: keep its config.yaml, add this run's beside it
-                self.save_config_kwargs["config_filename"] = free_name(run_dir, "config-resume", ".yaml")
+            config.ckpt_path = resume_checkpoint(config, config.ckpt_path, fitting)
         if config.get("ckpt_path"):
             config.ckpt_path = str(verify_checkpoint(config.ckpt_path, "--ckpt_path"))
             check_same_model(config.model.config, config.ckpt_path)
             check_strategy_reads(config.trainer.get("strategy"), Path(config.ckpt_path))
+            if not fitting:
+                self._quiet = (SCORING_QUIET_INFO, SCORING_QUIET_WARNINGS)
+            elif version_dir := continue_version(config, Path(config.ckpt_path)):
+                # the resumed run logs into the same folder: keep its config.yaml, add this run's beside it
+                self.save_config_kwargs["config_filename"] = free_name(version_dir, "config-resume", ".yaml")
+                self._quiet = ((), RESUMING_QUIET_WARNINGS)
+            elif _same_folder(_checkpoint_folder(config), Path(config.ckpt_path).parent):
+                self._quiet = ((), RESUMING_QUIET_WARNINGS)
             if config.model.get("init_from"):  # never read: a folder deleted or unmounted since must not stop this
                 say(resumed_instead(config.ckpt_path))
                 config.model.init_from = None
@@ -261,6 +273,19 @@ class EPASCLI(LightningCLI):
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
             self.save_config_callback = None
         return super()._instantiate_trainer(with_atomic_checkpoint_io(config), [*callbacks, *progress_bar_for(config)])
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        stop = next((c for c in self.trainer.callbacks if isinstance(c, GracefulStop) and c.enabled), None)
+        info, warning_patterns = self._quiet
+        if stop is not None:  # it says what a signal does; Lightning's "attempting graceful shutdown" is not it
+            info = (*info, "Detected KeyboardInterrupt")
+        try:
+            with quiet_messages(info, warning_patterns):
+                super()._run_subcommand(subcommand)
+        except SystemExit as e:  # Lightning's exit after a signal: 1 after Ctrl+C, 0 after SIGTERM
+            if stop is None or stop.interrupted_by is None:
+                raise
+            raise Interrupted(stop.interrupted_by) from e
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
@@ -323,15 +348,14 @@ def _logger_run_dirs(config: Namespace) -> list[Path]:
     return dirs
 
 
-def resume_checkpoint(config: Namespace, word: str) -> str | None:
-    """The newest ``last.ckpt`` of this run for ``--ckpt_path last|auto``; logging continues in its version folder.
+def resume_checkpoint(config: Namespace, word: str, fitting: bool = True) -> str | None:
+    """The newest ``last.ckpt`` of this run for ``--ckpt_path last|auto`` (``fit`` says it resumes it).
 
-    ``last`` with no checkpoint is an error; ``auto`` then starts from scratch (and says so).
+    ``last`` with no checkpoint is an error; ``auto`` then starts from scratch, or scores the configured model (and
+    says so).
     """
     candidates = []
-    dirpath = config.get("checkpoint", {}).get("dirpath") if config.get("checkpoint") else None
-    if not dirpath and config.trainer.get("logger") is False:  # no logger: Lightning saves into the root folder
-        dirpath = str(Path(config.trainer.get("default_root_dir") or ".") / "checkpoints")
+    dirpath = _checkpoint_folder(config)
     if dirpath:
         candidates.append(Path(dirpath).expanduser() / "last.ckpt")
     run_dirs = _logger_run_dirs(config)
@@ -341,21 +365,68 @@ def resume_checkpoint(config: Namespace, word: str) -> str | None:
     if not found:
         places = ", ".join(str(d / "version_*/checkpoints") for d in run_dirs) or str(dirpath)
         if word == "auto":
-            say(f"--ckpt_path auto: no last.ckpt under {places}; starting from scratch.")
+            instead = "starting from scratch" if fitting else "scoring the configured model"
+            say(f"--ckpt_path auto: no last.ckpt under {places}; {instead}.")
             return None
         raise CheckpointError(
             "no last.ckpt of this run to resume", places, "train first, or pass the checkpoint's path to --ckpt_path"
         )
     newest = max(found, key=lambda p: p.stat().st_mtime)
-    version_dir = newest.parent.parent
-    if not dirpath and version_dir.name.startswith("version_"):
-        for logger in [config.trainer.logger] if not isinstance(config.trainer.logger, list) else config.trainer.logger:
-            if isinstance(logger, Namespace) and logger.get("init_args") and logger.init_args.get("version") is None:
-                # keep logging (and checkpointing) into the same folder
-                number = version_dir.name.removeprefix("version_")
-                logger.init_args.version = int(number) if number.isdigit() else version_dir.name
-    say(f"Resuming from {newest}")
+    if fitting:  # validate/test: Lightning says which file it loaded the weights from
+        say(f"Resuming from {newest}")
     return str(newest)
+
+
+def _checkpoint_folder(config: Namespace) -> str | None:
+    """The folder ``fit`` checkpoints into where it does not depend on the logger's version: the ``checkpoint``
+    section's ``dirpath``, or without a logger ``<default_root_dir>/checkpoints``."""
+    dirpath = config.get("checkpoint", {}).get("dirpath") if config.get("checkpoint") else None
+    if not dirpath and config.trainer.get("logger") is False:  # no logger: Lightning saves into the root folder
+        dirpath = str(Path(config.trainer.get("default_root_dir") or ".") / "checkpoints")
+    return dirpath
+
+
+def _same_folder(folder: str | None, other: Path) -> bool:
+    return bool(folder) and Path(folder).expanduser().resolve() == other.resolve()
+
+
+def continue_version(config: Namespace, ckpt_path: Path) -> Path | None:
+    """Set the loggers' version so that ``fit`` resuming ``ckpt_path`` logs and checkpoints into the version folder the
+    checkpoint lives in (``<save_dir>/<name>/version_N/checkpoints/``); return that folder.
+
+    ``None`` (Lightning then starts a new version folder) where the checkpoint lives elsewhere, the ``checkpoint``
+    section names its own folder, or that run went on past the checkpoint (resuming it there would overwrite the
+    later checkpoints). A logger given a version keeps it.
+    """
+    version_dir = ckpt_path.parent.parent
+    if ckpt_path.parent.name != "checkpoints" or not version_dir.name.startswith("version_"):
+        return None
+    if config.get("checkpoint") and config.checkpoint.get("dirpath"):
+        return None
+    if not any(run_dir.resolve() == version_dir.parent.resolve() for run_dir in _logger_run_dirs(config)):
+        return None
+    latest = ckpt_path.parent / "last.ckpt"
+    if latest.exists() and not latest.samefile(ckpt_path):
+        step, latest_step = _global_step(ckpt_path), _global_step(latest)
+        if latest_step is None or step is None or latest_step > step:
+            went_on = f"went on to step {latest_step}" if latest_step is not None else "has a last.ckpt that won't load"
+            say(f"{version_dir} {went_on}: this run logs and checkpoints into a new version folder; that one stays")
+            return None
+    loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+    number = version_dir.name.removeprefix("version_")
+    for logger in loggers:
+        if isinstance(logger, Namespace) and logger.get("init_args") and logger.init_args.get("version") is None:
+            logger.init_args.version = int(number) if number.isdigit() else version_dir.name
+    return version_dir
+
+
+def _global_step(ckpt_path: Path) -> int | None:
+    """The optimizer step a checkpoint was saved at, or ``None`` when it does not load or does not say."""
+    try:
+        step = read_checkpoint(ckpt_path, weights=False, flag="--ckpt_path")[1].get("global_step")
+    except UserError:
+        return None
+    return step if isinstance(step, int) else None
 
 
 QUIET_INFO = (
@@ -364,9 +435,40 @@ QUIET_INFO = (
 )
 
 
+LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
+SCORING_QUIET_INFO = ("Restoring states from the checkpoint path at",)
+"""``validate``/``test --ckpt_path``: nothing is resumed; Lightning's next line says it loaded the file's weights."""
+SCORING_QUIET_WARNINGS = (r"The dirpath has changed from .* won't be reloaded",)
+"""``validate``/``test --ckpt_path`` of a checkpoint of another version folder: they write no checkpoints."""
+RESUMING_QUIET_WARNINGS = (r"Checkpoint directory .* exists and is not empty",)
+"""``fit`` resuming into the folder its checkpoint came from: that folder is meant to hold the run's checkpoints."""
+
+
 class _QuietInfo(logging.Filter):
+    def __init__(self, texts: tuple[str, ...] = QUIET_INFO) -> None:
+        super().__init__()
+        self.texts = texts
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not any(text in record.getMessage() for text in QUIET_INFO)
+        return not any(text in record.getMessage() for text in self.texts)
+
+
+@contextmanager
+def quiet_messages(info: tuple[str, ...], warning_patterns: tuple[str, ...]) -> Iterator[None]:
+    """Leave out Lightning's INFO lines containing one of ``info`` and the warnings matching ``warning_patterns``."""
+    quiet = _QuietInfo(info)
+    # Lightning's loggers print through their own handler, or through the root logger's where it has one
+    handlers = [handler for name in (*LIGHTNING_LOGGERS, None) for handler in logging.getLogger(name).handlers]
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        with warnings.catch_warnings():
+            for pattern in warning_patterns:
+                warnings.filterwarnings("ignore", message=pattern)
+            yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
 
 
 def free_name(folder: Path, stem: str, suffix: str) -> str:
@@ -399,7 +501,7 @@ def lightning_cli(args: ArgsType = None, run: bool = True) -> EPASCLI:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # LlamaConfig field docs become --help text
     for pattern in IGNORED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in LIGHTNING_LOGGERS:
         for handler in logging.getLogger(name).handlers:  # handlers see the records of every child logger
             handler.addFilter(_QuietInfo())
     args = resolve_config_names(list(sys.argv[1:] if args is None else args))

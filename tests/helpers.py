@@ -75,3 +75,16 @@ def signal_fit_once_training(
         proc.wait()
         watchdog.cancel()
     return proc.returncode, out.read_text(), "".join(lines)
+
+
+class SignalTwice(L.Callback):
+    """Sends this process ``signum`` twice after optimizer step ``step``: a user pressing Ctrl+C again, or a scheduler
+    signalling again, while the run stops."""
+
+    def __init__(self, signum: int = 2, step: int = 2) -> None:
+        self.signum, self.step = signum, step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+            os.kill(os.getpid(), self.signum)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from epas_lightning import ProgressiveSharing
 from epas_lightning.checkpoint import REGION_KEY, consolidate, load_model
 from epas_lightning.cli import LIGHTNING_COMMANDS, TOOLS, function_parser, main, tool
 from epas_lightning.errors import ConfigError
-from epas_lightning.lightning_cli import resume_checkpoint
+from epas_lightning.lightning_cli import continue_version, resume_checkpoint
 
 # ---------------------------------------------------------------------------------------------------------------------
 # One CLI
@@ -206,7 +208,7 @@ def test_the_summary_points_only_at_logs_that_exist(tmp_path):
 
 
 @pytest.mark.slow
-def test_fit_summary_and_resume_with_last(tiny_corpus, debug_fit_run, tmp_path):
+def test_fit_summary_and_a_resume_that_continues_the_run(tiny_corpus, debug_fit_run, tmp_path):
     first, first_cwd = debug_fit_run  # fit --config configs/debug.yaml --sharing.interval 3
     assert first.returncode == 0, first.stderr[-3000:]
     out = first.stdout
@@ -220,14 +222,19 @@ def test_fit_summary_and_resume_with_last(tiny_corpus, debug_fit_run, tmp_path):
     assert "Epoch 0 " in out and "Epoch 0/-2" not in out  # a run bounded by max_steps has no epoch total
     assert "v_num: 0 " in out
     shutil.copytree(first_cwd / "runs", tmp_path / "runs")  # resume a copy: other tests read the first run
-    resume = ["--sharing.interval", "3", "--ckpt_path", "last", "--trainer.max_steps", "10"]
+    hparams = (tmp_path / run / "hparams.yaml").read_text()
+    # a path, not `last` (the Ctrl+C test resumes with `last`): a checkpoint inside a version folder continues it
+    resume = ["--sharing.interval", "3", "--ckpt_path", f"{run}/checkpoints/last.ckpt", "--trainer.max_steps", "10"]
     resumed = run_cli(["fit", "--config", DEBUG, *resume], tmp_path, tiny_corpus.parent)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Resuming from {run}/checkpoints/last.ckpt" in resumed.stderr
+    assert "exists and is not empty" not in resumed.stderr  # Lightning's warning: a resume is meant to write there
     assert sorted(p.name for p in (tmp_path / "runs" / "debug").iterdir()) == ["version_0"]  # the same run
+    assert f"logs         {run}" in resumed.stdout and "v_num: 0 " in resumed.stdout
     assert torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
     assert (tmp_path / run / "config.yaml").is_file() and (tmp_path / run / "config-resume-1.yaml").is_file()
+    assert (tmp_path / run / "hparams.yaml").read_text() == hparams
     events = EventAccumulator(str(tmp_path / run)).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(10))  # one curve, each step once
     layers = events.Scalars("sharing/layers")
     assert len({e.step for e in layers}) == len(layers)  # logged once per step
 
@@ -247,6 +254,48 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_that_resumes(tiny_corpus,
                       tiny_corpus.parent)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     assert f"Run finished: {step + 2} optimizer steps (2 in this session, resumed at step {step}) in" in resumed.stdout
+    assert f"Resuming from {saved.relative_to(tmp_path)}" in resumed.stderr
+    assert sorted(p.name for p in (tmp_path / "runs" / "debug").iterdir()) == ["version_0"]  # the same run
+
+
+def test_validate_of_a_run_checkpoint_resumes_nothing_and_leaves_the_run_folder(
+    debug_fit_run, tmp_path, capsys, caplog, monkeypatch
+):
+    """`validate --ckpt_path last` loads the run's weights: no "Resuming"/"Restoring states" lines, no warning about a
+    checkpoint folder it never writes, and no val/loss at step 0 among the training run's curves."""
+    shutil.copytree(debug_fit_run[1] / "runs", tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["validate", "--config", DEBUG, "--ckpt_path", "last"]) == 0
+    said = [record.getMessage() for record in caplog.records] + capsys.readouterr().err.splitlines()
+    assert "Loaded model weights from the checkpoint at runs/debug/version_0/checkpoints/last.ckpt" in said
+    assert not [line for line in said if line.startswith(("Resuming", "Restoring"))], said
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]
+    assert len(list(Path("runs/debug/version_0").glob("events.out.tfevents.*"))) == 1
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_stops_fit_at_once_with_one_line_and_its_status(
+    signum, tiny_corpus, tmp_path, capfd, monkeypatch
+):
+    """Lightning ended a fit interrupted during the graceful stop with "Detected KeyboardInterrupt, attempting graceful
+    shutdown" and exit status 1 (after Ctrl+C), or 0 after the step (SIGTERM)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        logging.getLogger("epas_lightning"), "handlers", []
+    )  # not one bound to an earlier test's capture
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # Lightning ignores Ctrl+C
+    signals = ["--trainer.callbacks+=helpers.SignalTwice", f"--trainer.callbacks.signum={int(signum)}"]
+    try:
+        code = main(["fit", "--config", DEBUG, *signals])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    err = capfd.readouterr().err
+    what = "Ctrl+C" if signum == signal.SIGINT else "SIGTERM"
+    assert code == 128 + signum and err.endswith(f"interrupted: fit stopped ({what})\n"), err[-2000:]
+    assert "Traceback" not in err and "Detected KeyboardInterrupt" not in err and "stopped by" not in err
 
 
 def test_resume_last_without_a_checkpoint_is_an_error(tmp_path, capsys, monkeypatch):
@@ -266,6 +315,26 @@ def test_resume_last_without_a_logger_finds_the_root_folder_checkpoint(tmp_path,
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "last.ckpt").touch()
     assert resume_checkpoint(config, "last") == "run/checkpoints/last.ckpt"
+
+
+def test_a_resume_from_before_the_end_of_a_run_starts_a_new_version_folder(tmp_path, capsys, monkeypatch):
+    """Resuming the run's latest state continues its version folder; an earlier checkpoint of it (a rewind) must not,
+    or the new run's checkpoints would replace the later ones of that run."""
+    monkeypatch.chdir(tmp_path)
+    folder = Path("runs/debug/version_3/checkpoints")
+    folder.mkdir(parents=True)
+    for name, step in (("epoch=0-step=4.ckpt", 4), ("epoch=0-step=8.ckpt", 8), ("last.ckpt", 8)):
+        torch.save({"state_dict": {}, "global_step": step}, folder / name)
+
+    def resumed_into(name: str) -> tuple[Path | None, int | None]:
+        logger = Namespace(class_path="TensorBoardLogger", init_args=Namespace(save_dir="runs", name="debug"))
+        config = Namespace(trainer=Namespace(logger=logger), checkpoint=Namespace(dirpath=None))
+        return continue_version(config, folder / name), logger.init_args.get("version")
+
+    assert resumed_into("last.ckpt") == resumed_into("epoch=0-step=8.ckpt") == (folder.parent, 3)
+    assert capsys.readouterr().err == ""
+    assert resumed_into("epoch=0-step=4.ckpt") == (None, None)
+    assert capsys.readouterr().err.startswith(f"{folder.parent} went on to step 8: this run logs and checkpoints into")
 
 
 def test_user_callbacks_add_to_the_defaults_without_inheriting_them(tmp_path, monkeypatch):
