@@ -27,6 +27,7 @@ from epas_lightning.errors import (
     EXIT_DIVERGED,
     EXIT_USER_ERROR,
     ConfigError,
+    TrainingDiverged,
     UserError,
     debug_enabled,
     error_line,
@@ -256,8 +257,6 @@ def dispatch(argv: list[str]) -> int:
 def main(args: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m epas_lightning`` and ``epas``; ``args`` replaces ``sys.argv[1:]``. Returns the exit
     status: 0 on success, 2 for a user error, 3 for a diverged training run, 130 after Ctrl+C."""
-    from epas_lightning.divergence import TrainingDiverged
-
     argv, debug = _pop_debug(list(sys.argv[1:] if args is None else args))
     show_package_logs()
     try:

@@ -92,6 +92,19 @@ def test_ctrl_c_in_a_command_is_one_line_and_status_130(capsys, monkeypatch):
     assert capsys.readouterr().err == "interrupted: prepare stopped (Ctrl+C)\n"
 
 
+def test_every_public_name_is_its_defining_modules_object():
+    import epas_lightning
+
+    assert set(epas_lightning.__all__) <= set(dir(epas_lightning))
+    for name in epas_lightning.__all__:
+        value = getattr(epas_lightning, name)
+        assert getattr(sys.modules[value.__module__], name) is value, name
+    assert epas_lightning.checkpoint.load_model is epas_lightning.load_model  # submodules stay attributes
+    assert epas_lightning.hf.export.export is epas_lightning.export
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        epas_lightning.nothing  # noqa: B018
+
+
 def test_progress_lines_in_a_log_say_batches(capsys):
     from epas_lightning.progress import progress
 
