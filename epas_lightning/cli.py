@@ -12,6 +12,7 @@ line) or ``EPAS_DEBUG=1`` shows its traceback. A diverged training run exits 3. 
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import re
@@ -72,7 +73,7 @@ def overview() -> str:
         "commands:",
     ]
     descriptions = dict(LIGHTNING_HELP)
-    descriptions.update({name: _short_description(tool(name)) for name in TOOLS})
+    descriptions.update({name: _first_paragraph(tool_docstring(name)) for name in TOOLS})
     width = max(map(len, descriptions))
     lines += [f"  {name:<{width}}  {text}" for name, text in descriptions.items()]
     lines += [
@@ -83,8 +84,17 @@ def overview() -> str:
     return "\n".join(lines)
 
 
-def _short_description(fn: Callable) -> str:
-    doc = inspect.getdoc(fn) or ""
+def tool_docstring(name: str) -> str:
+    """The docstring of the function behind a tool command, read from its source file without importing it (the
+    top-level ``--help`` would otherwise pay for torch)."""
+    module, function = TOOLS[name].split(":")
+    source = Path(__file__).parent.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
+    return ast.get_docstring(node) or ""
+
+
+def _first_paragraph(doc: str) -> str:
     return doc.split("\n\n")[0].replace("\n", " ").strip()
 
 
