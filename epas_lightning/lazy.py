@@ -1,7 +1,7 @@
 """Lazy package exports (PEP 562): ``import epas_lightning`` costs nothing until a name is used.
 
 A package lists which module defines each public name; the first access imports that module, so a command imports
-only what it runs (``generate`` never pays for Lightning, ``--help`` never pays for torch).
+only what it runs (``generate`` never pays for Lightning, the top-level ``--help`` never pays for torch).
 """
 
 from __future__ import annotations
