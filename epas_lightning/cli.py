@@ -12,6 +12,7 @@ line) or ``EPAS_DEBUG=1`` shows its traceback. A diverged training run exits 3. 
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import re
@@ -27,6 +28,7 @@ from epas_lightning.errors import (
     EXIT_DIVERGED,
     EXIT_USER_ERROR,
     ConfigError,
+    TrainingDiverged,
     UserError,
     debug_enabled,
     error_line,
@@ -71,7 +73,7 @@ def overview() -> str:
         "commands:",
     ]
     descriptions = dict(LIGHTNING_HELP)
-    descriptions.update({name: _short_description(tool(name)) for name in TOOLS})
+    descriptions.update({name: _first_paragraph(tool_docstring(name)) for name in TOOLS})
     width = max(map(len, descriptions))
     lines += [f"  {name:<{width}}  {text}" for name, text in descriptions.items()]
     lines += [
@@ -82,8 +84,17 @@ def overview() -> str:
     return "\n".join(lines)
 
 
-def _short_description(fn: Callable) -> str:
-    doc = inspect.getdoc(fn) or ""
+def tool_docstring(name: str) -> str:
+    """The docstring of the function behind a tool command, read from its source file without importing it (the
+    top-level ``--help`` would otherwise pay for torch)."""
+    module, function = TOOLS[name].split(":")
+    source = Path(__file__).parent.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
+    return ast.get_docstring(node) or ""
+
+
+def _first_paragraph(doc: str) -> str:
     return doc.split("\n\n")[0].replace("\n", " ").strip()
 
 
@@ -256,8 +267,6 @@ def dispatch(argv: list[str]) -> int:
 def main(args: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m epas_lightning`` and ``epas``; ``args`` replaces ``sys.argv[1:]``. Returns the exit
     status: 0 on success, 2 for a user error, 3 for a diverged training run, 130 after Ctrl+C, 143 after SIGTERM."""
-    from epas_lightning.divergence import TrainingDiverged
-
     argv, debug = _pop_debug(list(sys.argv[1:] if args is None else args))
     show_package_logs()
     try:

@@ -17,20 +17,11 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.distributed.tensor import DTensor
 
+from epas_lightning.errors import TrainingDiverged
+
 log = logging.getLogger(__name__)
 
 DivergenceAction = Literal["stop", "skip", "off"]
-
-
-class TrainingDiverged(RuntimeError):
-    """Training stopped at a non-finite loss, gradient or weight; the message says where and what to try.
-
-    Every rank raises it together; ``announce`` is ``False`` on all but the first, so the command line says it once.
-    """
-
-    def __init__(self, message: str, announce: bool = True) -> None:
-        super().__init__(message)
-        self.announce = announce
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,17 @@ class OutputError(UserError):
     """An output location that we may not write or replace."""
 
 
+class TrainingDiverged(RuntimeError):
+    """Training stopped at a non-finite loss, gradient or weight; the message says where and what to try.
+
+    Every rank raises it together; ``announce`` is ``False`` on all but the first, so the command line says it once.
+    """
+
+    def __init__(self, message: str, announce: bool = True) -> None:
+        super().__init__(message)
+        self.announce = announce
+
+
 def debug_enabled() -> bool:
     """Whether user errors should show their traceback (``EPAS_DEBUG=1``; ``--debug`` sets it)."""
     return os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from epas_lightning import ProgressiveSharing
 from epas_lightning.checkpoint import REGION_KEY, consolidate, load_model
-from epas_lightning.cli import LIGHTNING_COMMANDS, TOOLS, function_parser, main, tool
+from epas_lightning.cli import LIGHTNING_COMMANDS, TOOLS, function_parser, main, tool, tool_docstring
 from epas_lightning.errors import ConfigError
 from epas_lightning.lightning_cli import continue_version, resume_checkpoint
 
@@ -92,6 +93,50 @@ def test_ctrl_c_in_a_command_is_one_line_and_status_130(capsys, monkeypatch):
     monkeypatch.setattr("epas_lightning.cli.dispatch", interrupted)
     assert main(["prepare", "--input", "x"]) == 130
     assert capsys.readouterr().err == "interrupted: prepare stopped (Ctrl+C)\n"
+
+
+HEAVY = ("torch", "lightning", "litdata", "transformers")
+IMPORTED_BY_HELP = """
+import json, sys
+from epas_lightning.cli import TOOLS, main
+def heavy():
+    return [name for name in {heavy} if name in sys.modules]
+import epas_lightning, epas_lightning.data, epas_lightning.hf
+seen = {{"import": heavy()}}
+for argv in (["--help"], ["prepare", "--help"], *([name, "--help"] for name in TOOLS if name != "prepare")):
+    assert main(argv) == 0, argv
+    seen[argv[0]] = heavy()
+print(json.dumps(seen))
+"""
+
+
+def test_import_and_help_load_only_what_they_need(tmp_path):
+    """`import epas_lightning`, the top-level --help and prepare's load neither torch nor Lightning; the other
+    commands' --help need torch (their modules are torch code) but not Lightning, litdata or transformers."""
+    script = IMPORTED_BY_HELP.format(heavy=HEAVY)
+    done = run_cli(["-c", script], tmp_path, tmp_path, [sys.executable])
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert seen.pop("import") == seen.pop("--help") == seen.pop("prepare") == []
+    assert all(modules == ["torch"] for modules in seen.values()), seen
+
+
+def test_every_public_name_is_its_defining_modules_object():
+    import epas_lightning
+
+    assert set(epas_lightning.__all__) <= set(dir(epas_lightning))
+    for name in epas_lightning.__all__:
+        value = getattr(epas_lightning, name)
+        assert getattr(sys.modules[value.__module__], name) is value, name
+    assert epas_lightning.checkpoint.load_model is epas_lightning.load_model  # submodules stay attributes
+    assert epas_lightning.hf.export.export is epas_lightning.export
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        epas_lightning.nothing  # noqa: B018
+
+
+def test_the_top_level_help_reads_each_tools_docstring_from_its_source():
+    for name in TOOLS:
+        assert tool_docstring(name) == inspect.getdoc(tool(name)), name
 
 
 def test_progress_lines_in_a_log_say_batches(capsys):

@@ -1,8 +1,16 @@
-"""Data: ``prepare`` (any corpus into litdata token streams), the built-in stdlib corpus, ``TokenDataModule``."""
+"""Data: ``prepare`` (any corpus into litdata token streams), the built-in stdlib corpus, ``TokenDataModule``.
 
-from epas_lightning.data.builtin import prepare_builtin_corpus
-from epas_lightning.data.datamodule import TokenDataModule, heldout_loader
-from epas_lightning.data.prepare import prepare_dataset
-from epas_lightning.data.tokenizer import load_tokenizer
+Each name is imported on first use, so ``prepare`` does not load Lightning for ``TokenDataModule``.
+"""
 
-__all__ = ["TokenDataModule", "heldout_loader", "load_tokenizer", "prepare_dataset", "prepare_builtin_corpus"]
+from epas_lightning.lazy import lazy_exports
+
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        ".builtin": ["prepare_builtin_corpus"],
+        ".datamodule": ["TokenDataModule", "heldout_loader"],
+        ".prepare": ["prepare_dataset"],
+        ".tokenizer": ["load_tokenizer"],
+    },
+)
