@@ -6,34 +6,34 @@ redundancy analysis. Each name is imported on first use, so ``import epas_lightn
 Lightning.
 """
 
+from typing import TYPE_CHECKING
+
 from epas_lightning.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__, __getattr__, __dir__ = lazy_exports(
-    __name__,
-    {
-        ".analysis": ["RedundancyReport", "analyze_model", "capture_activations", "linear_cka"],
-        ".callbacks": ["ProgressiveSharing", "TokenThroughputMonitor"],
-        ".checkpoint": ["LoadedModel", "consolidate", "load_model"],
-        ".checkpoint_io": ["AtomicCheckpointIO"],
-        ".data": ["TokenDataModule", "prepare_builtin_corpus", "prepare_dataset"],
-        ".divergence": ["DivergenceGuard"],
-        ".errors": ["TrainingDiverged", "UserError"],
-        ".evaluation": ["evaluate_perplexity", "evaluate_task"],
-        ".flops": ["estimate_flops", "flop_cut", "matmul_params"],
-        ".hf": ["config_from_hf", "load_hf_state"],
-        ".hf.export": ["export"],
-        ".inference": ["GenerationResult", "generate", "set_region"],
-        ".interrupt": ["GracefulStop"],
-        ".loss": ["lm_loss", "next_token_loss"],
-        ".lr": ["WarmupCosineLR"],
-        ".model": ["KVCache", "Llama", "LlamaConfig", "SharingState"],
-        ".module": ["EPASModule"],
-        ".optim": ["param_groups"],
-        ".region": ["TrainedRegion"],
-        ".run_checkpoint": ["RunCheckpoint"],
-        ".schedule": ["SharingSchedule", "resolve_target"],
-        ".strategy": ["FSDP2Strategy"],
-    },
-)
+if TYPE_CHECKING:
+    from epas_lightning.analysis import RedundancyReport, analyze_model, capture_activations, linear_cka
+    from epas_lightning.callbacks import ProgressiveSharing, TokenThroughputMonitor
+    from epas_lightning.checkpoint import LoadedModel, consolidate, load_model
+    from epas_lightning.checkpoint_io import AtomicCheckpointIO
+    from epas_lightning.data import TokenDataModule, prepare_builtin_corpus, prepare_dataset
+    from epas_lightning.divergence import DivergenceGuard
+    from epas_lightning.errors import TrainingDiverged, UserError
+    from epas_lightning.evaluation import evaluate_perplexity, evaluate_task
+    from epas_lightning.flops import estimate_flops, flop_cut, matmul_params
+    from epas_lightning.hf import config_from_hf, load_hf_state
+    from epas_lightning.hf.export import export
+    from epas_lightning.inference import GenerationResult, generate, set_region
+    from epas_lightning.interrupt import GracefulStop
+    from epas_lightning.loss import lm_loss, next_token_loss
+    from epas_lightning.lr import WarmupCosineLR
+    from epas_lightning.model import KVCache, Llama, LlamaConfig, SharingState
+    from epas_lightning.module import EPASModule
+    from epas_lightning.optim import param_groups
+    from epas_lightning.region import TrainedRegion
+    from epas_lightning.run_checkpoint import RunCheckpoint
+    from epas_lightning.schedule import SharingSchedule, resolve_target
+    from epas_lightning.strategy import FSDP2Strategy
+
+__all__, __getattr__, __dir__ = lazy_exports(__name__)

@@ -3,14 +3,14 @@
 Each name is imported on first use, so ``prepare`` does not load Lightning for ``TokenDataModule``.
 """
 
+from typing import TYPE_CHECKING
+
 from epas_lightning.lazy import lazy_exports
 
-__all__, __getattr__, __dir__ = lazy_exports(
-    __name__,
-    {
-        ".builtin": ["prepare_builtin_corpus"],
-        ".datamodule": ["TokenDataModule", "heldout_loader"],
-        ".prepare": ["prepare_dataset"],
-        ".tokenizer": ["load_tokenizer"],
-    },
-)
+if TYPE_CHECKING:
+    from epas_lightning.data.builtin import prepare_builtin_corpus
+    from epas_lightning.data.datamodule import TokenDataModule, heldout_loader
+    from epas_lightning.data.prepare import prepare_dataset
+    from epas_lightning.data.tokenizer import load_tokenizer
+
+__all__, __getattr__, __dir__ = lazy_exports(__name__)
