@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from epas_lightning.callbacks import ProgressiveSharing, TokenThroughputMonitor
     from epas_lightning.checkpoint import LoadedModel, consolidate, load_model
     from epas_lightning.checkpoint_io import AtomicCheckpointIO
+    from epas_lightning.child_ranks import EndChildRanksOnError
     from epas_lightning.data import TokenDataModule, prepare_builtin_corpus, prepare_dataset
     from epas_lightning.divergence import DivergenceGuard
     from epas_lightning.errors import TrainingDiverged, UserError
