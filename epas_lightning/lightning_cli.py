@@ -41,7 +41,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from epas_lightning.callbacks import ProgressiveSharing, TokenThroughputMonitor
-from epas_lightning.checkpoint import read_checkpoint, recorded_config
+from epas_lightning.checkpoint import recorded_config
 from epas_lightning.checkpoint_io import AtomicCheckpointIO
 from epas_lightning.child_ranks import EndChildRanksOnError
 from epas_lightning.cli import PROG
@@ -52,6 +52,14 @@ from epas_lightning.init_from import check_same_architecture, resumed_instead
 from epas_lightning.interrupt import GracefulStop, Interrupted
 from epas_lightning.model import LlamaConfig
 from epas_lightning.module import EPASModule, check_trainable_precision
+from epas_lightning.resume import (
+    RESUME_WORDS,
+    checkpoint_folder,
+    continue_version,
+    free_name,
+    resume_checkpoint,
+    same_folder,
+)
 from epas_lightning.run_checkpoint import RunCheckpoint
 from epas_lightning.run_summary import FlopsModelSummary, RunSummary, progress_bar_for, say
 from epas_lightning.safe_load import is_sharded_checkpoint, verify_checkpoint
@@ -63,7 +71,6 @@ DEFAULT_LOGGER = {
     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
     "init_args": {"save_dir": "runs", "name": "epas", "default_hp_metric": False},
 }
-RESUME_WORDS = ("last", "auto")
 WEIGHTS_ONLY_HELP = (
     "Always true: a checkpoint loads with weights_only=True (tensors and plain data; nothing else is unpickled), "
     "and false is refused."
@@ -229,7 +236,7 @@ class EPASCLI(LightningCLI):
                 # the resumed run logs into the same folder: keep its config.yaml, add this run's beside it
                 self.save_config_kwargs["config_filename"] = free_name(version_dir, "config-resume", ".yaml")
                 self._quiet = ((), RESUMING_QUIET_WARNINGS)
-            elif _same_folder(_checkpoint_folder(config), Path(config.ckpt_path).parent):
+            elif same_folder(checkpoint_folder(config), Path(config.ckpt_path).parent):
                 self._quiet = ((), RESUMING_QUIET_WARNINGS)
             if config.model.get("init_from"):  # never read: a folder deleted or unmounted since must not stop this
                 say(resumed_instead(config.ckpt_path))
@@ -335,100 +342,6 @@ def check_strategy_reads(strategy: Any, ckpt_path: Path) -> None:
     )
 
 
-def _logger_run_dirs(config: Namespace) -> list[Path]:
-    """The folders whose ``version_*`` subfolders hold this run's versions (logger ``save_dir``/``name``)."""
-    loggers = config.trainer.get("logger")
-    loggers = loggers if isinstance(loggers, list) else [loggers]
-    dirs = []
-    for logger in loggers:
-        if isinstance(logger, Namespace | dict) and logger.get("init_args"):
-            init = logger["init_args"]
-            if init.get("save_dir"):
-                dirs.append(Path(init["save_dir"]).expanduser() / str(init.get("name") or "lightning_logs"))
-    return dirs
-
-
-def resume_checkpoint(config: Namespace, word: str, fitting: bool = True) -> str | None:
-    """The newest ``last.ckpt`` of this run for ``--ckpt_path last|auto`` (``fit`` says it resumes it).
-
-    ``last`` with no checkpoint is an error; ``auto`` then starts from scratch, or scores the configured model (and
-    says so).
-    """
-    candidates = []
-    dirpath = _checkpoint_folder(config)
-    if dirpath:
-        candidates.append(Path(dirpath).expanduser() / "last.ckpt")
-    run_dirs = _logger_run_dirs(config)
-    for run_dir in run_dirs:
-        candidates += run_dir.glob("version_*/checkpoints/last.ckpt")
-    found = [p for p in candidates if p.exists()]
-    if not found:
-        places = ", ".join(str(d / "version_*/checkpoints") for d in run_dirs) or str(dirpath)
-        if word == "auto":
-            instead = "starting from scratch" if fitting else "scoring the configured model"
-            say(f"--ckpt_path auto: no last.ckpt under {places}; {instead}.")
-            return None
-        raise CheckpointError(
-            "no last.ckpt of this run to resume", places, "train first, or pass the checkpoint's path to --ckpt_path"
-        )
-    newest = max(found, key=lambda p: p.stat().st_mtime)
-    if fitting:  # validate/test: Lightning says which file it loaded the weights from
-        say(f"Resuming from {newest}")
-    return str(newest)
-
-
-def _checkpoint_folder(config: Namespace) -> str | None:
-    """The folder ``fit`` checkpoints into where it does not depend on the logger's version: the ``checkpoint``
-    section's ``dirpath``, or without a logger ``<default_root_dir>/checkpoints``."""
-    dirpath = config.get("checkpoint", {}).get("dirpath") if config.get("checkpoint") else None
-    if not dirpath and config.trainer.get("logger") is False:  # no logger: Lightning saves into the root folder
-        dirpath = str(Path(config.trainer.get("default_root_dir") or ".") / "checkpoints")
-    return dirpath
-
-
-def _same_folder(folder: str | None, other: Path) -> bool:
-    return bool(folder) and Path(folder).expanduser().resolve() == other.resolve()
-
-
-def continue_version(config: Namespace, ckpt_path: Path) -> Path | None:
-    """Set the loggers' version so that ``fit`` resuming ``ckpt_path`` logs and checkpoints into the version folder the
-    checkpoint lives in (``<save_dir>/<name>/version_N/checkpoints/``); return that folder.
-
-    ``None`` (Lightning then starts a new version folder) where the checkpoint lives elsewhere, the ``checkpoint``
-    section names its own folder, or that run went on past the checkpoint (resuming it there would overwrite the
-    later checkpoints). A logger given a version keeps it.
-    """
-    version_dir = ckpt_path.parent.parent
-    if ckpt_path.parent.name != "checkpoints" or not version_dir.name.startswith("version_"):
-        return None
-    if config.get("checkpoint") and config.checkpoint.get("dirpath"):
-        return None
-    if not any(run_dir.resolve() == version_dir.parent.resolve() for run_dir in _logger_run_dirs(config)):
-        return None
-    latest = ckpt_path.parent / "last.ckpt"
-    if latest.exists() and not latest.samefile(ckpt_path):
-        step, latest_step = _global_step(ckpt_path), _global_step(latest)
-        if latest_step is None or step is None or latest_step > step:
-            went_on = f"went on to step {latest_step}" if latest_step is not None else "has a last.ckpt that won't load"
-            say(f"{version_dir} {went_on}: this run logs and checkpoints into a new version folder; that one stays")
-            return None
-    loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
-    number = version_dir.name.removeprefix("version_")
-    for logger in loggers:
-        if isinstance(logger, Namespace) and logger.get("init_args") and logger.init_args.get("version") is None:
-            logger.init_args.version = int(number) if number.isdigit() else version_dir.name
-    return version_dir
-
-
-def _global_step(ckpt_path: Path) -> int | None:
-    """The optimizer step a checkpoint was saved at, or ``None`` when it does not load or does not say."""
-    try:
-        step = read_checkpoint(ckpt_path, weights=False, flag="--ckpt_path")[1].get("global_step")
-    except UserError:
-        return None
-    return step if isinstance(step, int) else None
-
-
 QUIET_INFO = (
     "Skipping setting a default `ModelSummary`",  # we install our own summary on purpose
     "Tip: For seamless cloud logging",  # an advertisement
@@ -469,14 +382,6 @@ def quiet_messages(info: tuple[str, ...], warning_patterns: tuple[str, ...]) -> 
     finally:
         for handler in handlers:
             handler.removeFilter(quiet)
-
-
-def free_name(folder: Path, stem: str, suffix: str) -> str:
-    """``stem-1.suffix``, ``stem-2.suffix``, ...: the first name not taken in ``folder``."""
-    n = 1
-    while (folder / f"{stem}-{n}{suffix}").exists():
-        n += 1
-    return f"{stem}-{n}{suffix}"
 
 
 def check_precision_available(precision: object) -> None:

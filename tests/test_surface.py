@@ -25,7 +25,7 @@ from epas_lightning import ProgressiveSharing
 from epas_lightning.checkpoint import REGION_KEY, consolidate, load_model
 from epas_lightning.cli import LIGHTNING_COMMANDS, TOOLS, function_parser, main, tool, tool_docstring
 from epas_lightning.errors import ConfigError
-from epas_lightning.lightning_cli import continue_version, resume_checkpoint
+from epas_lightning.resume import continue_version, resume_checkpoint
 
 # ---------------------------------------------------------------------------------------------------------------------
 # One CLI

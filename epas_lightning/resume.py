@@ -1,0 +1,120 @@
+"""Which checkpoint ``--ckpt_path last|auto`` means, and where a resumed ``fit`` logs and checkpoints.
+
+``last`` (``auto``: or nothing) is the newest ``last.ckpt`` of the same run: the ``checkpoint`` section's ``dirpath``,
+or the logger's ``save_dir``/``name``/``version_*/checkpoints``. A ``fit`` from a checkpoint in a run's
+``version_N/checkpoints`` folder keeps logging and checkpointing into that folder, unless that run went on past it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jsonargparse import Namespace
+
+from epas_lightning.checkpoint import read_checkpoint
+from epas_lightning.errors import CheckpointError, UserError
+from epas_lightning.run_summary import say
+
+RESUME_WORDS = ("last", "auto")
+
+
+def _logger_run_dirs(config: Namespace) -> list[Path]:
+    """The folders whose ``version_*`` subfolders hold this run's versions (logger ``save_dir``/``name``)."""
+    loggers = config.trainer.get("logger")
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    dirs = []
+    for logger in loggers:
+        if isinstance(logger, Namespace | dict) and logger.get("init_args"):
+            init = logger["init_args"]
+            if init.get("save_dir"):
+                dirs.append(Path(init["save_dir"]).expanduser() / str(init.get("name") or "lightning_logs"))
+    return dirs
+
+
+def resume_checkpoint(config: Namespace, word: str, fitting: bool = True) -> str | None:
+    """The newest ``last.ckpt`` of this run for ``--ckpt_path last|auto`` (``fit`` says it resumes it).
+
+    ``last`` with no checkpoint is an error; ``auto`` then starts from scratch, or scores the configured model (and
+    says so).
+    """
+    candidates = []
+    dirpath = checkpoint_folder(config)
+    if dirpath:
+        candidates.append(Path(dirpath).expanduser() / "last.ckpt")
+    run_dirs = _logger_run_dirs(config)
+    for run_dir in run_dirs:
+        candidates += run_dir.glob("version_*/checkpoints/last.ckpt")
+    found = [p for p in candidates if p.exists()]
+    if not found:
+        places = ", ".join(str(d / "version_*/checkpoints") for d in run_dirs) or str(dirpath)
+        if word == "auto":
+            instead = "starting from scratch" if fitting else "scoring the configured model"
+            say(f"--ckpt_path auto: no last.ckpt under {places}; {instead}.")
+            return None
+        raise CheckpointError(
+            "no last.ckpt of this run to resume", places, "train first, or pass the checkpoint's path to --ckpt_path"
+        )
+    newest = max(found, key=lambda p: p.stat().st_mtime)
+    if fitting:  # validate/test: Lightning says which file it loaded the weights from
+        say(f"Resuming from {newest}")
+    return str(newest)
+
+
+def checkpoint_folder(config: Namespace) -> str | None:
+    """The folder ``fit`` checkpoints into where it does not depend on the logger's version: the ``checkpoint``
+    section's ``dirpath``, or without a logger ``<default_root_dir>/checkpoints``."""
+    dirpath = config.get("checkpoint", {}).get("dirpath") if config.get("checkpoint") else None
+    if not dirpath and config.trainer.get("logger") is False:  # no logger: Lightning saves into the root folder
+        dirpath = str(Path(config.trainer.get("default_root_dir") or ".") / "checkpoints")
+    return dirpath
+
+
+def same_folder(folder: str | None, other: Path) -> bool:
+    return bool(folder) and Path(folder).expanduser().resolve() == other.resolve()
+
+
+def continue_version(config: Namespace, ckpt_path: Path) -> Path | None:
+    """Set the loggers' version so that ``fit`` resuming ``ckpt_path`` logs and checkpoints into the version folder the
+    checkpoint lives in (``<save_dir>/<name>/version_N/checkpoints/``); return that folder.
+
+    ``None`` (Lightning then starts a new version folder) where the checkpoint lives elsewhere, the ``checkpoint``
+    section names its own folder, or that run went on past the checkpoint (resuming it there would overwrite the
+    later checkpoints). A logger given a version keeps it.
+    """
+    version_dir = ckpt_path.parent.parent
+    if ckpt_path.parent.name != "checkpoints" or not version_dir.name.startswith("version_"):
+        return None
+    if config.get("checkpoint") and config.checkpoint.get("dirpath"):
+        return None
+    if not any(run_dir.resolve() == version_dir.parent.resolve() for run_dir in _logger_run_dirs(config)):
+        return None
+    latest = ckpt_path.parent / "last.ckpt"
+    if latest.exists() and not latest.samefile(ckpt_path):
+        step, latest_step = _global_step(ckpt_path), _global_step(latest)
+        if latest_step is None or step is None or latest_step > step:
+            went_on = f"went on to step {latest_step}" if latest_step is not None else "has a last.ckpt that won't load"
+            say(f"{version_dir} {went_on}: this run logs and checkpoints into a new version folder; that one stays")
+            return None
+    loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+    number = version_dir.name.removeprefix("version_")
+    for logger in loggers:
+        if isinstance(logger, Namespace) and logger.get("init_args") and logger.init_args.get("version") is None:
+            logger.init_args.version = int(number) if number.isdigit() else version_dir.name
+    return version_dir
+
+
+def _global_step(ckpt_path: Path) -> int | None:
+    """The optimizer step a checkpoint was saved at, or ``None`` when it does not load or does not say."""
+    try:
+        step = read_checkpoint(ckpt_path, weights=False, flag="--ckpt_path")[1].get("global_step")
+    except UserError:
+        return None
+    return step if isinstance(step, int) else None
+
+
+def free_name(folder: Path, stem: str, suffix: str) -> str:
+    """``stem-1.suffix``, ``stem-2.suffix``, ...: the first name not taken in ``folder``."""
+    n = 1
+    while (folder / f"{stem}-{n}{suffix}").exists():
+        n += 1
+    return f"{stem}-{n}{suffix}"
