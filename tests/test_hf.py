@@ -362,7 +362,11 @@ def test_export_and_consolidate_keep_the_dtype_the_checkpoint_trained_in(tmp_pat
     for out in (export(tmp_path / "bf16.ckpt", tmp_path / "hf"), consolidate(tmp_path / "bf16.ckpt", tmp_path / "c")):
         with safe_open(out / "model.safetensors", "pt") as f:
             assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16, out
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    from transformers import LlamaConfig as HFLlamaConfig
+
+    record = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert record["dtype"] == "bfloat16" and "torch_dtype" not in record  # the old name warns that it is deprecated
+    assert HFLlamaConfig.from_dict(record).dtype == torch.bfloat16
     fp32 = export(tmp_path / "bf16.ckpt", tmp_path / "hf32", dtype="float32")
     with safe_open(fp32 / "model.safetensors", "pt") as f:
         assert f.get_tensor("lm_head.weight").dtype == torch.float32

@@ -72,7 +72,7 @@ def hf_config(
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
         "use_cache": True,
-        "torch_dtype": dtype_name(dtype),
+        "dtype": dtype_name(dtype),  # transformers >= 4.56 name (`torch_dtype` loads with a deprecation warning)
     }
     if shared_layers is not None:
         record.update(
