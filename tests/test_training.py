@@ -1,5 +1,6 @@
 """Lightning integration on CPU: growth during fit, mask and FLOPs bookkeeping, exact resume mid-growth."""
 
+import re
 from pathlib import Path
 
 import lightning as L
@@ -190,6 +191,34 @@ def test_schedule_too_large_for_the_model_fails_before_training(tiny_corpus, tmp
     trainer = make_trainer(tmp_path, 2, [ProgressiveSharing(target=2)])
     with pytest.raises(ValueError, match="between 1 and n_layer - 1 = 1"):
         trainer.fit(module, data)
+
+
+@pytest.mark.parametrize(
+    ("model_vocab", "data_kwargs", "refused"),
+    [
+        (512, {"seq_len": 64}, r"ConfigError: the data's seq_len \(64\) is not the model's block_size \(32\)"),
+        (512, {"seq_len": 16}, r"ConfigError: the data's seq_len \(16\) is not the model's block_size \(32\)"),
+        (256, {"vocab_size": 512}, r"ConfigError: the data's vocab_size \(512\) is not the model's \(256\)"),
+        (256, {"vocab_size": None}, r"DataError: the tokenizer has 512 tokens but the model's vocab_size is 256"),
+    ],
+    ids=["longer", "shorter", "other-vocab", "vocab-unset"],
+)
+def test_data_that_does_not_fit_the_model_is_refused_before_training(
+    tiny_corpus, tmp_path, model_vocab, data_kwargs, refused
+):
+    """A script of one's own passes the model and the data their lengths and vocabularies separately (the CLI links
+    them): a longer seq_len failed in the first forward, a shorter one trained the model at another length than its
+    block_size, and a tokenizer larger than the model's vocabulary failed inside the embedding (IndexError)."""
+    from epas_lightning.errors import UserError
+
+    module = EPASModule(LlamaConfig.from_name("debug", block_size=32, vocab_size=model_vocab))
+    data = TokenDataModule(
+        data_dir=str(tiny_corpus), **{"seq_len": 32, "batch_size": 4, "vocab_size": 512, **data_kwargs}
+    )
+    with pytest.raises(UserError) as error:
+        make_trainer(tmp_path, 1, []).fit(module, data)
+    assert re.search(refused, f"{type(error.value).__name__}: {error.value}")
+    assert module.model is None  # before the model was built
 
 
 def test_pure_fp16_training_is_refused_before_it_starts(tiny_corpus, tmp_path):
