@@ -48,10 +48,10 @@ from epas_lightning.cli import PROG
 from epas_lightning.data import TokenDataModule
 from epas_lightning.divergence import DivergenceGuard
 from epas_lightning.errors import CheckpointError, ConfigError, UserError
-from epas_lightning.init_from import check_same_architecture, resumed_instead
+from epas_lightning.init_from import resumed_instead
 from epas_lightning.interrupt import GracefulStop, Interrupted
 from epas_lightning.model import LlamaConfig
-from epas_lightning.module import EPASModule, check_trainable_precision
+from epas_lightning.module import EPASModule, check_resumed_model, check_trainable_precision
 from epas_lightning.resume import (
     RESUME_WORDS,
     checkpoint_folder,
@@ -314,12 +314,7 @@ def with_atomic_checkpoint_io(trainer_config: dict[str, Any]) -> dict[str, Any]:
 def check_same_model(model_config: Any, ckpt_path: str) -> None:
     """Before Lightning loads ``ckpt_path`` into the configured model: the same architecture, or one line naming every
     field that differs (instead of a wall of size mismatches from ``load_state_dict``)."""
-    check_same_architecture(
-        _as_config(model_config),
-        recorded_config(ckpt_path, "--ckpt_path"),
-        f"--ckpt_path {ckpt_path}",
-        "use the model.config it was trained with (its run folder keeps config.yaml)",
-    )
+    check_resumed_model(_as_config(model_config), recorded_config(ckpt_path, "--ckpt_path"), ckpt_path)
 
 
 SHARDED_READERS = ("FSDP2Strategy",)

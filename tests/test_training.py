@@ -251,6 +251,23 @@ def test_validate_and_test_from_a_checkpoint_use_its_mask(tiny_corpus, tmp_path)
     assert tested["test/loss"] == pytest.approx(expected, rel=1e-6) and tested["test/ppl"] > 1
 
 
+@pytest.mark.parametrize(
+    "changed", [{"rope_theta": 500000.0}, {"n_embd": 32, "n_head": 2}], ids=["same-shapes", "shapes"]
+)
+def test_resuming_a_checkpoint_of_another_architecture_is_refused_in_one_line(tiny_corpus, tmp_path, changed):
+    """``Trainer.fit(ckpt_path=...)`` from a script: another width failed with a wall of load_state_dict size
+    mismatches; another RoPE base, same shapes, silently went on training a different function."""
+    from epas_lightning.errors import CheckpointError
+
+    module, data = make_run(tiny_corpus, n_layer=2)
+    make_trainer(tmp_path, 1, [ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(module, data)
+    other = EPASModule(LlamaConfig.from_name("debug", block_size=32, **changed))
+    with pytest.raises(CheckpointError, match="model.config does not match the checkpoint") as refused:
+        make_trainer(tmp_path, 2, []).fit(other, data, ckpt_path=tmp_path / "last.ckpt")
+    assert all(f"{field}: model" in str(refused.value) for field in changed)
+    assert "\n" not in str(refused.value)
+
+
 def test_sharded_checkpoints_are_replaced_whole_and_a_killed_save_leaves_no_trace(tiny_corpus, tmp_path):
     """FSDP2 sharded checkpoints are written beside the target and renamed into place: a save killed halfway (its
     partial folder left behind) is cleaned by the next, the previous checkpoint is swapped out whole, and DCP never
