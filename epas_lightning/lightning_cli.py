@@ -109,6 +109,15 @@ def config_vocab_size(value: Any) -> int:
     return _as_config(value).vocab_size
 
 
+RUN_SECTIONS = {
+    "sharing": ProgressiveSharing,
+    "divergence": DivergenceGuard,
+    "checkpoint": RunCheckpoint,
+    "throughput": TokenThroughputMonitor,
+    "lr_monitor": LearningRateMonitor,
+    "interrupt": GracefulStop,
+}
+"""The callback sections of every run; a ``Trainer`` of one's own adds the same callbacks (README, "In Python")."""
 SINGLE_SECTIONS = {ProgressiveSharing: "sharing", DivergenceGuard: "divergence", GracefulStop: "interrupt"}
 """Run sections whose callback must exist once: a second schedule would fight over the mask, and Lightning checkpoints
 one state per type."""
@@ -183,12 +192,8 @@ class EPASCLI(LightningCLI):
         return {name: commands[name] for name in ("fit", "validate", "test")}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ProgressiveSharing, "sharing")
-        parser.add_lightning_class_args(DivergenceGuard, "divergence")
-        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
-        parser.add_lightning_class_args(GracefulStop, "interrupt")
+        for section, callback in RUN_SECTIONS.items():
+            parser.add_lightning_class_args(callback, section)
         parser.link_arguments("model.config", "sharing.n_layer", compute_fn=config_n_layer)
         parser.link_arguments("model.config", "data.seq_len", compute_fn=config_block_size)
         parser.link_arguments("model.config", "data.vocab_size", compute_fn=config_vocab_size)
