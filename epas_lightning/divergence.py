@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.distributed.tensor import DTensor
 
-from epas_lightning.errors import TrainingDiverged
+from epas_lightning.errors import ConfigError, TrainingDiverged
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ class DivergenceGuard(Callback):
 
     def __init__(self, action: DivergenceAction = "stop", max_skips: int = 10, check_weights: bool = True) -> None:
         if action not in ("stop", "skip", "off"):
-            raise ValueError(f"divergence.action must be 'stop', 'skip' or 'off', got {action!r}.")
+            raise ConfigError(f"unknown action {action!r}", "divergence.action", "use 'stop', 'skip' or 'off'")
         if max_skips < 0:
-            raise ValueError(f"divergence.max_skips must be >= 0, got {max_skips}.")
+            raise ConfigError(f"max_skips must be >= 0, got {max_skips}", "divergence.max_skips")
         self.action = action
         self.max_skips = max_skips
         self.check_weights = check_weights

@@ -48,10 +48,10 @@ from epas_lightning.cli import PROG
 from epas_lightning.data import TokenDataModule
 from epas_lightning.divergence import DivergenceGuard
 from epas_lightning.errors import CheckpointError, ConfigError, UserError
-from epas_lightning.init_from import check_same_architecture, resumed_instead
+from epas_lightning.init_from import resumed_instead
 from epas_lightning.interrupt import GracefulStop, Interrupted
 from epas_lightning.model import LlamaConfig
-from epas_lightning.module import EPASModule, check_trainable_precision
+from epas_lightning.module import EPASModule, check_resumed_model, check_trainable_precision
 from epas_lightning.resume import (
     RESUME_WORDS,
     checkpoint_folder,
@@ -109,6 +109,15 @@ def config_vocab_size(value: Any) -> int:
     return _as_config(value).vocab_size
 
 
+RUN_SECTIONS = {
+    "sharing": ProgressiveSharing,
+    "divergence": DivergenceGuard,
+    "checkpoint": RunCheckpoint,
+    "throughput": TokenThroughputMonitor,
+    "lr_monitor": LearningRateMonitor,
+    "interrupt": GracefulStop,
+}
+"""The callback sections of every run; a ``Trainer`` of one's own adds the same callbacks (README, "In Python")."""
 SINGLE_SECTIONS = {ProgressiveSharing: "sharing", DivergenceGuard: "divergence", GracefulStop: "interrupt"}
 """Run sections whose callback must exist once: a second schedule would fight over the mask, and Lightning checkpoints
 one state per type."""
@@ -183,12 +192,8 @@ class EPASCLI(LightningCLI):
         return {name: commands[name] for name in ("fit", "validate", "test")}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ProgressiveSharing, "sharing")
-        parser.add_lightning_class_args(DivergenceGuard, "divergence")
-        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
-        parser.add_lightning_class_args(GracefulStop, "interrupt")
+        for section, callback in RUN_SECTIONS.items():
+            parser.add_lightning_class_args(callback, section)
         parser.link_arguments("model.config", "sharing.n_layer", compute_fn=config_n_layer)
         parser.link_arguments("model.config", "data.seq_len", compute_fn=config_block_size)
         parser.link_arguments("model.config", "data.vocab_size", compute_fn=config_vocab_size)
@@ -314,12 +319,7 @@ def with_atomic_checkpoint_io(trainer_config: dict[str, Any]) -> dict[str, Any]:
 def check_same_model(model_config: Any, ckpt_path: str) -> None:
     """Before Lightning loads ``ckpt_path`` into the configured model: the same architecture, or one line naming every
     field that differs (instead of a wall of size mismatches from ``load_state_dict``)."""
-    check_same_architecture(
-        _as_config(model_config),
-        recorded_config(ckpt_path, "--ckpt_path"),
-        f"--ckpt_path {ckpt_path}",
-        "use the model.config it was trained with (its run folder keeps config.yaml)",
-    )
+    check_resumed_model(_as_config(model_config), recorded_config(ckpt_path, "--ckpt_path"), ckpt_path)
 
 
 SHARDED_READERS = ("FSDP2Strategy",)

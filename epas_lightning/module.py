@@ -19,6 +19,7 @@ from epas_lightning.errors import ConfigError
 from epas_lightning.flops import estimate_flops
 from epas_lightning.init_from import (
     check_init_source,
+    check_same_architecture,
     keeping_source_context,
     load_initial_weights,
     resumed_instead,
@@ -211,8 +212,11 @@ class EPASModule(LightningModule):
             }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # before Lightning loads the weights: a Trainer of one's own gets the check the CLI makes when it parses
+        if recorded := checkpoint.get("model_config"):
+            check_resumed_model(self.config, LlamaConfig.from_dict(recorded), self.trainer.ckpt_path)
         # a resume does not read init_from again: keep the context length the run inherited from it
-        recorded = (checkpoint.get("model_config") or {}).get("max_position_embeddings")
+        recorded = (recorded or {}).get("max_position_embeddings")
         if self.config.max_position_embeddings is None and recorded and recorded > self.config.block_size:
             self.config.max_position_embeddings = recorded
 
@@ -326,6 +330,18 @@ class EPASModule(LightningModule):
                 "the max_steps of model.lr_scheduler (epas_lightning.WarmupCosineLR), for the cosine decay"
             )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_resumed_model(config: LlamaConfig, recorded: LlamaConfig, ckpt_path: object) -> None:
+    """The checkpoint at ``ckpt_path``, whose model config is ``recorded``, holds a model of ``config``'s architecture;
+    else one line naming every field that differs (instead of a wall of size mismatches from ``load_state_dict``, or,
+    with the same shapes, silently another function)."""
+    check_same_architecture(
+        config,
+        recorded,
+        f"--ckpt_path {ckpt_path}",
+        "use the model.config it was trained with (its run folder keeps config.yaml)",
+    )
 
 
 def check_trainable_precision(precision: str) -> None:

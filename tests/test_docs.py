@@ -93,3 +93,35 @@ def test_quoted_commands_use_flags_that_exist(monkeypatch, capsys):
                 unknown += [f"{doc}: {script} {flag}" for flag in sorted(flags(arguments) - flags(helps[key]))]
     assert len(helps) >= 10  # the scripts were found
     assert unknown == []
+
+
+def python_block(doc: str, containing: str) -> str:
+    """The first fenced ``python`` block of ``doc`` that contains ``containing``."""
+    blocks = re.findall(r"^```python\n(.*?)^```", (REPO / doc).read_text(), flags=re.DOTALL | re.MULTILINE)
+    return next(block for block in blocks if containing in block)
+
+
+def test_readme_training_script_runs_with_every_section_of_fit(tiny_corpus, tmp_path, monkeypatch):
+    """The README's "In Python" script, shrunk to the debug model and 2 steps: it trains, and its Trainer has the
+    callback of every section ``fit`` adds (a plain ``Trainer`` had none: no divergence guard, no last.ckpt at the
+    end, no graceful stop, no FLOPs) and writes checkpoints atomically."""
+    from epas_lightning import AtomicCheckpointIO
+    from epas_lightning.lightning_cli import RUN_SECTIONS
+
+    script = python_block("README.md", "trainer.fit(")
+    tiny = {
+        'LlamaConfig.from_name("demo")': 'LlamaConfig.from_name("debug", block_size=32)',
+        "max_steps=200,": "max_steps=2, accelerator='cpu', enable_progress_bar=False, limit_val_batches=0,",
+        "TokenDataModule(": "TokenDataModule(max_bytes=1_500_000, batch_size=2, ",  # the session's tiny corpus
+    }
+    for text, replacement in tiny.items():
+        assert script.count(text) == 1, text
+        script = script.replace(text, replacement)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(script, "README.md", "exec"), namespace)
+    trainer = namespace["trainer"]
+    assert trainer.global_step == 2
+    assert {type(callback) for callback in trainer.callbacks} >= set(RUN_SECTIONS.values())
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert (Path(trainer.checkpoint_callback.dirpath) / "last.ckpt").is_file()

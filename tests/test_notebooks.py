@@ -1,5 +1,6 @@
 """The notebooks run top to bottom on tiny inputs, and are committed without outputs."""
 
+import ast
 import json
 import os
 import sys
@@ -64,6 +65,22 @@ def test_committed_notebooks_have_no_outputs():
         for cell in nb.cells:
             if cell.cell_type == "code":
                 assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: strip outputs"
+
+
+def test_notebooks_use_only_the_public_api():
+    """A notebook is what a user copies from: it imports epas_lightning's public names, not a private module's
+    helpers (01 imported ``apply_rope`` from ``epas_lightning.model.rope``)."""
+    import epas_lightning
+
+    for path in NOTEBOOKS:
+        code = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+        for node in ast.walk(ast.parse(code)):
+            if isinstance(node, ast.ImportFrom) and node.module == "epas_lightning":
+                assert {alias.name for alias in node.names} <= set(epas_lightning.__all__), path.name
+            elif isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith("epas_lightning."), f"{path.name}: from {node.module}"
+            elif isinstance(node, ast.Import):
+                assert not any(alias.name.startswith("epas_lightning.") for alias in node.names), path.name
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Lightning integration on CPU: growth during fit, mask and FLOPs bookkeeping, exact resume mid-growth."""
 
+import re
 from pathlib import Path
 
 import lightning as L
@@ -192,6 +193,34 @@ def test_schedule_too_large_for_the_model_fails_before_training(tiny_corpus, tmp
         trainer.fit(module, data)
 
 
+@pytest.mark.parametrize(
+    ("model_vocab", "data_kwargs", "refused"),
+    [
+        (512, {"seq_len": 64}, r"ConfigError: the data's seq_len \(64\) is not the model's block_size \(32\)"),
+        (512, {"seq_len": 16}, r"ConfigError: the data's seq_len \(16\) is not the model's block_size \(32\)"),
+        (256, {"vocab_size": 512}, r"ConfigError: the data's vocab_size \(512\) is not the model's \(256\)"),
+        (256, {"vocab_size": None}, r"DataError: the tokenizer has 512 tokens but the model's vocab_size is 256"),
+    ],
+    ids=["longer", "shorter", "other-vocab", "vocab-unset"],
+)
+def test_data_that_does_not_fit_the_model_is_refused_before_training(
+    tiny_corpus, tmp_path, model_vocab, data_kwargs, refused
+):
+    """A script of one's own passes the model and the data their lengths and vocabularies separately (the CLI links
+    them): a longer seq_len failed in the first forward, a shorter one trained the model at another length than its
+    block_size, and a tokenizer larger than the model's vocabulary failed inside the embedding (IndexError)."""
+    from epas_lightning.errors import UserError
+
+    module = EPASModule(LlamaConfig.from_name("debug", block_size=32, vocab_size=model_vocab))
+    data = TokenDataModule(
+        data_dir=str(tiny_corpus), **{"seq_len": 32, "batch_size": 4, "vocab_size": 512, **data_kwargs}
+    )
+    with pytest.raises(UserError) as error:
+        make_trainer(tmp_path, 1, []).fit(module, data)
+    assert re.search(refused, f"{type(error.value).__name__}: {error.value}")
+    assert module.model is None  # before the model was built
+
+
 def test_pure_fp16_training_is_refused_before_it_starts(tiny_corpus, tmp_path):
     """16-true keeps fp16 weights and AdamW state with no loss scaling: eps 1e-8 is 0 in fp16, so the first update
     divided 0 by 0 and the run died at step 1 with "non-finite loss"; ``fit`` now refuses it up front."""
@@ -220,6 +249,23 @@ def test_validate_and_test_from_a_checkpoint_use_its_mask(tiny_corpus, tmp_path)
     assert metrics["val/loss"] == pytest.approx(expected, rel=1e-6)
     (tested,) = make_trainer(tmp_path, 1, [], limit_test_batches=3).test(fresh, fresh_data)
     assert tested["test/loss"] == pytest.approx(expected, rel=1e-6) and tested["test/ppl"] > 1
+
+
+@pytest.mark.parametrize(
+    "changed", [{"rope_theta": 500000.0}, {"n_embd": 32, "n_head": 2}], ids=["same-shapes", "shapes"]
+)
+def test_resuming_a_checkpoint_of_another_architecture_is_refused_in_one_line(tiny_corpus, tmp_path, changed):
+    """``Trainer.fit(ckpt_path=...)`` from a script: another width failed with a wall of load_state_dict size
+    mismatches; another RoPE base, same shapes, silently went on training a different function."""
+    from epas_lightning.errors import CheckpointError
+
+    module, data = make_run(tiny_corpus, n_layer=2)
+    make_trainer(tmp_path, 1, [ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(module, data)
+    other = EPASModule(LlamaConfig.from_name("debug", block_size=32, **changed))
+    with pytest.raises(CheckpointError, match="model.config does not match the checkpoint") as refused:
+        make_trainer(tmp_path, 2, []).fit(other, data, ckpt_path=tmp_path / "last.ckpt")
+    assert all(f"{field}: model" in str(refused.value) for field in changed)
+    assert "\n" not in str(refused.value)
 
 
 def test_sharded_checkpoints_are_replaced_whole_and_a_killed_save_leaves_no_trace(tiny_corpus, tmp_path):

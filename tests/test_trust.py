@@ -283,6 +283,16 @@ def test_guard_settings_come_from_yaml(tmp_path):
     assert (guard.action, guard.max_skips) == ("skip", 3)
 
 
+def test_guard_settings_refused_from_python_are_user_errors():
+    """From a script, a bad setting was a plain ValueError; it is now the one-line ConfigError every command prints."""
+    from epas_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown action 'halt' — divergence.action — use 'stop', 'skip' or 'off'"):
+        DivergenceGuard("halt")
+    with pytest.raises(ConfigError, match="max_skips must be >= 0, got -1 — divergence.max_skips"):
+        DivergenceGuard("skip", max_skips=-1)
+
+
 def test_a_checkpoint_file_is_renamed_into_place_never_rewritten_in_place(tmp_path, monkeypatch):
     """Lightning stages a checkpoint in the system temp folder and moves it; across file systems (a local /tmp, runs
     on a network disk) the move rewrote the previous ``last.ckpt`` in place, so a kill or a full disk mid-copy left no

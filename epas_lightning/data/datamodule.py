@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from epas_lightning.data.builtin import builtin_entry_path, prepare_builtin_corpus
@@ -20,6 +21,7 @@ from epas_lightning.data.layout import (
 )
 from epas_lightning.data.tokenizer import TextTokenizer, file_sha256, load_tokenizer
 from epas_lightning.errors import ConfigError, DataError
+from epas_lightning.model.config import LlamaConfig
 
 if TYPE_CHECKING:
     from litdata import StreamingDataLoader
@@ -45,10 +47,12 @@ class TokenDataModule(LightningDataModule):
             tokenizer and ``meta.json``, or a list of them to mix (see ``weights``). Leave unset to use the built-in
             corpus: the Python standard library of the running interpreter, tokenized once into the cache (no
             download).
-        seq_len: Tokens per training sequence (the model's context length).
+        seq_len: Tokens per training sequence: the model's ``block_size`` (checked when a trainer runs an
+            ``EPASModule``: equal for training, at most its context length for validation and testing).
         batch_size: Sequences per batch on each device.
-        vocab_size: The model's vocabulary size. The tokenizer must not have more tokens. With the built-in corpus
-            it is also the size of the BPE vocabulary trained for it (default 4096 when unset).
+        vocab_size: The model's vocabulary size (checked like ``seq_len``; unset: the model's, or 4096 without a
+            trainer). The tokenizer must not have more tokens. With the built-in corpus it is also the size of the
+            BPE vocabulary trained for it.
         num_workers: Dataloader worker processes (0 loads in the main process).
         seed: Seed of the shuffling order of the training stream (and of the mixing of several).
         weights: Sampling weights of the ``data_dir`` list (litdata ``CombinedStreamingDataset``): an epoch ends when
@@ -107,6 +111,7 @@ class TokenDataModule(LightningDataModule):
 
     def prepare_data(self) -> None:
         """Build the built-in corpus once (local rank 0; a file lock makes concurrent calls safe)."""
+        self.check_fits_model()
         if self.use_builtin:
             self.data_dirs = [
                 prepare_builtin_corpus(self.builtin_vocab_size, self.cache_dir, self.max_bytes, progress=True)
@@ -114,6 +119,7 @@ class TokenDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Locate and check the data (complete, chunks intact, one tokenizer, vocab fits the model)."""
+        self.check_fits_model()
         if self.tokenizer is not None:
             return
         self.data_dirs = [self.resolve_data_dir(d) for d in (self.data_dirs or [None])]
@@ -219,6 +225,31 @@ class TokenDataModule(LightningDataModule):
                 f"incomplete data directory: missing {', '.join(missing)}", f"data.data_dir {data_dir}", HOW_TO_CREATE
             )
         return data_dir
+
+    def check_fits_model(self) -> None:
+        """Before any data is read, check the data against the model the trainer runs (the CLI links the two; a
+        script of your own may not): ``vocab_size`` is the model's (unset: taken from it), ``seq_len`` is its
+        ``block_size`` for training and within its context length for validation and testing."""
+        trainer = self.trainer
+        config = getattr(trainer.lightning_module, "config", None) if trainer is not None else None
+        if not isinstance(config, LlamaConfig):
+            return
+        if self.vocab_size is None:
+            self.vocab_size = config.vocab_size
+        elif self.vocab_size != config.vocab_size:
+            raise ConfigError(
+                f"the data's vocab_size ({self.vocab_size}) is not the model's ({config.vocab_size})",
+                "data.vocab_size",
+                "set it to model.config.vocab_size, or leave it unset to take the model's",
+            )
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if self.seq_len > config.context_length or (fitting and self.seq_len != config.block_size):
+            limit = f"block_size ({config.block_size})" if fitting else f"context length ({config.context_length})"
+            raise ConfigError(
+                f"the data's seq_len ({self.seq_len}) {'is not' if fitting else 'exceeds'} the model's {limit}",
+                "data.seq_len",
+                "set it to model.config.block_size, the sequence length the model trains at",
+            )
 
     def check_vocab_size(self) -> None:
         """Fail before training if the tokenizer can emit ids outside the model's embedding table."""
