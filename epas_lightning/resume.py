@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from jsonargparse import Namespace
+from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from epas_lightning.checkpoint import read_checkpoint
 from epas_lightning.errors import CheckpointError, UserError
@@ -48,6 +49,7 @@ def resume_checkpoint(config: Namespace, word: str, fitting: bool = True) -> str
     if not found:
         places = ", ".join(str(d / "version_*/checkpoints") for d in run_dirs) or str(dirpath)
         if word == "auto":
+            check_no_slurm_checkpoint(config)
             instead = "starting from scratch" if fitting else "scoring the configured model"
             say(f"--ckpt_path auto: no last.ckpt under {places}; {instead}.")
             return None
@@ -118,3 +120,20 @@ def free_name(folder: Path, stem: str, suffix: str) -> str:
     while (folder / f"{stem}-{n}{suffix}").exists():
         n += 1
     return f"{stem}-{n}{suffix}"
+
+
+def check_no_slurm_checkpoint(config: Namespace) -> None:
+    """Under SLURM, refuse to start from no checkpoint (no ``--ckpt_path``, or ``auto`` finding none) beside a
+    Lightning ``hpc_ckpt_N.ckpt``: Lightning would resume it (``fit``) or score it (``validate``/``test``) unannounced,
+    past every check of ``--ckpt_path``. ``fit`` writes none (its requeue saves ``last.ckpt``): another program did."""
+    if not SLURMEnvironment.detect():
+        return
+    root = Path(config.trainer.get("default_root_dir") or ".").expanduser()
+    found = list(root.glob("hpc_ckpt_*.ckpt")) if root.is_dir() else []
+    if found:
+        newest = max(found, key=lambda p: int("0" + "".join(c for c in p.stem if c.isdigit())))  # Lightning's pick
+        raise CheckpointError(
+            "under SLURM, Lightning would load this checkpoint without --ckpt_path, unchecked and unannounced",
+            newest,
+            f"pass --ckpt_path {newest} to use it, or move the hpc_ckpt_*.ckpt files out of {root.resolve()}",
+        )

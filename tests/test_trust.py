@@ -620,6 +620,19 @@ def test_resuming_into_another_architecture_is_one_line_before_anything_loads(tm
     assert "no 'model_config': it was not written by EPASModule" in err
 
 
+def test_under_slurm_a_stray_hpc_checkpoint_is_never_loaded_unannounced(tmp_path, capsys, monkeypatch):
+    """Under SLURM Lightning loads the newest hpc_ckpt_N.ckpt of the working directory when no --ckpt_path is given:
+    fit resumed it (after `--ckpt_path auto` had said "starting from scratch"), validate scored it instead of the
+    configured model, without verify_checkpoint or the architecture check. Refused in one line, before any work."""
+    monkeypatch.chdir(tmp_path)
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "7"}.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"left by another program")
+    for argv in (["fit"], ["fit", "--ckpt_path", "auto"], ["validate"]):
+        err = one_line_error(capsys, [*argv, "--config", DEBUG])
+        assert "--ckpt_path hpc_ckpt_1.ckpt to use it" in err
+
+
 def test_a_sharded_checkpoint_under_a_strategy_that_cannot_read_it_is_one_line(tmp_path):
     from epas_lightning.lightning_cli import check_strategy_reads
 
