@@ -71,6 +71,26 @@ def checkpoint_folder(config: Namespace) -> str | None:
     return dirpath
 
 
+def check_checkpoint_folder_free(config: Namespace, ckpt_path: str | None) -> None:
+    """A ``fit`` that does not resume from a checkpoint of its own checkpoint folder must find that folder without
+    checkpoints: Lightning only warns, then names its saves ``last-v1.ckpt``, ``...-v1.ckpt`` beside the other run's
+    while the ``last.ckpt`` of the stop and of the end replaced that run's, and ``--ckpt_path last`` resumed either.
+    (Without a fixed folder every run gets a new version folder.)"""
+    folder = checkpoint_folder(config)
+    if not folder or config.trainer.get("enable_checkpointing") is False:
+        return
+    if ckpt_path and same_folder(folder, Path(ckpt_path).parent):
+        return
+    found = sorted(p.name for p in Path(folder).expanduser().glob("*.ckpt"))
+    if found:
+        raise CheckpointError(
+            f"the checkpoint folder holds another run's checkpoints ({', '.join(found[:3])}"
+            f"{', ...' if len(found) > 3 else ''}), which this run would mix with its own and partly replace",
+            f"checkpoint.dirpath {folder}" if config.get("checkpoint") and config.checkpoint.get("dirpath") else folder,
+            "resume that run with --ckpt_path last, or give this one an empty folder (checkpoint.dirpath)",
+        )
+
+
 def same_folder(folder: str | None, other: Path) -> bool:
     return bool(folder) and Path(folder).expanduser().resolve() == other.resolve()
 

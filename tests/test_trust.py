@@ -620,6 +620,23 @@ def test_resuming_into_another_architecture_is_one_line_before_anything_loads(tm
     assert "no 'model_config': it was not written by EPASModule" in err
 
 
+def test_a_fresh_fit_refuses_a_checkpoint_folder_holding_another_runs_checkpoints(tmp_path, capsys, monkeypatch):
+    """A new run into a checkpoint.dirpath that held an earlier run's checkpoints (Lightning only warned) saved
+    last-v1.ckpt beside them, replaced that run's last.ckpt at its stop or end, and `--ckpt_path last` meanwhile
+    resumed the earlier run's. Refused in one line; resuming from that folder still works."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ck").mkdir()
+    torch.save({"state_dict": {}, "global_step": 8}, tmp_path / "ck" / "last.ckpt")
+    for argv in (["--checkpoint.dirpath", "ck"], ["--trainer.logger", "false", "--trainer.default_root_dir", "."]):
+        if argv[0] == "--trainer.logger":
+            (tmp_path / "ck").rename(tmp_path / "checkpoints")  # without a logger: <default_root_dir>/checkpoints
+        err = one_line_error(capsys, ["fit", "--config", DEBUG, *argv])
+        assert "holds another run's checkpoints (last.ckpt)" in err
+    assert main(["fit", "--config", DEBUG, "--trainer.logger", "false", "--ckpt_path", "last"]) == 2
+    assert "error: no 'model_config'" in capsys.readouterr().err  # resuming it is allowed (this is no real checkpoint)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
+
+
 def test_under_slurm_a_stray_hpc_checkpoint_is_never_loaded_unannounced(tmp_path, capsys, monkeypatch):
     """Under SLURM Lightning loads the newest hpc_ckpt_N.ckpt of the working directory when no --ckpt_path is given:
     fit resumed it (after `--ckpt_path auto` had said "starting from scratch"), validate scored it instead of the
