@@ -3,11 +3,14 @@
 Lightning's ``TorchCheckpointIO`` stages the file in the system temp folder and moves it; across file systems (a
 local ``/tmp``, the run on a network disk) that move copies into the target, rewriting the previous checkpoint in
 place, so a kill or a full disk mid-copy leaves none that loads (and a large checkpoint needs as much room in
-``/tmp``). ``fit`` uses this one instead; sharded checkpoints have their own staging (``FSDP2Strategy``).
+``/tmp``). ``fit`` uses this one instead; sharded checkpoints have their own staging (``FSDP2Strategy``). A full disk
+(or quota) is a one-line :class:`~epas_lightning.errors.OutputError`: torch reported it as ``RuntimeError: unexpected
+pos ...`` after a traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,10 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from epas_lightning.errors import OutputError
 from epas_lightning.strategy import STAGING
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -36,7 +42,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(staging, path)
-        except BaseException:
+        except BaseException as e:
             staging.unlink(missing_ok=True)
+            if out_of_space(e):
+                raise OutputError(
+                    "no space left on the device (or quota) while writing this checkpoint; the earlier ones are whole",
+                    path,
+                    "free space (or set checkpoint.save_top_k), then resume with the same command and --ckpt_path last",
+                ) from e
             raise
         return None
+
+
+def out_of_space(error: BaseException | None) -> bool:
+    """``error``, or an error it was raised from or while handling, is a full disk or an exceeded quota."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in NO_SPACE:
+            return True
+        error = error.__cause__ or error.__context__
+    return False

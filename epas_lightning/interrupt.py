@@ -10,6 +10,11 @@ rank is enough), and if any was signalled every rank writes ``last.ckpt`` into t
 130 after Ctrl+C, 143 after SIGTERM. A second signal stops at once, without a checkpoint, as does a signal before
 training starts (during setup, where Lightning's own handling applies): the CLI then prints one line and exits with the
 same status (Lightning would exit 1 after Ctrl+C, and 0 after SIGTERM).
+
+Under SLURM with Lightning's ``auto_requeue`` (its default), the requeue signal (``SIGUSR1``, sent before the time
+limit with ``#SBATCH --signal=USR1@<seconds>``) stops the same way, and then the first rank requeues the job
+(``scontrol requeue``); the requeued job resumes that ``last.ckpt`` with ``--ckpt_path auto``. Lightning's own handler,
+which saved ``hpc_ckpt_N.ckpt`` mid-step into the working directory, is off (:mod:`epas_lightning.slurm`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from epas_lightning.run_checkpoint import save_last_now
 from epas_lightning.run_summary import say
+from epas_lightning.slurm import give_back_requeue, requeue_job, take_requeue_signal
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -52,6 +58,8 @@ class GracefulStop(Callback):
         """Set when ``fit`` stopped for a signal (on any rank): ``exit_status`` is then 128 + it."""
         self.interrupted_by: signal.Signals | None = None
         """Set when a signal ended ``fit`` at once (a second one, or one before training), without a checkpoint."""
+        self.requeue_signal: signal.Signals | None = None
+        """The signal SLURM requeues this job with, when this fit answers it (a SLURM job with ``auto_requeue``)."""
         self._previous: dict[signal.Signals, Any] = {}
         self._step = -1
 
@@ -61,12 +69,16 @@ class GracefulStop(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.received = self.stopped_by = self.interrupted_by = None
+        # before Lightning registers its handlers: its requeue handler is never set
+        self.requeue_signal = take_requeue_signal(trainer) if self.enabled else None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._step = trainer.global_step
+        self._give_back(trainer)
         if self.enabled and threading.current_thread() is threading.main_thread():
             # Lightning registered its SIGTERM handler after on_fit_start: this one replaces it until training ends
-            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in SIGNALS}
+            signals = (*SIGNALS, self.requeue_signal) if self.requeue_signal else SIGNALS
+            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in signals}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.received is not None:  # a second signal: stop at once (Lightning's KeyboardInterrupt path tears down)
@@ -74,7 +86,9 @@ class GracefulStop(Callback):
             raise Interrupted(signum)
         self.received = signal.Signals(signum)
         what = "Ctrl+C" if signum == signal.SIGINT else self.received.name
-        say(f"\n{what}: stopping after this optimizer step with a checkpoint ({what} again: at once, without one)")
+        then = ", then requeueing the job" if signum == self.requeue_signal else ""
+        again = f"({what} again: at once, without one)"
+        say(f"\n{what}: stopping after this optimizer step with a checkpoint{then} {again}")
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -85,13 +99,22 @@ class GracefulStop(Callback):
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
         self.stopped_by = self.received or signal.SIGTERM  # another rank was signalled: report it as SIGTERM
+        requeue = self.requeue_signal is not None and trainer.strategy.reduce_boolean_decision(
+            self.received == self.requeue_signal, all=False
+        )
+        if requeue:
+            self.stopped_by = self.requeue_signal
         saved = self._save(trainer)
         trainer.should_stop = True
         # Lightning validates when fit stops early (for early stopping): here a whole validation after the save, inside
         # the scheduler's grace period and before the loggers flush; the run resumes on the same schedule instead
         trainer.fit_loop.epoch_loop._skip_next_val = True
-        where = f"saved {saved} — resume with the same command and --ckpt_path last" if saved else ""
-        say(f"stopped by {self.stopped_by.name} after step {trainer.global_step}; {where or 'checkpointing is off'}")
+        where = f"saved {saved}" if saved else "checkpointing is off"
+        if requeue and trainer.is_global_zero:  # after the save, which the requeued job resumes
+            where = f"{where}; {requeue_job()} (its command needs --ckpt_path auto to resume it)"
+        elif saved:
+            where = f"{where} — resume with the same command and --ckpt_path last"
+        say(f"stopped by {self.stopped_by.name} after step {trainer.global_step}; {where}")
 
     @staticmethod
     def _save(trainer: Trainer) -> Path | None:
@@ -103,10 +126,15 @@ class GracefulStop(Callback):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._restore()
+        self._give_back(trainer)
         if self.enabled and isinstance(exception, KeyboardInterrupt):  # Ctrl+C before training, or a second signal
             self.interrupted_by = getattr(exception, "signum", signal.SIGINT)
         elif self.enabled and isinstance(exception, SIGTERMException):  # SIGTERM before training: Lightning's handler
             self.interrupted_by = signal.SIGTERM
+
+    def _give_back(self, trainer: Trainer) -> None:
+        if self.requeue_signal is not None:
+            give_back_requeue(trainer)
 
     def _restore(self) -> None:
         if self._previous and threading.current_thread() is threading.main_thread():

@@ -54,6 +54,8 @@ from epas_lightning.model import LlamaConfig
 from epas_lightning.module import EPASModule, check_resumed_model, check_trainable_precision
 from epas_lightning.resume import (
     RESUME_WORDS,
+    check_checkpoint_folder_free,
+    check_no_slurm_checkpoint,
     checkpoint_folder,
     continue_version,
     free_name,
@@ -231,6 +233,10 @@ class EPASCLI(LightningCLI):
         fitting = subcommand == "fit"
         if config.get("ckpt_path") in RESUME_WORDS:
             config.ckpt_path = resume_checkpoint(config, config.ckpt_path, fitting)
+        elif not config.get("ckpt_path"):
+            check_no_slurm_checkpoint(config)
+        if fitting:
+            check_checkpoint_folder_free(config, config.get("ckpt_path"))
         if config.get("ckpt_path"):
             config.ckpt_path = str(verify_checkpoint(config.ckpt_path, "--ckpt_path"))
             check_same_model(config.model.config, config.ckpt_path)

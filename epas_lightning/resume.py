@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from jsonargparse import Namespace
+from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from epas_lightning.checkpoint import read_checkpoint
 from epas_lightning.errors import CheckpointError, UserError
@@ -48,6 +49,7 @@ def resume_checkpoint(config: Namespace, word: str, fitting: bool = True) -> str
     if not found:
         places = ", ".join(str(d / "version_*/checkpoints") for d in run_dirs) or str(dirpath)
         if word == "auto":
+            check_no_slurm_checkpoint(config)
             instead = "starting from scratch" if fitting else "scoring the configured model"
             say(f"--ckpt_path auto: no last.ckpt under {places}; {instead}.")
             return None
@@ -67,6 +69,26 @@ def checkpoint_folder(config: Namespace) -> str | None:
     if not dirpath and config.trainer.get("logger") is False:  # no logger: Lightning saves into the root folder
         dirpath = str(Path(config.trainer.get("default_root_dir") or ".") / "checkpoints")
     return dirpath
+
+
+def check_checkpoint_folder_free(config: Namespace, ckpt_path: str | None) -> None:
+    """A ``fit`` that does not resume from a checkpoint of its own checkpoint folder must find that folder without
+    checkpoints: Lightning only warns, then names its saves ``last-v1.ckpt``, ``...-v1.ckpt`` beside the other run's
+    while the ``last.ckpt`` of the stop and of the end replaced that run's, and ``--ckpt_path last`` resumed either.
+    (Without a fixed folder every run gets a new version folder.)"""
+    folder = checkpoint_folder(config)
+    if not folder or config.trainer.get("enable_checkpointing") is False:
+        return
+    if ckpt_path and same_folder(folder, Path(ckpt_path).parent):
+        return
+    found = sorted(p.name for p in Path(folder).expanduser().glob("*.ckpt"))
+    if found:
+        raise CheckpointError(
+            f"the checkpoint folder holds another run's checkpoints ({', '.join(found[:3])}"
+            f"{', ...' if len(found) > 3 else ''}), which this run would mix with its own and partly replace",
+            f"checkpoint.dirpath {folder}" if config.get("checkpoint") and config.checkpoint.get("dirpath") else folder,
+            "resume that run with --ckpt_path last, or give this one an empty folder (checkpoint.dirpath)",
+        )
 
 
 def same_folder(folder: str | None, other: Path) -> bool:
@@ -118,3 +140,20 @@ def free_name(folder: Path, stem: str, suffix: str) -> str:
     while (folder / f"{stem}-{n}{suffix}").exists():
         n += 1
     return f"{stem}-{n}{suffix}"
+
+
+def check_no_slurm_checkpoint(config: Namespace) -> None:
+    """Under SLURM, refuse to start from no checkpoint (no ``--ckpt_path``, or ``auto`` finding none) beside a
+    Lightning ``hpc_ckpt_N.ckpt``: Lightning would resume it (``fit``) or score it (``validate``/``test``) unannounced,
+    past every check of ``--ckpt_path``. ``fit`` writes none (its requeue saves ``last.ckpt``): another program did."""
+    if not SLURMEnvironment.detect():
+        return
+    root = Path(config.trainer.get("default_root_dir") or ".").expanduser()
+    found = list(root.glob("hpc_ckpt_*.ckpt")) if root.is_dir() else []
+    if found:
+        newest = max(found, key=lambda p: int("0" + "".join(c for c in p.stem if c.isdigit())))  # Lightning's pick
+        raise CheckpointError(
+            "under SLURM, Lightning would load this checkpoint without --ckpt_path, unchecked and unannounced",
+            newest,
+            f"pass --ckpt_path {newest} to use it, or move the hpc_ckpt_*.ckpt files out of {root.resolve()}",
+        )

@@ -1,5 +1,6 @@
 """Lightning integration on CPU: growth during fit, mask and FLOPs bookkeeping, exact resume mid-growth."""
 
+import os
 import re
 from pathlib import Path
 
@@ -363,3 +364,37 @@ def test_a_graceful_stop_saves_its_step_once(tiny_corpus, tmp_path):
     trainer.fit(module, datamodule=data)
     assert stop.exit_status == 143 and saves == [3] and not [v for v in validations if not v]
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt"]
+
+
+def test_slurm_requeue_signal_stops_with_last_ckpt_then_requeues(tiny_corpus, tmp_path, monkeypatch):
+    """Under SLURM, Lightning answered SIGUSR1 by saving hpc_ckpt_1.ckpt from the signal handler, mid-step, into the
+    working directory, and trained on; a requeued job without --ckpt_path then resumed that older file. The signal
+    now stops like SIGTERM: last.ckpt of the step in the run's folder, then `scontrol requeue` of the job."""
+    import signal
+
+    from epas_lightning import GracefulStop
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_JOB_NAME": "x",
+                        "SLURM_JOB_ID": "77", "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "3",
+                        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    scontrol = tmp_path / "bin" / "scontrol"  # records its arguments
+    scontrol.parent.mkdir()
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{scontrol.parent}{os.pathsep}{os.environ['PATH']}")
+
+    class SignalMidStep(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 2:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    stop = GracefulStop()
+    module, data = make_run(tiny_corpus, n_layer=2)
+    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, 100, [SignalMidStep(), stop, checkpoint]).fit(module, datamodule=data)
+    assert stop.exit_status == 128 + signal.SIGUSR1
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 70_3\n"
+    assert not list(tmp_path.glob("hpc_ckpt_*")) and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3

@@ -319,6 +319,30 @@ def test_a_checkpoint_file_is_renamed_into_place_never_rewritten_in_place(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.ckpt", "last.ckpt"]
 
 
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """A full disk mid-save ended fit with two tracebacks and torch's 'RuntimeError: unexpected pos 706304 vs 706192'
+    (seen on a 4 MB tmpfs). It is one line naming the file, with what to do; the previous checkpoint stays."""
+    import errno
+
+    from epas_lightning.checkpoint_io import AtomicCheckpointIO
+    from epas_lightning.errors import OutputError
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 706304 vs 706192")  # noqa: B904
+
+    path, io = tmp_path / "last.ckpt", AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1}, path)
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OutputError, match="no space left on the device") as raised:
+        io.save_checkpoint({"step": 2}, path)
+    assert raised.value.where == str(path) and "--ckpt_path last" in raised.value.fix
+    assert torch.load(path, weights_only=True) == {"step": 1} and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Nothing the user owns is deleted or replaced; writers are atomic
 # ---------------------------------------------------------------------------------------------------------------------
@@ -628,6 +652,36 @@ def test_resuming_into_another_architecture_is_one_line_before_anything_loads(tm
     torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")  # not written by fit: nothing says what it holds
     err = one_line_error(capsys, ["fit", "--config", DEBUG, "--ckpt_path", str(tmp_path / "foreign.ckpt")])
     assert "no 'model_config': it was not written by EPASModule" in err
+
+
+def test_a_fresh_fit_refuses_a_checkpoint_folder_holding_another_runs_checkpoints(tmp_path, capsys, monkeypatch):
+    """A new run into a checkpoint.dirpath that held an earlier run's checkpoints (Lightning only warned) saved
+    last-v1.ckpt beside them, replaced that run's last.ckpt at its stop or end, and `--ckpt_path last` meanwhile
+    resumed the earlier run's. Refused in one line; resuming from that folder still works."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ck").mkdir()
+    torch.save({"state_dict": {}, "global_step": 8}, tmp_path / "ck" / "last.ckpt")
+    for argv in (["--checkpoint.dirpath", "ck"], ["--trainer.logger", "false", "--trainer.default_root_dir", "."]):
+        if argv[0] == "--trainer.logger":
+            (tmp_path / "ck").rename(tmp_path / "checkpoints")  # without a logger: <default_root_dir>/checkpoints
+        err = one_line_error(capsys, ["fit", "--config", DEBUG, *argv])
+        assert "holds another run's checkpoints (last.ckpt)" in err
+    assert main(["fit", "--config", DEBUG, "--trainer.logger", "false", "--ckpt_path", "last"]) == 2
+    assert "error: no 'model_config'" in capsys.readouterr().err  # resuming it is allowed (this is no real checkpoint)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
+
+
+def test_under_slurm_a_stray_hpc_checkpoint_is_never_loaded_unannounced(tmp_path, capsys, monkeypatch):
+    """Under SLURM Lightning loads the newest hpc_ckpt_N.ckpt of the working directory when no --ckpt_path is given:
+    fit resumed it (after `--ckpt_path auto` had said "starting from scratch"), validate scored it instead of the
+    configured model, without verify_checkpoint or the architecture check. Refused in one line, before any work."""
+    monkeypatch.chdir(tmp_path)
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "7"}.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"left by another program")
+    for argv in (["fit"], ["fit", "--ckpt_path", "auto"], ["validate"]):
+        err = one_line_error(capsys, [*argv, "--config", DEBUG])
+        assert "--ckpt_path hpc_ckpt_1.ckpt to use it" in err
 
 
 def test_a_sharded_checkpoint_under_a_strategy_that_cannot_read_it_is_one_line(tmp_path):
