@@ -63,6 +63,39 @@ def test_every_tool_speaks_the_same_vocabulary(command, capsys):
     assert options and not [o for o in options if "_" in o], options  # dashes, never underscores
 
 
+DEVICE_COMMANDS = {
+    "generate": ["--prompt", "x"],
+    "bench": [],
+    "evaluate": [],
+    "analyze": [],
+    "serve": [],
+    "lm-eval": ["--tasks", "no_such_task"],
+}
+"""Every command with --device, and the other flags it needs to get as far as checking it."""
+
+
+@pytest.mark.parametrize(
+    ("cuda", "device", "says"),
+    [
+        (2, "cuda:2", "no such GPU: this machine has 2 (cuda:0 to cuda:1) — --device cuda:2 — use cuda:0 to cuda:1"),
+        (1, "cuda:1", "no such GPU: this machine has 1 (cuda:0) — --device cuda:1 — use cuda:0 (or auto)"),
+        (0, "cuda", "CUDA is not available on this machine — --device cuda — use --device cpu (or auto)"),
+        (0, "gpu0", "unknown device 'gpu0' — --device gpu0 — use auto, cpu, cuda or cuda:N"),
+        (0, "meta", "device 'meta' is not available to these commands on this machine — --device meta — use auto"),
+    ],
+)
+def test_a_missing_device_is_one_line_before_anything_loads(cuda, device, says, tmp_path, capsys, monkeypatch):
+    """The same line from every command, before the checkpoint is read (it does not even exist here)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for command, extra in DEVICE_COMMANDS.items():
+        argv = [command, "--checkpoint", str(tmp_path / "missing.ckpt"), "--device", device, *extra]
+        assert main([*argv, "--output", str(tmp_path / command)] if command in ("bench", "analyze") else argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {says}") and err.count("\n") == 1, (command, err)
+
+
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
