@@ -93,7 +93,7 @@ def analyze_command(
     region could share with the least change.
 
     Args:
-        checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         data: Prepared data folder whose val split is read (default: the data the checkpoint trained on).
         batches: Held-out batches to measure on.
         batch_size: Sequences per batch.

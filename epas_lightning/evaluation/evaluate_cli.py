@@ -121,7 +121,7 @@ def evaluate_command(
     tokens were scored. JSONL tasks are scored as lm-eval scores them (use the lm-eval command for lm-eval's tasks).
 
     Args:
-        checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         sharing_layers: Region length N (the first N layers of the trained region), or all for 0..trained max;
             default: the trained region.
         data: Prepared data folder: perplexity on its val split (default: the data the run trained on; with --tasks

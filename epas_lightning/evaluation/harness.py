@@ -174,7 +174,7 @@ def lm_eval_command(
     in lm_eval.json.
 
     Args:
-        checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         tasks: An lm-eval task or group name (glob patterns work), a task YAML file, or a comma-separated list;
             repeat the flag for more.
         include_path: A folder of task YAMLs (lm-eval's --include_path); repeat the flag for more.

@@ -25,6 +25,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 SUPPORTED_MODEL_TYPES = ("llama", "epas_llama")
+REQUIRED_HF_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
 VOCAB_KEYS = ("embed_tokens.weight", "lm_head.weight")
 """Our parameters with one row per vocabulary entry (padded to ``padded_vocab_size``)."""
 IGNORED_HF_KEYS = ("rotary_emb.inv_freq",)
@@ -97,6 +98,9 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise HFCheckpointError(f"model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}.")
+    missing = [key for key in REQUIRED_HF_KEYS if key not in hf]
+    if missing:
+        raise HFCheckpointError(f"its config.json lacks {', '.join(missing)}: not a complete LLaMA config")
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             raise HFCheckpointError(f"{flag}=true is not supported: our LLaMA has no biases.")

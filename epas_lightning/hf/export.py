@@ -202,7 +202,7 @@ def export_command(
     loaded with AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).
 
     Args:
-        checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         output: The folder to write.
         sharing_layers: Region length N (the first N layers of the trained region); default: the trained region;
             0 writes a stock LLaMA.

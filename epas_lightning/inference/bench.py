@@ -216,7 +216,7 @@ def bench_command(
     region with the fewest sharing layers whose FLOPs are at most F x dense.
 
     Args:
-        checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         sharing_layers: The largest region to measure (default: the trained region).
         budget: Pick the region with the fewest sharing layers whose FLOPs are at most this fraction of dense.
         data: Prepared data folder whose val split gives the held-out loss (default: the run's own data).

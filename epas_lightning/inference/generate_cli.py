@@ -118,7 +118,7 @@ def generate_command(
     dense model (in qk mode a sharing layer caches only V).
 
     Args:
-        checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         prompt: A prompt; repeat the flag for a batch.
         prompt_file: A file with one prompt per line (added to --prompt).
         sharing_layers: The first N layers of the trained region (in its growth order) share; default: all of it.

@@ -80,7 +80,7 @@ def serve_command(
     server.
 
     Args:
-        checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         host: Interface to listen on (0.0.0.0 or :: for every interface).
         port: TCP port (1024..65535).
         model_name: The model id clients name (default: the checkpoint's file or folder name).
