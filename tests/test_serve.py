@@ -201,7 +201,8 @@ def test_engine_loop_forgets_cancelled_sequences(checkpoint):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--sharing-layers", "3"], "trained with at most 2 sharing layers"),
+        (["--sharing-layers", "3"], "trained with at most 2 sharing layers"),  # serve has no --force to offer
+        (["--sharing-layers", "-1"], "error: -1 sharing layers were asked for; a 4-layer model can share at most 3"),
         (["--port", "80"], "1024..65535"),
         (["--host", "no such host.invalid"], "cannot listen on 'no such host.invalid'"),
     ],

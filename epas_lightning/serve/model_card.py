@@ -46,13 +46,7 @@ class ServedModel:
         """Check the server's settings against the checkpoint (a :class:`ConfigError` at startup if they do not fit)."""
         config, region = recorded.config, recorded.region
         default = region.size if sharing_layers is None else sharing_layers
-        if not 0 <= default <= region.size:
-            raise ConfigError(
-                f"this checkpoint was trained with at most {region.size} sharing layers ({region.describe()}); "
-                f"{default} were asked for",
-                "--sharing-layers",
-                f"choose 0..{region.size}",
-            )
+        region.first(default, forceable=False)  # the trained region at most, and said as every command says it
         limit = config.block_size - 1 if max_tokens is None else max_tokens
         if not 1 <= limit < config.block_size:
             raise ConfigError(
