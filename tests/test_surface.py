@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
+from typing import get_type_hints
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ from epas_lightning.checkpoint import REGION_KEY, consolidate, load_model
 from epas_lightning.cli import LIGHTNING_COMMANDS, TOOLS, function_parser, main, tool
 from epas_lightning.errors import ConfigError
 from epas_lightning.lightning_cli import resume_checkpoint
+from epas_lightning.runtime import DType
 
 # ---------------------------------------------------------------------------------------------------------------------
 # One CLI
@@ -49,18 +52,25 @@ def test_every_tool_speaks_the_same_vocabulary(command, capsys):
     assert main([command, "--help"]) == 0
     out = capsys.readouterr().out
     assert "--config CONFIG" in out
+    runs_a_model = ("generate", "bench", "evaluate", "analyze", "serve", "lm-eval")
     vocabulary = {
         "--checkpoint": command != "prepare",
-        "--output": command in ("prepare", "consolidate", "export", "bench", "analyze"),
-        "--device": command in ("generate", "bench", "evaluate", "analyze"),
-        "--sharing-layers": command in ("generate", "bench", "evaluate", "export"),
-        "--json": command in ("generate", "bench", "evaluate", "analyze"),
+        "--output": command in ("prepare", "consolidate", "export", "bench", "analyze", "lm-eval"),
+        "--device": command in runs_a_model,
+        "--dtype": command in (*runs_a_model, "export"),
+        "--sharing-layers": command in ("generate", "bench", "evaluate", "export", "serve", "lm-eval"),
+        "--json": command in ("generate", "bench", "evaluate", "analyze", "lm-eval"),
     }
-    for flag, expected in vocabulary.items():
-        assert re.search(rf"{flag}[ ,]", out) or not expected, (command, flag)
     parser = function_parser(tool(command), command)
     options = [o for a in parser._actions if a.dest not in ("help", "print_config") for o in a.option_strings]
-    assert options and not [o for o in options if "_" in o], options  # dashes, never underscores
+    assert {flag: flag in options for flag in vocabulary} == vocabulary, command
+    assert not [o for o in options if "_" in o], options  # dashes, never underscores
+    fn, hints = tool(command), get_type_hints(tool(command))
+    defaults = {name: p.default for name, p in inspect.signature(fn).parameters.items()}
+    if "device" in hints:  # one meaning: resolve_device's
+        assert (hints["device"], defaults["device"]) == (str, "auto"), command
+    if "dtype" in hints:  # the same choices; auto: bfloat16 on CUDA (export: the checkpoint's, it runs nothing)
+        assert (hints["dtype"], defaults["dtype"]) == (DType, "auto"), command
 
 
 DEVICE_COMMANDS = {

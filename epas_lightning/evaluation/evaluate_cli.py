@@ -122,16 +122,16 @@ def evaluate_command(
 
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
-        sharing_layers: Region length N (the first N layers of the trained region), or all for 0..trained max;
-            default: the trained region.
+        sharing_layers: Region length N (the first N layers of the trained region, in its growth order), or all for
+            0..trained max; default: the trained region.
         data: Prepared data folder: perplexity on its val split (default: the data the run trained on; with --tasks
             only when --batches is given).
         tasks: Multiple-choice JSONL tasks {"context", "choices", "label"}; repeat the flag for several.
         batches: Held-out batches to score (default: the whole val split).
         batch_size: Sequences per batch.
-        tokenizer: Tokenizer for --tasks (default: the one the checkpoint records).
+        tokenizer: Tokenizer file or folder for --tasks (default: the one the checkpoint records).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
-        dtype: auto is bfloat16 on CUDA, float32 elsewhere.
+        dtype: Weights and activations; auto is bfloat16 on CUDA, float32 elsewhere.
         force: Allow regions longer than the trained one.
         json: End with one JSON line of the rows.
     """

@@ -178,15 +178,15 @@ def lm_eval_command(
         tasks: An lm-eval task or group name (glob patterns work), a task YAML file, or a comma-separated list;
             repeat the flag for more.
         include_path: A folder of task YAMLs (lm-eval's --include_path); repeat the flag for more.
-        sharing_layers: Region length N (the first N layers of the trained region), or all for 0..trained max;
-            default: the trained region.
+        sharing_layers: Region length N (the first N layers of the trained region, in its growth order), or all for
+            0..trained max; default: the trained region.
         num_fewshot: Few-shot examples per question (default: each task's own).
         limit: Score only the first N documents of each task (a fraction below 1); for quick checks.
         batch_size: Sequences per forward pass.
         bootstrap_iters: Bootstrap samples for lm-eval's standard errors (0 skips them).
-        tokenizer: Tokenizer file (default: the one the checkpoint records).
+        tokenizer: Tokenizer file or folder (default: the one the checkpoint records).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
-        dtype: auto is bfloat16 on CUDA, float32 elsewhere.
+        dtype: Weights and activations; auto is bfloat16 on CUDA, float32 elsewhere.
         force: Allow regions longer than the trained one.
         output: Folder for lm_eval.csv and lm_eval.json (default: print only).
         overwrite: Replace --output if it is an lm-eval folder written by this command.

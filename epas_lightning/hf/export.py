@@ -204,8 +204,8 @@ def export_command(
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         output: The folder to write.
-        sharing_layers: Region length N (the first N layers of the trained region); default: the trained region;
-            0 writes a stock LLaMA.
+        sharing_layers: Region length N (the first N layers of the trained region, in its growth order); default:
+            the trained region; 0 writes a stock LLaMA.
         tokenizer: Tokenizer file or folder to ship (default: the one the checkpoint records).
         remote_code: Write the epas_llama form (own modeling code) even for N = 0.
         dtype: Weight dtype of the export; auto keeps the checkpoint's.

@@ -217,7 +217,8 @@ def bench_command(
 
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
-        sharing_layers: The largest region to measure (default: the trained region).
+        sharing_layers: Measure the regions of 0..N layers, each the first layers of the trained region (in its
+            growth order); default: N is the trained region's size.
         budget: Pick the region with the fewest sharing layers whose FLOPs are at most this fraction of dense.
         data: Prepared data folder whose val split gives the held-out loss (default: the run's own data).
         batches: Held-out batches of block_size tokens to score.
@@ -227,7 +228,7 @@ def bench_command(
         max_new_tokens: Tokens generated per prompt (default: 64, at most what block_size leaves after the prompt).
         reps: Timed runs per region (alternating order; the median is reported).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
-        dtype: auto is bfloat16 on CUDA, float32 elsewhere.
+        dtype: Weights and activations; auto is bfloat16 on CUDA, float32 elsewhere.
         attention_reuse: Sharing layers reuse the source layer's attention probabilities.
         cuda_graph: Replay decode steps from a CUDA graph (auto: on for CUDA).
         force: Allow regions longer than the trained one.

@@ -129,7 +129,7 @@ def generate_command(
         top_p: Sample among the most likely tokens whose probability reaches p.
         seed: Seed of the sampling.
         ignore_eos: Always generate --max-new-tokens tokens.
-        tokenizer: Tokenizer file (default: the one the checkpoint records).
+        tokenizer: Tokenizer file or folder (default: the one the checkpoint records).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
         dtype: Weights and activations; auto is bfloat16 on CUDA, float32 elsewhere.
         attention_reuse: Sharing layers reuse the source layer's attention probabilities (the same model, less work).

@@ -84,8 +84,9 @@ def serve_command(
         host: Interface to listen on (0.0.0.0 or :: for every interface).
         port: TCP port (1024..65535).
         model_name: The model id clients name (default: the checkpoint's file or folder name).
-        sharing_layers: The region of requests that name none (default: the whole trained region).
-        tokenizer: Tokenizer file (default: the one the checkpoint records).
+        sharing_layers: The region of requests that name none: the first N layers of the trained region (in its
+            growth order); default: all of it.
+        tokenizer: Tokenizer file or folder (default: the one the checkpoint records).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
         dtype: Weights and activations; auto is bfloat16 on CUDA, float32 elsewhere.
         attention_reuse: Sharing layers reuse the source layer's attention probabilities (the same model, less work).
