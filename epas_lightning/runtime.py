@@ -1,4 +1,4 @@
-"""What every command means by ``--device``, ``--dtype`` and ``--json``: one definition for all of them."""
+"""What every command means by ``--device``, ``--dtype``, ``--json`` and a count: one definition for all of them."""
 
 from __future__ import annotations
 
@@ -53,6 +53,13 @@ def resolve_dtype(dtype: DType | None, device: torch.device) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def check_counts(counts: dict[str, int | None]) -> None:
+    """Fail with one line at the first flag whose count (``{"--batches": 0}``) is below 1; ``None`` is its default."""
+    for flag, value in counts.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"must be at least 1, got {value}", flag)
 
 
 def emit_json(record: Any, enabled: bool) -> None:

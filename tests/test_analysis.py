@@ -188,6 +188,6 @@ def test_analyze_reports_bad_inputs_before_work(tiny_checkpoint, tmp_path, capsy
         return err
 
     assert "checkpoint does not exist" in fails("--checkpoint", str(tmp_path / "nope.ckpt"))
-    assert "not a folder" in fails("--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path / "missing"))
+    assert "does not exist" in fails("--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path / "missing"))
     assert "must be in [2, block_size" in fails("--checkpoint", str(tiny_checkpoint), "--seq-len", "999")
     assert not (tmp_path / "runs").exists()

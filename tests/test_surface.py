@@ -109,6 +109,41 @@ def test_a_missing_device_is_one_line_before_anything_loads(cuda, device, says, 
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
+        (["bench", "--reps", "0"], "must be at least 1, got 0 — --reps"),  # was a StatisticsError traceback
+        (["bench", "--prompts", "0"], "must be at least 1, got 0 — --prompts"),  # an IndexError
+        (["bench", "--max-new-tokens", "0"], "must be at least 1, got 0 — --max-new-tokens"),  # a ValueError
+        (["generate", "--prompt", "x", "--max-new-tokens", "0"], "must be at least 1, got 0 — --max-new-tokens"),
+        (["evaluate", "--batches", "0"], "must be at least 1, got 0 — --batches"),  # a ValueError
+        (["evaluate", "--batch-size", "0"], "must be at least 1, got 0 — --batch-size"),  # '... — data'
+        (["analyze", "--batch-size", "-3"], "must be at least 1, got -3 — --batch-size"),
+        (["lm-eval", "--tasks", "x", "--batch-size", "0"], "must be at least 1, got 0 — --batch-size"),
+        (["serve", "--max-batch-size", "0"], "must be at least 1, got 0 — --max-batch-size"),
+    ],
+)
+def test_a_count_below_one_is_the_same_line_in_every_command(argv, says, tmp_path, capsys):
+    """Checked before the checkpoint is read (it does not exist here)."""
+    extra = ["--output", str(tmp_path / "out")] if argv[0] in ("bench", "analyze") else []
+    assert main([argv[0], "--checkpoint", str(tmp_path / "missing.ckpt"), "--device", "cpu", *argv[1:], *extra]) == 2
+    assert capsys.readouterr().err == f"error: {says}\n"
+
+
+def test_data_that_is_missing_or_incomplete_names_the_data_flag(tmp_path, capsys):
+    """bench and evaluate said 'data.data_dir' (fit's key) and to leave it unset for the built-in corpus."""
+    (tmp_path / "empty").mkdir()
+    for command in ("bench", "evaluate", "analyze"):
+        argv = [command, "--checkpoint", str(tmp_path / "missing.ckpt"), "--output", str(tmp_path / "out")]
+        argv = argv[:3] if command == "evaluate" else argv
+        fix = "create it with `python -m epas_lightning prepare --input ... --output ...`\n"
+        assert main([*argv, "--data", str(tmp_path / "nowhere")]) == 2
+        assert capsys.readouterr().err == f"error: data directory does not exist — --data {tmp_path}/nowhere — {fix}"
+        assert main([*argv, "--data", str(tmp_path / "empty")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: incomplete data directory: missing train/index.json") and err.endswith(fix)
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
         (["generate", "--sharing-layers", "all"], "--sharing-layers takes a whole number, not 'all'"),
         (["evaluate", "--sharing-layers", "lots"], "--sharing-layers takes a whole number or one of all, not 'lots'"),
         (["generate", "--dtype", "fp16"], "--dtype takes one of auto, float32, bfloat16, float16, not 'fp16'"),

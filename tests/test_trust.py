@@ -83,10 +83,10 @@ def one_line_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
 TOOL_ARGS = {
     "generate": ["--prompt", "x"],
     "bench": [],
-    "evaluate": ["--data", "."],
+    "evaluate": [],
     "export": ["--output", "{tmp}/out"],
     "consolidate": ["--output", "{tmp}/out"],
-    "analyze": ["--data", "."],
+    "analyze": ["--output", "{tmp}/out"],
     "serve": [],
 }
 
@@ -541,7 +541,7 @@ def test_missing_data_dir_bad_schedule_and_truncated_checkpoints_are_one_line(tm
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(evil.file.read_bytes()[:100])
     assert str(truncated) in one_line_error(capsys, ["fit", "--config", DEBUG, "--ckpt_path", str(truncated)])
-    for command, extra in (("export", ["--output", str(tmp_path / "o")]), ("evaluate", ["--data", "."]), ("serve", [])):
+    for command, extra in (("export", ["--output", str(tmp_path / "o")]), ("evaluate", []), ("serve", [])):
         assert "corrupt or truncated" in one_line_error(capsys, [command, "--checkpoint", str(truncated), *extra])
     text = tmp_path / "notes.ckpt"  # not a pickle at all: the unpickler fails with a KeyError, not an UnpicklingError
     text.write_text("hello")

@@ -21,7 +21,7 @@ from epas_lightning.errors import ConfigError
 from epas_lightning.model import Llama
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.progress import progress
-from epas_lightning.runtime import DType, dtype_name, emit_json
+from epas_lightning.runtime import DType, check_counts, dtype_name, emit_json
 
 
 def analyze_model(model: Llama, batches: Iterable[torch.Tensor]) -> RedundancyReport:
@@ -109,12 +109,11 @@ def analyze_command(
     import matplotlib
 
     matplotlib.use("Agg")
+    from epas_lightning.data.datamodule import check_data_flag
     from epas_lightning.inference.generate_cli import load_for_inference
 
-    if batches < 1 or batch_size < 1:
-        raise ConfigError("--batches and --batch-size must be positive", "--batches / --batch-size")
-    if data is not None and not data.is_dir():
-        raise ConfigError("not a folder", f"--data {data}", "create one with `python -m epas_lightning prepare`")
+    check_counts({"--batches": batches, "--batch-size": batch_size})
+    check_data_flag(data)
     check_output(output, "analysis", overwrite, [checkpoint])
     loaded = load_for_inference(checkpoint, device, dtype, attention_reuse=False)  # every layer computes here
     model, config = loaded.model, loaded.model.config

@@ -20,7 +20,7 @@ from epas_lightning.evaluation.perplexity import perplexity_of_batches
 from epas_lightning.inference.generate import set_region
 from epas_lightning.inference.generate_cli import load_for_inference, resolve_tokenizer
 from epas_lightning.progress import progress
-from epas_lightning.runtime import DType, emit_json
+from epas_lightning.runtime import DType, check_counts, emit_json
 
 
 def region_lengths(spec: int | str | None, loaded: LoadedModel, force: bool) -> list[int]:
@@ -135,6 +135,10 @@ def evaluate_command(
         force: Allow regions longer than the trained one.
         json: End with one JSON line of the rows.
     """
+    from epas_lightning.data.datamodule import check_data_flag
+
+    check_counts({"--batches": batches, "--batch-size": batch_size})
+    check_data_flag(data)
     rows = evaluate(checkpoint, sharing_layers, data, tasks or [], batches, batch_size, tokenizer, force, device, dtype)
     print(format_table(rows))
     emit_json(rows, json)

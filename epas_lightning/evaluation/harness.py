@@ -22,7 +22,7 @@ from typing import Any, Literal
 from epas_lightning.errors import ConfigError
 from epas_lightning.evaluation.evaluate_cli import format_table, region_lengths
 from epas_lightning.outputs import check_output, output_folder
-from epas_lightning.runtime import DType, emit_json, resolve_device
+from epas_lightning.runtime import DType, check_counts, emit_json, resolve_device
 
 INSTALL = "pip install 'epas_lightning[eval]'"
 OUTPUT_KIND = "lm-eval"
@@ -193,6 +193,7 @@ def lm_eval_command(
         json: End with one JSON line of the rows.
     """
     resolve_device(device)  # before lm-eval indexes its tasks
+    check_counts({"--batch-size": batch_size})
     if output is not None:  # refuse a bad output before hours of scoring
         check_output(output, OUTPUT_KIND, overwrite, [checkpoint])
     summary = run_lm_eval(

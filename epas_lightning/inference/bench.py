@@ -27,7 +27,7 @@ from epas_lightning.inference.generate_cli import MIB, CudaGraph, cuda_graph_cho
 from epas_lightning.model import LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.progress import progress
-from epas_lightning.runtime import DType, dtype_name, emit_json
+from epas_lightning.runtime import DType, check_counts, dtype_name, emit_json
 
 DEFAULT_TOKENS = 64
 """Default --prompt-len and --max-new-tokens, each cut to what the model's block_size leaves."""
@@ -236,6 +236,11 @@ def bench_command(
         overwrite: Replace --output if it is a bench folder written by this command.
         json: End with one JSON line of the summary.
     """
+    from epas_lightning.data.datamodule import check_data_flag
+
+    counts = {"--batches": batches, "--batch-size": batch_size, "--prompts": prompts, "--reps": reps}
+    check_counts({**counts, "--prompt-len": prompt_len, "--max-new-tokens": max_new_tokens})
+    check_data_flag(data)
     check_output(output, "bench", overwrite, [checkpoint])
     loaded = load_for_inference(checkpoint, device, dtype, attention_reuse)
     config = loaded.model.config

@@ -11,7 +11,7 @@ from epas_lightning.data.tokenizer import TextTokenizer, load_tokenizer
 from epas_lightning.errors import ConfigError
 from epas_lightning.inference.generate import GenerationResult, generate, set_region
 from epas_lightning.inference.sampling import SamplingError, check_sampling
-from epas_lightning.runtime import DType, emit_json, resolve_device, resolve_dtype
+from epas_lightning.runtime import DType, check_counts, emit_json, resolve_device, resolve_dtype
 
 MIB = 2**20
 CudaGraph = Literal["auto", "on", "off"]
@@ -141,8 +141,7 @@ def generate_command(
         check_sampling(temperature, top_k, top_p)
     except SamplingError as e:
         raise ConfigError(str(e), "--" + e.setting.replace("_", "-")) from e
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}", "--max-new-tokens")
+    check_counts({"--max-new-tokens": max_new_tokens})
     prompts = list(prompt or [])
     if prompt_file is not None:
         if not prompt_file.is_file():

@@ -19,7 +19,7 @@ from typing import Literal
 from epas_lightning.checkpoint import describe_checkpoint
 from epas_lightning.errors import ConfigError
 from epas_lightning.inference.generate_cli import resolve_tokenizer
-from epas_lightning.runtime import DType, resolve_device, resolve_dtype
+from epas_lightning.runtime import DType, check_counts, resolve_device, resolve_dtype
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 INSTALL = "pip install 'epas_lightning[serve]'"
@@ -100,8 +100,9 @@ def serve_command(
     check_host(host)
     if not 1024 <= port <= 65535:
         raise ConfigError(f"port must lie in 1024..65535, not {port}", "--port")
-    if max_batch_size < 1 or batch_timeout < 0:
-        raise ConfigError("--max-batch-size must be >= 1 and --batch-timeout >= 0", "serve", "see --help")
+    check_counts({"--max-batch-size": max_batch_size})
+    if batch_timeout < 0:
+        raise ConfigError(f"must be at least 0, got {batch_timeout}", "--batch-timeout")
     where = resolve_device(device)
     resolve_dtype(dtype, where)
     recorded = describe_checkpoint(checkpoint)  # checked before any process starts; only the worker reads weights
