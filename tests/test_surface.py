@@ -127,6 +127,14 @@ def test_a_count_below_one_is_the_same_line_in_every_command(argv, says, tmp_pat
     assert capsys.readouterr().err == f"error: {says}\n"
 
 
+def test_cuda_graph_on_without_a_cuda_device_is_one_line_before_anything_loads(tmp_path, capsys):
+    """generate said '— generate — see --help' after loading the model; bench died with a ValueError traceback."""
+    says = "error: CUDA graphs need a CUDA device — --cuda-graph on --device cpu — use --cuda-graph auto or off\n"
+    for argv in (["generate", "--prompt", "x"], ["bench", "--output", str(tmp_path / "out")]):
+        argv += ["--checkpoint", str(tmp_path / "missing.ckpt"), "--device", "cpu", "--cuda-graph", "on"]
+        assert main(argv) == 2 and capsys.readouterr().err == says
+
+
 def test_data_that_is_missing_or_incomplete_names_the_data_flag(tmp_path, capsys):
     """bench and evaluate said 'data.data_dir' (fit's key) and to leave it unset for the built-in corpus."""
     (tmp_path / "empty").mkdir()

@@ -241,6 +241,7 @@ def bench_command(
     counts = {"--batches": batches, "--batch-size": batch_size, "--prompts": prompts, "--reps": reps}
     check_counts({**counts, "--prompt-len": prompt_len, "--max-new-tokens": max_new_tokens})
     check_data_flag(data)
+    graphed = cuda_graph_choice(cuda_graph, device)
     check_output(output, "bench", overwrite, [checkpoint])
     loaded = load_for_inference(checkpoint, device, dtype, attention_reuse)
     config = loaded.model.config
@@ -262,7 +263,7 @@ def bench_command(
     with output_folder(output, "bench", overwrite, inputs=[checkpoint]) as build:
         held_out = heldout_batches(data_dir, config, batch_size, batches) if data_dir else []
         rows = measure(loaded, max_shared, force, held_out, prompts, prompt_len, max_new_tokens, reps,
-                       cuda_graph_choice(cuda_graph))  # fmt: skip
+                       graphed)  # fmt: skip
         summary = {
             "checkpoint": str(checkpoint),
             "device": str(loaded.model.embed_tokens.weight.device),

@@ -28,7 +28,12 @@ def load_for_inference(
     return loaded
 
 
-def cuda_graph_choice(cuda_graph: CudaGraph) -> bool | None:
+def cuda_graph_choice(cuda_graph: CudaGraph, device: str = "auto") -> bool | None:
+    """``--cuda-graph`` for ``generate``'s ``cuda_graph`` (``None``: on for CUDA); ``on`` needs a CUDA ``--device``."""
+    if cuda_graph == "on" and resolve_device(device).type != "cuda":
+        raise ConfigError(
+            "CUDA graphs need a CUDA device", f"--cuda-graph on --device {device}", "use --cuda-graph auto or off"
+        )
     return {"auto": None, "on": True, "off": False}[cuda_graph]
 
 
@@ -142,6 +147,7 @@ def generate_command(
     except SamplingError as e:
         raise ConfigError(str(e), "--" + e.setting.replace("_", "-")) from e
     check_counts({"--max-new-tokens": max_new_tokens})
+    graphed = cuda_graph_choice(cuda_graph, device)
     prompts = list(prompt or [])
     if prompt_file is not None:
         if not prompt_file.is_file():
@@ -165,7 +171,7 @@ def generate_command(
             top_p=top_p,
             eos_id=None if ignore_eos else text_tokenizer.eos_id,
             seed=seed,
-            cuda_graph=cuda_graph_choice(cuda_graph),
+            cuda_graph=graphed,
         )
     except ValueError as e:  # prompt too long, bad sampling settings
         raise ConfigError(str(e), "generate", "see --help") from e
