@@ -135,6 +135,16 @@ def test_cuda_graph_on_without_a_cuda_device_is_one_line_before_anything_loads(t
         assert main(argv) == 2 and capsys.readouterr().err == says
 
 
+def test_a_missing_tokenizer_names_the_flag_before_anything_loads(tmp_path, capsys):
+    """It said 'tokenizer file does not exist — <path>' without the flag, after loading the model."""
+    nowhere = tmp_path / "nowhere.json"
+    says = f"error: tokenizer file does not exist — --tokenizer {nowhere} — check the path\n"
+    for argv in (["generate", "--prompt", "x"], ["serve"], ["evaluate"], ["lm-eval", "--tasks", "x"], ["export"]):
+        argv += ["--checkpoint", str(tmp_path / "missing.ckpt"), "--tokenizer", str(nowhere)]
+        assert main([*argv, "--output", str(tmp_path / "out")] if argv[0] == "export" else argv) == 2
+        assert capsys.readouterr().err == says
+
+
 def test_data_that_is_missing_or_incomplete_names_the_data_flag(tmp_path, capsys):
     """bench and evaluate said 'data.data_dir' (fit's key) and to leave it unset for the built-in corpus."""
     (tmp_path / "empty").mkdir()

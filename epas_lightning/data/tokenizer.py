@@ -75,6 +75,15 @@ def resolve_tokenizer_path(path: str | Path) -> Path:
     return path
 
 
+def check_tokenizer_flag(path: Path | None, flag: str = "--tokenizer") -> None:
+    """A command's ``--tokenizer``: unset (the checkpoint's own), or a tokenizer file or a folder holding one."""
+    if path is not None:
+        try:
+            resolve_tokenizer_path(path)
+        except TokenizerError as e:
+            raise TokenizerError(e.what, f"{flag} {path}", e.fix) from e
+
+
 def standard_filename(tokenizer: TextTokenizer) -> str:
     """The name a tokenizer file gets in folders we write: ``tokenizer.json`` or ``tokenizer.model``."""
     return HF_FILENAME if tokenizer.kind == "hf" else SENTENCEPIECE_FILENAME

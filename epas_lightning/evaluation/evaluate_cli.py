@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from epas_lightning.checkpoint import LoadedModel
+from epas_lightning.data.tokenizer import check_tokenizer_flag
 from epas_lightning.errors import ConfigError
 from epas_lightning.evaluation.multiple_choice import evaluate_task, load_task
 from epas_lightning.evaluation.perplexity import perplexity_of_batches
@@ -139,6 +140,7 @@ def evaluate_command(
 
     check_counts({"--batches": batches, "--batch-size": batch_size})
     check_data_flag(data)
+    check_tokenizer_flag(tokenizer)
     rows = evaluate(checkpoint, sharing_layers, data, tasks or [], batches, batch_size, tokenizer, force, device, dtype)
     print(format_table(rows))
     emit_json(rows, json)

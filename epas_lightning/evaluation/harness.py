@@ -19,6 +19,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal
 
+from epas_lightning.data.tokenizer import check_tokenizer_flag
 from epas_lightning.errors import ConfigError
 from epas_lightning.evaluation.evaluate_cli import format_table, region_lengths
 from epas_lightning.outputs import check_output, output_folder
@@ -194,6 +195,7 @@ def lm_eval_command(
     """
     resolve_device(device)  # before lm-eval indexes its tasks
     check_counts({"--batch-size": batch_size})
+    check_tokenizer_flag(tokenizer)
     if output is not None:  # refuse a bad output before hours of scoring
         check_output(output, OUTPUT_KIND, overwrite, [checkpoint])
     summary = run_lm_eval(

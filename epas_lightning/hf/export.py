@@ -23,7 +23,13 @@ import torch
 from safetensors.torch import save_file
 
 from epas_lightning.checkpoint import load_model
-from epas_lightning.data.tokenizer import HF_FILENAME, SENTENCEPIECE_FILENAME, load_tokenizer, resolve_tokenizer_path
+from epas_lightning.data.tokenizer import (
+    HF_FILENAME,
+    SENTENCEPIECE_FILENAME,
+    check_tokenizer_flag,
+    load_tokenizer,
+    resolve_tokenizer_path,
+)
 from epas_lightning.hf.convert import ours_to_hf
 from epas_lightning.inference.generate import set_region
 from epas_lightning.model import LlamaConfig
@@ -212,6 +218,7 @@ def export_command(
         force: Allow a region longer than the trained one.
         overwrite: Replace --output if it is an export written by this command.
     """
+    check_tokenizer_flag(tokenizer)
     out = export(checkpoint, output, sharing_layers, tokenizer, remote_code, dtype, force, overwrite)
     kind = "epas_llama (trust_remote_code=True)" if (out / REMOTE_FILES[1]).is_file() else "stock LlamaForCausalLM"
     print(f"wrote {out} ({kind})")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from epas_lightning.checkpoint import CheckpointInfo, LoadedModel, load_model
-from epas_lightning.data.tokenizer import TextTokenizer, load_tokenizer
+from epas_lightning.data.tokenizer import TextTokenizer, check_tokenizer_flag, load_tokenizer
 from epas_lightning.errors import ConfigError
 from epas_lightning.inference.generate import GenerationResult, generate, set_region
 from epas_lightning.inference.sampling import SamplingError, check_sampling
@@ -148,6 +148,7 @@ def generate_command(
         raise ConfigError(str(e), "--" + e.setting.replace("_", "-")) from e
     check_counts({"--max-new-tokens": max_new_tokens})
     graphed = cuda_graph_choice(cuda_graph, device)
+    check_tokenizer_flag(tokenizer)
     prompts = list(prompt or [])
     if prompt_file is not None:
         if not prompt_file.is_file():

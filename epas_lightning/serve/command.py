@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from epas_lightning.checkpoint import describe_checkpoint
+from epas_lightning.data.tokenizer import check_tokenizer_flag
 from epas_lightning.errors import ConfigError
 from epas_lightning.inference.generate_cli import resolve_tokenizer
 from epas_lightning.runtime import DType, check_counts, resolve_device, resolve_dtype
@@ -105,6 +106,7 @@ def serve_command(
         raise ConfigError(f"must be at least 0, got {batch_timeout}", "--batch-timeout")
     where = resolve_device(device)
     resolve_dtype(dtype, where)
+    check_tokenizer_flag(tokenizer)
     recorded = describe_checkpoint(checkpoint)  # checked before any process starts; only the worker reads weights
     text_tokenizer = resolve_tokenizer(recorded, tokenizer)
     name = model_name or (checkpoint.stem if checkpoint.is_file() else checkpoint.name)
