@@ -264,6 +264,23 @@ def test_serve_checks_the_checkpoint_without_reading_its_weights(checkpoint, tmp
     assert read == ["state_dict.model.sharing.mask"]  # the sharded form: the mask's bytes only
 
 
+def test_serve_wraps_requests_in_the_bos_and_eos_the_checkpoint_recorded(checkpoint, tmp_path, monkeypatch):
+    """As generate, evaluate and lm-eval do: the server re-read the tokenizer file alone and guessed its own."""
+    pytest.importorskip("litserve")
+    from epas_lightning.serve import command
+
+    copy = shutil.copytree(checkpoint, tmp_path / "ckpt")
+    record = json.loads((copy / "config.json").read_text())
+    record["tokenizer"].update(bos_id=5, eos_id=6)
+    (copy / "config.json").write_text(json.dumps(record))
+    started = []
+    monkeypatch.setattr(command, "run_server", lambda api, *args: started.append(api))
+    assert cli_main(["serve", "--checkpoint", str(copy), "--device", "cpu"]) == 0
+    api = started.pop()
+    api.setup("cpu")  # the worker's side
+    assert api.engine.eos_id == 6 and api.served.tokenizer().bos_id == 5  # the HTTP side's prompts start with it
+
+
 def test_serve_refuses_weights_that_do_not_fit_their_config_before_starting(checkpoint, tmp_path, capsys):
     pytest.importorskip("litserve")
     bad = tmp_path / "bad"

@@ -196,9 +196,16 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, length: int | No
 _LOADED: dict[tuple, TextTokenizer] = {}
 
 
-def load_tokenizer_once(path: str, bos_token: str | None = None, eos_token: str | None = None) -> TextTokenizer:
-    """Load once per process (a preparation worker tokenizes several work items)."""
-    key = (path, bos_token, eos_token)
+def load_tokenizer_once(
+    path: str,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+) -> TextTokenizer:
+    """:func:`load_tokenizer`, once per process (a preparation worker tokenizes several work items, a server every
+    request)."""
+    key = (path, bos_token, eos_token, bos_id, eos_id)
     if key not in _LOADED:
-        _LOADED[key] = load_tokenizer(path, bos_token, eos_token)
+        _LOADED[key] = load_tokenizer(path, bos_token, eos_token, bos_id, eos_id)
     return _LOADED[key]
