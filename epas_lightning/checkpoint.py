@@ -214,7 +214,7 @@ def _read_hf(path: Path, weights: bool, flag: str) -> tuple[dict[str, torch.Tens
     hf = read_hf_config(path)
     try:
         config = config_from_hf(hf)
-        state = hf_to_ours(read_hf_weights(path), config)
+        state = hf_to_ours(read_hf_weights(path, weights), config)
     except HFCheckpointError as e:  # name the flag where the conversion did not
         raise HFCheckpointError(e.what, e.where or f"{flag} {path}", e.fix) from e
     region = [int(i) for i in hf.get("epas_trained_region") or ()]

@@ -229,13 +229,15 @@ def checkpoint_forms(consolidated: Path, root: Path) -> dict[str, Path]:
 
 def test_serve_checks_the_checkpoint_without_reading_its_weights(checkpoint, tmp_path, monkeypatch):
     """The main process reads what load_model reports (config, region, tokenizer) but no weight: only the inference
-    worker loads them. Of the tensors, only the sharing mask is read."""
+    worker loads them. Of the tensors, only the sharing mask is read (an HF folder has none: headers only)."""
     pytest.importorskip("litserve")
     from epas_lightning import checkpoint as checkpoint_module
     from epas_lightning import safe_load
+    from epas_lightning.hf import convert
+    from epas_lightning.hf.export import export
     from epas_lightning.serve import command
 
-    forms = checkpoint_forms(checkpoint, tmp_path)
+    forms = {**checkpoint_forms(checkpoint, tmp_path), "hf": export(checkpoint, tmp_path / "hf")}
     loaded = {form: load_model(path) for form, path in forms.items()}
     started, read = [], []
     monkeypatch.setattr(command, "run_server", lambda api, *args: started.append(api.served))
@@ -253,6 +255,7 @@ def test_serve_checks_the_checkpoint_without_reading_its_weights(checkpoint, tmp
 
     dcp_load, load_torch_file = safe_load.dcp_load, checkpoint_module.load_torch_file
     monkeypatch.setattr(checkpoint_module, "load_file", no_weights)
+    monkeypatch.setattr(convert, "load_file", no_weights)
     monkeypatch.setattr(safe_load, "dcp_load", load_mask_only)
     monkeypatch.setattr(checkpoint_module, "load_torch_file", mapped_only)
     monkeypatch.setattr(Llama, "to_empty", no_weights)  # no whole model is materialised
@@ -260,7 +263,8 @@ def test_serve_checks_the_checkpoint_without_reading_its_weights(checkpoint, tmp
         assert cli_main(["serve", "--checkpoint", str(path)]) == 0, form
         served = started.pop()
         assert served.config == loaded[form].model.config and served.region == loaded[form].region, form
-        assert served.tokenizer_path == loaded[form].tokenizer_path == checkpoint / "tokenizer.json", form
+        tokenizer = (forms[form] if form == "hf" else checkpoint) / "tokenizer.json"
+        assert served.tokenizer_path == loaded[form].tokenizer_path == tokenizer, form
     assert read == ["state_dict.model.sharing.mask"]  # the sharded form: the mask's bytes only
 
 

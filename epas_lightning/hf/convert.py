@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from epas_lightning.errors import CheckpointError
@@ -145,17 +145,20 @@ def check_compatible(config: LlamaConfig, hf: dict[str, Any] | str | Path, sourc
         )
 
 
-def read_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of an HF directory (single or sharded safetensors, else ``pytorch_model.bin``), on the CPU."""
+def read_hf_weights(path: str | Path, weights: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF directory (single or sharded safetensors, else ``pytorch_model.bin``), on the CPU; without
+    ``weights``, empty meta tensors of their shapes (safetensors headers are read, a ``.bin`` is mapped)."""
     path = Path(path).expanduser()
+    safetensors_load = _safetensors_load if weights else _safetensors_shapes
+    torch_load = _torch_load if weights else _torch_shapes
     if (path / SAFETENSORS_FILE).is_file():
-        return _safetensors_load(path / SAFETENSORS_FILE)
+        return safetensors_load(path / SAFETENSORS_FILE)
     if (path / SAFETENSORS_INDEX).is_file():
-        return _read_sharded(path, SAFETENSORS_INDEX, _safetensors_load)
+        return _read_sharded(path, SAFETENSORS_INDEX, safetensors_load)
     if (path / TORCH_FILE).is_file():
-        return _torch_load(path / TORCH_FILE)
+        return torch_load(path / TORCH_FILE)
     if (path / TORCH_INDEX).is_file():
-        return _read_sharded(path, TORCH_INDEX, _torch_load)
+        return _read_sharded(path, TORCH_INDEX, torch_load)
     raise HFCheckpointError(
         "no weights", path, f"expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, {TORCH_FILE} or {TORCH_INDEX}"
     )
@@ -165,6 +168,20 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     from epas_lightning.safe_load import load_torch_file
 
     return load_torch_file(file)
+
+
+def _torch_shapes(file: Path) -> dict[str, torch.Tensor]:
+    from epas_lightning.safe_load import load_torch_file
+
+    return {key: torch.empty(t.shape, device="meta") for key, t in load_torch_file(file, mmap=True).items()}
+
+
+def _safetensors_shapes(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(file, "pt") as f:
+            return {key: torch.empty(f.get_slice(key).get_shape(), device="meta") for key in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise HFCheckpointError(f"corrupt or truncated safetensors ({e})", file) from e
 
 
 def _safetensors_load(file: Path) -> dict[str, torch.Tensor]:
