@@ -18,20 +18,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from epas_lightning.errors import ConfigError
 from epas_lightning.inference import deepest_layers
+from epas_lightning.runtime import resolve_device  # noqa: F401 - the benchmarks' --device, as the commands'
 
 BENCH_EXTRA = 'pip install ".[bench]"'
 """How to install the peers the benchmarks compare against (``transformers``; see ``pyproject.toml``)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when available, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("CUDA is not available on this machine", f"--device {name}", "use --device cpu (or auto)")
-    return torch.device(name)
 
 
 def sharing_layers(n_layer: int, fraction: float) -> list[int]:

@@ -1,9 +1,10 @@
 """Training checkpoints in, models out: ``load_model`` for every consumer, and ``consolidate``.
 
-``load_model`` reads the three forms a trained model comes in: a single-file ``.ckpt``, the directory FSDP2 training
+``load_model`` reads the forms a trained model comes in: a single-file ``.ckpt``, the directory FSDP2 training
 writes (one shard per rank, torch distributed checkpoint), and a ``consolidate`` directory (``model.safetensors`` +
-``config.json``). It returns the model with what every consumer needs to know: the trained sharing region in growth
-order, the tokenizer and the data the run trained on. Nothing is unpickled freely (see :mod:`epas_lightning.safe_load`).
+``config.json``); and a Hugging Face LLaMA folder, such as the dense model a continual run starts from. It returns the
+model with what every consumer needs to know: the trained sharing region in growth order, the tokenizer and the data
+the run trained on. Nothing is unpickled freely (see :mod:`epas_lightning.safe_load`).
 
 ``python -m epas_lightning consolidate --checkpoint <ckpt> --output <dir>`` turns either training form into the
 consolidated one, built beside the target and renamed into place.
@@ -24,7 +25,14 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from epas_lightning.errors import CheckpointError
-from epas_lightning.hf.convert import is_hf_dir
+from epas_lightning.hf.convert import (
+    HFCheckpointError,
+    config_from_hf,
+    hf_to_ours,
+    is_hf_dir,
+    read_hf_config,
+    read_hf_weights,
+)
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.region import REGION_KEY, TrainedRegion
@@ -198,16 +206,44 @@ def _read_consolidated(path: Path, weights: bool = True) -> tuple[dict[str, torc
     return state, metadata
 
 
+def _read_hf(path: Path, weights: bool, flag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A Hugging Face LLaMA folder as a checkpoint-like state and metadata: dense, or the trained region an ``export``
+    recorded; its ``tokenizer.json`` / ``tokenizer.model`` and BOS/EOS ids when it has them; no data."""
+    from epas_lightning.data.tokenizer import HF_FILENAME, SENTENCEPIECE_FILENAME
+
+    hf = read_hf_config(path)
+    try:
+        config = config_from_hf(hf)
+        state = hf_to_ours(read_hf_weights(path, weights), config)
+    except HFCheckpointError as e:  # name the flag where the conversion did not
+        raise HFCheckpointError(e.what, e.where or f"{flag} {path}", e.fix) from e
+    region = [int(i) for i in hf.get("epas_trained_region") or ()]
+    state[SHARING_MASK] = torch.tensor([i in region for i in range(config.n_layer)])
+    tokenizer = next((path / name for name in (HF_FILENAME, SENTENCEPIECE_FILENAME) if (path / name).is_file()), None)
+    metadata = {
+        "model_config": config.to_dict(),
+        "tokenizer": {"path": str(tokenizer) if tokenizer else None, **_special_ids(hf)},
+        REGION_KEY: {"layers": region, "order": hf.get("epas_growth_order", "deep_first")},
+    }
+    return (state if weights else _shapes_only(state)), metadata
+
+
+def _special_ids(hf: dict[str, Any]) -> dict[str, int | None]:
+    """``bos_id`` and ``eos_id`` from an HF config (the first of a list, as Llama 3 lists its end tokens)."""
+    ids = {}
+    for ours, theirs in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id")):
+        value = hf.get(theirs)
+        value = value[0] if isinstance(value, list) and value else value
+        ids[ours] = value if isinstance(value, int) else None
+    return ids
+
+
 def _read_any(path: Path, weights: bool, flag: str = "--checkpoint") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The state dict and metadata of a ``.ckpt`` file, an FSDP2 directory or a consolidated directory."""
+    """The state dict and metadata of a ``.ckpt`` file, an FSDP2 directory, a consolidated or an HF LLaMA directory."""
     if not path.exists():
         raise CheckpointError("checkpoint does not exist", f"{flag} {path}", "check the path")
     if path.is_dir() and is_hf_dir(path):
-        raise CheckpointError(
-            "a Hugging Face model folder, not a checkpoint of fit or consolidate",
-            f"{flag} {path}",
-            f"train from its weights with `fit --model.init_from {path}`",
-        )
+        return _read_hf(path, weights, flag)
     if path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
         return _read_consolidated(path, weights)
     if path.is_file() or is_sharded_checkpoint(path):
@@ -215,7 +251,7 @@ def _read_any(path: Path, weights: bool, flag: str = "--checkpoint") -> tuple[di
     raise CheckpointError(
         "not a checkpoint",
         f"{flag} {path}",
-        "pass a .ckpt file, an FSDP2 checkpoint directory or a consolidated directory",
+        "pass a .ckpt file, an FSDP2 checkpoint directory, a consolidated directory or a Hugging Face LLaMA folder",
     )
 
 
@@ -293,10 +329,11 @@ def _info(metadata: dict[str, Any], model: Llama) -> CheckpointInfo:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model from a ``.ckpt`` file, an FSDP2 checkpoint directory or a :func:`consolidate` directory.
+    """Load a model from a ``.ckpt`` file, an FSDP2 checkpoint directory, a :func:`consolidate` directory or an HF
+    LLaMA folder (dense, or with the region an ``export`` recorded).
 
     Pickles are read only with ``weights_only=True`` or the restricted metadata unpickler; anything that is not a
-    checkpoint of ours is a :class:`~epas_lightning.errors.CheckpointError` that says what was expected.
+    checkpoint is a :class:`~epas_lightning.errors.CheckpointError` that says what was expected.
     """
     path = Path(path).expanduser()
     state, metadata = _read_any(path, weights=True)

@@ -50,11 +50,11 @@ class TrainedRegion:
         start = max(self.layers, default=0) + 1
         return range(start, self.n_layer)
 
-    def first(self, n: int, force: bool = False, flag: str = "--sharing-layers") -> list[int]:
+    def first(self, n: int, force: bool = False, flag: str = "--sharing-layers", forceable: bool = True) -> list[int]:
         """The layers that share with a region of ``n`` layers: the first ``n`` of the growth order, ascending.
 
         More than the trained region is refused unless ``force`` (its extra layers never learned to work without their
-        own Q/K, so quality drops sharply).
+        own Q/K, so quality drops sharply); the error offers ``--force`` where the command has it (``forceable``).
         """
         limit = len(self.growth_order())
         if not 0 <= n <= limit:
@@ -69,7 +69,7 @@ class TrainedRegion:
                 f"this checkpoint was trained with at most {self.size} sharing layers ({self.describe()}); "
                 f"{n} were asked for",
                 flag,
-                f"choose 0..{self.size}, or pass --force to measure a region it never trained",
+                f"choose 0..{self.size}" + (", or pass --force to run a region it never trained" if forceable else ""),
             )
         return sorted(self.growth_order()[:n])
 

@@ -1,4 +1,4 @@
-"""What every command means by ``--device``, ``--dtype`` and ``--json``: one definition for all of them."""
+"""What every command means by ``--device``, ``--dtype``, ``--json`` and a count: one definition for all of them."""
 
 from __future__ import annotations
 
@@ -15,16 +15,31 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto``: CUDA when available, else the CPU; otherwise any torch device name (``cpu``, ``cuda:1``)."""
+    """``auto``: CUDA when available, else the CPU; otherwise ``cpu``, ``cuda`` or ``cuda:N`` (``mps`` where available).
+
+    A device this machine lacks (no CUDA, an index past the GPU count, anything else) is one :class:`ConfigError`
+    naming the flag, before any model loads.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    where, fix = f"--device {device}", "use auto, cpu, cuda or cuda:N"
     try:
         resolved = torch.device(device)
     except (RuntimeError, ValueError) as e:
-        raise ConfigError(f"unknown device {device!r}", "--device", "use auto, cpu, cuda or cuda:N") from e
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("CUDA is not available on this machine", f"--device {device}", "use --device cpu")
-    return resolved
+        raise ConfigError(f"unknown device {device!r}", where, fix) from e
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("CUDA is not available on this machine", where, "use --device cpu (or auto)")
+        count = torch.cuda.device_count()
+        if (resolved.index or 0) >= count:
+            gpus = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+            raise ConfigError(f"no such GPU: this machine has {count} ({gpus})", where, f"use {gpus} (or auto)")
+        return resolved
+    if resolved.type == "mps" and torch.backends.mps.is_available():
+        return resolved
+    raise ConfigError(f"device {device!r} is not available to these commands on this machine", where, fix)
 
 
 def resolve_dtype(dtype: DType | None, device: torch.device) -> torch.dtype:
@@ -38,6 +53,13 @@ def resolve_dtype(dtype: DType | None, device: torch.device) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def check_counts(counts: dict[str, int | None]) -> None:
+    """Fail with one line at the first flag whose count (``{"--batches": 0}``) is below 1; ``None`` is its default."""
+    for flag, value in counts.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"must be at least 1, got {value}", flag)
 
 
 def emit_json(record: Any, enabled: bool) -> None:

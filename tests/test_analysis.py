@@ -163,7 +163,7 @@ def tiny_checkpoint(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory)
 def test_analyze_command_writes_heatmap_json_and_tensorboard_image(tiny_checkpoint, tiny_corpus, tmp_path, capsys):
     out = tmp_path / "analysis"
     args = ["analyze", "--checkpoint", str(tiny_checkpoint), "--output", str(out), "--batches", "2"]
-    assert cli_main([*args, "--batch-size", "2", "--seq-len", "16"]) == 0
+    assert cli_main([*args, "--batch-size", "2", "--seq-len", "16", "--dtype", "bfloat16"]) == 0
     captured = capsys.readouterr()
     printed = captured.out
     assert str(tiny_corpus) in captured.err  # the data the checkpoint's tokenizer came from
@@ -172,6 +172,7 @@ def test_analyze_command_writes_heatmap_json_and_tensorboard_image(tiny_checkpoi
     record = json.loads((out / "similarity.json").read_text())
     assert set(record["matrices"]) == {f"{s}/{m}" for s in ("q", "k", "attn") for m in ("cosine", "cka")}
     assert len(record["matrices"]["attn/cka"]) == 2 and record["n_tokens"] == 2 * 2 * 16
+    assert record["dtype"] == "bfloat16"  # --dtype as generate, bench and evaluate take it
     assert record["recommendation"]["start_layer"] == 1 and record["recommendation"]["shared_layers"] == [1]
     meets = record["recommendation"]["meets_threshold"]  # a random 2-layer model: either, but said as recorded
     assert ("Recommendation: share layers 1..1" in printed, "No region keeps" in printed) == (meets, not meets)
@@ -187,6 +188,6 @@ def test_analyze_reports_bad_inputs_before_work(tiny_checkpoint, tmp_path, capsy
         return err
 
     assert "checkpoint does not exist" in fails("--checkpoint", str(tmp_path / "nope.ckpt"))
-    assert "not a folder" in fails("--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path / "missing"))
+    assert "does not exist" in fails("--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path / "missing"))
     assert "must be in [2, block_size" in fails("--checkpoint", str(tiny_checkpoint), "--seq-len", "999")
     assert not (tmp_path / "runs").exists()

@@ -16,6 +16,8 @@ from lightning.pytorch import Callback
 from model_dirs import save_consolidated
 
 from epas_lightning import EPASModule, Llama, LlamaConfig
+from epas_lightning.checkpoint import load_model
+from epas_lightning.cli import main
 from epas_lightning.errors import CheckpointError
 from epas_lightning.hf.convert import HFCheckpointError, config_from_hf, load_hf_state
 
@@ -244,6 +246,26 @@ def test_a_continual_run_at_a_shorter_block_keeps_the_models_context(tmp_path: P
     assert len(generate(model, [list(range(3, 43))], 8).tokens[0]) == 8  # a 40-token prompt
 
 
+def test_every_checkpoint_flag_reads_a_hugging_face_folder(tmp_path: Path, tiny_corpus: Path, capsys) -> None:
+    """The dense model a continual run starts from is an HF folder, and the guide says to analyze it first: it loads
+    through load_model (so analyze, generate, bench, evaluate, ... take it) as a dense model, its logits HF's, with
+    the tokenizer and BOS/EOS ids the folder holds."""
+    path = save_tiny_hf(tmp_path / "hf")
+    (path / "tokenizer.json").write_bytes((tiny_corpus / "tokenizer.json").read_bytes())
+    loaded = load_model(path)
+    assert loaded.region.size == 0 and loaded.tokenizer_path == path / "tokenizer.json"
+    assert (loaded.bos_id, loaded.eos_id, loaded.data_dir) == (1, 2, None)
+    ids = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids), hf_logits(path, ids), atol=1e-5, rtol=1e-5)
+    out = tmp_path / "analysis"
+    argv = ["--checkpoint", str(path), "--data", str(tiny_corpus), "--output", str(out), "--batches", "1"]
+    assert main(["analyze", *argv, "--batch-size", "1", "--seq-len", "16"]) == 0
+    assert json.loads((out / "similarity.json").read_text())["trained_region"]["layers"] == []
+    assert main(["generate", "--checkpoint", str(path), "--prompt", "def", "--max-new-tokens", "2"]) == 0
+    assert "trained region: dense" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- export
 
 
@@ -310,6 +332,8 @@ def test_export_sharing_remote_code_logits_and_generate(tmp_path: Path, mode: st
     assert (out / "modeling_epas_llama.py").is_file() and not (out / "tokenizer_config.json").exists()
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     assert hf.config.epas_shared_layers == [2, 3]
+    back = load_model(out)  # every --checkpoint reads the export with its region, in growth order
+    assert back.region.layers == (3, 2) and back.model.sharing.shared_layers == [2, 3]
     ids = torch.randint(0, VOCAB, (2, 20))
     with torch.no_grad():
         logits = hf(ids).logits
@@ -333,7 +357,6 @@ def test_export_sharing_remote_code_logits_and_generate(tmp_path: Path, mode: st
 
 
 def test_export_region_checks(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from epas_lightning.cli import main
 
     save_ours(tmp_path / "ckpt", n_layer=4, shared=1)
     export = ["export", "--checkpoint", str(tmp_path / "ckpt")]
@@ -378,7 +401,6 @@ CONTINUAL = str(Path(__file__).resolve().parents[1] / "configs" / "tinyllama-con
 
 
 def test_tinyllama_continual_config_parses(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from epas_lightning.cli import main
 
     path = save_tiny_hf(tmp_path / "hf")
     assert main(["fit", "--config", CONTINUAL, "--model.init_from", str(path), "--print_config"]) == 0
@@ -404,8 +426,6 @@ def test_tinyllama_continual_config_checks_init_from(tmp_path: Path) -> None:
 def test_a_resume_does_not_need_init_from_any_more(tmp_path: Path, tiny_corpus: Path, capsys) -> None:
     """A resume never reads init_from: a model folder deleted or unmounted since must not stop `--ckpt_path`."""
     import shutil
-
-    from epas_lightning.cli import main
 
     path = save_tiny_hf(tmp_path / "hf", rope_theta=10000.0, rms_norm_eps=1e-5)  # the debug preset's shape
     debug = str(Path(CONTINUAL).with_name("debug.yaml"))

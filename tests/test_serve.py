@@ -201,7 +201,8 @@ def test_engine_loop_forgets_cancelled_sequences(checkpoint):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--sharing-layers", "3"], "trained with at most 2 sharing layers"),
+        (["--sharing-layers", "3"], "trained with at most 2 sharing layers"),  # serve has no --force to offer
+        (["--sharing-layers", "-1"], "error: -1 sharing layers were asked for; a 4-layer model can share at most 3"),
         (["--port", "80"], "1024..65535"),
         (["--host", "no such host.invalid"], "cannot listen on 'no such host.invalid'"),
     ],
@@ -228,13 +229,15 @@ def checkpoint_forms(consolidated: Path, root: Path) -> dict[str, Path]:
 
 def test_serve_checks_the_checkpoint_without_reading_its_weights(checkpoint, tmp_path, monkeypatch):
     """The main process reads what load_model reports (config, region, tokenizer) but no weight: only the inference
-    worker loads them. Of the tensors, only the sharing mask is read."""
+    worker loads them. Of the tensors, only the sharing mask is read (an HF folder has none: headers only)."""
     pytest.importorskip("litserve")
     from epas_lightning import checkpoint as checkpoint_module
     from epas_lightning import safe_load
+    from epas_lightning.hf import convert
+    from epas_lightning.hf.export import export
     from epas_lightning.serve import command
 
-    forms = checkpoint_forms(checkpoint, tmp_path)
+    forms = {**checkpoint_forms(checkpoint, tmp_path), "hf": export(checkpoint, tmp_path / "hf")}
     loaded = {form: load_model(path) for form, path in forms.items()}
     started, read = [], []
     monkeypatch.setattr(command, "run_server", lambda api, *args: started.append(api.served))
@@ -252,6 +255,7 @@ def test_serve_checks_the_checkpoint_without_reading_its_weights(checkpoint, tmp
 
     dcp_load, load_torch_file = safe_load.dcp_load, checkpoint_module.load_torch_file
     monkeypatch.setattr(checkpoint_module, "load_file", no_weights)
+    monkeypatch.setattr(convert, "load_file", no_weights)
     monkeypatch.setattr(safe_load, "dcp_load", load_mask_only)
     monkeypatch.setattr(checkpoint_module, "load_torch_file", mapped_only)
     monkeypatch.setattr(Llama, "to_empty", no_weights)  # no whole model is materialised
@@ -259,8 +263,26 @@ def test_serve_checks_the_checkpoint_without_reading_its_weights(checkpoint, tmp
         assert cli_main(["serve", "--checkpoint", str(path)]) == 0, form
         served = started.pop()
         assert served.config == loaded[form].model.config and served.region == loaded[form].region, form
-        assert served.tokenizer_path == loaded[form].tokenizer_path == checkpoint / "tokenizer.json", form
+        tokenizer = (forms[form] if form == "hf" else checkpoint) / "tokenizer.json"
+        assert served.tokenizer_path == loaded[form].tokenizer_path == tokenizer, form
     assert read == ["state_dict.model.sharing.mask"]  # the sharded form: the mask's bytes only
+
+
+def test_serve_wraps_requests_in_the_bos_and_eos_the_checkpoint_recorded(checkpoint, tmp_path, monkeypatch):
+    """As generate, evaluate and lm-eval do: the server re-read the tokenizer file alone and guessed its own."""
+    pytest.importorskip("litserve")
+    from epas_lightning.serve import command
+
+    copy = shutil.copytree(checkpoint, tmp_path / "ckpt")
+    record = json.loads((copy / "config.json").read_text())
+    record["tokenizer"].update(bos_id=5, eos_id=6)
+    (copy / "config.json").write_text(json.dumps(record))
+    started = []
+    monkeypatch.setattr(command, "run_server", lambda api, *args: started.append(api))
+    assert cli_main(["serve", "--checkpoint", str(copy), "--device", "cpu"]) == 0
+    api = started.pop()
+    api.setup("cpu")  # the worker's side
+    assert api.engine.eos_id == 6 and api.served.tokenizer().bos_id == 5  # the HTTP side's prompts start with it
 
 
 def test_serve_refuses_weights_that_do_not_fit_their_config_before_starting(checkpoint, tmp_path, capsys):

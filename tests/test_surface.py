@@ -12,6 +12,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
+from typing import get_type_hints
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from epas_lightning.checkpoint import REGION_KEY, consolidate, load_model
 from epas_lightning.cli import LIGHTNING_COMMANDS, TOOLS, function_parser, main, tool, tool_docstring
 from epas_lightning.errors import ConfigError
 from epas_lightning.resume import continue_version, resume_checkpoint
+from epas_lightning.runtime import DType
 
 # ---------------------------------------------------------------------------------------------------------------------
 # One CLI
@@ -52,18 +54,111 @@ def test_every_tool_speaks_the_same_vocabulary(command, capsys):
     assert main([command, "--help"]) == 0
     out = capsys.readouterr().out
     assert "--config CONFIG" in out
+    runs_a_model = ("generate", "bench", "evaluate", "analyze", "serve", "lm-eval")
     vocabulary = {
         "--checkpoint": command != "prepare",
-        "--output": command in ("prepare", "consolidate", "export", "bench", "analyze"),
-        "--device": command in ("generate", "bench", "evaluate", "analyze"),
-        "--sharing-layers": command in ("generate", "bench", "evaluate", "export"),
-        "--json": command in ("generate", "bench", "evaluate", "analyze"),
+        "--output": command in ("prepare", "consolidate", "export", "bench", "analyze", "lm-eval"),
+        "--device": command in runs_a_model,
+        "--dtype": command in (*runs_a_model, "export"),
+        "--sharing-layers": command in ("generate", "bench", "evaluate", "export", "serve", "lm-eval"),
+        "--json": command in ("generate", "bench", "evaluate", "analyze", "lm-eval"),
     }
-    for flag, expected in vocabulary.items():
-        assert re.search(rf"{flag}[ ,]", out) or not expected, (command, flag)
     parser = function_parser(tool(command), command)
     options = [o for a in parser._actions if a.dest not in ("help", "print_config") for o in a.option_strings]
-    assert options and not [o for o in options if "_" in o], options  # dashes, never underscores
+    assert {flag: flag in options for flag in vocabulary} == vocabulary, command
+    assert not [o for o in options if "_" in o], options  # dashes, never underscores
+    fn, hints = tool(command), get_type_hints(tool(command))
+    defaults = {name: p.default for name, p in inspect.signature(fn).parameters.items()}
+    if "device" in hints:  # one meaning: resolve_device's
+        assert (hints["device"], defaults["device"]) == (str, "auto"), command
+    if "dtype" in hints:  # the same choices; auto: bfloat16 on CUDA (export: the checkpoint's, it runs nothing)
+        assert (hints["dtype"], defaults["dtype"]) == (DType, "auto"), command
+
+
+DEVICE_COMMANDS = {
+    "generate": ["--prompt", "x"],
+    "bench": [],
+    "evaluate": [],
+    "analyze": [],
+    "serve": [],
+    "lm-eval": ["--tasks", "no_such_task"],
+}
+"""Every command with --device, and the other flags it needs to get as far as checking it."""
+
+
+@pytest.mark.parametrize(
+    ("cuda", "device", "says"),
+    [
+        (2, "cuda:2", "no such GPU: this machine has 2 (cuda:0 to cuda:1) — --device cuda:2 — use cuda:0 to cuda:1"),
+        (1, "cuda:1", "no such GPU: this machine has 1 (cuda:0) — --device cuda:1 — use cuda:0 (or auto)"),
+        (0, "cuda", "CUDA is not available on this machine — --device cuda — use --device cpu (or auto)"),
+        (0, "gpu0", "unknown device 'gpu0' — --device gpu0 — use auto, cpu, cuda or cuda:N"),
+        (0, "meta", "device 'meta' is not available to these commands on this machine — --device meta — use auto"),
+    ],
+)
+def test_a_missing_device_is_one_line_before_anything_loads(cuda, device, says, tmp_path, capsys, monkeypatch):
+    """The same line from every command, before the checkpoint is read (it does not even exist here)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for command, extra in DEVICE_COMMANDS.items():
+        argv = [command, "--checkpoint", str(tmp_path / "missing.ckpt"), "--device", device, *extra]
+        assert main([*argv, "--output", str(tmp_path / command)] if command in ("bench", "analyze") else argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {says}") and err.count("\n") == 1, (command, err)
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["bench", "--reps", "0"], "must be at least 1, got 0 — --reps"),  # was a StatisticsError traceback
+        (["bench", "--prompts", "0"], "must be at least 1, got 0 — --prompts"),  # an IndexError
+        (["bench", "--max-new-tokens", "0"], "must be at least 1, got 0 — --max-new-tokens"),  # a ValueError
+        (["generate", "--prompt", "x", "--max-new-tokens", "0"], "must be at least 1, got 0 — --max-new-tokens"),
+        (["evaluate", "--batches", "0"], "must be at least 1, got 0 — --batches"),  # a ValueError
+        (["evaluate", "--batch-size", "0"], "must be at least 1, got 0 — --batch-size"),  # '... — data'
+        (["analyze", "--batch-size", "-3"], "must be at least 1, got -3 — --batch-size"),
+        (["lm-eval", "--tasks", "x", "--batch-size", "0"], "must be at least 1, got 0 — --batch-size"),
+        (["serve", "--max-batch-size", "0"], "must be at least 1, got 0 — --max-batch-size"),
+    ],
+)
+def test_a_count_below_one_is_the_same_line_in_every_command(argv, says, tmp_path, capsys):
+    """Checked before the checkpoint is read (it does not exist here)."""
+    extra = ["--output", str(tmp_path / "out")] if argv[0] in ("bench", "analyze") else []
+    assert main([argv[0], "--checkpoint", str(tmp_path / "missing.ckpt"), "--device", "cpu", *argv[1:], *extra]) == 2
+    assert capsys.readouterr().err == f"error: {says}\n"
+
+
+def test_cuda_graph_on_without_a_cuda_device_is_one_line_before_anything_loads(tmp_path, capsys):
+    """generate said '— generate — see --help' after loading the model; bench died with a ValueError traceback."""
+    says = "error: CUDA graphs need a CUDA device — --cuda-graph on --device cpu — use --cuda-graph auto or off\n"
+    for argv in (["generate", "--prompt", "x"], ["bench", "--output", str(tmp_path / "out")]):
+        argv += ["--checkpoint", str(tmp_path / "missing.ckpt"), "--device", "cpu", "--cuda-graph", "on"]
+        assert main(argv) == 2 and capsys.readouterr().err == says
+
+
+def test_a_missing_tokenizer_names_the_flag_before_anything_loads(tmp_path, capsys):
+    """It said 'tokenizer file does not exist — <path>' without the flag, after loading the model."""
+    nowhere = tmp_path / "nowhere.json"
+    says = f"error: tokenizer file does not exist — --tokenizer {nowhere} — check the path\n"
+    for argv in (["generate", "--prompt", "x"], ["serve"], ["evaluate"], ["lm-eval", "--tasks", "x"], ["export"]):
+        argv += ["--checkpoint", str(tmp_path / "missing.ckpt"), "--tokenizer", str(nowhere)]
+        assert main([*argv, "--output", str(tmp_path / "out")] if argv[0] == "export" else argv) == 2
+        assert capsys.readouterr().err == says
+
+
+def test_data_that_is_missing_or_incomplete_names_the_data_flag(tmp_path, capsys):
+    """bench and evaluate said 'data.data_dir' (fit's key) and to leave it unset for the built-in corpus."""
+    (tmp_path / "empty").mkdir()
+    for command in ("bench", "evaluate", "analyze"):
+        argv = [command, "--checkpoint", str(tmp_path / "missing.ckpt"), "--output", str(tmp_path / "out")]
+        argv = argv[:3] if command == "evaluate" else argv
+        fix = "create it with `python -m epas_lightning prepare --input ... --output ...`\n"
+        assert main([*argv, "--data", str(tmp_path / "nowhere")]) == 2
+        assert capsys.readouterr().err == f"error: data directory does not exist — --data {tmp_path}/nowhere — {fix}"
+        assert main([*argv, "--data", str(tmp_path / "empty")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: incomplete data directory: missing train/index.json") and err.endswith(fix)
 
 
 @pytest.mark.parametrize(

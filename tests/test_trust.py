@@ -83,10 +83,10 @@ def one_line_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
 TOOL_ARGS = {
     "generate": ["--prompt", "x"],
     "bench": [],
-    "evaluate": ["--data", "."],
+    "evaluate": [],
     "export": ["--output", "{tmp}/out"],
     "consolidate": ["--output", "{tmp}/out"],
-    "analyze": ["--data", "."],
+    "analyze": ["--output", "{tmp}/out"],
     "serve": [],
 }
 
@@ -575,7 +575,7 @@ def test_missing_data_dir_bad_schedule_and_truncated_checkpoints_are_one_line(tm
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(evil.file.read_bytes()[:100])
     assert str(truncated) in one_line_error(capsys, ["fit", "--config", DEBUG, "--ckpt_path", str(truncated)])
-    for command, extra in (("export", ["--output", str(tmp_path / "o")]), ("evaluate", ["--data", "."]), ("serve", [])):
+    for command, extra in (("export", ["--output", str(tmp_path / "o")]), ("evaluate", []), ("serve", [])):
         assert "corrupt or truncated" in one_line_error(capsys, [command, "--checkpoint", str(truncated), *extra])
     text = tmp_path / "notes.ckpt"  # not a pickle at all: the unpickler fails with a KeyError, not an UnpicklingError
     text.write_text("hello")
@@ -763,12 +763,14 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_by_every_consumer(tmp_p
 
 
 def test_a_model_folder_where_a_checkpoint_belongs_says_to_start_from_it(small_checkpoint, tmp_path, capsys):
+    """--ckpt_path resumes training state, which a model folder lacks; --checkpoint reads an HF folder, and an
+    incomplete one is one line naming it (its config.json was a KeyError traceback)."""
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text('{"model_type": "llama"}')
     (hf / "model.safetensors").write_bytes(b"")
     err = one_line_error(capsys, ["generate", "--checkpoint", str(hf), "--prompt", "x"])
-    assert "a Hugging Face model folder" in err and f"--model.init_from {hf}" in err, err
+    assert "config.json lacks num_hidden_layers, hidden_size" in err and f"— --checkpoint {hf}" in err, err
     for folder in (hf, small_checkpoint):
         err = one_line_error(capsys, ["fit", "--config", DEBUG, "--ckpt_path", str(folder)])
         assert "no training state to resume" in err and f"--model.init_from {folder}" in err, err

@@ -21,7 +21,7 @@ from epas_lightning.errors import ConfigError
 from epas_lightning.model import Llama
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.progress import progress
-from epas_lightning.runtime import emit_json, resolve_device
+from epas_lightning.runtime import DType, check_counts, dtype_name, emit_json
 
 
 def analyze_model(model: Llama, batches: Iterable[torch.Tensor]) -> RedundancyReport:
@@ -81,6 +81,7 @@ def analyze_command(
     metric: Metric = DEFAULT_METRIC,
     threshold: float = DEFAULT_THRESHOLD,
     device: str = "auto",
+    dtype: DType = "auto",
     output: Path = Path("runs/analyze"),
     overwrite: bool = False,
     json: bool = False,
@@ -92,14 +93,15 @@ def analyze_command(
     region could share with the least change.
 
     Args:
-        checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         data: Prepared data folder whose val split is read (default: the data the checkpoint trained on).
         batches: Held-out batches to measure on.
         batch_size: Sequences per batch.
         seq_len: Tokens per sequence (default: min(block_size, 256)).
         metric: The similarity the recommendation is based on.
         threshold: Lowest similarity a region may have to its source layer.
-        device: Where model and comparisons run: auto (CUDA when available), cpu, cuda, ...
+        device: Where model and comparisons run: auto (CUDA when available), cpu, cuda, cuda:1, ...
+        dtype: Weights and activations; auto is bfloat16 on CUDA, float32 elsewhere (the comparisons are float64).
         output: Folder for similarity.png, similarity.json and tb/.
         overwrite: Replace --output if it is an analysis folder written by this command.
         json: End with one JSON line of the recommendation.
@@ -107,14 +109,13 @@ def analyze_command(
     import matplotlib
 
     matplotlib.use("Agg")
-    from epas_lightning.checkpoint import load_model
+    from epas_lightning.data.datamodule import check_data_flag
+    from epas_lightning.inference.generate_cli import load_for_inference
 
-    if batches < 1 or batch_size < 1:
-        raise ConfigError("--batches and --batch-size must be positive", "--batches / --batch-size")
-    if data is not None and not data.is_dir():
-        raise ConfigError("not a folder", f"--data {data}", "create one with `python -m epas_lightning prepare`")
+    check_counts({"--batches": batches, "--batch-size": batch_size})
+    check_data_flag(data)
     check_output(output, "analysis", overwrite, [checkpoint])
-    loaded = load_model(checkpoint, resolve_device(device))
+    loaded = load_for_inference(checkpoint, device, dtype, attention_reuse=False)  # every layer computes here
     model, config = loaded.model, loaded.model.config
     seq_len = seq_len or min(config.block_size, 256)
     if not 2 <= seq_len <= config.block_size:
@@ -136,6 +137,7 @@ def analyze_command(
             checkpoint=str(checkpoint),
             data=str(data_dir),
             global_step=loaded.global_step,
+            dtype=dtype_name(next(model.parameters()).dtype),
             trained_shared_layers=loaded.trained_shared_layers,
             trained_region=loaded.region.to_record(),
         )

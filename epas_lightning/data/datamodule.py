@@ -22,15 +22,31 @@ from epas_lightning.data.layout import (
 from epas_lightning.data.tokenizer import TextTokenizer, file_sha256, load_tokenizer
 from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model.config import LlamaConfig
+from epas_lightning.runtime import check_counts
 
 if TYPE_CHECKING:
     from litdata import StreamingDataLoader
 
 DEFAULT_BUILTIN_VOCAB_SIZE = 4096
-HOW_TO_CREATE = (
-    "create it with `python -m epas_lightning prepare --input ... --output ...`, or leave data.data_dir unset to "
-    "train on the built-in corpus"
-)
+PREPARE = "create it with `python -m epas_lightning prepare --input ... --output ...`"
+HOW_TO_CREATE = f"{PREPARE}, or leave data.data_dir unset to train on the built-in corpus"
+
+
+def check_prepared(data_dir: Path, where: str, fix: str) -> Path:
+    """``data_dir`` if it is a complete prepared data directory, else a :class:`DataError` at ``where``."""
+    if not data_dir.is_dir():
+        raise DataError("data directory does not exist", where, fix)
+    if is_complete(data_dir):
+        load_meta(data_dir)  # an unreadable meta.json says so, rather than counting as missing
+    if missing := missing_entries(data_dir):
+        raise DataError(f"incomplete data directory: missing {', '.join(missing)}", where, fix)
+    return data_dir
+
+
+def check_data_flag(data: str | Path | None, flag: str = "--data") -> None:
+    """A command's ``--data``: unset (the checkpoint's own data), or a complete prepared directory."""
+    if data is not None:
+        check_prepared(Path(data).expanduser(), f"{flag} {data}", PREPARE)
 
 
 class TokenDataModule(LightningDataModule):
@@ -216,15 +232,7 @@ class TokenDataModule(LightningDataModule):
             if not is_complete(entry):
                 entry = prepare_builtin_corpus(self.builtin_vocab_size, self.cache_dir, self.max_bytes, progress=True)
             return entry
-        if not data_dir.is_dir():
-            raise DataError("data directory does not exist", f"data.data_dir {data_dir}", HOW_TO_CREATE)
-        if is_complete(data_dir):
-            load_meta(data_dir)  # an unreadable meta.json says so, rather than counting as missing
-        if missing := missing_entries(data_dir):
-            raise DataError(
-                f"incomplete data directory: missing {', '.join(missing)}", f"data.data_dir {data_dir}", HOW_TO_CREATE
-            )
-        return data_dir
+        return check_prepared(data_dir, f"data.data_dir {data_dir}", HOW_TO_CREATE)
 
     def check_fits_model(self) -> None:
         """Before any data is read, check the data against the model the trainer runs (the CLI links the two; a
@@ -330,7 +338,10 @@ def heldout_loader(
 ) -> StreamingDataLoader:
     """The validation split of a prepared data directory (``None``: the built-in corpus), checked and in a fixed
     order: batches of (B, seq_len + 1) int32 tokens. Iterating it again yields the same batches. A split too small
-    for one batch is a :class:`DataError`."""
+    for one batch is a :class:`DataError`; so are a missing or incomplete ``data_dir`` and a ``batch_size`` below 1,
+    named as the commands' ``--data`` and ``--batch-size``."""
+    check_data_flag(data_dir)
+    check_counts({"--batch-size": batch_size})
     data = TokenDataModule(
         str(data_dir) if data_dir is not None else None, seq_len=seq_len, batch_size=batch_size, vocab_size=vocab_size
     )

@@ -75,6 +75,15 @@ def resolve_tokenizer_path(path: str | Path) -> Path:
     return path
 
 
+def check_tokenizer_flag(path: Path | None, flag: str = "--tokenizer") -> None:
+    """A command's ``--tokenizer``: unset (the checkpoint's own), or a tokenizer file or a folder holding one."""
+    if path is not None:
+        try:
+            resolve_tokenizer_path(path)
+        except TokenizerError as e:
+            raise TokenizerError(e.what, f"{flag} {path}", e.fix) from e
+
+
 def standard_filename(tokenizer: TextTokenizer) -> str:
     """The name a tokenizer file gets in folders we write: ``tokenizer.json`` or ``tokenizer.model``."""
     return HF_FILENAME if tokenizer.kind == "hf" else SENTENCEPIECE_FILENAME
@@ -187,9 +196,16 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, length: int | No
 _LOADED: dict[tuple, TextTokenizer] = {}
 
 
-def load_tokenizer_once(path: str, bos_token: str | None = None, eos_token: str | None = None) -> TextTokenizer:
-    """Load once per process (a preparation worker tokenizes several work items)."""
-    key = (path, bos_token, eos_token)
+def load_tokenizer_once(
+    path: str,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+) -> TextTokenizer:
+    """:func:`load_tokenizer`, once per process (a preparation worker tokenizes several work items, a server every
+    request)."""
+    key = (path, bos_token, eos_token, bos_id, eos_id)
     if key not in _LOADED:
-        _LOADED[key] = load_tokenizer(path, bos_token, eos_token)
+        _LOADED[key] = load_tokenizer(path, bos_token, eos_token, bos_id, eos_id)
     return _LOADED[key]

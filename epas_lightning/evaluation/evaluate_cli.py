@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Literal
 
 from epas_lightning.checkpoint import LoadedModel
+from epas_lightning.data.tokenizer import check_tokenizer_flag
 from epas_lightning.errors import ConfigError
 from epas_lightning.evaluation.multiple_choice import evaluate_task, load_task
 from epas_lightning.evaluation.perplexity import perplexity_of_batches
 from epas_lightning.inference.generate import set_region
 from epas_lightning.inference.generate_cli import load_for_inference, resolve_tokenizer
 from epas_lightning.progress import progress
-from epas_lightning.runtime import DType, emit_json
+from epas_lightning.runtime import DType, check_counts, emit_json
 
 
 def region_lengths(spec: int | str | None, loaded: LoadedModel, force: bool) -> list[int]:
@@ -121,20 +122,25 @@ def evaluate_command(
     tokens were scored. JSONL tasks are scored as lm-eval scores them (use the lm-eval command for lm-eval's tasks).
 
     Args:
-        checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
-        sharing_layers: Region length N (the first N layers of the trained region), or all for 0..trained max;
-            default: the trained region.
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
+        sharing_layers: Region length N (the first N layers of the trained region, in its growth order), or all for
+            0..trained max; default: the trained region.
         data: Prepared data folder: perplexity on its val split (default: the data the run trained on; with --tasks
             only when --batches is given).
         tasks: Multiple-choice JSONL tasks {"context", "choices", "label"}; repeat the flag for several.
         batches: Held-out batches to score (default: the whole val split).
         batch_size: Sequences per batch.
-        tokenizer: Tokenizer for --tasks (default: the one the checkpoint records).
+        tokenizer: Tokenizer file or folder for --tasks (default: the one the checkpoint records).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
-        dtype: auto is bfloat16 on CUDA, float32 elsewhere.
+        dtype: Weights and activations; auto is bfloat16 on CUDA, float32 elsewhere.
         force: Allow regions longer than the trained one.
         json: End with one JSON line of the rows.
     """
+    from epas_lightning.data.datamodule import check_data_flag
+
+    check_counts({"--batches": batches, "--batch-size": batch_size})
+    check_data_flag(data)
+    check_tokenizer_flag(tokenizer)
     rows = evaluate(checkpoint, sharing_layers, data, tasks or [], batches, batch_size, tokenizer, force, device, dtype)
     print(format_table(rows))
     emit_json(rows, json)

@@ -19,10 +19,11 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal
 
+from epas_lightning.data.tokenizer import check_tokenizer_flag
 from epas_lightning.errors import ConfigError
 from epas_lightning.evaluation.evaluate_cli import format_table, region_lengths
 from epas_lightning.outputs import check_output, output_folder
-from epas_lightning.runtime import DType, emit_json
+from epas_lightning.runtime import DType, check_counts, emit_json, resolve_device
 
 INSTALL = "pip install 'epas_lightning[eval]'"
 OUTPUT_KIND = "lm-eval"
@@ -174,24 +175,27 @@ def lm_eval_command(
     in lm_eval.json.
 
     Args:
-        checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         tasks: An lm-eval task or group name (glob patterns work), a task YAML file, or a comma-separated list;
             repeat the flag for more.
         include_path: A folder of task YAMLs (lm-eval's --include_path); repeat the flag for more.
-        sharing_layers: Region length N (the first N layers of the trained region), or all for 0..trained max;
-            default: the trained region.
+        sharing_layers: Region length N (the first N layers of the trained region, in its growth order), or all for
+            0..trained max; default: the trained region.
         num_fewshot: Few-shot examples per question (default: each task's own).
         limit: Score only the first N documents of each task (a fraction below 1); for quick checks.
         batch_size: Sequences per forward pass.
         bootstrap_iters: Bootstrap samples for lm-eval's standard errors (0 skips them).
-        tokenizer: Tokenizer file (default: the one the checkpoint records).
+        tokenizer: Tokenizer file or folder (default: the one the checkpoint records).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
-        dtype: auto is bfloat16 on CUDA, float32 elsewhere.
+        dtype: Weights and activations; auto is bfloat16 on CUDA, float32 elsewhere.
         force: Allow regions longer than the trained one.
         output: Folder for lm_eval.csv and lm_eval.json (default: print only).
         overwrite: Replace --output if it is an lm-eval folder written by this command.
         json: End with one JSON line of the rows.
     """
+    resolve_device(device)  # before lm-eval indexes its tasks
+    check_counts({"--batch-size": batch_size})
+    check_tokenizer_flag(tokenizer)
     if output is not None:  # refuse a bad output before hours of scoring
         check_output(output, OUTPUT_KIND, overwrite, [checkpoint])
     summary = run_lm_eval(

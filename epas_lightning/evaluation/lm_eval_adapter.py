@@ -74,7 +74,7 @@ class EPASLM(HFLM):
     """A checkpoint of ours as an lm-eval model, with the first ``sharing_layers`` layers of its trained region sharing.
 
     Args:
-        checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         sharing_layers: Region length N (the first N layers of the trained region); default: the trained region.
         tokenizer: Tokenizer file (default: the one the checkpoint records).
         batch_size: Sequences per forward pass.

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from epas_lightning.errors import CheckpointError
@@ -25,6 +25,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 SUPPORTED_MODEL_TYPES = ("llama", "epas_llama")
+REQUIRED_HF_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
 VOCAB_KEYS = ("embed_tokens.weight", "lm_head.weight")
 """Our parameters with one row per vocabulary entry (padded to ``padded_vocab_size``)."""
 IGNORED_HF_KEYS = ("rotary_emb.inv_freq",)
@@ -97,6 +98,9 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise HFCheckpointError(f"model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}.")
+    missing = [key for key in REQUIRED_HF_KEYS if key not in hf]
+    if missing:
+        raise HFCheckpointError(f"its config.json lacks {', '.join(missing)}: not a complete LLaMA config")
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             raise HFCheckpointError(f"{flag}=true is not supported: our LLaMA has no biases.")
@@ -145,17 +149,20 @@ def check_compatible(
     return theirs
 
 
-def read_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of an HF directory (single or sharded safetensors, else ``pytorch_model.bin``), on the CPU."""
+def read_hf_weights(path: str | Path, weights: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF directory (single or sharded safetensors, else ``pytorch_model.bin``), on the CPU; without
+    ``weights``, empty meta tensors of their shapes (safetensors headers are read, a ``.bin`` is mapped)."""
     path = Path(path).expanduser()
+    safetensors_load = _safetensors_load if weights else _safetensors_shapes
+    torch_load = _torch_load if weights else _torch_shapes
     if (path / SAFETENSORS_FILE).is_file():
-        return _safetensors_load(path / SAFETENSORS_FILE)
+        return safetensors_load(path / SAFETENSORS_FILE)
     if (path / SAFETENSORS_INDEX).is_file():
-        return _read_sharded(path, SAFETENSORS_INDEX, _safetensors_load)
+        return _read_sharded(path, SAFETENSORS_INDEX, safetensors_load)
     if (path / TORCH_FILE).is_file():
-        return _torch_load(path / TORCH_FILE)
+        return torch_load(path / TORCH_FILE)
     if (path / TORCH_INDEX).is_file():
-        return _read_sharded(path, TORCH_INDEX, _torch_load)
+        return _read_sharded(path, TORCH_INDEX, torch_load)
     raise HFCheckpointError(
         "no weights", path, f"expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, {TORCH_FILE} or {TORCH_INDEX}"
     )
@@ -165,6 +172,20 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     from epas_lightning.safe_load import load_torch_file
 
     return load_torch_file(file)
+
+
+def _torch_shapes(file: Path) -> dict[str, torch.Tensor]:
+    from epas_lightning.safe_load import load_torch_file
+
+    return {key: torch.empty(t.shape, device="meta") for key, t in load_torch_file(file, mmap=True).items()}
+
+
+def _safetensors_shapes(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(file, "pt") as f:
+            return {key: torch.empty(f.get_slice(key).get_shape(), device="meta") for key in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise HFCheckpointError(f"corrupt or truncated safetensors ({e})", file) from e
 
 
 def _safetensors_load(file: Path) -> dict[str, torch.Tensor]:

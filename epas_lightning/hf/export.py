@@ -23,7 +23,13 @@ import torch
 from safetensors.torch import save_file
 
 from epas_lightning.checkpoint import load_model
-from epas_lightning.data.tokenizer import HF_FILENAME, SENTENCEPIECE_FILENAME, load_tokenizer, resolve_tokenizer_path
+from epas_lightning.data.tokenizer import (
+    HF_FILENAME,
+    SENTENCEPIECE_FILENAME,
+    check_tokenizer_flag,
+    load_tokenizer,
+    resolve_tokenizer_path,
+)
 from epas_lightning.hf.convert import ours_to_hf
 from epas_lightning.inference.generate import set_region
 from epas_lightning.model import LlamaConfig
@@ -202,16 +208,17 @@ def export_command(
     loaded with AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).
 
     Args:
-        checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         output: The folder to write.
-        sharing_layers: Region length N (the first N layers of the trained region); default: the trained region;
-            0 writes a stock LLaMA.
+        sharing_layers: Region length N (the first N layers of the trained region, in its growth order); default:
+            the trained region; 0 writes a stock LLaMA.
         tokenizer: Tokenizer file or folder to ship (default: the one the checkpoint records).
         remote_code: Write the epas_llama form (own modeling code) even for N = 0.
         dtype: Weight dtype of the export; auto keeps the checkpoint's.
         force: Allow a region longer than the trained one.
         overwrite: Replace --output if it is an export written by this command.
     """
+    check_tokenizer_flag(tokenizer)
     out = export(checkpoint, output, sharing_layers, tokenizer, remote_code, dtype, force, overwrite)
     kind = "epas_llama (trust_remote_code=True)" if (out / REMOTE_FILES[1]).is_file() else "stock LlamaForCausalLM"
     print(f"wrote {out} ({kind})")

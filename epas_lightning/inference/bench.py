@@ -27,7 +27,7 @@ from epas_lightning.inference.generate_cli import MIB, CudaGraph, cuda_graph_cho
 from epas_lightning.model import LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.progress import progress
-from epas_lightning.runtime import DType, dtype_name, emit_json
+from epas_lightning.runtime import DType, check_counts, dtype_name, emit_json
 
 DEFAULT_TOKENS = 64
 """Default --prompt-len and --max-new-tokens, each cut to what the model's context length leaves."""
@@ -216,8 +216,9 @@ def bench_command(
     region with the fewest sharing layers whose FLOPs are at most F x dense.
 
     Args:
-        checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
-        sharing_layers: The largest region to measure (default: the trained region).
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
+        sharing_layers: Measure the regions of 0..N layers, each the first layers of the trained region (in its
+            growth order); default: N is the trained region's size.
         budget: Pick the region with the fewest sharing layers whose FLOPs are at most this fraction of dense.
         data: Prepared data folder whose val split gives the held-out loss (default: the run's own data).
         batches: Held-out batches of block_size tokens to score.
@@ -227,7 +228,7 @@ def bench_command(
         max_new_tokens: Tokens generated per prompt (default: 64, at most what the context leaves after the prompt).
         reps: Timed runs per region (alternating order; the median is reported).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
-        dtype: auto is bfloat16 on CUDA, float32 elsewhere.
+        dtype: Weights and activations; auto is bfloat16 on CUDA, float32 elsewhere.
         attention_reuse: Sharing layers reuse the source layer's attention probabilities.
         cuda_graph: Replay decode steps from a CUDA graph (auto: on for CUDA).
         force: Allow regions longer than the trained one.
@@ -235,6 +236,12 @@ def bench_command(
         overwrite: Replace --output if it is a bench folder written by this command.
         json: End with one JSON line of the summary.
     """
+    from epas_lightning.data.datamodule import check_data_flag
+
+    counts = {"--batches": batches, "--batch-size": batch_size, "--prompts": prompts, "--reps": reps}
+    check_counts({**counts, "--prompt-len": prompt_len, "--max-new-tokens": max_new_tokens})
+    check_data_flag(data)
+    graphed = cuda_graph_choice(cuda_graph, device)
     check_output(output, "bench", overwrite, [checkpoint])
     loaded = load_for_inference(checkpoint, device, dtype, attention_reuse)
     config = loaded.model.config
@@ -256,7 +263,7 @@ def bench_command(
     with output_folder(output, "bench", overwrite, inputs=[checkpoint]) as build:
         held_out = heldout_batches(data_dir, config, batch_size, batches) if data_dir else []
         rows = measure(loaded, max_shared, force, held_out, prompts, prompt_len, max_new_tokens, reps,
-                       cuda_graph_choice(cuda_graph))  # fmt: skip
+                       graphed)  # fmt: skip
         summary = {
             "checkpoint": str(checkpoint),
             "device": str(loaded.model.embed_tokens.weight.device),

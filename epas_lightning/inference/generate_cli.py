@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Literal
 
 from epas_lightning.checkpoint import CheckpointInfo, LoadedModel, load_model
-from epas_lightning.data.tokenizer import TextTokenizer, load_tokenizer
+from epas_lightning.data.tokenizer import TextTokenizer, check_tokenizer_flag, load_tokenizer
 from epas_lightning.errors import ConfigError
 from epas_lightning.inference.generate import GenerationResult, generate, set_region
 from epas_lightning.inference.sampling import SamplingError, check_sampling
-from epas_lightning.runtime import DType, emit_json, resolve_device, resolve_dtype
+from epas_lightning.runtime import DType, check_counts, emit_json, resolve_device, resolve_dtype
 
 MIB = 2**20
 CudaGraph = Literal["auto", "on", "off"]
@@ -28,7 +28,12 @@ def load_for_inference(
     return loaded
 
 
-def cuda_graph_choice(cuda_graph: CudaGraph) -> bool | None:
+def cuda_graph_choice(cuda_graph: CudaGraph, device: str = "auto") -> bool | None:
+    """``--cuda-graph`` for ``generate``'s ``cuda_graph`` (``None``: on for CUDA); ``on`` needs a CUDA ``--device``."""
+    if cuda_graph == "on" and resolve_device(device).type != "cuda":
+        raise ConfigError(
+            "CUDA graphs need a CUDA device", f"--cuda-graph on --device {device}", "use --cuda-graph auto or off"
+        )
     return {"auto": None, "on": True, "off": False}[cuda_graph]
 
 
@@ -118,7 +123,7 @@ def generate_command(
     dense model (in qk mode a sharing layer caches only V).
 
     Args:
-        checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         prompt: A prompt; repeat the flag for a batch.
         prompt_file: A file with one prompt per line (added to --prompt).
         sharing_layers: The first N layers of the trained region (in its growth order) share; default: all of it.
@@ -129,7 +134,7 @@ def generate_command(
         top_p: Sample among the most likely tokens whose probability reaches p.
         seed: Seed of the sampling.
         ignore_eos: Always generate --max-new-tokens tokens.
-        tokenizer: Tokenizer file (default: the one the checkpoint records).
+        tokenizer: Tokenizer file or folder (default: the one the checkpoint records).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
         dtype: Weights and activations; auto is bfloat16 on CUDA, float32 elsewhere.
         attention_reuse: Sharing layers reuse the source layer's attention probabilities (the same model, less work).
@@ -141,8 +146,9 @@ def generate_command(
         check_sampling(temperature, top_k, top_p)
     except SamplingError as e:
         raise ConfigError(str(e), "--" + e.setting.replace("_", "-")) from e
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}", "--max-new-tokens")
+    check_counts({"--max-new-tokens": max_new_tokens})
+    graphed = cuda_graph_choice(cuda_graph, device)
+    check_tokenizer_flag(tokenizer)
     prompts = list(prompt or [])
     if prompt_file is not None:
         if not prompt_file.is_file():
@@ -166,7 +172,7 @@ def generate_command(
             top_p=top_p,
             eos_id=None if ignore_eos else text_tokenizer.eos_id,
             seed=seed,
-            cuda_graph=cuda_graph_choice(cuda_graph),
+            cuda_graph=graphed,
         )
     except ValueError as e:  # prompt too long, bad sampling settings
         raise ConfigError(str(e), "generate", "see --help") from e

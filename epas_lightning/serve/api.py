@@ -35,7 +35,6 @@ from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem
 
 from epas_lightning.cli import show_package_logs
-from epas_lightning.data.tokenizer import load_tokenizer_once
 from epas_lightning.inference.generate_cli import load_for_inference
 from epas_lightning.runtime import DType
 from epas_lightning.serve.engine import Engine, Output
@@ -103,7 +102,7 @@ class CompletionsSpec(LitSpec):
         except ValueError:
             return _error_response(RequestError("the request body is not valid JSON"))
         try:
-            completion = parse_completion(body, self.served, load_tokenizer_once(str(self.served.tokenizer_path)))
+            completion = parse_completion(body, self.served, self.served.tokenizer())
         except RequestError as e:
             return _error_response(e)
         event = asyncio.Event()
@@ -306,7 +305,7 @@ class CompletionsAPI(ls.LitAPI):
         show_package_logs()  # this process was spawned: our INFO lines (cancellations) go to stderr as in the main one
         logging.getLogger("epas_lightning").propagate = False  # and not once more through LitServe's root handler
         loaded = load_for_inference(self.checkpoint, device, self.dtype, self.attention_reuse)
-        tokenizer = load_tokenizer_once(str(self.served.tokenizer_path))
+        tokenizer = self.served.tokenizer()
         self.engine = Engine(
             loaded.model, loaded.region, tokenizer.decode, tokenizer.eos_id, self.max_batch_size, self.batch_timeout
         )

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Literal
 
 from epas_lightning.checkpoint import describe_checkpoint
+from epas_lightning.data.tokenizer import check_tokenizer_flag
 from epas_lightning.errors import ConfigError
 from epas_lightning.inference.generate_cli import resolve_tokenizer
-from epas_lightning.runtime import DType, resolve_device, resolve_dtype
+from epas_lightning.runtime import DType, check_counts, resolve_device, resolve_dtype
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 INSTALL = "pip install 'epas_lightning[serve]'"
@@ -80,12 +81,13 @@ def serve_command(
     server.
 
     Args:
-        checkpoint: A .ckpt file, an FSDP2 checkpoint folder or a consolidated folder.
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         host: Interface to listen on (0.0.0.0 or :: for every interface).
         port: TCP port (1024..65535).
         model_name: The model id clients name (default: the checkpoint's file or folder name).
-        sharing_layers: The region of requests that name none (default: the whole trained region).
-        tokenizer: Tokenizer file (default: the one the checkpoint records).
+        sharing_layers: The region of requests that name none: the first N layers of the trained region (in its
+            growth order); default: all of it.
+        tokenizer: Tokenizer file or folder (default: the one the checkpoint records).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
         dtype: Weights and activations; auto is bfloat16 on CUDA, float32 elsewhere.
         attention_reuse: Sharing layers reuse the source layer's attention probabilities (the same model, less work).
@@ -99,10 +101,12 @@ def serve_command(
     check_host(host)
     if not 1024 <= port <= 65535:
         raise ConfigError(f"port must lie in 1024..65535, not {port}", "--port")
-    if max_batch_size < 1 or batch_timeout < 0:
-        raise ConfigError("--max-batch-size must be >= 1 and --batch-timeout >= 0", "serve", "see --help")
+    check_counts({"--max-batch-size": max_batch_size})
+    if batch_timeout < 0:
+        raise ConfigError(f"must be at least 0, got {batch_timeout}", "--batch-timeout")
     where = resolve_device(device)
     resolve_dtype(dtype, where)
+    check_tokenizer_flag(tokenizer)
     recorded = describe_checkpoint(checkpoint)  # checked before any process starts; only the worker reads weights
     text_tokenizer = resolve_tokenizer(recorded, tokenizer)
     name = model_name or (checkpoint.stem if checkpoint.is_file() else checkpoint.name)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from epas_lightning.checkpoint import CheckpointInfo
-from epas_lightning.data.tokenizer import TextTokenizer
+from epas_lightning.data.tokenizer import TextTokenizer, load_tokenizer_once
 from epas_lightning.errors import ConfigError
 from epas_lightning.inference.bench import flops_ratio, region_for_budget
 from epas_lightning.model import LlamaConfig
@@ -27,6 +27,9 @@ class ServedModel:
     default_sharing: int
     """The region of a request that names none (``--sharing-layers``; default: the whole trained region)."""
     tokenizer_path: Path
+    bos_id: int
+    """The BOS id the checkpoint's documents started with (what ``resolve_tokenizer`` gave), and its EOS id."""
+    eos_id: int
     max_tokens: int
     """The largest ``max_tokens`` a request may ask for."""
     max_choices: int
@@ -46,13 +49,7 @@ class ServedModel:
         """Check the server's settings against the checkpoint (a :class:`ConfigError` at startup if they do not fit)."""
         config, region = recorded.config, recorded.region
         default = region.size if sharing_layers is None else sharing_layers
-        if not 0 <= default <= region.size:
-            raise ConfigError(
-                f"this checkpoint was trained with at most {region.size} sharing layers ({region.describe()}); "
-                f"{default} were asked for",
-                "--sharing-layers",
-                f"choose 0..{region.size}",
-            )
+        region.first(default, forceable=False)  # the trained region at most, and said as every command says it
         limit = config.context_length - 1 if max_tokens is None else max_tokens
         if not 1 <= limit < config.context_length:
             raise ConfigError(
@@ -62,7 +59,12 @@ class ServedModel:
             )
         if max_choices < 1:
             raise ConfigError("--max-choices must be at least 1", f"--max-choices {max_choices}")
-        return cls(name, config, region, default, tokenizer.path, limit, max_choices, int(time.time()))
+        ids = tokenizer.bos_id, tokenizer.eos_id
+        return cls(name, config, region, default, tokenizer.path, *ids, limit, max_choices, int(time.time()))
+
+    def tokenizer(self) -> TextTokenizer:
+        """The tokenizer with the checkpoint's BOS/EOS ids, loaded once per process (the HTTP side and the worker)."""
+        return load_tokenizer_once(str(self.tokenizer_path), bos_id=self.bos_id, eos_id=self.eos_id)
 
     def resolve_region(self, sharing_layers: int | None, budget: float | None) -> int:
         """The number of sharing layers a request runs with; :class:`RequestError` if the checkpoint cannot do it."""
