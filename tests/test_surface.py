@@ -43,6 +43,8 @@ def test_top_level_help_lists_every_command_with_a_description(capsys):
     fit_help = capsys.readouterr().out
     assert fit_help.startswith("usage: python -m epas_lightning [options] fit ")
     assert "use ``weights_only=False``" not in fit_help  # Lightning's advice, refused here
+    interval_help = fit_help.split("--checkpoint.train_time_interval TRAIN_TIME_INTERVAL")[-1].split("\n  --")[0]
+    assert '"H:MM:SS" (e.g. "0:30:00")' in " ".join(interval_help.split())  # the format it takes
     assert main(["fit", "--config", DEBUG, "--weights_only", "false"]) == 2
     assert "— --weights_only false — leave it unset" in capsys.readouterr().err
 
@@ -84,6 +86,9 @@ def test_a_value_of_the_wrong_kind_says_what_the_flag_takes(argv, says, capsys):
 def test_a_lightning_cli_value_error_names_the_flag_as_typed(capsys):
     assert main(["fit", "--config", DEBUG, "--trainer.max_steps", "abc"]) == 2
     assert capsys.readouterr().err.startswith("error: invalid value for --trainer.max_steps (")
+    assert main(["fit", "--config", DEBUG, "--checkpoint.train_time_interval", "30 minutes"]) == 2
+    says = """--checkpoint.train_time_interval takes a duration "H:MM:SS" (e.g. "0:30:00"), not '30 minutes'"""
+    assert capsys.readouterr().err.startswith(f"error: {says} — ")
 
 
 def test_ctrl_c_in_a_command_is_one_line_and_status_130(capsys, monkeypatch):
