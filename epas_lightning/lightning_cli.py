@@ -423,7 +423,7 @@ def lightning_cli(args: ArgsType = None, run: bool = True) -> EPASCLI:
         TokenDataModule,
         seed_everything_default=1234,
         auto_configure_optimizers=False,
-        trainer_defaults={"callbacks": [RunSummary(), FlopsModelSummary(), EndChildRanksOnError()]},
+        trainer_defaults={"callbacks": [RunSummary(command_line=True), FlopsModelSummary(), EndChildRanksOnError()]},
         parser_kwargs={
             "prog": PROG,  # usage lines read `python -m epas_lightning fit`, not `__main__.py fit`
             "exit_on_error": False,

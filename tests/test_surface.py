@@ -257,6 +257,37 @@ def test_the_summary_points_only_at_logs_that_exist(tmp_path):
     assert f"(tensorboard --logdir {tb.log_dir})" in summary([csv, tb])
 
 
+def test_the_summary_says_how_to_resume_where_the_run_was_started(tmp_path):
+    """`--ckpt_path last` only after the command line's fit; a requeued SLURM job resumes with --ckpt_path auto on its
+    command line; a script of your own (no command line) passes the checkpoint's path to `trainer.fit`."""
+    import signal
+    from types import SimpleNamespace
+
+    from epas_lightning import GracefulStop
+    from epas_lightning.run_summary import RunSummary
+
+    last = tmp_path / "last.ckpt"
+    last.touch()
+    module = SimpleNamespace(
+        model=SimpleNamespace(sharing=SimpleNamespace(shared_layers=[])), config=SimpleNamespace(n_layer=2)
+    )
+
+    def resume_line(summary: RunSummary, callbacks: list) -> str:
+        trainer = SimpleNamespace(global_step=3, checkpoint_callbacks=[SimpleNamespace(last_model_path=str(last))],
+                                  callback_metrics={}, callbacks=callbacks, loggers=[])  # fmt: skip
+        return summary.summary(trainer, module, None).splitlines()[-1]
+
+    assert resume_line(RunSummary(command_line=True), []) == "  resume: the same command with --ckpt_path last"
+    assert resume_line(RunSummary(), []) == f"  resume: trainer.fit(..., ckpt_path={str(last)!r})"
+    requeued = GracefulStop()
+    requeued.requeue_signal = requeued.stopped_by = signal.SIGUSR1
+    line = "  resume: the requeued job resumes from it when its command has --ckpt_path auto"
+    assert resume_line(RunSummary(command_line=True), [requeued]) == line
+    stopped = GracefulStop()
+    stopped.requeue_signal, stopped.stopped_by = signal.SIGUSR1, signal.SIGTERM  # not requeued: resumed by hand
+    assert resume_line(RunSummary(command_line=True), [stopped]).endswith("--ckpt_path last")
+
+
 @pytest.mark.slow
 def test_fit_summary_and_a_resume_that_continues_the_run(tiny_corpus, debug_fit_run, tmp_path):
     first, first_cwd = debug_fit_run  # fit --config configs/debug.yaml --sharing.interval 3
