@@ -8,7 +8,7 @@ from typing import Literal
 
 from epas_lightning.checkpoint import CheckpointInfo, LoadedModel, load_model
 from epas_lightning.data.tokenizer import TextTokenizer, load_tokenizer
-from epas_lightning.errors import ConfigError
+from epas_lightning.errors import ConfigError, UserError
 from epas_lightning.inference.generate import GenerationResult, fit_new_tokens, generate, set_region
 from epas_lightning.inference.sampling import SamplingError, check_sampling
 from epas_lightning.runtime import DType, emit_json, resolve_device, resolve_dtype
@@ -143,7 +143,9 @@ def generate_command(
             seed=seed,
             cuda_graph=cuda_graph_choice(cuda_graph),
         )
-    except ValueError as e:  # prompt too long, bad sampling settings
+    except UserError:  # already what, where and fix
+        raise
+    except ValueError as e:  # bad sampling settings
         raise ConfigError(str(e), "generate", "see --help") from e
     for text, new in zip(prompts, result.tokens, strict=True):
         completion = text_tokenizer.decode([t for t in new if t != text_tokenizer.eos_id])
