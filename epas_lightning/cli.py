@@ -21,6 +21,7 @@ import sys
 import traceback
 from argparse import ArgumentError
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -158,6 +159,13 @@ def _append_lists(argv: Sequence[str], list_options: set[str]) -> list[str]:
     return out
 
 
+DURATION = 'a duration "H:MM:SS" (e.g. "0:30:00")'
+"""How a ``timedelta`` flag is written (jsonargparse also reads "D days, H:MM:SS")."""
+TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "text", Path: "a path",
+              timedelta: DURATION}  # fmt: skip
+LISTED_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "datetime.timedelta": timedelta}
+
+
 def describe_type(hint: Any) -> str | None:
     """``int | None`` -> "a whole number", ``Literal["a", "b"]`` -> "one of a, b": what a flag of that type takes."""
     if get_origin(hint) is Literal:
@@ -168,8 +176,16 @@ def describe_type(hint: Any) -> str | None:
     if options:  # a union: describe each choice
         described = [describe_type(option) for option in options]
         return " or ".join(described) if all(described) else None
-    names = {int: "a whole number", float: "a number", bool: "true or false", str: "text", Path: "a path"}
-    return names.get(hint)
+    return TYPE_NAMES.get(hint)
+
+
+def describe_subtypes(message: str) -> str | None:
+    """What a LightningCLI flag takes, from the types jsonargparse lists in its error (``Subtypes: [<class 'int'>,
+    <class 'NoneType'>]``): the flags of Lightning's classes have no type hints of ours to read."""
+    listed = re.search(r"Subtypes: \[(.*)\]", message)
+    names = re.findall(r"<class '([\w.]+)'>", listed.group(1)) if listed else []
+    described = [TYPE_NAMES.get(LISTED_TYPES.get(name)) for name in names if name != "NoneType"]
+    return " or ".join(described) if described and all(described) else None
 
 
 def parse_error(error: Exception, prog: str, fn: Callable | None = None) -> UserError:
@@ -188,7 +204,7 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None) -> User
     if what.startswith("Parser key"):
         key = what.split('"')[1] if '"' in what else what
         flag = "--" + (key.replace("_", "-") if fn is not None else key)  # LightningCLI keeps --trainer.max_steps
-        takes = describe_type(get_type_hints(fn).get(key)) if fn is not None else None
+        takes = describe_type(get_type_hints(fn).get(key)) if fn is not None else describe_subtypes(str(error))
         value = re.search(r"(?:Given|Got) value: (.*)$", str(error), re.MULTILINE)
         nested = re.search(r"NestedArg\(key='([^']*)', val='([^']*)'\)", str(error))
         if nested:  # `--model.optimizer.lr 1e-3` where no class was given for --model.optimizer

@@ -64,6 +64,11 @@ class GracefulStop(Callback):
         self._step = -1
 
     @property
+    def requeued(self) -> bool:
+        """Whether ``fit`` stopped for SLURM's requeue signal, after which the job was requeued."""
+        return self.stopped_by is not None and self.stopped_by == self.requeue_signal
+
+    @property
     def exit_status(self) -> int | None:
         return None if self.stopped_by is None else 128 + int(self.stopped_by)
 

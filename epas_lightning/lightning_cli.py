@@ -44,7 +44,7 @@ from epas_lightning.callbacks import ProgressiveSharing, TokenThroughputMonitor
 from epas_lightning.checkpoint import recorded_config
 from epas_lightning.checkpoint_io import AtomicCheckpointIO
 from epas_lightning.child_ranks import EndChildRanksOnError
-from epas_lightning.cli import PROG
+from epas_lightning.cli import DURATION, PROG
 from epas_lightning.data import TokenDataModule
 from epas_lightning.divergence import DivergenceGuard
 from epas_lightning.errors import CheckpointError, ConfigError, UserError
@@ -213,6 +213,8 @@ class EPASCLI(LightningCLI):
             for action in subcommand_parser._actions:
                 if action.dest == "weights_only":  # Lightning's help advises false for trusted checkpoints
                     action.help = WEIGHTS_ONLY_HELP
+                elif action.dest == "checkpoint.train_time_interval" and DURATION not in action.help:
+                    action.help += f" Give {DURATION}."
         args = list(sys.argv[1:] if args is None else args)
         printing = [a for a in args if a.split("=")[0] == "--print_config"]
         args = [a for a in args if a not in printing]
@@ -421,7 +423,7 @@ def lightning_cli(args: ArgsType = None, run: bool = True) -> EPASCLI:
         TokenDataModule,
         seed_everything_default=1234,
         auto_configure_optimizers=False,
-        trainer_defaults={"callbacks": [RunSummary(), FlopsModelSummary(), EndChildRanksOnError()]},
+        trainer_defaults={"callbacks": [RunSummary(command_line=True), FlopsModelSummary(), EndChildRanksOnError()]},
         parser_kwargs={
             "prog": PROG,  # usage lines read `python -m epas_lightning fit`, not `__main__.py fit`
             "exit_on_error": False,

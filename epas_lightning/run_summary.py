@@ -36,9 +36,15 @@ def say(line: str) -> None:
 
 
 class RunSummary(Callback):
-    """Prints a summary of the run when ``fit`` ends (rank zero only)."""
+    """Prints a summary of the run when ``fit`` ends (rank zero only).
 
-    def __init__(self) -> None:
+    Args:
+        command_line: The run is ``python -m epas_lightning fit``: resuming is the same command with ``--ckpt_path
+            last``. Otherwise (a script of your own) it is ``trainer.fit`` with the checkpoint's path.
+    """
+
+    def __init__(self, command_line: bool = False) -> None:
+        self.command_line = command_line
         self._fit_start = 0.0
         self._batch_start = 0.0
         self._rates: list[float] = []
@@ -94,9 +100,18 @@ class RunSummary(Callback):
                 f"  python -m epas_lightning bench --checkpoint {checkpoint}",
                 f"  python -m epas_lightning evaluate --checkpoint {checkpoint} --sharing-layers all",
                 f"  python -m epas_lightning export --checkpoint {checkpoint} --output hf-export",
-                "  resume: the same command with --ckpt_path last",
+                f"  resume: {self._resume_advice(trainer, checkpoint)}",
             ]
         return "\n".join(lines)
+
+    def _resume_advice(self, trainer: Trainer, checkpoint: str) -> str:
+        from epas_lightning.interrupt import GracefulStop  # it prints with say(): imported here, not at the top
+
+        if any(isinstance(c, GracefulStop) and c.requeued for c in trainer.callbacks):
+            return "the requeued job resumes from it when its command has --ckpt_path auto"
+        if self.command_line:
+            return "the same command with --ckpt_path last"
+        return f"trainer.fit(..., ckpt_path={checkpoint!r})"
 
 
 def _duration(start: float) -> str:

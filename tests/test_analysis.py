@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from epas_lightning import EPASModule, Llama, LlamaConfig, ProgressiveSharing, TokenDataModule
 from epas_lightning.analysis import analyze_model, capture_activations, linear_cka, mean_cosine, similarity_matrix
 from epas_lightning.cli import main as cli_main
+from epas_lightning.errors import DataError
 
 
 def naive_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -144,6 +145,13 @@ def test_identical_qk_give_similarity_one_and_the_planted_region_is_recommended(
     strict = report.recommend("q/cka", threshold=1.5)  # nothing qualifies: the best region, flagged
     assert not strict.meets_threshold and "No region" in strict.reasoning
     assert strict.start == 2  # region 3..3 (source 2) and 2..3 (source 1) both score 1: the larger one wins
+
+
+def test_analyze_model_refuses_token_ids_outside_the_vocabulary():
+    model = Llama(tiny_config()).eval()
+    good, bad = torch.zeros(1, 4, dtype=torch.long), torch.tensor([[1, 128]])
+    with pytest.raises(DataError, match=r"token ids must lie in 0\.\.127 .*, got 1\.\.128 — batch 2 — "):
+        analyze_model(model, [good, bad])
 
 
 # --- the command -------------------------------------------------------------------------------------------------

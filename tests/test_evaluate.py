@@ -15,7 +15,7 @@ from torch import nn
 
 from epas_lightning import Llama, LlamaConfig
 from epas_lightning.cli import main as cli_main
-from epas_lightning.errors import DataError
+from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.evaluation import evaluate_perplexity, evaluate_task, load_task, score_continuations
 
 
@@ -143,6 +143,12 @@ def test_perplexity_equals_direct_cross_entropy(tiny_corpus: Path) -> None:
     assert result["tokens"] == 3 * 4 * 32 and result["sequences"] == 3 * 4
     assert result["loss"] == pytest.approx(expected, rel=1e-4)
     assert result["ppl"] == pytest.approx(torch.tensor(expected).exp().item(), rel=1e-4)
+
+
+def test_perplexity_refuses_sequences_longer_than_the_context_before_reading_data(tmp_path: Path) -> None:
+    model = tiny_model(n_layer=2, block_size=32)
+    with pytest.raises(ConfigError, match="seq_len \\(64\\) exceeds the model's context length \\(32\\) — seq_len — "):
+        evaluate_perplexity(model, tmp_path / "missing", seq_len=64)  # checked before the (missing) data
 
 
 def test_evaluate_batches_with_tasks_scores_the_run_data_too(tmp_path: Path, tiny_corpus: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.inference import deepest_layers, generate, sample, set_region
 from epas_lightning.inference.generate import Decoder
 from epas_lightning.model import Llama, LlamaConfig
@@ -189,6 +190,17 @@ def test_region_errors():
         model(tokens(1, 2), cache)
     with pytest.raises(ValueError, match="context length"):
         generate(model, [[1] * 60], max_new_tokens=10)
+
+
+def test_generate_refuses_a_bad_request_with_the_commands_one_line_errors():
+    """From Python as from `generate`: a user error (ConfigError/DataError, still a ValueError), what — where — fix."""
+    model = tiny(n_layer=2, block_size=16)
+    with pytest.raises(ConfigError, match="context length 16 — --max-new-tokens — ask for at most 6"):
+        generate(model, [[1] * 10], max_new_tokens=7)
+    with pytest.raises(ConfigError, match="no room left in the model's context length 16"):
+        generate(model, [[1] * 16], max_new_tokens=1)
+    with pytest.raises(DataError, match=r"token ids must lie in 0\.\.255 .*, got -1\.\.300 — prompts — "):
+        generate(model, [[1, 300], [-1]], max_new_tokens=1)
 
 
 @pytest.mark.parametrize("mode,reuse", [("qk", False), ("qk", True), ("kv", False)])

@@ -45,6 +45,8 @@ def test_top_level_help_lists_every_command_with_a_description(capsys):
     fit_help = capsys.readouterr().out
     assert fit_help.startswith("usage: python -m epas_lightning [options] fit ")
     assert "use ``weights_only=False``" not in fit_help  # Lightning's advice, refused here
+    interval_help = fit_help.split("--checkpoint.train_time_interval TRAIN_TIME_INTERVAL")[-1].split("\n  --")[0]
+    assert '"H:MM:SS" (e.g. "0:30:00")' in " ".join(interval_help.split())  # the format it takes
     assert main(["fit", "--config", DEBUG, "--weights_only", "false"]) == 2
     assert "— --weights_only false — leave it unset" in capsys.readouterr().err
 
@@ -179,6 +181,9 @@ def test_a_value_of_the_wrong_kind_says_what_the_flag_takes(argv, says, capsys):
 def test_a_lightning_cli_value_error_names_the_flag_as_typed(capsys):
     assert main(["fit", "--config", DEBUG, "--trainer.max_steps", "abc"]) == 2
     assert capsys.readouterr().err.startswith("error: invalid value for --trainer.max_steps (")
+    assert main(["fit", "--config", DEBUG, "--checkpoint.train_time_interval", "30 minutes"]) == 2
+    says = """--checkpoint.train_time_interval takes a duration "H:MM:SS" (e.g. "0:30:00"), not '30 minutes'"""
+    assert capsys.readouterr().err.startswith(f"error: {says} — ")
 
 
 def test_ctrl_c_in_a_command_is_one_line_and_status_130(capsys, monkeypatch):
@@ -345,6 +350,37 @@ def test_the_summary_points_only_at_logs_that_exist(tmp_path):
     csv, tb = CSVLogger(tmp_path / "csv"), TensorBoardLogger(tmp_path / "tb")
     assert f"logs         {csv.log_dir}\n" in summary([csv]) and "tensorboard" not in summary([csv])
     assert f"(tensorboard --logdir {tb.log_dir})" in summary([csv, tb])
+
+
+def test_the_summary_says_how_to_resume_where_the_run_was_started(tmp_path):
+    """`--ckpt_path last` only after the command line's fit; a requeued SLURM job resumes with --ckpt_path auto on its
+    command line; a script of your own (no command line) passes the checkpoint's path to `trainer.fit`."""
+    import signal
+    from types import SimpleNamespace
+
+    from epas_lightning import GracefulStop
+    from epas_lightning.run_summary import RunSummary
+
+    last = tmp_path / "last.ckpt"
+    last.touch()
+    module = SimpleNamespace(
+        model=SimpleNamespace(sharing=SimpleNamespace(shared_layers=[])), config=SimpleNamespace(n_layer=2)
+    )
+
+    def resume_line(summary: RunSummary, callbacks: list) -> str:
+        trainer = SimpleNamespace(global_step=3, checkpoint_callbacks=[SimpleNamespace(last_model_path=str(last))],
+                                  callback_metrics={}, callbacks=callbacks, loggers=[])  # fmt: skip
+        return summary.summary(trainer, module, None).splitlines()[-1]
+
+    assert resume_line(RunSummary(command_line=True), []) == "  resume: the same command with --ckpt_path last"
+    assert resume_line(RunSummary(), []) == f"  resume: trainer.fit(..., ckpt_path={str(last)!r})"
+    requeued = GracefulStop()
+    requeued.requeue_signal = requeued.stopped_by = signal.SIGUSR1
+    line = "  resume: the requeued job resumes from it when its command has --ckpt_path auto"
+    assert resume_line(RunSummary(command_line=True), [requeued]) == line
+    stopped = GracefulStop()
+    stopped.requeue_signal, stopped.stopped_by = signal.SIGUSR1, signal.SIGTERM  # not requeued: resumed by hand
+    assert resume_line(RunSummary(command_line=True), [stopped]).endswith("--ckpt_path last")
 
 
 @pytest.mark.slow

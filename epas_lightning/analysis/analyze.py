@@ -30,7 +30,14 @@ def analyze_model(model: Llama, batches: Iterable[torch.Tensor]) -> RedundancyRe
     Activations are kept on the CPU; the comparisons run on the model's device.
     """
     device = next(model.parameters()).device
-    return RedundancyReport.from_activations(capture_activations(model, batches), device)
+    return RedundancyReport.from_activations(capture_activations(model, _checked(model, batches)), device)
+
+
+def _checked(model: Llama, batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """``batches``, each checked against the model's vocabulary before it is run."""
+    for n, batch in enumerate(batches, start=1):
+        model.config.check_token_ids(int(batch.min()), int(batch.max()), f"batch {n}")
+        yield batch
 
 
 def heldout_batches(

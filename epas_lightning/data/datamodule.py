@@ -250,14 +250,7 @@ class TokenDataModule(LightningDataModule):
                 "data.vocab_size",
                 "set it to model.config.vocab_size, or leave it unset to take the model's",
             )
-        fitting = trainer.state.fn == TrainerFn.FITTING
-        if self.seq_len > config.context_length or (fitting and self.seq_len != config.block_size):
-            limit = f"block_size ({config.block_size})" if fitting else f"context length ({config.context_length})"
-            raise ConfigError(
-                f"the data's seq_len ({self.seq_len}) {'is not' if fitting else 'exceeds'} the model's {limit}",
-                "data.seq_len",
-                "set it to model.config.block_size, the sequence length the model trains at",
-            )
+        check_seq_len(self.seq_len, config, fitting=trainer.state.fn == TrainerFn.FITTING)
 
     def check_vocab_size(self) -> None:
         """Fail before training if the tokenizer can emit ids outside the model's embedding table."""
@@ -331,6 +324,18 @@ class TokenDataModule(LightningDataModule):
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
         """Tokens are stored as int32; embeddings and cross-entropy targets want int64 (cast on the device)."""
         return batch.long()
+
+
+def check_seq_len(seq_len: int, config: LlamaConfig, fitting: bool = False, where: str = "data.seq_len") -> None:
+    """A :class:`ConfigError` unless sequences of ``seq_len`` fit the model: its ``block_size`` for training, within
+    its context length otherwise."""
+    if seq_len > config.context_length or (fitting and seq_len != config.block_size):
+        limit = f"block_size ({config.block_size})" if fitting else f"context length ({config.context_length})"
+        raise ConfigError(
+            f"the data's seq_len ({seq_len}) {'is not' if fitting else 'exceeds'} the model's {limit}",
+            where,
+            "set it to model.config.block_size, the sequence length the model trains at",
+        )
 
 
 def heldout_loader(

@@ -49,6 +49,9 @@ def evaluate_perplexity(
     length of one model is scored on the same tokens.
     """
     from epas_lightning.data import heldout_loader
+    from epas_lightning.data.datamodule import check_seq_len
 
-    loader = heldout_loader(data_dir, seq_len or model.config.block_size, batch_size, model.config.vocab_size)
+    seq_len = seq_len or model.config.block_size
+    check_seq_len(seq_len, model.config, where="seq_len")
+    loader = heldout_loader(data_dir, seq_len, batch_size, model.config.vocab_size)
     return perplexity_of_batches(model, loader, max_batches)

@@ -14,9 +14,35 @@ from dataclasses import dataclass
 
 import torch
 
+from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.inference.sampling import sample
 from epas_lightning.model import Llama
 from epas_lightning.region import TrainedRegion
+
+DEFAULT_NEW_TOKENS = 100
+
+
+def fit_new_tokens(prompt_tokens: int, max_new_tokens: int | None, context_length: int) -> int:
+    """``--max-new-tokens``, or its default cut to the room the longest prompt leaves in the model's context."""
+    room = context_length - prompt_tokens
+    if room < 1:
+        raise ConfigError(
+            f"the longest prompt is {prompt_tokens} tokens (with BOS): no room left in the model's context length "
+            f"{context_length}",
+            "--prompt",
+            f"shorten it to at most {context_length - 1} tokens",
+        )
+    if max_new_tokens is None:
+        return min(DEFAULT_NEW_TOKENS, room)
+    if max_new_tokens > room:
+        raise ConfigError(
+            f"the longest prompt ({prompt_tokens} tokens) plus {max_new_tokens} new tokens exceeds the model's "
+            f"context length {context_length}",
+            "--max-new-tokens",
+            f"ask for at most {room}, or shorten the prompt",
+        )
+    return max_new_tokens
+
 
 EOS_CHECK_EVERY = 8
 """Decode steps between checks whether every row has finished (each check waits for the device)."""
@@ -102,18 +128,13 @@ class Decoder:
         cuda_graph: bool | None = None,
     ) -> None:
         if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("Give at least one prompt, each with at least one token.")
+            raise DataError("give at least one prompt, each with at least one token", "prompts")
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}", "--max-new-tokens")
         config = model.config
         longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > config.context_length:
-            raise ValueError(
-                f"The longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} exceeds the model's "
-                f"context length {config.context_length}: shorten the prompt or ask for fewer tokens."
-            )
-        if any(t < 0 or t >= config.vocab_size for p in prompts for t in p):
-            raise ValueError(f"Prompt token ids must lie in 0..{config.vocab_size - 1} (the model's vocab_size).")
+        fit_new_tokens(longest, max_new_tokens, config.context_length)
+        config.check_token_ids(min(map(min, prompts)), max(map(max, prompts)), "prompts")
         self.model, self.max_new_tokens = model, max_new_tokens
         self.device = device = model.embed_tokens.weight.device
         B = len(prompts)

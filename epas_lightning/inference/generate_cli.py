@@ -8,8 +8,8 @@ from typing import Literal
 
 from epas_lightning.checkpoint import CheckpointInfo, LoadedModel, load_model
 from epas_lightning.data.tokenizer import TextTokenizer, check_tokenizer_flag, load_tokenizer
-from epas_lightning.errors import ConfigError
-from epas_lightning.inference.generate import GenerationResult, generate, set_region
+from epas_lightning.errors import ConfigError, UserError
+from epas_lightning.inference.generate import GenerationResult, fit_new_tokens, generate, set_region
 from epas_lightning.inference.sampling import SamplingError, check_sampling
 from epas_lightning.runtime import DType, check_counts, emit_json, resolve_device, resolve_dtype
 
@@ -71,31 +71,6 @@ def report(result: GenerationResult, loaded: LoadedModel, n_shared: int) -> dict
         "kv_cache_saving": result.cache_saving,
         "kv_cache_saving_analytic": analytic,
     }
-
-
-DEFAULT_NEW_TOKENS = 100
-
-
-def fit_new_tokens(prompt_tokens: int, max_new_tokens: int | None, context_length: int) -> int:
-    """``--max-new-tokens``, or its default cut to the room the longest prompt leaves in the model's context."""
-    room = context_length - prompt_tokens
-    if room < 1:
-        raise ConfigError(
-            f"the longest prompt is {prompt_tokens} tokens (with BOS): no room left in the model's context length "
-            f"{context_length}",
-            "--prompt",
-            f"shorten it to at most {context_length - 1} tokens",
-        )
-    if max_new_tokens is None:
-        return min(DEFAULT_NEW_TOKENS, room)
-    if max_new_tokens > room:
-        raise ConfigError(
-            f"the longest prompt ({prompt_tokens} tokens) plus {max_new_tokens} new tokens exceeds the model's "
-            f"context length {context_length}",
-            "--max-new-tokens",
-            f"ask for at most {room}, or shorten the prompt",
-        )
-    return max_new_tokens
 
 
 def generate_command(
@@ -174,7 +149,9 @@ def generate_command(
             seed=seed,
             cuda_graph=graphed,
         )
-    except ValueError as e:  # prompt too long, bad sampling settings
+    except UserError:  # already what, where and fix
+        raise
+    except ValueError as e:  # bad sampling settings
         raise ConfigError(str(e), "generate", "see --help") from e
     for text, new in zip(prompts, result.tokens, strict=True):
         completion = text_tokenizer.decode([t for t in new if t != text_tokenizer.eos_id])

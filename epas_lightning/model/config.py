@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
-from epas_lightning.errors import ConfigError
+from epas_lightning.errors import ConfigError, DataError
 
 SharingMode = Literal["qk", "kv"]
 
@@ -124,6 +124,15 @@ class LlamaConfig:
     def context_length(self) -> int:
         """The longest sequence the model runs at inference: ``max_position_embeddings``, else ``block_size``."""
         return self.max_position_embeddings or self.block_size
+
+    def check_token_ids(self, lowest: int, highest: int, where: object) -> None:
+        """A :class:`DataError` unless token ids ``lowest..highest`` lie in the model's vocabulary."""
+        if lowest < 0 or highest >= self.vocab_size:
+            raise DataError(
+                f"token ids must lie in 0..{self.vocab_size - 1} (the model's vocab_size), got {lowest}..{highest}",
+                where,
+                "tokenize with the tokenizer the model trained with",
+            )
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> LlamaConfig:
