@@ -38,28 +38,37 @@ def resume_checkpoint(config: Namespace, word: str, fitting: bool = True) -> str
     ``last`` with no checkpoint is an error; ``auto`` then starts from scratch, or scores the configured model (and
     says so).
     """
-    candidates = []
-    dirpath = checkpoint_folder(config)
-    if dirpath:
-        candidates.append(Path(dirpath).expanduser() / "last.ckpt")
-    run_dirs = _logger_run_dirs(config)
-    for run_dir in run_dirs:
-        candidates += run_dir.glob("version_*/checkpoints/last.ckpt")
-    found = [p for p in candidates if p.exists()]
-    if not found:
-        places = ", ".join(str(d / "version_*/checkpoints") for d in run_dirs) or str(dirpath)
-        if word == "auto":
-            check_no_slurm_checkpoint(config)
-            instead = "starting from scratch" if fitting else "scoring the configured model"
-            say(f"--ckpt_path auto: no last.ckpt under {places}; {instead}.")
-            return None
-        raise CheckpointError(
-            "no last.ckpt of this run to resume", places, "train first, or pass the checkpoint's path to --ckpt_path"
-        )
-    newest = max(found, key=lambda p: p.stat().st_mtime)
+    dirpath, run_dirs = checkpoint_folder(config), _logger_run_dirs(config)
+    if word == "auto" and newest_last_checkpoint(dirpath, run_dirs) is None:
+        check_no_slurm_checkpoint(config)
+        instead = "starting from scratch" if fitting else "scoring the configured model"
+        say(f"--ckpt_path auto: no last.ckpt under {_last_checkpoint_places(dirpath, run_dirs)}; {instead}.")
+        return None
+    newest = last_checkpoint_of_run(dirpath, run_dirs, "train first, or pass the checkpoint's path to --ckpt_path")
     if fitting:  # validate/test: Lightning says which file it loaded the weights from
         say(f"Resuming from {newest}")
     return str(newest)
+
+
+def newest_last_checkpoint(dirpath: str | Path | None, run_dirs: list[Path]) -> Path | None:
+    """The newest ``last.ckpt`` in ``dirpath`` or in a ``version_*/checkpoints`` folder of one of ``run_dirs``."""
+    candidates = [Path(dirpath).expanduser() / "last.ckpt"] if dirpath else []
+    for run_dir in run_dirs:
+        candidates += run_dir.glob("version_*/checkpoints/last.ckpt")
+    found = [p for p in candidates if p.exists()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def last_checkpoint_of_run(dirpath: str | Path | None, run_dirs: list[Path], fix: str) -> Path:
+    """:func:`newest_last_checkpoint`, or a ``CheckpointError`` (saying ``fix``) when there is none."""
+    newest = newest_last_checkpoint(dirpath, run_dirs)
+    if newest is None:
+        raise CheckpointError("no last.ckpt of this run to resume", _last_checkpoint_places(dirpath, run_dirs), fix)
+    return newest
+
+
+def _last_checkpoint_places(dirpath: str | Path | None, run_dirs: list[Path]) -> str:
+    return ", ".join(str(d / "version_*/checkpoints") for d in run_dirs) or str(dirpath)
 
 
 def checkpoint_folder(config: Namespace) -> str | None:
@@ -97,18 +106,32 @@ def same_folder(folder: str | None, other: Path) -> bool:
 
 def continue_version(config: Namespace, ckpt_path: Path) -> Path | None:
     """Set the loggers' version so that ``fit`` resuming ``ckpt_path`` logs and checkpoints into the version folder the
-    checkpoint lives in (``<save_dir>/<name>/version_N/checkpoints/``); return that folder.
+    checkpoint lives in (:func:`version_to_continue`); return that folder. ``None`` also where the ``checkpoint``
+    section names its own folder. A logger given a version keeps it.
+    """
+    if config.get("checkpoint") and config.checkpoint.get("dirpath"):
+        return None
+    version_dir = version_to_continue(ckpt_path, _logger_run_dirs(config))
+    if version_dir is None:
+        return None
+    loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+    for logger in loggers:
+        if isinstance(logger, Namespace) and logger.get("init_args") and logger.init_args.get("version") is None:
+            logger.init_args.version = version_of(version_dir)
+    return version_dir
 
-    ``None`` (Lightning then starts a new version folder) where the checkpoint lives elsewhere, the ``checkpoint``
-    section names its own folder, or that run went on past the checkpoint (resuming it there would overwrite the
-    later checkpoints). A logger given a version keeps it.
+
+def version_to_continue(ckpt_path: Path, run_dirs: list[Path]) -> Path | None:
+    """The version folder (``<run_dir>/version_N``, ``run_dir`` one of ``run_dirs``) that ``fit`` resuming
+    ``ckpt_path`` from its ``checkpoints`` folder keeps logging and checkpointing into.
+
+    ``None`` (Lightning then starts a new version folder) where the checkpoint lives elsewhere, or that run went on
+    past the checkpoint (resuming it there would overwrite the later checkpoints).
     """
     version_dir = ckpt_path.parent.parent
     if ckpt_path.parent.name != "checkpoints" or not version_dir.name.startswith("version_"):
         return None
-    if config.get("checkpoint") and config.checkpoint.get("dirpath"):
-        return None
-    if not any(run_dir.resolve() == version_dir.parent.resolve() for run_dir in _logger_run_dirs(config)):
+    if not any(run_dir.resolve() == version_dir.parent.resolve() for run_dir in run_dirs):
         return None
     latest = ckpt_path.parent / "last.ckpt"
     if latest.exists() and not latest.samefile(ckpt_path):
@@ -117,12 +140,13 @@ def continue_version(config: Namespace, ckpt_path: Path) -> Path | None:
             went_on = f"went on to step {latest_step}" if latest_step is not None else "has a last.ckpt that won't load"
             say(f"{version_dir} {went_on}: this run logs and checkpoints into a new version folder; that one stays")
             return None
-    loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
-    number = version_dir.name.removeprefix("version_")
-    for logger in loggers:
-        if isinstance(logger, Namespace) and logger.get("init_args") and logger.init_args.get("version") is None:
-            logger.init_args.version = int(number) if number.isdigit() else version_dir.name
     return version_dir
+
+
+def version_of(version_dir: Path) -> int | str:
+    """A logger's version for the folder ``version_dir``: ``version_3`` -> 3."""
+    number = version_dir.name.removeprefix("version_")
+    return int(number) if number.isdigit() else version_dir.name
 
 
 def _global_step(ckpt_path: Path) -> int | None:

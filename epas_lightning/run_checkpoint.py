@@ -3,6 +3,10 @@
 Lightning writes ``last.ckpt`` only beside a scheduled save (every ``every_n_train_steps``, after a validation, at an
 epoch end), so a run whose length is not a multiple of the interval ended with ``last.ckpt`` some steps behind: the
 steps after the last scheduled save were lost, and ``--ckpt_path last`` trained them again.
+
+``trainer.fit(..., ckpt_path="last")`` from a script looked only in the new version folder a fresh ``Trainer`` logs
+into, found nothing and trained from step 0 with a warning; with ``RunCheckpoint`` it means what ``--ckpt_path last``
+means (:mod:`epas_lightning.resume`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,12 @@ from pathlib import Path
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.trainer.states import TrainerFn
+
+from epas_lightning.resume import last_checkpoint_of_run, version_of, version_to_continue
+from epas_lightning.run_summary import say
+from epas_lightning.safe_load import verify_checkpoint
 
 
 def save_last_now(trainer: Trainer, checkpoint: ModelCheckpoint) -> Path | None:
@@ -32,7 +42,32 @@ class RunCheckpoint(ModelCheckpoint):
 
     It is the ``checkpoint`` section of ``fit``, with ``ModelCheckpoint``'s arguments; when training ends at a step
     that no checkpoint holds yet, it writes ``last.ckpt`` then.
+
+    ``ckpt_path="last"`` is the newest ``last.ckpt`` of the run (``dirpath``, or every ``version_*/checkpoints``
+    folder of the first logger's ``save_dir``/``name``), checked to read without running code; none is an error. A
+    ``fit`` resuming it logs and checkpoints into its version folder where the loggers have not fixed their version
+    yet (one given ``version=`` keeps it), and none is a ``CSVLogger``, which would delete that folder's
+    ``metrics.csv``.
     """
+
+    def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
+        """Lightning's lookup for ``ckpt_path="last"``, which searched only the version folder of this new run."""
+        loggers = trainer.loggers
+        if self.dirpath is not None or not loggers:
+            dirpath, run_dirs = self.dirpath or Path(trainer.default_root_dir) / "checkpoints", []
+        else:
+            dirpath, run_dirs = None, [Path(loggers[0].save_dir or trainer.default_root_dir) / str(loggers[0].name)]
+        fix = "train first, or pass the checkpoint's path as ckpt_path (None starts from scratch)"
+        newest = verify_checkpoint(last_checkpoint_of_run(dirpath, run_dirs, fix), 'ckpt_path="last"')
+        if trainer.state.fn == TrainerFn.FITTING:
+            say(f"Resuming from {newest}")
+            version_dir = version_to_continue(newest, run_dirs)
+            if any(isinstance(logger, CSVLogger) for logger in loggers):  # it deletes the folder's metrics.csv
+                version_dir = None
+            for logger in loggers if version_dir else []:
+                if getattr(logger, "_version", "") is None:  # not chosen yet: nothing was written under it
+                    logger._version = version_of(version_dir)
+        return {str(newest)}
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):

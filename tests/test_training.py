@@ -398,3 +398,34 @@ def test_slurm_requeue_signal_stops_with_last_ckpt_then_requeues(tiny_corpus, tm
     assert (tmp_path / "scontrol.log").read_text() == "requeue 70_3\n"
     assert not list(tmp_path.glob("hpc_ckpt_*")) and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_ckpt_path_last_from_a_script_resumes_the_run_in_its_version_folder(tiny_corpus, tmp_path):
+    """A script's `trainer.fit(..., ckpt_path="last")` looked only in the new version folder the fresh Trainer logs
+    into, found nothing and trained from step 0 (with a hint to set save_last, which was set). With RunCheckpoint it
+    resumes the newest last.ckpt of the run, as `--ckpt_path last` does, into that version folder; none is an error."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from epas_lightning.errors import CheckpointError
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    starts = []
+
+    class RecordStart(Callback):
+        def on_train_start(self, trainer, pl_module):
+            starts.append(trainer.global_step)
+
+    def fit(steps: int, ckpt_path: str | None = None) -> L.Trainer:
+        module, data = make_run(tiny_corpus, n_layer=2)
+        logger = TensorBoardLogger(tmp_path / "runs", name="epas")
+        trainer = make_trainer(tmp_path, steps, [RunCheckpoint(save_last=True), RecordStart()], logger=logger)
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        return trainer
+
+    with pytest.raises(CheckpointError, match="no last.ckpt"):
+        fit(2, ckpt_path="last")
+    assert fit(2).global_step == 2
+    resumed = fit(3, ckpt_path="last")
+    assert starts == [0, 2] and resumed.global_step == 3 and resumed.logger.version == 0
+    assert sorted(p.name for p in (tmp_path / "runs" / "epas").iterdir()) == ["version_0"]
+    assert torch.load(tmp_path / "runs/epas/version_0/checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
