@@ -107,7 +107,8 @@ def same_folder(folder: str | None, other: Path) -> bool:
 def continue_version(config: Namespace, ckpt_path: Path) -> Path | None:
     """Set the loggers' version so that ``fit`` resuming ``ckpt_path`` logs and checkpoints into the version folder the
     checkpoint lives in (:func:`version_to_continue`); return that folder. ``None`` also where the ``checkpoint``
-    section names its own folder. A logger given a version keeps it.
+    section names its own folder, or a logger is a ``CSVLogger``, which deletes the ``metrics.csv`` of a folder it
+    starts logging into. A logger given a version keeps it.
     """
     if config.get("checkpoint") and config.checkpoint.get("dirpath"):
         return None
@@ -115,6 +116,11 @@ def continue_version(config: Namespace, ckpt_path: Path) -> Path | None:
     if version_dir is None:
         return None
     loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+    if any(
+        isinstance(logger, Namespace) and str(logger.get("class_path", "")).endswith("CSVLogger") for logger in loggers
+    ):
+        say(f"CSVLogger would rewrite {version_dir / 'metrics.csv'}: this run logs into a new version folder")
+        return None
     for logger in loggers:
         if isinstance(logger, Namespace) and logger.get("init_args") and logger.init_args.get("version") is None:
             logger.init_args.version = version_of(version_dir)

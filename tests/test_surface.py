@@ -513,6 +513,21 @@ def test_a_resume_from_before_the_end_of_a_run_starts_a_new_version_folder(tmp_p
     assert capsys.readouterr().err.startswith(f"{folder.parent} went on to step 8: this run logs and checkpoints into")
 
 
+def test_a_resume_with_a_csv_logger_keeps_the_earlier_metrics(tmp_path, capsys, monkeypatch):
+    """Lightning's CSVLogger deletes the metrics.csv of a version folder it starts logging into: `--ckpt_path last`
+    with it left 7 of the first run's 16 lines. Such a resume logs into a new version folder."""
+    monkeypatch.chdir(tmp_path)
+    folder = Path("runs/debug/version_0/checkpoints")
+    folder.mkdir(parents=True)
+    torch.save({"state_dict": {}, "global_step": 4}, folder / "last.ckpt")
+    csv = Namespace(
+        class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir="runs", name="debug")
+    )
+    config = Namespace(trainer=Namespace(logger=[csv]), checkpoint=Namespace(dirpath=None))
+    assert continue_version(config, folder / "last.ckpt") is None and csv.init_args.get("version") is None
+    assert "CSVLogger would rewrite runs/debug/version_0/metrics.csv" in capsys.readouterr().err
+
+
 def test_user_callbacks_add_to_the_defaults_without_inheriting_them(tmp_path, monkeypatch):
     from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 
