@@ -12,6 +12,8 @@ from pathlib import Path
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from epas_lightning.checkpoint_space import warn_if_disk_too_small
+
 
 def save_last_now(trainer: Trainer, checkpoint: ModelCheckpoint) -> Path | None:
     """Write the current state (weights, optimizer, loops) to ``last.ckpt`` in ``checkpoint``'s folder; every rank
@@ -31,8 +33,13 @@ class RunCheckpoint(ModelCheckpoint):
     """Lightning's ``ModelCheckpoint``, whose ``last.ckpt`` (with ``save_last``) holds the step training ended at.
 
     It is the ``checkpoint`` section of ``fit``, with ``ModelCheckpoint``'s arguments; when training ends at a step
-    that no checkpoint holds yet, it writes ``last.ckpt`` then.
+    that no checkpoint holds yet, it writes ``last.ckpt`` then. Before training, it warns when its folder's disk
+    looks too small for the checkpoints it keeps at once (see :mod:`epas_lightning.checkpoint_space`).
     """
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        warn_if_disk_too_small(trainer, pl_module, self)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
