@@ -109,9 +109,23 @@ class RunSummary(Callback):
 
         if any(isinstance(c, GracefulStop) and c.requeued for c in trainer.callbacks):
             return "the requeued job resumes from it when its command has --ckpt_path auto"
+        limit = _limit_reached(trainer)
+        if limit is not None:  # resuming as it is would train nothing
+            if self.command_line:
+                return f"to train further, raise --trainer.{limit} and resume with --ckpt_path last"
+            return f"to train further, raise the Trainer's {limit} and call trainer.fit(..., ckpt_path={checkpoint!r})"
         if self.command_line:
             return "the same command with --ckpt_path last"
         return f"trainer.fit(..., ckpt_path={checkpoint!r})"
+
+
+def _limit_reached(trainer: Trainer) -> str | None:
+    """The trainer's limit the run ended at, ``"max_steps"`` or ``"max_epochs"``; ``None`` when it stopped before."""
+    if trainer.max_steps is not None and trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps:
+        return "max_steps"
+    if trainer.max_epochs is not None and trainer.max_epochs >= 0 and trainer.current_epoch >= trainer.max_epochs:
+        return "max_epochs"
+    return None
 
 
 def _duration(start: float) -> str:

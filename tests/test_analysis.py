@@ -197,5 +197,19 @@ def test_analyze_reports_bad_inputs_before_work(tiny_checkpoint, tmp_path, capsy
 
     assert "checkpoint does not exist" in fails("--checkpoint", str(tmp_path / "nope.ckpt"))
     assert "does not exist" in fails("--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path / "missing"))
-    assert "must be in [2, block_size" in fails("--checkpoint", str(tiny_checkpoint), "--seq-len", "999")
+    too_long = fails("--checkpoint", str(tiny_checkpoint), "--seq-len", "999")
+    assert "exceeds the model's context length (32) — --seq-len — use at most 32" in too_long
+    assert "must be at least 2, got 1" in fails("--checkpoint", str(tiny_checkpoint), "--seq-len", "1")
     assert not (tmp_path / "runs").exists()
+
+
+def test_analyze_seq_len_goes_up_to_the_context_length(tiny_checkpoint, tmp_path, capsys):
+    """`analyze --seq-len` stopped at block_size while evaluate_perplexity runs up to the context length, longer
+    after a continual run from a longer-context model (max_position_embeddings)."""
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    checkpoint["model_config"]["max_position_embeddings"] = 64  # block_size 32
+    torch.save(checkpoint, tmp_path / "long.ckpt")
+    out = tmp_path / "analysis"
+    args = ["--checkpoint", str(tmp_path / "long.ckpt"), "--output", str(out), "--batches", "1", "--batch-size", "1"]
+    assert cli_main(["analyze", *args, "--seq-len", "48"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "similarity.json").read_text())["seq_len"] == 48

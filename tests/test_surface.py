@@ -367,13 +367,19 @@ def test_the_summary_says_how_to_resume_where_the_run_was_started(tmp_path):
         model=SimpleNamespace(sharing=SimpleNamespace(shared_layers=[])), config=SimpleNamespace(n_layer=2)
     )
 
-    def resume_line(summary: RunSummary, callbacks: list) -> str:
+    def resume_line(summary: RunSummary, callbacks: list, max_steps: int = 10, max_epochs: int = -1) -> str:
         trainer = SimpleNamespace(global_step=3, checkpoint_callbacks=[SimpleNamespace(last_model_path=str(last))],
-                                  callback_metrics={}, callbacks=callbacks, loggers=[])  # fmt: skip
+                                  callback_metrics={}, callbacks=callbacks, loggers=[], max_steps=max_steps,
+                                  max_epochs=max_epochs, current_epoch=1)  # fmt: skip
         return summary.summary(trainer, module, None).splitlines()[-1]
 
     assert resume_line(RunSummary(command_line=True), []) == "  resume: the same command with --ckpt_path last"
     assert resume_line(RunSummary(), []) == f"  resume: trainer.fit(..., ckpt_path={str(last)!r})"
+    # a run that reached its max_steps (or max_epochs) trains nothing more when resumed as it is
+    finished = "  resume: to train further, raise --trainer.max_steps and resume with --ckpt_path last"
+    assert resume_line(RunSummary(command_line=True), [], max_steps=3) == finished
+    assert resume_line(RunSummary(command_line=True), [], -1, 1) == finished.replace("max_steps", "max_epochs")
+    assert resume_line(RunSummary(), [], max_steps=3).startswith("  resume: to train further, raise the Trainer's max_")
     requeued = GracefulStop()
     requeued.requeue_signal = requeued.stopped_by = signal.SIGUSR1
     line = "  resume: the requeued job resumes from it when its command has --ckpt_path auto"

@@ -336,6 +336,31 @@ def test_last_ckpt_holds_the_step_training_ended_at(tiny_corpus, tmp_path):
     ]  # fmt: skip
 
 
+def test_a_run_warns_before_training_when_its_checkpoints_may_not_fit(tiny_corpus, tmp_path, monkeypatch):
+    """A full checkpoint disk showed only at the first save, hours into a run. Before training, the run's checkpoint
+    now warns when the free space is less than the checkpoints it keeps at once (top 1, last, the one being written),
+    sized from the model and AdamW within 20% of the real file."""
+    import shutil
+    import warnings
+
+    from epas_lightning import checkpoint_space
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint_space.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    module, data = make_run(tiny_corpus, n_layer=2)
+    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
+    trainer = make_trainer(tmp_path, 1, [checkpoint])
+    with pytest.warns(UserWarning, match=r"checkpoints may not fit: 3 of .* MiB is free in .*ckpt"):
+        trainer.fit(module, datamodule=data)
+    estimate = checkpoint_space.checkpoint_bytes(module, trainer.optimizers)
+    assert abs(estimate / (tmp_path / "ckpt" / "last.ckpt").stat().st_size - 1) < 0.2
+    monkeypatch.setattr(checkpoint_space.shutil, "disk_usage", lambda path: usage._replace(free=estimate * 3 // 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        checkpoint_space.warn_if_disk_too_small(trainer, module, checkpoint)  # the saved files count as free
+
+
 def test_a_graceful_stop_saves_its_step_once(tiny_corpus, tmp_path):
     """After the stop's last.ckpt, the validation Lightning runs when fit stops early made ModelCheckpoint save the
     same step again (a step file): more full saves inside a scheduler's grace period than the one needed. That whole

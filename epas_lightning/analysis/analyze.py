@@ -104,7 +104,7 @@ def analyze_command(
         data: Prepared data folder whose val split is read (default: the data the checkpoint trained on).
         batches: Held-out batches to measure on.
         batch_size: Sequences per batch.
-        seq_len: Tokens per sequence (default: min(block_size, 256)).
+        seq_len: Tokens per sequence, up to the model's context length (default: min(block_size, 256)).
         metric: The similarity the recommendation is based on.
         threshold: Lowest similarity a region may have to its source layer.
         device: Where model and comparisons run: auto (CUDA when available), cpu, cuda, cuda:1, ...
@@ -116,7 +116,7 @@ def analyze_command(
     import matplotlib
 
     matplotlib.use("Agg")
-    from epas_lightning.data.datamodule import check_data_flag
+    from epas_lightning.data.datamodule import check_data_flag, check_seq_len
     from epas_lightning.inference.generate_cli import load_for_inference
 
     check_counts({"--batches": batches, "--batch-size": batch_size})
@@ -125,8 +125,9 @@ def analyze_command(
     loaded = load_for_inference(checkpoint, device, dtype, attention_reuse=False)  # every layer computes here
     model, config = loaded.model, loaded.model.config
     seq_len = seq_len or min(config.block_size, 256)
-    if not 2 <= seq_len <= config.block_size:
-        raise ConfigError(f"must be in [2, block_size={config.block_size}], got {seq_len}", "--seq-len")
+    if seq_len < 2:
+        raise ConfigError(f"must be at least 2, got {seq_len}", "--seq-len")
+    check_seq_len(seq_len, config, where="--seq-len")
     data_dir = data or loaded.data_dir
     if data_dir is None:
         raise ConfigError(

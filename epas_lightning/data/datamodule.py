@@ -334,7 +334,9 @@ def check_seq_len(seq_len: int, config: LlamaConfig, fitting: bool = False, wher
         raise ConfigError(
             f"the data's seq_len ({seq_len}) {'is not' if fitting else 'exceeds'} the model's {limit}",
             where,
-            "set it to model.config.block_size, the sequence length the model trains at",
+            "set it to model.config.block_size, the sequence length the model trains at"
+            if fitting
+            else f"use at most {config.context_length} (the model trained at {config.block_size})",
         )
 
 
