@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--peers-timeout", type=int, default=270)
     run.add_argument("--fit-args", default="", help="more `fit` flags, space-separated (e.g. a CPU dry run)")
     run.add_argument("--skip-peers", action="store_true")
+    run.add_argument("--skip-fit", action="store_true", help="a rerun of the comparison alone")
+    run.add_argument("--skip-tests", action="store_true", help="a rerun without the CUDA tests")
     return p.parse_args(argv)
 
 
@@ -197,6 +199,8 @@ def table(report: dict) -> str:
             rows += ["vs_peers not run (--skip-peers)", ""]
         else:
             rows += [f"vs_peers did not finish (exit {peers['exit_code']}); see vs_peers-b*.log", ""]
+    if fit.get("skipped"):
+        return "\n".join([*rows, "fit not run (--skip-fit)"]) + "\n"
     rows += [
         f"| fit (Lightning + FSDP2, 1 GPU, batch {fit['batch_size']} x 2048) | tokens/s | MFU |",
         "|---|---|---|",
@@ -220,15 +224,15 @@ def run(args: argparse.Namespace) -> dict:
     report = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device",
         "torch": torch.__version__,
-        "cuda_tests": tests_part(args),
-        "fit": fit_part(args),
+        **({} if args.skip_tests else {"cuda_tests": tests_part(args)}),
+        "fit": {"skipped": True} if args.skip_fit else fit_part(args),
         "peers": {"exit_code": None} if args.skip_peers else peers_part(args),
     }
     (args.out / "gpu_session.json").write_text(json.dumps(report, indent=1))
     text = table(report)
     (args.out / "gpu_session.md").write_text(text)
     print(text)
-    print(json.dumps({k: report[k] for k in ("device", "torch", "cuda_tests", "fit")}))
+    print(json.dumps({k: report[k] for k in ("device", "torch", "cuda_tests", "fit") if k in report}))
     return report
 
 

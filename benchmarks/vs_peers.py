@@ -228,10 +228,14 @@ def peer_loss(name: str, model: torch.nn.Module) -> Callable[[torch.Tensor], tor
         from litgpt.utils import chunked_cross_entropy
 
         return lambda batch: chunked_cross_entropy(model(batch[:, :-1]), batch[:, 1:])
-    # HF: the model computes its loss from labels (already shifted: `shift_labels`)
-    return lambda batch: (
-        model(input_ids=batch[:, :-1], labels=batch[:, 1:], shift_labels=batch[:, 1:], use_cache=False).loss
-    )
+
+    # HF: the model computes its loss from labels (already shifted: `shift_labels`), which it flattens with `view`:
+    # contiguous, as a data loader gives them (a slice of a batch of several rows cannot be viewed flat)
+    def hf_loss(batch: torch.Tensor) -> torch.Tensor:
+        labels = batch[:, 1:].contiguous()
+        return model(input_ids=batch[:, :-1], labels=labels, shift_labels=labels, use_cache=False).loss
+
+    return hf_loss
 
 
 def liger_loss(model: Llama) -> Callable[[torch.Tensor], torch.Tensor]:

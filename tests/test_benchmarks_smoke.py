@@ -63,7 +63,7 @@ def test_vs_hf_reports_a_ratio_on_identical_logits(quick_main):
 @pytest.mark.slow
 def test_vs_peers_reports_each_system_against_the_best_peer(quick_main):
     pytest.importorskip("transformers")
-    r = quick_main("benchmarks/vs_peers.py")
+    r = quick_main("benchmarks/vs_peers.py", "--batch-size", "2")  # HF's loss failed on labels of several rows
     assert {"device", "flop_cut", "tokens_per_s", "best_peer", "dense_vs_best_peer", "epas_vs_best_peer", "mfu"} <= set(
         r
     )
