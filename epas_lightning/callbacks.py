@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -182,8 +183,11 @@ class TokenThroughputMonitor(ThroughputMonitor):
         super().__init__(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=window_size)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
         peak = peak_flops(trainer.strategy.root_device, _compute_dtype(str(trainer.precision)))
+        with warnings.catch_warnings():
+            if peak is not None:  # Lightning's own table lacks it (e.g. the H200) and says so: ours is used below
+                warnings.filterwarnings("ignore", message="FLOPs not found for")
+            super().setup(trainer, pl_module, stage)
         if peak is not None:
             self.available_flops = int(peak)
             for throughput in self._throughputs.values():

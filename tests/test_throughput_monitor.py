@@ -50,11 +50,21 @@ def test_cpu_logs_tokens_and_flops_but_no_mfu_or_memory(tmp_path):
     assert "train/device/mfu" not in keys and callbacks.PEAK_MEMORY_KEY not in keys
 
 
-def test_mfu_and_peak_memory_are_logged_where_the_device_has_them(tmp_path, monkeypatch):
+def test_mfu_and_peak_memory_are_logged_where_the_device_has_them(tmp_path, monkeypatch, recwarn):
+    """Our peak table knows devices Lightning's lacks: its "FLOPs not found for 'NVIDIA H200'" (seen on the lent H200)
+    must not appear where ours supplies the peak."""
+    import lightning.pytorch.callbacks.throughput_monitor as lightning_monitor
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    def lightning_lookup(device, dtype):
+        rank_zero_warn("FLOPs not found for 'NVIDIA H200', chip is 'nvidia h200'")
+
+    monkeypatch.setattr(lightning_monitor, "get_available_flops", lightning_lookup)
     monkeypatch.setattr(callbacks, "peak_flops", lambda device, dtype: 1e12)
     monkeypatch.setattr(callbacks, "peak_memory_gib", lambda device: 1.5)
     keys = fit_keys(tmp_path)
     assert {"train/device/mfu", callbacks.PEAK_MEMORY_KEY} <= keys
+    assert not [w for w in recwarn if "FLOPs not found" in str(w.message)]
 
 
 def test_validation_flops_count_the_forward_pass_of_the_validation_batch(tmp_path):
