@@ -107,19 +107,14 @@ def same_folder(folder: str | None, other: Path) -> bool:
 def continue_version(config: Namespace, ckpt_path: Path) -> Path | None:
     """Set the loggers' version so that ``fit`` resuming ``ckpt_path`` logs and checkpoints into the version folder the
     checkpoint lives in (:func:`version_to_continue`); return that folder. ``None`` also where the ``checkpoint``
-    section names its own folder, or a logger is a ``CSVLogger``, which deletes the ``metrics.csv`` of a folder it
-    starts logging into. A logger given a version keeps it.
+    section names its own folder. A logger given a version keeps it.
     """
     if config.get("checkpoint") and config.checkpoint.get("dirpath"):
         return None
-    version_dir = version_to_continue(ckpt_path, _logger_run_dirs(config))
-    if version_dir is None:
-        return None
     loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
-    if any(
-        isinstance(logger, Namespace) and str(logger.get("class_path", "")).endswith("CSVLogger") for logger in loggers
-    ):
-        say(f"CSVLogger would rewrite {version_dir / 'metrics.csv'}: this run logs into a new version folder")
+    csv = any(isinstance(lg, Namespace) and str(lg.get("class_path", "")).endswith("CSVLogger") for lg in loggers)
+    version_dir = version_to_continue(ckpt_path, _logger_run_dirs(config), csv_logger=csv)
+    if version_dir is None:
         return None
     for logger in loggers:
         if isinstance(logger, Namespace) and logger.get("init_args") and logger.init_args.get("version") is None:
@@ -127,12 +122,13 @@ def continue_version(config: Namespace, ckpt_path: Path) -> Path | None:
     return version_dir
 
 
-def version_to_continue(ckpt_path: Path, run_dirs: list[Path]) -> Path | None:
+def version_to_continue(ckpt_path: Path, run_dirs: list[Path], csv_logger: bool = False) -> Path | None:
     """The version folder (``<run_dir>/version_N``, ``run_dir`` one of ``run_dirs``) that ``fit`` resuming
     ``ckpt_path`` from its ``checkpoints`` folder keeps logging and checkpointing into.
 
-    ``None`` (Lightning then starts a new version folder) where the checkpoint lives elsewhere, or that run went on
-    past the checkpoint (resuming it there would overwrite the later checkpoints).
+    ``None`` (Lightning then starts a new version folder) where the checkpoint lives elsewhere, that run went on past
+    the checkpoint (resuming it there would overwrite the later checkpoints), or the run logs with a ``CSVLogger``
+    (``csv_logger``), which deletes the ``metrics.csv`` of a folder it starts logging into.
     """
     version_dir = ckpt_path.parent.parent
     if ckpt_path.parent.name != "checkpoints" or not version_dir.name.startswith("version_"):
@@ -146,6 +142,9 @@ def version_to_continue(ckpt_path: Path, run_dirs: list[Path]) -> Path | None:
             went_on = f"went on to step {latest_step}" if latest_step is not None else "has a last.ckpt that won't load"
             say(f"{version_dir} {went_on}: this run logs and checkpoints into a new version folder; that one stays")
             return None
+    if csv_logger:
+        say(f"CSVLogger would rewrite {version_dir / 'metrics.csv'}: this run logs into a new version folder")
+        return None
     return version_dir
 
 

@@ -63,9 +63,8 @@ class RunCheckpoint(ModelCheckpoint):
         newest = verify_checkpoint(last_checkpoint_of_run(dirpath, run_dirs, fix), 'ckpt_path="last"')
         if trainer.state.fn == TrainerFn.FITTING:
             say(f"Resuming from {newest}")
-            version_dir = version_to_continue(newest, run_dirs)
-            if any(isinstance(logger, CSVLogger) for logger in loggers):  # it deletes the folder's metrics.csv
-                version_dir = None
+            csv = any(isinstance(logger, CSVLogger) for logger in loggers)
+            version_dir = version_to_continue(newest, run_dirs, csv_logger=csv)
             for logger in loggers if version_dir else []:
                 if getattr(logger, "_version", "") is None:  # not chosen yet: nothing was written under it
                     logger._version = version_of(version_dir)
