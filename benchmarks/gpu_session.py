@@ -164,7 +164,7 @@ def peers_part(args: argparse.Namespace) -> dict:
 def peers_run(args: argparse.Namespace, batch_size: int, timeout: int) -> dict:
     cmd = [sys.executable, "benchmarks/vs_peers.py", "--device", "cuda", "--model", "tinyllama-1.1b"]
     cmd += ["--seq-len", "2048", "--batch-size", str(batch_size), "--reps", "5", "--warmup", "3"]
-    cmd += ["--systems", "dense", "epas", "litgpt", "hf", "liger"]
+    cmd += ["--systems", "dense", "epas", "litgpt", "hf", "liger", "eager_ce"]
     log = args.out / f"vs_peers-b{batch_size}.log"
     code, seconds = run_logged(cmd, log, timeout)
     result: dict = {"command": " ".join(cmd[1:]), "exit_code": code, "wall_s": seconds, "batch_size": batch_size}

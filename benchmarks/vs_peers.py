@@ -7,11 +7,15 @@ starts from the same weights, and before anything is timed the peers' logits are
 compute the same function. A step is each system's own training step:
 
 - ``dense``: our ``Llama``, every layer computing, and our training loss (``epas_lightning.loss.train_loss``: the LM
-  head and cross-entropy chunk by chunk, the logits never materialised);
+  head and cross-entropy chunk by chunk, the logits never materialised; with ``--compile all`` each chunk's softmax
+  and gradient compiled too, as ``fit`` with ``compile: true`` runs it);
 - ``epas``: the same model and optimizer with the deepest ``--sharing`` fraction of layers reusing the Q/K of the last
   computing layer (``--attention-reuse``: also its attention probabilities, as ``EPASModule(attention_reuse=True)``);
 - ``litgpt``: ``litgpt.model.GPT`` and ``litgpt.utils.chunked_cross_entropy``, as ``litgpt pretrain`` runs them;
 - ``hf``: ``LlamaForCausalLM(attn_implementation="sdpa")`` computing its own loss from ``labels``;
+- ``liger`` (optional, CUDA): ``dense`` with Liger's fused linear cross-entropy in place of ours;
+- ``eager_ce`` (optional, with ``--compile all``): ``dense`` with the loss's softmax and gradient left eager, to
+  measure what compiling them pays;
 
 then ``backward``, ``optimizer.step()`` and ``zero_grad(set_to_none=True)``. ``--compile`` compiles our decoder
 blocks (``epas_lightning.parallel.parallelize``) and each peer's whole model (what ``litgpt pretrain`` does).
@@ -53,8 +57,8 @@ from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.optim import default_optimizer
 from epas_lightning.parallel import parallelize
 
-SYSTEMS = ("dense", "epas", "litgpt", "hf", "liger")
-OURS = ("dense", "epas")
+SYSTEMS = ("dense", "epas", "litgpt", "hf", "liger", "eager_ce")
+OURS = ("dense", "epas", "eager_ce")
 PEERS = ("litgpt", "hf")
 MODULES = {"litgpt": "litgpt", "hf": "transformers", "liger": "liger_kernel"}
 """The package each optional system needs (``liger``: our dense model with Liger's fused linear cross-entropy)."""
@@ -204,9 +208,12 @@ def build_systems(
 
     systems: dict[str, System] = {}
     if "dense" in args.systems:
-        systems["dense"] = System(ours, lambda b: train_loss(ours, b), optimizer, use([], False))
+        systems["dense"] = System(ours, lambda b: train_loss(ours, b, compile_all), optimizer, use([], False))
     if "epas" in args.systems:
-        systems["epas"] = System(ours, lambda b: train_loss(ours, b), optimizer, use(region, args.attention_reuse))
+        epas_loss = lambda b: train_loss(ours, b, compile_all)  # noqa: E731
+        systems["epas"] = System(ours, epas_loss, optimizer, use(region, args.attention_reuse))
+    if "eager_ce" in args.systems:
+        systems["eager_ce"] = System(ours, lambda b: train_loss(ours, b), optimizer, use([], False))
     if "liger" in args.systems:
         systems["liger"] = System(ours, liger_loss(ours), optimizer, use([], False))
     for name, model in peers.items():
@@ -257,12 +264,16 @@ def liger_loss(model: Llama) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda batch: model(batch[:, :-1], head=head(batch[:, 1:]))
 
 
-def available_systems(requested: list[str], device: torch.device) -> tuple[list[str], dict[str, str]]:
+def available_systems(
+    requested: list[str], device: torch.device, compile_mode: str
+) -> tuple[list[str], dict[str, str]]:
     """The requested systems that can run here, and why the others were skipped."""
     skipped = {s: f"{MODULES[s]} not installed: {INSTALL[s]}" for s in requested if s in MODULES}
     skipped = {s: why for s, why in skipped.items() if importlib.util.find_spec(MODULES[s]) is None}
     if "liger" in requested and device.type != "cuda":
         skipped["liger"] = "Liger's kernels need CUDA"
+    if "eager_ce" in requested and compile_mode != "all":
+        skipped["eager_ce"] = "the same step as dense without --compile all"
     return [s for s in requested if s not in skipped], skipped
 
 
@@ -292,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.precision = "bf16-mixed" if device.type == "cuda" else "32-true"
     if args.compile == "auto":
         args.compile = "all" if device.type == "cuda" else "none"
-    args.systems, skipped = available_systems(args.systems, device)
+    args.systems, skipped = available_systems(args.systems, device, args.compile)
     config = LlamaConfig.from_name(args.model)
     if args.seq_len > config.block_size:
         config = LlamaConfig.from_name(args.model, block_size=args.seq_len)

@@ -13,9 +13,16 @@ LM-head weight gradient is summed over chunks in that dtype (as Liger's fused ke
 once per chunk where the plain path rounds once: fewer chunks, closer to the plain path (benchmarks/RESULTS.md). In
 fp16 (``16-mixed``) the hidden-state gradient is kept in fp32 until the loss scale is applied: its 1/N mean over the
 tokens would underflow fp16 before GradScaler's scale could lift it.
+
+``compile``: the chunk's softmax and its gradient, the elementwise work between the matmuls, run as one
+``torch.compile``d function (a reduction and one pointwise pass over the logits in the compute dtype) instead of
+eager kernels that each read and write an fp32 copy of the chunk; the matmuls are the same. Same loss and gradients.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 
@@ -33,6 +40,7 @@ def linear_cross_entropy(
     vocab_size: int | None = None,
     chunk_rows: int | None = None,
     ignore_index: int = IGNORE_INDEX,
+    compile: bool | str = False,
 ) -> torch.Tensor:
     """``F.cross_entropy(hidden @ weight[:vocab_size].T, targets)`` without materialising the logits.
 
@@ -42,7 +50,10 @@ def linear_cross_entropy(
         targets: (...) token ids in ``[0, vocab_size)`` or ``ignore_index``.
         vocab_size: The softmax runs over the first ``vocab_size`` rows (default all); the padding rows after them
             get a zero gradient.
-        chunk_rows: Tokens per chunk; default ``CHUNK_ELEMENTS // vocab_size``.
+        chunk_rows: Tokens per chunk; default: the fewest chunks of at most ``CHUNK_ELEMENTS // vocab_size`` rows,
+            made equal (one shape for ``compile``).
+        compile: Fuse each chunk's softmax and gradient with ``torch.compile`` (``True``: inductor, a string names
+            another backend).
     """
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -51,16 +62,50 @@ def linear_cross_entropy(
     elif hidden.dtype != weight.dtype:
         raise TypeError(f"hidden is {hidden.dtype} but weight is {weight.dtype}")
     vocab_size = vocab_size or weight.shape[0]
-    rows = chunk_rows or max(1, CHUNK_ELEMENTS // vocab_size)
+    hidden = hidden.flatten(0, -2)  # (N, C)
+    rows = chunk_rows or balanced_rows(hidden.shape[0], max(1, CHUNK_ELEMENTS // vocab_size))
+    nll_and_grad = _compiled(compile) if compile else _nll_and_grad
     with torch.autocast(device_type, enabled=False):
         return _LinearCrossEntropy.apply(
-            hidden.flatten(0, -2), weight, targets.flatten().long(), vocab_size, rows, ignore_index
+            hidden, weight, targets.flatten().long(), vocab_size, rows, ignore_index, nll_and_grad
         )
+
+
+def balanced_rows(n_rows: int, most: int) -> int:
+    """Rows per chunk for the fewest chunks of at most ``most`` rows, as equal as possible (8192 tokens at 524 rows
+    most: 16 chunks of 512, not 15 of 524 and one of 332)."""
+    n_chunks = -(-n_rows // most)
+    return -(-n_rows // n_chunks)
+
+
+def _nll_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) negative log-likelihoods in fp32 and d(their sum)/d(logits) = softmax - one-hot (n, V) in the logits'
+    dtype, for logits (n, V) and targets (n, 1); eager and in place, one fp32 copy of the chunk at a time."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (n, V), fp32
+    nll = -logp.gather(1, targets).squeeze(1)  # (n,)
+    probs = logp.exp_()  # softmax, in place
+    probs.scatter_add_(1, targets, probs.new_full(targets.shape, -1.0))  # - one-hot
+    return nll, probs.to(logits.dtype)
+
+
+def _nll_and_grad_pointwise(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_nll_and_grad`` written without in-place ops, for ``torch.compile`` to fuse into a reduction and one
+    pointwise pass (the one-hot is a comparison, not a scatter into a copy of the chunk)."""
+    x = logits.float()  # (n, V)
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)  # (n, 1)
+    nll = (lse - x.gather(1, targets)).squeeze(1)  # (n,)
+    one_hot = torch.arange(x.shape[1], device=x.device) == targets  # (n, V)
+    return nll, (torch.exp(x - lse) - one_hot.float()).to(logits.dtype)
+
+
+@functools.cache
+def _compiled(backend: bool | str) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    return torch.compile(_nll_and_grad_pointwise, backend="inductor" if backend is True else backend, dynamic=False)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, vocab_size, rows, ignore_index):  # noqa: ANN001, ANN205
+    def forward(ctx, hidden, weight, targets, vocab_size, rows, ignore_index, nll_and_grad):  # noqa: ANN001, ANN205
         # hidden (N, C), weight (V_pad, C), targets (N,)
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_weight = torch.empty_like(weight) if want_weight else None  # (V_pad, C)
@@ -77,15 +122,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             end = min(start + rows, hidden.shape[0])
             h = hidden[start:end]  # (n, C)
-            logp = torch.log_softmax((h @ weight.T).float(), dim=-1)  # (n, V), fp32
-            nll = -logp.gather(1, safe_targets[start:end]).squeeze(1)  # (n,)
-            loss += (nll * scale[start:end]).sum()
+            logits = h @ weight.T  # (n, V)
             if not (want_hidden or want_weight):
+                nll = -torch.log_softmax(logits.float(), dim=-1).gather(1, safe_targets[start:end]).squeeze(1)
+                loss += (nll * scale[start:end]).sum()
                 continue
-            probs = logp.exp_()  # softmax, in place
-            probs.scatter_add_(1, safe_targets[start:end], probs.new_full((end - start, 1), -1.0))  # - one-hot
-            g = probs.to(weight.dtype)  # d(sum of nll)/d(logits); the per-token scale goes on the (n, C) side
-            del logp, probs
+            # g: d(sum of nll)/d(logits); the per-token scale goes on the (n, C) side
+            nll, g = nll_and_grad(logits, safe_targets[start:end])  # (n,), (n, V)
+            loss += (nll * scale[start:end]).sum()
+            del logits
             chunk_scale = scale[start:end, None].to(weight.dtype)  # (n, 1)
             if want_hidden and wide:
                 grad_hidden[start:end] = torch.mm(g, weight).float().mul_(scale[start:end, None])
@@ -111,8 +156,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.backward_done = True
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:  # the usual case; a free check on the host
-            return grad_hidden, grad_weight, None, None, None, None
-        return _times(grad_hidden, grad_loss), _times(grad_weight, grad_loss), None, None, None, None
+            return grad_hidden, grad_weight, None, None, None, None, None
+        return _times(grad_hidden, grad_loss), _times(grad_weight, grad_loss), None, None, None, None, None
 
 
 def _times(grad: torch.Tensor | None, grad_loss: torch.Tensor) -> torch.Tensor | None:

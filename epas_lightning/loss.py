@@ -31,10 +31,15 @@ def next_token_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return lm_loss(model(input_ids), targets, model.config.vocab_size)
 
 
-def train_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+def train_loss(model: nn.Module, batch: torch.Tensor, compile: bool | str = False) -> torch.Tensor:
     """The training loss of a ``Llama`` on a token batch (B, T + 1): ``next_token_loss`` with the softmax over the
-    first ``config.vocab_size`` rows of the head (padding rows left out), chunked so the (B, T, V) logits never exist.
+    first ``config.vocab_size`` rows of the head (padding rows left out), chunked so the (B, T, V) logits never exist;
+    ``compile`` fuses each chunk's softmax and gradient (``linear_cross_entropy``'s ``compile``).
     """
     input_ids, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
     vocab_size = model.config.vocab_size
-    return model(input_ids, head=lambda hidden, weight: linear_cross_entropy(hidden, weight, targets, vocab_size))
+
+    def head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return linear_cross_entropy(hidden, weight, targets, vocab_size, compile=compile)
+
+    return model(input_ids, head=head)

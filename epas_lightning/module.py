@@ -48,7 +48,8 @@ class EPASModule(LightningModule):
             per checkpointed block): ``True`` every block, an integer k the first k blocks, ``"auto"`` as many as a
             micro-batch needs to fit the GPU's free memory (``epas_lightning.memory_plan``; none on CPUs).
         compile: ``torch.compile`` each decoder block (``fullgraph``; ``True``: inductor, a string names another
-            backend); a region switch costs at most one new graph.
+            backend) and the training loss's softmax and gradient (``linear_cross_entropy``); a region switch costs
+            at most one new graph.
         attention_reuse: With ``qk`` sharing, the source layer keeps its attention probabilities and every sharing
             layer computes only P @ V (exactly the same model; the sharing layers' dP flows back into the source).
             It materialises P (B, n_head, T, T) instead of a fused attention kernel: on GPUs FlashAttention is faster
@@ -225,7 +226,8 @@ class EPASModule(LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         self._tokens_shape = (batch.shape[0], batch.shape[1] - 1)
-        loss = train_loss(self.model, batch)  # the logits are never materialised; validation keeps next_token_loss
+        # the logits are never materialised (validation keeps next_token_loss); compiled blocks, a compiled loss
+        loss = train_loss(self.model, batch, compile=self.compile_blocks)
         self.log("train/loss", self._step_mean_loss(loss), prog_bar=True, sync_dist=True)
         return loss
 

@@ -226,11 +226,12 @@ def test_a_missing_peer_package_says_what_to_install(benchmarks_importable, monk
     from epas_lightning.errors import ConfigError
 
     monkeypatch.setattr(vs_peers.importlib.util, "find_spec", lambda name: None)
-    systems, skipped = vs_peers.available_systems(["dense", "litgpt", "hf"], torch.device("cpu"))
+    systems, skipped = vs_peers.available_systems(["dense", "litgpt", "hf", "eager_ce"], torch.device("cpu"), "none")
     assert systems == ["dense"]
     assert skipped == {
         "litgpt": 'litgpt not installed: pip install --no-deps "litgpt==0.5.13"',
         "hf": 'transformers not installed: pip install ".[bench]"',
+        "eager_ce": "the same step as dense without --compile all",
     }
     with pytest.raises(ConfigError, match=r"transformers is not installed .* pip install \"\.\[bench\]\""):
         vs_hf.main(["--quick"])  # was a ModuleNotFoundError traceback

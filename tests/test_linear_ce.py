@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from epas_lightning.linear_ce import linear_cross_entropy
+from epas_lightning.linear_ce import balanced_rows, linear_cross_entropy
 from epas_lightning.loss import next_token_loss, train_loss
 from epas_lightning.model import Llama, LlamaConfig
 
@@ -41,6 +41,32 @@ def test_same_loss_and_grads_as_full_logits(chunk_rows, ignored):
     ref = loss_and_grads(plain_linear_cross_entropy, hidden, weight, targets, grad_out=2.5)
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, **TOL)
+
+
+def test_compiled_softmax_and_gradient_give_the_same_loss_and_grads():
+    """``compile=True`` (inductor's fused kernels on this CPU): the same as the eager chunks and the plain path, with
+    padding rows, ignored targets, a short last chunk and under bf16 autocast."""
+    hidden, weight, targets = inputs(N=21, V=300, ignored=4)
+    padded = torch.cat([weight.detach(), torch.randn(12, weight.shape[1])]).requires_grad_()
+    fused = loss_and_grads(
+        linear_cross_entropy, hidden, padded, targets, 2.5, vocab_size=300, chunk_rows=8, compile=True
+    )
+    eager = loss_and_grads(linear_cross_entropy, hidden, padded, targets, 2.5, vocab_size=300, chunk_rows=8)
+    ref = loss_and_grads(plain_linear_cross_entropy, hidden, weight, targets, grad_out=2.5)
+    assert fused[2][300:].eq(0).all()  # the padding rows take no part in the softmax
+    for a, b, c in zip(fused, eager, (*ref[:2], torch.cat([ref[2], torch.zeros(12, weight.shape[1])])), strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+        torch.testing.assert_close(a, c, **TOL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = loss_and_grads(linear_cross_entropy, hidden, weight, targets, chunk_rows=8, compile=True)
+        eager = loss_and_grads(linear_cross_entropy, hidden, weight, targets, chunk_rows=8)
+    for a, b in zip(fused, eager, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-2)  # one bf16 rounding apart at most
+
+
+def test_default_chunks_are_as_equal_as_possible():
+    assert balanced_rows(8192, 524) == 512  # 16 chunks of 512, not 15 of 524 and one of 332
+    assert balanced_rows(100, 100) == 100 and balanced_rows(101, 100) == 51 and balanced_rows(1, 524) == 1
 
 
 def test_a_retained_graph_refuses_a_second_backward_instead_of_scaling_twice():
@@ -121,11 +147,12 @@ def test_without_padding_train_loss_equals_next_token_loss():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_bf16_matches_full_logits_loosely():
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_bf16_matches_full_logits_loosely(compile):
     hidden, weight, targets = (t.cuda() for t in inputs(N=300, C=64, V=1000))
     hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        ours = loss_and_grads(linear_cross_entropy, hidden, weight, targets, chunk_rows=64)
+        ours = loss_and_grads(linear_cross_entropy, hidden, weight, targets, chunk_rows=64, compile=compile)
         ref = loss_and_grads(plain_linear_cross_entropy, hidden, weight, targets)
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
