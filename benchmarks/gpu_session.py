@@ -163,7 +163,7 @@ def peers_part(args: argparse.Namespace) -> dict:
 
 def peers_run(args: argparse.Namespace, batch_size: int, timeout: int) -> dict:
     cmd = [sys.executable, "benchmarks/vs_peers.py", "--device", "cuda", "--model", "tinyllama-1.1b"]
-    cmd += ["--seq-len", "2048", "--batch-size", str(batch_size), "--reps", "5", "--warmup", "3"]
+    cmd += ["--seq-len", "2048", "--batch-size", str(batch_size), "--reps", "5", "--warmup", "3", "--profile", "25"]
     cmd += ["--systems", "dense", "epas", "litgpt", "hf", "liger", "eager_ce"]
     log = args.out / f"vs_peers-b{batch_size}.log"
     code, seconds = run_logged(cmd, log, timeout)

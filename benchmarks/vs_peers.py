@@ -46,7 +46,7 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from harness import BENCH_EXTRA, device_name, emit, resolve_device, sharing_layers, time_arms
+from harness import BENCH_EXTRA, device_name, emit, resolve_device, sharing_layers, synchronize, time_arms
 from vs_hf import build_hf, check_same_logits
 
 from epas_lightning.cpu import tune_glibc_malloc
@@ -96,6 +96,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, profile one step of each system and report its N costliest ops (self device time)",
+    )
     p.add_argument("--quick", action="store_true", help="debug shape, seq 64, 2 reps (smoke test)")
     args = p.parse_args(argv)
     if args.quick:
@@ -331,9 +338,35 @@ def main(argv: list[str] | None = None) -> dict:
     times, loads = time_arms({name: steps(s) for name, s in systems.items()}, args.reps, device, warmup=args.warmup)
     result = summarize(args, config, device, systems, times, loads, shared)
     result |= {"logits_max_abs_diff": diffs, "skipped": skipped}
+    if args.profile:
+        result["profile"] = {n: profile_step(n, s, batches[0], autocast, args.profile) for n, s in systems.items()}
     print_table(result)
     emit(result)
     return result
+
+
+def profile_step(name: str, system: System, batch: torch.Tensor, autocast, top: int) -> dict:  # noqa: ANN001
+    """One step under ``torch.profiler``: the ``top`` ops by self time on the device (CPU time on a CPU), in ms, and
+    the step's total; printed as a table, returned for the JSON. Where a gap between systems lies, op by op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = batch.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        system.step(batch, autocast)
+        synchronize(batch.device)
+
+    def self_ms(event) -> float:  # noqa: ANN001
+        us = getattr(event, "self_device_time_total", None) if cuda else event.self_cpu_time_total
+        return (us or 0.0) / 1e3
+
+    events = sorted(prof.key_averages(), key=self_ms, reverse=True)
+    ops = [{"op": e.key[:80], "calls": e.count, "self_ms": round(self_ms(e), 3)} for e in events[:top]]
+    total = sum(self_ms(e) for e in events)
+    print(f"\n{name}: one step's profile, {total:.1f} ms self {'device' if cuda else 'CPU'} time; costliest ops:")
+    for op in ops:
+        print(f"  {op['self_ms']:9.3f} ms {op['calls']:6d}x  {op['op']}")
+    return {"total_self_ms": round(total, 3), "ops": ops}
 
 
 def summarize(args, config, device, systems, times, loads, shared) -> dict:  # noqa: ANN001

@@ -63,7 +63,7 @@ def test_vs_hf_reports_a_ratio_on_identical_logits(quick_main):
 @pytest.mark.slow
 def test_vs_peers_reports_each_system_against_the_best_peer(quick_main):
     pytest.importorskip("transformers")
-    r = quick_main("benchmarks/vs_peers.py", "--batch-size", "2")  # HF's loss failed on labels of several rows
+    r = quick_main("benchmarks/vs_peers.py", "--batch-size", "2", "--profile", "3")  # HF's loss: several rows
     assert {"device", "flop_cut", "tokens_per_s", "best_peer", "dense_vs_best_peer", "epas_vs_best_peer", "mfu"} <= set(
         r
     )
@@ -71,6 +71,7 @@ def test_vs_peers_reports_each_system_against_the_best_peer(quick_main):
     assert set(r["tokens_per_s"]) == expected and r["best_peer"] in {"hf", "litgpt"}
     assert all(diff < 1e-3 for diff in r["logits_max_abs_diff"].values())  # every peer computes our function
     assert r["dense_vs_best_peer"] > 0 and r["flop_cut"] > 0 and r["mfu"] is None  # no MFU without a known peak
+    assert set(r["profile"]) == expected and all(len(p["ops"]) == 3 for p in r["profile"].values())
 
 
 @pytest.mark.slow
