@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.tensor import DTensor
 from torchmetrics.aggregation import MeanMetric, SumMetric
 
+from epas_lightning.attention_kernels import sdpa_order
 from epas_lightning.errors import ConfigError
 from epas_lightning.flops import estimate_flops
 from epas_lightning.init_from import (
@@ -62,6 +63,10 @@ class EPASModule(LightningModule):
             source with more positions than ``block_size`` keeps them (``config.max_position_embeddings``), so the
             run's exports and inference take prompts as long as the source model did.
             ``validate``/``test`` without a checkpoint score these weights (the run's baseline).
+        attention_kernel: The fused attention kernel tried first (``epas_lightning.attention_kernels``): ``auto``
+            cuDNN's on Hopper GPUs once a start-up check found it agrees with FlashAttention on this model's
+            attention, elsewhere torch's own order; ``torch`` torch's order; ``cudnn`` or ``flash`` that kernel.
+            The same model whichever runs.
 
     Under a strategy with a device mesh (``epas_lightning.strategy.FSDP2Strategy``) the model is built on the meta
     device and sharded per block with FSDP2, so no rank ever holds the full model.
@@ -76,6 +81,7 @@ class EPASModule(LightningModule):
         compile: bool | str = False,
         attention_reuse: bool = False,
         init_from: str | None = None,
+        attention_kernel: Literal["auto", "torch", "cudnn", "flash"] = "auto",
     ) -> None:
         super().__init__()
         if init_from is not None:
@@ -86,6 +92,7 @@ class EPASModule(LightningModule):
         self.activation_checkpointing = activation_checkpointing
         self.compile_blocks = compile
         self.attention_reuse = attention_reuse
+        self.attention_kernel = attention_kernel
         check_attention_reuse(config, attention_reuse)  # before any model is built
         if activation_checkpointing != "auto":
             try:
@@ -132,13 +139,20 @@ class EPASModule(LightningModule):
             activation_checkpointing=self._checkpointing(mesh),
             compile=self.compile_blocks,
         )
+        self.model.sdpa_order = sdpa_order(self.attention_kernel, self._root_device(), self.config)
+        if self.model.sdpa_order is not None:
+            names = ", ".join(kernel.name for kernel in self.model.sdpa_order)
+            rank_zero_info(f"attention_kernel={self.attention_kernel!r}: SDPA kernels tried in the order {names}")
         self._built_on_meta = any(p.is_meta for p in self.model.parameters())
+
+    def _root_device(self) -> torch.device:
+        return self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
 
     def _checkpointing(self, mesh) -> bool | int:  # noqa: ANN001
         """The ``activation_checkpointing`` setting, with ``"auto"`` resolved for this device and micro-batch."""
         if self.activation_checkpointing != "auto":
             return self.activation_checkpointing
-        device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        device = self._root_device()
         if device.type != "cuda":
             return False
         batch_size = getattr(getattr(self._trainer, "datamodule", None), "batch_size", None)

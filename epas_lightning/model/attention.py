@@ -15,6 +15,10 @@ Attention-probability reuse (``qk`` mode): every sharing layer attends with the 
 softmax(Q_src K_src^T / sqrt(D)) is the same matrix in all of them. With reuse on, the source materialises those
 probabilities once and each sharing layer computes only P @ V_i; autograd sums the sharing layers' dP into the
 source's single softmax backward. It is the same model as recomputing attention per layer (see the tests).
+
+``sdpa_order``: the fused SDPA kernels to try first, in order (``None``: torch's own order); it changes which kernel
+computes attention, not what is computed. ``Llama.sdpa_order`` sets it on every layer; a compiled block sees a
+constant.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from epas_lightning.model.config import LlamaConfig
 from epas_lightning.model.rope import apply_rope
@@ -60,6 +65,8 @@ class AttentionContext(NamedTuple):
 
 
 class Attention(nn.Module):
+    sdpa_order: tuple[SDPBackend, ...] | None = None
+
     def __init__(self, config: LlamaConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -114,15 +121,20 @@ class Attention(nn.Module):
         if probs is not None:
             y = apply_probs(probs, v, self.n_head, causal=ctx.is_causal and ctx.mask is None)
         else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal and ctx.mask is None, enable_gqa=self._gqa
-            )
+            y = self._sdpa(q, k, v, ctx)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H * D)
         return self.o_proj(y), shared
 
     @property
     def _gqa(self) -> bool:
         return self.n_kv_head != self.n_head
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        causal = ctx.is_causal and ctx.mask is None
+        if self.sdpa_order is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=causal, enable_gqa=self._gqa)
+        with sdpa_kernel(list(self.sdpa_order), set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=causal, enable_gqa=self._gqa)
 
     def _heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
         B, T, _ = x.shape

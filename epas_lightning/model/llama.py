@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.attention import SDPBackend
 
 from epas_lightning.model.attention import Attention, AttentionContext, Shared
 from epas_lightning.model.config import LlamaConfig
@@ -57,6 +58,7 @@ class Llama(nn.Module):
 
     ``attention_reuse`` (``qk`` mode): sharing layers reuse the source layer's attention probabilities instead of
     recomputing softmax(Q K^T) from the same Q and K; the same model, less work (see ``attention.py``).
+    ``sdpa_order``: the SDPA kernels every layer tries first (``None``: torch's order); same model, another kernel.
     """
 
     def __init__(self, config: LlamaConfig, attention_reuse: bool = False) -> None:
@@ -114,6 +116,16 @@ class Llama(nn.Module):
     def attention_reuse(self, value: bool) -> None:
         check_attention_reuse(self.config, value)
         self._attention_reuse = bool(value)
+
+    @property
+    def sdpa_order(self) -> tuple[SDPBackend, ...] | None:
+        return next(m.sdpa_order for m in self.modules() if isinstance(m, Attention))
+
+    @sdpa_order.setter
+    def sdpa_order(self, order: Iterable[SDPBackend] | None) -> None:
+        for module in self.modules():  # (through activation-checkpointing wrappers)
+            if isinstance(module, Attention):
+                module.sdpa_order = None if order is None else tuple(order)
 
     def new_cache(
         self,
