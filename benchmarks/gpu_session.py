@@ -96,7 +96,12 @@ def run_logged(cmd: list[str], log: Path, timeout: int) -> tuple[int, float]:
     return code, time.perf_counter() - start
 
 
-CUDA_TEST_FILES = ("tests/test_inference.py", "tests/test_linear_ce.py", "tests/test_optim.py")
+CUDA_TEST_FILES = (
+    "tests/test_inference.py",
+    "tests/test_linear_ce.py",
+    "tests/test_optim.py",
+    "tests/test_attention_kernels.py",
+)
 """The files holding ``@pytest.mark.cuda`` tests (named, so that no other test module needs importing there)."""
 
 
@@ -164,7 +169,7 @@ def peers_part(args: argparse.Namespace) -> dict:
 def peers_run(args: argparse.Namespace, batch_size: int, timeout: int) -> dict:
     cmd = [sys.executable, "benchmarks/vs_peers.py", "--device", "cuda", "--model", "tinyllama-1.1b"]
     cmd += ["--seq-len", "2048", "--batch-size", str(batch_size), "--reps", "5", "--warmup", "3", "--profile", "25"]
-    cmd += ["--systems", "dense", "epas", "litgpt", "hf", "liger", "eager_ce"]
+    cmd += ["--systems", "dense", "epas", "litgpt", "hf", "liger", "eager_ce", "torch_sdpa"]
     log = args.out / f"vs_peers-b{batch_size}.log"
     code, seconds = run_logged(cmd, log, timeout)
     result: dict = {"command": " ".join(cmd[1:]), "exit_code": code, "wall_s": seconds, "batch_size": batch_size}

@@ -16,6 +16,8 @@ compute the same function. A step is each system's own training step:
 - ``liger`` (optional, CUDA): ``dense`` with Liger's fused linear cross-entropy in place of ours;
 - ``eager_ce`` (optional, with ``--compile all``): ``dense`` with the loss's softmax and gradient left eager, to
   measure what compiling them pays;
+- ``torch_sdpa`` (optional, where ``EPASModule``'s ``attention_kernel="auto"`` changes the kernel order, i.e. on
+  Hopper GPUs): ``dense`` with torch's own SDPA kernel order, to measure what the preferred kernel pays;
 
 then ``backward``, ``optimizer.step()`` and ``zero_grad(set_to_none=True)``. ``--compile`` compiles our decoder
 blocks (``epas_lightning.parallel.parallelize``) and each peer's whole model (what ``litgpt pretrain`` does).
@@ -49,6 +51,7 @@ import torch
 from harness import BENCH_EXTRA, device_name, emit, resolve_device, sharing_layers, synchronize, time_arms
 from vs_hf import build_hf, check_same_logits
 
+from epas_lightning.attention_kernels import sdpa_order
 from epas_lightning.cpu import tune_glibc_malloc
 from epas_lightning.errors import run_script
 from epas_lightning.flops import estimate_flops, flop_cut, peak_flops
@@ -57,8 +60,8 @@ from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.optim import default_optimizer
 from epas_lightning.parallel import parallelize
 
-SYSTEMS = ("dense", "epas", "litgpt", "hf", "liger", "eager_ce")
-OURS = ("dense", "epas", "eager_ce")
+SYSTEMS = ("dense", "epas", "litgpt", "hf", "liger", "eager_ce", "torch_sdpa")
+OURS = ("dense", "epas", "eager_ce", "torch_sdpa")
 PEERS = ("litgpt", "hf")
 MODULES = {"litgpt": "litgpt", "hf": "transformers", "liger": "liger_kernel"}
 """The package each optional system needs (``liger``: our dense model with Liger's fused linear cross-entropy)."""
@@ -189,9 +192,10 @@ class System:
 
 
 def build_systems(
-    args: argparse.Namespace, config: LlamaConfig, device: torch.device
+    args: argparse.Namespace, config: LlamaConfig, device: torch.device, skipped: dict[str, str]
 ) -> tuple[dict[str, System], dict[str, float], list[int]]:
-    """Every requested system on ``device``, the peers' logit differences from ours, and the EPAS region."""
+    """Every requested system on ``device`` (``skipped`` gets those that would repeat another), the peers' logit
+    differences from ours, and the EPAS region."""
     torch.manual_seed(args.seed)
     ours = Llama(config)
     peers: dict[str, torch.nn.Module] = {}
@@ -203,13 +207,15 @@ def build_systems(
     diffs = check_same_logits(ours, {name: peer_logits(name, model) for name, model in peers.items()}, probe)
     compile_all = args.compile == "all"
     ours = parallelize(ours.to(device), None, compile=compile_all)
+    kernels = sdpa_order("auto", device, config)  # as EPASModule's default
     optimizer = default_optimizer(ours)
     region = sharing_layers(config.n_layer, args.sharing)
 
-    def use(layers: list[int], reuse: bool) -> Callable[[], None]:
+    def use(layers: list[int], reuse: bool, order: tuple | None = kernels) -> Callable[[], None]:
         def switch() -> None:
             ours.set_shared_layers(layers)
             ours.attention_reuse = reuse
+            ours.sdpa_order = order
 
         return switch
 
@@ -221,6 +227,11 @@ def build_systems(
         systems["epas"] = System(ours, epas_loss, optimizer, use(region, args.attention_reuse))
     if "eager_ce" in args.systems:
         systems["eager_ce"] = System(ours, lambda b: train_loss(ours, b), optimizer, use([], False))
+    if "torch_sdpa" in args.systems and kernels is not None:
+        torch_order = use([], False, order=None)
+        systems["torch_sdpa"] = System(ours, lambda b: train_loss(ours, b, compile_all), optimizer, torch_order)
+    elif "torch_sdpa" in args.systems:
+        skipped["torch_sdpa"] = "the same step as dense: attention_kernel='auto' keeps torch's order on this device"
     if "liger" in args.systems:
         systems["liger"] = System(ours, liger_loss(ours), optimizer, use([], False))
     for name, model in peers.items():
@@ -314,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = LlamaConfig.from_name(args.model)
     if args.seq_len > config.block_size:
         config = LlamaConfig.from_name(args.model, block_size=args.seq_len)
-    systems, diffs, shared = build_systems(args, config, device)
+    systems, diffs, shared = build_systems(args, config, device, skipped)
     autocast = contextlib.nullcontext
     if args.precision == "bf16-mixed":
         autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
@@ -337,7 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     times, loads = time_arms({name: steps(s) for name, s in systems.items()}, args.reps, device, warmup=args.warmup)
     result = summarize(args, config, device, systems, times, loads, shared)
-    result |= {"logits_max_abs_diff": diffs, "skipped": skipped}
+    order = systems["dense"].model.sdpa_order if "dense" in systems else None
+    result |= {"logits_max_abs_diff": diffs, "skipped": skipped, "sdpa_order": order and [k.name for k in order]}
     if args.profile:
         result["profile"] = {n: profile_step(n, s, batches[0], autocast, args.profile) for n, s in systems.items()}
     print_table(result)
