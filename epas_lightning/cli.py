@@ -33,6 +33,8 @@ from epas_lightning.errors import (
     UserError,
     debug_enabled,
     error_line,
+    is_out_of_memory,
+    out_of_memory,
 )
 
 PROG = "python -m epas_lightning"
@@ -295,6 +297,13 @@ def main(args: Sequence[str] | None = None) -> int:
         if getattr(e, "announce", True):  # a divergence stops every rank; the first one says so
             print(error_line(e), file=sys.stderr)
         return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_USER_ERROR
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        if debug:
+            traceback.print_exc()
+        print(error_line(out_of_memory(e, argv[0])), file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt as e:  # Ctrl+C outside fit's graceful stop: output folders in the making are removed
         if debug:
             traceback.print_exc()

@@ -67,6 +67,34 @@ class TrainingDiverged(RuntimeError):
         self.announce = announce
 
 
+OUT_OF_MEMORY_ADVICE = {
+    "fit": "lower data.batch_size (trainer.accumulate_grad_batches keeps the tokens per optimizer step) or set "
+    "model.activation_checkpointing: auto",
+    "validate": "lower data.batch_size",
+    "test": "lower data.batch_size",
+    "generate": "pass fewer prompts at once or lower --max-new-tokens",
+    "bench": "lower --batch-size, --prompts or --max-new-tokens",
+    "evaluate": "lower --batch-size",
+    "lm-eval": "lower --batch-size",
+    "analyze": "lower --batch-size or --seq-len",
+    "serve": "lower --max-batch-size or --max-tokens",
+}
+"""What to change, per command, when the device runs out of memory."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """``torch.OutOfMemoryError`` (CUDA's, and any other device's), recognised without importing torch."""
+    return any(cls.__name__ == "OutOfMemoryError" for cls in type(error).__mro__)
+
+
+def out_of_memory(error: BaseException, command: str) -> UserError:
+    """The one line for a command that ran out of device memory: torch's facts (what it tried to allocate, what was
+    free), then what to change for this command."""
+    facts = "; ".join(str(error).split(". ")[:3]).strip().rstrip(".")  # out of memory; what it tried; what was free
+    fix = OUT_OF_MEMORY_ADVICE.get(command, "use a smaller batch or free the device")
+    return UserError(f"out of device memory ({facts})", command, fix)
+
+
 def debug_enabled() -> bool:
     """Whether user errors should show their traceback (``EPAS_DEBUG=1``; ``--debug`` sets it)."""
     return os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no")

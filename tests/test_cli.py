@@ -113,3 +113,32 @@ def test_a_validation_interval_longer_than_the_limited_epoch_is_one_line(tmp_pat
         ["--config", DEBUG, "--trainer.limit_train_batches", "3", "--trainer.check_val_every_n_epoch", "null"],
         run=False,
     )
+
+
+TORCH_OOM = (
+    "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB of which 1.06 GiB is "
+    "free. Including non-PyTorch memory, this process has 78.03 GiB memory in use. See documentation for Memory "
+    "Management"
+)
+
+
+def test_running_out_of_gpu_memory_in_fit_says_what_to_lower(tmp_path, tiny_corpus, capsys, monkeypatch):
+    """Was torch's traceback; now one line with what torch tried and what to change for this command, exit 2."""
+    import torch
+
+    from epas_lightning.module import EPASModule
+
+    def out_of_memory(self, batch, batch_idx):
+        raise torch.OutOfMemoryError(TORCH_OOM)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(EPASModule, "training_step", out_of_memory)
+    assert main(["fit", "--config", DEBUG, "--trainer.max_steps", "1", "--trainer.num_sanity_val_steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: out of device memory (CUDA out of memory; Tried to allocate 2.00 GiB; GPU 0 has")
+    assert last.endswith(
+        "— fit — lower data.batch_size (trainer.accumulate_grad_batches keeps the tokens per "
+        "optimizer step) or set model.activation_checkpointing: auto"
+    ), last

@@ -605,3 +605,13 @@ def test_the_progress_bar_counts_the_batches_of_a_step_bounded_run(accumulate, g
         num_training_batches=float("inf"),
     )
     assert bar.total_train_batches == expected  # Lightning's own bar read 10 for 20 batches of 10 steps of 2
+
+
+def test_out_of_memory_advice_names_flags_each_command_has():
+    from epas_lightning.cli import function_parser, tool
+    from epas_lightning.errors import OUT_OF_MEMORY_ADVICE
+
+    for command, advice in OUT_OF_MEMORY_ADVICE.items():
+        if command in TOOLS:
+            options = function_parser(tool(command), command)._option_string_actions
+            assert set(re.findall(r"--[a-z-]+", advice)) <= set(options), (command, advice)
