@@ -198,7 +198,9 @@ def table(report: dict) -> str:
             rows.append(
                 f"| {name} | {tps:,.0f} | {tps / best:.3f} | {mfu if mfu is None else f'{mfu:.3f}'} | {mem:,.0f} |"
             )
-        rows += ["", f"targets {peers['targets']}, met {peers['targets_met']}; skipped {peers['skipped']}", ""]
+        order = ", ".join(peers.get("sdpa_order") or ["torch's own"])
+        rows += ["", f"targets {peers['targets']}, met {peers['targets_met']}; skipped {peers['skipped']}"]
+        rows += [f"our SDPA kernel order (attention_kernel='auto'): {order}", ""]
     else:
         if peers["exit_code"] is None:
             rows += ["vs_peers not run (--skip-peers)", ""]
