@@ -1,11 +1,12 @@
 """Which fused attention kernel training tries first (``EPASModule(attention_kernel=...)``).
 
-torch's scaled-dot-product attention picks the first kernel in a fixed order that supports the call; before a
-release that knows better, that order puts FlashAttention first on every GPU. On Hopper GPUs (compute capability
-9.x) NVIDIA's cuDNN attention is the kernel tuned for the architecture, so ``auto`` puts it first there, but only
-after checking, once at start-up, that it runs this model's attention (head count, grouped KV heads, head size,
-causal, bf16) and that its output and gradients agree with FlashAttention's. Everywhere else ``auto`` keeps torch's
-order. Whatever the order, the model computes the same function; only the kernel changes.
+torch's scaled-dot-product attention runs the first kernel, in a priority order, that supports the call; torch's
+order has put FlashAttention first (a torch release that already prefers cuDNN on Hopper makes ``auto`` change
+nothing). On Hopper GPUs (compute capability 9.x) NVIDIA's cuDNN attention is the kernel tuned for the architecture,
+so ``auto`` puts it first there, but only after checking, once at start-up, that it runs this model's attention
+(head count, grouped KV heads, head size, causal, bf16) and that its output and gradients agree with FlashAttention's.
+Everywhere else ``auto`` keeps torch's order. Whatever the order, the model computes the same function; only the
+kernel changes.
 """
 
 from __future__ import annotations
