@@ -18,6 +18,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.distributed.tensor import DTensor
 
 from epas_lightning.errors import ConfigError, TrainingDiverged
+from epas_lightning.loss_scaling import loss_scaler, unscale_fused_gradients
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class DivergenceGuard(Callback):
         self._loss_finite = None
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         # fp16 with a GradScaler: inf gradients are the scaler's business (it skips the step and lowers the scale)
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scaler = loss_scaler(trainer)
         grads_ok = all_finite(grads) if scaler is None else torch.tensor(True)
         local_bad = not bool(loss_ok.to(grads_ok.device) & grads_ok)
         if not trainer.strategy.reduce_boolean_decision(local_bad, all=False):
@@ -83,6 +84,7 @@ class DivergenceGuard(Callback):
         reason = "loss" if not bool(loss_ok) else "gradients"
         if self.action == "skip" and self.skipped < self.max_skips:
             self.skipped += 1
+            unscale_fused_gradients(trainer, optimizer)  # so the loss scaler has seen this step before they go
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -25,6 +25,7 @@ from epas_lightning.init_from import (
     resumed_instead,
 )
 from epas_lightning.loss import next_token_loss, train_loss
+from epas_lightning.loss_scaling import unscale_fused_gradients
 from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.memory_plan import plan_checkpointing
 from epas_lightning.model import Llama, LlamaConfig
@@ -347,17 +348,6 @@ def check_resumed_model(config: LlamaConfig, recorded: LlamaConfig, ckpt_path: o
         f"--ckpt_path {ckpt_path}",
         "use the model.config it was trained with (its run folder keeps config.yaml)",
     )
-
-
-def unscale_fused_gradients(trainer: Trainer, optimizer: torch.optim.Optimizer) -> bool:
-    """Under fp16 loss scaling, unscale the gradients of an optimizer that would unscale them inside its step (fused
-    AdamW), so they can be measured and clipped; ``True`` if it did. Lightning unscales other optimizers' gradients
-    before ``configure_gradient_clipping``; ``GradScaler.step`` then passes no scale to the fused step."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
-        return False
-    scaler.unscale_(optimizer)
-    return True
 
 
 def check_trainable_precision(precision: str) -> None:

@@ -238,6 +238,25 @@ def test_guard_skips_bad_steps_up_to_max_skips(tiny_corpus, tmp_path):
         trainer.fit(module, data)
 
 
+def fp16_fit(tiny_corpus: Path, root: Path, module: EPASModule, callbacks: list, steps: int = 4):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    data = TokenDataModule(str(tiny_corpus), seq_len=32, batch_size=2, vocab_size=VOCAB)
+    plugin = MixedPrecision("16-mixed", "cpu")  # Lightning swaps a CPU's 16-mixed for bf16-mixed
+    cpu_trainer(root, steps, callbacks, plugins=[plugin]).fit(module, data)
+
+
+def test_under_fp16_loss_scaling_a_fused_optimizer_skips_a_bad_step(tiny_corpus, tmp_path):
+    """``action: skip`` dropped the gradients before the GradScaler had checked a fused optimizer's (it unscales them
+    in its step), and the scaler's update raised "No inf checks were recorded prior to update"."""
+    torch.manual_seed(0)
+    module = NaNLossAt(LlamaConfig.from_name("debug", block_size=32), {1})
+    module.optimizer_factory = lambda groups: torch.optim.AdamW(groups, fused=True)
+    trace = WeightTrace()
+    fp16_fit(tiny_corpus, tmp_path, module, [DivergenceGuard("skip", 1), trace], steps=3)
+    assert all_finite(module) and torch.equal(trace.before[1], trace.before[2])
+
+
 def test_without_the_guard_nan_reaches_the_weights(tiny_corpus, tmp_path):
     """What the guard prevents: with it off, one NaN step poisons the model (and every later checkpoint)."""
     module, _, trainer, data = guarded_fit(tiny_corpus, tmp_path, {2}, DivergenceGuard("off"), steps=3)
