@@ -2,8 +2,10 @@
 
 The check runs before every optimizer step, after backward: a non-finite loss in any micro-batch of the step, or a
 non-finite gradient on any rank, is a bad step. Ranks agree through one boolean all-reduce, so they all stop (or
-skip) together, and the bad gradients are never applied. Before any checkpoint is written the weights are checked
-too. The ``fit`` command turns the guard on by default (``divergence:`` in YAML).
+skip) together, and the bad gradients are never applied. Under fp16 loss scaling (``16-mixed``) a non-finite
+gradient is the ``GradScaler``'s business (it skips the step and halves the scale) until the scale is down to
+``min_loss_scale``: a run whose gradients overflow at that scale has diverged. Before any checkpoint is written the
+weights are checked too. The ``fit`` command turns the guard on by default (``divergence:`` in YAML).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.distributed.tensor import DTensor
 
 from epas_lightning.errors import ConfigError, TrainingDiverged
+from epas_lightning.loss_scaling import loss_scaler, unscale_fused_gradients
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +48,17 @@ class DivergenceGuard(Callback):
             ``max_skips`` times in the run, then stop. ``off``: no checks.
         max_skips: With ``action: skip``, how many bad steps to drop before stopping.
         check_weights: Refuse to write a checkpoint whose weights are not all finite.
+        min_loss_scale: Under fp16 loss scaling, non-finite gradients make a bad step only once the scale is at or
+            below this (the scaler halves it at each overflow; from its first 65536, 16 overflows in a row reach 1).
     """
 
-    def __init__(self, action: DivergenceAction = "stop", max_skips: int = 10, check_weights: bool = True) -> None:
+    def __init__(
+        self,
+        action: DivergenceAction = "stop",
+        max_skips: int = 10,
+        check_weights: bool = True,
+        min_loss_scale: float = 1.0,
+    ) -> None:
         if action not in ("stop", "skip", "off"):
             raise ConfigError(f"unknown action {action!r}", "divergence.action", "use 'stop', 'skip' or 'off'")
         if max_skips < 0:
@@ -55,6 +66,7 @@ class DivergenceGuard(Callback):
         self.action = action
         self.max_skips = max_skips
         self.check_weights = check_weights
+        self.min_loss_scale = min_loss_scale
         self.skipped = 0
         self._loss_finite: torch.Tensor | None = None
         self._saved_at: int | None = None
@@ -73,9 +85,11 @@ class DivergenceGuard(Callback):
         loss_ok = self._loss_finite if self._loss_finite is not None else torch.tensor(True)
         self._loss_finite = None
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        # fp16 with a GradScaler: inf gradients are the scaler's business (it skips the step and lowers the scale)
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        grads_ok = all_finite(grads) if scaler is None else torch.tensor(True)
+        # fp16 with a GradScaler: inf gradients are the scaler's business (it skips the step and lowers the scale) until
+        # the scale is down to min_loss_scale
+        scaler = loss_scaler(trainer)
+        scaled = scaler is not None and scaler.get_scale() > self.min_loss_scale
+        grads_ok = torch.tensor(True) if scaled else all_finite(grads)
         local_bad = not bool(loss_ok.to(grads_ok.device) & grads_ok)
         if not trainer.strategy.reduce_boolean_decision(local_bad, all=False):
             return
@@ -83,6 +97,7 @@ class DivergenceGuard(Callback):
         reason = "loss" if not bool(loss_ok) else "gradients"
         if self.action == "skip" and self.skipped < self.max_skips:
             self.skipped += 1
+            unscale_fused_gradients(trainer, optimizer)  # so the loss scaler has seen this step before they go
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
@@ -95,7 +110,10 @@ class DivergenceGuard(Callback):
             )
             pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
             return
-        raise TrainingDiverged(self._message(trainer, f"non-finite {reason} at step {step}"), trainer.is_global_zero)
+        what = f"non-finite {reason} at step {step}"
+        if scaler is not None and reason == "gradients":
+            what += f" with the fp16 loss scale down to {scaler.get_scale():g}"
+        raise TrainingDiverged(self._message(trainer, what), trainer.is_global_zero)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.action == "off" or not self.check_weights:

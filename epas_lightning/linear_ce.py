@@ -11,8 +11,9 @@ Mean over the targets that are not ``ignore_index``, as ``F.cross_entropy``; log
 compute dtype (under autocast the inputs are cast to its dtype, as ``F.linear`` would be). In 16-bit compute the
 LM-head weight gradient is summed over chunks in that dtype (as Liger's fused kernel does by default), so it rounds
 once per chunk where the plain path rounds once: fewer chunks, closer to the plain path (benchmarks/RESULTS.md). In
-fp16 (``16-mixed``) the hidden-state gradient is kept in fp32 until the loss scale is applied: its 1/N mean over the
-tokens would underflow fp16 before GradScaler's scale could lift it.
+fp16 (``16-mixed``) the 1/N mean over the tokens would underflow before GradScaler's scale could lift the gradients:
+the hidden-state gradient is kept in fp32 until the loss scale is applied, and the weight gradient is summed times a
+power of two that keeps it in fp16's normal range without overflow (divided out when the loss scale arrives).
 
 ``compile``: the chunk's softmax and its gradient, the elementwise work between the matmuls, run as one
 ``torch.compile``d function (a reduction and one pointwise pass over the logits in the compute dtype) instead of
@@ -116,9 +117,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         safe_targets = torch.where(valid, targets, 0).unsqueeze(1)  # (N, 1)
         scale = valid / valid.sum()  # (N,): each valid token's weight in the mean, 0 where ignored
         loss = hidden.new_zeros((), dtype=torch.float32)
-        # fp16 (16-mixed): the hidden-state gradient, scaled by 1/N long before the loss scale arrives, would underflow
+        # fp16 (16-mixed): the gradients, scaled by 1/N long before the loss scale arrives, would underflow
         wide = hidden.dtype == torch.float16
         grad_hidden = torch.empty_like(hidden, dtype=torch.float32 if wide else None) if want_hidden else None
+        weight_scale = _fp16_weight_grad_scale(hidden) if want_weight and wide else None
         for start in range(0, hidden.shape[0], rows):
             end = min(start + rows, hidden.shape[0])
             h = hidden[start:end]  # (n, C)
@@ -137,12 +139,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             elif want_hidden:
                 torch.mm(g, weight, out=grad_hidden[start:end]).mul_(chunk_scale)
             if want_weight:  # accumulated by the matmul itself (beta = 1), no (V, C) temporary per chunk
-                scaled = h * chunk_scale  # (n, C)
+                if weight_scale is None:
+                    scaled = h * chunk_scale  # (n, C)
+                else:  # the per-token factor in fp32: 1/N alone may be subnormal in fp16
+                    scaled = (h * (scale[start:end, None] * weight_scale)).to(h.dtype)
                 if start == 0:
                     torch.mm(g.T, scaled, out=grad_weight[:vocab_size])
                 else:
                     grad_weight[:vocab_size].addmm_(g.T, scaled)
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.save_for_backward(grad_hidden, grad_weight, weight_scale)
         ctx.backward_done = False
         return loss
 
@@ -154,10 +159,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 "backpropagating a retained graph twice"
             )
         ctx.backward_done = True
-        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden, grad_weight, weight_scale = ctx.saved_tensors
+        if weight_scale is not None:
+            grad_weight = _times(grad_weight, grad_loss / weight_scale)
+            return _times(grad_hidden, grad_loss), grad_weight, None, None, None, None, None
         if grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:  # the usual case; a free check on the host
             return grad_hidden, grad_weight, None, None, None, None, None
         return _times(grad_hidden, grad_loss), _times(grad_weight, grad_loss), None, None, None, None, None
+
+
+def _fp16_weight_grad_scale(hidden: torch.Tensor) -> torch.Tensor:
+    """A power of two (0-dim, fp32) that lifts the fp16 LM-head weight gradient, a mean over the tokens, out of fp16's
+    subnormal range while it is summed over chunks, without overflow: each of its entries, and every partial sum over
+    chunks, is at most max|hidden| in magnitude (softmax - one-hot is within [-1, 1]), so at most 2^15 once scaled."""
+    low, high = torch.aminmax(hidden)
+    amax = torch.maximum(-low, high).float()
+    return torch.exp2(torch.floor(torch.log2(2.0**15 / amax))).clamp_(max=2.0**64)  # an all-zero hidden: any scale
 
 
 def _times(grad: torch.Tensor | None, grad_loss: torch.Tensor) -> torch.Tensor | None:

@@ -26,6 +26,7 @@ from epas_lightning.init_from import (
     resumed_instead,
 )
 from epas_lightning.loss import next_token_loss, train_loss
+from epas_lightning.loss_scaling import unscale_fused_gradients
 from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.memory_plan import plan_checkpointing
 from epas_lightning.model import Llama, LlamaConfig
@@ -267,20 +268,25 @@ class EPASModule(LightningModule):
         """Clip as the trainer says, and log the total L2 norm of the gradients before clipping (``train/grad_norm``).
 
         Clipping by norm computes that norm anyway, so it is logged every step at no cost; otherwise it is computed
-        only on the steps the loggers write. Not logged under fp16 loss scaling, where the precision plugin clips.
+        only on the steps the loggers write. Under fp16 loss scaling the norm is that of the unscaled gradients (inf on
+        a step the scaler skips); an optimizer that unscales inside its step (fused AdamW, the default on GPUs), which
+        Lightning refuses to clip, gets its gradients unscaled here first.
         """
         by_norm = bool(gradient_clip_val) and gradient_clip_algorithm in (None, "norm")
-        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
         logs_now = bool(self.trainer.loggers) and getattr(self.trainer._logger_connector, "should_update_logs", True)
-        if scaled or not (by_norm or logs_now):
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-            return
+        if not (gradient_clip_val or logs_now):
+            return  # nothing to clip or to log
+        unscaled_here = unscale_fused_gradients(self.trainer, optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        # the same call the precision plugin makes to clip; an infinite max_norm only measures
-        norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val if by_norm else math.inf)
-        self.log("train/grad_norm", norm.full_tensor() if isinstance(norm, DTensor) else norm)
-        if not by_norm:
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if by_norm or logs_now:
+            # the same call the precision plugin makes to clip; an infinite max_norm only measures
+            norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val if by_norm else math.inf)
+            self.log("train/grad_norm", norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        if gradient_clip_val and not by_norm:  # by value
+            if unscaled_here:  # what the precision plugin does, had it not refused the optimizer
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self._tokens_shape = (batch.shape[0], batch.shape[1] - 1)

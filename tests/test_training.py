@@ -125,6 +125,39 @@ def test_grad_norm_is_logged_before_clipping_and_clipping_is_lightnings(tiny_cor
         assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_fp16_loss_scaling_clips_a_fused_optimizer_and_logs_the_unscaled_norm(tiny_corpus, tmp_path):
+    """16-mixed with a fused optimizer (AdamW is fused by default on GPUs) and clipping raised Lightning's "does not
+    allow for gradient clipping" at step 0, and no train/grad_norm was logged under fp16. Both now clip the same (SGD,
+    where clipping shows in the weights)."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    class ReadNorms(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            norms.append(trainer.callback_metrics["train/grad_norm"].item())
+
+    def run(fused):
+        module, data = make_run(tiny_corpus, n_layer=2)
+        module.optimizer_factory = lambda groups: torch.optim.SGD(groups, lr=0.1, fused=fused)
+        plugin = MixedPrecision("16-mixed", "cpu")  # Lightning swaps a CPU's 16-mixed for bf16-mixed
+        logger = L.pytorch.loggers.CSVLogger(tmp_path / "logs")
+        trainer = make_trainer(
+            tmp_path, 2, [ReadNorms()], plugins=[plugin], gradient_clip_val=0.05, logger=logger, log_every_n_steps=1
+        )
+        trainer.fit(module, data)
+        weights = [p.detach().clone() for p in module.model.parameters()]
+        return list(norms), weights, plugin.scaler.get_scale()
+
+    norms = []
+    fused = run(True)
+    norms.clear()
+    foreach = run(False)
+
+    assert fused[2] == foreach[2] == 65536.0  # no step was skipped
+    assert fused[0] == pytest.approx(foreach[0], rel=1e-4) and min(fused[0]) > 0.05
+    diffs = [(a - b).abs().max().item() for a, b in zip(fused[1], foreach[1], strict=True)]
+    assert max(diffs) < 1e-5, diffs
+
+
 def test_resume_mid_growth_matches_uninterrupted_run(tiny_corpus, tmp_path):
     def run(max_steps, ckpt_path=None, checkpoint=None):
         module, data = make_run(tiny_corpus)

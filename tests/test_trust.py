@@ -238,6 +238,42 @@ def test_guard_skips_bad_steps_up_to_max_skips(tiny_corpus, tmp_path):
         trainer.fit(module, data)
 
 
+class InfGradients(Callback):
+    """fp16 gradients that overflow at every step, whatever the loss scale."""
+
+    def on_after_backward(self, trainer, pl_module) -> None:  # noqa: ANN001
+        pl_module.model.norm.weight.grad[0] = float("inf")
+
+
+def fp16_fit(tiny_corpus: Path, root: Path, module: EPASModule, callbacks: list, steps: int = 4):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    data = TokenDataModule(str(tiny_corpus), seq_len=32, batch_size=2, vocab_size=VOCAB)
+    plugin = MixedPrecision("16-mixed", "cpu")  # Lightning swaps a CPU's 16-mixed for bf16-mixed
+    cpu_trainer(root, steps, callbacks, plugins=[plugin]).fit(module, data)
+
+
+def test_under_fp16_loss_scaling_a_guard_stops_gradients_that_overflow_at_the_minimum_scale(tiny_corpus, tmp_path):
+    """The guard left every inf gradient to the GradScaler, which skipped each step and halved the scale to 0: a run
+    whose gradients never came back finished all its steps without one update, and said nothing."""
+    torch.manual_seed(0)
+    module = EPASModule(LlamaConfig.from_name("debug", block_size=32))
+    guard = DivergenceGuard(min_loss_scale=2.0**14)  # 65536 at step 0, 32768 at 1, 16384 at 2
+    with pytest.raises(TrainingDiverged, match="non-finite gradients at step 2 with the fp16 loss scale down to 16384"):
+        fp16_fit(tiny_corpus, tmp_path, module, [guard, InfGradients()])
+
+
+def test_under_fp16_loss_scaling_a_fused_optimizer_skips_a_bad_step(tiny_corpus, tmp_path):
+    """``action: skip`` dropped the gradients before the GradScaler had checked a fused optimizer's (it unscales them
+    in its step), and the scaler's update raised "No inf checks were recorded prior to update"."""
+    torch.manual_seed(0)
+    module = NaNLossAt(LlamaConfig.from_name("debug", block_size=32), {1})
+    module.optimizer_factory = lambda groups: torch.optim.AdamW(groups, fused=True)
+    trace = WeightTrace()
+    fp16_fit(tiny_corpus, tmp_path, module, [DivergenceGuard("skip", 1), trace], steps=3)
+    assert all_finite(module) and torch.equal(trace.before[1], trace.before[2])
+
+
 def test_without_the_guard_nan_reaches_the_weights(tiny_corpus, tmp_path):
     """What the guard prevents: with it off, one NaN step poisons the model (and every later checkpoint)."""
     module, _, trainer, data = guarded_fit(tiny_corpus, tmp_path, {2}, DivergenceGuard("off"), steps=3)
