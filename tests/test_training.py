@@ -391,6 +391,21 @@ def test_a_graceful_stop_saves_its_step_once(tiny_corpus, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt"]
 
 
+def fake_slurm_task(monkeypatch: pytest.MonkeyPatch, root: Path) -> Path:
+    """The environment of SLURM array task 70_3 (job 77), with an `scontrol` that writes its arguments into the file
+    returned."""
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_JOB_NAME": "x",
+                        "SLURM_JOB_ID": "77", "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "3",
+                        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    scontrol = root / "bin" / "scontrol"
+    scontrol.parent.mkdir()
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {root / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{scontrol.parent}{os.pathsep}{os.environ['PATH']}")
+    return root / "scontrol.log"
+
+
 def test_slurm_requeue_signal_stops_with_last_ckpt_then_requeues(tiny_corpus, tmp_path, monkeypatch):
     """Under SLURM, Lightning answered SIGUSR1 by saving hpc_ckpt_1.ckpt from the signal handler, mid-step, into the
     working directory, and trained on; a requeued job without --ckpt_path then resumed that older file. The signal
@@ -400,15 +415,7 @@ def test_slurm_requeue_signal_stops_with_last_ckpt_then_requeues(tiny_corpus, tm
     from epas_lightning import GracefulStop
     from epas_lightning.run_checkpoint import RunCheckpoint
 
-    for name, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_JOB_NAME": "x",
-                        "SLURM_JOB_ID": "77", "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "3",
-                        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():  # fmt: skip
-        monkeypatch.setenv(name, value)
-    scontrol = tmp_path / "bin" / "scontrol"  # records its arguments
-    scontrol.parent.mkdir()
-    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
-    scontrol.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{scontrol.parent}{os.pathsep}{os.environ['PATH']}")
+    fake_slurm_task(monkeypatch, tmp_path)
 
     class SignalMidStep(Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -423,6 +430,67 @@ def test_slurm_requeue_signal_stops_with_last_ckpt_then_requeues(tiny_corpus, tm
     assert (tmp_path / "scontrol.log").read_text() == "requeue 70_3\n"
     assert not list(tmp_path.glob("hpc_ckpt_*")) and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_slurm_requeue_signal_during_setup_requeues_the_job_without_training(tiny_corpus, tmp_path, monkeypatch):
+    """SIGUSR1 (SLURM's `--signal=USR1@...`) that came while `fit` imported, built or checked anything ended the job by
+    the signal's default action: not requeued, so the run stopped for good at the time limit. It is now remembered,
+    and `fit` stops before its first step: no checkpoint (nothing trained), the job requeued, exit status 138."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import DEBUG_CONFIG, REPO
+
+    log = fake_slurm_task(monkeypatch, tmp_path)
+    env = {**os.environ, "EPAS_CACHE_DIR": str(tiny_corpus.parent), "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "epas_lightning", "fit", "--config", DEBUG_CONFIG]
+    with (tmp_path / "err").open("w") as err:
+        proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            status = Path(f"/proc/{proc.pid}/status")
+            caught = re.compile(r"^SigCgt:\s*([0-9a-f]+)$", re.M)  # the signals this process has a handler for
+            while not int(caught.search(status.read_text()).group(1), 16) >> (signal.SIGUSR1 - 1) & 1:
+                assert proc.poll() is None, "fit never caught SIGUSR1"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGUSR1)  # while it imports Lightning
+            proc.wait(timeout=120)
+        finally:
+            proc.kill()
+    said = (tmp_path / "err").read_text()
+    assert proc.returncode == 128 + signal.SIGUSR1, said[-3000:]
+    assert "SIGUSR1 before the first step: nothing was trained" in said and "Traceback" not in said
+    assert log.read_text() == "requeue 70_3\n" and not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_slurm_requeue_signal_during_the_sanity_check_stops_before_the_first_step(tiny_corpus, tmp_path, monkeypatch):
+    """The requeue signal remembered since `fit` started is honoured just before the first step too (it came while
+    resuming or validating): the ranks agree, nothing is saved, the job is requeued."""
+    import signal
+
+    from epas_lightning import GracefulStop
+    from epas_lightning.run_checkpoint import RunCheckpoint
+    from epas_lightning.slurm import remembering_requeue_signal
+
+    log = fake_slurm_task(monkeypatch, tmp_path)
+    steps = []
+
+    class SignalInSanityCheck(Callback):
+        def on_sanity_check_start(self, trainer, pl_module):
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+        def on_train_batch_end(self, trainer, *args):
+            steps.append(trainer.global_step)
+
+    stop = GracefulStop()
+    module, data = make_run(tiny_corpus, n_layer=2)
+    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = make_trainer(tmp_path, 5, [SignalInSanityCheck(), stop, checkpoint], limit_val_batches=1)
+    with remembering_requeue_signal(), pytest.raises(SystemExit):  # Lightning's exit after an interrupt
+        trainer.fit(module, datamodule=data)
+    assert stop.interrupted_by == signal.SIGUSR1 and not steps and not (tmp_path / "ckpt").exists()
+    assert log.read_text() == "requeue 70_3\n" and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
 
 
 def test_ckpt_path_last_from_a_script_resumes_the_run_in_its_version_folder(tiny_corpus, tmp_path):
