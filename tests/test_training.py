@@ -295,6 +295,28 @@ def test_sharded_checkpoints_are_replaced_whole_and_a_killed_save_leaves_no_trac
     assert load_model(ckpt_dir / "last.ckpt").model.sharing.shared_layers == [3]
 
 
+def test_a_sharded_checkpoint_mixing_two_saves_is_refused_in_one_line(tiny_corpus, tmp_path):
+    """A folder with the .metadata of one save and the .distcp shard (or meta.pt) of another, same layout and sizes,
+    resumed silently: weights and optimizer of one step, counters of another. Each save's id refuses it now."""
+    import shutil
+
+    from epas_lightning import FSDP2Strategy
+    from epas_lightning.errors import CheckpointError
+    from epas_lightning.safe_load import verify_checkpoint
+
+    module, data = make_run(tiny_corpus, n_layer=2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    make_trainer(tmp_path, 2, [checkpoint], strategy=FSDP2Strategy()).fit(module, datamodule=data)
+    first, second = (tmp_path / "ckpt" / f"epoch=0-step={step}.ckpt" for step in (1, 2))
+    for name in ("__0_0.distcp", "meta.pt", ".metadata"):
+        mixed = shutil.copytree(second, tmp_path / f"mixed{name}")
+        shutil.copy(first / name, mixed / name)
+        with pytest.raises(CheckpointError, match="its files come from two saves") as refused:
+            verify_checkpoint(mixed)
+        assert str(mixed) in str(refused.value) and "\n" not in str(refused.value)
+    assert verify_checkpoint(second) == second
+
+
 @pytest.mark.parametrize("sharded", [False, True])
 def test_a_graceful_stop_never_writes_through_a_linked_last_ckpt(tiny_corpus, tmp_path, sharded):
     """With ``save_last: link`` last.ckpt is a link to the newest top-k checkpoint: the stop's save replaces the link
