@@ -113,11 +113,21 @@ def load_shards(state: dict[str, Any], path: Path, **kwargs: Any) -> None:
     try:
         dcp_load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(path), **kwargs)
     except (Exception, CheckpointException) as e:  # a missing or truncated shard (CheckpointException is no Exception)
+        raise_wrapped_interrupt(e)
         cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
         if isinstance(cause, CheckpointError):
             raise cause from e
         detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise CheckpointError(f"cannot read the shards ({detail})", path, "copy it again") from e
+
+
+def raise_wrapped_interrupt(error: BaseException) -> None:
+    """Raise the Ctrl+C (or ``GracefulStop``'s stop at once) that ``torch.distributed.checkpoint`` caught on a rank
+    and wrapped into its ``CheckpointException``: an interrupted load or save, not a bad checkpoint."""
+    failures = error.failures.values() if isinstance(error, CheckpointException) else ()
+    for cause, _ in failures:
+        if isinstance(cause, KeyboardInterrupt):
+            raise cause from error
 
 
 def load_torch_file(

@@ -11,9 +11,10 @@ from typing import Any
 
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.constants import default_pg_timeout
 
-from epas_lightning.safe_load import SAVE_ID, is_sharded_checkpoint, load_sharded_checkpoint
+from epas_lightning.safe_load import SAVE_ID, is_sharded_checkpoint, load_sharded_checkpoint, raise_wrapped_interrupt
 
 STAGING, REPLACED = ".saving", ".replaced"
 """Suffixes of the hidden folders beside a sharded checkpoint ``name``: ``.name.saving`` while it is written,
@@ -75,7 +76,11 @@ class FSDP2Strategy(ModelParallelStrategy):
             for leftover in (staging, old):  # a killed save's partial shards; a replaced checkpoint not yet deleted
                 _remove(leftover)
         self.barrier("epas_checkpoint_staging")
-        super().save_checkpoint(checkpoint, staging, storage_options)
+        try:
+            super().save_checkpoint(checkpoint, staging, storage_options)
+        except CheckpointException as e:  # a second Ctrl+C or signal while writing: stop as it asks
+            raise_wrapped_interrupt(e)
+            raise
         self.barrier("epas_checkpoint_written")
         if self.is_global_zero:
             if os.path.lexists(path):  # a checkpoint folder or file, or a link (save_last: link) to another one

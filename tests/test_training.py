@@ -428,6 +428,40 @@ def fake_slurm_task(monkeypatch: pytest.MonkeyPatch, root: Path) -> Path:
     return root / "scontrol.log"
 
 
+def test_a_second_signal_while_the_stop_writes_shards_stops_at_once(tiny_corpus, tmp_path, monkeypatch):
+    """The stop's save says "again: at once, without one"; with FSDP2 a second signal during it was caught by
+    torch.distributed.checkpoint and raised as its CheckpointException (a traceback, exit 1). It stops at once now,
+    the previous last.ckpt whole."""
+    import signal
+
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from epas_lightning import FSDP2Strategy, GracefulStop
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    write_data = FileSystemWriter.write_data
+
+    def signalled_write(self, *args):
+        if stop.received is not None:  # the stop's save
+            os.kill(os.getpid(), signal.SIGTERM)
+        return write_data(self, *args)
+
+    class SignalAtStep(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", signalled_write)
+    stop = GracefulStop()
+    module, data = make_run(tiny_corpus, n_layer=2)
+    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2, save_top_k=0)
+    trainer = make_trainer(tmp_path, 100, [SignalAtStep(), stop, checkpoint], strategy=FSDP2Strategy())
+    with pytest.raises(SystemExit):  # Lightning's exit after an interrupt
+        trainer.fit(module, datamodule=data)
+    assert stop.interrupted_by == signal.SIGTERM
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt" / "meta.pt", weights_only=True)["global_step"] == 2
+
+
 def test_slurm_requeue_signal_stops_with_last_ckpt_then_requeues(tiny_corpus, tmp_path, monkeypatch):
     """Under SLURM, Lightning answered SIGUSR1 by saving hpc_ckpt_1.ckpt from the signal handler, mid-step, into the
     working directory, and trained on; a requeued job without --ckpt_path then resumed that older file. The signal
