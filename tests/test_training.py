@@ -488,36 +488,34 @@ def test_slurm_requeue_signal_stops_with_last_ckpt_then_requeues(tiny_corpus, tm
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
-def test_slurm_requeue_signal_during_setup_requeues_the_job_without_training(tiny_corpus, tmp_path, monkeypatch):
+def test_slurm_requeue_signal_during_setup_requeues_the_job_without_training(
+    tiny_corpus, tmp_path, monkeypatch, capsys
+):
     """SIGUSR1 (SLURM's `--signal=USR1@...`) that came while `fit` imported, built or checked anything ended the job by
-    the signal's default action: not requeued, so the run stopped for good at the time limit. It is now remembered,
-    and `fit` stops before its first step: no checkpoint (nothing trained), the job requeued, exit status 138."""
+    the signal's default action: not requeued, so the run stopped for good at the time limit. It is now remembered
+    from the start of the command, and `fit` stops before its first step: no checkpoint (nothing trained), the job
+    requeued, exit status 138."""
     import signal
-    import subprocess
-    import sys
-    import time
 
-    from helpers import DEBUG_CONFIG, REPO
+    from helpers import DEBUG_CONFIG
+
+    from epas_lightning import lightning_cli as cli_module
+    from epas_lightning.cli import main
 
     log = fake_slurm_task(monkeypatch, tmp_path)
-    env = {**os.environ, "EPAS_CACHE_DIR": str(tiny_corpus.parent), "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "epas_lightning", "fit", "--config", DEBUG_CONFIG]
-    with (tmp_path / "err").open("w") as err:
-        proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        try:
-            status = Path(f"/proc/{proc.pid}/status")
-            caught = re.compile(r"^SigCgt:\s*([0-9a-f]+)$", re.M)  # the signals this process has a handler for
-            while not int(caught.search(status.read_text()).group(1), 16) >> (signal.SIGUSR1 - 1) & 1:
-                assert proc.poll() is None, "fit never caught SIGUSR1"
-                time.sleep(0.01)
-            proc.send_signal(signal.SIGUSR1)  # while it imports Lightning
-            proc.wait(timeout=120)
-        finally:
-            proc.kill()
-    said = (tmp_path / "err").read_text()
-    assert proc.returncode == 128 + signal.SIGUSR1, said[-3000:]
-    assert "SIGUSR1 before the first step: nothing was trained" in said and "Traceback" not in said
+    monkeypatch.chdir(tmp_path)
+    build = cli_module.lightning_cli
+
+    def signalled_while_parsing(args):
+        assert signal.getsignal(signal.SIGUSR1) != signal.SIG_DFL, "SIGUSR1 would end the job"
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return build(args)
+
+    monkeypatch.setattr(cli_module, "lightning_cli", signalled_while_parsing)
+    assert main(["fit", "--config", DEBUG_CONFIG]) == 128 + signal.SIGUSR1
+    assert "SIGUSR1 before the first step: nothing was trained" in capsys.readouterr().err
     assert log.read_text() == "requeue 70_3\n" and not list(tmp_path.rglob("*.ckpt"))
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
 
 
 def test_slurm_requeue_signal_during_the_sanity_check_stops_before_the_first_step(tiny_corpus, tmp_path, monkeypatch):
