@@ -21,6 +21,7 @@ import sys
 import traceback
 from argparse import ArgumentError
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -36,6 +37,7 @@ from epas_lightning.errors import (
     is_out_of_memory,
     out_of_memory,
 )
+from epas_lightning.slurm import remembering_requeue_signal
 
 PROG = "python -m epas_lightning"
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
@@ -267,13 +269,14 @@ def dispatch(argv: list[str]) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command in LIGHTNING_COMMANDS:
-        from epas_lightning.lightning_cli import exit_status, lightning_cli
+        with remembering_requeue_signal() if command == "fit" else nullcontext():  # SLURM's, from the first second
+            from epas_lightning.lightning_cli import exit_status, lightning_cli
 
-        try:
-            cli = lightning_cli(argv)
-        except ArgumentError as e:
-            raise parse_error(e, f"{PROG} {command}") from e
-        return exit_status(cli)
+            try:
+                cli = lightning_cli(argv)
+            except ArgumentError as e:
+                raise parse_error(e, f"{PROG} {command}") from e
+            return exit_status(cli)
     if command not in TOOLS:
         raise ConfigError(
             f"unknown command {command!r}", PROG, f"choose one of {', '.join((*LIGHTNING_COMMANDS, *TOOLS))}"

@@ -7,14 +7,18 @@ broadcasts from inside the signal handler, which can break a collective in fligh
 Here a signal only sets a flag. After every optimizer step the ranks agree (one boolean all-reduce: a signal to any
 rank is enough), and if any was signalled every rank writes ``last.ckpt`` into the run's checkpoint folder together,
 ``fit`` stops (without the validation Lightning runs when a fit stops early), and the CLI exits with 128 + the signal:
-130 after Ctrl+C, 143 after SIGTERM. A second signal stops at once, without a checkpoint, as does a signal before
-training starts (during setup, where Lightning's own handling applies): the CLI then prints one line and exits with the
-same status (Lightning would exit 1 after Ctrl+C, and 0 after SIGTERM).
+130 after Ctrl+C, 143 after SIGTERM. A second signal stops at once, without a checkpoint, as does SIGTERM or Ctrl+C
+before training starts (during setup, where Lightning's own handling applies): the CLI then prints one line and exits
+with the same status (Lightning would exit 1 after Ctrl+C, and 0 after SIGTERM).
 
 Under SLURM with Lightning's ``auto_requeue`` (its default), the requeue signal (``SIGUSR1``, sent before the time
 limit with ``#SBATCH --signal=USR1@<seconds>``) stops the same way, and then the first rank requeues the job
 (``scontrol requeue``); the requeued job resumes that ``last.ckpt`` with ``--ckpt_path auto``. Lightning's own handler,
-which saved ``hpc_ckpt_N.ckpt`` mid-step into the working directory, is off (:mod:`epas_lightning.slurm`).
+which saved ``hpc_ckpt_N.ckpt`` mid-step into the working directory, is off (:mod:`epas_lightning.slurm`). The requeue
+signal that comes before the first step (from the start of ``python -m epas_lightning fit``: imports, model build,
+data checks, resuming, the sanity validation) is remembered: the ranks agree on it when ``fit`` starts and again just
+before the first step, and ``fit`` stops there without a checkpoint (nothing was trained since the job started: the
+checkpoint it resumed, if any, is still the newest), the job is requeued, and the exit status is 138.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from epas_lightning.run_checkpoint import save_last_now
 from epas_lightning.run_summary import say
-from epas_lightning.slurm import give_back_requeue, requeue_job, take_requeue_signal
+from epas_lightning.slurm import give_back_requeue, remembered, requeue_job, step_aside, take_requeue_signal
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -74,8 +78,14 @@ class GracefulStop(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.received = self.stopped_by = self.interrupted_by = None
+        if not self.enabled:
+            self.requeue_signal = None
+            if (signum := step_aside()) is not None:  # Lightning's behaviour: the signal's default action
+                signal.raise_signal(signum)
+            return
         # before Lightning registers its handlers: its requeue handler is never set
-        self.requeue_signal = take_requeue_signal(trainer) if self.enabled else None
+        self.requeue_signal = take_requeue_signal(trainer)
+        self._stop_if_signalled_before_training(trainer)  # before resuming and the sanity validation
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._step = trainer.global_step
@@ -84,6 +94,7 @@ class GracefulStop(Callback):
             # Lightning registered its SIGTERM handler after on_fit_start: this one replaces it until training ends
             signals = (*SIGNALS, self.requeue_signal) if self.requeue_signal else SIGNALS
             self._previous = {sig: signal.signal(sig, self._on_signal) for sig in signals}
+        self._stop_if_signalled_before_training(trainer)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.received is not None:  # a second signal: stop at once (Lightning's KeyboardInterrupt path tears down)
@@ -101,14 +112,9 @@ class GracefulStop(Callback):
         if not self.enabled or trainer.global_step == self._step:  # mid-accumulation: no optimizer step yet
             return
         self._step = trainer.global_step
-        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+        self.stopped_by, requeue = self._agreed_stop(trainer)
+        if self.stopped_by is None:
             return
-        self.stopped_by = self.received or signal.SIGTERM  # another rank was signalled: report it as SIGTERM
-        requeue = self.requeue_signal is not None and trainer.strategy.reduce_boolean_decision(
-            self.received == self.requeue_signal, all=False
-        )
-        if requeue:
-            self.stopped_by = self.requeue_signal
         saved = self._save(trainer)
         trainer.should_stop = True
         # Lightning validates when fit stops early (for early stopping): here a whole validation after the save, inside
@@ -120,6 +126,29 @@ class GracefulStop(Callback):
         elif saved:
             where = f"{where} — resume with the same command and --ckpt_path last"
         say(f"stopped by {self.stopped_by.name} after step {trainer.global_step}; {where}")
+
+    def _agreed_stop(self, trainer: Trainer) -> tuple[signal.Signals | None, bool]:
+        """Whether any rank was signalled (one all-reduce, two for a requeue): the signal the stop reports (another
+        rank's counts as SIGTERM, the requeue signal wins), and whether the job is to be requeued."""
+        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            return None, False
+        requeue = self.requeue_signal is not None and trainer.strategy.reduce_boolean_decision(
+            self.received == self.requeue_signal, all=False
+        )
+        return (self.requeue_signal if requeue else self.received or signal.SIGTERM), requeue
+
+    def _stop_if_signalled_before_training(self, trainer: Trainer) -> None:
+        """Stop ``fit`` before its first step when a rank kept the requeue signal since the command started (see
+        :func:`epas_lightning.slurm.remembering_requeue_signal`): nothing to save; the first rank requeues the job."""
+        self.received = self.received or remembered()
+        signum, requeue = self._agreed_stop(trainer)
+        if signum is None:
+            return
+        what = "nothing was trained since the job started, so no checkpoint is written"
+        if requeue and trainer.is_global_zero:
+            what = f"{what}; {requeue_job()}"
+        say(f"{signum.name} before the first step: {what}")
+        raise Interrupted(signum)
 
     @staticmethod
     def _save(trainer: Trainer) -> Path | None:

@@ -32,6 +32,10 @@ DCP_METADATA = ".metadata"
 """The pickle of a torch distributed checkpoint directory (tensor names, shapes, storage layout)."""
 LIGHTNING_METADATA = "meta.pt"
 """What Lightning saves beside the shards: loops, callbacks, hyperparameters (a ``torch.save`` file)."""
+SAVE_ID = "epas_save"
+"""One random id per sharded save (``FSDP2Strategy``): each rank's shard holds it as the entry
+``state_dict.epas_save.<id>.rank<N>`` (so ``.metadata`` names it too), and ``meta.pt`` under this key. Files of
+two saves in one folder (same layout and sizes) disagree on it; checkpoints without it load unchecked."""
 _DCP_METADATA_CLASSES = {
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),
@@ -109,11 +113,21 @@ def load_shards(state: dict[str, Any], path: Path, **kwargs: Any) -> None:
     try:
         dcp_load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(path), **kwargs)
     except (Exception, CheckpointException) as e:  # a missing or truncated shard (CheckpointException is no Exception)
+        raise_wrapped_interrupt(e)
         cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
         if isinstance(cause, CheckpointError):
             raise cause from e
         detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise CheckpointError(f"cannot read the shards ({detail})", path, "copy it again") from e
+
+
+def raise_wrapped_interrupt(error: BaseException) -> None:
+    """Raise the Ctrl+C (or ``GracefulStop``'s stop at once) that ``torch.distributed.checkpoint`` caught on a rank
+    and wrapped into its ``CheckpointException``: an interrupted load or save, not a bad checkpoint."""
+    failures = error.failures.values() if isinstance(error, CheckpointException) else ()
+    for cause, _ in failures:
+        if isinstance(cause, KeyboardInterrupt):
+            raise cause from error
 
 
 def load_torch_file(
@@ -183,8 +197,12 @@ def verify_checkpoint(path: str | Path, flag: str = "--ckpt_path") -> Path:
         )
     metadata = read_dcp_metadata((path / DCP_METADATA).read_bytes(), f"{flag} {path}")
     check_shard_files(metadata, path, f"{flag} {path}")
-    if (path / LIGHTNING_METADATA).is_file():
+    meta = (
         load_torch_file(path / LIGHTNING_METADATA, where=f"{flag} {path}")
+        if (path / LIGHTNING_METADATA).is_file()
+        else None
+    )
+    check_one_save(metadata, meta, path, f"{flag} {path}")
     return path
 
 
@@ -204,6 +222,33 @@ def check_shard_files(metadata: Metadata, path: Path, where: str) -> None:
             raise CheckpointError(f"shard {name} is truncated ({shard.stat().st_size} of {size} bytes)", where, fix)
 
 
+def check_one_save(metadata: Metadata, meta: dict[str, Any] | None, path: Path, where: object) -> None:
+    """Every shard file and ``meta.pt`` of a sharded checkpoint come from the save its ``.metadata`` records
+    (:data:`SAVE_ID`; one read of about a kilobyte per shard file). Without save ids, nothing is checked."""
+    prefix = f"state_dict.{SAVE_ID}."
+    marks = [(index.fqn, info) for index, info in (metadata.storage_data or {}).items() if index.fqn.startswith(prefix)]
+    if not marks:
+        return
+    save_id = marks[0][0].split(".")[2]  # state_dict.epas_save.<id>.rank<N>
+    fix = "copy the folder of one save again, whole (its .metadata, .distcp files and meta.pt belong together)"
+    for _, info in sorted(marks, key=lambda mark: str(mark[1].relative_path)):
+        with open(path / info.relative_path, "rb") as shard:
+            shard.seek(info.offset)
+            blob = shard.read(info.length)
+        try:
+            written = load_torch_file(io.BytesIO(blob))
+        except CheckpointError:  # other bytes there: a shard of a save with another layout
+            written = None
+        if written != save_id:
+            raise CheckpointError(
+                f"its files come from two saves: {info.relative_path} is not of this .metadata", where, fix
+            )
+    if meta is not None and meta.get(SAVE_ID) != save_id:
+        raise CheckpointError(
+            f"its files come from two saves: {LIGHTNING_METADATA} is not of this .metadata", where, fix
+        )
+
+
 def load_sharded_checkpoint(
     path: Path, module: torch.nn.Module, optimizers: list[torch.optim.Optimizer], strict: bool = True
 ) -> dict[str, Any]:
@@ -220,7 +265,9 @@ def load_sharded_checkpoint(
         set_optimizer_state_dict,
     )
 
-    SafeFileSystemReader(path).read_metadata()  # refuse unsafe metadata before anything else happens
+    metadata = SafeFileSystemReader(path).read_metadata()  # refuse unsafe metadata before anything else happens
+    meta = load_torch_file(path / LIGHTNING_METADATA) if (path / LIGHTNING_METADATA).is_file() else None
+    check_one_save(metadata, meta, path, path)
     module_state = {"state_dict": get_model_state_dict(module)}
     load_shards(module_state, path)
     module.load_state_dict(module_state["state_dict"], strict=strict)
@@ -231,4 +278,4 @@ def load_sharded_checkpoint(
         set_optimizer_state_dict(
             module, optimizer, optim_state_dict=optimizer_state[key], options=StateDictOptions(cpu_offload=True)
         )
-    return load_torch_file(path / LIGHTNING_METADATA) if (path / LIGHTNING_METADATA).is_file() else {}
+    return meta or {}

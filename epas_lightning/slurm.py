@@ -4,6 +4,11 @@ Lightning's own answer (``SLURMEnvironment(auto_requeue=True)``, on by default u
 from inside the signal handler, wherever the step is (between two parameter updates of the optimizer, mid-way through
 gradient accumulation), into the working directory rather than the run's checkpoint folder, and finalizes the loggers
 while training goes on. ``GracefulStop`` answers the signal instead, like SIGTERM; these are its SLURM parts.
+
+The signal's default action ends the process, and SLURM sends it whenever the time limit nears, also while ``fit`` is
+still importing, building the model or validating before its first step; :func:`remembering_requeue_signal` keeps it
+from the start of the command until ``GracefulStop`` answers it. This module imports Lightning only when called, so
+that the command can install that handler before the slow imports.
 """
 
 from __future__ import annotations
@@ -11,15 +16,26 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
-from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch import Trainer
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
+
+REQUEUE_SIGNAL = signal.SIGUSR1
+"""The signal ``--signal=USR1@<seconds>`` sends, and Lightning's ``SLURMEnvironment`` answers by default."""
+
+_remembered: list[signal.Signals] = []
 
 
 def take_requeue_signal(trainer: Trainer) -> signal.Signals | None:
     """The signal SLURM requeues this run with (``SIGUSR1`` unless the environment names another), or ``None`` when
     the run is not a SLURM job with ``auto_requeue``; Lightning's own handler for it is switched off for this fit.
     Call before Lightning registers its signal handlers (``on_fit_start``)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
     environment = trainer._accelerator_connector.cluster_environment  # what Lightning's signal connector reads
     if not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue:
         return None
@@ -31,9 +47,52 @@ def take_requeue_signal(trainer: Trainer) -> signal.Signals | None:
 
 def give_back_requeue(trainer: Trainer) -> None:
     """Undo :func:`take_requeue_signal`'s switch (the environment object outlives this fit)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
     environment = trainer._accelerator_connector.cluster_environment
     if isinstance(environment, SLURMEnvironment):
         environment.auto_requeue = True
+
+
+def is_slurm_task() -> bool:
+    """Whether Lightning takes this process for a task ``srun`` started (``SLURMEnvironment.detect``'s rule)."""
+    return "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+
+
+@contextmanager
+def remembering_requeue_signal() -> Iterator[None]:
+    """Within, a SLURM task remembers the requeue signal instead of ending (its default action) until something else
+    answers it: ``GracefulStop`` stops ``fit`` before its first step when it was remembered (:func:`remembered`)."""
+    if not is_slurm_task() or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if signal.getsignal(REQUEUE_SIGNAL) != signal.SIG_DFL:  # a handler of the caller's own answers it
+        yield
+        return
+    signal.signal(REQUEUE_SIGNAL, _remember)
+    try:
+        yield
+    finally:
+        if signal.getsignal(REQUEUE_SIGNAL) is _remember:
+            signal.signal(REQUEUE_SIGNAL, signal.SIG_DFL)
+        _remembered.clear()
+
+
+def _remember(signum: int, frame: Any) -> None:
+    if not _remembered:  # only a flag: GracefulStop has the ranks agree on it before the first step
+        _remembered.append(signal.Signals(signum))
+
+
+def remembered() -> signal.Signals | None:
+    """The requeue signal received while :func:`remembering_requeue_signal` was the handler, if it came."""
+    return _remembered[0] if _remembered else None
+
+
+def step_aside() -> signal.Signals | None:
+    """Give the requeue signal its default action back (a run that leaves it to Lightning); :func:`remembered`."""
+    if signal.getsignal(REQUEUE_SIGNAL) is _remember:
+        signal.signal(REQUEUE_SIGNAL, signal.SIG_DFL)
+    return remembered()
 
 
 def slurm_job_id() -> str | None:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.constants import default_pg_timeout
 
-from epas_lightning.safe_load import is_sharded_checkpoint, load_sharded_checkpoint
+from epas_lightning.safe_load import SAVE_ID, is_sharded_checkpoint, load_sharded_checkpoint, raise_wrapped_interrupt
 
 STAGING, REPLACED = ".saving", ".replaced"
 """Suffixes of the hidden folders beside a sharded checkpoint ``name``: ``.name.saving`` while it is written,
@@ -59,10 +61,14 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         """Sharded: every rank writes into a staging folder beside ``filepath``, which rank 0 then renames into place,
-        so a save that dies halfway never leaves a checkpoint of mixed shards (DCP would overwrite in place)."""
+        so a save that dies halfway never leaves a checkpoint of mixed shards (DCP would overwrite in place); the
+        save's random id in every file (:data:`~epas_lightning.safe_load.SAVE_ID`) refuses a folder mixed later."""
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)  # one file, written atomically
         path = Path(self.broadcast(filepath))
+        save_id = self.broadcast(uuid.uuid4().hex)  # in every rank's shard and meta.pt: a mix of saves is refused
+        checkpoint["state_dict"][f"{SAVE_ID}.{save_id}.rank{self.global_rank}"] = save_id
+        checkpoint[SAVE_ID] = save_id
         staging, old = (path.with_name(f".{path.name}{suffix}") for suffix in (STAGING, REPLACED))
         if self.is_global_zero:
             if os.path.lexists(old) and not os.path.lexists(path):  # killed between the renames below: old is whole
@@ -70,7 +76,11 @@ class FSDP2Strategy(ModelParallelStrategy):
             for leftover in (staging, old):  # a killed save's partial shards; a replaced checkpoint not yet deleted
                 _remove(leftover)
         self.barrier("epas_checkpoint_staging")
-        super().save_checkpoint(checkpoint, staging, storage_options)
+        try:
+            super().save_checkpoint(checkpoint, staging, storage_options)
+        except CheckpointException as e:  # a second Ctrl+C or signal while writing: stop as it asks
+            raise_wrapped_interrupt(e)
+            raise
         self.barrier("epas_checkpoint_written")
         if self.is_global_zero:
             if os.path.lexists(path):  # a checkpoint folder or file, or a link (save_last: link) to another one

@@ -328,6 +328,28 @@ def test_sharded_checkpoints_are_replaced_whole_and_a_killed_save_leaves_no_trac
     assert load_model(ckpt_dir / "last.ckpt").model.sharing.shared_layers == [3]
 
 
+def test_a_sharded_checkpoint_mixing_two_saves_is_refused_in_one_line(tiny_corpus, tmp_path):
+    """A folder with the .metadata of one save and the .distcp shard (or meta.pt) of another, same layout and sizes,
+    resumed silently: weights and optimizer of one step, counters of another. Each save's id refuses it now."""
+    import shutil
+
+    from epas_lightning import FSDP2Strategy
+    from epas_lightning.errors import CheckpointError
+    from epas_lightning.safe_load import verify_checkpoint
+
+    module, data = make_run(tiny_corpus, n_layer=2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    make_trainer(tmp_path, 2, [checkpoint], strategy=FSDP2Strategy()).fit(module, datamodule=data)
+    first, second = (tmp_path / "ckpt" / f"epoch=0-step={step}.ckpt" for step in (1, 2))
+    for name in ("__0_0.distcp", "meta.pt", ".metadata"):
+        mixed = shutil.copytree(second, tmp_path / f"mixed{name}")
+        shutil.copy(first / name, mixed / name)
+        with pytest.raises(CheckpointError, match="its files come from two saves") as refused:
+            verify_checkpoint(mixed)
+        assert str(mixed) in str(refused.value) and "\n" not in str(refused.value)
+    assert verify_checkpoint(second) == second
+
+
 @pytest.mark.parametrize("sharded", [False, True])
 def test_a_graceful_stop_never_writes_through_a_linked_last_ckpt(tiny_corpus, tmp_path, sharded):
     """With ``save_last: link`` last.ckpt is a link to the newest top-k checkpoint: the stop's save replaces the link
@@ -424,6 +446,55 @@ def test_a_graceful_stop_saves_its_step_once(tiny_corpus, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt"]
 
 
+def fake_slurm_task(monkeypatch: pytest.MonkeyPatch, root: Path) -> Path:
+    """The environment of SLURM array task 70_3 (job 77), with an `scontrol` that writes its arguments into the file
+    returned."""
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_JOB_NAME": "x",
+                        "SLURM_JOB_ID": "77", "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "3",
+                        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    scontrol = root / "bin" / "scontrol"
+    scontrol.parent.mkdir()
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {root / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{scontrol.parent}{os.pathsep}{os.environ['PATH']}")
+    return root / "scontrol.log"
+
+
+def test_a_second_signal_while_the_stop_writes_shards_stops_at_once(tiny_corpus, tmp_path, monkeypatch):
+    """The stop's save says "again: at once, without one"; with FSDP2 a second signal during it was caught by
+    torch.distributed.checkpoint and raised as its CheckpointException (a traceback, exit 1). It stops at once now,
+    the previous last.ckpt whole."""
+    import signal
+
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from epas_lightning import FSDP2Strategy, GracefulStop
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    write_data = FileSystemWriter.write_data
+
+    def signalled_write(self, *args):
+        if stop.received is not None:  # the stop's save
+            os.kill(os.getpid(), signal.SIGTERM)
+        return write_data(self, *args)
+
+    class SignalAtStep(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", signalled_write)
+    stop = GracefulStop()
+    module, data = make_run(tiny_corpus, n_layer=2)
+    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2, save_top_k=0)
+    trainer = make_trainer(tmp_path, 100, [SignalAtStep(), stop, checkpoint], strategy=FSDP2Strategy())
+    with pytest.raises(SystemExit):  # Lightning's exit after an interrupt
+        trainer.fit(module, datamodule=data)
+    assert stop.interrupted_by == signal.SIGTERM
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt" / "meta.pt", weights_only=True)["global_step"] == 2
+
+
 def test_slurm_requeue_signal_stops_with_last_ckpt_then_requeues(tiny_corpus, tmp_path, monkeypatch):
     """Under SLURM, Lightning answered SIGUSR1 by saving hpc_ckpt_1.ckpt from the signal handler, mid-step, into the
     working directory, and trained on; a requeued job without --ckpt_path then resumed that older file. The signal
@@ -433,15 +504,7 @@ def test_slurm_requeue_signal_stops_with_last_ckpt_then_requeues(tiny_corpus, tm
     from epas_lightning import GracefulStop
     from epas_lightning.run_checkpoint import RunCheckpoint
 
-    for name, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_JOB_NAME": "x",
-                        "SLURM_JOB_ID": "77", "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "3",
-                        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():  # fmt: skip
-        monkeypatch.setenv(name, value)
-    scontrol = tmp_path / "bin" / "scontrol"  # records its arguments
-    scontrol.parent.mkdir()
-    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
-    scontrol.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{scontrol.parent}{os.pathsep}{os.environ['PATH']}")
+    fake_slurm_task(monkeypatch, tmp_path)
 
     class SignalMidStep(Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -456,6 +519,65 @@ def test_slurm_requeue_signal_stops_with_last_ckpt_then_requeues(tiny_corpus, tm
     assert (tmp_path / "scontrol.log").read_text() == "requeue 70_3\n"
     assert not list(tmp_path.glob("hpc_ckpt_*")) and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_slurm_requeue_signal_during_setup_requeues_the_job_without_training(
+    tiny_corpus, tmp_path, monkeypatch, capsys
+):
+    """SIGUSR1 (SLURM's `--signal=USR1@...`) that came while `fit` imported, built or checked anything ended the job by
+    the signal's default action: not requeued, so the run stopped for good at the time limit. It is now remembered
+    from the start of the command, and `fit` stops before its first step: no checkpoint (nothing trained), the job
+    requeued, exit status 138."""
+    import signal
+
+    from helpers import DEBUG_CONFIG
+
+    from epas_lightning import lightning_cli as cli_module
+    from epas_lightning.cli import main
+
+    log = fake_slurm_task(monkeypatch, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    build = cli_module.lightning_cli
+
+    def signalled_while_parsing(args):
+        assert signal.getsignal(signal.SIGUSR1) != signal.SIG_DFL, "SIGUSR1 would end the job"
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return build(args)
+
+    monkeypatch.setattr(cli_module, "lightning_cli", signalled_while_parsing)
+    assert main(["fit", "--config", DEBUG_CONFIG]) == 128 + signal.SIGUSR1
+    assert "SIGUSR1 before the first step: nothing was trained" in capsys.readouterr().err
+    assert log.read_text() == "requeue 70_3\n" and not list(tmp_path.rglob("*.ckpt"))
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+def test_slurm_requeue_signal_during_the_sanity_check_stops_before_the_first_step(tiny_corpus, tmp_path, monkeypatch):
+    """The requeue signal remembered since `fit` started is honoured just before the first step too (it came while
+    resuming or validating): the ranks agree, nothing is saved, the job is requeued."""
+    import signal
+
+    from epas_lightning import GracefulStop
+    from epas_lightning.run_checkpoint import RunCheckpoint
+    from epas_lightning.slurm import remembering_requeue_signal
+
+    log = fake_slurm_task(monkeypatch, tmp_path)
+    steps = []
+
+    class SignalInSanityCheck(Callback):
+        def on_sanity_check_start(self, trainer, pl_module):
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+        def on_train_batch_end(self, trainer, *args):
+            steps.append(trainer.global_step)
+
+    stop = GracefulStop()
+    module, data = make_run(tiny_corpus, n_layer=2)
+    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = make_trainer(tmp_path, 5, [SignalInSanityCheck(), stop, checkpoint], limit_val_batches=1)
+    with remembering_requeue_signal(), pytest.raises(SystemExit):  # Lightning's exit after an interrupt
+        trainer.fit(module, datamodule=data)
+    assert stop.interrupted_by == signal.SIGUSR1 and not steps and not (tmp_path / "ckpt").exists()
+    assert log.read_text() == "requeue 70_3\n" and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
 
 
 def test_ckpt_path_last_from_a_script_resumes_the_run_in_its_version_folder(tiny_corpus, tmp_path):

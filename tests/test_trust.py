@@ -676,6 +676,24 @@ def test_a_sharded_checkpoint_with_a_truncated_or_missing_shard_is_one_line(tmp_
     assert f"error: shard {shard.name} is missing" in one_line_error(capsys, resume)
 
 
+def test_ctrl_c_while_reading_shards_is_an_interrupt_not_a_bad_checkpoint(tmp_path, monkeypatch):
+    """torch.distributed.checkpoint wraps a Ctrl+C during a read into its CheckpointException: `fit` resuming a large
+    sharded checkpoint said "cannot read the shards (KeyboardInterrupt) ... copy it again" and exited 2."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import save as dcp_save
+
+    from epas_lightning.safe_load import load_shards
+
+    dcp_save({"state_dict": {"w": torch.ones(3)}}, checkpoint_id=tmp_path, no_dist=True)
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FileSystemReader, "read_data", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        load_shards({"state_dict": {"w": torch.zeros(3)}}, tmp_path, no_dist=True)
+
+
 def test_resuming_into_another_architecture_is_one_line_before_anything_loads(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     configured = LlamaConfig.from_name("debug")
