@@ -15,6 +15,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from epas_lightning.checkpoint import read_checkpoint
 from epas_lightning.errors import CheckpointError, UserError
 from epas_lightning.run_summary import say
+from epas_lightning.strategy import REPLACED, recover_replaced
 
 RESUME_WORDS = ("last", "auto")
 
@@ -55,7 +56,11 @@ def newest_last_checkpoint(dirpath: str | Path | None, run_dirs: list[Path]) -> 
     candidates = [Path(dirpath).expanduser() / "last.ckpt"] if dirpath else []
     for run_dir in run_dirs:
         candidates += run_dir.glob("version_*/checkpoints/last.ckpt")
-    found = [p for p in candidates if p.exists()]
+        candidates += (p.with_name("last.ckpt") for p in run_dir.glob(f"version_*/checkpoints/.last.ckpt{REPLACED}"))
+    for path in candidates:
+        if recover_replaced(path):  # a sharded save killed between its renames: the previous last.ckpt is back
+            say(f"{path} restored: a sharded save stopped between moving it aside and moving its successor in")
+    found = [p for p in set(candidates) if p.exists()]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 

@@ -71,8 +71,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         checkpoint[SAVE_ID] = save_id
         staging, old = (path.with_name(f".{path.name}{suffix}") for suffix in (STAGING, REPLACED))
         if self.is_global_zero:
-            if os.path.lexists(old) and not os.path.lexists(path):  # killed between the renames below: old is whole
-                os.replace(old, path)
+            recover_replaced(path)
             for leftover in (staging, old):  # a killed save's partial shards; a replaced checkpoint not yet deleted
                 _remove(leftover)
         self.barrier("epas_checkpoint_staging")
@@ -96,6 +95,19 @@ class FSDP2Strategy(ModelParallelStrategy):
             return super().load_checkpoint(path, weights_only=True)
         strict = getattr(self.lightning_module, "strict_loading", True)
         return load_sharded_checkpoint(path, self.model, self.optimizers, strict=strict)
+
+
+def recover_replaced(path: Path) -> bool:
+    """Put the previous checkpoint back at ``path`` if a sharded save was killed between its two renames (``path``
+    moved aside to ``.<name>.replaced``, the new one not yet moved in): that one is whole. Whether it did."""
+    old = path.with_name(f".{path.name}{REPLACED}")
+    if os.path.lexists(path) or not os.path.lexists(old):
+        return False
+    try:
+        os.replace(old, path)
+    except FileNotFoundError:  # another rank's lookup put it back first
+        return os.path.lexists(path)
+    return True
 
 
 def _remove(path: Path) -> None:

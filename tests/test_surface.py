@@ -499,6 +499,21 @@ def test_resume_last_without_a_logger_finds_the_root_folder_checkpoint(tmp_path,
     assert resume_checkpoint(config, "last") == "run/checkpoints/last.ckpt"
 
 
+def test_resume_puts_back_a_last_checkpoint_a_killed_sharded_save_had_moved_aside(tmp_path, capsys):
+    """A sharded save renames last.ckpt to .last.ckpt.replaced, then its new folder to last.ckpt; a job killed between
+    the two (SLURM's time limit) left no last.ckpt, and `--ckpt_path auto` of the requeued job started from scratch."""
+    logger = Namespace(class_path="TensorBoardLogger", init_args=Namespace(save_dir=str(tmp_path), name="run"))
+    config = Namespace(trainer=Namespace(logger=logger), checkpoint=Namespace(dirpath=None))
+    folder = tmp_path / "run" / "version_0" / "checkpoints"
+    (folder / ".last.ckpt.replaced").mkdir(parents=True)
+    (folder / ".last.ckpt.replaced" / ".metadata").write_bytes(b"the previous save")
+    (folder / ".last.ckpt.saving").mkdir()  # the new save, complete or not: the next save starts it again
+    assert resume_checkpoint(config, "auto") == str(folder / "last.ckpt")
+    assert (folder / "last.ckpt" / ".metadata").read_bytes() == b"the previous save"
+    assert not (folder / ".last.ckpt.replaced").exists()
+    assert "restored: a sharded save stopped between" in capsys.readouterr().err
+
+
 def test_a_resume_from_before_the_end_of_a_run_starts_a_new_version_folder(tmp_path, capsys, monkeypatch):
     """Resuming the run's latest state continues its version folder; an earlier checkpoint of it (a rewind) must not,
     or the new run's checkpoints would replace the later ones of that run."""
