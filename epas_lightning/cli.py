@@ -249,9 +249,21 @@ def show_package_logs() -> None:
     """Print our INFO lines (data preparation, region growth) on stderr, the way Lightning shows its own."""
     import logging
 
+    class CurrentStderr(logging.StreamHandler):
+        """Writes to ``sys.stderr`` as it is when a line is logged: a later ``main()`` in the same process (a
+        notebook, a test) may have redirected it, and the stream of an earlier one may be closed."""
+
+        @property
+        def stream(self):  # noqa: ANN202
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:  # noqa: ANN001
+            pass
+
     logger = logging.getLogger("epas_lightning")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

@@ -142,3 +142,22 @@ def test_running_out_of_gpu_memory_in_fit_says_what_to_lower(tmp_path, tiny_corp
         "— fit — lower data.batch_size (trainer.accumulate_grad_batches keeps the tokens per "
         "optimizer step) or set model.activation_checkpointing: auto"
     ), last
+
+
+def test_package_logs_follow_stderr_when_it_is_replaced_later(monkeypatch):
+    """The handler kept the stderr of the first `main()`; a later one in the same process (a notebook, a test) whose
+    stderr was replaced got '--- Logging error ---' tracebacks from a closed stream, or its lines went elsewhere."""
+    import io
+    import logging
+
+    from epas_lightning.cli import show_package_logs
+
+    logger = logging.getLogger("epas_lightning")
+    monkeypatch.setattr(logger, "handlers", [])
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    show_package_logs()
+    first.close()
+    monkeypatch.setattr("sys.stderr", second)
+    logger.info("region grows")
+    assert second.getvalue() == "region grows\n"
