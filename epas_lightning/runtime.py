@@ -55,6 +55,17 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def dtype_overflow(what: str, dtype: torch.dtype) -> ConfigError:
+    """The one line for values past ``dtype``'s range: ``what``, the largest value it holds, and the ``--dtype``
+    choices that reach further."""
+    limit = torch.finfo(dtype).max
+    wider = sorted((d for d in DTYPES.values() if torch.finfo(d).max > limit), key=lambda d: d.itemsize)  # bf16 first
+    wider = [dtype_name(d) for d in wider]
+    fix = f"use --dtype {' or '.join(wider)}" if wider else "use another checkpoint, e.g. an earlier one of the run"
+    name = dtype_name(dtype)
+    return ConfigError(f"{what}; {name} holds at most {limit:g}", f"--dtype {name}", fix)
+
+
 def check_counts(counts: dict[str, int | None]) -> None:
     """Fail with one line at the first flag whose count (``{"--batches": 0}``) is below 1; ``None`` is its default."""
     for flag, value in counts.items():
