@@ -66,6 +66,11 @@ def dtype_overflow(what: str, dtype: torch.dtype) -> ConfigError:
     return ConfigError(f"{what}; {name} holds at most {limit:g}", f"--dtype {name}", fix)
 
 
+def activations_overflow(what: str, dtype: torch.dtype) -> ConfigError:
+    """The one line for a model output (``what``: its logits, a loss) that came out NaN or inf from finite weights."""
+    return dtype_overflow(f"{what} came out NaN or inf: the activations overflow {dtype_name(dtype)}", dtype)
+
+
 def check_counts(counts: dict[str, int | None]) -> None:
     """Fail with one line at the first flag whose count (``{"--batches": 0}``) is below 1; ``None`` is its default."""
     for flag, value in counts.items():
