@@ -169,11 +169,15 @@ class Decoder:
         logits = logits.masked_fill(~finite[:, None], 0.0)  # sampling never sees NaN (torch.multinomial raises)
         return sample(logits, self.temperature, self.top_k, self.top_p, self.generator)
 
+    def overflow_error(self) -> ConfigError:
+        """The one-line error for a row decoded from NaN or inf logits (activations past the range of the model's
+        dtype): its tokens mean nothing."""
+        return activations_overflow("the logits", self.model.embed_tokens.weight.dtype)
+
     def check_finite(self) -> None:
-        """Raise a one-line error if any row was decoded from NaN or inf logits (activations past the dtype's range:
-        those rows' tokens are meaningless). Waits for the device."""
+        """Raise :meth:`overflow_error` if any row was decoded from NaN or inf logits. Waits for the device."""
         if not bool(self.finite.all()):
-            raise activations_overflow("the logits", self.model.embed_tokens.weight.dtype)
+            raise self.overflow_error()
 
     def prefill(self) -> torch.Tensor:
         """The first new token of every row (B,)."""
