@@ -80,7 +80,7 @@ class EPASLM(HFLM):
         batch_size: Sequences per forward pass.
         max_batch_size: Upper bound for lm-eval's ``batch_size=auto``.
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
-        dtype: auto is bfloat16 on CUDA, float32 elsewhere.
+        dtype: auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32 elsewhere.
         force: Allow a region longer than the trained one.
         **kwargs: Further ``HFLM`` options that apply to a model object (``add_bos_token``, ``prefix_token_id``,
             ``logits_cache``, ``softmax_dtype``, ...).

@@ -113,7 +113,7 @@ def generate_command(
         ignore_eos: Always generate --max-new-tokens tokens.
         tokenizer: Tokenizer file or folder (default: the one the checkpoint records).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
-        dtype: Weights and activations; auto is bfloat16 on CUDA, float32 elsewhere.
+        dtype: Weights and activations; auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32 elsewhere.
         attention_reuse: Sharing layers reuse the source layer's attention probabilities (the same model, less work).
         cuda_graph: Replay decode steps from a CUDA graph (auto: on for CUDA).
         force: Allow more sharing layers than the checkpoint trained (quality drops sharply).
