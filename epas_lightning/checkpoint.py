@@ -36,6 +36,7 @@ from epas_lightning.hf.convert import (
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.region import REGION_KEY, TrainedRegion
+from epas_lightning.runtime import dtype_name, dtype_overflow
 from epas_lightning.safe_load import (
     DCP_METADATA,
     LIGHTNING_METADATA,
@@ -289,6 +290,22 @@ def check_finite(state: Mapping[str, torch.Tensor], where: object) -> None:
             where,
             "use another checkpoint, e.g. an earlier one of the run (fit's divergence guard never writes such weights)",
         )
+
+
+def check_fits_dtype(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Refuse weights that a cast to ``dtype`` would turn into inf (float16's range ends at 65504): name the tensors,
+    their largest magnitude and the ``--dtype`` to use instead. Tensors of a dtype no wider than ``dtype`` are
+    skipped; the others are reduced once each, without a copy."""
+    over = []
+    for key, t in state.items():
+        if not t.is_floating_point() or t.device.type == "meta" or torch.finfo(t.dtype).max <= torch.finfo(dtype).max:
+            continue
+        low, high = torch.aminmax(t)
+        peak = torch.maximum(-low, high)
+        if bool(torch.isinf(peak.to(dtype))):  # the largest magnitude rounds past the range, as the cast would round
+            over.append(f"{key} max |value| {float(peak):.3g}")
+    if over:
+        raise dtype_overflow(f"the weights do not fit {dtype_name(dtype)} ({listed(over)})", dtype)
 
 
 def state_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], shown: int = 3) -> str:

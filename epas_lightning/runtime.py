@@ -10,7 +10,7 @@ import torch
 from epas_lightning.errors import ConfigError
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-"""``--dtype`` choices; ``auto`` is bfloat16 on CUDA and float32 elsewhere."""
+"""``--dtype`` choices; ``auto`` is bfloat16 on CUDA (float16 on GPUs without native bfloat16) and float32 elsewhere."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -43,9 +43,13 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: DType | None, device: torch.device) -> torch.dtype:
-    """The torch dtype for ``--dtype`` on ``device``."""
+    """The torch dtype for ``--dtype`` on ``device``: ``auto`` is bfloat16 on a CUDA GPU that has it natively (compute
+    capability 8.0 or later), float16 on an older one (V100, T4: bfloat16 would be emulated, far slower), float32
+    elsewhere."""
     if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}", "--dtype", f"use auto or one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -53,6 +57,22 @@ def resolve_dtype(dtype: DType | None, device: torch.device) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def dtype_overflow(what: str, dtype: torch.dtype) -> ConfigError:
+    """The one line for values past ``dtype``'s range: ``what``, the largest value it holds, and the ``--dtype``
+    choices that reach further."""
+    limit = torch.finfo(dtype).max
+    wider = sorted((d for d in DTYPES.values() if torch.finfo(d).max > limit), key=lambda d: d.itemsize)  # bf16 first
+    wider = [dtype_name(d) for d in wider]
+    fix = f"use --dtype {' or '.join(wider)}" if wider else "use another checkpoint, e.g. an earlier one of the run"
+    name = dtype_name(dtype)
+    return ConfigError(f"{what}; {name} holds at most {limit:g}", f"--dtype {name}", fix)
+
+
+def activations_overflow(what: str, dtype: torch.dtype) -> ConfigError:
+    """The one line for a model output (``what``: its logits, a loss) that came out NaN or inf from finite weights."""
+    return dtype_overflow(f"{what} came out NaN or inf: the activations overflow {dtype_name(dtype)}", dtype)
 
 
 def check_counts(counts: dict[str, int | None]) -> None:

@@ -60,6 +60,25 @@ def test_attention_reuse_needs_qk_mode():
         tiny(sharing_mode="kv").attention_reuse = True
 
 
+def test_activations_past_float16s_range_are_a_one_line_error_not_nan_or_a_sampling_traceback():
+    """Finite float16 weights whose activations overflow (a final norm scaled past 65504 / |x|): sampling died in
+    torch.multinomial with a traceback, greedy decoding gave garbage silently and the held-out loss was nan."""
+    from epas_lightning.evaluation import score_continuations
+    from epas_lightning.evaluation.perplexity import perplexity_of_batches
+
+    model = tiny(n_layer=2, block_size=16)
+    model.norm.weight.data.fill_(3e4)
+    model.half()
+    says = "came out NaN or inf: the activations overflow float16; .* — --dtype float16 — use --dtype bfloat16 or"
+    for temperature in (0.0, 1.0):
+        with pytest.raises(ConfigError, match="the logits " + says):
+            generate(model, [[1, 2, 3], [4]], max_new_tokens=3, temperature=temperature, seed=0)
+    with pytest.raises(ConfigError, match="the held-out loss " + says):
+        perplexity_of_batches(model, [tokens(2, 9)])
+    with pytest.raises(ConfigError, match="the log-probabilities " + says):
+        score_continuations(model, [([1, 2], [3])])
+
+
 @pytest.mark.parametrize("mode,reuse", [("qk", False), ("qk", True), ("kv", False)])
 @pytest.mark.parametrize("n_shared", [0, 1, 3])
 def test_incremental_decoding_equals_full_forward(mode, reuse, n_shared):

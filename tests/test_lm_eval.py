@@ -14,6 +14,7 @@ import torch
 from model_dirs import save_consolidated
 
 from epas_lightning import Llama, LlamaConfig
+from epas_lightning.checkpoint import load_model
 from epas_lightning.cli import main as cli_main
 from epas_lightning.data import load_tokenizer
 from epas_lightning.errors import ConfigError
@@ -226,6 +227,18 @@ def test_lm_eval_command_errors(checkpoint, tasks, tmp_path, capsys, monkeypatch
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if the eval extra were not installed
     rc, _, err = run_cli(capsys, *argv, "--tasks", "tiny_mc")
     assert rc == 2 and "pip install 'epas_lightning[eval]'" in err
+
+
+def test_lm_eval_refuses_logits_that_overflow_float16(checkpoint, tasks, tmp_path, capsys) -> None:
+    """float16 activations past 65504 gave NaN log-likelihoods, scored as if they were numbers."""
+    loaded = load_model(checkpoint)
+    loaded.model.norm.weight.data.fill_(3e4)  # finite weights, activations past 65504
+    tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
+    overflowing = save_consolidated(loaded.model, tmp_path / "m", checkpoint / "tokenizer.json", tokenizer.bos_id)
+    argv = ["lm-eval", "--checkpoint", str(overflowing), "--tasks", str(tasks / "tiny_mc.yaml"), "--dtype", "float16"]
+    assert cli_main([*argv, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err  # after lm-eval's progress bars
+    assert "error: the logits came out NaN or inf: the activations overflow float16" in err and "Traceback" not in err
 
 
 def test_readme_shell_command_runs_in_a_fresh_process(checkpoint, tasks, tmp_path) -> None:

@@ -198,6 +198,42 @@ def test_engine_loop_forgets_cancelled_sequences(checkpoint):
     assert loop.routes == loop.streams == loop.pieces == {}
 
 
+def test_sequences_whose_activations_overflow_get_the_one_line_error_and_the_engine_goes_on(checkpoint):
+    """float16 activations past 65504: a sampled sequence died in torch.multinomial, and the worker failed every
+    sequence in flight; a greedy one streamed garbage."""
+    pytest.importorskip("litserve")
+    from litserve.utils import LitAPIStatus
+
+    from epas_lightning.serve.api import EngineLoop
+
+    loaded = load_model(checkpoint)
+    loaded.model.half().norm.weight.data.fill_(3e4)  # finite weights, activations past 65504
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=8)
+    sent: list[tuple[str, str, str]] = []
+
+    class Transport:
+        def send(self, item, consumer_id: int) -> None:
+            uid, (data, status, _, _) = item
+            sent.append((uid, data, status))
+
+    loop = EngineLoop()
+    for key, sampling in (("greedy", Sampling()), ("sampled", Sampling(temperature=1.0)), ("after", Sampling())):
+        loop.routes[key], loop.streams[key], loop.pieces[key] = 0, False, []
+        engine.add(key, SequenceRequest([0, 5], 3, 2, sampling))
+        if key == "sampled":
+            loop._send(engine, Transport())
+            assert not engine.busy
+            loaded.model.norm.weight.data.fill_(1.0)
+    while engine.busy:
+        loop._send(engine, Transport())
+    says = "the logits came out NaN or inf: the activations overflow float16; float16 holds at most 65504 — --dtype"
+    assert [(uid, status) for uid, data, status in sent if data.startswith(says)] == [
+        ("greedy", LitAPIStatus.ERROR),
+        ("sampled", LitAPIStatus.ERROR),
+    ]
+    assert [status for uid, _, status in sent if uid == "after"] == [LitAPIStatus.OK, LitAPIStatus.FINISH_STREAMING]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

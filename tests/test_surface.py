@@ -27,7 +27,7 @@ from epas_lightning.checkpoint import REGION_KEY, consolidate, load_model
 from epas_lightning.cli import LIGHTNING_COMMANDS, TOOLS, function_parser, main, tool, tool_docstring
 from epas_lightning.errors import ConfigError
 from epas_lightning.resume import continue_version, resume_checkpoint
-from epas_lightning.runtime import DType
+from epas_lightning.runtime import DType, resolve_dtype
 
 # ---------------------------------------------------------------------------------------------------------------------
 # One CLI
@@ -108,6 +108,17 @@ def test_a_missing_device_is_one_line_before_anything_loads(cuda, device, says, 
         assert main([*argv, "--output", str(tmp_path / command)] if command in ("bench", "analyze") else argv) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {says}") and err.count("\n") == 1, (command, err)
+
+
+@pytest.mark.parametrize(
+    ("capability", "dtype"), [((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16)]
+)
+def test_dtype_auto_is_float16_on_a_gpu_without_native_bfloat16(capability, dtype, monkeypatch):
+    """A V100 (7.0) or T4 (7.5) got bfloat16, which it only emulates (torch.cuda.is_bf16_supported() says True)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_dtype("auto", torch.device("cuda:0")) == dtype
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("float32", torch.device("cuda:0")) == torch.float32
 
 
 @pytest.mark.parametrize(

@@ -816,6 +816,21 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_by_every_consumer(tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_weights_past_the_range_of_the_requested_dtype_are_refused_before_anything_runs(tmp_path, capsys):
+    """An embedding past 65504 ran at --dtype float16 as inf: generate died in sampling with a traceback, evaluate
+    printed nan and export wrote inf weights without a word."""
+    model = Llama(LlamaConfig.from_name("debug"))
+    with torch.no_grad():
+        model.embed_tokens.weight[3, 5] = 7e4
+    ckpt = save_consolidated(model, tmp_path / "ckpt")
+    says = "(embed_tokens.weight max |value| 7e+04); float16 holds at most 65504 — --dtype float16 — use --dtype bf"
+    for command, extra in (("generate", ["--prompt", "x"]), ("export", ["--output", str(tmp_path / "hf")])):
+        err = one_line_error(capsys, [command, "--checkpoint", str(ckpt), "--dtype", "float16", *extra])
+        assert err.startswith("error: the weights do not fit float16 (") and says in err.replace("model.", ""), err
+    assert not (tmp_path / "hf").exists()
+    assert main(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "hf"), "--dtype", "bfloat16"]) == 0
+
+
 def test_a_model_folder_where_a_checkpoint_belongs_says_to_start_from_it(small_checkpoint, tmp_path, capsys):
     """--ckpt_path resumes training state, which a model folder lacks; --checkpoint reads an HF folder, and an
     incomplete one is one line naming it (its config.json was a KeyError traceback)."""

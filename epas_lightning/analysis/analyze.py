@@ -108,7 +108,8 @@ def analyze_command(
         metric: The similarity the recommendation is based on.
         threshold: Lowest similarity a region may have to its source layer.
         device: Where model and comparisons run: auto (CUDA when available), cpu, cuda, cuda:1, ...
-        dtype: Weights and activations; auto is bfloat16 on CUDA, float32 elsewhere (the comparisons are float64).
+        dtype: Weights and activations; auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32
+            elsewhere (the comparisons are float64).
         output: Folder for similarity.png, similarity.json and tb/.
         overwrite: Replace --output if it is an analysis folder written by this command.
         json: End with one JSON line of the recommendation.

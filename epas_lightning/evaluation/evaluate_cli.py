@@ -132,7 +132,7 @@ def evaluate_command(
         batch_size: Sequences per batch.
         tokenizer: Tokenizer file or folder for --tasks (default: the one the checkpoint records).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
-        dtype: Weights and activations; auto is bfloat16 on CUDA, float32 elsewhere.
+        dtype: Weights and activations; auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32 elsewhere.
         force: Allow regions longer than the trained one.
         json: End with one JSON line of the rows.
     """

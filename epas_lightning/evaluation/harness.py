@@ -187,7 +187,7 @@ def lm_eval_command(
         bootstrap_iters: Bootstrap samples for lm-eval's standard errors (0 skips them).
         tokenizer: Tokenizer file or folder (default: the one the checkpoint records).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
-        dtype: Weights and activations; auto is bfloat16 on CUDA, float32 elsewhere.
+        dtype: Weights and activations; auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32 elsewhere.
         force: Allow regions longer than the trained one.
         output: Folder for lm_eval.csv and lm_eval.json (default: print only).
         overwrite: Replace --output if it is an lm-eval folder written by this command.

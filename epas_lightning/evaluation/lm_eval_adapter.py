@@ -35,11 +35,12 @@ from torch import nn
 from epas_lightning.errors import ConfigError
 from epas_lightning.inference.generate import generate, set_region
 from epas_lightning.model import Llama
-from epas_lightning.runtime import dtype_name
+from epas_lightning.runtime import activations_overflow, dtype_name
 
 
 class CausalLM(nn.Module):
-    """Our ``Llama`` where ``HFLM`` expects a ``transformers`` model: logits over the real vocabulary only."""
+    """Our ``Llama`` where ``HFLM`` expects a ``transformers`` model: logits over the real vocabulary only. Logits that
+    come out NaN or inf (activations past the range of the model's dtype) are a one-line error, not NaN scores."""
 
     def __init__(self, model: Llama) -> None:
         super().__init__()
@@ -54,7 +55,10 @@ class CausalLM(nn.Module):
         """``HFLM`` calls it; our tied embeddings are tied already."""
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.llama(input_ids)[..., : self.llama.config.vocab_size]
+        logits = self.llama(input_ids)[..., : self.llama.config.vocab_size]
+        if not bool(torch.isfinite(logits).all()):  # HFLM waits for them anyway (log_softmax, then the CPU)
+            raise activations_overflow("the logits", logits.dtype)
+        return logits
 
 
 @contextlib.contextmanager
@@ -80,7 +84,7 @@ class EPASLM(HFLM):
         batch_size: Sequences per forward pass.
         max_batch_size: Upper bound for lm-eval's ``batch_size=auto``.
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
-        dtype: auto is bfloat16 on CUDA, float32 elsewhere.
+        dtype: auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32 elsewhere.
         force: Allow a region longer than the trained one.
         **kwargs: Further ``HFLM`` options that apply to a model object (``add_bos_token``, ``prefix_token_id``,
             ``logits_cache``, ``softmax_dtype``, ...).

@@ -15,6 +15,7 @@ and ``target_delimiter: ""`` (the README shows it).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from epas_lightning.errors import DataError
 from epas_lightning.model import Llama
+from epas_lightning.runtime import activations_overflow
 
 
 @dataclass
@@ -114,6 +116,8 @@ def score_continuations(
             predicted = logprobs[row, offset : offset + len(target)]  # (n, V)
             target_t = torch.tensor(target, device=device)
             total = predicted.gather(-1, target_t[:, None]).sum().item()
+            if not math.isfinite(total):
+                raise activations_overflow("the log-probabilities", next(model.parameters()).dtype)
             results[i] = (total, bool((predicted.argmax(-1) == target_t).all()))
     return results  # type: ignore[return-value]
 

@@ -15,11 +15,13 @@ import torch
 
 from epas_lightning.loss import next_token_loss
 from epas_lightning.model import Llama
+from epas_lightning.runtime import activations_overflow
 
 
 @torch.no_grad()
 def perplexity_of_batches(model: Llama, batches, max_batches: int | None = None) -> dict[str, float]:  # noqa: ANN001
-    """Token-weighted loss and perplexity of ``model`` over token batches (B, T + 1), and the tokens scored."""
+    """Token-weighted loss and perplexity of ``model`` over token batches (B, T + 1), and the tokens scored; a loss
+    that comes out NaN or inf (activations past the range of the model's dtype) is a one-line error."""
     device = model.embed_tokens.weight.device
     total, tokens, sequences = 0.0, 0, 0
     for i, batch in enumerate(batches):
@@ -27,7 +29,10 @@ def perplexity_of_batches(model: Llama, batches, max_batches: int | None = None)
             break
         batch = batch.to(device).long()
         n = batch[:, 1:].numel()
-        total += next_token_loss(model, batch).item() * n
+        loss = next_token_loss(model, batch).item()
+        if not math.isfinite(loss):
+            raise activations_overflow("the held-out loss", model.embed_tokens.weight.dtype)
+        total += loss * n
         tokens += n
         sequences += batch.shape[0]
     if tokens == 0:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from epas_lightning.checkpoint import load_model
+from epas_lightning.checkpoint import check_fits_dtype, load_model
 from epas_lightning.data.tokenizer import (
     HF_FILENAME,
     SENTENCEPIECE_FILENAME,
@@ -170,6 +170,7 @@ def export(
     use_remote = remote_code or n > 0
     state = ours_to_hf(model.state_dict(), config)
     torch_dtype = DTYPES[dtype] if dtype != "auto" else loaded.weights_dtype
+    check_fits_dtype(state, torch_dtype)
     state = {key: t.to(torch_dtype) for key, t in state.items()}
     tokenizer_path = tokenizer if tokenizer is not None else loaded.tokenizer_path
     with output_folder(output, EXPORT_KIND, overwrite, inputs=[checkpoint]) as build:

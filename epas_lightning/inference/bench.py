@@ -228,7 +228,7 @@ def bench_command(
         max_new_tokens: Tokens generated per prompt (default: 64, at most what the context leaves after the prompt).
         reps: Timed runs per region (alternating order; the median is reported).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
-        dtype: Weights and activations; auto is bfloat16 on CUDA, float32 elsewhere.
+        dtype: Weights and activations; auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32 elsewhere.
         attention_reuse: Sharing layers reuse the source layer's attention probabilities.
         cuda_graph: Replay decode steps from a CUDA graph (auto: on for CUDA).
         force: Allow regions longer than the trained one.

@@ -18,6 +18,7 @@ from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.inference.sampling import sample
 from epas_lightning.model import Llama
 from epas_lightning.region import TrainedRegion
+from epas_lightning.runtime import activations_overflow
 
 DEFAULT_NEW_TOKENS = 100
 
@@ -153,6 +154,8 @@ class Decoder:
         self.cuda_graph = cuda_graph and max_new_tokens > 1
         self.cache = model.new_cache(B, longest + max_new_tokens, static=self.cuda_graph)
         self._step_logits = None
+        self.finite = torch.ones(B, dtype=torch.bool, device=device)
+        """Per row: every logit it was decoded from so far was finite (no overflow at the model's dtype)."""
 
     @property
     def batch_size(self) -> int:
@@ -160,7 +163,21 @@ class Decoder:
 
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:  # (B, V_padded) -> (B,)
         V = self.model.config.vocab_size  # the padded rows of the embedding are never emitted
-        return sample(logits[:, :V], self.temperature, self.top_k, self.top_p, self.generator)
+        logits = logits[:, :V]
+        finite = torch.isfinite(logits).all(dim=-1)  # (B,); no wait for the device: callers check `finite`
+        self.finite &= finite
+        logits = logits.masked_fill(~finite[:, None], 0.0)  # sampling never sees NaN (torch.multinomial raises)
+        return sample(logits, self.temperature, self.top_k, self.top_p, self.generator)
+
+    def overflow_error(self) -> ConfigError:
+        """The one-line error for a row decoded from NaN or inf logits (activations past the range of the model's
+        dtype): its tokens mean nothing."""
+        return activations_overflow("the logits", self.model.embed_tokens.weight.dtype)
+
+    def check_finite(self) -> None:
+        """Raise :meth:`overflow_error` if any row was decoded from NaN or inf logits. Waits for the device."""
+        if not bool(self.finite.all()):
+            raise self.overflow_error()
 
     def prefill(self) -> torch.Tensor:
         """The first new token of every row (B,)."""
@@ -199,6 +216,7 @@ class Decoder:
         index = torch.as_tensor(rows, dtype=torch.long, device=self.device)  # (B',)
         self.cache.keep_rows(index)
         self.ids, self.attention_mask = self.ids[index], self.attention_mask[index]  # (B', T): for a prefill to come
+        self.finite = self.finite[index]
         self.padded = not bool(self.attention_mask.all())
         self.prompt_tokens = int(self.attention_mask.sum())
 
@@ -221,7 +239,8 @@ def generate(
     sharing region and attention-reuse setting. Prompts of different lengths are left-padded into one batch.
 
     Greedy when ``temperature == 0``; otherwise sampled (``top_k``/``top_p``), reproducibly when ``seed`` is given.
-    A row stops after it emits ``eos_id``; generation ends when every row has stopped.
+    A row stops after it emits ``eos_id``; generation ends when every row has stopped. Logits that come out NaN or inf
+    (activations past the range of the model's dtype, e.g. float16) are a one-line error.
     ``cuda_graph`` (default: on for CUDA) replays each decode step from a CUDA graph (same results, fewer launches).
     """
     decoder = Decoder(
@@ -255,6 +274,7 @@ def generate(
     _sync(device)
     decode_seconds = time.perf_counter() - start
     model.train(was_training)
+    decoder.check_finite()
     cache = decoder.cache
     return GenerationResult(
         tokens=[_until_eos(row, eos_id) for row in out[:, : steps + 1].tolist()],

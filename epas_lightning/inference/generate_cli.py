@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from epas_lightning.checkpoint import CheckpointInfo, LoadedModel, load_model
+from epas_lightning.checkpoint import CheckpointInfo, LoadedModel, check_fits_dtype, load_model
 from epas_lightning.data.tokenizer import TextTokenizer, check_tokenizer_flag, load_tokenizer
 from epas_lightning.errors import ConfigError, UserError
 from epas_lightning.inference.generate import GenerationResult, fit_new_tokens, generate, set_region
@@ -23,7 +23,9 @@ def load_for_inference(
     """The checkpoint's model on the requested device and dtype, attention reuse on where it is the same model."""
     where = resolve_device(device)
     loaded = load_model(checkpoint, where)
-    loaded.model.to(resolve_dtype(dtype, where))
+    torch_dtype = resolve_dtype(dtype, where)
+    check_fits_dtype(loaded.model.state_dict(), torch_dtype)
+    loaded.model.to(torch_dtype)
     loaded.model.attention_reuse = attention_reuse and loaded.model.config.sharing_mode == "qk"
     return loaded
 
@@ -111,7 +113,7 @@ def generate_command(
         ignore_eos: Always generate --max-new-tokens tokens.
         tokenizer: Tokenizer file or folder (default: the one the checkpoint records).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
-        dtype: Weights and activations; auto is bfloat16 on CUDA, float32 elsewhere.
+        dtype: Weights and activations; auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32 elsewhere.
         attention_reuse: Sharing layers reuse the source layer's attention probabilities (the same model, less work).
         cuda_graph: Replay decode steps from a CUDA graph (auto: on for CUDA).
         force: Allow more sharing layers than the checkpoint trained (quality drops sharply).

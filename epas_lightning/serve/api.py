@@ -153,7 +153,7 @@ class CompletionsSpec(LitSpec):
                             break
                         if status == LitAPIStatus.ERROR:
                             running.discard(index)
-                            yield index, {"error": WORKER_FAILED}
+                            yield index, {"error": data or WORKER_FAILED}
                             break
                         yield index, json.loads(data)
         finally:
@@ -263,6 +263,9 @@ class EngineLoop(LitLoop):
 
     def _deliver(self, transport, output: Output) -> None:
         uid, finished = output.key, output.finish_reason is not None
+        if output.finish_reason == "error":  # its client gets the message, not the text held back
+            self._put(transport, uid, output.text, LitAPIStatus.ERROR)
+            return
         if not self.streams[uid] and not finished:
             self.pieces[uid].append(output.text)
             return

@@ -89,7 +89,7 @@ def serve_command(
             growth order); default: all of it.
         tokenizer: Tokenizer file or folder (default: the one the checkpoint records).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
-        dtype: Weights and activations; auto is bfloat16 on CUDA, float32 elsewhere.
+        dtype: Weights and activations; auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32 elsewhere.
         attention_reuse: Sharing layers reuse the source layer's attention probabilities (the same model, less work).
         max_batch_size: Sequences decoded at the same time (over all regions).
         batch_timeout: Seconds a request waits for others to share its forward (at most; none when the batch fills).

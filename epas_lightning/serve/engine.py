@@ -14,6 +14,7 @@ is cancelled) leaves its group's batch and KV cache at once, so every row comput
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from epas_lightning.inference.generate import Decoder
 from epas_lightning.model import Llama
 from epas_lightning.region import TrainedRegion
 from epas_lightning.serve.text import TextStream
+
+logger = logging.getLogger("epas_lightning.serve")
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,8 @@ class Output:
     key: Hashable
     text: str
     finish_reason: str | None = None
-    """``stop`` (EOS or a stop string) or ``length`` (max_tokens reached); ``None`` while it runs."""
+    """``stop`` (EOS or a stop string), ``length`` (max_tokens reached) or ``error`` (``text`` says what went wrong:
+    the activations overflowed the model's dtype); ``None`` while it runs."""
     info: dict[str, Any] | None = None
     """On the last output: ``completion_tokens``; ``kv_cache_bytes``, the KV cache this sequence's row held (its
     group's longest prompt plus largest ``max_tokens`` positions of every layer it caches), and
@@ -91,7 +95,8 @@ class _Group:
         """One token for every row (the prefill's on the first call); the finished rows leave the batch."""
         self.engine.model.set_shared_layers(self.layers)
         self.tokens = self.decoder.prefill() if self.tokens is None else self.decoder.step(self.tokens)
-        outputs = [self._take(row, token) for row, token in enumerate(self.tokens.tolist())]
+        tokens, finite = self.tokens.tolist(), self.decoder.finite.tolist()
+        outputs = [self._take(row, token) if finite[row] else self._overflowed(row) for row, token in enumerate(tokens)]
         self.keep([row for row, output in enumerate(outputs) if output.finish_reason is None])
         return outputs
 
@@ -118,6 +123,12 @@ class _Group:
             delta += text.finish()
             return self._finish(row, delta, "stop" if text.stopped else "length", len(text.tokens))
         return Output(key, delta)
+
+    def _overflowed(self, row: int) -> Output:
+        """A row decoded from NaN or inf logits ends with the one-line error (its token means nothing)."""
+        error = str(self.decoder.overflow_error())
+        logger.warning("sequence %s stopped: %s", self.keys[row], error)
+        return Output(self.keys[row], error, "error")
 
     def _finish(self, row: int, text: str, reason: str, completion_tokens: int) -> Output:
         cache = self.decoder.cache
