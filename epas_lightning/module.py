@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.tensor import DTensor
@@ -32,7 +33,8 @@ from epas_lightning.memory_plan import plan_checkpointing
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.llama import check_attention_reuse
 from epas_lightning.optim import default_optimizer, param_groups
-from epas_lightning.parallel import checkpointed_blocks, mixed_precision_policy, parallelize
+from epas_lightning.parallel import PRECISIONS, checkpointed_blocks, mixed_precision_policy, parallelize
+from epas_lightning.runtime import has_native_bf16
 
 
 class EPASModule(LightningModule):
@@ -116,6 +118,9 @@ class EPASModule(LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             check_trainable_precision(self.trainer.precision)
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            check_sharded_precision(self.trainer.precision)
+        warn_emulated_bf16(self.trainer.precision, self._root_device())
 
     def configure_model(self) -> None:
         """Build the model and apply AC / compile / FSDP2 (idempotent).
@@ -377,6 +382,28 @@ def check_trainable_precision(precision: str) -> None:
         "train in bf16-mixed or bf16-true, or 16-mixed on a GPU (fp32 weights, loss scaling); "
         "16-true is fine for validate and test",
     )
+
+
+def check_sharded_precision(precision: str) -> None:
+    """FSDP2 (``parallelize``'s mixed-precision policies) trains in ``PRECISIONS`` only; anything else is one line
+    before the model is built (``16-mixed`` has no sharded loss scaling here)."""
+    if str(precision) not in PRECISIONS:
+        raise ConfigError(
+            f"FSDP2 trains in {', '.join(PRECISIONS)}",
+            f"trainer.precision: {precision}",
+            "choose one of those, or strategy: ddp for 16-mixed (fp16 with loss scaling)",
+        )
+
+
+def warn_emulated_bf16(precision: str, device: torch.device) -> None:
+    """Warn that a bf16 precision on a GPU without native bfloat16 (V100, T4) runs emulated, far slower."""
+    if str(precision).startswith("bf16") and device.type == "cuda" and not has_native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        rank_zero_warn(
+            f"trainer.precision: {precision} on a GPU of compute capability {major}.{minor}, which has no native "
+            "bfloat16: every bf16 operation is emulated, far slower. Train in 16-mixed there (fp16 with loss "
+            "scaling; with DDP or on one GPU), or in 32-true under FSDP2."
+        )
 
 
 def _rng_state() -> tuple[torch.Tensor, torch.Tensor | None]:

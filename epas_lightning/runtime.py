@@ -49,10 +49,16 @@ def resolve_dtype(dtype: DType | None, device: torch.device) -> torch.dtype:
     if dtype in (None, "auto"):
         if device.type != "cuda":
             return torch.float32
-        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+        return torch.bfloat16 if has_native_bf16(device) else torch.float16
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}", "--dtype", f"use auto or one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether a CUDA ``device`` computes in bfloat16 natively (compute capability 8.0 or later); older GPUs (V100,
+    T4) emulate it, far slower. (``torch.cuda.is_bf16_supported()`` counts emulation as support.)"""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -121,6 +121,35 @@ def test_dtype_auto_is_float16_on_a_gpu_without_native_bfloat16(capability, dtyp
     assert resolve_dtype("float32", torch.device("cuda:0")) == torch.float32
 
 
+@pytest.mark.parametrize(("capability", "warned"), [((7, 0), True), ((7, 5), True), ((8, 0), False)])
+def test_training_in_bf16_on_a_gpu_without_native_bfloat16_is_warned_about(capability, warned, monkeypatch):
+    """The GPU configs train in bf16-mixed; on a V100 every bf16 operation is emulated, far slower, without a word."""
+    from epas_lightning.module import warn_emulated_bf16
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for precision in ("bf16-mixed", "bf16-true"):
+            warn_emulated_bf16(precision, torch.device("cuda:0"))
+        warn_emulated_bf16("16-mixed", torch.device("cuda:0"))
+        warn_emulated_bf16("bf16-mixed", torch.device("cpu"))
+    said = [str(w.message) for w in caught if "no native bfloat16" in str(w.message)]
+    assert len(said) == (2 if warned else 0) and all("Train in 16-mixed there" in line for line in said)
+
+
+def test_fsdp2_with_a_precision_it_has_no_policy_for_is_one_line():
+    """16-mixed under FSDP2 on a GPU reached parallelize's ValueError traceback while the model was built."""
+    from epas_lightning.errors import ConfigError
+    from epas_lightning.module import check_sharded_precision
+
+    for precision in ("32-true", "bf16-mixed", "bf16-true"):
+        check_sharded_precision(precision)
+    with pytest.raises(
+        ConfigError, match=r"FSDP2 trains in 32-true, bf16-mixed, bf16-true — trainer.precision: 16-mix"
+    ):
+        check_sharded_precision("16-mixed")
+
+
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
