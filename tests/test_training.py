@@ -39,6 +39,26 @@ def make_run(corpus: Path, n_layer: int = 4):
     return module, data
 
 
+def test_compiled_blocks_and_loss_train_as_the_eager_model_through_a_region_switch(tiny_corpus, tmp_path, monkeypatch):
+    """``EPASModule(compile=...)`` compiles every block and the training loss's softmax (aot_eager here: the same
+    graphs inductor gets, without its code generation); the losses of each step equal the eager run's."""
+    from epas_lightning import linear_ce
+
+    backends = []
+    compiled = linear_ce._compiled
+    monkeypatch.setattr(linear_ce, "_compiled", lambda backend: backends.append(backend) or compiled(backend))
+    losses = {}
+    for compile in (False, "aot_eager"):
+        module, data = make_run(tiny_corpus, n_layer=2)
+        module.compile_blocks = compile
+        recorder = Recorder()
+        make_trainer(tmp_path / str(compile), 4, [ProgressiveSharing(target=1, interval=2), recorder]).fit(module, data)
+        losses[compile] = recorder.losses
+        assert recorder.masks[3] == [1]
+    assert losses[False] == pytest.approx(losses["aot_eager"], rel=1e-5)
+    assert set(backends) == {"aot_eager"}  # the loss was compiled too, only in the compiled run
+
+
 def test_region_grows_during_fit_and_frozen_qk_stay_put(tiny_corpus, tmp_path):
     module, data = make_run(tiny_corpus)
     sharing = ProgressiveSharing(target=2, growth=1, interval=3)
