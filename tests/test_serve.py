@@ -198,6 +198,48 @@ def test_engine_loop_forgets_cancelled_sequences(checkpoint):
     assert loop.routes == loop.streams == loop.pieces == {}
 
 
+@pytest.mark.parametrize("failing", ["cache", "prefill"])
+def test_batches_that_fail_to_start_send_errors_instead_of_hanging(checkpoint, monkeypatch, failing):
+    """Out of memory building the third group's KV cache, or in the first group's prefill: every sequence admitted
+    in that step gets an error (none is lost between the waiting list and the running groups)."""
+    pytest.importorskip("litserve")
+    from litserve.utils import LitAPIStatus
+
+    from epas_lightning.inference.generate import Decoder
+    from epas_lightning.serve.api import EngineLoop
+
+    loaded = load_model(checkpoint)
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=8)
+    calls = []
+
+    def out_of_memory(original):
+        def fail(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == (3 if failing == "cache" else 1):
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return original(*args, **kwargs)
+
+        return fail
+
+    if failing == "cache":
+        monkeypatch.setattr(loaded.model, "new_cache", out_of_memory(loaded.model.new_cache))
+    else:
+        monkeypatch.setattr(Decoder, "prefill", out_of_memory(Decoder.prefill))
+    sent: list[tuple[str, str]] = []
+
+    class Transport:
+        def send(self, item, consumer_id: int) -> None:
+            uid, (data, status, _, _) = item
+            sent.append((uid, status))
+
+    loop, inbox = EngineLoop(), queue.Queue()
+    for uid, n_shared in (("a", 0), ("b", 1), ("c", 2)):  # three regions: three groups
+        inbox.put((0, uid, 0.0, SequenceRequest([0, 5, 9], 4, n_shared)))
+    loop._receive(engine, inbox)
+    loop._send(engine, Transport())
+    assert sorted(sent) == [(uid, LitAPIStatus.ERROR) for uid in "abc"] and not engine.busy
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
