@@ -485,6 +485,7 @@ BAD_REQUESTS = [
     ({"n": 20}, 400, "more than the 16 completions"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 stop strings"),
     ({"logprobs": 2}, 400, "logprobs is not supported"),
+    ({"seed": 2**64}, 400, "seed must be a 64-bit signed integer"),
 ]
 
 
