@@ -255,6 +255,16 @@ def test_startup_mistakes_are_one_line_errors(checkpoint, capsys, args, message)
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
+def test_a_port_in_use_is_a_one_line_error_before_the_model_loads(checkpoint, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert cli_main(["serve", "--checkpoint", str(checkpoint), "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: port {port} is already in use") and err.count("\n") == 1, err
+
+
 def checkpoint_forms(consolidated: Path, root: Path) -> dict[str, Path]:
     """The consolidated checkpoint also as a Lightning ``.ckpt`` file and as an FSDP2-style sharded directory."""
     from torch.distributed.checkpoint import save as dcp_save
