@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import shutil
@@ -563,9 +564,34 @@ def test_sigterm_shuts_down_cleanly(server):
     assert "Traceback" not in log and "server stopped" in log, log
 
 
-def test_litserves_shutdown_race_traceback_is_dropped_and_nothing_else():
-    import logging
+def test_the_shutdown_race_stays_filtered_after_the_server_returns(checkpoint, monkeypatch):
+    """LitServe's monitor thread outlives ``server.run``: its broken-pipe traceback came after 'server stopped'."""
+    ls = pytest.importorskip("litserve")
 
+    class ReturningServer:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def run(self, **kwargs) -> None:
+            pass
+
+    monkeypatch.setattr(ls, "LitServer", ReturningServer)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    assert cli_main(["serve", "--checkpoint", str(checkpoint), "--port", port]) == 0
+    records, monitor_log = [], logging.getLogger("litserve.server")
+    handler = logging.Handler()
+    handler.emit = records.append
+    monitor_log.addHandler(handler)
+    try:
+        monitor_log.error("Monitoring worker crashed", exc_info=BrokenPipeError(32, "Broken pipe"))
+    finally:
+        monitor_log.removeHandler(handler)
+    assert not records
+
+
+def test_litserves_shutdown_race_traceback_is_dropped_and_nothing_else():
     from epas_lightning.serve.command import _shutdown_race
 
     def record(message, error):

@@ -165,13 +165,10 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
         file=sys.stderr,
         flush=True,
     )
-    monitor_log = logging.getLogger("litserve.server")
-    monitor_log.addFilter(_shutdown_race)
-    try:
-        with signals_stop_server():
-            server.run(host=host, port=port, log_level=log_level, generate_client_file=False, num_api_servers=1)
-    finally:
-        monitor_log.removeFilter(_shutdown_race)
+    # kept after run returns: the monitor thread outlives it and may log the race until the process exits
+    logging.getLogger("litserve.server").addFilter(_shutdown_race)
+    with signals_stop_server():
+        server.run(host=host, port=port, log_level=log_level, generate_client_file=False, num_api_servers=1)
     print("server stopped", file=sys.stderr, flush=True)
 
 
