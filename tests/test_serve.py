@@ -266,6 +266,25 @@ def test_a_port_in_use_is_a_one_line_error_before_the_model_loads(checkpoint, ca
     assert err.startswith(f"error: port {port} is already in use") and err.count("\n") == 1, err
 
 
+def test_models_endpoint_finds_a_model_id_with_a_slash(checkpoint, monkeypatch):
+    """``--model-name org/name`` (as Hugging Face names models): GET /v1/models/org/name was a 404."""
+    pytest.importorskip("litserve")
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from epas_lightning.serve import command
+
+    started = []
+    monkeypatch.setattr(command, "run_server", lambda api, *args: started.append(api))
+    assert cli_main(["serve", "--checkpoint", str(checkpoint), "--model-name", "org/tiny"]) == 0
+    app = FastAPI()
+    for path, endpoint, methods in started[0].spec.endpoints:
+        app.add_api_route(path, endpoint, methods=methods)
+    client = TestClient(app)
+    assert client.get("/v1/models/org/tiny").json()["id"] == "org/tiny"
+    assert client.get("/v1/models/org").json()["error"]["code"] == "model_not_found"
+
+
 def checkpoint_forms(consolidated: Path, root: Path) -> dict[str, Path]:
     """The consolidated checkpoint also as a Lightning ``.ckpt`` file and as an FSDP2-style sharded directory."""
     from torch.distributed.checkpoint import save as dcp_save
