@@ -583,22 +583,33 @@ def test_sigterm_shuts_down_cleanly(server):
     assert "Traceback" not in log and "server stopped" in log, log
 
 
-def test_the_shutdown_race_stays_filtered_after_the_server_returns(checkpoint, monkeypatch):
-    """LitServe's monitor thread outlives ``server.run``: its broken-pipe traceback came after 'server stopped'."""
+def run_with_fake_litserver(checkpoint: Path, monkeypatch, run) -> int:
+    """``serve`` through the command line, with ``run`` in place of ``LitServer.run`` (no process starts)."""
     ls = pytest.importorskip("litserve")
 
-    class ReturningServer:
+    class FakeServer:
         def __init__(self, *args, **kwargs) -> None:
             pass
 
         def run(self, **kwargs) -> None:
-            pass
+            run()
 
-    monkeypatch.setattr(ls, "LitServer", ReturningServer)
+    monkeypatch.setattr(ls, "LitServer", FakeServer)
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = str(free.getsockname()[1])
-    assert cli_main(["serve", "--checkpoint", str(checkpoint), "--port", port]) == 0
+    return cli_main(["serve", "--checkpoint", str(checkpoint), "--port", port])
+
+
+def test_sigterm_while_the_server_starts_is_named_sigterm(checkpoint, monkeypatch, capsys):
+    """LitServe lets the interrupt out while its workers start: it said '(Ctrl+C)' and exited 130."""
+    assert run_with_fake_litserver(checkpoint, monkeypatch, lambda: signal.raise_signal(signal.SIGTERM)) == 143
+    assert capsys.readouterr().err.endswith("interrupted: serve stopped (SIGTERM)\n")
+
+
+def test_the_shutdown_race_stays_filtered_after_the_server_returns(checkpoint, monkeypatch):
+    """LitServe's monitor thread outlives ``server.run``: its broken-pipe traceback came after 'server stopped'."""
+    assert run_with_fake_litserver(checkpoint, monkeypatch, lambda: None) == 0
     records, monitor_log = [], logging.getLogger("litserve.server")
     handler = logging.Handler()
     handler.emit = records.append

@@ -47,7 +47,9 @@ def signals_stop_server() -> Iterator[None]:
 
     def interrupt(signum, frame) -> None:
         if os.getpid() == owner:
-            raise KeyboardInterrupt
+            stop = KeyboardInterrupt()
+            stop.signum = signum  # the command line says which signal (during startup, where LitServe lets it out)
+            raise stop
 
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
