@@ -192,6 +192,13 @@ def test_sampling_filters():
         sample(logits, 1.0, top_p=0.0)
 
 
+def test_tiny_temperatures_and_top_p_sample_the_top_token():
+    """A temperature or top_p that underflows float32 sampled from NaN probabilities (a RuntimeError)."""
+    logits = torch.tensor([[40.0, 30.0, 10.0, 0.0, -10.0]])
+    for temperature, top_p in ((1e-45, None), (5e-324, None), (1e-37, None), (1.0, 1e-300)):
+        assert sample(logits, temperature, top_p=top_p).tolist() == [0], (temperature, top_p)
+
+
 def test_region_errors():
     model = tiny()
     assert deepest_layers(4, 2) == [2, 3]

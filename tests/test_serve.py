@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import shutil
@@ -234,6 +235,48 @@ def test_sequences_whose_activations_overflow_get_the_one_line_error_and_the_eng
     assert [status for uid, _, status in sent if uid == "after"] == [LitAPIStatus.OK, LitAPIStatus.FINISH_STREAMING]
 
 
+@pytest.mark.parametrize("failing", ["cache", "prefill"])
+def test_batches_that_fail_to_start_send_errors_instead_of_hanging(checkpoint, monkeypatch, failing):
+    """Out of memory building the third group's KV cache, or in the first group's prefill: every sequence admitted
+    in that step gets an error (none is lost between the waiting list and the running groups)."""
+    pytest.importorskip("litserve")
+    from litserve.utils import LitAPIStatus
+
+    from epas_lightning.inference.generate import Decoder
+    from epas_lightning.serve.api import EngineLoop
+
+    loaded = load_model(checkpoint)
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=8)
+    calls = []
+
+    def out_of_memory(original):
+        def fail(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == (3 if failing == "cache" else 1):
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return original(*args, **kwargs)
+
+        return fail
+
+    if failing == "cache":
+        monkeypatch.setattr(loaded.model, "new_cache", out_of_memory(loaded.model.new_cache))
+    else:
+        monkeypatch.setattr(Decoder, "prefill", out_of_memory(Decoder.prefill))
+    sent: list[tuple[str, str]] = []
+
+    class Transport:
+        def send(self, item, consumer_id: int) -> None:
+            uid, (data, status, _, _) = item
+            sent.append((uid, status))
+
+    loop, inbox = EngineLoop(), queue.Queue()
+    for uid, n_shared in (("a", 0), ("b", 1), ("c", 2)):  # three regions: three groups
+        inbox.put((0, uid, 0.0, SequenceRequest([0, 5, 9], 4, n_shared)))
+    loop._receive(engine, inbox)
+    loop._send(engine, Transport())
+    assert sorted(sent) == [(uid, LitAPIStatus.ERROR) for uid in "abc"] and not engine.busy
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -247,6 +290,35 @@ def test_startup_mistakes_are_one_line_errors(checkpoint, capsys, args, message)
     assert cli_main(["serve", "--checkpoint", str(checkpoint), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_a_port_in_use_is_a_one_line_error_before_the_model_loads(checkpoint, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert cli_main(["serve", "--checkpoint", str(checkpoint), "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: port {port} is already in use") and err.count("\n") == 1, err
+
+
+def test_models_endpoint_finds_a_model_id_with_a_slash(checkpoint, monkeypatch):
+    """``--model-name org/name`` (as Hugging Face names models): GET /v1/models/org/name was a 404."""
+    pytest.importorskip("litserve")
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from epas_lightning.serve import command
+
+    started = []
+    monkeypatch.setattr(command, "run_server", lambda api, *args: started.append(api))
+    assert cli_main(["serve", "--checkpoint", str(checkpoint), "--model-name", "org/tiny"]) == 0
+    app = FastAPI()
+    for path, endpoint, methods in started[0].spec.endpoints:
+        app.add_api_route(path, endpoint, methods=methods)
+    client = TestClient(app)
+    assert client.get("/v1/models/org/tiny").json()["id"] == "org/tiny"
+    assert client.get("/v1/models/org").json()["error"]["code"] == "model_not_found"
 
 
 def checkpoint_forms(consolidated: Path, root: Path) -> dict[str, Path]:
@@ -479,6 +551,7 @@ BAD_REQUESTS = [
     ({"n": 20}, 400, "more than the 16 completions"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 stop strings"),
     ({"logprobs": 2}, 400, "logprobs is not supported"),
+    ({"seed": 2**64}, 400, "seed must be a 64-bit signed integer"),
 ]
 
 
@@ -546,9 +619,45 @@ def test_sigterm_shuts_down_cleanly(server):
     assert "Traceback" not in log and "server stopped" in log, log
 
 
-def test_litserves_shutdown_race_traceback_is_dropped_and_nothing_else():
-    import logging
+def run_with_fake_litserver(checkpoint: Path, monkeypatch, run) -> int:
+    """``serve`` through the command line, with ``run`` in place of ``LitServer.run`` (no process starts)."""
+    ls = pytest.importorskip("litserve")
 
+    class FakeServer:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def run(self, **kwargs) -> None:
+            run()
+
+    monkeypatch.setattr(ls, "LitServer", FakeServer)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    return cli_main(["serve", "--checkpoint", str(checkpoint), "--port", port])
+
+
+def test_sigterm_while_the_server_starts_is_named_sigterm(checkpoint, monkeypatch, capsys):
+    """LitServe lets the interrupt out while its workers start: it said '(Ctrl+C)' and exited 130."""
+    assert run_with_fake_litserver(checkpoint, monkeypatch, lambda: signal.raise_signal(signal.SIGTERM)) == 143
+    assert capsys.readouterr().err.endswith("interrupted: serve stopped (SIGTERM)\n")
+
+
+def test_the_shutdown_race_stays_filtered_after_the_server_returns(checkpoint, monkeypatch):
+    """LitServe's monitor thread outlives ``server.run``: its broken-pipe traceback came after 'server stopped'."""
+    assert run_with_fake_litserver(checkpoint, monkeypatch, lambda: None) == 0
+    records, monitor_log = [], logging.getLogger("litserve.server")
+    handler = logging.Handler()
+    handler.emit = records.append
+    monitor_log.addHandler(handler)
+    try:
+        monitor_log.error("Monitoring worker crashed", exc_info=BrokenPipeError(32, "Broken pipe"))
+    finally:
+        monitor_log.removeHandler(handler)
+    assert not records
+
+
+def test_litserves_shutdown_race_traceback_is_dropped_and_nothing_else():
     from epas_lightning.serve.command import _shutdown_race
 
     def record(message, error):

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import torch
 
+MIN_TEMPERATURE = 1e-6
+"""Smaller positive temperatures divide the logits as this one does: a quotient by a float32-subnormal (or zero)
+temperature overflows to inf and the distribution to NaN, while at this one all the mass already lies on the top
+logit unless another is within float32 rounding of it."""
+
 
 class SamplingError(ValueError):
     """A sampling setting ``sample`` cannot use; ``setting`` names it."""
@@ -36,7 +41,7 @@ def sample(
     check_sampling(temperature, top_k, top_p)
     if temperature == 0 or top_k == 1:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float() / max(temperature, MIN_TEMPERATURE)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -44,6 +49,7 @@ def sample(
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already reaches top_p
+        drop[..., 0] = False  # the most likely token stays, even for a top_p that is 0 in float32
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)

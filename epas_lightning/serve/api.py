@@ -75,7 +75,7 @@ class CompletionsSpec(LitSpec):
         self.api_path = COMPLETIONS_PATH
         self.add_endpoint(COMPLETIONS_PATH, self.completions, ["POST"])
         self.add_endpoint(MODELS_PATH, self.models, ["GET"])
-        self.add_endpoint(MODELS_PATH + "/{model_id}", self.model, ["GET"])
+        self.add_endpoint(MODELS_PATH + "/{model_id:path}", self.model, ["GET"])  # ids like org/name
 
     @property
     def stream(self) -> bool:

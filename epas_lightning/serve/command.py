@@ -6,6 +6,7 @@ imported when the command runs.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ from epas_lightning.runtime import DType, check_counts, resolve_device, resolve_
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 INSTALL = "pip install 'epas_lightning[serve]'"
+HOST_FIX = "give an address of this machine: 127.0.0.1, 0.0.0.0, ::"
 
 
 def require_litserve() -> None:
@@ -45,7 +47,9 @@ def signals_stop_server() -> Iterator[None]:
 
     def interrupt(signum, frame) -> None:
         if os.getpid() == owner:
-            raise KeyboardInterrupt
+            stop = KeyboardInterrupt()
+            stop.signum = signum  # the command line says which signal (during startup, where LitServe lets it out)
+            raise stop
 
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -130,15 +134,29 @@ def check_host(host: str) -> None:
     try:
         socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
-        raise ConfigError(
-            f"cannot listen on {host!r} ({e})", "--host", "give an address of this machine: 127.0.0.1, 0.0.0.0, ::"
-        ) from e
+        raise ConfigError(f"cannot listen on {host!r} ({e})", "--host", HOST_FIX) from e
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail with one line, before the model loads, when ``port`` is taken on ``host`` (bound the way uvicorn binds
+    it, then released); uvicorn says so only after the worker has loaded the model, in two lines."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise ConfigError(f"cannot listen on {host!r} port {port} ({e.strerror})", "--host", HOST_FIX) from e
+            raise ConfigError(
+                f"port {port} is already in use on {host}", "--port", "stop what listens there or pick another port"
+            ) from e
 
 
 def run_server(api, accelerator: str, index: int | None, host: str, port: int, log_level: str) -> None:
     """Run LitServe until SIGTERM or Ctrl+C; returns after a clean shutdown."""
     import litserve as ls
 
+    check_port_free(host, port)
     served = api.served
     devices = [index or 0] if accelerator == "cuda" else "auto"
     server = ls.LitServer(api, accelerator=accelerator, devices=devices, timeout=False)
@@ -149,13 +167,10 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
         file=sys.stderr,
         flush=True,
     )
-    monitor_log = logging.getLogger("litserve.server")
-    monitor_log.addFilter(_shutdown_race)
-    try:
-        with signals_stop_server():
-            server.run(host=host, port=port, log_level=log_level, generate_client_file=False, num_api_servers=1)
-    finally:
-        monitor_log.removeFilter(_shutdown_race)
+    # kept after run returns: the monitor thread outlives it and may log the race until the process exits
+    logging.getLogger("litserve.server").addFilter(_shutdown_race)
+    with signals_stop_server():
+        server.run(host=host, port=port, log_level=log_level, generate_client_file=False, num_api_servers=1)
     print("server stopped", file=sys.stderr, flush=True)
 
 

@@ -190,8 +190,9 @@ class Engine:
     def step(self) -> list[Output]:
         """Advance every running group by one token and start the sequences that may start now."""
         outputs = [output for group in self.groups for output in group.advance()]
-        for group in self._admit():
-            self.groups.append(group)
+        admitted = self._admit()
+        self.groups += admitted  # before their prefills: if one fails, abort finds every admitted sequence
+        for group in admitted:
             outputs += group.advance()
         self.groups = [group for group in self.groups if not group.done]
         return outputs
@@ -225,7 +226,7 @@ class Engine:
             return []
         if len(self.waiting) < free and time.monotonic() < self.waiting[0][2] + self.batch_timeout:
             return []  # room for more: wait for them until the oldest has waited batch_timeout
-        admitted, self.waiting = self.waiting[:free], self.waiting[free:]
+        admitted = self.waiting[:free]
         context_length = self.model.config.context_length
         open_groups: dict[Hashable, list] = {}
         closed = []
@@ -238,7 +239,9 @@ class Engine:
                 closed.append(members)
                 members = open_groups[kind] = []
             members.append((key, request))
-        return [_Group(self, members) for members in [*closed, *open_groups.values()]]
+        groups = [_Group(self, members) for members in [*closed, *open_groups.values()]]
+        self.waiting = self.waiting[free:]  # only now: a group that fails to build (no memory) leaves them to abort
+        return groups
 
     def _kind(self, request: SequenceRequest) -> Hashable:
         """Sequences of the same kind can share a forward and a sampler."""

@@ -181,6 +181,8 @@ def _sampling(request: CompletionRequest) -> Sampling:
         raise RequestError(f"top_p must lie in (0, 1], got {top_p}", "top_p")
     if request.top_k is not None and request.top_k < 1:
         raise RequestError(f"top_k must be at least 1, got {request.top_k}", "top_k")
+    if request.seed is not None and not -(2**63) <= request.seed < 2**63:
+        raise RequestError(f"seed must be a 64-bit signed integer, got {request.seed}", "seed")
     return Sampling(temperature, request.top_k, None if top_p == 1.0 else top_p, request.seed)
 
 
