@@ -80,7 +80,7 @@ def test_the_agreement_check_runs_both_kernels_and_refuses_one_that_is_off_or_mi
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_the_preferred_kernel_gives_the_same_model_in_bf16():
     device = torch.device("cuda")
-    config = LlamaConfig.from_name("debug", n_layer=2, n_head=8, n_kv_head=2, n_embd=512)  # head_dim 64
+    config = LlamaConfig.from_name("debug", n_layer=2, n_head=8, n_kv_head=2, n_embd=512, block_size=256)  # D 64
     torch.manual_seed(0)
     model = Llama(config).to(device)
     tokens = torch.randint(0, config.vocab_size, (2, 256), device=device)
