@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from epas_lightning.callbacks import ProgressiveSharing
 from epas_lightning.divergence import last_checkpoint
 from epas_lightning.flops import estimate_flops, flop_cut
+from epas_lightning.loss_scaling import loss_scaler
 
 WARMUP_BATCHES = 2
 """Batches left out of the throughput median (allocator warm-up, compilation)."""
@@ -49,6 +50,8 @@ class RunSummary(Callback):
         self._batch_start = 0.0
         self._rates: list[float] = []
         self._start_step = 0
+        self._loss_scale: float | None = None
+        self._skipped = 0
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_start = time.perf_counter()
@@ -56,6 +59,8 @@ class RunSummary(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start_step = trainer.global_step  # a resumed checkpoint's step (restored after on_fit_start)
+        scaler = loss_scaler(trainer)
+        self._loss_scale, self._skipped = (scaler.get_scale() if scaler else None), 0
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
@@ -67,6 +72,12 @@ class RunSummary(Callback):
         tokens = batch.shape[0] * (batch.shape[1] - 1) * trainer.world_size
         if seconds > 0:
             self._rates.append(tokens / seconds)
+        scaler = loss_scaler(trainer)
+        if scaler is not None and self._loss_scale is not None:  # fp16: the scaler halves its scale when it skips
+            scale = scaler.get_scale()
+            self._skipped += scale < self._loss_scale
+            self._loss_scale = scale
+            pl_module.log("train/loss_scale", scale)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         log_dir = trainer.log_dir  # every rank asks: Lightning broadcasts it from rank zero
@@ -93,6 +104,11 @@ class RunSummary(Callback):
         if rates:
             lines.append(f"  throughput   {statistics.median(rates):,.0f} tokens/s (median over {len(rates)} batches)")
         lines.append(f"  sharing      {_region_line(trainer, pl_module)}")
+        if self._skipped:
+            lines.append(
+                f"  fp16         the loss scaler skipped {self._skipped} steps (overflowing gradients, no update); "
+                "they still counted for the learning rate and the sharing schedule"
+            )
         if checkpoint:
             lines += [
                 "next:",

@@ -263,6 +263,32 @@ def test_under_fp16_loss_scaling_a_guard_stops_gradients_that_overflow_at_the_mi
         fp16_fit(tiny_corpus, tmp_path, module, [guard, InfGradients()])
 
 
+def test_the_summary_counts_the_steps_the_fp16_loss_scaler_skipped(tiny_corpus, tmp_path):
+    """A skipped step still advances the step counter, the LR schedule and the sharing schedule (Lightning's rule);
+    nothing said how many there were. The summary does now, and train/loss_scale follows the scale."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from epas_lightning.run_summary import RunSummary
+
+    class InfGradientsAt(Callback):
+        def on_after_backward(self, trainer, pl_module) -> None:  # noqa: ANN001
+            if trainer.global_step in (1, 2):
+                pl_module.model.norm.weight.grad[0] = float("inf")
+
+    class ReadScale(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            scales.append(trainer.callback_metrics["train/loss_scale"].item())
+
+    torch.manual_seed(0)
+    module, summary, scales = EPASModule(LlamaConfig.from_name("debug", block_size=32)), RunSummary(), []
+    data = TokenDataModule(str(tiny_corpus), seq_len=32, batch_size=2, vocab_size=VOCAB)
+    plugin = MixedPrecision("16-mixed", "cpu")  # Lightning swaps a CPU's 16-mixed for bf16-mixed
+    trainer = cpu_trainer(tmp_path, 4, [summary, InfGradientsAt(), ReadScale()], plugins=[plugin])
+    trainer.fit(module, data)
+    assert scales == [65536.0, 32768.0, 16384.0, 16384.0]
+    assert "the loss scaler skipped 2 steps" in summary.summary(trainer, module, None)
+
+
 def test_under_fp16_loss_scaling_a_fused_optimizer_skips_a_bad_step(tiny_corpus, tmp_path):
     """``action: skip`` dropped the gradients before the GradScaler had checked a fused optimizer's (it unscales them
     in its step), and the scaler's update raised "No inf checks were recorded prior to update"."""
