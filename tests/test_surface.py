@@ -20,6 +20,7 @@ from helpers import DEBUG_CONFIG as DEBUG
 from helpers import REPO, run_cli, signal_fit_once_training, train_tiny_checkpoint
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from epas_lightning import ProgressiveSharing
@@ -34,14 +35,19 @@ from epas_lightning.runtime import DType
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_top_level_help_lists_every_command_with_a_description(capsys):
+def test_top_level_help_lists_every_command_with_a_description(capsys, monkeypatch):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     for command in (*LIGHTNING_COMMANDS, *TOOLS):
         line = next(line for line in out.splitlines() if line.strip().startswith(command + " "))
         assert len(line.split(maxsplit=1)[1]) > 20, line
     assert "predict" not in out
+    built, prepare = [], LightningCLI._prepare_subcommand_parser
+    monkeypatch.setattr(
+        LightningCLI, "_prepare_subcommand_parser", lambda *a, **k: built.append(a[2]) or prepare(*a, **k)
+    )
     assert main(["fit", "--help"]) == 0
+    assert built == ["fit"]  # the parsers of validate and test cost as much, and are not used
     fit_help = capsys.readouterr().out
     assert fit_help.startswith("usage: python -m epas_lightning [options] fit ")
     assert "use ``weights_only=False``" not in fit_help  # Lightning's advice, refused here
