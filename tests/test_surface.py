@@ -262,6 +262,15 @@ def test_epas_console_script_exits_zero(tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("error: checkpoint does not exist")
 
 
+def test_the_process_freezes_its_objects_before_shutdown(tmp_path):
+    """Shutdown's garbage collections would walk every object torch and Lightning made, for nothing."""
+    report = "import atexit, gc; atexit.register(lambda: print('frozen:', gc.get_freeze_count() > 0))"
+    done = run_cli(["-c", f"{report}; import runpy; runpy.run_module('epas_lightning', run_name='__main__')",
+                    "--version"], tmp_path, tmp_path, [sys.executable])  # fmt: skip
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "frozen: True", done
+    assert '\nepas = "epas_lightning.cli:entry_point"\n' in (REPO / "pyproject.toml").read_text()  # the `epas` script
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The trained region is a record
 # ---------------------------------------------------------------------------------------------------------------------
