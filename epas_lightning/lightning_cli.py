@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import Namespace, set_parsing_settings
+from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -416,7 +416,6 @@ def exit_status(cli: EPASCLI) -> int:
 
 def lightning_cli(args: ArgsType = None, run: bool = True) -> EPASCLI:
     """Run ``fit``/``validate``/``test`` (``args`` replaces ``sys.argv[1:]``); ``run=False`` only builds the objects."""
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # LlamaConfig field docs become --help text
     for pattern in IGNORED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     for name in LIGHTNING_LOGGERS:
