@@ -217,18 +217,23 @@ seen = {{"import": heavy()}}
 for argv in (["--help"], ["prepare", "--help"], *([name, "--help"] for name in TOOLS if name != "prepare")):
     assert main(argv) == 0, argv
     seen[argv[0]] = heavy()
+from epas_lightning.data import heldout_loader
+next(iter(heldout_loader({corpus!r}, 16, 2)))
+seen["heldout_loader"] = heavy()
 print(json.dumps(seen))
 """
 
 
-def test_import_and_help_load_only_what_they_need(tmp_path):
+def test_import_and_help_load_only_what_they_need(tmp_path, tiny_corpus):
     """`import epas_lightning`, the top-level --help and prepare's load neither torch nor Lightning; the other
-    commands' --help need torch (their modules are torch code) but not Lightning, litdata or transformers."""
-    script = IMPORTED_BY_HELP.format(heavy=HEAVY)
+    commands' --help need torch (their modules are torch code) but not Lightning, litdata or transformers; nor does
+    reading held-out data (evaluate, bench, analyze) load Lightning."""
+    script = IMPORTED_BY_HELP.format(heavy=HEAVY, corpus=str(tiny_corpus))
     done = run_cli(["-c", script], tmp_path, tmp_path, [sys.executable])
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout.splitlines()[-1])
     assert seen.pop("import") == seen.pop("--help") == seen.pop("prepare") == []
+    assert seen.pop("heldout_loader") == ["torch", "litdata"]
     assert all(modules == ["torch"] for modules in seen.values()), seen
 
 
