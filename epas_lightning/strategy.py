@@ -12,7 +12,8 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch.distributed.constants import default_pg_timeout
 
-from epas_lightning.safe_load import is_sharded_checkpoint, load_sharded_checkpoint
+from epas_lightning.safe_dcp import load_sharded_checkpoint
+from epas_lightning.safe_load import is_sharded_checkpoint
 
 STAGING, REPLACED = ".saving", ".replaced"
 """Suffixes of the hidden folders beside a sharded checkpoint ``name``: ``.name.saving`` while it is written,

@@ -206,7 +206,7 @@ def test_ctrl_c_in_a_command_is_one_line_and_status_130(capsys, monkeypatch):
     assert capsys.readouterr().err == "interrupted: prepare stopped (Ctrl+C)\n"
 
 
-HEAVY = ("torch", "lightning", "litdata", "transformers")
+HEAVY = ("torch", "lightning", "litdata", "transformers", "torch.distributed.tensor", "torch.distributed.checkpoint")
 IMPORTED_BY_HELP = """
 import json, sys
 from epas_lightning.cli import TOOLS, main
@@ -226,8 +226,9 @@ print(json.dumps(seen))
 
 def test_import_and_help_load_only_what_they_need(tmp_path, tiny_corpus):
     """`import epas_lightning`, the top-level --help and prepare's load neither torch nor Lightning; the other
-    commands' --help need torch (their modules are torch code) but not Lightning, litdata or transformers; nor does
-    reading held-out data (evaluate, bench, analyze) load Lightning."""
+    commands' --help need torch (their modules are torch code) but not Lightning, litdata, transformers nor the
+    DTensor and distributed-checkpoint modules (sharded checkpoints only); nor does reading held-out data (evaluate,
+    bench, analyze) load Lightning."""
     script = IMPORTED_BY_HELP.format(heavy=HEAVY, corpus=str(tiny_corpus))
     done = run_cli(["-c", script], tmp_path, tmp_path, [sys.executable])
     assert done.returncode == 0, done.stderr
