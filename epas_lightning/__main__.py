@@ -1,5 +1,3 @@
-import sys
+from epas_lightning.cli import entry_point
 
-from epas_lightning.cli import main
-
-sys.exit(main())
+entry_point()

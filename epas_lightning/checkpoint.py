@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from epas_lightning.errors import CheckpointError
 from epas_lightning.hf.convert import (
@@ -40,9 +39,7 @@ from epas_lightning.runtime import dtype_name, dtype_overflow
 from epas_lightning.safe_load import (
     DCP_METADATA,
     LIGHTNING_METADATA,
-    SafeFileSystemReader,
     is_sharded_checkpoint,
-    load_shards,
     load_torch_file,
     verify_checkpoint,
 )
@@ -72,6 +69,10 @@ def read_checkpoint(
             )
         state = _strip_prefix(checkpoint.pop("state_dict"))
         return (state if weights else _shapes_only(state)), checkpoint
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from epas_lightning.safe_dcp import SafeFileSystemReader, load_shards
+
     path = verify_checkpoint(path, flag)  # exists, and its metadata reads safely
     reader = SafeFileSystemReader(path)
     wanted, mask = "state_dict." + MODEL_PREFIX, "state_dict." + MODEL_PREFIX + SHARING_MASK

@@ -13,6 +13,7 @@ line) or ``EPAS_DEBUG=1`` shows its traceback. A diverged training run exits 3. 
 from __future__ import annotations
 
 import ast
+import gc
 import importlib
 import inspect
 import re
@@ -298,8 +299,9 @@ def dispatch(argv: list[str]) -> int:
 
 
 def main(args: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m epas_lightning`` and ``epas``; ``args`` replaces ``sys.argv[1:]``. Returns the exit
-    status: 0 on success, 2 for a user error, 3 for a diverged training run, 130 after Ctrl+C, 143 after SIGTERM."""
+    """Run one command line, as ``python -m epas_lightning`` and ``epas`` do; ``args`` replaces ``sys.argv[1:]``.
+    Returns the exit status: 0 on success, 2 for a user error, 3 for a diverged training run, 130 after Ctrl+C,
+    143 after SIGTERM."""
     argv, debug = _pop_debug(list(sys.argv[1:] if args is None else args))
     show_package_logs()
     try:
@@ -326,3 +328,12 @@ def main(args: Sequence[str] | None = None) -> int:
         what = "Ctrl+C" if signum == signal.SIGINT else signal.Signals(signum).name
         print(f"interrupted: {argv[0] if argv else PROG} stopped ({what})", file=sys.stderr)
         return 128 + signum
+
+
+def entry_point() -> None:
+    """The process behind ``python -m epas_lightning`` and ``epas``: :func:`main`, then exit. Its objects are frozen
+    first (``gc.freeze``): the interpreter's shutdown then skips the garbage collections that walk every object
+    torch and Lightning created, for nothing; exit handlers run as before, and the OS frees the memory."""
+    status = main()
+    gc.freeze()
+    sys.exit(status)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import Namespace, set_parsing_settings
+from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -44,7 +44,7 @@ from epas_lightning.callbacks import ProgressiveSharing, TokenThroughputMonitor
 from epas_lightning.checkpoint import recorded_config
 from epas_lightning.checkpoint_io import AtomicCheckpointIO
 from epas_lightning.child_ranks import EndChildRanksOnError
-from epas_lightning.cli import DURATION, PROG
+from epas_lightning.cli import DURATION, LIGHTNING_COMMANDS, PROG
 from epas_lightning.data import TokenDataModule
 from epas_lightning.divergence import DivergenceGuard
 from epas_lightning.errors import CheckpointError, ConfigError, UserError
@@ -188,10 +188,15 @@ class EPASCLI(LightningCLI):
     _quiet: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
     """Lightning's INFO lines and warnings that mislead in this run (:func:`quiet_messages`), set with ``ckpt_path``."""
 
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
+    def __init__(self, *args: Any, commands: tuple[str, ...] = LIGHTNING_COMMANDS, **kwargs: Any) -> None:
+        self._commands = commands
+        super().__init__(*args, **kwargs)
+
+    def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]  # Lightning's is static
+        """``commands`` of ``fit``, ``validate`` and ``test``: the parser of each is built whole, signatures and
+        docstrings of every class read, so a command line builds only its own."""
         commands = LightningCLI.subcommands()
-        return {name: commands[name] for name in ("fit", "validate", "test")}
+        return {name: commands[name] for name in self._commands}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for section, callback in RUN_SECTIONS.items():
@@ -411,13 +416,13 @@ def exit_status(cli: EPASCLI) -> int:
 
 def lightning_cli(args: ArgsType = None, run: bool = True) -> EPASCLI:
     """Run ``fit``/``validate``/``test`` (``args`` replaces ``sys.argv[1:]``); ``run=False`` only builds the objects."""
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # LlamaConfig field docs become --help text
     for pattern in IGNORED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     for name in LIGHTNING_LOGGERS:
         for handler in logging.getLogger(name).handlers:  # handlers see the records of every child logger
             handler.addFilter(_QuietInfo())
     args = resolve_config_names(list(sys.argv[1:] if args is None else args))
+    commands = (args[0],) if run and args and args[0] in LIGHTNING_COMMANDS else LIGHTNING_COMMANDS
     return EPASCLI(
         EPASModule,
         TokenDataModule,
@@ -427,8 +432,9 @@ def lightning_cli(args: ArgsType = None, run: bool = True) -> EPASCLI:
         parser_kwargs={
             "prog": PROG,  # usage lines read `python -m epas_lightning fit`, not `__main__.py fit`
             "exit_on_error": False,
-            **{name: {"exit_on_error": False} for name in EPASCLI.subcommands()},
+            **{name: {"exit_on_error": False} for name in commands},
         },
         args=args,
         run=run,
+        commands=commands,
     )

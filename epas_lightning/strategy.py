@@ -14,7 +14,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.constants import default_pg_timeout
 
-from epas_lightning.safe_load import SAVE_ID, is_sharded_checkpoint, load_sharded_checkpoint, raise_wrapped_interrupt
+from epas_lightning.safe_dcp import load_sharded_checkpoint, raise_wrapped_interrupt
+from epas_lightning.safe_load import SAVE_ID, is_sharded_checkpoint
 
 STAGING, REPLACED = ".saving", ".replaced"
 """Suffixes of the hidden folders beside a sharded checkpoint ``name``: ``.name.saving`` while it is written,

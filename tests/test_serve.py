@@ -340,7 +340,7 @@ def test_serve_checks_the_checkpoint_without_reading_its_weights(checkpoint, tmp
     worker loads them. Of the tensors, only the sharing mask is read (an HF folder has none: headers only)."""
     pytest.importorskip("litserve")
     from epas_lightning import checkpoint as checkpoint_module
-    from epas_lightning import safe_load
+    from epas_lightning import safe_dcp
     from epas_lightning.hf import convert
     from epas_lightning.hf.export import export
     from epas_lightning.serve import command
@@ -361,10 +361,10 @@ def test_serve_checks_the_checkpoint_without_reading_its_weights(checkpoint, tmp
         assert mmap or Path(path).name == "meta.pt", path  # a .ckpt file is mapped, its weights never read
         return load_torch_file(path, *args, mmap=mmap, **kwargs)
 
-    dcp_load, load_torch_file = safe_load.dcp_load, checkpoint_module.load_torch_file
+    dcp_load, load_torch_file = safe_dcp.dcp_load, checkpoint_module.load_torch_file
     monkeypatch.setattr(checkpoint_module, "load_file", no_weights)
     monkeypatch.setattr(convert, "load_file", no_weights)
-    monkeypatch.setattr(safe_load, "dcp_load", load_mask_only)
+    monkeypatch.setattr(safe_dcp, "dcp_load", load_mask_only)
     monkeypatch.setattr(checkpoint_module, "load_torch_file", mapped_only)
     monkeypatch.setattr(Llama, "to_empty", no_weights)  # no whole model is materialised
     for form, path in forms.items():

@@ -14,12 +14,14 @@ import warnings
 from pathlib import Path
 from typing import get_type_hints
 
+import docstring_parser.parser
 import pytest
 import torch
 from helpers import DEBUG_CONFIG as DEBUG
 from helpers import REPO, run_cli, signal_fit_once_training, train_tiny_checkpoint
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from epas_lightning import ProgressiveSharing
@@ -34,15 +36,24 @@ from epas_lightning.runtime import DType, resolve_dtype
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_top_level_help_lists_every_command_with_a_description(capsys):
+def test_top_level_help_lists_every_command_with_a_description(capsys, monkeypatch):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     for command in (*LIGHTNING_COMMANDS, *TOOLS):
         line = next(line for line in out.splitlines() if line.strip().startswith(command + " "))
         assert len(line.split(maxsplit=1)[1]) > 20, line
     assert "predict" not in out
+    built, prepare = [], LightningCLI._prepare_subcommand_parser
+    monkeypatch.setattr(
+        LightningCLI, "_prepare_subcommand_parser", lambda *a, **k: built.append(a[2]) or prepare(*a, **k)
+    )
+    read_source = []  # reading attribute docstrings reads the source of every class, Lightning's Trainer included
+    monkeypatch.setattr(docstring_parser.parser, "add_attribute_docstrings", lambda obj, _: read_source.append(obj))
     assert main(["fit", "--help"]) == 0
+    assert built == ["fit"]  # the parsers of validate and test cost as much, and are not used
+    assert read_source == []
     fit_help = capsys.readouterr().out
+    assert "Number of decoder layers." in fit_help  # LlamaConfig's fields are documented all the same
     assert fit_help.startswith("usage: python -m epas_lightning [options] fit ")
     assert "use ``weights_only=False``" not in fit_help  # Lightning's advice, refused here
     interval_help = fit_help.split("--checkpoint.train_time_interval TRAIN_TIME_INTERVAL")[-1].split("\n  --")[0]
@@ -235,7 +246,7 @@ def test_ctrl_c_in_a_command_is_one_line_and_status_130(capsys, monkeypatch):
     assert capsys.readouterr().err == "interrupted: prepare stopped (Ctrl+C)\n"
 
 
-HEAVY = ("torch", "lightning", "litdata", "transformers")
+HEAVY = ("torch", "lightning", "litdata", "transformers", "torch.distributed.tensor", "torch.distributed.checkpoint")
 IMPORTED_BY_HELP = """
 import json, sys
 from epas_lightning.cli import TOOLS, main
@@ -246,18 +257,24 @@ seen = {{"import": heavy()}}
 for argv in (["--help"], ["prepare", "--help"], *([name, "--help"] for name in TOOLS if name != "prepare")):
     assert main(argv) == 0, argv
     seen[argv[0]] = heavy()
+from epas_lightning.data import heldout_loader
+next(iter(heldout_loader({corpus!r}, 16, 2)))
+seen["heldout_loader"] = heavy()
 print(json.dumps(seen))
 """
 
 
-def test_import_and_help_load_only_what_they_need(tmp_path):
+def test_import_and_help_load_only_what_they_need(tmp_path, tiny_corpus):
     """`import epas_lightning`, the top-level --help and prepare's load neither torch nor Lightning; the other
-    commands' --help need torch (their modules are torch code) but not Lightning, litdata or transformers."""
-    script = IMPORTED_BY_HELP.format(heavy=HEAVY)
+    commands' --help need torch (their modules are torch code) but not Lightning, litdata, transformers nor the
+    DTensor and distributed-checkpoint modules (sharded checkpoints only); nor does reading held-out data (evaluate,
+    bench, analyze) load Lightning."""
+    script = IMPORTED_BY_HELP.format(heavy=HEAVY, corpus=str(tiny_corpus))
     done = run_cli(["-c", script], tmp_path, tmp_path, [sys.executable])
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout.splitlines()[-1])
     assert seen.pop("import") == seen.pop("--help") == seen.pop("prepare") == []
+    assert seen.pop("heldout_loader") == ["torch", "litdata"]
     assert all(modules == ["torch"] for modules in seen.values()), seen
 
 
@@ -294,6 +311,15 @@ def test_epas_console_script_exits_zero(tmp_path):
         ["generate", "--checkpoint", str(tmp_path / "none"), "--prompt", "x"], tmp_path, tmp_path, [str(script)]
     )
     assert bad.returncode == 2 and bad.stderr.startswith("error: checkpoint does not exist")
+
+
+def test_the_process_freezes_its_objects_before_shutdown(tmp_path):
+    """Shutdown's garbage collections would walk every object torch and Lightning made, for nothing."""
+    report = "import atexit, gc; atexit.register(lambda: print('frozen:', gc.get_freeze_count() > 0))"
+    done = run_cli(["-c", f"{report}; import runpy; runpy.run_module('epas_lightning', run_name='__main__')",
+                    "--version"], tmp_path, tmp_path, [sys.executable])  # fmt: skip
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "frozen: True", done
+    assert '\nepas = "epas_lightning.cli:entry_point"\n' in (REPO / "pyproject.toml").read_text()  # the `epas` script
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -138,7 +138,7 @@ def test_fsdp2_resume_reads_non_tensor_shard_entries_safely(tmp_path):
     from torch.distributed.checkpoint import save as dcp_save
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    from epas_lightning.safe_load import load_sharded_checkpoint
+    from epas_lightning.safe_dcp import load_sharded_checkpoint
 
     marker, module = tmp_path / "PWNED", torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
@@ -678,7 +678,7 @@ def test_a_sharded_checkpoint_with_a_truncated_or_missing_shard_is_one_line(tmp_
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
 
-    from epas_lightning.safe_load import read_dcp_metadata
+    from epas_lightning.safe_dcp import read_dcp_metadata
 
     model = Llama(LlamaConfig.from_name("debug"))
     sharded = tmp_path / "last.ckpt"
@@ -708,7 +708,7 @@ def test_ctrl_c_while_reading_shards_is_an_interrupt_not_a_bad_checkpoint(tmp_pa
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint import save as dcp_save
 
-    from epas_lightning.safe_load import load_shards
+    from epas_lightning.safe_dcp import load_shards
 
     dcp_save({"state_dict": {"w": torch.ones(3)}}, checkpoint_id=tmp_path, no_dist=True)
 

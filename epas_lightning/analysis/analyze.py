@@ -117,7 +117,7 @@ def analyze_command(
     import matplotlib
 
     matplotlib.use("Agg")
-    from epas_lightning.data.datamodule import check_data_flag, check_seq_len
+    from epas_lightning.data.token_data import check_data_flag, check_seq_len
     from epas_lightning.inference.generate_cli import load_for_inference
 
     check_counts({"--batches": batches, "--batch-size": batch_size})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -10,46 +9,15 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
-from epas_lightning.data.builtin import builtin_entry_path, prepare_builtin_corpus
-from epas_lightning.data.layout import (
-    DataCheckError,
-    check_stream,
-    is_complete,
-    load_meta,
-    missing_entries,
-    tokenizer_file,
-)
-from epas_lightning.data.tokenizer import TextTokenizer, file_sha256, load_tokenizer
+from epas_lightning.data.token_data import TokenData, check_seq_len
 from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model.config import LlamaConfig
-from epas_lightning.runtime import check_counts
 
 if TYPE_CHECKING:
     from litdata import StreamingDataLoader
 
-DEFAULT_BUILTIN_VOCAB_SIZE = 4096
-PREPARE = "create it with `python -m epas_lightning prepare --input ... --output ...`"
-HOW_TO_CREATE = f"{PREPARE}, or leave data.data_dir unset to train on the built-in corpus"
 
-
-def check_prepared(data_dir: Path, where: str, fix: str) -> Path:
-    """``data_dir`` if it is a complete prepared data directory, else a :class:`DataError` at ``where``."""
-    if not data_dir.is_dir():
-        raise DataError("data directory does not exist", where, fix)
-    if is_complete(data_dir):
-        load_meta(data_dir)  # an unreadable meta.json says so, rather than counting as missing
-    if missing := missing_entries(data_dir):
-        raise DataError(f"incomplete data directory: missing {', '.join(missing)}", where, fix)
-    return data_dir
-
-
-def check_data_flag(data: str | Path | None, flag: str = "--data") -> None:
-    """A command's ``--data``: unset (the checkpoint's own data), or a complete prepared directory."""
-    if data is not None:
-        check_prepared(Path(data).expanduser(), f"{flag} {data}", PREPARE)
-
-
-class TokenDataModule(LightningDataModule):
+class TokenDataModule(TokenData, LightningDataModule):
     """Batches of ``seq_len + 1`` consecutive tokens from prepared token streams (inputs and shifted targets).
 
     Each batch is an integer tensor of shape ``(batch_size, seq_len + 1)``: the model reads ``batch[:, :-1]`` and
@@ -80,91 +48,6 @@ class TokenDataModule(LightningDataModule):
         cache_dir: Built-in corpus only: where prepared corpora are cached. Default: ``$EPAS_CACHE_DIR``, else
             ``$XDG_CACHE_HOME/epas_lightning`` or ``~/.cache/epas_lightning``.
     """
-
-    def __init__(
-        self,
-        data_dir: str | list[str] | None = None,
-        seq_len: int = 256,
-        batch_size: int = 8,
-        vocab_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 42,
-        weights: list[float] | None = None,
-        val_dir: str | None = None,
-        max_bytes: int | None = None,
-        cache_dir: str | None = None,
-    ) -> None:
-        super().__init__()
-        if seq_len < 1 or batch_size < 1:
-            raise ConfigError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}", "data")
-        dirs = [data_dir] if isinstance(data_dir, str | Path) else list(data_dir or [])
-        if weights is not None and (len(weights) != len(dirs) or min(weights) < 0 or sum(weights) <= 0):
-            raise ConfigError(
-                f"weights must be {len(dirs)} non-negative numbers (one per data_dir), got {weights}", "data.weights"
-            )
-        self.seq_len = seq_len
-        self.batch_size = batch_size
-        self.vocab_size = vocab_size
-        self.num_workers = num_workers
-        self.seed = seed
-        self.weights = weights
-        self.max_bytes = max_bytes
-        self.cache_dir = cache_dir
-        self.use_builtin = not dirs
-        self.data_dirs: list[Path] = [Path(d).expanduser() for d in dirs]
-        self.val_dir: Path | None = None if val_dir is None else Path(val_dir).expanduser()
-        self.tokenizer: TextTokenizer | None = None
-        self.meta: dict | None = None
-
-    @property
-    def data_dir(self) -> Path | None:
-        """The (first) prepared data directory."""
-        return self.data_dirs[0] if self.data_dirs else None
-
-    @property
-    def builtin_vocab_size(self) -> int:
-        return self.vocab_size if self.vocab_size is not None else DEFAULT_BUILTIN_VOCAB_SIZE
-
-    def prepare_data(self) -> None:
-        """Build the built-in corpus once (local rank 0; a file lock makes concurrent calls safe)."""
-        self.check_fits_model()
-        if self.use_builtin:
-            self.data_dirs = [
-                prepare_builtin_corpus(self.builtin_vocab_size, self.cache_dir, self.max_bytes, progress=True)
-            ]
-
-    def setup(self, stage: str | None = None) -> None:
-        """Locate and check the data (complete, chunks intact, one tokenizer, vocab fits the model)."""
-        self.check_fits_model()
-        if self.tokenizer is not None:
-            return
-        self.data_dirs = [self.resolve_data_dir(d) for d in (self.data_dirs or [None])]
-        metas = [load_meta(d) for d in self.data_dirs]
-        tokenizer_files = [tokenizer_file(d, m) for d, m in zip(self.data_dirs, metas, strict=True)]
-        if len(self.data_dirs) > 1 and len({file_sha256(f) for f in tokenizer_files}) > 1:
-            raise DataCheckError(
-                "the data directories to mix were tokenized differently",
-                ", ".join(map(str, tokenizer_files)),
-                "prepare them with the same --tokenizer",
-            )
-        if (val_data := self._prepared_val_dir()) is not None:
-            val_tokenizer = tokenizer_file(val_data)
-            if file_sha256(val_tokenizer) != file_sha256(tokenizer_files[0]):
-                raise DataCheckError(
-                    "data.val_dir was tokenized differently from data.data_dir",
-                    f"{val_tokenizer}, {tokenizer_files[0]}",
-                    "prepare them with the same --tokenizer",
-                )
-        for stream in self.train_streams() + self.val_streams():
-            check_stream(stream)
-        self.meta = metas[0]
-        self.tokenizer = load_tokenizer(tokenizer_files[0], *self._special_tokens(self.meta))
-        self.check_vocab_size()
-
-    @staticmethod
-    def _special_tokens(meta: dict) -> tuple[str | None, str | None]:
-        """BOS/EOS tokens the data was prepared with when they were named (sentencepiece/HF defaults otherwise)."""
-        return meta.get("bos_token_override"), meta.get("eos_token_override")
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in checkpoints beside the loader's position: the settings that position only holds for."""
@@ -204,36 +87,6 @@ class TokenDataModule(LightningDataModule):
             "world_size": trainer.world_size if trainer is not None else 1,
         }
 
-    def train_streams(self) -> list[Path]:
-        return [d / "train" for d in self.data_dirs]
-
-    def val_streams(self) -> list[Path]:
-        if self.val_dir is None:
-            return [d / "val" for d in self.data_dirs]
-        if (self.val_dir / "index.json").is_file():
-            return [self.val_dir]
-        if (self.val_dir / "val" / "index.json").is_file():
-            return [self.val_dir / "val"]
-        raise DataError(
-            "neither a token stream (index.json) nor a prepared directory (val/index.json)",
-            f"data.val_dir {self.val_dir}",
-        )
-
-    def _prepared_val_dir(self) -> Path | None:
-        """The prepared directory that ``val_dir`` is or holds the stream of (``None``: unset, or a bare stream)."""
-        if self.val_dir is None:
-            return None
-        return next((d for d in (self.val_dir, self.val_dir.parent) if is_complete(d)), None)
-
-    def resolve_data_dir(self, data_dir: Path | None) -> Path:
-        """The complete data directory to read, building the built-in corpus if ``prepare_data`` did not run."""
-        if data_dir is None or self.use_builtin:
-            entry = builtin_entry_path(self.builtin_vocab_size, self.cache_dir, self.max_bytes)
-            if not is_complete(entry):
-                entry = prepare_builtin_corpus(self.builtin_vocab_size, self.cache_dir, self.max_bytes, progress=True)
-            return entry
-        return check_prepared(data_dir, f"data.data_dir {data_dir}", HOW_TO_CREATE)
-
     def check_fits_model(self) -> None:
         """Before any data is read, check the data against the model the trainer runs (the CLI links the two; a
         script of your own may not): ``vocab_size`` is the model's (unset: taken from it), ``seq_len`` is its
@@ -252,17 +105,6 @@ class TokenDataModule(LightningDataModule):
             )
         check_seq_len(self.seq_len, config, fitting=trainer.state.fn == TrainerFn.FITTING)
 
-    def check_vocab_size(self) -> None:
-        """Fail before training if the tokenizer can emit ids outside the model's embedding table."""
-        assert self.tokenizer is not None
-        n_tokens = self.tokenizer.vocab_size
-        if self.vocab_size is not None and n_tokens > self.vocab_size:
-            raise DataError(
-                f"the tokenizer has {n_tokens} tokens but the model's vocab_size is {self.vocab_size}",
-                self.tokenizer.path,
-                f"set model.config.vocab_size to at least {n_tokens}, or use a smaller tokenizer",
-            )
-
     def train_dataloader(self) -> StreamingDataLoader:
         loader = self._dataloader(self.train_streams(), shuffle=True, weights=self.weights)
         if len(loader) == 0:
@@ -276,7 +118,7 @@ class TokenDataModule(LightningDataModule):
         return loader
 
     def val_dataloader(self) -> StreamingDataLoader:
-        loader = self._dataloader(self.val_streams(), shuffle=False)
+        loader = self.heldout_dataloader()
         if len(loader) == 0:
             rank_zero_warn(
                 f"The validation stream of {self.data_dir} holds fewer than batch_size={self.batch_size} sequences "
@@ -286,79 +128,8 @@ class TokenDataModule(LightningDataModule):
 
     def test_dataloader(self) -> StreamingDataLoader:
         """The held-out split (there is no separate test split): ``test`` reports held-out loss and perplexity."""
-        return self._dataloader(self.val_streams(), shuffle=False)
-
-    def _dataloader(
-        self, streams: list[Path], shuffle: bool, weights: list[float] | None = None
-    ) -> StreamingDataLoader:
-        from litdata import StreamingDataLoader, StreamingDataset
-        from litdata.streaming.item_loader import TokensLoader
-
-        from epas_lightning.data.mixing import SizedCombinedStreamingDataset
-
-        if self.tokenizer is None:
-            raise RuntimeError("Call `setup()` before requesting a dataloader.")
-        datasets = [
-            StreamingDataset(
-                str(stream),
-                item_loader=TokensLoader(block_size=self.seq_len + 1),
-                shuffle=shuffle,
-                drop_last=True,
-                seed=self.seed,
-            )
-            for stream in streams
-        ]
-        dataset: Any = datasets[0]
-        if len(datasets) > 1:
-            dataset = SizedCombinedStreamingDataset(
-                datasets, seed=self.seed, weights=weights, iterate_over_all=weights is None
-            )
-        return StreamingDataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            drop_last=True,
-        )
+        return self.heldout_dataloader()
 
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
         """Tokens are stored as int32; embeddings and cross-entropy targets want int64 (cast on the device)."""
         return batch.long()
-
-
-def check_seq_len(seq_len: int, config: LlamaConfig, fitting: bool = False, where: str = "data.seq_len") -> None:
-    """A :class:`ConfigError` unless sequences of ``seq_len`` fit the model: its ``block_size`` for training, within
-    its context length otherwise."""
-    if seq_len > config.context_length or (fitting and seq_len != config.block_size):
-        limit = f"block_size ({config.block_size})" if fitting else f"context length ({config.context_length})"
-        raise ConfigError(
-            f"the data's seq_len ({seq_len}) {'is not' if fitting else 'exceeds'} the model's {limit}",
-            where,
-            "set it to model.config.block_size, the sequence length the model trains at"
-            if fitting
-            else f"use at most {config.context_length} (the model trained at {config.block_size})",
-        )
-
-
-def heldout_loader(
-    data_dir: str | Path | None, seq_len: int, batch_size: int, vocab_size: int | None = None
-) -> StreamingDataLoader:
-    """The validation split of a prepared data directory (``None``: the built-in corpus), checked and in a fixed
-    order: batches of (B, seq_len + 1) int32 tokens. Iterating it again yields the same batches. A split too small
-    for one batch is a :class:`DataError`; so are a missing or incomplete ``data_dir`` and a ``batch_size`` below 1,
-    named as the commands' ``--data`` and ``--batch-size``."""
-    check_data_flag(data_dir)
-    check_counts({"--batch-size": batch_size})
-    data = TokenDataModule(
-        str(data_dir) if data_dir is not None else None, seq_len=seq_len, batch_size=batch_size, vocab_size=vocab_size
-    )
-    data.prepare_data()
-    data.setup("validate")
-    loader = data.test_dataloader()  # the held-out split, without validation's "will be skipped" warning
-    if len(loader) == 0:
-        raise DataError(
-            f"the validation split holds fewer than {batch_size} sequences of {seq_len + 1} tokens: not one batch",
-            data.val_streams()[0],
-            "lower --batch-size, or hold out more data",
-        )
-    return loader

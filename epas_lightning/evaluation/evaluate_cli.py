@@ -136,7 +136,7 @@ def evaluate_command(
         force: Allow regions longer than the trained one.
         json: End with one JSON line of the rows.
     """
-    from epas_lightning.data.datamodule import check_data_flag
+    from epas_lightning.data.token_data import check_data_flag
 
     check_counts({"--batches": batches, "--batch-size": batch_size})
     check_data_flag(data)

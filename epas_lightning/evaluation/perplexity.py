@@ -54,7 +54,7 @@ def evaluate_perplexity(
     length of one model is scored on the same tokens.
     """
     from epas_lightning.data import heldout_loader
-    from epas_lightning.data.datamodule import check_seq_len
+    from epas_lightning.data.token_data import check_seq_len
 
     seq_len = seq_len or model.config.block_size
     check_seq_len(seq_len, model.config, where="seq_len")

@@ -236,7 +236,7 @@ def bench_command(
         overwrite: Replace --output if it is a bench folder written by this command.
         json: End with one JSON line of the summary.
     """
-    from epas_lightning.data.datamodule import check_data_flag
+    from epas_lightning.data.token_data import check_data_flag
 
     counts = {"--batches": batches, "--batch-size": batch_size, "--prompts": prompts, "--reps": reps}
     check_counts({**counts, "--prompt-len": prompt_len, "--max-new-tokens": max_new_tokens})

@@ -31,41 +31,44 @@ class LlamaConfig:
     Fields left as ``None`` are taken from the preset named by ``name`` and, failing that, derived
     (``n_kv_head = n_head``, ``intermediate_size`` from the SwiGLU 8/3 rule, ``padded_vocab_size``).
     In YAML, ``config: {name: llama-125m, vocab_size: 8192}`` takes a preset and overrides one field.
+
+    Attributes:
+        name: Preset to start from: debug, demo, llama-125m, tinyllama-1.1b, llama-3b, llama-7b.
+        n_layer: Number of decoder layers.
+        n_embd: Model width d (hidden size).
+        n_head: Number of query heads.
+        n_kv_head: Number of key/value heads (GQA); defaults to n_head (plain multi-head attention).
+        intermediate_size: SwiGLU hidden size; defaults to 8/3 * n_embd rounded up to a multiple of 256.
+        vocab_size: Tokenizer vocabulary size.
+        padding_multiple: The embedding table is padded to a multiple of this (faster matmuls).
+        padded_vocab_size: Rows of the embedding / LM head; defaults to vocab_size rounded up to padding_multiple.
+        block_size: Training sequence length (linked to data.seq_len).
+        max_position_embeddings: The longest sequence the model runs at inference (prompt plus new tokens), written to
+            an export's config.json; default block_size. A fit from init_from keeps the source model's, when longer than
+            block_size.
+        rope_theta: RoPE base frequency.
+        norm_eps: RMSNorm epsilon.
+        tie_embeddings: Share the token embedding matrix with the LM head.
+        init_std: Standard deviation of the normal init of linear and embedding weights.
+        sharing_mode: What a sharing layer reuses from the last compute layer: 'qk' (the paper) or 'kv' (CLA-style).
     """
 
     name: str | None = None
-    """Preset to start from: debug, demo, llama-125m, tinyllama-1.1b, llama-3b, llama-7b."""
     n_layer: int | None = None
-    """Number of decoder layers."""
     n_embd: int | None = None
-    """Model width d (hidden size)."""
     n_head: int | None = None
-    """Number of query heads."""
     n_kv_head: int | None = None
-    """Number of key/value heads (GQA); defaults to n_head (plain multi-head attention)."""
     intermediate_size: int | None = None
-    """SwiGLU hidden size; defaults to 8/3 * n_embd rounded up to a multiple of 256."""
     vocab_size: int | None = None
-    """Tokenizer vocabulary size."""
     padding_multiple: int = 64
-    """The embedding table is padded to a multiple of this (faster matmuls)."""
     padded_vocab_size: int | None = None
-    """Rows of the embedding / LM head; defaults to vocab_size rounded up to padding_multiple."""
     block_size: int | None = None
-    """Training sequence length (linked to data.seq_len)."""
     max_position_embeddings: int | None = None
-    """The longest sequence the model runs at inference (prompt plus new tokens), written to an export's
-    config.json; default block_size. A fit from init_from keeps the source model's, when longer than block_size."""
     rope_theta: float = 10000.0
-    """RoPE base frequency."""
     norm_eps: float = 1e-5
-    """RMSNorm epsilon."""
     tie_embeddings: bool = False
-    """Share the token embedding matrix with the LM head."""
     init_std: float = 0.02
-    """Standard deviation of the normal init of linear and embedding weights."""
     sharing_mode: SharingMode = "qk"
-    """What a sharing layer reuses from the last compute layer: 'qk' (the paper) or 'kv' (CLA-style)."""
 
     def __post_init__(self) -> None:
         if self.name is not None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.attention import SDPBackend
 
 from epas_lightning.model.attention import Attention, AttentionContext, Shared
@@ -21,10 +21,11 @@ from epas_lightning.model.sharing import SharingState
 def _normal_(weight: torch.Tensor, std: float) -> None:
     """Fill ``weight`` from N(0, std). A sharded (DTensor) weight receives the shard of a full draw made on rank 0,
     so the model is the same for any number of ranks (a local draw per shard would repeat values across ranks)."""
-    if isinstance(weight, DTensor):
+    dtensor = sys.modules.get("torch.distributed.tensor")  # slow to import; loaded wherever a DTensor exists
+    if dtensor is not None and isinstance(weight, dtensor.DTensor):
         full = torch.empty(weight.shape, dtype=weight.dtype, device=weight.to_local().device)
         nn.init.normal_(full, std=std)
-        weight.copy_(distribute_tensor(full, weight.device_mesh, weight.placements))
+        weight.copy_(dtensor.distribute_tensor(full, weight.device_mesh, weight.placements))
     else:
         nn.init.normal_(weight, std=std)
 
