@@ -405,6 +405,44 @@ def test_serve_refuses_weights_that_do_not_fit_their_config_before_starting(chec
     assert err.startswith("error: the weights do not fit the model config it records") and err.count("\n") == 1, err
 
 
+def free_port() -> str:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        return str(free.getsockname()[1])
+
+
+def test_a_user_error_loading_the_model_in_the_worker_is_one_line(checkpoint, tmp_path, capfd):
+    """Only the inference worker reads the weights: its error was buried in LitServe's traceback, exit status 1."""
+    pytest.importorskip("litserve")
+    from safetensors.torch import load_file, save_file
+
+    bad = shutil.copytree(checkpoint, tmp_path / "nan")
+    weights = load_file(bad / "model.safetensors")
+    weights["embed_tokens.weight"][0, 0] = float("nan")
+    save_file(weights, bad / "model.safetensors")
+    assert cli_main(["serve", "--checkpoint", str(bad), "--device", "cpu", "--port", free_port()]) == 2
+    err = capfd.readouterr().err  # the worker's output too
+    assert err.endswith(
+        f"error: the weights hold NaN or inf (embed_tokens.weight) — {bad} — use another "
+        "checkpoint, e.g. an earlier one of the run (fit's divergence guard never writes such weights)\n"
+    )
+    assert "Traceback" not in err and err.count("\n") == 2, err  # "serving ...", then the error
+
+
+def test_running_out_of_device_memory_while_loading_is_one_line_about_the_model():
+    """The worker ran out of memory loading the model: a traceback; the advice on requests would not help."""
+    pytest.importorskip("litserve")
+    from epas_lightning.serve.startup import StartupReport
+
+    report = StartupReport()
+    with pytest.raises(torch.OutOfMemoryError), report.reporting():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1.02 GiB free. More")
+    assert str(report.failure()) == (
+        "out of device memory (CUDA out of memory; Tried to allocate 2.00 GiB; GPU 0 has 1.02 GiB free) — loading the "
+        "model — free the device or pick one with more memory (--device)"
+    )
+
+
 def test_serve_without_litserve_names_the_extra(monkeypatch, checkpoint, capsys):
     monkeypatch.setitem(sys.modules, "litserve", None)
     assert cli_main(["serve", "--checkpoint", str(checkpoint)]) == 2

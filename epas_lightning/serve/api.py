@@ -47,6 +47,7 @@ from epas_lightning.serve.protocol import (
     parse_completion,
     usage_chunk,
 )
+from epas_lightning.serve.startup import StartupReport
 
 logger = logging.getLogger("epas_lightning.serve")
 COMPLETIONS_PATH = "/v1/completions"
@@ -303,15 +304,17 @@ class CompletionsAPI(ls.LitAPI):
             max_batch_size=max_batch_size, batch_timeout=batch_timeout, spec=CompletionsSpec(served), loop=EngineLoop()
         )
         self.served, self.checkpoint, self.dtype, self.attention_reuse = served, checkpoint, dtype, attention_reuse
+        self.startup = StartupReport()
 
     def setup(self, device: str) -> None:
         show_package_logs()  # this process was spawned: our INFO lines (cancellations) go to stderr as in the main one
         logging.getLogger("epas_lightning").propagate = False  # and not once more through LitServe's root handler
-        loaded = load_for_inference(self.checkpoint, device, self.dtype, self.attention_reuse)
-        tokenizer = self.served.tokenizer()
-        self.engine = Engine(
-            loaded.model, loaded.region, tokenizer.decode, tokenizer.eos_id, self.max_batch_size, self.batch_timeout
-        )
+        with self.startup.reporting():  # a user error is said by the main process, in one line
+            loaded = load_for_inference(self.checkpoint, device, self.dtype, self.attention_reuse)
+            tokenizer = self.served.tokenizer()
+            self.engine = Engine(
+                loaded.model, loaded.region, tokenizer.decode, tokenizer.eos_id, self.max_batch_size, self.batch_timeout
+            )
 
     def predict(self, x: Any) -> Any:
         raise NotImplementedError("EngineLoop decodes; predict is not called")

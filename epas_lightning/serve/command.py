@@ -170,7 +170,13 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
     # kept after run returns: the monitor thread outlives it and may log the race until the process exits
     logging.getLogger("litserve.server").addFilter(_shutdown_race)
     with signals_stop_server():
-        server.run(host=host, port=port, log_level=log_level, generate_client_file=False, num_api_servers=1)
+        try:
+            server.run(host=host, port=port, log_level=log_level, generate_client_file=False, num_api_servers=1)
+        except RuntimeError:  # LitServe's "One or more workers failed to start"
+            failure = api.startup.failure()
+            if failure is None:
+                raise
+            raise failure from None
     print("server stopped", file=sys.stderr, flush=True)
 
 
