@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import queue
 import shutil
@@ -427,6 +428,35 @@ def test_a_user_error_loading_the_model_in_the_worker_is_one_line(checkpoint, tm
         "checkpoint, e.g. an earlier one of the run (fit's divergence guard never writes such weights)\n"
     )
     assert "Traceback" not in err and err.count("\n") == 2, err  # "serving ...", then the error
+
+
+def test_a_worker_that_dies_while_loading_stops_serve_and_an_interrupt_stops_the_worker():
+    """LitServe waited forever for a worker killed while loading (the OOM killer); interrupted while the worker
+    loaded, serve waited for the load to finish."""
+    pytest.importorskip("litserve")
+    from types import SimpleNamespace
+
+    from epas_lightning.serve.startup import watching_startup
+
+    def server(target, *args):
+        worker = multiprocessing.get_context("fork").Process(target=target, args=args)
+        worker.start()
+        return SimpleNamespace(inference_workers=[worker], workers_setup_status={"completions_0": "starting"})
+
+    def killed_for_memory() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    killed = server(killed_for_memory)
+    with watching_startup(killed) as died:
+        deadline = time.monotonic() + 10
+        while killed.workers_setup_status["completions_0"] == "starting" and time.monotonic() < deadline:
+            time.sleep(0.05)  # as LitServe waits
+    assert died == ["killed by SIGKILL: the system may have run out of memory"]
+    assert killed.workers_setup_status["completions_0"] == "error"
+    loading = server(time.sleep, 60)
+    with pytest.raises(KeyboardInterrupt), watching_startup(loading):
+        raise KeyboardInterrupt
+    assert not loading.inference_workers[0].is_alive()
 
 
 def test_running_out_of_device_memory_while_loading_is_one_line_about_the_model():

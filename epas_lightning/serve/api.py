@@ -218,7 +218,6 @@ class EngineLoop(LitLoop):
         self.pieces: dict[Hashable, list[str]] = {}
 
     def __call__(self, lit_api, device, worker_id, request_queue, transport, workers_setup_status, callback_runner):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches every process: the main one shuts us down
         engine: Engine = lit_api.engine
         inbox: queue.Queue = queue.Queue()
         threading.Thread(target=_forward, args=(request_queue, inbox), daemon=True, name="epas-receive").start()
@@ -307,6 +306,7 @@ class CompletionsAPI(ls.LitAPI):
         self.startup = StartupReport()
 
     def setup(self, device: str) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches every process: the main one shuts us down
         show_package_logs()  # this process was spawned: our INFO lines (cancellations) go to stderr as in the main one
         logging.getLogger("epas_lightning").propagate = False  # and not once more through LitServe's root handler
         with self.startup.reporting():  # a user error is said by the main process, in one line

@@ -19,7 +19,7 @@ from typing import Literal
 
 from epas_lightning.checkpoint import describe_checkpoint
 from epas_lightning.data.tokenizer import check_tokenizer_flag
-from epas_lightning.errors import ConfigError
+from epas_lightning.errors import ConfigError, UserError
 from epas_lightning.inference.generate_cli import resolve_tokenizer
 from epas_lightning.runtime import DType, check_counts, resolve_device, resolve_dtype
 
@@ -156,6 +156,8 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
     """Run LitServe until SIGTERM or Ctrl+C; returns after a clean shutdown."""
     import litserve as ls
 
+    from epas_lightning.serve.startup import watching_startup
+
     check_port_free(host, port)
     served = api.served
     devices = [index or 0] if accelerator == "cuda" else "auto"
@@ -169,10 +171,16 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
     )
     # kept after run returns: the monitor thread outlives it and may log the race until the process exits
     logging.getLogger("litserve.server").addFilter(_shutdown_race)
-    with signals_stop_server():
+    with signals_stop_server(), watching_startup(server) as died:
         try:
             server.run(host=host, port=port, log_level=log_level, generate_client_file=False, num_api_servers=1)
-        except RuntimeError:  # LitServe's "One or more workers failed to start"
+        except RuntimeError as e:  # LitServe's "One or more workers failed to start"
+            if died:
+                raise UserError(
+                    f"the inference worker ended while loading the model ({died[0]})",
+                    f"--checkpoint {api.checkpoint}",
+                    "free memory or serve on a machine with more",
+                ) from e
             failure = api.startup.failure()
             if failure is None:
                 raise
