@@ -293,6 +293,20 @@ def test_startup_mistakes_are_one_line_errors(checkpoint, capsys, args, message)
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
+def test_a_run_folder_as_checkpoint_names_the_checkpoints_it_holds(tmp_path, capsys):
+    """fit's run folder (or its checkpoints/ folder) was just 'not a checkpoint'."""
+    (tmp_path / "checkpoints").mkdir()
+    for name in ("epoch=0-step=8.ckpt", "last.ckpt"):
+        (tmp_path / "checkpoints" / name).touch()
+    for folder in (tmp_path, tmp_path / "checkpoints"):
+        assert cli_main(["serve", "--checkpoint", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(
+            f"error: not a checkpoint — --checkpoint {folder} — pass one of the checkpoints it holds: "
+            f"{tmp_path / 'checkpoints' / 'last.ckpt'}, {tmp_path / 'checkpoints' / 'epoch=0-step=8.ckpt'}\n"
+        ), err
+
+
 def test_a_port_in_use_is_a_one_line_error_before_the_model_loads(checkpoint, capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
