@@ -253,8 +253,16 @@ def _read_any(path: Path, weights: bool, flag: str = "--checkpoint") -> tuple[di
     raise CheckpointError(
         "not a checkpoint",
         f"{flag} {path}",
-        "pass a .ckpt file, an FSDP2 checkpoint directory, a consolidated directory or a Hugging Face LLaMA folder",
+        _checkpoints_inside(path)
+        or "pass a .ckpt file, an FSDP2 checkpoint directory, a consolidated directory or a Hugging Face LLaMA folder",
     )
+
+
+def _checkpoints_inside(folder: Path) -> str | None:
+    """The fix for fit's run folder or its ``checkpoints/`` folder: the checkpoints it holds, ``last.ckpt`` first."""
+    found = sorted(folder.glob("*.ckpt")) or sorted(folder.glob("checkpoints/*.ckpt"))
+    found.sort(key=lambda ckpt: ckpt.name != "last.ckpt")
+    return f"pass one of the checkpoints it holds: {listed([str(ckpt) for ckpt in found])}" if found else None
 
 
 def _fitted_model(config: LlamaConfig, state: dict[str, torch.Tensor], path: Path, device: torch.device) -> Llama:

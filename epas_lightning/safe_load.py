@@ -40,6 +40,12 @@ def load_torch_file(
         mmap = mmap and isinstance(path, Path) and _is_zip(path)
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
+        if isinstance(path, Path) and not _written_by_torch_save(path):
+            raise CheckpointError(
+                "not a checkpoint file: torch.save writes a zip archive or a pickle, and this is neither",
+                where or path,
+                "pass a checkpoint written by fit or consolidate",
+            ) from e
         raise CheckpointError(
             "cannot read this file safely (it holds objects other than tensors and plain data, which we never "
             "unpickle)",
@@ -63,6 +69,13 @@ def load_torch_file(
 
 def _is_zip(path: Path) -> bool:
     return zipfile.is_zipfile(path)
+
+
+def _written_by_torch_save(path: Path) -> bool:
+    """A zip archive, or a pickle of protocol 2 or later (its first byte is the PROTO opcode): what torch.save writes
+    (a text file, say, is neither)."""
+    with path.open("rb") as f:
+        return f.read(1) == pickle.PROTO or _is_zip(path)
 
 
 def is_sharded_checkpoint(path: Path) -> bool:

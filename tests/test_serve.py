@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import queue
 import shutil
@@ -283,13 +284,27 @@ def test_batches_that_fail_to_start_send_errors_instead_of_hanging(checkpoint, m
         (["--sharing-layers", "3"], "trained with at most 2 sharing layers"),  # serve has no --force to offer
         (["--sharing-layers", "-1"], "error: -1 sharing layers were asked for; a 4-layer model can share at most 3"),
         (["--port", "80"], "1024..65535"),
-        (["--host", "no such host.invalid"], "cannot listen on 'no such host.invalid'"),
+        (["--host", "localhost"], "--host takes one of 127.0.0.1, 0.0.0.0, ::, not 'localhost'"),  # LitServe's three
     ],
 )
 def test_startup_mistakes_are_one_line_errors(checkpoint, capsys, args, message):
     assert cli_main(["serve", "--checkpoint", str(checkpoint), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_a_run_folder_as_checkpoint_names_the_checkpoints_it_holds(tmp_path, capsys):
+    """fit's run folder (or its checkpoints/ folder) was just 'not a checkpoint'."""
+    (tmp_path / "checkpoints").mkdir()
+    for name in ("epoch=0-step=8.ckpt", "last.ckpt"):
+        (tmp_path / "checkpoints" / name).touch()
+    for folder in (tmp_path, tmp_path / "checkpoints"):
+        assert cli_main(["serve", "--checkpoint", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(
+            f"error: not a checkpoint — --checkpoint {folder} — pass one of the checkpoints it holds: "
+            f"{tmp_path / 'checkpoints' / 'last.ckpt'}, {tmp_path / 'checkpoints' / 'epoch=0-step=8.ckpt'}\n"
+        ), err
 
 
 def test_a_port_in_use_is_a_one_line_error_before_the_model_loads(checkpoint, capsys):
@@ -403,6 +418,73 @@ def test_serve_refuses_weights_that_do_not_fit_their_config_before_starting(chec
     assert cli_main(["serve", "--checkpoint", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: the weights do not fit the model config it records") and err.count("\n") == 1, err
+
+
+def free_port() -> str:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        return str(free.getsockname()[1])
+
+
+def test_a_user_error_loading_the_model_in_the_worker_is_one_line(checkpoint, tmp_path, capfd):
+    """Only the inference worker reads the weights: its error was buried in LitServe's traceback, exit status 1."""
+    pytest.importorskip("litserve")
+    from safetensors.torch import load_file, save_file
+
+    bad = shutil.copytree(checkpoint, tmp_path / "nan")
+    weights = load_file(bad / "model.safetensors")
+    weights["embed_tokens.weight"][0, 0] = float("nan")
+    save_file(weights, bad / "model.safetensors")
+    assert cli_main(["serve", "--checkpoint", str(bad), "--device", "cpu", "--port", free_port()]) == 2
+    err = capfd.readouterr().err  # the worker's output too
+    assert err.endswith(
+        f"error: the weights hold NaN or inf (embed_tokens.weight) — {bad} — use another "
+        "checkpoint, e.g. an earlier one of the run (fit's divergence guard never writes such weights)\n"
+    )
+    assert "Traceback" not in err and err.count("\n") == 2, err  # "serving ...", then the error
+
+
+def test_a_worker_that_dies_while_loading_stops_serve_and_an_interrupt_stops_the_worker():
+    """LitServe waited forever for a worker killed while loading (the OOM killer); interrupted while the worker
+    loaded, serve waited for the load to finish."""
+    pytest.importorskip("litserve")
+    from types import SimpleNamespace
+
+    from epas_lightning.serve.startup import watching_startup
+
+    def server(target, *args):
+        worker = multiprocessing.get_context("fork").Process(target=target, args=args)
+        worker.start()
+        return SimpleNamespace(inference_workers=[worker], workers_setup_status={"completions_0": "starting"})
+
+    def killed_for_memory() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    killed = server(killed_for_memory)
+    with watching_startup(killed) as died:
+        deadline = time.monotonic() + 10
+        while killed.workers_setup_status["completions_0"] == "starting" and time.monotonic() < deadline:
+            time.sleep(0.05)  # as LitServe waits
+    assert died == ["killed by SIGKILL: the system may have run out of memory"]
+    assert killed.workers_setup_status["completions_0"] == "error"
+    loading = server(time.sleep, 60)
+    with pytest.raises(KeyboardInterrupt), watching_startup(loading):
+        raise KeyboardInterrupt
+    assert not loading.inference_workers[0].is_alive()
+
+
+def test_running_out_of_device_memory_while_loading_is_one_line_about_the_model():
+    """The worker ran out of memory loading the model: a traceback; the advice on requests would not help."""
+    pytest.importorskip("litserve")
+    from epas_lightning.serve.startup import StartupReport
+
+    report = StartupReport()
+    with pytest.raises(torch.OutOfMemoryError), report.reporting():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1.02 GiB free. More")
+    assert str(report.failure()) == (
+        "out of device memory (CUDA out of memory; Tried to allocate 2.00 GiB; GPU 0 has 1.02 GiB free) — loading the "
+        "model — free the device or pick one with more memory (--device)"
+    )
 
 
 def test_serve_without_litserve_names_the_extra(monkeypatch, checkpoint, capsys):

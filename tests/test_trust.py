@@ -150,6 +150,17 @@ def test_fsdp2_resume_reads_non_tensor_shard_entries_safely(tmp_path):
     assert not marker.exists()
 
 
+def test_a_file_torch_save_did_not_write_is_not_called_unsafe(tmp_path):
+    """``--checkpoint hparams.yaml`` (it lies beside the .ckpt files) was refused as holding objects we never
+    unpickle, as if it were a malicious pickle."""
+    from epas_lightning.safe_load import load_torch_file
+
+    text = tmp_path / "hparams.yaml"
+    text.write_text("model:\n  lr: 0.001\n")
+    with pytest.raises(CheckpointError, match="^not a checkpoint file: torch.save writes a zip archive or a pickle"):
+        load_torch_file(text)
+
+
 def test_lm_eval_adapter_refuses_malicious_checkpoints(evil):
     from epas_lightning.evaluation.lm_eval_adapter import EPASLM
 

@@ -47,6 +47,7 @@ from epas_lightning.serve.protocol import (
     parse_completion,
     usage_chunk,
 )
+from epas_lightning.serve.startup import StartupReport
 
 logger = logging.getLogger("epas_lightning.serve")
 COMPLETIONS_PATH = "/v1/completions"
@@ -217,7 +218,6 @@ class EngineLoop(LitLoop):
         self.pieces: dict[Hashable, list[str]] = {}
 
     def __call__(self, lit_api, device, worker_id, request_queue, transport, workers_setup_status, callback_runner):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches every process: the main one shuts us down
         engine: Engine = lit_api.engine
         inbox: queue.Queue = queue.Queue()
         threading.Thread(target=_forward, args=(request_queue, inbox), daemon=True, name="epas-receive").start()
@@ -303,15 +303,18 @@ class CompletionsAPI(ls.LitAPI):
             max_batch_size=max_batch_size, batch_timeout=batch_timeout, spec=CompletionsSpec(served), loop=EngineLoop()
         )
         self.served, self.checkpoint, self.dtype, self.attention_reuse = served, checkpoint, dtype, attention_reuse
+        self.startup = StartupReport()
 
     def setup(self, device: str) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches every process: the main one shuts us down
         show_package_logs()  # this process was spawned: our INFO lines (cancellations) go to stderr as in the main one
         logging.getLogger("epas_lightning").propagate = False  # and not once more through LitServe's root handler
-        loaded = load_for_inference(self.checkpoint, device, self.dtype, self.attention_reuse)
-        tokenizer = self.served.tokenizer()
-        self.engine = Engine(
-            loaded.model, loaded.region, tokenizer.decode, tokenizer.eos_id, self.max_batch_size, self.batch_timeout
-        )
+        with self.startup.reporting():  # a user error is said by the main process, in one line
+            loaded = load_for_inference(self.checkpoint, device, self.dtype, self.attention_reuse)
+            tokenizer = self.served.tokenizer()
+            self.engine = Engine(
+                loaded.model, loaded.region, tokenizer.decode, tokenizer.eos_id, self.max_batch_size, self.batch_timeout
+            )
 
     def predict(self, x: Any) -> Any:
         raise NotImplementedError("EngineLoop decodes; predict is not called")

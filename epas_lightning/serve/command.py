@@ -19,10 +19,12 @@ from typing import Literal
 
 from epas_lightning.checkpoint import describe_checkpoint
 from epas_lightning.data.tokenizer import check_tokenizer_flag
-from epas_lightning.errors import ConfigError
+from epas_lightning.errors import ConfigError, UserError
 from epas_lightning.inference.generate_cli import resolve_tokenizer
 from epas_lightning.runtime import DType, check_counts, resolve_device, resolve_dtype
 
+Host = Literal["127.0.0.1", "0.0.0.0", "::"]
+"""The addresses LitServe listens on: its run refuses any other."""
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 INSTALL = "pip install 'epas_lightning[serve]'"
 HOST_FIX = "give an address of this machine: 127.0.0.1, 0.0.0.0, ::"
@@ -61,7 +63,7 @@ def signals_stop_server() -> Iterator[None]:
 
 def serve_command(
     checkpoint: Path,
-    host: str = "127.0.0.1",
+    host: Host = "127.0.0.1",
     port: int = 8000,
     model_name: str | None = None,
     sharing_layers: int | None = None,
@@ -86,7 +88,7 @@ def serve_command(
 
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
-        host: Interface to listen on (0.0.0.0 or :: for every interface).
+        host: 127.0.0.1 (this machine only), or 0.0.0.0 or :: (every interface); LitServe listens on no other.
         port: TCP port (1024..65535).
         model_name: The model id clients name (default: the checkpoint's file or folder name).
         sharing_layers: The region of requests that name none: the first N layers of the trained region (in its
@@ -102,7 +104,6 @@ def serve_command(
         log_level: LitServe and uvicorn logging (info logs every request).
     """
     require_litserve()
-    check_host(host)
     if not 1024 <= port <= 65535:
         raise ConfigError(f"port must lie in 1024..65535, not {port}", "--port")
     check_counts({"--max-batch-size": max_batch_size})
@@ -129,14 +130,6 @@ def serve_command(
     )
 
 
-def check_host(host: str) -> None:
-    """Fail with one line, before anything starts, when ``host`` is not an address this machine can listen on."""
-    try:
-        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as e:
-        raise ConfigError(f"cannot listen on {host!r} ({e})", "--host", HOST_FIX) from e
-
-
 def check_port_free(host: str, port: int) -> None:
     """Fail with one line, before the model loads, when ``port`` is taken on ``host`` (bound the way uvicorn binds
     it, then released); uvicorn says so only after the worker has loaded the model, in two lines."""
@@ -156,6 +149,8 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
     """Run LitServe until SIGTERM or Ctrl+C; returns after a clean shutdown."""
     import litserve as ls
 
+    from epas_lightning.serve.startup import watching_startup
+
     check_port_free(host, port)
     served = api.served
     devices = [index or 0] if accelerator == "cuda" else "auto"
@@ -169,8 +164,20 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
     )
     # kept after run returns: the monitor thread outlives it and may log the race until the process exits
     logging.getLogger("litserve.server").addFilter(_shutdown_race)
-    with signals_stop_server():
-        server.run(host=host, port=port, log_level=log_level, generate_client_file=False, num_api_servers=1)
+    with signals_stop_server(), watching_startup(server) as died:
+        try:
+            server.run(host=host, port=port, log_level=log_level, generate_client_file=False, num_api_servers=1)
+        except RuntimeError as e:  # LitServe's "One or more workers failed to start"
+            if died:
+                raise UserError(
+                    f"the inference worker ended while loading the model ({died[0]})",
+                    f"--checkpoint {api.checkpoint}",
+                    "free memory or serve on a machine with more",
+                ) from e
+            failure = api.startup.failure()
+            if failure is None:
+                raise
+            raise failure from None
     print("server stopped", file=sys.stderr, flush=True)
 
 
