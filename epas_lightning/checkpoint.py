@@ -265,15 +265,21 @@ def _checkpoints_inside(folder: Path) -> str | None:
     return f"pass one of the checkpoints it holds: {listed([str(ckpt) for ckpt in found])}" if found else None
 
 
-def _fitted_model(config: LlamaConfig, state: dict[str, torch.Tensor], path: Path, device: torch.device) -> Llama:
-    """The model with ``state`` loaded (strictly: every name and shape); on the meta device only the mask is real."""
+def _fitted_model(
+    config: LlamaConfig, state: dict[str, torch.Tensor], path: Path, device: torch.device, dtype: torch.dtype | None
+) -> Llama:
+    """The model with ``state`` loaded (strictly: every name and shape), its floating-point weights in ``dtype`` if
+    given; on the meta device only the mask is real. The weights are copied tensor by tensor into the model's, already
+    on ``device`` and in ``dtype``: the device never holds a second copy of the model, nor one in a wider dtype."""
     with torch.device("meta"):
         model = Llama(config)
     if device.type == "meta":
         model.sharing.to_empty(device="cpu")  # the shapes are checked, the mask is read
     else:
+        if dtype is not None:
+            check_fits_dtype(state, dtype)
+            model.to(dtype)  # still on the meta device (nothing allocated); the sharing mask stays bool
         model.to_empty(device=device)
-        state = {key: t.to(device) for key, t in state.items()}
     fix = "pass the checkpoint as fit or consolidate wrote it (weights and config from the same run)"
     mismatch = state_mismatch(model.state_dict(), state)
     if mismatch:
@@ -282,7 +288,7 @@ def _fitted_model(config: LlamaConfig, state: dict[str, torch.Tensor], path: Pat
         model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as e:  # a corrupt sharing mask
         raise CheckpointError(f"the weights do not fit the model config it records ({e})", path, fix) from e
-    check_finite(state, path)
+    check_finite(state if device.type == "meta" else model.state_dict(), path)  # on the device: fast there
     return model
 
 
@@ -354,16 +360,17 @@ def _info(metadata: dict[str, Any], model: Llama) -> CheckpointInfo:
     )
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
     """Load a model from a ``.ckpt`` file, an FSDP2 checkpoint directory, a :func:`consolidate` directory or an HF
-    LLaMA folder (dense, or with the region an ``export`` recorded).
+    LLaMA folder (dense, or with the region an ``export`` recorded), on ``device``, its floating-point weights in
+    ``dtype`` if given (weights past its range are refused), else as stored in the model (fp32).
 
     Pickles are read only with ``weights_only=True`` or the restricted metadata unpickler; anything that is not a
     checkpoint is a :class:`~epas_lightning.errors.CheckpointError` that says what was expected.
     """
     path = Path(path).expanduser()
     state, metadata = _read_any(path, weights=True)
-    model = _fitted_model(_model_config(metadata, path), state, path, torch.device(device))
+    model = _fitted_model(_model_config(metadata, path), state, path, torch.device(device), dtype)
     info = _info(metadata, model)
     stored = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     return LoadedModel(model=model.eval(), weights_dtype=stored, **vars(info))
@@ -378,7 +385,7 @@ def describe_checkpoint(path: str | Path, flag: str = "--checkpoint") -> Checkpo
     """
     path = Path(path).expanduser()
     state, metadata = _read_any(path, weights=False, flag=flag)
-    model = _fitted_model(_model_config(metadata, path), state, path, torch.device("meta"))
+    model = _fitted_model(_model_config(metadata, path), state, path, torch.device("meta"), None)
     return _info(metadata, model)
 
 

@@ -868,6 +868,30 @@ def test_weights_past_the_range_of_the_requested_dtype_are_refused_before_anythi
     assert main(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "hf"), "--dtype", "bfloat16"]) == 0
 
 
+def test_a_model_loads_straight_into_the_requested_dtype_without_a_wider_copy(tmp_path, monkeypatch):
+    """Inference loaded the fp32 model on the device, with a second copy of the weights there, and cast it after:
+    about 8 bytes per parameter on the GPU at load time for a model served in bf16 (2). Now each tensor is copied
+    into weights already in the dtype; the values are those of the cast, the sharing mask stays bool."""
+    from epas_lightning.checkpoint import load_model
+
+    model = Llama(LlamaConfig.from_name("debug", n_layer=4))
+    model.set_shared_layers([3])
+    ckpt = save_consolidated(model, tmp_path / "ckpt")
+    moved = []
+    to = torch.Tensor.to
+    monkeypatch.setattr(
+        torch.Tensor, "to", lambda t, *a, **k: moved.append(0 if t.is_meta else t.numel()) or to(t, *a, **k)
+    )
+    loaded = load_model(ckpt, "cpu", torch.bfloat16).model
+    assert sum(moved) < max(p.numel() for p in model.parameters())  # no tensor moved or cast whole beforehand
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16} and loaded.sharing.mask.dtype == torch.bool
+    cast = model.to(torch.bfloat16).state_dict()
+    for name, ours in loaded.state_dict().items():
+        assert torch.equal(ours, cast[name]), name
+    assert loaded.sharing.shared_layers == [3]
+
+
 def test_a_model_folder_where_a_checkpoint_belongs_says_to_start_from_it(small_checkpoint, tmp_path, capsys):
     """--ckpt_path resumes training state, which a model folder lacks; --checkpoint reads an HF folder, and an
     incomplete one is one line naming it (its config.json was a KeyError traceback)."""

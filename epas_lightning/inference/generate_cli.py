@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from epas_lightning.checkpoint import CheckpointInfo, LoadedModel, check_fits_dtype, load_model
+from epas_lightning.checkpoint import CheckpointInfo, LoadedModel, load_model
 from epas_lightning.data.tokenizer import TextTokenizer, check_tokenizer_flag, load_tokenizer
 from epas_lightning.errors import ConfigError, UserError
 from epas_lightning.inference.generate import GenerationResult, fit_new_tokens, generate, set_region
@@ -22,10 +22,7 @@ def load_for_inference(
 ) -> LoadedModel:
     """The checkpoint's model on the requested device and dtype, attention reuse on where it is the same model."""
     where = resolve_device(device)
-    loaded = load_model(checkpoint, where)
-    torch_dtype = resolve_dtype(dtype, where)
-    check_fits_dtype(loaded.model.state_dict(), torch_dtype)
-    loaded.model.to(torch_dtype)
+    loaded = load_model(checkpoint, where, resolve_dtype(dtype, where))  # straight into the dtype on the device
     loaded.model.attention_reuse = attention_reuse and loaded.model.config.sharing_mode == "qk"
     return loaded
 
