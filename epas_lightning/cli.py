@@ -16,6 +16,7 @@ import ast
 import gc
 import importlib
 import inspect
+import os
 import re
 import signal
 import sys
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from epas_lightning.errors import (
+    DEBUG_ENV,
     EXIT_DIVERGED,
     EXIT_USER_ERROR,
     ConfigError,
@@ -304,6 +306,20 @@ def main(args: Sequence[str] | None = None) -> int:
     143 after SIGTERM."""
     argv, debug = _pop_debug(list(sys.argv[1:] if args is None else args))
     show_package_logs()
+    before = os.environ.get(DEBUG_ENV)
+    if debug:  # for the processes the command starts (serve's worker, data workers) too, while it runs
+        os.environ[DEBUG_ENV] = "1"
+    try:
+        return _run(argv, debug)
+    finally:
+        if before is None:
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = before
+
+
+def _run(argv: list[str], debug: bool) -> int:
+    """:func:`main` after ``--debug``: the command's exit status, its errors as the policy says."""
     try:
         return dispatch(argv)
     except SystemExit as e:  # --help, --print_config

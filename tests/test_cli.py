@@ -161,3 +161,18 @@ def test_package_logs_follow_stderr_when_it_is_replaced_later(monkeypatch):
     monkeypatch.setattr("sys.stderr", second)
     logger.info("region grows")
     assert second.getvalue() == "region grows\n"
+
+
+def test_debug_reaches_the_processes_a_command_starts_while_it_runs(monkeypatch):
+    """`--debug` was read from the command line only: serve's inference worker and other child processes, which see
+    the environment, never knew it (errors.debug_enabled's EPAS_DEBUG). It is set while the command runs, then put
+    back, so a later main() in the same process is not affected."""
+    import os
+
+    from epas_lightning import cli
+
+    seen = []
+    monkeypatch.delenv("EPAS_DEBUG", raising=False)
+    monkeypatch.setattr(cli, "dispatch", lambda argv: seen.append(os.environ.get("EPAS_DEBUG")) or 0)
+    assert main(["--debug", "generate"]) == 0 and main(["generate"]) == 0
+    assert seen == ["1", None] and "EPAS_DEBUG" not in os.environ
