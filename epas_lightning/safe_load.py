@@ -60,8 +60,10 @@ def load_torch_file(
         ) from e
     except Exception as e:  # garbage fails the unpickler in many ways (KeyError, IndexError, ...): the file is bad
         detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if isinstance(path, Path) and path.is_file() and path.stat().st_size == 0:
+            detail = "the file is empty"
         raise CheckpointError(
-            f"not a readable checkpoint: corrupt or truncated ({type(e).__name__}: {detail})",
+            f"not a readable checkpoint: corrupt or truncated ({type(e).__name__}{': ' if detail else ''}{detail})",
             where or path,
             "copy it again, or pass a checkpoint written by fit or consolidate",
         ) from e

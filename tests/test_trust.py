@@ -653,6 +653,10 @@ def test_missing_data_dir_bad_schedule_and_truncated_checkpoints_are_one_line(tm
     text = tmp_path / "notes.ckpt"  # not a pickle at all: the unpickler fails with a KeyError, not an UnpicklingError
     text.write_text("hello")
     assert "corrupt or truncated" in one_line_error(capsys, ["generate", "--checkpoint", str(text), "--prompt", "x"])
+    (tmp_path / "zero.ckpt").touch()  # said "(EOFError: )"
+    assert "(EOFError: the file is empty)" in one_line_error(
+        capsys, ["evaluate", "--checkpoint", str(tmp_path / "zero.ckpt")]
+    )
     assert "model.init_from" in one_line_error(capsys, ["fit", "--config", DEBUG, "--model.init_from", str(truncated)])
     (tmp_path / "empty").mkdir()
     err = one_line_error(capsys, ["fit", "--config", DEBUG, "--model.init_from", str(tmp_path / "empty")])
