@@ -138,6 +138,14 @@ class CheckpointInfo:
     eos_id: int | None = None
     global_step: int | None = None
     data_dir: Path | None = None
+    gone_tokenizer: Path | None = None
+
+    def no_tokenizer(self) -> str:
+        """Why ``tokenizer_path`` is ``None``, for the error that asks for one: the run recorded none, or the file it
+        recorded is gone (named)."""
+        if self.gone_tokenizer is not None:
+            return f"the tokenizer the checkpoint was trained with is gone ({self.gone_tokenizer})"
+        return "the checkpoint does not name a tokenizer"
 
 
 @dataclass(kw_only=True)
@@ -346,7 +354,8 @@ def _info(metadata: dict[str, Any], model: Llama) -> CheckpointInfo:
     config = model.config
     tokenizer = metadata.get("tokenizer") or {}
     tokenizer_path = Path(tokenizer["path"]) if tokenizer.get("path") else None
-    if tokenizer_path is not None and not tokenizer_path.is_file():
+    gone = tokenizer_path if tokenizer_path is not None and not tokenizer_path.is_file() else None
+    if gone is not None:
         tokenizer_path = None
     data_dir = metadata.get("data_dir") or (_data_dir_of(tokenizer_path) if tokenizer_path else None)
     return CheckpointInfo(
@@ -357,6 +366,7 @@ def _info(metadata: dict[str, Any], model: Llama) -> CheckpointInfo:
         eos_id=tokenizer.get("eos_id"),
         global_step=metadata.get("global_step"),
         data_dir=Path(data_dir) if data_dir and Path(data_dir).is_dir() else None,
+        gone_tokenizer=gone,
     )
 
 

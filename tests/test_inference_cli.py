@@ -177,3 +177,18 @@ def test_init_from_a_checkpoint_that_shared_says_this_run_starts_dense(trained):
     with pytest.warns(UserWarning, match=r"trained layers \[2, 3\] sharing; this run starts every layer computing"):
         state = read_init_state(trained, config)
     assert "sharing.mask" not in state  # the new run's schedule decides the region
+
+
+def test_a_recorded_tokenizer_that_is_gone_is_named_in_the_error(tmp_path):
+    """The error said only 'the checkpoint does not name an existing tokenizer': which file went missing was lost."""
+    from epas_lightning.checkpoint import _info
+    from epas_lightning.errors import ConfigError
+    from epas_lightning.inference.generate_cli import resolve_tokenizer
+    from epas_lightning.model import Llama, LlamaConfig
+
+    model = Llama(LlamaConfig.from_name("debug", n_layer=2))
+    gone = tmp_path / "data" / "tokenizer.json"
+    with pytest.raises(ConfigError, match=f"trained with is gone \\({gone}\\) — --tokenizer — pass --tokenizer PATH"):
+        resolve_tokenizer(_info({"tokenizer": {"path": str(gone)}}, model), None)
+    with pytest.raises(ConfigError, match="^the checkpoint does not name a tokenizer — --tokenizer"):
+        resolve_tokenizer(_info({}, model), None)

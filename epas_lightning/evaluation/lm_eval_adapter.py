@@ -112,7 +112,7 @@ class EPASLM(HFLM):
         path = tokenizer or self.loaded.tokenizer_path
         if path is None:
             raise ConfigError(
-                "the checkpoint does not name an existing tokenizer",
+                self.loaded.no_tokenizer(),
                 f"checkpoint={checkpoint}",
                 "pass the tokenizer file (model argument tokenizer=PATH, or --tokenizer)",
             )

@@ -185,9 +185,7 @@ def export(
             for name in REMOTE_FILES:
                 shutil.copyfile(REMOTE_DIR / name, build / name)
         if tokenizer_path is None:
-            log.warning(
-                "The checkpoint records no (existing) tokenizer: exported weights and config only; pass --tokenizer."
-            )
+            log.warning(f"{loaded.no_tokenizer().capitalize()}: exported weights and config only; pass --tokenizer.")
         else:
             export_tokenizer(Path(tokenizer_path), build, config.context_length, loaded.bos_id, loaded.eos_id)
     return Path(output).expanduser().absolute()

@@ -41,7 +41,7 @@ def resolve_tokenizer(loaded: CheckpointInfo, path: Path | None) -> TextTokenize
     path = path or loaded.tokenizer_path
     if path is None:
         raise ConfigError(
-            "the checkpoint does not name an existing tokenizer",
+            loaded.no_tokenizer(),
             "--tokenizer",
             "pass --tokenizer PATH (the tokenizer.json or tokenizer.model the model was trained with)",
         )
