@@ -80,6 +80,10 @@ class TokenData:
         super().__init__()
         if seq_len < 1 or batch_size < 1:
             raise ConfigError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}", "data")
+        if num_workers < 0:
+            raise ConfigError(
+                f"num_workers must be 0 or more, got {num_workers}", "data.num_workers", "0 loads in the main process"
+            )
         dirs = [data_dir] if isinstance(data_dir, str | Path) else list(data_dir or [])
         if weights is not None and (len(weights) != len(dirs) or min(weights) < 0 or sum(weights) <= 0):
             raise ConfigError(
