@@ -265,6 +265,12 @@ def test_a_built_in_corpus_that_cannot_be_built_names_the_setting(tmp_path: Path
         TokenDataModule(vocab_size=512, max_bytes=100, cache_dir=str(tmp_path)).prepare_data()
 
 
+def test_a_negative_worker_count_is_refused_when_configured():
+    """It passed, and `fit` died at its first batch in a ValueError traceback from torch's DataLoader."""
+    with pytest.raises(ConfigError, match=r"num_workers must be 0 or more, got -1 — data.num_workers"):
+        TokenDataModule(num_workers=-1)
+
+
 def test_missing_data_dir_is_a_clear_error(tmp_path: Path):
     missing = tmp_path / "nowhere"
     with pytest.raises(DataError, match=rf"does not exist — data.data_dir {missing} — create it with .*prepare"):

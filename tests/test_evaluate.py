@@ -166,6 +166,32 @@ def test_evaluate_batches_with_tasks_scores_the_run_data_too(tmp_path: Path, tin
     assert "val_loss" not in evaluate(ckpt, tasks=[task], device="cpu")[0]  # tasks alone: only the tasks
 
 
+def test_held_out_data_of_another_vocabulary_than_the_model_is_one_line(tmp_path, tiny_corpus, capsys) -> None:
+    """evaluate, bench and analyze scored a --data folder tokenized with another vocabulary (no larger than the
+    model's) as if its ids were the model's tokens: numbers that mean nothing, without a word."""
+    from tokenizers import Tokenizer
+
+    from epas_lightning.data.tokenizer import same_token_ids, train_byte_level_bpe
+
+    other = tmp_path / "other"  # the same streams, prepared (as far as anything can tell) with a 300-token BPE
+    other.mkdir()
+    for name in ("train", "val", "meta.json"):
+        (other / name).symlink_to(tiny_corpus / name)
+    train_byte_level_bpe(["def main():\n    return 0\n"] * 4, 300).save(str(other / "tokenizer.json"))
+    ckpt = save_consolidated(tiny_model(n_layer=2), tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
+    for command in ("evaluate", "bench", "analyze"):
+        output = [] if command == "evaluate" else ["--output", str(tmp_path / command)]
+        argv = [command, "--checkpoint", str(ckpt), "--data", str(other), "--batches", "1", "--device", "cpu"]
+        assert cli_main([*argv, *output]) == 2
+        err = capsys.readouterr().err.splitlines()[-1]  # analyze first says what it analyses
+        assert err.startswith(f"error: prepared with another tokenizer ({other / 'tokenizer.json'}) than the model")
+        assert f"— --data {other} — prepare it with --tokenizer" in err
+    resaved = tmp_path / "resaved.json"  # one vocabulary in another file gives the ids the same tokens
+    Tokenizer.from_file(str(tiny_corpus / "tokenizer.json")).save(str(resaved), pretty=False)
+    assert same_token_ids(resaved, ckpt / "tokenizer.json")
+    assert not same_token_ids(other / "tokenizer.json", ckpt / "tokenizer.json")
+
+
 def test_evaluate_cli_sweeps_regions(tmp_path: Path, tiny_corpus: Path, capsys: pytest.CaptureFixture) -> None:
     model = tiny_model(shared=2)
     save_consolidated(model, tmp_path / "ckpt", tiny_corpus / "tokenizer.json")

@@ -235,6 +235,11 @@ def test_a_lightning_cli_value_error_names_the_flag_as_typed(capsys):
     assert main(["fit", "--config", DEBUG, "--checkpoint.train_time_interval", "30 minutes"]) == 2
     says = """--checkpoint.train_time_interval takes a duration "H:MM:SS" (e.g. "0:30:00"), not '30 minutes'"""
     assert capsys.readouterr().err.startswith(f"error: {says} — ")
+    # a value linked from model.config: "data.vocab_size: int | None is not callable" said nothing of the link
+    for flag in ("--data.vocab_size", "--data.seq_len"):
+        assert main(["fit", "--config", DEBUG, flag, "64"]) == 2
+        says = f"error: {flag} is taken from model.config (a linked value) — python -m epas_lightning fit — set it "
+        assert capsys.readouterr().err.startswith(f"{says}through model.config")
 
 
 def test_ctrl_c_in_a_command_is_one_line_and_status_130(capsys, monkeypatch):

@@ -41,12 +41,13 @@ def _checked(model: Llama, batches: Iterable[torch.Tensor]) -> Iterator[torch.Te
 
 
 def heldout_batches(
-    data_dir: Path, vocab_size: int, seq_len: int, batch_size: int, n_batches: int
+    data_dir: Path, vocab_size: int, seq_len: int, batch_size: int, n_batches: int, tokenizer: Path | None = None
 ) -> Iterator[torch.Tensor]:
-    """Up to ``n_batches`` token batches (B, seq_len) from the validation split of a prepared data dir."""
+    """Up to ``n_batches`` token batches (B, seq_len) from the validation split of a prepared data dir, which must
+    hold the ids of ``tokenizer`` (the model's, when known)."""
     from epas_lightning.data import heldout_loader
 
-    for batch in islice(heldout_loader(data_dir, seq_len, batch_size, vocab_size), n_batches):
+    for batch in islice(heldout_loader(data_dir, seq_len, batch_size, vocab_size, tokenizer), n_batches):
         yield batch[:, :-1]  # the model's inputs; the extra target token is not needed
 
 
@@ -139,8 +140,8 @@ def analyze_command(
         )
     with output_folder(output, "analysis", overwrite, inputs=[checkpoint]) as build:
         print(f"analysing {checkpoint} ({config.n_layer} layers) on {data_dir}", file=sys.stderr)
-        held_out = progress(heldout_batches(data_dir, config.vocab_size, seq_len, batch_size, batches),
-                            "analyze: capturing activations", batches, "batch")  # fmt: skip
+        held_out = heldout_batches(data_dir, config.vocab_size, seq_len, batch_size, batches, loaded.tokenizer_path)
+        held_out = progress(held_out, "analyze: capturing activations", batches, "batch")
         report = analyze_model(model, held_out)
         report.metadata.update(
             checkpoint=str(checkpoint),

@@ -17,7 +17,7 @@ from epas_lightning.data.layout import (
     missing_entries,
     tokenizer_file,
 )
-from epas_lightning.data.tokenizer import TextTokenizer, file_sha256, load_tokenizer
+from epas_lightning.data.tokenizer import TextTokenizer, file_sha256, load_tokenizer, same_token_ids
 from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model.config import LlamaConfig
 from epas_lightning.runtime import check_counts
@@ -47,6 +47,19 @@ def check_data_flag(data: str | Path | None, flag: str = "--data") -> None:
         check_prepared(Path(data).expanduser(), f"{flag} {data}", PREPARE)
 
 
+def check_tokenized_with(data_dir: Path, tokenizer: Path, where: str) -> None:
+    """A :class:`DataError` unless the prepared ``data_dir`` holds the ids of ``tokenizer`` (the model's): with another
+    vocabulary its ids stand for other tokens, and losses on it mean nothing."""
+    data_tokenizer = tokenizer_file(data_dir)
+    if not same_token_ids(data_tokenizer, tokenizer):
+        raise DataError(
+            f"prepared with another tokenizer ({data_tokenizer}) than the model's ({tokenizer}): its ids stand for "
+            "other tokens",
+            where,
+            f"prepare it with --tokenizer {tokenizer}, or leave --data unset for the checkpoint's own data",
+        )
+
+
 class TokenData:
     """The data directories of :class:`~epas_lightning.data.TokenDataModule` (its arguments, documented there):
     located, built (the built-in corpus), checked, and read as batches of ``seq_len + 1`` tokens."""
@@ -67,6 +80,10 @@ class TokenData:
         super().__init__()
         if seq_len < 1 or batch_size < 1:
             raise ConfigError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}", "data")
+        if num_workers < 0:
+            raise ConfigError(
+                f"num_workers must be 0 or more, got {num_workers}", "data.num_workers", "0 loads in the main process"
+            )
         dirs = [data_dir] if isinstance(data_dir, str | Path) else list(data_dir or [])
         if weights is not None and (len(weights) != len(dirs) or min(weights) < 0 or sum(weights) <= 0):
             raise ConfigError(
@@ -234,14 +251,21 @@ def check_seq_len(seq_len: int, config: LlamaConfig, fitting: bool = False, wher
 
 
 def heldout_loader(
-    data_dir: str | Path | None, seq_len: int, batch_size: int, vocab_size: int | None = None
+    data_dir: str | Path | None,
+    seq_len: int,
+    batch_size: int,
+    vocab_size: int | None = None,
+    tokenizer: str | Path | None = None,
 ) -> StreamingDataLoader:
     """The validation split of a prepared data directory (``None``: the built-in corpus), checked and in a fixed
     order: batches of (B, seq_len + 1) int32 tokens. Iterating it again yields the same batches. A split too small
-    for one batch is a :class:`DataError`; so are a missing or incomplete ``data_dir`` and a ``batch_size`` below 1,
-    named as the commands' ``--data`` and ``--batch-size``."""
+    for one batch is a :class:`DataError`; so are a missing or incomplete ``data_dir``, one prepared with another
+    vocabulary than ``tokenizer`` (the model's, when known) and a ``batch_size`` below 1, named as the commands'
+    ``--data`` and ``--batch-size``."""
     check_data_flag(data_dir)
     check_counts({"--batch-size": batch_size})
+    if data_dir is not None and tokenizer is not None:
+        check_tokenized_with(Path(data_dir).expanduser(), Path(tokenizer), f"--data {data_dir}")
     data = TokenData(
         str(data_dir) if data_dir is not None else None, seq_len=seq_len, batch_size=batch_size, vocab_size=vocab_size
     )

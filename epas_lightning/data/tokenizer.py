@@ -112,27 +112,15 @@ def load_tokenizer(
     the tokens named, else the usual candidates.
     """
     path = resolve_tokenizer_path(path)
-    with path.open("rb") as f:
-        head = f.read(64).lstrip()
-    if path.suffix == ".json" or head.startswith(b"{"):
-        from tokenizers import Tokenizer
-
-        try:
-            tok = Tokenizer.from_file(str(path))
-        except Exception as e:
-            raise TokenizerError(f"not a readable HF tokenizer.json ({e})", path) from e
-        vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
+    kind, backend = _open(path)
+    if kind == "hf":
+        vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
         bos = _recorded(bos_id, "BOS", vocab_size, path)
-        bos = _pick(bos_token, BOS_CANDIDATES, tok.token_to_id, "BOS", path) if bos is None else bos
+        bos = _pick(bos_token, BOS_CANDIDATES, backend.token_to_id, "BOS", path) if bos is None else bos
         eos = _recorded(eos_id, "EOS", vocab_size, path)
-        eos = _pick(eos_token, EOS_CANDIDATES, tok.token_to_id, "EOS", path) if eos is None else eos
-        return TextTokenizer("hf", path, tok, bos, eos, vocab_size)
-    import sentencepiece as spm
-
-    try:
-        sp = spm.SentencePieceProcessor(model_file=str(path))
-    except Exception as e:
-        raise TokenizerError(f"neither a tokenizer.json nor a sentencepiece model ({e})", path) from e
+        eos = _pick(eos_token, EOS_CANDIDATES, backend.token_to_id, "EOS", path) if eos is None else eos
+        return TextTokenizer("hf", path, backend, bos, eos, vocab_size)
+    sp = backend
 
     def sp_lookup(token: str) -> int | None:
         token_id = sp.piece_to_id(token)
@@ -146,6 +134,39 @@ def load_tokenizer(
     if eos is None:
         eos = sp.eos_id() if eos_token is None and sp.eos_id() >= 0 else _pick(eos_token, (), sp_lookup, "EOS", path)
     return TextTokenizer("sentencepiece", path, sp, bos, eos, vocab_size)
+
+
+def _open(path: Path) -> tuple[str, Any]:
+    """The kind of a tokenizer file (``"hf"`` or ``"sentencepiece"``) and its loaded backend."""
+    with path.open("rb") as f:
+        head = f.read(64).lstrip()
+    if path.suffix == ".json" or head.startswith(b"{"):
+        from tokenizers import Tokenizer
+
+        try:
+            return "hf", Tokenizer.from_file(str(path))
+        except Exception as e:
+            raise TokenizerError(f"not a readable HF tokenizer.json ({e})", path) from e
+    import sentencepiece as spm
+
+    try:
+        return "sentencepiece", spm.SentencePieceProcessor(model_file=str(path))
+    except Exception as e:
+        raise TokenizerError(f"neither a tokenizer.json nor a sentencepiece model ({e})", path) from e
+
+
+def _tokens_by_id(path: Path) -> dict[int, str]:
+    kind, backend = _open(path)
+    if kind == "hf":
+        return {token_id: token for token, token_id in backend.get_vocab(with_added_tokens=True).items()}
+    return {token_id: backend.id_to_piece(token_id) for token_id in range(backend.get_piece_size())}
+
+
+def same_token_ids(a: str | Path, b: str | Path) -> bool:
+    """Whether two tokenizer files give every id the same token: the same file, or one vocabulary in two files (a
+    model's ``tokenizer.json`` and ``tokenizer.model``)."""
+    a, b = resolve_tokenizer_path(a), resolve_tokenizer_path(b)
+    return file_sha256(a) == file_sha256(b) or _tokens_by_id(a) == _tokens_by_id(b)
 
 
 def _recorded(token_id: int | None, what: str, vocab_size: int, path: Path) -> int | None:

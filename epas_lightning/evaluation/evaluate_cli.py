@@ -73,7 +73,9 @@ def evaluate(
         from epas_lightning.data import heldout_loader
 
         config = loaded.model.config
-        loader = heldout_loader(data, config.block_size, batch_size, config.vocab_size)
+        loader = heldout_loader(
+            data, config.block_size, batch_size, config.vocab_size, tokenizer or loaded.tokenizer_path
+        )
     rows = []
     for n in lengths:
         layers = set_region(loaded.model, n, loaded.region, force)

@@ -64,11 +64,14 @@ def region_for_budget(config: LlamaConfig, budget: float, max_shared: int, seq_l
     )
 
 
-def heldout_batches(data_dir: Path, config: LlamaConfig, batch_size: int, n_batches: int) -> list[torch.Tensor]:
-    """Up to ``n_batches`` validation batches (B, block_size + 1), kept in memory to score every region alike."""
+def heldout_batches(
+    data_dir: Path, config: LlamaConfig, batch_size: int, n_batches: int, tokenizer: Path | None = None
+) -> list[torch.Tensor]:
+    """Up to ``n_batches`` validation batches (B, block_size + 1), kept in memory to score every region alike; the
+    data must hold the ids of ``tokenizer`` (the model's, when known)."""
     from epas_lightning.data import heldout_loader
 
-    loader = heldout_loader(data_dir, config.block_size, batch_size, config.vocab_size)
+    loader = heldout_loader(data_dir, config.block_size, batch_size, config.vocab_size, tokenizer)
     return [batch.long() for batch in islice(loader, n_batches)]
 
 
@@ -261,7 +264,7 @@ def bench_command(
         )
     data_dir = data or loaded.data_dir
     with output_folder(output, "bench", overwrite, inputs=[checkpoint]) as build:
-        held_out = heldout_batches(data_dir, config, batch_size, batches) if data_dir else []
+        held_out = heldout_batches(data_dir, config, batch_size, batches, loaded.tokenizer_path) if data_dir else []
         rows = measure(loaded, max_shared, force, held_out, prompts, prompt_len, max_new_tokens, reps,
                        graphed)  # fmt: skip
         summary = {
