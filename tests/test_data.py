@@ -300,3 +300,18 @@ def test_loader_state_dict_resumes_with_the_same_batches(tiny_corpus: Path, num_
     batches = iter(resumed)
     for want in expected:
         assert torch.equal(next(batches), want)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_a_batch_reaches_the_device(tmp_path):
+    """A chunk corrupted in place (sizes and index still agreeing) passed every check: evaluate died with an
+    IndexError traceback on the CPU, and on a GPU the embedding would end a training run with a device-side assert."""
+    from epas_lightning.errors import DataError
+
+    data = TokenDataModule(data_dir=str(tmp_path), seq_len=3, batch_size=2, vocab_size=512)
+    good = torch.tensor([[0, 5, 511, 7], [1, 2, 3, 4]], dtype=torch.int32)
+    assert data.on_before_batch_transfer(good, 0) is good
+    for bad, id_ in ((511 + 1, 512), (-3, -3)):
+        batch = good.clone()
+        batch[1, 2] = bad
+        with pytest.raises(DataError, match=rf"token id {id_}, outside the model's vocabulary \[0, 512\) — {tmp_path}"):
+            data.on_before_batch_transfer(batch, 0)

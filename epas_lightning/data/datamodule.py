@@ -130,6 +130,21 @@ class TokenDataModule(TokenData, LightningDataModule):
         """The held-out split (there is no separate test split): ``test`` reports held-out loss and perplexity."""
         return self.heldout_dataloader()
 
+    def on_before_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
+        """Refuse token ids outside the vocabulary, on the host, in one line: a chunk corrupted in place (its size and
+        index still agreeing) passes every earlier check, and on a GPU the embedding would end the run with a
+        device-side assert. One reduction over the batch's ids."""
+        if self.vocab_size is not None and batch.numel():
+            low, high = (int(v) for v in torch.aminmax(batch))
+            if low < 0 or high >= self.vocab_size:
+                raise DataError(
+                    f"a batch holds token id {high if high >= self.vocab_size else low}, outside the model's "
+                    f"vocabulary [0, {self.vocab_size})",
+                    self.data_dir or "the built-in corpus",
+                    "the token stream is corrupt or of another tokenizer: prepare the data again",
+                )
+        return batch
+
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
         """Tokens are stored as int32; embeddings and cross-entropy targets want int64 (cast on the device)."""
         return batch.long()
