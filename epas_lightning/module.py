@@ -17,8 +17,10 @@ from torch.distributed.tensor import DTensor
 from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from epas_lightning.attention_kernels import sdpa_order
+from epas_lightning.data.tokenizer import TokenizerError, resolve_tokenizer_path
 from epas_lightning.errors import ConfigError
 from epas_lightning.flops import estimate_flops
+from epas_lightning.hf.convert import is_hf_dir
 from epas_lightning.init_from import (
     check_init_source,
     check_same_architecture,
@@ -114,6 +116,22 @@ class EPASModule(LightningModule):
         self._loss_step: int | None = None  # the optimizer step whose micro-batch losses _loss_sum adds up
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
+
+    @property
+    def source_tokenizer(self) -> Path | None:
+        """The tokenizer file of the ``init_from`` model, where it has one (an HF folder's ``tokenizer.json`` or
+        ``tokenizer.model``, the one our checkpoint recorded): the training data must hold its ids."""
+        if self.init_from is None:
+            return None
+        path = Path(self.init_from).expanduser()
+        if is_hf_dir(path):
+            try:
+                return resolve_tokenizer_path(path)
+            except TokenizerError:  # a folder of weights only
+                return None
+        from epas_lightning.checkpoint import describe_checkpoint
+
+        return describe_checkpoint(path, "model.init_from").tokenizer_path
 
     def setup(self, stage: str) -> None:
         if stage == "fit":

@@ -174,6 +174,30 @@ def test_fit_init_from_hf_starts_at_hf_weights(tmp_path: Path, tiny_corpus: Path
     assert f"init_from: the weights start from {path}" in caplog.text  # the user sees that it happened
 
 
+def test_fit_init_from_refuses_data_of_another_tokenizer(tmp_path: Path, tiny_corpus: Path) -> None:
+    """Continual pretraining on data tokenized with another vocabulary than the init_from model's trained its
+    weights on ids that stand for other tokens, without a word (evaluate already refused such data)."""
+    from epas_lightning import TokenDataModule
+    from epas_lightning.errors import DataError
+
+    path = save_tiny_hf(tmp_path / "hf")
+    tokenizer = json.loads((tiny_corpus / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two ids swapped: another vocabulary
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+    def fit(root: Path) -> None:
+        data = TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=VOCAB)
+        cpu_trainer(root, max_steps=1).fit(EPASModule(_module_config(), init_from=str(path)), data)
+
+    says = rf"another tokenizer .* than the model's \({path / 'tokenizer.json'}\).* — data.data_dir {tiny_corpus}"
+    with pytest.raises(DataError, match=says + r" — prepare the data with --tokenizer"):
+        fit(tmp_path / "a")
+    (path / "tokenizer.json").write_bytes((tiny_corpus / "tokenizer.json").read_bytes())
+    fit(tmp_path / "b")  # the model's own tokenizer: trains
+
+
 def test_validate_and_test_start_from_init_from(tmp_path: Path, tiny_corpus: Path) -> None:
     """`validate`/`test` without --ckpt_path score the init_from weights (the baseline of a continual run), once."""
     from epas_lightning import TokenDataModule

@@ -9,7 +9,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
-from epas_lightning.data.token_data import TokenData, check_seq_len
+from epas_lightning.data.token_data import TokenData, check_seq_len, check_tokenized_with
 from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model.config import LlamaConfig
 
@@ -104,6 +104,18 @@ class TokenDataModule(TokenData, LightningDataModule):
                 "set it to model.config.vocab_size, or leave it unset to take the model's",
             )
         check_seq_len(self.seq_len, config, fitting=trainer.state.fn == TrainerFn.FITTING)
+
+    def check_model_tokenizer(self) -> None:
+        """Data tokenized with another vocabulary than the model the run starts from (the module's
+        ``source_tokenizer``: ``init_from``'s, where it has one) is refused before any step: its ids would stand for
+        other tokens than the weights learned, and days of training would fit them to noise."""
+        trainer = self.trainer
+        source = getattr(trainer.lightning_module, "source_tokenizer", None) if trainer is not None else None
+        if source is None:
+            return
+        fix = f"prepare the data with --tokenizer {source} (the tokenizer of model.init_from)"
+        for data_dir in (*self.data_dirs, *filter(None, [self._prepared_val_dir()])):
+            check_tokenized_with(data_dir, source, f"data.data_dir {data_dir}", fix)
 
     def train_dataloader(self) -> StreamingDataLoader:
         loader = self._dataloader(self.train_streams(), shuffle=True, weights=self.weights)

@@ -47,16 +47,16 @@ def check_data_flag(data: str | Path | None, flag: str = "--data") -> None:
         check_prepared(Path(data).expanduser(), f"{flag} {data}", PREPARE)
 
 
-def check_tokenized_with(data_dir: Path, tokenizer: Path, where: str) -> None:
+def check_tokenized_with(data_dir: Path, tokenizer: Path, where: str, fix: str | None = None) -> None:
     """A :class:`DataError` unless the prepared ``data_dir`` holds the ids of ``tokenizer`` (the model's): with another
-    vocabulary its ids stand for other tokens, and losses on it mean nothing."""
+    vocabulary its ids stand for other tokens, and losses on it (or training on it) mean nothing."""
     data_tokenizer = tokenizer_file(data_dir)
     if not same_token_ids(data_tokenizer, tokenizer):
         raise DataError(
             f"prepared with another tokenizer ({data_tokenizer}) than the model's ({tokenizer}): its ids stand for "
             "other tokens",
             where,
-            f"prepare it with --tokenizer {tokenizer}, or leave --data unset for the checkpoint's own data",
+            fix or f"prepare it with --tokenizer {tokenizer}, or leave --data unset for the checkpoint's own data",
         )
 
 
@@ -142,6 +142,7 @@ class TokenData:
                     f"{val_tokenizer}, {tokenizer_files[0]}",
                     "prepare them with the same --tokenizer",
                 )
+        self.check_model_tokenizer()
         for stream in self.train_streams() + self.val_streams():
             check_stream(stream)
         self.meta = metas[0]
@@ -182,6 +183,10 @@ class TokenData:
                 entry = prepare_builtin_corpus(self.builtin_vocab_size, self.cache_dir, self.max_bytes, progress=True)
             return entry
         return check_prepared(data_dir, f"data.data_dir {data_dir}", HOW_TO_CREATE)
+
+    def check_model_tokenizer(self) -> None:
+        """Check that the located data holds the ids of the tokenizer its model starts from: ``TokenDataModule``
+        does, under a trainer; alone there is no model to check against."""
 
     def check_fits_model(self) -> None:
         """Check the data against the model that runs it, before any data is read: ``TokenDataModule`` does, under a
