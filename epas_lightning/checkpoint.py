@@ -219,7 +219,7 @@ def _read_consolidated(path: Path, weights: bool = True) -> tuple[dict[str, torc
 def _read_hf(path: Path, weights: bool, flag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A Hugging Face LLaMA folder as a checkpoint-like state and metadata: dense, or the trained region an ``export``
     recorded; its ``tokenizer.json`` / ``tokenizer.model`` and BOS/EOS ids when it has them; no data."""
-    from epas_lightning.data.tokenizer import HF_FILENAME, SENTENCEPIECE_FILENAME
+    from epas_lightning.data.tokenizer import tokenizer_in
 
     hf = read_hf_config(path)
     try:
@@ -229,7 +229,7 @@ def _read_hf(path: Path, weights: bool, flag: str) -> tuple[dict[str, torch.Tens
         raise HFCheckpointError(e.what, e.where or f"{flag} {path}", e.fix) from e
     region = [int(i) for i in hf.get("epas_trained_region") or ()]
     state[SHARING_MASK] = torch.tensor([i in region for i in range(config.n_layer)])
-    tokenizer = next((path / name for name in (HF_FILENAME, SENTENCEPIECE_FILENAME) if (path / name).is_file()), None)
+    tokenizer = tokenizer_in(path)
     metadata = {
         "model_config": config.to_dict(),
         "tokenizer": {"path": str(tokenizer) if tokenizer else None, **_special_ids(hf)},

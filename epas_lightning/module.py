@@ -17,10 +17,8 @@ from torch.distributed.tensor import DTensor
 from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from epas_lightning.attention_kernels import sdpa_order
-from epas_lightning.data.tokenizer import TokenizerError, resolve_tokenizer_path
 from epas_lightning.errors import ConfigError
 from epas_lightning.flops import estimate_flops
-from epas_lightning.hf.convert import is_hf_dir
 from epas_lightning.init_from import (
     check_init_source,
     check_same_architecture,
@@ -123,15 +121,9 @@ class EPASModule(LightningModule):
         ``tokenizer.model``, the one our checkpoint recorded): the training data must hold its ids."""
         if self.init_from is None:
             return None
-        path = Path(self.init_from).expanduser()
-        if is_hf_dir(path):
-            try:
-                return resolve_tokenizer_path(path)
-            except TokenizerError:  # a folder of weights only
-                return None
-        from epas_lightning.checkpoint import describe_checkpoint
+        from epas_lightning.checkpoint import describe_checkpoint  # reads HF folders and our checkpoints alike
 
-        return describe_checkpoint(path, "model.init_from").tokenizer_path
+        return describe_checkpoint(self.init_from, "model.init_from").tokenizer_path
 
     def setup(self, stage: str) -> None:
         if stage == "fit":

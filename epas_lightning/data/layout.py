@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from epas_lightning.data.tokenizer import HF_FILENAME, SENTENCEPIECE_FILENAME
+from epas_lightning.data.tokenizer import HF_FILENAME, tokenizer_in
 from epas_lightning.errors import DataError
 
 FORMAT_VERSION = 1
@@ -81,7 +81,7 @@ def missing_entries(data_dir: Path) -> list[str]:
             return [*missing, META_FILENAME]
         if not tokenizer.is_file():
             missing.append(tokenizer.name)
-    elif not any((data_dir / name).is_file() for name in (HF_FILENAME, SENTENCEPIECE_FILENAME)):
+    elif tokenizer_in(data_dir) is None:
         missing.insert(-1, HF_FILENAME)
     return missing
 

@@ -62,13 +62,17 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def tokenizer_in(folder: Path) -> Path | None:
+    """The ``tokenizer.json`` (first) or ``tokenizer.model`` of a model or data folder, if it holds one."""
+    return next((folder / name for name in (HF_FILENAME, SENTENCEPIECE_FILENAME) if (folder / name).is_file()), None)
+
+
 def resolve_tokenizer_path(path: str | Path) -> Path:
     """A tokenizer file, or a model directory holding ``tokenizer.json`` or ``tokenizer.model``."""
     path = Path(path).expanduser()
     if path.is_dir():
-        for name in (HF_FILENAME, SENTENCEPIECE_FILENAME):
-            if (path / name).is_file():
-                return path / name
+        if (found := tokenizer_in(path)) is not None:
+            return found
         raise TokenizerError(f"no {HF_FILENAME} or {SENTENCEPIECE_FILENAME} in the tokenizer folder", path)
     if not path.is_file():
         raise TokenizerError("tokenizer file does not exist", path, "check the path")
