@@ -310,8 +310,9 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_a_batch_reaches_the
     data = TokenDataModule(data_dir=str(tmp_path), seq_len=3, batch_size=2, vocab_size=512)
     good = torch.tensor([[0, 5, 511, 7], [1, 2, 3, 4]], dtype=torch.int32)
     assert data.on_before_batch_transfer(good, 0) is good
-    for bad, id_ in ((511 + 1, 512), (-3, -3)):
+    for bad, ids in ((511 + 1, "0..512"), (-3, "-3..511")):
         batch = good.clone()
         batch[1, 2] = bad
-        with pytest.raises(DataError, match=rf"token id {id_}, outside the model's vocabulary \[0, 512\) — {tmp_path}"):
+        says = rf"token ids must lie in 0\.\.511 \(the model's vocab_size\), got {ids} — {tmp_path} — the token stream"
+        with pytest.raises(DataError, match=says):
             data.on_before_batch_transfer(batch, 0)

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from epas_lightning.data.token_data import TokenData, check_seq_len, check_tokenized_with
 from epas_lightning.errors import ConfigError, DataError
-from epas_lightning.model.config import LlamaConfig
+from epas_lightning.model.config import LlamaConfig, check_token_ids
 
 if TYPE_CHECKING:
     from litdata import StreamingDataLoader
@@ -114,8 +114,9 @@ class TokenDataModule(TokenData, LightningDataModule):
         if source is None:
             return
         fix = f"prepare the data with --tokenizer {source} (the tokenizer of model.init_from)"
-        for data_dir in (*self.data_dirs, *filter(None, [self._prepared_val_dir()])):
-            check_tokenized_with(data_dir, source, f"data.data_dir {data_dir}", fix)
+        # setup found every data_dir, and a prepared val_dir, tokenized with one file: comparing the first suffices
+        where = f"data.data_dir {', '.join(map(str, self.data_dirs))}"
+        check_tokenized_with(self.data_dirs[0], source, where, fix)
 
     def train_dataloader(self) -> StreamingDataLoader:
         loader = self._dataloader(self.train_streams(), shuffle=True, weights=self.weights)
@@ -148,13 +149,8 @@ class TokenDataModule(TokenData, LightningDataModule):
         device-side assert. One reduction over the batch's ids."""
         if self.vocab_size is not None and batch.numel():
             low, high = (int(v) for v in torch.aminmax(batch))
-            if low < 0 or high >= self.vocab_size:
-                raise DataError(
-                    f"a batch holds token id {high if high >= self.vocab_size else low}, outside the model's "
-                    f"vocabulary [0, {self.vocab_size})",
-                    self.data_dir or "the built-in corpus",
-                    "the token stream is corrupt or of another tokenizer: prepare the data again",
-                )
+            fix = "the token stream is corrupt or of another tokenizer: prepare the data again"
+            check_token_ids(low, high, self.vocab_size, self.data_dir or "the built-in corpus", fix)
         return batch
 
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:

@@ -130,12 +130,7 @@ class LlamaConfig:
 
     def check_token_ids(self, lowest: int, highest: int, where: object) -> None:
         """A :class:`DataError` unless token ids ``lowest..highest`` lie in the model's vocabulary."""
-        if lowest < 0 or highest >= self.vocab_size:
-            raise DataError(
-                f"token ids must lie in 0..{self.vocab_size - 1} (the model's vocab_size), got {lowest}..{highest}",
-                where,
-                "tokenize with the tokenizer the model trained with",
-            )
+        check_token_ids(lowest, highest, self.vocab_size, where)
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> LlamaConfig:
@@ -156,3 +151,17 @@ class LlamaConfig:
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def check_token_ids(
+    lowest: int,
+    highest: int,
+    vocab_size: int,
+    where: object,
+    fix: str = "tokenize with the tokenizer the model trained with",
+) -> None:
+    """A :class:`DataError` unless token ids ``lowest..highest`` lie in a vocabulary of ``vocab_size`` ids."""
+    if lowest < 0 or highest >= vocab_size:
+        raise DataError(
+            f"token ids must lie in 0..{vocab_size - 1} (the model's vocab_size), got {lowest}..{highest}", where, fix
+        )
