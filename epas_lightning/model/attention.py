@@ -24,6 +24,7 @@ constant.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -130,10 +131,9 @@ class Attention(nn.Module):
         return self.n_kv_head != self.n_head
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        causal = ctx.is_causal and ctx.mask is None
-        if self.sdpa_order is None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=causal, enable_gqa=self._gqa)
-        with sdpa_kernel(list(self.sdpa_order), set_priority=True):
+        order = nullcontext() if self.sdpa_order is None else sdpa_kernel(list(self.sdpa_order), set_priority=True)
+        with order:
+            causal = ctx.is_causal and ctx.mask is None
             return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=causal, enable_gqa=self._gqa)
 
     def _heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
