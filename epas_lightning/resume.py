@@ -40,12 +40,14 @@ def resume_checkpoint(config: Namespace, word: str, fitting: bool = True) -> str
     says so).
     """
     dirpath, run_dirs = checkpoint_folder(config), _logger_run_dirs(config)
-    if word == "auto" and newest_last_checkpoint(dirpath, run_dirs) is None:
+    newest = newest_last_checkpoint(dirpath, run_dirs)
+    if newest is None and word == "auto":
         check_no_slurm_checkpoint(config)
         instead = "starting from scratch" if fitting else "scoring the configured model"
         say(f"--ckpt_path auto: no last.ckpt under {_last_checkpoint_places(dirpath, run_dirs)}; {instead}.")
         return None
-    newest = last_checkpoint_of_run(dirpath, run_dirs, "train first, or pass the checkpoint's path to --ckpt_path")
+    if newest is None:
+        raise _no_last_checkpoint(dirpath, run_dirs, "train first, or pass the checkpoint's path to --ckpt_path")
     if fitting:  # validate/test: Lightning says which file it loaded the weights from
         say(f"Resuming from {newest}")
     return str(newest)
@@ -68,8 +70,12 @@ def last_checkpoint_of_run(dirpath: str | Path | None, run_dirs: list[Path], fix
     """:func:`newest_last_checkpoint`, or a ``CheckpointError`` (saying ``fix``) when there is none."""
     newest = newest_last_checkpoint(dirpath, run_dirs)
     if newest is None:
-        raise CheckpointError("no last.ckpt of this run to resume", _last_checkpoint_places(dirpath, run_dirs), fix)
+        raise _no_last_checkpoint(dirpath, run_dirs, fix)
     return newest
+
+
+def _no_last_checkpoint(dirpath: str | Path | None, run_dirs: list[Path], fix: str) -> CheckpointError:
+    return CheckpointError("no last.ckpt of this run to resume", _last_checkpoint_places(dirpath, run_dirs), fix)
 
 
 def _last_checkpoint_places(dirpath: str | Path | None, run_dirs: list[Path]) -> str:
