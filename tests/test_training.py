@@ -571,6 +571,40 @@ def test_slurm_requeue_signal_during_setup_requeues_the_job_without_training(
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
 
 
+def test_a_requeued_job_signalled_again_before_its_first_step_is_not_requeued_again(
+    tiny_corpus, tmp_path, monkeypatch, capsys
+):
+    """A job whose time limit was shorter than its start-up plus the signal's lead was requeued by every run, each
+    stopped before its first step: it started, stopped and requeued until someone cancelled it. A requeued job
+    (SLURM_RESTART_COUNT) signalled again before its first step is not requeued: one line, exit status 2."""
+    import signal
+    import time
+
+    from helpers import DEBUG_CONFIG
+
+    from epas_lightning import lightning_cli as cli_module
+    from epas_lightning.cli import main
+
+    log = fake_slurm_task(monkeypatch, tmp_path)
+    now = int(time.time())
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    monkeypatch.setenv("SLURM_JOB_START_TIME", str(now - 100))
+    monkeypatch.setenv("SLURM_JOB_END_TIME", str(now + 300))
+    monkeypatch.chdir(tmp_path)
+    build = cli_module.lightning_cli
+
+    def signalled_while_parsing(args):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return build(args)
+
+    monkeypatch.setattr(cli_module, "lightning_cli", signalled_while_parsing)
+    assert main(["fit", "--config", DEBUG_CONFIG]) == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "no progress since its last requeue" in error[0], error
+    assert " s into this run and " in error[0] and " s before its time limit of 400 s" in error[0]
+    assert not log.exists() and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
 def test_slurm_requeue_signal_during_the_sanity_check_stops_before_the_first_step(tiny_corpus, tmp_path, monkeypatch):
     """The requeue signal remembered since `fit` started is honoured just before the first step too (it came while
     resuming or validating): the ranks agree, nothing is saved, the job is requeued."""
