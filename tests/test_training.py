@@ -436,6 +436,40 @@ def test_a_run_warns_before_training_when_its_checkpoints_may_not_fit(tiny_corpu
         checkpoint_space.warn_if_disk_too_small(trainer, module, checkpoint)  # the saved files count as free
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_multi_node_run_refuses_a_checkpoint_folder_its_nodes_do_not_share(tmp_path, monkeypatch, shared):
+    """On node-local disks each node kept only its own ranks' shards of every checkpoint (rank 1's stayed in a hidden
+    staging folder on its node) and the run learnt it at resume, from a missing shard. A multi-node fit now checks
+    before training that every rank sees a file rank 0 writes where the checkpoints go, and leaves nothing there. Rank
+    1 "on another node" is emulated: it looks for that file from its own working directory."""
+    from types import SimpleNamespace
+
+    from epas_lightning.checkpoint_space import check_folder_shared_by_nodes
+    from epas_lightning.errors import CheckpointError
+
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    (node0 / "runs").mkdir(parents=True)
+    (node1 / "runs").mkdir(parents=True)
+    monkeypatch.chdir(node0)
+    other = node0 if shared else node1
+
+    def marker_of(root: Path) -> Path:
+        return next((root / "runs").glob(".epas-shared-*")).relative_to(root)
+
+    strategy = SimpleNamespace(
+        broadcast=lambda marker: marker,
+        reduce_boolean_decision=lambda seen, all: seen and (other / marker_of(node0)).exists(),
+    )
+    trainer = SimpleNamespace(num_nodes=2, is_global_zero=True, strategy=strategy)
+    folder = Path("runs/version_0/checkpoints")  # not made yet: the file goes where it will be
+    if shared:
+        check_folder_shared_by_nodes(trainer, folder, wait_s=0)
+    else:
+        with pytest.raises(CheckpointError, match="not one folder for all 2 nodes"):
+            check_folder_shared_by_nodes(trainer, folder, wait_s=0)
+    assert not list((node0 / "runs").iterdir())
+
+
 def test_a_graceful_stop_saves_its_step_once(tiny_corpus, tmp_path):
     """After the stop's last.ckpt, the validation Lightning runs when fit stops early made ModelCheckpoint save the
     same step again (a step file): more full saves inside a scheduler's grace period than the one needed. That whole
