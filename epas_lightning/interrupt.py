@@ -13,7 +13,8 @@ with the same status (Lightning would exit 1 after Ctrl+C, and 0 after SIGTERM).
 
 Under SLURM with Lightning's ``auto_requeue`` (its default), the requeue signal (``SIGUSR1``, sent before the time
 limit with ``#SBATCH --signal=USR1@<seconds>``) stops the same way, and then the first rank requeues the job
-(``scontrol requeue``); the requeued job resumes that ``last.ckpt`` with ``--ckpt_path auto``. Lightning's own handler,
+(``scontrol requeue``); the requeued job resumes that ``last.ckpt`` with ``--ckpt_path auto``. With checkpointing
+off the job is not requeued: it would start over. Lightning's own handler,
 which saved ``hpc_ckpt_N.ckpt`` mid-step into the working directory, is off (:mod:`epas_lightning.slurm`). The requeue
 signal that comes before the first step (from the start of ``python -m epas_lightning fit``: imports, model build,
 data checks, resuming, the sanity validation) is remembered: the ranks agree on it when ``fit`` starts and again just
@@ -133,7 +134,9 @@ class GracefulStop(Callback):
         # the scheduler's grace period and before the loggers flush; the run resumes on the same schedule instead
         trainer.fit_loop.epoch_loop._skip_next_val = True
         where = f"saved {saved}" if saved else "checkpointing is off"
-        if requeue and trainer.is_global_zero:  # after the save, which the requeued job resumes
+        if requeue and not saved:  # a requeued job would start over, and stop here again, until cancelled
+            where = f"{where}, so the job is not requeued (it would start over)"
+        elif requeue and trainer.is_global_zero:  # after the save, which the requeued job resumes
             where = f"{where}; {requeue_job()} (its command needs --ckpt_path auto to resume it)"
         elif saved:
             where = f"{where} — resume with the same command and --ckpt_path last"

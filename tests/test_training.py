@@ -575,6 +575,27 @@ def test_slurm_requeue_signal_stops_with_last_ckpt_then_requeues(tiny_corpus, tm
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
+def test_slurm_requeue_signal_with_checkpointing_off_does_not_requeue_the_job(tiny_corpus, tmp_path, monkeypatch):
+    """With checkpointing off the requeue signal still requeued the job, which started over from step 0, was
+    signalled at the same point and requeued again, until someone cancelled it. It stops without a requeue now."""
+    import signal
+
+    from epas_lightning import GracefulStop
+
+    log = fake_slurm_task(monkeypatch, tmp_path)
+
+    class SignalMidStep(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 1:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    stop = GracefulStop()
+    module, data = make_run(tiny_corpus, n_layer=2)
+    trainer = make_trainer(tmp_path, 100, [SignalMidStep(), stop], enable_checkpointing=False)
+    trainer.fit(module, datamodule=data)
+    assert stop.exit_status == 128 + signal.SIGUSR1 and trainer.global_step == 2 and not log.exists()
+
+
 def test_slurm_requeue_signal_during_setup_requeues_the_job_without_training(
     tiny_corpus, tmp_path, monkeypatch, capsys
 ):
