@@ -73,7 +73,7 @@ class ProgressiveSharing(Callback):
             )
         self.schedule = self._build(n_layer)
         if stage == "fit" and self.enabled:
-            let_ddp_find_unused_parameters(trainer)
+            let_ddp_find_unused_parameters(trainer, self.schedule.start_step)
             rank_zero_info(
                 f"EPAS: region {list(self.schedule.target_layers)} grows by {self.growth} layer(s) every "
                 f"{self.interval} steps from step {self.schedule.start_step}; full at step {self.schedule.final_step}."
@@ -155,16 +155,26 @@ PEAK_MEMORY_KEY = "train/device/peak_memory_gib"
 """Logged on CUDA: the most memory the device has allocated so far (``torch.cuda.max_memory_allocated``), GiB."""
 
 
-def let_ddp_find_unused_parameters(trainer: Trainer) -> None:
+def let_ddp_find_unused_parameters(trainer: Trainer, first_sharing_step: int) -> None:
     """Sharing layers skip their Q/K projections, so under DDP those weights get no gradient from the step the region
     first grows: DDP must look for unused parameters or it fails mid-run. Switch that on before DDP wraps the model
-    (a plain ``strategy: ddp`` leaves it off), and say so."""
+    (a plain ``strategy: ddp`` leaves it off), and say so: also that torch's warning, once per rank, that it found no
+    unused parameters (a C++ warning, which no Python filter reaches) is expected before ``first_sharing_step``."""
     strategy = trainer.strategy
     ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
     plain_ddp = isinstance(strategy, DDPStrategy) and isinstance(ddp_kwargs, dict)
     if plain_ddp and not ddp_kwargs.get("find_unused_parameters"):
         ddp_kwargs["find_unused_parameters"] = True
-        rank_zero_info("EPAS: DDP set to find_unused_parameters=True (sharing layers' q/k projections get no grad)")
+        expected = (
+            f"; torch's warning that it 'did not find any unused parameters' before step {first_sharing_step} is "
+            "expected: keep the flag on"
+            if first_sharing_step > 0
+            else ""
+        )
+        rank_zero_info(
+            "EPAS: DDP set to find_unused_parameters=True (sharing layers' q/k projections get no grad from step "
+            f"{first_sharing_step}){expected}"
+        )
 
 
 class TokenThroughputMonitor(ThroughputMonitor):

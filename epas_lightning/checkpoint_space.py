@@ -1,20 +1,31 @@
-"""Before training: does the checkpoint folder have room for the checkpoints the run keeps at once?
+"""Before training: is the checkpoint folder one folder for every node, and does it have room for the checkpoints the
+run keeps at once?
 
-An estimate from element counts and sizes only (no pass over tensors): the weights in their dtype plus the optimizer's
-two moments per parameter (AdamW's ``exp_avg`` and ``exp_avg_sq``, in the parameter's dtype), times the checkpoints
-kept at once. A sharded (FSDP2) checkpoint's ranks all write their share into the one folder, so its size on that
-folder is the whole model's (a sharded parameter counts its global elements).
+Every rank reads the checkpoint it resumes (and looks for it, with ``--ckpt_path auto``), and every rank writes its
+shard of a sharded one, which rank 0 then renames into place: on several nodes the folder must be on a filesystem they
+share, at the same path. On node-local disks each node kept only its own ranks' part, rank 0's checkpoints missed the
+other nodes' shards, and the run learnt it when it failed to resume. :func:`check_folder_shared_by_nodes` refuses to
+start instead.
+
+The space is an estimate from element counts and sizes only (no pass over tensors): the weights in their dtype plus
+the optimizer's two moments per parameter (AdamW's ``exp_avg`` and ``exp_avg_sq``, in the parameter's dtype), times
+the checkpoints kept at once. A sharded (FSDP2) checkpoint's ranks all write their share into the one shared folder,
+so its size on that folder is the whole model's (a sharded parameter counts its global elements).
 """
 
 from __future__ import annotations
 
 import shutil
+import time
+import uuid
 from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
+
+from epas_lightning.errors import CheckpointError
 
 OPTIMIZER_STATES_PER_PARAM = 2
 """AdamW's ``exp_avg`` and ``exp_avg_sq``, each the size of its parameter."""
@@ -45,6 +56,40 @@ def folder_bytes(folder: Path) -> int:
     if not folder.is_dir():
         return 0
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def check_folder_shared_by_nodes(trainer: Trainer, folder: Path, wait_s: float = 2.0) -> None:
+    """On several nodes, a ``CheckpointError`` on every rank unless all of them see a file rank 0 writes where
+    ``folder`` is (in its nearest existing folder: a folder not made yet will be on that one's filesystem). A rank
+    that does not see it looks again for ``wait_s`` seconds. Rank 0 removes the file; nothing else is written."""
+    if trainer.num_nodes <= 1:
+        return
+    existing = next((p for p in (folder, *folder.parents) if p.is_dir()), None) if trainer.is_global_zero else None
+    marker = existing / f".epas-shared-{uuid.uuid4().hex}" if existing else None
+    try:
+        if marker is not None:
+            marker.touch(exist_ok=False)
+    except OSError:
+        marker = None  # not writable here: the first save says so
+    marker = trainer.strategy.broadcast(marker)
+    if marker is None:
+        return
+    deadline = time.monotonic() + wait_s
+    while not (seen := marker.exists()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    shared = trainer.strategy.reduce_boolean_decision(seen, all=True)  # every rank has looked once this returns
+    if trainer.is_global_zero:
+        marker.unlink(missing_ok=True)
+    if not shared:
+        error = CheckpointError(
+            f"the checkpoint folder is not one folder for all {trainer.num_nodes} nodes (a node-local disk?): a file "
+            "rank 0 wrote there is missing on another node, so each node would keep only its own ranks' part of every "
+            "checkpoint, and none would resume",
+            folder,
+            "put checkpoint.dirpath (or the logger's save_dir) on a filesystem every node mounts at the same path",
+        )
+        error.announce = trainer.is_global_zero  # every rank raises it; the command line says it once
+        raise error
 
 
 def warn_if_disk_too_small(trainer: Trainer, module: LightningModule, checkpoint: ModelCheckpoint) -> None:

@@ -13,12 +13,15 @@ with the same status (Lightning would exit 1 after Ctrl+C, and 0 after SIGTERM).
 
 Under SLURM with Lightning's ``auto_requeue`` (its default), the requeue signal (``SIGUSR1``, sent before the time
 limit with ``#SBATCH --signal=USR1@<seconds>``) stops the same way, and then the first rank requeues the job
-(``scontrol requeue``); the requeued job resumes that ``last.ckpt`` with ``--ckpt_path auto``. Lightning's own handler,
+(``scontrol requeue``); the requeued job resumes that ``last.ckpt`` with ``--ckpt_path auto``. With checkpointing
+off the job is not requeued: it would start over. Lightning's own handler,
 which saved ``hpc_ckpt_N.ckpt`` mid-step into the working directory, is off (:mod:`epas_lightning.slurm`). The requeue
 signal that comes before the first step (from the start of ``python -m epas_lightning fit``: imports, model build,
 data checks, resuming, the sanity validation) is remembered: the ranks agree on it when ``fit`` starts and again just
 before the first step, and ``fit`` stops there without a checkpoint (nothing was trained since the job started: the
-checkpoint it resumed, if any, is still the newest), the job is requeued, and the exit status is 138.
+checkpoint it resumed, if any, is still the newest), the job is requeued, and the exit status is 138. Unless the job
+was requeued before (``SLURM_RESTART_COUNT``): then it made no progress since, and would start, stop and requeue
+until someone cancels it, so it is not requeued; the CLI says so in one line and exits with 2.
 """
 
 from __future__ import annotations
@@ -32,9 +35,19 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from epas_lightning.errors import ConfigError
 from epas_lightning.run_checkpoint import save_last_now
 from epas_lightning.run_summary import say
-from epas_lightning.slurm import give_back_requeue, remembered, requeue_job, step_aside, take_requeue_signal
+from epas_lightning.slurm import (
+    give_back_requeue,
+    remembered,
+    requeue_job,
+    restart_count,
+    signal_timing,
+    slurm_job_id,
+    step_aside,
+    take_requeue_signal,
+)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -121,7 +134,9 @@ class GracefulStop(Callback):
         # the scheduler's grace period and before the loggers flush; the run resumes on the same schedule instead
         trainer.fit_loop.epoch_loop._skip_next_val = True
         where = f"saved {saved}" if saved else "checkpointing is off"
-        if requeue and trainer.is_global_zero:  # after the save, which the requeued job resumes
+        if requeue and not saved:  # a requeued job would start over, and stop here again, until cancelled
+            where = f"{where}, so the job is not requeued (it would start over)"
+        elif requeue and trainer.is_global_zero:  # after the save, which the requeued job resumes
             where = f"{where}; {requeue_job()} (its command needs --ckpt_path auto to resume it)"
         elif saved:
             where = f"{where} — resume with the same command and --ckpt_path last"
@@ -139,11 +154,14 @@ class GracefulStop(Callback):
 
     def _stop_if_signalled_before_training(self, trainer: Trainer) -> None:
         """Stop ``fit`` before its first step when a rank kept the requeue signal since the command started (see
-        :func:`epas_lightning.slurm.remembering_requeue_signal`): nothing to save; the first rank requeues the job."""
+        :func:`epas_lightning.slurm.remembering_requeue_signal`): nothing to save; the first rank requeues the job,
+        unless it was requeued before (no progress since: a ``ConfigError``)."""
         self.received = self.received or remembered()
         signum, requeue = self._agreed_stop(trainer)
         if signum is None:
             return
+        if requeue and restart_count():
+            raise _no_progress_since_requeue(signum, trainer.is_global_zero)
         what = "nothing was trained since the job started, so no checkpoint is written"
         if requeue and trainer.is_global_zero:
             what = f"{what}; {requeue_job()}"
@@ -175,3 +193,17 @@ class GracefulStop(Callback):
             for sig, handler in self._previous.items():
                 signal.signal(sig, handler)
         self._previous = {}
+
+
+def _no_progress_since_requeue(signum: signal.Signals, announce: bool) -> ConfigError:
+    """The error that ends a requeued job signalled again before its first step, instead of another requeue."""
+    timing, count = signal_timing(), restart_count()
+    error = ConfigError(
+        f"the job made no progress since its last requeue: {signum.name} came again before the first optimizer step"
+        f"{f', {timing},' if timing else ''} so it is not requeued (it would start and stop forever)",
+        f"SLURM job {slurm_job_id()}, requeued {count} time{'s' if count > 1 else ''}",
+        "raise the time limit (--time) above start-up + one step + a checkpoint + the signal's lead, or shorten the "
+        "lead (--signal=USR1@<seconds>); then submit it again with --ckpt_path auto",
+    )
+    error.announce = announce  # every rank raises it; the command line says it once
+    return error

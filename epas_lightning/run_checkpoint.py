@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
-from epas_lightning.checkpoint_space import warn_if_disk_too_small
+from epas_lightning.checkpoint_space import check_folder_shared_by_nodes, warn_if_disk_too_small
 from epas_lightning.resume import last_checkpoint_of_run, version_of, version_to_continue
 from epas_lightning.run_summary import say
 from epas_lightning.safe_load import verify_checkpoint
@@ -42,8 +42,9 @@ class RunCheckpoint(ModelCheckpoint):
     """Lightning's ``ModelCheckpoint``, whose ``last.ckpt`` (with ``save_last``) holds the step training ended at.
 
     It is the ``checkpoint`` section of ``fit``, with ``ModelCheckpoint``'s arguments; when training ends at a step
-    that no checkpoint holds yet, it writes ``last.ckpt`` then. Before training, it warns when its folder's disk
-    looks too small for the checkpoints it keeps at once (see :mod:`epas_lightning.checkpoint_space`).
+    that no checkpoint holds yet, it writes ``last.ckpt`` then. Before training, it refuses a folder the nodes of a
+    multi-node run do not share, and warns when its folder's disk looks too small for the checkpoints it keeps at once
+    (see :mod:`epas_lightning.checkpoint_space`).
 
     ``ckpt_path="last"`` is the newest ``last.ckpt`` of the run (``dirpath``, or every ``version_*/checkpoints``
     folder of the first logger's ``save_dir``/``name``), checked to read without running code; none is an error. A
@@ -72,6 +73,8 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        if self.dirpath is not None:
+            check_folder_shared_by_nodes(trainer, Path(self.dirpath))
         warn_if_disk_too_small(trainer, pl_module, self)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ REQUEUE_SIGNAL = signal.SIGUSR1
 """The signal ``--signal=USR1@<seconds>`` sends, and Lightning's ``SLURMEnvironment`` answers by default."""
 
 _remembered: list[signal.Signals] = []
+_received_at: list[float] = []
 
 
 def take_requeue_signal(trainer: Trainer) -> signal.Signals | None:
@@ -76,11 +78,13 @@ def remembering_requeue_signal() -> Iterator[None]:
         if signal.getsignal(REQUEUE_SIGNAL) is _remember:
             signal.signal(REQUEUE_SIGNAL, signal.SIG_DFL)
         _remembered.clear()
+        _received_at.clear()
 
 
 def _remember(signum: int, frame: Any) -> None:
     if not _remembered:  # only a flag: GracefulStop has the ranks agree on it before the first step
         _remembered.append(signal.Signals(signum))
+        _received_at.append(time.time())
 
 
 def remembered() -> signal.Signals | None:
@@ -101,6 +105,22 @@ def slurm_job_id() -> str | None:
     if array_job and task:
         return f"{array_job}_{task}"
     return os.environ.get("SLURM_JOB_ID")
+
+
+def restart_count() -> int:
+    """How many times this job was requeued (or restarted after a node failure): ``SLURM_RESTART_COUNT``, else 0."""
+    count = os.environ.get("SLURM_RESTART_COUNT", "")
+    return int(count) if count.isdigit() else 0
+
+
+def signal_timing() -> str:
+    """When the requeue signal came, against the job's start and time limit (``SLURM_JOB_START_TIME``,
+    ``SLURM_JOB_END_TIME``), in words; empty when SLURM does not say."""
+    start, end = (os.environ.get(name, "") for name in ("SLURM_JOB_START_TIME", "SLURM_JOB_END_TIME"))
+    if not (start.isdigit() and end.isdigit()):
+        return ""
+    came, start_s, end_s = _received_at[0] if _received_at else time.time(), int(start), int(end)
+    return f"{came - start_s:.0f} s into this run and {end_s - came:.0f} s before its time limit of {end_s - start_s} s"
 
 
 def requeue_job() -> str:

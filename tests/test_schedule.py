@@ -150,3 +150,23 @@ def test_a_run_too_short_for_the_region_says_so_at_the_start(total, warned, recw
     messages = [str(w.message) for w in recwarn]
     assert any("reaches 2 of the 3 layers" in m and "full at step 6" in m for m in messages) == warned
     ProgressiveSharing(target=3, interval=2, n_layer=4, enabled=False).on_fit_start(SimpleNamespace(), None)
+
+
+def test_ddp_switched_to_find_unused_parameters_says_torchs_warning_before_the_first_switch_is_expected(monkeypatch):
+    """Until the region first grows every parameter gets a gradient, and torch warns once per rank (from C++, past any
+    Python filter) that find_unused_parameters=True found none, advising to turn it off: which would fail the first
+    sharing step. The line saying the flag was switched on now says when it starts to matter and that the warning is
+    expected."""
+    import lightning as L
+
+    from epas_lightning import callbacks
+
+    said = []
+    monkeypatch.setattr(callbacks, "rank_zero_info", said.append)
+    trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=1, logger=False, enable_checkpointing=False)
+    callbacks.let_ddp_find_unused_parameters(trainer, 4)
+    assert trainer.strategy._ddp_kwargs["find_unused_parameters"] is True
+    assert said == [
+        "EPAS: DDP set to find_unused_parameters=True (sharing layers' q/k projections get no grad from step 4); "
+        "torch's warning that it 'did not find any unused parameters' before step 4 is expected: keep the flag on"
+    ]

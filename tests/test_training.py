@@ -436,6 +436,40 @@ def test_a_run_warns_before_training_when_its_checkpoints_may_not_fit(tiny_corpu
         checkpoint_space.warn_if_disk_too_small(trainer, module, checkpoint)  # the saved files count as free
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_multi_node_run_refuses_a_checkpoint_folder_its_nodes_do_not_share(tmp_path, monkeypatch, shared):
+    """On node-local disks each node kept only its own ranks' shards of every checkpoint (rank 1's stayed in a hidden
+    staging folder on its node) and the run learnt it at resume, from a missing shard. A multi-node fit now checks
+    before training that every rank sees a file rank 0 writes where the checkpoints go, and leaves nothing there. Rank
+    1 "on another node" is emulated: it looks for that file from its own working directory."""
+    from types import SimpleNamespace
+
+    from epas_lightning.checkpoint_space import check_folder_shared_by_nodes
+    from epas_lightning.errors import CheckpointError
+
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    (node0 / "runs").mkdir(parents=True)
+    (node1 / "runs").mkdir(parents=True)
+    monkeypatch.chdir(node0)
+    other = node0 if shared else node1
+
+    def marker_of(root: Path) -> Path:
+        return next((root / "runs").glob(".epas-shared-*")).relative_to(root)
+
+    strategy = SimpleNamespace(
+        broadcast=lambda marker: marker,
+        reduce_boolean_decision=lambda seen, all: seen and (other / marker_of(node0)).exists(),
+    )
+    trainer = SimpleNamespace(num_nodes=2, is_global_zero=True, strategy=strategy)
+    folder = Path("runs/version_0/checkpoints")  # not made yet: the file goes where it will be
+    if shared:
+        check_folder_shared_by_nodes(trainer, folder, wait_s=0)
+    else:
+        with pytest.raises(CheckpointError, match="not one folder for all 2 nodes"):
+            check_folder_shared_by_nodes(trainer, folder, wait_s=0)
+    assert not list((node0 / "runs").iterdir())
+
+
 def test_a_graceful_stop_saves_its_step_once(tiny_corpus, tmp_path):
     """After the stop's last.ckpt, the validation Lightning runs when fit stops early made ModelCheckpoint save the
     same step again (a step file): more full saves inside a scheduler's grace period than the one needed. That whole
@@ -541,6 +575,27 @@ def test_slurm_requeue_signal_stops_with_last_ckpt_then_requeues(tiny_corpus, tm
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
+def test_slurm_requeue_signal_with_checkpointing_off_does_not_requeue_the_job(tiny_corpus, tmp_path, monkeypatch):
+    """With checkpointing off the requeue signal still requeued the job, which started over from step 0, was
+    signalled at the same point and requeued again, until someone cancelled it. It stops without a requeue now."""
+    import signal
+
+    from epas_lightning import GracefulStop
+
+    log = fake_slurm_task(monkeypatch, tmp_path)
+
+    class SignalMidStep(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 1:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    stop = GracefulStop()
+    module, data = make_run(tiny_corpus, n_layer=2)
+    trainer = make_trainer(tmp_path, 100, [SignalMidStep(), stop], enable_checkpointing=False)
+    trainer.fit(module, datamodule=data)
+    assert stop.exit_status == 128 + signal.SIGUSR1 and trainer.global_step == 2 and not log.exists()
+
+
 def test_slurm_requeue_signal_during_setup_requeues_the_job_without_training(
     tiny_corpus, tmp_path, monkeypatch, capsys
 ):
@@ -569,6 +624,40 @@ def test_slurm_requeue_signal_during_setup_requeues_the_job_without_training(
     assert "SIGUSR1 before the first step: nothing was trained" in capsys.readouterr().err
     assert log.read_text() == "requeue 70_3\n" and not list(tmp_path.rglob("*.ckpt"))
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+def test_a_requeued_job_signalled_again_before_its_first_step_is_not_requeued_again(
+    tiny_corpus, tmp_path, monkeypatch, capsys
+):
+    """A job whose time limit was shorter than its start-up plus the signal's lead was requeued by every run, each
+    stopped before its first step: it started, stopped and requeued until someone cancelled it. A requeued job
+    (SLURM_RESTART_COUNT) signalled again before its first step is not requeued: one line, exit status 2."""
+    import signal
+    import time
+
+    from helpers import DEBUG_CONFIG
+
+    from epas_lightning import lightning_cli as cli_module
+    from epas_lightning.cli import main
+
+    log = fake_slurm_task(monkeypatch, tmp_path)
+    now = int(time.time())
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    monkeypatch.setenv("SLURM_JOB_START_TIME", str(now - 100))
+    monkeypatch.setenv("SLURM_JOB_END_TIME", str(now + 300))
+    monkeypatch.chdir(tmp_path)
+    build = cli_module.lightning_cli
+
+    def signalled_while_parsing(args):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return build(args)
+
+    monkeypatch.setattr(cli_module, "lightning_cli", signalled_while_parsing)
+    assert main(["fit", "--config", DEBUG_CONFIG]) == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "no progress since its last requeue" in error[0], error
+    assert " s into this run and " in error[0] and " s before its time limit of 400 s" in error[0]
+    assert not log.exists() and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
 
 
 def test_slurm_requeue_signal_during_the_sanity_check_stops_before_the_first_step(tiny_corpus, tmp_path, monkeypatch):
