@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import errno
 import logging
+import multiprocessing
 import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -39,26 +40,46 @@ def require_litserve() -> None:
 
 
 @contextmanager
-def signals_stop_server() -> Iterator[None]:
-    """SIGTERM and Ctrl+C stop the server: LitServe then shuts its processes down and ``run`` returns.
+def signals_stop_server(first: Callable[[], None] = lambda: None) -> Iterator[list[int]]:
+    """SIGTERM and Ctrl+C stop the server: LitServe then shuts its processes down and ``run`` returns. The list
+    yielded holds the signals received; ``first`` is called on the first one, before it stops the server.
 
     The server's forked processes inherit the handler; there it does nothing, so that uvicorn's own handlers (which
     re-raise the signal once uvicorn has shut down) end them quietly instead of with a traceback.
     """
     owner = os.getpid()
+    received: list[int] = []
 
     def interrupt(signum, frame) -> None:
         if os.getpid() == owner:
+            received.append(signum)
+            if len(received) == 1:
+                first()
             stop = KeyboardInterrupt()
             stop.signum = signum  # the command line says which signal (during startup, where LitServe lets it out)
             raise stop
 
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
+        yield received
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+class HTTPIgnoresCtrlC:
+    """ASGI middleware: the HTTP process (uvicorn, forked by LitServe) ignores Ctrl+C, which the terminal sends to
+    every process of the server. The main process stops it: SIGTERM on the first signal (the requests in flight
+    finish), SIGKILL on a second one. Uvicorn installs its own handlers when it starts serving, so this runs when the
+    app starts (its lifespan), after them; a second Ctrl+C made uvicorn cancel every request with a traceback each."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        await self.app(scope, receive, send)
 
 
 def serve_command(
@@ -154,7 +175,7 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
     check_port_free(host, port)
     served = api.served
     devices = [index or 0] if accelerator == "cuda" else "auto"
-    server = ls.LitServer(api, accelerator=accelerator, devices=devices, timeout=False)
+    server = ls.LitServer(api, accelerator=accelerator, devices=devices, timeout=False, middlewares=[HTTPIgnoresCtrlC])
     region = served.region_record(served.default_sharing)
     print(
         f"serving {served.name!r} (trained region: {served.region.describe()}; default {region['sharing_layers']} "
@@ -164,9 +185,28 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
     )
     # kept after run returns: the monitor thread outlives it and may log the race until the process exits
     logging.getLogger("litserve.server").addFilter(_shutdown_race)
-    with signals_stop_server(), watching_startup(server) as died:
+    in_flight = api.spec.in_flight
+
+    def stopping() -> None:
+        if in_flight.value:
+            print(
+                f"stopping: waiting up to {server.uvicorn_graceful_timeout} s for {_requests(in_flight.value)} in "
+                "flight to finish; a second Ctrl+C or SIGTERM cuts them off",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    with signals_stop_server(stopping) as received, watching_startup(server) as died:
         try:
             server.run(host=host, port=port, log_level=log_level, generate_client_file=False, num_api_servers=1)
+        except KeyboardInterrupt as stop:
+            if len(received) < 2:  # during startup, LitServe lets the first one out
+                raise
+            cut_off = in_flight.value
+            _kill_http_processes()  # and watching_startup stops the worker
+            what = "Ctrl+C" if received[-1] == signal.SIGINT else signal.Signals(received[-1]).name
+            stop.reason = f"second {what}: {_requests(cut_off)} {'was' if cut_off == 1 else 'were'} cut off"
+            raise
         except RuntimeError as e:  # LitServe's "One or more workers failed to start"
             if died:
                 raise UserError(
@@ -179,6 +219,18 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
                 raise
             raise failure from None
     print("server stopped", file=sys.stderr, flush=True)
+
+
+def _requests(count: int) -> str:
+    return f"{count} request{'' if count == 1 else 's'}"
+
+
+def _kill_http_processes() -> None:
+    """End LitServe's HTTP processes (uvicorn) at once, with the requests they serve."""
+    for process in multiprocessing.active_children():
+        if process.name.startswith("LitServer-"):  # as LitServe names them
+            process.kill()
+            process.join()
 
 
 def _shutdown_race(record: logging.LogRecord) -> bool:
