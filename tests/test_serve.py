@@ -441,7 +441,8 @@ def test_a_user_error_loading_the_model_in_the_worker_is_one_line(checkpoint, tm
         f"error: the weights hold NaN or inf (embed_tokens.weight) — {bad} — use another "
         "checkpoint, e.g. an earlier one of the run (fit's divergence guard never writes such weights)\n"
     )
-    assert "Traceback" not in err and err.count("\n") == 2, err  # "serving ...", then the error
+    assert "Traceback" not in err and err.count("\n") == 2, err  # "loading the model ...", then the error
+    assert "ready" not in err and "serving" not in err, err  # said once the worker has loaded the model
 
 
 def test_a_worker_that_dies_while_loading_stops_serve_and_an_interrupt_stops_the_worker():
@@ -728,6 +729,7 @@ def test_a_second_ctrl_c_cuts_the_requests_in_flight_off_in_one_line(long_server
 def test_sigterm_shuts_down_cleanly(server):
     assert server.stop() == 0
     log = server.log()
+    assert log.startswith(f"loading the model from {server.checkpoint}\nserving 'tiny' "), log
     assert "Traceback" not in log and "server stopped" in log, log
 
 

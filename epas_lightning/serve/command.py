@@ -67,18 +67,22 @@ def signals_stop_server(first: Callable[[], None] = lambda: None) -> Iterator[li
             signal.signal(sig, handler)
 
 
-class HTTPIgnoresCtrlC:
-    """ASGI middleware: the HTTP process (uvicorn, forked by LitServe) ignores Ctrl+C, which the terminal sends to
-    every process of the server. The main process stops it: SIGTERM on the first signal (the requests in flight
-    finish), SIGKILL on a second one. Uvicorn installs its own handlers when it starts serving, so this runs when the
-    app starts (its lifespan), after them; a second Ctrl+C made uvicorn cancel every request with a traceback each."""
+class HTTPProcessStart:
+    """ASGI middleware: what LitServe's HTTP process (uvicorn, forked once the worker has loaded the model) does as it
+    starts serving (the app's lifespan startup, after uvicorn has installed its signal handlers).
 
-    def __init__(self, app) -> None:
-        self.app = app
+    It prints ``banner``: the server answers from now on. And it ignores Ctrl+C, which the terminal sends to every
+    process of the server: the main process stops it, with SIGTERM on the first signal (the requests in flight finish)
+    and SIGKILL on a second one (uvicorn's own second Ctrl+C cancelled every request with a traceback each).
+    """
+
+    def __init__(self, app, banner: str) -> None:
+        self.app, self.banner = app, banner
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            print(self.banner, file=sys.stderr, flush=True)
         await self.app(scope, receive, send)
 
 
@@ -175,14 +179,14 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
     check_port_free(host, port)
     served = api.served
     devices = [index or 0] if accelerator == "cuda" else "auto"
-    server = ls.LitServer(api, accelerator=accelerator, devices=devices, timeout=False, middlewares=[HTTPIgnoresCtrlC])
     region = served.region_record(served.default_sharing)
-    print(
+    banner = (
         f"serving {served.name!r} (trained region: {served.region.describe()}; default {region['sharing_layers']} "
-        f"sharing layers) at http://{host}:{port}/v1 — ready when GET /health answers ok; SIGTERM or Ctrl+C stops it",
-        file=sys.stderr,
-        flush=True,
+        f"sharing layers) at http://{host}:{port}/v1 — ready; SIGTERM or Ctrl+C stops it"
     )
+    middlewares = [(HTTPProcessStart, {"banner": banner})]
+    server = ls.LitServer(api, accelerator=accelerator, devices=devices, timeout=False, middlewares=middlewares)
+    print(f"loading the model from {api.checkpoint}", file=sys.stderr, flush=True)
     # kept after run returns: the monitor thread outlives it and may log the race until the process exits
     logging.getLogger("litserve.server").addFilter(_shutdown_race)
     in_flight = api.spec.in_flight
