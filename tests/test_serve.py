@@ -538,9 +538,9 @@ class Server:
         self.stderr.seek(0)
         return self.stderr.read()
 
-    def ctrl_c(self) -> None:
-        """What the terminal does on Ctrl+C: SIGINT to every process of the server."""
-        os.killpg(self.process.pid, signal.SIGINT)
+    def signal_all(self, signum: int) -> None:
+        """``signum`` to every process of the server, as a terminal sends Ctrl+C (SIGINT) or systemd SIGTERM."""
+        os.killpg(self.process.pid, signum)
 
     def wait_for_log(self, text: str, count: int = 1) -> None:
         deadline = time.monotonic() + 30
@@ -707,23 +707,28 @@ def test_clients_that_go_away_are_cancelled_and_the_others_go_on(checkpoint, lon
     assert log.count("client went away") == 2 and "Traceback" not in log, log
 
 
-def test_a_second_ctrl_c_cuts_the_requests_in_flight_off_in_one_line(long_server):
-    """Pressed twice to quit at once, Ctrl+C printed uvicorn's tracebacks of every request it cancelled."""
+def test_sigterm_to_every_process_lets_requests_finish_and_a_second_signal_cuts_them_off(long_server):
+    """SIGTERM to every process of the server (as systemd stops a service) killed the worker at once: the requests in
+    flight hung until the HTTP process's graceful timeout (30 s) cut them off. Ctrl+C pressed twice, to quit at once,
+    printed uvicorn's traceback of every request it cancelled."""
     import openai
 
     server = long_server
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-    stream = client.completions.create(model="long", prompt="def", max_tokens=4000, temperature=0, stream=True)
-    assert next(iter(stream)).choices[0].index == 0
-    server.ctrl_c()
-    server.wait_for_log("stopping: waiting up to 30 s for 1 request in flight to finish")
-    server.ctrl_c()
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=20)
+    ask = dict(model="long", temperature=0, stream=True)
+    long = client.completions.create(prompt="def", max_tokens=4000, **ask)
+    short = client.completions.create(prompt="import os", max_tokens=200, **ask)
+    assert next(iter(long)).choices[0].index == next(iter(short)).choices[0].index == 0
+    server.signal_all(signal.SIGTERM)
+    server.wait_for_log("stopping: waiting up to 30 s for 2 requests in flight to finish")
+    assert [piece.choices[0].finish_reason for piece in short][-1] == "length"  # it went on to its end
+    server.signal_all(signal.SIGINT)
     assert server.process.wait(timeout=30) == 130
     log = server.log()
     assert log.endswith("interrupted: serve stopped (second Ctrl+C: 1 request was cut off)\n"), log
     assert "Traceback" not in log, log
     with pytest.raises(openai.APIConnectionError):
-        list(stream)
+        list(long)
 
 
 def test_sigterm_shuts_down_cleanly(server):

@@ -324,6 +324,19 @@ class CompletionsAPI(ls.LitAPI):
             self.engine = Engine(
                 loaded.model, loaded.region, tokenizer.decode, tokenizer.eos_id, self.max_batch_size, self.batch_timeout
             )
+        self.stop_asked = False
+        signal.signal(signal.SIGTERM, self._finish_then_stop)
+
+    def _finish_then_stop(self, signum, frame) -> None:
+        """SIGTERM while sequences are decoded: the first one is put off, so that they finish (sent to every process
+        of the server, as systemd does, it cut them off at once and left their clients waiting until the HTTP
+        process's graceful timeout); the main process ends this one once the HTTP process is done. Otherwise, or on a
+        second SIGTERM, this process ends at once, as by default."""
+        if self.engine.busy and not self.stop_asked:
+            self.stop_asked = True
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
 
     def predict(self, x: Any) -> Any:
         raise NotImplementedError("EngineLoop decodes; predict is not called")

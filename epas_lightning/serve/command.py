@@ -207,7 +207,7 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
             if len(received) < 2:  # during startup, LitServe lets the first one out
                 raise
             cut_off = in_flight.value
-            _kill_http_processes()  # and watching_startup stops the worker
+            _kill_server_processes(server)  # and watching_startup shuts LitServe's manager down
             what = "Ctrl+C" if received[-1] == signal.SIGINT else signal.Signals(received[-1]).name
             stop.reason = f"second {what}: {_requests(cut_off)} {'was' if cut_off == 1 else 'were'} cut off"
             raise
@@ -229,12 +229,12 @@ def _requests(count: int) -> str:
     return f"{count} request{'' if count == 1 else 's'}"
 
 
-def _kill_http_processes() -> None:
-    """End LitServe's HTTP processes (uvicorn) at once, with the requests they serve."""
-    for process in multiprocessing.active_children():
-        if process.name.startswith("LitServer-"):  # as LitServe names them
-            process.kill()
-            process.join()
+def _kill_server_processes(server) -> None:
+    """End LitServe's HTTP processes (uvicorn) and inference workers at once, with the requests in flight."""
+    http = [process for process in multiprocessing.active_children() if process.name.startswith("LitServer-")]
+    for process in [*http, *server.inference_workers]:  # the HTTP processes as LitServe names them
+        process.kill()
+        process.join()
 
 
 def _shutdown_race(record: logging.LogRecord) -> bool:
