@@ -346,7 +346,7 @@ def _run(argv: list[str], debug: bool) -> int:
         if debug:
             traceback.print_exc()
         signum = getattr(e, "signum", signal.SIGINT)  # fit ended at once by a signal: which one
-        what = "Ctrl+C" if signum == signal.SIGINT else signal.Signals(signum).name
+        what = getattr(e, "reason", None) or ("Ctrl+C" if signum == signal.SIGINT else signal.Signals(signum).name)
         print(f"interrupted: {argv[0] if argv else PROG} stopped ({what})", file=sys.stderr)
         return 128 + signum
 

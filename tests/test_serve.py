@@ -441,7 +441,8 @@ def test_a_user_error_loading_the_model_in_the_worker_is_one_line(checkpoint, tm
         f"error: the weights hold NaN or inf (embed_tokens.weight) — {bad} — use another "
         "checkpoint, e.g. an earlier one of the run (fit's divergence guard never writes such weights)\n"
     )
-    assert "Traceback" not in err and err.count("\n") == 2, err  # "serving ...", then the error
+    assert "Traceback" not in err and err.count("\n") == 2, err  # "loading the model ...", then the error
+    assert "ready" not in err and "serving" not in err, err  # said once the worker has loaded the model
 
 
 def test_a_worker_that_dies_while_loading_stops_serve_and_an_interrupt_stops_the_worker():
@@ -503,13 +504,14 @@ class Server:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url, self.checkpoint = f"http://127.0.0.1:{self.port}", checkpoint
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
         args = ["serve", "--checkpoint", str(checkpoint), "--port", str(self.port), "--batch-timeout", "0.2", *extra]
         self.stderr = open(cwd / "server.err", "w+")  # noqa: SIM115 - read back after the process ends
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "epas_lightning", *args], cwd=cwd, env=env, stdout=self.stderr, stderr=self.stderr
-        )
+        self.process = subprocess.Popen(  # its own process group: a "Ctrl+C" reaches its processes only
+            [sys.executable, "-m", "epas_lightning", *args], cwd=cwd, env=env, stdout=self.stderr, stderr=self.stderr,
+            start_new_session=True,
+        )  # fmt: skip
         deadline = time.monotonic() + 120
         while self.get("/health")[0] != 200:
             assert self.process.poll() is None and time.monotonic() < deadline, self.log()
@@ -535,6 +537,16 @@ class Server:
     def log(self) -> str:
         self.stderr.seek(0)
         return self.stderr.read()
+
+    def signal_all(self, signum: int) -> None:
+        """``signum`` to every process of the server, as a terminal sends Ctrl+C (SIGINT) or systemd SIGTERM."""
+        os.killpg(self.process.pid, signum)
+
+    def wait_for_log(self, text: str, count: int = 1) -> None:
+        deadline = time.monotonic() + 30
+        while self.log().count(text) < count:
+            assert time.monotonic() < deadline, self.log()
+            time.sleep(0.1)
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -654,50 +666,75 @@ def test_malformed_json_is_a_400(server):
     assert status == 400 and "not valid JSON" in body["error"]["message"]
 
 
-def test_clients_that_go_away_are_cancelled_and_the_others_go_on(checkpoint, tmp_path):
-    """A streamed client that closes its connection after one chunk, and one that stops waiting for a whole response:
-    the worker cancels both (its log says so) while a request decoded in the same batch gets its exact text."""
-    openai = pytest.importorskip("openai")
+@pytest.fixture(scope="module")
+def long_server(checkpoint, tmp_path_factory):
+    """A server of a model with a 4,096-token context: requests that take seconds."""
+    pytest.importorskip("openai")
     pytest.importorskip("litserve")
+    root = tmp_path_factory.mktemp("long")
     torch.manual_seed(0)
     model = Llama(LlamaConfig.from_name("debug", n_layer=2, block_size=4096))  # 4,000 tokens take seconds
     model.set_shared_layers([1])
-    long = save_consolidated(model, tmp_path / "long", checkpoint / "tokenizer.json")
-    server = Server(long, tmp_path)
-    try:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        with ThreadPoolExecutor(1) as pool:
-            other = pool.submit(
-                client.completions.create, model="long", prompt="import os", max_tokens=300, temperature=0
-            )
-            stream = client.completions.create(model="long", prompt="def", max_tokens=4000, temperature=0, stream=True)
-            assert next(iter(stream)).choices[0].index == 0
-            stream.close()  # mid-stream: the server sees the connection close
-            body = json.dumps({"model": "long", "prompt": "def main", "max_tokens": 4000, "temperature": 0}).encode()
-            head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
-            with socket.create_connection(("127.0.0.1", server.port)) as connection:
-                connection.sendall(head.encode() + body)
-                time.sleep(0.3)  # then it stops waiting
-            deadline = time.monotonic() + 30
-            while server.log().count("client went away") < 2:
-                assert time.monotonic() < deadline, server.log()
-                time.sleep(0.2)
-            answer = other.result()
-        expected = load_model(long)
-        tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
-        out = generate(
-            expected.model, [[tokenizer.bos_id, *tokenizer.encode("import os")]], 300, eos_id=tokenizer.eos_id
-        )
-        assert answer.choices[0].text == tokenizer.decode([t for t in out.tokens[0] if t != tokenizer.eos_id])
-    finally:
-        assert server.stop() == 0
+    server = Server(save_consolidated(model, root / "long", checkpoint / "tokenizer.json"), root)
+    yield server
+    server.stop()
+
+
+def test_clients_that_go_away_are_cancelled_and_the_others_go_on(checkpoint, long_server):
+    """A streamed client that closes its connection after one chunk, and one that stops waiting for a whole response:
+    the worker cancels both (its log says so) while a request decoded in the same batch gets its exact text."""
+    import openai
+
+    server = long_server
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    with ThreadPoolExecutor(1) as pool:
+        other = pool.submit(client.completions.create, model="long", prompt="import os", max_tokens=300, temperature=0)
+        stream = client.completions.create(model="long", prompt="def", max_tokens=4000, temperature=0, stream=True)
+        assert next(iter(stream)).choices[0].index == 0
+        stream.close()  # mid-stream: the server sees the connection close
+        body = json.dumps({"model": "long", "prompt": "def main", "max_tokens": 4000, "temperature": 0}).encode()
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", server.port)) as connection:
+            connection.sendall(head.encode() + body)
+            time.sleep(0.3)  # then it stops waiting
+        server.wait_for_log("client went away", 2)
+        answer = other.result()
+    expected = load_model(server.checkpoint)
+    tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
+    out = generate(expected.model, [[tokenizer.bos_id, *tokenizer.encode("import os")]], 300, eos_id=tokenizer.eos_id)
+    assert answer.choices[0].text == tokenizer.decode([t for t in out.tokens[0] if t != tokenizer.eos_id])
     log = server.log()
     assert log.count("client went away") == 2 and "Traceback" not in log, log
+
+
+def test_sigterm_to_every_process_lets_requests_finish_and_a_second_signal_cuts_them_off(long_server):
+    """SIGTERM to every process of the server (as systemd stops a service) killed the worker at once: the requests in
+    flight hung until the HTTP process's graceful timeout (30 s) cut them off. Ctrl+C pressed twice, to quit at once,
+    printed uvicorn's traceback of every request it cancelled."""
+    import openai
+
+    server = long_server
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=20)
+    ask = dict(model="long", temperature=0, stream=True)
+    long = client.completions.create(prompt="def", max_tokens=4000, **ask)
+    short = client.completions.create(prompt="import os", max_tokens=200, **ask)
+    assert next(iter(long)).choices[0].index == next(iter(short)).choices[0].index == 0
+    server.signal_all(signal.SIGTERM)
+    server.wait_for_log("stopping: waiting up to 30 s for 2 requests in flight to finish")
+    assert [piece.choices[0].finish_reason for piece in short][-1] == "length"  # it went on to its end
+    server.signal_all(signal.SIGINT)
+    assert server.process.wait(timeout=30) == 130
+    log = server.log()
+    assert log.endswith("interrupted: serve stopped (second Ctrl+C: 1 request was cut off)\n"), log
+    assert "Traceback" not in log, log
+    with pytest.raises(openai.APIConnectionError):
+        list(long)
 
 
 def test_sigterm_shuts_down_cleanly(server):
     assert server.stop() == 0
     log = server.log()
+    assert log.startswith(f"loading the model from {server.checkpoint}\nserving 'tiny' "), log
     assert "Traceback" not in log and "server stopped" in log, log
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import multiprocessing
 import queue
 import signal
 import threading
@@ -77,6 +78,8 @@ class CompletionsSpec(LitSpec):
         self.add_endpoint(COMPLETIONS_PATH, self.completions, ["POST"])
         self.add_endpoint(MODELS_PATH, self.models, ["GET"])
         self.add_endpoint(MODELS_PATH + "/{model_id:path}", self.model, ["GET"])  # ids like org/name
+        self.in_flight = multiprocessing.get_context("spawn").Value("i", 0)
+        """Requests whose sequences are being decoded: counted in the HTTP process, read by the main one."""
 
     @property
     def stream(self) -> bool:
@@ -142,6 +145,7 @@ class CompletionsSpec(LitSpec):
         """
         queues = [self.response_buffer[uid].response_queue for uid in uids]
         running = set(range(len(uids)))
+        self._count_in_flight(1)
         try:
             while running:
                 if not await _next_message(event, disconnected):
@@ -162,6 +166,11 @@ class CompletionsSpec(LitSpec):
                 self.response_buffer.pop(uid, None)  # LitServe drops the messages still on their way for it
                 if index in running:
                     self.request_queue.put((self.response_queue_id, uid, time.monotonic(), CANCEL))
+            self._count_in_flight(-1)
+
+    def _count_in_flight(self, change: int) -> None:
+        with self.in_flight.get_lock():
+            self.in_flight.value += change
 
     async def _stream(self, completion: Completion, messages: AsyncIterator) -> AsyncIterator[str]:
         """Server-sent events: one chunk per piece of text, the usage chunk if asked for, then ``[DONE]``."""
@@ -315,6 +324,19 @@ class CompletionsAPI(ls.LitAPI):
             self.engine = Engine(
                 loaded.model, loaded.region, tokenizer.decode, tokenizer.eos_id, self.max_batch_size, self.batch_timeout
             )
+        self.stop_asked = False
+        signal.signal(signal.SIGTERM, self._finish_then_stop)
+
+    def _finish_then_stop(self, signum, frame) -> None:
+        """SIGTERM while sequences are decoded: the first one is put off, so that they finish (sent to every process
+        of the server, as systemd does, it cut them off at once and left their clients waiting until the HTTP
+        process's graceful timeout); the main process ends this one once the HTTP process is done. Otherwise, or on a
+        second SIGTERM, this process ends at once, as by default."""
+        if self.engine.busy and not self.stop_asked:
+            self.stop_asked = True
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
 
     def predict(self, x: Any) -> Any:
         raise NotImplementedError("EngineLoop decodes; predict is not called")

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import errno
 import logging
+import multiprocessing
 import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -39,26 +40,50 @@ def require_litserve() -> None:
 
 
 @contextmanager
-def signals_stop_server() -> Iterator[None]:
-    """SIGTERM and Ctrl+C stop the server: LitServe then shuts its processes down and ``run`` returns.
+def signals_stop_server(first: Callable[[], None] = lambda: None) -> Iterator[list[int]]:
+    """SIGTERM and Ctrl+C stop the server: LitServe then shuts its processes down and ``run`` returns. The list
+    yielded holds the signals received; ``first`` is called on the first one, before it stops the server.
 
     The server's forked processes inherit the handler; there it does nothing, so that uvicorn's own handlers (which
     re-raise the signal once uvicorn has shut down) end them quietly instead of with a traceback.
     """
     owner = os.getpid()
+    received: list[int] = []
 
     def interrupt(signum, frame) -> None:
         if os.getpid() == owner:
+            received.append(signum)
+            if len(received) == 1:
+                first()
             stop = KeyboardInterrupt()
             stop.signum = signum  # the command line says which signal (during startup, where LitServe lets it out)
             raise stop
 
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
+        yield received
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+class HTTPProcessStart:
+    """ASGI middleware: what LitServe's HTTP process (uvicorn, forked once the worker has loaded the model) does as it
+    starts serving (the app's lifespan startup, after uvicorn has installed its signal handlers).
+
+    It prints ``banner``: the server answers from now on. And it ignores Ctrl+C, which the terminal sends to every
+    process of the server: the main process stops it, with SIGTERM on the first signal (the requests in flight finish)
+    and SIGKILL on a second one (uvicorn's own second Ctrl+C cancelled every request with a traceback each).
+    """
+
+    def __init__(self, app, banner: str) -> None:
+        self.app, self.banner = app, banner
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            print(self.banner, file=sys.stderr, flush=True)
+        await self.app(scope, receive, send)
 
 
 def serve_command(
@@ -154,19 +179,38 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
     check_port_free(host, port)
     served = api.served
     devices = [index or 0] if accelerator == "cuda" else "auto"
-    server = ls.LitServer(api, accelerator=accelerator, devices=devices, timeout=False)
     region = served.region_record(served.default_sharing)
-    print(
+    banner = (
         f"serving {served.name!r} (trained region: {served.region.describe()}; default {region['sharing_layers']} "
-        f"sharing layers) at http://{host}:{port}/v1 — ready when GET /health answers ok; SIGTERM or Ctrl+C stops it",
-        file=sys.stderr,
-        flush=True,
+        f"sharing layers) at http://{host}:{port}/v1 — ready; SIGTERM or Ctrl+C stops it"
     )
+    middlewares = [(HTTPProcessStart, {"banner": banner})]
+    server = ls.LitServer(api, accelerator=accelerator, devices=devices, timeout=False, middlewares=middlewares)
+    print(f"loading the model from {api.checkpoint}", file=sys.stderr, flush=True)
     # kept after run returns: the monitor thread outlives it and may log the race until the process exits
     logging.getLogger("litserve.server").addFilter(_shutdown_race)
-    with signals_stop_server(), watching_startup(server) as died:
+    in_flight = api.spec.in_flight
+
+    def stopping() -> None:
+        if in_flight.value:
+            print(
+                f"stopping: waiting up to {server.uvicorn_graceful_timeout} s for {_requests(in_flight.value)} in "
+                "flight to finish; a second Ctrl+C or SIGTERM cuts them off",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    with signals_stop_server(stopping) as received, watching_startup(server) as died:
         try:
             server.run(host=host, port=port, log_level=log_level, generate_client_file=False, num_api_servers=1)
+        except KeyboardInterrupt as stop:
+            if len(received) < 2:  # during startup, LitServe lets the first one out
+                raise
+            cut_off = in_flight.value
+            _kill_server_processes(server)  # and watching_startup shuts LitServe's manager down
+            what = "Ctrl+C" if received[-1] == signal.SIGINT else signal.Signals(received[-1]).name
+            stop.reason = f"second {what}: {_requests(cut_off)} {'was' if cut_off == 1 else 'were'} cut off"
+            raise
         except RuntimeError as e:  # LitServe's "One or more workers failed to start"
             if died:
                 raise UserError(
@@ -179,6 +223,18 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
                 raise
             raise failure from None
     print("server stopped", file=sys.stderr, flush=True)
+
+
+def _requests(count: int) -> str:
+    return f"{count} request{'' if count == 1 else 's'}"
+
+
+def _kill_server_processes(server) -> None:
+    """End LitServe's HTTP processes (uvicorn) and inference workers at once, with the requests in flight."""
+    http = [process for process in multiprocessing.active_children() if process.name.startswith("LitServer-")]
+    for process in [*http, *server.inference_workers]:  # the HTTP processes as LitServe names them
+        process.kill()
+        process.join()
 
 
 def _shutdown_race(record: logging.LogRecord) -> bool:
