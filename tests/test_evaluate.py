@@ -192,6 +192,30 @@ def test_held_out_data_of_another_vocabulary_than_the_model_is_one_line(tmp_path
     assert not same_token_ids(other / "tokenizer.json", ckpt / "tokenizer.json")
 
 
+def test_held_out_token_ids_outside_the_vocabulary_are_one_line(tmp_path, tiny_corpus, capsys) -> None:
+    """A held-out chunk corrupted in place (sizes and index still agreeing) passed every check: evaluate and bench
+    died with an IndexError traceback in the embedding, and analyze named only "batch 1", not the data."""
+    import shutil
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for name in ("train", "meta.json", "tokenizer.json"):
+        (corrupt / name).symlink_to(tiny_corpus / name)
+    shutil.copytree(tiny_corpus / "val", corrupt / "val")
+    chunk = next((corrupt / "val").glob("*.bin"))
+    tokens = bytearray(chunk.read_bytes())
+    tokens[12 + 4 * 5 : 12 + 4 * 6] = (70_000).to_bytes(4, "little")  # after the 12-byte header: the 6th token
+    chunk.write_bytes(bytes(tokens))
+    ckpt = save_consolidated(tiny_model(n_layer=2), tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
+    for command in ("evaluate", "bench", "analyze"):
+        output = [] if command == "evaluate" else ["--output", str(tmp_path / command)]
+        argv = [command, "--checkpoint", str(ckpt), "--data", str(corrupt), "--batches", "1", "--device", "cpu"]
+        assert cli_main([*argv, *output]) == 2
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert err.startswith(f"error: token ids must lie in 0..{VOCAB - 1} (the model's vocab_size), got 0..70000")
+        assert f"— {corrupt} — the token stream is corrupt" in err
+
+
 def test_evaluate_cli_sweeps_regions(tmp_path: Path, tiny_corpus: Path, capsys: pytest.CaptureFixture) -> None:
     model = tiny_model(shared=2)
     save_consolidated(model, tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
