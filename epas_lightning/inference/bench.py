@@ -75,6 +75,23 @@ def heldout_batches(
     return [batch.long() for batch in islice(loader, n_batches)]
 
 
+def bench_prompts(batches: list[torch.Tensor], prompts: int, prompt_len: int, vocab_size: int) -> list[list[int]]:
+    """``prompts`` prompts of ``prompt_len`` tokens: consecutive pieces of the held-out tokens (which may be longer
+    than one held-out sequence; the first piece is repeated when they run out), or random ids without held-out data."""
+    if not batches:
+        gen = torch.Generator().manual_seed(0)
+        return torch.randint(0, vocab_size, (prompts, prompt_len), generator=gen).tolist()
+    tokens = torch.cat([batch.flatten() for batch in batches])
+    pieces = tokens[: len(tokens) // prompt_len * prompt_len].view(-1, prompt_len)[:prompts].tolist()
+    if not pieces:
+        raise ConfigError(
+            f"the {len(tokens)} held-out tokens read are fewer than one prompt of {prompt_len}",
+            "--prompt-len",
+            "raise --batches or --batch-size, or lower --prompt-len",
+        )
+    return pieces + [pieces[0]] * (prompts - len(pieces))
+
+
 def measure(
     loaded: LoadedModel,
     max_shared: int,
@@ -89,12 +106,7 @@ def measure(
     """One row per region 0..``max_shared``: FLOPs ratio, generation tokens/s (median of ``reps`` alternating runs),
     KV-cache bytes and held-out loss."""
     model, config = loaded.model, loaded.model.config
-    if batches:
-        rows = [row[:prompt_len].tolist() for row in batches[0][:prompts]]
-        rows += [rows[0]] * (prompts - len(rows))
-    else:
-        gen = torch.Generator().manual_seed(0)
-        rows = torch.randint(0, config.vocab_size, (prompts, prompt_len), generator=gen).tolist()
+    rows = bench_prompts(batches, prompts, prompt_len, config.vocab_size)
     regions = list(range(max_shared + 1))
 
     def run(n: int):
@@ -253,6 +265,13 @@ def bench_command(
     pick = region_for_budget(config, budget, max_shared, config.block_size) if budget is not None else None
     if prompt_len is None:
         prompt_len = min(DEFAULT_TOKENS, config.context_length // 2)
+    if prompt_len >= config.context_length:
+        raise ConfigError(
+            f"a prompt of {prompt_len} tokens leaves no room for new ones in the model's context length "
+            f"{config.context_length}",
+            "--prompt-len",
+            f"use at most {config.context_length - 1}",
+        )
     if max_new_tokens is None:
         max_new_tokens = min(DEFAULT_TOKENS, config.context_length - prompt_len)
     if prompt_len + max_new_tokens > config.context_length:
