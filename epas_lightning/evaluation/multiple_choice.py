@@ -32,6 +32,8 @@ class Question:
     context: str
     choices: list[str]
     label: int
+    where: str = ""
+    """Its file and line, for errors."""
 
 
 def load_task(path: str | Path) -> list[Question]:
@@ -45,7 +47,8 @@ def load_task(path: str | Path) -> list[Question]:
             continue
         try:
             item = json.loads(line)
-            question = Question(str(item["context"]), [str(c) for c in item["choices"]], int(item["label"]))
+            choices = [str(c) for c in item["choices"]]
+            question = Question(str(item["context"]), choices, int(item["label"]), f"{path}:{n}")
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"expected {{'context', 'choices', 'label'}} ({e})", f"{path}:{n}") from e
         if not 0 <= question.label < len(question.choices) or len(question.choices) < 2:
@@ -122,9 +125,25 @@ def score_continuations(
     return results  # type: ignore[return-value]
 
 
+def check_scorable(questions: list[Question], requests: list[tuple[list[int], list[int]]], context_length: int) -> None:
+    """A :class:`DataError` naming the question whose choice, as tokens, is empty or longer than the model's context:
+    :func:`score_continuations` can score neither."""
+    pairs = iter(requests)
+    for question in questions:
+        for number, (_, continuation) in enumerate((next(pairs) for _ in question.choices), start=1):
+            if not 0 < len(continuation) <= context_length:
+                size = f"{len(continuation)} tokens, more than the model's context length ({context_length})"
+                raise DataError(
+                    f"choice {number} has {size if continuation else 'no tokens to score'}",
+                    question.where or "--tasks",
+                    "fix the question, or leave it out",
+                )
+
+
 def evaluate_task(model: Llama, tokenizer, questions: list[Question], batch_size: int = 16) -> dict[str, float]:  # noqa: ANN001
     """``acc`` and ``acc_norm`` (per-character normalised) of ``model`` on ``questions``."""
     requests = [encode_pair(tokenizer, q.context, choice) for q in questions for choice in q.choices]
+    check_scorable(questions, requests, model.config.context_length)
     scores = score_continuations(model, requests, batch_size)
     correct = correct_norm = 0
     at = 0
