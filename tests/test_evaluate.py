@@ -123,6 +123,18 @@ def test_load_task_names_bad_lines(tmp_path: Path) -> None:
         load_task(tmp_path / "missing.jsonl")
 
 
+def test_two_task_files_of_one_name_are_refused_before_the_model_loads(tmp_path, capsys) -> None:
+    """evaluate --tasks a/code.jsonl --tasks b/code.jsonl printed one `code` column: one task's results were lost."""
+    line = json.dumps({"context": "c", "choices": ["a", "b"], "label": 0}) + "\n"
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "code.jsonl").write_text(line)
+    tasks = ["--tasks", str(tmp_path / "a" / "code.jsonl"), "--tasks", str(tmp_path / "b" / "code.jsonl")]
+    assert evaluate_main(["--checkpoint", str(tmp_path / "missing.ckpt"), *tasks]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: two task files are named code (") and "— --tasks — rename one" in err, err
+
+
 def test_lm_loss_softmax_runs_over_the_real_vocabulary() -> None:
     from epas_lightning import lm_loss, next_token_loss
 

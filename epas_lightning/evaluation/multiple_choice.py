@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from epas_lightning.errors import DataError
+from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model import Llama
 from epas_lightning.runtime import activations_overflow
 
@@ -57,6 +57,22 @@ def load_task(path: str | Path) -> list[Question]:
     if not questions:
         raise DataError("the task file holds no questions", path)
     return questions
+
+
+def load_tasks(paths: list[str | Path]) -> dict[str, list[Question]]:
+    """Each task file's questions under its name (the file's stem: the column prefix), one file per name."""
+    tasks: dict[str, list[Question]] = {}
+    files: dict[str, Path] = {}
+    for path in map(Path, paths):
+        if path.stem in files and files[path.stem].resolve() != path.resolve():
+            raise ConfigError(
+                f"two task files are named {path.stem} ({files[path.stem]}, {path}): one would hide the other",
+                "--tasks",
+                "rename one of them",
+            )
+        files[path.stem] = path
+        tasks[path.stem] = load_task(path)
+    return tasks
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:  # noqa: ANN001
