@@ -127,7 +127,7 @@ def measure(
     table = []
     for n in progress(regions, "bench: held-out loss", unit="region"):
         set_region(model, n, loaded.region, force)
-        loss = perplexity_of_batches(model, batches)["loss"] if batches else float("nan")
+        loss = perplexity_of_batches(model, batches)["loss"] if batches else None  # null in JSON: not measured
         table.append(
             {
                 "n_shared": n,
@@ -138,7 +138,7 @@ def measure(
                 "kv_cache_bytes": cache[n][0],
                 "kv_cache_saving": 1 - cache[n][0] / cache[n][1],
                 "val_loss": loss,
-                "val_ppl": math.exp(loss) if loss == loss else float("nan"),
+                "val_ppl": None if loss is None else math.exp(loss),
             }
         )
     return table
@@ -167,7 +167,7 @@ def write_plot(summary: dict, path: Path) -> None:
     kv.plot(n, [r["kv_cache_bytes"] / MIB for r in rows], "s--", color="tab:gray", label="KV cache MiB")
     kv.set_ylabel("KV cache (MiB)")
     speed.set_title(f"{summary['prompts']} prompt(s), {summary['max_new_tokens']} new tokens")
-    quality.plot(n, [r["val_loss"] for r in rows], "o-", color="tab:red")
+    quality.plot(n, [r["val_loss"] for r in rows], "o-", color="tab:red")  # None: no held-out data, no line
     quality.set_xlabel("sharing layers (first N of the trained region)")
     quality.set_ylabel("validation loss")
     quality.set_title("quality at each region")
@@ -192,10 +192,11 @@ def print_table(summary: dict) -> None:
     head = f"{'shared':>6} {'FLOPs':>6} {'prefill tok/s':>14} {'decode tok/s':>13}"
     print(f"{head} {'KV MiB':>8} {'KV saved':>9} {'val loss':>9}")
     for r in summary["rows"]:
+        loss = "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
         print(
             f"{r['n_shared']:>6} {r['flops_ratio']:>6.3f} {r['prefill_tokens_per_s']:>14.1f} "
             f"{r['decode_tokens_per_s']:>13.1f} {r['kv_cache_bytes'] / MIB:>8.2f} {r['kv_cache_saving']:>9.1%} "
-            f"{r['val_loss']:>9.4f}"
+            f"{loss:>9}"
         )
     if summary["budget_pick"] is not None:
         n = summary["budget_pick"]
