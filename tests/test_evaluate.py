@@ -190,6 +190,23 @@ def test_evaluate_batches_with_tasks_scores_the_run_data_too(tmp_path: Path, tin
     assert "val_loss" not in evaluate(ckpt, tasks=[task], device="cpu")[0]  # tasks alone: only the tasks
 
 
+def test_held_out_data_that_is_gone_is_named(tmp_path, tiny_corpus, capsys) -> None:
+    """The run's data moved or deleted: evaluate and analyze said the checkpoint "does not say which data it trained
+    on" (it does), and bench left out the held-out loss without a word."""
+    ckpt = save_consolidated(tiny_model(n_layer=2), tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
+    record = json.loads((ckpt / "config.json").read_text())
+    record["tokenizer"]["data_dir"] = str(tmp_path / "gone")  # as consolidate records the run's data
+    (ckpt / "config.json").write_text(json.dumps(record))
+    gone = f"the data the checkpoint trained on is gone ({tmp_path / 'gone'})"
+    for command in ("evaluate", "analyze", "bench"):
+        output = [] if command == "evaluate" else ["--output", str(tmp_path / command)]
+        reps = ["--reps", "1"] if command == "bench" else []  # bench still measures speed, and says what it lacks
+        status = cli_main([command, "--checkpoint", str(ckpt), "--device", "cpu", *output, *reps])
+        assert status == (0 if command == "bench" else 2)
+        err = capsys.readouterr().err
+        assert gone in err and "--data" in err, err
+
+
 def test_held_out_data_of_another_vocabulary_than_the_model_is_one_line(tmp_path, tiny_corpus, capsys) -> None:
     """evaluate, bench and analyze scored a --data folder tokenized with another vocabulary (no larger than the
     model's) as if its ids were the model's tokens: numbers that mean nothing, without a word."""

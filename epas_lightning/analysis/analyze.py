@@ -133,8 +133,7 @@ def analyze_command(
     data_dir = data or loaded.data_dir
     if data_dir is None:
         raise ConfigError(
-            "the checkpoint does not say which data it trained on, and held-out text in another tokenization would "
-            "measure nothing",
+            f"{loaded.no_data()}, and held-out text in another tokenization would measure nothing",
             "--data",
             "pass --data with the prepared folder the model trained on",
         )

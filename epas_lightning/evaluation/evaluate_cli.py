@@ -64,7 +64,7 @@ def evaluate(
         data = loaded.data_dir
     if data is None and not questions:
         raise ConfigError(
-            "nothing to evaluate: the checkpoint does not say which data it trained on",
+            f"nothing to evaluate: {loaded.no_data()}",
             "--data / --tasks",
             "give --data (a prepared folder: perplexity on its val split) and/or --tasks (multiple choice)",
         )

@@ -13,6 +13,7 @@ import csv
 import json as json_lib
 import math
 import statistics
+import sys
 from itertools import islice
 from pathlib import Path
 
@@ -283,6 +284,8 @@ def bench_command(
             f"ask for at most {config.context_length} tokens in all",
         )
     data_dir = data or loaded.data_dir
+    if data_dir is None:
+        print(f"bench: no held-out loss: {loaded.no_data()} (pass --data for one)", file=sys.stderr)
     with output_folder(output, "bench", overwrite, inputs=[checkpoint]) as build:
         held_out = heldout_batches(data_dir, config, batch_size, batches, loaded.tokenizer_path) if data_dir else []
         rows = measure(loaded, max_shared, force, held_out, prompts, prompt_len, max_new_tokens, reps,
