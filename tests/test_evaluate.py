@@ -99,8 +99,9 @@ def test_multiple_choice_acc_and_acc_norm_known_answers(tmp_path: Path) -> None:
     assert result == {"acc": pytest.approx(1 / 3), "acc_norm": pytest.approx(2 / 3), "n": 3}
 
 
-def test_a_choice_with_no_tokens_or_more_than_the_context_names_its_line(tmp_path: Path) -> None:
-    """An empty choice, or one longer than the model's context, ended evaluate --tasks with a ValueError traceback."""
+def test_a_question_the_model_cannot_score_names_its_line(tmp_path: Path) -> None:
+    """An empty choice, or one longer than the model's context, ended evaluate --tasks with a ValueError traceback;
+    token ids outside the model's vocabulary (a --tokenizer of another model) with an IndexError."""
     task = tmp_path / "task.jsonl"
     for n, (choice, says) in enumerate((("", "no tokens"), ("a" * 17, "17 tokens, more than the model's context")), 2):
         lines = [{"context": "q1", "choices": ["x", "a"], "label": 1}] * (n - 1) + [
@@ -109,6 +110,9 @@ def test_a_choice_with_no_tokens_or_more_than_the_context_names_its_line(tmp_pat
         task.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
         with pytest.raises(DataError, match=f"choice 2 has {says}.* — {task}:{n} — "):
             evaluate_task(FavoursA(), CharTokenizer(), load_task(task))
+    task.write_text(json.dumps({"context": "q", "choices": ["x", "\u00e9"], "label": 0}) + "\n")  # id 233: not in 128
+    with pytest.raises(DataError, match=rf"token ids must lie in 0\.\.127 .*, got 0\.\.233 — {task}:1 — "):
+        evaluate_task(FavoursA(), CharTokenizer(), load_task(task))  # (a --tokenizer of another model): no IndexError
 
 
 def test_load_task_names_bad_lines(tmp_path: Path) -> None:

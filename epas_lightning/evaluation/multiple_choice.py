@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from epas_lightning.errors import ConfigError, DataError
-from epas_lightning.model import Llama
+from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.runtime import activations_overflow
 
 
@@ -141,12 +141,15 @@ def score_continuations(
     return results  # type: ignore[return-value]
 
 
-def check_scorable(questions: list[Question], requests: list[tuple[list[int], list[int]]], context_length: int) -> None:
-    """A :class:`DataError` naming the question whose choice, as tokens, is empty or longer than the model's context:
-    :func:`score_continuations` can score neither."""
+def check_scorable(questions: list[Question], requests: list[tuple[list[int], list[int]]], config: LlamaConfig) -> None:
+    """A :class:`DataError` naming the question whose choice, as tokens, is empty or longer than the model's context,
+    or holds ids outside its vocabulary (another model's tokenizer): :func:`score_continuations` can score none."""
+    context_length = config.context_length
     pairs = iter(requests)
     for question in questions:
-        for number, (_, continuation) in enumerate((next(pairs) for _ in question.choices), start=1):
+        for number, (context, continuation) in enumerate((next(pairs) for _ in question.choices), start=1):
+            ids = context + continuation
+            config.check_token_ids(min(ids), max(ids), question.where or "--tasks")
             if not 0 < len(continuation) <= context_length:
                 size = f"{len(continuation)} tokens, more than the model's context length ({context_length})"
                 raise DataError(
@@ -159,7 +162,7 @@ def check_scorable(questions: list[Question], requests: list[tuple[list[int], li
 def evaluate_task(model: Llama, tokenizer, questions: list[Question], batch_size: int = 16) -> dict[str, float]:  # noqa: ANN001
     """``acc`` and ``acc_norm`` (per-character normalised) of ``model`` on ``questions``."""
     requests = [encode_pair(tokenizer, q.context, choice) for q in questions for choice in q.choices]
-    check_scorable(questions, requests, model.config.context_length)
+    check_scorable(questions, requests, model.config)
     scores = score_continuations(model, requests, batch_size)
     correct = correct_norm = 0
     at = 0
