@@ -139,6 +139,16 @@ class CheckpointInfo:
     global_step: int | None = None
     data_dir: Path | None = None
     gone_tokenizer: Path | None = None
+    gone_data: Path | None = None
+
+    def no_data(self) -> str:
+        """Why ``data_dir`` is ``None``, for the error or note that asks for ``--data``: the run recorded none, or
+        what it recorded is gone (named)."""
+        if self.gone_data is not None:
+            return f"the data the checkpoint trained on is gone ({self.gone_data})"
+        if self.gone_tokenizer is not None:
+            return f"the data the checkpoint trained on is gone (its tokenizer {self.gone_tokenizer} no longer exists)"
+        return "the checkpoint does not say which data it trained on"
 
     def no_tokenizer(self) -> str:
         """Why ``tokenizer_path`` is ``None``, for the error that asks for one: the run recorded none, or the file it
@@ -358,6 +368,7 @@ def _info(metadata: dict[str, Any], model: Llama) -> CheckpointInfo:
     if gone is not None:
         tokenizer_path = None
     data_dir = metadata.get("data_dir") or (_data_dir_of(tokenizer_path) if tokenizer_path else None)
+    found = data_dir is not None and Path(data_dir).is_dir()
     return CheckpointInfo(
         config=config,
         region=recorded_region(metadata, model.sharing.shared_layers, config.n_layer),
@@ -365,8 +376,9 @@ def _info(metadata: dict[str, Any], model: Llama) -> CheckpointInfo:
         bos_id=tokenizer.get("bos_id"),
         eos_id=tokenizer.get("eos_id"),
         global_step=metadata.get("global_step"),
-        data_dir=Path(data_dir) if data_dir and Path(data_dir).is_dir() else None,
+        data_dir=Path(data_dir) if found else None,
         gone_tokenizer=gone,
+        gone_data=Path(data_dir) if data_dir is not None and not found else None,
     )
 
 

@@ -42,14 +42,24 @@ def resolve_device(device: str = "auto") -> torch.device:
     raise ConfigError(f"device {device!r} is not available to these commands on this machine", where, fix)
 
 
+_auto_choice: tuple[torch.dtype, str] | None = None
+"""The dtype the last :func:`resolve_dtype` chose for ``auto``, and where (``None``: it was given), so that an overflow
+names the flag as the user typed it."""
+
+
 def resolve_dtype(dtype: DType | None, device: torch.device) -> torch.dtype:
     """The torch dtype for ``--dtype`` on ``device``: ``auto`` is bfloat16 on a CUDA GPU that has it natively (compute
     capability 8.0 or later), float16 on an older one (V100, T4: bfloat16 would be emulated, far slower), float32
     elsewhere."""
+    global _auto_choice
+    _auto_choice = None
     if dtype in (None, "auto"):
         if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if has_native_bf16(device) else torch.float16
+            chosen = torch.float32
+        else:
+            chosen = torch.bfloat16 if has_native_bf16(device) else torch.float16
+        _auto_choice = chosen, "GPU" if device.type == "cuda" else "machine"
+        return chosen
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}", "--dtype", f"use auto or one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -72,8 +82,10 @@ def dtype_overflow(what: str, dtype: torch.dtype) -> ConfigError:
     wider = sorted((d for d in DTYPES.values() if torch.finfo(d).max > limit), key=lambda d: d.itemsize)  # bf16 first
     wider = [dtype_name(d) for d in wider]
     fix = f"use --dtype {' or '.join(wider)}" if wider else "use another checkpoint, e.g. an earlier one of the run"
-    name = dtype_name(dtype)
-    return ConfigError(f"{what}; {name} holds at most {limit:g}", f"--dtype {name}", fix)
+    name = flag = dtype_name(dtype)
+    if _auto_choice is not None and _auto_choice[0] == dtype:
+        name, flag = f"{name} (what --dtype auto chose on this {_auto_choice[1]})", "auto"
+    return ConfigError(f"{what}; {name} holds at most {limit:g}", f"--dtype {flag}", fix)
 
 
 def activations_overflow(what: str, dtype: torch.dtype) -> ConfigError:

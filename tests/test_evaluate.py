@@ -99,6 +99,22 @@ def test_multiple_choice_acc_and_acc_norm_known_answers(tmp_path: Path) -> None:
     assert result == {"acc": pytest.approx(1 / 3), "acc_norm": pytest.approx(2 / 3), "n": 3}
 
 
+def test_a_question_the_model_cannot_score_names_its_line(tmp_path: Path) -> None:
+    """An empty choice, or one longer than the model's context, ended evaluate --tasks with a ValueError traceback;
+    token ids outside the model's vocabulary (a --tokenizer of another model) with an IndexError."""
+    task = tmp_path / "task.jsonl"
+    for n, (choice, says) in enumerate((("", "no tokens"), ("a" * 17, "17 tokens, more than the model's context")), 2):
+        lines = [{"context": "q1", "choices": ["x", "a"], "label": 1}] * (n - 1) + [
+            {"context": "q2", "choices": ["x", choice], "label": 1}
+        ]
+        task.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+        with pytest.raises(DataError, match=f"choice 2 has {says}.* — {task}:{n} — "):
+            evaluate_task(FavoursA(), CharTokenizer(), load_task(task))
+    task.write_text(json.dumps({"context": "q", "choices": ["x", "\u00e9"], "label": 0}) + "\n")  # id 233: not in 128
+    with pytest.raises(DataError, match=rf"token ids must lie in 0\.\.127 .*, got 0\.\.233 — {task}:1 — "):
+        evaluate_task(FavoursA(), CharTokenizer(), load_task(task))  # (a --tokenizer of another model): no IndexError
+
+
 def test_load_task_names_bad_lines(tmp_path: Path) -> None:
     task = tmp_path / "bad.jsonl"
     task.write_text('{"context": "c", "choices": ["a", "b"], "label": 0}\n{"context": "c", "choices": ["a"]}\n')
@@ -109,6 +125,18 @@ def test_load_task_names_bad_lines(tmp_path: Path) -> None:
         load_task(task)
     with pytest.raises(DataError, match="does not exist"):
         load_task(tmp_path / "missing.jsonl")
+
+
+def test_two_task_files_of_one_name_are_refused_before_the_model_loads(tmp_path, capsys) -> None:
+    """evaluate --tasks a/code.jsonl --tasks b/code.jsonl printed one `code` column: one task's results were lost."""
+    line = json.dumps({"context": "c", "choices": ["a", "b"], "label": 0}) + "\n"
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "code.jsonl").write_text(line)
+    tasks = ["--tasks", str(tmp_path / "a" / "code.jsonl"), "--tasks", str(tmp_path / "b" / "code.jsonl")]
+    assert evaluate_main(["--checkpoint", str(tmp_path / "missing.ckpt"), *tasks]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: two task files are named code (") and "— --tasks — rename one" in err, err
 
 
 def test_lm_loss_softmax_runs_over_the_real_vocabulary() -> None:
@@ -166,6 +194,23 @@ def test_evaluate_batches_with_tasks_scores_the_run_data_too(tmp_path: Path, tin
     assert "val_loss" not in evaluate(ckpt, tasks=[task], device="cpu")[0]  # tasks alone: only the tasks
 
 
+def test_held_out_data_that_is_gone_is_named(tmp_path, tiny_corpus, capsys) -> None:
+    """The run's data moved or deleted: evaluate and analyze said the checkpoint "does not say which data it trained
+    on" (it does), and bench left out the held-out loss without a word."""
+    ckpt = save_consolidated(tiny_model(n_layer=2), tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
+    record = json.loads((ckpt / "config.json").read_text())
+    record["tokenizer"]["data_dir"] = str(tmp_path / "gone")  # as consolidate records the run's data
+    (ckpt / "config.json").write_text(json.dumps(record))
+    gone = f"the data the checkpoint trained on is gone ({tmp_path / 'gone'})"
+    for command in ("evaluate", "analyze", "bench"):
+        output = [] if command == "evaluate" else ["--output", str(tmp_path / command)]
+        reps = ["--reps", "1"] if command == "bench" else []  # bench still measures speed, and says what it lacks
+        status = cli_main([command, "--checkpoint", str(ckpt), "--device", "cpu", *output, *reps])
+        assert status == (0 if command == "bench" else 2)
+        err = capsys.readouterr().err
+        assert gone in err and "--data" in err, err
+
+
 def test_held_out_data_of_another_vocabulary_than_the_model_is_one_line(tmp_path, tiny_corpus, capsys) -> None:
     """evaluate, bench and analyze scored a --data folder tokenized with another vocabulary (no larger than the
     model's) as if its ids were the model's tokens: numbers that mean nothing, without a word."""
@@ -190,6 +235,30 @@ def test_held_out_data_of_another_vocabulary_than_the_model_is_one_line(tmp_path
     Tokenizer.from_file(str(tiny_corpus / "tokenizer.json")).save(str(resaved), pretty=False)
     assert same_token_ids(resaved, ckpt / "tokenizer.json")
     assert not same_token_ids(other / "tokenizer.json", ckpt / "tokenizer.json")
+
+
+def test_held_out_token_ids_outside_the_vocabulary_are_one_line(tmp_path, tiny_corpus, capsys) -> None:
+    """A held-out chunk corrupted in place (sizes and index still agreeing) passed every check: evaluate and bench
+    died with an IndexError traceback in the embedding, and analyze named only "batch 1", not the data."""
+    import shutil
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for name in ("train", "meta.json", "tokenizer.json"):
+        (corrupt / name).symlink_to(tiny_corpus / name)
+    shutil.copytree(tiny_corpus / "val", corrupt / "val")
+    chunk = next((corrupt / "val").glob("*.bin"))
+    tokens = bytearray(chunk.read_bytes())
+    tokens[12 + 4 * 5 : 12 + 4 * 6] = (70_000).to_bytes(4, "little")  # after the 12-byte header: the 6th token
+    chunk.write_bytes(bytes(tokens))
+    ckpt = save_consolidated(tiny_model(n_layer=2), tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
+    for command in ("evaluate", "bench", "analyze"):
+        output = [] if command == "evaluate" else ["--output", str(tmp_path / command)]
+        argv = [command, "--checkpoint", str(ckpt), "--data", str(corrupt), "--batches", "1", "--device", "cpu"]
+        assert cli_main([*argv, *output]) == 2
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert err.startswith(f"error: token ids must lie in 0..{VOCAB - 1} (the model's vocab_size), got 0..70000")
+        assert f"— {corrupt} — the token stream is corrupt" in err
 
 
 def test_evaluate_cli_sweeps_regions(tmp_path: Path, tiny_corpus: Path, capsys: pytest.CaptureFixture) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -77,6 +79,26 @@ def test_activations_past_float16s_range_are_a_one_line_error_not_nan_or_a_sampl
         perplexity_of_batches(model, [tokens(2, 9)])
     with pytest.raises(ConfigError, match="the log-probabilities " + says):
         score_continuations(model, [([1, 2], [3])])
+
+
+def test_an_overflow_at_the_float16_that_dtype_auto_chose_says_auto_chose_it(monkeypatch):
+    """On a GPU without native bfloat16, --dtype auto runs float16: its overflow named `--dtype float16`, which the
+    user never typed, so "use --dtype bfloat16 or float32" read as a correction of a flag they had not given."""
+    from epas_lightning import runtime
+    from epas_lightning.evaluation.perplexity import perplexity_of_batches
+
+    monkeypatch.setattr(runtime, "has_native_bf16", lambda device: False)  # a V100 or T4, simulated
+    model = tiny(n_layer=2, block_size=16)
+    model.norm.weight.data.fill_(3e4)
+    model.half()
+    gpu = torch.device("cuda")  # only resolved, never used
+    assert runtime.resolve_dtype("auto", gpu) == torch.float16
+    says = "float16 (what --dtype auto chose on this GPU) holds at most 65504 — --dtype auto — use --dtype bfloat16 or"
+    with pytest.raises(ConfigError, match=r"the activations overflow float16; " + re.escape(says)):
+        perplexity_of_batches(model, [tokens(2, 9)])
+    assert runtime.resolve_dtype("float16", gpu) == torch.float16  # typed: named as typed
+    with pytest.raises(ConfigError, match="; float16 holds at most 65504 — --dtype float16 — use --dtype bfloat16"):
+        perplexity_of_batches(model, [tokens(2, 9)])
 
 
 @pytest.mark.parametrize("mode,reuse", [("qk", False), ("qk", True), ("kv", False)])

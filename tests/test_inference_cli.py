@@ -105,6 +105,49 @@ def test_default_lengths_fit_a_short_block_size_and_explicit_ones_are_checked(tr
     assert (summary["prompt_len"], summary["max_new_tokens"]) == (16, 16)
 
 
+def test_bench_prompts_have_the_length_it_reports(tiny_corpus, tmp_path, capsys):
+    """A model whose context (max_position_embeddings 64) is longer than the sequences it trained on (block_size 32):
+    bench --prompt-len 40 cut its prompts to the 33 tokens of a held-out sequence and reported 40, and --prompt-len 64
+    (no room left) blamed a --max-new-tokens of 0 that nobody typed."""
+    from model_dirs import save_consolidated
+
+    from epas_lightning import Llama
+
+    model = Llama(LlamaConfig.from_name("debug", block_size=32, max_position_embeddings=64)).eval()
+    ckpt = save_consolidated(model, tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
+    bench = ["bench", "--checkpoint", str(ckpt), "--data", str(tiny_corpus), "--reps", "1", "--device", "cpu"]
+    lengths = ["--prompt-len", "40", "--max-new-tokens", "4", "--batches", "2"]
+    rc, out, err = run_cli(capsys, *bench, *lengths, "--output", str(tmp_path / "bench"), "--json")
+    assert rc == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["prompt_len"] == 40
+    assert summary["rows"][0]["kv_cache_bytes"] == generate(model, [[1] * 40], 4).cache_bytes
+    rc, _, err = run_cli(capsys, *bench, "--prompt-len", "64", "--output", str(tmp_path / "full"))
+    assert rc == 2 and "— --prompt-len — use at most 63" in err, err
+
+
+def test_bench_without_held_out_data_writes_well_formed_json(tmp_path, capsys):
+    """A checkpoint that records no data (an HF folder, a bare export): bench wrote val_loss NaN into --json and
+    many_in_one.json, which is not JSON (RFC 8259): strict parsers (JavaScript, Go, serde) refuse the file."""
+    from model_dirs import save_consolidated
+
+    from epas_lightning import Llama
+
+    ckpt = save_consolidated(Llama(LlamaConfig.from_name("debug", block_size=32)), tmp_path / "ckpt")
+    out = tmp_path / "bench"
+    bench = ["bench", "--checkpoint", str(ckpt), "--reps", "1", "--output", str(out), "--json"]
+    rc, printed, err = run_cli(capsys, *bench)
+    assert rc == 0, err
+
+    def strict(text: str) -> dict:
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+
+    summary = strict(printed.strip().splitlines()[-1])
+    assert summary == strict((out / "many_in_one.json").read_text())
+    assert (summary["val_tokens"], summary["rows"][0]["val_loss"], summary["rows"][0]["val_ppl"]) == (0, None, None)
+    assert printed.splitlines()[2].endswith(" -")  # the table's val loss column
+
+
 def test_consolidated_checkpoint_generates_the_same_tokens(trained, tmp_path):
     out = consolidate(trained, tmp_path / "model")
     assert (out / "tokenizer.json").is_file()

@@ -126,15 +126,14 @@ def analyze_command(
     check_output(output, "analysis", overwrite, [checkpoint])
     loaded = load_for_inference(checkpoint, device, dtype, attention_reuse=False)  # every layer computes here
     model, config = loaded.model, loaded.model.config
-    seq_len = seq_len or min(config.block_size, 256)
+    seq_len = min(config.block_size, 256) if seq_len is None else seq_len
     if seq_len < 2:
         raise ConfigError(f"must be at least 2, got {seq_len}", "--seq-len")
     check_seq_len(seq_len, config, where="--seq-len")
     data_dir = data or loaded.data_dir
     if data_dir is None:
         raise ConfigError(
-            "the checkpoint does not say which data it trained on, and held-out text in another tokenization would "
-            "measure nothing",
+            f"{loaded.no_data()}, and held-out text in another tokenization would measure nothing",
             "--data",
             "pass --data with the prepared folder the model trained on",
         )

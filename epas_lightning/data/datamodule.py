@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from epas_lightning.data.token_data import TokenData, check_seq_len, check_tokenized_with
 from epas_lightning.errors import ConfigError, DataError
-from epas_lightning.model.config import LlamaConfig, check_token_ids
+from epas_lightning.model.config import LlamaConfig
 
 if TYPE_CHECKING:
     from litdata import StreamingDataLoader
@@ -144,14 +144,9 @@ class TokenDataModule(TokenData, LightningDataModule):
         return self.heldout_dataloader()
 
     def on_before_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
-        """Refuse token ids outside the vocabulary, on the host, in one line: a chunk corrupted in place (its size and
-        index still agreeing) passes every earlier check, and on a GPU the embedding would end the run with a
-        device-side assert. One reduction over the batch's ids."""
-        if self.vocab_size is not None and batch.numel():
-            low, high = (int(v) for v in torch.aminmax(batch))
-            fix = "the token stream is corrupt or of another tokenizer: prepare the data again"
-            check_token_ids(low, high, self.vocab_size, self.data_dir or "the built-in corpus", fix)
-        return batch
+        """Refuse token ids outside the vocabulary on the host, before a GPU's embedding ends the run with a
+        device-side assert (:meth:`TokenData.check_batch`)."""
+        return self.check_batch(batch)
 
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
         """Tokens are stored as int32; embeddings and cross-entropy targets want int64 (cast on the device)."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ from epas_lightning.data.layout import (
 )
 from epas_lightning.data.tokenizer import TextTokenizer, file_sha256, load_tokenizer, same_token_ids
 from epas_lightning.errors import ConfigError, DataError
-from epas_lightning.model.config import LlamaConfig
+from epas_lightning.model.config import LlamaConfig, check_token_ids
 from epas_lightning.runtime import check_counts
 
 if TYPE_CHECKING:
@@ -58,6 +59,19 @@ def check_tokenized_with(data_dir: Path, tokenizer: Path, where: str, fix: str |
             where,
             fix or f"prepare it with --tokenizer {tokenizer}, or leave --data unset for the checkpoint's own data",
         )
+
+
+class CheckedBatches:
+    """A loader whose batches each pass ``check`` as they are read; its length is the loader's."""
+
+    def __init__(self, loader: StreamingDataLoader, check: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.loader, self.check = loader, check
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return map(self.check, self.loader)
 
 
 class TokenData:
@@ -203,6 +217,15 @@ class TokenData:
                 f"set model.config.vocab_size to at least {n_tokens}, or use a smaller tokenizer",
             )
 
+    def check_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        """``batch``, unless it holds token ids outside the model's vocabulary: a chunk corrupted in place (its size
+        and index still agreeing) passes every earlier check. One reduction over the batch's ids."""
+        if self.vocab_size is not None and batch.numel():
+            low, high = (int(v) for v in torch.aminmax(batch))
+            fix = "the token stream is corrupt or of another tokenizer: prepare the data again"
+            check_token_ids(low, high, self.vocab_size, self.data_dir or "the built-in corpus", fix)
+        return batch
+
     def heldout_dataloader(self) -> StreamingDataLoader:
         """The held-out split in stored order (call :meth:`setup` first)."""
         return self._dataloader(self.val_streams(), shuffle=False)
@@ -261,9 +284,10 @@ def heldout_loader(
     batch_size: int,
     vocab_size: int | None = None,
     tokenizer: str | Path | None = None,
-) -> StreamingDataLoader:
+) -> CheckedBatches:
     """The validation split of a prepared data directory (``None``: the built-in corpus), checked and in a fixed
-    order: batches of (B, seq_len + 1) int32 tokens. Iterating it again yields the same batches. A split too small
+    order: batches of (B, seq_len + 1) int32 tokens, each checked for ids outside ``vocab_size`` as it is read.
+    Iterating it again yields the same batches. A split too small
     for one batch is a :class:`DataError`; so are a missing or incomplete ``data_dir``, one prepared with another
     vocabulary than ``tokenizer`` (the model's, when known) and a ``batch_size`` below 1, named as the commands'
     ``--data`` and ``--batch-size``."""
@@ -283,4 +307,4 @@ def heldout_loader(
             data.val_streams()[0],
             "lower --batch-size, or hold out more data",
         )
-    return loader
+    return CheckedBatches(loader, data.check_batch)

@@ -16,7 +16,7 @@ from typing import Literal
 from epas_lightning.checkpoint import LoadedModel
 from epas_lightning.data.tokenizer import check_tokenizer_flag
 from epas_lightning.errors import ConfigError
-from epas_lightning.evaluation.multiple_choice import evaluate_task, load_task
+from epas_lightning.evaluation.multiple_choice import evaluate_task, load_tasks
 from epas_lightning.evaluation.perplexity import perplexity_of_batches
 from epas_lightning.inference.generate import set_region
 from epas_lightning.inference.generate_cli import load_for_inference, resolve_tokenizer
@@ -54,17 +54,17 @@ def evaluate(
     ``data=None`` scores perplexity on the data the checkpoint trained on, when it is known and either no ``tasks``
     or ``batches`` are given.
     """
+    questions = load_tasks(tasks)
     loaded = load_for_inference(Path(checkpoint), device, dtype, attention_reuse=True)
     lengths = region_lengths(sharing_layers, loaded, force)
     for n in lengths:  # fail on a bad region before any scoring
         loaded.region.first(n, force)
-    questions = {Path(t).stem: load_task(t) for t in tasks}
     text_tokenizer = resolve_tokenizer(loaded, Path(tokenizer) if tokenizer else None) if questions else None
     if data is None and (not questions or batches is not None):
         data = loaded.data_dir
     if data is None and not questions:
         raise ConfigError(
-            "nothing to evaluate: the checkpoint does not say which data it trained on",
+            f"nothing to evaluate: {loaded.no_data()}",
             "--data / --tasks",
             "give --data (a prepared folder: perplexity on its val split) and/or --tasks (multiple choice)",
         )

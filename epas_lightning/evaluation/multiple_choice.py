@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from epas_lightning.errors import DataError
-from epas_lightning.model import Llama
+from epas_lightning.errors import ConfigError, DataError
+from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.runtime import activations_overflow
 
 
@@ -32,6 +32,8 @@ class Question:
     context: str
     choices: list[str]
     label: int
+    where: str = ""
+    """Its file and line, for errors."""
 
 
 def load_task(path: str | Path) -> list[Question]:
@@ -45,7 +47,8 @@ def load_task(path: str | Path) -> list[Question]:
             continue
         try:
             item = json.loads(line)
-            question = Question(str(item["context"]), [str(c) for c in item["choices"]], int(item["label"]))
+            choices = [str(c) for c in item["choices"]]
+            question = Question(str(item["context"]), choices, int(item["label"]), f"{path}:{n}")
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"expected {{'context', 'choices', 'label'}} ({e})", f"{path}:{n}") from e
         if not 0 <= question.label < len(question.choices) or len(question.choices) < 2:
@@ -54,6 +57,22 @@ def load_task(path: str | Path) -> list[Question]:
     if not questions:
         raise DataError("the task file holds no questions", path)
     return questions
+
+
+def load_tasks(paths: list[str | Path]) -> dict[str, list[Question]]:
+    """Each task file's questions under its name (the file's stem: the column prefix), one file per name."""
+    tasks: dict[str, list[Question]] = {}
+    files: dict[str, Path] = {}
+    for path in map(Path, paths):
+        if path.stem in files and files[path.stem].resolve() != path.resolve():
+            raise ConfigError(
+                f"two task files are named {path.stem} ({files[path.stem]}, {path}): one would hide the other",
+                "--tasks",
+                "rename one of them",
+            )
+        files[path.stem] = path
+        tasks[path.stem] = load_task(path)
+    return tasks
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:  # noqa: ANN001
@@ -122,9 +141,28 @@ def score_continuations(
     return results  # type: ignore[return-value]
 
 
+def check_scorable(questions: list[Question], requests: list[tuple[list[int], list[int]]], config: LlamaConfig) -> None:
+    """A :class:`DataError` naming the question whose choice, as tokens, is empty or longer than the model's context,
+    or holds ids outside its vocabulary (another model's tokenizer): :func:`score_continuations` can score none."""
+    context_length = config.context_length
+    pairs = iter(requests)
+    for question in questions:
+        for number, (context, continuation) in enumerate((next(pairs) for _ in question.choices), start=1):
+            ids = context + continuation
+            config.check_token_ids(min(ids), max(ids), question.where or "--tasks")
+            if not 0 < len(continuation) <= context_length:
+                size = f"{len(continuation)} tokens, more than the model's context length ({context_length})"
+                raise DataError(
+                    f"choice {number} has {size if continuation else 'no tokens to score'}",
+                    question.where or "--tasks",
+                    "fix the question, or leave it out",
+                )
+
+
 def evaluate_task(model: Llama, tokenizer, questions: list[Question], batch_size: int = 16) -> dict[str, float]:  # noqa: ANN001
     """``acc`` and ``acc_norm`` (per-character normalised) of ``model`` on ``questions``."""
     requests = [encode_pair(tokenizer, q.context, choice) for q in questions for choice in q.choices]
+    check_scorable(questions, requests, model.config)
     scores = score_continuations(model, requests, batch_size)
     correct = correct_norm = 0
     at = 0

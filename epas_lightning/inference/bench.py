@@ -13,6 +13,7 @@ import csv
 import json as json_lib
 import math
 import statistics
+import sys
 from itertools import islice
 from pathlib import Path
 
@@ -75,6 +76,23 @@ def heldout_batches(
     return [batch.long() for batch in islice(loader, n_batches)]
 
 
+def bench_prompts(batches: list[torch.Tensor], prompts: int, prompt_len: int, vocab_size: int) -> list[list[int]]:
+    """``prompts`` prompts of ``prompt_len`` tokens: consecutive pieces of the held-out tokens (which may be longer
+    than one held-out sequence; the first piece is repeated when they run out), or random ids without held-out data."""
+    if not batches:
+        gen = torch.Generator().manual_seed(0)
+        return torch.randint(0, vocab_size, (prompts, prompt_len), generator=gen).tolist()
+    tokens = torch.cat([batch.flatten() for batch in batches])
+    pieces = tokens[: len(tokens) // prompt_len * prompt_len].view(-1, prompt_len)[:prompts].tolist()
+    if not pieces:
+        raise ConfigError(
+            f"the {len(tokens)} held-out tokens read are fewer than one prompt of {prompt_len}",
+            "--prompt-len",
+            "raise --batches or --batch-size, or lower --prompt-len",
+        )
+    return pieces + [pieces[0]] * (prompts - len(pieces))
+
+
 def measure(
     loaded: LoadedModel,
     max_shared: int,
@@ -89,12 +107,7 @@ def measure(
     """One row per region 0..``max_shared``: FLOPs ratio, generation tokens/s (median of ``reps`` alternating runs),
     KV-cache bytes and held-out loss."""
     model, config = loaded.model, loaded.model.config
-    if batches:
-        rows = [row[:prompt_len].tolist() for row in batches[0][:prompts]]
-        rows += [rows[0]] * (prompts - len(rows))
-    else:
-        gen = torch.Generator().manual_seed(0)
-        rows = torch.randint(0, config.vocab_size, (prompts, prompt_len), generator=gen).tolist()
+    rows = bench_prompts(batches, prompts, prompt_len, config.vocab_size)
     regions = list(range(max_shared + 1))
 
     def run(n: int):
@@ -115,7 +128,7 @@ def measure(
     table = []
     for n in progress(regions, "bench: held-out loss", unit="region"):
         set_region(model, n, loaded.region, force)
-        loss = perplexity_of_batches(model, batches)["loss"] if batches else float("nan")
+        loss = perplexity_of_batches(model, batches)["loss"] if batches else None  # null in JSON: not measured
         table.append(
             {
                 "n_shared": n,
@@ -126,7 +139,7 @@ def measure(
                 "kv_cache_bytes": cache[n][0],
                 "kv_cache_saving": 1 - cache[n][0] / cache[n][1],
                 "val_loss": loss,
-                "val_ppl": math.exp(loss) if loss == loss else float("nan"),
+                "val_ppl": None if loss is None else math.exp(loss),
             }
         )
     return table
@@ -155,7 +168,7 @@ def write_plot(summary: dict, path: Path) -> None:
     kv.plot(n, [r["kv_cache_bytes"] / MIB for r in rows], "s--", color="tab:gray", label="KV cache MiB")
     kv.set_ylabel("KV cache (MiB)")
     speed.set_title(f"{summary['prompts']} prompt(s), {summary['max_new_tokens']} new tokens")
-    quality.plot(n, [r["val_loss"] for r in rows], "o-", color="tab:red")
+    quality.plot(n, [r["val_loss"] for r in rows], "o-", color="tab:red")  # None: no held-out data, no line
     quality.set_xlabel("sharing layers (first N of the trained region)")
     quality.set_ylabel("validation loss")
     quality.set_title("quality at each region")
@@ -180,10 +193,11 @@ def print_table(summary: dict) -> None:
     head = f"{'shared':>6} {'FLOPs':>6} {'prefill tok/s':>14} {'decode tok/s':>13}"
     print(f"{head} {'KV MiB':>8} {'KV saved':>9} {'val loss':>9}")
     for r in summary["rows"]:
+        loss = "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
         print(
             f"{r['n_shared']:>6} {r['flops_ratio']:>6.3f} {r['prefill_tokens_per_s']:>14.1f} "
             f"{r['decode_tokens_per_s']:>13.1f} {r['kv_cache_bytes'] / MIB:>8.2f} {r['kv_cache_saving']:>9.1%} "
-            f"{r['val_loss']:>9.4f}"
+            f"{loss:>9}"
         )
     if summary["budget_pick"] is not None:
         n = summary["budget_pick"]
@@ -253,6 +267,13 @@ def bench_command(
     pick = region_for_budget(config, budget, max_shared, config.block_size) if budget is not None else None
     if prompt_len is None:
         prompt_len = min(DEFAULT_TOKENS, config.context_length // 2)
+    if prompt_len >= config.context_length:
+        raise ConfigError(
+            f"a prompt of {prompt_len} tokens leaves no room for new ones in the model's context length "
+            f"{config.context_length}",
+            "--prompt-len",
+            f"use at most {config.context_length - 1}",
+        )
     if max_new_tokens is None:
         max_new_tokens = min(DEFAULT_TOKENS, config.context_length - prompt_len)
     if prompt_len + max_new_tokens > config.context_length:
@@ -263,6 +284,8 @@ def bench_command(
             f"ask for at most {config.context_length} tokens in all",
         )
     data_dir = data or loaded.data_dir
+    if data_dir is None:
+        print(f"bench: no held-out loss: {loaded.no_data()} (pass --data for one)", file=sys.stderr)
     with output_folder(output, "bench", overwrite, inputs=[checkpoint]) as build:
         held_out = heldout_batches(data_dir, config, batch_size, batches, loaded.tokenizer_path) if data_dir else []
         rows = measure(loaded, max_shared, force, held_out, prompts, prompt_len, max_new_tokens, reps,
