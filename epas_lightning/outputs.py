@@ -95,11 +95,13 @@ def check_replaceable(target: Path, kind: str, overwrite: bool, flag: str = "--o
     """Fail unless ``target`` may be written: absent, or (with ``overwrite``) a folder we wrote as ``kind``."""
     if not target.exists() and not target.is_symlink():
         return
-    if not overwrite:
-        raise OutputError("the output already exists", f"{flag} {target}", "choose a new folder or pass --overwrite")
     is_folder = target.is_dir() and not target.is_symlink()
     record = read_marker(target) if is_folder else None
-    if record is None or record.get("kind") != kind:
+    ours = record is not None and record.get("kind") == kind
+    if not overwrite:  # --overwrite is advised only where it would be taken
+        fix = "choose a new folder or pass --overwrite" if ours else "choose a new folder"
+        raise OutputError("the output already exists", f"{flag} {target}", fix)
+    if not ours:
         if record is not None:
             what = f"its {record.get('kind')} output"
         else:

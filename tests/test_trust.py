@@ -438,8 +438,9 @@ def test_overwrite_never_replaces_a_folder_we_did_not_write(text_corpus, tmp_pat
     user = tmp_path / "mine"
     user.mkdir()
     (user / "thesis.tex").write_text("years of work")
-    with pytest.raises(OutputError, match="already exists"):
+    with pytest.raises(OutputError, match="already exists") as refused:
         prepare(text_corpus, user)
+    assert "--overwrite" not in str(refused.value).split(" — ")[-1]  # advised only where it would be taken
     with pytest.raises(OutputError, match="its dataset output, and this is a folder it did not write"):
         prepare(text_corpus, user, overwrite=True)
     assert (user / "thesis.tex").read_text() == "years of work"
@@ -471,6 +472,8 @@ def test_an_output_in_the_way_is_refused_before_the_model_loads(command, tmp_pat
 def test_overwrite_replaces_our_own_dataset_completely(text_corpus, tmp_path):
     out = prepare(text_corpus, tmp_path / "data")
     (out / "stale.bin").write_bytes(b"left over")
+    with pytest.raises(OutputError, match="already exists .* choose a new folder or pass --overwrite"):
+        prepare(text_corpus, out)
     again = prepare(text_corpus, out, overwrite=True)
     assert again == out and not (out / "stale.bin").exists() and (out / "meta.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no temporary folder left beside it
