@@ -235,3 +235,17 @@ def test_a_recorded_tokenizer_that_is_gone_is_named_in_the_error(tmp_path):
         resolve_tokenizer(_info({"tokenizer": {"path": str(gone)}}, model), None)
     with pytest.raises(ConfigError, match="^the checkpoint does not name a tokenizer — --tokenizer"):
         resolve_tokenizer(_info({}, model), None)
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_before_any_text(trained, tmp_path, capsys):
+    """generate and evaluate --tasks with another model's larger --tokenizer: one line naming it, before any text
+    is encoded (ids past the vocabulary end in the embedding's IndexError, or a device-side assert on a GPU)."""
+    from epas_lightning.data.tokenizer import train_byte_level_bpe
+
+    other = tmp_path / "tokenizer.json"
+    train_byte_level_bpe([f"w{i} v{i * 7} z{i * 13}" for i in range(3000)], 700).save(str(other))
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"context": "q", "choices": ["a", "b"], "label": 0}) + "\n")
+    for argv in (["generate", "--prompt", "def"], ["evaluate", "--tasks", str(task)]):
+        rc, _, err = run_cli(capsys, *argv, "--checkpoint", str(trained), "--tokenizer", str(other), "--device", "cpu")
+        assert rc == 2 and "tokens but the model's vocab_size is 512" in err and f"— {other} —" in err, err

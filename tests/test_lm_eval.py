@@ -182,6 +182,18 @@ def test_regions_change_the_scores_and_the_tokenizer_is_the_exports(checkpoint, 
         lm.set_sharing_layers(3)
 
 
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(checkpoint: Path, tmp_path: Path) -> None:
+    """Another model's larger tokenizer scored with ids past the vocabulary: an IndexError deep inside lm-eval."""
+    from epas_lightning.data.tokenizer import train_byte_level_bpe
+    from epas_lightning.errors import DataError
+    from epas_lightning.evaluation.lm_eval_adapter import EPASLM
+
+    other = tmp_path / "tokenizer.json"
+    train_byte_level_bpe([f"w{i} v{i * 7} z{i * 13}" for i in range(3000)], 700).save(str(other))
+    with pytest.raises(DataError, match=f"tokens but the model's vocab_size is 512 — {other} — "):
+        EPASLM(str(checkpoint), tokenizer=str(other), device="cpu")
+
+
 def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
     rc = cli_main(list(argv))
     out = capsys.readouterr()

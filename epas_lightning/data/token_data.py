@@ -209,13 +209,9 @@ class TokenData:
     def check_vocab_size(self) -> None:
         """Fail before training if the tokenizer can emit ids outside the model's embedding table."""
         assert self.tokenizer is not None
-        n_tokens = self.tokenizer.vocab_size
-        if self.vocab_size is not None and n_tokens > self.vocab_size:
-            raise DataError(
-                f"the tokenizer has {n_tokens} tokens but the model's vocab_size is {self.vocab_size}",
-                self.tokenizer.path,
-                f"set model.config.vocab_size to at least {n_tokens}, or use a smaller tokenizer",
-            )
+        if self.vocab_size is not None:
+            fix = f"set model.config.vocab_size to at least {self.tokenizer.vocab_size}, or use a smaller tokenizer"
+            self.tokenizer.check_fits(self.vocab_size, fix)
 
     def check_batch(self, batch: torch.Tensor) -> torch.Tensor:
         """``batch``, unless it holds token ids outside the model's vocabulary: a chunk corrupted in place (its size

@@ -102,8 +102,9 @@ class EPASLM(HFLM):
         force: bool = False,
         **kwargs: Any,
     ) -> None:
+        from epas_lightning.data.tokenizer import load_tokenizer
         from epas_lightning.hf.export import exported_tokenizer
-        from epas_lightning.inference.generate_cli import load_for_inference
+        from epas_lightning.inference.generate_cli import TOKENIZER_FIX, load_for_inference
 
         # attention recomputed in every layer, as the export's modeling code does
         self.loaded = load_for_inference(Path(checkpoint), device or "auto", dtype or "auto", attention_reuse=False)
@@ -116,6 +117,7 @@ class EPASLM(HFLM):
                 f"checkpoint={checkpoint}",
                 "pass the tokenizer file (model argument tokenizer=PATH, or --tokenizer)",
             )
+        load_tokenizer(Path(path)).check_fits(config.vocab_size, TOKENIZER_FIX)
         hf_tokenizer = exported_tokenizer(Path(path), config.context_length, self.loaded.bos_id, self.loaded.eos_id)
         with _quiet():
             super().__init__(

@@ -37,7 +37,8 @@ def cuda_graph_choice(cuda_graph: CudaGraph, device: str = "auto") -> bool | Non
 
 
 def resolve_tokenizer(loaded: CheckpointInfo, path: Path | None) -> TextTokenizer:
-    """``--tokenizer`` if given, else the one the checkpoint recorded; a clear error if neither exists."""
+    """``--tokenizer`` if given, else the one the checkpoint recorded; a clear error if neither exists, or if its ids
+    can overrun the model's vocabulary (another model's tokenizer)."""
     path = path or loaded.tokenizer_path
     if path is None:
         raise ConfigError(
@@ -45,7 +46,12 @@ def resolve_tokenizer(loaded: CheckpointInfo, path: Path | None) -> TextTokenize
             "--tokenizer",
             "pass --tokenizer PATH (the tokenizer.json or tokenizer.model the model was trained with)",
         )
-    return load_tokenizer(path, bos_id=loaded.bos_id, eos_id=loaded.eos_id)  # the ids its documents were wrapped in
+    tokenizer = load_tokenizer(path, bos_id=loaded.bos_id, eos_id=loaded.eos_id)  # the ids its documents began with
+    tokenizer.check_fits(loaded.config.vocab_size, TOKENIZER_FIX)
+    return tokenizer
+
+
+TOKENIZER_FIX = "pass --tokenizer with the tokenizer the model was trained with"
 
 
 def describe_region(loaded: LoadedModel, layers: list[int]) -> str:
