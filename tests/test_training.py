@@ -549,6 +549,17 @@ def test_a_second_signal_while_the_stop_writes_shards_stops_at_once(tiny_corpus,
     assert torch.load(tmp_path / "ckpt" / "last.ckpt" / "meta.pt", weights_only=True)["global_step"] == 2
 
 
+class SignalMidStep(Callback):
+    """Sends this process ``signum`` during optimizer step ``step`` (before the optimizer runs)."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum = step, signum
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
 def test_slurm_requeue_signal_stops_with_last_ckpt_then_requeues(tiny_corpus, tmp_path, monkeypatch):
     """Under SLURM, Lightning answered SIGUSR1 by saving hpc_ckpt_1.ckpt from the signal handler, mid-step, into the
     working directory, and trained on; a requeued job without --ckpt_path then resumed that older file. The signal
@@ -559,16 +570,10 @@ def test_slurm_requeue_signal_stops_with_last_ckpt_then_requeues(tiny_corpus, tm
     from epas_lightning.run_checkpoint import RunCheckpoint
 
     fake_slurm_task(monkeypatch, tmp_path)
-
-    class SignalMidStep(Callback):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            if trainer.global_step == 2:
-                os.kill(os.getpid(), signal.SIGUSR1)
-
     stop = GracefulStop()
     module, data = make_run(tiny_corpus, n_layer=2)
     checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    make_trainer(tmp_path, 100, [SignalMidStep(), stop, checkpoint]).fit(module, datamodule=data)
+    make_trainer(tmp_path, 100, [SignalMidStep(2, signal.SIGUSR1), stop, checkpoint]).fit(module, datamodule=data)
     assert stop.exit_status == 128 + signal.SIGUSR1
     assert (tmp_path / "scontrol.log").read_text() == "requeue 70_3\n"
     assert not list(tmp_path.glob("hpc_ckpt_*")) and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
@@ -583,15 +588,9 @@ def test_slurm_requeue_signal_with_checkpointing_off_does_not_requeue_the_job(ti
     from epas_lightning import GracefulStop
 
     log = fake_slurm_task(monkeypatch, tmp_path)
-
-    class SignalMidStep(Callback):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            if trainer.global_step == 1:
-                os.kill(os.getpid(), signal.SIGUSR1)
-
     stop = GracefulStop()
     module, data = make_run(tiny_corpus, n_layer=2)
-    trainer = make_trainer(tmp_path, 100, [SignalMidStep(), stop], enable_checkpointing=False)
+    trainer = make_trainer(tmp_path, 100, [SignalMidStep(1, signal.SIGUSR1), stop], enable_checkpointing=False)
     trainer.fit(module, datamodule=data)
     assert stop.exit_status == 128 + signal.SIGUSR1 and trainer.global_step == 2 and not log.exists()
 
