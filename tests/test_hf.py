@@ -136,6 +136,17 @@ def test_import_errors_name_the_problem(tmp_path: Path) -> None:
         config_from_hf(tmp_path / "nowhere")
 
 
+def test_import_refuses_an_unreadable_shard_index(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A cut or hand-edited model.safetensors.index.json ended every command in a JSONDecodeError traceback."""
+    path = save_tiny_hf(tmp_path / "hf", sharded=True)
+    index, _ = path / "model.safetensors.index.json", capsys.readouterr()
+    for text in ("{not json", '{"weight_map": ["model-00001-of-00006.safetensors"]}'):
+        index.write_text(text)
+        assert main(["export", "--checkpoint", str(path), "--output", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: unreadable shard index") and str(index) in err and err.count("\n") == 1, err
+
+
 class _FirstBatchWeights(Callback):
     """Records the model's weights when the first training batch starts (after init_from, before any update)."""
 

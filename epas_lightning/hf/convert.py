@@ -196,9 +196,16 @@ def _safetensors_load(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_sharded(path: Path, index_name: str, load) -> dict[str, torch.Tensor]:  # noqa: ANN001
-    weight_map = json.loads((path / index_name).read_text()).get("weight_map")
-    if not weight_map:
-        raise HFCheckpointError("no weight_map", path / index_name)
+    try:
+        weight_map = json.loads((path / index_name).read_text()).get("weight_map")
+    except (OSError, ValueError, AttributeError) as e:
+        raise HFCheckpointError(
+            f"unreadable shard index ({e})", path / index_name, "copy the model folder again"
+        ) from e
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise HFCheckpointError(
+            "unreadable shard index (no weight_map)", path / index_name, "copy the model folder again"
+        )
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
         if not (path / shard).is_file():
