@@ -19,7 +19,7 @@ from epas_lightning import EPASModule, Llama, LlamaConfig
 from epas_lightning.checkpoint import load_model
 from epas_lightning.cli import main
 from epas_lightning.errors import CheckpointError
-from epas_lightning.hf.convert import HFCheckpointError, config_from_hf, load_hf_state
+from epas_lightning.hf.convert import HFCheckpointError, config_from_hf, load_hf_state, resize_rows
 
 transformers = pytest.importorskip("transformers")
 
@@ -145,6 +145,24 @@ def test_import_refuses_an_unreadable_shard_index(tmp_path: Path, capsys: pytest
         assert main(["export", "--checkpoint", str(path), "--output", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: unreadable shard index") and str(index) in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("rows", [500, 520])
+def test_import_refuses_vocabulary_rows_the_config_does_not_count(tmp_path: Path, rows: int) -> None:
+    """Embedding rows other than config.json's vocab_size (a resized vocabulary, config not updated): transformers
+    refuses to load it; we padded with zero rows or dropped rows, and export wrote a folder transformers then loaded."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_tiny_hf(tmp_path / "hf")
+    state = load_file(path / "model.safetensors")
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[key] = resize_rows(state[key], rows)
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    says = rf"model.embed_tokens.weight has {rows} rows but config.json says vocab_size 512 — (--checkpoint )?{path} — "
+    with pytest.raises(HFCheckpointError, match=says):
+        load_model(path)
+    with pytest.raises(HFCheckpointError, match=says):
+        load_hf_state(path, _module_config())
 
 
 class _FirstBatchWeights(Callback):
