@@ -362,14 +362,14 @@ def greedy_by_full_forwards(model: Llama, prompt: torch.Tensor, new_tokens: int)
 def test_export_dense_loads_in_stock_transformers(tmp_path: Path, tiny_corpus: Path, tie: bool) -> None:
     from epas_lightning.hf.export import export
 
-    ours = save_ours(tmp_path / "ckpt", tiny_corpus / "tokenizer.json", tie=tie, vocab_size=500)  # padded to 512
+    ours = save_ours(tmp_path / "ckpt", tiny_corpus / "tokenizer.json", tie=tie, padded_vocab_size=576)
     out = export(tmp_path / "ckpt", tmp_path / "hf")
     assert not (out / "modeling_epas_llama.py").exists()
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(hf).__name__ == "LlamaForCausalLM"
-    ids = torch.randint(0, 500, (2, 20))
+    ids = torch.randint(0, VOCAB, (2, 20))
     with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, ours(ids)[..., :500], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hf(ids).logits, ours(ids)[..., :VOCAB], atol=1e-5, rtol=1e-5)  # padded rows dropped
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     from epas_lightning.data import load_tokenizer
 
@@ -377,8 +377,8 @@ def test_export_dense_loads_in_stock_transformers(tmp_path: Path, tiny_corpus: P
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == ours_tokenizer.encode(text)
     assert tokenizer(text)["input_ids"] == [ours_tokenizer.bos_id, *ours_tokenizer.encode(text)]  # BOS first
     # and back: the export imports as the same model
-    back = ours_from_hf(out, padded_vocab_size=512)
-    torch.testing.assert_close(back(ids)[..., :500], ours(ids)[..., :500])
+    back = ours_from_hf(out, padded_vocab_size=576)
+    torch.testing.assert_close(back(ids)[..., :VOCAB], ours(ids)[..., :VOCAB])
 
 
 @pytest.mark.parametrize("mode", ["qk", "kv"])
@@ -428,6 +428,17 @@ def test_export_region_checks(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     )
     assert hf.config.epas_shared_layers == [3] and hf.config.epas_max_shared_layers == 1
     assert hf.config.epas_trained_region == [3] and hf.config.epas_growth_order == "deep_first"
+
+
+def test_export_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path: Path, tiny_corpus: Path, capsys) -> None:
+    """A tokenizer of 512 tokens shipped with a model of 256 rows: the export loaded, and its tokenizer's ids past 255
+    failed in transformers' embedding lookup (training and evaluate refuse such a tokenizer)."""
+    save_ours(tmp_path / "ckpt", tiny_corpus / "tokenizer.json", n_layer=2, vocab_size=256)
+    argv = ["export", "--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "0..255 (the model's vocab_size), got 0..511 — " in err and str(tmp_path / "ckpt" / "tokenizer.json") in err
+    assert not (tmp_path / "hf").exists()
 
 
 def test_export_and_consolidate_keep_the_dtype_the_checkpoint_trained_in(tmp_path: Path) -> None:
