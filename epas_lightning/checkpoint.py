@@ -13,6 +13,7 @@ consolidated one, built beside the target and renamed into place.
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ from epas_lightning.safe_load import (
     load_torch_file,
     verify_checkpoint,
 )
+
+log = logging.getLogger(__name__)
 
 MODEL_PREFIX = "model."
 """``EPASModule`` keeps the ``Llama`` as ``self.model``."""
@@ -443,11 +446,17 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
         # clones: safetensors refuses tensors that share memory (tied embeddings)
         stored = {key: t.to(loaded.weights_dtype) if t.is_floating_point() else t for key, t in state.items()}
         save_file({key: t.contiguous().clone() for key, t in stored.items()}, build / WEIGHTS_FILE)
-        if loaded.tokenizer_path is not None:
+        if loaded.tokenizer_path is None:
+            log.warning(f"{loaded.no_tokenizer().capitalize()}: consolidated weights and config only")
+        else:
             try:
                 tokenizer = load_tokenizer(loaded.tokenizer_path, bos_id=loaded.bos_id, eos_id=loaded.eos_id)
             except (TokenizerError, OSError):
                 tokenizer = None  # not a tokenizer after all: copy nothing
+                log.warning(
+                    f"The tokenizer the checkpoint names ({loaded.tokenizer_path}) is not a tokenizer: consolidated "
+                    "weights and config only"
+                )
             if tokenizer is not None:
                 name = standard_filename(tokenizer)
                 (build / name).write_bytes(tokenizer.path.read_bytes())

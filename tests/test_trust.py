@@ -563,7 +563,7 @@ def test_export_is_atomic_and_a_reexport_leaves_no_stale_file(small_checkpoint, 
     assert "replaces only a folder epas_lightning wrote as its hf-export output" in err
 
 
-def test_consolidate_copies_only_a_real_tokenizer(tmp_path, tiny_corpus):
+def test_consolidate_copies_only_a_real_tokenizer(tmp_path, tiny_corpus, caplog):
     secret = tmp_path / "id_rsa"
     secret.write_text("-----BEGIN PRIVATE KEY-----")
     config = LlamaConfig(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, block_size=32)
@@ -575,11 +575,20 @@ def test_consolidate_copies_only_a_real_tokenizer(tmp_path, tiny_corpus):
         torch.save({"state_dict": state, "model_config": config.to_dict(), "tokenizer": record}, path)
         return path
 
-    out = consolidate(checkpoint("a.ckpt", secret), tmp_path / "a")
+    with caplog.at_level("WARNING", logger="epas_lightning"):
+        out = consolidate(checkpoint("a.ckpt", secret), tmp_path / "a")
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "config.json", "model.safetensors"]
     assert "tokenizer" not in json.loads((out / "config.json").read_text())
+    # it says so (it said nothing, and export of the folder then blamed the checkpoint for naming none)
+    assert f"The tokenizer the checkpoint names ({secret}) is not a tokenizer: consolidated weights" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="epas_lightning"):
+        consolidate(checkpoint("gone.ckpt", tmp_path / "gone" / "tokenizer.json"), tmp_path / "g")
+    assert f"is gone ({tmp_path / 'gone' / 'tokenizer.json'}): consolidated weights and config only" in caplog.text
+    caplog.clear()
     out = consolidate(checkpoint("b.ckpt", tiny_corpus / "tokenizer.json"), tmp_path / "b")
     assert (out / "tokenizer.json").read_bytes() == (tiny_corpus / "tokenizer.json").read_bytes()
+    assert not caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------------------------
