@@ -428,6 +428,10 @@ def test_export_region_checks(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     )
     assert hf.config.epas_shared_layers == [3] and hf.config.epas_max_shared_layers == 1
     assert hf.config.epas_trained_region == [3] and hf.config.epas_growth_order == "deep_first"
+    from epas_lightning.init_from import read_init_state  # as init_from, it warns as our checkpoints do
+
+    with pytest.warns(UserWarning, match=r"trained layers \[3\] sharing; this run starts every layer computing"):
+        read_init_state(tmp_path / "c", load_model(tmp_path / "ckpt").model.config)
 
 
 def test_export_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path: Path, tiny_corpus: Path, capsys) -> None:
