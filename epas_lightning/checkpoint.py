@@ -26,10 +26,10 @@ from safetensors.torch import load_file, save_file
 
 from epas_lightning.errors import CheckpointError
 from epas_lightning.hf.convert import (
-    HFCheckpointError,
     config_from_hf,
     hf_to_ours,
     is_hf_dir,
+    located,
     read_hf_config,
     read_hf_weights,
 )
@@ -225,11 +225,9 @@ def _read_hf(path: Path, weights: bool, flag: str) -> tuple[dict[str, torch.Tens
     from epas_lightning.data.tokenizer import tokenizer_in
 
     hf = read_hf_config(path)
-    try:
+    with located(f"{flag} {path}"):
         config = config_from_hf(hf)
         state = hf_to_ours(read_hf_weights(path, weights), config)
-    except HFCheckpointError as e:  # name the flag where the conversion did not
-        raise HFCheckpointError(e.what, e.where or f"{flag} {path}", e.fix) from e
     region = [int(i) for i in hf.get("epas_trained_region") or ()]
     state[SHARING_MASK] = torch.tensor([i in region for i in range(config.n_layer)])
     tokenizer = tokenizer_in(path)

@@ -21,6 +21,7 @@ from epas_lightning.hf.convert import (
     check_compatible,
     is_hf_dir,
     load_hf_state,
+    located,
     read_hf_config,
 )
 from epas_lightning.model import LlamaConfig
@@ -34,7 +35,8 @@ def check_init_source(path: str | Path, config: LlamaConfig) -> LlamaConfig:
     config of the model at ``path``."""
     path = _existing(path)
     if is_hf_dir(path):
-        return check_compatible(config, read_hf_config(path), source=f"init_from {path}")
+        with located(f"model.init_from {path}"):
+            return check_compatible(config, read_hf_config(path), source=f"init_from {path}")
     from epas_lightning.checkpoint import recorded_config
 
     theirs = recorded_config(path, "model.init_from")

@@ -255,6 +255,10 @@ def test_init_from_checks_before_training(tmp_path: Path) -> None:
     # more vocabulary than the HF model: the extra rows would be zeros inside the softmax (a worse loss from step 0)
     with pytest.raises(HFCheckpointError, match="vocab_size: model 32000 vs init_from"):
         EPASModule(replace(_module_config(), vocab_size=32000, padded_vocab_size=None), init_from=str(path))
+    # a config we cannot run: the one-line error names the folder (it named nothing)
+    biased = save_tiny_hf(tmp_path / "biased", attention_bias=True)
+    with pytest.raises(HFCheckpointError, match=f"attention_bias=true is not supported.* — model.init_from {biased}$"):
+        EPASModule(_module_config(), init_from=str(biased))
 
 
 def test_init_from_refuses_hf_weights_holding_nan(tmp_path: Path) -> None:

@@ -9,6 +9,8 @@ rotate-half RoPE layout, so no weight is permuted. Nothing here needs ``transfor
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,17 @@ COMPARED_FIELDS = (
 
 class HFCheckpointError(CheckpointError):
     """An HF checkpoint directory we cannot read or that does not fit the model."""
+
+
+@contextmanager
+def located(where: object) -> Iterator[None]:
+    """Name ``where`` in the :class:`HFCheckpointError` raised inside, unless it names a place already."""
+    try:
+        yield
+    except HFCheckpointError as e:
+        if e.where:
+            raise
+        raise HFCheckpointError(e.what, where, e.fix) from e
 
 
 def is_hf_dir(path: str | Path) -> bool:
