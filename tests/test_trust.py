@@ -549,6 +549,14 @@ def test_export_is_atomic_and_a_reexport_leaves_no_stale_file(small_checkpoint, 
         main(base)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # nothing half-written that looks loadable
     monkeypatch.setattr(export_module, "export_tokenizer", real)
+    # a full disk is one line (safetensors reported it in a traceback, as a SafetensorError)
+    from safetensors import SafetensorError
+
+    full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    with monkeypatch.context() as patch:
+        patch.setattr(export_module, "save_file", lambda *a, **k: (_ for _ in ()).throw(full))
+        assert "no space left on the device (or quota)" in one_line_error(capsys, base)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert main(base) == 0 and (out / "modeling_epas_llama.py").is_file()
     capsys.readouterr()
     assert main([*base, "--sharing-layers", "0"]) == 2  # exists: refuse without --overwrite
