@@ -13,6 +13,7 @@ consolidated one, built beside the target and renamed into place.
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,10 +26,10 @@ from safetensors.torch import load_file, save_file
 
 from epas_lightning.errors import CheckpointError
 from epas_lightning.hf.convert import (
-    HFCheckpointError,
     config_from_hf,
     hf_to_ours,
     is_hf_dir,
+    located,
     read_hf_config,
     read_hf_weights,
 )
@@ -43,6 +44,8 @@ from epas_lightning.safe_load import (
     load_torch_file,
     verify_checkpoint,
 )
+
+log = logging.getLogger(__name__)
 
 MODEL_PREFIX = "model."
 """``EPASModule`` keeps the ``Llama`` as ``self.model``."""
@@ -232,11 +235,9 @@ def _read_hf(path: Path, weights: bool, flag: str) -> tuple[dict[str, torch.Tens
     from epas_lightning.data.tokenizer import tokenizer_in
 
     hf = read_hf_config(path)
-    try:
+    with located(f"{flag} {path}"):
         config = config_from_hf(hf)
         state = hf_to_ours(read_hf_weights(path, weights), config)
-    except HFCheckpointError as e:  # name the flag where the conversion did not
-        raise HFCheckpointError(e.what, e.where or f"{flag} {path}", e.fix) from e
     region = [int(i) for i in hf.get("epas_trained_region") or ()]
     state[SHARING_MASK] = torch.tensor([i in region for i in range(config.n_layer)])
     tokenizer = tokenizer_in(path)
@@ -455,11 +456,17 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
         # clones: safetensors refuses tensors that share memory (tied embeddings)
         stored = {key: t.to(loaded.weights_dtype) if t.is_floating_point() else t for key, t in state.items()}
         save_file({key: t.contiguous().clone() for key, t in stored.items()}, build / WEIGHTS_FILE)
-        if loaded.tokenizer_path is not None:
+        if loaded.tokenizer_path is None:
+            log.warning(f"{loaded.no_tokenizer().capitalize()}: consolidated weights and config only")
+        else:
             try:
                 tokenizer = load_tokenizer(loaded.tokenizer_path, bos_id=loaded.bos_id, eos_id=loaded.eos_id)
             except (TokenizerError, OSError):
                 tokenizer = None  # not a tokenizer after all: copy nothing
+                log.warning(
+                    f"The tokenizer the checkpoint names ({loaded.tokenizer_path}) is not a tokenizer: consolidated "
+                    "weights and config only"
+                )
             if tokenizer is not None:
                 name = standard_filename(tokenizer)
                 (build / name).write_bytes(tokenizer.path.read_bytes())

@@ -10,7 +10,6 @@ pos ...`` after a traceback.
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,8 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from epas_lightning.errors import OutputError
+from epas_lightning.outputs import out_of_space
 from epas_lightning.strategy import STAGING
-
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -52,12 +50,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 ) from e
             raise
         return None
-
-
-def out_of_space(error: BaseException | None) -> bool:
-    """``error``, or an error it was raised from or while handling, is a full disk or an exceeded quota."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in NO_SPACE:
-            return True
-        error = error.__cause__ or error.__context__
-    return False

@@ -21,6 +21,7 @@ from epas_lightning.hf.convert import (
     check_compatible,
     is_hf_dir,
     load_hf_state,
+    located,
     read_hf_config,
 )
 from epas_lightning.model import LlamaConfig
@@ -34,7 +35,8 @@ def check_init_source(path: str | Path, config: LlamaConfig) -> LlamaConfig:
     config of the model at ``path``."""
     path = _existing(path)
     if is_hf_dir(path):
-        return check_compatible(config, read_hf_config(path), source=f"init_from {path}")
+        with located(f"model.init_from {path}"):
+            return check_compatible(config, read_hf_config(path), source=f"init_from {path}")
     from epas_lightning.checkpoint import recorded_config
 
     theirs = recorded_config(path, "model.init_from")
@@ -91,18 +93,24 @@ def read_init_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Te
     if is_hf_dir(path):
         state = load_hf_state(path, config)
         check_finite(state, f"model.init_from {path}")
+        _say_it_starts_dense(path, sorted(int(i) for i in read_hf_config(path).get("epas_trained_region") or ()))
         return state
 
     loaded = load_model(path)
     check_same_architecture(config, loaded.model.config, f"model.init_from {path}")
-    if loaded.trained_shared_layers:
+    _say_it_starts_dense(path, loaded.trained_shared_layers)
+    return {k: v for k, v in loaded.model.state_dict().items() if k not in NOT_LOADED}
+
+
+def _say_it_starts_dense(path: Path, trained_shared_layers: list[int]) -> None:
+    """Warn that the layers the source trained sharing compute again in this run (an export records them too)."""
+    if trained_shared_layers:
         warnings.warn(
-            f"model.init_from {path} trained layers {loaded.trained_shared_layers} sharing; this run starts every "
+            f"model.init_from {path} trained layers {trained_shared_layers} sharing; this run starts every "
             "layer computing its own Q/K (their q/k weights are the ones left from before they shared) and its sharing "
             "schedule decides the region",
-            stacklevel=2,
+            stacklevel=3,
         )
-    return {k: v for k, v in loaded.model.state_dict().items() if k not in NOT_LOADED}
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ through :func:`output_folder`:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -23,6 +24,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from epas_lightning.errors import OutputError
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 MARKER = ".epas_output.json"
 """Written into every folder we create: who wrote it and what it is (``kind``)."""
@@ -151,9 +154,27 @@ def output_folder(
         check_replaceable(target, kind, overwrite, flag)  # it may have appeared meanwhile (another run, the user)
         honour_umask(build)
         replace_folder(build, target)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(build, ignore_errors=True)
+        if out_of_space(e):
+            raise OutputError(
+                "no space left on the device (or quota) while writing; nothing was left behind",
+                f"{flag} {target}",
+                "free space, or choose an --output on another disk",
+            ) from e
         raise
+
+
+def out_of_space(error: BaseException | None) -> bool:
+    """``error``, or an error it was raised from or while handling, is a full disk or an exceeded quota (an
+    ``OSError``, or a library's error that quotes the OS error, as safetensors and tokenizers do)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in NO_SPACE:
+            return True
+        if any(f"(os error {code})" in str(error) for code in NO_SPACE):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def honour_umask(folder: Path) -> None:

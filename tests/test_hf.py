@@ -19,7 +19,7 @@ from epas_lightning import EPASModule, Llama, LlamaConfig
 from epas_lightning.checkpoint import load_model
 from epas_lightning.cli import main
 from epas_lightning.errors import CheckpointError
-from epas_lightning.hf.convert import HFCheckpointError, config_from_hf, load_hf_state
+from epas_lightning.hf.convert import HFCheckpointError, config_from_hf, load_hf_state, resize_rows
 
 transformers = pytest.importorskip("transformers")
 
@@ -136,6 +136,35 @@ def test_import_errors_name_the_problem(tmp_path: Path) -> None:
         config_from_hf(tmp_path / "nowhere")
 
 
+def test_import_refuses_an_unreadable_shard_index(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A cut or hand-edited model.safetensors.index.json ended every command in a JSONDecodeError traceback."""
+    path = save_tiny_hf(tmp_path / "hf", sharded=True)
+    index, _ = path / "model.safetensors.index.json", capsys.readouterr()
+    for text in ("{not json", '{"weight_map": ["model-00001-of-00006.safetensors"]}'):
+        index.write_text(text)
+        assert main(["export", "--checkpoint", str(path), "--output", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: unreadable shard index") and str(index) in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("rows", [500, 520])
+def test_import_refuses_vocabulary_rows_the_config_does_not_count(tmp_path: Path, rows: int) -> None:
+    """Embedding rows other than config.json's vocab_size (a resized vocabulary, config not updated): transformers
+    refuses to load it; we padded with zero rows or dropped rows, and export wrote a folder transformers then loaded."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_tiny_hf(tmp_path / "hf")
+    state = load_file(path / "model.safetensors")
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[key] = resize_rows(state[key], rows)
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    says = rf"model.embed_tokens.weight has {rows} rows but config.json says vocab_size 512 — (--checkpoint )?{path} — "
+    with pytest.raises(HFCheckpointError, match=says):
+        load_model(path)
+    with pytest.raises(HFCheckpointError, match=says):
+        load_hf_state(path, _module_config())
+
+
 class _FirstBatchWeights(Callback):
     """Records the model's weights when the first training batch starts (after init_from, before any update)."""
 
@@ -226,6 +255,10 @@ def test_init_from_checks_before_training(tmp_path: Path) -> None:
     # more vocabulary than the HF model: the extra rows would be zeros inside the softmax (a worse loss from step 0)
     with pytest.raises(HFCheckpointError, match="vocab_size: model 32000 vs init_from"):
         EPASModule(replace(_module_config(), vocab_size=32000, padded_vocab_size=None), init_from=str(path))
+    # a config we cannot run: the one-line error names the folder (it named nothing)
+    biased = save_tiny_hf(tmp_path / "biased", attention_bias=True)
+    with pytest.raises(HFCheckpointError, match=f"attention_bias=true is not supported.* — model.init_from {biased}$"):
+        EPASModule(_module_config(), init_from=str(biased))
 
 
 def test_init_from_refuses_hf_weights_holding_nan(tmp_path: Path) -> None:
@@ -333,14 +366,14 @@ def greedy_by_full_forwards(model: Llama, prompt: torch.Tensor, new_tokens: int)
 def test_export_dense_loads_in_stock_transformers(tmp_path: Path, tiny_corpus: Path, tie: bool) -> None:
     from epas_lightning.hf.export import export
 
-    ours = save_ours(tmp_path / "ckpt", tiny_corpus / "tokenizer.json", tie=tie, vocab_size=500)  # padded to 512
+    ours = save_ours(tmp_path / "ckpt", tiny_corpus / "tokenizer.json", tie=tie, padded_vocab_size=576)
     out = export(tmp_path / "ckpt", tmp_path / "hf")
     assert not (out / "modeling_epas_llama.py").exists()
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(hf).__name__ == "LlamaForCausalLM"
-    ids = torch.randint(0, 500, (2, 20))
+    ids = torch.randint(0, VOCAB, (2, 20))
     with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, ours(ids)[..., :500], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hf(ids).logits, ours(ids)[..., :VOCAB], atol=1e-5, rtol=1e-5)  # padded rows dropped
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     from epas_lightning.data import load_tokenizer
 
@@ -348,8 +381,8 @@ def test_export_dense_loads_in_stock_transformers(tmp_path: Path, tiny_corpus: P
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == ours_tokenizer.encode(text)
     assert tokenizer(text)["input_ids"] == [ours_tokenizer.bos_id, *ours_tokenizer.encode(text)]  # BOS first
     # and back: the export imports as the same model
-    back = ours_from_hf(out, padded_vocab_size=512)
-    torch.testing.assert_close(back(ids)[..., :500], ours(ids)[..., :500])
+    back = ours_from_hf(out, padded_vocab_size=576)
+    torch.testing.assert_close(back(ids)[..., :VOCAB], ours(ids)[..., :VOCAB])
 
 
 @pytest.mark.parametrize("mode", ["qk", "kv"])
@@ -399,6 +432,21 @@ def test_export_region_checks(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     )
     assert hf.config.epas_shared_layers == [3] and hf.config.epas_max_shared_layers == 1
     assert hf.config.epas_trained_region == [3] and hf.config.epas_growth_order == "deep_first"
+    from epas_lightning.init_from import read_init_state  # as init_from, it warns as our checkpoints do
+
+    with pytest.warns(UserWarning, match=r"trained layers \[3\] sharing; this run starts every layer computing"):
+        read_init_state(tmp_path / "c", load_model(tmp_path / "ckpt").model.config)
+
+
+def test_export_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path: Path, tiny_corpus: Path, capsys) -> None:
+    """A tokenizer of 512 tokens shipped with a model of 256 rows: the export loaded, and its tokenizer's ids past 255
+    failed in transformers' embedding lookup (training and evaluate refuse such a tokenizer)."""
+    save_ours(tmp_path / "ckpt", tiny_corpus / "tokenizer.json", n_layer=2, vocab_size=256)
+    argv = ["export", "--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "0..255 (the model's vocab_size), got 0..511 — " in err and str(tmp_path / "ckpt" / "tokenizer.json") in err
+    assert not (tmp_path / "hf").exists()
 
 
 def test_export_and_consolidate_keep_the_dtype_the_checkpoint_trained_in(tmp_path: Path) -> None:

@@ -552,6 +552,14 @@ def test_export_is_atomic_and_a_reexport_leaves_no_stale_file(small_checkpoint, 
         main(base)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # nothing half-written that looks loadable
     monkeypatch.setattr(export_module, "export_tokenizer", real)
+    # a full disk is one line (safetensors reported it in a traceback, as a SafetensorError)
+    from safetensors import SafetensorError
+
+    full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    with monkeypatch.context() as patch:
+        patch.setattr(export_module, "save_file", lambda *a, **k: (_ for _ in ()).throw(full))
+        assert "no space left on the device (or quota)" in one_line_error(capsys, base)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert main(base) == 0 and (out / "modeling_epas_llama.py").is_file()
     capsys.readouterr()
     assert main([*base, "--sharing-layers", "0"]) == 2  # exists: refuse without --overwrite
@@ -566,7 +574,7 @@ def test_export_is_atomic_and_a_reexport_leaves_no_stale_file(small_checkpoint, 
     assert "replaces only a folder epas_lightning wrote as its hf-export output" in err
 
 
-def test_consolidate_copies_only_a_real_tokenizer(tmp_path, tiny_corpus):
+def test_consolidate_copies_only_a_real_tokenizer(tmp_path, tiny_corpus, caplog):
     secret = tmp_path / "id_rsa"
     secret.write_text("-----BEGIN PRIVATE KEY-----")
     config = LlamaConfig(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, block_size=32)
@@ -578,11 +586,20 @@ def test_consolidate_copies_only_a_real_tokenizer(tmp_path, tiny_corpus):
         torch.save({"state_dict": state, "model_config": config.to_dict(), "tokenizer": record}, path)
         return path
 
-    out = consolidate(checkpoint("a.ckpt", secret), tmp_path / "a")
+    with caplog.at_level("WARNING", logger="epas_lightning"):
+        out = consolidate(checkpoint("a.ckpt", secret), tmp_path / "a")
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "config.json", "model.safetensors"]
     assert "tokenizer" not in json.loads((out / "config.json").read_text())
+    # it says so (it said nothing, and export of the folder then blamed the checkpoint for naming none)
+    assert f"The tokenizer the checkpoint names ({secret}) is not a tokenizer: consolidated weights" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="epas_lightning"):
+        consolidate(checkpoint("gone.ckpt", tmp_path / "gone" / "tokenizer.json"), tmp_path / "g")
+    assert f"is gone ({tmp_path / 'gone' / 'tokenizer.json'}): consolidated weights and config only" in caplog.text
+    caplog.clear()
     out = consolidate(checkpoint("b.ckpt", tiny_corpus / "tokenizer.json"), tmp_path / "b")
     assert (out / "tokenizer.json").read_bytes() == (tiny_corpus / "tokenizer.json").read_bytes()
+    assert not caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ rotate-half RoPE layout, so no weight is permuted. Nothing here needs ``transfor
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,17 @@ COMPARED_FIELDS = (
 
 class HFCheckpointError(CheckpointError):
     """An HF checkpoint directory we cannot read or that does not fit the model."""
+
+
+@contextmanager
+def located(where: object) -> Iterator[None]:
+    """Name ``where`` in the :class:`HFCheckpointError` raised inside, unless it names a place already."""
+    try:
+        yield
+    except HFCheckpointError as e:
+        if e.where:
+            raise
+        raise HFCheckpointError(e.what, where, e.fix) from e
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -196,9 +209,16 @@ def _safetensors_load(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_sharded(path: Path, index_name: str, load) -> dict[str, torch.Tensor]:  # noqa: ANN001
-    weight_map = json.loads((path / index_name).read_text()).get("weight_map")
-    if not weight_map:
-        raise HFCheckpointError("no weight_map", path / index_name)
+    try:
+        weight_map = json.loads((path / index_name).read_text()).get("weight_map")
+    except (OSError, ValueError, AttributeError) as e:
+        raise HFCheckpointError(
+            f"unreadable shard index ({e})", path / index_name, "copy the model folder again"
+        ) from e
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise HFCheckpointError(
+            "unreadable shard index (no weight_map)", path / index_name, "copy the model folder again"
+        )
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
         if not (path / shard).is_file():
@@ -207,8 +227,9 @@ def _read_sharded(path: Path, index_name: str, load) -> dict[str, torch.Tensor]:
     return state
 
 
-def hf_to_ours(hf_state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:
-    """Our ``Llama`` parameters from an HF state dict (no ``sharing.mask``); vocabulary rows padded with zeros."""
+def hf_to_ours(hf_state: dict[str, torch.Tensor], config: LlamaConfig, where: object = None) -> dict[str, torch.Tensor]:
+    """Our ``Llama`` parameters from an HF state dict (no ``sharing.mask``); vocabulary rows padded with zeros to
+    ``padded_vocab_size``. ``where`` names the source in errors."""
     state: dict[str, torch.Tensor] = {}
     unknown = []
     for key, tensor in hf_state.items():
@@ -221,17 +242,30 @@ def hf_to_ours(hf_state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[s
         else:
             unknown.append(key)
     if unknown:
-        raise HFCheckpointError(f"Unexpected tensors in the HF checkpoint: {sorted(unknown)[:8]}")
+        raise HFCheckpointError(f"Unexpected tensors in the HF checkpoint: {sorted(unknown)[:8]}", where)
     if config.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     elif "lm_head.weight" not in state:
-        raise HFCheckpointError("The HF checkpoint has no lm_head.weight but tie_word_embeddings is false.")
+        raise HFCheckpointError("The HF checkpoint has no lm_head.weight but tie_word_embeddings is false.", where)
     for key in VOCAB_KEYS:
         if key in state:
+            check_vocab_rows(state[key], config.vocab_size, HF_PREFIX + key if key != "lm_head.weight" else key, where)
             state[key] = resize_rows(state[key], config.padded_vocab_size)
     if config.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     return state
+
+
+def check_vocab_rows(tensor: torch.Tensor, vocab_size: int, name: str, where: object = None) -> None:
+    """Refuse an HF vocabulary tensor whose rows are not ``vocab_size`` (transformers refuses to load it): padding or
+    cutting it would give tokens zero rows or drop trained ones."""
+    if tensor.shape[0] != vocab_size:
+        raise HFCheckpointError(
+            f"{name} has {tensor.shape[0]} rows but config.json says vocab_size {vocab_size}",
+            where,
+            "set vocab_size in config.json to the number of rows the weights have (transformers refuses the "
+            "folder as it is)",
+        )
 
 
 def ours_to_hf(state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:
@@ -263,4 +297,4 @@ def load_hf_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Tens
     """Read and convert an HF LLaMA directory for a model of ``config`` (checked first, with every difference named)."""
     path = Path(path).expanduser()
     check_compatible(config, read_hf_config(path), source=str(path))
-    return hf_to_ours(read_hf_weights(path), config)
+    return hf_to_ours(read_hf_weights(path), config, path)
