@@ -54,8 +54,11 @@ class TextTokenizer:
     def get_vocab_size(self) -> int:
         return self.vocab_size
 
-    def check_fits(self, vocab_size: int, fix: str) -> None:
-        """Refuse a model vocabulary of ``vocab_size`` that this tokenizer's ids can overrun (``fix``: what to do)."""
+    def check_fits(
+        self, vocab_size: int, fix: str = "pass --tokenizer with the tokenizer the model trained with"
+    ) -> None:
+        """Refuse a model vocabulary of ``vocab_size`` that this tokenizer's ids can overrun (another model's
+        tokenizer, or data prepared for a larger model); ``fix``: what to do."""
         if self.vocab_size > vocab_size:
             raise DataError(
                 f"the tokenizer has {self.vocab_size} tokens but the model's vocab_size is {vocab_size}", self.path, fix

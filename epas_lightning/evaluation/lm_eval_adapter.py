@@ -104,7 +104,7 @@ class EPASLM(HFLM):
     ) -> None:
         from epas_lightning.data.tokenizer import load_tokenizer
         from epas_lightning.hf.export import exported_tokenizer
-        from epas_lightning.inference.generate_cli import TOKENIZER_FIX, load_for_inference
+        from epas_lightning.inference.generate_cli import load_for_inference
 
         # attention recomputed in every layer, as the export's modeling code does
         self.loaded = load_for_inference(Path(checkpoint), device or "auto", dtype or "auto", attention_reuse=False)
@@ -117,7 +117,7 @@ class EPASLM(HFLM):
                 f"checkpoint={checkpoint}",
                 "pass the tokenizer file (model argument tokenizer=PATH, or --tokenizer)",
             )
-        load_tokenizer(Path(path)).check_fits(config.vocab_size, TOKENIZER_FIX)
+        load_tokenizer(Path(path), bos_id=self.loaded.bos_id, eos_id=self.loaded.eos_id).check_fits(config.vocab_size)
         hf_tokenizer = exported_tokenizer(Path(path), config.context_length, self.loaded.bos_id, self.loaded.eos_id)
         with _quiet():
             super().__init__(

@@ -33,7 +33,6 @@ from epas_lightning.data.tokenizer import (
 from epas_lightning.hf.convert import ours_to_hf
 from epas_lightning.inference.generate import set_region
 from epas_lightning.model import LlamaConfig
-from epas_lightning.model.config import check_token_ids
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.region import TrainedRegion
 from epas_lightning.runtime import DTYPES, DType, dtype_name
@@ -128,14 +127,6 @@ def export_tokenizer(path: Path, output: Path, block_size: int, bos_id: int | No
     (output / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
-def check_tokenizer_fits(path: Path, config: LlamaConfig, bos_id: int | None, eos_id: int | None) -> None:
-    """Refuse a tokenizer with ids past the model's vocabulary: transformers would fail on them in the embedding."""
-    vocab_size = load_tokenizer(resolve_tokenizer_path(path), bos_id=bos_id, eos_id=eos_id).vocab_size
-    check_token_ids(
-        0, vocab_size - 1, config.vocab_size, path, "pass --tokenizer with the tokenizer the model trained with"
-    )
-
-
 def exported_tokenizer(path: Path, block_size: int, bos_id: int | None = None, eos_id: int | None = None):  # noqa: ANN201
     """The ``transformers`` tokenizer that :func:`export` ships for the tokenizer file ``path``, in memory: what
     ``AutoTokenizer.from_pretrained(export_dir)`` (and lm-eval's ``hf`` model) reads."""
@@ -183,7 +174,9 @@ def export(
     state = {key: t.to(torch_dtype) for key, t in state.items()}
     tokenizer_path = tokenizer if tokenizer is not None else loaded.tokenizer_path
     if tokenizer_path is not None:
-        check_tokenizer_fits(Path(tokenizer_path), config, loaded.bos_id, loaded.eos_id)
+        # transformers would fail on ids past the vocabulary in the embedding
+        ids = {"bos_id": loaded.bos_id, "eos_id": loaded.eos_id}
+        load_tokenizer(resolve_tokenizer_path(tokenizer_path), **ids).check_fits(config.vocab_size)
     with output_folder(output, EXPORT_KIND, overwrite, inputs=[checkpoint]) as build:
         save_file(state, build / "model.safetensors", metadata={"format": "pt"})
         record = hf_config(

@@ -47,11 +47,8 @@ def resolve_tokenizer(loaded: CheckpointInfo, path: Path | None) -> TextTokenize
             "pass --tokenizer PATH (the tokenizer.json or tokenizer.model the model was trained with)",
         )
     tokenizer = load_tokenizer(path, bos_id=loaded.bos_id, eos_id=loaded.eos_id)  # the ids its documents began with
-    tokenizer.check_fits(loaded.config.vocab_size, TOKENIZER_FIX)
+    tokenizer.check_fits(loaded.config.vocab_size)
     return tokenizer
-
-
-TOKENIZER_FIX = "pass --tokenizer with the tokenizer the model was trained with"
 
 
 def describe_region(loaded: LoadedModel, layers: list[int]) -> str:
