@@ -227,12 +227,17 @@ class StepRunProgressBar(RichProgressBar):
 
     @property
     def total_train_batches(self) -> int | float:
-        """Batches left in the epoch: Lightning caps them at the optimizer steps left, which under gradient
-        accumulation are fewer than the batches ("20/10" for 10 steps of 2 batches)."""
+        """The batch of the epoch the run ends at: Lightning caps the epoch at the optimizer steps left, which under
+        gradient accumulation are fewer than the batches ("20/10" for 10 steps of 2 batches), and which a resumed run
+        counts from the batch it resumed at while its bar counts on from there ("10/4" for steps 6 to 10)."""
         trainer = self.trainer
         if trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0:
-            remaining = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
-            return min(trainer.num_training_batches, remaining)
+            accumulate = trainer.accumulate_grad_batches
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.ready  # a resumed run's batches behind it
+            if done >= trainer.num_training_batches:  # the last epoch's count, before the loop resets it
+                done = 0
+            remaining = (trainer.max_steps - trainer.global_step) * accumulate
+            return min(trainer.num_training_batches, done - done % accumulate + remaining)
         return super().total_train_batches
 
     def _get_train_description(self, current_epoch: int) -> str:

@@ -521,6 +521,7 @@ def test_fit_summary_and_a_resume_that_continues_the_run(tiny_corpus, debug_fit_
     assert "exists and is not empty" not in resumed.stderr  # Lightning's warning: a resume is meant to write there
     assert sorted(p.name for p in (tmp_path / "runs" / "debug").iterdir()) == ["version_0"]  # the same run
     assert f"logs         {run}" in resumed.stdout and "v_num: 0 " in resumed.stdout
+    assert " 10/10 " in resumed.stdout  # the bar counts on from batch 8 of the epoch: its total too (it said 10/1)
     assert torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
     assert (tmp_path / run / "config.yaml").is_file() and (tmp_path / run / "config-resume-1.yaml").is_file()
     assert (tmp_path / run / "hparams.yaml").read_text() == hparams
@@ -714,21 +715,27 @@ def test_configs_travel_with_the_package():
     assert shutil.which("python") is not None
 
 
-@pytest.mark.parametrize("accumulate,global_step,expected", [(1, 0, 10), (2, 0, 20), (4, 7, 12)])
-def test_the_progress_bar_counts_the_batches_of_a_step_bounded_run(accumulate, global_step, expected):
+@pytest.mark.parametrize(
+    "accumulate,global_step,done,expected", [(1, 0, 0, 10), (2, 0, 0, 20), (4, 7, 0, 12), (1, 6, 6, 10), (2, 3, 7, 20)]
+)
+def test_the_progress_bar_counts_the_batches_of_a_step_bounded_run(accumulate, global_step, done, expected):
+    """``done``: the batches of the epoch the run has behind it, from where a resumed run's bar counts on."""
     from types import SimpleNamespace
 
     from epas_lightning.run_summary import StepRunProgressBar
 
     bar = StepRunProgressBar()
+    progress = SimpleNamespace(current=SimpleNamespace(ready=done))
     bar._trainer = SimpleNamespace(
         max_epochs=-1,
         max_steps=10,
         global_step=global_step,
         accumulate_grad_batches=accumulate,
-        num_training_batches=float("inf"),
+        num_training_batches=100,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)),
     )
-    assert bar.total_train_batches == expected  # Lightning's own bar read 10 for 20 batches of 10 steps of 2
+    # Lightning's own bar read 10 for 20 batches of 10 steps of 2, and 10/4 resumed at step 6
+    assert bar.total_train_batches == expected
 
 
 def test_out_of_memory_advice_names_flags_each_command_has():
