@@ -10,7 +10,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from epas_lightning.errors import ConfigError
 from epas_lightning.flops import peak_flops
@@ -183,7 +184,8 @@ class TokenThroughputMonitor(ThroughputMonitor):
     FLOPs (``train/device/flops_per_sec``) follow the sharing mask through ``EPASModule.flops_per_batch``, and
     ``train/device/mfu`` divides them by the device's dense peak: ``epas_lightning.flops.peak_flops`` for the GPUs it
     knows (the H200 too, which Lightning's table misses), else Lightning's figure; no MFU where neither knows it
-    (CPUs). On CUDA it also logs the peak memory allocated (``train/device/peak_memory_gib``).
+    (CPUs). On CUDA it also logs the peak memory allocated (``train/device/peak_memory_gib``). The validations of a
+    ``fit`` log their throughput (``validate/...``) once each, at the step ``val/loss`` is logged at.
 
     Args:
         window_size: Batches over which the rates are averaged.
@@ -202,6 +204,26 @@ class TokenThroughputMonitor(ThroughputMonitor):
             self.available_flops = int(peak)
             for throughput in self._throughputs.values():
                 throughput.available_flops = int(peak)
+
+    @rank_zero_only
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *args: Any, **kwargs: Any
+    ) -> None:
+        """Within ``fit``, count the batch only: Lightning logged at every validation batch, at the count of validation
+        batches as the step, which put ``validate/...`` among the training steps where no validation ran."""
+        if trainer.state.fn != TrainerFn.FITTING:
+            super().on_validation_batch_end(trainer, pl_module, outputs, batch, *args, **kwargs)
+        elif not trainer.sanity_checking:
+            self._update(trainer, pl_module, batch, trainer._evaluation_loop.batch_progress.total.ready)
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        stage = RunningStage.VALIDATING
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and self._batches.get(stage):
+            throughput = self._throughputs[stage]
+            metrics = {f"{stage.value}{throughput.separator}{k}": v for k, v in throughput.compute().items()}
+            trainer._logger_connector.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+        super().on_validation_end(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -26,8 +26,8 @@ from epas_lightning.divergence import last_checkpoint
 from epas_lightning.flops import estimate_flops, flop_cut
 from epas_lightning.loss_scaling import loss_scaler
 
-WARMUP_BATCHES = 2
-"""Batches left out of the throughput median (allocator warm-up, compilation)."""
+WARMUP_STEPS = 2
+"""Optimizer steps left out of the throughput median (allocator warm-up, compilation)."""
 
 
 @rank_zero_only
@@ -47,7 +47,9 @@ class RunSummary(Callback):
     def __init__(self, command_line: bool = False) -> None:
         self.command_line = command_line
         self._fit_start = 0.0
-        self._batch_start = 0.0
+        self._step_start: float | None = None  # when the step being trained began (the previous one ended)
+        self._step_of_window = 0
+        self._step_tokens = 0
         self._rates: list[float] = []
         self._start_step = 0
         self._loss_scale: float | None = None
@@ -63,15 +65,23 @@ class RunSummary(Callback):
         self._loss_scale, self._skipped = (scaler.get_scale() if scaler else None), 0
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._batch_start = time.perf_counter()
+        if self._step_start is None:  # the session's first step, or the first after a validation
+            self._step_start, self._step_of_window, self._step_tokens = time.perf_counter(), trainer.global_step, 0
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._step_start = None  # validation time is not training time
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        seconds = time.perf_counter() - self._batch_start
-        tokens = batch.shape[0] * (batch.shape[1] - 1) * trainer.world_size
-        if seconds > 0:
-            self._rates.append(tokens / seconds)
+        """Time whole optimizer steps, end to end: every micro-batch of the step, the data loading between them, the
+        gradient synchronisation and the update (a step after a validation starts at its first micro-batch)."""
+        self._step_tokens += batch.shape[0] * (batch.shape[1] - 1) * trainer.world_size
+        if self._step_start is not None and trainer.global_step != self._step_of_window:  # the step is done
+            now = time.perf_counter()
+            if now > self._step_start:
+                self._rates.append(self._step_tokens / (now - self._step_start))
+            self._step_start, self._step_of_window, self._step_tokens = now, trainer.global_step, 0
         scaler = loss_scaler(trainer)
         if scaler is not None and self._loss_scale is not None:  # fp16: the scaler halves its scale when it skips
             scale = scaler.get_scale()
@@ -100,9 +110,9 @@ class RunSummary(Callback):
         if loss is not None:
             loss = float(loss)
             lines.append(f"  val loss     {loss:.4f} (perplexity {math.exp(loss):.1f}) at the last validation")
-        rates = self._rates[WARMUP_BATCHES:] or self._rates
+        rates = self._rates[WARMUP_STEPS:] or self._rates
         if rates:
-            lines.append(f"  throughput   {statistics.median(rates):,.0f} tokens/s (median over {len(rates)} batches)")
+            lines.append(f"  throughput   {_throughput(statistics.median(rates), len(rates), trainer.world_size)}")
         lines.append(f"  sharing      {_region_line(trainer, pl_module)}")
         if self._skipped:
             lines.append(
@@ -142,6 +152,14 @@ def _limit_reached(trainer: Trainer) -> str | None:
     if trainer.max_epochs is not None and trainer.max_epochs >= 0 and trainer.current_epoch >= trainer.max_epochs:
         return "max_epochs"
     return None
+
+
+def _throughput(tokens_per_second: float, steps: int, world_size: int) -> str:
+    """The summary's throughput: the median tokens/s of the optimizer steps, of all processes together."""
+    over = f"median over {steps} optimizer steps"
+    if world_size > 1:
+        over = f"{world_size} processes, {tokens_per_second / world_size:,.0f} per device; {over}"
+    return f"{tokens_per_second:,.0f} tokens/s ({over})"
 
 
 def _duration(start: float) -> str:
@@ -209,12 +227,17 @@ class StepRunProgressBar(RichProgressBar):
 
     @property
     def total_train_batches(self) -> int | float:
-        """Batches left in the epoch: Lightning caps them at the optimizer steps left, which under gradient
-        accumulation are fewer than the batches ("20/10" for 10 steps of 2 batches)."""
+        """The batch of the epoch the run ends at: Lightning caps the epoch at the optimizer steps left, which under
+        gradient accumulation are fewer than the batches ("20/10" for 10 steps of 2 batches), and which a resumed run
+        counts from the batch it resumed at while its bar counts on from there ("10/4" for steps 6 to 10)."""
         trainer = self.trainer
         if trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0:
-            remaining = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
-            return min(trainer.num_training_batches, remaining)
+            accumulate = trainer.accumulate_grad_batches
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.ready  # a resumed run's batches behind it
+            if done >= trainer.num_training_batches:  # the last epoch's count, before the loop resets it
+                done = 0
+            remaining = (trainer.max_steps - trainer.global_step) * accumulate
+            return min(trainer.num_training_batches, done - done % accumulate + remaining)
         return super().total_train_batches
 
     def _get_train_description(self, current_epoch: int) -> str:

@@ -87,6 +87,32 @@ def test_validation_flops_count_the_forward_pass_of_the_validation_batch(tmp_pat
     assert seen["val"] == 3 * estimate_flops(config, 0, 8, backward=False)  # not the last training batch's 3x
 
 
+def test_validation_throughput_is_logged_at_the_step_the_validation_ran(tmp_path):
+    """Lightning logs it at every validation batch with the count of validation batches as the step: a fit validating
+    after steps 2 and 4 plotted validate/* at steps 1 to 6, among the training steps."""
+
+    class Steps(Keys):
+        def __init__(self) -> None:
+            super().__init__()
+            self.steps: dict[str, list[int]] = {}
+
+        def log_metrics(self, metrics, step=None) -> None:
+            for key in metrics:
+                self.steps.setdefault(key, []).append(step)
+
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16))
+    train = torch.utils.data.DataLoader(torch.randint(0, 512, (8, 17)), batch_size=2)
+    val = torch.utils.data.DataLoader(torch.randint(0, 512, (6, 17)), batch_size=2)
+    logger = Steps()
+    monitor = TokenThroughputMonitor(window_size=2)
+    trainer = cpu_trainer(
+        tmp_path, 4, [monitor], logger=logger, log_every_n_steps=1, val_check_interval=2, limit_val_batches=3
+    )
+    trainer.fit(module, train, val)
+    assert logger.steps["val/loss"] == [1, 3]
+    assert logger.steps["validate/device/items_per_sec"] == logger.steps["validate/batches"] == [1, 3]
+
+
 @pytest.mark.parametrize(
     ("name", "tflops"),
     [("NVIDIA H200", 989.4), ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("Tesla T4", None)],
