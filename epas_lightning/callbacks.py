@@ -204,6 +204,15 @@ class TokenThroughputMonitor(ThroughputMonitor):
             self.available_flops = int(peak)
             for throughput in self._throughputs.values():
                 throughput.available_flops = int(peak)
+        if self.available_flops:  # what MFU is a fraction of, said once: a figure to check against the datasheet
+            device = trainer.strategy.root_device
+            name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+            dtype = str(_compute_dtype(str(trainer.precision))).removeprefix("torch.")
+            tflops = self.available_flops / 1e12
+            rank_zero_info(
+                f"MFU (train/device/mfu) divides each device's FLOP/s by {tflops:,.1f} TFLOP/s: the dense "
+                f"{dtype} peak taken for its {name}"
+            )
 
     @rank_zero_only
     def on_validation_batch_end(

@@ -50,9 +50,9 @@ def test_cpu_logs_tokens_and_flops_but_no_mfu_or_memory(tmp_path):
     assert "train/device/mfu" not in keys and callbacks.PEAK_MEMORY_KEY not in keys
 
 
-def test_mfu_and_peak_memory_are_logged_where_the_device_has_them(tmp_path, monkeypatch, recwarn):
+def test_mfu_and_peak_memory_are_logged_where_the_device_has_them(tmp_path, monkeypatch, recwarn, caplog):
     """Our peak table knows devices Lightning's lacks: its "FLOPs not found for 'NVIDIA H200'" (seen on the lent H200)
-    must not appear where ours supplies the peak."""
+    must not appear where ours supplies the peak. The peak MFU divides by is said, once (it was nowhere to see)."""
     import lightning.pytorch.callbacks.throughput_monitor as lightning_monitor
     from lightning.pytorch.utilities import rank_zero_warn
 
@@ -62,8 +62,13 @@ def test_mfu_and_peak_memory_are_logged_where_the_device_has_them(tmp_path, monk
     monkeypatch.setattr(lightning_monitor, "get_available_flops", lightning_lookup)
     monkeypatch.setattr(callbacks, "peak_flops", lambda device, dtype: 1e12)
     monkeypatch.setattr(callbacks, "peak_memory_gib", lambda device: 1.5)
-    keys = fit_keys(tmp_path)
+    with caplog.at_level("INFO"):
+        keys = fit_keys(tmp_path)
     assert {"train/device/mfu", callbacks.PEAK_MEMORY_KEY} <= keys
+    said = [r.getMessage() for r in caplog.records if "train/device/mfu" in r.getMessage()]
+    assert said == [
+        "MFU (train/device/mfu) divides each device's FLOP/s by 1.0 TFLOP/s: the dense float32 peak taken for its cpu"
+    ]
     assert not [w for w in recwarn if "FLOPs not found" in str(w.message)]
 
 
