@@ -305,15 +305,17 @@ def test_records_whose_text_is_null_or_not_text_are_bad_records(tmp_path: Path, 
     rng = random.Random(5)
     records = [{"text": make_text(rng, 20)} for _ in range(30)] + [{"text": None}, {"text": 5}]
     jsonl = tmp_path / "a.jsonl"
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    lines = [json.dumps(r) + "\n" for r in records]
+    jsonl.write_text("".join(lines[:10]) + "{not json\n" + "".join(lines[10:]))  # the file goes on after a bad line
     parquet = tmp_path / "b.parquet"
     pq.write_table(pa.table({"text": [r["text"] if r["text"] != 5 else None for r in records]}), parquet)
     with caplog.at_level("WARNING", logger="epas_lightning"):
         out = prepare([jsonl, parquet], tmp_path / "out", sp_model, val_fraction=0.5, num_workers=1)
-    assert f"{jsonl}:31: 'text' is null, not text" in caplog.text and f"{jsonl}:32: 'text' is int" in caplog.text
+    assert f"{jsonl}:11: not a UTF-8 JSON line" in caplog.text
+    assert f"{jsonl}:32: 'text' is null, not text" in caplog.text and f"{jsonl}:33: 'text' is int" in caplog.text
     assert f"{parquet} row 31: 'text' is null, not text" in caplog.text
     assert json.loads((out / "meta.json").read_text())["documents"] == 60
-    with pytest.raises(DataPreparationError, match=rf"'text' is null, not text — {jsonl}:31"):
+    with pytest.raises(DataPreparationError, match=rf"not a UTF-8 JSON line .* — {jsonl}:11"):
         prepare(jsonl, tmp_path / "out2", sp_model, val_fraction=0.5, num_workers=1, on_bad="fail")
 
 

@@ -146,7 +146,8 @@ def check_text_field(f: InputFile, text_field: str) -> None:
     elif f.kind == "jsonl":
         with contextlib.suppress(StopIteration, BadDocument):
             lineno, record = next(_jsonl_records(f))
-            _record_text(record, text_field, f.path, lineno)
+            if not isinstance(record, BadDocument):
+                _record_text(record, text_field, f.path, lineno)
 
 
 class BadDocument(Exception):
@@ -172,15 +173,18 @@ def _open_binary(path: str) -> io.BufferedIOBase:
 
 
 def _jsonl_records(f: InputFile) -> Iterator[tuple[int, object]]:
+    """``(line number, record)`` for each non-blank line; a line that is not JSON gives a :class:`BadDocument` as its
+    record, and the lines after it are still read. A file that cannot be read raises one."""
     try:
         with _open_binary(f.path) as stream:
             for lineno, line in enumerate(stream, start=1):
                 if not line.strip():
                     continue
                 try:
-                    yield lineno, json.loads(line.decode("utf-8"))
+                    record = json.loads(line.decode("utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise BadDocument(f"{f.path}:{lineno}", f"not a UTF-8 JSON line ({e})") from e
+                    record = BadDocument(f"{f.path}:{lineno}", f"not a UTF-8 JSON line ({e})")
+                yield lineno, record
     except (OSError, EOFError, ValueError) as e:
         if isinstance(e, DataPreparationError | BadDocument):
             raise
@@ -219,23 +223,18 @@ def iter_documents(f: InputFile, text_field: str, on_bad: Callable[[BadDocument]
         except OSError as e:
             on_bad(BadDocument(f.path, f"unreadable ({e.strerror or e})"))
     elif f.kind == "jsonl":
-        records = _jsonl_records(f)
-        while True:
-            try:
-                lineno, record = next(records)
-            except StopIteration:
-                return
-            except BadDocument as bad:
-                on_bad(bad)
-                if bad.where == f.path:  # the whole file is unreadable (truncated archive, I/O error)
-                    return
-                continue
-            try:
-                text = _record_text(record, text_field, f.path, lineno)
-            except BadDocument as bad:
-                on_bad(bad)
-                continue
-            yield f"{f.key}#{lineno}", text
+        try:
+            for lineno, record in _jsonl_records(f):
+                try:
+                    if isinstance(record, BadDocument):
+                        raise record
+                    text = _record_text(record, text_field, f.path, lineno)
+                except BadDocument as bad:
+                    on_bad(bad)
+                    continue
+                yield f"{f.key}#{lineno}", text
+        except BadDocument as bad:  # the whole file is unreadable (truncated archive, I/O error)
+            on_bad(bad)
     else:
         import pyarrow.parquet as pq
 
