@@ -232,6 +232,20 @@ def test_linked_folders_are_read_once_and_link_loops_end(tmp_path: Path):
     assert [f.key for f in discover_files([tmp_path / "corpus"])] == ["a/doc.txt"]
 
 
+def test_a_utf8_byte_order_mark_is_not_part_of_the_text(tmp_path: Path):
+    """Windows tools start files with a BOM: JSONL refused its first line, and text files kept it as a character."""
+    from epas_lightning.data.sources import discover_files, iter_documents
+
+    (tmp_path / "notes.txt").write_bytes("\ufeffcafé\r\n".encode())
+    (tmp_path / "rows.jsonl").write_bytes(
+        "".join(("\ufeff" if i == 0 else "") + json.dumps({"text": t}) + "\r\n" for i, t in enumerate("ab")).encode()
+    )
+    bad = []
+    texts = [text for f in discover_files([tmp_path]) for _, text in iter_documents(f, "text", bad.append)]
+    assert not bad
+    assert texts == ["café\r\n", "a", "b"]
+
+
 def test_empty_input_is_refused(tmp_path: Path, sp_model: Path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataPreparationError, match=rf"no input files found — --input {tmp_path / 'empty'}"):

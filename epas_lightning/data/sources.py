@@ -2,8 +2,8 @@
 
 Inputs are files or directories of text/markdown/code files (one document per file), JSONL (``.jsonl``,
 ``.jsonl.gz``, ``.jsonl.zst``; one document per line, text in a configurable field) and parquet (one document per
-row). A text file that looks binary (NUL bytes) is a bad document, like an undecodable one: skipped with its name, or
-fatal with ``--on-bad fail``.
+row); a UTF-8 byte order mark starting a file is not text. A text file that looks binary (NUL bytes) is a bad
+document, like an undecodable one: skipped with its name, or fatal with ``--on-bad fail``.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def _jsonl_records(f: InputFile) -> Iterator[tuple[int, object]]:
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line.decode("utf-8"))
+                    record = json.loads(line.decode("utf-8-sig" if lineno == 1 else "utf-8"))  # a BOM is no text
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
                     record = BadDocument(f"{f.path}:{lineno}", f"not a UTF-8 JSON line ({e})")
                 yield lineno, record
@@ -217,7 +217,7 @@ def iter_documents(f: InputFile, text_field: str, on_bad: Callable[[BadDocument]
             if b"\0" in data[:BINARY_SNIFF_BYTES]:
                 on_bad(BadDocument(f.path, "looks binary (NUL bytes), not text"))
                 return
-            yield f.key, data.decode("utf-8")
+            yield f.key, data.decode("utf-8-sig")  # a leading BOM is no text
         except UnicodeDecodeError as e:
             on_bad(BadDocument(f.path, f"not valid UTF-8 ({e})"))
         except OSError as e:
