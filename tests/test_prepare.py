@@ -220,7 +220,7 @@ def test_trained_tokenizer_is_saved_next_to_the_data(corpus, tmp_path: Path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_linked_folders_are_read_once_and_link_loops_end(tmp_path: Path):
+def test_linked_files_and_folders_are_read_once_and_link_loops_end(tmp_path: Path):
     from epas_lightning.data.sources import discover_files
 
     (tmp_path / "shards" / "a").mkdir(parents=True)
@@ -229,7 +229,10 @@ def test_linked_folders_are_read_once_and_link_loops_end(tmp_path: Path):
     (tmp_path / "corpus" / "a").symlink_to(tmp_path / "shards" / "a")  # a corpus assembled from links
     (tmp_path / "corpus" / "b").symlink_to(tmp_path / "shards" / "a")  # the same folder again
     (tmp_path / "shards" / "a" / "loop").symlink_to(tmp_path / "shards")
-    assert [f.key for f in discover_files([tmp_path / "corpus"])] == ["a/doc.txt"]
+    (tmp_path / "corpus" / "latest.txt").symlink_to(tmp_path / "shards" / "a" / "doc.txt")  # a linked file
+    # each real file once: a linked file, a folder given twice, a file inside a folder given too
+    inputs = [tmp_path / "corpus", tmp_path / "corpus", tmp_path / "shards" / "a" / "doc.txt"]
+    assert [f.key for f in discover_files(inputs)] == ["latest.txt"]
 
 
 def test_a_utf8_byte_order_mark_is_not_part_of_the_text(tmp_path: Path):

@@ -64,13 +64,20 @@ def file_kind(path: Path, explicit: bool) -> str | None:
 
 
 def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[InputFile]:
-    """The files of ``inputs`` (files or directories, walked in sorted order; hidden entries skipped)."""
+    """The files of ``inputs`` (files or directories, walked in sorted order; hidden entries skipped). Each real file
+    is read once, where it is first found: a linked file, or one under two inputs, is not a second document."""
     files: list[InputFile] = []
+    read: set[str] = set()
+
+    def add(path: Path, key: str, kind: str) -> None:
+        if (real := os.path.realpath(path)) not in read:
+            read.add(real)
+            files.append(InputFile(str(path), key, kind, path.stat().st_size, split))
+
     for raw in inputs:
         root = Path(raw).expanduser()
         if root.is_file():
-            kind = file_kind(root, explicit=True)
-            files.append(InputFile(str(root), root.name, kind, root.stat().st_size, split))  # type: ignore[arg-type]
+            add(root, root.name, file_kind(root, explicit=True))  # type: ignore[arg-type]
             continue
         if not root.is_dir():
             raise DataPreparationError("input does not exist", f"--input {root}", "check the path")
@@ -86,7 +93,7 @@ def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[In
                 path = Path(dirpath) / name
                 if name.startswith(".") or not path.is_file() or (kind := file_kind(path, explicit=False)) is None:
                     continue
-                files.append(InputFile(str(path), path.relative_to(root).as_posix(), kind, path.stat().st_size, split))
+                add(path, path.relative_to(root).as_posix(), kind)
     return files
 
 
