@@ -179,6 +179,7 @@ def test_cli_with_hf_tokenizer_and_separate_val_input(corpus, tmp_path: Path, ca
     hf = train_hf_tokenizer(tmp_path / "tokenizer.json")
     out = tmp_path / "hf"
     argv = ["prepare", "--input", str(root / "a.jsonl"), "--input", str(root / "c.parquet")]
+    argv += ["--input", str(root / "notes" / "n0.md")]  # also a validation file: held out, not trained on
     argv += ["--val-input", str(root / "notes")]
     assert cli_main([*argv, "--output", str(out), "--tokenizer", str(hf), "--no-progress", "--num-workers", "2"]) == 0
     assert f"Prepared {out}: 256 documents (250 train / 6 val)" in capsys.readouterr().out
@@ -257,6 +258,8 @@ def test_empty_input_is_refused(tmp_path: Path, sp_model: Path):
     (tmp_path / "empty" / "b.txt").write_text("")
     with pytest.raises(DataPreparationError, match="all empty"):
         prepare(tmp_path / "empty", tmp_path / "out", sp_model)
+    with pytest.raises(DataPreparationError, match="every input file is a validation file too"):
+        prepare(tmp_path / "empty", tmp_path / "out", sp_model, val_input=tmp_path / "empty")
     assert not (tmp_path / "out").exists()
 
 
@@ -298,7 +301,9 @@ def test_missing_text_field_names_the_file(tmp_path: Path, sp_model: Path, corpu
         prepare(bad, tmp_path / "out", sp_model)
     with pytest.raises(DataPreparationError, match=r"no column 'body' .* — .*c.parquet"):
         prepare(corpus[0] / "c.parquet", tmp_path / "out", sp_model, text_field="body")
-    assert prepare(bad, tmp_path / "out", sp_model, text_field="content", val_input=bad).is_dir()
+    val = tmp_path / "val.jsonl"
+    val.write_text(bad.read_text())
+    assert prepare(bad, tmp_path / "out", sp_model, text_field="content", val_input=val).is_dir()
 
 
 def test_truncated_gzip_is_skipped_naming_the_file(tmp_path: Path, sp_model: Path, caplog: pytest.LogCaptureFixture):
