@@ -336,8 +336,11 @@ def test_records_whose_text_is_null_or_not_text_are_bad_records(tmp_path: Path, 
     assert f"{jsonl}:11: not a UTF-8 JSON line" in caplog.text
     assert f"{jsonl}:32: 'text' is null, not text" in caplog.text and f"{jsonl}:33: 'text' is int" in caplog.text
     assert f"{parquet} row 31: 'text' is null, not text" in caplog.text
-    assert json.loads((out / "meta.json").read_text())["documents"] == 60
-    with pytest.raises(DataPreparationError, match=rf"not a UTF-8 JSON line .* — {jsonl}:11"):
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["documents"] == 60
+    assert sum(meta["skipped"].values()) == 5 and caplog.text.count(f"{jsonl}:11:") == 1  # once, in one split
+    assert meta["splits"]["train"]["files"] == meta["splits"]["val"]["files"] == 2  # each has bad records, not bad
+    with pytest.raises(DataPreparationError, match=rf"not text — {jsonl}:33 — pass --on-bad skip"):
         prepare(jsonl, tmp_path / "out2", sp_model, val_fraction=0.5, num_workers=1, on_bad="fail")
 
 

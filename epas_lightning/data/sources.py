@@ -160,9 +160,11 @@ def check_text_field(f: InputFile, text_field: str) -> None:
 class BadDocument(Exception):
     """An unreadable file or record; skipped with a warning or fatal, depending on ``on_bad``."""
 
-    def __init__(self, where: str, reason: str) -> None:
+    def __init__(self, where: str, reason: str, key: str | None = None) -> None:
         super().__init__(f"{where}: {reason}")
         self.where, self.reason = where, reason
+        self.key = key
+        """A bad record's document key (it belongs to that key's split); ``None`` for a whole file."""
 
 
 def _open_binary(path: str) -> io.BufferedIOBase:
@@ -232,14 +234,16 @@ def iter_documents(f: InputFile, text_field: str, on_bad: Callable[[BadDocument]
     elif f.kind == "jsonl":
         try:
             for lineno, record in _jsonl_records(f):
+                key = f"{f.key}#{lineno}"
                 try:
                     if isinstance(record, BadDocument):
                         raise record
                     text = _record_text(record, text_field, f.path, lineno)
                 except BadDocument as bad:
+                    bad.key = key
                     on_bad(bad)
                     continue
-                yield f"{f.key}#{lineno}", text
+                yield key, text
         except BadDocument as bad:  # the whole file is unreadable (truncated archive, I/O error)
             on_bad(bad)
     else:
@@ -250,10 +254,11 @@ def iter_documents(f: InputFile, text_field: str, on_bad: Callable[[BadDocument]
             for batch in pq.ParquetFile(f.path).iter_batches(columns=[text_field], batch_size=1024):
                 for text in batch.column(0).to_pylist():
                     index += 1
+                    key = f"{f.key}#{index}"
                     if isinstance(text, str):
-                        yield f"{f.key}#{index}", text
+                        yield key, text
                     else:
-                        on_bad(BadDocument(f"{f.path} row {index}", _not_text(text_field, text)))
+                        on_bad(BadDocument(f"{f.path} row {index}", _not_text(text_field, text), key))
         except DataPreparationError:
             raise
         except Exception as e:
@@ -263,10 +268,20 @@ def iter_documents(f: InputFile, text_field: str, on_bad: Callable[[BadDocument]
 def split_documents(
     files: Sequence[InputFile], split: str, val_fraction: float, text_field: str, on_bad: Callable
 ) -> Iterator[str]:
-    """The texts of ``split`` (``train`` or ``val``) among ``files``, in order; empty documents are dropped."""
+    """The texts of ``split`` (``train`` or ``val``) among ``files``, in order; empty documents are dropped.
+
+    ``on_bad`` hears of the bad records of ``split`` only (each bad record once over the two splits), and of a file of
+    records that cannot be read in ``train``.
+    """
+
+    def in_split(f: InputFile, key: str | None) -> bool:
+        if f.split != "hash":
+            return True
+        return split == "train" if key is None else (stable_unit_hash(key) < val_fraction) == (split == "val")
+
     for f in files:
         if f.split not in (split, "hash"):
             continue
-        for key, text in iter_documents(f, text_field, on_bad):
-            if text and (f.split != "hash" or (stable_unit_hash(key) < val_fraction) == (split == "val")):
+        for key, text in iter_documents(f, text_field, lambda bad, f=f: in_split(f, bad.key) and on_bad(bad)):
+            if text and in_split(f, key):
                 yield text

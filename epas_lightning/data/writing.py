@@ -245,7 +245,7 @@ def write_split(
             stats[key] += value
     shutil.rmtree(scratch, ignore_errors=True)
     stats["skipped"].sort()
-    stats["files"] = len({f.path for f in files} - {where.split(":")[0] for where, _ in stats["skipped"]})
+    stats["files"] = len({f.path for f in files} - {where for where, _ in stats["skipped"]})  # skipped whole
     if stats["documents"] == 0:
         shutil.rmtree(output_dir, ignore_errors=True)
         return stats
