@@ -198,9 +198,10 @@ def test_cli_with_hf_tokenizer_and_separate_val_input(corpus, tmp_path: Path, ca
     [
         (["--train-tokenizer", "--vocab-size", "100"], "at least 258 tokens (256 bytes, BOS, EOS), not 100 — --vocab"),
         (["--tokenizer", "t.json", "--vocab-size", "300"], "the --tokenizer given has its own — --vocab-size"),
+        (["--tokenizer", "missing.json"], "tokenizer file does not exist — --tokenizer missing.json — check"),
     ],
 )
-def test_a_vocab_size_that_cannot_apply_is_refused_before_any_work(flags, says, tmp_path, capsys):
+def test_flags_that_cannot_apply_are_refused_before_any_work(flags, says, tmp_path, capsys):
     argv = ["prepare", "--input", str(tmp_path), "--output", str(tmp_path / "out"), *flags]
     assert cli_main(argv) == 2
     assert says in capsys.readouterr().err and not (tmp_path / "out").exists()

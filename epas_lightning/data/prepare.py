@@ -45,6 +45,7 @@ from epas_lightning.data.tokenizer import (
     HF_FILENAME,
     MIN_BPE_VOCAB,
     SENTENCEPIECE_FILENAME,
+    check_tokenizer_flag,
     file_sha256,
     load_tokenizer,
     train_byte_level_bpe,
@@ -233,6 +234,7 @@ def prepare_dataset(
             "--vocab-size",
             "drop it, or train one with --train-tokenizer instead of --tokenizer",
         )
+    check_tokenizer_flag(None if tokenizer is None else Path(tokenizer))
     if output.is_dir() and is_prepared_dataset(output) and overwrite:
         write_marker(output, DATASET_KIND)  # prepared before output folders carried a marker: ours all the same
     with output_folder(output, DATASET_KIND, overwrite, inputs=[*inputs, *val_inputs]) as build:
