@@ -307,16 +307,20 @@ def test_missing_text_field_names_the_file(tmp_path: Path, sp_model: Path, corpu
     assert prepare(bad, tmp_path / "out", sp_model, text_field="content", val_input=val).is_dir()
 
 
-def test_truncated_gzip_is_skipped_naming_the_file(tmp_path: Path, sp_model: Path, caplog: pytest.LogCaptureFixture):
+def test_truncated_gzip_or_parquet_is_skipped_naming_the_file(
+    tmp_path: Path, sp_model: Path, caplog: pytest.LogCaptureFixture
+):
     rng = random.Random(4)
     good = tmp_path / "good.jsonl"
     good.write_text("".join(json.dumps({"text": make_text(rng, 20)}) + "\n" for _ in range(40)))
     payload = gzip.compress("".join(json.dumps({"text": make_text(rng, 20)}) + "\n" for _ in range(40)).encode())
     broken = tmp_path / "broken.jsonl.gz"
     broken.write_bytes(payload[: len(payload) // 2])
+    cut = tmp_path / "cut.parquet"  # a download cut short: no footer
+    cut.write_bytes(b"PAR1" + payload[:100])
     with caplog.at_level("WARNING", logger="epas_lightning"):
-        out = prepare([good, broken], tmp_path / "out", sp_model, val_fraction=0.2, num_workers=1)
-    assert f"Skipped {broken}: unreadable" in caplog.text
+        out = prepare([good, broken, cut], tmp_path / "out", sp_model, val_fraction=0.2, num_workers=1)
+    assert f"Skipped {broken}: unreadable" in caplog.text and f"Skipped {cut}: unreadable parquet" in caplog.text
     assert json.loads((out / "meta.json").read_text())["documents"] >= 40
 
 
