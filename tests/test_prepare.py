@@ -237,6 +237,17 @@ def test_linked_files_and_folders_are_read_once_and_link_loops_end(tmp_path: Pat
     assert [f.key for f in discover_files(inputs)] == ["latest.txt"]
 
 
+def test_text_files_of_one_name_under_two_inputs_are_not_all_held_out(tmp_path: Path):
+    """The split hashes a file's name under its input: two inputs' doc.txt were both held out, leaving no training."""
+    from epas_lightning.data.sources import discover_files, plan_split
+
+    for shard in ("a", "b"):
+        (tmp_path / shard).mkdir()
+        (tmp_path / shard / "doc.txt").write_text(shard)
+    files = plan_split(discover_files([tmp_path / "a" / "doc.txt", tmp_path / "b" / "doc.txt"]), 0.01)
+    assert sorted(f.split for f in files) == ["train", "val"]
+
+
 def test_a_utf8_byte_order_mark_is_not_part_of_the_text(tmp_path: Path):
     """Windows tools start files with a BOM: JSONL refused its first line, and text files kept it as a character."""
     from epas_lightning.data.sources import discover_files, iter_documents

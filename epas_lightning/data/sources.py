@@ -103,15 +103,15 @@ def stable_unit_hash(text: str) -> float:
 
 
 def split_by_hash(items: Sequence, key: Callable[[object], str], val_fraction: float) -> tuple[list, list]:
-    """Hold out the items whose key hashes below ``val_fraction``, and always at least one."""
+    """Hold out the items whose key hashes below ``val_fraction``, and always at least one (the first of the lowest
+    hash: items of one key, such as files of one name under two inputs, are not all held out by this rule)."""
     if len(items) < 2:
         raise ValueError(f"Need at least 2 files to split into train and val, got {len(items)}.")
-    val_keys = {key(f) for f in items if stable_unit_hash(key(f)) < val_fraction}
-    if not val_keys:
-        val_keys = {key(min(items, key=lambda f: stable_unit_hash(key(f))))}
-    if len(val_keys) == len(items):
+    hashes = [stable_unit_hash(key(f)) for f in items]
+    held = {i for i, h in enumerate(hashes) if h < val_fraction} or {hashes.index(min(hashes))}
+    if len(held) == len(items):
         raise ValueError(f"val_fraction={val_fraction} leaves no training files.")
-    return [f for f in items if key(f) not in val_keys], [f for f in items if key(f) in val_keys]
+    return [f for i, f in enumerate(items) if i not in held], [f for i, f in enumerate(items) if i in held]
 
 
 def plan_split(files: list[InputFile], val_fraction: float) -> list[InputFile]:
