@@ -345,6 +345,8 @@ def test_records_whose_text_is_null_or_not_text_are_bad_records(tmp_path: Path, 
     jsonl = tmp_path / "a.jsonl"
     lines = [json.dumps(r) + "\n" for r in records]
     jsonl.write_text("".join(lines[:10]) + "{not json\n" + "".join(lines[10:]))  # the file goes on after a bad line
+    with jsonl.open("a") as f:
+        f.write('{"text": "a lone \\ud83d surrogate"}\n')  # valid JSON, not text: it cannot be encoded
     parquet = tmp_path / "b.parquet"
     pq.write_table(pa.table({"text": [r["text"] if r["text"] != 5 else None for r in records]}), parquet)
     with caplog.at_level("WARNING", logger="epas_lightning"):
@@ -352,9 +354,10 @@ def test_records_whose_text_is_null_or_not_text_are_bad_records(tmp_path: Path, 
     assert f"{jsonl}:11: not a UTF-8 JSON line" in caplog.text
     assert f"{jsonl}:32: 'text' is null, not text" in caplog.text and f"{jsonl}:33: 'text' is int" in caplog.text
     assert f"{parquet} row 31: 'text' is null, not text" in caplog.text
+    assert f"{jsonl}:34: 'text' holds a lone surrogate" in caplog.text
     meta = json.loads((out / "meta.json").read_text())
     assert meta["documents"] == 60
-    assert sum(meta["skipped"].values()) == 5 and caplog.text.count(f"{jsonl}:11:") == 1  # once, in one split
+    assert sum(meta["skipped"].values()) == 6 and caplog.text.count(f"{jsonl}:11:") == 1  # once, in one split
     assert meta["splits"]["train"]["files"] == meta["splits"]["val"]["files"] == 2  # each has bad records, not bad
     with pytest.raises(DataPreparationError, match=rf"not text — {jsonl}:33 — pass --on-bad skip"):
         prepare(jsonl, tmp_path / "out2", sp_model, val_fraction=0.5, num_workers=1, on_bad="fail")

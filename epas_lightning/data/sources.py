@@ -203,7 +203,7 @@ def _jsonl_records(f: InputFile) -> Iterator[tuple[int, object]]:
 
 def _record_text(record: object, text_field: str, path: str, lineno: int) -> str:
     """The record's text; a record without the field stops the run (the wrong --text-field), one whose value is not
-    text (null, a number) is a bad record."""
+    text (null, a number, a lone surrogate) is a bad record."""
     if not isinstance(record, dict) or text_field not in record:
         fields = list(record) if isinstance(record, dict) else type(record).__name__
         raise DataPreparationError(
@@ -212,6 +212,10 @@ def _record_text(record: object, text_field: str, path: str, lineno: int) -> str
     text = record[text_field]
     if not isinstance(text, str):
         raise BadDocument(f"{path}:{lineno}", _not_text(text_field, text))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON escapes can name half a surrogate pair (\ud83d): no character at all
+        raise BadDocument(f"{path}:{lineno}", f"{text_field!r} holds a lone surrogate ({e.object[e.start]!r})") from e
     return text
 
 
