@@ -432,6 +432,23 @@ def test_interrupted_prepare_leaves_nothing_that_looks_complete(
         prepare(corpus[0], tmp_path / "out", sp_model)
 
 
+def test_a_worker_that_fails_unexpectedly_stops_prepare_and_leaves_no_process(
+    sp_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A worker that raised left litdata's helper process of it running: a pipeline reading prepare's output hung."""
+    from epas_lightning.data.tokenizer import TextTokenizer
+
+    def broken(self, texts):
+        raise ZeroDivisionError("a bug in a worker")
+
+    monkeypatch.setattr(TextTokenizer, "encode_batch", broken)
+    (tmp_path / "a.txt").write_text("some text")
+    (tmp_path / "b.txt").write_text("more text")
+    with pytest.raises(RuntimeError, match="failed in a worker(.|\n)*ZeroDivisionError: a bug in a worker"):
+        prepare([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "out", sp_model, num_workers=1)
+    assert not (tmp_path / "out").exists()
+
+
 def test_ctrl_c_while_tokenizing_fails_and_leaves_nothing(corpus, sp_model: Path, tmp_path: Path):
     """litdata's own Ctrl+C handler ended the process with exit status 0, the half-built folder left behind."""
     out = tmp_path / "out"
