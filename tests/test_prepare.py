@@ -179,6 +179,7 @@ def test_cli_with_hf_tokenizer_and_separate_val_input(corpus, tmp_path: Path, ca
     hf = train_hf_tokenizer(tmp_path / "tokenizer.json")
     out = tmp_path / "hf"
     argv = ["prepare", "--input", str(root / "a.jsonl"), "--input", str(root / "c.parquet")]
+    argv += ["--input", str(root / "notes" / "n0.md")]  # also a validation file: held out, not trained on
     argv += ["--val-input", str(root / "notes")]
     assert cli_main([*argv, "--output", str(out), "--tokenizer", str(hf), "--no-progress", "--num-workers", "2"]) == 0
     assert f"Prepared {out}: 256 documents (250 train / 6 val)" in capsys.readouterr().out
@@ -197,9 +198,10 @@ def test_cli_with_hf_tokenizer_and_separate_val_input(corpus, tmp_path: Path, ca
     [
         (["--train-tokenizer", "--vocab-size", "100"], "at least 258 tokens (256 bytes, BOS, EOS), not 100 — --vocab"),
         (["--tokenizer", "t.json", "--vocab-size", "300"], "the --tokenizer given has its own — --vocab-size"),
+        (["--tokenizer", "missing.json"], "tokenizer file does not exist — --tokenizer missing.json — check"),
     ],
 )
-def test_a_vocab_size_that_cannot_apply_is_refused_before_any_work(flags, says, tmp_path, capsys):
+def test_flags_that_cannot_apply_are_refused_before_any_work(flags, says, tmp_path, capsys):
     argv = ["prepare", "--input", str(tmp_path), "--output", str(tmp_path / "out"), *flags]
     assert cli_main(argv) == 2
     assert says in capsys.readouterr().err and not (tmp_path / "out").exists()
@@ -220,7 +222,7 @@ def test_trained_tokenizer_is_saved_next_to_the_data(corpus, tmp_path: Path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_linked_folders_are_read_once_and_link_loops_end(tmp_path: Path):
+def test_linked_files_and_folders_are_read_once_and_link_loops_end(tmp_path: Path):
     from epas_lightning.data.sources import discover_files
 
     (tmp_path / "shards" / "a").mkdir(parents=True)
@@ -229,7 +231,35 @@ def test_linked_folders_are_read_once_and_link_loops_end(tmp_path: Path):
     (tmp_path / "corpus" / "a").symlink_to(tmp_path / "shards" / "a")  # a corpus assembled from links
     (tmp_path / "corpus" / "b").symlink_to(tmp_path / "shards" / "a")  # the same folder again
     (tmp_path / "shards" / "a" / "loop").symlink_to(tmp_path / "shards")
-    assert [f.key for f in discover_files([tmp_path / "corpus"])] == ["a/doc.txt"]
+    (tmp_path / "corpus" / "latest.txt").symlink_to(tmp_path / "shards" / "a" / "doc.txt")  # a linked file
+    # each real file once: a linked file, a folder given twice, a file inside a folder given too
+    inputs = [tmp_path / "corpus", tmp_path / "corpus", tmp_path / "shards" / "a" / "doc.txt"]
+    assert [f.key for f in discover_files(inputs)] == ["latest.txt"]
+
+
+def test_text_files_of_one_name_under_two_inputs_are_not_all_held_out(tmp_path: Path):
+    """The split hashes a file's name under its input: two inputs' doc.txt were both held out, leaving no training."""
+    from epas_lightning.data.sources import discover_files, plan_split
+
+    for shard in ("a", "b"):
+        (tmp_path / shard).mkdir()
+        (tmp_path / shard / "doc.txt").write_text(shard)
+    files = plan_split(discover_files([tmp_path / "a" / "doc.txt", tmp_path / "b" / "doc.txt"]), 0.01)
+    assert sorted(f.split for f in files) == ["train", "val"]
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_text(tmp_path: Path):
+    """Windows tools start files with a BOM: JSONL refused its first line, and text files kept it as a character."""
+    from epas_lightning.data.sources import discover_files, iter_documents
+
+    (tmp_path / "notes.txt").write_bytes("\ufeffcafé\r\n".encode())
+    (tmp_path / "rows.jsonl").write_bytes(
+        "".join(("\ufeff" if i == 0 else "") + json.dumps({"text": t}) + "\r\n" for i, t in enumerate("ab")).encode()
+    )
+    bad = []
+    texts = [text for f in discover_files([tmp_path]) for _, text in iter_documents(f, "text", bad.append)]
+    assert not bad
+    assert texts == ["café\r\n", "a", "b"]
 
 
 def test_empty_input_is_refused(tmp_path: Path, sp_model: Path):
@@ -240,6 +270,8 @@ def test_empty_input_is_refused(tmp_path: Path, sp_model: Path):
     (tmp_path / "empty" / "b.txt").write_text("")
     with pytest.raises(DataPreparationError, match="all empty"):
         prepare(tmp_path / "empty", tmp_path / "out", sp_model)
+    with pytest.raises(DataPreparationError, match="every input file is a validation file too"):
+        prepare(tmp_path / "empty", tmp_path / "out", sp_model, val_input=tmp_path / "empty")
     assert not (tmp_path / "out").exists()
 
 
@@ -281,19 +313,25 @@ def test_missing_text_field_names_the_file(tmp_path: Path, sp_model: Path, corpu
         prepare(bad, tmp_path / "out", sp_model)
     with pytest.raises(DataPreparationError, match=r"no column 'body' .* — .*c.parquet"):
         prepare(corpus[0] / "c.parquet", tmp_path / "out", sp_model, text_field="body")
-    assert prepare(bad, tmp_path / "out", sp_model, text_field="content", val_input=bad).is_dir()
+    val = tmp_path / "val.jsonl"
+    val.write_text(bad.read_text())
+    assert prepare(bad, tmp_path / "out", sp_model, text_field="content", val_input=val).is_dir()
 
 
-def test_truncated_gzip_is_skipped_naming_the_file(tmp_path: Path, sp_model: Path, caplog: pytest.LogCaptureFixture):
+def test_truncated_gzip_or_parquet_is_skipped_naming_the_file(
+    tmp_path: Path, sp_model: Path, caplog: pytest.LogCaptureFixture
+):
     rng = random.Random(4)
     good = tmp_path / "good.jsonl"
     good.write_text("".join(json.dumps({"text": make_text(rng, 20)}) + "\n" for _ in range(40)))
     payload = gzip.compress("".join(json.dumps({"text": make_text(rng, 20)}) + "\n" for _ in range(40)).encode())
     broken = tmp_path / "broken.jsonl.gz"
     broken.write_bytes(payload[: len(payload) // 2])
+    cut = tmp_path / "cut.parquet"  # a download cut short: no footer
+    cut.write_bytes(b"PAR1" + payload[:100])
     with caplog.at_level("WARNING", logger="epas_lightning"):
-        out = prepare([good, broken], tmp_path / "out", sp_model, val_fraction=0.2, num_workers=1)
-    assert f"Skipped {broken}: unreadable" in caplog.text
+        out = prepare([good, broken, cut], tmp_path / "out", sp_model, val_fraction=0.2, num_workers=1)
+    assert f"Skipped {broken}: unreadable" in caplog.text and f"Skipped {cut}: unreadable parquet" in caplog.text
     assert json.loads((out / "meta.json").read_text())["documents"] >= 40
 
 
@@ -305,15 +343,23 @@ def test_records_whose_text_is_null_or_not_text_are_bad_records(tmp_path: Path, 
     rng = random.Random(5)
     records = [{"text": make_text(rng, 20)} for _ in range(30)] + [{"text": None}, {"text": 5}]
     jsonl = tmp_path / "a.jsonl"
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    lines = [json.dumps(r) + "\n" for r in records]
+    jsonl.write_text("".join(lines[:10]) + "{not json\n" + "".join(lines[10:]))  # the file goes on after a bad line
+    with jsonl.open("a") as f:
+        f.write('{"text": "a lone \\ud83d surrogate"}\n')  # valid JSON, not text: it cannot be encoded
     parquet = tmp_path / "b.parquet"
     pq.write_table(pa.table({"text": [r["text"] if r["text"] != 5 else None for r in records]}), parquet)
     with caplog.at_level("WARNING", logger="epas_lightning"):
         out = prepare([jsonl, parquet], tmp_path / "out", sp_model, val_fraction=0.5, num_workers=1)
-    assert f"{jsonl}:31: 'text' is null, not text" in caplog.text and f"{jsonl}:32: 'text' is int" in caplog.text
+    assert f"{jsonl}:11: not a UTF-8 JSON line" in caplog.text
+    assert f"{jsonl}:32: 'text' is null, not text" in caplog.text and f"{jsonl}:33: 'text' is int" in caplog.text
     assert f"{parquet} row 31: 'text' is null, not text" in caplog.text
-    assert json.loads((out / "meta.json").read_text())["documents"] == 60
-    with pytest.raises(DataPreparationError, match=rf"'text' is null, not text — {jsonl}:31"):
+    assert f"{jsonl}:34: 'text' holds a lone surrogate" in caplog.text
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["documents"] == 60
+    assert sum(meta["skipped"].values()) == 6 and caplog.text.count(f"{jsonl}:11:") == 1  # once, in one split
+    assert meta["splits"]["train"]["files"] == meta["splits"]["val"]["files"] == 2  # each has bad records, not bad
+    with pytest.raises(DataPreparationError, match=rf"not text — {jsonl}:33 — pass --on-bad skip"):
         prepare(jsonl, tmp_path / "out2", sp_model, val_fraction=0.5, num_workers=1, on_bad="fail")
 
 
@@ -384,6 +430,23 @@ def test_interrupted_prepare_leaves_nothing_that_looks_complete(
     (tmp_path / "out").mkdir()
     with pytest.raises(OutputError, match="already exists .* choose a new folder$"):
         prepare(corpus[0], tmp_path / "out", sp_model)
+
+
+def test_a_worker_that_fails_unexpectedly_stops_prepare_and_leaves_no_process(
+    sp_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A worker that raised left litdata's helper process of it running: a pipeline reading prepare's output hung."""
+    from epas_lightning.data.tokenizer import TextTokenizer
+
+    def broken(self, texts):
+        raise ZeroDivisionError("a bug in a worker")
+
+    monkeypatch.setattr(TextTokenizer, "encode_batch", broken)
+    (tmp_path / "a.txt").write_text("some text")
+    (tmp_path / "b.txt").write_text("more text")
+    with pytest.raises(RuntimeError, match="failed in a worker(.|\n)*ZeroDivisionError: a bug in a worker"):
+        prepare([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "out", sp_model, num_workers=1)
+    assert not (tmp_path / "out").exists()
 
 
 def test_ctrl_c_while_tokenizing_fails_and_leaves_nothing(corpus, sp_model: Path, tmp_path: Path):

@@ -13,6 +13,7 @@ built-in standard-library corpus goes through the same code.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 import time
@@ -44,6 +45,7 @@ from epas_lightning.data.tokenizer import (
     HF_FILENAME,
     MIN_BPE_VOCAB,
     SENTENCEPIECE_FILENAME,
+    check_tokenizer_flag,
     file_sha256,
     load_tokenizer,
     train_byte_level_bpe,
@@ -207,8 +209,9 @@ def prepare_dataset(
         output: The dataset directory to create; it may not contain or lie inside an input.
         tokenizer: A local ``tokenizer.json``, sentencepiece ``tokenizer.model``, or a directory holding one.
         train_tokenizer: Train a byte-level BPE of ``vocab_size`` tokens on the train split instead.
-        val_input: Separate validation inputs. Otherwise ``val_fraction`` of the documents are held out by hash
-            (whole files for text inputs, records for JSONL/parquet).
+        val_input: Separate validation inputs (their files are held out from ``input`` too). Otherwise
+            ``val_fraction`` of the documents are held out by hash (whole files for text inputs, records for
+            JSONL/parquet).
         text_field: The JSONL field / parquet column holding the text.
         on_bad: ``skip`` (warn) or ``fail`` on an unreadable, binary or non-UTF-8 file or record.
         overwrite: Replace ``output`` if it is a dataset prepared by this command (never anything else).
@@ -231,6 +234,7 @@ def prepare_dataset(
             "--vocab-size",
             "drop it, or train one with --train-tokenizer instead of --tokenizer",
         )
+    check_tokenizer_flag(None if tokenizer is None else Path(tokenizer))
     if output.is_dir() and is_prepared_dataset(output) and overwrite:
         write_marker(output, DATASET_KIND)  # prepared before output folders carried a marker: ours all the same
     with output_folder(output, DATASET_KIND, overwrite, inputs=[*inputs, *val_inputs]) as build:
@@ -241,7 +245,20 @@ def prepare_dataset(
             val_files = discover_files(val_inputs, split="val")
             if not val_files:
                 raise DataPreparationError("no validation files found", "--val-input " + " ".join(map(str, val_inputs)))
-            files = [with_split(f, "train") for f in files] + val_files
+            held_out = {os.path.realpath(f.path) for f in val_files}
+            train_files = [with_split(f, "train") for f in files if os.path.realpath(f.path) not in held_out]
+            if not train_files:
+                raise DataPreparationError(
+                    "every input file is a validation file too: none is left to train on",
+                    "--val-input " + " ".join(map(str, val_inputs)),
+                    "pass validation files apart from the --input ones",
+                )
+            if len(train_files) < len(files):
+                log.warning(
+                    "%d of the --input files are --val-input files too: they are held out, not trained on.",
+                    len(files) - len(train_files),
+                )
+            files = train_files + val_files
         else:
             files = plan_split(files, val_fraction)
         if sum(f.n_bytes for f in files) == 0:
@@ -298,7 +315,8 @@ def prepare_command(
         tokenizer: A local tokenizer.json, sentencepiece tokenizer.model, or a folder holding one.
         train_tokenizer: Train a byte-level BPE on the train split instead (with --vocab-size).
         vocab_size: Vocabulary size of the trained tokenizer.
-        val_input: Separate validation inputs (default: hold out --val-fraction of the documents by hash).
+        val_input: Separate validation inputs (default: hold out --val-fraction of the documents by hash); their
+            files are held out from --input too.
         val_fraction: Fraction of the documents held out for validation (text files are held out whole, and at
             least one of them).
         text_field: The JSONL field / parquet column with the text.

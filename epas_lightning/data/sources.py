@@ -2,8 +2,8 @@
 
 Inputs are files or directories of text/markdown/code files (one document per file), JSONL (``.jsonl``,
 ``.jsonl.gz``, ``.jsonl.zst``; one document per line, text in a configurable field) and parquet (one document per
-row). A text file that looks binary (NUL bytes) is a bad document, like an undecodable one: skipped with its name, or
-fatal with ``--on-bad fail``.
+row); a UTF-8 byte order mark starting a file is not text. A text file that looks binary (NUL bytes) is a bad
+document, like an undecodable one: skipped with its name, or fatal with ``--on-bad fail``.
 """
 
 from __future__ import annotations
@@ -64,13 +64,20 @@ def file_kind(path: Path, explicit: bool) -> str | None:
 
 
 def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[InputFile]:
-    """The files of ``inputs`` (files or directories, walked in sorted order; hidden entries skipped)."""
+    """The files of ``inputs`` (files or directories, walked in sorted order; hidden entries skipped). Each real file
+    is read once, where it is first found: a linked file, or one under two inputs, is not a second document."""
     files: list[InputFile] = []
+    read: set[str] = set()
+
+    def add(path: Path, key: str, kind: str) -> None:
+        if (real := os.path.realpath(path)) not in read:
+            read.add(real)
+            files.append(InputFile(str(path), key, kind, path.stat().st_size, split))
+
     for raw in inputs:
         root = Path(raw).expanduser()
         if root.is_file():
-            kind = file_kind(root, explicit=True)
-            files.append(InputFile(str(root), root.name, kind, root.stat().st_size, split))  # type: ignore[arg-type]
+            add(root, root.name, file_kind(root, explicit=True))  # type: ignore[arg-type]
             continue
         if not root.is_dir():
             raise DataPreparationError("input does not exist", f"--input {root}", "check the path")
@@ -86,7 +93,7 @@ def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[In
                 path = Path(dirpath) / name
                 if name.startswith(".") or not path.is_file() or (kind := file_kind(path, explicit=False)) is None:
                     continue
-                files.append(InputFile(str(path), path.relative_to(root).as_posix(), kind, path.stat().st_size, split))
+                add(path, path.relative_to(root).as_posix(), kind)
     return files
 
 
@@ -96,15 +103,15 @@ def stable_unit_hash(text: str) -> float:
 
 
 def split_by_hash(items: Sequence, key: Callable[[object], str], val_fraction: float) -> tuple[list, list]:
-    """Hold out the items whose key hashes below ``val_fraction``, and always at least one."""
+    """Hold out the items whose key hashes below ``val_fraction``, and always at least one (the first of the lowest
+    hash: items of one key, such as files of one name under two inputs, are not all held out by this rule)."""
     if len(items) < 2:
         raise ValueError(f"Need at least 2 files to split into train and val, got {len(items)}.")
-    val_keys = {key(f) for f in items if stable_unit_hash(key(f)) < val_fraction}
-    if not val_keys:
-        val_keys = {key(min(items, key=lambda f: stable_unit_hash(key(f))))}
-    if len(val_keys) == len(items):
+    hashes = [stable_unit_hash(key(f)) for f in items]
+    held = {i for i, h in enumerate(hashes) if h < val_fraction} or {hashes.index(min(hashes))}
+    if len(held) == len(items):
         raise ValueError(f"val_fraction={val_fraction} leaves no training files.")
-    return [f for f in items if key(f) not in val_keys], [f for f in items if key(f) in val_keys]
+    return [f for i, f in enumerate(items) if i not in held], [f for i, f in enumerate(items) if i in held]
 
 
 def plan_split(files: list[InputFile], val_fraction: float) -> list[InputFile]:
@@ -131,14 +138,15 @@ def with_split(f: InputFile, split: str) -> InputFile:
 
 
 def check_text_field(f: InputFile, text_field: str) -> None:
-    """Fail early, naming the file, when the first record has no ``text_field``."""
+    """Fail early, naming the file, when the first record has no ``text_field``. A file that cannot be read is a bad
+    document, met when its documents are read."""
     if f.kind == "parquet":
         import pyarrow.parquet as pq
 
         try:
             names = pq.read_schema(f.path).names
-        except Exception as e:
-            raise DataPreparationError(f"not a readable parquet file ({e})", f.path) from e
+        except Exception:
+            return
         if text_field not in names:
             raise DataPreparationError(
                 f"no column {text_field!r} (columns: {names})", f.path, "name the text column with --text-field"
@@ -146,15 +154,18 @@ def check_text_field(f: InputFile, text_field: str) -> None:
     elif f.kind == "jsonl":
         with contextlib.suppress(StopIteration, BadDocument):
             lineno, record = next(_jsonl_records(f))
-            _record_text(record, text_field, f.path, lineno)
+            if not isinstance(record, BadDocument):
+                _record_text(record, text_field, f.path, lineno)
 
 
 class BadDocument(Exception):
     """An unreadable file or record; skipped with a warning or fatal, depending on ``on_bad``."""
 
-    def __init__(self, where: str, reason: str) -> None:
+    def __init__(self, where: str, reason: str, key: str | None = None) -> None:
         super().__init__(f"{where}: {reason}")
         self.where, self.reason = where, reason
+        self.key = key
+        """A bad record's document key (it belongs to that key's split); ``None`` for a whole file."""
 
 
 def _open_binary(path: str) -> io.BufferedIOBase:
@@ -172,15 +183,18 @@ def _open_binary(path: str) -> io.BufferedIOBase:
 
 
 def _jsonl_records(f: InputFile) -> Iterator[tuple[int, object]]:
+    """``(line number, record)`` for each non-blank line; a line that is not JSON gives a :class:`BadDocument` as its
+    record, and the lines after it are still read. A file that cannot be read raises one."""
     try:
         with _open_binary(f.path) as stream:
             for lineno, line in enumerate(stream, start=1):
                 if not line.strip():
                     continue
                 try:
-                    yield lineno, json.loads(line.decode("utf-8"))
+                    record = json.loads(line.decode("utf-8-sig" if lineno == 1 else "utf-8"))  # a BOM is no text
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise BadDocument(f"{f.path}:{lineno}", f"not a UTF-8 JSON line ({e})") from e
+                    record = BadDocument(f"{f.path}:{lineno}", f"not a UTF-8 JSON line ({e})")
+                yield lineno, record
     except (OSError, EOFError, ValueError) as e:
         if isinstance(e, DataPreparationError | BadDocument):
             raise
@@ -189,7 +203,7 @@ def _jsonl_records(f: InputFile) -> Iterator[tuple[int, object]]:
 
 def _record_text(record: object, text_field: str, path: str, lineno: int) -> str:
     """The record's text; a record without the field stops the run (the wrong --text-field), one whose value is not
-    text (null, a number) is a bad record."""
+    text (null, a number, a lone surrogate) is a bad record."""
     if not isinstance(record, dict) or text_field not in record:
         fields = list(record) if isinstance(record, dict) else type(record).__name__
         raise DataPreparationError(
@@ -198,6 +212,10 @@ def _record_text(record: object, text_field: str, path: str, lineno: int) -> str
     text = record[text_field]
     if not isinstance(text, str):
         raise BadDocument(f"{path}:{lineno}", _not_text(text_field, text))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON escapes can name half a surrogate pair (\ud83d): no character at all
+        raise BadDocument(f"{path}:{lineno}", f"{text_field!r} holds a lone surrogate ({e.object[e.start]!r})") from e
     return text
 
 
@@ -213,29 +231,26 @@ def iter_documents(f: InputFile, text_field: str, on_bad: Callable[[BadDocument]
             if b"\0" in data[:BINARY_SNIFF_BYTES]:
                 on_bad(BadDocument(f.path, "looks binary (NUL bytes), not text"))
                 return
-            yield f.key, data.decode("utf-8")
+            yield f.key, data.decode("utf-8-sig")  # a leading BOM is no text
         except UnicodeDecodeError as e:
             on_bad(BadDocument(f.path, f"not valid UTF-8 ({e})"))
         except OSError as e:
             on_bad(BadDocument(f.path, f"unreadable ({e.strerror or e})"))
     elif f.kind == "jsonl":
-        records = _jsonl_records(f)
-        while True:
-            try:
-                lineno, record = next(records)
-            except StopIteration:
-                return
-            except BadDocument as bad:
-                on_bad(bad)
-                if bad.where == f.path:  # the whole file is unreadable (truncated archive, I/O error)
-                    return
-                continue
-            try:
-                text = _record_text(record, text_field, f.path, lineno)
-            except BadDocument as bad:
-                on_bad(bad)
-                continue
-            yield f"{f.key}#{lineno}", text
+        try:
+            for lineno, record in _jsonl_records(f):
+                key = f"{f.key}#{lineno}"
+                try:
+                    if isinstance(record, BadDocument):
+                        raise record
+                    text = _record_text(record, text_field, f.path, lineno)
+                except BadDocument as bad:
+                    bad.key = key
+                    on_bad(bad)
+                    continue
+                yield key, text
+        except BadDocument as bad:  # the whole file is unreadable (truncated archive, I/O error)
+            on_bad(bad)
     else:
         import pyarrow.parquet as pq
 
@@ -244,10 +259,11 @@ def iter_documents(f: InputFile, text_field: str, on_bad: Callable[[BadDocument]
             for batch in pq.ParquetFile(f.path).iter_batches(columns=[text_field], batch_size=1024):
                 for text in batch.column(0).to_pylist():
                     index += 1
+                    key = f"{f.key}#{index}"
                     if isinstance(text, str):
-                        yield f"{f.key}#{index}", text
+                        yield key, text
                     else:
-                        on_bad(BadDocument(f"{f.path} row {index}", _not_text(text_field, text)))
+                        on_bad(BadDocument(f"{f.path} row {index}", _not_text(text_field, text), key))
         except DataPreparationError:
             raise
         except Exception as e:
@@ -257,10 +273,20 @@ def iter_documents(f: InputFile, text_field: str, on_bad: Callable[[BadDocument]
 def split_documents(
     files: Sequence[InputFile], split: str, val_fraction: float, text_field: str, on_bad: Callable
 ) -> Iterator[str]:
-    """The texts of ``split`` (``train`` or ``val``) among ``files``, in order; empty documents are dropped."""
+    """The texts of ``split`` (``train`` or ``val``) among ``files``, in order; empty documents are dropped.
+
+    ``on_bad`` hears of the bad records of ``split`` only (each bad record once over the two splits), and of a file of
+    records that cannot be read in ``train``.
+    """
+
+    def in_split(f: InputFile, key: str | None) -> bool:
+        if f.split != "hash":
+            return True
+        return split == "train" if key is None else (stable_unit_hash(key) < val_fraction) == (split == "val")
+
     for f in files:
         if f.split not in (split, "hash"):
             continue
-        for key, text in iter_documents(f, text_field, on_bad):
-            if text and (f.split != "hash" or (stable_unit_hash(key) < val_fraction) == (split == "val")):
+        for key, text in iter_documents(f, text_field, lambda bad, f=f: in_split(f, bad.key) and on_bad(bad)):
+            if text and in_split(f, key):
                 yield text

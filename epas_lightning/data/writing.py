@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -55,12 +56,12 @@ class WorkItem:
 def tokenize_work_item(item: WorkItem) -> Iterator[torch.Tensor]:
     """``litdata.optimize`` work function: one ``BOS + tokens + EOS`` int32 tensor per document.
 
-    Writes ``documents/bytes/tokens/skipped`` to a file in ``item.stats_dir`` (workers are separate processes), and
-    the message of a fatal input error to ``error-*.txt`` there, so the parent can re-raise it cleanly.
+    Writes ``documents/bytes/tokens/skipped`` to a file in ``item.stats_dir`` (workers are separate processes), the
+    message of a fatal input error to ``error-*.txt`` there and the traceback of any other failure to ``crash-*.txt``,
+    so the parent can re-raise them cleanly.
     """
     import torch
 
-    tokenizer = load_tokenizer_once(item.tokenizer_path, item.bos_token, item.eos_token)
     stats = {"documents": 0, "bytes": 0, "tokens": 0, "skipped": []}
 
     def on_bad(bad: BadDocument) -> None:
@@ -74,6 +75,7 @@ def tokenize_work_item(item: WorkItem) -> Iterator[torch.Tensor]:
             yield torch.from_numpy(np.array([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=TOKEN_DTYPE))
 
     try:
+        tokenizer = load_tokenizer_once(item.tokenizer_path, item.bos_token, item.eos_token)
         batch: list[str] = []
         for text in split_documents(item.files, item.split, item.val_fraction, item.text_field, on_bad):
             stats["documents"] += 1
@@ -87,6 +89,9 @@ def tokenize_work_item(item: WorkItem) -> Iterator[torch.Tensor]:
         # Returning (not raising) lets litdata shut down cleanly: after a worker raises, it leaves an orphaned
         # helper process behind. The parent raises the error once ``optimize`` returns.
         Path(item.stats_dir, f"error-{uuid.uuid4().hex}.txt").write_text(json.dumps([e.what, e.where, e.fix]))
+        return
+    except Exception:  # a bug: the same way out, for the same reason
+        Path(item.stats_dir, f"crash-{uuid.uuid4().hex}.txt").write_text(traceback.format_exc())
         return
     Path(item.stats_dir, f"{uuid.uuid4().hex}.json").write_text(json.dumps(stats))
 
@@ -239,13 +244,15 @@ def write_split(
             raise RuntimeError(f"Tokenizing the {split} split into {output_dir} failed: {e}") from e
     if errors := sorted(stats_dir.glob("error-*.txt")):
         raise DataPreparationError(*json.loads(errors[0].read_text()))
+    if crashes := sorted(stats_dir.glob("crash-*.txt")):
+        raise RuntimeError(f"Tokenizing the {split} split failed in a worker:\n{crashes[0].read_text()}")
     stats = {"documents": 0, "bytes": 0, "tokens": 0, "skipped": []}
     for path in stats_dir.glob("*.json"):
         for key, value in json.loads(path.read_text()).items():
             stats[key] += value
     shutil.rmtree(scratch, ignore_errors=True)
     stats["skipped"].sort()
-    stats["files"] = len({f.path for f in files} - {where.split(":")[0] for where, _ in stats["skipped"]})
+    stats["files"] = len({f.path for f in files} - {where for where, _ in stats["skipped"]})  # skipped whole
     if stats["documents"] == 0:
         shutil.rmtree(output_dir, ignore_errors=True)
         return stats
