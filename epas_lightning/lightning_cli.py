@@ -63,6 +63,7 @@ from epas_lightning.resume import (
     same_folder,
 )
 from epas_lightning.run_checkpoint import RunCheckpoint
+from epas_lightning.run_folder import RunFolders
 from epas_lightning.run_summary import FlopsModelSummary, RunSummary, progress_bar_for, say
 from epas_lightning.safe_load import is_sharded_checkpoint, verify_checkpoint
 from epas_lightning.strategy import STRATEGY_NAME
@@ -304,9 +305,14 @@ class EPASCLI(LightningCLI):
         info, warning_patterns = self._quiet
         if stop is not None:  # it says what a signal does; Lightning's "attempting graceful shutdown" is not it
             info = (*info, "Detected KeyboardInterrupt")
+        folders = RunFolders.before_fit(self.trainer) if subcommand == "fit" and self.trainer.is_global_zero else None
         try:
             with quiet_messages(info, warning_patterns):
                 super()._run_subcommand(subcommand)
+        except UserError:
+            if folders is not None and self.trainer.global_step == 0:  # refused at start-up: no empty run folder
+                folders.remove_unused(self.trainer)
+            raise
         except SystemExit as e:  # Lightning's exit after a signal: 1 after Ctrl+C, 0 after SIGTERM
             if stop is None or stop.interrupted_by is None:
                 raise

@@ -434,6 +434,22 @@ def prepare(corpus: Path, output: Path, **kwargs) -> Path:
     return prepare_dataset(corpus, output, train_tokenizer=True, vocab_size=300, num_workers=1, **kwargs)
 
 
+def test_a_fit_refused_at_start_up_leaves_no_run_folder_of_its_own(capsys, monkeypatch, tmp_path):
+    """Lightning makes the logger's version folder before the data is checked: a refused start left
+    runs/debug/version_0 (an event file), and the run after the fix became version_1. Folders it did not make stay."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notdata").mkdir()
+    argv = ["fit", "--config", DEBUG, "--data.data_dir", "notdata"]
+    assert "incomplete data directory" in one_line_error(capsys, argv)
+    assert not (tmp_path / "runs").exists()
+    earlier = tmp_path / "runs" / "debug" / "version_0"
+    earlier.mkdir(parents=True)
+    (earlier / "notes.txt").write_text("mine")
+    one_line_error(capsys, argv)
+    left = sorted(p.relative_to(tmp_path / "runs").as_posix() for p in (tmp_path / "runs").rglob("*"))
+    assert left == ["debug", "debug/version_0", "debug/version_0/notes.txt"]
+
+
 def test_overwrite_never_replaces_a_folder_we_did_not_write(text_corpus, tmp_path):
     user = tmp_path / "mine"
     user.mkdir()

@@ -1,0 +1,63 @@
+"""The run folder of a ``fit`` that a user error stopped before its first step: removed when this run made it.
+
+Lightning creates the logger's ``version_N`` folder (TensorBoard's event file, ``config.yaml``, ``hparams.yaml``)
+before the checks that need the trainer (data, ``init_from``, the strategy) run. A refused start left that folder
+behind, empty of anything a user wants, and the run that follows the fix became ``version_N+1``. Only a folder this
+run created, holding only those start-up files, is removed: anything else in it keeps it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lightning.pytorch import Trainer
+
+STARTUP_FILES = ("events.out.tfevents.*", "hparams.yaml", "config.yaml", "metrics.csv")
+"""What loggers and the saved config write into a run folder before the first step."""
+
+
+@dataclass
+class RunFolders:
+    """The loggers' run folders as they were before ``fit``: which of them, and of their parents, already existed."""
+
+    roots: list[Path]
+    before: set[Path]
+    missing: list[Path]
+
+    @classmethod
+    def before_fit(cls, trainer: Trainer) -> RunFolders:
+        """Look, without choosing a version (resuming may still set it): each logger's ``save_dir/name``."""
+        roots = [Path(logger.root_dir) for logger in trainer.loggers if getattr(logger, "root_dir", None)]
+        missing = [p for root in roots for p in (root, *root.parents) if not p.exists()]
+        before = {child for root in roots if root.is_dir() for child in root.iterdir()}
+        return cls(roots, before, sorted(set(missing), key=lambda p: len(p.parts), reverse=True))
+
+    def remove_unused(self, trainer: Trainer) -> None:
+        """Remove the version folders this ``fit`` created, if they hold only start-up files, then the parents it
+        created, if empty (call it on the first rank, after a user error before the first step)."""
+        for logger in trainer.loggers:
+            folder = Path(logger.log_dir) if getattr(logger, "root_dir", None) else None
+            if folder is not None and folder.parent in self.roots and folder not in self.before:
+                _remove_if_startup_only(folder)
+        for folder in self.missing:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty, or already gone
+                continue
+
+
+def _remove_if_startup_only(folder: Path) -> None:
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    entries = list(folder.iterdir())
+    files = [e for e in entries if e.is_file() and not e.is_symlink()]
+    startup = [f for f in files if any(f.match(pattern) for pattern in STARTUP_FILES)]
+    empty_dirs = [e for e in entries if e.is_dir() and not e.is_symlink() and not any(e.iterdir())]
+    if len(startup) + len(empty_dirs) != len(entries):
+        return  # something else is in it: it stays whole
+    for f in startup:
+        f.unlink()
+    for d in empty_dirs:
+        d.rmdir()
+    folder.rmdir()
