@@ -121,6 +121,9 @@ def check_output(
 ) -> Path:
     """Fail before any work unless :func:`output_folder` may build ``target``; return its absolute path."""
     target = Path(target).expanduser().absolute()
+    parent = next(p for p in target.parents if p.exists())  # the root always does
+    if not parent.is_dir():
+        raise OutputError(f"{parent} is a file, not a folder", f"{flag} {target}", "choose an output inside a folder")
     check_apart(target, inputs, flag)
     check_replaceable(target, kind, overwrite, flag)
     return target

@@ -462,6 +462,8 @@ def test_overwrite_never_replaces_a_folder_we_did_not_write(text_corpus, tmp_pat
     assert (user / "thesis.tex").read_text() == "years of work"
     with pytest.raises(OutputError, match="and this is not a folder"):
         prepare(text_corpus, user / "thesis.tex", overwrite=True)
+    with pytest.raises(OutputError, match=f"^{user / 'thesis.tex'} is a file, not a folder — "):  # was "(File exists)"
+        prepare(text_corpus, user / "thesis.tex" / "data")
 
 
 def test_output_may_not_contain_or_lie_inside_an_input(text_corpus, tmp_path):
