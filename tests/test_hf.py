@@ -537,3 +537,57 @@ def test_resume_wins_over_init_from(tmp_path: Path, tiny_corpus: Path) -> None:
     trainer.fit(EPASModule(_module_config(), init_from=str(other)), data(), ckpt_path=ckpt)
     for key, tensor in saved.items():
         torch.testing.assert_close(probe.state[key.removeprefix("model.")], tensor, msg=key)
+
+
+def train_tiny_sentencepiece(path: Path, **options) -> Path:
+    """A tiny sentencepiece BPE with byte fallback, trained on text with runs of spaces, tabs and newlines."""
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    words = ["ka", "lo", "mine", "su", "tari", "po", "anel", "or", "café", "日本"]
+    text = "\n".join(
+        " ".join(rng.choice(words) for _ in range(8)) + rng.choice(["", "  x", "\ty", " 🙂"]) for _ in range(400)
+    )
+    path.with_suffix(".txt").write_text(text)
+    spm.SentencePieceTrainer.train(
+        input=str(path.with_suffix(".txt")), model_prefix=str(path.with_suffix("")), vocab_size=300,
+        model_type="bpe", byte_fallback=True, minloglevel=2, **options,
+    )  # fmt: skip
+    return path.with_suffix(".model")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"remove_extra_whitespaces": False, "normalization_rule_name": "identity", "split_digits": True}],
+    ids=["default-normalization", "llama-style"],
+)
+def test_export_sentencepiece_tokenizes_as_training(tmp_path: Path, options: dict, caplog) -> None:
+    """transformers 5 read an exported tokenizer.model otherwise than sentencepiece: a default-trained model's text
+    kept its newlines, tabs and runs of spaces (sentencepiece collapses them), a LLaMA-style one lost the dummy-prefix
+    space before leading spaces (' hello' was one token short). The export ships a tokenizer.json that agrees."""
+    from epas_lightning.data import load_tokenizer
+    from epas_lightning.hf.export import export_tokenizer
+
+    model = train_tiny_sentencepiece(tmp_path / "tokenizer.model", **options)
+    (tmp_path / "hf").mkdir()
+    export_tokenizer(model, tmp_path / "hf", 64, None, None)
+    exported, ours = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf"), load_tokenizer(model)
+    texts = [" hello", "   lo  ka", "a\nb\n\n c", "x\r\ny\tz ", "ﬁ Ａ 🙂 café", "12 345", "", " "]
+    for text in texts:
+        ids = [ours.bos_id, *ours.encode(text)]
+        assert exported(text)["input_ids"] == ids, text
+        assert exported.decode(ids, skip_special_tokens=True) == ours.decode(ids), text
+    assert "does not tokenize as" not in caplog.text
+
+
+def test_export_warns_when_the_sentencepiece_json_tokenizes_otherwise(tmp_path: Path, caplog) -> None:
+    """A model the tokenizer.json cannot reproduce (whitespace as a suffix) is exported with a one-line warning."""
+    from epas_lightning.hf.export import export_tokenizer
+
+    model = train_tiny_sentencepiece(tmp_path / "tokenizer.model", treat_whitespace_as_suffix=True)
+    (tmp_path / "hf").mkdir()
+    export_tokenizer(model, tmp_path / "hf", 64, None, None)
+    warning = f'the exported tokenizer.json does not tokenize as {model} the model trained with: "Hello world'
+    assert warning in caplog.text and len(caplog.records) == 1 and "\n" not in caplog.records[0].getMessage()
