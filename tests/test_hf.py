@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cpu_trainer
+from helpers import cpu_trainer, train_tiny_sentencepiece
 from lightning.pytorch import Callback
 from model_dirs import save_consolidated
 
@@ -537,25 +537,6 @@ def test_resume_wins_over_init_from(tmp_path: Path, tiny_corpus: Path) -> None:
     trainer.fit(EPASModule(_module_config(), init_from=str(other)), data(), ckpt_path=ckpt)
     for key, tensor in saved.items():
         torch.testing.assert_close(probe.state[key.removeprefix("model.")], tensor, msg=key)
-
-
-def train_tiny_sentencepiece(path: Path, **options) -> Path:
-    """A tiny sentencepiece BPE with byte fallback, trained on text with runs of spaces, tabs and newlines."""
-    import random
-
-    import sentencepiece as spm
-
-    rng = random.Random(0)
-    words = ["ka", "lo", "mine", "su", "tari", "po", "anel", "or", "café", "日本"]
-    text = "\n".join(
-        " ".join(rng.choice(words) for _ in range(8)) + rng.choice(["", "  x", "\ty", " 🙂"]) for _ in range(400)
-    )
-    path.with_suffix(".txt").write_text(text)
-    spm.SentencePieceTrainer.train(
-        input=str(path.with_suffix(".txt")), model_prefix=str(path.with_suffix("")), vocab_size=300,
-        model_type="bpe", byte_fallback=True, minloglevel=2, **options,
-    )  # fmt: skip
-    return path.with_suffix(".model")
 
 
 @pytest.mark.parametrize(
