@@ -265,3 +265,15 @@ def test_generate_keeps_the_space_before_the_first_word_of_a_sentencepiece_conti
     rc, out, _ = run_cli(capsys, "generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "hello",
                          "--prompt", "", "--max-new-tokens", "4")  # fmt: skip
     assert rc == 0 and out.split("\n\n")[:2] == ["hello lo ka lo ka", "lo ka lo ka"]
+
+
+def test_generate_decodes_ids_past_a_sentencepiece_tokenizer_to_nothing(tmp_path, capsys):
+    """A model whose vocabulary is larger than its sentencepiece tokenizer (allowed) that sampled an id past it
+    ended generate in sentencepiece's IndexError traceback; such an id now decodes to nothing, as in HF tokenizers."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model := train_tiny_sentencepiece(tmp_path / "tokenizer.model")))
+    save_scripted(tmp_path / "ckpt", model, sp.get_piece_size() + 20, [sp.encode(" lo")[-1], sp.get_piece_size() + 3])
+    argv = ["generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "ka", "--max-new-tokens", "4"]
+    rc, out, _ = run_cli(capsys, *argv)
+    assert rc == 0 and out.startswith("ka lo lo\n")

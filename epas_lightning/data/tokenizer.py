@@ -49,6 +49,10 @@ class TextTokenizer:
         return self.encode_batch([text])[0]
 
     def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids``; an id past the tokenizer (a model's vocabulary may be larger) decodes to nothing, as
+        in HF ``tokenizers`` (sentencepiece raised ``IndexError``)."""
+        if self.kind == "sentencepiece":
+            ids = [i for i in ids if 0 <= i < self.vocab_size]
         return self.backend.decode(list(ids))
 
     def get_vocab_size(self) -> int:
