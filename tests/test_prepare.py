@@ -298,19 +298,21 @@ def test_truncated_gzip_is_skipped_naming_the_file(tmp_path: Path, sp_model: Pat
 
 
 def test_records_whose_text_is_null_or_not_text_are_bad_records(tmp_path: Path, sp_model: Path, caplog):
-    """The same in JSONL and parquet: skipped with a warning naming the record, or fatal with --on-bad fail."""
+    """The same in JSONL and parquet: skipped with a warning naming the record, or fatal with --on-bad fail. A JSON
+    string with a lone surrogate (valid JSON, not Unicode) made the tokenizing worker fail and prepare hang."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rng = random.Random(5)
     records = [{"text": make_text(rng, 20)} for _ in range(30)] + [{"text": None}, {"text": 5}]
     jsonl = tmp_path / "a.jsonl"
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in [*records, {"text": "half \ud83d of an emoji"}]))
     parquet = tmp_path / "b.parquet"
     pq.write_table(pa.table({"text": [r["text"] if r["text"] != 5 else None for r in records]}), parquet)
     with caplog.at_level("WARNING", logger="epas_lightning"):
         out = prepare([jsonl, parquet], tmp_path / "out", sp_model, val_fraction=0.5, num_workers=1)
     assert f"{jsonl}:31: 'text' is null, not text" in caplog.text and f"{jsonl}:32: 'text' is int" in caplog.text
+    assert f"{jsonl}:33: 'text' holds a lone surrogate ('\\ud83d' at character 5), not Unicode text" in caplog.text
     assert f"{parquet} row 31: 'text' is null, not text" in caplog.text
     assert json.loads((out / "meta.json").read_text())["documents"] == 60
     with pytest.raises(DataPreparationError, match=rf"'text' is null, not text — {jsonl}:31"):
