@@ -547,7 +547,8 @@ def test_resume_wins_over_init_from(tmp_path: Path, tiny_corpus: Path) -> None:
 def test_export_sentencepiece_tokenizes_as_training(tmp_path: Path, options: dict, caplog) -> None:
     """transformers 5 read an exported tokenizer.model otherwise than sentencepiece: a default-trained model's text
     kept its newlines, tabs and runs of spaces (sentencepiece collapses them), a LLaMA-style one lost the dummy-prefix
-    space before leading spaces (' hello' was one token short). The export ships a tokenizer.json that agrees."""
+    space before leading spaces (' hello' was one token short), and both read '</s>' in a text as EOS. The export
+    ships a tokenizer.json that agrees."""
     from epas_lightning.data import load_tokenizer
     from epas_lightning.hf.export import export_tokenizer
 
@@ -555,7 +556,7 @@ def test_export_sentencepiece_tokenizes_as_training(tmp_path: Path, options: dic
     (tmp_path / "hf").mkdir()
     export_tokenizer(model, tmp_path / "hf", 64, None, None)
     exported, ours = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf"), load_tokenizer(model)
-    texts = [" hello", "   lo  ka", "a\nb\n\n c", "x\r\ny\tz ", "ﬁ Ａ 🙂 café", "12 345", "", " "]
+    texts = [" hello", "   lo  ka", "a\nb\n\n c", "x\r\ny\tz ", "ﬁ Ａ 🙂 café", "12 345", "", " ", "a</s>b<s>"]
     for text in texts:
         ids = [ours.bos_id, *ours.encode(text)]
         assert exported(text)["input_ids"] == ids, text

@@ -104,7 +104,8 @@ def export_tokenizer(path: Path, output: Path, block_size: int, bos_id: int | No
     Like LLaMA's, the exported tokenizer starts every text with BOS (``tokenizer(text)`` and ``encode(text)``), as
     every document the model trained on did: its ``tokenizer.json`` has a post-processor that adds it. A sentencepiece
     model is shipped as is and as a ``tokenizer.json`` that tokenizes as it does (transformers' own reading of a
-    ``tokenizer.model`` does not): a warning says so when that pipeline differs on a probe text or cannot be built.
+    ``tokenizer.model`` does not), special-token strings in a text included (``split_special_tokens``): a warning says
+    so when that pipeline differs on a probe text or cannot be built.
     """
     from tokenizers import processors
 
@@ -125,6 +126,7 @@ def export_tokenizer(path: Path, output: Path, block_size: int, bos_id: int | No
         pipeline.save(str(output / HF_FILENAME))
     if tokenizer.kind == "sentencepiece":
         shutil.copyfile(path, output / SENTENCEPIECE_FILENAME)
+        config["split_special_tokens"] = True  # "</s>" in a text is text, as sentencepiece (and training) read it
     special = {"bos_token": token(bos_id), "eos_token": token(eos_id)}
     tokenizer_config = {**config, **special, "model_max_length": block_size}
     (output / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
@@ -149,6 +151,7 @@ def _sentencepiece_pipeline(tokenizer: TextTokenizer):  # noqa: ANN202
         )
         return None
     texts = [*PROBE_TEXTS, " ".join(user_defined_pieces(tokenizer.path))]
+    pipeline.encode_special_tokens = True  # as split_special_tokens makes transformers run it
     if (difference := first_difference(tokenizer, pipeline, texts)) is not None:
         log.warning(
             f"the exported tokenizer.json does not tokenize as {tokenizer.path} the model trained with: {difference}; "

@@ -34,6 +34,7 @@ PROBE_TEXTS = (
     "emoji 🙂👍🏽",
     "ﬁ Ａ ½ x²",
     "def f(x):\n    return x  # done",
+    "<s> and </s> are text",
     "",
 )
 """Texts whose ids (and the decode of those ids) must be the same through the exported pipeline as through
