@@ -91,7 +91,8 @@ class SignalTwice(L.Callback):
 
 
 def train_tiny_sentencepiece(path: Path, **options) -> Path:
-    """A tiny sentencepiece BPE with byte fallback, trained on text with runs of spaces, tabs and newlines."""
+    """A tiny sentencepiece model (BPE unless ``options`` say otherwise) with byte fallback, trained on text with runs
+    of spaces, tabs and newlines."""
     import random
 
     import sentencepiece as spm
@@ -103,7 +104,7 @@ def train_tiny_sentencepiece(path: Path, **options) -> Path:
     )
     path.with_suffix(".txt").write_text(text)
     spm.SentencePieceTrainer.train(
-        input=str(path.with_suffix(".txt")), model_prefix=str(path.with_suffix("")), vocab_size=300,
-        model_type="bpe", byte_fallback=True, minloglevel=2, **options,
+        input=str(path.with_suffix(".txt")), model_prefix=str(path.with_suffix("")),
+        **{"vocab_size": 300, "model_type": "bpe", "byte_fallback": True, "minloglevel": 2, **options},
     )  # fmt: skip
     return path.with_suffix(".model")
