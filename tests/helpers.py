@@ -88,3 +88,23 @@ class SignalTwice(L.Callback):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
             os.kill(os.getpid(), self.signum)
+
+
+def train_tiny_sentencepiece(path: Path, **options) -> Path:
+    """A tiny sentencepiece model (BPE unless ``options`` say otherwise) with byte fallback, trained on text with runs
+    of spaces, tabs and newlines."""
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    words = ["ka", "lo", "mine", "su", "tari", "po", "anel", "or", "café", "日本"]
+    text = "\n".join(
+        " ".join(rng.choice(words) for _ in range(8)) + rng.choice(["", "  x", "\ty", " 🙂"]) for _ in range(400)
+    )
+    path.with_suffix(".txt").write_text(text)
+    spm.SentencePieceTrainer.train(
+        input=str(path.with_suffix(".txt")), model_prefix=str(path.with_suffix("")),
+        **{"vocab_size": 300, "model_type": "bpe", "byte_fallback": True, "minloglevel": 2, **options},
+    )  # fmt: skip
+    return path.with_suffix(".model")

@@ -4,9 +4,10 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
-from epas_lightning import Llama
+from epas_lightning import Llama, LlamaConfig
 
 
 def save_consolidated(
@@ -21,3 +22,21 @@ def save_consolidated(
         record["tokenizer"] = {"path": tokenizer.name, "bos_id": bos_id, "eos_id": eos_id}
     (path / "config.json").write_text(json.dumps(record))
     return path
+
+
+def save_scripted(path: Path, tokenizer: Path, vocab_size: int, tokens: list[int]) -> Path:
+    """A 2-layer model whose greedy continuation of any prompt cycles through ``tokens``, consolidated with
+    ``tokenizer`` (BOS 1, EOS 2): attention and MLP add nothing, so each position's logits depend on its token only."""
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name("debug", n_layer=2, vocab_size=vocab_size, block_size=64))
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                weight.zero_()
+        embed, head = model.embed_tokens.weight, model.lm_head.weight
+        embed.zero_(), head.zero_()
+        embed[:, 0], head[tokens[0], 0] = 1.0, 10.0  # any other token is followed by the first
+        for i, token in enumerate(tokens):
+            embed[token] = 0.0
+            embed[token, 1 + i], head[tokens[(i + 1) % len(tokens)], 1 + i] = 1.0, 10.0
+    return save_consolidated(model, path, tokenizer, bos_id=1, eos_id=2)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cpu_trainer
+from helpers import cpu_trainer, train_tiny_sentencepiece
 from lightning.pytorch import Callback
 from model_dirs import save_consolidated
 
@@ -537,3 +537,45 @@ def test_resume_wins_over_init_from(tmp_path: Path, tiny_corpus: Path) -> None:
     trainer.fit(EPASModule(_module_config(), init_from=str(other)), data(), ckpt_path=ckpt)
     for key, tensor in saved.items():
         torch.testing.assert_close(probe.state[key.removeprefix("model.")], tensor, msg=key)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"remove_extra_whitespaces": False, "normalization_rule_name": "identity", "split_digits": True},
+        {"model_type": "unigram", "normalization_rule_name": "nfkc_cf", "vocab_size": 290},
+    ],
+    ids=["default-normalization", "llama-style", "unigram"],
+)
+def test_export_sentencepiece_tokenizes_as_training(tmp_path: Path, options: dict, caplog) -> None:
+    """transformers 5 read an exported tokenizer.model otherwise than sentencepiece: a default-trained model's text
+    kept its newlines, tabs and runs of spaces (sentencepiece collapses them), a LLaMA-style one lost the dummy-prefix
+    space before leading spaces (' hello' was one token short), and both read '</s>' in a text as EOS. The export
+    ships a tokenizer.json that agrees (a Unigram model still reads '<s>' as its token: export warns)."""
+    from epas_lightning.data import load_tokenizer
+    from epas_lightning.hf.export import export_tokenizer
+
+    model = train_tiny_sentencepiece(tmp_path / "tokenizer.model", **options)
+    (tmp_path / "hf").mkdir()
+    export_tokenizer(model, tmp_path / "hf", 64, None, None)
+    exported, ours = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf"), load_tokenizer(model)
+    texts = [" hello", "   lo  ka", "a\nb\n\n c", "x\r\ny\tz ", "ﬁ Ａ 🙂 café", "12 345", "", " ", "\u2581o x \u2581"]
+    unigram = options.get("model_type") == "unigram"
+    for text in texts if unigram else [*texts, "a</s>b<s>"]:
+        ids = [ours.bos_id, *ours.encode(text)]
+        assert exported(text)["input_ids"] == ids, text
+        assert exported.decode(ids, skip_special_tokens=True) == ours.decode(ids), text
+    warned = "does not tokenize as" in caplog.text
+    assert warned == unigram and (not unigram or "'<s> and </s> are text' is tokens" in caplog.text)
+
+
+def test_export_warns_when_the_sentencepiece_json_tokenizes_otherwise(tmp_path: Path, caplog) -> None:
+    """A model the tokenizer.json cannot reproduce (whitespace as a suffix) is exported with a one-line warning."""
+    from epas_lightning.hf.export import export_tokenizer
+
+    model = train_tiny_sentencepiece(tmp_path / "tokenizer.model", treat_whitespace_as_suffix=True)
+    (tmp_path / "hf").mkdir()
+    export_tokenizer(model, tmp_path / "hf", 64, None, None)
+    warning = f'the exported tokenizer.json does not tokenize as {model} the model trained with: "Hello world'
+    assert warning in caplog.text and len(caplog.records) == 1 and "\n" not in caplog.records[0].getMessage()

@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from helpers import cpu_trainer, train_tiny_checkpoint
+from helpers import cpu_trainer, train_tiny_checkpoint, train_tiny_sentencepiece
+from model_dirs import save_scripted
 
 from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule
 from epas_lightning.checkpoint import consolidate, load_model
@@ -249,3 +250,30 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_before_any_tex
     for argv in (["generate", "--prompt", "def"], ["evaluate", "--tasks", str(task)]):
         rc, _, err = run_cli(capsys, *argv, "--checkpoint", str(trained), "--tokenizer", str(other), "--device", "cpu")
         assert rc == 2 and "tokens but the model's vocab_size is 512" in err and f"— {other} —" in err, err
+
+
+def test_generate_keeps_the_space_before_the_first_word_of_a_sentencepiece_continuation(tmp_path, capsys):
+    """Completions were decoded alone, and sentencepiece drops the space of a text's first token: "hello" went on
+    as "hellolo ka", with its word glued on. Decoded after the prompt, it keeps it; at a text's start it has none."""
+    import sentencepiece as spm
+
+    model = train_tiny_sentencepiece(tmp_path / "tokenizer.model")
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    words = sp.encode(" lo ka")[-2:]
+    assert sp.id_to_piece(words[0]).startswith("\u2581")
+    save_scripted(tmp_path / "ckpt", model, sp.get_piece_size(), words)
+    rc, out, _ = run_cli(capsys, "generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "hello",
+                         "--prompt", "", "--max-new-tokens", "4")  # fmt: skip
+    assert rc == 0 and out.split("\n\n")[:2] == ["hello lo ka lo ka", "lo ka lo ka"]
+
+
+def test_generate_decodes_ids_past_a_sentencepiece_tokenizer_to_nothing(tmp_path, capsys):
+    """A model whose vocabulary is larger than its sentencepiece tokenizer (allowed) that sampled an id past it
+    ended generate in sentencepiece's IndexError traceback; such an id now decodes to nothing, as in HF tokenizers."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model := train_tiny_sentencepiece(tmp_path / "tokenizer.model")))
+    save_scripted(tmp_path / "ckpt", model, sp.get_piece_size() + 20, [sp.encode(" lo")[-1], sp.get_piece_size() + 3])
+    argv = ["generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "ka", "--max-new-tokens", "4"]
+    rc, out, _ = run_cli(capsys, *argv)
+    assert rc == 0 and out.startswith("ka lo lo\n")

@@ -336,7 +336,8 @@ def test_truncated_gzip_or_parquet_is_skipped_naming_the_file(
 
 
 def test_records_whose_text_is_null_or_not_text_are_bad_records(tmp_path: Path, sp_model: Path, caplog):
-    """The same in JSONL and parquet: skipped with a warning naming the record, or fatal with --on-bad fail."""
+    """The same in JSONL and parquet: skipped with a warning naming the record, or fatal with --on-bad fail. A JSON
+    string with a lone surrogate (valid JSON, not Unicode) made the tokenizing worker fail and prepare hang."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_dirs import save_consolidated
+from helpers import train_tiny_sentencepiece
+from model_dirs import save_consolidated, save_scripted
 
 from epas_lightning import Llama, LlamaConfig
 from epas_lightning.checkpoint import load_model
@@ -105,6 +106,25 @@ def test_engine_matches_generate_for_every_region_and_seed(checkpoint):
     saving = {n: 1 - infos[("greedy", n, 0)]["kv_cache_bytes"] / infos[("greedy", n, 0)]["dense_kv_cache_bytes"]
               for n in (0, 1, 2)}  # fmt: skip
     assert saving == pytest.approx({0: 0.0, 1: 1 / 8, 2: 2 / 8})  # a sharing layer caches only V
+
+
+def test_a_sentencepiece_completion_keeps_the_space_of_its_first_word(tmp_path):
+    """The text of a completion was its tokens decoded alone, and sentencepiece drops the space of a text's first
+    token: "hello" went on with "lo ka", not " lo ka". It is now what the tokens add after the prompt."""
+    model = train_tiny_sentencepiece(tmp_path / "tokenizer.model")
+    tokenizer = load_tokenizer(model)
+    words = tokenizer.encode(" lo ka")[-2:]
+    loaded = load_model(save_scripted(tmp_path / "ckpt", model, tokenizer.vocab_size, words))
+    engine = Engine(loaded.model, loaded.region, tokenizer.decode, eos_id=None)
+    hello = [tokenizer.bos_id, *tokenizer.encode("hello")]
+    engine.add("hello", SequenceRequest(hello, 4, 0))
+    engine.add("start", SequenceRequest([tokenizer.bos_id], 4, 0))
+    engine.add("stop", SequenceRequest(hello, 4, 0, stop=("a l",)))  # across two tokens
+    texts = {"hello": "", "start": "", "stop": ""}
+    while engine.busy:
+        for output in engine.step():
+            texts[output.key] += output.text
+    assert texts == {"hello": " lo ka lo ka", "start": "lo ka lo ka", "stop": " lo k"}
 
 
 def token_text(ids: list[int]) -> str:

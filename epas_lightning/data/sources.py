@@ -214,8 +214,9 @@ def _record_text(record: object, text_field: str, path: str, lineno: int) -> str
         raise BadDocument(f"{path}:{lineno}", _not_text(text_field, text))
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError as e:  # JSON escapes can name half a surrogate pair (\ud83d): no character at all
-        raise BadDocument(f"{path}:{lineno}", f"{text_field!r} holds a lone surrogate ({e.object[e.start]!r})") from e
+    except UnicodeEncodeError as e:  # a JSON "\ud83d" escape: tokenizers and UTF-8 writers cannot take it
+        reason = f"{text_field!r} holds a lone surrogate ({text[e.start]!r} at character {e.start}), not Unicode text"
+        raise BadDocument(f"{path}:{lineno}", reason) from e
     return text
 
 

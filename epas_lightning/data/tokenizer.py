@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,10 @@ class TextTokenizer:
         return self.encode_batch([text])[0]
 
     def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids``; an id past the tokenizer (a model's vocabulary may be larger) decodes to nothing, as
+        in HF ``tokenizers`` (sentencepiece raised ``IndexError``)."""
+        if self.kind == "sentencepiece":
+            ids = [i for i in ids if 0 <= i < self.vocab_size]
         return self.backend.decode(list(ids))
 
     def get_vocab_size(self) -> int:
@@ -66,6 +70,29 @@ class TextTokenizer:
 
     def __repr__(self) -> str:
         return f"TextTokenizer(kind={self.kind!r}, path='{self.path}', vocab_size={self.vocab_size})"
+
+
+REPLACEMENT = "\ufffd"
+"""What a decoder shows for the bytes of a character that is not complete yet."""
+CONTEXT_TOKENS = 8
+"""Tokens before a continuation that :func:`decode_continuation` decodes with it."""
+
+
+def decode_continuation(decode: Callable[[list[int]], str], context: Sequence[int], ids: Sequence[int]) -> str:
+    """The text the tokens ``ids`` add after the tokens ``context`` (a prompt).
+
+    Decoded alone, ``ids`` lose the space of a word-initial first token with tokenizers that drop a text's dummy
+    prefix (sentencepiece, LLaMA-style ``tokenizer.json``): a prompt "Hello" went on as "Helloworld". Decoded after
+    the last tokens of ``context``, they keep it; a character that ``ids`` complete is part of their text.
+    """
+    context, ids = list(context[-CONTEXT_TOKENS:]), list(ids)
+    if not context:
+        return decode(ids)
+    head, text = decode(context), decode(context + ids)
+    for start in (head, head.rstrip(REPLACEMENT)):
+        if text.startswith(start):
+            return text[len(start) :]
+    return decode(ids)
 
 
 def file_sha256(path: str | Path) -> str:

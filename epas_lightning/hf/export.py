@@ -26,6 +26,7 @@ from epas_lightning.checkpoint import check_fits_dtype, load_model
 from epas_lightning.data.tokenizer import (
     HF_FILENAME,
     SENTENCEPIECE_FILENAME,
+    TextTokenizer,
     check_tokenizer_flag,
     load_tokenizer,
     resolve_tokenizer_path,
@@ -101,30 +102,62 @@ def export_tokenizer(path: Path, output: Path, block_size: int, bos_id: int | No
     """Write the tokenizer files and a ``tokenizer_config.json`` that ``AutoTokenizer.from_pretrained`` reads.
 
     Like LLaMA's, the exported tokenizer starts every text with BOS (``tokenizer(text)`` and ``encode(text)``), as
-    every document the model trained on did: a ``tokenizer.json`` gets a post-processor that adds it, a sentencepiece
-    model ``add_bos_token``.
+    every document the model trained on did: its ``tokenizer.json`` has a post-processor that adds it. A sentencepiece
+    model is shipped as is and as a ``tokenizer.json`` that tokenizes as it does (transformers' own reading of a
+    ``tokenizer.model`` does not), special-token strings in a text included (``split_special_tokens``): a warning says
+    so when that pipeline differs on a probe text or cannot be built.
     """
+    from tokenizers import processors
+
     path = resolve_tokenizer_path(path)
     tokenizer = load_tokenizer(path, bos_id=bos_id, eos_id=eos_id)  # only a file that parses as a tokenizer is shipped
     bos_id, eos_id = tokenizer.bos_id, tokenizer.eos_id
-    if tokenizer.kind == "hf":
-        from tokenizers import processors
-
-        token = tokenizer.backend.id_to_token
+    pipeline = tokenizer.backend if tokenizer.kind == "hf" else _sentencepiece_pipeline(tokenizer)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    if pipeline is None:  # a word or char sentencepiece model: transformers' LlamaTokenizer reads it (roughly)
+        token = tokenizer.backend.id_to_piece
+        config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False}
+    else:
+        token = pipeline.id_to_token
         bos = token(bos_id)
-        tokenizer.backend.post_processor = processors.TemplateProcessing(
+        pipeline.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
         )
-        tokenizer.backend.save(str(output / HF_FILENAME))
-        extra = {"tokenizer_class": "PreTrainedTokenizerFast"}
-    else:
+        pipeline.save(str(output / HF_FILENAME))
+    if tokenizer.kind == "sentencepiece":
         shutil.copyfile(path, output / SENTENCEPIECE_FILENAME)
-        token = tokenizer.backend.id_to_piece
-        extra = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False}
-    tokenizer_config = {**extra, "bos_token": token(bos_id), "eos_token": token(eos_id), "model_max_length": block_size}
-    (output / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+        config["split_special_tokens"] = True  # "</s>" in a text is text, as sentencepiece (and training) read it
     special = {"bos_token": token(bos_id), "eos_token": token(eos_id)}
+    tokenizer_config = {**config, **special, "model_max_length": block_size}
+    (output / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (output / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def _sentencepiece_pipeline(tokenizer: TextTokenizer):  # noqa: ANN202
+    """The ``tokenizers`` pipeline shipped as ``tokenizer.json`` for a sentencepiece model, checked on probe texts;
+    ``None`` when it cannot be built (a warning says so)."""
+    from epas_lightning.hf.sentencepiece_json import (
+        PROBE_TEXTS,
+        first_difference,
+        sentencepiece_tokenizer,
+        user_defined_pieces,
+    )
+
+    pipeline = sentencepiece_tokenizer(tokenizer.path)
+    if pipeline is None:
+        log.warning(
+            f"{tokenizer.path} is a word or char sentencepiece model: the export has no tokenizer.json, and "
+            "transformers may tokenize text differently from training; tokenize with sentencepiece to be sure"
+        )
+        return None
+    texts = [*PROBE_TEXTS, " ".join(user_defined_pieces(tokenizer.path))]
+    pipeline.encode_special_tokens = True  # as split_special_tokens makes transformers run it
+    if (difference := first_difference(tokenizer, pipeline, texts)) is not None:
+        log.warning(
+            f"the exported tokenizer.json does not tokenize as {tokenizer.path} the model trained with: {difference}; "
+            "transformers users get other tokens for such text (tokenize with sentencepiece to be sure)"
+        )
+    return pipeline
 
 
 def exported_tokenizer(path: Path, block_size: int, bos_id: int | None = None, eos_id: int | None = None):  # noqa: ANN201

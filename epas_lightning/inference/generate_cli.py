@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from epas_lightning.checkpoint import CheckpointInfo, LoadedModel, load_model
-from epas_lightning.data.tokenizer import TextTokenizer, check_tokenizer_flag, load_tokenizer
+from epas_lightning.data.tokenizer import TextTokenizer, check_tokenizer_flag, decode_continuation, load_tokenizer
 from epas_lightning.errors import ConfigError, UserError
 from epas_lightning.inference.generate import GenerationResult, fit_new_tokens, generate, set_region
 from epas_lightning.inference.sampling import SamplingError, check_sampling
@@ -155,8 +155,9 @@ def generate_command(
         raise
     except ValueError as e:  # bad sampling settings
         raise ConfigError(str(e), "generate", "see --help") from e
-    for text, new in zip(prompts, result.tokens, strict=True):
-        completion = text_tokenizer.decode([t for t in new if t != text_tokenizer.eos_id])
+    for text, prompt_ids, new in zip(prompts, ids, result.tokens, strict=True):
+        new = [t for t in new if t != text_tokenizer.eos_id]
+        completion = decode_continuation(text_tokenizer.decode, prompt_ids, new)  # its first word's space kept
         print(f"{text}{completion}\n")
     numbers = report(result, loaded, n_shared)
     print(f"region: {describe_region(loaded, layers)}", file=sys.stderr)

@@ -84,7 +84,7 @@ class _Group:
             engine.model, [r.prompt for r in self.requests], max(r.max_tokens for r in self.requests),
             temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed, cuda_graph=False,
         )  # fmt: skip
-        self.texts = [TextStream(engine.decode, r.stop) for r in self.requests]
+        self.texts = [TextStream(engine.decode, r.stop, r.prompt) for r in self.requests]
         self.tokens: torch.Tensor | None = None  # (B,): each row's last token, fed to the next step
 
     @property

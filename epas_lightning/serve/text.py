@@ -4,19 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-REPLACEMENT = "\ufffd"
-"""What a decoder shows for the bytes of a character that is not complete yet."""
+from epas_lightning.data.tokenizer import REPLACEMENT, decode_continuation
 
 
 class TextStream:
     """Turn tokens into text deltas whose concatenation is the decoded completion, cut before the first stop string.
 
     A delta never ends in half a character (a byte-level token may carry part of one) nor in text that could be the
-    start of a stop string; both are held back until the next token decides them, or until :meth:`finish`.
+    start of a stop string; both are held back until the next token decides them, or until :meth:`finish`. The text
+    is what the tokens add after ``context``, the prompt (see :func:`decode_continuation`).
     """
 
-    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()) -> None:
-        self.decode, self.stop = decode, tuple(s for s in stop if s)
+    def __init__(
+        self, decode: Callable[[list[int]], str], stop: Sequence[str] = (), context: Sequence[int] = ()
+    ) -> None:
+        self.decode, self.stop, self.context = decode, tuple(s for s in stop if s), list(context)
         self.tokens: list[int] = []
         self.sent = ""
         self.stopped = False
@@ -24,7 +26,7 @@ class TextStream:
     def push(self, token: int) -> str:
         """Add a token; return the text that can be sent now (``stopped`` turns true when a stop string appeared)."""
         self.tokens.append(token)
-        text = self.decode(self.tokens).rstrip(REPLACEMENT)
+        text = self._decoded().rstrip(REPLACEMENT)
         cut = self._stop_at(text)
         if cut is not None:
             self.stopped = True
@@ -33,7 +35,7 @@ class TextStream:
 
     def finish(self) -> str:
         """The rest of the text once no token follows (EOS or the token limit)."""
-        text = self.decode(self.tokens)
+        text = self._decoded()
         cut = self._stop_at(text)
         self.stopped = self.stopped or cut is not None
         return self._advance(text if cut is None else text[:cut])
@@ -42,6 +44,9 @@ class TextStream:
     def text(self) -> str:
         """Everything sent so far."""
         return self.sent
+
+    def _decoded(self) -> str:
+        return decode_continuation(self.decode, self.context, self.tokens)
 
     def _advance(self, text: str) -> str:
         if len(text) <= len(self.sent) or not text.startswith(self.sent):
