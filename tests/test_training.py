@@ -202,6 +202,34 @@ def test_resume_mid_growth_matches_uninterrupted_run(tiny_corpus, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_a_resume_with_another_schedule_says_what_it_does_to_the_trained_region(tiny_corpus, tmp_path):
+    """The region follows the configured schedule from the resumed step. Where that shrinks the region the checkpoint
+    trained, the layers that leave it compute again with q/k weights untouched since they started sharing: one warning
+    names them (it printed only both settings dicts). A new target also restarts the 'full since' step."""
+    module, data = make_run(tiny_corpus)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, 6, [ProgressiveSharing(target=2, interval=2), checkpoint]).fit(module, data)
+    last = tmp_path / "ckpt" / "last.ckpt"  # layers 2-3 share, the full region since step 4
+
+    def resume(sharing: ProgressiveSharing) -> EPASModule:
+        module, data = make_run(tiny_corpus)
+        make_trainer(tmp_path / "resumed", 7, [sharing]).fit(module, data, ckpt_path=last)
+        return module
+
+    slower = ProgressiveSharing(target=2, interval=4)
+    says = (
+        r"EPAS: resumed at step 6 with another sharing schedule than the checkpoint's \(interval 2 -> 4\): the region "
+        r"goes from layers \[2, 3\] to \[3\]; layers \[2\] compute again with the q/k weights they had before they "
+        r"shared \(keep the checkpoint's sharing settings to continue its region\)"
+    )
+    with pytest.warns(UserWarning, match=says):
+        assert resume(slower).model.sharing.shared_layers == [3]
+    wider = ProgressiveSharing(target=3, interval=2)
+    with pytest.warns(UserWarning, match=r"\(target 2 -> 3\): the region goes from layers \[2, 3\] to \[1, 2, 3\]$"):
+        assert resume(wider).model.sharing.shared_layers == [1, 2, 3]
+    assert wider.reached_at == 6  # not the step 4 at which the 2-layer region was full
+
+
 def test_checkpoint_holds_the_mask_and_the_schedule(tiny_corpus, tmp_path):
     module, data = make_run(tiny_corpus)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
