@@ -667,6 +667,8 @@ def test_a_resumed_run_never_warms_up_again(caplog):
     with caplog.at_level("INFO", logger="epas_lightning"):
         after.load_state_dict(before.state_dict())
     assert after.warmup_steps == 50 and "warmup_steps 50 kept" in caplog.text
+    lr_before, lr_after = before.get_last_lr()[0], after.get_last_lr()[0]  # the jump a new max_steps makes is said
+    assert f"max_steps 500 -> 2000): the learning rate goes from {lr_before:.2e} to {lr_after:.2e}" in caplog.text
     assert after.optimizer.param_groups[0]["lr"] > 0.99  # cosine at its start, not 61/101 of the way up
     early = WarmupCosineLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), warmup_steps=100, max_steps=2000)
     early.load_state_dict(WarmupCosineLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), warmup_steps=50).state_dict())
