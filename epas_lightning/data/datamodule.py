@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from epas_lightning.data.token_data import TokenData, check_seq_len, check_tokenized_with
 from epas_lightning.errors import ConfigError, DataError
@@ -24,7 +24,7 @@ class TokenDataModule(TokenData, LightningDataModule):
     predicts ``batch[:, 1:]``. Tokens are stored as int32 and cast to int64 once the batch is on the device. Training
     batches are shuffled with ``seed``; under several ranks each rank reads its own part of every stream. The loader's
     position is saved in checkpoints (Lightning stores stateful loaders), so a resumed run continues mid-epoch with the
-    batches an uninterrupted run would have seen.
+    batches an uninterrupted run would have seen (with the same batch size, worker and rank counts).
 
     Args:
         data_dir: Prepared data directory (``python -m epas_lightning prepare``) with ``train/``, ``val/``, the
@@ -56,15 +56,21 @@ class TokenDataModule(TokenData, LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Refuse, before any batch, to resume a loader position under settings it cannot continue with (litdata
         fails inside a loader worker, or reads other samples): other streams, seed or sequence length, and for mixed
-        streams another weighting, batch size, worker count or rank count."""
+        streams another weighting, batch size, worker count or rank count. One stream resumes under another batch
+        size, worker or rank count, inexactly (litdata splits the rest of the epoch anew), and says so."""
         saved = state_dict.get("position_settings")
         if not saved:
             return
         current = self._position_settings()
-        fixed = ["streams", "seed", "seq_len"]
+        fixed, layout = ["streams", "seed", "seq_len"], ["batch_size", "num_workers", "world_size"]
         if len(current["streams"]) > 1 or len(saved["streams"]) > 1:
-            fixed += ["weights", "batch_size", "num_workers", "world_size"]
+            fixed += ["weights", *layout]
         changed = [f"{key} {saved[key]} -> {current[key]}" for key in fixed if saved.get(key) != current[key]]
+        if moved := [f"{key} {saved[key]} -> {current[key]}" for key in layout if saved.get(key) != current[key]]:
+            rank_zero_info(  # one stream: litdata's elastic resume
+                f"data: resumed with {', '.join(moved)}: litdata splits the rest of the epoch anew, so a few samples "
+                "at the resumed position may be read twice or skipped"
+            )
         if changed:
             raise DataError(
                 "the checkpoint's position in the data holds only for the data settings it was saved with ("
