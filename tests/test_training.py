@@ -439,6 +439,25 @@ def test_last_ckpt_holds_the_step_training_ended_at(tiny_corpus, tmp_path):
     ]  # fmt: skip
 
 
+def test_a_resume_under_gradient_accumulation_saves_no_half_step(tiny_corpus, tmp_path):
+    """Resumed at a step its interval divides, Lightning's checkpoint saved that step again after the first
+    micro-batch of the next one, over the file it resumed (or as 'epoch=0-step=2-v1.ckpt' beside it) and last.ckpt:
+    half an accumulation window, whose resume skips a micro-batch and steps on the other alone."""
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    def fit(max_steps: int, ckpt_path: Path | None = None) -> None:
+        checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2, save_top_k=-1)
+        trainer = make_trainer(tmp_path, max_steps, [checkpoint], accumulate_grad_batches=2)
+        trainer.fit(*make_run(tiny_corpus, n_layer=2), ckpt_path=ckpt_path)
+
+    fit(2)
+    fit(4, tmp_path / "ckpt" / "last.ckpt")
+    for path in (tmp_path / "ckpt").iterdir():  # whole windows of 2 micro-batches: 2 batches read per step
+        saved = torch.load(path, weights_only=True)
+        batches = saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["ready"]
+        assert (path.name, batches) == (path.name, 2 * saved["global_step"])
+
+
 def test_a_run_warns_before_training_when_its_checkpoints_may_not_fit(tiny_corpus, tmp_path, monkeypatch):
     """A full checkpoint disk showed only at the first save, hours into a run. Before training, the run's checkpoint
     now warns when the free space is less than the checkpoints it keeps at once (top 1, last, the one being written),
