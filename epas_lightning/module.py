@@ -255,6 +255,9 @@ class EPASModule(LightningModule):
         # before Lightning loads the weights: a Trainer of one's own gets the check the CLI makes when it parses
         if recorded := checkpoint.get("model_config"):
             check_resumed_model(self.config, LlamaConfig.from_dict(recorded), self.trainer.ckpt_path)
+        data = getattr(self.trainer, "datamodule", None)
+        if hasattr(data, "check_checkpoint_tokenizer"):  # a TokenDataModule: its ids are the checkpoint's tokens
+            data.check_checkpoint_tokenizer(checkpoint.get("tokenizer"))
         # a resume does not read init_from again: keep the context length the run inherited from it
         recorded = (recorded or {}).get("max_position_embeddings")
         if self.config.max_position_embeddings is None and recorded and recorded > self.config.block_size:

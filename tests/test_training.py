@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import cpu_trainer
+from helpers import cpu_trainer, train_tiny_checkpoint
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule
@@ -313,6 +313,31 @@ def test_pure_fp16_training_is_refused_before_it_starts(tiny_corpus, tmp_path):
         make_trainer(tmp_path, 2, [], precision="16-true").fit(module, data)
     assert "bf16-true" in str(refused.value) and "16-mixed" in str(refused.value)
     assert module.model is None  # nothing was built
+
+
+def test_a_resume_on_data_of_another_tokenizer_is_refused_as_such(tiny_corpus, tmp_path):
+    """Data prepared with another tokenizer than the checkpoint trained with was refused only for its other streams,
+    with advice to start from the weights with init_from (refused again, for the tokenizer); streams that resolve to
+    the same files trained on, their ids read as other tokens. The tokenizer is named first, before any weight loads."""
+    import json
+
+    from epas_lightning.errors import DataError
+
+    last = train_tiny_checkpoint(tiny_corpus, tmp_path, ProgressiveSharing(target=1, interval=2), steps=1)
+    other = tmp_path / "other"  # the same streams, with two ids of the tokenizer swapped: another vocabulary
+    other.mkdir()
+    for name in ("train", "val", "meta.json"):
+        (other / name).symlink_to(tiny_corpus / name)
+    tokenizer = json.loads((tiny_corpus / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    module, _ = make_run(tiny_corpus)
+    data = TokenDataModule(data_dir=str(other), seq_len=32, batch_size=4, vocab_size=module.config.vocab_size)
+    says = rf"prepared with another tokenizer \({other / 'tokenizer.json'}\) than the checkpoint's \(.*tokenizer.json\)"
+    with pytest.raises(DataError, match=says + rf".* — data.data_dir {other} — use data prepared with --tokenizer"):
+        make_trainer(tmp_path / "resumed", 2, []).fit(module, data, ckpt_path=last)
 
 
 def test_validate_and_test_from_a_checkpoint_use_its_mask(tiny_corpus, tmp_path):

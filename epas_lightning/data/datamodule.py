@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -123,6 +124,16 @@ class TokenDataModule(TokenData, LightningDataModule):
         # setup found every data_dir, and a prepared val_dir, tokenized with one file: comparing the first suffices
         where = f"data.data_dir {', '.join(map(str, self.data_dirs))}"
         check_tokenized_with(self.data_dirs[0], source, where, fix)
+
+    def check_checkpoint_tokenizer(self, recorded: dict[str, Any] | None) -> None:
+        """Data tokenized with another vocabulary than the checkpoint a run resumes (or scores) is refused before its
+        weights load: ``recorded`` is the checkpoint's tokenizer entry, checked where its file still exists."""
+        path = Path(recorded["path"]) if recorded and recorded.get("path") else None
+        if path is None or not path.is_file() or not self.data_dirs:
+            return
+        where = f"data.data_dir {', '.join(map(str, self.data_dirs))}"
+        fix = f"use data prepared with --tokenizer {path}, the checkpoint's"
+        check_tokenized_with(self.data_dirs[0], path, where, fix, whose="the checkpoint's")
 
     def train_dataloader(self) -> StreamingDataLoader:
         loader = self._dataloader(self.train_streams(), shuffle=True, weights=self.weights)
