@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from epas_lightning.errors import ConfigError
 from epas_lightning.flops import peak_flops
 from epas_lightning.region import REGION_KEY, TrainedRegion, region_in_growth_order
-from epas_lightning.schedule import GrowthOrder, SharingSchedule, TargetSpec, check_order
+from epas_lightning.schedule import GrowthOrder, SharingSchedule, TargetSpec, check_order, resolve_target
 
 
 class ProgressiveSharing(Callback):
@@ -59,6 +59,7 @@ class ProgressiveSharing(Callback):
         if n_layer is not None:  # fail at construction (before any data is prepared) when we can
             self.schedule = self._build(n_layer)
         self._applied: list[int] | None = None
+        self._resumed_settings: dict[str, Any] | None = None
         self.reached_at: int | None = None
         """The step at which the region reached its full size (kept across a resume; ``None``: not yet)."""
 
@@ -134,12 +135,33 @@ class ProgressiveSharing(Callback):
         self.reached_at = state_dict.get("reached_at")
         saved = {k: state_dict.get(k) for k in ("target", "growth", "interval", "start_step", "enabled")}
         saved["order"] = state_dict.get("order", "deep_first")  # checkpoints from before the option grew deep-first
-        current = {k: getattr(self, k) for k in saved}
-        if saved != current:
-            rank_zero_warn(
-                f"ProgressiveSharing settings differ from the checkpoint ({saved} -> {current}); the region now "
-                "follows the new schedule from the resumed step."
+        self._resumed_settings = saved
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """After a resume with other settings than the checkpoint's, say what the configured schedule does to the
+        region at the resumed step: layers that leave it compute again with the q/k weights they had before they
+        shared (those got no update since)."""
+        saved, self._resumed_settings = self._resumed_settings, None
+        current = {k: getattr(self, k) for k in saved or {}}
+        if saved is None or saved == current:
+            return
+        n_layer = pl_module.config.n_layer
+        if resolve_target(saved["target"], n_layer, saved["order"]) != self.schedule.target_layers:
+            self.reached_at = None  # the step the checkpoint's region was full at is not this region's
+        step, trained = trainer.global_step, pl_module.model.sharing.shared_layers
+        layers = self.shared_layers_at(step)
+        changed = ", ".join(f"{k} {saved[k]} -> {current[k]}" for k in saved if saved[k] != current[k])
+        said = f"EPAS: resumed at step {step} with another sharing schedule than the checkpoint's ({changed}): "
+        if layers == trained:
+            said += f"the region stays {trained or 'empty'} at this step and follows the configured schedule from here"
+        else:
+            said += f"the region goes from layers {trained or 'none'} to {layers or 'none'}"
+        if left := [i for i in trained if i not in layers]:
+            said += (
+                f"; layers {left} compute again with the q/k weights they had before they shared (keep the "
+                "checkpoint's sharing settings to continue its region)"
             )
+        rank_zero_warn(said)
 
 
 def batch_size(batch: torch.Tensor) -> int:

@@ -26,8 +26,9 @@ class WarmupCosineLR(LRScheduler):
 
     On resume the schedule's shape comes from the current configuration, not the checkpoint: a run resumed with
     another ``max_steps`` (or warmup, floor or learning rate) follows the new schedule from the resumed step, and
-    says so. Only the position (``last_epoch``) is restored, and a warmup the run had finished stays finished: a
-    longer warmup (the default one grows with ``max_steps``) would drop the learning rate back towards 0 mid-run.
+    says so, with the learning rate before and after (extending a finished run raises it from the floor). Only the
+    position (``last_epoch``) is restored, and a warmup the run had finished stays finished: a longer warmup (the
+    default one grows with ``max_steps``) would drop the learning rate back towards 0 mid-run.
     """
 
     def __init__(
@@ -59,10 +60,14 @@ class WarmupCosineLR(LRScheduler):
         if done is not None and done <= self.last_epoch < self.warmup_steps:  # never warm up twice
             log.info("LR schedule: warmup_steps %d kept, the run finished its warmup at step %d", done, done)
             self.warmup_steps = done
-        current = {k: getattr(self, k) for k in SHAPE}
-        if saved != current:
-            changed = ", ".join(f"{k} {saved[k]} -> {current[k]}" for k in SHAPE if saved[k] != current[k])
-            log.info("LR schedule: resumed at step %d with the configured schedule (%s).", self.last_epoch, changed)
         for group, base_lr, lr in zip(self.optimizer.param_groups, self.base_lrs, self.get_lr(), strict=True):
             group["initial_lr"], group["lr"] = base_lr, lr
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        current = {k: getattr(self, k) for k in SHAPE}
+        if saved != current:
+            changed = ", ".join(f"{k} {saved[k]} -> {current[k]}" for k in SHAPE if saved[k] != current[k])
+            before, after = (state_dict.get("_last_lr") or [None])[0], self._last_lr[0]
+            moves = f": the learning rate goes from {before:.2e} to {after:.2e}" if before not in (None, after) else ""
+            log.info(
+                "LR schedule: resumed at step %d with the configured schedule (%s)%s.", self.last_epoch, changed, moves
+            )

@@ -32,7 +32,7 @@ from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.memory_plan import plan_checkpointing
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.llama import check_attention_reuse
-from epas_lightning.optim import default_optimizer, param_groups
+from epas_lightning.optim import default_optimizer, optimizer_settings, param_groups, restore_settings
 from epas_lightning.parallel import PRECISIONS, checkpointed_blocks, mixed_precision_policy, parallelize
 from epas_lightning.runtime import has_native_bf16
 
@@ -114,6 +114,7 @@ class EPASModule(LightningModule):
         self._loss_step: int | None = None  # the optimizer step whose micro-batch losses _loss_sum adds up
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
+        self._optimizer_settings: list[dict] | None = None  # as configured, before a checkpoint's are loaded
 
     @property
     def source_tokenizer(self) -> Path | None:
@@ -184,6 +185,14 @@ class EPASModule(LightningModule):
         # Runs after the strategy materialised a meta-device model and before a checkpoint is restored.
         self._set_start_weights()
 
+    def on_train_start(self) -> None:
+        """A resumed optimizer keeps the configured settings (betas, weight decay, ...), as the learning rate follows
+        the configured schedule: loading the checkpoint's optimizer state had put the saved ones back, silently."""
+        if self.trainer.ckpt_path is None or self._optimizer_settings is None:
+            return
+        if changed := restore_settings(self.trainer.optimizers[0], self._optimizer_settings):
+            rank_zero_info(f"optimizer: resumed with the configured {changed}")
+
     def on_validation_start(self) -> None:
         # `validate`/`test` on their own run this after a checkpoint was restored: only without one are weights set
         if self.trainer.state.fn != TrainerFn.FITTING:
@@ -246,6 +255,9 @@ class EPASModule(LightningModule):
         # before Lightning loads the weights: a Trainer of one's own gets the check the CLI makes when it parses
         if recorded := checkpoint.get("model_config"):
             check_resumed_model(self.config, LlamaConfig.from_dict(recorded), self.trainer.ckpt_path)
+        data = getattr(self.trainer, "datamodule", None)
+        if hasattr(data, "check_checkpoint_tokenizer"):  # a TokenDataModule: its ids are the checkpoint's tokens
+            data.check_checkpoint_tokenizer(checkpoint.get("tokenizer"))
         # a resume does not read init_from again: keep the context length the run inherited from it
         recorded = (recorded or {}).get("max_position_embeddings")
         if self.config.max_position_embeddings is None and recorded and recorded > self.config.block_size:
@@ -360,6 +372,7 @@ class EPASModule(LightningModule):
                 )
             if isinstance(scheduler, WarmupCosineLR) and scheduler.max_steps is None:
                 scheduler.max_steps = total_steps
+        self._optimizer_settings = optimizer_settings(optimizer)
         if isinstance(scheduler, WarmupCosineLR) and scheduler.max_steps is None:
             rank_zero_warn(
                 "the run has no step limit (trainer.max_steps and trainer.max_epochs are -1): the learning rate "

@@ -7,6 +7,8 @@ from torch import nn
 
 DEFAULT_ADAMW = {"lr": 3e-4, "betas": (0.9, 0.95), "weight_decay": 0.1}
 """``EPASModule``'s AdamW when no optimizer is configured."""
+NOT_SETTINGS = ("params", "lr", "initial_lr")
+"""Param-group entries that are not the optimizer's settings: its parameters, and what the LR scheduler sets."""
 
 
 def param_groups(model: nn.Module) -> list[dict]:
@@ -29,3 +31,26 @@ def default_optimizer(model: nn.Module, **overrides) -> torch.optim.AdamW:
     params = [p for group in groups for p in group["params"]]
     fused = bool(params) and all(p.device.type == "cuda" for p in params)
     return torch.optim.AdamW(groups, **{**DEFAULT_ADAMW, "fused": fused or None, **overrides})
+
+
+def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """The settings of each parameter group (betas, weight decay, eps, ...), as configured."""
+    return [{k: v for k, v in group.items() if k not in NOT_SETTINGS} for group in optimizer.param_groups]
+
+
+def restore_settings(optimizer: torch.optim.Optimizer, settings: list[dict]) -> str:
+    """Put the configured ``settings`` (:func:`optimizer_settings`) back into the groups of ``optimizer``, where
+    loading a checkpoint's optimizer state had put the saved ones; return what changed (``""``: nothing)."""
+    changed = {}
+    for group, configured in zip(optimizer.param_groups, settings, strict=True):
+        for key, value in configured.items():
+            if not _same(group.get(key), value):
+                changed.setdefault(key, f"{key} {group.get(key)} -> {value}")
+            group[key] = value
+    return ", ".join(changed[key] for key in sorted(changed))
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b

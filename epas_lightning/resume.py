@@ -2,7 +2,8 @@
 
 ``last`` (``auto``: or nothing) is the newest ``last.ckpt`` of the same run: the ``checkpoint`` section's ``dirpath``,
 or the logger's ``save_dir``/``name``/``version_*/checkpoints``. A ``fit`` from a checkpoint in a run's
-``version_N/checkpoints`` folder keeps logging and checkpointing into that folder, unless that run went on past it.
+``version_N/checkpoints`` folder keeps logging and checkpointing into that folder, unless that run went on past it; a
+fixed checkpoint folder (``checkpoint.dirpath``) whose run went on past the checkpoint is refused.
 """
 
 from __future__ import annotations
@@ -99,14 +100,22 @@ def check_checkpoint_folder_free(config: Namespace, ckpt_path: str | None) -> No
     folder = checkpoint_folder(config)
     if not folder or config.trainer.get("enable_checkpointing") is False:
         return
+    where = f"checkpoint.dirpath {folder}" if config.get("checkpoint") and config.checkpoint.get("dirpath") else folder
     if ckpt_path and same_folder(folder, Path(ckpt_path).parent):
+        if went_on := went_on_past(Path(ckpt_path)):  # a rewind would mix two runs here and replace the later last.ckpt
+            raise CheckpointError(
+                f"the run in this checkpoint folder {went_on} after {Path(ckpt_path).name}, which this run would mix "
+                "with its own checkpoints and replace",
+                where,
+                "give the resumed run an empty folder (checkpoint.dirpath), or resume the newest with --ckpt_path last",
+            )
         return
     found = sorted(p.name for p in Path(folder).expanduser().glob("*.ckpt"))
     if found:
         raise CheckpointError(
             f"the checkpoint folder holds another run's checkpoints ({', '.join(found[:3])}"
             f"{', ...' if len(found) > 3 else ''}), which this run would mix with its own and partly replace",
-            f"checkpoint.dirpath {folder}" if config.get("checkpoint") and config.checkpoint.get("dirpath") else folder,
+            where,
             "resume that run with --ckpt_path last, or give this one an empty folder (checkpoint.dirpath)",
         )
 
@@ -146,17 +155,25 @@ def version_to_continue(ckpt_path: Path, run_dirs: list[Path], csv_logger: bool 
         return None
     if not any(run_dir.resolve() == version_dir.parent.resolve() for run_dir in run_dirs):
         return None
-    latest = ckpt_path.parent / "last.ckpt"
-    if latest.exists() and not latest.samefile(ckpt_path):
-        step, latest_step = _global_step(ckpt_path), _global_step(latest)
-        if latest_step is None or step is None or latest_step > step:
-            went_on = f"went on to step {latest_step}" if latest_step is not None else "has a last.ckpt that won't load"
-            say(f"{version_dir} {went_on}: this run logs and checkpoints into a new version folder; that one stays")
-            return None
+    if went_on := went_on_past(ckpt_path):
+        say(f"{version_dir} {went_on}: this run logs and checkpoints into a new version folder; that one stays")
+        return None
     if csv_logger:
         say(f"CSVLogger would rewrite {version_dir / 'metrics.csv'}: this run logs into a new version folder")
         return None
     return version_dir
+
+
+def went_on_past(ckpt_path: Path) -> str | None:
+    """How the run whose checkpoint folder holds ``ckpt_path`` went on past it (``"went on to step 12"``, judged by the
+    folder's ``last.ckpt``), or ``None`` where it did not: resuming there would replace its later checkpoints."""
+    latest = ckpt_path.parent / "last.ckpt"
+    if not latest.exists() or latest.samefile(ckpt_path):
+        return None
+    step, latest_step = _global_step(ckpt_path), _global_step(latest)
+    if latest_step is not None and step is not None and latest_step <= step:
+        return None
+    return f"went on to step {latest_step}" if latest_step is not None else "has a last.ckpt that won't load"
 
 
 def version_of(version_dir: Path) -> int | str:

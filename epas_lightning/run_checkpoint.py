@@ -51,6 +51,9 @@ class RunCheckpoint(ModelCheckpoint):
     ``fit`` resuming it logs and checkpoints into its version folder where the loggers have not fixed their version
     yet (one given ``version=`` keeps it), and none is a ``CSVLogger``, which would delete that folder's
     ``metrics.csv``.
+
+    A resumed run saves nothing before its first optimizer step: Lightning's saved the resumed step again after one
+    micro-batch under gradient accumulation.
     """
 
     def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
@@ -70,6 +73,13 @@ class RunCheckpoint(ModelCheckpoint):
                 if getattr(logger, "_version", "") is None:  # not chosen yet: nothing was written under it
                     logger._version = version_of(version_dir)
         return {str(newest)}
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A resumed run's step is saved already (in the checkpoint it resumed): under gradient accumulation Lightning
+        saved it again after the next step's first micro-batch, over that checkpoint's name, half a window on."""
+        super().on_train_start(trainer, pl_module)
+        if trainer.ckpt_path is not None:
+            self._last_global_step_saved = trainer.global_step
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)

@@ -3,7 +3,8 @@
 Their metadata (``.metadata``, a plain pickle that ``torch.distributed.checkpoint`` would load with ``pickle.load``)
 is read by :class:`SafeFileSystemReader` through a restricted unpickler, and the non-tensor entries inside the shards
 (an optimizer's hyperparameters, pickles that it would load with ``weights_only=False``) by :class:`SafeLoadPlanner`
-with ``weights_only=True``. :func:`load_sharded_checkpoint` is the resume path of a sharded checkpoint directory.
+with ``weights_only=True``. :func:`load_sharded_checkpoint` is the resume path of a sharded checkpoint directory;
+:func:`load_full_optimizer_states` that of the optimizer states of a single-file one.
 A module of its own because ``torch.distributed.checkpoint`` is slow to import: only sharded checkpoints need it.
 """
 
@@ -192,3 +193,39 @@ def load_sharded_checkpoint(
             module, optimizer, optim_state_dict=optimizer_state[key], options=StateDictOptions(cpu_offload=True)
         )
     return meta or {}
+
+
+def load_full_optimizer_states(
+    module: torch.nn.Module, optimizers: list[torch.optim.Optimizer], states: list[dict[str, Any]]
+) -> None:
+    """Load the optimizer states of a single-file checkpoint into the optimizers of the sharded ``module``.
+
+    A one-device or DDP optimizer numbers its parameters in the optimizer's own order (``param_groups``: matrices, then
+    norm gains), which Lightning took for the module's order: FSDP2's resume failed on the first size mismatch. The
+    numbers are replaced here by the names of the parameters at those places (FSDP2's own single files name them).
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    for optimizer, state in zip(optimizers, states, strict=False):  # fewer states: Lightning says it holds none
+        names = [
+            name for group in get_optimizer_state_dict(module, optimizer)["param_groups"] for name in group["params"]
+        ]
+        set_optimizer_state_dict(module, optimizer, optim_state_dict=_keyed_by_name(state, names), options=options)
+
+
+def _keyed_by_name(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """``state`` with the parameter numbers of its ``param_groups`` (in order) replaced by ``names``."""
+    numbers = [i for group in state["param_groups"] for i in group["params"]]
+    if all(isinstance(i, str) for i in numbers):
+        return state
+    name_of = dict(zip(numbers, names, strict=True))
+    return {
+        **state,
+        "state": {name_of[i]: value for i, value in state["state"].items()},
+        "param_groups": [{**group, "params": [name_of[i] for i in group["params"]]} for group in state["param_groups"]],
+    }

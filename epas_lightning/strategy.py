@@ -9,12 +9,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.strategies.model_parallel import _load_checkpoint
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.constants import default_pg_timeout
 
-from epas_lightning.safe_dcp import load_sharded_checkpoint, raise_wrapped_interrupt
+from epas_lightning.safe_dcp import load_full_optimizer_states, load_sharded_checkpoint, raise_wrapped_interrupt
 from epas_lightning.safe_load import SAVE_ID, is_sharded_checkpoint
 
 STAGING, REPLACED = ".saving", ".replaced"
@@ -92,10 +93,13 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(checkpoint_path))
-        if not is_sharded_checkpoint(path):
-            return super().load_checkpoint(path, weights_only=True)
         strict = getattr(self.lightning_module, "strict_loading", True)
-        return load_sharded_checkpoint(path, self.model, self.optimizers, strict=strict)
+        if is_sharded_checkpoint(path):
+            return load_sharded_checkpoint(path, self.model, self.optimizers, strict=strict)
+        # a single file (one device's, DDP's or FSDP2's gathered one): Lightning loads the weights, we the optimizers
+        checkpoint = _load_checkpoint(path, {"state_dict": self.model}, strict=strict, weights_only=True)
+        load_full_optimizer_states(self.model, self.optimizers, checkpoint.get("optimizer_states", []))
+        return checkpoint
 
 
 def recover_replaced(path: Path) -> bool:

@@ -302,6 +302,15 @@ def test_loader_state_dict_resumes_with_the_same_batches(tiny_corpus: Path, num_
         assert torch.equal(next(batches), want)
 
 
+def test_a_resume_with_another_batch_size_says_its_position_is_not_exact(tiny_corpus: Path, caplog):
+    """One stream resumes under another batch size or worker count (litdata splits the rest of the epoch anew and
+    rounds the position down to a whole batch: 7 batches of 4 resumed at 8 read 4 samples twice): said in one line."""
+    saved = tiny_datamodule(tiny_corpus).state_dict()
+    with caplog.at_level("INFO"):
+        tiny_datamodule(tiny_corpus, batch_size=8, num_workers=1).load_state_dict(saved)
+    assert "data: resumed with batch_size 4 -> 8, num_workers 0 -> 1: litdata splits the rest" in caplog.text
+
+
 def test_token_ids_outside_the_vocabulary_are_refused_before_a_batch_reaches_the_device(tmp_path):
     """A chunk corrupted in place (sizes and index still agreeing) passed every check: evaluate died with an
     IndexError traceback on the CPU, and on a GPU the embedding would end a training run with a device-side assert."""

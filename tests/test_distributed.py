@@ -132,6 +132,20 @@ def test_sharded_resume_mid_growth_and_consolidate(tiny_corpus, tmp_path):
         torch.testing.assert_close(state[name], tensor, rtol=0, atol=0, msg=name)
 
 
+def test_a_one_device_checkpoint_resumes_under_fsdp2(tiny_corpus, tmp_path):
+    """A one-device checkpoint numbers AdamW's state in the optimizer's order (matrices, then norm gains); Lightning
+    took the numbers for the model's parameter order, and FSDP2's resume of it failed with a size-mismatch traceback
+    (or would have given one parameter another's moments). One rank here; two ranks take the same path."""
+    ckpt, data = tmp_path / "ckpt", ["--data-dir", str(tiny_corpus)]  # a resumable loader: the same batches
+    (single,) = fit_in_this_process(tmp_path / "single", "--devices", "1", "--strategy", "single", *data,
+                                    "--ckpt-dir", str(ckpt))  # fmt: skip
+    resume = ["--resume", str(ckpt / "epoch=0-step=3.ckpt")]
+    (sharded,) = fit_in_this_process(tmp_path / "fsdp2", "--devices", "1", *data, *resume)
+    assert sorted(sharded["steps"], key=int) == ["3", "4", "5"]
+    for step in ("3", "4", "5"):  # the loss after each resumed update follows AdamW's restored moments
+        assert sharded["steps"][step]["loss"] == pytest.approx(single["steps"][step]["loss"], rel=1e-5)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -27,7 +27,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from epas_lightning import ProgressiveSharing
 from epas_lightning.checkpoint import REGION_KEY, consolidate, load_model
 from epas_lightning.cli import LIGHTNING_COMMANDS, TOOLS, function_parser, main, tool, tool_docstring
-from epas_lightning.errors import ConfigError
+from epas_lightning.errors import CheckpointError, ConfigError
 from epas_lightning.resume import continue_version, resume_checkpoint
 from epas_lightning.runtime import DType, resolve_dtype
 
@@ -642,6 +642,25 @@ def test_a_resume_from_before_the_end_of_a_run_starts_a_new_version_folder(tmp_p
     assert capsys.readouterr().err == ""
     assert resumed_into("epoch=0-step=4.ckpt") == (None, None)
     assert capsys.readouterr().err.startswith(f"{folder.parent} went on to step 8: this run logs and checkpoints into")
+
+
+def test_a_rewind_into_a_fixed_checkpoint_folder_is_refused(tmp_path, capsys, monkeypatch):
+    """With checkpoint.dirpath fixed, a resume of a checkpoint of a run that went on past it trained into that run's
+    folder: its last.ckpt (step 12) became the rewound run's step 10, beside 'epoch=0-step=8-v1.ckpt' and
+    'last-v1.ckpt'. Refused in one line before anything loads; resuming the newest state there stays allowed."""
+    from epas_lightning.resume import check_checkpoint_folder_free
+
+    monkeypatch.chdir(tmp_path)
+    folder = Path("fixed")
+    folder.mkdir()
+    for name, step in (("epoch=0-step=4.ckpt", 4), ("epoch=0-step=12.ckpt", 12), ("last.ckpt", 12)):
+        torch.save({"state_dict": {}, "global_step": step}, folder / name)
+    config = Namespace(trainer=Namespace(logger=False), checkpoint=Namespace(dirpath="fixed"))
+    with pytest.raises(CheckpointError, match="folder went on to step 12 after epoch=0-step=4.ckpt") as refused:
+        check_checkpoint_folder_free(config, "fixed/epoch=0-step=4.ckpt")
+    assert "— checkpoint.dirpath fixed — give the resumed run an empty folder" in str(refused.value)
+    check_checkpoint_folder_free(config, "fixed/epoch=0-step=12.ckpt")
+    check_checkpoint_folder_free(config, "fixed/last.ckpt")
 
 
 def test_a_resume_with_a_csv_logger_keeps_the_earlier_metrics(tmp_path, capsys, monkeypatch):

@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import cpu_trainer
+from helpers import cpu_trainer, train_tiny_checkpoint
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule
@@ -202,6 +202,34 @@ def test_resume_mid_growth_matches_uninterrupted_run(tiny_corpus, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_a_resume_with_another_schedule_says_what_it_does_to_the_trained_region(tiny_corpus, tmp_path):
+    """The region follows the configured schedule from the resumed step. Where that shrinks the region the checkpoint
+    trained, the layers that leave it compute again with q/k weights untouched since they started sharing: one warning
+    names them (it printed only both settings dicts). A new target also restarts the 'full since' step."""
+    module, data = make_run(tiny_corpus)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, 6, [ProgressiveSharing(target=2, interval=2), checkpoint]).fit(module, data)
+    last = tmp_path / "ckpt" / "last.ckpt"  # layers 2-3 share, the full region since step 4
+
+    def resume(sharing: ProgressiveSharing) -> EPASModule:
+        module, data = make_run(tiny_corpus)
+        make_trainer(tmp_path / "resumed", 7, [sharing]).fit(module, data, ckpt_path=last)
+        return module
+
+    slower = ProgressiveSharing(target=2, interval=4)
+    says = (
+        r"EPAS: resumed at step 6 with another sharing schedule than the checkpoint's \(interval 2 -> 4\): the region "
+        r"goes from layers \[2, 3\] to \[3\]; layers \[2\] compute again with the q/k weights they had before they "
+        r"shared \(keep the checkpoint's sharing settings to continue its region\)"
+    )
+    with pytest.warns(UserWarning, match=says):
+        assert resume(slower).model.sharing.shared_layers == [3]
+    wider = ProgressiveSharing(target=3, interval=2)
+    with pytest.warns(UserWarning, match=r"\(target 2 -> 3\): the region goes from layers \[2, 3\] to \[1, 2, 3\]$"):
+        assert resume(wider).model.sharing.shared_layers == [1, 2, 3]
+    assert wider.reached_at == 6  # not the step 4 at which the 2-layer region was full
+
+
 def test_checkpoint_holds_the_mask_and_the_schedule(tiny_corpus, tmp_path):
     module, data = make_run(tiny_corpus)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
@@ -285,6 +313,31 @@ def test_pure_fp16_training_is_refused_before_it_starts(tiny_corpus, tmp_path):
         make_trainer(tmp_path, 2, [], precision="16-true").fit(module, data)
     assert "bf16-true" in str(refused.value) and "16-mixed" in str(refused.value)
     assert module.model is None  # nothing was built
+
+
+def test_a_resume_on_data_of_another_tokenizer_is_refused_as_such(tiny_corpus, tmp_path):
+    """Data prepared with another tokenizer than the checkpoint trained with was refused only for its other streams,
+    with advice to start from the weights with init_from (refused again, for the tokenizer); streams that resolve to
+    the same files trained on, their ids read as other tokens. The tokenizer is named first, before any weight loads."""
+    import json
+
+    from epas_lightning.errors import DataError
+
+    last = train_tiny_checkpoint(tiny_corpus, tmp_path, ProgressiveSharing(target=1, interval=2), steps=1)
+    other = tmp_path / "other"  # the same streams, with two ids of the tokenizer swapped: another vocabulary
+    other.mkdir()
+    for name in ("train", "val", "meta.json"):
+        (other / name).symlink_to(tiny_corpus / name)
+    tokenizer = json.loads((tiny_corpus / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    module, _ = make_run(tiny_corpus)
+    data = TokenDataModule(data_dir=str(other), seq_len=32, batch_size=4, vocab_size=module.config.vocab_size)
+    says = rf"prepared with another tokenizer \({other / 'tokenizer.json'}\) than the checkpoint's \(.*tokenizer.json\)"
+    with pytest.raises(DataError, match=says + rf".* — data.data_dir {other} — use data prepared with --tokenizer"):
+        make_trainer(tmp_path / "resumed", 2, []).fit(module, data, ckpt_path=last)
 
 
 def test_validate_and_test_from_a_checkpoint_use_its_mask(tiny_corpus, tmp_path):
@@ -409,6 +462,25 @@ def test_last_ckpt_holds_the_step_training_ended_at(tiny_corpus, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
         "epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"
     ]  # fmt: skip
+
+
+def test_a_resume_under_gradient_accumulation_saves_no_half_step(tiny_corpus, tmp_path):
+    """Resumed at a step its interval divides, Lightning's checkpoint saved that step again after the first
+    micro-batch of the next one, over the file it resumed (or as 'epoch=0-step=2-v1.ckpt' beside it) and last.ckpt:
+    half an accumulation window, whose resume skips a micro-batch and steps on the other alone."""
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    def fit(max_steps: int, ckpt_path: Path | None = None) -> None:
+        checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2, save_top_k=-1)
+        trainer = make_trainer(tmp_path, max_steps, [checkpoint], accumulate_grad_batches=2)
+        trainer.fit(*make_run(tiny_corpus, n_layer=2), ckpt_path=ckpt_path)
+
+    fit(2)
+    fit(4, tmp_path / "ckpt" / "last.ckpt")
+    for path in (tmp_path / "ckpt").iterdir():  # whole windows of 2 micro-batches: 2 batches read per step
+        saved = torch.load(path, weights_only=True)
+        batches = saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["ready"]
+        assert (path.name, batches) == (path.name, 2 * saved["global_step"])
 
 
 def test_a_run_warns_before_training_when_its_checkpoints_may_not_fit(tiny_corpus, tmp_path, monkeypatch):

@@ -636,10 +636,14 @@ class LRTrace(Callback):
 
 
 def test_resume_with_a_new_max_steps_follows_the_new_horizon(tiny_corpus, tmp_path, caplog):
-    def run(max_steps: int, ckpt_path: Path | None = None) -> LRTrace:
+    """The configuration resumed with wins: the LR schedule's shape, and the optimizer's other settings (loading the
+    checkpoint's optimizer state had put back its weight decay and betas, silently)."""
+
+    def run(max_steps: int, ckpt_path: Path | None = None, **adamw) -> tuple[LRTrace, torch.optim.Optimizer]:
         torch.manual_seed(0)
         module = EPASModule(
             LlamaConfig.from_name("debug", block_size=32),
+            optimizer=lambda groups: torch.optim.AdamW(groups, lr=3e-4, **adamw),
             lr_scheduler=lambda optimizer: WarmupCosineLR(optimizer, warmup_steps=2),
         )
         trace = LRTrace()
@@ -647,15 +651,19 @@ def test_resume_with_a_new_max_steps_follows_the_new_horizon(tiny_corpus, tmp_pa
         trainer = cpu_trainer(tmp_path, max_steps, [trace, checkpoint])
         data = TokenDataModule(str(tiny_corpus), seq_len=32, batch_size=2, vocab_size=VOCAB)
         trainer.fit(module, data, ckpt_path=ckpt_path)
-        return trace
+        return trace, trainer.optimizers[0]
 
-    run(8)
+    run(8, weight_decay=0.1)
     with caplog.at_level("INFO", logger="epas_lightning"):
-        resumed = run(16, tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
+        resumed, optimizer = run(16, tmp_path / "ckpt" / "epoch=0-step=4.ckpt", weight_decay=0.05, betas=(0.8, 0.9))
     assert "max_steps 8 -> 16" in caplog.text
     reference = WarmupCosineLR(torch.optim.SGD([torch.zeros(1)], lr=3e-4), warmup_steps=2, max_steps=16)
     for step in range(4, 16):
         assert resumed.lrs[step] == pytest.approx(3e-4 * reference.lr_factor(step)), step
+    assert [(g["weight_decay"], g["betas"]) for g in optimizer.param_groups] == [(0.05, (0.8, 0.9)), (0.0, (0.8, 0.9))]
+    assert "optimizer: resumed with the configured betas (0.9, 0.999) -> (0.8, 0.9), weight_decay 0.1 -> 0.05" in (
+        caplog.text
+    )
 
 
 def test_a_resumed_run_never_warms_up_again(caplog):
@@ -669,6 +677,8 @@ def test_a_resumed_run_never_warms_up_again(caplog):
     with caplog.at_level("INFO", logger="epas_lightning"):
         after.load_state_dict(before.state_dict())
     assert after.warmup_steps == 50 and "warmup_steps 50 kept" in caplog.text
+    lr_before, lr_after = before.get_last_lr()[0], after.get_last_lr()[0]  # the jump a new max_steps makes is said
+    assert f"max_steps 500 -> 2000): the learning rate goes from {lr_before:.2e} to {lr_after:.2e}" in caplog.text
     assert after.optimizer.param_groups[0]["lr"] > 0.99  # cosine at its start, not 61/101 of the way up
     early = WarmupCosineLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), warmup_steps=100, max_steps=2000)
     early.load_state_dict(WarmupCosineLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), warmup_steps=50).state_dict())

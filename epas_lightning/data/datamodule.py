@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from epas_lightning.data.token_data import TokenData, check_seq_len, check_tokenized_with
 from epas_lightning.errors import ConfigError, DataError
@@ -24,7 +25,7 @@ class TokenDataModule(TokenData, LightningDataModule):
     predicts ``batch[:, 1:]``. Tokens are stored as int32 and cast to int64 once the batch is on the device. Training
     batches are shuffled with ``seed``; under several ranks each rank reads its own part of every stream. The loader's
     position is saved in checkpoints (Lightning stores stateful loaders), so a resumed run continues mid-epoch with the
-    batches an uninterrupted run would have seen.
+    batches an uninterrupted run would have seen (with the same batch size, worker and rank counts).
 
     Args:
         data_dir: Prepared data directory (``python -m epas_lightning prepare``) with ``train/``, ``val/``, the
@@ -56,15 +57,21 @@ class TokenDataModule(TokenData, LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Refuse, before any batch, to resume a loader position under settings it cannot continue with (litdata
         fails inside a loader worker, or reads other samples): other streams, seed or sequence length, and for mixed
-        streams another weighting, batch size, worker count or rank count."""
+        streams another weighting, batch size, worker count or rank count. One stream resumes under another batch
+        size, worker or rank count, inexactly (litdata splits the rest of the epoch anew), and says so."""
         saved = state_dict.get("position_settings")
         if not saved:
             return
         current = self._position_settings()
-        fixed = ["streams", "seed", "seq_len"]
+        fixed, layout = ["streams", "seed", "seq_len"], ["batch_size", "num_workers", "world_size"]
         if len(current["streams"]) > 1 or len(saved["streams"]) > 1:
-            fixed += ["weights", "batch_size", "num_workers", "world_size"]
+            fixed += ["weights", *layout]
         changed = [f"{key} {saved[key]} -> {current[key]}" for key in fixed if saved.get(key) != current[key]]
+        if moved := [f"{key} {saved[key]} -> {current[key]}" for key in layout if saved.get(key) != current[key]]:
+            rank_zero_info(  # one stream: litdata's elastic resume
+                f"data: resumed with {', '.join(moved)}: litdata splits the rest of the epoch anew, so a few samples "
+                "at the resumed position may be read twice or skipped"
+            )
         if changed:
             raise DataError(
                 "the checkpoint's position in the data holds only for the data settings it was saved with ("
@@ -117,6 +124,16 @@ class TokenDataModule(TokenData, LightningDataModule):
         # setup found every data_dir, and a prepared val_dir, tokenized with one file: comparing the first suffices
         where = f"data.data_dir {', '.join(map(str, self.data_dirs))}"
         check_tokenized_with(self.data_dirs[0], source, where, fix)
+
+    def check_checkpoint_tokenizer(self, recorded: dict[str, Any] | None) -> None:
+        """Data tokenized with another vocabulary than the checkpoint a run resumes (or scores) is refused before its
+        weights load: ``recorded`` is the checkpoint's tokenizer entry, checked where its file still exists."""
+        path = Path(recorded["path"]) if recorded and recorded.get("path") else None
+        if path is None or not path.is_file() or not self.data_dirs:
+            return
+        where = f"data.data_dir {', '.join(map(str, self.data_dirs))}"
+        fix = f"use data prepared with --tokenizer {path}, the checkpoint's"
+        check_tokenized_with(self.data_dirs[0], path, where, fix, whose="the checkpoint's")
 
     def train_dataloader(self) -> StreamingDataLoader:
         loader = self._dataloader(self.train_streams(), shuffle=True, weights=self.weights)

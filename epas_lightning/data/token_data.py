@@ -48,13 +48,15 @@ def check_data_flag(data: str | Path | None, flag: str = "--data") -> None:
         check_prepared(Path(data).expanduser(), f"{flag} {data}", PREPARE)
 
 
-def check_tokenized_with(data_dir: Path, tokenizer: Path, where: str, fix: str | None = None) -> None:
-    """A :class:`DataError` unless the prepared ``data_dir`` holds the ids of ``tokenizer`` (the model's): with another
+def check_tokenized_with(
+    data_dir: Path, tokenizer: Path, where: str, fix: str | None = None, whose: str = "the model's"
+) -> None:
+    """A :class:`DataError` unless the prepared ``data_dir`` holds the ids of ``tokenizer`` (``whose``): with another
     vocabulary its ids stand for other tokens, and losses on it (or training on it) mean nothing."""
     data_tokenizer = tokenizer_file(data_dir)
     if not same_token_ids(data_tokenizer, tokenizer):
         raise DataError(
-            f"prepared with another tokenizer ({data_tokenizer}) than the model's ({tokenizer}): its ids stand for "
+            f"prepared with another tokenizer ({data_tokenizer}) than {whose} ({tokenizer}): its ids stand for "
             "other tokens",
             where,
             fix or f"prepare it with --tokenizer {tokenizer}, or leave --data unset for the checkpoint's own data",
