@@ -125,3 +125,22 @@ def test_readme_training_script_runs_with_every_section_of_fit(tiny_corpus, tmp_
     assert {type(callback) for callback in trainer.callbacks} >= set(RUN_SECTIONS.values())
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     assert (Path(trainer.checkpoint_callback.dirpath) / "last.ckpt").is_file()
+
+
+def test_readme_generate_from_python_runs(debug_fit_run):
+    """The README's "generate from Python" block on the debug run's checkpoint (region [1], context 32): the prompt it
+    builds is token ids, as ``generate`` takes them (text raised a TypeError about comparing str and int)."""
+    script = python_block("README.md", "generate(loaded.model")
+    _, cwd = debug_fit_run
+    tiny = {
+        '"runs/demo/version_0/checkpoints/last.ckpt"': repr(str(cwd / "runs/debug/version_0/checkpoints/last.ckpt")),
+        "set_region(loaded.model, 2,": "set_region(loaded.model, 1,",
+        "max_new_tokens=60": "max_new_tokens=8",
+    }
+    for text, replacement in tiny.items():
+        assert script.count(text) == 1, text
+        script = script.replace(text, replacement)
+    namespace: dict = {}
+    exec(compile(script, "README.md", "exec"), namespace)
+    assert namespace["loaded"].model.sharing.shared_layers == [1]
+    assert 1 <= len(namespace["result"].tokens[0]) <= 8
