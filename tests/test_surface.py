@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -325,6 +326,17 @@ def test_the_process_freezes_its_objects_before_shutdown(tmp_path):
                     "--version"], tmp_path, tmp_path, [sys.executable])  # fmt: skip
     assert done.returncode == 0 and done.stdout.splitlines()[-1] == "frozen: True", done
     assert '\nepas = "epas_lightning.cli:entry_point"\n' in (REPO / "pyproject.toml").read_text()  # the `epas` script
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
+    """``python -m epas_lightning --help | head -3``: a reader that exits before the output ends closed the pipe, and
+    the next write raised BrokenPipeError, printed as a traceback after the lines the reader wanted."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen([sys.executable, "-m", "epas_lightning", "--help"], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    child.stdout.close()  # before the child writes: its first write finds no reader
+    stderr = child.communicate(timeout=60)[1]
+    assert child.returncode == 128 + signal.SIGPIPE and stderr == ""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
