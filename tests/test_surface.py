@@ -57,6 +57,9 @@ def test_top_level_help_lists_every_command_with_a_description(capsys, monkeypat
     assert "Number of decoder layers." in fit_help  # LlamaConfig's fields are documented all the same
     assert fit_help.startswith("usage: python -m epas_lightning [options] fit ")
     assert "use ``weights_only=False``" not in fit_help  # Lightning's advice, refused here
+    ckpt_path_help = " ".join(fit_help.split("--ckpt_path CKPT_PATH\n")[-1].split("\n  --")[0].split())
+    assert "Model Registry" not in ckpt_path_help and "previous ``trainer.fit`` call" not in ckpt_path_help  # paths
+    assert "`last`: the newest last.ckpt of this run" in ckpt_path_help and "`auto`" in ckpt_path_help
     interval_help = fit_help.split("--checkpoint.train_time_interval TRAIN_TIME_INTERVAL")[-1].split("\n  --")[0]
     assert '"H:MM:SS" (e.g. "0:30:00")' in " ".join(interval_help.split())  # the format it takes
     assert main(["fit", "--config", DEBUG, "--weights_only", "false"]) == 2
