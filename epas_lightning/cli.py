@@ -354,7 +354,14 @@ def _run(argv: list[str], debug: bool) -> int:
 def entry_point() -> None:
     """The process behind ``python -m epas_lightning`` and ``epas``: :func:`main`, then exit. Its objects are frozen
     first (``gc.freeze``): the interpreter's shutdown then skips the garbage collections that walk every object
-    torch and Lightning created, for nothing; exit handlers run as before, and the OS frees the memory."""
-    status = main()
+    torch and Lightning created, for nothing; exit handlers run as before, and the OS frees the memory.
+
+    A reader of stdout that stops early (``--help | head``) ends the command quietly with the status of a process
+    killed by SIGPIPE, as ``yes | head`` does; the rest of the output goes nowhere."""
+    try:
+        status = main()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush has no reader
+        status = 128 + signal.SIGPIPE
     gc.freeze()
     sys.exit(status)

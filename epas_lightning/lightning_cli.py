@@ -78,6 +78,13 @@ WEIGHTS_ONLY_HELP = (
     "Always true: a checkpoint loads with weights_only=True (tensors and plain data; nothing else is unpickled), "
     "and false is refused."
 )
+CKPT_PATH_HELP = (
+    "The checkpoint to resume (fit) or score (validate, test): a .ckpt file or a sharded (FSDP2) checkpoint folder, "
+    "checked to read without running code; `last`: the newest last.ckpt of this run (checkpoint.dirpath, or the "
+    "version_*/checkpoints folders of the logger's save_dir/name), an error when there is none; `auto`: the same, or "
+    "with none, fit starts from scratch and validate/test score the configured model. Lightning's best, hpc and "
+    "registry are not keywords here."
+)
 IGNORED_WARNINGS = (
     # The token loader reads memory-mapped chunks in the main process far faster than any model trains.
     r".*does not have many workers which may be a bottleneck.*",
@@ -219,6 +226,8 @@ class EPASCLI(LightningCLI):
             for action in subcommand_parser._actions:
                 if action.dest == "weights_only":  # Lightning's help advises false for trusted checkpoints
                     action.help = WEIGHTS_ONLY_HELP
+                elif action.dest == "ckpt_path":  # Lightning's names its own keywords, not resume.py's
+                    action.help = CKPT_PATH_HELP
                 elif action.dest == "checkpoint.train_time_interval" and DURATION not in action.help:
                     action.help += f" Give {DURATION}."
         args = list(sys.argv[1:] if args is None else args)

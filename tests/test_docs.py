@@ -1,4 +1,6 @@
-"""docs/guide.md cannot drift from the code: its speed-up table is regenerated and compared."""
+"""README.md, docs/guide.md and the configs cannot drift from the code: the guide's speed-up table is regenerated and
+compared, the commands they quote are checked against the parsers, and the README's Python blocks for training and
+generating run."""
 
 import importlib.util
 import re
@@ -54,8 +56,36 @@ def quoted_commands(text: str) -> list[str]:
     return [line.split(" # ")[0] for line in lines]
 
 
+def config_comment_commands(text: str) -> list[str]:
+    """The command lines a YAML config's comments quote (``\\`` continuations joined)."""
+    comments = "\n".join(
+        line.lstrip().lstrip("#").strip() for line in text.splitlines() if line.lstrip().startswith("#")
+    )
+    return [line.split(" # ")[0] for line in comments.replace("\\\n", " ").splitlines()]
+
+
 def flags(arguments: str) -> set[str]:
     return set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", arguments))
+
+
+def lightning_flags(arguments: str) -> set[str]:
+    """The flags of a ``fit``/``validate``/``test`` command line: dotted (``--trainer.max_steps``), maybe ``=value``."""
+    return set(re.findall(r"(?<![\w-])(--[a-z][\w.-]*[\w])", arguments))
+
+
+def lightning_help(command: str, capsys) -> str:  # noqa: ANN001
+    from epas_lightning.cli import main
+
+    assert main([command, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+def known_lightning_flag(flag: str, help_text: str) -> bool:
+    """``flag`` is an option the help lists, or sets an argument of the class given to one (``--trainer.logger`` for
+    ``--trainer.logger.init_args.name``; a section's own option, ``--trainer CONFIG``, does not count)."""
+    parts = flag.split(".")
+    prefixes = [".".join(parts[:n]) for n in range(min(2, len(parts)), len(parts) + 1)]
+    return any(re.search(rf"(?<![\w.-]){re.escape(prefix)}(?![\w.-])", help_text) for prefix in prefixes)
 
 
 def script_help(script: Path, positionals: list[str], monkeypatch, capsys) -> str:  # noqa: ANN001
@@ -71,27 +101,45 @@ def script_help(script: Path, positionals: list[str], monkeypatch, capsys) -> st
 
 
 def test_quoted_commands_use_flags_that_exist(monkeypatch, capsys):
-    """The commands README.md, the guide and RESULTS.md tell a user to run take those flags: every tool command's and
-    every benchmark or experiment script's flags are checked against its parser."""
-    from epas_lightning.cli import TOOLS, function_parser, tool
+    """The commands README.md, the guide, RESULTS.md and the configs' comments tell a user to run take those flags:
+    every tool command's, every ``fit``/``validate``/``test``'s and every benchmark or experiment script's flags are
+    checked against its parser."""
+    from epas_lightning.cli import LIGHTNING_COMMANDS, TOOLS, function_parser, tool
+    from epas_lightning.lightning_cli import packaged_config
 
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     tool_flags = {name: set(function_parser(tool(name), name)._option_string_actions) for name in TOOLS}
     tool_command = re.compile(r"epas_lightning (" + "|".join(map(re.escape, TOOLS)) + r")\b(.*)")
+    lightning_command = re.compile(r"epas_lightning (" + "|".join(LIGHTNING_COMMANDS) + r")\b(.*)")
     script_command = re.compile(r"python3? ((?:benchmarks|experiments)/\w+\.py)((?: +[a-z]\w*)*)(.*)")
-    unknown, helps = [], {}
-    for doc in DOCS:
-        for line in quoted_commands((REPO / doc).read_text()):
-            if match := tool_command.search(line):
-                name, arguments = match.groups()
-                unknown += [f"{doc}: {name} {flag}" for flag in sorted(flags(arguments) - tool_flags[name])]
-            elif match := script_command.search(line):
-                script, positionals, arguments = match.group(1), match.group(2).split(), match.group(3)
-                key = (script, *positionals)
-                if key not in helps:
-                    helps[key] = script_help(REPO / script, positionals, monkeypatch, capsys)
-                unknown += [f"{doc}: {script} {flag}" for flag in sorted(flags(arguments) - flags(helps[key]))]
-    assert len(helps) >= 10  # the scripts were found
+    quoted = [(doc, line) for doc in DOCS for line in quoted_commands((REPO / doc).read_text())]
+    quoted += [
+        (f"configs/{config.name}", line)
+        for config in sorted((REPO / "configs").glob("*.yaml"))
+        for line in config_comment_commands(config.read_text())
+    ]
+    unknown, helps, lightning_helps = [], {}, {}
+    for doc, line in quoted:
+        if match := lightning_command.search(line):
+            name, arguments = match.groups()
+            if name not in lightning_helps:
+                lightning_helps[name] = lightning_help(name, capsys)
+            for flag in sorted(lightning_flags(arguments)):
+                if not known_lightning_flag(flag, lightning_helps[name]):
+                    unknown.append(f"{doc}: {name} {flag}")
+            for config in re.findall(r"--config[ =](\S+)", arguments):
+                if config != "..." and packaged_config(config) is None and not (REPO / config).is_file():
+                    unknown.append(f"{doc}: {name} --config {config} (no such config)")
+        elif match := tool_command.search(line):
+            name, arguments = match.groups()
+            unknown += [f"{doc}: {name} {flag}" for flag in sorted(flags(arguments) - tool_flags[name])]
+        elif match := script_command.search(line):
+            script, positionals, arguments = match.group(1), match.group(2).split(), match.group(3)
+            key = (script, *positionals)
+            if key not in helps:
+                helps[key] = script_help(REPO / script, positionals, monkeypatch, capsys)
+            unknown += [f"{doc}: {script} {flag}" for flag in sorted(flags(arguments) - flags(helps[key]))]
+    assert len(helps) >= 10 and set(lightning_helps) == {"fit"}  # the scripts and the fit commands were found
     assert unknown == []
 
 
@@ -125,3 +173,22 @@ def test_readme_training_script_runs_with_every_section_of_fit(tiny_corpus, tmp_
     assert {type(callback) for callback in trainer.callbacks} >= set(RUN_SECTIONS.values())
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     assert (Path(trainer.checkpoint_callback.dirpath) / "last.ckpt").is_file()
+
+
+def test_readme_generate_from_python_runs(debug_fit_run):
+    """The README's "generate from Python" block on the debug run's checkpoint (region [1], context 32): the prompt it
+    builds is token ids, as ``generate`` takes them (text raised a TypeError about comparing str and int)."""
+    script = python_block("README.md", "generate(loaded.model")
+    _, cwd = debug_fit_run
+    tiny = {
+        '"runs/demo/version_0/checkpoints/last.ckpt"': repr(str(cwd / "runs/debug/version_0/checkpoints/last.ckpt")),
+        "set_region(loaded.model, 2,": "set_region(loaded.model, 1,",
+        "max_new_tokens=60": "max_new_tokens=8",
+    }
+    for text, replacement in tiny.items():
+        assert script.count(text) == 1, text
+        script = script.replace(text, replacement)
+    namespace: dict = {}
+    exec(compile(script, "README.md", "exec"), namespace)
+    assert namespace["loaded"].model.sharing.shared_layers == [1]
+    assert 1 <= len(namespace["result"].tokens[0]) <= 8

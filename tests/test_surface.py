@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -56,6 +57,9 @@ def test_top_level_help_lists_every_command_with_a_description(capsys, monkeypat
     assert "Number of decoder layers." in fit_help  # LlamaConfig's fields are documented all the same
     assert fit_help.startswith("usage: python -m epas_lightning [options] fit ")
     assert "use ``weights_only=False``" not in fit_help  # Lightning's advice, refused here
+    ckpt_path_help = " ".join(fit_help.split("--ckpt_path CKPT_PATH\n")[-1].split("\n  --")[0].split())
+    assert "Model Registry" not in ckpt_path_help and "previous ``trainer.fit`` call" not in ckpt_path_help  # paths
+    assert "`last`: the newest last.ckpt of this run" in ckpt_path_help and "`auto`" in ckpt_path_help
     interval_help = fit_help.split("--checkpoint.train_time_interval TRAIN_TIME_INTERVAL")[-1].split("\n  --")[0]
     assert '"H:MM:SS" (e.g. "0:30:00")' in " ".join(interval_help.split())  # the format it takes
     assert main(["fit", "--config", DEBUG, "--weights_only", "false"]) == 2
@@ -325,6 +329,17 @@ def test_the_process_freezes_its_objects_before_shutdown(tmp_path):
                     "--version"], tmp_path, tmp_path, [sys.executable])  # fmt: skip
     assert done.returncode == 0 and done.stdout.splitlines()[-1] == "frozen: True", done
     assert '\nepas = "epas_lightning.cli:entry_point"\n' in (REPO / "pyproject.toml").read_text()  # the `epas` script
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
+    """``python -m epas_lightning --help | head -3``: a reader that exits before the output ends closed the pipe, and
+    the next write raised BrokenPipeError, printed as a traceback after the lines the reader wanted."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen([sys.executable, "-m", "epas_lightning", "--help"], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    child.stdout.close()  # before the child writes: its first write finds no reader
+    stderr = child.communicate(timeout=60)[1]
+    assert child.returncode == 128 + signal.SIGPIPE and stderr == ""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
