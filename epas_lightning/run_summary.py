@@ -25,6 +25,7 @@ from epas_lightning.callbacks import ProgressiveSharing
 from epas_lightning.divergence import last_checkpoint
 from epas_lightning.flops import estimate_flops, flop_cut
 from epas_lightning.loss_scaling import loss_scaler
+from epas_lightning.progress import LINE_EVERY_S
 
 WARMUP_STEPS = 2
 """Optimizer steps left out of the throughput median (allocator warm-up, compilation)."""
@@ -163,8 +164,13 @@ def _throughput(tokens_per_second: float, steps: int, world_size: int) -> str:
 
 
 def _duration(start: float) -> str:
-    seconds = time.perf_counter() - start
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+    return _seconds(time.perf_counter() - start)
+
+
+def _seconds(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _region_line(trainer: Trainer, pl_module: LightningModule) -> str:
@@ -217,7 +223,65 @@ class StepRunProgressBar(RichProgressBar):
     """Lightning's rich progress bar, minus the epoch total that a run bounded by ``max_steps`` does not have
     (Lightning then sets ``max_epochs=-1``, and its bar reads "Epoch 0/-2"), with the batches of a step-bounded run
     counted right under gradient accumulation, and with the run's version number shown as the integer it is
-    ("v_num: 3", not "v_num: 3.000")."""
+    ("v_num: 3", not "v_num: 3.000").
+
+    Where its output is not a terminal (a SLURM log, ``nohup``, a pipe) the bar is drawn only when an epoch ends,
+    which may be the end of the run: there it also prints a line on stderr at most every ``line_every_s`` seconds
+    (step, train loss, tokens/s since the last line, time left) and one after each validation (its loss).
+
+    Args:
+        line_every_s: Without a terminal, the shortest time between two step lines.
+    """
+
+    def __init__(self, line_every_s: float = LINE_EVERY_S) -> None:
+        super().__init__()
+        self.line_every_s = line_every_s
+        self._lines = False
+        self._last_line = self._start = self._validation_start = 0.0
+        self._tokens = 0
+        self._start_step = 0
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._lines = trainer.is_global_zero and not sys.stdout.isatty()
+        self._last_line = self._start = time.perf_counter()
+        self._tokens, self._start_step = 0, trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not self._lines:
+            return
+        self._tokens += batch.shape[0] * (batch.shape[1] - 1) * trainer.world_size
+        now, step, last = time.perf_counter(), trainer.global_step, trainer.max_steps
+        if now - self._last_line < self.line_every_s and step != last:
+            return
+        parts = [f"step {step}/{last}" if last and last > 0 else f"step {step}"]
+        loss = trainer.progress_bar_metrics.get("train/loss")
+        if loss is not None:
+            parts.append(f"train/loss {float(loss):.4f}")
+        parts.append(f"{self._tokens / (now - self._last_line):,.0f} tokens/s")
+        if last and last > step > self._start_step:
+            parts.append(f"{_seconds((now - self._start) / (step - self._start_step) * (last - step))} left")
+        print(" · ".join(parts), file=sys.stderr, flush=True)
+        self._last_line, self._tokens = now, 0
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_start(trainer, pl_module)
+        self._validation_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._last_line += time.perf_counter() - self._validation_start  # tokens/s counts training time only
+        loss = trainer.callback_metrics.get("val/loss")
+        if self._lines and not trainer.sanity_checking and loss is not None:
+            loss = float(loss)
+            print(
+                f"step {trainer.global_step}: val/loss {loss:.4f} (perplexity {math.exp(min(loss, 700)):.1f})",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)

@@ -772,6 +772,29 @@ def test_the_progress_bar_counts_the_batches_of_a_step_bounded_run(accumulate, g
     assert bar.total_train_batches == expected
 
 
+def test_without_a_terminal_fit_prints_step_and_validation_lines(tmp_path, capsys):
+    """In a log file (SLURM, nohup) the rich bar is drawn only when the epoch ends, which may be the end of the run: a
+    200-step demo said nothing between its "EPAS: step" lines. Step lines (loss, tokens/s, time left) and a line per
+    validation now come on stderr."""
+    from helpers import cpu_trainer
+
+    from epas_lightning import EPASModule, LlamaConfig
+    from epas_lightning.run_summary import StepRunProgressBar
+
+    module = EPASModule(LlamaConfig.from_name("debug", block_size=16))
+    data = torch.utils.data.DataLoader(torch.randint(0, 512, (12, 17)), batch_size=2)
+    callbacks = [StepRunProgressBar(line_every_s=0)]
+    trainer = cpu_trainer(tmp_path, 4, callbacks, enable_progress_bar=True, limit_val_batches=1, val_check_interval=2)
+    trainer.fit(module, data, data)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    step = r"step {}/4 · train/loss \d+\.\d{{4}} · [\d,]+ tokens/s"
+    validation = r"step {}: val/loss \d+\.\d{{4}} \(perplexity [\d.]+\)"
+    left = r" · \d+ s left"
+    expected = [step.format(1) + left, step.format(2) + left, validation.format(2), step.format(3) + left]
+    expected += [step.format(4), validation.format(4)]  # the last step: nothing left
+    assert len(lines) == len(expected) and all(map(re.fullmatch, expected, lines)), lines
+
+
 def test_out_of_memory_advice_names_flags_each_command_has():
     from epas_lightning.cli import function_parser, tool
     from epas_lightning.errors import OUT_OF_MEMORY_ADVICE
