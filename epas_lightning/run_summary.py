@@ -227,7 +227,7 @@ class StepRunProgressBar(RichProgressBar):
 
     Where its output is not a terminal (a SLURM log, ``nohup``, a pipe) the bar is drawn only when an epoch ends,
     which may be the end of the run: there it also prints a line on stderr at most every ``line_every_s`` seconds
-    (step, train loss, tokens/s since the last line, time left) and one after each validation (its loss).
+    (steps done, train loss, tokens/s since the last line, time left) and one after each validation (its loss).
 
     Args:
         line_every_s: Without a terminal, the shortest time between two step lines.
@@ -257,7 +257,7 @@ class StepRunProgressBar(RichProgressBar):
         now, step, last = time.perf_counter(), trainer.global_step, trainer.max_steps
         if now - self._last_line < self.line_every_s and step != last:
             return
-        parts = [f"step {step}/{last}" if last and last > 0 else f"step {step}"]
+        parts = [f"{step}/{last} steps" if last and last > 0 else f"{step} steps"]  # counts: no index to misread
         loss = trainer.progress_bar_metrics.get("train/loss")
         if loss is not None:
             parts.append(f"train/loss {float(loss):.4f}")
@@ -277,10 +277,9 @@ class StepRunProgressBar(RichProgressBar):
         loss = trainer.callback_metrics.get("val/loss")
         if self._lines and not trainer.sanity_checking and loss is not None:
             loss = float(loss)
+            perplexity = math.exp(min(loss, 700))
             print(
-                f"step {trainer.global_step}: val/loss {loss:.4f} (perplexity {math.exp(min(loss, 700)):.1f})",
-                file=sys.stderr,
-                flush=True,
+                f"val/loss {loss:.4f} (perplexity {perplexity:.1f}) after {trainer.global_step} steps", file=sys.stderr
             )
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
