@@ -52,13 +52,14 @@ class RunSummary(Callback):
         self._step_of_window = 0
         self._step_tokens = 0
         self._rates: list[float] = []
-        self._start_step = 0
+        self._start_step: int | None = 0
         self._loss_scale: float | None = None
         self._skipped = 0
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_start = time.perf_counter()
         self._rates = []
+        self._start_step = None  # until training starts (it does not where the resumed step is past max_steps)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start_step = trainer.global_step  # a resumed checkpoint's step (restored after on_fit_start)
@@ -97,7 +98,12 @@ class RunSummary(Callback):
 
     def summary(self, trainer: Trainer, pl_module: LightningModule, log_dir: str | None) -> str:
         steps = f"{trainer.global_step} optimizer steps"
-        if self._start_step:
+        if self._start_step is None and trainer.global_step:
+            steps += (
+                f" (none in this session: resumed at step {trainer.global_step}, where max_steps {trainer.max_steps} "
+                "had been reached; raise it to train further)"
+            )
+        elif self._start_step:
             steps += f" ({trainer.global_step - self._start_step} in this session, resumed at step {self._start_step})"
         lines = [f"Run finished: {steps} in {_duration(self._fit_start)}."]
         checkpoint = last_checkpoint(trainer)

@@ -513,6 +513,23 @@ def test_the_summary_throughput_is_the_optimizer_steps_wall_clock_rate(tmp_path)
     assert rate <= step_tokens / least_step_seconds and "median over 3 optimizer steps" in line, line
 
 
+def test_the_summary_of_a_resume_with_nothing_left_to_train_says_so(tmp_path):
+    """A resume at or past max_steps trains nothing: the summary said "Run finished: 4 optimizer steps in 0 s."."""
+    from helpers import cpu_trainer
+
+    from epas_lightning import EPASModule, LlamaConfig
+    from epas_lightning.run_summary import RunSummary
+
+    module = EPASModule(LlamaConfig.from_name("debug", block_size=16))
+    loader = torch.utils.data.DataLoader(torch.randint(0, 512, (8, 17)), batch_size=2)
+    cpu_trainer(tmp_path, 4, [ModelCheckpoint(tmp_path / "ckpt", save_last=True)]).fit(module, loader)
+    summary = RunSummary()
+    trainer = cpu_trainer(tmp_path, 3, [summary], enable_checkpointing=False)
+    trainer.fit(module, loader, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    first = summary.summary(trainer, module, None).splitlines()[0]
+    assert first.startswith("Run finished: 4 optimizer steps (none in this session: resumed at step 4, where max_steps")
+
+
 @pytest.mark.slow
 def test_fit_summary_and_a_resume_that_continues_the_run(tiny_corpus, debug_fit_run, tmp_path):
     first, first_cwd = debug_fit_run  # fit --config configs/debug.yaml --sharing.interval 3
