@@ -38,7 +38,8 @@ from epas_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Part of the cache key: raised when preparation changes the tokens (2: a file's UTF-8 byte order mark is dropped)."""
 BOS_TOKEN = TRAINED_BOS_TOKEN
 EOS_TOKEN = TRAINED_EOS_TOKEN
 FILES_FILENAME = "files.json"
