@@ -258,10 +258,23 @@ class EPASModule(LightningModule):
         data = getattr(self.trainer, "datamodule", None)
         if hasattr(data, "check_checkpoint_tokenizer"):  # a TokenDataModule: its ids are the checkpoint's tokens
             data.check_checkpoint_tokenizer(checkpoint.get("tokenizer"))
+        self._say_if_narrowed(checkpoint.get("state_dict") or {})
         # a resume does not read init_from again: keep the context length the run inherited from it
         recorded = (recorded or {}).get("max_position_embeddings")
         if self.config.max_position_embeddings is None and recorded and recorded > self.config.block_size:
             self.config.max_position_embeddings = recorded
+
+    def _say_if_narrowed(self, state: dict) -> None:
+        """A resume whose weights (and AdamW state) will be stored narrower than the checkpoint's (a ``32-true`` run
+        resumed in ``bf16-true``) rounds them for good: said once, since the run's own precision would keep them."""
+        saved = next((t.dtype for t in state.values() if torch.is_floating_point(t)), None)
+        now = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+        if saved is not None and now is not None and now.itemsize < saved.itemsize:
+            rank_zero_warn(
+                f"resuming {str(saved).removeprefix('torch.')} weights with {str(now).removeprefix('torch.')} "
+                f"parameters (trainer.precision {self.trainer.precision}): they and AdamW's state are rounded to "
+                f"{str(now).removeprefix('torch.')} for good; resume with the run's own precision to keep them"
+            )
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)

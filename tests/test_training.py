@@ -2,6 +2,7 @@
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -789,3 +790,20 @@ def test_ckpt_path_last_from_a_script_resumes_the_run_in_its_version_folder(tiny
     assert starts == [0, 2] and resumed.global_step == 3 and resumed.logger.version == 0
     assert sorted(p.name for p in (tmp_path / "runs" / "epas").iterdir()) == ["version_0"]
     assert torch.load(tmp_path / "runs/epas/version_0/checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_a_resume_in_a_narrower_precision_says_the_weights_are_rounded(tiny_corpus, tmp_path):
+    """A 32-true checkpoint resumed in bf16-true rounds the master weights and AdamW's state to bf16 for good, and
+    said nothing; the same precision says nothing still."""
+    module, data = make_run(tiny_corpus, n_layer=2)
+    make_trainer(tmp_path, 2, [ModelCheckpoint(tmp_path / "ckpt", save_last=True)]).fit(module, datamodule=data)
+    for precision, says in (("32-true", False), ("bf16-true", True)):
+        module, data = make_run(tiny_corpus, n_layer=2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = make_trainer(tmp_path, 3, [], precision=precision, enable_checkpointing=False)
+            trainer.fit(module, datamodule=data, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+        rounded = [w for w in caught if "rounded to bfloat16 for good" in str(w.message)]
+        assert len(rounded) == says, [str(w.message) for w in caught]
+        if says:
+            assert str(rounded[0].message).startswith("resuming float32 weights with bfloat16 parameters")
