@@ -545,6 +545,7 @@ def test_resume_from_checkpoint_continues_with_the_same_batches(sp_data, second_
     with pytest.raises(DataError, match="seed 42 -> 7") as refused:
         fit(other, tmp_path, 10, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
     assert ("batch_size 4 -> 2" in str(refused.value)) == mixed
+    assert f"— --ckpt_path {tmp_path / 'ckpt' / 'epoch=0-step=4.ckpt'} —" in str(refused.value)  # which checkpoint
 
 
 @pytest.mark.parametrize("weights", [[1, 2], None], ids=["weights", "all"])

@@ -77,7 +77,7 @@ class TokenDataModule(TokenData, LightningDataModule):
                 "the checkpoint's position in the data holds only for the data settings it was saved with ("
                 + "; ".join(changed)
                 + ")",
-                "--ckpt_path",
+                f"--ckpt_path {trainer.ckpt_path}" if (trainer := getattr(self, "trainer", None)) else "--ckpt_path",
                 "resume with those settings (data.*, trainer.devices/num_nodes), or start a new run from its weights "
                 "with --model.init_from",
             )
