@@ -125,6 +125,19 @@ def test_import_refuses_unsupported_configs(tmp_path: Path, overrides: dict, mes
         config_from_hf(path)
 
 
+def test_rope_scaling_is_refused_in_either_field_with_what_to_do() -> None:
+    """A config carrying both fields (rope_parameters 'default' beside a 4.x rope_scaling) was accepted silently, and
+    the refusal said nothing of what to do."""
+    from epas_lightning.hf.convert import rope_theta_of
+
+    both = {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "rope_scaling": {"type": "linear"}}
+    with pytest.raises(
+        HFCheckpointError, match=r"'linear' \(rope_scaling\) is not supported.* — use a LLaMA checkpoint"
+    ):
+        rope_theta_of(both)
+    assert rope_theta_of({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}) == 5e5
+
+
 def test_import_errors_name_the_problem(tmp_path: Path) -> None:
     path = save_tiny_hf(tmp_path / "hf")
     with pytest.raises(HFCheckpointError, match="n_layer: model 3 vs"):

@@ -91,11 +91,16 @@ def rope_theta_of(hf: dict[str, Any]) -> float:
     """RoPE base of an HF config, refusing scaling (5.x ``rope_parameters``, 4.x ``rope_scaling``)."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
+    types = {
+        "rope_parameters": params.get("rope_type"),
+        "rope_scaling": scaling.get("rope_type") or scaling.get("type"),
+    }
+    field, rope_type = next(((k, t) for k, t in types.items() if t not in (None, "default")), (None, "default"))
+    if rope_type != "default":  # either field: a config may carry both
         raise HFCheckpointError(
-            f"RoPE scaling {rope_type!r} is not supported (only the default RoPE): the model would compute different "
-            "positions than the checkpoint was trained with."
+            f"RoPE scaling {rope_type!r} ({field}) is not supported, only the default RoPE: the model would compute "
+            "other positions than the checkpoint was trained with",
+            fix="use a LLaMA checkpoint with the default RoPE (LLaMA 2, TinyLlama, ...; LLaMA 3.1 and later scale it)",
         )
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
