@@ -548,6 +548,20 @@ def test_resume_from_checkpoint_continues_with_the_same_batches(sp_data, second_
     assert f"— --ckpt_path {tmp_path / 'ckpt' / 'epoch=0-step=4.ckpt'} —" in str(refused.value)  # which checkpoint
 
 
+def test_a_resume_on_other_data_starts_it_from_its_beginning_when_asked(sp_data, second_sp_data, tmp_path):
+    """Going on with other data (same tokenizer) was refused, and init_from restarts steps, optimizer and schedules:
+    resume_position=False resumes the run and reads the new data from its beginning."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    fit(TokenDataModule(str(sp_data), seq_len=16, batch_size=4, vocab_size=512), tmp_path / "a", 4, [checkpoint])
+    saved = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+    other = lambda **kwargs: TokenDataModule(str(second_sp_data), seq_len=16, batch_size=4, vocab_size=512, **kwargs)  # noqa: E731
+    with pytest.raises(DataError, match="position in the data holds only.* with --data.resume_position false$"):
+        fit(other(), tmp_path / "b", 8, ckpt_path=saved)
+    fresh = fit(other(), tmp_path / "c", 4).batches
+    resumed = fit(other(resume_position=False), tmp_path / "d", 8, ckpt_path=saved).batches
+    assert len(resumed) == 4 and all(torch.equal(a, b) for a, b in zip(fresh, resumed, strict=True))
+
+
 @pytest.mark.parametrize("weights", [[1, 2], None], ids=["weights", "all"])
 def test_mixed_loader_with_workers_resumes_with_the_same_batches(sp_data, second_sp_data, weights):
     """Each worker draws its own mix: every stream must resume where that worker stopped, not at an even split."""

@@ -48,6 +48,10 @@ class TokenDataModule(TokenData, LightningDataModule):
         max_bytes: Built-in corpus only: use just the first files totalling at most this many bytes (fast tests).
         cache_dir: Built-in corpus only: where prepared corpora are cached. Default: ``$EPAS_CACHE_DIR``, else
             ``$XDG_CACHE_HOME/epas_lightning`` or ``~/.cache/epas_lightning``.
+        resume_position: On resume, continue at the checkpoint's position in the data, which holds only for the data
+            settings it was saved with (others are refused). ``False`` starts this data from its beginning instead,
+            while the run's steps, optimizer, LR and sharing schedules resume: to go on with other data (a new
+            mixture, more data prepared with the same tokenizer).
     """
 
     def state_dict(self) -> dict[str, Any]:
@@ -61,6 +65,13 @@ class TokenDataModule(TokenData, LightningDataModule):
         size, worker or rank count, inexactly (litdata splits the rest of the epoch anew), and says so."""
         saved = state_dict.get("position_settings")
         if not saved:
+            return
+        if not self.resume_position:
+            self._fresh_position = True
+            rank_zero_info(
+                "data: resume_position is false: this data starts from its beginning; the run's steps, optimizer, LR "
+                "and sharing schedules resume"
+            )
             return
         current = self._position_settings()
         fixed, layout = ["streams", "seed", "seq_len"], ["batch_size", "num_workers", "world_size"]
@@ -78,8 +89,8 @@ class TokenDataModule(TokenData, LightningDataModule):
                 + "; ".join(changed)
                 + ")",
                 f"--ckpt_path {trainer.ckpt_path}" if (trainer := getattr(self, "trainer", None)) else "--ckpt_path",
-                "resume with those settings (data.*, trainer.devices/num_nodes), or start a new run from its weights "
-                "with --model.init_from",
+                "resume with those settings (data.*, trainer.devices/num_nodes), or go on with this data from its "
+                "beginning with --data.resume_position false",
             )
 
     def _position_settings(self) -> dict[str, Any]:
@@ -137,6 +148,8 @@ class TokenDataModule(TokenData, LightningDataModule):
 
     def train_dataloader(self) -> StreamingDataLoader:
         loader = self._dataloader(self.train_streams(), shuffle=True, weights=self.weights)
+        if self._fresh_position:  # Lightning hands the saved position to a stateful loader: this one keeps its own
+            loader.load_state_dict = lambda state: None
         if len(loader) == 0:
             raise DataError(
                 f"the training stream holds fewer than batch_size={self.batch_size} sequences of {self.seq_len + 1} "

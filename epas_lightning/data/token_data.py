@@ -92,6 +92,7 @@ class TokenData:
         val_dir: str | None = None,
         max_bytes: int | None = None,
         cache_dir: str | None = None,
+        resume_position: bool = True,
     ) -> None:
         super().__init__()
         if seq_len < 1 or batch_size < 1:
@@ -113,6 +114,8 @@ class TokenData:
         self.weights = weights
         self.max_bytes = max_bytes
         self.cache_dir = cache_dir
+        self.resume_position = resume_position
+        self._fresh_position = False  # a resume told to start this data from its beginning
         self.use_builtin = not dirs
         self.data_dirs: list[Path] = [Path(d).expanduser() for d in dirs]
         self.val_dir: Path | None = None if val_dir is None else Path(val_dir).expanduser()
