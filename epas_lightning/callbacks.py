@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from epas_lightning.errors import ConfigError
 from epas_lightning.flops import peak_flops
 from epas_lightning.region import REGION_KEY, TrainedRegion, region_in_growth_order
+from epas_lightning.runtime import dtype_name
 from epas_lightning.schedule import GrowthOrder, SharingSchedule, TargetSpec, check_order, resolve_target
 
 
@@ -229,7 +230,7 @@ class TokenThroughputMonitor(ThroughputMonitor):
         if self.available_flops:  # what MFU is a fraction of, said once: a figure to check against the datasheet
             device = trainer.strategy.root_device
             name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-            dtype = str(_compute_dtype(str(trainer.precision))).removeprefix("torch.")
+            dtype = dtype_name(_compute_dtype(str(trainer.precision)))
             tflops = self.available_flops / 1e12
             rank_zero_info(
                 f"MFU (train/device/mfu) divides each device's FLOP/s by {tflops:,.1f} TFLOP/s: the dense "

@@ -34,7 +34,7 @@ from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.llama import check_attention_reuse
 from epas_lightning.optim import default_optimizer, optimizer_settings, param_groups, restore_settings
 from epas_lightning.parallel import PRECISIONS, checkpointed_blocks, mixed_precision_policy, parallelize
-from epas_lightning.runtime import has_native_bf16
+from epas_lightning.runtime import dtype_name, has_native_bf16
 
 
 class EPASModule(LightningModule):
@@ -271,9 +271,9 @@ class EPASModule(LightningModule):
         now = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
         if saved is not None and now is not None and now.itemsize < saved.itemsize:
             rank_zero_warn(
-                f"resuming {str(saved).removeprefix('torch.')} weights with {str(now).removeprefix('torch.')} "
-                f"parameters (trainer.precision {self.trainer.precision}): they and AdamW's state are rounded to "
-                f"{str(now).removeprefix('torch.')} for good; resume with the run's own precision to keep them"
+                f"resuming {dtype_name(saved)} weights with {dtype_name(now)} parameters (trainer.precision "
+                f"{self.trainer.precision}): they and AdamW's state are rounded to {dtype_name(now)} for good; resume "
+                "with the run's own precision to keep them"
             )
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
-from epas_lightning.callbacks import ProgressiveSharing
+from epas_lightning.callbacks import ProgressiveSharing, batch_tokens
 from epas_lightning.divergence import last_checkpoint
 from epas_lightning.flops import estimate_flops, flop_cut
 from epas_lightning.loss_scaling import loss_scaler
@@ -78,7 +78,7 @@ class RunSummary(Callback):
     ) -> None:
         """Time whole optimizer steps, end to end: every micro-batch of the step, the data loading between them, the
         gradient synchronisation and the update (a step after a validation starts at its first micro-batch)."""
-        self._step_tokens += batch.shape[0] * (batch.shape[1] - 1) * trainer.world_size
+        self._step_tokens += batch_tokens(batch) * trainer.world_size
         if self._step_start is not None and trainer.global_step != self._step_of_window:  # the step is done
             now = time.perf_counter()
             if now > self._step_start:
@@ -115,8 +115,7 @@ class RunSummary(Callback):
             lines.append(f"  logs         {log_dir}{hint}")
         loss = trainer.callback_metrics.get("val/loss")
         if loss is not None:
-            loss = float(loss)
-            lines.append(f"  val loss     {loss:.4f} (perplexity {math.exp(loss):.1f}) at the last validation")
+            lines.append(f"  val loss     {_with_perplexity(float(loss))} at the last validation")
         rates = self._rates[WARMUP_STEPS:] or self._rates
         if rates:
             lines.append(f"  throughput   {_throughput(statistics.median(rates), len(rates), trainer.world_size)}")
@@ -167,6 +166,11 @@ def _throughput(tokens_per_second: float, steps: int, world_size: int) -> str:
     if world_size > 1:
         over = f"{world_size} processes, {tokens_per_second / world_size:,.0f} per device; {over}"
     return f"{tokens_per_second:,.0f} tokens/s ({over})"
+
+
+def _with_perplexity(loss: float) -> str:
+    """A validation loss as the summary and the log lines print it: ``5.8578 (perplexity 350.0)``."""
+    return f"{loss:.4f} (perplexity {math.exp(min(loss, 700)):.1f})"  # exp overflows a float past 709
 
 
 def _duration(start: float) -> str:
@@ -259,7 +263,7 @@ class StepRunProgressBar(RichProgressBar):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if not self._lines:
             return
-        self._tokens += batch.shape[0] * (batch.shape[1] - 1) * trainer.world_size
+        self._tokens += batch_tokens(batch) * trainer.world_size
         now, step, last = time.perf_counter(), trainer.global_step, trainer.max_steps
         if now - self._last_line < self.line_every_s and step != last:
             return
@@ -282,11 +286,7 @@ class StepRunProgressBar(RichProgressBar):
         self._last_line += time.perf_counter() - self._validation_start  # tokens/s counts training time only
         loss = trainer.callback_metrics.get("val/loss")
         if self._lines and not trainer.sanity_checking and loss is not None:
-            loss = float(loss)
-            perplexity = math.exp(min(loss, 700))
-            print(
-                f"val/loss {loss:.4f} (perplexity {perplexity:.1f}) after {trainer.global_step} steps", file=sys.stderr
-            )
+            print(f"val/loss {_with_perplexity(float(loss))} after {trainer.global_step} steps", file=sys.stderr)
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
