@@ -77,8 +77,12 @@ class TokenDataModule(TokenData, LightningDataModule):
         fixed, layout = ["streams", "seed", "seq_len"], ["batch_size", "num_workers", "world_size"]
         if len(current["streams"]) > 1 or len(saved["streams"]) > 1:
             fixed += ["weights", *layout]
-        changed = [f"{key} {saved[key]} -> {current[key]}" for key in fixed if saved.get(key) != current[key]]
-        if moved := [f"{key} {saved[key]} -> {current[key]}" for key in layout if saved.get(key) != current[key]]:
+
+        def differ(keys: list[str]) -> list[str]:
+            return [f"{key} {saved.get(key)} -> {current[key]}" for key in keys if saved.get(key) != current[key]]
+
+        changed = differ(fixed)
+        if moved := differ([key for key in layout if key not in fixed]):
             rank_zero_info(  # one stream: litdata's elastic resume
                 f"data: resumed with {', '.join(moved)}: litdata splits the rest of the epoch anew, so a few samples "
                 "at the resumed position may be read twice or skipped"
@@ -92,6 +96,11 @@ class TokenDataModule(TokenData, LightningDataModule):
                 "resume with those settings (data.*, trainer.devices/num_nodes), or go on with this data from its "
                 "beginning with --data.resume_position false",
             )
+
+    @property
+    def _data_dir_flag(self) -> str:
+        """Where the user set the data folders, as errors name it."""
+        return f"data.data_dir {', '.join(map(str, self.data_dirs))}"
 
     def _position_settings(self) -> dict[str, Any]:
         trainer = getattr(self, "trainer", None)
@@ -133,7 +142,7 @@ class TokenDataModule(TokenData, LightningDataModule):
             return
         fix = f"prepare the data with --tokenizer {source} (the tokenizer of model.init_from)"
         # setup found every data_dir, and a prepared val_dir, tokenized with one file: comparing the first suffices
-        where = f"data.data_dir {', '.join(map(str, self.data_dirs))}"
+        where = self._data_dir_flag
         check_tokenized_with(self.data_dirs[0], source, where, fix)
 
     def check_checkpoint_tokenizer(self, recorded: dict[str, Any] | None) -> None:
@@ -142,7 +151,7 @@ class TokenDataModule(TokenData, LightningDataModule):
         path = Path(recorded["path"]) if recorded and recorded.get("path") else None
         if path is None or not path.is_file() or not self.data_dirs:
             return
-        where = f"data.data_dir {', '.join(map(str, self.data_dirs))}"
+        where = self._data_dir_flag
         fix = f"use data prepared with --tokenizer {path}, the checkpoint's"
         check_tokenized_with(self.data_dirs[0], path, where, fix, whose="the checkpoint's")
 
@@ -154,7 +163,7 @@ class TokenDataModule(TokenData, LightningDataModule):
             raise DataError(
                 f"the training stream holds fewer than batch_size={self.batch_size} sequences of {self.seq_len + 1} "
                 "tokens (for each rank and loader worker): not one training step",
-                f"data.data_dir {', '.join(map(str, self.data_dirs))}",
+                self._data_dir_flag,
                 "lower data.batch_size, data.num_workers or the sequence length (model.config.block_size), or "
                 "prepare more data",
             )
