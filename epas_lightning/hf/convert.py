@@ -232,9 +232,9 @@ def _read_sharded(path: Path, index_name: str, load) -> dict[str, torch.Tensor]:
     return state
 
 
-def hf_to_ours(hf_state: dict[str, torch.Tensor], config: LlamaConfig, where: object = None) -> dict[str, torch.Tensor]:
+def hf_to_ours(hf_state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:
     """Our ``Llama`` parameters from an HF state dict (no ``sharing.mask``); vocabulary rows padded with zeros to
-    ``padded_vocab_size``. ``where`` names the source in errors."""
+    ``padded_vocab_size``. Its errors name no place: callers say where the state came from (:func:`located`)."""
     state: dict[str, torch.Tensor] = {}
     unknown = []
     for key, tensor in hf_state.items():
@@ -247,28 +247,27 @@ def hf_to_ours(hf_state: dict[str, torch.Tensor], config: LlamaConfig, where: ob
         else:
             unknown.append(key)
     if unknown:
-        raise HFCheckpointError(f"Unexpected tensors in the HF checkpoint: {sorted(unknown)[:8]}", where)
+        raise HFCheckpointError(f"Unexpected tensors in the HF checkpoint: {sorted(unknown)[:8]}")
     if config.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     elif "lm_head.weight" not in state:
-        raise HFCheckpointError("The HF checkpoint has no lm_head.weight but tie_word_embeddings is false.", where)
+        raise HFCheckpointError("The HF checkpoint has no lm_head.weight but tie_word_embeddings is false.")
     for key in VOCAB_KEYS:
         if key in state:
-            check_vocab_rows(state[key], config.vocab_size, HF_PREFIX + key if key != "lm_head.weight" else key, where)
+            check_vocab_rows(state[key], config.vocab_size, HF_PREFIX + key if key != "lm_head.weight" else key)
             state[key] = resize_rows(state[key], config.padded_vocab_size)
     if config.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     return state
 
 
-def check_vocab_rows(tensor: torch.Tensor, vocab_size: int, name: str, where: object = None) -> None:
+def check_vocab_rows(tensor: torch.Tensor, vocab_size: int, name: str) -> None:
     """Refuse an HF vocabulary tensor whose rows are not ``vocab_size`` (transformers refuses to load it): padding or
     cutting it would give tokens zero rows or drop trained ones."""
     if tensor.shape[0] != vocab_size:
         raise HFCheckpointError(
             f"{name} has {tensor.shape[0]} rows but config.json says vocab_size {vocab_size}",
-            where,
-            "set vocab_size in config.json to the number of rows the weights have (transformers refuses the "
+            fix="set vocab_size in config.json to the number of rows the weights have (transformers refuses the "
             "folder as it is)",
         )
 
@@ -302,4 +301,5 @@ def load_hf_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Tens
     """Read and convert an HF LLaMA directory for a model of ``config`` (checked first, with every difference named)."""
     path = Path(path).expanduser()
     check_compatible(config, read_hf_config(path), source=str(path))
-    return hf_to_ours(read_hf_weights(path), config, path)
+    with located(path):
+        return hf_to_ours(read_hf_weights(path), config)
