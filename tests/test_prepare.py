@@ -217,6 +217,22 @@ def test_trained_tokenizer_is_saved_next_to_the_data(corpus, tmp_path: Path):
         tiny_dm(str(out), vocab_size=280)
 
 
+def test_special_token_text_in_a_document_is_text(tmp_path: Path, sp_model: Path):
+    """A document quoting a tokenizer.json's special tokens ('<|eos|>') was cut there: the text became the EOS id in
+    mid-document (sentencepiece always read it as text). Every kind reads it as text, as generate and serve do."""
+    (tmp_path / "in").mkdir()
+    docs = [make_text(random.Random(i), 60) for i in range(4)]
+    docs[0] += "a <|eos|> b <|bos|>c</s><s> <|endoftext|>"
+    for i, doc in enumerate(docs):
+        (tmp_path / "in" / f"d{i}.txt").write_text(doc)
+    out = prepare(tmp_path / "in", tmp_path / "bpe", train_tokenizer=True, vocab_size=300, val_fraction=0.3)
+    tok = load_tokenizer(out / "tokenizer.json")
+    streams = [documents_of(out / split, tok.bos_id, tok.eos_id) for split in ("train", "val")]
+    assert sorted(tok.decode(ids) for stream in streams for ids in stream) == sorted(docs)
+    for kind in (tok, load_tokenizer(sp_model)):
+        assert not {kind.bos_id, kind.eos_id} & set(kind.encode(docs[0])), kind
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------------------------------
