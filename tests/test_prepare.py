@@ -278,6 +278,25 @@ def test_a_utf8_byte_order_mark_is_not_part_of_the_text(tmp_path: Path):
     assert texts == ["café\r\n", "a", "b"]
 
 
+def test_a_split_decodes_only_its_own_records(tmp_path: Path, monkeypatch):
+    """prepare reads the record files once per split: the val pass JSON-decoded every record to keep 1% of them, a
+    second full decode of the corpus. The records of the other split are now passed over undecoded."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from epas_lightning.data import sources
+
+    rows = [f"doc {i}" for i in range(300)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    pq.write_table(pa.table({"text": rows}), tmp_path / "b.parquet")
+    files = sources.discover_files([tmp_path])
+    decoded, loads = [], json.loads
+    monkeypatch.setattr(sources.json, "loads", lambda line: decoded.append(line) or loads(line))
+    val = list(sources.split_documents(files, "val", 0.05, "text", print))
+    train = list(sources.split_documents(files, "train", 0.05, "text", print))
+    assert len(decoded) == len(rows) and 10 < len(val) < 50 and sorted(val + train) == sorted(rows * 2)
+
+
 def test_empty_input_is_refused(tmp_path: Path, sp_model: Path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataPreparationError, match=rf"no input files found — --input {tmp_path / 'empty'}"):

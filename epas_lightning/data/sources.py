@@ -9,6 +9,7 @@ document, like an undecodable one: skipped with its name, or fatal with ``--on-b
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import hashlib
 import io
@@ -182,13 +183,14 @@ def _open_binary(path: str) -> io.BufferedIOBase:
     return open(path, "rb")  # noqa: SIM115
 
 
-def _jsonl_records(f: InputFile) -> Iterator[tuple[int, object]]:
-    """``(line number, record)`` for each non-blank line; a line that is not JSON gives a :class:`BadDocument` as its
-    record, and the lines after it are still read. A file that cannot be read raises one."""
+def _jsonl_records(f: InputFile, keep: Callable[[int], bool] | None = None) -> Iterator[tuple[int, object]]:
+    """``(line number, record)`` for each non-blank line (whose number ``keep`` accepts: the others are not decoded);
+    a line that is not JSON gives a :class:`BadDocument` as its record, and the lines after it are still read. A file
+    that cannot be read raises one."""
     try:
         with _open_binary(f.path) as stream:
             for lineno, line in enumerate(stream, start=1):
-                if not line.strip():
+                if not line.strip() or (keep is not None and not keep(lineno)):
                     continue
                 try:
                     record = json.loads(line.decode("utf-8-sig" if lineno == 1 else "utf-8"))  # a BOM is no text
@@ -224,9 +226,17 @@ def _not_text(text_field: str, value: object) -> str:
     return f"{text_field!r} is {'null' if value is None else type(value).__name__}, not text"
 
 
-def iter_documents(f: InputFile, text_field: str, on_bad: Callable[[BadDocument], None]) -> Iterator[tuple[str, str]]:
-    """``(key, text)`` for each document of ``f``. Bad records go to ``on_bad``, which may raise."""
+def iter_documents(
+    f: InputFile,
+    text_field: str,
+    on_bad: Callable[[BadDocument], None],
+    keep: Callable[[str], bool] = lambda key: True,
+) -> Iterator[tuple[str, str]]:
+    """``(key, text)`` for each document of ``f`` whose key ``keep`` accepts; the others are not decoded (a split
+    reads every record file of a hash split). Bad records go to ``on_bad``, which may raise."""
     if f.kind == "text":
+        if not keep(f.key):
+            return
         try:
             data = Path(f.path).read_bytes()
             if b"\0" in data[:BINARY_SNIFF_BYTES]:
@@ -239,7 +249,7 @@ def iter_documents(f: InputFile, text_field: str, on_bad: Callable[[BadDocument]
             on_bad(BadDocument(f.path, f"unreadable ({e.strerror or e})"))
     elif f.kind == "jsonl":
         try:
-            for lineno, record in _jsonl_records(f):
+            for lineno, record in _jsonl_records(f, lambda lineno: keep(f"{f.key}#{lineno}")):
                 key = f"{f.key}#{lineno}"
                 try:
                     if isinstance(record, BadDocument):
@@ -256,15 +266,16 @@ def iter_documents(f: InputFile, text_field: str, on_bad: Callable[[BadDocument]
         import pyarrow.parquet as pq
 
         try:
-            index = 0
+            start = 1
             for batch in pq.ParquetFile(f.path).iter_batches(columns=[text_field], batch_size=1024):
-                for text in batch.column(0).to_pylist():
-                    index += 1
+                rows = [i for i in range(start, start + batch.num_rows) if keep(f"{f.key}#{i}")]
+                for index, text in zip(rows, batch.column(0).take([i - start for i in rows]).to_pylist(), strict=True):
                     key = f"{f.key}#{index}"
                     if isinstance(text, str):
                         yield key, text
                     else:
                         on_bad(BadDocument(f"{f.path} row {index}", _not_text(text_field, text), key))
+                start += batch.num_rows
         except DataPreparationError:
             raise
         except Exception as e:
@@ -288,6 +299,7 @@ def split_documents(
     for f in files:
         if f.split not in (split, "hash"):
             continue
-        for key, text in iter_documents(f, text_field, lambda bad, f=f: in_split(f, bad.key) and on_bad(bad)):
-            if text and in_split(f, key):
+        keep = functools.partial(in_split, f)
+        for _, text in iter_documents(f, text_field, lambda bad, keep=keep: keep(bad.key) and on_bad(bad), keep):
+            if text:
                 yield text
