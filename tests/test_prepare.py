@@ -253,6 +253,25 @@ def test_linked_files_and_folders_are_read_once_and_link_loops_end(tmp_path: Pat
     assert [f.key for f in discover_files(inputs)] == ["latest.txt"]
 
 
+def test_files_of_unknown_kind_in_a_folder_are_counted_in_one_warning(tmp_path: Path, caplog):
+    """A folder's files of no known suffix (a compressed .txt.gz, images) were left out without a word, and a missing
+    --val-input was called --input."""
+    from epas_lightning.data.sources import discover_files
+
+    for name in ("a.txt", "b.txt.gz", "c.txt.gz", "d.png", ".hidden.bin", "sub/e.md"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("x")
+    with caplog.at_level("WARNING", logger="epas_lightning"):
+        assert [f.key for f in discover_files([tmp_path])] == ["a.txt", "sub/e.md"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Left out 3 files of no known kind under --input {tmp_path} (.gz: 2, .png: 1; e.g. {tmp_path / 'b.txt.gz'}): "
+        "prepare reads text and code files, .jsonl[.gz|.zst], .ndjson and .parquet (a file given as an input is read "
+        "as text whatever its suffix)"
+    ]
+    with pytest.raises(DataPreparationError, match="input does not exist — --val-input"):  # not --input
+        discover_files([tmp_path / "gone"], split="val")
+
+
 def test_text_files_of_one_name_under_two_inputs_are_not_all_held_out(tmp_path: Path):
     """The split hashes a file's name under its input: two inputs' doc.txt were both held out, leaving no training."""
     from epas_lightning.data.sources import discover_files, plan_split

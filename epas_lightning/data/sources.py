@@ -14,12 +14,16 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from epas_lightning.errors import DataError
+
+log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = frozenset(
     {
@@ -69,6 +73,7 @@ def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[In
     is read once, where it is first found: a linked file, or one under two inputs, is not a second document."""
     files: list[InputFile] = []
     read: set[str] = set()
+    flag = "--val-input" if split == "val" else "--input"
 
     def add(path: Path, key: str, kind: str) -> None:
         if (real := os.path.realpath(path)) not in read:
@@ -81,7 +86,8 @@ def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[In
             add(root, root.name, file_kind(root, explicit=True))  # type: ignore[arg-type]
             continue
         if not root.is_dir():
-            raise DataPreparationError("input does not exist", f"--input {root}", "check the path")
+            raise DataPreparationError("input does not exist", f"{flag} {root}", "check the path")
+        unknown: list[Path] = []
         seen = {os.path.realpath(root)}  # linked folders are followed, each real folder read once (no link loops)
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             kept = []
@@ -92,10 +98,26 @@ def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[In
             dirnames[:] = kept
             for name in sorted(filenames):
                 path = Path(dirpath) / name
-                if name.startswith(".") or not path.is_file() or (kind := file_kind(path, explicit=False)) is None:
+                if name.startswith(".") or not path.is_file():
                     continue
-                add(path, path.relative_to(root).as_posix(), kind)
+                if (kind := file_kind(path, explicit=False)) is None:
+                    unknown.append(path)
+                else:
+                    add(path, path.relative_to(root).as_posix(), kind)
+        if unknown:
+            _warn_unknown(unknown, f"{flag} {root}")
     return files
+
+
+def _warn_unknown(paths: list[Path], where: str) -> None:
+    """One line for the files of a folder that are not read: how many, their commonest suffixes, an example."""
+    suffixes = Counter(p.suffix.lower() or "no suffix" for p in paths).most_common(5)
+    counts = ", ".join(f"{suffix}: {n}" for suffix, n in suffixes)
+    files = f"{len(paths)} file{'s' * (len(paths) > 1)}"
+    log.warning(
+        f"Left out {files} of no known kind under {where} ({counts}; e.g. {paths[0]}): prepare reads text and code "
+        "files, .jsonl[.gz|.zst], .ndjson and .parquet (a file given as an input is read as text whatever its suffix)"
+    )
 
 
 def stable_unit_hash(text: str) -> float:
