@@ -265,11 +265,21 @@ def test_files_of_unknown_kind_in_a_folder_are_counted_in_one_warning(tmp_path: 
         assert [f.key for f in discover_files([tmp_path])] == ["a.txt", "sub/e.md"]
     assert [r.getMessage() for r in caplog.records] == [
         f"Left out 3 files of no known kind under --input {tmp_path} (.gz: 2, .png: 1; e.g. {tmp_path / 'b.txt.gz'}): "
-        "prepare reads text and code files, .jsonl[.gz|.zst], .ndjson and .parquet (a file given as an input is read "
-        "as text whatever its suffix)"
+        "prepare reads text and code files, .jsonl[.gz|.zst], .json.gz|.zst, .ndjson and .parquet (a file given as "
+        "an input is read as text whatever its suffix)"
     ]
     with pytest.raises(DataPreparationError, match="input does not exist — --val-input"):  # not --input
         discover_files([tmp_path / "gone"], split="val")
+
+
+def test_compressed_json_shards_are_json_lines(tmp_path: Path):
+    """C4 and Dolma ship JSON Lines as .json.gz: in a folder they were left out, named alone read as one binary text."""
+    from epas_lightning.data.sources import discover_files, iter_documents
+
+    with gzip.open(tmp_path / "c4-train.00000-of-01024.json.gz", "wt") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in "ab")
+    for inputs in ([tmp_path], [next(tmp_path.iterdir())]):
+        assert [text for f in discover_files(inputs) for _, text in iter_documents(f, "text", print)] == ["a", "b"]
 
 
 def test_text_files_of_one_name_under_two_inputs_are_not_all_held_out(tmp_path: Path):

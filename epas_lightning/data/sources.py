@@ -1,9 +1,9 @@
 """Where documents come from: input files and folders, the train/val split, and reading each document.
 
 Inputs are files or directories of text/markdown/code files (one document per file), JSONL (``.jsonl``,
-``.jsonl.gz``, ``.jsonl.zst``; one document per line, text in a configurable field) and parquet (one document per
-row); a UTF-8 byte order mark starting a file is not text. A text file that looks binary (NUL bytes) is a bad
-document, like an undecodable one: skipped with its name, or fatal with ``--on-bad fail``.
+``.jsonl.gz``, ``.jsonl.zst``, ``.json.gz``, ``.json.zst``; one document per line, text in a configurable field) and
+parquet (one document per row); a UTF-8 byte order mark starting a file is not text. A text file that looks binary
+(NUL bytes) is a bad document, like an undecodable one: skipped with its name, or fatal with ``--on-bad fail``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ TEXT_SUFFIXES = frozenset(
         *(".ml", ".sql", ".yaml", ".yml", ".toml", ".ini", ".cfg", ".css", ".el", ".ex", ".erl", ".dart", ".proto"),
     }
 )
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson", ".json.gz", ".json.zst")
+"""Compressed ``.json`` shards are JSON Lines too (C4, Dolma); a plain ``.json`` file is one text document."""
 SKIPPED_DIRS = frozenset({"__pycache__", "node_modules", "site-packages", "dist-packages"})
 BINARY_SNIFF_BYTES = 8192
 """A text file with a NUL byte among its first bytes is binary (git's rule)."""
@@ -116,7 +117,8 @@ def _warn_unknown(paths: list[Path], where: str) -> None:
     files = f"{len(paths)} file{'s' * (len(paths) > 1)}"
     log.warning(
         f"Left out {files} of no known kind under {where} ({counts}; e.g. {paths[0]}): prepare reads text and code "
-        "files, .jsonl[.gz|.zst], .ndjson and .parquet (a file given as an input is read as text whatever its suffix)"
+        "files, .jsonl[.gz|.zst], .json.gz|.zst, .ndjson and .parquet (a file given as an input is read as text "
+        "whatever its suffix)"
     )
 
 
