@@ -207,6 +207,19 @@ def test_flags_that_cannot_apply_are_refused_before_any_work(flags, says, tmp_pa
     assert says in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+def test_a_document_larger_than_a_chunk_prints_no_litdata_warning(tmp_path: Path, sp_model: Path):
+    """A document of more tokens than a chunk holds (a book) printed litdata's UserWarning, with its source line, from
+    every worker that met one; the chunk just grows, as it should."""
+    for i in range(2):
+        (tmp_path / f"book{i}.txt").write_text(make_text(random.Random(i), 600))
+    out = tmp_path.parent / f"{tmp_path.name}-out"
+    script = "import sys; from epas_lightning.data import writing, prepare_dataset as p; writing.CHUNK_BYTES = '1kB'"
+    argv = [sys.executable, "-c", f"{script}; p(*sys.argv[1:])", tmp_path, out, sp_model]
+    run = subprocess.run(argv, capture_output=True)
+    assert run.returncode == 0 and (out / "meta.json").is_file(), run.stderr.decode()
+    assert "larger than the target chunk size" not in run.stderr.decode()
+
+
 def test_trained_tokenizer_is_saved_next_to_the_data(corpus, tmp_path: Path):
     root, _ = corpus
     out = prepare(root / "notes", tmp_path / "bpe", train_tokenizer=True, vocab_size=300, num_workers=1)
