@@ -583,6 +583,21 @@ def test_export_sentencepiece_tokenizes_as_training(tmp_path: Path, options: dic
     assert warned == unigram and (not unigram or "'<s> and </s> are text' is tokens" in caplog.text)
 
 
+def test_export_hf_tokenizer_reads_special_token_text_as_text(tmp_path: Path) -> None:
+    """A tokenizer.json's '<|eos|>' in a text is text in training and generate (TextTokenizer): the exported tokenizer
+    read it as the EOS id, so transformers and lm-eval saw ids the model never trained on."""
+    from epas_lightning.data import load_tokenizer
+    from epas_lightning.data.tokenizer import train_byte_level_bpe
+    from epas_lightning.hf.export import export_tokenizer
+
+    train_byte_level_bpe(["hello world, a bit of text"] * 20, 270).save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "hf").mkdir()
+    export_tokenizer(tmp_path / "tokenizer.json", tmp_path / "hf", 64, None, None)
+    exported, ours = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf"), load_tokenizer(tmp_path)
+    text = "a <|eos|> b<|bos|>"
+    assert exported(text)["input_ids"] == [ours.bos_id, *ours.encode(text)]
+
+
 def test_export_warns_when_the_sentencepiece_json_tokenizes_otherwise(tmp_path: Path, caplog) -> None:
     """A model the tokenizer.json cannot reproduce (whitespace as a suffix) is exported with a one-line warning."""
     from epas_lightning.hf.export import export_tokenizer

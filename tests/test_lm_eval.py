@@ -167,7 +167,8 @@ def test_regions_change_the_scores_and_the_tokenizer_is_the_exports(checkpoint, 
     for text in ("def f(x):", " leading", "two  spaces\nand a line"):
         assert lm.tok_encode(text) == exported.encode(text)
         assert exported.encode(text)[0] == tokenizer.bos_id  # the export starts every text with BOS, as trained
-    assert lm.tok_encode("<|bos|>import") == exported.encode("import")  # lm-eval adds no second BOS
+    text = "x <|eos|> y"  # special-token text is text, as training read it (the export sets split_special_tokens)
+    assert lm.tok_encode(text) == [tokenizer.bos_id, *tokenizer.encode(text)]
     pairs = [("def f(x): ", "return x"), ("", "import os"), ("class A:\n", "    pass"), (words(1, 40), " else")]
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
     dense = lm.loglikelihood(requests)

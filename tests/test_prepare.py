@@ -207,6 +207,19 @@ def test_flags_that_cannot_apply_are_refused_before_any_work(flags, says, tmp_pa
     assert says in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+def test_a_document_larger_than_a_chunk_prints_no_litdata_warning(tmp_path: Path, sp_model: Path):
+    """A document of more tokens than a chunk holds (a book) printed litdata's UserWarning, with its source line, from
+    every worker that met one; the chunk just grows, as it should."""
+    for i in range(2):
+        (tmp_path / f"book{i}.txt").write_text(make_text(random.Random(i), 600))
+    out = tmp_path.parent / f"{tmp_path.name}-out"
+    script = "import sys; from epas_lightning.data import writing, prepare_dataset as p; writing.CHUNK_BYTES = '1kB'"
+    argv = [sys.executable, "-c", f"{script}; p(*sys.argv[1:])", tmp_path, out, sp_model]
+    run = subprocess.run(argv, capture_output=True)
+    assert run.returncode == 0 and (out / "meta.json").is_file(), run.stderr.decode()
+    assert "larger than the target chunk size" not in run.stderr.decode()
+
+
 def test_trained_tokenizer_is_saved_next_to_the_data(corpus, tmp_path: Path):
     root, _ = corpus
     out = prepare(root / "notes", tmp_path / "bpe", train_tokenizer=True, vocab_size=300, num_workers=1)
@@ -215,6 +228,22 @@ def test_trained_tokenizer_is_saved_next_to_the_data(corpus, tmp_path: Path):
     assert meta["splits"]["val"]["documents"] >= 1  # one note at least, held out whole
     with pytest.raises(DataError, match=r"has 300 tokens but the model's vocab_size is 280"):
         tiny_dm(str(out), vocab_size=280)
+
+
+def test_special_token_text_in_a_document_is_text(tmp_path: Path, sp_model: Path):
+    """A document quoting a tokenizer.json's special tokens ('<|eos|>') was cut there: the text became the EOS id in
+    mid-document (sentencepiece always read it as text). Every kind reads it as text, as generate and serve do."""
+    (tmp_path / "in").mkdir()
+    docs = [make_text(random.Random(i), 60) for i in range(4)]
+    docs[0] += "a <|eos|> b <|bos|>c</s><s> <|endoftext|>"
+    for i, doc in enumerate(docs):
+        (tmp_path / "in" / f"d{i}.txt").write_text(doc)
+    out = prepare(tmp_path / "in", tmp_path / "bpe", train_tokenizer=True, vocab_size=300, val_fraction=0.3)
+    tok = load_tokenizer(out / "tokenizer.json")
+    streams = [documents_of(out / split, tok.bos_id, tok.eos_id) for split in ("train", "val")]
+    assert sorted(tok.decode(ids) for stream in streams for ids in stream) == sorted(docs)
+    for kind in (tok, load_tokenizer(sp_model)):
+        assert not {kind.bos_id, kind.eos_id} & set(kind.encode(docs[0])), kind
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -235,6 +264,35 @@ def test_linked_files_and_folders_are_read_once_and_link_loops_end(tmp_path: Pat
     # each real file once: a linked file, a folder given twice, a file inside a folder given too
     inputs = [tmp_path / "corpus", tmp_path / "corpus", tmp_path / "shards" / "a" / "doc.txt"]
     assert [f.key for f in discover_files(inputs)] == ["latest.txt"]
+
+
+def test_files_of_unknown_kind_in_a_folder_are_counted_in_one_warning(tmp_path: Path, caplog):
+    """A folder's files of no known suffix (a compressed .txt.gz, images) were left out without a word, and a missing
+    --val-input was called --input."""
+    from epas_lightning.data.sources import discover_files
+
+    for name in ("a.txt", "b.txt.gz", "c.txt.gz", "d.png", ".hidden.bin", "sub/e.md"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("x")
+    with caplog.at_level("WARNING", logger="epas_lightning"):
+        assert [f.key for f in discover_files([tmp_path])] == ["a.txt", "sub/e.md"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Left out 3 files of no known kind under --input {tmp_path} (.gz: 2, .png: 1; e.g. {tmp_path / 'b.txt.gz'}): "
+        "prepare reads text and code files, .jsonl[.gz|.zst], .json.gz|.zst, .ndjson and .parquet (a file given as "
+        "an input is read as text whatever its suffix)"
+    ]
+    with pytest.raises(DataPreparationError, match="input does not exist — --val-input"):  # not --input
+        discover_files([tmp_path / "gone"], split="val")
+
+
+def test_compressed_json_shards_are_json_lines(tmp_path: Path):
+    """C4 and Dolma ship JSON Lines as .json.gz: in a folder they were left out, named alone read as one binary text."""
+    from epas_lightning.data.sources import discover_files, iter_documents
+
+    with gzip.open(tmp_path / "c4-train.00000-of-01024.json.gz", "wt") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in "ab")
+    for inputs in ([tmp_path], [next(tmp_path.iterdir())]):
+        assert [text for f in discover_files(inputs) for _, text in iter_documents(f, "text", print)] == ["a", "b"]
 
 
 def test_text_files_of_one_name_under_two_inputs_are_not_all_held_out(tmp_path: Path):
@@ -260,6 +318,25 @@ def test_a_utf8_byte_order_mark_is_not_part_of_the_text(tmp_path: Path):
     texts = [text for f in discover_files([tmp_path]) for _, text in iter_documents(f, "text", bad.append)]
     assert not bad
     assert texts == ["café\r\n", "a", "b"]
+
+
+def test_a_split_decodes_only_its_own_records(tmp_path: Path, monkeypatch):
+    """prepare reads the record files once per split: the val pass JSON-decoded every record to keep 1% of them, a
+    second full decode of the corpus. The records of the other split are now passed over undecoded."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from epas_lightning.data import sources
+
+    rows = [f"doc {i}" for i in range(300)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    pq.write_table(pa.table({"text": rows}), tmp_path / "b.parquet")
+    files = sources.discover_files([tmp_path])
+    decoded, loads = [], json.loads
+    monkeypatch.setattr(sources.json, "loads", lambda line: decoded.append(line) or loads(line))
+    val = list(sources.split_documents(files, "val", 0.05, "text", print))
+    train = list(sources.split_documents(files, "train", 0.05, "text", print))
+    assert len(decoded) == len(rows) and 10 < len(val) < 50 and sorted(val + train) == sorted(rows * 2)
 
 
 def test_empty_input_is_refused(tmp_path: Path, sp_model: Path):

@@ -1,24 +1,29 @@
 """Where documents come from: input files and folders, the train/val split, and reading each document.
 
 Inputs are files or directories of text/markdown/code files (one document per file), JSONL (``.jsonl``,
-``.jsonl.gz``, ``.jsonl.zst``; one document per line, text in a configurable field) and parquet (one document per
-row); a UTF-8 byte order mark starting a file is not text. A text file that looks binary (NUL bytes) is a bad
-document, like an undecodable one: skipped with its name, or fatal with ``--on-bad fail``.
+``.jsonl.gz``, ``.jsonl.zst``, ``.json.gz``, ``.json.zst``; one document per line, text in a configurable field) and
+parquet (one document per row); a UTF-8 byte order mark starting a file is not text. A text file that looks binary
+(NUL bytes) is a bad document, like an undecodable one: skipped with its name, or fatal with ``--on-bad fail``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import hashlib
 import io
 import json
+import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from epas_lightning.errors import DataError
+
+log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = frozenset(
     {
@@ -28,7 +33,8 @@ TEXT_SUFFIXES = frozenset(
         *(".ml", ".sql", ".yaml", ".yml", ".toml", ".ini", ".cfg", ".css", ".el", ".ex", ".erl", ".dart", ".proto"),
     }
 )
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson", ".json.gz", ".json.zst")
+"""Compressed ``.json`` shards are JSON Lines too (C4, Dolma); a plain ``.json`` file is one text document."""
 SKIPPED_DIRS = frozenset({"__pycache__", "node_modules", "site-packages", "dist-packages"})
 BINARY_SNIFF_BYTES = 8192
 """A text file with a NUL byte among its first bytes is binary (git's rule)."""
@@ -68,6 +74,7 @@ def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[In
     is read once, where it is first found: a linked file, or one under two inputs, is not a second document."""
     files: list[InputFile] = []
     read: set[str] = set()
+    flag = "--val-input" if split == "val" else "--input"
 
     def add(path: Path, key: str, kind: str) -> None:
         if (real := os.path.realpath(path)) not in read:
@@ -80,7 +87,8 @@ def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[In
             add(root, root.name, file_kind(root, explicit=True))  # type: ignore[arg-type]
             continue
         if not root.is_dir():
-            raise DataPreparationError("input does not exist", f"--input {root}", "check the path")
+            raise DataPreparationError("input does not exist", f"{flag} {root}", "check the path")
+        unknown: list[Path] = []
         seen = {os.path.realpath(root)}  # linked folders are followed, each real folder read once (no link loops)
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             kept = []
@@ -91,10 +99,27 @@ def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[In
             dirnames[:] = kept
             for name in sorted(filenames):
                 path = Path(dirpath) / name
-                if name.startswith(".") or not path.is_file() or (kind := file_kind(path, explicit=False)) is None:
+                if name.startswith(".") or not path.is_file():
                     continue
-                add(path, path.relative_to(root).as_posix(), kind)
+                if (kind := file_kind(path, explicit=False)) is None:
+                    unknown.append(path)
+                else:
+                    add(path, path.relative_to(root).as_posix(), kind)
+        if unknown:
+            _warn_unknown(unknown, f"{flag} {root}")
     return files
+
+
+def _warn_unknown(paths: list[Path], where: str) -> None:
+    """One line for the files of a folder that are not read: how many, their commonest suffixes, an example."""
+    suffixes = Counter(p.suffix.lower() or "no suffix" for p in paths).most_common(5)
+    counts = ", ".join(f"{suffix}: {n}" for suffix, n in suffixes)
+    files = f"{len(paths)} file{'s' * (len(paths) > 1)}"
+    log.warning(
+        f"Left out {files} of no known kind under {where} ({counts}; e.g. {paths[0]}): prepare reads text and code "
+        "files, .jsonl[.gz|.zst], .json.gz|.zst, .ndjson and .parquet (a file given as an input is read as text "
+        "whatever its suffix)"
+    )
 
 
 def stable_unit_hash(text: str) -> float:
@@ -182,13 +207,14 @@ def _open_binary(path: str) -> io.BufferedIOBase:
     return open(path, "rb")  # noqa: SIM115
 
 
-def _jsonl_records(f: InputFile) -> Iterator[tuple[int, object]]:
-    """``(line number, record)`` for each non-blank line; a line that is not JSON gives a :class:`BadDocument` as its
-    record, and the lines after it are still read. A file that cannot be read raises one."""
+def _jsonl_records(f: InputFile, keep: Callable[[int], bool] | None = None) -> Iterator[tuple[int, object]]:
+    """``(line number, record)`` for each non-blank line (whose number ``keep`` accepts: the others are not decoded);
+    a line that is not JSON gives a :class:`BadDocument` as its record, and the lines after it are still read. A file
+    that cannot be read raises one."""
     try:
         with _open_binary(f.path) as stream:
             for lineno, line in enumerate(stream, start=1):
-                if not line.strip():
+                if not line.strip() or (keep is not None and not keep(lineno)):
                     continue
                 try:
                     record = json.loads(line.decode("utf-8-sig" if lineno == 1 else "utf-8"))  # a BOM is no text
@@ -224,9 +250,17 @@ def _not_text(text_field: str, value: object) -> str:
     return f"{text_field!r} is {'null' if value is None else type(value).__name__}, not text"
 
 
-def iter_documents(f: InputFile, text_field: str, on_bad: Callable[[BadDocument], None]) -> Iterator[tuple[str, str]]:
-    """``(key, text)`` for each document of ``f``. Bad records go to ``on_bad``, which may raise."""
+def iter_documents(
+    f: InputFile,
+    text_field: str,
+    on_bad: Callable[[BadDocument], None],
+    keep: Callable[[str], bool] = lambda key: True,
+) -> Iterator[tuple[str, str]]:
+    """``(key, text)`` for each document of ``f`` whose key ``keep`` accepts; the others are not decoded (a split
+    reads every record file of a hash split). Bad records go to ``on_bad``, which may raise."""
     if f.kind == "text":
+        if not keep(f.key):
+            return
         try:
             data = Path(f.path).read_bytes()
             if b"\0" in data[:BINARY_SNIFF_BYTES]:
@@ -239,7 +273,7 @@ def iter_documents(f: InputFile, text_field: str, on_bad: Callable[[BadDocument]
             on_bad(BadDocument(f.path, f"unreadable ({e.strerror or e})"))
     elif f.kind == "jsonl":
         try:
-            for lineno, record in _jsonl_records(f):
+            for lineno, record in _jsonl_records(f, lambda lineno: keep(f"{f.key}#{lineno}")):
                 key = f"{f.key}#{lineno}"
                 try:
                     if isinstance(record, BadDocument):
@@ -256,15 +290,16 @@ def iter_documents(f: InputFile, text_field: str, on_bad: Callable[[BadDocument]
         import pyarrow.parquet as pq
 
         try:
-            index = 0
+            start = 1
             for batch in pq.ParquetFile(f.path).iter_batches(columns=[text_field], batch_size=1024):
-                for text in batch.column(0).to_pylist():
-                    index += 1
+                rows = [i for i in range(start, start + batch.num_rows) if keep(f"{f.key}#{i}")]
+                for index, text in zip(rows, batch.column(0).take([i - start for i in rows]).to_pylist(), strict=True):
                     key = f"{f.key}#{index}"
                     if isinstance(text, str):
                         yield key, text
                     else:
                         on_bad(BadDocument(f"{f.path} row {index}", _not_text(text_field, text), key))
+                start += batch.num_rows
         except DataPreparationError:
             raise
         except Exception as e:
@@ -288,6 +323,7 @@ def split_documents(
     for f in files:
         if f.split not in (split, "hash"):
             continue
-        for key, text in iter_documents(f, text_field, lambda bad, f=f: in_split(f, bad.key) and on_bad(bad)):
-            if text and in_split(f, key):
+        keep = functools.partial(in_split, f)
+        for _, text in iter_documents(f, text_field, lambda bad, keep=keep: keep(bad.key) and on_bad(bad), keep):
+            if text:
                 yield text

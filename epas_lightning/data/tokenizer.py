@@ -29,6 +29,9 @@ class TokenizerError(DataError):
 class TextTokenizer:
     """Encode/decode without special tokens, plus the BOS/EOS ids that preparation wraps each document in.
 
+    A special token's text in a text (``</s>``, ``<|endoftext|>``) is text, never its control id, for every kind (as
+    sentencepiece reads it): a document quoting one is not cut there, and a prompt gives the ids training saw.
+
     Attributes:
         kind: ``"hf"`` (a ``tokenizer.json``) or ``"sentencepiece"`` (a ``tokenizer.model``).
         path: The tokenizer file.
@@ -155,6 +158,7 @@ def load_tokenizer(
     path = resolve_tokenizer_path(path)
     kind, backend = _open(path)
     if kind == "hf":
+        backend.encode_special_tokens = True  # see TextTokenizer: special-token text is text
         vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
         bos = _recorded(bos_id, "BOS", vocab_size, path)
         bos = _pick(bos_token, BOS_CANDIDATES, backend.token_to_id, "BOS", path) if bos is None else bos

@@ -18,6 +18,7 @@ import sys
 import time
 import traceback
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,7 +135,8 @@ def isolated_litdata(scratch_dir: Path) -> Iterator[None]:
     run only), forces the multiprocessing start method, sets an env var, and wipes its shared scratch dirs under
     ``/tmp`` (which would break concurrent builds). Give it private scratch dirs instead. Its Ctrl+C handler ends the
     process with exit status 0 and no clean-up (a half-built output stays, a script carries on): here Ctrl+C stops
-    the workers and raises ``KeyboardInterrupt``.
+    the workers and raises ``KeyboardInterrupt``. A document larger than a chunk makes that chunk larger, as it should,
+    without litdata's warning (forked workers inherit the filter).
     """
     import torch
     from litdata.processing.data_processor import DataProcessor
@@ -159,7 +161,9 @@ def isolated_litdata(scratch_dir: Path) -> Iterator[None]:
     litdata_interrupt = DataProcessor._signal_handler
     DataProcessor._signal_handler = _stop_workers_and_interrupt(os.getpid())
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "An item was larger than the target chunk size", UserWarning)
+            yield
     finally:
         DataProcessor._signal_handler = litdata_interrupt
         for key, value in saved_env.items():

@@ -104,8 +104,8 @@ def export_tokenizer(path: Path, output: Path, block_size: int, bos_id: int | No
     Like LLaMA's, the exported tokenizer starts every text with BOS (``tokenizer(text)`` and ``encode(text)``), as
     every document the model trained on did: its ``tokenizer.json`` has a post-processor that adds it. A sentencepiece
     model is shipped as is and as a ``tokenizer.json`` that tokenizes as it does (transformers' own reading of a
-    ``tokenizer.model`` does not), special-token strings in a text included (``split_special_tokens``): a warning says
-    so when that pipeline differs on a probe text or cannot be built.
+    ``tokenizer.model`` does not): a warning says so when that pipeline differs on a probe text or cannot be built.
+    Special-token strings in a text are text (``split_special_tokens``), as training read them.
     """
     from tokenizers import processors
 
@@ -126,9 +126,9 @@ def export_tokenizer(path: Path, output: Path, block_size: int, bos_id: int | No
         pipeline.save(str(output / HF_FILENAME))
     if tokenizer.kind == "sentencepiece":
         shutil.copyfile(path, output / SENTENCEPIECE_FILENAME)
-        config["split_special_tokens"] = True  # "</s>" in a text is text, as sentencepiece (and training) read it
     special = {"bos_token": token(bos_id), "eos_token": token(eos_id)}
-    tokenizer_config = {**config, **special, "model_max_length": block_size}
+    # "</s>" in a text is text, as training (TextTokenizer) read it
+    tokenizer_config = {**config, **special, "model_max_length": block_size, "split_special_tokens": True}
     (output / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (output / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
