@@ -453,7 +453,8 @@ def test_a_graceful_stop_never_writes_through_a_linked_last_ckpt(tiny_corpus, tm
 
 def test_last_ckpt_holds_the_step_training_ended_at(tiny_corpus, tmp_path):
     """Lightning writes last.ckpt only beside a scheduled save: 5 steps saving every 2 ended with last.ckpt at step 4
-    (a 3815-step run saving every 500 lost its last 315 steps). The run's checkpoint writes the final step too."""
+    (a 3815-step run saving every 500 lost its last 315 steps). The run's checkpoint writes the final step too, within
+    the epoch it is in: Lightning counts an epoch that max_steps ends as done."""
     from epas_lightning.run_checkpoint import RunCheckpoint
 
     module, data = make_run(tiny_corpus)
@@ -463,6 +464,13 @@ def test_last_ckpt_holds_the_step_training_ended_at(tiny_corpus, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
         "epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"
     ]  # fmt: skip
+    # max_steps ended the run mid-epoch: a resume goes on in epoch 0 (it began epoch 1; max_epochs 1 trained nothing)
+    module, data = make_run(tiny_corpus)
+    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2, save_top_k=-1)
+    trainer = make_trainer(tmp_path, -1, [checkpoint], max_epochs=1, limit_train_batches=7)
+    trainer.fit(module, datamodule=data, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert (trainer.global_step, trainer.current_epoch) == (7, 1)
+    assert (tmp_path / "ckpt" / "epoch=0-step=6.ckpt").exists()
 
 
 def test_a_resume_under_gradient_accumulation_saves_no_half_step(tiny_corpus, tmp_path):
