@@ -528,6 +528,11 @@ def test_the_summary_of_a_resume_with_nothing_left_to_train_says_so(tmp_path):
     trainer.fit(module, loader, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     first = summary.summary(trainer, module, None).splitlines()[0]
     assert first.startswith("Run finished: 4 optimizer steps (none in this session: resumed at step 4, where max_steps")
+    # the loader's 4 batches are one epoch: max_epochs is the limit reached (it named max_steps -1)
+    trainer = cpu_trainer(tmp_path, -1, [summary], enable_checkpointing=False, max_epochs=1)
+    trainer.fit(module, loader, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    first = summary.summary(trainer, module, None).splitlines()[0]
+    assert "resumed at step 4, where max_epochs 1 had been reached; raise it to train further" in first, first
 
 
 @pytest.mark.slow
