@@ -1,4 +1,5 @@
-"""Lightning callbacks: ``ProgressiveSharing`` grows the sharing region; ``TokenThroughputMonitor`` counts tokens."""
+"""Lightning callbacks: ``ProgressiveSharing`` grows the sharing region; ``TokenThroughputMonitor`` counts tokens;
+``StepLearningRateMonitor`` logs the learning rate once per optimizer step."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
@@ -264,6 +265,16 @@ class TokenThroughputMonitor(ThroughputMonitor):
         peak = peak_memory_gib(trainer.strategy.root_device)
         if peak is not None:
             pl_module.log(PEAK_MEMORY_KEY, peak, on_step=True, on_epoch=False)
+
+
+class StepLearningRateMonitor(LearningRateMonitor):
+    """Lightning's ``LearningRateMonitor`` (same arguments), logging once per optimizer step under gradient
+    accumulation: at the micro-batch that steps the optimizer, with the rate that step uses (Lightning's logged at
+    every micro-batch, each step's rate as many times as the step has micro-batches)."""
+
+    def on_train_batch_start(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        if not trainer.fit_loop._should_accumulate():
+            super().on_train_batch_start(trainer, *args, **kwargs)
 
 
 def peak_memory_gib(device: torch.device) -> float | None:

@@ -40,7 +40,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from epas_lightning.callbacks import ProgressiveSharing, TokenThroughputMonitor
+from epas_lightning.callbacks import ProgressiveSharing, StepLearningRateMonitor, TokenThroughputMonitor
 from epas_lightning.checkpoint import recorded_config
 from epas_lightning.checkpoint_io import AtomicCheckpointIO
 from epas_lightning.child_ranks import EndChildRanksOnError
@@ -124,7 +124,7 @@ RUN_SECTIONS = {
     "divergence": DivergenceGuard,
     "checkpoint": RunCheckpoint,
     "throughput": TokenThroughputMonitor,
-    "lr_monitor": LearningRateMonitor,
+    "lr_monitor": StepLearningRateMonitor,
     "interrupt": GracefulStop,
 }
 """The callback sections of every run; a ``Trainer`` of one's own adds the same callbacks (README, "In Python")."""

@@ -743,7 +743,7 @@ def test_user_callbacks_add_to_the_defaults_without_inheriting_them(tmp_path, mo
     no_checkpoints = lightning_cli([*no_bar, "--trainer.enable_checkpointing=false"], run=False)
     assert not any(isinstance(c, ModelCheckpoint) for c in no_checkpoints.trainer.callbacks)
     no_logger = [type(c).__name__ for c in quiet.trainer.callbacks]  # --trainer.logger=false (in no_bar)
-    assert "LearningRateMonitor" not in no_logger and "SaveConfigCallback" not in no_logger
+    assert "StepLearningRateMonitor" not in no_logger and "SaveConfigCallback" not in no_logger
 
 
 def test_a_section_callback_repeated_in_trainer_callbacks_is_one_line(tmp_path, monkeypatch):

@@ -492,6 +492,25 @@ def test_a_resume_under_gradient_accumulation_saves_no_half_step(tiny_corpus, tm
         assert (path.name, batches) == (path.name, 2 * saved["global_step"])
 
 
+def test_the_learning_rate_is_logged_once_per_optimizer_step_under_gradient_accumulation(tmp_path):
+    """Lightning's LearningRateMonitor logged at every micro-batch: each step's rate twice with 2 micro-batches."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from epas_lightning.lightning_cli import RUN_SECTIONS
+
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16))
+    data = torch.utils.data.DataLoader(torch.randint(0, 512, (12, 17)), batch_size=2)
+    monitor = RUN_SECTIONS["lr_monitor"](logging_interval="step")
+    logger = CSVLogger(tmp_path, name="run")
+    trainer = make_trainer(tmp_path, 3, [monitor], logger=logger, log_every_n_steps=1, accumulate_grad_batches=2)
+    trainer.fit(module, data)
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        steps = [row["step"] for row in csv.DictReader(f) if row.get("lr-AdamW/pg1")]
+    assert steps == ["0", "1", "2"]
+
+
 def test_a_run_warns_before_training_when_its_checkpoints_may_not_fit(tiny_corpus, tmp_path, monkeypatch):
     """A full checkpoint disk showed only at the first save, hours into a run. Before training, the run's checkpoint
     now warns when the free space is less than the checkpoints it keeps at once (top 1, last, the one being written),
