@@ -834,3 +834,18 @@ def test_a_resume_in_a_narrower_precision_says_the_weights_are_rounded(tiny_corp
         assert len(rounded) == says, [str(w.message) for w in caught]
         if says:
             assert str(rounded[0].message).startswith("resuming float32 weights with bfloat16 parameters")
+
+
+def test_a_resume_of_a_sharded_checkpoint_in_a_narrower_precision_says_so_too(tiny_corpus, tmp_path):
+    """The weights of a sharded checkpoint load straight into the model, so the warning above (which read the dtype
+    from the checkpoint's state_dict) never came: the checkpoint records its weights' dtype."""
+    from epas_lightning import FSDP2Strategy
+
+    module, data = make_run(tiny_corpus, n_layer=2)
+    checkpoint = ModelCheckpoint(tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, 2, [checkpoint], strategy=FSDP2Strategy()).fit(module, datamodule=data)
+    assert (tmp_path / "ckpt" / "last.ckpt" / ".metadata").is_file()
+    module, data = make_run(tiny_corpus, n_layer=2)
+    trainer = make_trainer(tmp_path, 3, [], precision="bf16-true", enable_checkpointing=False, strategy=FSDP2Strategy())
+    with pytest.warns(UserWarning, match="resuming float32 weights with bfloat16 parameters"):
+        trainer.fit(module, datamodule=data, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
