@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from epas_lightning.attention_kernels import sdpa_order
+from epas_lightning.data.tokenizer import file_sha256
 from epas_lightning.errors import ConfigError
 from epas_lightning.flops import estimate_flops
 from epas_lightning.init_from import (
@@ -253,6 +254,7 @@ class EPASModule(LightningModule):
                 "path": str(Path(tokenizer.path).resolve()),
                 "bos_id": int(tokenizer.bos_id),
                 "eos_id": int(tokenizer.eos_id),
+                "sha256": file_sha256(tokenizer.path),  # the file may be replaced: its data folder prepared again
             }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

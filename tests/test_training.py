@@ -320,8 +320,6 @@ def test_a_resume_on_data_of_another_tokenizer_is_refused_as_such(tiny_corpus, t
     """Data prepared with another tokenizer than the checkpoint trained with was refused only for its other streams,
     with advice to start from the weights with init_from (refused again, for the tokenizer); streams that resolve to
     the same files trained on, their ids read as other tokens. The tokenizer is named first, before any weight loads."""
-    import json
-
     from epas_lightning.errors import DataError
 
     last = train_tiny_checkpoint(tiny_corpus, tmp_path, ProgressiveSharing(target=1, interval=2), steps=1)
@@ -329,15 +327,42 @@ def test_a_resume_on_data_of_another_tokenizer_is_refused_as_such(tiny_corpus, t
     other.mkdir()
     for name in ("train", "val", "meta.json"):
         (other / name).symlink_to(tiny_corpus / name)
-    tokenizer = json.loads((tiny_corpus / "tokenizer.json").read_text())
-    vocab = tokenizer["model"]["vocab"]
-    a, b = list(vocab)[300:302]
-    vocab[a], vocab[b] = vocab[b], vocab[a]
-    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (other / "tokenizer.json").write_text(swapped_vocab(tiny_corpus / "tokenizer.json"))
     module, _ = make_run(tiny_corpus)
     data = TokenDataModule(data_dir=str(other), seq_len=32, batch_size=4, vocab_size=module.config.vocab_size)
     says = rf"prepared with another tokenizer \({other / 'tokenizer.json'}\) than the checkpoint's \(.*tokenizer.json\)"
     with pytest.raises(DataError, match=says + rf".* — data.data_dir {other} — use data prepared with --tokenizer"):
+        make_trainer(tmp_path / "resumed", 2, []).fit(module, data, ckpt_path=last)
+
+
+def swapped_vocab(tokenizer_json: Path) -> str:
+    """The text of ``tokenizer_json`` with two ids swapped: another vocabulary of the same size."""
+    import json
+
+    tokenizer = json.loads(tokenizer_json.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    return json.dumps(tokenizer)
+
+
+def test_a_resume_on_its_data_folder_prepared_again_with_another_tokenizer_is_refused(tiny_corpus, tmp_path):
+    """`prepare --overwrite` of the run's own data folder with another tokenizer resumed silently: the checkpoint
+    names the folder's tokenizer file, which then held the new vocabulary (or was gone, another format). The
+    checkpoint records the file's hash."""
+    import shutil
+
+    from epas_lightning.errors import DataError
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for name in ("train", "val", "meta.json"):
+        (data_dir / name).symlink_to(tiny_corpus / name)
+    shutil.copy(tiny_corpus / "tokenizer.json", data_dir / "tokenizer.json")
+    last = train_tiny_checkpoint(data_dir, tmp_path, ProgressiveSharing(target=1, interval=2), steps=1)
+    (data_dir / "tokenizer.json").write_text(swapped_vocab(tiny_corpus / "tokenizer.json"))  # prepared again
+    module, data = make_run(data_dir)
+    with pytest.raises(DataError, match=rf"tokenizer {data_dir / 'tokenizer.json'} changed since the checkpoint"):
         make_trainer(tmp_path / "resumed", 2, []).fit(module, data, ckpt_path=last)
 
 
