@@ -379,8 +379,12 @@ QUIET_INFO = (
 LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
 SCORING_QUIET_INFO = ("Restoring states from the checkpoint path at",)
 """``validate``/``test --ckpt_path``: nothing is resumed; Lightning's next line says it loaded the file's weights."""
-SCORING_QUIET_WARNINGS = (r"The dirpath has changed from .* won't be reloaded",)
-"""``validate``/``test --ckpt_path`` of a checkpoint of another version folder: they write no checkpoints."""
+SCORING_QUIET_WARNINGS = (
+    r"The dirpath has changed from .* won't be reloaded",
+    r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint",
+)
+"""``validate``/``test --ckpt_path``: they write no checkpoints (from another version folder too) and restore no
+callback state (from callbacks configured otherwise too)."""
 RESUMING_QUIET_WARNINGS = (r"Checkpoint directory .* exists and is not empty",)
 """``fit`` resuming into the folder its checkpoint came from: that folder is meant to hold the run's checkpoints."""
 
