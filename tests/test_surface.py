@@ -634,6 +634,8 @@ def test_resume_last_without_a_checkpoint_is_an_error(tmp_path, capsys, monkeypa
     assert main(["fit", "--config", DEBUG, "--ckpt_path", "last"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no last.ckpt of this run to resume — runs/debug/version_*/checkpoints")
+    assert main(["validate", "--config", DEBUG, "--ckpt_path", "last"]) == 2  # validate resumes nothing
+    assert capsys.readouterr().err.startswith("error: no last.ckpt of this run to score — runs/debug/version_*/")
 
 
 def test_resume_last_without_a_logger_finds_the_root_folder_checkpoint(tmp_path, capsys, monkeypatch):
