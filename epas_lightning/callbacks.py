@@ -184,22 +184,26 @@ def let_ddp_find_unused_parameters(trainer: Trainer, first_sharing_step: int) ->
     """Sharing layers skip their Q/K projections, so under DDP those weights get no gradient from the step the region
     first grows: DDP must look for unused parameters or it fails mid-run. Switch that on before DDP wraps the model
     (a plain ``strategy: ddp`` leaves it off), and say so: also that torch's warning, once per rank, that it found no
-    unused parameters (a C++ warning, which no Python filter reaches) is expected before ``first_sharing_step``."""
+    unused parameters (a C++ warning, which no Python filter reaches) is expected before ``first_sharing_step``, also
+    where the configuration switched it on itself."""
     strategy = trainer.strategy
     ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
-    plain_ddp = isinstance(strategy, DDPStrategy) and isinstance(ddp_kwargs, dict)
-    if plain_ddp and not ddp_kwargs.get("find_unused_parameters"):
-        ddp_kwargs["find_unused_parameters"] = True
-        expected = (
-            f"; torch's warning that it 'did not find any unused parameters' before step {first_sharing_step} is "
-            "expected: keep the flag on"
-            if first_sharing_step > 0
-            else ""
-        )
-        rank_zero_info(
-            "EPAS: DDP set to find_unused_parameters=True (sharing layers' q/k projections get no grad from step "
-            f"{first_sharing_step}){expected}"
-        )
+    if not isinstance(strategy, DDPStrategy) or not isinstance(ddp_kwargs, dict):
+        return
+    already = bool(ddp_kwargs.get("find_unused_parameters"))
+    if already and first_sharing_step == 0:
+        return  # nothing to say: no torch warning comes
+    ddp_kwargs["find_unused_parameters"] = True
+    expected = (
+        f"; torch's warning that it 'did not find any unused parameters' before step {first_sharing_step} is "
+        "expected: keep the flag on"
+        if first_sharing_step > 0
+        else ""
+    )
+    state = "finds unused parameters" if already else "set to find_unused_parameters=True"
+    rank_zero_info(
+        f"EPAS: DDP {state} (sharing layers' q/k projections get no grad from step {first_sharing_step}){expected}"
+    )
 
 
 class TokenThroughputMonitor(ThroughputMonitor):
