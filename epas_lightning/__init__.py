@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from epas_lightning.analysis import RedundancyReport, analyze_model, capture_activations, linear_cka
-    from epas_lightning.callbacks import ProgressiveSharing, TokenThroughputMonitor
+    from epas_lightning.callbacks import ProgressiveSharing, StepLearningRateMonitor, TokenThroughputMonitor
     from epas_lightning.checkpoint import LoadedModel, consolidate, load_model
     from epas_lightning.checkpoint_io import AtomicCheckpointIO
     from epas_lightning.child_ranks import EndChildRanksOnError

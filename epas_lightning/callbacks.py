@@ -1,4 +1,5 @@
-"""Lightning callbacks: ``ProgressiveSharing`` grows the sharing region; ``TokenThroughputMonitor`` counts tokens."""
+"""Lightning callbacks: ``ProgressiveSharing`` grows the sharing region; ``TokenThroughputMonitor`` counts tokens;
+``StepLearningRateMonitor`` logs the learning rate once per optimizer step."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
@@ -183,22 +184,26 @@ def let_ddp_find_unused_parameters(trainer: Trainer, first_sharing_step: int) ->
     """Sharing layers skip their Q/K projections, so under DDP those weights get no gradient from the step the region
     first grows: DDP must look for unused parameters or it fails mid-run. Switch that on before DDP wraps the model
     (a plain ``strategy: ddp`` leaves it off), and say so: also that torch's warning, once per rank, that it found no
-    unused parameters (a C++ warning, which no Python filter reaches) is expected before ``first_sharing_step``."""
+    unused parameters (a C++ warning, which no Python filter reaches) is expected before ``first_sharing_step``, also
+    where the configuration switched it on itself."""
     strategy = trainer.strategy
     ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
-    plain_ddp = isinstance(strategy, DDPStrategy) and isinstance(ddp_kwargs, dict)
-    if plain_ddp and not ddp_kwargs.get("find_unused_parameters"):
-        ddp_kwargs["find_unused_parameters"] = True
-        expected = (
-            f"; torch's warning that it 'did not find any unused parameters' before step {first_sharing_step} is "
-            "expected: keep the flag on"
-            if first_sharing_step > 0
-            else ""
-        )
-        rank_zero_info(
-            "EPAS: DDP set to find_unused_parameters=True (sharing layers' q/k projections get no grad from step "
-            f"{first_sharing_step}){expected}"
-        )
+    if not isinstance(strategy, DDPStrategy) or not isinstance(ddp_kwargs, dict):
+        return
+    already = bool(ddp_kwargs.get("find_unused_parameters"))
+    if already and first_sharing_step == 0:
+        return  # nothing to say: no torch warning comes
+    ddp_kwargs["find_unused_parameters"] = True
+    expected = (
+        f"; torch's warning that it 'did not find any unused parameters' before step {first_sharing_step} is "
+        "expected: keep the flag on"
+        if first_sharing_step > 0
+        else ""
+    )
+    state = "finds unused parameters" if already else "set to find_unused_parameters=True"
+    rank_zero_info(
+        f"EPAS: DDP {state} (sharing layers' q/k projections get no grad from step {first_sharing_step}){expected}"
+    )
 
 
 class TokenThroughputMonitor(ThroughputMonitor):
@@ -264,6 +269,16 @@ class TokenThroughputMonitor(ThroughputMonitor):
         peak = peak_memory_gib(trainer.strategy.root_device)
         if peak is not None:
             pl_module.log(PEAK_MEMORY_KEY, peak, on_step=True, on_epoch=False)
+
+
+class StepLearningRateMonitor(LearningRateMonitor):
+    """Lightning's ``LearningRateMonitor`` (same arguments), logging once per optimizer step under gradient
+    accumulation: at the micro-batch that steps the optimizer, with the rate that step uses (Lightning's logged at
+    every micro-batch, each step's rate as many times as the step has micro-batches)."""
+
+    def on_train_batch_start(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        if not trainer.fit_loop._should_accumulate():
+            super().on_train_batch_start(trainer, *args, **kwargs)
 
 
 def peak_memory_gib(device: torch.device) -> float | None:

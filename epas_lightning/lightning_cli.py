@@ -40,7 +40,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from epas_lightning.callbacks import ProgressiveSharing, TokenThroughputMonitor
+from epas_lightning.callbacks import ProgressiveSharing, StepLearningRateMonitor, TokenThroughputMonitor
 from epas_lightning.checkpoint import recorded_config
 from epas_lightning.checkpoint_io import AtomicCheckpointIO
 from epas_lightning.child_ranks import EndChildRanksOnError
@@ -124,7 +124,7 @@ RUN_SECTIONS = {
     "divergence": DivergenceGuard,
     "checkpoint": RunCheckpoint,
     "throughput": TokenThroughputMonitor,
-    "lr_monitor": LearningRateMonitor,
+    "lr_monitor": StepLearningRateMonitor,
     "interrupt": GracefulStop,
 }
 """The callback sections of every run; a ``Trainer`` of one's own adds the same callbacks (README, "In Python")."""
@@ -379,8 +379,12 @@ QUIET_INFO = (
 LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
 SCORING_QUIET_INFO = ("Restoring states from the checkpoint path at",)
 """``validate``/``test --ckpt_path``: nothing is resumed; Lightning's next line says it loaded the file's weights."""
-SCORING_QUIET_WARNINGS = (r"The dirpath has changed from .* won't be reloaded",)
-"""``validate``/``test --ckpt_path`` of a checkpoint of another version folder: they write no checkpoints."""
+SCORING_QUIET_WARNINGS = (
+    r"The dirpath has changed from .* won't be reloaded",
+    r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint",
+)
+"""``validate``/``test --ckpt_path``: they write no checkpoints (from another version folder too) and restore no
+callback state (from callbacks configured otherwise too)."""
 RESUMING_QUIET_WARNINGS = (r"Checkpoint directory .* exists and is not empty",)
 """``fit`` resuming into the folder its checkpoint came from: that folder is meant to hold the run's checkpoints."""
 

@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from epas_lightning.attention_kernels import sdpa_order
+from epas_lightning.data.tokenizer import file_sha256
 from epas_lightning.errors import ConfigError
 from epas_lightning.flops import estimate_flops
 from epas_lightning.init_from import (
@@ -34,7 +35,10 @@ from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.llama import check_attention_reuse
 from epas_lightning.optim import default_optimizer, optimizer_settings, param_groups, restore_settings
 from epas_lightning.parallel import PRECISIONS, checkpointed_blocks, mixed_precision_policy, parallelize
-from epas_lightning.runtime import dtype_name, has_native_bf16
+from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
+
+WEIGHTS_DTYPE_KEY = "weights_dtype"
+"""Checkpoint entry: the dtype the run stored its weights in (``float32``, ``bfloat16``)."""
 
 
 class EPASModule(LightningModule):
@@ -243,12 +247,14 @@ class EPASModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Plain types only, so the checkpoint stays loadable with ``weights_only=True``.
         checkpoint["model_config"] = self.config.to_dict()
+        checkpoint[WEIGHTS_DTYPE_KEY] = dtype_name(self._weights_dtype())  # a sharded resume loads no state_dict
         tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
         if tokenizer is not None:  # so `generate`, `export` and `evaluate` can find it without being told
             checkpoint["tokenizer"] = {
                 "path": str(Path(tokenizer.path).resolve()),
                 "bos_id": int(tokenizer.bos_id),
                 "eos_id": int(tokenizer.eos_id),
+                "sha256": file_sha256(tokenizer.path),  # the file may be replaced: its data folder prepared again
             }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -258,17 +264,24 @@ class EPASModule(LightningModule):
         data = getattr(self.trainer, "datamodule", None)
         if hasattr(data, "check_checkpoint_tokenizer"):  # a TokenDataModule: its ids are the checkpoint's tokens
             data.check_checkpoint_tokenizer(checkpoint.get("tokenizer"))
-        self._say_if_narrowed(checkpoint.get("state_dict") or {})
+        self._say_if_narrowed(checkpoint)
         # a resume does not read init_from again: keep the context length the run inherited from it
         recorded = (recorded or {}).get("max_position_embeddings")
         if self.config.max_position_embeddings is None and recorded and recorded > self.config.block_size:
             self.config.max_position_embeddings = recorded
 
-    def _say_if_narrowed(self, state: dict) -> None:
+    def _weights_dtype(self) -> torch.dtype | None:
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+
+    def _say_if_narrowed(self, checkpoint: dict) -> None:
         """A resume whose weights (and AdamW state) will be stored narrower than the checkpoint's (a ``32-true`` run
-        resumed in ``bf16-true``) rounds them for good: said once, since the run's own precision would keep them."""
+        resumed in ``bf16-true``) rounds them for good: said once, since the run's own precision would keep them.
+        The checkpoint's dtype is its ``state_dict``'s, or the one it records (a sharded one's loads straight into
+        the model)."""
+        state = checkpoint.get("state_dict") or {}
         saved = next((t.dtype for t in state.values() if torch.is_floating_point(t)), None)
-        now = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+        saved = saved or DTYPES.get(str(checkpoint.get(WEIGHTS_DTYPE_KEY)))
+        now = self._weights_dtype()
         if saved is not None and now is not None and now.itemsize < saved.itemsize:
             rank_zero_warn(
                 f"resuming {dtype_name(saved)} weights with {dtype_name(now)} parameters (trainer.precision "

@@ -48,7 +48,8 @@ def resume_checkpoint(config: Namespace, word: str, fitting: bool = True) -> str
         say(f"--ckpt_path auto: no last.ckpt under {_last_checkpoint_places(dirpath, run_dirs)}; {instead}.")
         return None
     if newest is None:
-        raise _no_last_checkpoint(dirpath, run_dirs, "train first, or pass the checkpoint's path to --ckpt_path")
+        fix = "train first, or pass the checkpoint's path to --ckpt_path"
+        raise _no_last_checkpoint(dirpath, run_dirs, fix, "resume" if fitting else "score")
     if fitting:  # validate/test: Lightning says which file it loaded the weights from
         say(f"Resuming from {newest}")
     return str(newest)
@@ -75,8 +76,10 @@ def last_checkpoint_of_run(dirpath: str | Path | None, run_dirs: list[Path], fix
     return newest
 
 
-def _no_last_checkpoint(dirpath: str | Path | None, run_dirs: list[Path], fix: str) -> CheckpointError:
-    return CheckpointError("no last.ckpt of this run to resume", _last_checkpoint_places(dirpath, run_dirs), fix)
+def _no_last_checkpoint(
+    dirpath: str | Path | None, run_dirs: list[Path], fix: str, use: str = "resume"
+) -> CheckpointError:
+    return CheckpointError(f"no last.ckpt of this run to {use}", _last_checkpoint_places(dirpath, run_dirs), fix)
 
 
 def _last_checkpoint_places(dirpath: str | Path | None, run_dirs: list[Path]) -> str:

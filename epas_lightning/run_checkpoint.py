@@ -12,6 +12,7 @@ means (:mod:`epas_lightning.resume`).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -36,6 +37,19 @@ def save_last_now(trainer: Trainer, checkpoint: ModelCheckpoint) -> Path | None:
     checkpoint._last_global_step_saved = trainer.global_step  # Lightning's own "this step is saved" record
     checkpoint._last_checkpoint_saved = str(path)
     return path
+
+
+def keep_epoch_unfinished(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+    """In ``checkpoint``'s loop state, undo the end of an epoch that the fit loop reached before its last batch (as
+    ``max_steps`` ends it), so that a resume continues that epoch where the data stopped."""
+    fit_loop = trainer.fit_loop
+    epoch = fit_loop.epoch_progress.current
+    saved = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress")
+    if saved is None or epoch.processed < epoch.ready or fit_loop.epoch_loop._num_ready_batches_reached():
+        return
+    for counts in (saved["total"], saved["current"]):
+        counts["processed"] = counts["completed"] = counts["started"] - 1
+    checkpoint["epoch"] = saved["current"]["completed"]
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -86,6 +100,12 @@ class RunCheckpoint(ModelCheckpoint):
         if self.dirpath is not None:
             check_folder_shared_by_nodes(trainer, Path(self.dirpath))
         warn_if_disk_too_small(trainer, pl_module, self)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint saved after ``max_steps`` ended an epoch midway (``last.ckpt`` at the end of training, a save at
+        the epoch's end) records that epoch as unfinished: Lightning counted it as done, so the resumed run went on in
+        the next epoch (a run with ``max_epochs: 1`` trained nothing more)."""
+        keep_epoch_unfinished(trainer, checkpoint)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):

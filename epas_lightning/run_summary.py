@@ -99,9 +99,10 @@ class RunSummary(Callback):
     def summary(self, trainer: Trainer, pl_module: LightningModule, log_dir: str | None) -> str:
         steps = f"{trainer.global_step} optimizer steps"
         if self._start_step is None and trainer.global_step:
+            limit = _limit_reached(trainer) or "max_steps"
             steps += (
-                f" (none in this session: resumed at step {trainer.global_step}, where max_steps {trainer.max_steps} "
-                "had been reached; raise it to train further)"
+                f" (none in this session: resumed at step {trainer.global_step}, where {limit} "
+                f"{getattr(trainer, limit)} had been reached; raise it to train further)"
             )
         elif self._start_step:
             steps += f" ({trainer.global_step - self._start_step} in this session, resumed at step {self._start_step})"

@@ -158,6 +158,7 @@ def test_ddp_switched_to_find_unused_parameters_says_torchs_warning_before_the_f
     sharing step. The line saying the flag was switched on now says when it starts to matter and that the warning is
     expected."""
     import lightning as L
+    from lightning.pytorch.strategies import DDPStrategy
 
     from epas_lightning import callbacks
 
@@ -168,5 +169,12 @@ def test_ddp_switched_to_find_unused_parameters_says_torchs_warning_before_the_f
     assert trainer.strategy._ddp_kwargs["find_unused_parameters"] is True
     assert said == [
         "EPAS: DDP set to find_unused_parameters=True (sharing layers' q/k projections get no grad from step 4); "
+        "torch's warning that it 'did not find any unused parameters' before step 4 is expected: keep the flag on"
+    ]
+    # configs/ddp.yaml sets the flag itself: the warning came unexplained
+    trainer = L.Trainer(accelerator="cpu", strategy=DDPStrategy(find_unused_parameters=True), devices=1, logger=False)
+    callbacks.let_ddp_find_unused_parameters(trainer, 4)
+    assert said[1:] == [
+        "EPAS: DDP finds unused parameters (sharing layers' q/k projections get no grad from step 4); "
         "torch's warning that it 'did not find any unused parameters' before step 4 is expected: keep the flag on"
     ]

@@ -528,6 +528,11 @@ def test_the_summary_of_a_resume_with_nothing_left_to_train_says_so(tmp_path):
     trainer.fit(module, loader, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     first = summary.summary(trainer, module, None).splitlines()[0]
     assert first.startswith("Run finished: 4 optimizer steps (none in this session: resumed at step 4, where max_steps")
+    # the loader's 4 batches are one epoch: max_epochs is the limit reached (it named max_steps -1)
+    trainer = cpu_trainer(tmp_path, -1, [summary], enable_checkpointing=False, max_epochs=1)
+    trainer.fit(module, loader, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    first = summary.summary(trainer, module, None).splitlines()[0]
+    assert "resumed at step 4, where max_epochs 1 had been reached; raise it to train further" in first, first
 
 
 @pytest.mark.slow
@@ -586,16 +591,18 @@ def test_validate_of_a_run_checkpoint_resumes_nothing_and_leaves_the_run_folder(
     debug_fit_run, tmp_path, capsys, caplog, monkeypatch
 ):
     """`validate --ckpt_path last` loads the run's weights: no "Resuming"/"Restoring states" lines, no warning about a
-    checkpoint folder it never writes, and no val/loss at step 0 among the training run's curves."""
+    checkpoint folder it never writes or about callback settings (other checkpoint settings here) it never restores,
+    and no val/loss at step 0 among the training run's curves."""
     shutil.copytree(debug_fit_run[1] / "runs", tmp_path / "runs")
     monkeypatch.chdir(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert main(["validate", "--config", DEBUG, "--ckpt_path", "last"]) == 0
+        other_checkpoint_settings = ["--checkpoint.every_n_train_steps", "6"]
+        assert main(["validate", "--config", DEBUG, "--ckpt_path", "last", *other_checkpoint_settings]) == 0
     said = [record.getMessage() for record in caplog.records] + capsys.readouterr().err.splitlines()
     assert "Loaded model weights from the checkpoint at runs/debug/version_0/checkpoints/last.ckpt" in said
     assert not [line for line in said if line.startswith(("Resuming", "Restoring"))], said
-    assert not [w for w in caught if "dirpath has changed" in str(w.message)]
+    assert not [w for w in caught if re.search("dirpath has changed|callbacks used to create", str(w.message))]
     assert len(list(Path("runs/debug/version_0").glob("events.out.tfevents.*"))) == 1
 
 
@@ -627,6 +634,8 @@ def test_resume_last_without_a_checkpoint_is_an_error(tmp_path, capsys, monkeypa
     assert main(["fit", "--config", DEBUG, "--ckpt_path", "last"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no last.ckpt of this run to resume — runs/debug/version_*/checkpoints")
+    assert main(["validate", "--config", DEBUG, "--ckpt_path", "last"]) == 2  # validate resumes nothing
+    assert capsys.readouterr().err.startswith("error: no last.ckpt of this run to score — runs/debug/version_*/")
 
 
 def test_resume_last_without_a_logger_finds_the_root_folder_checkpoint(tmp_path, capsys, monkeypatch):
@@ -738,7 +747,7 @@ def test_user_callbacks_add_to_the_defaults_without_inheriting_them(tmp_path, mo
     no_checkpoints = lightning_cli([*no_bar, "--trainer.enable_checkpointing=false"], run=False)
     assert not any(isinstance(c, ModelCheckpoint) for c in no_checkpoints.trainer.callbacks)
     no_logger = [type(c).__name__ for c in quiet.trainer.callbacks]  # --trainer.logger=false (in no_bar)
-    assert "LearningRateMonitor" not in no_logger and "SaveConfigCallback" not in no_logger
+    assert "StepLearningRateMonitor" not in no_logger and "SaveConfigCallback" not in no_logger
 
 
 def test_a_section_callback_repeated_in_trainer_callbacks_is_one_line(tmp_path, monkeypatch):

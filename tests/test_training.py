@@ -320,8 +320,6 @@ def test_a_resume_on_data_of_another_tokenizer_is_refused_as_such(tiny_corpus, t
     """Data prepared with another tokenizer than the checkpoint trained with was refused only for its other streams,
     with advice to start from the weights with init_from (refused again, for the tokenizer); streams that resolve to
     the same files trained on, their ids read as other tokens. The tokenizer is named first, before any weight loads."""
-    import json
-
     from epas_lightning.errors import DataError
 
     last = train_tiny_checkpoint(tiny_corpus, tmp_path, ProgressiveSharing(target=1, interval=2), steps=1)
@@ -329,15 +327,42 @@ def test_a_resume_on_data_of_another_tokenizer_is_refused_as_such(tiny_corpus, t
     other.mkdir()
     for name in ("train", "val", "meta.json"):
         (other / name).symlink_to(tiny_corpus / name)
-    tokenizer = json.loads((tiny_corpus / "tokenizer.json").read_text())
-    vocab = tokenizer["model"]["vocab"]
-    a, b = list(vocab)[300:302]
-    vocab[a], vocab[b] = vocab[b], vocab[a]
-    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (other / "tokenizer.json").write_text(swapped_vocab(tiny_corpus / "tokenizer.json"))
     module, _ = make_run(tiny_corpus)
     data = TokenDataModule(data_dir=str(other), seq_len=32, batch_size=4, vocab_size=module.config.vocab_size)
     says = rf"prepared with another tokenizer \({other / 'tokenizer.json'}\) than the checkpoint's \(.*tokenizer.json\)"
     with pytest.raises(DataError, match=says + rf".* — data.data_dir {other} — use data prepared with --tokenizer"):
+        make_trainer(tmp_path / "resumed", 2, []).fit(module, data, ckpt_path=last)
+
+
+def swapped_vocab(tokenizer_json: Path) -> str:
+    """The text of ``tokenizer_json`` with two ids swapped: another vocabulary of the same size."""
+    import json
+
+    tokenizer = json.loads(tokenizer_json.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    return json.dumps(tokenizer)
+
+
+def test_a_resume_on_its_data_folder_prepared_again_with_another_tokenizer_is_refused(tiny_corpus, tmp_path):
+    """`prepare --overwrite` of the run's own data folder with another tokenizer resumed silently: the checkpoint
+    names the folder's tokenizer file, which then held the new vocabulary (or was gone, another format). The
+    checkpoint records the file's hash."""
+    import shutil
+
+    from epas_lightning.errors import DataError
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for name in ("train", "val", "meta.json"):
+        (data_dir / name).symlink_to(tiny_corpus / name)
+    shutil.copy(tiny_corpus / "tokenizer.json", data_dir / "tokenizer.json")
+    last = train_tiny_checkpoint(data_dir, tmp_path, ProgressiveSharing(target=1, interval=2), steps=1)
+    (data_dir / "tokenizer.json").write_text(swapped_vocab(tiny_corpus / "tokenizer.json"))  # prepared again
+    module, data = make_run(data_dir)
+    with pytest.raises(DataError, match=rf"tokenizer {data_dir / 'tokenizer.json'} changed since the checkpoint"):
         make_trainer(tmp_path / "resumed", 2, []).fit(module, data, ckpt_path=last)
 
 
@@ -453,7 +478,8 @@ def test_a_graceful_stop_never_writes_through_a_linked_last_ckpt(tiny_corpus, tm
 
 def test_last_ckpt_holds_the_step_training_ended_at(tiny_corpus, tmp_path):
     """Lightning writes last.ckpt only beside a scheduled save: 5 steps saving every 2 ended with last.ckpt at step 4
-    (a 3815-step run saving every 500 lost its last 315 steps). The run's checkpoint writes the final step too."""
+    (a 3815-step run saving every 500 lost its last 315 steps). The run's checkpoint writes the final step too, within
+    the epoch it is in: Lightning counts an epoch that max_steps ends as done."""
     from epas_lightning.run_checkpoint import RunCheckpoint
 
     module, data = make_run(tiny_corpus)
@@ -463,6 +489,13 @@ def test_last_ckpt_holds_the_step_training_ended_at(tiny_corpus, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
         "epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"
     ]  # fmt: skip
+    # max_steps ended the run mid-epoch: a resume goes on in epoch 0 (it began epoch 1; max_epochs 1 trained nothing)
+    module, data = make_run(tiny_corpus)
+    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2, save_top_k=-1)
+    trainer = make_trainer(tmp_path, -1, [checkpoint], max_epochs=1, limit_train_batches=7)
+    trainer.fit(module, datamodule=data, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert (trainer.global_step, trainer.current_epoch) == (7, 1)
+    assert (tmp_path / "ckpt" / "epoch=0-step=6.ckpt").exists()
 
 
 def test_a_resume_under_gradient_accumulation_saves_no_half_step(tiny_corpus, tmp_path):
@@ -482,6 +515,25 @@ def test_a_resume_under_gradient_accumulation_saves_no_half_step(tiny_corpus, tm
         saved = torch.load(path, weights_only=True)
         batches = saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["ready"]
         assert (path.name, batches) == (path.name, 2 * saved["global_step"])
+
+
+def test_the_learning_rate_is_logged_once_per_optimizer_step_under_gradient_accumulation(tmp_path):
+    """Lightning's LearningRateMonitor logged at every micro-batch: each step's rate twice with 2 micro-batches."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from epas_lightning.lightning_cli import RUN_SECTIONS
+
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16))
+    data = torch.utils.data.DataLoader(torch.randint(0, 512, (12, 17)), batch_size=2)
+    monitor = RUN_SECTIONS["lr_monitor"](logging_interval="step")
+    logger = CSVLogger(tmp_path, name="run")
+    trainer = make_trainer(tmp_path, 3, [monitor], logger=logger, log_every_n_steps=1, accumulate_grad_batches=2)
+    trainer.fit(module, data)
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        steps = [row["step"] for row in csv.DictReader(f) if row.get("lr-AdamW/pg1")]
+    assert steps == ["0", "1", "2"]
 
 
 def test_a_run_warns_before_training_when_its_checkpoints_may_not_fit(tiny_corpus, tmp_path, monkeypatch):
@@ -807,3 +859,18 @@ def test_a_resume_in_a_narrower_precision_says_the_weights_are_rounded(tiny_corp
         assert len(rounded) == says, [str(w.message) for w in caught]
         if says:
             assert str(rounded[0].message).startswith("resuming float32 weights with bfloat16 parameters")
+
+
+def test_a_resume_of_a_sharded_checkpoint_in_a_narrower_precision_says_so_too(tiny_corpus, tmp_path):
+    """The weights of a sharded checkpoint load straight into the model, so the warning above (which read the dtype
+    from the checkpoint's state_dict) never came: the checkpoint records its weights' dtype."""
+    from epas_lightning import FSDP2Strategy
+
+    module, data = make_run(tiny_corpus, n_layer=2)
+    checkpoint = ModelCheckpoint(tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, 2, [checkpoint], strategy=FSDP2Strategy()).fit(module, datamodule=data)
+    assert (tmp_path / "ckpt" / "last.ckpt" / ".metadata").is_file()
+    module, data = make_run(tiny_corpus, n_layer=2)
+    trainer = make_trainer(tmp_path, 3, [], precision="bf16-true", enable_checkpointing=False, strategy=FSDP2Strategy())
+    with pytest.warns(UserWarning, match="resuming float32 weights with bfloat16 parameters"):
+        trainer.fit(module, datamodule=data, ckpt_path=tmp_path / "ckpt" / "last.ckpt")

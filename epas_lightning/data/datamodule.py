@@ -10,7 +10,9 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from epas_lightning.data.layout import tokenizer_file
 from epas_lightning.data.token_data import TokenData, check_seq_len, check_tokenized_with
+from epas_lightning.data.tokenizer import file_sha256
 from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model.config import LlamaConfig
 
@@ -147,13 +149,24 @@ class TokenDataModule(TokenData, LightningDataModule):
 
     def check_checkpoint_tokenizer(self, recorded: dict[str, Any] | None) -> None:
         """Data tokenized with another vocabulary than the checkpoint a run resumes (or scores) is refused before its
-        weights load: ``recorded`` is the checkpoint's tokenizer entry, checked where its file still exists."""
+        weights load: ``recorded`` is the checkpoint's tokenizer entry, checked where its file still exists, and by
+        the hash it records where the checkpoint's data folder was prepared again since (the file changed or gone)."""
         path = Path(recorded["path"]) if recorded and recorded.get("path") else None
-        if path is None or not path.is_file() or not self.data_dirs:
+        if path is None or not self.data_dirs:
             return
-        where = self._data_dir_flag
-        fix = f"use data prepared with --tokenizer {path}, the checkpoint's"
-        check_tokenized_with(self.data_dirs[0], path, where, fix, whose="the checkpoint's")
+        where, saved = self._data_dir_flag, recorded.get("sha256")
+        if saved and path.parent.is_dir() and (not path.is_file() or file_sha256(path) != saved):
+            if file_sha256(tokenizer_file(self.data_dirs[0])) != saved:
+                raise DataError(
+                    f"the checkpoint's tokenizer {path} changed since the checkpoint was saved (its data folder "
+                    "prepared again?): the data's ids may stand for other tokens than the ones the weights learned",
+                    where,
+                    "use data prepared with the tokenizer the checkpoint trained with",
+                )
+            return
+        if path.is_file():
+            fix = f"use data prepared with --tokenizer {path}, the checkpoint's"
+            check_tokenized_with(self.data_dirs[0], path, where, fix, whose="the checkpoint's")
 
     def train_dataloader(self) -> StreamingDataLoader:
         loader = self._dataloader(self.train_streams(), shuffle=True, weights=self.weights)
