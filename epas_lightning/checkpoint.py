@@ -435,8 +435,9 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
 
     The weights keep the dtype the checkpoint stores them in. The tokenizer the run trained with (recorded in the
     checkpoint) is copied beside them when it still exists and parses as a tokenizer; only the tokenizer file itself
-    is copied, under its standard name.
+    is copied, under its standard name, with the chat template found beside it.
     """
+    from epas_lightning.data.chat_template import keep_chat_template
     from epas_lightning.data.tokenizer import TokenizerError, load_tokenizer, standard_filename
 
     checkpoint = Path(checkpoint).expanduser()
@@ -470,6 +471,7 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
             if tokenizer is not None:
                 name = standard_filename(tokenizer)
                 (build / name).write_bytes(tokenizer.path.read_bytes())
+                keep_chat_template(tokenizer.path, build)
                 record["tokenizer"] = {
                     "path": name,
                     "bos_id": tokenizer.bos_id,  # the checkpoint's, when it recorded them

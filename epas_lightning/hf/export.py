@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from epas_lightning.checkpoint import check_fits_dtype, load_model
+from epas_lightning.data.chat_template import chat_template_beside
 from epas_lightning.data.tokenizer import (
     HF_FILENAME,
     SENTENCEPIECE_FILENAME,
@@ -105,7 +106,8 @@ def export_tokenizer(path: Path, output: Path, block_size: int, bos_id: int | No
     every document the model trained on did: its ``tokenizer.json`` has a post-processor that adds it. A sentencepiece
     model is shipped as is and as a ``tokenizer.json`` that tokenizes as it does (transformers' own reading of a
     ``tokenizer.model`` does not), special-token strings in a text included (``split_special_tokens``): a warning says
-    so when that pipeline differs on a probe text or cannot be built.
+    so when that pipeline differs on a probe text or cannot be built. The chat template found beside the tokenizer
+    file is kept.
     """
     from tokenizers import processors
 
@@ -128,7 +130,7 @@ def export_tokenizer(path: Path, output: Path, block_size: int, bos_id: int | No
         shutil.copyfile(path, output / SENTENCEPIECE_FILENAME)
         config["split_special_tokens"] = True  # "</s>" in a text is text, as sentencepiece (and training) read it
     special = {"bos_token": token(bos_id), "eos_token": token(eos_id)}
-    tokenizer_config = {**config, **special, "model_max_length": block_size}
+    tokenizer_config = {**config, **special, "model_max_length": block_size, **chat_template_beside(path)}
     (output / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (output / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
