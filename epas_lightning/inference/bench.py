@@ -66,13 +66,18 @@ def region_for_budget(config: LlamaConfig, budget: float, max_shared: int, seq_l
 
 
 def heldout_batches(
-    data_dir: Path, config: LlamaConfig, batch_size: int, n_batches: int, tokenizer: Path | None = None
+    data_dir: Path,
+    config: LlamaConfig,
+    batch_size: int,
+    n_batches: int,
+    tokenizer: Path | None = None,
+    own_data: bool = False,
 ) -> list[torch.Tensor]:
     """Up to ``n_batches`` validation batches (B, block_size + 1), kept in memory to score every region alike; the
-    data must hold the ids of ``tokenizer`` (the model's, when known)."""
+    data must hold the ids of ``tokenizer`` (the model's, when known; ``own_data``: see ``heldout_loader``)."""
     from epas_lightning.data import heldout_loader
 
-    loader = heldout_loader(data_dir, config.block_size, batch_size, config.vocab_size, tokenizer)
+    loader = heldout_loader(data_dir, config.block_size, batch_size, config.vocab_size, tokenizer, own_data)
     return [batch.long() for batch in islice(loader, n_batches)]
 
 
@@ -287,7 +292,10 @@ def bench_command(
     if data_dir is None:
         print(f"bench: no held-out loss: {loaded.no_data()} (pass --data for one)", file=sys.stderr)
     with output_folder(output, "bench", overwrite, inputs=[checkpoint]) as build:
-        held_out = heldout_batches(data_dir, config, batch_size, batches, loaded.tokenizer_path) if data_dir else []
+        own_data = loaded.data_dir is not None
+        held_out = (
+            heldout_batches(data_dir, config, batch_size, batches, loaded.tokenizer_path, own_data) if data_dir else []
+        )
         rows = measure(loaded, max_shared, force, held_out, prompts, prompt_len, max_new_tokens, reps,
                        graphed)  # fmt: skip
         summary = {
