@@ -37,7 +37,7 @@ from epas_lightning.inference.generate import set_region
 from epas_lightning.model import LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.region import TrainedRegion
-from epas_lightning.runtime import DTYPES, DType, dtype_name
+from epas_lightning.runtime import DTYPES, DType, dtype_name, emit_json
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +230,21 @@ def export(
     return Path(output).expanduser().absolute()
 
 
+def export_summary(folder: Path) -> dict[str, Any]:
+    """What an export folder holds, for ``--json``: its form, region, dtype and whether it ships a tokenizer."""
+    record = json.loads((folder / "config.json").read_text())
+    shared = record.get("epas_shared_layers", [])
+    return {
+        "output": str(folder),
+        "model_type": record["model_type"],
+        "trust_remote_code": record["model_type"] == "epas_llama",
+        "sharing_layers": len(shared),
+        "shared_layers": shared,
+        "dtype": record["dtype"],
+        "tokenizer": (folder / "tokenizer_config.json").is_file(),
+    }
+
+
 def export_command(
     checkpoint: Path,
     output: Path,
@@ -239,6 +254,7 @@ def export_command(
     dtype: DType = "auto",
     force: bool = False,
     overwrite: bool = False,
+    json: bool = False,
 ) -> None:
     """Write a Hugging Face model folder (safetensors, config, tokenizer) from a checkpoint.
 
@@ -255,8 +271,12 @@ def export_command(
         dtype: Weight dtype of the export; auto keeps the checkpoint's.
         force: Allow a region longer than the trained one.
         overwrite: Replace --output if it is an export written by this command.
+        json: End with one JSON line of what was written.
     """
     check_tokenizer_flag(tokenizer)
-    out = export(checkpoint, output, sharing_layers, tokenizer, remote_code, dtype, force, overwrite)
-    kind = "epas_llama (trust_remote_code=True)" if (out / REMOTE_FILES[1]).is_file() else "stock LlamaForCausalLM"
-    print(f"wrote {out} ({kind})")
+    summary = export_summary(
+        export(checkpoint, output, sharing_layers, tokenizer, remote_code, dtype, force, overwrite)
+    )
+    kind = "epas_llama (trust_remote_code=True)" if summary["trust_remote_code"] else "stock LlamaForCausalLM"
+    print(f"wrote {summary['output']} ({kind})")
+    emit_json(summary, json)
