@@ -812,6 +812,22 @@ def test_requests_still_in_flight_when_the_grace_period_ends_are_said_to_be_cut_
     assert not records  # said once, by the line above
 
 
+def test_one_sigterm_delivered_twice_is_one_stop(checkpoint, monkeypatch, capsys):
+    """`timeout` signals serve and then its process group: SIGTERM came twice, at random, and the second one cut the
+    requests in flight off at once (no grace period), or, idle, exited 143 saying "0 requests were cut off"."""
+
+    def run(server) -> None:
+        server.api.spec.in_flight.value = 1
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except KeyboardInterrupt:  # LitServe shuts down, and the same SIGTERM comes again
+            signal.raise_signal(signal.SIGTERM)
+        server.api.spec.in_flight.value = 0  # the request finishes within the grace period
+
+    assert run_with_fake_litserver(checkpoint, monkeypatch, run) == 0
+    assert capsys.readouterr().err.endswith("a second Ctrl+C or SIGTERM cuts it off\nserver stopped\n")
+
+
 def test_the_shutdown_race_stays_filtered_after_the_server_returns(checkpoint, monkeypatch):
     """LitServe's monitor thread outlives ``server.run``: its broken-pipe traceback came after 'server stopped'."""
     assert run_with_fake_litserver(checkpoint, monkeypatch, lambda _: None) == 0

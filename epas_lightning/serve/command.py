@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +31,9 @@ Host = Literal["127.0.0.1", "0.0.0.0", "::"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 INSTALL = "pip install 'epas_lightning[serve]'"
 HOST_FIX = "give an address of this machine: 127.0.0.1, 0.0.0.0, ::"
+REPEAT_WINDOW_S = 0.25
+"""The same signal again within this time is one stop delivered twice (``timeout`` signals the command and then its
+process group), not the second signal that cuts requests off."""
 
 
 def require_litserve() -> None:
@@ -43,17 +47,23 @@ def require_litserve() -> None:
 @contextmanager
 def signals_stop_server(first: Callable[[], None] = lambda: None) -> Iterator[list[int]]:
     """SIGTERM and Ctrl+C stop the server: LitServe then shuts its processes down and ``run`` returns. The list
-    yielded holds the signals received; ``first`` is called on the first one, before it stops the server.
+    yielded holds the signals received; ``first`` is called on the first one, before it stops the server. The same
+    signal again within ``REPEAT_WINDOW_S`` is not counted.
 
     The server's forked processes inherit the handler; there it does nothing, so that uvicorn's own handlers (which
     re-raise the signal once uvicorn has shut down) end them quietly instead of with a traceback.
     """
     owner = os.getpid()
     received: list[int] = []
+    counted_at = [0.0]  # when the last signal counted came
 
     def interrupt(signum, frame) -> None:
         if os.getpid() == owner:
+            now = time.monotonic()
+            if received and signum == received[-1] and now - counted_at[0] < REPEAT_WINDOW_S:
+                return
             received.append(signum)
+            counted_at[0] = now
             if len(received) == 1:
                 first()
             stop = KeyboardInterrupt()
@@ -237,7 +247,7 @@ def _requests(count: int) -> str:
 
 
 def _cut_off(count: int) -> str:
-    return f"{_requests(count)} {'was' if count == 1 else 'were'} cut off"
+    return "no request was cut off" if count == 0 else f"{_requests(count)} {'was' if count == 1 else 'were'} cut off"
 
 
 def _kill_server_processes(server) -> None:
