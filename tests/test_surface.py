@@ -386,11 +386,12 @@ def test_checkpoints_from_before_the_record_keep_working(shallow, tmp_path):
 def test_every_consumer_reads_n_sharing_layers_in_growth_order(shallow, tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(shallow), "--prompt", "def", "--sharing-layers", "1",
                  "--max-new-tokens", "2", "--json"]) == 0  # fmt: skip
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["shared_layers"] == [1]
+    generated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (generated["sharing_layers"], generated["shared_layers"]) == (1, [1])  # N named as the flag names it
     assert main(["bench", "--checkpoint", str(shallow), "--output", str(tmp_path / "b"), "--reps", "1",
                  "--prompt-len", "4", "--max-new-tokens", "2", "--batches", "1"]) == 0  # fmt: skip
     rows = json.loads((tmp_path / "b" / "many_in_one.json").read_text())["rows"]
-    assert [r["shared_layers"] for r in rows] == [[], [1], [1, 2]]
+    assert [(r["sharing_layers"], r["shared_layers"]) for r in rows] == [(0, []), (1, [1]), (2, [1, 2])]
     assert main(["evaluate", "--checkpoint", str(shallow), "--sharing-layers", "all", "--batches", "1", "--json"]) == 0
     assert [r["shared_layers"] for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])] == [
         [],

@@ -34,7 +34,7 @@ DEFAULT_TOKENS = 64
 """Default --prompt-len and --max-new-tokens, each cut to what the model's context length leaves."""
 
 COLUMNS = (
-    "n_shared",
+    "sharing_layers",
     "shared_layers",
     "flops_ratio",
     "prefill_tokens_per_s",
@@ -136,7 +136,7 @@ def measure(
         loss = perplexity_of_batches(model, batches)["loss"] if batches else None  # null in JSON: not measured
         table.append(
             {
-                "n_shared": n,
+                "sharing_layers": n,
                 "shared_layers": loaded.region.first(n, force),
                 "flops_ratio": flops_ratio(config, n, config.block_size),
                 "prefill_tokens_per_s": statistics.median(prefill[n]),
@@ -164,7 +164,7 @@ def write_plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = summary["rows"]
-    n = [r["n_shared"] for r in rows]
+    n = [r["sharing_layers"] for r in rows]
     fig, (speed, quality) = plt.subplots(1, 2, figsize=(10, 4))
     speed.plot(n, [r["decode_tokens_per_s"] for r in rows], "o-", label="decode tok/s")
     speed.set_xlabel("sharing layers (first N of the trained region)")
@@ -200,7 +200,7 @@ def print_table(summary: dict) -> None:
     for r in summary["rows"]:
         loss = "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
         print(
-            f"{r['n_shared']:>6} {r['flops_ratio']:>6.3f} {r['prefill_tokens_per_s']:>14.1f} "
+            f"{r['sharing_layers']:>6} {r['flops_ratio']:>6.3f} {r['prefill_tokens_per_s']:>14.1f} "
             f"{r['decode_tokens_per_s']:>13.1f} {r['kv_cache_bytes'] / MIB:>8.2f} {r['kv_cache_saving']:>9.1%} "
             f"{loss:>9}"
         )
