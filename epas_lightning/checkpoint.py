@@ -495,13 +495,13 @@ def consolidated_summary(folder: Path) -> dict[str, Any]:
 
 
 def consolidate_command(checkpoint: Path, output: Path, overwrite: bool = False, json: bool = False) -> None:
-    """Turn a training checkpoint (.ckpt or FSDP2 directory) into model.safetensors + config.json.
+    """Turn a training checkpoint (.ckpt file or FSDP2 folder) into model.safetensors + config.json.
 
     The folder is built beside the target and renamed into place when complete; it records the model config, the
     trained sharing region in growth order and the tokenizer (copied when it still exists).
 
     Args:
-        checkpoint: A .ckpt file or an FSDP2 checkpoint directory written by fit.
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         output: The folder to write.
         overwrite: Replace --output if it is a consolidated folder written by this command.
         json: End with one JSON line of what was written.

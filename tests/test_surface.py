@@ -83,6 +83,14 @@ def test_every_tool_speaks_the_same_vocabulary(command, capsys):
     parser = function_parser(tool(command), command)
     options = [o for a in parser._actions if a.dest not in ("help", "print_config") for o in a.option_strings]
     assert {flag: flag in options for flag in vocabulary} == vocabulary, command
+    helps = {o: a.help for a in parser._actions for o in a.option_strings}
+    said = {  # one flag, one meaning, said the same way
+        "--checkpoint": "A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA "
+        "folder.",
+        "--device": "auto (CUDA when available), cpu, cuda, cuda:1, ...",
+        "--json": "End with one JSON line of ",
+    }
+    assert all(text in helps[flag] for flag, text in said.items() if vocabulary[flag]), command
     assert not [o for o in options if "_" in o], options  # dashes, never underscores
     fn, hints = tool(command), get_type_hints(tool(command))
     defaults = {name: p.default for name, p in inspect.signature(fn).parameters.items()}
