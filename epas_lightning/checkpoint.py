@@ -36,7 +36,7 @@ from epas_lightning.hf.convert import (
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.region import REGION_KEY, TrainedRegion
-from epas_lightning.runtime import dtype_name, dtype_overflow
+from epas_lightning.runtime import dtype_name, dtype_overflow, emit_json
 from epas_lightning.safe_load import (
     DCP_METADATA,
     LIGHTNING_METADATA,
@@ -435,8 +435,9 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
 
     The weights keep the dtype the checkpoint stores them in. The tokenizer the run trained with (recorded in the
     checkpoint) is copied beside them when it still exists and parses as a tokenizer; only the tokenizer file itself
-    is copied, under its standard name.
+    is copied, under its standard name, with the chat template found beside it.
     """
+    from epas_lightning.data.chat_template import keep_chat_template
     from epas_lightning.data.tokenizer import TokenizerError, load_tokenizer, standard_filename
 
     checkpoint = Path(checkpoint).expanduser()
@@ -470,6 +471,7 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
             if tokenizer is not None:
                 name = standard_filename(tokenizer)
                 (build / name).write_bytes(tokenizer.path.read_bytes())
+                keep_chat_template(tokenizer.path, build)
                 record["tokenizer"] = {
                     "path": name,
                     "bos_id": tokenizer.bos_id,  # the checkpoint's, when it recorded them
@@ -480,16 +482,30 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
     return Path(output).expanduser().absolute()
 
 
-def consolidate_command(checkpoint: Path, output: Path, overwrite: bool = False) -> None:
-    """Turn a training checkpoint (.ckpt or FSDP2 directory) into model.safetensors + config.json.
+def consolidated_summary(folder: Path) -> dict[str, Any]:
+    """What a consolidated folder holds, for ``--json``: its files, trained region, step and tokenizer file."""
+    record = json.loads((folder / CONFIG_FILE).read_text())
+    return {
+        "output": str(folder),
+        "weights": str(folder / WEIGHTS_FILE),
+        "trained_region": record["sharing"]["region"],
+        "global_step": record["global_step"],
+        "tokenizer": (record.get("tokenizer") or {}).get("path"),
+    }
+
+
+def consolidate_command(checkpoint: Path, output: Path, overwrite: bool = False, json: bool = False) -> None:
+    """Turn a training checkpoint (.ckpt file or FSDP2 folder) into model.safetensors + config.json.
 
     The folder is built beside the target and renamed into place when complete; it records the model config, the
     trained sharing region in growth order and the tokenizer (copied when it still exists).
 
     Args:
-        checkpoint: A .ckpt file or an FSDP2 checkpoint directory written by fit.
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         output: The folder to write.
         overwrite: Replace --output if it is a consolidated folder written by this command.
+        json: End with one JSON line of what was written.
     """
     out = consolidate(checkpoint, output, overwrite)
     print(f"wrote {out / WEIGHTS_FILE} and {out / CONFIG_FILE}")
+    emit_json(consolidated_summary(out), json)

@@ -230,7 +230,13 @@ def test_held_out_data_of_another_vocabulary_than_the_model_is_one_line(tmp_path
         assert cli_main([*argv, *output]) == 2
         err = capsys.readouterr().err.splitlines()[-1]  # analyze first says what it analyses
         assert err.startswith(f"error: prepared with another tokenizer ({other / 'tokenizer.json'}) than the model")
-        assert f"— --data {other} — prepare it with --tokenizer" in err
+        assert err.endswith(f"— --data {other} — prepare it with --tokenizer {ckpt / 'tokenizer.json'}")  # only that:
+    # "or leave --data unset for the checkpoint's own data" was said of checkpoints (HF folders) that record none
+    record = json.loads((ckpt / "config.json").read_text())
+    record["tokenizer"]["data_dir"] = str(tiny_corpus)  # one that records it
+    (ckpt / "config.json").write_text(json.dumps(record))
+    assert cli_main(["evaluate", "--checkpoint", str(ckpt), "--data", str(other), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.endswith(", or leave --data unset for the checkpoint's own data\n")
     resaved = tmp_path / "resaved.json"  # one vocabulary in another file gives the ids the same tokens
     Tokenizer.from_file(str(tiny_corpus / "tokenizer.json")).save(str(resaved), pretty=False)
     assert same_token_ids(resaved, ckpt / "tokenizer.json")

@@ -486,6 +486,35 @@ def test_export_and_consolidate_keep_the_dtype_the_checkpoint_trained_in(tmp_pat
         assert f.get_tensor("lm_head.weight").dtype == torch.float32
 
 
+def test_a_chat_template_beside_the_tokenizer_reaches_the_export(tmp_path: Path, tiny_corpus: Path) -> None:
+    """A chat model's template (in its tokenizer_config.json, or chat_template.jinja and additional_chat_templates/)
+    was dropped: consolidate copied only the tokenizer file, and export wrote a tokenizer_config.json without it."""
+    from epas_lightning.checkpoint import consolidate
+    from epas_lightning.hf.export import export
+
+    chat, template = tmp_path / "chat", "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    chat.mkdir()
+    (chat / "tokenizer.json").write_bytes((tiny_corpus / "tokenizer.json").read_bytes())
+    (chat / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": "<s>"}))
+    model = save_ours(tmp_path / "m", n_layer=2)
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    record = {"path": str(chat / "tokenizer.json"), "bos_id": 0, "eos_id": 1}  # as fit records it
+    torch.save({"state_dict": state, "model_config": model.config.to_dict(), "tokenizer": record}, tmp_path / "a.ckpt")
+    out = export(consolidate(tmp_path / "a.ckpt", tmp_path / "c"), tmp_path / "hf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template == template
+    said = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert said == "<|user|>hi"
+    # the template writes control tokens as text: with it, they read as the ids (not as training's plain text)
+    assert tokenizer("hi<|eos|>", add_special_tokens=False)["input_ids"][-1] == 1
+    (chat / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")  # it wins, as in transformers
+    (chat / "additional_chat_templates").mkdir()
+    (chat / "additional_chat_templates" / "tool_use.jinja").write_text("tools")
+    out = export(tmp_path / "m", tmp_path / "hf2", tokenizer=chat)
+    named = {"default": "{{ messages[0]['content'] }}", "tool_use": "tools"}
+    assert transformers.AutoTokenizer.from_pretrained(out).chat_template == named
+
+
 # ---------------------------------------------------------------- configs/tinyllama-continual.yaml
 
 CONTINUAL = str(Path(__file__).resolve().parents[1] / "configs" / "tinyllama-continual.yaml")

@@ -173,7 +173,7 @@ def test_bench_writes_the_many_in_one_table(trained, tmp_path, capsys):
     assert summary == json.loads((out_dir / "many_in_one.json").read_text())
     tmp_path = out_dir
     rows = list(csv.DictReader((tmp_path / "many_in_one.csv").open()))
-    assert [int(r["n_shared"]) for r in rows] == [0, 1, 2]
+    assert [int(r["sharing_layers"]) for r in rows] == [0, 1, 2]
     ratios = [float(r["flops_ratio"]) for r in rows]
     assert ratios[0] == 1.0 and ratios[0] > ratios[1] > ratios[2]
     assert all(torch.isfinite(torch.tensor(float(r["val_loss"]))) for r in rows)

@@ -177,6 +177,7 @@ def test_sentencepiece_corpus_holds_every_document_once_as_bos_eos(corpus, sp_da
 def test_cli_with_hf_tokenizer_and_separate_val_input(corpus, tmp_path: Path, capsys: pytest.CaptureFixture):
     root, docs = corpus
     hf = train_hf_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')  # a chat model's
     out = tmp_path / "hf"
     argv = ["prepare", "--input", str(root / "a.jsonl"), "--input", str(root / "c.parquet")]
     argv += ["--input", str(root / "notes" / "n0.md")]  # also a validation file: held out, not trained on
@@ -185,6 +186,7 @@ def test_cli_with_hf_tokenizer_and_separate_val_input(corpus, tmp_path: Path, ca
     assert f"Prepared {out}: 256 documents (250 train / 6 val)" in capsys.readouterr().out
     meta = json.loads((out / "meta.json").read_text())
     assert (meta["tokenizer"], meta["tokenizer_kind"]) == ("tokenizer.json", "hf")
+    assert json.loads((out / "tokenizer_config.json").read_text()) == {"chat_template": "{{ messages }}"}  # kept
     tok = load_tokenizer(out / "tokenizer.json")
     assert (meta["bos_id"], meta["eos_id"]) == (tok.backend.token_to_id("<s>"), tok.backend.token_to_id("</s>"))
     val_docs = [tok.decode(ids) for ids in documents_of(out / "val", meta["bos_id"], meta["eos_id"])]

@@ -759,15 +759,17 @@ def test_sigterm_shuts_down_cleanly(server):
 
 
 def run_with_fake_litserver(checkpoint: Path, monkeypatch, run) -> int:
-    """``serve`` through the command line, with ``run`` in place of ``LitServer.run`` (no process starts)."""
+    """``serve`` through the command line, with ``run(server)`` in place of ``LitServer.run`` (no process starts)."""
     ls = pytest.importorskip("litserve")
 
     class FakeServer:
-        def __init__(self, *args, **kwargs) -> None:
-            pass
+        uvicorn_graceful_timeout = 0.2
+
+        def __init__(self, api, *args, **kwargs) -> None:
+            self.api = api
 
         def run(self, **kwargs) -> None:
-            run()
+            run(self)
 
     monkeypatch.setattr(ls, "LitServer", FakeServer)
     with socket.socket() as free:
@@ -778,13 +780,57 @@ def run_with_fake_litserver(checkpoint: Path, monkeypatch, run) -> int:
 
 def test_sigterm_while_the_server_starts_is_named_sigterm(checkpoint, monkeypatch, capsys):
     """LitServe lets the interrupt out while its workers start: it said '(Ctrl+C)' and exited 130."""
-    assert run_with_fake_litserver(checkpoint, monkeypatch, lambda: signal.raise_signal(signal.SIGTERM)) == 143
+    assert run_with_fake_litserver(checkpoint, monkeypatch, lambda _: signal.raise_signal(signal.SIGTERM)) == 143
     assert capsys.readouterr().err.endswith("interrupted: serve stopped (SIGTERM)\n")
+
+
+def test_requests_still_in_flight_when_the_grace_period_ends_are_said_to_be_cut_off(checkpoint, monkeypatch, capsys):
+    """After the grace period LitServe killed the HTTP process with the request: two raw LitServe warnings, then
+    "server stopped" as after a clean stop."""
+
+    def run(server) -> None:
+        server.api.spec.in_flight.value = 1
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except KeyboardInterrupt:  # LitServe shuts down; the request does not finish within the grace period
+            time.sleep(server.uvicorn_graceful_timeout + 0.3)
+            logging.getLogger("litserve.server").warning("LitServer-0 (PID: 1): Did not terminate gracefully. ...")
+
+    records, litserve_log = [], logging.getLogger("litserve.server")
+    handler = logging.Handler()
+    handler.emit = records.append
+    litserve_log.addHandler(handler)
+    try:
+        assert run_with_fake_litserver(checkpoint, monkeypatch, run) == 0
+    finally:
+        litserve_log.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert (
+        "stopping: waiting up to 0.2 s for 1 request in flight to finish; a second Ctrl+C or SIGTERM cuts it off" in err
+    )
+    assert err.endswith("\nserver stopped after the 0.2 s grace period: 1 request was cut off\n")
+    assert not records  # said once, by the line above
+
+
+def test_one_sigterm_delivered_twice_is_one_stop(checkpoint, monkeypatch, capsys):
+    """`timeout` signals serve and then its process group: SIGTERM came twice, at random, and the second one cut the
+    requests in flight off at once (no grace period), or, idle, exited 143 saying "0 requests were cut off"."""
+
+    def run(server) -> None:
+        server.api.spec.in_flight.value = 1
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except KeyboardInterrupt:  # LitServe shuts down, and the same SIGTERM comes again
+            signal.raise_signal(signal.SIGTERM)
+        server.api.spec.in_flight.value = 0  # the request finishes within the grace period
+
+    assert run_with_fake_litserver(checkpoint, monkeypatch, run) == 0
+    assert capsys.readouterr().err.endswith("a second Ctrl+C or SIGTERM cuts it off\nserver stopped\n")
 
 
 def test_the_shutdown_race_stays_filtered_after_the_server_returns(checkpoint, monkeypatch):
     """LitServe's monitor thread outlives ``server.run``: its broken-pipe traceback came after 'server stopped'."""
-    assert run_with_fake_litserver(checkpoint, monkeypatch, lambda: None) == 0
+    assert run_with_fake_litserver(checkpoint, monkeypatch, lambda _: None) == 0
     records, monitor_log = [], logging.getLogger("litserve.server")
     handler = logging.Handler()
     handler.emit = records.append

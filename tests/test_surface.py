@@ -26,7 +26,7 @@ from lightning.pytorch.cli import LightningCLI
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from epas_lightning import ProgressiveSharing
-from epas_lightning.checkpoint import REGION_KEY, consolidate, load_model
+from epas_lightning.checkpoint import REGION_KEY, load_model
 from epas_lightning.cli import LIGHTNING_COMMANDS, TOOLS, function_parser, main, tool, tool_docstring
 from epas_lightning.errors import CheckpointError, ConfigError
 from epas_lightning.resume import continue_version, resume_checkpoint
@@ -78,11 +78,19 @@ def test_every_tool_speaks_the_same_vocabulary(command, capsys):
         "--device": command in runs_a_model,
         "--dtype": command in (*runs_a_model, "export"),
         "--sharing-layers": command in ("generate", "bench", "evaluate", "export", "serve", "lm-eval"),
-        "--json": command in ("generate", "bench", "evaluate", "analyze", "lm-eval"),
+        "--json": command in ("generate", "bench", "evaluate", "analyze", "lm-eval", "consolidate", "export"),
     }
     parser = function_parser(tool(command), command)
     options = [o for a in parser._actions if a.dest not in ("help", "print_config") for o in a.option_strings]
     assert {flag: flag in options for flag in vocabulary} == vocabulary, command
+    helps = {o: a.help for a in parser._actions for o in a.option_strings}
+    said = {  # one flag, one meaning, said the same way
+        "--checkpoint": "A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA "
+        "folder.",
+        "--device": "auto (CUDA when available), cpu, cuda, cuda:1, ...",
+        "--json": "End with one JSON line of ",
+    }
+    assert all(text in helps[flag] for flag, text in said.items() if vocabulary[flag]), command
     assert not [o for o in options if "_" in o], options  # dashes, never underscores
     fn, hints = tool(command), get_type_hints(tool(command))
     defaults = {name: p.default for name, p in inspect.signature(fn).parameters.items()}
@@ -354,7 +362,7 @@ def shallow(tiny_corpus, tmp_path_factory):
     return train_tiny_checkpoint(tiny_corpus, tmp_path_factory.mktemp("shallow"), sharing, seed=5)
 
 
-def test_checkpoints_record_the_region_in_growth_order(shallow, tmp_path):
+def test_checkpoints_record_the_region_in_growth_order(shallow, tmp_path, capsys):
     assert torch.load(shallow, weights_only=True)[REGION_KEY] == {"layers": [1, 2], "order": "shallow_first"}
     loaded = load_model(shallow)
     assert loaded.region.layers == (1, 2) and loaded.region.order == "shallow_first"
@@ -365,8 +373,10 @@ def test_checkpoints_record_the_region_in_growth_order(shallow, tmp_path):
         "4 sharing layers were asked for; a 4-layer model can share at most 3 "
         "(it trained 2: layers [1, 2], shallow-first)"
     )
-    consolidated = load_model(consolidate(shallow, tmp_path / "c"))
-    assert consolidated.region == loaded.region
+    assert main(["consolidate", "--checkpoint", str(shallow), "--output", str(tmp_path / "c"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["trained_region"] == {"layers": [1, 2], "order": "shallow_first"} and summary["global_step"] == 6
+    assert load_model(summary["output"]).region == loaded.region
 
 
 def test_checkpoints_from_before_the_record_keep_working(shallow, tmp_path):
@@ -384,20 +394,22 @@ def test_checkpoints_from_before_the_record_keep_working(shallow, tmp_path):
 def test_every_consumer_reads_n_sharing_layers_in_growth_order(shallow, tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(shallow), "--prompt", "def", "--sharing-layers", "1",
                  "--max-new-tokens", "2", "--json"]) == 0  # fmt: skip
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["shared_layers"] == [1]
+    generated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (generated["sharing_layers"], generated["shared_layers"]) == (1, [1])  # N named as the flag names it
     assert main(["bench", "--checkpoint", str(shallow), "--output", str(tmp_path / "b"), "--reps", "1",
                  "--prompt-len", "4", "--max-new-tokens", "2", "--batches", "1"]) == 0  # fmt: skip
     rows = json.loads((tmp_path / "b" / "many_in_one.json").read_text())["rows"]
-    assert [r["shared_layers"] for r in rows] == [[], [1], [1, 2]]
+    assert [(r["sharing_layers"], r["shared_layers"]) for r in rows] == [(0, []), (1, [1]), (2, [1, 2])]
     assert main(["evaluate", "--checkpoint", str(shallow), "--sharing-layers", "all", "--batches", "1", "--json"]) == 0
     assert [r["shared_layers"] for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])] == [
         [],
         [1],
         [1, 2],
     ]
-    assert (
-        main(["export", "--checkpoint", str(shallow), "--output", str(tmp_path / "hf"), "--sharing-layers", "1"]) == 0
-    )
+    export = ["export", "--checkpoint", str(shallow), "--output", str(tmp_path / "hf"), "--sharing-layers", "1"]
+    assert main([*export, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (summary["model_type"], summary["shared_layers"], summary["tokenizer"]) == ("epas_llama", [1], True)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["epas_shared_layers"] == [1] and config["epas_trained_region"] == [1, 2]
     from epas_lightning.evaluation.lm_eval_adapter import EPASLM

@@ -41,13 +41,20 @@ def _checked(model: Llama, batches: Iterable[torch.Tensor]) -> Iterator[torch.Te
 
 
 def heldout_batches(
-    data_dir: Path, vocab_size: int, seq_len: int, batch_size: int, n_batches: int, tokenizer: Path | None = None
+    data_dir: Path,
+    vocab_size: int,
+    seq_len: int,
+    batch_size: int,
+    n_batches: int,
+    tokenizer: Path | None = None,
+    own_data: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Up to ``n_batches`` token batches (B, seq_len) from the validation split of a prepared data dir, which must
-    hold the ids of ``tokenizer`` (the model's, when known)."""
+    hold the ids of ``tokenizer`` (the model's, when known; ``own_data``: see ``heldout_loader``)."""
     from epas_lightning.data import heldout_loader
 
-    for batch in islice(heldout_loader(data_dir, seq_len, batch_size, vocab_size, tokenizer), n_batches):
+    loader = heldout_loader(data_dir, seq_len, batch_size, vocab_size, tokenizer, own_data)
+    for batch in islice(loader, n_batches):
         yield batch[:, :-1]  # the model's inputs; the extra target token is not needed
 
 
@@ -139,7 +146,10 @@ def analyze_command(
         )
     with output_folder(output, "analysis", overwrite, inputs=[checkpoint]) as build:
         print(f"analysing {checkpoint} ({config.n_layer} layers) on {data_dir}", file=sys.stderr)
-        held_out = heldout_batches(data_dir, config.vocab_size, seq_len, batch_size, batches, loaded.tokenizer_path)
+        own_data = loaded.data_dir is not None
+        held_out = heldout_batches(
+            data_dir, config.vocab_size, seq_len, batch_size, batches, loaded.tokenizer_path, own_data
+        )
         held_out = progress(held_out, "analyze: capturing activations", batches, "batch")
         report = analyze_model(model, held_out)
         report.metadata.update(

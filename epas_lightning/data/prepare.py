@@ -24,6 +24,7 @@ from typing import Literal
 
 import numpy as np
 
+from epas_lightning.data.chat_template import keep_chat_template
 from epas_lightning.data.layout import (
     DATASET_KIND,
     FORMAT_VERSION,
@@ -120,6 +121,7 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
         loaded = load_tokenizer(tokenizer.path, tokenizer.bos_token, tokenizer.eos_token)
         tokenizer_path = build_dir / (HF_FILENAME if loaded.kind == "hf" else SENTENCEPIECE_FILENAME)
         shutil.copyfile(loaded.path, tokenizer_path)
+        keep_chat_template(loaded.path, build_dir)
         source = str(loaded.path)
     else:
         skipped: list = []

@@ -48,9 +48,7 @@ def check_data_flag(data: str | Path | None, flag: str = "--data") -> None:
         check_prepared(Path(data).expanduser(), f"{flag} {data}", PREPARE)
 
 
-def check_tokenized_with(
-    data_dir: Path, tokenizer: Path, where: str, fix: str | None = None, whose: str = "the model's"
-) -> None:
+def check_tokenized_with(data_dir: Path, tokenizer: Path, where: str, fix: str, whose: str = "the model's") -> None:
     """A :class:`DataError` unless the prepared ``data_dir`` holds the ids of ``tokenizer`` (``whose``): with another
     vocabulary its ids stand for other tokens, and losses on it (or training on it) mean nothing."""
     data_tokenizer = tokenizer_file(data_dir)
@@ -59,7 +57,7 @@ def check_tokenized_with(
             f"prepared with another tokenizer ({data_tokenizer}) than {whose} ({tokenizer}): its ids stand for "
             "other tokens",
             where,
-            fix or f"prepare it with --tokenizer {tokenizer}, or leave --data unset for the checkpoint's own data",
+            fix,
         )
 
 
@@ -285,17 +283,21 @@ def heldout_loader(
     batch_size: int,
     vocab_size: int | None = None,
     tokenizer: str | Path | None = None,
+    own_data: bool = False,
 ) -> CheckedBatches:
     """The validation split of a prepared data directory (``None``: the built-in corpus), checked and in a fixed
     order: batches of (B, seq_len + 1) int32 tokens, each checked for ids outside ``vocab_size`` as it is read.
     Iterating it again yields the same batches. A split too small
     for one batch is a :class:`DataError`; so are a missing or incomplete ``data_dir``, one prepared with another
     vocabulary than ``tokenizer`` (the model's, when known) and a ``batch_size`` below 1, named as the commands'
-    ``--data`` and ``--batch-size``."""
+    ``--data`` and ``--batch-size``. ``own_data``: the checkpoint records the data it trained on, which the
+    commands read when ``--data`` is unset (the refusal of another tokenizer's data says so)."""
     check_data_flag(data_dir)
     check_counts({"--batch-size": batch_size})
     if data_dir is not None and tokenizer is not None:
-        check_tokenized_with(Path(data_dir).expanduser(), Path(tokenizer), f"--data {data_dir}")
+        fix = f"prepare it with --tokenizer {tokenizer}"
+        fix += ", or leave --data unset for the checkpoint's own data" if own_data else ""
+        check_tokenized_with(Path(data_dir).expanduser(), Path(tokenizer), f"--data {data_dir}", fix)
     data = TokenData(
         str(data_dir) if data_dir is not None else None, seq_len=seq_len, batch_size=batch_size, vocab_size=vocab_size
     )

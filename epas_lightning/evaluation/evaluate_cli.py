@@ -66,7 +66,8 @@ def evaluate(
         raise ConfigError(
             f"nothing to evaluate: {loaded.no_data()}",
             "--data / --tasks",
-            "give --data (a prepared folder: perplexity on its val split) and/or --tasks (multiple choice)",
+            "give --data (a folder prepared with the model's tokenizer: perplexity on its val split) and/or --tasks "
+            "(multiple choice)",
         )
     loader = None
     if data is not None:  # set up (and checked) once; every region reads the same batches
@@ -74,7 +75,12 @@ def evaluate(
 
         config = loaded.model.config
         loader = heldout_loader(
-            data, config.block_size, batch_size, config.vocab_size, tokenizer or loaded.tokenizer_path
+            data,
+            config.block_size,
+            batch_size,
+            config.vocab_size,
+            tokenizer or loaded.tokenizer_path,
+            own_data=loaded.data_dir is not None,
         )
     rows = []
     for n in lengths:

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from epas_lightning.checkpoint import check_fits_dtype, load_model
+from epas_lightning.data.chat_template import chat_template_beside
 from epas_lightning.data.tokenizer import (
     HF_FILENAME,
     SENTENCEPIECE_FILENAME,
@@ -36,7 +37,7 @@ from epas_lightning.inference.generate import set_region
 from epas_lightning.model import LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.region import TrainedRegion
-from epas_lightning.runtime import DTYPES, DType, dtype_name
+from epas_lightning.runtime import DTYPES, DType, dtype_name, emit_json
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,9 @@ def export_tokenizer(path: Path, output: Path, block_size: int, bos_id: int | No
     every document the model trained on did: its ``tokenizer.json`` has a post-processor that adds it. A sentencepiece
     model is shipped as is and as a ``tokenizer.json`` that tokenizes as it does (transformers' own reading of a
     ``tokenizer.model`` does not): a warning says so when that pipeline differs on a probe text or cannot be built.
-    Special-token strings in a text are text (``split_special_tokens``), as training read them.
+    Special-token strings in a text are text (``split_special_tokens``), as training read them, unless a chat template
+    is shipped: the chat template found beside the tokenizer file is kept, and it writes its control tokens as text
+    (``</s>``, ``<|im_start|>``), which must then read as those tokens, as the tokenizer it came with read them.
     """
     from tokenizers import processors
 
@@ -127,8 +130,9 @@ def export_tokenizer(path: Path, output: Path, block_size: int, bos_id: int | No
     if tokenizer.kind == "sentencepiece":
         shutil.copyfile(path, output / SENTENCEPIECE_FILENAME)
     special = {"bos_token": token(bos_id), "eos_token": token(eos_id)}
-    # "</s>" in a text is text, as training (TextTokenizer) read it
-    tokenizer_config = {**config, **special, "model_max_length": block_size, "split_special_tokens": True}
+    chat = chat_template_beside(path)
+    # "</s>" in a text is text, as training (TextTokenizer) read it; a chat template's are its control tokens
+    tokenizer_config = {**config, **special, "model_max_length": block_size, "split_special_tokens": not chat, **chat}
     (output / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (output / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
@@ -228,6 +232,21 @@ def export(
     return Path(output).expanduser().absolute()
 
 
+def export_summary(folder: Path) -> dict[str, Any]:
+    """What an export folder holds, for ``--json``: its form, region, dtype and whether it ships a tokenizer."""
+    record = json.loads((folder / "config.json").read_text())
+    shared = record.get("epas_shared_layers", [])
+    return {
+        "output": str(folder),
+        "model_type": record["model_type"],
+        "trust_remote_code": record["model_type"] == "epas_llama",
+        "sharing_layers": len(shared),
+        "shared_layers": shared,
+        "dtype": record["dtype"],
+        "tokenizer": (folder / "tokenizer_config.json").is_file(),
+    }
+
+
 def export_command(
     checkpoint: Path,
     output: Path,
@@ -237,6 +256,7 @@ def export_command(
     dtype: DType = "auto",
     force: bool = False,
     overwrite: bool = False,
+    json: bool = False,
 ) -> None:
     """Write a Hugging Face model folder (safetensors, config, tokenizer) from a checkpoint.
 
@@ -253,8 +273,12 @@ def export_command(
         dtype: Weight dtype of the export; auto keeps the checkpoint's.
         force: Allow a region longer than the trained one.
         overwrite: Replace --output if it is an export written by this command.
+        json: End with one JSON line of what was written.
     """
     check_tokenizer_flag(tokenizer)
-    out = export(checkpoint, output, sharing_layers, tokenizer, remote_code, dtype, force, overwrite)
-    kind = "epas_llama (trust_remote_code=True)" if (out / REMOTE_FILES[1]).is_file() else "stock LlamaForCausalLM"
-    print(f"wrote {out} ({kind})")
+    summary = export_summary(
+        export(checkpoint, output, sharing_layers, tokenizer, remote_code, dtype, force, overwrite)
+    )
+    kind = "epas_llama (trust_remote_code=True)" if summary["trust_remote_code"] else "stock LlamaForCausalLM"
+    print(f"wrote {summary['output']} ({kind})")
+    emit_json(summary, json)

@@ -34,7 +34,7 @@ DEFAULT_TOKENS = 64
 """Default --prompt-len and --max-new-tokens, each cut to what the model's context length leaves."""
 
 COLUMNS = (
-    "n_shared",
+    "sharing_layers",
     "shared_layers",
     "flops_ratio",
     "prefill_tokens_per_s",
@@ -66,13 +66,18 @@ def region_for_budget(config: LlamaConfig, budget: float, max_shared: int, seq_l
 
 
 def heldout_batches(
-    data_dir: Path, config: LlamaConfig, batch_size: int, n_batches: int, tokenizer: Path | None = None
+    data_dir: Path,
+    config: LlamaConfig,
+    batch_size: int,
+    n_batches: int,
+    tokenizer: Path | None = None,
+    own_data: bool = False,
 ) -> list[torch.Tensor]:
     """Up to ``n_batches`` validation batches (B, block_size + 1), kept in memory to score every region alike; the
-    data must hold the ids of ``tokenizer`` (the model's, when known)."""
+    data must hold the ids of ``tokenizer`` (the model's, when known; ``own_data``: see ``heldout_loader``)."""
     from epas_lightning.data import heldout_loader
 
-    loader = heldout_loader(data_dir, config.block_size, batch_size, config.vocab_size, tokenizer)
+    loader = heldout_loader(data_dir, config.block_size, batch_size, config.vocab_size, tokenizer, own_data)
     return [batch.long() for batch in islice(loader, n_batches)]
 
 
@@ -131,7 +136,7 @@ def measure(
         loss = perplexity_of_batches(model, batches)["loss"] if batches else None  # null in JSON: not measured
         table.append(
             {
-                "n_shared": n,
+                "sharing_layers": n,
                 "shared_layers": loaded.region.first(n, force),
                 "flops_ratio": flops_ratio(config, n, config.block_size),
                 "prefill_tokens_per_s": statistics.median(prefill[n]),
@@ -159,7 +164,7 @@ def write_plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = summary["rows"]
-    n = [r["n_shared"] for r in rows]
+    n = [r["sharing_layers"] for r in rows]
     fig, (speed, quality) = plt.subplots(1, 2, figsize=(10, 4))
     speed.plot(n, [r["decode_tokens_per_s"] for r in rows], "o-", label="decode tok/s")
     speed.set_xlabel("sharing layers (first N of the trained region)")
@@ -195,7 +200,7 @@ def print_table(summary: dict) -> None:
     for r in summary["rows"]:
         loss = "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
         print(
-            f"{r['n_shared']:>6} {r['flops_ratio']:>6.3f} {r['prefill_tokens_per_s']:>14.1f} "
+            f"{r['sharing_layers']:>6} {r['flops_ratio']:>6.3f} {r['prefill_tokens_per_s']:>14.1f} "
             f"{r['decode_tokens_per_s']:>13.1f} {r['kv_cache_bytes'] / MIB:>8.2f} {r['kv_cache_saving']:>9.1%} "
             f"{loss:>9}"
         )
@@ -287,7 +292,10 @@ def bench_command(
     if data_dir is None:
         print(f"bench: no held-out loss: {loaded.no_data()} (pass --data for one)", file=sys.stderr)
     with output_folder(output, "bench", overwrite, inputs=[checkpoint]) as build:
-        held_out = heldout_batches(data_dir, config, batch_size, batches, loaded.tokenizer_path) if data_dir else []
+        own_data = loaded.data_dir is not None
+        held_out = (
+            heldout_batches(data_dir, config, batch_size, batches, loaded.tokenizer_path, own_data) if data_dir else []
+        )
         rows = measure(loaded, max_shared, force, held_out, prompts, prompt_len, max_new_tokens, reps,
                        graphed)  # fmt: skip
         summary = {

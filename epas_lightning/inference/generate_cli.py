@@ -171,4 +171,4 @@ def generate_command(
         f"{result.cache_saving:.1%}; analytic {numbers['kv_cache_saving_analytic']:.1%})",
         file=sys.stderr,
     )
-    emit_json({"n_shared": n_shared, "shared_layers": layers, **numbers}, json)
+    emit_json({"sharing_layers": n_shared, "shared_layers": layers, **numbers}, json)

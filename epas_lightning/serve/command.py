@@ -13,6 +13,8 @@ import os
 import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +31,9 @@ Host = Literal["127.0.0.1", "0.0.0.0", "::"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 INSTALL = "pip install 'epas_lightning[serve]'"
 HOST_FIX = "give an address of this machine: 127.0.0.1, 0.0.0.0, ::"
+REPEAT_WINDOW_S = 0.25
+"""The same signal again within this time is one stop delivered twice (``timeout`` signals the command and then its
+process group), not the second signal that cuts requests off."""
 
 
 def require_litserve() -> None:
@@ -42,17 +47,23 @@ def require_litserve() -> None:
 @contextmanager
 def signals_stop_server(first: Callable[[], None] = lambda: None) -> Iterator[list[int]]:
     """SIGTERM and Ctrl+C stop the server: LitServe then shuts its processes down and ``run`` returns. The list
-    yielded holds the signals received; ``first`` is called on the first one, before it stops the server.
+    yielded holds the signals received; ``first`` is called on the first one, before it stops the server. The same
+    signal again within ``REPEAT_WINDOW_S`` is not counted.
 
     The server's forked processes inherit the handler; there it does nothing, so that uvicorn's own handlers (which
     re-raise the signal once uvicorn has shut down) end them quietly instead of with a traceback.
     """
     owner = os.getpid()
     received: list[int] = []
+    counted_at = [0.0]  # when the last signal counted came
 
     def interrupt(signum, frame) -> None:
         if os.getpid() == owner:
+            now = time.monotonic()
+            if received and signum == received[-1] and now - counted_at[0] < REPEAT_WINDOW_S:
+                return
             received.append(signum)
+            counted_at[0] = now
             if len(received) == 1:
                 first()
             stop = KeyboardInterrupt()
@@ -189,16 +200,21 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
     print(f"loading the model from {api.checkpoint}", file=sys.stderr, flush=True)
     # kept after run returns: the monitor thread outlives it and may log the race until the process exits
     logging.getLogger("litserve.server").addFilter(_shutdown_race)
-    in_flight = api.spec.in_flight
+    logging.getLogger("litserve.server").addFilter(_forced_stop)
+    in_flight, grace = api.spec.in_flight, server.uvicorn_graceful_timeout
+    unfinished: list[int] = []  # the requests in flight when the grace period ended: LitServe cuts them off
 
     def stopping() -> None:
-        if in_flight.value:
+        if count := in_flight.value:
             print(
-                f"stopping: waiting up to {server.uvicorn_graceful_timeout} s for {_requests(in_flight.value)} in "
-                "flight to finish; a second Ctrl+C or SIGTERM cuts them off",
+                f"stopping: waiting up to {grace} s for {_requests(count)} in flight to finish; a second Ctrl+C or "
+                f"SIGTERM cuts {'it' if count == 1 else 'them'} off",
                 file=sys.stderr,
                 flush=True,
             )
+            deadline = threading.Timer(grace, lambda: unfinished.append(in_flight.value))
+            deadline.daemon = True
+            deadline.start()
 
     with signals_stop_server(stopping) as received, watching_startup(server) as died:
         try:
@@ -209,7 +225,7 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
             cut_off = in_flight.value
             _kill_server_processes(server)  # and watching_startup shuts LitServe's manager down
             what = "Ctrl+C" if received[-1] == signal.SIGINT else signal.Signals(received[-1]).name
-            stop.reason = f"second {what}: {_requests(cut_off)} {'was' if cut_off == 1 else 'were'} cut off"
+            stop.reason = f"second {what}: {_cut_off(cut_off)}"
             raise
         except RuntimeError as e:  # LitServe's "One or more workers failed to start"
             if died:
@@ -222,11 +238,16 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
             if failure is None:
                 raise
             raise failure from None
-    print("server stopped", file=sys.stderr, flush=True)
+    cut_off = f" after the {grace} s grace period: {_cut_off(unfinished[0])}" if unfinished and unfinished[0] else ""
+    print(f"server stopped{cut_off}", file=sys.stderr, flush=True)
 
 
 def _requests(count: int) -> str:
     return f"{count} request{'' if count == 1 else 's'}"
+
+
+def _cut_off(count: int) -> str:
+    return "no request was cut off" if count == 0 else f"{_requests(count)} {'was' if count == 1 else 'were'} cut off"
 
 
 def _kill_server_processes(server) -> None:
@@ -235,6 +256,12 @@ def _kill_server_processes(server) -> None:
     for process in [*http, *server.inference_workers]:  # the HTTP processes as LitServe names them
         process.kill()
         process.join()
+
+
+def _forced_stop(record: logging.LogRecord) -> bool:
+    """Drop LitServe's warnings that it killed a process still busy when the grace period ended: the line that ends
+    ``serve`` says how many requests were cut off."""
+    return "Did not terminate gracefully" not in record.getMessage()
 
 
 def _shutdown_race(record: logging.LogRecord) -> bool:
