@@ -476,6 +476,22 @@ def test_export_sharing_remote_code_logits_and_generate(tmp_path: Path, mode: st
     assert torch.equal(generated[:, 2:], greedy_by_full_forwards(ours, prompt[1:, :4], 5))
 
 
+def test_export_of_a_llama3_scaled_model_loads_in_transformers_with_its_logits(tmp_path: Path) -> None:
+    """Stock (no region) and remote-code (a region) exports of a tied llama3-scaled model, as Llama-3.2-1B is: the
+    same logits in transformers, and the same scaling read back."""
+    from epas_lightning.hf.export import export
+
+    ours = save_ours(tmp_path / "ckpt", n_layer=2, shared=1, tie=True, block_size=128, rope_scaling=LLAMA3_TINY)
+    ids = torch.randint(0, VOCAB, (2, 48))
+    for n in (0, 1):
+        out = export(tmp_path / "ckpt", tmp_path / f"hf{n}", sharing_layers=n)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=n > 0, dtype=torch.float32)
+        ours.set_shared_layers(range(2 - n, 2))
+        with torch.no_grad():
+            torch.testing.assert_close(hf.eval()(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
+        assert config_from_hf(out).rope_scaling == ours.config.rope_scaling
+
+
 def test_export_region_checks(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 
     save_ours(tmp_path / "ckpt", n_layer=4, shared=1)
