@@ -104,6 +104,8 @@ def _as_config(value: Any) -> LlamaConfig:
         return value
     data = value.as_dict() if hasattr(value, "as_dict") else dict(value)
     data = data.get("init_args", data)
+    if isinstance(scaling := data.get("rope_scaling"), dict):  # an optional dataclass parses as class_path/init_args
+        data["rope_scaling"] = scaling.get("init_args", scaling)
     return LlamaConfig(**data)
 
 

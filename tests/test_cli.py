@@ -9,6 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from epas_lightning.callbacks import ProgressiveSharing
 from epas_lightning.cli import main
 from epas_lightning.lightning_cli import lightning_cli
+from epas_lightning.model.config import RopeScaling
 
 
 def test_fit_through_the_entry_point_logs_and_checkpoints(tiny_corpus, debug_fit_run):
@@ -47,6 +48,15 @@ def test_preset_override_from_the_command_line():
     )
     assert (cli.model.config.n_layer, cli.model.config.n_embd) == (8, 256)
     assert cli.datamodule.seq_len == 64 and cli.datamodule.vocab_size == 4096
+
+
+def test_rope_scaling_from_the_command_line_reaches_the_model():
+    """A Llama 3.x ``rope_scaling`` parses as class_path/init_args (an optional dataclass); the links' config reader
+    passed that on as its fields and stopped the command."""
+    scaling = '{"rope_type": "llama3", "factor": 32, "low_freq_factor": 1, "high_freq_factor": 4, '
+    scaling += '"original_max_position_embeddings": 8192}'
+    cli = lightning_cli(["--config", DEBUG, "--model.config.rope_scaling", scaling], run=False)
+    assert cli.model.config.rope_scaling == RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)
 
 
 def test_print_config_shows_the_sharing_section_and_the_resolved_preset(capsys):

@@ -83,6 +83,39 @@ def test_import_logits_equal_transformers(tmp_path: Path, tie: bool, sharded: bo
     torch.testing.assert_close(ours, hf_logits(path, ids), atol=1e-5, rtol=1e-5)
 
 
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+LLAMA3_TINY = {**LLAMA3, "original_max_position_embeddings": 16}
+"""Llama 3.x's RoPE scaling with a 16-token original context: over 48 tokens most frequencies turn 8 times slower."""
+
+
+def without_rope_scaling(model: Llama) -> Llama:
+    unscaled = Llama(replace(model.config, rope_scaling=None))
+    unscaled.load_state_dict(model.state_dict())
+    return unscaled.eval()
+
+
+@pytest.mark.parametrize(
+    "scaling,field",
+    [(LLAMA3_TINY, "rope_parameters"), (LLAMA3_TINY, "rope_scaling"), ({"rope_type": "linear", "factor": 4.0}, "")],
+    ids=["llama3-5.x", "llama3-4.x", "linear"],
+)
+def test_import_scaled_rope_logits_equal_transformers(tmp_path: Path, scaling: dict, field: str) -> None:
+    """A Llama 3.x folder (rope_type llama3) was refused; it imports with transformers' logits, which the unscaled
+    RoPE does not give."""
+    path = save_tiny_hf(tmp_path / "hf", max_position_embeddings=128, rope_scaling=dict(scaling))
+    record = json.loads((path / "config.json").read_text())
+    if field == "rope_scaling" and "rope_parameters" in record:  # as transformers 4.x and the Hub's Llama 3.x write it
+        params = record.pop("rope_parameters")
+        record.update(rope_theta=params.pop("rope_theta"), rope_scaling=params)
+        (path / "config.json").write_text(json.dumps(record))
+    ids = torch.randint(0, VOCAB, (2, 48))
+    model, expected = ours_from_hf(path), hf_logits(path, ids)
+    assert model.config.rope_scaling.to_dict() == scaling
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), expected, atol=1e-5, rtol=1e-5)
+        assert (without_rope_scaling(model)(ids) - expected).abs().max() > 1e-3
+
+
 def test_import_pads_vocab_rows(tmp_path: Path) -> None:
     path = save_tiny_hf(tmp_path / "hf", vocab_size=500)
     model = ours_from_hf(path, padded_vocab_size=512)
@@ -110,7 +143,7 @@ def test_import_reads_pytorch_bin(tmp_path: Path) -> None:
         ({"attention_bias": True}, "attention_bias"),
         ({"mlp_bias": True}, "mlp_bias"),
         ({"hidden_act": "gelu"}, "hidden_act"),
-        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "RoPE scaling"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "RoPE scaling 'yarn'.* only llama3 and linear"),
         ({"head_dim": 32}, "head_dim"),
     ],
 )
@@ -125,17 +158,25 @@ def test_import_refuses_unsupported_configs(tmp_path: Path, overrides: dict, mes
         config_from_hf(path)
 
 
-def test_rope_scaling_is_refused_in_either_field_with_what_to_do() -> None:
+def test_rope_scaling_is_read_or_refused_in_either_field_with_what_to_do() -> None:
     """A config carrying both fields (rope_parameters 'default' beside a 4.x rope_scaling) was accepted silently, and
     the refusal said nothing of what to do."""
-    from epas_lightning.hf.convert import rope_theta_of
+    from epas_lightning.hf.convert import rope_of
+    from epas_lightning.model.config import RopeScaling
 
-    both = {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "rope_scaling": {"type": "linear"}}
+    both = {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "rope_scaling": {"type": "dynamic"}}
     with pytest.raises(
-        HFCheckpointError, match=r"'linear' \(rope_scaling\) is not supported.* — use a LLaMA checkpoint"
+        HFCheckpointError, match=r"'dynamic' \(rope_scaling\) is not supported.* — use a LLaMA checkpoint"
     ):
-        rope_theta_of(both)
-    assert rope_theta_of({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}) == 5e5
+        rope_of(both)
+    assert rope_of({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}) == (5e5, None)
+    both["rope_scaling"] = {"type": "linear", "factor": 4.0}  # 4.x's legacy spelling (LongChat, Vicuna-16k)
+    assert rope_of(both) == (1e4, RopeScaling("linear", 4.0))
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    hf = {"rope_parameters": llama3, "max_position_embeddings": 4096}  # transformers' default original length
+    assert rope_of(hf) == (1e4, RopeScaling("llama3", 8.0, 1.0, 4.0, 4096))
+    with pytest.raises(HFCheckpointError, match=r"^rope_parameters \{.*\}: llama3 RoPE scaling needs high_freq_factor"):
+        rope_of({"rope_parameters": {**llama3, "high_freq_factor": None}})
 
 
 def test_import_errors_name_the_problem(tmp_path: Path) -> None:
@@ -268,6 +309,10 @@ def test_init_from_checks_before_training(tmp_path: Path) -> None:
     # more vocabulary than the HF model: the extra rows would be zeros inside the softmax (a worse loss from step 0)
     with pytest.raises(HFCheckpointError, match="vocab_size: model 32000 vs init_from"):
         EPASModule(replace(_module_config(), vocab_size=32000, padded_vocab_size=None), init_from=str(path))
+    # a Llama 3.x folder: a model.config without its RoPE scaling would train other positions
+    llama3 = save_tiny_hf(tmp_path / "llama3", max_position_embeddings=128, rope_scaling=dict(LLAMA3_TINY))
+    with pytest.raises(HFCheckpointError, match=r"rope_scaling: model None vs init_from .*\{'rope_type': 'llama3'"):
+        EPASModule(_module_config(), init_from=str(llama3))
     # a config we cannot run: the one-line error names the folder (it named nothing)
     biased = save_tiny_hf(tmp_path / "biased", attention_bias=True)
     with pytest.raises(HFCheckpointError, match=f"attention_bias=true is not supported.* — model.init_from {biased}$"):
@@ -429,6 +474,22 @@ def test_export_sharing_remote_code_logits_and_generate(tmp_path: Path, mode: st
     mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
     generated = hf.generate(padded, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(generated[:, 2:], greedy_by_full_forwards(ours, prompt[1:, :4], 5))
+
+
+def test_export_of_a_llama3_scaled_model_loads_in_transformers_with_its_logits(tmp_path: Path) -> None:
+    """Stock (no region) and remote-code (a region) exports of a tied llama3-scaled model, as Llama-3.2-1B is: the
+    same logits in transformers, and the same scaling read back."""
+    from epas_lightning.hf.export import export
+
+    ours = save_ours(tmp_path / "ckpt", n_layer=2, shared=1, tie=True, block_size=128, rope_scaling=LLAMA3_TINY)
+    ids = torch.randint(0, VOCAB, (2, 48))
+    for n in (0, 1):
+        out = export(tmp_path / "ckpt", tmp_path / f"hf{n}", sharing_layers=n)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=n > 0, dtype=torch.float32)
+        ours.set_shared_layers(range(2 - n, 2))
+        with torch.no_grad():
+            torch.testing.assert_close(hf.eval()(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
+        assert config_from_hf(out).rope_scaling == ours.config.rope_scaling
 
 
 def test_export_region_checks(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -114,6 +115,23 @@ def test_incremental_decoding_equals_full_forward(mode, reuse, n_shared):
         pieces = [model(x[:, :8], cache), model(x[:, 8:13], cache)]  # prefill, then a chunk
         pieces += [model(x[:, t : t + 1], cache) for t in range(13, 20)]  # one token at a time
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=2e-5, rtol=1e-4)
+
+
+def test_kv_cache_decoding_applies_llama3_rope_scaling():
+    """Prefill, one-token steps and the static (CUDA-graph) steps rotate by the scaled frequencies of the forward."""
+    scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+    model = tiny(rope_scaling={**scaling, "original_max_position_embeddings": 16})
+    set_region(model, 1)
+    x = tokens(T=40)
+    with torch.no_grad():
+        full = model(x)
+        for static in (False, True):
+            cache = model.new_cache(2, 40, static=static)
+            pieces = [model(x[:, :30], cache)] + [model(x[:, t : t + 1], cache) for t in range(30, 40)]
+            torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=2e-5, rtol=1e-4)
+        unscaled = Llama(replace(model.config, rope_scaling=None))
+        unscaled.load_state_dict(model.state_dict())
+        assert (unscaled.eval()(x) - full)[:, 30:].abs().max() > 1e-3  # the scaling matters at these positions
 
 
 @pytest.mark.parametrize("mode", ["qk", "kv"])

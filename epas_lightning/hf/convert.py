@@ -18,8 +18,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from epas_lightning.errors import CheckpointError
+from epas_lightning.errors import CheckpointError, ConfigError
 from epas_lightning.model import LlamaConfig
+from epas_lightning.model.config import LLAMA3_FIELDS, RopeScaling
 
 HF_PREFIX = "model."
 SAFETENSORS_FILE = "model.safetensors"
@@ -39,6 +40,7 @@ COMPARED_FIELDS = (
     "n_kv_head",
     "intermediate_size",
     "rope_theta",
+    "rope_scaling",
     "norm_eps",
     "tie_embeddings",
     "vocab_size",
@@ -87,8 +89,9 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
         raise HFCheckpointError(f"not valid JSON ({e})", config_file) from e
 
 
-def rope_theta_of(hf: dict[str, Any]) -> float:
-    """RoPE base of an HF config, refusing scaling (5.x ``rope_parameters``, 4.x ``rope_scaling``)."""
+def rope_of(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    """RoPE base and scaling of an HF config (5.x ``rope_parameters``, 4.x ``rope_scaling``); scalings other than
+    ``llama3`` and ``linear`` are refused."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     types = {
@@ -96,13 +99,23 @@ def rope_theta_of(hf: dict[str, Any]) -> float:
         "rope_scaling": scaling.get("rope_type") or scaling.get("type"),
     }
     field, rope_type = next(((k, t) for k, t in types.items() if t not in (None, "default")), (None, "default"))
-    if rope_type != "default":  # either field: a config may carry both
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if rope_type == "default":
+        return theta, None
+    if rope_type not in ("llama3", "linear"):  # either field: a config may carry both
         raise HFCheckpointError(
-            f"RoPE scaling {rope_type!r} ({field}) is not supported, only the default RoPE: the model would compute "
+            f"RoPE scaling {rope_type!r} ({field}) is not supported, only llama3 and linear: the model would compute "
             "other positions than the checkpoint was trained with",
-            fix="use a LLaMA checkpoint with the default RoPE (LLaMA 2, TinyLlama, ...; LLaMA 3.1 and later scale it)",
+            fix="use a LLaMA checkpoint with the default, llama3 or linear RoPE (LLaMA 2, TinyLlama, LLaMA 3.x, ...)",
         )
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    source = params if field == "rope_parameters" else scaling
+    read = {key: source.get(key) for key in (("factor", *LLAMA3_FIELDS) if rope_type == "llama3" else ("factor",))}
+    if rope_type == "llama3" and read["original_max_position_embeddings"] is None:  # transformers' default
+        read["original_max_position_embeddings"] = hf.get("max_position_embeddings")
+    try:
+        return theta, RopeScaling(rope_type, **read)
+    except ConfigError as e:
+        raise HFCheckpointError(f"{field} {json.dumps(source)}: {e.what}") from e
 
 
 def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaConfig:
@@ -130,6 +143,7 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
         raise HFCheckpointError(
             f"head_dim={head_dim} with {n_head} heads != hidden_size={n_embd}: decoupled head_dim is not supported."
         )
+    theta, scaling = rope_of(hf)
     fields = dict(
         n_layer=hf["num_hidden_layers"],
         n_embd=n_embd,
@@ -139,7 +153,8 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
         vocab_size=hf["vocab_size"],
         padded_vocab_size=hf["vocab_size"],
         block_size=hf.get("max_position_embeddings", 2048),
-        rope_theta=rope_theta_of(hf),
+        rope_theta=theta,
+        rope_scaling=scaling,
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         sharing_mode=hf.get("epas_sharing_mode", "qk"),
@@ -159,7 +174,7 @@ def check_compatible(
         if getattr(config, name) != getattr(theirs, name)
     ]
     if diffs:
-        suggestion = {k: getattr(theirs, k) for k in COMPARED_FIELDS}
+        suggestion = {k: theirs.to_dict()[k] for k in COMPARED_FIELDS}
         raise HFCheckpointError(
             f"model.config does not match {source}: " + "; ".join(diffs) + f". Use these model.config fields: "
             f"{json.dumps(suggestion)}"

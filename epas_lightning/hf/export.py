@@ -56,8 +56,10 @@ def hf_config(
 ) -> dict[str, Any]:
     """The ``config.json`` of an exported model: stock LLaMA when ``shared_layers`` is None, else ``epas_llama``.
 
-    RoPE is written both ways (``rope_theta`` for transformers 4.x, ``rope_parameters`` for 5.x).
+    RoPE is written both ways: ``rope_theta`` and (when scaled) ``rope_scaling`` for transformers 4.x,
+    ``rope_parameters`` for 5.x (which reads ``rope_scaling`` first: the same values).
     """
+    scaling = config.rope_scaling.to_dict() if config.rope_scaling else None
     record: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -72,7 +74,7 @@ def hf_config(
         "max_position_embeddings": config.context_length,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_parameters": {**(scaling or {"rope_type": "default"}), "rope_theta": config.rope_theta},
         "tie_word_embeddings": config.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
@@ -82,6 +84,8 @@ def hf_config(
         "use_cache": True,
         "dtype": dtype_name(dtype),  # transformers >= 4.56 name (`torch_dtype` loads with a deprecation warning)
     }
+    if scaling:
+        record["rope_scaling"] = scaling
     if shared_layers is not None:
         record.update(
             architectures=["EpasLlamaForCausalLM"],

@@ -8,6 +8,9 @@ from typing import Any, Literal
 from epas_lightning.errors import ConfigError, DataError
 
 SharingMode = Literal["qk", "kv"]
+RopeType = Literal["llama3", "linear"]
+LLAMA3_FIELDS = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+"""The fields of :class:`RopeScaling` that only ``llama3`` takes (and needs)."""
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Tests: tiny enough to build, run and differentiate in milliseconds.
@@ -22,6 +25,55 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-3b": dict(n_layer=26, n_embd=3072, n_head=24, intermediate_size=8192, vocab_size=32000, block_size=2048),
     "llama-7b": dict(n_layer=32, n_embd=4096, n_head=32, intermediate_size=11008, vocab_size=32000, block_size=2048),
 }
+
+
+@dataclass(repr=False)
+class RopeScaling:
+    """RoPE frequency rescaling, as transformers' ``rope_parameters`` (4.x: ``rope_scaling``) spells it.
+
+    ``linear`` divides every frequency by ``factor``. ``llama3`` (Llama 3.1 and later) divides only the low frequencies
+    (wavelengths above ``original_max_position_embeddings / low_freq_factor``) by ``factor``, keeps the high ones
+    (wavelengths below ``original_max_position_embeddings / high_freq_factor``) and blends the ones between.
+    In YAML: ``rope_scaling: {rope_type: llama3, factor: 32.0, low_freq_factor: 1.0, high_freq_factor: 4.0,
+    original_max_position_embeddings: 8192}`` (Llama 3.2).
+
+    Attributes:
+        rope_type: 'llama3' or 'linear'.
+        factor: How much slower the scaled frequencies turn.
+        low_freq_factor: llama3 only: ``original_max_position_embeddings / low_freq_factor`` is the longest unblended
+            wavelength.
+        high_freq_factor: llama3 only: ``original_max_position_embeddings / high_freq_factor`` is the shortest
+            blended wavelength.
+        original_max_position_embeddings: llama3 only: the context length the model pretrained at before scaling.
+    """
+
+    rope_type: RopeType
+    factor: float
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+
+    def __post_init__(self) -> None:
+        where = "model.config.rope_scaling"
+        if self.rope_type not in ("llama3", "linear"):
+            raise ConfigError(f"rope_type must be 'llama3' or 'linear', got {self.rope_type!r}", where)
+        llama3 = self.rope_type == "llama3"
+        needed = ("factor", *LLAMA3_FIELDS) if llama3 else ("factor",)
+        if missing := [name for name in needed if getattr(self, name) is None]:
+            raise ConfigError(f"{self.rope_type} RoPE scaling needs {', '.join(missing)}", where)
+        if extra := [name for name in LLAMA3_FIELDS if name not in needed and getattr(self, name) is not None]:
+            raise ConfigError(f"linear RoPE scaling takes only factor, got {', '.join(extra)}", where)
+        if not self.factor > 0 or (llama3 and not 0 < self.low_freq_factor < self.high_freq_factor):
+            raise ConfigError(
+                f"RoPE scaling needs factor > 0 and 0 < low_freq_factor < high_freq_factor, got {self.to_dict()}", where
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields this ``rope_type`` uses (transformers' ``rope_scaling`` keys)."""
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+    def __repr__(self) -> str:
+        return repr(self.to_dict())
 
 
 @dataclass
@@ -47,6 +99,7 @@ class LlamaConfig:
             an export's config.json; default block_size. A fit from init_from keeps the source model's, when longer than
             block_size.
         rope_theta: RoPE base frequency.
+        rope_scaling: RoPE frequency rescaling (``llama3`` for Llama 3.1 and later, or ``linear``); none by default.
         norm_eps: RMSNorm epsilon.
         tie_embeddings: Share the token embedding matrix with the LM head.
         init_std: Standard deviation of the normal init of linear and embedding weights.
@@ -65,12 +118,15 @@ class LlamaConfig:
     block_size: int | None = None
     max_position_embeddings: int | None = None
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
     sharing_mode: SharingMode = "qk"
 
     def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):  # from a checkpoint's to_dict() or a parsed YAML mapping
+            self.rope_scaling = _rope_scaling(self.rope_scaling)
         if self.name is not None:
             if self.name not in PRESETS:
                 raise ConfigError(
@@ -138,7 +194,8 @@ class LlamaConfig:
         return cls(name=name, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain types only (what a checkpoint records)."""
+        return {**asdict(self), "rope_scaling": self.rope_scaling and self.rope_scaling.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LlamaConfig:
@@ -147,6 +204,18 @@ class LlamaConfig:
         if unknown:
             raise ConfigError(f"Unknown LlamaConfig fields: {sorted(unknown)}", "model.config")
         return cls(**data)
+
+
+def _rope_scaling(data: dict[str, Any]) -> RopeScaling:
+    """A :class:`RopeScaling` from its ``to_dict()``, every key checked."""
+    known = {f.name for f in fields(RopeScaling)}
+    unknown, missing = sorted(set(data) - known), [key for key in ("rope_type", "factor") if key not in data]
+    if unknown or missing:
+        raise ConfigError(
+            f"rope_scaling needs rope_type and factor and knows only {sorted(known)}, got {sorted(data)}",
+            "model.config.rope_scaling",
+        )
+    return RopeScaling(**data)
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -62,7 +62,7 @@ class KVCache:
         self.padded = False
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         """Each row's next RoPE position: the count of its real tokens so far."""
-        cos, sin = RotaryEmbedding(config.head_dim, config.rope_theta)(max_len, device)
+        cos, sin = RotaryEmbedding.of(config)(max_len, device)
         self._cos, self._sin = cos, sin  # (max_len, D) fp32
 
     @property

@@ -71,7 +71,7 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary_emb = RotaryEmbedding.of(config)
         self.sharing = SharingState(config.n_layer)
         self.attention_reuse = attention_reuse
         self.init_weights()

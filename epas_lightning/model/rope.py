@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from epas_lightning.model.config import LlamaConfig, RopeScaling
 
 
 class RotaryEmbedding(nn.Module):
@@ -14,15 +20,25 @@ class RotaryEmbedding(nn.Module):
     there is nothing to initialise after meta-device materialisation.
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, theta: float = 10000.0, scaling: RopeScaling | None = None) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
+        self.scaling = scaling
+
+    @classmethod
+    def of(cls, config: LlamaConfig) -> RotaryEmbedding:
+        return cls(config.head_dim, config.rope_theta, config.rope_scaling)
 
     def inv_freq(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """theta^(-2i/D) for i < D/2, in fp32."""
+        """theta^(-2i/D) for i < D/2, in fp32, rescaled by ``scaling`` if any."""
         exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
-        return 1.0 / self.theta**exponent
+        inv_freq = 1.0 / self.theta**exponent  # (D / 2,)
+        if self.scaling is None:
+            return inv_freq
+        if self.scaling.rope_type == "linear":
+            return inv_freq / self.scaling.factor
+        return llama3_inv_freq(inv_freq, self.scaling)
 
     def forward(
         self, seq_len: int, device: torch.device | str | None = None, offset: int = 0
@@ -31,6 +47,16 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(positions, self.inv_freq(device))  # (T, head_dim / 2)
         angles = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim)
         return angles.cos(), angles.sin()
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's rescaling (transformers' ``llama3`` rope_type): frequencies whose wavelength exceeds the original
+    context over ``low_freq_factor`` turn ``factor`` times slower, those shorter than it over ``high_freq_factor`` keep
+    their speed, and those between blend the two linearly in original-context / wavelength."""
+    wavelen = 2 * math.pi / inv_freq  # (D / 2,)
+    low, high = s.low_freq_factor, s.high_freq_factor
+    smooth = ((s.original_max_position_embeddings / wavelen - low) / (high - low)).clamp(0.0, 1.0)  # 0: slow, 1: keep
+    return (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

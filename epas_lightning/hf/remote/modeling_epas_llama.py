@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .configuration_epas_llama import EpasLlamaConfig
 
@@ -30,10 +31,19 @@ def _rope_theta(config):
     return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
+def _inv_freq(config, head_dim, device):
+    """fp32 (D / 2,) RoPE frequencies; a scaled RoPE (llama3, linear) as transformers computes it for LLaMA."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        return ROPE_INIT_FUNCTIONS[rope_type](config, device)[0].float()
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+    return 1.0 / _rope_theta(config) ** exponent
+
+
 def _rope_tables(config, head_dim, position_ids):
     """fp32 (cos, sin), each (B, 1, T, D), for ``position_ids`` (B, T): rotate-half layout."""
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim
-    inv_freq = 1.0 / _rope_theta(config) ** exponent
+    inv_freq = _inv_freq(config, head_dim, position_ids.device)
     freqs = position_ids.float()[..., None] * inv_freq  # (B, T, D / 2)
     angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
     return angles.cos(), angles.sin()
