@@ -144,6 +144,7 @@ def test_import_reads_pytorch_bin(tmp_path: Path) -> None:
         ({"mlp_bias": True}, "mlp_bias"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "RoPE scaling 'yarn'.* only llama3 and linear"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": "4"}}, "RoPE scaling takes numbers, got factor '4'"),
         ({"head_dim": 32}, "head_dim"),
     ],
 )

@@ -63,6 +63,10 @@ class RopeScaling:
             raise ConfigError(f"{self.rope_type} RoPE scaling needs {', '.join(missing)}", where)
         if extra := [name for name in LLAMA3_FIELDS if name not in needed and getattr(self, name) is not None]:
             raise ConfigError(f"linear RoPE scaling takes only factor, got {', '.join(extra)}", where)
+        if wrong := [f"{name} {getattr(self, name)!r}" for name in needed if not _is_number(getattr(self, name))]:
+            raise ConfigError(f"RoPE scaling takes numbers, got {', '.join(wrong)}", where)
+        if self.original_max_position_embeddings is not None and self.original_max_position_embeddings < 1:
+            raise ConfigError(f"original_max_position_embeddings must be >= 1, got {self.to_dict()}", where)
         if not self.factor > 0 or (llama3 and not 0 < self.low_freq_factor < self.high_freq_factor):
             raise ConfigError(
                 f"RoPE scaling needs factor > 0 and 0 < low_freq_factor < high_freq_factor, got {self.to_dict()}", where
@@ -204,6 +208,11 @@ class LlamaConfig:
         if unknown:
             raise ConfigError(f"Unknown LlamaConfig fields: {sorted(unknown)}", "model.config")
         return cls(**data)
+
+
+def _is_number(value: Any) -> bool:
+    """An int or a float, not a bool or a string."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _rope_scaling(data: dict[str, Any]) -> RopeScaling:
