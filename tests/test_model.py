@@ -156,6 +156,18 @@ def test_layer_zero_never_shares():
         tiny().set_shared_layers([4])
 
 
+def test_shared_layers_are_read_as_integer_indices():
+    """A tensor or numpy array of layers makes them share (a set of 0-d tensors matched no layer: nothing shared);
+    a non-integer index is refused instead of matching no layer."""
+    model = tiny()
+    model.set_shared_layers(torch.tensor([2, 3]))
+    assert model.sharing.shared_layers == [2, 3]
+    for bad in ([2.5], 3, ["3"]):
+        with pytest.raises(TypeError, match="integer layer indices"):
+            model.set_shared_layers(bad)
+    assert model.sharing.shared_layers == [2, 3]
+
+
 def count_flops(model: Llama, x: torch.Tensor) -> int:
     with FlopCounterMode(display=False) as counter:
         model(x).sum().backward()
