@@ -36,6 +36,7 @@ from epas_lightning.model.llama import check_attention_reuse
 from epas_lightning.optim import default_optimizer, optimizer_settings, param_groups, restore_settings
 from epas_lightning.parallel import PRECISIONS, checkpointed_blocks, mixed_precision_policy, parallelize
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
+from epas_lightning.safe_load import plain_numbers
 
 WEIGHTS_DTYPE_KEY = "weights_dtype"
 """Checkpoint entry: the dtype the run stored its weights in (``float32``, ``bfloat16``)."""
@@ -256,6 +257,7 @@ class EPASModule(LightningModule):
                 "eos_id": int(tokenizer.eos_id),
                 "sha256": file_sha256(tokenizer.path),  # the file may be replaced: its data folder prepared again
             }
+        plain_numbers(checkpoint)  # the last hook to see it (after the callbacks'): settings given as numpy numbers
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # before Lightning loads the weights: a Trainer of one's own gets the check the CLI makes when it parses
