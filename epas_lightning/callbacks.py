@@ -50,6 +50,8 @@ class ProgressiveSharing(Callback):
         order: GrowthOrder = "deep_first",
     ) -> None:
         check_order(order)
+        if hasattr(target, "tolist"):  # a numpy array or number: plain types, as a checkpoint saves and resume compares
+            target = target.tolist()
         self.target = list(target) if isinstance(target, (list, tuple)) else target
         self.growth = growth
         self.interval = interval

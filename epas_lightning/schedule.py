@@ -13,6 +13,8 @@ alone, every rank and every micro-batch of an accumulation window agree on it, a
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -44,10 +46,15 @@ def resolve_target(target: TargetSpec, n_layer: int, order: GrowthOrder = "deep_
     """
     check_order(order)
     deep_first = order == "deep_first"
+    kinds = "the sharing target must be a count, a fraction or a list of integer layer indices"
     if isinstance(target, bool):
-        raise ConfigError(
-            f"the sharing target must be a count, a fraction or a list of layers, not {target!r}", "sharing.target"
-        )
+        raise ConfigError(f"{kinds}, not {target!r}", "sharing.target")
+    if isinstance(target, (str, bytes)):  # else "6" would be the list [6]
+        raise ConfigError(f"{kinds}, not the text {target!r}", "sharing.target", "convert it to a number or list first")
+    if isinstance(target, numbers.Integral):  # numpy's too
+        target = int(target)
+    elif isinstance(target, numbers.Real):
+        target = float(target)
     if isinstance(target, float):
         if not 0.0 < target < 1.0:
             raise ConfigError(f"a fractional sharing target must be in (0, 1), got {target}", "sharing.target")
@@ -67,7 +74,10 @@ def resolve_target(target: TargetSpec, n_layer: int, order: GrowthOrder = "deep_
                 f"choose between 1 and n_layer - 1 = {n_layer - 1} layers (layer 0 always computes)",
             )
         return tuple(range(n_layer - 1, n_layer - 1 - target, -1)) if deep_first else tuple(range(1, target + 1))
-    layers = tuple(int(i) for i in target)
+    try:
+        layers = tuple(operator.index(i) for i in target)
+    except TypeError:
+        raise ConfigError(f"{kinds}, not {target!r}", "sharing.target") from None
     if not layers:
         raise ConfigError("the sharing target list is empty", "sharing.target")
     if any(not 1 <= i <= n_layer - 1 for i in layers):
