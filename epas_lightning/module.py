@@ -229,7 +229,7 @@ class EPASModule(LightningModule):
             rank_zero_info(resumed_instead(self.trainer.ckpt_path))
 
     def set_shared_layers(self, layers: Iterable[int]) -> None:
-        """Switch exactly ``layers`` to sharing (the ``ProgressiveSharing`` callback calls this)."""
+        """Switch exactly ``layers`` to sharing (``ProgressiveSharing`` does it before every training batch)."""
         self.model.set_shared_layers(layers)
 
     @property
