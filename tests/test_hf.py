@@ -451,6 +451,16 @@ def test_export_region_checks(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
         read_init_state(tmp_path / "c", load_model(tmp_path / "ckpt").model.config)
 
 
+def test_export_from_python_refuses_an_unknown_dtype_before_loading(tmp_path: Path, monkeypatch) -> None:
+    """``export(..., dtype="fp16")`` was a bare KeyError, after the whole model had loaded."""
+    from epas_lightning import export
+    from epas_lightning.errors import ConfigError
+
+    monkeypatch.setattr("epas_lightning.hf.export.load_model", None)  # reached only past the check
+    with pytest.raises(ConfigError, match="unknown dtype 'fp16' — --dtype — use auto or one of float32, bfloat16"):
+        export(tmp_path / "ckpt", tmp_path / "hf", dtype="fp16")
+
+
 def test_export_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path: Path, tiny_corpus: Path, capsys) -> None:
     """A tokenizer of 512 tokens shipped with a model of 256 rows: the export loaded, and its tokenizer's ids past 255
     failed in transformers' embedding lookup (training and evaluate refuse such a tokenizer)."""
