@@ -224,3 +224,12 @@ def test_rope_stays_fp32_when_the_model_is_cast_to_bf16():
     assert cos.dtype == sin.dtype == torch.float32
     angle = 2047 * model.rotary_emb.inv_freq()[1]  # a long position: bf16 frequencies would be visibly off
     torch.testing.assert_close(cos[2047, 1], torch.cos(angle))
+
+
+def test_a_config_of_numpy_numbers_is_a_config_of_python_numbers():
+    """``LlamaConfig(n_layer=np.int64(4))`` (a sweep over np.arange) said 'model sizes must be positive integers,
+    got {'n_layer': np.int64(4)}'."""
+    import numpy as np
+
+    config = LlamaConfig.from_name("debug", n_layer=np.int64(4), init_std=np.float64(0.01))
+    assert type(config.n_layer) is int and type(config.init_std) is float and config.n_layer == 4
