@@ -233,3 +233,9 @@ def test_a_config_of_numpy_numbers_is_a_config_of_python_numbers():
 
     config = LlamaConfig.from_name("debug", n_layer=np.int64(4), init_std=np.float64(0.01))
     assert type(config.n_layer) is int and type(config.init_std) is float and config.n_layer == 4
+
+
+def test_token_ids_without_a_batch_dimension_are_refused_in_one_sentence():
+    """A 1-D tensor of ids failed with "IndexError: tuple index out of range"."""
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, seq_len\) token ids, got shape \(5,\)"):
+        tiny()(torch.zeros(5, dtype=torch.long))
