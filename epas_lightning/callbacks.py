@@ -28,9 +28,9 @@ class ProgressiveSharing(Callback):
     The mask is a pure function of ``trainer.global_step`` (optimizer steps), applied before every training batch,
     so all ranks and all micro-batches of an accumulation window agree, and a resumed run continues exactly.
 
-    It drives the :class:`~epas_lightning.Llama` of the LightningModule: ``EPASModule``'s, or the one ``Llama`` among
-    the submodules of a module of one's own (built in ``__init__``; one built in ``configure_model`` needs its
-    ``LlamaConfig`` as the module's ``config``, as ``EPASModule`` has it).
+    It drives the :class:`~epas_lightning.Llama` of the LightningModule: its ``model`` (``EPASModule``'s), else the one
+    ``Llama`` among the submodules of a module of one's own (built in ``__init__``; one built in ``configure_model``
+    needs its ``LlamaConfig`` as the module's ``config``, as ``EPASModule`` has it).
 
     Args:
         target: The full region: a layer count (``6``), a fraction of the layers (``0.5``) or an explicit contiguous
@@ -187,8 +187,8 @@ def sharing_model(pl_module: LightningModule) -> Llama:
     raise ConfigError(
         f"ProgressiveSharing found {len(found) or 'no'} epas_lightning.Llama in {type(pl_module).__name__}",
         "ProgressiveSharing",
-        "give the LightningModule one Llama as a submodule (built in __init__, or in configure_model with its "
-        "LlamaConfig as the module's config), or train with EPASModule",
+        "keep the Llama to grow as the module's `model` (as EPASModule does), or as its only Llama submodule; one "
+        "built in configure_model needs its LlamaConfig as the module's `config`",
     )
 
 
