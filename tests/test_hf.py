@@ -451,14 +451,19 @@ def test_export_region_checks(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
         read_init_state(tmp_path / "c", load_model(tmp_path / "ckpt").model.config)
 
 
-def test_export_from_python_refuses_an_unknown_dtype_before_loading(tmp_path: Path, monkeypatch) -> None:
-    """``export(..., dtype="fp16")`` was a bare KeyError, after the whole model had loaded."""
+def test_export_and_load_model_from_python_take_dtype_names_and_refuse_unknown_ones(tmp_path: Path) -> None:
+    """``export(..., dtype="fp16")`` was a bare KeyError, after the whole model had loaded; ``load_model(...,
+    dtype="bfloat16")`` (the name every --dtype takes) a TypeError from ``torch.finfo``."""
     from epas_lightning import export
     from epas_lightning.errors import ConfigError
 
-    monkeypatch.setattr("epas_lightning.hf.export.load_model", None)  # reached only past the check
-    with pytest.raises(ConfigError, match="unknown dtype 'fp16' — --dtype — use auto or one of float32, bfloat16"):
+    save_ours(tmp_path / "ckpt", n_layer=2)
+    assert load_model(tmp_path / "ckpt", dtype="bfloat16").model.lm_head.weight.dtype == torch.bfloat16
+    unknown = "unknown dtype 'fp16' — --dtype — use auto or one of float32, bfloat16"
+    with pytest.raises(ConfigError, match=unknown):
         export(tmp_path / "ckpt", tmp_path / "hf", dtype="fp16")
+    with pytest.raises(ConfigError, match=unknown):
+        load_model(tmp_path / "missing", dtype="fp16")
 
 
 def test_export_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path: Path, tiny_corpus: Path, capsys) -> None:
