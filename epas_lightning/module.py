@@ -76,8 +76,10 @@ class EPASModule(LightningModule):
             attention, elsewhere torch's own order; ``torch`` torch's order; ``cudnn`` or ``flash`` that kernel.
             The same model whichever runs.
 
-    Under a strategy with a device mesh (``epas_lightning.strategy.FSDP2Strategy``) the model is built on the meta
-    device and sharded per block with FSDP2, so no rank ever holds the full model.
+    The :class:`Llama` (``module.model``, ``None`` until then) is built by ``configure_model``, which the trainer
+    calls at the start of each stage; call it yourself to use the model outside a trainer. Under a strategy with a
+    device mesh (``epas_lightning.strategy.FSDP2Strategy``) the model is built on the meta device and sharded per
+    block with FSDP2, so no rank ever holds the full model.
     """
 
     def __init__(
