@@ -19,7 +19,14 @@ from epas_lightning.flops import peak_flops
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.region import REGION_KEY, TrainedRegion, region_in_growth_order
 from epas_lightning.runtime import dtype_name
-from epas_lightning.schedule import GrowthOrder, SharingSchedule, TargetSpec, check_order, resolve_target
+from epas_lightning.schedule import (
+    GrowthOrder,
+    SharingSchedule,
+    TargetSpec,
+    check_order,
+    check_pace,
+    resolve_target,
+)
 
 
 class ProgressiveSharing(Callback):
@@ -55,6 +62,7 @@ class ProgressiveSharing(Callback):
         order: GrowthOrder = "deep_first",
     ) -> None:
         check_order(order)
+        check_pace(growth, interval, start_step)  # before any data is prepared, also without n_layer
         if hasattr(target, "tolist"):  # a numpy array or number: plain types, as a checkpoint saves and resume compares
             target = target.tolist()
         self.target = list(target) if isinstance(target, (list, tuple)) else target

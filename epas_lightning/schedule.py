@@ -97,6 +97,16 @@ def resolve_target(target: TargetSpec, n_layer: int, order: GrowthOrder = "deep_
     return layers
 
 
+def check_pace(growth: int, interval: int, start_step: int | None) -> None:
+    """The schedule's knobs that need no model: growth and interval at least 1, start_step (if set) at least 0."""
+    if growth < 1:
+        raise ConfigError(f"growth must be >= 1, got {growth}", "sharing.growth")
+    if interval < 1:
+        raise ConfigError(f"interval must be >= 1 optimizer step, got {interval}", "sharing.interval")
+    if start_step is not None and start_step < 0:
+        raise ConfigError(f"start_step must be >= 0, got {start_step}", "sharing.start_step")
+
+
 @dataclass(frozen=True)
 class SharingSchedule:
     """When each layer of the target region starts sharing."""
@@ -111,12 +121,7 @@ class SharingSchedule:
     """Optimizer step at which the first stage switches."""
 
     def __post_init__(self) -> None:
-        if self.growth < 1:
-            raise ConfigError(f"growth must be >= 1, got {self.growth}", "sharing.growth")
-        if self.interval < 1:
-            raise ConfigError(f"interval must be >= 1 optimizer step, got {self.interval}", "sharing.interval")
-        if self.start_step < 0:
-            raise ConfigError(f"start_step must be >= 0, got {self.start_step}", "sharing.start_step")
+        check_pace(self.growth, self.interval, self.start_step)
         if len(self.target_layers) % self.growth:
             raise ConfigError(
                 f"the target region has {len(self.target_layers)} layers, not a multiple of growth={self.growth}",

@@ -64,6 +64,16 @@ def test_invalid_schedules_are_explained(kwargs, match):
         SharingSchedule.build(12, 6, **kwargs)
 
 
+def test_a_callback_with_an_impossible_pace_fails_at_construction():
+    """Without n_layer, ProgressiveSharing(interval=0) was refused only at setup: after the built-in corpus, or any
+    data, had been prepared."""
+    from epas_lightning.callbacks import ProgressiveSharing
+
+    for kwargs, match in (({"interval": 0}, "interval must be >= 1"), ({"growth": 0}, "growth must be >= 1")):
+        with pytest.raises(ValueError, match=match):
+            ProgressiveSharing(**kwargs)
+
+
 def test_growth_follows_algorithm_1():
     s = SharingSchedule.build(12, 0.5, growth=2, interval=10)
     assert s.start_step == 10 and s.n_stages == 3 and s.final_step == 30
