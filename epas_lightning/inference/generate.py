@@ -152,6 +152,12 @@ class Decoder:
         longest = max(len(p) for p in prompts)
         fit_new_tokens(longest, max_new_tokens, config.context_length)
         config.check_token_ids(min(map(min, prompts)), max(map(max, prompts)), "prompts")
+        if not 0 <= pad_id < config.vocab_size:  # the padding is embedded, then masked out
+            raise ConfigError(
+                f"pad_id must be a token id in 0..{config.vocab_size - 1}, got {pad_id}",
+                "pad_id",
+                "any id will do (the padding is masked out): leave the default 0",
+            )
         self.model, self.max_new_tokens = model, max_new_tokens
         self.device = device = model.embed_tokens.weight.device
         B = len(prompts)
@@ -253,7 +259,7 @@ def generate(
 ) -> GenerationResult:
     """Continue each prompt (a list of token ids, or a row of a 2-D tensor) by up to ``max_new_tokens`` tokens, with
     the model's current sharing region and attention-reuse setting. Prompts of different lengths are left-padded into
-    one batch.
+    one batch (with ``pad_id``, any token id: the padding is masked out).
 
     Greedy when ``temperature == 0``; otherwise sampled (``top_k``/``top_p``), reproducibly when ``seed`` is given.
     A row stops after it emits ``eos_id``; generation ends when every row has stopped. Logits that come out NaN or inf
