@@ -16,9 +16,17 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 
 from epas_lightning.errors import ConfigError
 from epas_lightning.flops import peak_flops
+from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.region import REGION_KEY, TrainedRegion, region_in_growth_order
 from epas_lightning.runtime import dtype_name
-from epas_lightning.schedule import GrowthOrder, SharingSchedule, TargetSpec, check_order, resolve_target
+from epas_lightning.schedule import (
+    GrowthOrder,
+    SharingSchedule,
+    TargetSpec,
+    check_order,
+    check_pace,
+    resolve_target,
+)
 
 
 class ProgressiveSharing(Callback):
@@ -26,6 +34,10 @@ class ProgressiveSharing(Callback):
 
     The mask is a pure function of ``trainer.global_step`` (optimizer steps), applied before every training batch,
     so all ranks and all micro-batches of an accumulation window agree, and a resumed run continues exactly.
+
+    It drives the :class:`~epas_lightning.Llama` of the LightningModule: its ``model`` (``EPASModule``'s), else the one
+    ``Llama`` among the submodules of a module of one's own (built in ``__init__``; one built in ``configure_model``
+    needs its ``LlamaConfig`` as the module's ``config``, as ``EPASModule`` has it).
 
     Args:
         target: The full region: a layer count (``6``), a fraction of the layers (``0.5``) or an explicit contiguous
@@ -50,6 +62,9 @@ class ProgressiveSharing(Callback):
         order: GrowthOrder = "deep_first",
     ) -> None:
         check_order(order)
+        check_pace(growth, interval, start_step)  # before any data is prepared, also without n_layer
+        if hasattr(target, "tolist"):  # a numpy array or number: plain types, as a checkpoint saves and resume compares
+            target = target.tolist()
         self.target = list(target) if isinstance(target, (list, tuple)) else target
         self.growth = growth
         self.interval = interval
@@ -69,7 +84,7 @@ class ProgressiveSharing(Callback):
         return SharingSchedule.build(n_layer, self.target, self.growth, self.interval, self.start_step, self.order)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        n_layer = pl_module.config.n_layer
+        n_layer = _n_layer(pl_module)
         if self.n_layer is not None and self.n_layer != n_layer:
             raise ConfigError(
                 f"ProgressiveSharing was configured for {self.n_layer} layers, the model has {n_layer}",
@@ -104,8 +119,9 @@ class ProgressiveSharing(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         layers = self.shared_layers_at(step)
-        if layers != pl_module.model.sharing.shared_layers:
-            pl_module.set_shared_layers(layers)
+        model = sharing_model(pl_module)
+        if layers != model.sharing.shared_layers:
+            model.set_shared_layers(layers)
             rank_zero_info(f"EPAS: step {step}: {len(layers)} sharing layer(s) {layers}")
             if self.reached_at is None and len(layers) == len(self.schedule.target_layers):
                 self.reached_at = step
@@ -114,9 +130,10 @@ class ProgressiveSharing(Callback):
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # plain types at the top level, so every reader finds the region without knowing the callback's state key
+        model = sharing_model(pl_module)
         region = TrainedRegion(
-            pl_module.config.n_layer,
-            region_in_growth_order(self.schedule.target_layers, pl_module.model.sharing.shared_layers),
+            model.config.n_layer,
+            region_in_growth_order(self.schedule.target_layers, model.sharing.shared_layers),
             self.order,
         )
         checkpoint[REGION_KEY] = region.to_record()
@@ -147,10 +164,10 @@ class ProgressiveSharing(Callback):
         current = {k: getattr(self, k) for k in saved or {}}
         if saved is None or saved == current:
             return
-        n_layer = pl_module.config.n_layer
-        if resolve_target(saved["target"], n_layer, saved["order"]) != self.schedule.target_layers:
+        model = sharing_model(pl_module)
+        if resolve_target(saved["target"], model.config.n_layer, saved["order"]) != self.schedule.target_layers:
             self.reached_at = None  # the step the checkpoint's region was full at is not this region's
-        step, trained = trainer.global_step, pl_module.model.sharing.shared_layers
+        step, trained = trainer.global_step, model.sharing.shared_layers
         layers = self.shared_layers_at(step)
         changed = ", ".join(f"{k} {saved[k]} -> {current[k]}" for k in saved if saved[k] != current[k])
         said = f"EPAS: resumed at step {step} with another sharing schedule than the checkpoint's ({changed}): "
@@ -164,6 +181,29 @@ class ProgressiveSharing(Callback):
                 "checkpoint's sharing settings to continue its region)"
             )
         rank_zero_warn(said)
+
+
+def sharing_model(pl_module: LightningModule) -> Llama:
+    """The ``Llama`` whose region ``ProgressiveSharing`` sets: ``pl_module.model`` (``EPASModule``'s), else the one
+    ``Llama`` among the module's submodules; a :class:`ConfigError` saying what is needed when there is none."""
+    model = getattr(pl_module, "model", None)
+    if isinstance(model, Llama):
+        return model
+    found = [module for module in pl_module.modules() if isinstance(module, Llama)]
+    if len(found) == 1:
+        return found[0]
+    raise ConfigError(
+        f"ProgressiveSharing found {len(found) or 'no'} epas_lightning.Llama in {type(pl_module).__name__}",
+        "ProgressiveSharing",
+        "keep the Llama to grow as the module's `model` (as EPASModule does), or as its only Llama submodule; one "
+        "built in configure_model needs its LlamaConfig as the module's `config`",
+    )
+
+
+def _n_layer(pl_module: LightningModule) -> int:
+    """The layer count of the model ``ProgressiveSharing`` will drive, known before ``configure_model`` built it."""
+    config = getattr(pl_module, "config", None)
+    return config.n_layer if isinstance(config, LlamaConfig) else sharing_model(pl_module).config.n_layer
 
 
 def batch_size(batch: torch.Tensor) -> int:

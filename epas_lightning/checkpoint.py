@@ -36,7 +36,7 @@ from epas_lightning.hf.convert import (
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.region import REGION_KEY, TrainedRegion
-from epas_lightning.runtime import dtype_name, dtype_overflow, emit_json
+from epas_lightning.runtime import dtype_name, dtype_overflow, emit_json, named_dtype
 from epas_lightning.safe_load import (
     DCP_METADATA,
     LIGHTNING_METADATA,
@@ -383,14 +383,18 @@ def _info(metadata: dict[str, Any], model: Llama) -> CheckpointInfo:
     )
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+) -> LoadedModel:
     """Load a model from a ``.ckpt`` file, an FSDP2 checkpoint directory, a :func:`consolidate` directory or an HF
     LLaMA folder (dense, or with the region an ``export`` recorded), on ``device``, its floating-point weights in
-    ``dtype`` if given (weights past its range are refused), else as stored in the model (fp32).
+    ``dtype`` if given (a torch dtype or its name: ``float32``, ``bfloat16``, ``float16``; weights past its range are
+    refused), else as stored in the model (fp32).
 
     Pickles are read only with ``weights_only=True`` or the restricted metadata unpickler; anything that is not a
     checkpoint is a :class:`~epas_lightning.errors.CheckpointError` that says what was expected.
     """
+    dtype = named_dtype(dtype) if isinstance(dtype, str) else dtype
     path = Path(path).expanduser()
     state, metadata = _read_any(path, weights=True)
     model = _fitted_model(_model_config(metadata, path), state, path, torch.device(device), dtype)

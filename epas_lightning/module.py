@@ -36,6 +36,7 @@ from epas_lightning.model.llama import check_attention_reuse
 from epas_lightning.optim import default_optimizer, optimizer_settings, param_groups, restore_settings
 from epas_lightning.parallel import PRECISIONS, checkpointed_blocks, mixed_precision_policy, parallelize
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
+from epas_lightning.safe_load import plain_numbers
 
 WEIGHTS_DTYPE_KEY = "weights_dtype"
 """Checkpoint entry: the dtype the run stored its weights in (``float32``, ``bfloat16``)."""
@@ -75,8 +76,10 @@ class EPASModule(LightningModule):
             attention, elsewhere torch's own order; ``torch`` torch's order; ``cudnn`` or ``flash`` that kernel.
             The same model whichever runs.
 
-    Under a strategy with a device mesh (``epas_lightning.strategy.FSDP2Strategy``) the model is built on the meta
-    device and sharded per block with FSDP2, so no rank ever holds the full model.
+    The :class:`Llama` (``module.model``, ``None`` until then) is built by ``configure_model``, which the trainer
+    calls at the start of each stage; call it yourself to use the model outside a trainer. Under a strategy with a
+    device mesh (``epas_lightning.strategy.FSDP2Strategy``) the model is built on the meta device and sharded per
+    block with FSDP2, so no rank ever holds the full model.
     """
 
     def __init__(
@@ -228,7 +231,7 @@ class EPASModule(LightningModule):
             rank_zero_info(resumed_instead(self.trainer.ckpt_path))
 
     def set_shared_layers(self, layers: Iterable[int]) -> None:
-        """Switch exactly ``layers`` to sharing (the ``ProgressiveSharing`` callback calls this)."""
+        """Switch exactly ``layers`` to sharing (``ProgressiveSharing`` does it before every training batch)."""
         self.model.set_shared_layers(layers)
 
     @property
@@ -256,6 +259,7 @@ class EPASModule(LightningModule):
                 "eos_id": int(tokenizer.eos_id),
                 "sha256": file_sha256(tokenizer.path),  # the file may be replaced: its data folder prepared again
             }
+        plain_numbers(checkpoint)  # the last hook to see it (after the callbacks'): settings given as numpy numbers
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # before Lightning loads the weights: a Trainer of one's own gets the check the CLI makes when it parses

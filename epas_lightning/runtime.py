@@ -60,9 +60,14 @@ def resolve_dtype(dtype: DType | None, device: torch.device) -> torch.dtype:
             chosen = torch.bfloat16 if has_native_bf16(device) else torch.float16
         _auto_choice = chosen, "GPU" if device.type == "cuda" else "machine"
         return chosen
-    if dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}", "--dtype", f"use auto or one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return named_dtype(dtype)
+
+
+def named_dtype(name: str) -> torch.dtype:
+    """The torch dtype a ``--dtype`` other than ``auto`` names; an unknown name is one :class:`ConfigError`."""
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}", "--dtype", f"use auto or one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def has_native_bf16(device: torch.device) -> bool:

@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import torch
 
 from epas_lightning.errors import CheckpointError
@@ -67,6 +68,22 @@ def load_torch_file(
             where or path,
             "copy it again, or pass a checkpoint written by fit or consolidate",
         ) from e
+
+
+def plain_numbers(tree: Any) -> Any:
+    """``tree`` with every numpy scalar or array in its dicts, lists and tuples replaced by the Python number(s) it
+    holds (dicts and lists in place): ``torch.load(weights_only=True)`` refuses numpy objects, so a checkpoint
+    written with a sweep's ``np.float64`` learning rate or sharing target could neither resume nor load."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            tree[key] = plain_numbers(value)
+    elif isinstance(tree, list):
+        tree[:] = [plain_numbers(value) for value in tree]
+    elif type(tree) is tuple:
+        return tuple(plain_numbers(value) for value in tree)
+    elif isinstance(tree, (np.generic, np.ndarray)):
+        return tree.tolist()
+    return tree
 
 
 def _is_zip(path: Path) -> bool:

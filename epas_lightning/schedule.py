@@ -13,6 +13,8 @@ alone, every rank and every micro-batch of an accumulation window agree on it, a
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -44,10 +46,15 @@ def resolve_target(target: TargetSpec, n_layer: int, order: GrowthOrder = "deep_
     """
     check_order(order)
     deep_first = order == "deep_first"
+    kinds = "the sharing target must be a count, a fraction or a list of integer layer indices"
     if isinstance(target, bool):
-        raise ConfigError(
-            f"the sharing target must be a count, a fraction or a list of layers, not {target!r}", "sharing.target"
-        )
+        raise ConfigError(f"{kinds}, not {target!r}", "sharing.target")
+    if isinstance(target, (str, bytes)):  # else "6" would be the list [6]
+        raise ConfigError(f"{kinds}, not the text {target!r}", "sharing.target", "convert it to a number or list first")
+    if isinstance(target, numbers.Integral):  # numpy's too
+        target = int(target)
+    elif isinstance(target, numbers.Real):
+        target = float(target)
     if isinstance(target, float):
         if not 0.0 < target < 1.0:
             raise ConfigError(f"a fractional sharing target must be in (0, 1), got {target}", "sharing.target")
@@ -67,7 +74,10 @@ def resolve_target(target: TargetSpec, n_layer: int, order: GrowthOrder = "deep_
                 f"choose between 1 and n_layer - 1 = {n_layer - 1} layers (layer 0 always computes)",
             )
         return tuple(range(n_layer - 1, n_layer - 1 - target, -1)) if deep_first else tuple(range(1, target + 1))
-    layers = tuple(int(i) for i in target)
+    try:
+        layers = tuple(operator.index(i) for i in target)
+    except TypeError:
+        raise ConfigError(f"{kinds}, not {target!r}", "sharing.target") from None
     if not layers:
         raise ConfigError("the sharing target list is empty", "sharing.target")
     if any(not 1 <= i <= n_layer - 1 for i in layers):
@@ -87,6 +97,16 @@ def resolve_target(target: TargetSpec, n_layer: int, order: GrowthOrder = "deep_
     return layers
 
 
+def check_pace(growth: int, interval: int, start_step: int | None) -> None:
+    """The schedule's knobs that need no model: growth and interval at least 1, start_step (if set) at least 0."""
+    if growth < 1:
+        raise ConfigError(f"growth must be >= 1, got {growth}", "sharing.growth")
+    if interval < 1:
+        raise ConfigError(f"interval must be >= 1 optimizer step, got {interval}", "sharing.interval")
+    if start_step is not None and start_step < 0:
+        raise ConfigError(f"start_step must be >= 0, got {start_step}", "sharing.start_step")
+
+
 @dataclass(frozen=True)
 class SharingSchedule:
     """When each layer of the target region starts sharing."""
@@ -101,12 +121,7 @@ class SharingSchedule:
     """Optimizer step at which the first stage switches."""
 
     def __post_init__(self) -> None:
-        if self.growth < 1:
-            raise ConfigError(f"growth must be >= 1, got {self.growth}", "sharing.growth")
-        if self.interval < 1:
-            raise ConfigError(f"interval must be >= 1 optimizer step, got {self.interval}", "sharing.interval")
-        if self.start_step < 0:
-            raise ConfigError(f"start_step must be >= 0, got {self.start_step}", "sharing.start_step")
+        check_pace(self.growth, self.interval, self.start_step)
         if len(self.target_layers) % self.growth:
             raise ConfigError(
                 f"the target region has {len(self.target_layers)} layers, not a multiple of growth={self.growth}",

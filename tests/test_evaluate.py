@@ -177,6 +177,8 @@ def test_perplexity_refuses_sequences_longer_than_the_context_before_reading_dat
     model = tiny_model(n_layer=2, block_size=32)
     with pytest.raises(ConfigError, match="seq_len \\(64\\) exceeds the model's context length \\(32\\) — seq_len — "):
         evaluate_perplexity(model, tmp_path / "missing", seq_len=64)  # checked before the (missing) data
+    with pytest.raises(ConfigError, match="must be at least 1, got 0 — max_batches"):
+        evaluate_perplexity(model, tmp_path / "missing", max_batches=0)  # was: "is the validation split empty?"
 
 
 def test_evaluate_batches_with_tasks_scores_the_run_data_too(tmp_path: Path, tiny_corpus: Path) -> None:

@@ -513,6 +513,21 @@ def test_export_region_checks(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
         read_init_state(tmp_path / "c", load_model(tmp_path / "ckpt").model.config)
 
 
+def test_export_and_load_model_from_python_take_dtype_names_and_refuse_unknown_ones(tmp_path: Path) -> None:
+    """``export(..., dtype="fp16")`` was a bare KeyError, after the whole model had loaded; ``load_model(...,
+    dtype="bfloat16")`` (the name every --dtype takes) a TypeError from ``torch.finfo``."""
+    from epas_lightning import export
+    from epas_lightning.errors import ConfigError
+
+    save_ours(tmp_path / "ckpt", n_layer=2)
+    assert load_model(tmp_path / "ckpt", dtype="bfloat16").model.lm_head.weight.dtype == torch.bfloat16
+    unknown = "unknown dtype 'fp16' — --dtype — use auto or one of float32, bfloat16"
+    with pytest.raises(ConfigError, match=unknown):
+        export(tmp_path / "ckpt", tmp_path / "hf", dtype="fp16")
+    with pytest.raises(ConfigError, match=unknown):
+        load_model(tmp_path / "missing", dtype="fp16")
+
+
 def test_export_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path: Path, tiny_corpus: Path, capsys) -> None:
     """A tokenizer of 512 tokens shipped with a model of 256 rows: the export loaded, and its tokenizer's ids past 255
     failed in transformers' embedding lookup (training and evaluate refuse such a tokenizer)."""

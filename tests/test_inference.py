@@ -269,6 +269,19 @@ def test_generate_refuses_a_bad_request_with_the_commands_one_line_errors():
         generate(model, [[1, 300], [-1]], max_new_tokens=1)
 
 
+def test_generate_takes_a_tensor_of_prompts_and_explains_prompts_that_are_not_token_lists():
+    """A (B, T) tensor (what a tokenizer returns) failed with "Boolean value of Tensor ... is ambiguous"; one prompt
+    as a flat list or text failed deep inside with a TypeError, a pad_id outside the vocabulary with an IndexError."""
+    model = tiny(n_layer=2, block_size=16)
+    prompts = tokens(2, 3)
+    assert generate(model, prompts, 2).tokens == generate(model, prompts.tolist(), 2).tokens
+    for bad in ([1, 2, 3], ["some text"]):
+        with pytest.raises(DataError, match=r"each a list of token ids .*wrap one prompt as \[ids\]"):
+            generate(model, bad, 2)
+    with pytest.raises(ConfigError, match=r"pad_id must be a token id in 0\.\.255, got -1 — pad_id"):
+        generate(model, [[1, 2], [3]], 2, pad_id=-1)  # sentencepiece's "no pad" id: an IndexError in the embedding
+
+
 @pytest.mark.parametrize("mode,reuse", [("qk", False), ("qk", True), ("kv", False)])
 def test_static_decode_steps_equal_the_dynamic_ones(mode, reuse):
     """The fixed-shape step a CUDA graph captures (all slots, masked; device-side positions) changes nothing."""

@@ -156,6 +156,18 @@ def test_layer_zero_never_shares():
         tiny().set_shared_layers([4])
 
 
+def test_shared_layers_are_read_as_integer_indices():
+    """A tensor or numpy array of layers makes them share (a set of 0-d tensors matched no layer: nothing shared);
+    a non-integer index is refused instead of matching no layer."""
+    model = tiny()
+    model.set_shared_layers(torch.tensor([2, 3]))
+    assert model.sharing.shared_layers == [2, 3]
+    for bad in ([2.5], 3, ["3"]):
+        with pytest.raises(TypeError, match="integer layer indices"):
+            model.set_shared_layers(bad)
+    assert model.sharing.shared_layers == [2, 3]
+
+
 def count_flops(model: Llama, x: torch.Tensor) -> int:
     with FlopCounterMode(display=False) as counter:
         model(x).sum().backward()
@@ -212,3 +224,18 @@ def test_rope_stays_fp32_when_the_model_is_cast_to_bf16():
     assert cos.dtype == sin.dtype == torch.float32
     angle = 2047 * model.rotary_emb.inv_freq()[1]  # a long position: bf16 frequencies would be visibly off
     torch.testing.assert_close(cos[2047, 1], torch.cos(angle))
+
+
+def test_a_config_of_numpy_numbers_is_a_config_of_python_numbers():
+    """``LlamaConfig(n_layer=np.int64(4))`` (a sweep over np.arange) said 'model sizes must be positive integers,
+    got {'n_layer': np.int64(4)}'."""
+    import numpy as np
+
+    config = LlamaConfig.from_name("debug", n_layer=np.int64(4), init_std=np.float64(0.01))
+    assert type(config.n_layer) is int and type(config.init_std) is float and config.n_layer == 4
+
+
+def test_token_ids_without_a_batch_dimension_are_refused_in_one_sentence():
+    """A 1-D tensor of ids failed with "IndexError: tuple index out of range"."""
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, seq_len\) token ids, got shape \(5,\)"):
+        tiny()(torch.zeros(5, dtype=torch.long))

@@ -33,6 +33,23 @@ def test_invalid_targets_are_explained(target, match):
         resolve_target(target, 12)
 
 
+def test_a_target_read_as_text_is_refused_and_numpy_numbers_are_numbers():
+    """``target="6"`` (a script's command-line argument) was read as the list [6]: one middle layer shared, silently;
+    a numpy count was refused as not iterable, and a float layer index was truncated."""
+    import numpy as np
+
+    from epas_lightning.callbacks import ProgressiveSharing
+
+    for text in ("6", "0.5"):
+        with pytest.raises(ValueError, match="not the text"):
+            resolve_target(text, 12)
+    with pytest.raises(ValueError, match="integer layer indices"):
+        resolve_target([11.5, 10.5], 12)
+    assert resolve_target(np.int64(2), 12) == (11, 10)
+    assert resolve_target(np.array([11, 10]), 12) == (11, 10)
+    assert ProgressiveSharing(np.array([11, 10])).state_dict()["target"] == [11, 10]  # compared as such on resume
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -45,6 +62,16 @@ def test_invalid_targets_are_explained(target, match):
 def test_invalid_schedules_are_explained(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SharingSchedule.build(12, 6, **kwargs)
+
+
+def test_a_callback_with_an_impossible_pace_fails_at_construction():
+    """Without n_layer, ProgressiveSharing(interval=0) was refused only at setup: after the built-in corpus, or any
+    data, had been prepared."""
+    from epas_lightning.callbacks import ProgressiveSharing
+
+    for kwargs, match in (({"interval": 0}, "interval must be >= 1"), ({"growth": 0}, "growth must be >= 1")):
+        with pytest.raises(ValueError, match=match):
+            ProgressiveSharing(**kwargs)
 
 
 def test_growth_follows_algorithm_1():

@@ -247,6 +247,48 @@ def test_checkpoint_holds_the_mask_and_the_schedule(tiny_corpus, tmp_path):
     assert restored.model.sharing.shared_layers == [2, 3]
 
 
+def test_numpy_numbers_in_the_settings_leave_a_checkpoint_that_loads(tmp_path):
+    """A sweep's numpy values (``np.float64`` target, learning rate, init_std) went into the checkpoint as numpy
+    objects, which ``weights_only=True`` refuses: neither ``--ckpt_path`` nor ``load_model`` could read the run."""
+    import numpy as np
+
+    from epas_lightning import load_model
+
+    config = LlamaConfig.from_name("debug", n_layer=4, block_size=16, init_std=np.float64(0.02))
+    module = EPASModule(config, optimizer=lambda params: torch.optim.AdamW(params, lr=np.float64(1e-3)))
+    data = torch.utils.data.DataLoader(torch.randint(0, 512, (4, 17)), batch_size=2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    sharing = ProgressiveSharing(target=np.float64(0.5), interval=np.int64(1))
+    make_trainer(tmp_path, 2, [sharing, checkpoint]).fit(module, data)
+    assert load_model(tmp_path / "last.ckpt").region.layers == (3,)
+
+
+def test_progressive_sharing_grows_the_llama_of_a_lightning_module_of_ones_own(tmp_path):
+    """ProgressiveSharing needed EPASModule's ``config``, ``model`` and ``set_shared_layers``: a module of one's own
+    holding the Llama under another name failed with an AttributeError; one without a Llama is told what it needs."""
+    from epas_lightning import Llama
+    from epas_lightning.errors import ConfigError
+    from epas_lightning.loss import next_token_loss
+
+    class Own(L.LightningModule):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            return next_token_loss(self.net, batch)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters())
+
+    data = torch.utils.data.DataLoader(torch.randint(0, 512, (4, 17)), batch_size=2)
+    own = Own(Llama(LlamaConfig.from_name("debug", n_layer=4, block_size=16)))
+    make_trainer(tmp_path, 2, [ProgressiveSharing(target=2, interval=1)]).fit(own, data)
+    assert own.net.sharing.shared_layers == [3]
+    with pytest.raises(ConfigError, match="found no epas_lightning.Llama in Own"):
+        make_trainer(tmp_path, 1, [ProgressiveSharing(target=2)]).fit(Own(torch.nn.Linear(2, 2)), data)
+
+
 def test_configure_model_is_idempotent_and_meta_init_leaves_no_garbage():
     from lightning.fabric.utilities.init import _materialize_distributed_module
 

@@ -37,7 +37,7 @@ from epas_lightning.inference.generate import set_region
 from epas_lightning.model import LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.region import TrainedRegion
-from epas_lightning.runtime import DTYPES, DType, dtype_name, emit_json
+from epas_lightning.runtime import DType, dtype_name, emit_json, named_dtype
 
 log = logging.getLogger(__name__)
 
@@ -204,13 +204,14 @@ def export(
         overwrite: Replace ``output`` if it is an export written by this function.
     """
     check_output(output, EXPORT_KIND, overwrite, [checkpoint])
+    torch_dtype = None if dtype == "auto" else named_dtype(dtype)
     loaded = load_model(checkpoint)
     model, config = loaded.model, loaded.model.config
     n = loaded.max_shared if sharing_layers is None else sharing_layers
     shared = set_region(model, n, loaded.region, force)
     use_remote = remote_code or n > 0
     state = ours_to_hf(model.state_dict(), config)
-    torch_dtype = DTYPES[dtype] if dtype != "auto" else loaded.weights_dtype
+    torch_dtype = torch_dtype or loaded.weights_dtype
     check_fits_dtype(state, torch_dtype)
     state = {key: t.to(torch_dtype) for key, t in state.items()}
     tokenizer_path = tokenizer if tokenizer is not None else loaded.tokenizer_path

@@ -8,6 +8,7 @@ cache.
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -100,6 +101,20 @@ class GenerationResult:
         return 1.0 - self.cache_bytes / self.dense_cache_bytes
 
 
+def token_lists(prompts: Sequence[Sequence[int]] | torch.Tensor) -> list[list[int]]:
+    """Prompts as lists of ints: a list of token-id lists (or of 1-D tensors), or a 2-D tensor or array of them."""
+    if hasattr(prompts, "tolist"):
+        prompts = prompts.tolist()
+    try:
+        return [[operator.index(token) for token in prompt] for prompt in prompts]
+    except TypeError:
+        raise DataError(
+            "prompts must be a list of prompts, each a list of token ids",
+            "prompts",
+            "encode text with the tokenizer first; wrap one prompt as [ids]",
+        ) from None
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -128,6 +143,7 @@ class Decoder:
         pad_id: int = 0,
         cuda_graph: bool | None = None,
     ) -> None:
+        prompts = token_lists(prompts)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise DataError("give at least one prompt, each with at least one token", "prompts")
         if max_new_tokens < 1:
@@ -136,6 +152,12 @@ class Decoder:
         longest = max(len(p) for p in prompts)
         fit_new_tokens(longest, max_new_tokens, config.context_length)
         config.check_token_ids(min(map(min, prompts)), max(map(max, prompts)), "prompts")
+        if not 0 <= pad_id < config.vocab_size:  # the padding is embedded, then masked out
+            raise ConfigError(
+                f"pad_id must be a token id in 0..{config.vocab_size - 1}, got {pad_id}",
+                "pad_id",
+                "any id will do (the padding is masked out): leave the default 0",
+            )
         self.model, self.max_new_tokens = model, max_new_tokens
         self.device = device = model.embed_tokens.weight.device
         B = len(prompts)
@@ -235,8 +257,9 @@ def generate(
     pad_id: int = 0,
     cuda_graph: bool | None = None,
 ) -> GenerationResult:
-    """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens, with the model's current
-    sharing region and attention-reuse setting. Prompts of different lengths are left-padded into one batch.
+    """Continue each prompt (a list of token ids, or a row of a 2-D tensor) by up to ``max_new_tokens`` tokens, with
+    the model's current sharing region and attention-reuse setting. Prompts of different lengths are left-padded into
+    one batch (with ``pad_id``, any token id: the padding is masked out).
 
     Greedy when ``temperature == 0``; otherwise sampled (``top_k``/``top_p``), reproducibly when ``seed`` is given.
     A row stops after it emits ``eos_id``; generation ends when every row has stopped. Logits that come out NaN or inf

@@ -129,6 +129,10 @@ class LlamaConfig:
     sharing_mode: SharingMode = "qk"
 
     def __post_init__(self) -> None:
+        for field in fields(self):  # numpy (or 0-d tensor) numbers, e.g. from a sweep: the Python numbers they hold
+            value = getattr(self, field.name)
+            if hasattr(value, "item") and type(value) not in (bool, int, float, str):
+                setattr(self, field.name, value.item())
         if isinstance(self.rope_scaling, dict):  # from a checkpoint's to_dict() or a parsed YAML mapping
             self.rope_scaling = _rope_scaling(self.rope_scaling)
         if self.name is not None:

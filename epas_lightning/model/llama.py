@@ -159,6 +159,8 @@ class Llama(nn.Module):
         head and its result is returned: a loss that never materialises the logits (``epas_lightning.loss``). It runs
         inside ``forward``, so FSDP has the head's weight gathered.
         """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len) token ids, got shape {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
         flags = self.sharing.flags
         if cache is None:

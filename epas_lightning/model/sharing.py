@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 
 import torch
@@ -40,8 +41,12 @@ class SharingState(nn.Module):
         return sum(self._flags)
 
     def set_shared_layers(self, layers: Iterable[int]) -> None:
-        """Make exactly ``layers`` share; every other layer computes. Layer 0 can never share."""
-        layers = set(layers)
+        """Make exactly ``layers`` (integer indices: ints, or a tensor or array of them) share; every other layer
+        computes. Layer 0 can never share."""
+        try:
+            layers = {operator.index(i) for i in layers}  # a 0-d tensor is no dict key of its int: read the int
+        except TypeError:
+            raise TypeError(f"sharing layers must be integer layer indices, like [2, 3]; got {layers!r}") from None
         bad = sorted(i for i in layers if not 1 <= i < self.n_layer)
         if bad:
             raise ValueError(f"Layers {bad} cannot share: valid sharing layers are 1..{self.n_layer - 1}.")
