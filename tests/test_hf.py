@@ -558,6 +558,7 @@ def test_a_chat_template_beside_the_tokenizer_reaches_the_export(tmp_path: Path,
     chat.mkdir()
     (chat / "tokenizer.json").write_bytes((tiny_corpus / "tokenizer.json").read_bytes())
     (chat / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": "<s>"}))
+    (chat / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 5]}))  # its end of turn too
     model = save_ours(tmp_path / "m", n_layer=2)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     record = {"path": str(chat / "tokenizer.json"), "bos_id": 0, "eos_id": 1}  # as fit records it
@@ -569,6 +570,7 @@ def test_a_chat_template_beside_the_tokenizer_reaches_the_export(tmp_path: Path,
     assert said == "<|user|>hi"
     # the template writes control tokens as text: with it, they read as the ids (not as training's plain text)
     assert tokenizer("hi<|eos|>", add_special_tokens=False)["input_ids"][-1] == 1
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [1, 5]  # consolidate kept them
     (chat / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")  # it wins, as in transformers
     (chat / "additional_chat_templates").mkdir()
     (chat / "additional_chat_templates" / "tool_use.jinja").write_text("tools")
