@@ -407,6 +407,10 @@ def test_every_checkpoint_flag_reads_a_hugging_face_folder(tmp_path: Path, tiny_
     assert json.loads((out / "similarity.json").read_text())["trained_region"]["layers"] == []
     assert main(["generate", "--checkpoint", str(path), "--prompt", "def", "--max-new-tokens", "2"]) == 0
     assert "trained region: dense" in capsys.readouterr().err
+    # the baseline of a continual run at its block_size, not the folder's whole context (Llama 3.2: 131072 tokens)
+    argv = ["--checkpoint", str(path), "--data", str(tiny_corpus), "--batches", "1", "--batch-size", "2", "--json"]
+    assert main(["evaluate", *argv, "--seq-len", "16"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])[0]["val_tokens"] == 2 * 16
 
 
 # ---------------------------------------------------------------- export
