@@ -442,6 +442,7 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
     is copied, under its standard name, with the chat template found beside it.
     """
     from epas_lightning.data.chat_template import keep_chat_template
+    from epas_lightning.data.stop_tokens import keep_stop_ids
     from epas_lightning.data.tokenizer import TokenizerError, load_tokenizer, standard_filename
 
     checkpoint = Path(checkpoint).expanduser()
@@ -476,6 +477,7 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
                 name = standard_filename(tokenizer)
                 (build / name).write_bytes(tokenizer.path.read_bytes())
                 keep_chat_template(tokenizer.path, build)
+                keep_stop_ids(tokenizer.path, build)
                 record["tokenizer"] = {
                     "path": name,
                     "bos_id": tokenizer.bos_id,  # the checkpoint's, when it recorded them

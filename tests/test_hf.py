@@ -26,7 +26,8 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 512
 
 
-def tiny_hf_config(tie: bool = False, **overrides) -> transformers.LlamaConfig:
+def tiny_hf_config(tie: bool = False, kind: str = "Llama", **overrides) -> transformers.PretrainedConfig:
+    """The config of a tiny ``transformers`` model of ``kind`` (``Llama``, ``Mistral``)."""
     kwargs = dict(
         hidden_size=64,
         num_hidden_layers=2,
@@ -41,12 +42,14 @@ def tiny_hf_config(tie: bool = False, **overrides) -> transformers.LlamaConfig:
         bos_token_id=1,
         eos_token_id=2,
     )
-    return transformers.LlamaConfig(**{**kwargs, **overrides})
+    return getattr(transformers, f"{kind}Config")(**{**kwargs, **overrides})
 
 
-def save_tiny_hf(path: Path, tie: bool = False, sharded: bool = False, seed: int = 0, **overrides) -> Path:
+def save_tiny_hf(
+    path: Path, tie: bool = False, sharded: bool = False, seed: int = 0, kind: str = "Llama", **overrides
+) -> Path:
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(tiny_hf_config(tie, **overrides)).eval()
+    model = getattr(transformers, f"{kind}ForCausalLM")(tiny_hf_config(tie, kind, **overrides)).eval()
     with torch.no_grad():  # HF inits norms to 1: randomise them so a missed norm weight shows in the logits
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -81,6 +84,25 @@ def test_import_logits_equal_transformers(tmp_path: Path, tie: bool, sharded: bo
     with torch.no_grad():
         ours = ours_from_hf(path)(ids)
     torch.testing.assert_close(ours, hf_logits(path, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_a_mistral_without_a_sliding_window_is_our_llama_and_exports_as_one(tmp_path: Path, capsys) -> None:
+    """Mistral-7B-v0.3 is a LLaMA under model_type mistral (sliding_window null) and was refused; it now imports with
+    transformers' logits (a window that spans the context masks nothing either) and exports as a stock LLaMA. A window
+    shorter than the context is refused in one line."""
+    ids = torch.randint(0, VOCAB, (2, 24))
+    for window in (None, 64):
+        path = save_tiny_hf(tmp_path / f"mistral{window}", kind="Mistral", sliding_window=window)
+        with torch.no_grad():
+            torch.testing.assert_close(ours_from_hf(path)(ids), hf_logits(path, ids), atol=1e-5, rtol=1e-5)
+    assert main(["export", "--checkpoint", str(path), "--output", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "llama"
+    torch.testing.assert_close(hf_logits(tmp_path / "out", ids), hf_logits(path, ids), atol=1e-5, rtol=1e-5)
+    save_tiny_hf(tmp_path / "windowed", kind="Mistral", sliding_window=16)
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(tmp_path / "windowed"), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: sliding_window=16 is shorter than its context") and err.count("\n") == 1, err
 
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
@@ -385,6 +407,10 @@ def test_every_checkpoint_flag_reads_a_hugging_face_folder(tmp_path: Path, tiny_
     assert json.loads((out / "similarity.json").read_text())["trained_region"]["layers"] == []
     assert main(["generate", "--checkpoint", str(path), "--prompt", "def", "--max-new-tokens", "2"]) == 0
     assert "trained region: dense" in capsys.readouterr().err
+    # the baseline of a continual run at its block_size, not the folder's whole context (Llama 3.2: 131072 tokens)
+    argv = ["--checkpoint", str(path), "--data", str(tiny_corpus), "--batches", "1", "--batch-size", "2", "--json"]
+    assert main(["evaluate", *argv, "--seq-len", "16"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])[0]["val_tokens"] == 2 * 16
 
 
 # ---------------------------------------------------------------- export
@@ -573,6 +599,7 @@ def test_a_chat_template_beside_the_tokenizer_reaches_the_export(tmp_path: Path,
     chat.mkdir()
     (chat / "tokenizer.json").write_bytes((tiny_corpus / "tokenizer.json").read_bytes())
     (chat / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": "<s>"}))
+    (chat / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 5]}))  # its end of turn too
     model = save_ours(tmp_path / "m", n_layer=2)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     record = {"path": str(chat / "tokenizer.json"), "bos_id": 0, "eos_id": 1}  # as fit records it
@@ -584,6 +611,7 @@ def test_a_chat_template_beside_the_tokenizer_reaches_the_export(tmp_path: Path,
     assert said == "<|user|>hi"
     # the template writes control tokens as text: with it, they read as the ids (not as training's plain text)
     assert tokenizer("hi<|eos|>", add_special_tokens=False)["input_ids"][-1] == 1
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [1, 5]  # consolidate kept them
     (chat / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")  # it wins, as in transformers
     (chat / "additional_chat_templates").mkdir()
     (chat / "additional_chat_templates" / "tool_use.jinja").write_text("tools")

@@ -267,6 +267,24 @@ def test_generate_keeps_the_space_before_the_first_word_of_a_sentencepiece_conti
     assert rc == 0 and out.split("\n\n")[:2] == ["hello lo ka lo ka", "lo ka lo ka"]
 
 
+def test_generate_and_export_stop_at_every_end_token_the_model_names(tmp_path, capsys):
+    """Llama 3 Instruct names several end tokens (eos_token_id [<|end_of_text|>, <|eom_id|>, <|eot_id|>]): generate
+    went on past <|eot_id|>, as only the EOS documents end with stopped it, and export's generation_config.json named
+    that one alone, so transformers went on too. Both stop at every end token named beside the tokenizer."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model := train_tiny_sentencepiece(tmp_path / "tokenizer.model")))
+    end_of_turn = 7
+    save_scripted(tmp_path / "ckpt", model, sp.get_piece_size(), [*sp.encode(" lo ka")[-2:], end_of_turn])
+    (tmp_path / "ckpt" / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, end_of_turn]}))
+    rc, out, _ = run_cli(capsys, "generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "hello",
+                         "--max-new-tokens", "6")  # fmt: skip
+    assert rc == 0 and out == "hello lo ka\n\n"
+    assert cli_main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")]) == 0
+    for name in ("generation_config.json", "config.json"):
+        assert json.loads((tmp_path / "hf" / name).read_text())["eos_token_id"] == [2, end_of_turn]
+
+
 def test_generate_decodes_ids_past_a_sentencepiece_tokenizer_to_nothing(tmp_path, capsys):
     """A model whose vocabulary is larger than its sentencepiece tokenizer (allowed) that sampled an id past it
     ended generate in sentencepiece's IndexError traceback; such an id now decodes to nothing, as in HF tokenizers."""

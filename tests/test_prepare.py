@@ -178,6 +178,7 @@ def test_cli_with_hf_tokenizer_and_separate_val_input(corpus, tmp_path: Path, ca
     root, docs = corpus
     hf = train_hf_tokenizer(tmp_path / "tokenizer.json")
     (tmp_path / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')  # a chat model's
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "eos_token_id": [2, 5]}')  # its end tokens
     out = tmp_path / "hf"
     argv = ["prepare", "--input", str(root / "a.jsonl"), "--input", str(root / "c.parquet")]
     argv += ["--input", str(root / "notes" / "n0.md")]  # also a validation file: held out, not trained on
@@ -188,6 +189,7 @@ def test_cli_with_hf_tokenizer_and_separate_val_input(corpus, tmp_path: Path, ca
     assert (meta["tokenizer"], meta["tokenizer_kind"]) == ("tokenizer.json", "hf")
     assert json.loads((out / "tokenizer_config.json").read_text()) == {"chat_template": "{{ messages }}"}  # kept
     tok = load_tokenizer(out / "tokenizer.json")
+    assert tok.stop_ids == (tok.eos_id, 5)  # kept too, with the EOS documents end with first
     assert (meta["bos_id"], meta["eos_id"]) == (tok.backend.token_to_id("<s>"), tok.backend.token_to_id("</s>"))
     val_docs = [tok.decode(ids) for ids in documents_of(out / "val", meta["bos_id"], meta["eos_id"])]
     assert val_docs == [" ".join(docs[f"notes/n{i}.md"][0].split()) for i in range(6)]

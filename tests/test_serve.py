@@ -125,6 +125,10 @@ def test_a_sentencepiece_completion_keeps_the_space_of_its_first_word(tmp_path):
         for output in engine.step():
             texts[output.key] += output.text
     assert texts == {"hello": " lo ka lo ka", "start": "lo ka lo ka", "stop": " lo k"}
+    engine = Engine(loaded.model, loaded.region, tokenizer.decode, eos_id=(tokenizer.eos_id, words[1]))  # end of turn
+    engine.add("turn", SequenceRequest(hello, 4, 0))
+    outputs = [output for _ in range(2) for output in engine.step()]
+    assert "".join(o.text for o in outputs) == " lo" and outputs[-1].finish_reason == "stop" and not engine.busy
 
 
 def token_text(ids: list[int]) -> str:
@@ -425,7 +429,7 @@ def test_serve_wraps_requests_in_the_bos_and_eos_the_checkpoint_recorded(checkpo
     assert cli_main(["serve", "--checkpoint", str(copy), "--device", "cpu"]) == 0
     api = started.pop()
     api.setup("cpu")  # the worker's side
-    assert api.engine.eos_id == 6 and api.served.tokenizer().bos_id == 5  # the HTTP side's prompts start with it
+    assert api.engine.stop_ids == [6] and api.served.tokenizer().bos_id == 5  # the HTTP side's prompts start with it
 
 
 def test_serve_refuses_weights_that_do_not_fit_their_config_before_starting(checkpoint, tmp_path, capsys):

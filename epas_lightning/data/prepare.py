@@ -42,6 +42,7 @@ from epas_lightning.data.sources import (
     split_documents,
     with_split,
 )
+from epas_lightning.data.stop_tokens import keep_stop_ids
 from epas_lightning.data.tokenizer import (
     HF_FILENAME,
     MIN_BPE_VOCAB,
@@ -122,6 +123,7 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
         tokenizer_path = build_dir / (HF_FILENAME if loaded.kind == "hf" else SENTENCEPIECE_FILENAME)
         shutil.copyfile(loaded.path, tokenizer_path)
         keep_chat_template(loaded.path, build_dir)
+        keep_stop_ids(loaded.path, build_dir)
         source = str(loaded.path)
     else:
         skipped: list = []

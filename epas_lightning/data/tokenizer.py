@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from epas_lightning.data.stop_tokens import stop_ids_beside
 from epas_lightning.errors import DataError
 
 HF_FILENAME = "tokenizer.json"
@@ -37,11 +38,15 @@ class TextTokenizer:
         path: The tokenizer file.
         vocab_size: One more than the largest id it can emit: the model's vocabulary must be at least this large.
         backend: The underlying ``tokenizers.Tokenizer`` or ``sentencepiece.SentencePieceProcessor``.
+        stop_ids: The ids generation stops at: ``eos_id`` first, then the model's other end tokens named beside the
+            tokenizer file (``stop_tokens``: Llama 3 Instruct's ``<|eot_id|>``).
     """
 
     def __init__(self, kind: str, path: Path, backend: Any, bos_id: int, eos_id: int, vocab_size: int) -> None:
         self.kind, self.path, self.backend = kind, path, backend
         self.bos_id, self.eos_id, self.vocab_size = bos_id, eos_id, vocab_size
+        beside = [i for i in stop_ids_beside(path) if 0 <= i < vocab_size and i != eos_id]
+        self.stop_ids: tuple[int, ...] = (eos_id, *beside)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         if self.kind == "hf":

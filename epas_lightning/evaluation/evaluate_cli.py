@@ -48,14 +48,20 @@ def evaluate(
     force: bool = False,
     device: str = "auto",
     dtype: DType = "auto",
+    seq_len: int | None = None,
 ) -> list[dict]:
     """One row per region length: ``{"sharing_layers", "val_loss", "val_ppl", "<task>/acc", "<task>/acc_norm"}``.
 
     ``data=None`` scores perplexity on the data the checkpoint trained on, when it is known and either no ``tasks``
-    or ``batches`` are given.
+    or ``batches`` are given. Held-out sequences are ``seq_len`` tokens (default: the model's ``block_size``).
     """
+    from epas_lightning.data.token_data import check_seq_len
+
     questions = load_tasks(tasks)
     loaded = load_for_inference(Path(checkpoint), device, dtype, attention_reuse=True)
+    config = loaded.model.config
+    seq_len = config.block_size if seq_len is None else seq_len
+    check_seq_len(seq_len, config, where="--seq-len")
     lengths = region_lengths(sharing_layers, loaded, force)
     for n in lengths:  # fail on a bad region before any scoring
         loaded.region.first(n, force)
@@ -73,10 +79,9 @@ def evaluate(
     if data is not None:  # set up (and checked) once; every region reads the same batches
         from epas_lightning.data import heldout_loader
 
-        config = loaded.model.config
         loader = heldout_loader(
             data,
-            config.block_size,
+            seq_len,
             batch_size,
             config.vocab_size,
             tokenizer or loaded.tokenizer_path,
@@ -121,6 +126,7 @@ def evaluate_command(
     device: str = "auto",
     dtype: DType = "auto",
     force: bool = False,
+    seq_len: int | None = None,
     json: bool = False,
 ) -> None:
     """Held-out loss and perplexity, and multiple-choice accuracy, of a checkpoint at chosen sharing regions.
@@ -142,13 +148,17 @@ def evaluate_command(
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
         dtype: Weights and activations; auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32 elsewhere.
         force: Allow regions longer than the trained one.
+        seq_len: Tokens per held-out sequence, up to the model's context length (default: the block_size it trained
+            at; a Hugging Face folder's is its whole context: give the block_size of the run it is compared with).
         json: End with one JSON line of the rows.
     """
     from epas_lightning.data.token_data import check_data_flag
 
-    check_counts({"--batches": batches, "--batch-size": batch_size})
+    check_counts({"--batches": batches, "--batch-size": batch_size, "--seq-len": seq_len})
     check_data_flag(data)
     check_tokenizer_flag(tokenizer)
-    rows = evaluate(checkpoint, sharing_layers, data, tasks or [], batches, batch_size, tokenizer, force, device, dtype)
+    rows = evaluate(
+        checkpoint, sharing_layers, data, tasks or [], batches, batch_size, tokenizer, force, device, dtype, seq_len
+    )
     print(format_table(rows))
     emit_json(rows, json)

@@ -117,7 +117,9 @@ class EPASLM(HFLM):
                 f"checkpoint={checkpoint}",
                 "pass the tokenizer file (model argument tokenizer=PATH, or --tokenizer)",
             )
-        load_tokenizer(Path(path), bos_id=self.loaded.bos_id, eos_id=self.loaded.eos_id).check_fits(config.vocab_size)
+        text_tokenizer = load_tokenizer(Path(path), bos_id=self.loaded.bos_id, eos_id=self.loaded.eos_id)
+        text_tokenizer.check_fits(config.vocab_size)
+        self.stop_ids = text_tokenizer.stop_ids  # what the export's generation_config.json stops at
         hf_tokenizer = exported_tokenizer(Path(path), config.context_length, self.loaded.bos_id, self.loaded.eos_id)
         with _quiet():
             super().__init__(
@@ -157,7 +159,7 @@ class EPASLM(HFLM):
             temperature=float(kwargs.get("temperature") or 0.0) if sample else 0.0,
             top_k=kwargs.get("top_k") if sample else None,
             top_p=kwargs.get("top_p") if sample else None,
-            eos_id=self.eot_token_id,
+            eos_id=self.stop_ids,
         )
         pad = self.tokenizer.pad_token_id
         width = max(len(tokens) for tokens in result.tokens)

@@ -27,7 +27,9 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
-SUPPORTED_MODEL_TYPES = ("llama", "epas_llama")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "epas_llama")
+"""``mistral`` is a LLaMA with a sliding window: accepted when it has none (Mistral-7B-v0.3) or one that spans its
+whole context, where it masks nothing (:func:`check_no_sliding_window`)."""
 REQUIRED_HF_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
 VOCAB_KEYS = ("embed_tokens.weight", "lm_head.weight")
 """Our parameters with one row per vocabulary entry (padded to ``padded_vocab_size``)."""
@@ -118,6 +120,18 @@ def rope_of(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         raise HFCheckpointError(f"{field} {json.dumps(source)}: {e.what}") from e
 
 
+def check_no_sliding_window(hf: dict[str, Any]) -> None:
+    """Refuse a sliding-window attention that masks positions inside the model's context: our attention sees every
+    earlier position, so the model would compute another function than the checkpoint's from that distance on."""
+    window, context = hf.get("sliding_window"), hf.get("max_position_embeddings", 2048)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < context):
+        raise HFCheckpointError(
+            f"sliding_window={window!r} is shorter than its context (max_position_embeddings={context}): "
+            "sliding-window attention is not supported, our attention sees every earlier position",
+            fix="use a checkpoint without a sliding window (Mistral-7B-v0.2 and later have none)",
+        )
+
+
 def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaConfig:
     """Our ``LlamaConfig`` for an HF LLaMA config (a dict or a model directory); ``overrides`` set other fields.
 
@@ -128,7 +142,11 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
         hf = read_hf_config(hf)
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise HFCheckpointError(f"model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}.")
+        raise HFCheckpointError(
+            f"model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}",
+            fix="use a LLaMA-architecture checkpoint (Llama 2 and 3.x, TinyLlama, SmolLM, Mistral-7B-v0.3, ...)",
+        )
+    check_no_sliding_window(hf)
     missing = [key for key in REQUIRED_HF_KEYS if key not in hf]
     if missing:
         raise HFCheckpointError(f"its config.json lacks {', '.join(missing)}: not a complete LLaMA config")

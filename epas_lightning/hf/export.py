@@ -51,10 +51,11 @@ def hf_config(
     shared_layers: list[int] | None = None,
     region: TrainedRegion | None = None,
     bos_id: int | None = None,
-    eos_id: int | None = None,
+    eos_id: int | list[int] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
-    """The ``config.json`` of an exported model: stock LLaMA when ``shared_layers`` is None, else ``epas_llama``.
+    """The ``config.json`` of an exported model: stock LLaMA when ``shared_layers`` is None, else ``epas_llama``;
+    ``eos_id`` may list several end tokens (Llama 3's form), the first one the EOS documents ended with.
 
     RoPE is written both ways: ``rope_theta`` and (when scaled) ``rope_scaling`` for transformers 4.x,
     ``rope_parameters`` for 5.x (which reads ``rope_scaling`` first: the same values).
@@ -215,17 +216,18 @@ def export(
     check_fits_dtype(state, torch_dtype)
     state = {key: t.to(torch_dtype) for key, t in state.items()}
     tokenizer_path = tokenizer if tokenizer is not None else loaded.tokenizer_path
+    eos_ids: int | list[int] | None = loaded.eos_id
     if tokenizer_path is not None:
-        # transformers would fail on ids past the vocabulary in the embedding
         ids = {"bos_id": loaded.bos_id, "eos_id": loaded.eos_id}
-        load_tokenizer(resolve_tokenizer_path(tokenizer_path), **ids).check_fits(config.vocab_size)
+        text_tokenizer = load_tokenizer(resolve_tokenizer_path(tokenizer_path), **ids)
+        text_tokenizer.check_fits(config.vocab_size)  # transformers would fail on ids past the embedding
+        stop_ids = list(text_tokenizer.stop_ids)  # Llama 3 Instruct's list, as transformers stops at it
+        eos_ids = stop_ids if len(stop_ids) > 1 else stop_ids[0]
     with output_folder(output, EXPORT_KIND, overwrite, inputs=[checkpoint]) as build:
         save_file(state, build / "model.safetensors", metadata={"format": "pt"})
-        record = hf_config(
-            config, shared if use_remote else None, loaded.region, loaded.bos_id, loaded.eos_id, torch_dtype
-        )
+        record = hf_config(config, shared if use_remote else None, loaded.region, loaded.bos_id, eos_ids, torch_dtype)
         (build / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-        generation = {"bos_token_id": loaded.bos_id, "eos_token_id": loaded.eos_id}
+        generation = {"bos_token_id": loaded.bos_id, "eos_token_id": eos_ids}
         (build / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if use_remote:
             for name in REMOTE_FILES:

@@ -252,7 +252,7 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     seed: int | None = None,
     pad_id: int = 0,
     cuda_graph: bool | None = None,
@@ -262,8 +262,9 @@ def generate(
     one batch (with ``pad_id``, any token id: the padding is masked out).
 
     Greedy when ``temperature == 0``; otherwise sampled (``top_k``/``top_p``), reproducibly when ``seed`` is given.
-    A row stops after it emits ``eos_id``; generation ends when every row has stopped. Logits that come out NaN or inf
-    (activations past the range of the model's dtype, e.g. float16) are a one-line error.
+    A row stops after it emits ``eos_id`` (one id, or any of several: a tokenizer's ``stop_ids``); generation ends
+    when every row has stopped. Logits that come out NaN or inf (activations past the range of the model's dtype,
+    e.g. float16) are a one-line error.
     ``cuda_graph`` (default: on for CUDA) replays each decode step from a CUDA graph (same results, fewer launches).
     """
     decoder = Decoder(
@@ -275,6 +276,8 @@ def generate(
     model.eval()
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    stop_ids = stop_id_list(eos_id)
+    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
     _sync(device)
     start = time.perf_counter()
     token = decoder.prefill()
@@ -286,8 +289,8 @@ def generate(
     steps = 0
     for step in range(max_new_tokens):
         out[:, step] = token
-        if eos_id is not None:
-            finished |= token == eos_id
+        if stop_ids:
+            finished |= torch.isin(token, stop)
             if (step + 1) % EOS_CHECK_EVERY == 0 and bool(finished.all()):
                 break
         if step + 1 == max_new_tokens:
@@ -300,7 +303,7 @@ def generate(
     decoder.check_finite()
     cache = decoder.cache
     return GenerationResult(
-        tokens=[_until_eos(row, eos_id) for row in out[:, : steps + 1].tolist()],
+        tokens=[_until_eos(row, stop_ids) for row in out[:, : steps + 1].tolist()],
         prompt_tokens=decoder.prompt_tokens,
         decode_steps=steps,
         batch_size=B,
@@ -311,7 +314,11 @@ def generate(
     )
 
 
-def _until_eos(tokens: list[int], eos_id: int | None) -> list[int]:
-    if eos_id is not None and eos_id in tokens:
-        return tokens[: tokens.index(eos_id) + 1]
-    return tokens
+def stop_id_list(eos_id: int | Sequence[int] | None) -> list[int]:
+    """The ids an ``eos_id`` argument stops at: none, one, or several."""
+    return [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
+
+
+def _until_eos(tokens: list[int], stop_ids: list[int]) -> list[int]:
+    end = next((i for i, token in enumerate(tokens) if token in stop_ids), None)
+    return tokens if end is None else tokens[: end + 1]

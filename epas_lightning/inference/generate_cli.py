@@ -147,7 +147,7 @@ def generate_command(
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
-            eos_id=None if ignore_eos else text_tokenizer.eos_id,
+            eos_id=None if ignore_eos else text_tokenizer.stop_ids,
             seed=seed,
             cuda_graph=graphed,
         )
@@ -156,7 +156,7 @@ def generate_command(
     except ValueError as e:  # bad sampling settings
         raise ConfigError(str(e), "generate", "see --help") from e
     for text, prompt_ids, new in zip(prompts, ids, result.tokens, strict=True):
-        new = [t for t in new if t != text_tokenizer.eos_id]
+        new = [t for t in new if t not in text_tokenizer.stop_ids]
         completion = decode_continuation(text_tokenizer.decode, prompt_ids, new)  # its first word's space kept
         print(f"{text}{completion}\n")
     numbers = report(result, loaded, n_shared)

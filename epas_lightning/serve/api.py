@@ -322,7 +322,12 @@ class CompletionsAPI(ls.LitAPI):
             loaded = load_for_inference(self.checkpoint, device, self.dtype, self.attention_reuse)
             tokenizer = self.served.tokenizer()
             self.engine = Engine(
-                loaded.model, loaded.region, tokenizer.decode, tokenizer.eos_id, self.max_batch_size, self.batch_timeout
+                loaded.model,
+                loaded.region,
+                tokenizer.decode,
+                tokenizer.stop_ids,
+                self.max_batch_size,
+                self.batch_timeout,
             )
         self.stop_asked = False
         signal.signal(signal.SIGTERM, self._finish_then_stop)

@@ -16,13 +16,13 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from epas_lightning.inference.generate import Decoder
+from epas_lightning.inference.generate import Decoder, stop_id_list
 from epas_lightning.model import Llama
 from epas_lightning.region import TrainedRegion
 from epas_lightning.serve.text import TextStream
@@ -114,7 +114,7 @@ class _Group:
 
     def _take(self, row: int, token: int) -> Output:
         text, request, key = self.texts[row], self.requests[row], self.keys[row]
-        if token == self.engine.eos_id:
+        if token in self.engine.stop_ids:
             return self._finish(row, text.finish(), "stop", len(text.tokens) + 1)
         delta = text.push(token)
         if text.stopped:
@@ -148,7 +148,8 @@ class Engine:
         model: The model in eval mode, on its device.
         region: The trained region; a sequence's ``n_shared`` picks ``region.first(n_shared)`` (already validated).
         decode: Token ids -> text (the tokenizer's decode).
-        eos_id: A sequence stops after emitting it (it is not part of the text).
+        eos_id: A sequence stops after emitting it, or any of several (a tokenizer's ``stop_ids``); it is not part of
+            the text.
         max_batch_size: Sequences decoded at the same time, over all groups.
         batch_timeout: Seconds the oldest waiting sequence waits for others to share its forward.
     """
@@ -158,11 +159,11 @@ class Engine:
         model: Llama,
         region: TrainedRegion,
         decode,
-        eos_id: int | None,
+        eos_id: int | Sequence[int] | None,
         max_batch_size: int = 8,
         batch_timeout: float = 0.0,
     ) -> None:
-        self.model, self.region, self.decode, self.eos_id = model, region, decode, eos_id
+        self.model, self.region, self.decode, self.stop_ids = model, region, decode, stop_id_list(eos_id)
         self.max_batch_size, self.batch_timeout = max_batch_size, batch_timeout
         self.waiting: list[tuple[Hashable, SequenceRequest, float]] = []
         self.groups: list[_Group] = []
