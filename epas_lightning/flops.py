@@ -8,8 +8,11 @@ k_proj and v_proj in ``kv`` mode. The attention products still run in every laye
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
+from epas_lightning.errors import ConfigError
 from epas_lightning.model.config import LlamaConfig
 
 DENSE_BF16_PEAK_TFLOPS = (
@@ -25,8 +28,13 @@ DENSE_BF16_PEAK_TFLOPS = (
 
 def matmul_params(config: LlamaConfig, n_shared: int = 0) -> int:
     """Number of weights that take part in a matmul when ``n_shared`` layers share."""
-    if not 0 <= n_shared <= config.n_layer - 1:
-        raise ValueError(f"n_shared={n_shared} must be in [0, n_layer - 1 = {config.n_layer - 1}].")
+    whole = isinstance(n_shared, numbers.Integral) and not isinstance(n_shared, bool)
+    if not whole or not 0 <= n_shared <= config.n_layer - 1:
+        raise ConfigError(
+            f"n_shared={n_shared} is not a whole number of layers in 0..{config.n_layer - 1}",
+            "n_shared",
+            "layer 0 never shares: count 0 to n_layer - 1 sharing layers",
+        )
     d, kv_dim = config.n_embd, config.n_kv_head * config.head_dim
     q, k, v, o = d * d, d * kv_dim, d * kv_dim, d * d
     mlp = 3 * d * config.intermediate_size
@@ -38,6 +46,8 @@ def matmul_params(config: LlamaConfig, n_shared: int = 0) -> int:
 def estimate_flops(config: LlamaConfig, n_shared: int, seq_len: int, backward: bool = True) -> float:
     """Training FLOPs (forward + backward) per sample of ``seq_len`` tokens with ``n_shared`` sharing layers;
     ``backward=False``: the forward pass alone (a third: the convention counts the backward as two forwards)."""
+    if not seq_len >= 1:
+        raise ConfigError(f"seq_len={seq_len} must be at least 1 token", "seq_len")
     attention = 4 * config.n_layer * seq_len * config.n_head * config.head_dim
     passes = 3.0 if backward else 1.0
     return passes * seq_len * (2 * matmul_params(config, n_shared) + attention)

@@ -121,6 +121,17 @@ class SharingSchedule:
     """Optimizer step at which the first stage switches."""
 
     def __post_init__(self) -> None:
+        layers = self.target_layers
+        integral = isinstance(layers, Sequence) and all(isinstance(i, numbers.Integral) for i in layers)
+        step = 1 if integral and len(layers) > 1 and layers[1] > layers[0] else -1
+        gaps = zip(layers, layers[1:], strict=False) if integral else ()
+        if not integral or not layers or min(layers) < 1 or any(b - a != step for a, b in gaps):
+            raise ConfigError(
+                f"the target region {layers!r} is not a contiguous run of layers 1 and up, deepest or shallowest first",
+                "SharingSchedule.target_layers",
+                "build it with SharingSchedule.build(n_layer, target), which checks it against the model",
+            )
+        object.__setattr__(self, "target_layers", tuple(int(i) for i in layers))  # frozen; numpy ints as ints
         check_pace(self.growth, self.interval, self.start_step)
         if len(self.target_layers) % self.growth:
             raise ConfigError(

@@ -175,10 +175,23 @@ def test_perplexity_equals_direct_cross_entropy(tiny_corpus: Path) -> None:
 
 def test_perplexity_refuses_sequences_longer_than_the_context_before_reading_data(tmp_path: Path) -> None:
     model = tiny_model(n_layer=2, block_size=32)
-    with pytest.raises(ConfigError, match="seq_len \\(64\\) exceeds the model's context length \\(32\\) — seq_len — "):
+    with pytest.raises(
+        ConfigError, match="seq_len \\(64\\) exceeds the model's context length \\(32\\) — seq_len — use at most 32$"
+    ):
         evaluate_perplexity(model, tmp_path / "missing", seq_len=64)  # checked before the (missing) data
     with pytest.raises(ConfigError, match="must be at least 1, got 0 — max_batches"):
         evaluate_perplexity(model, tmp_path / "missing", max_batches=0)  # was: "is the validation split empty?"
+
+
+def test_seq_len_errors_say_what_to_lower(tiny_corpus: Path) -> None:
+    """The block_size is named only when it is not the context length (an HF folder never trained at its context
+    length); held-out data too short for one batch names --seq-len beside --batch-size."""
+    config = LlamaConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, block_size=32, max_position_embeddings=64)
+    model = Llama(config).eval()
+    with pytest.raises(ConfigError, match=r"context length \(64\) — seq_len — use at most 64 \(it trained at 32\)$"):
+        evaluate_perplexity(model, tiny_corpus, seq_len=65)
+    with pytest.raises(DataError, match=r"fewer than 100000 sequences of 65 tokens.* lower --batch-size or --seq-len"):
+        evaluate_perplexity(model, tiny_corpus, batch_size=100_000, seq_len=64)
 
 
 def test_evaluate_batches_with_tasks_scores_the_run_data_too(tmp_path: Path, tiny_corpus: Path) -> None:

@@ -4,6 +4,7 @@ import pytest
 import torch
 from lightning.fabric.utilities.throughput import measure_flops
 
+from epas_lightning.errors import ConfigError
 from epas_lightning.flops import estimate_flops, flop_cut
 from epas_lightning.model import Llama, LlamaConfig
 
@@ -36,3 +37,15 @@ def test_flop_cut_and_bounds():
     assert 0.04 < flop_cut(config, 6, 2048) < 0.06
     with pytest.raises(ValueError, match="n_shared"):
         estimate_flops(config, 12, 2048)
+
+
+def test_flops_refuse_a_region_or_length_no_model_has():
+    """estimate_flops(config, 0.5, 8) counted half a layer, a negative seq_len gave negative FLOPs and flop_cut at
+    seq_len 0 was a ZeroDivisionError; 1.5 layers of a 2-layer model were 'not in [0, n_layer - 1 = 1]'."""
+    config = LlamaConfig.from_name("debug")  # 2 layers
+    for n_shared in (0.5, 1.5, 2, -1):
+        with pytest.raises(ConfigError, match=rf"n_shared={n_shared} is not a whole number of layers in 0\.\.1 — "):
+            estimate_flops(config, n_shared, 8)
+    for seq_len in (0, -5):
+        with pytest.raises(ConfigError, match=rf"seq_len={seq_len} must be at least 1 token — seq_len"):
+            flop_cut(config, 1, seq_len)

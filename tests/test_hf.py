@@ -411,6 +411,10 @@ def test_every_checkpoint_flag_reads_a_hugging_face_folder(tmp_path: Path, tiny_
     argv = ["--checkpoint", str(path), "--data", str(tiny_corpus), "--batches", "1", "--batch-size", "2", "--json"]
     assert main(["evaluate", *argv, "--seq-len", "16"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])[0]["val_tokens"] == 2 * 16
+    argv += ["--output", str(tmp_path / "bench"), "--reps", "1", "--prompt-len", "4", "--max-new-tokens", "2"]
+    assert main(["bench", *argv, "--seq-len", "16"]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (summary["seq_len"], summary["val_tokens"]) == (16, 2 * 16)
 
 
 # ---------------------------------------------------------------- export

@@ -64,6 +64,21 @@ def test_invalid_schedules_are_explained(kwargs, match):
         SharingSchedule.build(12, 6, **kwargs)
 
 
+@pytest.mark.parametrize("layers", [(0, 1), (), (5, 5), (3, 1), (3.0, 2.0), 3])
+def test_a_schedule_built_directly_checks_its_region(layers):
+    """SharingSchedule((0, 1)) shared layer 0 at step 100, () shared nothing and (5, 5) shared one layer twice."""
+    with pytest.raises(ValueError, match="contiguous run of layers 1 and up.* SharingSchedule.build"):
+        SharingSchedule(layers)
+
+
+def test_a_schedule_built_directly_keeps_a_good_region_as_integers():
+    import numpy as np
+
+    schedule = SharingSchedule([np.int64(1), 2], interval=5, start_step=0)  # as a checkpoint can hold it
+    assert schedule.target_layers == (1, 2) and {type(i) for i in schedule.target_layers} == {int}
+    assert SharingSchedule((11, 10, 9)) == SharingSchedule.build(12, 3)
+
+
 def test_a_callback_with_an_impossible_pace_fails_at_construction():
     """Without n_layer, ProgressiveSharing(interval=0) was refused only at setup: after the built-in corpus, or any
     data, had been prepared."""

@@ -268,12 +268,13 @@ def check_seq_len(seq_len: int, config: LlamaConfig, fitting: bool = False, wher
     its context length otherwise."""
     if seq_len > config.context_length or (fitting and seq_len != config.block_size):
         limit = f"block_size ({config.block_size})" if fitting else f"context length ({config.context_length})"
-        raise ConfigError(
+        trained = f" (it trained at {config.block_size})" if config.block_size < config.context_length else ""
+        raise ConfigError(  # an HF folder's block_size is its context length: it never trained at that
             f"the data's seq_len ({seq_len}) {'is not' if fitting else 'exceeds'} the model's {limit}",
             where,
             "set it to model.config.block_size, the sequence length the model trains at"
             if fitting
-            else f"use at most {config.context_length} (the model trained at {config.block_size})",
+            else f"use at most {config.context_length}{trained}",
         )
 
 
@@ -308,6 +309,6 @@ def heldout_loader(
         raise DataError(
             f"the validation split holds fewer than {batch_size} sequences of {seq_len + 1} tokens: not one batch",
             data.val_streams()[0],
-            "lower --batch-size, or hold out more data",
+            "lower --batch-size or --seq-len, or hold out more data",
         )
     return CheckedBatches(loader, data.check_batch)

@@ -68,16 +68,17 @@ def region_for_budget(config: LlamaConfig, budget: float, max_shared: int, seq_l
 def heldout_batches(
     data_dir: Path,
     config: LlamaConfig,
+    seq_len: int,
     batch_size: int,
     n_batches: int,
     tokenizer: Path | None = None,
     own_data: bool = False,
 ) -> list[torch.Tensor]:
-    """Up to ``n_batches`` validation batches (B, block_size + 1), kept in memory to score every region alike; the
+    """Up to ``n_batches`` validation batches (B, seq_len + 1), kept in memory to score every region alike; the
     data must hold the ids of ``tokenizer`` (the model's, when known; ``own_data``: see ``heldout_loader``)."""
     from epas_lightning.data import heldout_loader
 
-    loader = heldout_loader(data_dir, config.block_size, batch_size, config.vocab_size, tokenizer, own_data)
+    loader = heldout_loader(data_dir, seq_len, batch_size, config.vocab_size, tokenizer, own_data)
     return [batch.long() for batch in islice(loader, n_batches)]
 
 
@@ -102,6 +103,7 @@ def measure(
     loaded: LoadedModel,
     max_shared: int,
     force: bool,
+    seq_len: int,
     batches: list[torch.Tensor],
     prompts: int,
     prompt_len: int,
@@ -109,8 +111,8 @@ def measure(
     reps: int,
     cuda_graph: bool | None,
 ) -> list[dict]:
-    """One row per region 0..``max_shared``: FLOPs ratio, generation tokens/s (median of ``reps`` alternating runs),
-    KV-cache bytes and held-out loss."""
+    """One row per region 0..``max_shared``: FLOPs ratio (at ``seq_len`` tokens a sequence), generation tokens/s
+    (median of ``reps`` alternating runs), KV-cache bytes and held-out loss."""
     model, config = loaded.model, loaded.model.config
     rows = bench_prompts(batches, prompts, prompt_len, config.vocab_size)
     regions = list(range(max_shared + 1))
@@ -138,7 +140,7 @@ def measure(
             {
                 "sharing_layers": n,
                 "shared_layers": loaded.region.first(n, force),
-                "flops_ratio": flops_ratio(config, n, config.block_size),
+                "flops_ratio": flops_ratio(config, n, seq_len),
                 "prefill_tokens_per_s": statistics.median(prefill[n]),
                 "decode_tokens_per_s": statistics.median(decode[n]),
                 "kv_cache_bytes": cache[n][0],
@@ -193,7 +195,7 @@ def print_table(summary: dict) -> None:
         f"{summary['checkpoint']}: {summary['n_layer']} layers, trained with up to {summary['trained_max_shared']} "
         f"sharing; {summary['device']} {summary['dtype']}, {summary['prompts']} prompt(s) of "
         f"{summary['prompt_len']} tokens, {summary['max_new_tokens']} new tokens, median of {summary['reps']}; "
-        f"val loss on {summary['val_tokens']} held-out tokens"
+        f"val loss on {summary['val_tokens']} held-out tokens, sequences of {summary['seq_len']}"
     )
     head = f"{'shared':>6} {'FLOPs':>6} {'prefill tok/s':>14} {'decode tok/s':>13}"
     print(f"{head} {'KV MiB':>8} {'KV saved':>9} {'val loss':>9}")
@@ -221,6 +223,7 @@ def bench_command(
     prompt_len: int | None = None,
     max_new_tokens: int | None = None,
     reps: int = 3,
+    seq_len: int | None = None,
     device: str = "auto",
     dtype: DType = "auto",
     attention_reuse: bool = True,
@@ -243,12 +246,15 @@ def bench_command(
             growth order); default: N is the trained region's size.
         budget: Pick the region with the fewest sharing layers whose FLOPs are at most this fraction of dense.
         data: Prepared data folder whose val split gives the held-out loss (default: the run's own data).
-        batches: Held-out batches of block_size tokens to score.
+        batches: Held-out batches of --seq-len tokens to score.
         batch_size: Sequences per held-out batch.
         prompts: Prompts decoded together (the generation batch).
         prompt_len: Tokens per prompt (default: 64, at most half the model's context length).
         max_new_tokens: Tokens generated per prompt (default: 64, at most what the context leaves after the prompt).
         reps: Timed runs per region (alternating order; the median is reported).
+        seq_len: Tokens per held-out sequence, and the sequence length the FLOPs are counted at, up to the model's
+            context length (default: the block_size it trained at; a Hugging Face folder's is its whole context: give
+            the block_size of the run it is compared with).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
         dtype: Weights and activations; auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32 elsewhere.
         attention_reuse: Sharing layers reuse the source layer's attention probabilities.
@@ -258,18 +264,20 @@ def bench_command(
         overwrite: Replace --output if it is a bench folder written by this command.
         json: End with one JSON line of the summary.
     """
-    from epas_lightning.data.token_data import check_data_flag
+    from epas_lightning.data.token_data import check_data_flag, check_seq_len
 
     counts = {"--batches": batches, "--batch-size": batch_size, "--prompts": prompts, "--reps": reps}
-    check_counts({**counts, "--prompt-len": prompt_len, "--max-new-tokens": max_new_tokens})
+    check_counts({**counts, "--prompt-len": prompt_len, "--max-new-tokens": max_new_tokens, "--seq-len": seq_len})
     check_data_flag(data)
     graphed = cuda_graph_choice(cuda_graph, device)
     check_output(output, "bench", overwrite, [checkpoint])
     loaded = load_for_inference(checkpoint, device, dtype, attention_reuse)
     config = loaded.model.config
+    seq_len = config.block_size if seq_len is None else seq_len
+    check_seq_len(seq_len, config, where="--seq-len")
     max_shared = loaded.max_shared if sharing_layers is None else sharing_layers
     set_region(loaded.model, max_shared, loaded.region, force)  # validates before any timing
-    pick = region_for_budget(config, budget, max_shared, config.block_size) if budget is not None else None
+    pick = region_for_budget(config, budget, max_shared, seq_len) if budget is not None else None
     if prompt_len is None:
         prompt_len = min(DEFAULT_TOKENS, config.context_length // 2)
     if prompt_len >= config.context_length:
@@ -294,9 +302,11 @@ def bench_command(
     with output_folder(output, "bench", overwrite, inputs=[checkpoint]) as build:
         own_data = loaded.data_dir is not None
         held_out = (
-            heldout_batches(data_dir, config, batch_size, batches, loaded.tokenizer_path, own_data) if data_dir else []
+            heldout_batches(data_dir, config, seq_len, batch_size, batches, loaded.tokenizer_path, own_data)
+            if data_dir
+            else []
         )
-        rows = measure(loaded, max_shared, force, held_out, prompts, prompt_len, max_new_tokens, reps,
+        rows = measure(loaded, max_shared, force, seq_len, held_out, prompts, prompt_len, max_new_tokens, reps,
                        graphed)  # fmt: skip
         summary = {
             "checkpoint": str(checkpoint),
@@ -310,6 +320,7 @@ def bench_command(
             "prompt_len": prompt_len,
             "max_new_tokens": max_new_tokens,
             "reps": reps,
+            "seq_len": seq_len,
             "data": str(data_dir) if data_dir else None,
             "val_tokens": sum(b[:, 1:].numel() for b in held_out),
             "budget": budget,
