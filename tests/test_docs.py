@@ -143,6 +143,21 @@ def test_quoted_commands_use_flags_that_exist(monkeypatch, capsys):
     assert unknown == []
 
 
+def test_fit_help_titles_every_section_with_its_whole_summary(capsys):
+    """``fit --help`` titles a section's options with the first line of its class's docstring (docstring_parser's short
+    description), so a summary that wraps onto a second line is cut mid-sentence there: the ``lr_monitor`` section read
+    "... logging once per optimizer step under gradient:"."""
+    import inspect
+
+    from epas_lightning import EPASModule, TokenDataModule
+    from epas_lightning.lightning_cli import RUN_SECTIONS
+
+    titles = set(lightning_help("fit", capsys).splitlines())
+    for section in (EPASModule, TokenDataModule, *RUN_SECTIONS.values()):
+        summary = " ".join(inspect.getdoc(section).split("\n\n")[0].split())
+        assert f"{summary.rstrip('.')}:" in titles, f"{section.__name__}: keep its docstring's summary on one line"
+
+
 def python_block(doc: str, containing: str) -> str:
     """The first fenced ``python`` block of ``doc`` that contains ``containing``."""
     blocks = re.findall(r"^```python\n(.*?)^```", (REPO / doc).read_text(), flags=re.DOTALL | re.MULTILINE)
