@@ -143,6 +143,27 @@ def test_quoted_commands_use_flags_that_exist(monkeypatch, capsys):
     assert unknown == []
 
 
+def test_yaml_blocks_are_configs_fit_accepts(tmp_path, capsys):
+    """Every YAML block of README.md and the guide that sets run sections (``model``, ``sharing``, ``checkpoint``, ...)
+    parses as a ``fit`` config: a renamed or misspelt key, or a value of the wrong type, fails here. They are read in
+    one ``--print_config`` over the debug config, later blocks overriding earlier ones, as repeated ``--config`` do."""
+    import yaml
+
+    from epas_lightning.cli import main
+    from epas_lightning.lightning_cli import RUN_SECTIONS
+
+    sections = {"seed_everything", "trainer", "model", "data", *RUN_SECTIONS}
+    configs = []
+    for doc in ("README.md", "docs/guide.md"):
+        blocks = re.findall(r"^```yaml\n(.*?)^```", (REPO / doc).read_text(), flags=re.DOTALL | re.MULTILINE)
+        for n, block in enumerate(blocks):
+            if set(yaml.safe_load(block)) <= sections:  # not the lm-eval task YAML
+                configs += ["--config", str(tmp_path / f"{Path(doc).stem}-{n}.yaml")]
+                Path(configs[-1]).write_text(block)
+    assert len(configs) >= 2 * 6  # the README's five fit blocks and the guide's sharing block were found
+    assert main(["fit", "--config", "debug", *configs, "--print_config"]) == 0, capsys.readouterr().err
+
+
 def test_fit_help_titles_every_section_with_its_whole_summary(capsys):
     """``fit --help`` titles a section's options with the first line of its class's docstring (docstring_parser's short
     description), so a summary that wraps onto a second line is cut mid-sentence there: the ``lr_monitor`` section read
