@@ -177,7 +177,7 @@ class LoadedModel(CheckpointInfo):
             tokens).
         global_step: The optimizer step the checkpoint was written at, when known.
         weights_dtype: The dtype the checkpoint stores its weights in (bfloat16 for a ``bf16-true`` run); the model
-            itself is loaded in float32.
+            itself is loaded in float32, or in the ``dtype`` given to :func:`load_model`.
     """
 
     model: Llama
