@@ -143,6 +143,18 @@ def test_quoted_commands_use_flags_that_exist(monkeypatch, capsys):
     assert unknown == []
 
 
+@pytest.mark.parametrize("doc", ["README.md", "docs/guide.md"])
+def test_command_tables_name_every_command(doc):
+    """The command table of README.md and of the guide lists exactly the commands ``python -m epas_lightning --help``
+    does: a command added, renamed or removed shows in both tables or fails here."""
+    from epas_lightning.cli import LIGHTNING_COMMANDS, TOOLS
+
+    tables = re.findall(r"^\| command \|.*\n\|[-|]+\|\n((?:\|.*\n)+)", (REPO / doc).read_text(), flags=re.MULTILINE)
+    assert len(tables) == 1
+    named = [name for row in tables[0].splitlines() for name in re.findall(r"`([\w-]+)`", row.split("|")[1])]
+    assert sorted(named) == sorted([*LIGHTNING_COMMANDS, *TOOLS])
+
+
 def test_yaml_blocks_are_configs_fit_accepts(tmp_path, capsys):
     """Every YAML block of README.md and the guide that sets run sections (``model``, ``sharing``, ``checkpoint``, ...)
     parses as a ``fit`` config: a renamed or misspelt key, or a value of the wrong type, fails here. They are read in
