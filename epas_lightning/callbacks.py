@@ -312,9 +312,10 @@ class TokenThroughputMonitor(ThroughputMonitor):
 
 
 class StepLearningRateMonitor(LearningRateMonitor):
-    """Lightning's ``LearningRateMonitor`` (same arguments), logging once per optimizer step under gradient
-    accumulation: at the micro-batch that steps the optimizer, with the rate that step uses (Lightning's logged at
-    every micro-batch, each step's rate as many times as the step has micro-batches)."""
+    """Lightning's ``LearningRateMonitor`` (same arguments), logging the learning rate once per optimizer step.
+
+    Under gradient accumulation it logs at the micro-batch that steps the optimizer, with the rate that step uses
+    (Lightning's logged at every micro-batch, each step's rate as many times as the step has micro-batches)."""
 
     def on_train_batch_start(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
         if not trainer.fit_loop._should_accumulate():

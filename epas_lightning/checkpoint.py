@@ -177,7 +177,7 @@ class LoadedModel(CheckpointInfo):
             tokens).
         global_step: The optimizer step the checkpoint was written at, when known.
         weights_dtype: The dtype the checkpoint stores its weights in (bfloat16 for a ``bf16-true`` run); the model
-            itself is loaded in float32.
+            itself is loaded in float32, or in the ``dtype`` given to :func:`load_model`.
     """
 
     model: Llama
@@ -439,7 +439,7 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
 
     The weights keep the dtype the checkpoint stores them in. The tokenizer the run trained with (recorded in the
     checkpoint) is copied beside them when it still exists and parses as a tokenizer; only the tokenizer file itself
-    is copied, under its standard name, with the chat template found beside it.
+    is copied, under its standard name, with the chat template and the end tokens found beside it.
     """
     from epas_lightning.data.chat_template import keep_chat_template
     from epas_lightning.data.stop_tokens import keep_stop_ids

@@ -143,6 +143,54 @@ def test_quoted_commands_use_flags_that_exist(monkeypatch, capsys):
     assert unknown == []
 
 
+@pytest.mark.parametrize("doc", ["README.md", "docs/guide.md"])
+def test_command_tables_name_every_command(doc):
+    """The command table of README.md and of the guide lists exactly the commands ``python -m epas_lightning --help``
+    does: a command added, renamed or removed shows in both tables or fails here."""
+    from epas_lightning.cli import LIGHTNING_COMMANDS, TOOLS
+
+    tables = re.findall(r"^\| command \|.*\n\|[-|]+\|\n((?:\|.*\n)+)", (REPO / doc).read_text(), flags=re.MULTILINE)
+    assert len(tables) == 1
+    named = [name for row in tables[0].splitlines() for name in re.findall(r"`([\w-]+)`", row.split("|")[1])]
+    assert sorted(named) == sorted([*LIGHTNING_COMMANDS, *TOOLS])
+
+
+def test_yaml_blocks_are_configs_fit_accepts(tmp_path, capsys):
+    """Every YAML block of README.md and the guide that sets run sections (``model``, ``sharing``, ``checkpoint``, ...)
+    parses as a ``fit`` config: a renamed or misspelt key, or a value of the wrong type, fails here. They are read in
+    one ``--print_config`` over the debug config, later blocks overriding earlier ones, as repeated ``--config`` do."""
+    import yaml
+
+    from epas_lightning.cli import main
+    from epas_lightning.lightning_cli import RUN_SECTIONS
+
+    sections = {"seed_everything", "trainer", "model", "data", *RUN_SECTIONS}
+    configs = []
+    for doc in ("README.md", "docs/guide.md"):
+        blocks = re.findall(r"^```yaml\n(.*?)^```", (REPO / doc).read_text(), flags=re.DOTALL | re.MULTILINE)
+        for n, block in enumerate(blocks):
+            if set(yaml.safe_load(block)) <= sections:  # not the lm-eval task YAML
+                configs += ["--config", str(tmp_path / f"{Path(doc).stem}-{n}.yaml")]
+                Path(configs[-1]).write_text(block)
+    assert len(configs) >= 2 * 6  # the README's five fit blocks and the guide's sharing block were found
+    assert main(["fit", "--config", "debug", *configs, "--print_config"]) == 0, capsys.readouterr().err
+
+
+def test_fit_help_titles_every_section_with_its_whole_summary(capsys):
+    """``fit --help`` titles a section's options with the first line of its class's docstring (docstring_parser's short
+    description), so a summary that wraps onto a second line is cut mid-sentence there: the ``lr_monitor`` section read
+    "... logging once per optimizer step under gradient:"."""
+    import inspect
+
+    from epas_lightning import EPASModule, TokenDataModule
+    from epas_lightning.lightning_cli import RUN_SECTIONS
+
+    titles = set(lightning_help("fit", capsys).splitlines())
+    for section in (EPASModule, TokenDataModule, *RUN_SECTIONS.values()):
+        summary = " ".join(inspect.getdoc(section).split("\n\n")[0].split())
+        assert f"{summary.rstrip('.')}:" in titles, f"{section.__name__}: keep its docstring's summary on one line"
+
+
 def python_block(doc: str, containing: str) -> str:
     """The first fenced ``python`` block of ``doc`` that contains ``containing``."""
     blocks = re.findall(r"^```python\n(.*?)^```", (REPO / doc).read_text(), flags=re.DOTALL | re.MULTILINE)

@@ -194,7 +194,7 @@ def export(
     """Write the HF directory ``output`` for ``checkpoint``; return ``output``.
 
     Args:
-        checkpoint: A ``.ckpt``, FSDP2 checkpoint directory or ``consolidate`` directory.
+        checkpoint: A ``.ckpt``, FSDP2 checkpoint directory, ``consolidate`` directory or Hugging Face LLaMA folder.
         output: Directory to write (built beside it and renamed into place).
         sharing_layers: Region length N (the first N layers of the trained region). Default: the trained region.
         tokenizer: Tokenizer file or directory to ship. Default: the one the checkpoint records.

@@ -73,7 +73,7 @@ def set_region(model: Llama, n_shared: int, region: TrainedRegion | None = None,
 
 @dataclass
 class GenerationResult:
-    """New tokens per prompt (stopped after EOS, which is kept) and how long each phase took."""
+    """New tokens per prompt (stopped after an end token, which is kept) and how long each phase took."""
 
     tokens: list[list[int]]
     prompt_tokens: int
