@@ -379,6 +379,8 @@ QUIET_INFO = (
 
 
 LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
+PACKAGE_DIR = Path(__file__).resolve().parent
+"""Where our warnings come from (:func:`print_our_warnings_as_lines`)."""
 SCORING_QUIET_INFO = ("Restoring states from the checkpoint path at",)
 """``validate``/``test --ckpt_path``: nothing is resumed; Lightning's next line says it loaded the file's weights."""
 SCORING_QUIET_WARNINGS = (
@@ -435,8 +437,25 @@ def exit_status(cli: EPASCLI) -> int:
     return stops[0] if stops else 0
 
 
+def print_our_warnings_as_lines() -> None:
+    """Our warnings (``rank_zero_warn`` in the callbacks, the module) print as their message alone, like our log lines:
+    Lightning formats every warning from a path containing "lightning" as ``<file>:<line>: <message>``, ours too."""
+    previous = warnings.formatwarning
+    if getattr(previous, "ours", False):
+        return
+
+    def format_warning(message, category, filename, lineno, line=None):  # noqa: ANN001, ANN202
+        if Path(filename).resolve().is_relative_to(PACKAGE_DIR):
+            return f"{message}\n"
+        return previous(message, category, filename, lineno, line)
+
+    format_warning.ours = True
+    warnings.formatwarning = format_warning
+
+
 def lightning_cli(args: ArgsType = None, run: bool = True) -> EPASCLI:
     """Run ``fit``/``validate``/``test`` (``args`` replaces ``sys.argv[1:]``); ``run=False`` only builds the objects."""
+    print_our_warnings_as_lines()
     for pattern in IGNORED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     for name in LIGHTNING_LOGGERS:

@@ -186,3 +186,20 @@ def test_debug_reaches_the_processes_a_command_starts_while_it_runs(monkeypatch)
     monkeypatch.setattr(cli, "dispatch", lambda argv: seen.append(os.environ.get("EPAS_DEBUG")) or 0)
     assert main(["--debug", "generate"]) == 0 and main(["generate"]) == 0
     assert seen == ["1", None] and "EPAS_DEBUG" not in os.environ
+
+
+def test_our_warnings_print_as_their_message_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning prints a warning from any path containing "lightning" as '<file>:<line>: <message>', so ours (the
+    run-length warning of ProgressiveSharing, ...) began with '/…/epas_lightning/callbacks.py:108:'."""
+    import warnings
+
+    import lightning.pytorch  # installs Lightning's format
+
+    from epas_lightning.lightning_cli import PACKAGE_DIR, print_our_warnings_as_lines
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    print_our_warnings_as_lines()
+    print_our_warnings_as_lines()  # once is enough: a second main() in the process wraps nothing more
+    assert warnings.formatwarning("EPAS: x", UserWarning, str(PACKAGE_DIR / "callbacks.py"), 108) == "EPAS: x\n"
+    theirs = str(Path(lightning.pytorch.__file__).parent / "trainer" / "trainer.py")
+    assert warnings.formatwarning("y", UserWarning, theirs, 7) == f"{theirs}:7: y\n"
