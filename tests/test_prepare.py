@@ -183,9 +183,12 @@ def test_cli_with_hf_tokenizer_and_separate_val_input(corpus, tmp_path: Path, ca
     argv = ["prepare", "--input", str(root / "a.jsonl"), "--input", str(root / "c.parquet")]
     argv += ["--input", str(root / "notes" / "n0.md")]  # also a validation file: held out, not trained on
     argv += ["--val-input", str(root / "notes")]
-    assert cli_main([*argv, "--output", str(out), "--tokenizer", str(hf), "--no-progress", "--num-workers", "2"]) == 0
-    assert f"Prepared {out}: 256 documents (250 train / 6 val)" in capsys.readouterr().out
+    argv += ["--output", str(out), "--tokenizer", str(hf), "--no-progress", "--num-workers", "2", "--json"]
+    assert cli_main(argv) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert f"Prepared {out}: 256 documents (250 train / 6 val)" in said[-2]
     meta = json.loads((out / "meta.json").read_text())
+    assert json.loads(said[-1]) == {"output": str(out), **meta}  # --json: the last line
     assert (meta["tokenizer"], meta["tokenizer_kind"]) == ("tokenizer.json", "hf")
     assert json.loads((out / "tokenizer_config.json").read_text()) == {"chat_template": "{{ messages }}"}  # kept
     tok = load_tokenizer(out / "tokenizer.json")

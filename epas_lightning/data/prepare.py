@@ -306,6 +306,7 @@ def prepare_command(
     num_workers: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    json: bool = False,
 ) -> None:
     """Tokenize a corpus (text/code files, JSONL, parquet) into the token streams that fit trains on.
 
@@ -330,6 +331,7 @@ def prepare_command(
         num_workers: Tokenizer processes (default: the CPU cores available).
         overwrite: Replace --output if it is a dataset this command prepared (never anything else).
         progress: Show a progress bar.
+        json: End with one JSON line of what was written (the output folder and its meta.json).
     """
     out = prepare_dataset(
         input,
@@ -347,4 +349,8 @@ def prepare_command(
         overwrite=overwrite,
         progress=progress,
     )
-    print(summary_line(out, load_meta(out)))
+    from epas_lightning.runtime import emit_json  # torch: not for prepare --help
+
+    meta = load_meta(out)
+    print(summary_line(out, meta))
+    emit_json({"output": str(out), **meta}, json)
