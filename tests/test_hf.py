@@ -465,10 +465,12 @@ def save_ours(
         }
     )
     model = Llama(config)
-    with torch.no_grad():
+    with torch.no_grad():  # norms start at 1 and biases at 0: randomise them so a missed one shows in the logits
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
     model.set_shared_layers(range(n_layer - shared, n_layer))
     save_consolidated(model, path, tokenizer)
     return model.eval()
@@ -553,6 +555,31 @@ def test_export_of_a_llama3_scaled_model_loads_in_transformers_with_its_logits(t
         with torch.no_grad():
             torch.testing.assert_close(hf.eval()(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
         assert config_from_hf(out).rope_scaling == ours.config.rope_scaling
+
+
+@pytest.mark.parametrize("bias,stock", [("qkv", "Qwen2ForCausalLM"), ("qkvo", "LlamaForCausalLM")])
+def test_export_of_attention_biases_loads_in_transformers_with_its_logits(
+    tmp_path: Path, bias: str, stock: str
+) -> None:
+    """No region: a stock Qwen2 (q/k/v biases) or LLaMA with attention_bias (all four); a region: the remote code,
+    which builds the same biases. The same logits and greedy generation in transformers, and the biases read back."""
+    from epas_lightning.hf.export import export
+
+    ours = save_ours(tmp_path / "ckpt", n_layer=2, shared=1, tie=True, attention_bias=bias)
+    ids = torch.randint(0, VOCAB, (2, 20))
+    for n, kind in ((0, stock), (1, "EpasLlamaForCausalLM")):
+        out = export(tmp_path / "ckpt", tmp_path / f"hf{n}", sharing_layers=n)
+        hf, loading = transformers.AutoModelForCausalLM.from_pretrained(
+            out, trust_remote_code=n > 0, dtype=torch.float32, output_loading_info=True
+        )
+        assert type(hf).__name__ == kind and not loading["missing_keys"]  # (a Qwen2 has no o_proj bias to init)
+        ours.set_shared_layers(range(2 - n, 2))
+        with torch.no_grad():
+            torch.testing.assert_close(hf.eval()(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
+        prompt = ids[:, :6]
+        generated = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+        assert torch.equal(generated, greedy_by_full_forwards(ours, prompt, 6))
+        assert config_from_hf(out).attention_bias == bias
 
 
 def test_export_region_checks(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
