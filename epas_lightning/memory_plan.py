@@ -32,6 +32,10 @@ def plan_checkpointing(config: LlamaConfig, tokens: int, free_bytes: int, shards
 
 
 def n_params(config: LlamaConfig) -> int:
-    """Every parameter: the matmul weights, the embedding unless tied to the head, the norm gains."""
+    """Every parameter: the matmul weights, the embedding unless tied to the head, the norm gains, the attention
+    biases."""
     embedding = 0 if config.tie_embeddings else config.padded_vocab_size * config.n_embd
-    return matmul_params(config) + embedding + (2 * config.n_layer + 1) * config.n_embd
+    kv_dim = config.n_kv_head * config.head_dim
+    widths = {"q_proj": config.n_embd, "k_proj": kv_dim, "v_proj": kv_dim, "o_proj": config.n_embd}
+    biases = config.n_layer * sum(widths[name] for name in config.biased_projections)
+    return matmul_params(config) + embedding + (2 * config.n_layer + 1) * config.n_embd + biases

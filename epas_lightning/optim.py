@@ -13,7 +13,7 @@ NOT_SETTINGS = ("params", "lr", "initial_lr")
 
 def param_groups(model: nn.Module) -> list[dict]:
     """Trainable parameters in two groups: matrices (linear and embedding weights) with the optimizer's weight decay,
-    vectors (norm gains) without."""
+    vectors (norm gains, attention biases) without."""
     params = [p for p in model.parameters() if p.requires_grad]
     return [
         {"params": [p for p in params if p.ndim >= 2]},

@@ -27,7 +27,7 @@ VOCAB = 512
 
 
 def tiny_hf_config(tie: bool = False, kind: str = "Llama", **overrides) -> transformers.PretrainedConfig:
-    """The config of a tiny ``transformers`` model of ``kind`` (``Llama``, ``Mistral``)."""
+    """The config of a tiny ``transformers`` model of ``kind`` (``Llama``, ``Mistral``, ``Qwen2``)."""
     kwargs = dict(
         hidden_size=64,
         num_hidden_layers=2,
@@ -50,10 +50,12 @@ def save_tiny_hf(
 ) -> Path:
     torch.manual_seed(seed)
     model = getattr(transformers, f"{kind}ForCausalLM")(tiny_hf_config(tie, kind, **overrides)).eval()
-    with torch.no_grad():  # HF inits norms to 1: randomise them so a missed norm weight shows in the logits
+    with torch.no_grad():  # HF inits norms to 1 and biases to 0: randomise them so a missed one shows in the logits
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
     model.save_pretrained(path, max_shard_size="100KB" if sharded else "10GB")
     return path
 
@@ -103,6 +105,35 @@ def test_a_mistral_without_a_sliding_window_is_our_llama_and_exports_as_one(tmp_
     assert main(["generate", "--checkpoint", str(tmp_path / "windowed"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: sliding_window=16 is shorter than its context") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("kind,overrides", [("Qwen2", {}), ("Llama", {"attention_bias": True})], ids=["qwen2", "llama"])
+def test_attention_biases_import_with_transformers_logits(tmp_path: Path, kind: str, overrides: dict) -> None:
+    """A Qwen2/2.5 (biases on q, k and v) and a LLaMA with attention_bias (on all four projections) were refused; they
+    import with transformers' logits, which the model without its biases does not give, and decode through the KV
+    cache as the full forward computes, a sharing layer skipping its q/k biases with the projections."""
+    path = save_tiny_hf(tmp_path / "hf", tie=True, kind=kind, **overrides)
+    ids = torch.randint(0, VOCAB, (2, 24))
+    model, expected = ours_from_hf(path), hf_logits(path, ids)
+    assert model.config.attention_bias == ("qkv" if kind == "Qwen2" else "qkvo")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), expected, atol=1e-5, rtol=1e-5)
+        unbiased = Llama(replace(model.config, attention_bias=None))
+        unbiased.load_state_dict(model.state_dict(), strict=False)
+        assert (unbiased.eval()(ids) - expected).abs().max() > 1e-3
+        model.set_shared_layers([1])
+        full, cache = model(ids), model.new_cache(2, 24)
+        pieces = [model(ids[:, :16], cache)] + [model(ids[:, t : t + 1], cache) for t in range(16, 24)]
+        torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=2e-5, rtol=1e-4)
+
+
+def test_a_qwen2_sliding_window_counts_only_when_it_is_on(tmp_path: Path) -> None:
+    """Qwen2 bases name a sliding_window they do not use (use_sliding_window: false); one that is on and shorter than
+    the context is refused, as Mistral's is."""
+    record = json.loads((save_tiny_hf(tmp_path / "hf", kind="Qwen2") / "config.json").read_text())
+    assert config_from_hf({**record, "sliding_window": 16}).attention_bias == "qkv"
+    with pytest.raises(HFCheckpointError, match=r"^use_sliding_window=true with sliding_window=16 is shorter"):
+        config_from_hf({**record, "sliding_window": 16, "use_sliding_window": True})
 
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
@@ -162,7 +193,6 @@ def test_import_reads_pytorch_bin(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"attention_bias": True}, "attention_bias"),
         ({"mlp_bias": True}, "mlp_bias"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "RoPE scaling 'yarn'.* only llama3 and linear"),
@@ -265,12 +295,14 @@ def _module_config() -> LlamaConfig:
     )
 
 
-def test_fit_init_from_hf_starts_at_hf_weights(tmp_path: Path, tiny_corpus: Path, caplog) -> None:
+@pytest.mark.parametrize("kind", ["Llama", "Qwen2"])
+def test_fit_init_from_hf_starts_at_hf_weights(tmp_path: Path, tiny_corpus: Path, caplog, kind: str) -> None:
     from epas_lightning import TokenDataModule
 
-    path = save_tiny_hf(tmp_path / "hf", sharded=True)
-    expected = load_hf_state(path, _module_config())
-    module = EPASModule(_module_config(), init_from=str(path))
+    path = save_tiny_hf(tmp_path / "hf", sharded=True, kind=kind)
+    config = replace(_module_config(), attention_bias="qkv" if kind == "Qwen2" else None)
+    expected = load_hf_state(path, config)
+    module = EPASModule(config, init_from=str(path))
     probe = _FirstBatchWeights()
     trainer = cpu_trainer(tmp_path, max_steps=1, callbacks=[probe])
     with caplog.at_level("INFO"):
@@ -336,9 +368,13 @@ def test_init_from_checks_before_training(tmp_path: Path) -> None:
     llama3 = save_tiny_hf(tmp_path / "llama3", max_position_embeddings=128, rope_scaling=dict(LLAMA3_TINY))
     with pytest.raises(HFCheckpointError, match=r"rope_scaling: model None vs init_from .*\{'rope_type': 'llama3'"):
         EPASModule(_module_config(), init_from=str(llama3))
+    # a Qwen2 (q/k/v biases): a model.config without them would drop them
+    qwen2 = save_tiny_hf(tmp_path / "qwen2", kind="Qwen2")
+    with pytest.raises(HFCheckpointError, match="attention_bias: model None vs init_from .* 'qkv'"):
+        EPASModule(_module_config(), init_from=str(qwen2))
     # a config we cannot run: the one-line error names the folder (it named nothing)
-    biased = save_tiny_hf(tmp_path / "biased", attention_bias=True)
-    with pytest.raises(HFCheckpointError, match=f"attention_bias=true is not supported.* — model.init_from {biased}$"):
+    biased = save_tiny_hf(tmp_path / "biased", mlp_bias=True)
+    with pytest.raises(HFCheckpointError, match=f"mlp_bias=true is not supported.* — model.init_from {biased}$"):
         EPASModule(_module_config(), init_from=str(biased))
 
 
@@ -433,10 +469,12 @@ def save_ours(
         }
     )
     model = Llama(config)
-    with torch.no_grad():
+    with torch.no_grad():  # norms start at 1 and biases at 0: randomise them so a missed one shows in the logits
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
     model.set_shared_layers(range(n_layer - shared, n_layer))
     save_consolidated(model, path, tokenizer)
     return model.eval()
@@ -521,6 +559,31 @@ def test_export_of_a_llama3_scaled_model_loads_in_transformers_with_its_logits(t
         with torch.no_grad():
             torch.testing.assert_close(hf.eval()(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
         assert config_from_hf(out).rope_scaling == ours.config.rope_scaling
+
+
+@pytest.mark.parametrize("bias,stock", [("qkv", "Qwen2ForCausalLM"), ("qkvo", "LlamaForCausalLM")])
+def test_export_of_attention_biases_loads_in_transformers_with_its_logits(
+    tmp_path: Path, bias: str, stock: str
+) -> None:
+    """No region: a stock Qwen2 (q/k/v biases) or LLaMA with attention_bias (all four); a region: the remote code,
+    which builds the same biases. The same logits and greedy generation in transformers, and the biases read back."""
+    from epas_lightning.hf.export import export
+
+    ours = save_ours(tmp_path / "ckpt", n_layer=2, shared=1, tie=True, attention_bias=bias)
+    ids = torch.randint(0, VOCAB, (2, 20))
+    for n, kind in ((0, stock), (1, "EpasLlamaForCausalLM")):
+        out = export(tmp_path / "ckpt", tmp_path / f"hf{n}", sharing_layers=n)
+        hf, loading = transformers.AutoModelForCausalLM.from_pretrained(
+            out, trust_remote_code=n > 0, dtype=torch.float32, output_loading_info=True
+        )
+        assert type(hf).__name__ == kind and not loading["missing_keys"]  # (a Qwen2 has no o_proj bias to init)
+        ours.set_shared_layers(range(2 - n, 2))
+        with torch.no_grad():
+            torch.testing.assert_close(hf.eval()(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
+        prompt = ids[:, :6]
+        generated = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+        assert torch.equal(generated, greedy_by_full_forwards(ours, prompt, 6))
+        assert config_from_hf(out).attention_bias == bias
 
 
 def test_export_region_checks(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -105,6 +105,22 @@ def test_qk_sharing_layer_attends_with_source_qk_and_own_v():
     torch.testing.assert_close(q_src, apply_rope(q1, cos, sin))
 
 
+@pytest.mark.parametrize(
+    "bias,biased", [("qkv", {"q_proj", "k_proj", "v_proj"}), ("qkvo", {"q_proj", "k_proj", "v_proj", "o_proj"})]
+)
+def test_attention_biases_start_at_zero_without_weight_decay(bias, biased):
+    """Qwen2's q/k/v biases ('qkv') or HF LLaMA's on all four projections ('qkvo'): zero at init (nn.Linear's own
+    init is random) and in the optimizer's group without weight decay, as norm gains are."""
+    from epas_lightning.optim import param_groups
+
+    model = tiny(attention_bias=bias)
+    biases = {n: p for n, p in model.named_parameters() if n.endswith(".bias")}
+    assert {n.split(".")[-2] for n in biases} == biased and len(biases) == 4 * len(biased)
+    assert all(not p.any() for p in biases.values())
+    no_decay = next(g["params"] for g in param_groups(model) if g.get("weight_decay") == 0.0)
+    assert {id(p) for p in biases.values()} <= {id(p) for p in no_decay}
+
+
 def test_kv_sharing_layer_reuses_source_kv_and_projects_own_q():
     model = tiny(sharing_mode="kv")
     model.set_shared_layers([3])
@@ -113,13 +129,15 @@ def test_kv_sharing_layer_reuses_source_kv_and_projects_own_q():
     assert seen[3]["reused"].pair[0] is k_src and seen[3]["reused"].pair[1] is v_src and seen[3]["shared"] is None
 
 
+@pytest.mark.parametrize("bias", [None, "qkvo"])
 @pytest.mark.parametrize("mode,skipped", [("qk", ("q_proj", "k_proj")), ("kv", ("k_proj", "v_proj"))])
-def test_sharing_layers_get_no_grad_and_source_gets_theirs(mode, skipped):
-    model = tiny(sharing_mode=mode)
+def test_sharing_layers_get_no_grad_and_source_gets_theirs(mode, skipped, bias):
+    model = tiny(sharing_mode=mode, attention_bias=bias)
     model.set_shared_layers([2, 3])
     model(tokens()).logsumexp(-1).mean().backward()
     no_grad = {n for n, p in model.named_parameters() if p.grad is None}
-    assert no_grad == {f"layers.{i}.self_attn.{p}.weight" for i in (2, 3) for p in skipped}
+    kinds = ("weight", "bias") if bias else ("weight",)  # a skipped projection's bias is skipped with it
+    assert no_grad == {f"layers.{i}.self_attn.{p}.{kind}" for i in (2, 3) for p in skipped for kind in kinds}
 
     # The source layer's projections receive gradient through the sharing layers (no detach): compare with
     # the gradient when the shared tensors are cut off from layer 1.

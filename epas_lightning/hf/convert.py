@@ -1,5 +1,8 @@
 """Map HF LLaMA checkpoints to our ``Llama`` and back: configs, parameter names, vocabulary rows, weight files.
 
+A Qwen2 (``model_type: qwen2``, Qwen2 and Qwen2.5) is a LLaMA with biases on q_proj, k_proj and v_proj
+(``attention_bias: qkv``) and the same parameter names; a Mistral without a sliding window is a LLaMA.
+
 An HF LLaMA directory holds ``config.json`` and the weights as ``model.safetensors``, sharded safetensors with
 ``model.safetensors.index.json``, or (legacy) ``pytorch_model.bin`` (loaded with ``weights_only=True``). Parameter
 names differ only by the ``model.`` prefix HF puts before the decoder (``lm_head`` has none), and both use the
@@ -27,9 +30,10 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "epas_llama")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "epas_llama")
 """``mistral`` is a LLaMA with a sliding window: accepted when it has none (Mistral-7B-v0.3) or one that spans its
-whole context, where it masks nothing (:func:`check_no_sliding_window`)."""
+whole context, where it masks nothing (:func:`check_no_sliding_window`). ``qwen2`` is a LLaMA with q/k/v biases
+whose window is off unless ``use_sliding_window`` (it is in every released base)."""
 REQUIRED_HF_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
 VOCAB_KEYS = ("embed_tokens.weight", "lm_head.weight")
 """Our parameters with one row per vocabulary entry (padded to ``padded_vocab_size``)."""
@@ -43,6 +47,7 @@ COMPARED_FIELDS = (
     "intermediate_size",
     "rope_theta",
     "rope_scaling",
+    "attention_bias",
     "norm_eps",
     "tie_embeddings",
     "vocab_size",
@@ -122,14 +127,32 @@ def rope_of(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
 
 def check_no_sliding_window(hf: dict[str, Any]) -> None:
     """Refuse a sliding-window attention that masks positions inside the model's context: our attention sees every
-    earlier position, so the model would compute another function than the checkpoint's from that distance on."""
+    earlier position, so the model would compute another function than the checkpoint's from that distance on.
+    A Qwen2's ``sliding_window`` counts only with ``use_sliding_window: true``."""
+    qwen2 = hf.get("model_type") == "qwen2"
+    if qwen2 and not hf.get("use_sliding_window"):
+        return
     window, context = hf.get("sliding_window"), hf.get("max_position_embeddings", 2048)
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < context):
         raise HFCheckpointError(
-            f"sliding_window={window!r} is shorter than its context (max_position_embeddings={context}): "
-            "sliding-window attention is not supported, our attention sees every earlier position",
-            fix="use a checkpoint without a sliding window (Mistral-7B-v0.2 and later have none)",
+            f"{'use_sliding_window=true with ' if qwen2 else ''}sliding_window={window!r} is shorter than its context "
+            f"(max_position_embeddings={context}): sliding-window attention is not supported, our attention sees "
+            "every earlier position",
+            fix="use a checkpoint without a sliding window (Mistral-7B-v0.2 and later, every Qwen2/2.5 base)",
         )
+
+
+def attention_bias_of(hf: dict[str, Any]) -> str | None:
+    """Our ``attention_bias`` for an HF config: Qwen2's q/k/v biases, HF LLaMA's ``attention_bias`` (all four
+    projections), or what one of our ``epas_llama`` exports recorded."""
+    model_type = hf.get("model_type")
+    if model_type == "qwen2":
+        return "qkv"
+    if model_type == "epas_llama" and hf.get("epas_attention_bias"):
+        return hf["epas_attention_bias"]
+    if model_type in ("llama", "epas_llama") and hf.get("attention_bias"):
+        return "qkvo"
+    return None
 
 
 def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaConfig:
@@ -144,15 +167,15 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise HFCheckpointError(
             f"model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}",
-            fix="use a LLaMA-architecture checkpoint (Llama 2 and 3.x, TinyLlama, SmolLM, Mistral-7B-v0.3, ...)",
+            fix="use a LLaMA-architecture checkpoint (Llama 2 and 3.x, TinyLlama, SmolLM, Mistral-7B-v0.3, Qwen2/2.5, "
+            "...)",
         )
     check_no_sliding_window(hf)
     missing = [key for key in REQUIRED_HF_KEYS if key not in hf]
     if missing:
         raise HFCheckpointError(f"its config.json lacks {', '.join(missing)}: not a complete LLaMA config")
-    for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
-            raise HFCheckpointError(f"{flag}=true is not supported: our LLaMA has no biases.")
+    if hf.get("mlp_bias"):
+        raise HFCheckpointError("mlp_bias=true is not supported: our MLP has no biases.")
     if hf.get("hidden_act", "silu") != "silu":
         raise HFCheckpointError(f"hidden_act={hf['hidden_act']!r} is not supported: our MLP is SwiGLU (silu).")
     n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
@@ -173,6 +196,7 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
         block_size=hf.get("max_position_embeddings", 2048),
         rope_theta=theta,
         rope_scaling=scaling,
+        attention_bias=attention_bias_of(hf),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         sharing_mode=hf.get("epas_sharing_mode", "qk"),

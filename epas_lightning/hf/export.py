@@ -4,8 +4,9 @@ The directory holds ``model.safetensors``, ``config.json``, ``generation_config.
 built beside the target and renamed into place when complete, so a failed export leaves nothing that looks loadable
 and a re-export (``--overwrite``, of a folder this command wrote) leaves no stale file.
 
-- No sharing region (``--sharing-layers 0``, or a dense checkpoint): a stock ``LlamaForCausalLM``; it loads in
-  plain ``transformers`` (and anything that reads LLaMA checkpoints) with the same logits as our model.
+- No sharing region (``--sharing-layers 0``, or a dense checkpoint): a stock ``LlamaForCausalLM`` (a
+  ``Qwen2ForCausalLM`` for a model with Qwen2's q/k/v biases); it loads in plain ``transformers`` (and anything that
+  reads LLaMA or Qwen2 checkpoints) with the same logits as our model.
 - With a region: ``model_type`` ``epas_llama`` plus its own modeling code (``configuration_epas_llama.py``,
   ``modeling_epas_llama.py``, torch + transformers only), loaded with
   ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``; the same weights, run with the region.
@@ -54,8 +55,9 @@ def hf_config(
     eos_id: int | list[int] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
-    """The ``config.json`` of an exported model: stock LLaMA when ``shared_layers`` is None, else ``epas_llama``;
-    ``eos_id`` may list several end tokens (Llama 3's form), the first one the EOS documents ended with.
+    """The ``config.json`` of an exported model: stock LLaMA (Qwen2 for ``attention_bias: qkv``) when
+    ``shared_layers`` is None, else ``epas_llama``; ``eos_id`` may list several end tokens (Llama 3's form), the first
+    one the EOS documents ended with.
 
     RoPE is written both ways: ``rope_theta`` and (when scaled) ``rope_scaling`` for transformers 4.x,
     ``rope_parameters`` for 5.x (which reads ``rope_scaling`` first: the same values).
@@ -77,7 +79,7 @@ def hf_config(
         "rope_theta": config.rope_theta,
         "rope_parameters": {**(scaling or {"rope_type": "default"}), "rope_theta": config.rope_theta},
         "tie_word_embeddings": config.tie_embeddings,
-        "attention_bias": False,
+        "attention_bias": config.attention_bias is not None,
         "mlp_bias": False,
         "initializer_range": config.init_std,
         "bos_token_id": bos_id,
@@ -87,6 +89,16 @@ def hf_config(
     }
     if scaling:
         record["rope_scaling"] = scaling
+    if config.attention_bias == "qkv" and shared_layers is None:  # Qwen2: biases on q, k and v, never o
+        del record["attention_bias"], record["mlp_bias"]
+        record.update(
+            architectures=["Qwen2ForCausalLM"],
+            model_type="qwen2",
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=config.n_layer,
+            attention_dropout=0.0,
+        )
     if shared_layers is not None:
         record.update(
             architectures=["EpasLlamaForCausalLM"],
@@ -101,6 +113,8 @@ def hf_config(
             epas_trained_region=list(region.layers) if region else sorted(shared_layers, reverse=True),
             epas_growth_order=region.order if region else "deep_first",
         )
+        if config.attention_bias:
+            record["epas_attention_bias"] = config.attention_bias
     return record
 
 
@@ -267,7 +281,8 @@ def export_command(
 ) -> None:
     """Write a Hugging Face model folder (safetensors, config, tokenizer) from a checkpoint.
 
-    With no sharing region it is a stock LlamaForCausalLM; with one, an epas_llama folder with its own modeling code,
+    With no sharing region it is a stock LlamaForCausalLM (Qwen2ForCausalLM for a Qwen2 model); with one, an
+    epas_llama folder with its own modeling code,
     loaded with AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).
 
     Args:
@@ -286,6 +301,7 @@ def export_command(
     summary = export_summary(
         export(checkpoint, output, sharing_layers, tokenizer, remote_code, dtype, force, overwrite)
     )
-    kind = "epas_llama (trust_remote_code=True)" if summary["trust_remote_code"] else "stock LlamaForCausalLM"
+    stock = "stock Qwen2ForCausalLM" if summary["model_type"] == "qwen2" else "stock LlamaForCausalLM"
+    kind = "epas_llama (trust_remote_code=True)" if summary["trust_remote_code"] else stock
     print(f"wrote {summary['output']} ({kind})")
     emit_json(summary, json)

@@ -75,11 +75,11 @@ class Attention(nn.Module):
         self.n_kv_head = config.n_kv_head
         self.head_dim = config.head_dim
         self.mode = config.sharing_mode
-        kv_dim = config.n_kv_head * config.head_dim
-        self.q_proj = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.n_embd, kv_dim, bias=False)
-        self.v_proj = nn.Linear(config.n_embd, kv_dim, bias=False)
-        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        kv_dim, biased = config.n_kv_head * config.head_dim, config.biased_projections
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias="q_proj" in biased)
+        self.k_proj = nn.Linear(config.n_embd, kv_dim, bias="k_proj" in biased)
+        self.v_proj = nn.Linear(config.n_embd, kv_dim, bias="v_proj" in biased)
+        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias="o_proj" in biased)
 
     def forward(
         self,

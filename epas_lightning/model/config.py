@@ -9,6 +9,13 @@ from epas_lightning.errors import ConfigError, DataError
 
 SharingMode = Literal["qk", "kv"]
 RopeType = Literal["llama3", "linear"]
+AttentionBias = Literal["qkv", "qkvo"]
+ATTENTION_BIASES: dict[str | None, tuple[str, ...]] = {
+    None: (),
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"),
+}
+"""The attention projections that carry a bias, per ``LlamaConfig.attention_bias``."""
 LLAMA3_FIELDS = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 """The fields of :class:`RopeScaling` that only ``llama3`` takes (and needs)."""
 
@@ -104,6 +111,8 @@ class LlamaConfig:
             block_size.
         rope_theta: RoPE base frequency.
         rope_scaling: RoPE frequency rescaling (``llama3`` for Llama 3.1 and later, or ``linear``); none by default.
+        attention_bias: Which attention projections have a bias: 'qkv' (Qwen2: q_proj, k_proj, v_proj), 'qkvo' (HF
+            LLaMA's ``attention_bias: true``: all four); none by default.
         norm_eps: RMSNorm epsilon.
         tie_embeddings: Share the token embedding matrix with the LM head.
         init_std: Standard deviation of the normal init of linear and embedding weights.
@@ -123,6 +132,7 @@ class LlamaConfig:
     max_position_embeddings: int | None = None
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
+    attention_bias: AttentionBias | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -182,10 +192,21 @@ class LlamaConfig:
             )
         if self.sharing_mode not in ("qk", "kv"):
             raise ConfigError(f"sharing_mode must be 'qk' or 'kv', got {self.sharing_mode!r}", "model.config")
+        if self.attention_bias not in tuple(ATTENTION_BIASES):  # (a list from YAML is not hashable)
+            raise ConfigError(
+                f"attention_bias must be 'qkv' (Qwen2), 'qkvo' (all four projections) or null, got "
+                f"{self.attention_bias!r}",
+                "model.config",
+            )
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def biased_projections(self) -> tuple[str, ...]:
+        """The attention projections with a bias (``attention_bias``): names of ``Attention``'s linears."""
+        return ATTENTION_BIASES[self.attention_bias]
 
     @property
     def context_length(self) -> int:

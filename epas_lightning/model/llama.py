@@ -84,6 +84,7 @@ class Llama(nn.Module):
         |---------------------------------------------------|-------------------------------|
         | embed_tokens, lm_head, q/k/v_proj, gate/up_proj   | N(0, init_std)                |
         | o_proj, down_proj (write into the residual)       | N(0, init_std / sqrt(2 L))    |
+        | attention biases (``attention_bias``)             | 0                             |
         | RMSNorm weights                                   | 1                             |
         | sharing mask                                      | all layers compute            |
 
@@ -100,6 +101,9 @@ class Llama(nn.Module):
                 _normal_(linear.weight, std)
             for linear in (attn.o_proj, mlp.down_proj):
                 _normal_(linear.weight, residual_std)
+            for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                if linear.bias is not None:
+                    linear.bias.zero_()
             layer.input_layernorm.reset_parameters()
             layer.post_attention_layernorm.reset_parameters()
         self.norm.reset_parameters()

@@ -1,6 +1,7 @@
 """An EPAS LLaMA for ``transformers`` (HF remote code written by epas_lightning; imports only torch + transformers).
 
-The parameters and their names are those of ``LlamaForCausalLM``; only the forward differs. A layer listed in
+The parameters and their names are those of ``LlamaForCausalLM`` (with ``epas_attention_bias`` "qkv", a Qwen2's: q, k
+and v biases, none on o_proj); only the forward differs. A layer listed in
 ``config.epas_shared_layers`` runs in sharing mode: in "qk" mode it reuses the post-RoPE query and key of the last
 computing layer before it and projects only V (in "kv" mode it reuses that layer's K and V and projects only Q).
 V, the output projection, the MLP, norms and residuals always run.
@@ -76,6 +77,12 @@ def _attention_mask(attention_mask, batch, new, total, device):
 
 class EpasLlamaModel(LlamaModel):
     config_class = EpasLlamaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        if getattr(config, "epas_attention_bias", None) == "qkv":  # a Qwen2: LlamaAttention biased o_proj too
+            for layer in self.layers:
+                layer.self_attn.o_proj.bias = None
 
     def forward(
         self,
