@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Any
 
@@ -13,9 +14,11 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from torchmetrics.aggregation import MeanMetric
 
 from epas_lightning.errors import ConfigError
 from epas_lightning.flops import peak_flops
+from epas_lightning.loss import next_token_loss
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.region import REGION_KEY, TrainedRegion, region_in_growth_order
 from epas_lightning.runtime import dtype_name
@@ -49,6 +52,11 @@ class ProgressiveSharing(Callback):
         enabled: ``False`` trains dense (every layer computes) with the same config.
         order: ``deep_first`` (the paper): the deepest layers, growing shallower. ``shallow_first`` (an ablation):
             the layers right after layer 0, growing deeper (layer 1, then 1-2, ...).
+        val_sharing_layers: Region lengths at which every validation (and ``test``) also scores the held-out batches,
+            each the first N layers of ``target`` in growth order (``[0, 6]``: dense and the full region, before the
+            run reaches it), logged as ``val/loss_at_sharing/N`` (``test/...``) beside ``val/loss``, which stays the
+            current region's. Each length costs one more forward per held-out batch (counted in the ``validate/``
+            throughput's time); the training region is put back after every batch. Default: none.
     """
 
     def __init__(
@@ -60,9 +68,11 @@ class ProgressiveSharing(Callback):
         n_layer: int | None = None,
         enabled: bool = True,
         order: GrowthOrder = "deep_first",
+        val_sharing_layers: list[int] | None = None,
     ) -> None:
         check_order(order)
         check_pace(growth, interval, start_step)  # before any data is prepared, also without n_layer
+        self.val_sharing_layers = _region_lengths(val_sharing_layers)
         if hasattr(target, "tolist"):  # a numpy array or number: plain types, as a checkpoint saves and resume compares
             target = target.tolist()
         self.target = list(target) if isinstance(target, (list, tuple)) else target
@@ -73,15 +83,28 @@ class ProgressiveSharing(Callback):
         self.enabled = enabled
         self.order = order
         self.schedule: SharingSchedule | None = None
+        self._val_regions: dict[int, list[int]] = {}  # per length of val_sharing_layers, the layers that share
         if n_layer is not None:  # fail at construction (before any data is prepared) when we can
             self.schedule = self._build(n_layer)
         self._applied: list[int] | None = None
         self._resumed_settings: dict[str, Any] | None = None
         self.reached_at: int | None = None
         """The step at which the region reached its full size (kept across a resume; ``None``: not yet)."""
+        self._heldout: dict[int, MeanMetric] = {}  # per extra region length, the current validation's loss
 
     def _build(self, n_layer: int) -> SharingSchedule:
-        return SharingSchedule.build(n_layer, self.target, self.growth, self.interval, self.start_step, self.order)
+        schedule = SharingSchedule.build(n_layer, self.target, self.growth, self.interval, self.start_step, self.order)
+        size = len(schedule.target_layers)
+        if too_long := [n for n in self.val_sharing_layers if n > size]:
+            raise ConfigError(
+                f"{too_long[0]} sharing layers were asked for; the target region has {size} "
+                f"(layers {list(schedule.target_layers)})",
+                "sharing.val_sharing_layers",
+                f"choose lengths in 0..{size}",
+            )
+        region = TrainedRegion(n_layer, schedule.target_layers, self.order)
+        self._val_regions = {n: region.first(n) for n in self.val_sharing_layers}
+        return schedule
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         n_layer = _n_layer(pl_module)
@@ -127,6 +150,38 @@ class ProgressiveSharing(Callback):
                 self.reached_at = step
         self._applied = layers
         pl_module.log("sharing/layers", float(len(layers)), on_step=True, on_epoch=False)
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # created anew, not reset: like EPASModule's held-out metrics, whatever happened to the tensors in between
+        self._heldout = {n: MeanMetric().to(pl_module.device) for n in self._val_regions}
+
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *args: Any, **kwargs: Any
+    ) -> None:
+        if not self._heldout:
+            return
+        model = sharing_model(pl_module)
+        current = model.sharing.shared_layers
+        try:
+            for n, layers in self._val_regions.items():
+                model.set_shared_layers(layers)
+                self._heldout[n].update(next_token_loss(model, batch), weight=batch[:, 1:].numel())
+        finally:
+            model.set_shared_layers(current)  # the region training (or the checkpoint) has, exactly
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log_heldout(pl_module, "val")
+
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_batch_end = on_validation_batch_end
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log_heldout(pl_module, "test")
+
+    def _log_heldout(self, pl_module: LightningModule, prefix: str) -> None:
+        """Token-weighted means, reduced over the ranks by ``compute()`` (so the same on each: ``max`` keeps them)."""
+        for n, loss in self._heldout.items():
+            pl_module.log(f"{prefix}/loss_at_sharing/{n}", loss.compute(), sync_dist=True, reduce_fx="max")
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # plain types at the top level, so every reader finds the region without knowing the callback's state key
@@ -181,6 +236,22 @@ class ProgressiveSharing(Callback):
                 "checkpoint's sharing settings to continue its region)"
             )
         rank_zero_warn(said)
+
+
+def _region_lengths(lengths: Any) -> list[int]:
+    """``val_sharing_layers`` as sorted distinct layer counts; anything else is one line naming the setting."""
+    if lengths is None:
+        return []
+    if hasattr(lengths, "tolist"):  # a numpy array
+        lengths = lengths.tolist()
+    counts = isinstance(lengths, (list, tuple)) and all(isinstance(n, numbers.Integral) for n in lengths)
+    if not counts or any(isinstance(n, bool) or n < 0 for n in lengths):
+        raise ConfigError(
+            f"region lengths must be a list of layer counts (0 and up), not {lengths!r}",
+            "sharing.val_sharing_layers",
+            "give e.g. [0, 6]: dense and the first 6 layers of the target region",
+        )
+    return sorted({int(n) for n in lengths})
 
 
 def sharing_model(pl_module: LightningModule) -> Llama:

@@ -8,6 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from epas_lightning.callbacks import ProgressiveSharing
 from epas_lightning.cli import main
+from epas_lightning.errors import ConfigError
 from epas_lightning.lightning_cli import lightning_cli
 from epas_lightning.model.config import RopeScaling
 
@@ -30,6 +31,7 @@ def test_fit_through_the_entry_point_logs_and_checkpoints(tiny_corpus, debug_fit
         "sharing/layers",
         "train/device/items_per_sec",
     } <= tags, tags
+    assert not [tag for tag in tags if "loss_at_sharing" in tag]  # val_sharing_layers is off by default
     layers = [e.value for e in events.Scalars("sharing/layers")]
     assert layers[0] == 0.0 and layers[-1] == 1.0
 
@@ -84,6 +86,19 @@ def test_invalid_schedule_fails_before_training(tmp_path, tiny_corpus, capsys, m
     assert last.startswith("error: a sharing target of 2 layers is invalid") and "— sharing.target —" in last
     assert "between 1 and n_layer - 1 = 1" in last
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def test_a_validation_region_longer_than_the_target_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", DEBUG, "--sharing.val_sharing_layers", "[0, 2]"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (
+        "error: 2 sharing layers were asked for; the target region has 1 (layers [1]) — sharing.val_sharing_layers — "
+        "choose lengths in 0..1"
+    )
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(ConfigError, match="list of layer counts"):
+        ProgressiveSharing(val_sharing_layers=[-1])
 
 
 def test_fit_in_pure_fp16_is_one_line_before_anything_is_built(tmp_path, capsys, monkeypatch):

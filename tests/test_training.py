@@ -3,6 +3,7 @@
 import os
 import re
 import warnings
+from itertools import islice
 from pathlib import Path
 
 import lightning as L
@@ -245,6 +246,84 @@ def test_checkpoint_holds_the_mask_and_the_schedule(tiny_corpus, tmp_path):
     restored.configure_model()
     restored.load_state_dict(ckpt["state_dict"])
     assert restored.model.sharing.shared_layers == [2, 3]
+
+
+class ValidationRecord(Callback):
+    """Per validation of a fit: what it logged, the mask it left, and the mask the next training batch found (listed
+    before ProgressiveSharing, so it sees the mask before the schedule sets it again)."""
+
+    def __init__(self) -> None:
+        self.logged: list[dict[str, float]] = []
+        self.left: list[list[int]] = []
+        self.found: dict[int, list[int]] = {}
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.logged.append({k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+            self.left.append(pl_module.model.sharing.shared_layers)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.found[trainer.global_step] = pl_module.model.sharing.shared_layers
+
+
+def test_validation_scores_the_asked_region_lengths_as_evaluate_does_and_leaves_the_training_region(
+    tiny_corpus, tmp_path
+):
+    """``val_sharing_layers``: each validation (mid-epoch, and at the end, before last.ckpt is written) and ``test``
+    score their batches at those lengths too, the numbers ``evaluate`` gives the checkpoint, and training goes on
+    with the region it had."""
+    from epas_lightning.evaluation.evaluate_cli import evaluate
+
+    module, data = make_run(tiny_corpus, n_layer=2)
+    record = ValidationRecord()
+    sharing = ProgressiveSharing(target=1, interval=3, val_sharing_layers=[1, 0])
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = make_trainer(
+        tmp_path, 4, [record, sharing, checkpoint], val_check_interval=2, limit_val_batches=2, limit_test_batches=2
+    )
+    trainer.fit(module, data)
+    assert record.left == [[], [1]] and record.found == {0: [], 1: [], 2: [], 3: []}  # region [1] from step 3
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["sharing_region"]["layers"] == [1]
+    mid, end = record.logged
+    assert mid["val/loss_at_sharing/0"] == mid["val/loss"] != mid["val/loss_at_sharing/1"]
+    assert end["val/loss_at_sharing/1"] == end["val/loss"]
+    rows = evaluate(tmp_path / "last.ckpt", "all", data=tiny_corpus, batches=2, batch_size=4)
+    (tested,) = trainer.test(module, data)
+    for n, row in enumerate(rows):  # attention reuse in evaluate: the same model, other rounding
+        assert end[f"val/loss_at_sharing/{n}"] == pytest.approx(row["val_loss"], rel=1e-5)
+        assert tested[f"test/loss_at_sharing/{n}"] == pytest.approx(row["val_loss"], rel=1e-5)
+    assert module.model.sharing.shared_layers == [1]
+
+
+def test_validation_regions_under_fsdp2_with_compiled_blocks_compile_once(tiny_corpus, tmp_path):
+    """Sharded (FSDP2, one rank) and compiled blocks: the extra losses are a direct forward's at that region, and a
+    later validation compiles nothing new (the sharing flags are constants of each block's few graphs)."""
+    from torch._dynamo.utils import counters
+
+    from epas_lightning import FSDP2Strategy
+    from epas_lightning.evaluation.perplexity import perplexity_of_batches
+
+    graphs = []
+
+    class CountGraphs(Callback):
+        def on_validation_end(self, trainer, pl_module):
+            graphs.append(counters["stats"]["unique_graphs"])
+
+    module, data = make_run(tiny_corpus, n_layer=2)
+    module.compile_blocks = "eager"  # dynamo's graphs and guards, no code generation
+    record = ValidationRecord()
+    sharing = ProgressiveSharing(target=1, interval=1, val_sharing_layers=[0, 1])
+    trainer = make_trainer(
+        tmp_path, 3, [record, sharing, CountGraphs()], val_check_interval=1, limit_val_batches=2,
+        num_sanity_val_steps=0, strategy=FSDP2Strategy(),
+    )  # fmt: skip
+    trainer.fit(module, data)
+    assert record.left == [[], [1], [1]] and graphs[1] == graphs[2]
+    batches = list(islice(data.val_dataloader(), 2))
+    for n, layers in enumerate(([], [1])):
+        module.model.set_shared_layers(layers)
+        direct = perplexity_of_batches(module.model, batches)["loss"]
+        assert record.logged[-1][f"val/loss_at_sharing/{n}"] == pytest.approx(direct, rel=1e-6)
 
 
 def test_numpy_numbers_in_the_settings_leave_a_checkpoint_that_loads(tmp_path):
