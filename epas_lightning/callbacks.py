@@ -162,10 +162,11 @@ class ProgressiveSharing(Callback):
             return
         model = sharing_model(pl_module)
         current = model.sharing.shared_layers
-        try:
-            for n, layers in self._val_regions.items():
-                model.set_shared_layers(layers)
-                self._heldout[n].update(next_token_loss(model, batch), weight=batch[:, 1:].numel())
+        try:  # in the precision validation_step ran in (this hook runs outside its autocast)
+            with trainer.precision_plugin.val_step_context():
+                for n, layers in self._val_regions.items():
+                    model.set_shared_layers(layers)
+                    self._heldout[n].update(next_token_loss(model, batch), weight=batch[:, 1:].numel())
         finally:
             model.set_shared_layers(current)  # the region training (or the checkpoint) has, exactly
 

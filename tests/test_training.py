@@ -295,6 +295,19 @@ def test_validation_scores_the_asked_region_lengths_as_evaluate_does_and_leaves_
     assert module.model.sharing.shared_layers == [1]
 
 
+def test_validation_regions_run_in_the_trainer_precision(tiny_corpus, tmp_path):
+    """The extra forwards run in a callback hook, outside the precision plugin's context around ``validation_step``:
+    under ``bf16-mixed`` they ran in fp32 (other numbers than ``val/loss`` at the same region, and slower)."""
+    module, data = make_run(tiny_corpus, n_layer=2)
+    record = ValidationRecord()
+    sharing = ProgressiveSharing(target=1, interval=100, val_sharing_layers=[0])  # dense throughout
+    trainer = make_trainer(
+        tmp_path, 1, [record, sharing], val_check_interval=1, limit_val_batches=1, precision="bf16-mixed"
+    )
+    trainer.fit(module, data)
+    assert record.logged[-1]["val/loss_at_sharing/0"] == record.logged[-1]["val/loss"]
+
+
 def test_validation_regions_under_fsdp2_with_compiled_blocks_compile_once(tiny_corpus, tmp_path):
     """Sharded (FSDP2, one rank) and compiled blocks: the extra losses are a direct forward's at that region, and a
     later validation compiles nothing new (the sharing flags are constants of each block's few graphs)."""
