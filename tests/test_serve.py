@@ -33,18 +33,63 @@ from epas_lightning.serve.text import TextStream
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINED = [2, 3]  # the deepest 2 of 4 layers
+CHATML = (  # Qwen2.5-Instruct's, without tools; blocks on lines of their own (trim_blocks, lstrip_blocks)
+    "{% for message in messages %}\n"
+    "    {% if loop.first and messages[0]['role'] != 'system' %}\n"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}\n"
+    "    {% endif %}\n"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}\n"
+    "{% endfor %}\n"
+    "{% if add_generation_prompt %}\n"
+    "{{ '<|im_start|>assistant\\n' }}\n"
+    "{% endif %}\n"
+)
+LLAMA3 = (  # Llama-3.2-Instruct's, shortened: BOS, strftime_now, raise_exception, trim, whitespace control
+    "{{- bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {%- set system_message = messages[0]['content'] | trim %}\n"
+    "    {%- set messages = messages[1:] %}\n"
+    "{%- else %}\n"
+    "    {%- set system_message = '' %}\n"
+    "{%- endif %}\n"
+    "{%- set date_string = strftime_now('%Y') %}\n"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}\n"
+    "{{- 'Today: ' + (date_string | length | string) + ' ' + system_message + '<|eot_id|>' }}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if message['role'] not in ['user', 'assistant'] %}\n"
+    "        {{- raise_exception('Only user and assistant roles are supported!') }}\n"
+    "    {%- endif %}\n"
+    "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim }}\n"
+    "    {{- '<|eot_id|>' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
+    "{%- endif %}\n"
+)
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+MESSAGES = [
+    {"role": "system", "content": "  Be brief.  "},
+    {"role": "user", "content": "def main"},
+    {"role": "assistant", "content": "return 0"},
+    {"role": "user", "content": "Quote <|im_end|> for me"},
+]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A random 4-layer model whose trained region is layers [3, 2], consolidated with a small byte-level BPE."""
+    """A random 4-layer model whose trained region is layers [3, 2], consolidated with a small byte-level BPE that
+    has chat control tokens, and a ChatML chat template."""
     root = tmp_path_factory.mktemp("serve")
     texts = ["def main():\n    return 0\n", "import os\nprint('hello world')\n"] * 20
-    train_byte_level_bpe(texts, 300).save(str(root / "tokenizer.json"))
+    tokenizer = train_byte_level_bpe(texts, 300)
+    tokenizer.add_special_tokens(CHAT_TOKENS)
+    tokenizer.save(str(root / "tokenizer.json"))
     torch.manual_seed(0)
     model = Llama(LlamaConfig.from_name("debug", n_layer=4, block_size=64))
     model.set_shared_layers(TRAINED)
-    return save_consolidated(model, root / "tiny", root / "tokenizer.json")
+    path = save_consolidated(model, root / "tiny", root / "tokenizer.json")
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +98,9 @@ def reference(checkpoint):
     loaded = load_model(checkpoint)
     tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
 
-    def complete(prompt: str, n_shared: int, max_tokens: int, **sampling) -> str:
+    def complete(prompt: str | list[int], n_shared: int, max_tokens: int, **sampling) -> str:
         set_region(loaded.model, n_shared, loaded.region)
-        ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+        ids = prompt if isinstance(prompt, list) else [tokenizer.bos_id, *tokenizer.encode(prompt)]
         out = generate(loaded.model, [ids], max_tokens, eos_id=tokenizer.eos_id, **sampling).tokens[0]
         return tokenizer.decode([t for t in out if t != tokenizer.eos_id])
 
@@ -360,6 +405,82 @@ def test_models_endpoint_finds_a_model_id_with_a_slash(checkpoint, monkeypatch):
     assert client.get("/v1/models/org").json()["error"]["code"] == "model_not_found"
 
 
+def built_api(checkpoint: Path, monkeypatch, *args: str):
+    """The API object ``serve --checkpoint`` builds (its ``served`` model and HTTP endpoints), no server started."""
+    from epas_lightning.serve import command
+
+    started = []
+    monkeypatch.setattr(command, "run_server", lambda api, *rest: started.append(api))
+    assert cli_main(["serve", "--checkpoint", str(checkpoint), *args]) == 0
+    return started[0]
+
+
+@pytest.mark.parametrize("template", [CHATML, LLAMA3], ids=["chatml", "llama3"])
+def test_chat_prompts_render_and_tokenize_as_transformers_apply_chat_template(checkpoint, template):
+    """The text of transformers' apply_chat_template(add_generation_prompt=True), and its control tokens as their
+    ids (those in a message's text too, as transformers reads them), while completion prompts keep reading them as
+    text."""
+    from transformers import PreTrainedTokenizerFast
+
+    from epas_lightning.serve.chat import control_token_encoder, render_chat
+
+    tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
+    hf = PreTrainedTokenizerFast(
+        tokenizer_file=str(checkpoint / "tokenizer.json"), bos_token="<|bos|>", eos_token="<|eos|>"
+    )
+    text = render_chat(template, MESSAGES, "<|bos|>", "<|eos|>")
+    assert text == hf.apply_chat_template(MESSAGES, chat_template=template, tokenize=False, add_generation_prompt=True)
+    ids = control_token_encoder(tokenizer)(text)
+    assert ids == hf.encode(text, add_special_tokens=False)
+    control = [hf.convert_tokens_to_ids(token) for token in ("<|im_start|>", "<|eot_id|>", "<|bos|>")]
+    assert control[0 if template is CHATML else 1] in ids and (control[2] in ids) == (template is LLAMA3)
+    assert control[0] not in tokenizer.encode("<|im_start|>")  # training data and completion prompts: text
+
+
+def test_chat_requests_without_a_template_or_with_a_bad_one_are_refused_in_one_message(
+    checkpoint, tmp_path, monkeypatch
+):
+    """No template: 400 (and the model list says so); a template that reaches for Python internals is stopped by the
+    sandbox (500: the operator must fix it); the template's own raise_exception is a 400 with its message."""
+    pytest.importorskip("litserve")
+    from dataclasses import replace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from epas_lightning.serve.protocol import RequestError, parse_chat
+
+    def app_client(api) -> TestClient:
+        app = FastAPI()
+        for path, endpoint, methods in api.spec.endpoints:
+            app.add_api_route(path, endpoint, methods=methods)
+        return TestClient(app)
+
+    plain = shutil.copytree(checkpoint, tmp_path / "plain", ignore=shutil.ignore_patterns("tokenizer_config.json"))
+    client = app_client(built_api(plain, monkeypatch))
+    body = {"model": "plain", "messages": [{"role": "user", "content": "hi"}]}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert message.startswith("this model has no chat template (none beside") and "--tokenizer" in message, message
+    assert client.get("/v1/models").json()["data"][0]["epas"]["chat"] is False
+    assert built_api(plain, monkeypatch, "--tokenizer", str(checkpoint)).served.chat_template == CHATML  # the fix
+    served = built_api(checkpoint, monkeypatch).served
+    assert served.model_record()["epas"]["chat"] is True
+    escape = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(RequestError) as error:
+        parse_chat({**body, "model": "tiny"}, replace(served, chat_template=escape), served.tokenizer())
+    assert (
+        error.value.status == 500 and "the sandbox stopped it: access to attribute '__class__'" in error.value.message
+    )
+    refusing = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    with pytest.raises(RequestError) as error:
+        parse_chat({**body, "model": "tiny"}, replace(served, chat_template=refusing), served.tokenizer())
+    assert error.value.status == 400 and error.value.message.endswith(
+        "refuses these messages: Conversation roles must alternate user/assistant"
+    )
+
+
 def checkpoint_forms(consolidated: Path, root: Path) -> dict[str, Path]:
     """The consolidated checkpoint also as a Lightning ``.ckpt`` file and as an FSDP2-style sharded directory."""
     from torch.distributed.checkpoint import save as dcp_save
@@ -653,6 +774,30 @@ def test_stop_strings_cut_the_text(client, reference):
     stop = full[3:5]
     response = client.completions.create(model="tiny", prompt="def main", max_tokens=12, temperature=0, stop=[stop])
     assert response.choices[0].text == full[: full.index(stop)] and response.choices[0].finish_reason == "stop"
+
+
+def test_chat_completions_stream_or_not_continue_the_chat_template_prompt(server, client, checkpoint, reference):
+    """The ids fed to the model are the rendered template's, control ids included; streamed: the role, the deltas,
+    the finish reason and the usage, then [DONE] (the openai client ends there)."""
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(checkpoint / "tokenizer.json"))
+    messages = [{"role": "system", "content": "main"}, {"role": "user", "content": "def"}]  # the context is 64
+    ids = hf.encode(hf.apply_chat_template(messages, chat_template=CHATML, tokenize=False, add_generation_prompt=True))
+    kwargs = dict(model="tiny", messages=messages, max_completion_tokens=8, temperature=0)
+    whole = client.chat.completions.create(**kwargs, extra_body={"sharing_layers": 1})
+    assert whole.object == "chat.completion" and whole.id.startswith("chatcmpl-")
+    (choice,) = whole.choices
+    assert choice.message.role == "assistant" and choice.message.content == reference(ids, 1, 8)
+    assert whole.usage.prompt_tokens == len(ids) and whole.epas["sharing_layers"] == 1
+    stream = client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    pieces = list(stream)
+    assert pieces[0].choices[0].delta.role == "assistant" and {p.object for p in pieces} == {"chat.completion.chunk"}
+    deltas = "".join(p.choices[0].delta.content or "" for p in pieces if p.choices)
+    assert deltas == reference(ids, 2, 8)
+    assert [p.choices[0].finish_reason for p in pieces if p.choices and p.choices[0].finish_reason] == ["length"]
+    assert pieces[-1].usage.prompt_tokens == len(ids) and pieces[-1].usage.completion_tokens == 8
+    assert "sharing layers; chat) at http://" in server.log()  # the start-up line says chat is served
 
 
 BAD_REQUESTS = [

@@ -1,14 +1,14 @@
 """``serve`` on LitServe: the OpenAI completions endpoints, the inference worker's loop and its model.
 
-LitServe runs the HTTP side (uvicorn) and one inference worker process, and passes requests and responses between
-them. Its own ``OpenAISpec`` serves chat completions only, so :class:`CompletionsSpec` adds ``/v1/completions`` and
-``/v1/models`` the same way (a ``LitSpec`` with its own endpoints). A request is checked on the HTTP side and sent to
-the worker as one :class:`~epas_lightning.serve.engine.SequenceRequest` per choice; the worker's loop
-(:class:`EngineLoop`, a ``LitLoop``) feeds them to the :class:`~epas_lightning.serve.engine.Engine`, which decodes
+LitServe runs the HTTP side (uvicorn) and one inference worker process, and passes requests and responses between them.
+:class:`CompletionsSpec` adds ``/v1/completions``, ``/v1/chat/completions`` and ``/v1/models`` (a ``LitSpec`` with its
+own endpoints; LitServe's ``OpenAISpec`` knows nothing of regions, token ids or our engine). A request is checked on the
+HTTP side and sent to the worker as one :class:`~epas_lightning.serve.engine.SequenceRequest` per choice; the worker's
+loop (:class:`EngineLoop`, a ``LitLoop``) feeds them to the :class:`~epas_lightning.serve.engine.Engine`, which decodes
 every sequence in flight one token per step, so a request that arrives while others decode joins at the next step
-instead of waiting for a whole batch to finish. A streamed sequence sends its text as it comes; the others send it
-once, at the end. When a client goes away (it closes a stream, or stops waiting for a response), its sequences are
-cancelled: a :data:`CANCEL` item follows them on the same queue and the worker drops them from the engine.
+instead of waiting for a whole batch to finish. A streamed sequence sends its text as it comes; the others send it once,
+at the end. When a client goes away (it closes a stream, or stops waiting for a response), its sequences are cancelled:
+a :data:`CANCEL` item follows them on the same queue and the worker drops them from the engine.
 """
 
 from __future__ import annotations
@@ -45,13 +45,16 @@ from epas_lightning.serve.protocol import (
     RequestError,
     chunk,
     completion_response,
+    parse_chat,
     parse_completion,
+    role_chunk,
     usage_chunk,
 )
 from epas_lightning.serve.startup import StartupReport
 
 logger = logging.getLogger("epas_lightning.serve")
 COMPLETIONS_PATH = "/v1/completions"
+CHAT_PATH = "/v1/chat/completions"
 MODELS_PATH = "/v1/models"
 WORKER_FAILED = "the inference worker failed while decoding this request (see the server log)"
 CANCEL = "cancel"
@@ -69,13 +72,15 @@ def _sse(record: dict[str, Any]) -> str:
 
 
 class CompletionsSpec(LitSpec):
-    """``POST /v1/completions`` (streamed or not), ``GET /v1/models`` and ``GET /v1/models/{id}``."""
+    """``POST /v1/completions`` and ``POST /v1/chat/completions`` (streamed or not), ``GET /v1/models`` and
+    ``GET /v1/models/{id}``."""
 
     def __init__(self, served: ServedModel) -> None:
         super().__init__()
         self.served = served
         self.api_path = COMPLETIONS_PATH
         self.add_endpoint(COMPLETIONS_PATH, self.completions, ["POST"])
+        self.add_endpoint(CHAT_PATH, self.chat_completions, ["POST"])
         self.add_endpoint(MODELS_PATH, self.models, ["GET"])
         self.add_endpoint(MODELS_PATH + "/{model_id:path}", self.model, ["GET"])  # ids like org/name
         self.in_flight = multiprocessing.get_context("spawn").Value("i", 0)
@@ -101,12 +106,18 @@ class CompletionsSpec(LitSpec):
         return JSONResponse(self.served.model_record())
 
     async def completions(self, request: Request) -> Response:
+        return await self._complete(request, parse_completion)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._complete(request, parse_chat)
+
+    async def _complete(self, request: Request, parse: Callable[..., Completion]) -> Response:
         try:
             body = await request.json()
         except ValueError:
             return _error_response(RequestError("the request body is not valid JSON"))
         try:
-            completion = parse_completion(body, self.served, self.served.tokenizer())
+            completion = parse(body, self.served, self.served.tokenizer())
         except RequestError as e:
             return _error_response(e)
         event = asyncio.Event()
@@ -173,8 +184,12 @@ class CompletionsSpec(LitSpec):
             self.in_flight.value += change
 
     async def _stream(self, completion: Completion, messages: AsyncIterator) -> AsyncIterator[str]:
-        """Server-sent events: one chunk per piece of text, the usage chunk if asked for, then ``[DONE]``."""
+        """Server-sent events: (a chat's role first,) one chunk per piece of text, the usage chunk if asked for, then
+        ``[DONE]``."""
         infos = []
+        if completion.chat:
+            for index in range(len(completion.sequences)):
+                yield _sse(role_chunk(completion, index))
         async with aclosing(messages):
             async for index, message in messages:
                 if "error" in message:

@@ -115,7 +115,8 @@ def serve_command(
 ) -> None:
     """Serve a checkpoint over the OpenAI completions API; each request may pick its sharing region.
 
-    Endpoints: POST /v1/completions (streamed or not), GET /v1/models, GET /health. A request picks its region with
+    Endpoints: POST /v1/completions and POST /v1/chat/completions (streamed or not; chat renders the messages with the
+    tokenizer's chat template, in a sandbox), GET /v1/models, GET /health. A request picks its region with
     the extra field sharing_layers (the first N layers of the trained region) or budget (a fraction of dense FLOPs,
     resolved like bench --budget); responses report it under "epas", with the KV cache the request held (a sharing
     layer caches only V). Requests with the same region and sampling settings are decoded together in one
@@ -193,7 +194,8 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
     region = served.region_record(served.default_sharing)
     banner = (
         f"serving {served.name!r} (trained region: {served.region.describe()}; default {region['sharing_layers']} "
-        f"sharing layers) at http://{host}:{port}/v1 — ready; SIGTERM or Ctrl+C stops it"
+        f"sharing layers; {'chat' if served.chat_template else 'no chat: the model has no chat template'}) at "
+        f"http://{host}:{port}/v1 — ready; SIGTERM or Ctrl+C stops it"
     )
     middlewares = [(HTTPProcessStart, {"banner": banner})]
     server = ls.LitServer(api, accelerator=accelerator, devices=devices, timeout=False, middlewares=middlewares)

@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from epas_lightning.checkpoint import CheckpointInfo
+from epas_lightning.data.chat_template import chat_template_beside
 from epas_lightning.data.tokenizer import TextTokenizer, load_tokenizer_once
 from epas_lightning.errors import ConfigError
 from epas_lightning.inference.bench import flops_ratio, region_for_budget
 from epas_lightning.model import LlamaConfig
 from epas_lightning.region import TrainedRegion
+from epas_lightning.serve.chat import chat_template_text, compile_template
 from epas_lightning.serve.protocol import RequestError
 
 
@@ -35,6 +37,10 @@ class ServedModel:
     max_choices: int
     """Prompts x ``n`` one request may ask for."""
     created: int
+    chat_template: str | None = None
+    """The template ``POST /v1/chat/completions`` renders messages with; ``None``: chat is unavailable."""
+    no_chat: str = ""
+    """Why chat is unavailable (the 400 its requests get); empty when it is available."""
 
     @classmethod
     def build(
@@ -60,7 +66,10 @@ class ServedModel:
         if max_choices < 1:
             raise ConfigError("--max-choices must be at least 1", f"--max-choices {max_choices}")
         ids = tokenizer.bos_id, tokenizer.eos_id
-        return cls(name, config, region, default, tokenizer.path, *ids, limit, max_choices, int(time.time()))
+        template, no_chat = _chat_template(tokenizer.path)
+        return cls(
+            name, config, region, default, tokenizer.path, *ids, limit, max_choices, int(time.time()), template, no_chat
+        )
 
     def tokenizer(self) -> TextTokenizer:
         """The tokenizer with the checkpoint's BOS/EOS ids, loaded once per process (the HTTP side and the worker)."""
@@ -111,5 +120,21 @@ class ServedModel:
                 "default_sharing_layers": self.default_sharing,
                 "max_tokens": self.max_tokens,
                 "regions": [self.region_record(n) for n in range(self.region.size + 1)],
+                "chat": self.chat_template is not None,
             },
         }
+
+
+def _chat_template(tokenizer_file: Path) -> tuple[str | None, str]:
+    """The chat template beside the tokenizer file, compiled once to check it, or why chat is unavailable."""
+    import jinja2
+
+    template = chat_template_text(chat_template_beside(tokenizer_file))
+    fix = "serve with --tokenizer <a folder holding this tokenizer and its chat template>, or use /v1/completions"
+    if template is None:
+        return None, f"this model has no chat template (none beside {tokenizer_file}): {fix}"
+    try:
+        compile_template(template)
+    except jinja2.TemplateSyntaxError as e:
+        return None, f"the chat template beside {tokenizer_file} is not a valid template ({e}, line {e.lineno}): {fix}"
+    return template, ""

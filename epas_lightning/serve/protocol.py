@@ -1,10 +1,12 @@
-"""The OpenAI completions API as ``serve`` speaks it: the request schema, its checks, and the response objects.
+"""The OpenAI completions and chat completions APIs as ``serve`` speaks them: the request schemas, their checks, and
+the response objects.
 
 A request is checked completely before anything reaches the model: a wrong type, an unknown model, a prompt longer
 than the model's context, ``max_tokens <= 0``, a region the checkpoint never trained or a budget nothing meets is a
 :class:`RequestError` (HTTP 4xx with an OpenAI-style ``{"error": {...}}`` body). Two fields extend the API: the
 region a request runs with, ``sharing_layers`` (the first N layers of the trained region) or ``budget`` (a fraction
-of dense FLOPs, resolved like ``bench --budget``); the openai client sends them with ``extra_body=``.
+of dense FLOPs, resolved like ``bench --budget``); the openai client sends them with ``extra_body=``. A chat request's
+messages become one prompt through the checkpoint's chat template (:mod:`~epas_lightning.serve.chat`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from epas_lightning.serve.chat import TemplateFailure, TemplateRefusal, control_token_encoder, render_chat, token_text
 from epas_lightning.serve.engine import Sampling, SequenceRequest
 
 if TYPE_CHECKING:
@@ -45,13 +48,11 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
-class CompletionRequest(BaseModel):
-    """``POST /v1/completions``: OpenAI's fields (unsupported ones are refused when set) plus the region fields."""
+class SamplingRequest(BaseModel):
+    """The fields both endpoints take: OpenAI's (unsupported ones are refused when set) plus the region fields."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
     model: str
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = DEFAULT_MAX_TOKENS
     temperature: float | None = 1.0
     top_p: float | None = 1.0
     top_k: int | None = None
@@ -63,13 +64,38 @@ class CompletionRequest(BaseModel):
     sharing_layers: int | None = None
     budget: float | None = None
     # OpenAI fields this server does not implement: refused unless left at their defaults
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+
+
+class CompletionRequest(SamplingRequest):
+    """``POST /v1/completions``."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = DEFAULT_MAX_TOKENS
     echo: bool | None = False
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
-    logit_bias: dict[str, float] | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: str
+    content: str
+
+
+class ChatRequest(SamplingRequest):
+    """``POST /v1/chat/completions``: text messages; no tools, no logprobs."""
+
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
 
 
 @dataclass
@@ -85,14 +111,55 @@ class Completion:
     include_usage: bool
     id: str
     created: int
+    chat: bool = False
+    """A chat completion: choices carry a ``message`` (streamed: a ``delta``) instead of ``text``."""
 
 
 def parse_completion(body: Any, served: ServedModel, tokenizer: TextTokenizer) -> Completion:
     """Check a request body and turn it into sequences for the engine; :class:`RequestError` if it cannot run."""
+    request = _validate(body, CompletionRequest, served)
+    _refuse_unsupported(
+        {
+            "echo": bool(request.echo),
+            "logprobs": request.logprobs is not None,
+            "best_of": request.best_of not in (None, 1, request.n),
+            "suffix": request.suffix is not None,
+        },
+        request,
+    )
+    max_tokens = DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
+    _check_max_tokens(max_tokens, "max_tokens", served)
+    return _completion(request, served, _prompt_ids(request.prompt, tokenizer, served), max_tokens, chat=False)
+
+
+def parse_chat(body: Any, served: ServedModel, tokenizer: TextTokenizer) -> Completion:
+    """Check a chat request body and turn its messages into one prompt (:func:`parse_completion`'s checks)."""
+    request = _validate(body, ChatRequest, served)
+    _refuse_unsupported(
+        {
+            "logprobs": bool(request.logprobs) or request.top_logprobs is not None,
+            "tools": bool(request.tools),
+            "response_format": request.response_format not in (None, {"type": "text"}),
+        },
+        request,
+    )
+    if served.chat_template is None:
+        raise RequestError(served.no_chat, "messages")
+    field = "max_tokens" if request.max_completion_tokens is None else "max_completion_tokens"
+    max_tokens = request.max_tokens if request.max_completion_tokens is None else request.max_completion_tokens
+    if max_tokens is not None:
+        _check_max_tokens(max_tokens, field, served)
+    prompt = _chat_prompt(request.messages, served, tokenizer)
+    if max_tokens is None:  # as OpenAI: as long as the context allows (this server's --max-tokens at most)
+        max_tokens = max(1, min(served.max_tokens, served.config.context_length - len(prompt)))
+    return _completion(request, served, [prompt], max_tokens, chat=True)
+
+
+def _validate(body: Any, schema: type[SamplingRequest], served: ServedModel) -> Any:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     try:
-        request = CompletionRequest.model_validate(body)
+        request = schema.model_validate(body)
     except ValidationError as e:
         raise _schema_error(e) from None
     if request.model != served.name:
@@ -100,18 +167,25 @@ def parse_completion(body: Any, served: ServedModel, tokenizer: TextTokenizer) -
             f"the model {request.model!r} does not exist: this server serves {served.name!r}", "model", 404,
             "model_not_found",
         )  # fmt: skip
-    _refuse_unsupported(request)
-    max_tokens = DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
+    return request
+
+
+def _check_max_tokens(max_tokens: int, field: str, served: ServedModel) -> None:
     if max_tokens < 1:
-        raise RequestError(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+        raise RequestError(f"{field} must be at least 1, got {max_tokens}", field)
     if max_tokens > served.max_tokens:
-        raise RequestError(f"max_tokens may be at most {served.max_tokens} on this server", "max_tokens")
+        raise RequestError(f"{field} may be at most {served.max_tokens} on this server", field)
+
+
+def _completion(
+    request: SamplingRequest, served: ServedModel, prompts: list[list[int]], max_tokens: int, chat: bool
+) -> Completion:
+    """The checks both endpoints share, and the sequences of a request whose prompts are token ids."""
     sampling = _sampling(request)
     n = 1 if request.n is None else request.n
     if n < 1:
         raise RequestError(f"n must be at least 1, got {n}", "n")
     n_shared = served.resolve_region(request.sharing_layers, request.budget)
-    prompts = _prompt_ids(request.prompt, tokenizer, served)
     if len(prompts) * n > served.max_choices:
         raise RequestError(
             f"{len(prompts)} prompt(s) x n={n} is more than the {served.max_choices} completions one request may ask "
@@ -141,8 +215,9 @@ def parse_completion(body: Any, served: ServedModel, tokenizer: TextTokenizer) -
         region={**served.region_record(n_shared), "budget": request.budget},
         stream=bool(request.stream),
         include_usage=bool(options and options.include_usage),
-        id=f"cmpl-{uuid.uuid4().hex}",
+        id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
         created=int(time.time()),
+        chat=chat,
     )
 
 
@@ -157,12 +232,9 @@ def _schema_error(error: ValidationError) -> RequestError:
     return RequestError(message, field)
 
 
-def _refuse_unsupported(request: CompletionRequest) -> None:
+def _refuse_unsupported(unsupported: dict[str, bool], request: SamplingRequest) -> None:
     unsupported = {
-        "echo": bool(request.echo),
-        "logprobs": request.logprobs is not None,
-        "best_of": request.best_of not in (None, 1, request.n),
-        "suffix": request.suffix is not None,
+        **unsupported,
         "logit_bias": bool(request.logit_bias),
         "presence_penalty": bool(request.presence_penalty),
         "frequency_penalty": bool(request.frequency_penalty),
@@ -172,7 +244,7 @@ def _refuse_unsupported(request: CompletionRequest) -> None:
             raise RequestError(f"{name} is not supported by this server; leave it at its default", name)
 
 
-def _sampling(request: CompletionRequest) -> Sampling:
+def _sampling(request: SamplingRequest) -> Sampling:
     temperature = 1.0 if request.temperature is None else request.temperature
     if not 0.0 <= temperature <= 2.0:
         raise RequestError(f"temperature must lie in [0, 2], got {temperature}", "temperature")
@@ -205,6 +277,26 @@ def _prompt_ids(prompt: Any, tokenizer: TextTokenizer, served: ServedModel) -> l
     return [list(ids) for ids in prompt]
 
 
+def _chat_prompt(messages: list[ChatMessage], served: ServedModel, tokenizer: TextTokenizer) -> list[int]:
+    """The token ids of the chat template's text for ``messages``: its control tokens as their ids."""
+    if not messages:
+        raise RequestError("messages must hold at least one message", "messages")
+    bos, eos = token_text(tokenizer, tokenizer.bos_id), token_text(tokenizer, tokenizer.eos_id)
+    try:
+        text = render_chat(served.chat_template, [m.model_dump() for m in messages], bos, eos)
+    except TemplateRefusal as e:
+        raise RequestError(f"the model's chat template refuses these messages: {e}", "messages") from None
+    except TemplateFailure as e:
+        raise RequestError(
+            f"the model's chat template failed on these messages ({e}); the server's operator must fix the template "
+            f"beside {served.tokenizer_path}",
+            "messages",
+            500,
+            "chat_template_error",
+        ) from None
+    return control_token_encoder(tokenizer)(text)
+
+
 def _check_length(ids: list[int], max_tokens: int, context_length: int) -> None:
     if len(ids) >= context_length:
         raise RequestError(
@@ -233,8 +325,15 @@ def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
+def _choice(completion: Completion, index: int, text: str, finish_reason: str | None, piece: bool) -> dict[str, Any]:
+    """A choice, or one streamed ``piece`` of it: its ``text``, a chat's ``message`` or ``delta``."""
+    if not completion.chat:
+        content = {"text": text}
+    elif piece:
+        content = {"delta": {"content": text} if text or not finish_reason else {}}
+    else:
+        content = {"message": {"role": "assistant", "content": text}}
+    return {"index": index, **content, "finish_reason": finish_reason, "logprobs": None}
 
 
 def usage(completion: Completion, completion_tokens: int) -> dict[str, int]:
@@ -259,8 +358,9 @@ def region_report(completion: Completion, infos: list[dict[str, Any]]) -> dict[s
     }
 
 
-def _envelope(completion: Completion) -> dict[str, Any]:
-    return {"id": completion.id, "object": "text_completion", "created": completion.created, "model": completion.model}
+def _envelope(completion: Completion, piece: bool = False) -> dict[str, Any]:
+    kind = ("chat.completion.chunk" if piece else "chat.completion") if completion.chat else "text_completion"
+    return {"id": completion.id, "object": kind, "created": completion.created, "model": completion.model}
 
 
 def completion_response(
@@ -270,7 +370,8 @@ def completion_response(
     return {
         **_envelope(completion),
         "choices": [
-            _choice(i, text, reason) for i, (text, reason) in enumerate(zip(texts, finish_reasons, strict=True))
+            _choice(completion, i, text, reason, piece=False)
+            for i, (text, reason) in enumerate(zip(texts, finish_reasons, strict=True))
         ],
         "usage": usage(completion, sum(info["completion_tokens"] for info in infos)),
         "epas": region_report(completion, infos),
@@ -282,17 +383,24 @@ def chunk(
 ) -> dict[str, Any]:
     """One streamed piece of choice ``index``; the last piece of a choice reports its KV cache in ``epas``."""
     return {
-        **_envelope(completion),
-        "choices": [_choice(index, text, finish_reason)],
+        **_envelope(completion, piece=True),
+        "choices": [_choice(completion, index, text, finish_reason, piece=True)],
         "usage": None,
         "epas": region_report(completion, [info]) if info else completion.region,
     }
 
 
+def role_chunk(completion: Completion, index: int) -> dict[str, Any]:
+    """The first streamed piece of a chat choice: the assistant's role, as OpenAI sends it."""
+    record = chunk(completion, index, "", None, None)
+    record["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+    return record
+
+
 def usage_chunk(completion: Completion, infos: list[dict[str, Any]]) -> dict[str, Any]:
     """The last streamed piece when ``stream_options.include_usage`` is set: no choices, the usage and the region."""
     return {
-        **_envelope(completion),
+        **_envelope(completion, piece=True),
         "choices": [],
         "usage": usage(completion, sum(info["completion_tokens"] for info in infos)),
         "epas": region_report(completion, infos),

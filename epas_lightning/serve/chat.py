@@ -1,0 +1,157 @@
+"""Chat prompts for ``serve``: the checkpoint's chat template rendered as ``transformers``'
+``apply_chat_template(messages, add_generation_prompt=True)`` renders it, and its control tokens read as their ids.
+
+The template is a file from the checkpoint, never trusted: it runs in jinja2's ``ImmutableSandboxedEnvironment``
+(no attribute starting with ``_``, no method that changes a list or dict), with what transformers gives a template:
+``trim_blocks``/``lstrip_blocks``, ``loopcontrols``, the ``tojson`` filter, the globals ``raise_exception``,
+``strftime_now``, ``dict`` and ``namespace``, and the variables ``messages``, ``add_generation_prompt``,
+``bos_token`` and ``eos_token``.
+
+A template writes its control tokens as text (``<|im_start|>``, ``<|eot_id|>``). Our :class:`TextTokenizer` reads
+such text as text (training data and completion prompts); the rendered chat is read by a second pipeline that matches
+the tokenizer's special tokens, as the tokenizer ``export`` ships with a chat template reads it
+(``split_special_tokens: false``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import jinja2
+
+    from epas_lightning.data.tokenizer import TextTokenizer
+
+
+class TemplateRefusal(Exception):
+    """The template's own ``raise_exception``: it refuses these messages (roles that do not alternate, ...)."""
+
+
+class TemplateFailure(Exception):
+    """The template failed on these messages otherwise: a sandbox violation, an undefined name, a Python error."""
+
+
+def chat_template_text(entry: dict[str, Any]) -> str | None:
+    """The template a chat without tools uses, from :func:`~epas_lightning.data.chat_template.chat_template_beside`'s
+    entry: the one template, or the one named ``default`` of several (as transformers picks)."""
+    template = entry.get("chat_template")
+    if isinstance(template, list):
+        template = next((t["template"] for t in template if t["name"] == "default"), None)
+    return template
+
+
+def render_chat(template: str, messages: Sequence[dict[str, str]], bos_token: str, eos_token: str) -> str:
+    """The prompt text of ``messages``, ending with the header of the assistant's turn; :class:`TemplateRefusal` or
+    :class:`TemplateFailure` when the template does not render them."""
+    import jinja2
+
+    compiled = compile_template(template)
+    try:
+        return compiled.render(
+            messages=[dict(message) for message in messages],
+            tools=None,
+            documents=None,
+            add_generation_prompt=True,
+            bos_token=bos_token,
+            eos_token=eos_token,
+        )
+    except TemplateRefusal:
+        raise
+    except jinja2.exceptions.SecurityError as e:
+        raise TemplateFailure(f"the sandbox stopped it: {e}") from None
+    except Exception as e:
+        raise TemplateFailure(f"{type(e).__name__}: {e}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def compile_template(template: str) -> jinja2.Template:
+    """The template compiled in the sandbox (``jinja2.TemplateSyntaxError`` if it is not a template)."""
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """``{% generation %}...{% endgeneration %}`` (marks assistant text for training masks): its body as is."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Callable[[], str]) -> str:
+            return caller()
+
+    def raise_exception(message: str) -> None:
+        raise TemplateRefusal(message)
+
+    def tojson(value: Any, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:  # noqa: ANN001
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    class Namespace(jinja2.utils.Namespace):
+        """``namespace(...)`` that refuses attributes starting with ``_`` (as transformers')."""
+
+        def __init__(*args: Any, **kwargs: Any) -> None:
+            self, attrs = args[0], dict(*args[1:], **kwargs)
+            for name in attrs:
+                Namespace.check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            Namespace.check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def check(name: Any) -> None:
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"a namespace attribute may not start with '_': {name!r}")
+
+    extensions = [Generation, loopcontrols]
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=extensions)
+    environment.filters["tojson"] = tojson
+    environment.globals.update(
+        raise_exception=raise_exception,
+        strftime_now=lambda format: datetime.now().strftime(format),
+        dict=lambda *args, **kwargs: dict(*args, **kwargs),
+        namespace=Namespace,
+    )
+    return environment.from_string(template)
+
+
+def control_token_encoder(tokenizer: TextTokenizer) -> Callable[[str], list[int]]:
+    """Text -> ids where the tokenizer's special tokens' text is their control id (a rendered chat), everything else
+    as ``tokenizer.encode`` reads it. A separate pipeline: ``tokenizer`` itself goes on reading such text as text."""
+    return _control_token_pipeline(str(tokenizer.path), tokenizer.kind)
+
+
+@functools.lru_cache(maxsize=2)
+def _control_token_pipeline(path: str, kind: str) -> Callable[[str], list[int]]:
+    from tokenizers import Tokenizer
+
+    if kind == "hf":
+        pipeline = Tokenizer.from_file(path)
+    else:
+        from pathlib import Path
+
+        from epas_lightning.hf.sentencepiece_json import sentencepiece_tokenizer
+
+        pipeline = sentencepiece_tokenizer(Path(path))
+        if pipeline is None:  # a word or char model: sentencepiece reads no control token in text
+            import sentencepiece as spm
+
+            processor = spm.SentencePieceProcessor(model_file=path)
+            return lambda text: processor.encode(text, out_type=int)
+    pipeline.encode_special_tokens = False
+    return lambda text: pipeline.encode(text, add_special_tokens=False).ids
+
+
+def token_text(tokenizer: TextTokenizer, token_id: int) -> str:
+    """The text of one token id as a template writes it (``<|begin_of_text|>``, ``<s>``)."""
+    if tokenizer.kind == "hf":
+        return tokenizer.backend.id_to_token(token_id) or ""
+    return tokenizer.backend.id_to_piece(token_id)
