@@ -86,6 +86,9 @@ def test_import_logits_equal_transformers(tmp_path: Path, tie: bool, sharded: bo
     with torch.no_grad():
         ours = ours_from_hf(path)(ids)
     torch.testing.assert_close(ours, hf_logits(path, ids), atol=1e-5, rtol=1e-5)
+    # load_model (every --checkpoint) keeps one tensor for a tied head: materialising it had made two equal copies
+    loaded = load_model(path).model
+    assert (loaded.lm_head.weight is loaded.embed_tokens.weight) == tie
 
 
 def test_a_mistral_without_a_sliding_window_is_our_llama_and_exports_as_one(tmp_path: Path, capsys) -> None:
