@@ -299,6 +299,7 @@ def _fitted_model(
             check_fits_dtype(state, dtype)
             model.to(dtype)  # still on the meta device (nothing allocated); the sharing mask stays bool
         model.to_empty(device=device)
+        model.tie_weights()
     fix = "pass the checkpoint as fit or consolidate wrote it (weights and config from the same run)"
     mismatch = state_mismatch(model.state_dict(), state)
     if mismatch:

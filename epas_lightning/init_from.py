@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -103,8 +104,9 @@ def read_init_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Te
 
 
 def _say_it_starts_dense(path: Path, trained_shared_layers: list[int]) -> None:
-    """Warn that the layers the source trained sharing compute again in this run (an export records them too)."""
-    if trained_shared_layers:
+    """Warn that the layers the source trained sharing compute again in this run (an export records them too); on
+    rank 0 only, as every rank of a distributed run reads the weights."""
+    if trained_shared_layers and rank_zero_only.rank == 0:
         warnings.warn(
             f"model.init_from {path} trained layers {trained_shared_layers} sharing; this run starts every "
             "layer computing its own Q/K (their q/k weights are the ones left from before they shared) and its sharing "

@@ -107,9 +107,24 @@ def test_fsdp2_bf16_true_keeps_bf16_weights(tmp_path):
 
 
 def test_sharded_resume_mid_growth_and_consolidate(tiny_corpus, tmp_path):
+    """From a tied Qwen2 (init_from, q/k/v biases): each rank loads its shard of the HF weights, biases and tied head
+    exactly; sharing layers' q/k biases get no grad; the sharded checkpoint resumes and consolidates."""
+    from test_hf import save_tiny_hf
+
+    from epas_lightning.hf.convert import config_from_hf, load_hf_state
+
+    hf = save_tiny_hf(tmp_path / "hf", tie=True, kind="Qwen2", num_hidden_layers=4)
     ckpt = tmp_path / "ckpt"
-    common = ["--devices", "2", "--activation-checkpointing", "--data-dir", str(tiny_corpus)]  # resumable loader
-    full = fit(tmp_path / "full", *common, "--ckpt-dir", str(ckpt), "--save-final", str(tmp_path / "final.st"))
+    common = ["--devices", "2", "--activation-checkpointing", "--data-dir", str(tiny_corpus), "--init-from", str(hf)]
+    saves = ["--save-start", str(tmp_path / "start.st"), "--save-final", str(tmp_path / "final.st")]
+    full = fit(tmp_path / "full", *common, "--ckpt-dir", str(ckpt), *saves)  # a resumable loader: the same batches
+    assert_switches_on_every_rank(full)
+    bias = "model.layers.3._checkpoint_wrapped_module.self_attn.k_proj.bias"  # 32 values: 16 on each rank
+    assert all(r["tied"] and r["local_shapes"][bias] == [16] for r in full)
+    start, trained = load_file(tmp_path / "start.st"), load_file(tmp_path / "final.st")
+    for name, tensor in load_hf_state(hf, config_from_hf(hf, block_size=32)).items():
+        torch.testing.assert_close(start[name], tensor, rtol=0, atol=0, msg=name)
+    assert not torch.equal(start["layers.3.self_attn.k_proj.bias"], trained["layers.3.self_attn.k_proj.bias"])
     mid = ckpt / "epoch=0-step=3.ckpt"
     assert sorted(p.name for p in mid.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
     resumed = fit(tmp_path / "resumed", *common, "--resume", str(mid))
@@ -125,7 +140,6 @@ def test_sharded_resume_mid_growth_and_consolidate(tiny_corpus, tmp_path):
     assert record["sharing"]["shared_layers"] == [2, 3] and record["model"]["n_layer"] == 4
     model = load_consolidated(out)
     assert model.sharing.shared_layers == [2, 3]
-    trained = load_file(tmp_path / "final.st")
     state = model.state_dict()
     assert sorted(trained) == sorted(state)  # plain Llama keys: no wrapper prefixes
     for name, tensor in trained.items():

@@ -6,6 +6,7 @@ Every HF model here is a tiny random ``transformers.LlamaForCausalLM`` saved int
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -86,6 +87,9 @@ def test_import_logits_equal_transformers(tmp_path: Path, tie: bool, sharded: bo
     with torch.no_grad():
         ours = ours_from_hf(path)(ids)
     torch.testing.assert_close(ours, hf_logits(path, ids), atol=1e-5, rtol=1e-5)
+    # load_model (every --checkpoint) keeps one tensor for a tied head: materialising it had made two equal copies
+    loaded = load_model(path).model
+    assert (loaded.lm_head.weight is loaded.embed_tokens.weight) == tie
 
 
 def test_a_mistral_without_a_sliding_window_is_our_llama_and_exports_as_one(tmp_path: Path, capsys) -> None:
@@ -586,7 +590,7 @@ def test_export_of_attention_biases_loads_in_transformers_with_its_logits(
         assert config_from_hf(out).attention_bias == bias
 
 
-def test_export_region_checks(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_export_region_checks(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch) -> None:
 
     save_ours(tmp_path / "ckpt", n_layer=4, shared=1)
     export = ["export", "--checkpoint", str(tmp_path / "ckpt")]
@@ -603,6 +607,12 @@ def test_export_region_checks(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     from epas_lightning.init_from import read_init_state  # as init_from, it warns as our checkpoints do
 
     with pytest.warns(UserWarning, match=r"trained layers \[3\] sharing; this run starts every layer computing"):
+        read_init_state(tmp_path / "c", load_model(tmp_path / "ckpt").model.config)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    with monkeypatch.context() as m, warnings.catch_warnings():  # every rank reads init_from; rank 0 alone says it
+        m.setattr(rank_zero_only, "rank", 1)
+        warnings.simplefilter("error")
         read_init_state(tmp_path / "c", load_model(tmp_path / "ckpt").model.config)
 
 

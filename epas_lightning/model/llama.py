@@ -69,8 +69,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
         self.rotary_emb = RotaryEmbedding.of(config)
         self.sharing = SharingState(config.n_layer)
         self.attention_reuse = attention_reuse
@@ -108,6 +107,12 @@ class Llama(nn.Module):
             layer.post_attention_layernorm.reset_parameters()
         self.norm.reset_parameters()
         self.sharing.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """With ``tie_embeddings``, make the LM head use the embedding matrix itself; again after ``to_empty``, which
+        gives each module a tensor of its own."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     def set_shared_layers(self, layers: Iterable[int]) -> None:
         """Switch exactly ``layers`` to sharing mode (all others compute); cheap, no module is rebuilt."""

@@ -2,8 +2,8 @@
 
 Run as a script (Lightning re-launches ``sys.argv`` for every extra process, and ``torchrun`` starts it per node);
 one-process runs may call ``main(argv)`` inside the test process instead. Every rank writes ``<out>/rank<R>.json``:
-per optimizer step the loss on this rank, the sharing layers, and the layers whose ``q_proj``/``k_proj`` got no
-gradient; plus the shapes of its local parameter shards.
+per optimizer step the loss on this rank, the sharing layers, and the layers whose ``q_proj``/``k_proj`` (biases
+included) got no gradient; plus the shapes of its local parameter shards and whether the LM head is tied.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Sampler
 
 from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule
+from epas_lightning.hf.convert import config_from_hf
 from epas_lightning.strategy import FSDP2Strategy
 
 SEQ_LEN = 32
@@ -56,15 +57,30 @@ class SeededInit(EPASModule):
         super().configure_model()
 
 
+def save_full_weights(module: EPASModule, path: Path, rank: int) -> None:
+    """Rank 0 writes the whole model's weights to ``path``; every rank must call it (it all-gathers)."""
+    full = {
+        k: (t.full_tensor() if isinstance(t, DTensor) else t).clone()  # a tied head: its own copy
+        for k, t in module.model.state_dict().items()
+    }
+    if rank == 0:
+        save_file(full, path)
+
+
 class Recorder(Callback):
-    def __init__(self) -> None:
+    def __init__(self, save_start: Path | None = None) -> None:
         self.steps: dict[int, dict] = {}
+        self.save_start = save_start
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.save_start and trainer.global_step == batch_idx == 0:
+            save_full_weights(pl_module, self.save_start, trainer.global_rank)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         no_grad = [
             i
             for i, layer in enumerate(pl_module.model.layers)
-            if layer.self_attn.q_proj.weight.grad is None and layer.self_attn.k_proj.weight.grad is None
+            if all(p.grad is None for m in (layer.self_attn.q_proj, layer.self_attn.k_proj) for p in m.parameters())
         ]
         self.steps[trainer.global_step] = {"shared": pl_module.model.sharing.shared_layers, "qk_no_grad": no_grad}
 
@@ -90,9 +106,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--compile", default=False, help="torch.compile backend for every block")
     p.add_argument("--save-final", type=Path, help="rank 0 writes the trained weights here (safetensors)")
+    p.add_argument("--save-start", type=Path, help="rank 0 writes the weights the first step starts from here")
     p.add_argument("--ckpt-dir", type=Path, help="save a checkpoint every --ckpt-every steps here")
     p.add_argument("--ckpt-every", type=int, default=3)
     p.add_argument("--resume", type=Path, help="checkpoint to resume from")
+    p.add_argument("--init-from", help="an HF folder (model.init_from): the model takes its config, at SEQ_LEN")
     return p.parse_args(argv)
 
 
@@ -107,14 +125,19 @@ def main(argv: list[str] | None = None) -> None:
     else:
         data = DataLoader(tokens, batch_size=args.global_batch // world_size, sampler=EveryWthSample(N_SAMPLES))
     L.seed_everything(7)
-    config = LlamaConfig.from_name("debug", n_layer=args.n_layer, block_size=SEQ_LEN)
-    module = SeededInit(config, activation_checkpointing=args.activation_checkpointing, compile=args.compile)
+    if args.init_from:
+        config = config_from_hf(args.init_from, block_size=SEQ_LEN)
+    else:
+        config = LlamaConfig.from_name("debug", n_layer=args.n_layer, block_size=SEQ_LEN)
+    module = SeededInit(
+        config, activation_checkpointing=args.activation_checkpointing, compile=args.compile, init_from=args.init_from
+    )
     strategy = {
         "fsdp2": FSDP2Strategy,
         "ddp": lambda: DDPStrategy(find_unused_parameters=True),
         "single": lambda: "auto",  # one process, no sharding: the reference
     }[args.strategy]()
-    recorder = Recorder()
+    recorder = Recorder(args.save_start)
     callbacks = [ProgressiveSharing(target=2, interval=2), recorder]
     if args.ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=args.ckpt_every, save_top_k=-1))
@@ -143,14 +166,10 @@ def main(argv: list[str] | None = None) -> None:
         "steps": recorder.steps,
         "local_shapes": shards,
         "param_dtype": str(next(module.parameters()).dtype),
+        "tied": module.model.lm_head.weight is module.model.embed_tokens.weight,
     }
-    if args.save_final:  # every rank takes part in the all-gather
-        full = {
-            k: (t.full_tensor() if isinstance(t, DTensor) else t).contiguous()
-            for k, t in module.model.state_dict().items()
-        }
-        if trainer.global_rank == 0:
-            save_file(full, args.save_final)
+    if args.save_final:
+        save_full_weights(module, args.save_final, trainer.global_rank)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
