@@ -481,6 +481,17 @@ def test_chat_requests_without_a_template_or_with_a_bad_one_are_refused_in_one_m
     )
 
 
+def test_chat_templates_none_of_them_default_are_named_not_said_to_be_missing(tmp_path):
+    """Named templates without a 'default' (transformers: 'multiple chat templates with no default'): chat is off and
+    the reason names them; it said the model had no chat template."""
+    from epas_lightning.serve.model_card import _chat_template
+
+    (tmp_path / "additional_chat_templates").mkdir()
+    (tmp_path / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}")
+    template, why = _chat_template(tmp_path / "tokenizer.json")
+    assert template is None and "(tool_use) include none named 'default'" in why, why
+
+
 def checkpoint_forms(consolidated: Path, root: Path) -> dict[str, Path]:
     """The consolidated checkpoint also as a Lightning ``.ckpt`` file and as an FSDP2-style sharded directory."""
     from torch.distributed.checkpoint import save as dcp_save

@@ -287,13 +287,15 @@ def iter_documents(
         except BadDocument as bad:  # the whole file is unreadable (truncated archive, I/O error)
             on_bad(bad)
     else:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
             start = 1
             for batch in pq.ParquetFile(f.path).iter_batches(columns=[text_field], batch_size=1024):
                 rows = [i for i in range(start, start + batch.num_rows) if keep(f"{f.key}#{i}")]
-                for index, text in zip(rows, batch.column(0).take([i - start for i in rows]).to_pylist(), strict=True):
+                taken = batch.column(0).take(pa.array([i - start for i in rows], pa.int64()))  # typed: rows may be []
+                for index, text in zip(rows, taken.to_pylist(), strict=True):
                     key = f"{f.key}#{index}"
                     if isinstance(text, str):
                         yield key, text

@@ -315,8 +315,15 @@ def generate(
 
 
 def stop_id_list(eos_id: int | Sequence[int] | None) -> list[int]:
-    """The ids an ``eos_id`` argument stops at: none, one, or several."""
-    return [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
+    """The ids an ``eos_id`` argument stops at: none, one, or several (ints, or numpy or torch integers)."""
+    if eos_id is None:
+        return []
+    if hasattr(eos_id, "tolist"):  # a numpy or torch integer, or an array of them
+        eos_id = eos_id.tolist()
+    try:
+        return [operator.index(i) for i in (eos_id if isinstance(eos_id, (list, tuple)) else [eos_id])]
+    except TypeError:
+        raise ConfigError(f"eos_id must be a token id or a list of them, got {eos_id!r}", "eos_id") from None
 
 
 def _until_eos(tokens: list[int], stop_ids: list[int]) -> list[int]:

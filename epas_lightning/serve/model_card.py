@@ -129,8 +129,15 @@ def _chat_template(tokenizer_file: Path) -> tuple[str | None, str]:
     """The chat template beside the tokenizer file, compiled once to check it, or why chat is unavailable."""
     import jinja2
 
-    template = chat_template_text(chat_template_beside(tokenizer_file))
+    entry = chat_template_beside(tokenizer_file)
+    template = chat_template_text(entry)
     fix = "serve with --tokenizer <a folder holding this tokenizer and its chat template>, or use /v1/completions"
+    if template is None and entry:  # named templates, as transformers refuses them without a default
+        names = ", ".join(t["name"] for t in entry["chat_template"])
+        return None, (
+            f"the chat templates beside {tokenizer_file} ({names}) include none named 'default', the one a chat "
+            f"without tools uses: {fix}"
+        )
     if template is None:
         return None, f"this model has no chat template (none beside {tokenizer_file}): {fix}"
     try:
