@@ -17,7 +17,6 @@ from torch.distributed.tensor import DTensor
 from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from epas_lightning.attention_kernels import sdpa_order
-from epas_lightning.data.tokenizer import file_sha256
 from epas_lightning.errors import ConfigError
 from epas_lightning.flops import estimate_flops
 from epas_lightning.init_from import (
@@ -257,7 +256,7 @@ class EPASModule(LightningModule):
                 "path": str(Path(tokenizer.path).resolve()),
                 "bos_id": int(tokenizer.bos_id),
                 "eos_id": int(tokenizer.eos_id),
-                "sha256": file_sha256(tokenizer.path),  # the file may be replaced: its data folder prepared again
+                "sha256": tokenizer.sha256,  # as read: the file may be replaced (its data folder prepared again)
             }
         plain_numbers(checkpoint)  # the last hook to see it (after the callbacks'): settings given as numpy numbers
 

@@ -500,6 +500,28 @@ def test_a_resume_on_its_data_folder_prepared_again_with_another_tokenizer_is_re
         make_trainer(tmp_path / "resumed", 2, []).fit(module, data, ckpt_path=last)
 
 
+def test_checkpoints_record_the_tokenizer_the_run_read_though_its_file_changes_or_goes(tiny_corpus, tmp_path):
+    """The hash was taken at every save: a data folder prepared again mid-run made later checkpoints record the new
+    vocabulary (so the resume check passed), and a tokenizer file removed mid-run made the save raise."""
+    import shutil
+
+    from epas_lightning.data.tokenizer import file_sha256
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for name in ("train", "val", "meta.json"):
+        (data_dir / name).symlink_to(tiny_corpus / name)
+    shutil.copy(tiny_corpus / "tokenizer.json", data_dir / "tokenizer.json")
+
+    class RemoveTokenizer(Callback):
+        def on_train_start(self, trainer, pl_module):
+            (data_dir / "tokenizer.json").unlink()
+
+    last = train_tiny_checkpoint(data_dir, tmp_path, RemoveTokenizer(), steps=1)
+    recorded = torch.load(last, weights_only=True)["tokenizer"]["sha256"]
+    assert recorded == file_sha256(tiny_corpus / "tokenizer.json")
+
+
 def test_validate_and_test_from_a_checkpoint_use_its_mask(tiny_corpus, tmp_path):
     module, data = make_run(tiny_corpus)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)

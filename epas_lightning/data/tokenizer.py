@@ -40,6 +40,7 @@ class TextTokenizer:
         backend: The underlying ``tokenizers.Tokenizer`` or ``sentencepiece.SentencePieceProcessor``.
         stop_ids: The ids generation stops at: ``eos_id`` first, then the model's other end tokens named beside the
             tokenizer file (``stop_tokens``: Llama 3 Instruct's ``<|eot_id|>``).
+        sha256: The file's hash as loaded (a checkpoint records it: the file may be replaced or removed later).
     """
 
     def __init__(self, kind: str, path: Path, backend: Any, bos_id: int, eos_id: int, vocab_size: int) -> None:
@@ -47,6 +48,7 @@ class TextTokenizer:
         self.bos_id, self.eos_id, self.vocab_size = bos_id, eos_id, vocab_size
         beside = [i for i in stop_ids_beside(path) if 0 <= i < vocab_size and i != eos_id]
         self.stop_ids: tuple[int, ...] = (eos_id, *beside)
+        self.sha256 = file_sha256(path)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         if self.kind == "hf":
