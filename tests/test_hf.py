@@ -108,7 +108,10 @@ def test_a_mistral_without_a_sliding_window_is_our_llama_and_exports_as_one(tmp_
     capsys.readouterr()
     assert main(["generate", "--checkpoint", str(tmp_path / "windowed"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: sliding_window=16 is shorter than its context") and err.count("\n") == 1, err
+    assert err.startswith("error: sliding_window=16 does not span its context") and err.count("\n") == 1, err
+    config = json.loads((tmp_path / "windowed" / "config.json").read_text())
+    with pytest.raises(HFCheckpointError, match="sliding_window=16 does not span"):  # was a TypeError traceback
+        config_from_hf({**config, "max_position_embeddings": None})
 
 
 @pytest.mark.parametrize("kind,overrides", [("Qwen2", {}), ("Llama", {"attention_bias": True})], ids=["qwen2", "llama"])
@@ -213,6 +216,17 @@ def test_import_refuses_unsupported_configs(tmp_path: Path, overrides: dict, mes
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(HFCheckpointError, match=message):
         config_from_hf(path)
+
+
+def test_rope_scaling_takes_numpy_numbers_as_python_ones() -> None:
+    """A numpy factor (a sweep's) was refused as 'not a number'; kept, it would make checkpoints weights_only can't
+    read."""
+    import numpy as np
+
+    from epas_lightning.model.config import RopeScaling
+
+    scaling = RopeScaling("llama3", np.float32(8), np.float64(1), 4.0, np.int64(16))
+    assert [type(v) for v in scaling.to_dict().values()] == [str, float, float, float, int]
 
 
 def test_rope_scaling_is_read_or_refused_in_either_field_with_what_to_do() -> None:

@@ -133,9 +133,10 @@ def check_no_sliding_window(hf: dict[str, Any]) -> None:
     if qwen2 and not hf.get("use_sliding_window"):
         return
     window, context = hf.get("sliding_window"), hf.get("max_position_embeddings", 2048)
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < context):
+    whole = [n for n in (window, context) if isinstance(n, int) and not isinstance(n, bool)] == [window, context]
+    if window is not None and not (whole and window >= context):  # a window that masks nothing of a known context
         raise HFCheckpointError(
-            f"{'use_sliding_window=true with ' if qwen2 else ''}sliding_window={window!r} is shorter than its context "
+            f"{'use_sliding_window=true with ' if qwen2 else ''}sliding_window={window!r} does not span its context "
             f"(max_position_embeddings={context}): sliding-window attention is not supported, our attention sees "
             "every earlier position",
             fix="use a checkpoint without a sliding window (Mistral-7B-v0.2 and later, every Qwen2/2.5 base)",

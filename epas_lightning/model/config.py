@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -66,6 +67,9 @@ class RopeScaling:
             raise ConfigError(f"rope_type must be 'llama3' or 'linear', got {self.rope_type!r}", where)
         llama3 = self.rope_type == "llama3"
         needed = ("factor", *LLAMA3_FIELDS) if llama3 else ("factor",)
+        for name in needed:  # numpy numbers as the Python numbers they hold: checkpoints keep plain types
+            if _is_number(value := getattr(self, name)) and hasattr(value, "item"):
+                setattr(self, name, value.item())
         if missing := [name for name in needed if getattr(self, name) is None]:
             raise ConfigError(f"{self.rope_type} RoPE scaling needs {', '.join(missing)}", where)
         if extra := [name for name in LLAMA3_FIELDS if name not in needed and getattr(self, name) is not None]:
@@ -236,8 +240,8 @@ class LlamaConfig:
 
 
 def _is_number(value: Any) -> bool:
-    """An int or a float, not a bool or a string."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number (numpy's too), not a bool or a string."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _rope_scaling(data: dict[str, Any]) -> RopeScaling:
