@@ -19,14 +19,23 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from epas_lightning.errors import OutputError
+from epas_lightning.errors import CheckpointError, OutputError
 from epas_lightning.outputs import out_of_space
+from epas_lightning.safe_load import is_sharded_checkpoint
 from epas_lightning.strategy import STAGING
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` that writes ``.<name>.saving`` beside the target, syncs it and renames it over the target
-    (never writing through it: a link there is replaced, not followed). Remote paths keep Lightning's way."""
+    (never writing through it: a link there is replaced, not followed). Remote paths keep Lightning's way.
+    A sharded checkpoint folder (which ``FSDP2Strategy`` reads without it) is refused in one line."""
+
+    def load_checkpoint(self, path: _PATH, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if _is_local_file_protocol(path) and is_sharded_checkpoint(Path(path)):
+            raise sharded_needs_fsdp2(
+                path, "this Trainer's", f"ckpt_path {path}", "give the Trainer strategy=FSDP2Strategy()"
+            )
+        return super().load_checkpoint(path, *args, **kwargs)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         if storage_options is not None or not _is_local_file_protocol(path):
@@ -50,3 +59,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 ) from e
             raise
         return None
+
+
+def sharded_needs_fsdp2(path: _PATH, strategy: str, where: str, to_fsdp2: str) -> CheckpointError:
+    """The error for a sharded FSDP2 checkpoint ``path`` given to a ``strategy`` that cannot read it."""
+    return CheckpointError(
+        f"a sharded FSDP2 checkpoint loads only under the fsdp2 strategy, not {strategy}",
+        where,
+        f"{to_fsdp2} (it reads the shards on any number of devices); "
+        f"`python -m epas_lightning evaluate --checkpoint {path}` also scores it as it is",
+    )

@@ -42,12 +42,12 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from epas_lightning.callbacks import ProgressiveSharing, StepLearningRateMonitor, TokenThroughputMonitor
 from epas_lightning.checkpoint import recorded_config
-from epas_lightning.checkpoint_io import AtomicCheckpointIO
+from epas_lightning.checkpoint_io import AtomicCheckpointIO, sharded_needs_fsdp2
 from epas_lightning.child_ranks import EndChildRanksOnError
 from epas_lightning.cli import DURATION, LIGHTNING_COMMANDS, PROG
 from epas_lightning.data import TokenDataModule
 from epas_lightning.divergence import DivergenceGuard
-from epas_lightning.errors import CheckpointError, ConfigError, UserError
+from epas_lightning.errors import ConfigError, UserError
 from epas_lightning.init_from import resumed_instead
 from epas_lightning.interrupt import GracefulStop, Interrupted
 from epas_lightning.model import LlamaConfig
@@ -364,12 +364,7 @@ def check_strategy_reads(strategy: Any, ckpt_path: Path) -> None:
     name = strategy if isinstance(strategy, str) else strategy.get("class_path", "") if strategy else ""
     if name == STRATEGY_NAME or str(name).endswith(SHARDED_READERS):
         return
-    raise CheckpointError(
-        f"a sharded FSDP2 checkpoint loads only under the fsdp2 strategy, not {name or 'auto'}",
-        f"--ckpt_path {ckpt_path}",
-        "add --trainer.strategy=fsdp2 (it reads the shards on any number of devices); "
-        f"`python -m epas_lightning evaluate --checkpoint {ckpt_path}` also scores it as it is",
-    )
+    raise sharded_needs_fsdp2(ckpt_path, name or "auto", f"--ckpt_path {ckpt_path}", "add --trainer.strategy=fsdp2")
 
 
 QUIET_INFO = (

@@ -188,23 +188,28 @@ class EPASModule(LightningModule):
         return k
 
     def on_fit_start(self) -> None:
-        # Runs after the strategy materialised a meta-device model and before a checkpoint is restored.
-        self._set_start_weights()
+        """Runs after the strategy materialised a meta-device model. One device and DDP restored a resumed checkpoint
+        before it; FSDP2 restores it after (into the initialised shards), so there Lightning does not know yet
+        whether one is resumed: ``init_from`` waits until training (or its sanity validation) starts."""
+        self._initialise_meta_built()
+        if self.init_from is None or not self.trainer.strategy.restore_checkpoint_after_setup:
+            self._set_start_weights()
 
     def on_train_start(self) -> None:
         """A resumed optimizer keeps the configured settings (betas, weight decay, ...), as the learning rate follows
         the configured schedule: loading the checkpoint's optimizer state had put the saved ones back, silently."""
+        self._set_start_weights()  # FSDP2's, after the restore
         if self.trainer.ckpt_path is None or self._optimizer_settings is None:
             return
         if changed := restore_settings(self.trainer.optimizers[0], self._optimizer_settings):
             rank_zero_info(f"optimizer: resumed with the configured {changed}")
 
     def on_validation_start(self) -> None:
-        # `validate`/`test` on their own run this after a checkpoint was restored: only without one are weights set
-        if self.trainer.state.fn != TrainerFn.FITTING:
-            if self.trainer.ckpt_path is None:
-                self._set_start_weights()
-            self._start_weights_set = True
+        # `validate`/`test` on their own run this after a checkpoint was restored: only without one are weights set;
+        # in `fit` (FSDP2's sanity validation) after the restore, like `on_train_start`
+        if self.trainer.state.fn == TrainerFn.FITTING or self.trainer.ckpt_path is None:
+            self._set_start_weights()
+        self._start_weights_set = True
 
     def on_test_start(self) -> None:
         self.on_validation_start()
@@ -215,12 +220,7 @@ class EPASModule(LightningModule):
         if self._start_weights_set:
             return
         self._start_weights_set = True
-        if self._built_on_meta:
-            cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-            with torch.random.fork_rng(devices=cuda):
-                _set_rng_state(self._init_rng_state)
-                self.model.init_weights()
-            self._built_on_meta = False
+        self._initialise_meta_built()
         if self.init_from is None:
             return
         if self.trainer.ckpt_path is None:
@@ -228,6 +228,16 @@ class EPASModule(LightningModule):
             rank_zero_info(f"init_from: the weights start from {self.init_from}")
         else:
             rank_zero_info(resumed_instead(self.trainer.ckpt_path))
+
+    def _initialise_meta_built(self) -> None:
+        """Initialise a model built on the meta device (and materialised by the strategy), once."""
+        if not self._built_on_meta:
+            return
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda):
+            _set_rng_state(self._init_rng_state)
+            self.model.init_weights()
+        self._built_on_meta = False
 
     def set_shared_layers(self, layers: Iterable[int]) -> None:
         """Switch exactly ``layers`` to sharing (``ProgressiveSharing`` does it before every training batch)."""

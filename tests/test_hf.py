@@ -21,6 +21,7 @@ from epas_lightning.checkpoint import load_model
 from epas_lightning.cli import main
 from epas_lightning.errors import CheckpointError
 from epas_lightning.hf.convert import HFCheckpointError, config_from_hf, load_hf_state, resize_rows
+from epas_lightning.init_from import resumed_instead
 
 transformers = pytest.importorskip("transformers")
 
@@ -295,7 +296,12 @@ class _FirstBatchWeights(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
         if not hasattr(self, "state"):
-            self.state = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+            self.state = self.full(pl_module)
+
+    @staticmethod
+    def full(module: EPASModule) -> dict[str, torch.Tensor]:
+        """A copy of the model's weights, FSDP2's DTensors gathered."""
+        return {k: getattr(v, "full_tensor", v.detach)().clone() for k, v in module.model.state_dict().items()}
 
 
 def _module_config() -> LlamaConfig:
@@ -756,25 +762,40 @@ def test_a_resume_does_not_need_init_from_any_more(tmp_path: Path, tiny_corpus: 
     assert f"init_from: not applied, the weights resume from {ckpt}" in capsys.readouterr().err
 
 
-def test_resume_wins_over_init_from(tmp_path: Path, tiny_corpus: Path) -> None:
-    from epas_lightning import TokenDataModule
+@pytest.mark.parametrize("fsdp2", [False, True])
+def test_resume_wins_over_init_from(tmp_path: Path, tiny_corpus: Path, caplog, fsdp2: bool) -> None:
+    """A resume from Python never reads init_from (a full read of the model per rank) and says so; under FSDP2
+    Lightning knows the checkpoint only after ``on_fit_start``, where init_from had been loaded and announced."""
+    from epas_lightning import FSDP2Strategy, TokenDataModule
 
     def data() -> TokenDataModule:
         return TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=VOCAB)
 
+    def fit(root: Path, init_from: Path, steps: int, ckpt_path: Path | None = None) -> tuple[EPASModule, dict]:
+        probe = _FirstBatchWeights()
+        strategy = FSDP2Strategy() if fsdp2 else "auto"
+        trainer = cpu_trainer(root, max_steps=steps, callbacks=[probe], strategy=strategy, num_sanity_val_steps=0)
+        module = EPASModule(_module_config(), init_from=str(init_from))
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            trainer.fit(module, data(), ckpt_path=ckpt_path)
+        if ckpt_path is None:
+            trainer.save_checkpoint(tmp_path / "two_steps.ckpt")  # FSDP2's: a sharded folder
+        return module, probe.state
+
     first = save_tiny_hf(tmp_path / "hf1", seed=1)
-    trainer = cpu_trainer(tmp_path / "a", max_steps=2)
-    trainer.fit(EPASModule(_module_config(), init_from=str(first)), data())
-    ckpt = tmp_path / "two_steps.ckpt"
-    trainer.save_checkpoint(ckpt)
-    saved = {k: v for k, v in torch.load(ckpt, weights_only=True)["state_dict"].items() if k.startswith("model.")}
+    module, start = fit(tmp_path / "a", first, 2)
+    for key, tensor in load_hf_state(first, _module_config()).items():
+        torch.testing.assert_close(start[key], tensor, msg=key)
+    assert f"init_from: the weights start from {first}" in caplog.text
+    saved = _FirstBatchWeights.full(module)
 
     other = save_tiny_hf(tmp_path / "hf2", seed=2)  # a resume must not be overwritten by init_from
-    probe = _FirstBatchWeights()
-    trainer = cpu_trainer(tmp_path / "b", max_steps=3, callbacks=[probe])
-    trainer.fit(EPASModule(_module_config(), init_from=str(other)), data(), ckpt_path=ckpt)
+    _, start = fit(tmp_path / "b", other, 3, ckpt_path=tmp_path / "two_steps.ckpt")
     for key, tensor in saved.items():
-        torch.testing.assert_close(probe.state[key.removeprefix("model.")], tensor, msg=key)
+        torch.testing.assert_close(start[key], tensor, msg=key)
+    assert "init_from: the weights start from" not in caplog.text
+    assert resumed_instead(tmp_path / "two_steps.ckpt") in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -437,6 +437,40 @@ def test_chat_prompts_render_and_tokenize_as_transformers_apply_chat_template(ch
     assert control[0] not in tokenizer.encode("<|im_start|>")  # training data and completion prompts: text
 
 
+def test_a_sentencepiece_chat_reads_its_control_text_as_transformers_reads_the_export(tmp_path):
+    """A sentencepiece tokenizer's chat (a LLaMA-2 style template writing '<s>' and '</s>' as text) renders and reads
+    as transformers' apply_chat_template reads it with the tokenizer ``export`` ships: '</s>' is EOS's id."""
+    from transformers import AutoTokenizer
+
+    from epas_lightning.hf.export import export_tokenizer
+    from epas_lightning.serve.chat import control_token_encoder, render_chat, token_text
+
+    template = (
+        "{% for message in messages %}{% if message['role'] == 'user' %}"
+        "{{ bos_token + '[INST] ' + message['content'] + ' [/INST]' }}"
+        "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+    )
+    (tmp_path / "sp").mkdir()
+    model = train_tiny_sentencepiece(tmp_path / "sp" / "tokenizer.model")
+    (model.parent / "chat_template.jinja").write_text(template)
+    (tmp_path / "hf").mkdir()
+    export_tokenizer(model, tmp_path / "hf", 64, None, None)
+    hf, tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf"), load_tokenizer(model)
+    messages = [
+        {"role": "user", "content": "ka lo"},
+        {"role": "assistant", "content": "mine su"},
+        {"role": "user", "content": "tari </s> po"},
+    ]
+    bos, eos = token_text(tokenizer, tokenizer.bos_id), token_text(tokenizer, tokenizer.eos_id)
+    assert (bos, eos) == ("<s>", "</s>")
+    text = render_chat(template, messages, bos, eos)
+    assert text == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = control_token_encoder(tokenizer)(text)
+    assert ids == hf.encode(text, add_special_tokens=False)
+    assert ids.count(tokenizer.bos_id) == 2 and ids.count(tokenizer.eos_id) == 2  # the template's and the message's
+    assert tokenizer.eos_id not in tokenizer.encode("</s>")  # training data and completion prompts: text
+
+
 def test_chat_requests_without_a_template_or_with_a_bad_one_are_refused_in_one_message(
     checkpoint, tmp_path, monkeypatch
 ):

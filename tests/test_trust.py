@@ -845,6 +845,23 @@ def test_a_sharded_checkpoint_under_a_strategy_that_cannot_read_it_is_one_line(t
         check_strategy_reads(strategy, sharded if strategy else tmp_path / "one-file.ckpt")  # no error
 
 
+def test_a_sharded_checkpoint_resumed_from_python_without_fsdp2_is_one_line(tmp_path):
+    """From Python (one device or DDP, with the README's AtomicCheckpointIO) Lightning opened the folder as a file:
+    an IsADirectoryError traceback where the command line says what to do in one line."""
+    import lightning as L
+
+    from epas_lightning import AtomicCheckpointIO, EPASModule, LlamaConfig
+
+    sharded = tmp_path / "last.ckpt"
+    sharded.mkdir()
+    (sharded / ".metadata").write_bytes(b"")
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=8))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, plugins=[AtomicCheckpointIO()])
+    with pytest.raises(CheckpointError, match="loads only under the fsdp2 strategy") as refused:
+        trainer.fit(module, torch.utils.data.DataLoader([torch.zeros(9, dtype=torch.long)]), ckpt_path=sharded)
+    assert "strategy=FSDP2Strategy()" in str(refused.value) and "\n" not in str(refused.value)
+
+
 def test_debug_shows_the_traceback(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x", "--debug"]) == 2
     err = capsys.readouterr().err
