@@ -140,7 +140,7 @@ def test_a_qwen2_sliding_window_counts_only_when_it_is_on(tmp_path: Path) -> Non
     the context is refused, as Mistral's is."""
     record = json.loads((save_tiny_hf(tmp_path / "hf", kind="Qwen2") / "config.json").read_text())
     assert config_from_hf({**record, "sliding_window": 16}).attention_bias == "qkv"
-    with pytest.raises(HFCheckpointError, match=r"^use_sliding_window=true with sliding_window=16 is shorter"):
+    with pytest.raises(HFCheckpointError, match=r"^use_sliding_window=true with sliding_window=16 does not span"):
         config_from_hf({**record, "sliding_window": 16, "use_sliding_window": True})
 
 
