@@ -442,9 +442,7 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
     checkpoint) is copied beside them when it still exists and parses as a tokenizer; only the tokenizer file itself
     is copied, under its standard name, with the chat template and the end tokens found beside it.
     """
-    from epas_lightning.data.chat_template import keep_chat_template
-    from epas_lightning.data.stop_tokens import keep_stop_ids
-    from epas_lightning.data.tokenizer import TokenizerError, load_tokenizer, standard_filename
+    from epas_lightning.data.tokenizer import TokenizerError, copy_tokenizer, load_tokenizer
 
     checkpoint = Path(checkpoint).expanduser()
     check_output(output, "consolidated", overwrite, [checkpoint])
@@ -475,10 +473,7 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
                     "weights and config only"
                 )
             if tokenizer is not None:
-                name = standard_filename(tokenizer)
-                (build / name).write_bytes(tokenizer.path.read_bytes())
-                keep_chat_template(tokenizer.path, build)
-                keep_stop_ids(tokenizer.path, build)
+                name = copy_tokenizer(tokenizer, build)
                 record["tokenizer"] = {
                     "path": name,
                     "bos_id": tokenizer.bos_id,  # the checkpoint's, when it recorded them

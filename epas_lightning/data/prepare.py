@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -24,7 +23,6 @@ from typing import Literal
 
 import numpy as np
 
-from epas_lightning.data.chat_template import keep_chat_template
 from epas_lightning.data.layout import (
     DATASET_KIND,
     FORMAT_VERSION,
@@ -42,12 +40,11 @@ from epas_lightning.data.sources import (
     split_documents,
     with_split,
 )
-from epas_lightning.data.stop_tokens import keep_stop_ids
 from epas_lightning.data.tokenizer import (
     HF_FILENAME,
     MIN_BPE_VOCAB,
-    SENTENCEPIECE_FILENAME,
     check_tokenizer_flag,
+    copy_tokenizer,
     file_sha256,
     load_tokenizer,
     train_byte_level_bpe,
@@ -120,10 +117,7 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
         check_text_field(f, options.text_field)
     if tokenizer.path is not None:
         loaded = load_tokenizer(tokenizer.path, tokenizer.bos_token, tokenizer.eos_token)
-        tokenizer_path = build_dir / (HF_FILENAME if loaded.kind == "hf" else SENTENCEPIECE_FILENAME)
-        shutil.copyfile(loaded.path, tokenizer_path)
-        keep_chat_template(loaded.path, build_dir)
-        keep_stop_ids(loaded.path, build_dir)
+        tokenizer_path = build_dir / copy_tokenizer(loaded, build_dir)
         source = str(loaded.path)
     else:
         skipped: list = []

@@ -140,6 +140,21 @@ def standard_filename(tokenizer: TextTokenizer) -> str:
     return HF_FILENAME if tokenizer.kind == "hf" else SENTENCEPIECE_FILENAME
 
 
+def copy_tokenizer(tokenizer: TextTokenizer, folder: Path) -> str:
+    """Copy the tokenizer file into ``folder`` under its standard name, with the chat template and the end tokens found
+    beside it (what ``transformers`` reads from a tokenizer's folder); the name it got."""
+    import shutil
+
+    from epas_lightning.data.chat_template import keep_chat_template
+    from epas_lightning.data.stop_tokens import keep_stop_ids
+
+    name = standard_filename(tokenizer)
+    shutil.copyfile(tokenizer.path, Path(folder) / name)
+    keep_chat_template(tokenizer.path, folder)
+    keep_stop_ids(tokenizer.path, folder)
+    return name
+
+
 def _pick(named: str | None, candidates: Sequence[str], lookup, what: str, path: Path) -> int:
     for token in (named,) if named else candidates:
         token_id = lookup(token)
