@@ -133,7 +133,7 @@ def check_no_sliding_window(hf: dict[str, Any]) -> None:
     if qwen2 and not hf.get("use_sliding_window"):
         return
     window, context = hf.get("sliding_window"), hf.get("max_position_embeddings", 2048)
-    whole = [n for n in (window, context) if isinstance(n, int) and not isinstance(n, bool)] == [window, context]
+    whole = all(isinstance(n, int) and not isinstance(n, bool) for n in (window, context))
     if window is not None and not (whole and window >= context):  # a window that masks nothing of a known context
         raise HFCheckpointError(
             f"{'use_sliding_window=true with ' if qwen2 else ''}sliding_window={window!r} does not span its context "
