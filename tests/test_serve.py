@@ -515,6 +515,52 @@ def test_chat_requests_without_a_template_or_with_a_bad_one_are_refused_in_one_m
     )
 
 
+def refused(parse, body: dict, served) -> tuple[int, str]:
+    """The status and message of the RequestError that ``parse`` raises for ``body``."""
+    from epas_lightning.serve.protocol import RequestError
+
+    with pytest.raises(RequestError) as error:
+        parse(body, served, served.tokenizer())
+    return error.value.status, error.value.message
+
+
+def test_chat_content_parts_read_as_text_and_fields_that_change_the_output_are_refused(checkpoint, monkeypatch):
+    """Content as a list of text parts (LangChain, the openai SDK's typed messages) is the parts' text joined by
+    newlines, an image part a 400; a field this server does not implement (a vLLM sampling extension, the deprecated
+    functions, audio output) is a 400 naming it, as OpenAI refuses unknown fields; fields that do not change the
+    output (user, metadata, store) are accepted."""
+    pytest.importorskip("litserve")
+    from epas_lightning.serve.protocol import parse_chat, parse_completion
+
+    served = built_api(checkpoint, monkeypatch).served
+    tokenizer = served.tokenizer()
+
+    def prompt(content, **fields) -> list[int]:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": content}], **fields}
+        return parse_chat(body, served, tokenizer).prompts[0]
+
+    assert prompt([{"type": "text", "text": "def main"}]) == prompt("def main")
+    assert prompt([{"type": "text", "text": "def"}, {"type": "text", "text": "main"}]) == prompt("def\nmain")
+    assert prompt("x", user="u1", metadata={"a": "b"}, store=False, parallel_tool_calls=False) == prompt("x")
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    image = [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+    cases = [
+        ({**chat, "messages": [{"role": "user", "content": image}]}, "messages.0.content.0 is a 'image_url' part"),
+        ({**chat, "messages": [{"role": "user", "content": None}]}, "content must be a string or a list of text"),
+        ({**chat, "repetition_penalty": 1.2}, "unrecognized request argument supplied: repetition_penalty"),
+        ({**chat, "functions": [{"name": "f"}]}, "functions is not supported"),
+        ({**chat, "modalities": ["text", "audio"]}, "modalities is not supported"),
+        ({**chat, "tool_choice": "required"}, "tool_choice is not supported"),
+    ]
+    for body, message in cases:
+        status, said = refused(parse_chat, body, served)
+        assert status == 400 and message in said, said
+    completion = {"model": "tiny", "prompt": "hi", "min_p": 0.1}
+    assert refused(parse_completion, completion, served) == (
+        400, "unrecognized request argument supplied: min_p (this server does not implement it)"
+    )  # fmt: skip
+
+
 def test_chat_templates_none_of_them_default_are_named_not_said_to_be_missing(tmp_path):
     """Named templates without a 'default' (transformers: 'multiple chat templates with no default'): chat is off and
     the reason names them; it said the model had no chat template."""
