@@ -561,6 +561,37 @@ def test_chat_content_parts_read_as_text_and_fields_that_change_the_output_are_r
     )  # fmt: skip
 
 
+def test_chat_templates_that_run_long_or_write_too_much_are_stopped(checkpoint, monkeypatch):
+    """A checkpoint's template that loops without end, writes without end or builds a huge value with one '*' is
+    stopped within its bounds (a 500 naming the bound; it ran for hours, or took all memory, blocking the server);
+    messages longer than the context can hold are a 400 before the template renders them."""
+    pytest.importorskip("litserve")
+    from dataclasses import replace
+
+    from epas_lightning.serve import chat
+    from epas_lightning.serve.protocol import parse_chat
+
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 0.2)
+    served = built_api(checkpoint, monkeypatch).served
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    loop = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    bounded = {
+        loop: "it ran longer than 0.2 s",
+        "{% for i in range(100000) %}{{ messages }}{% endfor %}": "it wrote more than 32768 characters",
+        "{{ 'x' * 10**10 }}": "its '*' would build a value of 10000000000 characters, items or bits",
+    }
+    for template, bound in bounded.items():
+        start = time.monotonic()
+        status, message = refused(parse_chat, body, replace(served, chat_template=template))
+        assert status == 500 and f"failed on these messages ({bound})" in message, message
+        assert time.monotonic() - start < 2
+    long = {**body, "messages": [{"role": "user", "content": "x" * 20_000}]}
+    assert refused(parse_chat, long, replace(served, chat_template=loop)) == (
+        400, "the messages hold 20000 characters, more than the model's context length of 64 tokens can hold: "
+        "shorten them",
+    )  # fmt: skip
+
+
 def test_chat_templates_none_of_them_default_are_named_not_said_to_be_missing(tmp_path):
     """Named templates without a 'default' (transformers: 'multiple chat templates with no default'): chat is off and
     the reason names them; it said the model had no chat template."""

@@ -29,6 +29,9 @@ MAX_STOP = 4
 """Stop strings per request, as OpenAI allows."""
 DEFAULT_MAX_TOKENS = 16
 """OpenAI's default ``max_tokens`` for completions."""
+MAX_TOKEN_CHARS = 256
+"""Characters one token stands for, at most: chat messages longer than the context length times this cannot fit (and
+are refused before the template renders them)."""
 
 
 class RequestError(Exception):
@@ -310,9 +313,19 @@ def _chat_prompt(messages: list[ChatMessage], served: ServedModel, tokenizer: Te
     """The token ids of the chat template's text for ``messages``: its control tokens as their ids."""
     if not messages:
         raise RequestError("messages must hold at least one message", "messages")
+    records = [_template_message(i, m) for i, m in enumerate(messages)]
+    context_length = served.config.context_length
+    most = context_length * MAX_TOKEN_CHARS  # no longer text fits in the context
+    given = sum(len(record["content"]) for record in records)
+    if given > most:
+        raise RequestError(
+            f"the messages hold {given} characters, more than the model's context length of {context_length} "
+            "tokens can hold: shorten them",
+            "messages",
+        )
     bos, eos = token_text(tokenizer, tokenizer.bos_id), token_text(tokenizer, tokenizer.eos_id)
-    try:
-        text = render_chat(served.chat_template, [_template_message(i, m) for i, m in enumerate(messages)], bos, eos)
+    try:  # the template may add its own text (headers, a system prompt), not as much again
+        text = render_chat(served.chat_template, records, bos, eos, max_chars=2 * most)
     except TemplateRefusal as e:
         raise RequestError(f"the model's chat template refuses these messages: {e}", "messages") from None
     except TemplateFailure as e:
