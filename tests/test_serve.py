@@ -592,6 +592,34 @@ def test_chat_templates_that_run_long_or_write_too_much_are_stopped(checkpoint, 
     )  # fmt: skip
 
 
+def test_a_slow_chat_template_does_not_hold_up_other_requests(checkpoint, monkeypatch):
+    """Requests are parsed (chats rendered, prompts tokenized) off the HTTP process's event loop: while a template
+    runs to its time limit, the model list answers at once (it waited for the render)."""
+    pytest.importorskip("litserve")
+    from dataclasses import replace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from epas_lightning.serve import chat
+
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 1.0)
+    api = built_api(checkpoint, monkeypatch)
+    loop = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    api.spec.served = replace(api.spec.served, chat_template=loop)
+    app = FastAPI()
+    for path, endpoint, methods in api.spec.endpoints:
+        app.add_api_route(path, endpoint, methods=methods)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    with TestClient(app) as client, ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(client.post, "/v1/chat/completions", json=body)
+        time.sleep(0.3)
+        start = time.monotonic()
+        assert client.get("/v1/models").status_code == 200
+        assert time.monotonic() - start < 0.5
+        assert slow.result().status_code == 500
+
+
 def test_chat_templates_none_of_them_default_are_named_not_said_to_be_missing(tmp_path):
     """Named templates without a 'default' (transformers: 'multiple chat templates with no default'): chat is off and
     the reason names them; it said the model had no chat template."""
