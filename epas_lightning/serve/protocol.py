@@ -1,12 +1,13 @@
 """The OpenAI completions and chat completions APIs as ``serve`` speaks them: the request schemas, their checks, and
 the response objects.
 
-A request is checked completely before anything reaches the model: a wrong type, an unknown model, a prompt longer
-than the model's context, ``max_tokens <= 0``, a region the checkpoint never trained or a budget nothing meets is a
-:class:`RequestError` (HTTP 4xx with an OpenAI-style ``{"error": {...}}`` body). Two fields extend the API: the
-region a request runs with, ``sharing_layers`` (the first N layers of the trained region) or ``budget`` (a fraction
-of dense FLOPs, resolved like ``bench --budget``); the openai client sends them with ``extra_body=``. A chat request's
-messages become one prompt through the checkpoint's chat template (:mod:`~epas_lightning.serve.chat`).
+A request is checked completely before anything reaches the model: a wrong type, a field this server does not
+implement, an unknown model, a prompt longer than the model's context, ``max_tokens <= 0``, a region the checkpoint
+never trained or a budget nothing meets is a :class:`RequestError` (HTTP 4xx with an OpenAI-style
+``{"error": {...}}`` body). Two fields extend the API: the region a request runs with, ``sharing_layers`` (the first N
+layers of the trained region) or ``budget`` (a fraction of dense FLOPs, resolved like ``bench --budget``); the openai
+client sends them with ``extra_body=``. A chat request's messages become one prompt through the checkpoint's chat
+template (:mod:`~epas_lightning.serve.chat`).
 """
 
 from __future__ import annotations
