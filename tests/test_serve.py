@@ -965,6 +965,7 @@ BAD_REQUESTS = [
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 stop strings"),
     ({"logprobs": 2}, 400, "logprobs is not supported"),
     ({"seed": 2**64}, 400, "seed must be a 64-bit signed integer"),
+    ({"min_p": 0.1}, 400, "unrecognized request argument supplied: min_p"),
 ]
 
 
