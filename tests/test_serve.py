@@ -515,6 +515,111 @@ def test_chat_requests_without_a_template_or_with_a_bad_one_are_refused_in_one_m
     )
 
 
+def refused(parse, body: dict, served) -> tuple[int, str]:
+    """The status and message of the RequestError that ``parse`` raises for ``body``."""
+    from epas_lightning.serve.protocol import RequestError
+
+    with pytest.raises(RequestError) as error:
+        parse(body, served, served.tokenizer())
+    return error.value.status, error.value.message
+
+
+def test_chat_content_parts_read_as_text_and_fields_that_change_the_output_are_refused(checkpoint, monkeypatch):
+    """Content as a list of text parts (LangChain, the openai SDK's typed messages) is the parts' text joined by
+    newlines, an image part a 400; a field this server does not implement (a vLLM sampling extension, the deprecated
+    functions, audio output) is a 400 naming it, as OpenAI refuses unknown fields; fields that do not change the
+    output (user, metadata, store) are accepted."""
+    pytest.importorskip("litserve")
+    from epas_lightning.serve.protocol import parse_chat, parse_completion
+
+    served = built_api(checkpoint, monkeypatch).served
+    tokenizer = served.tokenizer()
+
+    def prompt(content, **fields) -> list[int]:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": content}], **fields}
+        return parse_chat(body, served, tokenizer).prompts[0]
+
+    assert prompt([{"type": "text", "text": "def main"}]) == prompt("def main")
+    assert prompt([{"type": "text", "text": "def"}, {"type": "text", "text": "main"}]) == prompt("def\nmain")
+    assert prompt("x", user="u1", metadata={"a": "b"}, store=False, parallel_tool_calls=False) == prompt("x")
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    image = [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+    cases = [
+        ({**chat, "messages": [{"role": "user", "content": image}]}, "messages.0.content.0 is a 'image_url' part"),
+        ({**chat, "messages": [{"role": "user", "content": None}]}, "content must be a string or a list of text"),
+        ({**chat, "repetition_penalty": 1.2}, "unrecognized request argument supplied: repetition_penalty"),
+        ({**chat, "functions": [{"name": "f"}]}, "functions is not supported"),
+        ({**chat, "modalities": ["text", "audio"]}, "modalities is not supported"),
+        ({**chat, "tool_choice": "required"}, "tool_choice is not supported"),
+    ]
+    for body, message in cases:
+        status, said = refused(parse_chat, body, served)
+        assert status == 400 and message in said, said
+    completion = {"model": "tiny", "prompt": "hi", "min_p": 0.1}
+    assert refused(parse_completion, completion, served) == (
+        400, "unrecognized request argument supplied: min_p (this server does not implement it)"
+    )  # fmt: skip
+
+
+def test_chat_templates_that_run_long_or_write_too_much_are_stopped(checkpoint, monkeypatch):
+    """A checkpoint's template that loops without end, writes without end or builds a huge value with one '*' is
+    stopped within its bounds (a 500 naming the bound; it ran for hours, or took all memory, blocking the server);
+    messages longer than the context can hold are a 400 before the template renders them."""
+    pytest.importorskip("litserve")
+    from dataclasses import replace
+
+    from epas_lightning.serve import chat
+    from epas_lightning.serve.protocol import parse_chat
+
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 0.2)
+    served = built_api(checkpoint, monkeypatch).served
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    loop = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    bounded = {
+        loop: "it ran longer than 0.2 s",
+        "{% for i in range(100000) %}{{ messages }}{% endfor %}": "it wrote more than 32768 characters",
+        "{{ 'x' * 10**10 }}": "its '*' would build a value of 10000000000 characters, items or bits",
+    }
+    for template, bound in bounded.items():
+        start = time.monotonic()
+        status, message = refused(parse_chat, body, replace(served, chat_template=template))
+        assert status == 500 and f"failed on these messages ({bound})" in message, message
+        assert time.monotonic() - start < 2
+    long = {**body, "messages": [{"role": "user", "content": "x" * 20_000}]}
+    assert refused(parse_chat, long, replace(served, chat_template=loop)) == (
+        400, "the messages hold 20000 characters, more than the model's context length of 64 tokens can hold: "
+        "shorten them",
+    )  # fmt: skip
+
+
+def test_a_slow_chat_template_does_not_hold_up_other_requests(checkpoint, monkeypatch):
+    """Requests are parsed (chats rendered, prompts tokenized) off the HTTP process's event loop: while a template
+    runs to its time limit, the model list answers at once (it waited for the render)."""
+    pytest.importorskip("litserve")
+    from dataclasses import replace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from epas_lightning.serve import chat
+
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 1.0)
+    api = built_api(checkpoint, monkeypatch)
+    loop = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    api.spec.served = replace(api.spec.served, chat_template=loop)
+    app = FastAPI()
+    for path, endpoint, methods in api.spec.endpoints:
+        app.add_api_route(path, endpoint, methods=methods)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    with TestClient(app) as client, ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(client.post, "/v1/chat/completions", json=body)
+        time.sleep(0.3)
+        start = time.monotonic()
+        assert client.get("/v1/models").status_code == 200
+        assert time.monotonic() - start < 0.5
+        assert slow.result().status_code == 500
+
+
 def test_chat_templates_none_of_them_default_are_named_not_said_to_be_missing(tmp_path):
     """Named templates without a 'default' (transformers: 'multiple chat templates with no default'): chat is off and
     the reason names them; it said the model had no chat template."""
@@ -860,6 +965,7 @@ BAD_REQUESTS = [
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 stop strings"),
     ({"logprobs": 2}, 400, "logprobs is not supported"),
     ({"seed": 2**64}, 400, "seed must be a 64-bit signed integer"),
+    ({"min_p": 0.1}, 400, "unrecognized request argument supplied: min_p"),
 ]
 
 

@@ -116,8 +116,8 @@ class CompletionsSpec(LitSpec):
             body = await request.json()
         except ValueError:
             return _error_response(RequestError("the request body is not valid JSON"))
-        try:
-            completion = parse(body, self.served, self.served.tokenizer())
+        try:  # in a thread: rendering a chat and tokenizing a long prompt do not hold up the other requests
+            completion = await asyncio.to_thread(lambda: parse(body, self.served, self.served.tokenizer()))
         except RequestError as e:
             return _error_response(e)
         event = asyncio.Event()

@@ -5,7 +5,9 @@ The template is a file from the checkpoint, never trusted: it runs in jinja2's `
 (no attribute starting with ``_``, no method that changes a list or dict), with what transformers gives a template:
 ``trim_blocks``/``lstrip_blocks``, ``loopcontrols``, the ``tojson`` filter, the globals ``raise_exception``,
 ``strftime_now``, ``dict`` and ``namespace``, and the variables ``messages``, ``add_generation_prompt``,
-``bos_token`` and ``eos_token``.
+``bos_token`` and ``eos_token``. A render is bounded: it may run :data:`RENDER_SECONDS` and write ``max_chars``
+characters, and ``*`` or ``**`` may not build a value larger than :data:`MAX_PRODUCT` (one C call the time limit
+cannot interrupt); past a bound it is a :class:`TemplateFailure`.
 
 A template writes its control tokens as text (``<|im_start|>``, ``<|eot_id|>``). Our :class:`TextTokenizer` reads
 such text as text (training data and completion prompts); the rendered chat is read by a second pipeline that matches
@@ -17,7 +19,10 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Sequence
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +30,13 @@ if TYPE_CHECKING:
     import jinja2
 
     from epas_lightning.data.tokenizer import TextTokenizer
+
+RENDER_SECONDS = 2.0
+"""Time a chat template may take to render one request's messages (real ones take milliseconds)."""
+MAX_PRODUCT = 10_000_000
+"""Characters or items a template's ``*`` may repeat a string or list to, and bits a ``**`` may make an integer of."""
+TEMPLATE_CODE = "<template>"
+"""The file name of the Python code jinja2 compiles a template from a string to: the frames the time limit watches."""
 
 
 class TemplateRefusal(Exception):
@@ -44,22 +56,32 @@ def chat_template_text(entry: dict[str, Any]) -> str | None:
     return template
 
 
-def render_chat(template: str, messages: Sequence[dict[str, str]], bos_token: str, eos_token: str) -> str:
+def render_chat(
+    template: str, messages: Sequence[dict[str, str]], bos_token: str, eos_token: str, max_chars: int = 10**7
+) -> str:
     """The prompt text of ``messages``, ending with the header of the assistant's turn; :class:`TemplateRefusal` or
-    :class:`TemplateFailure` when the template does not render them."""
+    :class:`TemplateFailure` when the template does not render them, or runs past its bounds."""
     import jinja2
 
     compiled = compile_template(template)
+    variables = {
+        "messages": [dict(message) for message in messages],
+        "tools": None,
+        "documents": None,
+        "add_generation_prompt": True,
+        "bos_token": bos_token,
+        "eos_token": eos_token,
+    }
+    pieces, length = [], 0
     try:
-        return compiled.render(
-            messages=[dict(message) for message in messages],
-            tools=None,
-            documents=None,
-            add_generation_prompt=True,
-            bos_token=bos_token,
-            eos_token=eos_token,
-        )
-    except TemplateRefusal:
+        with _time_limit(RENDER_SECONDS):
+            for piece in compiled.generate(**variables):
+                length += len(piece)
+                if length > max_chars:
+                    raise TemplateFailure(f"it wrote more than {max_chars} characters")
+                pieces.append(piece)
+        return "".join(pieces)
+    except (TemplateRefusal, TemplateFailure):
         raise
     except jinja2.exceptions.SecurityError as e:
         raise TemplateFailure(f"the sandbox stopped it: {e}") from None
@@ -112,7 +134,17 @@ def compile_template(template: str) -> jinja2.Template:
                 raise jinja2.exceptions.SecurityError(f"a namespace attribute may not start with '_': {name!r}")
 
     extensions = [Generation, loopcontrols]
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=extensions)
+
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        """The sandbox, with ``*`` and ``**`` bounded."""
+
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            _check_product(operator, left, right)
+            return super().call_binop(context, operator, left, right)
+
+    environment = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=extensions)
     environment.filters["tojson"] = tojson
     environment.globals.update(
         raise_exception=raise_exception,
@@ -121,6 +153,40 @@ def compile_template(template: str) -> jinja2.Template:
         namespace=Namespace,
     )
     return environment.from_string(template)
+
+
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Stop template code that runs past ``seconds`` (checked on each line it runs, in this thread only): a loop that
+    writes nothing is stopped too."""
+    deadline = time.monotonic() + seconds
+
+    def on_line(frame: Any, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise TemplateFailure(f"it ran longer than {seconds:g} s")
+        return on_line
+
+    def on_call(frame: Any, event: str, arg: Any) -> Any:
+        return on_line if frame.f_code.co_filename == TEMPLATE_CODE else None
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
+
+
+def _check_product(operator: str, left: Any, right: Any) -> None:
+    """Refuse a ``*`` or ``**`` whose result would exceed :data:`MAX_PRODUCT` characters, items or bits."""
+    ints = [x for x in (left, right) if isinstance(x, int) and not isinstance(x, bool)]
+    if operator == "*":
+        sized = [x for x in (left, right) if isinstance(x, str | list | tuple)]
+        size = len(sized[0]) * ints[0] if sized and ints else 0
+    else:
+        size = right * abs(left).bit_length() if len(ints) == 2 and right > 0 else 0
+    if size > MAX_PRODUCT:
+        raise TemplateFailure(f"its '{operator}' would build a value of {size} characters, items or bits")
 
 
 def control_token_encoder(tokenizer: TextTokenizer) -> Callable[[str], list[int]]:

@@ -1,12 +1,13 @@
 """The OpenAI completions and chat completions APIs as ``serve`` speaks them: the request schemas, their checks, and
 the response objects.
 
-A request is checked completely before anything reaches the model: a wrong type, an unknown model, a prompt longer
-than the model's context, ``max_tokens <= 0``, a region the checkpoint never trained or a budget nothing meets is a
-:class:`RequestError` (HTTP 4xx with an OpenAI-style ``{"error": {...}}`` body). Two fields extend the API: the
-region a request runs with, ``sharing_layers`` (the first N layers of the trained region) or ``budget`` (a fraction
-of dense FLOPs, resolved like ``bench --budget``); the openai client sends them with ``extra_body=``. A chat request's
-messages become one prompt through the checkpoint's chat template (:mod:`~epas_lightning.serve.chat`).
+A request is checked completely before anything reaches the model: a wrong type, a field this server does not
+implement, an unknown model, a prompt longer than the model's context, ``max_tokens <= 0``, a region the checkpoint
+never trained or a budget nothing meets is a :class:`RequestError` (HTTP 4xx with an OpenAI-style
+``{"error": {...}}`` body). Two fields extend the API: the region a request runs with, ``sharing_layers`` (the first N
+layers of the trained region) or ``budget`` (a fraction of dense FLOPs, resolved like ``bench --budget``); the openai
+client sends them with ``extra_body=``. A chat request's messages become one prompt through the checkpoint's chat
+template (:mod:`~epas_lightning.serve.chat`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ MAX_STOP = 4
 """Stop strings per request, as OpenAI allows."""
 DEFAULT_MAX_TOKENS = 16
 """OpenAI's default ``max_tokens`` for completions."""
+MAX_TOKEN_CHARS = 256
+"""Characters one token stands for, at most: chat messages longer than the context length times this cannot fit (and
+are refused before the template renders them)."""
 
 
 class RequestError(Exception):
@@ -49,9 +53,10 @@ class StreamOptions(BaseModel):
 
 
 class SamplingRequest(BaseModel):
-    """The fields both endpoints take: OpenAI's (unsupported ones are refused when set) plus the region fields."""
+    """The fields both endpoints take: OpenAI's (unsupported ones are refused when set) plus the region fields; a
+    field no schema names is refused, as OpenAI refuses it (it may be one that changes the output)."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str
     temperature: float | None = 1.0
     top_p: float | None = 1.0
@@ -61,6 +66,7 @@ class SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    user: str | None = None  # accepted and unused, as the fields below that do not change the output
     sharing_layers: int | None = None
     budget: float | None = None
     # OpenAI fields this server does not implement: refused unless left at their defaults
@@ -81,13 +87,16 @@ class CompletionRequest(SamplingRequest):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    """A message: its ``content`` text, or a list of content parts of which only text ones are read."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: str
-    content: str
+    content: str | list[dict[str, Any]]
+    name: str | None = None
 
 
 class ChatRequest(SamplingRequest):
-    """``POST /v1/chat/completions``: text messages; no tools, no logprobs."""
+    """``POST /v1/chat/completions``: text messages; no tools, no logprobs, no audio."""
 
     messages: list[ChatMessage]
     max_tokens: int | None = None
@@ -95,7 +104,21 @@ class ChatRequest(SamplingRequest):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    # accepted and unused: they do not change the output
+    parallel_tool_calls: bool | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prediction: dict[str, Any] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
 
 
 @dataclass
@@ -139,7 +162,13 @@ def parse_chat(body: Any, served: ServedModel, tokenizer: TextTokenizer) -> Comp
         {
             "logprobs": bool(request.logprobs) or request.top_logprobs is not None,
             "tools": bool(request.tools),
+            "tool_choice": request.tool_choice not in (None, "none", "auto"),
+            "functions": bool(request.functions),
+            "function_call": request.function_call not in (None, "none", "auto"),
             "response_format": request.response_format not in (None, {"type": "text"}),
+            "modalities": request.modalities not in (None, ["text"]),
+            "audio": request.audio is not None,
+            "web_search_options": request.web_search_options is not None,
         },
         request,
     )
@@ -224,10 +253,14 @@ def _completion(
 def _schema_error(error: ValidationError) -> RequestError:
     first = error.errors()[0]
     field = str(first["loc"][0]) if first["loc"] else None
-    if field == "prompt" and first["type"] != "missing":
+    where = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        message = f"unrecognized request argument supplied: {where} (this server does not implement it)"
+    elif field == "prompt" and first["type"] != "missing":
         message = "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids"
+    elif field == "messages" and first["loc"][2:3] == ("content",) and first["type"] != "missing":
+        message = f"messages.{first['loc'][1]}.content must be a string or a list of text parts"
     else:
-        where = ".".join(str(part) for part in first["loc"])
         message = f"{where}: {first['msg']}" + (f" (got {first['input']!r})" if first["type"] != "missing" else "")
     return RequestError(message, field)
 
@@ -281,9 +314,19 @@ def _chat_prompt(messages: list[ChatMessage], served: ServedModel, tokenizer: Te
     """The token ids of the chat template's text for ``messages``: its control tokens as their ids."""
     if not messages:
         raise RequestError("messages must hold at least one message", "messages")
+    records = [_template_message(i, m) for i, m in enumerate(messages)]
+    context_length = served.config.context_length
+    most = context_length * MAX_TOKEN_CHARS  # no longer text fits in the context
+    given = sum(len(record["content"]) for record in records)
+    if given > most:
+        raise RequestError(
+            f"the messages hold {given} characters, more than the model's context length of {context_length} "
+            "tokens can hold: shorten them",
+            "messages",
+        )
     bos, eos = token_text(tokenizer, tokenizer.bos_id), token_text(tokenizer, tokenizer.eos_id)
-    try:
-        text = render_chat(served.chat_template, [m.model_dump() for m in messages], bos, eos)
+    try:  # the template may add its own text (headers, a system prompt), not as much again
+        text = render_chat(served.chat_template, records, bos, eos, max_chars=2 * most)
     except TemplateRefusal as e:
         raise RequestError(f"the model's chat template refuses these messages: {e}", "messages") from None
     except TemplateFailure as e:
@@ -295,6 +338,24 @@ def _chat_prompt(messages: list[ChatMessage], served: ServedModel, tokenizer: Te
             "chat_template_error",
         ) from None
     return control_token_encoder(tokenizer)(text)
+
+
+def _template_message(index: int, message: ChatMessage) -> dict[str, str]:
+    """A message as the template reads it: a list of text parts becomes their texts joined by newlines (as vLLM
+    joins them); a part of another kind (image, audio, file) is refused, this model reads text only."""
+    record = message.model_dump(exclude_none=True)
+    if isinstance(message.content, str):
+        return record
+    texts = []
+    for number, part in enumerate(message.content):
+        where = f"messages.{index}.content.{number}"
+        kind = part.get("type")
+        if kind != "text":
+            raise RequestError(f"{where} is a {kind!r} part: this model reads text parts only", "messages")
+        if not isinstance(part.get("text"), str):
+            raise RequestError(f"{where}: a text part needs its 'text', a string", "messages")
+        texts.append(part["text"])
+    return {**record, "content": "\n".join(texts)}
 
 
 def _check_length(ids: list[int], max_tokens: int, context_length: int) -> None:
