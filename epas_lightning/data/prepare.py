@@ -203,7 +203,7 @@ def prepare_dataset(
     """Tokenize a corpus into ``output`` (``train/``, ``val/``, the tokenizer, ``meta.json``); see the module doc.
 
     Args:
-        input: Files or directories: text/code files, ``.jsonl[.gz|.zst]``, ``.json.gz|.zst``, ``.parquet``.
+        input: Files or directories: text/code files, ``.jsonl[.gz|.zst]``, ``.json.gz|.zst``, ``.ndjson``, ``.parquet``.
         output: The dataset directory to create; it may not contain or lie inside an input.
         tokenizer: A local ``tokenizer.json``, sentencepiece ``tokenizer.model``, or a directory holding one.
         train_tokenizer: Train a byte-level BPE of ``vocab_size`` tokens on the train split instead.
@@ -308,8 +308,8 @@ def prepare_command(
     --output, built beside it and renamed into place when complete.
 
     Args:
-        input: Files or folders: text/markdown/code files (one document each), .jsonl[.gz|.zst], .json.gz|.zst and
-            .parquet (one document per record). Repeat the flag for several.
+        input: Files or folders: text/markdown/code files (one document each), .jsonl[.gz|.zst], .json.gz|.zst,
+            .ndjson and .parquet (one document per record). Repeat the flag for several.
         output: The dataset folder to create; it may not contain or lie inside an input.
         tokenizer: A local tokenizer.json, sentencepiece tokenizer.model, or a folder holding one.
         train_tokenizer: Train a byte-level BPE on the train split instead (with --vocab-size).
