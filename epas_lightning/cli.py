@@ -213,6 +213,10 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None) -> User
         return ConfigError(what, prog, f"set it through {source}: `{prog} --help` lists the links")
     given = next((line for line in lines if line.startswith(("Given value:", "Got value:"))), None)
     expected = next((line for line in lines if line.startswith("Expected")), None)
+    missing_config = re.match(r'Parser key "config": File does not exist: (.*)$', what)
+    if missing_config:  # as fit says it (lightning_cli.py), not "invalid value for --config"
+        path = missing_config.group(1).strip("'\"")
+        return ConfigError("config file does not exist", f"--config {path}", "give the path of a YAML file")
     if what.startswith("Parser key"):
         key = what.split('"')[1] if '"' in what else what
         flag = "--" + (key.replace("_", "-") if fn is not None else key)  # LightningCLI keeps --trainer.max_steps

@@ -620,6 +620,22 @@ def test_a_slow_chat_template_does_not_hold_up_other_requests(checkpoint, monkey
         assert slow.result().status_code == 500
 
 
+def test_a_chat_request_too_long_for_the_context_names_the_fields_it_sent(checkpoint, monkeypatch):
+    """The length errors of a chat request named 'max_tokens=63' and the param 'prompt' for a request that sent
+    max_completion_tokens and messages."""
+    pytest.importorskip("litserve")
+    from epas_lightning.serve.protocol import RequestError, parse_chat
+
+    served = built_api(checkpoint, monkeypatch).served
+    message = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(RequestError) as error:
+        parse_chat({**message, "max_completion_tokens": 63}, served, served.tokenizer())
+    assert error.value.param == "max_completion_tokens" and "plus max_completion_tokens=63 exceeds" in str(error.value)
+    with pytest.raises(RequestError) as error:
+        parse_chat({**message, "messages": [{"role": "user", "content": "x" * 200}]}, served, served.tokenizer())
+    assert error.value.param == "messages"
+
+
 def test_chat_templates_none_of_them_default_are_named_not_said_to_be_missing(tmp_path):
     """Named templates without a 'default' (transformers: 'multiple chat templates with no default'): chat is off and
     the reason names them; it said the model had no chat template."""

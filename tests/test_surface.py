@@ -241,6 +241,16 @@ def test_a_value_of_the_wrong_kind_says_what_the_flag_takes(argv, says, capsys):
     assert err.startswith(f"error: {says} — python -m epas_lightning {argv[0]}") and err.count("\n") == 1, err
 
 
+def test_a_missing_config_file_is_named_by_every_tool_as_fit_names_it(tmp_path, capsys):
+    """A tool's --config that does not exist said only "invalid value for --config" (fit says which file)."""
+    missing = tmp_path / "missing.yaml"
+    assert main(["generate", "--config", str(missing)]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: config file does not exist — --config {missing} — give the path of a YAML file\n"
+    )
+
+
 def test_a_lightning_cli_value_error_names_the_flag_as_typed(capsys):
     assert main(["fit", "--config", DEBUG, "--trainer.max_steps", "abc"]) == 2
     assert capsys.readouterr().err.startswith("error: invalid value for --trainer.max_steps (")

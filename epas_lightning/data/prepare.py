@@ -203,16 +203,22 @@ def prepare_dataset(
     """Tokenize a corpus into ``output`` (``train/``, ``val/``, the tokenizer, ``meta.json``); see the module doc.
 
     Args:
-        input: Files or directories: text/code files, ``.jsonl[.gz|.zst]``, ``.json.gz|.zst``, ``.parquet``.
+        input: Files or directories: text/code files, ``.jsonl[.gz|.zst]``, ``.json.gz|.zst``, ``.ndjson``,
+            ``.parquet``.
         output: The dataset directory to create; it may not contain or lie inside an input.
         tokenizer: A local ``tokenizer.json``, sentencepiece ``tokenizer.model``, or a directory holding one.
         train_tokenizer: Train a byte-level BPE of ``vocab_size`` tokens on the train split instead.
+        vocab_size: Vocabulary size of the trained tokenizer.
         val_input: Separate validation inputs (their files are held out from ``input`` too). Otherwise
             ``val_fraction`` of the documents are held out by hash (whole files for text inputs, records for
             JSONL/parquet).
+        val_fraction: Fraction of the documents held out for validation when there is no ``val_input``.
         text_field: The JSONL field / parquet column holding the text.
+        bos_token, eos_token: The tokens documents start and end with (default: the tokenizer's own).
         on_bad: ``skip`` (warn) or ``fail`` on an unreadable, binary or non-UTF-8 file or record.
+        num_workers: Tokenizer processes (default: the CPU cores available).
         overwrite: Replace ``output`` if it is a dataset prepared by this command (never anything else).
+        progress: Log each step and show progress bars.
     """
     inputs = [input] if isinstance(input, str | Path) else list(input)
     val_inputs = [] if val_input is None else [val_input] if isinstance(val_input, str | Path) else list(val_input)
@@ -308,8 +314,8 @@ def prepare_command(
     --output, built beside it and renamed into place when complete.
 
     Args:
-        input: Files or folders: text/markdown/code files (one document each), .jsonl[.gz|.zst], .json.gz|.zst and
-            .parquet (one document per record). Repeat the flag for several.
+        input: Files or folders: text/markdown/code files (one document each), .jsonl[.gz|.zst], .json.gz|.zst,
+            .ndjson and .parquet (one document per record). Repeat the flag for several.
         output: The dataset folder to create; it may not contain or lie inside an input.
         tokenizer: A local tokenizer.json, sentencepiece tokenizer.model, or a folder holding one.
         train_tokenizer: Train a byte-level BPE on the train split instead (with --vocab-size).

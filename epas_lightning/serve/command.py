@@ -1,4 +1,4 @@
-"""``python -m epas_lightning serve --checkpoint ...``: one model over the OpenAI completions API, at every budget.
+"""``python -m epas_lightning serve --checkpoint ...``: the OpenAI completions and chat APIs, at every budget.
 
 This module stays importable without the ``serve`` extra (the command list imports it for ``--help``); LitServe is
 imported when the command runs.
@@ -113,7 +113,7 @@ def serve_command(
     max_choices: int = 16,
     log_level: LogLevel = "warning",
 ) -> None:
-    """Serve a checkpoint over the OpenAI completions API; each request may pick its sharing region.
+    """Serve a checkpoint over the OpenAI completions and chat APIs; each request may pick its sharing region.
 
     Endpoints: POST /v1/completions and POST /v1/chat/completions (streamed or not; chat renders the messages with the
     tokenizer's chat template, in a sandbox), GET /v1/models, GET /health. A request picks its region with

@@ -152,7 +152,8 @@ def parse_completion(body: Any, served: ServedModel, tokenizer: TextTokenizer) -
     )
     max_tokens = DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
     _check_max_tokens(max_tokens, "max_tokens", served)
-    return _completion(request, served, _prompt_ids(request.prompt, tokenizer, served), max_tokens, chat=False)
+    prompts = _prompt_ids(request.prompt, tokenizer, served)
+    return _completion(request, served, prompts, max_tokens, chat=False, field="max_tokens")
 
 
 def parse_chat(body: Any, served: ServedModel, tokenizer: TextTokenizer) -> Completion:
@@ -181,7 +182,7 @@ def parse_chat(body: Any, served: ServedModel, tokenizer: TextTokenizer) -> Comp
     prompt = _chat_prompt(request.messages, served, tokenizer)
     if max_tokens is None:  # as OpenAI: as long as the context allows (this server's --max-tokens at most)
         max_tokens = max(1, min(served.max_tokens, served.config.context_length - len(prompt)))
-    return _completion(request, served, [prompt], max_tokens, chat=True)
+    return _completion(request, served, [prompt], max_tokens, chat=True, field=field)
 
 
 def _validate(body: Any, schema: type[SamplingRequest], served: ServedModel) -> Any:
@@ -207,9 +208,10 @@ def _check_max_tokens(max_tokens: int, field: str, served: ServedModel) -> None:
 
 
 def _completion(
-    request: SamplingRequest, served: ServedModel, prompts: list[list[int]], max_tokens: int, chat: bool
+    request: SamplingRequest, served: ServedModel, prompts: list[list[int]], max_tokens: int, chat: bool, field: str
 ) -> Completion:
-    """The checks both endpoints share, and the sequences of a request whose prompts are token ids."""
+    """The checks both endpoints share, and the sequences of a request whose prompts are token ids; ``field`` is the
+    request's name for ``max_tokens`` (chat: ``max_completion_tokens`` where it gave that)."""
     sampling = _sampling(request)
     n = 1 if request.n is None else request.n
     if n < 1:
@@ -222,7 +224,7 @@ def _completion(
             "n",
         )
     for ids in prompts:
-        _check_length(ids, max_tokens, served.config.context_length)
+        _check_length(ids, max_tokens, served.config.context_length, "messages" if chat else "prompt", field)
     stop = _stop_strings(request.stop)
     sequences = [
         SequenceRequest(
@@ -358,17 +360,17 @@ def _template_message(index: int, message: ChatMessage) -> dict[str, str]:
     return {**record, "content": "\n".join(texts)}
 
 
-def _check_length(ids: list[int], max_tokens: int, context_length: int) -> None:
+def _check_length(ids: list[int], max_tokens: int, context_length: int, prompt_field: str, field: str) -> None:
     if len(ids) >= context_length:
         raise RequestError(
             f"the prompt is {len(ids)} tokens long; the model's context length is {context_length}: shorten it",
-            "prompt",
+            prompt_field,
         )
     if len(ids) + max_tokens > context_length:
         raise RequestError(
-            f"the prompt ({len(ids)} tokens) plus max_tokens={max_tokens} exceeds the model's context length "
+            f"the prompt ({len(ids)} tokens) plus {field}={max_tokens} exceeds the model's context length "
             f"{context_length}: ask for at most {context_length - len(ids)} tokens",
-            "max_tokens",
+            field,
         )
 
 
