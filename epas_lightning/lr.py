@@ -19,7 +19,8 @@ class WarmupCosineLR(LRScheduler):
 
     Args:
         optimizer: The wrapped optimizer.
-        warmup_steps: Optimizer steps of linear warmup from 0.
+        warmup_steps: Optimizer steps of linear warmup: step s < warmup_steps runs at
+            ``(s + 1) / (warmup_steps + 1)`` of the base learning rate (never 0, so the first step trains).
         max_steps: Step at which the cosine reaches its floor; ``None`` lets ``EPASModule`` fill in the trainer's
             total number of optimizer steps.
         min_lr_ratio: Final learning rate as a fraction of the base learning rate.
