@@ -799,6 +799,10 @@ def test_source_config_fills_a_python_config_from_the_model(tmp_path: Path) -> N
     assert source_config(path, block_size=32) == _module_config()
     with pytest.raises(HFCheckpointError, match="n_embd: model 128 vs init_from"):
         source_config(path, n_embd=128)
+    # a preset sets its fields (checked), the source the ones it leaves unset (its RoPE base and norm epsilon)
+    assert source_config(path, name="debug", block_size=32) == replace(_module_config(), name="debug")
+    with pytest.raises(HFCheckpointError, match="n_layer: model 8 vs init_from"):
+        source_config(path, name="demo")
     ours = save_ours(tmp_path / "ours", n_layer=2, padded_vocab_size=576, block_size=32).config
     taken = source_config(tmp_path / "ours")  # its training length, its padded vocabulary
     assert taken == ours
