@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from epas_lightning.hf import config_from_hf, load_hf_state
     from epas_lightning.hf.export import export
     from epas_lightning.inference import GenerationResult, generate, set_region
+    from epas_lightning.init_from import source_config
     from epas_lightning.interrupt import GracefulStop
     from epas_lightning.loss import lm_loss, next_token_loss
     from epas_lightning.lr import WarmupCosineLR

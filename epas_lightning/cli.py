@@ -206,7 +206,7 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None) -> User
         cause = cause.__cause__ or cause.__context__
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     what = lines[0] if lines else "invalid arguments"
-    linked = re.search(r'\(([\w.]+)\) --> ([\w.]+): |Linked "([\w.]+)" must be given via "([\w.]+)"', what)
+    linked = re.search(r'\(([\w.]+)[^)]*\) --> ([\w.]+): |Linked "([\w.]+)" must be given via "([\w.]+)', what)
     if linked:  # jsonargparse's words for a value given to a link's target: "...: int | None is not callable"
         source, target = linked.group(1, 2) if linked.group(1) else linked.group(4, 3)
         what = f"--{target} is taken from {source} (a linked value)"

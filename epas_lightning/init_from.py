@@ -9,26 +9,77 @@ from __future__ import annotations
 import warnings
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from epas_lightning.errors import CheckpointError
+from epas_lightning.errors import CheckpointError, ConfigError
 from epas_lightning.hf.convert import (
     COMPARED_FIELDS,
     HFCheckpointError,
     check_compatible,
+    config_from_hf,
     is_hf_dir,
     load_hf_state,
     located,
     read_hf_config,
 )
 from epas_lightning.model import LlamaConfig
+from epas_lightning.model.config import PRESETS
 
 NOT_LOADED = ("sharing.mask",)
 """State the initial weights do not set: the sharing region belongs to the new run's schedule."""
+LONGEST_TAKEN_BLOCK_SIZE = 8192
+"""The longest ``block_size`` a run takes from its source model when it sets none: a source trained or extended to a
+longer context (Llama 3.x's 131072 tokens) is not meant to be trained at that length."""
+
+
+def source_config(path: str | Path, **fields: Any) -> LlamaConfig:
+    """The config of a model trained from the model at ``path`` (``init_from``: an HF LLaMA directory or one of our
+    checkpoints): the ``fields`` given, each checked to match the source (as :class:`~epas_lightning.EPASModule`
+    checks them), and every architecture field not given the source's (:func:`filled_from`).
+
+    ``EPASModule(source_config("/models/Llama-3.2-1B", block_size=2048), init_from="/models/Llama-3.2-1B")``
+    continues Llama-3.2-1B at 2048 tokens a sequence.
+    """
+    path = _existing(path)
+    config = filled_from(read_source_config(path), fields, ours=not is_hf_dir(path))
+    check_init_source(path, config)
+    return config
+
+
+def filled_from(source: LlamaConfig, fields: dict[str, Any], ours: bool = False) -> LlamaConfig:
+    """A config of ``fields`` (``None`` counts as unset; a preset ``name`` sets its fields) whose architecture fields
+    left unset (``COMPARED_FIELDS``, and for one of ``ours`` checkpoints ``padded_vocab_size``) are those of
+    ``source``; an unset ``block_size`` is the source's (an HF model's ``max_position_embeddings``, the length one of
+    our checkpoints trained at), unless that is longer than :data:`LONGEST_TAKEN_BLOCK_SIZE`."""
+    given = {key: value for key, value in fields.items() if value is not None}
+    given = {**PRESETS.get(given.get("name"), {}), **given}  # an unknown name: LlamaConfig says so
+    taken = (*COMPARED_FIELDS, "padded_vocab_size") if ours else COMPARED_FIELDS
+    taken = {key: getattr(source, key) for key in taken if key not in given}
+    if "block_size" not in given:
+        if source.block_size > LONGEST_TAKEN_BLOCK_SIZE:
+            raise ConfigError(
+                f"block_size is unset and the init_from model's context is {source.block_size} tokens, longer than "
+                f"{LONGEST_TAKEN_BLOCK_SIZE} (the longest taken from it)",
+                "model.config.block_size",
+                "set the training sequence length, e.g. 2048 or 4096 (the model keeps its context for inference)",
+            )
+        taken["block_size"] = source.block_size
+    return LlamaConfig(**taken, **given)
+
+
+def read_source_config(path: Path) -> LlamaConfig:
+    """The config of the model at ``path``: an HF LLaMA directory, or the one our checkpoint records."""
+    if is_hf_dir(path):
+        with located(f"model.init_from {path}"):
+            return config_from_hf(path)
+    from epas_lightning.checkpoint import recorded_config
+
+    return recorded_config(path, "model.init_from")
 
 
 def check_init_source(path: str | Path, config: LlamaConfig) -> LlamaConfig:
@@ -38,9 +89,7 @@ def check_init_source(path: str | Path, config: LlamaConfig) -> LlamaConfig:
     if is_hf_dir(path):
         with located(f"model.init_from {path}"):
             return check_compatible(config, read_hf_config(path), source=f"init_from {path}")
-    from epas_lightning.checkpoint import recorded_config
-
-    theirs = recorded_config(path, "model.init_from")
+    theirs = read_source_config(path)
     check_same_architecture(config, theirs, f"model.init_from {path}")
     return theirs
 

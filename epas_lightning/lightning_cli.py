@@ -19,7 +19,8 @@ configuration names its own ``CheckpointIO``.
 same or starts fresh when there is none. ``fit`` from a checkpoint in a run's ``version_N/checkpoints`` folder
 (``last``, or a path) keeps logging and checkpointing into that version folder, unless that run went on past it. Every
 checkpoint is checked to load without running code (:func:`~epas_lightning.safe_load.verify_checkpoint`) before
-Lightning opens it, and loads with ``weights_only=True``. ``--print_config`` prints the resolved model preset.
+Lightning opens it, and loads with ``weights_only=True``. ``--print_config`` prints the resolved model config: its
+preset, and with ``init_from`` the fields read from the source.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from epas_lightning.cli import DURATION, LIGHTNING_COMMANDS, PROG
 from epas_lightning.data import TokenDataModule
 from epas_lightning.divergence import DivergenceGuard
 from epas_lightning.errors import ConfigError, UserError
-from epas_lightning.init_from import resumed_instead
+from epas_lightning.init_from import filled_from, resumed_instead, source_config
 from epas_lightning.interrupt import GracefulStop, Interrupted
 from epas_lightning.model import LlamaConfig
 from epas_lightning.module import EPASModule, check_resumed_model, check_trainable_precision
@@ -98,27 +99,51 @@ IGNORED_WARNINGS = (
 )
 
 
-def _as_config(value: Any) -> LlamaConfig:
-    """The model config from a parsed ``model.config`` value (a namespace, dict or dataclass)."""
+def _config_fields(value: Any) -> dict[str, Any]:
+    """The fields of a parsed ``model.config`` value (a namespace, dict or dataclass)."""
     if isinstance(value, LlamaConfig):
-        return value
-    data = value.as_dict() if hasattr(value, "as_dict") else dict(value)
+        return value.to_dict()
+    data = value.as_dict() if hasattr(value, "as_dict") else dict(value or {})
     data = data.get("init_args", data)
     if isinstance(scaling := data.get("rope_scaling"), dict):  # an optional dataclass parses as class_path/init_args
         data["rope_scaling"] = scaling.get("init_args", scaling)
-    return LlamaConfig(**data)
+    return data
 
 
-def config_n_layer(value: Any) -> int:
-    return _as_config(value).n_layer
+def _as_config(value: Any) -> LlamaConfig:
+    """The model config from a parsed ``model.config`` value (a namespace, dict or dataclass)."""
+    return value if isinstance(value, LlamaConfig) else LlamaConfig(**_config_fields(value))
 
 
-def config_block_size(value: Any) -> int:
-    return _as_config(value).block_size
+LINKED_FIELDS = {"sharing.n_layer": "n_layer", "data.seq_len": "block_size", "data.vocab_size": "vocab_size"}
+"""The values of other sections that ``model.config`` gives (linked: the parser refuses them set by hand)."""
 
 
-def config_vocab_size(value: Any) -> int:
-    return _as_config(value).vocab_size
+def _linked(field: str) -> Any:
+    """The link's function: ``field`` of ``model.config``; with ``init_from``, ``None`` until :func:`resolve_model`
+    has read the source, after parsing (a resume reads its checkpoint instead)."""
+
+    def compute(config: Any, init_from: str | None) -> Any:
+        return None if init_from else getattr(_as_config(config), field)
+
+    compute.__name__ = f"config_{field}"
+    return compute
+
+
+def resolve_model(section: Namespace, ckpt_path: str | None = None) -> None:
+    """With ``model.init_from``, ``model.config`` whole: the fields left unset taken from the source model, or when
+    resuming ``ckpt_path`` from that checkpoint; the sections linked to it set from it."""
+    init_from = section.model.get("init_from")
+    if not init_from:
+        return
+    fields = _config_fields(section.model.config)
+    if ckpt_path:  # a resume wins: init_from is not read, its folder may be gone
+        config = filled_from(recorded_config(ckpt_path, "--ckpt_path"), fields, ours=True)
+    else:
+        config = source_config(init_from, **fields)
+    section.model.config = Namespace(**config.to_dict())
+    for target, field in LINKED_FIELDS.items():
+        section[target] = getattr(config, field)
 
 
 RUN_SECTIONS = {
@@ -211,9 +236,8 @@ class EPASCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for section, callback in RUN_SECTIONS.items():
             parser.add_lightning_class_args(callback, section)
-        parser.link_arguments("model.config", "sharing.n_layer", compute_fn=config_n_layer)
-        parser.link_arguments("model.config", "data.seq_len", compute_fn=config_block_size)
-        parser.link_arguments("model.config", "data.vocab_size", compute_fn=config_vocab_size)
+        for target, field in LINKED_FIELDS.items():
+            parser.link_arguments(("model.config", "model.init_from"), target, compute_fn=_linked(field))
         parser.set_defaults(
             {
                 "trainer.logger": DEFAULT_LOGGER,
@@ -239,6 +263,7 @@ class EPASCLI(LightningCLI):
         if printing:
             subcommand = self.config.subcommand
             config = self.config[subcommand].clone()
+            resolve_model(config, None if config.get("ckpt_path") in RESUME_WORDS else config.get("ckpt_path"))
             config.model.config = Namespace(**_as_config(config.model.config).to_dict())
             print(self._subcommand_parsers[subcommand].dump(config, skip_none=False, skip_link_targets=False))
             raise SystemExit(0)
@@ -246,7 +271,8 @@ class EPASCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Resolve ``--ckpt_path last``/``auto`` and check the checkpoint is safe to load, before anything opens it."""
         subcommand = self.config.get("subcommand")
-        if not subcommand:
+        if not subcommand:  # run=False: the objects are built, with the model config whole
+            resolve_model(self.config)
             return
         config = self.config[subcommand]
         fitting = subcommand == "fit"
@@ -258,6 +284,8 @@ class EPASCLI(LightningCLI):
             check_checkpoint_folder_free(config, config.get("ckpt_path"))
         if config.get("ckpt_path"):
             config.ckpt_path = str(verify_checkpoint(config.ckpt_path, "--ckpt_path"))
+        resolve_model(config, config.get("ckpt_path"))
+        if config.get("ckpt_path"):
             check_same_model(config.model.config, config.ckpt_path)
             check_strategy_reads(config.trainer.get("strategy"), Path(config.ckpt_path))
             if not fitting:

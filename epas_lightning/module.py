@@ -45,7 +45,9 @@ class EPASModule(LightningModule):
     """Causal-LM training of a :class:`Llama` whose sharing region ``ProgressiveSharing`` grows.
 
     Args:
-        config: The model shape; ``config: {name: demo}`` in YAML picks a preset.
+        config: The model shape; ``config: {name: demo}`` in YAML picks a preset. With ``init_from``, the fields
+            the YAML or flags leave unset are the source model's (``config: {block_size: 2048}`` is enough); in Python,
+            ``epas_lightning.source_config(init_from, block_size=2048)`` builds that config.
         optimizer: Builds the optimizer from parameter groups (weight decay on matrices only).
             Default: ``AdamW(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)``.
         lr_scheduler: Builds a per-step LR scheduler from the optimizer. Default: ``WarmupCosineLR`` with

@@ -1,4 +1,5 @@
-"""Write a model of ours as a ``consolidate`` directory (what ``export``, ``evaluate`` and ``load_model`` read)."""
+"""Write a model of ours as a ``consolidate`` directory (what ``export``, ``evaluate`` and ``load_model`` read), or the
+config.json of an HF folder alone."""
 
 import json
 import shutil
@@ -8,6 +9,15 @@ import torch
 from safetensors.torch import save_file
 
 from epas_lightning import Llama, LlamaConfig
+
+
+def save_hf_config(path: Path) -> Path:
+    """An HF LLaMA folder with a config.json of the debug preset's shape and no weights: enough for a ``fit`` to read
+    ``model.config`` from it (``model.init_from``) and print it (``--print_config``)."""
+    path.mkdir()
+    shape = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+    (path / "config.json").write_text(json.dumps(dict(model_type="llama", intermediate_size=128, **shape)))
+    return path
 
 
 def save_consolidated(

@@ -69,9 +69,13 @@ def test_print_config_shows_the_sharing_section_and_the_resolved_preset(capsys):
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
-def test_every_packaged_config_parses_by_name_with_the_monitors(name, capsys):
-    """Configs are found by name (they ship in the wheel), and every run keeps the monitors and the guard."""
-    assert main(["fit", "--config", name, "--print_config"]) == 0
+def test_every_packaged_config_parses_by_name_with_the_monitors(name, capsys, tmp_path):
+    """Configs are found by name (they ship in the wheel), and every run keeps the monitors and the guard; a config
+    that starts from a model prints with the model it is given (its model.config is read from there)."""
+    from model_dirs import save_hf_config
+
+    source = ["--model.init_from", str(save_hf_config(tmp_path / "hf"))] if name == "tinyllama-continual" else []
+    assert main(["fit", "--config", name, *source, "--print_config"]) == 0
     out = capsys.readouterr().out
     for section in ("throughput:", "lr_monitor:", "checkpoint:", "divergence:", "sharing:"):
         assert f"\n{section}" in out, section

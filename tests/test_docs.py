@@ -158,22 +158,28 @@ def test_command_tables_name_every_command(doc):
 def test_yaml_blocks_are_configs_fit_accepts(tmp_path, capsys):
     """Every YAML block of README.md and the guide that sets run sections (``model``, ``sharing``, ``checkpoint``, ...)
     parses as a ``fit`` config: a renamed or misspelt key, or a value of the wrong type, fails here. They are read in
-    one ``--print_config`` over the debug config, later blocks overriding earlier ones, as repeated ``--config`` do."""
+    one ``--print_config`` over the debug config, later blocks overriding earlier ones, as repeated ``--config`` do;
+    the blocks that start from a model (``init_from``) in another, from an HF folder of the debug preset's shape (its
+    config.json is what ``fit`` reads first)."""
     import yaml
+    from model_dirs import save_hf_config
 
     from epas_lightning.cli import main
     from epas_lightning.lightning_cli import RUN_SECTIONS
 
+    hf = save_hf_config(tmp_path / "hf")
     sections = {"seed_everything", "trainer", "model", "data", *RUN_SECTIONS}
-    configs = []
+    configs, sourced = [], []
     for doc in ("README.md", "docs/guide.md"):
         blocks = re.findall(r"^```yaml\n(.*?)^```", (REPO / doc).read_text(), flags=re.DOTALL | re.MULTILINE)
         for n, block in enumerate(blocks):
             if set(yaml.safe_load(block)) <= sections:  # not the lm-eval task YAML
-                configs += ["--config", str(tmp_path / f"{Path(doc).stem}-{n}.yaml")]
-                Path(configs[-1]).write_text(block)
-    assert len(configs) >= 2 * 6  # the README's five fit blocks and the guide's sharing block were found
-    assert main(["fit", "--config", "debug", *configs, "--print_config"]) == 0, capsys.readouterr().err
+                listed = sourced if "init_from:" in block else configs
+                listed += ["--config", str(tmp_path / f"{Path(doc).stem}-{n}.yaml")]
+                Path(listed[-1]).write_text(re.sub(r"init_from: \S+", f"init_from: {hf}", block))
+    assert len(configs) + len(sourced) >= 2 * 6  # the README's five fit blocks and the guide's sharing block were found
+    for listed in (configs, sourced):
+        assert main(["fit", "--config", "debug", *listed, "--print_config"]) == 0, capsys.readouterr().err
 
 
 def test_fit_help_titles_every_section_with_its_whole_summary(capsys):

@@ -727,16 +727,16 @@ def test_tinyllama_continual_config_parses(tmp_path: Path, capsys: pytest.Captur
     path = save_tiny_hf(tmp_path / "hf")
     assert main(["fit", "--config", CONTINUAL, "--model.init_from", str(path), "--print_config"]) == 0
     out = capsys.readouterr().out
-    assert f"init_from: {path}" in out and "name: tinyllama-1.1b" in out and "target: 5" in out
+    assert f"init_from: {path}" in out and "target: 5" in out
+    assert "n_layer: 2" in out and "rope_theta: 50000.0" in out and "block_size: 2048" in out  # the model's, the YAML's
 
 
 def test_tinyllama_continual_config_checks_init_from(tmp_path: Path) -> None:
     """Scaled down to the tiny HF model on CPU: builds with a fitting directory, fails clearly without one."""
     from epas_lightning.lightning_cli import lightning_cli
 
-    path = save_tiny_hf(tmp_path / "hf", rope_theta=10000.0, rms_norm_eps=1e-5)
+    path = save_tiny_hf(tmp_path / "hf")
     small = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto"]
-    small += ["--model.config.name", "debug", "--model.config.n_layer", "2", "--model.config.n_embd", "64"]
     small += ["--model.config.block_size", "32", "--sharing.target", "1", "--model.compile", "false"]
     small += ["--trainer.precision", "32-true", "--data.data_dir", "null", "--trainer.logger", "false"]
     cli = lightning_cli(["--config", CONTINUAL, *small, "--model.init_from", str(path)], run=False)
@@ -745,14 +745,78 @@ def test_tinyllama_continual_config_checks_init_from(tmp_path: Path) -> None:
         lightning_cli(["--config", CONTINUAL, *small, "--model.init_from", str(tmp_path / "missing")], run=False)
 
 
+def _fit_args(path: Path, corpus: Path, root: Path, *config: str) -> list[str]:
+    """``fit`` of ``path`` for 1 CPU step on ``corpus``, with ``model.config`` set by the flags ``config`` alone."""
+    args = ["fit", "--model.init_from", str(path), *config, "--data.data_dir", str(corpus), "--data.batch_size", "2"]
+    args += ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.max_steps", "1"]
+    args += ["--trainer.limit_val_batches", "0", "--trainer.logger", "false"]
+    return [*args, "--trainer.default_root_dir", str(root)]
+
+
+def test_fit_from_an_hf_folder_takes_every_unset_field_from_it(tmp_path: Path, tiny_corpus: Path) -> None:
+    """`--model.init_from DIR --model.config.block_size N` is a whole config: the source's shape, the same first step
+    as the config spelled out (a Qwen2's q/k/v biases and tied embeddings included); without block_size, the source's
+    context, up to 8192 tokens."""
+    from epas_lightning.lightning_cli import lightning_cli
+
+    path = save_tiny_hf(tmp_path / "hf", tie=True, kind="Qwen2")
+    spelled = replace(_module_config(), attention_bias="qkv", tie_embeddings=True)
+    fields = [f"--model.config.{k}={v}" for k, v in spelled.to_dict().items() if v is not None and k != "name"]
+    runs = {}
+    for name, config in (("spelled", fields), ("taken", ["--model.config.block_size", "32"])):
+        cli = lightning_cli(_fit_args(path, tiny_corpus, tmp_path / name, *config))
+        runs[name] = cli.model.config, cli.trainer.callback_metrics["train/loss"]
+    assert runs["taken"] == runs["spelled"] and replace(runs["taken"][0], max_position_embeddings=None) == spelled
+    cli = lightning_cli(["--model.init_from", str(path), "--data.data_dir", "null"], run=False)
+    assert cli.model.config.block_size == 64 and cli.datamodule.seq_len == 64 and cli.model.config.tie_embeddings
+
+
+def test_fit_from_a_source_longer_than_8192_tokens_needs_block_size(tmp_path: Path, capsys) -> None:
+    """Nobody trains at a Llama 3.x's 131072 tokens: an unset block_size is one line before any work; a set field that
+    differs from the source is refused as before, and a missing folder is said first."""
+    path = save_tiny_hf(tmp_path / "hf", max_position_embeddings=16384)
+    capsys.readouterr()
+    assert main(["fit", "--model.init_from", str(path), "--data.data_dir", "null"]) == 2
+    err = capsys.readouterr().err
+    says = "error: block_size is unset and the init_from model's context is 16384 tokens, longer than 8192"
+    assert err.startswith(says) and "— model.config.block_size — set the training sequence length" in err
+    assert err.count("\n") == 1
+    args = ["fit", "--model.init_from", str(path), "--model.config.block_size", "32", "--data.data_dir", "null"]
+    assert main([*args, "--model.config.n_layer", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: model.config does not match init_from {path}: n_layer: model 3 vs init_from")
+    assert err.count("\n") == 1
+    args[2] = str(tmp_path / "missing")
+    assert main([*args, "--model.config.name", "nonesuch"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: does not exist — model.init_from {tmp_path / 'missing'}")
+
+
+def test_source_config_fills_a_python_config_from_the_model(tmp_path: Path) -> None:
+    """The Python API of the same: ``source_config(path, **fields)``, from an HF folder or one of our checkpoints."""
+    from epas_lightning import source_config
+
+    path = save_tiny_hf(tmp_path / "hf")
+    assert source_config(path, block_size=32) == _module_config()
+    with pytest.raises(HFCheckpointError, match="n_embd: model 128 vs init_from"):
+        source_config(path, n_embd=128)
+    # a preset sets its fields (checked), the source the ones it leaves unset (its RoPE base and norm epsilon)
+    assert source_config(path, name="debug", block_size=32) == replace(_module_config(), name="debug")
+    with pytest.raises(HFCheckpointError, match="n_layer: model 8 vs init_from"):
+        source_config(path, name="demo")
+    ours = save_ours(tmp_path / "ours", n_layer=2, padded_vocab_size=576, block_size=32).config
+    taken = source_config(tmp_path / "ours")  # its training length, its padded vocabulary
+    assert taken == ours
+
+
 def test_a_resume_does_not_need_init_from_any_more(tmp_path: Path, tiny_corpus: Path, capsys) -> None:
-    """A resume never reads init_from: a model folder deleted or unmounted since must not stop `--ckpt_path`."""
+    """A resume never reads init_from: a model folder deleted or unmounted since must not stop `--ckpt_path`, also
+    where model.config sets only block_size (the other fields are then the checkpoint's)."""
     import shutil
 
-    path = save_tiny_hf(tmp_path / "hf", rope_theta=10000.0, rms_norm_eps=1e-5)  # the debug preset's shape
-    debug = str(Path(CONTINUAL).with_name("debug.yaml"))
-    args = ["--config", debug, "--data.data_dir", str(tiny_corpus), "--model.init_from", str(path)]
-    args += ["--trainer.limit_val_batches", "0", "--trainer.logger", "false"]
+    path = save_tiny_hf(tmp_path / "hf")
+    debug = str(Path(CONTINUAL).with_name("debug.yaml"))  # no preset: model.config sets block_size alone
+    args = ["--config", debug, "--model.config.name", "null", "--data.data_dir", str(tiny_corpus)]
+    args += ["--model.init_from", str(path), "--trainer.limit_val_batches", "0", "--trainer.logger", "false"]
     args += ["--trainer.default_root_dir", str(tmp_path)]
     assert main(["fit", *args, "--trainer.max_steps", "1"]) == 0
     shutil.rmtree(path)
@@ -760,6 +824,7 @@ def test_a_resume_does_not_need_init_from_any_more(tmp_path: Path, tiny_corpus: 
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     assert main(["fit", *args, "--trainer.max_steps", "2", "--ckpt_path", str(ckpt)]) == 0
     assert f"init_from: not applied, the weights resume from {ckpt}" in capsys.readouterr().err
+    assert main(["validate", *args, "--ckpt_path", str(ckpt)]) == 0
 
 
 @pytest.mark.parametrize("fsdp2", [False, True])

@@ -253,6 +253,16 @@ def test_a_config_of_numpy_numbers_is_a_config_of_python_numbers():
     assert type(config.n_layer) is int and type(config.init_std) is float and config.n_layer == 4
 
 
+def test_fields_left_unset_take_their_defaults_and_a_checkpoint_records_values():
+    """rope_theta, norm_eps and tie_embeddings default to None (unset, for init_from to fill): a config resolves them
+    to 10000.0, 1e-5 and False, records those values, and a record of an older version (values spelled) still loads."""
+    config = LlamaConfig.from_name("debug")
+    recorded = config.to_dict()
+    assert (recorded["rope_theta"], recorded["norm_eps"], recorded["tie_embeddings"]) == (10000.0, 1e-5, False)
+    assert LlamaConfig.from_dict(recorded) == config
+    assert LlamaConfig.from_name("debug", rope_theta=5e5, tie_embeddings=True).to_dict()["rope_theta"] == 5e5
+
+
 def test_token_ids_without_a_batch_dimension_are_refused_in_one_sentence():
     """A 1-D tensor of ids failed with "IndexError: tuple index out of range"."""
     with pytest.raises(ValueError, match=r"input_ids must be \(batch, seq_len\) token ids, got shape \(5,\)"):

@@ -33,6 +33,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-3b": dict(n_layer=26, n_embd=3072, n_head=24, intermediate_size=8192, vocab_size=32000, block_size=2048),
     "llama-7b": dict(n_layer=32, n_embd=4096, n_head=32, intermediate_size=11008, vocab_size=32000, block_size=2048),
 }
+FIELD_DEFAULTS: dict[str, Any] = dict(rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False)
+"""The values of these :class:`LlamaConfig` fields when neither the user nor a preset sets them: their dataclass default
+is ``None``, so that a field left unset can be told from one set to this value (``init_from`` fills unset ones)."""
 
 
 @dataclass(repr=False)
@@ -96,8 +99,10 @@ class LlamaConfig:
     """Shape and numerics of a LLaMA decoder.
 
     Fields left as ``None`` are taken from the preset named by ``name`` and, failing that, derived
-    (``n_kv_head = n_head``, ``intermediate_size`` from the SwiGLU 8/3 rule, ``padded_vocab_size``).
-    In YAML, ``config: {name: llama-125m, vocab_size: 8192}`` takes a preset and overrides one field.
+    (``n_kv_head = n_head``, ``intermediate_size`` from the SwiGLU 8/3 rule, ``padded_vocab_size``) or set to their
+    default. In YAML, ``config: {name: llama-125m, vocab_size: 8192}`` takes a preset and overrides one field. A fit
+    from ``init_from`` takes every architecture field left unset from that model instead
+    (:func:`epas_lightning.init_from.source_config`).
 
     Attributes:
         name: Preset to start from: debug, demo, llama-125m, tinyllama-1.1b, llama-3b, llama-7b.
@@ -113,12 +118,12 @@ class LlamaConfig:
         max_position_embeddings: The longest sequence the model runs at inference (prompt plus new tokens), written to
             an export's config.json; default block_size. A fit from init_from keeps the source model's, when longer than
             block_size.
-        rope_theta: RoPE base frequency.
+        rope_theta: RoPE base frequency; 10000.0 when unset.
         rope_scaling: RoPE frequency rescaling (``llama3`` for Llama 3.1 and later, or ``linear``); none by default.
         attention_bias: Which attention projections have a bias: 'qkv' (Qwen2: q_proj, k_proj, v_proj), 'qkvo' (HF
             LLaMA's ``attention_bias: true``: all four); none by default.
-        norm_eps: RMSNorm epsilon.
-        tie_embeddings: Share the token embedding matrix with the LM head.
+        norm_eps: RMSNorm epsilon; 1e-5 when unset.
+        tie_embeddings: Share the token embedding matrix with the LM head; false when unset.
         init_std: Standard deviation of the normal init of linear and embedding weights.
         sharing_mode: What a sharing layer reuses from the last compute layer: 'qk' (the paper) or 'kv' (CLA-style).
     """
@@ -134,11 +139,11 @@ class LlamaConfig:
     padded_vocab_size: int | None = None
     block_size: int | None = None
     max_position_embeddings: int | None = None
-    rope_theta: float = 10000.0
+    rope_theta: float | None = None
     rope_scaling: RopeScaling | None = None
     attention_bias: AttentionBias | None = None
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
+    norm_eps: float | None = None
+    tie_embeddings: bool | None = None
     init_std: float = 0.02
     sharing_mode: SharingMode = "qk"
 
@@ -165,6 +170,9 @@ class LlamaConfig:
                 f"set them, pick a preset with model.config.name ({', '.join(sorted(PRESETS))}), or start from a "
                 "shipped config: --config demo",
             )
+        for key, value in FIELD_DEFAULTS.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.intermediate_size is None:
