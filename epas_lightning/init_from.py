@@ -30,6 +30,8 @@ from epas_lightning.hf.convert import (
 from epas_lightning.model import LlamaConfig
 from epas_lightning.model.config import PRESETS
 
+LEAVE_UNSET = "leave those model.config fields unset: a fit from init_from takes them from the init_from model"
+"""What to do when ``model.config`` sets a field otherwise than the ``init_from`` model (:func:`filled_from`)."""
 NOT_LOADED = ("sharing.mask",)
 """State the initial weights do not set: the sharing region belongs to the new run's schedule."""
 LONGEST_TAKEN_BLOCK_SIZE = 8192
@@ -88,9 +90,9 @@ def check_init_source(path: str | Path, config: LlamaConfig) -> LlamaConfig:
     path = _existing(path)
     if is_hf_dir(path):
         with located(f"model.init_from {path}"):
-            return check_compatible(config, read_hf_config(path), source=f"init_from {path}")
+            return check_compatible(config, read_hf_config(path), f"init_from {path}", LEAVE_UNSET.capitalize())
     theirs = read_source_config(path)
-    check_same_architecture(config, theirs, f"model.init_from {path}")
+    check_same_architecture(config, theirs, f"model.init_from {path}", LEAVE_UNSET)
     return theirs
 
 
@@ -147,7 +149,7 @@ def read_init_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Te
         return state
 
     loaded = load_model(path)
-    check_same_architecture(config, loaded.model.config, f"model.init_from {path}")
+    check_same_architecture(config, loaded.model.config, f"model.init_from {path}", LEAVE_UNSET)
     _say_it_starts_dense(path, loaded.trained_shared_layers)
     return {k: v for k, v in loaded.model.state_dict().items() if k not in NOT_LOADED}
 

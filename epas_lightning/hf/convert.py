@@ -206,10 +206,10 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
 
 
 def check_compatible(
-    config: LlamaConfig, hf: dict[str, Any] | str | Path, source: str = "the checkpoint"
+    config: LlamaConfig, hf: dict[str, Any] | str | Path, source: str = "the checkpoint", fix: str | None = None
 ) -> LlamaConfig:
     """Fail, listing every difference, when ``config`` cannot hold the weights of the HF config ``hf``; return the
-    HF model's config (:func:`config_from_hf`)."""
+    HF model's config (:func:`config_from_hf`). The error ends with ``fix``, by default the fields to use."""
     theirs = config_from_hf(hf)
     diffs = [
         f"{name}: model {getattr(config, name)!r} vs {source} {getattr(theirs, name)!r}"
@@ -218,10 +218,8 @@ def check_compatible(
     ]
     if diffs:
         suggestion = {k: theirs.to_dict()[k] for k in COMPARED_FIELDS}
-        raise HFCheckpointError(
-            f"model.config does not match {source}: " + "; ".join(diffs) + f". Use these model.config fields: "
-            f"{json.dumps(suggestion)}"
-        )
+        fix = fix or f"Use these model.config fields: {json.dumps(suggestion)}"
+        raise HFCheckpointError(f"model.config does not match {source}: " + "; ".join(diffs) + f". {fix}")
     return theirs
 
 
