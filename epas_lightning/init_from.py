@@ -42,13 +42,15 @@ longer context (Llama 3.x's 131072 tokens) is not meant to be trained at that le
 def source_config(path: str | Path, **fields: Any) -> LlamaConfig:
     """The config of a model trained from the model at ``path`` (``init_from``: an HF LLaMA directory or one of our
     checkpoints): the ``fields`` given, each checked to match the source (as :class:`~epas_lightning.EPASModule`
-    checks them), and every architecture field not given the source's (:func:`filled_from`).
+    checks them), every architecture field not given the source's (:func:`filled_from`), and the source's context
+    length when it is longer than ``block_size`` and ``max_position_embeddings`` is not given.
 
     ``EPASModule(source_config("/models/Llama-3.2-1B", block_size=2048), init_from="/models/Llama-3.2-1B")``
     continues Llama-3.2-1B at 2048 tokens a sequence.
     """
     path = _existing(path)
-    config = filled_from(read_source_config(path), fields, ours=not is_hf_dir(path))
+    source = read_source_config(path)
+    config = keeping_source_context(filled_from(source, fields, ours=not is_hf_dir(path)), source)
     check_init_source(path, config)
     return config
 

@@ -795,12 +795,14 @@ def test_source_config_fills_a_python_config_from_the_model(tmp_path: Path) -> N
     """The Python API of the same: ``source_config(path, **fields)``, from an HF folder or one of our checkpoints."""
     from epas_lightning import source_config
 
-    path = save_tiny_hf(tmp_path / "hf")
-    assert source_config(path, block_size=32) == _module_config()
+    path = save_tiny_hf(tmp_path / "hf")  # its context: 64 positions, kept at block_size 32
+    kept = replace(_module_config(), max_position_embeddings=64)
+    assert source_config(path, block_size=32) == kept
+    assert source_config(path, block_size=32, max_position_embeddings=48).context_length == 48
     with pytest.raises(HFCheckpointError, match="n_embd: model 128 vs init_from"):
         source_config(path, n_embd=128)
     # a preset sets its fields (checked), the source the ones it leaves unset (its RoPE base and norm epsilon)
-    assert source_config(path, name="debug", block_size=32) == replace(_module_config(), name="debug")
+    assert source_config(path, name="debug", block_size=32) == replace(kept, name="debug")
     with pytest.raises(HFCheckpointError, match="n_layer: model 8 vs init_from"):
         source_config(path, name="demo")
     ours = save_ours(tmp_path / "ours", n_layer=2, padded_vocab_size=576, block_size=32).config
