@@ -288,6 +288,9 @@ def batch_tokens(batch: torch.Tensor) -> int:
     return batch.shape[0] * (batch.shape[1] - 1)
 
 
+RUN_TOTALS = ("time", "batches", "samples", "lengths")
+"""``TokenThroughputMonitor``'s counters of the whole run (Lightning's ``Throughput`` names), kept in checkpoints."""
+
 PEAK_MEMORY_KEY = "train/device/peak_memory_gib"
 """Logged on CUDA: the most memory the device has allocated so far (``torch.cuda.max_memory_allocated``), GiB."""
 
@@ -327,14 +330,52 @@ class TokenThroughputMonitor(ThroughputMonitor):
     (CPUs). On CUDA it also logs the peak memory allocated (``train/device/peak_memory_gib``). The validations of a
     ``fit`` log their throughput (``validate/...``) once each, at the step ``val/loss`` is logged at.
 
+    The run's totals, ``train/time`` (training seconds), ``train/batches`` (micro-batches per device),
+    ``train/samples`` and ``train/lengths`` (sequences and tokens trained), count the whole run: a resumed run
+    continues them from its checkpoint (Lightning's started again from 0).
+
     Args:
         window_size: Batches over which the rates are averaged.
     """
 
     def __init__(self, window_size: int = 5) -> None:
         super().__init__(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=window_size)
+        self._resumed = dict.fromkeys(RUN_TOTALS, 0)  # the totals of the sessions before this one
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._run_totals()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resumed = {key: state_dict.get(key, 0) for key in RUN_TOTALS}
+
+    def _run_totals(self) -> dict[str, Any]:
+        """The run's totals so far: those of the sessions before this one plus this session's (rank zero counts)."""
+        stage = RunningStage.TRAINING
+        times = self._throughputs[stage]._time if stage in self._throughputs else []
+        session = {
+            "time": times[-1] if times else 0.0,
+            "batches": self._batches.get(stage, 0),
+            "samples": self._samples.get(stage, 0),
+            "lengths": self._lengths.get(stage, 0),
+        }
+        return {key: self._resumed[key] + session[key] for key in RUN_TOTALS}
+
+    def _compute(self, trainer: Trainer, iter_num: int | None = None) -> None:
+        """Lightning's, with the run's totals in place of the session's for training."""
+        stage = trainer.state.stage
+        if stage != RunningStage.TRAINING:
+            super()._compute(trainer, iter_num)
+            return
+        if not trainer._logger_connector.should_update_logs:
+            return
+        throughput = self._throughputs[stage]
+        metrics = {**throughput.compute(), **self._run_totals()}
+        metrics = {f"{stage.value}{throughput.separator}{k}": v for k, v in metrics.items()}
+        trainer._logger_connector.log_metrics(metrics, step=iter_num)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":  # before a resumed checkpoint's totals are loaded
+            self._resumed = dict.fromkeys(RUN_TOTALS, 0)
         peak = peak_flops(trainer.strategy.root_device, _compute_dtype(str(trainer.precision)))
         with warnings.catch_warnings():
             if peak is not None:  # Lightning's own table lacks it (e.g. the H200) and says so: ours is used below
