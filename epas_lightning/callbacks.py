@@ -291,6 +291,9 @@ def batch_tokens(batch: torch.Tensor) -> int:
 RUN_TOTALS = ("time", "batches", "samples", "lengths")
 """``TokenThroughputMonitor``'s counters of the whole run (Lightning's ``Throughput`` names), kept in checkpoints."""
 
+COUNTS = ("batches", "samples", "lengths")
+"""``Throughput``'s counts, which it keeps per device (rank zero's): logged for all processes, as its rates are."""
+
 PEAK_MEMORY_KEY = "train/device/peak_memory_gib"
 """Logged on CUDA: the most memory the device has allocated so far (``torch.cuda.max_memory_allocated``), GiB."""
 
@@ -330,9 +333,10 @@ class TokenThroughputMonitor(ThroughputMonitor):
     (CPUs). On CUDA it also logs the peak memory allocated (``train/device/peak_memory_gib``). The validations of a
     ``fit`` log their throughput (``validate/...``) once each, at the step ``val/loss`` is logged at.
 
-    The run's totals, ``train/time`` (training seconds), ``train/batches`` (micro-batches per device),
-    ``train/samples`` and ``train/lengths`` (sequences and tokens trained), count the whole run: a resumed run
-    continues them from its checkpoint (Lightning's started again from 0).
+    The run's totals, ``train/time`` (training seconds), ``train/batches``, ``train/samples`` and ``train/lengths``
+    (micro-batches, sequences and tokens trained), count the whole run: a resumed run continues them from its
+    checkpoint (Lightning's started again from 0). Like the rates without ``device/``, the counts are those of all
+    processes (Lightning's were rank zero's), ``validate/...``'s too.
 
     Args:
         window_size: Batches over which the rates are averaged.
@@ -341,6 +345,7 @@ class TokenThroughputMonitor(ThroughputMonitor):
     def __init__(self, window_size: int = 5) -> None:
         super().__init__(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=window_size)
         self._resumed = dict.fromkeys(RUN_TOTALS, 0)  # the totals of the sessions before this one
+        self._world_size = 1
 
     def state_dict(self) -> dict[str, Any]:
         return self._run_totals()
@@ -349,7 +354,8 @@ class TokenThroughputMonitor(ThroughputMonitor):
         self._resumed = {key: state_dict.get(key, 0) for key in RUN_TOTALS}
 
     def _run_totals(self) -> dict[str, Any]:
-        """The run's totals so far: those of the sessions before this one plus this session's (rank zero counts)."""
+        """The run's totals so far: those of the sessions before this one plus this session's (rank zero counted its
+        own batches: every process trains as many, of the same shape)."""
         stage = RunningStage.TRAINING
         times = self._throughputs[stage]._time if stage in self._throughputs else []
         session = {
@@ -358,24 +364,24 @@ class TokenThroughputMonitor(ThroughputMonitor):
             "samples": self._samples.get(stage, 0),
             "lengths": self._lengths.get(stage, 0),
         }
-        return {key: self._resumed[key] + session[key] for key in RUN_TOTALS}
+        return {key: self._resumed[key] + value for key, value in _all_processes(session, self._world_size).items()}
 
     def _compute(self, trainer: Trainer, iter_num: int | None = None) -> None:
-        """Lightning's, with the run's totals in place of the session's for training."""
-        stage = trainer.state.stage
-        if stage != RunningStage.TRAINING:
-            super()._compute(trainer, iter_num)
-            return
+        """Lightning's, with the counts of all processes, and in training the run's totals in place of the session's."""
         if not trainer._logger_connector.should_update_logs:
             return
+        stage = trainer.state.stage
         throughput = self._throughputs[stage]
-        metrics = {**throughput.compute(), **self._run_totals()}
+        metrics = _all_processes(throughput.compute(), trainer.world_size)
+        if stage == RunningStage.TRAINING:
+            metrics.update(self._run_totals())
         metrics = {f"{stage.value}{throughput.separator}{k}": v for k, v in metrics.items()}
         trainer._logger_connector.log_metrics(metrics, step=iter_num)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":  # before a resumed checkpoint's totals are loaded
             self._resumed = dict.fromkeys(RUN_TOTALS, 0)
+        self._world_size = trainer.world_size
         peak = peak_flops(trainer.strategy.root_device, _compute_dtype(str(trainer.precision)))
         with warnings.catch_warnings():
             if peak is not None:  # Lightning's own table lacks it (e.g. the H200) and says so: ours is used below
@@ -411,7 +417,8 @@ class TokenThroughputMonitor(ThroughputMonitor):
         stage = RunningStage.VALIDATING
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and self._batches.get(stage):
             throughput = self._throughputs[stage]
-            metrics = {f"{stage.value}{throughput.separator}{k}": v for k, v in throughput.compute().items()}
+            metrics = _all_processes(throughput.compute(), trainer.world_size)
+            metrics = {f"{stage.value}{throughput.separator}{k}": v for k, v in metrics.items()}
             trainer._logger_connector.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
         super().on_validation_end(trainer, pl_module)
 
@@ -422,6 +429,11 @@ class TokenThroughputMonitor(ThroughputMonitor):
         peak = peak_memory_gib(trainer.strategy.root_device)
         if peak is not None:
             pl_module.log(PEAK_MEMORY_KEY, peak, on_step=True, on_epoch=False)
+
+
+def _all_processes(metrics: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """``Throughput`` metrics with its per-device counts (:data:`COUNTS`) made those of all ``world_size`` processes."""
+    return {key: value * world_size if key in COUNTS else value for key, value in metrics.items()}
 
 
 class StepLearningRateMonitor(LearningRateMonitor):
