@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 import warnings
 from typing import Any
 
@@ -333,19 +334,51 @@ class TokenThroughputMonitor(ThroughputMonitor):
     (CPUs). On CUDA it also logs the peak memory allocated (``train/device/peak_memory_gib``). The validations of a
     ``fit`` log their throughput (``validate/...``) once each, at the step ``val/loss`` is logged at.
 
+    Under gradient accumulation the training rates are those of whole optimizer steps: the window holds one entry per
+    step (its micro-batches, the gradient synchronisation and the update), where Lightning's held one per micro-batch
+    and so weighted the update by where the window happened to start.
+
     The run's totals, ``train/time`` (training seconds), ``train/batches``, ``train/samples`` and ``train/lengths``
     (micro-batches, sequences and tokens trained), count the whole run: a resumed run continues them from its
     checkpoint (Lightning's started again from 0). Like the rates without ``device/``, the counts are those of all
     processes (Lightning's were rank zero's), ``validate/...``'s too.
 
     Args:
-        window_size: Batches over which the rates are averaged.
+        window_size: Entries over which the rates are averaged: optimizer steps in training, batches in validation.
     """
 
     def __init__(self, window_size: int = 5) -> None:
         super().__init__(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=window_size)
         self._resumed = dict.fromkeys(RUN_TOTALS, 0)  # the totals of the sessions before this one
         self._world_size = 1
+        self._pending_flops: dict[RunningStage, float] = {}  # the FLOPs of the step's micro-batches so far
+        self._trained_s = 0.0  # the training time when the validation now running started
+
+    def _start(self, trainer: Trainer) -> None:
+        super()._start(trainer)
+        self._pending_flops.pop(trainer.state.stage, None)
+
+    @torch.inference_mode()
+    def _update(self, trainer: Trainer, pl_module: LightningModule, batch: Any, iter_num: int) -> None:
+        """Count the batch; in training, update the rates only at the micro-batch that ends an optimizer step."""
+        stage = trainer.state.stage
+        self._lengths[stage] += batch_tokens(batch)
+        self._samples[stage] += batch_size(batch)
+        self._batches[stage] += 1
+        flops = getattr(pl_module, "flops_per_batch", None)
+        if flops is not None:
+            self._pending_flops[stage] = self._pending_flops.get(stage, 0.0) + flops
+        if stage == RunningStage.TRAINING and trainer.fit_loop._should_accumulate():
+            return
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        self._throughputs[stage].update(
+            time=time.perf_counter() - self._t0s[stage],
+            batches=self._batches[stage],
+            samples=self._samples[stage],
+            lengths=self._lengths[stage],
+            flops=self._pending_flops.pop(stage, None),
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return self._run_totals()
@@ -420,7 +453,18 @@ class TokenThroughputMonitor(ThroughputMonitor):
             metrics = _all_processes(throughput.compute(), trainer.world_size)
             metrics = {f"{stage.value}{throughput.separator}{k}": v for k, v in metrics.items()}
             trainer._logger_connector.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
-        super().on_validation_end(trainer, pl_module)
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            # training time goes on from where the validation stopped it, also in the middle of a step (Lightning's
+            # from the last update, which counted the step's micro-batches before the validation as validation time)
+            self._t0s[RunningStage.TRAINING] = time.perf_counter() - self._trained_s
+
+    @rank_zero_only
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            if trainer.strategy.root_device.type == "cuda":
+                torch.cuda.synchronize()
+            self._trained_s = time.perf_counter() - self._t0s[RunningStage.TRAINING]
+        super().on_validation_start(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -123,6 +123,40 @@ def test_validation_throughput_is_logged_at_the_step_the_validation_ran(tmp_path
     assert logger.steps["validate/device/items_per_sec"] == logger.steps["validate/batches"] == [1, 3]
 
 
+def test_under_gradient_accumulation_the_rates_are_of_whole_optimizer_steps(tmp_path, monkeypatch):
+    """A fake clock: 1 s per micro-batch, 3 s per optimizer update (the gradient sync, AdamW), 10 s per validation
+    batch. Lightning's window ran over micro-batches: 2 entries gave one micro-batch's tokens over that micro-batch and
+    an update (32 / 4 s), not a step's tokens over the step (64 / 5 s); windows of other lengths over- or
+    under-weighted the updates. A validation in the middle of a step (after 3 micro-batches) is no training time."""
+    import time
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+
+    class Clock(Callback):
+        def on_train_batch_start(self, *args):
+            clock[0] += 1.0
+
+        def on_before_optimizer_step(self, *args):
+            clock[0] += 3.0
+
+        def on_validation_batch_start(self, *args):
+            clock[0] += 10.0
+
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16))
+    data = torch.utils.data.DataLoader(torch.randint(0, 512, (8, 17)), batch_size=1)
+    logger, monitor = Steps(), TokenThroughputMonitor(window_size=2)
+    options = {"logger": logger, "log_every_n_steps": 1, "accumulate_grad_batches": 2}
+    validation = {"val_check_interval": 3, "limit_val_batches": 1, "num_sanity_val_steps": 0}
+    cpu_trainer(tmp_path, 4, [Clock(), monitor], **options, **validation).fit(module, data, data)
+    assert logger.steps["validate/batches"] == [1, 2]
+    assert logger.steps["train/device/items_per_sec"] == [1, 2, 3]
+    assert logger.values["train/device/items_per_sec"] == [32 / 5] * 3  # 2 x 16 tokens in 2 x 1 s + 3 s
+    flops = 2 * estimate_flops(module.config, 0, 16)
+    assert logger.values["train/device/flops_per_sec"] == [pytest.approx(flops / 5)] * 3
+    assert logger.values["train/time"] == [5, 10, 15, 20]
+
+
 def test_the_run_totals_continue_across_a_resume(tmp_path):
     """Lightning counted train/time, batches, samples and lengths (tokens) from 0 again in a resumed session."""
     from lightning.pytorch.callbacks import ModelCheckpoint
