@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 import warnings
 from typing import Any
 
@@ -288,6 +289,12 @@ def batch_tokens(batch: torch.Tensor) -> int:
     return batch.shape[0] * (batch.shape[1] - 1)
 
 
+RUN_TOTALS = ("time", "batches", "samples", "lengths")
+"""``TokenThroughputMonitor``'s counters of the whole run (Lightning's ``Throughput`` names), kept in checkpoints."""
+
+COUNTS = ("batches", "samples", "lengths")
+"""``Throughput``'s counts, which it keeps per device (rank zero's): logged for all processes, as its rates are."""
+
 PEAK_MEMORY_KEY = "train/device/peak_memory_gib"
 """Logged on CUDA: the most memory the device has allocated so far (``torch.cuda.max_memory_allocated``), GiB."""
 
@@ -327,14 +334,87 @@ class TokenThroughputMonitor(ThroughputMonitor):
     (CPUs). On CUDA it also logs the peak memory allocated (``train/device/peak_memory_gib``). The validations of a
     ``fit`` log their throughput (``validate/...``) once each, at the step ``val/loss`` is logged at.
 
+    Under gradient accumulation the training rates are those of whole optimizer steps: the window holds one entry per
+    step (its micro-batches, the gradient synchronisation and the update), where Lightning's held one per micro-batch
+    and so weighted the update by where the window happened to start.
+
+    The run's totals, ``train/time`` (training seconds), ``train/batches``, ``train/samples`` and ``train/lengths``
+    (micro-batches, sequences and tokens trained), count the whole run: a resumed run continues them from its
+    checkpoint (Lightning's started again from 0). Like the rates without ``device/``, the counts are those of all
+    processes (Lightning's were rank zero's), ``validate/...``'s too.
+
     Args:
-        window_size: Batches over which the rates are averaged.
+        window_size: Entries over which the rates are averaged: optimizer steps in training, batches in validation.
     """
 
     def __init__(self, window_size: int = 5) -> None:
         super().__init__(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=window_size)
+        self._resumed = dict.fromkeys(RUN_TOTALS, 0)  # the totals of the sessions before this one
+        self._world_size = 1
+        self._pending_flops: dict[RunningStage, float] = {}  # the FLOPs of the step's micro-batches so far
+        self._trained_s = 0.0  # the training time when the validation now running started
+
+    def _start(self, trainer: Trainer) -> None:
+        super()._start(trainer)
+        self._pending_flops.pop(trainer.state.stage, None)
+
+    @torch.inference_mode()
+    def _update(self, trainer: Trainer, pl_module: LightningModule, batch: Any, iter_num: int) -> None:
+        """Count the batch; in training, update the rates only at the micro-batch that ends an optimizer step."""
+        stage = trainer.state.stage
+        self._lengths[stage] += batch_tokens(batch)
+        self._samples[stage] += batch_size(batch)
+        self._batches[stage] += 1
+        flops = getattr(pl_module, "flops_per_batch", None)
+        if flops is not None:
+            self._pending_flops[stage] = self._pending_flops.get(stage, 0.0) + flops
+        if stage == RunningStage.TRAINING and trainer.fit_loop._should_accumulate():
+            return
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        self._throughputs[stage].update(
+            time=time.perf_counter() - self._t0s[stage],
+            batches=self._batches[stage],
+            samples=self._samples[stage],
+            lengths=self._lengths[stage],
+            flops=self._pending_flops.pop(stage, None),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._run_totals()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resumed = {key: state_dict.get(key, 0) for key in RUN_TOTALS}
+
+    def _run_totals(self) -> dict[str, Any]:
+        """The run's totals so far: those of the sessions before this one plus this session's (rank zero counted its
+        own batches: every process trains as many, of the same shape)."""
+        stage = RunningStage.TRAINING
+        times = self._throughputs[stage]._time if stage in self._throughputs else []
+        session = {
+            "time": times[-1] if times else 0.0,
+            "batches": self._batches.get(stage, 0),
+            "samples": self._samples.get(stage, 0),
+            "lengths": self._lengths.get(stage, 0),
+        }
+        return {key: self._resumed[key] + value for key, value in _all_processes(session, self._world_size).items()}
+
+    def _compute(self, trainer: Trainer, iter_num: int | None = None) -> None:
+        """Lightning's, with the counts of all processes, and in training the run's totals in place of the session's."""
+        if not trainer._logger_connector.should_update_logs:
+            return
+        stage = trainer.state.stage
+        throughput = self._throughputs[stage]
+        metrics = _all_processes(throughput.compute(), trainer.world_size)
+        if stage == RunningStage.TRAINING:
+            metrics.update(self._run_totals())
+        metrics = {f"{stage.value}{throughput.separator}{k}": v for k, v in metrics.items()}
+        trainer._logger_connector.log_metrics(metrics, step=iter_num)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":  # before a resumed checkpoint's totals are loaded
+            self._resumed = dict.fromkeys(RUN_TOTALS, 0)
+        self._world_size = trainer.world_size
         peak = peak_flops(trainer.strategy.root_device, _compute_dtype(str(trainer.precision)))
         with warnings.catch_warnings():
             if peak is not None:  # Lightning's own table lacks it (e.g. the H200) and says so: ours is used below
@@ -370,9 +450,21 @@ class TokenThroughputMonitor(ThroughputMonitor):
         stage = RunningStage.VALIDATING
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and self._batches.get(stage):
             throughput = self._throughputs[stage]
-            metrics = {f"{stage.value}{throughput.separator}{k}": v for k, v in throughput.compute().items()}
+            metrics = _all_processes(throughput.compute(), trainer.world_size)
+            metrics = {f"{stage.value}{throughput.separator}{k}": v for k, v in metrics.items()}
             trainer._logger_connector.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
-        super().on_validation_end(trainer, pl_module)
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            # training time goes on from where the validation stopped it, also in the middle of a step (Lightning's
+            # from the last update, which counted the step's micro-batches before the validation as validation time)
+            self._t0s[RunningStage.TRAINING] = time.perf_counter() - self._trained_s
+
+    @rank_zero_only
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            if trainer.strategy.root_device.type == "cuda":
+                torch.cuda.synchronize()
+            self._trained_s = time.perf_counter() - self._t0s[RunningStage.TRAINING]
+        super().on_validation_start(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -381,6 +473,11 @@ class TokenThroughputMonitor(ThroughputMonitor):
         peak = peak_memory_gib(trainer.strategy.root_device)
         if peak is not None:
             pl_module.log(PEAK_MEMORY_KEY, peak, on_step=True, on_epoch=False)
+
+
+def _all_processes(metrics: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """``Throughput`` metrics with its per-device counts (:data:`COUNTS`) made those of all ``world_size`` processes."""
+    return {key: value * world_size if key in COUNTS else value for key, value in metrics.items()}
 
 
 class StepLearningRateMonitor(LearningRateMonitor):

@@ -237,8 +237,9 @@ class StepRunProgressBar(RichProgressBar):
     ("v_num: 3", not "v_num: 3.000").
 
     Where its output is not a terminal (a SLURM log, ``nohup``, a pipe) the bar is drawn only when an epoch ends,
-    which may be the end of the run: there it also prints a line on stderr at most every ``line_every_s`` seconds
-    (steps done, train loss, tokens/s since the last line, time left) and one after each validation (its loss).
+    which may be the end of the run: there it also prints a line on stderr at most every ``line_every_s`` seconds,
+    when an optimizer step ends (steps done, that step's train loss, tokens/s since the last line, time left), and one
+    after each validation (its loss).
 
     Args:
         line_every_s: Without a terminal, the shortest time between two step lines.
@@ -265,6 +266,8 @@ class StepRunProgressBar(RichProgressBar):
         if not self._lines:
             return
         self._tokens += batch_tokens(batch) * trainer.world_size
+        if trainer.fit_loop._should_accumulate():
+            return  # mid-step: a line counts whole steps, beside the loss of the last
         now, step, last = time.perf_counter(), trainer.global_step, trainer.max_steps
         if now - self._last_line < self.line_every_s and step != last:
             return

@@ -220,6 +220,9 @@ def test_two_rank_fsdp2_fit_from_the_cli_reports_true_held_out_loss_and_resumes(
     resumed = run_fit("--ckpt_path", "last")
     assert resumed.stderr.count("Resuming from runs/debug/version_0/checkpoints/last.ckpt") == 1
     assert "Warning" not in resumed.stderr and "Run finished: 8 optimizer steps" in resumed.stdout
+    # tokens trained: both ranks' 4 x 32 a step, counted on from the sharded checkpoint (two sessions, one count)
+    events = EventAccumulator(str(tmp_path / "runs" / "debug" / "version_0")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/lengths")] == [(s, 256 * (s + 1)) for s in range(8)]
 
 
 def test_sigterm_to_the_first_rank_stops_every_rank_after_one_step_with_a_checkpoint(tiny_corpus, tmp_path):

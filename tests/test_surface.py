@@ -843,6 +843,34 @@ def test_without_a_terminal_fit_prints_step_and_validation_lines(tmp_path, capsy
     assert len(lines) == len(expected) and all(map(re.fullmatch, expected, lines)), lines
 
 
+def test_without_a_terminal_step_lines_come_at_whole_steps_with_their_loss(tmp_path, capsys):
+    """Under gradient accumulation a line came after any micro-batch: "1/2 steps · train/loss X" with X the loss of
+    step 2's first micro-batch (the running mean of the step in progress), not step 1's."""
+    from helpers import cpu_trainer
+    from lightning.pytorch.callbacks import Callback
+
+    from epas_lightning import EPASModule, LlamaConfig
+    from epas_lightning.run_summary import StepRunProgressBar
+
+    step_losses = []
+
+    class StepLoss(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx % 2 == 1:  # a step's last micro-batch: train/loss is the step's
+                step_losses.append(f"{trainer.callback_metrics['train/loss'].item():.4f}")
+
+    module = EPASModule(LlamaConfig.from_name("debug", block_size=16))
+    data = torch.utils.data.DataLoader(torch.randint(0, 512, (8, 17)), batch_size=2)
+    callbacks = [StepLoss(), StepRunProgressBar(line_every_s=0)]
+    trainer = cpu_trainer(tmp_path, 2, callbacks, enable_progress_bar=True, accumulate_grad_batches=2)
+    trainer.fit(module, data)
+    lines = [line for line in capsys.readouterr().err.splitlines() if re.match(r"\d+/2 steps", line)]
+    assert [re.match(r"(\d)/2 steps · train/loss ([\d.]+)", line).groups() for line in lines] == [
+        ("1", step_losses[0]),
+        ("2", step_losses[1]),
+    ]
+
+
 def test_out_of_memory_advice_names_flags_each_command_has():
     from epas_lightning.cli import function_parser, tool
     from epas_lightning.errors import OUT_OF_MEMORY_ADVICE

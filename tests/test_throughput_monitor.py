@@ -34,6 +34,20 @@ class Keys(Logger):
         pass
 
 
+class Steps(Keys):
+    """Remembers the steps each metric was logged at, and its values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: dict[str, list[int]] = {}
+        self.values: dict[str, list[float]] = {}
+
+    def log_metrics(self, metrics, step=None) -> None:
+        for key, value in metrics.items():
+            self.steps.setdefault(key, []).append(step)
+            self.values.setdefault(key, []).append(float(value))
+
+
 def fit_keys(tmp_path) -> set[str]:
     L.seed_everything(0)
     module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16))
@@ -96,15 +110,6 @@ def test_validation_throughput_is_logged_at_the_step_the_validation_ran(tmp_path
     """Lightning logs it at every validation batch with the count of validation batches as the step: a fit validating
     after steps 2 and 4 plotted validate/* at steps 1 to 6, among the training steps."""
 
-    class Steps(Keys):
-        def __init__(self) -> None:
-            super().__init__()
-            self.steps: dict[str, list[int]] = {}
-
-        def log_metrics(self, metrics, step=None) -> None:
-            for key in metrics:
-                self.steps.setdefault(key, []).append(step)
-
     module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16))
     train = torch.utils.data.DataLoader(torch.randint(0, 512, (8, 17)), batch_size=2)
     val = torch.utils.data.DataLoader(torch.randint(0, 512, (6, 17)), batch_size=2)
@@ -116,6 +121,61 @@ def test_validation_throughput_is_logged_at_the_step_the_validation_ran(tmp_path
     trainer.fit(module, train, val)
     assert logger.steps["val/loss"] == [1, 3]
     assert logger.steps["validate/device/items_per_sec"] == logger.steps["validate/batches"] == [1, 3]
+
+
+def test_under_gradient_accumulation_the_rates_are_of_whole_optimizer_steps(tmp_path, monkeypatch):
+    """A fake clock: 1 s per micro-batch, 3 s per optimizer update (the gradient sync, AdamW), 10 s per validation
+    batch. Lightning's window ran over micro-batches: 2 entries gave one micro-batch's tokens over that micro-batch and
+    an update (32 / 4 s), not a step's tokens over the step (64 / 5 s); windows of other lengths over- or
+    under-weighted the updates. A validation in the middle of a step (after 3 micro-batches) is no training time."""
+    import time
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+
+    class Clock(Callback):
+        def on_train_batch_start(self, *args):
+            clock[0] += 1.0
+
+        def on_before_optimizer_step(self, *args):
+            clock[0] += 3.0
+
+        def on_validation_batch_start(self, *args):
+            clock[0] += 10.0
+
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16))
+    data = torch.utils.data.DataLoader(torch.randint(0, 512, (8, 17)), batch_size=1)
+    logger, monitor = Steps(), TokenThroughputMonitor(window_size=2)
+    options = {"logger": logger, "log_every_n_steps": 1, "accumulate_grad_batches": 2}
+    validation = {"val_check_interval": 3, "limit_val_batches": 1, "num_sanity_val_steps": 0}
+    cpu_trainer(tmp_path, 4, [Clock(), monitor], **options, **validation).fit(module, data, data)
+    assert logger.steps["validate/batches"] == [1, 2]
+    assert logger.steps["train/device/items_per_sec"] == [1, 2, 3]
+    assert logger.values["train/device/items_per_sec"] == [32 / 5] * 3  # 2 x 16 tokens in 2 x 1 s + 3 s
+    flops = 2 * estimate_flops(module.config, 0, 16)
+    assert logger.values["train/device/flops_per_sec"] == [pytest.approx(flops / 5)] * 3
+    assert logger.values["train/time"] == [5, 10, 15, 20]
+
+
+def test_the_run_totals_continue_across_a_resume(tmp_path):
+    """Lightning counted train/time, batches, samples and lengths (tokens) from 0 again in a resumed session."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(max_steps: int, ckpt_path=None) -> Steps:
+        module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16))
+        data = torch.utils.data.DataLoader(torch.randint(0, 512, (16, 17)), batch_size=2)
+        logger, checkpoint = Steps(), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+        monitor = TokenThroughputMonitor(window_size=2)
+        options = {"logger": logger, "log_every_n_steps": 1, "accumulate_grad_batches": 2}
+        cpu_trainer(tmp_path, max_steps, [monitor, checkpoint], **options).fit(module, data, ckpt_path=ckpt_path)
+        return logger
+
+    first, resumed = fit(2), fit(4, tmp_path / "ckpt" / "last.ckpt")
+    assert resumed.steps["train/lengths"] == [2, 3]
+    assert first.values["train/lengths"] + resumed.values["train/lengths"] == [64, 128, 192, 256]  # 2 x 2 x 16 a step
+    assert first.values["train/samples"] + resumed.values["train/samples"] == [4, 8, 12, 16]
+    assert first.values["train/batches"] + resumed.values["train/batches"] == [2, 4, 6, 8]
+    assert resumed.values["train/time"][0] > first.values["train/time"][-1]
 
 
 @pytest.mark.parametrize(
