@@ -24,6 +24,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from epas_lightning.data.tokenizer import (
+    RecordedTokenizer,
+    TokenizerError,
+    file_sha256,
+    load_tokenizer,
+    resolve_tokenizer_path,
+)
 from epas_lightning.errors import CheckpointError
 from epas_lightning.hf.convert import (
     config_from_hf,
@@ -143,10 +150,17 @@ class CheckpointInfo:
     data_dir: Path | None = None
     gone_tokenizer: Path | None = None
     gone_data: Path | None = None
+    changed_tokenizer: Path | None = None
+    tokenizer_sha256: str | None = None
 
     def no_data(self) -> str:
         """Why ``data_dir`` is ``None``, for the error or note that asks for ``--data``: the run recorded none, or
-        what it recorded is gone (named)."""
+        what it recorded is gone or was prepared again (named)."""
+        if self.changed_tokenizer is not None:
+            return (
+                "the data the checkpoint trained on was prepared again since (its tokenizer "
+                f"{self.changed_tokenizer} changed)"
+            )
         if self.gone_data is not None:
             return f"the data the checkpoint trained on is gone ({self.gone_data})"
         if self.gone_tokenizer is not None:
@@ -156,9 +170,67 @@ class CheckpointInfo:
     def no_tokenizer(self) -> str:
         """Why ``tokenizer_path`` is ``None``, for the error that asks for one: the run recorded none, or the file it
         recorded is gone (named)."""
+        if self.changed_tokenizer is not None:
+            return f"the tokenizer file the checkpoint was trained with changed since ({self.changed_tokenizer})"
         if self.gone_tokenizer is not None:
             return f"the tokenizer the checkpoint was trained with is gone ({self.gone_tokenizer})"
         return "the checkpoint does not name a tokenizer"
+
+    @property
+    def recorded_tokenizer(self) -> RecordedTokenizer | None:
+        """The tokenizer file the checkpoint names, usable or not, with the hash it recorded: what data must hold the
+        ids of (:func:`~epas_lightning.data.token_data.check_tokenized_as`)."""
+        path = self.tokenizer_path or self.changed_tokenizer or self.gone_tokenizer
+        return None if path is None else RecordedTokenizer(path, self.tokenizer_sha256)
+
+    def tokenizer_file(self, override: str | Path | None = None, flag: str = "--tokenizer") -> Path | None:
+        """The tokenizer file a command reads: ``override`` (its ``--tokenizer``) or the one the checkpoint recorded;
+        ``None`` when neither (:meth:`no_tokenizer` says why).
+
+        A recorded file that changed since the checkpoint trained (its data folder prepared again) is refused: its
+        ids are other tokens than the weights learned. An ``override`` that is not the recorded file (by hash) is
+        warned about in one line, unless the recorded file is still there and tokenizes the probe texts alike (one
+        vocabulary in two formats: a sentencepiece ``tokenizer.model`` and the ``tokenizer.json`` export writes).
+        """
+        if override is not None:
+            path = resolve_tokenizer_path(override)
+            other = self.tokenizer_sha256 and file_sha256(path) != self.tokenizer_sha256
+            if other and (difference := self._tokenizes_otherwise(path)) is not None:
+                log.warning(
+                    f"{flag} {override} is not the tokenizer the checkpoint trained with ({difference}): unless it is "
+                    "the same vocabulary, the model's tokens read as other text"
+                )
+            return path
+        if self.changed_tokenizer is not None:
+            raise TokenizerError(
+                "the tokenizer file changed since the checkpoint trained (its data folder prepared again?): the "
+                "model's tokens would read as other text",
+                self.changed_tokenizer,
+                f"restore it, or pass {flag} with the tokenizer the checkpoint trained with",
+            )
+        return self.tokenizer_path
+
+    def _tokenizes_otherwise(self, path: Path) -> str | None:
+        """How the tokenizer file ``path`` differs from the one the checkpoint trained with, in a few words; ``None``
+        when they agree on the probe texts, or where the command refuses ``path`` anyway (it does not load, or its
+        ids overrun the model's vocabulary: its own error says why)."""
+        from epas_lightning.hf.sentencepiece_json import PROBE_TEXTS
+
+        try:
+            theirs = load_tokenizer(path, bos_id=self.bos_id, eos_id=self.eos_id)
+        except (TokenizerError, OSError):
+            return None
+        if theirs.vocab_size > self.config.vocab_size:
+            return None
+        if self.tokenizer_path is None:  # gone or changed: nothing to compare it with
+            return "its hash is not the one the checkpoint recorded"
+        ours = load_tokenizer(self.tokenizer_path, bos_id=self.bos_id, eos_id=self.eos_id)
+        if theirs.vocab_size != ours.vocab_size:
+            return f"{theirs.vocab_size} tokens, not {ours.vocab_size} as {self.tokenizer_path}"
+        for text in PROBE_TEXTS:
+            if theirs.encode(text) != ours.encode(text):
+                return f"{text!r} is other tokens than with {self.tokenizer_path}"
+        return None
 
 
 @dataclass(kw_only=True)
@@ -366,9 +438,13 @@ def _info(metadata: dict[str, Any], model: Llama) -> CheckpointInfo:
     config = model.config
     tokenizer = metadata.get("tokenizer") or {}
     tokenizer_path = Path(tokenizer["path"]) if tokenizer.get("path") else None
+    sha256 = tokenizer.get("sha256")
     gone = tokenizer_path if tokenizer_path is not None and not tokenizer_path.is_file() else None
-    if gone is not None:
-        tokenizer_path = None
+    changed = None  # the file is there, but not the one the run read (its data folder prepared again)
+    if tokenizer_path is not None and gone is None and sha256 and file_sha256(tokenizer_path) != sha256:
+        changed = tokenizer_path
+    if gone is not None or changed is not None:
+        tokenizer_path = None  # its data folder too was prepared again: data_dir is not derived from it
     data_dir = metadata.get("data_dir") or (_data_dir_of(tokenizer_path) if tokenizer_path else None)
     found = data_dir is not None and Path(data_dir).is_dir()
     return CheckpointInfo(
@@ -381,6 +457,8 @@ def _info(metadata: dict[str, Any], model: Llama) -> CheckpointInfo:
         data_dir=Path(data_dir) if found else None,
         gone_tokenizer=gone,
         gone_data=Path(data_dir) if data_dir is not None and not found else None,
+        changed_tokenizer=changed,
+        tokenizer_sha256=sha256,
     )
 
 
@@ -439,10 +517,12 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
     """Write ``output/model.safetensors`` and ``output/config.json`` from a training checkpoint; return ``output``.
 
     The weights keep the dtype the checkpoint stores them in. The tokenizer the run trained with (recorded in the
-    checkpoint) is copied beside them when it still exists and parses as a tokenizer; only the tokenizer file itself
-    is copied, under its standard name, with the chat template and the end tokens found beside it.
+    checkpoint) is copied beside them when it still exists, is the file it trained with (its recorded hash) and
+    parses as a tokenizer; only the tokenizer file itself is copied, under its standard name, with the chat template
+    and the end tokens found beside it, and its hash is recorded. Otherwise a warning says so, and the recorded hash is
+    kept (a ``--tokenizer`` given for the folder is compared with it).
     """
-    from epas_lightning.data.tokenizer import TokenizerError, copy_tokenizer, load_tokenizer
+    from epas_lightning.data.tokenizer import copy_tokenizer
 
     checkpoint = Path(checkpoint).expanduser()
     check_output(output, "consolidated", overwrite, [checkpoint])
@@ -463,6 +543,8 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
         save_file({key: t.contiguous().clone() for key, t in stored.items()}, build / WEIGHTS_FILE)
         if loaded.tokenizer_path is None:
             log.warning(f"{loaded.no_tokenizer().capitalize()}: consolidated weights and config only")
+            if sha256 := loaded.tokenizer_sha256:  # what a --tokenizer given for the folder is compared with
+                record["tokenizer"] = {"sha256": sha256, "bos_id": loaded.bos_id, "eos_id": loaded.eos_id}
         else:
             try:
                 tokenizer = load_tokenizer(loaded.tokenizer_path, bos_id=loaded.bos_id, eos_id=loaded.eos_id)
@@ -479,6 +561,7 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
                     "bos_id": tokenizer.bos_id,  # the checkpoint's, when it recorded them
                     "eos_id": tokenizer.eos_id,
                     "data_dir": str(loaded.data_dir) if loaded.data_dir else None,
+                    "sha256": tokenizer.sha256,  # the copy's: a folder whose tokenizer is replaced is refused too
                 }
         (build / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return Path(output).expanduser().absolute()

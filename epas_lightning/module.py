@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -36,6 +36,9 @@ from epas_lightning.optim import default_optimizer, optimizer_settings, param_gr
 from epas_lightning.parallel import PRECISIONS, checkpointed_blocks, mixed_precision_policy, parallelize
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
 from epas_lightning.safe_load import plain_numbers
+
+if TYPE_CHECKING:
+    from epas_lightning.data.tokenizer import RecordedTokenizer
 
 WEIGHTS_DTYPE_KEY = "weights_dtype"
 """Checkpoint entry: the dtype the run stored its weights in (``float32``, ``bfloat16``)."""
@@ -125,14 +128,14 @@ class EPASModule(LightningModule):
         self._optimizer_settings: list[dict] | None = None  # as configured, before a checkpoint's are loaded
 
     @property
-    def source_tokenizer(self) -> Path | None:
+    def source_tokenizer(self) -> RecordedTokenizer | None:
         """The tokenizer file of the ``init_from`` model, where it has one (an HF folder's ``tokenizer.json`` or
-        ``tokenizer.model``, the one our checkpoint recorded): the training data must hold its ids."""
+        ``tokenizer.model``, the one our checkpoint recorded, with its hash): the training data must hold its ids."""
         if self.init_from is None:
             return None
         from epas_lightning.checkpoint import describe_checkpoint  # reads HF folders and our checkpoints alike
 
-        return describe_checkpoint(self.init_from, "model.init_from").tokenizer_path
+        return describe_checkpoint(self.init_from, "model.init_from").recorded_tokenizer
 
     def setup(self, stage: str) -> None:
         if stage == "fit":

@@ -295,3 +295,89 @@ def test_generate_decodes_ids_past_a_sentencepiece_tokenizer_to_nothing(tmp_path
     argv = ["generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "ka", "--max-new-tokens", "4"]
     rc, out, _ = run_cli(capsys, *argv)
     assert rc == 0 and out.startswith("ka lo lo\n")
+
+
+def checkpoint_on_its_own_data(tiny_corpus, tmp_path):
+    """A tiny untrained checkpoint whose tokenizer is a copy of the tiny corpus's in its own data folder (the
+    streams linked), recorded as fit records it (with the file's hash); then that folder's tokenizer is replaced,
+    as `prepare --overwrite` with another tokenizer does: (checkpoint, data folder, a copy of the original)."""
+    import shutil
+
+    from epas_lightning.data.tokenizer import file_sha256, train_byte_level_bpe
+    from epas_lightning.model import Llama
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train", "val", "meta.json"):
+        (data / name).symlink_to(tiny_corpus / name)
+    original = tmp_path / "original.json"
+    shutil.copy(tiny_corpus / "tokenizer.json", original)
+    shutil.copy(original, data / "tokenizer.json")
+    config = LlamaConfig.from_name("debug", n_layer=2, vocab_size=512, block_size=32)
+    record = {"path": str(data / "tokenizer.json"), "bos_id": 0, "eos_id": 1, "sha256": file_sha256(original)}
+    state = {f"model.{k}": v for k, v in Llama(config).state_dict().items()}
+    torch.save({"state_dict": state, "model_config": config.to_dict(), "tokenizer": record}, tmp_path / "m.ckpt")
+    texts = ["def main():\n    return 0\n", "import os, sys\n"] * 20
+    train_byte_level_bpe(texts, 300).save(str(data / "tokenizer.json"))  # prepared again: another vocabulary
+    return tmp_path / "m.ckpt", data, original
+
+
+def test_a_checkpoint_whose_tokenizer_file_changed_since_it_trained_is_refused(tiny_corpus, tmp_path, capsys):
+    """A data folder prepared again in place: `generate` decoded with the new tokenizer and `export` shipped it,
+    `evaluate` scored the new ids, all without a word. Weight-only `consolidate` goes on without the tokenizer."""
+    ckpt, data, original = checkpoint_on_its_own_data(tiny_corpus, tmp_path)
+    gen = ["generate", "--checkpoint", str(ckpt), "--prompt", "def", "--max-new-tokens", "2", "--device", "cpu"]
+    refusal = "tokenizer file changed since the checkpoint trained (its data folder prepared again?): the model's "
+    for argv in (gen, ["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "hf")]):
+        rc, _, err = run_cli(capsys, *argv)
+        assert rc == 2 and refusal in err and f" — {data / 'tokenizer.json'} — restore it, or pass --tokenizer" in err
+    rc, _, err = run_cli(capsys, "evaluate", "--checkpoint", str(ckpt), "--device", "cpu", "--batches", "1")
+    assert rc == 2 and "the data the checkpoint trained on was prepared again since" in err, err
+    rc, _, err = run_cli(capsys, "evaluate", "--checkpoint", str(ckpt), "--device", "cpu", "--data", str(data))
+    assert rc == 2 and f"tokenizer {data / 'tokenizer.json'} changed since the checkpoint was saved" in err, err
+    rc, _, err = run_cli(capsys, "consolidate", "--checkpoint", str(ckpt), "--output", str(tmp_path / "c"))
+    assert rc == 0 and "changed since (" in err and not (tmp_path / "c" / "tokenizer.json").exists()
+    rc, out, err = run_cli(capsys, *gen, "--tokenizer", str(original))  # the original: no word
+    assert rc == 0 and out.startswith("def") and "not the tokenizer" not in err, err
+    rc, _, err = run_cli(capsys, *gen, "--checkpoint", str(tmp_path / "c"), "--tokenizer", str(data))
+    assert rc == 0 and f"--tokenizer {data} is not the tokenizer the checkpoint trained with (its hash" in err, err
+
+
+def test_a_tokenizer_override_is_warned_about_only_when_it_tokenizes_otherwise(tmp_path, caplog):
+    """`--tokenizer` took any tokenizer whose vocabulary fits; the tokenizer.json export writes from a sentencepiece
+    model is the same vocabulary (no warning), a BPE of as many tokens is not (one line naming a text it splits
+    otherwise)."""
+    from helpers import train_tiny_sentencepiece
+
+    from epas_lightning.checkpoint import _info
+    from epas_lightning.data.tokenizer import file_sha256, train_byte_level_bpe
+    from epas_lightning.hf.export import export_tokenizer
+    from epas_lightning.model import Llama
+
+    sentencepiece = train_tiny_sentencepiece(tmp_path / "tokenizer.model")
+    (tmp_path / "hf").mkdir()
+    export_tokenizer(sentencepiece, tmp_path / "hf", 32, None, None)
+    other = train_tiny_sentencepiece(tmp_path / "other.model", add_dummy_prefix=False)  # as many tokens
+    bpe = tmp_path / "bpe.json"
+    train_byte_level_bpe(["ka lo mine su tari po anel or"] * 20, 300).save(str(bpe))
+    record = {"path": str(sentencepiece), "sha256": file_sha256(sentencepiece)}
+    info = _info({"tokenizer": record}, Llama(LlamaConfig.from_name("debug", n_layer=2, vocab_size=512)))
+    with caplog.at_level("WARNING", logger="epas_lightning"):
+        assert info.tokenizer_file(tmp_path / "hf") == tmp_path / "hf" / "tokenizer.json"
+        assert not caplog.text
+        assert info.tokenizer_file(other) == other
+        info.tokenizer_file(bpe)
+    assert f'--tokenizer {other} is not the tokenizer the checkpoint trained with ("Hello world' in caplog.text
+    assert f"--tokenizer {bpe} is not the tokenizer the checkpoint trained with (278 tokens, not 300 as " in caplog.text
+
+
+def test_init_from_a_checkpoint_whose_tokenizer_changed_refuses_the_new_data(tiny_corpus, tmp_path):
+    """Continual training from our checkpoint compared its data with the tokenizer file it names: after that file's
+    folder was prepared again with another tokenizer, the new ids were taken as the ones the weights learned."""
+    from epas_lightning.errors import DataError
+
+    ckpt, data, _ = checkpoint_on_its_own_data(tiny_corpus, tmp_path)
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, vocab_size=512, block_size=32), init_from=str(ckpt))
+    datamodule = TokenDataModule(data_dir=str(data), seq_len=32, batch_size=4, vocab_size=512)
+    with pytest.raises(DataError, match=f"tokenizer {data / 'tokenizer.json'} changed since the checkpoint was saved"):
+        cpu_trainer(tmp_path / "run", 1).fit(module, datamodule)

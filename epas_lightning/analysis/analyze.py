@@ -17,6 +17,7 @@ import torch
 
 from epas_lightning.analysis.capture import capture_activations
 from epas_lightning.analysis.report import DEFAULT_METRIC, DEFAULT_THRESHOLD, Metric, RedundancyReport
+from epas_lightning.data.tokenizer import RecordedTokenizer
 from epas_lightning.errors import ConfigError
 from epas_lightning.model import Llama
 from epas_lightning.outputs import check_output, output_folder
@@ -46,7 +47,7 @@ def heldout_batches(
     seq_len: int,
     batch_size: int,
     n_batches: int,
-    tokenizer: Path | None = None,
+    tokenizer: Path | RecordedTokenizer | None = None,
     own_data: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Up to ``n_batches`` token batches (B, seq_len) from the validation split of a prepared data dir, which must
@@ -148,7 +149,7 @@ def analyze_command(
         print(f"analysing {checkpoint} ({config.n_layer} layers) on {data_dir}", file=sys.stderr)
         own_data = loaded.data_dir is not None
         held_out = heldout_batches(
-            data_dir, config.vocab_size, seq_len, batch_size, batches, loaded.tokenizer_path, own_data
+            data_dir, config.vocab_size, seq_len, batch_size, batches, loaded.recorded_tokenizer, own_data
         )
         held_out = progress(held_out, "analyze: capturing activations", batches, "batch")
         report = analyze_model(model, held_out)

@@ -10,9 +10,8 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from epas_lightning.data.layout import tokenizer_file
-from epas_lightning.data.token_data import TokenData, check_seq_len, check_tokenized_with
-from epas_lightning.data.tokenizer import file_sha256
+from epas_lightning.data.token_data import TokenData, check_seq_len, check_tokenized_as
+from epas_lightning.data.tokenizer import RecordedTokenizer
 from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model.config import LlamaConfig
 
@@ -142,31 +141,19 @@ class TokenDataModule(TokenData, LightningDataModule):
         source = getattr(trainer.lightning_module, "source_tokenizer", None) if trainer is not None else None
         if source is None:
             return
-        fix = f"prepare the data with --tokenizer {source} (the tokenizer of model.init_from)"
+        fix = f"prepare the data with --tokenizer {source.path} (the tokenizer of model.init_from)"
         # setup found every data_dir, and a prepared val_dir, tokenized with one file: comparing the first suffices
-        where = self._data_dir_flag
-        check_tokenized_with(self.data_dirs[0], source, where, fix)
+        check_tokenized_as(self.data_dirs[0], source, self._data_dir_flag, fix)
 
     def check_checkpoint_tokenizer(self, recorded: dict[str, Any] | None) -> None:
         """Data tokenized with another vocabulary than the checkpoint a run resumes (or scores) is refused before its
         weights load: ``recorded`` is the checkpoint's tokenizer entry, checked where its file still exists, and by
         the hash it records where the checkpoint's data folder was prepared again since (the file changed or gone)."""
-        path = Path(recorded["path"]) if recorded and recorded.get("path") else None
-        if path is None or not self.data_dirs:
+        if not recorded or not recorded.get("path") or not self.data_dirs:
             return
-        where, saved = self._data_dir_flag, recorded.get("sha256")
-        if saved and path.parent.is_dir() and (not path.is_file() or file_sha256(path) != saved):
-            if file_sha256(tokenizer_file(self.data_dirs[0])) != saved:
-                raise DataError(
-                    f"the checkpoint's tokenizer {path} changed since the checkpoint was saved (its data folder "
-                    "prepared again?): the data's ids may stand for other tokens than the ones the weights learned",
-                    where,
-                    "use data prepared with the tokenizer the checkpoint trained with",
-                )
-            return
-        if path.is_file():
-            fix = f"use data prepared with --tokenizer {path}, the checkpoint's"
-            check_tokenized_with(self.data_dirs[0], path, where, fix, whose="the checkpoint's")
+        tokenizer = RecordedTokenizer(Path(recorded["path"]), recorded.get("sha256"))
+        fix = f"use data prepared with --tokenizer {tokenizer.path}, the checkpoint's"
+        check_tokenized_as(self.data_dirs[0], tokenizer, self._data_dir_flag, fix, whose="the checkpoint's")
 
     def train_dataloader(self) -> StreamingDataLoader:
         loader = self._dataloader(self.train_streams(), shuffle=True, weights=self.weights)

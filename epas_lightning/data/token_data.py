@@ -18,7 +18,13 @@ from epas_lightning.data.layout import (
     missing_entries,
     tokenizer_file,
 )
-from epas_lightning.data.tokenizer import TextTokenizer, file_sha256, load_tokenizer, same_token_ids
+from epas_lightning.data.tokenizer import (
+    RecordedTokenizer,
+    TextTokenizer,
+    file_sha256,
+    load_tokenizer,
+    same_token_ids,
+)
 from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model.config import LlamaConfig, check_token_ids
 from epas_lightning.runtime import check_counts
@@ -59,6 +65,29 @@ def check_tokenized_with(data_dir: Path, tokenizer: Path, where: str, fix: str, 
             where,
             fix,
         )
+
+
+def check_tokenized_as(
+    data_dir: Path, tokenizer: Path | RecordedTokenizer, where: str, fix: str, whose: str = "the model's"
+) -> None:
+    """:func:`check_tokenized_with`, where ``tokenizer`` may be the one a checkpoint recorded: compared by its ids
+    while its file is the one it trained with; where the file changed since (its data folder prepared again), the
+    data's tokenizer must be the very file it recorded (its hash; ``fix`` then names no file); where nothing can be
+    said of it, nothing is."""
+    if isinstance(tokenizer, RecordedTokenizer):
+        if tokenizer.changed():
+            if file_sha256(tokenizer_file(data_dir)) != tokenizer.sha256:
+                raise DataError(
+                    f"{whose} tokenizer {tokenizer.path} changed since the checkpoint was saved (its data folder "
+                    "prepared again?): the data's ids may stand for other tokens than the ones the weights learned",
+                    where,
+                    "use data prepared with the tokenizer the checkpoint trained with",
+                )
+            return
+        if not tokenizer.path.is_file():
+            return
+        tokenizer = tokenizer.path
+    check_tokenized_with(data_dir, tokenizer, where, fix, whose)
 
 
 class CheckedBatches:
@@ -283,22 +312,24 @@ def heldout_loader(
     seq_len: int,
     batch_size: int,
     vocab_size: int | None = None,
-    tokenizer: str | Path | None = None,
+    tokenizer: str | Path | RecordedTokenizer | None = None,
     own_data: bool = False,
 ) -> CheckedBatches:
     """The validation split of a prepared data directory (``None``: the built-in corpus), checked and in a fixed
     order: batches of (B, seq_len + 1) int32 tokens, each checked for ids outside ``vocab_size`` as it is read.
     Iterating it again yields the same batches. A split too small
     for one batch is a :class:`DataError`; so are a missing or incomplete ``data_dir``, one prepared with another
-    vocabulary than ``tokenizer`` (the model's, when known) and a ``batch_size`` below 1, named as the commands'
-    ``--data`` and ``--batch-size``. ``own_data``: the checkpoint records the data it trained on, which the
+    vocabulary than ``tokenizer`` (the model's, when known: the one its checkpoint recorded, checked as
+    :func:`check_tokenized_as` does) and a ``batch_size`` below 1, named as the commands' ``--data`` and
+    ``--batch-size``. ``own_data``: the checkpoint records the data it trained on, which the
     commands read when ``--data`` is unset (the refusal of another tokenizer's data says so)."""
     check_data_flag(data_dir)
     check_counts({"--batch-size": batch_size})
     if data_dir is not None and tokenizer is not None:
-        fix = f"prepare it with --tokenizer {tokenizer}"
+        tokenizer = tokenizer if isinstance(tokenizer, RecordedTokenizer) else Path(tokenizer)
+        fix = f"prepare it with --tokenizer {getattr(tokenizer, 'path', tokenizer)}"
         fix += ", or leave --data unset for the checkpoint's own data" if own_data else ""
-        check_tokenized_with(Path(data_dir).expanduser(), Path(tokenizer), f"--data {data_dir}", fix)
+        check_tokenized_as(Path(data_dir).expanduser(), tokenizer, f"--data {data_dir}", fix)
     data = TokenData(
         str(data_dir) if data_dir is not None else None, seq_len=seq_len, batch_size=batch_size, vocab_size=vocab_size
     )

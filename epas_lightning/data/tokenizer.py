@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,23 @@ def decode_continuation(decode: Callable[[list[int]], str], context: Sequence[in
 
 def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class RecordedTokenizer:
+    """The tokenizer file a checkpoint trained with, as it recorded it: the path, and the file's hash as read
+    (``None`` in checkpoints from before the hash was recorded)."""
+
+    path: Path
+    sha256: str | None = None
+
+    def changed(self) -> bool:
+        """Whether the file is no longer the one trained with: another file (its hash), or removed from a folder
+        that is still there (the data folder prepared again, with another kind of tokenizer). Without a hash, or
+        with its folder gone (moved with the data), nothing can be said."""
+        if not self.sha256 or not self.path.parent.is_dir():
+            return False
+        return not self.path.is_file() or file_sha256(self.path) != self.sha256
 
 
 def tokenizer_in(folder: Path) -> Path | None:

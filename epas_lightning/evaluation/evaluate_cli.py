@@ -84,7 +84,7 @@ def evaluate(
             seq_len,
             batch_size,
             config.vocab_size,
-            tokenizer or loaded.tokenizer_path,
+            tokenizer or loaded.recorded_tokenizer,
             own_data=loaded.data_dir is not None,
         )
     rows = []

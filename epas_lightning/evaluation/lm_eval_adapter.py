@@ -110,7 +110,7 @@ class EPASLM(HFLM):
         self.loaded = load_for_inference(Path(checkpoint), device or "auto", dtype or "auto", attention_reuse=False)
         self.checkpoint, self.force = str(checkpoint), bool(force)
         config = self.loaded.model.config
-        path = tokenizer or self.loaded.tokenizer_path
+        path = self.loaded.tokenizer_file(tokenizer)
         if path is None:
             raise ConfigError(
                 self.loaded.no_tokenizer(),

@@ -229,11 +229,11 @@ def export(
     torch_dtype = torch_dtype or loaded.weights_dtype
     check_fits_dtype(state, torch_dtype)
     state = {key: t.to(torch_dtype) for key, t in state.items()}
-    tokenizer_path = tokenizer if tokenizer is not None else loaded.tokenizer_path
+    tokenizer_path = loaded.tokenizer_file(tokenizer)
     eos_ids: int | list[int] | None = loaded.eos_id
     if tokenizer_path is not None:
         ids = {"bos_id": loaded.bos_id, "eos_id": loaded.eos_id}
-        text_tokenizer = load_tokenizer(resolve_tokenizer_path(tokenizer_path), **ids)
+        text_tokenizer = load_tokenizer(tokenizer_path, **ids)
         text_tokenizer.check_fits(config.vocab_size)  # transformers would fail on ids past the embedding
         stop_ids = list(text_tokenizer.stop_ids)  # Llama 3 Instruct's list, as transformers stops at it
         eos_ids = stop_ids if len(stop_ids) > 1 else stop_ids[0]

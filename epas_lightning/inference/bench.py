@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from epas_lightning.checkpoint import LoadedModel
+from epas_lightning.data.tokenizer import RecordedTokenizer
 from epas_lightning.errors import ConfigError
 from epas_lightning.evaluation.perplexity import perplexity_of_batches
 from epas_lightning.flops import estimate_flops
@@ -71,7 +72,7 @@ def heldout_batches(
     seq_len: int,
     batch_size: int,
     n_batches: int,
-    tokenizer: Path | None = None,
+    tokenizer: Path | RecordedTokenizer | None = None,
     own_data: bool = False,
 ) -> list[torch.Tensor]:
     """Up to ``n_batches`` validation batches (B, seq_len + 1), kept in memory to score every region alike; the
@@ -302,7 +303,7 @@ def bench_command(
     with output_folder(output, "bench", overwrite, inputs=[checkpoint]) as build:
         own_data = loaded.data_dir is not None
         held_out = (
-            heldout_batches(data_dir, config, seq_len, batch_size, batches, loaded.tokenizer_path, own_data)
+            heldout_batches(data_dir, config, seq_len, batch_size, batches, loaded.recorded_tokenizer, own_data)
             if data_dir
             else []
         )

@@ -37,9 +37,9 @@ def cuda_graph_choice(cuda_graph: CudaGraph, device: str = "auto") -> bool | Non
 
 
 def resolve_tokenizer(loaded: CheckpointInfo, path: Path | None) -> TextTokenizer:
-    """``--tokenizer`` if given, else the one the checkpoint recorded; a clear error if neither exists, or if its ids
-    can overrun the model's vocabulary (another model's tokenizer)."""
-    path = path or loaded.tokenizer_path
+    """``--tokenizer`` if given, else the one the checkpoint recorded (:meth:`CheckpointInfo.tokenizer_file`); a
+    clear error if neither exists, or if its ids can overrun the model's vocabulary (another model's tokenizer)."""
+    path = loaded.tokenizer_file(path)
     if path is None:
         raise ConfigError(
             loaded.no_tokenizer(),
