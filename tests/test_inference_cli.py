@@ -93,8 +93,10 @@ def test_generate_names_a_bad_sampling_flag_before_loading_anything(flag, value,
 def test_default_lengths_fit_a_short_block_size_and_explicit_ones_are_checked(trained, tmp_path, capsys):
     """block_size is 32: the default 100 new tokens (generate) and 64 + 64 (bench) are cut to fit, as the run
     summary's `next:` commands rely on; an explicit length that cannot fit says how many can."""
-    rc, _, err = run_cli(capsys, "generate", "--checkpoint", str(trained), "--prompt", "x", "--ignore-eos", "--json")
+    rc, out, err = run_cli(capsys, "generate", "--checkpoint", str(trained), "--prompt", "x", "--ignore-eos", "--json")
     assert rc == 0, err
+    (completion,) = json.loads(out.strip().splitlines()[-1])["completions"]  # 32 positions: BOS, "x" and 30 new
+    assert completion["prompt"] == "x" and completion["new_tokens"] == 30 and f"x{completion['completion']}" in out
     rc, _, err = run_cli(capsys, "generate", "--checkpoint", str(trained), "--prompt", "x", "--max-new-tokens", "40")
     assert rc == 2 and "--max-new-tokens — ask for at most" in err
     rc, _, err = run_cli(capsys, "generate", "--checkpoint", str(trained), "--prompt", "x " * 40)

@@ -117,7 +117,8 @@ def generate_command(
         attention_reuse: Sharing layers reuse the source layer's attention probabilities (the same model, less work).
         cuda_graph: Replay decode steps from a CUDA graph (auto: on for CUDA).
         force: Allow more sharing layers than the checkpoint trained (quality drops sharply).
-        json: End with one JSON line of the numbers.
+        json: End with one JSON line: the numbers, and each prompt's completion (``completions``: ``prompt``,
+            ``completion`` as printed after it, ``new_tokens`` without the end token).
     """
     try:  # before the model loads
         check_sampling(temperature, top_k, top_p)
@@ -155,9 +156,11 @@ def generate_command(
         raise
     except ValueError as e:  # bad sampling settings
         raise ConfigError(str(e), "generate", "see --help") from e
+    completions = []
     for text, prompt_ids, new in zip(prompts, ids, result.tokens, strict=True):
         new = [t for t in new if t not in text_tokenizer.stop_ids]
         completion = decode_continuation(text_tokenizer.decode, prompt_ids, new)  # its first word's space kept
+        completions.append({"prompt": text, "completion": completion, "new_tokens": len(new)})
         print(f"{text}{completion}\n")
     numbers = report(result, loaded, n_shared)
     print(f"region: {describe_region(loaded, layers)}", file=sys.stderr)
@@ -171,4 +174,4 @@ def generate_command(
         f"{result.cache_saving:.1%}; analytic {numbers['kv_cache_saving_analytic']:.1%})",
         file=sys.stderr,
     )
-    emit_json({"sharing_layers": n_shared, "shared_layers": layers, **numbers}, json)
+    emit_json({"sharing_layers": n_shared, "shared_layers": layers, **numbers, "completions": completions}, json)
