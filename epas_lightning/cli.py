@@ -195,14 +195,18 @@ def describe_subtypes(message: str) -> str | None:
     return " or ".join(described) if described and all(described) else None
 
 
-def parse_error(error: Exception, prog: str, fn: Callable | None = None) -> UserError:
+def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: Sequence[str] = ()) -> UserError:
     """One line for a jsonargparse/argparse error: the flag, the value and what it takes (from ``fn``'s type hints
-    where known); or, where one of our own checks failed inside the parser (a config linked to other sections), that
-    check's error."""
+    where known); where one of our own checks failed inside the parser (a config linked to other sections), that
+    check's error; a ``--config`` file of ``argv`` that is not YAML, named with the line and column."""
+    import yaml
+
     cause = error.__cause__ or error.__context__
     while cause is not None:
         if isinstance(cause, UserError):
             return cause
+        if isinstance(cause, yaml.YAMLError):
+            return _yaml_error(cause, prog, argv)
         cause = cause.__cause__ or cause.__context__
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     what = lines[0] if lines else "invalid arguments"
@@ -235,13 +239,36 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None) -> User
     return ConfigError(what, prog, f"see `{prog} --help`")
 
 
+def _yaml_error(error: Exception, prog: str, argv: Sequence[str]) -> ConfigError:
+    """The YAML syntax ``error`` of a config, where it is: the ``--config`` file of ``argv`` that does not parse (the
+    parser's message names no file), its line and column."""
+    import yaml
+
+    def at(mark: Any) -> str:
+        return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+    problem = (getattr(error, "problem", None) or str(error).splitlines()[0]) + at(getattr(error, "problem_mark", None))
+    if context := getattr(error, "context", None):  # "while parsing a flow sequence", where it began
+        problem += f" ({context}{at(getattr(error, 'context_mark', None))})"
+    given = [value for flag, value in zip(argv, argv[1:], strict=False) if flag == "--config"]
+    given += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    where = prog
+    for path in map(Path, given):
+        try:
+            yaml.safe_load(path.read_text()) if path.is_file() else None
+        except yaml.YAMLError:
+            where = f"--config {path}"
+            break
+    return ConfigError(f"the config is not valid YAML: {problem}", where, "fix its syntax")
+
+
 def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:
     """Parse ``argv`` for ``fn`` and call it; ``--help`` and ``--print_config`` exit 0 (``SystemExit``)."""
     parser = function_parser(fn, prog)
     try:
         config = parser.parse_args(_append_lists(argv, parser.list_options))
     except ArgumentError as e:
-        raise parse_error(e, prog, fn) from e
+        raise parse_error(e, prog, fn, argv) from e
     kwargs = parser.instantiate(config)
     kwargs.pop("config", None)
     return fn(**kwargs)
@@ -299,7 +326,7 @@ def dispatch(argv: list[str]) -> int:
             try:
                 cli = lightning_cli(argv)
             except ArgumentError as e:
-                raise parse_error(e, f"{PROG} {command}") from e
+                raise parse_error(e, f"{PROG} {command}", argv=argv) from e
             return exit_status(cli)
     if command not in TOOLS:
         raise ConfigError(

@@ -251,6 +251,17 @@ def test_a_missing_config_file_is_named_by_every_tool_as_fit_names_it(tmp_path, 
     )
 
 
+def test_a_config_file_that_is_not_yaml_is_named_with_the_line(tmp_path, capsys):
+    """A YAML syntax error said "Problems parsing config: while parsing a flow sequence", naming no file or line."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_steps: [1, 2\n")
+    for argv in (["fit", "--config", DEBUG, f"--config={bad}"], ["generate", "--config", str(bad)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        says = "error: the config is not valid YAML: did not find expected ',' or ']' at line 3, column 1 (while "
+        assert err.startswith(says) and err.endswith(f"line 2, column 14) — --config {bad} — fix its syntax\n"), err
+
+
 def test_a_lightning_cli_value_error_names_the_flag_as_typed(capsys):
     assert main(["fit", "--config", DEBUG, "--trainer.max_steps", "abc"]) == 2
     assert capsys.readouterr().err.startswith("error: invalid value for --trainer.max_steps (")
