@@ -130,7 +130,7 @@ class ProgressiveSharing(Callback):
         if math.isfinite(total) and final >= total:
             reached = len(self.schedule.shared_layers_at(int(total) - 1))
             rank_zero_warn(
-                f"EPAS: the run ends after {int(total)} optimizer steps and reaches {reached} of the {full} layers of "
+                f"EPAS: the run ends after {optimizer_steps(int(total))} and reaches {reached} of the {full} layers of "
                 f"its region (full at step {final}); raise trainer.max_steps, or lower sharing.start_step or "
                 "sharing.interval, to train with the full region"
             )
@@ -282,6 +282,11 @@ def _n_layer(pl_module: LightningModule) -> int:
 def batch_size(batch: torch.Tensor) -> int:
     """Samples in a token batch of shape (B, T + 1) (for ``ThroughputMonitor.batch_size_fn``)."""
     return batch.shape[0]
+
+
+def optimizer_steps(n: int) -> str:
+    """``"1 optimizer step"``, ``"2 optimizer steps"``: a count of steps as messages write it."""
+    return f"{n} optimizer step{'' if n == 1 else 's'}"
 
 
 def batch_tokens(batch: torch.Tensor) -> int:

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
-from epas_lightning.callbacks import ProgressiveSharing, batch_tokens
+from epas_lightning.callbacks import ProgressiveSharing, batch_tokens, optimizer_steps
 from epas_lightning.divergence import last_checkpoint
 from epas_lightning.flops import estimate_flops, flop_cut
 from epas_lightning.loss_scaling import loss_scaler
@@ -97,7 +97,7 @@ class RunSummary(Callback):
             print(self.summary(trainer, pl_module, log_dir), file=sys.stdout, flush=True)
 
     def summary(self, trainer: Trainer, pl_module: LightningModule, log_dir: str | None) -> str:
-        steps = f"{trainer.global_step} optimizer steps"
+        steps = optimizer_steps(trainer.global_step)
         if self._start_step is None and trainer.global_step:
             limit = _limit_reached(trainer) or "max_steps"
             steps += (
@@ -163,7 +163,7 @@ def _limit_reached(trainer: Trainer) -> str | None:
 
 def _throughput(tokens_per_second: float, steps: int, world_size: int) -> str:
     """The summary's throughput: the median tokens/s of the optimizer steps, of all processes together."""
-    over = f"median over {steps} optimizer steps"
+    over = f"median over {optimizer_steps(steps)}"
     if world_size > 1:
         over = f"{world_size} processes, {tokens_per_second / world_size:,.0f} per device; {over}"
     return f"{tokens_per_second:,.0f} tokens/s ({over})"
