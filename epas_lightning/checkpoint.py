@@ -167,6 +167,13 @@ class CheckpointInfo:
             return f"the data the checkpoint trained on is gone (its tokenizer {self.gone_tokenizer} no longer exists)"
         return "the checkpoint does not say which data it trained on"
 
+    def own_data_instead_of(self, data: str | Path | None) -> bool:
+        """Whether a ``--data`` of ``data`` names other data than the checkpoint's own, which leaving it unset reads
+        (a refusal of ``data`` then says so)."""
+        if data is None or self.data_dir is None:
+            return False
+        return Path(data).expanduser().resolve() != self.data_dir.expanduser().resolve()
+
     def no_tokenizer(self) -> str:
         """Why ``tokenizer_path`` is ``None``, for the error that asks for one: the run recorded none, or the file it
         recorded is gone (named)."""

@@ -252,6 +252,11 @@ def test_held_out_data_of_another_vocabulary_than_the_model_is_one_line(tmp_path
     (ckpt / "config.json").write_text(json.dumps(record))
     assert cli_main(["evaluate", "--checkpoint", str(ckpt), "--data", str(other), "--device", "cpu"]) == 2
     assert capsys.readouterr().err.endswith(", or leave --data unset for the checkpoint's own data\n")
+    record["tokenizer"]["data_dir"] = str(other)  # its own data prepared again: --data unset reads it, and is refused
+    (ckpt / "config.json").write_text(json.dumps(record))
+    assert cli_main(["evaluate", "--checkpoint", str(ckpt), "--device", "cpu"]) == 2
+    fix = f"prepare it with --tokenizer {ckpt / 'tokenizer.json'}"
+    assert capsys.readouterr().err.endswith(f"— --data {other} — {fix}\n")
     resaved = tmp_path / "resaved.json"  # one vocabulary in another file gives the ids the same tokens
     Tokenizer.from_file(str(tiny_corpus / "tokenizer.json")).save(str(resaved), pretty=False)
     assert same_token_ids(resaved, ckpt / "tokenizer.json")

@@ -147,7 +147,7 @@ def analyze_command(
         )
     with output_folder(output, "analysis", overwrite, inputs=[checkpoint]) as build:
         print(f"analysing {checkpoint} ({config.n_layer} layers) on {data_dir}", file=sys.stderr)
-        own_data = loaded.data_dir is not None
+        own_data = loaded.own_data_instead_of(data)
         held_out = heldout_batches(
             data_dir, config.vocab_size, seq_len, batch_size, batches, loaded.recorded_tokenizer, own_data
         )

@@ -66,6 +66,7 @@ def evaluate(
     for n in lengths:  # fail on a bad region before any scoring
         loaded.region.first(n, force)
     text_tokenizer = resolve_tokenizer(loaded, Path(tokenizer) if tokenizer else None) if questions else None
+    own_data = loaded.own_data_instead_of(data)
     if data is None and (not questions or batches is not None):
         data = loaded.data_dir
     if data is None and not questions:
@@ -85,7 +86,7 @@ def evaluate(
             batch_size,
             config.vocab_size,
             tokenizer or loaded.recorded_tokenizer,
-            own_data=loaded.data_dir is not None,
+            own_data=own_data,
         )
     rows = []
     for n in lengths:

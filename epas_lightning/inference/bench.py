@@ -301,7 +301,7 @@ def bench_command(
     if data_dir is None:
         print(f"bench: no held-out loss: {loaded.no_data()} (pass --data for one)", file=sys.stderr)
     with output_folder(output, "bench", overwrite, inputs=[checkpoint]) as build:
-        own_data = loaded.data_dir is not None
+        own_data = loaded.own_data_instead_of(data)
         held_out = (
             heldout_batches(data_dir, config, seq_len, batch_size, batches, loaded.recorded_tokenizer, own_data)
             if data_dir
