@@ -32,6 +32,8 @@ from epas_lightning.model.config import PRESETS
 
 LEAVE_UNSET = "leave those model.config fields unset: a fit from init_from takes them from the init_from model"
 """What to do when ``model.config`` sets a field otherwise than the ``init_from`` model (:func:`filled_from`)."""
+OURS_ONLY = ("padded_vocab_size", "sharing_mode")
+"""The fields our checkpoints must match too (HF folders do not record them)."""
 NOT_LOADED = ("sharing.mask",)
 """State the initial weights do not set: the sharing region belongs to the new run's schedule."""
 LONGEST_TAKEN_BLOCK_SIZE = 8192
@@ -57,12 +59,12 @@ def source_config(path: str | Path, **fields: Any) -> LlamaConfig:
 
 def filled_from(source: LlamaConfig, fields: dict[str, Any], ours: bool = False) -> LlamaConfig:
     """A config of ``fields`` (``None`` counts as unset; a preset ``name`` sets its fields) whose architecture fields
-    left unset (``COMPARED_FIELDS``, and for one of ``ours`` checkpoints ``padded_vocab_size``) are those of
+    left unset (``COMPARED_FIELDS``, and for one of ``ours`` checkpoints :data:`OURS_ONLY`) are those of
     ``source``; an unset ``block_size`` is the source's (an HF model's ``max_position_embeddings``, the length one of
     our checkpoints trained at), unless that is longer than :data:`LONGEST_TAKEN_BLOCK_SIZE`."""
     given = {key: value for key, value in fields.items() if value is not None}
     given = {**PRESETS.get(given.get("name"), {}), **given}  # an unknown name: LlamaConfig says so
-    taken = (*COMPARED_FIELDS, "padded_vocab_size") if ours else COMPARED_FIELDS
+    taken = (*COMPARED_FIELDS, *OURS_ONLY) if ours else COMPARED_FIELDS
     taken = {key: getattr(source, key) for key in taken if key not in given}
     if "block_size" not in given:
         if source.block_size > LONGEST_TAKEN_BLOCK_SIZE:
@@ -132,7 +134,7 @@ def check_same_architecture(
     """Fail, naming every differing field, unless ``theirs`` (one of our checkpoints) holds the same function."""
     diffs = [
         f"{name}: model {getattr(config, name)!r} vs checkpoint {getattr(theirs, name)!r}"
-        for name in (*COMPARED_FIELDS, "padded_vocab_size", "sharing_mode")
+        for name in (*COMPARED_FIELDS, *OURS_ONLY)
         if getattr(config, name) != getattr(theirs, name)
     ]
     if diffs:

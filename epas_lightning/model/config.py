@@ -33,7 +33,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-3b": dict(n_layer=26, n_embd=3072, n_head=24, intermediate_size=8192, vocab_size=32000, block_size=2048),
     "llama-7b": dict(n_layer=32, n_embd=4096, n_head=32, intermediate_size=11008, vocab_size=32000, block_size=2048),
 }
-FIELD_DEFAULTS: dict[str, Any] = dict(rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False)
+FIELD_DEFAULTS: dict[str, Any] = dict(rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, sharing_mode="qk")
 """The values of these :class:`LlamaConfig` fields when neither the user nor a preset sets them: their dataclass default
 is ``None``, so that a field left unset can be told from one set to this value (``init_from`` fills unset ones)."""
 
@@ -125,7 +125,8 @@ class LlamaConfig:
         norm_eps: RMSNorm epsilon; 1e-5 when unset.
         tie_embeddings: Share the token embedding matrix with the LM head; false when unset.
         init_std: Standard deviation of the normal init of linear and embedding weights.
-        sharing_mode: What a sharing layer reuses from the last compute layer: 'qk' (the paper) or 'kv' (CLA-style).
+        sharing_mode: What a sharing layer reuses from the last compute layer: 'qk' (the paper; when unset) or 'kv'
+            (CLA-style).
     """
 
     name: str | None = None
@@ -145,7 +146,7 @@ class LlamaConfig:
     norm_eps: float | None = None
     tie_embeddings: bool | None = None
     init_std: float = 0.02
-    sharing_mode: SharingMode = "qk"
+    sharing_mode: SharingMode | None = None
 
     def __post_init__(self) -> None:
         for field in fields(self):  # numpy (or 0-d tensor) numbers, e.g. from a sweep: the Python numbers they hold
