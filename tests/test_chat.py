@@ -109,16 +109,22 @@ def test_reset_clears_the_history_and_exit_ends_the_chat(checkpoint, monkeypatch
     assert out == f"{reply}\n{reply}\n"
 
 
-def test_without_a_chat_template_chat_is_one_line_before_the_weights_load(checkpoint, tmp_path, monkeypatch, capsys):
+def test_startup_mistakes_are_one_line_before_the_weights_load(checkpoint, tmp_path, monkeypatch, capsys):
+    """No chat template: what to do instead; a system message that leaves no room for a message: which flag."""
     plain = shutil.copytree(checkpoint, tmp_path / "plain", ignore=shutil.ignore_patterns("tokenizer_config.json"))
     monkeypatch.setattr("epas_lightning.inference.chat_cli.load_for_inference", lambda *a, **k: pytest.fail("loaded"))
     assert cli_main(["chat", "--checkpoint", str(plain)]) == 2
-    err = capsys.readouterr().err
-    assert err == (
+    assert capsys.readouterr().err == (
         f"error: this model has no chat template (none beside {plain / 'tokenizer.json'}) — --checkpoint {plain} — "
         "pass --tokenizer <a folder holding this tokenizer and its chat template>; a base model continues text with "
         "`generate`\n"
     )
+    assert cli_main(["chat", "--checkpoint", str(checkpoint), "--system", "long " * 12]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the chat template with the system message makes a prompt of ") and err.endswith(
+        f"tokens before any message is typed; with a reply of {CONTEXT // 2} that leaves no room in the model's "
+        f"context length of {CONTEXT} — --system — shorten --system, or lower --max-new-tokens\n"
+    ), err
 
 
 def test_a_long_chat_drops_its_oldest_turns_and_ctrl_c_stops_only_the_reply(checkpoint, monkeypatch, capsys):

@@ -63,6 +63,23 @@ class Conversation:
                 "fix the template, or chat with --tokenizer <a folder holding this tokenizer and a working template>",
             ) from None
 
+    def check_room(self) -> None:
+        """A :class:`ConfigError` if the template refuses the system message, or leaves no room for a message with it
+        and a reply of ``reply_tokens``."""
+        empty = len(self.ids([{"role": "user", "content": ""}]))
+        if empty + self.reply_tokens >= self.context_length:
+            system = self.system is not None
+            fix = "lower --max-new-tokens"
+            if system:
+                fix = "shorten --system" + ("" if empty >= self.context_length - 1 else f", or {fix}")
+            raise ConfigError(
+                f"the chat template{' with the system message' if system else ''} makes a prompt of {empty} tokens "
+                f"before any message is typed; with a reply of {self.reply_tokens} that leaves no room in the model's "
+                f"context length of {self.context_length}",
+                "--system" if system else "--max-new-tokens",
+                fix,
+            )
+
     def prompt(self, text: str) -> tuple[list[int], int]:
         """Add the user message ``text``; return the conversation's prompt ids and how many of its oldest turns
         (a user message and its reply each) were dropped to fit. A message that does not fit even alone is a

@@ -48,10 +48,11 @@ def chat_command(
     serve's chat renders it) and the reply streams to stdout until an end token of the model. Piped input works the
     same (each line a message; the command ends at its end): replies go to stdout, one after the other, each ending
     with a newline; the region and notes go to stderr. /reset clears the history, /exit or Ctrl+D quits, Ctrl+C
-    during a reply stops it (what was shown stays in the history). Each reply prefills the whole conversation anew
-    (no KV cache is kept across turns: the template renders the history anew). A conversation that outgrows the
-    model's context drops its oldest turns (the system message stays), said once on stderr; a message too long even
-    alone is refused in one line (in a terminal the chat goes on; piped, it stops with exit status 2).
+    during a reply stops it (what was shown stays in the history; at a terminal's prompt it clears the line). Each
+    reply prefills the whole conversation anew (no KV cache is kept across turns: the template renders the history
+    anew). A conversation that outgrows the model's context drops its oldest turns (the system message stays), said
+    once on stderr; a message too long even alone is refused in one line (in a terminal the chat goes on; piped, it
+    stops with exit status 2).
 
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
@@ -83,7 +84,7 @@ def chat_command(
     context_length = recorded.config.context_length
     reply_tokens = reply_length(max_new_tokens, context_length)
     conversation = Conversation(template, text_tokenizer, context_length, reply_tokens, system)
-    conversation.ids([{"role": "user", "content": "Hello"}])  # a template that refuses --system says so now
+    conversation.check_room()
     loaded = load_for_inference(checkpoint, device, dtype, attention_reuse)
     layers = set_region(loaded.model, n_shared, loaded.region, force)
     interactive = sys.stdin.isatty()
@@ -159,11 +160,19 @@ def reply_length(max_new_tokens: int | None, context_length: int) -> int:
 
 
 def read_line(interactive: bool) -> str | None:
-    """The next line of input (with the prompt in a terminal), or ``None`` at its end (Ctrl+D)."""
-    try:
-        return input(PROMPT if interactive else "")
-    except EOFError:
-        return None
+    """The next line of input (with the prompt in a terminal), or ``None`` at its end (Ctrl+D). Ctrl+C at the prompt
+    of a terminal drops the line typed and asks again (a second Ctrl+C meant for a reply that just ended would
+    otherwise end the conversation)."""
+    while True:
+        try:
+            return input(PROMPT if interactive else "")
+        except EOFError:
+            return None
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            write("\n")
+            print("(/exit or Ctrl+D quits)", file=sys.stderr)
 
 
 def write(text: str) -> None:
