@@ -48,6 +48,7 @@ TOOLS: dict[str, str] = {
     "prepare": "epas_lightning.data.prepare:prepare_command",
     "consolidate": "epas_lightning.checkpoint:consolidate_command",
     "generate": "epas_lightning.inference.generate_cli:generate_command",
+    "chat": "epas_lightning.inference.chat_cli:chat_command",
     "bench": "epas_lightning.inference.bench:bench_command",
     "serve": "epas_lightning.serve.command:serve_command",
     "evaluate": "epas_lightning.evaluation.evaluate_cli:evaluate_command",

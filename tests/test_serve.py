@@ -77,15 +77,18 @@ MESSAGES = [
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
+    return chat_checkpoint(tmp_path_factory.mktemp("serve"))
+
+
+def chat_checkpoint(root: Path, block_size: int = 64) -> Path:
     """A random 4-layer model whose trained region is layers [3, 2], consolidated with a small byte-level BPE that
-    has chat control tokens, and a ChatML chat template."""
-    root = tmp_path_factory.mktemp("serve")
+    has chat control tokens, and a ChatML chat template (in ``root``)."""
     texts = ["def main():\n    return 0\n", "import os\nprint('hello world')\n"] * 20
     tokenizer = train_byte_level_bpe(texts, 300)
     tokenizer.add_special_tokens(CHAT_TOKENS)
     tokenizer.save(str(root / "tokenizer.json"))
     torch.manual_seed(0)
-    model = Llama(LlamaConfig.from_name("debug", n_layer=4, block_size=64))
+    model = Llama(LlamaConfig.from_name("debug", n_layer=4, block_size=block_size))
     model.set_shared_layers(TRAINED)
     path = save_consolidated(model, root / "tiny", root / "tokenizer.json")
     (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))

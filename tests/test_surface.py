@@ -71,14 +71,14 @@ def test_every_tool_speaks_the_same_vocabulary(command, capsys):
     assert main([command, "--help"]) == 0
     out = capsys.readouterr().out
     assert "--config CONFIG" in out
-    runs_a_model = ("generate", "bench", "evaluate", "analyze", "serve", "lm-eval")
+    runs_a_model = ("generate", "chat", "bench", "evaluate", "analyze", "serve", "lm-eval")
     vocabulary = {
         "--checkpoint": command != "prepare",
         "--output": command in ("prepare", "consolidate", "export", "bench", "analyze", "lm-eval"),
         "--device": command in runs_a_model,
         "--dtype": command in (*runs_a_model, "export"),
-        "--sharing-layers": command in ("generate", "bench", "evaluate", "export", "serve", "lm-eval"),
-        "--json": command not in ("serve",),  # a server has no result line
+        "--sharing-layers": command in ("generate", "chat", "bench", "evaluate", "export", "serve", "lm-eval"),
+        "--json": command not in ("serve", "chat"),  # a server and a conversation have no result line
     }
     parser = function_parser(tool(command), command)
     options = [o for a in parser._actions if a.dest not in ("help", "print_config") for o in a.option_strings]
@@ -102,6 +102,7 @@ def test_every_tool_speaks_the_same_vocabulary(command, capsys):
 
 DEVICE_COMMANDS = {
     "generate": ["--prompt", "x"],
+    "chat": [],
     "bench": [],
     "evaluate": [],
     "analyze": [],
@@ -180,6 +181,7 @@ def test_fsdp2_with_a_precision_it_has_no_policy_for_is_one_line():
         (["bench", "--prompts", "0"], "must be at least 1, got 0 — --prompts"),  # an IndexError
         (["bench", "--max-new-tokens", "0"], "must be at least 1, got 0 — --max-new-tokens"),  # a ValueError
         (["generate", "--prompt", "x", "--max-new-tokens", "0"], "must be at least 1, got 0 — --max-new-tokens"),
+        (["chat", "--max-new-tokens", "0"], "must be at least 1, got 0 — --max-new-tokens"),
         (["evaluate", "--batches", "0"], "must be at least 1, got 0 — --batches"),  # a ValueError
         (["evaluate", "--batch-size", "0"], "must be at least 1, got 0 — --batch-size"),  # '... — data'
         (["analyze", "--batch-size", "-3"], "must be at least 1, got -3 — --batch-size"),
@@ -206,7 +208,8 @@ def test_a_missing_tokenizer_names_the_flag_before_anything_loads(tmp_path, caps
     """It said 'tokenizer file does not exist — <path>' without the flag, after loading the model."""
     nowhere = tmp_path / "nowhere.json"
     says = f"error: tokenizer file does not exist — --tokenizer {nowhere} — check the path\n"
-    for argv in (["generate", "--prompt", "x"], ["serve"], ["evaluate"], ["lm-eval", "--tasks", "x"], ["export"]):
+    commands = (["generate", "--prompt", "x"], ["chat"], ["serve"], ["evaluate"], ["lm-eval", "--tasks", "x"])
+    for argv in (*commands, ["export"]):
         argv += ["--checkpoint", str(tmp_path / "missing.ckpt"), "--tokenizer", str(nowhere)]
         assert main([*argv, "--output", str(tmp_path / "out")] if argv[0] == "export" else argv) == 2
         assert capsys.readouterr().err == says

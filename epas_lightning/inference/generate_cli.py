@@ -36,6 +36,14 @@ def cuda_graph_choice(cuda_graph: CudaGraph, device: str = "auto") -> bool | Non
     return {"auto": None, "on": True, "off": False}[cuda_graph]
 
 
+def check_sampling_flags(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """``--temperature``, ``--top-k`` and ``--top-p``: a :class:`ConfigError` naming the first flag out of range."""
+    try:
+        check_sampling(temperature, top_k, top_p)
+    except SamplingError as e:
+        raise ConfigError(str(e), "--" + e.setting.replace("_", "-")) from e
+
+
 def resolve_tokenizer(loaded: CheckpointInfo, path: Path | None) -> TextTokenizer:
     """``--tokenizer`` if given, else the one the checkpoint recorded (:meth:`CheckpointInfo.tokenizer_file`); a
     clear error if neither exists, or if its ids can overrun the model's vocabulary (another model's tokenizer)."""
@@ -120,10 +128,7 @@ def generate_command(
         json: End with one JSON line: the numbers, and each prompt's completion (``completions``: ``prompt``,
             ``completion`` as printed after it, ``new_tokens`` without the end token).
     """
-    try:  # before the model loads
-        check_sampling(temperature, top_k, top_p)
-    except SamplingError as e:
-        raise ConfigError(str(e), "--" + e.setting.replace("_", "-")) from e
+    check_sampling_flags(temperature, top_k, top_p)  # before the model loads
     check_counts({"--max-new-tokens": max_new_tokens})
     graphed = cuda_graph_choice(cuda_graph, device)
     check_tokenizer_flag(tokenizer)

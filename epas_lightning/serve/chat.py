@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -54,6 +55,39 @@ def chat_template_text(entry: dict[str, Any]) -> str | None:
     if isinstance(template, list):
         template = next((t["template"] for t in template if t["name"] == "default"), None)
     return template
+
+
+def checked_chat_template(tokenizer_file: Path) -> tuple[str | None, str]:
+    """The chat template beside the tokenizer file, compiled once to check it; or ``None`` and why there is no usable
+    one (a sentence for the caller to follow with what to do)."""
+    import jinja2
+
+    from epas_lightning.data.chat_template import chat_template_beside
+
+    entry = chat_template_beside(tokenizer_file)
+    template = chat_template_text(entry)
+    if template is None and entry:  # named templates, as transformers refuses them without a default
+        names = ", ".join(t["name"] for t in entry["chat_template"])
+        return None, (
+            f"the chat templates beside {tokenizer_file} ({names}) include none named 'default', the one a chat "
+            "without tools uses"
+        )
+    if template is None:
+        return None, f"this model has no chat template (none beside {tokenizer_file})"
+    try:
+        compile_template(template)
+    except jinja2.TemplateSyntaxError as e:
+        return None, f"the chat template beside {tokenizer_file} is not a valid template ({e}, line {e.lineno})"
+    return template, ""
+
+
+def chat_prompt_ids(
+    template: str, messages: Sequence[dict[str, str]], tokenizer: TextTokenizer, max_chars: int = 10**7
+) -> list[int]:
+    """The token ids of :func:`render_chat`'s text for ``messages``, with the tokenizer's BOS and EOS text and its
+    control tokens read as their ids (:func:`control_token_encoder`)."""
+    bos, eos = token_text(tokenizer, tokenizer.bos_id), token_text(tokenizer, tokenizer.eos_id)
+    return control_token_encoder(tokenizer)(render_chat(template, messages, bos, eos, max_chars))
 
 
 def render_chat(
@@ -202,8 +236,6 @@ def _control_token_pipeline(path: str, kind: str) -> Callable[[str], list[int]]:
     if kind == "hf":
         pipeline = Tokenizer.from_file(path)
     else:
-        from pathlib import Path
-
         from epas_lightning.hf.sentencepiece_json import sentencepiece_tokenizer
 
         pipeline = sentencepiece_tokenizer(Path(path))

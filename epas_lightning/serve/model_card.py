@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from epas_lightning.checkpoint import CheckpointInfo
-from epas_lightning.data.chat_template import chat_template_beside
 from epas_lightning.data.tokenizer import TextTokenizer, load_tokenizer_once
 from epas_lightning.errors import ConfigError
 from epas_lightning.inference.bench import flops_ratio, region_for_budget
 from epas_lightning.model import LlamaConfig
 from epas_lightning.region import TrainedRegion
-from epas_lightning.serve.chat import chat_template_text, compile_template
+from epas_lightning.serve.chat import checked_chat_template
 from epas_lightning.serve.protocol import RequestError
 
 
@@ -127,21 +126,6 @@ class ServedModel:
 
 def _chat_template(tokenizer_file: Path) -> tuple[str | None, str]:
     """The chat template beside the tokenizer file, compiled once to check it, or why chat is unavailable."""
-    import jinja2
-
-    entry = chat_template_beside(tokenizer_file)
-    template = chat_template_text(entry)
+    template, why = checked_chat_template(tokenizer_file)
     fix = "serve with --tokenizer <a folder holding this tokenizer and its chat template>, or use /v1/completions"
-    if template is None and entry:  # named templates, as transformers refuses them without a default
-        names = ", ".join(t["name"] for t in entry["chat_template"])
-        return None, (
-            f"the chat templates beside {tokenizer_file} ({names}) include none named 'default', the one a chat "
-            f"without tools uses: {fix}"
-        )
-    if template is None:
-        return None, f"this model has no chat template (none beside {tokenizer_file}): {fix}"
-    try:
-        compile_template(template)
-    except jinja2.TemplateSyntaxError as e:
-        return None, f"the chat template beside {tokenizer_file} is not a valid template ({e}, line {e.lineno}): {fix}"
-    return template, ""
+    return template, "" if template is not None else f"{why}: {fix}"

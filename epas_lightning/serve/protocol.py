@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from epas_lightning.serve.chat import TemplateFailure, TemplateRefusal, control_token_encoder, render_chat, token_text
+from epas_lightning.serve.chat import TemplateFailure, TemplateRefusal, chat_prompt_ids
 from epas_lightning.serve.engine import Sampling, SequenceRequest
 
 if TYPE_CHECKING:
@@ -326,9 +326,8 @@ def _chat_prompt(messages: list[ChatMessage], served: ServedModel, tokenizer: Te
             "tokens can hold: shorten them",
             "messages",
         )
-    bos, eos = token_text(tokenizer, tokenizer.bos_id), token_text(tokenizer, tokenizer.eos_id)
     try:  # the template may add its own text (headers, a system prompt), not as much again
-        text = render_chat(served.chat_template, records, bos, eos, max_chars=2 * most)
+        return chat_prompt_ids(served.chat_template, records, tokenizer, max_chars=2 * most)
     except TemplateRefusal as e:
         raise RequestError(f"the model's chat template refuses these messages: {e}", "messages") from None
     except TemplateFailure as e:
@@ -339,7 +338,6 @@ def _chat_prompt(messages: list[ChatMessage], served: ServedModel, tokenizer: Te
             500,
             "chat_template_error",
         ) from None
-    return control_token_encoder(tokenizer)(text)
 
 
 def _template_message(index: int, message: ChatMessage) -> dict[str, str]:

@@ -1,0 +1,152 @@
+"""A conversation with an instruct model: its history rendered with the model's chat template, fitted to the context,
+and one streamed reply at a time (the pieces behind the ``chat`` command).
+
+The prompt of a turn is the whole history rendered anew, as ``serve``'s chat renders a request's messages
+(:func:`~epas_lightning.serve.chat.chat_prompt_ids`), and each reply is prefilled from scratch: a template renders the
+history anew (it may trim or rewrite earlier turns, and a reply's text need not tokenize back to the ids generated),
+so the previous turn's KV cache is not an exact prefix of the next prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from epas_lightning.data.tokenizer import TextTokenizer
+from epas_lightning.errors import ConfigError
+from epas_lightning.inference.generate import Decoder
+from epas_lightning.model import Llama
+from epas_lightning.serve.chat import TemplateFailure, TemplateRefusal, chat_prompt_ids
+from epas_lightning.serve.text import TextStream
+
+Message = dict[str, str]
+
+
+@dataclass
+class Conversation:
+    """The history of a chat: the system message (if any), then user and assistant turns, the user's last.
+
+    ``prompt(text)`` adds a user message and returns the ids of the whole conversation, its oldest turns dropped
+    (the system message stays) until it leaves ``reply_tokens`` of the context for the reply.
+    """
+
+    template: str
+    tokenizer: TextTokenizer
+    context_length: int
+    reply_tokens: int
+    system: str | None = None
+    turns: list[Message] = field(default_factory=list)
+    """User and assistant messages, alternating; no system message."""
+
+    def messages(self, turns: list[Message] | None = None) -> list[Message]:
+        """What the template renders: the system message, then ``turns`` (default: the history)."""
+        system = [] if self.system is None else [{"role": "system", "content": self.system}]
+        return system + (self.turns if turns is None else turns)
+
+    def ids(self, turns: list[Message]) -> list[int]:
+        """The prompt ids of ``turns`` after the system message; a :class:`ConfigError` if the template refuses them
+        or fails on them."""
+        try:
+            return chat_prompt_ids(self.template, self.messages(turns), self.tokenizer)
+        except TemplateRefusal as e:
+            raise ConfigError(
+                f"the model's chat template refuses this conversation: {e}",
+                f"the chat template beside {self.tokenizer.path}",
+                "change what it refuses (a template without a system role refuses --system)",
+            ) from None
+        except TemplateFailure as e:
+            raise ConfigError(
+                f"the model's chat template failed on this conversation ({e})",
+                f"the chat template beside {self.tokenizer.path}",
+                "fix the template, or chat with --tokenizer <a folder holding this tokenizer and a working template>",
+            ) from None
+
+    def check_room(self) -> None:
+        """A :class:`ConfigError` if the template refuses the system message, or leaves no room for a message with it
+        and a reply of ``reply_tokens``."""
+        empty = len(self.ids([{"role": "user", "content": ""}]))
+        if empty + self.reply_tokens >= self.context_length:
+            system = self.system is not None
+            fix = "lower --max-new-tokens"
+            if system:
+                fix = "shorten --system" + ("" if empty >= self.context_length - 1 else f", or {fix}")
+            raise ConfigError(
+                f"the chat template{' with the system message' if system else ''} makes a prompt of {empty} tokens "
+                f"before any message is typed; with a reply of {self.reply_tokens} that leaves no room in the model's "
+                f"context length of {self.context_length}",
+                "--system" if system else "--max-new-tokens",
+                fix,
+            )
+
+    def prompt(self, text: str) -> tuple[list[int], int]:
+        """Add the user message ``text``; return the conversation's prompt ids and how many of its oldest turns
+        (a user message and its reply each) were dropped to fit. A message that does not fit even alone is a
+        :class:`ConfigError`, and the history stays as it was."""
+        turns, dropped = [*self.turns, {"role": "user", "content": text}], 0
+        while True:
+            ids = self.ids(turns)
+            if len(ids) + self.reply_tokens <= self.context_length:
+                self.turns = turns
+                return ids, dropped
+            if len(turns) == 1:
+                raise ConfigError(
+                    f"this message makes a prompt of {len(ids)} tokens (with the template"
+                    f"{' and the system message' if self.system is not None else ''}), and the reply may take "
+                    f"{self.reply_tokens}: more than the model's context length of {self.context_length}",
+                    "the message",
+                    "shorten it, or lower --max-new-tokens",
+                )
+            turns, dropped = turns[2:], dropped + 1
+
+    def answer(self, text: str) -> None:
+        """Add the assistant's reply to the last user message."""
+        self.turns.append({"role": "assistant", "content": text})
+
+    def reset(self) -> None:
+        """Forget every turn (the system message stays)."""
+        self.turns = []
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a reply's tokens are chosen (greedy at temperature 0)."""
+
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    seed: int
+
+
+@torch.inference_mode()
+def stream_reply(
+    model: Llama,
+    prompt: list[int],
+    tokenizer: TextTokenizer,
+    max_new_tokens: int,
+    sampling: Sampling,
+    write: Callable[[str], None],
+) -> tuple[str, bool]:
+    """Decode a reply to ``prompt`` with the model's current region, writing its text as it comes (never half a
+    character), until an end token of the model (``tokenizer.stop_ids``) or ``max_new_tokens``. Returns the text
+    written and whether Ctrl+C stopped it (the text is then what was written until then)."""
+    decoder = Decoder(
+        model, [prompt], max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
+        top_p=sampling.top_p, seed=sampling.seed, cuda_graph=False,
+    )  # fmt: skip
+    text = TextStream(tokenizer.decode, context=prompt)
+    try:
+        token = decoder.prefill()
+        while True:
+            decoder.check_finite()
+            if int(token) in tokenizer.stop_ids:
+                break
+            write(text.push(int(token)))
+            if len(text.tokens) == max_new_tokens:
+                break
+            token = decoder.step(token)
+        write(text.finish())
+    except KeyboardInterrupt:
+        return text.text, True
+    return text.text, False

@@ -1,0 +1,166 @@
+"""``chat``: a piped conversation with serve's tiny checkpoint that has a chat template, against serve's chat."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from test_serve import CHATML, chat_checkpoint
+
+from epas_lightning.checkpoint import describe_checkpoint
+from epas_lightning.cli import main as cli_main
+from epas_lightning.data.tokenizer import REPLACEMENT, decode_continuation
+from epas_lightning.inference import chat as chat_module
+from epas_lightning.inference.generate import generate
+from epas_lightning.inference.generate_cli import load_for_inference, resolve_tokenizer
+from epas_lightning.serve.chat import control_token_encoder, render_chat, token_text
+
+CONTEXT = 128
+SYSTEM = {"role": "system", "content": "x"}  # short (the template's default system message is not)
+REPLY_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """serve's 4-layer checkpoint with a ChatML template, with a context of 128 tokens."""
+    return chat_checkpoint(tmp_path_factory.mktemp("chat"), block_size=CONTEXT)
+
+
+def chat(monkeypatch, capsys, checkpoint: Path, lines: str, *flags: str) -> tuple[int, str, str, list[list[int]]]:
+    """Run ``chat`` greedily on ``lines`` as piped input: its exit status, stdout, stderr and the prompts it fed."""
+    fed, decoder = [], chat_module.Decoder
+
+    def recording(model, prompts, *args, **kwargs):
+        fed.append(list(prompts[0]))
+        return decoder(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(chat_module, "Decoder", recording)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    argv = ["chat", "--checkpoint", str(checkpoint), "--device", "cpu", "--temperature", "0", "--system", "x"]
+    rc = cli_main([*argv, "--max-new-tokens", str(REPLY_TOKENS), *flags])
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err, out.err
+    return rc, out.out, out.err, fed
+
+
+def template_ids(checkpoint: Path, messages: list[dict]) -> list[int]:
+    """The chat template's text for ``messages`` (with the generation prompt), its control tokens as their ids."""
+    tokenizer = resolve_tokenizer(describe_checkpoint(checkpoint), None)
+    bos, eos = token_text(tokenizer, tokenizer.bos_id), token_text(tokenizer, tokenizer.eos_id)
+    return control_token_encoder(tokenizer)(render_chat(CHATML, messages, bos, eos))
+
+
+def serve_reply(checkpoint: Path, messages: list[dict], max_tokens: int) -> tuple[list[int], str]:
+    """Serve's greedy chat completion of ``messages``: its prompt ids and its text (parsed and decoded as the server
+    does it, without HTTP)."""
+    from epas_lightning.serve.engine import Engine
+    from epas_lightning.serve.model_card import ServedModel
+    from epas_lightning.serve.protocol import parse_chat
+
+    recorded = describe_checkpoint(checkpoint)
+    tokenizer = resolve_tokenizer(recorded, None)
+    served = ServedModel.build(recorded, tokenizer, "tiny", None, None, 16)
+    body = {"model": "tiny", "messages": messages, "temperature": 0, "max_completion_tokens": max_tokens}
+    completion = parse_chat(body, served, tokenizer)
+    loaded = load_for_inference(checkpoint, "cpu")  # as serve's worker loads it
+    engine = Engine(loaded.model, loaded.region, tokenizer.decode, tokenizer.stop_ids)
+    engine.add(0, completion.sequences[0])
+    text = ""
+    while engine.busy:
+        text += "".join(output.text for output in engine.step())
+    return completion.prompts[0], text
+
+
+def test_a_piped_two_turn_chat_feeds_the_whole_history_and_replies_as_serve_does(checkpoint, tmp_path, monkeypatch,
+                                                                                  capsys):  # fmt: skip
+    """Each line is a turn; the second prompt is the template's rendering of the system message, the first exchange
+    and the new message (control tokens as ids); each greedy reply is serve's chat completion of the same messages,
+    stopped at an end token of the model (here a token of the first reply past its second, named in
+    generation_config.json)."""
+    first = [SYSTEM, {"role": "user", "content": "hi"}]
+    prompt = template_ids(checkpoint, first)
+    loaded = load_for_inference(checkpoint, "cpu")
+    greedy = generate(loaded.model, [prompt], REPLY_TOKENS).tokens[0]
+    tokenizer = resolve_tokenizer(describe_checkpoint(checkpoint), None)
+    end = next(k for k, t in enumerate(greedy) if k >= 2 and t < tokenizer.vocab_size and t not in greedy[:k])
+    stopping = shutil.copytree(checkpoint, tmp_path / "stopping")
+    (stopping / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, greedy[end]]}))
+
+    rc, out, err, fed = chat(monkeypatch, capsys, stopping, "hi\nhow are you\n")
+    assert rc == 0 and err.startswith("chat: layers [2, 3] share (2/4;"), err
+    served_prompt, reply = serve_reply(stopping, first, REPLY_TOKENS)
+    assert fed[0] == prompt == served_prompt
+    assert reply == decode_continuation(tokenizer.decode, prompt, greedy[:end])  # stopped at the end token
+    second = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "how are you"}]
+    served_prompt, second_reply = serve_reply(stopping, second, REPLY_TOKENS)
+    assert len(fed) == 2 and fed[1] == template_ids(stopping, second) == served_prompt
+    assert out == f"{reply}\n{second_reply}\n"
+
+
+def test_reset_clears_the_history_and_exit_ends_the_chat(checkpoint, monkeypatch, capsys):
+    rc, out, err, fed = chat(monkeypatch, capsys, checkpoint, "hi\n/reset\nhi\n/exit\nnever read\n")
+    assert rc == 0 and "history cleared" in err
+    assert fed == [template_ids(checkpoint, [SYSTEM, {"role": "user", "content": "hi"}])] * 2
+    reply = out.split("\n")[0]
+    assert out == f"{reply}\n{reply}\n"
+
+
+def test_startup_mistakes_are_one_line_before_the_weights_load(checkpoint, tmp_path, monkeypatch, capsys):
+    """No chat template: what to do instead; a system message that leaves no room for a message: which flag."""
+    plain = shutil.copytree(checkpoint, tmp_path / "plain", ignore=shutil.ignore_patterns("tokenizer_config.json"))
+    monkeypatch.setattr("epas_lightning.inference.chat_cli.load_for_inference", lambda *a, **k: pytest.fail("loaded"))
+    assert cli_main(["chat", "--checkpoint", str(plain)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: this model has no chat template (none beside {plain / 'tokenizer.json'}) — --checkpoint {plain} — "
+        "pass --tokenizer <a folder holding this tokenizer and its chat template>; a base model continues text with "
+        "`generate`\n"
+    )
+    assert cli_main(["chat", "--checkpoint", str(checkpoint), "--system", "long " * 12]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the chat template with the system message makes a prompt of ") and err.endswith(
+        f"tokens before any message is typed; with a reply of {CONTEXT // 2} that leaves no room in the model's "
+        f"context length of {CONTEXT} — --system — shorten --system, or lower --max-new-tokens\n"
+    ), err
+
+
+def test_a_long_chat_drops_its_oldest_turns_and_ctrl_c_stops_only_the_reply(checkpoint, monkeypatch, capsys):
+    """Turns are dropped (said once) so that the prompt leaves the reply its room, the system message kept; Ctrl+C
+    during a reply ends that reply, what was shown stays in the history, and the chat goes on."""
+    step, answer = chat_module.Decoder.step, chat_module.Conversation.answer
+    steps, replies = [], []
+
+    def interrupted_once(self, tokens):
+        steps.append(1)
+        if len(steps) == 2:  # the first reply's third token
+            raise KeyboardInterrupt
+        return step(self, tokens)
+
+    def recorded(self, text):
+        replies.append(text)
+        answer(self, text)
+
+    monkeypatch.setattr(chat_module.Decoder, "step", interrupted_once)
+    monkeypatch.setattr(chat_module.Conversation, "answer", recorded)
+    rc, out, err, fed = chat(monkeypatch, capsys, checkpoint, "".join(f"m{i}\n" for i in range(6)))
+    assert rc == 0 and err.count("reply stopped (Ctrl+C)") == 1, err
+    assert err.count(f"note: the conversation outgrew the model's context length of {CONTEXT} tokens") == 1, err
+    assert len(fed) == len(replies) == 6 and out == "".join(f"{reply}\n" for reply in replies)
+    shown = generate(load_for_inference(checkpoint, "cpu").model, [fed[0]], 2).tokens[0]  # before the Ctrl+C
+    tokenizer = resolve_tokenizer(describe_checkpoint(checkpoint), None)
+    assert replies[0] == decode_continuation(tokenizer.decode, fed[0], shown).rstrip(REPLACEMENT)  # no half character
+
+    def rendered(oldest: int, last: int) -> list[int]:  # the exchanges oldest..last-1, then message `last`
+        turns = [[{"role": "user", "content": f"m{i}"}, {"role": "assistant", "content": replies[i]}]
+                 for i in range(oldest, last)]  # fmt: skip
+        return template_ids(checkpoint, [SYSTEM, *sum(turns, []), {"role": "user", "content": f"m{last}"}])
+
+    oldest = 0
+    for last, prompt in enumerate(fed):  # the fewest oldest exchanges dropped for the reply to fit, never the system
+        while len(rendered(oldest, last)) + REPLY_TOKENS > CONTEXT:
+            oldest += 1
+        assert prompt == rendered(oldest, last), last
+    assert oldest > 0
