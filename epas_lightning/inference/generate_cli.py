@@ -125,7 +125,7 @@ def generate_command(
         attention_reuse: Sharing layers reuse the source layer's attention probabilities (the same model, less work).
         cuda_graph: Replay decode steps from a CUDA graph (auto: on for CUDA).
         force: Allow more sharing layers than the checkpoint trained (quality drops sharply).
-        json: End with one JSON line: the numbers, and each prompt's completion (``completions``: ``prompt``,
+        json: End with one JSON line of the numbers and each prompt's completion (``completions``: ``prompt``,
             ``completion`` as printed after it, ``new_tokens`` without the end token).
     """
     check_sampling_flags(temperature, top_k, top_p)  # before the model loads
