@@ -812,7 +812,7 @@ def test_source_config_fills_a_python_config_from_the_model(tmp_path: Path) -> N
 
 def test_a_resume_does_not_need_init_from_any_more(tmp_path: Path, tiny_corpus: Path, capsys) -> None:
     """A resume never reads init_from: a model folder deleted or unmounted since must not stop `--ckpt_path`, also
-    where model.config sets only block_size (the other fields are then the checkpoint's)."""
+    where model.config sets only block_size (the other fields are then the checkpoint's), nor its `--print_config`."""
     import shutil
 
     path = save_tiny_hf(tmp_path / "hf")
@@ -827,6 +827,9 @@ def test_a_resume_does_not_need_init_from_any_more(tmp_path: Path, tiny_corpus: 
     assert main(["fit", *args, "--trainer.max_steps", "2", "--ckpt_path", str(ckpt)]) == 0
     assert f"init_from: not applied, the weights resume from {ckpt}" in capsys.readouterr().err
     assert main(["validate", *args, "--ckpt_path", str(ckpt)]) == 0
+    capsys.readouterr()
+    assert main(["fit", *args, "--ckpt_path", "last", "--print_config"]) == 0  # the config the resume would run
+    assert "block_size: 32" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("fsdp2", [False, True])
