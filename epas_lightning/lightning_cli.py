@@ -61,6 +61,7 @@ from epas_lightning.resume import (
     continue_version,
     free_name,
     resume_checkpoint,
+    run_last_checkpoint,
     same_folder,
 )
 from epas_lightning.run_checkpoint import RunCheckpoint
@@ -263,7 +264,8 @@ class EPASCLI(LightningCLI):
         if printing:
             subcommand = self.config.subcommand
             config = self.config[subcommand].clone()
-            resolve_model(config, None if config.get("ckpt_path") in RESUME_WORDS else config.get("ckpt_path"))
+            ckpt_path = config.get("ckpt_path")  # a resume's model is its checkpoint's: init_from may be gone
+            resolve_model(config, run_last_checkpoint(config) if ckpt_path in RESUME_WORDS else ckpt_path)
             config.model.config = Namespace(**_as_config(config.model.config).to_dict())
             print(self._subcommand_parsers[subcommand].dump(config, skip_none=False, skip_link_targets=False))
             raise SystemExit(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 
+from lightning.pytorch.utilities import rank_zero_only
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -59,7 +60,7 @@ class WarmupCosineLR(LRScheduler):
         super().load_state_dict({k: v for k, v in state_dict.items() if k not in SHAPE})
         done = saved["warmup_steps"]
         if done is not None and done <= self.last_epoch < self.warmup_steps:  # never warm up twice
-            log.info("LR schedule: warmup_steps %d kept, the run finished its warmup at step %d", done, done)
+            _say("LR schedule: warmup_steps %d kept, the run finished its warmup at step %d", done, done)
             self.warmup_steps = done
         for group, base_lr, lr in zip(self.optimizer.param_groups, self.base_lrs, self.get_lr(), strict=True):
             group["initial_lr"], group["lr"] = base_lr, lr
@@ -69,6 +70,12 @@ class WarmupCosineLR(LRScheduler):
             changed = ", ".join(f"{k} {saved[k]} -> {current[k]}" for k in SHAPE if saved[k] != current[k])
             before, after = (state_dict.get("_last_lr") or [None])[0], self._last_lr[0]
             moves = f": the learning rate goes from {before:.2e} to {after:.2e}" if before not in (None, after) else ""
-            log.info(
+            _say(
                 "LR schedule: resumed at step %d with the configured schedule (%s)%s.", self.last_epoch, changed, moves
             )
+
+
+def _say(message: str, *args: object) -> None:
+    """Log ``message`` on the first rank only: every rank of a distributed run loads the same schedule."""
+    if rank_zero_only.rank == 0:
+        log.info(message, *args)

@@ -55,6 +55,11 @@ def resume_checkpoint(config: Namespace, word: str, fitting: bool = True) -> str
     return str(newest)
 
 
+def run_last_checkpoint(config: Namespace) -> Path | None:
+    """The ``last.ckpt`` that ``--ckpt_path last|auto`` would resume, if there is one (nothing said)."""
+    return newest_last_checkpoint(checkpoint_folder(config), _logger_run_dirs(config))
+
+
 def newest_last_checkpoint(dirpath: str | Path | None, run_dirs: list[Path]) -> Path | None:
     """The newest ``last.ckpt`` in ``dirpath`` or in a ``version_*/checkpoints`` folder of one of ``run_dirs``."""
     candidates = [Path(dirpath).expanduser() / "last.ckpt"] if dirpath else []

@@ -610,6 +610,23 @@ def test_export_of_attention_biases_loads_in_transformers_with_its_logits(
         assert config_from_hf(out).attention_bias == bias
 
 
+def test_export_as_a_stock_qwen2_warns_when_transformers_would_tokenize_otherwise(
+    tmp_path: Path, tiny_corpus: Path, caplog
+) -> None:
+    """transformers reads a qwen2 folder's tokenizer as its own Qwen2Tokenizer (Qwen's pre-tokenizer over the
+    vocabulary), whatever tokenizer.json says: with another tokenizer than Qwen's, the export says so in one line; the
+    remote-code form (AutoTokenizer reads the tokenizer.json) is not warned about."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", tiny_corpus / "tokenizer.json", n_layer=2, attention_bias="qkv")
+    export(tmp_path / "ckpt", tmp_path / "stock")
+    said = [r.getMessage() for r in caplog.records if "Qwen2Tokenizer" in r.getMessage()]
+    assert len(said) == 1 and "\n" not in said[0] and "--remote-code" in said[0]
+    caplog.clear()
+    export(tmp_path / "ckpt", tmp_path / "remote", remote_code=True)
+    assert "Qwen2Tokenizer" not in caplog.text
+
+
 def test_export_region_checks(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch) -> None:
 
     save_ours(tmp_path / "ckpt", n_layer=4, shared=1)
@@ -812,7 +829,7 @@ def test_source_config_fills_a_python_config_from_the_model(tmp_path: Path) -> N
 
 def test_a_resume_does_not_need_init_from_any_more(tmp_path: Path, tiny_corpus: Path, capsys) -> None:
     """A resume never reads init_from: a model folder deleted or unmounted since must not stop `--ckpt_path`, also
-    where model.config sets only block_size (the other fields are then the checkpoint's)."""
+    where model.config sets only block_size (the other fields are then the checkpoint's), nor its `--print_config`."""
     import shutil
 
     path = save_tiny_hf(tmp_path / "hf")
@@ -827,6 +844,9 @@ def test_a_resume_does_not_need_init_from_any_more(tmp_path: Path, tiny_corpus: 
     assert main(["fit", *args, "--trainer.max_steps", "2", "--ckpt_path", str(ckpt)]) == 0
     assert f"init_from: not applied, the weights resume from {ckpt}" in capsys.readouterr().err
     assert main(["validate", *args, "--ckpt_path", str(ckpt)]) == 0
+    capsys.readouterr()
+    assert main(["fit", *args, "--ckpt_path", "last", "--print_config"]) == 0  # the config the resume would run
+    assert "block_size: 32" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("fsdp2", [False, True])

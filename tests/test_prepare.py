@@ -661,6 +661,22 @@ def test_a_resume_on_other_data_starts_it_from_its_beginning_when_asked(sp_data,
     assert len(resumed) == 4 and all(torch.equal(a, b) for a, b in zip(fresh, resumed, strict=True))
 
 
+def test_validate_and_test_take_any_data_whatever_position_the_checkpoint_saved(sp_data, second_sp_data, caplog):
+    """The saved loader position is a fit's to resume: `validate`/`test --ckpt_path` on other data or another batch
+    size score it, neither refused nor told that litdata splits the rest of an epoch."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    saved = TokenDataModule(str(sp_data), seq_len=16, batch_size=4, vocab_size=512).state_dict()
+    for fn, data in ((TrainerFn.VALIDATING, second_sp_data), (TrainerFn.TESTING, sp_data)):
+        other = TokenDataModule(str(data), seq_len=16, batch_size=2, vocab_size=512)
+        other.trainer = SimpleNamespace(state=SimpleNamespace(fn=fn), world_size=1, ckpt_path="x.ckpt")
+        with caplog.at_level("INFO"):
+            other.load_state_dict(saved)
+        assert "resumed" not in caplog.text
+
+
 @pytest.mark.parametrize("weights", [[1, 2], None], ids=["weights", "all"])
 def test_mixed_loader_with_workers_resumes_with_the_same_batches(sp_data, second_sp_data, weights):
     """Each worker draws its own mix: every stream must resume where that worker stopped, not at an even split."""

@@ -685,6 +685,17 @@ def test_a_resumed_run_never_warms_up_again(caplog):
     assert early.warmup_steps == 100  # still warming up at step 0: the new warmup applies
 
 
+def test_a_resumed_schedule_is_said_once_not_by_every_rank(caplog, monkeypatch):
+    """Every rank of a distributed run loads the schedule: only the first says how it changed."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    saved = WarmupCosineLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), warmup_steps=5, max_steps=50).state_dict()
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    with caplog.at_level("INFO", logger="epas_lightning"):
+        WarmupCosineLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), warmup_steps=5, max_steps=80).load_state_dict(saved)
+    assert "LR schedule" not in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # User mistakes end in one line
 # ---------------------------------------------------------------------------------------------------------------------

@@ -65,7 +65,8 @@ class TokenDataModule(TokenData, LightningDataModule):
         streams another weighting, batch size, worker count or rank count. One stream resumes under another batch
         size, worker or rank count, inexactly (litdata splits the rest of the epoch anew), and says so."""
         saved = state_dict.get("position_settings")
-        if not saved:
+        trainer = getattr(self, "trainer", None)
+        if not saved or (trainer is not None and trainer.state.fn != TrainerFn.FITTING):  # validate/test: no position
             return
         if not self.resume_position:
             self._fresh_position = True
@@ -93,7 +94,7 @@ class TokenDataModule(TokenData, LightningDataModule):
                 "the checkpoint's position in the data holds only for the data settings it was saved with ("
                 + "; ".join(changed)
                 + ")",
-                f"--ckpt_path {trainer.ckpt_path}" if (trainer := getattr(self, "trainer", None)) else "--ckpt_path",
+                f"--ckpt_path {trainer.ckpt_path}" if trainer is not None else "--ckpt_path",
                 "resume with those settings (data.*, trainer.devices/num_nodes), or go on with this data from its "
                 "beginning with --data.resume_position false",
             )

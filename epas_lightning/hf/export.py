@@ -250,7 +250,33 @@ def export(
             log.warning(f"{loaded.no_tokenizer().capitalize()}: exported weights and config only; pass --tokenizer.")
         else:
             export_tokenizer(Path(tokenizer_path), build, config.context_length, loaded.bos_id, loaded.eos_id)
+            if record["model_type"] == "qwen2":
+                _check_qwen2_tokenizer(build, text_tokenizer)
     return Path(output).expanduser().absolute()
+
+
+def _check_qwen2_tokenizer(folder: Path, ours: TextTokenizer) -> None:
+    """Warn in one line when ``AutoTokenizer.from_pretrained(folder)`` tokenizes a probe text otherwise than ``ours``:
+    transformers builds its own ``Qwen2Tokenizer`` for a qwen2 model (Qwen's pre-tokenizer over the vocabulary and
+    merges), whatever ``tokenizer.json`` says, which only Qwen's own tokenizer agrees with."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        return
+    from transformers import AutoTokenizer
+
+    from epas_lightning.hf.sentencepiece_json import PROBE_TEXTS
+
+    theirs = AutoTokenizer.from_pretrained(folder)
+    for text in (t for t in PROBE_TEXTS if "<" not in t):  # special-token text: split_special_tokens decides it
+        ids, read = ours.encode(text), theirs(text, add_special_tokens=False)["input_ids"]
+        if ids != read:
+            log.warning(
+                f"transformers reads this stock Qwen2 export's tokenizer as its {type(theirs).__name__}, which "
+                f"tokenizes {text!r} as {read} instead of {ids} (the model's tokens): export with --remote-code, "
+                "whose AutoTokenizer reads the tokenizer.json the model trained with"
+            )
+            return
 
 
 def export_summary(folder: Path) -> dict[str, Any]:
