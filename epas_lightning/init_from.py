@@ -30,8 +30,13 @@ from epas_lightning.hf.convert import (
 from epas_lightning.model import LlamaConfig
 from epas_lightning.model.config import PRESETS
 
-LEAVE_UNSET = "leave those model.config fields unset: a fit from init_from takes them from the init_from model"
-"""What to do when ``model.config`` sets a field otherwise than the ``init_from`` model (:func:`filled_from`)."""
+
+def leave_unset(config: LlamaConfig) -> str:
+    """What to do when ``model.config`` sets a field otherwise than the ``init_from`` model (:func:`filled_from`)."""
+    preset = f" (drop model.config.name {config.name}: its preset sets them)" if config.name else ""
+    return f"leave those model.config fields unset{preset}: a fit from init_from takes them from the init_from model"
+
+
 OURS_ONLY = ("padded_vocab_size", "sharing_mode")
 """The fields our checkpoints must match too (HF folders do not record them)."""
 NOT_LOADED = ("sharing.mask",)
@@ -94,9 +99,9 @@ def check_init_source(path: str | Path, config: LlamaConfig) -> LlamaConfig:
     path = _existing(path)
     if is_hf_dir(path):
         with located(f"model.init_from {path}"):
-            return check_compatible(config, read_hf_config(path), f"init_from {path}", LEAVE_UNSET.capitalize())
+            return check_compatible(config, read_hf_config(path), f"init_from {path}", leave_unset(config).capitalize())
     theirs = read_source_config(path)
-    check_same_architecture(config, theirs, f"model.init_from {path}", LEAVE_UNSET)
+    check_same_architecture(config, theirs, f"model.init_from {path}", leave_unset(config))
     return theirs
 
 
@@ -153,7 +158,7 @@ def read_init_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Te
         return state
 
     loaded = load_model(path)
-    check_same_architecture(config, loaded.model.config, f"model.init_from {path}", LEAVE_UNSET)
+    check_same_architecture(config, loaded.model.config, f"model.init_from {path}", leave_unset(config))
     _say_it_starts_dense(path, loaded.trained_shared_layers)
     return {k: v for k, v in loaded.model.state_dict().items() if k not in NOT_LOADED}
 

@@ -820,8 +820,9 @@ def test_source_config_fills_a_python_config_from_the_model(tmp_path: Path) -> N
         source_config(path, n_embd=128)
     # a preset sets its fields (checked), the source the ones it leaves unset (its RoPE base and norm epsilon)
     assert source_config(path, name="debug", block_size=32) == replace(kept, name="debug")
-    with pytest.raises(HFCheckpointError, match="n_layer: model 8 vs init_from"):
+    with pytest.raises(HFCheckpointError, match="n_layer: model 8 vs init_from") as refused:
         source_config(path, name="demo")
+    assert "fields unset (drop model.config.name demo: its preset sets them)" in str(refused.value)
     ours = save_ours(tmp_path / "ours", n_layer=2, padded_vocab_size=576, block_size=32, sharing_mode="kv").config
     taken = source_config(tmp_path / "ours")  # its training length, its padded vocabulary, its sharing mode
     assert taken == ours
