@@ -595,6 +595,18 @@ def test_chat_templates_that_run_long_or_write_too_much_are_stopped(checkpoint, 
     )  # fmt: skip
 
 
+def test_a_chat_templates_product_of_two_large_integers_is_bounded_too():
+    """'*' of two integers built a number of their bits together in one C call, which the time limit cannot interrupt
+    and which holds the GIL (the HTTP process's event loop): squaring a 10M-bit number took seconds, and each squaring
+    after it three times as long. It is bounded as a '**' is."""
+    from epas_lightning.serve.chat import TemplateFailure, render_chat
+
+    template = "{% set x = 2 ** 4900000 %}{% set y = x * x * x %}ok"
+    with pytest.raises(TemplateFailure, match=r"its '\*' would build a value of 14700002 characters, items or bits"):
+        render_chat(template, [{"role": "user", "content": "hi"}], "<s>", "</s>")
+    assert render_chat("{{ 3 * 4 }}", [], "<s>", "</s>") == "12"
+
+
 def test_a_slow_chat_template_does_not_hold_up_other_requests(checkpoint, monkeypatch):
     """Requests are parsed (chats rendered, prompts tokenized) off the HTTP process's event loop: while a template
     runs to its time limit, the model list answers at once (it waited for the render)."""
