@@ -564,6 +564,31 @@ def test_chat_content_parts_read_as_text_and_fields_that_change_the_output_are_r
     )  # fmt: skip
 
 
+def test_an_assistant_message_sent_back_whole_is_read_and_its_tool_calls_refused(checkpoint, monkeypatch):
+    """A response's message sent back as the openai SDK dumps it (``message.model_dump()``: refusal, tool_calls,
+    function_call, audio and annotations all null) was a 400 'unrecognized request argument' once messages refused
+    unknown fields; null, they are read as absent; set, they are a 400 (this server implements no tools)."""
+    pytest.importorskip("litserve")
+    from dataclasses import replace
+
+    from epas_lightning.serve.protocol import parse_chat
+
+    template = "{% for m in messages %}{{ m.role }}: {{ m.content }} {{ m.keys() | list }}\n{% endfor %}"
+    served = replace(built_api(checkpoint, monkeypatch).served, chat_template=template)
+    unset = dict.fromkeys(("refusal", "tool_calls", "function_call", "audio", "annotations"))
+    reply = {"role": "assistant", "content": "y"}
+
+    def prompt(answer: dict) -> list[int]:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}, answer], "max_tokens": 1}
+        return parse_chat(body, served, served.tokenizer()).prompts[0]
+
+    assert prompt({**reply, **unset}) == prompt(reply)  # the template sees the same message
+    call = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}, {**reply, "tool_calls": call}]}
+    status, said = refused(parse_chat, body, served)
+    assert status == 400 and said.startswith("messages.1.tool_calls is not supported by this server"), said
+
+
 def test_chat_templates_that_run_long_or_write_too_much_are_stopped(checkpoint, monkeypatch):
     """A checkpoint's template that loops without end, writes without end or builds a huge value with one '*' is
     stopped within its bounds (a 500 naming the bound; it ran for hours, or took all memory, blocking the server);
@@ -593,6 +618,18 @@ def test_chat_templates_that_run_long_or_write_too_much_are_stopped(checkpoint, 
         400, "the messages hold 20000 characters, more than the model's context length of 64 tokens can hold: "
         "shorten them",
     )  # fmt: skip
+
+
+def test_a_chat_templates_product_of_two_large_integers_is_bounded_too():
+    """'*' of two integers built a number of their bits together in one C call, which the time limit cannot interrupt
+    and which holds the GIL (the HTTP process's event loop): squaring a 10M-bit number took seconds, and each squaring
+    after it three times as long. It is bounded as a '**' is."""
+    from epas_lightning.serve.chat import TemplateFailure, render_chat
+
+    template = "{% set x = 2 ** 4900000 %}{% set y = x * x * x %}ok"
+    with pytest.raises(TemplateFailure, match=r"its '\*' would build a value of 14700002 characters, items or bits"):
+        render_chat(template, [{"role": "user", "content": "hi"}], "<s>", "</s>")
+    assert render_chat("{{ 3 * 4 }}", [], "<s>", "</s>") == "12"
 
 
 def test_a_slow_chat_template_does_not_hold_up_other_requests(checkpoint, monkeypatch):

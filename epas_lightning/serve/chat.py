@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 RENDER_SECONDS = 2.0
 """Time a chat template may take to render one request's messages (real ones take milliseconds)."""
 MAX_PRODUCT = 10_000_000
-"""Characters or items a template's ``*`` may repeat a string or list to, and bits a ``**`` may make an integer of."""
+"""Characters or items a template's ``*`` may repeat a string or list to, and bits a ``*`` or ``**`` may make an
+integer of."""
 TEMPLATE_CODE = "<template>"
 """The file name of the Python code jinja2 compiles a template from a string to: the frames the time limit watches."""
 
@@ -214,7 +215,9 @@ def _time_limit(seconds: float) -> Iterator[None]:
 def _check_product(operator: str, left: Any, right: Any) -> None:
     """Refuse a ``*`` or ``**`` whose result would exceed :data:`MAX_PRODUCT` characters, items or bits."""
     ints = [x for x in (left, right) if isinstance(x, int) and not isinstance(x, bool)]
-    if operator == "*":
+    if operator == "*" and len(ints) == 2:  # the product of two integers has their bits together
+        size = left.bit_length() + right.bit_length()
+    elif operator == "*":
         sized = [x for x in (left, right) if isinstance(x, str | list | tuple)]
         size = len(sized[0]) * ints[0] if sized and ints else 0
     else:

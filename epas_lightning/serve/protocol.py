@@ -87,12 +87,24 @@ class CompletionRequest(SamplingRequest):
 
 
 class ChatMessage(BaseModel):
-    """A message: its ``content`` text, or a list of content parts of which only text ones are read."""
+    """A message: its ``content`` text, or a list of content parts of which only text ones are read. The fields of
+    :data:`UNREAD_MESSAGE_FIELDS` are accepted when null (a response's message sent back whole), refused when set."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     role: str
     content: str | list[dict[str, Any]]
     name: str | None = None
+    refusal: str | None = None
+    tool_calls: list[Any] | None = None
+    function_call: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    annotations: list[Any] | None = None
+    tool_call_id: str | None = None
+
+
+UNREAD_MESSAGE_FIELDS = ("refusal", "tool_calls", "function_call", "audio", "annotations", "tool_call_id")
+"""A message's fields for tools, refusals and audio, which this server does not implement (the openai SDK's
+``message.model_dump()`` holds them, null)."""
 
 
 class ChatRequest(SamplingRequest):
@@ -343,7 +355,10 @@ def _chat_prompt(messages: list[ChatMessage], served: ServedModel, tokenizer: Te
 def _template_message(index: int, message: ChatMessage) -> dict[str, str]:
     """A message as the template reads it: a list of text parts becomes their texts joined by newlines (as vLLM
     joins them); a part of another kind (image, audio, file) is refused, this model reads text only."""
-    record = message.model_dump(exclude_none=True)
+    for name in UNREAD_MESSAGE_FIELDS:
+        if getattr(message, name):
+            raise RequestError(f"messages.{index}.{name} is not supported by this server; leave it unset", "messages")
+    record = message.model_dump(include={"role", "content", "name"}, exclude_none=True)
     if isinstance(message.content, str):
         return record
     texts = []
