@@ -100,6 +100,7 @@ class EPASModule(LightningModule):
         attention_kernel: Literal["auto", "torch", "cudnn", "flash"] = "auto",
     ) -> None:
         super().__init__()
+        check_is_config(config)
         if init_from is not None:
             config = keeping_source_context(config, check_init_source(init_from, config))
         self.config = config
@@ -429,6 +430,18 @@ class EPASModule(LightningModule):
                 "the max_steps of model.lr_scheduler (epas_lightning.WarmupCosineLR), for the cosine decay"
             )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_is_config(config: object) -> None:
+    """A :class:`LlamaConfig`, or one line saying how to make one (a dict or a preset name failed later with an
+    ``AttributeError`` on ``n_layer``)."""
+    if not isinstance(config, LlamaConfig):
+        raise ConfigError(
+            f"config must be a LlamaConfig, not a {type(config).__name__}",
+            "EPASModule(config=...)",
+            "build it with LlamaConfig.from_name('demo', block_size=...), LlamaConfig(**fields), or "
+            "source_config(init_from, block_size=...)",
+        )
 
 
 def check_resumed_model(config: LlamaConfig, recorded: LlamaConfig, where: str, fix: str = CLI_CONFIG_FIX) -> None:

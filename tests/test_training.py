@@ -574,6 +574,15 @@ def test_load_from_checkpoint_outside_a_trainer_reads_the_weights_and_checks_the
         EPASModule.load_from_checkpoint(tmp_path / "last.ckpt", config=other)
 
 
+@pytest.mark.parametrize("config", [{"name": "debug"}, "debug"], ids=["dict", "name"])
+def test_a_config_that_is_not_a_llama_config_is_one_line(config):
+    """``EPASModule({"name": "debug"})`` (the YAML's form) raised "'dict' object has no attribute 'n_layer'"."""
+    from epas_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"config must be a LlamaConfig, not a (dict|str) — EPASModule\(config=...\)"):
+        EPASModule(config)
+
+
 def test_sharded_checkpoints_are_replaced_whole_and_a_killed_save_leaves_no_trace(tiny_corpus, tmp_path):
     """FSDP2 sharded checkpoints are written beside the target and renamed into place: a save killed halfway (its
     partial folder left behind) is cleaned by the next, the previous checkpoint is swapped out whole, and DCP never
