@@ -274,6 +274,15 @@ def test_generate_refuses_a_bad_request_with_the_commands_one_line_errors():
         generate(model, [[1, 300], [-1]], max_new_tokens=1)
 
 
+def test_generate_takes_a_numpy_seed():
+    """``seed=np.int64(0)`` (a sweep's) failed in torch's ``manual_seed`` with "an integer is required"."""
+    import numpy as np
+
+    model = tiny(n_layer=2, block_size=16)
+    sampled = generate(model, [[1]], max_new_tokens=3, temperature=1.0, seed=0).tokens
+    assert generate(model, [[1]], max_new_tokens=3, temperature=1.0, seed=np.int64(0)).tokens == sampled
+
+
 def test_generate_takes_a_tensor_of_prompts_and_explains_prompts_that_are_not_token_lists():
     """A (B, T) tensor (what a tokenizer returns) failed with "Boolean value of Tensor ... is ambiguous"; one prompt
     as a flat list or text failed deep inside with a TypeError, a pad_id outside the vocabulary with an IndexError."""

@@ -177,6 +177,7 @@ class Decoder:
         self.padded = any(len(p) != longest for p in prompts)
         self.prompt_tokens = sum(len(p) for p in prompts)
         """Real (unpadded) prompt tokens, summed over the rows in the batch."""
+        seed = None if seed is None else operator.index(seed)  # numpy's ints too: manual_seed takes only Python's
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
