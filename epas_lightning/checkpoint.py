@@ -470,7 +470,7 @@ def _info(metadata: dict[str, Any], model: Llama) -> CheckpointInfo:
 
 
 def load_model(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None, flag: str = "path"
 ) -> LoadedModel:
     """Load a model from a ``.ckpt`` file, an FSDP2 checkpoint directory, a :func:`consolidate` directory or an HF
     LLaMA folder (dense, or with the region an ``export`` recorded), on ``device``, its floating-point weights in
@@ -478,11 +478,12 @@ def load_model(
     refused), else as stored in the model (fp32).
 
     Pickles are read only with ``weights_only=True`` or the restricted metadata unpickler; anything that is not a
-    checkpoint is a :class:`~epas_lightning.errors.CheckpointError` that says what was expected.
+    checkpoint is a :class:`~epas_lightning.errors.CheckpointError` that says what was expected, at ``flag`` (the
+    argument or command-line flag that named ``path``).
     """
     dtype = named_dtype(dtype) if isinstance(dtype, str) else dtype
     path = Path(path).expanduser()
-    state, metadata = _read_any(path, weights=True)
+    state, metadata = _read_any(path, weights=True, flag=flag)
     model = _fitted_model(_model_config(metadata, path), state, path, torch.device(device), dtype)
     info = _info(metadata, model)
     stored = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
@@ -533,7 +534,7 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
 
     checkpoint = Path(checkpoint).expanduser()
     check_output(output, "consolidated", overwrite, [checkpoint])
-    loaded = load_model(checkpoint)
+    loaded = load_model(checkpoint, flag="--checkpoint")
     state = loaded.model.state_dict()
     record: dict[str, Any] = {
         "model": loaded.model.config.to_dict(),

@@ -157,7 +157,7 @@ def read_init_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Te
         _say_it_starts_dense(path, sorted(int(i) for i in read_hf_config(path).get("epas_trained_region") or ()))
         return state
 
-    loaded = load_model(path)
+    loaded = load_model(path, flag="model.init_from")
     check_same_architecture(config, loaded.model.config, f"model.init_from {path}", leave_unset(config))
     _say_it_starts_dense(path, loaded.trained_shared_layers)
     return {k: v for k, v in loaded.model.state_dict().items() if k not in NOT_LOADED}

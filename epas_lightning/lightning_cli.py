@@ -379,7 +379,7 @@ def with_atomic_checkpoint_io(trainer_config: dict[str, Any]) -> dict[str, Any]:
 def check_same_model(model_config: Any, ckpt_path: str) -> None:
     """Before Lightning loads ``ckpt_path`` into the configured model: the same architecture, or one line naming every
     field that differs (instead of a wall of size mismatches from ``load_state_dict``)."""
-    check_resumed_model(_as_config(model_config), recorded_config(ckpt_path, "--ckpt_path"), ckpt_path)
+    check_resumed_model(_as_config(model_config), recorded_config(ckpt_path, "--ckpt_path"), f"--ckpt_path {ckpt_path}")
 
 
 SHARDED_READERS = ("FSDP2Strategy",)

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
 WEIGHTS_DTYPE_KEY = "weights_dtype"
 """Checkpoint entry: the dtype the run stored its weights in (``float32``, ``bfloat16``)."""
+CLI_CONFIG_FIX = "use the model.config it was trained with (its run folder keeps config.yaml)"
+PYTHON_CONFIG_FIX = "pass the config it was trained with: epas_lightning.checkpoint.recorded_config(path)"
 
 
 class EPASModule(LightningModule):
@@ -98,6 +100,7 @@ class EPASModule(LightningModule):
         attention_kernel: Literal["auto", "torch", "cudnn", "flash"] = "auto",
     ) -> None:
         super().__init__()
+        check_is_config(config)
         if init_from is not None:
             config = keeping_source_context(config, check_init_source(init_from, config))
         self.config = config
@@ -276,10 +279,13 @@ class EPASModule(LightningModule):
         plain_numbers(checkpoint)  # the last hook to see it (after the callbacks'): settings given as numpy numbers
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # before Lightning loads the weights: a Trainer of one's own gets the check the CLI makes when it parses
+        # before Lightning loads the weights: a Trainer of one's own gets the check the CLI makes when it parses;
+        # `EPASModule.load_from_checkpoint(path, config=...)` gets it too, with no trainer
+        trainer = self._trainer
         if recorded := checkpoint.get("model_config"):
-            check_resumed_model(self.config, LlamaConfig.from_dict(recorded), self.trainer.ckpt_path)
-        data = getattr(self.trainer, "datamodule", None)
+            where = "EPASModule.load_from_checkpoint" if trainer is None else f"ckpt_path {trainer.ckpt_path}"
+            check_resumed_model(self.config, LlamaConfig.from_dict(recorded), where, PYTHON_CONFIG_FIX)
+        data = getattr(trainer, "datamodule", None)
         if hasattr(data, "check_checkpoint_tokenizer"):  # a TokenDataModule: its ids are the checkpoint's tokens
             data.check_checkpoint_tokenizer(checkpoint.get("tokenizer"))
         self._say_if_narrowed(checkpoint)
@@ -426,16 +432,23 @@ class EPASModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def check_resumed_model(config: LlamaConfig, recorded: LlamaConfig, ckpt_path: object) -> None:
-    """The checkpoint at ``ckpt_path``, whose model config is ``recorded``, holds a model of ``config``'s architecture;
+def check_is_config(config: object) -> None:
+    """A :class:`LlamaConfig`, or one line saying how to make one (a dict or a preset name failed later with an
+    ``AttributeError`` on ``n_layer``)."""
+    if not isinstance(config, LlamaConfig):
+        raise ConfigError(
+            f"config must be a LlamaConfig, not a {type(config).__name__}",
+            "EPASModule(config=...)",
+            "build it with LlamaConfig.from_name('demo', block_size=...), LlamaConfig(**fields), or "
+            "source_config(init_from, block_size=...)",
+        )
+
+
+def check_resumed_model(config: LlamaConfig, recorded: LlamaConfig, where: str, fix: str = CLI_CONFIG_FIX) -> None:
+    """The checkpoint (at ``where``), whose model config is ``recorded``, holds a model of ``config``'s architecture;
     else one line naming every field that differs (instead of a wall of size mismatches from ``load_state_dict``, or,
     with the same shapes, silently another function)."""
-    check_same_architecture(
-        config,
-        recorded,
-        f"--ckpt_path {ckpt_path}",
-        "use the model.config it was trained with (its run folder keeps config.yaml)",
-    )
+    check_same_architecture(config, recorded, where, fix)
 
 
 def check_trainable_precision(precision: str) -> None:

@@ -265,6 +265,20 @@ def test_a_built_in_corpus_that_cannot_be_built_names_the_setting(tmp_path: Path
         TokenDataModule(vocab_size=512, max_bytes=100, cache_dir=str(tmp_path)).prepare_data()
 
 
+def test_numpy_numbers_in_the_settings_build_and_batch(tiny_corpus: Path):
+    """A sweep's ``np.int64`` settings: ``vocab_size`` failed building the corpus's cache key ("Object of type int64 is
+    not JSON serializable"), ``batch_size`` in torch's sampler ("should be a positive integer value")."""
+    import numpy as np
+
+    dm = TokenDataModule(
+        seq_len=np.int64(32), batch_size=np.int64(4), vocab_size=np.int64(512), max_bytes=np.int64(1_500_000)
+    )
+    dm.prepare_data()
+    assert dm.data_dir == tiny_corpus
+    dm.setup("fit")
+    assert next(iter(dm.train_dataloader())).shape == (4, 33)
+
+
 def test_a_negative_worker_count_is_refused_when_configured():
     """It passed, and `fit` died at its first batch in a ValueError traceback from torch's DataLoader."""
     with pytest.raises(ConfigError, match=r"num_workers must be 0 or more, got -1 — data.num_workers"):

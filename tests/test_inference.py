@@ -261,14 +261,26 @@ def test_region_errors():
 
 
 def test_generate_refuses_a_bad_request_with_the_commands_one_line_errors():
-    """From Python as from `generate`: a user error (ConfigError/DataError, still a ValueError), what — where — fix."""
+    """From Python as from `generate`: a user error (ConfigError/DataError, still a ValueError), what — where — fix,
+    where is the Python argument (it named the command's --max-new-tokens and --prompt, which nobody typed)."""
     model = tiny(n_layer=2, block_size=16)
-    with pytest.raises(ConfigError, match="context length 16 — --max-new-tokens — ask for at most 6"):
+    with pytest.raises(ConfigError, match="context length 16 — max_new_tokens — ask for at most 6"):
         generate(model, [[1] * 10], max_new_tokens=7)
-    with pytest.raises(ConfigError, match="no room left in the model's context length 16"):
+    with pytest.raises(ConfigError, match="no room left in the model's context length 16 — prompts — "):
         generate(model, [[1] * 16], max_new_tokens=1)
+    with pytest.raises(ConfigError, match="max_new_tokens must be >= 1, got 0 — max_new_tokens$"):
+        generate(model, [[1]], max_new_tokens=0)
     with pytest.raises(DataError, match=r"token ids must lie in 0\.\.255 .*, got -1\.\.300 — prompts — "):
         generate(model, [[1, 300], [-1]], max_new_tokens=1)
+
+
+def test_generate_takes_a_numpy_seed():
+    """``seed=np.int64(0)`` (a sweep's) failed in torch's ``manual_seed`` with "an integer is required"."""
+    import numpy as np
+
+    model = tiny(n_layer=2, block_size=16)
+    sampled = generate(model, [[1]], max_new_tokens=3, temperature=1.0, seed=0).tokens
+    assert generate(model, [[1]], max_new_tokens=3, temperature=1.0, seed=np.int64(0)).tokens == sampled
 
 
 def test_generate_takes_a_tensor_of_prompts_and_explains_prompts_that_are_not_token_lists():

@@ -557,6 +557,32 @@ def test_resuming_a_checkpoint_of_another_architecture_is_refused_in_one_line(ti
     assert "\n" not in str(refused.value)
 
 
+def test_load_from_checkpoint_outside_a_trainer_reads_the_weights_and_checks_the_config(tmp_path):
+    """``EPASModule.load_from_checkpoint(path, config=config)`` (Lightning's way back to a module in a notebook) failed
+    in ``on_load_checkpoint`` with "EPASModule is not attached to a `Trainer`"."""
+    from epas_lightning.errors import CheckpointError
+
+    config = LlamaConfig.from_name("debug", block_size=16)
+    module = EPASModule(config)
+    data = torch.utils.data.DataLoader(torch.randint(0, 512, (2, 17)), batch_size=2)
+    make_trainer(tmp_path, 1, [ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(module, data)
+    loaded = EPASModule.load_from_checkpoint(tmp_path / "last.ckpt", config=config)
+    expected = module.state_dict()
+    assert all(torch.equal(t, expected[name]) for name, t in loaded.state_dict().items())
+    other = LlamaConfig.from_name("debug", block_size=16, rope_theta=500000.0)
+    with pytest.raises(CheckpointError, match="rope_theta: model .* — EPASModule.load_from_checkpoint — pass the"):
+        EPASModule.load_from_checkpoint(tmp_path / "last.ckpt", config=other)
+
+
+@pytest.mark.parametrize("config", [{"name": "debug"}, "debug"], ids=["dict", "name"])
+def test_a_config_that_is_not_a_llama_config_is_one_line(config):
+    """``EPASModule({"name": "debug"})`` (the YAML's form) raised "'dict' object has no attribute 'n_layer'"."""
+    from epas_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"config must be a LlamaConfig, not a (dict|str) — EPASModule\(config=...\)"):
+        EPASModule(config)
+
+
 def test_sharded_checkpoints_are_replaced_whole_and_a_killed_save_leaves_no_trace(tiny_corpus, tmp_path):
     """FSDP2 sharded checkpoints are written beside the target and renamed into place: a save killed halfway (its
     partial folder left behind) is cleaned by the next, the previous checkpoint is swapped out whole, and DCP never

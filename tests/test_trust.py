@@ -161,6 +161,17 @@ def test_a_file_torch_save_did_not_write_is_not_called_unsafe(tmp_path):
         load_torch_file(text)
 
 
+def test_load_model_from_python_names_its_argument_not_a_flag(tmp_path):
+    """``load_model(path)`` in a notebook said '— --checkpoint <path> —', a flag nobody typed."""
+    from epas_lightning import load_model
+
+    with pytest.raises(CheckpointError, match=f"^checkpoint does not exist — path {tmp_path / 'nope.ckpt'} — "):
+        load_model(tmp_path / "nope.ckpt")
+    (tmp_path / "hparams.yaml").write_text("lr: 0.001\n")
+    with pytest.raises(CheckpointError, match=f"— path {tmp_path / 'hparams.yaml'} — "):
+        load_model(tmp_path / "hparams.yaml")
+
+
 def test_lm_eval_adapter_refuses_malicious_checkpoints(evil):
     from epas_lightning.evaluation.lm_eval_adapter import EPASLM
 

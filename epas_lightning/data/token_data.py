@@ -28,6 +28,7 @@ from epas_lightning.data.tokenizer import (
 from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model.config import LlamaConfig, check_token_ids
 from epas_lightning.runtime import check_counts
+from epas_lightning.safe_load import plain_numbers
 
 if TYPE_CHECKING:
     from litdata import StreamingDataLoader
@@ -122,6 +123,10 @@ class TokenData:
         resume_position: bool = True,
     ) -> None:
         super().__init__()
+        # numpy numbers (a sweep's) as the Python ints they hold: torch's sampler and the corpus cache's key refuse them
+        seq_len, batch_size, vocab_size, num_workers, seed, max_bytes = plain_numbers(
+            [seq_len, batch_size, vocab_size, num_workers, seed, max_bytes]
+        )
         if seq_len < 1 or batch_size < 1:
             raise ConfigError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}", "data")
         if num_workers < 0:

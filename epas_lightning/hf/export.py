@@ -220,7 +220,7 @@ def export(
     """
     check_output(output, EXPORT_KIND, overwrite, [checkpoint])
     torch_dtype = None if dtype == "auto" else named_dtype(dtype)
-    loaded = load_model(checkpoint)
+    loaded = load_model(checkpoint, flag="--checkpoint")
     model, config = loaded.model, loaded.model.config
     n = loaded.max_shared if sharing_layers is None else sharing_layers
     shared = set_region(model, n, loaded.region, force)

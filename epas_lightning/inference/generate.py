@@ -24,14 +24,21 @@ from epas_lightning.runtime import activations_overflow
 DEFAULT_NEW_TOKENS = 100
 
 
-def fit_new_tokens(prompt_tokens: int, max_new_tokens: int | None, context_length: int) -> int:
-    """``--max-new-tokens``, or its default cut to the room the longest prompt leaves in the model's context."""
+def fit_new_tokens(
+    prompt_tokens: int,
+    max_new_tokens: int | None,
+    context_length: int,
+    flags: tuple[str, str] = ("--prompt", "--max-new-tokens"),
+) -> int:
+    """``--max-new-tokens``, or its default cut to the room the longest prompt leaves in the model's context. The
+    errors name ``flags``: the prompt's and the new-token count's (the arguments' names from Python)."""
+    prompt_flag, new_tokens_flag = flags
     room = context_length - prompt_tokens
     if room < 1:
         raise ConfigError(
             f"the longest prompt is {prompt_tokens} tokens (with BOS): no room left in the model's context length "
             f"{context_length}",
-            "--prompt",
+            prompt_flag,
             f"shorten it to at most {context_length - 1} tokens",
         )
     if max_new_tokens is None:
@@ -40,7 +47,7 @@ def fit_new_tokens(prompt_tokens: int, max_new_tokens: int | None, context_lengt
         raise ConfigError(
             f"the longest prompt ({prompt_tokens} tokens) plus {max_new_tokens} new tokens exceeds the model's "
             f"context length {context_length}",
-            "--max-new-tokens",
+            new_tokens_flag,
             f"ask for at most {room}, or shorten the prompt",
         )
     return max_new_tokens
@@ -147,10 +154,10 @@ class Decoder:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise DataError("give at least one prompt, each with at least one token", "prompts")
         if max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}", "--max-new-tokens")
+            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}", "max_new_tokens")
         config = model.config
         longest = max(len(p) for p in prompts)
-        fit_new_tokens(longest, max_new_tokens, config.context_length)
+        fit_new_tokens(longest, max_new_tokens, config.context_length, ("prompts", "max_new_tokens"))
         config.check_token_ids(min(map(min, prompts)), max(map(max, prompts)), "prompts")
         if not 0 <= pad_id < config.vocab_size:  # the padding is embedded, then masked out
             raise ConfigError(
@@ -170,6 +177,7 @@ class Decoder:
         self.padded = any(len(p) != longest for p in prompts)
         self.prompt_tokens = sum(len(p) for p in prompts)
         """Real (unpadded) prompt tokens, summed over the rows in the batch."""
+        seed = None if seed is None else operator.index(seed)  # numpy's ints too: manual_seed takes only Python's
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph

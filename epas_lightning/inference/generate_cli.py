@@ -22,7 +22,8 @@ def load_for_inference(
 ) -> LoadedModel:
     """The checkpoint's model on the requested device and dtype, attention reuse on where it is the same model."""
     where = resolve_device(device)
-    loaded = load_model(checkpoint, where, resolve_dtype(dtype, where))  # straight into the dtype on the device
+    # straight into the dtype on the device
+    loaded = load_model(checkpoint, where, resolve_dtype(dtype, where), "--checkpoint")
     loaded.model.attention_reuse = attention_reuse and loaded.model.config.sharing_mode == "qk"
     return loaded
 
