@@ -284,7 +284,7 @@ def test_import_refuses_vocabulary_rows_the_config_does_not_count(tmp_path: Path
     for key in ("model.embed_tokens.weight", "lm_head.weight"):
         state[key] = resize_rows(state[key], rows)
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})
-    says = rf"model.embed_tokens.weight has {rows} rows but config.json says vocab_size 512 — (--checkpoint )?{path} — "
+    says = rf"model.embed_tokens.weight has {rows} rows but config.json says vocab_size 512 — (path )?{path} — "
     with pytest.raises(HFCheckpointError, match=says):
         load_model(path)
     with pytest.raises(HFCheckpointError, match=says):
