@@ -43,7 +43,7 @@ from epas_lightning.hf.convert import (
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.region import REGION_KEY, TrainedRegion
-from epas_lightning.runtime import dtype_name, dtype_overflow, emit_json, named_dtype
+from epas_lightning.runtime import dtype_name, dtype_overflow, emit_json, named_dtype, resolve_device
 from epas_lightning.safe_load import (
     DCP_METADATA,
     LIGHTNING_METADATA,
@@ -473,7 +473,8 @@ def load_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None, flag: str = "path"
 ) -> LoadedModel:
     """Load a model from a ``.ckpt`` file, an FSDP2 checkpoint directory, a :func:`consolidate` directory or an HF
-    LLaMA folder (dense, or with the region an ``export`` recorded), on ``device``, its floating-point weights in
+    LLaMA folder (dense, or with the region an ``export`` recorded), on ``device`` (``auto``, ``cpu``, ``cuda``,
+    ``cuda:N``: one this machine lacks is a :class:`~epas_lightning.errors.ConfigError`), its floating-point weights in
     ``dtype`` if given (a torch dtype or its name: ``float32``, ``bfloat16``, ``float16``; weights past its range are
     refused), else as stored in the model (fp32).
 
@@ -481,10 +482,11 @@ def load_model(
     checkpoint is a :class:`~epas_lightning.errors.CheckpointError` that says what was expected, at ``flag`` (the
     argument or command-line flag that named ``path``).
     """
+    device = resolve_device(device, "device")  # a device this machine lacks: one line, before anything is read
     dtype = named_dtype(dtype) if isinstance(dtype, str) else dtype
     path = Path(path).expanduser()
     state, metadata = _read_any(path, weights=True, flag=flag)
-    model = _fitted_model(_model_config(metadata, path), state, path, torch.device(device), dtype)
+    model = _fitted_model(_model_config(metadata, path), state, path, device, dtype)
     info = _info(metadata, model)
     stored = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     return LoadedModel(model=model.eval(), weights_dtype=stored, **vars(info))

@@ -31,8 +31,12 @@ from epas_lightning.model import LlamaConfig
 from epas_lightning.model.config import PRESETS
 
 
-def leave_unset(config: LlamaConfig) -> str:
-    """What to do when ``model.config`` sets a field otherwise than the ``init_from`` model (:func:`filled_from`)."""
+def leave_unset(config: LlamaConfig, python: bool = False) -> str:
+    """What to do when ``model.config`` (from ``python``: the arguments of :func:`source_config`) sets a field otherwise
+    than the ``init_from`` model (:func:`filled_from`)."""
+    if python:
+        preset = f" (drop name={config.name!r}: its preset sets them)" if config.name else ""
+        return f"leave those arguments of source_config unset{preset}: it takes them from the model at path"
     preset = f" (drop model.config.name {config.name}: its preset sets them)" if config.name else ""
     return f"leave those model.config fields unset{preset}: a fit from init_from takes them from the init_from model"
 
@@ -55,10 +59,16 @@ def source_config(path: str | Path, **fields: Any) -> LlamaConfig:
     ``EPASModule(source_config("/models/Llama-3.2-1B", block_size=2048), init_from="/models/Llama-3.2-1B")``
     continues Llama-3.2-1B at 2048 tokens a sequence.
     """
+    return config_from_source(path, fields, python=True)
+
+
+def config_from_source(path: str | Path, fields: dict[str, Any], python: bool = False) -> LlamaConfig:
+    """:func:`source_config`, a mismatch worded for ``model.config`` (the ``fit`` command) or, from ``python``, for
+    its arguments."""
     path = _existing(path)
     source = read_source_config(path)
     config = keeping_source_context(filled_from(source, fields, ours=not is_hf_dir(path)), source)
-    check_init_source(path, config)
+    check_init_source(path, config, python)
     return config
 
 
@@ -93,15 +103,16 @@ def read_source_config(path: Path) -> LlamaConfig:
     return recorded_config(path, "model.init_from")
 
 
-def check_init_source(path: str | Path, config: LlamaConfig) -> LlamaConfig:
-    """Fail before any work when ``path`` is missing or holds weights of another shape than ``config``; return the
-    config of the model at ``path``."""
+def check_init_source(path: str | Path, config: LlamaConfig, python: bool = False) -> LlamaConfig:
+    """Fail before any work when ``path`` is missing or holds weights of another shape than ``config`` (the advice
+    worded by :func:`leave_unset`); return the config of the model at ``path``."""
     path = _existing(path)
+    fix = leave_unset(config, python)
     if is_hf_dir(path):
         with located(f"model.init_from {path}"):
-            return check_compatible(config, read_hf_config(path), f"init_from {path}", leave_unset(config).capitalize())
+            return check_compatible(config, read_hf_config(path), f"init_from {path}", fix.capitalize())
     theirs = read_source_config(path)
-    check_same_architecture(config, theirs, f"model.init_from {path}", leave_unset(config))
+    check_same_architecture(config, theirs, f"model.init_from {path}", fix)
     return theirs
 
 

@@ -36,7 +36,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from epas_lightning.errors import ConfigError
-from epas_lightning.run_checkpoint import save_last_now
+from epas_lightning.run_checkpoint import RunCheckpoint, save_last_now
 from epas_lightning.run_summary import say
 from epas_lightning.slurm import (
     give_back_requeue,
@@ -77,6 +77,9 @@ class GracefulStop(Callback):
         """Set when a signal ended ``fit`` at once (a second one, or one before training), without a checkpoint."""
         self.requeue_signal: signal.Signals | None = None
         """The signal SLURM requeues this job with, when this fit answers it (a SLURM job with ``auto_requeue``)."""
+        self.command_line = False
+        """Set by ``python -m epas_lightning fit``: the stop says to resume with the same command and ``--ckpt_path
+        last``; otherwise (a script of your own) with ``trainer.fit``."""
         self._previous: dict[signal.Signals, Any] = {}
         self._step = -1
 
@@ -139,7 +142,7 @@ class GracefulStop(Callback):
         elif requeue and trainer.is_global_zero:  # after the save, which the requeued job resumes
             where = f"{where}; {requeue_job()} (its command needs --ckpt_path auto to resume it)"
         elif saved:
-            where = f"{where} — resume with the same command and --ckpt_path last"
+            where = f"{where} — resume with {self._resume_advice(trainer, saved)}"
         say(f"stopped by {self.stopped_by.name} after step {trainer.global_step}; {where}")
 
     def _agreed_stop(self, trainer: Trainer) -> tuple[signal.Signals | None, bool]:
@@ -167,6 +170,13 @@ class GracefulStop(Callback):
             what = f"{what}; {requeue_job()}"
         say(f"{signum.name} before the first step: {what}")
         raise Interrupted(signum)
+
+    def _resume_advice(self, trainer: Trainer, saved: Path) -> str:
+        if self.command_line:
+            return "the same command and --ckpt_path last"
+        # "last" finds the run's newest last.ckpt from a new Trainer only with RunCheckpoint (README, "In Python")
+        last = '"last"' if isinstance(trainer.checkpoint_callback, RunCheckpoint) else repr(str(saved))
+        return f"trainer.fit(..., ckpt_path={last})"
 
     @staticmethod
     def _save(trainer: Trainer) -> Path | None:

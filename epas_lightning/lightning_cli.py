@@ -49,7 +49,7 @@ from epas_lightning.cli import DURATION, LIGHTNING_COMMANDS, PROG
 from epas_lightning.data import TokenDataModule
 from epas_lightning.divergence import DivergenceGuard
 from epas_lightning.errors import ConfigError, UserError
-from epas_lightning.init_from import filled_from, resumed_instead, source_config
+from epas_lightning.init_from import config_from_source, filled_from, resumed_instead
 from epas_lightning.interrupt import GracefulStop, Interrupted
 from epas_lightning.model import LlamaConfig
 from epas_lightning.module import EPASModule, check_resumed_model, check_trainable_precision
@@ -141,7 +141,7 @@ def resolve_model(section: Namespace, ckpt_path: str | None = None) -> None:
     if ckpt_path:  # a resume wins: init_from is not read, its folder may be gone
         config = filled_from(recorded_config(ckpt_path, "--ckpt_path"), fields, ours=True)
     else:
-        config = source_config(init_from, **fields)
+        config = config_from_source(init_from, fields)
     section.model.config = Namespace(**config.to_dict())
     for target, field in LINKED_FIELDS.items():
         section[target] = getattr(config, field)
@@ -346,6 +346,7 @@ class EPASCLI(LightningCLI):
         info, warning_patterns = self._quiet
         if stop is not None:  # it says what a signal does; Lightning's "attempting graceful shutdown" is not it
             info = (*info, "Detected KeyboardInterrupt")
+            stop.command_line = True  # resuming is this command with --ckpt_path last
         folders = RunFolders.before_fit(self.trainer) if subcommand == "fit" and self.trainer.is_global_zero else None
         try:
             with quiet_messages(info, warning_patterns):

@@ -17,6 +17,8 @@ from epas_lightning.schedule import GROWTH_ORDERS, GrowthOrder, check_order
 
 REGION_KEY = "sharing_region"
 """The checkpoint entry holding :meth:`TrainedRegion.to_record` (written by ``ProgressiveSharing``)."""
+SHARING_FLAGS = ("--sharing-layers", "--force")
+"""How the commands name the region length and the override, for :meth:`TrainedRegion.first`'s errors."""
 
 
 @dataclass(frozen=True)
@@ -50,12 +52,16 @@ class TrainedRegion:
         start = max(self.layers, default=0) + 1
         return range(start, self.n_layer)
 
-    def first(self, n: int, force: bool = False, flag: str = "--sharing-layers", forceable: bool = True) -> list[int]:
+    def first(
+        self, n: int, force: bool = False, flags: tuple[str, str] = ("n", "force=True"), forceable: bool = True
+    ) -> list[int]:
         """The layers that share with a region of ``n`` layers: the first ``n`` of the growth order, ascending.
 
         More than the trained region is refused unless ``force`` (its extra layers never learned to work without their
-        own Q/K, so quality drops sharply); the error offers ``--force`` where the command has it (``forceable``).
+        own Q/K, so quality drops sharply). The errors name ``flags``, the region length's and the override's
+        (:data:`SHARING_FLAGS` in a command), and offer the override where the caller has it (``forceable``).
         """
+        flag, force_flag = flags
         limit = len(self.growth_order())
         if not 0 <= n <= limit:
             trained = f" (it trained {self.size}: {self.describe()})" if self.size < limit and not force else ""
@@ -69,7 +75,8 @@ class TrainedRegion:
                 f"this checkpoint was trained with at most {self.size} sharing layers ({self.describe()}); "
                 f"{n} were asked for",
                 flag,
-                f"choose 0..{self.size}" + (", or pass --force to run a region it never trained" if forceable else ""),
+                f"choose 0..{self.size}"
+                + (f", or pass {force_flag} to run a region it never trained" if forceable else ""),
             )
         return sorted(self.growth_order()[:n])
 

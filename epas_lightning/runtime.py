@@ -14,15 +14,15 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device: str | torch.device = "auto", flag: str = "--device") -> torch.device:
     """``auto``: CUDA when available, else the CPU; otherwise ``cpu``, ``cuda`` or ``cuda:N`` (``mps`` where available).
 
     A device this machine lacks (no CUDA, an index past the GPU count, anything else) is one :class:`ConfigError`
-    naming the flag, before any model loads.
+    naming ``flag`` (the argument's name from Python), before any model loads.
     """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    where, fix = f"--device {device}", "use auto, cpu, cuda or cuda:N"
+    where, fix = f"{flag} {device}", "use auto, cpu, cuda or cuda:N"
     try:
         resolved = torch.device(device)
     except (RuntimeError, ValueError) as e:
@@ -31,7 +31,7 @@ def resolve_device(device: str = "auto") -> torch.device:
         return resolved
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("CUDA is not available on this machine", where, "use --device cpu (or auto)")
+            raise ConfigError("CUDA is not available on this machine", where, f"use {flag} cpu (or auto)")
         count = torch.cuda.device_count()
         if (resolved.index or 0) >= count:
             gpus = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"

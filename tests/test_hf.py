@@ -805,6 +805,8 @@ def test_fit_from_a_source_longer_than_8192_tokens_needs_block_size(tmp_path: Pa
     err = capsys.readouterr().err
     assert err.startswith(f"error: model.config does not match init_from {path}: n_layer: model 3 vs init_from")
     assert "Leave those model.config fields unset" in err and err.count("\n") == 1
+    assert main([*args, "--model.config.name", "demo"]) == 2
+    assert "model.config fields unset (drop model.config.name demo: its preset sets them)" in capsys.readouterr().err
     args[2] = str(tmp_path / "missing")
     assert main([*args, "--model.config.name", "nonesuch"]) == 2
     assert capsys.readouterr().err.startswith(f"error: does not exist — model.init_from {tmp_path / 'missing'}")
@@ -818,16 +820,18 @@ def test_source_config_fills_a_python_config_from_the_model(tmp_path: Path) -> N
     kept = replace(_module_config(), max_position_embeddings=64)
     assert source_config(path, block_size=32) == kept
     assert source_config(path, block_size=32, max_position_embeddings=48).context_length == 48
-    with pytest.raises(HFCheckpointError, match="n_embd: model 128 vs init_from"):
-        source_config(path, n_embd=128)
+    with pytest.raises(HFCheckpointError, match="n_embd: model 128 vs init_from .*Leave those arguments of sourc"):
+        source_config(path, n_embd=128)  # its arguments, not the fit command's model.config fields
     # a preset sets its fields (checked), the source the ones it leaves unset (its RoPE base and norm epsilon)
     assert source_config(path, name="debug", block_size=32) == replace(kept, name="debug")
     with pytest.raises(HFCheckpointError, match="n_layer: model 8 vs init_from") as refused:
         source_config(path, name="demo")
-    assert "fields unset (drop model.config.name demo: its preset sets them)" in str(refused.value)
+    assert "arguments of source_config unset (drop name='demo': its preset sets them)" in str(refused.value)
     ours = save_ours(tmp_path / "ours", n_layer=2, padded_vocab_size=576, block_size=32, sharing_mode="kv").config
     taken = source_config(tmp_path / "ours")  # its training length, its padded vocabulary, its sharing mode
     assert taken == ours
+    with pytest.raises(HFCheckpointError, match="n_layer: model 3 vs checkpoint 2 .* leave those arguments of source_"):
+        source_config(tmp_path / "ours", n_layer=3)
 
 
 def test_a_resume_does_not_need_init_from_any_more(tmp_path: Path, tiny_corpus: Path, capsys) -> None:

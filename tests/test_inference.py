@@ -245,10 +245,10 @@ def test_region_errors():
     model = tiny()
     assert deepest_layers(4, 2) == [2, 3]
     trained = TrainedRegion(4, (3,))
-    with pytest.raises(ValueError, match="trained with at most 1"):
-        set_region(model, 2, trained)
+    with pytest.raises(ValueError, match="trained with at most 1 .* — n_shared — choose 0..1, or pass force=True to"):
+        set_region(model, 2, trained)  # from Python: its arguments, not the commands' --sharing-layers and --force
     assert set_region(model, 2, trained, force=True) == [2, 3]
-    with pytest.raises(ValueError, match="can share at most 3 — --sharing-layers — choose 0..3"):
+    with pytest.raises(ValueError, match="can share at most 3 — n_shared — choose 0..3"):
         set_region(model, 4)  # no trained region given: any layer count the model allows
     shallow = TrainedRegion(4, (1, 2), "shallow_first")
     assert set_region(model, 1, shallow) == [1] and set_region(model, 3, shallow, force=True) == [1, 2, 3]

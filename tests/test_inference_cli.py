@@ -75,6 +75,7 @@ def test_generate_refuses_more_than_the_trained_region_unless_forced(trained, ca
     args = ["generate", "--checkpoint", str(trained), "--prompt", "x", "--max-new-tokens", "2", "--sharing-layers", "3"]
     rc, _, err = run_cli(capsys, *args)
     assert rc == 2 and "trained with at most 2 sharing layers (layers [3, 2], deep-first); 3 were asked for" in err
+    assert "— --sharing-layers — choose 0..2, or pass --force to run a region it never trained" in err
     rc, _, err = run_cli(capsys, *args, "--force")
     assert rc == 0, err
     rc, _, err = run_cli(capsys, "generate", "--checkpoint", str(trained.parent / "nope.ckpt"), "--prompt", "x")

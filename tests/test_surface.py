@@ -134,6 +134,13 @@ def test_a_missing_device_is_one_line_before_anything_loads(cuda, device, says, 
         assert err.startswith(f"error: {says}") and err.count("\n") == 1, (command, err)
 
 
+def test_load_model_from_python_checks_its_device_argument(tmp_path, monkeypatch):
+    """``load_model(path, device="cuda")`` without CUDA was torch's 'Torch not compiled with CUDA enabled' traceback."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="^CUDA is not available on this machine — device cuda — use device cpu "):
+        load_model(tmp_path / "missing.ckpt", device="cuda")  # checked before the path is read
+
+
 @pytest.mark.parametrize(
     ("capability", "dtype"), [((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16)]
 )

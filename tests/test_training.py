@@ -777,13 +777,15 @@ def test_a_multi_node_run_refuses_a_checkpoint_folder_its_nodes_do_not_share(tmp
     assert not list((node0 / "runs").iterdir())
 
 
-def test_a_graceful_stop_saves_its_step_once(tiny_corpus, tmp_path):
+@pytest.mark.parametrize("run_checkpoint", [False, True])
+def test_a_graceful_stop_saves_its_step_once(tiny_corpus, tmp_path, capsys, run_checkpoint):
     """After the stop's last.ckpt, the validation Lightning runs when fit stops early made ModelCheckpoint save the
     same step again (a step file): more full saves inside a scheduler's grace period than the one needed. That whole
-    validation ran after the save, within the grace period, before the loggers were flushed; it runs no more."""
+    validation ran after the save, within the grace period, before the loggers were flushed; it runs no more.
+    From a script it said to resume "with the same command and --ckpt_path last": it names ``trainer.fit`` now."""
     import signal
 
-    from epas_lightning import GracefulStop
+    from epas_lightning import GracefulStop, RunCheckpoint
 
     saves, validations = [], []
 
@@ -800,11 +802,15 @@ def test_a_graceful_stop_saves_its_step_once(tiny_corpus, tmp_path):
 
     stop = GracefulStop()
     module, data = make_run(tiny_corpus)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=100, save_top_k=-1)
+    checkpoint_class = RunCheckpoint if run_checkpoint else ModelCheckpoint
+    checkpoint = checkpoint_class(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=100, save_top_k=-1)
     trainer = make_trainer(tmp_path, 100, [SignalAndCount(), stop, checkpoint], limit_val_batches=1)
     trainer.fit(module, datamodule=data)
     assert stop.exit_status == 143 and saves == [3] and not [v for v in validations if not v]
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt"]
+    last = tmp_path / "ckpt" / "last.ckpt"  # "last" finds it from a new Trainer only with RunCheckpoint
+    resume = 'ckpt_path="last"' if run_checkpoint else f"ckpt_path={str(last)!r}"
+    assert f"saved {last} — resume with trainer.fit(..., {resume})\n" in capsys.readouterr().err
 
 
 def fake_slurm_task(monkeypatch: pytest.MonkeyPatch, root: Path) -> Path:

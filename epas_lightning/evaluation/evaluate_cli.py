@@ -21,6 +21,7 @@ from epas_lightning.evaluation.perplexity import perplexity_of_batches
 from epas_lightning.inference.generate import set_region
 from epas_lightning.inference.generate_cli import load_for_inference, resolve_tokenizer
 from epas_lightning.progress import progress
+from epas_lightning.region import SHARING_FLAGS
 from epas_lightning.runtime import DType, check_counts, emit_json
 
 
@@ -64,7 +65,7 @@ def evaluate(
     check_seq_len(seq_len, config, where="--seq-len")
     lengths = region_lengths(sharing_layers, loaded, force)
     for n in lengths:  # fail on a bad region before any scoring
-        loaded.region.first(n, force)
+        loaded.region.first(n, force, SHARING_FLAGS)
     text_tokenizer = resolve_tokenizer(loaded, Path(tokenizer) if tokenizer else None) if questions else None
     own_data = loaded.own_data_instead_of(data)
     if data is None and (not questions or batches is not None):

@@ -23,6 +23,7 @@ from epas_lightning.data.tokenizer import check_tokenizer_flag
 from epas_lightning.errors import ConfigError
 from epas_lightning.evaluation.evaluate_cli import format_table, region_lengths
 from epas_lightning.outputs import check_output, output_folder
+from epas_lightning.region import SHARING_FLAGS
 from epas_lightning.runtime import DType, check_counts, emit_json, resolve_device
 
 INSTALL = "pip install 'epas_lightning[eval]'"
@@ -111,7 +112,7 @@ def run_lm_eval(
     lm = EPASLM(checkpoint, tokenizer=tokenizer, batch_size=batch_size, device=device, dtype=dtype, force=force)
     lengths = region_lengths(sharing_layers, lm.loaded, force)
     for n in lengths:  # fail on a bad region before any scoring
-        lm.loaded.region.first(n, force)
+        lm.loaded.region.first(n, force, SHARING_FLAGS)
     if limit is not None and limit >= 1:
         limit = int(limit)
     rows, runs = [], {}

@@ -136,7 +136,8 @@ class EPASLM(HFLM):
     def set_sharing_layers(self, n: int) -> list[int]:
         """Run with the first ``n`` layers of the trained region sharing; return those layers."""
         self.sharing_layers = n
-        self.shared_layers = set_region(self.loaded.model, n, self.loaded.region, self.force)
+        model_args = ("sharing_layers", "force=True")  # as lm-eval's --model_args and Python name them
+        self.shared_layers = set_region(self.loaded.model, n, self.loaded.region, self.force, model_args)
         return self.shared_layers
 
     def _model_call(self, inps: torch.Tensor, attn_mask: Any = None, labels: Any = None) -> torch.Tensor:

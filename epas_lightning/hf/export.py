@@ -37,7 +37,7 @@ from epas_lightning.hf.convert import ours_to_hf
 from epas_lightning.inference.generate import set_region
 from epas_lightning.model import LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
-from epas_lightning.region import TrainedRegion
+from epas_lightning.region import SHARING_FLAGS, TrainedRegion
 from epas_lightning.runtime import DType, dtype_name, emit_json, named_dtype
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ def export(
     loaded = load_model(checkpoint, flag="--checkpoint")
     model, config = loaded.model, loaded.model.config
     n = loaded.max_shared if sharing_layers is None else sharing_layers
-    shared = set_region(model, n, loaded.region, force)
+    shared = set_region(model, n, loaded.region, force, SHARING_FLAGS)
     use_remote = remote_code or n > 0
     state = ours_to_hf(model.state_dict(), config)
     torch_dtype = torch_dtype or loaded.weights_dtype

@@ -29,6 +29,7 @@ from epas_lightning.inference.generate_cli import MIB, CudaGraph, cuda_graph_cho
 from epas_lightning.model import LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.progress import progress
+from epas_lightning.region import SHARING_FLAGS
 from epas_lightning.runtime import DType, check_counts, dtype_name, emit_json
 
 DEFAULT_TOKENS = 64
@@ -277,7 +278,7 @@ def bench_command(
     seq_len = config.block_size if seq_len is None else seq_len
     check_seq_len(seq_len, config, where="--seq-len")
     max_shared = loaded.max_shared if sharing_layers is None else sharing_layers
-    set_region(loaded.model, max_shared, loaded.region, force)  # validates before any timing
+    set_region(loaded.model, max_shared, loaded.region, force, SHARING_FLAGS)  # validates before any timing
     pick = region_for_budget(config, budget, max_shared, seq_len) if budget is not None else None
     if prompt_len is None:
         prompt_len = min(DEFAULT_TOKENS, config.context_length // 2)

@@ -17,6 +17,7 @@ from epas_lightning.inference.generate_cli import (
     load_for_inference,
     resolve_tokenizer,
 )
+from epas_lightning.region import SHARING_FLAGS
 from epas_lightning.runtime import DType, check_counts, resolve_device, resolve_dtype
 from epas_lightning.serve.chat import checked_chat_template
 
@@ -80,7 +81,7 @@ def chat_command(
     where = f"--checkpoint {checkpoint}" if tokenizer is None else f"--tokenizer {tokenizer}"
     template = chat_template(text_tokenizer, where)
     n_shared = recorded.region.size if sharing_layers is None else sharing_layers
-    recorded.region.first(n_shared, force)
+    recorded.region.first(n_shared, force, SHARING_FLAGS)
     context_length = recorded.config.context_length
     reply_tokens = reply_length(max_new_tokens, context_length)
     conversation = Conversation(template, text_tokenizer, context_length, reply_tokens, system)

@@ -64,16 +64,23 @@ def deepest_layers(n_layer: int, n_shared: int) -> list[int]:
     return list(range(n_layer - n_shared, n_layer))
 
 
-def set_region(model: Llama, n_shared: int, region: TrainedRegion | None = None, force: bool = False) -> list[int]:
+def set_region(
+    model: Llama,
+    n_shared: int,
+    region: TrainedRegion | None = None,
+    force: bool = False,
+    flags: tuple[str, str] = ("n_shared", "force=True"),
+) -> list[int]:
     """Make the first ``n_shared`` layers of the trained ``region`` (in its growth order) share; return them.
 
     ``region`` is what the checkpoint trained (``LoadedModel.region``): asking for more layers is refused unless
     ``force`` (the layers beyond it never learned to work without their own Q/K, so quality drops sharply). Without a
-    region, the deepest ``n_shared`` layers share, unchecked.
+    region, the deepest ``n_shared`` layers share, unchecked. The errors name ``flags`` (see
+    :meth:`TrainedRegion.first`).
     """
     if region is None:
         region, force = TrainedRegion(model.config.n_layer), True
-    layers = region.first(n_shared, force)
+    layers = region.first(n_shared, force, flags)
     model.set_shared_layers(layers)
     return layers
 

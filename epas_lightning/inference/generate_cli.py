@@ -11,6 +11,7 @@ from epas_lightning.data.tokenizer import TextTokenizer, check_tokenizer_flag, d
 from epas_lightning.errors import ConfigError, UserError
 from epas_lightning.inference.generate import GenerationResult, fit_new_tokens, generate, set_region
 from epas_lightning.inference.sampling import SamplingError, check_sampling
+from epas_lightning.region import SHARING_FLAGS
 from epas_lightning.runtime import DType, check_counts, emit_json, resolve_device, resolve_dtype
 
 MIB = 2**20
@@ -143,7 +144,7 @@ def generate_command(
     loaded = load_for_inference(checkpoint, device, dtype, attention_reuse)
     text_tokenizer = resolve_tokenizer(loaded, tokenizer)
     n_shared = loaded.max_shared if sharing_layers is None else sharing_layers
-    layers = set_region(loaded.model, n_shared, loaded.region, force)
+    layers = set_region(loaded.model, n_shared, loaded.region, force, SHARING_FLAGS)
     ids = [[text_tokenizer.bos_id, *text_tokenizer.encode(text)] for text in prompts]
     max_new_tokens = fit_new_tokens(max(map(len, ids)), max_new_tokens, loaded.model.config.context_length)
     try:

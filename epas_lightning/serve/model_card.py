@@ -13,7 +13,7 @@ from epas_lightning.data.tokenizer import TextTokenizer, load_tokenizer_once
 from epas_lightning.errors import ConfigError
 from epas_lightning.inference.bench import flops_ratio, region_for_budget
 from epas_lightning.model import LlamaConfig
-from epas_lightning.region import TrainedRegion
+from epas_lightning.region import SHARING_FLAGS, TrainedRegion
 from epas_lightning.serve.chat import checked_chat_template
 from epas_lightning.serve.protocol import RequestError
 
@@ -54,7 +54,8 @@ class ServedModel:
         """Check the server's settings against the checkpoint (a :class:`ConfigError` at startup if they do not fit)."""
         config, region = recorded.config, recorded.region
         default = region.size if sharing_layers is None else sharing_layers
-        region.first(default, forceable=False)  # the trained region at most, and said as every command says it
+        # the trained region at most, and said as every command says it
+        region.first(default, flags=SHARING_FLAGS, forceable=False)
         limit = config.context_length - 1 if max_tokens is None else max_tokens
         if not 1 <= limit < config.context_length:
             raise ConfigError(
