@@ -686,6 +686,20 @@ def test_a_killed_render_process_is_replaced_for_the_next_render(monkeypatch):
     assert len({id(first), id(second), id(template_process._worker)}) == 3
 
 
+def test_a_chat_template_is_compiled_in_the_bounded_process_too(tmp_path, monkeypatch):
+    """Compiling a template runs its filters of constants ('a'|center(300000000) written into Python source): the
+    check at serve's and chat's start took seconds and a gigabyte in their process. It runs where renders do."""
+    from epas_lightning.serve import chat
+    from epas_lightning.serve.chat import checked_chat_template
+
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 0.3)
+    (tmp_path / "chat_template.jinja").write_text("{{ 'a'|center(300000000) }}")
+    start, peak = time.monotonic(), peak_resident_bytes()
+    template, why = checked_chat_template(tmp_path / "tokenizer.json")
+    assert template is None and why.endswith("could not be compiled (it ran longer than 0.3 s)"), why
+    assert time.monotonic() - start < 2 and peak_resident_bytes() - peak < 2**28
+
+
 def test_a_slow_chat_template_does_not_hold_up_other_requests(checkpoint, monkeypatch):
     """Requests are parsed (chats rendered, prompts tokenized) off the HTTP process's event loop: while a template
     runs to its time limit, the model list answers at once (it waited for the render)."""
