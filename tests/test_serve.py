@@ -632,6 +632,74 @@ def test_a_chat_templates_product_of_two_large_integers_is_bounded_too():
     assert render_chat("{{ 3 * 4 }}", [], "<s>", "</s>") == "12"
 
 
+def peak_resident_bytes() -> int:
+    """This process's peak resident size."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+SLOW = "{{ 3 ** 4000000 // 7 ** 2000000 }}"  # one C call of seconds: a long division is quadratic
+DOUBLED = "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}"
+
+
+def test_a_chat_template_cannot_take_the_servers_memory_or_time_in_one_c_call(monkeypatch):
+    """One C call that no in-process check interrupts: a filter allocating 4 GB, a string doubled with '~' (576M
+    characters in 0.7 s), an integer division of seconds. They ran in the server's process (its memory taken, the
+    time limit overrun); they run in the render process, bounded, and fail naming the bound."""
+    from epas_lightning.serve import chat, template_process
+    from epas_lightning.serve.chat import TemplateFailure, render_chat
+
+    monkeypatch.setattr(template_process, "RENDER_MEMORY", 2**28)
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 0.3)
+    memory = "it needed more than the 0.25 GiB of memory a render may use"
+    bounded = {"{{ 'a'|center(4000000000) }}": memory, DOUBLED: memory, SLOW: "it ran longer than 0.3 s"}
+    peak = peak_resident_bytes()
+    for template, bound in bounded.items():
+        start = time.monotonic()
+        with pytest.raises(TemplateFailure) as failure:
+            render_chat(template, [{"role": "user", "content": "hi"}], "<s>", "</s>")
+        assert str(failure.value) == bound
+        assert time.monotonic() - start < 1.5
+    assert peak_resident_bytes() - peak < 2**28
+
+
+def test_a_killed_render_process_is_replaced_for_the_next_render(monkeypatch):
+    """A render past its time kills its process (reaped: no zombie); the next render starts a new one, as it does
+    when the idle one was killed from outside."""
+    from epas_lightning.serve import chat, template_process
+    from epas_lightning.serve.chat import TemplateFailure, render_chat
+
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 0.3)
+    messages, echo = [{"role": "user", "content": "hi"}], "{{ messages[0]['content'] }}"
+    assert render_chat(echo, messages, "<s>", "</s>") == "hi"
+    first = template_process._worker
+    with pytest.raises(TemplateFailure, match=r"it ran longer than 0\.3 s"):
+        render_chat(SLOW, messages, "<s>", "</s>")
+    assert first.process.returncode == -signal.SIGKILL
+    assert render_chat(echo, messages, "<s>", "</s>") == "hi"
+    second = template_process._worker
+    os.kill(second.process.pid, signal.SIGKILL)
+    second.process.wait()
+    assert render_chat(echo, messages, "<s>", "</s>") == "hi"
+    assert len({id(first), id(second), id(template_process._worker)}) == 3
+
+
+def test_a_chat_template_is_compiled_in_the_bounded_process_too(tmp_path, monkeypatch):
+    """Compiling a template runs its filters of constants ('a'|center(300000000) written into Python source): the
+    check at serve's and chat's start took seconds and a gigabyte in their process. It runs where renders do."""
+    from epas_lightning.serve import chat
+    from epas_lightning.serve.chat import checked_chat_template
+
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 0.3)
+    (tmp_path / "chat_template.jinja").write_text("{{ 'a'|center(300000000) }}")
+    start, peak = time.monotonic(), peak_resident_bytes()
+    template, why = checked_chat_template(tmp_path / "tokenizer.json")
+    assert template is None and why.endswith("could not be compiled (it ran longer than 0.3 s)"), why
+    assert time.monotonic() - start < 2 and peak_resident_bytes() - peak < 2**28
+
+
 def test_a_slow_chat_template_does_not_hold_up_other_requests(checkpoint, monkeypatch):
     """Requests are parsed (chats rendered, prompts tokenized) off the HTTP process's event loop: while a template
     runs to its time limit, the model list answers at once (it waited for the render)."""

@@ -5,9 +5,12 @@ The template is a file from the checkpoint, never trusted: it runs in jinja2's `
 (no attribute starting with ``_``, no method that changes a list or dict), with what transformers gives a template:
 ``trim_blocks``/``lstrip_blocks``, ``loopcontrols``, the ``tojson`` filter, the globals ``raise_exception``,
 ``strftime_now``, ``dict`` and ``namespace``, and the variables ``messages``, ``add_generation_prompt``,
-``bos_token`` and ``eos_token``. A render is bounded: it may run :data:`RENDER_SECONDS` and write ``max_chars``
-characters, and ``*`` or ``**`` may not build a value larger than :data:`MAX_PRODUCT` (one C call the time limit
-cannot interrupt); past a bound it is a :class:`TemplateFailure`.
+``bos_token`` and ``eos_token``. A render is bounded, and past a bound it is a :class:`TemplateFailure` that names
+it: it runs in a separate process (:mod:`~epas_lightning.serve.template_process`) that is killed past
+:data:`RENDER_SECONDS` or stopped past its memory bound, even inside one C call (``'a'|center(10**9)``) no in-process
+check can interrupt, so a template cannot take this process's memory or time. Inside it two cheap checks fail
+earlier, with a precise cause and without a new process: the text may hold ``max_chars`` characters, and ``*`` or
+``**`` may not build a value larger than :data:`MAX_PRODUCT`.
 
 A template writes its control tokens as text (``<|im_start|>``, ``<|eot_id|>``). Our :class:`TextTokenizer` reads
 such text as text (training data and completion prompts); the rendered chat is read by a second pipeline that matches
@@ -19,10 +22,8 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+import os
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,8 +38,6 @@ RENDER_SECONDS = 2.0
 MAX_PRODUCT = 10_000_000
 """Characters or items a template's ``*`` may repeat a string or list to, and bits a ``*`` or ``**`` may make an
 integer of."""
-TEMPLATE_CODE = "<template>"
-"""The file name of the Python code jinja2 compiles a template from a string to: the frames the time limit watches."""
 
 
 class TemplateRefusal(Exception):
@@ -61,8 +60,6 @@ def chat_template_text(entry: dict[str, Any]) -> str | None:
 def checked_chat_template(tokenizer_file: Path) -> tuple[str | None, str]:
     """The chat template beside the tokenizer file, compiled once to check it; or ``None`` and why there is no usable
     one (a sentence for the caller to follow with what to do)."""
-    import jinja2
-
     from epas_lightning.data.chat_template import chat_template_beside
 
     entry = chat_template_beside(tokenizer_file)
@@ -75,10 +72,12 @@ def checked_chat_template(tokenizer_file: Path) -> tuple[str | None, str]:
         )
     if template is None:
         return None, f"this model has no chat template (none beside {tokenizer_file})"
-    try:
-        compile_template(template)
-    except jinja2.TemplateSyntaxError as e:
-        return None, f"the chat template beside {tokenizer_file} is not a valid template ({e}, line {e.lineno})"
+    try:  # in the bounded process: compiling runs its constant filters ('a'|center(10**9) written out)
+        invalid = _bounded("check", template)
+    except TemplateFailure as e:
+        return None, f"the chat template beside {tokenizer_file} could not be compiled ({e})"
+    if invalid:
+        return None, f"the chat template beside {tokenizer_file} is not a valid template ({invalid})"
     return template, ""
 
 
@@ -94,8 +93,43 @@ def chat_prompt_ids(
 def render_chat(
     template: str, messages: Sequence[dict[str, str]], bos_token: str, eos_token: str, max_chars: int = 10**7
 ) -> str:
-    """The prompt text of ``messages``, ending with the header of the assistant's turn; :class:`TemplateRefusal` or
+    """The prompt text of ``messages``, ending with the header of the assistant's turn, rendered in a separate process
+    bounded in time and memory (:mod:`~epas_lightning.serve.template_process`); :class:`TemplateRefusal` or
     :class:`TemplateFailure` when the template does not render them, or runs past its bounds."""
+    return _bounded("render", template, messages, bos_token, eos_token, max_chars)
+
+
+def _bounded(task: str, *args: Any) -> str:
+    """:func:`template_task` in the bounded process (in this one, within the cheap checks only, on Windows)."""
+    if os.name == "nt":
+        try:
+            return template_task(task, *args)
+        except MemoryError:
+            raise TemplateFailure("it ran out of memory") from None
+    from epas_lightning.serve.template_process import run_bounded
+
+    return run_bounded(task, args, RENDER_SECONDS)
+
+
+def template_task(task: str, *args: Any) -> str:
+    """What the bounded process does: ``"render"`` :func:`render_chat_here`'s text; ``"check"`` why a template does
+    not compile (jinja2's message and line), or ``""``."""
+    if task == "render":
+        return render_chat_here(*args)
+    import jinja2
+
+    try:
+        compile_template(*args)
+    except jinja2.TemplateSyntaxError as e:
+        return f"{e}, line {e.lineno}"
+    return ""
+
+
+def render_chat_here(
+    template: str, messages: Sequence[dict[str, str]], bos_token: str, eos_token: str, max_chars: int
+) -> str:
+    """:func:`render_chat` in this process, bounded by its cheap checks only (``max_chars`` characters written, ``*``
+    and ``**`` within :data:`MAX_PRODUCT`), not in time or memory (a ``MemoryError`` as is)."""
     import jinja2
 
     compiled = compile_template(template)
@@ -109,14 +143,13 @@ def render_chat(
     }
     pieces, length = [], 0
     try:
-        with _time_limit(RENDER_SECONDS):
-            for piece in compiled.generate(**variables):
-                length += len(piece)
-                if length > max_chars:
-                    raise TemplateFailure(f"it wrote more than {max_chars} characters")
-                pieces.append(piece)
+        for piece in compiled.generate(**variables):
+            length += len(piece)
+            if length > max_chars:
+                raise TemplateFailure(f"it wrote more than {max_chars} characters")
+            pieces.append(piece)
         return "".join(pieces)
-    except (TemplateRefusal, TemplateFailure):
+    except (TemplateRefusal, TemplateFailure, MemoryError):
         raise
     except jinja2.exceptions.SecurityError as e:
         raise TemplateFailure(f"the sandbox stopped it: {e}") from None
@@ -188,28 +221,6 @@ def compile_template(template: str) -> jinja2.Template:
         namespace=Namespace,
     )
     return environment.from_string(template)
-
-
-@contextmanager
-def _time_limit(seconds: float) -> Iterator[None]:
-    """Stop template code that runs past ``seconds`` (checked on each line it runs, in this thread only): a loop that
-    writes nothing is stopped too."""
-    deadline = time.monotonic() + seconds
-
-    def on_line(frame: Any, event: str, arg: Any) -> Any:
-        if time.monotonic() > deadline:
-            raise TemplateFailure(f"it ran longer than {seconds:g} s")
-        return on_line
-
-    def on_call(frame: Any, event: str, arg: Any) -> Any:
-        return on_line if frame.f_code.co_filename == TEMPLATE_CODE else None
-
-    previous = sys.gettrace()
-    sys.settrace(on_call)
-    try:
-        yield
-    finally:
-        sys.settrace(previous)
 
 
 def _check_product(operator: str, left: Any, right: Any) -> None:
