@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torchmetrics.aggregation import MeanMetric
 
 from epas_lightning.errors import ConfigError
-from epas_lightning.flops import peak_flops
+from epas_lightning.flops import flop_cut, peak_flops
 from epas_lightning.loss import next_token_loss
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.region import REGION_KEY, TrainedRegion, region_in_growth_order
@@ -151,6 +151,9 @@ class ProgressiveSharing(Callback):
                 self.reached_at = step
         self._applied = layers
         pl_module.log("sharing/layers", float(len(layers)), on_step=True, on_epoch=False)
+        seq_len = batch.shape[1] - 1 if isinstance(batch, torch.Tensor) else model.config.block_size
+        cut = flop_cut(model.config, len(layers), seq_len) if layers else 0.0  # of dense training FLOPs, this step
+        pl_module.log("sharing/flop_cut", cut, on_step=True, on_epoch=False)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # created anew, not reset: like EPASModule's held-out metrics, whatever happened to the tensors in between

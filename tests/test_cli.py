@@ -9,8 +9,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from epas_lightning.callbacks import ProgressiveSharing
 from epas_lightning.cli import main
 from epas_lightning.errors import ConfigError
+from epas_lightning.flops import flop_cut
 from epas_lightning.lightning_cli import lightning_cli
-from epas_lightning.model.config import RopeScaling
+from epas_lightning.model.config import LlamaConfig, RopeScaling
 
 
 def test_fit_through_the_entry_point_logs_and_checkpoints(tiny_corpus, debug_fit_run):
@@ -34,6 +35,9 @@ def test_fit_through_the_entry_point_logs_and_checkpoints(tiny_corpus, debug_fit
     assert not [tag for tag in tags if "loss_at_sharing" in tag]  # val_sharing_layers is off by default
     layers = [e.value for e in events.Scalars("sharing/layers")]
     assert layers[0] == 0.0 and layers[-1] == 1.0
+    cuts = [e.value for e in events.Scalars("sharing/flop_cut")]  # the training FLOPs the region skips, per step
+    debug = LlamaConfig.from_name("debug", block_size=32)
+    assert cuts == [pytest.approx(flop_cut(debug, int(n), 32)) for n in layers] and cuts[-1] > 0
 
 
 def test_links_set_length_layers_and_vocab_once():
