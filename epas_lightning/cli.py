@@ -242,7 +242,7 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
 
 def _yaml_error(error: Exception, prog: str, argv: Sequence[str]) -> ConfigError:
     """The YAML syntax ``error`` of a config, where it is: the ``--config`` file of ``argv`` that does not parse (the
-    parser's message names no file), its line and column."""
+    parser's message names no file), its line and column; else a value given on the command line."""
     import yaml
 
     def at(mark: Any) -> str:
@@ -253,14 +253,14 @@ def _yaml_error(error: Exception, prog: str, argv: Sequence[str]) -> ConfigError
         problem += f" ({context}{at(getattr(error, 'context_mark', None))})"
     given = [value for flag, value in zip(argv, argv[1:], strict=False) if flag == "--config"]
     given += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
-    where = prog
     for path in map(Path, given):
         try:
             yaml.safe_load(path.read_text()) if path.is_file() else None
         except yaml.YAMLError:
-            where = f"--config {path}"
-            break
-    return ConfigError(f"the config is not valid YAML: {problem}", where, "fix its syntax")
+            return ConfigError(f"the config is not valid YAML: {problem}", f"--config {path}", "fix its syntax")
+        except (OSError, UnicodeDecodeError):
+            continue
+    return ConfigError(f"a value is not valid YAML: {problem}", prog, "fix the value given on the command line")
 
 
 def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:

@@ -270,6 +270,9 @@ def test_a_config_file_that_is_not_yaml_is_named_with_the_line(tmp_path, capsys)
         err = capsys.readouterr().err
         says = "error: the config is not valid YAML: did not find expected ',' or ']' at line 3, column 1 (while "
         assert err.startswith(says) and err.endswith(f"line 2, column 14) — --config {bad} — fix its syntax\n"), err
+    assert main(["fit", "--config", DEBUG, "--model.config", "{n_layer: [1,"]) == 2  # a value, not a file
+    err = capsys.readouterr().err
+    assert err.startswith("error: a value is not valid YAML: ") and err.endswith("given on the command line\n"), err
 
 
 def test_a_lightning_cli_value_error_names_the_flag_as_typed(capsys):
