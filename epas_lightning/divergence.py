@@ -68,6 +68,9 @@ class DivergenceGuard(Callback):
         self.check_weights = check_weights
         self.min_loss_scale = min_loss_scale
         self.skipped = 0
+        self.command_line = False
+        """Set by ``python -m epas_lightning fit``: the stop says to resume with ``--ckpt_path``; otherwise (a script of
+        your own) with ``trainer.fit(..., ckpt_path=...)``."""
         self._loss_finite: torch.Tensor | None = None
         self._saved_at: int | None = None
 
@@ -139,7 +142,7 @@ class DivergenceGuard(Callback):
             written = f" (written after step {self._saved_at})" if self._saved_at is not None else ""
             where = f"last good checkpoint: {last}{written}"
             fix = "lower the learning rate (model.optimizer) or set trainer.gradient_clip_val, then resume with "
-            fix += f"--ckpt_path {last}"
+            fix += f"--ckpt_path {last}" if self.command_line else f"trainer.fit(..., ckpt_path={str(last)!r})"
         return f"training diverged: {what} — {where} — {fix}"
 
     def state_dict(self) -> dict[str, Any]:

@@ -342,6 +342,8 @@ class EPASCLI(LightningCLI):
         return super()._instantiate_trainer(with_atomic_checkpoint_io(config), [*callbacks, *progress_bar_for(config)])
 
     def _run_subcommand(self, subcommand: str) -> None:
+        for guard in (c for c in self.trainer.callbacks if isinstance(c, DivergenceGuard)):
+            guard.command_line = True  # resuming is this command with --ckpt_path
         stop = next((c for c in self.trainer.callbacks if isinstance(c, GracefulStop) and c.enabled), None)
         info, warning_patterns = self._quiet
         if stop is not None:  # it says what a signal does; Lightning's "attempting graceful shutdown" is not it

@@ -244,6 +244,8 @@ def test_guard_stops_before_the_bad_update(tiny_corpus, tmp_path):
     with pytest.raises(TrainingDiverged, match=r"non-finite loss at step 3 — last good checkpoint: .*ckpt") as stop:
         trainer.fit(module, data)
     assert "warmup" not in str(stop.value)  # a resumed run keeps its finished warmup: only the LR or clipping help
+    python = f"then resume with trainer.fit(..., ckpt_path='{tmp_path / 'ckpt' / 'last.ckpt'}')"  # not a CLI flag
+    assert str(stop.value).endswith(python), stop.value
     assert all_finite(module) and trainer.global_step == 3
     saved = sorted((tmp_path / "ckpt").glob("*.ckpt"))
     assert {torch.load(p, weights_only=True)["global_step"] for p in saved} == {1, 2, 3}
