@@ -1275,3 +1275,14 @@ def test_litserves_shutdown_race_traceback_is_dropped_and_nothing_else():
     assert not _shutdown_race(record("Monitoring worker crashed", BrokenPipeError(32, "Broken pipe")))
     assert _shutdown_race(record("Monitoring worker crashed", RuntimeError("a real failure")))
     assert _shutdown_race(record("Worker crashed", BrokenPipeError(32, "Broken pipe")))
+
+
+def test_the_render_process_starts_with_a_path_object_on_sys_path(tmp_path, monkeypatch):
+    """Python's imports skip a sys.path entry that is not a string (a pathlib.Path a script appended); the render
+    process is given sys.path as JSON, which a Path made a TypeError traceback at every chat render."""
+    from epas_lightning.serve import template_process
+    from epas_lightning.serve.chat import render_chat
+
+    monkeypatch.setattr(template_process, "RENDER_MEMORY", template_process.RENDER_MEMORY + 1)  # a new worker
+    monkeypatch.setattr(sys, "path", [*sys.path, tmp_path])
+    assert render_chat("{{ messages[0]['content'] }}", [{"role": "user", "content": "hi"}], "<s>", "</s>") == "hi"

@@ -42,7 +42,8 @@ class _Worker:
         to_worker, from_worker = os.pipe(), os.pipe()
         ends, self.memory = (to_worker[0], from_worker[1]), RENDER_MEMORY
         try:
-            argv = [sys.executable, "-I", "-c", WORKER_CODE, json.dumps(sys.path), *map(str, ends), str(self.memory)]
+            path = json.dumps([entry for entry in sys.path if isinstance(entry, str)])  # imports skip the others
+            argv = [sys.executable, "-I", "-c", WORKER_CODE, path, *map(str, ends), str(self.memory)]
             self.process = subprocess.Popen(argv, pass_fds=ends, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         except BaseException:
             os.close(to_worker[1])
