@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -684,6 +685,23 @@ def test_a_killed_render_process_is_replaced_for_the_next_render(monkeypatch):
     second.process.wait()
     assert render_chat(echo, messages, "<s>", "</s>") == "hi"
     assert len({id(first), id(second), id(template_process._worker)}) == 3
+
+
+def test_a_render_nobody_waits_for_ends_its_process():
+    """A caller killed mid-render (SIGKILL: nothing kills its worker) left the worker running the template; it ends
+    itself well past the render's time, even inside one C call."""
+    from epas_lightning.serve.template_process import _encode, _Worker, orphan_alarm
+
+    worker = _Worker()
+    try:
+        messages = [{"role": "user", "content": "hi"}]
+        worker.requests.send_bytes(_encode([0.3, "render", SLOW, messages, "<s>", "</s>", 10**6]))  # never read
+        start = time.monotonic()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            worker.process.wait(orphan_alarm(0.3) + 2)
+        assert worker.process.returncode == -signal.SIGALRM and time.monotonic() - start < orphan_alarm(0.3) + 1
+    finally:
+        worker.close()
 
 
 def test_a_chat_template_is_compiled_in_the_bounded_process_too(tmp_path, monkeypatch):

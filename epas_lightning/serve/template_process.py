@@ -7,13 +7,15 @@ take milliseconds). Its address space is limited to :data:`RENDER_MEMORY` above 
 Linux: the allocation past it fails; elsewhere it ends itself after a render whose peak resident size went past that).
 A worker that does not answer within the render's time is killed, as is one that died or whose caller was
 interrupted mid-request; the next render starts a new one. Requests and replies are JSON, never pickles. The worker
-ends when this process closes its pipe (exit, death) and ignores SIGINT (a Ctrl-C in ``chat`` is this process's).
+ends when this process closes its pipe (exit, death), and by itself when a render runs well past its time (this
+process died mid-render, so nothing kills it); it ignores SIGINT (a Ctrl-C in ``chat`` is this process's).
 """
 
 from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import signal
 import subprocess
@@ -73,7 +75,7 @@ _worker: _Worker | None = None
 def run_bounded(task: str, args: Sequence[Any], seconds: float) -> str:
     """:func:`~epas_lightning.serve.chat.template_task` in the worker, within ``seconds`` and :data:`RENDER_MEMORY`;
     :class:`TemplateRefusal` or :class:`TemplateFailure` as there, or past a bound."""
-    request = _encode([task, *args])
+    request = _encode([seconds, task, *args])
     with _lock:
         kind, said = _exchange(request, seconds)
     if kind == "text":
@@ -134,9 +136,12 @@ def serve_renders(requests_fd: int, replies_fd: int, memory: int) -> None:
     peak_bound = _limit_memory(memory)
     while True:
         try:
-            request = _decode(requests.recv_bytes())
+            seconds, *request = _decode(requests.recv_bytes())
         except EOFError:
             return
+        # the caller kills a render past `seconds`; one it no longer waits for (killed itself mid-render) ends here,
+        # by SIGALRM's default action, which stops even a single C call
+        signal.alarm(orphan_alarm(seconds))
         try:
             reply = ["text", template_task(*request)]
         except TemplateRefusal as e:
@@ -147,10 +152,16 @@ def serve_renders(requests_fd: int, replies_fd: int, memory: int) -> None:
             reply = ["failure", out_of_memory(memory)]
         except Exception as e:  # a template too deeply nested to parse, ...
             reply = ["failure", f"{type(e).__name__}: {e}"]
+        signal.alarm(0)
         over = peak_bound is not None and _peak_resident() > peak_bound
         replies.send_bytes(_encode(["failure", out_of_memory(memory)] if over else reply))
         if over:
             return  # its peak stays: a new worker renders the next request
+
+
+def orphan_alarm(seconds: float) -> int:
+    """Whole seconds after which a render ends its worker: well past the ``seconds`` its caller waits."""
+    return math.ceil(2 * seconds) + 1
 
 
 def out_of_memory(memory: int) -> str:
