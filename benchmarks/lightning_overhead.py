@@ -50,19 +50,20 @@ from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.module import EPASModule
 from epas_lightning.optim import default_optimizer
+from epas_lightning.script_args import ScriptParser, count, whole_number
 
 ARMS = ("bare", "lightning", "lightning_default")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ScriptParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="demo", help="LlamaConfig preset name")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per repetition")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of every repetition")
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seq-len", type=count, default=256)
+    p.add_argument("--batch-size", type=count, default=8)
+    p.add_argument("--steps", type=count, default=10, help="timed steps per repetition")
+    p.add_argument("--warmup", type=whole_number(0), default=2, help="untimed steps at the start of every repetition")
+    p.add_argument("--reps", type=count, default=5)
+    p.add_argument("--threads", type=count, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="debug shape, 2 reps of 4 steps (smoke test)")
     args = p.parse_args(argv)

@@ -30,16 +30,17 @@ from epas_lightning.errors import run_script
 from epas_lightning.loss import train_loss
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.parallel import parallelize
+from epas_lightning.script_args import ScriptParser, count, fraction
 
 MIB = 2**20
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ScriptParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="demo", help="LlamaConfig preset name")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--sharing", type=float, default=0.5, help="fraction of layers that share in the EPAS arms")
+    p.add_argument("--seq-len", type=count, default=256)
+    p.add_argument("--batch-size", type=count, default=4)
+    p.add_argument("--sharing", type=fraction, default=0.5, help="fraction of layers that share in the EPAS arms")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)

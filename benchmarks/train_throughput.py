@@ -44,6 +44,7 @@ from epas_lightning.errors import run_script
 from epas_lightning.flops import estimate_flops, flop_cut, peak_flops
 from epas_lightning.loss import train_loss
 from epas_lightning.model import Llama, LlamaConfig
+from epas_lightning.script_args import ScriptParser, count, fraction, positive_number, whole_number
 
 REUSE_TARGET = 2.0
 """With --attention-reuse: speedup_reuse must reach this multiple of the recompute path's speedup."""
@@ -54,14 +55,14 @@ NOISY_LOAD = 0.1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ScriptParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama-125m", help="LlamaConfig preset name")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--sharing", type=float, default=0.5, help="fraction of layers that share in the EPAS arm")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions per arm")
-    p.add_argument("--steps-per-rep", type=int, default=1, help="training steps in one timed repetition")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per arm before timing")
+    p.add_argument("--seq-len", type=count, default=512)
+    p.add_argument("--sharing", type=fraction, default=0.5, help="fraction of layers that share in the EPAS arm")
+    p.add_argument("--batch-size", type=count, default=1)
+    p.add_argument("--reps", type=count, default=5, help="timed repetitions per arm")
+    p.add_argument("--steps-per-rep", type=count, default=1, help="training steps in one timed repetition")
+    p.add_argument("--warmup", type=whole_number(0), default=1, help="untimed steps per arm before timing")
     p.add_argument(
         "--precision",
         choices=("auto", "bf16-mixed", "32-true", "bf16-true"),
@@ -70,8 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (does not affect the work done)")
+    p.add_argument("--threads", type=count, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--lr", type=positive_number, default=1e-4, help="AdamW learning rate (does not affect the work done)"
+    )
     p.add_argument(
         "--fused-adamw",
         action="store_true",
@@ -89,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--peak-tflops",
-        type=float,
+        type=positive_number,
         default=None,
         help="device peak for MFU (default: the dense bf16 peak of a known GPU: H100/H200 SXM 989 TFLOP/s)",
     )

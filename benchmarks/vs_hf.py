@@ -32,18 +32,19 @@ from harness import BENCH_EXTRA, device_name, emit, resolve_device, time_arms
 from epas_lightning.errors import ConfigError, run_script
 from epas_lightning.loss import lm_loss
 from epas_lightning.model import Llama, LlamaConfig
+from epas_lightning.script_args import ScriptParser, count, whole_number
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ScriptParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama-125m", help="LlamaConfig preset name")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--reps", type=int, default=8, help="timed steps per model")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
+    p.add_argument("--seq-len", type=count, default=512)
+    p.add_argument("--batch-size", type=count, default=1)
+    p.add_argument("--reps", type=count, default=8, help="timed steps per model")
+    p.add_argument("--warmup", type=whole_number(0), default=1, help="untimed steps per model first")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16-mixed", "bf16"), default="auto")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=count, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="debug shape, seq 64, 3 reps (smoke test)")
     args = p.parse_args(argv)

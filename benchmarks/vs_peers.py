@@ -59,6 +59,7 @@ from epas_lightning.loss import train_loss
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.optim import default_optimizer
 from epas_lightning.parallel import parallelize
+from epas_lightning.script_args import ScriptParser, count, fraction, positive_number, whole_number
 
 SYSTEMS = ("dense", "epas", "litgpt", "hf", "liger", "eager_ce", "torch_sdpa")
 OURS = ("dense", "epas", "eager_ce", "torch_sdpa")
@@ -74,14 +75,16 @@ TARGETS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ScriptParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama-125m", help="LlamaConfig preset name")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--sharing", type=float, default=0.5, help="fraction of layers sharing in the EPAS arm")
-    p.add_argument("--reps", type=int, default=7, help="timed repetitions per system")
-    p.add_argument("--steps-per-rep", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per system first (compile: 3 or more)")
+    p.add_argument("--seq-len", type=count, default=512)
+    p.add_argument("--batch-size", type=count, default=1)
+    p.add_argument("--sharing", type=fraction, default=0.5, help="fraction of layers sharing in the EPAS arm")
+    p.add_argument("--reps", type=count, default=7, help="timed repetitions per system")
+    p.add_argument("--steps-per-rep", type=count, default=1)
+    p.add_argument(
+        "--warmup", type=whole_number(0), default=2, help="untimed steps per system first (compile: 3 or more)"
+    )
     p.add_argument("--precision", choices=("auto", "32-true", "bf16-mixed"), default="auto", help="auto: bf16 on CUDA")
     p.add_argument("--compile", choices=("auto", "none", "all"), default="auto", help="auto: all on CUDA, none on CPU")
     p.add_argument(
@@ -96,12 +99,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS[:4]))
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
+    p.add_argument("--threads", type=count, default=None)
+    p.add_argument(
+        "--peak-tflops", type=positive_number, default=None, help="device peak for MFU (default: known GPUs)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--profile",
-        type=int,
+        type=whole_number(0),
         default=0,
         metavar="N",
         help="after timing, profile one step of each system and report its N costliest ops (self device time)",

@@ -6,6 +6,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -176,6 +177,24 @@ def test_every_script_reports_a_user_error_in_one_line(benchmarks_importable, ca
     mains = [p.name for p in SCRIPTS if 'if __name__ == "__main__":' in p.read_text()]
     wrapped = [p.name for p in SCRIPTS if p.read_text().endswith("    run_script(main)\n")]
     assert sorted(set(mains) - set(wrapped)) == ["gpu_session.py"]  # it runs before the package's dependencies exist
+
+
+def test_every_script_refuses_a_bad_count_in_one_line(benchmarks_importable, monkeypatch, capsys):
+    """``--reps 0``, ``--seq-len abc``: one line naming the flag and exit 2 before any work, in every script (they
+    were tracebacks, a ZeroDivisionError or an empty median, after the timing)."""
+    from epas_lightning.errors import run_script
+
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    for path in [p for p in SCRIPTS if p.name not in ("harness.py", "gpu_session.py")]:
+        flag = re.search(r'"(--[a-z-]+)",\s+type=count', path.read_text())[1]
+        module = importlib.import_module(path.stem)
+        for value, message in (("0", "must be at least 1, got 0"), ("abc", "takes a whole number, not 'abc'")):
+            monkeypatch.setattr(sys, "argv", [path.name, flag, value])
+            with pytest.raises(SystemExit) as stopped:
+                run_script(module.main)
+            out, err = capsys.readouterr()
+            assert stopped.value.code == 2 and out == "", path.name
+            assert err == f"error: {message} — {flag} — see `{path.name} --help`\n"
 
 
 def test_cuda_on_a_cpu_machine_is_a_user_error(benchmarks_importable, monkeypatch):
