@@ -25,7 +25,7 @@ import argparse
 import statistics
 
 import torch
-from harness import alternate, emit, resolve_device
+from harness import alternate, emit, preset_config, resolve_device
 
 from epas_lightning.errors import ConfigError, run_script
 from epas_lightning.inference import generate, set_region
@@ -77,9 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(args.seed)
-    config = LlamaConfig.from_name(args.model)
-    if args.prompt_len + args.new_tokens > config.block_size:
-        config = LlamaConfig.from_name(args.model, block_size=args.prompt_len + args.new_tokens)
+    config = preset_config(args.model, args.prompt_len + args.new_tokens)
     model = Llama(config).to(device=device, dtype=dtype).eval()
     L = config.n_layer
     settings = [("dense", 0, False)]  # (label, n_shared, attention_reuse); dense is the baseline of every gain

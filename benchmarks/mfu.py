@@ -33,7 +33,7 @@ import statistics
 import time
 
 import torch
-from harness import cpu_ticks, device_name, emit, foreign_load, resolve_device, synchronize
+from harness import cpu_ticks, device_name, emit, foreign_load, preset_config, resolve_device, shape_flags, synchronize
 
 from epas_lightning.errors import run_script
 from epas_lightning.flops import estimate_flops
@@ -48,9 +48,7 @@ TARGET = 0.40
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ScriptParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="llama-125m")
-    p.add_argument("--seq-len", type=count, default=128)
-    p.add_argument("--batch-size", type=count, default=1)
+    shape_flags(p, model="llama-125m", seq_len=128, batch_size=1)
     p.add_argument("--reps", type=count, default=2, help="timed bf16-mixed steps (fp32: 2 more than this)")
     p.add_argument("--sizes", type=count, nargs="+", default=[512, 1024, 2048, 4096], help="square matmul sizes")
     p.add_argument("--mm-reps", type=count, default=3)
@@ -131,9 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = LlamaConfig.from_name(args.model)
-    if args.seq_len > config.block_size:
-        config = LlamaConfig.from_name(args.model, block_size=args.seq_len)
+    config = preset_config(args.model, args.seq_len)
     print("matmul peak (GFLOP/s, best over sizes and layouts) ...", flush=True)
     device = resolve_device(args.device)
     if device.type == "cuda":

@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from harness import preset_config
 from safetensors.torch import save_file
 
 from epas_lightning.data.tokenizer import train_byte_level_bpe
@@ -169,9 +170,7 @@ def run_round(server: Server, args: argparse.Namespace, prompts: list[list[int]]
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    config = LlamaConfig.from_name(args.model)
-    if args.prompt_len + args.max_tokens > config.block_size:
-        config = LlamaConfig.from_name(args.model, block_size=args.prompt_len + args.max_tokens)
+    config = preset_config(args.model, args.prompt_len + args.max_tokens)
     generator = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(2, config.vocab_size, (args.clients * args.requests, args.prompt_len), generator=generator)
     with tempfile.TemporaryDirectory(prefix="serve_throughput_") as tmp:

@@ -38,7 +38,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from harness import cpu_ticks, device_name, emit, foreign_load, resolve_device, sharing_layers, synchronize
+from harness import (
+    autocast_context,
+    cpu_ticks,
+    device_name,
+    emit,
+    foreign_load,
+    preset_config,
+    resolve_device,
+    sharing_layers,
+    synchronize,
+    token_batches,
+)
 
 from epas_lightning.errors import run_script
 from epas_lightning.flops import estimate_flops, flop_cut, peak_flops
@@ -113,12 +124,6 @@ def arms(args: argparse.Namespace) -> tuple[str, ...]:
     return ("dense", "epas", "reuse") if args.attention_reuse else ("dense", "epas")
 
 
-def autocast_context(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    if precision == "bf16-mixed":
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
 @dataclass
 class Bench:
     """One model and optimizer, plus the fixed random batches both arms train on."""
@@ -162,9 +167,7 @@ def build_bench(args: argparse.Namespace, device: torch.device) -> tuple[Bench, 
     if args.precision == "auto":
         args.precision = "bf16-mixed" if device.type == "cuda" else "32-true"
     torch.manual_seed(args.seed)
-    config = LlamaConfig.from_name(args.model)
-    if args.seq_len > config.block_size:
-        config = LlamaConfig.from_name(args.model, block_size=args.seq_len)
+    config = preset_config(args.model, args.seq_len)
     model = Llama(config).to(device)
     if args.precision == "bf16-true":
         model = model.to(torch.bfloat16)
@@ -173,11 +176,9 @@ def build_bench(args: argparse.Namespace, device: torch.device) -> tuple[Bench, 
     fused = {"fused": True} if args.fused_adamw else {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, **fused)
     generator = torch.Generator().manual_seed(args.seed)
-    batches = []
-    for _ in range(max(args.steps_per_rep, 1)):
-        tokens = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator)
-        tokens = tokens.to(device)
-        batches.append(tokens)
+    batches = [
+        b.to(device) for b in token_batches(config, args.batch_size, args.seq_len, args.steps_per_rep, generator)
+    ]
     bench = Bench(
         model=model,
         optimizer=optimizer,

@@ -48,7 +48,19 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from harness import BENCH_EXTRA, device_name, emit, resolve_device, sharing_layers, synchronize, time_arms
+from harness import (
+    BENCH_EXTRA,
+    autocast_context,
+    device_name,
+    emit,
+    preset_config,
+    resolve_device,
+    shape_flags,
+    sharing_layers,
+    synchronize,
+    time_arms,
+    token_batches,
+)
 from vs_hf import build_hf, check_same_logits
 
 from epas_lightning.attention_kernels import sdpa_order
@@ -76,9 +88,7 @@ TARGETS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ScriptParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="llama-125m", help="LlamaConfig preset name")
-    p.add_argument("--seq-len", type=count, default=512)
-    p.add_argument("--batch-size", type=count, default=1)
+    shape_flags(p, model="llama-125m", seq_len=512, batch_size=1)
     p.add_argument("--sharing", type=fraction, default=0.5, help="fraction of layers sharing in the EPAS arm")
     p.add_argument("--reps", type=count, default=7, help="timed repetitions per system")
     p.add_argument("--steps-per-rep", type=count, default=1)
@@ -327,17 +337,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compile == "auto":
         args.compile = "all" if device.type == "cuda" else "none"
     args.systems, skipped = available_systems(args.systems, device, args.compile)
-    config = LlamaConfig.from_name(args.model)
-    if args.seq_len > config.block_size:
-        config = LlamaConfig.from_name(args.model, block_size=args.seq_len)
+    config = preset_config(args.model, args.seq_len)
     systems, diffs, shared = build_systems(args, config, device, skipped)
-    autocast = contextlib.nullcontext
-    if args.precision == "bf16-mixed":
-        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+    autocast = autocast_context(args.precision, device)
     generator = torch.Generator().manual_seed(args.seed)
     batches = [
-        torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator).to(device)
-        for _ in range(args.steps_per_rep)
+        b.to(device) for b in token_batches(config, args.batch_size, args.seq_len, args.steps_per_rep, generator)
     ]
 
     drop_failing_systems(systems, skipped, batches[0], autocast)

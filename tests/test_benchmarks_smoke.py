@@ -203,7 +203,8 @@ def test_every_script_refuses_a_bad_count_in_one_line(benchmarks_importable, mon
 
     monkeypatch.syspath_prepend(str(ROOT / "experiments"))
     for path in [p for p in SCRIPTS if p.name not in ("harness.py", "gpu_session.py")]:
-        flag = re.search(r'"(--[a-z-]+)",\s+type=count', path.read_text())[1]
+        text = path.read_text()
+        flag = "--seq-len" if "shape_flags(" in text else re.search(r'"(--[a-z-]+)",\s+type=count', text)[1]
         module = importlib.import_module(path.stem)
         for value, message in (("0", "must be at least 1, got 0"), ("abc", "takes a whole number, not 'abc'")):
             monkeypatch.setattr(sys, "argv", [path.name, flag, value])
