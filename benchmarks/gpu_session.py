@@ -1,6 +1,6 @@
 """One lent-GPU session, about 8 minutes: the CUDA-only tests (``-m cuda``: CUDA-graph decoding, the bf16 chunked
-loss, fused AdamW), the MFU of the real ``fit`` path (Lightning + FSDP2 on one GPU, ``configs/tinyllama-1gpu.yaml``),
-then ours vs LitGPT and transformers on TinyLlama-1.1B (``vs_peers.py`` on CUDA).
+loss, fused AdamW, the preferred SDPA kernel), the MFU of the real ``fit`` path (Lightning + FSDP2 on one GPU,
+``configs/tinyllama-1gpu.yaml``), then ours vs LitGPT and transformers on TinyLlama-1.1B (``vs_peers.py`` on CUDA).
 Writes ``gpu_session.json`` (every number), ``gpu_session.md`` (the tables for RESULTS.md) and the logs to ``--out``
 (``vs_peers-b4.log``, and ``vs_peers-b2.log`` if a system ran out of memory at micro-batch 4).
 
