@@ -9,7 +9,6 @@ the prepared stream, counted as ``batch_size x seq_len`` training tokens. The la
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -22,17 +21,18 @@ from epas_lightning.data.builtin import collect_source_files, stdlib_root
 from epas_lightning.data.prepare import prepare_dataset
 from epas_lightning.data.writing import default_num_workers
 from epas_lightning.errors import run_script
+from epas_lightning.script_args import ScriptParser, count, positive_number, whole_number
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mb", type=float, default=8.0, help="MB of stdlib sources to prepare")
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-workers", type=int, default=default_num_workers(), help="prepare processes")
-    p.add_argument("--loader-workers", type=int, default=0, help="dataloader workers")
-    p.add_argument("--batches", type=int, default=2000)
+    p = ScriptParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mb", type=positive_number, default=8.0, help="MB of stdlib sources to prepare")
+    p.add_argument("--vocab-size", type=count, default=4096)
+    p.add_argument("--seq-len", type=count, default=256)
+    p.add_argument("--batch-size", type=count, default=8)
+    p.add_argument("--num-workers", type=count, default=default_num_workers(), help="prepare processes")
+    p.add_argument("--loader-workers", type=whole_number(0), default=0, help="dataloader workers")
+    p.add_argument("--batches", type=count, default=2000)
     args = p.parse_args()
 
     files, _ = collect_source_files(stdlib_root(), int(args.mb * 1e6))

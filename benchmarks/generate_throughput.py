@@ -25,30 +25,31 @@ import argparse
 import statistics
 
 import torch
-from harness import alternate, emit, resolve_device
+from harness import alternate, emit, preset_config, resolve_device
 
 from epas_lightning.errors import ConfigError, run_script
 from epas_lightning.inference import generate, set_region
 from epas_lightning.model import Llama, LlamaConfig
+from epas_lightning.script_args import ScriptParser, count, fraction
 
 TARGET = 0.29
 STRETCH = 0.35
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ScriptParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama-125m", help="LlamaConfig preset name")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--batch-sizes", type=count, nargs="+", default=[1, 8])
     p.add_argument(
         "--sharing",
-        type=float,
+        type=fraction,
         nargs="+",
         default=[0.0, 0.25, 0.5],
         help="fractions of layers sharing (dense is always measured)",
     )
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--prompt-len", type=count, default=128)
+    p.add_argument("--new-tokens", type=count, default=128)
+    p.add_argument("--reps", type=count, default=3)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="auto: bf16 on CUDA")
     p.add_argument("--no-attention-reuse", action="store_true", help="sharing layers recompute softmax(Q K^T)")
@@ -56,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--cuda-graph", choices=("auto", "on", "off"), default="auto", help="replay decode steps (auto: on CUDA)"
     )
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=count, default=None)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -76,20 +77,18 @@ def main(argv: list[str] | None = None) -> dict:
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(args.seed)
-    config = LlamaConfig.from_name(args.model)
-    if args.prompt_len + args.new_tokens > config.block_size:
-        config = LlamaConfig.from_name(args.model, block_size=args.prompt_len + args.new_tokens)
+    config = preset_config(args.model, args.prompt_len + args.new_tokens)
     model = Llama(config).to(device=device, dtype=dtype).eval()
     L = config.n_layer
     settings = [("dense", 0, False)]  # (label, n_shared, attention_reuse); dense is the baseline of every gain
-    for fraction in args.sharing:
-        n = min(round(fraction * L), L - 1)
+    for share in args.sharing:
+        n = min(round(share * L), L - 1)
         if n == 0:
             continue
         if args.compare_reuse:
-            settings += [(f"{fraction:g}", n, True), (f"{fraction:g}/recompute", n, False)]
+            settings += [(f"{share:g}", n, True), (f"{share:g}/recompute", n, False)]
         else:
-            settings.append((f"{fraction:g}", n, not args.no_attention_reuse))
+            settings.append((f"{share:g}", n, not args.no_attention_reuse))
     generator = torch.Generator().manual_seed(args.seed)
     results: dict = {}
     for B in args.batch_sizes:
@@ -133,8 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def summarize(args, config: LlamaConfig, device: torch.device, dtype: str, results: dict) -> dict:
-    def gain(B: int, fraction: float) -> float | None:
-        row = results[B].get(f"{fraction:g}")
+    def gain(B: int, share: float) -> float | None:
+        row = results[B].get(f"{share:g}")
         return None if row is None else row["gain"]
 
     first = args.batch_sizes[0]

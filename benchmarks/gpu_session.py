@@ -1,6 +1,6 @@
 """One lent-GPU session, about 8 minutes: the CUDA-only tests (``-m cuda``: CUDA-graph decoding, the bf16 chunked
-loss, fused AdamW), the MFU of the real ``fit`` path (Lightning + FSDP2 on one GPU, ``configs/tinyllama-1gpu.yaml``),
-then ours vs LitGPT and transformers on TinyLlama-1.1B (``vs_peers.py`` on CUDA).
+loss, fused AdamW, the preferred SDPA kernel), the MFU of the real ``fit`` path (Lightning + FSDP2 on one GPU,
+``configs/tinyllama-1gpu.yaml``), then ours vs LitGPT and transformers on TinyLlama-1.1B (``vs_peers.py`` on CUDA).
 Writes ``gpu_session.json`` (every number), ``gpu_session.md`` (the tables for RESULTS.md) and the logs to ``--out``
 (``vs_peers-b4.log``, and ``vs_peers-b2.log`` if a system ran out of memory at micro-batch 4).
 
@@ -125,6 +125,7 @@ def fit_part(args: argparse.Namespace) -> dict:
     events = sorted(runs.glob("tinyllama-1gpu/version_*"))
     if not events:
         return result
+    result["seq_len"] = trained_block_size(events[-1])
     scalars = read_scalars(events[-1])
     for arm, (first, last) in (("dense", DENSE_STEPS), ("epas", EPAS_STEPS)):
         for key, name in (("train/device/items_per_sec", "tokens_per_s"), ("train/device/mfu", "mfu")):
@@ -144,6 +145,13 @@ def fit_part(args: argparse.Namespace) -> dict:
     if result.get("dense_tokens_per_s") and result.get("epas_tokens_per_s"):
         result["epas_vs_dense"] = result["epas_tokens_per_s"] / result["dense_tokens_per_s"]
     return result
+
+
+def trained_block_size(run_dir: Path) -> int:
+    """The sequence length ``fit`` trained at (the run's ``model.config.block_size``; ``--fit-args`` may change it)."""
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["config"]["block_size"]
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -187,7 +195,8 @@ def table(report: dict) -> str:
         rows += [f"CUDA tests (exit {tests['exit_code']}): {tests['summary']}", ""]
     if "tokens_per_s" in peers:
         rows += [
-            f"| system (vs_peers, tinyllama-1.1b, 2048 x {peers['batch_size']}, bf16-mixed) | tokens/s | × best peer "
+            f"| system (vs_peers, {peers['model']}, {peers['seq_len']} x {peers['batch_size']}, {peers['precision']}) "
+            "| tokens/s | × best peer "
             "| MFU | step peak MiB |",
             "|---|---|---|---|---|",
         ]
@@ -209,7 +218,7 @@ def table(report: dict) -> str:
     if fit.get("skipped"):
         return "\n".join([*rows, "fit not run (--skip-fit)"]) + "\n"
     rows += [
-        f"| fit (Lightning + FSDP2, 1 GPU, batch {fit['batch_size']} x 2048) | tokens/s | MFU |",
+        f"| fit (Lightning + FSDP2, 1 GPU, batch {fit['batch_size']} x {fit.get('seq_len')}) | tokens/s | MFU |",
         "|---|---|---|",
     ]
     for arm in ("dense", "epas"):

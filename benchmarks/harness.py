@@ -8,6 +8,7 @@ other processes used meanwhile (``foreign_load``), so a noisy repetition can be 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -19,7 +20,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 
 from epas_lightning.inference import deepest_layers
+from epas_lightning.model import LlamaConfig
 from epas_lightning.runtime import resolve_device  # noqa: F401 - the benchmarks' --device, as the commands'
+from epas_lightning.script_args import count
 
 BENCH_EXTRA = 'pip install ".[bench]"'
 """How to install the peers the benchmarks compare against (``transformers``; see ``pyproject.toml``)."""
@@ -28,6 +31,34 @@ BENCH_EXTRA = 'pip install ".[bench]"'
 def sharing_layers(n_layer: int, fraction: float) -> list[int]:
     """The deepest ``round(fraction * n_layer)`` layers, at most ``n_layer - 1`` (layer 0 never shares)."""
     return deepest_layers(n_layer, min(max(round(fraction * n_layer), 0), n_layer - 1))
+
+
+def shape_flags(parser: argparse.ArgumentParser, model: str, seq_len: int, batch_size: int) -> None:
+    """``--model`` (a ``LlamaConfig`` preset), ``--seq-len`` and ``--batch-size``, with this script's defaults."""
+    parser.add_argument("--model", default=model, help="LlamaConfig preset name")
+    parser.add_argument("--seq-len", type=count, default=seq_len)
+    parser.add_argument("--batch-size", type=count, default=batch_size)
+
+
+def preset_config(name: str, context: int) -> LlamaConfig:
+    """The ``name`` preset, its ``block_size`` raised to ``context`` tokens where the preset's is shorter."""
+    config = LlamaConfig.from_name(name)
+    return config if context <= config.block_size else LlamaConfig.from_name(name, block_size=context)
+
+
+def token_batches(
+    config: LlamaConfig, batch_size: int, seq_len: int, count: int, generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
+    """``count`` random training batches of shape (batch_size, seq_len + 1), on the CPU."""
+    shape = (batch_size, seq_len + 1)
+    return [torch.randint(0, config.vocab_size, shape, generator=generator) for _ in range(count)]
+
+
+def autocast_context(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the autocast context of ``--precision``: bf16 autocast for ``bf16-mixed``, else none."""
+    if precision == "bf16-mixed":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 def device_name(device: torch.device) -> str:

@@ -39,7 +39,7 @@ import warnings
 
 import lightning as L
 import torch
-from harness import cpu_ticks, device_name, emit, foreign_load
+from harness import cpu_ticks, device_name, emit, foreign_load, preset_config, shape_flags, token_batches
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
@@ -50,19 +50,18 @@ from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.module import EPASModule
 from epas_lightning.optim import default_optimizer
+from epas_lightning.script_args import ScriptParser, count, whole_number
 
 ARMS = ("bare", "lightning", "lightning_default")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="demo", help="LlamaConfig preset name")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per repetition")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of every repetition")
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None)
+    p = ScriptParser(description=__doc__.split("\n\n")[0])
+    shape_flags(p, model="demo", seq_len=256, batch_size=8)
+    p.add_argument("--steps", type=count, default=10, help="timed steps per repetition")
+    p.add_argument("--warmup", type=whole_number(0), default=2, help="untimed steps at the start of every repetition")
+    p.add_argument("--reps", type=count, default=5)
+    p.add_argument("--threads", type=count, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="debug shape, 2 reps of 4 steps (smoke test)")
     args = p.parse_args(argv)
@@ -149,15 +148,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    config = LlamaConfig.from_name(args.model)
-    if args.seq_len > config.block_size:
-        config = LlamaConfig.from_name(args.model, block_size=args.seq_len)
+    config = preset_config(args.model, args.seq_len)
     total = args.warmup + args.steps + 1
-    generator = torch.Generator().manual_seed(args.seed)
-    batches = [
-        torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator)
-        for _ in range(total)
-    ]
+    batches = token_batches(config, args.batch_size, args.seq_len, total, torch.Generator().manual_seed(args.seed))
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
     times: dict[str, list[float]] = {a: [] for a in ARMS}
     loads: dict[str, list[float | None]] = {a: [] for a in ARMS}

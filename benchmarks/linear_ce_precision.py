@@ -11,14 +11,13 @@ with the fp64 plain path (relative Frobenius error). The default shape splits in
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 from harness import device_name, emit, resolve_device
 
 from epas_lightning.errors import run_script
 from epas_lightning.linear_ce import linear_cross_entropy
+from epas_lightning.script_args import ScriptParser, count
 
 
 def plain(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -37,14 +36,14 @@ def relative_errors(grads: dict, exact: dict) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=2000)
-    parser.add_argument("--chunks", type=int, nargs="+", default=[32, 4, 1])
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--tokens", type=count, default=4096)
+    parser.add_argument("--dim", type=count, default=256)
+    parser.add_argument("--vocab", type=count, default=2000)
+    parser.add_argument("--chunks", type=count, nargs="+", default=[32, 4, 1])
+    parser.add_argument("--threads", type=count, default=None)
     parser.add_argument("--quick", action="store_true", help="256 tokens, d 32, vocab 300 (smoke test)")
     args = parser.parse_args()
     if args.quick:

@@ -23,23 +23,22 @@ from __future__ import annotations
 import argparse
 
 import torch
-from harness import device_name, emit, resolve_device, sharing_layers
+from harness import device_name, emit, resolve_device, shape_flags, sharing_layers
 from torch.profiler import ProfilerActivity, profile
 
 from epas_lightning.errors import run_script
 from epas_lightning.loss import train_loss
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.parallel import parallelize
+from epas_lightning.script_args import ScriptParser, fraction
 
 MIB = 2**20
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="demo", help="LlamaConfig preset name")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--sharing", type=float, default=0.5, help="fraction of layers that share in the EPAS arms")
+    p = ScriptParser(description=__doc__.split("\n\n")[0])
+    shape_flags(p, model="demo", seq_len=256, batch_size=4)
+    p.add_argument("--sharing", type=fraction, default=0.5, help="fraction of layers that share in the EPAS arms")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)

@@ -33,12 +33,13 @@ import statistics
 import time
 
 import torch
-from harness import cpu_ticks, device_name, emit, foreign_load, resolve_device, synchronize
+from harness import cpu_ticks, device_name, emit, foreign_load, preset_config, resolve_device, shape_flags, synchronize
 
 from epas_lightning.errors import run_script
 from epas_lightning.flops import estimate_flops
 from epas_lightning.loss import train_loss
 from epas_lightning.model import Llama, LlamaConfig
+from epas_lightning.script_args import ScriptParser, count, positive_number
 
 LAYOUTS = ("nn", "nt", "tn")
 """A @ B (input gradient of a linear layer), A @ B^T (forward), A^T @ B (weight gradient)."""
@@ -46,16 +47,16 @@ TARGET = 0.40
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="llama-125m")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--reps", type=int, default=2, help="timed bf16-mixed steps (fp32: 2 more than this)")
-    p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096], help="square matmul sizes")
-    p.add_argument("--mm-reps", type=int, default=3)
-    p.add_argument("--mm-budget", type=float, default=2.0, help="seconds per product above which sizes stop growing")
+    p = ScriptParser(description=__doc__.split("\n\n")[0])
+    shape_flags(p, model="llama-125m", seq_len=128, batch_size=1)
+    p.add_argument("--reps", type=count, default=2, help="timed bf16-mixed steps (fp32: 2 more than this)")
+    p.add_argument("--sizes", type=count, nargs="+", default=[512, 1024, 2048, 4096], help="square matmul sizes")
+    p.add_argument("--mm-reps", type=count, default=3)
+    p.add_argument(
+        "--mm-budget", type=positive_number, default=2.0, help="seconds per product above which sizes stop growing"
+    )
     p.add_argument("--no-fp32-step", action="store_true", help="skip the fp32 context step")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=count, default=None)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="the target is CPU MFU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="debug model, small matmuls (smoke test)")
@@ -128,9 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = LlamaConfig.from_name(args.model)
-    if args.seq_len > config.block_size:
-        config = LlamaConfig.from_name(args.model, block_size=args.seq_len)
+    config = preset_config(args.model, args.seq_len)
     print("matmul peak (GFLOP/s, best over sizes and layouts) ...", flush=True)
     device = resolve_device(args.device)
     if device.type == "cuda":

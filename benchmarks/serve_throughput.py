@@ -33,11 +33,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from harness import preset_config
 from safetensors.torch import save_file
 
 from epas_lightning.data.tokenizer import train_byte_level_bpe
 from epas_lightning.errors import ConfigError, run_script
 from epas_lightning.model import Llama, LlamaConfig
+from epas_lightning.script_args import ScriptParser, count
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "bench"
@@ -45,17 +47,17 @@ START_TIMEOUT_S = 300
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ScriptParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="demo", help="LlamaConfig preset name")
-    p.add_argument("--clients", type=int, default=8, help="concurrent clients")
-    p.add_argument("--requests", type=int, default=4, help="requests per client per round")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--reps", type=int, default=3, help="timed rounds per setting")
-    p.add_argument("--max-batch-size", type=int, default=8, help="serve --max-batch-size")
+    p.add_argument("--clients", type=count, default=8, help="concurrent clients")
+    p.add_argument("--requests", type=count, default=4, help="requests per client per round")
+    p.add_argument("--prompt-len", type=count, default=32)
+    p.add_argument("--max-tokens", type=count, default=64)
+    p.add_argument("--reps", type=count, default=3, help="timed rounds per setting")
+    p.add_argument("--max-batch-size", type=count, default=8, help="serve --max-batch-size")
     p.add_argument("--batch-timeout", type=float, default=0.05, help="serve --batch-timeout")
     p.add_argument("--device", default="cpu", help="serve --device")
-    p.add_argument("--threads", type=int, default=None, help="torch threads of the server (OMP_NUM_THREADS)")
+    p.add_argument("--threads", type=count, default=None, help="torch threads of the server (OMP_NUM_THREADS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a tiny model and a few requests (smoke test)")
     args = p.parse_args(argv)
@@ -168,9 +170,7 @@ def run_round(server: Server, args: argparse.Namespace, prompts: list[list[int]]
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    config = LlamaConfig.from_name(args.model)
-    if args.prompt_len + args.max_tokens > config.block_size:
-        config = LlamaConfig.from_name(args.model, block_size=args.prompt_len + args.max_tokens)
+    config = preset_config(args.model, args.prompt_len + args.max_tokens)
     generator = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(2, config.vocab_size, (args.clients * args.requests, args.prompt_len), generator=generator)
     with tempfile.TemporaryDirectory(prefix="serve_throughput_") as tmp:

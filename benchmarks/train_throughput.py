@@ -38,12 +38,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from harness import cpu_ticks, device_name, emit, foreign_load, resolve_device, sharing_layers, synchronize
+from harness import (
+    autocast_context,
+    cpu_ticks,
+    device_name,
+    emit,
+    foreign_load,
+    preset_config,
+    resolve_device,
+    sharing_layers,
+    synchronize,
+    token_batches,
+)
 
 from epas_lightning.errors import run_script
 from epas_lightning.flops import estimate_flops, flop_cut, peak_flops
 from epas_lightning.loss import train_loss
 from epas_lightning.model import Llama, LlamaConfig
+from epas_lightning.script_args import ScriptParser, count, fraction, positive_number, whole_number
 
 REUSE_TARGET = 2.0
 """With --attention-reuse: speedup_reuse must reach this multiple of the recompute path's speedup."""
@@ -54,14 +66,14 @@ NOISY_LOAD = 0.1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ScriptParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama-125m", help="LlamaConfig preset name")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--sharing", type=float, default=0.5, help="fraction of layers that share in the EPAS arm")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions per arm")
-    p.add_argument("--steps-per-rep", type=int, default=1, help="training steps in one timed repetition")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per arm before timing")
+    p.add_argument("--seq-len", type=count, default=512)
+    p.add_argument("--sharing", type=fraction, default=0.5, help="fraction of layers that share in the EPAS arm")
+    p.add_argument("--batch-size", type=count, default=1)
+    p.add_argument("--reps", type=count, default=5, help="timed repetitions per arm")
+    p.add_argument("--steps-per-rep", type=count, default=1, help="training steps in one timed repetition")
+    p.add_argument("--warmup", type=whole_number(0), default=1, help="untimed steps per arm before timing")
     p.add_argument(
         "--precision",
         choices=("auto", "bf16-mixed", "32-true", "bf16-true"),
@@ -70,8 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (does not affect the work done)")
+    p.add_argument("--threads", type=count, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--lr", type=positive_number, default=1e-4, help="AdamW learning rate (does not affect the work done)"
+    )
     p.add_argument(
         "--fused-adamw",
         action="store_true",
@@ -89,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--peak-tflops",
-        type=float,
+        type=positive_number,
         default=None,
         help="device peak for MFU (default: the dense bf16 peak of a known GPU: H100/H200 SXM 989 TFLOP/s)",
     )
@@ -108,12 +122,6 @@ def peak_tflops(args: argparse.Namespace, device: torch.device) -> float | None:
 
 def arms(args: argparse.Namespace) -> tuple[str, ...]:
     return ("dense", "epas", "reuse") if args.attention_reuse else ("dense", "epas")
-
-
-def autocast_context(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    if precision == "bf16-mixed":
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 @dataclass
@@ -159,9 +167,7 @@ def build_bench(args: argparse.Namespace, device: torch.device) -> tuple[Bench, 
     if args.precision == "auto":
         args.precision = "bf16-mixed" if device.type == "cuda" else "32-true"
     torch.manual_seed(args.seed)
-    config = LlamaConfig.from_name(args.model)
-    if args.seq_len > config.block_size:
-        config = LlamaConfig.from_name(args.model, block_size=args.seq_len)
+    config = preset_config(args.model, args.seq_len)
     model = Llama(config).to(device)
     if args.precision == "bf16-true":
         model = model.to(torch.bfloat16)
@@ -170,11 +176,9 @@ def build_bench(args: argparse.Namespace, device: torch.device) -> tuple[Bench, 
     fused = {"fused": True} if args.fused_adamw else {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, **fused)
     generator = torch.Generator().manual_seed(args.seed)
-    batches = []
-    for _ in range(max(args.steps_per_rep, 1)):
-        tokens = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator)
-        tokens = tokens.to(device)
-        batches.append(tokens)
+    batches = [
+        b.to(device) for b in token_batches(config, args.batch_size, args.seq_len, args.steps_per_rep, generator)
+    ]
     bench = Bench(
         model=model,
         optimizer=optimizer,

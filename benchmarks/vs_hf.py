@@ -21,29 +21,37 @@ The last stdout line is one JSON object with every number.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import statistics
 from collections.abc import Callable
 
 import torch
-from harness import BENCH_EXTRA, device_name, emit, resolve_device, time_arms
+from harness import (
+    BENCH_EXTRA,
+    autocast_context,
+    device_name,
+    emit,
+    preset_config,
+    resolve_device,
+    shape_flags,
+    time_arms,
+    token_batches,
+)
 
 from epas_lightning.errors import ConfigError, run_script
 from epas_lightning.loss import lm_loss
 from epas_lightning.model import Llama, LlamaConfig
+from epas_lightning.script_args import ScriptParser, count, whole_number
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="llama-125m", help="LlamaConfig preset name")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--reps", type=int, default=8, help="timed steps per model")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
+    p = ScriptParser(description=__doc__.split("\n\n")[0])
+    shape_flags(p, model="llama-125m", seq_len=512, batch_size=1)
+    p.add_argument("--reps", type=count, default=8, help="timed steps per model")
+    p.add_argument("--warmup", type=whole_number(0), default=1, help="untimed steps per model first")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16-mixed", "bf16"), default="auto")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=count, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="debug shape, seq 64, 3 reps (smoke test)")
     args = p.parse_args(argv)
@@ -142,21 +150,17 @@ def main(argv: list[str] | None = None) -> dict:
     if args.dtype == "auto":
         args.dtype = "bf16-mixed" if device.type == "cuda" else "fp32"
     torch.manual_seed(args.seed)
-    config = LlamaConfig.from_name(args.model)
-    if args.seq_len > config.block_size:
-        config = LlamaConfig.from_name(args.model, block_size=args.seq_len)
+    config = preset_config(args.model, args.seq_len)
     ours = Llama(config)
     hf = build_hf(ours)
-    tokens = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1))
+    (tokens,) = token_batches(config, args.batch_size, args.seq_len, 1)
     hf.eval()
     max_diff = check_same_logits(ours, {"hf": lambda x: hf(input_ids=x, use_cache=False).logits}, tokens[:, :-1])["hf"]
     hf.train()
     ours.to(device), hf.to(device)
     if args.dtype == "bf16":
         ours.to(torch.bfloat16), hf.to(torch.bfloat16)
-    autocast = contextlib.nullcontext
-    if args.dtype == "bf16-mixed":
-        autocast = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)  # noqa: E731
+    autocast = autocast_context(args.dtype, device)
     arms = {
         "ours": Arm(ours, ours, autocast),
         "hf": Arm(hf, lambda x: hf(input_ids=x, use_cache=False).logits, autocast),

@@ -48,7 +48,19 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from harness import BENCH_EXTRA, device_name, emit, resolve_device, sharing_layers, synchronize, time_arms
+from harness import (
+    BENCH_EXTRA,
+    autocast_context,
+    device_name,
+    emit,
+    preset_config,
+    resolve_device,
+    shape_flags,
+    sharing_layers,
+    synchronize,
+    time_arms,
+    token_batches,
+)
 from vs_hf import build_hf, check_same_logits
 
 from epas_lightning.attention_kernels import sdpa_order
@@ -59,6 +71,7 @@ from epas_lightning.loss import train_loss
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.optim import default_optimizer
 from epas_lightning.parallel import parallelize
+from epas_lightning.script_args import ScriptParser, count, fraction, positive_number, whole_number
 
 SYSTEMS = ("dense", "epas", "litgpt", "hf", "liger", "eager_ce", "torch_sdpa")
 OURS = ("dense", "epas", "eager_ce", "torch_sdpa")
@@ -74,14 +87,14 @@ TARGETS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="llama-125m", help="LlamaConfig preset name")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--sharing", type=float, default=0.5, help="fraction of layers sharing in the EPAS arm")
-    p.add_argument("--reps", type=int, default=7, help="timed repetitions per system")
-    p.add_argument("--steps-per-rep", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per system first (compile: 3 or more)")
+    p = ScriptParser(description=__doc__.split("\n\n")[0])
+    shape_flags(p, model="llama-125m", seq_len=512, batch_size=1)
+    p.add_argument("--sharing", type=fraction, default=0.5, help="fraction of layers sharing in the EPAS arm")
+    p.add_argument("--reps", type=count, default=7, help="timed repetitions per system")
+    p.add_argument("--steps-per-rep", type=count, default=1)
+    p.add_argument(
+        "--warmup", type=whole_number(0), default=2, help="untimed steps per system first (compile: 3 or more)"
+    )
     p.add_argument("--precision", choices=("auto", "32-true", "bf16-mixed"), default="auto", help="auto: bf16 on CUDA")
     p.add_argument("--compile", choices=("auto", "none", "all"), default="auto", help="auto: all on CUDA, none on CPU")
     p.add_argument(
@@ -96,12 +109,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS[:4]))
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
+    p.add_argument("--threads", type=count, default=None)
+    p.add_argument(
+        "--peak-tflops", type=positive_number, default=None, help="device peak for MFU (default: known GPUs)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--profile",
-        type=int,
+        type=whole_number(0),
         default=0,
         metavar="N",
         help="after timing, profile one step of each system and report its N costliest ops (self device time)",
@@ -322,17 +337,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compile == "auto":
         args.compile = "all" if device.type == "cuda" else "none"
     args.systems, skipped = available_systems(args.systems, device, args.compile)
-    config = LlamaConfig.from_name(args.model)
-    if args.seq_len > config.block_size:
-        config = LlamaConfig.from_name(args.model, block_size=args.seq_len)
+    config = preset_config(args.model, args.seq_len)
     systems, diffs, shared = build_systems(args, config, device, skipped)
-    autocast = contextlib.nullcontext
-    if args.precision == "bf16-mixed":
-        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+    autocast = autocast_context(args.precision, device)
     generator = torch.Generator().manual_seed(args.seed)
     batches = [
-        torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator).to(device)
-        for _ in range(args.steps_per_rep)
+        b.to(device) for b in token_batches(config, args.batch_size, args.seq_len, args.steps_per_rep, generator)
     ]
 
     drop_failing_systems(systems, skipped, batches[0], autocast)

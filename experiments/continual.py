@@ -34,6 +34,7 @@ from epas_lightning.data import heldout_loader
 from epas_lightning.errors import run_script
 from epas_lightning.evaluation.perplexity import perplexity_of_batches
 from epas_lightning.inference import deepest_layers
+from epas_lightning.script_args import ScriptParser, count, positive_number
 
 RUNS = {
     "dense": "(a) continue dense",
@@ -133,22 +134,24 @@ def plot(table: dict[str, list[float]], args: argparse.Namespace, path: Path) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ScriptParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("out/continual"))
-    parser.add_argument("--n-layer", type=int, default=8)
-    parser.add_argument("--n-embd", type=int, default=128)
-    parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--target", type=int, default=3, help="full region (deepest layers)")
-    parser.add_argument("--pretrain-steps", type=int, default=500)
-    parser.add_argument("--continue-steps", type=int, default=200)
-    parser.add_argument("--pretrain-lr", type=float, default=3e-3)
-    parser.add_argument("--continue-lr", type=float, default=1e-3)
-    parser.add_argument("--eval-batches", type=int, default=20)
-    parser.add_argument("--eval-batch-size", type=int, default=8)
+    parser.add_argument("--n-layer", type=count, default=8)
+    parser.add_argument("--n-embd", type=count, default=128)
+    parser.add_argument("--vocab-size", type=count, default=4096)
+    parser.add_argument("--seq-len", type=count, default=128)
+    parser.add_argument("--batch-size", type=count, default=8)
+    parser.add_argument("--target", type=count, default=3, help="full region (deepest layers)")
+    parser.add_argument("--pretrain-steps", type=count, default=500)
+    parser.add_argument("--continue-steps", type=count, default=200)
+    parser.add_argument("--pretrain-lr", type=positive_number, default=3e-3)
+    parser.add_argument("--continue-lr", type=positive_number, default=1e-3)
+    parser.add_argument("--eval-batches", type=count, default=20)
+    parser.add_argument("--eval-batch-size", type=count, default=8)
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription on shared cores)")
+    parser.add_argument(
+        "--threads", type=count, default=1, help="torch threads (1: no oversubscription on shared cores)"
+    )
     parser.add_argument("--quick", action="store_true", help="a ~1-minute smoke run (fewer steps)")
     args = parser.parse_args()
     if args.quick:

@@ -59,6 +59,7 @@ from epas_lightning.loss import next_token_loss, train_loss
 from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.optim import default_optimizer
+from epas_lightning.script_args import ScriptParser, count, fraction, positive_number, whole_number
 
 VARIANTS = ("dense", "epas", "static", "shallow")
 PAPER_LOSS_GAP = (0.03, 0.05)
@@ -66,22 +67,24 @@ PAPER_LOSS_GAP = (0.03, 0.05)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ScriptParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="demo", help="LlamaConfig preset")
-    p.add_argument("--n-layer", type=int, default=None, help="override the preset's number of layers")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps per variant")
-    p.add_argument("--sharing", type=float, default=0.5, help="fraction of the layers in the full region")
-    p.add_argument("--start-step", type=int, default=None, help="first growth step (default: 20%% of --steps)")
-    p.add_argument("--interval", type=int, default=None, help="steps between growth stages (default: full at 50%%)")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--val-batches", type=int, default=8)
-    p.add_argument("--chunk", type=int, default=1, help="steps of one variant before the next one runs")
+    p.add_argument("--n-layer", type=count, default=None, help="override the preset's number of layers")
+    p.add_argument("--seq-len", type=count, default=128)
+    p.add_argument("--batch-size", type=count, default=8)
+    p.add_argument("--steps", type=count, default=200, help="optimizer steps per variant")
+    p.add_argument("--sharing", type=fraction, default=0.5, help="fraction of the layers in the full region")
+    p.add_argument(
+        "--start-step", type=whole_number(0), default=None, help="first growth step (default: 20%% of --steps)"
+    )
+    p.add_argument("--interval", type=count, default=None, help="steps between growth stages (default: full at 50%%)")
+    p.add_argument("--lr", type=positive_number, default=2e-3)
+    p.add_argument("--warmup", type=whole_number(0), default=20)
+    p.add_argument("--eval-every", type=count, default=10)
+    p.add_argument("--val-batches", type=count, default=8)
+    p.add_argument("--chunk", type=count, default=1, help="steps of one variant before the next one runs")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's choice)")
+    p.add_argument("--threads", type=whole_number(0), default=1, help="torch CPU threads (0: torch's choice)")
     p.add_argument("--data-dir", default=None, help="prepared data dir (default: the built-in corpus)")
     p.add_argument("--out", default="out/pretrain_compare")
     p.add_argument("--quick", action="store_true", help="tiny model on random tokens, a few steps (smoke test)")

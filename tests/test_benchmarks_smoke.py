@@ -6,6 +6,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,7 @@ def test_gpu_session_retries_vs_peers_at_half_batch_after_out_of_memory(tmp_path
             log.write_text("torch.OutOfMemoryError: CUDA out of memory\n")
             return 1, 1.0
         result = {"batch_size": batch, "tokens_per_s": {"dense": 10.0, "epas": 11.0}, "best_peer": None}
+        result |= {"model": "tinyllama-1.1b", "seq_len": 2048, "precision": "bf16-mixed"}
         result |= {"mfu": None, "step_peak_memory_mib": {"dense": 1.0, "epas": 1.0}, "targets": {}}
         log.write_text("table\n" + json.dumps(result | {"targets_met": {}, "skipped": {"hf": "OutOfMemoryError"}}))
         return 0, 1.0
@@ -142,6 +144,22 @@ def test_gpu_session_retries_vs_peers_at_half_batch_after_out_of_memory(tmp_path
     assert [a["batch_size"] for a in peers["attempts"]] == [4, 2, 1] and peers["exit_code"] == 0
     text = gpu_session.table({"device": "x", "torch": "y", "fit": {"batch_size": 8}, "peers": peers})
     assert "| dense | 10 | nan |" in text and "MFU target 0.45 (dense) met: False" in text
+
+
+def test_gpu_session_tables_name_the_shapes_that_ran(tmp_path, monkeypatch):
+    """A dry run with ``--fit-args "--model.config.block_size=64"`` and vs_peers' own shape: the tables said 2048
+    tokens, tinyllama-1.1b and bf16-mixed whatever ran."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_session
+
+    (tmp_path / "config.yaml").write_text("model:\n  config:\n    name: debug\n    block_size: 64\n")
+    fit = {"batch_size": 2, "seq_len": gpu_session.trained_block_size(tmp_path)}
+    peers = {"model": "debug", "seq_len": 32, "batch_size": 1, "precision": "32-true", "best_peer": "hf"}
+    peers |= {"tokens_per_s": {"dense": 9.0, "hf": 10.0}, "mfu": None, "step_peak_memory_mib": {"dense": 1, "hf": 1}}
+    peers |= {"targets": {}, "targets_met": {}, "skipped": {}}
+    text = gpu_session.table({"device": "x", "torch": "y", "fit": fit, "peers": peers})
+    assert "| system (vs_peers, debug, 32 x 1, 32-true) |" in text and "| dense | 9 | 0.900 | None | 1 |" in text
+    assert "| fit (Lightning + FSDP2, 1 GPU, batch 2 x 64) |" in text
 
 
 def test_linear_ce_precision_compares_chunk_counts_with_the_plain_path():
@@ -176,6 +194,25 @@ def test_every_script_reports_a_user_error_in_one_line(benchmarks_importable, ca
     mains = [p.name for p in SCRIPTS if 'if __name__ == "__main__":' in p.read_text()]
     wrapped = [p.name for p in SCRIPTS if p.read_text().endswith("    run_script(main)\n")]
     assert sorted(set(mains) - set(wrapped)) == ["gpu_session.py"]  # it runs before the package's dependencies exist
+
+
+def test_every_script_refuses_a_bad_count_in_one_line(benchmarks_importable, monkeypatch, capsys):
+    """``--reps 0``, ``--seq-len abc``: one line naming the flag and exit 2 before any work, in every script (they
+    were tracebacks, a ZeroDivisionError or an empty median, after the timing)."""
+    from epas_lightning.errors import run_script
+
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    for path in [p for p in SCRIPTS if p.name not in ("harness.py", "gpu_session.py")]:
+        text = path.read_text()
+        flag = "--seq-len" if "shape_flags(" in text else re.search(r'"(--[a-z-]+)",\s+type=count', text)[1]
+        module = importlib.import_module(path.stem)
+        for value, message in (("0", "must be at least 1, got 0"), ("abc", "takes a whole number, not 'abc'")):
+            monkeypatch.setattr(sys, "argv", [path.name, flag, value])
+            with pytest.raises(SystemExit) as stopped:
+                run_script(module.main)
+            out, err = capsys.readouterr()
+            assert stopped.value.code == 2 and out == "", path.name
+            assert err == f"error: {message} — {flag} — see `{path.name} --help`\n"
 
 
 def test_cuda_on_a_cpu_machine_is_a_user_error(benchmarks_importable, monkeypatch):

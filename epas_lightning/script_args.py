@@ -1,0 +1,66 @@
+"""The flags of the scripts in ``benchmarks/`` and ``experiments/``: argparse under the commands' error policy.
+
+A bad flag value (``--reps 0``, ``--seq-len abc``, an unknown flag) is one :class:`ConfigError` naming the flag, which
+``run_script`` prints as one line with exit status 2, before any model is built; the ``type`` functions below say
+what a count, a fraction or a positive number takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable
+from typing import NoReturn
+
+from epas_lightning.errors import ConfigError
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are a :class:`ConfigError` (``--help`` still prints and exits)."""
+
+    def error(self, message: str) -> NoReturn:
+        flag = re.match(r"argument ([^:]+): (.*)", message, flags=re.DOTALL)
+        what, where = (flag[2], flag[1]) if flag else (message, self.prog)
+        raise ConfigError(what, where, f"see `{self.prog} --help`")
+
+
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number of at least ``minimum`` (1 for counts: reps, steps, tokens, batch)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes a whole number, not {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+count = whole_number(1)
+"""How many of something: at least 1."""
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a number, not {text!r}") from None
+
+
+def fraction(text: str) -> float:
+    """An argparse ``type``: a fraction from 0 to 1 (of the layers that share)."""
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction from 0 to 1, got {text}")
+    return value
+
+
+def positive_number(text: str) -> float:
+    """An argparse ``type``: a number above 0 (a peak in TFLOP/s, megabytes of input)."""
+    value = _number(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
