@@ -31,7 +31,7 @@ import torch
 from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule, WarmupCosineLR
 from epas_lightning.checkpoint import load_model
 from epas_lightning.data import heldout_loader
-from epas_lightning.errors import run_script
+from epas_lightning.errors import OutputError, run_script
 from epas_lightning.evaluation.perplexity import perplexity_of_batches
 from epas_lightning.inference import deepest_layers
 from epas_lightning.script_args import ScriptParser, count, positive_number
@@ -41,6 +41,23 @@ RUNS = {
     "progressive": "(b) continue, EPAS progressive",
     "static": "(c) continue, full region from step 0",
 }
+
+
+OUTPUTS = ("results.csv", "results.md", "continual.png", "checkpoints")
+"""What a run writes under ``--out``; an earlier run's are never replaced."""
+
+
+def check_out(out: Path) -> None:
+    """Refuse, before any training, an ``--out`` that is a file or holds an earlier run's outputs."""
+    if out.exists() and not out.is_dir():
+        raise OutputError("is a file, not a folder", f"--out {out}", "choose a folder")
+    earlier = [name for name in OUTPUTS if (out / name).exists()]
+    if earlier:
+        raise OutputError(
+            f"holds the outputs of an earlier run ({', '.join(earlier)}), which this run would replace",
+            f"--out {out}",
+            "choose another --out, or move those files away",
+        )
 
 
 def model_config(args: argparse.Namespace) -> LlamaConfig:
@@ -158,6 +175,7 @@ def main() -> None:
         args.pretrain_steps, args.continue_steps, args.eval_batches = 40, 12, 3
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    check_out(args.out)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

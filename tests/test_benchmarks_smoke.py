@@ -323,3 +323,17 @@ def test_pretrain_compare_refuses_to_mix_its_tensorboard_runs_with_an_earlier_on
     (tmp_path / "tb" / "dense" / "events.out.tfevents.1.host.1.0").write_bytes(b"")
     with pytest.raises(OutputError, match="earlier comparison"):  # before any training
         pretrain_compare.main(["--quick", "--out", str(tmp_path)])
+
+
+def test_continual_refuses_to_replace_an_earlier_runs_outputs(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import continual
+
+    from epas_lightning.errors import OutputError
+
+    (tmp_path / "results.md").write_text("an earlier run's table\n")
+    monkeypatch.setattr(continual, "train", lambda *a, **k: pytest.fail("trained before checking --out"))
+    monkeypatch.setattr(sys, "argv", ["continual.py", "--quick", "--out", str(tmp_path)])
+    with pytest.raises(OutputError, match=r"earlier run \(results.md\)"):
+        continual.main()
+    assert (tmp_path / "results.md").read_text() == "an earlier run's table\n"
