@@ -579,6 +579,21 @@ def test_the_summary_of_a_resume_with_nothing_left_to_train_says_so(tmp_path):
     trainer.fit(module, loader, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     first = summary.summary(trainer, module, None).splitlines()[0]
     assert "resumed at step 4, where max_epochs 1 had been reached; raise it to train further" in first, first
+    # max_time counts the training time of every session (Lightning's Timer resumes it): the same command trains
+    # nothing, and the summary said that max_steps 10 had been reached and to resume "the same command"
+    cpu_trainer(tmp_path, 4, [ModelCheckpoint(tmp_path / "timed", save_last=True)], max_time="00:01:00:00").fit(
+        module, loader
+    )
+    summary = RunSummary(command_line=True)
+    timed = ModelCheckpoint(tmp_path / "timed", save_last=True)
+    trainer = cpu_trainer(tmp_path, 10, [summary, timed], max_time={"microseconds": 1})
+    trainer.fit(module, loader, ckpt_path=tmp_path / "timed" / "last.ckpt")
+    lines = summary.summary(trainer, module, None).splitlines()
+    assert "resumed at step 4, where max_time 00:00:00:00 had been reached; raise it to train further" in lines[0]
+    assert lines[-1] == (
+        "  resume: to train further, raise --trainer.max_time (the training time of all sessions together) and "
+        "resume with --ckpt_path last"
+    ), lines[-1]
 
 
 @pytest.mark.slow
