@@ -57,6 +57,7 @@ from epas_lightning.resume import (
     RESUME_WORDS,
     check_checkpoint_folder_free,
     check_no_slurm_checkpoint,
+    check_version_folder_free,
     checkpoint_folder,
     continue_version,
     free_name,
@@ -301,6 +302,8 @@ class EPASCLI(LightningCLI):
             if config.model.get("init_from"):  # never read: a folder deleted or unmounted since must not stop this
                 say(resumed_instead(config.ckpt_path))
                 config.model.init_from = None
+        if fitting and self.save_config_callback is not None:
+            check_version_folder_free(config, self.save_config_kwargs.get("config_filename", "config.yaml"))
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
