@@ -66,7 +66,7 @@ from epas_lightning.resume import (
     same_folder,
 )
 from epas_lightning.run_checkpoint import RunCheckpoint
-from epas_lightning.run_folder import RunFolders
+from epas_lightning.run_folder import RunFolders, check_run_folders_writable
 from epas_lightning.run_summary import FlopsModelSummary, RunSummary, progress_bar_for, say
 from epas_lightning.safe_load import is_sharded_checkpoint, verify_checkpoint
 from epas_lightning.strategy import STRATEGY_NAME
@@ -321,6 +321,8 @@ class EPASCLI(LightningCLI):
             )
         check_validation_interval(trainer)
         check_precision_available(trainer.get("precision"))
+        if self.subcommand:
+            check_run_folders_writable(self.config[self.subcommand], fitting=self.subcommand == "fit")
         if self.subcommand == "fit":
             check_trainable_precision(trainer.get("precision"))
 

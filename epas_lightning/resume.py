@@ -22,7 +22,7 @@ from epas_lightning.strategy import REPLACED, recover_replaced
 RESUME_WORDS = ("last", "auto")
 
 
-def _logger_run_dirs(config: Namespace) -> list[Path]:
+def logger_run_dirs(config: Namespace) -> list[Path]:
     """The folders whose subfolders hold this run's versions (logger ``save_dir``/``name``): ``version_N``, or a
     logger's own version name."""
     loggers = config.trainer.get("logger")
@@ -56,7 +56,7 @@ def resume_checkpoint(config: Namespace, word: str, fitting: bool = True) -> str
     ``last`` with no checkpoint is an error; ``auto`` then starts from scratch, or scores the configured model (and
     says so).
     """
-    dirpath, run_dirs = checkpoint_folder(config), _logger_run_dirs(config)
+    dirpath, run_dirs = checkpoint_folder(config), logger_run_dirs(config)
     newest = newest_last_checkpoint(dirpath, run_dirs)
     if newest is None and word == "auto":
         check_no_slurm_checkpoint(config)
@@ -73,7 +73,7 @@ def resume_checkpoint(config: Namespace, word: str, fitting: bool = True) -> str
 
 def run_last_checkpoint(config: Namespace) -> Path | None:
     """The ``last.ckpt`` that ``--ckpt_path last|auto`` would resume, if there is one (nothing said)."""
-    return newest_last_checkpoint(checkpoint_folder(config), _logger_run_dirs(config))
+    return newest_last_checkpoint(checkpoint_folder(config), logger_run_dirs(config))
 
 
 def newest_last_checkpoint(dirpath: str | Path | None, run_dirs: list[Path]) -> Path | None:
@@ -177,7 +177,7 @@ def continue_version(config: Namespace, ckpt_path: Path) -> Path | None:
         return None
     loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
     csv = any(isinstance(lg, Namespace) and str(lg.get("class_path", "")).endswith("CSVLogger") for lg in loggers)
-    version_dir = version_to_continue(ckpt_path, _logger_run_dirs(config), csv_logger=csv)
+    version_dir = version_to_continue(ckpt_path, logger_run_dirs(config), csv_logger=csv)
     if version_dir is None:
         return None
     for logger in loggers:
