@@ -17,10 +17,12 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from epas_lightning.errors import CheckpointError, OutputError
 from epas_lightning.outputs import out_of_space
+from epas_lightning.run_summary import say
 from epas_lightning.safe_load import is_sharded_checkpoint
 from epas_lightning.strategy import STAGING
 
@@ -59,6 +61,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 ) from e
             raise
         return None
+
+
+def remove_unfinished_saves(folder: Path) -> None:
+    """Delete the staging files (``.<name>.ckpt.saving``) that saves killed midway (SIGKILL, a lost node) left in
+    ``folder``, saying so: hidden, each as large as a checkpoint, and written again only by a save of the same name.
+    Sharded staging folders are the strategy's (it starts them again)."""
+    for stale in sorted(folder.glob(f".*{ModelCheckpoint.FILE_EXTENSION}{STAGING}")):
+        if stale.is_file() and not stale.is_symlink():
+            size = stale.stat().st_size
+            stale.unlink()
+            say(f"removed {stale} ({size:,} bytes): a checkpoint save killed before it finished")
 
 
 def sharded_needs_fsdp2(path: _PATH, strategy: str, where: str, to_fsdp2: str) -> CheckpointError:

@@ -57,6 +57,7 @@ from epas_lightning.resume import (
     RESUME_WORDS,
     check_checkpoint_folder_free,
     check_no_slurm_checkpoint,
+    check_version_folder_free,
     checkpoint_folder,
     continue_version,
     free_name,
@@ -65,7 +66,7 @@ from epas_lightning.resume import (
     same_folder,
 )
 from epas_lightning.run_checkpoint import RunCheckpoint
-from epas_lightning.run_folder import RunFolders
+from epas_lightning.run_folder import RunFolders, check_run_folders_writable
 from epas_lightning.run_summary import FlopsModelSummary, RunSummary, progress_bar_for, say
 from epas_lightning.safe_load import is_sharded_checkpoint, verify_checkpoint
 from epas_lightning.strategy import STRATEGY_NAME
@@ -301,6 +302,8 @@ class EPASCLI(LightningCLI):
             if config.model.get("init_from"):  # never read: a folder deleted or unmounted since must not stop this
                 say(resumed_instead(config.ckpt_path))
                 config.model.init_from = None
+        if fitting and self.save_config_callback is not None:
+            check_version_folder_free(config, self.save_config_kwargs.get("config_filename", "config.yaml"))
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
@@ -318,6 +321,8 @@ class EPASCLI(LightningCLI):
             )
         check_validation_interval(trainer)
         check_precision_available(trainer.get("precision"))
+        if self.subcommand:
+            check_run_folders_writable(self.config[self.subcommand], fitting=self.subcommand == "fit")
         if self.subcommand == "fit":
             check_trainable_precision(trainer.get("precision"))
 

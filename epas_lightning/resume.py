@@ -1,9 +1,10 @@
 """Which checkpoint ``--ckpt_path last|auto`` means, and where a resumed ``fit`` logs and checkpoints.
 
 ``last`` (``auto``: or nothing) is the newest ``last.ckpt`` of the same run: the ``checkpoint`` section's ``dirpath``,
-or the logger's ``save_dir``/``name``/``version_*/checkpoints``. A ``fit`` from a checkpoint in a run's
-``version_N/checkpoints`` folder keeps logging and checkpointing into that folder, unless that run went on past it; a
-fixed checkpoint folder (``checkpoint.dirpath``) whose run went on past the checkpoint is refused.
+or the logger's ``save_dir``/``name``/``<version>/checkpoints`` (``version_N``, or the name a config gives it). A
+``fit`` from a checkpoint in a run's version folder keeps logging and checkpointing into that folder, unless that run
+went on past it; a fixed checkpoint folder (``checkpoint.dirpath``, or a version the config gives the logger) whose
+run went on past the checkpoint is refused, and so is a new run into one holding an earlier run.
 """
 
 from __future__ import annotations
@@ -14,24 +15,39 @@ from jsonargparse import Namespace
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from epas_lightning.checkpoint import read_checkpoint
-from epas_lightning.errors import CheckpointError, UserError
+from epas_lightning.errors import CheckpointError, OutputError, UserError
 from epas_lightning.run_summary import say
 from epas_lightning.strategy import REPLACED, recover_replaced
 
 RESUME_WORDS = ("last", "auto")
 
 
-def _logger_run_dirs(config: Namespace) -> list[Path]:
-    """The folders whose ``version_*`` subfolders hold this run's versions (logger ``save_dir``/``name``)."""
+def logger_run_dirs(config: Namespace) -> list[Path]:
+    """The folders whose subfolders hold this run's versions (logger ``save_dir``/``name``): ``version_N``, or a
+    logger's own version name."""
     loggers = config.trainer.get("logger")
     loggers = loggers if isinstance(loggers, list) else [loggers]
-    dirs = []
-    for logger in loggers:
-        if isinstance(logger, Namespace | dict) and logger.get("init_args"):
-            init = logger["init_args"]
-            if init.get("save_dir"):
-                dirs.append(Path(init["save_dir"]).expanduser() / str(init.get("name") or "lightning_logs"))
-    return dirs
+    return [run_dir for logger in loggers if (run_dir := _run_dir(logger)) is not None]
+
+
+def _run_dir(logger: object) -> Path | None:
+    """A configured logger's ``save_dir``/``name``, if it has a ``save_dir``."""
+    init = logger.get("init_args") if isinstance(logger, Namespace | dict) else None
+    if not init or not init.get("save_dir"):
+        return None
+    return Path(init["save_dir"]).expanduser() / str(init.get("name") or "lightning_logs")
+
+
+def _fixed_version_folder(config: Namespace) -> Path | None:
+    """The version folder of the first logger (the one ``ModelCheckpoint`` saves under) where the config gives it a
+    version: ``<save_dir>/<name>/version_N``, or ``<save_dir>/<name>/<version>`` for a version given as a name."""
+    loggers = config.trainer.get("logger")
+    first = loggers[0] if isinstance(loggers, list) and loggers else loggers
+    run_dir = _run_dir(first)
+    version = first["init_args"].get("version") if run_dir is not None else None
+    if version is None:
+        return None
+    return run_dir / (version if isinstance(version, str) else f"version_{version}")
 
 
 def resume_checkpoint(config: Namespace, word: str, fitting: bool = True) -> str | None:
@@ -40,7 +56,7 @@ def resume_checkpoint(config: Namespace, word: str, fitting: bool = True) -> str
     ``last`` with no checkpoint is an error; ``auto`` then starts from scratch, or scores the configured model (and
     says so).
     """
-    dirpath, run_dirs = checkpoint_folder(config), _logger_run_dirs(config)
+    dirpath, run_dirs = checkpoint_folder(config), logger_run_dirs(config)
     newest = newest_last_checkpoint(dirpath, run_dirs)
     if newest is None and word == "auto":
         check_no_slurm_checkpoint(config)
@@ -57,15 +73,16 @@ def resume_checkpoint(config: Namespace, word: str, fitting: bool = True) -> str
 
 def run_last_checkpoint(config: Namespace) -> Path | None:
     """The ``last.ckpt`` that ``--ckpt_path last|auto`` would resume, if there is one (nothing said)."""
-    return newest_last_checkpoint(checkpoint_folder(config), _logger_run_dirs(config))
+    return newest_last_checkpoint(checkpoint_folder(config), logger_run_dirs(config))
 
 
 def newest_last_checkpoint(dirpath: str | Path | None, run_dirs: list[Path]) -> Path | None:
-    """The newest ``last.ckpt`` in ``dirpath`` or in a ``version_*/checkpoints`` folder of one of ``run_dirs``."""
+    """The newest ``last.ckpt`` in ``dirpath`` or in a version folder's ``checkpoints`` folder of one of ``run_dirs``
+    (``version_N``, or a version given as a name)."""
     candidates = [Path(dirpath).expanduser() / "last.ckpt"] if dirpath else []
     for run_dir in run_dirs:
-        candidates += run_dir.glob("version_*/checkpoints/last.ckpt")
-        candidates += (p.with_name("last.ckpt") for p in run_dir.glob(f"version_*/checkpoints/.last.ckpt{REPLACED}"))
+        candidates += run_dir.glob("*/checkpoints/last.ckpt")
+        candidates += (p.with_name("last.ckpt") for p in run_dir.glob(f"*/checkpoints/.last.ckpt{REPLACED}"))
     for path in candidates:
         if recover_replaced(path):  # a sharded save killed between its renames: the previous last.ckpt is back
             say(f"{path} restored: a sharded save stopped between moving it aside and moving its successor in")
@@ -88,15 +105,19 @@ def _no_last_checkpoint(
 
 
 def _last_checkpoint_places(dirpath: str | Path | None, run_dirs: list[Path]) -> str:
-    return ", ".join(str(d / "version_*/checkpoints") for d in run_dirs) or str(dirpath)
+    places = [Path(dirpath)] if dirpath else []
+    return ", ".join(str(place) for place in (*places, *(d / "version_*/checkpoints" for d in run_dirs)))
 
 
 def checkpoint_folder(config: Namespace) -> str | None:
-    """The folder ``fit`` checkpoints into where it does not depend on the logger's version: the ``checkpoint``
-    section's ``dirpath``, or without a logger ``<default_root_dir>/checkpoints``."""
+    """The folder ``fit`` checkpoints into where it does not depend on the version a logger picks: the ``checkpoint``
+    section's ``dirpath``, without a logger ``<default_root_dir>/checkpoints``, or the ``checkpoints`` folder of the
+    version the config gives the logger."""
     dirpath = config.get("checkpoint", {}).get("dirpath") if config.get("checkpoint") else None
     if not dirpath and config.trainer.get("logger") is False:  # no logger: Lightning saves into the root folder
         dirpath = str(Path(config.trainer.get("default_root_dir") or ".") / "checkpoints")
+    if not dirpath and (version_folder := _fixed_version_folder(config)) is not None:
+        dirpath = str(version_folder / "checkpoints")
     return dirpath
 
 
@@ -124,8 +145,23 @@ def check_checkpoint_folder_free(config: Namespace, ckpt_path: str | None) -> No
             f"the checkpoint folder holds another run's checkpoints ({', '.join(found[:3])}"
             f"{', ...' if len(found) > 3 else ''}), which this run would mix with its own and partly replace",
             where,
-            "resume that run with --ckpt_path last, or give this one an empty folder (checkpoint.dirpath)",
+            "resume that run with --ckpt_path last, or give this one an empty folder (checkpoint.dirpath"
+            + (", or another trainer.logger.init_args.version)" if _fixed_version_folder(config) else ")"),
         )
+
+
+def check_version_folder_free(config: Namespace, config_filename: str) -> None:
+    """A ``fit`` into the version folder the config gives its logger must not find another run's saved config there
+    (a rerun of a run stopped before its first checkpoint): Lightning's ``SaveConfigCallback`` stopped with a traceback,
+    once the data was prepared and an event file added to that run's folder."""
+    folder = _fixed_version_folder(config)
+    if folder is None or not (folder / config_filename).exists():
+        return
+    raise OutputError(
+        f"the logger's version folder holds another run ({config_filename}), which this run would mix its logs with",
+        folder,
+        "give this run another version (trainer.logger.init_args.version), or resume that run with --ckpt_path",
+    )
 
 
 def same_folder(folder: str | None, other: Path) -> bool:
@@ -141,7 +177,7 @@ def continue_version(config: Namespace, ckpt_path: Path) -> Path | None:
         return None
     loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
     csv = any(isinstance(lg, Namespace) and str(lg.get("class_path", "")).endswith("CSVLogger") for lg in loggers)
-    version_dir = version_to_continue(ckpt_path, _logger_run_dirs(config), csv_logger=csv)
+    version_dir = version_to_continue(ckpt_path, logger_run_dirs(config), csv_logger=csv)
     if version_dir is None:
         return None
     for logger in loggers:
@@ -159,7 +195,7 @@ def version_to_continue(ckpt_path: Path, run_dirs: list[Path], csv_logger: bool 
     (``csv_logger``), which deletes the ``metrics.csv`` of a folder it starts logging into.
     """
     version_dir = ckpt_path.parent.parent
-    if ckpt_path.parent.name != "checkpoints" or not version_dir.name.startswith("version_"):
+    if ckpt_path.parent.name != "checkpoints":
         return None
     if not any(run_dir.resolve() == version_dir.parent.resolve() for run_dir in run_dirs):
         return None
@@ -185,9 +221,9 @@ def went_on_past(ckpt_path: Path) -> str | None:
 
 
 def version_of(version_dir: Path) -> int | str:
-    """A logger's version for the folder ``version_dir``: ``version_3`` -> 3."""
+    """A logger's version for the folder ``version_dir``: ``version_3`` -> 3; another name is the version itself."""
     number = version_dir.name.removeprefix("version_")
-    return int(number) if number.isdigit() else version_dir.name
+    return int(number) if number.isdigit() and number != version_dir.name else version_dir.name
 
 
 def _global_step(ckpt_path: Path) -> int | None:

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
+from epas_lightning.checkpoint_io import remove_unfinished_saves
 from epas_lightning.checkpoint_space import check_folder_shared_by_nodes, warn_if_disk_too_small
 from epas_lightning.resume import last_checkpoint_of_run, version_of, version_to_continue
 from epas_lightning.run_summary import say
@@ -57,8 +58,8 @@ class RunCheckpoint(ModelCheckpoint):
 
     It is the ``checkpoint`` section of ``fit``, with ``ModelCheckpoint``'s arguments; when training ends at a step
     that no checkpoint holds yet, it writes ``last.ckpt`` then. Before training, it refuses a folder the nodes of a
-    multi-node run do not share, and warns when its folder's disk looks too small for the checkpoints it keeps at once
-    (see :mod:`epas_lightning.checkpoint_space`).
+    multi-node run do not share, removes the staging files of saves killed midway there, and warns when its folder's
+    disk looks too small for the checkpoints it keeps at once (see :mod:`epas_lightning.checkpoint_space`).
 
     ``ckpt_path="last"`` is the newest ``last.ckpt`` of the run (``dirpath``, or every ``version_*/checkpoints``
     folder of the first logger's ``save_dir``/``name``), checked to read without running code; none is an error. A
@@ -99,6 +100,8 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_fit_start(trainer, pl_module)
         if self.dirpath is not None:
             check_folder_shared_by_nodes(trainer, Path(self.dirpath))
+            if trainer.is_global_zero and Path(self.dirpath).is_dir():  # before the space they hold is counted free
+                remove_unfinished_saves(Path(self.dirpath))
         warn_if_disk_too_small(trainer, pl_module, self)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:

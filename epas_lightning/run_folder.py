@@ -1,4 +1,9 @@
-"""The run folder of a ``fit`` that a user error stopped before its first step: removed when this run made it.
+"""The run folders of ``fit``: checked writable before any work, and removed when a user error stopped the run
+before its first step and this run made them.
+
+A folder the run cannot write (on a read-only or full disk, behind a file of that name) was a traceback from the
+logger at set-up, after the data was prepared, or from the first checkpoint save, after training up to it.
+
 
 Lightning creates the logger's ``version_N`` folder (TensorBoard's event file, ``config.yaml``, ``hparams.yaml``)
 before the checks that need the trainer (data, ``init_from``, the strategy) run. A refused start left that folder
@@ -8,10 +13,16 @@ run created, holding only those start-up files, is removed: anything else in it 
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from jsonargparse import Namespace
 from lightning.pytorch import Trainer
+
+from epas_lightning.errors import OutputError
+from epas_lightning.resume import checkpoint_folder, logger_run_dirs
 
 STARTUP_FILES = ("events.out.tfevents.*", "hparams.yaml", "config.yaml", "metrics.csv")
 """What loggers and the saved config write into a run folder before the first step."""
@@ -61,3 +72,20 @@ def _remove_if_startup_only(folder: Path) -> None:
     for d in empty_dirs:
         d.rmdir()
     folder.rmdir()
+
+
+def check_run_folders_writable(config: Namespace, fitting: bool) -> None:
+    """Before any work: the loggers' folders (``save_dir``/``name``) and, when ``fitting``, the checkpoint folder can be
+    made and written, on a disk with space left; else an :class:`OutputError` naming the folder."""
+    folders = logger_run_dirs(config)
+    if fitting and config.trainer.get("enable_checkpointing") is not False and (ckpt := checkpoint_folder(config)):
+        folders.append(Path(ckpt).expanduser())
+    for folder in (f for f in folders if ":/" not in str(f)):  # a URL (s3://...) is the logger's business
+        existing = next(p for p in (folder, *folder.parents) if p.exists())  # the root always does
+        fix = "choose another folder (trainer.logger.init_args.save_dir, checkpoint.dirpath)"
+        if not existing.is_dir():
+            raise OutputError(f"{existing} is a file, not a folder", folder, fix)
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise OutputError(f"{existing} is not writable (a read-only file system, or permissions)", folder, fix)
+        if shutil.disk_usage(existing).free == 0:
+            raise OutputError("no space left on the device (or quota)", folder, f"free space, or {fix}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelSummary, ProgressBar, RichModelSummary, RichProgressBar
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar, RichModelSummary, RichProgressBar, Timer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
@@ -102,7 +102,7 @@ class RunSummary(Callback):
             limit = _limit_reached(trainer) or "max_steps"
             steps += (
                 f" (none in this session: resumed at step {trainer.global_step}, where {limit} "
-                f"{getattr(trainer, limit)} had been reached; raise it to train further)"
+                f"{_limit_value(trainer, limit)} had been reached; raise it to train further)"
             )
         elif self._start_step:
             steps += f" ({trainer.global_step - self._start_step} in this session, resumed at step {self._start_step})"
@@ -145,7 +145,8 @@ class RunSummary(Callback):
         limit = _limit_reached(trainer)
         if limit is not None:  # resuming as it is would train nothing
             if self.command_line:
-                return f"to train further, raise --trainer.{limit} and resume with --ckpt_path last"
+                counts = " (the training time of all sessions together)" if limit == "max_time" else ""
+                return f"to train further, raise --trainer.{limit}{counts} and resume with --ckpt_path last"
             return f"to train further, raise the Trainer's {limit} and call trainer.fit(..., ckpt_path={checkpoint!r})"
         if self.command_line:
             return "the same command with --ckpt_path last"
@@ -153,12 +154,32 @@ class RunSummary(Callback):
 
 
 def _limit_reached(trainer: Trainer) -> str | None:
-    """The trainer's limit the run ended at, ``"max_steps"`` or ``"max_epochs"``; ``None`` when it stopped before."""
+    """The trainer's limit the run ended at, ``"max_steps"``, ``"max_epochs"`` or ``"max_time"`` (Lightning's ``Timer``
+    counts the training time of every session: a resumed run goes on from the checkpoint's); ``None`` when it stopped
+    before."""
     if trainer.max_steps is not None and trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps:
         return "max_steps"
     if trainer.max_epochs is not None and trainer.max_epochs >= 0 and trainer.current_epoch >= trainer.max_epochs:
         return "max_epochs"
+    timer = _max_time(trainer)
+    if timer is not None and timer.time_remaining() <= 0:
+        return "max_time"
     return None
+
+
+def _max_time(trainer: Trainer) -> Timer | None:
+    """The ``Timer`` that ``trainer.max_time`` (or a ``Timer`` of one's own) stops the run with, if any."""
+    return next((c for c in trainer.callbacks if isinstance(c, Timer) and c._duration is not None), None)
+
+
+def _limit_value(trainer: Trainer, limit: str) -> str:
+    """The value of ``limit`` as the flag takes it: ``max_time`` as ``DD:HH:MM:SS``."""
+    if limit != "max_time":
+        return str(getattr(trainer, limit))
+    minutes, seconds = divmod(int(_max_time(trainer)._duration), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return f"{days:02d}:{hours:02d}:{minutes:02d}:{seconds:02d}"
 
 
 def _throughput(tokens_per_second: float, steps: int, world_size: int) -> str:

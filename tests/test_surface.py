@@ -579,6 +579,21 @@ def test_the_summary_of_a_resume_with_nothing_left_to_train_says_so(tmp_path):
     trainer.fit(module, loader, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     first = summary.summary(trainer, module, None).splitlines()[0]
     assert "resumed at step 4, where max_epochs 1 had been reached; raise it to train further" in first, first
+    # max_time counts the training time of every session (Lightning's Timer resumes it): the same command trains
+    # nothing, and the summary said that max_steps 10 had been reached and to resume "the same command"
+    cpu_trainer(tmp_path, 4, [ModelCheckpoint(tmp_path / "timed", save_last=True)], max_time="00:01:00:00").fit(
+        module, loader
+    )
+    summary = RunSummary(command_line=True)
+    timed = ModelCheckpoint(tmp_path / "timed", save_last=True)
+    trainer = cpu_trainer(tmp_path, 10, [summary, timed], max_time={"microseconds": 1})
+    trainer.fit(module, loader, ckpt_path=tmp_path / "timed" / "last.ckpt")
+    lines = summary.summary(trainer, module, None).splitlines()
+    assert "resumed at step 4, where max_time 00:00:00:00 had been reached; raise it to train further" in lines[0]
+    assert lines[-1] == (
+        "  resume: to train further, raise --trainer.max_time (the training time of all sessions together) and "
+        "resume with --ckpt_path last"
+    ), lines[-1]
 
 
 @pytest.mark.slow
@@ -763,6 +778,34 @@ def test_a_resume_with_a_csv_logger_keeps_the_earlier_metrics(tmp_path, capsys, 
     config = Namespace(trainer=Namespace(logger=[csv]), checkpoint=Namespace(dirpath=None))
     assert continue_version(config, folder / "last.ckpt") is None and csv.init_args.get("version") is None
     assert "CSVLogger would rewrite runs/debug/version_0/metrics.csv" in capsys.readouterr().err
+
+
+def test_a_run_with_a_named_logger_version_resumes_into_it_and_a_rerun_is_refused(tmp_path, capsys, monkeypatch):
+    """A logger given a name as its version (`version: exp1`) checkpoints into runs/debug/exp1/checkpoints:
+    `--ckpt_path last` looked only in version_* folders ("no last.ckpt of this run"), and a resume by path or a rerun
+    stopped with Lightning's SaveConfigCallback traceback about that folder's config.yaml, after the training data
+    was prepared and a new event file had been added to the earlier run's folder."""
+    monkeypatch.chdir(tmp_path)
+    folder = Path("runs/debug/exp1/checkpoints")
+    folder.mkdir(parents=True)
+    (folder.parent / "config.yaml").write_text("the first run's\n")
+    named = ["fit", "--config", DEBUG, "--trainer.logger.init_args.version", "exp1"]
+    assert main(named) == 2  # stopped before its first checkpoint
+    assert "error: the logger's version folder holds another run (config.yaml)" in capsys.readouterr().err
+    torch.save({"state_dict": {}, "global_step": 8}, folder / "last.ckpt")
+    assert main(named) == 2
+    err = capsys.readouterr().err
+    assert "error: the checkpoint folder holds another run's checkpoints (last.ckpt)" in err
+    assert err.endswith("(checkpoint.dirpath, or another trainer.logger.init_args.version)\n")
+    assert main([*named, "--ckpt_path", "last"]) == 2
+    assert "error: no 'model_config'" in capsys.readouterr().err  # found and resumed (no real checkpoint)
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["checkpoints", "config.yaml"]
+    # resumed by path without a version, it logs into that folder by its name (a folder named "7" is not version_7)
+    for name in ("exp1", "7"):
+        folder = folder.parent.rename(Path("runs/debug", name)) / "checkpoints"
+        logger = Namespace(class_path="TensorBoardLogger", init_args=Namespace(save_dir="runs", name="debug"))
+        config = Namespace(trainer=Namespace(logger=logger), checkpoint=Namespace(dirpath=None))
+        assert continue_version(config, folder / "last.ckpt") == folder.parent and logger.init_args.version == name
 
 
 def test_user_callbacks_add_to_the_defaults_without_inheriting_them(tmp_path, monkeypatch):

@@ -718,10 +718,11 @@ def test_the_learning_rate_is_logged_once_per_optimizer_step_under_gradient_accu
     assert steps == ["0", "1", "2"]
 
 
-def test_a_run_warns_before_training_when_its_checkpoints_may_not_fit(tiny_corpus, tmp_path, monkeypatch):
+def test_a_run_warns_before_training_when_its_checkpoints_may_not_fit(tiny_corpus, tmp_path, monkeypatch, capsys):
     """A full checkpoint disk showed only at the first save, hours into a run. Before training, the run's checkpoint
     now warns when the free space is less than the checkpoints it keeps at once (top 1, last, the one being written),
-    sized from the model and AdamW within 20% of the real file."""
+    sized from the model and AdamW within 20% of the real file. The hidden file a save killed midway left (as large as
+    a checkpoint; no later save of another step writes it again) is removed first, and said."""
     import shutil
     import warnings
 
@@ -732,9 +733,13 @@ def test_a_run_warns_before_training_when_its_checkpoints_may_not_fit(tiny_corpu
     monkeypatch.setattr(checkpoint_space.shutil, "disk_usage", lambda path: usage._replace(free=1000))
     module, data = make_run(tiny_corpus, n_layer=2)
     checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
+    (tmp_path / "ckpt").mkdir()
+    (stale := tmp_path / "ckpt" / ".epoch=0-step=7.ckpt.saving").write_bytes(b"a save killed midway")
     trainer = make_trainer(tmp_path, 1, [checkpoint])
     with pytest.warns(UserWarning, match=r"checkpoints may not fit: 3 of .* MiB is free in .*ckpt"):
         trainer.fit(module, datamodule=data)
+    assert not stale.exists()
+    assert f"removed {stale} (20 bytes): a checkpoint save killed before it finished" in capsys.readouterr().err
     estimate = checkpoint_space.checkpoint_bytes(module, trainer.optimizers)
     assert abs(estimate / (tmp_path / "ckpt" / "last.ckpt").stat().st_size - 1) < 0.2
     monkeypatch.setattr(checkpoint_space.shutil, "disk_usage", lambda path: usage._replace(free=estimate * 3 // 2))

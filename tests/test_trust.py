@@ -840,6 +840,28 @@ def test_a_fresh_fit_refuses_a_checkpoint_folder_holding_another_runs_checkpoint
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
 
 
+def test_a_run_folder_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    """A logger's save_dir that cannot be made (read-only, a file on the way) was a traceback from TensorBoard at
+    set-up, once the data was prepared; a checkpoint.dirpath was one after training up to the first save; a full disk
+    was a traceback writing the logger's files."""
+    import shutil
+    from collections import namedtuple
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("not a folder")
+    logger, checkpoints = "--trainer.logger.init_args.save_dir", "--checkpoint.dirpath"
+    for argv in ([logger, "afile/runs"], [checkpoints, "afile/ck"]):
+        err = one_line_error(capsys, ["fit", "--config", DEBUG, *argv])
+        assert f"afile is a file, not a folder — {Path('afile', argv[1].split('/')[1])}" in err, err
+    if os.geteuid() != 0:  # root writes into a read-only folder
+        (tmp_path / "ro").mkdir(mode=0o555)
+        assert "is not writable" in one_line_error(capsys, ["fit", "--config", DEBUG, checkpoints, "ro/ck"])
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 0))
+    assert "no space left on the device" in one_line_error(capsys, ["fit", "--config", DEBUG])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"] + (["ro"] if os.geteuid() != 0 else [])
+
+
 def test_under_slurm_a_stray_hpc_checkpoint_is_never_loaded_unannounced(tmp_path, capsys, monkeypatch):
     """Under SLURM Lightning loads the newest hpc_ckpt_N.ckpt of the working directory when no --ckpt_path is given:
     fit resumed it (after `--ckpt_path auto` had said "starting from scratch"), validate scored it instead of the
