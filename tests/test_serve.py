@@ -409,6 +409,32 @@ def test_models_endpoint_finds_a_model_id_with_a_slash(checkpoint, monkeypatch):
     assert client.get("/v1/models/org").json()["error"]["code"] == "model_not_found"
 
 
+def http_client(checkpoint: Path, monkeypatch, *args: str):
+    """A test client of the HTTP app ``serve --checkpoint ... *args`` runs (LitServe's, with our endpoints,
+    middlewares and error handlers), no process started: for requests refused before they reach the model."""
+    from fastapi.testclient import TestClient
+
+    from epas_lightning.serve.command import lit_server
+
+    server = lit_server(built_api(checkpoint, monkeypatch, *args), "cpu", "auto", "")
+    return TestClient(server.app, raise_server_exceptions=False)
+
+
+def test_http_errors_have_openai_error_bodies(checkpoint, monkeypatch):
+    """FastAPI's own errors were {"detail": "Not Found"} (the openai SDK finds no message in it), and a JSON body
+    nested deeper than Python's parser recurses was a plain-text 500, with a traceback in the log."""
+    client = http_client(checkpoint, monkeypatch)
+    for method, path, status in [("GET", "/v1/chat/complete", 404), ("GET", "/v1/completions", 405)]:
+        response = client.request(method, path)
+        error = response.json()["error"]
+        assert response.status_code == status and error["type"] == "invalid_request_error", response.text
+        assert error["message"].startswith(f"Invalid URL ({method} {path}): this server answers POST /v1/completions")
+    assert response.headers["allow"] == "POST"
+    nested = b'{"model": "tiny", "prompt": "hi", "metadata": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    response = client.post("/v1/completions", content=nested)
+    assert response.status_code == 400 and response.json()["error"]["message"].endswith("nested too deeply")
+
+
 def built_api(checkpoint: Path, monkeypatch, *args: str):
     """The API object ``serve --checkpoint`` builds (its ``served`` model and HTTP endpoints), no server started."""
     from epas_lightning.serve import command
@@ -1208,7 +1234,9 @@ def run_with_fake_litserver(checkpoint: Path, monkeypatch, run) -> int:
         uvicorn_graceful_timeout = 0.2
 
         def __init__(self, api, *args, **kwargs) -> None:
-            self.api = api
+            from fastapi import FastAPI
+
+            self.api, self.app = api, FastAPI()
 
         def run(self, **kwargs) -> None:
             run(self)

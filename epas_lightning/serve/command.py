@@ -182,10 +182,20 @@ def check_port_free(host: str, port: int) -> None:
             ) from e
 
 
-def run_server(api, accelerator: str, index: int | None, host: str, port: int, log_level: str) -> None:
-    """Run LitServe until SIGTERM or Ctrl+C; returns after a clean shutdown."""
+def lit_server(api, accelerator: str, devices, banner: str):
+    """The LitServer of ``api``, not started: our endpoints, middlewares and OpenAI-shaped errors on its app."""
     import litserve as ls
 
+    from epas_lightning.serve.api import add_openai_errors
+
+    middlewares = [(HTTPProcessStart, {"banner": banner})]
+    server = ls.LitServer(api, accelerator=accelerator, devices=devices, timeout=False, middlewares=middlewares)
+    add_openai_errors(server.app)
+    return server
+
+
+def run_server(api, accelerator: str, index: int | None, host: str, port: int, log_level: str) -> None:
+    """Run LitServe until SIGTERM or Ctrl+C; returns after a clean shutdown."""
     from epas_lightning.serve.startup import watching_startup
 
     check_port_free(host, port)
@@ -197,8 +207,7 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
         f"sharing layers; {'chat' if served.chat_template else 'no chat: the model has no chat template'}) at "
         f"http://{host}:{port}/v1 — ready; SIGTERM or Ctrl+C stops it"
     )
-    middlewares = [(HTTPProcessStart, {"banner": banner})]
-    server = ls.LitServer(api, accelerator=accelerator, devices=devices, timeout=False, middlewares=middlewares)
+    server = lit_server(api, accelerator, devices, banner)
     print(f"loading the model from {api.checkpoint}", file=sys.stderr, flush=True)
     # kept after run returns: the monitor thread outlives it and may log the race until the process exits
     logging.getLogger("litserve.server").addFilter(_shutdown_race)
