@@ -435,6 +435,20 @@ def test_http_errors_have_openai_error_bodies(checkpoint, monkeypatch):
     assert response.status_code == 400 and response.json()["error"]["message"].endswith("nested too deeply")
 
 
+def test_a_request_body_past_max_request_mb_is_a_413_before_it_is_read(checkpoint, monkeypatch):
+    """No body was too large: a 200 MB prompt was read, parsed and tokenized whole, which took the HTTP process past
+    20 GB (killed for memory) before the prompt was found longer than the context."""
+    client = http_client(checkpoint, monkeypatch, "--max-request-mb", "0.5")
+    body = json.dumps({"model": "tiny", "prompt": "a " * 2**18, "max_tokens": 2}).encode()  # just over 0.5 MiB
+    for content in (body, iter([body[: len(body) // 2], body[len(body) // 2 :]])):  # Content-Length, then chunks
+        response = client.post("/v1/completions", content=content)
+        assert response.status_code == 413, response.text
+        assert response.json()["error"]["message"] == (
+            "the request body is larger than the 0.5 MiB this server accepts (serve --max-request-mb)"
+        )
+    assert client.post("/v1/completions", content=body[:-100] + b'"}').status_code == 400  # under it: read
+
+
 def built_api(checkpoint: Path, monkeypatch, *args: str):
     """The API object ``serve --checkpoint`` builds (its ``served`` model and HTTP endpoints), no server started."""
     from epas_lightning.serve import command

@@ -74,6 +74,7 @@ def add_openai_errors(app: FastAPI) -> None:
     body, which the openai SDK reads, instead of FastAPI's ``{"detail": ...}`` or a plain-text 500; an unexpected
     failure keeps its traceback in the log."""
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestError, lambda request, error: _error_response(error))  # BodyLimit's
     app.add_exception_handler(Exception, _server_error)
 
 
@@ -84,6 +85,39 @@ async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     response = _error_response(RequestError(message, status=error.status_code))
     response.headers.update(error.headers or {})  # a 405's Allow
     return response
+
+
+class BodyLimit:
+    """ASGI middleware: a request body of more than ``limit`` bytes is a 413, refused by its Content-Length before it
+    is read, or as soon as a body sent in chunks passes the limit (the rest is not read, nor parsed)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await _error_response(self.too_large())(scope, receive, send)
+        received = 0
+
+        async def receive_within_limit():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise self.too_large()
+            return message
+
+        await self.app(scope, receive_within_limit, send)
+
+    def too_large(self) -> RequestError:
+        return RequestError(
+            f"the request body is larger than the {self.limit / 2**20:g} MiB this server accepts (serve "
+            "--max-request-mb)",
+            status=413,
+        )
 
 
 async def _server_error(request: Request, error: Exception) -> JSONResponse:

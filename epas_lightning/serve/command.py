@@ -111,6 +111,7 @@ def serve_command(
     batch_timeout: float = 0.05,
     max_tokens: int | None = None,
     max_choices: int = 16,
+    max_request_mb: float = 8,
     log_level: LogLevel = "warning",
 ) -> None:
     """Serve a checkpoint over the OpenAI completions and chat APIs; each request may pick its sharing region.
@@ -138,6 +139,7 @@ def serve_command(
         batch_timeout: Seconds a request waits for others to share its forward (at most; none when the batch fills).
         max_tokens: The largest max_tokens a request may ask for (default: the model's context length minus one).
         max_choices: Prompts x n one request may ask for.
+        max_request_mb: The largest request body, in MiB; a larger one is refused (413) before it is parsed.
         log_level: LitServe and uvicorn logging (info logs every request).
     """
     require_litserve()
@@ -156,7 +158,7 @@ def serve_command(
     from epas_lightning.serve.api import CompletionsAPI
     from epas_lightning.serve.model_card import ServedModel
 
-    served = ServedModel.build(recorded, text_tokenizer, name, sharing_layers, max_tokens, max_choices)
+    served = ServedModel.build(recorded, text_tokenizer, name, sharing_layers, max_tokens, max_choices, max_request_mb)
     run_server(
         CompletionsAPI(served, checkpoint, dtype, attention_reuse, max_batch_size, batch_timeout),
         where.type,
@@ -186,9 +188,9 @@ def lit_server(api, accelerator: str, devices, banner: str):
     """The LitServer of ``api``, not started: our endpoints, middlewares and OpenAI-shaped errors on its app."""
     import litserve as ls
 
-    from epas_lightning.serve.api import add_openai_errors
+    from epas_lightning.serve.api import BodyLimit, add_openai_errors
 
-    middlewares = [(HTTPProcessStart, {"banner": banner})]
+    middlewares = [(HTTPProcessStart, {"banner": banner}), (BodyLimit, {"limit": api.served.max_request_bytes})]
     server = ls.LitServer(api, accelerator=accelerator, devices=devices, timeout=False, middlewares=middlewares)
     add_openai_errors(server.app)
     return server
