@@ -568,6 +568,37 @@ def refused(parse, body: dict, served) -> tuple[int, str]:
     return error.value.status, error.value.message
 
 
+def test_prompts_that_cannot_fit_are_refused_before_they_are_tokenized(checkpoint, monkeypatch):
+    """A text prompt is refused by its length in characters, and a list of prompts by its count, before the tokenizer
+    sees them (tokenizing 5 million tokens to find them over the context took the HTTP process 3 GB); a lone
+    surrogate (a JSON "\\ud800") in a prompt or message is a 400 naming it, not a tokenizer's TypeError (500)."""
+    from epas_lightning.serve.protocol import MAX_TOKEN_CHARS, parse_chat, parse_completion
+
+    served = built_api(checkpoint, monkeypatch).served
+    tokenized = []
+    monkeypatch.setattr(type(served.tokenizer()), "encode_batch", lambda self, texts: tokenized.append(texts))
+    body = {"model": "tiny", "max_tokens": 2}
+    too_long = "a" * (served.config.context_length * MAX_TOKEN_CHARS + 1)
+    assert refused(parse_completion, {**body, "prompt": ["a", too_long]}, served) == (
+        400,
+        f"the prompt holds {len(too_long)} characters, more than the model's context length of 64 tokens can hold: "
+        "shorten it",
+    )
+    assert refused(parse_completion, {**body, "prompt": ["a"] * 17}, served)[1].startswith(
+        "17 prompt(s) x n=1 is more than the 16 completions"
+    )
+    assert not tokenized
+    assert refused(parse_completion, {**body, "prompt": "x\ud800"}, served) == (
+        400,
+        "prompt holds a lone surrogate ('\\ud800' at character 1), which is not text: send valid Unicode",
+    )
+    chat = {**body, "messages": [{"role": "user", "content": "x\udfff"}]}
+    assert refused(parse_chat, chat, served) == (
+        400,
+        "messages.0.content holds a lone surrogate ('\\udfff' at character 1), which is not text: send valid Unicode",
+    )
+
+
 def test_chat_content_parts_read_as_text_and_fields_that_change_the_output_are_refused(checkpoint, monkeypatch):
     """Content as a list of text parts (LangChain, the openai SDK's typed messages) is the parts' text joined by
     newlines, an image part a 400; a field this server does not implement (a vLLM sampling extension, the deprecated
