@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -1282,6 +1283,7 @@ def run_with_fake_litserver(checkpoint: Path, monkeypatch, run) -> int:
             from fastapi import FastAPI
 
             self.api, self.app = api, FastAPI()
+            self.inference_workers, self._shutdown_event = [], threading.Event()
 
         def run(self, **kwargs) -> None:
             run(self)
@@ -1341,6 +1343,30 @@ def test_one_sigterm_delivered_twice_is_one_stop(checkpoint, monkeypatch, capsys
 
     assert run_with_fake_litserver(checkpoint, monkeypatch, run) == 0
     assert capsys.readouterr().err.endswith("a second Ctrl+C or SIGTERM cuts it off\nserver stopped\n")
+
+
+def test_a_server_process_that_ends_while_serving_stops_serve_in_one_line(checkpoint, monkeypatch, capsys):
+    """The HTTP process killed (for memory) left serve waiting for ever while nothing answered; the inference worker
+    killed ended serve with LitServe's EOFError traceback."""
+    fork = multiprocessing.get_context("fork")
+
+    def killed(server, http: bool) -> None:
+        name = "LitServer-0" if http else "inference-worker"
+        process = fork.Process(target=lambda: (time.sleep(0.6), os.kill(os.getpid(), signal.SIGKILL)), name=name)
+        process.start()
+        if http:  # the watcher sets LitServe's shutdown event: its run returns
+            assert server._shutdown_event.wait(10)
+        else:  # LitServe's monitor shuts its manager down under the main process
+            server.inference_workers.append(process)
+            process.join()
+            raise EOFError
+
+    for http, kind in [(True, "HTTP process"), (False, "inference worker")]:
+        assert run_with_fake_litserver(checkpoint, monkeypatch, lambda server, http=http: killed(server, http)) == 2
+        assert capsys.readouterr().err.splitlines()[-1] + "\n" == (
+            f"error: the {kind} ended while serving (killed by SIGKILL: the system may have run out of memory) — "
+            "serve — the requests in flight were cut off; see the log above and restart serve\n"
+        )
 
 
 def test_the_shutdown_race_stays_filtered_after_the_server_returns(checkpoint, monkeypatch):

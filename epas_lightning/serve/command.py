@@ -198,6 +198,7 @@ def lit_server(api, accelerator: str, devices, banner: str):
 
 def run_server(api, accelerator: str, index: int | None, host: str, port: int, log_level: str) -> None:
     """Run LitServe until SIGTERM or Ctrl+C; returns after a clean shutdown."""
+    from epas_lightning.serve.liveness import first_ended, server_ended, watching_processes
     from epas_lightning.serve.startup import watching_startup
 
     check_port_free(host, port)
@@ -229,7 +230,11 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
             deadline.daemon = True
             deadline.start()
 
-    with signals_stop_server(stopping) as received, watching_startup(server) as died:
+    with (
+        signals_stop_server(stopping) as received,
+        watching_startup(server) as died,
+        watching_processes(server, received) as ended,
+    ):
         try:
             server.run(host=host, port=port, log_level=log_level, generate_client_file=False, num_api_servers=1)
         except KeyboardInterrupt as stop:
@@ -251,6 +256,12 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
             if failure is None:
                 raise
             raise failure from None
+        except (EOFError, OSError):  # LitServe's monitor shut the server down under run: its worker ended
+            ended.append(first_ended(server, []))
+            if not ended[0]:
+                raise
+    if ended and not received:
+        raise server_ended(ended[0])
     cut_off = f" after the {grace} s grace period: {_cut_off(unfinished[0])}" if unfinished and unfinished[0] else ""
     print(f"server stopped{cut_off}", file=sys.stderr, flush=True)
 
