@@ -1369,6 +1369,40 @@ def test_a_server_process_that_ends_while_serving_stops_serve_in_one_line(checkp
         )
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_processes_serve_forks_end_when_it_is_killed():
+    """serve's main process SIGKILLed (the OOM killer, kill -9) left LitServe's HTTP process serving and its manager
+    holding the port, so that serve could not start again."""
+    from epas_lightning.serve.liveness import ending_with_this_process
+
+    read, write = os.pipe()
+    main = os.fork()
+    if main == 0:  # serve's main process: forks a process, then is killed
+        try:
+            with ending_with_this_process():
+                forked = os.fork()
+                if forked == 0:
+                    time.sleep(30)
+                    os._exit(0)
+            os.write(write, str(forked).encode())
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    forked = int(os.read(read, 32))
+    os.waitpid(main, 0)
+    deadline = time.monotonic() + 5
+    while running(forked):
+        assert time.monotonic() < deadline, "the forked process outlived serve's main process"
+        time.sleep(0.05)
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_the_shutdown_race_stays_filtered_after_the_server_returns(checkpoint, monkeypatch):
     """LitServe's monitor thread outlives ``server.run``: its broken-pipe traceback came after 'server stopped'."""
     assert run_with_fake_litserver(checkpoint, monkeypatch, lambda _: None) == 0

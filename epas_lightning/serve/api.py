@@ -40,6 +40,7 @@ from epas_lightning.cli import show_package_logs
 from epas_lightning.inference.generate_cli import load_for_inference
 from epas_lightning.runtime import DType
 from epas_lightning.serve.engine import Engine, Output
+from epas_lightning.serve.liveness import end_with_parent
 from epas_lightning.serve.model_card import ServedModel
 from epas_lightning.serve.protocol import (
     Completion,
@@ -389,6 +390,8 @@ class CompletionsAPI(ls.LitAPI):
         self.startup = StartupReport()
 
     def setup(self, device: str) -> None:
+        if (parent := multiprocessing.parent_process()) is not None:  # spawned: the main process's fork hook never ran
+            end_with_parent(parent.pid)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches every process: the main one shuts us down
         show_package_logs()  # this process was spawned: our INFO lines (cancellations) go to stderr as in the main one
         logging.getLogger("epas_lightning").propagate = False  # and not once more through LitServe's root handler

@@ -198,7 +198,12 @@ def lit_server(api, accelerator: str, devices, banner: str):
 
 def run_server(api, accelerator: str, index: int | None, host: str, port: int, log_level: str) -> None:
     """Run LitServe until SIGTERM or Ctrl+C; returns after a clean shutdown."""
-    from epas_lightning.serve.liveness import first_ended, server_ended, watching_processes
+    from epas_lightning.serve.liveness import (
+        ending_with_this_process,
+        first_ended,
+        server_ended,
+        watching_processes,
+    )
     from epas_lightning.serve.startup import watching_startup
 
     check_port_free(host, port)
@@ -234,6 +239,7 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
         signals_stop_server(stopping) as received,
         watching_startup(server) as died,
         watching_processes(server, received) as ended,
+        ending_with_this_process(),
     ):
         try:
             server.run(host=host, port=port, log_level=log_level, generate_client_file=False, num_api_servers=1)
