@@ -1348,11 +1348,14 @@ def test_one_sigterm_delivered_twice_is_one_stop(checkpoint, monkeypatch, capsys
 def test_a_server_process_that_ends_while_serving_stops_serve_in_one_line(checkpoint, monkeypatch, capsys):
     """The HTTP process killed (for memory) left serve waiting for ever while nothing answered; the inference worker
     killed ended serve with LitServe's EOFError traceback."""
+    from epas_lightning.serve import liveness
+
+    monkeypatch.setattr(liveness, "WATCH_INTERVAL", 0.1)
     fork = multiprocessing.get_context("fork")
 
     def killed(server, http: bool) -> None:
         name = "LitServer-0" if http else "inference-worker"
-        process = fork.Process(target=lambda: (time.sleep(0.6), os.kill(os.getpid(), signal.SIGKILL)), name=name)
+        process = fork.Process(target=lambda: (time.sleep(0.3), os.kill(os.getpid(), signal.SIGKILL)), name=name)
         process.start()
         if http:  # the watcher sets LitServe's shutdown event: its run returns
             assert server._shutdown_event.wait(10)
