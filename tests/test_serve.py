@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -409,6 +410,46 @@ def test_models_endpoint_finds_a_model_id_with_a_slash(checkpoint, monkeypatch):
     assert client.get("/v1/models/org").json()["error"]["code"] == "model_not_found"
 
 
+def http_client(checkpoint: Path, monkeypatch, *args: str):
+    """A test client of the HTTP app ``serve --checkpoint ... *args`` runs (LitServe's, with our endpoints,
+    middlewares and error handlers), no process started: for requests refused before they reach the model."""
+    from fastapi.testclient import TestClient
+
+    from epas_lightning.serve.command import lit_server
+
+    server = lit_server(built_api(checkpoint, monkeypatch, *args), "cpu", "auto", "")
+    return TestClient(server.app, raise_server_exceptions=False)
+
+
+def test_http_errors_have_openai_error_bodies(checkpoint, monkeypatch):
+    """FastAPI's own errors were {"detail": "Not Found"} (the openai SDK finds no message in it), and a JSON body
+    nested deeper than Python's parser recurses was a plain-text 500, with a traceback in the log."""
+    client = http_client(checkpoint, monkeypatch)
+    for method, path, status in [("GET", "/v1/chat/complete", 404), ("GET", "/v1/completions", 405)]:
+        response = client.request(method, path)
+        error = response.json()["error"]
+        assert response.status_code == status and error["type"] == "invalid_request_error", response.text
+        assert error["message"].startswith(f"Invalid URL ({method} {path}): this server answers POST /v1/completions")
+    assert response.headers["allow"] == "POST"
+    nested = b'{"model": "tiny", "prompt": "hi", "metadata": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    response = client.post("/v1/completions", content=nested)
+    assert response.status_code == 400 and response.json()["error"]["message"].endswith("nested too deeply")
+
+
+def test_a_request_body_past_max_request_mb_is_a_413_before_it_is_read(checkpoint, monkeypatch):
+    """No body was too large: a 200 MB prompt was read, parsed and tokenized whole, which took the HTTP process past
+    20 GB (killed for memory) before the prompt was found longer than the context."""
+    client = http_client(checkpoint, monkeypatch, "--max-request-mb", "0.5")
+    body = json.dumps({"model": "tiny", "prompt": "a " * 2**18, "max_tokens": 2}).encode()  # just over 0.5 MiB
+    for content in (body, iter([body[: len(body) // 2], body[len(body) // 2 :]])):  # Content-Length, then chunks
+        response = client.post("/v1/completions", content=content)
+        assert response.status_code == 413, response.text
+        assert response.json()["error"]["message"] == (
+            "the request body is larger than the 0.5 MiB this server accepts (serve --max-request-mb)"
+        )
+    assert client.post("/v1/completions", content=body[:-100] + b'"}').status_code == 400  # under it: read
+
+
 def built_api(checkpoint: Path, monkeypatch, *args: str):
     """The API object ``serve --checkpoint`` builds (its ``served`` model and HTTP endpoints), no server started."""
     from epas_lightning.serve import command
@@ -526,6 +567,37 @@ def refused(parse, body: dict, served) -> tuple[int, str]:
     with pytest.raises(RequestError) as error:
         parse(body, served, served.tokenizer())
     return error.value.status, error.value.message
+
+
+def test_prompts_that_cannot_fit_are_refused_before_they_are_tokenized(checkpoint, monkeypatch):
+    """A text prompt is refused by its length in characters, and a list of prompts by its count, before the tokenizer
+    sees them (tokenizing 5 million tokens to find them over the context took the HTTP process 3 GB); a lone
+    surrogate (a JSON "\\ud800") in a prompt or message is a 400 naming it, not a tokenizer's TypeError (500)."""
+    from epas_lightning.serve.protocol import MAX_TOKEN_CHARS, parse_chat, parse_completion
+
+    served = built_api(checkpoint, monkeypatch).served
+    tokenized = []
+    monkeypatch.setattr(type(served.tokenizer()), "encode_batch", lambda self, texts: tokenized.append(texts))
+    body = {"model": "tiny", "max_tokens": 2}
+    too_long = "a" * (served.config.context_length * MAX_TOKEN_CHARS + 1)
+    assert refused(parse_completion, {**body, "prompt": ["a", too_long]}, served) == (
+        400,
+        f"the prompt holds {len(too_long)} characters, more than the model's context length of 64 tokens can hold: "
+        "shorten it",
+    )
+    assert refused(parse_completion, {**body, "prompt": ["a"] * 17}, served)[1].startswith(
+        "17 prompt(s) x n=1 is more than the 16 completions"
+    )
+    assert not tokenized
+    assert refused(parse_completion, {**body, "prompt": "x\ud800"}, served) == (
+        400,
+        "prompt holds a lone surrogate ('\\ud800' at character 1), which is not text: send valid Unicode",
+    )
+    chat = {**body, "messages": [{"role": "user", "content": "x\udfff"}]}
+    assert refused(parse_chat, chat, served) == (
+        400,
+        "messages.0.content holds a lone surrogate ('\\udfff' at character 1), which is not text: send valid Unicode",
+    )
 
 
 def test_chat_content_parts_read_as_text_and_fields_that_change_the_output_are_refused(checkpoint, monkeypatch):
@@ -1208,7 +1280,10 @@ def run_with_fake_litserver(checkpoint: Path, monkeypatch, run) -> int:
         uvicorn_graceful_timeout = 0.2
 
         def __init__(self, api, *args, **kwargs) -> None:
-            self.api = api
+            from fastapi import FastAPI
+
+            self.api, self.app = api, FastAPI()
+            self.inference_workers, self._shutdown_event = [], threading.Event()
 
         def run(self, **kwargs) -> None:
             run(self)
@@ -1268,6 +1343,67 @@ def test_one_sigterm_delivered_twice_is_one_stop(checkpoint, monkeypatch, capsys
 
     assert run_with_fake_litserver(checkpoint, monkeypatch, run) == 0
     assert capsys.readouterr().err.endswith("a second Ctrl+C or SIGTERM cuts it off\nserver stopped\n")
+
+
+def test_a_server_process_that_ends_while_serving_stops_serve_in_one_line(checkpoint, monkeypatch, capsys):
+    """The HTTP process killed (for memory) left serve waiting for ever while nothing answered; the inference worker
+    killed ended serve with LitServe's EOFError traceback."""
+    from epas_lightning.serve import liveness
+
+    monkeypatch.setattr(liveness, "WATCH_INTERVAL", 0.1)
+    fork = multiprocessing.get_context("fork")
+
+    def killed(server, http: bool) -> None:
+        name = "LitServer-0" if http else "inference-worker"
+        process = fork.Process(target=lambda: (time.sleep(0.3), os.kill(os.getpid(), signal.SIGKILL)), name=name)
+        process.start()
+        if http:  # the watcher sets LitServe's shutdown event: its run returns
+            assert server._shutdown_event.wait(10)
+        else:  # LitServe's monitor shuts its manager down under the main process
+            server.inference_workers.append(process)
+            process.join()
+            raise EOFError
+
+    for http, kind in [(True, "HTTP process"), (False, "inference worker")]:
+        assert run_with_fake_litserver(checkpoint, monkeypatch, lambda server, http=http: killed(server, http)) == 2
+        assert capsys.readouterr().err.splitlines()[-1] + "\n" == (
+            f"error: the {kind} ended while serving (killed by SIGKILL: the system may have run out of memory) — "
+            "serve — the requests in flight were cut off; see the log above and restart serve\n"
+        )
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_processes_serve_forks_end_when_it_is_killed():
+    """serve's main process SIGKILLed (the OOM killer, kill -9) left LitServe's HTTP process serving and its manager
+    holding the port, so that serve could not start again."""
+    from epas_lightning.serve.liveness import ending_with_this_process
+
+    read, write = os.pipe()
+    main = os.fork()
+    if main == 0:  # serve's main process: forks a process, then is killed
+        try:
+            with ending_with_this_process():
+                forked = os.fork()
+                if forked == 0:
+                    time.sleep(30)
+                    os._exit(0)
+            os.write(write, str(forked).encode())
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    forked = int(os.read(read, 32))
+    os.waitpid(main, 0)
+    deadline = time.monotonic() + 5
+    while running(forked):
+        assert time.monotonic() < deadline, "the forked process outlived serve's main process"
+        time.sleep(0.05)
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_the_shutdown_race_stays_filtered_after_the_server_returns(checkpoint, monkeypatch):

@@ -29,16 +29,18 @@ from pathlib import Path
 from typing import Any
 
 import litserve as ls
-from fastapi import Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from litserve.loops.base import _SENTINEL_VALUE, LitLoop
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem
+from starlette.exceptions import HTTPException
 
 from epas_lightning.cli import show_package_logs
 from epas_lightning.inference.generate_cli import load_for_inference
 from epas_lightning.runtime import DType
 from epas_lightning.serve.engine import Engine, Output
+from epas_lightning.serve.liveness import end_with_parent
 from epas_lightning.serve.model_card import ServedModel
 from epas_lightning.serve.protocol import (
     Completion,
@@ -61,10 +63,66 @@ CANCEL = "cancel"
 """Sent in place of a sequence on the request queue: stop decoding that uid, its client went away."""
 DISCONNECT_POLL = 0.5
 """Seconds between checks whether the client of a request that does not stream is still there."""
+ROUTES = f"POST {COMPLETIONS_PATH}, POST {CHAT_PATH}, GET {MODELS_PATH}, GET /health"
 
 
 def _error_response(error: RequestError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
+
+
+def add_openai_errors(app: FastAPI) -> None:
+    """The errors FastAPI answers itself (an unknown route, a wrong method, an unexpected failure) in OpenAI's error
+    body, which the openai SDK reads, instead of FastAPI's ``{"detail": ...}`` or a plain-text 500; an unexpected
+    failure keeps its traceback in the log."""
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestError, lambda request, error: _error_response(error))  # BodyLimit's
+    app.add_exception_handler(Exception, _server_error)
+
+
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    message = str(error.detail)
+    if error.status_code in (404, 405):
+        message = f"Invalid URL ({request.method} {request.url.path}): this server answers {ROUTES}"
+    response = _error_response(RequestError(message, status=error.status_code))
+    response.headers.update(error.headers or {})  # a 405's Allow
+    return response
+
+
+class BodyLimit:
+    """ASGI middleware: a request body of more than ``limit`` bytes is a 413, refused by its Content-Length before it
+    is read, or as soon as a body sent in chunks passes the limit (the rest is not read, nor parsed)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await _error_response(self.too_large())(scope, receive, send)
+        received = 0
+
+        async def receive_within_limit():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise self.too_large()
+            return message
+
+        await self.app(scope, receive_within_limit, send)
+
+    def too_large(self) -> RequestError:
+        return RequestError(
+            f"the request body is larger than the {self.limit / 2**20:g} MiB this server accepts (serve "
+            "--max-request-mb)",
+            status=413,
+        )
+
+
+async def _server_error(request: Request, error: Exception) -> JSONResponse:
+    return _error_response(RequestError("the server failed on this request (see the server log)", status=500))
 
 
 def _sse(record: dict[str, Any]) -> str:
@@ -116,6 +174,8 @@ class CompletionsSpec(LitSpec):
             body = await request.json()
         except ValueError:
             return _error_response(RequestError("the request body is not valid JSON"))
+        except RecursionError:  # Python's JSON parser recurses once per level
+            return _error_response(RequestError("the request body is JSON nested too deeply"))
         try:  # in a thread: rendering a chat and tokenizing a long prompt do not hold up the other requests
             completion = await asyncio.to_thread(lambda: parse(body, self.served, self.served.tokenizer()))
         except RequestError as e:
@@ -330,6 +390,8 @@ class CompletionsAPI(ls.LitAPI):
         self.startup = StartupReport()
 
     def setup(self, device: str) -> None:
+        if (parent := multiprocessing.parent_process()) is not None:  # spawned: the main process's fork hook never ran
+            end_with_parent(parent.pid)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches every process: the main one shuts us down
         show_package_logs()  # this process was spawned: our INFO lines (cancellations) go to stderr as in the main one
         logging.getLogger("epas_lightning").propagate = False  # and not once more through LitServe's root handler

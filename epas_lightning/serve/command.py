@@ -111,6 +111,7 @@ def serve_command(
     batch_timeout: float = 0.05,
     max_tokens: int | None = None,
     max_choices: int = 16,
+    max_request_mb: float = 8,
     log_level: LogLevel = "warning",
 ) -> None:
     """Serve a checkpoint over the OpenAI completions and chat APIs; each request may pick its sharing region.
@@ -138,6 +139,7 @@ def serve_command(
         batch_timeout: Seconds a request waits for others to share its forward (at most; none when the batch fills).
         max_tokens: The largest max_tokens a request may ask for (default: the model's context length minus one).
         max_choices: Prompts x n one request may ask for.
+        max_request_mb: The largest request body, in MiB; a larger one is refused (413) before it is parsed.
         log_level: LitServe and uvicorn logging (info logs every request).
     """
     require_litserve()
@@ -156,7 +158,7 @@ def serve_command(
     from epas_lightning.serve.api import CompletionsAPI
     from epas_lightning.serve.model_card import ServedModel
 
-    served = ServedModel.build(recorded, text_tokenizer, name, sharing_layers, max_tokens, max_choices)
+    served = ServedModel.build(recorded, text_tokenizer, name, sharing_layers, max_tokens, max_choices, max_request_mb)
     run_server(
         CompletionsAPI(served, checkpoint, dtype, attention_reuse, max_batch_size, batch_timeout),
         where.type,
@@ -182,10 +184,26 @@ def check_port_free(host: str, port: int) -> None:
             ) from e
 
 
-def run_server(api, accelerator: str, index: int | None, host: str, port: int, log_level: str) -> None:
-    """Run LitServe until SIGTERM or Ctrl+C; returns after a clean shutdown."""
+def lit_server(api, accelerator: str, devices, banner: str):
+    """The LitServer of ``api``, not started: our endpoints, middlewares and OpenAI-shaped errors on its app."""
     import litserve as ls
 
+    from epas_lightning.serve.api import BodyLimit, add_openai_errors
+
+    middlewares = [(HTTPProcessStart, {"banner": banner}), (BodyLimit, {"limit": api.served.max_request_bytes})]
+    server = ls.LitServer(api, accelerator=accelerator, devices=devices, timeout=False, middlewares=middlewares)
+    add_openai_errors(server.app)
+    return server
+
+
+def run_server(api, accelerator: str, index: int | None, host: str, port: int, log_level: str) -> None:
+    """Run LitServe until SIGTERM or Ctrl+C; returns after a clean shutdown."""
+    from epas_lightning.serve.liveness import (
+        ending_with_this_process,
+        first_ended,
+        server_ended,
+        watching_processes,
+    )
     from epas_lightning.serve.startup import watching_startup
 
     check_port_free(host, port)
@@ -197,8 +215,7 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
         f"sharing layers; {'chat' if served.chat_template else 'no chat: the model has no chat template'}) at "
         f"http://{host}:{port}/v1 — ready; SIGTERM or Ctrl+C stops it"
     )
-    middlewares = [(HTTPProcessStart, {"banner": banner})]
-    server = ls.LitServer(api, accelerator=accelerator, devices=devices, timeout=False, middlewares=middlewares)
+    server = lit_server(api, accelerator, devices, banner)
     print(f"loading the model from {api.checkpoint}", file=sys.stderr, flush=True)
     # kept after run returns: the monitor thread outlives it and may log the race until the process exits
     logging.getLogger("litserve.server").addFilter(_shutdown_race)
@@ -218,7 +235,12 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
             deadline.daemon = True
             deadline.start()
 
-    with signals_stop_server(stopping) as received, watching_startup(server) as died:
+    with (
+        signals_stop_server(stopping) as received,
+        watching_startup(server) as died,
+        watching_processes(server, received) as ended,
+        ending_with_this_process(),
+    ):
         try:
             server.run(host=host, port=port, log_level=log_level, generate_client_file=False, num_api_servers=1)
         except KeyboardInterrupt as stop:
@@ -240,6 +262,12 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
             if failure is None:
                 raise
             raise failure from None
+        except (EOFError, OSError):  # LitServe's monitor shut the server down under run: its worker ended
+            ended.append(first_ended(server, []))
+            if not ended[0]:
+                raise
+    if ended and not received:
+        raise server_ended(ended[0])
     cut_off = f" after the {grace} s grace period: {_cut_off(unfinished[0])}" if unfinished and unfinished[0] else ""
     print(f"server stopped{cut_off}", file=sys.stderr, flush=True)
 

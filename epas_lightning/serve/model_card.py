@@ -35,6 +35,8 @@ class ServedModel:
     """The largest ``max_tokens`` a request may ask for."""
     max_choices: int
     """Prompts x ``n`` one request may ask for."""
+    max_request_bytes: int
+    """The largest request body (``--max-request-mb``); a larger one is a 413."""
     created: int
     chat_template: str | None = None
     """The template ``POST /v1/chat/completions`` renders messages with; ``None``: chat is unavailable."""
@@ -50,6 +52,7 @@ class ServedModel:
         sharing_layers: int | None,
         max_tokens: int | None,
         max_choices: int,
+        max_request_mb: float = 8,
     ) -> ServedModel:
         """Check the server's settings against the checkpoint (a :class:`ConfigError` at startup if they do not fit)."""
         config, region = recorded.config, recorded.region
@@ -65,11 +68,14 @@ class ServedModel:
             )
         if max_choices < 1:
             raise ConfigError("--max-choices must be at least 1", f"--max-choices {max_choices}")
+        if not max_request_mb > 0:
+            raise ConfigError("--max-request-mb must be positive", f"--max-request-mb {max_request_mb}")
         ids = tokenizer.bos_id, tokenizer.eos_id
         template, no_chat = _chat_template(tokenizer.path)
         return cls(
-            name, config, region, default, tokenizer.path, *ids, limit, max_choices, int(time.time()), template, no_chat
-        )
+            name, config, region, default, tokenizer.path, *ids, limit, max_choices, int(max_request_mb * 2**20),
+            int(time.time()), template, no_chat,
+        )  # fmt: skip
 
     def tokenizer(self) -> TextTokenizer:
         """The tokenizer with the checkpoint's BOS/EOS ids, loaded once per process (the HTTP side and the worker)."""

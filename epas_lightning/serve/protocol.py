@@ -164,7 +164,10 @@ def parse_completion(body: Any, served: ServedModel, tokenizer: TextTokenizer) -
     )
     max_tokens = DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
     _check_max_tokens(max_tokens, "max_tokens", served)
-    prompts = _prompt_ids(request.prompt, tokenizer, served)
+    prompt = request.prompt
+    prompt = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+    _check_choices(len(prompt), request.n, served)  # before the prompts are tokenized
+    prompts = _prompt_ids(prompt, tokenizer, served)
     return _completion(request, served, prompts, max_tokens, chat=False, field="max_tokens")
 
 
@@ -225,16 +228,8 @@ def _completion(
     """The checks both endpoints share, and the sequences of a request whose prompts are token ids; ``field`` is the
     request's name for ``max_tokens`` (chat: ``max_completion_tokens`` where it gave that)."""
     sampling = _sampling(request)
-    n = 1 if request.n is None else request.n
-    if n < 1:
-        raise RequestError(f"n must be at least 1, got {n}", "n")
+    n = _check_choices(len(prompts), request.n, served)
     n_shared = served.resolve_region(request.sharing_layers, request.budget)
-    if len(prompts) * n > served.max_choices:
-        raise RequestError(
-            f"{len(prompts)} prompt(s) x n={n} is more than the {served.max_choices} completions one request may ask "
-            "for on this server",
-            "n",
-        )
     for ids in prompts:
         _check_length(ids, max_tokens, served.config.context_length, "messages" if chat else "prompt", field)
     stop = _stop_strings(request.stop)
@@ -262,6 +257,43 @@ def _completion(
         created=int(time.time()),
         chat=chat,
     )
+
+
+def _check_choices(prompts: int, n: int | None, served: ServedModel) -> int:
+    """``n``, checked: the sequences of ``prompts`` prompts x ``n`` fit ``--max-choices``."""
+    n = 1 if n is None else n
+    if n < 1:
+        raise RequestError(f"n must be at least 1, got {n}", "n")
+    if prompts * n > served.max_choices:
+        raise RequestError(
+            f"{prompts} prompt(s) x n={n} is more than the {served.max_choices} completions one request may ask "
+            "for on this server",
+            "n",
+        )
+    return n
+
+
+def _check_text(text: str, field: str) -> None:
+    """A lone surrogate (a JSON ``\\ud800``) is not text: no tokenizer encodes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(
+            f"{field} holds a lone surrogate ({text[e.start]!r} at character {e.start}), which is not text: send "
+            "valid Unicode",
+            field.split(".")[0],
+        ) from None
+
+
+def _check_chars(chars: int, what: str, fix: str, field: str, served: ServedModel) -> None:
+    """Text of ``chars`` characters may fit the context (checked before it is tokenized or rendered)."""
+    context_length = served.config.context_length
+    if chars > context_length * MAX_TOKEN_CHARS:
+        raise RequestError(
+            f"{what} {chars} characters, more than the model's context length of {context_length} tokens can hold: "
+            f"{fix}",
+            field,
+        )
 
 
 def _schema_error(error: ValidationError) -> RequestError:
@@ -306,14 +338,14 @@ def _sampling(request: SamplingRequest) -> Sampling:
 
 
 def _prompt_ids(prompt: Any, tokenizer: TextTokenizer, served: ServedModel) -> list[list[int]]:
-    """Token ids of each prompt: text gets BOS in front (as in ``generate``), token ids are taken as they are."""
-    if isinstance(prompt, str):
-        prompt = [prompt]
+    """Token ids of each prompt (a list of them): text gets BOS in front (as in ``generate``), token ids are taken as
+    they are."""
     if not prompt:
         raise RequestError("prompt must not be an empty list", "prompt")
-    if isinstance(prompt[0], int):
-        prompt = [prompt]
     if isinstance(prompt[0], str):
+        for text in prompt:
+            _check_text(text, "prompt")
+            _check_chars(len(text), "the prompt holds", "shorten it", "prompt", served)
         return [[tokenizer.bos_id, *ids] for ids in tokenizer.encode_batch(prompt)]
     vocab = served.config.vocab_size
     for ids in prompt:
@@ -329,15 +361,10 @@ def _chat_prompt(messages: list[ChatMessage], served: ServedModel, tokenizer: Te
     if not messages:
         raise RequestError("messages must hold at least one message", "messages")
     records = [_template_message(i, m) for i, m in enumerate(messages)]
-    context_length = served.config.context_length
-    most = context_length * MAX_TOKEN_CHARS  # no longer text fits in the context
-    given = sum(len(record["content"]) for record in records)
-    if given > most:
-        raise RequestError(
-            f"the messages hold {given} characters, more than the model's context length of {context_length} "
-            "tokens can hold: shorten them",
-            "messages",
-        )
+    _check_chars(
+        sum(len(record["content"]) for record in records), "the messages hold", "shorten them", "messages", served
+    )
+    most = served.config.context_length * MAX_TOKEN_CHARS  # no longer text fits in the context
     try:  # the template may add its own text (headers, a system prompt), not as much again
         return chat_prompt_ids(served.chat_template, records, tokenizer, max_chars=2 * most)
     except TemplateRefusal as e:
@@ -359,6 +386,9 @@ def _template_message(index: int, message: ChatMessage) -> dict[str, str]:
         if getattr(message, name):
             raise RequestError(f"messages.{index}.{name} is not supported by this server; leave it unset", "messages")
     record = message.model_dump(include={"role", "content", "name"}, exclude_none=True)
+    for name, value in record.items():
+        if isinstance(value, str):
+            _check_text(value, f"messages.{index}.{name}")
     if isinstance(message.content, str):
         return record
     texts = []
@@ -369,6 +399,7 @@ def _template_message(index: int, message: ChatMessage) -> dict[str, str]:
             raise RequestError(f"{where} is a {kind!r} part: this model reads text parts only", "messages")
         if not isinstance(part.get("text"), str):
             raise RequestError(f"{where}: a text part needs its 'text', a string", "messages")
+        _check_text(part["text"], where)
         texts.append(part["text"])
     return {**record, "content": "\n".join(texts)}
 

@@ -103,12 +103,12 @@ def _watch(server, done: threading.Event, died: list[str]) -> None:
         starting = [key for key, status in statuses.items() if status == WorkerSetupStatus.STARTING]
         ended = [process for process in getattr(server, "inference_workers", []) if process.exitcode is not None]
         if starting and ended:
-            died.append(_ending(ended[0]))
+            died.append(ending(ended[0]))
             server.workers_setup_status[starting[0]] = WorkerSetupStatus.ERROR  # LitServe raises: failed to start
             return
 
 
-def _ending(process) -> str:
+def ending(process) -> str:
     """How a process ended: its exit status, or the signal that killed it."""
     if process.exitcode >= 0:
         return f"exit status {process.exitcode}"
