@@ -20,7 +20,7 @@ from epas_lightning.data import TokenDataModule
 from epas_lightning.data.builtin import collect_source_files, stdlib_root
 from epas_lightning.data.prepare import prepare_dataset
 from epas_lightning.data.writing import default_num_workers
-from epas_lightning.errors import run_script
+from epas_lightning.errors import ConfigError, run_script
 from epas_lightning.script_args import ScriptParser, count, positive_number, whole_number
 
 
@@ -36,6 +36,8 @@ def main() -> None:
     args = p.parse_args()
 
     files, _ = collect_source_files(stdlib_root(), int(args.mb * 1e6))
+    if not files:  # whole files only: a budget below the smallest one selects none
+        raise ConfigError(f"{args.mb:g} MB selects no source file", "--mb", "raise it (the default is 8)")
     with tempfile.TemporaryDirectory() as tmp:
         out = prepare_dataset(
             [f.path for f in files],

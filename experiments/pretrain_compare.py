@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 from epas_lightning.callbacks import ProgressiveSharing
-from epas_lightning.errors import DataError, OutputError, run_script
+from epas_lightning.errors import DataError, OutputError, UserError, run_script
 from epas_lightning.flops import flop_cut
 from epas_lightning.loss import next_token_loss, train_loss
 from epas_lightning.lr import WarmupCosineLR
@@ -132,8 +132,12 @@ def load_batches(args: argparse.Namespace, vocab_size: int) -> tuple[list[torch.
     data = TokenDataModule(
         data_dir=args.data_dir, seq_len=args.seq_len, batch_size=args.batch_size, vocab_size=vocab_size, seed=args.seed
     )
-    data.prepare_data()
-    data.setup("fit")
+    try:
+        data.prepare_data()
+        data.setup("fit")
+    except UserError as e:  # the data module names the fit command's key; this script's flag is --data-dir
+        where, fix = (None if x is None else x.replace("data.data_dir", "--data-dir") for x in (e.where, e.fix))
+        raise type(e)(e.what, where, fix) from None
     train = take(data.train_dataloader(), args.steps)
     val = take(data.val_dataloader(), args.val_batches)
     if len(train) < args.steps or len(val) < args.val_batches:

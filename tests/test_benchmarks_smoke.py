@@ -337,3 +337,25 @@ def test_continual_refuses_to_replace_an_earlier_runs_outputs(tmp_path, monkeypa
     with pytest.raises(OutputError, match=r"earlier run \(results.md\)"):
         continual.main()
     assert (tmp_path / "results.md").read_text() == "an earlier run's table\n"
+
+
+def test_data_throughput_names_its_own_flag_when_the_budget_selects_no_file(benchmarks_importable, monkeypatch):
+    import data_throughput
+
+    from epas_lightning.errors import ConfigError
+
+    monkeypatch.setattr(sys, "argv", ["data_throughput.py", "--mb", "0.00001"])
+    with pytest.raises(ConfigError, match="selects no source file") as refused:
+        data_throughput.main()
+    assert refused.value.where == "--mb"
+
+
+def test_pretrain_compare_names_its_own_data_flag(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import pretrain_compare
+
+    from epas_lightning.errors import DataError
+
+    with pytest.raises(DataError, match="does not exist") as refused:
+        pretrain_compare.main(["--data-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
+    assert refused.value.where.startswith("--data-dir ") and "leave --data-dir unset" in refused.value.fix
