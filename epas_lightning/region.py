@@ -66,19 +66,26 @@ class TrainedRegion:
         if not 0 <= n <= limit:
             trained = f" (it trained {self.size}: {self.describe()})" if self.size < limit and not force else ""
             raise ConfigError(
-                f"{n} sharing layers were asked for; a {self.n_layer}-layer model can share at most {limit}{trained}",
+                f"{sharing_layers_text(n)} {'was' if n == 1 else 'were'} asked for; a {self.n_layer}-layer model "
+                f"can share at most {limit}{trained}",
                 flag,
-                f"choose 0..{limit if force else self.size}",
+                f"choose {choices(limit if force else self.size)}",
             )
         if n > self.size and not force:
             raise ConfigError(
-                f"this checkpoint was trained with at most {self.size} sharing layers ({self.describe()}); "
-                f"{n} were asked for",
+                f"this checkpoint {self.trained_at_most()}; {n} {'was' if n == 1 else 'were'} asked for",
                 flag,
-                f"choose 0..{self.size}"
+                f"choose {choices(self.size)}"
                 + (f", or pass {force_flag} to run a region it never trained" if forceable else ""),
             )
         return sorted(self.growth_order()[:n])
+
+    def trained_at_most(self) -> str:
+        """What the region allows, as errors say it: "was trained with at most 2 sharing layers (layers [7, 6],
+        deep-first)", or "was trained dense (no sharing layers)"."""
+        if not self.layers:
+            return "was trained dense (no sharing layers)"
+        return f"was trained with at most {sharing_layers_text(self.size)} ({self.describe()})"
 
     def describe(self) -> str:
         if not self.layers:
@@ -107,6 +114,16 @@ class TrainedRegion:
         if order is None:
             order = "deep_first" if not layers or layers[-1] == n_layer - 1 else "shallow_first"
         return cls(n_layer, tuple(reversed(layers)) if order == "deep_first" else tuple(layers), order)
+
+
+def sharing_layers_text(n: int) -> str:
+    """``"1 sharing layer"``, ``"2 sharing layers"``."""
+    return f"{n} sharing layer{'' if n == 1 else 's'}"
+
+
+def choices(top: int) -> str:
+    """The region lengths 0..``top`` as an error's fix offers them (``"0"`` alone for a dense checkpoint)."""
+    return "0" if top == 0 else f"0..{top}"
 
 
 def region_in_growth_order(target_layers: Sequence[int], shared: Iterable[int]) -> tuple[int, ...]:

@@ -248,6 +248,9 @@ def test_region_errors():
     with pytest.raises(ValueError, match="trained with at most 1 .* — n_shared — choose 0..1, or pass force=True to"):
         set_region(model, 2, trained)  # from Python: its arguments, not the commands' --sharing-layers and --force
     assert set_region(model, 2, trained, force=True) == [2, 3]
+    dense = r"trained dense \(no sharing layers\); 1 was asked for — n_shared — choose 0, or"
+    with pytest.raises(ValueError, match=dense):
+        set_region(model, 1, TrainedRegion(4, ()))
     with pytest.raises(ValueError, match="can share at most 3 — n_shared — choose 0..3"):
         set_region(model, 4)  # no trained region given: any layer count the model allows
     shallow = TrainedRegion(4, (1, 2), "shallow_first")

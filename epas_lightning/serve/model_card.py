@@ -13,7 +13,7 @@ from epas_lightning.data.tokenizer import TextTokenizer, load_tokenizer_once
 from epas_lightning.errors import ConfigError
 from epas_lightning.inference.bench import flops_ratio, region_for_budget
 from epas_lightning.model import LlamaConfig
-from epas_lightning.region import SHARING_FLAGS, TrainedRegion
+from epas_lightning.region import SHARING_FLAGS, TrainedRegion, choices
 from epas_lightning.serve.chat import checked_chat_template
 from epas_lightning.serve.protocol import RequestError
 
@@ -97,8 +97,8 @@ class ServedModel:
             return self.default_sharing
         if not 0 <= sharing_layers <= trained:
             raise RequestError(
-                f"sharing_layers={sharing_layers} is outside the trained region: this model was trained with at most "
-                f"{trained} sharing layers ({self.region.describe()}); choose 0..{trained}",
+                f"sharing_layers={sharing_layers} is outside the trained region: this model "
+                f"{self.region.trained_at_most()}; choose {choices(trained)}",
                 "sharing_layers",
             )
         return sharing_layers
