@@ -115,7 +115,12 @@ def tests_part(args: argparse.Namespace) -> dict:
 
 def fit_part(args: argparse.Namespace) -> dict:
     """``fit`` 60 steps of tinyllama-1gpu (dense to step 30, then half the layers sharing); rates from TensorBoard."""
-    runs = Path(tempfile.mkdtemp(prefix="epas_runs_"))
+    with tempfile.TemporaryDirectory(prefix="epas_runs_") as runs:  # its logs are read here, then removed
+        return fit_in(Path(runs), args)
+
+
+def fit_in(runs: Path, args: argparse.Namespace) -> dict:
+    """``fit_part`` logging into ``runs``."""
     cmd = [sys.executable, "-m", "epas_lightning", "fit", "--config", "tinyllama-1gpu"]
     cmd += [f"--trainer.max_steps={FIT_STEPS}", f"--data.batch_size={args.fit_batch_size}"]
     cmd += [f"--trainer.logger.init_args.save_dir={runs}", "--checkpoint.save_last=false", "--checkpoint.save_top_k=0"]
