@@ -25,7 +25,7 @@ import argparse
 import statistics
 
 import torch
-from harness import alternate, emit, preset_config, resolve_device
+from harness import alternate, device_name, emit, preset_config, resolve_device
 
 from epas_lightning.errors import ConfigError, run_script
 from epas_lightning.inference import generate, set_region
@@ -141,7 +141,7 @@ def summarize(args, config: LlamaConfig, device: torch.device, dtype: str, resul
     return {
         "model": args.model,
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device_name": device_name(device),
         "dtype": dtype,
         "cuda_graph": args.cuda_graph,
         "n_layer": config.n_layer,
