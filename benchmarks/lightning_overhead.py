@@ -63,11 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=count, default=5)
     p.add_argument("--threads", type=count, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="debug shape, 2 reps of 4 steps (smoke test)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.model, args.seq_len, args.batch_size, args.steps, args.warmup, args.reps = "debug", 32, 2, 4, 1, 2
-    return args
+    p.add_quick("debug shape, 2 reps of 4 steps", model="debug", seq_len=32, batch_size=2, steps=4, warmup=1, reps=2)
+    return p.parse_args(argv)
 
 
 class StepClock(Callback):

@@ -44,10 +44,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=count, default=2000)
     parser.add_argument("--chunks", type=count, nargs="+", default=[32, 4, 1])
     parser.add_argument("--threads", type=count, default=None)
-    parser.add_argument("--quick", action="store_true", help="256 tokens, d 32, vocab 300 (smoke test)")
+    parser.add_quick("256 tokens, d 32, vocab 300", tokens=256, dim=32, vocab=300)
     args = parser.parse_args()
-    if args.quick:
-        args.tokens, args.dim, args.vocab = 256, 32, 300
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

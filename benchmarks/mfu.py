@@ -59,11 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=count, default=None)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="the target is CPU MFU")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="debug model, small matmuls (smoke test)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.model, args.seq_len, args.reps, args.sizes, args.mm_reps = "debug", 32, 1, [128, 256], 1
-    return args
+    p.add_quick("debug model, small matmuls", model="debug", seq_len=32, reps=1, sizes=[128, 256], mm_reps=1)
+    return p.parse_args(argv)
 
 
 def matmul_peak(dtype: torch.dtype, sizes: list[int], reps: int, budget: float, device: torch.device) -> dict:

@@ -59,11 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="serve --device")
     p.add_argument("--threads", type=count, default=None, help="torch threads of the server (OMP_NUM_THREADS)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a tiny model and a few requests (smoke test)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.model, args.clients, args.requests, args.reps, args.prompt_len, args.max_tokens = "debug", 2, 2, 1, 8, 8
-    return args
+    quick = {"model": "debug", "clients": 2, "requests": 2, "reps": 1, "prompt_len": 8, "max_tokens": 8}
+    p.add_quick("a tiny model and a few requests", **quick)
+    return p.parse_args(argv)
 
 
 def write_checkpoint(folder: Path, config: LlamaConfig, seed: int) -> int:

@@ -53,11 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=count, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="debug shape, seq 64, 3 reps (smoke test)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.model, args.seq_len, args.reps = "debug", 64, 3
-    return args
+    p.add_quick("debug shape, seq 64, 3 reps", model="debug", seq_len=64, reps=3)
+    return p.parse_args(argv)
 
 
 def hf_config(config: LlamaConfig):  # noqa: ANN201

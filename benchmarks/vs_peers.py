@@ -121,11 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="after timing, profile one step of each system and report its N costliest ops (self device time)",
     )
-    p.add_argument("--quick", action="store_true", help="debug shape, seq 64, 2 reps (smoke test)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.model, args.seq_len, args.reps = "debug", 64, 2
-    return args
+    p.add_quick("debug shape, seq 64, 2 reps", model="debug", seq_len=64, reps=2)
+    return p.parse_args(argv)
 
 
 def litgpt_config(config: LlamaConfig):  # noqa: ANN201

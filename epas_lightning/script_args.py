@@ -16,7 +16,40 @@ from epas_lightning.errors import ConfigError
 
 
 class ScriptParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose errors are a :class:`ConfigError` (``--help`` still prints and exits)."""
+    """``argparse.ArgumentParser`` whose errors are a :class:`ConfigError` (``--help`` still prints and exits).
+
+    :meth:`add_quick` adds ``--quick``, a smoke-test size, whose values stand in for the defaults only: a flag given on
+    the command line keeps its value (``--quick --seq-len 128`` runs at 128).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self._quick: dict[str, object] = {}
+
+    def add_quick(self, help: str, **values: object) -> None:
+        """``--quick``: ``values`` (by argument name) replace the defaults of the flags not given."""
+        self.add_argument("--quick", action="store_true", help=f"{help} (smoke test; flags given still apply)")
+        self._quick = values
+
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:  # noqa: ANN001
+        parsed = super().parse_args(args, namespace)
+        if getattr(parsed, "quick", False):
+            given = self._given(args)
+            for name, value in self._quick.items():
+                if name not in given:
+                    setattr(parsed, name, value)
+        return parsed
+
+    def _given(self, args: list[str] | None) -> set[str]:
+        """The names of the arguments the command line sets (parsed again with every default left out)."""
+        defaults = [(action, action.default) for action in self._actions]
+        try:
+            for action, _ in defaults:
+                action.default = argparse.SUPPRESS
+            return set(vars(super().parse_args(args)))
+        finally:
+            for action, default in defaults:
+                action.default = default
 
     def error(self, message: str) -> NoReturn:
         flag = re.match(r"argument ([^:]+): (.*)", message, flags=re.DOTALL)

@@ -169,10 +169,8 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=count, default=1, help="torch threads (1: no oversubscription on shared cores)"
     )
-    parser.add_argument("--quick", action="store_true", help="a ~1-minute smoke run (fewer steps)")
+    parser.add_quick("a ~1-minute run (fewer steps)", pretrain_steps=40, continue_steps=12, eval_batches=3)
     args = parser.parse_args()
-    if args.quick:
-        args.pretrain_steps, args.continue_steps, args.eval_batches = 40, 12, 3
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     check_out(args.out)

@@ -87,11 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=whole_number(0), default=1, help="torch CPU threads (0: torch's choice)")
     p.add_argument("--data-dir", default=None, help="prepared data dir (default: the built-in corpus)")
     p.add_argument("--out", default="out/pretrain_compare")
-    p.add_argument("--quick", action="store_true", help="tiny model on random tokens, a few steps (smoke test)")
+    quick = {"model": "debug", "n_layer": 4, "seq_len": 32, "batch_size": 2, "steps": 12}
+    quick |= {"warmup": 2, "eval_every": 4, "val_batches": 2, "chunk": 2}
+    p.add_quick("tiny model on random tokens, a few steps", **quick)
     args = p.parse_args(argv)
-    if args.quick:
-        args.model, args.n_layer, args.seq_len, args.batch_size, args.steps = "debug", 4, 32, 2, 12
-        args.warmup, args.eval_every, args.val_batches, args.chunk = 2, 4, 2, 2
     if args.start_step is None:
         args.start_step = max(args.steps // 5, 1)
     return args

@@ -359,3 +359,12 @@ def test_pretrain_compare_names_its_own_data_flag(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="does not exist") as refused:
         pretrain_compare.main(["--data-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
     assert refused.value.where.startswith("--data-dir ") and "leave --data-dir unset" in refused.value.fix
+
+
+def test_quick_sets_only_the_flags_not_given(benchmarks_importable):
+    """``--quick --seq-len 128`` runs at 128: --quick's values replaced flags given on the command line too."""
+    import vs_peers
+
+    args = vs_peers.parse_args(["--quick", "--seq-len", "128"])
+    assert (args.model, args.seq_len, args.reps) == ("debug", 128, 2)
+    assert vs_peers.parse_args(["--seq-len", "128"]).model != "debug"
