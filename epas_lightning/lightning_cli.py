@@ -98,6 +98,9 @@ IGNORED_WARNINGS = (
     # Materialising a meta-device model on CPU runs nn.Linear's own random init on sharded weights; `init_weights`
     # then draws every weight again, whole, so the model does not depend on that init or on the rank count.
     r".*DTensor random operators may not have complete support on cpu device mesh.*",
+    # A resume without --trainer.max_time drops the time limit its checkpoint ran under: the user's choice, not a
+    # callback missing (only when the Timer is the one callback the checkpoint has and the run lacks).
+    r".*Please add the following callbacks: \['Timer'\]\.$",
 )
 
 

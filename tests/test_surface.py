@@ -946,3 +946,24 @@ def test_out_of_memory_advice_names_flags_each_command_has():
         if command in TOOLS:
             options = function_parser(tool(command), command)._option_string_actions
             assert set(re.findall(r"--[a-z-]+", advice)) <= set(options), (command, advice)
+
+
+def test_a_resume_that_drops_max_time_is_not_told_to_add_a_timer_callback():
+    """Resuming a checkpoint written under --trainer.max_time without it printed Lightning's "Please add the following
+    callbacks: ['Timer']": dropping the limit is the user's choice. Any other missing callback is still said."""
+    import re
+
+    from epas_lightning.lightning_cli import IGNORED_WARNINGS
+
+    def message(missing: list[str]) -> str:  # as lightning/pytorch/trainer/call.py words it
+        return (
+            "Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be provided during "
+            f"`Trainer` instantiation. Please add the following callbacks: {missing}."
+        )
+
+    def ignored(text: str) -> bool:
+        return any(re.compile(pattern, re.I).match(text) for pattern in IGNORED_WARNINGS)
+
+    assert ignored(message(["Timer"]))
+    assert not ignored(message(["Timer", "EarlyStopping{'monitor': 'val/loss', 'mode': 'min'}"]))
+    assert not ignored(message(["EarlyStopping{'monitor': 'val/loss', 'mode': 'min'}"]))
