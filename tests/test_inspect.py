@@ -125,3 +125,13 @@ def test_consolidated_and_hugging_face_folders_say_their_region_and_stored_dtype
     out, record = inspected(capsys, hf)
     assert (record["kind"], record["trained_region"]["layers"], record["weights_dtype"]) == ("hf", [], ["bfloat16"])
     assert record["global_step"] is None and record["non_finite"] == [] and "  step              -\n" in out
+
+
+def test_fit_records_its_latest_validation_in_its_checkpoints(debug_fit_run, capsys):
+    """The loss the summary of a run prints was in no checkpoint: `inspect` could not tell the checkpoints apart."""
+    result, cwd = debug_fit_run
+    assert result.returncode == 0, result.stderr[-2000:]
+    _, record = inspected(capsys, cwd / "runs")
+    last = next(r for r in record["checkpoints"] if r["path"].endswith("last.ckpt"))
+    assert last["global_step"] == 8 and last["tokens"] == 8 * 4 * 32 and last["trained_region"]["layers"] == [1]
+    assert last["val_loss"]["step"] in (4, 8) and 0 < last["val_loss"]["loss"] < 10, last
