@@ -39,6 +39,7 @@ from epas_lightning.hf.convert import (
     located,
     read_hf_config,
     read_hf_weights,
+    safetensors_meta,
 )
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
@@ -60,6 +61,9 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 SHARING_MASK = "sharing.mask"
 """The one tensor a description reads (with the metadata, it gives the trained region)."""
+LAST_VALIDATION_KEY = "last_validation"
+"""Checkpoint entry of ``fit``: ``{"loss": ..., "step": ...}``, the held-out loss of the run's latest validation and the
+optimizer step it was measured at (``inspect`` shows it)."""
 
 
 def read_checkpoint(
@@ -81,7 +85,7 @@ def read_checkpoint(
         return (state if weights else _shapes_only(state)), checkpoint
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from epas_lightning.safe_dcp import SafeFileSystemReader, load_shards
+    from epas_lightning.safe_dcp import SafeFileSystemReader
 
     path = verify_checkpoint(path, flag)  # exists, and its metadata reads safely
     reader = SafeFileSystemReader(path)
@@ -93,12 +97,18 @@ def read_checkpoint(
     }
     if not state:
         raise CheckpointError(f"no model weights (no keys starting with {wanted!r})", path / DCP_METADATA)
-    to_read = state if weights else {key: t for key, t in state.items() if key == mask}
-    with warnings.catch_warnings():  # torch warns that it loads in one process even when told to (no_dist)
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        load_shards(to_read, path, no_dist=True)
+    read_shards({key: t for key, t in state.items() if weights or key == mask}, path)
     metadata = load_torch_file(path / LIGHTNING_METADATA) if (path / LIGHTNING_METADATA).is_file() else {}
     return _strip_prefix(state, wanted), metadata
+
+
+def read_shards(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Fill ``state``'s tensors (keyed as the sharded checkpoint ``path`` names them) from its shards, in-process."""
+    from epas_lightning.safe_dcp import load_shards
+
+    with warnings.catch_warnings():  # torch warns that it loads in one process even when told to (no_dist)
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        load_shards(state, path, no_dist=True)
 
 
 def _shapes_only(state: dict[str, Any]) -> dict[str, Any]:
@@ -286,9 +296,7 @@ def _read_consolidated(path: Path, weights: bool = True) -> tuple[dict[str, torc
         else:
             with safe_open(path / WEIGHTS_FILE, "pt") as f:  # its header (names, shapes), then the mask
                 state = {
-                    key: f.get_tensor(key)
-                    if key == SHARING_MASK
-                    else torch.empty(f.get_slice(key).get_shape(), device="meta")
+                    key: f.get_tensor(key) if key == SHARING_MASK else safetensors_meta(f, key)
                     for key in f.keys()  # noqa: SIM118 - a safe_open handle is no dict
                 }
     except (SafetensorError, OSError) as e:
@@ -338,15 +346,28 @@ def _special_ids(hf: dict[str, Any]) -> dict[str, int | None]:
     return ids
 
 
+def checkpoint_kind(path: Path) -> str | None:
+    """Which form of checkpoint ``path`` would be read as: ``ckpt`` (a file), ``sharded`` (an FSDP2 folder),
+    ``consolidated`` or ``hf``; ``None`` for anything else (a run folder, say). Nothing is read but ``config.json``."""
+    if path.is_file():
+        return "ckpt"
+    if path.is_dir() and is_hf_dir(path):
+        return "hf"
+    if path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+        return "consolidated"
+    return "sharded" if is_sharded_checkpoint(path) else None
+
+
 def _read_any(path: Path, weights: bool, flag: str = "--checkpoint") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The state dict and metadata of a ``.ckpt`` file, an FSDP2 directory, a consolidated or an HF LLaMA directory."""
     if not path.exists():
         raise CheckpointError("checkpoint does not exist", f"{flag} {path}", "check the path")
-    if path.is_dir() and is_hf_dir(path):
+    kind = checkpoint_kind(path)
+    if kind == "hf":
         return _read_hf(path, weights, flag)
-    if path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+    if kind == "consolidated":
         return _read_consolidated(path, weights)
-    if path.is_file() or is_sharded_checkpoint(path):
+    if kind is not None:
         return read_checkpoint(path, weights, flag)
     raise CheckpointError(
         "not a checkpoint",
@@ -499,10 +520,18 @@ def describe_checkpoint(path: str | Path, flag: str = "--checkpoint") -> Checkpo
     A sharded directory's shards are not opened but for the mask's: a missing or short shard file is refused here
     (its size is checked), one corrupt within its length only when the model is loaded.
     """
+    return read_description(path, flag)[0]
+
+
+def read_description(
+    path: str | Path, flag: str = "--checkpoint"
+) -> tuple[CheckpointInfo, dict[str, torch.Tensor], dict[str, Any]]:
+    """:func:`describe_checkpoint`, with what it read: the state (empty meta tensors of the weights' shapes and
+    dtypes, and the sharing mask) and the checkpoint's metadata (its step, epoch and callbacks' state, where kept)."""
     path = Path(path).expanduser()
     state, metadata = _read_any(path, weights=False, flag=flag)
     model = _fitted_model(_model_config(metadata, path), state, path, torch.device("meta"), None)
-    return _info(metadata, model)
+    return _info(metadata, model), state, metadata
 
 
 def recorded_config(path: str | Path, flag: str = "--checkpoint") -> LlamaConfig:

@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
 from epas_lightning.errors import CheckpointError
+from epas_lightning.runtime import folder_bytes, size_text
 
 OPTIMIZER_STATES_PER_PARAM = 2
 """AdamW's ``exp_avg`` and ``exp_avg_sq``, each the size of its parameter."""
@@ -49,13 +50,6 @@ def checkpoints_kept(checkpoint: ModelCheckpoint, max_steps: int) -> int:
         top_k = max_steps // interval if interval and max_steps > 0 else 1  # unknown count: at least one
     last = 1 if checkpoint.save_last is True else 0  # "link" is a link to a top-k file
     return top_k + last + 1
-
-
-def folder_bytes(folder: Path) -> int:
-    """Bytes of the files under ``folder`` (checkpoints a resumed run will replace), 0 when there is none."""
-    if not folder.is_dir():
-        return 0
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def check_folder_shared_by_nodes(trainer: Trainer, folder: Path, wait_s: float = 2.0) -> None:
@@ -105,12 +99,8 @@ def warn_if_disk_too_small(trainer: Trainer, module: LightningModule, checkpoint
     needed = kept * checkpoint_bytes(module, trainer.optimizers)
     available = shutil.disk_usage(existing).free + folder_bytes(folder)
     if needed > available:
+        each, total, free = size_text(needed // kept), size_text(needed), size_text(available)
         rank_zero_warn(
-            f"the checkpoints may not fit: {kept} of ~{_size(needed // kept)} each at once need ~{_size(needed)}, and "
-            f"{_size(available)} is free in {folder}; free space, save elsewhere (checkpoint.dirpath) or keep fewer "
-            "(checkpoint.save_top_k)"
+            f"the checkpoints may not fit: {kept} of ~{each} each at once need ~{total}, and {free} is free in "
+            f"{folder}; free space, save elsewhere (checkpoint.dirpath) or keep fewer (checkpoint.save_top_k)"
         )
-
-
-def _size(n_bytes: int) -> str:
-    return f"{n_bytes / 1024**3:.1f} GiB" if n_bytes >= 1024**3 else f"{n_bytes / 1024**2:.1f} MiB"

@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from epas_lightning.attention_kernels import sdpa_order
+from epas_lightning.checkpoint import LAST_VALIDATION_KEY
 from epas_lightning.errors import ConfigError
 from epas_lightning.flops import estimate_flops
 from epas_lightning.init_from import (
@@ -124,6 +125,7 @@ class EPASModule(LightningModule):
         self._tokens_shape: tuple[int, int] | None = None
         self._built_on_meta = False
         self._start_weights_set = False  # the weights a stage starts from are set once (a later stage keeps them)
+        self._last_validation: dict[str, float | int] | None = None  # fit's latest val/loss, for the checkpoints
         self._init_rng_state: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._loss_step: int | None = None  # the optimizer step whose micro-batch losses _loss_sum adds up
         self._loss_sum: torch.Tensor | None = None
@@ -268,6 +270,8 @@ class EPASModule(LightningModule):
         # Plain types only, so the checkpoint stays loadable with ``weights_only=True``.
         checkpoint["model_config"] = self.config.to_dict()
         checkpoint[WEIGHTS_DTYPE_KEY] = dtype_name(self._weights_dtype())  # a sharded resume loads no state_dict
+        if self._last_validation is not None:
+            checkpoint[LAST_VALIDATION_KEY] = dict(self._last_validation)
         tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
         if tokenizer is not None:  # so `generate`, `export` and `evaluate` can find it without being told
             checkpoint["tokenizer"] = {
@@ -289,6 +293,7 @@ class EPASModule(LightningModule):
         if hasattr(data, "check_checkpoint_tokenizer"):  # a TokenDataModule: its ids are the checkpoint's tokens
             data.check_checkpoint_tokenizer(checkpoint.get("tokenizer"))
         self._say_if_narrowed(checkpoint)
+        self._last_validation = checkpoint.get(LAST_VALIDATION_KEY)  # until the resumed run validates again
         # a resume does not read init_from again: keep the context length the run inherited from it
         recorded = (recorded or {}).get("max_position_embeddings")
         if self.config.max_position_embeddings is None and recorded and recorded > self.config.block_size:
@@ -398,6 +403,8 @@ class EPASModule(LightningModule):
         tokens = self.val_tokens.compute()
         # Already the same on every rank: a max over ranks keeps the values exactly and tells Lightning they are synced
         synced = {"sync_dist": True, "reduce_fx": "max"}
+        if prefix == "val" and self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
+            self._last_validation = {"loss": float(loss), "step": self.trainer.global_step}
         self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", **synced)
         self.log(f"{prefix}/ppl", loss.exp(), **synced)
         self.log(f"{prefix}/tokens", tokens, **synced)

@@ -1,8 +1,9 @@
-"""What every command means by ``--device``, ``--dtype``, ``--json`` and a count: one definition for all of them."""
+"""What every command means by ``--device``, ``--dtype``, ``--json``, a count and a size: one definition for all."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -109,3 +110,15 @@ def emit_json(record: Any, enabled: bool) -> None:
     """``--json``: print the command's result as one JSON line, the last line of stdout (redirect it to keep it)."""
     if enabled:
         print(json.dumps(record, default=str))
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (links not followed), 0 when there is none."""
+    if not folder.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def size_text(n_bytes: int) -> str:
+    """``n_bytes`` as messages write a size: ``1.5 GiB``, ``12.0 MiB``."""
+    return f"{n_bytes / 1024**3:.1f} GiB" if n_bytes >= 1024**3 else f"{n_bytes / 1024**2:.1f} MiB"

@@ -226,17 +226,24 @@ def check_compatible(
 def read_hf_weights(path: str | Path, weights: bool = True) -> dict[str, torch.Tensor]:
     """Every tensor of an HF directory (single or sharded safetensors, else ``pytorch_model.bin``), on the CPU; without
     ``weights``, empty meta tensors of their shapes (safetensors headers are read, a ``.bin`` is mapped)."""
+    state: dict[str, torch.Tensor] = {}
+    for file in hf_weight_files(path):
+        if file.suffix == ".safetensors":
+            state.update(_safetensors_load(file) if weights else _safetensors_shapes(file))
+        else:
+            state.update(_torch_load(file) if weights else _torch_shapes(file))
+    return state
+
+
+def hf_weight_files(path: str | Path) -> list[Path]:
+    """The weight files of an HF directory that :func:`read_hf_weights` reads: ``model.safetensors``, the shards its
+    index lists, else ``pytorch_model.bin`` or the shards of its index."""
     path = Path(path).expanduser()
-    safetensors_load = _safetensors_load if weights else _safetensors_shapes
-    torch_load = _torch_load if weights else _torch_shapes
-    if (path / SAFETENSORS_FILE).is_file():
-        return safetensors_load(path / SAFETENSORS_FILE)
-    if (path / SAFETENSORS_INDEX).is_file():
-        return _read_sharded(path, SAFETENSORS_INDEX, safetensors_load)
-    if (path / TORCH_FILE).is_file():
-        return torch_load(path / TORCH_FILE)
-    if (path / TORCH_INDEX).is_file():
-        return _read_sharded(path, TORCH_INDEX, torch_load)
+    for single, index in ((SAFETENSORS_FILE, SAFETENSORS_INDEX), (TORCH_FILE, TORCH_INDEX)):
+        if (path / single).is_file():
+            return [path / single]
+        if (path / index).is_file():
+            return _shard_files(path, index)
     raise HFCheckpointError(
         "no weights", path, f"expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, {TORCH_FILE} or {TORCH_INDEX}"
     )
@@ -251,15 +258,24 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
 def _torch_shapes(file: Path) -> dict[str, torch.Tensor]:
     from epas_lightning.safe_load import load_torch_file
 
-    return {key: torch.empty(t.shape, device="meta") for key, t in load_torch_file(file, mmap=True).items()}
+    state = load_torch_file(file, mmap=True).items()
+    return {key: torch.empty(t.shape, dtype=t.dtype, device="meta") for key, t in state}
 
 
 def _safetensors_shapes(file: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(file, "pt") as f:
-            return {key: torch.empty(f.get_slice(key).get_shape(), device="meta") for key in f.keys()}  # noqa: SIM118
+            return {key: safetensors_meta(f, key) for key in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError) as e:
         raise HFCheckpointError(f"corrupt or truncated safetensors ({e})", file) from e
+
+
+def safetensors_meta(f: Any, key: str) -> torch.Tensor:
+    """An empty meta tensor of the shape and dtype of ``key`` in the ``safe_open`` file ``f``; no data is read (the
+    dtype is that of an empty slice)."""
+    shape = f.get_slice(key).get_shape()
+    dtype = f.get_slice(key)[:0].dtype if shape else f.get_tensor(key).dtype
+    return torch.empty(shape, dtype=dtype, device="meta")
 
 
 def _safetensors_load(file: Path) -> dict[str, torch.Tensor]:
@@ -269,7 +285,7 @@ def _safetensors_load(file: Path) -> dict[str, torch.Tensor]:
         raise HFCheckpointError(f"corrupt or truncated safetensors ({e})", file) from e
 
 
-def _read_sharded(path: Path, index_name: str, load) -> dict[str, torch.Tensor]:  # noqa: ANN001
+def _shard_files(path: Path, index_name: str) -> list[Path]:
     try:
         weight_map = json.loads((path / index_name).read_text()).get("weight_map")
     except (OSError, ValueError, AttributeError) as e:
@@ -280,12 +296,11 @@ def _read_sharded(path: Path, index_name: str, load) -> dict[str, torch.Tensor]:
         raise HFCheckpointError(
             "unreadable shard index (no weight_map)", path / index_name, "copy the model folder again"
         )
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        if not (path / shard).is_file():
-            raise HFCheckpointError(f"shard listed in {index_name} is missing", path / shard)
-        state.update(load(path / shard))
-    return state
+    shards = [path / name for name in sorted(set(weight_map.values()))]
+    for shard in shards:
+        if not shard.is_file():
+            raise HFCheckpointError(f"shard listed in {index_name} is missing", shard)
+    return shards
 
 
 def hf_to_ours(hf_state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:

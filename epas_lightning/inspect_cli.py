@@ -1,0 +1,271 @@
+"""``python -m epas_lightning inspect --checkpoint PATH``: which checkpoint is which, without loading a model.
+
+One checkpoint is described from its metadata and the shapes of its tensors, read by the safe readers every command
+uses (:func:`~epas_lightning.checkpoint.read_description`); its weights are then read one tensor at a time to check
+that they are finite. A folder that is no checkpoint (a run folder, its ``checkpoints/``) lists the checkpoints under
+it, one line each, by step, from their metadata alone.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from epas_lightning.checkpoint import (
+    LAST_VALIDATION_KEY,
+    MODEL_PREFIX,
+    SHARING_MASK,
+    WEIGHTS_FILE,
+    CheckpointInfo,
+    checkpoint_kind,
+    listed,
+    read_description,
+    read_shards,
+)
+from epas_lightning.errors import CheckpointError, UserError
+from epas_lightning.hf.convert import hf_weight_files
+from epas_lightning.runtime import dtype_name, emit_json, folder_bytes, size_text
+from epas_lightning.safe_load import load_torch_file
+
+KINDS = {
+    "ckpt": "training checkpoint (.ckpt file)",
+    "sharded": "training checkpoint (FSDP2 sharded folder)",
+    "consolidated": "consolidated folder (model.safetensors + config.json)",
+    "hf": "Hugging Face folder",
+}
+TOKENIZER_NOTES = {"ok": "", "gone": " (the file is gone)", "changed": " (the file changed since it trained)"}
+THROUGHPUT_STATE = "TokenThroughputMonitor"
+"""The callback state holding the run's totals (``lengths``: tokens trained), under its class name."""
+LISTING_DEPTH = 5
+"""Folder levels searched for checkpoints: ``runs/<name>/version_N/checkpoints/`` from the folder holding ``runs``."""
+CHECK_ELEMENTS = 1 << 24
+"""Elements checked at once: the check of a large tensor needs little memory."""
+SHARD_READ_BYTES = 1 << 28
+"""Bytes of weights read from a sharded checkpoint at once."""
+
+
+def describe(path: Path, check_weights: bool = True) -> dict[str, Any]:
+    """What the checkpoint ``path`` holds, as plain data (the ``--json`` record)."""
+    info, state, metadata = read_description(path)
+    kind = checkpoint_kind(path)
+    config, region = info.config, info.region
+    weights = {key: t for key, t in state.items() if t.is_floating_point()}
+    tied = config.tie_embeddings and "lm_head.weight" in weights
+    dtypes = Counter()
+    for t in weights.values():
+        dtypes[dtype_name(t.dtype)] += t.numel()
+    recorded = info.recorded_tokenizer
+    return {
+        "path": str(path),
+        "kind": kind,
+        "global_step": info.global_step,
+        "epoch": metadata.get("epoch"),
+        "tokens": trained_tokens(metadata),
+        "trained_region": region.to_record(),
+        "sharing_layers": {"default": region.size, "max": region.size, "max_forced": len(region.growth_order())},
+        "model": {
+            "n_layer": config.n_layer,
+            "n_embd": config.n_embd,
+            "n_head": config.n_head,
+            "n_kv_head": config.n_kv_head,
+            "vocab_size": config.vocab_size,
+            "block_size": config.block_size,
+            "parameters": sum(t.numel() for t in weights.values()) - (weights["lm_head.weight"].numel() if tied else 0),
+        },
+        "weights_dtype": [name for name, _ in dtypes.most_common()],
+        "non_finite": non_finite_weights(path, kind, state) if check_weights else None,
+        "tokenizer": None
+        if recorded is None
+        else {"path": str(recorded.path), "sha256": recorded.sha256, "state": tokenizer_state(info)},
+        "val_loss": last_val_loss(metadata),
+        "size_bytes": path.stat().st_size if path.is_file() else folder_bytes(path),
+    }
+
+
+def trained_tokens(metadata: dict[str, Any]) -> int | None:
+    """The tokens the run had trained when the checkpoint was written (the throughput monitor's total), if kept."""
+    state = (metadata.get("callbacks") or {}).get(THROUGHPUT_STATE)
+    return int(state["lengths"]) if isinstance(state, dict) and "lengths" in state else None
+
+
+def last_val_loss(metadata: dict[str, Any]) -> dict[str, Any] | None:
+    """``{"loss", "step"}`` of the run's latest validation before the checkpoint: what ``fit`` records, else the
+    score of a ``ModelCheckpoint`` that monitors ``val/loss`` (its step unknown)."""
+    if isinstance(record := metadata.get(LAST_VALIDATION_KEY), dict) and "loss" in record:
+        return {"loss": float(record["loss"]), "step": record.get("step")}
+    for state in (metadata.get("callbacks") or {}).values():
+        if isinstance(state, dict) and state.get("monitor") == "val/loss" and state.get("current_score") is not None:
+            return {"loss": float(state["current_score"]), "step": None}
+    return None
+
+
+def tokenizer_state(info: CheckpointInfo) -> str:
+    """``ok``, ``gone`` or ``changed`` (since the checkpoint trained: its data folder prepared again)."""
+    return "changed" if info.changed_tokenizer else "gone" if info.gone_tokenizer else "ok"
+
+
+def non_finite_weights(path: Path, kind: str, state: dict[str, torch.Tensor]) -> list[str]:
+    """The weights of ``path`` that hold NaN or inf, read one tensor (or one batch of shards) at a time."""
+    bad = []
+    for key, t in weight_tensors(path, kind, state):
+        chunks = t.reshape(-1).split(CHECK_ELEMENTS) if t.is_floating_point() else ()
+        if not all(bool(torch.isfinite(chunk).all()) for chunk in chunks):
+            bad.append(key)
+    return bad
+
+
+def weight_tensors(path: Path, kind: str, state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every stored weight of the checkpoint ``path`` of ``kind``, as few at a time as its format allows."""
+    if kind == "sharded":
+        yield from _shard_tensors(path, state)
+        return
+    files = {"ckpt": [path], "consolidated": [path / WEIGHTS_FILE]}.get(kind) or hf_weight_files(path)
+    for file in files:
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(file, "pt") as f:
+                    yield from ((key, f.get_tensor(key)) for key in f.keys())  # noqa: SIM118 - no dict
+            except SafetensorError as e:
+                raise CheckpointError(f"corrupt or truncated weights ({e})", file, "copy it again") from e
+        else:  # mapped, not read into memory; a .ckpt's optimizer state is not checked
+            loaded = load_torch_file(file, mmap=True, where=f"--checkpoint {file}")
+            yield from loaded.get("state_dict", loaded).items()
+
+
+def _shard_tensors(path: Path, state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weights of a sharded checkpoint, read about :data:`SHARD_READ_BYTES` at a time."""
+    batches, batch, size = [], {}, 0
+    for key, meta in state.items():
+        if key != SHARING_MASK:
+            batch[key], size = meta, size + meta.numel() * meta.element_size()
+        if size >= SHARD_READ_BYTES:
+            batches.append(batch)
+            batch, size = {}, 0
+    prefix = "state_dict." + MODEL_PREFIX
+    for metas in filter(None, [*batches, batch]):
+        read = {prefix + key: torch.empty(meta.shape, dtype=meta.dtype) for key, meta in metas.items()}
+        read_shards(read, path)
+        yield from ((name[len(prefix) :], t) for name, t in read.items())
+
+
+def checkpoints_in(folder: Path, depth: int = LISTING_DEPTH) -> list[Path]:
+    """The checkpoints under ``folder`` (``.ckpt`` files and checkpoint folders), ``depth`` levels down at most;
+    hidden entries (saves in the making) are skipped."""
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.suffix == ".ckpt" and entry.is_file() or entry.is_dir() and checkpoint_kind(entry):
+            found.append(entry)
+        elif entry.is_dir() and depth > 1:
+            found += checkpoints_in(entry, depth - 1)
+    return found
+
+
+def listing(folder: Path) -> list[dict[str, Any]]:
+    """A record of each checkpoint under ``folder`` by step (its weights unread); one that cannot be read says why."""
+    records = []
+    for path in checkpoints_in(folder):
+        try:
+            records.append(describe(path, check_weights=False))
+        except UserError as e:
+            records.append({"path": str(path), "error": e.what})
+    return sorted(records, key=lambda r: ("error" in r, r.get("global_step") is None, r.get("global_step") or 0))
+
+
+def _number(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _span(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first}..{last}"
+
+
+def describe_text(record: dict[str, Any]) -> str:
+    """The lines ``inspect`` prints for one checkpoint."""
+    region, allowed, model = record["trained_region"], record["sharing_layers"], record["model"]
+    n = allowed["max"]
+    step = _number(record["global_step"]) + (f" (epoch {record['epoch']})" if record["epoch"] is not None else "")
+    order = region["order"].replace("_", "-")
+    trained = f"{n} sharing layer{'' if n == 1 else 's'}" + (f": layers {region['layers']}, {order}" if n else "")
+    forced = allowed["max_forced"]
+    more = f"; {_span(n + 1, forced)} only with --force (never trained)" if forced > n else ""
+    kv = model["n_kv_head"]
+    heads = f"{model['n_head']} heads" + (f" / {kv} KV heads" if kv != model["n_head"] else "")
+    finite = record["non_finite"]
+    tokenizer = record["tokenizer"]
+    val = record["val_loss"]
+    rows = {
+        "kind": KINDS[record["kind"]],
+        "step": step,
+        "tokens": _number(record["tokens"]) + (" trained" if record["tokens"] is not None else " (not recorded)"),
+        "region": trained if n else "dense (no sharing layers trained)",
+        "--sharing-layers": f"{_span(0, n)} (default {n}){more}",
+        "model": f"{model['n_layer']} layers, d {model['n_embd']}, {heads}, vocab {model['vocab_size']:,}, "
+        f"block size {model['block_size']:,}, {model['parameters']:,} parameters",
+        "weights": ", ".join(record["weights_dtype"])
+        + ("" if finite is None else ", all finite" if not finite else f", NaN or inf in {listed(finite)}"),
+        "tokenizer": "none recorded" if tokenizer is None else tokenizer["path"] + TOKENIZER_NOTES[tokenizer["state"]],
+        "val loss": "not recorded"
+        if val is None
+        else f"{val['loss']:.4f}" + (f" at step {val['step']:,}" if val["step"] is not None else ""),
+        "size": size_text(record["size_bytes"]),
+    }
+    width = max(map(len, rows))
+    return "\n".join([record["path"], *(f"  {name:<{width}}  {value}" for name, value in rows.items())])
+
+
+def listing_text(records: list[dict[str, Any]], folder: Path) -> str:
+    """One line per checkpoint: step, tokens, trained region size, val loss, size and its path under ``folder``."""
+    header = ("step", "tokens", "region", "val loss (at step)", "size", "checkpoint")
+    rows = []
+    for r in records:
+        path = str(Path(r["path"]).relative_to(folder))
+        if "error" in r:
+            rows.append(("?", "", "", "", "", f"{path}  (unreadable: {r['error']})"))
+            continue
+        val = r["val_loss"]
+        cells = (_number(r["global_step"]), _number(r["tokens"]), str(r["sharing_layers"]["max"]))
+        loss = "-" if val is None else f"{val['loss']:.4f}" + (f" ({val['step']:,})" if val["step"] is not None else "")
+        rows.append((*cells, loss, size_text(r["size_bytes"]), path))
+    rows.insert(0, header)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    return "\n".join("  ".join([*map(str.ljust, row[:-1], widths), row[-1]]) for row in rows)
+
+
+def inspect_command(checkpoint: Path, check_weights: bool = True, json: bool = False) -> None:
+    """What a checkpoint holds (step, tokens, trained region, val loss, ...), or which checkpoints a run folder holds.
+
+    For one checkpoint: its kind, step and epoch, the tokens trained, the trained sharing region in growth order and
+    the --sharing-layers values generate, serve and evaluate accept for it, the model's shape, the dtype of its
+    weights and whether they are all finite, the tokenizer it recorded, the latest validation loss, its size on disk.
+    A folder that is not a checkpoint (a run folder, its checkpoints/ folder, runs/) lists the checkpoints under it,
+    one line each, by step. Nothing is loaded as a model; checkpoints are read as safely as by every command.
+
+    Args:
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder. A
+            run folder, or its checkpoints/ folder, lists the checkpoints it holds.
+        check_weights: Read every weight of one checkpoint (a tensor at a time) to check that it is finite;
+            --no-check-weights skips it.
+        json: End with one JSON line of what was found.
+    """
+    path = Path(checkpoint).expanduser()
+    if path.is_dir() and checkpoint_kind(path) is None:
+        records = listing(path)
+        if not records:
+            raise CheckpointError(
+                f"no checkpoints in this folder (nor {LISTING_DEPTH - 1} levels below)",
+                f"--checkpoint {path}",
+                "pass a checkpoint, a run folder or its checkpoints/ folder",
+            )
+        print(listing_text(records, path))
+        emit_json({"folder": str(path), "checkpoints": records}, json)
+        return
+    record = describe(path, check_weights)
+    print(describe_text(record))
+    emit_json(record, json)

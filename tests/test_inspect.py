@@ -1,0 +1,137 @@
+"""``inspect``: which checkpoint is which, read as safely as every command reads them, without loading a model."""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from model_dirs import save_consolidated
+
+from epas_lightning import Llama, LlamaConfig
+from epas_lightning.cli import main
+from epas_lightning.data.tokenizer import file_sha256
+from epas_lightning.hf.export import export
+
+
+def tiny_ckpt(path: Path, step: int, shared: list[int], tokenizer: Path | None = None, **entries) -> Path:
+    """A 4-layer .ckpt as fit writes one (config, region ``shared`` in growth order, callbacks' state), untrained."""
+    torch.manual_seed(step)
+    model = Llama(LlamaConfig.from_name("debug", n_layer=4))
+    model.sharing.set_shared_layers(shared)
+    state = {"model." + key: t for key, t in model.state_dict().items()}
+    record = {"layers": shared, "order": "deep_first"}
+    tokens = {"TokenThroughputMonitor": {"time": 1.0, "batches": step, "samples": 4 * step, "lengths": 128 * step}}
+    if tokenizer is not None:
+        entries["tokenizer"] = {"path": str(tokenizer), "bos_id": 0, "eos_id": 1, "sha256": file_sha256(tokenizer)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = {"state_dict": state, "model_config": model.config.to_dict(), "sharing_region": record}
+    torch.save({**checkpoint, "global_step": step, "epoch": 0, "callbacks": tokens, **entries}, path)
+    return path
+
+
+def inspected(capsys, path: Path, *flags: str) -> tuple[str, dict]:
+    assert main(["inspect", "--checkpoint", str(path), "--json", *flags]) == 0
+    out = capsys.readouterr().out
+    return out, json.loads(out.splitlines()[-1])
+
+
+def one_line_error(capsys, path: Path) -> str:
+    assert main(["inspect", "--checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_a_checkpoint_says_its_step_tokens_region_shape_tokenizer_and_val_loss(tmp_path, capsys):
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text("{}")
+    validation = {"loss": 5.25, "step": 40}
+    path = tiny_ckpt(tmp_path / "last.ckpt", 48, [3, 2], tokenizer, last_validation=validation)
+    out, record = inspected(capsys, path)
+    assert (record["kind"], record["global_step"], record["epoch"], record["tokens"]) == ("ckpt", 48, 0, 48 * 128)
+    assert record["trained_region"] == {"layers": [3, 2], "order": "deep_first"}
+    assert record["sharing_layers"] == {"default": 2, "max": 2, "max_forced": 3}
+    debug = LlamaConfig.from_name("debug", n_layer=4)
+    shape = {"n_layer": 4, "n_embd": 64, "n_head": 4, "n_kv_head": 2, "vocab_size": 512, "block_size": debug.block_size}
+    assert record["model"] == {**shape, "parameters": sum(p.numel() for p in Llama(debug).parameters())}
+    assert record["weights_dtype"] == ["float32"] and record["non_finite"] == []
+    assert record["tokenizer"] == {"path": str(tokenizer), "sha256": file_sha256(tokenizer), "state": "ok"}
+    assert record["val_loss"] == validation and record["size_bytes"] == path.stat().st_size
+    assert "  region            2 sharing layers: layers [3, 2], deep-first\n" in out
+    assert "  --sharing-layers  0..2 (default 2); 3 only with --force (never trained)\n" in out
+    assert "  val loss          5.2500 at step 40\n" in out and "  weights           float32, all finite\n" in out
+
+    tokenizer.write_text('{"other": 1}')  # its data folder prepared again: the file is not the one it trained with
+    state = torch.load(path, weights_only=True)
+    state["state_dict"]["model.norm.weight"][1] = float("nan")
+    torch.save(state, path)
+    out, record = inspected(capsys, path)
+    assert record["non_finite"] == ["model.norm.weight"] and record["tokenizer"]["state"] == "changed"
+    assert "float32, NaN or inf in model.norm.weight" in out and "(the file changed since it trained)" in out
+    assert inspected(capsys, path, "--no-check-weights")[1]["non_finite"] is None
+
+
+def test_a_run_folder_lists_its_checkpoints_by_step_and_refuses_none_unsafely(tmp_path, capsys):
+    run = tmp_path / "runs" / "r" / "version_0"
+    tiny_ckpt(run / "checkpoints" / "epoch=0-step=8.ckpt", 8, [])
+    tiny_ckpt(run / "checkpoints" / "last.ckpt", 16, [3], last_validation={"loss": 4.5, "step": 12})
+    tiny_ckpt(tmp_path / "runs" / "r" / "version_1" / "checkpoints" / "epoch=0-step=4.ckpt", 4, [])
+    marker = tmp_path / "PWNED"
+    torch.save({"state_dict": {}, "payload": Evil(marker)}, run / "checkpoints" / "evil.ckpt")
+    (run / "checkpoints" / ".last.ckpt.saving").write_bytes(b"a save in the making")
+    out, record = inspected(capsys, tmp_path / "runs")
+    listed = [
+        (Path(r["path"]).relative_to(tmp_path / "runs").as_posix(), r.get("global_step")) for r in record["checkpoints"]
+    ]
+    assert listed == [
+        ("r/version_1/checkpoints/epoch=0-step=4.ckpt", 4),
+        ("r/version_0/checkpoints/epoch=0-step=8.ckpt", 8),
+        ("r/version_0/checkpoints/last.ckpt", 16),
+        ("r/version_0/checkpoints/evil.ckpt", None),
+    ]
+    assert not marker.exists() and "cannot read this file safely" in record["checkpoints"][-1]["error"]
+    lines = out.splitlines()
+    assert lines[0].split() == ["step", "tokens", "region", "val", "loss", "(at", "step)", "size", "checkpoint"]
+    assert lines[3].split()[:5] == ["16", "2,048", "1", "4.5000", "(12)"] and lines[3].endswith("last.ckpt")
+    assert lines[4].startswith("?") and "evil.ckpt  (unreadable: cannot read this file safely" in lines[4]
+
+    err = one_line_error(capsys, run / "checkpoints" / "evil.ckpt")
+    assert "cannot read this file safely" in err and not marker.exists()
+    assert "checkpoint does not exist — --checkpoint" in one_line_error(capsys, tmp_path / "missing.ckpt")
+    (tmp_path / "empty").mkdir()
+    assert "no checkpoints in this folder" in one_line_error(capsys, tmp_path / "empty")
+
+
+class Evil:
+    """Unpickling this runs a shell command that creates ``marker`` (as tests/test_trust.py crafts one)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):  # noqa: ANN204
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_consolidated_and_hugging_face_folders_say_their_region_and_stored_dtype(tmp_path, capsys):
+    """The headers give a bf16 export's dtype: a shapes-only read had called every such weight float32."""
+    model = Llama(LlamaConfig.from_name("debug"))
+    model.sharing.set_shared_layers([1])
+    consolidated = save_consolidated(model.bfloat16(), tmp_path / "consolidated")
+    _, record = inspected(capsys, consolidated)
+    assert (record["kind"], record["trained_region"]["layers"], record["weights_dtype"]) == (
+        "consolidated", [1], ["bfloat16"]
+    )  # fmt: skip
+    hf = export(consolidated, tmp_path / "hf", sharing_layers=0)
+    out, record = inspected(capsys, hf)
+    assert (record["kind"], record["trained_region"]["layers"], record["weights_dtype"]) == ("hf", [], ["bfloat16"])
+    assert record["global_step"] is None and record["non_finite"] == [] and "  step              -\n" in out
+
+
+def test_fit_records_its_latest_validation_in_its_checkpoints(debug_fit_run, capsys):
+    """The loss the summary of a run prints was in no checkpoint: `inspect` could not tell the checkpoints apart."""
+    result, cwd = debug_fit_run
+    assert result.returncode == 0, result.stderr[-2000:]
+    _, record = inspected(capsys, cwd / "runs")
+    last = next(r for r in record["checkpoints"] if r["path"].endswith("last.ckpt"))
+    assert last["global_step"] == 8 and last["tokens"] == 8 * 4 * 32 and last["trained_region"]["layers"] == [1]
+    assert last["val_loss"]["step"] in (4, 8) and 0 < last["val_loss"]["loss"] < 10, last
