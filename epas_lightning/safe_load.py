@@ -41,12 +41,7 @@ def load_torch_file(
         mmap = mmap and isinstance(path, Path) and _is_zip(path)
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        if isinstance(path, Path) and not _written_by_torch_save(path):
-            raise CheckpointError(
-                "not a checkpoint file: torch.save writes a zip archive or a pickle, and this is neither",
-                where or path,
-                "pass a checkpoint written by fit or consolidate",
-            ) from e
+        _refuse_other_files(path, where, e)
         raise CheckpointError(
             "cannot read this file safely (it holds objects other than tensors and plain data, which we never "
             "unpickle)",
@@ -63,6 +58,8 @@ def load_torch_file(
         detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
         if isinstance(path, Path) and path.is_file() and path.stat().st_size == 0:
             detail = "the file is empty"
+        else:  # a text file, say, fails the legacy loader with a KeyError
+            _refuse_other_files(path, where, e)
         raise CheckpointError(
             f"not a readable checkpoint: corrupt or truncated ({type(e).__name__}{': ' if detail else ''}{detail})",
             where or path,
@@ -86,15 +83,26 @@ def plain_numbers(tree: Any) -> Any:
     return tree
 
 
+def _refuse_other_files(path: Path | IO[bytes], where: object, error: Exception) -> None:
+    """A file that torch.save did not write is refused as not a checkpoint, not as a corrupt one."""
+    if isinstance(path, Path) and path.is_file() and not _written_by_torch_save(path):
+        raise CheckpointError(
+            "not a checkpoint file: torch.save writes a zip archive or a pickle, and this is neither",
+            where or path,
+            "pass a checkpoint written by fit or consolidate",
+        ) from error
+
+
 def _is_zip(path: Path) -> bool:
     return zipfile.is_zipfile(path)
 
 
 def _written_by_torch_save(path: Path) -> bool:
-    """A zip archive, or a pickle of protocol 2 or later (its first byte is the PROTO opcode): what torch.save writes
-    (a text file, say, is neither)."""
+    """A zip archive (whole, or the start of one: a truncated copy), or a pickle of protocol 2 or later (its first
+    byte is the PROTO opcode): what torch.save writes (a text file, say, is neither)."""
     with path.open("rb") as f:
-        return f.read(1) == pickle.PROTO or _is_zip(path)
+        head = f.read(4)
+    return head[:1] == pickle.PROTO or head == b"PK\x03\x04" or _is_zip(path)
 
 
 def is_sharded_checkpoint(path: Path) -> bool:

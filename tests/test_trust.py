@@ -159,6 +159,9 @@ def test_a_file_torch_save_did_not_write_is_not_called_unsafe(tmp_path):
     text.write_text("model:\n  lr: 0.001\n")
     with pytest.raises(CheckpointError, match="^not a checkpoint file: torch.save writes a zip archive or a pickle"):
         load_torch_file(text)
+    text.write_text("hello world\n")  # fails torch's legacy loader with a KeyError: it said "corrupt or truncated"
+    with pytest.raises(CheckpointError, match="^not a checkpoint file: torch.save writes a zip archive or a pickle"):
+        load_torch_file(text)
 
 
 def test_load_model_from_python_names_its_argument_not_a_flag(tmp_path):
@@ -726,7 +729,7 @@ def test_missing_data_dir_bad_schedule_and_truncated_checkpoints_are_one_line(tm
         assert "corrupt or truncated" in one_line_error(capsys, [command, "--checkpoint", str(truncated), *extra])
     text = tmp_path / "notes.ckpt"  # not a pickle at all: the unpickler fails with a KeyError, not an UnpicklingError
     text.write_text("hello")
-    assert "corrupt or truncated" in one_line_error(capsys, ["generate", "--checkpoint", str(text), "--prompt", "x"])
+    assert "not a checkpoint file" in one_line_error(capsys, ["generate", "--checkpoint", str(text), "--prompt", "x"])
     (tmp_path / "zero.ckpt").touch()  # said "(EOFError: )"
     assert "(EOFError: the file is empty)" in one_line_error(
         capsys, ["evaluate", "--checkpoint", str(tmp_path / "zero.ckpt")]
