@@ -1,0 +1,57 @@
+"""The package as a wheel installs it: what it imports is declared in pyproject.toml, with the range we test."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "epas_lightning"
+
+
+def _pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _name(requirement: str) -> str:
+    """The normalized distribution name of a requirement string (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", requirement).group()).lower()
+
+
+def _imported_modules() -> dict[str, str]:
+    """Every third-party top-level module the package imports, with one file that imports it."""
+    modules: dict[str, str] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top != "epas_lightning":
+                    modules.setdefault(top, str(path.relative_to(REPO)))
+    return modules
+
+
+def test_every_module_the_package_imports_is_declared():
+    """A module imported from a dependency's dependency (yaml through jsonargparse, fastapi and starlette through
+    litserve) installs today, in a version nothing caps, and goes missing the day that dependency drops it."""
+    project = _pyproject()["project"]
+    declared = {_name(r) for r in project["dependencies"]}
+    declared |= {_name(r) for extra in project["optional-dependencies"].values() for r in extra}
+    installed = importlib.metadata.packages_distributions()  # a module not installed here: its own name
+    undeclared = [
+        f"{module} ({', '.join(installed.get(module, [module]))}, imported in {where})"
+        for module, where in _imported_modules().items()
+        if not {_name(d) for d in installed.get(module, [module])} & declared
+    ]
+    assert not undeclared, f"declare in pyproject.toml: {undeclared}"
