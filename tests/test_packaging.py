@@ -55,3 +55,16 @@ def test_every_module_the_package_imports_is_declared():
         if not {_name(d) for d in installed.get(module, [module])} & declared
     ]
     assert not undeclared, f"declare in pyproject.toml: {undeclared}"
+
+
+def test_every_requirement_has_an_upper_bound_and_the_license_builds():
+    """The build backend too: a setuptools release past the tested one decides whether ``pip install`` builds at all
+    (setuptools deprecates the ``license = {text = ...}`` table, the SPDX string replaces it from 77 on)."""
+    pyproject = _pyproject()
+    project = pyproject["project"]
+    requirements = [*pyproject["build-system"]["requires"], *project["dependencies"]]
+    requirements += [r for extra in project["optional-dependencies"].values() for r in extra]
+    uncapped = [r for r in requirements if not re.search(r"(<|==)", r.split(";")[0])]
+    assert not uncapped, f"cap at the newest release tested: {uncapped}"
+    assert isinstance(project["license"], str), "an SPDX expression: license = 'Apache-2.0'"
+    assert all((REPO / path).is_file() for path in project["license-files"])
