@@ -6,6 +6,7 @@ import ast
 import importlib.metadata
 import re
 import sys
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,16 @@ def test_every_requirement_has_an_upper_bound_and_the_license_builds():
     assert not uncapped, f"cap at the newest release tested: {uncapped}"
     assert isinstance(project["license"], str), "an SPDX expression: license = 'Apache-2.0'"
     assert all((REPO / path).is_file() for path in project["license-files"])
+
+
+def test_the_wheel_carries_every_file_of_the_package():
+    """The tests run on the source tree, where every file is there; a wheel holds the packages setuptools finds (a
+    folder of modules without ``__init__.py`` is left out) and, beside modules, only what package-data names."""
+    globs = _pyproject()["tool"]["setuptools"]["package-data"]["epas_lightning"]
+    files = [p.relative_to(PACKAGE) for p in PACKAGE.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    unshipped = [str(f) for f in files if f.suffix != ".py" and not any(fnmatch(str(f), glob) for glob in globs)]
+    assert not unshipped, f"add to [tool.setuptools.package-data]: {unshipped}"
+    no_init = sorted(
+        {str(f.parent) for f in files if f.suffix == ".py" and not (PACKAGE / f.parent / "__init__.py").is_file()}
+    )
+    assert not no_init, f"not in the wheel without an __init__.py: {no_init}"
