@@ -991,10 +991,12 @@ def test_running_out_of_device_memory_while_loading_is_one_line_about_the_model(
     report = StartupReport()
     with pytest.raises(torch.OutOfMemoryError), report.reporting():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1.02 GiB free. More")
-    assert str(report.failure()) == (
+    error = report.failure()
+    assert str(error) == (
         "out of device memory (CUDA out of memory; Tried to allocate 2.00 GiB; GPU 0 has 1.02 GiB free) — loading the "
         "model — free the device or pick one with more memory (--device)"
     )
+    assert "torch.OutOfMemoryError" in error.__notes__[-1]  # the worker's traceback, for --debug (on Python 3.10 too)
 
 
 def test_serve_without_litserve_names_the_extra(monkeypatch, checkpoint, capsys):

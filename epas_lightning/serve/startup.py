@@ -62,7 +62,8 @@ class StartupReport:
         if report is None:
             return None
         error, worker_traceback = report
-        error.add_note(f"in the inference worker:\n{worker_traceback}")
+        note = f"in the inference worker:\n{worker_traceback}"
+        error.__notes__ = [*getattr(error, "__notes__", ()), note]  # add_note() is Python 3.11+
         return error
 
 
