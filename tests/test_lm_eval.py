@@ -238,8 +238,9 @@ def test_lm_eval_command_errors(checkpoint, tasks, tmp_path, capsys, monkeypatch
     rc, _, err = run_cli(capsys, *argv, "--tasks", str(tasks / "tiny_mc.yaml"), "--sharing-layers", "3")
     assert rc == 2 and "trained with at most 2 sharing layers" in err
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if the eval extra were not installed
+    monkeypatch.setitem(sys.modules, "accelerate", None)
     rc, _, err = run_cli(capsys, *argv, "--tasks", "tiny_mc")
-    assert rc == 2 and "pip install 'epas_lightning[eval]'" in err
+    assert rc == 2 and "(lm_eval, accelerate missing) — lm-eval — pip install 'epas_lightning[eval]'" in err
 
 
 def test_lm_eval_refuses_logits_that_overflow_float16(checkpoint, tasks, tmp_path, capsys) -> None:

@@ -12,6 +12,7 @@ lm-eval's own task list is indexed (a few seconds) only when a name is not found
 from __future__ import annotations
 
 import csv
+import importlib
 import json as json_lib
 from collections.abc import Sequence
 from fnmatch import fnmatch
@@ -34,12 +35,14 @@ TABLE_FILE = "lm_eval.csv"
 
 def require_lm_eval() -> None:
     """A :class:`ConfigError` that says how to install the ``eval`` extra when lm-eval (or what it needs) is missing."""
-    try:
-        import accelerate  # noqa: F401
-        import lm_eval  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as e:
-        raise ConfigError(f"lm-eval-harness is not installed ({e.name} is missing)", "lm-eval", INSTALL) from e
+    missing = []
+    for name in ("lm_eval", "transformers", "accelerate"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ConfigError(f"lm-eval-harness is not installed ({', '.join(missing)} missing)", "lm-eval", INSTALL)
 
 
 def resolve_tasks(tasks: Sequence[str], include_path: Sequence[str | Path] = ()) -> tuple[list[str], Any]:
