@@ -187,11 +187,15 @@ def load_sharded_checkpoint(
     module.load_state_dict(module_state["state_dict"], strict=strict)
     for index, optimizer in enumerate(optimizers):
         key = f"optimizer_{index}"
-        optimizer_state = {key: get_optimizer_state_dict(module, optimizer)}
+        wanted = get_optimizer_state_dict(module, optimizer)
+        stored = {f"{key}.state.{name}.": name for name in wanted["state"]}
+        saved = {stored[prefix] for prefix in stored if any(k.startswith(prefix) for k in metadata.state_dict_metadata)}
+        wanted["state"] = {name: value for name, value in wanted["state"].items() if name in saved}
+        optimizer_state = {key: wanted}
         load_shards(optimizer_state, path)
-        set_optimizer_state_dict(
-            module, optimizer, optim_state_dict=optimizer_state[key], options=StateDictOptions(cpu_offload=True)
-        )
+        options = StateDictOptions(cpu_offload=True, strict=False)  # the parameters without a saved state: below
+        set_optimizer_state_dict(module, optimizer, optim_state_dict=optimizer_state[key], options=options)
+        _forget_unsaved_states(optimizer, _param_names(wanted), saved)
     return meta or {}
 
 
@@ -210,12 +214,30 @@ def load_full_optimizer_states(
         set_optimizer_state_dict,
     )
 
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)  # see below
     for optimizer, state in zip(optimizers, states, strict=False):  # fewer states: Lightning says it holds none
-        names = [
-            name for group in get_optimizer_state_dict(module, optimizer)["param_groups"] for name in group["params"]
-        ]
-        set_optimizer_state_dict(module, optimizer, optim_state_dict=_keyed_by_name(state, names), options=options)
+        names = _param_names(get_optimizer_state_dict(module, optimizer))
+        state = _keyed_by_name(state, names)
+        set_optimizer_state_dict(module, optimizer, optim_state_dict=state, options=options)
+        _forget_unsaved_states(optimizer, names, set(state["state"]))
+
+
+def _param_names(state: dict[str, Any]) -> list[str]:
+    """The parameter names of a ``get_optimizer_state_dict``, in the order of the optimizer's ``param_groups``."""
+    return [name for group in state["param_groups"] for name in group["params"]]
+
+
+def _forget_unsaved_states(optimizer: torch.optim.Optimizer, names: list[str], saved: set[str]) -> None:
+    """Leave no state to the parameters of ``optimizer`` (named ``names``, in order) whose state the checkpoint lacks.
+
+    They had none when it was saved: they never had a gradient, like the q/k of layers sharing from the first step.
+    torch's loader gives every parameter a zero state at step 1 first (and refuses, unless not strict, a checkpoint
+    without one), which would shrink their first update should they compute again.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for name, param in zip(names, params, strict=True):
+        if name not in saved:
+            optimizer.state.pop(param, None)
 
 
 def _keyed_by_name(state: dict[str, Any], names: list[str]) -> dict[str, Any]:

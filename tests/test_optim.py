@@ -19,6 +19,33 @@ def test_default_optimizer_is_fused_only_on_cuda():
     assert default_optimizer(model, fused=False).defaults["fused"] is False
 
 
+@pytest.mark.parametrize("implementation", [{"foreach": False}, {"foreach": True}, {"fused": True}])
+def test_every_adamw_leaves_a_sharing_layers_qk_and_their_state_as_they_were(implementation):
+    """EPAS: a sharing layer's q/k get no grad, so AdamW (fused on GPUs, foreach or for-loop elsewhere) applies neither
+    an update nor weight decay to them, nor touches their moments; computing again, the layer starts from both."""
+    from epas_lightning import Llama
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name("debug", n_layer=3))
+    optimizer = default_optimizer(model, lr=1e-2, **implementation)
+    tokens = torch.randint(0, 512, (2, 16))
+    q = model.layers[2].self_attn.q_proj.weight
+
+    def step() -> None:
+        model(tokens).logsumexp(-1).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()
+    before = [q.detach().clone()] + [t.clone() for t in optimizer.state[q].values()]
+    model.set_shared_layers([2])
+    step(), step()
+    assert all(torch.equal(a, b) for a, b in zip(before, [q, *optimizer.state[q].values()], strict=True))
+    model.set_shared_layers([])
+    step()
+    assert not torch.equal(before[0], q) and optimizer.state[q]["step"] == 2
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_default_optimizer_is_fused_on_cuda():

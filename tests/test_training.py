@@ -1067,3 +1067,26 @@ def test_a_resume_of_a_sharded_checkpoint_in_a_narrower_precision_says_so_too(ti
     trainer = make_trainer(tmp_path, 3, [], precision="bf16-true", enable_checkpointing=False, strategy=FSDP2Strategy())
     with pytest.warns(UserWarning, match="resuming float32 weights with bfloat16 parameters"):
         trainer.fit(module, datamodule=data, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+
+
+@pytest.mark.parametrize("saved_by", ["fsdp2", "one device"])
+def test_fsdp2_resumes_a_run_whose_sharing_layers_never_had_optimizer_state(tiny_corpus, tmp_path, saved_by):
+    """With start_step 0 the region's q/k never get a gradient, so AdamW holds no state for them: FSDP2's resume failed
+    on that 'missing' state (a sharded checkpoint: 'cannot read the shards ... copy it again'). They stay stateless,
+    as in the run that saved (not a zero state at step 1, which shrinks their first update should they compute)."""
+    from epas_lightning import FSDP2Strategy
+
+    def sharing() -> ProgressiveSharing:
+        return ProgressiveSharing(target=1, interval=2, start_step=0)
+
+    module, data = make_run(tiny_corpus, n_layer=2)
+    saving = FSDP2Strategy() if saved_by == "fsdp2" else "auto"
+    make_trainer(tmp_path, 1, [sharing(), ModelCheckpoint(tmp_path / "ckpt", save_last=True)], strategy=saving).fit(
+        module, datamodule=data
+    )
+    module, data = make_run(tiny_corpus, n_layer=2)
+    trainer = make_trainer(tmp_path, 2, [sharing()], enable_checkpointing=False, strategy=FSDP2Strategy())
+    trainer.fit(module, datamodule=data, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    params, state = dict(module.model.named_parameters()), trainer.optimizers[0].state
+    assert params["layers.1.self_attn.q_proj.weight"] not in state
+    assert state[params["layers.1.self_attn.v_proj.weight"]]["step"] == 2
