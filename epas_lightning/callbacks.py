@@ -216,6 +216,17 @@ class ProgressiveSharing(Callback):
         saved["order"] = state_dict.get("order", "deep_first")  # checkpoints from before the option grew deep-first
         self._resumed_settings = saved
 
+    def _same_schedule(self, saved: dict[str, Any], n_layer: int) -> bool:
+        """Whether the checkpoint's settings ``saved`` grow the same region at the same steps as the configured ones
+        (``target: 0.5`` and its list of layers, an unset ``start_step`` and one equal to ``interval``)."""
+        if saved["enabled"] != self.enabled:
+            return False
+        try:
+            knobs = (saved["target"], saved["growth"], saved["interval"], saved["start_step"], saved["order"])
+            return SharingSchedule.build(n_layer, *knobs) == self.schedule
+        except (ConfigError, TypeError):  # settings this version no longer reads: they differ
+            return False
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """After a resume with other settings than the checkpoint's, say what the configured schedule does to the
         region at the resumed step: layers that leave it compute again with the q/k weights they had before they
@@ -225,6 +236,8 @@ class ProgressiveSharing(Callback):
         if saved is None or saved == current:
             return
         model = sharing_model(pl_module)
+        if self._same_schedule(saved, model.config.n_layer):  # spelled otherwise: start_step 100 for the default
+            return
         if resolve_target(saved["target"], model.config.n_layer, saved["order"]) != self.schedule.target_layers:
             self.reached_at = None  # the step the checkpoint's region was full at is not this region's
         step, trained = trainer.global_step, model.sharing.shared_layers

@@ -230,6 +230,11 @@ def test_a_resume_with_another_schedule_says_what_it_does_to_the_trained_region(
     with pytest.warns(UserWarning, match=r"\(target 2 -> 3\): the region goes from layers \[2, 3\] to \[1, 2, 3\]$"):
         assert resume(wider).model.sharing.shared_layers == [1, 2, 3]
     assert wider.reached_at == 6  # not the step 4 at which the 2-layer region was full
+    same = ProgressiveSharing(target=[3, 2], interval=2, start_step=2)  # the checkpoint's schedule, spelled out
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert resume(same).model.sharing.shared_layers == [2, 3]
+    assert not [w for w in said if "another sharing schedule" in str(w.message)]  # it said "target 2 -> [3, 2]"
 
 
 def test_checkpoint_holds_the_mask_and_the_schedule(tiny_corpus, tmp_path):
