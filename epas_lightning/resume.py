@@ -146,7 +146,10 @@ def check_checkpoint_folder_free(config: Namespace, ckpt_path: str | None) -> No
                 "give the resumed run an empty folder (checkpoint.dirpath), or resume the newest with --ckpt_path last",
             )
         return
-    found = sorted(p.name for p in Path(folder).expanduser().glob("*.ckpt"))
+    try:
+        found = sorted(p.name for p in Path(folder).expanduser().glob("*.ckpt"))
+    except OSError:  # a parent that cannot be searched, a name too long: check_run_folders_writable says it
+        found = []
     if found:
         raise CheckpointError(
             f"the checkpoint folder holds another run's checkpoints ({', '.join(found[:3])}"
