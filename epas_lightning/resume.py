@@ -56,7 +56,7 @@ def resume_checkpoint(config: Namespace, word: str, fitting: bool = True) -> str
     ``last`` with no checkpoint is an error; ``auto`` then starts from scratch, or scores the configured model (and
     says so).
     """
-    dirpath, run_dirs = checkpoint_folder(config), logger_run_dirs(config)
+    dirpath, run_dirs = _last_checkpoint_folders(config)
     newest = newest_last_checkpoint(dirpath, run_dirs)
     if newest is None and word == "auto":
         check_no_slurm_checkpoint(config)
@@ -73,7 +73,14 @@ def resume_checkpoint(config: Namespace, word: str, fitting: bool = True) -> str
 
 def run_last_checkpoint(config: Namespace) -> Path | None:
     """The ``last.ckpt`` that ``--ckpt_path last|auto`` would resume, if there is one (nothing said)."""
-    return newest_last_checkpoint(checkpoint_folder(config), logger_run_dirs(config))
+    return newest_last_checkpoint(*_last_checkpoint_folders(config))
+
+
+def _last_checkpoint_folders(config: Namespace) -> tuple[str | None, list[Path]]:
+    """Where ``last`` looks: the run's fixed checkpoint folder (:func:`checkpoint_folder`) alone where it has one, else
+    every version folder of the loggers' run folders."""
+    dirpath = checkpoint_folder(config)
+    return dirpath, [] if dirpath else logger_run_dirs(config)
 
 
 def newest_last_checkpoint(dirpath: str | Path | None, run_dirs: list[Path]) -> Path | None:
@@ -139,7 +146,10 @@ def check_checkpoint_folder_free(config: Namespace, ckpt_path: str | None) -> No
                 "give the resumed run an empty folder (checkpoint.dirpath), or resume the newest with --ckpt_path last",
             )
         return
-    found = sorted(p.name for p in Path(folder).expanduser().glob("*.ckpt"))
+    try:
+        found = sorted(p.name for p in Path(folder).expanduser().glob("*.ckpt"))
+    except OSError:  # a parent that cannot be searched, a name too long: check_run_folders_writable says it
+        found = []
     if found:
         raise CheckpointError(
             f"the checkpoint folder holds another run's checkpoints ({', '.join(found[:3])}"

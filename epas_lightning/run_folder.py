@@ -80,9 +80,12 @@ def check_run_folders_writable(config: Namespace, fitting: bool) -> None:
     folders = logger_run_dirs(config)
     if fitting and config.trainer.get("enable_checkpointing") is not False and (ckpt := checkpoint_folder(config)):
         folders.append(Path(ckpt).expanduser())
+    fix = "choose another folder (trainer.logger.init_args.save_dir, checkpoint.dirpath)"
     for folder in (f for f in folders if ":/" not in str(f)):  # a URL (s3://...) is the logger's business
-        existing = next(p for p in (folder, *folder.parents) if p.exists())  # the root always does
-        fix = "choose another folder (trainer.logger.init_args.save_dir, checkpoint.dirpath)"
+        try:
+            existing = next(p for p in (folder, *folder.parents) if p.exists())  # the root always does
+        except OSError as e:  # a parent that cannot be searched, a name too long
+            raise OutputError(f"{e.strerror or e}", folder, fix) from e
         if not existing.is_dir():
             raise OutputError(f"{existing} is a file, not a folder", folder, fix)
         if not os.access(existing, os.W_OK | os.X_OK):

@@ -808,6 +808,19 @@ def test_a_run_with_a_named_logger_version_resumes_into_it_and_a_rerun_is_refuse
         assert continue_version(config, folder / "last.ckpt") == folder.parent and logger.init_args.version == name
 
 
+def test_last_with_a_fixed_checkpoint_folder_looks_only_there(tmp_path, capsys):
+    """`--trainer.logger.init_args.version exp1 --ckpt_path last` resumed the newer runs/debug/exp2/.../last.ckpt of
+    another run (then refused exp1's checkpoints as another run's, telling to resume with --ckpt_path last)."""
+    for age, version in enumerate(("exp1", "version_0", "exp2", "version_1")):  # the later ones newer
+        (tmp_path / version / "checkpoints").mkdir(parents=True)
+        torch.save({}, last := tmp_path / version / "checkpoints" / "last.ckpt")
+        os.utime(last, (1000 + age, 1000 + age))
+    for version, folder in (("exp1", "exp1"), (0, "version_0"), (None, "version_1")):
+        init = Namespace(save_dir=str(tmp_path.parent), name=tmp_path.name, version=version)
+        config = Namespace(trainer=Namespace(logger=Namespace(class_path="TensorBoardLogger", init_args=init)))
+        assert resume_checkpoint(config, "last") == str(tmp_path / folder / "checkpoints" / "last.ckpt"), version
+
+
 def test_user_callbacks_add_to_the_defaults_without_inheriting_them(tmp_path, monkeypatch):
     from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 

@@ -859,6 +859,9 @@ def test_a_run_folder_that_cannot_be_written_is_one_line_before_any_work(tmp_pat
     if os.geteuid() != 0:  # root writes into a read-only folder
         (tmp_path / "ro").mkdir(mode=0o555)
         assert "is not writable" in one_line_error(capsys, ["fit", "--config", DEBUG, checkpoints, "ro/ck"])
+    # a parent it cannot search (another user's home) or a name too long: the check's own traceback (OSError)
+    for flag in (logger, checkpoints):
+        assert "File name too long — " in one_line_error(capsys, ["fit", "--config", DEBUG, flag, "x" * 300])
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 0))
     assert "no space left on the device" in one_line_error(capsys, ["fit", "--config", DEBUG])
