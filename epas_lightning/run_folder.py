@@ -1,9 +1,9 @@
 """The run folders of ``fit``: checked writable before any work, and removed when a user error stopped the run
 before its first step and this run made them.
 
-A folder the run cannot write (on a read-only or full disk, behind a file of that name) was a traceback from the
-logger at set-up, after the data was prepared, or from the first checkpoint save, after training up to it.
-
+:func:`check_run_folders_writable` refuses, in one line, a log or checkpoint folder the run could not write (a
+read-only or full disk, a file in the way): that was a traceback from the logger at set-up, once the data was
+prepared, or from the first checkpoint save, once training had reached it.
 
 Lightning creates the logger's ``version_N`` folder (TensorBoard's event file, ``config.yaml``, ``hparams.yaml``)
 before the checks that need the trainer (data, ``init_from``, the strategy) run. A refused start left that folder
