@@ -11,6 +11,7 @@ pos ...`` after a traceback.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,15 +64,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return None
 
 
+UNFINISHED_AFTER_S = 600
+"""A staging file unwritten for this long is a save that ended; a younger one may be another process's save."""
+
+
 def remove_unfinished_saves(folder: Path) -> None:
     """Delete the staging files (``.<name>.ckpt.saving``) that saves killed midway (SIGKILL, a lost node) left in
     ``folder``, saying so: hidden, each as large as a checkpoint, and written again only by a save of the same name.
-    Sharded staging folders are the strategy's (it starts them again)."""
+    One written to in the last :data:`UNFINISHED_AFTER_S` seconds is left (a requeued job's predecessor may still be
+    saving). Sharded staging folders are the strategy's (it starts them again)."""
     for stale in sorted(folder.glob(f".*{ModelCheckpoint.FILE_EXTENSION}{STAGING}")):
         if stale.is_file() and not stale.is_symlink():
-            size = stale.stat().st_size
+            status = stale.stat()
+            if time.time() - status.st_mtime < UNFINISHED_AFTER_S:
+                continue
             stale.unlink()
-            say(f"removed {stale} ({size:,} bytes): a checkpoint save killed before it finished")
+            say(f"removed {stale} ({status.st_size:,} bytes): a checkpoint save killed before it finished")
 
 
 def sharded_needs_fsdp2(path: _PATH, strategy: str, where: str, to_fsdp2: str) -> CheckpointError:

@@ -2,6 +2,7 @@
 
 import os
 import re
+import time
 import warnings
 from itertools import islice
 from pathlib import Path
@@ -740,10 +741,12 @@ def test_a_run_warns_before_training_when_its_checkpoints_may_not_fit(tiny_corpu
     checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
     (tmp_path / "ckpt").mkdir()
     (stale := tmp_path / "ckpt" / ".epoch=0-step=7.ckpt.saving").write_bytes(b"a save killed midway")
+    os.utime(stale, (time.time() - 3600,) * 2)
+    (saving := tmp_path / "ckpt" / ".epoch=0-step=9.ckpt.saving").write_bytes(b"another process saving now")
     trainer = make_trainer(tmp_path, 1, [checkpoint])
     with pytest.warns(UserWarning, match=r"checkpoints may not fit: 3 of .* MiB is free in .*ckpt"):
         trainer.fit(module, datamodule=data)
-    assert not stale.exists()
+    assert not stale.exists() and saving.exists()  # a file written to minutes ago may be a save still running
     assert f"removed {stale} (20 bytes): a checkpoint save killed before it finished" in capsys.readouterr().err
     estimate = checkpoint_space.checkpoint_bytes(module, trainer.optimizers)
     assert abs(estimate / (tmp_path / "ckpt" / "last.ckpt").stat().st_size - 1) < 0.2
