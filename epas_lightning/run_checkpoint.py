@@ -74,10 +74,17 @@ class RunCheckpoint(ModelCheckpoint):
     def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
         """Lightning's lookup for ``ckpt_path="last"``, which searched only the version folder of this new run."""
         loggers = trainer.loggers
+        run_dir = Path(loggers[0].save_dir or trainer.default_root_dir) / str(loggers[0].name) if loggers else None
+        version = getattr(loggers[0], "_version", None) if loggers else None  # given to the logger, or not chosen yet
         if self.dirpath is not None or not loggers:
             dirpath, run_dirs = self.dirpath or Path(trainer.default_root_dir) / "checkpoints", []
+        elif version is not None:  # that version's own checkpoints, as the CLI's `last` with a version
+            dirpath, run_dirs = (
+                run_dir / (version if isinstance(version, str) else f"version_{version}") / "checkpoints",
+                [],
+            )
         else:
-            dirpath, run_dirs = None, [Path(loggers[0].save_dir or trainer.default_root_dir) / str(loggers[0].name)]
+            dirpath, run_dirs = None, [run_dir]
         fix = "train first, or pass the checkpoint's path as ckpt_path (None starts from scratch)"
         newest = verify_checkpoint(last_checkpoint_of_run(dirpath, run_dirs, fix), 'ckpt_path="last"')
         if trainer.state.fn == TrainerFn.FITTING:

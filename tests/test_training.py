@@ -1029,9 +1029,9 @@ def test_ckpt_path_last_from_a_script_resumes_the_run_in_its_version_folder(tiny
         def on_train_start(self, trainer, pl_module):
             starts.append(trainer.global_step)
 
-    def fit(steps: int, ckpt_path: str | None = None) -> L.Trainer:
+    def fit(steps: int, ckpt_path: str | None = None, version: str | None = None) -> L.Trainer:
         module, data = make_run(tiny_corpus, n_layer=2)
-        logger = TensorBoardLogger(tmp_path / "runs", name="epas")
+        logger = TensorBoardLogger(tmp_path / "runs", name="epas", version=version)
         trainer = make_trainer(tmp_path, steps, [RunCheckpoint(save_last=True), RecordStart()], logger=logger)
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
         return trainer
@@ -1043,6 +1043,11 @@ def test_ckpt_path_last_from_a_script_resumes_the_run_in_its_version_folder(tiny
     assert starts == [0, 2] and resumed.global_step == 3 and resumed.logger.version == 0
     assert sorted(p.name for p in (tmp_path / "runs" / "epas").iterdir()) == ["version_0"]
     assert torch.load(tmp_path / "runs/epas/version_0/checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
+    # a logger given its version resumes that version's last.ckpt, not the run's newest (it took version_0's)
+    fit(2, version="exp1")
+    fit(3, version="exp2")  # the newest last.ckpt of the run
+    resumed = fit(4, ckpt_path="last", version="exp1")
+    assert starts[-1] == 2 and resumed.logger.version == "exp1"
 
 
 def test_a_resume_in_a_narrower_precision_says_the_weights_are_rounded(tiny_corpus, tmp_path):
