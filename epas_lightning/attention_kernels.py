@@ -50,6 +50,8 @@ def cudnn_agrees(config: LlamaConfig, device: torch.device) -> bool:
     return agrees(SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, config, device)
 
 
+@torch.inference_mode(False)
+@torch.enable_grad()  # also when the model is built under no_grad or inference_mode: the check runs a backward
 def agrees(kernel: SDPBackend, baseline: SDPBackend, config: LlamaConfig, device: torch.device) -> bool:
     """``kernel`` runs this model's causal attention in bf16 (heads, grouped KV heads, head size), and its output and
     input gradients are as close to an fp32 reference as ``baseline``'s (``AGREEMENT``); ``False`` where either

@@ -17,11 +17,14 @@ from epas_lightning.model.config import LlamaConfig
 
 DENSE_BF16_PEAK_TFLOPS = (
     ("H100 PCIe", 756.0),
+    ("H100 80GB HBM2e", 756.0),  # the H100 PCIe's name on some hosts (the SXM's is "H100 80GB HBM3")
     ("H100 NVL", 835.0),
     ("H200 NVL", 835.0),
     ("H100", 989.4),
     ("H200", 989.4),
     ("A100", 312.0),
+    ("L40S", 362.05),  # Lightning's table takes an L40S or L40 for an L4
+    ("L40", 181.05),
 )
 """Dense (no sparsity) bf16 tensor-core peaks per GPU name, from the vendors' datasheets; first match wins."""
 

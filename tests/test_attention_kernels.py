@@ -76,6 +76,14 @@ def test_the_agreement_check_runs_both_kernels_and_refuses_one_that_is_off_or_mi
     assert not agrees(SDPBackend.MATH, SDPBackend.FLASH_ATTENTION, CONFIG, CPU)
 
 
+def test_the_agreement_check_runs_where_gradients_are_off():
+    """A model built under no_grad or inference_mode (``configure_model()`` in a script's generation code) on a Hopper
+    GPU, with ``auto``, failed in the check's backward: 'element 0 of tensors does not require grad'."""
+    for off in (torch.no_grad, torch.inference_mode):
+        with off():
+            assert agrees(SDPBackend.MATH, SDPBackend.FLASH_ATTENTION, CONFIG, CPU)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_the_preferred_kernel_gives_the_same_model_in_bf16():

@@ -331,6 +331,57 @@ def test_cuda_graph_generation_equals_eager(reuse):
     assert generate(model, prompts, max_new_tokens=12, cuda_graph=True).tokens == eager
 
 
+def test_a_cuda_graph_is_captured_on_the_gpu_of_its_cache_not_the_current_one(monkeypatch):
+    """With the model on cuda:1 and cuda:0 current (``generate --device cuda:1``), the capture stream was made on
+    cuda:0: the model's kernels ran on cuda:1 outside the capture, the graph came out empty and every replayed decode
+    step returned the same logits. Here on fakes of torch.cuda's streams and graphs: which device each belongs to."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from epas_lightning.inference.cuda_graph import GraphedDecodeStep
+    from epas_lightning.model.kv_cache import StaticKVCache
+
+    current = [0]  # the current CUDA device's index
+    captured_on = []
+
+    class Stream:
+        def __init__(self, device=None):
+            self.device = current[0] if device is None else torch.device(device).index
+
+        def wait_stream(self, other):
+            pass
+
+    @contextmanager
+    def switched_to(index):
+        before, current[0] = current[0], index
+        yield
+        current[0] = before
+
+    class Graph:  # torch.cuda.graph: captures on `stream`, else on a default stream made on the current device
+        def __init__(self, cuda_graph, pool=None, stream=None, **kwargs):
+            self.stream = stream or Stream()
+
+        def __enter__(self):
+            captured_on.append(self.stream.device)
+            self.switch = switched_to(self.stream.device)
+            self.switch.__enter__()
+
+        def __exit__(self, *exc):
+            self.switch.__exit__(*exc)
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream(device))
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: switched_to(stream.device))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: switched_to(torch.device(device).index))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: SimpleNamespace(replay=lambda: None))
+    monkeypatch.setattr(torch.cuda, "graph", Graph)
+    cache = object.__new__(StaticKVCache)  # its tensors stand on the CPU; its device is cuda:1
+    cache.batch_size, cache.k, cache.index, cache.next_pos = 2, [torch.zeros(1)], torch.zeros(1), torch.zeros(2)
+    cache.valid = SimpleNamespace(device=torch.device("cuda", 1))
+    GraphedDecodeStep(lambda tokens, cache: torch.zeros(2, 1, 8), cache)
+    assert captured_on == [1]
+
+
 def test_blockwise_causal_probs_matmul_equals_the_dense_one():
     """Long sequences take the block-skipping P @ V; values and gradients equal the plain matmul."""
     from epas_lightning.model import attention

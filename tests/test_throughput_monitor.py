@@ -180,7 +180,15 @@ def test_the_run_totals_continue_across_a_resume(tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "tflops"),
-    [("NVIDIA H200", 989.4), ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("Tesla T4", None)],
+    [
+        ("NVIDIA H200", 989.4),
+        ("NVIDIA H100 80GB HBM3", 989.4),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H100 80GB HBM2e", 756.0),  # an H100 PCIe too (Lambda's, RunPod's): it was taken for the SXM's 989.4
+        ("NVIDIA L40S", 362.05),  # Lightning's lookup takes an L40S or L40 for an L4 (121): MFU 3x or 1.5x too high
+        ("NVIDIA L40", 181.05),
+        ("Tesla T4", None),
+    ],
 )
 def test_peak_flops_are_dense_bf16_datasheet_figures(monkeypatch, name, tflops):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)

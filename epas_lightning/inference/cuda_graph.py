@@ -23,20 +23,24 @@ class GraphedDecodeStep:
     def __init__(self, model: Llama, cache: StaticKVCache, warmup: int = 2) -> None:
         if not isinstance(cache, StaticKVCache):
             raise TypeError("CUDA-graph decoding needs a StaticKVCache (model.new_cache(..., static=True)).")
-        if cache.valid.device.type != "cuda":
+        device = cache.valid.device
+        if device.type != "cuda":
             raise ValueError("CUDA graphs need a model and KV cache on a CUDA device.")
         self.cache = cache
         self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.k[0].device)
         index, next_pos = cache.index.clone(), cache.next_pos.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up runs (allocator, lazy init) outside the capture, as CUDA requires
-            for _ in range(warmup):
-                model(self.tokens, cache)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model(self.tokens, cache)[:, -1]
+        # On the cache's GPU, also where another is current (cuda:1): a capture stream of another GPU records none of
+        # the model's kernels, and the empty graph's replays would return the capture's logits again and again.
+        with torch.cuda.device(device):
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):  # warm-up runs (allocator, lazy init) outside the capture, as CUDA requires
+                for _ in range(warmup):
+                    model(self.tokens, cache)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=stream):  # not its default: made once, on the GPU current then
+                self.logits = model(self.tokens, cache)[:, -1]
         # The warm-ups advanced the positions and wrote into the next slot: rewind (the first replay rewrites it).
         cache.index.copy_(index)
         cache.next_pos.copy_(next_pos)
