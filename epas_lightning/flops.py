@@ -9,6 +9,7 @@ k_proj and v_proj in ``kv`` mode. The attention products still run in every laye
 from __future__ import annotations
 
 import numbers
+import re
 
 import torch
 
@@ -22,6 +23,7 @@ DENSE_BF16_PEAK_TFLOPS = (
     ("H200 NVL", 835.0),
     ("H100", 989.4),
     ("H200", 989.4),
+    ("GH200", 989.4),  # the Grace Hopper superchip's H100/H200 GPU
     ("A100", 312.0),
     ("L40S", 362.05),  # Lightning's table takes an L40S or L40 for an L4
     ("L40", 181.05),
@@ -66,4 +68,9 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> flo
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return None
     name = torch.cuda.get_device_name(device)
-    return next((tflops * 1e12 for key, tflops in DENSE_BF16_PEAK_TFLOPS if key in name), None)
+    return next((tflops * 1e12 for key, tflops in DENSE_BF16_PEAK_TFLOPS if _names(key, name)), None)
+
+
+def _names(key: str, name: str) -> bool:
+    """``key`` is a whole word run of the device ``name``: "A100" names "NVIDIA A100-SXM4-80GB", not "RTX A1000"."""
+    return re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name) is not None

@@ -187,6 +187,9 @@ def test_the_run_totals_continue_across_a_resume(tmp_path):
         ("NVIDIA H100 80GB HBM2e", 756.0),  # an H100 PCIe too (Lambda's, RunPod's): it was taken for the SXM's 989.4
         ("NVIDIA L40S", 362.05),  # Lightning's lookup takes an L40S or L40 for an L4 (121): MFU 3x or 1.5x too high
         ("NVIDIA L40", 181.05),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA RTX A1000", None),  # not an A100 (it matched "A100" inside its name: MFU from a 312 TFLOP/s peak)
+        ("NVIDIA GH200 480GB", 989.4),
         ("Tesla T4", None),
     ],
 )
