@@ -7,6 +7,9 @@ training state of the local parameter shard (fp32 weight, gradient and AdamW's t
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from epas_lightning.flops import matmul_params
 from epas_lightning.model.config import LlamaConfig
 from epas_lightning.parallel import blocks_to_checkpoint
@@ -39,3 +42,9 @@ def n_params(config: LlamaConfig) -> int:
     widths = {"q_proj": config.n_embd, "k_proj": kv_dim, "v_proj": kv_dim, "o_proj": config.n_embd}
     biases = config.n_layer * sum(widths[name] for name in config.biased_projections)
     return matmul_params(config) + embedding + (2 * config.n_layer + 1) * config.n_embd + biases
+
+
+def on_device_bytes(model: nn.Module, device: torch.device) -> int:
+    """The bytes of ``model``'s parameters already on ``device``: free memory read after they were allocated lacks
+    them, and :func:`plan_checkpointing` counts their weights in the training state (none for a meta-device model)."""
+    return sum(p.nbytes for p in model.parameters() if p.device == device)

@@ -30,7 +30,7 @@ from epas_lightning.init_from import (
 from epas_lightning.loss import next_token_loss, train_loss
 from epas_lightning.loss_scaling import unscale_fused_gradients
 from epas_lightning.lr import WarmupCosineLR
-from epas_lightning.memory_plan import plan_checkpointing
+from epas_lightning.memory_plan import on_device_bytes, plan_checkpointing
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.llama import check_attention_reuse
 from epas_lightning.optim import default_optimizer, optimizer_settings, param_groups, restore_settings
@@ -169,7 +169,7 @@ class EPASModule(LightningModule):
             model,
             mesh,
             mp_policy=mixed_precision_policy(precision) if mesh is not None else None,
-            activation_checkpointing=self._checkpointing(mesh),
+            activation_checkpointing=self._checkpointing(mesh, model),
             compile=self.compile_blocks,
         )
         self.model.sdpa_order = sdpa_order(self.attention_kernel, self._root_device(), self.config)
@@ -181,7 +181,7 @@ class EPASModule(LightningModule):
     def _root_device(self) -> torch.device:
         return self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
 
-    def _checkpointing(self, mesh) -> bool | int:  # noqa: ANN001
+    def _checkpointing(self, mesh, model: torch.nn.Module) -> bool | int:  # noqa: ANN001
         """The ``activation_checkpointing`` setting, with ``"auto"`` resolved for this device and micro-batch."""
         if self.activation_checkpointing != "auto":
             return self.activation_checkpointing
@@ -193,6 +193,7 @@ class EPASModule(LightningModule):
             rank_zero_info("activation_checkpointing='auto': micro-batch size unknown, checkpointing every block")
             return True
         free, _ = torch.cuda.mem_get_info(device)
+        free += on_device_bytes(model, device)  # one device, DDP: the weights are there already; the plan counts them
         k = plan_checkpointing(self.config, batch_size * self.config.block_size, free, mesh.size() if mesh else 1)
         rank_zero_info(f"activation_checkpointing='auto': {k} of {self.config.n_layer} blocks checkpointed")
         return k

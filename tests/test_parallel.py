@@ -121,6 +121,30 @@ def test_checkpointing_settings_and_the_memory_plan():
     assert plan_checkpointing(config, 32 * 2048, 139 * gib, shards=8) <= more[1]  # sharded state leaves more room
 
 
+def test_auto_checkpointing_counts_weights_already_on_the_gpu_once(monkeypatch):
+    """One device and DDP build the model on the GPU before "auto" reads its free memory: the plan, which counts the
+    weights in the training state, counted them a second time (more blocks checkpointed than needed: slower)."""
+    from types import SimpleNamespace
+
+    from epas_lightning import module as module_file
+    from epas_lightning.memory_plan import on_device_bytes
+
+    model = Llama(LlamaConfig.from_name("debug", n_layer=2))
+    assert on_device_bytes(model, torch.device("cpu")) == sum(p.numel() * 4 for p in model.parameters())
+    with torch.device("meta"):
+        assert on_device_bytes(Llama(LlamaConfig.from_name("debug", n_layer=2)), torch.device("cpu")) == 0
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2), activation_checkpointing="auto")
+    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(batch_size=2))
+    cuda = torch.device("cuda", 0)
+    planned = []
+    monkeypatch.setattr(module, "_root_device", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1000, 4000))
+    monkeypatch.setattr(module_file, "on_device_bytes", lambda m, device: 24 if m is model and device == cuda else 0)
+    monkeypatch.setattr(module_file, "plan_checkpointing", lambda config, tokens, free, shards: planned.append(free))
+    module._checkpointing(None, model)
+    assert planned == [1024]
+
+
 def test_auto_checkpointing_is_off_on_cpu(mesh):
     module = sharded_module(LlamaConfig.from_name("debug", n_layer=2), mesh, activation_checkpointing="auto")
     assert not any(isinstance(block, CheckpointWrapper) for block in module.model.layers)
