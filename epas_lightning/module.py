@@ -35,6 +35,7 @@ from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.llama import check_attention_reuse
 from epas_lightning.optim import default_optimizer, optimizer_settings, param_groups, restore_settings
 from epas_lightning.parallel import PRECISIONS, checkpointed_blocks, mixed_precision_policy, parallelize
+from epas_lightning.run_checkpoint import adopt_model_checkpoint_states
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
 from epas_lightning.safe_load import plain_numbers
 
@@ -290,6 +291,8 @@ class EPASModule(LightningModule):
         if recorded := checkpoint.get("model_config"):
             where = "EPASModule.load_from_checkpoint" if trainer is None else f"ckpt_path {trainer.ckpt_path}"
             check_resumed_model(self.config, LlamaConfig.from_dict(recorded), where, PYTHON_CONFIG_FIX)
+        if trainer is not None:  # before Lightning restores the callbacks
+            adopt_model_checkpoint_states(trainer, checkpoint)
         data = getattr(trainer, "datamodule", None)
         if hasattr(data, "check_checkpoint_tokenizer"):  # a TokenDataModule: its ids are the checkpoint's tokens
             data.check_checkpoint_tokenizer(checkpoint.get("tokenizer"))

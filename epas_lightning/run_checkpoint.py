@@ -121,3 +121,16 @@ class RunCheckpoint(ModelCheckpoint):
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             save_last_now(trainer, self)
         super().on_train_end(trainer, pl_module)
+
+
+def adopt_model_checkpoint_states(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+    """Checkpoints written before the run's checkpoint was a ``RunCheckpoint`` keep its state under Lightning's
+    ``ModelCheckpoint{...}`` key: moved to the key of the run's ``RunCheckpoint`` of the same arguments, so that a
+    resume restores it (the best checkpoints kept so far, the last one) and Lightning does not ask for a callback the
+    run has. A plain ``ModelCheckpoint`` of the run's own keeps its state."""
+    states = checkpoint.get("callbacks") or {}
+    own = {callback.state_key for callback in trainer.callbacks}
+    for callback in trainer.callbacks:
+        older = "ModelCheckpoint" + callback.state_key.removeprefix(type(callback).__qualname__)
+        if isinstance(callback, RunCheckpoint) and callback.state_key not in states and older in states.keys() - own:
+            states[callback.state_key] = states.pop(older)

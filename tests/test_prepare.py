@@ -659,6 +659,15 @@ def test_a_resume_on_other_data_starts_it_from_its_beginning_when_asked(sp_data,
     fresh = fit(other(), tmp_path / "c", 4).batches
     resumed = fit(other(resume_position=False), tmp_path / "d", 8, ckpt_path=saved).batches
     assert len(resumed) == 4 and all(torch.equal(a, b) for a, b in zip(fresh, resumed, strict=True))
+    # a checkpoint written before the data module saved its settings (litdata's loader state only): the same, where
+    # litdata raised a ValueError traceback at the first batch, also with resume_position=False
+    older = torch.load(saved, weights_only=True)
+    del older["TokenDataModule"]
+    torch.save(older, saved)
+    with pytest.raises(DataError, match=f"streams \\['{sp_data.resolve() / 'train'}'\\] -> "):
+        fit(other(), tmp_path / "e", 8, ckpt_path=saved)
+    resumed = fit(other(resume_position=False), tmp_path / "f", 8, ckpt_path=saved).batches
+    assert len(resumed) == 4 and all(torch.equal(a, b) for a, b in zip(fresh, resumed, strict=True))
 
 
 def test_validate_and_test_take_any_data_whatever_position_the_checkpoint_saved(sp_data, second_sp_data, caplog):

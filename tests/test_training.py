@@ -686,6 +686,30 @@ def test_last_ckpt_holds_the_step_training_ended_at(tiny_corpus, tmp_path):
     assert (tmp_path / "ckpt" / "epoch=0-step=6.ckpt").exists()
 
 
+def test_a_checkpoint_from_before_run_checkpoint_resumes_its_checkpoint_state(tiny_corpus, tmp_path):
+    """Checkpoints written when the run's checkpoint was a plain ModelCheckpoint keep its state under that class's
+    key: Lightning asked for "the following callbacks: ['ModelCheckpoint{...}']" and restored nothing, so the best
+    checkpoint it had kept (top 1 here) was never replaced and stayed on disk for ever."""
+    import warnings
+
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    def fit(max_steps: int, ckpt_path: Path | None = None) -> None:
+        checkpoint = RunCheckpoint(tmp_path / "ckpt", monitor="step", mode="max", every_n_train_steps=2, save_last=True)
+        make_trainer(tmp_path, max_steps, [checkpoint]).fit(*make_run(tiny_corpus, n_layer=2), ckpt_path=ckpt_path)
+
+    fit(2)
+    saved = tmp_path / "ckpt" / "last.ckpt"
+    older = torch.load(saved, weights_only=True)
+    older["callbacks"] = {key.replace("RunCheckpoint", "ModelCheckpoint"): s for key, s in older["callbacks"].items()}
+    torch.save(older, saved)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(4, saved)
+    assert not [w for w in caught if "callbacks used to create the checkpoint" in str(w.message)]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0-step=4.ckpt", "last.ckpt"]
+
+
 def test_a_resume_under_gradient_accumulation_saves_no_half_step(tiny_corpus, tmp_path):
     """Resumed at a step its interval divides, Lightning's checkpoint saved that step again after the first
     micro-batch of the next one, over the file it resumed (or as 'epoch=0-step=2-v1.ckpt' beside it) and last.ckpt:

@@ -68,6 +68,13 @@ class TokenDataModule(TokenData, LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if not saved or (trainer is not None and trainer.state.fn != TrainerFn.FITTING):  # validate/test: no position
             return
+        self._adopt_position(saved)
+
+    def _adopt_position(self, saved: dict[str, Any]) -> None:
+        """Check the settings a saved position holds for (``saved``; a key it lacks is not compared) against this
+        data's, or note that this data starts from its beginning (``resume_position`` false)."""
+        self._position_settled = True
+        trainer = getattr(self, "trainer", None)
         if not self.resume_position:
             self._fresh_position = True
             rank_zero_info(
@@ -81,7 +88,8 @@ class TokenDataModule(TokenData, LightningDataModule):
             fixed += ["weights", *layout]
 
         def differ(keys: list[str]) -> list[str]:
-            return [f"{key} {saved.get(key)} -> {current[key]}" for key in keys if saved.get(key) != current[key]]
+            kept = [key for key in keys if key in saved]
+            return [f"{key} {saved[key]} -> {current[key]}" for key in kept if saved[key] != current[key]]
 
         changed = differ(fixed)
         if moved := differ([key for key in layout if key not in fixed]):
@@ -158,8 +166,15 @@ class TokenDataModule(TokenData, LightningDataModule):
 
     def train_dataloader(self) -> StreamingDataLoader:
         loader = self._dataloader(self.train_streams(), shuffle=True, weights=self.weights)
-        if self._fresh_position:  # Lightning hands the saved position to a stateful loader: this one keeps its own
-            loader.load_state_dict = lambda state: None
+        restore = loader.load_state_dict
+
+        def load_position(state: dict[str, Any]) -> None:  # Lightning hands a resumed fit's position to the loader
+            if not self._position_settled:  # a checkpoint older than position_settings: litdata's state says them
+                self._adopt_position(position_settings_of(state, self.num_workers))
+            if not self._fresh_position:  # else this loader keeps its own
+                restore(state)
+
+        loader.load_state_dict = load_position
         if len(loader) == 0:
             raise DataError(
                 f"the training stream holds fewer than batch_size={self.batch_size} sequences of {self.seq_len + 1} "
@@ -191,3 +206,22 @@ class TokenDataModule(TokenData, LightningDataModule):
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
         """Tokens are stored as int32; embeddings and cross-entropy targets want int64 (cast on the device)."""
         return batch.long()
+
+
+def position_settings_of(state: dict[str, Any], num_workers: int) -> dict[str, Any]:
+    """The settings a litdata loader ``state`` holds for, as ``TokenDataModule`` saves them beside it (checkpoints
+    written before it did have this state only; a mixture's weights are not in it). litdata counts ``num_workers``
+    0 as 1: such a count is taken as the current one, ``num_workers``."""
+    dataset = state.get("dataset") or {}
+    streams = [dataset] if "input_dir_path" in dataset else [s for s in dataset.values() if isinstance(s, dict)]
+    if not streams or any("input_dir_path" not in s for s in streams):
+        return {}
+    first, settings = streams[0], {"streams": [str(Path(s["input_dir_path"]).resolve()) for s in streams]}
+    for key in ("seed", "batch_size", "world_size"):
+        if key in first:
+            settings[key] = first[key]
+    if block := (first.get("item_loader") or {}).get("block_size"):
+        settings["seq_len"] = block - 1  # seq_len + 1 tokens a sample
+    if "num_workers" in first:
+        settings["num_workers"] = num_workers if first["num_workers"] == max(num_workers, 1) else first["num_workers"]
+    return settings

@@ -148,6 +148,7 @@ class TokenData:
         self.cache_dir = cache_dir
         self.resume_position = resume_position
         self._fresh_position = False  # a resume told to start this data from its beginning
+        self._position_settled = False  # the settings of a resumed position were checked (or it was set aside)
         self.use_builtin = not dirs
         self.data_dirs: list[Path] = [Path(d).expanduser() for d in dirs]
         self.val_dir: Path | None = None if val_dir is None else Path(val_dir).expanduser()
