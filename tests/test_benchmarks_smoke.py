@@ -337,6 +337,8 @@ def test_continual_refuses_to_replace_an_earlier_runs_outputs(tmp_path, monkeypa
     with pytest.raises(OutputError, match=r"earlier run \(results.md\)"):
         continual.main()
     assert (tmp_path / "results.md").read_text() == "an earlier run's table\n"
+    # refused before it quiets Lightning's loggers for its own run: later tests read their INFO lines
+    assert logging.getLogger("lightning.pytorch").level != logging.ERROR
 
 
 def test_data_throughput_names_its_own_flag_when_the_budget_selects_no_file(benchmarks_importable, monkeypatch):
