@@ -313,6 +313,16 @@ def test_text_files_of_one_name_under_two_inputs_are_not_all_held_out(tmp_path: 
     assert sorted(f.split for f in files) == ["train", "val"]
 
 
+def test_a_file_name_that_is_not_utf8_is_split_like_any_other(tmp_path: Path):
+    """A Latin-1 file name (its bytes kept as surrogates) broke the split's hash: 'surrogates not allowed — hold out a
+    smaller fraction'."""
+    from epas_lightning.data.sources import discover_files, plan_split
+
+    for name in (os.fsdecode(b"caf\xe9.txt"), "b.txt"):
+        (tmp_path / name).write_text("text")
+    assert sorted(f.split for f in plan_split(discover_files([tmp_path]), 0.01)) == ["train", "val"]
+
+
 def test_a_utf8_byte_order_mark_is_not_part_of_the_text(tmp_path: Path):
     """Windows tools start files with a BOM: JSONL refused its first line, and text files kept it as a character."""
     from epas_lightning.data.sources import discover_files, iter_documents

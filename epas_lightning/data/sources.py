@@ -123,8 +123,9 @@ def _warn_unknown(paths: list[Path], where: str) -> None:
 
 
 def stable_unit_hash(text: str) -> float:
-    """A hash of ``text`` in ``[0, 1)`` that is the same in every process (unlike the salted builtin ``hash``)."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+    """A hash of ``text`` in ``[0, 1)`` that is the same in every process (unlike the salted builtin ``hash``); a file
+    name's undecodable bytes (kept as surrogates) hash as those bytes."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()[:8], "big") / 2**64
 
 
 def split_by_hash(items: Sequence, key: Callable[[object], str], val_fraction: float) -> tuple[list, list]:
