@@ -559,6 +559,25 @@ def test_a_worker_that_fails_unexpectedly_stops_prepare_and_leaves_no_process(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.timeout(60)
+def test_a_chunk_a_worker_cannot_write_stops_prepare(sp_model: Path, tmp_path: Path, monkeypatch):
+    """A worker that failed writing its last chunk could not exit (litdata left its helper process waiting): prepare
+    waited for it forever. Failing mid-way, prepare stopped but that helper outlived it."""
+    import errno
+
+    from litdata.streaming.writer import BinaryWriter
+
+    def cannot_write(*args, **kwargs):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(BinaryWriter, "write_chunk_to_file", cannot_write)  # forked workers inherit it
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("some text")
+    with pytest.raises(RuntimeError, match="Input/output error"):
+        prepare([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "out", sp_model, num_workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+
+
 def test_ctrl_c_while_tokenizing_fails_and_leaves_nothing(corpus, sp_model: Path, tmp_path: Path):
     """litdata's own Ctrl+C handler ended the process with exit status 0, the half-built folder left behind."""
     out = tmp_path / "out"

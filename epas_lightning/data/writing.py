@@ -7,10 +7,12 @@ about equal size, and the stream keeps the input order.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import multiprocessing
 import os
+import queue
 import random
 import shutil
 import signal
@@ -135,11 +137,13 @@ def isolated_litdata(scratch_dir: Path) -> Iterator[None]:
     run only), forces the multiprocessing start method, sets an env var, and wipes its shared scratch dirs under
     ``/tmp`` (which would break concurrent builds). Give it private scratch dirs instead. Its Ctrl+C handler ends the
     process with exit status 0 and no clean-up (a half-built output stays, a script carries on): here Ctrl+C stops
-    the workers and raises ``KeyboardInterrupt``. A document larger than a chunk makes that chunk larger, as it should,
-    without litdata's warning (forked workers inherit the filter).
+    the workers and raises ``KeyboardInterrupt``. A worker that fails in litdata's own code (a chunk it cannot write)
+    ends its helper processes, which litdata leaves waiting for work, and its error is raised even when it came after
+    its last item (litdata returned as if the stream were complete). A document larger than a chunk makes that chunk
+    larger, as it should, without litdata's warning (forked workers inherit the filter).
     """
     import torch
-    from litdata.processing.data_processor import DataProcessor
+    from litdata.processing.data_processor import BaseWorker, DataProcessor
 
     rng_states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     start_method = multiprocessing.get_start_method(allow_none=True)
@@ -159,13 +163,17 @@ def isolated_litdata(scratch_dir: Path) -> Iterator[None]:
         if value is not None:
             os.environ[key] = value
     litdata_interrupt = DataProcessor._signal_handler
+    litdata_run, litdata_worker_run = DataProcessor.run, BaseWorker.run
     DataProcessor._signal_handler = _stop_workers_and_interrupt(os.getpid())
+    DataProcessor.run = _raising_late_errors(litdata_run)
+    BaseWorker.run = _ending_helpers(litdata_worker_run)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "An item was larger than the target chunk size", UserWarning)
             yield
     finally:
         DataProcessor._signal_handler = litdata_interrupt
+        DataProcessor.run, BaseWorker.run = litdata_run, litdata_worker_run
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -178,6 +186,35 @@ def isolated_litdata(scratch_dir: Path) -> Iterator[None]:
         np.random.set_state(rng_states[1])
         torch.random.set_rng_state(rng_states[2])
         shutil.rmtree(scratch_dir, ignore_errors=True)
+
+
+def _ending_helpers(run: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A litdata worker's ``run`` that ends the worker's helper processes however it ends. After a failure litdata
+    leaves them waiting for work: the worker could not exit (its last chunk unwritten, the parent waited for it
+    forever), or they outlived the command."""
+
+    @functools.wraps(run)
+    def run_then_end_helpers(worker: Any) -> None:
+        try:
+            run(worker)
+        finally:
+            for helper in multiprocessing.active_children():
+                helper.terminate()
+
+    return run_then_end_helpers
+
+
+def _raising_late_errors(run: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+    """litdata's ``DataProcessor.run`` that raises, as litdata does for the others, a worker's error reported after its
+    last item was counted (writing its last chunk): litdata checks for errors only until then."""
+
+    @functools.wraps(run)
+    def run_then_raise(processor: Any, recipe: Any) -> None:
+        run(processor, recipe)
+        with contextlib.suppress(queue.Empty):  # the workers have exited: what they reported is in the queue
+            raise RuntimeError(f"We found the following error {processor.error_queue.get_nowait()}.")
+
+    return run_then_raise
 
 
 def _stop_workers_and_interrupt(parent_pid: int) -> Callable[[Any, int, Any], None]:
