@@ -580,25 +580,30 @@ def test_a_chunk_a_worker_cannot_write_stops_prepare(code, raised, sp_model: Pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
 
 
-def test_ctrl_c_while_tokenizing_fails_and_leaves_nothing(corpus, sp_model: Path, tmp_path: Path):
-    """litdata's own Ctrl+C handler ended the process with exit status 0, the half-built folder left behind."""
+@pytest.mark.parametrize(("signum", "says"), [(2, "Ctrl+C"), (15, "SIGTERM")])
+def test_ctrl_c_or_sigterm_while_tokenizing_fails_and_leaves_nothing(
+    signum, says, corpus, sp_model: Path, tmp_path: Path
+):
+    """litdata's own Ctrl+C handler ended the process with exit status 0, the half-built folder left behind. SIGTERM
+    (`kill`, a container's stop) ended the parent alone: the workers tokenized on, orphaned, into the folder left."""
     out = tmp_path / "out"
     script = f"""
 import os, signal, time
 from epas_lightning.data import writing
-from epas_lightning.data.prepare import prepare_dataset
+from epas_lightning.cli import main
 
-def interrupted(item):  # a Ctrl+C while a worker tokenizes
-    os.kill(os.getppid(), signal.SIGINT)
+def interrupted(item):  # a Ctrl+C or a SIGTERM while a worker tokenizes
+    os.kill(os.getppid(), {signum})
     time.sleep(10)
     yield from ()
 
 writing.tokenize_work_item = interrupted
-prepare_dataset({str(corpus[0])!r}, {str(out)!r}, {str(sp_model)!r}, num_workers=1)
+raise SystemExit(main(["prepare", "--input", {str(corpus[0])!r}, "--output", {str(out)!r}, "--tokenizer",
+    {str(sp_model)!r}, "--num-workers", "1"]))
 """
     env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 128 + signum and f"stopped ({says})" in proc.stderr, proc.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
 
 

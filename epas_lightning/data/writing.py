@@ -136,18 +136,19 @@ def isolated_litdata(scratch_dir: Path) -> Iterator[None]:
     It reseeds the global ``random``/NumPy/torch RNGs (which would override a user's ``seed_everything`` on the first
     run only), forces the multiprocessing start method, sets an env var, and wipes its shared scratch dirs under
     ``/tmp`` (which would break concurrent builds). Give it private scratch dirs instead. Its Ctrl+C handler ends the
-    process with exit status 0 and no clean-up (a half-built output stays, a script carries on): here Ctrl+C stops
-    the workers and raises ``KeyboardInterrupt``. A worker that fails in litdata's own code (a chunk it cannot write)
-    ends its helper processes, which litdata leaves waiting for work, and its error is raised even when it came after
-    its last item (litdata returned as if the stream were complete). A document larger than a chunk makes that chunk
-    larger, as it should, without litdata's warning (forked workers inherit the filter).
+    process with exit status 0 and no clean-up (a half-built output stays, a script carries on), and SIGTERM ended
+    the parent alone: here either stops the workers and raises ``KeyboardInterrupt``. A worker that fails in
+    litdata's own code (a chunk it cannot write) ends its helper processes, which litdata leaves waiting for work, and
+    its error is raised even when it came after its last item (litdata returned as if the stream were complete). A
+    document larger than a chunk makes that chunk larger, as it should, without litdata's warning (forked workers
+    inherit the filter).
     """
     import torch
     from litdata.processing.data_processor import BaseWorker, DataProcessor
 
     rng_states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     start_method = multiprocessing.get_start_method(allow_none=True)
-    sigint_handler = signal.getsignal(signal.SIGINT)
+    signal_handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     litdata_logger = logging.getLogger("litdata")
     litdata_level = litdata_logger.level
     litdata_logger.setLevel(logging.WARNING)
@@ -165,7 +166,7 @@ def isolated_litdata(scratch_dir: Path) -> Iterator[None]:
     litdata_interrupt = DataProcessor._signal_handler
     litdata_run, litdata_worker_run = DataProcessor.run, BaseWorker.run
     DataProcessor._signal_handler = _stop_workers_and_interrupt(os.getpid())
-    DataProcessor.run = _raising_late_errors(litdata_run)
+    DataProcessor.run = _checked_run(litdata_run)
     BaseWorker.run = _ending_helpers(litdata_worker_run)
     try:
         with warnings.catch_warnings():
@@ -179,7 +180,8 @@ def isolated_litdata(scratch_dir: Path) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        signal.signal(signal.SIGINT, sigint_handler)
+        for signum, handler in signal_handlers.items():
+            signal.signal(signum, handler)
         litdata_logger.setLevel(litdata_level)
         multiprocessing.set_start_method(start_method, force=True)
         random.setstate(rng_states[0])
@@ -204,12 +206,14 @@ def _ending_helpers(run: Callable[[Any], None]) -> Callable[[Any], None]:
     return run_then_end_helpers
 
 
-def _raising_late_errors(run: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
-    """litdata's ``DataProcessor.run`` that raises, as litdata does for the others, a worker's error reported after its
-    last item was counted (writing its last chunk): litdata checks for errors only until then."""
+def _checked_run(run: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+    """litdata's ``DataProcessor.run`` that stops on SIGTERM as on Ctrl+C, and raises, as litdata does for the others,
+    a worker's error reported after its last item was counted (writing its last chunk): litdata checks for errors
+    only until then."""
 
     @functools.wraps(run)
     def run_then_raise(processor: Any, recipe: Any) -> None:
+        signal.signal(signal.SIGTERM, processor._signal_handler)  # litdata sets it for SIGINT; workers inherit both
         run(processor, recipe)
         with contextlib.suppress(queue.Empty):  # the workers have exited: what they reported is in the queue
             raise RuntimeError(f"We found the following error {processor.error_queue.get_nowait()}.")
@@ -235,7 +239,9 @@ def _stop_workers_and_interrupt(parent_pid: int) -> Callable[[Any, int, Any], No
             worker.join(5)
             if worker.is_alive():
                 worker.kill()
-        raise KeyboardInterrupt
+        interrupt = KeyboardInterrupt()
+        interrupt.signum = signum  # the command line exits with 128 + signum, naming the signal
+        raise interrupt
 
     return handler
 
