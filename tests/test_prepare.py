@@ -580,6 +580,25 @@ def test_a_chunk_a_worker_cannot_write_stops_prepare(code, raised, sp_model: Pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
 
 
+def test_documents_are_encoded_in_batches_of_bounded_bytes(sp_model: Path, tmp_path: Path, monkeypatch):
+    """Batches were 256 documents whatever their size: a worker encoding 256 books held many times their size in
+    memory (35 MB of half-megabyte records took 2.5 GB)."""
+    from epas_lightning.data import writing
+    from epas_lightning.data.sources import InputFile
+    from epas_lightning.data.tokenizer import TextTokenizer
+
+    (tmp_path / "books.jsonl").write_text("".join(json.dumps({"text": "word " * 20}) + "\n" for _ in range(5)))
+    batches, encode_batch = [], TextTokenizer.encode_batch
+    monkeypatch.setattr(
+        TextTokenizer, "encode_batch", lambda self, texts: batches.append(texts) or encode_batch(self, texts)
+    )
+    monkeypatch.setattr(writing, "_BYTES_PER_BATCH", 250, raising=False)
+    books = InputFile(str(tmp_path / "books.jsonl"), "books.jsonl", "jsonl", 0, "train")
+    item = writing.WorkItem((books,), "train", 0.0, "text", str(sp_model), None, None, "fail", str(tmp_path))
+    assert len(list(writing.tokenize_work_item(item))) == 5
+    assert [len(texts) for texts in batches] == [2, 2, 1]
+
+
 @pytest.mark.parametrize(("signum", "says"), [(2, "Ctrl+C"), (15, "SIGTERM")])
 def test_ctrl_c_or_sigterm_while_tokenizing_fails_and_leaves_nothing(
     signum, says, corpus, sp_model: Path, tmp_path: Path

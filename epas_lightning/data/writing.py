@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 TOKEN_DTYPE = np.int32
 CHUNK_BYTES = "8MB"
 _DOCS_PER_BATCH = 256
+_BYTES_PER_BATCH = 4 * 2**20
+"""Documents are encoded in batches of at most ``_DOCS_PER_BATCH`` documents or this many bytes: a tokenizer holds many
+times a batch's size in memory while it encodes it (256 books would not fit)."""
 _BYTES_PER_WORK_ITEM = 32 * 2**20
 
 
@@ -80,13 +83,19 @@ def tokenize_work_item(item: WorkItem) -> Iterator[torch.Tensor]:
     try:
         tokenizer = load_tokenizer_once(item.tokenizer_path, item.bos_token, item.eos_token)
         batch: list[str] = []
+        batch_bytes = 0
         for text in split_documents(item.files, item.split, item.val_fraction, item.text_field, on_bad):
+            n_bytes = len(text.encode("utf-8"))
+            if batch and batch_bytes + n_bytes > _BYTES_PER_BATCH:
+                yield from encode(batch)
+                batch, batch_bytes = [], 0
             stats["documents"] += 1
-            stats["bytes"] += len(text.encode("utf-8"))
+            stats["bytes"] += n_bytes
             batch.append(text)
+            batch_bytes += n_bytes
             if len(batch) >= _DOCS_PER_BATCH:
                 yield from encode(batch)
-                batch = []
+                batch, batch_bytes = [], 0
         yield from encode(batch)
     except DataPreparationError as e:
         # Returning (not raising) lets litdata shut down cleanly: after a worker raises, it leaves an orphaned
