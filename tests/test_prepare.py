@@ -302,6 +302,18 @@ def test_compressed_json_shards_are_json_lines(tmp_path: Path):
         assert [text for f in discover_files(inputs) for _, text in iter_documents(f, "text", print)] == ["a", "b"]
 
 
+def test_zstd_json_lines_are_read(tmp_path: Path):
+    """Every .jsonl.zst file was skipped as 'unreadable (UnsupportedOperation: )': zstandard's reader has no lines."""
+    zstandard = pytest.importorskip("zstandard")
+    from epas_lightning.data.sources import discover_files, iter_documents
+
+    with zstandard.open(tmp_path / "slimpajama.jsonl.zst", "wt") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in "ab")
+    bad = []
+    assert [text for f in discover_files([tmp_path]) for _, text in iter_documents(f, "text", bad.append)] == ["a", "b"]
+    assert not bad
+
+
 def test_text_files_of_one_name_under_two_inputs_are_not_all_held_out(tmp_path: Path):
     """The split hashes a file's name under its input: two inputs' doc.txt were both held out, leaving no training."""
     from epas_lightning.data.sources import discover_files, plan_split

@@ -204,7 +204,7 @@ def _open_binary(path: str) -> io.BufferedIOBase:
             raise DataPreparationError(
                 "reading .zst needs zstandard", path, "pip install 'epas_lightning[zstd]'"
             ) from e
-        return zstandard.open(path, "rb")  # type: ignore[return-value]
+        return io.BufferedReader(zstandard.open(path, "rb"))  # its reader alone cannot be read by lines
     return open(path, "rb")  # noqa: SIM115
 
 
