@@ -314,6 +314,30 @@ def test_zstd_json_lines_are_read(tmp_path: Path):
     assert not bad
 
 
+def test_a_document_too_large_to_tokenize_at_once_is_a_bad_document(tmp_path: Path, monkeypatch):
+    """A text file without its documents split (1 GB with no newline), or a 300 MB JSON line, was read and tokenized
+    whole: a worker took many times its size in memory until the machine killed it (10 MB took 2.2 GB)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from epas_lightning.data import sources
+
+    monkeypatch.setattr(sources, "MAX_DOCUMENT_BYTES", 100, raising=False)
+    (tmp_path / "corpus.txt").write_text("w " * 60)
+    (tmp_path / "note.txt").write_text("note")
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ("a", "w " * 60, "b")))
+    pq.write_table(pa.table({"text": ["c", "w " * 60]}), tmp_path / "rows.parquet")
+    bad = []
+    files = sources.discover_files([tmp_path])
+    assert [text for f in files for _, text in sources.iter_documents(f, "text", bad.append)] == ["note", "a", "b", "c"]
+    assert [b.where for b in bad] == [
+        f"{tmp_path}/corpus.txt",
+        f"{tmp_path}/rows.jsonl:2",
+        f"{tmp_path}/rows.parquet row 2",
+    ]
+    assert all("a document may be" in b.reason and "split it" in b.reason for b in bad)
+
+
 def test_text_files_of_one_name_under_two_inputs_are_not_all_held_out(tmp_path: Path):
     """The split hashes a file's name under its input: two inputs' doc.txt were both held out, leaving no training."""
     from epas_lightning.data.sources import discover_files, plan_split
