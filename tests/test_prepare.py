@@ -303,15 +303,17 @@ def test_compressed_json_shards_are_json_lines(tmp_path: Path):
 
 
 def test_zstd_json_lines_are_read(tmp_path: Path):
-    """Every .jsonl.zst file was skipped as 'unreadable (UnsupportedOperation: )': zstandard's reader has no lines."""
+    """Every .jsonl.zst file was skipped as 'unreadable (UnsupportedOperation: )': zstandard's reader has no lines. A
+    corrupt one is unreadable too."""
     zstandard = pytest.importorskip("zstandard")
     from epas_lightning.data.sources import discover_files, iter_documents
 
     with zstandard.open(tmp_path / "slimpajama.jsonl.zst", "wt") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in "ab")
+    (tmp_path / "corrupt.jsonl.zst").write_bytes(b"not zstd data")  # its error was a traceback, not a bad file
     bad = []
     assert [text for f in discover_files([tmp_path]) for _, text in iter_documents(f, "text", bad.append)] == ["a", "b"]
-    assert not bad
+    assert [b.where for b in bad] == [str(tmp_path / "corrupt.jsonl.zst")] and "unreadable (ZstdError" in bad[0].reason
 
 
 def test_a_document_too_large_to_tokenize_at_once_is_a_bad_document(tmp_path: Path, monkeypatch):

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -233,10 +234,16 @@ def _jsonl_records(f: InputFile, keep: Callable[[int], bool] | None = None) -> I
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
                     record = BadDocument(f"{f.path}:{lineno}", f"not a UTF-8 JSON line ({e})")
                 yield lineno, record
-    except (OSError, EOFError, ValueError) as e:
+    except (OSError, EOFError, ValueError, *_decompression_errors()) as e:
         if isinstance(e, DataPreparationError | BadDocument):
             raise
         raise BadDocument(f.path, f"unreadable ({type(e).__name__}: {e})") from e
+
+
+def _decompression_errors() -> tuple[type[Exception], ...]:
+    """What a corrupt compressed file raises beyond ``OSError``/``ValueError``: zstandard's error, once it is loaded."""
+    zstandard = sys.modules.get("zstandard")
+    return (zstandard.ZstdError,) if zstandard is not None else ()
 
 
 def _lines(stream: io.BufferedIOBase, limit: int) -> Iterator[bytes | None]:
