@@ -170,11 +170,12 @@ def output_folder(
 
 def out_of_space(error: BaseException | None) -> bool:
     """``error``, or an error it was raised from or while handling, is a full disk or an exceeded quota (an
-    ``OSError``, or a library's error that quotes the OS error, as safetensors and tokenizers do)."""
+    ``OSError``, or an error that quotes one: a Rust library's, as safetensors and tokenizers raise, or a Python
+    traceback from another process, as litdata raises for its workers)."""
     while error is not None:
         if isinstance(error, OSError) and error.errno in NO_SPACE:
             return True
-        if any(f"(os error {code})" in str(error) for code in NO_SPACE):
+        if any(quote in str(error) for code in NO_SPACE for quote in (f"(os error {code})", f"[Errno {code}]")):
             return True
         error = error.__cause__ or error.__context__
     return False

@@ -302,6 +302,44 @@ def test_compressed_json_shards_are_json_lines(tmp_path: Path):
         assert [text for f in discover_files(inputs) for _, text in iter_documents(f, "text", print)] == ["a", "b"]
 
 
+def test_zstd_json_lines_are_read(tmp_path: Path):
+    """Every .jsonl.zst file was skipped as 'unreadable (UnsupportedOperation: )': zstandard's reader has no lines. A
+    corrupt one is unreadable too."""
+    zstandard = pytest.importorskip("zstandard")
+    from epas_lightning.data.sources import discover_files, iter_documents
+
+    with zstandard.open(tmp_path / "slimpajama.jsonl.zst", "wt") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in "ab")
+    (tmp_path / "corrupt.jsonl.zst").write_bytes(b"not zstd data")  # its error was a traceback, not a bad file
+    bad = []
+    assert [text for f in discover_files([tmp_path]) for _, text in iter_documents(f, "text", bad.append)] == ["a", "b"]
+    assert [b.where for b in bad] == [str(tmp_path / "corrupt.jsonl.zst")] and "unreadable (ZstdError" in bad[0].reason
+
+
+def test_a_document_too_large_to_tokenize_at_once_is_a_bad_document(tmp_path: Path, monkeypatch):
+    """A text file without its documents split (1 GB with no newline), or a 300 MB JSON line, was read and tokenized
+    whole: a worker took many times its size in memory until the machine killed it (10 MB took 2.2 GB)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from epas_lightning.data import sources
+
+    monkeypatch.setattr(sources, "MAX_DOCUMENT_BYTES", 100, raising=False)
+    (tmp_path / "corpus.txt").write_text("w " * 60)
+    (tmp_path / "note.txt").write_text("note")
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ("a", "w " * 60, "b")))
+    pq.write_table(pa.table({"text": ["c", "w " * 60]}), tmp_path / "rows.parquet")
+    bad = []
+    files = sources.discover_files([tmp_path])
+    assert [text for f in files for _, text in sources.iter_documents(f, "text", bad.append)] == ["note", "a", "b", "c"]
+    assert [b.where for b in bad] == [
+        f"{tmp_path}/corpus.txt",
+        f"{tmp_path}/rows.jsonl:2",
+        f"{tmp_path}/rows.parquet row 2",
+    ]
+    assert all("a document may be" in b.reason and "split it" in b.reason for b in bad)
+
+
 def test_text_files_of_one_name_under_two_inputs_are_not_all_held_out(tmp_path: Path):
     """The split hashes a file's name under its input: two inputs' doc.txt were both held out, leaving no training."""
     from epas_lightning.data.sources import discover_files, plan_split
@@ -311,6 +349,16 @@ def test_text_files_of_one_name_under_two_inputs_are_not_all_held_out(tmp_path: 
         (tmp_path / shard / "doc.txt").write_text(shard)
     files = plan_split(discover_files([tmp_path / "a" / "doc.txt", tmp_path / "b" / "doc.txt"]), 0.01)
     assert sorted(f.split for f in files) == ["train", "val"]
+
+
+def test_a_file_name_that_is_not_utf8_is_split_like_any_other(tmp_path: Path):
+    """A Latin-1 file name (its bytes kept as surrogates) broke the split's hash: 'surrogates not allowed — hold out a
+    smaller fraction'."""
+    from epas_lightning.data.sources import discover_files, plan_split
+
+    for name in (os.fsdecode(b"caf\xe9.txt"), "b.txt"):
+        (tmp_path / name).write_text("text")
+    assert sorted(f.split for f in plan_split(discover_files([tmp_path]), 0.01)) == ["train", "val"]
 
 
 def test_a_utf8_byte_order_mark_is_not_part_of_the_text(tmp_path: Path):
@@ -549,25 +597,70 @@ def test_a_worker_that_fails_unexpectedly_stops_prepare_and_leaves_no_process(
     assert not (tmp_path / "out").exists()
 
 
-def test_ctrl_c_while_tokenizing_fails_and_leaves_nothing(corpus, sp_model: Path, tmp_path: Path):
-    """litdata's own Ctrl+C handler ended the process with exit status 0, the half-built folder left behind."""
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("code", "raised"), [("EIO", "Input/output error"), ("ENOSPC", "no space left on the device")])
+def test_a_chunk_a_worker_cannot_write_stops_prepare(code, raised, sp_model: Path, tmp_path: Path, monkeypatch):
+    """A worker that failed writing its last chunk could not exit (litdata left its helper process waiting): prepare
+    waited for it forever. Failing mid-way, prepare stopped but that helper outlived it. A full disk there (seen on a
+    50 MB tmpfs) was litdata's RuntimeError quoting the worker's traceback, exit 1: it is the one line."""
+    import errno
+
+    from litdata.streaming.writer import BinaryWriter
+
+    def cannot_write(*args, **kwargs):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(BinaryWriter, "write_chunk_to_file", cannot_write)  # forked workers inherit it
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("some text")
+    with pytest.raises(OutputError if code == "ENOSPC" else RuntimeError, match=raised):
+        prepare([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "out", sp_model, num_workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+
+
+def test_documents_are_encoded_in_batches_of_bounded_bytes(sp_model: Path, tmp_path: Path, monkeypatch):
+    """Batches were 256 documents whatever their size: a worker encoding 256 books held many times their size in
+    memory (35 MB of half-megabyte records took 2.5 GB)."""
+    from epas_lightning.data import writing
+    from epas_lightning.data.sources import InputFile
+    from epas_lightning.data.tokenizer import TextTokenizer
+
+    (tmp_path / "books.jsonl").write_text("".join(json.dumps({"text": "word " * 20}) + "\n" for _ in range(5)))
+    batches, encode_batch = [], TextTokenizer.encode_batch
+    monkeypatch.setattr(
+        TextTokenizer, "encode_batch", lambda self, texts: batches.append(texts) or encode_batch(self, texts)
+    )
+    monkeypatch.setattr(writing, "_BYTES_PER_BATCH", 250, raising=False)
+    books = InputFile(str(tmp_path / "books.jsonl"), "books.jsonl", "jsonl", 0, "train")
+    item = writing.WorkItem((books,), "train", 0.0, "text", str(sp_model), None, None, "fail", str(tmp_path))
+    assert len(list(writing.tokenize_work_item(item))) == 5
+    assert [len(texts) for texts in batches] == [2, 2, 1]
+
+
+@pytest.mark.parametrize(("signum", "says"), [(2, "Ctrl+C"), (15, "SIGTERM")])
+def test_ctrl_c_or_sigterm_while_tokenizing_fails_and_leaves_nothing(
+    signum, says, corpus, sp_model: Path, tmp_path: Path
+):
+    """litdata's own Ctrl+C handler ended the process with exit status 0, the half-built folder left behind. SIGTERM
+    (`kill`, a container's stop) ended the parent alone: the workers tokenized on, orphaned, into the folder left."""
     out = tmp_path / "out"
     script = f"""
 import os, signal, time
 from epas_lightning.data import writing
-from epas_lightning.data.prepare import prepare_dataset
+from epas_lightning.cli import main
 
-def interrupted(item):  # a Ctrl+C while a worker tokenizes
-    os.kill(os.getppid(), signal.SIGINT)
+def interrupted(item):  # a Ctrl+C or a SIGTERM while a worker tokenizes
+    os.kill(os.getppid(), {signum})
     time.sleep(10)
     yield from ()
 
 writing.tokenize_work_item = interrupted
-prepare_dataset({str(corpus[0])!r}, {str(out)!r}, {str(sp_model)!r}, num_workers=1)
+raise SystemExit(main(["prepare", "--input", {str(corpus[0])!r}, "--output", {str(out)!r}, "--tokenizer",
+    {str(sp_model)!r}, "--num-workers", "1"]))
 """
     env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 128 + signum and f"stopped ({says})" in proc.stderr, proc.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
 
 

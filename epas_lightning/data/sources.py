@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson", ".json.gz", ".
 SKIPPED_DIRS = frozenset({"__pycache__", "node_modules", "site-packages", "dist-packages"})
 BINARY_SNIFF_BYTES = 8192
 """A text file with a NUL byte among its first bytes is binary (git's rule)."""
+MAX_DOCUMENT_BYTES = 16 * 2**20
+"""A larger document (text file, JSON line, parquet value) is a bad document: a tokenizer encodes a document at once,
+in many times its size of memory, so one huge document (a whole corpus in one file) would exhaust the machine's."""
 
 
 class DataPreparationError(DataError):
@@ -123,8 +127,9 @@ def _warn_unknown(paths: list[Path], where: str) -> None:
 
 
 def stable_unit_hash(text: str) -> float:
-    """A hash of ``text`` in ``[0, 1)`` that is the same in every process (unlike the salted builtin ``hash``)."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+    """A hash of ``text`` in ``[0, 1)`` that is the same in every process (unlike the salted builtin ``hash``); a file
+    name's undecodable bytes (kept as surrogates) hash as those bytes."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()[:8], "big") / 2**64
 
 
 def split_by_hash(items: Sequence, key: Callable[[object], str], val_fraction: float) -> tuple[list, list]:
@@ -203,7 +208,7 @@ def _open_binary(path: str) -> io.BufferedIOBase:
             raise DataPreparationError(
                 "reading .zst needs zstandard", path, "pip install 'epas_lightning[zstd]'"
             ) from e
-        return zstandard.open(path, "rb")  # type: ignore[return-value]
+        return io.BufferedReader(zstandard.open(path, "rb"))  # its reader alone cannot be read by lines
     return open(path, "rb")  # noqa: SIM115
 
 
@@ -213,18 +218,50 @@ def _jsonl_records(f: InputFile, keep: Callable[[int], bool] | None = None) -> I
     that cannot be read raises one."""
     try:
         with _open_binary(f.path) as stream:
-            for lineno, line in enumerate(stream, start=1):
-                if not line.strip() or (keep is not None and not keep(lineno)):
+            for lineno, line in enumerate(_lines(stream, MAX_DOCUMENT_BYTES), start=1):
+                if keep is not None and not keep(lineno):
+                    continue
+                if line is None:  # not held: read past
+                    yield (
+                        lineno,
+                        BadDocument(f"{f.path}:{lineno}", _too_large(f"a line over {MAX_DOCUMENT_BYTES:,} bytes")),
+                    )
+                    continue
+                if not line.strip():
                     continue
                 try:
                     record = json.loads(line.decode("utf-8-sig" if lineno == 1 else "utf-8"))  # a BOM is no text
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
                     record = BadDocument(f"{f.path}:{lineno}", f"not a UTF-8 JSON line ({e})")
                 yield lineno, record
-    except (OSError, EOFError, ValueError) as e:
+    except (OSError, EOFError, ValueError, *_decompression_errors()) as e:
         if isinstance(e, DataPreparationError | BadDocument):
             raise
         raise BadDocument(f.path, f"unreadable ({type(e).__name__}: {e})") from e
+
+
+def _decompression_errors() -> tuple[type[Exception], ...]:
+    """What a corrupt compressed file raises beyond ``OSError``/``ValueError``: zstandard's error, once it is loaded."""
+    zstandard = sys.modules.get("zstandard")
+    return (zstandard.ZstdError,) if zstandard is not None else ()
+
+
+def _lines(stream: io.BufferedIOBase, limit: int) -> Iterator[bytes | None]:
+    """The lines of ``stream``; ``None`` for a line longer than ``limit`` bytes, which is read past, never held."""
+    while line := stream.readline(limit + 1):
+        if len(line) > limit and not line.endswith(b"\n"):
+            while (rest := stream.readline(limit)) and not rest.endswith(b"\n"):
+                pass
+            yield None
+        else:
+            yield line
+
+
+def _too_large(what: str) -> str:
+    return (
+        f"{what}, larger than the {MAX_DOCUMENT_BYTES // 2**20} MiB a document may be (tokenizing it would take many "
+        "times that in memory): split it into documents of their own (files, or JSONL lines)"
+    )
 
 
 def _record_text(record: object, text_field: str, path: str, lineno: int) -> str:
@@ -262,6 +299,9 @@ def iter_documents(
         if not keep(f.key):
             return
         try:
+            if (size := os.path.getsize(f.path)) > MAX_DOCUMENT_BYTES:
+                on_bad(BadDocument(f.path, _too_large(f"{size:,} bytes")))
+                return
             data = Path(f.path).read_bytes()
             if b"\0" in data[:BINARY_SNIFF_BYTES]:
                 on_bad(BadDocument(f.path, "looks binary (NUL bytes), not text"))
@@ -297,10 +337,12 @@ def iter_documents(
                 taken = batch.column(0).take(pa.array([i - start for i in rows], pa.int64()))  # typed: rows may be []
                 for index, text in zip(rows, taken.to_pylist(), strict=True):
                     key = f"{f.key}#{index}"
-                    if isinstance(text, str):
-                        yield key, text
-                    else:
+                    if not isinstance(text, str):
                         on_bad(BadDocument(f"{f.path} row {index}", _not_text(text_field, text), key))
+                    elif len(text) > MAX_DOCUMENT_BYTES // 4 and (size := len(text.encode())) > MAX_DOCUMENT_BYTES:
+                        on_bad(BadDocument(f"{f.path} row {index}", _too_large(f"{size:,} bytes"), key))
+                    else:
+                        yield key, text
                 start += batch.num_rows
         except DataPreparationError:
             raise

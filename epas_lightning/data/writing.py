@@ -7,10 +7,12 @@ about equal size, and the stream keeps the input order.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import multiprocessing
 import os
+import queue
 import random
 import shutil
 import signal
@@ -36,6 +38,9 @@ if TYPE_CHECKING:
 TOKEN_DTYPE = np.int32
 CHUNK_BYTES = "8MB"
 _DOCS_PER_BATCH = 256
+_BYTES_PER_BATCH = 4 * 2**20
+"""Documents are encoded in batches of at most ``_DOCS_PER_BATCH`` documents or this many bytes: a tokenizer holds many
+times a batch's size in memory while it encodes it (256 books would not fit)."""
 _BYTES_PER_WORK_ITEM = 32 * 2**20
 
 
@@ -78,13 +83,19 @@ def tokenize_work_item(item: WorkItem) -> Iterator[torch.Tensor]:
     try:
         tokenizer = load_tokenizer_once(item.tokenizer_path, item.bos_token, item.eos_token)
         batch: list[str] = []
+        batch_bytes = 0
         for text in split_documents(item.files, item.split, item.val_fraction, item.text_field, on_bad):
+            n_bytes = len(text.encode("utf-8"))
+            if batch and batch_bytes + n_bytes > _BYTES_PER_BATCH:
+                yield from encode(batch)
+                batch, batch_bytes = [], 0
             stats["documents"] += 1
-            stats["bytes"] += len(text.encode("utf-8"))
+            stats["bytes"] += n_bytes
             batch.append(text)
+            batch_bytes += n_bytes
             if len(batch) >= _DOCS_PER_BATCH:
                 yield from encode(batch)
-                batch = []
+                batch, batch_bytes = [], 0
         yield from encode(batch)
     except DataPreparationError as e:
         # Returning (not raising) lets litdata shut down cleanly: after a worker raises, it leaves an orphaned
@@ -134,16 +145,19 @@ def isolated_litdata(scratch_dir: Path) -> Iterator[None]:
     It reseeds the global ``random``/NumPy/torch RNGs (which would override a user's ``seed_everything`` on the first
     run only), forces the multiprocessing start method, sets an env var, and wipes its shared scratch dirs under
     ``/tmp`` (which would break concurrent builds). Give it private scratch dirs instead. Its Ctrl+C handler ends the
-    process with exit status 0 and no clean-up (a half-built output stays, a script carries on): here Ctrl+C stops
-    the workers and raises ``KeyboardInterrupt``. A document larger than a chunk makes that chunk larger, as it should,
-    without litdata's warning (forked workers inherit the filter).
+    process with exit status 0 and no clean-up (a half-built output stays, a script carries on), and SIGTERM ended
+    the parent alone: here either stops the workers and raises ``KeyboardInterrupt``. A worker that fails in
+    litdata's own code (a chunk it cannot write) ends its helper processes, which litdata leaves waiting for work, and
+    its error is raised even when it came after its last item (litdata returned as if the stream were complete). A
+    document larger than a chunk makes that chunk larger, as it should, without litdata's warning (forked workers
+    inherit the filter).
     """
     import torch
-    from litdata.processing.data_processor import DataProcessor
+    from litdata.processing.data_processor import BaseWorker, DataProcessor
 
     rng_states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     start_method = multiprocessing.get_start_method(allow_none=True)
-    sigint_handler = signal.getsignal(signal.SIGINT)
+    signal_handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     litdata_logger = logging.getLogger("litdata")
     litdata_level = litdata_logger.level
     litdata_logger.setLevel(logging.WARNING)
@@ -159,25 +173,61 @@ def isolated_litdata(scratch_dir: Path) -> Iterator[None]:
         if value is not None:
             os.environ[key] = value
     litdata_interrupt = DataProcessor._signal_handler
+    litdata_run, litdata_worker_run = DataProcessor.run, BaseWorker.run
     DataProcessor._signal_handler = _stop_workers_and_interrupt(os.getpid())
+    DataProcessor.run = _checked_run(litdata_run)
+    BaseWorker.run = _ending_helpers(litdata_worker_run)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "An item was larger than the target chunk size", UserWarning)
             yield
     finally:
         DataProcessor._signal_handler = litdata_interrupt
+        DataProcessor.run, BaseWorker.run = litdata_run, litdata_worker_run
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        signal.signal(signal.SIGINT, sigint_handler)
+        for signum, handler in signal_handlers.items():
+            signal.signal(signum, handler)
         litdata_logger.setLevel(litdata_level)
         multiprocessing.set_start_method(start_method, force=True)
         random.setstate(rng_states[0])
         np.random.set_state(rng_states[1])
         torch.random.set_rng_state(rng_states[2])
         shutil.rmtree(scratch_dir, ignore_errors=True)
+
+
+def _ending_helpers(run: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A litdata worker's ``run`` that ends the worker's helper processes however it ends. After a failure litdata
+    leaves them waiting for work: the worker could not exit (its last chunk unwritten, the parent waited for it
+    forever), or they outlived the command."""
+
+    @functools.wraps(run)
+    def run_then_end_helpers(worker: Any) -> None:
+        try:
+            run(worker)
+        finally:
+            for helper in multiprocessing.active_children():
+                helper.terminate()
+
+    return run_then_end_helpers
+
+
+def _checked_run(run: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+    """litdata's ``DataProcessor.run`` that stops on SIGTERM as on Ctrl+C, and raises, as litdata does for the others,
+    a worker's error reported after its last item was counted (writing its last chunk): litdata checks for errors
+    only until then."""
+
+    @functools.wraps(run)
+    def run_then_raise(processor: Any, recipe: Any) -> None:
+        signal.signal(signal.SIGTERM, processor._signal_handler)  # litdata sets it for SIGINT; workers inherit both
+        run(processor, recipe)
+        with contextlib.suppress(queue.Empty):  # the workers have exited: what they reported is in the queue
+            raise RuntimeError(f"We found the following error {processor.error_queue.get_nowait()}.")
+
+    return run_then_raise
 
 
 def _stop_workers_and_interrupt(parent_pid: int) -> Callable[[Any, int, Any], None]:
@@ -198,7 +248,9 @@ def _stop_workers_and_interrupt(parent_pid: int) -> Callable[[Any, int, Any], No
             worker.join(5)
             if worker.is_alive():
                 worker.kill()
-        raise KeyboardInterrupt
+        interrupt = KeyboardInterrupt()
+        interrupt.signum = signum  # the command line exits with 128 + signum, naming the signal
+        raise interrupt
 
     return handler
 
