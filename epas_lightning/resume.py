@@ -45,8 +45,11 @@ def _fixed_version_folder(config: Namespace) -> Path | None:
     first = loggers[0] if isinstance(loggers, list) and loggers else loggers
     run_dir = _run_dir(first)
     version = first["init_args"].get("version") if run_dir is not None else None
-    if version is None:
-        return None
+    return None if version is None else version_folder(run_dir, version)
+
+
+def version_folder(run_dir: Path, version: int | str) -> Path:
+    """The folder of a logger's ``version`` under its ``save_dir``/``name``: ``version_N``, or the name it was given."""
     return run_dir / (version if isinstance(version, str) else f"version_{version}")
 
 

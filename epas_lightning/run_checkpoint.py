@@ -21,7 +21,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from epas_lightning.checkpoint_io import remove_unfinished_saves
 from epas_lightning.checkpoint_space import check_folder_shared_by_nodes, warn_if_disk_too_small
-from epas_lightning.resume import last_checkpoint_of_run, version_of, version_to_continue
+from epas_lightning.resume import last_checkpoint_of_run, version_folder, version_of, version_to_continue
 from epas_lightning.run_summary import say
 from epas_lightning.safe_load import verify_checkpoint
 
@@ -79,10 +79,7 @@ class RunCheckpoint(ModelCheckpoint):
         if self.dirpath is not None or not loggers:
             dirpath, run_dirs = self.dirpath or Path(trainer.default_root_dir) / "checkpoints", []
         elif version is not None:  # that version's own checkpoints, as the CLI's `last` with a version
-            dirpath, run_dirs = (
-                run_dir / (version if isinstance(version, str) else f"version_{version}") / "checkpoints",
-                [],
-            )
+            dirpath, run_dirs = version_folder(run_dir, version) / "checkpoints", []
         else:
             dirpath, run_dirs = None, [run_dir]
         fix = "train first, or pass the checkpoint's path as ckpt_path (None starts from scratch)"
