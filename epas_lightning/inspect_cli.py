@@ -29,6 +29,7 @@ from epas_lightning.checkpoint import (
 )
 from epas_lightning.errors import CheckpointError, UserError
 from epas_lightning.hf.convert import hf_weight_files
+from epas_lightning.region import TrainedRegion, choices, sharing_layers_text
 from epas_lightning.runtime import dtype_name, emit_json, folder_bytes, size_text
 from epas_lightning.safe_load import load_torch_file
 
@@ -191,8 +192,7 @@ def describe_text(record: dict[str, Any]) -> str:
     region, allowed, model = record["trained_region"], record["sharing_layers"], record["model"]
     n = allowed["max"]
     step = _number(record["global_step"]) + (f" (epoch {record['epoch']})" if record["epoch"] is not None else "")
-    order = region["order"].replace("_", "-")
-    trained = f"{n} sharing layer{'' if n == 1 else 's'}" + (f": layers {region['layers']}, {order}" if n else "")
+    trained = f"{sharing_layers_text(n)}: {TrainedRegion.from_record(region, model['n_layer']).describe()}"
     forced = allowed["max_forced"]
     more = f"; {_span(n + 1, forced)} only with --force (never trained)" if forced > n else ""
     kv = model["n_kv_head"]
@@ -205,7 +205,7 @@ def describe_text(record: dict[str, Any]) -> str:
         "step": step,
         "tokens": _number(record["tokens"]) + (" trained" if record["tokens"] is not None else " (not recorded)"),
         "region": trained if n else "dense (no sharing layers trained)",
-        "--sharing-layers": f"{_span(0, n)} (default {n}){more}",
+        "--sharing-layers": f"{choices(n)} (default {n}){more}",
         "model": f"{model['n_layer']} layers, d {model['n_embd']}, {heads}, vocab {model['vocab_size']:,}, "
         f"block size {model['block_size']:,}, {model['parameters']:,} parameters",
         "weights": ", ".join(record["weights_dtype"])
