@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from epas_lightning.init_from import source_config
     from epas_lightning.interrupt import GracefulStop
     from epas_lightning.loss import lm_loss, next_token_loss
-    from epas_lightning.lr import WarmupCosineLR
+    from epas_lightning.lr import WarmupCosineLR, WarmupStableDecayLR
     from epas_lightning.model import KVCache, Llama, LlamaConfig, SharingState
     from epas_lightning.module import EPASModule
     from epas_lightning.optim import param_groups

@@ -29,7 +29,7 @@ from epas_lightning.init_from import (
 )
 from epas_lightning.loss import next_token_loss, train_loss
 from epas_lightning.loss_scaling import unscale_fused_gradients
-from epas_lightning.lr import WarmupCosineLR
+from epas_lightning.lr import WarmupCosineLR, WarmupSchedule
 from epas_lightning.memory_plan import on_device_bytes, plan_checkpointing
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.llama import check_attention_reuse
@@ -58,9 +58,10 @@ class EPASModule(LightningModule):
         optimizer: Builds the optimizer from parameter groups (weight decay on matrices only).
             Default: ``AdamW(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)``.
         lr_scheduler: Builds a per-step LR scheduler from the optimizer. Default: ``WarmupCosineLR`` with
-            ``warmup_steps=min(100, total // 10)``; a ``WarmupCosineLR`` with ``max_steps=None`` decays over the
-            trainer's total number of optimizer steps; a run without a step limit (``max_steps`` and ``max_epochs``
-            -1) keeps the peak learning rate after the warmup (100 steps by default), with a warning.
+            ``warmup_steps=min(100, total // 10)``; a ``WarmupCosineLR`` or ``WarmupStableDecayLR`` with
+            ``max_steps=None`` decays by the trainer's total number of optimizer steps; a run without a step limit
+            (``max_steps`` and ``max_epochs`` -1) keeps the peak learning rate after the warmup (100 steps by
+            default), with a warning.
         activation_checkpointing: Recompute decoder blocks' activations in backward (less memory, ~1/3 more compute
             per checkpointed block): ``True`` every block, an integer k the first k blocks, ``"auto"`` as many as a
             micro-batch needs to fit the GPU's free memory (``epas_lightning.memory_plan``; none on CPUs).
@@ -431,14 +432,14 @@ class EPASModule(LightningModule):
                     "model.lr_scheduler",
                     "use a per-step scheduler (epas_lightning.WarmupCosineLR, or one of torch.optim.lr_scheduler)",
                 )
-            if isinstance(scheduler, WarmupCosineLR) and scheduler.max_steps is None:
+            if isinstance(scheduler, WarmupSchedule) and scheduler.max_steps is None:
                 scheduler.max_steps = total_steps
         self._optimizer_settings = optimizer_settings(optimizer)
-        if isinstance(scheduler, WarmupCosineLR) and scheduler.max_steps is None:
+        if isinstance(scheduler, WarmupSchedule) and scheduler.max_steps is None:
             rank_zero_warn(
                 "the run has no step limit (trainer.max_steps and trainer.max_epochs are -1): the learning rate "
                 f"warms up for {scheduler.warmup_steps} steps and then stays at its peak; set trainer.max_steps, or "
-                "the max_steps of model.lr_scheduler (epas_lightning.WarmupCosineLR), for the cosine decay"
+                f"the max_steps of model.lr_scheduler (epas_lightning.{type(scheduler).__name__}), for the decay"
             )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import DEBUG_CONFIG as DEBUG
 
 from epas_lightning import EPASModule, LlamaConfig
 from epas_lightning.optim import default_optimizer
@@ -77,3 +78,84 @@ def test_a_metric_driven_lr_scheduler_is_refused_in_one_line():
     module.trainer = SimpleNamespace(estimated_stepping_batches=10)
     with pytest.raises(ConfigError, match="model.lr_scheduler"):
         module.configure_optimizers()
+
+
+def wsd(**kwargs):  # noqa: ANN201
+    from epas_lightning import WarmupStableDecayLR
+
+    return WarmupStableDecayLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("shape", "quarter"), [("linear", 0.775), ("cosine", 0.1 + 0.45 * (1 + 0.5**0.5)), ("1-sqrt", 0.55)]
+)
+def test_warmup_stable_decay_holds_the_peak_then_decays_over_its_last_steps(shape, quarter):
+    """WSD: warmup as WarmupCosineLR, the peak until the decay's start, the decay's shape, the floor at max_steps."""
+    schedule = wsd(warmup_steps=10, max_steps=100, decay_steps=20, decay_shape=shape, min_lr_ratio=0.1)
+    assert schedule.lr_factor(0) == pytest.approx(1 / 11) and schedule.lr_factor(9) == pytest.approx(10 / 11)
+    assert schedule.lr_factor(10) == schedule.lr_factor(79) == schedule.lr_factor(80) == 1.0
+    assert schedule.lr_factor(85) == pytest.approx(quarter)
+    assert schedule.lr_factor(100) == pytest.approx(0.1) and schedule.lr_factor(81) < 1.0
+    factors = [schedule.lr_factor(step) for step in range(80, 101)]
+    assert factors == sorted(factors, reverse=True)
+
+
+def test_warmup_stable_decay_lengths():
+    """The decay is 20% of max_steps unless set; a fraction or step count longer than what follows warmup starts at
+    the end of warmup; without max_steps the peak is held."""
+    assert wsd(warmup_steps=10, max_steps=1000).decay_length() == 200
+    assert wsd(warmup_steps=10, max_steps=1000, decay_fraction=0.1).decay_length() == 100
+    assert wsd(warmup_steps=10, max_steps=100, decay_steps=500).decay_length() == 90
+    assert wsd(warmup_steps=10, max_steps=100, decay_fraction=1.0).lr_factor(10) == 1.0
+    held = wsd(warmup_steps=10)
+    assert held.decay_length() == 0 and held.lr_factor(10**9) == 1.0
+    assert wsd(warmup_steps=10, max_steps=100, decay_steps=0).lr_factor(99) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "where"),
+    [
+        ({"decay_steps": 10, "decay_fraction": 0.1}, "decay_steps"),
+        ({"decay_fraction": 1.5}, "decay_fraction"),
+        ({"decay_steps": -1}, "decay_steps"),
+        ({"decay_shape": "exp"}, "decay_shape"),
+        ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
+        ({"warmup_steps": -5}, "warmup_steps"),
+    ],
+)
+def test_bad_schedule_arguments_name_the_setting(kwargs, where):
+    from epas_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        wsd(**kwargs)
+    assert error.value.where == f"model.lr_scheduler.init_args.{where}"
+
+
+def test_a_wsd_run_extended_from_its_stable_phase_keeps_its_learning_rate(caplog):
+    """The point of WSD: resuming mid-plateau with a larger max_steps moves the decay, not the learning rate; resuming
+    with max_steps = step + decay_steps anneals from there."""
+    before = wsd(warmup_steps=10, max_steps=1000, decay_steps=100)
+    for _ in range(500):
+        before.optimizer.step()
+        before.step()
+    longer = wsd(warmup_steps=10, max_steps=5000, decay_steps=100)
+    with caplog.at_level("INFO", logger="epas_lightning"):
+        longer.load_state_dict(before.state_dict())
+    assert longer.get_last_lr() == before.get_last_lr() == [1.0]
+    assert "max_steps 1000 -> 5000)." in caplog.text and "the learning rate goes" not in caplog.text
+    anneal = wsd(warmup_steps=10, max_steps=600, decay_steps=100)
+    anneal.load_state_dict(before.state_dict())
+    assert anneal.get_last_lr() == [1.0] and anneal.lr_factor(550) == pytest.approx(0.5)
+
+
+def test_fit_fills_in_max_steps_of_a_wsd_from_the_command_line():
+    """Configured by class path in YAML or flags, as WarmupCosineLR: its max_steps comes from the trainer."""
+    from epas_lightning.lightning_cli import lightning_cli
+
+    flags = ["--model.lr_scheduler", "epas_lightning.WarmupStableDecayLR", "--model.lr_scheduler.decay_shape"]
+    cli = lightning_cli(["--config", DEBUG, *flags, "1-sqrt", "--trainer.max_steps", "400"], run=False)
+    cli.model.configure_model()
+    cli.model.trainer = SimpleNamespace(estimated_stepping_batches=400)
+    scheduler = cli.model.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert type(scheduler).__name__ == "WarmupStableDecayLR" and scheduler.decay_shape == "1-sqrt"
+    assert scheduler.max_steps == 400 and scheduler.decay_length() == 80
