@@ -229,6 +229,14 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
         takes = describe_type(get_type_hints(fn).get(key)) if fn is not None else describe_subtypes(str(error))
         value = re.search(r"(?:Given|Got) value: (.*)$", str(error), re.MULTILINE)
         nested = re.search(r"NestedArg\(key='([^']*)', val='([^']*)'\)", str(error))
+        chosen = re.search(r"class_path='([\w.]+)'", str(error))
+        base = re.search(r"Subtypes: \[typing\.Callable\[\[.*?\], ([\w.]+)\]", str(error))  # what no class means
+        classless = chosen is None or chosen.group(1).startswith("typing.")
+        classless = classless or (base is not None and base.group(1).split(".")[-1] == chosen.group(1).split(".")[-1])
+        if not classless:  # a bad argument of the class given
+            argument = nested.groups() if nested else None
+            if bad := class_argument_error(str(error), prog, flag, chosen.group(1), argument):
+                return bad
         if nested:  # `--model.optimizer.lr 1e-3` where no class was given for --model.optimizer
             name, val = nested.groups()
             what = f"{flag}.{name} sets an argument of the class of {flag}, and none was given"
@@ -239,6 +247,37 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
             detail = "; ".join(part for part in (expected, given) if part)
             what = f"invalid value for {flag}" + (f" ({detail})" if detail else "")
     return ConfigError(what, prog, f"see `{prog} --help`")
+
+
+def class_argument_error(
+    message: str, prog: str, flag: str, class_path: str, argument: tuple[str, str] | None
+) -> ConfigError | None:
+    """One line for a bad argument of the class given to a flag, on the command line (``argument``: the name and value
+    of ``--model.lr_scheduler.decay_shape exp``, where jsonargparse's union error reads as if no class had been given)
+    or in a config's ``init_args`` (read from the ``message``); ``None`` where the message names no argument."""
+    if argument is None:
+        named = re.search(
+            r"callable class: (?:Parser key \"(\w+)\":\s*.*?Got value: (.*?)\. Got value|Option '(\w+)')", message
+        )
+        if named is None:
+            return None
+        argument = (named.group(1), named.group(2)) if named.group(1) else (named.group(3), "")
+    name, value = argument
+    short = class_path.rsplit(".", 1)[-1]
+    expected = re.search(rf'Parser key "{re.escape(name)}":\s*Expected an? (.+?)\. Got value', message)
+    if expected:
+        literal = re.fullmatch(r"typing\.Literal\[(.*)\]", expected.group(1))
+        listed = re.fullmatch(r"<class '([\w.]+)'>", expected.group(1))
+        if literal:
+            takes = "one of " + ", ".join(option.strip(" '\"") for option in literal.group(1).split(","))
+        else:
+            takes = TYPE_NAMES.get(LISTED_TYPES.get(listed.group(1))) if listed else None
+        what = f"{flag}.{name} of {short} takes {takes or expected.group(1)}, not {value!r}"
+    elif f"Option '{name}' is not accepted" in message:
+        what = f"{short} (given to {flag}) has no argument {name!r}"
+    else:
+        what = f"invalid value {value!r} for {flag}.{name} of {short}"
+    return ConfigError(what, prog, f"`{prog} {flag}.help {class_path}` lists its arguments")
 
 
 def _yaml_error(error: Exception, prog: str, argv: Sequence[str]) -> ConfigError:

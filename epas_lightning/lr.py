@@ -103,8 +103,10 @@ class WarmupCosineLR(WarmupSchedule):
 
 
 class WarmupStableDecayLR(WarmupSchedule):
-    """Warmup-stable-decay ("WSD"): linear warmup, the peak learning rate held, then a decay to
-    ``min_lr_ratio * base_lr`` over the last ``decay_steps`` before ``max_steps``.
+    """Warmup-stable-decay ("WSD"): linear warmup, the peak held, then a decay over the last steps before max_steps.
+
+    The decay ends at ``min_lr_ratio * base_lr`` at ``max_steps`` and lasts ``decay_steps`` (or ``decay_fraction``
+    of ``max_steps``).
 
     The stable phase does not depend on when the run will end, so a run can be extended (resumed with a larger
     ``max_steps``) without the learning rate jumping, and annealed from any of its checkpoints: resume with

@@ -134,6 +134,36 @@ def test_an_argument_of_a_classless_optimizer_says_to_give_the_class_first(capsy
     assert "NestedArg" not in err and "--model.optimizer CLASS --model.optimizer.lr 1e-3" in err, err
 
 
+WSD = "epas_lightning.WarmupStableDecayLR"
+HELP_WSD = f"`python -m epas_lightning fit --model.lr_scheduler.help {WSD}` lists its arguments"
+
+
+@pytest.mark.parametrize(
+    ("flags", "yaml", "what"),
+    [
+        (["--model.lr_scheduler.decay_shape", "exp"], "decay_shape: exp", "--model.lr_scheduler.decay_shape of "
+         "WarmupStableDecayLR takes one of linear, cosine, 1-sqrt, not 'exp'"),
+        (["--model.lr_scheduler.warmup_steps", "abc"], "warmup_steps: abc", "--model.lr_scheduler.warmup_steps of "
+         "WarmupStableDecayLR takes a whole number, not 'abc'"),
+        (["--model.lr_scheduler.nonsense", "3"], "nonsense: 3", "WarmupStableDecayLR (given to "
+         "--model.lr_scheduler) has no argument 'nonsense'"),
+    ],
+)  # fmt: skip
+def test_a_bad_argument_of_a_given_class_names_the_argument(flags, yaml, what, capsys, tmp_path):
+    """On the command line jsonargparse's error read as if no class had been given ("name the class first"); in a
+    config's init_args it was "invalid value for --model.lr_scheduler (...)" with the parser's internals."""
+    assert main(["fit", "--config", DEBUG, "--model.lr_scheduler", WSD, *flags, "--print_config"]) == 2
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1] == f"error: {what} — python -m epas_lightning fit — {HELP_WSD}"
+    )
+    config = tmp_path / "schedule.yaml"
+    config.write_text(f"model:\n  lr_scheduler:\n    class_path: {WSD}\n    init_args:\n      {yaml}\n")
+    assert main(["fit", "--config", DEBUG, "--config", str(config), "--print_config"]) == 2
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1] == f"error: {what} — python -m epas_lightning fit — {HELP_WSD}"
+    )
+
+
 def test_a_validation_interval_longer_than_the_limited_epoch_is_one_line(tmp_path, monkeypatch):
     """debug.yaml validates every 4 batches; `--trainer.limit_train_batches 3` made Lightning raise a ValueError
     traceback once data was set up. It is a config error before anything is built."""
