@@ -17,7 +17,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from epas_lightning.checkpoint import (
-    LAST_VALIDATION_KEY,
     MODEL_PREFIX,
     SHARING_MASK,
     WEIGHTS_FILE,
@@ -40,8 +39,6 @@ KINDS = {
     "hf": "Hugging Face folder",
 }
 TOKENIZER_NOTES = {"ok": "", "gone": " (the file is gone)", "changed": " (the file changed since it trained)"}
-THROUGHPUT_STATE = "TokenThroughputMonitor"
-"""The callback state holding the run's totals (``lengths``: tokens trained), under its class name."""
 LISTING_DEPTH = 5
 """Folder levels searched for checkpoints: ``runs/<name>/version_N/checkpoints/`` from the folder holding ``runs``."""
 CHECK_ELEMENTS = 1 << 24
@@ -52,7 +49,7 @@ SHARD_READ_BYTES = 1 << 28
 
 def describe(path: Path, check_weights: bool = True) -> dict[str, Any]:
     """What the checkpoint ``path`` holds, as plain data (the ``--json`` record)."""
-    info, state, metadata = read_description(path)
+    info, state, _ = read_description(path)
     kind = checkpoint_kind(path)
     config, region = info.config, info.region
     weights = {key: t for key, t in state.items() if t.is_floating_point()}
@@ -60,13 +57,13 @@ def describe(path: Path, check_weights: bool = True) -> dict[str, Any]:
     dtypes = Counter()
     for t in weights.values():
         dtypes[dtype_name(t.dtype)] += t.numel()
-    recorded = info.recorded_tokenizer
+    recorded, training = info.recorded_tokenizer, info.training
     return {
         "path": str(path),
         "kind": kind,
-        "global_step": info.global_step,
-        "epoch": metadata.get("epoch"),
-        "tokens": trained_tokens(metadata),
+        "global_step": training["global_step"],
+        "epoch": training["epoch"],
+        "tokens": training["tokens"],
         "trained_region": region.to_record(),
         "sharing_layers": {"default": region.size, "max": region.size, "max_forced": len(region.growth_order())},
         "model": {
@@ -83,26 +80,10 @@ def describe(path: Path, check_weights: bool = True) -> dict[str, Any]:
         "tokenizer": None
         if recorded is None
         else {"path": str(recorded.path), "sha256": recorded.sha256, "state": tokenizer_state(info)},
-        "val_loss": last_val_loss(metadata),
+        "val_loss": training["val_loss"],
+        "source": training["source"],
         "size_bytes": path.stat().st_size if path.is_file() else folder_bytes(path),
     }
-
-
-def trained_tokens(metadata: dict[str, Any]) -> int | None:
-    """The tokens the run had trained when the checkpoint was written (the throughput monitor's total), if kept."""
-    state = (metadata.get("callbacks") or {}).get(THROUGHPUT_STATE)
-    return int(state["lengths"]) if isinstance(state, dict) and "lengths" in state else None
-
-
-def last_val_loss(metadata: dict[str, Any]) -> dict[str, Any] | None:
-    """``{"loss", "step"}`` of the run's latest validation before the checkpoint: what ``fit`` records, else the
-    score of a ``ModelCheckpoint`` that monitors ``val/loss`` (its step unknown)."""
-    if isinstance(record := metadata.get(LAST_VALIDATION_KEY), dict) and "loss" in record:
-        return {"loss": float(record["loss"]), "step": record.get("step")}
-    for state in (metadata.get("callbacks") or {}).values():
-        if isinstance(state, dict) and state.get("monitor") == "val/loss" and state.get("current_score") is not None:
-            return {"loss": float(state["current_score"]), "step": None}
-    return None
 
 
 def tokenizer_state(info: CheckpointInfo) -> str:
@@ -200,8 +181,10 @@ def describe_text(record: dict[str, Any]) -> str:
     finite = record["non_finite"]
     tokenizer = record["tokenizer"]
     val = record["val_loss"]
-    rows = {
-        "kind": KINDS[record["kind"]],
+    rows = {"kind": KINDS[record["kind"]]}
+    if record["kind"] in ("consolidated", "hf"):  # a training checkpoint is its own source
+        rows["made from"] = record["source"] or "not recorded"
+    rows |= {
         "step": step,
         "tokens": _number(record["tokens"]) + (" trained" if record["tokens"] is not None else " (not recorded)"),
         "region": trained if n else "dense (no sharing layers trained)",
@@ -243,9 +226,11 @@ def inspect_command(checkpoint: Path, check_weights: bool = True, json: bool = F
 
     For one checkpoint: its kind, step and epoch, the tokens trained, the trained sharing region in growth order and
     the --sharing-layers values generate, serve and evaluate accept for it, the model's shape, the dtype of its
-    weights and whether they are all finite, the tokenizer it recorded, the latest validation loss, its size on disk.
-    A folder that is not a checkpoint (a run folder, its checkpoints/ folder, runs/) lists the checkpoints under it,
-    one line each, by step. Nothing is loaded as a model; checkpoints are read as safely as by every command.
+    weights and whether they are all finite, the tokenizer it recorded, the latest validation loss, its size on disk;
+    for a consolidated or Hugging Face folder, the training checkpoint it was made from, whose step, tokens and
+    validation loss consolidate and export carry. A folder that is not a checkpoint (a run folder, its checkpoints/
+    folder, runs/) lists the checkpoints under it, one line each, by step. Nothing is loaded as a model; checkpoints
+    are read as safely as by every command.
 
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder. A
