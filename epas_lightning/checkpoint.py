@@ -16,7 +16,7 @@ import json
 import logging
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from epas_lightning.hf.convert import (
 )
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
+from epas_lightning.provenance import TRAINING_KEY, carried, from_export_metadata, training_record
 from epas_lightning.region import REGION_KEY, TrainedRegion
 from epas_lightning.runtime import dtype_name, dtype_overflow, emit_json, named_dtype, resolve_device
 from epas_lightning.safe_load import (
@@ -61,9 +62,6 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 SHARING_MASK = "sharing.mask"
 """The one tensor a description reads (with the metadata, it gives the trained region)."""
-LAST_VALIDATION_KEY = "last_validation"
-"""Checkpoint entry of ``fit``: ``{"loss": ..., "step": ...}``, the held-out loss of the run's latest validation and the
-optimizer step it was measured at (``inspect`` shows it)."""
 
 
 def read_checkpoint(
@@ -162,6 +160,9 @@ class CheckpointInfo:
     gone_data: Path | None = None
     changed_tokenizer: Path | None = None
     tokenizer_sha256: str | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    """Where the weights came from (:func:`~epas_lightning.provenance.training_record`): step, epoch, tokens, latest
+    validation loss, the training checkpoint's name."""
 
     def no_data(self) -> str:
         """Why ``data_dir`` is ``None``, for the error or note that asks for ``--data``: the run recorded none, or
@@ -313,6 +314,8 @@ def _read_consolidated(path: Path, weights: bool = True) -> tuple[dict[str, torc
     }
     if "region" in sharing:
         metadata[REGION_KEY] = sharing["region"]
+    if isinstance(training := record.get(TRAINING_KEY), dict):  # older folders kept the step alone
+        metadata[TRAINING_KEY] = {**training, "global_step": record.get("global_step")}
     return state, metadata
 
 
@@ -333,7 +336,19 @@ def _read_hf(path: Path, weights: bool, flag: str) -> tuple[dict[str, torch.Tens
         "tokenizer": {"path": str(tokenizer) if tokenizer else None, **_special_ids(hf)},
         REGION_KEY: {"layers": region, "order": hf.get("epas_growth_order", "deep_first")},
     }
+    if (training := _export_record(path)) is not None:
+        metadata[TRAINING_KEY] = training
     return (state if weights else _shapes_only(state)), metadata
+
+
+def _export_record(path: Path) -> dict[str, Any] | None:
+    """The provenance ``export`` wrote into the metadata of ``path``'s ``model.safetensors`` (its header alone is
+    read); ``None`` for a folder without one (another tool's, or an older export's)."""
+    try:
+        with safe_open(path / WEIGHTS_FILE, "pt") as f:
+            return from_export_metadata(f.metadata())
+    except (SafetensorError, OSError):  # sharded or .bin weights; a corrupt file is refused where its weights are read
+        return None
 
 
 def _special_ids(hf: dict[str, Any]) -> dict[str, int | None]:
@@ -475,18 +490,20 @@ def _info(metadata: dict[str, Any], model: Llama) -> CheckpointInfo:
         tokenizer_path = None  # its data folder too was prepared again: data_dir is not derived from it
     data_dir = metadata.get("data_dir") or (_data_dir_of(tokenizer_path) if tokenizer_path else None)
     found = data_dir is not None and Path(data_dir).is_dir()
+    training = training_record(metadata)
     return CheckpointInfo(
         config=config,
         region=recorded_region(metadata, model.sharing.shared_layers, config.n_layer),
         tokenizer_path=tokenizer_path,
         bos_id=tokenizer.get("bos_id"),
         eos_id=tokenizer.get("eos_id"),
-        global_step=metadata.get("global_step"),
+        global_step=training["global_step"],
         data_dir=Path(data_dir) if found else None,
         gone_tokenizer=gone,
         gone_data=Path(data_dir) if data_dir is not None and not found else None,
         changed_tokenizer=changed,
         tokenizer_sha256=sha256,
+        training=training,
     )
 
 
@@ -555,7 +572,8 @@ def _data_dir_of(tokenizer_path: Path) -> str | None:
 def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = False) -> Path:
     """Write ``output/model.safetensors`` and ``output/config.json`` from a training checkpoint; return ``output``.
 
-    The weights keep the dtype the checkpoint stores them in. The tokenizer the run trained with (recorded in the
+    The weights keep the dtype the checkpoint stores them in; ``config.json`` records their provenance
+    (:mod:`epas_lightning.provenance`). The tokenizer the run trained with (recorded in the
     checkpoint) is copied beside them when it still exists, is the file it trained with (its recorded hash) and
     parses as a tokenizer; only the tokenizer file itself is copied, under its standard name, with the chat template
     and the end tokens found beside it, and its hash is recorded. Otherwise a warning says so, and the recorded hash is
@@ -567,6 +585,7 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
     check_output(output, "consolidated", overwrite, [checkpoint])
     loaded = load_model(checkpoint, flag="--checkpoint")
     state = loaded.model.state_dict()
+    training = carried(loaded.training, checkpoint)
     record: dict[str, Any] = {
         "model": loaded.model.config.to_dict(),
         "sharing": {
@@ -574,7 +593,8 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
             "mode": loaded.model.config.sharing_mode,
             "region": loaded.region.to_record(),
         },
-        "global_step": loaded.global_step,
+        "global_step": training.pop("global_step"),
+        TRAINING_KEY: training,  # epoch, tokens, val_loss, source
     }
     with output_folder(output, "consolidated", overwrite, inputs=[checkpoint]) as build:
         # clones: safetensors refuses tensors that share memory (tied embeddings)
@@ -622,7 +642,8 @@ def consolidate_command(checkpoint: Path, output: Path, overwrite: bool = False,
     """Turn a training checkpoint (.ckpt file or FSDP2 folder) into model.safetensors + config.json.
 
     The folder is built beside the target and renamed into place when complete; it records the model config, the
-    trained sharing region in growth order and the tokenizer (copied when it still exists).
+    trained sharing region in growth order, the tokenizer (copied when it still exists) and where the weights came
+    from: the step, epoch, tokens trained and latest validation loss of the training checkpoint, and its name.
 
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.

@@ -114,7 +114,8 @@ def _first_paragraph(doc: str) -> str:
 
 
 def _is_bool(annotation: Any) -> bool:
-    return annotation is bool
+    """``bool``, or ``bool | None``: a switch whose default, ``None``, leaves the choice to the command."""
+    return annotation is bool or set(get_args(annotation)) == {bool, type(None)}
 
 
 def _is_list(annotation: Any) -> bool:

@@ -3,7 +3,8 @@
 One checkpoint is described from its metadata and the shapes of its tensors, read by the safe readers every command
 uses (:func:`~epas_lightning.checkpoint.read_description`); its weights are then read one tensor at a time to check
 that they are finite. A folder that is no checkpoint (a run folder, its ``checkpoints/``) lists the checkpoints under
-it, one line each, by step, from their metadata alone.
+it, one line each, by step, from their metadata alone: their weights are checked only when asked (``--check-weights``),
+since a run folder may hold many checkpoints of many GB, and the listing says "not checked" otherwise.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from epas_lightning.checkpoint import (
-    LAST_VALIDATION_KEY,
     MODEL_PREFIX,
     SHARING_MASK,
     WEIGHTS_FILE,
@@ -40,8 +40,6 @@ KINDS = {
     "hf": "Hugging Face folder",
 }
 TOKENIZER_NOTES = {"ok": "", "gone": " (the file is gone)", "changed": " (the file changed since it trained)"}
-THROUGHPUT_STATE = "TokenThroughputMonitor"
-"""The callback state holding the run's totals (``lengths``: tokens trained), under its class name."""
 LISTING_DEPTH = 5
 """Folder levels searched for checkpoints: ``runs/<name>/version_N/checkpoints/`` from the folder holding ``runs``."""
 CHECK_ELEMENTS = 1 << 24
@@ -52,7 +50,7 @@ SHARD_READ_BYTES = 1 << 28
 
 def describe(path: Path, check_weights: bool = True) -> dict[str, Any]:
     """What the checkpoint ``path`` holds, as plain data (the ``--json`` record)."""
-    info, state, metadata = read_description(path)
+    info, state, _ = read_description(path)
     kind = checkpoint_kind(path)
     config, region = info.config, info.region
     weights = {key: t for key, t in state.items() if t.is_floating_point()}
@@ -60,13 +58,13 @@ def describe(path: Path, check_weights: bool = True) -> dict[str, Any]:
     dtypes = Counter()
     for t in weights.values():
         dtypes[dtype_name(t.dtype)] += t.numel()
-    recorded = info.recorded_tokenizer
+    recorded, training = info.recorded_tokenizer, info.training
     return {
         "path": str(path),
         "kind": kind,
-        "global_step": info.global_step,
-        "epoch": metadata.get("epoch"),
-        "tokens": trained_tokens(metadata),
+        "global_step": training["global_step"],
+        "epoch": training["epoch"],
+        "tokens": training["tokens"],
         "trained_region": region.to_record(),
         "sharing_layers": {"default": region.size, "max": region.size, "max_forced": len(region.growth_order())},
         "model": {
@@ -83,26 +81,10 @@ def describe(path: Path, check_weights: bool = True) -> dict[str, Any]:
         "tokenizer": None
         if recorded is None
         else {"path": str(recorded.path), "sha256": recorded.sha256, "state": tokenizer_state(info)},
-        "val_loss": last_val_loss(metadata),
+        "val_loss": training["val_loss"],
+        "source": training["source"],
         "size_bytes": path.stat().st_size if path.is_file() else folder_bytes(path),
     }
-
-
-def trained_tokens(metadata: dict[str, Any]) -> int | None:
-    """The tokens the run had trained when the checkpoint was written (the throughput monitor's total), if kept."""
-    state = (metadata.get("callbacks") or {}).get(THROUGHPUT_STATE)
-    return int(state["lengths"]) if isinstance(state, dict) and "lengths" in state else None
-
-
-def last_val_loss(metadata: dict[str, Any]) -> dict[str, Any] | None:
-    """``{"loss", "step"}`` of the run's latest validation before the checkpoint: what ``fit`` records, else the
-    score of a ``ModelCheckpoint`` that monitors ``val/loss`` (its step unknown)."""
-    if isinstance(record := metadata.get(LAST_VALIDATION_KEY), dict) and "loss" in record:
-        return {"loss": float(record["loss"]), "step": record.get("step")}
-    for state in (metadata.get("callbacks") or {}).values():
-        if isinstance(state, dict) and state.get("monitor") == "val/loss" and state.get("current_score") is not None:
-            return {"loss": float(state["current_score"]), "step": None}
-    return None
 
 
 def tokenizer_state(info: CheckpointInfo) -> str:
@@ -168,12 +150,13 @@ def checkpoints_in(folder: Path, depth: int = LISTING_DEPTH) -> list[Path]:
     return found
 
 
-def listing(folder: Path) -> list[dict[str, Any]]:
-    """A record of each checkpoint under ``folder`` by step (its weights unread); one that cannot be read says why."""
+def listing(folder: Path, check_weights: bool = False) -> list[dict[str, Any]]:
+    """A record of each checkpoint under ``folder`` by step (its weights unread unless ``check_weights``); one that
+    cannot be read says why."""
     records = []
     for path in checkpoints_in(folder):
         try:
-            records.append(describe(path, check_weights=False))
+            records.append(describe(path, check_weights))
         except UserError as e:
             records.append({"path": str(path), "error": e.what})
     return sorted(records, key=lambda r: ("error" in r, r.get("global_step") is None, r.get("global_step") or 0))
@@ -197,19 +180,19 @@ def describe_text(record: dict[str, Any]) -> str:
     more = f"; {_span(n + 1, forced)} only with --force (never trained)" if forced > n else ""
     kv = model["n_kv_head"]
     heads = f"{model['n_head']} heads" + (f" / {kv} KV heads" if kv != model["n_head"] else "")
-    finite = record["non_finite"]
     tokenizer = record["tokenizer"]
     val = record["val_loss"]
-    rows = {
-        "kind": KINDS[record["kind"]],
+    rows = {"kind": KINDS[record["kind"]]}
+    if record["kind"] in ("consolidated", "hf"):  # a training checkpoint is its own source
+        rows["made from"] = record["source"] or "not recorded"
+    rows |= {
         "step": step,
         "tokens": _number(record["tokens"]) + (" trained" if record["tokens"] is not None else " (not recorded)"),
         "region": trained if n else "dense (no sharing layers trained)",
         "--sharing-layers": f"{choices(n)} (default {n}){more}",
         "model": f"{model['n_layer']} layers, d {model['n_embd']}, {heads}, vocab {model['vocab_size']:,}, "
         f"block size {model['block_size']:,}, {model['parameters']:,} parameters",
-        "weights": ", ".join(record["weights_dtype"])
-        + ("" if finite is None else ", all finite" if not finite else f", NaN or inf in {listed(finite)}"),
+        "weights": ", ".join(record["weights_dtype"]) + ", " + finiteness(record["non_finite"], named=True),
         "tokenizer": "none recorded" if tokenizer is None else tokenizer["path"] + TOKENIZER_NOTES[tokenizer["state"]],
         "val loss": "not recorded"
         if val is None
@@ -220,43 +203,57 @@ def describe_text(record: dict[str, Any]) -> str:
     return "\n".join([record["path"], *(f"  {name:<{width}}  {value}" for name, value in rows.items())])
 
 
+def finiteness(non_finite: list[str] | None, named: bool = False) -> str:
+    """What the check of the weights found (``None``: not checked), the weights that failed it ``named``."""
+    if non_finite is None:
+        return "not checked"
+    if not non_finite:
+        return "all finite"
+    return f"NaN or inf in {listed(non_finite)}" if named else "NaN or inf"
+
+
 def listing_text(records: list[dict[str, Any]], folder: Path) -> str:
-    """One line per checkpoint: step, tokens, trained region size, val loss, size and its path under ``folder``."""
-    header = ("step", "tokens", "region", "val loss (at step)", "size", "checkpoint")
+    """One line per checkpoint: step, tokens, trained region size, val loss, whether its weights are finite (or not
+    checked), size and its path under ``folder``."""
+    header = ("step", "tokens", "region", "val loss (at step)", "weights", "size", "checkpoint")
     rows = []
     for r in records:
         path = str(Path(r["path"]).relative_to(folder))
         if "error" in r:
-            rows.append(("?", "", "", "", "", f"{path}  (unreadable: {r['error']})"))
+            rows.append(("?", "", "", "", "", "", f"{path}  (unreadable: {r['error']})"))
             continue
         val = r["val_loss"]
         cells = (_number(r["global_step"]), _number(r["tokens"]), str(r["sharing_layers"]["max"]))
         loss = "-" if val is None else f"{val['loss']:.4f}" + (f" ({val['step']:,})" if val["step"] is not None else "")
-        rows.append((*cells, loss, size_text(r["size_bytes"]), path))
+        rows.append((*cells, loss, finiteness(r["non_finite"]), size_text(r["size_bytes"]), path))
     rows.insert(0, header)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     return "\n".join("  ".join([*map(str.ljust, row[:-1], widths), row[-1]]) for row in rows)
 
 
-def inspect_command(checkpoint: Path, check_weights: bool = True, json: bool = False) -> None:
+def inspect_command(checkpoint: Path, check_weights: bool | None = None, json: bool = False) -> None:
     """What a checkpoint holds (step, tokens, trained region, val loss, ...), or which checkpoints a run folder holds.
 
     For one checkpoint: its kind, step and epoch, the tokens trained, the trained sharing region in growth order and
     the --sharing-layers values generate, serve and evaluate accept for it, the model's shape, the dtype of its
-    weights and whether they are all finite, the tokenizer it recorded, the latest validation loss, its size on disk.
-    A folder that is not a checkpoint (a run folder, its checkpoints/ folder, runs/) lists the checkpoints under it,
-    one line each, by step. Nothing is loaded as a model; checkpoints are read as safely as by every command.
+    weights and whether they are all finite, the tokenizer it recorded, the latest validation loss, its size on disk;
+    for a consolidated or Hugging Face folder, the training checkpoint it was made from, whose step, tokens and
+    validation loss consolidate and export carry. A folder that is not a checkpoint (a run folder, its checkpoints/
+    folder, runs/) lists the checkpoints under it, one line each, by step. Nothing is loaded as a model; checkpoints
+    are read as safely as by every command.
 
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder. A
             run folder, or its checkpoints/ folder, lists the checkpoints it holds.
-        check_weights: Read every weight of one checkpoint (a tensor at a time) to check that it is finite;
-            --no-check-weights skips it.
+        check_weights: Read every weight (a tensor at a time) to check that it is finite. Default: on for one
+            checkpoint; off for a folder's listing, whose weights column then says "not checked" (--check-weights
+            reads every checkpoint listed: slow for a run of many large checkpoints). In --json, non_finite is null
+            where not checked.
         json: End with one JSON line of what was found.
     """
     path = Path(checkpoint).expanduser()
     if path.is_dir() and checkpoint_kind(path) is None:
-        records = listing(path)
+        records = listing(path, bool(check_weights))
         if not records:
             raise CheckpointError(
                 f"no checkpoints in this folder (nor {LISTING_DEPTH - 1} levels below)",
@@ -266,6 +263,6 @@ def inspect_command(checkpoint: Path, check_weights: bool = True, json: bool = F
         print(listing_text(records, path))
         emit_json({"folder": str(path), "checkpoints": records}, json)
         return
-    record = describe(path, check_weights)
+    record = describe(path, check_weights is not False)
     print(describe_text(record))
     emit_json(record, json)

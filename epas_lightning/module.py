@@ -17,7 +17,6 @@ from torch.distributed.tensor import DTensor
 from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from epas_lightning.attention_kernels import sdpa_order
-from epas_lightning.checkpoint import LAST_VALIDATION_KEY
 from epas_lightning.errors import ConfigError
 from epas_lightning.flops import estimate_flops
 from epas_lightning.init_from import (
@@ -35,6 +34,7 @@ from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.llama import check_attention_reuse
 from epas_lightning.optim import default_optimizer, optimizer_settings, param_groups, restore_settings
 from epas_lightning.parallel import PRECISIONS, checkpointed_blocks, mixed_precision_policy, parallelize
+from epas_lightning.provenance import LAST_VALIDATION_KEY
 from epas_lightning.run_checkpoint import adopt_model_checkpoint_states
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
 from epas_lightning.safe_load import plain_numbers

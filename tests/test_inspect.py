@@ -6,8 +6,11 @@ from pathlib import Path
 
 import torch
 from model_dirs import save_consolidated
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from epas_lightning import Llama, LlamaConfig
+from epas_lightning.checkpoint import consolidate
 from epas_lightning.cli import main
 from epas_lightning.data.tokenizer import file_sha256
 from epas_lightning.hf.export import export
@@ -68,7 +71,8 @@ def test_a_checkpoint_says_its_step_tokens_region_shape_tokenizer_and_val_loss(t
     out, record = inspected(capsys, path)
     assert record["non_finite"] == ["model.norm.weight"] and record["tokenizer"]["state"] == "changed"
     assert "float32, NaN or inf in model.norm.weight" in out and "(the file changed since it trained)" in out
-    assert inspected(capsys, path, "--no-check-weights")[1]["non_finite"] is None
+    out, record = inspected(capsys, path, "--no-check-weights")
+    assert record["non_finite"] is None and "  weights           float32, not checked\n" in out
 
 
 def test_a_run_folder_lists_its_checkpoints_by_step_and_refuses_none_unsafely(tmp_path, capsys):
@@ -91,8 +95,10 @@ def test_a_run_folder_lists_its_checkpoints_by_step_and_refuses_none_unsafely(tm
     ]
     assert not marker.exists() and "cannot read this file safely" in record["checkpoints"][-1]["error"]
     lines = out.splitlines()
-    assert lines[0].split() == ["step", "tokens", "region", "val", "loss", "(at", "step)", "size", "checkpoint"]
-    assert lines[3].split()[:5] == ["16", "2,048", "1", "4.5000", "(12)"] and lines[3].endswith("last.ckpt")
+    header = ["step", "tokens", "region", "val", "loss", "(at", "step)", "weights", "size", "checkpoint"]
+    assert lines[0].split() == header
+    assert lines[3].split()[:7] == ["16", "2,048", "1", "4.5000", "(12)", "not", "checked"]
+    assert lines[3].endswith("last.ckpt")
     assert lines[4].startswith("?") and "evil.ckpt  (unreadable: cannot read this file safely" in lines[4]
 
     err = one_line_error(capsys, run / "checkpoints" / "evil.ckpt")
@@ -100,6 +106,59 @@ def test_a_run_folder_lists_its_checkpoints_by_step_and_refuses_none_unsafely(tm
     assert "checkpoint does not exist — --checkpoint" in one_line_error(capsys, tmp_path / "missing.ckpt")
     (tmp_path / "empty").mkdir()
     assert "no checkpoints in this folder" in one_line_error(capsys, tmp_path / "empty")
+
+
+def test_a_listing_checks_the_weights_only_when_asked_and_says_so(tmp_path, capsys):
+    """The listing read no weights and said nothing of it; --check-weights was ignored there."""
+    tiny_ckpt(tmp_path / "checkpoints" / "epoch=0-step=4.ckpt", 4, [])
+    bad = tiny_ckpt(tmp_path / "checkpoints" / "epoch=0-step=8.ckpt", 8, [])
+    state = torch.load(bad, weights_only=True)
+    state["state_dict"]["model.norm.weight"][0] = float("inf")
+    torch.save(state, bad)
+    out, record = inspected(capsys, tmp_path)
+    assert [r["non_finite"] for r in record["checkpoints"]] == [None, None]
+    assert all(line.split()[4:6] == ["not", "checked"] for line in out.splitlines()[1:3])
+    out, record = inspected(capsys, tmp_path, "--check-weights")
+    assert [r["non_finite"] for r in record["checkpoints"]] == [[], ["model.norm.weight"]]
+    lines = out.splitlines()
+    assert lines[1].split()[4:6] == ["all", "finite"] and lines[2].split()[4:7] == ["NaN", "or", "inf"]
+
+
+def test_consolidate_and_export_carry_the_provenance_inspect_shows_for_the_checkpoint(tmp_path, capsys):
+    """Consolidated folders kept the step alone, exports nothing: inspect could not tell them apart."""
+    validation = {"loss": 5.25, "step": 40}
+    ckpt = tiny_ckpt(tmp_path / "run" / "epoch=2-step=48.ckpt", 48, [3, 2], last_validation=validation, epoch=2)
+    fields = ("global_step", "epoch", "tokens", "val_loss")
+    _, record = inspected(capsys, ckpt)
+    trained = {key: record[key] for key in fields}
+    assert trained == {"global_step": 48, "epoch": 2, "tokens": 48 * 128, "val_loss": validation}
+    assert record["source"] is None
+    consolidated = consolidate(ckpt, tmp_path / "consolidated")
+    through = export(consolidated, tmp_path / "hf")  # the training checkpoint's name is carried through
+    direct = export(ckpt, tmp_path / "hf-stock", sharing_layers=0)
+    for folder in (consolidated, through, direct):
+        out, record = inspected(capsys, folder)
+        assert {key: record[key] for key in fields} == trained and record["source"] == ckpt.name, folder
+        assert "  made from         epoch=2-step=48.ckpt\n" in out and "  step              48 (epoch 2)\n" in out
+        assert "  tokens            6,144 trained\n" in out and "  val loss          5.2500 at step 40\n" in out
+    with safe_open(direct / "model.safetensors", "pt") as f:
+        assert f.metadata()["format"] == "pt"  # what transformers reads; its config.json is untouched
+    assert not any(key.startswith("epas") for key in json.loads((direct / "config.json").read_text()))
+
+    # folders written before: the step alone (consolidate), nothing (export); they still inspect
+    config = json.loads((consolidated / "config.json").read_text())
+    del config["training"]
+    (consolidated / "config.json").write_text(json.dumps(config))
+    save_file(load_file(direct / "model.safetensors"), direct / "model.safetensors", metadata={"format": "pt"})
+    for folder, step in ((consolidated, 48), (direct, None)):
+        out, record = inspected(capsys, folder)
+        assert (record["global_step"], record["tokens"], record["val_loss"], record["source"]) == (
+            step,
+            None,
+            None,
+            None,
+        )
+        assert "  made from         not recorded\n" in out and "  tokens            - (not recorded)\n" in out
 
 
 class Evil:

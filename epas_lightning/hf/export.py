@@ -2,7 +2,8 @@
 
 The directory holds ``model.safetensors``, ``config.json``, ``generation_config.json`` and the tokenizer files. It is
 built beside the target and renamed into place when complete, so a failed export leaves nothing that looks loadable
-and a re-export (``--overwrite``, of a folder this command wrote) leaves no stale file.
+and a re-export (``--overwrite``, of a folder this command wrote) leaves no stale file. The metadata of
+``model.safetensors`` records where the weights came from (:mod:`epas_lightning.provenance`).
 
 - No sharing region (``--sharing-layers 0``, or a dense checkpoint): a stock ``LlamaForCausalLM`` (a
   ``Qwen2ForCausalLM`` for a model with Qwen2's q/k/v biases); it loads in plain ``transformers`` (and anything that
@@ -37,6 +38,7 @@ from epas_lightning.hf.convert import ours_to_hf
 from epas_lightning.inference.generate import set_region
 from epas_lightning.model import LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
+from epas_lightning.provenance import carried, export_metadata
 from epas_lightning.region import SHARING_FLAGS, TrainedRegion
 from epas_lightning.runtime import DType, dtype_name, emit_json, named_dtype
 
@@ -238,7 +240,8 @@ def export(
         stop_ids = list(text_tokenizer.stop_ids)  # Llama 3 Instruct's list, as transformers stops at it
         eos_ids = stop_ids if len(stop_ids) > 1 else stop_ids[0]
     with output_folder(output, EXPORT_KIND, overwrite, inputs=[checkpoint]) as build:
-        save_file(state, build / "model.safetensors", metadata={"format": "pt"})
+        provenance = export_metadata(carried(loaded.training, checkpoint))  # not config.json: see provenance.py
+        save_file(state, build / "model.safetensors", metadata={"format": "pt", **provenance})
         record = hf_config(config, shared if use_remote else None, loaded.region, loaded.bos_id, eos_ids, torch_dtype)
         (build / "config.json").write_text(json.dumps(record, indent=2) + "\n")
         generation = {"bos_token_id": loaded.bos_id, "eos_token_id": eos_ids}

@@ -1,0 +1,105 @@
+"""Where a model's weights came from: the step, epoch and tokens the run had trained, its latest validation loss, and
+the name of the training checkpoint.
+
+A training checkpoint says it in Lightning's entries (``global_step``, ``epoch``, the throughput monitor's totals,
+``fit``'s ``last_validation``); ``consolidate`` carries it in its ``config.json`` (``training``, beside the
+``global_step`` it always kept), ``export`` in the string metadata of its ``model.safetensors`` (``epas_training``, as
+JSON: the stock ``config.json`` stays as ``transformers`` writes one, and a tool that rewrites the weights, such as a
+fine-tuning run, drops the record with them). ``inspect`` shows the same fields for every form.
+"""
+
+from __future__ import annotations
+
+import json
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any
+
+LAST_VALIDATION_KEY = "last_validation"
+"""Checkpoint entry of ``fit``: ``{"loss": ..., "step": ...}``, the held-out loss of the run's latest validation and the
+optimizer step it was measured at."""
+THROUGHPUT_STATE = "TokenThroughputMonitor"
+"""The callback state holding the run's totals (``lengths``: tokens trained), under its class name."""
+TRAINING_KEY = "training"
+"""The record in a consolidated ``config.json`` (without ``global_step``, kept beside it), and in the checkpoint-like
+metadata the readers of consolidated and Hugging Face folders return."""
+EXPORT_METADATA_KEY = "epas_training"
+"""The record in an export's ``model.safetensors`` metadata (a JSON string: safetensors metadata holds strings)."""
+FIELDS = ("global_step", "epoch", "tokens", "val_loss", "source")
+
+
+def training_record(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The provenance of a checkpoint's ``metadata``: the record a consolidated or Hugging Face folder carries, else
+    Lightning's entries; each field ``None`` where not recorded (``source`` for a training checkpoint itself)."""
+    if isinstance(kept := metadata.get(TRAINING_KEY), dict):
+        return checked(kept)
+    return checked(
+        {
+            "global_step": metadata.get("global_step"),
+            "epoch": metadata.get("epoch"),
+            "tokens": trained_tokens(metadata),
+            "val_loss": last_val_loss(metadata),
+        }
+    )
+
+
+def carried(record: dict[str, Any], checkpoint: str | Path) -> dict[str, Any]:
+    """The record ``consolidate`` and ``export`` write for weights read from ``checkpoint`` (whose provenance is
+    ``record``): the same fields, ``source`` naming the training checkpoint (``checkpoint`` itself unless it names
+    one)."""
+    return {**record, "source": record.get("source") or Path(checkpoint).expanduser().absolute().name}
+
+
+def trained_tokens(metadata: dict[str, Any]) -> int | None:
+    """The tokens the run had trained when the checkpoint was written (the throughput monitor's total), if kept."""
+    state = (metadata.get("callbacks") or {}).get(THROUGHPUT_STATE)
+    tokens = _number(state.get("lengths"), Real) if isinstance(state, dict) else None
+    return None if tokens is None else int(tokens)
+
+
+def last_val_loss(metadata: dict[str, Any]) -> dict[str, Any] | None:
+    """``{"loss", "step"}`` of the run's latest validation before the checkpoint: what ``fit`` records, else the
+    score of a ``ModelCheckpoint`` that monitors ``val/loss`` (its step unknown)."""
+    if isinstance(record := metadata.get(LAST_VALIDATION_KEY), dict) and "loss" in record:
+        return {"loss": record["loss"], "step": record.get("step")}
+    for state in (metadata.get("callbacks") or {}).values():
+        if isinstance(state, dict) and state.get("monitor") == "val/loss" and state.get("current_score") is not None:
+            return {"loss": state["current_score"], "step": None}
+    return None
+
+
+def checked(record: dict[str, Any]) -> dict[str, Any]:
+    """``record``'s :data:`FIELDS` as plain numbers and text; a value of another type (a hand-edited or foreign
+    record) reads as not recorded."""
+    val = record.get("val_loss")
+    loss = _number(val.get("loss"), Real) if isinstance(val, dict) else None
+    return {
+        "global_step": _number(record.get("global_step")),
+        "epoch": _number(record.get("epoch")),
+        "tokens": _number(record.get("tokens")),
+        "val_loss": None if loss is None else {"loss": float(loss), "step": _number(val.get("step"))},
+        "source": record["source"] if isinstance(record.get("source"), str) else None,
+    }
+
+
+def _number(value: Any, kind: type = Integral) -> Any:
+    """``value`` as an int (a float for ``Real``) if it is one (a 0-d tensor too), else ``None``."""
+    value = value.item() if hasattr(value, "item") and getattr(value, "ndim", None) == 0 else value
+    if isinstance(value, bool) or not isinstance(value, kind):
+        return None
+    return int(value) if kind is Integral else float(value)
+
+
+def export_metadata(record: dict[str, Any]) -> dict[str, str]:
+    """The safetensors metadata entry of an export carrying ``record``."""
+    return {EXPORT_METADATA_KEY: json.dumps(record)}
+
+
+def from_export_metadata(metadata: dict[str, str] | None) -> dict[str, Any] | None:
+    """The record an export wrote into its safetensors ``metadata``; ``None`` when there is none (or it does not
+    parse)."""
+    try:
+        record = json.loads((metadata or {})[EXPORT_METADATA_KEY])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return checked(record) if isinstance(record, dict) else None
