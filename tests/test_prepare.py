@@ -292,6 +292,39 @@ def test_files_of_unknown_kind_in_a_folder_are_counted_in_one_warning(tmp_path: 
         discover_files([tmp_path / "gone"], split="val")
 
 
+def test_broken_links_and_folders_that_cannot_be_listed_are_named(tmp_path: Path, caplog, monkeypatch):
+    """A broken link and a folder prepare may not list were left out without a word; an input folder that cannot be
+    listed was 'no input files found', a broken link given as an input 'does not exist'."""
+    from epas_lightning.data.sources import discover_files
+
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "a.txt").write_text("x")
+    (tmp_path / "b.txt").write_text("x")
+    (tmp_path / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    scandir = os.scandir
+
+    def denied(path="."):  # root lists any folder: deny this one as a chmod would for a user
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    with caplog.at_level("WARNING", logger="epas_lightning"):
+        assert [f.key for f in discover_files([tmp_path])] == ["b.txt"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Left out 1 broken link under --input {tmp_path} (e.g. {tmp_path / 'gone.txt'}): check the links",
+        f"Left out 1 folder under --input {tmp_path} that cannot be listed (e.g. {tmp_path / 'locked'}: Permission "
+        "denied): check their permissions",
+    ]
+    locked = tmp_path / "locked"
+    with pytest.raises(
+        DataPreparationError, match=rf"cannot be listed \(Permission denied\) — --input {locked} — check"
+    ):
+        discover_files([locked])
+    with pytest.raises(DataPreparationError, match=rf"input is a broken link — --val-input {tmp_path / 'gone.txt'}"):
+        discover_files([tmp_path / "gone.txt"], split="val")
+
+
 def test_compressed_json_shards_are_json_lines(tmp_path: Path):
     """C4 and Dolma ship JSON Lines as .json.gz: in a folder they were left out, named alone read as one binary text."""
     from epas_lightning.data.sources import discover_files, iter_documents

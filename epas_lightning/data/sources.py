@@ -79,50 +79,79 @@ def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[In
     files: list[InputFile] = []
     read: set[str] = set()
     flag = "--val-input" if split == "val" else "--input"
-
-    def add(path: Path, key: str, kind: str) -> None:
-        if (real := os.path.realpath(path)) not in read:
-            read.add(real)
-            files.append(InputFile(str(path), key, kind, path.stat().st_size, split))
-
     for raw in inputs:
         root = Path(raw).expanduser()
         if root.is_file():
-            add(root, root.name, file_kind(root, explicit=True))  # type: ignore[arg-type]
-            continue
-        if not root.is_dir():
-            raise DataPreparationError("input does not exist", f"{flag} {root}", "check the path")
-        unknown: list[Path] = []
-        seen = {os.path.realpath(root)}  # linked folders are followed, each real folder read once (no link loops)
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            kept = []
-            for name in sorted(d for d in dirnames if d not in SKIPPED_DIRS and not d.startswith(".")):
-                if (real := os.path.realpath(os.path.join(dirpath, name))) not in seen:
-                    seen.add(real)
-                    kept.append(name)
-            dirnames[:] = kept
-            for name in sorted(filenames):
-                path = Path(dirpath) / name
-                if name.startswith(".") or not path.is_file():
-                    continue
-                if (kind := file_kind(path, explicit=False)) is None:
-                    unknown.append(path)
-                else:
-                    add(path, path.relative_to(root).as_posix(), kind)
-        if unknown:
-            _warn_unknown(unknown, f"{flag} {root}")
+            found = [(root, root.name, file_kind(root, explicit=True))]
+        elif root.is_dir():
+            found = _folder_files(root, f"{flag} {root}")
+        else:
+            what = "input is a broken link" if root.is_symlink() else "input does not exist"
+            raise DataPreparationError(what, f"{flag} {root}", "check the path")
+        for path, key, kind in found:
+            if (real := os.path.realpath(path)) not in read:
+                read.add(real)
+                files.append(InputFile(str(path), key, kind, path.stat().st_size, split))  # type: ignore[arg-type]
     return files
+
+
+def _folder_files(root: Path, where: str) -> list[tuple[Path, str, str]]:
+    """``(path, key, kind)`` of the files under ``root`` that are read; one warning line for each sort left out
+    (files of no known kind, broken links, folders that cannot be listed). A ``root`` that cannot be listed is an
+    error."""
+    found: list[tuple[Path, str, str]] = []
+    unknown: list[Path] = []
+    broken: list[Path] = []
+    unlisted: list[OSError] = []
+
+    def cannot_list(e: OSError) -> None:
+        if e.filename == os.fspath(root):
+            reason = f"the folder cannot be listed ({e.strerror or e})"
+            raise DataPreparationError(reason, where, "check its permissions")
+        unlisted.append(e)
+
+    seen = {os.path.realpath(root)}  # linked folders are followed, each real folder read once (no link loops)
+    for dirpath, dirnames, filenames in os.walk(root, onerror=cannot_list, followlinks=True):
+        kept = []
+        for name in sorted(d for d in dirnames if d not in SKIPPED_DIRS and not d.startswith(".")):
+            if (real := os.path.realpath(os.path.join(dirpath, name))) not in seen:
+                seen.add(real)
+                kept.append(name)
+        dirnames[:] = kept
+        for name in sorted(n for n in filenames if not n.startswith(".")):
+            path = Path(dirpath) / name
+            if not path.is_file():
+                if path.is_symlink() and not path.exists():
+                    broken.append(path)
+            elif (kind := file_kind(path, explicit=False)) is None:
+                unknown.append(path)
+            else:
+                found.append((path, path.relative_to(root).as_posix(), kind))
+    if unknown:
+        _warn_unknown(unknown, where)
+    if broken:
+        log.warning(f"Left out {_count(broken, 'broken link')} under {where} (e.g. {broken[0]}): check the links")
+    if unlisted:
+        e = unlisted[0]
+        log.warning(
+            f"Left out {_count(unlisted, 'folder')} under {where} that cannot be listed (e.g. {e.filename}: "
+            f"{e.strerror or e}): check their permissions"
+        )
+    return found
+
+
+def _count(items: Sequence, noun: str) -> str:
+    return f"{len(items)} {noun}{'s' * (len(items) > 1)}"
 
 
 def _warn_unknown(paths: list[Path], where: str) -> None:
     """One line for the files of a folder that are not read: how many, their commonest suffixes, an example."""
     suffixes = Counter(p.suffix.lower() or "no suffix" for p in paths).most_common(5)
     counts = ", ".join(f"{suffix}: {n}" for suffix, n in suffixes)
-    files = f"{len(paths)} file{'s' * (len(paths) > 1)}"
     log.warning(
-        f"Left out {files} of no known kind under {where} ({counts}; e.g. {paths[0]}): prepare reads text and code "
-        "files, .jsonl[.gz|.zst], .json.gz|.zst, .ndjson and .parquet (a file given as an input is read as text "
-        "whatever its suffix)"
+        f"Left out {_count(paths, 'file')} of no known kind under {where} ({counts}; e.g. {paths[0]}): prepare reads "
+        "text and code files, .jsonl[.gz|.zst], .json.gz|.zst, .ndjson and .parquet (a file given as an input is read "
+        "as text whatever its suffix)"
     )
 
 
