@@ -373,6 +373,73 @@ def test_a_document_too_large_to_tokenize_at_once_is_a_bad_document(tmp_path: Pa
     assert all("a document may be" in b.reason and "split it" in b.reason for b in bad)
 
 
+def test_a_large_file_cut_into_parts_reads_as_the_whole_file(tmp_path: Path, monkeypatch):
+    """A large JSONL file is cut into parts at line starts (parquet at row groups) for several workers to read. Cut
+    anywhere (with a BOM, blank lines, a line too long, bad records, no last newline), the parts give the file's
+    documents in order, under the keys the split hashes, and its bad records under the same names."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from epas_lightning.data import parts, sources
+
+    monkeypatch.setattr(sources, "MAX_DOCUMENT_BYTES", 40)
+    monkeypatch.setattr(parts, "_COUNT_BYTES", 7)  # line starts found across the blocks read
+    lines = [json.dumps({"text": "a"}), "", json.dumps({"text": "b" * 40}), "{not json", json.dumps({"text": None})]
+    (tmp_path / "a.jsonl").write_text("\ufeff" + "\n".join([*lines, json.dumps({"text": "c"}), " ", '{"text": "d"}']))
+    pq.write_table(pa.table({"text": ["e", None, "f", "g", "h"]}), tmp_path / "b.parquet", row_group_size=2)
+
+    def read(files: list) -> tuple[list, list]:
+        bad = []
+        docs = [doc for f in files for doc in sources.iter_documents(f, "text", lambda b: bad.append((b.where, b.key)))]
+        return docs, bad
+
+    jsonl, parquet = sources.discover_files([tmp_path])
+    assert read([jsonl]) == (
+        [("a.jsonl#1", "a"), ("a.jsonl#6", "c"), ("a.jsonl#8", "d")],
+        [(f"{jsonl.path}:{n}", f"a.jsonl#{n}") for n in (3, 4, 5)],
+    )
+    assert read([parquet]) == (
+        [("b.parquet#1", "e"), ("b.parquet#3", "f"), ("b.parquet#4", "g"), ("b.parquet#5", "h")],
+        [(f"{parquet.path} row 2", "b.parquet#2")],
+    )
+    for f, most in ((jsonl, 8), (parquet, 3)):
+        counts = set()
+        for part_bytes in range(1, f.n_bytes + 1, max(1, f.n_bytes // 60)):
+            cut = parts.cut_into_parts([f], part_bytes)
+            assert read(cut) == read([f]), part_bytes
+            assert f.kind == "parquet" or sum(p.n_bytes for p in cut) == f.n_bytes
+            counts.add(len(cut))
+        assert min(counts) == 1 and max(counts) == most  # every line, every row group, a part of its own
+    gz = tmp_path / "c.jsonl.gz"
+    gz.write_bytes(gzip.compress(b'{"text": "x"}\n' * 100))
+    assert parts.cut_into_parts(sources.discover_files([gz]), 1) == sources.discover_files([gz])  # cannot be entered
+
+
+def test_one_large_file_is_tokenized_by_every_worker(sp_model: Path, tmp_path: Path, monkeypatch, caplog):
+    """A corpus in one large JSONL file was one work item, tokenized by one worker however many there were. Its parts
+    are shared among them, and the dataset is the same: the same documents in the same order, the same held out,
+    the same bad record named once."""
+    from epas_lightning.data import writing
+
+    rng = random.Random(6)
+    records = [json.dumps({"text": make_text(rng, 20)}) for _ in range(300)]
+    records[100] = '{"text": null}'
+    (tmp_path / "corpus.jsonl").write_text("\n".join(records) + "\n")
+    outs = {}
+    for name, min_part_bytes in (("whole", 2**40), ("parts", 1)):
+        monkeypatch.setattr(writing, "_MIN_PART_BYTES", min_part_bytes)
+        with caplog.at_level("WARNING", logger="epas_lightning"):
+            outs[name] = prepare(tmp_path / "corpus.jsonl", tmp_path / name, sp_model, val_fraction=0.1, num_workers=2)
+    writers = {name: {p.name.split("-")[1] for p in (out / "train").glob("chunk-*.bin")} for name, out in outs.items()}
+    assert writers == {"whole": {"0"}, "parts": {"0", "1"}}  # the chunks each worker wrote
+    for split in ("train", "val"):
+        assert documents_of(outs["whole"] / split, 1, 2) == documents_of(outs["parts"] / split, 1, 2)
+    whole, cut = (json.loads((out / "meta.json").read_text()) for out in outs.values())
+    assert (cut["splits"], cut["skipped"]) == (whole["splits"], whole["skipped"])
+    assert 10 < cut["splits"]["val"]["documents"] < 60 and cut["splits"]["train"]["files"] == 1
+    assert caplog.text.count(f"Skipped {tmp_path / 'corpus.jsonl'}:101: 'text' is null") == 2  # once each run
+
+
 def test_text_files_of_one_name_under_two_inputs_are_not_all_held_out(tmp_path: Path):
     """The split hashes a file's name under its input: two inputs' doc.txt were both held out, leaving no training."""
     from epas_lightning.data.sources import discover_files, plan_split

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gzip
 import hashlib
 import io
 import json
@@ -19,9 +18,10 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from epas_lightning.data.streams import compression, open_binary
 from epas_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,14 @@ class InputFile:
     n_bytes: int
     split: str = "hash"
     """``train`` or ``val`` (every document), or ``hash`` (each document by the hash of its key)."""
+    start: int = 0
+    """Where this part of the file starts (:mod:`~epas_lightning.data.parts`): a byte offset at a line start (JSONL)
+    or a row group (parquet)."""
+    stop: int | None = None
+    """Where the part ends, before that byte or row group; ``None``: at the end of the file."""
+    first_record: int = 1
+    """The number of its first line or row in the file: records keep the keys they are split by and the names that
+    name bad ones."""
 
 
 def file_kind(path: Path, explicit: bool) -> str | None:
@@ -193,7 +201,7 @@ def plan_split(files: list[InputFile], val_fraction: float) -> list[InputFile]:
 
 
 def with_split(f: InputFile, split: str) -> InputFile:
-    return InputFile(f.path, f.key, f.kind, f.n_bytes, split)
+    return replace(f, split=split)
 
 
 def check_text_field(f: InputFile, text_field: str) -> None:
@@ -227,18 +235,15 @@ class BadDocument(Exception):
         """A bad record's document key (it belongs to that key's split); ``None`` for a whole file."""
 
 
-def _open_binary(path: str) -> io.BufferedIOBase:
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    if path.endswith(".zst"):
+def _open_binary(f: InputFile) -> io.BufferedIOBase:
+    if compression(f.path) == "zst":
         try:
-            import zstandard
+            import zstandard  # noqa: F401
         except ImportError as e:
             raise DataPreparationError(
-                "reading .zst needs zstandard", path, "pip install 'epas_lightning[zstd]'"
+                "reading .zst needs zstandard", f.path, "pip install 'epas_lightning[zstd]'"
             ) from e
-        return io.BufferedReader(zstandard.open(path, "rb"))  # its reader alone cannot be read by lines
-    return open(path, "rb")  # noqa: SIM115
+    return open_binary(f.path, f.start, f.stop)
 
 
 def _jsonl_records(f: InputFile, keep: Callable[[int], bool] | None = None) -> Iterator[tuple[int, object]]:
@@ -246,8 +251,8 @@ def _jsonl_records(f: InputFile, keep: Callable[[int], bool] | None = None) -> I
     a line that is not JSON gives a :class:`BadDocument` as its record, and the lines after it are still read. A file
     that cannot be read raises one."""
     try:
-        with _open_binary(f.path) as stream:
-            for lineno, line in enumerate(_lines(stream, MAX_DOCUMENT_BYTES), start=1):
+        with _open_binary(f) as stream:
+            for lineno, line in enumerate(_lines(stream, MAX_DOCUMENT_BYTES), start=f.first_record):
                 if keep is not None and not keep(lineno):
                     continue
                 if line is None:  # not held: read past
@@ -359,9 +364,11 @@ def iter_documents(
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        start = f.first_record
         try:
-            start = 1
-            for batch in pq.ParquetFile(f.path).iter_batches(columns=[text_field], batch_size=1024):
+            parquet = pq.ParquetFile(f.path)
+            groups = None if f.start == 0 and f.stop is None else range(f.start, f.stop or parquet.num_row_groups)
+            for batch in parquet.iter_batches(columns=[text_field], batch_size=1024, row_groups=groups):
                 rows = [i for i in range(start, start + batch.num_rows) if keep(f"{f.key}#{i}")]
                 taken = batch.column(0).take(pa.array([i - start for i in rows], pa.int64()))  # typed: rows may be []
                 for index, text in zip(rows, taken.to_pylist(), strict=True):
