@@ -333,6 +333,8 @@ def test_compressed_json_shards_are_json_lines(tmp_path: Path):
         f.writelines(json.dumps({"text": t}) + "\n" for t in "ab")
     for inputs in ([tmp_path], [next(tmp_path.iterdir())]):
         assert [text for f in discover_files(inputs) for _, text in iter_documents(f, "text", print)] == ["a", "b"]
+    (tmp_path / "c4-train.00000-of-01024.json.gz").rename(tmp_path / "SHARD.JSON.GZ")  # was read undecompressed
+    assert [text for f in discover_files([tmp_path]) for _, text in iter_documents(f, "text", print)] == ["a", "b"]
 
 
 def test_zstd_json_lines_are_read(tmp_path: Path):
