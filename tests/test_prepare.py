@@ -351,6 +351,42 @@ def test_zstd_json_lines_are_read(tmp_path: Path):
     assert [b.where for b in bad] == [str(tmp_path / "corrupt.jsonl.zst")] and "unreadable (ZstdError" in bad[0].reason
 
 
+def test_a_compressed_file_cut_short_keeps_its_first_lines_and_says_so(tmp_path: Path):
+    """A .gz cut short (a download stopped) was reported as skipped, 'unreadable', though its first lines were kept; a
+    .zst cut short lost the rest of its lines without a word. Both name the line they break off at, and say that the
+    lines before it were kept; so does a parquet file unreadable from a row on."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    zstandard = pytest.importorskip("zstandard")
+    from epas_lightning.data.sources import discover_files, iter_documents
+
+    lines = [json.dumps({"text": f"doc {i}"}) + "\n" for i in range(2000)]
+    gz = gzip.compress("".join(lines).encode())
+    (tmp_path / "a.jsonl.gz").write_bytes(gz[: len(gz) // 2])
+    frames = [zstandard.ZstdCompressor().compress("".join(part).encode()) for part in (lines[:50], lines[50:])]
+    (tmp_path / "b.jsonl.zst").write_bytes(frames[0] + frames[1][: len(frames[1]) // 2])  # cut in its second frame
+    for f in discover_files([tmp_path]):
+        bad = []
+        docs = [text for _, text in iter_documents(f, "text", bad.append)]
+        assert 0 < len(docs) < len(lines) and docs == [f"doc {i}" for i in range(len(docs))]
+        assert [b.where for b in bad] == [f"{f.path}:{len(docs) + 1}"]
+        assert "unreadable from this line on (EOFError" in bad[0].reason
+        assert bad[0].reason.endswith("the lines before it were kept, the rest lost")
+    assert len(docs) == 50  # the .zst: its first frame
+    parquet = tmp_path / "rows" / "c.parquet"
+    parquet.parent.mkdir()
+    pq.write_table(pa.table({"text": [f"doc {i}" for i in range(6000)]}), parquet, row_group_size=3000)
+    column = pq.read_metadata(parquet).row_group(1).column(0)
+    with parquet.open("r+b") as out:  # the second row group's data overwritten
+        out.seek(column.dictionary_page_offset or column.data_page_offset)
+        out.write(b"\xff" * column.total_compressed_size)
+    bad = []
+    docs = [text for f in discover_files([parquet]) for _, text in iter_documents(f, "text", bad.append)]
+    assert 0 < len(docs) < 6000 and [b.where for b in bad] == [f"{parquet} row {len(docs) + 1}"]
+    assert bad[0].reason.startswith("unreadable parquet from this row on") and "before it were kept" in bad[0].reason
+
+
 def test_a_document_too_large_to_tokenize_at_once_is_a_bad_document(tmp_path: Path, monkeypatch):
     """A text file without its documents split (1 GB with no newline), or a 300 MB JSON line, was read and tokenized
     whole: a worker took many times its size in memory until the machine killed it (10 MB took 2.2 GB)."""
@@ -580,8 +616,10 @@ def test_truncated_gzip_or_parquet_is_skipped_naming_the_file(
     cut.write_bytes(b"PAR1" + payload[:100])
     with caplog.at_level("WARNING", logger="epas_lightning"):
         out = prepare([good, broken, cut], tmp_path / "out", sp_model, val_fraction=0.2, num_workers=1)
-    assert f"Skipped {broken}: unreadable" in caplog.text and f"Skipped {cut}: unreadable parquet" in caplog.text
-    assert json.loads((out / "meta.json").read_text())["documents"] >= 40
+    assert f"Skipped {cut}: unreadable parquet" in caplog.text
+    assert f"Skipped {broken}:" in caplog.text and "unreadable from this line on (EOFError" in caplog.text
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["documents"] > 40 and meta["splits"]["train"]["files"] == 2  # the lines before the cut were kept
 
 
 def test_records_whose_text_is_null_or_not_text_are_bad_records(tmp_path: Path, sp_model: Path, caplog):

@@ -249,7 +249,9 @@ def _open_binary(f: InputFile) -> io.BufferedIOBase:
 def _jsonl_records(f: InputFile, keep: Callable[[int], bool] | None = None) -> Iterator[tuple[int, object]]:
     """``(line number, record)`` for each non-blank line (whose number ``keep`` accepts: the others are not decoded);
     a line that is not JSON gives a :class:`BadDocument` as its record, and the lines after it are still read. A file
-    that cannot be read raises one."""
+    that cannot be read raises one: named by the file if nothing was read, else by the line it breaks off at (a
+    download cut short), the lines before it kept."""
+    lineno = f.first_record - 1
     try:
         with _open_binary(f) as stream:
             for lineno, line in enumerate(_lines(stream, MAX_DOCUMENT_BYTES), start=f.first_record):
@@ -271,7 +273,10 @@ def _jsonl_records(f: InputFile, keep: Callable[[int], bool] | None = None) -> I
     except (OSError, EOFError, ValueError, *_decompression_errors()) as e:
         if isinstance(e, DataPreparationError | BadDocument):
             raise
-        raise BadDocument(f.path, f"unreadable ({type(e).__name__}: {e})") from e
+        if lineno == 0:
+            raise BadDocument(f.path, f"unreadable ({type(e).__name__}: {e})") from e
+        reason = f"unreadable from this line on ({type(e).__name__}: {e}): the lines before it were kept, the rest lost"
+        raise BadDocument(f"{f.path}:{lineno + 1}", reason) from e
 
 
 def _decompression_errors() -> tuple[type[Exception], ...]:
@@ -358,7 +363,7 @@ def iter_documents(
                     on_bad(bad)
                     continue
                 yield key, text
-        except BadDocument as bad:  # the whole file is unreadable (truncated archive, I/O error)
+        except BadDocument as bad:  # the file cannot be read (or read on: a truncated archive, an I/O error)
             on_bad(bad)
     else:
         import pyarrow as pa
@@ -383,7 +388,11 @@ def iter_documents(
         except DataPreparationError:
             raise
         except Exception as e:
-            on_bad(BadDocument(f.path, f"unreadable parquet ({type(e).__name__}: {e})"))
+            if start == 1:
+                on_bad(BadDocument(f.path, f"unreadable parquet ({type(e).__name__}: {e})"))
+            else:  # the rows before were kept
+                reason = f"unreadable parquet from this row on ({type(e).__name__}: {e}): the rows before it were kept"
+                on_bad(BadDocument(f"{f.path} row {start}", reason))
 
 
 def split_documents(
