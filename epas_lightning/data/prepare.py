@@ -120,12 +120,8 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
     files = cut_into_parts(files, part_bytes(files, options.num_workers))  # one large file: read by every worker
     if options.progress and len(files) > whole:
         cut = {f.path for f in files if f.start or f.stop is not None}
-        log.info(
-            "Cut %d large files into %d parts for the %d workers to share.",
-            len(cut),
-            len(files) - whole + len(cut),
-            options.num_workers,
-        )
+        n_parts = len(files) - whole + len(cut)
+        log.info(f"Cut {len(cut)} large file{'s' * (len(cut) > 1)} into {n_parts} parts for the workers to share.")
     if tokenizer.path is not None:
         loaded = load_tokenizer(tokenizer.path, tokenizer.bos_token, tokenizer.eos_token)
         tokenizer_path = build_dir / copy_tokenizer(loaded, build_dir)
