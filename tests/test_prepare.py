@@ -292,6 +292,39 @@ def test_files_of_unknown_kind_in_a_folder_are_counted_in_one_warning(tmp_path: 
         discover_files([tmp_path / "gone"], split="val")
 
 
+def test_broken_links_and_folders_that_cannot_be_listed_are_named(tmp_path: Path, caplog, monkeypatch):
+    """A broken link and a folder prepare may not list were left out without a word; an input folder that cannot be
+    listed was 'no input files found', a broken link given as an input 'does not exist'."""
+    from epas_lightning.data.sources import discover_files
+
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "a.txt").write_text("x")
+    (tmp_path / "b.txt").write_text("x")
+    (tmp_path / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    scandir = os.scandir
+
+    def denied(path="."):  # root lists any folder: deny this one as a chmod would for a user
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    with caplog.at_level("WARNING", logger="epas_lightning"):
+        assert [f.key for f in discover_files([tmp_path])] == ["b.txt"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Left out 1 broken link under --input {tmp_path} (e.g. {tmp_path / 'gone.txt'}): check the links",
+        f"Left out 1 folder under --input {tmp_path} that cannot be listed (e.g. {tmp_path / 'locked'}: Permission "
+        "denied): check their permissions",
+    ]
+    locked = tmp_path / "locked"
+    with pytest.raises(
+        DataPreparationError, match=rf"cannot be listed \(Permission denied\) — --input {locked} — check"
+    ):
+        discover_files([locked])
+    with pytest.raises(DataPreparationError, match=rf"input is a broken link — --val-input {tmp_path / 'gone.txt'}"):
+        discover_files([tmp_path / "gone.txt"], split="val")
+
+
 def test_compressed_json_shards_are_json_lines(tmp_path: Path):
     """C4 and Dolma ship JSON Lines as .json.gz: in a folder they were left out, named alone read as one binary text."""
     from epas_lightning.data.sources import discover_files, iter_documents
@@ -300,6 +333,8 @@ def test_compressed_json_shards_are_json_lines(tmp_path: Path):
         f.writelines(json.dumps({"text": t}) + "\n" for t in "ab")
     for inputs in ([tmp_path], [next(tmp_path.iterdir())]):
         assert [text for f in discover_files(inputs) for _, text in iter_documents(f, "text", print)] == ["a", "b"]
+    (tmp_path / "c4-train.00000-of-01024.json.gz").rename(tmp_path / "SHARD.JSON.GZ")  # was read undecompressed
+    assert [text for f in discover_files([tmp_path]) for _, text in iter_documents(f, "text", print)] == ["a", "b"]
 
 
 def test_zstd_json_lines_are_read(tmp_path: Path):
@@ -314,6 +349,42 @@ def test_zstd_json_lines_are_read(tmp_path: Path):
     bad = []
     assert [text for f in discover_files([tmp_path]) for _, text in iter_documents(f, "text", bad.append)] == ["a", "b"]
     assert [b.where for b in bad] == [str(tmp_path / "corrupt.jsonl.zst")] and "unreadable (ZstdError" in bad[0].reason
+
+
+def test_a_compressed_file_cut_short_keeps_its_first_lines_and_says_so(tmp_path: Path):
+    """A .gz cut short (a download stopped) was reported as skipped, 'unreadable', though its first lines were kept; a
+    .zst cut short lost the rest of its lines without a word. Both name the line they break off at, and say that the
+    lines before it were kept; so does a parquet file unreadable from a row on."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    zstandard = pytest.importorskip("zstandard")
+    from epas_lightning.data.sources import discover_files, iter_documents
+
+    lines = [json.dumps({"text": f"doc {i}"}) + "\n" for i in range(2000)]
+    gz = gzip.compress("".join(lines).encode())
+    (tmp_path / "a.jsonl.gz").write_bytes(gz[: len(gz) // 2])
+    frames = [zstandard.ZstdCompressor().compress("".join(part).encode()) for part in (lines[:50], lines[50:])]
+    (tmp_path / "b.jsonl.zst").write_bytes(frames[0] + frames[1][: len(frames[1]) // 2])  # cut in its second frame
+    for f in discover_files([tmp_path]):
+        bad = []
+        docs = [text for _, text in iter_documents(f, "text", bad.append)]
+        assert 0 < len(docs) < len(lines) and docs == [f"doc {i}" for i in range(len(docs))]
+        assert [b.where for b in bad] == [f"{f.path}:{len(docs) + 1}"]
+        assert "unreadable from this line on (EOFError" in bad[0].reason
+        assert bad[0].reason.endswith("the lines before it were kept, the rest lost")
+    assert len(docs) == 50  # the .zst: its first frame
+    parquet = tmp_path / "rows" / "c.parquet"
+    parquet.parent.mkdir()
+    pq.write_table(pa.table({"text": [f"doc {i}" for i in range(6000)]}), parquet, row_group_size=3000)
+    column = pq.read_metadata(parquet).row_group(1).column(0)
+    with parquet.open("r+b") as out:  # the second row group's data overwritten
+        out.seek(column.dictionary_page_offset or column.data_page_offset)
+        out.write(b"\xff" * column.total_compressed_size)
+    bad = []
+    docs = [text for f in discover_files([parquet]) for _, text in iter_documents(f, "text", bad.append)]
+    assert 0 < len(docs) < 6000 and [b.where for b in bad] == [f"{parquet} row {len(docs) + 1}"]
+    assert bad[0].reason.startswith("unreadable parquet from this row on") and "before it were kept" in bad[0].reason
 
 
 def test_a_document_too_large_to_tokenize_at_once_is_a_bad_document(tmp_path: Path, monkeypatch):
@@ -338,6 +409,73 @@ def test_a_document_too_large_to_tokenize_at_once_is_a_bad_document(tmp_path: Pa
         f"{tmp_path}/rows.parquet row 2",
     ]
     assert all("a document may be" in b.reason and "split it" in b.reason for b in bad)
+
+
+def test_a_large_file_cut_into_parts_reads_as_the_whole_file(tmp_path: Path, monkeypatch):
+    """A large JSONL file is cut into parts at line starts (parquet at row groups) for several workers to read. Cut
+    anywhere (with a BOM, blank lines, a line too long, bad records, no last newline), the parts give the file's
+    documents in order, under the keys the split hashes, and its bad records under the same names."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from epas_lightning.data import parts, sources
+
+    monkeypatch.setattr(sources, "MAX_DOCUMENT_BYTES", 40)
+    monkeypatch.setattr(parts, "_COUNT_BYTES", 7)  # line starts found across the blocks read
+    lines = [json.dumps({"text": "a"}), "", json.dumps({"text": "b" * 40}), "{not json", json.dumps({"text": None})]
+    (tmp_path / "a.jsonl").write_text("\ufeff" + "\n".join([*lines, json.dumps({"text": "c"}), " ", '{"text": "d"}']))
+    pq.write_table(pa.table({"text": ["e", None, "f", "g", "h"]}), tmp_path / "b.parquet", row_group_size=2)
+
+    def read(files: list) -> tuple[list, list]:
+        bad = []
+        docs = [doc for f in files for doc in sources.iter_documents(f, "text", lambda b: bad.append((b.where, b.key)))]
+        return docs, bad
+
+    jsonl, parquet = sources.discover_files([tmp_path])
+    assert read([jsonl]) == (
+        [("a.jsonl#1", "a"), ("a.jsonl#6", "c"), ("a.jsonl#8", "d")],
+        [(f"{jsonl.path}:{n}", f"a.jsonl#{n}") for n in (3, 4, 5)],
+    )
+    assert read([parquet]) == (
+        [("b.parquet#1", "e"), ("b.parquet#3", "f"), ("b.parquet#4", "g"), ("b.parquet#5", "h")],
+        [(f"{parquet.path} row 2", "b.parquet#2")],
+    )
+    for f, most in ((jsonl, 8), (parquet, 3)):
+        counts = set()
+        for part_bytes in range(1, f.n_bytes + 1, max(1, f.n_bytes // 60)):
+            cut = parts.cut_into_parts([f], part_bytes)
+            assert read(cut) == read([f]), part_bytes
+            assert f.kind == "parquet" or sum(p.n_bytes for p in cut) == f.n_bytes
+            counts.add(len(cut))
+        assert min(counts) == 1 and max(counts) == most  # every line, every row group, a part of its own
+    gz = tmp_path / "c.jsonl.gz"
+    gz.write_bytes(gzip.compress(b'{"text": "x"}\n' * 100))
+    assert parts.cut_into_parts(sources.discover_files([gz]), 1) == sources.discover_files([gz])  # cannot be entered
+
+
+def test_one_large_file_is_tokenized_by_every_worker(sp_model: Path, tmp_path: Path, monkeypatch, caplog):
+    """A corpus in one large JSONL file was one work item, tokenized by one worker however many there were. Its parts
+    are shared among them, and the dataset is the same: the same documents in the same order, the same held out,
+    the same bad record named once."""
+    from epas_lightning.data import writing
+
+    rng = random.Random(6)
+    records = [json.dumps({"text": make_text(rng, 20)}) for _ in range(300)]
+    records[100] = '{"text": null}'
+    (tmp_path / "corpus.jsonl").write_text("\n".join(records) + "\n")
+    outs = {}
+    for name, min_part_bytes in (("whole", 2**40), ("parts", 1)):
+        monkeypatch.setattr(writing, "_MIN_PART_BYTES", min_part_bytes)
+        with caplog.at_level("WARNING", logger="epas_lightning"):
+            outs[name] = prepare(tmp_path / "corpus.jsonl", tmp_path / name, sp_model, val_fraction=0.1, num_workers=2)
+    writers = {name: {p.name.split("-")[1] for p in (out / "train").glob("chunk-*.bin")} for name, out in outs.items()}
+    assert writers == {"whole": {"0"}, "parts": {"0", "1"}}  # the chunks each worker wrote
+    for split in ("train", "val"):
+        assert documents_of(outs["whole"] / split, 1, 2) == documents_of(outs["parts"] / split, 1, 2)
+    whole, cut = (json.loads((out / "meta.json").read_text()) for out in outs.values())
+    assert (cut["splits"], cut["skipped"]) == (whole["splits"], whole["skipped"])
+    assert 10 < cut["splits"]["val"]["documents"] < 60 and cut["splits"]["train"]["files"] == 1
+    assert caplog.text.count(f"Skipped {tmp_path / 'corpus.jsonl'}:101: 'text' is null") == 2  # once each run
 
 
 def test_text_files_of_one_name_under_two_inputs_are_not_all_held_out(tmp_path: Path):
@@ -478,8 +616,10 @@ def test_truncated_gzip_or_parquet_is_skipped_naming_the_file(
     cut.write_bytes(b"PAR1" + payload[:100])
     with caplog.at_level("WARNING", logger="epas_lightning"):
         out = prepare([good, broken, cut], tmp_path / "out", sp_model, val_fraction=0.2, num_workers=1)
-    assert f"Skipped {broken}: unreadable" in caplog.text and f"Skipped {cut}: unreadable parquet" in caplog.text
-    assert json.loads((out / "meta.json").read_text())["documents"] >= 40
+    assert f"Skipped {cut}: unreadable parquet" in caplog.text
+    assert f"Skipped {broken}:" in caplog.text and "unreadable from this line on (EOFError" in caplog.text
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["documents"] > 40 and meta["splits"]["train"]["files"] == 2  # the lines before the cut were kept
 
 
 def test_records_whose_text_is_null_or_not_text_are_bad_records(tmp_path: Path, sp_model: Path, caplog):

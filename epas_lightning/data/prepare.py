@@ -30,6 +30,7 @@ from epas_lightning.data.layout import (
     load_meta,
     write_meta,
 )
+from epas_lightning.data.parts import cut_into_parts
 from epas_lightning.data.sources import (
     BadDocument,
     DataPreparationError,
@@ -49,7 +50,7 @@ from epas_lightning.data.tokenizer import (
     load_tokenizer,
     train_byte_level_bpe,
 )
-from epas_lightning.data.writing import TOKEN_DTYPE, default_num_workers, write_split
+from epas_lightning.data.writing import TOKEN_DTYPE, default_num_workers, part_bytes, write_split
 from epas_lightning.errors import ConfigError
 from epas_lightning.outputs import output_folder, write_marker
 
@@ -115,6 +116,12 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
     timer = StepTimer()
     for f in files:
         check_text_field(f, options.text_field)
+    whole = len(files)
+    files = cut_into_parts(files, part_bytes(files, options.num_workers))  # one large file: read by every worker
+    if options.progress and len(files) > whole:
+        cut = {f.path for f in files if f.start or f.stop is not None}
+        n_parts = len(files) - whole + len(cut)
+        log.info(f"Cut {len(cut)} large file{'s' * (len(cut) > 1)} into {n_parts} parts for the workers to share.")
     if tokenizer.path is not None:
         loaded = load_tokenizer(tokenizer.path, tokenizer.bos_token, tokenizer.eos_token)
         tokenizer_path = build_dir / copy_tokenizer(loaded, build_dir)
@@ -216,7 +223,8 @@ def prepare_dataset(
         text_field: The JSONL field / parquet column holding the text.
         bos_token, eos_token: The tokens documents start and end with (default: the tokenizer's own).
         on_bad: ``skip`` (warn) or ``fail`` on an unreadable, binary or non-UTF-8 file or record.
-        num_workers: Tokenizer processes (default: the CPU cores available).
+        num_workers: Tokenizer processes (default: the CPU cores available); they share a large JSONL or parquet
+            file, cut into parts.
         overwrite: Replace ``output`` if it is a dataset prepared by this command (never anything else).
         progress: Log each step and show progress bars.
     """
@@ -328,7 +336,8 @@ def prepare_command(
         bos_token: BOS token to wrap documents in (default: the tokenizer's own, e.g. <s>).
         eos_token: EOS token to end documents with (default: the tokenizer's own, e.g. </s>).
         on_bad: An unreadable, binary or non-UTF-8 file or record is skipped with a warning, or stops the run.
-        num_workers: Tokenizer processes (default: the CPU cores available).
+        num_workers: Tokenizer processes (default: the CPU cores available); they share a large JSONL or parquet
+            file, cut into parts.
         overwrite: Replace --output if it is a dataset this command prepared (never anything else).
         progress: Show a progress bar.
         json: End with one JSON line of what was written (the output folder and its meta.json).

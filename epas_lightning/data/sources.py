@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gzip
 import hashlib
 import io
 import json
@@ -19,9 +18,10 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from epas_lightning.data.streams import compression, open_binary
 from epas_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,14 @@ class InputFile:
     n_bytes: int
     split: str = "hash"
     """``train`` or ``val`` (every document), or ``hash`` (each document by the hash of its key)."""
+    start: int = 0
+    """Where this part of the file starts (:mod:`~epas_lightning.data.parts`): a byte offset at a line start (JSONL)
+    or a row group (parquet)."""
+    stop: int | None = None
+    """Where the part ends, before that byte or row group; ``None``: at the end of the file."""
+    first_record: int = 1
+    """The number of its first line or row in the file: records keep the keys they are split by and the names that
+    name bad ones."""
 
 
 def file_kind(path: Path, explicit: bool) -> str | None:
@@ -79,50 +87,79 @@ def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[In
     files: list[InputFile] = []
     read: set[str] = set()
     flag = "--val-input" if split == "val" else "--input"
-
-    def add(path: Path, key: str, kind: str) -> None:
-        if (real := os.path.realpath(path)) not in read:
-            read.add(real)
-            files.append(InputFile(str(path), key, kind, path.stat().st_size, split))
-
     for raw in inputs:
         root = Path(raw).expanduser()
         if root.is_file():
-            add(root, root.name, file_kind(root, explicit=True))  # type: ignore[arg-type]
-            continue
-        if not root.is_dir():
-            raise DataPreparationError("input does not exist", f"{flag} {root}", "check the path")
-        unknown: list[Path] = []
-        seen = {os.path.realpath(root)}  # linked folders are followed, each real folder read once (no link loops)
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            kept = []
-            for name in sorted(d for d in dirnames if d not in SKIPPED_DIRS and not d.startswith(".")):
-                if (real := os.path.realpath(os.path.join(dirpath, name))) not in seen:
-                    seen.add(real)
-                    kept.append(name)
-            dirnames[:] = kept
-            for name in sorted(filenames):
-                path = Path(dirpath) / name
-                if name.startswith(".") or not path.is_file():
-                    continue
-                if (kind := file_kind(path, explicit=False)) is None:
-                    unknown.append(path)
-                else:
-                    add(path, path.relative_to(root).as_posix(), kind)
-        if unknown:
-            _warn_unknown(unknown, f"{flag} {root}")
+            found = [(root, root.name, file_kind(root, explicit=True))]
+        elif root.is_dir():
+            found = _folder_files(root, f"{flag} {root}")
+        else:
+            what = "input is a broken link" if root.is_symlink() else "input does not exist"
+            raise DataPreparationError(what, f"{flag} {root}", "check the path")
+        for path, key, kind in found:
+            if (real := os.path.realpath(path)) not in read:
+                read.add(real)
+                files.append(InputFile(str(path), key, kind, path.stat().st_size, split))  # type: ignore[arg-type]
     return files
+
+
+def _folder_files(root: Path, where: str) -> list[tuple[Path, str, str]]:
+    """``(path, key, kind)`` of the files under ``root`` that are read; one warning line for each sort left out
+    (files of no known kind, broken links, folders that cannot be listed). A ``root`` that cannot be listed is an
+    error."""
+    found: list[tuple[Path, str, str]] = []
+    unknown: list[Path] = []
+    broken: list[Path] = []
+    unlisted: list[OSError] = []
+
+    def cannot_list(e: OSError) -> None:
+        if e.filename == os.fspath(root):
+            reason = f"the folder cannot be listed ({e.strerror or e})"
+            raise DataPreparationError(reason, where, "check its permissions")
+        unlisted.append(e)
+
+    seen = {os.path.realpath(root)}  # linked folders are followed, each real folder read once (no link loops)
+    for dirpath, dirnames, filenames in os.walk(root, onerror=cannot_list, followlinks=True):
+        kept = []
+        for name in sorted(d for d in dirnames if d not in SKIPPED_DIRS and not d.startswith(".")):
+            if (real := os.path.realpath(os.path.join(dirpath, name))) not in seen:
+                seen.add(real)
+                kept.append(name)
+        dirnames[:] = kept
+        for name in sorted(n for n in filenames if not n.startswith(".")):
+            path = Path(dirpath) / name
+            if not path.is_file():
+                if path.is_symlink() and not path.exists():
+                    broken.append(path)
+            elif (kind := file_kind(path, explicit=False)) is None:
+                unknown.append(path)
+            else:
+                found.append((path, path.relative_to(root).as_posix(), kind))
+    if unknown:
+        _warn_unknown(unknown, where)
+    if broken:
+        log.warning(f"Left out {_count(broken, 'broken link')} under {where} (e.g. {broken[0]}): check the links")
+    if unlisted:
+        e = unlisted[0]
+        log.warning(
+            f"Left out {_count(unlisted, 'folder')} under {where} that cannot be listed (e.g. {e.filename}: "
+            f"{e.strerror or e}): check their permissions"
+        )
+    return found
+
+
+def _count(items: Sequence, noun: str) -> str:
+    return f"{len(items)} {noun}{'s' * (len(items) > 1)}"
 
 
 def _warn_unknown(paths: list[Path], where: str) -> None:
     """One line for the files of a folder that are not read: how many, their commonest suffixes, an example."""
     suffixes = Counter(p.suffix.lower() or "no suffix" for p in paths).most_common(5)
     counts = ", ".join(f"{suffix}: {n}" for suffix, n in suffixes)
-    files = f"{len(paths)} file{'s' * (len(paths) > 1)}"
     log.warning(
-        f"Left out {files} of no known kind under {where} ({counts}; e.g. {paths[0]}): prepare reads text and code "
-        "files, .jsonl[.gz|.zst], .json.gz|.zst, .ndjson and .parquet (a file given as an input is read as text "
-        "whatever its suffix)"
+        f"Left out {_count(paths, 'file')} of no known kind under {where} ({counts}; e.g. {paths[0]}): prepare reads "
+        "text and code files, .jsonl[.gz|.zst], .json.gz|.zst, .ndjson and .parquet (a file given as an input is read "
+        "as text whatever its suffix)"
     )
 
 
@@ -164,7 +201,7 @@ def plan_split(files: list[InputFile], val_fraction: float) -> list[InputFile]:
 
 
 def with_split(f: InputFile, split: str) -> InputFile:
-    return InputFile(f.path, f.key, f.kind, f.n_bytes, split)
+    return replace(f, split=split)
 
 
 def check_text_field(f: InputFile, text_field: str) -> None:
@@ -198,27 +235,26 @@ class BadDocument(Exception):
         """A bad record's document key (it belongs to that key's split); ``None`` for a whole file."""
 
 
-def _open_binary(path: str) -> io.BufferedIOBase:
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    if path.endswith(".zst"):
+def _open_binary(f: InputFile) -> io.BufferedIOBase:
+    if compression(f.path) == "zst":
         try:
-            import zstandard
+            import zstandard  # noqa: F401
         except ImportError as e:
             raise DataPreparationError(
-                "reading .zst needs zstandard", path, "pip install 'epas_lightning[zstd]'"
+                "reading .zst needs zstandard", f.path, "pip install 'epas_lightning[zstd]'"
             ) from e
-        return io.BufferedReader(zstandard.open(path, "rb"))  # its reader alone cannot be read by lines
-    return open(path, "rb")  # noqa: SIM115
+    return open_binary(f.path, f.start, f.stop)
 
 
 def _jsonl_records(f: InputFile, keep: Callable[[int], bool] | None = None) -> Iterator[tuple[int, object]]:
     """``(line number, record)`` for each non-blank line (whose number ``keep`` accepts: the others are not decoded);
     a line that is not JSON gives a :class:`BadDocument` as its record, and the lines after it are still read. A file
-    that cannot be read raises one."""
+    that cannot be read raises one: named by the file if nothing was read, else by the line it breaks off at (a
+    download cut short), the lines before it kept."""
+    lineno = f.first_record - 1
     try:
-        with _open_binary(f.path) as stream:
-            for lineno, line in enumerate(_lines(stream, MAX_DOCUMENT_BYTES), start=1):
+        with _open_binary(f) as stream:
+            for lineno, line in enumerate(_lines(stream, MAX_DOCUMENT_BYTES), start=f.first_record):
                 if keep is not None and not keep(lineno):
                     continue
                 if line is None:  # not held: read past
@@ -237,7 +273,10 @@ def _jsonl_records(f: InputFile, keep: Callable[[int], bool] | None = None) -> I
     except (OSError, EOFError, ValueError, *_decompression_errors()) as e:
         if isinstance(e, DataPreparationError | BadDocument):
             raise
-        raise BadDocument(f.path, f"unreadable ({type(e).__name__}: {e})") from e
+        if lineno == 0:
+            raise BadDocument(f.path, f"unreadable ({type(e).__name__}: {e})") from e
+        reason = f"unreadable from this line on ({type(e).__name__}: {e}): the lines before it were kept, the rest lost"
+        raise BadDocument(f"{f.path}:{lineno + 1}", reason) from e
 
 
 def _decompression_errors() -> tuple[type[Exception], ...]:
@@ -324,15 +363,17 @@ def iter_documents(
                     on_bad(bad)
                     continue
                 yield key, text
-        except BadDocument as bad:  # the whole file is unreadable (truncated archive, I/O error)
+        except BadDocument as bad:  # the file cannot be read (or read on: a truncated archive, an I/O error)
             on_bad(bad)
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        start = f.first_record
         try:
-            start = 1
-            for batch in pq.ParquetFile(f.path).iter_batches(columns=[text_field], batch_size=1024):
+            parquet = pq.ParquetFile(f.path)
+            groups = None if f.start == 0 and f.stop is None else range(f.start, f.stop or parquet.num_row_groups)
+            for batch in parquet.iter_batches(columns=[text_field], batch_size=1024, row_groups=groups):
                 rows = [i for i in range(start, start + batch.num_rows) if keep(f"{f.key}#{i}")]
                 taken = batch.column(0).take(pa.array([i - start for i in rows], pa.int64()))  # typed: rows may be []
                 for index, text in zip(rows, taken.to_pylist(), strict=True):
@@ -347,7 +388,11 @@ def iter_documents(
         except DataPreparationError:
             raise
         except Exception as e:
-            on_bad(BadDocument(f.path, f"unreadable parquet ({type(e).__name__}: {e})"))
+            if start == 1:
+                on_bad(BadDocument(f.path, f"unreadable parquet ({type(e).__name__}: {e})"))
+            else:  # the rows before were kept
+                reason = f"unreadable parquet from this row on ({type(e).__name__}: {e}): the rows before it were kept"
+                on_bad(BadDocument(f"{f.path} row {start}", reason))
 
 
 def split_documents(

@@ -1,7 +1,8 @@
 """Tokenizing documents into litdata token streams, in worker processes, with progress.
 
-Every document becomes ``BOS + tokens + EOS`` (int32) in litdata chunks; several processes tokenize groups of files of
-about equal size, and the stream keeps the input order.
+Every document becomes ``BOS + tokens + EOS`` (int32) in litdata chunks; several processes tokenize groups of files
+(or parts of a large file, :mod:`~epas_lightning.data.parts`) of about equal size, and the stream keeps the input
+order.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ _BYTES_PER_BATCH = 4 * 2**20
 """Documents are encoded in batches of at most ``_DOCS_PER_BATCH`` documents or this many bytes: a tokenizer holds many
 times a batch's size in memory while it encodes it (256 books would not fit)."""
 _BYTES_PER_WORK_ITEM = 32 * 2**20
+_MIN_PART_BYTES = 2**20
+"""A large JSONL or parquet file is cut into parts of the bytes a work item reads, but none smaller than this."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,17 @@ def worker_start_method() -> str:
     ``if __name__ == "__main__"`` guard would re-run its top level in every worker.
     """
     return "fork" if sys.platform.startswith("linux") else "spawn"
+
+
+def work_item_count(total_bytes: int, num_workers: int) -> int:
+    """Work items enough to share the input among the workers (some finish early) and to keep each small."""
+    return max(max(1, num_workers) * 4, total_bytes // _BYTES_PER_WORK_ITEM)
+
+
+def part_bytes(files: Sequence[InputFile], num_workers: int) -> int:
+    """The bytes of input of a work item: a larger file is cut into parts this large (:mod:`~.parts`)."""
+    total = sum(f.n_bytes for f in files)
+    return max(_MIN_PART_BYTES, total // work_item_count(total, num_workers))
 
 
 def make_work_groups(files: Sequence[InputFile], n_groups: int) -> list[tuple[InputFile, ...]]:
@@ -277,8 +291,7 @@ def write_split(
     scratch = output_dir.parent / f".scratch-{output_dir.name}"
     stats_dir = scratch / "stats"
     stats_dir.mkdir(parents=True)
-    n_groups = max(max(1, num_workers) * 4, sum(f.n_bytes for f in files) // _BYTES_PER_WORK_ITEM)
-    groups = make_work_groups(files, n_groups=n_groups)
+    groups = make_work_groups(files, n_groups=work_item_count(sum(f.n_bytes for f in files), num_workers))
     items = [
         WorkItem(g, split, val_fraction, text_field, str(tokenizer_path), bos_token, eos_token, on_bad, str(stats_dir))
         for g in groups
