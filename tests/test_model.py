@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.attention import Shared
-from epas_lightning.model.rope import apply_rope
+from epas_lightning.model.rope import RotaryEmbedding, apply_rope
 
 
 def tiny(n_layer: int = 4, **kw) -> Llama:
@@ -294,6 +294,33 @@ def test_meta_device_build_then_init_has_no_garbage():
     assert model.sharing.mask.tolist() == [False, False]
     assert torch.equal(model.norm.weight, torch.ones_like(model.norm.weight))
     assert torch.isfinite(model(tokens())).all()
+
+
+def test_compiled_rope_is_one_pass_over_x_with_the_rotate_half_numbers():
+    """RoPE without a concatenation: inductor reads x and the tables once and writes the result, where
+    ``torch.cat`` made a rotated fp32 copy that was written and read again; the numbers are rotate-half's, exactly."""
+    import torch._inductor.metrics as metrics
+
+    cos, sin = RotaryEmbedding(16)(8)
+    x = torch.randn(2, 4, 8, 16, dtype=torch.bfloat16)
+    xf = x.float()
+    rotate_half = xf * cos + torch.cat((-xf[..., 8:], xf[..., :8]), dim=-1) * sin
+    assert torch.equal(apply_rope(xf, cos, sin), rotate_half)
+    assert torch.equal(apply_rope(x, cos, sin), rotate_half.to(x.dtype))
+
+    torch._dynamo.reset()
+    metrics.reset()
+    torch._logging.set_logs(inductor_metrics=True)  # makes inductor count the bytes its kernels access
+    try:
+        with (
+            torch._inductor.config.patch(fx_graph_cache=False),
+            torch._functorch.config.patch(enable_autograd_cache=False),
+        ):
+            torch.compile(apply_rope, fullgraph=True)(x, cos, sin)
+    finally:
+        torch._logging.set_logs()
+    one_pass = 2 * x.numel() * x.element_size() + cos.nbytes + sin.nbytes
+    assert 0 < metrics.num_bytes_accessed <= one_pass
 
 
 def test_rope_stays_fp32_when_the_model_is_cast_to_bf16():
