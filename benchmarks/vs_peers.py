@@ -470,12 +470,12 @@ def print_table(r: dict) -> None:
     print()
     print(f"{r['model']}  seq {r['seq_len']} x batch {r['batch_size']}  {r['precision']}  on {r['device_name']}")
     mfu, memory = r["mfu"], r["step_peak_memory_mib"]  # MFU needs a peak, memory CUDA: either may be missing
-    header = f"{'system':<8}{'tokens/s':>12}{'vs best peer':>14}"
+    header = f"{'system':<14}{'tokens/s':>12}{'vs best peer':>14}"
     header += (f"{'MFU':>8}" if mfu else "") + (f"{'peak MiB':>10}" if memory else "")
     print(header)
     best = r["tokens_per_s"].get(r["best_peer"]) if r["best_peer"] else None
     for s, v in r["tokens_per_s"].items():
-        line = f"{s:<8}{v:>12.1f}{(v / best if best else float('nan')):>14.3f}"
+        line = f"{s:<14}{v:>12.1f}{(v / best if best else float('nan')):>14.3f}"
         line += (f"{mfu[s]:>8.3f}" if mfu else "") + (f"{memory[s]:>10.0f}" if memory else "")
         print(line)
     loads = [x for v in r["rep_foreign_load"].values() for x in v if x is not None]
