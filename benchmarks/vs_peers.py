@@ -16,6 +16,8 @@ compute the same function. A step is each system's own training step:
 - ``liger`` (optional, CUDA): ``dense`` with Liger's fused linear cross-entropy in place of ours;
 - ``eager_ce`` (optional, with ``--compile all``): ``dense`` with the loss's softmax and gradient left eager, to
   measure what compiling them pays;
+- ``whole_compile`` (optional, with ``--compile all``): ``dense`` with the model compiled as one graph from the
+  embedding to the final norm (as the peers are) instead of block by block; the same loss;
 - ``torch_sdpa`` (optional, where ``EPASModule``'s ``attention_kernel="auto"`` changes the kernel order, i.e. on
   Hopper GPUs): ``dense`` with torch's own SDPA kernel order, to measure what the preferred kernel pays;
 
@@ -67,13 +69,14 @@ from epas_lightning.attention_kernels import sdpa_order
 from epas_lightning.cpu import tune_glibc_malloc
 from epas_lightning.errors import run_script
 from epas_lightning.flops import estimate_flops, flop_cut, peak_flops
+from epas_lightning.linear_ce import linear_cross_entropy
 from epas_lightning.loss import train_loss
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.optim import default_optimizer
 from epas_lightning.parallel import parallelize
 from epas_lightning.script_args import ScriptParser, count, fraction, positive_number, whole_number
 
-SYSTEMS = ("dense", "epas", "litgpt", "hf", "liger", "eager_ce", "torch_sdpa")
+SYSTEMS = ("dense", "epas", "litgpt", "hf", "liger", "eager_ce", "torch_sdpa", "whole_compile")
 OURS = ("dense", "epas", "eager_ce", "torch_sdpa")
 PEERS = ("litgpt", "hf")
 MODULES = {"litgpt": "litgpt", "hf": "transformers", "liger": "liger_kernel"}
@@ -246,6 +249,8 @@ def build_systems(
         skipped["torch_sdpa"] = "the same step as dense: attention_kernel='auto' keeps torch's order on this device"
     if "liger" in args.systems:
         systems["liger"] = System(ours, liger_loss(ours), optimizer, use([], False))
+    if "whole_compile" in args.systems:
+        systems["whole_compile"] = System(ours, whole_model_loss(ours, compile_all), optimizer, use([], False))
     for name, model in peers.items():
         model.to(device)
         run = torch.compile(model) if compile_all else model
@@ -294,6 +299,25 @@ def liger_loss(model: Llama) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda batch: model(batch[:, :-1], head=head(batch[:, 1:]))
 
 
+def whole_model_loss(model: Llama, compile: bool | str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``train_loss`` with the model compiled whole, embedding to final norm, as one graph (the blocks' own compiled
+    code is traced through), then the same chunked loss on its output (``compile``: the backend, as ``train_loss``)."""
+    backend = "inductor" if compile is True else compile
+    body = torch.compile(lambda ids: model(ids, head=_final_hidden), fullgraph=True, backend=backend)
+
+    vocab_size = model.config.vocab_size
+
+    def loss(batch: torch.Tensor) -> torch.Tensor:
+        hidden = body(batch[:, :-1])
+        return linear_cross_entropy(hidden, model.lm_head.weight, batch[:, 1:], vocab_size, compile=compile)
+
+    return loss
+
+
+def _final_hidden(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return hidden
+
+
 def available_systems(
     requested: list[str], device: torch.device, compile_mode: str
 ) -> tuple[list[str], dict[str, str]]:
@@ -302,8 +326,9 @@ def available_systems(
     skipped = {s: why for s, why in skipped.items() if importlib.util.find_spec(MODULES[s]) is None}
     if "liger" in requested and device.type != "cuda":
         skipped["liger"] = "Liger's kernels need CUDA"
-    if "eager_ce" in requested and compile_mode != "all":
-        skipped["eager_ce"] = "the same step as dense without --compile all"
+    for arm in ("eager_ce", "whole_compile"):
+        if arm in requested and compile_mode != "all":
+            skipped[arm] = "the same step as dense without --compile all"
     return [s for s in requested if s not in skipped], skipped
 
 
@@ -445,12 +470,12 @@ def print_table(r: dict) -> None:
     print()
     print(f"{r['model']}  seq {r['seq_len']} x batch {r['batch_size']}  {r['precision']}  on {r['device_name']}")
     mfu, memory = r["mfu"], r["step_peak_memory_mib"]  # MFU needs a peak, memory CUDA: either may be missing
-    header = f"{'system':<8}{'tokens/s':>12}{'vs best peer':>14}"
+    header = f"{'system':<14}{'tokens/s':>12}{'vs best peer':>14}"
     header += (f"{'MFU':>8}" if mfu else "") + (f"{'peak MiB':>10}" if memory else "")
     print(header)
     best = r["tokens_per_s"].get(r["best_peer"]) if r["best_peer"] else None
     for s, v in r["tokens_per_s"].items():
-        line = f"{s:<8}{v:>12.1f}{(v / best if best else float('nan')):>14.3f}"
+        line = f"{s:<14}{v:>12.1f}{(v / best if best else float('nan')):>14.3f}"
         line += (f"{mfu[s]:>8.3f}" if mfu else "") + (f"{memory[s]:>10.0f}" if memory else "")
         print(line)
     loads = [x for v in r["rep_foreign_load"].values() for x in v if x is not None]

@@ -264,15 +264,54 @@ def test_a_missing_peer_package_says_what_to_install(benchmarks_importable, monk
     from epas_lightning.errors import ConfigError
 
     monkeypatch.setattr(vs_peers.importlib.util, "find_spec", lambda name: None)
-    systems, skipped = vs_peers.available_systems(["dense", "litgpt", "hf", "eager_ce"], torch.device("cpu"), "none")
+    requested = ["dense", "litgpt", "hf", "eager_ce", "whole_compile"]
+    systems, skipped = vs_peers.available_systems(requested, torch.device("cpu"), "none")
     assert systems == ["dense"]
     assert skipped == {
         "litgpt": 'litgpt not installed: pip install --no-deps "litgpt==0.5.13"',
         "hf": 'transformers not installed: pip install ".[bench]"',
         "eager_ce": "the same step as dense without --compile all",
+        "whole_compile": "the same step as dense without --compile all",
     }
     with pytest.raises(ConfigError, match=r"transformers is not installed .* pip install \"\.\[bench\]\""):
         vs_hf.main(["--quick"])  # was a ModuleNotFoundError traceback
+
+
+def test_the_whole_compile_arm_is_one_graph_of_every_block_and_the_dense_loss(benchmarks_importable):
+    """vs_peers' ``whole_compile`` arm traces the per-block compiled model into one graph, embedding to final norm,
+    and trains the same numbers as ``dense`` (``train_loss``)."""
+    import vs_peers
+
+    from epas_lightning.loss import train_loss
+    from epas_lightning.model import Llama, LlamaConfig
+    from epas_lightning.parallel import parallelize
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    model = parallelize(Llama(LlamaConfig.from_name("debug", n_layer=3)), None, compile=backend)
+    batch = torch.randint(0, 512, (2, 17))
+
+    def loss_and_grads(loss_fn) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(batch)
+        loss.backward()
+        return [loss.detach(), *(p.grad.clone() for p in model.parameters())]
+
+    dense = loss_and_grads(lambda b: train_loss(model, b, compile=backend))  # a block graph, the loss's graph
+    before = len(graphs)
+    whole = loss_and_grads(vs_peers.whole_model_loss(model, backend))
+    assert len(graphs) == before + 1  # one graph, the loss's reused
+    calls = [n.target for n in graphs[-1].graph.nodes if n.op == "call_function"]
+    assert calls.count(torch.nn.functional.embedding) == 1
+    assert calls.count(torch.nn.functional.scaled_dot_product_attention) == 3  # every block
+    for a, b in zip(dense, whole, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_vs_peers_table_prints_mfu_without_memory(benchmarks_importable, capsys):

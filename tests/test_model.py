@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.attention import Shared
-from epas_lightning.model.rope import apply_rope
+from epas_lightning.model.rope import RotaryEmbedding, apply_rope
 
 
 def tiny(n_layer: int = 4, **kw) -> Llama:
@@ -156,6 +156,66 @@ def test_sharing_layers_get_no_grad_and_source_gets_theirs(mode, skipped, bias):
     assert not torch.allclose(with_flow, without_flow)
 
 
+def compile_blocks_eagerly(model: Llama) -> list[torch.fx.GraphModule]:
+    """Compile each block with dynamo's graphs run as plain torch ops (no code generation); returns the graphs."""
+    torch._dynamo.reset()  # each model compiles afresh: earlier tests' graphs count towards the recompile limit
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    for block in model.layers:
+        block.compile(backend=backend, fullgraph=True)
+    return graphs
+
+
+@pytest.mark.parametrize("mode,bias", [("qk", None), ("kv", "qkv")])
+def test_compiled_compute_layers_project_qkv_in_one_matmul_with_the_same_numbers(mode, bias):
+    """Compiled, a compute layer projects q, k and v with one matmul of the stacked weights (LitGPT's fused qkv: in
+    backward one input-gradient matmul instead of three summed); eager keeps three. Same loss and gradients."""
+    model = tiny(3, sharing_mode=mode, attention_bias=bias)
+    model.set_shared_layers([2])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1 and bias:  # the biases start at zero: make them count
+                p.normal_()
+
+    def loss_and_grads() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        loss = model(tokens()).float().logsumexp(-1).mean()
+        loss.backward()
+        return {"loss": loss.detach(), **{n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
+
+    eager = loss_and_grads()
+    graphs = compile_blocks_eagerly(model)
+    compiled = loss_and_grads()
+    linears = [sum(n.target is F.linear for n in g.graph.nodes) for g in graphs]
+    assert linears == [5, 5]  # compute: qkv, o, gate, up, down; sharing: its one projection, o, gate, up, down
+    assert compiled.keys() == eager.keys()
+    for name, value in eager.items():
+        torch.testing.assert_close(compiled[name], value, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_compiled_layer_keeps_no_view_of_the_fused_projection_for_backward():
+    """Attention keeps v for backward; as a view of the fused q/k/v output it would keep all of that output alive
+    until backward: every saved tensor owns exactly its storage."""
+    model = tiny(1)
+    compile_blocks_eagerly(model)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    pinned = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params and storage.nbytes() > t.numel() * t.element_size():
+            pinned.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens())
+    assert pinned == []
+
+
 def test_region_switch_is_at_runtime_and_reversible():
     model = tiny()
     x = tokens()
@@ -234,6 +294,33 @@ def test_meta_device_build_then_init_has_no_garbage():
     assert model.sharing.mask.tolist() == [False, False]
     assert torch.equal(model.norm.weight, torch.ones_like(model.norm.weight))
     assert torch.isfinite(model(tokens())).all()
+
+
+def test_compiled_rope_is_one_pass_over_x_with_the_rotate_half_numbers():
+    """RoPE without a concatenation: inductor reads x and the tables once and writes the result, where
+    ``torch.cat`` made a rotated fp32 copy that was written and read again; the numbers are rotate-half's, exactly."""
+    import torch._inductor.metrics as metrics
+
+    cos, sin = RotaryEmbedding(16)(8)
+    x = torch.randn(2, 4, 8, 16, dtype=torch.bfloat16)
+    xf = x.float()
+    rotate_half = xf * cos + torch.cat((-xf[..., 8:], xf[..., :8]), dim=-1) * sin
+    assert torch.equal(apply_rope(xf, cos, sin), rotate_half)
+    assert torch.equal(apply_rope(x, cos, sin), rotate_half.to(x.dtype))
+
+    torch._dynamo.reset()
+    metrics.reset()
+    torch._logging.set_logs(inductor_metrics=True)  # makes inductor count the bytes its kernels access
+    try:
+        with (
+            torch._inductor.config.patch(fx_graph_cache=False),
+            torch._functorch.config.patch(enable_autograd_cache=False),
+        ):
+            torch.compile(apply_rope, fullgraph=True)(x, cos, sin)
+    finally:
+        torch._logging.set_logs()
+    one_pass = 2 * x.numel() * x.element_size() + cos.nbytes + sin.nbytes
+    assert 0 < metrics.num_bytes_accessed <= one_pass
 
 
 def test_rope_stays_fp32_when_the_model_is_cast_to_bf16():

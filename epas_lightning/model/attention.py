@@ -100,9 +100,9 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         probs = None
         if reuse is None:
-            q = apply_rope(self._heads(self.q_proj(x), self.n_head), ctx.cos, ctx.sin)  # (B, H, T, D)
-            k = apply_rope(self._heads(self.k_proj(x), self.n_kv_head), ctx.cos, ctx.sin)  # (B, H_kv, T, D)
-            v = self._heads(self.v_proj(x), self.n_kv_head)  # (B, H_kv, T, D)
+            q, k, v = self._project_qkv(x)
+            q = apply_rope(q, ctx.cos, ctx.sin)  # (B, H, T, D)
+            k = apply_rope(k, ctx.cos, ctx.sin)  # (B, H_kv, T, D)
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, S, D) each
             shared = Shared((q, k) if self.mode == "qk" else (k, v))
@@ -135,6 +135,26 @@ class Attention(nn.Module):
         with order:
             causal = ctx.is_causal and ctx.mask is None
             return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=causal, enable_gqa=self._gqa)
+
+    def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A compute layer's q (B, H, T, D), k and v (B, H_kv, T, D), before RoPE.
+
+        Under ``torch.compile``, one matmul of the stacked q/k/v weights (as LitGPT's ``qkv``; the parameters stay
+        HF's three): the concatenation fuses into the weight cast autocast makes anyway, and backward runs one
+        input-gradient matmul instead of three whose results are summed. Eager keeps the three projections (their
+        forward hooks run; on a CPU the weight copy costs more than it saves, benchmarks/RESULTS.md).
+        """
+        if not torch.compiler.is_compiling():
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            return self._heads(q, self.n_head), self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projections])
+        bias = None if self.q_proj.bias is None else torch.cat([p.bias for p in projections])
+        kv_dim = self.n_kv_head * self.head_dim
+        q, k, v = F.linear(x, weight, bias).split((self.n_head * self.head_dim, kv_dim, kv_dim), dim=-1)
+        # v goes to attention as it is, and attention keeps it for backward: a view would keep the whole q/k/v output
+        # alive until then, so v gets its own (small) copy; q and k become new tensors in RoPE
+        return self._heads(q, self.n_head), self._heads(k, self.n_kv_head), self._heads(v.contiguous(), self.n_kv_head)
 
     def _heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
         B, T, _ = x.shape
