@@ -43,7 +43,7 @@ from epas_lightning.hf.convert import (
 )
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
-from epas_lightning.provenance import TRAINING_KEY, carried, from_export_metadata, training_record
+from epas_lightning.provenance import TRAINING_KEY, carried, checked, from_export_metadata, training_record
 from epas_lightning.region import REGION_KEY, TrainedRegion
 from epas_lightning.runtime import dtype_name, dtype_overflow, emit_json, named_dtype, resolve_device
 from epas_lightning.safe_load import (
@@ -336,12 +336,12 @@ def _read_hf(path: Path, weights: bool, flag: str) -> tuple[dict[str, torch.Tens
         "tokenizer": {"path": str(tokenizer) if tokenizer else None, **_special_ids(hf)},
         REGION_KEY: {"layers": region, "order": hf.get("epas_growth_order", "deep_first")},
     }
-    if (training := _export_record(path)) is not None:
+    if (training := export_record(path)) is not None:
         metadata[TRAINING_KEY] = training
     return (state if weights else _shapes_only(state)), metadata
 
 
-def _export_record(path: Path) -> dict[str, Any] | None:
+def export_record(path: Path) -> dict[str, Any] | None:
     """The provenance ``export`` wrote into the metadata of ``path``'s ``model.safetensors`` (its header alone is
     read); ``None`` for a folder without one (another tool's, or an older export's)."""
     try:
@@ -627,7 +627,8 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
 
 
 def consolidated_summary(folder: Path) -> dict[str, Any]:
-    """What a consolidated folder holds, for ``--json``: its files, trained region, step and tokenizer file."""
+    """What a consolidated folder holds, for ``--json``: its files, trained region, step, tokenizer file and where the
+    weights came from (:mod:`~epas_lightning.provenance`)."""
     record = json.loads((folder / CONFIG_FILE).read_text())
     return {
         "output": str(folder),
@@ -635,6 +636,7 @@ def consolidated_summary(folder: Path) -> dict[str, Any]:
         "trained_region": record["sharing"]["region"],
         "global_step": record["global_step"],
         "tokenizer": (record.get("tokenizer") or {}).get("path"),
+        "training": checked({**record.get(TRAINING_KEY, {}), "global_step": record["global_step"]}),
     }
 
 

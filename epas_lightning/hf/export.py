@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from epas_lightning.checkpoint import check_fits_dtype, load_model
+from epas_lightning.checkpoint import check_fits_dtype, export_record, load_model
 from epas_lightning.data.chat_template import chat_template_beside
 from epas_lightning.data.tokenizer import (
     HF_FILENAME,
@@ -283,7 +283,8 @@ def _check_qwen2_tokenizer(folder: Path, ours: TextTokenizer) -> None:
 
 
 def export_summary(folder: Path) -> dict[str, Any]:
-    """What an export folder holds, for ``--json``: its form, region, dtype and whether it ships a tokenizer."""
+    """What an export folder holds, for ``--json``: its form, region, dtype, whether it ships a tokenizer, and where
+    the weights came from (:mod:`~epas_lightning.provenance`)."""
     record = json.loads((folder / "config.json").read_text())
     shared = record.get("epas_shared_layers", [])
     return {
@@ -294,6 +295,7 @@ def export_summary(folder: Path) -> dict[str, Any]:
         "shared_layers": shared,
         "dtype": record["dtype"],
         "tokenizer": (folder / "tokenizer_config.json").is_file(),
+        "training": export_record(folder),
     }
 
 
