@@ -889,6 +889,14 @@ def test_a_resume_on_other_data_starts_it_from_its_beginning_when_asked(sp_data,
     other = lambda **kwargs: TokenDataModule(str(second_sp_data), seq_len=16, batch_size=4, vocab_size=512, **kwargs)  # noqa: E731
     with pytest.raises(DataError, match="position in the data holds only.* with --data.resume_position false$"):
         fit(other(), tmp_path / "b", 8, ckpt_path=saved)
+    gone = torch.load(saved, weights_only=True)  # its data no longer exists (the built-in corpus of an older version)
+    gone["TokenDataModule"]["position_settings"]["streams"] = [str(tmp_path / "gone" / "train")]
+    torch.save(gone, tmp_path / "gone.ckpt")
+    with pytest.raises(DataError) as refused:
+        fit(other(), tmp_path / "g", 8, ckpt_path=tmp_path / "gone.ckpt")
+    lost = tmp_path / "gone" / "train"
+    assert refused.value.what == f"the data the checkpoint's position belongs to is gone ({lost})"
+    assert refused.value.fix.startswith("go on with this data from its beginning with --data.resume_position false")
     fresh = fit(other(), tmp_path / "c", 4).batches
     resumed = fit(other(resume_position=False), tmp_path / "d", 8, ckpt_path=saved).batches
     assert len(resumed) == 4 and all(torch.equal(a, b) for a, b in zip(fresh, resumed, strict=True))

@@ -92,6 +92,14 @@ class TokenDataModule(TokenData, LightningDataModule):
             return [f"{key} {saved[key]} -> {current[key]}" for key in kept if saved[key] != current[key]]
 
         changed = differ(fixed)
+        gone = [stream for stream in saved.get("streams", []) if not Path(stream).exists()]
+        if "streams" in saved and saved["streams"] != current["streams"] and gone:
+            raise DataError(  # "resume with those settings" cannot be followed: the built-in corpus of an older version
+                f"the data the checkpoint's position belongs to is gone ({', '.join(gone)})",
+                f"--ckpt_path {trainer.ckpt_path}" if trainer is not None else "--ckpt_path",
+                "go on with this data from its beginning with --data.resume_position false (the run's steps, "
+                "optimizer, LR and sharing schedules resume), or prepare that data again at the same path",
+            )
         if moved := differ([key for key in layout if key not in fixed]):
             rank_zero_info(  # one stream: litdata's elastic resume
                 f"data: resumed with {', '.join(moved)}: litdata splits the rest of the epoch anew, so a few samples "
