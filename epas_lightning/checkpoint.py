@@ -41,6 +41,7 @@ from epas_lightning.hf.convert import (
     read_hf_config,
     read_hf_weights,
     safetensors_meta,
+    saveable,
 )
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
@@ -658,7 +659,7 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
 
     checkpoint = Path(checkpoint).expanduser()
     check_output(output, "consolidated", overwrite, [checkpoint])
-    loaded = load_model(checkpoint, flag="--checkpoint")
+    loaded = load_model(checkpoint, dtype=STORED, flag="--checkpoint")  # no wider copy of the weights
     state = loaded.model.state_dict()
     training = carried(loaded.training, checkpoint)
     record: dict[str, Any] = {
@@ -672,9 +673,7 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
         TRAINING_KEY: training,  # epoch, tokens, val_loss, source
     }
     with output_folder(output, "consolidated", overwrite, inputs=[checkpoint]) as build:
-        # clones: safetensors refuses tensors that share memory (tied embeddings)
-        stored = {key: t.to(loaded.weights_dtype) if t.is_floating_point() else t for key, t in state.items()}
-        save_file({key: t.contiguous().clone() for key, t in stored.items()}, build / WEIGHTS_FILE)
+        save_file(saveable(state), build / WEIGHTS_FILE)
         if loaded.tokenizer_path is None:
             log.warning(f"{loaded.no_tokenizer().capitalize()}: consolidated weights and config only")
             if sha256 := loaded.tokenizer_sha256:  # what a --tokenizer given for the folder is compared with

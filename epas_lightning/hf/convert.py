@@ -381,9 +381,21 @@ def ours_to_hf(state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str,
         if key == "lm_head.weight":
             if config.tie_embeddings:
                 continue
-            out[key] = tensor.contiguous().clone()
+            out[key] = tensor
         else:
-            out[HF_PREFIX + key] = tensor.contiguous().clone()  # clones: safetensors refuses shared storage
+            out[HF_PREFIX + key] = tensor
+    return saveable(out)
+
+
+def saveable(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` as safetensors saves it: contiguous tensors of which none shares memory with another (safetensors
+    refuses that): a tensor whose storage an earlier one uses (tied embeddings) is copied, no other."""
+    seen, out = set(), {}
+    for key, tensor in state.items():
+        tensor = tensor.contiguous()
+        storage = (tensor.device, tensor.untyped_storage().data_ptr())
+        out[key] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
     return out
 
 
