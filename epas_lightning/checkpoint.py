@@ -438,15 +438,23 @@ def _load_weights(
 ) -> None:
     """Copy the weights stored at ``path`` into ``model``'s, as few at a time as its format allows (a mapped file, one
     tensor, a batch of shards): the host never holds the checkpoint's state beside the model, nor a wider copy of it.
-    Weights past the range of ``dtype`` are refused, all of them named."""
-    targets, over = model.state_dict(), []
+    Weights past the range of ``dtype`` are refused, all of them named; so is a weight that the ``shapes`` name but
+    that was not read (the file changed since), which would be left uninitialised."""
+    targets, over, unread = model.state_dict(), [], set(shapes) - {SHARING_MASK}
     for key, t in stored_weights(path, shapes, model.config, flag):
-        if key in shapes and key != SHARING_MASK:
+        if key in unread:
             if dtype is not None:
                 over += past_range({key: t}, dtype)
             targets[key].copy_(t)
+            unread.discard(key)
+    if model.config.tie_embeddings and "embed_tokens.weight" not in unread:
+        unread.discard("lm_head.weight")  # the same tensor (an HF folder stores it once)
     if over:
         raise dtype_overflow(f"the weights do not fit {dtype_name(dtype)} ({listed(over)})", dtype)
+    if unread:
+        raise CheckpointError(
+            f"weights named in its header were not found ({listed(sorted(unread))})", f"{flag} {path}", "copy it again"
+        )
 
 
 def stored_weights(
