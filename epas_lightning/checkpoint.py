@@ -15,14 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from epas_lightning.data.tokenizer import (
     RecordedTokenizer,
@@ -34,12 +34,14 @@ from epas_lightning.data.tokenizer import (
 from epas_lightning.errors import CheckpointError
 from epas_lightning.hf.convert import (
     config_from_hf,
+    hf_tensors,
     hf_to_ours,
     is_hf_dir,
     located,
     read_hf_config,
     read_hf_weights,
     safetensors_meta,
+    saveable,
 )
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
@@ -62,6 +64,12 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 SHARING_MASK = "sharing.mask"
 """The one tensor a description reads (with the metadata, it gives the trained region)."""
+STORED = "stored"
+"""The ``dtype`` of :func:`load_model` that keeps the floating-point dtype the checkpoint stores its weights in."""
+CHECK_ELEMENTS = 1 << 22
+"""Elements checked for NaN and inf at once (:func:`all_finite`)."""
+SHARD_READ_BYTES = 1 << 28
+"""Bytes of weights read from a sharded checkpoint at once."""
 
 
 def read_checkpoint(
@@ -69,12 +77,13 @@ def read_checkpoint(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The ``Llama`` state dict (keys without ``model.``) and the Lightning metadata of a checkpoint file or dir.
 
-    Without ``weights``, every tensor but the sharing mask is an empty meta tensor of its shape: a file is mapped
-    into memory (``mmap``) and its weights are never read, a dir's shards are not opened but for the mask.
+    A file is mapped into memory (``mmap``): its tensors are read where they are used (an optimizer's state never).
+    Without ``weights``, every tensor but the sharing mask is an empty meta tensor of its shape, and a dir's shards
+    are not opened but for the mask.
     """
     path = Path(path).expanduser()
     if path.is_file():  # one weights_only load: refusing an unsafe file needs no separate check
-        checkpoint = load_torch_file(path, mmap=not weights, where=f"{flag} {path}")
+        checkpoint = load_torch_file(path, mmap=True, where=f"{flag} {path}")  # the weights: read where used
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
             raise CheckpointError(
                 "not a Lightning checkpoint (no state_dict)", f"{flag} {path}", "pass a checkpoint written by fit"
@@ -282,9 +291,9 @@ class LoadedModel(CheckpointInfo):
         return sorted(self.region.layers)
 
 
-def _read_consolidated(path: Path, weights: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The weights and a checkpoint-like metadata dict of a ``consolidate`` directory (without ``weights``: as
-    :func:`read_checkpoint`, from the safetensors header and the mask)."""
+def _read_consolidated(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The shapes (as :func:`read_checkpoint` without weights: from the safetensors header, and the mask) and a
+    checkpoint-like metadata dict of a ``consolidate`` directory."""
     try:
         record = json.loads((path / CONFIG_FILE).read_text())
     except (OSError, ValueError) as e:
@@ -292,14 +301,11 @@ def _read_consolidated(path: Path, weights: bool = True) -> tuple[dict[str, torc
     if not isinstance(record, dict) or "model" not in record:
         raise CheckpointError(f"{CONFIG_FILE} was not written by consolidate (no 'model' entry)", path / CONFIG_FILE)
     try:
-        if weights:
-            state = load_file(path / WEIGHTS_FILE, device="cpu")
-        else:
-            with safe_open(path / WEIGHTS_FILE, "pt") as f:  # its header (names, shapes), then the mask
-                state = {
-                    key: f.get_tensor(key) if key == SHARING_MASK else safetensors_meta(f, key)
-                    for key in f.keys()  # noqa: SIM118 - a safe_open handle is no dict
-                }
+        with safe_open(path / WEIGHTS_FILE, "pt") as f:  # its header (names, shapes), then the mask
+            state = {
+                key: f.get_tensor(key) if key == SHARING_MASK else safetensors_meta(f, key)
+                for key in f.keys()  # noqa: SIM118 - a safe_open handle is no dict
+            }
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"corrupt or truncated weights ({e})", path / WEIGHTS_FILE, "consolidate again") from e
     tokenizer = dict(record.get("tokenizer") or {})
@@ -319,15 +325,15 @@ def _read_consolidated(path: Path, weights: bool = True) -> tuple[dict[str, torc
     return state, metadata
 
 
-def _read_hf(path: Path, weights: bool, flag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A Hugging Face LLaMA folder as a checkpoint-like state and metadata: dense, or the trained region an ``export``
+def _read_hf(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A Hugging Face LLaMA folder as checkpoint-like shapes and metadata: dense, or the trained region an ``export``
     recorded; its ``tokenizer.json`` / ``tokenizer.model`` and BOS/EOS ids when it has them; no data."""
     from epas_lightning.data.tokenizer import tokenizer_in
 
     hf = read_hf_config(path)
     with located(f"{flag} {path}"):
         config = config_from_hf(hf)
-        state = hf_to_ours(read_hf_weights(path, weights), config)
+        state = hf_to_ours(read_hf_weights(path, weights=False), config)
     region = [int(i) for i in hf.get("epas_trained_region") or ()]
     state[SHARING_MASK] = torch.tensor([i in region for i in range(config.n_layer)])
     tokenizer = tokenizer_in(path)
@@ -338,7 +344,7 @@ def _read_hf(path: Path, weights: bool, flag: str) -> tuple[dict[str, torch.Tens
     }
     if (training := export_record(path)) is not None:
         metadata[TRAINING_KEY] = training
-    return (state if weights else _shapes_only(state)), metadata
+    return _shapes_only(state), metadata
 
 
 def export_record(path: Path) -> dict[str, Any] | None:
@@ -373,17 +379,18 @@ def checkpoint_kind(path: Path) -> str | None:
     return "sharded" if is_sharded_checkpoint(path) else None
 
 
-def _read_any(path: Path, weights: bool, flag: str = "--checkpoint") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The state dict and metadata of a ``.ckpt`` file, an FSDP2 directory, a consolidated or an HF LLaMA directory."""
+def _read_any(path: Path, flag: str = "--checkpoint") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The shapes (:func:`read_checkpoint` without weights) and metadata of a ``.ckpt`` file, an FSDP2 directory, a
+    consolidated or an HF LLaMA directory; of the tensors, only the sharing mask is read."""
     if not path.exists():
         raise CheckpointError("checkpoint does not exist", f"{flag} {path}", "check the path")
     kind = checkpoint_kind(path)
     if kind == "hf":
-        return _read_hf(path, weights, flag)
+        return _read_hf(path, flag)
     if kind == "consolidated":
-        return _read_consolidated(path, weights)
+        return _read_consolidated(path)
     if kind is not None:
-        return read_checkpoint(path, weights, flag)
+        return read_checkpoint(path, weights=False, flag=flag)
     raise CheckpointError(
         "not a checkpoint",
         f"{flag} {path}",
@@ -402,16 +409,15 @@ def _checkpoints_inside(folder: Path) -> str | None:
 def _fitted_model(
     config: LlamaConfig, state: dict[str, torch.Tensor], path: Path, device: torch.device, dtype: torch.dtype | None
 ) -> Llama:
-    """The model with ``state`` loaded (strictly: every name and shape), its floating-point weights in ``dtype`` if
-    given; on the meta device only the mask is real. The weights are copied tensor by tensor into the model's, already
-    on ``device`` and in ``dtype``: the device never holds a second copy of the model, nor one in a wider dtype."""
+    """The model of ``config`` on ``device``, its floating-point weights in ``dtype`` if given, checked against the
+    names and shapes of ``state`` (strictly), with the sharing mask of ``state`` loaded. Its weights are allocated but
+    not read (:func:`_load_weights` fills them); on the meta device only the mask is real."""
     with torch.device("meta"):
         model = Llama(config)
     if device.type == "meta":
         model.sharing.to_empty(device="cpu")  # the shapes are checked, the mask is read
     else:
         if dtype is not None:
-            check_fits_dtype(state, dtype)
             model.to(dtype)  # still on the meta device (nothing allocated); the sharing mask stays bool
         model.to_empty(device=device)
         model.tie_weights()
@@ -420,20 +426,82 @@ def _fitted_model(
     if mismatch:
         raise CheckpointError(f"the weights do not fit the model config it records ({mismatch})", path, fix)
     try:
-        model.load_state_dict(state, strict=True)
+        model.sharing.load_state_dict({"mask": state[SHARING_MASK]})
     except (RuntimeError, ValueError) as e:  # a corrupt sharing mask
         raise CheckpointError(f"the weights do not fit the model config it records ({e})", path, fix) from e
-    check_finite(state if device.type == "meta" else model.state_dict(), path)  # on the device: fast there
     return model
+
+
+@torch.no_grad()
+def _load_weights(
+    model: Llama, path: Path, shapes: dict[str, torch.Tensor], dtype: torch.dtype | None, flag: str
+) -> None:
+    """Copy the weights stored at ``path`` into ``model``'s, as few at a time as its format allows (a mapped file, one
+    tensor, a batch of shards): the host never holds the checkpoint's state beside the model, nor a wider copy of it.
+    Weights past the range of ``dtype`` are refused, all of them named; so is a weight that the ``shapes`` name but
+    that was not read (the file changed since), which would be left uninitialised."""
+    targets, over, unread = model.state_dict(), [], set(shapes) - {SHARING_MASK}
+    for key, t in stored_weights(path, shapes, model.config, flag):
+        if key in unread:
+            if dtype is not None:
+                over += past_range({key: t}, dtype)
+            targets[key].copy_(t)
+            unread.discard(key)
+    if model.config.tie_embeddings and "embed_tokens.weight" not in unread:
+        unread.discard("lm_head.weight")  # the same tensor (an HF folder stores it once)
+    if over:
+        raise dtype_overflow(f"the weights do not fit {dtype_name(dtype)} ({listed(over)})", dtype)
+    if unread:
+        raise CheckpointError(
+            f"weights named in its header were not found ({listed(sorted(unread))})", f"{flag} {path}", "copy it again"
+        )
+
+
+def stored_weights(
+    path: Path, shapes: dict[str, torch.Tensor], config: LlamaConfig, flag: str = "--checkpoint"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The ``Llama`` weights stored at ``path`` (a checkpoint :func:`_read_any` read the ``shapes`` of), by our names:
+    a ``.ckpt`` mapped into memory (``weights_only``), safetensors one tensor at a time, a sharded folder in batches
+    of about :data:`SHARD_READ_BYTES`; a Hugging Face folder's, one file at a time."""
+    kind = checkpoint_kind(path)
+    if kind == "ckpt":
+        loaded = load_torch_file(path, mmap=True, where=f"{flag} {path}")["state_dict"]
+        yield from _strip_prefix(loaded).items()
+    elif kind == "sharded":
+        yield from shard_tensors(path, shapes)
+    elif kind == "consolidated":
+        try:
+            with safe_open(path / WEIGHTS_FILE, "pt") as f:
+                yield from ((key, f.get_tensor(key)) for key in f.keys())  # noqa: SIM118 - no dict
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(
+                f"corrupt or truncated weights ({e})", path / WEIGHTS_FILE, "consolidate again"
+            ) from e
+    else:
+        with located(f"{flag} {path}"):
+            yield from hf_tensors(path, config)
+
+
+def shard_tensors(path: Path, shapes: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weights of the sharded checkpoint ``path`` (``shapes``: meta tensors by our names), read about
+    :data:`SHARD_READ_BYTES` at a time."""
+    batches, batch, size = [], {}, 0
+    for key, meta in shapes.items():
+        if key != SHARING_MASK:
+            batch[key], size = meta, size + meta.numel() * meta.element_size()
+        if size >= SHARD_READ_BYTES:
+            batches.append(batch)
+            batch, size = {}, 0
+    prefix = "state_dict." + MODEL_PREFIX
+    for metas in filter(None, [*batches, batch]):
+        read = {prefix + key: torch.empty(meta.shape, dtype=meta.dtype) for key, meta in metas.items()}
+        read_shards(read, path)
+        yield from ((name[len(prefix) :], read.pop(name)) for name in list(read))
 
 
 def check_finite(state: Mapping[str, torch.Tensor], where: object) -> None:
     """Refuse weights holding NaN or inf (meta tensors are not checked): nothing should run, export or train them."""
-    bad = [
-        key
-        for key, t in state.items()
-        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all())
-    ]
+    bad = [key for key, t in state.items() if t.is_floating_point() and t.device.type != "meta" and not all_finite(t)]
     if bad:
         raise CheckpointError(
             f"the weights hold NaN or inf ({listed(bad)})",
@@ -442,10 +510,23 @@ def check_finite(state: Mapping[str, torch.Tensor], where: object) -> None:
         )
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether the floating-point tensor ``t`` holds no NaN or inf, checked :data:`CHECK_ELEMENTS` at a time: the
+    check's temporaries (``isfinite`` takes the absolute value, then compares) stay small beside a large tensor."""
+    chunks = t.reshape(-1).split(CHECK_ELEMENTS)
+    return bool(torch.stack([torch.isfinite(chunk).all() for chunk in chunks]).all()) if chunks else True
+
+
 def check_fits_dtype(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
     """Refuse weights that a cast to ``dtype`` would turn into inf (float16's range ends at 65504): name the tensors,
-    their largest magnitude and the ``--dtype`` to use instead. Tensors of a dtype no wider than ``dtype`` are
-    skipped; the others are reduced once each, without a copy."""
+    their largest magnitude and the ``--dtype`` to use instead."""
+    if over := past_range(state, dtype):
+        raise dtype_overflow(f"the weights do not fit {dtype_name(dtype)} ({listed(over)})", dtype)
+
+
+def past_range(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> list[str]:
+    """The tensors of ``state`` that a cast to ``dtype`` would turn into inf, each with its largest magnitude. Tensors
+    of a dtype no wider than ``dtype`` are skipped; the others are reduced once each, without a copy."""
     over = []
     for key, t in state.items():
         if not t.is_floating_point() or t.device.type == "meta" or torch.finfo(t.dtype).max <= torch.finfo(dtype).max:
@@ -454,8 +535,7 @@ def check_fits_dtype(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> N
         peak = torch.maximum(-low, high)
         if bool(torch.isinf(peak.to(dtype))):  # the largest magnitude rounds past the range, as the cast would round
             over.append(f"{key} max |value| {float(peak):.3g}")
-    if over:
-        raise dtype_overflow(f"the weights do not fit {dtype_name(dtype)} ({listed(over)})", dtype)
+    return over
 
 
 def state_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], shown: int = 3) -> str:
@@ -514,19 +594,23 @@ def load_model(
     LLaMA folder (dense, or with the region an ``export`` recorded), on ``device`` (``auto``, ``cpu``, ``cuda``,
     ``cuda:N``: one this machine lacks is a :class:`~epas_lightning.errors.ConfigError`), its floating-point weights in
     ``dtype`` if given (a torch dtype or its name: ``float32``, ``bfloat16``, ``float16``; weights past its range are
-    refused), else as stored in the model (fp32).
+    refused; :data:`STORED`: the dtype the checkpoint stores them in), else as stored in the model (fp32). The weights
+    are read into the model's as few at a time as the format allows (:func:`stored_weights`).
 
     Pickles are read only with ``weights_only=True`` or the restricted metadata unpickler; anything that is not a
     checkpoint is a :class:`~epas_lightning.errors.CheckpointError` that says what was expected, at ``flag`` (the
     argument or command-line flag that named ``path``).
     """
     device = resolve_device(device, "device")  # a device this machine lacks: one line, before anything is read
-    dtype = named_dtype(dtype) if isinstance(dtype, str) else dtype
+    dtype = named_dtype(dtype) if isinstance(dtype, str) and dtype != STORED else dtype
     path = Path(path).expanduser()
-    state, metadata = _read_any(path, weights=True, flag=flag)
-    model = _fitted_model(_model_config(metadata, path), state, path, device, dtype)
+    shapes, metadata = _read_any(path, flag)  # names, shapes, dtypes and the mask: no weight
+    stored = next((t.dtype for t in shapes.values() if t.is_floating_point()), torch.float32)
+    dtype = stored if dtype == STORED else dtype
+    model = _fitted_model(_model_config(metadata, path), shapes, path, device, dtype)
+    _load_weights(model, path, shapes, dtype, flag)
+    check_finite(model.state_dict(), path)  # on the device: fast there
     info = _info(metadata, model)
-    stored = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     return LoadedModel(model=model.eval(), weights_dtype=stored, **vars(info))
 
 
@@ -546,7 +630,7 @@ def read_description(
     """:func:`describe_checkpoint`, with what it read: the state (empty meta tensors of the weights' shapes and
     dtypes, and the sharing mask) and the checkpoint's metadata (its step, epoch and callbacks' state, where kept)."""
     path = Path(path).expanduser()
-    state, metadata = _read_any(path, weights=False, flag=flag)
+    state, metadata = _read_any(path, flag)
     model = _fitted_model(_model_config(metadata, path), state, path, torch.device("meta"), None)
     return _info(metadata, model), state, metadata
 
@@ -554,7 +638,7 @@ def read_description(
 def recorded_config(path: str | Path, flag: str = "--checkpoint") -> LlamaConfig:
     """The model config a checkpoint records, read without loading its weights (checked to load safely)."""
     path = Path(path).expanduser()
-    return _model_config(_read_any(path, weights=False, flag=flag)[1], path)
+    return _model_config(_read_any(path, flag)[1], path)
 
 
 def load_consolidated(path: str | Path, device: str | torch.device = "cpu") -> Llama:
@@ -583,7 +667,7 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
 
     checkpoint = Path(checkpoint).expanduser()
     check_output(output, "consolidated", overwrite, [checkpoint])
-    loaded = load_model(checkpoint, flag="--checkpoint")
+    loaded = load_model(checkpoint, dtype=STORED, flag="--checkpoint")  # no wider copy of the weights
     state = loaded.model.state_dict()
     training = carried(loaded.training, checkpoint)
     record: dict[str, Any] = {
@@ -597,9 +681,7 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
         TRAINING_KEY: training,  # epoch, tokens, val_loss, source
     }
     with output_folder(output, "consolidated", overwrite, inputs=[checkpoint]) as build:
-        # clones: safetensors refuses tensors that share memory (tied embeddings)
-        stored = {key: t.to(loaded.weights_dtype) if t.is_floating_point() else t for key, t in state.items()}
-        save_file({key: t.contiguous().clone() for key, t in stored.items()}, build / WEIGHTS_FILE)
+        save_file(saveable(state), build / WEIGHTS_FILE)
         if loaded.tokenizer_path is None:
             log.warning(f"{loaded.no_tokenizer().capitalize()}: consolidated weights and config only")
             if sha256 := loaded.tokenizer_sha256:  # what a --tokenizer given for the folder is compared with

@@ -18,14 +18,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from epas_lightning.checkpoint import (
-    MODEL_PREFIX,
-    SHARING_MASK,
     WEIGHTS_FILE,
     CheckpointInfo,
+    all_finite,
     checkpoint_kind,
     listed,
     read_description,
-    read_shards,
+    shard_tensors,
 )
 from epas_lightning.errors import CheckpointError, UserError
 from epas_lightning.hf.convert import hf_weight_files
@@ -42,10 +41,6 @@ KINDS = {
 TOKENIZER_NOTES = {"ok": "", "gone": " (the file is gone)", "changed": " (the file changed since it trained)"}
 LISTING_DEPTH = 5
 """Folder levels searched for checkpoints: ``runs/<name>/version_N/checkpoints/`` from the folder holding ``runs``."""
-CHECK_ELEMENTS = 1 << 24
-"""Elements checked at once: the check of a large tensor needs little memory."""
-SHARD_READ_BYTES = 1 << 28
-"""Bytes of weights read from a sharded checkpoint at once."""
 
 
 def describe(path: Path, check_weights: bool = True) -> dict[str, Any]:
@@ -96,8 +91,7 @@ def non_finite_weights(path: Path, kind: str, state: dict[str, torch.Tensor]) ->
     """The weights of ``path`` that hold NaN or inf, read one tensor (or one batch of shards) at a time."""
     bad = []
     for key, t in weight_tensors(path, kind, state):
-        chunks = t.reshape(-1).split(CHECK_ELEMENTS) if t.is_floating_point() else ()
-        if not all(bool(torch.isfinite(chunk).all()) for chunk in chunks):
+        if t.is_floating_point() and not all_finite(t):
             bad.append(key)
     return bad
 
@@ -105,7 +99,7 @@ def non_finite_weights(path: Path, kind: str, state: dict[str, torch.Tensor]) ->
 def weight_tensors(path: Path, kind: str, state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """Every stored weight of the checkpoint ``path`` of ``kind``, as few at a time as its format allows."""
     if kind == "sharded":
-        yield from _shard_tensors(path, state)
+        yield from shard_tensors(path, state)
         return
     files = {"ckpt": [path], "consolidated": [path / WEIGHTS_FILE]}.get(kind) or hf_weight_files(path)
     for file in files:
@@ -118,22 +112,6 @@ def weight_tensors(path: Path, kind: str, state: dict[str, torch.Tensor]) -> Ite
         else:  # mapped, not read into memory; a .ckpt's optimizer state is not checked
             loaded = load_torch_file(file, mmap=True, where=f"--checkpoint {file}")
             yield from loaded.get("state_dict", loaded).items()
-
-
-def _shard_tensors(path: Path, state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """The weights of a sharded checkpoint, read about :data:`SHARD_READ_BYTES` at a time."""
-    batches, batch, size = [], {}, 0
-    for key, meta in state.items():
-        if key != SHARING_MASK:
-            batch[key], size = meta, size + meta.numel() * meta.element_size()
-        if size >= SHARD_READ_BYTES:
-            batches.append(batch)
-            batch, size = {}, 0
-    prefix = "state_dict." + MODEL_PREFIX
-    for metas in filter(None, [*batches, batch]):
-        read = {prefix + key: torch.empty(meta.shape, dtype=meta.dtype) for key, meta in metas.items()}
-        read_shards(read, path)
-        yield from ((name[len(prefix) :], t) for name, t in read.items())
 
 
 def checkpoints_in(folder: Path, depth: int = LISTING_DEPTH) -> list[Path]:

@@ -886,7 +886,7 @@ def test_serve_checks_the_checkpoint_without_reading_its_weights(checkpoint, tmp
         return load_torch_file(path, *args, mmap=mmap, **kwargs)
 
     dcp_load, load_torch_file = safe_dcp.dcp_load, checkpoint_module.load_torch_file
-    monkeypatch.setattr(checkpoint_module, "load_file", no_weights)
+    monkeypatch.setattr(checkpoint_module, "stored_weights", no_weights)  # what load_model reads weights with
     monkeypatch.setattr(convert, "load_file", no_weights)
     monkeypatch.setattr(safe_dcp, "dcp_load", load_mask_only)
     monkeypatch.setattr(checkpoint_module, "load_torch_file", mapped_only)

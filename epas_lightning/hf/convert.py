@@ -332,6 +332,33 @@ def hf_to_ours(hf_state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[s
     return state
 
 
+def hf_tensors(path: str | Path, config: LlamaConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weights of the HF directory ``path`` (checked by :func:`hf_to_ours` for ``config``) by our names, as
+    :func:`hf_to_ours` converts them, read one safetensors tensor (or one ``.bin`` file) at a time; with tied
+    embeddings, ``lm_head.weight`` is that of the embedding (not yielded)."""
+    for file in hf_weight_files(path):
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(file, "pt") as f:
+                    for key in f.keys():  # noqa: SIM118 - a safe_open handle is no dict
+                        yield from _ours(key, f.get_tensor(key), config)
+            except (SafetensorError, OSError) as e:
+                raise HFCheckpointError(f"corrupt or truncated safetensors ({e})", file) from e
+        else:
+            from epas_lightning.safe_load import load_torch_file
+
+            for key, tensor in load_torch_file(file, mmap=True).items():  # mapped: read where copied
+                yield from _ours(key, tensor, config)
+
+
+def _ours(key: str, tensor: torch.Tensor, config: LlamaConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """The HF tensor ``key`` by our name, its vocabulary rows padded (nothing for an ignored or tied tensor)."""
+    if key.endswith(IGNORED_HF_KEYS) or key == "lm_head.weight" and config.tie_embeddings:
+        return
+    ours = key[len(HF_PREFIX) :] if key.startswith(HF_PREFIX) else key
+    yield ours, resize_rows(tensor, config.padded_vocab_size) if ours in VOCAB_KEYS else tensor
+
+
 def check_vocab_rows(tensor: torch.Tensor, vocab_size: int, name: str) -> None:
     """Refuse an HF vocabulary tensor whose rows are not ``vocab_size`` (transformers refuses to load it): padding or
     cutting it would give tokens zero rows or drop trained ones."""
@@ -354,9 +381,21 @@ def ours_to_hf(state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str,
         if key == "lm_head.weight":
             if config.tie_embeddings:
                 continue
-            out[key] = tensor.contiguous().clone()
+            out[key] = tensor
         else:
-            out[HF_PREFIX + key] = tensor.contiguous().clone()  # clones: safetensors refuses shared storage
+            out[HF_PREFIX + key] = tensor
+    return saveable(out)
+
+
+def saveable(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` as safetensors saves it: contiguous tensors of which none shares memory with another (safetensors
+    refuses that): a tensor whose storage an earlier one uses (tied embeddings) is copied, no other."""
+    seen, out = set(), {}
+    for key, tensor in state.items():
+        tensor = tensor.contiguous()
+        storage = (tensor.device, tensor.untyped_storage().data_ptr())
+        out[key] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
     return out
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from epas_lightning.checkpoint import check_fits_dtype, export_record, load_model
+from epas_lightning.checkpoint import STORED, export_record, load_model
 from epas_lightning.data.chat_template import chat_template_beside
 from epas_lightning.data.tokenizer import (
     HF_FILENAME,
@@ -222,15 +222,13 @@ def export(
     """
     check_output(output, EXPORT_KIND, overwrite, [checkpoint])
     torch_dtype = None if dtype == "auto" else named_dtype(dtype)
-    loaded = load_model(checkpoint, flag="--checkpoint")
+    loaded = load_model(checkpoint, dtype=torch_dtype or STORED, flag="--checkpoint")  # no wider copy of the weights
     model, config = loaded.model, loaded.model.config
     n = loaded.max_shared if sharing_layers is None else sharing_layers
     shared = set_region(model, n, loaded.region, force, SHARING_FLAGS)
     use_remote = remote_code or n > 0
-    state = ours_to_hf(model.state_dict(), config)
+    state = ours_to_hf(model.state_dict(), config)  # the model's tensors, not copies
     torch_dtype = torch_dtype or loaded.weights_dtype
-    check_fits_dtype(state, torch_dtype)
-    state = {key: t.to(torch_dtype) for key, t in state.items()}
     tokenizer_path = loaded.tokenizer_file(tokenizer)
     eos_ids: int | list[int] | None = loaded.eos_id
     if tokenizer_path is not None:
