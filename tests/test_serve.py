@@ -981,6 +981,14 @@ def test_a_worker_that_dies_while_loading_stops_serve_and_an_interrupt_stops_the
     with pytest.raises(KeyboardInterrupt), watching_startup(loading):
         raise KeyboardInterrupt
     assert not loading.inference_workers[0].is_alive()
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # serve's own SIGTERM handler, inherited through fork
+    try:
+        deaf = server(time.sleep, 60)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    with pytest.raises(KeyboardInterrupt), watching_startup(deaf):
+        raise KeyboardInterrupt
+    assert not deaf.inference_workers[0].is_alive()  # killed, and reaped
 
 
 def test_running_out_of_device_memory_while_loading_is_one_line_about_the_model():

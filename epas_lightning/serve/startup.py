@@ -123,8 +123,9 @@ def _stop_workers(server) -> None:
         if process.is_alive():
             process.terminate()
             process.join(timeout=5)
-            if process.is_alive():
+            if process.is_alive():  # it ignores SIGTERM (a handler inherited through fork)
                 process.kill()
+                process.join(timeout=5)
     manager = getattr(getattr(server, "transport_config", None), "manager", None)
     if manager is not None:
         manager.shutdown()
