@@ -409,3 +409,10 @@ def test_quick_sets_only_the_flags_not_given(benchmarks_importable):
     args = vs_peers.parse_args(["--quick", "--seq-len", "128"])
     assert (args.model, args.seq_len, args.reps) == ("debug", 128, 2)
     assert vs_peers.parse_args(["--seq-len", "128"]).model != "debug"
+
+
+def test_host_memory_reports_peaks_as_multiples_of_the_weights():
+    """Two cases of the benchmark (each a fresh process); the consolidated/HF folders are made only when measured."""
+    result = last_json_line("benchmarks/host_memory.py", "--quick", "--cases", "inspect fp32", "load hf")
+    assert set(result["peaks"]) == {"inspect fp32.ckpt", "load hf as float32"}
+    assert all(row["rss_x"] > 0 for row in result["peaks"].values())
