@@ -148,6 +148,32 @@ def test_a_wsd_run_extended_from_its_stable_phase_keeps_its_learning_rate(caplog
     assert anneal.get_last_lr() == [1.0] and anneal.lr_factor(550) == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_resume_under_another_schedule_class_names_both(caplog, recorded):
+    """A WSD run resumed without its --model.lr_scheduler flag gets the default cosine: the line named only changed
+    numbers (max_steps, min_lr_ratio), not that the schedule itself was another one. Checkpoints written before the
+    class was recorded are recognised by their keys."""
+    from epas_lightning import WarmupCosineLR
+
+    before = wsd(warmup_steps=10, max_steps=1000, decay_steps=100)
+    for _ in range(500):
+        before.optimizer.step()
+        before.step()
+    state = before.state_dict()
+    if not recorded:
+        state.pop("schedule", None)
+    cosine = WarmupCosineLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), warmup_steps=10, max_steps=1000)
+    with caplog.at_level("INFO", logger="epas_lightning"):
+        cosine.load_state_dict(state)
+    assert "configured WarmupCosineLR, not the checkpoint's WarmupStableDecayLR" in caplog.text
+    assert "to keep the WarmupStableDecayLR, set model.lr_scheduler" in caplog.text
+    assert not hasattr(cosine, "decay_shape") and cosine.last_epoch == 500
+    caplog.clear()
+    with caplog.at_level("INFO", logger="epas_lightning"):
+        wsd(warmup_steps=10, max_steps=1000, decay_steps=100).load_state_dict(state)
+    assert "LR schedule" not in caplog.text
+
+
 def test_fit_fills_in_max_steps_of_a_wsd_from_the_command_line():
     """Configured by class path in YAML or flags, as WarmupCosineLR: its max_steps comes from the trainer."""
     from epas_lightning.lightning_cli import lightning_cli
