@@ -65,6 +65,20 @@ def test_a_run_without_a_step_limit_gets_warmup_then_a_constant_lr():
     assert scheduler.lr_factor(100) == scheduler.lr_factor(10**9) == 1.0
 
 
+def test_a_warmup_as_long_as_the_run_is_warned_about():
+    """A WarmupStableDecayLR keeps its 100 warmup steps in a 8-step run: the learning rate never reached its peak
+    nor decayed, without a word."""
+    from functools import partial
+
+    from epas_lightning import WarmupStableDecayLR
+
+    module = EPASModule(LlamaConfig.from_name("debug", block_size=16), lr_scheduler=partial(WarmupStableDecayLR))
+    module.configure_model()
+    module.trainer = SimpleNamespace(estimated_stepping_batches=8)
+    with pytest.warns(UserWarning, match="warms up for 100 steps but the run has 8: .* ends at 8% of it"):
+        module.configure_optimizers()
+
+
 def test_a_metric_driven_lr_scheduler_is_refused_in_one_line():
     """ReduceLROnPlateau steps on a metric, not per optimizer step: Lightning failed with a traceback; it is a user
     error that names the setting and the schedulers that work."""
