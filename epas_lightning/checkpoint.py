@@ -387,12 +387,12 @@ def _read_any(path: Path, weights: bool, flag: str = "--checkpoint") -> tuple[di
     raise CheckpointError(
         "not a checkpoint",
         f"{flag} {path}",
-        _checkpoints_inside(path)
+        checkpoints_inside(path)
         or "pass a .ckpt file, an FSDP2 checkpoint directory, a consolidated directory or a Hugging Face LLaMA folder",
     )
 
 
-def _checkpoints_inside(folder: Path) -> str | None:
+def checkpoints_inside(folder: Path) -> str | None:
     """The fix for fit's run folder or its ``checkpoints/`` folder: the checkpoints it holds, ``last.ckpt`` first; for
     a folder of runs (the logger's ``runs/<name>``, ``runs/``), its newest ``last.ckpt`` and how to list all."""
     found = sorted(folder.glob("*.ckpt")) or sorted(folder.glob("checkpoints/*.ckpt"))
