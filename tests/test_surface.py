@@ -200,7 +200,7 @@ def test_a_count_below_one_is_the_same_line_in_every_command(argv, says, tmp_pat
     """Checked before the checkpoint is read (it does not exist here)."""
     extra = ["--output", str(tmp_path / "out")] if argv[0] in ("bench", "analyze") else []
     assert main([argv[0], "--checkpoint", str(tmp_path / "missing.ckpt"), "--device", "cpu", *argv[1:], *extra]) == 2
-    assert capsys.readouterr().err == f"error: {says}\n"
+    assert capsys.readouterr().err == f"error: {says} — give 1 or more\n"  # what, where, what to do
 
 
 def test_cuda_graph_on_without_a_cuda_device_is_one_line_before_anything_loads(tmp_path, capsys):
