@@ -394,16 +394,26 @@ def _read_any(path: Path, flag: str = "--checkpoint") -> tuple[dict[str, torch.T
     raise CheckpointError(
         "not a checkpoint",
         f"{flag} {path}",
-        _checkpoints_inside(path)
+        checkpoints_inside(path)
         or "pass a .ckpt file, an FSDP2 checkpoint directory, a consolidated directory or a Hugging Face LLaMA folder",
     )
 
 
-def _checkpoints_inside(folder: Path) -> str | None:
-    """The fix for fit's run folder or its ``checkpoints/`` folder: the checkpoints it holds, ``last.ckpt`` first."""
+def checkpoints_inside(folder: Path) -> str | None:
+    """The fix for fit's run folder or its ``checkpoints/`` folder: the checkpoints it holds, ``last.ckpt`` first; for
+    a folder of runs (the logger's ``runs/<name>``, ``runs/``), its newest ``last.ckpt`` and how to list all."""
     found = sorted(folder.glob("*.ckpt")) or sorted(folder.glob("checkpoints/*.ckpt"))
     found.sort(key=lambda ckpt: ckpt.name != "last.ckpt")
-    return f"pass one of the checkpoints it holds: {listed([str(ckpt) for ckpt in found])}" if found else None
+    if found:
+        return f"pass one of the checkpoints it holds: {listed([str(ckpt) for ckpt in found])}"
+    runs = [*folder.glob("version_*/checkpoints/last.ckpt"), *folder.glob("*/version_*/checkpoints/last.ckpt")]
+    if not runs:
+        return None
+    newest = max(runs, key=lambda ckpt: ckpt.stat().st_mtime)
+    return (
+        f"pass a checkpoint under it, e.g. the newest last.ckpt {newest} "
+        f"(`python -m epas_lightning inspect --checkpoint {folder}` lists them all)"
+    )
 
 
 def _fitted_model(

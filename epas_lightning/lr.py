@@ -56,9 +56,13 @@ class WarmupSchedule(LRScheduler):
         factor = self.lr_factor(self.last_epoch)
         return [base_lr * factor for base_lr in self.base_lrs]
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "schedule": type(self).__name__}
+
     def load_state_dict(self, state_dict: dict) -> None:
         saved = {k: state_dict.get(k) for k in self.SHAPE}
-        super().load_state_dict({k: v for k, v in state_dict.items() if k not in self.SHAPE})
+        mine = vars(self)  # another schedule's shape (a WSD's decay_steps) is no attribute of this one
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in self.SHAPE and k in mine})
         done = saved["warmup_steps"]
         if done is not None and done <= self.last_epoch < self.warmup_steps:  # never warm up twice
             _say("LR schedule: warmup_steps %d kept, the run finished its warmup at step %d", done, done)
@@ -67,12 +71,23 @@ class WarmupSchedule(LRScheduler):
             group["initial_lr"], group["lr"] = base_lr, lr
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         current = {k: getattr(self, k) for k in self.SHAPE}
-        if saved != current:
+        schedule, name = saved_schedule(state_dict), type(self).__name__
+        if saved != current or schedule not in (None, name):
             changed = ", ".join(f"{k} {saved[k]} -> {current[k]}" for k in self.SHAPE if saved[k] != current[k])
             before, after = (state_dict.get("_last_lr") or [None])[0], self._last_lr[0]
             moves = f": the learning rate goes from {before:.2e} to {after:.2e}" if before not in (None, after) else ""
+            which, keep = "schedule", ""
+            if schedule not in (None, name):  # e.g. the run's --model.lr_scheduler flag left out of the resume
+                which = f"{name}, not the checkpoint's {schedule}"
+                keep = f"; to keep the {schedule}, set model.lr_scheduler as the run did"
+            changed = f" ({changed})" if changed else ""
             _say(
-                "LR schedule: resumed at step %d with the configured schedule (%s)%s.", self.last_epoch, changed, moves
+                "LR schedule: resumed at step %d with the configured %s%s%s%s.",
+                self.last_epoch,
+                which,
+                changed,
+                moves,
+                keep,
             )
 
 
@@ -169,6 +184,16 @@ class WarmupStableDecayLR(WarmupSchedule):
         else:
             remaining = 1.0 - progress
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * remaining
+
+
+def saved_schedule(state_dict: dict) -> str | None:
+    """The class of the schedule whose ``state_dict`` this is (inferred from its keys for checkpoints that predate the
+    ``schedule`` entry), or ``None`` for a scheduler of another kind."""
+    if "schedule" in state_dict:
+        return state_dict["schedule"]
+    if "decay_shape" in state_dict:
+        return WarmupStableDecayLR.__name__
+    return WarmupCosineLR.__name__ if "min_lr_ratio" in state_dict else None
 
 
 def _bad(name: str, what: str, fix: str = "fix the scheduler's arguments") -> ConfigError:

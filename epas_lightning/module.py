@@ -435,6 +435,8 @@ class EPASModule(LightningModule):
             if isinstance(scheduler, WarmupSchedule) and scheduler.max_steps is None:
                 scheduler.max_steps = total_steps
         self._optimizer_settings = optimizer_settings(optimizer)
+        if isinstance(scheduler, WarmupSchedule) and scheduler.max_steps is not None:
+            check_warmup_fits(scheduler)
         if isinstance(scheduler, WarmupSchedule) and scheduler.max_steps is None:
             rank_zero_warn(
                 "the run has no step limit (trainer.max_steps and trainer.max_epochs are -1): the learning rate "
@@ -442,6 +444,18 @@ class EPASModule(LightningModule):
                 f"the max_steps of model.lr_scheduler (epas_lightning.{type(scheduler).__name__}), for the decay"
             )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_warmup_fits(scheduler: WarmupSchedule) -> None:
+    """Warn when the warmup lasts the whole run: the learning rate would never reach its peak nor decay (a
+    ``WarmupStableDecayLR`` keeps its 100 warmup steps in a short run, where the default cosine's shrink)."""
+    warmup, total = scheduler.warmup_steps, scheduler.max_steps
+    if warmup >= total:
+        rank_zero_warn(
+            f"model.lr_scheduler ({type(scheduler).__name__}) warms up for {warmup} steps but the run has {total}: "
+            f"the learning rate never reaches its peak (it ends at {scheduler.lr_factor(total - 1):.0%} of it) and "
+            "never decays; set model.lr_scheduler.init_args.warmup_steps below trainer.max_steps"
+        )
 
 
 def check_is_config(config: object) -> None:

@@ -12,7 +12,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar, RichModelSummary, RichProgressBar, Timer
@@ -26,6 +26,9 @@ from epas_lightning.divergence import last_checkpoint
 from epas_lightning.flops import estimate_flops, flop_cut
 from epas_lightning.loss_scaling import loss_scaler
 from epas_lightning.progress import LINE_EVERY_S
+
+if TYPE_CHECKING:
+    from epas_lightning.model import LlamaConfig
 
 WARMUP_STEPS = 2
 """Optimizer steps left out of the throughput median (allocator warm-up, compilation)."""
@@ -244,11 +247,19 @@ class FlopsModelSummary(ModelSummary):
         args = (summary.total_parameters, summary.trainable_parameters, summary.model_size)
         summarize(data, *args, summary.total_training_modes, total_flops=int(dense), **self._summarize_kwargs)
         sharing = next((c for c in trainer.callbacks if isinstance(c, ProgressiveSharing)), None)
-        line = f"FLOPs: training FLOPs per sequence of {config.block_size} tokens, dense"
         if sharing is not None and sharing.enabled and sharing.schedule is not None:
-            n = len(sharing.schedule.target_layers)
-            line += f"; {flop_cut(config, n, config.block_size):.1%} fewer once {n} layer(s) share"
-        rank_zero_info(line + ".")
+            rank_zero_info(flops_line(config, len(sharing.schedule.target_layers)))
+        else:
+            rank_zero_info(flops_line(config, 0))
+
+
+def flops_line(config: LlamaConfig, target_layers: int) -> str:
+    """What the summary's FLOPs column counts, with its figure, and what the full region cuts from it."""
+    dense = get_human_readable_count(int(estimate_flops(config, 0, config.block_size)))
+    line = f"FLOPs: {dense} training FLOPs per sequence of {config.block_size} tokens, dense"
+    if target_layers:
+        line += f"; {flop_cut(config, target_layers, config.block_size):.1%} fewer once {target_layers} layer(s) share"
+    return line + "."
 
 
 class StepRunProgressBar(RichProgressBar):

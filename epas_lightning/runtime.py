@@ -103,7 +103,7 @@ def check_counts(counts: dict[str, int | None]) -> None:
     """Fail with one line at the first flag whose count (``{"--batches": 0}``) is below 1; ``None`` is its default."""
     for flag, value in counts.items():
         if value is not None and value < 1:
-            raise ConfigError(f"must be at least 1, got {value}", flag)
+            raise ConfigError(f"must be at least 1, got {value}", flag, "give 1 or more")
 
 
 def emit_json(record: Any, enabled: bool) -> None:

@@ -130,10 +130,12 @@ def verify_checkpoint(path: str | Path, flag: str = "--ckpt_path") -> Path:
             f"start a new run from its weights with --model.init_from {path}",
         )
     if not is_sharded_checkpoint(path):
+        from epas_lightning.checkpoint import checkpoints_inside  # a run folder: name the checkpoints in it
+
         raise CheckpointError(
             "not a checkpoint: a directory without distributed-checkpoint metadata",
             f"{flag} {path}",
-            "pass a .ckpt file or a checkpoint directory written by fit with FSDP2",
+            checkpoints_inside(path) or "pass a .ckpt file or a checkpoint directory written by fit with FSDP2",
         )
     from epas_lightning.safe_dcp import check_one_save, check_shard_files, read_dcp_metadata
 

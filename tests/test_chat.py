@@ -164,3 +164,11 @@ def test_a_long_chat_drops_its_oldest_turns_and_ctrl_c_stops_only_the_reply(chec
             oldest += 1
         assert prompt == rendered(oldest, last), last
     assert oldest > 0
+
+
+def test_the_note_on_dropped_turns_mentions_a_system_message_only_when_there_is_one():
+    """Without --system the note said 'the system message stays' all the same."""
+    from epas_lightning.inference.chat_cli import dropped_note
+
+    assert dropped_note(32, 4, system=False).endswith("its oldest turns are dropped from now on")
+    assert dropped_note(32, 4, system=True).endswith("dropped from now on; the system message stays")

@@ -285,6 +285,14 @@ def test_a_negative_worker_count_is_refused_when_configured():
         TokenDataModule(num_workers=-1)
 
 
+def test_a_batch_size_of_zero_is_named_as_such():
+    """It read 'seq_len and batch_size must be positive, got 32 and 0 — data': which one, and where, was a guess."""
+    with pytest.raises(ConfigError, match=r"^batch_size must be at least 1, got 0 — data.batch_size — "):
+        TokenDataModule(seq_len=32, batch_size=0)
+    with pytest.raises(ConfigError, match=r"^seq_len must be at least 1, got 0 — data.seq_len"):
+        TokenDataModule(seq_len=0, batch_size=4)
+
+
 def test_missing_data_dir_is_a_clear_error(tmp_path: Path):
     missing = tmp_path / "nowhere"
     with pytest.raises(DataError, match=rf"does not exist — data.data_dir {missing} — create it with .*prepare"):

@@ -88,7 +88,7 @@ def test_generate_refuses_more_than_the_trained_region_unless_forced(trained, ca
 def test_generate_names_a_bad_sampling_flag_before_loading_anything(flag, value, tmp_path, capsys):
     missing = str(tmp_path / "nope.ckpt")  # never opened: the flag is checked first
     rc, _, err = run_cli(capsys, "generate", "--checkpoint", missing, "--prompt", "x", flag, value)
-    assert rc == 2 and f"— {flag}" in err and "does not exist" not in err, err
+    assert rc == 2 and f"— {flag} — " in err and "does not exist" not in err, err  # what to do, too
 
 
 def test_default_lengths_fit_a_short_block_size_and_explicit_ones_are_checked(trained, tmp_path, capsys):

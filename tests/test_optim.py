@@ -65,6 +65,20 @@ def test_a_run_without_a_step_limit_gets_warmup_then_a_constant_lr():
     assert scheduler.lr_factor(100) == scheduler.lr_factor(10**9) == 1.0
 
 
+def test_a_warmup_as_long_as_the_run_is_warned_about():
+    """A WarmupStableDecayLR keeps its 100 warmup steps in a 8-step run: the learning rate never reached its peak
+    nor decayed, without a word."""
+    from functools import partial
+
+    from epas_lightning import WarmupStableDecayLR
+
+    module = EPASModule(LlamaConfig.from_name("debug", block_size=16), lr_scheduler=partial(WarmupStableDecayLR))
+    module.configure_model()
+    module.trainer = SimpleNamespace(estimated_stepping_batches=8)
+    with pytest.warns(UserWarning, match="warms up for 100 steps but the run has 8: .* ends at 8% of it"):
+        module.configure_optimizers()
+
+
 def test_a_metric_driven_lr_scheduler_is_refused_in_one_line():
     """ReduceLROnPlateau steps on a metric, not per optimizer step: Lightning failed with a traceback; it is a user
     error that names the setting and the schedulers that work."""
@@ -146,6 +160,32 @@ def test_a_wsd_run_extended_from_its_stable_phase_keeps_its_learning_rate(caplog
     anneal = wsd(warmup_steps=10, max_steps=600, decay_steps=100)
     anneal.load_state_dict(before.state_dict())
     assert anneal.get_last_lr() == [1.0] and anneal.lr_factor(550) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_resume_under_another_schedule_class_names_both(caplog, recorded):
+    """A WSD run resumed without its --model.lr_scheduler flag gets the default cosine: the line named only changed
+    numbers (max_steps, min_lr_ratio), not that the schedule itself was another one. Checkpoints written before the
+    class was recorded are recognised by their keys."""
+    from epas_lightning import WarmupCosineLR
+
+    before = wsd(warmup_steps=10, max_steps=1000, decay_steps=100)
+    for _ in range(500):
+        before.optimizer.step()
+        before.step()
+    state = before.state_dict()
+    if not recorded:
+        state.pop("schedule", None)
+    cosine = WarmupCosineLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), warmup_steps=10, max_steps=1000)
+    with caplog.at_level("INFO", logger="epas_lightning"):
+        cosine.load_state_dict(state)
+    assert "configured WarmupCosineLR, not the checkpoint's WarmupStableDecayLR" in caplog.text
+    assert "to keep the WarmupStableDecayLR, set model.lr_scheduler" in caplog.text
+    assert not hasattr(cosine, "decay_shape") and cosine.last_epoch == 500
+    caplog.clear()
+    with caplog.at_level("INFO", logger="epas_lightning"):
+        wsd(warmup_steps=10, max_steps=1000, decay_steps=100).load_state_dict(state)
+    assert "LR schedule" not in caplog.text
 
 
 def test_fit_fills_in_max_steps_of_a_wsd_from_the_command_line():

@@ -381,6 +381,22 @@ def test_a_run_folder_as_checkpoint_names_the_checkpoints_it_holds(tmp_path, cap
         ), err
 
 
+def test_a_folder_of_runs_as_checkpoint_names_its_newest_last_ckpt(tmp_path, capsys):
+    """The logger's folder (runs/<name>, holding version_N folders) or runs/ itself was just 'not a checkpoint'."""
+    for version in ("version_0", "version_1"):
+        (tmp_path / "demo" / version / "checkpoints").mkdir(parents=True)
+        (tmp_path / "demo" / version / "checkpoints" / "last.ckpt").touch()
+    newest = tmp_path / "demo" / "version_1" / "checkpoints" / "last.ckpt"
+    os.utime(newest, (2e9, 2e9))
+    for folder in (tmp_path / "demo", tmp_path):
+        assert cli_main(["serve", "--checkpoint", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"error: not a checkpoint — --checkpoint {folder} — pass a checkpoint under it, e.g. the newest last.ckpt "
+            f"{newest} (`python -m epas_lightning inspect --checkpoint {folder}` lists them all)\n"
+        ), err
+
+
 def test_a_port_in_use_is_a_one_line_error_before_the_model_loads(checkpoint, capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

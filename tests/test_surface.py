@@ -200,7 +200,7 @@ def test_a_count_below_one_is_the_same_line_in_every_command(argv, says, tmp_pat
     """Checked before the checkpoint is read (it does not exist here)."""
     extra = ["--output", str(tmp_path / "out")] if argv[0] in ("bench", "analyze") else []
     assert main([argv[0], "--checkpoint", str(tmp_path / "missing.ckpt"), "--device", "cpu", *argv[1:], *extra]) == 2
-    assert capsys.readouterr().err == f"error: {says}\n"
+    assert capsys.readouterr().err == f"error: {says} — give 1 or more\n"  # what, where, what to do
 
 
 def test_cuda_graph_on_without_a_cuda_device_is_one_line_before_anything_loads(tmp_path, capsys):
@@ -982,3 +982,19 @@ def test_a_resume_that_drops_max_time_is_not_told_to_add_a_timer_callback():
     assert ignored(message(["Timer"]))
     assert not ignored(message(["Timer", "EarlyStopping{'monitor': 'val/loss', 'mode': 'min'}"]))
     assert not ignored(message(["EarlyStopping{'monitor': 'val/loss', 'mode': 'min'}"]))
+
+
+def test_the_flops_line_gives_the_figure_it_explains():
+    """The line under the model summary read "FLOPs: training FLOPs per sequence of 32 tokens, dense; ..." without the
+    figure, a sentence missing its number (the figure was only in the summary's table, on stdout)."""
+    from lightning.pytorch.utilities.model_summary import get_human_readable_count
+
+    from epas_lightning import LlamaConfig
+    from epas_lightning.flops import estimate_flops
+    from epas_lightning.run_summary import flops_line
+
+    config = LlamaConfig.from_name("debug", block_size=32)
+    dense = get_human_readable_count(int(estimate_flops(config, 0, 32)))
+    assert flops_line(config, 1).startswith(f"FLOPs: {dense} training FLOPs per sequence of 32 tokens, dense; ")
+    assert flops_line(config, 1).endswith("fewer once 1 layer(s) share.")
+    assert flops_line(config, 0) == f"FLOPs: {dense} training FLOPs per sequence of 32 tokens, dense."

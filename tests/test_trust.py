@@ -164,6 +164,23 @@ def test_a_file_torch_save_did_not_write_is_not_called_unsafe(tmp_path):
         load_torch_file(text)
 
 
+def test_a_run_folder_given_to_ckpt_path_names_the_checkpoints_in_it(tmp_path):
+    """``--ckpt_path runs/demo/version_0`` said only 'pass a .ckpt file or a checkpoint directory written by fit with
+    FSDP2', where the tools' --checkpoint names the checkpoints the folder holds."""
+    from epas_lightning.safe_load import verify_checkpoint
+
+    last = tmp_path / "demo" / "version_0" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.touch()
+    for folder, fix in (
+        (last.parent.parent, "pass one of the checkpoints it holds: "),
+        (tmp_path, "pass a checkpoint "),
+    ):
+        with pytest.raises(CheckpointError) as error:
+            verify_checkpoint(folder)
+        assert error.value.fix.startswith(fix) and str(last) in error.value.fix, error.value.fix
+
+
 def test_load_model_from_python_names_its_argument_not_a_flag(tmp_path):
     """``load_model(path)`` in a notebook said '— --checkpoint <path> —', a flag nobody typed."""
     from epas_lightning import load_model

@@ -127,8 +127,10 @@ class TokenData:
         seq_len, batch_size, vocab_size, num_workers, seed, max_bytes = plain_numbers(
             [seq_len, batch_size, vocab_size, num_workers, seed, max_bytes]
         )
-        if seq_len < 1 or batch_size < 1:
-            raise ConfigError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}", "data")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}", "data.batch_size", "set 1 or more")
+        if seq_len < 1:  # linked from the model's block_size on the command line
+            raise ConfigError(f"seq_len must be at least 1, got {seq_len}", "data.seq_len (model.config.block_size)")
         if num_workers < 0:
             raise ConfigError(
                 f"num_workers must be 0 or more, got {num_workers}", "data.num_workers", "0 loads in the main process"

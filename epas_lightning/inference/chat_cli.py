@@ -115,11 +115,7 @@ def chat_command(
             continue
         if dropped and not told:
             told = True
-            print(
-                f"note: the conversation outgrew the model's context length of {context_length} tokens (with room for "
-                f"a reply of {reply_tokens}): its oldest turns are dropped from now on; the system message stays",
-                file=sys.stderr,
-            )
+            print(dropped_note(context_length, reply_tokens, system is not None), file=sys.stderr)
         if interactive:
             write(REPLY)
         sampling = Sampling(temperature, top_k, top_p, seed + replies)
@@ -131,6 +127,14 @@ def chat_command(
         replies += 1
     if interactive and line is None:  # Ctrl+D: the shell's prompt on a line of its own
         write("\n")
+
+
+def dropped_note(context_length: int, reply_tokens: int, system: bool) -> str:
+    """The note said when a conversation first drops its oldest turns (the system message, if any, stays)."""
+    return (
+        f"note: the conversation outgrew the model's context length of {context_length} tokens (with room for a reply "
+        f"of {reply_tokens}): its oldest turns are dropped from now on{'; the system message stays' if system else ''}"
+    )
 
 
 def chat_template(tokenizer: TextTokenizer, where: str) -> str:

@@ -43,7 +43,15 @@ def check_sampling_flags(temperature: float, top_k: int | None, top_p: float | N
     try:
         check_sampling(temperature, top_k, top_p)
     except SamplingError as e:
-        raise ConfigError(str(e), "--" + e.setting.replace("_", "-")) from e
+        raise ConfigError(str(e), "--" + e.setting.replace("_", "-"), SAMPLING_FIXES[e.setting]) from e
+
+
+SAMPLING_FIXES = {
+    "temperature": "0 decodes greedily; 1 samples from the model's distribution",
+    "top_k": "1 or more (1 is greedy); leave it unset to sample from every token",
+    "top_p": "a fraction in (0, 1]; leave it unset for no nucleus cut",
+}
+"""What to do about a sampling flag out of range, by setting."""
 
 
 def resolve_tokenizer(loaded: CheckpointInfo, path: Path | None) -> TextTokenizer:
