@@ -2,8 +2,8 @@
 
 Builds a random model's checkpoints in a temporary folder: a ``.ckpt`` as ``fit`` writes it (fp32, with AdamW state),
 the same in bf16, an FSDP2 (DCP) folder, then a consolidated and a Hugging Face folder made from the fp32 one. Each
-command then runs in a fresh process, watched every 2 ms: its peak resident memory (``ru_maxrss``, which counts the
-pages of memory-mapped files it read) and its peak private memory (``RssAnon`` in ``/proc``, Linux only: what can
+command then runs in a fresh process, watched every 2 ms through ``/proc`` (Linux only): its peak resident memory
+(``VmHWM``, which counts the pages of memory-mapped files it read) and its peak private memory (``RssAnon``: what can
 run a machine out of memory), minus those of a process that only imports the commands.
 
 Usage::
@@ -91,29 +91,32 @@ def build_checkpoints(root: Path, layers: int, dim: int, vocab: int) -> int:
     return 4 * sum(v.numel() for v in model.state_dict().values() if v.is_floating_point())
 
 
-def peaks(args: list[str], out: Path, threads: int = 1) -> tuple[int, int | None]:
-    """Peak resident and peak private bytes of ``python -c CHILD args`` (private: ``None`` without ``/proc``)."""
+def peaks(args: list[str], out: Path, threads: int = 1) -> tuple[int | None, int | None]:
+    """Peak resident and peak private bytes of ``python -c CHILD args``, read from ``/proc`` (``VmHWM``, ``RssAnon``;
+    ``None`` without it). Not ``ru_maxrss``: it keeps the high-water mark of the image before ``exec``, here this
+    script's, which holds the checkpoints it built."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     process = subprocess.Popen(
         [sys.executable, "-c", CHILD, *args], cwd=out, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    private: int | None = None
+    seen: dict[str, int] = {}
     while True:
         try:
             with open(f"/proc/{process.pid}/status") as status:
                 for line in status:
-                    if line.startswith("RssAnon"):
-                        private = max(private or 0, int(line.split()[1]) * 1024)
+                    name, _, value = line.partition(":")
+                    if name in ("VmHWM", "RssAnon"):
+                        seen[name] = max(seen.get(name, 0), int(value.split()[0]) * 1024)
         except OSError:
             pass
-        pid, code, usage = os.wait4(process.pid, os.WNOHANG)
+        pid, code, _ = os.wait4(process.pid, os.WNOHANG)
         if pid:
             break
         time.sleep(0.002)
     if code:
         raise RuntimeError(f"{' '.join(args)} failed:\n{process.stderr.read().decode()[-2000:]}")
     process.stderr.close()
-    return usage.ru_maxrss * 1024, private
+    return seen.get("VmHWM"), seen.get("RssAnon")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -143,8 +146,11 @@ def main(argv: list[str] | None = None) -> dict:
                 made = ["-m", "epas_lightning", command, "--checkpoint", str(root / "fp32.ckpt"), "--output"]
                 subprocess.run([sys.executable, *made, str(root / folder)], check=True, capture_output=True)
         baseline = [peaks(["baseline"], out, args.threads) for _ in range(2)]
-        base_rss = min(b[0] for b in baseline)
-        base_private = None if baseline[0][1] is None else min(b[1] for b in baseline)
+        if baseline[0][0] is None:
+            raise ConfigError(
+                "this system has no /proc/<pid>/status to read memory from", "host_memory.py", "run it on Linux"
+            )
+        base_rss, base_private = min(b[0] for b in baseline), min(b[1] for b in baseline)
         rows = {}
         for name, case in cases.items():
             for leftover in out.iterdir():  # the previous case's output (this script's own temporary folder)
@@ -153,14 +159,13 @@ def main(argv: list[str] | None = None) -> dict:
             weights = fp32_bytes // 2 if "bf16" in name else fp32_bytes
             rows[name] = {
                 "rss_x": round((rss - base_rss) / weights, 2),
-                "private_x": None if private is None else round((private - base_private) / weights, 2),
+                "private_x": round((private - base_private) / weights, 2),
             }
     print(f"{args.layers} layers, d {args.dim}, vocab {args.vocab}: {fp32_bytes / MIB:.0f} MiB of fp32 weights; "
           f"baseline {base_rss / MIB:.0f} MiB resident")  # fmt: skip
     print(f"{'command':<32}{'resident x weights':>20}{'private x weights':>20}")
     for name, row in rows.items():
-        private = "-" if row["private_x"] is None else f"{row['private_x']:.2f}"
-        print(f"{name:<32}{row['rss_x']:>20.2f}{private:>20}")
+        print(f"{name:<32}{row['rss_x']:>20.2f}{row['private_x']:>20.2f}")
     return emit({"weights_mib": round(fp32_bytes / MIB, 1), "torch": torch.__version__, "peaks": rows})
 
 
