@@ -511,7 +511,16 @@ def shard_tensors(path: Path, shapes: dict[str, torch.Tensor]) -> Iterator[tuple
 
 def check_finite(state: Mapping[str, torch.Tensor], where: object) -> None:
     """Refuse weights holding NaN or inf (meta tensors are not checked): nothing should run, export or train them."""
-    bad = [key for key, t in state.items() if t.is_floating_point() and t.device.type != "meta" and not all_finite(t)]
+    refuse_not_finite(not_finite(state), where)
+
+
+def not_finite(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The floating-point tensors of ``state`` holding NaN or inf (meta tensors are not checked)."""
+    return [key for key, t in state.items() if t.is_floating_point() and t.device.type != "meta" and not all_finite(t)]
+
+
+def refuse_not_finite(bad: list[str], where: object) -> None:
+    """Refuse the weights named ``bad`` (:func:`not_finite`), if any."""
     if bad:
         raise CheckpointError(
             f"the weights hold NaN or inf ({listed(bad)})",

@@ -7,6 +7,7 @@ before training, after meta-device materialisation, and never over a resumed che
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,11 @@ from epas_lightning.hf.convert import (
     HFCheckpointError,
     check_compatible,
     config_from_hf,
+    hf_to_ours,
     is_hf_dir,
-    load_hf_state,
     located,
     read_hf_config,
+    read_hf_weights,
 )
 from epas_lightning.model import LlamaConfig
 from epas_lightning.model.config import PRESETS
@@ -45,6 +47,9 @@ OURS_ONLY = ("padded_vocab_size", "sharing_mode")
 """The fields our checkpoints must match too (HF folders do not record them)."""
 NOT_LOADED = ("sharing.mask",)
 """State the initial weights do not set: the sharing region belongs to the new run's schedule."""
+INIT_READ_BYTES = 1 << 28
+"""Bytes of weights (in the model's dtype) read and handed to the model at once: a batch ends with the tensor that
+reaches it."""
 LONGEST_TAKEN_BLOCK_SIZE = 8192
 """The longest ``block_size`` a run takes from its source model when it sets none: a source trained or extended to a
 longer context (Llama 3.x's 131072 tokens) is not meant to be trained at that length."""
@@ -158,20 +163,66 @@ def check_same_architecture(
 
 
 def read_init_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Tensor]:
-    """The full (unsharded) ``Llama`` parameters stored at ``path``, converted and checked for ``config``."""
-    path = _existing(path)  # the loaders below check safety and architecture as they read
-    from epas_lightning.checkpoint import check_finite, load_model  # our own .ckpt / FSDP2 dir / consolidated dir
+    """The full (unsharded) ``Llama`` parameters stored at ``path``, converted and checked for ``config``, all at once
+    (``fit`` streams them instead: :func:`load_initial_weights`)."""
+    path = _existing(path)
+    return {key: t for batch in init_batches(path, config, source_shapes(path, config)) for key, t in batch.items()}
+
+
+def source_shapes(path: Path, config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """Empty meta tensors of the weights stored at ``path`` by our names (no :data:`NOT_LOADED`), after every check
+    that needs no weight read: the source's own consistency and its architecture against ``config``. Warns when the
+    source trained sharing (:func:`_say_it_starts_dense`)."""
+    from epas_lightning.checkpoint import read_description  # our own .ckpt / FSDP2 dir / consolidated dir
 
     if is_hf_dir(path):
-        state = load_hf_state(path, config)
-        check_finite(state, f"model.init_from {path}")
+        check_compatible(config, read_hf_config(path), source=str(path))
+        with located(path):
+            shapes = hf_to_ours(read_hf_weights(path, weights=False), config)  # vocabulary rows, unknown tensors
         _say_it_starts_dense(path, sorted(int(i) for i in read_hf_config(path).get("epas_trained_region") or ()))
-        return state
+        return shapes
+    info, state, _ = read_description(path, flag="model.init_from")
+    check_same_architecture(config, info.config, f"model.init_from {path}", leave_unset(config))
+    _say_it_starts_dense(path, sorted(info.region.layers))
+    return {key: t for key, t in state.items() if key not in NOT_LOADED}
 
-    loaded = load_model(path, flag="model.init_from")
-    check_same_architecture(config, loaded.model.config, f"model.init_from {path}", leave_unset(config))
-    _say_it_starts_dense(path, loaded.trained_shared_layers)
-    return {k: v for k, v in loaded.model.state_dict().items() if k not in NOT_LOADED}
+
+def init_batches(
+    path: Path,
+    config: LlamaConfig,
+    shapes: dict[str, torch.Tensor],
+    dtype: torch.dtype | None = None,
+    limit: int = INIT_READ_BYTES,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The weights stored at ``path`` (``shapes``: :func:`source_shapes`) in batches of about ``limit`` bytes, read a
+    tensor (or a shard batch) at a time, each tensor in ``dtype`` if given (else as stored) and each batch checked
+    for NaN and inf. With tied embeddings, ``lm_head.weight`` is the embedding's tensor. A weight the ``shapes`` name
+    but the read did not give (the files changed since) is refused before the last batch."""
+    from epas_lightning.checkpoint import listed, not_finite, refuse_not_finite, stored_weights
+
+    where = f"model.init_from {path}"
+    unread, batch, bad, size = set(shapes), {}, [], 0
+    for key, t in stored_weights(path, shapes, config, "model.init_from"):
+        if key not in unread:
+            continue  # the sharing mask; a tied LM head given with the embedding
+        bad += not_finite({key: t})  # before the cast, which could round a large value to inf
+        t = t if dtype is None else t.to(dtype)
+        tied = config.tie_embeddings and key == "embed_tokens.weight"
+        for name in (key, "lm_head.weight") if tied else (key,):
+            batch[name] = t
+            unread.discard(name)
+        size += t.numel() * t.element_size()
+        if size >= limit:
+            refuse_not_finite(bad, where)
+            yield batch
+            batch, size = {}, 0
+    refuse_not_finite(bad, where)
+    if unread:
+        raise CheckpointError(
+            f"weights named in its header were not found ({listed(sorted(unread))})", where, "copy it again"
+        )
+    if batch:
+        yield batch
 
 
 def _say_it_starts_dense(path: Path, trained_shared_layers: list[int]) -> None:
@@ -188,13 +239,16 @@ def _say_it_starts_dense(path: Path, trained_shared_layers: list[int]) -> None:
 
 @torch.no_grad()
 def load_initial_weights(model: nn.Module, path: str | Path) -> None:
-    """Copy the weights at ``path`` into ``model`` (plain or FSDP2-sharded: each rank keeps its shard)."""
+    """Copy the weights at ``path`` into ``model`` (plain or FSDP2-sharded: each rank keeps its shard), about
+    :data:`INIT_READ_BYTES` at a time in the model's dtype: every rank reads them, holding one batch beside its
+    shard, never the whole state nor a wider copy of it."""
     from epas_lightning.checkpoint import state_mismatch
 
-    state = read_init_state(path, model.config)
-    mismatch = state_mismatch({k: v for k, v in model.state_dict().items() if k not in NOT_LOADED}, state)
+    path = _existing(path)
+    shapes = source_shapes(path, model.config)
+    mismatch = state_mismatch({k: v for k, v in model.state_dict().items() if k not in NOT_LOADED}, shapes)
     if mismatch:
         raise HFCheckpointError(f"the weights do not fit the model ({mismatch})", f"model.init_from {path}")
     dtype = next(model.parameters()).dtype
-    state = {k: v.to(dtype) for k, v in state.items()}
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    for batch in init_batches(path, model.config, shapes, dtype, INIT_READ_BYTES):  # alike on every rank: collectives
+        set_model_state_dict(model, batch, options=StateDictOptions(full_state_dict=True, strict=False))

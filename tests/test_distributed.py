@@ -107,8 +107,9 @@ def test_fsdp2_bf16_true_keeps_bf16_weights(tmp_path):
 
 
 def test_sharded_resume_mid_growth_and_consolidate(tiny_corpus, tmp_path):
-    """From a tied Qwen2 (init_from, q/k/v biases): each rank loads its shard of the HF weights, biases and tied head
-    exactly; sharing layers' q/k biases get no grad; the sharded checkpoint resumes and consolidates."""
+    """From a tied Qwen2 (init_from, q/k/v biases, streamed a tensor at a time): each rank loads its shard of the HF
+    weights, biases and tied head exactly; sharing layers' q/k biases get no grad; the sharded checkpoint resumes and
+    consolidates."""
     from test_hf import save_tiny_hf
 
     from epas_lightning.hf.convert import config_from_hf, load_hf_state
@@ -117,8 +118,13 @@ def test_sharded_resume_mid_growth_and_consolidate(tiny_corpus, tmp_path):
     ckpt = tmp_path / "ckpt"
     common = ["--devices", "2", "--activation-checkpointing", "--data-dir", str(tiny_corpus), "--init-from", str(hf)]
     saves = ["--save-start", str(tmp_path / "start.st"), "--save-final", str(tmp_path / "final.st")]
-    full = fit(tmp_path / "full", *common, "--ckpt-dir", str(ckpt), *saves)  # a resumable loader: the same batches
+    one_by_one = ["--init-read-bytes", "1"]  # init_from hands each rank its shards a tensor (and tied head) at a time
+    full = fit(tmp_path / "full", *common, *one_by_one, "--ckpt-dir", str(ckpt), *saves)  # a resumable loader
     assert_switches_on_every_rank(full)
+    assert full[0]["init_batches"] == full[1]["init_batches"]
+    tied = ["embed_tokens.weight", "lm_head.weight"]
+    assert tied in full[0]["init_batches"] and len(full[0]["init_batches"]) > 20
+    assert all(len(keys) == 1 or keys == tied for keys in full[0]["init_batches"])
     bias = "model.layers.3._checkpoint_wrapped_module.self_attn.k_proj.bias"  # 32 values: 16 on each rank
     assert all(r["tied"] and r["local_shapes"][bias] == [16] for r in full)
     start, trained = load_file(tmp_path / "start.st"), load_file(tmp_path / "final.st")

@@ -2,6 +2,7 @@
 
 Checked by what is read and allocated (safe readers' arguments, tensors created, by dtype), not by timing or RSS."""
 
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from torch.distributed.checkpoint import save as dcp_save
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from epas_lightning import Llama, LlamaConfig
+from epas_lightning import Llama, LlamaConfig, init_from
 from epas_lightning import checkpoint as checkpoint_module
 from epas_lightning.checkpoint import consolidate, load_model
 from epas_lightning.errors import CheckpointError
@@ -143,3 +144,53 @@ def test_a_weight_that_is_named_but_not_read_is_refused_not_left_uninitialised(t
     monkeypatch.setattr(checkpoint_module, "stored_weights", without_norm)
     with pytest.raises(CheckpointError, match=r"weights named in its header were not found \(norm.weight\)"):
         load_model(ckpt)
+
+
+def test_init_from_hands_the_model_bounded_batches_in_its_dtype(tmp_path, monkeypatch):
+    """fit's init_from read the whole source on every rank (eight copies on an 8-GPU node): ours into a float32 model,
+    then a copy in the model's dtype, all handed to set_model_state_dict at once. Now every form is read a tensor (or
+    a shard batch) at a time and handed over about INIT_READ_BYTES at a time in the model's dtype (the tied head with
+    the embedding); a bf16 source into a bf16 model makes no float32 tensor, and the weights are those stored."""
+    model = tied_model().to(torch.bfloat16)
+    bf16 = model.state_dict()
+    sharded = tmp_path / "sharded"
+    dcp_save({"state_dict": {"model." + k: v for k, v in bf16.items()}}, checkpoint_id=sharded, no_dist=True)
+    torch.save({"model_config": model.config.to_dict()}, sharded / "meta.pt")
+    forms = [save_ckpt(model, tmp_path / "bf16.ckpt", torch.bfloat16), sharded, consolidate(sharded, tmp_path / "c")]
+    forms.append(export(sharded, tmp_path / "hf", sharing_layers=0))
+
+    batches = []
+    set_model_state_dict = init_from.set_model_state_dict
+
+    def record(model, state, **kwargs):
+        assert {t.dtype for t in state.values()} == {torch.bfloat16}, state.keys()
+        batches.append(sum({t.data_ptr(): t.numel() * t.element_size() for t in state.values()}.values()))
+        return set_model_state_dict(model, state, **kwargs)
+
+    monkeypatch.setattr(init_from, "set_model_state_dict", record)
+    largest = max(t.numel() * t.element_size() for t in bf16.values())
+    monkeypatch.setattr(init_from, "INIT_READ_BYTES", largest // 4, raising=False)
+    for path in forms:
+        torch.manual_seed(1)
+        target, batches[:] = Llama(model.config).to(torch.bfloat16), []
+        with Created() as created, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the source trained layer 1 sharing: this run starts dense
+            init_from.load_initial_weights(target, path)
+        assert created.of(torch.float32) == 0, (path, created.numel)
+        assert len(batches) > 3 and max(batches) < largest + largest // 4, (path, batches)
+        for key, t in target.state_dict().items():
+            assert key == "sharing.mask" or torch.equal(t, bf16[key]), (path, key)
+
+
+def test_init_from_refuses_a_weight_that_is_named_but_not_read(tmp_path, monkeypatch):
+    """init_from reads the weights after checking their names and shapes: one the header names but the read does not
+    give (a file changed in between) is refused, not left as the model's random init."""
+    ckpt = save_ckpt(tied_model(), tmp_path / "fp32.ckpt")
+    stored_weights = checkpoint_module.stored_weights
+
+    def without_norm(*args):
+        return ((key, t) for key, t in stored_weights(*args) if key != "norm.weight")
+
+    monkeypatch.setattr(checkpoint_module, "stored_weights", without_norm)
+    with pytest.raises(CheckpointError, match=r"weights named in its header were not found \(norm.weight\) — model"):
+        init_from.load_initial_weights(tied_model(), ckpt)

@@ -3,13 +3,16 @@
 Run as a script (Lightning re-launches ``sys.argv`` for every extra process, and ``torchrun`` starts it per node);
 one-process runs may call ``main(argv)`` inside the test process instead. Every rank writes ``<out>/rank<R>.json``:
 per optimizer step the loss on this rank, the sharing layers, and the layers whose ``q_proj``/``k_proj`` (biases
-included) got no gradient; plus the shapes of its local parameter shards and whether the LM head is tied.
+included) got no gradient; plus the shapes of its local parameter shards, whether the LM head is tied, and the keys
+of each batch of ``init_from`` weights it loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -21,7 +24,7 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Sampler
 
-from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule
+from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule, init_from
 from epas_lightning.hf.convert import config_from_hf
 from epas_lightning.strategy import FSDP2Strategy
 
@@ -111,7 +114,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt-every", type=int, default=3)
     p.add_argument("--resume", type=Path, help="checkpoint to resume from")
     p.add_argument("--init-from", help="an HF folder (model.init_from): the model takes its config, at SEQ_LEN")
+    p.add_argument("--init-read-bytes", type=int, help="init_from.INIT_READ_BYTES: 1 hands the weights over one by one")
     return p.parse_args(argv)
+
+
+@contextmanager
+def recording_init_batches(read_bytes: int | None) -> Iterator[list[list[str]]]:
+    """The keys of each dict ``init_from`` hands to ``set_model_state_dict``, at most ``read_bytes`` at a time if
+    given; both restored after (one-process runs share the test's process)."""
+    batches, load, limit = [], init_from.set_model_state_dict, init_from.INIT_READ_BYTES
+
+    def record(model, state, **kwargs):
+        batches.append(sorted(state))
+        return load(model, state, **kwargs)
+
+    init_from.set_model_state_dict, init_from.INIT_READ_BYTES = record, read_bytes or limit
+    try:
+        yield batches
+    finally:
+        init_from.set_model_state_dict, init_from.INIT_READ_BYTES = load, limit
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -157,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         default_root_dir=args.out,
         callbacks=callbacks,
     )
-    trainer.fit(module, data, ckpt_path=args.resume)
+    with recording_init_batches(args.init_read_bytes) as init_batches:
+        trainer.fit(module, data, ckpt_path=args.resume)
     shards = {
         name: list((p.to_local() if isinstance(p, DTensor) else p).shape) for name, p in module.named_parameters()
     }
@@ -167,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         "local_shapes": shards,
         "param_dtype": str(next(module.parameters()).dtype),
         "tied": module.model.lm_head.weight is module.model.embed_tokens.weight,
+        "init_batches": init_batches,
     }
     if args.save_final:
         save_full_weights(module, args.save_final, trainer.global_rank)
