@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,3 +109,17 @@ def train_tiny_sentencepiece(path: Path, **options) -> Path:
         **{"vocab_size": 300, "model_type": "bpe", "byte_fallback": True, "minloglevel": 2, **options},
     )  # fmt: skip
     return path.with_suffix(".model")
+
+
+def compile_blocks_eagerly(model) -> list:
+    """Compile each block with dynamo's graphs run as plain torch ops (no code generation); returns the graphs."""
+    torch._dynamo.reset()  # each model compiles afresh: earlier tests' graphs count towards the recompile limit
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    for block in model.layers:
+        block.compile(backend=backend, fullgraph=True)
+    return graphs

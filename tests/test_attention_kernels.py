@@ -3,6 +3,7 @@ after it agreed with FlashAttention on the model's attention)."""
 
 import pytest
 import torch
+from helpers import compile_blocks_eagerly
 from torch.nn.attention import SDPBackend
 
 from epas_lightning import attention_kernels
@@ -27,14 +28,7 @@ def test_a_kernel_order_changes_no_number_and_compiles_as_a_constant():
     model.set_shared_layers([1])
     tokens = torch.randint(0, CONFIG.vocab_size, (2, 16))
     plain = logits_and_grads(model, tokens)
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    for block in model.layers:
-        block.compile(backend=counting_backend, fullgraph=True)
+    graphs = compile_blocks_eagerly(model)
     model.sdpa_order = sdpa_order("cudnn", CPU, CONFIG)  # on a CPU, cuDNN cannot run: the next kernel does
     assert model.sdpa_order[0] == SDPBackend.CUDNN_ATTENTION
     before = torch._C._get_sdp_priority_order()

@@ -132,16 +132,21 @@ def test_the_check_for_nan_and_inf_reads_a_slice_of_a_weight_at_a_time(tmp_path,
         load_model(save_ckpt(model, tmp_path / "nan.ckpt"))
 
 
-def test_a_weight_that_is_named_but_not_read_is_refused_not_left_uninitialised(tmp_path, monkeypatch):
-    """The model's weights are allocated empty and filled from the file as it is read: a weight the header names but
-    the read does not give (a file changed in between) would be left as whatever memory held."""
-    ckpt = save_ckpt(tied_model(), tmp_path / "fp32.ckpt")
+def reading_without_the_norm(monkeypatch) -> None:
+    """The weight reader gives every weight but ``norm.weight`` (as if the file changed after its header was read)."""
     stored_weights = checkpoint_module.stored_weights
 
     def without_norm(*args):
         return ((key, t) for key, t in stored_weights(*args) if key != "norm.weight")
 
     monkeypatch.setattr(checkpoint_module, "stored_weights", without_norm)
+
+
+def test_a_weight_that_is_named_but_not_read_is_refused_not_left_uninitialised(tmp_path, monkeypatch):
+    """The model's weights are allocated empty and filled from the file as it is read: a weight the header names but
+    the read does not give (a file changed in between) would be left as whatever memory held."""
+    ckpt = save_ckpt(tied_model(), tmp_path / "fp32.ckpt")
+    reading_without_the_norm(monkeypatch)
     with pytest.raises(CheckpointError, match=r"weights named in its header were not found \(norm.weight\)"):
         load_model(ckpt)
 
@@ -186,11 +191,6 @@ def test_init_from_refuses_a_weight_that_is_named_but_not_read(tmp_path, monkeyp
     """init_from reads the weights after checking their names and shapes: one the header names but the read does not
     give (a file changed in between) is refused, not left as the model's random init."""
     ckpt = save_ckpt(tied_model(), tmp_path / "fp32.ckpt")
-    stored_weights = checkpoint_module.stored_weights
-
-    def without_norm(*args):
-        return ((key, t) for key, t in stored_weights(*args) if key != "norm.weight")
-
-    monkeypatch.setattr(checkpoint_module, "stored_weights", without_norm)
+    reading_without_the_norm(monkeypatch)
     with pytest.raises(CheckpointError, match=r"weights named in its header were not found \(norm.weight\) — model"):
         init_from.load_initial_weights(tied_model(), ckpt)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import compile_blocks_eagerly
 from torch.utils.flop_counter import FlopCounterMode
 
 from epas_lightning.model import Llama, LlamaConfig
@@ -154,20 +155,6 @@ def test_sharing_layers_get_no_grad_and_source_gets_theirs(mode, skipped, bias):
     detach_reuse["h"].remove()
     without_flow = src.q_proj.weight.grad if mode == "qk" else src.v_proj.weight.grad
     assert not torch.allclose(with_flow, without_flow)
-
-
-def compile_blocks_eagerly(model: Llama) -> list[torch.fx.GraphModule]:
-    """Compile each block with dynamo's graphs run as plain torch ops (no code generation); returns the graphs."""
-    torch._dynamo.reset()  # each model compiles afresh: earlier tests' graphs count towards the recompile limit
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    for block in model.layers:
-        block.compile(backend=backend, fullgraph=True)
-    return graphs
 
 
 @pytest.mark.parametrize("mode,bias", [("qk", None), ("kv", "qkv")])
