@@ -133,7 +133,7 @@ def function_parser(fn: Callable, prog: str):  # noqa: ANN201 - jsonargparse.Arg
     params = inspect.signature(fn).parameters
     hints = get_type_hints(fn)
     switches = {name for name in params if _is_bool(hints.get(name))}
-    description = "\n\n".join(part for part in (doc.short_description, doc.long_description) if part)
+    description = _plain("\n\n".join(part for part in (doc.short_description, doc.long_description) if part))
     parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML file setting any of the options below.")
     parser.add_function_arguments(fn, skip=switches, as_group=False)
@@ -142,11 +142,12 @@ def function_parser(fn: Callable, prog: str):  # noqa: ANN201 - jsonargparse.Arg
             "--" + name.replace("_", "-"),
             action=ActionYesNo(no_prefix="no-"),
             default=params[name].default,
-            help=described.get(name),
+            help=_plain(described.get(name)),
         )
     for action in parser._actions:  # --sharing_layers -> --sharing-layers (the option names, not the config keys)
         if action.dest not in params:
             continue
+        action.help = _plain(action.help)
         for i, option in enumerate(action.option_strings):
             if option.startswith("--") and "_" in option:
                 dashed = option.replace("_", "-")
@@ -155,6 +156,11 @@ def function_parser(fn: Callable, prog: str):  # noqa: ANN201 - jsonargparse.Arg
                 action.option_strings[i] = dashed
     parser.list_options = {"--" + name.replace("_", "-") for name in params if _is_list(hints.get(name))}
     return parser
+
+
+def _plain(text: str | None) -> str | None:
+    """A docstring's text as ``--help`` shows it: ``name`` (reStructuredText literals) as `name`."""
+    return None if text is None else text.replace("``", "`")
 
 
 def _append_lists(argv: Sequence[str], list_options: set[str]) -> list[str]:

@@ -485,7 +485,8 @@ def check_trainable_precision(precision: str) -> None:
         "16-true cannot train: it keeps the weights and AdamW's state in fp16 with no loss scaling, where AdamW's "
         "eps (1e-8) rounds to 0 and small gradients and second moments underflow, so the first update writes NaN",
         "trainer.precision: 16-true",
-        "train in bf16-mixed or bf16-true, or 16-mixed on a GPU (fp32 weights, loss scaling); "
+        "train in bf16-mixed or bf16-true, or 16-mixed (fp32 weights, loss scaling; Lightning runs it as bf16-mixed on "
+        "a CPU); "
         "16-true is fine for validate and test",
     )
 

@@ -190,7 +190,7 @@ def test_every_script_reports_a_user_error_in_one_line(benchmarks_importable, ca
         run_script(lambda: memory.main(["--model", "nope"]))
     out, err = capsys.readouterr()
     assert stopped.value.code == 2 and out == ""
-    assert err.startswith("error: Unknown model preset 'nope'") and err.count("\n") == 1
+    assert err.startswith("error: unknown model preset 'nope'") and err.count("\n") == 1
     mains = [p.name for p in SCRIPTS if 'if __name__ == "__main__":' in p.read_text()]
     wrapped = [p.name for p in SCRIPTS if p.read_text().endswith("    run_script(main)\n")]
     assert sorted(set(mains) - set(wrapped)) == ["gpu_session.py"]  # it runs before the package's dependencies exist

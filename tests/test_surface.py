@@ -71,6 +71,7 @@ def test_every_tool_speaks_the_same_vocabulary(command, capsys):
     assert main([command, "--help"]) == 0
     out = capsys.readouterr().out
     assert "--config CONFIG" in out
+    assert "``" not in out  # the docstrings' reStructuredText literals read as `name`
     runs_a_model = ("generate", "chat", "bench", "evaluate", "analyze", "serve", "lm-eval")
     vocabulary = {
         "--checkpoint": command != "prepare",

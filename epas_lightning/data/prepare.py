@@ -265,10 +265,12 @@ def prepare_dataset(
                     "--val-input " + " ".join(map(str, val_inputs)),
                     "pass validation files apart from the --input ones",
                 )
-            if len(train_files) < len(files):
+            if held_out := len(files) - len(train_files):
                 log.warning(
-                    "%d of the --input files are --val-input files too: they are held out, not trained on.",
-                    len(files) - len(train_files),
+                    "%d of the --input files %s --val-input files too: %s held out, not trained on.",
+                    held_out,
+                    "is" if held_out == 1 else "are",
+                    "it is" if held_out == 1 else "they are",
                 )
             files = train_files + val_files
         else:

@@ -331,6 +331,6 @@ def export_command(
         export(checkpoint, output, sharing_layers, tokenizer, remote_code, dtype, force, overwrite)
     )
     stock = "stock Qwen2ForCausalLM" if summary["model_type"] == "qwen2" else "stock LlamaForCausalLM"
-    kind = "epas_llama (trust_remote_code=True)" if summary["trust_remote_code"] else stock
+    kind = "epas_llama, loads with trust_remote_code=True" if summary["trust_remote_code"] else stock
     print(f"wrote {summary['output']} ({kind})")
     emit_json(summary, json)

@@ -158,7 +158,9 @@ class LlamaConfig:
         if self.name is not None:
             if self.name not in PRESETS:
                 raise ConfigError(
-                    f"Unknown model preset {self.name!r}; choose one of {sorted(PRESETS)}", "model.config"
+                    f"unknown model preset {self.name!r}",
+                    "model.config.name",
+                    f"choose one of {', '.join(sorted(PRESETS))}, or give the shape's fields without a name",
                 )
             for key, value in PRESETS[self.name].items():
                 if getattr(self, key) is None:
