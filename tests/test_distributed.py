@@ -152,6 +152,41 @@ def test_sharded_resume_mid_growth_and_consolidate(tiny_corpus, tmp_path):
         torch.testing.assert_close(state[name], tensor, rtol=0, atol=0, msg=name)
 
 
+def test_init_from_our_checkpoints_on_two_fsdp2_ranks(tmp_path):
+    """Two bf16-true FSDP2 ranks start from a bf16 sharded folder, then (after fit) load a float32 .ckpt and the folder
+    consolidated, each streamed in batches of several tensors: the gathered weights are the sources' bit for bit (the
+    .ckpt's cast to bf16)."""
+    bf16, fp32 = tmp_path / "bf16", tmp_path / "fp32"
+    source = ["--devices", "1", "--steps", "2", "--ckpt-every", "2"]
+    fit_in_this_process(bf16, *source, "--precision", "bf16-true", "--ckpt-dir", str(bf16 / "ckpt"),
+                        "--save-final", str(tmp_path / "bf16.st"))  # fmt: skip
+    fit_in_this_process(fp32, *source, "--strategy", "single", "--ckpt-dir", str(fp32 / "ckpt"),
+                        "--save-final", str(tmp_path / "fp32.st"))  # fmt: skip
+    sharded, ckpt = bf16 / "ckpt" / "epoch=0-step=2.ckpt", fp32 / "ckpt" / "epoch=0-step=2.ckpt"
+    assert sharded.is_dir() and ckpt.is_file()
+    consolidated = tmp_path / "consolidated"
+    assert cli_main(["consolidate", "--checkpoint", str(sharded), "--output", str(consolidated)]) == 0
+    out = tmp_path / "two"
+    run = ["--precision", "bf16-true", "--steps", "1", "--init-from", str(sharded), "--init-read-bytes", "20000"]
+    run += ["--save-start", str(tmp_path / "start.st"), "--reload", str(ckpt), "--reload", str(consolidated)]
+    two = fit(out, *run)
+    assert len(two) == 2 and all(r["param_dtype"] == "torch.bfloat16" for r in two)
+    expected_bf16 = load_file(tmp_path / "bf16.st")
+    expected_fp32 = {k: t.to(torch.bfloat16) for k, t in load_file(tmp_path / "fp32.st").items()}
+    weights = sorted(k for k in expected_bf16 if k != "sharing.mask")
+    for got, expected, batches in [
+        (tmp_path / "start.st", expected_bf16, "init_batches"),  # init_from, before the first step
+        (out / "reload0.st", expected_fp32, "reload0_batches"),  # into the trained shards
+        (out / "reload1.st", expected_bf16, "reload1_batches"),
+    ]:
+        assert two[0][batches] == two[1][batches]  # the same collectives on both ranks
+        assert 1 < len(two[0][batches]) < len(weights) and sorted(sum(two[0][batches], [])) == weights
+        loaded = load_file(got)
+        for name in weights:
+            assert loaded[name].dtype == torch.bfloat16, name
+            torch.testing.assert_close(loaded[name], expected[name], rtol=0, atol=0, msg=f"{got.name}: {name}")
+
+
 def test_a_one_device_checkpoint_resumes_under_fsdp2(tiny_corpus, tmp_path):
     """A one-device checkpoint numbers AdamW's state in the optimizer's order (matrices, then norm gains); Lightning
     took the numbers for the model's parameter order, and FSDP2's resume of it failed with a size-mismatch traceback

@@ -4,7 +4,8 @@ Run as a script (Lightning re-launches ``sys.argv`` for every extra process, and
 one-process runs may call ``main(argv)`` inside the test process instead. Every rank writes ``<out>/rank<R>.json``:
 per optimizer step the loss on this rank, the sharing layers, and the layers whose ``q_proj``/``k_proj`` (biases
 included) got no gradient; plus the shapes of its local parameter shards, whether the LM head is tied, and the keys
-of each batch of ``init_from`` weights it loaded.
+of each batch of ``init_from`` weights it loaded; with ``--reload``, the keys of its batches too, and rank 0 writes
+the weights each loads after fit to ``<out>/reload<i>.st``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Sampler
 
 from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule, init_from
-from epas_lightning.hf.convert import config_from_hf
 from epas_lightning.strategy import FSDP2Strategy
 
 SEQ_LEN = 32
@@ -113,7 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt-dir", type=Path, help="save a checkpoint every --ckpt-every steps here")
     p.add_argument("--ckpt-every", type=int, default=3)
     p.add_argument("--resume", type=Path, help="checkpoint to resume from")
-    p.add_argument("--init-from", help="an HF folder (model.init_from): the model takes its config, at SEQ_LEN")
+    p.add_argument("--init-from", help="model.init_from (HF folder or our checkpoint): the model takes its config")
+    p.add_argument("--reload", type=Path, action="append", default=[], help="after fit, init_from this too")
     p.add_argument("--init-read-bytes", type=int, help="init_from.INIT_READ_BYTES: 1 hands the weights over one by one")
     return p.parse_args(argv)
 
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         data = DataLoader(tokens, batch_size=args.global_batch // world_size, sampler=EveryWthSample(N_SAMPLES))
     L.seed_everything(7)
     if args.init_from:
-        config = config_from_hf(args.init_from, block_size=SEQ_LEN)
+        config = init_from.source_config(args.init_from, block_size=SEQ_LEN)
     else:
         config = LlamaConfig.from_name("debug", n_layer=args.n_layer, block_size=SEQ_LEN)
     module = SeededInit(
@@ -194,6 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.save_final:
         save_full_weights(module, args.save_final, trainer.global_rank)
     args.out.mkdir(parents=True, exist_ok=True)
+    for i, path in enumerate(args.reload):  # into the trained shards: every weight but the sharing mask replaced
+        with recording_init_batches(args.init_read_bytes) as batches:
+            init_from.load_initial_weights(module.model, path)
+        result[f"reload{i}_batches"] = batches
+        save_full_weights(module, args.out / f"reload{i}.st", trainer.global_rank)
     (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
 
