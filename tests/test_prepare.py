@@ -785,7 +785,8 @@ def test_ctrl_c_or_sigterm_while_tokenizing_fails_and_leaves_nothing(
     (`kill`, a container's stop) ended the parent alone: the workers tokenized on, orphaned, into the folder left."""
     out = tmp_path / "out"
     script = f"""
-import os, signal, time
+import faulthandler, os, signal, sys, time
+faulthandler.dump_traceback_later(60, exit=True)  # a hang fails with every thread's stack, not a bare timeout
 from epas_lightning.data import writing
 from epas_lightning.cli import main
 
