@@ -536,13 +536,6 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.stack([torch.isfinite(chunk).all() for chunk in chunks]).all()) if chunks else True
 
 
-def check_fits_dtype(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Refuse weights that a cast to ``dtype`` would turn into inf (float16's range ends at 65504): name the tensors,
-    their largest magnitude and the ``--dtype`` to use instead."""
-    if over := past_range(state, dtype):
-        raise dtype_overflow(f"the weights do not fit {dtype_name(dtype)} ({listed(over)})", dtype)
-
-
 def past_range(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> list[str]:
     """The tensors of ``state`` that a cast to ``dtype`` would turn into inf, each with its largest magnitude. Tensors
     of a dtype no wider than ``dtype`` are skipped; the others are reduced once each, without a copy."""

@@ -142,7 +142,7 @@ def function_parser(fn: Callable, prog: str):  # noqa: ANN201 - jsonargparse.Arg
             "--" + name.replace("_", "-"),
             action=ActionYesNo(no_prefix="no-"),
             default=params[name].default,
-            help=_plain(described.get(name)),
+            help=described.get(name),  # made plain with the others below
         )
     for action in parser._actions:  # --sharing_layers -> --sharing-layers (the option names, not the config keys)
         if action.dest not in params:

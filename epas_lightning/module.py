@@ -437,7 +437,7 @@ class EPASModule(LightningModule):
         self._optimizer_settings = optimizer_settings(optimizer)
         if isinstance(scheduler, WarmupSchedule) and scheduler.max_steps is not None:
             check_warmup_fits(scheduler)
-        if isinstance(scheduler, WarmupSchedule) and scheduler.max_steps is None:
+        elif isinstance(scheduler, WarmupSchedule):
             rank_zero_warn(
                 "the run has no step limit (trainer.max_steps and trainer.max_epochs are -1): the learning rate "
                 f"warms up for {scheduler.warmup_steps} steps and then stays at its peak; set trainer.max_steps, or "
