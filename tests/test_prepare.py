@@ -777,24 +777,38 @@ def test_documents_are_encoded_in_batches_of_bounded_bytes(sp_model: Path, tmp_p
     assert [len(texts) for texts in batches] == [2, 2, 1]
 
 
-@pytest.mark.parametrize(("signum", "says"), [(2, "Ctrl+C"), (15, "SIGTERM")])
+@pytest.mark.parametrize(
+    ("signum", "says", "while_starting"), [(2, "Ctrl+C", False), (15, "SIGTERM", False), (2, "Ctrl+C", True)]
+)
 def test_ctrl_c_or_sigterm_while_tokenizing_fails_and_leaves_nothing(
-    signum, says, corpus, sp_model: Path, tmp_path: Path
+    signum, says, while_starting, corpus, sp_model: Path, tmp_path: Path
 ):
     """litdata's own Ctrl+C handler ended the process with exit status 0, the half-built folder left behind. SIGTERM
-    (`kill`, a container's stop) ended the parent alone: the workers tokenized on, orphaned, into the folder left."""
-    out = tmp_path / "out"
+    (`kill`, a container's stop) ended the parent alone: the workers tokenized on, orphaned, into the folder left.
+    A signal before litdata had recorded its workers (``while_starting``: the parent still starting them) left the
+    worker going on, and the command waited for it (it hung, now and then, in this test)."""
+    out, signalled = tmp_path / "out", tmp_path.parent / f"{tmp_path.name}-signalled"
     script = f"""
 import faulthandler, os, signal, sys, time
 faulthandler.dump_traceback_later(60, exit=True)  # a hang fails with every thread's stack, not a bare timeout
+from litdata.processing.data_processor import DataWorkerProcess
 from epas_lightning.data import writing
 from epas_lightning.cli import main
 
 def interrupted(item):  # a Ctrl+C or a SIGTERM while a worker tokenizes
     os.kill(os.getppid(), {signum})
+    open({str(signalled)!r}, "w").close()
     time.sleep(10)
+    open({str(tmp_path / "worker-went-on")!r}, "w").close()  # not stopped: the command waited for it
     yield from ()
 
+def start_until_signalled(worker, start=DataWorkerProcess.start):
+    start(worker)
+    while not os.path.exists({str(signalled)!r}):
+        time.sleep(0.01)
+
+if {while_starting}:
+    DataWorkerProcess.start = start_until_signalled
 writing.tokenize_work_item = interrupted
 raise SystemExit(main(["prepare", "--input", {str(corpus[0])!r}, "--output", {str(out)!r}, "--tokenizer",
     {str(sp_model)!r}, "--num-workers", "1"]))

@@ -156,18 +156,18 @@ def make_work_groups(files: Sequence[InputFile], n_groups: int) -> list[tuple[In
 def isolated_litdata(scratch_dir: Path) -> Iterator[None]:
     """Undo ``litdata.optimize``'s process-wide side effects.
 
-    It reseeds the global ``random``/NumPy/torch RNGs (which would override a user's ``seed_everything`` on the first
-    run only), forces the multiprocessing start method, sets an env var, and wipes its shared scratch dirs under
-    ``/tmp`` (which would break concurrent builds). Give it private scratch dirs instead. Its Ctrl+C handler ends the
-    process with exit status 0 and no clean-up (a half-built output stays, a script carries on), and SIGTERM ended
-    the parent alone: here either stops the workers and raises ``KeyboardInterrupt``. A worker that fails in
-    litdata's own code (a chunk it cannot write) ends its helper processes, which litdata leaves waiting for work, and
-    its error is raised even when it came after its last item (litdata returned as if the stream were complete). A
-    document larger than a chunk makes that chunk larger, as it should, without litdata's warning (forked workers
-    inherit the filter).
+    It reseeds the global ``random``/NumPy/torch RNGs (which would override a user's ``seed_everything`` on the
+    first run only), forces the multiprocessing start method, sets an env var, and wipes its shared scratch dirs
+    under ``/tmp`` (which would break concurrent builds). Give it private scratch dirs instead. Its Ctrl+C handler
+    ends the process with exit status 0 and no clean-up (a half-built output stays, a script carries on), and
+    SIGTERM ended the parent alone: here either stops the workers (:class:`_WorkerStopper`) and raises
+    ``KeyboardInterrupt``. A worker that fails in litdata's own code (a chunk it cannot write) ends its helper
+    processes, which litdata leaves waiting for work, and its error is raised even when it came after its last item
+    (litdata returned as if the stream were complete). A document larger than a chunk makes that chunk larger, as it
+    should, without litdata's warning (forked workers inherit the filter).
     """
     import torch
-    from litdata.processing.data_processor import BaseWorker, DataProcessor
+    from litdata.processing.data_processor import BaseWorker, DataProcessor, DataWorkerProcess
 
     rng_states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     start_method = multiprocessing.get_start_method(allow_none=True)
@@ -188,9 +188,12 @@ def isolated_litdata(scratch_dir: Path) -> Iterator[None]:
             os.environ[key] = value
     litdata_interrupt = DataProcessor._signal_handler
     litdata_run, litdata_worker_run = DataProcessor.run, BaseWorker.run
-    DataProcessor._signal_handler = _stop_workers_and_interrupt(os.getpid())
+    stopper = _WorkerStopper()
+    DataProcessor._signal_handler = stopper.handler()
     DataProcessor.run = _checked_run(litdata_run)
     BaseWorker.run = _ending_helpers(litdata_worker_run)
+    litdata_start = vars(DataWorkerProcess).get("start")  # None: inherited from Process
+    DataWorkerProcess.start = stopper.starting_worker(DataWorkerProcess.start)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "An item was larger than the target chunk size", UserWarning)
@@ -198,6 +201,10 @@ def isolated_litdata(scratch_dir: Path) -> Iterator[None]:
     finally:
         DataProcessor._signal_handler = litdata_interrupt
         DataProcessor.run, BaseWorker.run = litdata_run, litdata_worker_run
+        if litdata_start is None:
+            del DataWorkerProcess.start
+        else:
+            DataWorkerProcess.start = litdata_start
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -244,29 +251,65 @@ def _checked_run(run: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
     return run_then_raise
 
 
-def _stop_workers_and_interrupt(parent_pid: int) -> Callable[[Any, int, Any], None]:
-    """A Ctrl+C handler for litdata's ``DataProcessor``: the parent passes the signal to its workers, waits for them
-    and raises ``KeyboardInterrupt``. A worker, or a helper process of one (forked with this handler, and signalled
-    too by a Ctrl+C in a terminal), ends its own helpers and exits."""
+class _WorkerStopper:
+    """A Ctrl+C (and SIGTERM) handler for litdata's ``DataProcessor``: the parent passes the signal to the worker
+    processes this run started, waits for them and raises ``KeyboardInterrupt``. A worker, or a helper process of one
+    (forked with this handler, and signalled too by a Ctrl+C in a terminal), ends its own helpers and exits.
 
-    def handler(processor: Any, signum: int, frame: Any) -> None:
-        if os.getpid() != parent_pid:
+    The workers are the parent's live child processes that were not there before (litdata records its workers only
+    once all have started: a worker that signalled before that outlived the command, which then waited for it). A
+    signal that comes while a worker is being started is acted on once it is a known child.
+    """
+
+    def __init__(self) -> None:
+        self.parent_pid = os.getpid()
+        self.others = set(multiprocessing.active_children())  # the caller's own processes: never signalled
+        self.starting = False
+        self.pending: int | None = None
+
+    def handler(self) -> Callable[[Any, int, Any], None]:
+        """The ``DataProcessor._signal_handler`` to install."""
+
+        def handler(processor: Any, signum: int, frame: Any) -> None:
+            self.stop(signum)
+
+        return handler
+
+    def stop(self, signum: int) -> None:
+        if os.getpid() != self.parent_pid:
             for helper in multiprocessing.active_children():
                 helper.terminate()
             os._exit(128 + signum)
-        workers = getattr(processor, "workers", [])
+        if self.starting:
+            self.pending = signum
+            return
+        workers = [p for p in multiprocessing.active_children() if p not in self.others]
         for worker in workers:
-            with contextlib.suppress(ProcessLookupError, TypeError):
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(worker.pid, signum)
         for worker in workers:
             worker.join(5)
             if worker.is_alive():
                 worker.kill()
+                worker.join()
         interrupt = KeyboardInterrupt()
         interrupt.signum = signum  # the command line exits with 128 + signum, naming the signal
         raise interrupt
 
-    return handler
+    def starting_worker(self, start: Callable[[Any], None]) -> Callable[[Any], None]:
+        """A worker's ``start`` during which a signal waits until the worker is a known child."""
+
+        @functools.wraps(start)
+        def start_then_stop_if_signalled(worker: Any) -> None:
+            self.starting = True
+            try:
+                start(worker)
+            finally:
+                self.starting = False
+            if self.pending is not None:
+                self.stop(self.pending)
+
+        return start_then_stop_if_signalled
 
 
 def write_split(
