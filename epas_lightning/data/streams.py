@@ -63,7 +63,9 @@ class _ZstdFrames(io.RawIOBase):
     def __init__(self, path: str) -> None:
         import zstandard
 
-        self._dctx = zstandard.ZstdDecompressor()
+        # zstd's largest window (2 GiB: `zstd --long=31`, or a stream of unknown size): zstandard refuses over 128 MiB
+        # unless told; the memory is taken only for a frame that asks for it.
+        self._dctx = zstandard.ZstdDecompressor(max_window_size=1 << 31)
         self._file = open(path, "rb")  # noqa: SIM115
         self._frame = None  # the decompressor of the frame being read; None between frames
         self._out, self._pos = b"", 0
