@@ -67,7 +67,7 @@ SHARING_MASK = "sharing.mask"
 STORED = "stored"
 """The ``dtype`` of :func:`load_model` that keeps the floating-point dtype the checkpoint stores its weights in."""
 CHECK_ELEMENTS = 1 << 22
-"""Elements checked for NaN and inf at once (:func:`all_finite`)."""
+"""Elements checked for NaN and inf at once (:func:`is_finite_tensor`)."""
 SHARD_READ_BYTES = 1 << 28
 """Bytes of weights read from a sharded checkpoint at once."""
 
@@ -516,7 +516,9 @@ def check_finite(state: Mapping[str, torch.Tensor], where: object) -> None:
 
 def not_finite(state: Mapping[str, torch.Tensor]) -> list[str]:
     """The floating-point tensors of ``state`` holding NaN or inf (meta tensors are not checked)."""
-    return [key for key, t in state.items() if t.is_floating_point() and t.device.type != "meta" and not all_finite(t)]
+    return [
+        key for key, t in state.items() if t.is_floating_point() and t.device.type != "meta" and not is_finite_tensor(t)
+    ]
 
 
 def refuse_not_finite(bad: list[str], where: object) -> None:
@@ -529,7 +531,7 @@ def refuse_not_finite(bad: list[str], where: object) -> None:
         )
 
 
-def all_finite(t: torch.Tensor) -> bool:
+def is_finite_tensor(t: torch.Tensor) -> bool:
     """Whether the floating-point tensor ``t`` holds no NaN or inf, checked :data:`CHECK_ELEMENTS` at a time: the
     check's temporaries (``isfinite`` takes the absolute value, then compares) stay small beside a large tensor."""
     chunks = t.reshape(-1).split(CHECK_ELEMENTS)

@@ -20,8 +20,8 @@ from safetensors import SafetensorError, safe_open
 from epas_lightning.checkpoint import (
     WEIGHTS_FILE,
     CheckpointInfo,
-    all_finite,
     checkpoint_kind,
+    is_finite_tensor,
     listed,
     read_description,
     shard_tensors,
@@ -91,7 +91,7 @@ def non_finite_weights(path: Path, kind: str, state: dict[str, torch.Tensor]) ->
     """The weights of ``path`` that hold NaN or inf, read one tensor (or one batch of shards) at a time."""
     bad = []
     for key, t in weight_tensors(path, kind, state):
-        if t.is_floating_point() and not all_finite(t):
+        if t.is_floating_point() and not is_finite_tensor(t):
             bad.append(key)
     return bad
 
