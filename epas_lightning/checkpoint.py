@@ -45,7 +45,14 @@ from epas_lightning.hf.convert import (
 )
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
-from epas_lightning.provenance import TRAINING_KEY, carried, checked, from_export_metadata, training_record
+from epas_lightning.provenance import (
+    TRAINING_KEY,
+    carried,
+    checked,
+    from_consolidated,
+    from_export_metadata,
+    training_record,
+)
 from epas_lightning.region import REGION_KEY, TrainedRegion
 from epas_lightning.runtime import dtype_name, dtype_overflow, emit_json, named_dtype, resolve_device
 from epas_lightning.safe_load import (
@@ -320,8 +327,8 @@ def _read_consolidated(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     }
     if "region" in sharing:
         metadata[REGION_KEY] = sharing["region"]
-    if isinstance(training := record.get(TRAINING_KEY), dict):  # older folders kept the step alone
-        metadata[TRAINING_KEY] = {**training, "global_step": record.get("global_step")}
+    if (training := from_consolidated(record)) is not None:
+        metadata[TRAINING_KEY] = training
     return state, metadata
 
 
@@ -732,7 +739,7 @@ def consolidated_summary(folder: Path) -> dict[str, Any]:
         "trained_region": record["sharing"]["region"],
         "global_step": record["global_step"],
         "tokenizer": (record.get("tokenizer") or {}).get("path"),
-        "training": checked({**record.get(TRAINING_KEY, {}), "global_step": record["global_step"]}),
+        "training": checked(from_consolidated(record)),  # the folder was just written: it has the record
     }
 
 

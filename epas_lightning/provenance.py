@@ -95,6 +95,13 @@ def export_metadata(record: dict[str, Any]) -> dict[str, str]:
     return {EXPORT_METADATA_KEY: json.dumps(record)}
 
 
+def from_consolidated(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The record a consolidated folder's ``config.json`` (``record``) keeps, with the step it keeps beside it;
+    ``None`` for an older folder, which kept the step alone."""
+    training = record.get(TRAINING_KEY)
+    return {**training, "global_step": record.get("global_step")} if isinstance(training, dict) else None
+
+
 def from_export_metadata(metadata: dict[str, str] | None) -> dict[str, Any] | None:
     """The record an export wrote into its safetensors ``metadata``; ``None`` when there is none (or it does not
     parse)."""
