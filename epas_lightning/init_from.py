@@ -6,6 +6,7 @@ before training, after meta-device materialisation, and never over a resumed che
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from collections.abc import Iterator
 from dataclasses import replace
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -227,7 +229,7 @@ def init_batches(
 
 def _say_it_starts_dense(path: Path, trained_shared_layers: list[int]) -> None:
     """Warn that the layers the source trained sharing compute again in this run (an export records them too); on
-    rank 0 only, as every rank of a distributed run reads the weights."""
+    rank 0 only (which alone reads the source in a distributed ``fit``)."""
     if trained_shared_layers and rank_zero_only.rank == 0:
         warnings.warn(
             f"model.init_from {path} trained layers {trained_shared_layers} sharing; this run starts every "
@@ -239,9 +241,67 @@ def _say_it_starts_dense(path: Path, trained_shared_layers: list[int]) -> None:
 
 @torch.no_grad()
 def load_initial_weights(model: nn.Module, path: str | Path) -> None:
-    """Copy the weights at ``path`` into ``model`` (plain or FSDP2-sharded: each rank keeps its shard), about
-    :data:`INIT_READ_BYTES` at a time in the model's dtype: every rank reads them, holding one batch beside its
-    shard, never the whole state nor a wider copy of it."""
+    """Copy the weights at ``path`` into ``model`` (plain, DDP's or FSDP2-sharded: each rank keeps its shard), about
+    :data:`INIT_READ_BYTES` at a time in the model's dtype, never the whole state nor a wider copy of it.
+
+    In a distributed run rank 0 alone reads and checks the source, holding one batch beside its shard, and broadcasts
+    each batch to the others; before each it tells them whether one follows or what stopped its read, which every rank
+    then raises alike (the same exception, the same one-line message) instead of waiting in a collective."""
+    if not _distributed():
+        for batch in _checked_batches(model, path):
+            set_model_state_dict(model, batch, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    if dist.get_rank() != 0:
+        while (news := _from_rank_zero()) == _A_BATCH:
+            set_model_state_dict(model, {}, options=options)
+        if isinstance(news, BaseException):
+            raise news
+        return
+    batches = _checked_batches(model, path)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as error:
+            sent = _from_rank_zero(_sendable(error))
+            if sent is error:
+                raise
+            raise sent from error
+        if _from_rank_zero(_DONE if batch is None else _A_BATCH) == _DONE:
+            return
+        set_model_state_dict(model, batch, options=options)
+
+
+_A_BATCH, _DONE = "a batch follows", "done"
+"""What rank 0 tells the other ranks before each batch of :func:`load_initial_weights` (else: the error it met)."""
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _from_rank_zero(news: object = None) -> object:
+    """``news`` as rank 0 gives it, on every rank (a collective)."""
+    box = [news]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _sendable(error: Exception) -> Exception:
+    """``error`` if it survives pickling whole (our errors do: what, where, fix), else a ``RuntimeError`` saying it, so
+    every rank raises one with the same message."""
+    try:
+        copy = pickle.loads(pickle.dumps(error))
+        if type(copy) is type(error) and str(copy) == str(error):
+            return error
+    except Exception:  # one pickle cannot rebuild: its message travels instead
+        pass
+    return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def _checked_batches(model: nn.Module, path: str | Path) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches of :func:`init_batches` for ``model``, after checking that the source at ``path`` fits it; every
+    check runs in the first ``next``."""
     from epas_lightning.checkpoint import state_mismatch
 
     path = _existing(path)
@@ -250,5 +310,4 @@ def load_initial_weights(model: nn.Module, path: str | Path) -> None:
     if mismatch:
         raise HFCheckpointError(f"the weights do not fit the model ({mismatch})", f"model.init_from {path}")
     dtype = next(model.parameters()).dtype
-    for batch in init_batches(path, model.config, shapes, dtype, INIT_READ_BYTES):  # alike on every rank: collectives
-        set_model_state_dict(model, batch, options=StateDictOptions(full_state_dict=True, strict=False))
+    yield from init_batches(path, model.config, shapes, dtype, INIT_READ_BYTES)

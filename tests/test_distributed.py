@@ -121,7 +121,7 @@ def test_sharded_resume_mid_growth_and_consolidate(tiny_corpus, tmp_path):
     one_by_one = ["--init-read-bytes", "1"]  # init_from hands each rank its shards a tensor (and tied head) at a time
     full = fit(tmp_path / "full", *common, *one_by_one, "--ckpt-dir", str(ckpt), *saves)  # a resumable loader
     assert_switches_on_every_rank(full)
-    assert full[0]["init_batches"] == full[1]["init_batches"]
+    assert full[1]["init_batches"] == [[]] * len(full[0]["init_batches"])  # rank 0 reads, rank 1 receives
     tied = ["embed_tokens.weight", "lm_head.weight"]
     assert tied in full[0]["init_batches"] and len(full[0]["init_batches"]) > 20
     assert all(len(keys) == 1 or keys == tied for keys in full[0]["init_batches"])
@@ -155,7 +155,7 @@ def test_sharded_resume_mid_growth_and_consolidate(tiny_corpus, tmp_path):
 def test_init_from_our_checkpoints_on_two_fsdp2_ranks(tmp_path):
     """Two bf16-true FSDP2 ranks start from a bf16 sharded folder, then (after fit) load a float32 .ckpt and the folder
     consolidated, each streamed in batches of several tensors: the gathered weights are the sources' bit for bit (the
-    .ckpt's cast to bf16)."""
+    .ckpt's cast to bf16). Rank 0 alone reads them: rank 1's reader fails if called (every rank used to read)."""
     bf16, fp32 = tmp_path / "bf16", tmp_path / "fp32"
     source = ["--devices", "1", "--steps", "2", "--ckpt-every", "2"]
     fit_in_this_process(bf16, *source, "--precision", "bf16-true", "--ckpt-dir", str(bf16 / "ckpt"),
@@ -169,6 +169,7 @@ def test_init_from_our_checkpoints_on_two_fsdp2_ranks(tmp_path):
     out = tmp_path / "two"
     run = ["--precision", "bf16-true", "--steps", "1", "--init-from", str(sharded), "--init-read-bytes", "20000"]
     run += ["--save-start", str(tmp_path / "start.st"), "--reload", str(ckpt), "--reload", str(consolidated)]
+    run += ["--read-fails-on-rank", "1"]
     two = fit(out, *run)
     assert len(two) == 2 and all(r["param_dtype"] == "torch.bfloat16" for r in two)
     expected_bf16 = load_file(tmp_path / "bf16.st")
@@ -179,12 +180,30 @@ def test_init_from_our_checkpoints_on_two_fsdp2_ranks(tmp_path):
         (out / "reload0.st", expected_fp32, "reload0_batches"),  # into the trained shards
         (out / "reload1.st", expected_bf16, "reload1_batches"),
     ]:
-        assert two[0][batches] == two[1][batches]  # the same collectives on both ranks
+        assert two[1][batches] == [[]] * len(two[0][batches])  # the same collectives; rank 1 gets them from rank 0
         assert 1 < len(two[0][batches]) < len(weights) and sorted(sum(two[0][batches], [])) == weights
         loaded = load_file(got)
         for name in weights:
             assert loaded[name].dtype == torch.bfloat16, name
             torch.testing.assert_close(loaded[name], expected[name], rtol=0, atol=0, msg=f"{got.name}: {name}")
+
+
+def test_a_read_error_on_rank_zero_stops_both_ranks_alike(tmp_path):
+    """Rank 0's read of init_from fails after three of its batches (a corrupt file): it tells rank 1, and both
+    processes end with the same one-line error and status 2. Rank 1 used to wait for rank 0's next batch in a
+    collective (or fail with a broken-connection traceback), as its own read went on."""
+    from test_hf import save_tiny_hf
+
+    hf = save_tiny_hf(tmp_path / "hf", num_hidden_layers=4)
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--init-from", str(hf), "--init-read-bytes", "1", "--steps", "1"]
+    args += ["--read-fails-on-rank", "0", "--read-fails-after", "3"]
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=90,
+                          env=clean_env())  # fmt: skip
+    line = "error: cannot be read (a test's failing reader) — rank 0 — nothing: a test\n"
+    assert proc.returncode == 2 and proc.stderr.count(line) == 2, proc.stderr[-4000:]  # once by each process
+    assert "Traceback" not in proc.stderr
+    assert json.loads((out / "child_exits.json").read_text()) == [2]
 
 
 def test_a_one_device_checkpoint_resumes_under_fsdp2(tiny_corpus, tmp_path):

@@ -5,7 +5,10 @@ one-process runs may call ``main(argv)`` inside the test process instead. Every 
 per optimizer step the loss on this rank, the sharing layers, and the layers whose ``q_proj``/``k_proj`` (biases
 included) got no gradient; plus the shapes of its local parameter shards, whether the LM head is tied, and the keys
 of each batch of ``init_from`` weights it loaded; with ``--reload``, the keys of its batches too, and rank 0 writes
-the weights each loads after fit to ``<out>/reload<i>.st``.
+the weights each loads after fit to ``<out>/reload<i>.st``. With ``--read-fails-on-rank R`` that rank's reader of
+checkpoint weights raises a ``CheckpointError`` after ``--read-fails-after`` tensors. A user error ends each process
+with one line on stderr and status 2; rank 0 then writes the exit statuses of the ranks it started to
+``<out>/child_exits.json``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Sampler
 
-from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule, init_from
+from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule, checkpoint, init_from
+from epas_lightning.child_ranks import EndChildRanksOnError
+from epas_lightning.errors import CheckpointError, run_script
 from epas_lightning.strategy import FSDP2Strategy
 
 SEQ_LEN = 32
@@ -94,6 +99,21 @@ class Recorder(Callback):
         step["logged"] = {k: logged[k].item() for k in ("train/loss", "train/grad_norm") if k in logged}
 
 
+class RecordChildExits(EndChildRanksOnError):
+    """After an error, rank 0 waits for the ranks it started (killing them after 30 s) and records their statuses."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__(grace_seconds=30)
+        self.out = out
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        procs = list(getattr(trainer.strategy.launcher, "procs", None) or ())
+        super().on_exception(trainer, pl_module, exception)
+        if procs:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "child_exits.json").write_text(json.dumps([proc.returncode for proc in procs]))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True, type=Path)
@@ -116,6 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init-from", help="model.init_from (HF folder or our checkpoint): the model takes its config")
     p.add_argument("--reload", type=Path, action="append", default=[], help="after fit, init_from this too")
     p.add_argument("--init-read-bytes", type=int, help="init_from.INIT_READ_BYTES: 1 hands the weights over one by one")
+    p.add_argument("--read-fails-on-rank", type=int, help="this rank's reader of checkpoint weights raises")
+    p.add_argument("--read-fails-after", type=int, default=0, help="... after giving this many tensors")
     return p.parse_args(argv)
 
 
@@ -134,6 +156,24 @@ def recording_init_batches(read_bytes: int | None) -> Iterator[list[list[str]]]:
         yield batches
     finally:
         init_from.set_model_state_dict, init_from.INIT_READ_BYTES = load, limit
+
+
+@contextmanager
+def reads_failing(rank: int | None, after: int) -> Iterator[None]:
+    """On ``rank`` (if given), reading checkpoint weights raises a ``CheckpointError`` after ``after`` tensors."""
+    read = checkpoint.stored_weights
+
+    def failing(*args, **kwargs):
+        for i, item in enumerate(read(*args, **kwargs)):
+            if i == after and dist.get_rank() == rank:
+                raise CheckpointError("cannot be read (a test's failing reader)", f"rank {rank}", "nothing: a test")
+            yield item
+
+    checkpoint.stored_weights = read if rank is None else failing
+    try:
+        yield
+    finally:
+        checkpoint.stored_weights = read
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         "single": lambda: "auto",  # one process, no sharding: the reference
     }[args.strategy]()
     recorder = Recorder(args.save_start)
-    callbacks = [ProgressiveSharing(target=2, interval=2), recorder]
+    callbacks = [ProgressiveSharing(target=2, interval=2), recorder, RecordChildExits(args.out)]
     if args.ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=args.ckpt_every, save_top_k=-1))
     trainer = L.Trainer(
@@ -179,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
         default_root_dir=args.out,
         callbacks=callbacks,
     )
-    with recording_init_batches(args.init_read_bytes) as init_batches:
+    failing = reads_failing(args.read_fails_on_rank, args.read_fails_after)
+    with failing, recording_init_batches(args.init_read_bytes) as init_batches:
         trainer.fit(module, data, ckpt_path=args.resume)
     shards = {
         name: list((p.to_local() if isinstance(p, DTensor) else p).shape) for name, p in module.named_parameters()
@@ -196,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
         save_full_weights(module, args.save_final, trainer.global_rank)
     args.out.mkdir(parents=True, exist_ok=True)
     for i, path in enumerate(args.reload):  # into the trained shards: every weight but the sharing mask replaced
-        with recording_init_batches(args.init_read_bytes) as batches:
+        failing = reads_failing(args.read_fails_on_rank, args.read_fails_after)
+        with failing, recording_init_batches(args.init_read_bytes) as batches:
             init_from.load_initial_weights(module.model, path)
         result[f"reload{i}_batches"] = batches
         save_full_weights(module, args.out / f"reload{i}.st", trainer.global_rank)
@@ -204,4 +246,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
