@@ -1,8 +1,9 @@
 """Multi-process training on CPU (gloo): FSDP2 and DDP through region switches, sharded resume, two torchrun nodes.
 
 Every multi-process run is a subprocess (``tests/scripts/distributed_fit.py``): Lightning re-launches ``sys.argv`` for
-extra ranks. One-process runs call the script's ``main`` in the test process (no interpreter to start). The script
-trains a 4-layer debug model on synthetic tokens; layer 3 starts sharing at step 2, layers 2-3 at step 4.
+extra ranks, or (``fit_both_ranks``) the test starts both ranks at once as a launcher would. One-process runs call the
+script's ``main`` in the test process (no interpreter to start). The script trains a 4-layer debug model on synthetic
+tokens; layer 3 starts sharing at step 2, layers 2-3 at step 4.
 """
 
 from __future__ import annotations
@@ -53,6 +54,28 @@ def fit(out: Path, *args: str) -> list[dict]:
     return ranks(out)
 
 
+def fit_both_ranks(out: Path, *args: str) -> list[dict]:
+    """Two ranks of the script started together with a launcher's environment, each importing torch and Lightning
+    on its own core; Lightning's re-launch (``fit``) starts rank 1 only once rank 0 has imported everything. That
+    re-launch stays tested from the CLI (the tests at the end)."""
+    out.mkdir(parents=True)
+    launched = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "NODE_RANK": "0", "WORLD_SIZE": "2"}
+    cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--devices", "2", *args]
+    procs, logs = [], [out / f"log{rank}.txt" for rank in range(2)]
+    for rank, log in enumerate(logs):
+        with log.open("w") as output:
+            env = clean_env() | launched | {"LOCAL_RANK": str(rank)}
+            procs.append(subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, env=env))
+    try:
+        codes = [proc.wait(timeout=300) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for code, log in zip(codes, logs, strict=True):
+        assert code == 0, log.read_text()[-4000:]
+    return ranks(out)
+
+
 def fit_in_this_process(out: Path, *args: str) -> list[dict]:
     """A one-process run of the script inside pytest (``--devices 1``)."""
     spec = importlib.util.spec_from_file_location("distributed_fit", SCRIPT)
@@ -77,7 +100,7 @@ def assert_switches_on_every_rank(ranks: list[dict]) -> None:
 
 def test_fsdp2_two_ranks_match_one_rank_through_switches(tmp_path):
     one = fit_in_this_process(tmp_path / "one", "--devices", "1", "--clip", "0.5")
-    two = fit(tmp_path / "two", "--devices", "2", "--clip", "0.5")
+    two = fit_both_ranks(tmp_path / "two", "--clip", "0.5")
     assert len(two) == 2 and two[0]["world_size"] == 2
     assert_switches_on_every_rank(two)
     # each rank holds half of every sharded parameter
@@ -95,7 +118,7 @@ def test_fsdp2_two_ranks_match_one_rank_through_switches(tmp_path):
 
 def test_ddp_with_find_unused_parameters_matches_one_process(tmp_path):
     single = fit_in_this_process(tmp_path / "single", "--devices", "1", "--strategy", "single")
-    ddp = fit(tmp_path / "ddp", "--devices", "2", "--strategy", "ddp")
+    ddp = fit_both_ranks(tmp_path / "ddp", "--strategy", "ddp")
     assert_switches_on_every_rank(ddp)
     assert global_losses(ddp) == pytest.approx(global_losses(single), rel=2e-6)
 
@@ -116,10 +139,10 @@ def test_sharded_resume_mid_growth_and_consolidate(tiny_corpus, tmp_path):
 
     hf = save_tiny_hf(tmp_path / "hf", tie=True, kind="Qwen2", num_hidden_layers=4)
     ckpt = tmp_path / "ckpt"
-    common = ["--devices", "2", "--activation-checkpointing", "--data-dir", str(tiny_corpus), "--init-from", str(hf)]
+    common = ["--activation-checkpointing", "--data-dir", str(tiny_corpus), "--init-from", str(hf)]
     saves = ["--save-start", str(tmp_path / "start.st"), "--save-final", str(tmp_path / "final.st")]
     one_by_one = ["--init-read-bytes", "1"]  # init_from hands each rank its shards a tensor (and tied head) at a time
-    full = fit(tmp_path / "full", *common, *one_by_one, "--ckpt-dir", str(ckpt), *saves)  # a resumable loader
+    full = fit_both_ranks(tmp_path / "full", *common, *one_by_one, "--ckpt-dir", str(ckpt), *saves)  # resumable loader
     assert_switches_on_every_rank(full)
     assert full[0]["init_batches"] == full[1]["init_batches"]
     tied = ["embed_tokens.weight", "lm_head.weight"]
@@ -133,7 +156,7 @@ def test_sharded_resume_mid_growth_and_consolidate(tiny_corpus, tmp_path):
     assert not torch.equal(start["layers.3.self_attn.k_proj.bias"], trained["layers.3.self_attn.k_proj.bias"])
     mid = ckpt / "epoch=0-step=3.ckpt"
     assert sorted(p.name for p in mid.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
-    resumed = fit(tmp_path / "resumed", *common, "--resume", str(mid))
+    resumed = fit_both_ranks(tmp_path / "resumed", *common, "--resume", str(mid))
     for a, b in zip(full, resumed, strict=True):
         assert sorted(b["steps"], key=int) == ["3", "4", "5"]
         for step in ("3", "4", "5"):
