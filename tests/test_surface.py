@@ -633,7 +633,8 @@ def test_fit_summary_and_a_resume_that_continues_the_run(tiny_corpus, debug_fit_
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_after_the_step_with_a_checkpoint_that_resumes(tiny_corpus, tmp_path):
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_that_resumes(tiny_corpus, tmp_path, capsys, monkeypatch):
+    """The signalled run is a process of its own; the resume runs the same command line in this process."""
     env = {**os.environ, "EPAS_CACHE_DIR": str(tiny_corpus.parent), "PYTHONPATH": str(REPO)}
     args = ["fit", "--config", DEBUG, "--trainer.max_steps", "100000", "--trainer.val_check_interval", "1000"]
     code, out, err = signal_fit_once_training(args, tmp_path, env, signal.SIGINT)
@@ -643,11 +644,13 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_that_resumes(tiny_corpus,
     step, saved = int(stopped.group(1)), tmp_path / stopped.group(2)
     assert step >= 4 and saved == tmp_path / "runs/debug/version_0/checkpoints/last.ckpt"
     assert torch.load(saved, weights_only=True)["global_step"] == step and f"Run finished: {step} optimizer" in out
-    resumed = run_cli(["fit", "--config", DEBUG, "--ckpt_path", "last", "--trainer.max_steps", str(step + 2)], tmp_path,
-                      tiny_corpus.parent)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"Run finished: {step + 2} optimizer steps (2 in this session, resumed at step {step}) in" in resumed.stdout
-    assert f"Resuming from {saved.relative_to(tmp_path)}" in resumed.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EPAS_CACHE_DIR", str(tiny_corpus.parent))
+    code = main(["fit", "--config", DEBUG, "--ckpt_path", "last", "--trainer.max_steps", str(step + 2)])
+    resumed = capsys.readouterr()
+    assert code == 0, resumed.err[-3000:]
+    assert f"Run finished: {step + 2} optimizer steps (2 in this session, resumed at step {step}) in" in resumed.out
+    assert f"Resuming from {saved.relative_to(tmp_path)}" in resumed.err
     assert sorted(p.name for p in (tmp_path / "runs" / "debug").iterdir()) == ["version_0"]  # the same run
 
 
