@@ -22,6 +22,32 @@ def run_cli(
     return subprocess.run([*program, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+def run_ranks_at_once(command: list[str], env: dict, logs: Path, ranks: int = 2) -> None:
+    """Start ``ranks`` processes of ``command`` together with a launcher's environment (``LOCAL_RANK`` and the rest, as
+    ``torchrun`` or a scheduler sets them) and check each exits 0; its output goes to ``logs/rank<R>.log``. Lightning's
+    own re-launch of a script starts rank 1 only after rank 0 has imported torch and Lightning (seconds each): here
+    they import at the same time, on a core each."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launched = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": "0", "WORLD_SIZE": str(ranks)}
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for rank in range(ranks):
+        with (logs / f"rank{rank}.log").open("w") as output:
+            rank_env = {**env, **launched, "LOCAL_RANK": str(rank)}
+            procs.append(subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=rank_env))
+    try:
+        codes = [proc.wait(timeout=300) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for rank, code in enumerate(codes):
+        assert code == 0, f"rank {rank} exited {code}:\n" + (logs / f"rank{rank}.log").read_text()[-4000:]
+
+
 def cpu_trainer(root: Path, max_steps: int, callbacks=(), **overrides) -> L.Trainer:
     """A quiet single-process CPU Trainer: no logger, progress bar, summary or validation unless overridden."""
     kwargs = dict(

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_ranks_at_once
 from safetensors.torch import load_file
 
 from epas_lightning.checkpoint import load_consolidated
@@ -55,24 +56,9 @@ def fit(out: Path, *args: str) -> list[dict]:
 
 
 def fit_both_ranks(out: Path, *args: str) -> list[dict]:
-    """Two ranks of the script started together with a launcher's environment, each importing torch and Lightning
-    on its own core; Lightning's re-launch (``fit``) starts rank 1 only once rank 0 has imported everything. That
-    re-launch stays tested from the CLI (the tests at the end)."""
-    out.mkdir(parents=True)
-    launched = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "NODE_RANK": "0", "WORLD_SIZE": "2"}
-    cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--devices", "2", *args]
-    procs, logs = [], [out / f"log{rank}.txt" for rank in range(2)]
-    for rank, log in enumerate(logs):
-        with log.open("w") as output:
-            env = clean_env() | launched | {"LOCAL_RANK": str(rank)}
-            procs.append(subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, env=env))
-    try:
-        codes = [proc.wait(timeout=300) for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-    for code, log in zip(codes, logs, strict=True):
-        assert code == 0, log.read_text()[-4000:]
+    """Two ranks of the script started together (``run_ranks_at_once``); ``fit`` lets Lightning start rank 1 once rank
+    0 has imported everything. That re-launch stays tested from the CLI (the tests at the end)."""
+    run_ranks_at_once([sys.executable, str(SCRIPT), "--out", str(out), "--devices", "2", *args], clean_env(), out)
     return ranks(out)
 
 
