@@ -244,7 +244,8 @@ def test_two_rank_fsdp2_fit_from_the_cli_reports_true_held_out_loss_and_resumes(
     """From the CLI on two FSDP2 ranks: the end-of-fit summary neither hangs nor crashes on a collective only rank 0
     joins; held-out metrics log without Lightning's sync warning and are real numbers (meta-device materialisation
     used to leave the metrics' states, and the defaults they reset to, as uninitialised memory); the sharded
-    last.ckpt resumes. (Plain DDP from the CLI: the SIGTERM test below.)"""
+    last.ckpt resumes, here in two ranks started at once as torchrun or a scheduler starts them (Lightning starts
+    rank 1 of the first run). (Plain DDP from the CLI: the SIGTERM test below.)"""
     strategy = "fsdp2"
     args = ["fit", "--config", "debug", f"--trainer.strategy={strategy}", "--trainer.devices=2"]
     args += ["--trainer.accelerator=cpu", "--trainer.max_steps=6", "--trainer.val_check_interval=3"]
@@ -267,9 +268,11 @@ def test_two_rank_fsdp2_fit_from_the_cli_reports_true_held_out_loss_and_resumes(
     assert len(losses) == 2 and all(5.5 < loss < 7.0 for loss in losses), losses  # ln(512) = 6.24 at init
     # resume the sharded last.ckpt: said once, read without torch's one-process warning
     args[args.index("--trainer.max_steps=6")] = "--trainer.max_steps=8"
-    resumed = run_fit("--ckpt_path", "last")
-    assert resumed.stderr.count("Resuming from runs/debug/version_0/checkpoints/last.ckpt") == 1
-    assert "Warning" not in resumed.stderr and "Run finished: 8 optimizer steps" in resumed.stdout
+    command = [sys.executable, "-m", "epas_lightning", *args, "--ckpt_path", "last"]
+    resumed = run_ranks_at_once(command, env, tmp_path / "resumed", cwd=tmp_path)
+    stdout, stderr = "".join(out for out, _ in resumed), "".join(err for _, err in resumed)
+    assert stderr.count("Resuming from runs/debug/version_0/checkpoints/last.ckpt") == 1
+    assert "Warning" not in stderr and "Run finished: 8 optimizer steps" in stdout
     # tokens trained: both ranks' 4 x 32 a step, counted on from the sharded checkpoint (two sessions, one count)
     events = EventAccumulator(str(tmp_path / "runs" / "debug" / "version_0")).Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/lengths")] == [(s, 256 * (s + 1)) for s in range(8)]
