@@ -411,8 +411,8 @@ def test_quick_sets_only_the_flags_not_given(benchmarks_importable):
     assert vs_peers.parse_args(["--seq-len", "128"]).model != "debug"
 
 
-def test_host_memory_reports_peaks_as_multiples_of_the_weights():
+def test_host_memory_reports_peaks_as_multiples_of_the_weights(quick_main):
     """Two cases of the benchmark (each a fresh process); the consolidated/HF folders are made only when measured."""
-    result = last_json_line("benchmarks/host_memory.py", "--quick", "--cases", "inspect fp32", "load hf")
+    result = quick_main("benchmarks/host_memory.py", "--cases", "inspect fp32", "load hf")
     assert set(result["peaks"]) == {"inspect fp32.ckpt", "load hf as float32"}
     assert all(row["rss_x"] > 0 for row in result["peaks"].values())

@@ -1,8 +1,9 @@
 """Multi-process training on CPU (gloo): FSDP2 and DDP through region switches, sharded resume, two torchrun nodes.
 
 Every multi-process run is a subprocess (``tests/scripts/distributed_fit.py``): Lightning re-launches ``sys.argv`` for
-extra ranks. One-process runs call the script's ``main`` in the test process (no interpreter to start). The script
-trains a 4-layer debug model on synthetic tokens; layer 3 starts sharing at step 2, layers 2-3 at step 4.
+extra ranks, or (``fit_both_ranks``) the test starts both ranks at once as a launcher would. One-process runs call the
+script's ``main`` in the test process (no interpreter to start). The script trains a 4-layer debug model on synthetic
+tokens; layer 3 starts sharing at step 2, layers 2-3 at step 4.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_ranks_at_once
 from safetensors.torch import load_file
 
 from epas_lightning.checkpoint import load_consolidated
@@ -53,6 +55,13 @@ def fit(out: Path, *args: str) -> list[dict]:
     return ranks(out)
 
 
+def fit_both_ranks(out: Path, *args: str) -> list[dict]:
+    """Two ranks of the script started together (``run_ranks_at_once``); ``fit`` lets Lightning start rank 1 once rank
+    0 has imported everything. That re-launch stays tested from the CLI (the tests at the end)."""
+    run_ranks_at_once([sys.executable, str(SCRIPT), "--out", str(out), "--devices", "2", *args], clean_env(), out)
+    return ranks(out)
+
+
 def fit_in_this_process(out: Path, *args: str) -> list[dict]:
     """A one-process run of the script inside pytest (``--devices 1``)."""
     spec = importlib.util.spec_from_file_location("distributed_fit", SCRIPT)
@@ -77,7 +86,7 @@ def assert_switches_on_every_rank(ranks: list[dict]) -> None:
 
 def test_fsdp2_two_ranks_match_one_rank_through_switches(tmp_path):
     one = fit_in_this_process(tmp_path / "one", "--devices", "1", "--clip", "0.5")
-    two = fit(tmp_path / "two", "--devices", "2", "--clip", "0.5")
+    two = fit_both_ranks(tmp_path / "two", "--clip", "0.5")
     assert len(two) == 2 and two[0]["world_size"] == 2
     assert_switches_on_every_rank(two)
     # each rank holds half of every sharded parameter
@@ -95,7 +104,7 @@ def test_fsdp2_two_ranks_match_one_rank_through_switches(tmp_path):
 
 def test_ddp_with_find_unused_parameters_matches_one_process(tmp_path):
     single = fit_in_this_process(tmp_path / "single", "--devices", "1", "--strategy", "single")
-    ddp = fit(tmp_path / "ddp", "--devices", "2", "--strategy", "ddp")
+    ddp = fit_both_ranks(tmp_path / "ddp", "--strategy", "ddp")
     assert_switches_on_every_rank(ddp)
     assert global_losses(ddp) == pytest.approx(global_losses(single), rel=2e-6)
 
@@ -116,10 +125,10 @@ def test_sharded_resume_mid_growth_and_consolidate(tiny_corpus, tmp_path):
 
     hf = save_tiny_hf(tmp_path / "hf", tie=True, kind="Qwen2", num_hidden_layers=4)
     ckpt = tmp_path / "ckpt"
-    common = ["--devices", "2", "--activation-checkpointing", "--data-dir", str(tiny_corpus), "--init-from", str(hf)]
+    common = ["--activation-checkpointing", "--data-dir", str(tiny_corpus), "--init-from", str(hf)]
     saves = ["--save-start", str(tmp_path / "start.st"), "--save-final", str(tmp_path / "final.st")]
     one_by_one = ["--init-read-bytes", "1"]  # init_from hands each rank its shards a tensor (and tied head) at a time
-    full = fit(tmp_path / "full", *common, *one_by_one, "--ckpt-dir", str(ckpt), *saves)  # a resumable loader
+    full = fit_both_ranks(tmp_path / "full", *common, *one_by_one, "--ckpt-dir", str(ckpt), *saves)  # resumable loader
     assert_switches_on_every_rank(full)
     assert full[1]["init_batches"] == [[]] * len(full[0]["init_batches"])  # rank 0 reads, rank 1 receives
     tied = ["embed_tokens.weight", "lm_head.weight"]
@@ -133,7 +142,7 @@ def test_sharded_resume_mid_growth_and_consolidate(tiny_corpus, tmp_path):
     assert not torch.equal(start["layers.3.self_attn.k_proj.bias"], trained["layers.3.self_attn.k_proj.bias"])
     mid = ckpt / "epoch=0-step=3.ckpt"
     assert sorted(p.name for p in mid.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
-    resumed = fit(tmp_path / "resumed", *common, "--resume", str(mid))
+    resumed = fit_both_ranks(tmp_path / "resumed", *common, "--resume", str(mid))
     for a, b in zip(full, resumed, strict=True):
         assert sorted(b["steps"], key=int) == ["3", "4", "5"]
         for step in ("3", "4", "5"):
@@ -254,7 +263,8 @@ def test_two_rank_fsdp2_fit_from_the_cli_reports_true_held_out_loss_and_resumes(
     """From the CLI on two FSDP2 ranks: the end-of-fit summary neither hangs nor crashes on a collective only rank 0
     joins; held-out metrics log without Lightning's sync warning and are real numbers (meta-device materialisation
     used to leave the metrics' states, and the defaults they reset to, as uninitialised memory); the sharded
-    last.ckpt resumes. (Plain DDP from the CLI: the SIGTERM test below.)"""
+    last.ckpt resumes, here in two ranks started at once as torchrun or a scheduler starts them (Lightning starts
+    rank 1 of the first run). (Plain DDP from the CLI: the SIGTERM test below.)"""
     strategy = "fsdp2"
     args = ["fit", "--config", "debug", f"--trainer.strategy={strategy}", "--trainer.devices=2"]
     args += ["--trainer.accelerator=cpu", "--trainer.max_steps=6", "--trainer.val_check_interval=3"]
@@ -277,9 +287,11 @@ def test_two_rank_fsdp2_fit_from_the_cli_reports_true_held_out_loss_and_resumes(
     assert len(losses) == 2 and all(5.5 < loss < 7.0 for loss in losses), losses  # ln(512) = 6.24 at init
     # resume the sharded last.ckpt: said once, read without torch's one-process warning
     args[args.index("--trainer.max_steps=6")] = "--trainer.max_steps=8"
-    resumed = run_fit("--ckpt_path", "last")
-    assert resumed.stderr.count("Resuming from runs/debug/version_0/checkpoints/last.ckpt") == 1
-    assert "Warning" not in resumed.stderr and "Run finished: 8 optimizer steps" in resumed.stdout
+    command = [sys.executable, "-m", "epas_lightning", *args, "--ckpt_path", "last"]
+    resumed = run_ranks_at_once(command, env, tmp_path / "resumed", cwd=tmp_path)
+    stdout, stderr = "".join(out for out, _ in resumed), "".join(err for _, err in resumed)
+    assert stderr.count("Resuming from runs/debug/version_0/checkpoints/last.ckpt") == 1
+    assert "Warning" not in stderr and "Run finished: 8 optimizer steps" in stdout
     # tokens trained: both ranks' 4 x 32 a step, counted on from the sharded checkpoint (two sessions, one count)
     events = EventAccumulator(str(tmp_path / "runs" / "debug" / "version_0")).Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/lengths")] == [(s, 256 * (s + 1)) for s in range(8)]

@@ -57,9 +57,9 @@ def test_compiled_softmax_and_gradient_give_the_same_loss_and_grads():
     for a, b, c in zip(fused, eager, (*ref[:2], torch.cat([ref[2], torch.zeros(12, weight.shape[1])])), strict=True):
         torch.testing.assert_close(a, b, **TOL)
         torch.testing.assert_close(a, c, **TOL)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused = loss_and_grads(linear_cross_entropy, hidden, weight, targets, chunk_rows=8, compile=True)
-        eager = loss_and_grads(linear_cross_entropy, hidden, weight, targets, chunk_rows=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # 3 chunks of 7: one more shape to compile, not two
+        fused = loss_and_grads(linear_cross_entropy, hidden, weight, targets, chunk_rows=7, compile=True)
+        eager = loss_and_grads(linear_cross_entropy, hidden, weight, targets, chunk_rows=7)
     for a, b in zip(fused, eager, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-2)  # one bf16 rounding apart at most
 

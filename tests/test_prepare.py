@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import cpu_trainer
+from helpers import cpu_trainer, run_ranks_at_once
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from epas_lightning.cli import main as cli_main
@@ -966,10 +966,7 @@ def test_mixed_loader_with_workers_resumes_with_the_same_batches(sp_data, second
 def test_two_ranks_read_disjoint_samples_covering_the_epoch(sp_data: Path, tmp_path: Path):
     script = Path(__file__).parent / "scripts" / "ddp_data_ranks.py"
     env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(sp_data), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_ranks_at_once([sys.executable, str(script), str(sp_data), str(tmp_path)], env, tmp_path / "logs")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     seen = [Counter(map(tuple, r["samples"])) for r in ranks]
     assert all(r["world_size"] == 2 for r in ranks) and [r["rank"] for r in ranks] == [0, 1]

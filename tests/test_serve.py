@@ -1035,7 +1035,7 @@ def test_serve_without_litserve_names_the_extra(monkeypatch, checkpoint, capsys)
 
 
 class Server:
-    def __init__(self, checkpoint: Path, cwd: Path, *extra: str) -> None:
+    def __init__(self, checkpoint: Path, cwd: Path, *extra: str, wait: bool = True) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -1047,6 +1047,10 @@ class Server:
             [sys.executable, "-m", "epas_lightning", *args], cwd=cwd, env=env, stdout=self.stderr, stderr=self.stderr,
             start_new_session=True,
         )  # fmt: skip
+        if wait:
+            self.wait_until_ready()
+
+    def wait_until_ready(self) -> None:
         deadline = time.monotonic() + 120
         while self.get("/health")[0] != 200:
             assert self.process.poll() is None and time.monotonic() < deadline, self.log()
@@ -1090,8 +1094,10 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
+def server(checkpoint, tmp_path_factory, request):
     pytest.importorskip("litserve")
+    if any("long_server" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("long_server_started")  # starts beside this one (on the other core), not after it
     server = Server(checkpoint, tmp_path_factory.mktemp("cwd"))
     yield server
     server.stop()
@@ -1227,17 +1233,24 @@ def test_malformed_json_is_a_400(server):
 
 
 @pytest.fixture(scope="module")
-def long_server(checkpoint, tmp_path_factory):
-    """A server of a model with a 4,096-token context: requests that take seconds."""
+def long_server_started(checkpoint, tmp_path_factory):
+    """``long_server`` before it is ready: ``server`` starts it too, so that the two load at the same time."""
     pytest.importorskip("openai")
     pytest.importorskip("litserve")
     root = tmp_path_factory.mktemp("long")
     torch.manual_seed(0)
     model = Llama(LlamaConfig.from_name("debug", n_layer=2, block_size=4096))  # 4,000 tokens take seconds
     model.set_shared_layers([1])
-    server = Server(save_consolidated(model, root / "long", checkpoint / "tokenizer.json"), root)
+    server = Server(save_consolidated(model, root / "long", checkpoint / "tokenizer.json"), root, wait=False)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def long_server(long_server_started):
+    """A server of a model with a 4,096-token context: requests that take seconds."""
+    long_server_started.wait_until_ready()
+    return long_server_started
 
 
 def test_clients_that_go_away_are_cancelled_and_the_others_go_on(checkpoint, long_server):

@@ -600,7 +600,8 @@ def test_the_summary_of_a_resume_with_nothing_left_to_train_says_so(tmp_path):
 
 
 @pytest.mark.slow
-def test_fit_summary_and_a_resume_that_continues_the_run(tiny_corpus, debug_fit_run, tmp_path):
+def test_fit_summary_and_a_resume_that_continues_the_run(tiny_corpus, debug_fit_run, tmp_path, capsys, monkeypatch):
+    """The first run is the entry point's (a process of its own); the resume runs in this process."""
     first, first_cwd = debug_fit_run  # fit --config configs/debug.yaml --sharing.interval 3
     assert first.returncode == 0, first.stderr[-3000:]
     out = first.stdout
@@ -617,12 +618,19 @@ def test_fit_summary_and_a_resume_that_continues_the_run(tiny_corpus, debug_fit_
     hparams = (tmp_path / run / "hparams.yaml").read_text()
     # a path, not `last` (the Ctrl+C test resumes with `last`): a checkpoint inside a version folder continues it
     resume = ["--sharing.interval", "3", "--ckpt_path", f"{run}/checkpoints/last.ckpt", "--trainer.max_steps", "10"]
-    resumed = run_cli(["fit", "--config", DEBUG, *resume], tmp_path, tiny_corpus.parent)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "exists and is not empty" not in resumed.stderr  # Lightning's warning: a resume is meant to write there
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EPAS_CACHE_DIR", str(tiny_corpus.parent))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(["fit", "--config", DEBUG, *resume])
+    resumed = capsys.readouterr()
+    assert code == 0, resumed.err[-3000:]
+    warned = [str(w.message) for w in caught]
+    # Lightning's warning: a resume is meant to write there
+    assert not [w for w in warned if "exists and is not empty" in w] and "exists and is not empty" not in resumed.err
     assert sorted(p.name for p in (tmp_path / "runs" / "debug").iterdir()) == ["version_0"]  # the same run
-    assert f"logs         {run}" in resumed.stdout and "v_num: 0 " in resumed.stdout
-    assert " 10/10 " in resumed.stdout  # the bar counts on from batch 8 of the epoch: its total too (it said 10/1)
+    assert f"logs         {run}" in resumed.out and "v_num: 0 " in resumed.out
+    assert " 10/10 " in resumed.out  # the bar counts on from batch 8 of the epoch: its total too (it said 10/1)
     assert torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
     assert (tmp_path / run / "config.yaml").is_file() and (tmp_path / run / "config-resume-1.yaml").is_file()
     assert (tmp_path / run / "hparams.yaml").read_text() == hparams
@@ -633,7 +641,8 @@ def test_fit_summary_and_a_resume_that_continues_the_run(tiny_corpus, debug_fit_
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_after_the_step_with_a_checkpoint_that_resumes(tiny_corpus, tmp_path):
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_that_resumes(tiny_corpus, tmp_path, capsys, monkeypatch):
+    """The signalled run is a process of its own; the resume runs the same command line in this process."""
     env = {**os.environ, "EPAS_CACHE_DIR": str(tiny_corpus.parent), "PYTHONPATH": str(REPO)}
     args = ["fit", "--config", DEBUG, "--trainer.max_steps", "100000", "--trainer.val_check_interval", "1000"]
     code, out, err = signal_fit_once_training(args, tmp_path, env, signal.SIGINT)
@@ -643,11 +652,13 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_that_resumes(tiny_corpus,
     step, saved = int(stopped.group(1)), tmp_path / stopped.group(2)
     assert step >= 4 and saved == tmp_path / "runs/debug/version_0/checkpoints/last.ckpt"
     assert torch.load(saved, weights_only=True)["global_step"] == step and f"Run finished: {step} optimizer" in out
-    resumed = run_cli(["fit", "--config", DEBUG, "--ckpt_path", "last", "--trainer.max_steps", str(step + 2)], tmp_path,
-                      tiny_corpus.parent)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"Run finished: {step + 2} optimizer steps (2 in this session, resumed at step {step}) in" in resumed.stdout
-    assert f"Resuming from {saved.relative_to(tmp_path)}" in resumed.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EPAS_CACHE_DIR", str(tiny_corpus.parent))
+    code = main(["fit", "--config", DEBUG, "--ckpt_path", "last", "--trainer.max_steps", str(step + 2)])
+    resumed = capsys.readouterr()
+    assert code == 0, resumed.err[-3000:]
+    assert f"Run finished: {step + 2} optimizer steps (2 in this session, resumed at step {step}) in" in resumed.out
+    assert f"Resuming from {saved.relative_to(tmp_path)}" in resumed.err
     assert sorted(p.name for p in (tmp_path / "runs" / "debug").iterdir()) == ["version_0"]  # the same run
 
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import cpu_trainer, run_cli
+from helpers import cpu_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from model_dirs import save_consolidated
 
@@ -211,12 +211,15 @@ def finite_weights(path: Path) -> bool:
 
 
 @pytest.mark.slow
-def test_a_diverging_fit_stops_with_one_line_and_writes_no_bad_checkpoint(tiny_corpus, tmp_path):
+def test_a_diverging_fit_stops_with_one_line_and_writes_no_bad_checkpoint(tiny_corpus, tmp_path, capsys, monkeypatch):
+    """The command line through ``main`` in this process: its exit status and its last line on stderr."""
     args = ["fit", "--config", DEBUG, "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "1e6"]
     args += ["--trainer.max_steps", "20", "--checkpoint.every_n_train_steps", "2", "--checkpoint.save_top_k", "-1"]
-    result = run_cli(args, tmp_path, tiny_corpus.parent)
-    assert result.returncode == 3, result.stderr[-3000:]
-    last_line = result.stderr.strip().splitlines()[-1]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EPAS_CACHE_DIR", str(tiny_corpus.parent))
+    code, err = main(args), capsys.readouterr().err
+    assert code == 3, err[-3000:]
+    last_line = err.strip().splitlines()[-1]
     assert last_line.startswith("error: training diverged: non-finite") and "at step " in last_line, last_line
     assert "last good checkpoint: runs/debug/version_0/checkpoints/" in last_line and "--ckpt_path" in last_line
     step = int(last_line.split("at step ")[1].split()[0])

@@ -2,7 +2,8 @@
 
     python tests/scripts/ddp_data_ranks.py DATA_DIR OUT_DIR     (run by tests/test_prepare.py as a subprocess)
 
-Lightning re-launches this script for rank 1, so it must stay a script, never run inside pytest.
+The test starts both ranks at once (as a launcher would); run by hand, Lightning re-launches this script for rank 1.
+Either way it must stay a script, never run inside pytest.
 """
 
 import json

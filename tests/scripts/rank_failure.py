@@ -2,7 +2,8 @@
 
 Used by ``tests/test_distributed.py`` through ``--trainer.callbacks+=rank_failure.FailOnRankZero`` (this folder on
 ``PYTHONPATH``). Rank 1 writes its process id to ``$EPAS_TEST_PID_FILE`` and sleeps; rank 0 waits for that file, then
-raises.
+raises. Rank 1 never ends on its own, so the grace ``EndChildRanksOnError`` gives it is cut to half a second (the
+default 5 s would only be waited out).
 """
 
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from lightning.pytorch import Callback
 
+from epas_lightning.child_ranks import EndChildRanksOnError
 from epas_lightning.errors import UserError
 
 
@@ -22,4 +24,7 @@ class FailOnRankZero(Callback):
             time.sleep(300)
         while not pid_file.exists():
             time.sleep(0.1)
+        for callback in trainer.callbacks:
+            if isinstance(callback, EndChildRanksOnError):
+                callback.grace_seconds = 0.5
         raise UserError("a failure only rank 0 sees", "rank 0", "nothing: this is a test")
