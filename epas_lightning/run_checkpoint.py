@@ -115,6 +115,11 @@ class RunCheckpoint(ModelCheckpoint):
         keep_epoch_unfinished(trainer, checkpoint)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``fast_dev_run`` saves nothing: Lightning's own end-of-training save wrote ``last.ckpt`` (into
+        ``checkpoints/`` of the working folder, a new ``last-vN.ckpt`` each run) although it says it suppresses
+        checkpointing."""
+        if trainer.fast_dev_run:
+            return
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             save_last_now(trainer, self)
         super().on_train_end(trainer, pl_module)

@@ -686,6 +686,16 @@ def test_last_ckpt_holds_the_step_training_ended_at(tiny_corpus, tmp_path):
     assert (tmp_path / "ckpt" / "epoch=0-step=6.ckpt").exists()
 
 
+def test_fast_dev_run_writes_no_checkpoint(tiny_corpus, tmp_path):
+    """Lightning says fast_dev_run suppresses checkpointing, yet its end-of-training save wrote last.ckpt (a new
+    last-vN.ckpt each run) into the working folder's checkpoints/."""
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    module, data = make_run(tiny_corpus, n_layer=2)
+    make_trainer(tmp_path, -1, [RunCheckpoint(save_last=True)], fast_dev_run=2).fit(module, datamodule=data)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_a_checkpoint_from_before_run_checkpoint_resumes_its_checkpoint_state(tiny_corpus, tmp_path):
     """Checkpoints written when the run's checkpoint was a plain ModelCheckpoint keep its state under that class's
     key: Lightning asked for "the following callbacks: ['ModelCheckpoint{...}']" and restored nothing, so the best
