@@ -179,14 +179,19 @@ def check_no_repeated_section(user_callbacks: Any) -> None:
 
 
 def check_validation_interval(trainer: Namespace) -> None:
-    """A validation interval in batches must fit in an epoch that ``limit_train_batches`` caps (Lightning checks this
-    only once the data is set up, with a traceback)."""
-    interval, limit = trainer.get("val_check_interval"), trainer.get("limit_train_batches")
+    """A validation interval in batches must fit in an epoch that ``limit_train_batches`` (or ``overfit_batches``,
+    which replaces it) caps; Lightning checks this only once the data is set up, with a traceback. ``fast_dev_run``
+    sets its own interval."""
+    overfit = trainer.get("overfit_batches")
+    cap = "overfit_batches" if isinstance(overfit, int) and not isinstance(overfit, bool) and overfit > 0 else None
+    cap = cap or "limit_train_batches"
+    interval, limit = trainer.get("val_check_interval"), trainer.get(cap)
     whole = [isinstance(v, int) and not isinstance(v, bool) for v in (interval, limit)]
-    if all(whole) and trainer.get("check_val_every_n_epoch") is not None and interval > limit:
+    checked = trainer.get("check_val_every_n_epoch") is not None and not trainer.get("fast_dev_run")
+    if all(whole) and checked and interval > limit:
         raise ConfigError(
             f"trainer.val_check_interval ({interval}) is longer than an epoch of {limit} training batches "
-            "(trainer.limit_train_batches)",
+            f"(trainer.{cap})",
             "trainer.val_check_interval",
             "lower it, or set trainer.check_val_every_n_epoch: null to count batches across epochs",
         )

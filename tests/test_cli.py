@@ -1,5 +1,6 @@
 """The command line: `python -m epas_lightning fit --config ...`, links, --print_config, early errors."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -164,18 +165,26 @@ def test_a_bad_argument_of_a_given_class_names_the_argument(flags, yaml, what, c
     )
 
 
-def test_a_validation_interval_longer_than_the_limited_epoch_is_one_line(tmp_path, monkeypatch):
-    """debug.yaml validates every 4 batches; `--trainer.limit_train_batches 3` made Lightning raise a ValueError
-    traceback once data was set up. It is a config error before anything is built."""
+@pytest.mark.parametrize(
+    ("flags", "refused"),
+    [
+        (["--trainer.limit_train_batches", "3"], "3 training batches (trainer.limit_train_batches)"),
+        (["--trainer.overfit_batches", "2"], "2 training batches (trainer.overfit_batches)"),
+        (["--trainer.limit_train_batches", "3", "--trainer.check_val_every_n_epoch", "null"], None),
+        (["--trainer.fast_dev_run", "2", "--trainer.limit_train_batches", "2"], None),  # its own interval: 1 epoch
+    ],
+)
+def test_a_validation_interval_longer_than_the_limited_epoch_is_one_line(tmp_path, monkeypatch, flags, refused):
+    """debug.yaml validates every 4 batches; `--trainer.limit_train_batches 3` (or `overfit_batches 2`) made Lightning
+    raise a ValueError traceback once data was set up. It is a config error before anything is built."""
     from epas_lightning.errors import ConfigError
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=r"val_check_interval \(4\) .* 3 training batches"):
-        lightning_cli(["--config", DEBUG, "--trainer.limit_train_batches", "3"], run=False)
-    lightning_cli(
-        ["--config", DEBUG, "--trainer.limit_train_batches", "3", "--trainer.check_val_every_n_epoch", "null"],
-        run=False,
-    )
+    if refused is None:
+        lightning_cli(["--config", DEBUG, *flags], run=False)
+        return
+    with pytest.raises(ConfigError, match=r"val_check_interval \(4\) is longer than an epoch of " + re.escape(refused)):
+        lightning_cli(["--config", DEBUG, *flags], run=False)
 
 
 TORCH_OOM = (
