@@ -294,7 +294,7 @@ class EPASCLI(LightningCLI):
         if fitting:
             check_checkpoint_folder_free(config, config.get("ckpt_path"))
         if config.get("ckpt_path"):
-            config.ckpt_path = str(verify_checkpoint(config.ckpt_path, "--ckpt_path"))
+            config.ckpt_path = str(verify_checkpoint(config.ckpt_path, "--ckpt_path", scoring=not fitting))
         resolve_model(config, config.get("ckpt_path"))
         if config.get("ckpt_path"):
             check_same_model(config.model.config, config.ckpt_path)
