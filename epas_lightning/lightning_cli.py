@@ -180,8 +180,16 @@ def check_no_repeated_section(user_callbacks: Any) -> None:
 
 def check_validation_interval(trainer: Namespace) -> None:
     """A validation interval in batches must fit in an epoch that ``limit_train_batches`` (or ``overfit_batches``,
-    which replaces it) caps; Lightning checks this only once the data is set up, with a traceback. ``fast_dev_run``
-    sets its own interval."""
+    which replaces it) caps; Lightning checks this only once the data is set up, with a traceback, and divided by a
+    whole interval of 0. ``fast_dev_run`` sets its own interval."""
+    for key in ("val_check_interval", "check_val_every_n_epoch"):  # Lightning divides by them
+        value = trainer.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ConfigError(
+                f"trainer.{key} must be at least 1, not {value}",
+                f"trainer.{key}",
+                "set 1 or more (trainer.limit_val_batches: 0 trains without validation)",
+            )
     overfit = trainer.get("overfit_batches")
     cap = "overfit_batches" if isinstance(overfit, int) and not isinstance(overfit, bool) and overfit > 0 else None
     cap = cap or "limit_train_batches"

@@ -172,6 +172,9 @@ def test_a_bad_argument_of_a_given_class_names_the_argument(flags, yaml, what, c
         (["--trainer.overfit_batches", "2"], "2 training batches (trainer.overfit_batches)"),
         (["--trainer.limit_train_batches", "3", "--trainer.check_val_every_n_epoch", "null"], None),
         (["--trainer.fast_dev_run", "2", "--trainer.limit_train_batches", "2"], None),  # its own interval: 1 epoch
+        (["--trainer.val_check_interval", "0"], "trainer.val_check_interval must be at least 1, not 0"),  # % 0
+        (["--trainer.check_val_every_n_epoch", "0"], "trainer.check_val_every_n_epoch must be at least 1, not 0"),
+        (["--trainer.val_check_interval", "0.0"], None),  # a fraction of the epoch: every batch
     ],
 )
 def test_a_validation_interval_longer_than_the_limited_epoch_is_one_line(tmp_path, monkeypatch, flags, refused):
@@ -183,7 +186,9 @@ def test_a_validation_interval_longer_than_the_limited_epoch_is_one_line(tmp_pat
     if refused is None:
         lightning_cli(["--config", DEBUG, *flags], run=False)
         return
-    with pytest.raises(ConfigError, match=r"val_check_interval \(4\) is longer than an epoch of " + re.escape(refused)):
+    if "must be" not in refused:
+        refused = "trainer.val_check_interval (4) is longer than an epoch of " + refused
+    with pytest.raises(ConfigError, match=re.escape(refused)):
         lightning_cli(["--config", DEBUG, *flags], run=False)
 
 
