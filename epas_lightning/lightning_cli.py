@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -373,7 +374,12 @@ class EPASCLI(LightningCLI):
         folders = RunFolders.before_fit(self.trainer) if subcommand == "fit" and self.trainer.is_global_zero else None
         try:
             with quiet_messages(info, warning_patterns):
-                super()._run_subcommand(subcommand)
+                try:
+                    super()._run_subcommand(subcommand)
+                except (MisconfigurationException, RuntimeError) as e:
+                    if (error := unlogged_monitor(e, self.trainer)) is None:
+                        raise
+                    raise error from e
         except UserError:
             if folders is not None and self.trainer.global_step == 0:  # refused at start-up: no empty run folder
                 folders.remove_unused(self.trainer)
@@ -387,6 +393,35 @@ class EPASCLI(LightningCLI):
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         kwargs["weights_only"] = True  # checkpoints hold tensors and plain data only: never unpickle anything else
         return kwargs
+
+
+UNLOGGED_MONITOR = {
+    "ModelCheckpoint": re.compile(
+        r"ModelCheckpoint\(monitor='(?P<key>[^']*)'\)` could not find the monitored key in the returned metrics: "
+        r"\[(?P<keys>[^\]]*)\]"
+    ),
+    "EarlyStopping": re.compile(
+        r"Early stopping conditioned on metric `(?P<key>[^`]*)` which is not available\..* following: (?P<keys>.*)$"
+    ),
+}
+"""Lightning's errors, with a traceback once training is under way, for a ``monitor`` that names no logged metric."""
+
+
+def unlogged_monitor(error: BaseException, trainer: Any) -> ConfigError | None:
+    """The one line for ``error`` if it is a checkpoint's or early stopping's ``monitor`` naming a metric that is not
+    logged (a typo such as ``val/los``); ``None`` for any other error."""
+    for name, pattern in UNLOGGED_MONITOR.items():
+        if found := pattern.search(" ".join(str(error).split())):
+            key, logged = found["key"], re.findall(r"[`']([^`']+)[`']", found["keys"])
+            section = name == "ModelCheckpoint" and any(
+                isinstance(c, RunCheckpoint) and c.monitor == key for c in trainer.callbacks
+            )
+            return ConfigError(
+                f"{name} monitors {key!r}, which is not among the logged metrics ({', '.join(logged)})",
+                "checkpoint.monitor" if section else f"trainer.callbacks ({name})",
+                "monitor one of those",
+            )
+    return None
 
 
 def with_atomic_checkpoint_io(trainer_config: dict[str, Any]) -> dict[str, Any]:

@@ -221,6 +221,22 @@ def test_running_out_of_gpu_memory_in_fit_says_what_to_lower(tmp_path, tiny_corp
     ), last
 
 
+@pytest.mark.parametrize("where", ["checkpoint.monitor", "trainer.callbacks (EarlyStopping)"])
+def test_a_monitor_naming_no_logged_metric_is_one_line(tmp_path, tiny_corpus, capsys, monkeypatch, where):
+    """A typo in a checkpoint's or EarlyStopping's monitor was Lightning's traceback at the first check."""
+    monkeypatch.chdir(tmp_path)
+    stopping = "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.EarlyStopping\n"
+    (tmp_path / "es.yaml").write_text(stopping + "      init_args: {monitor: val/los}\n")
+    flags = ["--checkpoint.monitor", "val/los"] if where == "checkpoint.monitor" else ["--config", "es.yaml"]
+    quick = ["--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--trainer.num_sanity_val_steps", "0"]
+    assert main(["fit", "--config", DEBUG, *quick, *flags]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "monitors 'val/los', which is not among the logged metrics (" in last, last
+    assert last.endswith(
+        f"val/loss, val/ppl, val/tokens{', epoch, step' * (where[0] == 'c')}) — {where} — monitor one of those"
+    ), last
+
+
 def test_package_logs_follow_stderr_when_it_is_replaced_later(monkeypatch):
     """The handler kept the stderr of the first `main()`; a later one in the same process (a notebook, a test) whose
     stderr was replaced got '--- Logging error ---' tracebacks from a closed stream, or its lines went elsewhere."""
