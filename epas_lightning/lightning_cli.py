@@ -323,6 +323,14 @@ class EPASCLI(LightningCLI):
             check_version_folder_free(config, self.save_config_kwargs.get("config_filename", "config.yaml"))
         super()._parse_ckpt_path()
 
+    def _set_seed(self) -> None:
+        """A seed numpy cannot take was ``seed_everything``'s ValueError traceback."""
+        try:
+            super()._set_seed()
+        except ValueError as e:
+            seed = self._get(self.config, "seed_everything")
+            raise ConfigError(str(e), f"--seed_everything {seed}", "give a seed in that range, or false") from e
+
     def before_instantiate_classes(self) -> None:
         if self.subcommand and self.config[self.subcommand].get("weights_only") is False:
             raise ConfigError(

@@ -192,6 +192,13 @@ def test_a_validation_interval_longer_than_the_limited_epoch_is_one_line(tmp_pat
         lightning_cli(["--config", DEBUG, *flags], run=False)
 
 
+def test_a_seed_numpy_cannot_take_is_one_line(tmp_path, monkeypatch):
+    """`--seed_everything -5` was seed_everything's ValueError traceback."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=re.escape("numpy accepts from 0 to 4294967295 — --seed_everything -5 — ")):
+        lightning_cli(["--config", DEBUG, "--seed_everything", "-5"], run=False)
+
+
 TORCH_OOM = (
     "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB of which 1.06 GiB is "
     "free. Including non-PyTorch memory, this process has 78.03 GiB memory in use. See documentation for Memory "
