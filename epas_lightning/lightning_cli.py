@@ -206,6 +206,16 @@ def check_validation_interval(trainer: Namespace) -> None:
         )
 
 
+def check_scores_something(subcommand: str | None, trainer: Namespace) -> None:
+    """``validate`` with ``limit_val_batches: 0`` (``test`` with ``limit_test_batches: 0``) ended without a word and
+    with status 0, having scored nothing."""
+    key = {"validate": "limit_val_batches", "test": "limit_test_batches"}.get(subcommand or "")
+    if key and trainer.get(key) == 0 and not isinstance(trainer.get(key), bool):
+        raise ConfigError(
+            f"trainer.{key} is 0: {subcommand} would score no batch", f"trainer.{key}", "set it to 1 or more, or null"
+        )
+
+
 def packaged_config(name: str) -> Path | None:
     """A config shipped with the package, by name (``demo`` or ``demo.yaml``), if there is one."""
     for candidate in (name, f"{name}.yaml"):
@@ -345,6 +355,7 @@ class EPASCLI(LightningCLI):
                 "run on a machine with a GPU, or pass --trainer.accelerator=cpu (CPUs train best in 32-true)",
             )
         check_validation_interval(trainer)
+        check_scores_something(self.subcommand, trainer)
         check_precision_available(trainer.get("precision"))
         if self.subcommand:
             check_run_folders_writable(self.config[self.subcommand], fitting=self.subcommand == "fit")

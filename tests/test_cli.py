@@ -199,6 +199,16 @@ def test_a_seed_numpy_cannot_take_is_one_line(tmp_path, monkeypatch):
         lightning_cli(["--config", DEBUG, "--seed_everything", "-5"], run=False)
 
 
+@pytest.mark.parametrize(("command", "key"), [("validate", "limit_val_batches"), ("test", "limit_test_batches")])
+def test_validate_or_test_of_no_batch_is_one_line(tmp_path, capsys, monkeypatch, command, key):
+    """It ended without a word and with status 0, having scored nothing."""
+    monkeypatch.chdir(tmp_path)
+    assert main([command, "--config", DEBUG, f"--trainer.{key}", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: trainer.{key} is 0: {command} would score no batch — trainer.{key} — set it to 1 or more, or null"
+    )
+
+
 TORCH_OOM = (
     "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB of which 1.06 GiB is "
     "free. Including non-PyTorch memory, this process has 78.03 GiB memory in use. See documentation for Memory "
