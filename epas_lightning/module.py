@@ -359,6 +359,8 @@ class EPASModule(LightningModule):
         a step the scaler skips); an optimizer that unscales inside its step (fused AdamW, the default on GPUs), which
         Lightning refuses to clip, gets its gradients unscaled here first.
         """
+        if gradient_clip_val is not None and gradient_clip_val <= 0:  # Lightning's "no clipping" (a negative max_norm
+            gradient_clip_val = None  # flipped the gradients' sign: gradient ascent)
         by_norm = bool(gradient_clip_val) and gradient_clip_algorithm in (None, "norm")
         logs_now = bool(self.trainer.loggers) and getattr(self.trainer._logger_connector, "should_update_logs", True)
         if not (gradient_clip_val or logs_now):
