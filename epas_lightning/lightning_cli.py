@@ -356,6 +356,13 @@ class EPASCLI(LightningCLI):
             )
         check_validation_interval(trainer)
         check_scores_something(self.subcommand, trainer)
+        accumulate = trainer.get("accumulate_grad_batches")
+        if isinstance(accumulate, int) and accumulate < 1:  # Lightning divides by it, inside the training loop
+            raise ConfigError(
+                f"trainer.accumulate_grad_batches must be at least 1, not {accumulate}",
+                "trainer.accumulate_grad_batches",
+                "set 1 (no accumulation) or more",
+            )
         check_precision_available(trainer.get("precision"))
         if self.subcommand:
             check_run_folders_writable(self.config[self.subcommand], fitting=self.subcommand == "fit")

@@ -175,6 +175,7 @@ def test_a_bad_argument_of_a_given_class_names_the_argument(flags, yaml, what, c
         (["--trainer.val_check_interval", "0"], "trainer.val_check_interval must be at least 1, not 0"),  # % 0
         (["--trainer.check_val_every_n_epoch", "0"], "trainer.check_val_every_n_epoch must be at least 1, not 0"),
         (["--trainer.val_check_interval", "0.0"], None),  # a fraction of the epoch: every batch
+        (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches must be at least 1, not 0"),
     ],
 )
 def test_a_validation_interval_longer_than_the_limited_epoch_is_one_line(tmp_path, monkeypatch, flags, refused):
