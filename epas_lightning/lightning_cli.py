@@ -161,9 +161,15 @@ RUN_SECTIONS = {
     "interrupt": GracefulStop,
 }
 """The callback sections of every run; a ``Trainer`` of one's own adds the same callbacks (README, "In Python")."""
-SINGLE_SECTIONS = {ProgressiveSharing: "sharing", DivergenceGuard: "divergence", GracefulStop: "interrupt"}
-"""Run sections whose callback must exist once: a second schedule would fight over the mask, and Lightning checkpoints
-one state per type."""
+SINGLE_SECTIONS = {
+    ProgressiveSharing: "sharing",
+    DivergenceGuard: "divergence",
+    GracefulStop: "interrupt",
+    LearningRateMonitor: "lr_monitor",
+    StepLearningRateMonitor: "lr_monitor",
+}
+"""Run sections whose callback must exist once: a second schedule would fight over the mask, Lightning checkpoints
+one state per type, and a second learning-rate monitor logged every rate twice."""
 
 
 def check_no_repeated_section(user_callbacks: Any) -> None:

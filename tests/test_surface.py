@@ -870,18 +870,23 @@ def test_user_callbacks_add_to_the_defaults_without_inheriting_them(tmp_path, mo
     assert "StepLearningRateMonitor" not in no_logger and "SaveConfigCallback" not in no_logger
 
 
-def test_a_section_callback_repeated_in_trainer_callbacks_is_one_line(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("class_path", "section"),
+    [
+        ("epas_lightning.ProgressiveSharing", "sharing"),
+        ("lightning.pytorch.callbacks.LearningRateMonitor", "lr_monitor"),  # each rate logged twice a step
+    ],
+)
+def test_a_section_callback_repeated_in_trainer_callbacks_is_one_line(tmp_path, monkeypatch, class_path, section):
     """A second ProgressiveSharing in trainer.callbacks would fight the `sharing` section over the mask; Lightning
     refused it with a RuntimeError traceback about stateful callbacks. It is a user error naming the section."""
     from epas_lightning.lightning_cli import lightning_cli
 
     config = tmp_path / "callbacks.yaml"
-    config.write_text(
-        "trainer:\n  callbacks:\n    - class_path: epas_lightning.ProgressiveSharing\n"
-        "      init_args:\n        target: 1\n        interval: 2\n"
-    )
+    args = "        target: 1\n        interval: 2\n" if section == "sharing" else "        logging_interval: step\n"
+    config.write_text(f"trainer:\n  callbacks:\n    - class_path: {class_path}\n      init_args:\n{args}")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match="the `sharing` section already adds one — trainer.callbacks"):
+    with pytest.raises(ConfigError, match=f"the `{section}` section already adds one — trainer.callbacks"):
         lightning_cli(["--config", DEBUG, "--config", str(config)], run=False)
 
 
