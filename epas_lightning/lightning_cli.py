@@ -125,15 +125,16 @@ LINKED_FIELDS = {"sharing.n_layer": "n_layer", "data.seq_len": "block_size", "da
 """The values of other sections that ``model.config`` gives (linked: the parser refuses them set by hand)."""
 
 
-def _linked(field: str) -> Any:
+class _Linked:
     """The link's function: ``field`` of ``model.config``; with ``init_from``, ``None`` until :func:`resolve_model`
-    has read the source, after parsing (a resume reads its checkpoint instead)."""
+    has read the source, after parsing (a resume reads its checkpoint instead). A class, not a closure: the parser
+    (in ``SaveConfigCallback``) is pickled to the processes ``ddp_spawn`` starts."""
 
-    def compute(config: Any, init_from: str | None) -> Any:
-        return None if init_from else getattr(_as_config(config), field)
+    def __init__(self, field: str) -> None:
+        self.field, self.__name__ = field, f"config_{field}"
 
-    compute.__name__ = f"config_{field}"
-    return compute
+    def __call__(self, config: Any, init_from: str | None) -> Any:
+        return None if init_from else getattr(_as_config(config), self.field)
 
 
 def resolve_model(section: Namespace, ckpt_path: str | None = None) -> None:
@@ -272,7 +273,7 @@ class EPASCLI(LightningCLI):
         for section, callback in RUN_SECTIONS.items():
             parser.add_lightning_class_args(callback, section)
         for target, field in LINKED_FIELDS.items():
-            parser.link_arguments(("model.config", "model.init_from"), target, compute_fn=_linked(field))
+            parser.link_arguments(("model.config", "model.init_from"), target, compute_fn=_Linked(field))
         parser.set_defaults(
             {
                 "trainer.logger": DEFAULT_LOGGER,

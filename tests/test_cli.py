@@ -210,6 +210,15 @@ def test_validate_or_test_of_no_batch_is_one_line(tmp_path, capsys, monkeypatch,
     )
 
 
+def test_the_run_callbacks_pickle_for_ddp_spawn(tmp_path, monkeypatch):
+    """`--trainer.strategy ddp_spawn` pickles the trainer to its processes: the links' closures in the parser, which
+    SaveConfigCallback holds, were 'Can't pickle local object' tracebacks."""
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+    pickle.dumps(lightning_cli(["--config", DEBUG], run=False).trainer.callbacks)
+
+
 TORCH_OOM = (
     "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB of which 1.06 GiB is "
     "free. Including non-PyTorch memory, this process has 78.03 GiB memory in use. See documentation for Memory "
