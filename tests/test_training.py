@@ -563,6 +563,23 @@ def test_resuming_a_checkpoint_of_another_architecture_is_refused_in_one_line(ti
     assert "\n" not in str(refused.value)
 
 
+def test_resuming_with_another_optimizer_is_refused_in_one_line(tiny_corpus, tmp_path):
+    """A run trained with SGD resumed under the default AdamW: torch's KeyError 'step' traceback while loading."""
+    from functools import partial
+
+    from epas_lightning.errors import CheckpointError
+
+    sgd = partial(torch.optim.SGD, lr=0.01, momentum=0.9)
+    module, data = make_run(tiny_corpus, n_layer=2)
+    module.optimizer_factory = sgd
+    make_trainer(tmp_path, 1, [ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(module, data)
+    with pytest.raises(CheckpointError, match=r"not the configured AdamW's \(it has dampening, momentum, nesterov;"):
+        make_trainer(tmp_path, 2, []).fit(make_run(tiny_corpus, n_layer=2)[0], data, ckpt_path=tmp_path / "last.ckpt")
+    module = make_run(tiny_corpus, n_layer=2)[0]
+    module.optimizer_factory = sgd  # the run's own optimizer resumes
+    make_trainer(tmp_path, 2, []).fit(module, data, ckpt_path=tmp_path / "last.ckpt")
+
+
 def test_load_from_checkpoint_outside_a_trainer_reads_the_weights_and_checks_the_config(tmp_path):
     """``EPASModule.load_from_checkpoint(path, config=config)`` (Lightning's way back to a module in a notebook) failed
     in ``on_load_checkpoint`` with "EPASModule is not attached to a `Trainer`"."""
