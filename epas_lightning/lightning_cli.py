@@ -214,12 +214,15 @@ def check_validation_interval(trainer: Namespace) -> None:
 
 
 def check_scores_something(subcommand: str | None, trainer: Namespace) -> None:
-    """``validate`` with ``limit_val_batches: 0`` (``test`` with ``limit_test_batches: 0``) ended without a word and
-    with status 0, having scored nothing."""
-    key = {"validate": "limit_val_batches", "test": "limit_test_batches"}.get(subcommand or "")
+    """``validate`` with ``limit_val_batches: 0`` (``test`` with ``limit_test_batches: 0``, ``fit`` with
+    ``limit_train_batches: 0``) ended with status 0, having scored (trained) nothing."""
+    key = {"validate": "limit_val_batches", "test": "limit_test_batches", "fit": "limit_train_batches"}.get(
+        subcommand or ""
+    )
     if key and trainer.get(key) == 0 and not isinstance(trainer.get(key), bool):
+        does = "train" if subcommand == "fit" else "score"
         raise ConfigError(
-            f"trainer.{key} is 0: {subcommand} would score no batch", f"trainer.{key}", "set it to 1 or more, or null"
+            f"trainer.{key} is 0: {subcommand} would {does} no batch", f"trainer.{key}", "set it to 1 or more, or null"
         )
 
 
@@ -361,8 +364,8 @@ class EPASCLI(LightningCLI):
                 f"trainer.accelerator: {accelerator}",
                 "run on a machine with a GPU, or pass --trainer.accelerator=cpu (CPUs train best in 32-true)",
             )
-        check_validation_interval(trainer)
         check_scores_something(self.subcommand, trainer)
+        check_validation_interval(trainer)
         accumulate = trainer.get("accumulate_grad_batches")
         if isinstance(accumulate, int) and accumulate < 1:  # Lightning divides by it, inside the training loop
             raise ConfigError(

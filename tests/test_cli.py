@@ -200,13 +200,17 @@ def test_a_seed_numpy_cannot_take_is_one_line(tmp_path, monkeypatch):
         lightning_cli(["--config", DEBUG, "--seed_everything", "-5"], run=False)
 
 
-@pytest.mark.parametrize(("command", "key"), [("validate", "limit_val_batches"), ("test", "limit_test_batches")])
+@pytest.mark.parametrize(
+    ("command", "key"),
+    [("validate", "limit_val_batches"), ("test", "limit_test_batches"), ("fit", "limit_train_batches")],
+)
 def test_validate_or_test_of_no_batch_is_one_line(tmp_path, capsys, monkeypatch, command, key):
-    """It ended without a word and with status 0, having scored nothing."""
+    """It ended with status 0, having scored (or trained) nothing."""
     monkeypatch.chdir(tmp_path)
     assert main([command, "--config", DEBUG, f"--trainer.{key}", "0"]) == 2
+    does = "train" if command == "fit" else "score"
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: trainer.{key} is 0: {command} would score no batch — trainer.{key} — set it to 1 or more, or null"
+        f"error: trainer.{key} is 0: {command} would {does} no batch — trainer.{key} — set it to 1 or more, or null"
     )
 
 
