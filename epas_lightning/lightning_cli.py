@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -124,15 +125,16 @@ LINKED_FIELDS = {"sharing.n_layer": "n_layer", "data.seq_len": "block_size", "da
 """The values of other sections that ``model.config`` gives (linked: the parser refuses them set by hand)."""
 
 
-def _linked(field: str) -> Any:
+class _Linked:
     """The link's function: ``field`` of ``model.config``; with ``init_from``, ``None`` until :func:`resolve_model`
-    has read the source, after parsing (a resume reads its checkpoint instead)."""
+    has read the source, after parsing (a resume reads its checkpoint instead). A class, not a closure: the parser
+    (in ``SaveConfigCallback``) is pickled to the processes ``ddp_spawn`` starts."""
 
-    def compute(config: Any, init_from: str | None) -> Any:
-        return None if init_from else getattr(_as_config(config), field)
+    def __init__(self, field: str) -> None:
+        self.field, self.__name__ = field, f"config_{field}"
 
-    compute.__name__ = f"config_{field}"
-    return compute
+    def __call__(self, config: Any, init_from: str | None) -> Any:
+        return None if init_from else getattr(_as_config(config), self.field)
 
 
 def resolve_model(section: Namespace, ckpt_path: str | None = None) -> None:
@@ -160,9 +162,15 @@ RUN_SECTIONS = {
     "interrupt": GracefulStop,
 }
 """The callback sections of every run; a ``Trainer`` of one's own adds the same callbacks (README, "In Python")."""
-SINGLE_SECTIONS = {ProgressiveSharing: "sharing", DivergenceGuard: "divergence", GracefulStop: "interrupt"}
-"""Run sections whose callback must exist once: a second schedule would fight over the mask, and Lightning checkpoints
-one state per type."""
+SINGLE_SECTIONS = {
+    ProgressiveSharing: "sharing",
+    DivergenceGuard: "divergence",
+    GracefulStop: "interrupt",
+    LearningRateMonitor: "lr_monitor",
+    StepLearningRateMonitor: "lr_monitor",
+}
+"""Run sections whose callback must exist once: a second schedule would fight over the mask, Lightning checkpoints
+one state per type, and a second learning-rate monitor logged every rate twice."""
 
 
 def check_no_repeated_section(user_callbacks: Any) -> None:
@@ -179,16 +187,42 @@ def check_no_repeated_section(user_callbacks: Any) -> None:
 
 
 def check_validation_interval(trainer: Namespace) -> None:
-    """A validation interval in batches must fit in an epoch that ``limit_train_batches`` caps (Lightning checks this
-    only once the data is set up, with a traceback)."""
-    interval, limit = trainer.get("val_check_interval"), trainer.get("limit_train_batches")
+    """A validation interval in batches must fit in an epoch that ``limit_train_batches`` (or ``overfit_batches``,
+    which replaces it) caps; Lightning checks this only once the data is set up, with a traceback, and divided by a
+    whole interval of 0. ``fast_dev_run`` sets its own interval."""
+    for key in ("val_check_interval", "check_val_every_n_epoch"):  # Lightning divides by them
+        value = trainer.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ConfigError(
+                f"trainer.{key} must be at least 1, not {value}",
+                f"trainer.{key}",
+                "set 1 or more (trainer.limit_val_batches: 0 trains without validation)",
+            )
+    overfit = trainer.get("overfit_batches")
+    cap = "overfit_batches" if isinstance(overfit, int) and not isinstance(overfit, bool) and overfit > 0 else None
+    cap = cap or "limit_train_batches"
+    interval, limit = trainer.get("val_check_interval"), trainer.get(cap)
     whole = [isinstance(v, int) and not isinstance(v, bool) for v in (interval, limit)]
-    if all(whole) and trainer.get("check_val_every_n_epoch") is not None and interval > limit:
+    checked = trainer.get("check_val_every_n_epoch") is not None and not trainer.get("fast_dev_run")
+    if all(whole) and checked and interval > limit:
         raise ConfigError(
             f"trainer.val_check_interval ({interval}) is longer than an epoch of {limit} training batches "
-            "(trainer.limit_train_batches)",
+            f"(trainer.{cap})",
             "trainer.val_check_interval",
             "lower it, or set trainer.check_val_every_n_epoch: null to count batches across epochs",
+        )
+
+
+def check_scores_something(subcommand: str | None, trainer: Namespace) -> None:
+    """``validate`` with ``limit_val_batches: 0`` (``test`` with ``limit_test_batches: 0``, ``fit`` with
+    ``limit_train_batches: 0``) ended with status 0, having scored (trained) nothing."""
+    key = {"validate": "limit_val_batches", "test": "limit_test_batches", "fit": "limit_train_batches"}.get(
+        subcommand or ""
+    )
+    if key and trainer.get(key) == 0 and not isinstance(trainer.get(key), bool):
+        does = "train" if subcommand == "fit" else "score"
+        raise ConfigError(
+            f"trainer.{key} is 0: {subcommand} would {does} no batch", f"trainer.{key}", "set it to 1 or more, or null"
         )
 
 
@@ -242,7 +276,7 @@ class EPASCLI(LightningCLI):
         for section, callback in RUN_SECTIONS.items():
             parser.add_lightning_class_args(callback, section)
         for target, field in LINKED_FIELDS.items():
-            parser.link_arguments(("model.config", "model.init_from"), target, compute_fn=_linked(field))
+            parser.link_arguments(("model.config", "model.init_from"), target, compute_fn=_Linked(field))
         parser.set_defaults(
             {
                 "trainer.logger": DEFAULT_LOGGER,
@@ -289,7 +323,7 @@ class EPASCLI(LightningCLI):
         if fitting:
             check_checkpoint_folder_free(config, config.get("ckpt_path"))
         if config.get("ckpt_path"):
-            config.ckpt_path = str(verify_checkpoint(config.ckpt_path, "--ckpt_path"))
+            config.ckpt_path = str(verify_checkpoint(config.ckpt_path, "--ckpt_path", scoring=not fitting))
         resolve_model(config, config.get("ckpt_path"))
         if config.get("ckpt_path"):
             check_same_model(config.model.config, config.ckpt_path)
@@ -309,6 +343,14 @@ class EPASCLI(LightningCLI):
             check_version_folder_free(config, self.save_config_kwargs.get("config_filename", "config.yaml"))
         super()._parse_ckpt_path()
 
+    def _set_seed(self) -> None:
+        """A seed numpy cannot take was ``seed_everything``'s ValueError traceback."""
+        try:
+            super()._set_seed()
+        except ValueError as e:
+            seed = self._get(self.config, "seed_everything")
+            raise ConfigError(str(e), f"--seed_everything {seed}", "give a seed in that range, or false") from e
+
     def before_instantiate_classes(self) -> None:
         if self.subcommand and self.config[self.subcommand].get("weights_only") is False:
             raise ConfigError(
@@ -322,7 +364,15 @@ class EPASCLI(LightningCLI):
                 f"trainer.accelerator: {accelerator}",
                 "run on a machine with a GPU, or pass --trainer.accelerator=cpu (CPUs train best in 32-true)",
             )
+        check_scores_something(self.subcommand, trainer)
         check_validation_interval(trainer)
+        accumulate = trainer.get("accumulate_grad_batches")
+        if isinstance(accumulate, int) and accumulate < 1:  # Lightning divides by it, inside the training loop
+            raise ConfigError(
+                f"trainer.accumulate_grad_batches must be at least 1, not {accumulate}",
+                "trainer.accumulate_grad_batches",
+                "set 1 (no accumulation) or more",
+            )
         check_precision_available(trainer.get("precision"))
         if self.subcommand:
             check_run_folders_writable(self.config[self.subcommand], fitting=self.subcommand == "fit")
@@ -360,7 +410,12 @@ class EPASCLI(LightningCLI):
         folders = RunFolders.before_fit(self.trainer) if subcommand == "fit" and self.trainer.is_global_zero else None
         try:
             with quiet_messages(info, warning_patterns):
-                super()._run_subcommand(subcommand)
+                try:
+                    super()._run_subcommand(subcommand)
+                except (MisconfigurationException, RuntimeError) as e:
+                    if (error := unlogged_monitor(e, self.trainer)) is None:
+                        raise
+                    raise error from e
         except UserError:
             if folders is not None and self.trainer.global_step == 0:  # refused at start-up: no empty run folder
                 folders.remove_unused(self.trainer)
@@ -374,6 +429,35 @@ class EPASCLI(LightningCLI):
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         kwargs["weights_only"] = True  # checkpoints hold tensors and plain data only: never unpickle anything else
         return kwargs
+
+
+UNLOGGED_MONITOR = {
+    "ModelCheckpoint": re.compile(
+        r"ModelCheckpoint\(monitor='(?P<key>[^']*)'\)` could not find the monitored key in the returned metrics: "
+        r"\[(?P<keys>[^\]]*)\]"
+    ),
+    "EarlyStopping": re.compile(
+        r"Early stopping conditioned on metric `(?P<key>[^`]*)` which is not available\..* following: (?P<keys>.*)$"
+    ),
+}
+"""Lightning's errors, with a traceback once training is under way, for a ``monitor`` that names no logged metric."""
+
+
+def unlogged_monitor(error: BaseException, trainer: Any) -> ConfigError | None:
+    """The one line for ``error`` if it is a checkpoint's or early stopping's ``monitor`` naming a metric that is not
+    logged (a typo such as ``val/los``); ``None`` for any other error."""
+    for name, pattern in UNLOGGED_MONITOR.items():
+        if found := pattern.search(" ".join(str(error).split())):
+            key, logged = found["key"], re.findall(r"[`']([^`']+)[`']", found["keys"])
+            section = name == "ModelCheckpoint" and any(
+                isinstance(c, RunCheckpoint) and c.monitor == key for c in trainer.callbacks
+            )
+            return ConfigError(
+                f"{name} monitors {key!r}, which is not among the logged metrics ({', '.join(logged)})",
+                "checkpoint.monitor" if section else f"trainer.callbacks ({name})",
+                "monitor one of those",
+            )
+    return None
 
 
 def with_atomic_checkpoint_io(trainer_config: dict[str, Any]) -> dict[str, Any]:

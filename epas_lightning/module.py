@@ -32,7 +32,13 @@ from epas_lightning.lr import WarmupCosineLR, WarmupSchedule
 from epas_lightning.memory_plan import on_device_bytes, plan_checkpointing
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.llama import check_attention_reuse
-from epas_lightning.optim import default_optimizer, optimizer_settings, param_groups, restore_settings
+from epas_lightning.optim import (
+    check_same_optimizer,
+    default_optimizer,
+    optimizer_settings,
+    param_groups,
+    restore_settings,
+)
 from epas_lightning.parallel import PRECISIONS, checkpointed_blocks, mixed_precision_policy, parallelize
 from epas_lightning.provenance import LAST_VALIDATION_KEY
 from epas_lightning.run_checkpoint import adopt_model_checkpoint_states
@@ -298,6 +304,12 @@ class EPASModule(LightningModule):
         if hasattr(data, "check_checkpoint_tokenizer"):  # a TokenDataModule: its ids are the checkpoint's tokens
             data.check_checkpoint_tokenizer(checkpoint.get("tokenizer"))
         self._say_if_narrowed(checkpoint)
+        states = checkpoint.get("optimizer_states") or [{}]
+        self._saved_optimizer_groups = states[0].get("param_groups") or []  # checked against the configured optimizer
+        if trainer is not None and trainer.optimizers:  # FSDP2 restores after setup: built already
+            check_same_optimizer(
+                trainer.optimizers[0], self._saved_optimizer_groups, f"--ckpt_path {trainer.ckpt_path}"
+            )
         self._last_validation = checkpoint.get(LAST_VALIDATION_KEY)  # until the resumed run validates again
         # a resume does not read init_from again: keep the context length the run inherited from it
         recorded = (recorded or {}).get("max_position_embeddings")
@@ -359,6 +371,8 @@ class EPASModule(LightningModule):
         a step the scaler skips); an optimizer that unscales inside its step (fused AdamW, the default on GPUs), which
         Lightning refuses to clip, gets its gradients unscaled here first.
         """
+        if gradient_clip_val is not None and gradient_clip_val <= 0:  # Lightning's "no clipping" (a negative max_norm
+            gradient_clip_val = None  # flipped the gradients' sign: gradient ascent)
         by_norm = bool(gradient_clip_val) and gradient_clip_algorithm in (None, "norm")
         logs_now = bool(self.trainer.loggers) and getattr(self.trainer._logger_connector, "should_update_logs", True)
         if not (gradient_clip_val or logs_now):
@@ -435,6 +449,8 @@ class EPASModule(LightningModule):
             if isinstance(scheduler, WarmupSchedule) and scheduler.max_steps is None:
                 scheduler.max_steps = total_steps
         self._optimizer_settings = optimizer_settings(optimizer)
+        if saved := getattr(self, "_saved_optimizer_groups", None):  # one device, DDP: the checkpoint was read first
+            check_same_optimizer(optimizer, saved, f"--ckpt_path {self.trainer.ckpt_path}")
         if isinstance(scheduler, WarmupSchedule) and scheduler.max_steps is not None:
             check_warmup_fits(scheduler)
         elif isinstance(scheduler, WarmupSchedule):

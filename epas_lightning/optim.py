@@ -38,6 +38,25 @@ def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
     return [{k: v for k, v in group.items() if k not in NOT_SETTINGS} for group in optimizer.param_groups]
 
 
+def check_same_optimizer(optimizer: torch.optim.Optimizer, saved_groups: list[dict], where: str) -> None:
+    """Refuse a checkpoint whose optimizer state (its ``param_groups``, ``saved_groups``) is another optimizer's than
+    ``optimizer``: loading it was torch's ``KeyError`` traceback (SGD's state into Adam) or kept the other's settings
+    and state beside the configured ones. Settings one side lacks and the other has, both ways, tell (a torch version
+    adding a setting only adds one way)."""
+    from epas_lightning.errors import CheckpointError  # noqa: PLC0415 - the optimizer helpers stay light
+
+    saved = set().union(*(set(group) for group in saved_groups)) - set(NOT_SETTINGS) if saved_groups else set()
+    configured = set(optimizer.defaults) - set(NOT_SETTINGS)
+    if saved and saved - configured and configured - saved:
+        raise CheckpointError(
+            f"the checkpoint's optimizer state is not the configured {type(optimizer).__name__}'s (it has "
+            f"{', '.join(sorted(saved - configured))}; lacks {', '.join(sorted(configured - saved))})",
+            where,
+            "resume with the run's model.optimizer (its run folder keeps config.yaml), or start a new run from its "
+            "weights with --model.init_from",
+        )
+
+
 def restore_settings(optimizer: torch.optim.Optimizer, settings: list[dict]) -> str:
     """Put the configured ``settings`` (:func:`optimizer_settings`) back into the groups of ``optimizer``, where
     loading a checkpoint's optimizer state had put the saved ones; return what changed (``""``: nothing)."""

@@ -93,6 +93,23 @@ class RunCheckpoint(ModelCheckpoint):
                     logger._version = version_of(version_dir)
         return {str(newest)}
 
+    _save_after_step = False  # a validation inside an optimizer step asked for a save
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A validation inside an optimizer step (``val_check_interval`` counts micro-batches: one that
+        ``accumulate_grad_batches`` does not divide) saves once that step is done: a checkpoint holds no accumulated
+        gradients, so one saved mid-step resumed with the step's earlier micro-batches lost."""
+        if trainer.state.fn == TrainerFn.FITTING and trainer.fit_loop.epoch_loop._should_accumulate():
+            self._save_after_step = True
+            return
+        super().on_validation_end(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        if self._save_after_step and not trainer.fit_loop.epoch_loop._should_accumulate():
+            self._save_after_step = False
+            super().on_validation_end(trainer, pl_module)  # with the validation's metrics, at the step just done
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """A resumed run's step is saved already (in the checkpoint it resumed): under gradient accumulation Lightning
         saved it again after the next step's first micro-batch, over that checkpoint's name, half a window on."""
@@ -115,6 +132,11 @@ class RunCheckpoint(ModelCheckpoint):
         keep_epoch_unfinished(trainer, checkpoint)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``fast_dev_run`` saves nothing: Lightning's own end-of-training save wrote ``last.ckpt`` (into
+        ``checkpoints/`` of the working folder, a new ``last-vN.ckpt`` each run) although it says it suppresses
+        checkpointing."""
+        if trainer.fast_dev_run:
+            return
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             save_last_now(trainer, self)
         super().on_train_end(trainer, pl_module)

@@ -2,7 +2,8 @@
 epoch -2, and ``RunSummary`` at the end of ``fit``.
 
 ``RunSummary`` says where the checkpoints and logs are, the final validation loss and perplexity, the median training
-throughput, the sharing region reached and when, the wall time, and the next commands with the run's real paths.
+throughput, the sharing region reached and when, the wall time, an EarlyStopping that ended it, and the next commands
+with the run's real paths.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelSummary, ProgressBar, RichModelSummary, RichProgressBar, Timer
+from lightning.pytorch.callbacks import (
+    EarlyStopping,
+    ModelSummary,
+    ProgressBar,
+    RichModelSummary,
+    RichProgressBar,
+    Timer,
+)
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
@@ -110,6 +119,10 @@ class RunSummary(Callback):
         elif self._start_step:
             steps += f" ({trainer.global_step - self._start_step} in this session, resumed at step {self._start_step})"
         lines = [f"Run finished: {steps} in {_duration(self._fit_start)}."]
+        stopper = _early_stop(trainer)
+        if stopper is not None:  # nothing else says why the run ended before its limit
+            reason = (stopper.stopping_reason_message or "").removesuffix(" Signaling Trainer to stop.")
+            lines.append(f"  stopped      by EarlyStopping: {reason or stopper.stopping_reason.value}")
         checkpoint = last_checkpoint(trainer)
         if checkpoint:
             lines.append(f"  checkpoints  {Path(checkpoint).parent}  (last: {Path(checkpoint).name})")
@@ -151,6 +164,9 @@ class RunSummary(Callback):
                 counts = " (the training time of all sessions together)" if limit == "max_time" else ""
                 return f"to train further, raise --trainer.{limit}{counts} and resume with --ckpt_path last"
             return f"to train further, raise the Trainer's {limit} and call trainer.fit(..., ckpt_path={checkpoint!r})"
+        stopper = _early_stop(trainer)
+        if stopper is not None and self.command_line:  # its state resumes too: patience spent, the best score kept
+            return f"EarlyStopping ended it; --ckpt_path last trains on until {stopper.monitor} stops improving again"
         if self.command_line:
             return "the same command with --ckpt_path last"
         return f"trainer.fit(..., ckpt_path={checkpoint!r})"
@@ -168,6 +184,20 @@ def _limit_reached(trainer: Trainer) -> str | None:
     if timer is not None and timer.time_remaining() <= 0:
         return "max_time"
     return None
+
+
+def _early_stop(trainer: Trainer) -> EarlyStopping | None:
+    """The ``EarlyStopping`` that ended the run before its limit, if one did (not a signal, not a limit)."""
+    from epas_lightning.interrupt import GracefulStop  # it prints with say(): imported here, not at the top
+
+    stopped = EarlyStoppingReason.NOT_STOPPED
+    stopper = next(
+        (c for c in trainer.callbacks if isinstance(c, EarlyStopping) and c.stopping_reason != stopped), None
+    )
+    if stopper is None or _limit_reached(trainer) is not None:
+        return None
+    signalled = any(isinstance(c, GracefulStop) and c.stopped_by is not None for c in trainer.callbacks)
+    return None if signalled else stopper
 
 
 def _max_time(trainer: Trainer) -> Timer | None:

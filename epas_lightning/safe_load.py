@@ -110,12 +110,12 @@ def is_sharded_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / DCP_METADATA).is_file()
 
 
-def verify_checkpoint(path: str | Path, flag: str = "--ckpt_path") -> Path:
+def verify_checkpoint(path: str | Path, flag: str = "--ckpt_path", scoring: bool = False) -> Path:
     """Check that a checkpoint exists and reads safely before anything else opens it; return its path.
 
     A file must load with ``weights_only=True``; a sharded directory must have metadata the restricted unpickler
     accepts, every shard file that metadata names at its full length, and a ``meta.pt`` that loads with
-    ``weights_only=True``.
+    ``weights_only=True``. ``scoring``: for ``validate``/``test``, whose answer to a model folder is ``evaluate``.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -123,6 +123,13 @@ def verify_checkpoint(path: str | Path, flag: str = "--ckpt_path") -> Path:
     if path.is_file():
         load_torch_file(path, mmap=True, where=f"{flag} {path}")
         return path
+    if (path / "config.json").is_file() and not is_sharded_checkpoint(path) and scoring:
+        raise CheckpointError(
+            "a model folder (consolidated or Hugging Face) is no Lightning checkpoint",
+            f"{flag} {path}",
+            f"score it with python -m epas_lightning evaluate --checkpoint {path} (the held-out loss of validate, "
+            "at any trained region: --sharing-layers all)",
+        )
     if (path / "config.json").is_file() and not is_sharded_checkpoint(path):
         raise CheckpointError(
             "a model folder (consolidated or Hugging Face) holds weights only, no training state to resume",

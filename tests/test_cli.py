@@ -1,5 +1,6 @@
 """The command line: `python -m epas_lightning fit --config ...`, links, --print_config, early errors."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -164,18 +165,62 @@ def test_a_bad_argument_of_a_given_class_names_the_argument(flags, yaml, what, c
     )
 
 
-def test_a_validation_interval_longer_than_the_limited_epoch_is_one_line(tmp_path, monkeypatch):
-    """debug.yaml validates every 4 batches; `--trainer.limit_train_batches 3` made Lightning raise a ValueError
-    traceback once data was set up. It is a config error before anything is built."""
+@pytest.mark.parametrize(
+    ("flags", "refused"),
+    [
+        (["--trainer.limit_train_batches", "3"], "3 training batches (trainer.limit_train_batches)"),
+        (["--trainer.overfit_batches", "2"], "2 training batches (trainer.overfit_batches)"),
+        (["--trainer.limit_train_batches", "3", "--trainer.check_val_every_n_epoch", "null"], None),
+        (["--trainer.fast_dev_run", "2", "--trainer.limit_train_batches", "2"], None),  # its own interval: 1 epoch
+        (["--trainer.val_check_interval", "0"], "trainer.val_check_interval must be at least 1, not 0"),  # % 0
+        (["--trainer.check_val_every_n_epoch", "0"], "trainer.check_val_every_n_epoch must be at least 1, not 0"),
+        (["--trainer.val_check_interval", "0.0"], None),  # a fraction of the epoch: every batch
+        (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches must be at least 1, not 0"),
+    ],
+)
+def test_a_validation_interval_longer_than_the_limited_epoch_is_one_line(tmp_path, monkeypatch, flags, refused):
+    """debug.yaml validates every 4 batches; `--trainer.limit_train_batches 3` (or `overfit_batches 2`) made Lightning
+    raise a ValueError traceback once data was set up. It is a config error before anything is built."""
     from epas_lightning.errors import ConfigError
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=r"val_check_interval \(4\) .* 3 training batches"):
-        lightning_cli(["--config", DEBUG, "--trainer.limit_train_batches", "3"], run=False)
-    lightning_cli(
-        ["--config", DEBUG, "--trainer.limit_train_batches", "3", "--trainer.check_val_every_n_epoch", "null"],
-        run=False,
+    if refused is None:
+        lightning_cli(["--config", DEBUG, *flags], run=False)
+        return
+    if "must be" not in refused:
+        refused = "trainer.val_check_interval (4) is longer than an epoch of " + refused
+    with pytest.raises(ConfigError, match=re.escape(refused)):
+        lightning_cli(["--config", DEBUG, *flags], run=False)
+
+
+def test_a_seed_numpy_cannot_take_is_one_line(tmp_path, monkeypatch):
+    """`--seed_everything -5` was seed_everything's ValueError traceback."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=re.escape("numpy accepts from 0 to 4294967295 — --seed_everything -5 — ")):
+        lightning_cli(["--config", DEBUG, "--seed_everything", "-5"], run=False)
+
+
+@pytest.mark.parametrize(
+    ("command", "key"),
+    [("validate", "limit_val_batches"), ("test", "limit_test_batches"), ("fit", "limit_train_batches")],
+)
+def test_validate_or_test_of_no_batch_is_one_line(tmp_path, capsys, monkeypatch, command, key):
+    """It ended with status 0, having scored (or trained) nothing."""
+    monkeypatch.chdir(tmp_path)
+    assert main([command, "--config", DEBUG, f"--trainer.{key}", "0"]) == 2
+    does = "train" if command == "fit" else "score"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: trainer.{key} is 0: {command} would {does} no batch — trainer.{key} — set it to 1 or more, or null"
     )
+
+
+def test_the_run_callbacks_pickle_for_ddp_spawn(tmp_path, monkeypatch):
+    """`--trainer.strategy ddp_spawn` pickles the trainer to its processes: the links' closures in the parser, which
+    SaveConfigCallback holds, were 'Can't pickle local object' tracebacks."""
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+    pickle.dumps(lightning_cli(["--config", DEBUG], run=False).trainer.callbacks)
 
 
 TORCH_OOM = (
@@ -204,6 +249,22 @@ def test_running_out_of_gpu_memory_in_fit_says_what_to_lower(tmp_path, tiny_corp
     assert last.endswith(
         "— fit — lower data.batch_size (trainer.accumulate_grad_batches keeps the tokens per "
         "optimizer step) or set model.activation_checkpointing: auto"
+    ), last
+
+
+@pytest.mark.parametrize("where", ["checkpoint.monitor", "trainer.callbacks (EarlyStopping)"])
+def test_a_monitor_naming_no_logged_metric_is_one_line(tmp_path, tiny_corpus, capsys, monkeypatch, where):
+    """A typo in a checkpoint's or EarlyStopping's monitor was Lightning's traceback at the first check."""
+    monkeypatch.chdir(tmp_path)
+    stopping = "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.EarlyStopping\n"
+    (tmp_path / "es.yaml").write_text(stopping + "      init_args: {monitor: val/los}\n")
+    flags = ["--checkpoint.monitor", "val/los"] if where == "checkpoint.monitor" else ["--config", "es.yaml"]
+    quick = ["--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--trainer.num_sanity_val_steps", "0"]
+    assert main(["fit", "--config", DEBUG, *quick, *flags]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "monitors 'val/los', which is not among the logged metrics (" in last, last
+    assert last.endswith(
+        f"val/loss, val/ppl, val/tokens{', epoch, step' * (where[0] == 'c')}) — {where} — monitor one of those"
     ), last
 
 

@@ -493,6 +493,9 @@ def test_the_summary_says_how_to_resume_where_the_run_was_started(tmp_path):
     import signal
     from types import SimpleNamespace
 
+    from lightning.pytorch.callbacks import EarlyStopping
+    from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+
     from epas_lightning import GracefulStop
     from epas_lightning.run_summary import RunSummary
 
@@ -502,11 +505,11 @@ def test_the_summary_says_how_to_resume_where_the_run_was_started(tmp_path):
         model=SimpleNamespace(sharing=SimpleNamespace(shared_layers=[])), config=SimpleNamespace(n_layer=2)
     )
 
-    def resume_line(summary: RunSummary, callbacks: list, max_steps: int = 10, max_epochs: int = -1) -> str:
+    def resume_line(summary: RunSummary, callbacks: list, max_steps: int = 10, max_epochs: int = -1, line=-1) -> str:
         trainer = SimpleNamespace(global_step=3, checkpoint_callbacks=[SimpleNamespace(last_model_path=str(last))],
                                   callback_metrics={}, callbacks=callbacks, loggers=[], max_steps=max_steps,
                                   max_epochs=max_epochs, current_epoch=1)  # fmt: skip
-        return summary.summary(trainer, module, None).splitlines()[-1]
+        return summary.summary(trainer, module, None).splitlines()[line]
 
     assert resume_line(RunSummary(command_line=True), []) == "  resume: the same command with --ckpt_path last"
     assert resume_line(RunSummary(), []) == f"  resume: trainer.fit(..., ckpt_path={str(last)!r})"
@@ -522,6 +525,18 @@ def test_the_summary_says_how_to_resume_where_the_run_was_started(tmp_path):
     stopped = GracefulStop()
     stopped.requeue_signal, stopped.stopped_by = signal.SIGUSR1, signal.SIGTERM  # not requeued: resumed by hand
     assert resume_line(RunSummary(command_line=True), [stopped]).endswith("--ckpt_path last")
+    # an EarlyStopping of the user's ended it before its limit: the summary said nothing, and "the same command"
+    early = EarlyStopping(monitor="val/loss")
+    assert resume_line(RunSummary(command_line=True), [early]) == "  resume: the same command with --ckpt_path last"
+    early.stopping_reason, early.stopping_reason_message = (
+        EarlyStoppingReason.PATIENCE_EXHAUSTED,
+        "No gain. Signaling Trainer to stop.",
+    )
+    assert resume_line(RunSummary(command_line=True), [early], line=1) == "  stopped      by EarlyStopping: No gain."
+    assert resume_line(RunSummary(command_line=True), [early]) == (
+        "  resume: EarlyStopping ended it; --ckpt_path last trains on until val/loss stops improving again"
+    )
+    assert resume_line(RunSummary(command_line=True), [early], max_steps=3) == finished  # resumed, then its limit
 
 
 def test_the_summary_throughput_is_the_optimizer_steps_wall_clock_rate(tmp_path):
@@ -866,18 +881,23 @@ def test_user_callbacks_add_to_the_defaults_without_inheriting_them(tmp_path, mo
     assert "StepLearningRateMonitor" not in no_logger and "SaveConfigCallback" not in no_logger
 
 
-def test_a_section_callback_repeated_in_trainer_callbacks_is_one_line(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("class_path", "section"),
+    [
+        ("epas_lightning.ProgressiveSharing", "sharing"),
+        ("lightning.pytorch.callbacks.LearningRateMonitor", "lr_monitor"),  # each rate logged twice a step
+    ],
+)
+def test_a_section_callback_repeated_in_trainer_callbacks_is_one_line(tmp_path, monkeypatch, class_path, section):
     """A second ProgressiveSharing in trainer.callbacks would fight the `sharing` section over the mask; Lightning
     refused it with a RuntimeError traceback about stateful callbacks. It is a user error naming the section."""
     from epas_lightning.lightning_cli import lightning_cli
 
     config = tmp_path / "callbacks.yaml"
-    config.write_text(
-        "trainer:\n  callbacks:\n    - class_path: epas_lightning.ProgressiveSharing\n"
-        "      init_args:\n        target: 1\n        interval: 2\n"
-    )
+    args = "        target: 1\n        interval: 2\n" if section == "sharing" else "        logging_interval: step\n"
+    config.write_text(f"trainer:\n  callbacks:\n    - class_path: {class_path}\n      init_args:\n{args}")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match="the `sharing` section already adds one — trainer.callbacks"):
+    with pytest.raises(ConfigError, match=f"the `{section}` section already adds one — trainer.callbacks"):
         lightning_cli(["--config", DEBUG, "--config", str(config)], run=False)
 
 

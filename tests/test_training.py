@@ -119,7 +119,7 @@ def test_train_loss_is_the_mean_of_the_steps_micro_batches(tiny_corpus, tmp_path
         assert logged[3 * step + 2] == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("clip", [None, 0.05])
+@pytest.mark.parametrize("clip", [None, 0.05, -1.0])  # Lightning does not clip at <= 0 (ours reversed the gradients)
 def test_grad_norm_is_logged_before_clipping_and_clipping_is_lightnings(tiny_corpus, tmp_path, clip):
     norms, logged = [], []
 
@@ -140,7 +140,7 @@ def test_grad_norm_is_logged_before_clipping_and_clipping_is_lightnings(tiny_cor
     module, data = make_run(tiny_corpus, n_layer=2)
     ours = run(module, [ReadNorms()])
     assert logged == pytest.approx(norms, rel=1e-5) and len(logged) == 3
-    if clip:  # the same clipping as Lightning's own: identical weights after three clipped steps
+    if clip is not None:  # the same clipping as Lightning's own: identical weights after three clipped steps
         assert min(norms) > clip
         module, data = make_run(tiny_corpus, n_layer=2)
         module.configure_gradient_clipping = module.clip_gradients  # LightningModule's default hook
@@ -563,6 +563,23 @@ def test_resuming_a_checkpoint_of_another_architecture_is_refused_in_one_line(ti
     assert "\n" not in str(refused.value)
 
 
+def test_resuming_with_another_optimizer_is_refused_in_one_line(tiny_corpus, tmp_path):
+    """A run trained with SGD resumed under the default AdamW: torch's KeyError 'step' traceback while loading."""
+    from functools import partial
+
+    from epas_lightning.errors import CheckpointError
+
+    sgd = partial(torch.optim.SGD, lr=0.01, momentum=0.9)
+    module, data = make_run(tiny_corpus, n_layer=2)
+    module.optimizer_factory = sgd
+    make_trainer(tmp_path, 1, [ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(module, data)
+    with pytest.raises(CheckpointError, match=r"not the configured AdamW's \(it has dampening, momentum, nesterov;"):
+        make_trainer(tmp_path, 2, []).fit(make_run(tiny_corpus, n_layer=2)[0], data, ckpt_path=tmp_path / "last.ckpt")
+    module = make_run(tiny_corpus, n_layer=2)[0]
+    module.optimizer_factory = sgd  # the run's own optimizer resumes
+    make_trainer(tmp_path, 2, []).fit(module, data, ckpt_path=tmp_path / "last.ckpt")
+
+
 def test_load_from_checkpoint_outside_a_trainer_reads_the_weights_and_checks_the_config(tmp_path):
     """``EPASModule.load_from_checkpoint(path, config=config)`` (Lightning's way back to a module in a notebook) failed
     in ``on_load_checkpoint`` with "EPASModule is not attached to a `Trainer`"."""
@@ -686,6 +703,16 @@ def test_last_ckpt_holds_the_step_training_ended_at(tiny_corpus, tmp_path):
     assert (tmp_path / "ckpt" / "epoch=0-step=6.ckpt").exists()
 
 
+def test_fast_dev_run_writes_no_checkpoint(tiny_corpus, tmp_path):
+    """Lightning says fast_dev_run suppresses checkpointing, yet its end-of-training save wrote last.ckpt (a new
+    last-vN.ckpt each run) into the working folder's checkpoints/."""
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    module, data = make_run(tiny_corpus, n_layer=2)
+    make_trainer(tmp_path, -1, [RunCheckpoint(save_last=True)], fast_dev_run=2).fit(module, datamodule=data)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_a_checkpoint_from_before_run_checkpoint_resumes_its_checkpoint_state(tiny_corpus, tmp_path):
     """Checkpoints written when the run's checkpoint was a plain ModelCheckpoint keep its state under that class's
     key: Lightning asked for "the following callbacks: ['ModelCheckpoint{...}']" and restored nothing, so the best
@@ -727,6 +754,21 @@ def test_a_resume_under_gradient_accumulation_saves_no_half_step(tiny_corpus, tm
         saved = torch.load(path, weights_only=True)
         batches = saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["ready"]
         assert (path.name, batches) == (path.name, 2 * saved["global_step"])
+
+
+def test_a_validation_inside_an_optimizer_step_saves_when_the_step_is_done(tiny_corpus, tmp_path):
+    """Validating every 3 micro-batches under accumulation over 2, the run's checkpoint saved after micro-batch 3
+    (step 1 and half of step 2): a resume lost that half and stepped on the other micro-batch alone."""
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1, monitor="val/loss")
+    validation = {"val_check_interval": 3, "limit_val_batches": 1, "num_sanity_val_steps": 0}
+    make_trainer(tmp_path, 4, [checkpoint], accumulate_grad_batches=2, **validation).fit(*make_run(tiny_corpus, 2))
+    saved = {}
+    for path in (tmp_path / "ckpt").iterdir():
+        state = torch.load(path, weights_only=True)
+        saved[state["global_step"]] = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["ready"]
+    assert saved == {2: 4, 3: 6, 4: 8}  # after the validations at micro-batches 3 and 6, and the end
 
 
 def test_the_learning_rate_is_logged_once_per_optimizer_step_under_gradient_accumulation(tmp_path):

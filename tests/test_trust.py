@@ -1047,3 +1047,6 @@ def test_a_model_folder_where_a_checkpoint_belongs_says_to_start_from_it(small_c
     for folder in (hf, small_checkpoint):
         err = one_line_error(capsys, ["fit", "--config", DEBUG, "--ckpt_path", str(folder)])
         assert "no training state to resume" in err and f"--model.init_from {folder}" in err, err
+    # validate/test score it: init_from would score it dense (its schedule at step 0), evaluate at its region
+    err = one_line_error(capsys, ["test", "--config", DEBUG, "--ckpt_path", str(small_checkpoint)])
+    assert "is no Lightning checkpoint" in err and f"evaluate --checkpoint {small_checkpoint}" in err, err
