@@ -36,6 +36,9 @@ def check_order(order: str) -> None:
         raise ConfigError(f"unknown growth order {order!r}", "sharing.order", f"use one of {list(GROWTH_ORDERS)}")
 
 
+_TARGET_FIX = "give a layer count (2), a fraction of the layers (0.5) or a list of layers ([11, 10])"
+
+
 def resolve_target(target: TargetSpec, n_layer: int, order: GrowthOrder = "deep_first") -> tuple[int, ...]:
     """Turn a count, fraction or list into the layers of the full region, in the order they start sharing.
 
@@ -48,7 +51,7 @@ def resolve_target(target: TargetSpec, n_layer: int, order: GrowthOrder = "deep_
     deep_first = order == "deep_first"
     kinds = "the sharing target must be a count, a fraction or a list of integer layer indices"
     if isinstance(target, bool):
-        raise ConfigError(f"{kinds}, not {target!r}", "sharing.target")
+        raise ConfigError(f"{kinds}, not {target!r}", "sharing.target", _TARGET_FIX)
     if isinstance(target, (str, bytes)):  # else "6" would be the list [6]
         raise ConfigError(f"{kinds}, not the text {target!r}", "sharing.target", "convert it to a number or list first")
     if isinstance(target, numbers.Integral):  # numpy's too
@@ -57,7 +60,9 @@ def resolve_target(target: TargetSpec, n_layer: int, order: GrowthOrder = "deep_
         target = float(target)
     if isinstance(target, float):
         if not 0.0 < target < 1.0:
-            raise ConfigError(f"a fractional sharing target must be in (0, 1), got {target}", "sharing.target")
+            raise ConfigError(
+                f"a fractional sharing target must be in (0, 1), got {target}", "sharing.target", _TARGET_FIX
+            )
         count = math.floor(target * n_layer + 1e-9)  # rounds down; 0.29 of 100 layers is 29, not 28.999...
         if count == 0:
             raise ConfigError(
@@ -77,9 +82,13 @@ def resolve_target(target: TargetSpec, n_layer: int, order: GrowthOrder = "deep_
     try:
         layers = tuple(operator.index(i) for i in target)
     except TypeError:
-        raise ConfigError(f"{kinds}, not {target!r}", "sharing.target") from None
+        raise ConfigError(f"{kinds}, not {target!r}", "sharing.target", _TARGET_FIX) from None
     if not layers:
-        raise ConfigError("the sharing target list is empty", "sharing.target")
+        raise ConfigError(
+            "the sharing target list is empty",
+            "sharing.target",
+            "list the layers that share (to train dense, leave the target and set sharing.enabled: false)",
+        )
     if any(not 1 <= i <= n_layer - 1 for i in layers):
         raise ConfigError(
             f"the sharing target {list(layers)} names layers outside 1..{n_layer - 1}",
@@ -100,11 +109,21 @@ def resolve_target(target: TargetSpec, n_layer: int, order: GrowthOrder = "deep_
 def check_pace(growth: int, interval: int, start_step: int | None) -> None:
     """The schedule's knobs that need no model: growth and interval at least 1, start_step (if set) at least 0."""
     if growth < 1:
-        raise ConfigError(f"growth must be >= 1, got {growth}", "sharing.growth")
+        raise ConfigError(
+            f"growth must be >= 1, got {growth}", "sharing.growth", "set the layers each switch adds: 1 or more"
+        )
     if interval < 1:
-        raise ConfigError(f"interval must be >= 1 optimizer step, got {interval}", "sharing.interval")
+        raise ConfigError(
+            f"interval must be >= 1 optimizer step, got {interval}",
+            "sharing.interval",
+            "set the optimizer steps between switches: 1 or more",
+        )
     if start_step is not None and start_step < 0:
-        raise ConfigError(f"start_step must be >= 0, got {start_step}", "sharing.start_step")
+        raise ConfigError(
+            f"start_step must be >= 0, got {start_step}",
+            "sharing.start_step",
+            "set the step of the first switch (0 or more), or leave it unset for the interval",
+        )
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def test_a_target_read_as_text_is_refused_and_numpy_numbers_are_numbers():
     ],
 )
 def test_invalid_schedules_are_explained(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match + r".* — sharing\.\w+ — \w"):  # what, where, what to do
         SharingSchedule.build(12, 6, **kwargs)
 
 
