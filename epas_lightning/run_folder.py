@@ -8,7 +8,8 @@ prepared, or from the first checkpoint save, once training had reached it.
 Lightning creates the logger's ``version_N`` folder (TensorBoard's event file, ``config.yaml``, ``hparams.yaml``)
 before the checks that need the trainer (data, ``init_from``, the strategy) run. A refused start left that folder
 behind, empty of anything a user wants, and the run that follows the fix became ``version_N+1``. Only a folder this
-run created, holding only those start-up files, is removed: anything else in it keeps it.
+run created, holding only those start-up files, is removed: anything else in it keeps it. A refused resume into an
+existing folder loses the start-up files it added there (a new event file, ``config-resume-N.yaml``), nothing else.
 """
 
 from __future__ import annotations
@@ -24,17 +25,19 @@ from lightning.pytorch import Trainer
 from epas_lightning.errors import OutputError
 from epas_lightning.resume import checkpoint_folder, logger_run_dirs
 
-STARTUP_FILES = ("events.out.tfevents.*", "hparams.yaml", "config.yaml", "metrics.csv")
+STARTUP_FILES = ("events.out.tfevents.*", "hparams.yaml", "config.yaml", "config-resume-*.yaml", "metrics.csv")
 """What loggers and the saved config write into a run folder before the first step."""
 
 
 @dataclass
 class RunFolders:
-    """The loggers' run folders as they were before ``fit``: which of them, and of their parents, already existed."""
+    """The loggers' run folders as they were before ``fit``: which of them, and of their parents, already existed,
+    and what those folders held."""
 
     roots: list[Path]
     before: set[Path]
     missing: list[Path]
+    held: set[Path]
 
     @classmethod
     def before_fit(cls, trainer: Trainer) -> RunFolders:
@@ -42,15 +45,23 @@ class RunFolders:
         roots = [Path(logger.root_dir) for logger in trainer.loggers if getattr(logger, "root_dir", None)]
         missing = [p for root in roots for p in (root, *root.parents) if not p.exists()]
         before = {child for root in roots if root.is_dir() for child in root.iterdir()}
-        return cls(roots, before, sorted(set(missing), key=lambda p: len(p.parts), reverse=True))
+        held = {entry for child in before if child.is_dir() and not child.is_symlink() for entry in child.iterdir()}
+        return cls(roots, before, sorted(set(missing), key=lambda p: len(p.parts), reverse=True), held)
 
     def remove_unused(self, trainer: Trainer) -> None:
-        """Remove the version folders this ``fit`` created, if they hold only start-up files, then the parents it
-        created, if empty (call it on the first rank, after a user error before the first step)."""
+        """Remove the version folders this ``fit`` created, if they hold only start-up files, and the start-up files
+        it added to one it resumes into, then the parents it created, if empty (call it on the first rank, after a
+        user error before the first step)."""
         for logger in trainer.loggers:
             folder = Path(logger.log_dir) if getattr(logger, "root_dir", None) else None
-            if folder is not None and folder.parent in self.roots and folder not in self.before:
+            if folder is None or folder.parent not in self.roots:
+                continue
+            if folder not in self.before:
                 _remove_if_startup_only(folder)
+            elif folder.is_dir() and not folder.is_symlink():
+                for entry in set(folder.iterdir()) - self.held:
+                    if _is_startup_file(entry):
+                        entry.unlink()
         for folder in self.missing:  # deepest first
             try:
                 folder.rmdir()
@@ -58,12 +69,16 @@ class RunFolders:
                 continue
 
 
+def _is_startup_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink() and any(path.match(pattern) for pattern in STARTUP_FILES)
+
+
 def _remove_if_startup_only(folder: Path) -> None:
     if not folder.is_dir() or folder.is_symlink():
         return
     entries = list(folder.iterdir())
     files = [e for e in entries if e.is_file() and not e.is_symlink()]
-    startup = [f for f in files if any(f.match(pattern) for pattern in STARTUP_FILES)]
+    startup = [f for f in files if _is_startup_file(f)]
     empty_dirs = [e for e in entries if e.is_dir() and not e.is_symlink() and not any(e.iterdir())]
     if len(startup) + len(empty_dirs) != len(entries):
         return  # something else is in it: it stays whole
