@@ -89,6 +89,7 @@ class ProgressiveSharing(Callback):
             self.schedule = self._build(n_layer)
         self._applied: list[int] | None = None
         self._resumed_settings: dict[str, Any] | None = None
+        self._resumed_step = 0  # the step of the checkpoint a run resumes
         self.reached_at: int | None = None
         """The step at which the region reached its full size (kept across a resume; ``None``: not yet)."""
         self._heldout: dict[int, MeanMetric] = {}  # per extra region length, the current validation's loss
@@ -127,7 +128,7 @@ class ProgressiveSharing(Callback):
             return
         total = trainer.estimated_stepping_batches  # the run's optimizer steps (inf: no limit)
         final, full = self.schedule.final_step, len(self.schedule.target_layers)
-        if math.isfinite(total) and final >= total:
+        if math.isfinite(total) and final >= total > self._resumed_step:  # resumed at the end: nothing trains
             reached = len(self.schedule.shared_layers_at(int(total) - 1))
             rank_zero_warn(
                 f"EPAS: the run ends after {optimizer_steps(int(total))} and reaches {reached} of the {full} layers of "
@@ -197,6 +198,9 @@ class ProgressiveSharing(Callback):
             self.order,
         )
         checkpoint[REGION_KEY] = region.to_record()
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._resumed_step = int(checkpoint.get("global_step") or 0)
 
     def state_dict(self) -> dict[str, Any]:
         return {

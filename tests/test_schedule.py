@@ -179,15 +179,19 @@ def test_shallow_first_grows_from_layer_1_during_fit(tmp_path):
     assert sharing.state_dict()["order"] == "shallow_first"
 
 
-@pytest.mark.parametrize(("total", "warned"), [(6, True), (7, False), (float("inf"), False)])
-def test_a_run_too_short_for_the_region_says_so_at_the_start(total, warned, recwarn):
+@pytest.mark.parametrize(
+    ("total", "resumed", "warned"), [(6, 0, True), (6, 5, True), (6, 6, False), (7, 0, False), (float("inf"), 0, False)]
+)
+def test_a_run_too_short_for_the_region_says_so_at_the_start(total, resumed, warned, recwarn):
     """Growth finishing at step 6 (3 stages of 2 from step 2) needs 7 optimizer steps; a 6-step run reaches 2 of 3
-    layers, and the user is told before training instead of learning it from the summary."""
+    layers, and the user is told before training instead of learning it from the summary. A resume at or past the
+    run's end trains nothing (the summary says so): it was told the run 'reaches 2 of the 3 layers'."""
     from types import SimpleNamespace
 
     from epas_lightning.callbacks import ProgressiveSharing
 
     sharing = ProgressiveSharing(target=3, interval=2, n_layer=4)
+    sharing.on_load_checkpoint(None, None, {"global_step": resumed} if resumed else {})
     sharing.on_fit_start(SimpleNamespace(estimated_stepping_batches=total), None)
     messages = [str(w.message) for w in recwarn]
     assert any("reaches 2 of the 3 layers" in m and "full at step 6" in m for m in messages) == warned
