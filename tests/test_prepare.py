@@ -791,7 +791,9 @@ def test_ctrl_c_or_sigterm_while_tokenizing_fails_and_leaves_nothing(
     """litdata's own Ctrl+C handler ended the process with exit status 0, the half-built folder left behind. SIGTERM
     (`kill`, a container's stop) ended the parent alone: the workers tokenized on, orphaned, into the folder left.
     A signal before litdata had recorded its workers (``while_starting``: the parent still starting them) left the
-    worker going on, and the command waited for it (it hung, now and then, in this test)."""
+    worker going on, and the command waited for it. A worker's helper process (litdata's file remover) that was
+    signalled in the instant after its fork lost the signal and waited for work for good, holding the command's
+    output open (the stand-in helper here ignores SIGTERM): both hung this test now and then."""
     out, signalled = tmp_path / "out", tmp_path.parent / f"{tmp_path.name}-signalled"
     script = f"""
 import faulthandler, os, signal, sys, time
@@ -800,7 +802,18 @@ from litdata.processing.data_processor import DataWorkerProcess
 from epas_lightning.data import writing
 from epas_lightning.cli import main
 
+def deaf_helper():
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    open({str(tmp_path / "deaf")!r}, "w").close()
+    time.sleep(10)
+    open({str(tmp_path / "helper-went-on")!r}, "w").close()
+
 def interrupted(item):  # a Ctrl+C or a SIGTERM while a worker tokenizes
+    import multiprocessing
+    multiprocessing.Process(target=deaf_helper).start()
+    while not os.path.exists({str(tmp_path / "deaf")!r}):
+        time.sleep(0.01)
+    os.remove({str(tmp_path / "deaf")!r})
     os.kill(os.getppid(), {signum})
     open({str(signalled)!r}, "w").close()
     time.sleep(10)

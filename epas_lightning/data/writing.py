@@ -251,6 +251,10 @@ def _checked_run(run: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
     return run_then_raise
 
 
+_STOP_ATTEMPTS = 5
+"""Times a worker is signalled, a second apart, before it is killed."""
+
+
 class _WorkerStopper:
     """A Ctrl+C (and SIGTERM) handler for litdata's ``DataProcessor``: the parent passes the signal to the worker
     processes this run started, waits for them and raises ``KeyboardInterrupt``. A worker, or a helper process of one
@@ -276,22 +280,29 @@ class _WorkerStopper:
         return handler
 
     def stop(self, signum: int) -> None:
-        if os.getpid() != self.parent_pid:
+        if os.getpid() != self.parent_pid:  # a worker, or a helper of one: its helpers hold nothing worth a clean end
             for helper in multiprocessing.active_children():
-                helper.terminate()
+                helper.kill()  # a SIGTERM to a helper just forked could be lost (below), leaving it waiting for good
             os._exit(128 + signum)
         if self.starting:
             self.pending = signum
             return
         workers = [p for p in multiprocessing.active_children() if p not in self.others]
+        # A signal that reaches a process in the instant after its fork is lost (Python clears pending signals
+        # there): one a worker missed is sent again, so that the worker still ends its helpers, before it is killed.
+        for _ in range(_STOP_ATTEMPTS):
+            if not (alive := [worker for worker in workers if worker.is_alive()]):
+                break
+            for worker in alive:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signum)
+            deadline = time.monotonic() + 1
+            for worker in alive:
+                worker.join(max(0.0, deadline - time.monotonic()))
         for worker in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(worker.pid, signum)
-        for worker in workers:
-            worker.join(5)
             if worker.is_alive():
                 worker.kill()
-                worker.join()
+            worker.join()
         interrupt = KeyboardInterrupt()
         interrupt.signum = signum  # the command line exits with 128 + signum, naming the signal
         raise interrupt
