@@ -186,25 +186,34 @@ def check_no_repeated_section(user_callbacks: Any) -> None:
             )
 
 
+COUNTS_AT_LEAST_ONE = {
+    "val_check_interval": "set 1 or more (trainer.limit_val_batches: 0 trains without validation)",
+    "check_val_every_n_epoch": "set 1 or more (trainer.limit_val_batches: 0 trains without validation)",
+    "accumulate_grad_batches": "set 1 (no accumulation) or more",
+}
+"""Trainer counts that Lightning divides by, inside its loops (0 was a ZeroDivisionError traceback), and the fix."""
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_counts(trainer: Namespace) -> None:
+    """Refuse a count of :data:`COUNTS_AT_LEAST_ONE` below 1 before anything is built."""
+    for key, fix in COUNTS_AT_LEAST_ONE.items():
+        if _whole(value := trainer.get(key)) and value < 1:
+            raise ConfigError(f"trainer.{key} must be at least 1, not {value}", f"trainer.{key}", fix)
+
+
 def check_validation_interval(trainer: Namespace) -> None:
     """A validation interval in batches must fit in an epoch that ``limit_train_batches`` (or ``overfit_batches``,
-    which replaces it) caps; Lightning checks this only once the data is set up, with a traceback, and divided by a
-    whole interval of 0. ``fast_dev_run`` sets its own interval."""
-    for key in ("val_check_interval", "check_val_every_n_epoch"):  # Lightning divides by them
-        value = trainer.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
-            raise ConfigError(
-                f"trainer.{key} must be at least 1, not {value}",
-                f"trainer.{key}",
-                "set 1 or more (trainer.limit_val_batches: 0 trains without validation)",
-            )
+    which replaces it) caps; Lightning checks this only once the data is set up, with a traceback. ``fast_dev_run``
+    sets its own interval."""
     overfit = trainer.get("overfit_batches")
-    cap = "overfit_batches" if isinstance(overfit, int) and not isinstance(overfit, bool) and overfit > 0 else None
-    cap = cap or "limit_train_batches"
+    cap = "overfit_batches" if _whole(overfit) and overfit > 0 else "limit_train_batches"
     interval, limit = trainer.get("val_check_interval"), trainer.get(cap)
-    whole = [isinstance(v, int) and not isinstance(v, bool) for v in (interval, limit)]
     checked = trainer.get("check_val_every_n_epoch") is not None and not trainer.get("fast_dev_run")
-    if all(whole) and checked and interval > limit:
+    if _whole(interval) and _whole(limit) and checked and interval > limit:
         raise ConfigError(
             f"trainer.val_check_interval ({interval}) is longer than an epoch of {limit} training batches "
             f"(trainer.{cap})",
@@ -365,14 +374,8 @@ class EPASCLI(LightningCLI):
                 "run on a machine with a GPU, or pass --trainer.accelerator=cpu (CPUs train best in 32-true)",
             )
         check_scores_something(self.subcommand, trainer)
+        check_counts(trainer)
         check_validation_interval(trainer)
-        accumulate = trainer.get("accumulate_grad_batches")
-        if isinstance(accumulate, int) and accumulate < 1:  # Lightning divides by it, inside the training loop
-            raise ConfigError(
-                f"trainer.accumulate_grad_batches must be at least 1, not {accumulate}",
-                "trainer.accumulate_grad_batches",
-                "set 1 (no accumulation) or more",
-            )
         check_precision_available(trainer.get("precision"))
         if self.subcommand:
             check_run_folders_writable(self.config[self.subcommand], fitting=self.subcommand == "fit")
