@@ -304,12 +304,11 @@ class EPASModule(LightningModule):
         if hasattr(data, "check_checkpoint_tokenizer"):  # a TokenDataModule: its ids are the checkpoint's tokens
             data.check_checkpoint_tokenizer(checkpoint.get("tokenizer"))
         self._say_if_narrowed(checkpoint)
-        states = checkpoint.get("optimizer_states") or [{}]
-        self._saved_optimizer_groups = states[0].get("param_groups") or []  # checked against the configured optimizer
+        saved_groups = (checkpoint.get("optimizer_states") or [{}])[0].get("param_groups") or []
         if trainer is not None and trainer.optimizers:  # FSDP2 restores after setup: built already
-            check_same_optimizer(
-                trainer.optimizers[0], self._saved_optimizer_groups, f"--ckpt_path {trainer.ckpt_path}"
-            )
+            check_same_optimizer(trainer.optimizers[0], saved_groups, f"--ckpt_path {trainer.ckpt_path}")
+        else:  # one device, DDP: checked once configure_optimizers has built it
+            self._saved_optimizer_groups = saved_groups
         self._last_validation = checkpoint.get(LAST_VALIDATION_KEY)  # until the resumed run validates again
         # a resume does not read init_from again: keep the context length the run inherited from it
         recorded = (recorded or {}).get("max_position_embeddings")
@@ -450,6 +449,7 @@ class EPASModule(LightningModule):
                 scheduler.max_steps = total_steps
         self._optimizer_settings = optimizer_settings(optimizer)
         if saved := getattr(self, "_saved_optimizer_groups", None):  # one device, DDP: the checkpoint was read first
+            self._saved_optimizer_groups = None  # once: a later fit of this module resumes nothing, or reads again
             check_same_optimizer(optimizer, saved, f"--ckpt_path {self.trainer.ckpt_path}")
         if isinstance(scheduler, WarmupSchedule) and scheduler.max_steps is not None:
             check_warmup_fits(scheduler)
