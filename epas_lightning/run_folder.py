@@ -77,8 +77,7 @@ def _remove_if_startup_only(folder: Path) -> None:
     if not folder.is_dir() or folder.is_symlink():
         return
     entries = list(folder.iterdir())
-    files = [e for e in entries if e.is_file() and not e.is_symlink()]
-    startup = [f for f in files if _is_startup_file(f)]
+    startup = [e for e in entries if _is_startup_file(e)]
     empty_dirs = [e for e in entries if e.is_dir() and not e.is_symlink() and not any(e.iterdir())]
     if len(startup) + len(empty_dirs) != len(entries):
         return  # something else is in it: it stays whole
