@@ -123,14 +123,14 @@ def verify_checkpoint(path: str | Path, flag: str = "--ckpt_path", scoring: bool
     if path.is_file():
         load_torch_file(path, mmap=True, where=f"{flag} {path}")
         return path
-    if (path / "config.json").is_file() and not is_sharded_checkpoint(path) and scoring:
-        raise CheckpointError(
-            "a model folder (consolidated or Hugging Face) is no Lightning checkpoint",
-            f"{flag} {path}",
-            f"score it with python -m epas_lightning evaluate --checkpoint {path} (the held-out loss of validate, "
-            "at any trained region: --sharing-layers all)",
-        )
     if (path / "config.json").is_file() and not is_sharded_checkpoint(path):
+        if scoring:
+            raise CheckpointError(
+                "a model folder (consolidated or Hugging Face) is no Lightning checkpoint",
+                f"{flag} {path}",
+                f"score it with python -m epas_lightning evaluate --checkpoint {path} (the held-out loss of "
+                "validate, at any trained region: --sharing-layers all)",
+            )
         raise CheckpointError(
             "a model folder (consolidated or Hugging Face) holds weights only, no training state to resume",
             f"{flag} {path}",
