@@ -756,19 +756,26 @@ def test_a_resume_under_gradient_accumulation_saves_no_half_step(tiny_corpus, tm
         assert (path.name, batches) == (path.name, 2 * saved["global_step"])
 
 
-def test_a_validation_inside_an_optimizer_step_saves_when_the_step_is_done(tiny_corpus, tmp_path):
-    """Validating every 3 micro-batches under accumulation over 2, the run's checkpoint saved after micro-batch 3
-    (step 1 and half of step 2): a resume lost that half and stepped on the other micro-batch alone."""
-    from epas_lightning.run_checkpoint import RunCheckpoint
+@pytest.mark.parametrize("listed", [False, True], ids=["run checkpoint", "trainer.callbacks ModelCheckpoint"])
+def test_a_validation_inside_an_optimizer_step_saves_when_the_step_is_done(tiny_corpus, tmp_path, listed):
+    """Validating every 3 micro-batches under accumulation over 2, the run's checkpoint (and a ModelCheckpoint of
+    trainer.callbacks, which the CLI passes to save_between_steps) saved after micro-batch 3 (step 1 and half of
+    step 2): a resume lost that half and stepped on the other micro-batch alone."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1, monitor="val/loss")
+    from epas_lightning.run_checkpoint import RunCheckpoint, save_between_steps
+
+    kind = ModelCheckpoint if listed else RunCheckpoint
+    checkpoint = kind(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1, monitor="val/loss")
+    save_between_steps([checkpoint])
     validation = {"val_check_interval": 3, "limit_val_batches": 1, "num_sanity_val_steps": 0}
     make_trainer(tmp_path, 4, [checkpoint], accumulate_grad_batches=2, **validation).fit(*make_run(tiny_corpus, 2))
     saved = {}
     for path in (tmp_path / "ckpt").iterdir():
         state = torch.load(path, weights_only=True)
         saved[state["global_step"]] = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["ready"]
-    assert saved == {2: 4, 3: 6, 4: 8}  # after the validations at micro-batches 3 and 6, and the end
+    end = {} if listed else {4: 8}  # only the run's checkpoint writes last.ckpt at the end of every run
+    assert saved == {2: 4, 3: 6, **end}  # after the validations at micro-batches 3 and 6
 
 
 def test_the_learning_rate_is_logged_once_per_optimizer_step_under_gradient_accumulation(tmp_path):
