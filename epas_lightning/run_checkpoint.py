@@ -59,28 +59,38 @@ class StepCheckpoint(ModelCheckpoint):
     micro-batches lost.
 
     A validation inside an optimizer step (``val_check_interval`` counts micro-batches: one that
-    ``accumulate_grad_batches`` does not divide) saves once that step is done, with the validation's metrics. A resumed
-    run saves nothing before its first optimizer step: Lightning's saved the resumed step again after one micro-batch.
+    ``accumulate_grad_batches`` does not divide) saves once that step is done, with the validation's metrics; a stop
+    it asks for (``EarlyStopping``) also waits for the end of the step, so that ``last.ckpt`` holds whole steps. A
+    resumed run saves nothing before its first optimizer step: Lightning's saved the resumed step again after one
+    micro-batch.
     """
 
     _save_after_step = False  # a validation inside an optimizer step asked for a save
+    _stop_after_step = False  # ... and for the end of training
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and trainer.fit_loop.epoch_loop._should_accumulate():
             self._save_after_step = True
+            self._stop_after_step, trainer.should_stop = self._stop_after_step or trainer.should_stop, False
             return
         super().on_validation_end(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
-        if self._save_after_step and not trainer.fit_loop.epoch_loop._should_accumulate():
+        step_done = not trainer.fit_loop.epoch_loop._should_accumulate()
+        if self._save_after_step and step_done:
             self._save_after_step = False
             super().on_validation_end(trainer, pl_module)  # with the validation's metrics, at the step just done
+        if self._stop_after_step and step_done:
+            self._stop_after_step, trainer.should_stop = False, True
+            # Lightning validates when fit stops early: the validation that asked for the stop has run
+            trainer.fit_loop.epoch_loop._skip_next_val = True
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """A resumed run's step is saved already (in the checkpoint it resumed): under gradient accumulation Lightning
         saved it again after the next step's first micro-batch, over that checkpoint's name, half a window on."""
         super().on_train_start(trainer, pl_module)
+        self._save_after_step = self._stop_after_step = False  # asked for by a fit that ended in an error
         if trainer.ckpt_path is not None:
             self._last_global_step_saved = trainer.global_step
 

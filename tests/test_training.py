@@ -770,12 +770,35 @@ def test_a_validation_inside_an_optimizer_step_saves_when_the_step_is_done(tiny_
     save_between_steps([checkpoint])
     validation = {"val_check_interval": 3, "limit_val_batches": 1, "num_sanity_val_steps": 0}
     make_trainer(tmp_path, 4, [checkpoint], accumulate_grad_batches=2, **validation).fit(*make_run(tiny_corpus, 2))
-    saved = {}
-    for path in (tmp_path / "ckpt").iterdir():
-        state = torch.load(path, weights_only=True)
-        saved[state["global_step"]] = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["ready"]
+    saved = _saved_steps(tmp_path / "ckpt")
     end = {} if listed else {4: 8}  # only the run's checkpoint writes last.ckpt at the end of every run
     assert saved == {2: 4, 3: 6, **end}  # after the validations at micro-batches 3 and 6
+
+
+def test_an_early_stop_inside_an_optimizer_step_ends_the_run_when_the_step_is_done(tiny_corpus, tmp_path):
+    """EarlyStopping at the validation after micro-batch 3 (accumulation over 2) ended the run there, and last.ckpt
+    held step 1 and half of step 2: a resume lost that half. The run now ends once step 2 is done, saving it, with no
+    second validation there."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    stop = EarlyStopping(monitor="val/loss", stopping_threshold=1e9)  # stops at the first validation
+    validation = {"val_check_interval": 3, "limit_val_batches": 1, "num_sanity_val_steps": 0}
+    trainer = make_trainer(tmp_path, 8, [checkpoint, stop], accumulate_grad_batches=2, **validation)
+    trainer.fit(*make_run(tiny_corpus, 2))
+    assert _saved_steps(tmp_path / "ckpt") == {2: 4}
+    assert trainer.fit_loop.epoch_loop.val_loop.batch_progress.total.completed == 1
+
+
+def _saved_steps(folder: Path) -> dict[int, int]:
+    """Each checkpoint of ``folder`` as its optimizer step and the micro-batches trained until then."""
+    saved = {}
+    for path in folder.iterdir():
+        state = torch.load(path, weights_only=True)
+        saved[state["global_step"]] = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["ready"]
+    return saved
 
 
 def test_the_learning_rate_is_logged_once_per_optimizer_step_under_gradient_accumulation(tmp_path):
