@@ -422,7 +422,7 @@ class EPASCLI(LightningCLI):
                         raise
                     raise error from e
         except UserError:
-            if folders is not None and self.trainer.global_step == 0:  # refused at start-up: no empty run folder
+            if folders is not None:  # refused at start-up: no empty run folder
                 folders.remove_unused(self.trainer)
             raise
         except SystemExit as e:  # Lightning's exit after a signal: 1 after Ctrl+C, 0 after SIGTERM
