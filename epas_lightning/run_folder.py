@@ -1,9 +1,9 @@
 """The run folders of ``fit``: checked writable before any work, and removed when a user error stopped the run
-before its first step and this run made them.
+before it trained a step and this run made them.
 
 :func:`check_run_folders_writable` refuses, in one line, a log or checkpoint folder the run could not write (a
-read-only or full disk, a file in the way): that was a traceback from the logger at set-up, once the data was
-prepared, or from the first checkpoint save, once training had reached it.
+read-only or full disk, a special file system such as ``/proc``, a file in the way): that was a traceback from the
+logger at set-up, once the data was prepared, or from the first checkpoint save, once training had reached it.
 
 Lightning creates the logger's ``version_N`` folder (TensorBoard's event file, ``config.yaml``, ``hparams.yaml``)
 before the checks that need the trainer (data, ``init_from``, the strategy) run. A refused start left that folder
@@ -113,7 +113,12 @@ def check_run_folders_writable(config: Namespace, fitting: bool) -> None:
             raise OutputError(f"{e.strerror or e}", folder, fix) from e
         if not existing.is_dir():
             raise OutputError(f"{existing} is a file, not a folder", folder, fix)
+        usage = shutil.disk_usage(existing)
+        if usage.total == 0:  # /proc, /sys: no storage at all (a full disk has a size)
+            raise OutputError(
+                f"{existing} cannot be written: a special file system (such as /proc or /sys), not a disk", folder, fix
+            )
         if not os.access(existing, os.W_OK | os.X_OK):
             raise OutputError(f"{existing} is not writable (a read-only file system, or permissions)", folder, fix)
-        if shutil.disk_usage(existing).free == 0:
+        if usage.free == 0:
             raise OutputError("no space left on the device (or quota)", folder, f"free space, or {fix}")

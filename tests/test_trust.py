@@ -907,6 +907,9 @@ def test_a_run_folder_that_cannot_be_written_is_one_line_before_any_work(tmp_pat
     # a parent it cannot search (another user's home) or a name too long: the check's own traceback (OSError)
     for flag in (logger, checkpoints):
         assert "File name too long — " in one_line_error(capsys, ["fit", "--config", DEBUG, flag, "x" * 300])
+    if Path("/proc/self").is_dir():  # a special file system: it was "no space left on the device"
+        err = one_line_error(capsys, ["fit", "--config", DEBUG, checkpoints, "/proc/nope"])
+        assert "/proc cannot be written: a special file system (such as /proc or /sys), not a disk — /proc/nope" in err
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 0))
     assert "no space left on the device" in one_line_error(capsys, ["fit", "--config", DEBUG])
