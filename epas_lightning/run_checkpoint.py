@@ -58,11 +58,11 @@ class StepCheckpoint(ModelCheckpoint):
     accumulated gradients, so one saved inside a step under gradient accumulation resumed with the step's earlier
     micro-batches lost.
 
-    A validation inside an optimizer step (``val_check_interval`` counts micro-batches: one that
-    ``accumulate_grad_batches`` does not divide) saves once that step is done, with the validation's metrics; a stop
-    it asks for (``EarlyStopping``) also waits for the end of the step, so that ``last.ckpt`` holds whole steps. A
-    resumed run saves nothing before its first optimizer step: Lightning's saved the resumed step again after one
-    micro-batch.
+    A save due inside a step (``train_time_interval`` elapsed) waits for its end. A validation inside a step
+    (``val_check_interval`` counts micro-batches: one that ``accumulate_grad_batches`` does not divide) saves once the
+    step is done, with the validation's metrics; a stop it asks for (``EarlyStopping``) also waits for the end of the
+    step, so that ``last.ckpt`` holds whole steps. A resumed run saves nothing before its first optimizer step:
+    Lightning's saved the resumed step again after one micro-batch.
     """
 
     _save_after_step = False  # a validation inside an optimizer step asked for a save
@@ -76,11 +76,12 @@ class StepCheckpoint(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
-        step_done = not trainer.fit_loop.epoch_loop._should_accumulate()
-        if self._save_after_step and step_done:
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            return  # inside the step: Lightning's time trigger (train_time_interval) saved there; it waits for the end
+        if self._save_after_step:
             self._save_after_step = False
             super().on_validation_end(trainer, pl_module)  # with the validation's metrics, at the step just done
-        if self._stop_after_step and step_done:
+        if self._stop_after_step:
             self._stop_after_step, trainer.should_stop = False, True
             # Lightning validates when fit stops early: the validation that asked for the stop has run
             trainer.fit_loop.epoch_loop._skip_next_val = True

@@ -792,6 +792,28 @@ def test_an_early_stop_inside_an_optimizer_step_ends_the_run_when_the_step_is_do
     assert trainer.fit_loop.epoch_loop.val_loop.batch_progress.total.completed == 1
 
 
+def test_a_save_due_by_time_inside_an_optimizer_step_waits_for_its_end(tiny_corpus, tmp_path, monkeypatch):
+    """train_time_interval elapsing inside an optimizer step (at micro-batch 3 here, accumulation over 2) saved there:
+    step 1 and half of step 2. The save now waits until step 2 is done."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import model_checkpoint
+
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    clock = SimpleNamespace(now=0.0)
+
+    class Clock(Callback):  # the hour has passed from micro-batch 3 on
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            clock.now = 3600.0 if batch_idx >= 2 else 0.0
+
+    monkeypatch.setattr(model_checkpoint, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", train_time_interval=timedelta(hours=1), save_top_k=-1)
+    make_trainer(tmp_path, 4, [Clock(), checkpoint], accumulate_grad_batches=2).fit(*make_run(tiny_corpus, 2))
+    assert _saved_steps(tmp_path / "ckpt") == {2: 4}
+
+
 def _saved_steps(folder: Path) -> dict[int, int]:
     """Each checkpoint of ``folder`` as its optimizer step and the micro-batches trained until then."""
     saved = {}
