@@ -60,38 +60,48 @@ class StepCheckpoint(ModelCheckpoint):
 
     A save due inside a step (``train_time_interval`` elapsed) waits for its end. A validation inside a step
     (``val_check_interval`` counts micro-batches: one that ``accumulate_grad_batches`` does not divide) saves once the
-    step is done, with the validation's metrics; a stop it asks for (``EarlyStopping``) also waits for the end of the
-    step, so that ``last.ckpt`` holds whole steps. A resumed run saves nothing before its first optimizer step:
-    Lightning's saved the resumed step again after one micro-batch.
+    step is done, with the validation's metrics. A stop asked for inside a step (by ``EarlyStopping`` at such a
+    validation, by ``max_time``) also waits for its end, so that ``last.ckpt`` holds whole steps. A resumed run saves
+    nothing before its first optimizer step: Lightning's saved the resumed step again after one micro-batch.
     """
 
     _save_after_step = False  # a validation inside an optimizer step asked for a save
-    _stop_after_step = False  # ... and for the end of training
+    _stop_after_step = False  # a stop was asked for inside an optimizer step
+    _stop_validated = False  # ... by a validation, which has run
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and trainer.fit_loop.epoch_loop._should_accumulate():
             self._save_after_step = True
-            self._stop_after_step, trainer.should_stop = self._stop_after_step or trainer.should_stop, False
+            self._hold_stop(trainer, validated=True)
             return
         super().on_validation_end(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
         if trainer.fit_loop.epoch_loop._should_accumulate():
+            self._hold_stop(trainer, validated=False)  # max_time's Timer
             return  # inside the step: Lightning's time trigger (train_time_interval) saved there; it waits for the end
         if self._save_after_step:
             self._save_after_step = False
             super().on_validation_end(trainer, pl_module)  # with the validation's metrics, at the step just done
         if self._stop_after_step:
-            self._stop_after_step, trainer.should_stop = False, True
-            # Lightning validates when fit stops early: the validation that asked for the stop has run
-            trainer.fit_loop.epoch_loop._skip_next_val = True
+            trainer.should_stop = True
+            if self._stop_validated:  # Lightning validates when fit stops early: not again after the one that asked
+                trainer.fit_loop.epoch_loop._skip_next_val = True
+            self._stop_after_step = self._stop_validated = False
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+
+    def _hold_stop(self, trainer: Trainer, validated: bool) -> None:
+        """Keep a stop asked for inside an optimizer step until the step is done: the run ended there, and Lightning
+        validated again at every micro-batch left in the step (its validation when a fit stops early)."""
+        if trainer.should_stop:
+            trainer.should_stop, self._stop_after_step = False, True
+            self._stop_validated = self._stop_validated or validated
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """A resumed run's step is saved already (in the checkpoint it resumed): under gradient accumulation Lightning
         saved it again after the next step's first micro-batch, over that checkpoint's name, half a window on."""
         super().on_train_start(trainer, pl_module)
-        self._save_after_step = self._stop_after_step = False  # asked for by a fit that ended in an error
+        self._save_after_step = self._stop_after_step = self._stop_validated = False  # from a fit ended by an error
         if trainer.ckpt_path is not None:
             self._last_global_step_saved = trainer.global_step
 

@@ -814,6 +814,34 @@ def test_a_save_due_by_time_inside_an_optimizer_step_waits_for_its_end(tiny_corp
     assert _saved_steps(tmp_path / "ckpt") == {2: 4}
 
 
+def test_max_time_inside_an_optimizer_step_ends_the_run_when_the_step_is_done(tiny_corpus, tmp_path, monkeypatch):
+    """max_time's Timer, elapsed at micro-batch 4 (accumulation over 3), ended the run there (last.ckpt: step 1 and a
+    third of step 2); then, holding that stop, Lightning validated again at each micro-batch left in the step. The run
+    now ends once step 2 is done, with the one validation Lightning runs when a fit stops early."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import timer
+
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    clock = SimpleNamespace(now=0.0)
+
+    class Clock(Callback):  # the hour has passed from micro-batch 4 on
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            clock.now = 3600.0 if batch_idx >= 3 else 0.0
+
+    monkeypatch.setattr(timer, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    validation = {"val_check_interval": 50, "limit_val_batches": 1, "num_sanity_val_steps": 0}
+    trainer = make_trainer(
+        tmp_path, 8, [Clock(), checkpoint], accumulate_grad_batches=3, max_time=timedelta(hours=1), **validation
+    )
+    trainer.fit(*make_run(tiny_corpus, 2))
+    assert _saved_steps(tmp_path / "ckpt") == {2: 6}
+    assert trainer.fit_loop.epoch_loop.val_loop.batch_progress.total.completed == 1
+
+
 def _saved_steps(folder: Path) -> dict[int, int]:
     """Each checkpoint of ``folder`` as its optimizer step and the micro-batches trained until then."""
     saved = {}
