@@ -972,6 +972,27 @@ def test_a_graceful_stop_saves_its_step_once(tiny_corpus, tmp_path, capsys, run_
     assert f"saved {last} — resume with trainer.fit(..., {resume})\n" in capsys.readouterr().err
 
 
+def test_a_graceful_stop_saves_into_the_run_checkpoint_before_a_listed_one(tiny_corpus, tmp_path, capsys):
+    """With a ModelCheckpoint of trainer.callbacks (listed before the run's checkpoint, as the CLI orders them), the
+    stop wrote last.ckpt into that one's folder, and said to resume with "last", which finds the run's own."""
+    import signal
+
+    from epas_lightning import GracefulStop, RunCheckpoint
+
+    class Signal(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:
+                stop.received = signal.SIGTERM  # what the signal handler records
+
+    stop = GracefulStop()
+    listed = ModelCheckpoint(dirpath=tmp_path / "mine", every_n_train_steps=100)
+    run = RunCheckpoint(dirpath=tmp_path / "run", save_last=True, every_n_train_steps=100)
+    make_trainer(tmp_path, 100, [Signal(), stop, listed, run]).fit(*make_run(tiny_corpus, 2))
+    assert stop.exit_status == 143 and [p.name for p in (tmp_path / "run").iterdir()] == ["last.ckpt"]
+    assert not (tmp_path / "mine").exists()
+    assert 'resume with trainer.fit(..., ckpt_path="last")' in capsys.readouterr().err
+
+
 def fake_slurm_task(monkeypatch: pytest.MonkeyPatch, root: Path) -> Path:
     """The environment of SLURM array task 70_3 (job 77), with an `scontrol` that writes its arguments into the file
     returned."""
