@@ -50,7 +50,8 @@ class ProgressiveSharing(Callback):
         interval: Optimizer steps between stages (I).
         start_step: Optimizer step of the first stage; default ``interval``.
         n_layer: Layers of the model (linked from ``model.config`` by the CLI); checked against the model.
-        enabled: ``False`` trains dense (every layer computes) with the same config.
+        enabled: ``False`` trains dense (every layer computes) with the same config; the target is then not checked
+            against the model (a 1-layer model trains), unless ``val_sharing_layers`` scores regions of it.
         order: ``deep_first`` (the paper): the deepest layers, growing shallower. ``shallow_first`` (an ablation):
             the layers right after layer 0, growing deeper (layer 1, then 1-2, ...).
         val_sharing_layers: Region lengths at which every validation (and ``test``) also scores the held-out batches,
@@ -94,7 +95,12 @@ class ProgressiveSharing(Callback):
         """The step at which the region reached its full size (kept across a resume; ``None``: not yet)."""
         self._heldout: dict[int, MeanMetric] = {}  # per extra region length, the current validation's loss
 
-    def _build(self, n_layer: int) -> SharingSchedule:
+    def _build(self, n_layer: int) -> SharingSchedule | None:
+        """The schedule for ``n_layer`` layers, checked; ``None`` when nothing reads it: sharing is off and no
+        validation scores a region (a 1-layer dense model has no layer that could share)."""
+        if not self.enabled and not self.val_sharing_layers:
+            self._val_regions = {}
+            return None
         schedule = SharingSchedule.build(n_layer, self.target, self.growth, self.interval, self.start_step, self.order)
         size = len(schedule.target_layers)
         if too_long := [n for n in self.val_sharing_layers if n > size]:
@@ -148,7 +154,7 @@ class ProgressiveSharing(Callback):
         if layers != model.sharing.shared_layers:
             model.set_shared_layers(layers)
             rank_zero_info(f"EPAS: step {step}: {len(layers)} sharing layer(s) {layers}")
-            if self.reached_at is None and len(layers) == len(self.schedule.target_layers):
+            if self.enabled and self.reached_at is None and len(layers) == len(self.schedule.target_layers):
                 self.reached_at = step
         self._applied = layers
         pl_module.log("sharing/layers", float(len(layers)), on_step=True, on_epoch=False)
@@ -192,11 +198,11 @@ class ProgressiveSharing(Callback):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # plain types at the top level, so every reader finds the region without knowing the callback's state key
         model = sharing_model(pl_module)
-        region = TrainedRegion(
-            model.config.n_layer,
-            region_in_growth_order(self.schedule.target_layers, model.sharing.shared_layers),
-            self.order,
-        )
+        shared = model.sharing.shared_layers
+        in_order = sorted(shared, reverse=self.order == "deep_first")  # no schedule: the direction's order
+        if self.schedule is not None:
+            in_order = region_in_growth_order(self.schedule.target_layers, shared)
+        region = TrainedRegion(model.config.n_layer, tuple(in_order), self.order)
         checkpoint[REGION_KEY] = region.to_record()
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -225,10 +231,21 @@ class ProgressiveSharing(Callback):
         (``target: 0.5`` and its list of layers, an unset ``start_step`` and one equal to ``interval``)."""
         if saved["enabled"] != self.enabled:
             return False
+        if not self.enabled:  # dense in both: no layer shares at any step
+            return True
         try:
             knobs = (saved["target"], saved["growth"], saved["interval"], saved["start_step"], saved["order"])
             return SharingSchedule.build(n_layer, *knobs) == self.schedule
         except (ConfigError, TypeError):  # settings this version no longer reads: they differ
+            return False
+
+    def _same_target(self, saved: dict[str, Any], n_layer: int) -> bool:
+        """Whether the checkpoint's settings ``saved`` have the configured target region (none without a schedule)."""
+        if self.schedule is None:
+            return False
+        try:
+            return resolve_target(saved["target"], n_layer, saved["order"]) == self.schedule.target_layers
+        except ConfigError:  # the target of a run without sharing, never checked
             return False
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -242,7 +259,7 @@ class ProgressiveSharing(Callback):
         model = sharing_model(pl_module)
         if self._same_schedule(saved, model.config.n_layer):  # spelled otherwise: start_step 100 for the default
             return
-        if resolve_target(saved["target"], model.config.n_layer, saved["order"]) != self.schedule.target_layers:
+        if not self._same_target(saved, model.config.n_layer):
             self.reached_at = None  # the step the checkpoint's region was full at is not this region's
         step, trained = trainer.global_step, model.sharing.shared_layers
         layers = self.shared_layers_at(step)

@@ -175,12 +175,12 @@ class GracefulStop(Callback):
         if self.command_line:
             return "the same command and --ckpt_path last"
         # "last" finds the run's newest last.ckpt from a new Trainer only with RunCheckpoint (README, "In Python")
-        last = '"last"' if isinstance(trainer.checkpoint_callback, RunCheckpoint) else repr(str(saved))
+        last = '"last"' if isinstance(_run_checkpoint(trainer), RunCheckpoint) else repr(str(saved))
         return f"trainer.fit(..., ckpt_path={last})"
 
     @staticmethod
     def _save(trainer: Trainer) -> Path | None:
-        checkpoint = trainer.checkpoint_callback
+        checkpoint = _run_checkpoint(trainer)
         return save_last_now(trainer, checkpoint) if isinstance(checkpoint, ModelCheckpoint) else None
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -203,6 +203,13 @@ class GracefulStop(Callback):
             for sig, handler in self._previous.items():
                 signal.signal(sig, handler)
         self._previous = {}
+
+
+def _run_checkpoint(trainer: Trainer) -> ModelCheckpoint | None:
+    """The checkpoint a stop saves into: the run's ``RunCheckpoint`` (where ``--ckpt_path last`` looks), else
+    Lightning's first. A ``ModelCheckpoint`` of ``trainer.callbacks`` comes before it in the CLI's list."""
+    run = [c for c in trainer.checkpoint_callbacks if isinstance(c, RunCheckpoint)]
+    return run[0] if run else trainer.checkpoint_callback
 
 
 def _no_progress_since_requeue(signum: signal.Signals, announce: bool) -> ConfigError:

@@ -66,7 +66,7 @@ from epas_lightning.resume import (
     run_last_checkpoint,
     same_folder,
 )
-from epas_lightning.run_checkpoint import RunCheckpoint
+from epas_lightning.run_checkpoint import RunCheckpoint, save_between_steps
 from epas_lightning.run_folder import RunFolders, check_run_folders_writable
 from epas_lightning.run_summary import FlopsModelSummary, RunSummary, progress_bar_for, say
 from epas_lightning.safe_load import is_sharded_checkpoint, verify_checkpoint
@@ -393,6 +393,8 @@ class EPASCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         check_no_repeated_section(config.get("callbacks"))
+        listed = config.get("callbacks")
+        save_between_steps(listed if isinstance(listed, list) else [listed])  # as the run's checkpoint saves
         if config.get("enable_checkpointing") is False:  # the checkpoint section steps aside rather than conflict
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         if config.get("logger") in (False, []):
@@ -420,7 +422,7 @@ class EPASCLI(LightningCLI):
                         raise
                     raise error from e
         except UserError:
-            if folders is not None and self.trainer.global_step == 0:  # refused at start-up: no empty run folder
+            if folders is not None:  # refused at start-up: no empty run folder
                 folders.remove_unused(self.trainer)
             raise
         except SystemExit as e:  # Lightning's exit after a signal: 1 after Ctrl+C, 0 after SIGTERM

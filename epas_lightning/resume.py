@@ -227,7 +227,7 @@ def went_on_past(ckpt_path: Path) -> str | None:
     latest = ckpt_path.parent / "last.ckpt"
     if not latest.exists() or latest.samefile(ckpt_path):
         return None
-    step, latest_step = _global_step(ckpt_path), _global_step(latest)
+    step, latest_step = global_step_of(ckpt_path), global_step_of(latest)
     if latest_step is not None and step is not None and latest_step <= step:
         return None
     return f"went on to step {latest_step}" if latest_step is not None else "has a last.ckpt that won't load"
@@ -239,7 +239,7 @@ def version_of(version_dir: Path) -> int | str:
     return int(number) if number.isdigit() and number != version_dir.name else version_dir.name
 
 
-def _global_step(ckpt_path: Path) -> int | None:
+def global_step_of(ckpt_path: Path) -> int | None:
     """The optimizer step a checkpoint was saved at, or ``None`` when it does not load or does not say."""
     try:
         step = read_checkpoint(ckpt_path, weights=False, flag="--ckpt_path")[1].get("global_step")

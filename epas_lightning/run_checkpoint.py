@@ -53,7 +53,77 @@ def keep_epoch_unfinished(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
     checkpoint["epoch"] = saved["current"]["completed"]
 
 
-class RunCheckpoint(ModelCheckpoint):
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (same arguments), saving only between optimizer steps: a checkpoint holds no
+    accumulated gradients, so one saved inside a step under gradient accumulation resumed with the step's earlier
+    micro-batches lost.
+
+    A save due inside a step (``train_time_interval`` elapsed) waits for its end. A validation inside a step
+    (``val_check_interval`` counts micro-batches: one that ``accumulate_grad_batches`` does not divide) saves once the
+    step is done, with the validation's metrics. A stop asked for inside a step (by ``EarlyStopping`` at such a
+    validation, by ``max_time``) also waits for its end, so that ``last.ckpt`` holds whole steps. A resumed run saves
+    nothing before its first optimizer step: Lightning's saved the resumed step again after one micro-batch.
+    """
+
+    _save_after_step = False  # a validation inside an optimizer step asked for a save
+    _stop_after_step = False  # a stop was asked for inside an optimizer step
+    _stop_validated = False  # ... by a validation, which has run
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and trainer.fit_loop.epoch_loop._should_accumulate():
+            self._save_after_step = True
+            self._hold_stop(trainer, validated=True)
+            return
+        super().on_validation_end(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            self._hold_stop(trainer, validated=False)  # max_time's Timer
+            return  # inside the step: Lightning's time trigger (train_time_interval) saved there; it waits for the end
+        if self._save_after_step:
+            self._save_after_step = False
+            super().on_validation_end(trainer, pl_module)  # with the validation's metrics, at the step just done
+        if self._stop_after_step:
+            trainer.should_stop = True
+            if self._stop_validated:  # Lightning validates when fit stops early: not again after the one that asked
+                trainer.fit_loop.epoch_loop._skip_next_val = True
+            self._stop_after_step = self._stop_validated = False
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+
+    def _hold_stop(self, trainer: Trainer, validated: bool) -> None:
+        """Keep a stop asked for inside an optimizer step until the step is done: the run ended there, and Lightning
+        validated again at every micro-batch left in the step (its validation when a fit stops early)."""
+        if trainer.should_stop:
+            trainer.should_stop, self._stop_after_step = False, True
+            self._stop_validated = self._stop_validated or validated
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A resumed run's step is saved already (in the checkpoint it resumed): under gradient accumulation Lightning
+        saved it again after the next step's first micro-batch, over that checkpoint's name, half a window on."""
+        super().on_train_start(trainer, pl_module)
+        self._save_after_step = self._stop_after_step = self._stop_validated = False  # from a fit ended by an error
+        if trainer.ckpt_path is not None:
+            self._last_global_step_saved = trainer.global_step
+
+
+class ListedCheckpoint(StepCheckpoint):
+    """A ``ModelCheckpoint`` of ``trainer.callbacks`` once :func:`save_between_steps` made it a
+    :class:`StepCheckpoint`; its state in checkpoints keeps ``ModelCheckpoint``'s key, so resumes find it both ways."""
+
+    @property
+    def state_key(self) -> str:
+        return ModelCheckpoint.__qualname__ + super().state_key.removeprefix(type(self).__qualname__)
+
+
+def save_between_steps(callbacks: list[Any]) -> None:
+    """Make each plain ``ModelCheckpoint`` of ``callbacks`` a :class:`ListedCheckpoint` (the same object, every
+    setting kept), which saves only between optimizer steps as the run's own checkpoint does."""
+    for callback in callbacks:
+        if type(callback) is ModelCheckpoint:
+            callback.__class__ = ListedCheckpoint
+
+
+class RunCheckpoint(StepCheckpoint):
     """Lightning's ``ModelCheckpoint``, whose ``last.ckpt`` (with ``save_last``) holds the step training ended at.
 
     It is the ``checkpoint`` section of ``fit``, with ``ModelCheckpoint``'s arguments; when training ends at a step
@@ -67,8 +137,7 @@ class RunCheckpoint(ModelCheckpoint):
     yet (one given ``version=`` keeps it), and none is a ``CSVLogger``, which would delete that folder's
     ``metrics.csv``.
 
-    A resumed run saves nothing before its first optimizer step: Lightning's saved the resumed step again after one
-    micro-batch under gradient accumulation.
+    Like every :class:`StepCheckpoint`, it saves only between optimizer steps.
     """
 
     def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
@@ -92,30 +161,6 @@ class RunCheckpoint(ModelCheckpoint):
                 if getattr(logger, "_version", "") is None:  # not chosen yet: nothing was written under it
                     logger._version = version_of(version_dir)
         return {str(newest)}
-
-    _save_after_step = False  # a validation inside an optimizer step asked for a save
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """A validation inside an optimizer step (``val_check_interval`` counts micro-batches: one that
-        ``accumulate_grad_batches`` does not divide) saves once that step is done: a checkpoint holds no accumulated
-        gradients, so one saved mid-step resumed with the step's earlier micro-batches lost."""
-        if trainer.state.fn == TrainerFn.FITTING and trainer.fit_loop.epoch_loop._should_accumulate():
-            self._save_after_step = True
-            return
-        super().on_validation_end(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
-        if self._save_after_step and not trainer.fit_loop.epoch_loop._should_accumulate():
-            self._save_after_step = False
-            super().on_validation_end(trainer, pl_module)  # with the validation's metrics, at the step just done
-        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """A resumed run's step is saved already (in the checkpoint it resumed): under gradient accumulation Lightning
-        saved it again after the next step's first micro-batch, over that checkpoint's name, half a window on."""
-        super().on_train_start(trainer, pl_module)
-        if trainer.ckpt_path is not None:
-            self._last_global_step_saved = trainer.global_step
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)

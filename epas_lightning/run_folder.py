@@ -1,15 +1,16 @@
 """The run folders of ``fit``: checked writable before any work, and removed when a user error stopped the run
-before its first step and this run made them.
+before it trained a step and this run made them.
 
 :func:`check_run_folders_writable` refuses, in one line, a log or checkpoint folder the run could not write (a
-read-only or full disk, a file in the way): that was a traceback from the logger at set-up, once the data was
-prepared, or from the first checkpoint save, once training had reached it.
+read-only or full disk, a special file system such as ``/proc``, a file in the way): that was a traceback from the
+logger at set-up, once the data was prepared, or from the first checkpoint save, once training had reached it.
 
 Lightning creates the logger's ``version_N`` folder (TensorBoard's event file, ``config.yaml``, ``hparams.yaml``)
 before the checks that need the trainer (data, ``init_from``, the strategy) run. A refused start left that folder
 behind, empty of anything a user wants, and the run that follows the fix became ``version_N+1``. Only a folder this
 run created, holding only those start-up files, is removed: anything else in it keeps it. A refused resume into an
-existing folder loses the start-up files it added there (a new event file, ``config-resume-N.yaml``), nothing else.
+existing folder loses the start-up files it added there (a new event file, ``config-resume-N.yaml``), nothing else,
+also when refused after Lightning restored its loops (at the checkpoint's step).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 
 from epas_lightning.errors import OutputError
-from epas_lightning.resume import checkpoint_folder, logger_run_dirs
+from epas_lightning.resume import checkpoint_folder, global_step_of, logger_run_dirs
 
 STARTUP_FILES = ("events.out.tfevents.*", "hparams.yaml", "config.yaml", "config-resume-*.yaml", "metrics.csv")
 """What loggers and the saved config write into a run folder before the first step."""
@@ -49,9 +50,11 @@ class RunFolders:
         return cls(roots, before, sorted(set(missing), key=lambda p: len(p.parts), reverse=True), held)
 
     def remove_unused(self, trainer: Trainer) -> None:
-        """Remove the version folders this ``fit`` created, if they hold only start-up files, and the start-up files
-        it added to one it resumes into, then the parents it created, if empty (call it on the first rank, after a
-        user error before the first step)."""
+        """When this ``fit`` trained no step: remove the version folders it created, if they hold only start-up files,
+        and the start-up files it added to one it resumes into, then the parents it created, if empty (call it on the
+        first rank, after a user error)."""
+        if trained_a_step(trainer):
+            return
         for logger in trainer.loggers:
             folder = Path(logger.log_dir) if getattr(logger, "root_dir", None) else None
             if folder is None or folder.parent not in self.roots:
@@ -67,6 +70,14 @@ class RunFolders:
                 folder.rmdir()
             except OSError:  # not empty, or already gone
                 continue
+
+
+def trained_a_step(trainer: Trainer) -> bool:
+    """Whether ``trainer``'s ``fit`` took an optimizer step: its step is neither 0 (the loops not restored yet) nor the
+    step of the checkpoint it resumes (restored, not trained since; one that does not say counts as trained)."""
+    if trainer.global_step == 0:
+        return False
+    return trainer.ckpt_path is None or trainer.global_step != global_step_of(Path(trainer.ckpt_path))
 
 
 def _is_startup_file(path: Path) -> bool:
@@ -102,7 +113,12 @@ def check_run_folders_writable(config: Namespace, fitting: bool) -> None:
             raise OutputError(f"{e.strerror or e}", folder, fix) from e
         if not existing.is_dir():
             raise OutputError(f"{existing} is a file, not a folder", folder, fix)
+        usage = shutil.disk_usage(existing)
+        if usage.total == 0:  # /proc, /sys: no storage at all (a full disk has a size)
+            raise OutputError(
+                f"{existing} cannot be written: a special file system (such as /proc or /sys), not a disk", folder, fix
+            )
         if not os.access(existing, os.W_OK | os.X_OK):
             raise OutputError(f"{existing} is not writable (a read-only file system, or permissions)", folder, fix)
-        if shutil.disk_usage(existing).free == 0:
+        if usage.free == 0:
             raise OutputError("no space left on the device (or quota)", folder, f"free space, or {fix}")

@@ -216,11 +216,21 @@ def test_validate_or_test_of_no_batch_is_one_line(tmp_path, capsys, monkeypatch,
 
 def test_the_run_callbacks_pickle_for_ddp_spawn(tmp_path, monkeypatch):
     """`--trainer.strategy ddp_spawn` pickles the trainer to its processes: the links' closures in the parser, which
-    SaveConfigCallback holds, were 'Can't pickle local object' tracebacks."""
+    SaveConfigCallback holds, were 'Can't pickle local object' tracebacks. A listed ModelCheckpoint saves between
+    optimizer steps as the run's does (see test_training), under its own state key, and pickles too."""
     import pickle
 
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from epas_lightning.run_checkpoint import ListedCheckpoint, RunCheckpoint
+
     monkeypatch.chdir(tmp_path)
-    pickle.dumps(lightning_cli(["--config", DEBUG], run=False).trainer.callbacks)
+    listed = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor=val/loss"]
+    callbacks = lightning_cli(["--config", DEBUG, *listed], run=False).trainer.callbacks
+    (checkpoint,) = [c for c in callbacks if isinstance(c, ModelCheckpoint) and not isinstance(c, RunCheckpoint)]
+    assert type(checkpoint) is ListedCheckpoint
+    assert checkpoint.state_key.startswith("ModelCheckpoint{'monitor': 'val/loss'")
+    pickle.dumps(callbacks)
 
 
 TORCH_OOM = (

@@ -224,3 +224,37 @@ def test_ddp_switched_to_find_unused_parameters_says_torchs_warning_before_the_f
         "EPAS: DDP finds unused parameters (sharing layers' q/k projections get no grad from step 4); "
         "torch's warning that it 'did not find any unused parameters' before step 4 is expected: keep the flag on"
     ]
+
+
+def test_a_dense_run_of_one_layer_trains_and_resumes_with_sharing_off(tmp_path):
+    """With sharing off, its target was still checked against the model: a 1-layer dense baseline was refused ("a
+    sharing target of 1 layers is invalid for a 1-layer model"), at construction and in setup; a resume with another
+    target failed comparing them. A target that validation scores (val_sharing_layers) is still checked, and a
+    checkpoint that shared resumes dense with sharing off."""
+    import lightning as L
+    import torch
+    from helpers import cpu_trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from epas_lightning import EPASModule, LlamaConfig
+    from epas_lightning.callbacks import ProgressiveSharing
+    from epas_lightning.errors import ConfigError
+
+    L.seed_everything(3)
+    config = LlamaConfig.from_name("debug", n_layer=1, block_size=16)
+    loader = torch.utils.data.DataLoader(torch.randint(0, 512, (8, 17)), batch_size=2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    cpu_trainer(tmp_path, 2, [ProgressiveSharing(enabled=False, n_layer=1), checkpoint]).fit(EPASModule(config), loader)
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2
+    resumed = ProgressiveSharing(target=0.25, enabled=False)
+    cpu_trainer(tmp_path, 3, [resumed]).fit(EPASModule(config), loader, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    with pytest.raises(ConfigError, match="of 1 layers rounds down to 0 layers"):
+        ProgressiveSharing(enabled=False, n_layer=1, val_sharing_layers=[0])
+    # a checkpoint that shared, resumed with sharing off (no schedule now), trains dense
+    two = LlamaConfig.from_name("debug", n_layer=2, block_size=16)
+    shared = ModelCheckpoint(dirpath=tmp_path / "shared", save_last=True)
+    cpu_trainer(tmp_path, 2, [ProgressiveSharing(target=1, interval=1), shared]).fit(EPASModule(two), loader)
+    module = EPASModule(two)
+    dense = ProgressiveSharing(target=1, interval=1, enabled=False)
+    cpu_trainer(tmp_path, 3, [dense]).fit(module, loader, ckpt_path=tmp_path / "shared" / "last.ckpt")
+    assert module.model.sharing.shared_layers == []

@@ -756,19 +756,99 @@ def test_a_resume_under_gradient_accumulation_saves_no_half_step(tiny_corpus, tm
         assert (path.name, batches) == (path.name, 2 * saved["global_step"])
 
 
-def test_a_validation_inside_an_optimizer_step_saves_when_the_step_is_done(tiny_corpus, tmp_path):
-    """Validating every 3 micro-batches under accumulation over 2, the run's checkpoint saved after micro-batch 3
-    (step 1 and half of step 2): a resume lost that half and stepped on the other micro-batch alone."""
-    from epas_lightning.run_checkpoint import RunCheckpoint
+@pytest.mark.parametrize("listed", [False, True], ids=["run checkpoint", "trainer.callbacks ModelCheckpoint"])
+def test_a_validation_inside_an_optimizer_step_saves_when_the_step_is_done(tiny_corpus, tmp_path, listed):
+    """Validating every 3 micro-batches under accumulation over 2, the run's checkpoint (and a ModelCheckpoint of
+    trainer.callbacks, which the CLI passes to save_between_steps) saved after micro-batch 3 (step 1 and half of
+    step 2): a resume lost that half and stepped on the other micro-batch alone."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1, monitor="val/loss")
+    from epas_lightning.run_checkpoint import RunCheckpoint, save_between_steps
+
+    kind = ModelCheckpoint if listed else RunCheckpoint
+    checkpoint = kind(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1, monitor="val/loss")
+    save_between_steps([checkpoint])
     validation = {"val_check_interval": 3, "limit_val_batches": 1, "num_sanity_val_steps": 0}
     make_trainer(tmp_path, 4, [checkpoint], accumulate_grad_batches=2, **validation).fit(*make_run(tiny_corpus, 2))
+    saved = _saved_steps(tmp_path / "ckpt")
+    end = {} if listed else {4: 8}  # only the run's checkpoint writes last.ckpt at the end of every run
+    assert saved == {2: 4, 3: 6, **end}  # after the validations at micro-batches 3 and 6
+
+
+def test_an_early_stop_inside_an_optimizer_step_ends_the_run_when_the_step_is_done(tiny_corpus, tmp_path):
+    """EarlyStopping at the validation after micro-batch 3 (accumulation over 2) ended the run there, and last.ckpt
+    held step 1 and half of step 2: a resume lost that half. The run now ends once step 2 is done, saving it, with no
+    second validation there."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    stop = EarlyStopping(monitor="val/loss", stopping_threshold=1e9)  # stops at the first validation
+    validation = {"val_check_interval": 3, "limit_val_batches": 1, "num_sanity_val_steps": 0}
+    trainer = make_trainer(tmp_path, 8, [checkpoint, stop], accumulate_grad_batches=2, **validation)
+    trainer.fit(*make_run(tiny_corpus, 2))
+    assert _saved_steps(tmp_path / "ckpt") == {2: 4}
+    assert trainer.fit_loop.epoch_loop.val_loop.batch_progress.total.completed == 1
+
+
+def test_a_save_due_by_time_inside_an_optimizer_step_waits_for_its_end(tiny_corpus, tmp_path, monkeypatch):
+    """train_time_interval elapsing inside an optimizer step (at micro-batch 3 here, accumulation over 2) saved there:
+    step 1 and half of step 2. The save now waits until step 2 is done."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import model_checkpoint
+
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    clock = SimpleNamespace(now=0.0)
+
+    class Clock(Callback):  # the hour has passed from micro-batch 3 on
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            clock.now = 3600.0 if batch_idx >= 2 else 0.0
+
+    monkeypatch.setattr(model_checkpoint, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", train_time_interval=timedelta(hours=1), save_top_k=-1)
+    make_trainer(tmp_path, 4, [Clock(), checkpoint], accumulate_grad_batches=2).fit(*make_run(tiny_corpus, 2))
+    assert _saved_steps(tmp_path / "ckpt") == {2: 4}
+
+
+def test_max_time_inside_an_optimizer_step_ends_the_run_when_the_step_is_done(tiny_corpus, tmp_path, monkeypatch):
+    """max_time's Timer, elapsed at micro-batch 4 (accumulation over 3), ended the run there (last.ckpt: step 1 and a
+    third of step 2); then, holding that stop, Lightning validated again at each micro-batch left in the step. The run
+    now ends once step 2 is done, with the one validation Lightning runs when a fit stops early."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import timer
+
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    clock = SimpleNamespace(now=0.0)
+
+    class Clock(Callback):  # the hour has passed from micro-batch 4 on
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            clock.now = 3600.0 if batch_idx >= 3 else 0.0
+
+    monkeypatch.setattr(timer, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    validation = {"val_check_interval": 50, "limit_val_batches": 1, "num_sanity_val_steps": 0}
+    trainer = make_trainer(
+        tmp_path, 8, [Clock(), checkpoint], accumulate_grad_batches=3, max_time=timedelta(hours=1), **validation
+    )
+    trainer.fit(*make_run(tiny_corpus, 2))
+    assert _saved_steps(tmp_path / "ckpt") == {2: 6}
+    assert trainer.fit_loop.epoch_loop.val_loop.batch_progress.total.completed == 1
+
+
+def _saved_steps(folder: Path) -> dict[int, int]:
+    """Each checkpoint of ``folder`` as its optimizer step and the micro-batches trained until then."""
     saved = {}
-    for path in (tmp_path / "ckpt").iterdir():
+    for path in folder.iterdir():
         state = torch.load(path, weights_only=True)
         saved[state["global_step"]] = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["ready"]
-    assert saved == {2: 4, 3: 6, 4: 8}  # after the validations at micro-batches 3 and 6, and the end
+    return saved
 
 
 def test_the_learning_rate_is_logged_once_per_optimizer_step_under_gradient_accumulation(tmp_path):
@@ -890,6 +970,27 @@ def test_a_graceful_stop_saves_its_step_once(tiny_corpus, tmp_path, capsys, run_
     last = tmp_path / "ckpt" / "last.ckpt"  # "last" finds it from a new Trainer only with RunCheckpoint
     resume = 'ckpt_path="last"' if run_checkpoint else f"ckpt_path={str(last)!r}"
     assert f"saved {last} — resume with trainer.fit(..., {resume})\n" in capsys.readouterr().err
+
+
+def test_a_graceful_stop_saves_into_the_run_checkpoint_before_a_listed_one(tiny_corpus, tmp_path, capsys):
+    """With a ModelCheckpoint of trainer.callbacks (listed before the run's checkpoint, as the CLI orders them), the
+    stop wrote last.ckpt into that one's folder, and said to resume with "last", which finds the run's own."""
+    import signal
+
+    from epas_lightning import GracefulStop, RunCheckpoint
+
+    class Signal(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:
+                stop.received = signal.SIGTERM  # what the signal handler records
+
+    stop = GracefulStop()
+    listed = ModelCheckpoint(dirpath=tmp_path / "mine", every_n_train_steps=100)
+    run = RunCheckpoint(dirpath=tmp_path / "run", save_last=True, every_n_train_steps=100)
+    make_trainer(tmp_path, 100, [Signal(), stop, listed, run]).fit(*make_run(tiny_corpus, 2))
+    assert stop.exit_status == 143 and [p.name for p in (tmp_path / "run").iterdir()] == ["last.ckpt"]
+    assert not (tmp_path / "mine").exists()
+    assert 'resume with trainer.fit(..., ckpt_path="last")' in capsys.readouterr().err
 
 
 def fake_slurm_task(monkeypatch: pytest.MonkeyPatch, root: Path) -> Path:

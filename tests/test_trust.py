@@ -486,17 +486,28 @@ def test_a_fit_refused_at_start_up_leaves_no_run_folder_of_its_own(capsys, monke
     assert left == ["debug", "debug/version_0", "debug/version_0/notes.txt"]
 
 
-def test_a_resume_refused_at_start_up_leaves_the_run_folder_as_it_was(debug_fit_run, capsys, monkeypatch, tmp_path):
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        (["--data.data_dir", "notdata"], "error: incomplete data directory"),
+        (["--data.batch_size", "100000"], "error: the training stream holds fewer than"),  # after the loops' restore
+    ],
+    ids=["before the restore", "after the restore"],
+)
+def test_a_resume_refused_at_start_up_leaves_the_run_folder_as_it_was(
+    debug_fit_run, capsys, monkeypatch, tmp_path, flags, error
+):
     """A refused resume added a second event file (and, refused later, a config-resume-N.yaml) to the run it
-    resumes; the files that were there stay, a file of the user's too."""
+    resumes; the files that were there stay, a file of the user's too. Refused once Lightning had restored the loops
+    (the step no longer 0, no step trained), it kept its start-up files."""
     shutil.copytree(debug_fit_run[1] / "runs", tmp_path / "runs")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notdata").mkdir()
     (tmp_path / "runs/debug/version_0/config-resume-1.yaml").write_text("mine")  # named as ours, but not made now
     before = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "runs").rglob("*"))
-    argv = ["fit", "--config", DEBUG, "--sharing.interval", "3", "--ckpt_path", "last", "--data.data_dir", "notdata"]
+    argv = ["fit", "--config", DEBUG, "--sharing.interval", "3", "--ckpt_path", "last", *flags]
     assert main(argv) == 2
-    assert capsys.readouterr().err.splitlines()[-1].startswith("error: incomplete data directory")
+    assert capsys.readouterr().err.splitlines()[-1].startswith(error)
     assert sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "runs").rglob("*")) == before
 
 
@@ -896,6 +907,9 @@ def test_a_run_folder_that_cannot_be_written_is_one_line_before_any_work(tmp_pat
     # a parent it cannot search (another user's home) or a name too long: the check's own traceback (OSError)
     for flag in (logger, checkpoints):
         assert "File name too long — " in one_line_error(capsys, ["fit", "--config", DEBUG, flag, "x" * 300])
+    if Path("/proc/self").is_dir():  # a special file system: it was "no space left on the device"
+        err = one_line_error(capsys, ["fit", "--config", DEBUG, checkpoints, "/proc/nope"])
+        assert "/proc cannot be written: a special file system (such as /proc or /sys), not a disk — /proc/nope" in err
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 0))
     assert "no space left on the device" in one_line_error(capsys, ["fit", "--config", DEBUG])
