@@ -49,14 +49,20 @@ def write_marker(folder: Path, kind: str) -> None:
 
 def check_apart(output: Path, inputs: Iterable[str | Path], flag: str = "--output") -> None:
     """Refuse an output that is an input, contains one, or lies inside one."""
-    out = Path(output).expanduser().resolve()
+    out = _real(output)
     for raw in inputs:
-        source = Path(raw).expanduser().resolve()
+        source = _real(raw)
         if out == source or source.is_relative_to(out) or out.is_relative_to(source):
             relation = "is" if out == source else ("contains" if source.is_relative_to(out) else "lies inside")
             raise OutputError(
                 f"the output {relation} the input {source}", f"{flag} {out}", "choose an output folder apart from it"
             )
+
+
+def _real(path: str | Path) -> Path:
+    """``path`` with its links resolved as far as they go: a link loop stays as it is (the reader of an input says it
+    does not exist), where ``Path.resolve`` raises."""
+    return Path(os.path.realpath(Path(path).expanduser()))
 
 
 def _owned_by_dead_process(folder: Path) -> bool:
@@ -121,7 +127,7 @@ def check_output(
 ) -> Path:
     """Fail before any work unless :func:`output_folder` may build ``target``; return its absolute path."""
     target = Path(target).expanduser().absolute()
-    parent = next(p for p in target.parents if p.exists())  # the root always does
+    parent = next((p for p in target.parents if p.exists()), target)  # the root always does; the root has none
     if not parent.is_dir():
         raise OutputError(f"{parent} is a file, not a folder", f"{flag} {target}", "choose an output inside a folder")
     check_apart(target, inputs, flag)

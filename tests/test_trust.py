@@ -581,6 +581,19 @@ def test_an_output_that_cannot_be_created_is_a_user_error(tmp_path):
         pass
 
 
+def test_a_link_loop_as_input_and_the_root_as_output_are_one_line(tmp_path, capsys):
+    """The check that an output lies apart from its inputs raised on a link loop (``Path.resolve``: a RuntimeError
+    traceback), and the search for an output's nearest existing folder on the root, which has none (StopIteration)."""
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    for command in ("consolidate", "export"):
+        argv = [command, "--checkpoint", str(tmp_path / "a"), "--output", str(tmp_path / "out")]
+        assert "checkpoint does not exist" in one_line_error(capsys, argv)
+    argv = ["consolidate", "--checkpoint", str(tmp_path / "x.ckpt"), "--output", "/"]
+    assert "the output contains the input" in one_line_error(capsys, argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
 def test_an_output_that_appears_while_building_is_not_replaced(tmp_path):
     """A second run (or the user) created it meanwhile: without --overwrite it is not ours to replace."""
     target = tmp_path / "out"
