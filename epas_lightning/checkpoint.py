@@ -374,9 +374,21 @@ def _special_ids(hf: dict[str, Any]) -> dict[str, int | None]:
     return ids
 
 
-def checkpoint_kind(path: Path) -> str | None:
+def checkpoint_kind(path: Path, flag: str = "--checkpoint") -> str | None:
     """Which form of checkpoint ``path`` would be read as: ``ckpt`` (a file), ``sharded`` (an FSDP2 folder),
-    ``consolidated`` or ``hf``; ``None`` for anything else (a run folder, say). Nothing is read but ``config.json``."""
+    ``consolidated`` or ``hf``; ``None`` for anything else (a run folder, say). Nothing is read but ``config.json``.
+    A folder this user may not read is a :class:`CheckpointError`."""
+    try:
+        return _checkpoint_kind(path)
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot read the folder: {(e.strerror or str(e)).lower()} ({e.filename})",
+            f"{flag} {path}",
+            "make it readable for this user",
+        ) from e
+
+
+def _checkpoint_kind(path: Path) -> str | None:
     if path.is_file():
         return "ckpt"
     if path.is_dir() and is_hf_dir(path):
@@ -391,7 +403,7 @@ def _read_any(path: Path, flag: str = "--checkpoint") -> tuple[dict[str, torch.T
     consolidated or an HF LLaMA directory; of the tensors, only the sharing mask is read."""
     if not path.exists():
         raise CheckpointError("checkpoint does not exist", f"{flag} {path}", "check the path")
-    kind = checkpoint_kind(path)
+    kind = checkpoint_kind(path, flag)
     if kind == "hf":
         return _read_hf(path, flag)
     if kind == "consolidated":
@@ -480,7 +492,7 @@ def stored_weights(
     """The ``Llama`` weights stored at ``path`` (a checkpoint :func:`_read_any` read the ``shapes`` of), by our names:
     a ``.ckpt`` mapped into memory (``weights_only``), safetensors one tensor at a time, a sharded folder in batches
     of about :data:`SHARD_READ_BYTES`; a Hugging Face folder's, one file at a time."""
-    kind = checkpoint_kind(path)
+    kind = checkpoint_kind(path, flag)
     if kind == "ckpt":
         loaded = load_torch_file(path, mmap=True, where=f"{flag} {path}")["state_dict"]
         yield from _strip_prefix(loaded).items()

@@ -114,26 +114,42 @@ def weight_tensors(path: Path, kind: str, state: dict[str, torch.Tensor]) -> Ite
             yield from loaded.get("state_dict", loaded).items()
 
 
-def checkpoints_in(folder: Path, depth: int = LISTING_DEPTH) -> list[Path]:
-    """The checkpoints under ``folder`` (``.ckpt`` files and checkpoint folders), ``depth`` levels down at most;
-    hidden entries (saves in the making) are skipped."""
-    found = []
-    for entry in sorted(folder.iterdir()):
+def checkpoints_in(folder: Path, depth: int = LISTING_DEPTH) -> dict[Path, str | None]:
+    """The checkpoints under ``folder`` (``.ckpt`` files and checkpoint folders), ``depth`` levels down at most, each
+    with ``None``; a folder under it that this user may not read (another user's run), with why. Hidden entries (saves
+    in the making) are skipped."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot list the folder: {(e.strerror or str(e)).lower()}",
+            f"--checkpoint {folder}",
+            "make it readable for this user",
+        ) from e
+    found = {}
+    for entry in entries:
         if entry.name.startswith("."):
             continue
-        if entry.suffix == ".ckpt" and entry.is_file() or entry.is_dir() and checkpoint_kind(entry):
-            found.append(entry)
-        elif entry.is_dir() and depth > 1:
-            found += checkpoints_in(entry, depth - 1)
+        try:
+            if entry.suffix == ".ckpt" and entry.is_file() or entry.is_dir() and checkpoint_kind(entry):
+                found[entry] = None
+            elif entry.is_dir() and depth > 1:
+                found |= checkpoints_in(entry, depth - 1)
+        except CheckpointError as e:
+            found[entry] = e.what
+        except OSError as e:
+            found[entry] = f"cannot read it: {(e.strerror or str(e)).lower()}"
     return found
 
 
 def listing(folder: Path, check_weights: bool = False) -> list[dict[str, Any]]:
     """A record of each checkpoint under ``folder`` by step (its weights unread unless ``check_weights``); one that
-    cannot be read says why."""
+    cannot be read, and a folder that cannot, says why."""
     records = []
-    for path in checkpoints_in(folder):
+    for path, unreadable in checkpoints_in(folder).items():
         try:
+            if unreadable:
+                raise CheckpointError(unreadable)
             records.append(describe(path, check_weights))
         except UserError as e:
             records.append({"path": str(path), "error": e.what})

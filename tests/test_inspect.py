@@ -108,6 +108,43 @@ def test_a_run_folder_lists_its_checkpoints_by_step_and_refuses_none_unsafely(tm
     assert "no checkpoints in this folder" in one_line_error(capsys, tmp_path / "empty")
 
 
+def test_folders_this_user_may_not_read_are_one_line_or_a_listed_row(tmp_path, capsys, monkeypatch):
+    """A folder that could not be read (another user's run under runs/) was a PermissionError traceback, for the
+    folder itself and for any folder a listing met under it."""
+    for run in ("a", "b", "c"):
+        tiny_ckpt(tmp_path / "runs" / run / "checkpoints" / "last.ckpt", 8, [])
+    closed, unlisted = tmp_path / "runs" / "b", tmp_path / "runs" / "c"
+    stat, iterdir = Path.stat, Path.iterdir
+
+    def denied(path: Path) -> OSError:
+        return PermissionError(13, "Permission denied", str(path))
+
+    def closed_stat(self, **kwargs):
+        if self.is_relative_to(closed) and self != closed:
+            raise denied(self)
+        return stat(self, **kwargs)
+
+    def closed_iterdir(self):
+        if self in (closed, unlisted):
+            raise denied(self)
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "stat", closed_stat)
+    monkeypatch.setattr(Path, "iterdir", closed_iterdir)
+    _, record = inspected(capsys, tmp_path / "runs")
+    rows = {Path(r["path"]).relative_to(tmp_path / "runs").as_posix(): r.get("error") for r in record["checkpoints"]}
+    assert rows == {
+        "a/checkpoints/last.ckpt": None,
+        "b": f"cannot read the folder: permission denied ({closed / 'config.json'})",
+        "c": "cannot list the folder: permission denied",
+    }
+    for command in (["inspect"], ["consolidate", "--output", str(tmp_path / "out")]):
+        assert main([*command, "--checkpoint", str(closed)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {rows['b']} — --checkpoint {closed} — make it readable for this user\n"
+    assert "error: cannot list the folder" in one_line_error(capsys, unlisted)
+
+
 def test_a_listing_checks_the_weights_only_when_asked_and_says_so(tmp_path, capsys):
     """The listing read no weights and said nothing of it; --check-weights was ignored there."""
     tiny_ckpt(tmp_path / "checkpoints" / "epoch=0-step=4.ckpt", 4, [])
