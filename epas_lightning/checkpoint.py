@@ -31,7 +31,7 @@ from epas_lightning.data.tokenizer import (
     load_tokenizer,
     resolve_tokenizer_path,
 )
-from epas_lightning.errors import CheckpointError
+from epas_lightning.errors import CheckpointError, ConfigError
 from epas_lightning.hf.convert import (
     config_from_hf,
     hf_tensors,
@@ -47,6 +47,7 @@ from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.provenance import (
     TRAINING_KEY,
+    callback_states,
     carried,
     checked,
     from_consolidated,
@@ -77,6 +78,9 @@ CHECK_ELEMENTS = 1 << 22
 """Elements checked for NaN and inf at once (:func:`is_finite_tensor`)."""
 SHARD_READ_BYTES = 1 << 28
 """Bytes of weights read from a sharded checkpoint at once."""
+TOKENIZER_FIELDS = {"path": str, "bos_id": int, "eos_id": int, "sha256": str, "data_dir": str}
+"""The fields of the tokenizer record a checkpoint keeps (``fit``'s, ``consolidate``'s), each of its type or null."""
+AS_WRITTEN = "pass the checkpoint as fit or consolidate wrote it"
 
 
 def read_checkpoint(
@@ -155,7 +159,7 @@ def recorded_region(metadata: dict[str, Any], shared: list[int], n_layer: int) -
         if sorted(region.layers) == sorted(shared):
             return region
     order = None
-    for key, state in (metadata.get("callbacks") or {}).items():
+    for key, state in callback_states(metadata).items():
         if str(key).startswith("ProgressiveSharing") and isinstance(state, dict):
             order = state.get("order", "deep_first")
     return TrainedRegion.from_shared(shared, n_layer, order)
@@ -315,7 +319,7 @@ def _read_consolidated(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             }
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"corrupt or truncated weights ({e})", path / WEIGHTS_FILE, "consolidate again") from e
-    tokenizer = dict(record.get("tokenizer") or {})
+    tokenizer = checked_tokenizer(record.get("tokenizer"), path / CONFIG_FILE)
     if tokenizer.get("path"):
         tokenizer["path"] = str(path / Path(tokenizer["path"]).name)
     sharing = record.get("sharing") or {}
@@ -409,13 +413,28 @@ def _read_any(path: Path, flag: str = "--checkpoint") -> tuple[dict[str, torch.T
     if kind == "consolidated":
         return _read_consolidated(path)
     if kind is not None:
-        return read_checkpoint(path, weights=False, flag=flag)
+        state, metadata = read_checkpoint(path, weights=False, flag=flag)
+        metadata["tokenizer"] = checked_tokenizer(metadata.get("tokenizer"), f"{flag} {path}")
+        return state, metadata
     raise CheckpointError(
         "not a checkpoint",
         f"{flag} {path}",
         checkpoints_inside(path)
         or "pass a .ckpt file, an FSDP2 checkpoint directory, a consolidated directory or a Hugging Face LLaMA folder",
     )
+
+
+def checked_tokenizer(record: Any, where: object) -> dict[str, Any]:
+    """The tokenizer record of a checkpoint (``{}`` where there is none), refused where it is not as ``fit`` and
+    ``consolidate`` write it (a hand-edited ``config.json``): no mapping, or a field of another type."""
+    if record is None:
+        return {}
+    if not isinstance(record, dict):
+        raise CheckpointError(f"its tokenizer record is invalid ({record!r})", where, AS_WRITTEN)
+    for key, kind in TOKENIZER_FIELDS.items():
+        if not isinstance(record.get(key), kind | None):
+            raise CheckpointError(f"its tokenizer record is invalid ({key}: {record[key]!r})", where, AS_WRITTEN)
+    return dict(record)
 
 
 def checkpoints_inside(folder: Path) -> str | None:
@@ -450,7 +469,7 @@ def _fitted_model(
             model.to(dtype)  # still on the meta device (nothing allocated); the sharing mask stays bool
         model.to_empty(device=device)
         model.tie_weights()
-    fix = "pass the checkpoint as fit or consolidate wrote it (weights and config from the same run)"
+    fix = f"{AS_WRITTEN} (weights and config from the same run)"
     mismatch = state_mismatch(model.state_dict(), state)
     if mismatch:
         raise CheckpointError(f"the weights do not fit the model config it records ({mismatch})", path, fix)
@@ -590,8 +609,12 @@ def listed(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
 
 
-def _info(metadata: dict[str, Any], model: Llama) -> CheckpointInfo:
+def _info(metadata: dict[str, Any], model: Llama, path: Path) -> CheckpointInfo:
     config = model.config
+    try:
+        region = recorded_region(metadata, model.sharing.shared_layers, config.n_layer)
+    except ConfigError as e:  # a hand-edited record
+        raise CheckpointError(f"its recorded sharing region is invalid ({e.what.rstrip('.')})", path, AS_WRITTEN) from e
     tokenizer = metadata.get("tokenizer") or {}
     tokenizer_path = Path(tokenizer["path"]) if tokenizer.get("path") else None
     sha256 = tokenizer.get("sha256")
@@ -606,7 +629,7 @@ def _info(metadata: dict[str, Any], model: Llama) -> CheckpointInfo:
     training = training_record(metadata)
     return CheckpointInfo(
         config=config,
-        region=recorded_region(metadata, model.sharing.shared_layers, config.n_layer),
+        region=region,
         tokenizer_path=tokenizer_path,
         bos_id=tokenizer.get("bos_id"),
         eos_id=tokenizer.get("eos_id"),
@@ -643,7 +666,7 @@ def load_model(
     model = _fitted_model(_model_config(metadata, path), shapes, path, device, dtype)
     _load_weights(model, path, shapes, dtype, flag)
     check_finite(model.state_dict(), path)  # on the device: fast there
-    info = _info(metadata, model)
+    info = _info(metadata, model, path)
     return LoadedModel(model=model.eval(), weights_dtype=stored, **vars(info))
 
 
@@ -665,7 +688,7 @@ def read_description(
     path = Path(path).expanduser()
     state, metadata = _read_any(path, flag)
     model = _fitted_model(_model_config(metadata, path), state, path, torch.device("meta"), None)
-    return _info(metadata, model), state, metadata
+    return _info(metadata, model, path), state, metadata
 
 
 def recorded_config(path: str | Path, flag: str = "--checkpoint") -> LlamaConfig:

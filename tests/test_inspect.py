@@ -145,6 +145,32 @@ def test_folders_this_user_may_not_read_are_one_line_or_a_listed_row(tmp_path, c
     assert "error: cannot list the folder" in one_line_error(capsys, unlisted)
 
 
+def test_records_of_another_type_are_one_line_or_read_as_not_recorded(tmp_path, capsys):
+    """A hand-edited record (config.json, or a checkpoint's entries) was an AttributeError or TypeError traceback
+    (tokenizer, callbacks), or a line naming no file (sharing region)."""
+    ckpt = tiny_ckpt(tmp_path / "a.ckpt", 8, [3], callbacks=["not", "states"])
+    assert inspected(capsys, ckpt)[1]["tokens"] is None  # the provenance reads as not recorded, as elsewhere
+    for entries, says in [
+        ({"tokenizer": "tokenizer.json"}, "its tokenizer record is invalid ('tokenizer.json')"),
+        ({"tokenizer": {"path": 5}}, "its tokenizer record is invalid (path: 5)"),
+        ({"sharing_region": {"layers": [9], "order": "deep_first"}}, "invalid (Invalid trained region [9] for a 4-"),
+        ({"sharing_region": ["3"]}, "its recorded sharing region is invalid (Invalid trained region record ['3']"),
+    ]:
+        state = torch.load(tiny_ckpt(tmp_path / "b.ckpt", 8, [3]), weights_only=True)
+        torch.save({**state, **entries}, tmp_path / "b.ckpt")
+        err = one_line_error(capsys, tmp_path / "b.ckpt")
+        assert says in err and err.endswith("b.ckpt — pass the checkpoint as fit or consolidate wrote it\n"), err
+    folder = save_consolidated(Llama(LlamaConfig.from_name("debug", n_layer=2)), tmp_path / "c")
+    record = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**record, "tokenizer": {"path": 5, "bos_id": 0}}))
+    argv = ["export", "--checkpoint", str(folder), "--output", str(tmp_path / "out")]
+    assert main(argv) == 2 and not (tmp_path / "out").exists()
+    assert capsys.readouterr().err == (
+        f"error: its tokenizer record is invalid (path: 5) — {folder / 'config.json'} — pass the checkpoint as fit "
+        "or consolidate wrote it\n"
+    )
+
+
 def test_a_listing_checks_the_weights_only_when_asked_and_says_so(tmp_path, capsys):
     """The listing read no weights and said nothing of it; --check-weights was ignored there."""
     tiny_ckpt(tmp_path / "checkpoints" / "epoch=0-step=4.ckpt", 4, [])
