@@ -206,6 +206,9 @@ def test_cli_with_hf_tokenizer_and_separate_val_input(corpus, tmp_path: Path, ca
         (["--train-tokenizer", "--vocab-size", "100"], "at least 258 tokens (256 bytes, BOS, EOS), not 100 — --vocab"),
         (["--tokenizer", "t.json", "--vocab-size", "300"], "the --tokenizer given has its own — --vocab-size"),
         (["--tokenizer", "missing.json"], "tokenizer file does not exist — --tokenizer missing.json — check"),
+        (["--train-tokenizer", "--vocab-size", "300", "--num-workers", "0"], "at least 1, got 0 — --num-workers"),
+        (["--train-tokenizer", "--vocab-size", "300", "--num-workers", "-1"], "at least 1, got -1 — --num-workers"),
+        (["--train-tokenizer", "--vocab-size", "300", "--val-fraction", "1"], "in [0, 1), got 1.0 — --val-fraction"),
     ],
 )
 def test_flags_that_cannot_apply_are_refused_before_any_work(flags, says, tmp_path, capsys):

@@ -104,6 +104,11 @@ def _raise_bad(bad: BadDocument) -> None:
     raise DataPreparationError(bad.reason, bad.where, "pass --on-bad skip to skip it")
 
 
+def check_val_fraction(val_fraction: float) -> None:
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}", "--val-fraction")
+
+
 def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerChoice, options: BuildOptions) -> dict:
     """Write ``train/``, ``val/`` and the tokenizer into ``build_dir``; return the metadata (the caller writes it last).
 
@@ -111,8 +116,7 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
     """
     if options.on_bad not in ON_BAD_CHOICES:
         raise ConfigError(f"on_bad must be one of {ON_BAD_CHOICES}, got {options.on_bad!r}", "--on-bad")
-    if not 0.0 <= options.val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must be in [0, 1), got {options.val_fraction}", "--val-fraction")
+    check_val_fraction(options.val_fraction)
     timer = StepTimer()
     for f in files:
         check_text_field(f, options.text_field)
@@ -247,6 +251,10 @@ def prepare_dataset(
             "drop it, or train one with --train-tokenizer instead of --tokenizer",
         )
     check_tokenizer_flag(None if tokenizer is None else Path(tokenizer))
+    from epas_lightning.runtime import check_counts  # torch: not for prepare --help
+
+    check_counts({"--num-workers": num_workers})
+    check_val_fraction(val_fraction)
     if output.is_dir() and is_prepared_dataset(output) and overwrite:
         write_marker(output, DATASET_KIND)  # prepared before output folders carried a marker: ours all the same
     with output_folder(output, DATASET_KIND, overwrite, inputs=[*inputs, *val_inputs]) as build:
