@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -215,6 +216,31 @@ def test_flags_that_cannot_apply_are_refused_before_any_work(flags, says, tmp_pa
     argv = ["prepare", "--input", str(tmp_path), "--output", str(tmp_path / "out"), *flags]
     assert cli_main(argv) == 2
     assert says in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_file_this_user_may_not_read_is_one_line(tmp_path: Path, capsys, monkeypatch):
+    """It was a PermissionError traceback: in prepare and export (--tokenizer), and wherever a checkpoint's recorded
+    tokenizer is hashed (inspect, consolidate, export)."""
+    from epas_lightning.data.tokenizer import TokenizerError, file_sha256
+
+    tokenizer, opened = train_hf_tokenizer(tmp_path / "tokenizer.json"), Path.open
+
+    def denied(self, *args, **kwargs):
+        if self == tokenizer:
+            raise PermissionError(13, "Permission denied", str(self))
+        return opened(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
+    says = "cannot read the tokenizer file (permission denied)"
+    assert (
+        cli_main(
+            ["prepare", "--input", str(tmp_path), "--output", str(tmp_path / "out"), "--tokenizer", str(tokenizer)]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err == f"error: {says} — --tokenizer {tokenizer} — make it readable for this user\n"
+    with pytest.raises(TokenizerError, match=rf"^{re.escape(says)} — {tokenizer} — make it readable"):
+        file_sha256(tokenizer)
 
 
 def test_a_document_larger_than_a_chunk_prints_no_litdata_warning(tmp_path: Path, sp_model: Path):
