@@ -59,6 +59,7 @@ from epas_lightning.runtime import dtype_name, dtype_overflow, emit_json, named_
 from epas_lightning.safe_load import (
     DCP_METADATA,
     LIGHTNING_METADATA,
+    check_readable,
     is_sharded_checkpoint,
     load_torch_file,
     verify_checkpoint,
@@ -311,6 +312,7 @@ def _read_consolidated(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         raise CheckpointError(f"unreadable {CONFIG_FILE} ({e})", path / CONFIG_FILE) from e
     if not isinstance(record, dict) or "model" not in record:
         raise CheckpointError(f"{CONFIG_FILE} was not written by consolidate (no 'model' entry)", path / CONFIG_FILE)
+    check_readable(path / WEIGHTS_FILE)
     try:
         with safe_open(path / WEIGHTS_FILE, "pt") as f:  # its header (names, shapes), then the mask
             state = {

@@ -145,6 +145,25 @@ def test_folders_this_user_may_not_read_are_one_line_or_a_listed_row(tmp_path, c
     assert "error: cannot list the folder" in one_line_error(capsys, unlisted)
 
 
+def test_weights_this_user_may_not_read_are_not_called_corrupt(tmp_path, capsys, monkeypatch):
+    """safetensors reports a file this user may not read as missing: the line was "corrupt or truncated weights (No
+    such file or directory: ...) — consolidate again" (for a consolidated folder; for a Hugging Face one, alike)."""
+    folder = save_consolidated(Llama(LlamaConfig.from_name("debug", n_layer=2)), tmp_path / "c")
+    hf, opened = export(folder, tmp_path / "hf"), Path.open
+
+    def denied(self, *args, **kwargs):
+        if self.name == "model.safetensors":
+            raise PermissionError(13, "Permission denied", str(self))
+        return opened(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
+    for path in (folder, hf):
+        assert one_line_error(capsys, path) == (
+            f"error: cannot open the file: permission denied — {path / 'model.safetensors'} — make it readable for "
+            "this user\n"
+        )
+
+
 def test_records_of_another_type_are_one_line_or_read_as_not_recorded(tmp_path, capsys):
     """A hand-edited record (config.json, or a checkpoint's entries) was an AttributeError or TypeError traceback
     (tokenizer, callbacks), or a line naming no file (sharing region)."""

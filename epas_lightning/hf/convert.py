@@ -263,6 +263,9 @@ def _torch_shapes(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _safetensors_shapes(file: Path) -> dict[str, torch.Tensor]:
+    from epas_lightning.safe_load import check_readable
+
+    check_readable(file)
     try:
         with safe_open(file, "pt") as f:
             return {key: safetensors_meta(f, key) for key in f.keys()}  # noqa: SIM118
@@ -279,6 +282,9 @@ def safetensors_meta(f: Any, key: str) -> torch.Tensor:
 
 
 def _safetensors_load(file: Path) -> dict[str, torch.Tensor]:
+    from epas_lightning.safe_load import check_readable
+
+    check_readable(file)
     try:
         return load_file(file, device="cpu")
     except (SafetensorError, OSError) as e:
