@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -148,6 +149,22 @@ def test_fsdp2_resume_reads_non_tensor_shard_entries_safely(tmp_path):
     with pytest.raises(CheckpointError, match="cannot read this file safely"):
         load_sharded_checkpoint(tmp_path, module, [optimizer])
     assert not marker.exists()
+
+
+def test_a_corrupt_shard_is_not_answered_with_torchs_advice_to_unpickle_it(tmp_path):
+    """A shard of garbage at its full length was "cannot read the shards (Weights only load failed. ... Re-running
+    `torch.load` with `weights_only` set to `False` will likely succeed ...)": advice no one should take here."""
+    from torch.distributed.checkpoint import save as dcp_save
+
+    from epas_lightning.safe_dcp import load_shards
+
+    module = torch.nn.Linear(2, 2)
+    dcp_save({"state_dict": module.state_dict()}, checkpoint_id=tmp_path, no_dist=True)
+    shard = tmp_path / "__0_0.distcp"
+    shard.write_bytes(random.Random(0).randbytes(shard.stat().st_size))
+    with pytest.raises(CheckpointError, match=r"^cannot read the shards \(corrupt, or holding objects other") as e:
+        load_shards({"state_dict": module.state_dict()}, tmp_path, no_dist=True)
+    assert "weights_only" not in str(e.value)
 
 
 def test_a_file_torch_save_did_not_write_is_not_called_unsafe(tmp_path):
