@@ -347,17 +347,28 @@ def _read_hf(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], dict[str, 
     with located(f"{flag} {path}"):
         config = config_from_hf(hf)
         state = hf_to_ours(read_hf_weights(path, weights=False), config)
-    region = [int(i) for i in hf.get("epas_trained_region") or ()]
-    state[SHARING_MASK] = torch.tensor([i in region for i in range(config.n_layer)])
+    region = _region_of(hf, config.n_layer, path / CONFIG_FILE)
+    state[SHARING_MASK] = torch.tensor([i in region.layers for i in range(config.n_layer)])
     tokenizer = tokenizer_in(path)
     metadata = {
         "model_config": config.to_dict(),
         "tokenizer": {"path": str(tokenizer) if tokenizer else None, **_special_ids(hf)},
-        REGION_KEY: {"layers": region, "order": hf.get("epas_growth_order", "deep_first")},
+        REGION_KEY: region.to_record(),
     }
     if (training := export_record(path)) is not None:
         metadata[TRAINING_KEY] = training
     return _shapes_only(state), metadata
+
+
+def _region_of(hf: dict[str, Any], n_layer: int, where: Path) -> TrainedRegion:
+    """The trained region an ``export`` recorded in the HF config ``hf`` (dense where none)."""
+    record = {"layers": hf.get("epas_trained_region") or [], "order": hf.get("epas_growth_order", "deep_first")}
+    try:
+        return TrainedRegion.from_record(record, n_layer)
+    except ConfigError as e:  # a hand-edited config.json
+        raise CheckpointError(
+            f"its recorded sharing region is invalid ({e.what.rstrip('.')})", where, AS_WRITTEN
+        ) from e
 
 
 def export_record(path: Path) -> dict[str, Any] | None:

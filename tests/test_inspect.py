@@ -157,6 +157,7 @@ def test_weights_this_user_may_not_read_are_not_called_corrupt(tmp_path, capsys,
         return opened(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "open", denied)
+    capsys.readouterr()  # export's warning (no tokenizer)
     for path in (folder, hf):
         assert one_line_error(capsys, path) == (
             f"error: cannot open the file: permission denied — {path / 'model.safetensors'} — make it readable for "
@@ -165,8 +166,8 @@ def test_weights_this_user_may_not_read_are_not_called_corrupt(tmp_path, capsys,
 
 
 def test_records_of_another_type_are_one_line_or_read_as_not_recorded(tmp_path, capsys):
-    """A hand-edited record (config.json, or a checkpoint's entries) was an AttributeError or TypeError traceback
-    (tokenizer, callbacks), or a line naming no file (sharing region)."""
+    """A hand-edited record (config.json, or a checkpoint's entries) was an AttributeError, TypeError or ValueError
+    traceback (tokenizer, callbacks, an export's region), or a line naming no file (sharing region)."""
     ckpt = tiny_ckpt(tmp_path / "a.ckpt", 8, [3], callbacks=["not", "states"])
     assert inspected(capsys, ckpt)[1]["tokens"] is None  # the provenance reads as not recorded, as elsewhere
     for entries, says in [
@@ -180,6 +181,14 @@ def test_records_of_another_type_are_one_line_or_read_as_not_recorded(tmp_path, 
         err = one_line_error(capsys, tmp_path / "b.ckpt")
         assert says in err and err.endswith("b.ckpt — pass the checkpoint as fit or consolidate wrote it\n"), err
     folder = save_consolidated(Llama(LlamaConfig.from_name("debug", n_layer=2)), tmp_path / "c")
+    hf = export(folder, tmp_path / "hf")
+    record = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**record, "epas_trained_region": ["x"]}))
+    capsys.readouterr()
+    says = "its recorded sharing region is invalid (Invalid trained region ['x']: not a list of layer numbers)"
+    assert says in one_line_error(capsys, hf)
+    (hf / "config.json").write_text('["model_type"]')  # taken for an HF config: a TypeError traceback
+    assert "config.json was not written by consolidate (no 'model' entry)" in one_line_error(capsys, hf)
     record = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**record, "tokenizer": {"path": 5, "bos_id": 0}}))
     argv = ["export", "--checkpoint", str(folder), "--output", str(tmp_path / "out")]

@@ -77,9 +77,10 @@ def is_hf_dir(path: str | Path) -> bool:
     if not config.is_file():
         return False
     try:
-        return "model_type" in json.loads(config.read_text())
+        record = json.loads(config.read_text())
     except ValueError:
         return False
+    return isinstance(record, dict) and "model_type" in record
 
 
 def read_hf_config(path: str | Path) -> dict[str, Any]:
