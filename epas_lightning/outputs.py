@@ -18,7 +18,9 @@ import errno
 import json
 import os
 import shutil
+import signal
 import socket
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -159,7 +161,8 @@ def output_folder(
         ) from e
     write_marker(build, kind)
     try:
-        yield build
+        with stopping_on_sigterm():
+            yield build
         check_replaceable(target, kind, overwrite, flag)  # it may have appeared meanwhile (another run, the user)
         honour_umask(build)
         replace_folder(build, target)
@@ -172,6 +175,33 @@ def output_folder(
                 "free space, or choose an --output on another disk",
             ) from e
         raise
+
+
+@contextlib.contextmanager
+def stopping_on_sigterm() -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler's or container's stop) raises ``KeyboardInterrupt`` here, as Ctrl+C does, so the
+    folder being built is removed: by default it ends the process at once, leaving the hidden folder (the size of the
+    output) until a later run at the same target. A handler of the caller's own is kept; a process forked meanwhile
+    ends as by default."""
+    owner = os.getpid()
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        interrupt = KeyboardInterrupt()
+        interrupt.signum = signum  # the command line exits with 128 + signum, naming the signal
+        raise interrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def out_of_space(error: BaseException | None) -> bool:

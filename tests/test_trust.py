@@ -8,6 +8,9 @@ import os
 import pickle
 import random
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -585,6 +588,31 @@ def test_a_failed_build_leaves_nothing_and_the_old_output_intact(tmp_path):
         raise RuntimeError("killed")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MARKER, "a.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_sigterm_while_an_output_is_built_removes_the_build(tmp_path):
+    """SIGTERM (kill, a scheduler's stop) ended consolidate or export at once, leaving the hidden build folder (as large
+    as the model) until a later run at the same target; now it is removed, as after Ctrl+C, and the command says so."""
+    script = f"""
+import os, signal, sys
+from epas_lightning.cli import _run
+from epas_lightning.outputs import output_folder
+
+def build(argv):
+    with output_folder({str(tmp_path / "out")!r}, "bench") as folder:
+        (folder / "half.bin").write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGTERM)
+        (folder / "more.bin").write_bytes(b"not reached")
+
+import epas_lightning.cli
+epas_lightning.cli.dispatch = build
+sys.exit(_run(["consolidate"], False))
+"""
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (143, "interrupted: consolidate stopped (SIGTERM)\n")
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # this process: nothing installed outside a build
 
 
 def test_an_output_that_cannot_be_created_is_a_user_error(tmp_path):
