@@ -429,12 +429,26 @@ def _read_any(path: Path, flag: str = "--checkpoint") -> tuple[dict[str, torch.T
         state, metadata = read_checkpoint(path, weights=False, flag=flag)
         metadata["tokenizer"] = checked_tokenizer(metadata.get("tokenizer"), f"{flag} {path}")
         return state, metadata
+    if (inside := checkpoints_inside(path)) is None:
+        check_complete(path, flag)
     raise CheckpointError(
         "not a checkpoint",
         f"{flag} {path}",
-        checkpoints_inside(path)
+        inside
         or "pass a .ckpt file, an FSDP2 checkpoint directory, a consolidated directory or a Hugging Face LLaMA folder",
     )
+
+
+def check_complete(folder: Path, flag: str = "--checkpoint") -> None:
+    """Refuse a folder that holds part of a checkpoint (copied without one of its files), saying which is missing:
+    it would read as no checkpoint at all."""
+    missing = None
+    if any(folder.glob("*.distcp")) and not (folder / DCP_METADATA).is_file():
+        missing = f"FSDP2 shards without their {DCP_METADATA} (a hidden file, which `cp folder/*` leaves out)"
+    elif (folder / WEIGHTS_FILE).is_file() and not (folder / CONFIG_FILE).is_file():
+        missing = f"{WEIGHTS_FILE} without the {CONFIG_FILE} beside it"
+    if missing is not None:
+        raise CheckpointError(f"an incomplete checkpoint: {missing}", f"{flag} {folder}", "copy the whole folder again")
 
 
 def checked_tokenizer(record: Any, where: object) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from epas_lightning.checkpoint import (
     WEIGHTS_FILE,
     CheckpointInfo,
+    check_complete,
     checkpoint_kind,
     is_finite_tensor,
     listed,
@@ -249,6 +250,7 @@ def inspect_command(checkpoint: Path, check_weights: bool | None = None, json: b
     if path.is_dir() and checkpoint_kind(path) is None:
         records = listing(path, bool(check_weights))
         if not records:
+            check_complete(path)
             raise CheckpointError(
                 f"no checkpoints in this folder (nor {LISTING_DEPTH - 1} levels below)",
                 f"--checkpoint {path}",

@@ -199,6 +199,24 @@ def test_records_of_another_type_are_one_line_or_read_as_not_recorded(tmp_path, 
     )
 
 
+def test_a_checkpoint_folder_copied_without_one_of_its_files_says_which(tmp_path, capsys):
+    """`cp -r run/step-8/* there` leaves a sharded checkpoint's hidden .metadata behind, and a consolidated folder
+    copied without config.json lacks its config: both read as "not a checkpoint" or "no checkpoints in this folder"."""
+    shards, weights = tmp_path / "shards", tmp_path / "weights"
+    shards.mkdir(), weights.mkdir()
+    (shards / "__0_0.distcp").write_bytes(b"a shard"), (shards / "meta.pt").write_bytes(b"lightning's")
+    (weights / "model.safetensors").write_bytes(b"weights")
+    for folder, says in [
+        (shards, "FSDP2 shards without their .metadata (a hidden file, which `cp folder/*` leaves out)"),
+        (weights, "model.safetensors without the config.json beside it"),
+    ]:
+        for command in (["inspect"], ["consolidate", "--output", str(tmp_path / "out")]):
+            assert main([*command, "--checkpoint", str(folder)]) == 2
+            assert capsys.readouterr().err == (
+                f"error: an incomplete checkpoint: {says} — --checkpoint {folder} — copy the whole folder again\n"
+            )
+
+
 def test_a_listing_checks_the_weights_only_when_asked_and_says_so(tmp_path, capsys):
     """The listing read no weights and said nothing of it; --check-weights was ignored there."""
     tiny_ckpt(tmp_path / "checkpoints" / "epoch=0-step=4.ckpt", 4, [])
