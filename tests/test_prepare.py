@@ -323,7 +323,7 @@ def test_files_of_unknown_kind_in_a_folder_are_counted_in_one_warning(tmp_path: 
 
 def test_broken_links_and_folders_that_cannot_be_listed_are_named(tmp_path: Path, caplog, monkeypatch):
     """A broken link and a folder prepare may not list were left out without a word; an input folder that cannot be
-    listed was 'no input files found', a broken link given as an input 'does not exist'."""
+    listed was 'no input files found', a broken link or a pipe given as an input 'does not exist'."""
     from epas_lightning.data.sources import discover_files
 
     (tmp_path / "locked").mkdir()
@@ -352,6 +352,11 @@ def test_broken_links_and_folders_that_cannot_be_listed_are_named(tmp_path: Path
         discover_files([locked])
     with pytest.raises(DataPreparationError, match=rf"input is a broken link — --val-input {tmp_path / 'gone.txt'}"):
         discover_files([tmp_path / "gone.txt"], split="val")
+    os.mkfifo(pipe := tmp_path / "pipe")  # `--input <(zcat corpus.jsonl.gz)`: said 'input does not exist'
+    with pytest.raises(
+        DataPreparationError, match=rf"neither a file nor a folder \(a pipe\?\) — --input {pipe} — write"
+    ):
+        discover_files([pipe])
 
 
 def test_compressed_json_shards_are_json_lines(tmp_path: Path):
