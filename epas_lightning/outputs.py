@@ -147,10 +147,12 @@ def output_folder(
 ) -> Iterator[Path]:
     """Build the folder ``target`` atomically: yield a temporary folder beside it, rename it into place on success.
 
-    On an exception the temporary folder is removed and ``target`` is left as it was.
+    On an exception the temporary folder (and any parent folder made for it) is removed and ``target`` is left as
+    it was.
     """
     target = check_output(target, kind, overwrite, inputs, flag)
     build = target.parent / f".{target.name}{_TMP}{uuid.uuid4().hex[:8]}"
+    made = [p for p in target.parents if not p.exists()]  # created here, innermost first: removed on a failure
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_builds(target)
@@ -168,6 +170,7 @@ def output_folder(
         replace_folder(build, target)
     except BaseException as e:
         shutil.rmtree(build, ignore_errors=True)
+        remove_empty(made)
         if out_of_space(e):
             raise OutputError(
                 "no space left on the device (or quota) while writing; nothing was left behind",
@@ -175,6 +178,15 @@ def output_folder(
                 "free space, or choose an --output on another disk",
             ) from e
         raise
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (innermost first) while they are empty: the parents an output that failed had created."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # something else was put there meanwhile
+            return
 
 
 @contextlib.contextmanager

@@ -588,6 +588,9 @@ def test_a_failed_build_leaves_nothing_and_the_old_output_intact(tmp_path):
         raise RuntimeError("killed")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MARKER, "a.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    with pytest.raises(RuntimeError), output_folder(tmp_path / "new" / "er" / "out", "bench"):
+        raise RuntimeError("killed")  # the parent folders it made were left, empty
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_sigterm_while_an_output_is_built_removes_the_build(tmp_path):
