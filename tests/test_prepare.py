@@ -625,7 +625,8 @@ def test_an_empty_split_names_the_skipped_files_it_lost(tmp_path: Path, sp_model
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "good.txt").write_text("text")
     (tmp_path / "in" / "latin1.txt").write_bytes(b"caf\xe9")  # the one held out, and skipped
-    with caplog.at_level("WARNING"), pytest.raises(DataPreparationError, match="the val split has no documents"):
+    says = r"the val split has no documents: every one it held was skipped \(said above\) — --input — fix or leave"
+    with caplog.at_level("WARNING"), pytest.raises(DataPreparationError, match=says):  # not: raise --val-fraction
         prepare(tmp_path / "in", tmp_path / "out", sp_model, val_input=tmp_path / "in" / "latin1.txt", num_workers=1)
     assert "latin1.txt: not valid UTF-8" in caplog.text
 

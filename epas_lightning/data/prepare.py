@@ -163,6 +163,12 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
             log.warning("Skipped %s: %s", where, reason)
         if len(stats["skipped"]) > 20:
             log.warning("... and %d more skipped in the %s split.", len(stats["skipped"]) - 20, split)
+        if stats["documents"] == 0 and stats["skipped"]:
+            raise DataPreparationError(
+                f"the {split} split has no documents: every one it held was skipped (said above)",
+                "--input",
+                "fix or leave out the skipped files",
+            )
         if stats["documents"] == 0:
             hint = "raise --val-fraction or pass --val-input" if split == "val" else "check the inputs"
             raise DataPreparationError(f"the {split} split has no documents", "--input", hint)
