@@ -145,6 +145,12 @@ def _strip_prefix(state: dict[str, torch.Tensor], prefix: str = MODEL_PREFIX) ->
 
 
 def _model_config(metadata: dict[str, Any], path: Path) -> LlamaConfig:
+    if "model_config" not in metadata and path.is_dir() and not (path / LIGHTNING_METADATA).is_file():
+        raise CheckpointError(
+            f"no {LIGHTNING_METADATA} beside the shards (fit keeps the model config there)",
+            path,
+            "copy the whole checkpoint folder again, or pass a checkpoint of fit",
+        )
     if "model_config" not in metadata:
         raise CheckpointError("no 'model_config': it was not written by EPASModule", path, "pass a checkpoint of fit")
     try:

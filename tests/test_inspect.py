@@ -8,6 +8,7 @@ import torch
 from model_dirs import save_consolidated
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import save as dcp_save
 
 from epas_lightning import Llama, LlamaConfig
 from epas_lightning.checkpoint import consolidate
@@ -206,6 +207,10 @@ def test_a_checkpoint_folder_copied_without_one_of_its_files_says_which(tmp_path
     shards.mkdir(), weights.mkdir()
     (shards / "__0_0.distcp").write_bytes(b"a shard"), (shards / "meta.pt").write_bytes(b"lightning's")
     (weights / "model.safetensors").write_bytes(b"weights")
+    state = {"model." + key: t for key, t in Llama(LlamaConfig.from_name("debug", n_layer=2)).state_dict().items()}
+    dcp_save({"state_dict": state}, checkpoint_id=tmp_path / "no_meta", no_dist=True)
+    says = "no meta.pt beside the shards (fit keeps the model config there)"  # was: not written by EPASModule
+    assert says in one_line_error(capsys, tmp_path / "no_meta")
     for folder, says in [
         (shards, "FSDP2 shards without their .metadata (a hidden file, which `cp folder/*` leaves out)"),
         (weights, "model.safetensors without the config.json beside it"),
