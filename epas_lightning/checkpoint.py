@@ -153,8 +153,10 @@ def _model_config(metadata: dict[str, Any], path: Path) -> LlamaConfig:
         )
     if "model_config" not in metadata:
         raise CheckpointError("no 'model_config': it was not written by EPASModule", path, "pass a checkpoint of fit")
+    if not isinstance(recorded := metadata["model_config"], dict):
+        raise CheckpointError(f"its model config is invalid (not a mapping: {recorded!r})", path, AS_WRITTEN)
     try:
-        return LlamaConfig.from_dict(metadata["model_config"])
+        return LlamaConfig.from_dict(recorded)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"its model config is invalid ({e})", path) from e
 
@@ -330,7 +332,7 @@ def _read_consolidated(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     tokenizer = checked_tokenizer(record.get("tokenizer"), path / CONFIG_FILE)
     if tokenizer.get("path"):
         tokenizer["path"] = str(path / Path(tokenizer["path"]).name)
-    sharing = record.get("sharing") or {}
+    sharing = record["sharing"] if isinstance(record.get("sharing"), dict) else {}  # else: the region of the mask
     metadata = {
         "model_config": record["model"],
         "tokenizer": tokenizer,

@@ -191,6 +191,11 @@ def test_records_of_another_type_are_one_line_or_read_as_not_recorded(tmp_path, 
     (hf / "config.json").write_text('["model_type"]')  # taken for an HF config: a TypeError traceback
     assert "config.json was not written by consolidate (no 'model' entry)" in one_line_error(capsys, hf)
     record = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**record, "sharing": "region"}))  # a TypeError traceback
+    assert inspected(capsys, folder)[1]["trained_region"] == {"layers": [], "order": "deep_first"}  # the mask's
+    for model in ("debug", None):  # "Unknown LlamaConfig fields: ['b', 'd', 'e', 'g', 'u']"; "'NoneType' object ..."
+        (folder / "config.json").write_text(json.dumps({**record, "model": model}))
+        assert f"its model config is invalid (not a mapping: {model!r})" in one_line_error(capsys, folder)
     (folder / "config.json").write_text(json.dumps({**record, "tokenizer": {"path": 5, "bos_id": 0}}))
     argv = ["export", "--checkpoint", str(folder), "--output", str(tmp_path / "out")]
     assert main(argv) == 2 and not (tmp_path / "out").exists()
