@@ -9,6 +9,7 @@ since a run folder may hold many checkpoints of many GB, and the listing says "n
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,7 +135,7 @@ def checkpoints_in(folder: Path, depth: int = LISTING_DEPTH) -> dict[Path, str |
         try:
             if entry.suffix == ".ckpt" and entry.is_file() or entry.is_dir() and checkpoint_kind(entry):
                 found[entry] = None
-            elif entry.is_dir() and depth > 1:
+            elif entry.is_dir() and depth > 1 and not _links_back(entry):
                 found |= checkpoints_in(entry, depth - 1)
         except CheckpointError as e:
             found[entry] = e.what
@@ -143,11 +144,29 @@ def checkpoints_in(folder: Path, depth: int = LISTING_DEPTH) -> dict[Path, str |
     return found
 
 
+def _links_back(folder: Path) -> bool:
+    """``folder`` is a link to a folder above it (``up -> ..``): what lies under it is listed already."""
+    real = Path(os.path.realpath(folder))
+    return folder.is_symlink() and Path(os.path.realpath(folder.parent)).is_relative_to(real)
+
+
+def once_each(found: dict[Path, str | None]) -> dict[Path, str | None]:
+    """``found`` with each checkpoint once, named by its path through the fewest links (a ``latest`` link to a
+    version folder lists that folder's checkpoints once, under the folder's own name)."""
+    best: dict[str, tuple[int, Path]] = {}
+    for path in found:
+        links = sum(p.is_symlink() for p in (path, *path.parents))
+        real = os.path.realpath(path)
+        if real not in best or links < best[real][0]:
+            best[real] = (links, path)
+    return {path: found[path] for _, path in best.values()}
+
+
 def listing(folder: Path, check_weights: bool = False) -> list[dict[str, Any]]:
     """A record of each checkpoint under ``folder`` by step (its weights unread unless ``check_weights``); one that
-    cannot be read, and a folder that cannot, says why."""
+    cannot be read, and a folder that cannot, says why. A checkpoint reached through links too is listed once."""
     records = []
-    for path, unreadable in checkpoints_in(folder).items():
+    for path, unreadable in once_each(checkpoints_in(folder)).items():
         try:
             if unreadable:
                 raise CheckpointError(unreadable)

@@ -227,6 +227,20 @@ def test_a_checkpoint_folder_copied_without_one_of_its_files_says_which(tmp_path
             )
 
 
+def test_a_listing_names_each_checkpoint_once_whatever_links_lead_to_it(tmp_path, capsys):
+    """A `latest` link to the newest version folder listed its checkpoints twice, and a link to a folder above (`up ->
+    ..`) every checkpoint again, as far down as the listing looks."""
+    for version in (0, 1):
+        tiny_ckpt(tmp_path / f"version_{version}" / "checkpoints" / "last.ckpt", 4 + version, [])
+    (tmp_path / "latest").symlink_to("version_1")
+    (tmp_path / "version_0" / "up").symlink_to("..")
+    _, record = inspected(capsys, tmp_path)
+    assert [Path(r["path"]).relative_to(tmp_path).as_posix() for r in record["checkpoints"]] == [
+        "version_0/checkpoints/last.ckpt",
+        "version_1/checkpoints/last.ckpt",
+    ]
+
+
 def test_a_listing_checks_the_weights_only_when_asked_and_says_so(tmp_path, capsys):
     """The listing read no weights and said nothing of it; --check-weights was ignored there."""
     tiny_ckpt(tmp_path / "checkpoints" / "epoch=0-step=4.ckpt", 4, [])
