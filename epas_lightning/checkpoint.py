@@ -433,6 +433,8 @@ def _read_any(path: Path, flag: str = "--checkpoint") -> tuple[dict[str, torch.T
         return _read_hf(path, flag)
     if kind == "consolidated":
         return _read_consolidated(path)
+    if kind == "ckpt":
+        check_not_a_part(path, flag)
     if kind is not None:
         state, metadata = read_checkpoint(path, weights=False, flag=flag)
         metadata["tokenizer"] = checked_tokenizer(metadata.get("tokenizer"), f"{flag} {path}")
@@ -445,6 +447,21 @@ def _read_any(path: Path, flag: str = "--checkpoint") -> tuple[dict[str, torch.T
         inside
         or "pass a .ckpt file, an FSDP2 checkpoint directory, a consolidated directory or a Hugging Face LLaMA folder",
     )
+
+
+FOLDER_KINDS = {"sharded": "an FSDP2 checkpoint", "consolidated": "a consolidated", "hf": "a Hugging Face model"}
+
+
+def check_not_a_part(file: Path, flag: str = "--checkpoint") -> None:
+    """Refuse a file of a checkpoint folder (its ``model.safetensors``, ``config.json``, a ``.distcp`` shard) given for
+    the folder: it would be read as a training checkpoint, and called corrupt. A ``.ckpt`` file is read wherever it
+    lies."""
+    if file.suffix != ".ckpt" and (kind := checkpoint_kind(file.parent, flag)) in FOLDER_KINDS:
+        raise CheckpointError(
+            f"a file of {FOLDER_KINDS[kind]} folder, not a checkpoint itself",
+            f"{flag} {file}",
+            f"pass the folder: {flag} {file.parent}",
+        )
 
 
 def check_complete(folder: Path, flag: str = "--checkpoint") -> None:

@@ -241,6 +241,21 @@ def test_a_listing_names_each_checkpoint_once_whatever_links_lead_to_it(tmp_path
     ]
 
 
+def test_a_file_of_a_checkpoint_folder_given_for_it_names_the_folder(tmp_path, capsys):
+    """`--checkpoint out/model.safetensors` (or config.json, a .distcp shard, meta.pt) was read as a training
+    checkpoint: "not a Lightning checkpoint (no state_dict)", for a shard "corrupt or truncated ... copy it again"."""
+    folder = save_consolidated(Llama(LlamaConfig.from_name("debug", n_layer=2)), tmp_path / "c")
+    tiny_ckpt(folder / "last.ckpt", 8, [])  # a .ckpt file is read wherever it lies
+    assert inspected(capsys, folder / "last.ckpt")[1]["global_step"] == 8
+    for name in ("model.safetensors", "config.json"):
+        argv = ["export", "--checkpoint", str(folder / name), "--output", str(tmp_path / "out")]
+        assert main(argv) == 2
+        assert capsys.readouterr().err == (
+            f"error: a file of a consolidated folder, not a checkpoint itself — --checkpoint {folder / name} — pass "
+            f"the folder: --checkpoint {folder}\n"
+        )
+
+
 def test_a_listing_checks_the_weights_only_when_asked_and_says_so(tmp_path, capsys):
     """The listing read no weights and said nothing of it; --check-weights was ignored there."""
     tiny_ckpt(tmp_path / "checkpoints" / "epoch=0-step=4.ckpt", 4, [])
