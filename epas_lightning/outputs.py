@@ -129,6 +129,8 @@ def check_output(
 ) -> Path:
     """Fail before any work unless :func:`output_folder` may build ``target``; return its absolute path."""
     target = Path(target).expanduser().absolute()
+    if target.name == "-":  # the usual name of stdout: a folder named "-" in the working folder is no one's intent
+        raise OutputError("the output is a folder, and '-' is no stdout here", f"{flag} -", "name the folder to write")
     parent = next((p for p in target.parents if p.exists()), target)  # the root always does; the root has none
     if not parent.is_dir():
         raise OutputError(f"{parent} is a file, not a folder", f"{flag} {target}", "choose an output inside a folder")

@@ -629,9 +629,10 @@ def test_an_output_that_cannot_be_created_is_a_user_error(tmp_path):
         pass
 
 
-def test_a_link_loop_as_input_and_the_root_as_output_are_one_line(tmp_path, capsys):
+def test_a_link_loop_as_input_and_the_root_or_a_dash_as_output_are_one_line(tmp_path, capsys, monkeypatch):
     """The check that an output lies apart from its inputs raised on a link loop (``Path.resolve``: a RuntimeError
-    traceback), and the search for an output's nearest existing folder on the root, which has none (StopIteration)."""
+    traceback), and the search for an output's nearest existing folder on the root, which has none (StopIteration);
+    `--output -` made a folder named "-"."""
     (tmp_path / "a").symlink_to(tmp_path / "b")
     (tmp_path / "b").symlink_to(tmp_path / "a")
     for command in ("consolidate", "export"):
@@ -639,6 +640,10 @@ def test_a_link_loop_as_input_and_the_root_as_output_are_one_line(tmp_path, caps
         assert "checkpoint does not exist" in one_line_error(capsys, argv)
     argv = ["consolidate", "--checkpoint", str(tmp_path / "x.ckpt"), "--output", "/"]
     assert "the output contains the input" in one_line_error(capsys, argv)
+    monkeypatch.chdir(tmp_path)
+    says = "the output is a folder, and '-' is no stdout here — --output - — name the folder to write"
+    for command in ("consolidate", "export"):  # a folder named "-" was made
+        assert says in one_line_error(capsys, [command, "--checkpoint", str(tmp_path / "x.ckpt"), "--output", "-"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
 
 
