@@ -661,7 +661,7 @@ def listed(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
 
 
-def _info(metadata: dict[str, Any], model: Llama, path: Path) -> CheckpointInfo:
+def _info(metadata: dict[str, Any], model: Llama, path: Path | None = None) -> CheckpointInfo:
     config = model.config
     try:
         region = recorded_region(metadata, model.sharing.shared_layers, config.n_layer)
