@@ -111,6 +111,8 @@ def check_replaceable(target: Path, kind: str, overwrite: bool, flag: str = "--o
     ours = record is not None and record.get("kind") == kind
     if not overwrite:  # --overwrite is advised only where it would be taken
         fix = "choose a new folder or pass --overwrite" if ours else "choose a new folder"
+        if is_folder and _is_empty(target):  # made beforehand (`mkdir out`): what it is for is not ours to say
+            fix = "remove the empty folder (rmdir) or choose a new one: the output is built beside it and renamed"
         raise OutputError("the output already exists", f"{flag} {target}", fix)
     if not ours:
         if record is not None:
@@ -122,6 +124,13 @@ def check_replaceable(target: Path, kind: str, overwrite: bool, flag: str = "--o
             f"{flag} {target}",
             "choose a new folder, or move it away yourself",
         )
+
+
+def _is_empty(folder: Path) -> bool:
+    try:
+        return not any(folder.iterdir())
+    except OSError:  # not ours to list
+        return False
 
 
 def check_output(

@@ -532,6 +532,9 @@ def test_overwrite_never_replaces_a_folder_we_did_not_write(text_corpus, tmp_pat
     assert (user / "thesis.tex").read_text() == "years of work"
     with pytest.raises(OutputError, match="and this is not a folder"):
         prepare(text_corpus, user / "thesis.tex", overwrite=True)
+    (tmp_path / "made").mkdir()  # `mkdir made` first, as other tools want: the line said only to choose another
+    with pytest.raises(OutputError, match=r"already exists — .*made — remove the empty folder \(rmdir\) or choose"):
+        prepare(text_corpus, tmp_path / "made")
 
 
 def test_output_may_not_contain_or_lie_inside_an_input(text_corpus, tmp_path):
