@@ -261,6 +261,9 @@ def prepare_dataset(
 
     check_counts({"--num-workers": num_workers})
     check_val_fraction(val_fraction)
+    for flag, token in (("--bos-token", bos_token), ("--eos-token", eos_token)):
+        if token == "":  # was taken as not given, and recorded as the override
+            raise ConfigError("an empty token names none of the tokenizer's", flag, "name a token, or leave it out")
     if output.is_dir() and is_prepared_dataset(output) and overwrite:
         write_marker(output, DATASET_KIND)  # prepared before output folders carried a marker: ours all the same
     with output_folder(output, DATASET_KIND, overwrite, inputs=[*inputs, *val_inputs]) as build:
