@@ -757,7 +757,7 @@ def test_interrupted_prepare_leaves_nothing_that_looks_complete(
         prepare(corpus[0], tmp_path / "out", sp_model, num_workers=1)
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "out").mkdir()
-    with pytest.raises(OutputError, match="already exists .* choose a new folder$"):
+    with pytest.raises(OutputError, match=r"already exists .* remove the empty folder \(rmdir\) or choose a new one"):
         prepare(corpus[0], tmp_path / "out", sp_model)
 
 
