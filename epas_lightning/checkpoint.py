@@ -31,7 +31,7 @@ from epas_lightning.data.tokenizer import (
     load_tokenizer,
     resolve_tokenizer_path,
 )
-from epas_lightning.errors import CheckpointError
+from epas_lightning.errors import CheckpointError, ConfigError
 from epas_lightning.hf.convert import (
     config_from_hf,
     hf_tensors,
@@ -47,6 +47,7 @@ from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.provenance import (
     TRAINING_KEY,
+    callback_states,
     carried,
     checked,
     from_consolidated,
@@ -58,6 +59,7 @@ from epas_lightning.runtime import dtype_name, dtype_overflow, emit_json, named_
 from epas_lightning.safe_load import (
     DCP_METADATA,
     LIGHTNING_METADATA,
+    check_readable,
     is_sharded_checkpoint,
     load_torch_file,
     verify_checkpoint,
@@ -77,6 +79,9 @@ CHECK_ELEMENTS = 1 << 22
 """Elements checked for NaN and inf at once (:func:`is_finite_tensor`)."""
 SHARD_READ_BYTES = 1 << 28
 """Bytes of weights read from a sharded checkpoint at once."""
+TOKENIZER_FIELDS = {"path": str, "bos_id": int, "eos_id": int, "sha256": str, "data_dir": str}
+"""The fields of the tokenizer record a checkpoint keeps (``fit``'s, ``consolidate``'s), each of its type or null."""
+AS_WRITTEN = "pass the checkpoint as fit or consolidate wrote it"
 
 
 def read_checkpoint(
@@ -140,10 +145,18 @@ def _strip_prefix(state: dict[str, torch.Tensor], prefix: str = MODEL_PREFIX) ->
 
 
 def _model_config(metadata: dict[str, Any], path: Path) -> LlamaConfig:
+    if "model_config" not in metadata and path.is_dir() and not (path / LIGHTNING_METADATA).is_file():
+        raise CheckpointError(
+            f"no {LIGHTNING_METADATA} beside the shards (fit keeps the model config there)",
+            path,
+            "copy the whole checkpoint folder again, or pass a checkpoint of fit",
+        )
     if "model_config" not in metadata:
         raise CheckpointError("no 'model_config': it was not written by EPASModule", path, "pass a checkpoint of fit")
+    if not isinstance(recorded := metadata["model_config"], dict):
+        raise CheckpointError(f"its model config is invalid (not a mapping: {recorded!r})", path, AS_WRITTEN)
     try:
-        return LlamaConfig.from_dict(metadata["model_config"])
+        return LlamaConfig.from_dict(recorded)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"its model config is invalid ({e})", path) from e
 
@@ -155,7 +168,7 @@ def recorded_region(metadata: dict[str, Any], shared: list[int], n_layer: int) -
         if sorted(region.layers) == sorted(shared):
             return region
     order = None
-    for key, state in (metadata.get("callbacks") or {}).items():
+    for key, state in callback_states(metadata).items():
         if str(key).startswith("ProgressiveSharing") and isinstance(state, dict):
             order = state.get("order", "deep_first")
     return TrainedRegion.from_shared(shared, n_layer, order)
@@ -307,6 +320,7 @@ def _read_consolidated(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         raise CheckpointError(f"unreadable {CONFIG_FILE} ({e})", path / CONFIG_FILE) from e
     if not isinstance(record, dict) or "model" not in record:
         raise CheckpointError(f"{CONFIG_FILE} was not written by consolidate (no 'model' entry)", path / CONFIG_FILE)
+    check_readable(path / WEIGHTS_FILE)
     try:
         with safe_open(path / WEIGHTS_FILE, "pt") as f:  # its header (names, shapes), then the mask
             state = {
@@ -315,10 +329,10 @@ def _read_consolidated(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             }
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"corrupt or truncated weights ({e})", path / WEIGHTS_FILE, "consolidate again") from e
-    tokenizer = dict(record.get("tokenizer") or {})
+    tokenizer = checked_tokenizer(record.get("tokenizer"), path / CONFIG_FILE)
     if tokenizer.get("path"):
         tokenizer["path"] = str(path / Path(tokenizer["path"]).name)
-    sharing = record.get("sharing") or {}
+    sharing = record["sharing"] if isinstance(record.get("sharing"), dict) else {}  # else: the region of the mask
     metadata = {
         "model_config": record["model"],
         "tokenizer": tokenizer,
@@ -341,17 +355,28 @@ def _read_hf(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], dict[str, 
     with located(f"{flag} {path}"):
         config = config_from_hf(hf)
         state = hf_to_ours(read_hf_weights(path, weights=False), config)
-    region = [int(i) for i in hf.get("epas_trained_region") or ()]
-    state[SHARING_MASK] = torch.tensor([i in region for i in range(config.n_layer)])
+    region = _region_of(hf, config.n_layer, path / CONFIG_FILE)
+    state[SHARING_MASK] = torch.tensor([i in region.layers for i in range(config.n_layer)])
     tokenizer = tokenizer_in(path)
     metadata = {
         "model_config": config.to_dict(),
         "tokenizer": {"path": str(tokenizer) if tokenizer else None, **_special_ids(hf)},
-        REGION_KEY: {"layers": region, "order": hf.get("epas_growth_order", "deep_first")},
+        REGION_KEY: region.to_record(),
     }
     if (training := export_record(path)) is not None:
         metadata[TRAINING_KEY] = training
     return _shapes_only(state), metadata
+
+
+def _region_of(hf: dict[str, Any], n_layer: int, where: Path) -> TrainedRegion:
+    """The trained region an ``export`` recorded in the HF config ``hf`` (dense where none)."""
+    record = {"layers": hf.get("epas_trained_region") or [], "order": hf.get("epas_growth_order", "deep_first")}
+    try:
+        return TrainedRegion.from_record(record, n_layer)
+    except ConfigError as e:  # a hand-edited config.json
+        raise CheckpointError(
+            f"its recorded sharing region is invalid ({e.what.rstrip('.')})", where, AS_WRITTEN
+        ) from e
 
 
 def export_record(path: Path) -> dict[str, Any] | None:
@@ -374,9 +399,21 @@ def _special_ids(hf: dict[str, Any]) -> dict[str, int | None]:
     return ids
 
 
-def checkpoint_kind(path: Path) -> str | None:
+def checkpoint_kind(path: Path, flag: str = "--checkpoint") -> str | None:
     """Which form of checkpoint ``path`` would be read as: ``ckpt`` (a file), ``sharded`` (an FSDP2 folder),
-    ``consolidated`` or ``hf``; ``None`` for anything else (a run folder, say). Nothing is read but ``config.json``."""
+    ``consolidated`` or ``hf``; ``None`` for anything else (a run folder, say). Nothing is read but ``config.json``.
+    A folder this user may not read is a :class:`CheckpointError`."""
+    try:
+        return _checkpoint_kind(path)
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot read the folder: {(e.strerror or str(e)).lower()} ({e.filename})",
+            f"{flag} {path}",
+            "make it readable for this user",
+        ) from e
+
+
+def _checkpoint_kind(path: Path) -> str | None:
     if path.is_file():
         return "ckpt"
     if path.is_dir() and is_hf_dir(path):
@@ -391,19 +428,65 @@ def _read_any(path: Path, flag: str = "--checkpoint") -> tuple[dict[str, torch.T
     consolidated or an HF LLaMA directory; of the tensors, only the sharing mask is read."""
     if not path.exists():
         raise CheckpointError("checkpoint does not exist", f"{flag} {path}", "check the path")
-    kind = checkpoint_kind(path)
+    kind = checkpoint_kind(path, flag)
     if kind == "hf":
         return _read_hf(path, flag)
     if kind == "consolidated":
         return _read_consolidated(path)
+    if kind == "ckpt":
+        check_not_a_part(path, flag)
     if kind is not None:
-        return read_checkpoint(path, weights=False, flag=flag)
+        state, metadata = read_checkpoint(path, weights=False, flag=flag)
+        metadata["tokenizer"] = checked_tokenizer(metadata.get("tokenizer"), f"{flag} {path}")
+        return state, metadata
+    if (inside := checkpoints_inside(path)) is None:
+        check_complete(path, flag)
     raise CheckpointError(
         "not a checkpoint",
         f"{flag} {path}",
-        checkpoints_inside(path)
+        inside
         or "pass a .ckpt file, an FSDP2 checkpoint directory, a consolidated directory or a Hugging Face LLaMA folder",
     )
+
+
+FOLDER_KINDS = {"sharded": "an FSDP2 checkpoint", "consolidated": "a consolidated", "hf": "a Hugging Face model"}
+
+
+def check_not_a_part(file: Path, flag: str = "--checkpoint") -> None:
+    """Refuse a file of a checkpoint folder (its ``model.safetensors``, ``config.json``, a ``.distcp`` shard) given for
+    the folder: it would be read as a training checkpoint, and called corrupt. A ``.ckpt`` file is read wherever it
+    lies."""
+    if file.suffix != ".ckpt" and (kind := checkpoint_kind(file.parent, flag)) in FOLDER_KINDS:
+        raise CheckpointError(
+            f"a file of {FOLDER_KINDS[kind]} folder, not a checkpoint itself",
+            f"{flag} {file}",
+            f"pass the folder: {flag} {file.parent}",
+        )
+
+
+def check_complete(folder: Path, flag: str = "--checkpoint") -> None:
+    """Refuse a folder that holds part of a checkpoint (copied without one of its files), saying which is missing:
+    it would read as no checkpoint at all."""
+    missing = None
+    if any(folder.glob("*.distcp")) and not (folder / DCP_METADATA).is_file():
+        missing = f"FSDP2 shards without their {DCP_METADATA} (a hidden file, which `cp folder/*` leaves out)"
+    elif (folder / WEIGHTS_FILE).is_file() and not (folder / CONFIG_FILE).is_file():
+        missing = f"{WEIGHTS_FILE} without the {CONFIG_FILE} beside it"
+    if missing is not None:
+        raise CheckpointError(f"an incomplete checkpoint: {missing}", f"{flag} {folder}", "copy the whole folder again")
+
+
+def checked_tokenizer(record: Any, where: object) -> dict[str, Any]:
+    """The tokenizer record of a checkpoint (``{}`` where there is none), refused where it is not as ``fit`` and
+    ``consolidate`` write it (a hand-edited ``config.json``): no mapping, or a field of another type."""
+    if record is None:
+        return {}
+    if not isinstance(record, dict):
+        raise CheckpointError(f"its tokenizer record is invalid ({record!r})", where, AS_WRITTEN)
+    for key, kind in TOKENIZER_FIELDS.items():
+        if not isinstance(record.get(key), kind | None):
+            raise CheckpointError(f"its tokenizer record is invalid ({key}: {record[key]!r})", where, AS_WRITTEN)
+    return dict(record)
 
 
 def checkpoints_inside(folder: Path) -> str | None:
@@ -438,7 +521,7 @@ def _fitted_model(
             model.to(dtype)  # still on the meta device (nothing allocated); the sharing mask stays bool
         model.to_empty(device=device)
         model.tie_weights()
-    fix = "pass the checkpoint as fit or consolidate wrote it (weights and config from the same run)"
+    fix = f"{AS_WRITTEN} (weights and config from the same run)"
     mismatch = state_mismatch(model.state_dict(), state)
     if mismatch:
         raise CheckpointError(f"the weights do not fit the model config it records ({mismatch})", path, fix)
@@ -480,7 +563,7 @@ def stored_weights(
     """The ``Llama`` weights stored at ``path`` (a checkpoint :func:`_read_any` read the ``shapes`` of), by our names:
     a ``.ckpt`` mapped into memory (``weights_only``), safetensors one tensor at a time, a sharded folder in batches
     of about :data:`SHARD_READ_BYTES`; a Hugging Face folder's, one file at a time."""
-    kind = checkpoint_kind(path)
+    kind = checkpoint_kind(path, flag)
     if kind == "ckpt":
         loaded = load_torch_file(path, mmap=True, where=f"{flag} {path}")["state_dict"]
         yield from _strip_prefix(loaded).items()
@@ -578,8 +661,12 @@ def listed(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
 
 
-def _info(metadata: dict[str, Any], model: Llama) -> CheckpointInfo:
+def _info(metadata: dict[str, Any], model: Llama, path: Path | None = None) -> CheckpointInfo:
     config = model.config
+    try:
+        region = recorded_region(metadata, model.sharing.shared_layers, config.n_layer)
+    except ConfigError as e:  # a hand-edited record
+        raise CheckpointError(f"its recorded sharing region is invalid ({e.what.rstrip('.')})", path, AS_WRITTEN) from e
     tokenizer = metadata.get("tokenizer") or {}
     tokenizer_path = Path(tokenizer["path"]) if tokenizer.get("path") else None
     sha256 = tokenizer.get("sha256")
@@ -594,7 +681,7 @@ def _info(metadata: dict[str, Any], model: Llama) -> CheckpointInfo:
     training = training_record(metadata)
     return CheckpointInfo(
         config=config,
-        region=recorded_region(metadata, model.sharing.shared_layers, config.n_layer),
+        region=region,
         tokenizer_path=tokenizer_path,
         bos_id=tokenizer.get("bos_id"),
         eos_id=tokenizer.get("eos_id"),
@@ -631,7 +718,7 @@ def load_model(
     model = _fitted_model(_model_config(metadata, path), shapes, path, device, dtype)
     _load_weights(model, path, shapes, dtype, flag)
     check_finite(model.state_dict(), path)  # on the device: fast there
-    info = _info(metadata, model)
+    info = _info(metadata, model, path)
     return LoadedModel(model=model.eval(), weights_dtype=stored, **vars(info))
 
 
@@ -653,7 +740,7 @@ def read_description(
     path = Path(path).expanduser()
     state, metadata = _read_any(path, flag)
     model = _fitted_model(_model_config(metadata, path), state, path, torch.device("meta"), None)
-    return _info(metadata, model), state, metadata
+    return _info(metadata, model, path), state, metadata
 
 
 def recorded_config(path: str | Path, flag: str = "--checkpoint") -> LlamaConfig:

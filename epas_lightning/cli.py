@@ -186,8 +186,9 @@ def describe_type(hint: Any) -> str | None:
     """``int | None`` -> "a whole number", ``Literal["a", "b"]`` -> "one of a, b": what a flag of that type takes."""
     if get_origin(hint) is Literal:
         return "one of " + ", ".join(str(option) for option in get_args(hint))
-    if get_origin(hint) is list:
-        return describe_type(get_args(hint)[0])
+    if get_origin(hint) is list:  # a repeated flag on the command line; in a YAML file, a list even of one
+        item = describe_type(get_args(hint)[0])
+        return item and f"a list, each item {item} ([A, B] in a YAML file)"
     options = [option for option in get_args(hint) if option is not type(None)]
     if options:  # a union: describe each choice
         described = [describe_type(option) for option in options]

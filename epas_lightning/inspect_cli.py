@@ -9,6 +9,7 @@ since a run folder may hold many checkpoints of many GB, and the listing says "n
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from epas_lightning.checkpoint import (
     WEIGHTS_FILE,
     CheckpointInfo,
+    check_complete,
     checkpoint_kind,
     is_finite_tensor,
     listed,
@@ -114,26 +116,60 @@ def weight_tensors(path: Path, kind: str, state: dict[str, torch.Tensor]) -> Ite
             yield from loaded.get("state_dict", loaded).items()
 
 
-def checkpoints_in(folder: Path, depth: int = LISTING_DEPTH) -> list[Path]:
-    """The checkpoints under ``folder`` (``.ckpt`` files and checkpoint folders), ``depth`` levels down at most;
-    hidden entries (saves in the making) are skipped."""
-    found = []
-    for entry in sorted(folder.iterdir()):
+def checkpoints_in(folder: Path, depth: int = LISTING_DEPTH) -> dict[Path, str | None]:
+    """The checkpoints under ``folder`` (``.ckpt`` files and checkpoint folders), ``depth`` levels down at most, each
+    with ``None``; a folder under it that this user may not read (another user's run), with why. Hidden entries (saves
+    in the making) are skipped."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot list the folder: {(e.strerror or str(e)).lower()}",
+            f"--checkpoint {folder}",
+            "make it readable for this user",
+        ) from e
+    found = {}
+    for entry in entries:
         if entry.name.startswith("."):
             continue
-        if entry.suffix == ".ckpt" and entry.is_file() or entry.is_dir() and checkpoint_kind(entry):
-            found.append(entry)
-        elif entry.is_dir() and depth > 1:
-            found += checkpoints_in(entry, depth - 1)
+        try:
+            if entry.suffix == ".ckpt" and entry.is_file() or entry.is_dir() and checkpoint_kind(entry):
+                found[entry] = None
+            elif entry.is_dir() and depth > 1 and not _links_back(entry):
+                found |= checkpoints_in(entry, depth - 1)
+        except CheckpointError as e:
+            found[entry] = e.what
+        except OSError as e:
+            found[entry] = f"cannot read it: {(e.strerror or str(e)).lower()}"
     return found
+
+
+def _links_back(folder: Path) -> bool:
+    """``folder`` is a link to a folder above it (``up -> ..``): what lies under it is listed already."""
+    real = Path(os.path.realpath(folder))
+    return folder.is_symlink() and Path(os.path.realpath(folder.parent)).is_relative_to(real)
+
+
+def once_each(found: dict[Path, str | None]) -> dict[Path, str | None]:
+    """``found`` with each checkpoint once, named by its path through the fewest links (a ``latest`` link to a
+    version folder lists that folder's checkpoints once, under the folder's own name)."""
+    best: dict[str, tuple[int, Path]] = {}
+    for path in found:
+        links = sum(p.is_symlink() for p in (path, *path.parents))
+        real = os.path.realpath(path)
+        if real not in best or links < best[real][0]:
+            best[real] = (links, path)
+    return {path: found[path] for _, path in best.values()}
 
 
 def listing(folder: Path, check_weights: bool = False) -> list[dict[str, Any]]:
     """A record of each checkpoint under ``folder`` by step (its weights unread unless ``check_weights``); one that
-    cannot be read says why."""
+    cannot be read, and a folder that cannot, says why. A checkpoint reached through links too is listed once."""
     records = []
-    for path in checkpoints_in(folder):
+    for path, unreadable in once_each(checkpoints_in(folder)).items():
         try:
+            if unreadable:
+                raise CheckpointError(unreadable)
             records.append(describe(path, check_weights))
         except UserError as e:
             records.append({"path": str(path), "error": e.what})
@@ -233,6 +269,7 @@ def inspect_command(checkpoint: Path, check_weights: bool | None = None, json: b
     if path.is_dir() and checkpoint_kind(path) is None:
         records = listing(path, bool(check_weights))
         if not records:
+            check_complete(path)
             raise CheckpointError(
                 f"no checkpoints in this folder (nor {LISTING_DEPTH - 1} levels below)",
                 f"--checkpoint {path}",

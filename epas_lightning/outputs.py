@@ -18,7 +18,9 @@ import errno
 import json
 import os
 import shutil
+import signal
 import socket
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -49,14 +51,20 @@ def write_marker(folder: Path, kind: str) -> None:
 
 def check_apart(output: Path, inputs: Iterable[str | Path], flag: str = "--output") -> None:
     """Refuse an output that is an input, contains one, or lies inside one."""
-    out = Path(output).expanduser().resolve()
+    out = _real(output)
     for raw in inputs:
-        source = Path(raw).expanduser().resolve()
+        source = _real(raw)
         if out == source or source.is_relative_to(out) or out.is_relative_to(source):
             relation = "is" if out == source else ("contains" if source.is_relative_to(out) else "lies inside")
             raise OutputError(
                 f"the output {relation} the input {source}", f"{flag} {out}", "choose an output folder apart from it"
             )
+
+
+def _real(path: str | Path) -> Path:
+    """``path`` with its links resolved as far as they go: a link loop stays as it is (the reader of an input says it
+    does not exist), where ``Path.resolve`` raises."""
+    return Path(os.path.realpath(Path(path).expanduser()))
 
 
 def _owned_by_dead_process(folder: Path) -> bool:
@@ -103,6 +111,8 @@ def check_replaceable(target: Path, kind: str, overwrite: bool, flag: str = "--o
     ours = record is not None and record.get("kind") == kind
     if not overwrite:  # --overwrite is advised only where it would be taken
         fix = "choose a new folder or pass --overwrite" if ours else "choose a new folder"
+        if is_folder and _is_empty(target):  # made beforehand (`mkdir out`): what it is for is not ours to say
+            fix = "remove the empty folder (rmdir) or choose a new one: the output is built beside it and renamed"
         raise OutputError("the output already exists", f"{flag} {target}", fix)
     if not ours:
         if record is not None:
@@ -116,12 +126,21 @@ def check_replaceable(target: Path, kind: str, overwrite: bool, flag: str = "--o
         )
 
 
+def _is_empty(folder: Path) -> bool:
+    try:
+        return not any(folder.iterdir())
+    except OSError:  # not ours to list
+        return False
+
+
 def check_output(
     target: str | Path, kind: str, overwrite: bool = False, inputs: Iterable[str | Path] = (), flag: str = "--output"
 ) -> Path:
     """Fail before any work unless :func:`output_folder` may build ``target``; return its absolute path."""
     target = Path(target).expanduser().absolute()
-    parent = next(p for p in target.parents if p.exists())  # the root always does
+    if target.name == "-":  # the usual name of stdout: a folder named "-" in the working folder is no one's intent
+        raise OutputError("the output is a folder, and '-' is no stdout here", f"{flag} -", "name the folder to write")
+    parent = next((p for p in target.parents if p.exists()), target)  # the root always does; the root has none
     if not parent.is_dir():
         raise OutputError(f"{parent} is a file, not a folder", f"{flag} {target}", "choose an output inside a folder")
     check_apart(target, inputs, flag)
@@ -139,10 +158,12 @@ def output_folder(
 ) -> Iterator[Path]:
     """Build the folder ``target`` atomically: yield a temporary folder beside it, rename it into place on success.
 
-    On an exception the temporary folder is removed and ``target`` is left as it was.
+    On an exception the temporary folder (and any parent folder made for it) is removed and ``target`` is left as
+    it was.
     """
     target = check_output(target, kind, overwrite, inputs, flag)
     build = target.parent / f".{target.name}{_TMP}{uuid.uuid4().hex[:8]}"
+    made = [p for p in target.parents if not p.exists()]  # created here, innermost first: removed on a failure
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_builds(target)
@@ -153,12 +174,14 @@ def output_folder(
         ) from e
     write_marker(build, kind)
     try:
-        yield build
+        with stopping_on_sigterm():
+            yield build
         check_replaceable(target, kind, overwrite, flag)  # it may have appeared meanwhile (another run, the user)
         honour_umask(build)
         replace_folder(build, target)
     except BaseException as e:
         shutil.rmtree(build, ignore_errors=True)
+        remove_empty(made)
         if out_of_space(e):
             raise OutputError(
                 "no space left on the device (or quota) while writing; nothing was left behind",
@@ -166,6 +189,42 @@ def output_folder(
                 "free space, or choose an --output on another disk",
             ) from e
         raise
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (innermost first) while they are empty: the parents an output that failed had created."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # something else was put there meanwhile
+            return
+
+
+@contextlib.contextmanager
+def stopping_on_sigterm() -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler's or container's stop) raises ``KeyboardInterrupt`` here, as Ctrl+C does, so the
+    folder being built is removed: by default it ends the process at once, leaving the hidden folder (the size of the
+    output) until a later run at the same target. A handler of the caller's own is kept; a process forked meanwhile
+    ends as by default."""
+    owner = os.getpid()
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        interrupt = KeyboardInterrupt()
+        interrupt.signum = signum  # the command line exits with 128 + signum, naming the signal
+        raise interrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def out_of_space(error: BaseException | None) -> bool:

@@ -52,9 +52,15 @@ def carried(record: dict[str, Any], checkpoint: str | Path) -> dict[str, Any]:
 
 def trained_tokens(metadata: dict[str, Any]) -> int | None:
     """The tokens the run had trained when the checkpoint was written (the throughput monitor's total), if kept."""
-    state = (metadata.get("callbacks") or {}).get(THROUGHPUT_STATE)
+    state = callback_states(metadata).get(THROUGHPUT_STATE)
     tokens = _number(state.get("lengths"), Real) if isinstance(state, dict) else None
     return None if tokens is None else int(tokens)
+
+
+def callback_states(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The callbacks' states Lightning keeps in a checkpoint (``{}`` where there is none, or a foreign value)."""
+    states = metadata.get("callbacks")
+    return states if isinstance(states, dict) else {}
 
 
 def last_val_loss(metadata: dict[str, Any]) -> dict[str, Any] | None:
@@ -62,7 +68,7 @@ def last_val_loss(metadata: dict[str, Any]) -> dict[str, Any] | None:
     score of a ``ModelCheckpoint`` that monitors ``val/loss`` (its step unknown)."""
     if isinstance(record := metadata.get(LAST_VALIDATION_KEY), dict) and "loss" in record:
         return {"loss": record["loss"], "step": record.get("step")}
-    for state in (metadata.get("callbacks") or {}).values():
+    for state in callback_states(metadata).values():
         if isinstance(state, dict) and state.get("monitor") == "val/loss" and state.get("current_score") is not None:
             return {"loss": state["current_score"], "step": None}
     return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any
 
 from epas_lightning.errors import ConfigError
@@ -98,10 +99,16 @@ class TrainedRegion:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any], n_layer: int) -> TrainedRegion:
-        order = record.get("order", "deep_first")
+        if not isinstance(record, Mapping):
+            raise ConfigError(f"Invalid trained region record {record!r}: not a mapping of layers and order.")
+        order, layers = record.get("order", "deep_first"), record.get("layers", ())
         if order not in GROWTH_ORDERS:
             raise ConfigError(f"Unknown growth order {order!r} in the recorded sharing region.")
-        return cls(n_layer, tuple(int(i) for i in record.get("layers", ())), order)
+        if not isinstance(layers, list | tuple) or not all(
+            isinstance(i, Integral) and not isinstance(i, bool) for i in layers
+        ):
+            raise ConfigError(f"Invalid trained region {layers!r}: not a list of layer numbers.")
+        return cls(n_layer, tuple(int(i) for i in layers), order)
 
     @classmethod
     def from_shared(cls, shared: Iterable[int], n_layer: int, order: GrowthOrder | None = None) -> TrainedRegion:

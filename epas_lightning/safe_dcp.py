@@ -107,6 +107,8 @@ def load_shards(state: dict[str, Any], path: Path, **kwargs: Any) -> None:
         if isinstance(cause, CheckpointError):
             raise cause from e
         detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        if isinstance(cause, pickle.UnpicklingError):  # not torch's text: it advises weights_only=False
+            detail = "corrupt, or holding objects other than tensors and plain data, which we never unpickle"
         raise CheckpointError(f"cannot read the shards ({detail})", path, "copy it again") from e
 
 

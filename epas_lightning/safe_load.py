@@ -31,6 +31,18 @@ SAVE_ID = "epas_save"
 two saves in one folder (same layout and sizes) disagree on it; checkpoints without it load unchecked."""
 
 
+def check_readable(file: Path, where: object = None) -> Path:
+    """``file``, refused in one line where this user may not read it: safetensors (a Rust library) reports such a file
+    as missing, and a corrupt one would be suspected."""
+    try:
+        file.open("rb").close()
+    except PermissionError as e:
+        raise CheckpointError(
+            "cannot open the file: permission denied", where or file, "make it readable for this user"
+        ) from e
+    return file
+
+
 def load_torch_file(
     path: str | Path | IO[bytes], map_location: Any = "cpu", mmap: bool = False, where: object = None
 ) -> Any:

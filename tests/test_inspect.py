@@ -8,6 +8,7 @@ import torch
 from model_dirs import save_consolidated
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import save as dcp_save
 
 from epas_lightning import Llama, LlamaConfig
 from epas_lightning.checkpoint import consolidate
@@ -106,6 +107,153 @@ def test_a_run_folder_lists_its_checkpoints_by_step_and_refuses_none_unsafely(tm
     assert "checkpoint does not exist — --checkpoint" in one_line_error(capsys, tmp_path / "missing.ckpt")
     (tmp_path / "empty").mkdir()
     assert "no checkpoints in this folder" in one_line_error(capsys, tmp_path / "empty")
+
+
+def test_folders_this_user_may_not_read_are_one_line_or_a_listed_row(tmp_path, capsys, monkeypatch):
+    """A folder that could not be read (another user's run under runs/) was a PermissionError traceback, for the
+    folder itself and for any folder a listing met under it."""
+    for run in ("a", "b", "c"):
+        tiny_ckpt(tmp_path / "runs" / run / "checkpoints" / "last.ckpt", 8, [])
+    closed, unlisted = tmp_path / "runs" / "b", tmp_path / "runs" / "c"
+    stat, iterdir = Path.stat, Path.iterdir
+
+    def denied(path: Path) -> OSError:
+        return PermissionError(13, "Permission denied", str(path))
+
+    def closed_stat(self, **kwargs):
+        if self.is_relative_to(closed) and self != closed:
+            raise denied(self)
+        return stat(self, **kwargs)
+
+    def closed_iterdir(self):
+        if self in (closed, unlisted):
+            raise denied(self)
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "stat", closed_stat)
+    monkeypatch.setattr(Path, "iterdir", closed_iterdir)
+    _, record = inspected(capsys, tmp_path / "runs")
+    rows = {Path(r["path"]).relative_to(tmp_path / "runs").as_posix(): r.get("error") for r in record["checkpoints"]}
+    assert rows == {
+        "a/checkpoints/last.ckpt": None,
+        "b": f"cannot read the folder: permission denied ({closed / 'config.json'})",
+        "c": "cannot list the folder: permission denied",
+    }
+    for command in (["inspect"], ["consolidate", "--output", str(tmp_path / "out")]):
+        assert main([*command, "--checkpoint", str(closed)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {rows['b']} — --checkpoint {closed} — make it readable for this user\n"
+    assert "error: cannot list the folder" in one_line_error(capsys, unlisted)
+
+
+def test_weights_this_user_may_not_read_are_not_called_corrupt(tmp_path, capsys, monkeypatch):
+    """safetensors reports a file this user may not read as missing: the line was "corrupt or truncated weights (No
+    such file or directory: ...) — consolidate again" (for a consolidated folder; for a Hugging Face one, alike)."""
+    folder = save_consolidated(Llama(LlamaConfig.from_name("debug", n_layer=2)), tmp_path / "c")
+    hf, opened = export(folder, tmp_path / "hf"), Path.open
+
+    def denied(self, *args, **kwargs):
+        if self.name == "model.safetensors":
+            raise PermissionError(13, "Permission denied", str(self))
+        return opened(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
+    capsys.readouterr()  # export's warning (no tokenizer)
+    for path in (folder, hf):
+        assert one_line_error(capsys, path) == (
+            f"error: cannot open the file: permission denied — {path / 'model.safetensors'} — make it readable for "
+            "this user\n"
+        )
+
+
+def test_records_of_another_type_are_one_line_or_read_as_not_recorded(tmp_path, capsys):
+    """A hand-edited record (config.json, or a checkpoint's entries) was an AttributeError, TypeError or ValueError
+    traceback (tokenizer, callbacks, an export's region), or a line naming no file (sharing region)."""
+    ckpt = tiny_ckpt(tmp_path / "a.ckpt", 8, [3], callbacks=["not", "states"])
+    assert inspected(capsys, ckpt)[1]["tokens"] is None  # the provenance reads as not recorded, as elsewhere
+    for entries, says in [
+        ({"tokenizer": "tokenizer.json"}, "its tokenizer record is invalid ('tokenizer.json')"),
+        ({"tokenizer": {"path": 5}}, "its tokenizer record is invalid (path: 5)"),
+        ({"sharing_region": {"layers": [9], "order": "deep_first"}}, "invalid (Invalid trained region [9] for a 4-"),
+        ({"sharing_region": ["3"]}, "its recorded sharing region is invalid (Invalid trained region record ['3']"),
+    ]:
+        state = torch.load(tiny_ckpt(tmp_path / "b.ckpt", 8, [3]), weights_only=True)
+        torch.save({**state, **entries}, tmp_path / "b.ckpt")
+        err = one_line_error(capsys, tmp_path / "b.ckpt")
+        assert says in err and err.endswith("b.ckpt — pass the checkpoint as fit or consolidate wrote it\n"), err
+    folder = save_consolidated(Llama(LlamaConfig.from_name("debug", n_layer=2)), tmp_path / "c")
+    hf = export(folder, tmp_path / "hf")
+    record = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**record, "epas_trained_region": ["x"]}))
+    capsys.readouterr()
+    says = "its recorded sharing region is invalid (Invalid trained region ['x']: not a list of layer numbers)"
+    assert says in one_line_error(capsys, hf)
+    (hf / "config.json").write_text('["model_type"]')  # taken for an HF config: a TypeError traceback
+    assert "config.json was not written by consolidate (no 'model' entry)" in one_line_error(capsys, hf)
+    record = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**record, "sharing": "region"}))  # a TypeError traceback
+    assert inspected(capsys, folder)[1]["trained_region"] == {"layers": [], "order": "deep_first"}  # the mask's
+    for model in ("debug", None):  # "Unknown LlamaConfig fields: ['b', 'd', 'e', 'g', 'u']"; "'NoneType' object ..."
+        (folder / "config.json").write_text(json.dumps({**record, "model": model}))
+        assert f"its model config is invalid (not a mapping: {model!r})" in one_line_error(capsys, folder)
+    (folder / "config.json").write_text(json.dumps({**record, "tokenizer": {"path": 5, "bos_id": 0}}))
+    argv = ["export", "--checkpoint", str(folder), "--output", str(tmp_path / "out")]
+    assert main(argv) == 2 and not (tmp_path / "out").exists()
+    assert capsys.readouterr().err == (
+        f"error: its tokenizer record is invalid (path: 5) — {folder / 'config.json'} — pass the checkpoint as fit "
+        "or consolidate wrote it\n"
+    )
+
+
+def test_a_checkpoint_folder_copied_without_one_of_its_files_says_which(tmp_path, capsys):
+    """`cp -r run/step-8/* there` leaves a sharded checkpoint's hidden .metadata behind, and a consolidated folder
+    copied without config.json lacks its config: both read as "not a checkpoint" or "no checkpoints in this folder"."""
+    shards, weights = tmp_path / "shards", tmp_path / "weights"
+    shards.mkdir(), weights.mkdir()
+    (shards / "__0_0.distcp").write_bytes(b"a shard"), (shards / "meta.pt").write_bytes(b"lightning's")
+    (weights / "model.safetensors").write_bytes(b"weights")
+    state = {"model." + key: t for key, t in Llama(LlamaConfig.from_name("debug", n_layer=2)).state_dict().items()}
+    dcp_save({"state_dict": state}, checkpoint_id=tmp_path / "no_meta", no_dist=True)
+    says = "no meta.pt beside the shards (fit keeps the model config there)"  # was: not written by EPASModule
+    assert says in one_line_error(capsys, tmp_path / "no_meta")
+    for folder, says in [
+        (shards, "FSDP2 shards without their .metadata (a hidden file, which `cp folder/*` leaves out)"),
+        (weights, "model.safetensors without the config.json beside it"),
+    ]:
+        for command in (["inspect"], ["consolidate", "--output", str(tmp_path / "out")]):
+            assert main([*command, "--checkpoint", str(folder)]) == 2
+            assert capsys.readouterr().err == (
+                f"error: an incomplete checkpoint: {says} — --checkpoint {folder} — copy the whole folder again\n"
+            )
+
+
+def test_a_listing_names_each_checkpoint_once_whatever_links_lead_to_it(tmp_path, capsys):
+    """A `latest` link to the newest version folder listed its checkpoints twice, and a link to a folder above (`up ->
+    ..`) every checkpoint again, as far down as the listing looks."""
+    for version in (0, 1):
+        tiny_ckpt(tmp_path / f"version_{version}" / "checkpoints" / "last.ckpt", 4 + version, [])
+    (tmp_path / "latest").symlink_to("version_1")
+    (tmp_path / "version_0" / "up").symlink_to("..")
+    _, record = inspected(capsys, tmp_path)
+    assert [Path(r["path"]).relative_to(tmp_path).as_posix() for r in record["checkpoints"]] == [
+        "version_0/checkpoints/last.ckpt",
+        "version_1/checkpoints/last.ckpt",
+    ]
+
+
+def test_a_file_of_a_checkpoint_folder_given_for_it_names_the_folder(tmp_path, capsys):
+    """`--checkpoint out/model.safetensors` (or config.json, a .distcp shard, meta.pt) was read as a training
+    checkpoint: "not a Lightning checkpoint (no state_dict)", for a shard "corrupt or truncated ... copy it again"."""
+    folder = save_consolidated(Llama(LlamaConfig.from_name("debug", n_layer=2)), tmp_path / "c")
+    tiny_ckpt(folder / "last.ckpt", 8, [])  # a .ckpt file is read wherever it lies
+    assert inspected(capsys, folder / "last.ckpt")[1]["global_step"] == 8
+    for name in ("model.safetensors", "config.json"):
+        argv = ["export", "--checkpoint", str(folder / name), "--output", str(tmp_path / "out")]
+        assert main(argv) == 2
+        assert capsys.readouterr().err == (
+            f"error: a file of a consolidated folder, not a checkpoint itself — --checkpoint {folder / name} — pass "
+            f"the folder: --checkpoint {folder}\n"
+        )
 
 
 def test_a_listing_checks_the_weights_only_when_asked_and_says_so(tmp_path, capsys):

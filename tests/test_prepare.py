@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -206,12 +207,41 @@ def test_cli_with_hf_tokenizer_and_separate_val_input(corpus, tmp_path: Path, ca
         (["--train-tokenizer", "--vocab-size", "100"], "at least 258 tokens (256 bytes, BOS, EOS), not 100 — --vocab"),
         (["--tokenizer", "t.json", "--vocab-size", "300"], "the --tokenizer given has its own — --vocab-size"),
         (["--tokenizer", "missing.json"], "tokenizer file does not exist — --tokenizer missing.json — check"),
+        (["--train-tokenizer", "--vocab-size", "300", "--num-workers", "0"], "at least 1, got 0 — --num-workers"),
+        (["--train-tokenizer", "--vocab-size", "300", "--num-workers", "-1"], "at least 1, got -1 — --num-workers"),
+        (["--train-tokenizer", "--vocab-size", "300", "--val-fraction", "1"], "in [0, 1), got 1.0 — --val-fraction"),
+        (["--train-tokenizer", "--vocab-size", "300", "--bos-token", ""], "empty token names none of the tokenizer's"),
     ],
 )
 def test_flags_that_cannot_apply_are_refused_before_any_work(flags, says, tmp_path, capsys):
     argv = ["prepare", "--input", str(tmp_path), "--output", str(tmp_path / "out"), *flags]
     assert cli_main(argv) == 2
     assert says in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_file_this_user_may_not_read_is_one_line(tmp_path: Path, capsys, monkeypatch):
+    """It was a PermissionError traceback: in prepare and export (--tokenizer), and wherever a checkpoint's recorded
+    tokenizer is hashed (inspect, consolidate, export)."""
+    from epas_lightning.data.tokenizer import TokenizerError, file_sha256
+
+    tokenizer, opened = train_hf_tokenizer(tmp_path / "tokenizer.json"), Path.open
+
+    def denied(self, *args, **kwargs):
+        if self == tokenizer:
+            raise PermissionError(13, "Permission denied", str(self))
+        return opened(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
+    says = "cannot read the tokenizer file (permission denied)"
+    assert (
+        cli_main(
+            ["prepare", "--input", str(tmp_path), "--output", str(tmp_path / "out"), "--tokenizer", str(tokenizer)]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err == f"error: {says} — --tokenizer {tokenizer} — make it readable for this user\n"
+    with pytest.raises(TokenizerError, match=rf"^{re.escape(says)} — {tokenizer} — make it readable"):
+        file_sha256(tokenizer)
 
 
 def test_a_document_larger_than_a_chunk_prints_no_litdata_warning(tmp_path: Path, sp_model: Path):
@@ -294,7 +324,7 @@ def test_files_of_unknown_kind_in_a_folder_are_counted_in_one_warning(tmp_path: 
 
 def test_broken_links_and_folders_that_cannot_be_listed_are_named(tmp_path: Path, caplog, monkeypatch):
     """A broken link and a folder prepare may not list were left out without a word; an input folder that cannot be
-    listed was 'no input files found', a broken link given as an input 'does not exist'."""
+    listed was 'no input files found', a broken link or a pipe given as an input 'does not exist'."""
     from epas_lightning.data.sources import discover_files
 
     (tmp_path / "locked").mkdir()
@@ -323,6 +353,11 @@ def test_broken_links_and_folders_that_cannot_be_listed_are_named(tmp_path: Path
         discover_files([locked])
     with pytest.raises(DataPreparationError, match=rf"input is a broken link — --val-input {tmp_path / 'gone.txt'}"):
         discover_files([tmp_path / "gone.txt"], split="val")
+    os.mkfifo(pipe := tmp_path / "pipe")  # `--input <(zcat corpus.jsonl.gz)`: said 'input does not exist'
+    with pytest.raises(
+        DataPreparationError, match=rf"neither a file nor a folder \(a pipe\?\) — --input {pipe} — write"
+    ):
+        discover_files([pipe])
 
 
 def test_compressed_json_shards_are_json_lines(tmp_path: Path):
@@ -591,7 +626,8 @@ def test_an_empty_split_names_the_skipped_files_it_lost(tmp_path: Path, sp_model
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "good.txt").write_text("text")
     (tmp_path / "in" / "latin1.txt").write_bytes(b"caf\xe9")  # the one held out, and skipped
-    with caplog.at_level("WARNING"), pytest.raises(DataPreparationError, match="the val split has no documents"):
+    says = r"the val split has no documents: every one it held was skipped \(said above\) — --input — fix or leave"
+    with caplog.at_level("WARNING"), pytest.raises(DataPreparationError, match=says):  # not: raise --val-fraction
         prepare(tmp_path / "in", tmp_path / "out", sp_model, val_input=tmp_path / "in" / "latin1.txt", num_workers=1)
     assert "latin1.txt: not valid UTF-8" in caplog.text
 
@@ -721,7 +757,7 @@ def test_interrupted_prepare_leaves_nothing_that_looks_complete(
         prepare(corpus[0], tmp_path / "out", sp_model, num_workers=1)
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "out").mkdir()
-    with pytest.raises(OutputError, match="already exists .* choose a new folder$"):
+    with pytest.raises(OutputError, match=r"already exists .* remove the empty folder \(rmdir\) or choose a new one"):
         prepare(corpus[0], tmp_path / "out", sp_model)
 
 

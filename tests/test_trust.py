@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -148,6 +152,22 @@ def test_fsdp2_resume_reads_non_tensor_shard_entries_safely(tmp_path):
     with pytest.raises(CheckpointError, match="cannot read this file safely"):
         load_sharded_checkpoint(tmp_path, module, [optimizer])
     assert not marker.exists()
+
+
+def test_a_corrupt_shard_is_not_answered_with_torchs_advice_to_unpickle_it(tmp_path):
+    """A shard of garbage at its full length was "cannot read the shards (Weights only load failed. ... Re-running
+    `torch.load` with `weights_only` set to `False` will likely succeed ...)": advice no one should take here."""
+    from torch.distributed.checkpoint import save as dcp_save
+
+    from epas_lightning.safe_dcp import load_shards
+
+    module = torch.nn.Linear(2, 2)
+    dcp_save({"state_dict": module.state_dict()}, checkpoint_id=tmp_path, no_dist=True)
+    shard = tmp_path / "__0_0.distcp"
+    shard.write_bytes(random.Random(0).randbytes(shard.stat().st_size))
+    with pytest.raises(CheckpointError, match=r"^cannot read the shards \(corrupt, or holding objects other") as e:
+        load_shards({"state_dict": module.state_dict()}, tmp_path, no_dist=True)
+    assert "weights_only" not in str(e.value)
 
 
 def test_a_file_torch_save_did_not_write_is_not_called_unsafe(tmp_path):
@@ -523,6 +543,9 @@ def test_overwrite_never_replaces_a_folder_we_did_not_write(text_corpus, tmp_pat
     assert (user / "thesis.tex").read_text() == "years of work"
     with pytest.raises(OutputError, match="and this is not a folder"):
         prepare(text_corpus, user / "thesis.tex", overwrite=True)
+    (tmp_path / "made").mkdir()  # `mkdir made` first, as other tools want: the line said only to choose another
+    with pytest.raises(OutputError, match=r"already exists — .*made — remove the empty folder \(rmdir\) or choose"):
+        prepare(text_corpus, tmp_path / "made")
 
 
 def test_output_may_not_contain_or_lie_inside_an_input(text_corpus, tmp_path):
@@ -579,6 +602,34 @@ def test_a_failed_build_leaves_nothing_and_the_old_output_intact(tmp_path):
         raise RuntimeError("killed")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MARKER, "a.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    with pytest.raises(RuntimeError), output_folder(tmp_path / "new" / "er" / "out", "bench"):
+        raise RuntimeError("killed")  # the parent folders it made were left, empty
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_sigterm_while_an_output_is_built_removes_the_build(tmp_path):
+    """SIGTERM (kill, a scheduler's stop) ended consolidate or export at once, leaving the hidden build folder (as large
+    as the model) until a later run at the same target; now it is removed, as after Ctrl+C, and the command says so."""
+    script = f"""
+import os, signal, sys
+from epas_lightning.cli import _run
+from epas_lightning.outputs import output_folder
+
+def build(argv):
+    with output_folder({str(tmp_path / "out")!r}, "bench") as folder:
+        (folder / "half.bin").write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGTERM)
+        (folder / "more.bin").write_bytes(b"not reached")
+
+import epas_lightning.cli
+epas_lightning.cli.dispatch = build
+sys.exit(_run(["consolidate"], False))
+"""
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (143, "interrupted: consolidate stopped (SIGTERM)\n")
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # this process: nothing installed outside a build
 
 
 def test_an_output_that_cannot_be_created_is_a_user_error(tmp_path):
@@ -590,6 +641,24 @@ def test_an_output_that_cannot_be_created_is_a_user_error(tmp_path):
     )
     with under_a_file, output_folder(tmp_path / "file" / "out", "dataset"):
         pass
+
+
+def test_a_link_loop_as_input_and_the_root_or_a_dash_as_output_are_one_line(tmp_path, capsys, monkeypatch):
+    """The check that an output lies apart from its inputs raised on a link loop (``Path.resolve``: a RuntimeError
+    traceback), and the search for an output's nearest existing folder on the root, which has none (StopIteration);
+    `--output -` made a folder named "-"."""
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    for command in ("consolidate", "export"):
+        argv = [command, "--checkpoint", str(tmp_path / "a"), "--output", str(tmp_path / "out")]
+        assert "checkpoint does not exist" in one_line_error(capsys, argv)
+    argv = ["consolidate", "--checkpoint", str(tmp_path / "x.ckpt"), "--output", "/"]
+    assert "the output contains the input" in one_line_error(capsys, argv)
+    monkeypatch.chdir(tmp_path)
+    says = "the output is a folder, and '-' is no stdout here — --output - — name the folder to write"
+    for command in ("consolidate", "export"):  # a folder named "-" was made
+        assert says in one_line_error(capsys, [command, "--checkpoint", str(tmp_path / "x.ckpt"), "--output", "-"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
 
 
 def test_an_output_that_appears_while_building_is_not_replaced(tmp_path):

@@ -104,6 +104,11 @@ def _raise_bad(bad: BadDocument) -> None:
     raise DataPreparationError(bad.reason, bad.where, "pass --on-bad skip to skip it")
 
 
+def check_val_fraction(val_fraction: float) -> None:
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}", "--val-fraction")
+
+
 def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerChoice, options: BuildOptions) -> dict:
     """Write ``train/``, ``val/`` and the tokenizer into ``build_dir``; return the metadata (the caller writes it last).
 
@@ -111,8 +116,7 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
     """
     if options.on_bad not in ON_BAD_CHOICES:
         raise ConfigError(f"on_bad must be one of {ON_BAD_CHOICES}, got {options.on_bad!r}", "--on-bad")
-    if not 0.0 <= options.val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must be in [0, 1), got {options.val_fraction}", "--val-fraction")
+    check_val_fraction(options.val_fraction)
     timer = StepTimer()
     for f in files:
         check_text_field(f, options.text_field)
@@ -159,6 +163,12 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
             log.warning("Skipped %s: %s", where, reason)
         if len(stats["skipped"]) > 20:
             log.warning("... and %d more skipped in the %s split.", len(stats["skipped"]) - 20, split)
+        if stats["documents"] == 0 and stats["skipped"]:
+            raise DataPreparationError(
+                f"the {split} split has no documents: every one it held was skipped (said above)",
+                "--input",
+                "fix or leave out the skipped files",
+            )
         if stats["documents"] == 0:
             hint = "raise --val-fraction or pass --val-input" if split == "val" else "check the inputs"
             raise DataPreparationError(f"the {split} split has no documents", "--input", hint)
@@ -247,6 +257,13 @@ def prepare_dataset(
             "drop it, or train one with --train-tokenizer instead of --tokenizer",
         )
     check_tokenizer_flag(None if tokenizer is None else Path(tokenizer))
+    from epas_lightning.runtime import check_counts  # torch: not for prepare --help
+
+    check_counts({"--num-workers": num_workers})
+    check_val_fraction(val_fraction)
+    for flag, token in (("--bos-token", bos_token), ("--eos-token", eos_token)):
+        if token == "":  # was taken as not given, and recorded as the override
+            raise ConfigError("an empty token names none of the tokenizer's", flag, "name a token, or leave it out")
     if output.is_dir() and is_prepared_dataset(output) and overwrite:
         write_marker(output, DATASET_KIND)  # prepared before output folders carried a marker: ours all the same
     with output_folder(output, DATASET_KIND, overwrite, inputs=[*inputs, *val_inputs]) as build:

@@ -93,6 +93,10 @@ def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[In
             found = [(root, root.name, file_kind(root, explicit=True))]
         elif root.is_dir():
             found = _folder_files(root, f"{flag} {root}")
+        elif root.exists():  # a pipe (`--input <(zcat corpus.jsonl.gz)`), a socket, a device: no size, no parts
+            raise DataPreparationError(
+                "input is neither a file nor a folder (a pipe?)", f"{flag} {root}", "write it to a file first"
+            )
         else:
             what = "input is a broken link" if root.is_symlink() else "input does not exist"
             raise DataPreparationError(what, f"{flag} {root}", "check the path")

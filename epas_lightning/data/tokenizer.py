@@ -107,7 +107,16 @@ def decode_continuation(decode: Callable[[list[int]], str], context: Sequence[in
 
 
 def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as e:
+        raise unreadable(path, e) from e
+
+
+def unreadable(path: str | Path, error: OSError) -> TokenizerError:
+    """The one line for a tokenizer file that cannot be read (another user's, say)."""
+    fix = "make it readable for this user" if isinstance(error, PermissionError) else None
+    return TokenizerError(f"cannot read the tokenizer file ({(error.strerror or str(error)).lower()})", path, fix)
 
 
 @dataclass(frozen=True)
@@ -141,6 +150,10 @@ def resolve_tokenizer_path(path: str | Path) -> Path:
         raise TokenizerError(f"no {HF_FILENAME} or {SENTENCEPIECE_FILENAME} in the tokenizer folder", path)
     if not path.is_file():
         raise TokenizerError("tokenizer file does not exist", path, "check the path")
+    try:
+        path.open("rb").close()
+    except OSError as e:
+        raise unreadable(path, e) from e
     return path
 
 

@@ -77,9 +77,10 @@ def is_hf_dir(path: str | Path) -> bool:
     if not config.is_file():
         return False
     try:
-        return "model_type" in json.loads(config.read_text())
+        record = json.loads(config.read_text())
     except ValueError:
         return False
+    return isinstance(record, dict) and "model_type" in record
 
 
 def read_hf_config(path: str | Path) -> dict[str, Any]:
@@ -263,6 +264,9 @@ def _torch_shapes(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _safetensors_shapes(file: Path) -> dict[str, torch.Tensor]:
+    from epas_lightning.safe_load import check_readable
+
+    check_readable(file)
     try:
         with safe_open(file, "pt") as f:
             return {key: safetensors_meta(f, key) for key in f.keys()}  # noqa: SIM118
@@ -279,6 +283,9 @@ def safetensors_meta(f: Any, key: str) -> torch.Tensor:
 
 
 def _safetensors_load(file: Path) -> dict[str, torch.Tensor]:
+    from epas_lightning.safe_load import check_readable
+
+    check_readable(file)
     try:
         return load_file(file, device="cpu")
     except (SafetensorError, OSError) as e:
