@@ -355,7 +355,7 @@ def _read_hf(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], dict[str, 
     with located(f"{flag} {path}"):
         config = config_from_hf(hf)
         state = hf_to_ours(read_hf_weights(path, weights=False), config)
-    region = _region_of(hf, config.n_layer, path / CONFIG_FILE)
+    region = hf_trained_region(hf, config.n_layer, path / CONFIG_FILE)
     state[SHARING_MASK] = torch.tensor([i in region.layers for i in range(config.n_layer)])
     tokenizer = tokenizer_in(path)
     metadata = {
@@ -368,7 +368,7 @@ def _read_hf(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], dict[str, 
     return _shapes_only(state), metadata
 
 
-def _region_of(hf: dict[str, Any], n_layer: int, where: Path) -> TrainedRegion:
+def hf_trained_region(hf: dict[str, Any], n_layer: int, where: Path) -> TrainedRegion:
     """The trained region an ``export`` recorded in the HF config ``hf`` (dense where none)."""
     record = {"layers": hf.get("epas_trained_region") or [], "order": hf.get("epas_growth_order", "deep_first")}
     try:

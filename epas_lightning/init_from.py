@@ -175,13 +175,15 @@ def source_shapes(path: Path, config: LlamaConfig) -> dict[str, torch.Tensor]:
     """Empty meta tensors of the weights stored at ``path`` by our names (no :data:`NOT_LOADED`), after every check
     that needs no weight read: the source's own consistency and its architecture against ``config``. Warns when the
     source trained sharing (:func:`_say_it_starts_dense`)."""
-    from epas_lightning.checkpoint import read_description  # our own .ckpt / FSDP2 dir / consolidated dir
+    from epas_lightning.checkpoint import hf_trained_region, read_description  # .ckpt, FSDP2 or consolidated dir
 
     if is_hf_dir(path):
-        check_compatible(config, read_hf_config(path), source=str(path))
+        hf = read_hf_config(path)
+        check_compatible(config, hf, source=str(path))
+        region = hf_trained_region(hf, config.n_layer, path / "config.json")  # export's record, perhaps hand-edited
         with located(path):
             shapes = hf_to_ours(read_hf_weights(path, weights=False), config)  # vocabulary rows, unknown tensors
-        _say_it_starts_dense(path, sorted(int(i) for i in read_hf_config(path).get("epas_trained_region") or ()))
+        _say_it_starts_dense(path, sorted(region.layers))
         return shapes
     info, state, _ = read_description(path, flag="model.init_from")
     check_same_architecture(config, info.config, f"model.init_from {path}", leave_unset(config))

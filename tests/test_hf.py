@@ -653,6 +653,10 @@ def test_export_region_checks(tmp_path: Path, capsys: pytest.CaptureFixture, mon
         m.setattr(rank_zero_only, "rank", 1)
         warnings.simplefilter("error")
         read_init_state(tmp_path / "c", load_model(tmp_path / "ckpt").model.config)
+    record = json.loads((tmp_path / "c" / "config.json").read_text())  # hand-edited: was a ValueError traceback
+    (tmp_path / "c" / "config.json").write_text(json.dumps({**record, "epas_trained_region": ["x"]}))
+    with pytest.raises(CheckpointError, match=r"recorded sharing region is invalid .*config.json — pass the"):
+        read_init_state(tmp_path / "c", load_model(tmp_path / "ckpt").model.config)
 
 
 def test_export_and_load_model_from_python_take_dtype_names_and_refuse_unknown_ones(tmp_path: Path) -> None:
