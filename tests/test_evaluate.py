@@ -125,6 +125,9 @@ def test_load_task_names_bad_lines(tmp_path: Path) -> None:
         load_task(task)
     with pytest.raises(DataError, match="does not exist"):
         load_task(tmp_path / "missing.jsonl")
+    task.write_bytes(b"\xa8\x00\x01")  # was a UnicodeDecodeError traceback
+    with pytest.raises(DataError, match=r"not UTF-8 text \(byte 0xa8 at offset 0\) — --tasks .*bad.jsonl — "):
+        load_task(task)
 
 
 def test_two_task_files_of_one_name_are_refused_before_the_model_loads(tmp_path, capsys) -> None:

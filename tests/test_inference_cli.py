@@ -91,6 +91,18 @@ def test_generate_names_a_bad_sampling_flag_before_loading_anything(flag, value,
     assert rc == 2 and f"— {flag} — " in err and "does not exist" not in err, err  # what to do, too
 
 
+@pytest.mark.parametrize(
+    ("content", "says"), [(b"\xa8\x00\x01", "not UTF-8 text (byte 0xa8 at offset 0)"), (None, "a folder")]
+)
+def test_a_prompt_file_that_is_not_text_is_named_before_loading_anything(content, says, tmp_path, capsys):
+    """A binary --prompt-file was a UnicodeDecodeError traceback; a folder was said not to exist."""
+    prompts = tmp_path / "prompts"
+    prompts.write_bytes(content) if content is not None else prompts.mkdir()
+    missing = str(tmp_path / "nope.ckpt")
+    rc, _, err = run_cli(capsys, "generate", "--checkpoint", missing, "--prompt-file", str(prompts))
+    assert rc == 2 and says in err and f"— --prompt-file {prompts} — " in err, err
+
+
 def test_default_lengths_fit_a_short_block_size_and_explicit_ones_are_checked(trained, tmp_path, capsys):
     """block_size is 32: the default 100 new tokens (generate) and 64 + 64 (bench) are cut to fit, as the run
     summary's `next:` commands rely on; an explicit length that cannot fit says how many can."""

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model import Llama, LlamaConfig
-from epas_lightning.runtime import activations_overflow
+from epas_lightning.runtime import activations_overflow, read_text_file
 
 
 @dataclass
@@ -39,10 +39,8 @@ class Question:
 def load_task(path: str | Path) -> list[Question]:
     """Read a JSONL task, naming the line of any malformed question."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError("task file does not exist", f"--tasks {path}", "check the path")
     questions = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    for n, line in enumerate(read_text_file(path, "task file", f"--tasks {path}", DataError).splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -12,7 +12,7 @@ from epas_lightning.errors import ConfigError, UserError
 from epas_lightning.inference.generate import GenerationResult, fit_new_tokens, generate, set_region
 from epas_lightning.inference.sampling import SamplingError, check_sampling
 from epas_lightning.region import SHARING_FLAGS
-from epas_lightning.runtime import DType, check_counts, emit_json, resolve_device, resolve_dtype
+from epas_lightning.runtime import DType, check_counts, emit_json, read_text_file, resolve_device, resolve_dtype
 
 MIB = 2**20
 CudaGraph = Literal["auto", "on", "off"]
@@ -144,9 +144,8 @@ def generate_command(
     check_tokenizer_flag(tokenizer)
     prompts = list(prompt or [])
     if prompt_file is not None:
-        if not prompt_file.is_file():
-            raise ConfigError("prompt file does not exist", f"--prompt-file {prompt_file}", "check the path")
-        prompts += [line for line in prompt_file.read_text().splitlines() if line.strip()]
+        text = read_text_file(prompt_file, "prompt file", f"--prompt-file {prompt_file}")
+        prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ConfigError("nothing to continue", "--prompt", "give at least one --prompt (or --prompt-file)")
     loaded = load_for_inference(checkpoint, device, dtype, attention_reuse)
