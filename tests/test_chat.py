@@ -125,6 +125,8 @@ def test_startup_mistakes_are_one_line_before_the_weights_load(checkpoint, tmp_p
         f"tokens before any message is typed; with a reply of {CONTEXT // 2} that leaves no room in the model's "
         f"context length of {CONTEXT} — --system — shorten --system, or lower --max-new-tokens\n"
     ), err
+    assert cli_main(["chat", "--checkpoint", str(checkpoint), "--seed", str(2**64)]) == 2  # was a traceback
+    assert capsys.readouterr().err.startswith(f"error: must be a 64-bit signed integer, got {2**64} — --seed — ")
 
 
 def test_a_long_chat_drops_its_oldest_turns_and_ctrl_c_stops_only_the_reply(checkpoint, monkeypatch, capsys):

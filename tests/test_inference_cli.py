@@ -83,8 +83,9 @@ def test_generate_refuses_more_than_the_trained_region_unless_forced(trained, ca
 
 
 @pytest.mark.parametrize(
-    ("flag", "value"), [("--temperature", "-1"), ("--top-k", "0"), ("--top-p", "2"), ("--max-new-tokens", "0")]
-)
+    ("flag", "value"),
+    [("--temperature", "-1"), ("--top-k", "0"), ("--top-p", "2"), ("--max-new-tokens", "0"), ("--seed", str(2**64))],
+)  # a seed past 64 bits was "Overflow when unpacking long long — generate — see --help" (chat: a traceback)
 def test_generate_names_a_bad_sampling_flag_before_loading_anything(flag, value, tmp_path, capsys):
     missing = str(tmp_path / "nope.ckpt")  # never opened: the flag is checked first
     rc, _, err = run_cli(capsys, "generate", "--checkpoint", missing, "--prompt", "x", flag, value)

@@ -13,6 +13,7 @@ from epas_lightning.inference.chat import Conversation, Sampling, stream_reply
 from epas_lightning.inference.generate import set_region
 from epas_lightning.inference.generate_cli import (
     check_sampling_flags,
+    check_seed,
     describe_region,
     load_for_inference,
     resolve_tokenizer,
@@ -73,6 +74,7 @@ def chat_command(
         force: Allow more sharing layers than the checkpoint trained (quality drops sharply).
     """
     check_sampling_flags(temperature, top_k, top_p)  # everything is checked before the weights load
+    check_seed(seed)
     check_counts({"--max-new-tokens": max_new_tokens})
     resolve_dtype(dtype, resolve_device(device))
     check_tokenizer_flag(tokenizer)

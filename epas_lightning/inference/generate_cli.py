@@ -46,6 +46,13 @@ def check_sampling_flags(temperature: float, top_k: int | None, top_p: float | N
         raise ConfigError(str(e), "--" + e.setting.replace("_", "-"), SAMPLING_FIXES[e.setting]) from e
 
 
+def check_seed(seed: int) -> None:
+    """``--seed``: a :class:`ConfigError` unless it is a 64-bit signed integer (what torch's generators take; serve's
+    ``seed`` field is checked alike)."""
+    if not -(2**63) <= seed < 2**63:
+        raise ConfigError(f"must be a 64-bit signed integer, got {seed}", "--seed", "give a seed in -2**63..2**63-1")
+
+
 SAMPLING_FIXES = {
     "temperature": "0 decodes greedily; 1 samples from the model's distribution",
     "top_k": "1 or more (1 is greedy); leave it unset to sample from every token",
@@ -139,6 +146,7 @@ def generate_command(
             ``completion`` as printed after it, ``new_tokens`` without the end token).
     """
     check_sampling_flags(temperature, top_k, top_p)  # before the model loads
+    check_seed(seed)
     check_counts({"--max-new-tokens": max_new_tokens})
     graphed = cuda_graph_choice(cuda_graph, device)
     check_tokenizer_flag(tokenizer)
