@@ -84,6 +84,7 @@ class Conversation:
         """Add the user message ``text``; return the conversation's prompt ids and how many of its oldest turns
         (a user message and its reply each) were dropped to fit. A message that does not fit even alone is a
         :class:`ConfigError`, and the history stays as it was."""
+        check_text(text)
         turns, dropped = [*self.turns, {"role": "user", "content": text}], 0
         while True:
             ids = self.ids(turns)
@@ -107,6 +108,19 @@ class Conversation:
     def reset(self) -> None:
         """Forget every turn (the system message stays)."""
         self.turns = []
+
+
+def check_text(text: str) -> None:
+    """A :class:`ConfigError` for a message holding a lone surrogate: input bytes that are not UTF-8, as Python reads
+    them with ``surrogateescape`` (no tokenizer encodes it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = ord(text[e.start])
+        what = f"byte {char - 0xDC00:#04x}" if 0xDC80 <= char <= 0xDCFF else f"{text[e.start]!r}"  # an escaped byte
+        raise ConfigError(
+            f"this message is not UTF-8 text ({what} at character {e.start})", "the message", "send UTF-8 text"
+        ) from None
 
 
 @dataclass(frozen=True)

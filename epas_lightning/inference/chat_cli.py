@@ -96,6 +96,8 @@ def chat_command(
     if interactive:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401 - line editing and history for input()
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach the message's check, not a traceback
+        sys.stdin.reconfigure(errors="surrogateescape")
     replies, told = 0, False
     while (line := read_line(interactive)) is not None:
         text = line.strip()
