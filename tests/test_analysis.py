@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import cpu_trainer
+from model_dirs import save_consolidated
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from epas_lightning import EPASModule, Llama, LlamaConfig, ProgressiveSharing, TokenDataModule
@@ -188,7 +189,7 @@ def test_analyze_command_writes_heatmap_json_and_tensorboard_image(tiny_checkpoi
     assert "analysis/similarity" in events.Tags()["images"]
 
 
-def test_analyze_reports_bad_inputs_before_work(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+def test_analyze_reports_bad_inputs_before_work(tiny_checkpoint, tiny_corpus, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # where the default --output runs/analyze would go
 
     def fails(*argv: str) -> str:
@@ -203,6 +204,9 @@ def test_analyze_reports_bad_inputs_before_work(tiny_checkpoint, tmp_path, capsy
     assert "exceeds the model's context length (32) — --seq-len — use at most 32" in too_long
     for short in ("1", "0"):  # 0 ran silently at the default length
         assert f"must be at least 2, got {short}" in fails("--checkpoint", str(tiny_checkpoint), "--seq-len", short)
+    single = save_consolidated(Llama(LlamaConfig.from_name("debug", n_layer=1)), tmp_path / "one")
+    one_layer = fails("--checkpoint", str(single), "--data", str(tiny_corpus))  # was a ValueError traceback
+    assert "a 1-layer model has no layer that could share" in one_layer
     assert not (tmp_path / "runs").exists()
 
 

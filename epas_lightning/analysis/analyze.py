@@ -134,6 +134,12 @@ def analyze_command(
     check_output(output, "analysis", overwrite, [checkpoint])
     loaded = load_for_inference(checkpoint, device, dtype, attention_reuse=False)  # every layer computes here
     model, config = loaded.model, loaded.model.config
+    if config.n_layer < 2:
+        raise ConfigError(
+            f"a {config.n_layer}-layer model has no layer that could share (layer 0 always computes)",
+            f"--checkpoint {checkpoint}",
+            "analyse a model of 2 or more layers",
+        )
     seq_len = min(config.block_size, 256) if seq_len is None else seq_len
     if seq_len < 2:
         raise ConfigError(f"must be at least 2, got {seq_len}", "--seq-len")
