@@ -51,12 +51,12 @@ def heldout_batches(
     own_data: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Up to ``n_batches`` token batches (B, seq_len) from the validation split of a prepared data dir, which must
-    hold the ids of ``tokenizer`` (the model's, when known; ``own_data``: see ``heldout_loader``)."""
+    hold the ids of ``tokenizer`` (the model's, when known; ``own_data``: see ``heldout_loader``). The data is checked
+    at once; the batches are read as they are iterated."""
     from epas_lightning.data import heldout_loader
 
     loader = heldout_loader(data_dir, seq_len, batch_size, vocab_size, tokenizer, own_data)
-    for batch in islice(loader, n_batches):
-        yield batch[:, :-1]  # the model's inputs; the extra target token is not needed
+    return (batch[:, :-1] for batch in islice(loader, n_batches))  # the model's inputs, without the extra target
 
 
 def write_outputs(report: RedundancyReport, recommendation, output: Path) -> dict:  # noqa: ANN001
@@ -151,12 +151,12 @@ def analyze_command(
             "--data",
             "pass --data with the prepared folder the model trained on",
         )
+    own_data = loaded.own_data_instead_of(data)
+    held_out = heldout_batches(  # a data folder that cannot work is said alone, before any output
+        data_dir, config.vocab_size, seq_len, batch_size, batches, loaded.recorded_tokenizer, own_data
+    )
     with output_folder(output, "analysis", overwrite, inputs=[checkpoint]) as build:
         print(f"analysing {checkpoint} ({config.n_layer} layers) on {data_dir}", file=sys.stderr)
-        own_data = loaded.own_data_instead_of(data)
-        held_out = heldout_batches(
-            data_dir, config.vocab_size, seq_len, batch_size, batches, loaded.recorded_tokenizer, own_data
-        )
         held_out = progress(held_out, "analyze: capturing activations", batches, "batch")
         report = analyze_model(model, held_out)
         report.metadata.update(
