@@ -114,7 +114,7 @@ def read_text_file(path: Path, what: str, where: str, error: type[UserError] = C
     if not path.is_file():
         raise error(f"{what} does not exist", where, "check the path")
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is not text
     except UnicodeDecodeError as e:
         what_byte = f"byte {e.object[e.start]:#04x} at offset {e.start}"
         raise error(f"the {what} is not UTF-8 text ({what_byte})", where, "give a UTF-8 text file") from None

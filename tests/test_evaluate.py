@@ -147,6 +147,14 @@ def test_load_task_names_bad_lines(tmp_path: Path) -> None:
         load_task(task)
 
 
+def test_a_task_file_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
+    """Files saved by Windows editors start with a UTF-8 BOM: it failed the first line's JSON (as it would have
+    started the first prompt of generate --prompt-file, read alike)."""
+    task = tmp_path / "bom.jsonl"
+    task.write_bytes(b'\xef\xbb\xbf{"context": "c", "choices": [" a", " b"], "label": 1}\r\n')
+    assert [(q.context, q.choices, q.label) for q in load_task(task)] == [("c", [" a", " b"], 1)]
+
+
 def test_two_task_files_of_one_name_are_refused_before_the_model_loads(tmp_path, capsys) -> None:
     """evaluate --tasks a/code.jsonl --tasks b/code.jsonl printed one `code` column: one task's results were lost."""
     line = json.dumps({"context": "c", "choices": ["a", "b"], "label": 0}) + "\n"
