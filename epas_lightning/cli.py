@@ -38,6 +38,7 @@ from epas_lightning.errors import (
     debug_enabled,
     error_line,
     is_out_of_memory,
+    not_utf8,
     out_of_memory,
 )
 from epas_lightning.slurm import remembering_requeue_signal
@@ -310,9 +311,24 @@ def _yaml_error(error: Exception, prog: str, argv: Sequence[str]) -> ConfigError
     return ConfigError(f"a value is not valid YAML: {problem}", prog, "fix the value given on the command line")
 
 
+def check_utf8(argv: Sequence[str], prog: str) -> None:
+    """A :class:`ConfigError` naming the first flag whose value is not UTF-8 text (bytes of another encoding): a text
+    flag (--system) took it and failed on it later with a traceback, a path flag said "invalid value"."""
+    for i, token in enumerate(argv):
+        if (where := not_utf8(token)) is None:
+            continue
+        name, equals, _ = token.partition("=")
+        if equals and name.startswith("--") and not_utf8(name) is None:  # --flag=value: where in the value
+            flag, where = name, not_utf8(token[len(name) + 1 :])
+        else:
+            flag = argv[i - 1] if i > 0 and argv[i - 1].startswith("--") else "an argument"
+        raise ConfigError(f"{flag} is not UTF-8 text ({where})", prog, "give it in UTF-8")
+
+
 def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:
     """Parse ``argv`` for ``fn`` and call it; ``--help`` and ``--print_config`` exit 0 (``SystemExit``)."""
     parser = function_parser(fn, prog)
+    check_utf8(argv, prog)
     try:
         config = parser.parse_args(_append_lists(argv, parser.list_options))
     except ArgumentError as e:

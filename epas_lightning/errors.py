@@ -96,6 +96,19 @@ def out_of_memory(error: BaseException, command: str) -> UserError:
     return UserError(f"out of device memory ({facts})", command, fix)
 
 
+def not_utf8(text: str) -> str | None:
+    """Where ``text`` is not UTF-8 text, as an error says it (``byte 0xff at character 2``), or ``None``: Python reads
+    bytes that are not UTF-8 (command-line arguments, stdin in the C locale) as lone surrogates, which no tokenizer
+    encodes and no file name in UTF-8 holds."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = ord(text[e.start])
+        what = f"byte {char - 0xDC00:#04x}" if 0xDC80 <= char <= 0xDCFF else repr(text[e.start])  # an escaped byte
+        return f"{what} at character {e.start}"
+    return None
+
+
 def debug_enabled() -> bool:
     """Whether user errors should show their traceback (``EPAS_DEBUG=1``; ``--debug`` sets it)."""
     return os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no")

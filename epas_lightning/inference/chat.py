@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from epas_lightning.data.tokenizer import TextTokenizer
-from epas_lightning.errors import ConfigError
+from epas_lightning.errors import ConfigError, not_utf8
 from epas_lightning.inference.generate import Decoder
 from epas_lightning.model import Llama
 from epas_lightning.serve.chat import TemplateFailure, TemplateRefusal, chat_prompt_ids
@@ -111,16 +111,9 @@ class Conversation:
 
 
 def check_text(text: str) -> None:
-    """A :class:`ConfigError` for a message holding a lone surrogate: input bytes that are not UTF-8, as Python reads
-    them with ``surrogateescape`` (no tokenizer encodes it)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        char = ord(text[e.start])
-        what = f"byte {char - 0xDC00:#04x}" if 0xDC80 <= char <= 0xDCFF else f"{text[e.start]!r}"  # an escaped byte
-        raise ConfigError(
-            f"this message is not UTF-8 text ({what} at character {e.start})", "the message", "send UTF-8 text"
-        ) from None
+    """A :class:`ConfigError` for a message of input bytes that are not UTF-8 (read with ``surrogateescape``)."""
+    if (where := not_utf8(text)) is not None:
+        raise ConfigError(f"this message is not UTF-8 text ({where})", "the message", "send UTF-8 text")
 
 
 @dataclass(frozen=True)
