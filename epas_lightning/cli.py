@@ -299,9 +299,7 @@ def _yaml_error(error: Exception, prog: str, argv: Sequence[str]) -> ConfigError
     problem = (getattr(error, "problem", None) or str(error).splitlines()[0]) + at(getattr(error, "problem_mark", None))
     if context := getattr(error, "context", None):  # "while parsing a flow sequence", where it began
         problem += f" ({context}{at(getattr(error, 'context_mark', None))})"
-    given = [value for flag, value in zip(argv, argv[1:], strict=False) if flag == "--config"]
-    given += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
-    for path in map(Path, given):
+    for path in map(Path, config_arguments(argv)):
         try:
             yaml.safe_load(path.read_text()) if path.is_file() else None
         except yaml.YAMLError:
@@ -387,6 +385,7 @@ def dispatch(argv: list[str]) -> int:
         with remembering_requeue_signal() if command == "fit" else nullcontext():  # SLURM's, from the first second
             from epas_lightning.lightning_cli import exit_status, lightning_cli
 
+            check_config_files(argv)
             try:
                 cli = lightning_cli(argv)
             except ArgumentError as e:
@@ -396,8 +395,26 @@ def dispatch(argv: list[str]) -> int:
         raise ConfigError(
             f"unknown command {command!r}", PROG, f"choose one of {', '.join((*LIGHTNING_COMMANDS, *TOOLS))}"
         )
+    check_config_files(rest)
     result = run_function(tool(command), f"{PROG} {command}", rest)
     return result if isinstance(result, int) else 0
+
+
+def check_config_files(argv: Sequence[str]) -> None:
+    """Each ``--config`` file of ``argv`` that exists, read as text: a folder or a file that is not UTF-8 is one
+    :class:`ConfigError` (jsonargparse said "invalid value for --config", or ended in a UnicodeDecodeError traceback).
+    A file that does not exist is left to the parser's error (or a packaged config of that name, for fit)."""
+    from epas_lightning.runtime import read_text_file
+
+    for path in map(Path, config_arguments(argv)):
+        if path.expanduser().exists():
+            read_text_file(path.expanduser(), "config", f"--config {path}")
+
+
+def config_arguments(argv: Sequence[str]) -> list[str]:
+    """The values of ``--config`` (``-c``) in ``argv``, as ``--config FILE`` or ``--config=FILE``."""
+    given = [value for flag, value in zip(argv, argv[1:], strict=False) if flag in ("--config", "-c")]
+    return given + [arg.split("=", 1)[1] for arg in argv if arg.startswith(("--config=", "-c="))]
 
 
 def main(args: Sequence[str] | None = None) -> int:

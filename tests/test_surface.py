@@ -278,6 +278,21 @@ def test_a_config_file_that_is_not_yaml_is_named_with_the_line(tmp_path, capsys)
     assert err.startswith("error: a value is not valid YAML: ") and err.endswith("given on the command line\n"), err
 
 
+def test_a_config_that_is_a_folder_or_not_utf8_is_one_line(tmp_path, capsys):
+    """A config of another encoding was jsonargparse's UnicodeDecodeError traceback (fit and every tool); a folder,
+    "invalid value for --config"."""
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"system: \xe9t\xe9\n")
+    for argv, config, says in [
+        (["fit", "--config", DEBUG], latin, "the config is not UTF-8 text (byte 0xe9 at offset 8)"),
+        (["chat"], latin, "the config is not UTF-8 text (byte 0xe9 at offset 8)"),
+        (["generate"], tmp_path, "the config is a folder"),
+    ]:
+        assert main([*argv, f"--config={config}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {says} — --config {config} — ") and err.count("\n") == 1, err
+
+
 def test_a_lightning_cli_value_error_names_the_flag_as_typed(capsys):
     assert main(["fit", "--config", DEBUG, "--trainer.max_steps", "abc"]) == 2
     assert capsys.readouterr().err.startswith("error: invalid value for --trainer.max_steps (")
