@@ -40,6 +40,7 @@ from epas_lightning.errors import (
     is_out_of_memory,
     not_utf8,
     out_of_memory,
+    read_text_file,
 )
 from epas_lightning.slurm import remembering_requeue_signal
 
@@ -404,8 +405,6 @@ def check_config_files(argv: Sequence[str]) -> None:
     """Each ``--config`` file of ``argv`` that exists, read as text: a folder or a file that is not UTF-8 is one
     :class:`ConfigError` (jsonargparse said "invalid value for --config", or ended in a UnicodeDecodeError traceback).
     A file that does not exist is left to the parser's error (or a packaged config of that name, for fit)."""
-    from epas_lightning.runtime import read_text_file
-
     for path in map(Path, config_arguments(argv)):
         if path.expanduser().exists():
             read_text_file(path.expanduser(), "config", f"--config {path}")

@@ -12,6 +12,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 EXIT_USER_ERROR = 2
 """Exit status of a command stopped by a user error (argparse's convention)."""
@@ -107,6 +108,22 @@ def not_utf8(text: str) -> str | None:
         what = f"byte {char - 0xDC00:#04x}" if 0xDC80 <= char <= 0xDCFF else repr(text[e.start])  # an escaped byte
         return f"{what} at character {e.start}"
     return None
+
+
+def read_text_file(path: Path, what: str, where: str, error: type[UserError] = ConfigError) -> str:
+    """The text of a user's UTF-8 file (``what``: "prompt file"); one ``error`` naming ``where`` (its flag) when it is
+    missing, a folder, unreadable or not UTF-8 text."""
+    if path.is_dir():
+        raise error(f"the {what} is a folder", where, "give the path of a text file")
+    if not path.is_file():
+        raise error(f"{what} does not exist", where, "check the path")
+    try:
+        return path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is not text
+    except UnicodeDecodeError as e:
+        what_byte = f"byte {e.object[e.start]:#04x} at offset {e.start}"
+        raise error(f"the {what} is not UTF-8 text ({what_byte})", where, "give a UTF-8 text file") from None
+    except OSError as e:
+        raise error(f"cannot read the {what} ({e.strerror})", where, "check its permissions") from None
 
 
 def debug_enabled() -> bool:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 
-from epas_lightning.errors import ConfigError, UserError
+from epas_lightning.errors import ConfigError
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 """``--dtype`` choices; ``auto`` is bfloat16 on CUDA (float16 on GPUs without native bfloat16) and float32 elsewhere."""
@@ -104,22 +104,6 @@ def check_counts(counts: dict[str, int | None]) -> None:
     for flag, value in counts.items():
         if value is not None and value < 1:
             raise ConfigError(f"must be at least 1, got {value}", flag, "give 1 or more")
-
-
-def read_text_file(path: Path, what: str, where: str, error: type[UserError] = ConfigError) -> str:
-    """The text of a user's UTF-8 file (``what``: "prompt file"); one ``error`` naming ``where`` (its flag) when it is
-    missing, a folder, unreadable or not UTF-8 text."""
-    if path.is_dir():
-        raise error(f"the {what} is a folder", where, "give the path of a text file")
-    if not path.is_file():
-        raise error(f"{what} does not exist", where, "check the path")
-    try:
-        return path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is not text
-    except UnicodeDecodeError as e:
-        what_byte = f"byte {e.object[e.start]:#04x} at offset {e.start}"
-        raise error(f"the {what} is not UTF-8 text ({what_byte})", where, "give a UTF-8 text file") from None
-    except OSError as e:
-        raise error(f"cannot read the {what} ({e.strerror})", where, "check its permissions") from None
 
 
 def emit_json(record: Any, enabled: bool) -> None:

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from epas_lightning.errors import ConfigError, DataError
+from epas_lightning.errors import ConfigError, DataError, read_text_file
 from epas_lightning.model import Llama, LlamaConfig
-from epas_lightning.runtime import activations_overflow, read_text_file
+from epas_lightning.runtime import activations_overflow
 
 
 @dataclass

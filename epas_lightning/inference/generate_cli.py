@@ -8,11 +8,11 @@ from typing import Literal
 
 from epas_lightning.checkpoint import CheckpointInfo, LoadedModel, load_model
 from epas_lightning.data.tokenizer import TextTokenizer, check_tokenizer_flag, decode_continuation, load_tokenizer
-from epas_lightning.errors import ConfigError, UserError
+from epas_lightning.errors import ConfigError, UserError, read_text_file
 from epas_lightning.inference.generate import GenerationResult, fit_new_tokens, generate, set_region
 from epas_lightning.inference.sampling import SamplingError, check_sampling
 from epas_lightning.region import SHARING_FLAGS
-from epas_lightning.runtime import DType, check_counts, emit_json, read_text_file, resolve_device, resolve_dtype
+from epas_lightning.runtime import DType, check_counts, emit_json, resolve_device, resolve_dtype
 
 MIB = 2**20
 CudaGraph = Literal["auto", "on", "off"]
