@@ -14,7 +14,8 @@ from __future__ import annotations
 import csv
 import importlib
 import json as json_lib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from fnmatch import fnmatch
 from importlib.metadata import version
 from pathlib import Path
@@ -152,15 +153,16 @@ def run_lm_eval(
     rows, runs = [], {}
     for n in lengths:
         layers = lm.set_sharing_layers(n)
-        result = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=specs,
-            task_manager=manager,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            bootstrap_iters=bootstrap_iters,
-            log_samples=False,
-        )
+        with task_data_errors():
+            result = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=specs,
+                task_manager=manager,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                bootstrap_iters=bootstrap_iters,
+                log_samples=False,
+            )
         rows.append({"sharing_layers": n, "shared_layers": layers, **metric_columns(result["results"])})
         runs[n] = {key: result.get(key) for key in ("results", "groups", "n-shot", "n-samples", "versions")}
     return {
@@ -173,6 +175,20 @@ def run_lm_eval(
         "rows": rows,
         "runs": runs,
     }
+
+
+@contextmanager
+def task_data_errors() -> Iterator[None]:
+    """A task's data that lm-eval cannot load (a ``data_files`` that is not there, a Hub dataset out of reach or not
+    in the cache offline) as one :class:`ConfigError`, instead of the ``datasets`` traceback."""
+    try:
+        yield
+    except (FileNotFoundError, ConnectionError) as e:  # datasets' DatasetNotFoundError is a FileNotFoundError
+        raise ConfigError(
+            f"lm-eval could not load the tasks' data ({' '.join(str(e).split())})",
+            "--tasks",
+            "check the task's dataset_path and data_files; offline, a Hub dataset must be in the datasets cache",
+        ) from e
 
 
 def write_outputs(summary: dict, folder: Path) -> None:
