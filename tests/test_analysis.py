@@ -176,6 +176,7 @@ def test_analyze_command_writes_heatmap_json_and_tensorboard_image(tiny_checkpoi
     captured = capsys.readouterr()
     printed = captured.out
     assert str(tiny_corpus) in captured.err  # the data the checkpoint's tokenizer came from
+    assert "note: only" not in captured.err  # 64 tokens, as many as the model's features
     assert "trained with layers [1] sharing" in printed  # the caveat for regions trained with sharing
     assert (out / "similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = json.loads((out / "similarity.json").read_text())
@@ -187,6 +188,23 @@ def test_analyze_command_writes_heatmap_json_and_tensorboard_image(tiny_checkpoi
     assert ("Recommendation: share layers 1..1" in printed, "No region keeps" in printed) == (meets, not meets)
     events = EventAccumulator(str(out / "tb")).Reload()
     assert "analysis/similarity" in events.Tags()["images"]
+
+
+def test_analyze_says_when_too_few_tokens_were_measured(tiny_checkpoint, tmp_path, capsys):
+    """2 tokens made CKA 1 for every pair of layers: the recommendation (share them all) read as if measured."""
+    args = [
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--output",
+        str(tmp_path / "a"),
+        "--batches",
+        "1",
+        "--batch-size",
+        "1",
+    ]
+    assert cli_main(["analyze", *args, "--seq-len", "2"]) == 0
+    says = "note: only 2 tokens were measured, fewer than the model's 64 features: the similarities read high"
+    assert says in capsys.readouterr().err
 
 
 def test_analyze_reports_bad_inputs_before_work(tiny_checkpoint, tiny_corpus, tmp_path, capsys, monkeypatch):

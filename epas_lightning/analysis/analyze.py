@@ -169,6 +169,12 @@ def analyze_command(
         )
         recommendation = report.recommend(metric, threshold, config)
         record = write_outputs(report, recommendation, build)
+    if report.n_tokens < config.n_embd:  # the standard CKA estimator is biased upwards below that (at 2 tokens: 1)
+        print(
+            f"note: only {report.n_tokens} tokens were measured, fewer than the model's {config.n_embd} features: the "
+            "similarities read high (CKA most); raise --batches, --batch-size or --seq-len before choosing a region",
+            file=sys.stderr,
+        )
     print(recommendation.reasoning)
     if loaded.region.layers:
         print(
