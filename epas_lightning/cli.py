@@ -406,7 +406,9 @@ def check_config_files(argv: Sequence[str]) -> None:
     :class:`ConfigError` (jsonargparse said "invalid value for --config", or ended in a UnicodeDecodeError traceback).
     A file that does not exist is left to the parser's error (or a packaged config of that name, for fit)."""
     for path in map(Path, config_arguments(argv)):
-        if path.expanduser().exists():
+        if (
+            path.expanduser().is_file() or path.expanduser().is_dir()
+        ):  # a pipe, read here, would be empty for the parser
             read_text_file(path.expanduser(), "config", f"--config {path}")
 
 

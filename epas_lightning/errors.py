@@ -115,7 +115,7 @@ def read_text_file(path: Path, what: str, where: str, error: type[UserError] = C
     missing, a folder, unreadable or not UTF-8 text."""
     if path.is_dir():
         raise error(f"the {what} is a folder", where, "give the path of a text file")
-    if not path.is_file():
+    if not path.exists():  # a pipe (`<(command)`, /dev/stdin) is read as a file is
         raise error(f"{what} does not exist", where, "check the path")
     try:
         return path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is not text

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import threading
 
 import pytest
 import torch
@@ -102,6 +104,16 @@ def test_a_prompt_file_that_is_not_text_is_named_before_loading_anything(content
     missing = str(tmp_path / "nope.ckpt")
     rc, _, err = run_cli(capsys, "generate", "--checkpoint", missing, "--prompt-file", str(prompts))
     assert rc == 2 and says in err and f"— --prompt-file {prompts} — " in err, err
+
+
+def test_a_prompt_file_may_be_a_pipe(tmp_path, capsys):
+    """`--prompt-file <(make_prompts)` (a pipe, not a regular file) was said not to exist."""
+    fifo = tmp_path / "prompts"
+    os.mkfifo(fifo)
+    threading.Thread(target=fifo.write_text, args=("x\n",), daemon=True).start()  # blocks until it is read
+    missing = str(tmp_path / "nope.ckpt")
+    rc, _, err = run_cli(capsys, "generate", "--checkpoint", missing, "--prompt-file", str(fifo))
+    assert rc == 2 and "checkpoint does not exist" in err, err  # the prompts were read: the next check speaks
 
 
 def test_default_lengths_fit_a_short_block_size_and_explicit_ones_are_checked(trained, tmp_path, capsys):
