@@ -142,6 +142,11 @@ def test_load_task_names_bad_lines(tmp_path: Path) -> None:
         task.write_text("{" + fields + "}\n")
         with pytest.raises(DataError, match=f"^{re.escape(says)} — {re.escape(str(task))}:1 — write it as "):
             load_task(task)
+    task.write_text("\n  \n")  # said what and where, not what to do
+    with pytest.raises(
+        DataError, match=f"^the task file holds no questions — {re.escape(str(task))} — write one a line"
+    ):
+        load_task(task)
     task.write_bytes(b"\xa8\x00\x01")  # was a UnicodeDecodeError traceback
     with pytest.raises(DataError, match=r"not UTF-8 text \(byte 0xa8 at offset 0\) — --tasks .*bad.jsonl — "):
         load_task(task)

@@ -54,7 +54,7 @@ def load_task(path: str | Path) -> list[Question]:
             raise DataError(f"label {question.label} is not one of {len(question.choices)} choices", f"{path}:{n}")
         questions.append(question)
     if not questions:
-        raise DataError("the task file holds no questions", path)
+        raise DataError("the task file holds no questions", path, f"write one a line, as {QUESTION_EXAMPLE}")
     return questions
 
 
