@@ -16,6 +16,7 @@ import ast
 import gc
 import importlib
 import inspect
+import math
 import os
 import re
 import signal
@@ -334,7 +335,17 @@ def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:
         raise parse_error(e, prog, fn, argv) from e
     kwargs = parser.instantiate(config)
     kwargs.pop("config", None)
+    check_finite(kwargs, prog)
     return fn(**kwargs)
+
+
+def check_finite(kwargs: dict[str, Any], prog: str) -> None:
+    """A number that is NaN or infinite, refused as the parser refuses ``nan`` and ``inf`` on the command line: a
+    ``--config`` gives them as YAML's ``.nan`` and ``.inf``, which the parser takes."""
+    for name, value in kwargs.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} takes a number, not '{value}'", prog, f"see `{prog} --help`")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -293,6 +293,20 @@ def test_a_config_that_is_a_folder_or_not_utf8_is_one_line(tmp_path, capsys):
         assert err.startswith(f"error: {says} — --config {config} — ") and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize(("command", "setting"), [("generate", "temperature: .nan"), ("serve", "max_request_mb: .inf")])
+def test_a_config_value_that_is_not_a_finite_number_is_refused_as_on_the_command_line(
+    command, setting, tmp_path, capsys
+):
+    """YAML's .nan and .inf passed as numbers where the command line's nan and inf are refused: generate's
+    temperature ended in torch's multinomial RuntimeError, serve's max_request_mb in an OverflowError."""
+    config = tmp_path / "config.yaml"
+    config.write_text(setting + "\n")
+    assert main([command, "--checkpoint", "x.ckpt", "--config", str(config)]) == 2
+    flag, value = setting.split(": .")
+    says = f"error: --{flag.replace('_', '-')} takes a number, not '{value}' — python -m epas_lightning {command} — "
+    assert capsys.readouterr().err.startswith(says)
+
+
 def test_a_lightning_cli_value_error_names_the_flag_as_typed(capsys):
     assert main(["fit", "--config", DEBUG, "--trainer.max_steps", "abc"]) == 2
     assert capsys.readouterr().err.startswith("error: invalid value for --trainer.max_steps (")
