@@ -140,6 +140,13 @@ def test_startup_mistakes_are_one_line_before_the_weights_load(checkpoint, tmp_p
         f"tokens before any message is typed; with a reply of {CONTEXT // 2} that leaves no room in the model's "
         f"context length of {CONTEXT} — --system — shorten --system, or lower --max-new-tokens\n"
     ), err
+    broken = shutil.copytree(checkpoint, tmp_path / "broken")
+    (broken / "tokenizer_config.json").write_text('{"chat_template": ')  # was prepare's warning "it is not kept",
+    assert cli_main(["chat", "--checkpoint", str(broken)]) == 2  # then "this model has no chat template"
+    assert capsys.readouterr().err.startswith(
+        f"error: the chat template beside {broken / 'tokenizer.json'} is unreadable (Expecting value: line 1 column "
+        f"19 (char 18)) — --checkpoint {broken} — "
+    )
     assert cli_main(["chat", "--checkpoint", str(checkpoint), "--seed", str(2**64)]) == 2  # was a traceback
     assert capsys.readouterr().err.startswith(f"error: must be a 64-bit signed integer, got {2**64} — --seed — ")
 
