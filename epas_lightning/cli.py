@@ -416,11 +416,10 @@ def check_config_files(argv: Sequence[str]) -> None:
     """Each ``--config`` file of ``argv`` that exists, read as text: a folder or a file that is not UTF-8 is one
     :class:`ConfigError` (jsonargparse said "invalid value for --config", or ended in a UnicodeDecodeError traceback).
     A file that does not exist is left to the parser's error (or a packaged config of that name, for fit)."""
-    for path in map(Path, config_arguments(argv)):
-        if (
-            path.expanduser().is_file() or path.expanduser().is_dir()
-        ):  # a pipe, read here, would be empty for the parser
-            read_text_file(path.expanduser(), "config", f"--config {path}")
+    for given in config_arguments(argv):
+        path = Path(given).expanduser()
+        if path.is_file() or path.is_dir():  # not a pipe: read here, it would be empty for the parser
+            read_text_file(path, "config", f"--config {given}")
 
 
 def config_arguments(argv: Sequence[str]) -> list[str]:
