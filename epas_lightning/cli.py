@@ -16,6 +16,7 @@ import ast
 import gc
 import importlib
 import inspect
+import math
 import os
 import re
 import signal
@@ -38,7 +39,9 @@ from epas_lightning.errors import (
     debug_enabled,
     error_line,
     is_out_of_memory,
+    not_utf8,
     out_of_memory,
+    read_text_file,
 )
 from epas_lightning.slurm import remembering_requeue_signal
 
@@ -299,9 +302,7 @@ def _yaml_error(error: Exception, prog: str, argv: Sequence[str]) -> ConfigError
     problem = (getattr(error, "problem", None) or str(error).splitlines()[0]) + at(getattr(error, "problem_mark", None))
     if context := getattr(error, "context", None):  # "while parsing a flow sequence", where it began
         problem += f" ({context}{at(getattr(error, 'context_mark', None))})"
-    given = [value for flag, value in zip(argv, argv[1:], strict=False) if flag == "--config"]
-    given += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
-    for path in map(Path, given):
+    for path in map(Path, config_arguments(argv)):
         try:
             yaml.safe_load(path.read_text()) if path.is_file() else None
         except yaml.YAMLError:
@@ -311,16 +312,41 @@ def _yaml_error(error: Exception, prog: str, argv: Sequence[str]) -> ConfigError
     return ConfigError(f"a value is not valid YAML: {problem}", prog, "fix the value given on the command line")
 
 
+def check_utf8(argv: Sequence[str], prog: str) -> None:
+    """A :class:`ConfigError` naming the first flag whose value is not UTF-8 text (bytes of another encoding): a text
+    flag (--system) took it and failed on it later with a traceback, a path flag said "invalid value"."""
+    for i, token in enumerate(argv):
+        if (where := not_utf8(token)) is None:
+            continue
+        name, equals, _ = token.partition("=")
+        if equals and name.startswith("--") and not_utf8(name) is None:  # --flag=value: where in the value
+            flag, where = name, not_utf8(token[len(name) + 1 :])
+        else:
+            flag = argv[i - 1] if i > 0 and argv[i - 1].startswith("--") else "an argument"
+        raise ConfigError(f"{flag} is not UTF-8 text ({where})", prog, "give it in UTF-8")
+
+
 def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:
     """Parse ``argv`` for ``fn`` and call it; ``--help`` and ``--print_config`` exit 0 (``SystemExit``)."""
     parser = function_parser(fn, prog)
+    check_utf8(argv, prog)
     try:
         config = parser.parse_args(_append_lists(argv, parser.list_options))
     except ArgumentError as e:
         raise parse_error(e, prog, fn, argv) from e
     kwargs = parser.instantiate(config)
     kwargs.pop("config", None)
+    check_finite(kwargs, prog)
     return fn(**kwargs)
+
+
+def check_finite(kwargs: dict[str, Any], prog: str) -> None:
+    """A number that is NaN or infinite, refused as the parser refuses ``nan`` and ``inf`` on the command line: a
+    ``--config`` gives them as YAML's ``.nan`` and ``.inf``, which the parser takes."""
+    for name, value in kwargs.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} takes a number, not '{value}'", prog, f"see `{prog} --help`")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -372,6 +398,7 @@ def dispatch(argv: list[str]) -> int:
         with remembering_requeue_signal() if command == "fit" else nullcontext():  # SLURM's, from the first second
             from epas_lightning.lightning_cli import exit_status, lightning_cli
 
+            check_config_files(argv)
             try:
                 cli = lightning_cli(argv)
             except ArgumentError as e:
@@ -381,8 +408,25 @@ def dispatch(argv: list[str]) -> int:
         raise ConfigError(
             f"unknown command {command!r}", PROG, f"choose one of {', '.join((*LIGHTNING_COMMANDS, *TOOLS))}"
         )
+    check_config_files(rest)
     result = run_function(tool(command), f"{PROG} {command}", rest)
     return result if isinstance(result, int) else 0
+
+
+def check_config_files(argv: Sequence[str]) -> None:
+    """Each ``--config`` file of ``argv`` that exists, read as text: a folder or a file that is not UTF-8 is one
+    :class:`ConfigError` (jsonargparse said "invalid value for --config", or ended in a UnicodeDecodeError traceback).
+    A file that does not exist is left to the parser's error (or a packaged config of that name, for fit)."""
+    for given in config_arguments(argv):
+        path = Path(given).expanduser()
+        if path.is_file() or path.is_dir():  # not a pipe: read here, it would be empty for the parser
+            read_text_file(path, "config", f"--config {given}")
+
+
+def config_arguments(argv: Sequence[str]) -> list[str]:
+    """The values of ``--config`` (``-c``) in ``argv``, as ``--config FILE`` or ``--config=FILE``."""
+    given = [value for flag, value in zip(argv, argv[1:], strict=False) if flag in ("--config", "-c")]
+    return given + [arg.split("=", 1)[1] for arg in argv if arg.startswith(("--config=", "-c="))]
 
 
 def main(args: Sequence[str] | None = None) -> int:

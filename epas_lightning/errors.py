@@ -12,6 +12,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 EXIT_USER_ERROR = 2
 """Exit status of a command stopped by a user error (argparse's convention)."""
@@ -94,6 +95,35 @@ def out_of_memory(error: BaseException, command: str) -> UserError:
     facts = "; ".join(str(error).split(". ")[:3]).strip().rstrip(".")  # out of memory; what it tried; what was free
     fix = OUT_OF_MEMORY_ADVICE.get(command, "use a smaller batch or free the device")
     return UserError(f"out of device memory ({facts})", command, fix)
+
+
+def not_utf8(text: str) -> str | None:
+    """Where ``text`` is not UTF-8 text, as an error says it (``byte 0xff at character 2``), or ``None``: Python reads
+    bytes that are not UTF-8 (command-line arguments, stdin in the C locale) as lone surrogates, which no tokenizer
+    encodes and no file name in UTF-8 holds."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = ord(text[e.start])
+        what = f"byte {char - 0xDC00:#04x}" if 0xDC80 <= char <= 0xDCFF else repr(text[e.start])  # an escaped byte
+        return f"{what} at character {e.start}"
+    return None
+
+
+def read_text_file(path: Path, what: str, where: str, error: type[UserError] = ConfigError) -> str:
+    """The text of a user's UTF-8 file (``what``: "prompt file"); one ``error`` naming ``where`` (its flag) when it is
+    missing, a folder, unreadable or not UTF-8 text."""
+    if path.is_dir():
+        raise error(f"the {what} is a folder", where, "give the path of a text file")
+    if not path.exists():  # a pipe (`<(command)`, /dev/stdin) is read as a file is
+        raise error(f"{what} does not exist", where, "check the path")
+    try:
+        return path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is not text
+    except UnicodeDecodeError as e:
+        what_byte = f"byte {e.object[e.start]:#04x} at offset {e.start}"
+        raise error(f"the {what} is not UTF-8 text ({what_byte})", where, "give a UTF-8 text file") from None
+    except OSError as e:
+        raise error(f"cannot read the {what} ({e.strerror})", where, "check its permissions") from None
 
 
 def debug_enabled() -> bool:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import cpu_trainer
+from model_dirs import save_consolidated
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from epas_lightning import EPASModule, Llama, LlamaConfig, ProgressiveSharing, TokenDataModule
@@ -175,6 +176,7 @@ def test_analyze_command_writes_heatmap_json_and_tensorboard_image(tiny_checkpoi
     captured = capsys.readouterr()
     printed = captured.out
     assert str(tiny_corpus) in captured.err  # the data the checkpoint's tokenizer came from
+    assert "note: only" not in captured.err  # 64 tokens, as many as the model's features
     assert "trained with layers [1] sharing" in printed  # the caveat for regions trained with sharing
     assert (out / "similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = json.loads((out / "similarity.json").read_text())
@@ -188,7 +190,24 @@ def test_analyze_command_writes_heatmap_json_and_tensorboard_image(tiny_checkpoi
     assert "analysis/similarity" in events.Tags()["images"]
 
 
-def test_analyze_reports_bad_inputs_before_work(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+def test_analyze_says_when_too_few_tokens_were_measured(tiny_checkpoint, tmp_path, capsys):
+    """2 tokens made CKA 1 for every pair of layers: the recommendation (share them all) read as if measured."""
+    args = [
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--output",
+        str(tmp_path / "a"),
+        "--batches",
+        "1",
+        "--batch-size",
+        "1",
+    ]
+    assert cli_main(["analyze", *args, "--seq-len", "2"]) == 0
+    says = "note: only 2 tokens were measured, fewer than the model's 64 features: the similarities read high"
+    assert says in capsys.readouterr().err
+
+
+def test_analyze_reports_bad_inputs_before_work(tiny_checkpoint, tiny_corpus, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # where the default --output runs/analyze would go
 
     def fails(*argv: str) -> str:
@@ -203,6 +222,11 @@ def test_analyze_reports_bad_inputs_before_work(tiny_checkpoint, tmp_path, capsy
     assert "exceeds the model's context length (32) — --seq-len — use at most 32" in too_long
     for short in ("1", "0"):  # 0 ran silently at the default length
         assert f"must be at least 2, got {short}" in fails("--checkpoint", str(tiny_checkpoint), "--seq-len", short)
+    too_few = fails("--checkpoint", str(tiny_checkpoint), "--batch-size", "100000")  # after "analysing ..." it was
+    assert too_few.startswith("error: the validation split holds fewer than 100000 sequences")  # a second line
+    single = save_consolidated(Llama(LlamaConfig.from_name("debug", n_layer=1)), tmp_path / "one")
+    one_layer = fails("--checkpoint", str(single), "--data", str(tiny_corpus))  # was a ValueError traceback
+    assert "a 1-layer model has no layer that could share" in one_layer
     assert not (tmp_path / "runs").exists()
 
 

@@ -30,8 +30,11 @@ def checkpoint(tmp_path_factory) -> Path:
     return chat_checkpoint(tmp_path_factory.mktemp("chat"), block_size=CONTEXT)
 
 
-def chat(monkeypatch, capsys, checkpoint: Path, lines: str, *flags: str) -> tuple[int, str, str, list[list[int]]]:
-    """Run ``chat`` greedily on ``lines`` as piped input: its exit status, stdout, stderr and the prompts it fed."""
+def chat(
+    monkeypatch, capsys, checkpoint: Path, lines: str | bytes, *flags: str
+) -> tuple[int, str, str, list[list[int]]]:
+    """Run ``chat`` greedily on ``lines`` as piped input (bytes: read as strict UTF-8, as a terminal's stdin may be):
+    its exit status, stdout, stderr and the prompts it fed."""
     fed, decoder = [], chat_module.Decoder
 
     def recording(model, prompts, *args, **kwargs):
@@ -39,7 +42,8 @@ def chat(monkeypatch, capsys, checkpoint: Path, lines: str, *flags: str) -> tupl
         return decoder(model, prompts, *args, **kwargs)
 
     monkeypatch.setattr(chat_module, "Decoder", recording)
-    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    stdin = io.StringIO(lines) if isinstance(lines, str) else io.TextIOWrapper(io.BytesIO(lines), "utf-8", "strict")
+    monkeypatch.setattr(sys, "stdin", stdin)
     argv = ["chat", "--checkpoint", str(checkpoint), "--device", "cpu", "--temperature", "0", "--system", "x"]
     rc = cli_main([*argv, "--max-new-tokens", str(REPLY_TOKENS), *flags])
     out = capsys.readouterr()
@@ -109,6 +113,17 @@ def test_reset_clears_the_history_and_exit_ends_the_chat(checkpoint, monkeypatch
     assert out == f"{reply}\n{reply}\n"
 
 
+@pytest.mark.parametrize("lines", ["hi\udcff\n", b"hi\xff\n"], ids=["escaped", "strict"])
+def test_a_message_that_is_not_utf8_text_is_one_line(checkpoint, monkeypatch, capsys, lines):
+    """Bytes that are not UTF-8 on stdin were a traceback: tokenizers' TypeError (stdin read with surrogateescape, as
+    Python does in the C locale) or a UnicodeDecodeError (strict)."""
+    rc, _, err, fed = chat(monkeypatch, capsys, checkpoint, lines)
+    assert rc == 2 and fed == [], err
+    assert err.splitlines()[-1] == (
+        "error: this message is not UTF-8 text (byte 0xff at character 2) — the message — send UTF-8 text"
+    ), err
+
+
 def test_startup_mistakes_are_one_line_before_the_weights_load(checkpoint, tmp_path, monkeypatch, capsys):
     """No chat template: what to do instead; a system message that leaves no room for a message: which flag."""
     plain = shutil.copytree(checkpoint, tmp_path / "plain", ignore=shutil.ignore_patterns("tokenizer_config.json"))
@@ -125,6 +140,15 @@ def test_startup_mistakes_are_one_line_before_the_weights_load(checkpoint, tmp_p
         f"tokens before any message is typed; with a reply of {CONTEXT // 2} that leaves no room in the model's "
         f"context length of {CONTEXT} — --system — shorten --system, or lower --max-new-tokens\n"
     ), err
+    broken = shutil.copytree(checkpoint, tmp_path / "broken")
+    (broken / "tokenizer_config.json").write_text('{"chat_template": ')  # was prepare's warning "it is not kept",
+    assert cli_main(["chat", "--checkpoint", str(broken)]) == 2  # then "this model has no chat template"
+    assert capsys.readouterr().err.startswith(
+        f"error: the chat template beside {broken / 'tokenizer.json'} is unreadable (Expecting value: line 1 column "
+        f"19 (char 18)) — --checkpoint {broken} — "
+    )
+    assert cli_main(["chat", "--checkpoint", str(checkpoint), "--seed", str(2**64)]) == 2  # was a traceback
+    assert capsys.readouterr().err.startswith(f"error: must be a 64-bit signed integer, got {2**64} — --seed — ")
 
 
 def test_a_long_chat_drops_its_oldest_turns_and_ctrl_c_stops_only_the_reply(checkpoint, monkeypatch, capsys):

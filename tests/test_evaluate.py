@@ -5,6 +5,7 @@ lm-eval itself (the `epas` model, the `lm-eval` command) is tested in test_lm_ev
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,38 @@ def test_load_task_names_bad_lines(tmp_path: Path) -> None:
         load_task(task)
     with pytest.raises(DataError, match="does not exist"):
         load_task(tmp_path / "missing.jsonl")
+    for fields, says in [  # each was scored, read as str() or int() of what it held
+        ('"context": null, "choices": [" a", " b"], "label": 0', "context must be text, not null"),
+        ('"context": "c", "choices": " a b", "label": 0', 'choices must be a list of texts, not " a b"'),
+        ('"context": "c", "choices": [" a", 5], "label": 0', 'choices must be a list of texts, not [" a", 5]'),
+        (
+            '"context": "c", "choices": [" a", " b"], "label": 1.7',
+            "label must be the index of the right choice, not 1.7",
+        ),
+        (
+            '"context": "c", "choices": [" a", " b"], "label": true',
+            "label must be the index of the right choice, not true",
+        ),
+    ]:
+        task.write_text("{" + fields + "}\n")
+        with pytest.raises(DataError, match=f"^{re.escape(says)} — {re.escape(str(task))}:1 — write it as "):
+            load_task(task)
+    task.write_text("\n  \n")  # said what and where, not what to do
+    with pytest.raises(
+        DataError, match=f"^the task file holds no questions — {re.escape(str(task))} — write one a line"
+    ):
+        load_task(task)
+    task.write_bytes(b"\xa8\x00\x01")  # was a UnicodeDecodeError traceback
+    with pytest.raises(DataError, match=r"not UTF-8 text \(byte 0xa8 at offset 0\) — --tasks .*bad.jsonl — "):
+        load_task(task)
+
+
+def test_a_task_file_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
+    """Files saved by Windows editors start with a UTF-8 BOM: it failed the first line's JSON (as it would have
+    started the first prompt of generate --prompt-file, read alike)."""
+    task = tmp_path / "bom.jsonl"
+    task.write_bytes(b'\xef\xbb\xbf{"context": "c", "choices": [" a", " b"], "label": 1}\r\n')
+    assert [(q.context, q.choices, q.label) for q in load_task(task)] == [("c", [" a", " b"], 1)]
 
 
 def test_two_task_files_of_one_name_are_refused_before_the_model_loads(tmp_path, capsys) -> None:

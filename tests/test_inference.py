@@ -232,6 +232,8 @@ def test_sampling_filters():
     assert set(sample(logits.expand(400, -1), 1.0, top_p=0.9, generator=g).tolist()) == {0, 1}
     with pytest.raises(ValueError, match="top_p"):
         sample(logits, 1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="temperature must be >= 0, got nan"):  # was torch's multinomial error
+        sample(logits, float("nan"))
 
 
 def test_tiny_temperatures_and_top_p_sample_the_top_token():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import threading
 
 import pytest
 import torch
@@ -83,12 +85,35 @@ def test_generate_refuses_more_than_the_trained_region_unless_forced(trained, ca
 
 
 @pytest.mark.parametrize(
-    ("flag", "value"), [("--temperature", "-1"), ("--top-k", "0"), ("--top-p", "2"), ("--max-new-tokens", "0")]
-)
+    ("flag", "value"),
+    [("--temperature", "-1"), ("--top-k", "0"), ("--top-p", "2"), ("--max-new-tokens", "0"), ("--seed", str(2**64))],
+)  # a seed past 64 bits was "Overflow when unpacking long long — generate — see --help" (chat: a traceback)
 def test_generate_names_a_bad_sampling_flag_before_loading_anything(flag, value, tmp_path, capsys):
     missing = str(tmp_path / "nope.ckpt")  # never opened: the flag is checked first
     rc, _, err = run_cli(capsys, "generate", "--checkpoint", missing, "--prompt", "x", flag, value)
     assert rc == 2 and f"— {flag} — " in err and "does not exist" not in err, err  # what to do, too
+
+
+@pytest.mark.parametrize(
+    ("content", "says"), [(b"\xa8\x00\x01", "not UTF-8 text (byte 0xa8 at offset 0)"), (None, "a folder")]
+)
+def test_a_prompt_file_that_is_not_text_is_named_before_loading_anything(content, says, tmp_path, capsys):
+    """A binary --prompt-file was a UnicodeDecodeError traceback; a folder was said not to exist."""
+    prompts = tmp_path / "prompts"
+    prompts.write_bytes(content) if content is not None else prompts.mkdir()
+    missing = str(tmp_path / "nope.ckpt")
+    rc, _, err = run_cli(capsys, "generate", "--checkpoint", missing, "--prompt-file", str(prompts))
+    assert rc == 2 and says in err and f"— --prompt-file {prompts} — " in err, err
+
+
+def test_a_prompt_file_may_be_a_pipe(tmp_path, capsys):
+    """`--prompt-file <(make_prompts)` (a pipe, not a regular file) was said not to exist."""
+    fifo = tmp_path / "prompts"
+    os.mkfifo(fifo)
+    threading.Thread(target=fifo.write_text, args=("x\n",), daemon=True).start()  # blocks until it is read
+    missing = str(tmp_path / "nope.ckpt")
+    rc, _, err = run_cli(capsys, "generate", "--checkpoint", missing, "--prompt-file", str(fifo))
+    assert rc == 2 and "checkpoint does not exist" in err, err  # the prompts were read: the next check speaks
 
 
 def test_default_lengths_fit_a_short_block_size_and_explicit_ones_are_checked(trained, tmp_path, capsys):

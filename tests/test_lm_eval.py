@@ -237,6 +237,17 @@ def test_lm_eval_command_errors(checkpoint, tasks, tmp_path, capsys, monkeypatch
     assert rc == 2 and "task folder does not exist" in err
     rc, _, err = run_cli(capsys, *argv, "--tasks", str(tasks / "tiny_mc.yaml"), "--sharing-layers", "3")
     assert rc == 2 and "trained with at most 2 sharing layers" in err
+    for flag, value in [("--limit", "0"), ("--limit", "-2"), ("--num-fewshot", "-1"), ("--bootstrap-iters", "-5")]:
+        rc, _, err = run_cli(capsys, *argv, "--tasks", str(tasks / "tiny_mc.yaml"), flag, value)
+        assert rc == 2 and f"— {flag} — " in err, err  # --limit 0 and -2 were lm-eval's ValueError tracebacks
+    for name, text in [("broken", "task: [unclosed\n"), ("nameless", "foo: 1\n"), ("list", "- a\n")]:
+        (tmp_path / f"{name}.yaml").write_text(text)  # each was a traceback from lm-eval's task loading
+        rc, _, err = run_cli(capsys, *argv, "--tasks", str(tmp_path / f"{name}.yaml"))
+        assert rc == 2 and "not an lm-eval task file" in err and f"— --tasks {tmp_path / name}.yaml — " in err, err
+    gone = tmp_path / "gone.yaml"  # its data file does not exist: a FileNotFoundError traceback from datasets
+    gone.write_text(task_yaml("gone", tmp_path / "gone.jsonl", tmp_path / "cache", MULTIPLE_CHOICE))
+    rc, _, err = run_cli(capsys, *argv, "--tasks", str(gone))
+    assert rc == 2 and "lm-eval could not load the tasks' data (" in err and "gone.jsonl" in err, err
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if the eval extra were not installed
     monkeypatch.setitem(sys.modules, "accelerate", None)
     rc, _, err = run_cli(capsys, *argv, "--tasks", "tiny_mc")

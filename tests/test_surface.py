@@ -244,6 +244,8 @@ def test_data_that_is_missing_or_incomplete_names_the_data_flag(tmp_path, capsys
         (["evaluate", "--sharing-layers", "lots"], "--sharing-layers takes a whole number or one of all, not 'lots'"),
         (["generate", "--dtype", "fp16"], "--dtype takes one of auto, float32, bfloat16, float16, not 'fp16'"),
         (["bench", "--budget", "x"], "--budget takes a number, not 'x'"),
+        (["generate", "--prompt", "ab\udcff"], "--prompt is not UTF-8 text (byte 0xff at character 2)"),  # "invalid
+        (["chat", "--system", "\udce9t\udce9"], "--system is not UTF-8 text (byte 0xe9 at character 0)"),  # value"
     ],
 )
 def test_a_value_of_the_wrong_kind_says_what_the_flag_takes(argv, says, capsys):
@@ -283,6 +285,35 @@ def test_a_config_file_that_is_not_yaml_is_named_with_the_line(tmp_path, capsys)
     assert main(["fit", "--config", DEBUG, "--model.config", "{n_layer: [1,"]) == 2  # a value, not a file
     err = capsys.readouterr().err
     assert err.startswith("error: a value is not valid YAML: ") and err.endswith("given on the command line\n"), err
+
+
+def test_a_config_that_is_a_folder_or_not_utf8_is_one_line(tmp_path, capsys):
+    """A config of another encoding was jsonargparse's UnicodeDecodeError traceback (fit and every tool); a folder,
+    "invalid value for --config"."""
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"system: \xe9t\xe9\n")
+    for argv, config, says in [
+        (["fit", "--config", DEBUG], latin, "the config is not UTF-8 text (byte 0xe9 at offset 8)"),
+        (["chat"], latin, "the config is not UTF-8 text (byte 0xe9 at offset 8)"),
+        (["generate"], tmp_path, "the config is a folder"),
+    ]:
+        assert main([*argv, f"--config={config}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {says} — --config {config} — ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(("command", "setting"), [("generate", "temperature: .nan"), ("serve", "max_request_mb: .inf")])
+def test_a_config_value_that_is_not_a_finite_number_is_refused_as_on_the_command_line(
+    command, setting, tmp_path, capsys
+):
+    """YAML's .nan and .inf passed as numbers where the command line's nan and inf are refused: generate's
+    temperature ended in torch's multinomial RuntimeError, serve's max_request_mb in an OverflowError."""
+    config = tmp_path / "config.yaml"
+    config.write_text(setting + "\n")
+    assert main([command, "--checkpoint", "x.ckpt", "--config", str(config)]) == 2
+    flag, value = setting.split(": .")
+    says = f"error: --{flag.replace('_', '-')} takes a number, not '{value}' — python -m epas_lightning {command} — "
+    assert capsys.readouterr().err.startswith(says)
 
 
 def test_a_lightning_cli_value_error_names_the_flag_as_typed(capsys):

@@ -51,12 +51,12 @@ def heldout_batches(
     own_data: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Up to ``n_batches`` token batches (B, seq_len) from the validation split of a prepared data dir, which must
-    hold the ids of ``tokenizer`` (the model's, when known; ``own_data``: see ``heldout_loader``)."""
+    hold the ids of ``tokenizer`` (the model's, when known; ``own_data``: see ``heldout_loader``). The data is checked
+    at once; the batches are read as they are iterated."""
     from epas_lightning.data import heldout_loader
 
     loader = heldout_loader(data_dir, seq_len, batch_size, vocab_size, tokenizer, own_data)
-    for batch in islice(loader, n_batches):
-        yield batch[:, :-1]  # the model's inputs; the extra target token is not needed
+    return (batch[:, :-1] for batch in islice(loader, n_batches))  # the model's inputs, without the extra target
 
 
 def write_outputs(report: RedundancyReport, recommendation, output: Path) -> dict:  # noqa: ANN001
@@ -134,6 +134,12 @@ def analyze_command(
     check_output(output, "analysis", overwrite, [checkpoint])
     loaded = load_for_inference(checkpoint, device, dtype, attention_reuse=False)  # every layer computes here
     model, config = loaded.model, loaded.model.config
+    if config.n_layer < 2:
+        raise ConfigError(
+            f"a {config.n_layer}-layer model has no layer that could share (layer 0 always computes)",
+            f"--checkpoint {checkpoint}",
+            "analyse a model of 2 or more layers",
+        )
     seq_len = min(config.block_size, 256) if seq_len is None else seq_len
     if seq_len < 2:
         raise ConfigError(f"must be at least 2, got {seq_len}", "--seq-len")
@@ -145,12 +151,12 @@ def analyze_command(
             "--data",
             "pass --data with the prepared folder the model trained on",
         )
+    own_data = loaded.own_data_instead_of(data)
+    held_out = heldout_batches(  # a data folder that cannot work is said alone, before any output
+        data_dir, config.vocab_size, seq_len, batch_size, batches, loaded.recorded_tokenizer, own_data
+    )
     with output_folder(output, "analysis", overwrite, inputs=[checkpoint]) as build:
         print(f"analysing {checkpoint} ({config.n_layer} layers) on {data_dir}", file=sys.stderr)
-        own_data = loaded.own_data_instead_of(data)
-        held_out = heldout_batches(
-            data_dir, config.vocab_size, seq_len, batch_size, batches, loaded.recorded_tokenizer, own_data
-        )
         held_out = progress(held_out, "analyze: capturing activations", batches, "batch")
         report = analyze_model(model, held_out)
         report.metadata.update(
@@ -163,6 +169,12 @@ def analyze_command(
         )
         recommendation = report.recommend(metric, threshold, config)
         record = write_outputs(report, recommendation, build)
+    if report.n_tokens < config.n_embd:  # the standard CKA estimator is biased upwards below that (at 2 tokens: 1)
+        print(
+            f"note: only {report.n_tokens} tokens were measured, fewer than the model's {config.n_embd} features: the "
+            "similarities read high (CKA most); raise --batches, --batch-size or --seq-len before choosing a region",
+            file=sys.stderr,
+        )
     print(recommendation.reasoning)
     if loaded.region.layers:
         print(

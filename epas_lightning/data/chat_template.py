@@ -24,12 +24,24 @@ TEMPLATES_DIRNAME = "additional_chat_templates"
 def chat_template_beside(tokenizer_file: Path) -> dict[str, Any]:
     """The ``tokenizer_config.json`` entry holding the chat template of the folder ``tokenizer_file`` lies in:
     ``{"chat_template": ...}``, or ``{}`` when it has none (or an unreadable one, with a warning naming it)."""
+    try:
+        return read_chat_template(tokenizer_file)
+    except UnreadableTemplate as e:
+        log.warning(f"The chat template beside {tokenizer_file} is unreadable ({e}): it is not kept")
+        return {}
+
+
+class UnreadableTemplate(ValueError):
+    """A chat template file, or a ``tokenizer_config.json``, that cannot be read (not UTF-8, not JSON, ...)."""
+
+
+def read_chat_template(tokenizer_file: Path) -> dict[str, Any]:
+    """:func:`chat_template_beside`, raising :class:`UnreadableTemplate` for an unreadable template instead."""
     folder = Path(tokenizer_file).parent
     try:
         templates = _template_files(folder) or _config_templates(folder / CONFIG_FILENAME)
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        log.warning(f"The chat template beside {tokenizer_file} is unreadable ({e}): it is not kept")
-        return {}
+        raise UnreadableTemplate(str(e)) from e
     if not templates:
         return {}
     if list(templates) == ["default"]:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import csv
 import importlib
 import json as json_lib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from fnmatch import fnmatch
 from importlib.metadata import version
 from pathlib import Path
@@ -57,8 +58,7 @@ def resolve_tasks(tasks: Sequence[str], include_path: Sequence[str | Path] = ())
             raise ConfigError("task folder does not exist", f"--include-path {folder}", "check the path")
     files = [spec for spec in specs if spec.endswith((".yaml", ".yml"))]
     for file in files:
-        if not Path(file).is_file():
-            raise ConfigError("task file does not exist", f"--tasks {file}", "check the path")
+        check_task_file(Path(file))
     names = [spec for spec in specs if spec not in files]
     paths = [str(folder) for folder in include_path] or None
     manager = TaskManager(include_path=paths, include_defaults=False)
@@ -72,6 +72,38 @@ def resolve_tasks(tasks: Sequence[str], include_path: Sequence[str | Path] = ())
             "`lm_eval ls tasks` lists them; or give a task YAML file, or the folder of yours with --include-path",
         )
     return [*files, *manager.match_tasks(names)], manager
+
+
+def check_task_file(path: Path) -> None:
+    """A :class:`ConfigError` unless ``path`` is a YAML file lm-eval reads as a named task or group (its ``!function``
+    tags are not run here)."""
+    import yaml
+    from lm_eval.tasks._index import TaskIndex
+
+    if not path.is_file():
+        raise ConfigError("task file does not exist", f"--tasks {path}", "check the path")
+    try:
+        entry = TaskIndex.entry_from_path(path)
+    except (yaml.YAMLError, ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
+        why = " ".join(str(e).split())
+    else:
+        why = None if entry is not None else "it names no task or group"
+    if why is not None:
+        raise ConfigError(
+            f"not an lm-eval task file ({why})", f"--tasks {path}", "give a task YAML with a `task:` or `group:` name"
+        )
+
+
+def check_lm_eval_numbers(limit: float | None, num_fewshot: int | None, bootstrap_iters: int) -> None:
+    """``--limit`` above 0 (lm-eval failed on 0 and below with a traceback); ``--num-fewshot`` and
+    ``--bootstrap-iters`` 0 or more."""
+    if limit is not None and not limit > 0:
+        raise ConfigError(
+            f"must be positive, got {limit}", "--limit", "give a number of documents, or a fraction below 1"
+        )
+    for flag, value in (("--num-fewshot", num_fewshot), ("--bootstrap-iters", bootstrap_iters)):
+        if value is not None and value < 0:
+            raise ConfigError(f"must be at least 0, got {value}", flag, "give 0 or more")
 
 
 def _matches(pattern: str, names: Sequence[str]) -> bool:
@@ -121,15 +153,16 @@ def run_lm_eval(
     rows, runs = [], {}
     for n in lengths:
         layers = lm.set_sharing_layers(n)
-        result = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=specs,
-            task_manager=manager,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            bootstrap_iters=bootstrap_iters,
-            log_samples=False,
-        )
+        with task_data_errors():
+            result = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=specs,
+                task_manager=manager,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                bootstrap_iters=bootstrap_iters,
+                log_samples=False,
+            )
         rows.append({"sharing_layers": n, "shared_layers": layers, **metric_columns(result["results"])})
         runs[n] = {key: result.get(key) for key in ("results", "groups", "n-shot", "n-samples", "versions")}
     return {
@@ -142,6 +175,20 @@ def run_lm_eval(
         "rows": rows,
         "runs": runs,
     }
+
+
+@contextmanager
+def task_data_errors() -> Iterator[None]:
+    """A task's data that lm-eval cannot load (a ``data_files`` that is not there, a Hub dataset out of reach or not
+    in the cache offline) as one :class:`ConfigError`, instead of the ``datasets`` traceback."""
+    try:
+        yield
+    except (FileNotFoundError, ConnectionError) as e:  # datasets' DatasetNotFoundError is a FileNotFoundError
+        raise ConfigError(
+            f"lm-eval could not load the tasks' data ({' '.join(str(e).split())})",
+            "--tasks",
+            "check the task's dataset_path and data_files; offline, a Hub dataset must be in the datasets cache",
+        ) from e
 
 
 def write_outputs(summary: dict, folder: Path) -> None:
@@ -199,6 +246,7 @@ def lm_eval_command(
     """
     resolve_device(device)  # before lm-eval indexes its tasks
     check_counts({"--batch-size": batch_size})
+    check_lm_eval_numbers(limit, num_fewshot, bootstrap_iters)
     check_tokenizer_flag(tokenizer)
     if output is not None:  # refuse a bad output before hours of scoring
         check_output(output, OUTPUT_KIND, overwrite, [checkpoint])

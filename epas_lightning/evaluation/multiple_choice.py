@@ -18,11 +18,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from epas_lightning.errors import ConfigError, DataError
+from epas_lightning.errors import ConfigError, DataError, read_text_file
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.runtime import activations_overflow
 
@@ -39,24 +40,39 @@ class Question:
 def load_task(path: str | Path) -> list[Question]:
     """Read a JSONL task, naming the line of any malformed question."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError("task file does not exist", f"--tasks {path}", "check the path")
     questions = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    for n, line in enumerate(read_text_file(path, "task file", f"--tasks {path}", DataError).splitlines(), start=1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
-            choices = [str(c) for c in item["choices"]]
-            question = Question(str(item["context"]), choices, int(item["label"]), f"{path}:{n}")
+            fields = item["context"], item["choices"], item["label"]
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"expected {{'context', 'choices', 'label'}} ({e})", f"{path}:{n}") from e
+        question = Question(*checked_fields(*fields, where=f"{path}:{n}"), where=f"{path}:{n}")
         if not 0 <= question.label < len(question.choices) or len(question.choices) < 2:
             raise DataError(f"label {question.label} is not one of {len(question.choices)} choices", f"{path}:{n}")
         questions.append(question)
     if not questions:
-        raise DataError("the task file holds no questions", path)
+        raise DataError("the task file holds no questions", path, f"write one a line, as {QUESTION_EXAMPLE}")
     return questions
+
+
+QUESTION_EXAMPLE = '{"context": "The sky is", "choices": [" blue", " green"], "label": 0}'
+"""A question as a task file writes it, for the errors that name a field of the wrong type."""
+
+
+def checked_fields(context: Any, choices: Any, label: Any, where: str) -> tuple[str, list[str], int]:
+    """A question's fields, each of the JSON type it must have: a :class:`DataError` naming the first that is not
+    (they were read as ``str()`` and ``int()`` of anything, and scored)."""
+    fix = f"write it as {QUESTION_EXAMPLE}"
+    if not isinstance(context, str):
+        raise DataError(f"context must be text, not {json.dumps(context)}", where, fix)
+    if not isinstance(choices, list) or not all(isinstance(choice, str) for choice in choices):
+        raise DataError(f"choices must be a list of texts, not {json.dumps(choices)}", where, fix)
+    if not isinstance(label, int) or isinstance(label, bool):
+        raise DataError(f"label must be the index of the right choice, not {json.dumps(label)}", where, fix)
+    return context, choices, label
 
 
 def load_tasks(paths: list[str | Path]) -> dict[str, list[Question]]:

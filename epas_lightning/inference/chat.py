@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from epas_lightning.data.tokenizer import TextTokenizer
-from epas_lightning.errors import ConfigError
+from epas_lightning.errors import ConfigError, not_utf8
 from epas_lightning.inference.generate import Decoder
 from epas_lightning.model import Llama
 from epas_lightning.serve.chat import TemplateFailure, TemplateRefusal, chat_prompt_ids
@@ -84,6 +84,7 @@ class Conversation:
         """Add the user message ``text``; return the conversation's prompt ids and how many of its oldest turns
         (a user message and its reply each) were dropped to fit. A message that does not fit even alone is a
         :class:`ConfigError`, and the history stays as it was."""
+        check_text(text)
         turns, dropped = [*self.turns, {"role": "user", "content": text}], 0
         while True:
             ids = self.ids(turns)
@@ -107,6 +108,12 @@ class Conversation:
     def reset(self) -> None:
         """Forget every turn (the system message stays)."""
         self.turns = []
+
+
+def check_text(text: str) -> None:
+    """A :class:`ConfigError` for a message of input bytes that are not UTF-8 (read with ``surrogateescape``)."""
+    if (where := not_utf8(text)) is not None:
+        raise ConfigError(f"this message is not UTF-8 text ({where})", "the message", "send UTF-8 text")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from epas_lightning.inference.chat import Conversation, Sampling, stream_reply
 from epas_lightning.inference.generate import set_region
 from epas_lightning.inference.generate_cli import (
     check_sampling_flags,
+    check_seed,
     describe_region,
     load_for_inference,
     resolve_tokenizer,
@@ -73,6 +74,7 @@ def chat_command(
         force: Allow more sharing layers than the checkpoint trained (quality drops sharply).
     """
     check_sampling_flags(temperature, top_k, top_p)  # everything is checked before the weights load
+    check_seed(seed)
     check_counts({"--max-new-tokens": max_new_tokens})
     resolve_dtype(dtype, resolve_device(device))
     check_tokenizer_flag(tokenizer)
@@ -94,6 +96,8 @@ def chat_command(
     if interactive:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401 - line editing and history for input()
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach the message's check, not a traceback
+        sys.stdin.reconfigure(errors="surrogateescape")
     replies, told = 0, False
     while (line := read_line(interactive)) is not None:
         text = line.strip()

@@ -8,7 +8,7 @@ from typing import Literal
 
 from epas_lightning.checkpoint import CheckpointInfo, LoadedModel, load_model
 from epas_lightning.data.tokenizer import TextTokenizer, check_tokenizer_flag, decode_continuation, load_tokenizer
-from epas_lightning.errors import ConfigError, UserError
+from epas_lightning.errors import ConfigError, UserError, read_text_file
 from epas_lightning.inference.generate import GenerationResult, fit_new_tokens, generate, set_region
 from epas_lightning.inference.sampling import SamplingError, check_sampling
 from epas_lightning.region import SHARING_FLAGS
@@ -44,6 +44,13 @@ def check_sampling_flags(temperature: float, top_k: int | None, top_p: float | N
         check_sampling(temperature, top_k, top_p)
     except SamplingError as e:
         raise ConfigError(str(e), "--" + e.setting.replace("_", "-"), SAMPLING_FIXES[e.setting]) from e
+
+
+def check_seed(seed: int) -> None:
+    """``--seed``: a :class:`ConfigError` unless it is a 64-bit signed integer (what torch's generators take; serve's
+    ``seed`` field is checked alike)."""
+    if not -(2**63) <= seed < 2**63:
+        raise ConfigError(f"must be a 64-bit signed integer, got {seed}", "--seed", "give a seed in -2**63..2**63-1")
 
 
 SAMPLING_FIXES = {
@@ -139,14 +146,14 @@ def generate_command(
             ``completion`` as printed after it, ``new_tokens`` without the end token).
     """
     check_sampling_flags(temperature, top_k, top_p)  # before the model loads
+    check_seed(seed)
     check_counts({"--max-new-tokens": max_new_tokens})
     graphed = cuda_graph_choice(cuda_graph, device)
     check_tokenizer_flag(tokenizer)
     prompts = list(prompt or [])
     if prompt_file is not None:
-        if not prompt_file.is_file():
-            raise ConfigError("prompt file does not exist", f"--prompt-file {prompt_file}", "check the path")
-        prompts += [line for line in prompt_file.read_text().splitlines() if line.strip()]
+        text = read_text_file(prompt_file, "prompt file", f"--prompt-file {prompt_file}")
+        prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ConfigError("nothing to continue", "--prompt", "give at least one --prompt (or --prompt-file)")
     loaded = load_for_inference(checkpoint, device, dtype, attention_reuse)

@@ -20,7 +20,7 @@ class SamplingError(ValueError):
 
 def check_sampling(temperature: float, top_k: int | None = None, top_p: float | None = None) -> None:
     """Raise :class:`SamplingError` for the first setting out of range."""
-    if temperature < 0:
+    if not temperature >= 0:  # NaN too
         raise SamplingError("temperature", f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise SamplingError("top_k", f"top_k must be >= 1, got {top_k}")

@@ -60,9 +60,12 @@ def chat_template_text(entry: dict[str, Any]) -> str | None:
 def checked_chat_template(tokenizer_file: Path) -> tuple[str | None, str]:
     """The chat template beside the tokenizer file, compiled once to check it; or ``None`` and why there is no usable
     one (a sentence for the caller to follow with what to do)."""
-    from epas_lightning.data.chat_template import chat_template_beside
+    from epas_lightning.data.chat_template import UnreadableTemplate, read_chat_template
 
-    entry = chat_template_beside(tokenizer_file)
+    try:
+        entry = read_chat_template(tokenizer_file)
+    except UnreadableTemplate as e:  # said once, as what stops the chat (it was a warning, then "no chat template")
+        return None, f"the chat template beside {tokenizer_file} is unreadable ({e})"
     template = chat_template_text(entry)
     if template is None and entry:  # named templates, as transformers refuses them without a default
         names = ", ".join(t["name"] for t in entry["chat_template"])
