@@ -5,10 +5,11 @@ One persistent worker, a fresh interpreter (``sys.executable -I``, never a fork 
 threads) that imports only jinja2 and :mod:`epas_lightning.serve.chat`, renders one request at a time (a lock; renders
 take milliseconds). Its address space is limited to :data:`RENDER_MEMORY` above its size at start (``RLIMIT_AS`` on
 Linux: the allocation past it fails; elsewhere it ends itself after a render whose peak resident size went past that).
-A worker that does not answer within the render's time is killed, as is one that died or whose caller was
-interrupted mid-request; the next render starts a new one. Requests and replies are JSON, never pickles. The worker
-ends when this process closes its pipe (exit, death), and by itself when a render runs well past its time (this
-process died mid-render, so nothing kills it); it ignores SIGINT (a Ctrl-C in ``chat`` is this process's).
+A worker that does not answer within the render's time (counted from when it is ready: its start is not) is killed,
+as is one that died or whose caller was interrupted mid-request; the next render starts a new one. Requests and replies
+are JSON, never pickles. The worker ends when this process closes its pipe (exit, death), and by itself when a render
+runs well past its time (this process died mid-render, so nothing kills it); it ignores SIGINT (a Ctrl-C in ``chat``
+is this process's).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from epas_lightning.serve.chat import TemplateFailure, TemplateRefusal, template_task
+
+START_SECONDS = 60.0
+"""How long a new worker may take to start (a fresh interpreter importing jinja2: a fraction of a second, seconds on a
+loaded machine); a render's own time starts once it is ready."""
 
 RENDER_MEMORY = 2 * 2**30
 """Bytes of address space a render may use beyond the worker's own at start (a real one needs a few MB; a request of
@@ -56,6 +61,19 @@ class _Worker:
                 os.close(fd)
         self.requests = Connection(to_worker[1], readable=False)
         self.replies = Connection(from_worker[0], writable=False)
+
+    def wait_ready(self) -> None:
+        """Wait for the worker to say it is ready (imports done, memory bounded), so that its start-up does not count
+        against a render's time; a :class:`TemplateFailure` (the worker killed) if it dies or takes past
+        :data:`START_SECONDS`."""
+        try:
+            if self.replies.poll(START_SECONDS) and _decode(self.replies.recv_bytes()) == ["ready", ""]:
+                return
+            problem = f"did not start within {START_SECONDS:g} s"
+        except (EOFError, OSError):
+            problem = "ended as it started"
+        self.close(wait=1.0)
+        raise TemplateFailure(f"the process to render it in {problem} (exit status {self.process.returncode})")
 
     def close(self, wait: float = 0.0) -> None:
         """Close the pipes (the worker ends on them), kill it if it has not ended within ``wait`` s, and reap it."""
@@ -92,9 +110,11 @@ def _exchange(request: bytes, seconds: float) -> list[str]:
         _worker = None
     if _worker is None:
         try:
-            _worker = _Worker()
+            worker = _Worker()
         except OSError as e:
             raise TemplateFailure(f"the process to render it in did not start: {e}") from None
+        worker.wait_ready()
+        _worker = worker
     worker, answered, died = _worker, False, False
     try:
         worker.requests.send_bytes(request)
@@ -134,6 +154,7 @@ def serve_renders(requests_fd: int, replies_fd: int, memory: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     requests, replies = Connection(requests_fd, writable=False), Connection(replies_fd, readable=False)
     peak_bound = _limit_memory(memory)
+    replies.send_bytes(_encode(["ready", ""]))  # the caller's clock for a render starts now
     while True:
         try:
             seconds, *request = _decode(requests.recv_bytes())
