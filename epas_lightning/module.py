@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from epas_lightning.attention_kernels import sdpa_order
-from epas_lightning.errors import ConfigError
+from epas_lightning.errors import CheckpointError, ConfigError
 from epas_lightning.flops import estimate_flops
 from epas_lightning.init_from import (
     check_init_source,
@@ -43,7 +43,7 @@ from epas_lightning.parallel import PRECISIONS, checkpointed_blocks, mixed_preci
 from epas_lightning.provenance import LAST_VALIDATION_KEY
 from epas_lightning.run_checkpoint import adopt_model_checkpoint_states
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
-from epas_lightning.safe_load import plain_numbers
+from epas_lightning.safe_load import plain_numbers, verify_checkpoint
 
 if TYPE_CHECKING:
     from epas_lightning.data.tokenizer import RecordedTokenizer
@@ -139,6 +139,34 @@ class EPASModule(LightningModule):
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
         self._optimizer_settings: list[dict] | None = None  # as configured, before a checkpoint's are loaded
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path | IO[bytes],
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> EPASModule:
+        """Lightning's ``load_from_checkpoint`` for one ``.ckpt`` file, read without running code from it (always
+        ``weights_only``: a file that needs more is refused in one line), with the ``config`` it records unless
+        ``config=`` is given (a different one is refused, every differing field named)."""
+        if isinstance(checkpoint_path, str | Path):
+            where = "EPASModule.load_from_checkpoint"
+            path = Path(checkpoint_path).expanduser()
+            if path.is_dir():
+                raise CheckpointError(
+                    "a folder, not a .ckpt file", f"{where} {path}", "load folders with epas_lightning.load_model(path)"
+                )
+            verify_checkpoint(path, where)
+            if "config" not in kwargs:
+                from epas_lightning.checkpoint import recorded_config
+
+                kwargs["config"] = recorded_config(path, where)
+            checkpoint_path = path
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, True, **kwargs)
 
     @property
     def source_tokenizer(self) -> RecordedTokenizer | None:

@@ -589,9 +589,15 @@ def test_load_from_checkpoint_outside_a_trainer_reads_the_weights_and_checks_the
     module = EPASModule(config)
     data = torch.utils.data.DataLoader(torch.randint(0, 512, (2, 17)), batch_size=2)
     make_trainer(tmp_path, 1, [ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(module, data)
-    loaded = EPASModule.load_from_checkpoint(tmp_path / "last.ckpt", config=config)
     expected = module.state_dict()
-    assert all(torch.equal(t, expected[name]) for name, t in loaded.state_dict().items())
+    for loaded in (  # without config=, the one the checkpoint records (Lightning's own failed: no hyper_parameters)
+        EPASModule.load_from_checkpoint(tmp_path / "last.ckpt", config=config),
+        EPASModule.load_from_checkpoint(tmp_path / "last.ckpt"),
+    ):
+        assert loaded.config == config
+        assert all(torch.equal(t, expected[name]) for name, t in loaded.state_dict().items())
+    with pytest.raises(CheckpointError, match="a folder, not a .ckpt file — EPASModule.load_from_checkpoint"):
+        EPASModule.load_from_checkpoint(tmp_path)
     other = LlamaConfig.from_name("debug", block_size=16, rope_theta=500000.0)
     with pytest.raises(CheckpointError, match="rope_theta: model .* — EPASModule.load_from_checkpoint — pass the"):
         EPASModule.load_from_checkpoint(tmp_path / "last.ckpt", config=other)

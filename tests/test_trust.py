@@ -192,6 +192,14 @@ def test_load_model_from_python_names_its_argument_not_a_flag(tmp_path):
         load_model(tmp_path / "hparams.yaml")
 
 
+def test_load_from_checkpoint_refuses_malicious_checkpoints_whatever_weights_only_says(evil):
+    """``EPASModule.load_from_checkpoint(path, weights_only=False)`` (Lightning's way back to a module) ran the file."""
+    for weights_only in (None, False):
+        with pytest.raises(CheckpointError, match=r"cannot read this file safely .* — EPASModule.load_from_checkpoint"):
+            EPASModule.load_from_checkpoint(evil.file, config=LlamaConfig.from_name("debug"), weights_only=weights_only)
+    assert not evil.marker.exists()
+
+
 def test_lm_eval_adapter_refuses_malicious_checkpoints(evil):
     from epas_lightning.evaluation.lm_eval_adapter import EPASLM
 
