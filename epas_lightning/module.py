@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -17,6 +18,7 @@ from torch.distributed.tensor import DTensor
 from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from epas_lightning.attention_kernels import sdpa_order
+from epas_lightning.callbacks import ProgressiveSharing
 from epas_lightning.errors import CheckpointError, ConfigError
 from epas_lightning.flops import estimate_flops
 from epas_lightning.init_from import (
@@ -181,6 +183,8 @@ class EPASModule(LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             check_trainable_precision(self.trainer.precision)
+            warn_without_sharing_schedule(self.trainer.callbacks)
+            warn_mid_step_checkpoints(self.trainer.callbacks, self.trainer.accumulate_grad_batches)
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
             check_sharded_precision(self.trainer.precision)
         warn_emulated_bf16(self.trainer.precision, self._root_device())
@@ -511,6 +515,30 @@ def check_is_config(config: object) -> None:
             "EPASModule(config=...)",
             "build it with LlamaConfig.from_name('demo', block_size=...), LlamaConfig(**fields), or "
             "source_config(init_from, block_size=...)",
+        )
+
+
+def warn_without_sharing_schedule(callbacks: list[Callback]) -> None:
+    """A fit without ``ProgressiveSharing`` grows no region: in a script of one's own that is easily an omission (the
+    command line always has it, ``sharing.enabled: false`` for the dense baseline), so it is said."""
+    if not any(isinstance(callback, ProgressiveSharing) for callback in callbacks):
+        rank_zero_warn(
+            "no ProgressiveSharing among the Trainer's callbacks: no sharing region grows (the model keeps the layers "
+            "it shares now, none in a new one, and trains dense); add ProgressiveSharing(target=..., interval=...), "
+            "or ProgressiveSharing(enabled=False) for the dense baseline"
+        )
+
+
+def warn_mid_step_checkpoints(callbacks: list[Callback], accumulate_grad_batches: int) -> None:
+    """Under gradient accumulation, Lightning's own ``ModelCheckpoint`` saves inside an optimizer step (at a
+    validation or ``train_time_interval`` there), and a resume loses the step's earlier micro-batches. The command line
+    makes every listed one a ``StepCheckpoint``; a ``Trainer`` of one's own is told to."""
+    if accumulate_grad_batches > 1 and any(type(callback) is ModelCheckpoint for callback in callbacks):
+        rank_zero_warn(
+            f"a ModelCheckpoint (Lightning's default one too) saves inside an optimizer step under "
+            f"accumulate_grad_batches={accumulate_grad_batches} when a validation or its train_time_interval falls "
+            "there, and a resume from that checkpoint loses the step's earlier micro-batches; use "
+            "epas_lightning.StepCheckpoint (the same arguments) or RunCheckpoint, which save between steps only"
         )
 
 

@@ -580,6 +580,28 @@ def test_resuming_with_another_optimizer_is_refused_in_one_line(tiny_corpus, tmp
     make_trainer(tmp_path, 2, []).fit(module, data, ckpt_path=tmp_path / "last.ckpt")
 
 
+def test_a_script_fit_says_when_no_region_grows_or_a_checkpoint_could_save_inside_a_step(tmp_path):
+    """A Trainer of one's own without ProgressiveSharing trained dense, and one with a plain ModelCheckpoint under
+    gradient accumulation saved inside optimizer steps: both silently."""
+    from epas_lightning import StepCheckpoint
+
+    config = LlamaConfig.from_name("debug", n_layer=2, block_size=8)
+    data = torch.utils.data.DataLoader(torch.randint(0, 512, (4, 9)), batch_size=2)
+    runs = {
+        "plain": [ModelCheckpoint(dirpath=tmp_path / "plain")],
+        "ours": [ProgressiveSharing(target=1, interval=1), StepCheckpoint(dirpath=tmp_path / "ours")],
+    }
+    said = {}
+    for name, callbacks in runs.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer(tmp_path / name, 1, callbacks, accumulate_grad_batches=2).fit(EPASModule(config), data)
+        said[name] = " ".join(str(w.message) for w in caught)
+    assert "no ProgressiveSharing among the Trainer's callbacks" in said["plain"]
+    assert "use epas_lightning.StepCheckpoint (the same arguments)" in said["plain"]
+    assert "ProgressiveSharing" not in said["ours"] and "StepCheckpoint" not in said["ours"]
+
+
 def test_load_from_checkpoint_outside_a_trainer_reads_the_weights_and_checks_the_config(tmp_path):
     """``EPASModule.load_from_checkpoint(path, config=config)`` (Lightning's way back to a module in a notebook) failed
     in ``on_load_checkpoint`` with "EPASModule is not attached to a `Trainer`"."""
