@@ -112,6 +112,8 @@ class EPASModule(LightningModule):
     ) -> None:
         super().__init__()
         check_is_config(config)
+        check_builds("optimizer", optimizer, "functools.partial(torch.optim.AdamW, lr=1e-3)")
+        check_builds("lr_scheduler", lr_scheduler, "functools.partial(epas_lightning.WarmupCosineLR, warmup_steps=100)")
         if init_from is not None:
             config = keeping_source_context(config, check_init_source(init_from, config))
         self.config = config
@@ -539,6 +541,17 @@ def warn_mid_step_checkpoints(callbacks: list[Callback], accumulate_grad_batches
             f"accumulate_grad_batches={accumulate_grad_batches} when a validation or its train_time_interval falls "
             "there, and a resume from that checkpoint loses the step's earlier micro-batches; use "
             "epas_lightning.StepCheckpoint (the same arguments) or RunCheckpoint, which save between steps only"
+        )
+
+
+def check_builds(name: str, factory: object, example: str) -> None:
+    """``optimizer``/``lr_scheduler`` are callables that build one from the parameter groups/the optimizer; an
+    instance (built before the model had parameters) failed in ``configure_optimizers`` as "object is not callable"."""
+    if factory is not None and not callable(factory):
+        raise ConfigError(
+            f"{name} must be a callable that builds one, not a {type(factory).__name__} object",
+            f"EPASModule({name}=...)",
+            f"pass e.g. {example}",
         )
 
 

@@ -632,6 +632,14 @@ def test_a_config_that_is_not_a_llama_config_is_one_line(config):
 
     with pytest.raises(ConfigError, match=r"config must be a LlamaConfig, not a (dict|str) — EPASModule\(config=...\)"):
         EPASModule(config)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # failed in fit: "is not callable"
+    with pytest.raises(
+        ConfigError, match=r"optimizer must be a callable that builds one, not a SGD object — EPASModule"
+    ):
+        EPASModule(LlamaConfig.from_name("debug"), optimizer=optimizer)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    with pytest.raises(ConfigError, match=r"lr_scheduler must be a callable that builds one, not a StepLR object"):
+        EPASModule(LlamaConfig.from_name("debug"), lr_scheduler=scheduler)
 
 
 def test_sharded_checkpoints_are_replaced_whole_and_a_killed_save_leaves_no_trace(tiny_corpus, tmp_path):
