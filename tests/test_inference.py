@@ -277,6 +277,32 @@ def test_generate_refuses_a_bad_request_with_the_commands_one_line_errors():
         generate(model, [[1, 300], [-1]], max_new_tokens=1)
 
 
+def test_a_loaded_model_or_a_module_given_for_the_llama_says_which_attribute_to_pass():
+    """``generate(load_model(path), ...)`` (and ``set_region``, ``evaluate_perplexity``, or an ``EPASModule``) failed
+    deep inside with "'LoadedModel' object has no attribute 'embed_tokens'"; ``Llama(dict)`` likewise."""
+    from epas_lightning import EPASModule, LoadedModel, evaluate_perplexity
+
+    model = tiny(n_layer=2, block_size=16)
+    loaded = LoadedModel(config=model.config, region=TrainedRegion(2, (1,)), model=model)
+    module = EPASModule(model.config)
+    module.model = model
+    calls = {
+        "generate": lambda m: generate(m, [[1]], 1),
+        "set_region": lambda m: set_region(m, 1),
+        "evaluate_perplexity": lambda m: evaluate_perplexity(m, None),
+    }
+    for call in calls.values():
+        with pytest.raises(
+            ConfigError, match=r"^model must be a Llama, not a LoadedModel — model — pass its \.model \(and"
+        ):
+            call(loaded)
+        with pytest.raises(ConfigError, match=r"^model must be a Llama, not a EPASModule — model — pass its \.model$"):
+            call(module)
+    assert generate(torch.compile(model, backend="eager"), [[1]], 1).tokens == generate(model, [[1]], 1).tokens
+    with pytest.raises(ConfigError, match=r"config must be a LlamaConfig, not a dict — Llama\(config=...\)"):
+        Llama({"name": "debug"})
+
+
 def test_generate_takes_a_numpy_seed():
     """``seed=np.int64(0)`` (a sweep's) failed in torch's ``manual_seed`` with "an integer is required"."""
     import numpy as np
