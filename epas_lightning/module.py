@@ -19,7 +19,7 @@ from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from epas_lightning.attention_kernels import sdpa_order
 from epas_lightning.callbacks import ProgressiveSharing
-from epas_lightning.errors import CheckpointError, ConfigError
+from epas_lightning.errors import CheckpointError, ConfigError, DataError
 from epas_lightning.flops import estimate_flops
 from epas_lightning.init_from import (
     check_init_source,
@@ -372,6 +372,7 @@ class EPASModule(LightningModule):
         return self.model(input_ids)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        check_batch(batch)
         self._tokens_shape = (batch.shape[0], batch.shape[1] - 1)
         # the logits are never materialised (validation keeps next_token_loss); compiled blocks, a compiled loss
         loss = train_loss(self.model, batch, compile=self.compile_blocks)
@@ -423,6 +424,7 @@ class EPASModule(LightningModule):
                 self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        check_batch(batch)
         self._tokens_shape = (batch.shape[0], batch.shape[1] - 1)
         loss = next_token_loss(self.model, batch)
         self.val_loss.update(loss, weight=batch[:, 1:].numel())
@@ -541,6 +543,19 @@ def warn_mid_step_checkpoints(callbacks: list[Callback], accumulate_grad_batches
             f"accumulate_grad_batches={accumulate_grad_batches} when a validation or its train_time_interval falls "
             "there, and a resume from that checkpoint loses the step's earlier micro-batches; use "
             "epas_lightning.StepCheckpoint (the same arguments) or RunCheckpoint, which save between steps only"
+        )
+
+
+def check_batch(batch: object) -> None:
+    """A batch is a (batch_size, seq_len + 1) tensor of token ids; a ``TensorDataset``'s (a list holding one) failed
+    with "'list' object has no attribute 'shape'"."""
+    if not isinstance(batch, torch.Tensor) or batch.dim() != 2:
+        got = f"shape {tuple(batch.shape)}" if isinstance(batch, torch.Tensor) else f"a {type(batch).__name__}"
+        raise DataError(
+            f"a batch must be a (batch_size, seq_len + 1) tensor of token ids, got {got}",
+            "the Trainer's dataloader",
+            "use TokenDataModule, or a dataset whose items are 1-D tensors of seq_len + 1 ids (a TensorDataset's "
+            "are tuples)",
         )
 
 

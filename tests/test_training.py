@@ -602,6 +602,18 @@ def test_a_script_fit_says_when_no_region_grows_or_a_checkpoint_could_save_insid
     assert "ProgressiveSharing" not in said["ours"] and "StepCheckpoint" not in said["ours"]
 
 
+def test_a_batch_that_is_not_a_tensor_of_token_ids_is_one_line(tmp_path):
+    """A TensorDataset's batches (a list holding the tensor) failed with "'list' object has no attribute 'shape'"."""
+    from epas_lightning.errors import DataError
+
+    rows = torch.utils.data.TensorDataset(torch.randint(0, 512, (4, 9)))
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=8))
+    with pytest.raises(DataError, match=r"tensor of token ids, got a list — the Trainer's dataloader — use TokenDat"):
+        make_trainer(tmp_path, 1, []).fit(module, torch.utils.data.DataLoader(rows, batch_size=2))
+    with pytest.raises(ValueError, match=r"^input_ids must be a \(batch, seq_len\) tensor of token ids, not a list$"):
+        module.model([[1, 2, 3]])
+
+
 def test_load_from_checkpoint_outside_a_trainer_reads_the_weights_and_checks_the_config(tmp_path):
     """``EPASModule.load_from_checkpoint(path, config=config)`` (Lightning's way back to a module in a notebook) failed
     in ``on_load_checkpoint`` with "EPASModule is not attached to a `Trainer`"."""

@@ -175,6 +175,10 @@ class Llama(nn.Module):
         head and its result is returned: a loss that never materialises the logits (``epas_lightning.loss``). It runs
         inside ``forward``, so FSDP has the head's weight gathered.
         """
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(
+                f"input_ids must be a (batch, seq_len) tensor of token ids, not a {type(input_ids).__name__}"
+            )
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len) token ids, got shape {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
