@@ -253,6 +253,8 @@ def test_region_errors():
         set_region(model, 1, TrainedRegion(4, ()))
     with pytest.raises(ValueError, match="can share at most 3 — n_shared — choose 0..3"):
         set_region(model, 4)  # no trained region given: any layer count the model allows
+    with pytest.raises(ConfigError, match=r"number of sharing layers, got 'all' — n_shared — choose 0..1 \(1: the"):
+        set_region(model, "all", trained)  # a TypeError comparing int and str
     shallow = TrainedRegion(4, (1, 2), "shallow_first")
     assert set_region(model, 1, shallow) == [1] and set_region(model, 3, shallow, force=True) == [1, 2, 3]
     cache = model.new_cache(1, 8)

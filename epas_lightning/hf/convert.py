@@ -85,6 +85,8 @@ def is_hf_dir(path: str | Path) -> bool:
 def read_hf_config(path: str | Path) -> dict[str, Any]:
     """The ``config.json`` of an HF model directory as a dict."""
     path = Path(path).expanduser()
+    if path.is_file():  # its config.json, say: "does not exist" sent one looking for a typo
+        raise HFCheckpointError("a file, not an HF model directory", path, f"give the folder: {path.parent}")
     if not path.is_dir():
         raise HFCheckpointError("HF model directory does not exist", path, "check the path")
     config_file = path / "config.json"
