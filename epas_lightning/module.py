@@ -294,11 +294,21 @@ class EPASModule(LightningModule):
 
     def set_shared_layers(self, layers: Iterable[int]) -> None:
         """Switch exactly ``layers`` to sharing (``ProgressiveSharing`` does it before every training batch)."""
-        self.model.set_shared_layers(layers)
+        self._built_model().set_shared_layers(layers)
 
     @property
     def n_shared(self) -> int:
-        return self.model.sharing.n_shared
+        return self._built_model().sharing.n_shared
+
+    def _built_model(self) -> Llama:
+        """``model``, or one line saying how to build it (it was "'NoneType' object is not callable")."""
+        if self.model is None:
+            raise ConfigError(
+                "the model is not built yet: a Trainer builds it when fit, validate or test starts",
+                "EPASModule.model",
+                "call module.configure_model() first to use it outside a Trainer",
+            )
+        return self.model
 
     @property
     def flops_per_batch(self) -> float | None:
@@ -369,7 +379,7 @@ class EPASModule(LightningModule):
             )
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids)
+        return self._built_model()(input_ids)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         check_batch(batch)

@@ -602,9 +602,10 @@ def test_a_script_fit_says_when_no_region_grows_or_a_checkpoint_could_save_insid
     assert "ProgressiveSharing" not in said["ours"] and "StepCheckpoint" not in said["ours"]
 
 
-def test_a_batch_that_is_not_a_tensor_of_token_ids_is_one_line(tmp_path):
-    """A TensorDataset's batches (a list holding the tensor) failed with "'list' object has no attribute 'shape'"."""
-    from epas_lightning.errors import DataError
+def test_a_batch_or_input_the_model_cannot_take_and_a_model_not_built_yet_are_one_line(tmp_path):
+    """A TensorDataset's batches (a list holding the tensor) failed with "'list' object has no attribute 'shape'", an
+    unbuilt module's forward with "'NoneType' object is not callable"."""
+    from epas_lightning.errors import ConfigError, DataError
 
     rows = torch.utils.data.TensorDataset(torch.randint(0, 512, (4, 9)))
     module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=8))
@@ -612,6 +613,12 @@ def test_a_batch_that_is_not_a_tensor_of_token_ids_is_one_line(tmp_path):
         make_trainer(tmp_path, 1, []).fit(module, torch.utils.data.DataLoader(rows, batch_size=2))
     with pytest.raises(ValueError, match=r"^input_ids must be a \(batch, seq_len\) tensor of token ids, not a list$"):
         module.model([[1, 2, 3]])
+    unbuilt = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=8))  # "'NoneType' is not callable"
+    for use in (lambda: unbuilt(torch.zeros(1, 4, dtype=torch.long)), lambda: unbuilt.set_shared_layers([1])):
+        with pytest.raises(
+            ConfigError, match=r"^the model is not built yet: .* — call module.configure_model\(\) first"
+        ):
+            use()
 
 
 def test_load_from_checkpoint_outside_a_trainer_reads_the_weights_and_checks_the_config(tmp_path):
