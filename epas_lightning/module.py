@@ -33,6 +33,7 @@ from epas_lightning.loss_scaling import unscale_fused_gradients
 from epas_lightning.lr import WarmupCosineLR, WarmupSchedule
 from epas_lightning.memory_plan import on_device_bytes, plan_checkpointing
 from epas_lightning.model import Llama, LlamaConfig
+from epas_lightning.model.config import check_is_config
 from epas_lightning.model.llama import check_attention_reuse
 from epas_lightning.optim import (
     check_same_optimizer,
@@ -111,7 +112,12 @@ class EPASModule(LightningModule):
         attention_kernel: Literal["auto", "torch", "cudnn", "flash"] = "auto",
     ) -> None:
         super().__init__()
-        check_is_config(config)
+        check_is_config(
+            config,
+            "EPASModule(config=...)",
+            "build it with LlamaConfig.from_name('demo', block_size=...), LlamaConfig(**fields), or "
+            "source_config(init_from, block_size=...)",
+        )
         check_builds("optimizer", optimizer, "functools.partial(torch.optim.AdamW, lr=1e-3)")
         check_builds("lr_scheduler", lr_scheduler, "functools.partial(epas_lightning.WarmupCosineLR, warmup_steps=100)")
         if init_from is not None:
@@ -517,18 +523,6 @@ def check_warmup_fits(scheduler: WarmupSchedule) -> None:
             f"model.lr_scheduler ({type(scheduler).__name__}) warms up for {warmup} steps but the run has {total}: "
             f"the learning rate never reaches its peak (it ends at {scheduler.lr_factor(total - 1):.0%} of it) and "
             "never decays; set model.lr_scheduler.init_args.warmup_steps below trainer.max_steps"
-        )
-
-
-def check_is_config(config: object) -> None:
-    """A :class:`LlamaConfig`, or one line saying how to make one (a dict or a preset name failed later with an
-    ``AttributeError`` on ``n_layer``)."""
-    if not isinstance(config, LlamaConfig):
-        raise ConfigError(
-            f"config must be a LlamaConfig, not a {type(config).__name__}",
-            "EPASModule(config=...)",
-            "build it with LlamaConfig.from_name('demo', block_size=...), LlamaConfig(**fields), or "
-            "source_config(init_from, block_size=...)",
         )
 
 

@@ -281,7 +281,7 @@ def test_generate_refuses_a_bad_request_with_the_commands_one_line_errors():
 
 def test_a_loaded_model_or_a_module_given_for_the_llama_says_which_attribute_to_pass():
     """``generate(load_model(path), ...)`` (and ``set_region``, ``evaluate_perplexity``, or an ``EPASModule``) failed
-    deep inside with "'LoadedModel' object has no attribute 'embed_tokens'"; ``Llama(dict)`` likewise."""
+    deep inside with "'LoadedModel' object has no attribute 'embed_tokens'"."""
     from epas_lightning import EPASModule, LoadedModel, evaluate_perplexity
 
     model = tiny(n_layer=2, block_size=16)
@@ -301,8 +301,6 @@ def test_a_loaded_model_or_a_module_given_for_the_llama_says_which_attribute_to_
         with pytest.raises(ConfigError, match=r"^model must be a Llama, not a EPASModule — model — pass its \.model$"):
             call(module)
     assert generate(torch.compile(model, backend="eager"), [[1]], 1).tokens == generate(model, [[1]], 1).tokens
-    with pytest.raises(ConfigError, match=r"config must be a LlamaConfig, not a dict — Llama\(config=...\)"):
-        Llama({"name": "debug"})
 
 
 def test_generate_takes_a_numpy_seed():

@@ -651,6 +651,15 @@ def test_a_config_that_is_not_a_llama_config_is_one_line(config):
 
     with pytest.raises(ConfigError, match=r"config must be a LlamaConfig, not a (dict|str) — EPASModule\(config=...\)"):
         EPASModule(config)
+    from epas_lightning import Llama, estimate_flops, load_hf_state  # each an AttributeError on the config
+
+    for build, where in [
+        (Llama, r"Llama\(config=...\)"),
+        (lambda c: estimate_flops(c, 0, 8), "config"),
+        (lambda c: load_hf_state("/nowhere", c), r"load_hf_state\(config=...\)"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"^config must be a LlamaConfig, not a (dict|str) — {where} — "):
+            build(config)
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # failed in fit: "is not callable"
     with pytest.raises(
         ConfigError, match=r"optimizer must be a callable that builds one, not a SGD object — EPASModule"

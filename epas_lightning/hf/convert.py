@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from epas_lightning.errors import CheckpointError, ConfigError
 from epas_lightning.model import LlamaConfig
-from epas_lightning.model.config import LLAMA3_FIELDS, RopeScaling
+from epas_lightning.model.config import LLAMA3_FIELDS, RopeScaling, check_is_config
 
 HF_PREFIX = "model."
 SAFETENSORS_FILE = "model.safetensors"
@@ -411,6 +411,7 @@ def resize_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
 
 def load_hf_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Tensor]:
     """Read and convert an HF LLaMA directory for a model of ``config`` (checked first, with every difference named)."""
+    check_is_config(config, "load_hf_state(config=...)", "build it with epas_lightning.config_from_hf(path)")
     path = Path(path).expanduser()
     check_compatible(config, read_hf_config(path), source=str(path))
     with located(path):

@@ -268,6 +268,17 @@ class LlamaConfig:
         return cls(**data)
 
 
+def check_is_config(
+    config: object,
+    where: str,
+    fix: str = "build it with LlamaConfig.from_name('debug', ...) or LlamaConfig(**fields)",
+) -> None:
+    """A :class:`LlamaConfig`, or one line saying how to make one (a dict or a preset name failed later with an
+    ``AttributeError`` on ``n_layer``)."""
+    if not isinstance(config, LlamaConfig):
+        raise ConfigError(f"config must be a LlamaConfig, not a {type(config).__name__}", where, fix)
+
+
 def _is_count(value: Any) -> bool:
     """A positive int, not a bool."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend
 
 from epas_lightning.errors import ConfigError
 from epas_lightning.model.attention import Attention, AttentionContext, Shared
-from epas_lightning.model.config import LlamaConfig
+from epas_lightning.model.config import LlamaConfig, check_is_config
 from epas_lightning.model.kv_cache import KVCache, StaticKVCache
 from epas_lightning.model.layers import MLP, RMSNorm
 from epas_lightning.model.rope import RotaryEmbedding
@@ -65,12 +65,7 @@ class Llama(nn.Module):
 
     def __init__(self, config: LlamaConfig, attention_reuse: bool = False) -> None:
         super().__init__()
-        if not isinstance(config, LlamaConfig):  # a dict or a preset name failed with an AttributeError
-            raise ConfigError(
-                f"config must be a LlamaConfig, not a {type(config).__name__}",
-                "Llama(config=...)",
-                "build it with LlamaConfig.from_name('debug', ...) or LlamaConfig(**fields)",
-            )
+        check_is_config(config, "Llama(config=...)")
         self.config = config
         self.embed_tokens = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layer))
