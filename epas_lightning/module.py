@@ -55,6 +55,7 @@ WEIGHTS_DTYPE_KEY = "weights_dtype"
 """Checkpoint entry: the dtype the run stored its weights in (``float32``, ``bfloat16``)."""
 CLI_CONFIG_FIX = "use the model.config it was trained with (its run folder keeps config.yaml)"
 PYTHON_CONFIG_FIX = "pass the config it was trained with: epas_lightning.checkpoint.recorded_config(path)"
+LOAD_CONFIG_FIX = "leave config= out: the checkpoint's own is used"
 
 
 class EPASModule(LightningModule):
@@ -346,8 +347,12 @@ class EPASModule(LightningModule):
         # `EPASModule.load_from_checkpoint(path, config=...)` gets it too, with no trainer
         trainer = self._trainer
         if recorded := checkpoint.get("model_config"):
-            where = "EPASModule.load_from_checkpoint" if trainer is None else f"ckpt_path {trainer.ckpt_path}"
-            check_resumed_model(self.config, LlamaConfig.from_dict(recorded), where, PYTHON_CONFIG_FIX)
+            where, fix = (
+                ("EPASModule.load_from_checkpoint", LOAD_CONFIG_FIX)
+                if trainer is None
+                else (f"ckpt_path {trainer.ckpt_path}", PYTHON_CONFIG_FIX)
+            )
+            check_resumed_model(self.config, LlamaConfig.from_dict(recorded), where, fix)
         if trainer is not None:  # before Lightning restores the callbacks
             adopt_model_checkpoint_states(trainer, checkpoint)
         data = getattr(trainer, "datamodule", None)

@@ -640,7 +640,10 @@ def test_load_from_checkpoint_outside_a_trainer_reads_the_weights_and_checks_the
     with pytest.raises(CheckpointError, match="a folder, not a .ckpt file — EPASModule.load_from_checkpoint"):
         EPASModule.load_from_checkpoint(tmp_path)
     other = LlamaConfig.from_name("debug", block_size=16, rope_theta=500000.0)
-    with pytest.raises(CheckpointError, match="rope_theta: model .* — EPASModule.load_from_checkpoint — pass the"):
+    with pytest.raises(
+        CheckpointError,
+        match="rope_theta: model .* — EPASModule.load_from_checkpoint — leave config= out: the checkpoint's own",
+    ):
         EPASModule.load_from_checkpoint(tmp_path / "last.ckpt", config=other)
 
 
