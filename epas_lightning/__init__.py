@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from epas_lightning.module import EPASModule
     from epas_lightning.optim import param_groups
     from epas_lightning.region import TrainedRegion
-    from epas_lightning.run_checkpoint import RunCheckpoint
+    from epas_lightning.run_checkpoint import RunCheckpoint, StepCheckpoint
     from epas_lightning.schedule import SharingSchedule, resolve_target
     from epas_lightning.strategy import FSDP2Strategy
 

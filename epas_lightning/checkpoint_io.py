@@ -24,7 +24,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from epas_lightning.errors import CheckpointError, OutputError
 from epas_lightning.outputs import out_of_space
 from epas_lightning.run_summary import say
-from epas_lightning.safe_load import is_sharded_checkpoint
+from epas_lightning.safe_load import is_sharded_checkpoint, load_torch_file, verify_checkpoint
 from epas_lightning.strategy import STAGING
 
 
@@ -33,12 +33,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     (never writing through it: a link there is replaced, not followed). Remote paths keep Lightning's way.
     A sharded checkpoint folder (which ``FSDP2Strategy`` reads without it) is refused in one line."""
 
-    def load_checkpoint(self, path: _PATH, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        if _is_local_file_protocol(path) and is_sharded_checkpoint(Path(path)):
-            raise sharded_needs_fsdp2(
-                path, "this Trainer's", f"ckpt_path {path}", "give the Trainer strategy=FSDP2Strategy()"
-            )
-        return super().load_checkpoint(path, *args, **kwargs)
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any = lambda storage, loc: storage, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Always with ``weights_only=True`` (``trainer.fit(..., weights_only=False)`` ran a malicious file's code); a
+        missing, unsafe or corrupt local file is a one-line :class:`CheckpointError`."""
+        if not _is_local_file_protocol(path):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        where = f"ckpt_path {path}"
+        if is_sharded_checkpoint(Path(path)):
+            raise sharded_needs_fsdp2(path, "this Trainer's", where, "give the Trainer strategy=FSDP2Strategy()")
+        if not Path(path).is_file():
+            verify_checkpoint(path, "ckpt_path")  # what is there instead: nothing, a run folder, a model folder
+        return load_torch_file(path, map_location=map_location, where=where)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         if storage_options is not None or not _is_local_file_protocol(path):

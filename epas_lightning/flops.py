@@ -14,7 +14,7 @@ import re
 import torch
 
 from epas_lightning.errors import ConfigError
-from epas_lightning.model.config import LlamaConfig
+from epas_lightning.model.config import LlamaConfig, check_is_config
 
 DENSE_BF16_PEAK_TFLOPS = (
     ("H100 PCIe", 756.0),
@@ -33,6 +33,7 @@ DENSE_BF16_PEAK_TFLOPS = (
 
 def matmul_params(config: LlamaConfig, n_shared: int = 0) -> int:
     """Number of weights that take part in a matmul when ``n_shared`` layers share."""
+    check_is_config(config, "config")
     whole = isinstance(n_shared, numbers.Integral) and not isinstance(n_shared, bool)
     if not whole or not 0 <= n_shared <= config.n_layer - 1:
         raise ConfigError(
@@ -51,6 +52,7 @@ def matmul_params(config: LlamaConfig, n_shared: int = 0) -> int:
 def estimate_flops(config: LlamaConfig, n_shared: int, seq_len: int, backward: bool = True) -> float:
     """Training FLOPs (forward + backward) per sample of ``seq_len`` tokens with ``n_shared`` sharing layers;
     ``backward=False``: the forward pass alone (a third: the convention counts the backward as two forwards)."""
+    check_is_config(config, "config")
     if not seq_len >= 1:
         raise ConfigError(f"seq_len={seq_len} must be at least 1 token", "seq_len")
     attention = 4 * config.n_layer * seq_len * config.n_head * config.head_dim

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -17,7 +18,8 @@ from torch.distributed.tensor import DTensor
 from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from epas_lightning.attention_kernels import sdpa_order
-from epas_lightning.errors import ConfigError
+from epas_lightning.callbacks import ProgressiveSharing
+from epas_lightning.errors import CheckpointError, ConfigError, DataError
 from epas_lightning.flops import estimate_flops
 from epas_lightning.init_from import (
     check_init_source,
@@ -31,6 +33,7 @@ from epas_lightning.loss_scaling import unscale_fused_gradients
 from epas_lightning.lr import WarmupCosineLR, WarmupSchedule
 from epas_lightning.memory_plan import on_device_bytes, plan_checkpointing
 from epas_lightning.model import Llama, LlamaConfig
+from epas_lightning.model.config import check_is_config
 from epas_lightning.model.llama import check_attention_reuse
 from epas_lightning.optim import (
     check_same_optimizer,
@@ -43,7 +46,7 @@ from epas_lightning.parallel import PRECISIONS, checkpointed_blocks, mixed_preci
 from epas_lightning.provenance import LAST_VALIDATION_KEY
 from epas_lightning.run_checkpoint import adopt_model_checkpoint_states
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
-from epas_lightning.safe_load import plain_numbers
+from epas_lightning.safe_load import plain_numbers, verify_checkpoint
 
 if TYPE_CHECKING:
     from epas_lightning.data.tokenizer import RecordedTokenizer
@@ -52,6 +55,7 @@ WEIGHTS_DTYPE_KEY = "weights_dtype"
 """Checkpoint entry: the dtype the run stored its weights in (``float32``, ``bfloat16``)."""
 CLI_CONFIG_FIX = "use the model.config it was trained with (its run folder keeps config.yaml)"
 PYTHON_CONFIG_FIX = "pass the config it was trained with: epas_lightning.checkpoint.recorded_config(path)"
+LOAD_CONFIG_FIX = "leave config= out: the checkpoint's own is used"
 
 
 class EPASModule(LightningModule):
@@ -109,7 +113,14 @@ class EPASModule(LightningModule):
         attention_kernel: Literal["auto", "torch", "cudnn", "flash"] = "auto",
     ) -> None:
         super().__init__()
-        check_is_config(config)
+        check_is_config(
+            config,
+            "EPASModule(config=...)",
+            "build it with LlamaConfig.from_name('demo', block_size=...), LlamaConfig(**fields), or "
+            "source_config(init_from, block_size=...)",
+        )
+        check_builds("optimizer", optimizer, "functools.partial(torch.optim.AdamW, lr=1e-3)")
+        check_builds("lr_scheduler", lr_scheduler, "functools.partial(epas_lightning.WarmupCosineLR, warmup_steps=100)")
         if init_from is not None:
             config = keeping_source_context(config, check_init_source(init_from, config))
         self.config = config
@@ -140,6 +151,34 @@ class EPASModule(LightningModule):
         self._loss_count = 0
         self._optimizer_settings: list[dict] | None = None  # as configured, before a checkpoint's are loaded
 
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path | IO[bytes],
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> EPASModule:
+        """Lightning's ``load_from_checkpoint`` for one ``.ckpt`` file, read without running code from it (always
+        ``weights_only``: a file that needs more is refused in one line), with the ``config`` it records unless
+        ``config=`` is given (a different one is refused, every differing field named)."""
+        if isinstance(checkpoint_path, str | Path):
+            where = "EPASModule.load_from_checkpoint"
+            path = Path(checkpoint_path).expanduser()
+            if path.is_dir():
+                raise CheckpointError(
+                    "a folder, not a .ckpt file", f"{where} {path}", "load folders with epas_lightning.load_model(path)"
+                )
+            verify_checkpoint(path, where)
+            if "config" not in kwargs:
+                from epas_lightning.checkpoint import recorded_config
+
+                kwargs["config"] = recorded_config(path, where)
+            checkpoint_path = path
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, True, **kwargs)
+
     @property
     def source_tokenizer(self) -> RecordedTokenizer | None:
         """The tokenizer file of the ``init_from`` model, where it has one (an HF folder's ``tokenizer.json`` or
@@ -153,6 +192,8 @@ class EPASModule(LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             check_trainable_precision(self.trainer.precision)
+            warn_without_sharing_schedule(self.trainer.callbacks)
+            warn_mid_step_checkpoints(self.trainer.callbacks, self.trainer.accumulate_grad_batches)
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
             check_sharded_precision(self.trainer.precision)
         warn_emulated_bf16(self.trainer.precision, self._root_device())
@@ -260,11 +301,21 @@ class EPASModule(LightningModule):
 
     def set_shared_layers(self, layers: Iterable[int]) -> None:
         """Switch exactly ``layers`` to sharing (``ProgressiveSharing`` does it before every training batch)."""
-        self.model.set_shared_layers(layers)
+        self._built_model().set_shared_layers(layers)
 
     @property
     def n_shared(self) -> int:
-        return self.model.sharing.n_shared
+        return self._built_model().sharing.n_shared
+
+    def _built_model(self) -> Llama:
+        """``model``, or one line saying how to build it (it was "'NoneType' object is not callable")."""
+        if self.model is None:
+            raise ConfigError(
+                "the model is not built yet: a Trainer builds it when fit, validate or test starts",
+                "EPASModule.model",
+                "call module.configure_model() first to use it outside a Trainer",
+            )
+        return self.model
 
     @property
     def flops_per_batch(self) -> float | None:
@@ -296,8 +347,12 @@ class EPASModule(LightningModule):
         # `EPASModule.load_from_checkpoint(path, config=...)` gets it too, with no trainer
         trainer = self._trainer
         if recorded := checkpoint.get("model_config"):
-            where = "EPASModule.load_from_checkpoint" if trainer is None else f"ckpt_path {trainer.ckpt_path}"
-            check_resumed_model(self.config, LlamaConfig.from_dict(recorded), where, PYTHON_CONFIG_FIX)
+            where, fix = (
+                ("EPASModule.load_from_checkpoint", LOAD_CONFIG_FIX)
+                if trainer is None
+                else (f"ckpt_path {trainer.ckpt_path}", PYTHON_CONFIG_FIX)
+            )
+            check_resumed_model(self.config, LlamaConfig.from_dict(recorded), where, fix)
         if trainer is not None:  # before Lightning restores the callbacks
             adopt_model_checkpoint_states(trainer, checkpoint)
         data = getattr(trainer, "datamodule", None)
@@ -335,9 +390,10 @@ class EPASModule(LightningModule):
             )
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids)
+        return self._built_model()(input_ids)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        check_batch(batch)
         self._tokens_shape = (batch.shape[0], batch.shape[1] - 1)
         # the logits are never materialised (validation keeps next_token_loss); compiled blocks, a compiled loss
         loss = train_loss(self.model, batch, compile=self.compile_blocks)
@@ -389,6 +445,7 @@ class EPASModule(LightningModule):
                 self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        check_batch(batch)
         self._tokens_shape = (batch.shape[0], batch.shape[1] - 1)
         loss = next_token_loss(self.model, batch)
         self.val_loss.update(loss, weight=batch[:, 1:].numel())
@@ -474,15 +531,51 @@ def check_warmup_fits(scheduler: WarmupSchedule) -> None:
         )
 
 
-def check_is_config(config: object) -> None:
-    """A :class:`LlamaConfig`, or one line saying how to make one (a dict or a preset name failed later with an
-    ``AttributeError`` on ``n_layer``)."""
-    if not isinstance(config, LlamaConfig):
+def warn_without_sharing_schedule(callbacks: list[Callback]) -> None:
+    """A fit without ``ProgressiveSharing`` grows no region: in a script of one's own that is easily an omission (the
+    command line always has it, ``sharing.enabled: false`` for the dense baseline), so it is said."""
+    if not any(isinstance(callback, ProgressiveSharing) for callback in callbacks):
+        rank_zero_warn(
+            "no ProgressiveSharing among the Trainer's callbacks: no sharing region grows (the model keeps the layers "
+            "it shares now, none in a new one, and trains dense); add ProgressiveSharing(target=..., interval=...), "
+            "or ProgressiveSharing(enabled=False) for the dense baseline"
+        )
+
+
+def warn_mid_step_checkpoints(callbacks: list[Callback], accumulate_grad_batches: int) -> None:
+    """Under gradient accumulation, Lightning's own ``ModelCheckpoint`` saves inside an optimizer step (at a
+    validation or ``train_time_interval`` there), and a resume loses the step's earlier micro-batches. The command line
+    makes every listed one a ``StepCheckpoint``; a ``Trainer`` of one's own is told to."""
+    if accumulate_grad_batches > 1 and any(type(callback) is ModelCheckpoint for callback in callbacks):
+        rank_zero_warn(
+            f"a ModelCheckpoint (Lightning's default one too) saves inside an optimizer step under "
+            f"accumulate_grad_batches={accumulate_grad_batches} when a validation or its train_time_interval falls "
+            "there, and a resume from that checkpoint loses the step's earlier micro-batches; use "
+            "epas_lightning.StepCheckpoint (the same arguments) or RunCheckpoint, which save between steps only"
+        )
+
+
+def check_batch(batch: object) -> None:
+    """A batch is a (batch_size, seq_len + 1) tensor of token ids; a ``TensorDataset``'s (a list holding one) failed
+    with "'list' object has no attribute 'shape'"."""
+    if not isinstance(batch, torch.Tensor) or batch.dim() != 2:
+        got = f"shape {tuple(batch.shape)}" if isinstance(batch, torch.Tensor) else f"a {type(batch).__name__}"
+        raise DataError(
+            f"a batch must be a (batch_size, seq_len + 1) tensor of token ids, got {got}",
+            "the Trainer's dataloader",
+            "use TokenDataModule, or a dataset whose items are 1-D tensors of seq_len + 1 ids (a TensorDataset's "
+            "are tuples)",
+        )
+
+
+def check_builds(name: str, factory: object, example: str) -> None:
+    """``optimizer``/``lr_scheduler`` are callables that build one from the parameter groups/the optimizer; an
+    instance (built before the model had parameters) failed in ``configure_optimizers`` as "object is not callable"."""
+    if factory is not None and not callable(factory):
         raise ConfigError(
-            f"config must be a LlamaConfig, not a {type(config).__name__}",
-            "EPASModule(config=...)",
-            "build it with LlamaConfig.from_name('demo', block_size=...), LlamaConfig(**fields), or "
-            "source_config(init_from, block_size=...)",
+            f"{name} must be a callable that builds one, not a {type(factory).__name__} object",
+            f"EPASModule({name}=...)",
+            f"pass e.g. {example}",
         )
 
 

@@ -36,8 +36,8 @@ def checkpointed_blocks(activation_checkpointing: bool | int, n_blocks: int) -> 
     """How many blocks (the first ones) an ``activation_checkpointing`` setting checkpoints."""
     if isinstance(activation_checkpointing, bool):
         return n_blocks if activation_checkpointing else 0
-    if not 0 <= activation_checkpointing <= n_blocks:
-        raise ValueError(f"activation_checkpointing={activation_checkpointing} must be a bool or in [0, {n_blocks}].")
+    if not isinstance(activation_checkpointing, int) or not 0 <= activation_checkpointing <= n_blocks:
+        raise ValueError(f"activation_checkpointing={activation_checkpointing!r} must be a bool or in [0, {n_blocks}].")
     return activation_checkpointing
 
 

@@ -8,6 +8,7 @@ consumer of a checkpoint (generate, bench, serve, evaluate, export, the lm-eval 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -63,6 +64,12 @@ class TrainedRegion:
         (:data:`SHARING_FLAGS` in a command), and offer the override where the caller has it (``forceable``).
         """
         flag, force_flag = flags
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool):  # "all" failed comparing int and str
+            raise ConfigError(
+                f"a region length is a number of sharing layers, got {n!r}",
+                flag,
+                f"choose {choices(self.size)} ({self.size}: the whole trained region)",
+            )
         limit = len(self.growth_order())
         if not 0 <= n <= limit:
             trained = f" (it trained {self.size}: {self.describe()})" if self.size < limit and not force else ""

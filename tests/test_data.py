@@ -291,6 +291,10 @@ def test_a_batch_size_of_zero_is_named_as_such():
         TokenDataModule(seq_len=32, batch_size=0)
     with pytest.raises(ConfigError, match=r"^seq_len must be at least 1, got 0 — data.seq_len"):
         TokenDataModule(seq_len=0, batch_size=4)
+    with pytest.raises(ConfigError, match=r"^batch_size must be a whole number, got '8' — data.batch_size$"):
+        TokenDataModule(seq_len=32, batch_size="8")  # a TypeError comparing str and int
+    with pytest.raises(ConfigError, match=r"^seq_len must be a whole number, got 32.0 — data.seq_len$"):
+        TokenDataModule(seq_len=32.0, batch_size=4)  # accepted
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path: Path):

@@ -219,6 +219,14 @@ def test_import_refuses_unsupported_configs(tmp_path: Path, overrides: dict, mes
         config_from_hf(path)
 
 
+def test_config_from_hf_given_the_config_file_names_its_folder(tmp_path: Path) -> None:
+    """``config_from_hf("model/config.json")`` said "HF model directory does not exist" of a file that exists."""
+    file = tmp_path / "config.json"
+    file.write_text("{}")
+    with pytest.raises(HFCheckpointError, match=f"^a file, not an HF model directory — {file} — give the folder: "):
+        config_from_hf(file)
+
+
 def test_rope_scaling_takes_numpy_numbers_as_python_ones() -> None:
     """A numpy factor (a sweep's) was refused as 'not a number'; kept, it would make checkpoints weights_only can't
     read."""

@@ -255,6 +255,8 @@ def test_region_errors():
         set_region(model, 1, TrainedRegion(4, ()))
     with pytest.raises(ValueError, match="can share at most 3 — n_shared — choose 0..3"):
         set_region(model, 4)  # no trained region given: any layer count the model allows
+    with pytest.raises(ConfigError, match=r"number of sharing layers, got 'all' — n_shared — choose 0..1 \(1: the"):
+        set_region(model, "all", trained)  # a TypeError comparing int and str
     shallow = TrainedRegion(4, (1, 2), "shallow_first")
     assert set_region(model, 1, shallow) == [1] and set_region(model, 3, shallow, force=True) == [1, 2, 3]
     cache = model.new_cache(1, 8)
@@ -277,6 +279,30 @@ def test_generate_refuses_a_bad_request_with_the_commands_one_line_errors():
         generate(model, [[1]], max_new_tokens=0)
     with pytest.raises(DataError, match=r"token ids must lie in 0\.\.255 .*, got -1\.\.300 — prompts — "):
         generate(model, [[1, 300], [-1]], max_new_tokens=1)
+
+
+def test_a_loaded_model_or_a_module_given_for_the_llama_says_which_attribute_to_pass():
+    """``generate(load_model(path), ...)`` (and ``set_region``, ``evaluate_perplexity``, or an ``EPASModule``) failed
+    deep inside with "'LoadedModel' object has no attribute 'embed_tokens'"."""
+    from epas_lightning import EPASModule, LoadedModel, evaluate_perplexity
+
+    model = tiny(n_layer=2, block_size=16)
+    loaded = LoadedModel(config=model.config, region=TrainedRegion(2, (1,)), model=model)
+    module = EPASModule(model.config)
+    module.model = model
+    calls = {
+        "generate": lambda m: generate(m, [[1]], 1),
+        "set_region": lambda m: set_region(m, 1),
+        "evaluate_perplexity": lambda m: evaluate_perplexity(m, None),
+    }
+    for call in calls.values():
+        with pytest.raises(
+            ConfigError, match=r"^model must be a Llama, not a LoadedModel — model — pass its \.model \(and"
+        ):
+            call(loaded)
+        with pytest.raises(ConfigError, match=r"^model must be a Llama, not a EPASModule — model — pass its \.model$"):
+            call(module)
+    assert generate(torch.compile(model, backend="eager"), [[1]], 1).tokens == generate(model, [[1]], 1).tokens
 
 
 def test_generate_takes_a_numpy_seed():

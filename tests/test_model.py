@@ -1,6 +1,7 @@
 """The model: plain LLaMA when nothing shares, exact sharing semantics, gradients and FLOPs when layers share."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from helpers import compile_blocks_eagerly
 from torch.utils.flop_counter import FlopCounterMode
 
+from epas_lightning.errors import ConfigError
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.attention import Shared
 from epas_lightning.model.rope import RotaryEmbedding, apply_rope
@@ -325,6 +327,25 @@ def test_a_config_of_numpy_numbers_is_a_config_of_python_numbers():
 
     config = LlamaConfig.from_name("debug", n_layer=np.int64(4), init_std=np.float64(0.01))
     assert type(config.n_layer) is int and type(config.init_std) is float and config.n_layer == 4
+
+
+@pytest.mark.parametrize(
+    "field, value, said",
+    [
+        ("padding_multiple", 0, "padding_multiple must be a positive integer, got 0"),  # was a ZeroDivisionError
+        ("padding_multiple", -64, "padding_multiple must be a positive integer, got -64"),
+        ("n_layer", True, "model sizes must be positive integers, got {'n_layer': True}"),
+        ("rope_theta", 0.0, "rope_theta must be a positive number"),
+        ("norm_eps", -1e-5, "norm_eps and init_std non-negative ones, got {'norm_eps': -1e-05}"),
+        ("init_std", "0.02", "got {'init_std': '0.02'}"),
+        ("tie_embeddings", "yes", "tie_embeddings must be true or false, got 'yes'"),
+        ("rope_scaling", "llama3", "rope_scaling must be a mapping like"),
+    ],
+)
+def test_config_fields_of_the_wrong_kind_are_one_line_naming_the_field(field, value, said):
+    """Each was accepted (and failed later, deep inside, or trained another model) or a bare exception."""
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        LlamaConfig.from_name("debug", **{field: value})
 
 
 def test_fields_left_unset_take_their_defaults_and_a_checkpoint_records_values():

@@ -108,8 +108,9 @@ def test_checkpointing_settings_and_the_memory_plan():
         checkpointed_blocks(5, 4)
     from epas_lightning.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="model.activation_checkpointing"):  # at construction, not mid-fit
-        EPASModule(LlamaConfig.from_name("debug"), activation_checkpointing=5)
+    for wrong in (5, "yes"):  # "yes" was a TypeError about comparing int and str
+        with pytest.raises(ConfigError, match="model.activation_checkpointing"):  # at construction, not mid-fit
+            EPASModule(LlamaConfig.from_name("debug"), activation_checkpointing=wrong)
     assert blocks_to_checkpoint(4, block_bytes=10, kept_bytes=1, budget=40) == 0
     assert blocks_to_checkpoint(4, block_bytes=10, kept_bytes=1, budget=25) == 2  # 2 * 10 + 2 * 1
     assert blocks_to_checkpoint(4, block_bytes=10, kept_bytes=1, budget=3) == 4  # does not fit at all: every block

@@ -580,6 +580,47 @@ def test_resuming_with_another_optimizer_is_refused_in_one_line(tiny_corpus, tmp
     make_trainer(tmp_path, 2, []).fit(module, data, ckpt_path=tmp_path / "last.ckpt")
 
 
+def test_a_script_fit_says_when_no_region_grows_or_a_checkpoint_could_save_inside_a_step(tmp_path):
+    """A Trainer of one's own without ProgressiveSharing trained dense, and one with a plain ModelCheckpoint under
+    gradient accumulation saved inside optimizer steps: both silently."""
+    from epas_lightning import StepCheckpoint
+
+    config = LlamaConfig.from_name("debug", n_layer=2, block_size=8)
+    data = torch.utils.data.DataLoader(torch.randint(0, 512, (4, 9)), batch_size=2)
+    runs = {
+        "plain": [ModelCheckpoint(dirpath=tmp_path / "plain")],
+        "ours": [ProgressiveSharing(target=1, interval=1), StepCheckpoint(dirpath=tmp_path / "ours")],
+    }
+    said = {}
+    for name, callbacks in runs.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer(tmp_path / name, 1, callbacks, accumulate_grad_batches=2).fit(EPASModule(config), data)
+        said[name] = " ".join(str(w.message) for w in caught)
+    assert "no ProgressiveSharing among the Trainer's callbacks" in said["plain"]
+    assert "use epas_lightning.StepCheckpoint (the same arguments)" in said["plain"]
+    assert "ProgressiveSharing" not in said["ours"] and "StepCheckpoint" not in said["ours"]
+
+
+def test_a_batch_or_input_the_model_cannot_take_and_a_model_not_built_yet_are_one_line(tmp_path):
+    """A TensorDataset's batches (a list holding the tensor) failed with "'list' object has no attribute 'shape'", an
+    unbuilt module's forward with "'NoneType' object is not callable"."""
+    from epas_lightning.errors import ConfigError, DataError
+
+    rows = torch.utils.data.TensorDataset(torch.randint(0, 512, (4, 9)))
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=8))
+    with pytest.raises(DataError, match=r"tensor of token ids, got a list — the Trainer's dataloader — use TokenDat"):
+        make_trainer(tmp_path, 1, []).fit(module, torch.utils.data.DataLoader(rows, batch_size=2))
+    with pytest.raises(ValueError, match=r"^input_ids must be a \(batch, seq_len\) tensor of token ids, not a list$"):
+        module.model([[1, 2, 3]])
+    unbuilt = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=8))  # "'NoneType' is not callable"
+    for use in (lambda: unbuilt(torch.zeros(1, 4, dtype=torch.long)), lambda: unbuilt.set_shared_layers([1])):
+        with pytest.raises(
+            ConfigError, match=r"^the model is not built yet: .* — call module.configure_model\(\) first"
+        ):
+            use()
+
+
 def test_load_from_checkpoint_outside_a_trainer_reads_the_weights_and_checks_the_config(tmp_path):
     """``EPASModule.load_from_checkpoint(path, config=config)`` (Lightning's way back to a module in a notebook) failed
     in ``on_load_checkpoint`` with "EPASModule is not attached to a `Trainer`"."""
@@ -589,11 +630,20 @@ def test_load_from_checkpoint_outside_a_trainer_reads_the_weights_and_checks_the
     module = EPASModule(config)
     data = torch.utils.data.DataLoader(torch.randint(0, 512, (2, 17)), batch_size=2)
     make_trainer(tmp_path, 1, [ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(module, data)
-    loaded = EPASModule.load_from_checkpoint(tmp_path / "last.ckpt", config=config)
     expected = module.state_dict()
-    assert all(torch.equal(t, expected[name]) for name, t in loaded.state_dict().items())
+    for loaded in (  # without config=, the one the checkpoint records (Lightning's own failed: no hyper_parameters)
+        EPASModule.load_from_checkpoint(tmp_path / "last.ckpt", config=config),
+        EPASModule.load_from_checkpoint(tmp_path / "last.ckpt"),
+    ):
+        assert loaded.config == config
+        assert all(torch.equal(t, expected[name]) for name, t in loaded.state_dict().items())
+    with pytest.raises(CheckpointError, match="a folder, not a .ckpt file — EPASModule.load_from_checkpoint"):
+        EPASModule.load_from_checkpoint(tmp_path)
     other = LlamaConfig.from_name("debug", block_size=16, rope_theta=500000.0)
-    with pytest.raises(CheckpointError, match="rope_theta: model .* — EPASModule.load_from_checkpoint — pass the"):
+    with pytest.raises(
+        CheckpointError,
+        match="rope_theta: model .* — EPASModule.load_from_checkpoint — leave config= out: the checkpoint's own",
+    ):
         EPASModule.load_from_checkpoint(tmp_path / "last.ckpt", config=other)
 
 
@@ -604,6 +654,23 @@ def test_a_config_that_is_not_a_llama_config_is_one_line(config):
 
     with pytest.raises(ConfigError, match=r"config must be a LlamaConfig, not a (dict|str) — EPASModule\(config=...\)"):
         EPASModule(config)
+    from epas_lightning import Llama, estimate_flops, load_hf_state  # each an AttributeError on the config
+
+    for build, where in [
+        (Llama, r"Llama\(config=...\)"),
+        (lambda c: estimate_flops(c, 0, 8), "config"),
+        (lambda c: load_hf_state("/nowhere", c), r"load_hf_state\(config=...\)"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"^config must be a LlamaConfig, not a (dict|str) — {where} — "):
+            build(config)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # failed in fit: "is not callable"
+    with pytest.raises(
+        ConfigError, match=r"optimizer must be a callable that builds one, not a SGD object — EPASModule"
+    ):
+        EPASModule(LlamaConfig.from_name("debug"), optimizer=optimizer)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    with pytest.raises(ConfigError, match=r"lr_scheduler must be a callable that builds one, not a StepLR object"):
+        EPASModule(LlamaConfig.from_name("debug"), lr_scheduler=scheduler)
 
 
 def test_sharded_checkpoints_are_replaced_whole_and_a_killed_save_leaves_no_trace(tiny_corpus, tmp_path):

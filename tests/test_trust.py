@@ -212,6 +212,36 @@ def test_load_model_from_python_names_its_argument_not_a_flag(tmp_path):
         load_model(tmp_path / "hparams.yaml")
 
 
+def test_load_from_checkpoint_refuses_malicious_checkpoints_whatever_weights_only_says(evil):
+    """``EPASModule.load_from_checkpoint(path, weights_only=False)`` (Lightning's way back to a module) ran the file."""
+    for weights_only in (None, False):
+        with pytest.raises(CheckpointError, match=r"cannot read this file safely .* — EPASModule.load_from_checkpoint"):
+            EPASModule.load_from_checkpoint(evil.file, config=LlamaConfig.from_name("debug"), weights_only=weights_only)
+    assert not evil.marker.exists()
+
+
+def test_a_trainer_with_atomic_checkpoint_io_refuses_malicious_checkpoints_whatever_weights_only_says(evil, tmp_path):
+    """``trainer.fit(..., ckpt_path=path, weights_only=False)`` from Python ran the file's code; a missing or corrupt
+    file was a FileNotFoundError or an UnpicklingError traceback."""
+    import lightning as L
+
+    from epas_lightning import AtomicCheckpointIO
+
+    (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
+    refused = {
+        evil.file: "cannot read this file safely",
+        tmp_path / "garbage.ckpt": "not a checkpoint file",
+        tmp_path / "none.ckpt": "checkpoint does not exist",
+    }
+    for path, message in refused.items():
+        module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=8))
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, plugins=[AtomicCheckpointIO()])
+        data = torch.utils.data.DataLoader([torch.zeros(9, dtype=torch.long)])
+        with pytest.raises(CheckpointError, match=f"{message}.* — ckpt_path {path}"):
+            trainer.fit(module, data, ckpt_path=path, weights_only=False)
+    assert not evil.marker.exists()
+
+
 def test_lm_eval_adapter_refuses_malicious_checkpoints(evil):
     from epas_lightning.evaluation.lm_eval_adapter import EPASLM
 

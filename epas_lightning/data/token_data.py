@@ -127,6 +127,10 @@ class TokenData:
         seq_len, batch_size, vocab_size, num_workers, seed, max_bytes = plain_numbers(
             [seq_len, batch_size, vocab_size, num_workers, seed, max_bytes]
         )
+        counts = {"batch_size": batch_size, "seq_len": seq_len, "num_workers": num_workers}
+        if wrong := {name: n for name, n in counts.items() if not isinstance(n, int) or isinstance(n, bool)}:
+            name = next(iter(wrong))  # "8" or 64.0 failed comparing str and int, or later in the loader
+            raise ConfigError(f"{name} must be a whole number, got {wrong[name]!r}", f"data.{name}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}", "data.batch_size", "set 1 or more")
         if seq_len < 1:  # linked from the model's block_size on the command line

@@ -15,6 +15,7 @@ import torch
 
 from epas_lightning.loss import next_token_loss
 from epas_lightning.model import Llama
+from epas_lightning.model.llama import check_is_llama
 from epas_lightning.runtime import activations_overflow, check_counts
 
 
@@ -56,6 +57,7 @@ def evaluate_perplexity(
     from epas_lightning.data import heldout_loader
     from epas_lightning.data.token_data import check_seq_len
 
+    check_is_llama(model)
     check_counts({"max_batches": max_batches})
     seq_len = seq_len or model.config.block_size
     check_seq_len(seq_len, model.config, where="seq_len")

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from epas_lightning.errors import CheckpointError, ConfigError
 from epas_lightning.model import LlamaConfig
-from epas_lightning.model.config import LLAMA3_FIELDS, RopeScaling
+from epas_lightning.model.config import LLAMA3_FIELDS, RopeScaling, check_is_config
 
 HF_PREFIX = "model."
 SAFETENSORS_FILE = "model.safetensors"
@@ -86,6 +86,8 @@ def is_hf_dir(path: str | Path) -> bool:
 def read_hf_config(path: str | Path) -> dict[str, Any]:
     """The ``config.json`` of an HF model directory as a dict."""
     path = Path(path).expanduser()
+    if path.is_file():  # its config.json, say: "does not exist" sent one looking for a typo
+        raise HFCheckpointError("a file, not an HF model directory", path, f"give the folder: {path.parent}")
     if not path.is_dir():
         raise HFCheckpointError("HF model directory does not exist", path, "check the path")
     config_file = path / "config.json"
@@ -416,6 +418,7 @@ def resize_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
 
 def load_hf_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Tensor]:
     """Read and convert an HF LLaMA directory for a model of ``config`` (checked first, with every difference named)."""
+    check_is_config(config, "load_hf_state(config=...)", "build it with epas_lightning.config_from_hf(path)")
     path = Path(path).expanduser()
     check_compatible(config, read_hf_config(path), source=str(path))
     with located(path):

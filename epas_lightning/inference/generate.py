@@ -18,6 +18,7 @@ import torch
 from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.inference.sampling import sample
 from epas_lightning.model import Llama
+from epas_lightning.model.llama import check_is_llama
 from epas_lightning.region import TrainedRegion
 from epas_lightning.runtime import activations_overflow
 
@@ -78,6 +79,7 @@ def set_region(
     region, the deepest ``n_shared`` layers share, unchecked. The errors name ``flags`` (see
     :meth:`TrainedRegion.first`).
     """
+    check_is_llama(model)
     if region is None:
         region, force = TrainedRegion(model.config.n_layer), True
     layers = region.first(n_shared, force, flags)
@@ -157,6 +159,7 @@ class Decoder:
         pad_id: int = 0,
         cuda_graph: bool | None = None,
     ) -> None:
+        check_is_llama(model)
         prompts = token_lists(prompts)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise DataError("give at least one prompt, each with at least one token", "prompts")

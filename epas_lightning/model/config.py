@@ -180,15 +180,33 @@ class LlamaConfig:
             self.n_kv_head = self.n_head
         if self.intermediate_size is None:
             self.intermediate_size = _round_up(int(8 * self.n_embd / 3), 256)
+        if not _is_count(self.padding_multiple):  # it divides below (0 was a ZeroDivisionError)
+            raise ConfigError(
+                f"padding_multiple must be a positive integer, got {self.padding_multiple!r}", "model.config"
+            )
         if self.padded_vocab_size is None:
             self.padded_vocab_size = _round_up(self.vocab_size, self.padding_multiple)
         self._validate()
 
     def _validate(self) -> None:
         sizes = ("n_layer", "n_embd", "n_head", "n_kv_head", "vocab_size", "block_size", "intermediate_size")
-        bad = {k: getattr(self, k) for k in sizes if not isinstance(getattr(self, k), int) or getattr(self, k) < 1}
+        bad = {k: getattr(self, k) for k in sizes if not _is_count(getattr(self, k))}
         if bad:
             raise ConfigError(f"model sizes must be positive integers, got {bad}", "model.config")
+        numbers = {"rope_theta": self.rope_theta, "norm_eps": self.norm_eps, "init_std": self.init_std}
+        if bad := {k: v for k, v in numbers.items() if not _is_number(v) or v < 0 or (k == "rope_theta" and v == 0)}:
+            raise ConfigError(
+                f"rope_theta must be a positive number, norm_eps and init_std non-negative ones, got {bad}",
+                "model.config",
+            )
+        if not isinstance(self.tie_embeddings, bool):
+            raise ConfigError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}", "model.config")
+        if not isinstance(self.rope_scaling, RopeScaling | None):  # a string (a rope_type) failed in the first forward
+            raise ConfigError(
+                f"rope_scaling must be a mapping like {{rope_type: linear, factor: 2.0}} or null, got "
+                f"{self.rope_scaling!r}",
+                "model.config.rope_scaling",
+            )
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}", "model.config")
         if self.n_head % self.n_kv_head:
@@ -248,6 +266,22 @@ class LlamaConfig:
         if unknown:
             raise ConfigError(f"Unknown LlamaConfig fields: {sorted(unknown)}", "model.config")
         return cls(**data)
+
+
+def check_is_config(
+    config: object,
+    where: str,
+    fix: str = "build it with LlamaConfig.from_name('debug', ...) or LlamaConfig(**fields)",
+) -> None:
+    """A :class:`LlamaConfig`, or one line saying how to make one (a dict or a preset name failed later with an
+    ``AttributeError`` on ``n_layer``)."""
+    if not isinstance(config, LlamaConfig):
+        raise ConfigError(f"config must be a LlamaConfig, not a {type(config).__name__}", where, fix)
+
+
+def _is_count(value: Any) -> bool:
+    """A positive int, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _is_number(value: Any) -> bool:

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend
 
+from epas_lightning.errors import ConfigError
 from epas_lightning.model.attention import Attention, AttentionContext, Shared
-from epas_lightning.model.config import LlamaConfig
+from epas_lightning.model.config import LlamaConfig, check_is_config
 from epas_lightning.model.kv_cache import KVCache, StaticKVCache
 from epas_lightning.model.layers import MLP, RMSNorm
 from epas_lightning.model.rope import RotaryEmbedding
@@ -64,6 +65,7 @@ class Llama(nn.Module):
 
     def __init__(self, config: LlamaConfig, attention_reuse: bool = False) -> None:
         super().__init__()
+        check_is_config(config, "Llama(config=...)")
         self.config = config
         self.embed_tokens = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layer))
@@ -168,6 +170,10 @@ class Llama(nn.Module):
         head and its result is returned: a loss that never materialises the logits (``epas_lightning.loss``). It runs
         inside ``forward``, so FSDP has the head's weight gathered.
         """
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(
+                f"input_ids must be a (batch, seq_len) tensor of token ids, not a {type(input_ids).__name__}"
+            )
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len) token ids, got shape {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
@@ -201,6 +207,18 @@ class Llama(nn.Module):
         if head is not None:
             return head(x, self.lm_head.weight)
         return self.lm_head(x)
+
+
+def check_is_llama(model: object, argument: str = "model") -> None:
+    """``model`` is a :class:`Llama` (or a wrapper that forwards its attributes, as ``torch.compile``'s does); a
+    ``LoadedModel`` or an ``EPASModule`` failed deep inside with an AttributeError (``embed_tokens``)."""
+    if isinstance(model, nn.Module) and hasattr(model, "sharing") and hasattr(model, "embed_tokens"):
+        return
+    if isinstance(getattr(model, "model", None), Llama):  # load_model's LoadedModel, a trained EPASModule
+        fix = f"pass its .model{' (and its .region to set_region)' if hasattr(model, 'region') else ''}"
+    else:
+        fix = "load one with epas_lightning.load_model(path).model"
+    raise ConfigError(f"{argument} must be a Llama, not a {type(model).__name__}", argument, fix)
 
 
 def check_attention_reuse(config: LlamaConfig, enabled: bool) -> None:
