@@ -151,6 +151,8 @@ def function_parser(fn: Callable, prog: str):  # noqa: ANN201 - jsonargparse.Arg
         if action.dest not in params:
             continue
         action.help = _plain(action.help)
+        if _is_list(hints.get(action.dest)):  # not jsonargparse's "'[...]' | LIST_OF_PATHS_FILE | -": a flag repeats
+            action.metavar = None
         for i, option in enumerate(action.option_strings):
             if option.startswith("--") and "_" in option:
                 dashed = option.replace("_", "-")

@@ -93,6 +93,7 @@ def test_every_tool_speaks_the_same_vocabulary(command, capsys):
     }
     assert all(text in helps[flag] for flag, text in said.items() if vocabulary[flag]), command
     assert not [o for o in options if "_" in o], options  # dashes, never underscores
+    assert "LIST_OF" not in out and "[ITEM,...]" not in out  # a list flag repeats; a file or - is read as one path
     fn, hints = tool(command), get_type_hints(tool(command))
     defaults = {name: p.default for name, p in inspect.signature(fn).parameters.items()}
     if "device" in hints:  # one meaning: resolve_device's
