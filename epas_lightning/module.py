@@ -82,8 +82,8 @@ class EPASModule(LightningModule):
             layer computes only P @ V (exactly the same model; the sharing layers' dP flows back into the source).
             It materialises P (B, n_head, T, T) instead of a fused attention kernel: on GPUs FlashAttention is faster
             (leave it off); on CPUs it can win at long sequences once ``epas_lightning.cpu.tune_glibc_malloc()`` stops
-            large tensors from page-faulting (``benchmarks/RESULTS.md``). ``generate``, ``bench``, ``serve`` and
-            ``evaluate`` turn it on.
+            large tensors from page-faulting (``benchmarks/RESULTS.md``). ``generate``, ``chat``, ``bench``, ``serve``
+            and ``evaluate`` turn it on.
         init_from: Start ``fit`` from these weights instead of a random init (continual pretraining): a local HF
             LLaMA directory (config.json + safetensors) or an EPAS checkpoint. ``config`` must describe the same
             architecture (checked, with every difference named, before any work); a resumed checkpoint wins. A
