@@ -223,6 +223,27 @@ def test_a_missing_tokenizer_names_the_flag_before_anything_loads(tmp_path, caps
         assert capsys.readouterr().err == says
 
 
+@pytest.mark.parametrize(
+    ("content", "says", "fix"),
+    [
+        (b'{"a": 1}', "not a readable HF tokenizer.json", "pass the tokenizer.json (HF tokenizers) or tokenizer.model"),
+        (b"\x00\x01 not a model", "neither a tokenizer.json nor a sentencepiece model", "pass the tokenizer.json"),
+        (None, "tokenizer is not a regular file (a pipe or device)", "save it to a file and pass that file"),
+    ],
+)  # each said what without what to do (after loading the model); the pipe was said not to exist
+def test_a_tokenizer_that_is_no_tokenizer_file_says_what_to_pass_before_anything_loads(
+    content, says, fix, tmp_path, capsys
+):
+    tokenizer = tmp_path / "tok"
+    os.mkfifo(tokenizer) if content is None else tokenizer.write_bytes(content)
+    argv = ["generate", "--prompt", "x", "--checkpoint", str(tmp_path / "missing.ckpt"), "--tokenizer", str(tokenizer)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {says}") and f" — --tokenizer {tokenizer} — {fix}" in err and err.count("\n") == 1, (
+        err
+    )
+
+
 def test_data_that_is_missing_or_incomplete_names_the_data_flag(tmp_path, capsys):
     """bench and evaluate said 'data.data_dir' (fit's key) and to leave it unset for the built-in corpus."""
     (tmp_path / "empty").mkdir()
