@@ -226,8 +226,8 @@ def test_a_missing_tokenizer_names_the_flag_before_anything_loads(tmp_path, caps
 @pytest.mark.parametrize(
     ("content", "says", "fix"),
     [
-        (b'{"a": 1}', "not a readable HF tokenizer.json", "pass the tokenizer.json (HF tokenizers) or tokenizer.model"),
-        (b"\x00\x01 not a model", "neither a tokenizer.json nor a sentencepiece model", "pass the tokenizer.json"),
+        (b'{"a": 1}', "not a readable HF tokenizer.json", "pass a tokenizer.json (HF tokenizers) or tokenizer.model"),
+        (b"\x00\x01 not a model", "neither a tokenizer.json nor a sentencepiece model", "pass a tokenizer.json"),
         (None, "tokenizer is not a regular file (a pipe or device)", "save it to a file and pass that file"),
     ],
 )  # each said what without what to do (after loading the model); the pipe was said not to exist

@@ -240,8 +240,7 @@ def load_tokenizer(
 
 
 NOT_A_TOKENIZER_FIX = (
-    "pass the tokenizer.json (HF tokenizers) or tokenizer.model (sentencepiece) the model was trained with, or the "
-    "folder holding it"
+    "pass a tokenizer.json (HF tokenizers) or tokenizer.model (sentencepiece), or a folder holding one"
 )
 
 
