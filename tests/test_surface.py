@@ -189,6 +189,7 @@ def test_fsdp2_with_a_precision_it_has_no_policy_for_is_one_line():
         (["bench", "--prompts", "0"], "must be at least 1, got 0 — --prompts"),  # an IndexError
         (["bench", "--max-new-tokens", "0"], "must be at least 1, got 0 — --max-new-tokens"),  # a ValueError
         (["generate", "--prompt", "x", "--max-new-tokens", "0"], "must be at least 1, got 0 — --max-new-tokens"),
+        (["generate", "--prompt", "x", "--batch-size", "0"], "must be at least 1, got 0 — --batch-size"),
         (["chat", "--max-new-tokens", "0"], "must be at least 1, got 0 — --max-new-tokens"),
         (["evaluate", "--batches", "0"], "must be at least 1, got 0 — --batches"),  # a ValueError
         (["evaluate", "--batch-size", "0"], "must be at least 1, got 0 — --batch-size"),  # '... — data'
