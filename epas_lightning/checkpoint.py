@@ -362,10 +362,16 @@ def _read_hf(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], dict[str, 
         "model_config": config.to_dict(),
         "tokenizer": {"path": str(tokenizer) if tokenizer else None, **_special_ids(hf)},
         REGION_KEY: region.to_record(),
+        HF_SHARED_KEY: hf.get("epas_shared_layers") or [],  # as written: only inspect shows it
     }
     if (training := export_record(path)) is not None:
         metadata[TRAINING_KEY] = training
     return _shapes_only(state), metadata
+
+
+HF_SHARED_KEY = "hf_shared_layers"
+"""Metadata of a Hugging Face folder: the layers transformers loads it with sharing (its config's
+``epas_shared_layers``, as written; none in a stock LLaMA config)."""
 
 
 def hf_trained_region(hf: dict[str, Any], n_layer: int, where: Path) -> TrainedRegion:

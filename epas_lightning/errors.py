@@ -73,7 +73,7 @@ OUT_OF_MEMORY_ADVICE = {
     "model.activation_checkpointing: auto",
     "validate": "lower data.batch_size",
     "test": "lower data.batch_size",
-    "generate": "pass fewer prompts at once or lower --max-new-tokens",
+    "generate": "lower --batch-size or --max-new-tokens",
     "chat": "lower --max-new-tokens (the conversation is kept short enough to leave a reply that much room)",
     "bench": "lower --batch-size, --seq-len, --prompts or --max-new-tokens",
     "evaluate": "lower --batch-size or --seq-len",

@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from epas_lightning.checkpoint import (
+    HF_SHARED_KEY,
     WEIGHTS_FILE,
     CheckpointInfo,
     check_complete,
@@ -47,7 +48,7 @@ LISTING_DEPTH = 5
 
 def describe(path: Path, check_weights: bool = True) -> dict[str, Any]:
     """What the checkpoint ``path`` holds, as plain data (the ``--json`` record)."""
-    info, state, _ = read_description(path)
+    info, state, metadata = read_description(path)
     kind = checkpoint_kind(path)
     config, region = info.config, info.region
     weights = {key: t for key, t in state.items() if t.is_floating_point()}
@@ -64,6 +65,7 @@ def describe(path: Path, check_weights: bool = True) -> dict[str, Any]:
         "tokens": training["tokens"],
         "trained_region": region.to_record(),
         "sharing_layers": {"default": region.size, "max": region.size, "max_forced": len(region.growth_order())},
+        "transformers_shared_layers": metadata.get(HF_SHARED_KEY) if kind == "hf" else None,
         "model": {
             "n_layer": config.n_layer,
             "n_embd": config.n_embd,
@@ -204,6 +206,7 @@ def describe_text(record: dict[str, Any]) -> str:
         "tokens": _number(record["tokens"]) + (" trained" if record["tokens"] is not None else " (not recorded)"),
         "region": trained if n else "dense (no sharing layers trained)",
         "--sharing-layers": f"{choices(n)} (default {n}){more}",
+        **transformers_row(record["transformers_shared_layers"], region["layers"], model["n_layer"]),
         "model": f"{model['n_layer']} layers, d {model['n_embd']}, {heads}, vocab {model['vocab_size']:,}, "
         f"block size {model['block_size']:,}, {model['parameters']:,} parameters",
         "weights": ", ".join(record["weights_dtype"]) + ", " + finiteness(record["non_finite"], named=True),
@@ -215,6 +218,22 @@ def describe_text(record: dict[str, Any]) -> str:
     }
     width = max(map(len, rows))
     return "\n".join([record["path"], *(f"  {name:<{width}}  {value}" for name, value in rows.items())])
+
+
+def transformers_row(shared: Any, trained: list[int], n_layer: int) -> dict[str, str]:
+    """For a Hugging Face folder: the sharing layers transformers loads it with (what ``export --sharing-layers``
+    wrote into config.json), and whether they lie outside the trained region."""
+    if shared is None:
+        return {}
+    if not isinstance(shared, list) or not all(type(i) is int and 1 <= i < n_layer for i in shared):
+        return {"transformers": f"refuses its epas_shared_layers {shared!r} (config.json): not layers 1..{n_layer - 1}"}
+    shared = sorted(shared)
+    if not shared:
+        return {"transformers": "loads it dense (no epas_shared_layers in config.json)"}
+    outside = sorted(set(shared) - set(trained))
+    forced = f"; layers {outside} never trained to share (exported with --force)" if outside else ""
+    loads = f"loads it with {sharing_layers_text(len(shared))}: layers {shared} (config.json epas_shared_layers)"
+    return {"transformers": loads + forced}
 
 
 def finiteness(non_finite: list[str] | None, named: bool = False) -> str:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +35,27 @@ MARKER = ".epas_output.json"
 """Written into every folder we create: who wrote it and what it is (``kind``)."""
 _TMP = ".tmp-"
 _OLD = ".old-"
+NAME_MAX = 255
+"""Bytes in one file name (ext4, xfs, btrfs, APFS...)."""
+_TAG = 8
+"""Random hex digits that end a hidden build folder's name."""
+
+
+def _hidden_stem(target: Path) -> str:
+    """``target``'s name as its hidden folders beside it carry it (``.{stem}.tmp-1234abcd``): the whole name where that
+    fits a file name's 255 bytes, else the name's head and a hash of the whole name (any name a target may have
+    works, and each target keeps its own)."""
+    name = os.fsencode(target.name)
+    room = NAME_MAX - 1 - len(_TMP) - _TAG
+    if len(name) <= room:
+        return target.name
+    digest = hashlib.sha256(name).hexdigest()[:16]
+    return os.fsdecode(name[: room - len(digest) - 1]) + "~" + digest
+
+
+def _hidden(target: Path, kind: str) -> Path:
+    """A new hidden folder name beside ``target``: ``kind`` is ``_TMP`` (a build) or ``_OLD`` (the old output)."""
+    return target.parent / f".{_hidden_stem(target)}{kind}{uuid.uuid4().hex[:_TAG]}"
 
 
 def read_marker(folder: Path) -> dict | None:
@@ -87,11 +110,12 @@ def remove_stale_builds(target: Path) -> list[Path]:
     back when the target is missing, else deleted.
     """
     removed = []
-    for stale in sorted(target.parent.glob(f".{target.name}{_TMP}*")):
+    stem = glob.escape(_hidden_stem(target))
+    for stale in sorted(target.parent.glob(f".{stem}{_TMP}*")):
         if stale.is_dir() and _owned_by_dead_process(stale):
             shutil.rmtree(stale, ignore_errors=True)
             removed.append(stale)
-    for old in sorted(target.parent.glob(f".{target.name}{_OLD}*")):
+    for old in sorted(target.parent.glob(f".{stem}{_OLD}*")):
         if not (old.is_dir() and _owned_by_dead_process(old)):
             continue
         if target.exists():
@@ -162,7 +186,7 @@ def output_folder(
     it was.
     """
     target = check_output(target, kind, overwrite, inputs, flag)
-    build = target.parent / f".{target.name}{_TMP}{uuid.uuid4().hex[:8]}"
+    build = _hidden(target, _TMP)
     made = [p for p in target.parents if not p.exists()]  # created here, innermost first: removed on a failure
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -255,7 +279,7 @@ def replace_folder(build: Path, target: Path) -> None:
     if not target.exists():
         os.replace(build, target)
         return
-    old = target.parent / f".{target.name}{_OLD}{uuid.uuid4().hex[:8]}"
+    old = _hidden(target, _OLD)
     os.replace(target, old)
     write_marker(old, read_marker(old)["kind"])  # this process's now: restored by the next run if it dies here
     os.replace(build, target)

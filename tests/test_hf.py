@@ -206,6 +206,15 @@ def test_import_reads_pytorch_bin(tmp_path: Path) -> None:
         ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "RoPE scaling 'yarn'.* only llama3 and linear"),
         ({"rope_scaling": {"rope_type": "linear", "factor": "4"}}, "RoPE scaling takes numbers, got factor '4'"),
         ({"head_dim": 32}, "head_dim"),
+        # a string was 'unsupported operand type(s) for //' or a head_dim mismatch: the field's type is named
+        (
+            {"hidden_size": "64"},
+            r"^its config.json's hidden_size must be a whole number, not str, got '64' .*: 64, not",
+        ),
+        ({"num_attention_heads": 4.0}, "num_attention_heads must be a whole number, not float, got 4.0"),
+        ({"head_dim": "16"}, "head_dim must be a whole number, not str, got '16'"),
+        ({"num_attention_heads": 0}, "num_attention_heads must be a positive whole number, got 0"),
+        ({"vocab_size": True}, "vocab_size must be a whole number, not bool, got True"),
     ],
 )
 def test_import_refuses_unsupported_configs(tmp_path: Path, overrides: dict, message: str) -> None:

@@ -84,6 +84,31 @@ def test_generate_refuses_more_than_the_trained_region_unless_forced(trained, ca
     assert rc == 2 and "does not exist" in err
 
 
+def test_generate_decodes_a_prompt_file_in_bounded_batches_with_the_one_batch_completions(
+    trained, tmp_path, capsys, monkeypatch
+):
+    """A --prompt-file of thousands of prompts was one batch (one KV cache for all: the process was killed)."""
+    from epas_lightning.inference import generate_cli
+
+    batches = []
+
+    def recording(model, prompts, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        batches.append(len(prompts))
+        return generate(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(generate_cli, "generate", recording)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def main(\nimport os\nx\nclass A:\n    return self.value\n")
+    args = ["generate", "--checkpoint", str(trained), "--prompt-file", str(prompts), "--temperature", "0", "--json"]
+    completions = {}
+    for batch_size in (2, 5):
+        rc, out, err = run_cli(capsys, *args, "--max-new-tokens", "6", "--batch-size", str(batch_size))
+        assert rc == 0, err
+        completions[batch_size] = json.loads(out.strip().splitlines()[-1])["completions"]
+    assert batches == [2, 2, 1, 5]
+    assert completions[2] == completions[5] and [c["prompt"] for c in completions[2]][1] == "import os"
+
+
 @pytest.mark.parametrize(
     ("flag", "value"),
     [("--temperature", "-1"), ("--top-k", "0"), ("--top-p", "2"), ("--max-new-tokens", "0"), ("--seed", str(2**64))],

@@ -332,6 +332,24 @@ def test_consolidated_and_hugging_face_folders_say_their_region_and_stored_dtype
     out, record = inspected(capsys, hf)
     assert (record["kind"], record["trained_region"]["layers"], record["weights_dtype"]) == ("hf", [], ["bfloat16"])
     assert record["global_step"] is None and record["non_finite"] == [] and "  step              -\n" in out
+    assert "  transformers      loads it dense (no epas_shared_layers in config.json)\n" in out
+
+
+def test_an_export_past_its_trained_region_says_transformers_loads_it_so(tmp_path, capsys):
+    """`export --sharing-layers 3 --force` of a 2-layer region showed the trained region alone, not what it runs at."""
+    ckpt = tiny_ckpt(tmp_path / "last.ckpt", 8, [3, 2])
+    for n, says in ((2, ""), (3, "; layers [1] never trained to share (exported with --force)")):
+        hf = export(ckpt, tmp_path / f"hf{n}", sharing_layers=n, force=True)
+        out, record = inspected(capsys, hf)
+        assert record["transformers_shared_layers"] == list(range(4 - n, 4)), out
+        layers = f"{n} sharing layers: layers {list(range(4 - n, 4))}"
+        assert f"  transformers      loads it with {layers} (config.json epas_shared_layers){says}\n" in out, out
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps(config | {"epas_shared_layers": [0, 9]}))  # hand-edited
+    assert (
+        "  transformers      refuses its epas_shared_layers [0, 9] (config.json): not layers 1..3\n"
+        in (inspected(capsys, hf)[0])
+    )
 
 
 def test_fit_records_its_latest_validation_in_its_checkpoints(debug_fit_run, capsys):

@@ -235,6 +235,9 @@ def test_lm_eval_command_errors(checkpoint, tasks, tmp_path, capsys, monkeypatch
     assert rc == 2 and "task file does not exist" in err
     rc, _, err = run_cli(capsys, *argv, "--tasks", "tiny_mc", "--include-path", str(tmp_path / "nowhere"))
     assert rc == 2 and "task folder does not exist" in err
+    yaml = tasks / "tiny_mc.yaml"  # a file was said to be a folder that does not exist
+    rc, _, err = run_cli(capsys, *argv, "--tasks", "tiny_mc", "--include-path", str(yaml))
+    assert rc == 2 and f"error: a file, not a folder of task YAMLs — --include-path {yaml} — pass the" in err, err
     rc, _, err = run_cli(capsys, *argv, "--tasks", str(tasks / "tiny_mc.yaml"), "--sharing-layers", "3")
     assert rc == 2 and "trained with at most 2 sharing layers" in err
     for flag, value in [("--limit", "0"), ("--limit", "-2"), ("--num-fewshot", "-1"), ("--bootstrap-iters", "-5")]:

@@ -190,6 +190,7 @@ def test_fsdp2_with_a_precision_it_has_no_policy_for_is_one_line():
         (["bench", "--prompts", "0"], "must be at least 1, got 0 — --prompts"),  # an IndexError
         (["bench", "--max-new-tokens", "0"], "must be at least 1, got 0 — --max-new-tokens"),  # a ValueError
         (["generate", "--prompt", "x", "--max-new-tokens", "0"], "must be at least 1, got 0 — --max-new-tokens"),
+        (["generate", "--prompt", "x", "--batch-size", "0"], "must be at least 1, got 0 — --batch-size"),
         (["chat", "--max-new-tokens", "0"], "must be at least 1, got 0 — --max-new-tokens"),
         (["evaluate", "--batches", "0"], "must be at least 1, got 0 — --batches"),  # a ValueError
         (["evaluate", "--batch-size", "0"], "must be at least 1, got 0 — --batch-size"),  # '... — data'
@@ -222,6 +223,27 @@ def test_a_missing_tokenizer_names_the_flag_before_anything_loads(tmp_path, caps
         argv += ["--checkpoint", str(tmp_path / "missing.ckpt"), "--tokenizer", str(nowhere)]
         assert main([*argv, "--output", str(tmp_path / "out")] if argv[0] == "export" else argv) == 2
         assert capsys.readouterr().err == says
+
+
+@pytest.mark.parametrize(
+    ("content", "says", "fix"),
+    [
+        (b'{"a": 1}', "not a readable HF tokenizer.json", "pass a tokenizer.json (HF tokenizers) or tokenizer.model"),
+        (b"\x00\x01 not a model", "neither a tokenizer.json nor a sentencepiece model", "pass a tokenizer.json"),
+        (None, "tokenizer is not a regular file (a pipe or device)", "save it to a file and pass that file"),
+    ],
+)  # each said what without what to do (after loading the model); the pipe was said not to exist
+def test_a_tokenizer_that_is_no_tokenizer_file_says_what_to_pass_before_anything_loads(
+    content, says, fix, tmp_path, capsys
+):
+    tokenizer = tmp_path / "tok"
+    os.mkfifo(tokenizer) if content is None else tokenizer.write_bytes(content)
+    argv = ["generate", "--prompt", "x", "--checkpoint", str(tmp_path / "missing.ckpt"), "--tokenizer", str(tokenizer)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {says}") and f" — --tokenizer {tokenizer} — {fix}" in err and err.count("\n") == 1, (
+        err
+    )
 
 
 def test_data_that_is_missing_or_incomplete_names_the_data_flag(tmp_path, capsys):

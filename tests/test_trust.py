@@ -624,6 +624,23 @@ def test_builds_left_by_killed_runs_are_cleaned_by_the_next(tmp_path):
     assert alive.exists() and foreign.exists()
 
 
+@pytest.mark.parametrize("name", ["o" * 255, "é" * 127, "run[1]"])
+def test_any_legal_output_name_builds_and_replaces(name, tmp_path):
+    """A name of 242+ bytes made the hidden build folder's name longer than 255 bytes: 'cannot create the output
+    folder (file name too long) — choose a writable location'. A name with [ ] never matched its own stale builds."""
+    target = tmp_path / name
+    for overwrite in (False, True):
+        with output_folder(target, "bench", overwrite=overwrite) as build:
+            (build / "a.txt").write_text(str(overwrite))
+    assert [p.name for p in tmp_path.iterdir()] == [name] and (target / "a.txt").read_text() == "True"
+    with pytest.raises(RuntimeError), output_folder(target, "bench", overwrite=True) as build:
+        record = json.loads((build / MARKER).read_text())
+        (build / MARKER).write_text(json.dumps(record | {"pid": 2**22 + 12345}))  # as if its process were killed
+        shutil.copytree(build, build.with_name(build.name[:-8] + "deadbeef"))
+        raise RuntimeError("killed")
+    assert len(remove_stale_builds(target)) == 1 and [p.name for p in tmp_path.iterdir()] == [name]
+
+
 def test_a_failed_build_leaves_nothing_and_the_old_output_intact(tmp_path):
     with output_folder(tmp_path / "out", "bench") as build:
         (build / "a.txt").write_text("first")

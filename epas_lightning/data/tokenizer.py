@@ -148,6 +148,10 @@ def resolve_tokenizer_path(path: str | Path) -> Path:
         if (found := tokenizer_in(path)) is not None:
             return found
         raise TokenizerError(f"no {HF_FILENAME} or {SENTENCEPIECE_FILENAME} in the tokenizer folder", path)
+    if path.exists() and not path.is_file():  # a pipe or device: read more than once, it would be empty
+        raise TokenizerError(
+            "tokenizer is not a regular file (a pipe or device)", path, "save it to a file and pass that file"
+        )
     if not path.is_file():
         raise TokenizerError("tokenizer file does not exist", path, "check the path")
     try:
@@ -158,10 +162,11 @@ def resolve_tokenizer_path(path: str | Path) -> Path:
 
 
 def check_tokenizer_flag(path: Path | None, flag: str = "--tokenizer") -> None:
-    """A command's ``--tokenizer``: unset (the checkpoint's own), or a tokenizer file or a folder holding one."""
+    """A command's ``--tokenizer``: unset (the checkpoint's own), or a tokenizer file or a folder holding one, that
+    opens as a tokenizer (checked before any model loads)."""
     if path is not None:
         try:
-            resolve_tokenizer_path(path)
+            _open(resolve_tokenizer_path(path))
         except TokenizerError as e:
             raise TokenizerError(e.what, f"{flag} {path}", e.fix) from e
 
@@ -234,6 +239,11 @@ def load_tokenizer(
     return TextTokenizer("sentencepiece", path, sp, bos, eos, vocab_size)
 
 
+NOT_A_TOKENIZER_FIX = (
+    "pass a tokenizer.json (HF tokenizers) or tokenizer.model (sentencepiece), or a folder holding one"
+)
+
+
 def _open(path: Path) -> tuple[str, Any]:
     """The kind of a tokenizer file (``"hf"`` or ``"sentencepiece"``) and its loaded backend."""
     with path.open("rb") as f:
@@ -244,13 +254,15 @@ def _open(path: Path) -> tuple[str, Any]:
         try:
             return "hf", Tokenizer.from_file(str(path))
         except Exception as e:
-            raise TokenizerError(f"not a readable HF tokenizer.json ({e})", path) from e
+            raise TokenizerError(f"not a readable HF tokenizer.json ({e})", path, NOT_A_TOKENIZER_FIX) from e
     import sentencepiece as spm
 
     try:
         return "sentencepiece", spm.SentencePieceProcessor(model_file=str(path))
     except Exception as e:
-        raise TokenizerError(f"neither a tokenizer.json nor a sentencepiece model ({e})", path) from e
+        raise TokenizerError(
+            f"neither a tokenizer.json nor a sentencepiece model ({e})", path, NOT_A_TOKENIZER_FIX
+        ) from e
 
 
 def _tokens_by_id(path: Path) -> dict[int, str]:

@@ -46,6 +46,20 @@ def require_lm_eval() -> None:
         raise ConfigError(f"lm-eval-harness is not installed ({', '.join(missing)} missing)", "lm-eval", INSTALL)
 
 
+def check_task_folder(folder: Path) -> None:
+    """An ``--include-path``: a folder (a task YAML file given there is named as such)."""
+    where = f"--include-path {folder}"
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(
+            "a file, not a folder of task YAMLs",
+            where,
+            f"pass the folder holding the task YAMLs (--include-path {folder.parent}), or give a task YAML file to "
+            "--tasks",
+        )
+    if not folder.is_dir():
+        raise ConfigError("task folder does not exist", where, "check the path")
+
+
 def resolve_tasks(tasks: Sequence[str], include_path: Sequence[str | Path] = ()) -> tuple[list[str], Any]:
     """The task specs for ``simple_evaluate`` (names, glob patterns expanded, YAML files) and the ``TaskManager``."""
     from lm_eval.tasks import TaskManager
@@ -54,8 +68,7 @@ def resolve_tasks(tasks: Sequence[str], include_path: Sequence[str | Path] = ())
     if not specs:
         raise ConfigError("no task given", "--tasks", "name an lm-eval task or a task YAML file")
     for folder in include_path:
-        if not Path(folder).is_dir():
-            raise ConfigError("task folder does not exist", f"--include-path {folder}", "check the path")
+        check_task_folder(Path(folder))
     files = [spec for spec in specs if spec.endswith((".yaml", ".yml"))]
     for file in files:
         check_task_file(Path(file))

@@ -35,6 +35,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "epas_llama")
 whole context, where it masks nothing (:func:`check_no_sliding_window`). ``qwen2`` is a LLaMA with q/k/v biases
 whose window is off unless ``use_sliding_window`` (it is in every released base)."""
 REQUIRED_HF_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+OPTIONAL_SIZE_KEYS = ("head_dim", "num_key_value_heads", "max_position_embeddings")
+"""Sizes an HF config may leave out or set to null (a default is taken)."""
 VOCAB_KEYS = ("embed_tokens.weight", "lm_head.weight")
 """Our parameters with one row per vocabulary entry (padded to ``padded_vocab_size``)."""
 IGNORED_HF_KEYS = ("rotary_emb.inv_freq",)
@@ -159,6 +161,21 @@ def attention_bias_of(hf: dict[str, Any]) -> str | None:
     return None
 
 
+def check_sizes(hf: dict[str, Any]) -> None:
+    """The HF config's sizes are positive whole numbers (a hand-edited ``"64"`` or ``64.0`` is named as such, not
+    met later as a head_dim mismatch or a division error)."""
+    sizes = [*REQUIRED_HF_KEYS, *(key for key in OPTIONAL_SIZE_KEYS if hf.get(key) is not None)]
+    for key in sizes:
+        value = hf[key]
+        whole = hasattr(type(value), "__index__") and not isinstance(value, bool)  # numpy's ints too
+        if not whole or value < 1:
+            kind = "a positive whole number" if whole else f"a whole number, not {type(value).__name__}"
+            raise HFCheckpointError(
+                f"its config.json's {key} must be {kind}, got {value!r}",
+                fix=f'write {key} in config.json as a JSON whole number ("{key}": 64, not "64" or 64.0)',
+            )
+
+
 def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaConfig:
     """Our ``LlamaConfig`` for an HF LLaMA config (a dict or a model directory); ``overrides`` set other fields.
 
@@ -178,6 +195,7 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
     missing = [key for key in REQUIRED_HF_KEYS if key not in hf]
     if missing:
         raise HFCheckpointError(f"its config.json lacks {', '.join(missing)}: not a complete LLaMA config")
+    check_sizes(hf)
     if hf.get("mlp_bias"):
         raise HFCheckpointError("mlp_bias=true is not supported: our MLP has no biases.")
     if hf.get("hidden_act", "silu") != "silu":

@@ -83,19 +83,36 @@ def describe_region(loaded: LoadedModel, layers: list[int]) -> str:
     return f"{where} share ({len(layers)}/{L}; trained region: {loaded.region.describe()}{reuse})"
 
 
-def report(result: GenerationResult, loaded: LoadedModel, n_shared: int) -> dict:
+def in_batches(prompts: list[list[int]], batch_size: int) -> list[list[list[int]]]:
+    """The prompts in order, in consecutive batches of at most ``batch_size``."""
+    return [prompts[start : start + batch_size] for start in range(0, len(prompts), batch_size)]
+
+
+def rate(count: float, seconds: float) -> float:
+    return count / seconds if seconds > 0 else float("nan")
+
+
+def report(results: list[GenerationResult], loaded: LoadedModel, n_shared: int) -> dict:
+    """The numbers of batches decoded one after another: token counts and times summed, the KV cache of the batch
+    that held the most (one batch's cache lives at a time)."""
     config = loaded.model.config
     analytic = n_shared / (2 * config.n_layer) if config.sharing_mode == "qk" else n_shared / config.n_layer
+    peak = max(results, key=lambda result: result.cache_bytes)
+    prompt_tokens = sum(result.prompt_tokens for result in results)
+    prefill_seconds = sum(result.prefill_seconds for result in results)
+    decode_tokens = sum(result.decode_steps * result.batch_size for result in results)
+    decode_seconds = sum(result.decode_seconds for result in results)
     return {
-        "prompt_tokens": result.prompt_tokens,
-        "prefill_seconds": result.prefill_seconds,
-        "prefill_tokens_per_s": result.prefill_tokens_per_s,
-        "decode_steps": result.decode_steps,
-        "decode_seconds": result.decode_seconds,
-        "decode_tokens_per_s": result.decode_tokens_per_s,
-        "kv_cache_bytes": result.cache_bytes,
-        "dense_kv_cache_bytes": result.dense_cache_bytes,
-        "kv_cache_saving": result.cache_saving,
+        "prompt_tokens": prompt_tokens,
+        "prefill_seconds": prefill_seconds,
+        "prefill_tokens_per_s": rate(prompt_tokens, prefill_seconds),
+        "decode_steps": sum(result.decode_steps for result in results),
+        "decode_tokens": decode_tokens,
+        "decode_seconds": decode_seconds,
+        "decode_tokens_per_s": rate(decode_tokens, decode_seconds),
+        "kv_cache_bytes": peak.cache_bytes,
+        "dense_kv_cache_bytes": peak.dense_cache_bytes,
+        "kv_cache_saving": peak.cache_saving,
         "kv_cache_saving_analytic": analytic,
     }
 
@@ -117,6 +134,7 @@ def generate_command(
     attention_reuse: bool = True,
     cuda_graph: CudaGraph = "auto",
     force: bool = False,
+    batch_size: int = 16,
     json: bool = False,
 ) -> None:
     """Continue prompts with a trained checkpoint, at any sharing region it trained.
@@ -142,12 +160,14 @@ def generate_command(
         attention_reuse: Sharing layers reuse the source layer's attention probabilities (the same model, less work).
         cuda_graph: Replay decode steps from a CUDA graph (auto: on for CUDA).
         force: Allow more sharing layers than the checkpoint trained (quality drops sharply).
+        batch_size: Prompts decoded at once; more are decoded batch after batch, in order (greedy completions are
+            the same at any batch size; sampled ones are reproducible for the same --seed and --batch-size).
         json: End with one JSON line of the numbers and each prompt's completion (``completions``: ``prompt``,
             ``completion`` as printed after it, ``new_tokens`` without the end token).
     """
     check_sampling_flags(temperature, top_k, top_p)  # before the model loads
     check_seed(seed)
-    check_counts({"--max-new-tokens": max_new_tokens})
+    check_counts({"--max-new-tokens": max_new_tokens, "--batch-size": batch_size})
     graphed = cuda_graph_choice(cuda_graph, device)
     check_tokenizer_flag(tokenizer)
     prompts = list(prompt or [])
@@ -163,37 +183,41 @@ def generate_command(
     ids = [[text_tokenizer.bos_id, *text_tokenizer.encode(text)] for text in prompts]
     max_new_tokens = fit_new_tokens(max(map(len, ids)), max_new_tokens, loaded.model.config.context_length)
     try:
-        result = generate(
-            loaded.model,
-            ids,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_id=None if ignore_eos else text_tokenizer.stop_ids,
-            seed=seed,
-            cuda_graph=graphed,
-        )
+        results = [
+            generate(
+                loaded.model,
+                batch,
+                max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                eos_id=None if ignore_eos else text_tokenizer.stop_ids,
+                seed=seed,
+                cuda_graph=graphed,
+            )
+            for batch in in_batches(ids, batch_size)
+        ]
     except UserError:  # already what, where and fix
         raise
     except ValueError as e:  # bad sampling settings
         raise ConfigError(str(e), "generate", "see --help") from e
     completions = []
-    for text, prompt_ids, new in zip(prompts, ids, result.tokens, strict=True):
+    new_tokens = [row for result in results for row in result.tokens]
+    for text, prompt_ids, new in zip(prompts, ids, new_tokens, strict=True):
         new = [t for t in new if t not in text_tokenizer.stop_ids]
         completion = decode_continuation(text_tokenizer.decode, prompt_ids, new)  # its first word's space kept
         completions.append({"prompt": text, "completion": completion, "new_tokens": len(new)})
         print(f"{text}{completion}\n")
-    numbers = report(result, loaded, n_shared)
+    numbers = report(results, loaded, n_shared)
     print(f"region: {describe_region(loaded, layers)}", file=sys.stderr)
     print(
-        f"prefill: {result.prompt_tokens} tokens, {numbers['prefill_tokens_per_s']:.1f} tok/s | decode: "
-        f"{result.decode_steps * result.batch_size} tokens, {numbers['decode_tokens_per_s']:.1f} tok/s",
+        f"prefill: {numbers['prompt_tokens']} tokens, {numbers['prefill_tokens_per_s']:.1f} tok/s | decode: "
+        f"{numbers['decode_tokens']} tokens, {numbers['decode_tokens_per_s']:.1f} tok/s",
         file=sys.stderr,
     )
     print(
-        f"KV cache: {result.cache_bytes / MIB:.2f} MiB (dense {result.dense_cache_bytes / MIB:.2f} MiB, saving "
-        f"{result.cache_saving:.1%}; analytic {numbers['kv_cache_saving_analytic']:.1%})",
+        f"KV cache: {numbers['kv_cache_bytes'] / MIB:.2f} MiB (dense {numbers['dense_kv_cache_bytes'] / MIB:.2f} MiB, "
+        f"saving {numbers['kv_cache_saving']:.1%}; analytic {numbers['kv_cache_saving_analytic']:.1%})",
         file=sys.stderr,
     )
     emit_json({"sharing_layers": n_shared, "shared_layers": layers, **numbers, "completions": completions}, json)
