@@ -107,6 +107,12 @@ def test_generate_decodes_a_prompt_file_in_bounded_batches_with_the_one_batch_co
         completions[batch_size] = json.loads(out.strip().splitlines()[-1])["completions"]
     assert batches == [2, 2, 1, 5]
     assert completions[2] == completions[5] and [c["prompt"] for c in completions[2]][1] == "import os"
+    prompts.write_text("def main(\n" * 4)  # four samples of one prompt: each batch sampled as the first one was
+    sampled = ["--temperature", "1", "--seed", "7", "--max-new-tokens", "8", "--batch-size", "2"]
+    rc, out, err = run_cli(capsys, *args[:-3], *sampled, "--json")
+    assert rc == 0, err
+    texts = [c["completion"] for c in json.loads(out.strip().splitlines()[-1])["completions"]]
+    assert texts[:2] != texts[2:], texts
 
 
 @pytest.mark.parametrize(

@@ -88,6 +88,12 @@ def in_batches(prompts: list[list[int]], batch_size: int) -> list[list[list[int]
     return [prompts[start : start + batch_size] for start in range(0, len(prompts), batch_size)]
 
 
+def batch_seed(seed: int, index: int) -> int:
+    """The sampling seed of the ``index``-th batch: ``seed`` for the first, the next ones along (wrapped within 64
+    bits), so that a prompt repeated across batches (several samples of one prompt) is sampled anew in each."""
+    return (seed + index + 2**63) % 2**64 - 2**63
+
+
 def rate(count: float, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("nan")
 
@@ -192,10 +198,10 @@ def generate_command(
                 top_k=top_k,
                 top_p=top_p,
                 eos_id=None if ignore_eos else text_tokenizer.stop_ids,
-                seed=seed,
+                seed=batch_seed(seed, index),
                 cuda_graph=graphed,
             )
-            for batch in in_batches(ids, batch_size)
+            for index, batch in enumerate(in_batches(ids, batch_size))
         ]
     except UserError:  # already what, where and fix
         raise
