@@ -955,7 +955,12 @@ def test_serve_wraps_requests_in_the_bos_and_eos_the_checkpoint_recorded(checkpo
     monkeypatch.setattr(command, "run_server", lambda api, *args: started.append(api))
     assert cli_main(["serve", "--checkpoint", str(copy), "--device", "cpu"]) == 0
     api = started.pop()
-    api.setup("cpu")  # the worker's side
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        api.setup("cpu")  # the worker's side (it sets the worker process's SIGINT and SIGTERM handlers)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     assert api.engine.stop_ids == [6] and api.served.tokenizer().bos_id == 5  # the HTTP side's prompts start with it
 
 

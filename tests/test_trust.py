@@ -676,7 +676,13 @@ sys.exit(_run(["consolidate"], False))
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stderr) == (143, "interrupted: consolidate stopped (SIGTERM)\n")
     assert list(tmp_path.iterdir()) == []
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # this process: nothing installed outside a build
+    outer = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # in this process: a handler for the build alone
+    try:
+        with output_folder(tmp_path / "kept", "bench"):
+            assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and (tmp_path / "kept").is_dir()
+    finally:
+        signal.signal(signal.SIGTERM, outer)
 
 
 def test_an_output_that_cannot_be_created_is_a_user_error(tmp_path):
