@@ -214,6 +214,8 @@ def test_perplexity_refuses_sequences_longer_than_the_context_before_reading_dat
         evaluate_perplexity(model, tmp_path / "missing", seq_len=64)  # checked before the (missing) data
     with pytest.raises(ConfigError, match="must be at least 1, got 0 — max_batches"):
         evaluate_perplexity(model, tmp_path / "missing", max_batches=0)  # was: "is the validation split empty?"
+    with pytest.raises(ConfigError, match="must be at least 1, got 0 — seq_len"):
+        evaluate_perplexity(model, tmp_path / "missing", seq_len=0)  # was taken for the default, the block size
 
 
 def test_seq_len_errors_say_what_to_lower(tiny_corpus: Path) -> None:

@@ -58,8 +58,8 @@ def evaluate_perplexity(
     from epas_lightning.data.token_data import check_seq_len
 
     check_is_llama(model)
-    check_counts({"max_batches": max_batches})
-    seq_len = seq_len or model.config.block_size
+    seq_len = model.config.block_size if seq_len is None else seq_len  # 0 is refused, not taken for the default
+    check_counts({"max_batches": max_batches, "seq_len": seq_len})
     check_seq_len(seq_len, model.config, where="seq_len")
     loader = heldout_loader(data_dir, seq_len, batch_size, model.config.vocab_size)
     return perplexity_of_batches(model, loader, max_batches)
