@@ -295,6 +295,9 @@ def generate(
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     stop_ids = stop_id_list(eos_id)
+    vocab_size = model.config.vocab_size
+    if outside := [i for i in stop_ids if not 0 <= i < vocab_size]:  # never sampled: no row would stop
+        raise ConfigError(f"eos_id must be token ids in 0..{vocab_size - 1}, got {outside}", "eos_id")
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
     _sync(device)
     start = time.perf_counter()
