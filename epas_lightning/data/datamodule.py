@@ -98,7 +98,8 @@ class TokenDataModule(TokenData, LightningDataModule):
                 f"the data the checkpoint's position belongs to is gone ({', '.join(gone)})",
                 f"--ckpt_path {trainer.ckpt_path}" if trainer is not None else "--ckpt_path",
                 "go on with this data from its beginning with --data.resume_position false (the run's steps, "
-                "optimizer, LR and sharing schedules resume), or prepare that data again at the same path",
+                "optimizer, LR and sharing schedules resume), or move that data back to its path (or prepare it again "
+                "there) to resume its position",
             )
         if moved := differ([key for key in layout if key not in fixed]):
             rank_zero_info(  # one stream: litdata's elastic resume
