@@ -70,6 +70,9 @@ def restore_settings(optimizer: torch.optim.Optimizer, settings: list[dict]) -> 
 
 
 def _same(a: object, b: object) -> bool:
+    """Equal settings; a list equals the tuple of the same items (FSDP2 restores AdamW's betas as one)."""
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
     return a == b

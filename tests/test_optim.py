@@ -199,3 +199,15 @@ def test_fit_fills_in_max_steps_of_a_wsd_from_the_command_line():
     scheduler = cli.model.configure_optimizers()["lr_scheduler"]["scheduler"]
     assert type(scheduler).__name__ == "WarmupStableDecayLR" and scheduler.decay_shape == "1-sqrt"
     assert scheduler.max_steps == 400 and scheduler.decay_length() == 80
+
+
+def test_a_resume_names_only_the_settings_that_differ_from_the_checkpoints():
+    """FSDP2 restores AdamW's betas as a list: a resume under it said "optimizer: resumed with the
+    configured betas [0.9, 0.95] -> (0.9, 0.95)", a change that was none."""
+    from epas_lightning.optim import restore_settings
+
+    optimizer = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], betas=(0.9, 0.95))
+    optimizer.param_groups[0]["betas"] = [0.9, 0.95]  # as loaded from the checkpoint
+    assert restore_settings(optimizer, [{"betas": (0.9, 0.95), "weight_decay": 0.01}]) == ""
+    optimizer.param_groups[0]["betas"] = [0.9, 0.999]
+    assert restore_settings(optimizer, [{"betas": (0.9, 0.95)}]) == "betas [0.9, 0.999] -> (0.9, 0.95)"

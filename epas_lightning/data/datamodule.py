@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,9 +88,12 @@ class TokenDataModule(TokenData, LightningDataModule):
         if len(current["streams"]) > 1 or len(saved["streams"]) > 1:
             fixed += ["weights", *layout]
 
+        if saved.get("streams") == current["streams"]:  # the same folders, prepared again since: other samples
+            fixed.append("contents")
+
         def differ(keys: list[str]) -> list[str]:
-            kept = [key for key in keys if key in saved]
-            return [f"{key} {saved[key]} -> {current[key]}" for key in kept if saved[key] != current[key]]
+            kept = [key for key in keys if key in saved and saved[key] != current[key]]
+            return [PREPARED_AGAIN if key == "contents" else f"{key} {saved[key]} -> {current[key]}" for key in kept]
 
         changed = differ(fixed)
         gone = [stream for stream in saved.get("streams", []) if not Path(stream).exists()]
@@ -98,7 +102,8 @@ class TokenDataModule(TokenData, LightningDataModule):
                 f"the data the checkpoint's position belongs to is gone ({', '.join(gone)})",
                 f"--ckpt_path {trainer.ckpt_path}" if trainer is not None else "--ckpt_path",
                 "go on with this data from its beginning with --data.resume_position false (the run's steps, "
-                "optimizer, LR and sharing schedules resume), or prepare that data again at the same path",
+                "optimizer, LR and sharing schedules resume), or move that data back to its path (or prepare it again "
+                "there) to resume its position",
             )
         if moved := differ([key for key in layout if key not in fixed]):
             rank_zero_info(  # one stream: litdata's elastic resume
@@ -124,6 +129,7 @@ class TokenDataModule(TokenData, LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return {
             "streams": [str(stream.resolve()) for stream in self.train_streams()],
+            "contents": [stream_fingerprint(stream) for stream in self.train_streams()],
             "seed": self.seed,
             "seq_len": self.seq_len,
             "weights": self.weights,
@@ -233,3 +239,16 @@ def position_settings_of(state: dict[str, Any], num_workers: int) -> dict[str, A
     if "num_workers" in first:
         settings["num_workers"] = num_workers if first["num_workers"] == max(num_workers, 1) else first["num_workers"]
     return settings
+
+
+PREPARED_AGAIN = "data.data_dir prepared again since: its chunks are others"
+"""How a resume names a data folder whose streams changed under the same path."""
+
+
+def stream_fingerprint(stream: Path) -> str | None:
+    """A short hash of a token stream's ``index.json`` (its chunks and their sizes), which changes when the folder is
+    prepared again; ``None`` without one."""
+    try:
+        return hashlib.sha256((stream / "index.json").read_bytes()).hexdigest()[:16]
+    except OSError:
+        return None
