@@ -285,6 +285,23 @@ def test_a_negative_worker_count_is_refused_when_configured():
         TokenDataModule(num_workers=-1)
 
 
+@pytest.mark.parametrize(
+    ("data_dir", "weights", "message"),
+    [
+        (["a", "b"], [float("nan"), 1.0], r"^weights must be 2 finite non-negative .*got \[nan, 1.0\] — data.weights$"),
+        (["a", "b"], [float("inf"), 1.0], r"^weights must be 2 finite"),
+        (["a", "b"], [0.0, 0.0], r"^weights must be 2 finite non-negative numbers, not all zero"),
+        (None, [1.0], r"^weights mix several data_dir, but none is set .* — data.weights — set data.data_dir"),
+    ],
+    ids=["nan", "inf", "all-zero", "built-in"],
+)
+def test_mixing_weights_that_cannot_mix_are_refused(data_dir, weights, message):
+    """NaN and infinite weights passed, and the loader failed in a traceback ("cannot convert float NaN to integer");
+    weights without data_dir said "weights must be 0 non-negative numbers"."""
+    with pytest.raises(ConfigError, match=message):
+        TokenDataModule(data_dir, weights=weights)
+
+
 def test_a_batch_size_of_zero_is_named_as_such():
     """It read 'seq_len and batch_size must be positive, got 32 and 0 — data': which one, and where, was a guess."""
     with pytest.raises(ConfigError, match=r"^batch_size must be at least 1, got 0 — data.batch_size — "):

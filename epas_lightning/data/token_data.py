@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -140,10 +141,8 @@ class TokenData:
                 f"num_workers must be 0 or more, got {num_workers}", "data.num_workers", "0 loads in the main process"
             )
         dirs = [data_dir] if isinstance(data_dir, str | Path) else list(data_dir or [])
-        if weights is not None and (len(weights) != len(dirs) or min(weights) < 0 or sum(weights) <= 0):
-            raise ConfigError(
-                f"weights must be {len(dirs)} non-negative numbers (one per data_dir), got {weights}", "data.weights"
-            )
+        if weights is not None:
+            check_weights(weights, len(dirs))
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.vocab_size = vocab_size
@@ -301,6 +300,22 @@ class TokenData:
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             drop_last=True,
+        )
+
+
+def check_weights(weights: list[float], n_dirs: int) -> None:
+    """A :class:`ConfigError` unless ``weights`` are ``n_dirs`` finite, non-negative numbers, not all zero (NaN passed
+    every comparison and failed in the loader: "cannot convert float NaN to integer")."""
+    if not n_dirs:
+        raise ConfigError(
+            "weights mix several data_dir, but none is set (the built-in corpus is one stream)",
+            "data.weights",
+            "set data.data_dir to a list of prepared directories, or leave data.weights unset",
+        )
+    if len(weights) != n_dirs or not all(map(math.isfinite, weights)) or min(weights) < 0 or sum(weights) <= 0:
+        raise ConfigError(
+            f"weights must be {n_dirs} finite non-negative numbers, not all zero (one per data_dir), got {weights}",
+            "data.weights",
         )
 
 
