@@ -265,6 +265,18 @@ def test_a_built_in_corpus_that_cannot_be_built_names_the_setting(tmp_path: Path
         TokenDataModule(vocab_size=512, max_bytes=100, cache_dir=str(tmp_path)).prepare_data()
 
 
+def test_a_cache_folder_that_cannot_be_written_names_its_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A file (or a read-only or full disk) as the cache: a NotADirectoryError traceback from making its lock folder."""
+    a_file = tmp_path / "cache"
+    a_file.write_text("mine")
+    with pytest.raises(ConfigError, match=rf"^cannot write the built-in corpus cache .* — data.cache_dir {a_file} — "):
+        TokenDataModule(vocab_size=512, cache_dir=str(a_file)).prepare_data()
+    monkeypatch.setenv("EPAS_CACHE_DIR", str(a_file / "sub"))
+    with pytest.raises(ConfigError, match=rf"\(Not a directory: .*\) — EPAS_CACHE_DIR {a_file}/sub — set"):
+        TokenDataModule(vocab_size=512).prepare_data()
+    assert a_file.read_text() == "mine"
+
+
 def test_numpy_numbers_in_the_settings_build_and_batch(tiny_corpus: Path):
     """A sweep's ``np.int64`` settings: ``vocab_size`` failed building the corpus's cache key ("Object of type int64 is
     not JSON serializable"), ``batch_size`` in torch's sampler ("should be a positive integer value")."""
