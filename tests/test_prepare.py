@@ -708,6 +708,10 @@ def test_truncated_chunk_is_a_clear_error(sp_data: Path, tmp_path: Path):
     index_path.write_text(json.dumps(index))
     with pytest.raises(DataCheckError, match=rf"holds fewer tokens than .* says .* — {chunk} — prepare the data"):
         tiny_dm(str(data))
+    index["chunks"] = []  # an empty stream (litdata: an AssertionError traceback, "No chunks found")
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(DataCheckError, match=r"holds no tokens \(no chunks\) — .*train/index.json — prepare the data"):
+        tiny_dm(str(data))
     index["config"]["data_format"] = ["pickle"]  # not a token stream (litdata's unpacking failed with a traceback)
     index_path.write_text(json.dumps(index))
     with pytest.raises(DataCheckError, match=r"not a token stream \(data format \['pickle'\]\) — .*index.json"):

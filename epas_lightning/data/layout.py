@@ -87,8 +87,8 @@ def missing_entries(data_dir: Path) -> list[str]:
 
 
 def check_stream(stream_dir: Path) -> None:
-    """Fail, naming the file, when a token stream's ``index.json`` is unreadable or not a token stream's, or a chunk
-    is missing, truncated or holds fewer tokens than the index says."""
+    """Fail, naming the file, when a token stream's ``index.json`` is unreadable, not a token stream's or lists no
+    chunk, or a chunk is missing, truncated or holds fewer tokens than the index says."""
     index_path = stream_dir / INDEX_FILENAME
     try:
         index = json.loads(index_path.read_text())
@@ -101,6 +101,8 @@ def check_stream(stream_dir: Path) -> None:
         raise DataCheckError(f"not a readable litdata index ({e})", index_path, "prepare the data again") from e
     if token_bytes is None:
         raise DataCheckError(f"not a token stream (data format {data_format})", index_path, "prepare the data again")
+    if not chunks:  # litdata failed on it with an AssertionError traceback ("No chunks found")
+        raise DataCheckError("the token stream holds no tokens (no chunks)", index_path, "prepare the data again")
     for path, chunk_bytes, items, tokens in sized:
         if not path.is_file():
             raise DataCheckError(f"chunk listed in {index_path} is missing", path, "prepare the data again")
