@@ -277,6 +277,22 @@ def test_a_cache_folder_that_cannot_be_written_names_its_setting(tmp_path: Path,
     assert a_file.read_text() == "mine"
 
 
+def test_a_corrupt_built_in_corpus_entry_says_to_delete_it(tiny_corpus: Path, tmp_path: Path):
+    """It said "prepare the data again", which cannot be done to the built-in corpus."""
+    import shutil
+
+    entry = tmp_path / tiny_corpus.name
+    shutil.copytree(tiny_corpus, entry)
+    chunk = sorted((entry / "train").glob("chunk-*.bin"))[0]
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    make = lambda: TokenDataModule(seq_len=32, vocab_size=512, max_bytes=1_500_000, cache_dir=str(tmp_path))  # noqa: E731
+    with pytest.raises(DataError, match=rf"truncated chunk.* — {chunk} — delete the cache entry {entry}: the next run"):
+        make().setup("fit")
+    (entry / "meta.json").write_text("{not json")
+    with pytest.raises(DataError, match=rf"^unreadable meta.json .* — delete the cache entry {entry}: the next run"):
+        make().setup("fit")
+
+
 def test_numpy_numbers_in_the_settings_build_and_batch(tiny_corpus: Path):
     """A sweep's ``np.int64`` settings: ``vocab_size`` failed building the corpus's cache key ("Object of type int64 is
     not JSON serializable"), ``batch_size`` in torch's sampler ("should be a positive integer value")."""

@@ -183,6 +183,17 @@ class TokenData:
         if self.tokenizer is not None:
             return
         self.data_dirs = [self.resolve_data_dir(d) for d in (self.data_dirs or [None])]
+        try:
+            self._check_and_load()
+        except DataCheckError as e:  # "prepare the data again" cannot be done to the built-in corpus's cache entry
+            if not self.use_builtin or not Path(e.where or "").is_relative_to(self.data_dirs[0]):
+                raise
+            fix = f"delete the cache entry {self.data_dirs[0]}: the next run builds it again"
+            raise DataCheckError(e.what, e.where, fix) from e
+
+    def _check_and_load(self) -> None:
+        """Check the located data (complete, chunks intact, one tokenizer, vocab fits the model) and load its
+        tokenizer."""
         metas = [load_meta(d) for d in self.data_dirs]
         tokenizer_files = [tokenizer_file(d, m) for d, m in zip(self.data_dirs, metas, strict=True)]
         if len(self.data_dirs) > 1 and len({file_sha256(f) for f in tokenizer_files}) > 1:
