@@ -719,6 +719,9 @@ def test_truncated_chunk_is_a_clear_error(sp_data: Path, tmp_path: Path):
     index_path.write_text("{not json")
     with pytest.raises(DataCheckError, match=r"not a readable litdata index .* — .*train/index.json"):
         tiny_dm(str(data))
+    (data / "meta.json").write_text('{"tokenizer": 5}')  # a TypeError traceback
+    with pytest.raises(DataCheckError, match=r"meta.json names no tokenizer file of its folder \(tokenizer: 5\) — "):
+        tiny_dm(str(data))
     (data / "meta.json").write_text("{not json")  # there but unreadable: not "missing meta.json"
     with pytest.raises(DataCheckError, match=r"unreadable meta.json .* — .*data/meta.json — prepare the data again"):
         tiny_dm(str(data))
