@@ -733,6 +733,23 @@ def test_training_stream_shorter_than_one_batch_is_refused(sp_data: Path):
         tiny_dm(str(sp_data), seq_len=100_000).train_dataloader()
 
 
+def test_validate_and_test_on_a_held_out_stream_shorter_than_one_batch_are_refused(sp_data: Path):
+    """They validated nothing and exited 0 (fit skips validation on it, with a warning)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    dm = tiny_dm(str(sp_data), batch_size=100_000)
+    dm.trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.VALIDATING))
+    with pytest.raises(DataError, match=rf"fewer than batch_size=100000 .*: nothing to validate — {sp_data}/val — "):
+        dm.val_dataloader()
+    with pytest.raises(DataError, match=r"nothing to test — .* — lower data.batch_size"):
+        dm.test_dataloader()
+    dm.trainer.state.fn = TrainerFn.FITTING
+    with pytest.warns(UserWarning, match=rf"validation stream {sp_data}/val holds fewer .* will be skipped"):
+        assert len(dm.val_dataloader()) == 0
+
+
 def test_a_sentencepiece_model_without_bos_asks_for_one_of_its_tokens(tmp_path: Path):
     from epas_lightning.data.tokenizer import TokenizerError, load_tokenizer
 
