@@ -733,6 +733,23 @@ def test_training_stream_shorter_than_one_batch_is_refused(sp_data: Path):
         tiny_dm(str(sp_data), seq_len=100_000).train_dataloader()
 
 
+def test_a_validation_interval_longer_than_the_datas_epoch_is_refused(sp_data: Path):
+    """Lightning refused it once the data was read, in a ValueError traceback."""
+    from types import SimpleNamespace
+
+    dm = tiny_dm(str(sp_data))
+    epoch = len(dm.train_dataloader())
+    dm.trainer = SimpleNamespace(val_check_interval=epoch + 1, check_val_every_n_epoch=1, limit_val_batches=1.0)
+    with pytest.raises(DataError, match=rf"epoch .* is {epoch} batches, fewer than trainer.val_check_interval"):
+        dm.train_dataloader()
+    dm.trainer.val_check_interval = epoch
+    assert len(dm.train_dataloader()) == epoch
+    dm.trainer.val_check_interval, dm.trainer.check_val_every_n_epoch = epoch + 1, None  # counted across epochs
+    assert len(dm.train_dataloader()) == epoch
+    dm.trainer.check_val_every_n_epoch, dm.trainer.limit_val_batches = 1, 0  # no validation: Lightning takes it
+    assert len(dm.train_dataloader()) == epoch
+
+
 def test_validate_and_test_on_a_held_out_stream_shorter_than_one_batch_are_refused(sp_data: Path):
     """They validated nothing and exited 0 (fit skips validation on it, with a warning)."""
     from types import SimpleNamespace

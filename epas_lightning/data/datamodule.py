@@ -191,7 +191,26 @@ class TokenDataModule(TokenData, LightningDataModule):
                 "lower data.batch_size, data.num_workers or the sequence length (model.config.block_size), or "
                 "prepare more data",
             )
+        self._check_validation_interval(len(loader))
         return loader
+
+    def _check_validation_interval(self, epoch: int) -> None:
+        """A validation interval in batches longer than the data's epoch of ``epoch`` batches, where Lightning refuses
+        it once the data is read, with a traceback (``lightning_cli`` checks it against ``limit_train_batches``)."""
+        trainer = getattr(self, "trainer", None)
+        interval = getattr(trainer, "val_check_interval", None)
+        if not isinstance(interval, int) or isinstance(interval, bool) or interval <= epoch:
+            return
+        if trainer.check_val_every_n_epoch is None or not trainer.limit_val_batches:  # across epochs, or none at all
+            return
+        if getattr(trainer, "_val_check_time_interval", None) is not None:  # Lightning's time-based validation
+            return
+        raise DataError(
+            f"an epoch of the training stream is {epoch} batches, fewer than trainer.val_check_interval ({interval})",
+            self._data_dir_flag,
+            f"lower trainer.val_check_interval to at most {epoch}, set trainer.check_val_every_n_epoch: null to count "
+            "batches across epochs, or prepare more data",
+        )
 
     def val_dataloader(self) -> StreamingDataLoader:
         """The held-out split. Shorter than one batch, ``fit`` skips validation (and says so); ``validate`` is
