@@ -346,6 +346,9 @@ def test_missing_data_dir_is_a_clear_error(tmp_path: Path):
     missing = tmp_path / "nowhere"
     with pytest.raises(DataError, match=rf"does not exist — data.data_dir {missing} — create it with .*prepare"):
         tiny_datamodule(missing)
+    (tmp_path / ".nowhere.tmp-1234abcd").mkdir()  # a killed `prepare --output nowhere` left its build
+    with pytest.raises(DataError, match=r"^data directory does not exist \(an interrupted prepare left \.nowhere"):
+        tiny_datamodule(missing)
 
 
 def test_incomplete_data_dir_lists_what_is_missing(tiny_corpus: Path, tmp_path: Path):

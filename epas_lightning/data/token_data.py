@@ -28,6 +28,7 @@ from epas_lightning.data.tokenizer import (
 )
 from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model.config import LlamaConfig, check_token_ids
+from epas_lightning.outputs import interrupted_build
 from epas_lightning.runtime import check_counts
 from epas_lightning.safe_load import plain_numbers
 
@@ -42,7 +43,9 @@ HOW_TO_CREATE = f"{PREPARE}, or leave data.data_dir unset to train on the built-
 def check_prepared(data_dir: Path, where: str, fix: str) -> Path:
     """``data_dir`` if it is a complete prepared data directory, else a :class:`DataError` at ``where``."""
     if not data_dir.is_dir():
-        raise DataError("data directory does not exist", where, fix)
+        leftover = interrupted_build(data_dir) if not data_dir.exists() else None
+        beside = f" (an interrupted prepare left {leftover.name} beside it)" if leftover else ""
+        raise DataError(f"data directory does not exist{beside}", where, fix)
     if is_complete(data_dir):
         load_meta(data_dir)  # an unreadable meta.json says so, rather than counting as missing
     if missing := missing_entries(data_dir):
