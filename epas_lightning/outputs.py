@@ -103,6 +103,12 @@ def _owned_by_dead_process(folder: Path) -> bool:
     return False
 
 
+def interrupted_build(target: Path) -> Path | None:
+    """A hidden build folder of ours beside a missing ``target``: a killed (or a running) build of it, if any."""
+    stem = glob.escape(_hidden_stem(target))
+    return next((p for p in sorted(target.parent.glob(f".{stem}{_TMP}*")) if p.is_dir()), None)
+
+
 def remove_stale_builds(target: Path) -> list[Path]:
     """Clean up after killed runs of ours beside ``target``; return the folders removed.
 

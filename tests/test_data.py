@@ -265,6 +265,34 @@ def test_a_built_in_corpus_that_cannot_be_built_names_the_setting(tmp_path: Path
         TokenDataModule(vocab_size=512, max_bytes=100, cache_dir=str(tmp_path)).prepare_data()
 
 
+def test_a_cache_folder_that_cannot_be_written_names_its_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A file (or a read-only or full disk) as the cache: a NotADirectoryError traceback from making its lock folder."""
+    a_file = tmp_path / "cache"
+    a_file.write_text("mine")
+    with pytest.raises(ConfigError, match=rf"^cannot write the built-in corpus cache .* — data.cache_dir {a_file} — "):
+        TokenDataModule(vocab_size=512, cache_dir=str(a_file)).prepare_data()
+    monkeypatch.setenv("EPAS_CACHE_DIR", str(a_file / "sub"))
+    with pytest.raises(ConfigError, match=rf"\(Not a directory: .*\) — EPAS_CACHE_DIR {a_file}/sub — set"):
+        TokenDataModule(vocab_size=512).prepare_data()
+    assert a_file.read_text() == "mine"
+
+
+def test_a_corrupt_built_in_corpus_entry_says_to_delete_it(tiny_corpus: Path, tmp_path: Path):
+    """It said "prepare the data again", which cannot be done to the built-in corpus."""
+    import shutil
+
+    entry = tmp_path / tiny_corpus.name
+    shutil.copytree(tiny_corpus, entry)
+    chunk = sorted((entry / "train").glob("chunk-*.bin"))[0]
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    make = lambda: TokenDataModule(seq_len=32, vocab_size=512, max_bytes=1_500_000, cache_dir=str(tmp_path))  # noqa: E731
+    with pytest.raises(DataError, match=rf"truncated chunk.* — {chunk} — delete the cache entry {entry}: the next run"):
+        make().setup("fit")
+    (entry / "meta.json").write_text("{not json")
+    with pytest.raises(DataError, match=rf"^unreadable meta.json .* — delete the cache entry {entry}: the next run"):
+        make().setup("fit")
+
+
 def test_numpy_numbers_in_the_settings_build_and_batch(tiny_corpus: Path):
     """A sweep's ``np.int64`` settings: ``vocab_size`` failed building the corpus's cache key ("Object of type int64 is
     not JSON serializable"), ``batch_size`` in torch's sampler ("should be a positive integer value")."""
@@ -285,6 +313,23 @@ def test_a_negative_worker_count_is_refused_when_configured():
         TokenDataModule(num_workers=-1)
 
 
+@pytest.mark.parametrize(
+    ("data_dir", "weights", "message"),
+    [
+        (["a", "b"], [float("nan"), 1.0], r"^weights must be 2 finite non-negative .*got \[nan, 1.0\] — data.weights$"),
+        (["a", "b"], [float("inf"), 1.0], r"^weights must be 2 finite"),
+        (["a", "b"], [0.0, 0.0], r"^weights must be 2 finite non-negative numbers, not all zero"),
+        (None, [1.0], r"^weights mix several data_dir, but none is set .* — data.weights — set data.data_dir"),
+    ],
+    ids=["nan", "inf", "all-zero", "built-in"],
+)
+def test_mixing_weights_that_cannot_mix_are_refused(data_dir, weights, message):
+    """NaN and infinite weights passed, and the loader failed in a traceback ("cannot convert float NaN to integer");
+    weights without data_dir said "weights must be 0 non-negative numbers"."""
+    with pytest.raises(ConfigError, match=message):
+        TokenDataModule(data_dir, weights=weights)
+
+
 def test_a_batch_size_of_zero_is_named_as_such():
     """It read 'seq_len and batch_size must be positive, got 32 and 0 — data': which one, and where, was a guess."""
     with pytest.raises(ConfigError, match=r"^batch_size must be at least 1, got 0 — data.batch_size — "):
@@ -300,6 +345,9 @@ def test_a_batch_size_of_zero_is_named_as_such():
 def test_missing_data_dir_is_a_clear_error(tmp_path: Path):
     missing = tmp_path / "nowhere"
     with pytest.raises(DataError, match=rf"does not exist — data.data_dir {missing} — create it with .*prepare"):
+        tiny_datamodule(missing)
+    (tmp_path / ".nowhere.tmp-1234abcd").mkdir()  # a killed `prepare --output nowhere` left its build
+    with pytest.raises(DataError, match=r"^data directory does not exist \(an interrupted prepare left \.nowhere"):
         tiny_datamodule(missing)
 
 

@@ -708,12 +708,19 @@ def test_truncated_chunk_is_a_clear_error(sp_data: Path, tmp_path: Path):
     index_path.write_text(json.dumps(index))
     with pytest.raises(DataCheckError, match=rf"holds fewer tokens than .* says .* — {chunk} — prepare the data"):
         tiny_dm(str(data))
+    index["chunks"] = []  # an empty stream (litdata: an AssertionError traceback, "No chunks found")
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(DataCheckError, match=r"holds no tokens \(no chunks\) — .*train/index.json — prepare the data"):
+        tiny_dm(str(data))
     index["config"]["data_format"] = ["pickle"]  # not a token stream (litdata's unpacking failed with a traceback)
     index_path.write_text(json.dumps(index))
     with pytest.raises(DataCheckError, match=r"not a token stream \(data format \['pickle'\]\) — .*index.json"):
         tiny_dm(str(data))
     index_path.write_text("{not json")
     with pytest.raises(DataCheckError, match=r"not a readable litdata index .* — .*train/index.json"):
+        tiny_dm(str(data))
+    (data / "meta.json").write_text('{"tokenizer": 5}')  # a TypeError traceback
+    with pytest.raises(DataCheckError, match=r"meta.json names no tokenizer file of its folder \(tokenizer: 5\) — "):
         tiny_dm(str(data))
     (data / "meta.json").write_text("{not json")  # there but unreadable: not "missing meta.json"
     with pytest.raises(DataCheckError, match=r"unreadable meta.json .* — .*data/meta.json — prepare the data again"):
@@ -724,6 +731,40 @@ def test_training_stream_shorter_than_one_batch_is_refused(sp_data: Path):
     """Lightning would "train" for 0 steps and exit 0."""
     with pytest.raises(DataError, match=r"training stream .* fewer than batch_size=4 sequences of 100001 tokens"):
         tiny_dm(str(sp_data), seq_len=100_000).train_dataloader()
+
+
+def test_a_validation_interval_longer_than_the_datas_epoch_is_refused(sp_data: Path):
+    """Lightning refused it once the data was read, in a ValueError traceback."""
+    from types import SimpleNamespace
+
+    dm = tiny_dm(str(sp_data))
+    epoch = len(dm.train_dataloader())
+    dm.trainer = SimpleNamespace(val_check_interval=epoch + 1, check_val_every_n_epoch=1, limit_val_batches=1.0)
+    with pytest.raises(DataError, match=rf"epoch .* is {epoch} batches, fewer than trainer.val_check_interval"):
+        dm.train_dataloader()
+    dm.trainer.val_check_interval = epoch
+    assert len(dm.train_dataloader()) == epoch
+    dm.trainer.val_check_interval, dm.trainer.check_val_every_n_epoch = epoch + 1, None  # counted across epochs
+    assert len(dm.train_dataloader()) == epoch
+    dm.trainer.check_val_every_n_epoch, dm.trainer.limit_val_batches = 1, 0  # no validation: Lightning takes it
+    assert len(dm.train_dataloader()) == epoch
+
+
+def test_validate_and_test_on_a_held_out_stream_shorter_than_one_batch_are_refused(sp_data: Path):
+    """They validated nothing and exited 0 (fit skips validation on it, with a warning)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    dm = tiny_dm(str(sp_data), batch_size=100_000)
+    dm.trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.VALIDATING))
+    with pytest.raises(DataError, match=rf"fewer than batch_size=100000 .*: nothing to validate — {sp_data}/val — "):
+        dm.val_dataloader()
+    with pytest.raises(DataError, match=r"nothing to test — .* — lower data.batch_size"):
+        dm.test_dataloader()
+    dm.trainer.state.fn = TrainerFn.FITTING
+    with pytest.warns(UserWarning, match=rf"validation stream {sp_data}/val holds fewer .* will be skipped"):
+        assert len(dm.val_dataloader()) == 0
 
 
 def test_a_sentencepiece_model_without_bos_asks_for_one_of_its_tokens(tmp_path: Path):

@@ -217,6 +217,39 @@ def _remove_stale_builds(entry: Path) -> None:
         shutil.rmtree(entry)
 
 
+def _build_locked(
+    entry: Path, vocab_size: int, max_bytes: int | None, val_fraction: float, num_workers: int | None, progress: bool
+) -> dict:
+    """Build ``entry`` in a hidden sibling and rename it into place (the caller holds its lock); its metadata."""
+    _remove_stale_builds(entry)
+    build_dir = entry.parent / f"{_build_prefix(entry)}{uuid.uuid4().hex[:8]}"
+    build_dir.mkdir()  # unlike mkdtemp's 0700, honours the umask: the cache may be shared
+    try:
+        workers = num_workers or default_num_workers()
+        meta = build_entry(build_dir, vocab_size, max_bytes, val_fraction, workers, progress)
+        os.replace(build_dir, entry)
+    except BaseException:
+        shutil.rmtree(build_dir, ignore_errors=True)
+        raise
+    return meta
+
+
+def unwritable_cache(error: OSError, root: Path, cache_dir: str | Path | None) -> ConfigError:
+    """The one line for a cache folder the built-in corpus cannot be written to (a file, read-only, full), naming the
+    setting that chose it."""
+    if cache_dir is not None:
+        where = f"data.cache_dir {cache_dir}"
+    elif env_dir := os.environ.get("EPAS_CACHE_DIR"):
+        where = f"EPAS_CACHE_DIR {env_dir}"
+    else:
+        where = str(root)
+    return ConfigError(
+        f"cannot write the built-in corpus cache ({error.strerror or error}: {error.filename})",
+        where,
+        "set data.cache_dir (or EPAS_CACHE_DIR) to a writable folder with room, or free space there",
+    )
+
+
 def prepare_builtin_corpus(
     vocab_size: int,
     cache_dir: str | Path | None = None,
@@ -254,21 +287,17 @@ def prepare_builtin_corpus(
         log.info("Reusing prepared corpus at %s", entry)
         return entry
     lock_path = entry.parent / ".locks" / f"{entry.name}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(lock_path)):
-        if is_complete(entry):  # another process built it while we waited
-            log.info("Reusing prepared corpus at %s", entry)
-            return entry
-        _remove_stale_builds(entry)
-        build_dir = entry.parent / f"{_build_prefix(entry)}{uuid.uuid4().hex[:8]}"
-        build_dir.mkdir()  # unlike mkdtemp's 0700, honours the umask: the cache may be shared
-        try:
-            workers = num_workers or default_num_workers()
-            meta = build_entry(build_dir, vocab_size, max_bytes, val_fraction, workers, progress)
-            os.replace(build_dir, entry)
-        except BaseException:
-            shutil.rmtree(build_dir, ignore_errors=True)
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(lock_path)):
+            if is_complete(entry):  # another process built it while we waited
+                log.info("Reusing prepared corpus at %s", entry)
+                return entry
+            meta = _build_locked(entry, vocab_size, max_bytes, val_fraction, num_workers, progress)
+    except OSError as e:
+        if not Path(e.filename or "/").is_relative_to(entry.parent):
             raise
+        raise unwritable_cache(e, entry.parent, cache_dir) from e
     splits = meta["splits"]
     log.info(
         "Prepared the built-in corpus in %.1f s: %s train / %s val tokens, vocab %d, at %s",

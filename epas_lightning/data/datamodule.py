@@ -197,20 +197,57 @@ class TokenDataModule(TokenData, LightningDataModule):
                 "lower data.batch_size, data.num_workers or the sequence length (model.config.block_size), or "
                 "prepare more data",
             )
+        self._check_validation_interval(len(loader))
         return loader
 
+    def _check_validation_interval(self, epoch: int) -> None:
+        """A validation interval in batches longer than the data's epoch of ``epoch`` batches, where Lightning refuses
+        it once the data is read, with a traceback (``lightning_cli`` checks it against ``limit_train_batches``)."""
+        trainer = getattr(self, "trainer", None)
+        interval = getattr(trainer, "val_check_interval", None)
+        if not isinstance(interval, int) or isinstance(interval, bool) or interval <= epoch:
+            return
+        if trainer.check_val_every_n_epoch is None or not trainer.limit_val_batches:  # across epochs, or none at all
+            return
+        if getattr(trainer, "_val_check_time_interval", None) is not None:  # Lightning's time-based validation
+            return
+        raise DataError(
+            f"an epoch of the training stream is {epoch} batches, fewer than trainer.val_check_interval ({interval})",
+            self._data_dir_flag,
+            f"lower trainer.val_check_interval to at most {epoch}, set trainer.check_val_every_n_epoch: null to count "
+            "batches across epochs, or prepare more data",
+        )
+
     def val_dataloader(self) -> StreamingDataLoader:
+        """The held-out split. Shorter than one batch, ``fit`` skips validation (and says so); ``validate`` is
+        refused, with nothing to validate."""
         loader = self.heldout_dataloader()
         if len(loader) == 0:
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None and trainer.state.fn == TrainerFn.VALIDATING:
+                raise self._heldout_too_short("validate")
             rank_zero_warn(
-                f"The validation stream of {self.data_dir} holds fewer than batch_size={self.batch_size} sequences "
-                f"of {self.seq_len + 1} tokens: validation will be skipped."
+                f"The validation stream {self.val_streams()[0]} holds fewer than batch_size={self.batch_size} "
+                f"sequences of {self.seq_len + 1} tokens: validation will be skipped."
             )
         return loader
 
     def test_dataloader(self) -> StreamingDataLoader:
         """The held-out split (there is no separate test split): ``test`` reports held-out loss and perplexity."""
-        return self.heldout_dataloader()
+        loader = self.heldout_dataloader()
+        if len(loader) == 0:
+            raise self._heldout_too_short("test")
+        return loader
+
+    def _heldout_too_short(self, command: str) -> DataError:
+        """``validate`` or ``test`` on a held-out split shorter than one batch: it ran nothing and exited 0."""
+        return DataError(
+            f"the held-out stream holds fewer than batch_size={self.batch_size} sequences of {self.seq_len + 1} "
+            f"tokens (for each rank): nothing to {command}",
+            self.val_streams()[0],
+            "lower data.batch_size or the sequence length (model.config.block_size), or hold out more data "
+            "(data.val_dir)",
+        )
 
     def on_before_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
         """Refuse token ids outside the vocabulary on the host, before a GPU's embedding ends the run with a

@@ -68,7 +68,14 @@ def is_prepared_dataset(path: Path) -> bool:
 def tokenizer_file(data_dir: Path, meta: dict | None = None) -> Path:
     """The tokenizer file of a prepared data directory."""
     meta = load_meta(data_dir) if meta is None else meta
-    return data_dir / meta.get("tokenizer", HF_FILENAME)
+    name = meta.get("tokenizer", HF_FILENAME)
+    if not isinstance(name, str) or not name or Path(name).name != name:  # a TypeError traceback, or a file elsewhere
+        raise DataCheckError(
+            f"{META_FILENAME} names no tokenizer file of its folder (tokenizer: {name!r})",
+            data_dir / META_FILENAME,
+            "prepare the data again",
+        )
+    return data_dir / name
 
 
 def missing_entries(data_dir: Path) -> list[str]:
@@ -76,10 +83,10 @@ def missing_entries(data_dir: Path) -> list[str]:
     missing = [name for name in REQUIRED_ENTRIES if not (data_dir / name).is_file()]
     if META_FILENAME not in missing:
         try:
-            tokenizer = tokenizer_file(data_dir)
+            meta = load_meta(data_dir)
         except DataCheckError:
             return [*missing, META_FILENAME]
-        if not tokenizer.is_file():
+        if not (tokenizer := tokenizer_file(data_dir, meta)).is_file():
             missing.append(tokenizer.name)
     elif tokenizer_in(data_dir) is None:
         missing.insert(-1, HF_FILENAME)
@@ -87,8 +94,8 @@ def missing_entries(data_dir: Path) -> list[str]:
 
 
 def check_stream(stream_dir: Path) -> None:
-    """Fail, naming the file, when a token stream's ``index.json`` is unreadable or not a token stream's, or a chunk
-    is missing, truncated or holds fewer tokens than the index says."""
+    """Fail, naming the file, when a token stream's ``index.json`` is unreadable, not a token stream's or lists no
+    chunk, or a chunk is missing, truncated or holds fewer tokens than the index says."""
     index_path = stream_dir / INDEX_FILENAME
     try:
         index = json.loads(index_path.read_text())
@@ -101,6 +108,8 @@ def check_stream(stream_dir: Path) -> None:
         raise DataCheckError(f"not a readable litdata index ({e})", index_path, "prepare the data again") from e
     if token_bytes is None:
         raise DataCheckError(f"not a token stream (data format {data_format})", index_path, "prepare the data again")
+    if not chunks:  # litdata failed on it with an AssertionError traceback ("No chunks found")
+        raise DataCheckError("the token stream holds no tokens (no chunks)", index_path, "prepare the data again")
     for path, chunk_bytes, items, tokens in sized:
         if not path.is_file():
             raise DataCheckError(f"chunk listed in {index_path} is missing", path, "prepare the data again")

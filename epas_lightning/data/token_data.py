@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from epas_lightning.data.tokenizer import (
 )
 from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model.config import LlamaConfig, check_token_ids
+from epas_lightning.outputs import interrupted_build
 from epas_lightning.runtime import check_counts
 from epas_lightning.safe_load import plain_numbers
 
@@ -41,7 +43,9 @@ HOW_TO_CREATE = f"{PREPARE}, or leave data.data_dir unset to train on the built-
 def check_prepared(data_dir: Path, where: str, fix: str) -> Path:
     """``data_dir`` if it is a complete prepared data directory, else a :class:`DataError` at ``where``."""
     if not data_dir.is_dir():
-        raise DataError("data directory does not exist", where, fix)
+        leftover = interrupted_build(data_dir) if not data_dir.exists() else None
+        beside = f" (an interrupted prepare left {leftover.name} beside it)" if leftover else ""
+        raise DataError(f"data directory does not exist{beside}", where, fix)
     if is_complete(data_dir):
         load_meta(data_dir)  # an unreadable meta.json says so, rather than counting as missing
     if missing := missing_entries(data_dir):
@@ -140,10 +144,8 @@ class TokenData:
                 f"num_workers must be 0 or more, got {num_workers}", "data.num_workers", "0 loads in the main process"
             )
         dirs = [data_dir] if isinstance(data_dir, str | Path) else list(data_dir or [])
-        if weights is not None and (len(weights) != len(dirs) or min(weights) < 0 or sum(weights) <= 0):
-            raise ConfigError(
-                f"weights must be {len(dirs)} non-negative numbers (one per data_dir), got {weights}", "data.weights"
-            )
+        if weights is not None:
+            check_weights(weights, len(dirs))
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.vocab_size = vocab_size
@@ -184,6 +186,17 @@ class TokenData:
         if self.tokenizer is not None:
             return
         self.data_dirs = [self.resolve_data_dir(d) for d in (self.data_dirs or [None])]
+        try:
+            self._check_and_load()
+        except DataCheckError as e:  # "prepare the data again" cannot be done to the built-in corpus's cache entry
+            if not self.use_builtin or not Path(e.where or "").is_relative_to(self.data_dirs[0]):
+                raise
+            fix = f"delete the cache entry {self.data_dirs[0]}: the next run builds it again"
+            raise DataCheckError(e.what, e.where, fix) from e
+
+    def _check_and_load(self) -> None:
+        """Check the located data (complete, chunks intact, one tokenizer, vocab fits the model) and load its
+        tokenizer."""
         metas = [load_meta(d) for d in self.data_dirs]
         tokenizer_files = [tokenizer_file(d, m) for d, m in zip(self.data_dirs, metas, strict=True)]
         if len(self.data_dirs) > 1 and len({file_sha256(f) for f in tokenizer_files}) > 1:
@@ -301,6 +314,22 @@ class TokenData:
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             drop_last=True,
+        )
+
+
+def check_weights(weights: list[float], n_dirs: int) -> None:
+    """A :class:`ConfigError` unless ``weights`` are ``n_dirs`` finite, non-negative numbers, not all zero (NaN passed
+    every comparison and failed in the loader: "cannot convert float NaN to integer")."""
+    if not n_dirs:
+        raise ConfigError(
+            "weights mix several data_dir, but none is set (the built-in corpus is one stream)",
+            "data.weights",
+            "set data.data_dir to a list of prepared directories, or leave data.weights unset",
+        )
+    if len(weights) != n_dirs or not all(map(math.isfinite, weights)) or min(weights) < 0 or sum(weights) <= 0:
+        raise ConfigError(
+            f"weights must be {n_dirs} finite non-negative numbers, not all zero (one per data_dir), got {weights}",
+            "data.weights",
         )
 
 
