@@ -1014,8 +1014,11 @@ def test_a_resume_on_other_data_starts_it_from_its_beginning_when_asked(sp_data,
     again["TokenDataModule"]["position_settings"]["contents"] = ["0" * 16]
     torch.save(again, tmp_path / "again.ckpt")
     same = TokenDataModule(str(sp_data), seq_len=16, batch_size=4, vocab_size=512)
-    with pytest.raises(DataError, match=r"holds only .*\(data.data_dir prepared again since: its chunks are others\)"):
+    with pytest.raises(
+        DataError, match=r"holds only .*\(data.data_dir prepared again since: its chunks are others\)"
+    ) as e:
         fit(same, tmp_path / "p", 8, ckpt_path=tmp_path / "again.ckpt")
+    assert e.value.fix == "go on with this data from its beginning with --data.resume_position false"  # no settings
     fresh = fit(other(), tmp_path / "c", 4).batches
     resumed = fit(other(resume_position=False), tmp_path / "d", 8, ckpt_path=saved).batches
     assert len(resumed) == 4 and all(torch.equal(a, b) for a, b in zip(fresh, resumed, strict=True))

@@ -111,13 +111,15 @@ class TokenDataModule(TokenData, LightningDataModule):
                 "at the resumed position may be read twice or skipped"
             )
         if changed:
+            fix = "go on with this data from its beginning with --data.resume_position false"
+            if changed != [PREPARED_AGAIN]:  # settings one can give again; a folder prepared anew is not
+                fix = f"resume with those settings (data.*, trainer.devices/num_nodes), or {fix}"
             raise DataError(
                 "the checkpoint's position in the data holds only for the data settings it was saved with ("
                 + "; ".join(changed)
                 + ")",
                 f"--ckpt_path {trainer.ckpt_path}" if trainer is not None else "--ckpt_path",
-                "resume with those settings (data.*, trainer.devices/num_nodes), or go on with this data from its "
-                "beginning with --data.resume_position false",
+                fix,
             )
 
     @property
@@ -211,8 +213,9 @@ class TokenDataModule(TokenData, LightningDataModule):
             return
         if getattr(trainer, "_val_check_time_interval", None) is not None:  # Lightning's time-based validation
             return
+        batches = f"{epoch} batch{'es' if epoch != 1 else ''}"
         raise DataError(
-            f"an epoch of the training stream is {epoch} batches, fewer than trainer.val_check_interval ({interval})",
+            f"an epoch of the training stream is {batches}, fewer than trainer.val_check_interval ({interval})",
             self._data_dir_flag,
             f"lower trainer.val_check_interval to at most {epoch}, set trainer.check_val_every_n_epoch: null to count "
             "batches across epochs, or prepare more data",
