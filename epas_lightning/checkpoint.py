@@ -31,7 +31,7 @@ from epas_lightning.data.tokenizer import (
     load_tokenizer,
     resolve_tokenizer_path,
 )
-from epas_lightning.errors import CheckpointError, ConfigError
+from epas_lightning.errors import CheckpointError, ConfigError, os_reason
 from epas_lightning.hf.convert import (
     config_from_hf,
     hf_tensors,
@@ -413,7 +413,7 @@ def checkpoint_kind(path: Path, flag: str = "--checkpoint") -> str | None:
         return _checkpoint_kind(path)
     except OSError as e:
         raise CheckpointError(
-            f"cannot read the folder: {(e.strerror or str(e)).lower()} ({e.filename})",
+            f"cannot read the folder: {os_reason(e)} ({e.filename})",
             f"{flag} {path}",
             "make it readable for this user",
         ) from e

@@ -110,6 +110,11 @@ def not_utf8(text: str) -> str | None:
     return None
 
 
+def os_reason(error: OSError) -> str:
+    """Why an ``OSError`` happened, as a line quotes it: ``permission denied``."""
+    return (error.strerror or str(error)).lower()
+
+
 def read_text_file(path: Path, what: str, where: str, error: type[UserError] = ConfigError) -> str:
     """The text of a user's UTF-8 file (``what``: "prompt file"); one ``error`` naming ``where`` (its flag) when it is
     missing, a folder, unreadable or not UTF-8 text."""

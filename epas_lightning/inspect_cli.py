@@ -29,7 +29,7 @@ from epas_lightning.checkpoint import (
     read_description,
     shard_tensors,
 )
-from epas_lightning.errors import CheckpointError, UserError
+from epas_lightning.errors import CheckpointError, UserError, os_reason
 from epas_lightning.hf.convert import hf_weight_files
 from epas_lightning.region import TrainedRegion, choices, sharing_layers_text
 from epas_lightning.runtime import dtype_name, emit_json, folder_bytes, size_text
@@ -126,7 +126,7 @@ def checkpoints_in(folder: Path, depth: int = LISTING_DEPTH) -> dict[Path, str |
         entries = sorted(folder.iterdir())
     except OSError as e:
         raise CheckpointError(
-            f"cannot list the folder: {(e.strerror or str(e)).lower()}",
+            f"cannot list the folder: {os_reason(e)}",
             f"--checkpoint {folder}",
             "make it readable for this user",
         ) from e
@@ -142,7 +142,7 @@ def checkpoints_in(folder: Path, depth: int = LISTING_DEPTH) -> dict[Path, str |
         except CheckpointError as e:
             found[entry] = e.what
         except OSError as e:
-            found[entry] = f"cannot read it: {(e.strerror or str(e)).lower()}"
+            found[entry] = f"cannot read it: {os_reason(e)}"
     return found
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from epas_lightning.data.stop_tokens import stop_ids_beside
-from epas_lightning.errors import DataError
+from epas_lightning.errors import DataError, os_reason
 
 HF_FILENAME = "tokenizer.json"
 SENTENCEPIECE_FILENAME = "tokenizer.model"
@@ -116,7 +116,7 @@ def file_sha256(path: str | Path) -> str:
 def unreadable(path: str | Path, error: OSError) -> TokenizerError:
     """The one line for a tokenizer file that cannot be read (another user's, say)."""
     fix = "make it readable for this user" if isinstance(error, PermissionError) else None
-    return TokenizerError(f"cannot read the tokenizer file ({(error.strerror or str(error)).lower()})", path, fix)
+    return TokenizerError(f"cannot read the tokenizer file ({os_reason(error)})", path, fix)
 
 
 @dataclass(frozen=True)

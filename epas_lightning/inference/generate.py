@@ -87,6 +87,11 @@ def set_region(
     return layers
 
 
+def per_second(count: float, seconds: float) -> float:
+    """``count`` per second over ``seconds`` (NaN when no time was measured)."""
+    return count / seconds if seconds > 0 else float("nan")
+
+
 @dataclass
 class GenerationResult:
     """New tokens per prompt (stopped after an end token, which is kept) and how long each phase took."""
@@ -104,12 +109,11 @@ class GenerationResult:
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else float("nan")
+        return per_second(self.prompt_tokens, self.prefill_seconds)
 
     @property
     def decode_tokens_per_s(self) -> float:
-        steps = self.decode_steps * self.batch_size
-        return steps / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+        return per_second(self.decode_steps * self.batch_size, self.decode_seconds)
 
     @property
     def cache_saving(self) -> float:

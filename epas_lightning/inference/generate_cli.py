@@ -9,7 +9,7 @@ from typing import Literal
 from epas_lightning.checkpoint import CheckpointInfo, LoadedModel, load_model
 from epas_lightning.data.tokenizer import TextTokenizer, check_tokenizer_flag, decode_continuation, load_tokenizer
 from epas_lightning.errors import ConfigError, UserError, read_text_file
-from epas_lightning.inference.generate import GenerationResult, fit_new_tokens, generate, set_region
+from epas_lightning.inference.generate import GenerationResult, fit_new_tokens, generate, per_second, set_region
 from epas_lightning.inference.sampling import SamplingError, check_sampling
 from epas_lightning.region import SHARING_FLAGS
 from epas_lightning.runtime import DType, check_counts, emit_json, resolve_device, resolve_dtype
@@ -94,10 +94,6 @@ def batch_seed(seed: int, index: int) -> int:
     return (seed + index + 2**63) % 2**64 - 2**63
 
 
-def rate(count: float, seconds: float) -> float:
-    return count / seconds if seconds > 0 else float("nan")
-
-
 def report(results: list[GenerationResult], loaded: LoadedModel, n_shared: int) -> dict:
     """The numbers of batches decoded one after another: token counts and times summed, the KV cache of the batch
     that held the most (one batch's cache lives at a time)."""
@@ -111,11 +107,11 @@ def report(results: list[GenerationResult], loaded: LoadedModel, n_shared: int) 
     return {
         "prompt_tokens": prompt_tokens,
         "prefill_seconds": prefill_seconds,
-        "prefill_tokens_per_s": rate(prompt_tokens, prefill_seconds),
+        "prefill_tokens_per_s": per_second(prompt_tokens, prefill_seconds),
         "decode_steps": sum(result.decode_steps for result in results),
         "decode_tokens": decode_tokens,
         "decode_seconds": decode_seconds,
-        "decode_tokens_per_s": rate(decode_tokens, decode_seconds),
+        "decode_tokens_per_s": per_second(decode_tokens, decode_seconds),
         "kv_cache_bytes": peak.cache_bytes,
         "dense_kv_cache_bytes": peak.dense_cache_bytes,
         "kv_cache_saving": peak.cache_saving,
