@@ -108,7 +108,9 @@ CUDA_TEST_FILES = (
 
 def tests_part(args: argparse.Namespace) -> dict:
     """The tests that skip on the CPU; the summary line of pytest (e.g. ``4 passed, 52 deselected``)."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *CUDA_TEST_FILES]
+    # one process, whatever pyproject.toml adds (pytest-xdist need not be on the device machine)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-m", "cuda", "-p", "no:cacheprovider"]
+    cmd += CUDA_TEST_FILES
     code, seconds = run_logged(cmd, args.out / "cuda_tests.log", args.tests_timeout)
     lines = (args.out / "cuda_tests.log").read_text().strip().splitlines()
     return {"command": " ".join(cmd[1:]), "exit_code": code, "wall_s": seconds, "summary": lines[-1] if lines else ""}
