@@ -789,6 +789,17 @@ def test_resume_last_without_a_checkpoint_is_an_error(tmp_path, capsys, monkeypa
     assert err.startswith("error: no last.ckpt of this run to resume — runs/debug/version_*/checkpoints")
     assert main(["validate", "--config", DEBUG, "--ckpt_path", "last"]) == 2  # validate resumes nothing
     assert capsys.readouterr().err.startswith("error: no last.ckpt of this run to score — runs/debug/version_*/")
+    # a first run given its own checkpoint folder: its saved config says where (a config that won't read is passed by)
+    (tmp_path / "runs" / "debug" / "version_0").mkdir(parents=True)
+    (tmp_path / "runs" / "debug" / "version_0" / "config.yaml").write_text("checkpoint:\n  dirpath: ckpts\n")
+    (tmp_path / "runs" / "debug" / "version_1").mkdir()
+    (tmp_path / "runs" / "debug" / "version_1" / "config.yaml").write_text("checkpoint: [\n")
+    assert main(["fit", "--config", DEBUG, "--ckpt_path", "last"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        "— runs/debug/version_0/config.yaml names checkpoint.dirpath ckpts: add --checkpoint.dirpath ckpts, or pass "
+        "the checkpoint's path to --ckpt_path"
+    )
 
 
 def test_resume_last_without_a_logger_finds_the_root_folder_checkpoint(tmp_path, capsys, monkeypatch):
