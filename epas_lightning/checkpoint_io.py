@@ -25,12 +25,13 @@ from epas_lightning.errors import CheckpointError, OutputError
 from epas_lightning.outputs import out_of_space
 from epas_lightning.run_summary import say
 from epas_lightning.safe_load import is_sharded_checkpoint, load_torch_file, verify_checkpoint
-from epas_lightning.strategy import STAGING
+from epas_lightning.strategy import STAGING, hidden_beside
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` that writes ``.<name>.saving`` beside the target, syncs it and renames it over the target
-    (never writing through it: a link there is replaced, not followed). Remote paths keep Lightning's way.
+    """``TorchCheckpointIO`` that writes ``.<name>.saving`` beside the target (a long name shortened: see
+    :func:`~epas_lightning.strategy.hidden_beside`), syncs it and renames it over the target (never writing through it:
+    a link there is replaced, not followed). Remote paths keep Lightning's way.
     A sharded checkpoint folder (which ``FSDP2Strategy`` reads without it) is refused in one line."""
 
     def load_checkpoint(
@@ -52,7 +53,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}{STAGING}")
+        staging = hidden_beside(path, STAGING)
         try:
             with open(staging, "wb") as f:
                 torch.save(checkpoint, f)

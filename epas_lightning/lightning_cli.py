@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import random
 import re
 import sys
 import warnings
@@ -38,6 +40,7 @@ from typing import Any
 import torch
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.seed import max_seed_value, min_seed_value
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -353,7 +356,14 @@ class EPASCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def _set_seed(self) -> None:
-        """A seed numpy cannot take was ``seed_everything``'s ValueError traceback."""
+        """``true`` draws a seed (Lightning's ``seed_everything()`` seeds 0); a seed numpy cannot take is one line.
+
+        The chosen seed replaces ``true`` in the config, so the run's ``config.yaml`` can repeat it. The ranks a run
+        starts find rank zero's in ``PL_GLOBAL_SEED``, as Lightning reads it.
+        """
+        if self._get(self.config, "seed_everything") is True and "PL_GLOBAL_SEED" not in os.environ:
+            section = self.config[self.subcommand] if self.subcommand else self.config
+            section["seed_everything"] = random.SystemRandom().randint(min_seed_value, max_seed_value)
         try:
             super()._set_seed()
         except ValueError as e:

@@ -44,7 +44,7 @@ from epas_lightning.optim import (
 )
 from epas_lightning.parallel import PRECISIONS, checkpointed_blocks, mixed_precision_policy, parallelize
 from epas_lightning.provenance import LAST_VALIDATION_KEY
-from epas_lightning.run_checkpoint import adopt_model_checkpoint_states
+from epas_lightning.run_checkpoint import StepCheckpoint, adopt_model_checkpoint_states
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
 from epas_lightning.safe_load import plain_numbers, verify_checkpoint
 
@@ -545,14 +545,38 @@ def warn_without_sharing_schedule(callbacks: list[Callback]) -> None:
 def warn_mid_step_checkpoints(callbacks: list[Callback], accumulate_grad_batches: int) -> None:
     """Under gradient accumulation, Lightning's own ``ModelCheckpoint`` saves inside an optimizer step (at a
     validation or ``train_time_interval`` there), and a resume loses the step's earlier micro-batches. The command line
-    makes every listed one a ``StepCheckpoint``; a ``Trainer`` of one's own is told to."""
-    if accumulate_grad_batches > 1 and any(type(callback) is ModelCheckpoint for callback in callbacks):
+    makes every listed one a ``StepCheckpoint``; a ``Trainer`` of one's own, or a subclass of ``ModelCheckpoint``
+    (whose overrides the command line does not reorder), is told to."""
+    if accumulate_grad_batches <= 1:
+        return
+    mid_step = (
+        f"saves inside an optimizer step under accumulate_grad_batches={accumulate_grad_batches} when a validation or "
+        "its train_time_interval falls there, and a resume from that checkpoint loses the step's earlier micro-batches"
+    )
+    if any(type(callback) is ModelCheckpoint for callback in callbacks):
         rank_zero_warn(
-            f"a ModelCheckpoint (Lightning's default one too) saves inside an optimizer step under "
-            f"accumulate_grad_batches={accumulate_grad_batches} when a validation or its train_time_interval falls "
-            "there, and a resume from that checkpoint loses the step's earlier micro-batches; use "
-            "epas_lightning.StepCheckpoint (the same arguments) or RunCheckpoint, which save between steps only"
+            f"a ModelCheckpoint (Lightning's default one too) {mid_step}; use epas_lightning.StepCheckpoint (the same "
+            "arguments) or RunCheckpoint, which save between steps only"
         )
+    if subclasses := mid_step_subclasses(callbacks):
+        rank_zero_warn(
+            f"{', '.join(subclasses)} (ModelCheckpoint's subclass, not StepCheckpoint's) {mid_step}; derive it from "
+            "epas_lightning.StepCheckpoint instead (the same arguments: it saves between steps only), or set "
+            "accumulate_grad_batches to 1"
+        )
+
+
+def mid_step_subclasses(callbacks: list[Callback]) -> list[str]:
+    """The names of the ``ModelCheckpoint`` subclasses among ``callbacks`` not derived from ``StepCheckpoint``."""
+    return sorted(
+        {
+            type(callback).__name__
+            for callback in callbacks
+            if isinstance(callback, ModelCheckpoint)
+            and not isinstance(callback, StepCheckpoint)
+            and type(callback) is not ModelCheckpoint
+        }
+    )
 
 
 def check_batch(batch: object) -> None:

@@ -67,11 +67,45 @@ def resume_checkpoint(config: Namespace, word: str, fitting: bool = True) -> str
         say(f"--ckpt_path auto: no last.ckpt under {_last_checkpoint_places(dirpath, run_dirs)}; {instead}.")
         return None
     if newest is None:
-        fix = "train first, or pass the checkpoint's path to --ckpt_path"
+        by_path = "pass the checkpoint's path to --ckpt_path"
+        fix = f"train first, or {by_path}"
+        if saved := saved_checkpoint_folder(run_dirs):
+            config_file, folder = saved
+            fix = f"{config_file} names checkpoint.dirpath {folder}: add --checkpoint.dirpath {folder}, or {by_path}"
         raise _no_last_checkpoint(dirpath, run_dirs, fix, "resume" if fitting else "score")
     if fitting:  # validate/test: Lightning says which file it loaded the weights from
         say(f"Resuming from {newest}")
     return str(newest)
+
+
+def saved_checkpoint_folder(run_dirs: list[Path]) -> tuple[Path, str] | None:
+    """The newest config a run saved in one of ``run_dirs``' version folders that names a ``checkpoint.dirpath``, and
+    that folder: a run given its own checkpoint folder keeps no checkpoint in its version folder."""
+    saved = sorted((p for d in run_dirs for p in d.glob("*/config*.yaml")), key=_mtime, reverse=True)
+    for path in saved:
+        if dirpath := _checkpoint_dirpath(path):
+            return path, dirpath
+    return None
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _checkpoint_dirpath(config_file: Path) -> str | None:
+    """The ``checkpoint.dirpath`` a saved config names (``None`` for none, or a file that does not read as one)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(config_file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    section = config.get("checkpoint") if isinstance(config, dict) else None
+    dirpath = section.get("dirpath") if isinstance(section, dict) else None
+    return dirpath if isinstance(dirpath, str) and dirpath else None
 
 
 def run_last_checkpoint(config: Namespace) -> Path | None:

@@ -149,11 +149,12 @@ class RunSummary(Callback):
                 f"  python -m epas_lightning bench --checkpoint {checkpoint}",
                 f"  python -m epas_lightning evaluate --checkpoint {checkpoint} --sharing-layers all",
                 f"  python -m epas_lightning export --checkpoint {checkpoint} --output hf-export",
-                f"  resume: {self._resume_advice(trainer, checkpoint)}",
+                f"  resume: {self._resume_advice(trainer, checkpoint, stopper)}",
             ]
         return "\n".join(lines)
 
-    def _resume_advice(self, trainer: Trainer, checkpoint: str) -> str:
+    def _resume_advice(self, trainer: Trainer, checkpoint: str, stopper: EarlyStopping | None) -> str:
+        """How to go on from ``checkpoint``; ``stopper`` is the ``EarlyStopping`` that ended the run, if one did."""
         from epas_lightning.interrupt import GracefulStop  # it prints with say(): imported here, not at the top
 
         if any(isinstance(c, GracefulStop) and c.requeued for c in trainer.callbacks):
@@ -164,7 +165,6 @@ class RunSummary(Callback):
                 counts = " (the training time of all sessions together)" if limit == "max_time" else ""
                 return f"to train further, raise --trainer.{limit}{counts} and resume with --ckpt_path last"
             return f"to train further, raise the Trainer's {limit} and call trainer.fit(..., ckpt_path={checkpoint!r})"
-        stopper = _early_stop(trainer)
         if stopper is not None and self.command_line:  # its state resumes too: patience spent, the best score kept
             return f"EarlyStopping ended it; --ckpt_path last trains on until {stopper.monitor} stops improving again"
         if self.command_line:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import uuid
@@ -15,12 +16,30 @@ from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.constants import default_pg_timeout
 
+from epas_lightning.outputs import NAME_MAX
 from epas_lightning.safe_dcp import load_full_optimizer_states, load_sharded_checkpoint, raise_wrapped_interrupt
 from epas_lightning.safe_load import SAVE_ID, is_sharded_checkpoint
 
 STAGING, REPLACED = ".saving", ".replaced"
-"""Suffixes of the hidden folders beside a sharded checkpoint ``name``: ``.name.saving`` while it is written,
-``.name.replaced`` for the previous one while the new one moves into place."""
+"""Suffixes of the hidden names beside a checkpoint ``name`` (:func:`hidden_beside`): ``.name.saving`` while it is
+written, ``.name.replaced`` for the previous (sharded) one while the new one moves into place."""
+CHECKPOINT_EXTENSION = ".ckpt"
+"""``ModelCheckpoint.FILE_EXTENSION``: the readers of killed saves' leftovers look for ``.*.ckpt.saving``."""
+
+
+def hidden_beside(path: Path, suffix: str) -> Path:
+    """``.<name><suffix>`` beside ``path``. A name too long for that (a file name holds 255 bytes) keeps its head, a
+    hash of the whole name and its ``.ckpt``: each checkpoint keeps its own, and it still reads as a checkpoint's."""
+    hidden = f".{path.name}{suffix}"
+    if len(os.fsencode(hidden)) <= NAME_MAX:
+        return path.with_name(hidden)
+    extension = CHECKPOINT_EXTENSION if path.name.endswith(CHECKPOINT_EXTENSION) else ""
+    digest = hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]
+    tail = f"~{digest}{extension}{suffix}"
+    head = path.name
+    while len(os.fsencode(f".{head}{tail}")) > NAME_MAX:  # whole characters: no half of a UTF-8 one
+        head = head[:-1]
+    return path.with_name(f".{head}{tail}")
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -71,7 +90,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         save_id = self.broadcast(uuid.uuid4().hex)  # in every rank's shard and meta.pt: a mix of saves is refused
         checkpoint["state_dict"][f"{SAVE_ID}.{save_id}.rank{self.global_rank}"] = save_id
         checkpoint[SAVE_ID] = save_id
-        staging, old = (path.with_name(f".{path.name}{suffix}") for suffix in (STAGING, REPLACED))
+        staging, old = (hidden_beside(path, suffix) for suffix in (STAGING, REPLACED))
         if self.is_global_zero:
             recover_replaced(path)
             for leftover in (staging, old):  # a killed save's partial shards; a replaced checkpoint not yet deleted
@@ -105,7 +124,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 def recover_replaced(path: Path) -> bool:
     """Put the previous checkpoint back at ``path`` if a sharded save was killed between its two renames (``path``
     moved aside to ``.<name>.replaced``, the new one not yet moved in): that one is whole. Whether it did."""
-    old = path.with_name(f".{path.name}{REPLACED}")
+    old = hidden_beside(path, REPLACED)
     if os.path.lexists(path) or not os.path.lexists(old):
         return False
     try:

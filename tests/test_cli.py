@@ -1,10 +1,12 @@
 """The command line: `python -m epas_lightning fit --config ...`, links, --print_config, early errors."""
 
+import os
 import re
 from pathlib import Path
 
 import pytest
 from helpers import DEBUG_CONFIG as DEBUG
+from lightning.pytorch.cli import SaveConfigCallback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from epas_lightning.callbacks import ProgressiveSharing
@@ -198,6 +200,24 @@ def test_a_seed_numpy_cannot_take_is_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=re.escape("numpy accepts from 0 to 4294967295 — --seed_everything -5 — ")):
         lightning_cli(["--config", DEBUG, "--seed_everything", "-5"], run=False)
+
+
+def test_seed_everything_true_chooses_a_seed_the_saved_config_repeats(tmp_path, caplog, monkeypatch):
+    """`--seed_everything true` seeded 0 (Lightning's `seed_everything()` default), the same seed on every run."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # so that the seed this test sets is undone after it
+    monkeypatch.delenv("PL_GLOBAL_SEED")
+    seeds = []
+    for _ in range(2):
+        cli = lightning_cli(["--config", DEBUG, "--seed_everything", "true"], run=False)
+        (saved,) = [c for c in cli.trainer.callbacks if isinstance(c, SaveConfigCallback)]
+        seeds.append(saved.config.seed_everything)
+        monkeypatch.delenv("PL_GLOBAL_SEED")
+    assert all(type(seed) is int for seed in seeds) and seeds[0] != seeds[1], seeds
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Seed set to")]
+    assert said == [f"Seed set to {seed}" for seed in seeds]
+    cli = lightning_cli(["--config", DEBUG, "--seed_everything", "false"], run=False)
+    assert cli.config.seed_everything is False and "PL_GLOBAL_SEED" not in os.environ
 
 
 @pytest.mark.parametrize(

@@ -990,6 +990,17 @@ def test_resume_from_checkpoint_continues_with_the_same_batches(sp_data, second_
     assert f"— --ckpt_path {tmp_path / 'ckpt' / 'epoch=0-step=4.ckpt'} —" in str(refused.value)  # which checkpoint
 
 
+def test_checkpoint_saves_reuse_the_stream_fingerprints_taken_at_setup(sp_data, monkeypatch):
+    """Every checkpoint save hashed each train stream's index.json again: fit's setup takes them once for its saves."""
+    from epas_lightning.data import datamodule
+
+    data = tiny_dm(str(sp_data))
+    saved = data.state_dict()["position_settings"]["contents"]
+    monkeypatch.setattr(datamodule, "stream_fingerprint", lambda stream: pytest.fail(f"{stream} hashed at a save"))
+    assert data.state_dict()["position_settings"]["contents"] == saved
+    assert saved == [datamodule.hashlib.sha256((sp_data / "train" / "index.json").read_bytes()).hexdigest()[:16]]
+
+
 def test_a_resume_on_other_data_starts_it_from_its_beginning_when_asked(sp_data, second_sp_data, tmp_path):
     """Going on with other data (same tokenizer) was refused, and init_from restarts steps, optimizer and schedules:
     resume_position=False resumes the run and reads the new data from its beginning."""

@@ -550,7 +550,7 @@ def test_the_summary_points_only_at_logs_that_exist(tmp_path):
     assert f"(tensorboard --logdir {tb.log_dir})" in summary([csv, tb])
 
 
-def test_the_summary_says_how_to_resume_where_the_run_was_started(tmp_path):
+def test_the_summary_says_how_to_resume_where_the_run_was_started(tmp_path, monkeypatch):
     """`--ckpt_path last` only after the command line's fit; a requeued SLURM job resumes with --ckpt_path auto on its
     command line; a script of your own (no command line) passes the checkpoint's path to `trainer.fit`."""
     import signal
@@ -559,7 +559,7 @@ def test_the_summary_says_how_to_resume_where_the_run_was_started(tmp_path):
     from lightning.pytorch.callbacks import EarlyStopping
     from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
-    from epas_lightning import GracefulStop
+    from epas_lightning import GracefulStop, run_summary
     from epas_lightning.run_summary import RunSummary
 
     last = tmp_path / "last.ckpt"
@@ -600,6 +600,10 @@ def test_the_summary_says_how_to_resume_where_the_run_was_started(tmp_path):
         "  resume: EarlyStopping ended it; --ckpt_path last trains on until val/loss stops improving again"
     )
     assert resume_line(RunSummary(command_line=True), [early], max_steps=3) == finished  # resumed, then its limit
+    looked = []  # the stopper is found once a summary (its stop line and its resume advice)
+    monkeypatch.setattr(run_summary, "_early_stop", lambda trainer: looked.append(trainer) or early)
+    assert resume_line(RunSummary(command_line=True), [early]).startswith("  resume: EarlyStopping ended it;")
+    assert len(looked) == 1
 
 
 def test_the_summary_throughput_is_the_optimizer_steps_wall_clock_rate(tmp_path):
@@ -789,6 +793,17 @@ def test_resume_last_without_a_checkpoint_is_an_error(tmp_path, capsys, monkeypa
     assert err.startswith("error: no last.ckpt of this run to resume — runs/debug/version_*/checkpoints")
     assert main(["validate", "--config", DEBUG, "--ckpt_path", "last"]) == 2  # validate resumes nothing
     assert capsys.readouterr().err.startswith("error: no last.ckpt of this run to score — runs/debug/version_*/")
+    # a first run given its own checkpoint folder: its saved config says where (a config that won't read is passed by)
+    (tmp_path / "runs" / "debug" / "version_0").mkdir(parents=True)
+    (tmp_path / "runs" / "debug" / "version_0" / "config.yaml").write_text("checkpoint:\n  dirpath: ckpts\n")
+    (tmp_path / "runs" / "debug" / "version_1").mkdir()
+    (tmp_path / "runs" / "debug" / "version_1" / "config.yaml").write_text("checkpoint: [\n")
+    assert main(["fit", "--config", DEBUG, "--ckpt_path", "last"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        "— runs/debug/version_0/config.yaml names checkpoint.dirpath ckpts: add --checkpoint.dirpath ckpts, or pass "
+        "the checkpoint's path to --ckpt_path"
+    )
 
 
 def test_resume_last_without_a_logger_finds_the_root_folder_checkpoint(tmp_path, capsys, monkeypatch):

@@ -581,15 +581,21 @@ def test_resuming_with_another_optimizer_is_refused_in_one_line(tiny_corpus, tmp
 
 
 def test_a_script_fit_says_when_no_region_grows_or_a_checkpoint_could_save_inside_a_step(tmp_path):
-    """A Trainer of one's own without ProgressiveSharing trained dense, and one with a plain ModelCheckpoint under
-    gradient accumulation saved inside optimizer steps: both silently."""
+    """A Trainer of one's own without ProgressiveSharing trained dense, and one with a plain ModelCheckpoint (or a
+    subclass of it, also under `trainer.callbacks`) under gradient accumulation saved inside optimizer steps: all
+    silently."""
     from epas_lightning import StepCheckpoint
 
     config = LlamaConfig.from_name("debug", n_layer=2, block_size=8)
     data = torch.utils.data.DataLoader(torch.randint(0, 512, (4, 9)), batch_size=2)
+
+    class EveryStepCheckpoint(ModelCheckpoint):  # a subclass: the command line leaves it as it is
+        pass
+
     runs = {
         "plain": [ModelCheckpoint(dirpath=tmp_path / "plain")],
         "ours": [ProgressiveSharing(target=1, interval=1), StepCheckpoint(dirpath=tmp_path / "ours")],
+        "subclass": [ProgressiveSharing(target=1, interval=1), EveryStepCheckpoint(dirpath=tmp_path / "subclass")],
     }
     said = {}
     for name, callbacks in runs.items():
@@ -600,6 +606,9 @@ def test_a_script_fit_says_when_no_region_grows_or_a_checkpoint_could_save_insid
     assert "no ProgressiveSharing among the Trainer's callbacks" in said["plain"]
     assert "use epas_lightning.StepCheckpoint (the same arguments)" in said["plain"]
     assert "ProgressiveSharing" not in said["ours"] and "StepCheckpoint" not in said["ours"]
+    subclass = "EveryStepCheckpoint (ModelCheckpoint's subclass, not StepCheckpoint's) saves inside an optimizer step"
+    assert f"{subclass} under accumulate_grad_batches=2 when" in said["subclass"] and "subclass" not in said["plain"]
+    assert "micro-batches; derive it from epas_lightning.StepCheckpoint instead" in said["subclass"]
 
 
 def test_a_batch_or_input_the_model_cannot_take_and_a_model_not_built_yet_are_one_line(tmp_path):

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -500,6 +501,27 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoi
         io.save_checkpoint({"step": 2}, path)
     assert raised.value.where == str(path) and "--ckpt_path last" in raised.value.fix
     assert torch.load(path, weights_only=True) == {"step": 1} and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+@pytest.mark.parametrize("stem", ["x" * 248, "é" * 124])  # 248 bytes: `.{stem}.ckpt.saving` is 261
+def test_a_checkpoint_name_near_the_length_limit_saves_and_its_hidden_names_are_found(tmp_path, stem):
+    """A ModelCheckpoint filename of 248 bytes or more failed every save with ENAMETOOLONG: the hidden name it is
+    written under (`.NAME.saving`) is 8 bytes longer. That name is shortened (its head, a hash, `.ckpt.saving`); the
+    sweep of killed saves and the recovery of a moved-aside sharded one still find theirs."""
+    from epas_lightning.checkpoint_io import AtomicCheckpointIO, remove_unfinished_saves
+    from epas_lightning.strategy import REPLACED, STAGING, hidden_beside, recover_replaced
+
+    path = tmp_path / f"{stem}.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1} and [p.name for p in tmp_path.iterdir()] == [path.name]
+    staging = hidden_beside(path, STAGING)
+    assert len(os.fsencode(staging.name)) <= 255 and staging != hidden_beside(path.with_name(f"{stem}1.ckpt"), STAGING)
+    staging.write_bytes(b"a save killed midway")
+    os.utime(staging, (time.time() - 3600,) * 2)
+    remove_unfinished_saves(tmp_path)
+    assert not staging.exists()
+    path.rename(hidden_beside(path, REPLACED))
+    assert recover_replaced(path) and torch.load(path, weights_only=True) == {"step": 1}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

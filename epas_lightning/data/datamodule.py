@@ -56,6 +56,17 @@ class TokenDataModule(TokenData, LightningDataModule):
             mixture, more data prepared with the same tokenizer).
     """
 
+    _train_contents: list[str | None] | None = None
+    """The train streams' fingerprints (:func:`stream_fingerprint`), taken at ``fit``'s setup for its saves."""
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if stage in (None, TrainerFn.FITTING):
+            self._train_contents = self._stream_fingerprints()
+
+    def _stream_fingerprints(self) -> list[str | None]:
+        return [stream_fingerprint(stream) for stream in self.train_streams()]
+
     def state_dict(self) -> dict[str, Any]:
         """Saved in checkpoints beside the loader's position: the settings that position only holds for."""
         return {"position_settings": self._position_settings()}
@@ -131,7 +142,7 @@ class TokenDataModule(TokenData, LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return {
             "streams": [str(stream.resolve()) for stream in self.train_streams()],
-            "contents": [stream_fingerprint(stream) for stream in self.train_streams()],
+            "contents": self._stream_fingerprints() if self._train_contents is None else self._train_contents,
             "seed": self.seed,
             "seq_len": self.seq_len,
             "weights": self.weights,
