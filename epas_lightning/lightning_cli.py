@@ -224,7 +224,7 @@ def check_validation_interval(trainer: Namespace) -> None:
 
 def check_scores_something(subcommand: str | None, trainer: Namespace) -> None:
     """``validate`` with ``limit_val_batches: 0`` (``test`` with ``limit_test_batches: 0``, ``fit`` with
-    ``limit_train_batches: 0``) ended with status 0, having scored (trained) nothing."""
+    ``limit_train_batches``, ``max_steps`` or ``max_epochs`` 0) ended with status 0, having scored (trained) nothing."""
     key = {"validate": "limit_val_batches", "test": "limit_test_batches", "fit": "limit_train_batches"}.get(
         subcommand or ""
     )
@@ -233,6 +233,13 @@ def check_scores_something(subcommand: str | None, trainer: Namespace) -> None:
         raise ConfigError(
             f"trainer.{key} is 0: {subcommand} would {does} no batch", f"trainer.{key}", "set it to 1 or more, or null"
         )
+    for limit in ("max_steps", "max_epochs") if subcommand == "fit" else ():
+        if _whole(trainer.get(limit)) and trainer.get(limit) == 0:  # ended with status 0, having trained nothing
+            raise ConfigError(
+                f"trainer.{limit} is 0: fit would train no step",
+                f"trainer.{limit}",
+                "set it to 1 or more, or -1 for no limit",
+            )
 
 
 def packaged_config(name: str) -> Path | None:

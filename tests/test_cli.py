@@ -214,6 +214,25 @@ def test_validate_or_test_of_no_batch_is_one_line(tmp_path, capsys, monkeypatch,
     )
 
 
+@pytest.mark.parametrize("limit", ["max_steps", "max_epochs"])
+def test_fit_of_no_step_is_one_line(tmp_path, capsys, monkeypatch, limit):
+    """`--trainer.max_steps 0` (or `max_epochs 0`) ended with status 0, having trained nothing."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", DEBUG, f"--trainer.{limit}", "0", "--trainer.limit_val_batches", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: trainer.{limit} is 0: fit would train no step — trainer.{limit} — set it to 1 or more, or -1 for "
+        "no limit"
+    )
+
+
+@pytest.mark.parametrize("size", ["0", "1"])
+def test_a_throughput_window_too_short_is_one_line(tmp_path, monkeypatch, size):
+    """Lightning's `assert window_size > 1` was an AssertionError traceback once fit set up, after the data."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=f"at least 2 entries, not {size} — throughput.window_size — set 2 or more"):
+        lightning_cli(["--config", DEBUG, "--throughput.window_size", size], run=False)
+
+
 def test_the_run_callbacks_pickle_for_ddp_spawn(tmp_path, monkeypatch):
     """`--trainer.strategy ddp_spawn` pickles the trainer to its processes: the links' closures in the parser, which
     SaveConfigCallback holds, were 'Can't pickle local object' tracebacks. A listed ModelCheckpoint saves between
