@@ -233,6 +233,18 @@ def test_a_throughput_window_too_short_is_one_line(tmp_path, monkeypatch, size):
         lightning_cli(["--config", DEBUG, "--throughput.window_size", size], run=False)
 
 
+def test_an_optimizer_argument_torch_refuses_is_one_line(tmp_path, tiny_corpus, capsys, monkeypatch):
+    """`--model.optimizer.lr -0.01` was torch's ValueError traceback from configure_optimizers, after the data."""
+    monkeypatch.chdir(tmp_path)
+    flags = ["--model.optimizer", "AdamW", "--model.optimizer.lr", "-0.01", "--trainer.num_sanity_val_steps", "0"]
+    assert main(["fit", "--config", DEBUG, *flags]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "error: AdamW refused its arguments: Invalid learning rate: -0.01 — model.optimizer — fix its init_args"
+    )
+
+
 def test_the_run_callbacks_pickle_for_ddp_spawn(tmp_path, monkeypatch):
     """`--trainer.strategy ddp_spawn` pickles the trainer to its processes: the links' closures in the parser, which
     SaveConfigCallback holds, were 'Can't pickle local object' tracebacks. A listed ModelCheckpoint saves between
