@@ -37,6 +37,7 @@ from epas_lightning.errors import (
     TrainingDiverged,
     UserError,
     debug_enabled,
+    did_you_mean,
     error_line,
     is_out_of_memory,
     not_utf8,
@@ -242,7 +243,7 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
         takes = describe_type(get_type_hints(fn).get(key)) if fn is not None else describe_subtypes(str(error))
         value = re.search(r"(?:Given|Got) value: (.*)$", str(error), re.MULTILINE)
         nested = re.search(r"NestedArg\(key='([^']*)', val='([^']*)'\)", str(error))
-        chosen = re.search(r"class_path='([\w.]+)'", str(error))
+        chosen = re.search(r"class_path[= ]'([\w.]+)'", str(error))
         base = re.search(r"Subtypes: \[typing\.Callable\[\[.*?\], ([\w.]+)\]", str(error))  # what no class means
         classless = chosen is None or chosen.group(1).startswith("typing.")
         classless = classless or (base is not None and base.group(1).split(".")[-1] == chosen.group(1).split(".")[-1])
@@ -287,10 +288,19 @@ def class_argument_error(
             takes = TYPE_NAMES.get(LISTED_TYPES.get(listed.group(1))) if listed else None
         what = f"{flag}.{name} of {short} takes {takes or expected.group(1)}, not {value!r}"
     elif f"Option '{name}' is not accepted" in message:
-        what = f"{short} (given to {flag}) has no argument {name!r}"
+        what = f"{short} (given to {flag}) has no argument {name!r}{did_you_mean(name, class_arguments(class_path))}"
     else:
         what = f"invalid value {value!r} for {flag}.{name} of {short}"
     return ConfigError(what, prog, f"`{prog} {flag}.help {class_path}` lists its arguments")
+
+
+def class_arguments(class_path: str) -> list[str]:
+    """The argument names of the class at ``class_path`` (``[]`` where it does not import)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return list(inspect.signature(getattr(importlib.import_module(module), name)).parameters)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return []
 
 
 def _yaml_error(error: Exception, prog: str, argv: Sequence[str]) -> ConfigError:

@@ -25,11 +25,13 @@ preset, and with ``init_from`` the fields read from the source.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import re
 import sys
 import warnings
+from argparse import ArgumentError
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,7 +51,7 @@ from epas_lightning.child_ranks import EndChildRanksOnError
 from epas_lightning.cli import DURATION, LIGHTNING_COMMANDS, PROG
 from epas_lightning.data import TokenDataModule
 from epas_lightning.divergence import DivergenceGuard
-from epas_lightning.errors import ConfigError, UserError
+from epas_lightning.errors import ConfigError, UserError, did_you_mean
 from epas_lightning.init_from import config_from_source, filled_from, resumed_instead
 from epas_lightning.interrupt import GracefulStop, Interrupted
 from epas_lightning.model import LlamaConfig
@@ -117,8 +119,20 @@ def _config_fields(value: Any) -> dict[str, Any]:
 
 
 def _as_config(value: Any) -> LlamaConfig:
-    """The model config from a parsed ``model.config`` value (a namespace, dict or dataclass)."""
-    return value if isinstance(value, LlamaConfig) else LlamaConfig(**_config_fields(value))
+    """The model config from a parsed ``model.config`` value (a namespace, dict or dataclass); a field it does not
+    have (``n_layers`` in a YAML) is one line naming it, not the link's message with the whole namespace."""
+    if isinstance(value, LlamaConfig):
+        return value
+    given = _config_fields(value)
+    known = [field.name for field in dataclasses.fields(LlamaConfig)]
+    for name in given:
+        if name not in known:
+            raise ConfigError(
+                f"model.config has no field {name!r}{did_you_mean(name, known)}",
+                f"model.config.{name}",
+                f"use one of {', '.join(known)}",
+            )
+    return LlamaConfig(**given)
 
 
 LINKED_FIELDS = {"sharing.n_layer": "n_layer", "data.seq_len": "block_size", "data.vocab_size": "vocab_size"}
@@ -314,7 +328,13 @@ class EPASCLI(LightningCLI):
         args = list(sys.argv[1:] if args is None else args)
         printing = [a for a in args if a.split("=")[0] == "--print_config"]
         args = [a for a in args if a not in printing]
-        self.config = parser.parse_args(args)
+        try:
+            self.config = parser.parse_args(args)
+        except ArgumentError as e:
+            parsers = getattr(self, "_subcommand_parsers", {})  # none when run=False
+            if (unknown := unknown_option(e, parsers.get(args[0]) if args else None)) is None:
+                raise
+            raise unknown from e
         if printing:
             subcommand = self.config.subcommand
             config = self.config[subcommand].clone()
@@ -441,6 +461,26 @@ class EPASCLI(LightningCLI):
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         kwargs["weights_only"] = True  # checkpoints hold tensors and plain data only: never unpickle anything else
         return kwargs
+
+
+UNKNOWN_OPTION = re.compile(r"does not accept option '([^']+)'|unrecognized arguments: --(\S+?)(?:=|\s|$)")
+"""jsonargparse's words for a key no section has: in a config file, and on the command line."""
+
+
+def unknown_option(error: ArgumentError, parser: Any) -> ConfigError | None:
+    """The one line for a key of the command line or a config that ``parser`` does not have (``trainer.max_stepz``),
+    with the option it most likely meant; ``None`` for any other parse error."""
+    found = UNKNOWN_OPTION.search(str(error))
+    if found is None or parser is None:
+        return None
+    key = found.group(1) or found.group(2)
+    known = [action.dest for action in parser._actions if action.dest not in ("help", "config", "print_config")]
+    command = parser.prog.split()[-1]
+    return ConfigError(
+        f"{command} has no option {key}{did_you_mean(key, known)}",
+        f"{PROG} {command}",
+        f"see `{PROG} {command} --help`",
+    )
 
 
 UNLOGGED_MONITOR = {

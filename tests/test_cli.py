@@ -214,6 +214,29 @@ def test_validate_or_test_of_no_batch_is_one_line(tmp_path, capsys, monkeypatch,
     )
 
 
+@pytest.mark.parametrize(
+    ("flags", "yaml", "line"),
+    [
+        ([], "trainr:\n  max_steps: 3\n", "fit has no option trainr.max_steps (did you mean trainer.max_steps?) — "
+         "python -m epas_lightning fit — see `python -m epas_lightning fit --help`"),
+        (["--sharing.intervall", "3"], None, "fit has no option sharing.intervall (did you mean sharing.interval?) — "
+         "python -m epas_lightning fit — see `python -m epas_lightning fit --help`"),
+        ([], "model:\n  config:\n    n_layers: 3\n", "model.config has no field 'n_layers' (did you mean n_layer?) "
+         "— model.config.n_layers — use one of name, n_layer,"),
+        (["--trainer.logger.init_args.sav_dir", "x"], None, "TensorBoardLogger (given to --trainer.logger) has no "
+         "argument 'sav_dir' (did you mean save_dir?) — python -m epas_lightning fit — "),
+    ],
+)  # fmt: skip
+def test_a_misspelt_key_is_named_with_the_one_meant(tmp_path, capsys, flags, yaml, line):
+    """A misspelt key said only that it was not accepted (a model.config field: the link's message with the whole
+    namespace; a logger argument: that no class was given, where the default logger was)."""
+    config = ["--config", str(tmp_path / "typo.yaml")] if yaml else []
+    if yaml:
+        (tmp_path / "typo.yaml").write_text(yaml)
+    assert main(["fit", "--config", DEBUG, *config, *flags, "--print_config"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: " + line)
+
+
 @pytest.mark.parametrize("limit", ["max_steps", "max_epochs"])
 def test_fit_of_no_step_is_one_line(tmp_path, capsys, monkeypatch, limit):
     """`--trainer.max_steps 0` (or `max_epochs 0`) ended with status 0, having trained nothing."""
