@@ -247,6 +247,8 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
         base = re.search(r"Subtypes: \[typing\.Callable\[\[.*?\], ([\w.]+)\]", str(error))  # what no class means
         classless = chosen is None or chosen.group(1).startswith("typing.")
         classless = classless or (base is not None and base.group(1).split(".")[-1] == chosen.group(1).split(".")[-1])
+        if value and (absent := missing_class(error, value.group(1).strip(), flag, prog)):
+            return absent
         if not classless:  # a bad argument of the class given
             argument = nested.groups() if nested else None
             if bad := class_argument_error(str(error), prog, flag, chosen.group(1), argument):
@@ -269,6 +271,10 @@ def class_argument_error(
     """One line for a bad argument of the class given to a flag, on the command line (``argument``: the name and value
     of ``--model.lr_scheduler.decay_shape exp``, where jsonargparse's union error reads as if no class had been given)
     or in a config's ``init_args`` (read from the ``message``); ``None`` where the message names no argument."""
+    short = class_path.rsplit(".", 1)[-1]
+    fix = f"`{prog} {flag}.help {class_path}` lists its arguments"
+    if required := re.search(r"callable class: the following arguments are required: ([\w, ]+)", message):
+        return ConfigError(f"{short} (given to {flag}) needs {required.group(1)}", prog, fix)
     if argument is None:
         named = re.search(
             r"callable class: (?:Parser key \"(\w+)\":\s*.*?Got value: (.*?)\. Got value|Option '(\w+)')", message
@@ -277,7 +283,6 @@ def class_argument_error(
             return None
         argument = (named.group(1), named.group(2)) if named.group(1) else (named.group(3), "")
     name, value = argument
-    short = class_path.rsplit(".", 1)[-1]
     expected = re.search(rf'Parser key "{re.escape(name)}":\s*Expected an? (.+?)\. Got value', message)
     if expected:
         literal = re.fullmatch(r"typing\.Literal\[(.*)\]", expected.group(1))
@@ -291,7 +296,25 @@ def class_argument_error(
         what = f"{short} (given to {flag}) has no argument {name!r}{did_you_mean(name, class_arguments(class_path))}"
     else:
         what = f"invalid value {value!r} for {flag}.{name} of {short}"
-    return ConfigError(what, prog, f"`{prog} {flag}.help {class_path}` lists its arguments")
+    return ConfigError(what, prog, fix)
+
+
+def missing_class(error: BaseException, given: str, flag: str, prog: str) -> ConfigError | None:
+    """The one line for a class path given to ``flag`` that does not import: its module is not installed
+    (``foo_pkg.Callback``) or has no such name (``torch.optim.NoSuch``); ``None`` for any other error."""
+    cause = error.__cause__ or error.__context__
+    while cause is not None:
+        if isinstance(cause, ModuleNotFoundError) and cause.name and given.startswith(cause.name):
+            what = f"{given} cannot be imported: no module named {cause.name!r} is installed"
+            return ConfigError(what, flag, "install it, or check the class path")
+        absent = re.fullmatch(r"module '([\w.]+)' has no attribute '(\w+)'", str(cause))
+        if isinstance(cause, AttributeError) and absent and given == f"{absent.group(1)}.{absent.group(2)}":
+            module, name = absent.groups()
+            names = [n for n in dir(sys.modules.get(module)) if n[:1].isupper() == name[:1].isupper()]
+            what = f"{module} has no {name}{did_you_mean(name, names)}"
+            return ConfigError(what, flag, f"check the class path (`{prog} --help` lists known classes under {flag})")
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def class_arguments(class_path: str) -> list[str]:

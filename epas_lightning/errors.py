@@ -113,7 +113,7 @@ def not_utf8(text: str) -> str | None:
 
 def did_you_mean(given: str, known: Iterable[str]) -> str:
     """`` (did you mean n_layer?)`` for a misspelt name closest to one of ``known``, or ``""``."""
-    close = difflib.get_close_matches(given, list(known), n=1, cutoff=0.7)
+    close = difflib.get_close_matches(given, list(known), n=1, cutoff=0.8)
     return f" (did you mean {close[0]}?)" if close else ""
 
 

@@ -416,6 +416,13 @@ class EPASCLI(LightningCLI):
             raise
         except (ValueError, TypeError, MisconfigurationException) as e:  # a constructor refused a configured value
             what = " ".join(str(e).split()).rstrip(".!")  # Lightning's messages may span lines
+            if needs := re.search(r"class_path '([\w.]+)': Requirement '([^']+)' not met", what):  # WandbLogger
+                class_path, requirement = needs.groups()
+                raise ConfigError(
+                    f"{class_path} needs {requirement}, which is not installed",
+                    "the configuration",
+                    f"pip install '{requirement}', or choose another class",
+                ) from e
             raise ConfigError(what, "the configuration", "fix the value in the YAML or the flag") from e
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:

@@ -1,5 +1,6 @@
 """The command line: `python -m epas_lightning fit --config ...`, links, --print_config, early errors."""
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -235,6 +236,31 @@ def test_a_misspelt_key_is_named_with_the_one_meant(tmp_path, capsys, flags, yam
         (tmp_path / "typo.yaml").write_text(yaml)
     assert main(["fit", "--config", DEBUG, *config, *flags, "--print_config"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: " + line)
+
+
+@pytest.mark.parametrize(
+    ("flags", "line"),
+    [
+        (["--model.optimizer", "torch.optim.AdamWW"], "torch.optim has no AdamWW (did you mean AdamW?) — "
+         "--model.optimizer — check the class path (`python -m epas_lightning fit --help` lists known classes under "
+         "--model.optimizer)"),
+        (["--trainer.callbacks+=no_such_package.Callback"], "no_such_package.Callback cannot be imported: no module "
+         "named 'no_such_package' is installed — --trainer.callbacks — install it, or check the class path"),
+        (["--model.lr_scheduler", "torch.optim.lr_scheduler.StepLR"], "StepLR (given to --model.lr_scheduler) needs "
+         "step_size — python -m epas_lightning fit — `python -m epas_lightning fit --model.lr_scheduler.help "
+         "torch.optim.lr_scheduler.StepLR` lists its arguments"),
+        (["--trainer.logger", "MLFlowLogger"], "lightning.pytorch.loggers.MLFlowLogger needs mlflow>=1.0.0, which is "
+         "not installed — the configuration — pip install 'mlflow>=1.0.0', or choose another class"),
+    ],
+)  # fmt: skip
+def test_a_class_that_cannot_be_built_is_named(tmp_path, capsys, monkeypatch, flags, line):
+    """A class path that does not import, or a class missing a required argument, was "invalid value for --flag
+    (Given value: ...)"; a logger whose package is missing was jsonargparse's whole union error on one line."""
+    if "MLFlowLogger" in flags and importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed")
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", DEBUG, *flags]) == 2  # refused before any data or training
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: " + line
 
 
 @pytest.mark.parametrize("limit", ["max_steps", "max_epochs"])
