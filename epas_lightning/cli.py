@@ -273,7 +273,10 @@ def class_argument_error(
     or in a config's ``init_args`` (read from the ``message``); ``None`` where the message names no argument."""
     short = class_path.rsplit(".", 1)[-1]
     fix = f"`{prog} {flag}.help {class_path}` lists its arguments"
-    if required := re.search(r"callable class: the following arguments are required: ([\w, ]+)", message):
+    required = re.search(
+        r"(?:callable class|class_path '[\w.]+'):\s*the following arguments are required: ([\w, ]+)", message
+    )
+    if required:
         return ConfigError(f"{short} (given to {flag}) needs {required.group(1)}", prog, fix)
     if argument is None:
         named = re.search(

@@ -400,6 +400,12 @@ class EPASCLI(LightningCLI):
                 f"trainer.accelerator: {accelerator}",
                 "run on a machine with a GPU, or pass --trainer.accelerator=cpu (CPUs train best in 32-true)",
             )
+        if accelerator == "tpu" and importlib.util.find_spec("torch_xla") is None:  # was Lightning's traceback
+            raise ConfigError(
+                "the tpu accelerator needs torch_xla, which is not installed",
+                "trainer.accelerator: tpu",
+                "install torch_xla on a TPU machine, or pass --trainer.accelerator=cpu",
+            )
         check_scores_something(self.subcommand, trainer)
         check_counts(trainer)
         check_validation_interval(trainer)
@@ -414,15 +420,17 @@ class EPASCLI(LightningCLI):
             super().instantiate_classes()
         except UserError:
             raise
-        except (ValueError, TypeError, MisconfigurationException) as e:  # a constructor refused a configured value
+        except (ValueError, TypeError, MisconfigurationException, ModuleNotFoundError) as e:  # a constructor refused
             what = " ".join(str(e).split()).rstrip(".!")  # Lightning's messages may span lines
-            if needs := re.search(r"class_path '([\w.]+)': Requirement '([^']+)' not met", what):  # WandbLogger
-                class_path, requirement = needs.groups()
+            if needs := re.search(r"(?:class_path '([\w.]+)': )?Requirement '([^']+)' not met", what):
+                class_path, requirement = needs.groups()  # WandbLogger; accelerator tpu (no class named)
                 raise ConfigError(
-                    f"{class_path} needs {requirement}, which is not installed",
+                    f"{class_path or 'a configured setting'} needs {requirement}, which is not installed",
                     "the configuration",
-                    f"pip install '{requirement}', or choose another class",
+                    f"pip install '{requirement}', or choose another {'class' if class_path else 'setting'}",
                 ) from e
+            if isinstance(e, ModuleNotFoundError):
+                raise
             raise ConfigError(what, "the configuration", "fix the value in the YAML or the flag") from e
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:

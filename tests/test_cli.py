@@ -251,13 +251,21 @@ def test_a_misspelt_key_is_named_with_the_one_meant(tmp_path, capsys, flags, yam
          "torch.optim.lr_scheduler.StepLR` lists its arguments"),
         (["--trainer.logger", "MLFlowLogger"], "lightning.pytorch.loggers.MLFlowLogger needs mlflow>=1.0.0, which is "
          "not installed — the configuration — pip install 'mlflow>=1.0.0', or choose another class"),
+        (["--trainer.callbacks+=EarlyStopping"], "EarlyStopping (given to --trainer.callbacks) needs monitor — "
+         "python -m epas_lightning fit — `python -m epas_lightning fit --trainer.callbacks.help "
+         "lightning.pytorch.callbacks.EarlyStopping` lists its arguments"),
+        (["--trainer.accelerator", "tpu"], "the tpu accelerator needs torch_xla, which is not installed — "
+         "trainer.accelerator: tpu — install torch_xla on a TPU machine, or pass --trainer.accelerator=cpu"),
     ],
 )  # fmt: skip
 def test_a_class_that_cannot_be_built_is_named(tmp_path, capsys, monkeypatch, flags, line):
     """A class path that does not import, or a class missing a required argument, was "invalid value for --flag
-    (Given value: ...)"; a logger whose package is missing was jsonargparse's whole union error on one line."""
+    (Given value: ...)"; a logger whose package is missing was jsonargparse's whole union error on one line, and the
+    tpu accelerator without torch_xla Lightning's ModuleNotFoundError traceback."""
     if "MLFlowLogger" in flags and importlib.util.find_spec("mlflow") is not None:
         pytest.skip("mlflow is installed")
+    if "tpu" in flags and importlib.util.find_spec("torch_xla") is not None:
+        pytest.skip("torch_xla is installed")
     monkeypatch.chdir(tmp_path)
     assert main(["fit", "--config", DEBUG, *flags]) == 2  # refused before any data or training
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: " + line
