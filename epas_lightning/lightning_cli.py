@@ -91,6 +91,10 @@ CKPT_PATH_HELP = (
     "with none, fit starts from scratch and validate/test score the configured model. Lightning's best, hpc and "
     "registry are not keywords here."
 )
+LR_MONITOR_INTERVAL_HELP = (
+    "`step` (the default here): the learning rate of every optimizer, once per optimizer step; `epoch`: once per "
+    "epoch; null: at each scheduler's own interval (`step` for the default WarmupCosineLR)."
+)
 IGNORED_WARNINGS = (
     # The token loader reads memory-mapped chunks in the main process far faster than any model trains.
     r".*does not have many workers which may be a bottleneck.*",
@@ -325,6 +329,8 @@ class EPASCLI(LightningCLI):
                     action.help = CKPT_PATH_HELP
                 elif action.dest == "checkpoint.train_time_interval" and DURATION not in action.help:
                     action.help += f" Give {DURATION}."
+                elif action.dest == "lr_monitor.logging_interval":  # Lightning's says it defaults to None
+                    action.help = LR_MONITOR_INTERVAL_HELP
         args = list(sys.argv[1:] if args is None else args)
         printing = [a for a in args if a.split("=")[0] == "--print_config"]
         args = [a for a in args if a not in printing]
