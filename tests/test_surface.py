@@ -63,6 +63,7 @@ def test_top_level_help_lists_every_command_with_a_description(capsys, monkeypat
     interval_help = fit_help.split("--checkpoint.train_time_interval TRAIN_TIME_INTERVAL")[-1].split("\n  --")[0]
     assert '"H:MM:SS" (e.g. "0:30:00")' in " ".join(interval_help.split())  # the format it takes
     lr_interval_help = fit_help.split("--lr_monitor.logging_interval LOGGING_INTERVAL")[-1].split("\n  --")[0]
+    lr_interval_help = " ".join(lr_interval_help.split())
     assert "Defaults to ``None``" not in lr_interval_help and "default: step" in lr_interval_help  # it is step here
     assert main(["fit", "--config", DEBUG, "--weights_only", "false"]) == 2
     assert "— --weights_only false — leave it unset" in capsys.readouterr().err
