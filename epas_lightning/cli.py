@@ -206,9 +206,33 @@ def describe_subtypes(message: str) -> str | None:
     """What a LightningCLI flag takes, from the types jsonargparse lists in its error (``Subtypes: [<class 'int'>,
     <class 'NoneType'>]``): the flags of Lightning's classes have no type hints of ours to read."""
     listed = re.search(r"Subtypes: \[(.*)\]", message)
-    names = re.findall(r"<class '([\w.]+)'>", listed.group(1)) if listed else []
-    described = [TYPE_NAMES.get(LISTED_TYPES.get(name)) for name in names if name != "NoneType"]
+    single = re.search(r"Expected an? (<class '[\w.]+'>|typing\.Literal\[.*?\])\. Got value", message)
+    items = _top_level_items(listed.group(1)) if listed else [single.group(1)] if single else []
+    described, choices = [], []
+    for item in items:
+        literal = re.fullmatch(r"typing\.Literal\[(.*)\]", item)
+        listed_class = re.fullmatch(r"<class '([\w.]+)'>", item)
+        if literal:  # --trainer.precision: one of 64, 32, ..., bf16-mixed
+            choices += [option.strip(" '\"") for option in literal.group(1).split(",")]
+        elif listed_class is None:
+            return None
+        elif listed_class.group(1) != "NoneType":
+            described.append(TYPE_NAMES.get(LISTED_TYPES.get(listed_class.group(1))))
+    if choices:
+        choices = list(dict.fromkeys(choices))
+        described.insert(0, choices[0] if len(choices) == 1 else "one of " + ", ".join(choices))
     return " or ".join(described) if described and all(described) else None
+
+
+def _top_level_items(listed: str) -> list[str]:
+    """``a, b[c, d], e`` -> ``["a", "b[c, d]", "e"]``: the items of jsonargparse's list of subtypes."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(listed):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(listed[start:i].strip())
+            start = i + 1
+    return [*items, listed[start:].strip()]
 
 
 def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: Sequence[str] = ()) -> UserError:
