@@ -458,9 +458,9 @@ def dispatch(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     if command in LIGHTNING_COMMANDS:
         with remembering_requeue_signal() if command == "fit" else nullcontext():  # SLURM's, from the first second
-            from epas_lightning.lightning_cli import exit_status, lightning_cli
+            from epas_lightning.lightning_cli import RUN_SECTIONS, exit_status, lightning_cli
 
-            check_config_files(argv)
+            check_config_files(argv, sections=("trainer", "model", "data", *RUN_SECTIONS))
             try:
                 cli = lightning_cli(argv)
             except ArgumentError as e:
@@ -475,14 +475,38 @@ def dispatch(argv: list[str]) -> int:
     return result if isinstance(result, int) else 0
 
 
-def check_config_files(argv: Sequence[str]) -> None:
+def check_config_files(argv: Sequence[str], sections: Sequence[str] = ()) -> None:
     """Each ``--config`` file of ``argv`` that exists, read as text: a folder or a file that is not UTF-8 is one
     :class:`ConfigError` (jsonargparse said "invalid value for --config", or ended in a UnicodeDecodeError traceback).
-    A file that does not exist is left to the parser's error (or a packaged config of that name, for fit)."""
+    A file that does not exist is left to the parser's error (or a packaged config of that name, for fit). Its YAML
+    must be a mapping, and each of ``sections`` in it a mapping too (:func:`check_config_shape`)."""
     for given in config_arguments(argv):
         path = Path(given).expanduser()
         if path.is_file() or path.is_dir():  # not a pipe: read here, it would be empty for the parser
-            read_text_file(path, "config", f"--config {given}")
+            check_config_shape(read_text_file(path, "config", f"--config {given}"), f"--config {given}", sections)
+
+
+def check_config_shape(text: str, where: str, sections: Sequence[str]) -> None:
+    """A config that is empty, a list or a single value was jsonargparse's "Unexpected config: ..."; a section holding
+    a list (``sharing: [1]``) silently reset that section to its defaults, and a number (``trainer: 5``) ended in an
+    AttributeError traceback. YAML that does not parse is left to the parser's error, which names the line."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return
+    if not isinstance(data, dict):
+        shape = "empty" if data is None else "a list" if isinstance(data, list) else f"the single value {data!r}"
+        what = f"the config is {shape}, not a mapping of options"
+        raise ConfigError(what, where, "write one `option: value` line per option")
+    for section in sections:
+        if not isinstance(data.get(section), dict | str | None):  # a str is a nested config file's path
+            raise ConfigError(
+                f"`{section}:` holds {data[section]!r}, not its settings",
+                where,
+                f"indent `key: value` lines under `{section}:`",
+            )
 
 
 def config_arguments(argv: Sequence[str]) -> list[str]:

@@ -271,6 +271,25 @@ def test_a_class_that_cannot_be_built_is_named(tmp_path, capsys, monkeypatch, fl
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: " + line
 
 
+@pytest.mark.parametrize(
+    ("yaml", "line"),
+    [
+        ("", "the config is empty, not a mapping of options — --config {} — write one `option: value` line per option"),
+        ("- a\n- b\n", "the config is a list, not a mapping of options — --config {} — "),
+        ("trainer: 5\n", "`trainer:` holds 5, not its settings — --config {} — indent `key: value` lines under "
+         "`trainer:`"),
+        ("sharing: [1]\n", "`sharing:` holds [1], not its settings — --config {} — "),  # was: sharing's defaults
+    ],
+)  # fmt: skip
+def test_a_config_that_is_not_a_mapping_of_sections_is_one_line(tmp_path, capsys, yaml, line):
+    """An empty or list config was "Unexpected config: ..."; `trainer: 5` an AttributeError traceback, and `sharing:
+    [1]` silently replaced the sharing settings of the configs before it by the defaults."""
+    config = tmp_path / "shape.yaml"
+    config.write_text(yaml)
+    assert main(["fit", "--config", DEBUG, "--config", str(config), "--print_config"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: " + line.format(config))
+
+
 @pytest.mark.parametrize("limit", ["max_steps", "max_epochs"])
 def test_fit_of_no_step_is_one_line(tmp_path, capsys, monkeypatch, limit):
     """`--trainer.max_steps 0` (or `max_epochs 0`) ended with status 0, having trained nothing."""
