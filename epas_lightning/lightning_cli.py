@@ -466,7 +466,7 @@ class EPASCLI(LightningCLI):
                 try:
                     super()._run_subcommand(subcommand)
                 except (MisconfigurationException, RuntimeError) as e:
-                    if (error := unlogged_monitor(e, self.trainer)) is None:
+                    if (error := unlogged_monitor(e, self.trainer) or misconfigured(e)) is None:
                         raise
                     raise error from e
         except UserError:
@@ -531,6 +531,15 @@ def unlogged_monitor(error: BaseException, trainer: Any) -> ConfigError | None:
                 "monitor one of those",
             )
     return None
+
+
+def misconfigured(error: BaseException) -> ConfigError | None:
+    """Lightning's word for a setting that cannot work, found once ``fit`` sets up (``DeviceStatsMonitor`` listed
+    with ``trainer.logger: false``), as one line; ``None`` for any other error."""
+    if not isinstance(error, MisconfigurationException):
+        return None
+    what = " ".join(str(error).split()).rstrip(".!")
+    return ConfigError(what, "the configuration", "fix the value in the YAML or the flag")
 
 
 def with_atomic_checkpoint_io(trainer_config: dict[str, Any]) -> dict[str, Any]:

@@ -290,6 +290,17 @@ def test_a_config_that_is_not_a_mapping_of_sections_is_one_line(tmp_path, capsys
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: " + line.format(config))
 
 
+def test_a_listed_callback_lightning_refuses_at_setup_is_one_line(tmp_path, tiny_corpus, capsys, monkeypatch):
+    """`DeviceStatsMonitor` with `--trainer.logger false` was Lightning's MisconfigurationException traceback."""
+    monkeypatch.chdir(tmp_path)
+    flags = ["--trainer.logger", "false", "--trainer.callbacks+=DeviceStatsMonitor"]
+    assert main(["fit", "--config", DEBUG, *flags]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: Cannot use `DeviceStatsMonitor` callback with `Trainer(logger=False)` — the configuration — fix the "
+        "value in the YAML or the flag"
+    )
+
+
 @pytest.mark.parametrize("limit", ["max_steps", "max_epochs"])
 def test_fit_of_no_step_is_one_line(tmp_path, capsys, monkeypatch, limit):
     """`--trainer.max_steps 0` (or `max_epochs 0`) ended with status 0, having trained nothing."""
