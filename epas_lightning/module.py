@@ -131,6 +131,7 @@ class EPASModule(LightningModule):
         self.attention_reuse = attention_reuse
         self.attention_kernel = attention_kernel
         check_attention_reuse(config, attention_reuse)  # before any model is built
+        check_compile_backend(compile)
         if activation_checkpointing != "auto":
             try:
                 checkpointed_blocks(activation_checkpointing, config.n_layer)
@@ -517,6 +518,24 @@ class EPASModule(LightningModule):
                 f"the max_steps of model.lr_scheduler (epas_lightning.{type(scheduler).__name__}), for the decay"
             )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_compile_backend(compile: bool | str) -> None:
+    """A ``compile`` string must name a ``torch.compile`` backend: an unknown one was torch's ``InvalidBackend``
+    traceback once ``fit`` built the model, after the data was prepared."""
+    if not isinstance(compile, str):
+        return
+    from torch._dynamo.backends.registry import lookup_backend
+    from torch._dynamo.exc import InvalidBackend
+
+    try:
+        lookup_backend(compile)
+    except InvalidBackend:
+        raise ConfigError(
+            f"{compile!r} is not a torch.compile backend",
+            "model.compile",
+            "give true (inductor), false, or a backend torch._dynamo.list_backends() lists (e.g. aot_eager)",
+        ) from None
 
 
 def built_from_config(factory: Any, argument: Any, section: str) -> Any:

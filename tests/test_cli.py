@@ -301,6 +301,13 @@ def test_a_listed_callback_lightning_refuses_at_setup_is_one_line(tmp_path, tiny
     )
 
 
+def test_an_unknown_compile_backend_is_one_line_before_the_data(tmp_path, monkeypatch):
+    """`--model.compile maybe` was torch's InvalidBackend traceback once fit built the model."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="'maybe' is not a torch.compile backend — model.compile — give true"):
+        lightning_cli(["--config", DEBUG, "--model.compile", "maybe"], run=False)
+
+
 @pytest.mark.parametrize("limit", ["max_steps", "max_epochs"])
 def test_fit_of_no_step_is_one_line(tmp_path, capsys, monkeypatch, limit):
     """`--trainer.max_steps 0` (or `max_epochs 0`) ended with status 0, having trained nothing."""
