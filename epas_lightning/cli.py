@@ -273,6 +273,11 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
         classless = classless or (base is not None and base.group(1).split(".")[-1] == chosen.group(1).split(".")[-1])
         if value and (absent := missing_class(error, value.group(1).strip(), flag, prog)):
             return absent
+        if several := re.search(
+            r"Multiple subclasses with name (\w+)\. Give the full class path[^:]*: (.+?)\.?$", str(error), re.M
+        ):
+            name, paths = several.groups()
+            return ConfigError(f"{name} names several classes ({paths})", flag, "give the full class path of one")
         if not classless:  # a bad argument of the class given
             argument = nested.groups() if nested else None
             if bad := class_argument_error(str(error), prog, flag, chosen.group(1), argument):

@@ -254,6 +254,9 @@ def test_a_misspelt_key_is_named_with_the_one_meant(tmp_path, capsys, flags, yam
         (["--trainer.callbacks+=EarlyStopping"], "EarlyStopping (given to --trainer.callbacks) needs monitor — "
          "python -m epas_lightning fit — `python -m epas_lightning fit --trainer.callbacks.help "
          "lightning.pytorch.callbacks.EarlyStopping` lists its arguments"),
+        (["--model.lr_scheduler", "ReduceLROnPlateau"], "ReduceLROnPlateau names several classes "
+         "(torch.optim.lr_scheduler.ReduceLROnPlateau, lightning.pytorch.cli.ReduceLROnPlateau) — --model.lr_scheduler "
+         "— give the full class path of one"),
         (["--trainer.accelerator", "tpu"], "the tpu accelerator needs torch_xla, which is not installed — "
          "trainer.accelerator: tpu — install torch_xla on a TPU machine, or pass --trainer.accelerator=cpu"),
     ],
