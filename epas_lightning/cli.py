@@ -214,8 +214,8 @@ def describe_subtypes(message: str) -> str | None:
         listed_class = re.fullmatch(r"<class '([\w.]+)'>", item)
         if literal:  # --trainer.precision: one of 64, 32, ..., bf16-mixed
             choices += [option.strip(" '\"") for option in literal.group(1).split(",")]
-        elif listed_class is None:
-            return None
+        elif listed_class is None:  # a list or callable choice: described by the others, as before
+            continue
         elif listed_class.group(1) != "NoneType":
             described.append(TYPE_NAMES.get(LISTED_TYPES.get(listed_class.group(1))))
     if choices:

@@ -349,6 +349,7 @@ def test_a_config_value_that_is_not_a_finite_number_is_refused_as_on_the_command
         ("--trainer.precision", "17", "one of 64, 32, 16, transformer-engine, transformer-engine-float16, 16-true, "
          "16-mixed, bf16-true, bf16-mixed, 32-true, 64-true, bf16"),
         ("--sharing.order", "middle", "one of deep_first, shallow_first"),
+        ("--sharing.target", "abc", "a whole number or a number"),  # a list too, said by the help
         ("--model.activation_checkpointing", "sometimes", "auto or true or false or a whole number"),
     ],
 )  # fmt: skip
