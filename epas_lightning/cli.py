@@ -285,6 +285,14 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
         if nested:  # `--model.optimizer.lr 1e-3` where no class was given for --model.optimizer
             name, val = nested.groups()
             what = f"{flag}.{name} sets an argument of the class of {flag}, and none was given"
+            if flag == "--model.optimizer":  # AdamW's own defaults would replace fit's betas and weight decay
+                fix = (
+                    f"name the class first, with fit's default settings: {flag} AdamW {flag}.{name} {val} "
+                    + " ".join(
+                        f"{flag}.{key} {DEFAULT_OPTIMIZER_FLAGS[key]}" for key in DEFAULT_OPTIMIZER_FLAGS if key != name
+                    )
+                )
+                return ConfigError(what, prog, fix)
             return ConfigError(what, prog, f"name the class first: {flag} CLASS {flag}.{name} {val}")
         if takes and value:
             what = f"{flag} takes {takes}, not {value.group(1).strip()!r}"
@@ -292,6 +300,11 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
             detail = "; ".join(part for part in (expected, given) if part)
             what = f"invalid value for {flag}" + (f" ({detail})" if detail else "")
     return ConfigError(what, prog, f"see `{prog} --help`")
+
+
+DEFAULT_OPTIMIZER_FLAGS = {"lr": "3e-4", "betas": "[0.9,0.95]", "weight_decay": "0.1"}
+"""fit's default optimizer (``epas_lightning.optim.DEFAULT_ADAMW``) as flags: ``--model.optimizer AdamW`` alone
+takes AdamW's own defaults (betas 0.999, weight decay 0.01)."""
 
 
 def class_argument_error(

@@ -311,6 +311,20 @@ def test_an_unknown_compile_backend_is_one_line_before_the_data(tmp_path, monkey
         lightning_cli(["--config", DEBUG, "--model.compile", "maybe"], run=False)
 
 
+def test_an_optimizer_argument_without_a_class_keeps_fits_defaults_in_its_advice(tmp_path, capsys, monkeypatch):
+    """`--model.optimizer.lr 1e-3` was told to name a class first, and `--model.optimizer AdamW` alone trains with
+    AdamW's own betas (0.9, 0.999) and weight decay 0.01, not fit's default (0.9, 0.95) and 0.1: the advice spells
+    them out, and it builds that optimizer."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", DEBUG, "--model.optimizer.lr", "1e-3", "--print_config"]) == 2
+    advice = capsys.readouterr().err.strip().splitlines()[-1].split("with fit's default settings: ")[1]
+    import torch
+
+    module = lightning_cli(["--config", DEBUG, *advice.split()], run=False).model
+    (group,) = module.optimizer_factory([torch.nn.Parameter(torch.zeros(1))]).param_groups
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (1e-3, (0.9, 0.95), 0.1)
+
+
 @pytest.mark.parametrize("limit", ["max_steps", "max_epochs"])
 def test_fit_of_no_step_is_one_line(tmp_path, capsys, monkeypatch, limit):
     """`--trainer.max_steps 0` (or `max_epochs 0`) ended with status 0, having trained nothing."""
