@@ -386,10 +386,17 @@ class TokenThroughputMonitor(ThroughputMonitor):
     processes (Lightning's were rank zero's), ``validate/...``'s too.
 
     Args:
-        window_size: Entries over which the rates are averaged: optimizer steps in training, batches in validation.
+        window_size: Entries over which the rates are averaged: optimizer steps in training, batches in validation;
+            2 or more.
     """
 
     def __init__(self, window_size: int = 5) -> None:
+        if not isinstance(window_size, int) or window_size < 2:  # Lightning's `assert window_size > 1`, at setup
+            raise ConfigError(
+                f"the throughput window must hold at least 2 entries, not {window_size}",
+                "throughput.window_size",
+                "set 2 or more (the rates are differences between its entries)",
+            )
         super().__init__(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=window_size)
         self._resumed = dict.fromkeys(RUN_TOTALS, 0)  # the totals of the sessions before this one
         self._world_size = 1

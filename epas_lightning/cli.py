@@ -37,6 +37,7 @@ from epas_lightning.errors import (
     TrainingDiverged,
     UserError,
     debug_enabled,
+    did_you_mean,
     error_line,
     is_out_of_memory,
     not_utf8,
@@ -205,9 +206,33 @@ def describe_subtypes(message: str) -> str | None:
     """What a LightningCLI flag takes, from the types jsonargparse lists in its error (``Subtypes: [<class 'int'>,
     <class 'NoneType'>]``): the flags of Lightning's classes have no type hints of ours to read."""
     listed = re.search(r"Subtypes: \[(.*)\]", message)
-    names = re.findall(r"<class '([\w.]+)'>", listed.group(1)) if listed else []
-    described = [TYPE_NAMES.get(LISTED_TYPES.get(name)) for name in names if name != "NoneType"]
+    single = re.search(r"Expected an? (<class '[\w.]+'>|typing\.Literal\[.*?\])\. Got value", message)
+    items = _top_level_items(listed.group(1)) if listed else [single.group(1)] if single else []
+    described, choices = [], []
+    for item in items:
+        literal = re.fullmatch(r"typing\.Literal\[(.*)\]", item)
+        listed_class = re.fullmatch(r"<class '([\w.]+)'>", item)
+        if literal:  # --trainer.precision: one of 64, 32, ..., bf16-mixed
+            choices += [option.strip(" '\"") for option in literal.group(1).split(",")]
+        elif listed_class is None:  # a list or callable choice: described by the others, as before
+            continue
+        elif listed_class.group(1) != "NoneType":
+            described.append(TYPE_NAMES.get(LISTED_TYPES.get(listed_class.group(1))))
+    if choices:
+        choices = list(dict.fromkeys(choices))
+        described.insert(0, choices[0] if len(choices) == 1 else "one of " + ", ".join(choices))
     return " or ".join(described) if described and all(described) else None
+
+
+def _top_level_items(listed: str) -> list[str]:
+    """``a, b[c, d], e`` -> ``["a", "b[c, d]", "e"]``: the items of jsonargparse's list of subtypes."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(listed):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(listed[start:i].strip())
+            start = i + 1
+    return [*items, listed[start:].strip()]
 
 
 def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: Sequence[str] = ()) -> UserError:
@@ -242,10 +267,17 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
         takes = describe_type(get_type_hints(fn).get(key)) if fn is not None else describe_subtypes(str(error))
         value = re.search(r"(?:Given|Got) value: (.*)$", str(error), re.MULTILINE)
         nested = re.search(r"NestedArg\(key='([^']*)', val='([^']*)'\)", str(error))
-        chosen = re.search(r"class_path='([\w.]+)'", str(error))
+        chosen = re.search(r"class_path[= ]'([\w.]+)'", str(error))
         base = re.search(r"Subtypes: \[typing\.Callable\[\[.*?\], ([\w.]+)\]", str(error))  # what no class means
         classless = chosen is None or chosen.group(1).startswith("typing.")
         classless = classless or (base is not None and base.group(1).split(".")[-1] == chosen.group(1).split(".")[-1])
+        if value and (absent := missing_class(error, value.group(1).strip(), flag, prog)):
+            return absent
+        if several := re.search(
+            r"Multiple subclasses with name (\w+)\. Give the full class path[^:]*: (.+?)\.?$", str(error), re.M
+        ):
+            name, paths = several.groups()
+            return ConfigError(f"{name} names several classes ({paths})", flag, "give the full class path of one")
         if not classless:  # a bad argument of the class given
             argument = nested.groups() if nested else None
             if bad := class_argument_error(str(error), prog, flag, chosen.group(1), argument):
@@ -253,6 +285,14 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
         if nested:  # `--model.optimizer.lr 1e-3` where no class was given for --model.optimizer
             name, val = nested.groups()
             what = f"{flag}.{name} sets an argument of the class of {flag}, and none was given"
+            if flag == "--model.optimizer":  # AdamW's own defaults would replace fit's betas and weight decay
+                fix = (
+                    f"name the class first, with fit's default settings: {flag} AdamW {flag}.{name} {val} "
+                    + " ".join(
+                        f"{flag}.{key} {DEFAULT_OPTIMIZER_FLAGS[key]}" for key in DEFAULT_OPTIMIZER_FLAGS if key != name
+                    )
+                )
+                return ConfigError(what, prog, fix)
             return ConfigError(what, prog, f"name the class first: {flag} CLASS {flag}.{name} {val}")
         if takes and value:
             what = f"{flag} takes {takes}, not {value.group(1).strip()!r}"
@@ -262,12 +302,24 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
     return ConfigError(what, prog, f"see `{prog} --help`")
 
 
+DEFAULT_OPTIMIZER_FLAGS = {"lr": "3e-4", "betas": "[0.9,0.95]", "weight_decay": "0.1"}
+"""fit's default optimizer (``epas_lightning.optim.DEFAULT_ADAMW``) as flags: ``--model.optimizer AdamW`` alone
+takes AdamW's own defaults (betas 0.999, weight decay 0.01)."""
+
+
 def class_argument_error(
     message: str, prog: str, flag: str, class_path: str, argument: tuple[str, str] | None
 ) -> ConfigError | None:
     """One line for a bad argument of the class given to a flag, on the command line (``argument``: the name and value
     of ``--model.lr_scheduler.decay_shape exp``, where jsonargparse's union error reads as if no class had been given)
     or in a config's ``init_args`` (read from the ``message``); ``None`` where the message names no argument."""
+    short = class_path.rsplit(".", 1)[-1]
+    fix = f"`{prog} {flag}.help {class_path}` lists its arguments"
+    required = re.search(
+        r"(?:callable class|class_path '[\w.]+'):\s*the following arguments are required: ([\w, ]+)", message
+    )
+    if required:
+        return ConfigError(f"{short} (given to {flag}) needs {required.group(1)}", prog, fix)
     if argument is None:
         named = re.search(
             r"callable class: (?:Parser key \"(\w+)\":\s*.*?Got value: (.*?)\. Got value|Option '(\w+)')", message
@@ -276,7 +328,6 @@ def class_argument_error(
             return None
         argument = (named.group(1), named.group(2)) if named.group(1) else (named.group(3), "")
     name, value = argument
-    short = class_path.rsplit(".", 1)[-1]
     expected = re.search(rf'Parser key "{re.escape(name)}":\s*Expected an? (.+?)\. Got value', message)
     if expected:
         literal = re.fullmatch(r"typing\.Literal\[(.*)\]", expected.group(1))
@@ -287,10 +338,37 @@ def class_argument_error(
             takes = TYPE_NAMES.get(LISTED_TYPES.get(listed.group(1))) if listed else None
         what = f"{flag}.{name} of {short} takes {takes or expected.group(1)}, not {value!r}"
     elif f"Option '{name}' is not accepted" in message:
-        what = f"{short} (given to {flag}) has no argument {name!r}"
+        what = f"{short} (given to {flag}) has no argument {name!r}{did_you_mean(name, class_arguments(class_path))}"
     else:
         what = f"invalid value {value!r} for {flag}.{name} of {short}"
-    return ConfigError(what, prog, f"`{prog} {flag}.help {class_path}` lists its arguments")
+    return ConfigError(what, prog, fix)
+
+
+def missing_class(error: BaseException, given: str, flag: str, prog: str) -> ConfigError | None:
+    """The one line for a class path given to ``flag`` that does not import: its module is not installed
+    (``foo_pkg.Callback``) or has no such name (``torch.optim.NoSuch``); ``None`` for any other error."""
+    cause = error.__cause__ or error.__context__
+    while cause is not None:
+        if isinstance(cause, ModuleNotFoundError) and cause.name and given.startswith(cause.name):
+            what = f"{given} cannot be imported: no module named {cause.name!r} is installed"
+            return ConfigError(what, flag, "install it, or check the class path")
+        absent = re.fullmatch(r"module '([\w.]+)' has no attribute '(\w+)'", str(cause))
+        if isinstance(cause, AttributeError) and absent and given == f"{absent.group(1)}.{absent.group(2)}":
+            module, name = absent.groups()
+            names = [n for n in dir(sys.modules.get(module)) if n[:1].isupper() == name[:1].isupper()]
+            what = f"{module} has no {name}{did_you_mean(name, names)}"
+            return ConfigError(what, flag, f"check the class path (`{prog} --help` lists known classes under {flag})")
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def class_arguments(class_path: str) -> list[str]:
+    """The argument names of the class at ``class_path`` (``[]`` where it does not import)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return list(inspect.signature(getattr(importlib.import_module(module), name)).parameters)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return []
 
 
 def _yaml_error(error: Exception, prog: str, argv: Sequence[str]) -> ConfigError:
@@ -398,9 +476,9 @@ def dispatch(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     if command in LIGHTNING_COMMANDS:
         with remembering_requeue_signal() if command == "fit" else nullcontext():  # SLURM's, from the first second
-            from epas_lightning.lightning_cli import exit_status, lightning_cli
+            from epas_lightning.lightning_cli import RUN_SECTIONS, exit_status, lightning_cli
 
-            check_config_files(argv)
+            check_config_files(argv, sections=("trainer", "model", "data", *RUN_SECTIONS))
             try:
                 cli = lightning_cli(argv)
             except ArgumentError as e:
@@ -415,14 +493,38 @@ def dispatch(argv: list[str]) -> int:
     return result if isinstance(result, int) else 0
 
 
-def check_config_files(argv: Sequence[str]) -> None:
+def check_config_files(argv: Sequence[str], sections: Sequence[str] = ()) -> None:
     """Each ``--config`` file of ``argv`` that exists, read as text: a folder or a file that is not UTF-8 is one
     :class:`ConfigError` (jsonargparse said "invalid value for --config", or ended in a UnicodeDecodeError traceback).
-    A file that does not exist is left to the parser's error (or a packaged config of that name, for fit)."""
+    A file that does not exist is left to the parser's error (or a packaged config of that name, for fit). Its YAML
+    must be a mapping, and each of ``sections`` in it a mapping too (:func:`check_config_shape`)."""
     for given in config_arguments(argv):
         path = Path(given).expanduser()
         if path.is_file() or path.is_dir():  # not a pipe: read here, it would be empty for the parser
-            read_text_file(path, "config", f"--config {given}")
+            check_config_shape(read_text_file(path, "config", f"--config {given}"), f"--config {given}", sections)
+
+
+def check_config_shape(text: str, where: str, sections: Sequence[str]) -> None:
+    """A config that is empty, a list or a single value was jsonargparse's "Unexpected config: ..."; a section holding
+    a list (``sharing: [1]``) silently reset that section to its defaults, and a number (``trainer: 5``) ended in an
+    AttributeError traceback. YAML that does not parse is left to the parser's error, which names the line."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return
+    if not isinstance(data, dict):
+        shape = "empty" if data is None else "a list" if isinstance(data, list) else f"the single value {data!r}"
+        what = f"the config is {shape}, not a mapping of options"
+        raise ConfigError(what, where, "write one `option: value` line per option")
+    for section in sections:
+        if not isinstance(data.get(section), dict | str | None):  # a str is a nested config file's path
+            raise ConfigError(
+                f"`{section}:` holds {data[section]!r}, not its settings",
+                where,
+                f"indent `key: value` lines under `{section}:`",
+            )
 
 
 def config_arguments(argv: Sequence[str]) -> list[str]:

@@ -8,10 +8,11 @@ that caught the plain errors these replace keeps working.
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
@@ -108,6 +109,12 @@ def not_utf8(text: str) -> str | None:
         what = f"byte {char - 0xDC00:#04x}" if 0xDC80 <= char <= 0xDCFF else repr(text[e.start])  # an escaped byte
         return f"{what} at character {e.start}"
     return None
+
+
+def did_you_mean(given: str, known: Iterable[str]) -> str:
+    """`` (did you mean n_layer?)`` for a misspelt name closest to one of ``known``, or ``""``."""
+    close = difflib.get_close_matches(given, list(known), n=1, cutoff=0.8)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def os_reason(error: OSError) -> str:

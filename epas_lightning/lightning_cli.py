@@ -25,6 +25,7 @@ preset, and with ``init_from`` the fields read from the source.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -32,6 +33,7 @@ import random
 import re
 import sys
 import warnings
+from argparse import ArgumentError
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,7 +54,7 @@ from epas_lightning.child_ranks import EndChildRanksOnError
 from epas_lightning.cli import DURATION, LIGHTNING_COMMANDS, PROG
 from epas_lightning.data import TokenDataModule
 from epas_lightning.divergence import DivergenceGuard
-from epas_lightning.errors import ConfigError, UserError
+from epas_lightning.errors import ConfigError, UserError, did_you_mean
 from epas_lightning.init_from import config_from_source, filled_from, resumed_instead
 from epas_lightning.interrupt import GracefulStop, Interrupted
 from epas_lightning.model import LlamaConfig
@@ -92,6 +94,10 @@ CKPT_PATH_HELP = (
     "with none, fit starts from scratch and validate/test score the configured model. Lightning's best, hpc and "
     "registry are not keywords here."
 )
+LR_MONITOR_INTERVAL_HELP = (
+    "`step` (the default here): the learning rate of every optimizer, once per optimizer step; `epoch`: once per "
+    "epoch; null: at each scheduler's own interval (`step` for the default WarmupCosineLR)."
+)
 IGNORED_WARNINGS = (
     # The token loader reads memory-mapped chunks in the main process far faster than any model trains.
     r".*does not have many workers which may be a bottleneck.*",
@@ -120,8 +126,20 @@ def _config_fields(value: Any) -> dict[str, Any]:
 
 
 def _as_config(value: Any) -> LlamaConfig:
-    """The model config from a parsed ``model.config`` value (a namespace, dict or dataclass)."""
-    return value if isinstance(value, LlamaConfig) else LlamaConfig(**_config_fields(value))
+    """The model config from a parsed ``model.config`` value (a namespace, dict or dataclass); a field it does not
+    have (``n_layers`` in a YAML) is one line naming it, not the link's message with the whole namespace."""
+    if isinstance(value, LlamaConfig):
+        return value
+    given = _config_fields(value)
+    known = [field.name for field in dataclasses.fields(LlamaConfig)]
+    for name in given:
+        if name not in known:
+            raise ConfigError(
+                f"model.config has no field {name!r}{did_you_mean(name, known)}",
+                f"model.config.{name}",
+                f"use one of {', '.join(known)}",
+            )
+    return LlamaConfig(**given)
 
 
 LINKED_FIELDS = {"sharing.n_layer": "n_layer", "data.seq_len": "block_size", "data.vocab_size": "vocab_size"}
@@ -227,7 +245,7 @@ def check_validation_interval(trainer: Namespace) -> None:
 
 def check_scores_something(subcommand: str | None, trainer: Namespace) -> None:
     """``validate`` with ``limit_val_batches: 0`` (``test`` with ``limit_test_batches: 0``, ``fit`` with
-    ``limit_train_batches: 0``) ended with status 0, having scored (trained) nothing."""
+    ``limit_train_batches``, ``max_steps`` or ``max_epochs`` 0) ended with status 0, having scored (trained) nothing."""
     key = {"validate": "limit_val_batches", "test": "limit_test_batches", "fit": "limit_train_batches"}.get(
         subcommand or ""
     )
@@ -236,6 +254,13 @@ def check_scores_something(subcommand: str | None, trainer: Namespace) -> None:
         raise ConfigError(
             f"trainer.{key} is 0: {subcommand} would {does} no batch", f"trainer.{key}", "set it to 1 or more, or null"
         )
+    for limit in ("max_steps", "max_epochs") if subcommand == "fit" else ():
+        if _whole(trainer.get(limit)) and trainer.get(limit) == 0:  # ended with status 0, having trained nothing
+            raise ConfigError(
+                f"trainer.{limit} is 0: fit would train no step",
+                f"trainer.{limit}",
+                "set it to 1 or more, or -1 for no limit",
+            )
 
 
 def packaged_config(name: str) -> Path | None:
@@ -307,10 +332,18 @@ class EPASCLI(LightningCLI):
                     action.help = CKPT_PATH_HELP
                 elif action.dest == "checkpoint.train_time_interval" and DURATION not in action.help:
                     action.help += f" Give {DURATION}."
+                elif action.dest == "lr_monitor.logging_interval":  # Lightning's says it defaults to None
+                    action.help = LR_MONITOR_INTERVAL_HELP
         args = list(sys.argv[1:] if args is None else args)
         printing = [a for a in args if a.split("=")[0] == "--print_config"]
         args = [a for a in args if a not in printing]
-        self.config = parser.parse_args(args)
+        try:
+            self.config = parser.parse_args(args)
+        except ArgumentError as e:
+            parsers = getattr(self, "_subcommand_parsers", {})  # none when run=False
+            if (unknown := unknown_option(e, parsers.get(args[0]) if args else None)) is None:
+                raise
+            raise unknown from e
         if printing:
             subcommand = self.config.subcommand
             config = self.config[subcommand].clone()
@@ -383,6 +416,12 @@ class EPASCLI(LightningCLI):
                 f"trainer.accelerator: {accelerator}",
                 "run on a machine with a GPU, or pass --trainer.accelerator=cpu (CPUs train best in 32-true)",
             )
+        if accelerator == "tpu" and importlib.util.find_spec("torch_xla") is None:  # was Lightning's traceback
+            raise ConfigError(
+                "the tpu accelerator needs torch_xla, which is not installed",
+                "trainer.accelerator: tpu",
+                "install torch_xla on a TPU machine, or pass --trainer.accelerator=cpu",
+            )
         check_scores_something(self.subcommand, trainer)
         check_counts(trainer)
         check_validation_interval(trainer)
@@ -397,8 +436,17 @@ class EPASCLI(LightningCLI):
             super().instantiate_classes()
         except UserError:
             raise
-        except (ValueError, TypeError, MisconfigurationException) as e:  # a constructor refused a configured value
+        except (ValueError, TypeError, MisconfigurationException, ModuleNotFoundError) as e:  # a constructor refused
             what = " ".join(str(e).split()).rstrip(".!")  # Lightning's messages may span lines
+            if needs := re.search(r"(?:class_path '([\w.]+)': )?Requirement '([^']+)' not met", what):
+                class_path, requirement = needs.groups()  # WandbLogger; accelerator tpu (no class named)
+                raise ConfigError(
+                    f"{class_path or 'a configured setting'} needs {requirement}, which is not installed",
+                    "the configuration",
+                    f"pip install '{requirement}', or choose another {'class' if class_path else 'setting'}",
+                ) from e
+            if isinstance(e, ModuleNotFoundError):
+                raise
             raise ConfigError(what, "the configuration", "fix the value in the YAML or the flag") from e
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
@@ -428,7 +476,7 @@ class EPASCLI(LightningCLI):
                 try:
                     super()._run_subcommand(subcommand)
                 except (MisconfigurationException, RuntimeError) as e:
-                    if (error := unlogged_monitor(e, self.trainer)) is None:
+                    if (error := unlogged_monitor(e, self.trainer) or misconfigured(e)) is None:
                         raise
                     raise error from e
         except UserError:
@@ -444,6 +492,26 @@ class EPASCLI(LightningCLI):
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         kwargs["weights_only"] = True  # checkpoints hold tensors and plain data only: never unpickle anything else
         return kwargs
+
+
+UNKNOWN_OPTION = re.compile(r"does not accept option '([^']+)'|unrecognized arguments: --(\S+?)(?:=|\s|$)")
+"""jsonargparse's words for a key no section has: in a config file, and on the command line."""
+
+
+def unknown_option(error: ArgumentError, parser: Any) -> ConfigError | None:
+    """The one line for a key of the command line or a config that ``parser`` does not have (``trainer.max_stepz``),
+    with the option it most likely meant; ``None`` for any other parse error."""
+    found = UNKNOWN_OPTION.search(str(error))
+    if found is None or parser is None:
+        return None
+    key = found.group(1) or found.group(2)
+    known = [action.dest for action in parser._actions if action.dest not in ("help", "config", "print_config")]
+    command = parser.prog.split()[-1]
+    return ConfigError(
+        f"{command} has no option {key}{did_you_mean(key, known)}",
+        f"{PROG} {command}",
+        f"see `{PROG} {command} --help`",
+    )
 
 
 UNLOGGED_MONITOR = {
@@ -473,6 +541,15 @@ def unlogged_monitor(error: BaseException, trainer: Any) -> ConfigError | None:
                 "monitor one of those",
             )
     return None
+
+
+def misconfigured(error: BaseException) -> ConfigError | None:
+    """Lightning's word for a setting that cannot work, found once ``fit`` sets up (``DeviceStatsMonitor`` listed
+    with ``trainer.logger: false``), as one line; ``None`` for any other error."""
+    if not isinstance(error, MisconfigurationException):
+        return None
+    what = " ".join(str(error).split()).rstrip(".!")
+    return ConfigError(what, "the configuration", "fix the value in the YAML or the flag")
 
 
 def with_atomic_checkpoint_io(trainer_config: dict[str, Any]) -> dict[str, Any]:

@@ -131,6 +131,7 @@ class EPASModule(LightningModule):
         self.attention_reuse = attention_reuse
         self.attention_kernel = attention_kernel
         check_attention_reuse(config, attention_reuse)  # before any model is built
+        check_compile_backend(compile)
         if activation_checkpointing != "auto":
             try:
                 checkpointed_blocks(activation_checkpointing, config.n_layer)
@@ -486,7 +487,7 @@ class EPASModule(LightningModule):
 
     def configure_optimizers(self):  # noqa: ANN201
         if self.optimizer_factory is not None:
-            optimizer = self.optimizer_factory(param_groups(self))
+            optimizer = built_from_config(self.optimizer_factory, param_groups(self), "model.optimizer")
         else:
             optimizer = default_optimizer(self)
         total = self.trainer.estimated_stepping_batches  # inf: no max_steps and max_epochs=-1 (a max_time run)
@@ -495,7 +496,7 @@ class EPASModule(LightningModule):
             warmup = 100 if total_steps is None else min(100, total_steps // 10)
             scheduler = WarmupCosineLR(optimizer, warmup_steps=warmup, max_steps=total_steps)
         else:
-            scheduler = self.lr_scheduler_factory(optimizer)
+            scheduler = built_from_config(self.lr_scheduler_factory, optimizer, "model.lr_scheduler")
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 raise ConfigError(
                     "ReduceLROnPlateau is not supported: it steps on a metric, this scheduler per optimizer step",
@@ -517,6 +518,38 @@ class EPASModule(LightningModule):
                 f"the max_steps of model.lr_scheduler (epas_lightning.{type(scheduler).__name__}), for the decay"
             )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_compile_backend(compile: bool | str) -> None:
+    """A ``compile`` string must name a ``torch.compile`` backend: an unknown one was torch's ``InvalidBackend``
+    traceback once ``fit`` built the model, after the data was prepared."""
+    if not isinstance(compile, str):
+        return
+    from torch._dynamo.backends.registry import lookup_backend
+    from torch._dynamo.exc import InvalidBackend
+
+    try:
+        lookup_backend(compile)
+    except InvalidBackend:
+        raise ConfigError(
+            f"{compile!r} is not a torch.compile backend",
+            "model.compile",
+            "give true (inductor), false, or a backend torch._dynamo.list_backends() lists (e.g. aot_eager)",
+        ) from None
+
+
+def built_from_config(factory: Any, argument: Any, section: str) -> Any:
+    """``factory(argument)``: the configured optimizer or LR scheduler; a value its constructor refuses (torch's
+    ``Invalid learning rate: -0.01``) is one :class:`ConfigError` naming ``section``, not a traceback mid-setup."""
+    try:
+        return factory(argument)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        built = next((a for a in getattr(factory, "args", ()) if isinstance(a, type)), None)  # jsonargparse's partial
+        name = built.__name__ if built is not None else section
+        what = f"{name} refused its arguments: {' '.join(str(e).split()).rstrip('.')}"
+        raise ConfigError(what, section, "fix its init_args") from e
 
 
 def check_warmup_fits(scheduler: WarmupSchedule) -> None:

@@ -1,5 +1,6 @@
 """The command line: `python -m epas_lightning fit --config ...`, links, --print_config, early errors."""
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -129,14 +130,6 @@ def test_a_transformer_engine_precision_without_the_package_is_one_line(subcomma
     assert "Traceback" not in err and "— trainer.precision: transformer-engine —" in err.strip().splitlines()[-1]
 
 
-def test_an_argument_of_a_classless_optimizer_says_to_give_the_class_first(capsys):
-    """debug.yaml leaves model.optimizer to the default AdamW, so `--model.optimizer.lr` alone has no class to go to;
-    jsonargparse's message was "invalid value for --model.optimizer (Given value: NestedArg(key='lr', val='1e-3'))"."""
-    assert main(["fit", "--config", DEBUG, "--model.optimizer.lr", "1e-3", "--print_config"]) == 2
-    err = capsys.readouterr().err
-    assert "NestedArg" not in err and "--model.optimizer CLASS --model.optimizer.lr 1e-3" in err, err
-
-
 WSD = "epas_lightning.WarmupStableDecayLR"
 HELP_WSD = f"`python -m epas_lightning fit --model.lr_scheduler.help {WSD}` lists its arguments"
 
@@ -231,6 +224,150 @@ def test_validate_or_test_of_no_batch_is_one_line(tmp_path, capsys, monkeypatch,
     does = "train" if command == "fit" else "score"
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: trainer.{key} is 0: {command} would {does} no batch — trainer.{key} — set it to 1 or more, or null"
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "yaml", "line"),
+    [
+        ([], "trainr:\n  max_steps: 3\n", "fit has no option trainr.max_steps (did you mean trainer.max_steps?) — "
+         "python -m epas_lightning fit — see `python -m epas_lightning fit --help`"),
+        (["--sharing.intervall", "3"], None, "fit has no option sharing.intervall (did you mean sharing.interval?) — "
+         "python -m epas_lightning fit — see `python -m epas_lightning fit --help`"),
+        ([], "model:\n  config:\n    n_layers: 3\n", "model.config has no field 'n_layers' (did you mean n_layer?) "
+         "— model.config.n_layers — use one of name, n_layer,"),
+        (["--trainer.logger.init_args.sav_dir", "x"], None, "TensorBoardLogger (given to --trainer.logger) has no "
+         "argument 'sav_dir' (did you mean save_dir?) — python -m epas_lightning fit — "),
+    ],
+)  # fmt: skip
+def test_a_misspelt_key_is_named_with_the_one_meant(tmp_path, capsys, flags, yaml, line):
+    """A misspelt key said only that it was not accepted (a model.config field: the link's message with the whole
+    namespace; a logger argument: that no class was given, where the default logger was)."""
+    config = ["--config", str(tmp_path / "typo.yaml")] if yaml else []
+    if yaml:
+        (tmp_path / "typo.yaml").write_text(yaml)
+    assert main(["fit", "--config", DEBUG, *config, *flags, "--print_config"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: " + line)
+
+
+@pytest.mark.parametrize(
+    ("flags", "line"),
+    [
+        (["--model.optimizer", "torch.optim.AdamWW"], "torch.optim has no AdamWW (did you mean AdamW?) — "
+         "--model.optimizer — check the class path (`python -m epas_lightning fit --help` lists known classes under "
+         "--model.optimizer)"),
+        (["--trainer.callbacks+=no_such_package.Callback"], "no_such_package.Callback cannot be imported: no module "
+         "named 'no_such_package' is installed — --trainer.callbacks — install it, or check the class path"),
+        (["--model.lr_scheduler", "torch.optim.lr_scheduler.StepLR"], "StepLR (given to --model.lr_scheduler) needs "
+         "step_size — python -m epas_lightning fit — `python -m epas_lightning fit --model.lr_scheduler.help "
+         "torch.optim.lr_scheduler.StepLR` lists its arguments"),
+        (["--trainer.logger", "MLFlowLogger"], "lightning.pytorch.loggers.MLFlowLogger needs mlflow>=1.0.0, which is "
+         "not installed — the configuration — pip install 'mlflow>=1.0.0', or choose another class"),
+        (["--trainer.callbacks+=EarlyStopping"], "EarlyStopping (given to --trainer.callbacks) needs monitor — "
+         "python -m epas_lightning fit — `python -m epas_lightning fit --trainer.callbacks.help "
+         "lightning.pytorch.callbacks.EarlyStopping` lists its arguments"),
+        (["--model.lr_scheduler", "ReduceLROnPlateau"], "ReduceLROnPlateau names several classes "
+         "(torch.optim.lr_scheduler.ReduceLROnPlateau, lightning.pytorch.cli.ReduceLROnPlateau) — --model.lr_scheduler "
+         "— give the full class path of one"),
+        (["--trainer.accelerator", "tpu"], "the tpu accelerator needs torch_xla, which is not installed — "
+         "trainer.accelerator: tpu — install torch_xla on a TPU machine, or pass --trainer.accelerator=cpu"),
+    ],
+)  # fmt: skip
+def test_a_class_that_cannot_be_built_is_named(tmp_path, capsys, monkeypatch, flags, line):
+    """A class path that does not import, or a class missing a required argument, was "invalid value for --flag
+    (Given value: ...)"; a logger whose package is missing was jsonargparse's whole union error on one line, and the
+    tpu accelerator without torch_xla Lightning's ModuleNotFoundError traceback."""
+    if "MLFlowLogger" in flags and importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed")
+    if "tpu" in flags and importlib.util.find_spec("torch_xla") is not None:
+        pytest.skip("torch_xla is installed")
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", DEBUG, *flags]) == 2  # refused before any data or training
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: " + line
+
+
+@pytest.mark.parametrize(
+    ("yaml", "line"),
+    [
+        ("", "the config is empty, not a mapping of options — --config {} — write one `option: value` line per option"),
+        ("- a\n- b\n", "the config is a list, not a mapping of options — --config {} — "),
+        ("trainer: 5\n", "`trainer:` holds 5, not its settings — --config {} — indent `key: value` lines under "
+         "`trainer:`"),
+        ("sharing: [1]\n", "`sharing:` holds [1], not its settings — --config {} — "),  # was: sharing's defaults
+    ],
+)  # fmt: skip
+def test_a_config_that_is_not_a_mapping_of_sections_is_one_line(tmp_path, capsys, yaml, line):
+    """An empty or list config was "Unexpected config: ..."; `trainer: 5` an AttributeError traceback, and `sharing:
+    [1]` silently replaced the sharing settings of the configs before it by the defaults."""
+    config = tmp_path / "shape.yaml"
+    config.write_text(yaml)
+    assert main(["fit", "--config", DEBUG, "--config", str(config), "--print_config"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: " + line.format(config))
+
+
+def test_a_listed_callback_lightning_refuses_at_setup_is_one_line(tmp_path, tiny_corpus, capsys, monkeypatch):
+    """`DeviceStatsMonitor` with `--trainer.logger false` was Lightning's MisconfigurationException traceback."""
+    monkeypatch.chdir(tmp_path)
+    flags = ["--trainer.logger", "false", "--trainer.callbacks+=DeviceStatsMonitor"]
+    assert main(["fit", "--config", DEBUG, *flags]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: Cannot use `DeviceStatsMonitor` callback with `Trainer(logger=False)` — the configuration — fix the "
+        "value in the YAML or the flag"
+    )
+
+
+def test_an_unknown_compile_backend_is_one_line_before_the_data(tmp_path, monkeypatch):
+    """`--model.compile maybe` was torch's InvalidBackend traceback once fit built the model."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="'maybe' is not a torch.compile backend — model.compile — give true"):
+        lightning_cli(["--config", DEBUG, "--model.compile", "maybe"], run=False)
+
+
+def test_an_optimizer_argument_without_a_class_keeps_fits_defaults_in_its_advice(tmp_path, capsys, monkeypatch):
+    """debug.yaml leaves model.optimizer to the default AdamW, so `--model.optimizer.lr` alone has no class to go to
+    (jsonargparse's message was "invalid value for --model.optimizer (Given value: NestedArg(key='lr', ...))"). The
+    advice was to name a class first, and `--model.optimizer AdamW` alone trains with AdamW's own betas (0.9, 0.999)
+    and weight decay 0.01, not fit's default (0.9, 0.95) and 0.1: it spells them out, and it builds that optimizer."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", DEBUG, "--model.optimizer.lr", "1e-3", "--print_config"]) == 2
+    err = capsys.readouterr().err
+    assert "NestedArg" not in err
+    advice = err.strip().splitlines()[-1].split("with fit's default settings: ")[1]
+    import torch
+
+    module = lightning_cli(["--config", DEBUG, *advice.split()], run=False).model
+    (group,) = module.optimizer_factory([torch.nn.Parameter(torch.zeros(1))]).param_groups
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (1e-3, (0.9, 0.95), 0.1)
+
+
+@pytest.mark.parametrize("limit", ["max_steps", "max_epochs"])
+def test_fit_of_no_step_is_one_line(tmp_path, capsys, monkeypatch, limit):
+    """`--trainer.max_steps 0` (or `max_epochs 0`) ended with status 0, having trained nothing."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", DEBUG, f"--trainer.{limit}", "0", "--trainer.limit_val_batches", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: trainer.{limit} is 0: fit would train no step — trainer.{limit} — set it to 1 or more, or -1 for "
+        "no limit"
+    )
+
+
+@pytest.mark.parametrize("size", ["0", "1"])
+def test_a_throughput_window_too_short_is_one_line(tmp_path, monkeypatch, size):
+    """Lightning's `assert window_size > 1` was an AssertionError traceback once fit set up, after the data."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=f"at least 2 entries, not {size} — throughput.window_size — set 2 or more"):
+        lightning_cli(["--config", DEBUG, "--throughput.window_size", size], run=False)
+
+
+def test_an_optimizer_argument_torch_refuses_is_one_line(tmp_path, tiny_corpus, capsys, monkeypatch):
+    """`--model.optimizer.lr -0.01` was torch's ValueError traceback from configure_optimizers, after the data."""
+    monkeypatch.chdir(tmp_path)
+    flags = ["--model.optimizer", "AdamW", "--model.optimizer.lr", "-0.01", "--trainer.num_sanity_val_steps", "0"]
+    assert main(["fit", "--config", DEBUG, *flags]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "error: AdamW refused its arguments: Invalid learning rate: -0.01 — model.optimizer — fix its init_args"
     )
 
 

@@ -62,6 +62,9 @@ def test_top_level_help_lists_every_command_with_a_description(capsys, monkeypat
     assert "`last`: the newest last.ckpt of this run" in ckpt_path_help and "`auto`" in ckpt_path_help
     interval_help = fit_help.split("--checkpoint.train_time_interval TRAIN_TIME_INTERVAL")[-1].split("\n  --")[0]
     assert '"H:MM:SS" (e.g. "0:30:00")' in " ".join(interval_help.split())  # the format it takes
+    lr_interval_help = fit_help.split("--lr_monitor.logging_interval LOGGING_INTERVAL")[-1].split("\n  --")[0]
+    lr_interval_help = " ".join(lr_interval_help.split())
+    assert "Defaults to ``None``" not in lr_interval_help and "default: step" in lr_interval_help  # it is step here
     assert main(["fit", "--config", DEBUG, "--weights_only", "false"]) == 2
     assert "— --weights_only false — leave it unset" in capsys.readouterr().err
 
@@ -339,9 +342,25 @@ def test_a_config_value_that_is_not_a_finite_number_is_refused_as_on_the_command
     assert capsys.readouterr().err.startswith(says)
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "takes"),
+    [
+        ("--trainer.max_steps", "abc", "a whole number"),
+        ("--trainer.precision", "17", "one of 64, 32, 16, transformer-engine, transformer-engine-float16, 16-true, "
+         "16-mixed, bf16-true, bf16-mixed, 32-true, 64-true, bf16"),
+        ("--sharing.order", "middle", "one of deep_first, shallow_first"),
+        ("--sharing.target", "abc", "a whole number or a number"),  # a list too, said by the help
+        ("--model.activation_checkpointing", "sometimes", "auto or true or false or a whole number"),
+    ],
+)  # fmt: skip
+def test_a_lightning_cli_value_error_says_what_the_flag_takes(capsys, flag, value, takes):
+    """Was "invalid value for --flag (Expected a typing.Literal[...]. Got value: ...)", or for a union of choices
+    "(Given value: 17)" alone, without what it takes."""
+    assert main(["fit", "--config", DEBUG, flag, value, "--print_config"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {flag} takes {takes}, not '{value}' — ")
+
+
 def test_a_lightning_cli_value_error_names_the_flag_as_typed(capsys):
-    assert main(["fit", "--config", DEBUG, "--trainer.max_steps", "abc"]) == 2
-    assert capsys.readouterr().err.startswith("error: invalid value for --trainer.max_steps (")
     assert main(["fit", "--config", DEBUG, "--checkpoint.train_time_interval", "30 minutes"]) == 2
     says = """--checkpoint.train_time_interval takes a duration "H:MM:SS" (e.g. "0:30:00"), not '30 minutes'"""
     assert capsys.readouterr().err.startswith(f"error: {says} — ")
