@@ -52,6 +52,7 @@ from epas_lightning.divergence import DivergenceGuard
 from epas_lightning.errors import ConfigError, UserError
 from epas_lightning.init_from import config_from_source, filled_from, resumed_instead
 from epas_lightning.interrupt import GracefulStop, Interrupted
+from epas_lightning.launch import check_processes_meet, check_slurm_tasks, missing_slurm_task, port_in_use
 from epas_lightning.model import LlamaConfig
 from epas_lightning.module import EPASModule, check_resumed_model, check_trainable_precision
 from epas_lightning.resume import (
@@ -402,7 +403,16 @@ class EPASCLI(LightningCLI):
             # (where a user's own config.yaml may be, and a second run would refuse to start).
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
             self.save_config_callback = None
-        return super()._instantiate_trainer(with_atomic_checkpoint_io(config), [*callbacks, *progress_bar_for(config)])
+        check_slurm_tasks()
+        callbacks = [*callbacks, *progress_bar_for(config)]
+        try:
+            trainer = super()._instantiate_trainer(with_atomic_checkpoint_io(config), callbacks)
+        except KeyError as e:
+            if (error := missing_slurm_task(e)) is None:
+                raise
+            raise error from e
+        check_processes_meet(trainer)
+        return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
         for guard in (c for c in self.trainer.callbacks if isinstance(c, DivergenceGuard)):
@@ -418,7 +428,7 @@ class EPASCLI(LightningCLI):
                 try:
                     super()._run_subcommand(subcommand)
                 except (MisconfigurationException, RuntimeError) as e:
-                    if (error := unlogged_monitor(e, self.trainer)) is None:
+                    if (error := unlogged_monitor(e, self.trainer) or port_in_use(e)) is None:
                         raise
                     raise error from e
         except UserError:
