@@ -71,7 +71,7 @@ from epas_lightning.run_checkpoint import RunCheckpoint, save_between_steps
 from epas_lightning.run_folder import RunFolders, check_run_folders_writable
 from epas_lightning.run_summary import FlopsModelSummary, RunSummary, progress_bar_for, say
 from epas_lightning.safe_load import is_sharded_checkpoint, verify_checkpoint
-from epas_lightning.strategy import STRATEGY_NAME
+from epas_lightning.strategy import STRATEGY_NAME, check_strategy_name
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 """The YAML configs shipped with the package (``--config demo`` finds ``demo.yaml`` here)."""
@@ -375,6 +375,7 @@ class EPASCLI(LightningCLI):
                 "run on a machine with a GPU, or pass --trainer.accelerator=cpu (CPUs train best in 32-true)",
             )
         check_scores_something(self.subcommand, trainer)
+        check_strategy_name(trainer.get("strategy"))
         check_counts(trainer)
         check_validation_interval(trainer)
         check_precision_available(trainer.get("precision"))

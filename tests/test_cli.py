@@ -388,3 +388,17 @@ def test_a_master_port_another_program_holds_is_one_line(tmp_path, capsys, monke
         f"error: port {port} is in use by another program: the ranks cannot meet on it — MASTER_PORT={port} — set "
         "MASTER_PORT to a free port, or leave it unset on one machine (a free one is picked)"
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "near"),
+    [("fsdp3", " (did you mean 'fsdp2'?)"), ("ddp-spawn", " (did you mean 'ddp_spawn'?)"), ("zero", "")],
+)
+def test_a_strategy_name_lightning_does_not_know_names_the_nearest(name, near, tmp_path, capsys, monkeypatch):
+    """Lightning's refusal listed four examples (fsdp2 not among them) and sent the user to its website."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", DEBUG, f"--trainer.strategy={name}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: unknown strategy '{name}'{near} — trainer.strategy: {name} — give auto, ddp, fsdp2 or another name "
+        "of Lightning's StrategyRegistry, or a class_path"
+    )
