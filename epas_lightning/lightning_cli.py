@@ -389,7 +389,8 @@ class EPASCLI(LightningCLI):
             super().instantiate_classes()
         except UserError:
             raise
-        except (ValueError, TypeError, MisconfigurationException) as e:  # a constructor refused a configured value
+        except (ValueError, TypeError, MisconfigurationException, ModuleNotFoundError) as e:
+            # a constructor refused a configured value, or needs a package that is not installed (strategy: xla)
             what = " ".join(str(e).split()).rstrip(".!")  # Lightning's messages may span lines
             raise ConfigError(what, "the configuration", "fix the value in the YAML or the flag") from e
 

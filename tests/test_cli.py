@@ -402,3 +402,15 @@ def test_a_strategy_name_lightning_does_not_know_names_the_nearest(name, near, t
         f"error: unknown strategy '{name}'{near} — trainer.strategy: {name} — give auto, ddp, fsdp2 or another name "
         "of Lightning's StrategyRegistry, or a class_path"
     )
+
+
+def test_a_strategy_whose_package_is_missing_is_one_line(tmp_path, capsys, monkeypatch):
+    """Lightning's XLAStrategy raised a ModuleNotFoundError traceback (DeepSpeed's says it as a misconfiguration)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch_xla") is not None:
+        pytest.skip("torch_xla is installed")
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", DEBUG, "--trainer.strategy=xla"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: Requirement 'torch_xla")
