@@ -57,6 +57,7 @@ from epas_lightning.divergence import DivergenceGuard
 from epas_lightning.errors import ConfigError, UserError, did_you_mean
 from epas_lightning.init_from import config_from_source, filled_from, resumed_instead
 from epas_lightning.interrupt import GracefulStop, Interrupted
+from epas_lightning.launch import check_processes_meet, check_slurm_tasks, missing_slurm_task, port_in_use
 from epas_lightning.model import LlamaConfig
 from epas_lightning.module import EPASModule, check_resumed_model, check_trainable_precision
 from epas_lightning.resume import (
@@ -75,7 +76,7 @@ from epas_lightning.run_checkpoint import RunCheckpoint, save_between_steps
 from epas_lightning.run_folder import RunFolders, check_run_folders_writable
 from epas_lightning.run_summary import FlopsModelSummary, RunSummary, progress_bar_for, say
 from epas_lightning.safe_load import is_sharded_checkpoint, verify_checkpoint
-from epas_lightning.strategy import STRATEGY_NAME
+from epas_lightning.strategy import STRATEGY_NAME, check_strategy_name
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 """The YAML configs shipped with the package (``--config demo`` finds ``demo.yaml`` here)."""
@@ -423,6 +424,7 @@ class EPASCLI(LightningCLI):
                 "install torch_xla on a TPU machine, or pass --trainer.accelerator=cpu",
             )
         check_scores_something(self.subcommand, trainer)
+        check_strategy_name(trainer.get("strategy"))
         check_counts(trainer)
         check_validation_interval(trainer)
         check_precision_available(trainer.get("precision"))
@@ -436,7 +438,8 @@ class EPASCLI(LightningCLI):
             super().instantiate_classes()
         except UserError:
             raise
-        except (ValueError, TypeError, MisconfigurationException, ModuleNotFoundError) as e:  # a constructor refused
+        except (ValueError, TypeError, MisconfigurationException, ModuleNotFoundError) as e:
+            # a constructor refused a configured value, or needs a package that is not installed (strategy: xla)
             what = " ".join(str(e).split()).rstrip(".!")  # Lightning's messages may span lines
             if needs := re.search(r"(?:class_path '([\w.]+)': )?Requirement '([^']+)' not met", what):
                 class_path, requirement = needs.groups()  # WandbLogger; accelerator tpu (no class named)
@@ -460,7 +463,16 @@ class EPASCLI(LightningCLI):
             # (where a user's own config.yaml may be, and a second run would refuse to start).
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
             self.save_config_callback = None
-        return super()._instantiate_trainer(with_atomic_checkpoint_io(config), [*callbacks, *progress_bar_for(config)])
+        check_slurm_tasks()
+        callbacks = [*callbacks, *progress_bar_for(config)]
+        try:
+            trainer = super()._instantiate_trainer(with_atomic_checkpoint_io(config), callbacks)
+        except KeyError as e:
+            if (error := missing_slurm_task(e)) is None:
+                raise
+            raise error from e
+        check_processes_meet(trainer)
+        return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
         for guard in (c for c in self.trainer.callbacks if isinstance(c, DivergenceGuard)):
@@ -476,7 +488,7 @@ class EPASCLI(LightningCLI):
                 try:
                     super()._run_subcommand(subcommand)
                 except (MisconfigurationException, RuntimeError) as e:
-                    if (error := unlogged_monitor(e, self.trainer) or misconfigured(e)) is None:
+                    if (error := unlogged_monitor(e, self.trainer) or port_in_use(e) or misconfigured(e)) is None:
                         raise
                     raise error from e
         except UserError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import shutil
@@ -16,6 +17,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.constants import default_pg_timeout
 
+from epas_lightning.errors import ConfigError
 from epas_lightning.outputs import NAME_MAX
 from epas_lightning.safe_dcp import load_full_optimizer_states, load_sharded_checkpoint, raise_wrapped_interrupt
 from epas_lightning.safe_load import SAVE_ID, is_sharded_checkpoint
@@ -146,4 +148,18 @@ STRATEGY_NAME = "fsdp2"
 if STRATEGY_NAME not in StrategyRegistry:
     StrategyRegistry.register(
         STRATEGY_NAME, FSDP2Strategy, description="FSDP2 (fully_shard) over every rank, one shard per rank on disk"
+    )
+
+
+def check_strategy_name(strategy: object) -> None:
+    """Refuse a ``trainer.strategy`` name Lightning does not know, naming the nearest one (Lightning's refusal listed
+    four examples, ``fsdp2`` not among them, and sent the user to its website)."""
+    if not isinstance(strategy, str) or strategy.lower() == "auto" or strategy.lower() in StrategyRegistry:
+        return
+    near = difflib.get_close_matches(strategy.lower(), sorted(StrategyRegistry), n=3, cutoff=0.6)
+    near = [STRATEGY_NAME] if STRATEGY_NAME in near else near[:1]  # fsdp3: ours before Lightning's FSDP1
+    raise ConfigError(
+        f"unknown strategy {strategy!r}" + (f" (did you mean {near[0]!r}?)" if near else ""),
+        f"trainer.strategy: {strategy}",
+        f"give auto, ddp, {STRATEGY_NAME} or another name of Lightning's StrategyRegistry, or a class_path",
     )

@@ -484,3 +484,90 @@ def test_our_warnings_print_as_their_message_alone(monkeypatch: pytest.MonkeyPat
     assert warnings.formatwarning("EPAS: x", UserWarning, str(PACKAGE_DIR / "callbacks.py"), 108) == "EPAS: x\n"
     theirs = str(Path(lightning.pytorch.__file__).parent / "trainer" / "trainer.py")
     assert warnings.formatwarning("y", UserWarning, theirs, 7) == f"{theirs}:7: y\n"
+
+
+LAUNCHER_VARIABLES = ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "GROUP_RANK", "LOCAL_RANK",
+                      "MASTER_ADDR", "MASTER_PORT", "NODE_RANK")  # fmt: skip
+TORCHRUN = {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": "0", "GROUP_RANK": "0",
+            "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}  # fmt: skip
+SLURM_JOB = {"SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}
+SRUN_TASK = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+MATCH = "trainer.devices, trainer.num_nodes — pass --trainer.devices="
+
+
+@pytest.mark.parametrize(
+    ("environment", "flags", "line"),
+    [
+        (TORCHRUN, [], f"torchrun started 2 processes (WORLD_SIZE), but {{}} is 1 x 1 — {MATCH}2 --trainer.num_nodes"),
+        (TORCHRUN, ["--trainer.strategy=fsdp2"], "torchrun started 2 processes (WORLD_SIZE), but {} is 1 x 1 —"),
+        ({**SLURM_JOB, **SRUN_TASK, "SLURM_NTASKS_PER_NODE": "1(x2)"}, ["--trainer.strategy=fsdp2"],
+         f"the SLURM job runs 2 tasks (SLURM_NTASKS), but {{}} is 1 x 1 — {MATCH}1 --trainer.num_nodes=2"),
+        (SLURM_JOB, [], "the SLURM job asks for 2 tasks (SLURM_NTASKS) without saying how many per node"),
+        ({**SLURM_JOB, "SLURM_NTASKS": "1"}, ["--trainer.strategy=fsdp2"],
+         "SLURM_NTASKS is set but SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID not: this process was not started as a"),
+        ({}, ["--trainer.strategy=fsdp2", "--trainer.num_nodes=2"],
+         "trainer.num_nodes is 2, but no launcher started this process and MASTER_PORT is not set"),
+    ],
+    ids=["torchrun-one-device", "torchrun-fsdp2", "srun-fsdp2", "sbatch-ntasks", "no-srun-task", "no-launcher"],
+)  # fmt: skip
+def test_processes_a_launcher_started_that_cannot_train_together_are_one_line(environment, flags, line, tmp_path,
+                                                                               capsys, monkeypatch):  # fmt: skip
+    """torchrun's or srun's processes against trainer.devices x trainer.num_nodes: with the default one device every
+    process trained a model of its own into one run folder (exit 0); under FSDP2 a rank failed with an IndexError and
+    the first waited. num_nodes: 2 with no launcher waited 30 minutes; SLURM without --ntasks-per-node, or without
+    srun's task variables, was a traceback."""
+    monkeypatch.chdir(tmp_path)
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert main(["fit", "--config", DEBUG, *flags]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        "error: " + line.format("trainer.devices x trainer.num_nodes")
+    ), err[-2000:]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_master_port_another_program_holds_is_one_line(tmp_path, capsys, monkeypatch):
+    """torch's DistNetworkError traceback (EADDRINUSE) when the first rank's store could not listen on MASTER_PORT."""
+    import socket
+
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        assert main(["fit", "--config", DEBUG, "--trainer.strategy=fsdp2", "--trainer.logger=false"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"error: port {port} is in use by another program: the ranks cannot meet on it — MASTER_PORT={port} — set "
+        "MASTER_PORT to a free port, or leave it unset on one machine (a free one is picked)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "near"),
+    [("fsdp3", " (did you mean 'fsdp2'?)"), ("ddp-spawn", " (did you mean 'ddp_spawn'?)"), ("zero", "")],
+)
+def test_a_strategy_name_lightning_does_not_know_names_the_nearest(name, near, tmp_path, capsys, monkeypatch):
+    """Lightning's refusal listed four examples (fsdp2 not among them) and sent the user to its website."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", DEBUG, f"--trainer.strategy={name}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: unknown strategy '{name}'{near} — trainer.strategy: {name} — give auto, ddp, fsdp2 or another name "
+        "of Lightning's StrategyRegistry, or a class_path"
+    )
+
+
+def test_a_strategy_whose_package_is_missing_is_one_line(tmp_path, capsys, monkeypatch):
+    """Lightning's XLAStrategy raised a ModuleNotFoundError traceback (DeepSpeed's says it as a misconfiguration)."""
+    if importlib.util.find_spec("torch_xla") is not None:
+        pytest.skip("torch_xla is installed")
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", DEBUG, "--trainer.strategy=xla"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and "pip install" in last
+    assert last.startswith("error: a configured setting needs torch_xla")
