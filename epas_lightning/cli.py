@@ -257,6 +257,11 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
         return ConfigError(what, prog, f"set it through {source}: `{prog} --help` lists the links")
     given = next((line for line in lines if line.startswith(("Given value:", "Got value:"))), None)
     expected = next((line for line in lines if line.startswith("Expected")), None)
+    if re.match(r"ambiguous option: --model\.lr(=\S*)? could match", what):  # LitGPT's --lr, under model.
+        given = list(argv)
+        value = what.split()[2].partition("=")[2] or (given[given.index("--model.lr") + 1 :] or ["LR"])[0]
+        what = "--model.lr is no option: the learning rate is an argument of the optimizer"
+        return ConfigError(what, prog, f"give it with fit's other default settings: {adamw_flags('lr', value)}")
     missing_config = re.match(r'Parser key "config": File does not exist: (.*)$', what)
     if missing_config:  # as fit says it (lightning_cli.py), not "invalid value for --config"
         path = missing_config.group(1).strip("'\"")
@@ -286,13 +291,9 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
             name, val = nested.groups()
             what = f"{flag}.{name} sets an argument of the class of {flag}, and none was given"
             if flag == "--model.optimizer":  # AdamW's own defaults would replace fit's betas and weight decay
-                fix = (
-                    f"name the class first, with fit's default settings: {flag} AdamW {flag}.{name} {val} "
-                    + " ".join(
-                        f"{flag}.{key} {DEFAULT_OPTIMIZER_FLAGS[key]}" for key in DEFAULT_OPTIMIZER_FLAGS if key != name
-                    )
+                return ConfigError(
+                    what, prog, f"name the class first, with fit's default settings: {adamw_flags(name, val)}"
                 )
-                return ConfigError(what, prog, fix)
             return ConfigError(what, prog, f"name the class first: {flag} CLASS {flag}.{name} {val}")
         if takes and value:
             what = f"{flag} takes {takes}, not {value.group(1).strip()!r}"
@@ -305,6 +306,12 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
 DEFAULT_OPTIMIZER_FLAGS = {"lr": "3e-4", "betas": "[0.9,0.95]", "weight_decay": "0.1"}
 """fit's default optimizer (``epas_lightning.optim.DEFAULT_ADAMW``) as flags: ``--model.optimizer AdamW`` alone
 takes AdamW's own defaults (betas 0.999, weight decay 0.01)."""
+
+
+def adamw_flags(name: str, value: str) -> str:
+    """``--model.optimizer AdamW`` with ``--model.optimizer.<name> <value>`` and fit's other default settings."""
+    others = " ".join(f"--model.optimizer.{k} {v}" for k, v in DEFAULT_OPTIMIZER_FLAGS.items() if k != name)
+    return f"--model.optimizer AdamW --model.optimizer.{name} {value} {others}"
 
 
 def class_argument_error(

@@ -323,16 +323,18 @@ def test_an_unknown_compile_backend_is_one_line_before_the_data(tmp_path, monkey
         lightning_cli(["--config", DEBUG, "--model.compile", "maybe"], run=False)
 
 
-def test_an_optimizer_argument_without_a_class_keeps_fits_defaults_in_its_advice(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("flag", ["--model.optimizer.lr", "--model.lr"])
+def test_an_optimizer_argument_without_a_class_keeps_fits_defaults_in_its_advice(tmp_path, capsys, monkeypatch, flag):
     """debug.yaml leaves model.optimizer to the default AdamW, so `--model.optimizer.lr` alone has no class to go to
     (jsonargparse's message was "invalid value for --model.optimizer (Given value: NestedArg(key='lr', ...))"). The
     advice was to name a class first, and `--model.optimizer AdamW` alone trains with AdamW's own betas (0.9, 0.999)
-    and weight decay 0.01, not fit's default (0.9, 0.95) and 0.1: it spells them out, and it builds that optimizer."""
+    and weight decay 0.01, not fit's default (0.9, 0.95) and 0.1: it spells them out, and it builds that optimizer.
+    LitGPT's `--lr` under `model.` said only that it was ambiguous with --model.lr_scheduler: the same advice."""
     monkeypatch.chdir(tmp_path)
-    assert main(["fit", "--config", DEBUG, "--model.optimizer.lr", "1e-3", "--print_config"]) == 2
+    assert main(["fit", "--config", DEBUG, flag, "1e-3", "--print_config"]) == 2
     err = capsys.readouterr().err
-    assert "NestedArg" not in err
-    advice = err.strip().splitlines()[-1].split("with fit's default settings: ")[1]
+    assert "NestedArg" not in err and "ambiguous" not in err
+    advice = err.strip().splitlines()[-1].split("default settings: ")[1]
     import torch
 
     module = lightning_cli(["--config", DEBUG, *advice.split()], run=False).model
