@@ -32,11 +32,15 @@ def _isolated_epas_cache(monkeypatch: pytest.MonkeyPatch, epas_cache_dir: Path) 
 def _no_distributed_state_outlives_a_test():
     """A Trainer with a distributed strategy (FSDP2 on one device here) keeps its process group and leaves
     ``LOCAL_RANK``, ``NODE_RANK`` and ``MASTER_*`` in the environment: a multi-rank subprocess started by a later test
-    inherits them, takes itself for an already launched rank and waits for peers that never come."""
+    inherits them, takes itself for an already launched rank and waits for peers that never come. A process group
+    that failed to start (its port held) leaves torch's count of groups at 1, which only destroying a group resets:
+    the next in-process FSDP2 fit then failed "Could not resolve the process group registered under the name 1"."""
     environment = dict(os.environ)
     yield
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    if dist.is_available():
+        dist.distributed_c10d._world.group_count = 0  # as destroy_process_group() leaves it
     os.environ.clear()
     os.environ.update(environment)
 
