@@ -450,7 +450,7 @@ class EPASCLI(LightningCLI):
                 ) from e
             if isinstance(e, ModuleNotFoundError):
                 raise
-            raise ConfigError(what, "the configuration", "fix the value in the YAML or the flag") from e
+            raise refused_setting(e) from e
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         check_no_repeated_section(config.get("callbacks"))
@@ -558,9 +558,12 @@ def unlogged_monitor(error: BaseException, trainer: Any) -> ConfigError | None:
 def misconfigured(error: BaseException) -> ConfigError | None:
     """Lightning's word for a setting that cannot work, found once ``fit`` sets up (``DeviceStatsMonitor`` listed
     with ``trainer.logger: false``), as one line; ``None`` for any other error."""
-    if not isinstance(error, MisconfigurationException):
-        return None
-    what = " ".join(str(error).split()).rstrip(".!")
+    return refused_setting(error) if isinstance(error, MisconfigurationException) else None
+
+
+def refused_setting(error: BaseException) -> ConfigError:
+    """The one line for a configured value Lightning or a constructor refused, in its own words."""
+    what = " ".join(str(error).split()).rstrip(".!")  # Lightning's messages may span lines
     return ConfigError(what, "the configuration", "fix the value in the YAML or the flag")
 
 
