@@ -16,6 +16,7 @@ import ast
 import gc
 import importlib
 import inspect
+import json
 import math
 import os
 import re
@@ -303,14 +304,16 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
     return ConfigError(what, prog, f"see `{prog} --help`")
 
 
-DEFAULT_OPTIMIZER_FLAGS = {"lr": "3e-4", "betas": "[0.9,0.95]", "weight_decay": "0.1"}
-"""fit's default optimizer (``epas_lightning.optim.DEFAULT_ADAMW``) as flags: ``--model.optimizer AdamW`` alone
-takes AdamW's own defaults (betas 0.999, weight decay 0.01)."""
-
-
 def adamw_flags(name: str, value: str) -> str:
-    """``--model.optimizer AdamW`` with ``--model.optimizer.<name> <value>`` and fit's other default settings."""
-    others = " ".join(f"--model.optimizer.{k} {v}" for k, v in DEFAULT_OPTIMIZER_FLAGS.items() if k != name)
+    """``--model.optimizer AdamW`` with ``--model.optimizer.<name> <value>`` and the other settings of fit's default
+    optimizer (``optim.DEFAULT_ADAMW``): ``--model.optimizer AdamW`` alone takes AdamW's own (betas 0.999, weight decay
+    0.01)."""
+    from epas_lightning.optim import DEFAULT_ADAMW  # only on this error's path: --help stays light
+
+    def flag_value(setting: Any) -> str:  # one shell word: [0.9,0.95]
+        return json.dumps(list(setting) if isinstance(setting, tuple) else setting, separators=(",", ":"))
+
+    others = " ".join(f"--model.optimizer.{k} {flag_value(v)}" for k, v in DEFAULT_ADAMW.items() if k != name)
     return f"--model.optimizer AdamW --model.optimizer.{name} {value} {others}"
 
 
