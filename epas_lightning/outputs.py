@@ -41,16 +41,26 @@ _TAG = 8
 """Random hex digits that end a hidden build folder's name."""
 
 
+def shortened_name(name: str, tail: str, room: int) -> str:
+    """``name`` where it fits ``room`` bytes, else its head in whole characters (never half of a UTF-8 one), ``~``, a
+    hash of the whole name and ``tail``: each name keeps its own, and the result fits ``room``."""
+    if len(os.fsencode(name)) <= room:
+        return name
+    ending = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:16] + tail
+    head, size = [], len(os.fsencode(ending))
+    for character in name:
+        size += len(os.fsencode(character))
+        if size > room:
+            break
+        head.append(character)
+    return "".join(head) + ending
+
+
 def _hidden_stem(target: Path) -> str:
     """``target``'s name as its hidden folders beside it carry it (``.{stem}.tmp-1234abcd``): the whole name where that
     fits a file name's 255 bytes, else the name's head and a hash of the whole name (any name a target may have
     works, and each target keeps its own)."""
-    name = os.fsencode(target.name)
-    room = NAME_MAX - 1 - len(_TMP) - _TAG
-    if len(name) <= room:
-        return target.name
-    digest = hashlib.sha256(name).hexdigest()[:16]
-    return os.fsdecode(name[: room - len(digest) - 1]) + "~" + digest
+    return shortened_name(target.name, "", NAME_MAX - 1 - len(_TMP) - _TAG)
 
 
 def _hidden(target: Path, kind: str) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os
 import shutil
 import uuid
@@ -18,7 +17,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.constants import default_pg_timeout
 
 from epas_lightning.errors import ConfigError
-from epas_lightning.outputs import NAME_MAX
+from epas_lightning.outputs import NAME_MAX, shortened_name
 from epas_lightning.safe_dcp import load_full_optimizer_states, load_sharded_checkpoint, raise_wrapped_interrupt
 from epas_lightning.safe_load import SAVE_ID, is_sharded_checkpoint
 
@@ -32,16 +31,9 @@ CHECKPOINT_EXTENSION = ".ckpt"
 def hidden_beside(path: Path, suffix: str) -> Path:
     """``.<name><suffix>`` beside ``path``. A name too long for that (a file name holds 255 bytes) keeps its head, a
     hash of the whole name and its ``.ckpt``: each checkpoint keeps its own, and it still reads as a checkpoint's."""
-    hidden = f".{path.name}{suffix}"
-    if len(os.fsencode(hidden)) <= NAME_MAX:
-        return path.with_name(hidden)
     extension = CHECKPOINT_EXTENSION if path.name.endswith(CHECKPOINT_EXTENSION) else ""
-    digest = hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]
-    tail = f"~{digest}{extension}{suffix}"
-    head = path.name
-    while len(os.fsencode(f".{head}{tail}")) > NAME_MAX:  # whole characters: no half of a UTF-8 one
-        head = head[:-1]
-    return path.with_name(f".{head}{tail}")
+    short = shortened_name(path.name, extension, NAME_MAX - 1 - len(os.fsencode(suffix)))
+    return path.with_name(f".{short}{suffix}")
 
 
 class FSDP2Strategy(ModelParallelStrategy):

@@ -646,13 +646,15 @@ def test_builds_left_by_killed_runs_are_cleaned_by_the_next(tmp_path):
     assert alive.exists() and foreign.exists()
 
 
-@pytest.mark.parametrize("name", ["o" * 255, "é" * 127, "run[1]"])
+@pytest.mark.parametrize("name", ["o" * 255, "é" * 127, "oé" * 85, "run[1]"])
 def test_any_legal_output_name_builds_and_replaces(name, tmp_path):
     """A name of 242+ bytes made the hidden build folder's name longer than 255 bytes: 'cannot create the output
-    folder (file name too long) — choose a writable location'. A name with [ ] never matched its own stale builds."""
+    folder (file name too long) — choose a writable location'. A name with [ ] never matched its own stale builds. A
+    long name was cut at a byte count: half of a UTF-8 character, a name no message could print."""
     target = tmp_path / name
     for overwrite in (False, True):
         with output_folder(target, "bench", overwrite=overwrite) as build:
+            assert len(os.fsencode(build.name)) <= 255 and build.name.encode("utf-8")
             (build / "a.txt").write_text(str(overwrite))
     assert [p.name for p in tmp_path.iterdir()] == [name] and (target / "a.txt").read_text() == "True"
     with pytest.raises(RuntimeError), output_folder(target, "bench", overwrite=True) as build:
