@@ -115,6 +115,7 @@ class ProgressiveSharing(Callback):
         return schedule
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._check_alone(trainer.callbacks)
         n_layer = _n_layer(pl_module)
         if self.n_layer is not None and self.n_layer != n_layer:
             raise ConfigError(
@@ -127,6 +128,18 @@ class ProgressiveSharing(Callback):
             rank_zero_info(
                 f"EPAS: region {list(self.schedule.target_layers)} grows by {self.growth} layer(s) every "
                 f"{self.interval} steps from step {self.schedule.start_step}; full at step {self.schedule.final_step}."
+            )
+
+    def _check_alone(self, callbacks: list[Callback]) -> None:
+        """Refuse a second schedule among ``callbacks``: each would set the region before every batch, the last one's
+        winning, and both would save their state (Lightning refuses two of one class, not a subclass beside it)."""
+        others = [c for c in callbacks if isinstance(c, ProgressiveSharing) and c is not self]
+        if others:
+            named = " and ".join(f"{type(c).__name__}(target={c.target!r})" for c in (self, *others))
+            raise ConfigError(
+                f"one Trainer has {len(others) + 1} sharing schedules, {named}: each would set the region",
+                "trainer.callbacks",
+                "keep one ProgressiveSharing (the command line's is the `sharing` section)",
             )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

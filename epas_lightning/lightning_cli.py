@@ -200,7 +200,7 @@ def check_no_repeated_section(user_callbacks: Any) -> None:
     """Refuse a ``trainer.callbacks`` entry that repeats one of :data:`SINGLE_SECTIONS`."""
     listed = user_callbacks if isinstance(user_callbacks, list) else [user_callbacks]
     for callback in listed:
-        section = SINGLE_SECTIONS.get(type(callback))
+        section = next((name for kind, name in SINGLE_SECTIONS.items() if isinstance(callback, kind)), None)
         if section is not None:
             raise ConfigError(
                 f"{type(callback).__name__} is listed, and the `{section}` section already adds one",
