@@ -282,6 +282,19 @@ def test_init_from_a_checkpoint_that_shared_says_this_run_starts_dense(trained):
     assert "sharing.mask" not in state  # the new run's schedule decides the region
 
 
+def test_validate_from_init_from_says_it_scores_every_layer_computing(trained, tiny_corpus, tmp_path):
+    """`validate --model.init_from` of a checkpoint that shared scores it as a fit from it starts, every layer
+    computing; it said "this run starts ... its sharing schedule decides the region", as if training, not which region
+    it scored nor how to score the trained one."""
+    config = load_model(trained).model.config
+    data = TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=config.vocab_size)
+    module = EPASModule(config, init_from=str(trained))
+    said = rf"\[2, 3\] sharing; validate scores it with every layer computing .* evaluate --checkpoint {trained} scores"
+    with pytest.warns(UserWarning, match=said):
+        cpu_trainer(tmp_path, 1, limit_val_batches=1).validate(module, data, verbose=False)
+    assert module.model.sharing.shared_layers == []
+
+
 def test_a_recorded_tokenizer_that_is_gone_is_named_in_the_error(tmp_path):
     """The error said only 'the checkpoint does not name an existing tokenizer': which file went missing was lost."""
     from epas_lightning.checkpoint import _info
