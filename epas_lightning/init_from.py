@@ -31,6 +31,7 @@ from epas_lightning.hf.convert import (
     read_hf_config,
     read_hf_weights,
 )
+from epas_lightning.launch import launched_node_rank
 from epas_lightning.model import LlamaConfig
 from epas_lightning.model.config import PRESETS
 
@@ -137,15 +138,25 @@ def resumed_instead(ckpt_path: str | Path) -> str:
 
 
 def _existing(path: str | Path) -> Path:
+    """``path``, or a :class:`CheckpointError`. Every rank reads the source's config (and tokenizer) as it parses its
+    command line, before the ranks connect: rank 0 alone reads the weights. So a node other than rank 0's that lacks
+    the path (a node-local disk) says so."""
     path = Path(path).expanduser()
-    if not path.exists():
+    if path.exists():
+        return path
+    if node := launched_node_rank():
         raise CheckpointError(
-            "does not exist",
+            f"does not exist on node {node}, which reads its config and tokenizer as rank 0's node does (rank 0 "
+            "alone reads the weights)",
             f"model.init_from {path}",
-            "give a local HF LLaMA directory (config.json + safetensors) or an EPAS checkpoint (.ckpt, FSDP2 "
-            "checkpoint dir or consolidated dir)",
+            "put it on a filesystem every node mounts at the same path, or copy it to each node",
         )
-    return path
+    raise CheckpointError(
+        "does not exist",
+        f"model.init_from {path}",
+        "give a local HF LLaMA directory (config.json + safetensors) or an EPAS checkpoint (.ckpt, FSDP2 "
+        "checkpoint dir or consolidated dir)",
+    )
 
 
 def check_same_architecture(
