@@ -56,9 +56,10 @@ class ProgressiveSharing(Callback):
             the layers right after layer 0, growing deeper (layer 1, then 1-2, ...).
         val_sharing_layers: Region lengths at which every validation (and ``test``) also scores the held-out batches,
             each the first N layers of ``target`` in growth order (``[0, 6]``: dense and the full region, before the
-            run reaches it), logged as ``val/loss_at_sharing/N`` (``test/...``) beside ``val/loss``, which stays the
-            current region's. Each length costs one more forward per held-out batch (counted in the ``validate/``
-            throughput's time); the training region is put back after every batch. Default: none.
+            run reaches it; ``validate``/``test`` of a checkpoint: of the target it trained), logged as
+            ``val/loss_at_sharing/N`` (``test/...``) beside ``val/loss``, which stays the current region's. Each
+            length costs one more forward per held-out batch (counted in the ``validate/`` throughput's time); the
+            training region is put back after every batch. Default: none.
     """
 
     def __init__(
@@ -102,19 +103,47 @@ class ProgressiveSharing(Callback):
             self._val_regions = {}
             return None
         schedule = SharingSchedule.build(n_layer, self.target, self.growth, self.interval, self.start_step, self.order)
-        size = len(schedule.target_layers)
-        if too_long := [n for n in self.val_sharing_layers if n > size]:
-            raise ConfigError(
-                f"{too_long[0]} sharing layers were asked for; the target region has {size} "
-                f"(layers {list(schedule.target_layers)})",
-                "sharing.val_sharing_layers",
-                f"choose lengths in 0..{size}",
-            )
-        region = TrainedRegion(n_layer, schedule.target_layers, self.order)
-        self._val_regions = {n: region.first(n) for n in self.val_sharing_layers}
+        self._val_regions = self._regions_of(TrainedRegion(n_layer, schedule.target_layers, self.order))
         return schedule
 
+    def _regions_of(self, target: TrainedRegion, whose: str = "the target region") -> dict[int, list[int]]:
+        """Per length of ``val_sharing_layers``, the layers that share: the first ones of ``target`` (a region in
+        growth order); a length longer than it is refused."""
+        if too_long := [n for n in self.val_sharing_layers if n > target.size]:
+            raise ConfigError(
+                f"{too_long[0]} sharing layers were asked for; {whose} has {target.size} "
+                f"(layers {list(target.layers)})",
+                "sharing.val_sharing_layers",
+                f"choose lengths in 0..{target.size}",
+            )
+        return {n: target.first(n) for n in self.val_sharing_layers}
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``validate``/``test`` of a checkpoint: ``val_sharing_layers`` count the region it trained (its target, in
+        its growth order, restored with its state), as its run's validations did, whatever this run's
+        ``sharing.target`` and ``order`` are (they counted those: a region the checkpoint never trained)."""
+        if trainer.state.fn == TrainerFn.FITTING:  # on_train_start compares a resumed fit's settings
+            return
+        saved, self._resumed_settings = self._resumed_settings, None
+        if not saved or not self._val_regions:
+            return
+        n_layer = sharing_model(pl_module).config.n_layer
+        try:
+            trained = TrainedRegion(n_layer, resolve_target(saved["target"], n_layer, saved["order"]), saved["order"])
+        except (ConfigError, TypeError):  # settings this version no longer reads: the configured target stays
+            return
+        if trained.layers == self.schedule.target_layers and trained.order == self.order:
+            return
+        self._val_regions = self._regions_of(trained, "the checkpoint's target region")
+        rank_zero_info(
+            f"EPAS: sharing.val_sharing_layers count the checkpoint's target region, layers {list(trained.layers)} "
+            f"({trained.order}), not sharing.target's {list(self.schedule.target_layers)} ({self.order})"
+        )
+
+    on_test_start = on_validation_start
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._check_alone(trainer.callbacks)
         n_layer = _n_layer(pl_module)
         if self.n_layer is not None and self.n_layer != n_layer:
             raise ConfigError(
@@ -127,6 +156,18 @@ class ProgressiveSharing(Callback):
             rank_zero_info(
                 f"EPAS: region {list(self.schedule.target_layers)} grows by {self.growth} layer(s) every "
                 f"{self.interval} steps from step {self.schedule.start_step}; full at step {self.schedule.final_step}."
+            )
+
+    def _check_alone(self, callbacks: list[Callback]) -> None:
+        """Refuse a second schedule among ``callbacks``: each would set the region before every batch, the last one's
+        winning, and both would save their state (Lightning refuses two of one class, not a subclass beside it)."""
+        others = [c for c in callbacks if isinstance(c, ProgressiveSharing) and c is not self]
+        if others:
+            named = " and ".join(f"{type(c).__name__}(target={c.target!r})" for c in (self, *others))
+            raise ConfigError(
+                f"one Trainer has {len(others) + 1} sharing schedules, {named}: each would set the region",
+                "trainer.callbacks",
+                "keep one ProgressiveSharing (the command line's is the `sharing` section)",
             )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -31,6 +31,7 @@ from epas_lightning.hf.convert import (
     read_hf_config,
     read_hf_weights,
 )
+from epas_lightning.launch import launched_node_rank
 from epas_lightning.model import LlamaConfig
 from epas_lightning.model.config import PRESETS
 
@@ -137,15 +138,25 @@ def resumed_instead(ckpt_path: str | Path) -> str:
 
 
 def _existing(path: str | Path) -> Path:
+    """``path``, or a :class:`CheckpointError`. Every rank reads the source's config (and tokenizer) as it parses its
+    command line, before the ranks connect: rank 0 alone reads the weights. So a node other than rank 0's that lacks
+    the path (a node-local disk) says so."""
     path = Path(path).expanduser()
-    if not path.exists():
+    if path.exists():
+        return path
+    if node := launched_node_rank():
         raise CheckpointError(
-            "does not exist",
+            f"does not exist on node {node}, which reads its config and tokenizer as rank 0's node does (rank 0 "
+            "alone reads the weights)",
             f"model.init_from {path}",
-            "give a local HF LLaMA directory (config.json + safetensors) or an EPAS checkpoint (.ckpt, FSDP2 "
-            "checkpoint dir or consolidated dir)",
+            "put it on a filesystem every node mounts at the same path, or copy it to each node",
         )
-    return path
+    raise CheckpointError(
+        "does not exist",
+        f"model.init_from {path}",
+        "give a local HF LLaMA directory (config.json + safetensors) or an EPAS checkpoint (.ckpt, FSDP2 "
+        "checkpoint dir or consolidated dir)",
+    )
 
 
 def check_same_architecture(
@@ -171,10 +182,10 @@ def read_init_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Te
     return {key: t for batch in init_batches(path, config, source_shapes(path, config)) for key, t in batch.items()}
 
 
-def source_shapes(path: Path, config: LlamaConfig) -> dict[str, torch.Tensor]:
+def source_shapes(path: Path, config: LlamaConfig, stage: str = "fit") -> dict[str, torch.Tensor]:
     """Empty meta tensors of the weights stored at ``path`` by our names (no :data:`NOT_LOADED`), after every check
     that needs no weight read: the source's own consistency and its architecture against ``config``. Warns when the
-    source trained sharing (:func:`_say_it_starts_dense`)."""
+    source trained sharing (:func:`_say_it_starts_dense`; ``stage``: the Lightning command that reads it)."""
     from epas_lightning.checkpoint import hf_trained_region, read_description  # .ckpt, FSDP2 or consolidated dir
 
     if is_hf_dir(path):
@@ -183,11 +194,11 @@ def source_shapes(path: Path, config: LlamaConfig) -> dict[str, torch.Tensor]:
         region = hf_trained_region(hf, config.n_layer, path / "config.json")  # export's record, perhaps hand-edited
         with located(path):
             shapes = hf_to_ours(read_hf_weights(path, weights=False), config)  # vocabulary rows, unknown tensors
-        _say_it_starts_dense(path, sorted(region.layers))
+        _say_it_starts_dense(path, sorted(region.layers), stage)
         return shapes
     info, state, _ = read_description(path, flag="model.init_from")
     check_same_architecture(config, info.config, f"model.init_from {path}", leave_unset(config))
-    _say_it_starts_dense(path, sorted(info.region.layers))
+    _say_it_starts_dense(path, sorted(info.region.layers), stage)
     return {key: t for key, t in state.items() if key not in NOT_LOADED}
 
 
@@ -229,28 +240,39 @@ def init_batches(
         yield batch
 
 
-def _say_it_starts_dense(path: Path, trained_shared_layers: list[int]) -> None:
-    """Warn that the layers the source trained sharing compute again in this run (an export records them too); on
-    rank 0 only (which alone reads the source in a distributed ``fit``)."""
-    if trained_shared_layers and rank_zero_only.rank == 0:
-        warnings.warn(
-            f"model.init_from {path} trained layers {trained_shared_layers} sharing; this run starts every "
-            "layer computing its own Q/K (their q/k weights are the ones left from before they shared) and its sharing "
-            "schedule decides the region",
-            stacklevel=3,
+def _say_it_starts_dense(path: Path, trained_shared_layers: list[int], stage: str = "fit") -> None:
+    """Warn that the layers the source trained sharing compute again in this run (an export records them too):
+    ``fit``'s schedule decides the region from there, and ``validate``/``test`` score the weights as ``fit`` starts
+    from them (the baseline of a continual run), not the trained region; on rank 0 only (which alone reads the source
+    in a distributed run)."""
+    if not trained_shared_layers or rank_zero_only.rank != 0:
+        return
+    trained = f"model.init_from {path} trained layers {trained_shared_layers} sharing; "
+    if stage in ("validate", "test"):
+        said = (
+            f"{stage} scores it with every layer computing its own Q/K, as a fit from it starts (val/loss; "
+            f"sharing.val_sharing_layers adds regions of sharing.target): evaluate --checkpoint {path} scores its "
+            "trained region"
         )
+    else:
+        said = (
+            "this run starts every layer computing its own Q/K (their q/k weights are the ones left from before they "
+            "shared) and its sharing schedule decides the region"
+        )
+    warnings.warn(trained + said, stacklevel=3)
 
 
 @torch.no_grad()
-def load_initial_weights(model: nn.Module, path: str | Path) -> None:
+def load_initial_weights(model: nn.Module, path: str | Path, stage: str = "fit") -> None:
     """Copy the weights at ``path`` into ``model`` (plain, DDP's or FSDP2-sharded: each rank keeps its shard), about
     :data:`INIT_READ_BYTES` at a time in the model's dtype, never the whole state nor a wider copy of it.
 
     In a distributed run rank 0 alone reads and checks the source, holding one batch beside its shard, and broadcasts
     each batch to the others; before each it tells them whether one follows or what stopped its read, which every rank
-    then raises alike (the same exception, the same one-line message) instead of waiting in a collective."""
+    then raises alike (the same exception, the same one-line message) instead of waiting in a collective.
+    ``stage``: the Lightning command that starts from them (``validate`` scores them)."""
     if not _distributed():
-        for batch in _checked_batches(model, path):
+        for batch in _checked_batches(model, path, stage):
             set_model_state_dict(model, batch, options=StateDictOptions(full_state_dict=True, strict=False))
         return
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
@@ -260,7 +282,7 @@ def load_initial_weights(model: nn.Module, path: str | Path) -> None:
         if isinstance(news, BaseException):
             raise news
         return
-    batches = _checked_batches(model, path)
+    batches = _checked_batches(model, path, stage)
     while True:
         try:
             batch = next(batches, None)
@@ -301,13 +323,13 @@ def _sendable(error: Exception) -> Exception:
     return RuntimeError(f"{type(error).__name__}: {error}")
 
 
-def _checked_batches(model: nn.Module, path: str | Path) -> Iterator[dict[str, torch.Tensor]]:
+def _checked_batches(model: nn.Module, path: str | Path, stage: str = "fit") -> Iterator[dict[str, torch.Tensor]]:
     """The batches of :func:`init_batches` for ``model``, after checking that the source at ``path`` fits it; every
     check runs in the first ``next``."""
     from epas_lightning.checkpoint import state_mismatch
 
     path = _existing(path)
-    shapes = source_shapes(path, model.config)
+    shapes = source_shapes(path, model.config, stage)
     mismatch = state_mismatch({k: v for k, v in model.state_dict().items() if k not in NOT_LOADED}, shapes)
     if mismatch:
         raise HFCheckpointError(f"the weights do not fit the model ({mismatch})", f"model.init_from {path}")

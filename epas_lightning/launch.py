@@ -31,6 +31,18 @@ SLURM_TASK_VARIABLES = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID")
 WHERE = "trainer.devices, trainer.num_nodes"
 
 
+NODE_RANK_VARIABLES = ("SLURM_NODEID", "GROUP_RANK", "NODE_RANK")
+"""Where srun, torchrun and Lightning's own launcher (or the user, for it) put the node a process runs on."""
+
+
+def launched_node_rank() -> int:
+    """The node this process runs on, as its launcher set it before any process group exists; 0 where none did."""
+    for name in NODE_RANK_VARIABLES:
+        if (value := os.environ.get(name, "")).isdigit():
+            return int(value)
+    return 0
+
+
 def check_slurm_tasks() -> None:
     """Before the ``Trainer`` is built: a SLURM job of several tasks must say how many per node (Lightning raised a
     ``RuntimeError`` traceback for ``--ntasks`` alone)."""

@@ -53,6 +53,7 @@ from epas_lightning.checkpoint_io import AtomicCheckpointIO, sharded_needs_fsdp2
 from epas_lightning.child_ranks import EndChildRanksOnError
 from epas_lightning.cli import DURATION, LIGHTNING_COMMANDS, PROG
 from epas_lightning.data import TokenDataModule
+from epas_lightning.data.token_data import BUILTIN_SETTINGS
 from epas_lightning.divergence import DivergenceGuard
 from epas_lightning.errors import ConfigError, UserError, did_you_mean
 from epas_lightning.init_from import config_from_source, filled_from, resumed_instead
@@ -199,13 +200,53 @@ def check_no_repeated_section(user_callbacks: Any) -> None:
     """Refuse a ``trainer.callbacks`` entry that repeats one of :data:`SINGLE_SECTIONS`."""
     listed = user_callbacks if isinstance(user_callbacks, list) else [user_callbacks]
     for callback in listed:
-        section = SINGLE_SECTIONS.get(type(callback))
+        section = next((name for kind, name in SINGLE_SECTIONS.items() if isinstance(callback, kind)), None)
         if section is not None:
             raise ConfigError(
                 f"{type(callback).__name__} is listed, and the `{section}` section already adds one",
                 "trainer.callbacks",
                 f"remove it from the list and set its values under `{section}:`",
             )
+
+
+def drop_overridden_builtin_settings(data: Namespace, command_line: list[str]) -> None:
+    """With a prepared ``data.data_dir``, unset the built-in corpus's settings (:data:`BUILTIN_SETTINGS`) that an
+    earlier source gave than ``data_dir``'s: ``configs/debug.yaml``'s ``max_bytes`` sized its corpus, and a folder
+    given after it replaces that corpus. One given with ``data_dir`` or after it (in the same config file, on the
+    command line) is left for the data module to refuse."""
+    if not data.get("data_dir"):
+        return
+    sources = data_sources(command_line)
+    folder = last_source(sources, "data_dir")
+    for name in BUILTIN_SETTINGS:
+        given = last_source(sources, name)
+        if data.get(name) is not None and given is not None and (folder is None or given < folder):
+            data[name] = None
+
+
+def data_sources(command_line: list[str]) -> list[set[str]]:
+    """The ``data`` keys each source of ``command_line`` sets, in the order they are parsed: a ``--config`` file's,
+    a ``--data.KEY`` flag's."""
+    import yaml
+
+    sources: list[set[str]] = []
+    for i, arg in enumerate(command_line):
+        name, sep, value = arg.partition("=")
+        if name.startswith("--data."):
+            sources.append({name.removeprefix("--data.")})
+        elif name in ("--config", "-c") and (sep or i + 1 < len(command_line)):
+            try:
+                config = yaml.safe_load(Path(value if sep else command_line[i + 1]).expanduser().read_text())
+            except (OSError, yaml.YAMLError):  # parsed already: a config given otherwise than as a file
+                config = None
+            section = config.get("data") if isinstance(config, dict) else None
+            sources.append({key for key, v in section.items() if v is not None} if isinstance(section, dict) else set())
+    return sources
+
+
+def last_source(sources: list[set[str]], key: str) -> int | None:
+    """The position of the last of ``sources`` that sets ``key``; ``None``: none of them does."""
+    return max((i for i, keys in enumerate(sources) if key in keys), default=None)
 
 
 COUNTS_AT_LEAST_ONE = {
@@ -298,6 +339,8 @@ class EPASCLI(LightningCLI):
     """LightningCLI with the project's sections, one source of truth for layer count, length and vocab, safe resume."""
 
     _quiet: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    _command_line: list[str] = []
+    """The arguments parsed, config files named rather than read."""
     """Lightning's INFO lines and warnings that mislead in this run (:func:`quiet_messages`), set with ``ckpt_path``."""
 
     def __init__(self, *args: Any, commands: tuple[str, ...] = LIGHTNING_COMMANDS, **kwargs: Any) -> None:
@@ -336,6 +379,7 @@ class EPASCLI(LightningCLI):
                 elif action.dest == "lr_monitor.logging_interval":  # Lightning's says it defaults to None
                     action.help = LR_MONITOR_INTERVAL_HELP
         args = list(sys.argv[1:] if args is None else args)
+        self._command_line = args
         printing = [a for a in args if a.split("=")[0] == "--print_config"]
         args = [a for a in args if a not in printing]
         try:
@@ -428,8 +472,10 @@ class EPASCLI(LightningCLI):
         check_counts(trainer)
         check_validation_interval(trainer)
         check_precision_available(trainer.get("precision"))
+        section = self.config[self.subcommand] if self.subcommand else self.config
+        drop_overridden_builtin_settings(section.data, self._command_line)
         if self.subcommand:
-            check_run_folders_writable(self.config[self.subcommand], fitting=self.subcommand == "fit")
+            check_run_folders_writable(section, fitting=self.subcommand == "fit")
         if self.subcommand == "fit":
             check_trainable_precision(trainer.get("precision"))
 

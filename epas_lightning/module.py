@@ -285,7 +285,7 @@ class EPASModule(LightningModule):
         if self.init_from is None:
             return
         if self.trainer.ckpt_path is None:
-            load_initial_weights(self.model, self.init_from)
+            load_initial_weights(self.model, self.init_from, self.trainer.state.fn.value)
             rank_zero_info(f"init_from: the weights start from {self.init_from}")
         else:
             rank_zero_info(resumed_instead(self.trainer.ckpt_path))

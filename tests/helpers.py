@@ -9,6 +9,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from epas_lightning.callbacks import ProgressiveSharing
+
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_CONFIG = str(REPO / "configs" / "debug.yaml")
 
@@ -106,6 +108,10 @@ def signal_fit_once_training(
         proc.wait()
         watchdog.cancel()
     return proc.returncode, out.read_text(), "".join(lines)
+
+
+class SubclassedSharing(ProgressiveSharing):
+    """A schedule of one's own, listed in ``trainer.callbacks`` beside the ``sharing`` section's."""
 
 
 class SignalTwice(L.Callback):

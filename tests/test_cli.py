@@ -188,6 +188,21 @@ def test_a_validation_interval_longer_than_the_limited_epoch_is_one_line(tmp_pat
         lightning_cli(["--config", DEBUG, *flags], run=False)
 
 
+def test_built_in_corpus_settings_beside_a_prepared_folder(tmp_path, monkeypatch):
+    """`--data.max_bytes` (or `cache_dir`) with `--data.data_dir` did nothing, without a word: given with the folder
+    or after it (on the command line, in the same config file) they are refused; debug.yaml's own max_bytes, which a
+    folder given after it overrides with its corpus, is dropped."""
+    monkeypatch.chdir(tmp_path)
+    prepared = ["--config", DEBUG, "--data.data_dir", str(tmp_path)]
+    cli = lightning_cli(prepared, run=False)
+    assert cli.datamodule.max_bytes is None and cli.config.data.max_bytes is None  # the saved config says it too
+    with pytest.raises(ConfigError, match=r"^data.max_bytes limits the built-in corpus only; .* — data.max_bytes 9 —"):
+        lightning_cli([*prepared, "--data.max_bytes=9"], run=False)
+    (tmp_path / "mine.yaml").write_text(f"data:\n  data_dir: {tmp_path}\n  cache_dir: {tmp_path}\n")
+    with pytest.raises(ConfigError, match=rf"built-in corpus is cached; .* — data.cache_dir {tmp_path} — remove it"):
+        lightning_cli(["--config", DEBUG, "--config", str(tmp_path / "mine.yaml")], run=False)
+
+
 def test_a_seed_numpy_cannot_take_is_one_line(tmp_path, monkeypatch):
     """`--seed_everything -5` was seed_everything's ValueError traceback."""
     monkeypatch.chdir(tmp_path)

@@ -785,6 +785,20 @@ def test_tinyllama_continual_config_checks_init_from(tmp_path: Path) -> None:
         lightning_cli(["--config", CONTINUAL, *small, "--model.init_from", str(tmp_path / "missing")], run=False)
 
 
+@pytest.mark.parametrize("variable", ["SLURM_NODEID", "GROUP_RANK", "NODE_RANK"])
+def test_init_from_missing_on_another_node_says_every_node_reads_it(tmp_path: Path, monkeypatch, variable) -> None:
+    """Every rank reads init_from's config as it parses its command line (no process group exists yet to take it
+    from rank 0): a node without the path (a node-local disk) said only 'does not exist', though rank 0 had it."""
+    from epas_lightning.init_from import source_config
+
+    for name in ("SLURM_NODEID", "GROUP_RANK", "NODE_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, "1")
+    said = rf"^does not exist on node 1, which reads its config .* — model.init_from {tmp_path}/hf — put it on a "
+    with pytest.raises(CheckpointError, match=said):
+        source_config(tmp_path / "hf", block_size=32)
+
+
 def _fit_args(path: Path, corpus: Path, root: Path, *config: str) -> list[str]:
     """``fit`` of ``path`` for 1 CPU step on ``corpus``, with ``model.config`` set by the flags ``config`` alone."""
     args = ["fit", "--model.init_from", str(path), *config, "--data.data_dir", str(corpus), "--data.batch_size", "2"]

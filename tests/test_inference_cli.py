@@ -282,6 +282,31 @@ def test_init_from_a_checkpoint_that_shared_says_this_run_starts_dense(trained):
     assert "sharing.mask" not in state  # the new run's schedule decides the region
 
 
+def test_validate_from_init_from_says_it_scores_every_layer_computing(trained, tiny_corpus, tmp_path):
+    """`validate --model.init_from` of a checkpoint that shared scores it as a fit from it starts, every layer
+    computing; it said "this run starts ... its sharing schedule decides the region", as if training, not which region
+    it scored nor how to score the trained one."""
+    config = load_model(trained).model.config
+    data = TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=config.vocab_size)
+    module = EPASModule(config, init_from=str(trained))
+    said = rf"\[2, 3\] sharing; validate scores it with every layer computing .* evaluate --checkpoint {trained} scores"
+    with pytest.warns(UserWarning, match=said):
+        cpu_trainer(tmp_path, 1, limit_val_batches=1).validate(module, data, verbose=False)
+    assert module.model.sharing.shared_layers == []
+
+
+def test_validate_a_checkpoint_counts_val_sharing_layers_in_the_region_it_trained(trained, tiny_corpus, tmp_path):
+    """`validate --ckpt_path` with other sharing settings than the checkpoint's counted val_sharing_layers in the
+    configured target (shallow-first here: layers 1, 2, which it never trained), not in the region it trained."""
+    config = load_model(trained).model.config
+    data = TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=config.vocab_size)
+    sharing = ProgressiveSharing(target=2, order="shallow_first", val_sharing_layers=[1, 2])
+    trainer = cpu_trainer(tmp_path, 1, [sharing], limit_val_batches=1)
+    scores = trainer.validate(EPASModule(config), data, ckpt_path=trained, verbose=False)[0]
+    assert scores["val/loss_at_sharing/2"] == pytest.approx(scores["val/loss"])  # the trained region, [2, 3]
+    assert sharing._val_regions == {1: [3], 2: [2, 3]}
+
+
 def test_a_recorded_tokenizer_that_is_gone_is_named_in_the_error(tmp_path):
     """The error said only 'the checkpoint does not name an existing tokenizer': which file went missing was lost."""
     from epas_lightning.checkpoint import _info

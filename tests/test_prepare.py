@@ -692,6 +692,21 @@ def test_records_whose_text_is_null_or_not_text_are_bad_records(tmp_path: Path, 
         prepare(jsonl, tmp_path / "out2", sp_model, val_fraction=0.5, num_workers=1, on_bad="fail")
 
 
+def test_the_worker_count_cuts_the_same_tokens_into_other_sequences_as_help_says(
+    corpus, sp_data: Path, sp_model: Path, tmp_path: Path, capsys
+):
+    """Each worker writes its own chunks and a sequence never spans two: another --num-workers keeps the documents
+    and their order but changes the batches a fit reads, which prepare --help did not say."""
+    one = prepare(corpus[0], tmp_path / "one", sp_model, val_fraction=0.1, num_workers=1)
+    assert documents_of(one / "train", 1, 2) == documents_of(sp_data / "train", 1, 2)
+    assert len(list((one / "train").glob("chunk-*"))) < len(list((sp_data / "train").glob("chunk-*")))
+    first = [next(iter(tiny_dm(data).train_dataloader())) for data in (one, sp_data)]
+    assert not torch.equal(*first)
+    assert cli_main(["prepare", "--help"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "another count stores the same tokens in the same order, cut into other sequences, so fit reads" in said
+
+
 def test_truncated_chunk_is_a_clear_error(sp_data: Path, tmp_path: Path):
     import shutil
 

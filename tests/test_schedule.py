@@ -2,6 +2,7 @@
 
 import pytest
 
+from epas_lightning.errors import ConfigError
 from epas_lightning.schedule import SharingSchedule, resolve_target
 
 
@@ -48,6 +49,23 @@ def test_a_target_read_as_text_is_refused_and_numpy_numbers_are_numbers():
     assert resolve_target(np.int64(2), 12) == (11, 10)
     assert resolve_target(np.array([11, 10]), 12) == (11, 10)
     assert ProgressiveSharing(np.array([11, 10])).state_dict()["target"] == [11, 10]  # compared as such on resume
+
+
+def test_two_sharing_schedules_in_one_trainer_are_refused_naming_both():
+    """A subclass of ProgressiveSharing beside one (Lightning refuses two of one class only) set the region before
+    every batch in turn, the last one winning; both saved their state. Setup refuses them, naming both."""
+    from types import SimpleNamespace
+
+    from epas_lightning.callbacks import ProgressiveSharing
+
+    class MySharing(ProgressiveSharing):
+        pass
+
+    ours, mine = ProgressiveSharing(target=1), MySharing(target=2)
+    trainer = SimpleNamespace(callbacks=[ours, mine])
+    said = r"2 sharing schedules, ProgressiveSharing\(target=1\) and MySharing\(target=2\).* — trainer.callbacks —"
+    with pytest.raises(ConfigError, match=said):
+        ours.setup(trainer, None, "fit")
 
 
 @pytest.mark.parametrize(

@@ -982,6 +982,7 @@ def test_user_callbacks_add_to_the_defaults_without_inheriting_them(tmp_path, mo
     ("class_path", "section"),
     [
         ("epas_lightning.ProgressiveSharing", "sharing"),
+        ("helpers.SubclassedSharing", "sharing"),  # Lightning refuses a second of one class only: they fought
         ("lightning.pytorch.callbacks.LearningRateMonitor", "lr_monitor"),  # each rate logged twice a step
     ],
 )

@@ -48,8 +48,11 @@ class TokenDataModule(TokenData, LightningDataModule):
         val_dir: Held-out data to validate and test on: a prepared directory (its ``val/`` is used) or a token
             stream directory (with ``index.json``). Default: the ``val/`` split of every ``data_dir``.
         max_bytes: Built-in corpus only: use just the first files totalling at most this many bytes (fast tests).
+            Refused beside ``data_dir``, which is read whole; on the command line, one from a config file that a
+            later ``data_dir`` overrides (``configs/debug.yaml``'s, with ``--data.data_dir``) is dropped.
         cache_dir: Built-in corpus only: where prepared corpora are cached. Default: ``$EPAS_CACHE_DIR``, else
-            ``$XDG_CACHE_HOME/epas_lightning`` or ``~/.cache/epas_lightning``.
+            ``$XDG_CACHE_HOME/epas_lightning`` or ``~/.cache/epas_lightning``. Refused beside ``data_dir``, as
+            ``max_bytes`` is.
         resume_position: On resume, continue at the checkpoint's position in the data, which holds only for the data
             settings it was saved with (others are refused). ``False`` starts this data from its beginning instead,
             while the run's steps, optimizer, LR and sharing schedules resume: to go on with other data (a new

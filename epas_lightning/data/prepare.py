@@ -234,7 +234,7 @@ def prepare_dataset(
         bos_token, eos_token: The tokens documents start and end with (default: the tokenizer's own).
         on_bad: ``skip`` (warn) or ``fail`` on an unreadable, binary or non-UTF-8 file or record.
         num_workers: Tokenizer processes (default: the CPU cores available); they share a large JSONL or parquet
-            file, cut into parts.
+            file, cut into parts. The chunks, and so the sequences a fit reads, depend on it (see ``prepare --help``).
         overwrite: Replace ``output`` if it is a dataset prepared by this command (never anything else).
         progress: Log each step and show progress bars.
     """
@@ -356,7 +356,9 @@ def prepare_command(
         eos_token: EOS token to end documents with (default: the tokenizer's own, e.g. </s>).
         on_bad: An unreadable, binary or non-UTF-8 file or record is skipped with a warning, or stops the run.
         num_workers: Tokenizer processes (default: the CPU cores available); they share a large JSONL or parquet
-            file, cut into parts.
+            file, cut into parts. Each writes its own chunks, and a training sequence never spans two: another count
+            stores the same tokens in the same order, cut into other sequences, so fit reads other batches (and
+            validates on slightly other sequences). Give the same count to prepare a dataset again exactly.
         overwrite: Replace --output if it is a dataset this command prepared (never anything else).
         progress: Show a progress bar.
         json: End with one JSON line of what was written (the output folder and its meta.json).

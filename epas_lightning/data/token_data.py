@@ -146,6 +146,8 @@ class TokenData:
         dirs = [data_dir] if isinstance(data_dir, str | Path) else list(data_dir or [])
         if weights is not None:
             check_weights(weights, len(dirs))
+        if dirs:
+            check_no_builtin_settings(max_bytes, cache_dir)
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.vocab_size = vocab_size
@@ -314,6 +316,29 @@ class TokenData:
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             drop_last=True,
+        )
+
+
+BUILTIN_SETTINGS = {
+    "max_bytes": ("limits the built-in corpus only; data.data_dir is read whole", "trainer.max_steps shortens a run"),
+    "cache_dir": ("is where the built-in corpus is cached; data.data_dir is read where it is", None),
+}
+"""The settings of the built-in corpus, which a prepared ``data_dir`` leaves unused: what each is for, and where a
+run of a prepared folder has it."""
+
+
+def check_no_builtin_settings(max_bytes: int | None, cache_dir: str | None) -> None:
+    """A :class:`ConfigError` for a built-in corpus setting given beside a prepared ``data_dir``, which would leave it
+    unused without a word (``max_bytes`` does not cut a prepared folder short)."""
+    for name, value in (("max_bytes", max_bytes), ("cache_dir", cache_dir)):
+        if value is None:
+            continue
+        what, instead = BUILTIN_SETTINGS[name]
+        raise ConfigError(
+            f"data.{name} {what}",
+            f"data.{name} {value}",
+            f"remove it{f' ({instead})' if instead else ''}, or leave data.data_dir unset to train on the built-in "
+            "corpus",
         )
 
 
