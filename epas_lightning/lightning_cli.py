@@ -339,9 +339,9 @@ class EPASCLI(LightningCLI):
     """LightningCLI with the project's sections, one source of truth for layer count, length and vocab, safe resume."""
 
     _quiet: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    """Lightning's INFO lines and warnings that mislead in this run (:func:`quiet_messages`), set with ``ckpt_path``."""
     _command_line: list[str] = []
     """The arguments parsed, config files named rather than read."""
-    """Lightning's INFO lines and warnings that mislead in this run (:func:`quiet_messages`), set with ``ckpt_path``."""
 
     def __init__(self, *args: Any, commands: tuple[str, ...] = LIGHTNING_COMMANDS, **kwargs: Any) -> None:
         self._commands = commands
