@@ -272,7 +272,7 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
         flag = "--" + (key.replace("_", "-") if fn is not None else key)  # LightningCLI keeps --trainer.max_steps
         takes = describe_type(get_type_hints(fn).get(key)) if fn is not None else describe_subtypes(str(error))
         value = re.search(r"(?:Given|Got) value: (.*)$", str(error), re.MULTILINE)
-        nested = re.search(r"NestedArg\(key='([^']*)', val='([^']*)'\)", str(error))
+        nested = re.search(r"NestedArg\(key='([^']*)', val=(.*)\)$", str(error), re.MULTILINE)
         chosen = re.search(r"class_path[= ]'([\w.]+)'", str(error))
         base = re.search(r"Subtypes: \[typing\.Callable\[\[.*?\], ([\w.]+)\]", str(error))  # what no class means
         classless = chosen is None or chosen.group(1).startswith("typing.")
@@ -285,11 +285,11 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
             name, paths = several.groups()
             return ConfigError(f"{name} names several classes ({paths})", flag, "give the full class path of one")
         if not classless:  # a bad argument of the class given
-            argument = nested.groups() if nested else None
+            argument = (nested.group(1), nested_value(nested.group(2))) if nested else None
             if bad := class_argument_error(str(error), prog, flag, chosen.group(1), argument):
                 return bad
         if nested:  # `--model.optimizer.lr 1e-3` where no class was given for --model.optimizer
-            name, val = nested.groups()
+            name, val = nested.group(1), nested_value(nested.group(2))
             what = f"{flag}.{name} sets an argument of the class of {flag}, and none was given"
             if flag == "--model.optimizer":  # AdamW's own defaults would replace fit's betas and weight decay
                 return ConfigError(
@@ -310,11 +310,24 @@ def adamw_flags(name: str, value: str) -> str:
     0.01)."""
     from epas_lightning.optim import DEFAULT_ADAMW  # only on this error's path: --help stays light
 
-    def flag_value(setting: Any) -> str:  # one shell word: [0.9,0.95]
-        return json.dumps(list(setting) if isinstance(setting, tuple) else setting, separators=(",", ":"))
-
     others = " ".join(f"--model.optimizer.{k} {flag_value(v)}" for k, v in DEFAULT_ADAMW.items() if k != name)
     return f"--model.optimizer AdamW --model.optimizer.{name} {value} {others}"
+
+
+def flag_value(value: Any) -> str:
+    """A value as one shell word of a flag: ``(0.9, 0.95)`` -> ``[0.9,0.95]``; text as it is."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(list(value) if isinstance(value, tuple) else value, separators=(",", ":"))
+
+
+def nested_value(given: str) -> str:
+    """The value of jsonargparse's ``NestedArg(key=..., val=<given>)`` as a flag's word: ``'1e-3'`` -> ``1e-3``,
+    ``[0.9, 0.9]`` -> ``[0.9,0.9]`` (the command line's lists and numbers reach it parsed)."""
+    try:
+        return flag_value(ast.literal_eval(given))
+    except (ValueError, SyntaxError):  # a value Python cannot read back: as jsonargparse wrote it
+        return given
 
 
 def class_argument_error(

@@ -323,15 +323,25 @@ def test_an_unknown_compile_backend_is_one_line_before_the_data(tmp_path, monkey
         lightning_cli(["--config", DEBUG, "--model.compile", "maybe"], run=False)
 
 
-@pytest.mark.parametrize("flag", ["--model.optimizer.lr", "--model.lr"])
-def test_an_optimizer_argument_without_a_class_keeps_fits_defaults_in_its_advice(tmp_path, capsys, monkeypatch, flag):
+@pytest.mark.parametrize(
+    ("flag", "value", "lr", "betas"),
+    [
+        ("--model.optimizer.lr", "1e-3", 1e-3, (0.9, 0.95)),
+        ("--model.lr", "1e-3", 1e-3, (0.9, 0.95)),
+        ("--model.optimizer.betas", "[0.9,0.9]", 3e-4, (0.9, 0.9)),
+    ],
+)
+def test_an_optimizer_argument_without_a_class_keeps_fits_defaults_in_its_advice(
+    tmp_path, capsys, monkeypatch, flag, value, lr, betas
+):
     """debug.yaml leaves model.optimizer to the default AdamW, so `--model.optimizer.lr` alone has no class to go to
     (jsonargparse's message was "invalid value for --model.optimizer (Given value: NestedArg(key='lr', ...))"). The
     advice was to name a class first, and `--model.optimizer AdamW` alone trains with AdamW's own betas (0.9, 0.999)
     and weight decay 0.01, not fit's default (0.9, 0.95) and 0.1: it spells them out, and it builds that optimizer.
-    LitGPT's `--lr` under `model.` said only that it was ambiguous with --model.lr_scheduler: the same advice."""
+    LitGPT's `--lr` under `model.` said only that it was ambiguous with --model.lr_scheduler: the same advice. A list
+    value (`--model.optimizer.betas [0.9,0.9]`) still had jsonargparse's message."""
     monkeypatch.chdir(tmp_path)
-    assert main(["fit", "--config", DEBUG, flag, "1e-3", "--print_config"]) == 2
+    assert main(["fit", "--config", DEBUG, flag, value, "--print_config"]) == 2
     err = capsys.readouterr().err
     assert "NestedArg" not in err and "ambiguous" not in err
     advice = err.strip().splitlines()[-1].split("default settings: ")[1]
@@ -339,7 +349,7 @@ def test_an_optimizer_argument_without_a_class_keeps_fits_defaults_in_its_advice
 
     module = lightning_cli(["--config", DEBUG, *advice.split()], run=False).model
     (group,) = module.optimizer_factory([torch.nn.Parameter(torch.zeros(1))]).param_groups
-    assert (group["lr"], group["betas"], group["weight_decay"]) == (1e-3, (0.9, 0.95), 0.1)
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (lr, betas, 0.1)
 
 
 @pytest.mark.parametrize("limit", ["max_steps", "max_epochs"])
