@@ -139,7 +139,7 @@ def function_parser(fn: Callable, prog: str):  # noqa: ANN201 - jsonargparse.Arg
     hints = get_type_hints(fn)
     switches = {name for name in params if _is_bool(hints.get(name))}
     description = _plain("\n\n".join(part for part in (doc.short_description, doc.long_description) if part))
-    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False, allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML file setting any of the options below.")
     parser.add_function_arguments(fn, skip=switches, as_group=False)
     for name in switches:
@@ -429,6 +429,33 @@ def check_utf8(argv: Sequence[str], prog: str) -> None:
         raise ConfigError(f"{flag} is not UTF-8 text ({where})", prog, "give it in UTF-8")
 
 
+UNKNOWN_OPTION = re.compile(r"does not accept option '([^']+)'|unrecognized arguments: --(\S+?)(?:=|\s|$)")
+"""jsonargparse's words for a key no section has: in a config file, and on the command line."""
+
+
+def unknown_option(error: ArgumentError, parser: Any) -> ConfigError | None:
+    """The one line for a key of the command line or a config that ``parser`` does not have (``trainer.max_stepz``;
+    an abbreviation, ``--trainer.max_step``, as the parsers refuse them), with the option it most likely meant;
+    ``None`` for any other parse error."""
+    found = UNKNOWN_OPTION.search(str(error))
+    if found is None or parser is None:
+        return None
+    if found.group(1):  # a config's key: the parser's keys, without its own options
+        key, known = (
+            found.group(1),
+            [a.dest for a in parser._actions if a.dest not in ("help", "config", "print_config")],
+        )
+    else:  # a flag: the parser's flags (a command's are dashed: --max-new-tokens)
+        options = (option for action in parser._actions for option in action.option_strings)
+        key, known = found.group(2), [option[2:] for option in options if option.startswith("--")]
+    command = parser.prog.split()[-1]
+    return ConfigError(
+        f"{command} has no option {key}{did_you_mean(key, known)}",
+        f"{PROG} {command}",
+        f"see `{PROG} {command} --help`",
+    )
+
+
 def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:
     """Parse ``argv`` for ``fn`` and call it; ``--help`` and ``--print_config`` exit 0 (``SystemExit``)."""
     parser = function_parser(fn, prog)
@@ -436,7 +463,7 @@ def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:
     try:
         config = parser.parse_args(_append_lists(argv, parser.list_options))
     except ArgumentError as e:
-        raise parse_error(e, prog, fn, argv) from e
+        raise unknown_option(e, parser) or parse_error(e, prog, fn, argv) from e
     kwargs = parser.instantiate(config)
     kwargs.pop("config", None)
     check_finite(kwargs, prog)
@@ -508,9 +535,9 @@ def dispatch(argv: list[str]) -> int:
                 raise parse_error(e, f"{PROG} {command}", argv=argv) from e
             return exit_status(cli)
     if command not in TOOLS:
-        raise ConfigError(
-            f"unknown command {command!r}", PROG, f"choose one of {', '.join((*LIGHTNING_COMMANDS, *TOOLS))}"
-        )
+        commands = (*LIGHTNING_COMMANDS, *TOOLS)
+        what = f"unknown command {command!r}{did_you_mean(command, commands)}"
+        raise ConfigError(what, PROG, f"choose one of {', '.join(commands)}")
     check_config_files(rest)
     result = run_function(tool(command), f"{PROG} {command}", rest)
     return result if isinstance(result, int) else 0

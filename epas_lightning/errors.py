@@ -112,9 +112,13 @@ def not_utf8(text: str) -> str | None:
 
 
 def did_you_mean(given: str, known: Iterable[str]) -> str:
-    """`` (did you mean n_layer?)`` for a misspelt name closest to one of ``known``, or ``""``."""
-    close = difflib.get_close_matches(given, list(known), n=1, cutoff=0.8)
-    return f" (did you mean {close[0]}?)" if close else ""
+    """`` (did you mean n_layer?)`` for a misspelt name closest to one of ``known``, or for the start of only one
+    (``--seed``, of ``--seed_everything``: an abbreviation, which the parsers refuse); else ``""``."""
+    known = list(known)
+    close = difflib.get_close_matches(given, known, n=1, cutoff=0.8)
+    started = [name for name in known if given and name.startswith(given)]
+    meant = close or (started if len(started) == 1 else [])
+    return f" (did you mean {meant[0]}?)" if meant else ""
 
 
 def os_reason(error: OSError) -> str:

@@ -51,7 +51,7 @@ from epas_lightning.callbacks import ProgressiveSharing, StepLearningRateMonitor
 from epas_lightning.checkpoint import recorded_config
 from epas_lightning.checkpoint_io import AtomicCheckpointIO, sharded_needs_fsdp2
 from epas_lightning.child_ranks import EndChildRanksOnError
-from epas_lightning.cli import DURATION, LIGHTNING_COMMANDS, PROG
+from epas_lightning.cli import DURATION, LIGHTNING_COMMANDS, PROG, unknown_option
 from epas_lightning.data import TokenDataModule
 from epas_lightning.divergence import DivergenceGuard
 from epas_lightning.errors import ConfigError, UserError, did_you_mean
@@ -506,26 +506,6 @@ class EPASCLI(LightningCLI):
         return kwargs
 
 
-UNKNOWN_OPTION = re.compile(r"does not accept option '([^']+)'|unrecognized arguments: --(\S+?)(?:=|\s|$)")
-"""jsonargparse's words for a key no section has: in a config file, and on the command line."""
-
-
-def unknown_option(error: ArgumentError, parser: Any) -> ConfigError | None:
-    """The one line for a key of the command line or a config that ``parser`` does not have (``trainer.max_stepz``),
-    with the option it most likely meant; ``None`` for any other parse error."""
-    found = UNKNOWN_OPTION.search(str(error))
-    if found is None or parser is None:
-        return None
-    key = found.group(1) or found.group(2)
-    known = [action.dest for action in parser._actions if action.dest not in ("help", "config", "print_config")]
-    command = parser.prog.split()[-1]
-    return ConfigError(
-        f"{command} has no option {key}{did_you_mean(key, known)}",
-        f"{PROG} {command}",
-        f"see `{PROG} {command} --help`",
-    )
-
-
 UNLOGGED_MONITOR = {
     "ModelCheckpoint": re.compile(
         r"ModelCheckpoint\(monitor='(?P<key>[^']*)'\)` could not find the monitored key in the returned metrics: "
@@ -699,6 +679,7 @@ def lightning_cli(args: ArgsType = None, run: bool = True) -> EPASCLI:
         parser_kwargs={
             "prog": PROG,  # usage lines read `python -m epas_lightning fit`, not `__main__.py fit`
             "exit_on_error": False,
+            "allow_abbrev": False,  # --trainer.max_step is a misspelt key, not max_steps (the subcommands inherit it)
             **{name: {"exit_on_error": False} for name in commands},
         },
         args=args,

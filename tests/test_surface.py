@@ -270,6 +270,8 @@ def test_data_that_is_missing_or_incomplete_names_the_data_flag(tmp_path, capsys
         (["evaluate", "--sharing-layers", "lots"], "--sharing-layers takes a whole number or one of all, not 'lots'"),
         (["generate", "--dtype", "fp16"], "--dtype takes one of auto, float32, bfloat16, float16, not 'fp16'"),
         (["bench", "--budget", "x"], "--budget takes a number, not 'x'"),
+        # an abbreviation was taken for the flag it begins
+        (["generate", "--max-new", "5"], "generate has no option max-new (did you mean max-new-tokens?)"),
         (["generate", "--prompt", "ab\udcff"], "--prompt is not UTF-8 text (byte 0xff at character 2)"),  # "invalid
         (["chat", "--system", "\udce9t\udce9"], "--system is not UTF-8 text (byte 0xe9 at character 0)"),  # value"
     ],
