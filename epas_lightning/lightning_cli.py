@@ -294,6 +294,29 @@ def resolve_config_names(argv: list[str]) -> list[str]:
     return out
 
 
+PRINT_CONFIG_FLAGS = {"skip_default": "skip_default", "skip_unset": "skip_unset", "skip_null": "skip_unset"}
+"""``--print_config=FLAG,...`` as jsonargparse reads it (``skip_null``: its older name of ``skip_unset``; ``comments``
+needs ruamel.yaml, not installed here) -> the keyword of ``dump`` it sets."""
+
+
+def print_config_options(given: list[str]) -> dict[str, bool]:
+    """The ``dump`` keywords of the ``--print_config[=FLAG,...]`` tokens ``given``: the config is printed here, with
+    the model preset resolved, so the parser never checked them (``=foo`` printed as if plain)."""
+    options = {"skip_unset": False, "skip_default": False}
+    accepted = [flag for flag, keyword in PRINT_CONFIG_FLAGS.items() if flag == keyword]
+    for token in given:
+        for flag in filter(None, token.partition("=")[2].split(",")):
+            if flag not in PRINT_CONFIG_FLAGS:
+                raise ConfigError(
+                    f"--print_config has no flag {flag!r}{did_you_mean(flag, accepted)}",
+                    token,
+                    f"give --print_config alone, or with one or more of {', '.join(accepted)} (--print_config="
+                    f"{','.join(accepted)})",
+                )
+            options[PRINT_CONFIG_FLAGS[flag]] = True
+    return options
+
+
 class EPASCLI(LightningCLI):
     """LightningCLI with the project's sections, one source of truth for layer count, length and vocab, safe resume."""
 
@@ -338,6 +361,7 @@ class EPASCLI(LightningCLI):
         args = list(sys.argv[1:] if args is None else args)
         printing = [a for a in args if a.split("=")[0] == "--print_config"]
         args = [a for a in args if a not in printing]
+        dump_options = print_config_options(printing)
         try:
             self.config = parser.parse_args(args)
         except ArgumentError as e:
@@ -351,7 +375,7 @@ class EPASCLI(LightningCLI):
             ckpt_path = config.get("ckpt_path")  # a resume's model is its checkpoint's: init_from may be gone
             resolve_model(config, run_last_checkpoint(config) if ckpt_path in RESUME_WORDS else ckpt_path)
             config.model.config = Namespace(**_as_config(config.model.config).to_dict())
-            print(self._subcommand_parsers[subcommand].dump(config, skip_none=False, skip_link_targets=False))
+            print(self._subcommand_parsers[subcommand].dump(config, skip_link_targets=False, **dump_options))
             raise SystemExit(0)
 
     def _parse_ckpt_path(self) -> None:
