@@ -36,6 +36,7 @@ import warnings
 from argparse import ArgumentError
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -317,6 +318,19 @@ def print_config_options(given: list[str]) -> dict[str, bool]:
     return options
 
 
+PARSED_COMMAND: ContextVar[str] = ContextVar("parsed_command", default=PROG)
+"""The command line being parsed (``python -m epas_lightning fit``), for the parsers made while parsing it."""
+
+
+class CommandParser(LightningArgumentParser):
+    """Lightning's parser, whose parsers made while parsing (``--trainer.callbacks.help CLASS`` prints the help of
+    one) name the command being parsed in their usage line: they were ``__main__.py``, the script's name."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("prog", PARSED_COMMAND.get())
+        super().__init__(*args, **kwargs)
+
+
 class EPASCLI(LightningCLI):
     """LightningCLI with the project's sections, one source of truth for layer count, length and vocab, safe resume."""
 
@@ -362,6 +376,7 @@ class EPASCLI(LightningCLI):
         printing = [a for a in args if a.split("=")[0] == "--print_config"]
         args = [a for a in args if a not in printing]
         dump_options = print_config_options(printing)
+        command = PARSED_COMMAND.set(f"{PROG} {args[0]}" if args and args[0] in LIGHTNING_COMMANDS else PROG)
         try:
             self.config = parser.parse_args(args)
         except ArgumentError as e:
@@ -369,6 +384,8 @@ class EPASCLI(LightningCLI):
             if (unknown := unknown_option(e, parsers.get(args[0]) if args else None)) is None:
                 raise
             raise unknown from e
+        finally:
+            PARSED_COMMAND.reset(command)
         if printing:
             subcommand = self.config.subcommand
             config = self.config[subcommand].clone()
@@ -699,6 +716,7 @@ def lightning_cli(args: ArgsType = None, run: bool = True) -> EPASCLI:
         TokenDataModule,
         seed_everything_default=1234,
         auto_configure_optimizers=False,
+        parser_class=CommandParser,
         trainer_defaults={"callbacks": [RunSummary(command_line=True), FlopsModelSummary(), EndChildRanksOnError()]},
         parser_kwargs={
             "prog": PROG,  # usage lines read `python -m epas_lightning fit`, not `__main__.py fit`

@@ -67,6 +67,8 @@ def test_top_level_help_lists_every_command_with_a_description(capsys, monkeypat
     assert "Defaults to ``None``" not in lr_interval_help and "default: step" in lr_interval_help  # it is step here
     assert main(["fit", "--config", DEBUG, "--weights_only", "false"]) == 2
     assert "— --weights_only false — leave it unset" in capsys.readouterr().err
+    assert main(["fit", "--trainer.callbacks.help", "EarlyStopping"]) == 0  # its usage line read `__main__.py`
+    assert capsys.readouterr().out.startswith("usage: python -m epas_lightning fit --trainer.callbacks.monitor")
 
 
 @pytest.mark.parametrize("command", sorted(TOOLS))
