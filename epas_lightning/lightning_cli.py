@@ -52,7 +52,7 @@ from epas_lightning.callbacks import ProgressiveSharing, StepLearningRateMonitor
 from epas_lightning.checkpoint import recorded_config
 from epas_lightning.checkpoint_io import AtomicCheckpointIO, sharded_needs_fsdp2
 from epas_lightning.child_ranks import EndChildRanksOnError
-from epas_lightning.cli import DURATION, LIGHTNING_COMMANDS, PROG, unknown_option
+from epas_lightning.cli import DURATION, LIGHTNING_COMMANDS, PROG, flag_value, unknown_option
 from epas_lightning.data import TokenDataModule
 from epas_lightning.divergence import DivergenceGuard
 from epas_lightning.errors import ConfigError, UserError, did_you_mean
@@ -512,6 +512,10 @@ class EPASCLI(LightningCLI):
             if (error := missing_slurm_task(e)) is None:
                 raise
             raise error from e
+        except (ValueError, TypeError, MisconfigurationException) as e:  # devices 0, an unknown accelerator name
+            if isinstance(e, UserError):
+                raise
+            raise refused_setting(e, config) from e
         check_processes_meet(trainer)
         return trainer
 
@@ -529,7 +533,10 @@ class EPASCLI(LightningCLI):
                 try:
                     super()._run_subcommand(subcommand)
                 except (MisconfigurationException, RuntimeError) as e:
-                    if (error := unlogged_monitor(e, self.trainer) or port_in_use(e) or misconfigured(e)) is None:
+                    trainer = self.config[subcommand].trainer
+                    if (
+                        error := unlogged_monitor(e, self.trainer) or port_in_use(e) or misconfigured(e, trainer)
+                    ) is None:
                         raise
                     raise error from e
         except UserError:
@@ -576,16 +583,31 @@ def unlogged_monitor(error: BaseException, trainer: Any) -> ConfigError | None:
     return None
 
 
-def misconfigured(error: BaseException) -> ConfigError | None:
+def misconfigured(error: BaseException, trainer: Any = None) -> ConfigError | None:
     """Lightning's word for a setting that cannot work, found once ``fit`` sets up (``DeviceStatsMonitor`` listed
-    with ``trainer.logger: false``), as one line; ``None`` for any other error."""
-    return refused_setting(error) if isinstance(error, MisconfigurationException) else None
+    with ``trainer.logger: false``), as one line (at the ``trainer`` settings it names); ``None`` for any other
+    error."""
+    return refused_setting(error, trainer) if isinstance(error, MisconfigurationException) else None
 
 
-def refused_setting(error: BaseException) -> ConfigError:
-    """The one line for a configured value Lightning or a constructor refused, in its own words."""
+def refused_setting(error: BaseException, trainer: Any = None) -> ConfigError:
+    """The one line for a configured value Lightning or a constructor refused, in its own words; where they name
+    arguments of ``trainer`` (its settings: ```devices``` selected..., ```Trainer(devices='0')```, the strategy
+    ```fsdp```), at those settings with their values."""
     what = " ".join(str(error).split()).rstrip(".!")  # Lightning's messages may span lines
-    return ConfigError(what, "the configuration", "fix the value in the YAML or the flag")
+    spans = re.findall(r"(?:(\w+) )?`(?:Trainer\()?(\w+)[^`]*`", what)  # the word before a `span`, its first name
+    named = dict.fromkeys(name for span in spans for name in span)
+    keys = [key for key in named if trainer is not None and key in trainer]
+    where = ", ".join(f"trainer.{key}: {setting_value(trainer[key])}" for key in keys) or "the configuration"
+    return ConfigError(what, where, "fix the value in the YAML or the flag")
+
+
+def setting_value(value: Any) -> str:
+    """A configured value as its line shows it: ``0``, ``false``, ``[0,1]``; a class (given or built) by its name."""
+    if isinstance(value, str | int | float | bool | list | tuple) or value is None:
+        return flag_value(value)
+    class_path = value.get("class_path") if isinstance(value, dict | Namespace) else None
+    return str(class_path).rsplit(".", 1)[-1] if class_path else type(value).__name__
 
 
 def with_atomic_checkpoint_io(trainer_config: dict[str, Any]) -> dict[str, Any]:

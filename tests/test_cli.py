@@ -291,6 +291,13 @@ def test_a_misspelt_key_is_named_with_the_one_meant(tmp_path, capsys, flags, yam
          "— give the full class path of one"),
         (["--trainer.accelerator", "tpu"], "the tpu accelerator needs torch_xla, which is not installed — "
          "trainer.accelerator: tpu — install torch_xla on a TPU machine, or pass --trainer.accelerator=cpu"),
+        # what the Trainer refuses names the settings (was "— the configuration —")
+        (["--trainer.devices", "-2"], "`devices` selected with `CPUAccelerator` should be an int > 0 — "
+         "trainer.devices: -2 — fix the value in the YAML or the flag"),
+        (["--trainer.strategy", "fsdp"], "The strategy `fsdp` requires a GPU accelerator, but received "
+         "`accelerator='cpu'`. Please set `accelerator='cuda'`, `accelerator='gpu'`, or pass a `CUDAAccelerator()` "
+         "instance to use FSDP — trainer.strategy: fsdp, trainer.accelerator: cpu — fix the value in the YAML or the "
+         "flag"),
     ],
 )  # fmt: skip
 def test_a_class_that_cannot_be_built_is_named(tmp_path, capsys, monkeypatch, flags, line):
@@ -331,8 +338,8 @@ def test_a_listed_callback_lightning_refuses_at_setup_is_one_line(tmp_path, tiny
     flags = ["--trainer.logger", "false", "--trainer.callbacks+=DeviceStatsMonitor"]
     assert main(["fit", "--config", DEBUG, *flags]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "error: Cannot use `DeviceStatsMonitor` callback with `Trainer(logger=False)` — the configuration — fix the "
-        "value in the YAML or the flag"
+        "error: Cannot use `DeviceStatsMonitor` callback with `Trainer(logger=False)` — trainer.logger: false — fix "
+        "the value in the YAML or the flag"
     )
 
 
