@@ -433,10 +433,10 @@ UNKNOWN_OPTION = re.compile(r"does not accept option '([^']+)'|unrecognized argu
 """jsonargparse's words for a key no section has: in a config file, and on the command line."""
 
 
-def unknown_option(error: ArgumentError, parser: Any) -> ConfigError | None:
+def unknown_option(error: ArgumentError, parser: Any, aliases: dict[str, str] | None = None) -> ConfigError | None:
     """The one line for a key of the command line or a config that ``parser`` does not have (``trainer.max_stepz``;
-    an abbreviation, ``--trainer.max_step``, as the parsers refuse them), with the option it most likely meant;
-    ``None`` for any other parse error."""
+    an abbreviation, ``--trainer.max_step``, as the parsers refuse them), with the option it most likely meant (or
+    that ``aliases`` gives for it); ``None`` for any other parse error."""
     found = UNKNOWN_OPTION.search(str(error))
     if found is None or parser is None:
         return None
@@ -450,7 +450,7 @@ def unknown_option(error: ArgumentError, parser: Any) -> ConfigError | None:
         key, known = found.group(2), [option[2:] for option in options if option.startswith("--")]
     command = parser.prog.split()[-1]
     return ConfigError(
-        f"{command} has no option {key}{did_you_mean(key, known)}",
+        f"{command} has no option {key}{did_you_mean(key, known, aliases)}",
         f"{PROG} {command}",
         f"see `{PROG} {command} --help`",
     )

@@ -60,6 +60,7 @@ from epas_lightning.init_from import config_from_source, filled_from, resumed_in
 from epas_lightning.interrupt import GracefulStop, Interrupted
 from epas_lightning.launch import check_processes_meet, check_slurm_tasks, missing_slurm_task, port_in_use
 from epas_lightning.model import LlamaConfig
+from epas_lightning.model.config import OTHER_NAMES
 from epas_lightning.module import EPASModule, check_resumed_model, check_trainable_precision
 from epas_lightning.resume import (
     RESUME_WORDS,
@@ -137,7 +138,7 @@ def _as_config(value: Any) -> LlamaConfig:
     for name in given:
         if name not in known:
             raise ConfigError(
-                f"model.config has no field {name!r}{did_you_mean(name, known)}",
+                f"model.config has no field {name!r}{did_you_mean(name, known, OTHER_NAMES)}",
                 f"model.config.{name}",
                 f"use one of {', '.join(known)}",
             )
@@ -381,7 +382,8 @@ class EPASCLI(LightningCLI):
             self.config = parser.parse_args(args)
         except ArgumentError as e:
             parsers = getattr(self, "_subcommand_parsers", {})  # none when run=False
-            if (unknown := unknown_option(e, parsers.get(args[0]) if args else None)) is None:
+            aliases = {f"model.config.{name}": f"model.config.{field}" for name, field in OTHER_NAMES.items()}
+            if (unknown := unknown_option(e, parsers.get(args[0]) if args else None, aliases)) is None:
                 raise
             raise unknown from e
         finally:

@@ -254,6 +254,8 @@ def test_validate_or_test_of_no_batch_is_one_line(tmp_path, capsys, monkeypatch,
         (["--trainer.max_step=3"], None, "fit has no option trainer.max_step (did you mean trainer.max_steps?) — "
          "python -m epas_lightning fit — see"),  # an abbreviation was taken for the option it begins
         (["--seed", "3"], None, "fit has no option seed (did you mean seed_everything?) — "),
+        (["--model.config.n_query_groups", "5"], None, "fit has no option model.config.n_query_groups (did you mean "
+         "model.config.n_kv_head?) — "),  # LitGPT's name
         ([], "model:\n  config:\n    n_layers: 3\n", "model.config has no field 'n_layers' (did you mean n_layer?) "
          "— model.config.n_layers — use one of name, n_layer,"),
         (["--trainer.logger.init_args.sav_dir", "x"], None, "TensorBoardLogger (given to --trainer.logger) has no "
