@@ -258,11 +258,6 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
         return ConfigError(what, prog, f"set it through {source}: `{prog} --help` lists the links")
     given = next((line for line in lines if line.startswith(("Given value:", "Got value:"))), None)
     expected = next((line for line in lines if line.startswith("Expected")), None)
-    if re.match(r"ambiguous option: --model\.lr(=\S*)? could match", what):  # LitGPT's --lr, under model.
-        given = list(argv)
-        value = what.split()[2].partition("=")[2] or (given[given.index("--model.lr") + 1 :] or ["LR"])[0]
-        what = "--model.lr is no option: the learning rate is an argument of the optimizer"
-        return ConfigError(what, prog, f"give it with fit's other default settings: {adamw_flags('lr', value)}")
     missing_config = re.match(r'Parser key "config": File does not exist: (.*)$', what)
     if missing_config:  # as fit says it (lightning_cli.py), not "invalid value for --config"
         path = missing_config.group(1).strip("'\"")
@@ -449,6 +444,11 @@ def unknown_option(error: ArgumentError, parser: Any, aliases: dict[str, str] | 
         options = (option for action in parser._actions for option in action.option_strings)
         key, known = found.group(2), [option[2:] for option in options if option.startswith("--")]
     command = parser.prog.split()[-1]
+    if key == "model.lr" and found.group(2):  # LitGPT's --lr, under model.
+        value = re.search(r"--model\.lr[= ](\S+)", str(error))
+        what = "--model.lr is no option: the learning rate is an argument of the optimizer"
+        fix = f"give it with fit's other default settings: {adamw_flags('lr', value[1] if value else 'LR')}"
+        return ConfigError(what, f"{PROG} {command}", fix)
     return ConfigError(
         f"{command} has no option {key}{did_you_mean(key, known, aliases)}",
         f"{PROG} {command}",

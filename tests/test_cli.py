@@ -357,6 +357,7 @@ def test_an_unknown_compile_backend_is_one_line_before_the_data(tmp_path, monkey
     [
         ("--model.optimizer.lr", "1e-3", 1e-3, (0.9, 0.95)),
         ("--model.lr", "1e-3", 1e-3, (0.9, 0.95)),
+        ("--model.lr=2e-3", None, 2e-3, (0.9, 0.95)),
         ("--model.optimizer.betas", "[0.9,0.9]", 3e-4, (0.9, 0.9)),
     ],
 )
@@ -367,10 +368,11 @@ def test_an_optimizer_argument_without_a_class_keeps_fits_defaults_in_its_advice
     (jsonargparse's message was "invalid value for --model.optimizer (Given value: NestedArg(key='lr', ...))"). The
     advice was to name a class first, and `--model.optimizer AdamW` alone trains with AdamW's own betas (0.9, 0.999)
     and weight decay 0.01, not fit's default (0.9, 0.95) and 0.1: it spells them out, and it builds that optimizer.
-    LitGPT's `--lr` under `model.` said only that it was ambiguous with --model.lr_scheduler: the same advice. A list
+    LitGPT's `--lr` under `model.` said only that it was ambiguous with --model.lr_scheduler (with abbreviations
+    refused, that fit has no such option): the same advice, for `--model.lr=1e-3` too. A list
     value (`--model.optimizer.betas [0.9,0.9]`) still had jsonargparse's message."""
     monkeypatch.chdir(tmp_path)
-    assert main(["fit", "--config", DEBUG, flag, value, "--print_config"]) == 2
+    assert main(["fit", "--config", DEBUG, flag, *([value] if value else []), "--print_config"]) == 2
     err = capsys.readouterr().err
     assert "NestedArg" not in err and "ambiguous" not in err
     advice = err.strip().splitlines()[-1].split("default settings: ")[1]
