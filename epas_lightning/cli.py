@@ -435,14 +435,12 @@ def unknown_option(error: ArgumentError, parser: Any, aliases: dict[str, str] | 
     found = UNKNOWN_OPTION.search(str(error))
     if found is None or parser is None:
         return None
+    key = found.group(1) or found.group(2)
     if found.group(1):  # a config's key: the parser's keys, without its own options
-        key, known = (
-            found.group(1),
-            [a.dest for a in parser._actions if a.dest not in ("help", "config", "print_config")],
-        )
+        known = [action.dest for action in parser._actions if action.dest not in ("help", "config", "print_config")]
     else:  # a flag: the parser's flags (a command's are dashed: --max-new-tokens)
         options = (option for action in parser._actions for option in action.option_strings)
-        key, known = found.group(2), [option[2:] for option in options if option.startswith("--")]
+        known = [option[2:] for option in options if option.startswith("--")]
     command = parser.prog.split()[-1]
     if key == "model.lr" and found.group(2):  # LitGPT's --lr, under model.
         value = re.search(r"--model\.lr[= ](\S+)", str(error))

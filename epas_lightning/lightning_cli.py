@@ -593,9 +593,9 @@ def misconfigured(error: BaseException, trainer: Any = None) -> ConfigError | No
 
 
 def refused_setting(error: BaseException, trainer: Any = None) -> ConfigError:
-    """The one line for a configured value Lightning or a constructor refused, in its own words; where they name
-    arguments of ``trainer`` (its settings: ```devices``` selected..., ```Trainer(devices='0')```, the strategy
-    ```fsdp```), at those settings with their values."""
+    """The one line for a configured value Lightning or a constructor refused, in its own words; where the words
+    name arguments of ``trainer`` (its settings) in backquotes (devices in "`devices` selected...", "`Trainer(devices=
+    '0')`"; strategy in "The strategy `fsdp`"), at those settings with their values."""
     what = " ".join(str(error).split()).rstrip(".!")  # Lightning's messages may span lines
     spans = re.findall(r"(?:(\w+) )?`(?:Trainer\()?(\w+)[^`]*`", what)  # the word before a `span`, its first name
     named = dict.fromkeys(name for span in spans for name in span)
