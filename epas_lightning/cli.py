@@ -139,7 +139,7 @@ def function_parser(fn: Callable, prog: str):  # noqa: ANN201 - jsonargparse.Arg
     hints = get_type_hints(fn)
     switches = {name for name in params if _is_bool(hints.get(name))}
     description = _plain("\n\n".join(part for part in (doc.short_description, doc.long_description) if part))
-    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False, allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML file setting any of the options below.")
     parser.add_function_arguments(fn, skip=switches, as_group=False)
     for name in switches:
@@ -258,11 +258,6 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
         return ConfigError(what, prog, f"set it through {source}: `{prog} --help` lists the links")
     given = next((line for line in lines if line.startswith(("Given value:", "Got value:"))), None)
     expected = next((line for line in lines if line.startswith("Expected")), None)
-    if re.match(r"ambiguous option: --model\.lr(=\S*)? could match", what):  # LitGPT's --lr, under model.
-        given = list(argv)
-        value = what.split()[2].partition("=")[2] or (given[given.index("--model.lr") + 1 :] or ["LR"])[0]
-        what = "--model.lr is no option: the learning rate is an argument of the optimizer"
-        return ConfigError(what, prog, f"give it with fit's other default settings: {adamw_flags('lr', value)}")
     missing_config = re.match(r'Parser key "config": File does not exist: (.*)$', what)
     if missing_config:  # as fit says it (lightning_cli.py), not "invalid value for --config"
         path = missing_config.group(1).strip("'\"")
@@ -272,7 +267,7 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
         flag = "--" + (key.replace("_", "-") if fn is not None else key)  # LightningCLI keeps --trainer.max_steps
         takes = describe_type(get_type_hints(fn).get(key)) if fn is not None else describe_subtypes(str(error))
         value = re.search(r"(?:Given|Got) value: (.*)$", str(error), re.MULTILINE)
-        nested = re.search(r"NestedArg\(key='([^']*)', val='([^']*)'\)", str(error))
+        nested = re.search(r"NestedArg\(key='([^']*)', val=(.*)\)$", str(error), re.MULTILINE)
         chosen = re.search(r"class_path[= ]'([\w.]+)'", str(error))
         base = re.search(r"Subtypes: \[typing\.Callable\[\[.*?\], ([\w.]+)\]", str(error))  # what no class means
         classless = chosen is None or chosen.group(1).startswith("typing.")
@@ -285,11 +280,11 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
             name, paths = several.groups()
             return ConfigError(f"{name} names several classes ({paths})", flag, "give the full class path of one")
         if not classless:  # a bad argument of the class given
-            argument = nested.groups() if nested else None
+            argument = (nested.group(1), nested_value(nested.group(2))) if nested else None
             if bad := class_argument_error(str(error), prog, flag, chosen.group(1), argument):
                 return bad
         if nested:  # `--model.optimizer.lr 1e-3` where no class was given for --model.optimizer
-            name, val = nested.groups()
+            name, val = nested.group(1), nested_value(nested.group(2))
             what = f"{flag}.{name} sets an argument of the class of {flag}, and none was given"
             if flag == "--model.optimizer":  # AdamW's own defaults would replace fit's betas and weight decay
                 return ConfigError(
@@ -310,11 +305,24 @@ def adamw_flags(name: str, value: str) -> str:
     0.01)."""
     from epas_lightning.optim import DEFAULT_ADAMW  # only on this error's path: --help stays light
 
-    def flag_value(setting: Any) -> str:  # one shell word: [0.9,0.95]
-        return json.dumps(list(setting) if isinstance(setting, tuple) else setting, separators=(",", ":"))
-
     others = " ".join(f"--model.optimizer.{k} {flag_value(v)}" for k, v in DEFAULT_ADAMW.items() if k != name)
     return f"--model.optimizer AdamW --model.optimizer.{name} {value} {others}"
+
+
+def flag_value(value: Any) -> str:
+    """A value as one shell word of a flag: ``(0.9, 0.95)`` -> ``[0.9,0.95]``; text as it is."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(list(value) if isinstance(value, tuple) else value, separators=(",", ":"))
+
+
+def nested_value(given: str) -> str:
+    """The value of jsonargparse's ``NestedArg(key=..., val=<given>)`` as a flag's word: ``'1e-3'`` -> ``1e-3``,
+    ``[0.9, 0.9]`` -> ``[0.9,0.9]`` (the command line's lists and numbers reach it parsed)."""
+    try:
+        return flag_value(ast.literal_eval(given))
+    except (ValueError, SyntaxError):  # a value Python cannot read back: as jsonargparse wrote it
+        return given
 
 
 def class_argument_error(
@@ -416,6 +424,36 @@ def check_utf8(argv: Sequence[str], prog: str) -> None:
         raise ConfigError(f"{flag} is not UTF-8 text ({where})", prog, "give it in UTF-8")
 
 
+UNKNOWN_OPTION = re.compile(r"does not accept option '([^']+)'|unrecognized arguments: --(\S+?)(?:=|\s|$)")
+"""jsonargparse's words for a key no section has: in a config file, and on the command line."""
+
+
+def unknown_option(error: ArgumentError, parser: Any, aliases: dict[str, str] | None = None) -> ConfigError | None:
+    """The one line for a key of the command line or a config that ``parser`` does not have (``trainer.max_stepz``;
+    an abbreviation, ``--trainer.max_step``, as the parsers refuse them), with the option it most likely meant (or
+    that ``aliases`` gives for it); ``None`` for any other parse error."""
+    found = UNKNOWN_OPTION.search(str(error))
+    if found is None or parser is None:
+        return None
+    key = found.group(1) or found.group(2)
+    if found.group(1):  # a config's key: the parser's keys, without its own options
+        known = [action.dest for action in parser._actions if action.dest not in ("help", "config", "print_config")]
+    else:  # a flag: the parser's flags (a command's are dashed: --max-new-tokens)
+        options = (option for action in parser._actions for option in action.option_strings)
+        known = [option[2:] for option in options if option.startswith("--")]
+    command = parser.prog.split()[-1]
+    if key == "model.lr" and found.group(2):  # LitGPT's --lr, under model.
+        value = re.search(r"--model\.lr[= ](\S+)", str(error))
+        what = "--model.lr is no option: the learning rate is an argument of the optimizer"
+        fix = f"give it with fit's other default settings: {adamw_flags('lr', value[1] if value else 'LR')}"
+        return ConfigError(what, f"{PROG} {command}", fix)
+    return ConfigError(
+        f"{command} has no option {key}{did_you_mean(key, known, aliases)}",
+        f"{PROG} {command}",
+        f"see `{PROG} {command} --help`",
+    )
+
+
 def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:
     """Parse ``argv`` for ``fn`` and call it; ``--help`` and ``--print_config`` exit 0 (``SystemExit``)."""
     parser = function_parser(fn, prog)
@@ -423,7 +461,7 @@ def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:
     try:
         config = parser.parse_args(_append_lists(argv, parser.list_options))
     except ArgumentError as e:
-        raise parse_error(e, prog, fn, argv) from e
+        raise unknown_option(e, parser) or parse_error(e, prog, fn, argv) from e
     kwargs = parser.instantiate(config)
     kwargs.pop("config", None)
     check_finite(kwargs, prog)
@@ -495,9 +533,9 @@ def dispatch(argv: list[str]) -> int:
                 raise parse_error(e, f"{PROG} {command}", argv=argv) from e
             return exit_status(cli)
     if command not in TOOLS:
-        raise ConfigError(
-            f"unknown command {command!r}", PROG, f"choose one of {', '.join((*LIGHTNING_COMMANDS, *TOOLS))}"
-        )
+        commands = (*LIGHTNING_COMMANDS, *TOOLS)
+        what = f"unknown command {command!r}{did_you_mean(command, commands)}"
+        raise ConfigError(what, PROG, f"choose one of {', '.join(commands)}")
     check_config_files(rest)
     result = run_function(tool(command), f"{PROG} {command}", rest)
     return result if isinstance(result, int) else 0

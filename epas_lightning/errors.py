@@ -12,7 +12,7 @@ import difflib
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
@@ -111,10 +111,19 @@ def not_utf8(text: str) -> str | None:
     return None
 
 
-def did_you_mean(given: str, known: Iterable[str]) -> str:
-    """`` (did you mean n_layer?)`` for a misspelt name closest to one of ``known``, or ``""``."""
-    close = difflib.get_close_matches(given, list(known), n=1, cutoff=0.8)
-    return f" (did you mean {close[0]}?)" if close else ""
+def did_you_mean(given: str, known: Iterable[str], aliases: Mapping[str, str] | None = None) -> str:
+    """`` (did you mean n_layer?)`` for a misspelt name closest to one of ``known``, for the start of only one
+    (``--seed``, of ``--seed_everything``: an abbreviation, which the parsers refuse), or another program's name of one
+    (``aliases``: LitGPT's ``n_query_groups`` -> ``n_kv_head``); else ``""``."""
+    known = list(known)
+    close = difflib.get_close_matches(given, known, n=1, cutoff=0.8)
+    started = [name for name in known if given and name.startswith(given)]
+    meant = (
+        ([aliases[given]] if aliases and given in aliases else [])
+        or close
+        or (started[:1] if len(started) == 1 else [])
+    )
+    return f" (did you mean {meant[0]}?)" if meant else ""
 
 
 def os_reason(error: OSError) -> str:

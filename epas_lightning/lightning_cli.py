@@ -36,6 +36,7 @@ import warnings
 from argparse import ArgumentError
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ from epas_lightning.callbacks import ProgressiveSharing, StepLearningRateMonitor
 from epas_lightning.checkpoint import recorded_config
 from epas_lightning.checkpoint_io import AtomicCheckpointIO, sharded_needs_fsdp2
 from epas_lightning.child_ranks import EndChildRanksOnError
-from epas_lightning.cli import DURATION, LIGHTNING_COMMANDS, PROG
+from epas_lightning.cli import DURATION, LIGHTNING_COMMANDS, PROG, flag_value, unknown_option
 from epas_lightning.data import TokenDataModule
 from epas_lightning.data.token_data import BUILTIN_SETTINGS
 from epas_lightning.divergence import DivergenceGuard
@@ -60,6 +61,7 @@ from epas_lightning.init_from import config_from_source, filled_from, resumed_in
 from epas_lightning.interrupt import GracefulStop, Interrupted
 from epas_lightning.launch import check_processes_meet, check_slurm_tasks, missing_slurm_task, port_in_use
 from epas_lightning.model import LlamaConfig
+from epas_lightning.model.config import OTHER_NAMES
 from epas_lightning.module import EPASModule, check_resumed_model, check_trainable_precision
 from epas_lightning.resume import (
     RESUME_WORDS,
@@ -137,7 +139,7 @@ def _as_config(value: Any) -> LlamaConfig:
     for name in given:
         if name not in known:
             raise ConfigError(
-                f"model.config has no field {name!r}{did_you_mean(name, known)}",
+                f"model.config has no field {name!r}{did_you_mean(name, known, OTHER_NAMES)}",
                 f"model.config.{name}",
                 f"use one of {', '.join(known)}",
             )
@@ -335,6 +337,42 @@ def resolve_config_names(argv: list[str]) -> list[str]:
     return out
 
 
+PRINT_CONFIG_FLAGS = {"skip_default": "skip_default", "skip_unset": "skip_unset", "skip_null": "skip_unset"}
+"""``--print_config=FLAG,...`` as jsonargparse reads it (``skip_null``: its older name of ``skip_unset``; ``comments``
+needs ruamel.yaml, not installed here) -> the keyword of ``dump`` it sets."""
+
+
+def print_config_options(given: list[str]) -> dict[str, bool]:
+    """The ``dump`` keywords of the ``--print_config[=FLAG,...]`` tokens ``given``: the config is printed here, with
+    the model preset resolved, so the parser never checked them (``=foo`` printed as if plain)."""
+    options = {"skip_unset": False, "skip_default": False}
+    accepted = [flag for flag, keyword in PRINT_CONFIG_FLAGS.items() if flag == keyword]
+    for token in given:
+        for flag in filter(None, token.partition("=")[2].split(",")):
+            if flag not in PRINT_CONFIG_FLAGS:
+                raise ConfigError(
+                    f"--print_config has no flag {flag!r}{did_you_mean(flag, accepted)}",
+                    token,
+                    f"give --print_config alone, or with one or more of {', '.join(accepted)} (--print_config="
+                    f"{','.join(accepted)})",
+                )
+            options[PRINT_CONFIG_FLAGS[flag]] = True
+    return options
+
+
+PARSED_COMMAND: ContextVar[str] = ContextVar("parsed_command", default=PROG)
+"""The command line being parsed (``python -m epas_lightning fit``), for the parsers made while parsing it."""
+
+
+class CommandParser(LightningArgumentParser):
+    """Lightning's parser, whose parsers made while parsing (``--trainer.callbacks.help CLASS`` prints the help of
+    one) name the command being parsed in their usage line: they were ``__main__.py``, the script's name."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("prog", PARSED_COMMAND.get())
+        super().__init__(*args, **kwargs)
+
+
 class EPASCLI(LightningCLI):
     """LightningCLI with the project's sections, one source of truth for layer count, length and vocab, safe resume."""
 
@@ -382,20 +420,25 @@ class EPASCLI(LightningCLI):
         self._command_line = args
         printing = [a for a in args if a.split("=")[0] == "--print_config"]
         args = [a for a in args if a not in printing]
+        dump_options = print_config_options(printing)
+        command = PARSED_COMMAND.set(f"{PROG} {args[0]}" if args and args[0] in LIGHTNING_COMMANDS else PROG)
         try:
             self.config = parser.parse_args(args)
         except ArgumentError as e:
             parsers = getattr(self, "_subcommand_parsers", {})  # none when run=False
-            if (unknown := unknown_option(e, parsers.get(args[0]) if args else None)) is None:
+            aliases = {f"model.config.{name}": f"model.config.{field}" for name, field in OTHER_NAMES.items()}
+            if (unknown := unknown_option(e, parsers.get(args[0]) if args else None, aliases)) is None:
                 raise
             raise unknown from e
+        finally:
+            PARSED_COMMAND.reset(command)
         if printing:
             subcommand = self.config.subcommand
             config = self.config[subcommand].clone()
             ckpt_path = config.get("ckpt_path")  # a resume's model is its checkpoint's: init_from may be gone
             resolve_model(config, run_last_checkpoint(config) if ckpt_path in RESUME_WORDS else ckpt_path)
             config.model.config = Namespace(**_as_config(config.model.config).to_dict())
-            print(self._subcommand_parsers[subcommand].dump(config, skip_none=False, skip_link_targets=False))
+            print(self._subcommand_parsers[subcommand].dump(config, skip_link_targets=False, **dump_options))
             raise SystemExit(0)
 
     def _parse_ckpt_path(self) -> None:
@@ -517,6 +560,10 @@ class EPASCLI(LightningCLI):
             if (error := missing_slurm_task(e)) is None:
                 raise
             raise error from e
+        except (ValueError, TypeError, MisconfigurationException) as e:  # devices 0, an unknown accelerator name
+            if isinstance(e, UserError):
+                raise
+            raise refused_setting(e, config) from e
         check_processes_meet(trainer)
         return trainer
 
@@ -534,7 +581,10 @@ class EPASCLI(LightningCLI):
                 try:
                     super()._run_subcommand(subcommand)
                 except (MisconfigurationException, RuntimeError) as e:
-                    if (error := unlogged_monitor(e, self.trainer) or port_in_use(e) or misconfigured(e)) is None:
+                    trainer = self.config[subcommand].trainer
+                    if (
+                        error := unlogged_monitor(e, self.trainer) or port_in_use(e) or misconfigured(e, trainer)
+                    ) is None:
                         raise
                     raise error from e
         except UserError:
@@ -550,26 +600,6 @@ class EPASCLI(LightningCLI):
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         kwargs["weights_only"] = True  # checkpoints hold tensors and plain data only: never unpickle anything else
         return kwargs
-
-
-UNKNOWN_OPTION = re.compile(r"does not accept option '([^']+)'|unrecognized arguments: --(\S+?)(?:=|\s|$)")
-"""jsonargparse's words for a key no section has: in a config file, and on the command line."""
-
-
-def unknown_option(error: ArgumentError, parser: Any) -> ConfigError | None:
-    """The one line for a key of the command line or a config that ``parser`` does not have (``trainer.max_stepz``),
-    with the option it most likely meant; ``None`` for any other parse error."""
-    found = UNKNOWN_OPTION.search(str(error))
-    if found is None or parser is None:
-        return None
-    key = found.group(1) or found.group(2)
-    known = [action.dest for action in parser._actions if action.dest not in ("help", "config", "print_config")]
-    command = parser.prog.split()[-1]
-    return ConfigError(
-        f"{command} has no option {key}{did_you_mean(key, known)}",
-        f"{PROG} {command}",
-        f"see `{PROG} {command} --help`",
-    )
 
 
 UNLOGGED_MONITOR = {
@@ -601,16 +631,31 @@ def unlogged_monitor(error: BaseException, trainer: Any) -> ConfigError | None:
     return None
 
 
-def misconfigured(error: BaseException) -> ConfigError | None:
+def misconfigured(error: BaseException, trainer: Any = None) -> ConfigError | None:
     """Lightning's word for a setting that cannot work, found once ``fit`` sets up (``DeviceStatsMonitor`` listed
-    with ``trainer.logger: false``), as one line; ``None`` for any other error."""
-    return refused_setting(error) if isinstance(error, MisconfigurationException) else None
+    with ``trainer.logger: false``), as one line (at the ``trainer`` settings it names); ``None`` for any other
+    error."""
+    return refused_setting(error, trainer) if isinstance(error, MisconfigurationException) else None
 
 
-def refused_setting(error: BaseException) -> ConfigError:
-    """The one line for a configured value Lightning or a constructor refused, in its own words."""
+def refused_setting(error: BaseException, trainer: Any = None) -> ConfigError:
+    """The one line for a configured value Lightning or a constructor refused, in its own words; where the words
+    name arguments of ``trainer`` (its settings) in backquotes (devices in "`devices` selected...", "`Trainer(devices=
+    '0')`"; strategy in "The strategy `fsdp`"), at those settings with their values."""
     what = " ".join(str(error).split()).rstrip(".!")  # Lightning's messages may span lines
-    return ConfigError(what, "the configuration", "fix the value in the YAML or the flag")
+    spans = re.findall(r"(?:(\w+) )?`(?:Trainer\()?(\w+)[^`]*`", what)  # the word before a `span`, its first name
+    named = dict.fromkeys(name for span in spans for name in span)
+    keys = [key for key in named if trainer is not None and key in trainer]
+    where = ", ".join(f"trainer.{key}: {setting_value(trainer[key])}" for key in keys) or "the configuration"
+    return ConfigError(what, where, "fix the value in the YAML or the flag")
+
+
+def setting_value(value: Any) -> str:
+    """A configured value as its line shows it: ``0``, ``false``, ``[0,1]``; a class (given or built) by its name."""
+    if isinstance(value, str | int | float | bool | list | tuple) or value is None:
+        return flag_value(value)
+    class_path = value.get("class_path") if isinstance(value, dict | Namespace) else None
+    return str(class_path).rsplit(".", 1)[-1] if class_path else type(value).__name__
 
 
 def with_atomic_checkpoint_io(trainer_config: dict[str, Any]) -> dict[str, Any]:
@@ -741,10 +786,12 @@ def lightning_cli(args: ArgsType = None, run: bool = True) -> EPASCLI:
         TokenDataModule,
         seed_everything_default=1234,
         auto_configure_optimizers=False,
+        parser_class=CommandParser,
         trainer_defaults={"callbacks": [RunSummary(command_line=True), FlopsModelSummary(), EndChildRanksOnError()]},
         parser_kwargs={
             "prog": PROG,  # usage lines read `python -m epas_lightning fit`, not `__main__.py fit`
             "exit_on_error": False,
+            "allow_abbrev": False,  # --trainer.max_step is a misspelt key, not max_steps (the subcommands inherit it)
             **{name: {"exit_on_error": False} for name in commands},
         },
         args=args,

@@ -76,6 +76,23 @@ def test_print_config_shows_the_sharing_section_and_the_resolved_preset(capsys):
     assert "n_layer: 2" in out and "vocab_size: 512" in out and "block_size: 32" in out  # not null
 
 
+@pytest.mark.parametrize(
+    ("flags", "status", "says"),
+    [
+        ("=skip_unset", 0, "name: debug"),
+        ("=skip_default,foo", 2, "error: --print_config has no flag 'foo' — --print_config=skip_default,foo — give "
+         "--print_config alone, or with one or more of skip_default, skip_unset (--print_config=skip_default,"
+         "skip_unset)"),
+    ],
+)  # fmt: skip
+def test_print_config_takes_jsonargparses_flags_and_refuses_others(capsys, flags, status, says):
+    """`--print_config=foo` (and `=skip_unset`) printed the config as if plain: the flags were never read."""
+    assert main(["fit", "--config", DEBUG, "--print_config" + flags]) == status
+    out, err = capsys.readouterr()
+    assert says in (out if status == 0 else err.strip().splitlines()[-1])
+    assert status != 0 or ": null" not in out
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
 def test_every_packaged_config_parses_by_name_with_the_monitors(name, capsys, tmp_path):
     """Configs are found by name (they ship in the wheel), and every run keeps the monitors and the guard; a config
@@ -249,6 +266,11 @@ def test_validate_or_test_of_no_batch_is_one_line(tmp_path, capsys, monkeypatch,
          "python -m epas_lightning fit — see `python -m epas_lightning fit --help`"),
         (["--sharing.intervall", "3"], None, "fit has no option sharing.intervall (did you mean sharing.interval?) — "
          "python -m epas_lightning fit — see `python -m epas_lightning fit --help`"),
+        (["--trainer.max_step=3"], None, "fit has no option trainer.max_step (did you mean trainer.max_steps?) — "
+         "python -m epas_lightning fit — see"),  # an abbreviation was taken for the option it begins
+        (["--seed", "3"], None, "fit has no option seed (did you mean seed_everything?) — "),
+        (["--model.config.n_query_groups", "5"], None, "fit has no option model.config.n_query_groups (did you mean "
+         "model.config.n_kv_head?) — "),  # LitGPT's name
         ([], "model:\n  config:\n    n_layers: 3\n", "model.config has no field 'n_layers' (did you mean n_layer?) "
          "— model.config.n_layers — use one of name, n_layer,"),
         (["--trainer.logger.init_args.sav_dir", "x"], None, "TensorBoardLogger (given to --trainer.logger) has no "
@@ -286,6 +308,13 @@ def test_a_misspelt_key_is_named_with_the_one_meant(tmp_path, capsys, flags, yam
          "— give the full class path of one"),
         (["--trainer.accelerator", "tpu"], "the tpu accelerator needs torch_xla, which is not installed — "
          "trainer.accelerator: tpu — install torch_xla on a TPU machine, or pass --trainer.accelerator=cpu"),
+        # what the Trainer refuses names the settings (was "— the configuration —")
+        (["--trainer.devices", "-2"], "`devices` selected with `CPUAccelerator` should be an int > 0 — "
+         "trainer.devices: -2 — fix the value in the YAML or the flag"),
+        (["--trainer.strategy", "fsdp"], "The strategy `fsdp` requires a GPU accelerator, but received "
+         "`accelerator='cpu'`. Please set `accelerator='cuda'`, `accelerator='gpu'`, or pass a `CUDAAccelerator()` "
+         "instance to use FSDP — trainer.strategy: fsdp, trainer.accelerator: cpu — fix the value in the YAML or the "
+         "flag"),
     ],
 )  # fmt: skip
 def test_a_class_that_cannot_be_built_is_named(tmp_path, capsys, monkeypatch, flags, line):
@@ -326,8 +355,8 @@ def test_a_listed_callback_lightning_refuses_at_setup_is_one_line(tmp_path, tiny
     flags = ["--trainer.logger", "false", "--trainer.callbacks+=DeviceStatsMonitor"]
     assert main(["fit", "--config", DEBUG, *flags]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "error: Cannot use `DeviceStatsMonitor` callback with `Trainer(logger=False)` — the configuration — fix the "
-        "value in the YAML or the flag"
+        "error: Cannot use `DeviceStatsMonitor` callback with `Trainer(logger=False)` — trainer.logger: false — fix "
+        "the value in the YAML or the flag"
     )
 
 
@@ -338,15 +367,27 @@ def test_an_unknown_compile_backend_is_one_line_before_the_data(tmp_path, monkey
         lightning_cli(["--config", DEBUG, "--model.compile", "maybe"], run=False)
 
 
-@pytest.mark.parametrize("flag", ["--model.optimizer.lr", "--model.lr"])
-def test_an_optimizer_argument_without_a_class_keeps_fits_defaults_in_its_advice(tmp_path, capsys, monkeypatch, flag):
+@pytest.mark.parametrize(
+    ("flag", "value", "lr", "betas"),
+    [
+        ("--model.optimizer.lr", "1e-3", 1e-3, (0.9, 0.95)),
+        ("--model.lr", "1e-3", 1e-3, (0.9, 0.95)),
+        ("--model.lr=2e-3", None, 2e-3, (0.9, 0.95)),
+        ("--model.optimizer.betas", "[0.9,0.9]", 3e-4, (0.9, 0.9)),
+    ],
+)
+def test_an_optimizer_argument_without_a_class_keeps_fits_defaults_in_its_advice(
+    tmp_path, capsys, monkeypatch, flag, value, lr, betas
+):
     """debug.yaml leaves model.optimizer to the default AdamW, so `--model.optimizer.lr` alone has no class to go to
     (jsonargparse's message was "invalid value for --model.optimizer (Given value: NestedArg(key='lr', ...))"). The
     advice was to name a class first, and `--model.optimizer AdamW` alone trains with AdamW's own betas (0.9, 0.999)
     and weight decay 0.01, not fit's default (0.9, 0.95) and 0.1: it spells them out, and it builds that optimizer.
-    LitGPT's `--lr` under `model.` said only that it was ambiguous with --model.lr_scheduler: the same advice."""
+    LitGPT's `--lr` under `model.` said only that it was ambiguous with --model.lr_scheduler (with abbreviations
+    refused, that fit has no such option): the same advice, for `--model.lr=1e-3` too. A list
+    value (`--model.optimizer.betas [0.9,0.9]`) still had jsonargparse's message."""
     monkeypatch.chdir(tmp_path)
-    assert main(["fit", "--config", DEBUG, flag, "1e-3", "--print_config"]) == 2
+    assert main(["fit", "--config", DEBUG, flag, *([value] if value else []), "--print_config"]) == 2
     err = capsys.readouterr().err
     assert "NestedArg" not in err and "ambiguous" not in err
     advice = err.strip().splitlines()[-1].split("default settings: ")[1]
@@ -354,7 +395,7 @@ def test_an_optimizer_argument_without_a_class_keeps_fits_defaults_in_its_advice
 
     module = lightning_cli(["--config", DEBUG, *advice.split()], run=False).model
     (group,) = module.optimizer_factory([torch.nn.Parameter(torch.zeros(1))]).param_groups
-    assert (group["lr"], group["betas"], group["weight_decay"]) == (1e-3, (0.9, 0.95), 0.1)
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (lr, betas, 0.1)
 
 
 @pytest.mark.parametrize("limit", ["max_steps", "max_epochs"])

@@ -340,12 +340,19 @@ def test_a_config_of_numpy_numbers_is_a_config_of_python_numbers():
         ("init_std", "0.02", "got {'init_std': '0.02'}"),
         ("tie_embeddings", "yes", "tie_embeddings must be true or false, got 'yes'"),
         ("rope_scaling", "llama3", "rope_scaling must be a mapping like"),
+        ("n_head", 3, "n_embd=64 must be divisible by n_head=3 — model.config — set n_head to 2 or 4, or n_embd to a "
+         "multiple of 6"),
+        ("n_kv_head", 3, "n_head=4 must be divisible by n_kv_head=3 — model.config — set n_kv_head to one of 1, 2, 4"),
+        ("padded_vocab_size", 100, "padded_vocab_size=100 < vocab_size=512"),
+        ("sharing_mode", "vq", "sharing_mode must be 'qk' or 'kv', got 'vq'"),
     ],
-)
+)  # fmt: skip
 def test_config_fields_of_the_wrong_kind_are_one_line_naming_the_field(field, value, said):
-    """Each was accepted (and failed later, deep inside, or trained another model) or a bare exception."""
-    with pytest.raises(ConfigError, match=re.escape(said)):
+    """Each was accepted (and failed later, deep inside, or trained another model) or a bare exception. Each line says
+    what to do (the shape's had no advice: which head counts divide the width)."""
+    with pytest.raises(ConfigError, match=re.escape(said)) as refused:
         LlamaConfig.from_name("debug", **{field: value})
+    assert refused.value.fix
 
 
 def test_fields_left_unset_take_their_defaults_and_a_checkpoint_records_values():

@@ -67,6 +67,8 @@ def test_top_level_help_lists_every_command_with_a_description(capsys, monkeypat
     assert "Defaults to ``None``" not in lr_interval_help and "default: step" in lr_interval_help  # it is step here
     assert main(["fit", "--config", DEBUG, "--weights_only", "false"]) == 2
     assert "— --weights_only false — leave it unset" in capsys.readouterr().err
+    assert main(["fit", "--trainer.callbacks.help", "EarlyStopping"]) == 0  # its usage line read `__main__.py`
+    assert capsys.readouterr().out.startswith("usage: python -m epas_lightning fit --trainer.callbacks.monitor")
 
 
 @pytest.mark.parametrize("command", sorted(TOOLS))
@@ -270,6 +272,8 @@ def test_data_that_is_missing_or_incomplete_names_the_data_flag(tmp_path, capsys
         (["evaluate", "--sharing-layers", "lots"], "--sharing-layers takes a whole number or one of all, not 'lots'"),
         (["generate", "--dtype", "fp16"], "--dtype takes one of auto, float32, bfloat16, float16, not 'fp16'"),
         (["bench", "--budget", "x"], "--budget takes a number, not 'x'"),
+        # an abbreviation was taken for the flag it begins
+        (["generate", "--max-new", "5"], "generate has no option max-new (did you mean max-new-tokens?)"),
         (["generate", "--prompt", "ab\udcff"], "--prompt is not UTF-8 text (byte 0xff at character 2)"),  # "invalid
         (["chat", "--system", "\udce9t\udce9"], "--system is not UTF-8 text (byte 0xe9 at character 0)"),  # value"
     ],

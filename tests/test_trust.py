@@ -933,6 +933,7 @@ def test_missing_data_dir_bad_schedule_and_truncated_checkpoints_are_one_line(tm
     err = one_line_error(capsys, ["fit", "--config", DEBUG, "--model.init_from", str(tmp_path / "plain.pt")])
     assert f"(no state_dict) — model.init_from {tmp_path / 'plain.pt'}" in err
     assert "unknown command 'predict'" in one_line_error(capsys, ["predict"])
+    assert "unknown command 'fi' (did you mean fit?)" in one_line_error(capsys, ["fi"])
     err = one_line_error(capsys, ["fit", "--config", DEBUG, "--model.config.n_layer=0"])  # checked inside a link
     assert err.startswith("error: model sizes must be positive integers, got {'n_layer': 0} — model.config")
     # what Lightning refuses while building the trainer is one line too

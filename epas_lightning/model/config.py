@@ -33,6 +33,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-3b": dict(n_layer=26, n_embd=3072, n_head=24, intermediate_size=8192, vocab_size=32000, block_size=2048),
     "llama-7b": dict(n_layer=32, n_embd=4096, n_head=32, intermediate_size=11008, vocab_size=32000, block_size=2048),
 }
+OTHER_NAMES = {
+    "n_query_groups": "n_kv_head",  # LitGPT's
+    "rope_base": "rope_theta",
+    "num_hidden_layers": "n_layer",  # transformers' config.json
+    "hidden_size": "n_embd",
+    "num_attention_heads": "n_head",
+    "num_key_value_heads": "n_kv_head",
+    "rms_norm_eps": "norm_eps",
+    "tie_word_embeddings": "tie_embeddings",
+}
+"""LitGPT's and transformers' names of :class:`LlamaConfig` fields, for the line that refuses one."""
 FIELD_DEFAULTS: dict[str, Any] = dict(rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, sharing_mode="qk")
 """The values of these :class:`LlamaConfig` fields when neither the user nor a preset sets them: their dataclass default
 is ``None``, so that a field left unset can be told from one set to this value (``init_from`` fills unset ones)."""
@@ -67,23 +78,37 @@ class RopeScaling:
     def __post_init__(self) -> None:
         where = "model.config.rope_scaling"
         if self.rope_type not in ("llama3", "linear"):
-            raise ConfigError(f"rope_type must be 'llama3' or 'linear', got {self.rope_type!r}", where)
+            raise ConfigError(
+                f"rope_type must be 'llama3' or 'linear', got {self.rope_type!r}",
+                where,
+                "set rope_type: llama3 or linear",
+            )
         llama3 = self.rope_type == "llama3"
         needed = ("factor", *LLAMA3_FIELDS) if llama3 else ("factor",)
         for name in needed:  # numpy numbers as the Python numbers they hold: checkpoints keep plain types
             if _is_number(value := getattr(self, name)) and hasattr(value, "item"):
                 setattr(self, name, value.item())
         if missing := [name for name in needed if getattr(self, name) is None]:
-            raise ConfigError(f"{self.rope_type} RoPE scaling needs {', '.join(missing)}", where)
+            raise ConfigError(f"{self.rope_type} RoPE scaling needs {', '.join(missing)}", where, "set them too")
         if extra := [name for name in LLAMA3_FIELDS if name not in needed and getattr(self, name) is not None]:
-            raise ConfigError(f"linear RoPE scaling takes only factor, got {', '.join(extra)}", where)
+            raise ConfigError(
+                f"linear RoPE scaling takes only factor, got {', '.join(extra)}",
+                where,
+                "remove them, or set rope_type: llama3",
+            )
         if wrong := [f"{name} {getattr(self, name)!r}" for name in needed if not _is_number(getattr(self, name))]:
-            raise ConfigError(f"RoPE scaling takes numbers, got {', '.join(wrong)}", where)
+            raise ConfigError(f"RoPE scaling takes numbers, got {', '.join(wrong)}", where, "give numbers")
         if self.original_max_position_embeddings is not None and self.original_max_position_embeddings < 1:
-            raise ConfigError(f"original_max_position_embeddings must be >= 1, got {self.to_dict()}", where)
+            raise ConfigError(
+                f"original_max_position_embeddings must be >= 1, got {self.to_dict()}",
+                where,
+                "set it to the context length the model was pretrained at",
+            )
         if not self.factor > 0 or (llama3 and not 0 < self.low_freq_factor < self.high_freq_factor):
             raise ConfigError(
-                f"RoPE scaling needs factor > 0 and 0 < low_freq_factor < high_freq_factor, got {self.to_dict()}", where
+                f"RoPE scaling needs factor > 0 and 0 < low_freq_factor < high_freq_factor, got {self.to_dict()}",
+                where,
+                "change the values that break it",
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,7 +207,9 @@ class LlamaConfig:
             self.intermediate_size = _round_up(int(8 * self.n_embd / 3), 256)
         if not _is_count(self.padding_multiple):  # it divides below (0 was a ZeroDivisionError)
             raise ConfigError(
-                f"padding_multiple must be a positive integer, got {self.padding_multiple!r}", "model.config"
+                f"padding_multiple must be a positive integer, got {self.padding_multiple!r}",
+                "model.config",
+                "set it to 1 or more (64 when unset)",
             )
         if self.padded_vocab_size is None:
             self.padded_vocab_size = _round_up(self.vocab_size, self.padding_multiple)
@@ -192,30 +219,47 @@ class LlamaConfig:
         sizes = ("n_layer", "n_embd", "n_head", "n_kv_head", "vocab_size", "block_size", "intermediate_size")
         bad = {k: getattr(self, k) for k in sizes if not _is_count(getattr(self, k))}
         if bad:
-            raise ConfigError(f"model sizes must be positive integers, got {bad}", "model.config")
+            raise ConfigError(
+                f"model sizes must be positive integers, got {bad}", "model.config", "set each to 1 or more"
+            )
         numbers = {"rope_theta": self.rope_theta, "norm_eps": self.norm_eps, "init_std": self.init_std}
         if bad := {k: v for k, v in numbers.items() if not _is_number(v) or v < 0 or (k == "rope_theta" and v == 0)}:
             raise ConfigError(
                 f"rope_theta must be a positive number, norm_eps and init_std non-negative ones, got {bad}",
                 "model.config",
+                "set numbers in those ranges, or leave rope_theta and norm_eps unset (10000.0 and 1e-5)",
             )
         if not isinstance(self.tie_embeddings, bool):
-            raise ConfigError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}", "model.config")
+            raise ConfigError(
+                f"tie_embeddings must be true or false, got {self.tie_embeddings!r}",
+                "model.config",
+                "set true or false",
+            )
         if not isinstance(self.rope_scaling, RopeScaling | None):  # a string (a rope_type) failed in the first forward
             raise ConfigError(
                 f"rope_scaling must be a mapping like {{rope_type: linear, factor: 2.0}} or null, got "
                 f"{self.rope_scaling!r}",
                 "model.config.rope_scaling",
+                "give rope_type and factor under it, or null for none",
             )
         if self.n_embd % self.n_head:
-            raise ConfigError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}", "model.config")
+            what = f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
+            raise ConfigError(what, "model.config", _head_count_fix(self.n_embd, self.n_head))
         if self.n_head % self.n_kv_head:
-            raise ConfigError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}", "model.config")
+            divisors = ", ".join(str(n) for n in range(1, self.n_head + 1) if self.n_head % n == 0)
+            raise ConfigError(
+                f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}",
+                "model.config",
+                f"set n_kv_head to one of {divisors}",
+            )
         if self.head_dim % 2:
-            raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE", "model.config")
+            what = f"head_dim={self.head_dim} (n_embd / n_head) must be even for RoPE"
+            raise ConfigError(what, "model.config", _head_count_fix(self.n_embd, self.n_head))
         if self.padded_vocab_size < self.vocab_size:
             raise ConfigError(
-                f"padded_vocab_size={self.padded_vocab_size} < vocab_size={self.vocab_size}", "model.config"
+                f"padded_vocab_size={self.padded_vocab_size} < vocab_size={self.vocab_size}",
+                "model.config",
+                "leave it unset (vocab_size rounded up to padding_multiple) or raise it",
             )
         if self.max_position_embeddings is not None and self.max_position_embeddings < self.block_size:
             raise ConfigError(
@@ -224,12 +268,15 @@ class LlamaConfig:
                 "leave it unset (it defaults to block_size) or raise it",
             )
         if self.sharing_mode not in ("qk", "kv"):
-            raise ConfigError(f"sharing_mode must be 'qk' or 'kv', got {self.sharing_mode!r}", "model.config")
+            raise ConfigError(
+                f"sharing_mode must be 'qk' or 'kv', got {self.sharing_mode!r}", "model.config", "set qk or kv"
+            )
         if self.attention_bias not in tuple(ATTENTION_BIASES):  # (a list from YAML is not hashable)
             raise ConfigError(
                 f"attention_bias must be 'qkv' (Qwen2), 'qkvo' (all four projections) or null, got "
                 f"{self.attention_bias!r}",
                 "model.config",
+                "set qkv, qkvo or null",
             )
 
     @property
@@ -264,7 +311,11 @@ class LlamaConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ConfigError(f"Unknown LlamaConfig fields: {sorted(unknown)}", "model.config")
+            raise ConfigError(
+                f"Unknown LlamaConfig fields: {sorted(unknown)}",
+                "model.config",
+                f"remove them (its fields: {', '.join(f.name for f in fields(cls))})",
+            )
         return cls(**data)
 
 
@@ -297,8 +348,19 @@ def _rope_scaling(data: dict[str, Any]) -> RopeScaling:
         raise ConfigError(
             f"rope_scaling needs rope_type and factor and knows only {sorted(known)}, got {sorted(data)}",
             "model.config.rope_scaling",
+            "give rope_type and factor, and for llama3 " + ", ".join(LLAMA3_FIELDS),
         )
     return RopeScaling(**data)
+
+
+def _head_count_fix(n_embd: int, n_head: int) -> str:
+    """What to set when ``n_head`` does not split ``n_embd`` into heads of an even size: the nearest head counts that
+    do, or a width that does."""
+    counts = [n for n in range(1, n_embd + 1) if n_embd % n == 0 and (n_embd // n) % 2 == 0]
+    near = [max((n for n in counts if n < n_head), default=None), min((n for n in counts if n > n_head), default=None)]
+    options = " or ".join(str(n) for n in near if n is not None)
+    width = f"n_embd to a multiple of {2 * n_head}"
+    return f"set n_head to {options}, or {width}" if options else f"set {width}"
 
 
 def _round_up(n: int, multiple: int) -> int:
