@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.distributed.tensor import DTensor
 
-from epas_lightning.errors import ConfigError, TrainingDiverged
+from epas_lightning.errors import CheckpointError, ConfigError, TrainingDiverged
 from epas_lightning.loss_scaling import loss_scaler, unscale_fused_gradients
 
 log = logging.getLogger(__name__)
@@ -161,3 +161,42 @@ def last_checkpoint(trainer: Trainer) -> str | None:
             if path and Path(path).exists():
                 written.append(Path(path))
     return str(max(written, key=lambda p: p.stat().st_mtime)) if written else None
+
+
+def check_resumed_finite(trainer: Trainer, model: torch.nn.Module) -> None:
+    """Refuse the checkpoint ``trainer.ckpt_path`` restored when its weights or optimizer state hold NaN or inf (a run
+    without the guard, a bad copy), before they are used: training from it stopped a step later as a divergence
+    whose advice (a lower learning rate) could not help, and ``validate`` scored it ``nan``. Ranks agree (each checks
+    its shards), so they all stop together; the first says it."""
+    weights, state = non_finite_restored(model, trainer.optimizers)
+    if not trainer.strategy.reduce_boolean_decision(bool(weights or state), all=False):
+        return
+    from epas_lightning.checkpoint import NOT_FINITE_FIX, listed
+
+    path = trainer.ckpt_path
+    if trainer.strategy.reduce_boolean_decision(bool(weights), all=False):
+        what = f"the weights hold NaN or inf ({listed(weights) or 'on another rank'})"
+        fix = NOT_FINITE_FIX
+    else:
+        what = f"the optimizer state holds NaN or inf ({listed(state) or 'on another rank'})"
+        fix = f"resume an earlier checkpoint of the run, or start a new run from its weights: --model.init_from {path}"
+    error = CheckpointError(what, f"--ckpt_path {path}", fix)
+    error.announce = trainer.is_global_zero  # every rank raises it; the command line says it once
+    raise error
+
+
+def non_finite_restored(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple[list[str], list[str]]:
+    """The names of this rank's weights (its shards) and optimizer-state entries (``exp_avg of norm.weight``) that
+    hold NaN or inf; one device sync when there are none."""
+    weights = {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
+    names = {p: name for name, p in model.named_parameters()}
+    state = {
+        f"{key} of {names.get(p, 'a parameter')}": t
+        for optimizer in optimizers
+        for p, entries in optimizer.state.items()
+        for key, t in entries.items()
+        if torch.is_tensor(t) and t.is_floating_point() and t.dim()  # not AdamW's step count
+    }
+    if bool(all_finite([*weights.values(), *state.values()])):
+        return [], []
+    return [n for n, t in weights.items() if not all_finite([t])], [n for n, t in state.items() if not all_finite([t])]

@@ -19,6 +19,7 @@ from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from epas_lightning.attention_kernels import sdpa_order
 from epas_lightning.callbacks import ProgressiveSharing
+from epas_lightning.divergence import check_resumed_finite
 from epas_lightning.errors import CheckpointError, ConfigError, DataError
 from epas_lightning.flops import estimate_flops
 from epas_lightning.init_from import (
@@ -151,6 +152,7 @@ class EPASModule(LightningModule):
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
         self._optimizer_settings: list[dict] | None = None  # as configured, before a checkpoint's are loaded
+        self._restored_checked = False  # the checkpoint this stage restored was checked for NaN and inf
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
@@ -191,6 +193,7 @@ class EPASModule(LightningModule):
         return describe_checkpoint(self.init_from, "model.init_from").recorded_tokenizer
 
     def setup(self, stage: str) -> None:
+        self._restored_checked = False
         if stage == "fit":
             check_trainable_precision(self.trainer.precision)
             warn_without_sharing_schedule(self.trainer.callbacks)
@@ -260,6 +263,7 @@ class EPASModule(LightningModule):
         """A resumed optimizer keeps the configured settings (betas, weight decay, ...), as the learning rate follows
         the configured schedule: loading the checkpoint's optimizer state had put the saved ones back, silently."""
         self._set_start_weights()  # FSDP2's, after the restore
+        self._check_restored()
         if self.trainer.ckpt_path is None or self._optimizer_settings is None:
             return
         if changed := restore_settings(self.trainer.optimizers[0], self._optimizer_settings):
@@ -271,9 +275,18 @@ class EPASModule(LightningModule):
         if self.trainer.state.fn == TrainerFn.FITTING or self.trainer.ckpt_path is None:
             self._set_start_weights()
         self._start_weights_set = True
+        self._check_restored()
 
     def on_test_start(self) -> None:
         self.on_validation_start()
+
+    def _check_restored(self) -> None:
+        """Refuse a restored checkpoint holding NaN or inf, once a stage, after everything is restored (the weights
+        and the optimizer state, FSDP2's too) and before anything runs on it (fit's sanity validation included)."""
+        if self._restored_checked or self.trainer.ckpt_path is None:
+            return
+        self._restored_checked = True
+        check_resumed_finite(self.trainer, self.model)
 
     def _set_start_weights(self) -> None:
         """Initialise a meta-built model, then load ``init_from`` unless a checkpoint is resumed; once per module,

@@ -415,6 +415,29 @@ def test_no_checkpoint_with_non_finite_weights_is_written(tiny_corpus, tmp_path)
     assert not (tmp_path / "bad.ckpt").exists()
 
 
+def test_a_resumed_checkpoint_holding_nan_or_inf_is_refused_before_use(tiny_corpus, tmp_path):
+    """Resumed NaN weights trained a step and stopped as a divergence ("lower the learning rate", which could not help);
+    an inf exp_avg_sq froze its parameter silently; validate scored NaN weights as val/loss nan, exit status 0."""
+    module, _, trainer, data = guarded_fit(tiny_corpus, tmp_path, set(), DivergenceGuard(), steps=1)
+    trainer.fit(module, data)
+    weights, state = (torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True) for _ in range(2))
+    weights["state_dict"]["model.norm.weight"][1] = float("nan")
+    state["optimizer_states"][0]["state"][0]["exp_avg_sq"][2] = float("inf")
+    torch.save(weights, tmp_path / "weights.ckpt")
+    torch.save(state, tmp_path / "state.ckpt")
+    for bad, what, fix in (
+        ("weights", r"the weights hold NaN or inf \(norm.weight\)", "use another checkpoint, e.g. an earlier one"),
+        ("state", r"the optimizer state holds NaN or inf \(exp_avg_sq of embed_tokens.weight\)", "resume an earlier"),
+    ):
+        bad = tmp_path / f"{bad}.ckpt"
+        module, trace, trainer, data = guarded_fit(tiny_corpus, tmp_path / "again", set(), DivergenceGuard(), steps=2)
+        with pytest.raises(CheckpointError, match=f"^{what} — --ckpt_path {bad} — {fix}"):
+            trainer.fit(module, data, ckpt_path=bad)
+        assert not trace.before  # refused before the first step
+    with pytest.raises(CheckpointError, match=r"the weights hold NaN or inf \(norm.weight\)"):
+        cpu_trainer(tmp_path, 1, limit_val_batches=1).validate(module, data, ckpt_path=tmp_path / "weights.ckpt")
+
+
 def test_a_divergence_is_said_once_however_many_ranks_stop(capsys, monkeypatch):
     """Every rank raises TrainingDiverged together; each printed the same error line (twice on 2 ranks, 16 times on
     two 8-GPU nodes). Only the first says it; every rank still exits 3."""
