@@ -72,9 +72,17 @@ class DivergenceGuard(Callback):
         """Set by ``python -m epas_lightning fit``: the stop says to resume with ``--ckpt_path``; otherwise (a script of
         your own) with ``trainer.fit(..., ckpt_path=...)``."""
         self._loss_finite: torch.Tensor | None = None
-        self._saved_at: int | None = None
+        self._written: set[str] = set()  # the checkpoints the run's ModelCheckpoints wrote (or resumed) so far
 
     # ------------------------------------------------------------------------------------------------ the checks
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._written = {str(trainer.ckpt_path)} if trainer.ckpt_path else set()
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        """Note the checkpoints written so far: a callback names only its newest (``save_top_k: -1`` kept the rest
+        unnamed), and a divergence at the step of the newest needs an earlier one."""
+        self._written |= checkpoints_named(trainer)
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         if self.action == "off":
@@ -128,21 +136,22 @@ class DivergenceGuard(Callback):
                 self._message(trainer, f"non-finite weights at step {trainer.global_step}; no checkpoint written"),
                 trainer.is_global_zero,
             )
-        self._saved_at = trainer.global_step
 
     # ------------------------------------------------------------------------------------------------ reporting
 
     def _message(self, trainer: Trainer, what: str) -> str:
-        last = last_checkpoint(trainer)
-        if last is None:
+        good, at_step = checkpoint_before(self._written | checkpoints_named(trainer), trainer.global_step)
+        if good is None:
             where = "no checkpoint was written before it"
+            if at_step is not None:  # its weights are the ones this step diverged from
+                where = f"no checkpoint before this step: {at_step} holds its weights, so a resume from it diverges too"
             fix = "lower the learning rate (model.optimizer), lengthen the warmup or set trainer.gradient_clip_val, "
             fix += "then train again"
         else:  # not a longer warmup: a resumed run keeps the warmup it has finished (WarmupCosineLR)
-            written = f" (written after step {self._saved_at})" if self._saved_at is not None else ""
-            where = f"last good checkpoint: {last}{written}"
+            path, step = good
+            where = f"last good checkpoint: {path} (written after step {step})"
             fix = "lower the learning rate (model.optimizer) or set trainer.gradient_clip_val, then resume with "
-            fix += f"--ckpt_path {last}" if self.command_line else f"trainer.fit(..., ckpt_path={str(last)!r})"
+            fix += f"--ckpt_path {path}" if self.command_line else f"trainer.fit(..., ckpt_path={str(path)!r})"
         return f"training diverged: {what} — {where} — {fix}"
 
     def state_dict(self) -> dict[str, Any]:
@@ -150,6 +159,29 @@ class DivergenceGuard(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
+
+
+def checkpoints_named(trainer: Trainer) -> set[str]:
+    """The checkpoints the ``ModelCheckpoint`` callbacks name now: each one's newest, last and best (top k)."""
+    keys = ("_last_checkpoint_saved", "last_model_path", "best_model_path")
+    named = {getattr(c, key, "") for c in trainer.checkpoint_callbacks for key in keys}
+    return {str(p) for c in trainer.checkpoint_callbacks for p in getattr(c, "best_k_models", {})} | named - {""}
+
+
+def checkpoint_before(paths: set[str], step: int) -> tuple[tuple[str, int] | None, str | None]:
+    """The newest of the checkpoints ``paths`` that still exist saved before optimizer step ``step``, with the step it
+    holds, and the newest saved at ``step``, if any: it holds the weights that step starts from, so a resume from it
+    computes the same non-finite loss or gradients again, whatever the learning rate. Read newest first."""
+    from epas_lightning.resume import global_step_of
+
+    at_step = None
+    for path in sorted((Path(p) for p in paths if Path(p).exists()), key=lambda p: p.stat().st_mtime, reverse=True):
+        saved_at = global_step_of(path)
+        if saved_at is not None and saved_at < step:
+            return (str(path), saved_at), at_step
+        if saved_at == step:
+            at_step = at_step or str(path)
+    return None, at_step
 
 
 def last_checkpoint(trainer: Trainer) -> str | None:

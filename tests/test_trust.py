@@ -265,7 +265,7 @@ def finite_weights(path: Path) -> bool:
 def test_a_diverging_fit_stops_with_one_line_and_writes_no_bad_checkpoint(tiny_corpus, tmp_path, capsys, monkeypatch):
     """The command line through ``main`` in this process: its exit status and its last line on stderr."""
     args = ["fit", "--config", DEBUG, "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "1e6"]
-    args += ["--trainer.max_steps", "20", "--checkpoint.every_n_train_steps", "2", "--checkpoint.save_top_k", "-1"]
+    args += ["--trainer.max_steps", "20", "--checkpoint.every_n_train_steps", "1", "--checkpoint.save_top_k", "-1"]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("EPAS_CACHE_DIR", str(tiny_corpus.parent))
     code, err = main(args), capsys.readouterr().err
@@ -277,6 +277,8 @@ def test_a_diverging_fit_stops_with_one_line_and_writes_no_bad_checkpoint(tiny_c
     checkpoints = sorted((tmp_path / "runs" / "debug" / "version_0" / "checkpoints").glob("*.ckpt"))
     assert checkpoints and all(finite_weights(p) for p in checkpoints)
     assert all(torch.load(p, weights_only=True)["global_step"] <= step for p in checkpoints)
+    named = tmp_path / last_line.split("--ckpt_path ")[1]  # written before the bad step: not the one at it
+    assert torch.load(named, weights_only=True)["global_step"] < step
 
 
 class NaNLossAt(EPASModule):
@@ -314,16 +316,23 @@ def all_finite(module: EPASModule) -> bool:
 
 
 def test_guard_stops_before_the_bad_update(tiny_corpus, tmp_path):
+    """The checkpoint it names was written before the bad step: last.ckpt, written at it, holds the weights that step
+    diverged from (a resume from it, whatever the learning rate, diverged again, and named it again)."""
     module, _, trainer, data = guarded_fit(tiny_corpus, tmp_path, {3}, DivergenceGuard())
-    with pytest.raises(TrainingDiverged, match=r"non-finite loss at step 3 — last good checkpoint: .*ckpt") as stop:
+    good = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
+    with pytest.raises(TrainingDiverged, match=f"non-finite loss at step 3 — last good checkpoint: {good} ") as stop:
         trainer.fit(module, data)
     assert "warmup" not in str(stop.value)  # a resumed run keeps its finished warmup: only the LR or clipping help
-    python = f"then resume with trainer.fit(..., ckpt_path='{tmp_path / 'ckpt' / 'last.ckpt'}')"  # not a CLI flag
+    python = f"then resume with trainer.fit(..., ckpt_path='{good}')"  # not a CLI flag
     assert str(stop.value).endswith(python), stop.value
     assert all_finite(module) and trainer.global_step == 3
     saved = sorted((tmp_path / "ckpt").glob("*.ckpt"))
     assert {torch.load(p, weights_only=True)["global_step"] for p in saved} == {1, 2, 3}
     assert all(finite_weights(p) for p in saved)
+    module, _, trainer, data = guarded_fit(tiny_corpus, tmp_path / "first", {1}, DivergenceGuard(), steps=2)
+    last = tmp_path / "first" / "ckpt" / "last.ckpt"
+    with pytest.raises(TrainingDiverged, match=f"before this step: {last} holds its weights, .* then train again$"):
+        trainer.fit(module, data)
 
 
 def test_guard_skips_bad_steps_up_to_max_skips(tiny_corpus, tmp_path):
