@@ -127,6 +127,11 @@ class DivergenceGuard(Callback):
         raise TrainingDiverged(self._message(trainer, what), trainer.is_global_zero)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.check_before_save(trainer, pl_module)
+
+    def check_before_save(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Refuse to write a checkpoint whose weights are not all finite (``EPASModule`` calls it for a weights-only
+        save, for which Lightning calls no callback's ``on_save_checkpoint``)."""
         if self.action == "off" or not self.check_weights:
             return
         weights = [t for t in pl_module.state_dict().values() if torch.is_tensor(t) and t.is_floating_point()]

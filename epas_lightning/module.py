@@ -19,7 +19,7 @@ from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from epas_lightning.attention_kernels import sdpa_order
 from epas_lightning.callbacks import ProgressiveSharing
-from epas_lightning.divergence import check_resumed_finite
+from epas_lightning.divergence import DivergenceGuard, check_resumed_finite
 from epas_lightning.errors import CheckpointError, ConfigError, DataError
 from epas_lightning.flops import estimate_flops
 from epas_lightning.init_from import (
@@ -341,6 +341,9 @@ class EPASModule(LightningModule):
         return batch_size * estimate_flops(self.config, self.n_shared, seq_len, backward=self.training)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if "callbacks" not in checkpoint:  # a weights-only save: Lightning called no callback's on_save_checkpoint
+            for guard in (c for c in self.trainer.callbacks if isinstance(c, DivergenceGuard)):
+                guard.check_before_save(self.trainer, self)
         # Plain types only, so the checkpoint stays loadable with ``weights_only=True``.
         checkpoint["model_config"] = self.config.to_dict()
         checkpoint[WEIGHTS_DTYPE_KEY] = dtype_name(self._weights_dtype())  # a sharded resume loads no state_dict
