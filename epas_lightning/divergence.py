@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.distributed.tensor import DTensor
 
-from epas_lightning.errors import CheckpointError, ConfigError, TrainingDiverged
+from epas_lightning.errors import CheckpointError, ConfigError, TrainingDiverged, UserError
 from epas_lightning.loss_scaling import loss_scaler, unscale_fused_gradients
 
 log = logging.getLogger(__name__)
@@ -150,13 +150,19 @@ class DivergenceGuard(Callback):
             where = "no checkpoint was written before it"
             if at_step is not None:  # its weights are the ones this step diverged from
                 where = f"no checkpoint before this step: {at_step} holds its weights, so a resume from it diverges too"
-            fix = "lower the learning rate (model.optimizer), lengthen the warmup or set trainer.gradient_clip_val, "
-            fix += "then train again"
-        else:  # not a longer warmup: a resumed run keeps the warmup it has finished (WarmupCosineLR)
-            path, step = good
+            fix = "lower the learning rate (model.optimizer), lengthen the warmup or set trainer.gradient_clip_val"
+            return f"training diverged: {what} — {where} — {fix}, then train again"
+        path, step, resumable = good
+        # not a longer warmup: a resumed run keeps the warmup it has finished (WarmupCosineLR)
+        fix = "lower the learning rate (model.optimizer) or set trainer.gradient_clip_val, then "
+        if resumable:
             where = f"last good checkpoint: {path} (written after step {step})"
-            fix = "lower the learning rate (model.optimizer) or set trainer.gradient_clip_val, then resume with "
-            fix += f"--ckpt_path {path}" if self.command_line else f"trainer.fit(..., ckpt_path={str(path)!r})"
+            resume = f"--ckpt_path {path}" if self.command_line else f"trainer.fit(..., ckpt_path={path!r})"
+            fix += f"resume with {resume}"
+        else:  # a weights-only save: no training state to resume
+            where = f"last good checkpoint: {path} (written after step {step}; weights only)"
+            start = f"--model.init_from {path}" if self.command_line else f"EPASModule(init_from={path!r})"
+            fix += f"start a new run from its weights with {start}"
         return f"training diverged: {what} — {where} — {fix}"
 
     def state_dict(self) -> dict[str, Any]:
@@ -173,20 +179,32 @@ def checkpoints_named(trainer: Trainer) -> set[str]:
     return {str(p) for c in trainer.checkpoint_callbacks for p in getattr(c, "best_k_models", {})} | named - {""}
 
 
-def checkpoint_before(paths: set[str], step: int) -> tuple[tuple[str, int] | None, str | None]:
+def checkpoint_before(paths: set[str], step: int) -> tuple[tuple[str, int, bool] | None, str | None]:
     """The newest of the checkpoints ``paths`` that still exist saved before optimizer step ``step``, with the step it
-    holds, and the newest saved at ``step``, if any: it holds the weights that step starts from, so a resume from it
-    computes the same non-finite loss or gradients again, whatever the learning rate. Read newest first."""
-    from epas_lightning.resume import global_step_of
-
+    holds and whether it holds the training state to resume (not a weights-only save), and the newest saved at
+    ``step``, if any: it holds the weights that step starts from, so a resume from it computes the same non-finite
+    loss or gradients again, whatever the learning rate. Read newest first."""
     at_step = None
     for path in sorted((Path(p) for p in paths if Path(p).exists()), key=lambda p: p.stat().st_mtime, reverse=True):
-        saved_at = global_step_of(path)
+        saved_at, resumable = saved_step(path)
         if saved_at is not None and saved_at < step:
-            return (str(path), saved_at), at_step
+            return (str(path), saved_at, resumable), at_step
         if saved_at == step:
             at_step = at_step or str(path)
     return None, at_step
+
+
+def saved_step(path: Path) -> tuple[int | None, bool]:
+    """The optimizer step the checkpoint ``path`` holds (``None`` when it does not load or say), and whether it holds
+    the training state to resume: Lightning writes no callback states into a weights-only one."""
+    from epas_lightning.checkpoint import read_checkpoint
+
+    try:
+        metadata = read_checkpoint(path, weights=False, flag="checkpoint")[1]
+    except UserError:
+        return None, False
+    step = metadata.get("global_step")
+    return (step if isinstance(step, int) else None), "callbacks" in metadata
 
 
 def last_checkpoint(trainer: Trainer) -> str | None:

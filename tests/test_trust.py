@@ -335,6 +335,19 @@ def test_guard_stops_before_the_bad_update(tiny_corpus, tmp_path):
         trainer.fit(module, data)
 
 
+def test_a_divergence_after_weights_only_checkpoints_says_to_start_from_one(tiny_corpus, tmp_path):
+    """It said to resume a weights-only checkpoint (checkpoint.save_weights_only), which holds no training state: the
+    resume failed with Lightning's KeyError. A new run starts from its weights."""
+    torch.manual_seed(0)
+    module = NaNLossAt(LlamaConfig.from_name("debug", block_size=32), {2})
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, save_weights_only=True)
+    data = TokenDataModule(str(tiny_corpus), seq_len=32, batch_size=2, vocab_size=VOCAB)
+    good = tmp_path / "epoch=0-step=1.ckpt"
+    says = f"last good checkpoint: {good} \\(written after step 1; weights only\\) — .* then start a new run from its "
+    with pytest.raises(TrainingDiverged, match=f"{says}weights with EPASModule\\(init_from='{good}'\\)$"):
+        cpu_trainer(tmp_path, 3, [DivergenceGuard(), checkpoint]).fit(module, data)
+
+
 def test_guard_skips_bad_steps_up_to_max_skips(tiny_corpus, tmp_path):
     module, trace, trainer, data = guarded_fit(tiny_corpus, tmp_path / "a", {2, 4}, DivergenceGuard("skip", 2))
     trainer.fit(module, data)
