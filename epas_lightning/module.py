@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 import torch
-from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -371,6 +371,7 @@ class EPASModule(LightningModule):
             )
             check_resumed_model(self.config, LlamaConfig.from_dict(recorded), where, fix)
         if trainer is not None:  # before Lightning restores the callbacks
+            check_training_state(trainer, checkpoint)
             adopt_model_checkpoint_states(trainer, checkpoint)
         data = getattr(trainer, "datamodule", None)
         if hasattr(data, "check_checkpoint_tokenizer"):  # a TokenDataModule: its ids are the checkpoint's tokens
@@ -534,6 +535,17 @@ class EPASModule(LightningModule):
                 f"the max_steps of model.lr_scheduler (epas_lightning.{type(scheduler).__name__}), for the decay"
             )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_training_state(trainer: Trainer, checkpoint: dict) -> None:
+    """A checkpoint ``fit`` resumes holds the training state (a weights-only save has none): Lightning failed on it
+    with a ``KeyError`` traceback once the weights were loaded."""
+    if trainer.state.fn == TrainerFn.FITTING and "lr_schedulers" not in checkpoint:
+        raise CheckpointError(
+            "a weights-only checkpoint (checkpoint.save_weights_only) holds no training state to resume",
+            f"--ckpt_path {trainer.ckpt_path}",
+            f"start a new run from its weights with --model.init_from {trainer.ckpt_path}",
+        )
 
 
 def check_compile_backend(compile: bool | str) -> None:

@@ -335,9 +335,9 @@ def test_guard_stops_before_the_bad_update(tiny_corpus, tmp_path):
         trainer.fit(module, data)
 
 
-def test_a_divergence_after_weights_only_checkpoints_says_to_start_from_one(tiny_corpus, tmp_path):
-    """It said to resume a weights-only checkpoint (checkpoint.save_weights_only), which holds no training state: the
-    resume failed with Lightning's KeyError. A new run starts from its weights."""
+def test_a_weights_only_checkpoint_is_named_to_start_a_new_run_from_not_to_resume(tiny_corpus, tmp_path):
+    """A divergence said to resume a weights-only checkpoint (checkpoint.save_weights_only), which holds no training
+    state: the resume failed with Lightning's KeyError. A new run starts from its weights."""
     torch.manual_seed(0)
     module = NaNLossAt(LlamaConfig.from_name("debug", block_size=32), {2})
     checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, save_weights_only=True)
@@ -346,6 +346,9 @@ def test_a_divergence_after_weights_only_checkpoints_says_to_start_from_one(tiny
     says = f"last good checkpoint: {good} \\(written after step 1; weights only\\) — .* then start a new run from its "
     with pytest.raises(TrainingDiverged, match=f"{says}weights with EPASModule\\(init_from='{good}'\\)$"):
         cpu_trainer(tmp_path, 3, [DivergenceGuard(), checkpoint]).fit(module, data)
+    # resuming it anyway was Lightning's KeyError traceback
+    with pytest.raises(CheckpointError, match=f"weights-only .* no training state to resume — --ckpt_path {good} — "):
+        cpu_trainer(tmp_path, 3).fit(module, data, ckpt_path=good)
 
 
 def test_guard_skips_bad_steps_up_to_max_skips(tiny_corpus, tmp_path):
