@@ -5,13 +5,15 @@ non-finite gradient on any rank, is a bad step. Ranks agree through one boolean 
 skip) together, and the bad gradients are never applied. Under fp16 loss scaling (``16-mixed``) a non-finite
 gradient is the ``GradScaler``'s business (it skips the step and halves the scale) until the scale is down to
 ``min_loss_scale``: a run whose gradients overflow at that scale has diverged. Before any checkpoint is written the
-weights are checked too. The ``fit`` command turns the guard on by default (``divergence:`` in YAML).
+weights and the optimizer state are checked too. The ``fit`` command turns the guard on by default (``divergence:``
+in YAML).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,7 +49,7 @@ class DivergenceGuard(Callback):
             the step and the last checkpoint written. ``skip``: drop the bad step's gradients (no update) up to
             ``max_skips`` times in the run, then stop. ``off``: no checks.
         max_skips: With ``action: skip``, how many bad steps to drop before stopping.
-        check_weights: Refuse to write a checkpoint whose weights are not all finite.
+        check_weights: Refuse to write a checkpoint whose weights (or optimizer state) are not all finite.
         min_loss_scale: Under fp16 loss scaling, non-finite gradients make a bad step only once the scale is at or
             below this (the scaler halves it at each overflow; from its first 65536, 16 overflows in a row reach 1).
     """
@@ -129,18 +131,19 @@ class DivergenceGuard(Callback):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self.check_before_save(trainer, pl_module)
 
-    def check_before_save(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Refuse to write a checkpoint whose weights are not all finite (``EPASModule`` calls it for a weights-only
-        save, for which Lightning calls no callback's ``on_save_checkpoint``)."""
+    def check_before_save(self, trainer: Trainer, pl_module: LightningModule, weights_only: bool = False) -> None:
+        """Refuse to write a checkpoint whose weights or optimizer state are not all finite (a resume refuses it: an
+        ``exp_avg_sq`` overflowed by a finite gradient froze its parameter). ``EPASModule`` calls it for a weights-only
+        save, for which Lightning calls no callback's ``on_save_checkpoint``."""
         if self.action == "off" or not self.check_weights:
             return
         weights = [t for t in pl_module.state_dict().values() if torch.is_tensor(t) and t.is_floating_point()]
-        local_bad = not bool(all_finite(weights))
-        if trainer.strategy.reduce_boolean_decision(local_bad, all=False):
-            raise TrainingDiverged(
-                self._message(trainer, f"non-finite weights at step {trainer.global_step}; no checkpoint written"),
-                trainer.is_global_zero,
-            )
+        state = [] if weights_only else [t for _, _, t in optimizer_state(trainer.optimizers)]
+        if not trainer.strategy.reduce_boolean_decision(not bool(all_finite(weights + state)), all=False):
+            return
+        bad = "weights" if trainer.strategy.reduce_boolean_decision(not bool(all_finite(weights)), all=False) else None
+        what = f"non-finite {bad or 'optimizer state'} at step {trainer.global_step}; no checkpoint written"
+        raise TrainingDiverged(self._message(trainer, what), trainer.is_global_zero)
 
     # ------------------------------------------------------------------------------------------------ reporting
 
@@ -240,18 +243,22 @@ def check_resumed_finite(trainer: Trainer, model: torch.nn.Module) -> None:
     raise error
 
 
+def optimizer_state(optimizers: list[torch.optim.Optimizer]) -> Iterator[tuple[torch.Tensor, str, torch.Tensor]]:
+    """Each floating-point tensor of the optimizers' per-parameter state (``exp_avg``, ``exp_avg_sq``; not AdamW's
+    step count), as (parameter, key, tensor)."""
+    for optimizer in optimizers:
+        for p, entries in optimizer.state.items():
+            for key, t in entries.items():
+                if torch.is_tensor(t) and t.is_floating_point() and t.dim():
+                    yield p, key, t
+
+
 def non_finite_restored(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple[list[str], list[str]]:
     """The names of this rank's weights (its shards) and optimizer-state entries (``exp_avg of norm.weight``) that
     hold NaN or inf; one device sync when there are none."""
     weights = {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
     names = {p: name for name, p in model.named_parameters()}
-    state = {
-        f"{key} of {names.get(p, 'a parameter')}": t
-        for optimizer in optimizers
-        for p, entries in optimizer.state.items()
-        for key, t in entries.items()
-        if torch.is_tensor(t) and t.is_floating_point() and t.dim()  # not AdamW's step count
-    }
+    state = {f"{key} of {names.get(p, 'a parameter')}": t for p, key, t in optimizer_state(optimizers)}
     if bool(all_finite([*weights.values(), *state.values()])):
         return [], []
     return [n for n, t in weights.items() if not all_finite([t])], [n for n, t in state.items() if not all_finite([t])]

@@ -343,7 +343,7 @@ class EPASModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if "callbacks" not in checkpoint:  # a weights-only save: Lightning called no callback's on_save_checkpoint
             for guard in (c for c in self.trainer.callbacks if isinstance(c, DivergenceGuard)):
-                guard.check_before_save(self.trainer, self)
+                guard.check_before_save(self.trainer, self, weights_only=True)
         # Plain types only, so the checkpoint stays loadable with ``weights_only=True``.
         checkpoint["model_config"] = self.config.to_dict()
         checkpoint[WEIGHTS_DTYPE_KEY] = dtype_name(self._weights_dtype())  # a sharded resume loads no state_dict

@@ -433,6 +433,13 @@ def test_without_the_guard_nan_reaches_the_weights(tiny_corpus, tmp_path):
 def test_no_checkpoint_with_non_finite_weights_is_written(tiny_corpus, tmp_path):
     module, _, trainer, data = guarded_fit(tiny_corpus, tmp_path, set(), DivergenceGuard(), steps=1)
     trainer.fit(module, data)
+    # an exp_avg_sq overflowed by a finite gradient (> 1.8e19): the parameter never moves again; a resume refuses it
+    state = trainer.optimizers[0].state[module.model.norm.weight]["exp_avg_sq"]
+    state[0] = float("inf")
+    with pytest.raises(TrainingDiverged, match="non-finite optimizer state at step 1; no checkpoint written"):
+        trainer.save_checkpoint(tmp_path / "bad.ckpt")
+    trainer.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)  # holds no optimizer state
+    state[0] = 1.0
     with torch.no_grad():
         module.model.norm.weight[0] = float("inf")
     for weights_only in (False, True):  # Lightning calls no callback's on_save_checkpoint for a weights-only save
