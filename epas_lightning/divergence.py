@@ -149,12 +149,15 @@ class DivergenceGuard(Callback):
 
     def _message(self, trainer: Trainer, what: str) -> str:
         good, at_step = checkpoint_before(self._written | checkpoints_named(trainer), trainer.global_step)
+        if good is None and at_step is not None:  # its weights are the ones this step diverged from
+            where = f"no checkpoint before this step: {at_step} holds its weights (a resume computes the same step)"
+            skip = "--divergence.action skip" if self.command_line else "DivergenceGuard('skip')"
+            resume = f"--ckpt_path {at_step}" if self.command_line else f"trainer.fit(..., ckpt_path={at_step!r})"
+            fix = f"resume with {resume} and {skip} to drop that step (with a lower learning rate, model.optimizer)"
+            return f"training diverged: {what} — {where} — {fix}, or train again"
         if good is None:
-            where = "no checkpoint was written before it"
-            if at_step is not None:  # its weights are the ones this step diverged from
-                where = f"no checkpoint before this step: {at_step} holds its weights, so a resume from it diverges too"
             fix = "lower the learning rate (model.optimizer), lengthen the warmup or set trainer.gradient_clip_val"
-            return f"training diverged: {what} — {where} — {fix}, then train again"
+            return f"training diverged: {what} — no checkpoint was written before it — {fix}, then train again"
         path, step, resumable = good
         # not a longer warmup: a resumed run keeps the warmup it has finished (WarmupCosineLR)
         fix = "lower the learning rate (model.optimizer) or set trainer.gradient_clip_val, then "

@@ -331,8 +331,12 @@ def test_guard_stops_before_the_bad_update(tiny_corpus, tmp_path):
     assert all(finite_weights(p) for p in saved)
     module, _, trainer, data = guarded_fit(tiny_corpus, tmp_path / "first", {1}, DivergenceGuard(), steps=2)
     last = tmp_path / "first" / "ckpt" / "last.ckpt"
-    with pytest.raises(TrainingDiverged, match=f"before this step: {last} holds its weights, .* then train again$"):
+    says = f"before this step: {last} holds its weights .* — resume with trainer.fit\\(..., ckpt_path='{last}'\\) and "
+    with pytest.raises(TrainingDiverged, match=says + "DivergenceGuard\\('skip'\\) to drop that step"):
         trainer.fit(module, data)
+    module, _, trainer, data = guarded_fit(tiny_corpus, tmp_path / "again", {1}, DivergenceGuard("skip"), steps=2)
+    trainer.fit(module, data, ckpt_path=last)  # as it says: the step is dropped, the run goes on
+    assert trainer.global_step == 2 and all_finite(module)
 
 
 def test_a_weights_only_checkpoint_is_named_to_start_a_new_run_from_not_to_resume(tiny_corpus, tmp_path):
