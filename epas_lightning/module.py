@@ -15,7 +15,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.tensor import DTensor
-from torchmetrics.aggregation import MeanMetric, SumMetric
+from torchmetrics.aggregation import SumMetric
 
 from epas_lightning.attention_kernels import sdpa_order
 from epas_lightning.callbacks import ProgressiveSharing
@@ -29,7 +29,7 @@ from epas_lightning.init_from import (
     load_initial_weights,
     resumed_instead,
 )
-from epas_lightning.loss import next_token_loss, train_loss
+from epas_lightning.loss import heldout_mean, next_token_loss, train_loss
 from epas_lightning.loss_scaling import unscale_fused_gradients
 from epas_lightning.lr import WarmupCosineLR, WarmupSchedule
 from epas_lightning.memory_plan import on_device_bytes, plan_checkpointing
@@ -478,7 +478,7 @@ class EPASModule(LightningModule):
     def _new_heldout_metrics(self) -> None:
         """Fresh held-out loss and token count. Materialising a meta-device module (FSDP2) turns every tensor of the
         LightningModule into uninitialised memory, torchmetrics' stored defaults too, so ``reset()`` cannot help."""
-        self.val_loss = MeanMetric().to(self.device)  # token-weighted mean, reduced across ranks by compute()
+        self.val_loss = heldout_mean(self.device)  # token-weighted mean, reduced across ranks by compute()
         self.val_tokens = SumMetric().to(self.device)
 
     def on_validation_epoch_end(self) -> None:
