@@ -75,11 +75,13 @@ class DivergenceGuard(Callback):
         your own) with ``trainer.fit(..., ckpt_path=...)``."""
         self._loss_finite: torch.Tensor | None = None
         self._written: set[str] = set()  # the checkpoints the run's ModelCheckpoints wrote (or resumed) so far
+        self._skipped_at: set[int] = set()  # the steps skipped in this fit: a checkpoint of one holds bad weights
 
     # ------------------------------------------------------------------------------------------------ the checks
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._written = {str(trainer.ckpt_path)} if trainer.ckpt_path else set()
+        self._skipped_at = set()
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Note the checkpoints written so far: a callback names only its newest (``save_top_k: -1`` kept the rest
@@ -110,6 +112,7 @@ class DivergenceGuard(Callback):
         reason = "loss" if not bool(loss_ok) else "gradients"
         if self.action == "skip" and self.skipped < self.max_skips:
             self.skipped += 1
+            self._skipped_at.add(step)
             unscale_fused_gradients(trainer, optimizer)  # so the loss scaler has seen this step before they go
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -148,8 +151,9 @@ class DivergenceGuard(Callback):
     # ------------------------------------------------------------------------------------------------ reporting
 
     def _message(self, trainer: Trainer, what: str) -> str:
-        good, at_step = checkpoint_before(self._written | checkpoints_named(trainer), trainer.global_step)
-        if good is None and at_step is not None:  # its weights are the ones this step diverged from
+        written = self._written | checkpoints_named(trainer)
+        good, at_step = checkpoint_before(written, trainer.global_step, self._skipped_at)
+        if good is None and at_step is not None and self.action == "stop":  # skipping it: when no skip was tried
             where = f"no checkpoint before this step: {at_step} holds its weights (a resume computes the same step)"
             skip = "--divergence.action skip" if self.command_line else "DivergenceGuard('skip')"
             resume = f"--ckpt_path {at_step}" if self.command_line else f"trainer.fit(..., ckpt_path={at_step!r})"
@@ -157,7 +161,7 @@ class DivergenceGuard(Callback):
             return f"training diverged: {what} — {where} — {fix}, or train again"
         if good is None:
             fix = "lower the learning rate (model.optimizer), lengthen the warmup or set trainer.gradient_clip_val"
-            return f"training diverged: {what} — no checkpoint was written before it — {fix}, then train again"
+            return f"training diverged: {what} — no good checkpoint was written before it — {fix}, then train again"
         path, step, resumable = good
         # not a longer warmup: a resumed run keeps the warmup it has finished (WarmupCosineLR)
         fix = "lower the learning rate (model.optimizer) or set trainer.gradient_clip_val, then "
@@ -185,15 +189,18 @@ def checkpoints_named(trainer: Trainer) -> set[str]:
     return {str(p) for c in trainer.checkpoint_callbacks for p in getattr(c, "best_k_models", {})} | named - {""}
 
 
-def checkpoint_before(paths: set[str], step: int) -> tuple[tuple[str, int, bool] | None, str | None]:
-    """The newest of the checkpoints ``paths`` that still exist saved before optimizer step ``step``, with the step it
-    holds and whether it holds the training state to resume (not a weights-only save), and the newest saved at
-    ``step``, if any: it holds the weights that step starts from, so a resume from it computes the same non-finite
-    loss or gradients again, whatever the learning rate. Read newest first."""
+def checkpoint_before(
+    paths: set[str], step: int, skipped: set[int] = frozenset()
+) -> tuple[tuple[str, int, bool] | None, str | None]:
+    """The newest of the checkpoints ``paths`` that still exist saved before optimizer step ``step`` (and not at a
+    ``skipped`` one, whose weights gave a bad step), with the step it holds and whether it holds the training state to
+    resume (not a weights-only save), and the newest saved at ``step``, if any: it holds the weights that step starts
+    from, so a resume from it computes the same non-finite loss or gradients again, whatever the learning rate. Read
+    newest first."""
     at_step = None
     for path in sorted((Path(p) for p in paths if Path(p).exists()), key=lambda p: p.stat().st_mtime, reverse=True):
         saved_at, resumable = saved_step(path)
-        if saved_at is not None and saved_at < step:
+        if saved_at is not None and saved_at < step and saved_at not in skipped:
             return (str(path), saved_at, resumable), at_step
         if saved_at == step:
             at_step = at_step or str(path)

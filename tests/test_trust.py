@@ -360,8 +360,9 @@ def test_guard_skips_bad_steps_up_to_max_skips(tiny_corpus, tmp_path):
     trainer.fit(module, data)
     assert trainer.global_step == 6 and all_finite(module)
     assert torch.equal(trace.before[2], trace.before[3]) and not torch.equal(trace.before[1], trace.before[2])
-    module, _, trainer, data = guarded_fit(tiny_corpus, tmp_path / "b", {1, 2, 3}, DivergenceGuard("skip", 2))
-    with pytest.raises(TrainingDiverged, match="at step 3"):
+    module, _, trainer, data = guarded_fit(tiny_corpus, tmp_path / "b", {2, 3, 4}, DivergenceGuard("skip", 2))
+    good = tmp_path / "b" / "ckpt" / "epoch=0-step=1.ckpt"  # those of steps 2 and 3 hold weights that gave bad steps
+    with pytest.raises(TrainingDiverged, match=f"at step 4 — last good checkpoint: {good} "):
         trainer.fit(module, data)
 
 
