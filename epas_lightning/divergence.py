@@ -242,15 +242,25 @@ def check_resumed_finite(trainer: Trainer, model: torch.nn.Module) -> None:
     from epas_lightning.checkpoint import NOT_FINITE_FIX, listed
 
     path = trainer.ckpt_path
-    if trainer.strategy.reduce_boolean_decision(bool(weights), all=False):
-        what = f"the weights hold NaN or inf ({listed(weights) or 'on another rank'})"
+    weights, state = every_ranks(weights), every_ranks(state)  # a sharded checkpoint's are on some ranks only
+    if weights:
+        what = f"the weights hold NaN or inf ({listed(weights)})"
         fix = NOT_FINITE_FIX
     else:
-        what = f"the optimizer state holds NaN or inf ({listed(state) or 'on another rank'})"
+        what = f"the optimizer state holds NaN or inf ({listed(state)})"
         fix = f"resume an earlier checkpoint of the run, or start a new run from its weights: --model.init_from {path}"
     error = CheckpointError(what, f"--ckpt_path {path}", fix)
     error.announce = trainer.is_global_zero  # every rank raises it; the command line says it once
     raise error
+
+
+def every_ranks(names: list[str]) -> list[str]:
+    """``names`` of every rank (once each, in rank order) when a process group runs, else ``names``."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return names
+    gathered: list[list[str] | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, names)
+    return list(dict.fromkeys(name for rank_names in gathered for name in rank_names or []))
 
 
 def optimizer_state(optimizers: list[torch.optim.Optimizer]) -> Iterator[tuple[torch.Tensor, str, torch.Tensor]]:

@@ -476,6 +476,25 @@ def test_a_resumed_checkpoint_holding_nan_or_inf_is_refused_before_use(tiny_corp
         cpu_trainer(tmp_path, 1, limit_val_batches=1).validate(module, data, ckpt_path=tmp_path / "weights.ckpt")
 
 
+def test_a_resumed_checkpoint_names_the_bad_weights_of_whichever_rank_holds_them(monkeypatch):
+    """Each rank checks its own shards of a sharded checkpoint: the first rank, which says it, had none to name and
+    said "the weights hold NaN or inf (on another rank)". The ranks' names are gathered (here, a second rank's)."""
+    import torch.distributed as dist
+
+    from epas_lightning.divergence import check_resumed_finite
+
+    trainer = SimpleNamespace(
+        optimizers=[], ckpt_path="run/last.ckpt", is_global_zero=True,
+        strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: True),  # another rank found NaN
+    )  # fmt: skip
+    with monkeypatch.context() as patch:  # undone before conftest's teardown asks torch about process groups
+        patch.setattr(dist, "is_initialized", lambda: True)
+        patch.setattr(dist, "get_world_size", lambda: 2)
+        patch.setattr(dist, "all_gather_object", lambda out, names: out.__setitem__(slice(None), [names, ["x.w"]]))
+        with pytest.raises(CheckpointError, match=r"^the weights hold NaN or inf \(x.w\) — --ckpt_path run/last.ckpt"):
+            check_resumed_finite(trainer, torch.nn.Linear(2, 2))
+
+
 def test_a_divergence_is_said_once_however_many_ranks_stop(capsys, monkeypatch):
     """Every rank raises TrainingDiverged together; each printed the same error line (twice on 2 ranks, 16 times on
     two 8-GPU nodes). Only the first says it; every rank still exits 3."""
