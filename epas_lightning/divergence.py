@@ -194,15 +194,15 @@ def checkpoint_before(
 ) -> tuple[tuple[str, int, bool] | None, str | None]:
     """The newest of the checkpoints ``paths`` that still exist saved before optimizer step ``step`` (and not at a
     ``skipped`` one, whose weights gave a bad step), with the step it holds and whether it holds the training state to
-    resume (not a weights-only save), and the newest saved at ``step``, if any: it holds the weights that step starts
-    from, so a resume from it computes the same non-finite loss or gradients again, whatever the learning rate. Read
-    newest first."""
+    resume (not a weights-only save), and the newest saved at ``step`` that holds it, if any: it holds the weights that
+    step starts from, so a resume from it computes the same non-finite loss or gradients again, whatever the learning
+    rate. Read newest first."""
     at_step = None
     for path in sorted((Path(p) for p in paths if Path(p).exists()), key=lambda p: p.stat().st_mtime, reverse=True):
         saved_at, resumable = saved_step(path)
         if saved_at is not None and saved_at < step and saved_at not in skipped:
             return (str(path), saved_at, resumable), at_step
-        if saved_at == step:
+        if saved_at == step and resumable:  # a weights-only one cannot be resumed, skipping the step
             at_step = at_step or str(path)
     return None, at_step
 

@@ -353,6 +353,11 @@ def test_a_weights_only_checkpoint_is_named_to_start_a_new_run_from_not_to_resum
     # resuming it anyway was Lightning's KeyError traceback
     with pytest.raises(CheckpointError, match=f"weights-only .* no training state to resume — --ckpt_path {good} — "):
         cpu_trainer(tmp_path, 3).fit(module, data, ckpt_path=good)
+    # nor is one written at the bad step to be resumed skipping it
+    module = NaNLossAt(LlamaConfig.from_name("debug", block_size=32), {1})
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=1, save_weights_only=True)
+    with pytest.raises(TrainingDiverged, match="at step 1 — no good checkpoint was written before it — lower"):
+        cpu_trainer(tmp_path, 2, [DivergenceGuard(), checkpoint]).fit(module, data)
 
 
 def test_guard_skips_bad_steps_up_to_max_skips(tiny_corpus, tmp_path):
