@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -190,7 +190,7 @@ def checkpoints_named(trainer: Trainer) -> set[str]:
 
 
 def checkpoint_before(
-    paths: set[str], step: int, skipped: set[int] = frozenset()
+    paths: set[str], step: int, skipped: Collection[int] = ()
 ) -> tuple[tuple[str, int, bool] | None, str | None]:
     """The newest of the checkpoints ``paths`` that still exist saved before optimizer step ``step`` (and not at a
     ``skipped`` one, whose weights gave a bad step), with the step it holds and whether it holds the training state to
