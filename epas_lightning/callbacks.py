@@ -19,7 +19,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from epas_lightning.errors import ConfigError
 from epas_lightning.flops import flop_cut, peak_flops
-from epas_lightning.loss import next_token_loss
+from epas_lightning.loss import heldout_mean, next_token_loss
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.region import REGION_KEY, TrainedRegion, region_in_growth_order
 from epas_lightning.runtime import dtype_name
@@ -205,7 +205,7 @@ class ProgressiveSharing(Callback):
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # created anew, not reset: like EPASModule's held-out metrics, whatever happened to the tensors in between
-        self._heldout = {n: MeanMetric().to(pl_module.device) for n in self._val_regions}
+        self._heldout = {n: heldout_mean(pl_module.device) for n in self._val_regions}
 
     def on_validation_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *args: Any, **kwargs: Any

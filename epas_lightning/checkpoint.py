@@ -617,14 +617,15 @@ def not_finite(state: Mapping[str, torch.Tensor]) -> list[str]:
     ]
 
 
+NOT_FINITE_FIX = (
+    "use another checkpoint, e.g. an earlier one of the run (fit's divergence guard never writes such weights)"
+)
+
+
 def refuse_not_finite(bad: list[str], where: object) -> None:
     """Refuse the weights named ``bad`` (:func:`not_finite`), if any."""
     if bad:
-        raise CheckpointError(
-            f"the weights hold NaN or inf ({listed(bad)})",
-            where,
-            "use another checkpoint, e.g. an earlier one of the run (fit's divergence guard never writes such weights)",
-        )
+        raise CheckpointError(f"the weights hold NaN or inf ({listed(bad)})", where, NOT_FINITE_FIX)
 
 
 def is_finite_tensor(t: torch.Tensor) -> bool:

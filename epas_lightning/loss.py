@@ -9,11 +9,16 @@ validation and evaluation use ``next_token_loss`` on the full logits.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from epas_lightning.linear_ce import linear_cross_entropy
+
+if TYPE_CHECKING:
+    from torchmetrics.aggregation import MeanMetric
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
@@ -43,3 +48,11 @@ def train_loss(model: nn.Module, batch: torch.Tensor, compile: bool | str = Fals
         return linear_cross_entropy(hidden, weight, targets, vocab_size, compile=compile)
 
     return model(input_ids, head=head)
+
+
+def heldout_mean(device: torch.device | str) -> MeanMetric:
+    """A token-weighted mean of held-out batch losses (``update(loss, weight=tokens)``) that a NaN batch makes NaN:
+    torchmetrics' default dropped it with a warning, and val/loss came out finite, from the other batches only."""
+    from torchmetrics.aggregation import MeanMetric  # slow to import: evaluate's perplexity needs none
+
+    return MeanMetric(nan_strategy="disable").to(device)

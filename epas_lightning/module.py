@@ -8,17 +8,18 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 import torch
-from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.tensor import DTensor
-from torchmetrics.aggregation import MeanMetric, SumMetric
+from torchmetrics.aggregation import SumMetric
 
 from epas_lightning.attention_kernels import sdpa_order
 from epas_lightning.callbacks import ProgressiveSharing
+from epas_lightning.divergence import DivergenceGuard, check_resumed_finite
 from epas_lightning.errors import CheckpointError, ConfigError, DataError
 from epas_lightning.flops import estimate_flops
 from epas_lightning.init_from import (
@@ -28,7 +29,7 @@ from epas_lightning.init_from import (
     load_initial_weights,
     resumed_instead,
 )
-from epas_lightning.loss import next_token_loss, train_loss
+from epas_lightning.loss import heldout_mean, next_token_loss, train_loss
 from epas_lightning.loss_scaling import unscale_fused_gradients
 from epas_lightning.lr import WarmupCosineLR, WarmupSchedule
 from epas_lightning.memory_plan import on_device_bytes, plan_checkpointing
@@ -151,6 +152,7 @@ class EPASModule(LightningModule):
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
         self._optimizer_settings: list[dict] | None = None  # as configured, before a checkpoint's are loaded
+        self._restored_checked = False  # the checkpoint this stage restored was checked for NaN and inf
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
@@ -191,6 +193,7 @@ class EPASModule(LightningModule):
         return describe_checkpoint(self.init_from, "model.init_from").recorded_tokenizer
 
     def setup(self, stage: str) -> None:
+        self._restored_checked = False
         if stage == "fit":
             check_trainable_precision(self.trainer.precision)
             warn_without_sharing_schedule(self.trainer.callbacks)
@@ -260,6 +263,7 @@ class EPASModule(LightningModule):
         """A resumed optimizer keeps the configured settings (betas, weight decay, ...), as the learning rate follows
         the configured schedule: loading the checkpoint's optimizer state had put the saved ones back, silently."""
         self._set_start_weights()  # FSDP2's, after the restore
+        self._check_restored()
         if self.trainer.ckpt_path is None or self._optimizer_settings is None:
             return
         if changed := restore_settings(self.trainer.optimizers[0], self._optimizer_settings):
@@ -271,9 +275,18 @@ class EPASModule(LightningModule):
         if self.trainer.state.fn == TrainerFn.FITTING or self.trainer.ckpt_path is None:
             self._set_start_weights()
         self._start_weights_set = True
+        self._check_restored()
 
     def on_test_start(self) -> None:
         self.on_validation_start()
+
+    def _check_restored(self) -> None:
+        """Refuse a restored checkpoint holding NaN or inf, once a stage, after everything is restored (the weights
+        and the optimizer state, FSDP2's too) and before anything runs on it (fit's sanity validation included)."""
+        if self._restored_checked or self.trainer.ckpt_path is None:
+            return
+        self._restored_checked = True
+        check_resumed_finite(self.trainer, self.model)
 
     def _set_start_weights(self) -> None:
         """Initialise a meta-built model, then load ``init_from`` unless a checkpoint is resumed; once per module,
@@ -328,6 +341,9 @@ class EPASModule(LightningModule):
         return batch_size * estimate_flops(self.config, self.n_shared, seq_len, backward=self.training)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if "callbacks" not in checkpoint:  # a weights-only save: Lightning called no callback's on_save_checkpoint
+            for guard in (c for c in self.trainer.callbacks if isinstance(c, DivergenceGuard)):
+                guard.check_before_save(self.trainer, self, weights_only=True)
         # Plain types only, so the checkpoint stays loadable with ``weights_only=True``.
         checkpoint["model_config"] = self.config.to_dict()
         checkpoint[WEIGHTS_DTYPE_KEY] = dtype_name(self._weights_dtype())  # a sharded resume loads no state_dict
@@ -355,6 +371,7 @@ class EPASModule(LightningModule):
             )
             check_resumed_model(self.config, LlamaConfig.from_dict(recorded), where, fix)
         if trainer is not None:  # before Lightning restores the callbacks
+            check_training_state(trainer, checkpoint)
             adopt_model_checkpoint_states(trainer, checkpoint)
         data = getattr(trainer, "datamodule", None)
         if hasattr(data, "check_checkpoint_tokenizer"):  # a TokenDataModule: its ids are the checkpoint's tokens
@@ -461,7 +478,7 @@ class EPASModule(LightningModule):
     def _new_heldout_metrics(self) -> None:
         """Fresh held-out loss and token count. Materialising a meta-device module (FSDP2) turns every tensor of the
         LightningModule into uninitialised memory, torchmetrics' stored defaults too, so ``reset()`` cannot help."""
-        self.val_loss = MeanMetric().to(self.device)  # token-weighted mean, reduced across ranks by compute()
+        self.val_loss = heldout_mean(self.device)  # token-weighted mean, reduced across ranks by compute()
         self.val_tokens = SumMetric().to(self.device)
 
     def on_validation_epoch_end(self) -> None:
@@ -518,6 +535,17 @@ class EPASModule(LightningModule):
                 f"the max_steps of model.lr_scheduler (epas_lightning.{type(scheduler).__name__}), for the decay"
             )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_training_state(trainer: Trainer, checkpoint: dict) -> None:
+    """A checkpoint ``fit`` resumes holds the training state (a weights-only save has none): Lightning failed on it
+    with a ``KeyError`` traceback once the weights were loaded."""
+    if trainer.state.fn == TrainerFn.FITTING and "lr_schedulers" not in checkpoint:
+        raise CheckpointError(
+            "a weights-only checkpoint (checkpoint.save_weights_only) holds no training state to resume",
+            f"--ckpt_path {trainer.ckpt_path}",
+            f"start a new run from its weights with --model.init_from {trainer.ckpt_path}",
+        )
 
 
 def check_compile_backend(compile: bool | str) -> None:

@@ -301,6 +301,19 @@ def test_validation_scores_the_asked_region_lengths_as_evaluate_does_and_leaves_
     assert module.model.sharing.shared_layers == [1]
 
 
+def test_a_validation_batch_with_a_nan_loss_makes_the_held_out_loss_nan():
+    """torchmetrics' MeanMetric dropped a NaN batch with a UserWarning: val/loss (and val/loss_at_sharing/N) came out
+    finite, the mean of the other batches, however many were NaN (an fp16 overflow, weights gone bad)."""
+    module = EPASModule(LlamaConfig.from_name("debug", block_size=32))
+    sharing = ProgressiveSharing(target=1, interval=1)
+    sharing._val_regions = {1: [1]}
+    sharing.on_validation_epoch_start(None, module)
+    for mean in (module.val_loss, sharing._heldout[1]):
+        mean.update(torch.tensor(float("nan")), weight=64)
+        mean.update(torch.tensor(2.0), weight=64)
+        assert mean.compute().isnan()
+
+
 def test_validation_regions_run_in_the_trainer_precision(tiny_corpus, tmp_path):
     """The extra forwards run in a callback hook, outside the precision plugin's context around ``validation_step``:
     under ``bf16-mixed`` they ran in fp32 (other numbers than ``val/loss`` at the same region, and slower)."""

@@ -265,7 +265,7 @@ def finite_weights(path: Path) -> bool:
 def test_a_diverging_fit_stops_with_one_line_and_writes_no_bad_checkpoint(tiny_corpus, tmp_path, capsys, monkeypatch):
     """The command line through ``main`` in this process: its exit status and its last line on stderr."""
     args = ["fit", "--config", DEBUG, "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "1e6"]
-    args += ["--trainer.max_steps", "20", "--checkpoint.every_n_train_steps", "2", "--checkpoint.save_top_k", "-1"]
+    args += ["--trainer.max_steps", "20", "--checkpoint.every_n_train_steps", "1", "--checkpoint.save_top_k", "-1"]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("EPAS_CACHE_DIR", str(tiny_corpus.parent))
     code, err = main(args), capsys.readouterr().err
@@ -277,6 +277,8 @@ def test_a_diverging_fit_stops_with_one_line_and_writes_no_bad_checkpoint(tiny_c
     checkpoints = sorted((tmp_path / "runs" / "debug" / "version_0" / "checkpoints").glob("*.ckpt"))
     assert checkpoints and all(finite_weights(p) for p in checkpoints)
     assert all(torch.load(p, weights_only=True)["global_step"] <= step for p in checkpoints)
+    named = tmp_path / last_line.split("--ckpt_path ")[1]  # written before the bad step: not the one at it
+    assert torch.load(named, weights_only=True)["global_step"] < step
 
 
 class NaNLossAt(EPASModule):
@@ -314,16 +316,48 @@ def all_finite(module: EPASModule) -> bool:
 
 
 def test_guard_stops_before_the_bad_update(tiny_corpus, tmp_path):
+    """The checkpoint it names was written before the bad step: last.ckpt, written at it, holds the weights that step
+    diverged from (a resume from it, whatever the learning rate, diverged again, and named it again)."""
     module, _, trainer, data = guarded_fit(tiny_corpus, tmp_path, {3}, DivergenceGuard())
-    with pytest.raises(TrainingDiverged, match=r"non-finite loss at step 3 — last good checkpoint: .*ckpt") as stop:
+    good = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
+    with pytest.raises(TrainingDiverged, match=f"non-finite loss at step 3 — last good checkpoint: {good} ") as stop:
         trainer.fit(module, data)
     assert "warmup" not in str(stop.value)  # a resumed run keeps its finished warmup: only the LR or clipping help
-    python = f"then resume with trainer.fit(..., ckpt_path='{tmp_path / 'ckpt' / 'last.ckpt'}')"  # not a CLI flag
+    python = f"then resume with trainer.fit(..., ckpt_path='{good}')"  # not a CLI flag
     assert str(stop.value).endswith(python), stop.value
     assert all_finite(module) and trainer.global_step == 3
     saved = sorted((tmp_path / "ckpt").glob("*.ckpt"))
     assert {torch.load(p, weights_only=True)["global_step"] for p in saved} == {1, 2, 3}
     assert all(finite_weights(p) for p in saved)
+    module, _, trainer, data = guarded_fit(tiny_corpus, tmp_path / "first", {1}, DivergenceGuard(), steps=2)
+    last = tmp_path / "first" / "ckpt" / "last.ckpt"
+    says = f"before this step: {last} holds its weights .* — resume with trainer.fit\\(..., ckpt_path='{last}'\\) and "
+    with pytest.raises(TrainingDiverged, match=says + "DivergenceGuard\\('skip'\\) to drop that step"):
+        trainer.fit(module, data)
+    module, _, trainer, data = guarded_fit(tiny_corpus, tmp_path / "again", {1}, DivergenceGuard("skip"), steps=2)
+    trainer.fit(module, data, ckpt_path=last)  # as it says: the step is dropped, the run goes on
+    assert trainer.global_step == 2 and all_finite(module)
+
+
+def test_a_weights_only_checkpoint_is_named_to_start_a_new_run_from_not_to_resume(tiny_corpus, tmp_path):
+    """A divergence said to resume a weights-only checkpoint (checkpoint.save_weights_only), which holds no training
+    state: the resume failed with Lightning's KeyError. A new run starts from its weights."""
+    torch.manual_seed(0)
+    module = NaNLossAt(LlamaConfig.from_name("debug", block_size=32), {2})
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, save_weights_only=True)
+    data = TokenDataModule(str(tiny_corpus), seq_len=32, batch_size=2, vocab_size=VOCAB)
+    good = tmp_path / "epoch=0-step=1.ckpt"
+    says = f"last good checkpoint: {good} \\(written after step 1; weights only\\) — .* then start a new run from its "
+    with pytest.raises(TrainingDiverged, match=f"{says}weights with EPASModule\\(init_from='{good}'\\)$"):
+        cpu_trainer(tmp_path, 3, [DivergenceGuard(), checkpoint]).fit(module, data)
+    # resuming it anyway was Lightning's KeyError traceback
+    with pytest.raises(CheckpointError, match=f"weights-only .* no training state to resume — --ckpt_path {good} — "):
+        cpu_trainer(tmp_path, 3).fit(module, data, ckpt_path=good)
+    # nor is one written at the bad step to be resumed skipping it
+    module = NaNLossAt(LlamaConfig.from_name("debug", block_size=32), {1})
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=1, save_weights_only=True)
+    with pytest.raises(TrainingDiverged, match="at step 1 — no good checkpoint was written before it — lower"):
+        cpu_trainer(tmp_path, 2, [DivergenceGuard(), checkpoint]).fit(module, data)
 
 
 def test_guard_skips_bad_steps_up_to_max_skips(tiny_corpus, tmp_path):
@@ -331,8 +365,9 @@ def test_guard_skips_bad_steps_up_to_max_skips(tiny_corpus, tmp_path):
     trainer.fit(module, data)
     assert trainer.global_step == 6 and all_finite(module)
     assert torch.equal(trace.before[2], trace.before[3]) and not torch.equal(trace.before[1], trace.before[2])
-    module, _, trainer, data = guarded_fit(tiny_corpus, tmp_path / "b", {1, 2, 3}, DivergenceGuard("skip", 2))
-    with pytest.raises(TrainingDiverged, match="at step 3"):
+    module, _, trainer, data = guarded_fit(tiny_corpus, tmp_path / "b", {2, 3, 4}, DivergenceGuard("skip", 2))
+    good = tmp_path / "b" / "ckpt" / "epoch=0-step=1.ckpt"  # those of steps 2 and 3 hold weights that gave bad steps
+    with pytest.raises(TrainingDiverged, match=f"at step 4 — last good checkpoint: {good} "):
         trainer.fit(module, data)
 
 
@@ -408,11 +443,61 @@ def test_without_the_guard_nan_reaches_the_weights(tiny_corpus, tmp_path):
 def test_no_checkpoint_with_non_finite_weights_is_written(tiny_corpus, tmp_path):
     module, _, trainer, data = guarded_fit(tiny_corpus, tmp_path, set(), DivergenceGuard(), steps=1)
     trainer.fit(module, data)
+    # an exp_avg_sq overflowed by a finite gradient (> 1.8e19): the parameter never moves again; a resume refuses it
+    state = trainer.optimizers[0].state[module.model.norm.weight]["exp_avg_sq"]
+    state[0] = float("inf")
+    with pytest.raises(TrainingDiverged, match="non-finite optimizer state at step 1; no checkpoint written"):
+        trainer.save_checkpoint(tmp_path / "bad.ckpt")
+    trainer.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)  # holds no optimizer state
+    state[0] = 1.0
     with torch.no_grad():
         module.model.norm.weight[0] = float("inf")
-    with pytest.raises(TrainingDiverged, match="non-finite weights"):
-        trainer.save_checkpoint(tmp_path / "bad.ckpt")
-    assert not (tmp_path / "bad.ckpt").exists()
+    for weights_only in (False, True):  # Lightning calls no callback's on_save_checkpoint for a weights-only save
+        with pytest.raises(TrainingDiverged, match="non-finite weights"):
+            trainer.save_checkpoint(tmp_path / "bad.ckpt", weights_only=weights_only)
+        assert not (tmp_path / "bad.ckpt").exists()
+
+
+def test_a_resumed_checkpoint_holding_nan_or_inf_is_refused_before_use(tiny_corpus, tmp_path):
+    """Resumed NaN weights trained a step and stopped as a divergence ("lower the learning rate", which could not help);
+    an inf exp_avg_sq froze its parameter silently; validate scored NaN weights as val/loss nan, exit status 0."""
+    module, _, trainer, data = guarded_fit(tiny_corpus, tmp_path, set(), DivergenceGuard(), steps=1)
+    trainer.fit(module, data)
+    weights, state = (torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True) for _ in range(2))
+    weights["state_dict"]["model.norm.weight"][1] = float("nan")
+    state["optimizer_states"][0]["state"][0]["exp_avg_sq"][2] = float("inf")
+    torch.save(weights, tmp_path / "weights.ckpt")
+    torch.save(state, tmp_path / "state.ckpt")
+    for bad, what, fix in (
+        ("weights", r"the weights hold NaN or inf \(norm.weight\)", "use another checkpoint, e.g. an earlier one"),
+        ("state", r"the optimizer state holds NaN or inf \(exp_avg_sq of embed_tokens.weight\)", "resume an earlier"),
+    ):
+        bad = tmp_path / f"{bad}.ckpt"
+        module, trace, trainer, data = guarded_fit(tiny_corpus, tmp_path / "again", set(), DivergenceGuard(), steps=2)
+        with pytest.raises(CheckpointError, match=f"^{what} — --ckpt_path {bad} — {fix}"):
+            trainer.fit(module, data, ckpt_path=bad)
+        assert not trace.before  # refused before the first step
+    with pytest.raises(CheckpointError, match=r"the weights hold NaN or inf \(norm.weight\)"):
+        cpu_trainer(tmp_path, 1, limit_val_batches=1).validate(module, data, ckpt_path=tmp_path / "weights.ckpt")
+
+
+def test_a_resumed_checkpoint_names_the_bad_weights_of_whichever_rank_holds_them(monkeypatch):
+    """Each rank checks its own shards of a sharded checkpoint: the first rank, which says it, had none to name and
+    said "the weights hold NaN or inf (on another rank)". The ranks' names are gathered (here, a second rank's)."""
+    import torch.distributed as dist
+
+    from epas_lightning.divergence import check_resumed_finite
+
+    trainer = SimpleNamespace(
+        optimizers=[], ckpt_path="run/last.ckpt", is_global_zero=True,
+        strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: True),  # another rank found NaN
+    )  # fmt: skip
+    with monkeypatch.context() as patch:  # undone before conftest's teardown asks torch about process groups
+        patch.setattr(dist, "is_initialized", lambda: True)
+        patch.setattr(dist, "get_world_size", lambda: 2)
+        patch.setattr(dist, "all_gather_object", lambda out, names: out.__setitem__(slice(None), [names, ["x.w"]]))
+        with pytest.raises(CheckpointError, match=r"^the weights hold NaN or inf \(x.w\) — --ckpt_path run/last.ckpt"):
+            check_resumed_finite(trainer, torch.nn.Linear(2, 2))
 
 
 def test_a_divergence_is_said_once_however_many_ranks_stop(capsys, monkeypatch):
