@@ -575,7 +575,7 @@ class EPASCLI(LightningCLI):
         if stop is not None:  # it says what a signal does; Lightning's "attempting graceful shutdown" is not it
             info = (*info, "Detected KeyboardInterrupt")
             stop.command_line = True  # resuming is this command with --ckpt_path last
-        folders = RunFolders.before_fit(self.trainer) if subcommand == "fit" and self.trainer.is_global_zero else None
+        folders = RunFolders.before_run(self.trainer) if self.trainer.is_global_zero else None
         try:
             with quiet_messages(info, warning_patterns):
                 try:
