@@ -392,6 +392,11 @@ class EPASCLI(LightningCLI):
         commands = LightningCLI.subcommands()
         return {name: commands[name] for name in self._commands}
 
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        for name, subcommand_parser in self._subcommand_parsers.items():  # jsonargparse's `PROG [options] fit`
+            subcommand_parser.prog = f"{PROG} {name}"  # usage lines read as the command is typed
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for section, callback in RUN_SECTIONS.items():
             parser.add_lightning_class_args(callback, section)
