@@ -591,18 +591,24 @@ def stored_weights(
 def shard_tensors(path: Path, shapes: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """The weights of the sharded checkpoint ``path`` (``shapes``: meta tensors by our names), read about
     :data:`SHARD_READ_BYTES` at a time."""
+    prefix = "state_dict." + MODEL_PREFIX
+    metas = {prefix + key: meta for key, meta in shapes.items() if key != SHARING_MASK}
+    yield from ((name[len(prefix) :], t) for name, t in stored_shards(path, metas))
+
+
+def stored_shards(path: Path, metas: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of the sharded checkpoint ``path`` that ``metas`` (meta tensors, keyed as the checkpoint names them)
+    describe, read about :data:`SHARD_READ_BYTES` at a time."""
     batches, batch, size = [], {}, 0
-    for key, meta in shapes.items():
-        if key != SHARING_MASK:
-            batch[key], size = meta, size + meta.numel() * meta.element_size()
+    for key, meta in metas.items():
+        batch[key], size = meta, size + meta.numel() * meta.element_size()
         if size >= SHARD_READ_BYTES:
             batches.append(batch)
             batch, size = {}, 0
-    prefix = "state_dict." + MODEL_PREFIX
-    for metas in filter(None, [*batches, batch]):
-        read = {prefix + key: torch.empty(meta.shape, dtype=meta.dtype) for key, meta in metas.items()}
+    for group in filter(None, [*batches, batch]):
+        read = {key: torch.empty(meta.shape, dtype=meta.dtype) for key, meta in group.items()}
         read_shards(read, path)
-        yield from ((name[len(prefix) :], read.pop(name)) for name in list(read))
+        yield from ((key, read.pop(key)) for key in list(read))
 
 
 def check_finite(state: Mapping[str, torch.Tensor], where: object) -> None:

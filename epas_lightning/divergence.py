@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 
 from epas_lightning.errors import CheckpointError, ConfigError, TrainingDiverged, UserError
 from epas_lightning.loss_scaling import loss_scaler, unscale_fused_gradients
+from epas_lightning.optim import state_entry, state_tensors
 
 log = logging.getLogger(__name__)
 
@@ -267,10 +268,7 @@ def optimizer_state(optimizers: list[torch.optim.Optimizer]) -> Iterator[tuple[t
     """Each floating-point tensor of the optimizers' per-parameter state (``exp_avg``, ``exp_avg_sq``; not AdamW's
     step count), as (parameter, key, tensor)."""
     for optimizer in optimizers:
-        for p, entries in optimizer.state.items():
-            for key, t in entries.items():
-                if torch.is_tensor(t) and t.is_floating_point() and t.dim():
-                    yield p, key, t
+        yield from state_tensors(optimizer.state)
 
 
 def non_finite_restored(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple[list[str], list[str]]:
@@ -278,7 +276,7 @@ def non_finite_restored(model: torch.nn.Module, optimizers: list[torch.optim.Opt
     hold NaN or inf; one device sync when there are none."""
     weights = {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
     names = {p: name for name, p in model.named_parameters()}
-    state = {f"{key} of {names.get(p, 'a parameter')}": t for p, key, t in optimizer_state(optimizers)}
+    state = {state_entry(key, names.get(p, "a parameter")): t for p, key, t in optimizer_state(optimizers)}
     if bool(all_finite([*weights.values(), *state.values()])):
         return [], []
     return [n for n, t in weights.items() if not all_finite([t])], [n for n, t in state.items() if not all_finite([t])]

@@ -1,8 +1,9 @@
 """``python -m epas_lightning inspect --checkpoint PATH``: which checkpoint is which, without loading a model.
 
 One checkpoint is described from its metadata and the shapes of its tensors, read by the safe readers every command
-uses (:func:`~epas_lightning.checkpoint.read_description`); its weights are then read one tensor at a time to check
-that they are finite. A folder that is no checkpoint (a run folder, its ``checkpoints/``) lists the checkpoints under
+uses (:func:`~epas_lightning.checkpoint.read_description`); its weights, and a training checkpoint's optimizer state
+(which ``fit --ckpt_path`` refuses when it is not finite), are then read one tensor at a time to check that they are
+finite. A folder that is no checkpoint (a run folder, its ``checkpoints/``) lists the checkpoints under
 it, one line each, by step, from their metadata alone: their weights are checked only when asked (``--check-weights``),
 since a run folder may hold many checkpoints of many GB, and the listing says "not checked" otherwise.
 """
@@ -10,6 +11,7 @@ since a run folder may hold many checkpoints of many GB, and the listing says "n
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from epas_lightning.checkpoint import (
     HF_SHARED_KEY,
+    MODEL_PREFIX,
     WEIGHTS_FILE,
     CheckpointInfo,
     check_complete,
@@ -28,9 +31,12 @@ from epas_lightning.checkpoint import (
     listed,
     read_description,
     shard_tensors,
+    stored_shards,
 )
 from epas_lightning.errors import CheckpointError, UserError, os_reason
 from epas_lightning.hf.convert import hf_weight_files
+from epas_lightning.model import Llama, LlamaConfig
+from epas_lightning.optim import grouped_parameter_names, state_entry, state_tensors
 from epas_lightning.region import TrainedRegion, choices, sharing_layers_text
 from epas_lightning.runtime import dtype_name, emit_json, folder_bytes, size_text
 from epas_lightning.safe_load import load_torch_file
@@ -77,6 +83,7 @@ def describe(path: Path, check_weights: bool = True) -> dict[str, Any]:
         },
         "weights_dtype": [name for name, _ in dtypes.most_common()],
         "non_finite": non_finite_weights(path, kind, state) if check_weights else None,
+        "non_finite_optimizer_state": non_finite_state(path, kind, metadata, config) if check_weights else None,
         "tokenizer": None
         if recorded is None
         else {"path": str(recorded.path), "sha256": recorded.sha256, "state": tokenizer_state(info)},
@@ -98,6 +105,73 @@ def non_finite_weights(path: Path, kind: str, state: dict[str, torch.Tensor]) ->
         if t.is_floating_point() and not is_finite_tensor(t):
             bad.append(key)
     return bad
+
+
+def non_finite_state(path: Path, kind: str, metadata: dict[str, Any], config: LlamaConfig) -> list[str] | None:
+    """The optimizer-state tensors of the training checkpoint ``path`` that hold NaN or inf (``exp_avg_sq of
+    norm.weight``), read one tensor (or one batch of shards) at a time; ``None`` where it holds no optimizer state."""
+    bad, seen = [], False
+    for name, t in optimizer_state_tensors(path, kind, metadata, config):
+        seen = True
+        if not is_finite_tensor(t):
+            bad.append(name)
+    return bad if seen else None
+
+
+def optimizer_state_tensors(
+    path: Path, kind: str, metadata: dict[str, Any], config: LlamaConfig
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every stored optimizer-state tensor of the checkpoint ``path`` (``metadata``: what :func:`read_description`
+    read beside the weights, a ``.ckpt``'s mapped optimizer states among it), by name."""
+    if kind == "sharded":
+        yield from sharded_optimizer_state(path)
+        return
+    for saved in (metadata.get("optimizer_states") or []) if kind == "ckpt" else []:
+        state = saved.get("state") if isinstance(saved, dict) else None
+        if isinstance(state, dict):
+            state = {parameter: entries for parameter, entries in state.items() if isinstance(entries, dict)}
+            names = parameter_names(saved, state, config)
+            for parameter, key, t in state_tensors(state):
+                yield state_entry(key, names.get(parameter, f"parameter {parameter}")), t
+
+
+def parameter_names(saved: dict[str, Any], state: dict[Any, Any], config: LlamaConfig) -> dict[Any, str]:
+    """The names of the parameters an optimizer's saved ``state`` keys: a number as the model's parameters are grouped
+    (:func:`~epas_lightning.optim.param_groups`, the order fit's optimizer numbers them), where the count and the
+    shapes agree; a name (FSDP2's single files) as it is. None named where they do not (an optimizer of one's own)."""
+    groups = [group for group in saved.get("param_groups") or [] if isinstance(group, dict)]
+    numbers = [n for group in groups for n in group.get("params") or []]
+    if numbers and all(isinstance(n, str) for n in numbers):
+        return {n: n.removeprefix(MODEL_PREFIX) for n in numbers}
+    with torch.device("meta"):
+        model = Llama(config)
+    order, shapes = grouped_parameter_names(model), {name: p.shape for name, p in model.named_parameters()}
+    names = dict(zip(numbers, order, strict=True)) if len(numbers) == len(order) else {}
+    fits = all(shapes[names[n]] == t.shape for n, _, t in state_tensors(state) if n in names)
+    return names if fits else {}
+
+
+OPTIMIZER_ENTRY = re.compile(r"(?P<state>optimizer_\d+\.state\.(?P<parameter>.+))\.(?P<key>[^.]+)")
+"""A sharded checkpoint's key of an optimizer-state tensor: ``optimizer_0.state.model.norm.weight.exp_avg_sq``."""
+
+
+def sharded_optimizer_state(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The optimizer-state tensors of the sharded checkpoint ``path``, by name, read a batch of shards at a time."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from epas_lightning.safe_dcp import SafeFileSystemReader
+
+    state: dict[str, dict[str, torch.Tensor]] = {}  # meta tensors, by parameter (as stored) and key
+    parameters: dict[str, str] = {}
+    for key, meta in SafeFileSystemReader(path).read_metadata().state_dict_metadata.items():
+        if (entry := OPTIMIZER_ENTRY.fullmatch(key)) and isinstance(meta, TensorStorageMetadata):
+            shape = torch.empty(meta.size, dtype=meta.properties.dtype, device="meta")
+            state.setdefault(entry["state"], {})[entry["key"]] = shape
+            parameters[entry["state"]] = entry["parameter"].removeprefix(MODEL_PREFIX)
+    metas, names = {}, {}
+    for stored, key, meta in state_tensors(state):
+        metas[f"{stored}.{key}"], names[f"{stored}.{key}"] = meta, state_entry(key, parameters[stored])
+    yield from ((names[key], t) for key, t in stored_shards(path, metas))
 
 
 def weight_tensors(path: Path, kind: str, state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -198,6 +272,7 @@ def describe_text(record: dict[str, Any]) -> str:
     heads = f"{model['n_head']} heads" + (f" / {kv} KV heads" if kv != model["n_head"] else "")
     tokenizer = record["tokenizer"]
     val = record["val_loss"]
+    finite = finiteness(record["non_finite"], record["non_finite_optimizer_state"], named=True)
     rows = {"kind": KINDS[record["kind"]]}
     if record["kind"] in ("consolidated", "hf"):  # a training checkpoint is its own source
         rows["made from"] = record["source"] or "not recorded"
@@ -209,7 +284,7 @@ def describe_text(record: dict[str, Any]) -> str:
         **transformers_row(record["transformers_shared_layers"], region["layers"], model["n_layer"]),
         "model": f"{model['n_layer']} layers, d {model['n_embd']}, {heads}, vocab {model['vocab_size']:,}, "
         f"block size {model['block_size']:,}, {model['parameters']:,} parameters",
-        "weights": ", ".join(record["weights_dtype"]) + ", " + finiteness(record["non_finite"], named=True),
+        "weights": ", ".join([*record["weights_dtype"], finite]),
         "tokenizer": "none recorded" if tokenizer is None else tokenizer["path"] + TOKENIZER_NOTES[tokenizer["state"]],
         "val loss": "not recorded"
         if val is None
@@ -236,13 +311,18 @@ def transformers_row(shared: Any, trained: list[int], n_layer: int) -> dict[str,
     return {"transformers": loads + forced}
 
 
-def finiteness(non_finite: list[str] | None, named: bool = False) -> str:
-    """What the check of the weights found (``None``: not checked), the weights that failed it ``named``."""
+def finiteness(non_finite: list[str] | None, non_finite_state: list[str] | None = None, named: bool = False) -> str:
+    """What the check of the weights (``None``: not checked) and of the optimizer state (``None``: none held) found,
+    the tensors that failed it ``named``."""
     if non_finite is None:
         return "not checked"
-    if not non_finite:
-        return "all finite"
-    return f"NaN or inf in {listed(non_finite)}" if named else "NaN or inf"
+    weights = (f"NaN or inf in {listed(non_finite)}" if named else "NaN or inf") if non_finite else "finite"
+    if non_finite_state:
+        state = f"holds NaN or inf ({listed(non_finite_state)})" if named else "NaN or inf"
+        return f"{weights}; the optimizer state {state}"
+    if non_finite:
+        return weights
+    return "all finite (the optimizer state too)" if named and non_finite_state == [] else "all finite"
 
 
 def listing_text(records: list[dict[str, Any]], folder: Path) -> str:
@@ -258,7 +338,8 @@ def listing_text(records: list[dict[str, Any]], folder: Path) -> str:
         val = r["val_loss"]
         cells = (_number(r["global_step"]), _number(r["tokens"]), str(r["sharing_layers"]["max"]))
         loss = "-" if val is None else f"{val['loss']:.4f}" + (f" ({val['step']:,})" if val["step"] is not None else "")
-        rows.append((*cells, loss, finiteness(r["non_finite"]), size_text(r["size_bytes"]), path))
+        finite = finiteness(r["non_finite"], r["non_finite_optimizer_state"])
+        rows.append((*cells, loss, finite, size_text(r["size_bytes"]), path))
     rows.insert(0, header)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     return "\n".join("  ".join([*map(str.ljust, row[:-1], widths), row[-1]]) for row in rows)
@@ -278,10 +359,11 @@ def inspect_command(checkpoint: Path, check_weights: bool | None = None, json: b
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder. A
             run folder, or its checkpoints/ folder, lists the checkpoints it holds.
-        check_weights: Read every weight (a tensor at a time) to check that it is finite. Default: on for one
-            checkpoint; off for a folder's listing, whose weights column then says "not checked" (--check-weights
-            reads every checkpoint listed: slow for a run of many large checkpoints). In --json, non_finite is null
-            where not checked.
+        check_weights: Read every weight and a training checkpoint's optimizer state, a tensor at a time, to check
+            that they are finite. Default: on for one checkpoint; off for a folder's listing, whose weights column then
+            says "not checked" (--check-weights reads every checkpoint listed: slow for a run of many large
+            checkpoints). In --json, non_finite is null where not checked, non_finite_optimizer_state also where the
+            checkpoint holds no optimizer state.
         json: End with one JSON line of what was found.
     """
     path = Path(checkpoint).expanduser()

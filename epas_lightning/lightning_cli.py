@@ -32,6 +32,7 @@ import os
 import random
 import re
 import sys
+import traceback
 import warnings
 from argparse import ArgumentError
 from collections.abc import Iterator
@@ -391,6 +392,11 @@ class EPASCLI(LightningCLI):
         commands = LightningCLI.subcommands()
         return {name: commands[name] for name in self._commands}
 
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        for name, subcommand_parser in self._subcommand_parsers.items():  # jsonargparse's `PROG [options] fit`
+            subcommand_parser.prog = f"{PROG} {name}"  # usage lines read as the command is typed
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for section, callback in RUN_SECTIONS.items():
             parser.add_lightning_class_args(callback, section)
@@ -531,10 +537,12 @@ class EPASCLI(LightningCLI):
             # a constructor refused a configured value, or needs a package that is not installed (strategy: xla)
             what = " ".join(str(e).split()).rstrip(".!")  # Lightning's messages may span lines
             if needs := re.search(r"(?:class_path '([\w.]+)': )?Requirement '([^']+)' not met", what):
-                class_path, requirement = needs.groups()  # WandbLogger; accelerator tpu (no class named)
+                class_path, requirement = needs.groups()  # WandbLogger; strategy xla (no class named)
+                trainer = (self.config[self.subcommand] if self.subcommand else self.config).trainer
+                keys = settings_of_class(trainer, class_path) if class_path else setting_that_raised(e, trainer)
                 raise ConfigError(
                     f"{class_path or 'a configured setting'} needs {requirement}, which is not installed",
-                    "the configuration",
+                    settings_where(trainer, keys),
                     f"pip install '{requirement}', or choose another {'class' if class_path else 'setting'}",
                 ) from e
             if isinstance(e, ModuleNotFoundError):
@@ -575,7 +583,7 @@ class EPASCLI(LightningCLI):
         if stop is not None:  # it says what a signal does; Lightning's "attempting graceful shutdown" is not it
             info = (*info, "Detected KeyboardInterrupt")
             stop.command_line = True  # resuming is this command with --ckpt_path last
-        folders = RunFolders.before_fit(self.trainer) if subcommand == "fit" and self.trainer.is_global_zero else None
+        folders = RunFolders.before_run(self.trainer) if self.trainer.is_global_zero else None
         try:
             with quiet_messages(info, warning_patterns):
                 try:
@@ -641,21 +649,54 @@ def misconfigured(error: BaseException, trainer: Any = None) -> ConfigError | No
 def refused_setting(error: BaseException, trainer: Any = None) -> ConfigError:
     """The one line for a configured value Lightning or a constructor refused, in its own words; where the words
     name arguments of ``trainer`` (its settings) in backquotes (devices in "`devices` selected...", "`Trainer(devices=
-    '0')`"; strategy in "The strategy `fsdp`"), at those settings with their values."""
+    '0')`"; strategy in "The strategy `fsdp`"), at those settings with their values; where they name none, at the
+    setting whose class raised it (:func:`setting_that_raised`)."""
     what = " ".join(str(error).split()).rstrip(".!")  # Lightning's messages may span lines
     spans = re.findall(r"(?:(\w+) )?`(?:Trainer\()?(\w+)[^`]*`", what)  # the word before a `span`, its first name
     named = dict.fromkeys(name for span in spans for name in span)
     keys = [key for key in named if trainer is not None and key in trainer]
-    where = ", ".join(f"trainer.{key}: {setting_value(trainer[key])}" for key in keys) or "the configuration"
-    return ConfigError(what, where, "fix the value in the YAML or the flag")
+    if not keys and trainer is not None:  # "To use the `DeepSpeedStrategy`, you must have DeepSpeed installed"
+        keys = setting_that_raised(error, trainer)
+    return ConfigError(what, settings_where(trainer, keys), "fix the value in the YAML or the flag")
+
+
+def settings_where(trainer: Any, keys: list[str]) -> str:
+    """Where a line says the ``trainer`` settings ``keys`` are: ``trainer.devices: -2, trainer.accelerator: cpu``;
+    with none, the configuration."""
+    return ", ".join(f"trainer.{key}: {setting_value(trainer[key])}" for key in keys) or "the configuration"
 
 
 def setting_value(value: Any) -> str:
-    """A configured value as its line shows it: ``0``, ``false``, ``[0,1]``; a class (given or built) by its name."""
+    """A configured value as its line shows it: ``0``, ``false``, ``[0,1]``; a class (given or built) by its name, a
+    list of classes as ``[TensorBoardLogger,WandbLogger]``."""
+    if isinstance(value, list | tuple) and not all(isinstance(v, str | int | float | bool) for v in value):
+        return f"[{','.join(setting_value(v) for v in value)}]"
     if isinstance(value, str | int | float | bool | list | tuple) or value is None:
         return flag_value(value)
     class_path = value.get("class_path") if isinstance(value, dict | Namespace) else None
     return str(class_path).rsplit(".", 1)[-1] if class_path else type(value).__name__
+
+
+def settings_of_class(trainer: Any, class_path: str) -> list[str]:
+    """The ``trainer`` settings that give the class ``class_path`` (``logger``, alone or in a list)."""
+    keys = []
+    for key, value in vars(trainer).items():  # its own settings (a Namespace's keys() are the nested ones)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, dict | Namespace) and v.get("class_path") == class_path for v in values):
+            keys.append(key)
+    return keys
+
+
+BUILT_BY_NAME = {"strategy": "lightning.pytorch.strategies.", "accelerator": "lightning.pytorch.accelerators."}
+"""The ``trainer`` settings whose names (``strategy: xla``) Lightning builds into classes, and where those live."""
+
+
+def setting_that_raised(error: BaseException, trainer: Any) -> list[str]:
+    """The ``trainer`` setting (a strategy, an accelerator) whose class raised ``error`` (``strategy: xla`` without
+    torch_xla, in its constructor), as a list of its key; none when code of another raised it."""
+    frame = list(traceback.walk_tb(error.__traceback__))[-1][0] if error.__traceback__ else None
+    module = frame.f_globals.get("__name__", "") if frame is not None else ""
+    return [key for key, package in BUILT_BY_NAME.items() if module.startswith(package) and key in trainer]
 
 
 def with_atomic_checkpoint_io(trainer_config: dict[str, Any]) -> dict[str, Any]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -19,6 +22,28 @@ def param_groups(model: nn.Module) -> list[dict]:
         {"params": [p for p in params if p.ndim >= 2]},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+
+
+def grouped_parameter_names(model: nn.Module) -> list[str]:
+    """The names of ``model``'s parameters in the order of :func:`param_groups`: the order an optimizer built on them
+    numbers them in its saved state."""
+    names = {p: name for name, p in model.named_parameters()}
+    return [names[p] for group in param_groups(model) for p in group["params"]]
+
+
+def state_tensors(state: Mapping[Any, Mapping[str, Any]]) -> Iterator[tuple[Any, str, torch.Tensor]]:
+    """Each floating-point tensor of an optimizer's per-parameter ``state`` (``exp_avg``, ``exp_avg_sq``; not AdamW's
+    step count), as (parameter, key, tensor), the parameter as ``state`` keys it: the tensor itself in an optimizer,
+    its number or name in a checkpoint."""
+    for parameter, entries in state.items():
+        for key, t in entries.items():
+            if torch.is_tensor(t) and t.is_floating_point() and t.dim():
+                yield parameter, key, t
+
+
+def state_entry(key: str, parameter: str) -> str:
+    """An optimizer-state tensor as a line names it: ``exp_avg_sq of norm.weight``."""
+    return f"{key} of {parameter}"
 
 
 def default_optimizer(model: nn.Module, **overrides) -> torch.optim.AdamW:

@@ -1,5 +1,5 @@
-"""The run folders of ``fit``: checked writable before any work, and removed when a user error stopped the run
-before it trained a step and this run made them.
+"""The run folders of ``fit``, ``validate`` and ``test``: checked writable before any work, and removed when a user
+error stopped the run before it trained a step (``validate``, ``test``: at any point) and this run made them.
 
 :func:`check_run_folders_writable` refuses, in one line, a log or checkpoint folder the run could not write (a
 read-only or full disk, a special file system such as ``/proc``, a file in the way): that was a traceback from the
@@ -32,8 +32,8 @@ STARTUP_FILES = ("events.out.tfevents.*", "hparams.yaml", "config.yaml", "config
 
 @dataclass
 class RunFolders:
-    """The loggers' run folders as they were before ``fit``: which of them, and of their parents, already existed,
-    and what those folders held."""
+    """The loggers' run folders as they were before ``fit``, ``validate`` or ``test``: which of them, and of their
+    parents, already existed, and what those folders held."""
 
     roots: list[Path]
     before: set[Path]
@@ -41,7 +41,7 @@ class RunFolders:
     held: set[Path]
 
     @classmethod
-    def before_fit(cls, trainer: Trainer) -> RunFolders:
+    def before_run(cls, trainer: Trainer) -> RunFolders:
         """Look, without choosing a version (resuming may still set it): each logger's ``save_dir/name``."""
         roots = [Path(logger.root_dir) for logger in trainer.loggers if getattr(logger, "root_dir", None)]
         missing = [p for root in roots for p in (root, *root.parents) if not p.exists()]
@@ -50,9 +50,9 @@ class RunFolders:
         return cls(roots, before, sorted(set(missing), key=lambda p: len(p.parts), reverse=True), held)
 
     def remove_unused(self, trainer: Trainer) -> None:
-        """When this ``fit`` trained no step: remove the version folders it created, if they hold only start-up files,
-        and the start-up files it added to one it resumes into, then the parents it created, if empty (call it on the
-        first rank, after a user error)."""
+        """When this run trained no step (``validate`` and ``test`` train none): remove the version folders it
+        created, if they hold only start-up files, and the start-up files it added to one it resumes into, then the
+        parents it created, if empty (call it on the first rank, after a user error)."""
         if trained_a_step(trainer):
             return
         for logger in trainer.loggers:

@@ -298,8 +298,17 @@ def test_a_misspelt_key_is_named_with_the_one_meant(tmp_path, capsys, flags, yam
         (["--model.lr_scheduler", "torch.optim.lr_scheduler.StepLR"], "StepLR (given to --model.lr_scheduler) needs "
          "step_size — python -m epas_lightning fit — `python -m epas_lightning fit --model.lr_scheduler.help "
          "torch.optim.lr_scheduler.StepLR` lists its arguments"),
+        # a package that is not installed names the setting that needs it (was "— the configuration —")
         (["--trainer.logger", "MLFlowLogger"], "lightning.pytorch.loggers.MLFlowLogger needs mlflow>=1.0.0, which is "
-         "not installed — the configuration — pip install 'mlflow>=1.0.0', or choose another class"),
+         "not installed — trainer.logger: MLFlowLogger — pip install 'mlflow>=1.0.0', or choose another class"),
+        (["--trainer.logger+=WandbLogger"], "lightning.pytorch.loggers.WandbLogger needs wandb>=0.12.10, which is not "
+         "installed — trainer.logger: [TensorBoardLogger,WandbLogger] — pip install 'wandb>=0.12.10', or choose "
+         "another class"),
+        (["--trainer.strategy", "xla"], "a configured setting needs torch_xla>=1.13, which is not installed — "
+         "trainer.strategy: xla — pip install 'torch_xla>=1.13', or choose another setting"),
+        (["--trainer.strategy", "deepspeed"], "To use the `DeepSpeedStrategy`, you must have DeepSpeed installed. "
+         "Install it by running `pip install -U deepspeed` — trainer.strategy: deepspeed — fix the value in the YAML "
+         "or the flag"),
         (["--trainer.callbacks+=EarlyStopping"], "EarlyStopping (given to --trainer.callbacks) needs monitor — "
          "python -m epas_lightning fit — `python -m epas_lightning fit --trainer.callbacks.help "
          "lightning.pytorch.callbacks.EarlyStopping` lists its arguments"),
@@ -321,10 +330,12 @@ def test_a_class_that_cannot_be_built_is_named(tmp_path, capsys, monkeypatch, fl
     """A class path that does not import, or a class missing a required argument, was "invalid value for --flag
     (Given value: ...)"; a logger whose package is missing was jsonargparse's whole union error on one line, and the
     tpu accelerator without torch_xla Lightning's ModuleNotFoundError traceback."""
-    if "MLFlowLogger" in flags and importlib.util.find_spec("mlflow") is not None:
-        pytest.skip("mlflow is installed")
-    if "tpu" in flags and importlib.util.find_spec("torch_xla") is not None:
-        pytest.skip("torch_xla is installed")
+    for needs, package in (("MLFlowLogger", "mlflow"), ("WandbLogger", "wandb"), ("tpu", "torch_xla")):
+        if needs in " ".join(flags) and importlib.util.find_spec(package) is not None:
+            pytest.skip(f"{package} is installed")
+    for needs, package in (("xla", "torch_xla"), ("deepspeed", "deepspeed")):
+        if needs in flags and importlib.util.find_spec(package) is not None:
+            pytest.skip(f"{package} is installed")
     monkeypatch.chdir(tmp_path)
     assert main(["fit", "--config", DEBUG, *flags]) == 2  # refused before any data or training
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: " + line

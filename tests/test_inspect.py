@@ -76,6 +76,37 @@ def test_a_checkpoint_says_its_step_tokens_region_shape_tokenizer_and_val_loss(t
     assert record["non_finite"] is None and "  weights           float32, not checked\n" in out
 
 
+def test_the_finiteness_check_covers_a_training_checkpoints_optimizer_state(tmp_path, capsys):
+    """inspect read the weights only: it said "all finite" of a checkpoint whose optimizer state held inf, which
+    fit --ckpt_path refuses. A .ckpt numbers its parameters (named here as fit's optimizer groups them); a sharded
+    folder names them."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from epas_lightning.optim import default_optimizer
+
+    holder = torch.nn.Module()  # parameters named as the LightningModule names them: model.norm.weight
+    holder.model = Llama(LlamaConfig.from_name("debug", n_layer=4))  # as tiny_ckpt records
+    optimizer = default_optimizer(holder.model)
+    for p in holder.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    optimizer.state[holder.model.norm.weight]["exp_avg_sq"][0] = float("inf")
+    ckpt = tiny_ckpt(tmp_path / "last.ckpt", 4, [], optimizer_states=[optimizer.state_dict()])
+    state = {"model." + key: t for key, t in holder.model.state_dict().items()}
+    sharded = tmp_path / "sharded"
+    saved = {"state_dict": state, "optimizer_0": get_optimizer_state_dict(holder, optimizer)}
+    dcp_save(saved, checkpoint_id=sharded, no_dist=True)
+    torch.save({"model_config": holder.model.config.to_dict()}, sharded / "meta.pt")
+    for path in (ckpt, sharded):
+        out, record = inspected(capsys, path)
+        assert record["non_finite"] == [] and record["non_finite_optimizer_state"] == ["exp_avg_sq of norm.weight"]
+        assert "finite; the optimizer state holds NaN or inf (exp_avg_sq of norm.weight)\n" in out, out
+    optimizer.state[holder.model.norm.weight]["exp_avg_sq"][0] = 1.0
+    tiny_ckpt(ckpt, 4, [], optimizer_states=[optimizer.state_dict()])
+    out, record = inspected(capsys, ckpt)
+    assert record["non_finite_optimizer_state"] == [] and "float32, all finite (the optimizer state too)\n" in out
+
+
 def test_a_run_folder_lists_its_checkpoints_by_step_and_refuses_none_unsafely(tmp_path, capsys):
     run = tmp_path / "runs" / "r" / "version_0"
     tiny_ckpt(run / "checkpoints" / "epoch=0-step=8.ckpt", 8, [])

@@ -55,7 +55,7 @@ def test_top_level_help_lists_every_command_with_a_description(capsys, monkeypat
     assert read_source == []
     fit_help = capsys.readouterr().out
     assert "Number of decoder layers." in fit_help  # LlamaConfig's fields are documented all the same
-    assert fit_help.startswith("usage: python -m epas_lightning [options] fit ")
+    assert fit_help.startswith("usage: python -m epas_lightning fit [-c CONFIG]")  # was `epas_lightning [options] fit`
     assert "use ``weights_only=False``" not in fit_help  # Lightning's advice, refused here
     ckpt_path_help = " ".join(fit_help.split("--ckpt_path CKPT_PATH\n")[-1].split("\n  --")[0].split())
     assert "Model Registry" not in ckpt_path_help and "previous ``trainer.fit`` call" not in ckpt_path_help  # paths

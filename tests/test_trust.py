@@ -627,12 +627,14 @@ def prepare(corpus: Path, output: Path, **kwargs) -> Path:
     return prepare_dataset(corpus, output, train_tokenizer=True, vocab_size=300, num_workers=1, **kwargs)
 
 
-def test_a_fit_refused_at_start_up_leaves_no_run_folder_of_its_own(capsys, monkeypatch, tmp_path):
+@pytest.mark.parametrize("command", ["fit", "validate", "test"])
+def test_a_run_refused_at_start_up_leaves_no_run_folder_of_its_own(capsys, monkeypatch, tmp_path, command):
     """Lightning makes the logger's version folder before the data is checked: a refused start left
-    runs/debug/version_0 (an event file), and the run after the fix became version_1. Folders it did not make stay."""
+    runs/debug/version_0 (an event file), and the run after the fix became version_1 (validate and test kept theirs
+    after fit's was removed). Folders it did not make stay."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notdata").mkdir()
-    argv = ["fit", "--config", DEBUG, "--data.data_dir", "notdata"]
+    argv = [command, "--config", DEBUG, "--data.data_dir", "notdata"]
     assert "incomplete data directory" in one_line_error(capsys, argv)
     assert not (tmp_path / "runs").exists()
     earlier = tmp_path / "runs" / "debug" / "version_0"
