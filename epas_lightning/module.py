@@ -344,6 +344,8 @@ class EPASModule(LightningModule):
         if "callbacks" not in checkpoint:  # a weights-only save: Lightning called no callback's on_save_checkpoint
             for guard in (c for c in self.trainer.callbacks if isinstance(c, DivergenceGuard)):
                 guard.check_before_save(self.trainer, self, weights_only=True)
+            for sharing in (c for c in self.trainer.callbacks if isinstance(c, ProgressiveSharing)):
+                sharing.on_save_checkpoint(self.trainer, self, checkpoint)  # the region, in its growth order
         # Plain types only, so the checkpoint stays loadable with ``weights_only=True``.
         checkpoint["model_config"] = self.config.to_dict()
         checkpoint[WEIGHTS_DTYPE_KEY] = dtype_name(self._weights_dtype())  # a sharded resume loads no state_dict
