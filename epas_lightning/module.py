@@ -375,6 +375,9 @@ class EPASModule(LightningModule):
         if trainer is not None:  # before Lightning restores the callbacks
             check_training_state(trainer, checkpoint)
             adopt_model_checkpoint_states(trainer, checkpoint)
+        if trainer is not None and "callbacks" not in checkpoint:  # weights-only: no callback's hook is called
+            for sharing in (c for c in trainer.callbacks if isinstance(c, ProgressiveSharing)):
+                sharing.on_load_checkpoint(trainer, self, checkpoint)  # the region it records
         data = getattr(trainer, "datamodule", None)
         if hasattr(data, "check_checkpoint_tokenizer"):  # a TokenDataModule: its ids are the checkpoint's tokens
             data.check_checkpoint_tokenizer(checkpoint.get("tokenizer"))
