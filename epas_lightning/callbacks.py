@@ -91,6 +91,7 @@ class ProgressiveSharing(Callback):
             self.schedule = self._build(n_layer)
         self._applied: list[int] | None = None
         self._resumed_settings: dict[str, Any] | None = None
+        self._recorded_region: Any = None  # the region record of the checkpoint validate/test loaded
         self._resumed_step = 0  # the step of the checkpoint a run resumes
         self.reached_at: int | None = None
         """The step at which the region reached its full size (kept across a resume; ``None``: not yet)."""
@@ -121,22 +122,30 @@ class ProgressiveSharing(Callback):
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """``validate``/``test`` of a checkpoint: ``val_sharing_layers`` count the region it trained (its target, in
         its growth order, restored with its state), as its run's validations did, whatever this run's
-        ``sharing.target`` and ``order`` are (they counted those: a region the checkpoint never trained)."""
+        ``sharing.target`` and ``order`` are (they counted those: a region the checkpoint never trained). A
+        weights-only checkpoint holds no state: the region it records counts, where the configured target does not
+        begin with it."""
+        recorded, self._recorded_region = self._recorded_region, None
         if trainer.state.fn == TrainerFn.FITTING:  # on_train_start compares a resumed fit's settings
             return
         saved, self._resumed_settings = self._resumed_settings, None
-        if not saved or not self._val_regions:
+        if not self._val_regions:
             return
         n_layer = sharing_model(pl_module).config.n_layer
-        try:
-            trained = TrainedRegion(n_layer, resolve_target(saved["target"], n_layer, saved["order"]), saved["order"])
-        except (ConfigError, TypeError):  # settings this version no longer reads: the configured target stays
+        if saved:
+            trained, whose = _saved_target(saved, n_layer), "the checkpoint's target region"
+            if trained is None or (trained.layers == self.schedule.target_layers and trained.order == self.order):
+                return
+        elif recorded is not None:
+            trained, whose = _recorded_region(recorded, n_layer), "the checkpoint's region"
+            begins = trained is not None and self.schedule.target_layers[: trained.size] == trained.layers
+            if trained is None or (begins and trained.order == self.order):
+                return
+        else:
             return
-        if trained.layers == self.schedule.target_layers and trained.order == self.order:
-            return
-        self._val_regions = self._regions_of(trained, "the checkpoint's target region")
+        self._val_regions = self._regions_of(trained, whose)
         rank_zero_info(
-            f"EPAS: sharing.val_sharing_layers count the checkpoint's target region, layers {list(trained.layers)} "
+            f"EPAS: sharing.val_sharing_layers count {whose}, layers {list(trained.layers)} "
             f"({trained.order}), not sharing.target's {list(self.schedule.target_layers)} ({self.order})"
         )
 
@@ -248,6 +257,8 @@ class ProgressiveSharing(Callback):
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._resumed_step = int(checkpoint.get("global_step") or 0)
+        if "callbacks" not in checkpoint:  # weights-only (EPASModule calls this): its one record of the region
+            self._recorded_region = checkpoint.get(REGION_KEY)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -316,6 +327,23 @@ class ProgressiveSharing(Callback):
                 "checkpoint's sharing settings to continue its region)"
             )
         rank_zero_warn(said)
+
+
+def _saved_target(saved: dict[str, Any], n_layer: int) -> TrainedRegion | None:
+    """The target region of a checkpoint's schedule settings ``saved``; ``None`` for settings this version no longer
+    reads."""
+    try:
+        return TrainedRegion(n_layer, resolve_target(saved["target"], n_layer, saved["order"]), saved["order"])
+    except (ConfigError, TypeError):
+        return None
+
+
+def _recorded_region(record: Any, n_layer: int) -> TrainedRegion | None:
+    """The region a checkpoint records (:data:`REGION_KEY`); ``None`` for a record that is not one."""
+    try:
+        return TrainedRegion.from_record(record, n_layer)
+    except ConfigError:
+        return None
 
 
 def _region_lengths(lengths: Any) -> list[int]:

@@ -344,6 +344,8 @@ class EPASModule(LightningModule):
         if "callbacks" not in checkpoint:  # a weights-only save: Lightning called no callback's on_save_checkpoint
             for guard in (c for c in self.trainer.callbacks if isinstance(c, DivergenceGuard)):
                 guard.check_before_save(self.trainer, self, weights_only=True)
+            for sharing in (c for c in self.trainer.callbacks if isinstance(c, ProgressiveSharing)):
+                sharing.on_save_checkpoint(self.trainer, self, checkpoint)  # the region, in its growth order
         # Plain types only, so the checkpoint stays loadable with ``weights_only=True``.
         checkpoint["model_config"] = self.config.to_dict()
         checkpoint[WEIGHTS_DTYPE_KEY] = dtype_name(self._weights_dtype())  # a sharded resume loads no state_dict
@@ -373,6 +375,9 @@ class EPASModule(LightningModule):
         if trainer is not None:  # before Lightning restores the callbacks
             check_training_state(trainer, checkpoint)
             adopt_model_checkpoint_states(trainer, checkpoint)
+        if trainer is not None and "callbacks" not in checkpoint:  # weights-only: no callback's hook is called
+            for sharing in (c for c in trainer.callbacks if isinstance(c, ProgressiveSharing)):
+                sharing.on_load_checkpoint(trainer, self, checkpoint)  # the region it records
         data = getattr(trainer, "datamodule", None)
         if hasattr(data, "check_checkpoint_tokenizer"):  # a TokenDataModule: its ids are the checkpoint's tokens
             data.check_checkpoint_tokenizer(checkpoint.get("tokenizer"))

@@ -72,10 +72,8 @@ class TrainedRegion:
             )
         limit = len(self.growth_order())
         if not 0 <= n <= limit:
-            trained = f" (it trained {self.size}: {self.describe()})" if self.size < limit and not force else ""
             raise ConfigError(
-                f"{sharing_layers_text(n)} {'was' if n == 1 else 'were'} asked for; a {self.n_layer}-layer model "
-                f"can share at most {limit}{trained}",
+                f"{sharing_layers_text(n)} {'was' if n == 1 else 'were'} asked for; {self._can_share(limit, force)}",
                 flag,
                 f"choose {choices(limit if force else self.size)}",
             )
@@ -87,6 +85,22 @@ class TrainedRegion:
                 + (f", or pass {force_flag} to run a region it never trained" if forceable else ""),
             )
         return sorted(self.growth_order()[:n])
+
+    def _can_share(self, limit: int, force: bool) -> str:
+        """How many layers can share at most (``limit``), and why: the model's layers but layer 0, or where the region
+        ends, grown in its direction (a deep-first ``[2, 1]`` at layer 1, a shallow-first ``[2, 3]`` of 4 layers at
+        layer 3); and how many it trained, where fewer and not ``force``."""
+        trained = self.size < limit and not force
+        if limit == self.n_layer - 1:
+            return f"a {self.n_layer}-layer model can share at most {limit}" + (
+                f" (it trained {self.size}: {self.describe()})" if trained else ""
+            )
+        end = self.growth_order()[-1]
+        why = "layer 0 never shares" if self.order == "deep_first" else "the last layer"
+        return (
+            f"the region of this checkpoint ({self.describe()}) grows no further than layer {end} ({why}): at most "
+            f"{limit}" + (f" (it trained {self.size})" if trained else "")
+        )
 
     def trained_at_most(self) -> str:
         """What the region allows, as errors say it: "was trained with at most 2 sharing layers (layers [7, 6],

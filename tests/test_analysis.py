@@ -143,6 +143,7 @@ def test_identical_qk_give_similarity_one_and_the_planted_region_is_recommended(
     rec = report.recommend("attn/cka", threshold=0.99, config=model.config)
     assert rec.meets_threshold and rec.start == 2 and rec.shared_layers == [2, 3] and rec.chosen.source == 1
     assert rec.chosen.flop_cut > 0 and "layers 2..3" in rec.reasoning
+    assert "`sharing.target: 2` with `sharing.order: deep_first`" in rec.reasoning  # shallow_first: layers 1, 2
     strict = report.recommend("q/cka", threshold=1.5)  # nothing qualifies: the best region, flagged
     assert not strict.meets_threshold and "No region" in strict.reasoning
     assert strict.start == 2  # region 3..3 (source 2) and 2..3 (source 1) both score 1: the larger one wins

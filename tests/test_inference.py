@@ -261,6 +261,9 @@ def test_region_errors():
         set_region(model, "all", trained)  # a TypeError comparing int and str
     shallow = TrainedRegion(4, (1, 2), "shallow_first")
     assert set_region(model, 1, shallow) == [1] and set_region(model, 3, shallow, force=True) == [1, 2, 3]
+    ends = r"the region of this checkpoint \(layers \[2, 1\], deep-first\) grows no further than layer 1 \(layer 0 "
+    with pytest.raises(ConfigError, match=ends + r"never shares\): at most 2 — n_shared — choose 0..2$"):
+        set_region(model, 3, TrainedRegion(4, (2, 1)), force=True)  # said 'a 4-layer model can share at most 2'
     cache = model.new_cache(1, 8)
     model.set_shared_layers([3])
     with pytest.raises(ValueError, match="build a new cache"):

@@ -18,6 +18,9 @@ from epas_lightning.cli import main as cli_main
 from epas_lightning.inference import generate, set_region
 from epas_lightning.inference.bench import flops_ratio, region_for_budget
 
+TRAINING_STATE = ("callbacks", "optimizer_states", "lr_schedulers")
+"""What a weights-only checkpoint lacks of a full one."""
+
 
 @pytest.fixture(scope="module")
 def trained(tiny_corpus, tmp_path_factory):
@@ -295,13 +298,20 @@ def test_validate_from_init_from_says_it_scores_every_layer_computing(trained, t
     assert module.model.sharing.shared_layers == []
 
 
-def test_validate_a_checkpoint_counts_val_sharing_layers_in_the_region_it_trained(trained, tiny_corpus, tmp_path):
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_validate_a_checkpoint_counts_val_sharing_layers_in_the_region_it_trained(
+    trained, tiny_corpus, tmp_path, weights_only
+):
     """`validate --ckpt_path` with other sharing settings than the checkpoint's counted val_sharing_layers in the
-    configured target (shallow-first here: layers 1, 2, which it never trained), not in the region it trained."""
+    configured target (shallow-first here: layers 1, 2, which it never trained), not in the region it trained. A
+    weights-only checkpoint holds no schedule state: its recorded region is what it trained."""
     config = load_model(trained).model.config
     data = TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=config.vocab_size)
     sharing = ProgressiveSharing(target=2, order="shallow_first", val_sharing_layers=[1, 2])
     trainer = cpu_trainer(tmp_path, 1, [sharing], limit_val_batches=1)
+    if weights_only:  # what checkpoint.save_weights_only writes: no callbacks' state or optimizer
+        state = {k: v for k, v in torch.load(trained, weights_only=True).items() if k not in TRAINING_STATE}
+        torch.save(state, trained := tmp_path / "weights.ckpt")
     scores = trainer.validate(EPASModule(config), data, ckpt_path=trained, verbose=False)[0]
     assert scores["val/loss_at_sharing/2"] == pytest.approx(scores["val/loss"])  # the trained region, [2, 3]
     assert sharing._val_regions == {1: [3], 2: [2, 3]}

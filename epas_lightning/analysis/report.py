@@ -181,6 +181,7 @@ def _reasoning(rec: Recommendation, n_layer: int) -> str:
         lines.append(f"Estimated training FLOPs cut for this region: {100 * chosen.flop_cut:.1f}% (estimate_flops).")
     lines.append(
         "In training, grow the region to this size progressively: `sharing.target: "
-        f"{chosen.n_shared}` (the deepest {chosen.n_shared} layers)."
+        f"{chosen.n_shared}` with `sharing.order: deep_first`, the default (the deepest {chosen.n_shared} layers; "
+        "shallow_first would take layers from 1 on)."
     )
     return "\n".join(lines)
