@@ -660,6 +660,8 @@ def test_export_region_checks(tmp_path: Path, capsys: pytest.CaptureFixture, mon
     )
     assert hf.config.epas_shared_layers == [3] and hf.config.epas_max_shared_layers == 1
     assert hf.config.epas_trained_region == [3] and hf.config.epas_growth_order == "deep_first"
+    with pytest.raises(ValueError, match=r"^The weights were trained with up to 1 sharing layer, not 2\.$"):
+        hf.set_region(2)
     from epas_lightning.init_from import read_init_state  # as init_from, it warns as our checkpoints do
 
     with pytest.warns(UserWarning, match=r"trained layers \[3\] sharing; this run starts every layer computing"):

@@ -21,7 +21,7 @@ from epas_lightning.evaluation.perplexity import perplexity_of_batches
 from epas_lightning.inference.generate import set_region
 from epas_lightning.inference.generate_cli import load_for_inference, resolve_tokenizer
 from epas_lightning.progress import progress
-from epas_lightning.region import SHARING_FLAGS
+from epas_lightning.region import SHARING_FLAGS, sharing_layers_text
 from epas_lightning.runtime import DType, check_counts, emit_json
 
 
@@ -95,7 +95,8 @@ def evaluate(
         row: dict = {"sharing_layers": n, "shared_layers": layers}
         if loader is not None:
             total = len(loader) if batches is None else min(batches, len(loader))
-            scored = progress(islice(loader, total), f"evaluate: held-out loss, {n} sharing layers", total, "batch")
+            label = f"evaluate: held-out loss, {sharing_layers_text(n)}"
+            scored = progress(islice(loader, total), label, total, "batch")
             result = perplexity_of_batches(loaded.model, scored)
             row.update(val_loss=result["loss"], val_ppl=result["ppl"], val_tokens=result["tokens"])
         for name, items in questions.items():
