@@ -732,6 +732,7 @@ def load_model(
     _load_weights(model, path, shapes, dtype, flag)
     check_finite(model.state_dict(), path)  # on the device: fast there
     info = _info(metadata, model, path)
+    model.trained_region = info.region  # set_region(model, n) counts n in it, as with the region passed
     return LoadedModel(model=model.eval(), weights_dtype=stored, **vars(info))
 
 
