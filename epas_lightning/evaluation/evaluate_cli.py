@@ -26,9 +26,10 @@ from epas_lightning.runtime import DType, check_counts, emit_json
 
 
 def region_lengths(spec: int | str | None, loaded: LoadedModel, force: bool) -> list[int]:
-    """``None``: the trained region; ``all``: 0..trained max (every possible length with ``force``); else one N."""
+    """``None``: the default (the trained region, or the one an export chose); ``all``: 0..trained max (every possible
+    length with ``force``); else one N."""
     if spec is None:
-        return [loaded.max_shared]
+        return [loaded.default_sharing]
     if spec == "all":
         top = len(loaded.region.growth_order()) if force else loaded.max_shared
         return list(range(top + 1))
@@ -141,7 +142,7 @@ def evaluate_command(
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         sharing_layers: Region length N (the first N layers of the trained region, in its growth order), or all for
-            0..trained max; default: the trained region.
+            0..trained max; default: the trained region (an export's folder: the N it was exported with).
         data: Prepared data folder: perplexity on its val split (default: the data the run trained on; with --tasks
             only when --batches is given).
         tasks: Multiple-choice JSONL tasks {"context", "choices", "label"}; repeat the flag for several.

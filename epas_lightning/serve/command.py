@@ -131,7 +131,7 @@ def serve_command(
         port: TCP port (1024..65535).
         model_name: The model id clients name (default: the checkpoint's file or folder name).
         sharing_layers: The region of requests that name none: the first N layers of the trained region (in its
-            growth order); default: all of it.
+            growth order); default: all of it (an export's folder: the N it was exported with).
         tokenizer: Tokenizer file or folder (default: the one the checkpoint records).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
         dtype: Weights and activations; auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32 elsewhere.
