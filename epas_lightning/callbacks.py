@@ -7,6 +7,7 @@ import math
 import numbers
 import time
 import warnings
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from epas_lightning.errors import ConfigError
 from epas_lightning.flops import flop_cut, peak_flops
 from epas_lightning.loss import heldout_mean, next_token_loss
 from epas_lightning.model import Llama, LlamaConfig
-from epas_lightning.region import REGION_KEY, TrainedRegion, region_in_growth_order
+from epas_lightning.region import REGION_KEY, TrainedRegion, region_in_growth_order, sharing_layers_text
 from epas_lightning.runtime import dtype_name
 from epas_lightning.schedule import (
     GrowthOrder,
@@ -31,6 +32,10 @@ from epas_lightning.schedule import (
     check_pace,
     resolve_target,
 )
+
+SCORING_A_CHECKPOINT: ContextVar[bool] = ContextVar("scoring_a_checkpoint", default=False)
+"""Set while the command line builds ``validate``/``test --ckpt_path``'s objects: ``val_sharing_layers`` count the
+region the checkpoint trained, which is read later, so lengths past the configured target are not refused yet."""
 
 
 class ProgressiveSharing(Callback):
@@ -88,7 +93,7 @@ class ProgressiveSharing(Callback):
         self.schedule: SharingSchedule | None = None
         self._val_regions: dict[int, list[int]] = {}  # per length of val_sharing_layers, the layers that share
         if n_layer is not None:  # fail at construction (before any data is prepared) when we can
-            self.schedule = self._build(n_layer)
+            self.schedule = self._build(n_layer, check_lengths=not SCORING_A_CHECKPOINT.get())
         self._applied: list[int] | None = None
         self._resumed_settings: dict[str, Any] | None = None
         self._recorded_region: Any = None  # the region record of the checkpoint validate/test loaded
@@ -97,14 +102,18 @@ class ProgressiveSharing(Callback):
         """The step at which the region reached its full size (kept across a resume; ``None``: not yet)."""
         self._heldout: dict[int, MeanMetric] = {}  # per extra region length, the current validation's loss
 
-    def _build(self, n_layer: int) -> SharingSchedule | None:
+    def _build(self, n_layer: int, check_lengths: bool = True) -> SharingSchedule | None:
         """The schedule for ``n_layer`` layers, checked; ``None`` when nothing reads it: sharing is off and no
-        validation scores a region (a 1-layer dense model has no layer that could share)."""
+        validation scores a region (a 1-layer dense model has no layer that could share). Without ``check_lengths``
+        (scoring a checkpoint, whose region counts), lengths of ``val_sharing_layers`` past the target are left for
+        :meth:`on_validation_start`."""
         if not self.enabled and not self.val_sharing_layers:
             self._val_regions = {}
             return None
         schedule = SharingSchedule.build(n_layer, self.target, self.growth, self.interval, self.start_step, self.order)
-        self._val_regions = self._regions_of(TrainedRegion(n_layer, schedule.target_layers, self.order))
+        target = TrainedRegion(n_layer, schedule.target_layers, self.order)
+        fit = check_lengths or all(n <= target.size for n in self.val_sharing_layers)
+        self._val_regions = self._regions_of(target) if fit else {}
         return schedule
 
     def _regions_of(self, target: TrainedRegion, whose: str = "the target region") -> dict[int, list[int]]:
@@ -112,7 +121,8 @@ class ProgressiveSharing(Callback):
         growth order); a length longer than it is refused."""
         if too_long := [n for n in self.val_sharing_layers if n > target.size]:
             raise ConfigError(
-                f"{too_long[0]} sharing layers were asked for; {whose} has {target.size} "
+                f"{sharing_layers_text(too_long[0])} {'was' if too_long[0] == 1 else 'were'} asked for; {whose} has "
+                f"{target.size} "
                 f"(layers {list(target.layers)})",
                 "sharing.val_sharing_layers",
                 f"choose lengths in 0..{target.size}",
@@ -129,20 +139,15 @@ class ProgressiveSharing(Callback):
         if trainer.state.fn == TrainerFn.FITTING:  # on_train_start compares a resumed fit's settings
             return
         saved, self._resumed_settings = self._resumed_settings, None
-        if not self._val_regions:
+        if not self.val_sharing_layers:
             return
         n_layer = sharing_model(pl_module).config.n_layer
-        if saved:
-            trained, whose = _saved_target(saved, n_layer), "the checkpoint's target region"
-            if trained is None or (trained.layers == self.schedule.target_layers and trained.order == self.order):
-                return
-        elif recorded is not None:
-            trained, whose = _recorded_region(recorded, n_layer), "the checkpoint's region"
-            begins = trained is not None and self.schedule.target_layers[: trained.size] == trained.layers
-            if trained is None or (begins and trained.order == self.order):
-                return
-        else:
+        found = self._checkpoint_region(saved, recorded, n_layer)
+        if found is None:  # the configured target counts; lengths past it were left for a region of the checkpoint
+            if not self._val_regions:
+                self._val_regions = self._regions_of(TrainedRegion(n_layer, self.schedule.target_layers, self.order))
             return
+        trained, whose = found
         self._val_regions = self._regions_of(trained, whose)
         rank_zero_info(
             f"EPAS: sharing.val_sharing_layers count {whose}, layers {list(trained.layers)} "
@@ -150,6 +155,25 @@ class ProgressiveSharing(Callback):
         )
 
     on_test_start = on_validation_start
+
+    def _checkpoint_region(
+        self, saved: dict[str, Any] | None, recorded: Any, n_layer: int
+    ) -> tuple[TrainedRegion, str] | None:
+        """The region a scored checkpoint trained, and how errors name it: its schedule's target (``saved``), else
+        the region it records (``recorded``, weights-only); ``None`` where the configured target counts (it has the
+        same region, or begins with the recorded one, or the checkpoint says nothing readable)."""
+        if saved:
+            trained = _saved_target(saved, n_layer)
+            if trained is None or (trained.layers == self.schedule.target_layers and trained.order == self.order):
+                return None
+            return trained, "the checkpoint's target region"
+        if recorded is not None:
+            trained = _recorded_region(recorded, n_layer)
+            begins = trained is not None and self.schedule.target_layers[: trained.size] == trained.layers
+            if trained is None or (begins and trained.order == self.order):
+                return None
+            return trained, "the checkpoint's region"
+        return None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._check_alone(trainer.callbacks)
@@ -159,7 +183,7 @@ class ProgressiveSharing(Callback):
                 f"ProgressiveSharing was configured for {self.n_layer} layers, the model has {n_layer}",
                 "sharing.n_layer",
             )
-        self.schedule = self._build(n_layer)
+        self.schedule = self._build(n_layer, check_lengths=stage == "fit")  # validate/test: the checkpoint's region
         if stage == "fit" and self.enabled:
             let_ddp_find_unused_parameters(trainer, self.schedule.start_step)
             rank_zero_info(

@@ -192,6 +192,15 @@ class CheckpointInfo:
     training: dict[str, Any] = field(default_factory=dict)
     """Where the weights came from (:func:`~epas_lightning.provenance.training_record`): step, epoch, tokens, latest
     validation loss, the training checkpoint's name."""
+    exported_sharing: int | None = None
+    """The region length an ``export`` chose for its folder (``--sharing-layers``: its ``epas_shared_layers``, the
+    first layers of ``region``), which transformers runs it with; ``None``: no export chose one."""
+
+    @property
+    def default_sharing(self) -> int:
+        """The region length the commands run without ``--sharing-layers``: the one an export chose, else the whole
+        trained region."""
+        return self.region.size if self.exported_sharing is None else self.exported_sharing
 
     def no_data(self) -> str:
         """Why ``data_dir`` is ``None``, for the error or note that asks for ``--data``: the run recorded none, or
@@ -286,7 +295,8 @@ class LoadedModel(CheckpointInfo):
     :class:`CheckpointInfo` says of its checkpoint.
 
     Attributes:
-        model: The ``Llama`` in eval mode, its trained sharing region switched on.
+        model: The ``Llama`` in eval mode, its trained sharing region switched on (also for an export that chose
+            fewer layers: its mask is the region every save of it records; :attr:`default_sharing` is the choice).
         config: Its ``LlamaConfig``.
         region: The trained region in growth order: ``region.first(n)`` is the region of ``n`` sharing layers.
         tokenizer_path: The tokenizer file the run trained with, or ``None`` when the checkpoint did not record it
@@ -705,7 +715,17 @@ def _info(metadata: dict[str, Any], model: Llama, path: Path | None = None) -> C
         changed_tokenizer=changed,
         tokenizer_sha256=sha256,
         training=training,
+        exported_sharing=exported_length(metadata.get(HF_SHARED_KEY), region),
     )
+
+
+def exported_length(shared: Any, region: TrainedRegion) -> int | None:
+    """How many sharing layers an export chose (``shared``: its ``epas_shared_layers``), where they are the first ones
+    of its trained ``region``; ``None`` for a folder without them, and for a choice past the region (``--force``) or
+    out of its order (hand-edited), which transformers runs as written and our commands only when asked."""
+    if not isinstance(shared, list) or not all(type(i) is int for i in shared) or len(shared) > region.size:
+        return None
+    return len(shared) if sorted(shared) == sorted(region.layers[: len(shared)]) else None
 
 
 def load_model(
@@ -732,6 +752,7 @@ def load_model(
     _load_weights(model, path, shapes, dtype, flag)
     check_finite(model.state_dict(), path)  # on the device: fast there
     info = _info(metadata, model, path)
+    model.trained_region = info.region  # set_region(model, n) counts n in it, as with the region passed
     return LoadedModel(model=model.eval(), weights_dtype=stored, **vars(info))
 
 

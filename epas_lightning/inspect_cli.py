@@ -70,7 +70,11 @@ def describe(path: Path, check_weights: bool = True) -> dict[str, Any]:
         "epoch": training["epoch"],
         "tokens": training["tokens"],
         "trained_region": region.to_record(),
-        "sharing_layers": {"default": region.size, "max": region.size, "max_forced": len(region.growth_order())},
+        "sharing_layers": {
+            "default": info.default_sharing,
+            "max": region.size,
+            "max_forced": len(region.growth_order()),
+        },
         "transformers_shared_layers": metadata.get(HF_SHARED_KEY) if kind == "hf" else None,
         "model": {
             "n_layer": config.n_layer,
@@ -280,7 +284,7 @@ def describe_text(record: dict[str, Any]) -> str:
         "step": step,
         "tokens": _number(record["tokens"]) + (" trained" if record["tokens"] is not None else " (not recorded)"),
         "region": trained if n else "dense (no sharing layers trained)",
-        "--sharing-layers": f"{choices(n)} (default {n}){more}",
+        "--sharing-layers": f"{choices(n)} (default {allowed['default']}){more}",
         **transformers_row(record["transformers_shared_layers"], region["layers"], model["n_layer"]),
         "model": f"{model['n_layer']} layers, d {model['n_embd']}, {heads}, vocab {model['vocab_size']:,}, "
         f"block size {model['block_size']:,}, {model['parameters']:,} parameters",

@@ -49,7 +49,12 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from epas_lightning.callbacks import ProgressiveSharing, StepLearningRateMonitor, TokenThroughputMonitor
+from epas_lightning.callbacks import (
+    SCORING_A_CHECKPOINT,
+    ProgressiveSharing,
+    StepLearningRateMonitor,
+    TokenThroughputMonitor,
+)
 from epas_lightning.checkpoint import recorded_config
 from epas_lightning.checkpoint_io import AtomicCheckpointIO, sharded_needs_fsdp2
 from epas_lightning.child_ranks import EndChildRanksOnError
@@ -529,6 +534,9 @@ class EPASCLI(LightningCLI):
             check_trainable_precision(trainer.get("precision"))
 
     def instantiate_classes(self) -> None:
+        section = self.config[self.subcommand] if self.subcommand else self.config
+        scoring = self.subcommand in ("validate", "test") and bool(section.get("ckpt_path"))
+        token = SCORING_A_CHECKPOINT.set(scoring)  # val_sharing_layers count the checkpoint's region, read later
         try:
             super().instantiate_classes()
         except UserError:
@@ -548,6 +556,8 @@ class EPASCLI(LightningCLI):
             if isinstance(e, ModuleNotFoundError):
                 raise
             raise refused_setting(e) from e
+        finally:
+            SCORING_A_CHECKPOINT.reset(token)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         check_no_repeated_section(config.get("callbacks"))

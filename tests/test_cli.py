@@ -16,6 +16,7 @@ from epas_lightning.errors import ConfigError
 from epas_lightning.flops import flop_cut
 from epas_lightning.lightning_cli import lightning_cli
 from epas_lightning.model.config import LlamaConfig, RopeScaling
+from epas_lightning.region import TrainedRegion
 
 
 def test_fit_through_the_entry_point_logs_and_checkpoints(tiny_corpus, debug_fit_run):
@@ -128,6 +129,9 @@ def test_a_validation_region_longer_than_the_target_is_refused_before_training(t
     assert not (tmp_path / "runs").exists()
     with pytest.raises(ConfigError, match="list of layer counts"):
         ProgressiveSharing(val_sharing_layers=[-1])
+    dense = TrainedRegion(4)  # a checkpoint that trained dense: "1 sharing layers were asked for"
+    with pytest.raises(ConfigError, match=r"^1 sharing layer was asked for; the checkpoint's region has 0 "):
+        ProgressiveSharing(val_sharing_layers=[1])._regions_of(dense, "the checkpoint's region")
 
 
 def test_fit_in_pure_fp16_is_one_line_before_anything_is_built(tmp_path, capsys, monkeypatch):

@@ -17,7 +17,7 @@ from lightning.pytorch import Callback
 from model_dirs import save_consolidated
 
 from epas_lightning import EPASModule, Llama, LlamaConfig
-from epas_lightning.checkpoint import load_model
+from epas_lightning.checkpoint import consolidate, describe_checkpoint, load_model
 from epas_lightning.cli import main
 from epas_lightning.errors import CheckpointError
 from epas_lightning.hf.convert import HFCheckpointError, config_from_hf, load_hf_state, resize_rows
@@ -586,6 +586,26 @@ def test_export_sharing_remote_code_logits_and_generate(tmp_path: Path, mode: st
     assert torch.equal(generated[:, 2:], greedy_by_full_forwards(ours, prompt[1:, :4], 5))
 
 
+def test_an_export_runs_with_the_region_it_was_exported_with(tmp_path: Path) -> None:
+    """`export --sharing-layers 1` of a 2-layer region: transformers loads it with 1 sharing layer, our commands ran it
+    with 2 (the whole trained region). Their default is now the exported choice, and inspect says so; a choice past
+    the trained region (--force) is not a default: they keep the trained region, as --sharing-layers allows."""
+    from epas_lightning.hf.export import export
+    from epas_lightning.inspect_cli import describe
+
+    save_ours(tmp_path / "ckpt", n_layer=4, shared=2)
+    out = export(tmp_path / "ckpt", tmp_path / "hf", sharing_layers=1)
+    assert json.loads((out / "config.json").read_text())["epas_shared_layers"] == [3]
+    assert describe(out, check_weights=False)["sharing_layers"] == {"default": 1, "max": 2, "max_forced": 3}
+    loaded = load_model(out)
+    assert (loaded.default_sharing, loaded.region.layers, loaded.model.sharing.shared_layers) == (1, (3, 2), [2, 3])
+    assert load_model(consolidate(out, tmp_path / "consolidated")).region.layers == (3, 2)  # saves keep the region
+    again = export(out, tmp_path / "again")  # exported again: still the choice
+    assert json.loads((again / "config.json").read_text())["epas_shared_layers"] == [3]
+    forced = export(tmp_path / "ckpt", tmp_path / "forced", sharing_layers=3, force=True)
+    assert describe_checkpoint(forced).default_sharing == 2
+
+
 def test_export_of_a_llama3_scaled_model_loads_in_transformers_with_its_logits(tmp_path: Path) -> None:
     """Stock (no region) and remote-code (a region) exports of a tied llama3-scaled model, as Llama-3.2-1B is: the
     same logits in transformers, and the same scaling read back."""
@@ -660,6 +680,8 @@ def test_export_region_checks(tmp_path: Path, capsys: pytest.CaptureFixture, mon
     )
     assert hf.config.epas_shared_layers == [3] and hf.config.epas_max_shared_layers == 1
     assert hf.config.epas_trained_region == [3] and hf.config.epas_growth_order == "deep_first"
+    with pytest.raises(ValueError, match=r"^The weights were trained with up to 1 sharing layer, not 2\.$"):
+        hf.set_region(2)
     from epas_lightning.init_from import read_init_state  # as init_from, it warns as our checkpoints do
 
     with pytest.warns(UserWarning, match=r"trained layers \[3\] sharing; this run starts every layer computing"):

@@ -272,6 +272,23 @@ def test_region_errors():
         generate(model, [[1] * 60], max_new_tokens=10)
 
 
+def test_set_region_of_a_loaded_model_counts_in_the_region_it_trained(tmp_path):
+    """``set_region(loaded.model, n)`` without ``region=`` took the deepest n layers: layer 3 for n = 1 of a
+    shallow-first checkpoint that trained [1, 2]. A loaded model knows its region; a model built here shares deep."""
+    from model_dirs import save_consolidated
+
+    from epas_lightning import load_model
+
+    model = tiny()
+    model.set_shared_layers([1, 2])  # recorded as shallow-first: it does not hold the last layer
+    loaded = load_model(save_consolidated(model, tmp_path / "shallow"))
+    assert set_region(loaded.model, 1) == [1] and loaded.model.sharing.shared_layers == [1]
+    with pytest.raises(ConfigError, match=r"at most 2 sharing layers \(layers \[1, 2\], shallow-first\); 3 were"):
+        set_region(loaded.model, 3)
+    assert set_region(loaded.model, 3, force=True) == [1, 2, 3]
+    assert set_region(tiny(), 1) == [3]
+
+
 def test_generate_refuses_a_bad_request_with_the_commands_one_line_errors():
     """From Python as from `generate`: a user error (ConfigError/DataError, still a ValueError), what — where — fix,
     where is the Python argument (it named the command's --max-new-tokens and --prompt, which nobody typed)."""

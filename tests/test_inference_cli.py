@@ -9,6 +9,7 @@ import threading
 
 import pytest
 import torch
+from helpers import DEBUG_CONFIG as DEBUG
 from helpers import cpu_trainer, train_tiny_checkpoint, train_tiny_sentencepiece
 from model_dirs import save_scripted
 
@@ -315,6 +316,24 @@ def test_validate_a_checkpoint_counts_val_sharing_layers_in_the_region_it_traine
     scores = trainer.validate(EPASModule(config), data, ckpt_path=trained, verbose=False)[0]
     assert scores["val/loss_at_sharing/2"] == pytest.approx(scores["val/loss"])  # the trained region, [2, 3]
     assert sharing._val_regions == {1: [3], 2: [2, 3]}
+    shorter = ProgressiveSharing(target=1, val_sharing_layers=[2])  # 2 past the configured target: was refused
+    cpu_trainer(tmp_path, 1, [shorter], limit_val_batches=1).validate(EPASModule(config), data, ckpt_path=trained)
+    assert shorter._val_regions == {2: [2, 3]}
+
+
+def test_validate_a_checkpoint_from_the_command_line_checks_val_sharing_layers_against_its_region(
+    trained, tiny_corpus, tmp_path, capsys, monkeypatch
+):
+    """`validate --ckpt_path` with val_sharing_layers past the configured target but within the checkpoint's region
+    was refused when the callback was built (naming the configured target); a length past the checkpoint's region is
+    refused naming it. fit still refuses before anything runs (test_cli)."""
+    monkeypatch.chdir(tmp_path)
+    args = ["validate", "--config", DEBUG, "--data.data_dir", str(tiny_corpus), "--ckpt_path", str(trained)]
+    args += ["--model.config.n_layer", "4", "--trainer.limit_val_batches", "1", "--trainer.logger", "false"]
+    rc, _, err = run_cli(capsys, *args, "--sharing.target", "1", "--sharing.val_sharing_layers", "[2]")
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, *args, "--sharing.target", "1", "--sharing.val_sharing_layers", "[3]")
+    assert rc == 2 and "3 sharing layers were asked for; the checkpoint's target region has 2 (layers [3, 2])" in err
 
 
 def test_a_recorded_tokenizer_that_is_gone_is_named_in_the_error(tmp_path):

@@ -21,14 +21,15 @@ from epas_lightning.evaluation.perplexity import perplexity_of_batches
 from epas_lightning.inference.generate import set_region
 from epas_lightning.inference.generate_cli import load_for_inference, resolve_tokenizer
 from epas_lightning.progress import progress
-from epas_lightning.region import SHARING_FLAGS
+from epas_lightning.region import SHARING_FLAGS, sharing_layers_text
 from epas_lightning.runtime import DType, check_counts, emit_json
 
 
 def region_lengths(spec: int | str | None, loaded: LoadedModel, force: bool) -> list[int]:
-    """``None``: the trained region; ``all``: 0..trained max (every possible length with ``force``); else one N."""
+    """``None``: the default (the trained region, or the one an export chose); ``all``: 0..trained max (every possible
+    length with ``force``); else one N."""
     if spec is None:
-        return [loaded.max_shared]
+        return [loaded.default_sharing]
     if spec == "all":
         top = len(loaded.region.growth_order()) if force else loaded.max_shared
         return list(range(top + 1))
@@ -95,7 +96,8 @@ def evaluate(
         row: dict = {"sharing_layers": n, "shared_layers": layers}
         if loader is not None:
             total = len(loader) if batches is None else min(batches, len(loader))
-            scored = progress(islice(loader, total), f"evaluate: held-out loss, {n} sharing layers", total, "batch")
+            label = f"evaluate: held-out loss, {sharing_layers_text(n)}"
+            scored = progress(islice(loader, total), label, total, "batch")
             result = perplexity_of_batches(loaded.model, scored)
             row.update(val_loss=result["loss"], val_ppl=result["ppl"], val_tokens=result["tokens"])
         for name, items in questions.items():
@@ -140,7 +142,7 @@ def evaluate_command(
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         sharing_layers: Region length N (the first N layers of the trained region, in its growth order), or all for
-            0..trained max; default: the trained region.
+            0..trained max; default: the trained region (an export's folder: the N it was exported with).
         data: Prepared data folder: perplexity on its val split (default: the data the run trained on; with --tasks
             only when --batches is given).
         tasks: Multiple-choice JSONL tasks {"context", "choices", "label"}; repeat the flag for several.

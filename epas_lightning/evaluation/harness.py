@@ -244,7 +244,7 @@ def lm_eval_command(
             repeat the flag for more.
         include_path: A folder of task YAMLs (lm-eval's --include_path); repeat the flag for more.
         sharing_layers: Region length N (the first N layers of the trained region, in its growth order), or all for
-            0..trained max; default: the trained region.
+            0..trained max; default: the trained region (an export's folder: the N it was exported with).
         num_fewshot: Few-shot examples per question (default: each task's own).
         limit: Score only the first N documents of each task (a fraction below 1); for quick checks.
         batch_size: Sequences per forward pass.

@@ -79,7 +79,8 @@ class EPASLM(HFLM):
 
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
-        sharing_layers: Region length N (the first N layers of the trained region); default: the trained region.
+        sharing_layers: Region length N (the first N layers of the trained region); default: the trained region (an
+            export's folder: the N it was exported with).
         tokenizer: Tokenizer file (default: the one the checkpoint records).
         batch_size: Sequences per forward pass.
         max_batch_size: Upper bound for lm-eval's ``batch_size=auto``.
@@ -131,7 +132,7 @@ class EPASLM(HFLM):
                 max_length=config.context_length,
                 **kwargs,
             )
-        self.set_sharing_layers(self.loaded.max_shared if sharing_layers is None else int(sharing_layers))
+        self.set_sharing_layers(self.loaded.default_sharing if sharing_layers is None else int(sharing_layers))
 
     def set_sharing_layers(self, n: int) -> list[int]:
         """Run with the first ``n`` layers of the trained region sharing; return those layers."""

@@ -212,7 +212,8 @@ def export(
     Args:
         checkpoint: A ``.ckpt``, FSDP2 checkpoint directory, ``consolidate`` directory or Hugging Face LLaMA folder.
         output: Directory to write (built beside it and renamed into place).
-        sharing_layers: Region length N (the first N layers of the trained region). Default: the trained region.
+        sharing_layers: Region length N (the first N layers of the trained region). Default: the trained region (an
+            export's folder: the N it was exported with).
         tokenizer: Tokenizer file or directory to ship. Default: the one the checkpoint records.
         remote_code: Write the ``epas_llama`` form (own modeling code) even with no region, so a region can be chosen
             at load time (``epas_shared_layers=[...]``).
@@ -224,7 +225,7 @@ def export(
     torch_dtype = None if dtype == "auto" else named_dtype(dtype)
     loaded = load_model(checkpoint, dtype=torch_dtype or STORED, flag="--checkpoint")  # no wider copy of the weights
     model, config = loaded.model, loaded.model.config
-    n = loaded.max_shared if sharing_layers is None else sharing_layers
+    n = loaded.default_sharing if sharing_layers is None else sharing_layers
     shared = set_region(model, n, loaded.region, force, SHARING_FLAGS)
     use_remote = remote_code or n > 0
     state = ours_to_hf(model.state_dict(), config)  # the model's tensors, not copies

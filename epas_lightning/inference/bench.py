@@ -29,7 +29,7 @@ from epas_lightning.inference.generate_cli import MIB, CudaGraph, cuda_graph_cho
 from epas_lightning.model import LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.progress import progress
-from epas_lightning.region import SHARING_FLAGS
+from epas_lightning.region import SHARING_FLAGS, sharing_layers_text
 from epas_lightning.runtime import DType, check_counts, dtype_name, emit_json
 
 DEFAULT_TOKENS = 64
@@ -211,7 +211,7 @@ def print_table(summary: dict) -> None:
     if summary["budget_pick"] is not None:
         n = summary["budget_pick"]
         layers = summary["rows"][n]["shared_layers"]
-        print(f"budget {summary['budget']:g} x dense FLOPs -> {n} sharing layers {layers}")
+        print(f"budget {summary['budget']:g} x dense FLOPs -> {sharing_layers_text(n)} {layers}")
 
 
 def bench_command(

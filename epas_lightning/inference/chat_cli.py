@@ -59,7 +59,8 @@ def chat_command(
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         system: A system message that starts the conversation (kept when turns are dropped or /reset).
-        sharing_layers: The first N layers of the trained region (in its growth order) share; default: all of it.
+        sharing_layers: The first N layers of the trained region (in its growth order) share; default: all of it (an
+            export's folder: the N it was exported with).
         max_new_tokens: The longest reply, in tokens (default: 512, or half the model's context length if less);
             the conversation is kept short enough to leave it room.
         temperature: 0 is greedy decoding.
@@ -82,7 +83,7 @@ def chat_command(
     text_tokenizer = resolve_tokenizer(recorded, tokenizer)
     where = f"--checkpoint {checkpoint}" if tokenizer is None else f"--tokenizer {tokenizer}"
     template = chat_template(text_tokenizer, where)
-    n_shared = recorded.region.size if sharing_layers is None else sharing_layers
+    n_shared = recorded.default_sharing if sharing_layers is None else sharing_layers
     recorded.region.first(n_shared, force, SHARING_FLAGS)
     context_length = recorded.config.context_length
     reply_tokens = reply_length(max_new_tokens, context_length)

@@ -74,12 +74,15 @@ def set_region(
 ) -> list[int]:
     """Make the first ``n_shared`` layers of the trained ``region`` (in its growth order) share; return them.
 
-    ``region`` is what the checkpoint trained (``LoadedModel.region``): asking for more layers is refused unless
-    ``force`` (the layers beyond it never learned to work without their own Q/K, so quality drops sharply). Without a
-    region, the deepest ``n_shared`` layers share, unchecked. The errors name ``flags`` (see
+    ``region`` is what the checkpoint trained (``LoadedModel.region``; by default the one ``load_model`` recorded
+    in the model, ``model.trained_region``): asking for more layers is refused unless ``force`` (the layers beyond it
+    never learned to work without their own Q/K, so quality drops sharply). A model built without a checkpoint has
+    none: the deepest ``n_shared`` layers share, unchecked. The errors name ``flags`` (see
     :meth:`TrainedRegion.first`).
     """
     check_is_llama(model)
+    if region is None:
+        region = getattr(model, "trained_region", None)  # a Llama pickled before it had one
     if region is None:
         region, force = TrainedRegion(model.config.n_layer), True
     layers = region.first(n_shared, force, flags)

@@ -148,7 +148,8 @@ def generate_command(
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         prompt: A prompt; repeat the flag for a batch.
         prompt_file: A file with one prompt per line (added to --prompt).
-        sharing_layers: The first N layers of the trained region (in its growth order) share; default: all of it.
+        sharing_layers: The first N layers of the trained region (in its growth order) share; default: all of it (an
+            export's folder: the N it was exported with).
         max_new_tokens: Tokens to generate per prompt (default: 100, or what the model's context length leaves after
             the longest prompt).
         temperature: 0 is greedy decoding.
@@ -180,7 +181,7 @@ def generate_command(
         raise ConfigError("nothing to continue", "--prompt", "give at least one --prompt (or --prompt-file)")
     loaded = load_for_inference(checkpoint, device, dtype, attention_reuse)
     text_tokenizer = resolve_tokenizer(loaded, tokenizer)
-    n_shared = loaded.max_shared if sharing_layers is None else sharing_layers
+    n_shared = loaded.default_sharing if sharing_layers is None else sharing_layers
     layers = set_region(loaded.model, n_shared, loaded.region, force, SHARING_FLAGS)
     ids = [[text_tokenizer.bos_id, *text_tokenizer.encode(text)] for text in prompts]
     max_new_tokens = fit_new_tokens(max(map(len, ids)), max_new_tokens, loaded.model.config.context_length)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from epas_lightning.model.kv_cache import KVCache, StaticKVCache
 from epas_lightning.model.layers import MLP, RMSNorm
 from epas_lightning.model.rope import RotaryEmbedding
 from epas_lightning.model.sharing import SharingState
+
+if TYPE_CHECKING:
+    from epas_lightning.region import TrainedRegion
 
 
 def _normal_(weight: torch.Tensor, std: float) -> None:
@@ -74,6 +78,9 @@ class Llama(nn.Module):
         self.tie_weights()
         self.rotary_emb = RotaryEmbedding.of(config)
         self.sharing = SharingState(config.n_layer)
+        self.trained_region: TrainedRegion | None = None
+        """The region the checkpoint it was loaded from trained (``load_model`` records it): what ``set_region``
+        counts its layers in; ``None`` for a model built here (``set_region`` then takes the deepest layers)."""
         self.attention_reuse = attention_reuse
         self.init_weights()
 

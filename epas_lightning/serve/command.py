@@ -24,6 +24,7 @@ from epas_lightning.checkpoint import describe_checkpoint
 from epas_lightning.data.tokenizer import check_tokenizer_flag
 from epas_lightning.errors import ConfigError, UserError
 from epas_lightning.inference.generate_cli import resolve_tokenizer
+from epas_lightning.region import sharing_layers_text
 from epas_lightning.runtime import DType, check_counts, resolve_device, resolve_dtype
 
 Host = Literal["127.0.0.1", "0.0.0.0", "::"]
@@ -130,7 +131,7 @@ def serve_command(
         port: TCP port (1024..65535).
         model_name: The model id clients name (default: the checkpoint's file or folder name).
         sharing_layers: The region of requests that name none: the first N layers of the trained region (in its
-            growth order); default: all of it.
+            growth order); default: all of it (an export's folder: the N it was exported with).
         tokenizer: Tokenizer file or folder (default: the one the checkpoint records).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
         dtype: Weights and activations; auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32 elsewhere.
@@ -211,8 +212,9 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
     devices = [index or 0] if accelerator == "cuda" else "auto"
     region = served.region_record(served.default_sharing)
     banner = (
-        f"serving {served.name!r} (trained region: {served.region.describe()}; default {region['sharing_layers']} "
-        f"sharing layers; {'chat' if served.chat_template else 'no chat: the model has no chat template'}) at "
+        f"serving {served.name!r} (trained region: {served.region.describe()}; default "
+        f"{sharing_layers_text(region['sharing_layers'])}; "
+        f"{'chat' if served.chat_template else 'no chat: the model has no chat template'}) at "
         f"http://{host}:{port}/v1 — ready; SIGTERM or Ctrl+C stops it"
     )
     server = lit_server(api, accelerator, devices, banner)

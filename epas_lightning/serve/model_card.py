@@ -26,7 +26,8 @@ class ServedModel:
     config: LlamaConfig
     region: TrainedRegion
     default_sharing: int
-    """The region of a request that names none (``--sharing-layers``; default: the whole trained region)."""
+    """The region of a request that names none (``--sharing-layers``; default: the checkpoint's
+    :attr:`~epas_lightning.checkpoint.CheckpointInfo.default_sharing`)."""
     tokenizer_path: Path
     bos_id: int
     """The BOS id the checkpoint's documents started with (what ``resolve_tokenizer`` gave), and its EOS id."""
@@ -56,7 +57,7 @@ class ServedModel:
     ) -> ServedModel:
         """Check the server's settings against the checkpoint (a :class:`ConfigError` at startup if they do not fit)."""
         config, region = recorded.config, recorded.region
-        default = region.size if sharing_layers is None else sharing_layers
+        default = recorded.default_sharing if sharing_layers is None else sharing_layers
         # the trained region at most, and said as every command says it
         region.first(default, flags=SHARING_FLAGS, forceable=False)
         limit = config.context_length - 1 if max_tokens is None else max_tokens

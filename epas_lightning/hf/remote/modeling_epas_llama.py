@@ -160,7 +160,8 @@ class EpasLlamaForCausalLM(LlamaForCausalLM):
         """Run with the first ``n`` layers of the trained region sharing (0 = dense; up to its length)."""
         trained = self.config.epas_trained_region
         if not 0 <= n <= len(trained):
-            raise ValueError(f"The weights were trained with up to {len(trained)} sharing layers, not {n}.")
+            most = f"{len(trained)} sharing layer{'' if len(trained) == 1 else 's'}"
+            raise ValueError(f"The weights were trained with up to {most}, not {n}.")
         self.set_shared_layers(trained[:n])
 
     def set_shared_layers(self, layers):
