@@ -26,16 +26,24 @@ def logger_run_dirs(config: Namespace) -> list[Path]:
     """The folders whose subfolders hold this run's versions (logger ``save_dir``/``name``): ``version_N``, or a
     logger's own version name."""
     loggers = config.trainer.get("logger")
+    if loggers is True or loggers is None:  # Lightning's own: TensorBoardLogger(default_root_dir, "lightning_logs")
+        return [Path(config.trainer.get("default_root_dir") or ".").expanduser() / DEFAULT_LOGGER_NAME]
     loggers = loggers if isinstance(loggers, list) else [loggers]
     return [run_dir for logger in loggers if (run_dir := _run_dir(logger)) is not None]
 
 
+DEFAULT_LOGGER_NAME = "lightning_logs"
+"""The ``name`` of a logger that is not given one (Lightning's loggers, and the one ``trainer.logger: true`` makes)."""
+
+
 def _run_dir(logger: object) -> Path | None:
-    """A configured logger's ``save_dir``/``name``, if it has a ``save_dir``."""
+    """A configured logger's ``save_dir``/``name``, if it has a ``save_dir``; ``name: ''`` or null: ``save_dir``
+    itself, as Lightning's loggers read it (their version folders lie directly in it)."""
     init = logger.get("init_args") if isinstance(logger, Namespace | dict) else None
     if not init or not init.get("save_dir"):
         return None
-    return Path(init["save_dir"]).expanduser() / str(init.get("name") or "lightning_logs")
+    name = init.get("name", DEFAULT_LOGGER_NAME)
+    return Path(init["save_dir"]).expanduser() / (str(name) if name else "")
 
 
 def _fixed_version_folder(config: Namespace) -> Path | None:

@@ -967,6 +967,29 @@ def test_last_with_a_fixed_checkpoint_folder_looks_only_there(tmp_path, capsys):
         assert resume_checkpoint(config, "last") == str(tmp_path / folder / "checkpoints" / "last.ckpt"), version
 
 
+@pytest.mark.parametrize(
+    ("logger", "run_dir"),
+    [
+        (Namespace(class_path="TensorBoardLogger", init_args=Namespace(save_dir="runs", name="")), "runs"),
+        (Namespace(class_path="CSVLogger", init_args=Namespace(save_dir="runs", name=None)), "runs"),
+        (Namespace(class_path="CSVLogger", init_args=Namespace(save_dir="runs")), "runs/lightning_logs"),
+        (True, "root/lightning_logs"),
+        (None, "root/lightning_logs"),
+    ],
+    ids=["name ''", "name null", "name unset", "logger true", "logger null"],
+)
+def test_last_finds_the_checkpoints_of_a_logger_with_no_name_or_lightnings_own(tmp_path, monkeypatch, logger, run_dir):
+    """A logger given `name: ''` (or null) keeps its version folders in save_dir itself, and `trainer.logger: true`
+    is Lightning's TensorBoardLogger in <default_root_dir>/lightning_logs: `--ckpt_path last` looked in
+    runs/lightning_logs (or nowhere) and said there was no last.ckpt of the run it had just trained."""
+    monkeypatch.chdir(tmp_path)
+    folder = Path(run_dir, "version_0", "checkpoints")
+    folder.mkdir(parents=True)
+    torch.save({}, folder / "last.ckpt")
+    config = Namespace(trainer=Namespace(logger=logger, default_root_dir="root"), checkpoint=Namespace(dirpath=None))
+    assert resume_checkpoint(config, "last") == str(folder / "last.ckpt")
+
+
 def test_user_callbacks_add_to_the_defaults_without_inheriting_them(tmp_path, monkeypatch):
     from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 
