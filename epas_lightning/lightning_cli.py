@@ -479,7 +479,8 @@ class EPASCLI(LightningCLI):
                 say(resumed_instead(config.ckpt_path))
                 config.model.init_from = None
         if fitting and self.save_config_callback is not None:
-            check_version_folder_free(config, self.save_config_kwargs.get("config_filename", "config.yaml"))
+            config_filename = self.save_config_kwargs.get("config_filename", "config.yaml")
+            check_version_folder_free(config, config_filename, config.get("ckpt_path"))
         super()._parse_ckpt_path()
 
     def _set_seed(self) -> None:

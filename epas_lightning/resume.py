@@ -205,13 +205,21 @@ def check_checkpoint_folder_free(config: Namespace, ckpt_path: str | None) -> No
         )
 
 
-def check_version_folder_free(config: Namespace, config_filename: str) -> None:
+def check_version_folder_free(config: Namespace, config_filename: str, ckpt_path: str | None = None) -> None:
     """A ``fit`` into the version folder the config gives its logger must not find another run's saved config there
     (a rerun of a run stopped before its first checkpoint): Lightning's ``SaveConfigCallback`` stopped with a traceback,
-    once the data was prepared and an event file added to that run's folder."""
+    once the data was prepared and an event file added to that run's folder. A resume of that folder's checkpoint
+    (``ckpt_path``) finds one where a ``CSVLogger`` keeps it from logging there (:func:`version_to_continue`)."""
     folder = _fixed_version_folder(config)
     if folder is None or not (folder / config_filename).exists():
         return
+    if ckpt_path and same_folder(str(folder / "checkpoints"), Path(ckpt_path).parent) and has_csv_logger(config):
+        raise OutputError(
+            f"CSVLogger would rewrite {folder / 'metrics.csv'}, the metrics of the run this one resumes",
+            folder,
+            "give the resumed run another version (trainer.logger.init_args.version), and the checkpoint's path as "
+            "--ckpt_path",
+        )
     raise OutputError(
         f"the logger's version folder holds another run ({config_filename}), which this run would mix its logs with",
         folder,
@@ -231,14 +239,19 @@ def continue_version(config: Namespace, ckpt_path: Path) -> Path | None:
     if config.get("checkpoint") and config.checkpoint.get("dirpath"):
         return None
     loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
-    csv = any(isinstance(lg, Namespace) and str(lg.get("class_path", "")).endswith("CSVLogger") for lg in loggers)
-    version_dir = version_to_continue(ckpt_path, logger_run_dirs(config), csv_logger=csv)
+    version_dir = version_to_continue(ckpt_path, logger_run_dirs(config), csv_logger=has_csv_logger(config))
     if version_dir is None:
         return None
     for logger in loggers:
         if isinstance(logger, Namespace) and logger.get("init_args") and logger.init_args.get("version") is None:
             logger.init_args.version = version_of(version_dir)
     return version_dir
+
+
+def has_csv_logger(config: Namespace) -> bool:
+    """Whether one of the configured loggers is a ``CSVLogger``."""
+    loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+    return any(isinstance(lg, Namespace) and str(lg.get("class_path", "")).endswith("CSVLogger") for lg in loggers)
 
 
 def version_to_continue(ckpt_path: Path, run_dirs: list[Path], csv_logger: bool = False) -> Path | None:

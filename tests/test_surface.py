@@ -28,8 +28,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from epas_lightning import ProgressiveSharing
 from epas_lightning.checkpoint import REGION_KEY, load_model
 from epas_lightning.cli import LIGHTNING_COMMANDS, TOOLS, function_parser, main, tool, tool_docstring
-from epas_lightning.errors import CheckpointError, ConfigError
-from epas_lightning.resume import continue_version, resume_checkpoint
+from epas_lightning.errors import CheckpointError, ConfigError, OutputError
+from epas_lightning.resume import check_version_folder_free, continue_version, resume_checkpoint
 from epas_lightning.runtime import DType, resolve_dtype
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -924,6 +924,13 @@ def test_a_resume_with_a_csv_logger_keeps_the_earlier_metrics(tmp_path, capsys, 
     config = Namespace(trainer=Namespace(logger=[csv]), checkpoint=Namespace(dirpath=None))
     assert continue_version(config, folder / "last.ckpt") is None and csv.init_args.get("version") is None
     assert "CSVLogger would rewrite runs/debug/version_0/metrics.csv" in capsys.readouterr().err
+    # given that version, it cannot log elsewhere: the line said "resume that run with --ckpt_path", as it was doing
+    (folder.parent / "config.yaml").write_text("the first run's\n")
+    csv.init_args.version = 0
+    with pytest.raises(OutputError, match="CSVLogger would rewrite runs/debug/version_0/metrics.csv, the metrics of"):
+        check_version_folder_free(config, "config.yaml", str(folder / "last.ckpt"))
+    with pytest.raises(OutputError, match="holds another run"):  # a new run, not a resume
+        check_version_folder_free(config, "config.yaml")
 
 
 def test_a_run_with_a_named_logger_version_resumes_into_it_and_a_rerun_is_refused(tmp_path, capsys, monkeypatch):
