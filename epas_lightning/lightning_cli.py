@@ -71,8 +71,8 @@ from epas_lightning.resume import (
     check_version_folder_free,
     checkpoint_folder,
     continue_version,
-    free_name,
     resume_checkpoint,
+    resume_config_name,
     run_last_checkpoint,
     same_folder,
 )
@@ -471,7 +471,7 @@ class EPASCLI(LightningCLI):
                 self._quiet = (SCORING_QUIET_INFO, SCORING_QUIET_WARNINGS)
             elif version_dir := continue_version(config, Path(config.ckpt_path)):
                 # the resumed run logs into the same folder: keep its config.yaml, add this run's beside it
-                self.save_config_kwargs["config_filename"] = free_name(version_dir, "config-resume", ".yaml")
+                self.save_config_kwargs["config_filename"] = resume_config_name(config, version_dir)
                 self._quiet = ((), RESUMING_QUIET_WARNINGS)
             elif same_folder(checkpoint_folder(config), Path(config.ckpt_path).parent):
                 self._quiet = ((), RESUMING_QUIET_WARNINGS)

@@ -211,7 +211,7 @@ def check_version_folder_free(config: Namespace, config_filename: str, ckpt_path
     once the data was prepared and an event file added to that run's folder. A resume of that folder's checkpoint
     (``ckpt_path``) finds one where a ``CSVLogger`` keeps it from logging there (:func:`version_to_continue`)."""
     folder = _fixed_version_folder(config)
-    if folder is None or not (folder / config_filename).exists():
+    if folder is None or not (log_folder(config, folder) / config_filename).exists():
         return
     if ckpt_path and same_folder(str(folder / "checkpoints"), Path(ckpt_path).parent) and has_csv_logger(config):
         raise OutputError(
@@ -301,6 +301,22 @@ def global_step_of(ckpt_path: Path) -> int | None:
     except UserError:
         return None
     return step if isinstance(step, int) else None
+
+
+def log_folder(config: Namespace, version_dir: Path) -> Path:
+    """Where the first logger writes in ``version_dir``, the run's ``config.yaml`` too: a TensorBoardLogger's
+    ``sub_dir`` there (its checkpoints stay in ``version_dir/checkpoints``)."""
+    loggers = config.trainer.get("logger")
+    first = loggers[0] if isinstance(loggers, list) and loggers else loggers
+    init = first.get("init_args") if isinstance(first, Namespace | dict) else None
+    sub_dir = init.get("sub_dir") if init else None
+    return version_dir / sub_dir if sub_dir else version_dir
+
+
+def resume_config_name(config: Namespace, version_dir: Path) -> str:
+    """The name of the config a resume into ``version_dir`` saves beside the run's ``config.yaml``:
+    ``config-resume-N.yaml``, the first not taken."""
+    return free_name(log_folder(config, version_dir), "config-resume", ".yaml")
 
 
 def free_name(folder: Path, stem: str, suffix: str) -> str:

@@ -961,6 +961,23 @@ def test_a_run_with_a_named_logger_version_resumes_into_it_and_a_rerun_is_refuse
         assert continue_version(config, folder / "last.ckpt") == folder.parent and logger.init_args.version == name
 
 
+def test_a_resume_of_a_logger_with_a_sub_dir_saves_its_config_beside_the_runs(tmp_path, monkeypatch):
+    """A TensorBoardLogger's sub_dir holds the run's config.yaml (its checkpoints stay in version_N/checkpoints): the
+    second resume named its config config-resume-1.yaml again, looked for in version_N, and stopped with
+    SaveConfigCallback's traceback; a rerun into a version given to the logger was not refused."""
+    from epas_lightning.resume import resume_config_name
+
+    monkeypatch.chdir(tmp_path)
+    (folder := Path("runs/debug/version_0/sub")).mkdir(parents=True)
+    (folder / "config.yaml").write_text("the first run's\n")
+    (folder / "config-resume-1.yaml").write_text("the first resume's\n")
+    init = Namespace(save_dir="runs", name="debug", version=0, sub_dir="sub")
+    config = Namespace(trainer=Namespace(logger=Namespace(class_path="TensorBoardLogger", init_args=init)))
+    assert resume_config_name(config, folder.parent) == "config-resume-2.yaml"
+    with pytest.raises(OutputError, match="holds another run"):
+        check_version_folder_free(config, "config.yaml")
+
+
 def test_last_with_a_fixed_checkpoint_folder_looks_only_there(tmp_path, capsys):
     """`--trainer.logger.init_args.version exp1 --ckpt_path last` resumed the newer runs/debug/exp2/.../last.ckpt of
     another run (then refused exp1's checkpoints as another run's, telling to resume with --ckpt_path last)."""
