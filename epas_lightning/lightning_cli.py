@@ -71,6 +71,7 @@ from epas_lightning.resume import (
     check_version_folder_free,
     checkpoint_folder,
     continue_version,
+    keep_version,
     resume_checkpoint,
     resume_config_name,
     run_last_checkpoint,
@@ -381,6 +382,8 @@ class EPASCLI(LightningCLI):
     """Lightning's INFO lines and warnings that mislead in this run (:func:`quiet_messages`), set with ``ckpt_path``."""
     _command_line: list[str] = []
     """The arguments parsed, config files named rather than read."""
+    _continued: Path | None = None
+    """The version folder a resuming ``fit`` logs into (:func:`~epas_lightning.resume.continue_version`)."""
 
     def __init__(self, *args: Any, commands: tuple[str, ...] = LIGHTNING_COMMANDS, **kwargs: Any) -> None:
         self._commands = commands
@@ -473,6 +476,7 @@ class EPASCLI(LightningCLI):
                 # the resumed run logs into the same folder: keep its config.yaml, add this run's beside it
                 self.save_config_kwargs["config_filename"] = resume_config_name(config, version_dir)
                 self._quiet = ((), RESUMING_QUIET_WARNINGS)
+                self._continued = version_dir
             elif same_folder(checkpoint_folder(config), Path(config.ckpt_path).parent):
                 self._quiet = ((), RESUMING_QUIET_WARNINGS)
             if config.model.get("init_from"):  # never read: a folder deleted or unmounted since must not stop this
@@ -573,6 +577,7 @@ class EPASCLI(LightningCLI):
             if isinstance(e, UserError):
                 raise
             raise refused_setting(e, config) from e
+        keep_version(trainer.loggers, self._continued)
         check_processes_meet(trainer)
         return trainer
 

@@ -10,6 +10,7 @@ run went on past the checkpoint is refused, and so is a new run into one holding
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from jsonargparse import Namespace
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -246,6 +247,15 @@ def continue_version(config: Namespace, ckpt_path: Path) -> Path | None:
         if isinstance(logger, Namespace) and logger.get("init_args") and logger.init_args.get("version") is None:
             logger.init_args.version = version_of(version_dir)
     return version_dir
+
+
+def keep_version(loggers: list[Any], version_dir: Path | None) -> None:
+    """The loggers of ``version_dir``'s run folder that the config could not give its version (Lightning's own, of
+    ``trainer.logger: true``) log into it too, as :func:`continue_version` set the configured ones to."""
+    for logger in loggers if version_dir is not None else []:
+        root = getattr(logger, "root_dir", None)
+        if getattr(logger, "_version", "") is None and root and Path(root).resolve() == version_dir.parent.resolve():
+            logger._version = version_of(version_dir)
 
 
 def has_csv_logger(config: Namespace) -> bool:

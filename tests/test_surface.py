@@ -978,6 +978,20 @@ def test_a_resume_of_a_logger_with_a_sub_dir_saves_its_config_beside_the_runs(tm
         check_version_folder_free(config, "config.yaml")
 
 
+def test_a_resume_with_lightnings_own_logger_continues_its_version_folder(debug_fit_run, tmp_path, monkeypatch):
+    """`trainer.logger: true` is Lightning's TensorBoardLogger in <default_root_dir>/lightning_logs: `--ckpt_path last`
+    resumed version_0's last.ckpt into a new version_1 (named its config config-resume-1.yaml there, beside no
+    config.yaml), as no configured logger took the version."""
+    from epas_lightning.lightning_cli import EPASCLI
+
+    shutil.copytree(debug_fit_run[1] / "runs" / "debug" / "version_0", tmp_path / "lightning_logs" / "version_0")
+    monkeypatch.chdir(tmp_path)
+    versions = []
+    monkeypatch.setattr(EPASCLI, "_run_subcommand", lambda cli, _: versions.append(cli.trainer.logger.version))
+    args = ["fit", "--config", DEBUG, "--sharing.interval", "3", "--trainer.logger", "true", "--ckpt_path", "last"]
+    assert main(args) == 0 and versions == [0]
+
+
 def test_last_with_a_fixed_checkpoint_folder_looks_only_there(tmp_path, capsys):
     """`--trainer.logger.init_args.version exp1 --ckpt_path last` resumed the newer runs/debug/exp2/.../last.ckpt of
     another run (then refused exp1's checkpoints as another run's, telling to resume with --ckpt_path last)."""
