@@ -76,8 +76,9 @@ from epas_lightning.resume import (
     check_version_folder_free,
     checkpoint_folder,
     continue_version,
-    free_name,
+    keep_version,
     resume_checkpoint,
+    resume_config_name,
     run_last_checkpoint,
     same_folder,
 )
@@ -386,6 +387,8 @@ class EPASCLI(LightningCLI):
     """Lightning's INFO lines and warnings that mislead in this run (:func:`quiet_messages`), set with ``ckpt_path``."""
     _command_line: list[str] = []
     """The arguments parsed, config files named rather than read."""
+    _continued: Path | None = None
+    """The version folder a resuming ``fit`` logs into (:func:`~epas_lightning.resume.continue_version`)."""
 
     def __init__(self, *args: Any, commands: tuple[str, ...] = LIGHTNING_COMMANDS, **kwargs: Any) -> None:
         self._commands = commands
@@ -476,15 +479,17 @@ class EPASCLI(LightningCLI):
                 self._quiet = (SCORING_QUIET_INFO, SCORING_QUIET_WARNINGS)
             elif version_dir := continue_version(config, Path(config.ckpt_path)):
                 # the resumed run logs into the same folder: keep its config.yaml, add this run's beside it
-                self.save_config_kwargs["config_filename"] = free_name(version_dir, "config-resume", ".yaml")
+                self.save_config_kwargs["config_filename"] = resume_config_name(config, version_dir)
                 self._quiet = ((), RESUMING_QUIET_WARNINGS)
+                self._continued = version_dir
             elif same_folder(checkpoint_folder(config), Path(config.ckpt_path).parent):
                 self._quiet = ((), RESUMING_QUIET_WARNINGS)
             if config.model.get("init_from"):  # never read: a folder deleted or unmounted since must not stop this
                 say(resumed_instead(config.ckpt_path))
                 config.model.init_from = None
         if fitting and self.save_config_callback is not None:
-            check_version_folder_free(config, self.save_config_kwargs.get("config_filename", "config.yaml"))
+            config_filename = self.save_config_kwargs.get("config_filename", "config.yaml")
+            check_version_folder_free(config, config_filename, config.get("ckpt_path"))
         super()._parse_ckpt_path()
 
     def _set_seed(self) -> None:
@@ -582,6 +587,7 @@ class EPASCLI(LightningCLI):
             if isinstance(e, UserError):
                 raise
             raise refused_setting(e, config) from e
+        keep_version(trainer.loggers, self._continued)
         check_processes_meet(trainer)
         return trainer
 

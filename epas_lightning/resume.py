@@ -10,6 +10,7 @@ run went on past the checkpoint is refused, and so is a new run into one holding
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from jsonargparse import Namespace
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -26,16 +27,24 @@ def logger_run_dirs(config: Namespace) -> list[Path]:
     """The folders whose subfolders hold this run's versions (logger ``save_dir``/``name``): ``version_N``, or a
     logger's own version name."""
     loggers = config.trainer.get("logger")
+    if loggers is True or loggers is None:  # Lightning's own: TensorBoardLogger(default_root_dir, "lightning_logs")
+        return [Path(config.trainer.get("default_root_dir") or ".").expanduser() / DEFAULT_LOGGER_NAME]
     loggers = loggers if isinstance(loggers, list) else [loggers]
     return [run_dir for logger in loggers if (run_dir := _run_dir(logger)) is not None]
 
 
+DEFAULT_LOGGER_NAME = "lightning_logs"
+"""The ``name`` of a logger that is not given one (Lightning's loggers, and the one ``trainer.logger: true`` makes)."""
+
+
 def _run_dir(logger: object) -> Path | None:
-    """A configured logger's ``save_dir``/``name``, if it has a ``save_dir``."""
+    """A configured logger's ``save_dir``/``name``, if it has a ``save_dir``; ``name: ''`` or null: ``save_dir``
+    itself, as Lightning's loggers read it (their version folders lie directly in it)."""
     init = logger.get("init_args") if isinstance(logger, Namespace | dict) else None
     if not init or not init.get("save_dir"):
         return None
-    return Path(init["save_dir"]).expanduser() / str(init.get("name") or "lightning_logs")
+    name = init.get("name", DEFAULT_LOGGER_NAME)
+    return Path(init["save_dir"]).expanduser() / (str(name) if name else "")
 
 
 def _fixed_version_folder(config: Namespace) -> Path | None:
@@ -197,13 +206,21 @@ def check_checkpoint_folder_free(config: Namespace, ckpt_path: str | None) -> No
         )
 
 
-def check_version_folder_free(config: Namespace, config_filename: str) -> None:
+def check_version_folder_free(config: Namespace, config_filename: str, ckpt_path: str | None = None) -> None:
     """A ``fit`` into the version folder the config gives its logger must not find another run's saved config there
     (a rerun of a run stopped before its first checkpoint): Lightning's ``SaveConfigCallback`` stopped with a traceback,
-    once the data was prepared and an event file added to that run's folder."""
+    once the data was prepared and an event file added to that run's folder. A resume of that folder's checkpoint
+    (``ckpt_path``) finds one where a ``CSVLogger`` keeps it from logging there (:func:`version_to_continue`)."""
     folder = _fixed_version_folder(config)
-    if folder is None or not (folder / config_filename).exists():
+    if folder is None or not (log_folder(config, folder) / config_filename).exists():
         return
+    if ckpt_path and same_folder(str(folder / "checkpoints"), Path(ckpt_path).parent) and has_csv_logger(config):
+        raise OutputError(
+            f"CSVLogger would rewrite {folder / 'metrics.csv'}, the metrics of the run this one resumes",
+            folder,
+            "give the resumed run another version (trainer.logger.init_args.version), and the checkpoint's path as "
+            "--ckpt_path",
+        )
     raise OutputError(
         f"the logger's version folder holds another run ({config_filename}), which this run would mix its logs with",
         folder,
@@ -223,14 +240,28 @@ def continue_version(config: Namespace, ckpt_path: Path) -> Path | None:
     if config.get("checkpoint") and config.checkpoint.get("dirpath"):
         return None
     loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
-    csv = any(isinstance(lg, Namespace) and str(lg.get("class_path", "")).endswith("CSVLogger") for lg in loggers)
-    version_dir = version_to_continue(ckpt_path, logger_run_dirs(config), csv_logger=csv)
+    version_dir = version_to_continue(ckpt_path, logger_run_dirs(config), csv_logger=has_csv_logger(config))
     if version_dir is None:
         return None
     for logger in loggers:
         if isinstance(logger, Namespace) and logger.get("init_args") and logger.init_args.get("version") is None:
             logger.init_args.version = version_of(version_dir)
     return version_dir
+
+
+def keep_version(loggers: list[Any], version_dir: Path | None) -> None:
+    """The loggers of ``version_dir``'s run folder that the config could not give its version (Lightning's own, of
+    ``trainer.logger: true``) log into it too, as :func:`continue_version` set the configured ones to."""
+    for logger in loggers if version_dir is not None else []:
+        root = getattr(logger, "root_dir", None)
+        if getattr(logger, "_version", "") is None and root and Path(root).resolve() == version_dir.parent.resolve():
+            logger._version = version_of(version_dir)
+
+
+def has_csv_logger(config: Namespace) -> bool:
+    """Whether one of the configured loggers is a ``CSVLogger``."""
+    loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+    return any(isinstance(lg, Namespace) and str(lg.get("class_path", "")).endswith("CSVLogger") for lg in loggers)
 
 
 def version_to_continue(ckpt_path: Path, run_dirs: list[Path], csv_logger: bool = False) -> Path | None:
@@ -280,6 +311,22 @@ def global_step_of(ckpt_path: Path) -> int | None:
     except UserError:
         return None
     return step if isinstance(step, int) else None
+
+
+def log_folder(config: Namespace, version_dir: Path) -> Path:
+    """Where the first logger writes in ``version_dir``, the run's ``config.yaml`` too: a TensorBoardLogger's
+    ``sub_dir`` there (its checkpoints stay in ``version_dir/checkpoints``)."""
+    loggers = config.trainer.get("logger")
+    first = loggers[0] if isinstance(loggers, list) and loggers else loggers
+    init = first.get("init_args") if isinstance(first, Namespace | dict) else None
+    sub_dir = init.get("sub_dir") if init else None
+    return version_dir / sub_dir if sub_dir else version_dir
+
+
+def resume_config_name(config: Namespace, version_dir: Path) -> str:
+    """The name of the config a resume into ``version_dir`` saves beside the run's ``config.yaml``:
+    ``config-resume-N.yaml``, the first not taken."""
+    return free_name(log_folder(config, version_dir), "config-resume", ".yaml")
 
 
 def free_name(folder: Path, stem: str, suffix: str) -> str:

@@ -46,7 +46,7 @@ class RunFolders:
         roots = [Path(logger.root_dir) for logger in trainer.loggers if getattr(logger, "root_dir", None)]
         missing = [p for root in roots for p in (root, *root.parents) if not p.exists()]
         before = {child for root in roots if root.is_dir() for child in root.iterdir()}
-        held = {entry for child in before if child.is_dir() and not child.is_symlink() for entry in child.iterdir()}
+        held = {entry for child in before if child.is_dir() and not child.is_symlink() for entry in _entries(child)}
         return cls(roots, before, sorted(set(missing), key=lambda p: len(p.parts), reverse=True), held)
 
     def remove_unused(self, trainer: Trainer) -> None:
@@ -56,15 +56,15 @@ class RunFolders:
         if trained_a_step(trainer):
             return
         for logger in trainer.loggers:
-            folder = Path(logger.log_dir) if getattr(logger, "root_dir", None) else None
+            folder = _version_folder(logger) if getattr(logger, "root_dir", None) else None
             if folder is None or folder.parent not in self.roots:
                 continue
             if folder not in self.before:
                 _remove_if_startup_only(folder)
             elif folder.is_dir() and not folder.is_symlink():
-                for entry in set(folder.iterdir()) - self.held:
-                    if _is_startup_file(entry):
-                        entry.unlink()
+                for entry in sorted(set(_entries(folder)) - self.held, key=lambda p: len(p.parts), reverse=True):
+                    if _is_startup_file(entry) or (entry.is_dir() and not entry.is_symlink() and _startup_only(entry)):
+                        _remove_startup_files(entry)
         for folder in self.missing:  # deepest first
             try:
                 folder.rmdir()
@@ -80,23 +80,41 @@ def trained_a_step(trainer: Trainer) -> bool:
     return trainer.ckpt_path is None or trainer.global_step != global_step_of(Path(trainer.ckpt_path))
 
 
+def _version_folder(logger: object) -> Path:
+    """A logger's version folder (``root_dir/version_N``): its ``log_dir``, or above it (a ``sub_dir``)."""
+    version = logger.version
+    return Path(logger.root_dir) / (version if isinstance(version, str) else f"version_{version}")
+
+
+def _entries(folder: Path) -> list[Path]:
+    """What ``folder`` holds, and what its folders hold (links not followed)."""
+    return [Path(top, name) for top, dirs, files in os.walk(folder) for name in (*dirs, *files)]
+
+
 def _is_startup_file(path: Path) -> bool:
     return path.is_file() and not path.is_symlink() and any(path.match(pattern) for pattern in STARTUP_FILES)
 
 
-def _remove_if_startup_only(folder: Path) -> None:
-    if not folder.is_dir() or folder.is_symlink():
+def _startup_only(folder: Path) -> bool:
+    """Whether ``folder`` holds start-up files and folders of them only (a logger's ``sub_dir``), or nothing."""
+    return all(
+        _is_startup_file(e) or (e.is_dir() and not e.is_symlink() and _startup_only(e)) for e in folder.iterdir()
+    )
+
+
+def _remove_startup_files(path: Path) -> None:
+    """Remove a start-up file, or a folder that :func:`_startup_only` found to hold only those."""
+    if not path.is_dir():
+        path.unlink()
         return
-    entries = list(folder.iterdir())
-    startup = [e for e in entries if _is_startup_file(e)]
-    empty_dirs = [e for e in entries if e.is_dir() and not e.is_symlink() and not any(e.iterdir())]
-    if len(startup) + len(empty_dirs) != len(entries):
-        return  # something else is in it: it stays whole
-    for f in startup:
-        f.unlink()
-    for d in empty_dirs:
-        d.rmdir()
-    folder.rmdir()
+    for entry in path.iterdir():
+        _remove_startup_files(entry)
+    path.rmdir()
+
+
+def _remove_if_startup_only(folder: Path) -> None:
+    if folder.is_dir() and not folder.is_symlink() and _startup_only(folder):  # else something else is in it
+        _remove_startup_files(folder)
 
 
 def check_run_folders_writable(config: Namespace, fitting: bool) -> None:

@@ -123,7 +123,24 @@ def test_read_a_run_notebook_plots_a_fresh_run(tiny_run, kernel_env, monkeypatch
 @pytest.mark.slow
 def test_read_a_run_notebook_finds_the_newest_run_or_says_how_to_make_one(tiny_run, kernel_env, monkeypatch):
     monkeypatch.delenv("EPAS_RUN_DIR", raising=False)
-    with pytest.raises(Exception, match="No TensorBoard run under runs/"):
+    with pytest.raises(Exception, match="No run under runs/"):
         execute("02_read_a_run.ipynb", kernel_env)
     (kernel_env / "runs").symlink_to(tiny_run.parents[1])
     assert "run: runs/debug/version_0" in text_output(execute("02_read_a_run.ipynb", kernel_env))
+
+
+@pytest.mark.slow
+def test_read_a_run_notebook_reads_a_csv_logger_run(kernel_env, monkeypatch):
+    """A run logged by a CSVLogger alone has no TensorBoard event files: the notebook said it had no train/loss ("is
+    it an epas_lightning fit run?"). It reads its metrics.csv, as Lightning's CSVLogger writes it (a row per logging
+    call, empty cells for the metrics it did not hold)."""
+    run = kernel_env.parent / "runs" / "debug" / "version_0"
+    run.mkdir(parents=True)
+    rows = ["epoch,sharing/layers,step,train/device/items_per_sec,train/loss,val/loss"]
+    rows += [f"0,{int(step >= 4)},{step},{1000 + step if step else ''},{6 - step / 10}," for step in range(8)]
+    rows += ["0,,3,,,6.2", "0,,7,,,6.1"]
+    (run / "metrics.csv").write_text("\n".join(rows) + "\n")
+    monkeypatch.setenv("EPAS_RUN_DIR", str(run))
+    nb = execute("02_read_a_run.ipynb", kernel_env)
+    assert "8 loss points, 2 validation points, 7 throughput points, 8 region points" in text_output(nb)
+    assert image_count(nb) == 1

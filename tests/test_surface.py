@@ -28,8 +28,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from epas_lightning import ProgressiveSharing
 from epas_lightning.checkpoint import REGION_KEY, load_model
 from epas_lightning.cli import LIGHTNING_COMMANDS, TOOLS, function_parser, main, tool, tool_docstring
-from epas_lightning.errors import CheckpointError, ConfigError
-from epas_lightning.resume import continue_version, resume_checkpoint
+from epas_lightning.errors import CheckpointError, ConfigError, OutputError
+from epas_lightning.resume import check_version_folder_free, continue_version, resume_checkpoint
 from epas_lightning.runtime import DType, resolve_dtype
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -924,6 +924,13 @@ def test_a_resume_with_a_csv_logger_keeps_the_earlier_metrics(tmp_path, capsys, 
     config = Namespace(trainer=Namespace(logger=[csv]), checkpoint=Namespace(dirpath=None))
     assert continue_version(config, folder / "last.ckpt") is None and csv.init_args.get("version") is None
     assert "CSVLogger would rewrite runs/debug/version_0/metrics.csv" in capsys.readouterr().err
+    # given that version, it cannot log elsewhere: the line said "resume that run with --ckpt_path", as it was doing
+    (folder.parent / "config.yaml").write_text("the first run's\n")
+    csv.init_args.version = 0
+    with pytest.raises(OutputError, match="CSVLogger would rewrite runs/debug/version_0/metrics.csv, the metrics of"):
+        check_version_folder_free(config, "config.yaml", str(folder / "last.ckpt"))
+    with pytest.raises(OutputError, match="holds another run"):  # a new run, not a resume
+        check_version_folder_free(config, "config.yaml")
 
 
 def test_a_run_with_a_named_logger_version_resumes_into_it_and_a_rerun_is_refused(tmp_path, capsys, monkeypatch):
@@ -954,6 +961,37 @@ def test_a_run_with_a_named_logger_version_resumes_into_it_and_a_rerun_is_refuse
         assert continue_version(config, folder / "last.ckpt") == folder.parent and logger.init_args.version == name
 
 
+def test_a_resume_of_a_logger_with_a_sub_dir_saves_its_config_beside_the_runs(tmp_path, monkeypatch):
+    """A TensorBoardLogger's sub_dir holds the run's config.yaml (its checkpoints stay in version_N/checkpoints): the
+    second resume named its config config-resume-1.yaml again, looked for in version_N, and stopped with
+    SaveConfigCallback's traceback; a rerun into a version given to the logger was not refused."""
+    from epas_lightning.resume import resume_config_name
+
+    monkeypatch.chdir(tmp_path)
+    (folder := Path("runs/debug/version_0/sub")).mkdir(parents=True)
+    (folder / "config.yaml").write_text("the first run's\n")
+    (folder / "config-resume-1.yaml").write_text("the first resume's\n")
+    init = Namespace(save_dir="runs", name="debug", version=0, sub_dir="sub")
+    config = Namespace(trainer=Namespace(logger=Namespace(class_path="TensorBoardLogger", init_args=init)))
+    assert resume_config_name(config, folder.parent) == "config-resume-2.yaml"
+    with pytest.raises(OutputError, match="holds another run"):
+        check_version_folder_free(config, "config.yaml")
+
+
+def test_a_resume_with_lightnings_own_logger_continues_its_version_folder(debug_fit_run, tmp_path, monkeypatch):
+    """`trainer.logger: true` is Lightning's TensorBoardLogger in <default_root_dir>/lightning_logs: `--ckpt_path last`
+    resumed version_0's last.ckpt into a new version_1 (named its config config-resume-1.yaml there, beside no
+    config.yaml), as no configured logger took the version."""
+    from epas_lightning.lightning_cli import EPASCLI
+
+    shutil.copytree(debug_fit_run[1] / "runs" / "debug" / "version_0", tmp_path / "lightning_logs" / "version_0")
+    monkeypatch.chdir(tmp_path)
+    versions = []
+    monkeypatch.setattr(EPASCLI, "_run_subcommand", lambda cli, _: versions.append(cli.trainer.logger.version))
+    args = ["fit", "--config", DEBUG, "--sharing.interval", "3", "--trainer.logger", "true", "--ckpt_path", "last"]
+    assert main(args) == 0 and versions == [0]
+
+
 def test_last_with_a_fixed_checkpoint_folder_looks_only_there(tmp_path, capsys):
     """`--trainer.logger.init_args.version exp1 --ckpt_path last` resumed the newer runs/debug/exp2/.../last.ckpt of
     another run (then refused exp1's checkpoints as another run's, telling to resume with --ckpt_path last)."""
@@ -965,6 +1003,29 @@ def test_last_with_a_fixed_checkpoint_folder_looks_only_there(tmp_path, capsys):
         init = Namespace(save_dir=str(tmp_path.parent), name=tmp_path.name, version=version)
         config = Namespace(trainer=Namespace(logger=Namespace(class_path="TensorBoardLogger", init_args=init)))
         assert resume_checkpoint(config, "last") == str(tmp_path / folder / "checkpoints" / "last.ckpt"), version
+
+
+@pytest.mark.parametrize(
+    ("logger", "run_dir"),
+    [
+        (Namespace(class_path="TensorBoardLogger", init_args=Namespace(save_dir="runs", name="")), "runs"),
+        (Namespace(class_path="CSVLogger", init_args=Namespace(save_dir="runs", name=None)), "runs"),
+        (Namespace(class_path="CSVLogger", init_args=Namespace(save_dir="runs")), "runs/lightning_logs"),
+        (True, "root/lightning_logs"),
+        (None, "root/lightning_logs"),
+    ],
+    ids=["name ''", "name null", "name unset", "logger true", "logger null"],
+)
+def test_last_finds_the_checkpoints_of_a_logger_with_no_name_or_lightnings_own(tmp_path, monkeypatch, logger, run_dir):
+    """A logger given `name: ''` (or null) keeps its version folders in save_dir itself, and `trainer.logger: true`
+    is Lightning's TensorBoardLogger in <default_root_dir>/lightning_logs: `--ckpt_path last` looked in
+    runs/lightning_logs (or nowhere) and said there was no last.ckpt of the run it had just trained."""
+    monkeypatch.chdir(tmp_path)
+    folder = Path(run_dir, "version_0", "checkpoints")
+    folder.mkdir(parents=True)
+    torch.save({}, folder / "last.ckpt")
+    config = Namespace(trainer=Namespace(logger=logger, default_root_dir="root"), checkpoint=Namespace(dirpath=None))
+    assert resume_checkpoint(config, "last") == str(folder / "last.ckpt")
 
 
 def test_user_callbacks_add_to_the_defaults_without_inheriting_them(tmp_path, monkeypatch):

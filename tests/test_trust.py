@@ -627,14 +627,19 @@ def prepare(corpus: Path, output: Path, **kwargs) -> Path:
     return prepare_dataset(corpus, output, train_tokenizer=True, vocab_size=300, num_workers=1, **kwargs)
 
 
-@pytest.mark.parametrize("command", ["fit", "validate", "test"])
-def test_a_run_refused_at_start_up_leaves_no_run_folder_of_its_own(capsys, monkeypatch, tmp_path, command):
+@pytest.mark.parametrize(
+    ("command", "flags"),
+    [("fit", []), ("validate", []), ("test", []), ("fit", ["--trainer.logger.init_args.sub_dir", "sub"])],
+    ids=["fit", "validate", "test", "fit, a logger's sub_dir"],
+)
+def test_a_run_refused_at_start_up_leaves_no_run_folder_of_its_own(capsys, monkeypatch, tmp_path, command, flags):
     """Lightning makes the logger's version folder before the data is checked: a refused start left
     runs/debug/version_0 (an event file), and the run after the fix became version_1 (validate and test kept theirs
-    after fit's was removed). Folders it did not make stay."""
+    after fit's was removed; a TensorBoardLogger's sub_dir kept its files in version_0/sub). Folders it did not make
+    stay."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notdata").mkdir()
-    argv = [command, "--config", DEBUG, "--data.data_dir", "notdata"]
+    argv = [command, "--config", DEBUG, "--data.data_dir", "notdata", *flags]
     assert "incomplete data directory" in one_line_error(capsys, argv)
     assert not (tmp_path / "runs").exists()
     earlier = tmp_path / "runs" / "debug" / "version_0"
@@ -650,8 +655,9 @@ def test_a_run_refused_at_start_up_leaves_no_run_folder_of_its_own(capsys, monke
     [
         (["--data.data_dir", "notdata"], "error: incomplete data directory"),
         (["--data.batch_size", "100000"], "error: the training stream holds fewer than"),  # after the loops' restore
+        (["--data.data_dir", "notdata", "--trainer.logger.init_args.sub_dir", "sub"], "error: incomplete data"),
     ],
-    ids=["before the restore", "after the restore"],
+    ids=["before the restore", "after the restore", "a logger's sub_dir"],
 )
 def test_a_resume_refused_at_start_up_leaves_the_run_folder_as_it_was(
     debug_fit_run, capsys, monkeypatch, tmp_path, flags, error
