@@ -86,9 +86,19 @@ def _version_folder(logger: object) -> Path:
     return Path(logger.root_dir) / (version if isinstance(version, str) else f"version_{version}")
 
 
+CHECKPOINTS = "checkpoints"
+"""The checkpoint folder in a version folder (Lightning's default ``dirpath``): no start-up file lies inside it."""
+
+
 def _entries(folder: Path) -> list[Path]:
-    """What ``folder`` holds, and what its folders hold (links not followed)."""
-    return [Path(top, name) for top, dirs, files in os.walk(folder) for name in (*dirs, *files)]
+    """What ``folder`` holds, and what its folders hold (links not followed), except inside its ``checkpoints``
+    folders: a run folder's sharded checkpoints may hold many thousand files, slow to list on a cluster's file
+    system at every start."""
+    found = []
+    for top, dirs, files in os.walk(folder):
+        found += [Path(top, name) for name in (*dirs, *files)]
+        dirs[:] = [name for name in dirs if name != CHECKPOINTS]
+    return found
 
 
 def _is_startup_file(path: Path) -> bool:

@@ -676,6 +676,21 @@ def test_a_resume_refused_at_start_up_leaves_the_run_folder_as_it_was(
     assert sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "runs").rglob("*")) == before
 
 
+def test_the_run_folder_look_at_start_up_stays_out_of_checkpoint_folders(tmp_path):
+    """Every start lists the run folders it may resume into (a sub_dir's start-up files too): walking their
+    checkpoints/ went through every shard file of every sharded checkpoint of every version, slow on a cluster's file
+    system, though no start-up file lies there."""
+    from epas_lightning.run_folder import _entries
+
+    version = tmp_path / "version_0"
+    (version / "sub").mkdir(parents=True)
+    (version / "sub" / "events.out.tfevents.1").touch()
+    (version / "checkpoints" / "step=1").mkdir(parents=True)
+    (version / "checkpoints" / "step=1" / "__0_0.distcp").touch()
+    listed = sorted(p.relative_to(version).as_posix() for p in _entries(version))
+    assert listed == ["checkpoints", "sub", "sub/events.out.tfevents.1"]
+
+
 def test_overwrite_never_replaces_a_folder_we_did_not_write(text_corpus, tmp_path):
     user = tmp_path / "mine"
     user.mkdir()
