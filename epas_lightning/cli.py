@@ -577,8 +577,18 @@ def check_config_shape(text: str, where: str, sections: Sequence[str]) -> None:
 
 def config_arguments(argv: Sequence[str]) -> list[str]:
     """The values of ``--config`` (``-c``) in ``argv``, as ``--config FILE`` or ``--config=FILE``."""
-    given = [value for flag, value in zip(argv, argv[1:], strict=False) if flag in ("--config", "-c")]
-    return given + [arg.split("=", 1)[1] for arg in argv if arg.startswith(("--config=", "-c="))]
+    return list(config_positions(argv).values())
+
+
+def config_positions(argv: Sequence[str]) -> dict[int, str]:
+    """The values of ``--config`` (``-c``) in ``argv`` by the position of their flag, in the order they are given."""
+    given = {}
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            given[i] = argv[i + 1]
+        elif arg.startswith(("--config=", "-c=")):
+            given[i] = arg.split("=", 1)[1]
+    return given
 
 
 def main(args: Sequence[str] | None = None) -> int:

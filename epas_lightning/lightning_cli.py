@@ -58,7 +58,7 @@ from epas_lightning.callbacks import (
 from epas_lightning.checkpoint import recorded_config
 from epas_lightning.checkpoint_io import AtomicCheckpointIO, sharded_needs_fsdp2
 from epas_lightning.child_ranks import EndChildRanksOnError
-from epas_lightning.cli import DURATION, LIGHTNING_COMMANDS, PROG, flag_value, unknown_option
+from epas_lightning.cli import DURATION, LIGHTNING_COMMANDS, PROG, config_positions, flag_value, unknown_option
 from epas_lightning.data import TokenDataModule
 from epas_lightning.data.token_data import BUILTIN_SETTINGS
 from epas_lightning.divergence import DivergenceGuard
@@ -238,14 +238,14 @@ def data_sources(command_line: list[str]) -> list[set[str]]:
     a ``--data.KEY`` flag's."""
     import yaml
 
+    configs = config_positions(command_line)
     sources: list[set[str]] = []
     for i, arg in enumerate(command_line):
-        name, sep, value = arg.partition("=")
-        if name.startswith("--data."):
-            sources.append({name.removeprefix("--data.")})
-        elif name in ("--config", "-c") and (sep or i + 1 < len(command_line)):
+        if arg.startswith("--data."):
+            sources.append({arg.partition("=")[0].removeprefix("--data.")})
+        elif i in configs:
             try:
-                config = yaml.safe_load(Path(value if sep else command_line[i + 1]).expanduser().read_text())
+                config = yaml.safe_load(Path(configs[i]).expanduser().read_text())
             except (OSError, yaml.YAMLError):  # parsed already: a config given otherwise than as a file
                 config = None
             section = config.get("data") if isinstance(config, dict) else None
@@ -492,6 +492,11 @@ class EPASCLI(LightningCLI):
             check_version_folder_free(config, config_filename, config.get("ckpt_path"))
         super()._parse_ckpt_path()
 
+    @property
+    def _section(self) -> Namespace:
+        """The parsed config of the command being run (``fit``'s, ...), or the whole config without subcommands."""
+        return self.config[self.subcommand] if self.subcommand else self.config
+
     def _set_seed(self) -> None:
         """``true`` draws a seed (Lightning's ``seed_everything()`` seeds 0); a seed numpy cannot take is one line.
 
@@ -499,8 +504,7 @@ class EPASCLI(LightningCLI):
         starts find rank zero's in ``PL_GLOBAL_SEED``, as Lightning reads it.
         """
         if self._get(self.config, "seed_everything") is True and "PL_GLOBAL_SEED" not in os.environ:
-            section = self.config[self.subcommand] if self.subcommand else self.config
-            section["seed_everything"] = random.SystemRandom().randint(min_seed_value, max_seed_value)
+            self._section["seed_everything"] = random.SystemRandom().randint(min_seed_value, max_seed_value)
         try:
             super()._set_seed()
         except ValueError as e:
@@ -508,11 +512,12 @@ class EPASCLI(LightningCLI):
             raise ConfigError(str(e), f"--seed_everything {seed}", "give a seed in that range, or false") from e
 
     def before_instantiate_classes(self) -> None:
-        if self.subcommand and self.config[self.subcommand].get("weights_only") is False:
+        section = self._section
+        if self.subcommand and section.get("weights_only") is False:
             raise ConfigError(
                 "checkpoints always load with weights_only=True here", "--weights_only false", "leave it unset"
             )
-        trainer = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
+        trainer = section.trainer
         accelerator = trainer.get("accelerator")
         if isinstance(accelerator, str) and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             raise ConfigError(
@@ -531,7 +536,6 @@ class EPASCLI(LightningCLI):
         check_counts(trainer)
         check_validation_interval(trainer)
         check_precision_available(trainer.get("precision"))
-        section = self.config[self.subcommand] if self.subcommand else self.config
         drop_overridden_builtin_settings(section.data, self._command_line)
         if self.subcommand:
             check_run_folders_writable(section, fitting=self.subcommand == "fit")
@@ -539,7 +543,7 @@ class EPASCLI(LightningCLI):
             check_trainable_precision(trainer.get("precision"))
 
     def instantiate_classes(self) -> None:
-        section = self.config[self.subcommand] if self.subcommand else self.config
+        section = self._section
         scoring = self.subcommand in ("validate", "test") and bool(section.get("ckpt_path"))
         token = SCORING_A_CHECKPOINT.set(scoring)  # val_sharing_layers count the checkpoint's region, read later
         try:
@@ -548,10 +552,9 @@ class EPASCLI(LightningCLI):
             raise
         except (ValueError, TypeError, MisconfigurationException, ModuleNotFoundError) as e:
             # a constructor refused a configured value, or needs a package that is not installed (strategy: xla)
-            what = " ".join(str(e).split()).rstrip(".!")  # Lightning's messages may span lines
-            if needs := re.search(r"(?:class_path '([\w.]+)': )?Requirement '([^']+)' not met", what):
+            if needs := re.search(r"(?:class_path '([\w.]+)': )?Requirement '([^']+)' not met", one_line(e)):
                 class_path, requirement = needs.groups()  # WandbLogger; strategy xla (no class named)
-                trainer = (self.config[self.subcommand] if self.subcommand else self.config).trainer
+                trainer = section.trainer
                 keys = settings_of_class(trainer, class_path) if class_path else setting_that_raised(e, trainer)
                 raise ConfigError(
                     f"{class_path or 'a configured setting'} needs {requirement}, which is not installed",
@@ -667,13 +670,18 @@ def refused_setting(error: BaseException, trainer: Any = None) -> ConfigError:
     name arguments of ``trainer`` (its settings) in backquotes (devices in "`devices` selected...", "`Trainer(devices=
     '0')`"; strategy in "The strategy `fsdp`"), at those settings with their values; where they name none, at the
     setting whose class raised it (:func:`setting_that_raised`)."""
-    what = " ".join(str(error).split()).rstrip(".!")  # Lightning's messages may span lines
+    what = one_line(error)
     spans = re.findall(r"(?:(\w+) )?`(?:Trainer\()?(\w+)[^`]*`", what)  # the word before a `span`, its first name
     named = dict.fromkeys(name for span in spans for name in span)
     keys = [key for key in named if trainer is not None and key in trainer]
     if not keys and trainer is not None:  # "To use the `DeepSpeedStrategy`, you must have DeepSpeed installed"
         keys = setting_that_raised(error, trainer)
     return ConfigError(what, settings_where(trainer, keys), "fix the value in the YAML or the flag")
+
+
+def one_line(error: BaseException) -> str:
+    """Lightning's (or a constructor's) words in ``error`` as one line: its messages may span lines."""
+    return " ".join(str(error).split()).rstrip(".!")
 
 
 def settings_where(trainer: Any, keys: list[str]) -> str:
