@@ -24,6 +24,7 @@ from epas_lightning.loss import heldout_mean, next_token_loss
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.region import REGION_KEY, TrainedRegion, region_in_growth_order, sharing_layers_text
 from epas_lightning.runtime import dtype_name
+from epas_lightning.safe_load import is_weights_only
 from epas_lightning.schedule import (
     GrowthOrder,
     SharingSchedule,
@@ -281,7 +282,7 @@ class ProgressiveSharing(Callback):
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._resumed_step = int(checkpoint.get("global_step") or 0)
-        if "callbacks" not in checkpoint:  # weights-only (EPASModule calls this): its one record of the region
+        if is_weights_only(checkpoint):  # (EPASModule calls this for one): its one record of the region
             self._recorded_region = checkpoint.get(REGION_KEY)
 
     def state_dict(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from epas_lightning.errors import CheckpointError, ConfigError, TrainingDiverged, UserError
 from epas_lightning.loss_scaling import loss_scaler, unscale_fused_gradients
 from epas_lightning.optim import state_entry, state_tensors
+from epas_lightning.safe_load import is_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ def saved_step(path: Path) -> tuple[int | None, bool]:
     except UserError:
         return None, False
     step = metadata.get("global_step")
-    return (step if isinstance(step, int) else None), "callbacks" in metadata
+    return (step if isinstance(step, int) else None), not is_weights_only(metadata)
 
 
 def last_checkpoint(trainer: Trainer) -> str | None:

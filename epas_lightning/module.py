@@ -47,7 +47,7 @@ from epas_lightning.parallel import PRECISIONS, checkpointed_blocks, mixed_preci
 from epas_lightning.provenance import LAST_VALIDATION_KEY
 from epas_lightning.run_checkpoint import StepCheckpoint, adopt_model_checkpoint_states
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
-from epas_lightning.safe_load import plain_numbers, verify_checkpoint
+from epas_lightning.safe_load import is_weights_only, plain_numbers, verify_checkpoint
 
 if TYPE_CHECKING:
     from epas_lightning.data.tokenizer import RecordedTokenizer
@@ -341,7 +341,7 @@ class EPASModule(LightningModule):
         return batch_size * estimate_flops(self.config, self.n_shared, seq_len, backward=self.training)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if "callbacks" not in checkpoint:  # a weights-only save: Lightning called no callback's on_save_checkpoint
+        if is_weights_only(checkpoint):  # Lightning called no callback's on_save_checkpoint
             for guard in (c for c in self.trainer.callbacks if isinstance(c, DivergenceGuard)):
                 guard.check_before_save(self.trainer, self, weights_only=True)
             for sharing in (c for c in self.trainer.callbacks if isinstance(c, ProgressiveSharing)):
@@ -375,7 +375,7 @@ class EPASModule(LightningModule):
         if trainer is not None:  # before Lightning restores the callbacks
             check_training_state(trainer, checkpoint)
             adopt_model_checkpoint_states(trainer, checkpoint)
-        if trainer is not None and "callbacks" not in checkpoint:  # weights-only: no callback's hook is called
+        if trainer is not None and is_weights_only(checkpoint):  # no callback's hook is called
             for sharing in (c for c in trainer.callbacks if isinstance(c, ProgressiveSharing)):
                 sharing.on_load_checkpoint(trainer, self, checkpoint)  # the region it records
         data = getattr(trainer, "datamodule", None)

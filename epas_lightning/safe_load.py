@@ -117,6 +117,13 @@ def _written_by_torch_save(path: Path) -> bool:
     return head[:1] == pickle.PROTO or head == b"PK\x03\x04" or _is_zip(path)
 
 
+def is_weights_only(checkpoint: dict[str, Any]) -> bool:
+    """Whether a Lightning checkpoint (loaded, or its metadata) is a weights-only save (``save_weights_only``):
+    Lightning writes no callback states into one, nor calls any callback's ``on_save_checkpoint`` or
+    ``on_load_checkpoint``."""
+    return "callbacks" not in checkpoint
+
+
 def is_sharded_checkpoint(path: Path) -> bool:
     """A torch distributed checkpoint directory (what FSDP2 training writes)."""
     return path.is_dir() and (path / DCP_METADATA).is_file()
