@@ -22,7 +22,7 @@ from epas_lightning.errors import ConfigError
 from epas_lightning.flops import flop_cut, peak_flops
 from epas_lightning.loss import heldout_mean, next_token_loss
 from epas_lightning.model import Llama, LlamaConfig
-from epas_lightning.region import REGION_KEY, TrainedRegion, region_in_growth_order, sharing_layers_text
+from epas_lightning.region import REGION_KEY, TrainedRegion, layers_asked_for, region_in_growth_order
 from epas_lightning.runtime import dtype_name
 from epas_lightning.safe_load import is_weights_only
 from epas_lightning.schedule import (
@@ -122,9 +122,7 @@ class ProgressiveSharing(Callback):
         growth order); a length longer than it is refused."""
         if too_long := [n for n in self.val_sharing_layers if n > target.size]:
             raise ConfigError(
-                f"{sharing_layers_text(too_long[0])} {'was' if too_long[0] == 1 else 'were'} asked for; {whose} has "
-                f"{target.size} "
-                f"(layers {list(target.layers)})",
+                f"{layers_asked_for(too_long[0])}; {whose} has {target.size} (layers {list(target.layers)})",
                 "sharing.val_sharing_layers",
                 f"choose lengths in 0..{target.size}",
             )

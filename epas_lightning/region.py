@@ -73,7 +73,7 @@ class TrainedRegion:
         limit = len(self.growth_order())
         if not 0 <= n <= limit:
             raise ConfigError(
-                f"{sharing_layers_text(n)} {'was' if n == 1 else 'were'} asked for; {self._can_share(limit, force)}",
+                f"{layers_asked_for(n)}; {self._can_share(limit, force)}",
                 flag,
                 f"choose {choices(limit if force else self.size)}",
             )
@@ -147,6 +147,11 @@ class TrainedRegion:
 def sharing_layers_text(n: int) -> str:
     """``"1 sharing layer"``, ``"2 sharing layers"``."""
     return f"{n} sharing layer{'' if n == 1 else 's'}"
+
+
+def layers_asked_for(n: int) -> str:
+    """``"1 sharing layer was asked for"``, ``"2 sharing layers were asked for"``."""
+    return f"{sharing_layers_text(n)} {'was' if n == 1 else 'were'} asked for"
 
 
 def choices(top: int) -> str:
