@@ -1,14 +1,14 @@
 """One lent-GPU session, about 8 minutes: the CUDA-only tests (``-m cuda``: CUDA-graph decoding, the bf16 chunked
 loss, fused AdamW, the preferred SDPA kernel), the MFU of the real ``fit`` path (Lightning + FSDP2 on one GPU,
 ``configs/tinyllama-1gpu.yaml``), then ours vs LitGPT and transformers on TinyLlama-1.1B (``vs_peers.py`` on CUDA).
-Writes ``gpu_session.json`` (every number), ``gpu_session.md`` (the tables for RESULTS.md) and the logs to ``--out``
+Writes ``gpu_session.json`` (every number), ``gpu_session.md`` (the tables for RESULTS.md) and the logs to ``--output``
 (``vs_peers-b4.log``, and ``vs_peers-b2.log`` if a system ran out of memory at micro-batch 4).
 
 The device machine reaches no package index, so what it lacks travels as wheels (pure Python, ~19 MB)::
 
     python benchmarks/gpu_session.py wheels             # here, once: downloads them into .whl/ (git ignores it)
     # then one device call, carrying .whl:
-    #   run(command="python3 benchmarks/gpu_session.py run --out $OUT", carry=[".whl"], timeout_s=600)
+    #   run(command="python3 benchmarks/gpu_session.py run --output $OUT", carry=[".whl"], timeout_s=600)
 
 ``run`` installs ``.whl/`` into ``/tmp/site`` (no dependencies resolved: the machine's torch, lightning, transformers
 and tensorboard are used), then runs both parts with their own time limits, so a slow part cannot cost the other.
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("wheels", help="download the wheels into .whl/ (run where pip reaches the index)")
     run = sub.add_parser("run", help="run the GPU comparison and the fit-path MFU (on the device machine)")
-    run.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_out")))
+    run.add_argument("--output", "--out", type=Path, default=Path(os.environ.get("OUT", "gpu_out")))
     run.add_argument("--batch-size", type=int, default=4, help="vs_peers micro-batch (sequences of 2048 tokens)")
     run.add_argument("--fit-batch-size", type=int, default=8, help="fit micro-batch (activation checkpointing: auto)")
     run.add_argument("--tests-timeout", type=int, default=45)
@@ -111,8 +111,8 @@ def tests_part(args: argparse.Namespace) -> dict:
     # one process, whatever pyproject.toml adds (pytest-xdist need not be on the device machine)
     cmd = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-m", "cuda", "-p", "no:cacheprovider"]
     cmd += CUDA_TEST_FILES
-    code, seconds = run_logged(cmd, args.out / "cuda_tests.log", args.tests_timeout)
-    lines = (args.out / "cuda_tests.log").read_text().strip().splitlines()
+    code, seconds = run_logged(cmd, args.output / "cuda_tests.log", args.tests_timeout)
+    lines = (args.output / "cuda_tests.log").read_text().strip().splitlines()
     return {"command": " ".join(cmd[1:]), "exit_code": code, "wall_s": seconds, "summary": lines[-1] if lines else ""}
 
 
@@ -128,7 +128,7 @@ def fit_in(runs: Path, args: argparse.Namespace) -> dict:
     cmd += [f"--trainer.max_steps={FIT_STEPS}", f"--data.batch_size={args.fit_batch_size}"]
     cmd += [f"--trainer.logger.init_args.save_dir={runs}", "--checkpoint.save_last=false", "--checkpoint.save_top_k=0"]
     cmd += args.fit_args.split()
-    code, seconds = run_logged(cmd, args.out / "fit.log", args.fit_timeout)
+    code, seconds = run_logged(cmd, args.output / "fit.log", args.fit_timeout)
     result = {"command": " ".join(cmd[1:]), "exit_code": code, "wall_s": seconds, "batch_size": args.fit_batch_size}
     events = sorted(runs.glob("tinyllama-1gpu/version_*"))
     if not events:
@@ -145,7 +145,7 @@ def fit_in(runs: Path, args: argparse.Namespace) -> dict:
     result["checkpointed_blocks"] = next(
         (
             line.split(":")[1].split("of")[0].strip()
-            for line in (args.out / "fit.log").read_text().splitlines()
+            for line in (args.output / "fit.log").read_text().splitlines()
             if "activation_checkpointing='auto'" in line
         ),
         None,
@@ -176,7 +176,7 @@ def peers_part(args: argparse.Namespace) -> dict:
     while True:
         result = peers_run(args, batch_size, int(deadline - time.monotonic()))
         attempts.append({k: result.get(k) for k in ("batch_size", "exit_code", "wall_s", "skipped")})
-        out_of_memory = "OutOfMemoryError" in (args.out / f"vs_peers-b{batch_size}.log").read_text()
+        out_of_memory = "OutOfMemoryError" in (args.output / f"vs_peers-b{batch_size}.log").read_text()
         if not out_of_memory or batch_size == 1 or deadline - time.monotonic() < 90:
             return result | {"attempts": attempts}
         batch_size //= 2
@@ -186,7 +186,7 @@ def peers_run(args: argparse.Namespace, batch_size: int, timeout: int) -> dict:
     cmd = [sys.executable, "benchmarks/vs_peers.py", "--device", "cuda", "--model", "tinyllama-1.1b"]
     cmd += ["--seq-len", "2048", "--batch-size", str(batch_size), "--reps", "5", "--warmup", "3", "--profile", "25"]
     cmd += ["--systems", "dense", "epas", "litgpt", "hf", "liger", "eager_ce", "torch_sdpa", "whole_compile"]
-    log = args.out / f"vs_peers-b{batch_size}.log"
+    log = args.output / f"vs_peers-b{batch_size}.log"
     code, seconds = run_logged(cmd, log, timeout)
     result: dict = {"command": " ".join(cmd[1:]), "exit_code": code, "wall_s": seconds, "batch_size": batch_size}
     lines = log.read_text().strip().splitlines()
@@ -241,7 +241,7 @@ def table(report: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.output.mkdir(parents=True, exist_ok=True)
     install_wheels()
     import torch
 
@@ -252,9 +252,9 @@ def run(args: argparse.Namespace) -> dict:
         "fit": {"skipped": True} if args.skip_fit else fit_part(args),
         "peers": {"exit_code": None} if args.skip_peers else peers_part(args),
     }
-    (args.out / "gpu_session.json").write_text(json.dumps(report, indent=1))
+    (args.output / "gpu_session.json").write_text(json.dumps(report, indent=1))
     text = table(report)
-    (args.out / "gpu_session.md").write_text(text)
+    (args.output / "gpu_session.md").write_text(text)
     print(text)
     print(json.dumps({k: report[k] for k in ("device", "torch", "cuda_tests", "fit") if k in report}))
     return report

@@ -13,7 +13,7 @@ the *comparison* at CPU scale on real text (the built-in corpus: the Python stan
 Writes ``OUT/results.csv``, ``OUT/results.md`` and ``OUT/continual.png``; the last stdout line is a JSON summary.
 CPU budget: about 8 minutes on one thread of a busy 2-core machine with the defaults (``--quick``: ~1 minute).
 
-    PYTHONPATH=. python experiments/continual.py --out out/continual
+    PYTHONPATH=. python experiments/continual.py --output out/continual
 """
 
 from __future__ import annotations
@@ -44,19 +44,19 @@ RUNS = {
 
 
 OUTPUTS = ("results.csv", "results.md", "continual.png", "checkpoints")
-"""What a run writes under ``--out``; an earlier run's are never replaced."""
+"""What a run writes under ``--output``; an earlier run's are never replaced."""
 
 
 def check_out(out: Path) -> None:
-    """Refuse, before any training, an ``--out`` that is a file or holds an earlier run's outputs."""
+    """Refuse, before any training, an ``--output`` that is a file or holds an earlier run's outputs."""
     if out.exists() and not out.is_dir():
-        raise OutputError("is a file, not a folder", f"--out {out}", "choose a folder")
+        raise OutputError("is a file, not a folder", f"--output {out}", "choose a folder")
     earlier = [name for name in OUTPUTS if (out / name).exists()]
     if earlier:
         raise OutputError(
             f"holds the outputs of an earlier run ({', '.join(earlier)}), which this run would replace",
-            f"--out {out}",
-            "choose another --out, or move those files away",
+            f"--output {out}",
+            "choose another --output, or move those files away",
         )
 
 
@@ -152,7 +152,7 @@ def plot(table: dict[str, list[float]], args: argparse.Namespace, path: Path) ->
 
 def main() -> None:
     parser = ScriptParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("out/continual"))
+    parser.add_argument("--output", "--out", type=Path, default=Path("out/continual"))
     parser.add_argument("--n-layer", type=count, default=8)
     parser.add_argument("--n-embd", type=count, default=128)
     parser.add_argument("--vocab-size", type=count, default=4096)
@@ -171,26 +171,26 @@ def main() -> None:
     )
     parser.add_quick("a ~1-minute run (fewer steps)", pretrain_steps=40, continue_steps=12, eval_batches=3)
     args = parser.parse_args()
-    check_out(args.out)
+    check_out(args.output)
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.output.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    pretrained = train(args, args.pretrain_steps, args.pretrain_lr, sharing_callback("dense", args), None, args.out)
+    pretrained = train(args, args.pretrain_steps, args.pretrain_lr, sharing_callback("dense", args), None, args.output)
     timings = {"pretrain_s": time.perf_counter() - t0}
     checkpoints = {"pretrained": pretrained}
     for kind in RUNS:
         t = time.perf_counter()
         checkpoints[kind] = train(
-            args, args.continue_steps, args.continue_lr, sharing_callback(kind, args), pretrained, args.out
+            args, args.continue_steps, args.continue_lr, sharing_callback(kind, args), pretrained, args.output
         )
         timings[f"{kind}_s"] = time.perf_counter() - t
     table = {name: evaluate_all(path, args) for name, path in checkpoints.items()}
     timings["total_s"] = time.perf_counter() - t0
 
     lengths = list(range(args.target + 1))
-    with (args.out / "results.csv").open("w", newline="") as f:
+    with (args.output / "results.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run", *[f"loss_N{n}" for n in lengths]])
         for name, losses in table.items():
@@ -202,8 +202,8 @@ def main() -> None:
     for name, losses in table.items():
         rows.append(f"| {names[name]} | " + " | ".join(f"{x:.4f}" for x in losses) + " |")
     markdown = "\n".join(rows)
-    (args.out / "results.md").write_text(markdown + "\n")
-    plot(table, args, args.out / "continual.png")
+    (args.output / "results.md").write_text(markdown + "\n")
+    plot(table, args, args.output / "continual.png")
 
     full = args.target
     summary = {
@@ -218,7 +218,7 @@ def main() -> None:
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
     print(markdown)
-    print(f"wrote {args.out / 'results.csv'}, {args.out / 'results.md'}, {args.out / 'continual.png'}")
+    print(f"wrote {args.output / 'results.csv'}, {args.output / 'results.md'}, {args.output / 'continual.png'}")
     print(json.dumps(summary))
 
 

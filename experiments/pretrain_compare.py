@@ -27,7 +27,7 @@ other processes lands on all variants alike instead of on whichever ran while th
 comparisons read every variant's validation curve at the same own time (the shortest run's total), interpolated
 linearly.
 
-Outputs under ``--out`` (default ``out/pretrain_compare/``, gitignored): TensorBoard runs side by side in
+Outputs under ``--output`` (default ``out/pretrain_compare/``, gitignored): TensorBoard runs side by side in
 ``tb/<variant>/`` (scalars ``val/loss``, ``train/loss``, ``perf/tokens_per_s``, ``sharing/layers``,
 ``time/own_seconds`` by step; each event's wall time is the run's start plus the variant's own training time, so
 TensorBoard's "Relative" axis is own time; ``val/loss_by_own_ms`` has own milliseconds as its step), ``loss.png``
@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=whole_number(0), default=1, help="torch CPU threads (0: torch's choice)")
     p.add_argument("--data-dir", default=None, help="prepared data dir (default: the built-in corpus)")
-    p.add_argument("--out", default="out/pretrain_compare")
+    p.add_argument("--output", "--out", default="out/pretrain_compare")
     quick = {"model": "debug", "n_layer": 4, "seq_len": 32, "batch_size": 2, "steps": 12}
     quick |= {"warmup": 2, "eval_every": 4, "val_batches": 2, "chunk": 2}
     p.add_quick("tiny model on random tokens, a few steps", **quick)
@@ -385,10 +385,10 @@ def open_writers(out: Path, names: tuple[str, ...]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.output)
     if any((out / "tb").glob("*/events.out.tfevents.*")):  # TensorBoard would merge both runs into one curve each
         what = "holds the TensorBoard runs of an earlier comparison, which this run's would mix with"
-        raise OutputError(what, out / "tb", "choose another --out, or delete that folder")
+        raise OutputError(what, out / "tb", "choose another --output, or delete that folder")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = build_config(args)

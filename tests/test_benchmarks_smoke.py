@@ -93,7 +93,7 @@ def test_mfu_reports_utilisation_against_measured_peaks(quick_main):
 
 @pytest.mark.slow
 def test_pretrain_compare_writes_every_output(quick_main, tmp_path):
-    r = quick_main("experiments/pretrain_compare.py", "--out", str(tmp_path))
+    r = quick_main("experiments/pretrain_compare.py", "--output", str(tmp_path))
     assert set(r["variants"]) == {"dense", "epas", "static", "shallow"}
     v = r["variants"]
     assert v["dense"]["final_shared_layers"] == []
@@ -138,7 +138,8 @@ def test_gpu_session_retries_vs_peers_at_half_batch_after_out_of_memory(tmp_path
         return 0, 1.0
 
     monkeypatch.setattr(gpu_session, "run_logged", fake_run_logged)
-    args = gpu_session.parse_args(["run", "--out", str(tmp_path)])
+    args = gpu_session.parse_args(["run", "--output", str(tmp_path)])
+    assert gpu_session.parse_args(["run", "--out", str(tmp_path)]) == args  # the spelling of the recorded runs
     peers = gpu_session.peers_part(args)
     assert calls == [4, 2, 1]  # the batch-2 run still dropped a peer for memory: one more halving
     assert [a["batch_size"] for a in peers["attempts"]] == [4, 2, 1] and peers["exit_code"] == 0
@@ -361,7 +362,7 @@ def test_pretrain_compare_refuses_to_mix_its_tensorboard_runs_with_an_earlier_on
     (tmp_path / "tb" / "dense").mkdir(parents=True)
     (tmp_path / "tb" / "dense" / "events.out.tfevents.1.host.1.0").write_bytes(b"")
     with pytest.raises(OutputError, match="earlier comparison"):  # before any training
-        pretrain_compare.main(["--quick", "--out", str(tmp_path)])
+        pretrain_compare.main(["--quick", "--output", str(tmp_path)])
 
 
 def test_continual_refuses_to_replace_an_earlier_runs_outputs(tmp_path, monkeypatch):
@@ -371,10 +372,11 @@ def test_continual_refuses_to_replace_an_earlier_runs_outputs(tmp_path, monkeypa
     from epas_lightning.errors import OutputError
 
     (tmp_path / "results.md").write_text("an earlier run's table\n")
-    monkeypatch.setattr(continual, "train", lambda *a, **k: pytest.fail("trained before checking --out"))
-    monkeypatch.setattr(sys, "argv", ["continual.py", "--quick", "--out", str(tmp_path)])
-    with pytest.raises(OutputError, match=r"earlier run \(results.md\)"):
+    monkeypatch.setattr(continual, "train", lambda *a, **k: pytest.fail("trained before checking --output"))
+    monkeypatch.setattr(sys, "argv", ["continual.py", "--quick", "--output", str(tmp_path)])
+    with pytest.raises(OutputError, match=r"earlier run \(results.md\)") as refused:
         continual.main()
+    assert refused.value.where == f"--output {tmp_path}" and "another --output" in refused.value.fix
     assert (tmp_path / "results.md").read_text() == "an earlier run's table\n"
     # refused before it quiets Lightning's loggers for its own run: later tests read their INFO lines
     assert logging.getLogger("lightning.pytorch").level != logging.ERROR
@@ -398,7 +400,7 @@ def test_pretrain_compare_names_its_own_data_flag(tmp_path, monkeypatch):
     from epas_lightning.errors import DataError
 
     with pytest.raises(DataError, match="does not exist") as refused:
-        pretrain_compare.main(["--data-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
+        pretrain_compare.main(["--data-dir", str(tmp_path / "nope"), "--output", str(tmp_path / "out")])
     assert refused.value.where.startswith("--data-dir ") and "leave --data-dir unset" in refused.value.fix
 
 
