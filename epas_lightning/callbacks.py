@@ -550,6 +550,8 @@ class TokenThroughputMonitor(ThroughputMonitor):
         if stage == RunningStage.TRAINING:
             metrics.update(self._run_totals())
         metrics = {f"{stage.value}{throughput.separator}{k}": v for k, v in metrics.items()}
+        if iter_num is None:  # the step Lightning would take, given: without one it adds `epoch`, logged already
+            iter_num = trainer.fit_loop.epoch_loop._batches_that_stepped
         trainer._logger_connector.log_metrics(metrics, step=iter_num)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -123,6 +123,17 @@ def test_validation_throughput_is_logged_at_the_step_the_validation_ran(tmp_path
     assert logger.steps["validate/device/items_per_sec"] == logger.steps["validate/batches"] == [1, 3]
 
 
+def test_training_throughput_is_logged_at_the_steps_of_the_losses_without_a_second_epoch(tmp_path):
+    """Logged without a step, Lightning added ``epoch`` to the monitor's metrics: TensorBoard got it twice per step."""
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16))
+    train = torch.utils.data.DataLoader(torch.randint(0, 512, (8, 17)), batch_size=2)
+    logger = Steps()
+    trainer = cpu_trainer(tmp_path, 4, [TokenThroughputMonitor(window_size=2)], logger=logger, log_every_n_steps=1)
+    trainer.fit(module, train)
+    assert logger.steps["train/device/items_per_sec"] == logger.steps["train/loss"][1:] == [1, 2, 3]
+    assert logger.steps["epoch"] == [0, 1, 2, 3]
+
+
 def test_under_gradient_accumulation_the_rates_are_of_whole_optimizer_steps(tmp_path, monkeypatch):
     """A fake clock: 1 s per micro-batch, 3 s per optimizer update (the gradient sync, AdamW), 10 s per validation
     batch. Lightning's window ran over micro-batches: 2 entries gave one micro-batch's tokens over that micro-batch and
