@@ -129,6 +129,34 @@ def test_read_a_run_notebook_finds_the_newest_run_or_says_how_to_make_one(tiny_r
     assert "run: runs/debug/version_0" in text_output(execute("02_read_a_run.ipynb", kernel_env))
 
 
+def notebook_functions(name: str) -> dict:
+    """The imports and functions a notebook defines, without running its cells."""
+    code = "\n".join(
+        c.source for c in nbformat.read(REPO / "notebooks" / name, as_version=4).cells if c.cell_type == "code"
+    )
+    kept = [node for node in ast.parse(code).body if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef))]
+    names: dict = {"RUN_FILES": ("events.out.tfevents.*", "metrics.csv")}
+    exec(compile(ast.Module(body=kept, type_ignores=[]), name, "exec"), names)
+    return names
+
+
+def test_read_a_run_notebook_finds_the_newest_run_in_a_sub_dir_or_without_a_logger_name(tmp_path):
+    """The newest run was looked for at runs/<name>/version_N/ only: a TensorBoard ``sub_dir`` (events one folder
+    deeper) or a logger named '' (runs/version_N) was "No run under runs/"."""
+    newest_run = notebook_functions("02_read_a_run.ipynb")["newest_run"]
+    runs = tmp_path / "runs"
+    older = runs / "debug" / "version_0" / "tb" / "events.out.tfevents.1.host.1.0"
+    newer = runs / "version_3" / "metrics.csv"
+    checkpoint = runs / "debug" / "version_1" / "checkpoints" / "last.ckpt"
+    for i, path in enumerate([older, newer, checkpoint]):
+        path.parent.mkdir(parents=True)
+        path.write_text("")
+        os.utime(path, (i, i))
+    assert newest_run((runs,)) == runs / "version_3"
+    os.utime(older, (9, 9))
+    assert newest_run((tmp_path / "elsewhere", runs)) == runs / "debug" / "version_0"
+
+
 @pytest.mark.slow
 def test_read_a_run_notebook_reads_a_csv_logger_run(kernel_env, monkeypatch):
     """A run logged by a CSVLogger alone has no TensorBoard event files: the notebook said it had no train/loss ("is
