@@ -274,6 +274,8 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
         classless = classless or (base is not None and base.group(1).split(".")[-1] == chosen.group(1).split(".")[-1])
         if value and (absent := missing_class(error, value.group(1).strip(), flag, prog)):
             return absent
+        if unknown := unknown_class(str(error), flag, prog):
+            return unknown
         if several := re.search(
             r"Multiple subclasses with name (\w+)\. Give the full class path[^:]*: (.+?)\.?$", str(error), re.M
         ):
@@ -378,6 +380,45 @@ def missing_class(error: BaseException, given: str, flag: str, prog: str) -> Con
             return ConfigError(what, flag, f"check the class path (`{prog} --help` lists known classes under {flag})")
         cause = cause.__cause__ or cause.__context__
     return None
+
+
+def unknown_class(message: str, flag: str, prog: str) -> ConfigError | None:
+    """The one line for a class name that names no class ``flag`` takes (``TensorboardLogger``, ``Adamw``; given alone
+    or as a ``class_path``), with the nearest known one; or a class path of another kind than ``flag`` takes."""
+    subtypes = re.search(r"Subtypes: \[(.*)\]$", message, re.MULTILINE)
+    bases = [base for path in re.findall(r"[\w.]+", subtypes.group(1) if subtypes else "") if (base := _class_at(path))]
+    if unresolved := re.search(r"Expected a dot import path string: (\S+)$", message, re.MULTILINE):
+        given = unresolved.group(1)
+        known = sorted({cls.__name__ for base in bases for cls in _subclasses(base)})
+        same_letters = [name for name in known if name.lower() == given.lower()]  # Adamw: AdamW, not the closer Adam
+        meant = did_you_mean(given, known, {given: same_letters[0]} if same_letters else None)
+        what = f"no class named {given} is known{meant}"
+        return ConfigError(
+            what, flag, f"check the name, or give the full import path (`{prog} --help` lists known classes)"
+        )
+    kind = re.search(r"Import path (?:([\w.]+) )?does not correspond to a subclass of (\w+)", message)
+    given = re.search(r"Given value: ([\w.]+)", message)
+    if kind and (kind.group(1) or given):
+        path, base = kind.group(1) or given.group(1), kind.group(2)
+        full = next((f"{cls.__module__}.{cls.__qualname__}" for cls in bases if cls.__name__ == base), base)
+        what = f"{path} is not a {full}, which {flag} takes"  # LitLogger: a Fabric logger, not the Trainer's
+        return ConfigError(what, flag, f"give a subclass of {base} (`{prog} --help` lists known ones)")
+    return None
+
+
+def _class_at(path: str) -> type | None:
+    """The class at an import path that is already imported (``None`` for anything else: no import happens here)."""
+    module, _, name = path.rpartition(".")
+    found = getattr(sys.modules.get(module), name, None)
+    return found if isinstance(found, type) else None
+
+
+def _subclasses(cls: type) -> set[type]:
+    """Every class below ``cls`` that is imported (the short names jsonargparse resolves)."""
+    found = set()
+    for sub in cls.__subclasses__():
+        found |= {sub, *_subclasses(sub)}
+    return found
 
 
 def class_arguments(class_path: str) -> list[str]:

@@ -297,6 +297,15 @@ def test_a_misspelt_key_is_named_with_the_one_meant(tmp_path, capsys, flags, yam
         (["--model.optimizer", "torch.optim.AdamWW"], "torch.optim has no AdamWW (did you mean AdamW?) — "
          "--model.optimizer — check the class path (`python -m epas_lightning fit --help` lists known classes under "
          "--model.optimizer)"),
+        # a short name that names no class (was "invalid value for --trainer.logger (Given value: ...)")
+        (["--model.optimizer", "Adamw"], "no class named Adamw is known (did you mean AdamW?) — --model.optimizer — "
+         "check the name, or give the full import path (`python -m epas_lightning fit --help` lists known classes)"),
+        (["--trainer.callbacks=[{class_path: ModelCheckpont}]"], "no class named ModelCheckpont is known (did you mean "
+         "ModelCheckpoint?) — --trainer.callbacks — check the name, or give the full import path (`python -m "
+         "epas_lightning fit --help` lists known classes)"),
+        (["--trainer.logger", "lightning.pytorch.loggers.LitLogger"], "lightning.pytorch.loggers.LitLogger is not a "
+         "lightning.pytorch.loggers.logger.Logger, which --trainer.logger takes — --trainer.logger — give a subclass "
+         "of Logger (`python -m epas_lightning fit --help` lists known ones)"),
         (["--trainer.callbacks+=no_such_package.Callback"], "no_such_package.Callback cannot be imported: no module "
          "named 'no_such_package' is installed — --trainer.callbacks — install it, or check the class path"),
         (["--model.lr_scheduler", "torch.optim.lr_scheduler.StepLR"], "StepLR (given to --model.lr_scheduler) needs "
