@@ -222,7 +222,11 @@ def test_analyze_reports_bad_inputs_before_work(tiny_checkpoint, tiny_corpus, tm
     too_long = fails("--checkpoint", str(tiny_checkpoint), "--seq-len", "999")
     assert "exceeds the model's context length (32) — --seq-len — use at most 32" in too_long
     for short in ("1", "0"):  # 0 ran silently at the default length
-        assert f"must be at least 2, got {short}" in fails("--checkpoint", str(tiny_checkpoint), "--seq-len", short)
+        assert f"must be at least 2, got {short} — --seq-len — give 2" in fails(
+            "--checkpoint", str(tiny_checkpoint), "--seq-len", short
+        )
+    unreachable = fails("--checkpoint", str(tiny_checkpoint), "--threshold", "1.5")  # recommended the closest region
+    assert "similarities are at most 1 (cosine and CKA), so no region can meet 1.5 — --threshold" in unreachable
     too_few = fails("--checkpoint", str(tiny_checkpoint), "--batch-size", "100000")  # after "analysing ..." it was
     assert too_few.startswith("error: the validation split holds fewer than 100000 sequences")  # a second line
     single = save_consolidated(Llama(LlamaConfig.from_name("debug", n_layer=1)), tmp_path / "one")

@@ -130,6 +130,12 @@ def analyze_command(
     from epas_lightning.inference.generate_cli import load_for_inference
 
     check_counts({"--batches": batches, "--batch-size": batch_size})
+    if not threshold <= 1:  # no region could meet it; the closest was recommended as if it had
+        raise ConfigError(
+            f"similarities are at most 1 (cosine and CKA), so no region can meet {threshold}",
+            "--threshold",
+            f"give at most 1 (default {DEFAULT_THRESHOLD})",
+        )
     check_data_flag(data)
     check_output(output, "analysis", overwrite, [checkpoint])
     loaded = load_for_inference(checkpoint, device, dtype, attention_reuse=False)  # every layer computes here
@@ -142,7 +148,7 @@ def analyze_command(
         )
     seq_len = min(config.block_size, 256) if seq_len is None else seq_len
     if seq_len < 2:
-        raise ConfigError(f"must be at least 2, got {seq_len}", "--seq-len")
+        raise ConfigError(f"must be at least 2, got {seq_len}", "--seq-len", "give 2 or more tokens per sequence")
     check_seq_len(seq_len, config, where="--seq-len")
     data_dir = data or loaded.data_dir
     if data_dir is None:
