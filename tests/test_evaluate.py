@@ -122,7 +122,10 @@ def test_load_task_names_bad_lines(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="bad.jsonl:2"):
         load_task(task)
     task.write_text('{"context": "c", "choices": ["a", "b"], "label": 2}\n')
-    with pytest.raises(DataError, match="label 2"):
+    with pytest.raises(DataError, match="label 2 is not one of the 2 choices — .*:1 — give the index .*, 0 to 1$"):
+        load_task(task)
+    task.write_text('{"context": "c", "choices": ["a"], "label": 0}\n')  # was "label 0 is not one of 1 choices"
+    with pytest.raises(DataError, match="^the question has 1 choice: accuracy needs 2 or more — .*:1 — add the"):
         load_task(task)
     with pytest.raises(DataError, match="does not exist"):
         load_task(tmp_path / "missing.jsonl")

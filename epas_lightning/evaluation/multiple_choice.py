@@ -50,8 +50,15 @@ def load_task(path: str | Path) -> list[Question]:
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"expected {{'context', 'choices', 'label'}} ({e})", f"{path}:{n}") from e
         question = Question(*checked_fields(*fields, where=f"{path}:{n}"), where=f"{path}:{n}")
-        if not 0 <= question.label < len(question.choices) or len(question.choices) < 2:
-            raise DataError(f"label {question.label} is not one of {len(question.choices)} choices", f"{path}:{n}")
+        if len(question.choices) < 2:  # was "label 0 is not one of 1 choices"
+            choices = f"{len(question.choices)} choice" + ("" if len(question.choices) == 1 else "s")
+            raise DataError(f"the question has {choices}: accuracy needs 2 or more", f"{path}:{n}", "add the others")
+        if not 0 <= question.label < len(question.choices):
+            raise DataError(
+                f"label {question.label} is not one of the {len(question.choices)} choices",
+                f"{path}:{n}",
+                f"give the index of the right choice, 0 to {len(question.choices) - 1}",
+            )
         questions.append(question)
     if not questions:
         raise DataError("the task file holds no questions", path, f"write one a line, as {QUESTION_EXAMPLE}")
