@@ -20,7 +20,8 @@ same or starts fresh when there is none. ``fit`` from a checkpoint in a run's ``
 (``last``, or a path) keeps logging and checkpointing into that version folder, unless that run went on past it. Every
 checkpoint is checked to load without running code (:func:`~epas_lightning.safe_load.verify_checkpoint`) before
 Lightning opens it, and loads with ``weights_only=True``. ``--print_config`` prints the resolved model config: its
-preset, and with ``init_from`` the fields read from the source.
+preset, and with ``init_from`` the fields read from the source (as configured, with a note, where that path does not
+exist: a config's placeholder).
 """
 
 from __future__ import annotations
@@ -167,6 +168,20 @@ class _Linked:
 
     def __call__(self, config: Any, init_from: str | None) -> Any:
         return None if init_from else getattr(_as_config(config), self.field)
+
+
+def placeholder_init_from(section: Namespace) -> bool:
+    """Whether ``model.init_from`` names a path that does not exist (a config's placeholder, to be replaced): the
+    config is then printed with ``model.config`` as given, and a note saying so, rather than refused."""
+    init_from = section.model.get("init_from")
+    if not init_from or Path(init_from).expanduser().exists():
+        return False
+    print(
+        f"note: model.init_from {init_from} does not exist here: model.config is printed as configured, without "
+        "the fields fit reads from it",
+        file=sys.stderr,
+    )
+    return True
 
 
 def resolve_model(section: Namespace, ckpt_path: str | None = None) -> None:
@@ -450,8 +465,9 @@ class EPASCLI(LightningCLI):
             subcommand = self.config.subcommand
             config = self.config[subcommand].clone()
             ckpt_path = config.get("ckpt_path")  # a resume's model is its checkpoint's: init_from may be gone
-            resolve_model(config, run_last_checkpoint(config) if ckpt_path in RESUME_WORDS else ckpt_path)
-            config.model.config = Namespace(**_as_config(config.model.config).to_dict())
+            if ckpt_path or not placeholder_init_from(config):
+                resolve_model(config, run_last_checkpoint(config) if ckpt_path in RESUME_WORDS else ckpt_path)
+                config.model.config = Namespace(**_as_config(config.model.config).to_dict())
             print(self._subcommand_parsers[subcommand].dump(config, skip_link_targets=False, **dump_options))
             raise SystemExit(0)
 

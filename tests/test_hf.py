@@ -793,6 +793,18 @@ def test_tinyllama_continual_config_parses(tmp_path: Path, capsys: pytest.Captur
     assert "n_layer: 2" in out and "rope_theta: 50000.0" in out and "block_size: 2048" in out  # the model's, the YAML's
 
 
+def test_tinyllama_continual_config_prints_as_shipped(capsys: pytest.CaptureFixture) -> None:
+    """`--print_config` of the config as shipped failed on its placeholder init_from ("does not exist"): a user
+    could not see what it sets before replacing it. It prints, saying what is left unread; fit still refuses."""
+    assert main(["fit", "--config", CONTINUAL, "--print_config"]) == 0
+    out, err = capsys.readouterr()
+    assert "init_from: /path/to/TinyLlama-1.1B" in out and "block_size: 2048" in out and "n_layer: null" in out
+    assert err.strip() == (
+        "note: model.init_from /path/to/TinyLlama-1.1B does not exist here: model.config is printed as configured, "
+        "without the fields fit reads from it"
+    )
+
+
 def test_tinyllama_continual_config_checks_init_from(tmp_path: Path) -> None:
     """Scaled down to the tiny HF model on CPU: builds with a fitting directory, fails clearly without one."""
     from epas_lightning.lightning_cli import lightning_cli
