@@ -313,6 +313,16 @@ def test_a_negative_worker_count_is_refused_when_configured():
         TokenDataModule(num_workers=-1)
 
 
+def test_a_seed_the_shuffle_cannot_take_is_refused_when_configured():
+    """It passed, and `fit` died building its first loader in numpy's ValueError traceback ("Seed must be between 0
+    and 2**32 - 1"); a string, in a TypeError one."""
+    for seed in (-1, 2**32):
+        with pytest.raises(ConfigError, match=rf"^seed must be from 0 to 4294967295, got {seed} — data.seed$"):
+            TokenDataModule(seed=seed)
+    with pytest.raises(ConfigError, match=r"^seed must be a whole number, got '7' — data.seed$"):
+        TokenDataModule(seed="7")
+
+
 @pytest.mark.parametrize(
     ("data_dir", "weights", "message"),
     [
