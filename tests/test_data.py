@@ -359,6 +359,9 @@ def test_missing_data_dir_is_a_clear_error(tmp_path: Path):
     (tmp_path / ".nowhere.tmp-1234abcd").mkdir()  # a killed `prepare --output nowhere` left its build
     with pytest.raises(DataError, match=r"^data directory does not exist \(an interrupted prepare left \.nowhere"):
         tiny_datamodule(missing)
+    (corpus := tmp_path / "corpus.jsonl").write_text('{"text": "a raw corpus, not prepared"}\n')
+    with pytest.raises(DataError, match=rf"^data directory is a file, not a folder — data.data_dir {corpus} — create"):
+        tiny_datamodule(corpus)  # it "does not exist"
 
 
 def test_incomplete_data_dir_lists_what_is_missing(tiny_corpus: Path, tmp_path: Path):

@@ -42,8 +42,10 @@ HOW_TO_CREATE = f"{PREPARE}, or leave data.data_dir unset to train on the built-
 
 def check_prepared(data_dir: Path, where: str, fix: str) -> Path:
     """``data_dir`` if it is a complete prepared data directory, else a :class:`DataError` at ``where``."""
+    if data_dir.exists() and not data_dir.is_dir():  # a raw corpus file, or the folder's meta.json
+        raise DataError("data directory is a file, not a folder", where, fix)
     if not data_dir.is_dir():
-        leftover = interrupted_build(data_dir) if not data_dir.exists() else None
+        leftover = interrupted_build(data_dir)
         beside = f" (an interrupted prepare left {leftover.name} beside it)" if leftover else ""
         raise DataError(f"data directory does not exist{beside}", where, fix)
     if is_complete(data_dir):
