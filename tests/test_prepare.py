@@ -211,6 +211,10 @@ def test_cli_with_hf_tokenizer_and_separate_val_input(corpus, tmp_path: Path, ca
         (["--train-tokenizer", "--vocab-size", "300", "--num-workers", "-1"], "at least 1, got -1 — --num-workers"),
         (["--train-tokenizer", "--vocab-size", "300", "--val-fraction", "1"], "in [0, 1), got 1.0 — --val-fraction"),
         (["--train-tokenizer", "--vocab-size", "300", "--bos-token", ""], "empty token names none of the tokenizer's"),
+        (  # the workers' TokenizerError traceback, naming the hidden build folder's tokenizer.json, after training
+            ["--train-tokenizer", "--vocab-size", "300", "--eos-token", "</s>"],
+            "a trained tokenizer's special tokens are <|bos|> and <|eos|>, not '</s>' — --eos-token — leave it out",
+        ),
     ],
 )
 def test_flags_that_cannot_apply_are_refused_before_any_work(flags, says, tmp_path, capsys):
@@ -259,9 +263,13 @@ def test_a_document_larger_than_a_chunk_prints_no_litdata_warning(tmp_path: Path
 
 def test_trained_tokenizer_is_saved_next_to_the_data(corpus, tmp_path: Path):
     root, _ = corpus
-    out = prepare(root / "notes", tmp_path / "bpe", train_tokenizer=True, vocab_size=300, num_workers=1)
+    out = prepare(
+        root / "notes", tmp_path / "bpe", train_tokenizer=True, vocab_size=300, num_workers=1, bos_token="<|eos|>"
+    )
     meta = json.loads((out / "meta.json").read_text())
     assert (meta["tokenizer"], meta["tokenizer_source"], meta["vocab_size"]) == ("tokenizer.json", "trained", 300)
+    eos = meta["eos_id"]  # one token for both, as GPT-2's: meta.json said <|bos|>'s id, which no document starts with
+    assert meta["bos_id"] == eos and documents_of(out / "val", eos, eos)
     assert meta["splits"]["val"]["documents"] >= 1  # one note at least, held out whole
     with pytest.raises(DataError, match=r"has 300 tokens but the model's vocab_size is 280"):
         tiny_dm(str(out), vocab_size=280)

@@ -44,6 +44,8 @@ from epas_lightning.data.sources import (
 from epas_lightning.data.tokenizer import (
     HF_FILENAME,
     MIN_BPE_VOCAB,
+    TRAINED_BOS_TOKEN,
+    TRAINED_EOS_TOKEN,
     check_tokenizer_flag,
     copy_tokenizer,
     file_sha256,
@@ -57,6 +59,7 @@ from epas_lightning.outputs import output_folder, write_marker
 log = logging.getLogger(__name__)
 
 ON_BAD_CHOICES = ("skip", "fail")
+TRAINED_SPECIAL_TOKENS = (TRAINED_BOS_TOKEN, TRAINED_EOS_TOKEN)
 
 
 class StepTimer:
@@ -140,7 +143,7 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
         trained = train_byte_level_bpe(texts, tokenizer.train_vocab_size, show_progress=show)
         tokenizer_path = build_dir / HF_FILENAME
         trained.save(str(tokenizer_path))
-        loaded = load_tokenizer(tokenizer_path)
+        loaded = load_tokenizer(tokenizer_path, tokenizer.bos_token, tokenizer.eos_token)  # the ids documents get
         source = "trained"
         timer.lap("train_tokenizer")
         if options.progress:
@@ -264,6 +267,12 @@ def prepare_dataset(
     for flag, token in (("--bos-token", bos_token), ("--eos-token", eos_token)):
         if token == "":  # was taken as not given, and recorded as the override
             raise ConfigError("an empty token names none of the tokenizer's", flag, "name a token, or leave it out")
+        if train_tokenizer and token not in (None, *TRAINED_SPECIAL_TOKENS):  # found missing after the training
+            raise ConfigError(
+                f"a trained tokenizer's special tokens are {' and '.join(TRAINED_SPECIAL_TOKENS)}, not {token!r}",
+                flag,
+                "leave it out, or name one of those",
+            )
     if output.is_dir() and is_prepared_dataset(output) and overwrite:
         write_marker(output, DATASET_KIND)  # prepared before output folders carried a marker: ours all the same
     with output_folder(output, DATASET_KIND, overwrite, inputs=[*inputs, *val_inputs]) as build:
