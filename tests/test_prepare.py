@@ -537,6 +537,19 @@ def test_text_files_of_one_name_under_two_inputs_are_not_all_held_out(tmp_path: 
     assert sorted(f.split for f in files) == ["train", "val"]
 
 
+def test_an_empty_text_file_is_never_the_one_held_out(tmp_path: Path):
+    """A package's empty __init__.py, held out by its hash, left the val split without a document: prepare failed
+    ('raise --val-fraction'). data/__init__.py hashes lowest here."""
+    from epas_lightning.data.sources import discover_files, plan_split
+
+    for package in ("a", "b", "data"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+        (tmp_path / package / "m1.py").write_text("x = 1\n")
+    files = plan_split(discover_files([tmp_path]), 0.01)
+    assert [f.n_bytes > 0 for f in files if f.split == "val"] == [True]
+
+
 def test_a_file_name_that_is_not_utf8_is_split_like_any_other(tmp_path: Path):
     """A Latin-1 file name (its bytes kept as surrogates) broke the split's hash: 'surrogates not allowed — hold out a
     smaller fraction'."""

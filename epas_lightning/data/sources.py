@@ -186,9 +186,11 @@ def split_by_hash(items: Sequence, key: Callable[[object], str], val_fraction: f
 
 
 def plan_split(files: list[InputFile], val_fraction: float) -> list[InputFile]:
-    """Text files are held out whole (by path hash); JSONL/parquet records by the hash of ``file#index``."""
-    text = [f for f in files if f.kind == "text"]
+    """Text files are held out whole (by path hash), never an empty one (no document: an empty ``__init__.py`` left the
+    val split without any); JSONL/parquet records by the hash of ``file#index``."""
+    text = [f for f in files if f.kind == "text" and f.n_bytes]
     records = [f for f in files if f.kind != "text"]
+    empty = [with_split(f, "train") for f in files if f.kind == "text" and not f.n_bytes]
     if len(text) == 1 and not records:
         raise DataPreparationError(
             "only one document: none can be held out for validation", text[0].path, "pass --val-input"
@@ -201,7 +203,7 @@ def plan_split(files: list[InputFile], val_fraction: float) -> list[InputFile]:
         text = [with_split(f, "train") for f in train] + [with_split(f, "val") for f in val]
     else:
         text = [with_split(f, "train") for f in text]
-    return text + records
+    return text + empty + records
 
 
 def with_split(f: InputFile, split: str) -> InputFile:
