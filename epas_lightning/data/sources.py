@@ -275,6 +275,8 @@ def _jsonl_records(f: InputFile, keep: Callable[[int], bool] | None = None) -> I
                     record = json.loads(line.decode("utf-8-sig" if lineno == 1 else "utf-8"))  # a BOM is no text
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
                     record = BadDocument(f"{f.path}:{lineno}", f"not a UTF-8 JSON line ({e})")
+                except RecursionError:
+                    record = BadDocument(f"{f.path}:{lineno}", "a JSON line nested too deeply to read")
                 yield lineno, record
     except (OSError, EOFError, ValueError, *_decompression_errors()) as e:
         if isinstance(e, DataPreparationError | BadDocument):
