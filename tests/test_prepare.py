@@ -687,7 +687,7 @@ def test_truncated_gzip_or_parquet_is_skipped_naming_the_file(
 def test_records_whose_text_is_null_or_not_text_are_bad_records(tmp_path: Path, sp_model: Path, caplog):
     """The same in JSONL and parquet: skipped with a warning naming the record, or fatal with --on-bad fail. A JSON
     string with a lone surrogate (valid JSON, not Unicode) made the tokenizing worker fail and prepare hang; a line
-    nested too deeply, prepare fail in a traceback."""
+    nested too deeply, prepare fail in a traceback; an integer of 5000 digits lost the lines after it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -699,6 +699,8 @@ def test_records_whose_text_is_null_or_not_text_are_bad_records(tmp_path: Path, 
     with jsonl.open("a") as f:
         f.write('{"text": "a lone \\ud83d surrogate"}\n')  # valid JSON, not text: it cannot be encoded
         f.write("[" * 100_000 + "]" * 100_000 + "\n")  # nested too deeply for Python's json: a RecursionError traceback
+        f.write('{"text": "an id too long for int()", "id": ' + "1" * 5000 + "}\n")  # lost the lines after it
+        f.write('{"text": "the line after them"}\n')
     parquet = tmp_path / "b.parquet"
     pq.write_table(pa.table({"text": [r["text"] if r["text"] != 5 else None for r in records]}), parquet)
     with caplog.at_level("WARNING", logger="epas_lightning"):
@@ -707,10 +709,11 @@ def test_records_whose_text_is_null_or_not_text_are_bad_records(tmp_path: Path, 
     assert f"{jsonl}:32: 'text' is null, not text" in caplog.text and f"{jsonl}:33: 'text' is int" in caplog.text
     assert f"{parquet} row 31: 'text' is null, not text" in caplog.text
     assert f"{jsonl}:34: 'text' holds a lone surrogate" in caplog.text
-    assert f"{jsonl}:35: a JSON line nested too deeply to read" in caplog.text
+    assert f"{jsonl}:35: a JSON line Python's json cannot read (maximum recursion depth" in caplog.text
+    assert f"{jsonl}:36: a JSON line Python's json cannot read (Exceeds the limit (4300 digits)" in caplog.text
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["documents"] == 60
-    assert sum(meta["skipped"].values()) == 7 and caplog.text.count(f"{jsonl}:11:") == 1  # once, in one split
+    assert meta["documents"] == 61
+    assert sum(meta["skipped"].values()) == 8 and caplog.text.count(f"{jsonl}:11:") == 1  # once, in one split
     assert meta["splits"]["train"]["files"] == meta["splits"]["val"]["files"] == 2  # each has bad records, not bad
     with pytest.raises(DataPreparationError, match=rf"not text — {jsonl}:33 — pass --on-bad skip"):
         prepare(jsonl, tmp_path / "out2", sp_model, val_fraction=0.5, num_workers=1, on_bad="fail")

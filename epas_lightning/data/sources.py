@@ -275,8 +275,8 @@ def _jsonl_records(f: InputFile, keep: Callable[[int], bool] | None = None) -> I
                     record = json.loads(line.decode("utf-8-sig" if lineno == 1 else "utf-8"))  # a BOM is no text
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
                     record = BadDocument(f"{f.path}:{lineno}", f"not a UTF-8 JSON line ({e})")
-                except RecursionError:
-                    record = BadDocument(f"{f.path}:{lineno}", "a JSON line nested too deeply to read")
+                except (ValueError, RecursionError) as e:  # past Python's limits: an int of 5000 digits, deep nesting
+                    record = BadDocument(f"{f.path}:{lineno}", f"a JSON line Python's json cannot read ({e})")
                 yield lineno, record
     except (OSError, EOFError, ValueError, *_decompression_errors()) as e:
         if isinstance(e, DataPreparationError | BadDocument):
