@@ -330,6 +330,25 @@ def test_files_of_unknown_kind_in_a_folder_are_counted_in_one_warning(tmp_path: 
         discover_files([tmp_path / "gone"], split="val")
 
 
+def test_json_lines_named_json_are_said_to_be_read_as_one_text_document(tmp_path: Path, caplog):
+    """Hugging Face ``datasets``' ``to_json`` writes JSON Lines named ``.json``: each file was read as one document of
+    JSON syntax without a word. A JSON document (a config, even a one-line one) is not JSON Lines."""
+    from epas_lightning.data.sources import discover_files
+
+    records = "".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(3))
+    for name in ("train.json", "sub/test.json"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(records)
+    (tmp_path / "package.json").write_text('{\n  "name": "x"\n}\n')
+    (tmp_path / "one.json").write_text('{"name": "x"}\n')
+    with caplog.at_level("WARNING", logger="epas_lightning"):
+        assert len(discover_files([tmp_path, tmp_path / "one.json"])) == 4
+    assert [r.getMessage() for r in caplog.records] == [
+        f"2 .json files hold JSON Lines (e.g. {tmp_path / 'train.json'}), each read as one text document of JSON: "
+        "name them .jsonl to read a document per line"
+    ]
+
+
 def test_broken_links_and_folders_that_cannot_be_listed_are_named(tmp_path: Path, caplog, monkeypatch):
     """A broken link and a folder prepare may not list were left out without a word; an input folder that cannot be
     listed was 'no input files found', a broken link or a pipe given as an input 'does not exist'."""

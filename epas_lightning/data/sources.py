@@ -104,7 +104,28 @@ def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[In
             if (real := os.path.realpath(path)) not in read:
                 read.add(real)
                 files.append(InputFile(str(path), key, kind, path.stat().st_size, split))  # type: ignore[arg-type]
+    if json_lines := [f.path for f in files if f.kind == "text" and _holds_json_lines(f.path)]:
+        log.warning(
+            f"{_count(json_lines, '.json file')} hold{'s' * (len(json_lines) == 1)} JSON Lines (e.g. {json_lines[0]}), "
+            "each read as one text document of JSON: name them .jsonl to read a document per line"
+        )
     return files
+
+
+_JSON_SNIFF_BYTES = 2**16
+
+
+def _holds_json_lines(path: str) -> bool:
+    """Whether a ``.json`` file starts with two lines that are JSON objects each (as ``datasets``' ``to_json`` writes):
+    JSON Lines, not one JSON document."""
+    if not path.lower().endswith(".json"):
+        return False
+    try:
+        with open(path, "rb") as f:
+            lines = f.read(_JSON_SNIFF_BYTES).split(b"\n")[:2]
+        return len(lines) == 2 and all(isinstance(json.loads(line), dict) for line in lines)
+    except (OSError, ValueError, RecursionError):
+        return False
 
 
 def _folder_files(root: Path, where: str) -> list[tuple[Path, str, str]]:
