@@ -679,6 +679,12 @@ def test_missing_text_field_names_the_file(tmp_path: Path, sp_model: Path, corpu
         prepare(bad, tmp_path / "out", sp_model)
     with pytest.raises(DataPreparationError, match=r"no column 'body' .* — .*c.parquet"):
         prepare(corpus[0] / "c.parquet", tmp_path / "out", sp_model, text_field="body")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": [1, 2], "text": ["a", "b"]}), numbers := tmp_path / "numbers.parquet")
+    with pytest.raises(DataPreparationError, match=rf"^column 'id' holds int64, not text — {numbers} — name the text"):
+        prepare(numbers, tmp_path / "out", sp_model, text_field="id")  # every row skipped, one warning each
     val = tmp_path / "val.jsonl"
     val.write_text(bad.read_text())
     assert prepare(bad, tmp_path / "out", sp_model, text_field="content", val_input=val).is_dir()

@@ -238,18 +238,31 @@ def check_text_field(f: InputFile, text_field: str) -> None:
         import pyarrow.parquet as pq
 
         try:
-            names = pq.read_schema(f.path).names
+            schema = pq.read_schema(f.path)
         except Exception:
             return
-        if text_field not in names:
+        if text_field not in schema.names:
             raise DataPreparationError(
-                f"no column {text_field!r} (columns: {names})", f.path, "name the text column with --text-field"
+                f"no column {text_field!r} (columns: {schema.names})", f.path, "name the text column with --text-field"
+            )
+        if not _holds_text(column_type := schema.field(text_field).type):  # else every row is skipped, one by one
+            raise DataPreparationError(
+                f"column {text_field!r} holds {column_type}, not text", f.path, "name the text column with --text-field"
             )
     elif f.kind == "jsonl":
         with contextlib.suppress(StopIteration, BadDocument):
             lineno, record = next(_jsonl_records(f))
             if not isinstance(record, BadDocument):
                 _record_text(record, text_field, f.path, lineno)
+
+
+def _holds_text(column_type: object) -> bool:
+    """Whether a parquet column of this arrow type holds strings (or nulls only)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(column_type):
+        column_type = column_type.value_type
+    return pa.types.is_null(column_type) or str(column_type) in ("string", "large_string", "string_view")
 
 
 class BadDocument(Exception):
