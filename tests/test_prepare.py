@@ -685,6 +685,9 @@ def test_missing_text_field_names_the_file(tmp_path: Path, sp_model: Path, corpu
     pq.write_table(pa.table({"id": [1, 2], "text": ["a", "b"]}), numbers := tmp_path / "numbers.parquet")
     with pytest.raises(DataPreparationError, match=rf"^column 'id' holds int64, not text — {numbers} — name the text"):
         prepare(numbers, tmp_path / "out", sp_model, text_field="id")  # every row skipped, one warning each
+    (numbered := tmp_path / "numbered.jsonl").write_text(json.dumps({"id": 1, "text": "a"}) + "\n")
+    with pytest.raises(DataPreparationError, match=rf"^'id' is int, not text — {numbered}:1 — name the text field"):
+        prepare(numbered, tmp_path / "out", sp_model, text_field="id")
     val = tmp_path / "val.jsonl"
     val.write_text(bad.read_text())
     assert prepare(bad, tmp_path / "out", sp_model, text_field="content", val_input=val).is_dir()

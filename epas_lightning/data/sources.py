@@ -253,6 +253,10 @@ def check_text_field(f: InputFile, text_field: str) -> None:
         with contextlib.suppress(StopIteration, BadDocument):
             lineno, record = next(_jsonl_records(f))
             if not isinstance(record, BadDocument):
+                value = record.get(text_field) if isinstance(record, dict) else None
+                if value is not None and not isinstance(value, str):  # else every record is skipped, one by one
+                    fix = "name the text field with --text-field"
+                    raise DataPreparationError(_not_text(text_field, value), f"{f.path}:{lineno}", fix)
                 _record_text(record, text_field, f.path, lineno)
 
 
