@@ -649,13 +649,17 @@ def test_non_utf8_file_is_skipped_with_a_warning_or_fails_by_flag(
     for i in range(5):
         (src / f"ok{i}.txt").write_text(make_text(rng, 50))
     (src / "latin1.txt").write_bytes("café crème".encode("latin-1"))
+    (src / "windows.txt").write_text("saved by Notepad as Unicode", encoding="utf-16")  # said to look binary
     val = tmp_path / "val.txt"
     val.write_text(make_text(rng, 50))
     with caplog.at_level("WARNING", logger="epas_lightning"):
         out = prepare(src, tmp_path / "skip", sp_model, val_input=val, num_workers=1)
     assert f"Skipped {src / 'latin1.txt'}: not valid UTF-8" in caplog.text
+    assert (
+        f"Skipped {src / 'windows.txt'}: UTF-16 text, not UTF-8: convert it (iconv -f UTF-16 -t UTF-8)" in caplog.text
+    )
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["documents"] == 6 and meta["skipped"] == {"train": 1, "val": 0}
+    assert meta["documents"] == 6 and meta["skipped"] == {"train": 2, "val": 0}
     with pytest.raises(DataPreparationError, match=rf"not valid UTF-8 .* — {src / 'latin1.txt'} — pass --on-bad skip"):
         prepare(src, tmp_path / "fail", sp_model, val_input=val, on_bad="fail", num_workers=1)
     assert not (tmp_path / "fail").exists()

@@ -8,6 +8,7 @@ parquet (one document per row); a UTF-8 byte order mark starting a file is not t
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import functools
 import hashlib
@@ -388,6 +389,9 @@ def iter_documents(
                 on_bad(BadDocument(f.path, _too_large(f"{size:,} bytes")))
                 return
             data = Path(f.path).read_bytes()
+            if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Windows' "Unicode": NUL bytes too
+                on_bad(BadDocument(f.path, "UTF-16 text, not UTF-8: convert it (iconv -f UTF-16 -t UTF-8)"))
+                return
             if b"\0" in data[:BINARY_SNIFF_BYTES]:
                 on_bad(BadDocument(f.path, "looks binary (NUL bytes), not text"))
                 return
