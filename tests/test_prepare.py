@@ -670,10 +670,16 @@ def test_an_empty_split_names_the_skipped_files_it_lost(tmp_path: Path, sp_model
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "good.txt").write_text("text")
     (tmp_path / "in" / "latin1.txt").write_bytes(b"caf\xe9")  # the one held out, and skipped
-    says = r"the val split has no documents: every one it held was skipped \(said above\) — --input — fix or leave"
+    says = (
+        r"the val split has no documents: every one it held was skipped \(said above\) — --val-input .*latin1.txt — fix"
+    )
     with caplog.at_level("WARNING"), pytest.raises(DataPreparationError, match=says):  # not: raise --val-fraction
         prepare(tmp_path / "in", tmp_path / "out", sp_model, val_input=tmp_path / "in" / "latin1.txt", num_workers=1)
     assert "latin1.txt: not valid UTF-8" in caplog.text
+    (empty := tmp_path / "empty.txt").write_text("")  # "— --input — raise --val-fraction or pass --val-input"
+    says = rf"^the val split has no documents — --val-input {empty} — give validation files that hold text$"
+    with pytest.raises(DataPreparationError, match=says):
+        prepare(tmp_path / "in" / "good.txt", tmp_path / "out", sp_model, val_input=empty, num_workers=1)
 
 
 def test_missing_text_field_names_the_file(tmp_path: Path, sp_model: Path, corpus):

@@ -101,6 +101,8 @@ class BuildOptions:
     on_bad: str = "skip"
     num_workers: int = field(default_factory=default_num_workers)
     progress: bool = False
+    val_inputs: Sequence[str | Path] = ()
+    """The ``--val-input`` paths, if given: an empty val split names them."""
 
 
 def _raise_bad(bad: BadDocument) -> None:
@@ -166,15 +168,18 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
             log.warning("Skipped %s: %s", where, reason)
         if len(stats["skipped"]) > 20:
             log.warning("... and %d more skipped in the %s split.", len(stats["skipped"]) - 20, split)
+        given = split == "val" and options.val_inputs
+        where = "--val-input " + " ".join(map(str, options.val_inputs)) if given else "--input"
         if stats["documents"] == 0 and stats["skipped"]:
             raise DataPreparationError(
                 f"the {split} split has no documents: every one it held was skipped (said above)",
-                "--input",
+                where,
                 "fix or leave out the skipped files",
             )
         if stats["documents"] == 0:
             hint = "raise --val-fraction or pass --val-input" if split == "val" else "check the inputs"
-            raise DataPreparationError(f"the {split} split has no documents", "--input", hint)
+            hint = "give validation files that hold text" if given else hint
+            raise DataPreparationError(f"the {split} split has no documents", where, hint)
         timer.lap(f"tokenize_{split}")
     seconds = timer.total()
     n_tokens = sum(s["tokens"] for s in splits.values())
@@ -309,7 +314,9 @@ def prepare_dataset(
             bos_token=bos_token,
             eos_token=eos_token,
         )
-        options = BuildOptions(val_fraction, text_field, on_bad, num_workers or default_num_workers(), progress)
+        options = BuildOptions(
+            val_fraction, text_field, on_bad, num_workers or default_num_workers(), progress, val_inputs=val_inputs
+        )
         meta = build_dataset(build, files, choice, options)
         meta["inputs"] = [str(p) for p in inputs]
         meta["val_inputs"] = [str(p) for p in val_inputs] or None
