@@ -389,11 +389,10 @@ def iter_documents(
                 on_bad(BadDocument(f.path, _too_large(f"{size:,} bytes")))
                 return
             data = Path(f.path).read_bytes()
-            if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Windows' "Unicode": NUL bytes too
-                on_bad(BadDocument(f.path, "UTF-16 text, not UTF-8: convert it (iconv -f UTF-16 -t UTF-8)"))
-                return
             if b"\0" in data[:BINARY_SNIFF_BYTES]:
-                on_bad(BadDocument(f.path, "looks binary (NUL bytes), not text"))
+                utf16 = data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))  # Windows' "Unicode"
+                reason = "UTF-16 text, not UTF-8: convert it (iconv -f UTF-16 -t UTF-8)"
+                on_bad(BadDocument(f.path, reason if utf16 else "looks binary (NUL bytes), not text"))
                 return
             yield f.key, data.decode("utf-8-sig")  # a leading BOM is no text
         except UnicodeDecodeError as e:
