@@ -313,6 +313,16 @@ def test_a_negative_worker_count_is_refused_when_configured():
         TokenDataModule(num_workers=-1)
 
 
+def test_a_seed_the_shuffle_cannot_take_is_refused_when_configured():
+    """It passed, and `fit` died building its first loader in numpy's ValueError traceback ("Seed must be between 0
+    and 2**32 - 1"); a string, in a TypeError one."""
+    for seed in (-1, 2**32):
+        with pytest.raises(ConfigError, match=rf"^seed must be from 0 to 4294967295, got {seed} — data.seed$"):
+            TokenDataModule(seed=seed)
+    with pytest.raises(ConfigError, match=r"^seed must be a whole number, got '7' — data.seed$"):
+        TokenDataModule(seed="7")
+
+
 @pytest.mark.parametrize(
     ("data_dir", "weights", "message"),
     [
@@ -349,6 +359,9 @@ def test_missing_data_dir_is_a_clear_error(tmp_path: Path):
     (tmp_path / ".nowhere.tmp-1234abcd").mkdir()  # a killed `prepare --output nowhere` left its build
     with pytest.raises(DataError, match=r"^data directory does not exist \(an interrupted prepare left \.nowhere"):
         tiny_datamodule(missing)
+    (corpus := tmp_path / "corpus.jsonl").write_text('{"text": "a raw corpus, not prepared"}\n')
+    with pytest.raises(DataError, match=rf"^data directory is a file, not a folder — data.data_dir {corpus} — create"):
+        tiny_datamodule(corpus)  # it "does not exist"
 
 
 def test_incomplete_data_dir_lists_what_is_missing(tiny_corpus: Path, tmp_path: Path):

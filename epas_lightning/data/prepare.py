@@ -44,6 +44,8 @@ from epas_lightning.data.sources import (
 from epas_lightning.data.tokenizer import (
     HF_FILENAME,
     MIN_BPE_VOCAB,
+    TRAINED_BOS_TOKEN,
+    TRAINED_EOS_TOKEN,
     check_tokenizer_flag,
     copy_tokenizer,
     file_sha256,
@@ -57,6 +59,7 @@ from epas_lightning.outputs import output_folder, write_marker
 log = logging.getLogger(__name__)
 
 ON_BAD_CHOICES = ("skip", "fail")
+TRAINED_SPECIAL_TOKENS = (TRAINED_BOS_TOKEN, TRAINED_EOS_TOKEN)
 
 
 class StepTimer:
@@ -98,6 +101,8 @@ class BuildOptions:
     on_bad: str = "skip"
     num_workers: int = field(default_factory=default_num_workers)
     progress: bool = False
+    val_inputs: Sequence[str | Path] = ()
+    """The ``--val-input`` paths, if given: an empty val split names them."""
 
 
 def _raise_bad(bad: BadDocument) -> None:
@@ -140,7 +145,7 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
         trained = train_byte_level_bpe(texts, tokenizer.train_vocab_size, show_progress=show)
         tokenizer_path = build_dir / HF_FILENAME
         trained.save(str(tokenizer_path))
-        loaded = load_tokenizer(tokenizer_path)
+        loaded = load_tokenizer(tokenizer_path, tokenizer.bos_token, tokenizer.eos_token)  # the ids documents get
         source = "trained"
         timer.lap("train_tokenizer")
         if options.progress:
@@ -163,15 +168,18 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
             log.warning("Skipped %s: %s", where, reason)
         if len(stats["skipped"]) > 20:
             log.warning("... and %d more skipped in the %s split.", len(stats["skipped"]) - 20, split)
+        given = split == "val" and options.val_inputs
+        where = "--val-input " + " ".join(map(str, options.val_inputs)) if given else "--input"
         if stats["documents"] == 0 and stats["skipped"]:
             raise DataPreparationError(
                 f"the {split} split has no documents: every one it held was skipped (said above)",
-                "--input",
+                where,
                 "fix or leave out the skipped files",
             )
         if stats["documents"] == 0:
             hint = "raise --val-fraction or pass --val-input" if split == "val" else "check the inputs"
-            raise DataPreparationError(f"the {split} split has no documents", "--input", hint)
+            hint = "give validation files that hold text" if given else hint
+            raise DataPreparationError(f"the {split} split has no documents", where, hint)
         timer.lap(f"tokenize_{split}")
     seconds = timer.total()
     n_tokens = sum(s["tokens"] for s in splits.values())
@@ -264,6 +272,12 @@ def prepare_dataset(
     for flag, token in (("--bos-token", bos_token), ("--eos-token", eos_token)):
         if token == "":  # was taken as not given, and recorded as the override
             raise ConfigError("an empty token names none of the tokenizer's", flag, "name a token, or leave it out")
+        if train_tokenizer and token not in (None, *TRAINED_SPECIAL_TOKENS):  # found missing after the training
+            raise ConfigError(
+                f"a trained tokenizer's special tokens are {' and '.join(TRAINED_SPECIAL_TOKENS)}, not {token!r}",
+                flag,
+                "leave it out, or name one of those",
+            )
     if output.is_dir() and is_prepared_dataset(output) and overwrite:
         write_marker(output, DATASET_KIND)  # prepared before output folders carried a marker: ours all the same
     with output_folder(output, DATASET_KIND, overwrite, inputs=[*inputs, *val_inputs]) as build:
@@ -300,7 +314,9 @@ def prepare_dataset(
             bos_token=bos_token,
             eos_token=eos_token,
         )
-        options = BuildOptions(val_fraction, text_field, on_bad, num_workers or default_num_workers(), progress)
+        options = BuildOptions(
+            val_fraction, text_field, on_bad, num_workers or default_num_workers(), progress, val_inputs=val_inputs
+        )
         meta = build_dataset(build, files, choice, options)
         meta["inputs"] = [str(p) for p in inputs]
         meta["val_inputs"] = [str(p) for p in val_inputs] or None

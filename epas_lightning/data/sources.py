@@ -8,6 +8,7 @@ parquet (one document per row); a UTF-8 byte order mark starting a file is not t
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import functools
 import hashlib
@@ -104,7 +105,28 @@ def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[In
             if (real := os.path.realpath(path)) not in read:
                 read.add(real)
                 files.append(InputFile(str(path), key, kind, path.stat().st_size, split))  # type: ignore[arg-type]
+    if json_lines := [f.path for f in files if f.kind == "text" and _holds_json_lines(f.path)]:
+        log.warning(
+            f"{_count(json_lines, '.json file')} hold{'s' * (len(json_lines) == 1)} JSON Lines (e.g. {json_lines[0]}), "
+            "each read as one text document of JSON: name them .jsonl to read a document per line"
+        )
     return files
+
+
+_JSON_SNIFF_BYTES = 2**16
+
+
+def _holds_json_lines(path: str) -> bool:
+    """Whether a ``.json`` file starts with two lines that are JSON objects each (as ``datasets``' ``to_json`` writes):
+    JSON Lines, not one JSON document."""
+    if not path.lower().endswith(".json"):
+        return False
+    try:
+        with open(path, "rb") as f:
+            lines = f.read(_JSON_SNIFF_BYTES).split(b"\n")[:2]
+        return len(lines) == 2 and all(isinstance(json.loads(line), dict) for line in lines)
+    except (OSError, ValueError, RecursionError):
+        return False
 
 
 def _folder_files(root: Path, where: str) -> list[tuple[Path, str, str]]:
@@ -186,9 +208,11 @@ def split_by_hash(items: Sequence, key: Callable[[object], str], val_fraction: f
 
 
 def plan_split(files: list[InputFile], val_fraction: float) -> list[InputFile]:
-    """Text files are held out whole (by path hash); JSONL/parquet records by the hash of ``file#index``."""
-    text = [f for f in files if f.kind == "text"]
+    """Text files are held out whole (by path hash), never an empty one (no document: an empty ``__init__.py`` left the
+    val split without any); JSONL/parquet records by the hash of ``file#index``."""
+    text = [f for f in files if f.kind == "text" and f.n_bytes]
     records = [f for f in files if f.kind != "text"]
+    empty = [with_split(f, "train") for f in files if f.kind == "text" and not f.n_bytes]
     if len(text) == 1 and not records:
         raise DataPreparationError(
             "only one document: none can be held out for validation", text[0].path, "pass --val-input"
@@ -201,7 +225,7 @@ def plan_split(files: list[InputFile], val_fraction: float) -> list[InputFile]:
         text = [with_split(f, "train") for f in train] + [with_split(f, "val") for f in val]
     else:
         text = [with_split(f, "train") for f in text]
-    return text + records
+    return text + empty + records
 
 
 def with_split(f: InputFile, split: str) -> InputFile:
@@ -215,18 +239,35 @@ def check_text_field(f: InputFile, text_field: str) -> None:
         import pyarrow.parquet as pq
 
         try:
-            names = pq.read_schema(f.path).names
+            schema = pq.read_schema(f.path)
         except Exception:
             return
-        if text_field not in names:
+        if text_field not in schema.names:
             raise DataPreparationError(
-                f"no column {text_field!r} (columns: {names})", f.path, "name the text column with --text-field"
+                f"no column {text_field!r} (columns: {schema.names})", f.path, "name the text column with --text-field"
+            )
+        if not _holds_text(column_type := schema.field(text_field).type):  # else every row is skipped, one by one
+            raise DataPreparationError(
+                f"column {text_field!r} holds {column_type}, not text", f.path, "name the text column with --text-field"
             )
     elif f.kind == "jsonl":
         with contextlib.suppress(StopIteration, BadDocument):
             lineno, record = next(_jsonl_records(f))
             if not isinstance(record, BadDocument):
+                value = record.get(text_field) if isinstance(record, dict) else None
+                if value is not None and not isinstance(value, str):  # else every record is skipped, one by one
+                    fix = "name the text field with --text-field"
+                    raise DataPreparationError(_not_text(text_field, value), f"{f.path}:{lineno}", fix)
                 _record_text(record, text_field, f.path, lineno)
+
+
+def _holds_text(column_type: object) -> bool:
+    """Whether a parquet column of this arrow type holds strings (or nulls only)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(column_type):
+        column_type = column_type.value_type
+    return pa.types.is_null(column_type) or str(column_type) in ("string", "large_string", "string_view")
 
 
 class BadDocument(Exception):
@@ -273,6 +314,8 @@ def _jsonl_records(f: InputFile, keep: Callable[[int], bool] | None = None) -> I
                     record = json.loads(line.decode("utf-8-sig" if lineno == 1 else "utf-8"))  # a BOM is no text
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
                     record = BadDocument(f"{f.path}:{lineno}", f"not a UTF-8 JSON line ({e})")
+                except (ValueError, RecursionError) as e:  # past Python's limits: an int of 5000 digits, deep nesting
+                    record = BadDocument(f"{f.path}:{lineno}", f"a JSON line Python's json cannot read ({e})")
                 yield lineno, record
     except (OSError, EOFError, ValueError, *_decompression_errors()) as e:
         if isinstance(e, DataPreparationError | BadDocument):
@@ -347,7 +390,9 @@ def iter_documents(
                 return
             data = Path(f.path).read_bytes()
             if b"\0" in data[:BINARY_SNIFF_BYTES]:
-                on_bad(BadDocument(f.path, "looks binary (NUL bytes), not text"))
+                utf16 = data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))  # Windows' "Unicode"
+                reason = "UTF-16 text, not UTF-8: convert it (iconv -f UTF-16 -t UTF-8)"
+                on_bad(BadDocument(f.path, reason if utf16 else "looks binary (NUL bytes), not text"))
                 return
             yield f.key, data.decode("utf-8-sig")  # a leading BOM is no text
         except UnicodeDecodeError as e:

@@ -42,8 +42,10 @@ HOW_TO_CREATE = f"{PREPARE}, or leave data.data_dir unset to train on the built-
 
 def check_prepared(data_dir: Path, where: str, fix: str) -> Path:
     """``data_dir`` if it is a complete prepared data directory, else a :class:`DataError` at ``where``."""
+    if data_dir.exists() and not data_dir.is_dir():  # a raw corpus file, or the folder's meta.json
+        raise DataError("data directory is a file, not a folder", where, fix)
     if not data_dir.is_dir():
-        leftover = interrupted_build(data_dir) if not data_dir.exists() else None
+        leftover = interrupted_build(data_dir)
         beside = f" (an interrupted prepare left {leftover.name} beside it)" if leftover else ""
         raise DataError(f"data directory does not exist{beside}", where, fix)
     if is_complete(data_dir):
@@ -131,7 +133,7 @@ class TokenData:
         seq_len, batch_size, vocab_size, num_workers, seed, max_bytes = plain_numbers(
             [seq_len, batch_size, vocab_size, num_workers, seed, max_bytes]
         )
-        counts = {"batch_size": batch_size, "seq_len": seq_len, "num_workers": num_workers}
+        counts = {"batch_size": batch_size, "seq_len": seq_len, "num_workers": num_workers, "seed": seed}
         if wrong := {name: n for name, n in counts.items() if not isinstance(n, int) or isinstance(n, bool)}:
             name = next(iter(wrong))  # "8" or 64.0 failed comparing str and int, or later in the loader
             raise ConfigError(f"{name} must be a whole number, got {wrong[name]!r}", f"data.{name}")
@@ -143,6 +145,8 @@ class TokenData:
             raise ConfigError(
                 f"num_workers must be 0 or more, got {num_workers}", "data.num_workers", "0 loads in the main process"
             )
+        if not 0 <= seed < 2**32:  # numpy's RandomState, which litdata shuffles with, refused it in a traceback
+            raise ConfigError(f"seed must be from 0 to {2**32 - 1}, got {seed}", "data.seed")
         dirs = [data_dir] if isinstance(data_dir, str | Path) else list(data_dir or [])
         if weights is not None:
             check_weights(weights, len(dirs))

@@ -8,6 +8,7 @@ order.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import json
 import logging
@@ -191,7 +192,7 @@ def isolated_litdata(scratch_dir: Path) -> Iterator[None]:
     stopper = _WorkerStopper()
     DataProcessor._signal_handler = stopper.handler()
     DataProcessor.run = _checked_run(litdata_run)
-    BaseWorker.run = _ending_helpers(litdata_worker_run)
+    BaseWorker.run = _ending_helpers(litdata_worker_run, parent=os.getpid())
     litdata_start = vars(DataWorkerProcess).get("start")  # None: inherited from Process
     DataWorkerProcess.start = stopper.starting_worker(DataWorkerProcess.start)
     try:
@@ -220,13 +221,14 @@ def isolated_litdata(scratch_dir: Path) -> Iterator[None]:
         shutil.rmtree(scratch_dir, ignore_errors=True)
 
 
-def _ending_helpers(run: Callable[[Any], None]) -> Callable[[Any], None]:
-    """A litdata worker's ``run`` that ends the worker's helper processes however it ends. After a failure litdata
-    leaves them waiting for work: the worker could not exit (its last chunk unwritten, the parent waited for it
-    forever), or they outlived the command."""
+def _ending_helpers(run: Callable[[Any], None], parent: int) -> Callable[[Any], None]:
+    """A litdata worker's ``run`` that ends the worker's helper processes however it ends, and the worker when the
+    command (``parent``) dies. After a failure litdata leaves them waiting for work: the worker could not exit (its last
+    chunk unwritten, the parent waited for it forever), or they outlived the command."""
 
     @functools.wraps(run)
     def run_then_end_helpers(worker: Any) -> None:
+        _stop_with(parent)
         try:
             run(worker)
         finally:
@@ -234,6 +236,19 @@ def _ending_helpers(run: Callable[[Any], None]) -> Callable[[Any], None]:
                 helper.terminate()
 
     return run_then_end_helpers
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _stop_with(parent: int) -> None:
+    """Have the kernel send this worker SIGTERM (its handler ends it and its helpers) when the command that started it
+    dies, killed outright too (``kill -9``, the OOM killer), on Linux: orphaned, it tokenized on for as long as its
+    share took."""
+    with contextlib.suppress(OSError, AttributeError):  # no prctl (macOS): left to run
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before that
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _checked_run(run: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
