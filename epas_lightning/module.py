@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 from torchmetrics.aggregation import SumMetric
 
 from epas_lightning.attention_kernels import sdpa_order
-from epas_lightning.callbacks import ProgressiveSharing
+from epas_lightning.callbacks import ProgressiveSharing, read_from_resumed_position
 from epas_lightning.divergence import DivergenceGuard, check_resumed_finite
 from epas_lightning.errors import CheckpointError, ConfigError, DataError
 from epas_lightning.flops import estimate_flops
@@ -264,6 +264,7 @@ class EPASModule(LightningModule):
         the configured schedule: loading the checkpoint's optimizer state had put the saved ones back, silently."""
         self._set_start_weights()  # FSDP2's, after the restore
         self._check_restored()
+        read_from_resumed_position(self.trainer)
         if self.trainer.ckpt_path is None or self._optimizer_settings is None:
             return
         if changed := restore_settings(self.trainer.optimizers[0], self._optimizer_settings):
