@@ -967,6 +967,19 @@ def test_a_resumed_run_reads_each_epoch_as_the_uninterrupted_run(tiny_corpus, tm
     assert max(resumed) == max(uninterrupted)
 
 
+def test_overfit_batches_trains_on_the_same_batches_every_epoch(tiny_corpus, tmp_path):
+    """Lightning turns shuffling off for overfit_batches through the loader's sampler, which a streaming dataset does
+    not use: each epoch read other batches, and the loss never showed the model overfitting them."""
+    read = {}
+
+    class ReadBatches(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            read.setdefault(trainer.current_epoch, []).append(batch.tolist())
+
+    make_trainer(tmp_path, 4, [ReadBatches()], overfit_batches=2).fit(*make_run(tiny_corpus, n_layer=2))
+    assert list(read) == [0, 1] and read[0] == read[1]
+
+
 def _saved_steps(folder: Path) -> dict[int, int]:
     """Each checkpoint of ``folder`` as its optimizer step and the micro-batches trained until then."""
     saved = {}

@@ -197,7 +197,10 @@ class TokenDataModule(TokenData, LightningDataModule):
     def train_dataloader(self) -> StreamingDataLoader:
         from epas_lightning.data.epochs import EpochLoader
 
-        loader = self._dataloader(self.train_streams(), shuffle=True, weights=self.weights, loader=EpochLoader)
+        # overfit_batches: the same first batches each epoch (Lightning turns shuffling off through a sampler, which
+        # a streaming dataset does not use)
+        shuffle = not getattr(self.trainer, "overfit_batches", 0)
+        loader = self._dataloader(self.train_streams(), shuffle=shuffle, weights=self.weights, loader=EpochLoader)
         loader.trainer_epoch = self._trainer_epoch
         restore = loader.load_state_dict
 
