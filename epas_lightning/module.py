@@ -45,7 +45,7 @@ from epas_lightning.optim import (
 )
 from epas_lightning.parallel import PRECISIONS, checkpointed_blocks, mixed_precision_policy, parallelize
 from epas_lightning.provenance import LAST_VALIDATION_KEY
-from epas_lightning.run_checkpoint import StepCheckpoint, adopt_model_checkpoint_states
+from epas_lightning.run_checkpoint import StepCheckpoint, adopt_model_checkpoint_states, keep_epoch_finished
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
 from epas_lightning.safe_load import is_weights_only, plain_numbers, verify_checkpoint
 
@@ -376,6 +376,7 @@ class EPASModule(LightningModule):
         if trainer is not None:  # before Lightning restores the callbacks
             check_training_state(trainer, checkpoint)
             adopt_model_checkpoint_states(trainer, checkpoint)
+            keep_epoch_finished(checkpoint)  # before Lightning restores the loops
         if trainer is not None and is_weights_only(checkpoint):  # no callback's hook is called
             for sharing in (c for c in trainer.callbacks if isinstance(c, ProgressiveSharing)):
                 sharing.on_load_checkpoint(trainer, self, checkpoint)  # the region it records
