@@ -327,6 +327,7 @@ class ProgressiveSharing(Callback):
         """After a resume with other settings than the checkpoint's, say what the configured schedule does to the
         region at the resumed step: layers that leave it compute again with the q/k weights they had before they
         shared (those got no update since)."""
+        read_from_resumed_position(trainer)
         saved, self._resumed_settings = self._resumed_settings, None
         current = {k: getattr(self, k) for k in saved or {}}
         if saved is None or saved == current:
@@ -431,6 +432,19 @@ COUNTS = ("batches", "samples", "lengths")
 
 PEAK_MEMORY_KEY = "train/device/peak_memory_gib"
 """Logged on CUDA: the most memory the device has allocated so far (``torch.cuda.max_memory_allocated``), GiB."""
+
+
+def read_from_resumed_position(trainer: Trainer) -> None:
+    """Start the resumed fit's training data again, now that the checkpoint is restored: a run with ``max_epochs``
+    (whose step count ``configure_optimizers`` and ``ProgressiveSharing`` ask for) made Lightning build and start the
+    loader before it restored the loops, and then neither handed the loader its saved position nor started it again,
+    so the resumed run read from the start of an epoch where the uninterrupted run was mid-epoch or in a later one."""
+    fit_loop = trainer.fit_loop
+    if not fit_loop._combined_loader_states_to_load or fit_loop._data_fetcher is None:
+        return  # nothing resumed, or Lightning restored the position before it started the loader
+    fit_loop._load_combined_loader_states()  # mid-epoch: the saved position
+    fit_loop._combined_loader_states_to_load = []  # also at an epoch end, where Lightning restores none
+    iter(fit_loop._data_fetcher)
 
 
 def let_ddp_find_unused_parameters(trainer: Trainer, first_sharing_step: int) -> None:

@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 from torchmetrics.aggregation import SumMetric
 
 from epas_lightning.attention_kernels import sdpa_order
-from epas_lightning.callbacks import ProgressiveSharing
+from epas_lightning.callbacks import ProgressiveSharing, read_from_resumed_position
 from epas_lightning.divergence import DivergenceGuard, check_resumed_finite
 from epas_lightning.errors import CheckpointError, ConfigError, DataError
 from epas_lightning.flops import estimate_flops
@@ -45,7 +45,7 @@ from epas_lightning.optim import (
 )
 from epas_lightning.parallel import PRECISIONS, checkpointed_blocks, mixed_precision_policy, parallelize
 from epas_lightning.provenance import LAST_VALIDATION_KEY
-from epas_lightning.run_checkpoint import StepCheckpoint, adopt_model_checkpoint_states
+from epas_lightning.run_checkpoint import StepCheckpoint, adopt_model_checkpoint_states, keep_epoch_finished
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
 from epas_lightning.safe_load import is_weights_only, plain_numbers, verify_checkpoint
 
@@ -264,6 +264,7 @@ class EPASModule(LightningModule):
         the configured schedule: loading the checkpoint's optimizer state had put the saved ones back, silently."""
         self._set_start_weights()  # FSDP2's, after the restore
         self._check_restored()
+        read_from_resumed_position(self.trainer)
         if self.trainer.ckpt_path is None or self._optimizer_settings is None:
             return
         if changed := restore_settings(self.trainer.optimizers[0], self._optimizer_settings):
@@ -375,6 +376,7 @@ class EPASModule(LightningModule):
         if trainer is not None:  # before Lightning restores the callbacks
             check_training_state(trainer, checkpoint)
             adopt_model_checkpoint_states(trainer, checkpoint)
+            keep_epoch_finished(checkpoint)  # before Lightning restores the loops
         if trainer is not None and is_weights_only(checkpoint):  # no callback's hook is called
             for sharing in (c for c in trainer.callbacks if isinstance(c, ProgressiveSharing)):
                 sharing.on_load_checkpoint(trainer, self, checkpoint)  # the region it records

@@ -53,6 +53,24 @@ def keep_epoch_unfinished(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
     checkpoint["epoch"] = saved["current"]["completed"]
 
 
+def keep_epoch_finished(checkpoint: dict[str, Any]) -> None:
+    """In the loop state of a ``checkpoint`` saved at an epoch's end (``on_train_epoch_end``: ``every_n_epochs``, or a
+    run without validation), count that epoch as done, and the next one as not begun: Lightning had it processed but
+    not completed, so a resume under ``max_steps`` went on in it for one more batch (the next epoch's first) and then
+    began the next epoch past the rest of its batches."""
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs, batches = fit_loop.get("epoch_progress"), fit_loop.get("epoch_loop.batch_progress")
+    if epochs is None or batches is None or not batches.get("is_last_batch"):
+        return
+    epoch = epochs["current"]
+    if not epoch["ready"] == epoch["started"] == epoch["processed"] == epoch["completed"] + 1:
+        return  # saved inside the epoch, or after it was counted done
+    for counts in (epochs["total"], epochs["current"]):
+        counts["completed"] = counts["processed"]
+    batches["current"] = dict.fromkeys(batches["current"], 0)
+    batches["is_last_batch"] = False
+
+
 class StepCheckpoint(ModelCheckpoint):
     """Lightning's ``ModelCheckpoint`` (same arguments), saving only between optimizer steps: a checkpoint holds no
     accumulated gradients, so one saved inside a step under gradient accumulation resumed with the step's earlier

@@ -931,6 +931,63 @@ def test_max_time_inside_an_optimizer_step_ends_the_run_when_the_step_is_done(ti
     assert trainer.fit_loop.epoch_loop.val_loop.batch_progress.total.completed == 1
 
 
+@pytest.mark.parametrize(
+    ("limits", "first", "saved"),
+    [
+        ({"max_epochs": 3}, {"max_epochs": 1}, "last.ckpt"),
+        ({"max_epochs": 3}, {"max_epochs": 3, "max_steps": 3}, "last.ckpt"),
+        ({"max_steps": 6}, {"max_steps": 3}, "last.ckpt"),
+        ({"max_steps": 6}, {"max_steps": 6}, "epoch=0-step=2.ckpt"),
+    ],
+    ids=[
+        "max_epochs, resumed at an epoch end",
+        "max_epochs, resumed mid-epoch",
+        "max_steps, resumed mid-epoch",
+        "max_steps, resumed from a save at an epoch's end",
+    ],
+)
+def test_a_resumed_run_reads_each_epoch_as_the_uninterrupted_run(tiny_corpus, tmp_path, limits, first, saved):
+    """litdata counts the epochs its loader was iterated. Resumed at an epoch end under max_epochs (Lightning then
+    restores no loader position), the run read its first epoch's order again; resumed mid-epoch, the restored position
+    outlived that epoch (Lightning stops reading at the epoch's length), so the next epoch read nothing: an empty
+    epoch, one of max_epochs lost. Under max_steps, a checkpoint saved at an epoch's end (no validation; every_n_epochs)
+    resumed with one more batch in that epoch, the next one's first, and the next epoch started on a new order, its
+    other batches skipped. Each epoch now reads the batches the uninterrupted run read in it."""
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    def fit(folder: str, ckpt_path: Path | None = None, **limit) -> dict:
+        read = {}
+
+        class ReadBatches(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                read[(trainer.current_epoch, batch_idx)] = batch[:, :3].tolist()
+
+        checkpoint = RunCheckpoint(dirpath=tmp_path / folder, save_last=True, save_top_k=-1)
+        steps = limit.pop("max_steps", -1)
+        trainer = make_trainer(tmp_path, steps, [ReadBatches(), checkpoint], limit_train_batches=2, **limit)
+        trainer.fit(*make_run(tiny_corpus, n_layer=2), ckpt_path=ckpt_path)
+        return read
+
+    uninterrupted = fit("whole", **limits)
+    fit("first", **first)
+    resumed = fit("resumed", tmp_path / "first" / saved, **limits)
+    assert resumed == {key: batches for key, batches in uninterrupted.items() if key >= min(resumed)}
+    assert max(resumed) == max(uninterrupted)
+
+
+def test_overfit_batches_trains_on_the_same_batches_every_epoch(tiny_corpus, tmp_path):
+    """Lightning turns shuffling off for overfit_batches through the loader's sampler, which a streaming dataset does
+    not use: each epoch read other batches, and the loss never showed the model overfitting them."""
+    read = {}
+
+    class ReadBatches(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            read.setdefault(trainer.current_epoch, []).append(batch.tolist())
+
+    make_trainer(tmp_path, 4, [ReadBatches()], overfit_batches=2).fit(*make_run(tiny_corpus, n_layer=2))
+    assert list(read) == [0, 1] and read[0] == read[1]
+
+
 def _saved_steps(folder: Path) -> dict[int, int]:
     """Each checkpoint of ``folder`` as its optimizer step and the micro-batches trained until then."""
     saved = {}

@@ -195,7 +195,13 @@ class TokenDataModule(TokenData, LightningDataModule):
         check_tokenized_as(self.data_dirs[0], tokenizer, self._data_dir_flag, fix, whose="the checkpoint's")
 
     def train_dataloader(self) -> StreamingDataLoader:
-        loader = self._dataloader(self.train_streams(), shuffle=True, weights=self.weights)
+        from epas_lightning.data.epochs import EpochLoader
+
+        # overfit_batches: the same first batches each epoch (Lightning turns shuffling off through a sampler, which
+        # a streaming dataset does not use)
+        shuffle = not getattr(self.trainer, "overfit_batches", 0)
+        loader = self._dataloader(self.train_streams(), shuffle=shuffle, weights=self.weights, loader=EpochLoader)
+        loader.trainer_epoch = self._trainer_epoch
         restore = loader.load_state_dict
 
         def load_position(state: dict[str, Any]) -> None:  # Lightning hands a resumed fit's position to the loader
@@ -215,6 +221,15 @@ class TokenDataModule(TokenData, LightningDataModule):
             )
         self._check_validation_interval(len(loader))
         return loader
+
+    def _trainer_epoch(self) -> int | None:
+        """The epoch the training loader is read for: the fit loop's epochs done so far (also when a resume starts it,
+        before Lightning counts the checkpoint's last epoch as done); ``None`` (litdata's own count) without a trainer
+        or after ``resume_position: false``."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or self._fresh_position:
+            return None
+        return trainer.fit_loop.epoch_progress.current.processed
 
     def _check_validation_interval(self, epoch: int) -> None:
         """A validation interval in batches longer than the data's epoch of ``epoch`` batches, where Lightning refuses

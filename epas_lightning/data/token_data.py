@@ -290,7 +290,7 @@ class TokenData:
         return self._dataloader(self.val_streams(), shuffle=False)
 
     def _dataloader(
-        self, streams: list[Path], shuffle: bool, weights: list[float] | None = None
+        self, streams: list[Path], shuffle: bool, weights: list[float] | None = None, loader: type | None = None
     ) -> StreamingDataLoader:
         from litdata import StreamingDataLoader, StreamingDataset
         from litdata.streaming.item_loader import TokensLoader
@@ -314,7 +314,7 @@ class TokenData:
             dataset = SizedCombinedStreamingDataset(
                 datasets, seed=self.seed, weights=weights, iterate_over_all=weights is None
             )
-        return StreamingDataLoader(
+        return (loader or StreamingDataLoader)(
             dataset,
             batch_size=self.batch_size,
             num_workers=self.num_workers,

@@ -1,0 +1,33 @@
+"""The training loader, whose epochs are the trainer's (litdata's loader counts the times it was iterated)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from litdata import StreamingDataLoader
+
+
+class EpochLoader(StreamingDataLoader):
+    """litdata's ``StreamingDataLoader`` reading in each epoch of the trainer the order that epoch has in an
+    uninterrupted run (litdata's epoch ``n + 1`` in the trainer's epoch ``n``).
+
+    litdata counts the epochs by the times its loader was iterated. A fit resumed at an epoch end under
+    ``max_epochs`` (Lightning then restores no position) read the first epoch's order again, and a position restored
+    mid-epoch outlived that epoch (Lightning stops reading at the epoch's length, so litdata never saw it end): the
+    next epoch read the rest of the old one, or nothing, an empty epoch.
+
+    ``trainer_epoch`` gives the trainer's epoch; ``None`` (no trainer, or a position that starts afresh) keeps
+    litdata's own count.
+    """
+
+    trainer_epoch: Callable[[], int | None] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = self.trainer_epoch() if self.trainer_epoch is not None else None
+        if epoch is not None:
+            if self.restore and self.current_epoch != epoch + 1:
+                self.restore = False  # a position in an epoch read already: this one starts afresh
+            if not self.restore:  # litdata counts it up by one as it starts; never back: Lightning may start the loader
+                self.current_epoch = max(self.current_epoch, epoch)  # before it ends the epoch a checkpoint ended
+        return super().__iter__()
