@@ -151,6 +151,34 @@ def test_startup_mistakes_are_one_line_before_the_weights_load(checkpoint, tmp_p
     assert capsys.readouterr().err.startswith(f"error: must be a 64-bit signed integer, got {2**64} — --seed — ")
 
 
+@pytest.mark.parametrize(
+    "template,flags,fix",
+    [  # both advised "lower --max-new-tokens" / "shorten --system", which leave it too long at 1 token or at ""
+        (
+            CHATML.replace("You are a helpful assistant.", "You are a helpful assistant. " * 15),
+            [],
+            "— --system — pass a short --system (it replaces the template's default system message)\n",
+        ),
+        (
+            "{{ 'Read this first. ' * 15 }}" + CHATML,
+            ["--system", "x", "--max-new-tokens", "1"],
+            "— chat with a model of a longer context, or pass --tokenizer <a folder holding this tokenizer and a "
+            "shorter chat template>\n",
+        ),
+    ],
+)
+def test_a_template_too_long_for_the_context_says_what_leaves_room(
+    checkpoint, tmp_path, monkeypatch, capsys, template, flags, fix
+):
+    """A chat template that fills the context by itself: the fix named is one that leaves room for a message."""
+    long = shutil.copytree(checkpoint, tmp_path / "long")
+    (long / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    monkeypatch.setattr("epas_lightning.inference.chat_cli.load_for_inference", lambda *a, **k: pytest.fail("loaded"))
+    assert cli_main(["chat", "--checkpoint", str(long), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the chat template ") and err.count("\n") == 1 and err.endswith(fix), err
+
+
 def test_a_long_chat_drops_its_oldest_turns_and_ctrl_c_stops_only_the_reply(checkpoint, monkeypatch, capsys):
     """Turns are dropped (said once) so that the prompt leaves the reply its room, the system message kept; Ctrl+C
     during a reply ends that reply, what was shown stays in the history, and the chat goes on."""

@@ -236,13 +236,18 @@ def test_a_missing_tokenizer_names_the_flag_before_anything_loads(tmp_path, caps
         (b'{"a": 1}', "not a readable HF tokenizer.json", "pass a tokenizer.json (HF tokenizers) or tokenizer.model"),
         (b"\x00\x01 not a model", "neither a tokenizer.json nor a sentencepiece model", "pass a tokenizer.json"),
         (None, "tokenizer is not a regular file (a pipe or device)", "save it to a file and pass that file"),
+        ("folder", "no tokenizer.json or tokenizer.model in the tokenizer folder", "pass a tokenizer.json or"),
     ],
-)  # each said what without what to do (after loading the model); the pipe was said not to exist
+)  # each said what without what to do (after loading the model; a folder without one still did); the pipe was said
+# not to exist
 def test_a_tokenizer_that_is_no_tokenizer_file_says_what_to_pass_before_anything_loads(
     content, says, fix, tmp_path, capsys
 ):
     tokenizer = tmp_path / "tok"
-    os.mkfifo(tokenizer) if content is None else tokenizer.write_bytes(content)
+    if content == "folder":
+        tokenizer.mkdir()
+    else:
+        os.mkfifo(tokenizer) if content is None else tokenizer.write_bytes(content)
     argv = ["generate", "--prompt", "x", "--checkpoint", str(tmp_path / "missing.ckpt"), "--tokenizer", str(tokenizer)]
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -147,7 +147,11 @@ def resolve_tokenizer_path(path: str | Path) -> Path:
     if path.is_dir():
         if (found := tokenizer_in(path)) is not None:
             return found
-        raise TokenizerError(f"no {HF_FILENAME} or {SENTENCEPIECE_FILENAME} in the tokenizer folder", path)
+        raise TokenizerError(
+            f"no {HF_FILENAME} or {SENTENCEPIECE_FILENAME} in the tokenizer folder",
+            path,
+            f"pass a {HF_FILENAME} or {SENTENCEPIECE_FILENAME}, or a folder holding one",
+        )
     if path.exists() and not path.is_file():  # a pipe or device: read more than once, it would be empty
         raise TokenizerError(
             "tokenizer is not a regular file (a pipe or device)", path, "save it to a file and pass that file"

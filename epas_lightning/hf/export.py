@@ -248,6 +248,11 @@ def export(
         if use_remote:
             for name in REMOTE_FILES:
                 shutil.copyfile(REMOTE_DIR / name, build / name)
+        if not use_remote and loaded.region.size:
+            log.warning(
+                f"The stock folder records no trained region ({loaded.region.describe()}): our commands read it "
+                "as dense; export with --remote-code to keep the region with 0 sharing layers"
+            )
         if tokenizer_path is None:
             log.warning(f"{loaded.no_tokenizer().capitalize()}: exported weights and config only; pass --tokenizer.")
         else:

@@ -65,20 +65,48 @@ class Conversation:
 
     def check_room(self) -> None:
         """A :class:`ConfigError` if the template refuses the system message, or leaves no room for a message with it
-        and a reply of ``reply_tokens``."""
+        and a reply of ``reply_tokens``; it names a fix that leaves room (a shorter system message, a shorter reply),
+        or says that the template itself is too long for the model's context."""
         empty = len(self.ids([{"role": "user", "content": ""}]))
-        if empty + self.reply_tokens >= self.context_length:
-            system = self.system is not None
-            fix = "lower --max-new-tokens"
-            if system:
-                fix = "shorten --system" + ("" if empty >= self.context_length - 1 else f", or {fix}")
+        if empty + self.reply_tokens < self.context_length:
+            return
+        system, fixes = self.system is not None, self.room_fixes(empty)
+        if not fixes:
             raise ConfigError(
-                f"the chat template{' with the system message' if system else ''} makes a prompt of {empty} tokens "
-                f"before any message is typed; with a reply of {self.reply_tokens} that leaves no room in the model's "
-                f"context length of {self.context_length}",
-                "--system" if system else "--max-new-tokens",
-                fix,
+                f"the chat template makes a prompt of {self.bare_length()} tokens by itself (with an empty system "
+                "message, where it takes one), which leaves no room for a message and a reply in the model's context "
+                f"length of {self.context_length}",
+                f"the chat template beside {self.tokenizer.path}",
+                "chat with a model of a longer context, or pass --tokenizer <a folder holding this tokenizer and a "
+                "shorter chat template>",
             )
+        raise ConfigError(
+            f"the chat template{' with the system message' if system else ''} makes a prompt of {empty} tokens "
+            f"before any message is typed; with a reply of {self.reply_tokens} that leaves no room in the model's "
+            f"context length of {self.context_length}",
+            "--system" if "system" in fixes[0] else "--max-new-tokens",
+            ", or ".join(fixes),
+        )
+
+    def room_fixes(self, empty: int) -> list[str]:
+        """What leaves room for a message and a reply of at least one token, where the prompt before any message is
+        ``empty`` tokens long: a shorter system message, a shorter reply, or neither."""
+        fixes = []
+        if self.bare_length() < min(empty, self.context_length - 1):
+            short = "pass a short --system (it replaces the template's default system message)"
+            fixes.append("shorten --system" if self.system is not None else short)
+        if empty < self.context_length - 1:
+            fixes.append("lower --max-new-tokens")
+        return fixes
+
+    def bare_length(self) -> int:
+        """The prompt's length with an empty message and an empty system message (none, for a template that refuses
+        one): the least any ``--system`` leaves."""
+        message = {"role": "user", "content": ""}
+        try:
+            return len(chat_prompt_ids(self.template, [{"role": "system", "content": ""}, message], self.tokenizer))
+        except (TemplateRefusal, TemplateFailure):
+            return len(chat_prompt_ids(self.template, [message], self.tokenizer))
 
     def prompt(self, text: str) -> tuple[list[int], int]:
         """Add the user message ``text``; return the conversation's prompt ids and how many of its oldest turns
