@@ -26,15 +26,15 @@ from epas_lightning.run_summary import say
 from epas_lightning.safe_load import verify_checkpoint
 
 
-def save_last_now(trainer: Trainer, checkpoint: ModelCheckpoint) -> Path | None:
-    """Write the current state (weights, optimizer, loops) to ``last.ckpt`` in ``checkpoint``'s folder; every rank
-    takes part. ``checkpoint`` then counts this step as saved, so no scheduled save writes the same step again.
-    Returns the path, or ``None`` when ``checkpoint`` has no folder."""
+def save_last_now(trainer: Trainer, checkpoint: ModelCheckpoint, weights_only: bool = False) -> Path | None:
+    """Write the current state (weights, optimizer, loops; the weights alone with ``weights_only``) to ``last.ckpt``
+    in ``checkpoint``'s folder; every rank takes part. ``checkpoint`` then counts this step as saved, so no scheduled
+    save writes the same step again. Returns the path, or ``None`` when ``checkpoint`` has no folder."""
     if checkpoint.dirpath is None:
         return None
     path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
     checkpoint.last_model_path = str(path)  # part of the state written below
-    trainer.save_checkpoint(path, weights_only=False)  # a link here is replaced, never written through
+    trainer.save_checkpoint(path, weights_only=weights_only)  # a link here is replaced, never written through
     checkpoint._last_global_step_saved = trainer.global_step  # Lightning's own "this step is saved" record
     checkpoint._last_checkpoint_saved = str(path)
     return path
@@ -201,7 +201,7 @@ class RunCheckpoint(StepCheckpoint):
         if trainer.fast_dev_run:
             return
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            save_last_now(trainer, self)
+            save_last_now(trainer, self, weights_only=self.save_weights_only)  # as every save of the run
         super().on_train_end(trainer, pl_module)
 
 

@@ -518,20 +518,25 @@ def test_checkpoints_from_before_the_record_keep_working(shallow, tmp_path):
     assert load_model(tmp_path / "older.ckpt").region.first(1) == [3]
 
 
-def test_weights_only_checkpoints_record_the_region(tiny_corpus, tmp_path):
+@pytest.mark.parametrize("kind", ["ModelCheckpoint", "RunCheckpoint"])
+def test_weights_only_checkpoints_record_the_region(tiny_corpus, tmp_path, kind):
     """Lightning calls no callback's ``on_save_checkpoint`` in a weights-only save: the order was guessed from the
-    mask (deep-first, as it holds the last layer), and N = 1 of a shallow-first [1, 2, 3] was layer 3."""
+    mask (deep-first, as it holds the last layer), and N = 1 of a shallow-first [1, 2, 3] was layer 3. The run's
+    checkpoint (fit's ``checkpoint`` section) wrote its last.ckpt at the end with the optimizer state all the same."""
     from helpers import cpu_trainer
 
     from epas_lightning import EPASModule, LlamaConfig, TokenDataModule
+    from epas_lightning.run_checkpoint import RunCheckpoint
 
     config = LlamaConfig.from_name("debug", n_layer=4, block_size=16)
     data = TokenDataModule(data_dir=str(tiny_corpus), seq_len=16, batch_size=1, vocab_size=config.vocab_size)
     sharing = ProgressiveSharing(target=3, growth=3, interval=1, start_step=0, order="shallow_first")
-    saved = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_weights_only=True)
-    cpu_trainer(tmp_path, 1, [sharing, saved]).fit(EPASModule(config), datamodule=data)
+    checkpoint = {"ModelCheckpoint": ModelCheckpoint, "RunCheckpoint": RunCheckpoint}[kind]
+    saved = checkpoint(dirpath=tmp_path, save_last=True, save_weights_only=True, every_n_train_steps=2)
+    cpu_trainer(tmp_path, 3, [sharing, saved]).fit(EPASModule(config), datamodule=data)  # ends between two saves
     region = load_model(tmp_path / "last.ckpt").region
     assert (region.layers, region.order, region.first(1)) == ((1, 2, 3), "shallow_first", [1])
+    assert "optimizer_states" not in torch.load(tmp_path / "last.ckpt", weights_only=True)
 
 
 def test_every_consumer_reads_n_sharing_layers_in_growth_order(shallow, tmp_path, capsys):
