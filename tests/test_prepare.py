@@ -401,7 +401,13 @@ def test_broken_links_and_folders_that_cannot_be_listed_are_named(tmp_path: Path
             raise PermissionError(13, "Permission denied", os.fspath(path))
         return scandir(path)
 
+    def unsearchable(path, *args, stat=os.stat, **kwargs):  # nor look into it: its meta.json cannot be looked up
+        if os.path.dirname(os.fspath(path)).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return stat(path, *args, **kwargs)
+
     monkeypatch.setattr(os, "scandir", denied)
+    monkeypatch.setattr(os, "stat", unsearchable)
     with caplog.at_level("WARNING", logger="epas_lightning"):
         assert [f.key for f in discover_files([tmp_path])] == ["b.txt"]
     assert [r.getMessage() for r in caplog.records] == [

@@ -134,10 +134,13 @@ def _holds_json_lines(path: str) -> bool:
 
 def _output_kind(folder: Path) -> str | None:
     """The kind of output of this project that ``folder`` is (its marker's; ``dataset`` for one prepared before output
-    folders carried a marker), or ``None``."""
+    folders carried a marker), or ``None`` (also for one this user may not look into: listing it says so)."""
     if (record := read_marker(folder)) is not None:
         return str(record.get("kind"))
-    return DATASET_KIND if is_prepared_dataset(folder) else None
+    try:
+        return DATASET_KIND if is_prepared_dataset(folder) else None
+    except OSError:
+        return None
 
 
 def _listed_output_kind(folder: str, dirnames: list[str], filenames: list[str]) -> str | None:
