@@ -159,3 +159,15 @@ def compile_blocks_eagerly(model) -> list:
     for block in model.layers:
         block.compile(backend=backend, fullgraph=True)
     return graphs
+
+
+def record_tokenizer_of(data_dir: Path, source: Path) -> None:
+    """Write ``source``'s ``meta.json`` into ``data_dir`` (its streams linked from ``source``), recording the hash of
+    ``data_dir``'s own tokenizer file: as ``prepare`` records the tokenizer it prepared with."""
+    import json
+
+    from epas_lightning.data.tokenizer import file_sha256
+
+    meta = json.loads((source / "meta.json").read_text())
+    meta["tokenizer_sha256"] = file_sha256(data_dir / meta["tokenizer"])
+    (data_dir / "meta.json").write_text(json.dumps(meta))

@@ -3,6 +3,7 @@
 import json
 import logging
 import random
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -371,6 +372,31 @@ def test_incomplete_data_dir_lists_what_is_missing(tiny_corpus: Path, tmp_path: 
     shutil.rmtree(data_dir / "val")
     with pytest.raises(DataError, match=r"incomplete data directory: missing val/index.json, meta.json.*prepare"):
         tiny_datamodule(data_dir)
+
+
+def test_a_tokenizer_file_replaced_in_a_prepared_folder_is_refused(tiny_corpus: Path, tmp_path: Path):
+    """meta.json records the hash of the tokenizer the ids were made with, and nothing compared it: a folder whose
+    tokenizer file was replaced trained and was scored on ids the new file reads as other tokens, and checkpoints
+    and exports shipped the new file."""
+    from epas_lightning.data.token_data import check_data_flag
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for name in ("train", "val"):
+        (data_dir / name).symlink_to(tiny_corpus / name)
+    shutil.copy(tiny_corpus / "meta.json", data_dir / "meta.json")
+    tokenizer = json.loads((tiny_corpus / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # another vocabulary of the same size
+    (data_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+    says = "the tokenizer file tokenizer.json changed since the data was prepared (meta.json records another hash)"
+    with pytest.raises(DataError, match=rf"^{re.escape(says)}.* — data.data_dir {data_dir} — prepare the data again"):
+        tiny_datamodule(data_dir)
+    with pytest.raises(DataError, match=rf"^{re.escape(says)}.* — --data {data_dir} — prepare the data again"):
+        check_data_flag(data_dir)  # evaluate, bench, analyze
+    with pytest.raises(DataError, match=rf"^{re.escape(says)}.* — data.val_dir {data_dir} — prepare the data again"):
+        tiny_datamodule(tiny_corpus, val_dir=str(data_dir))
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])

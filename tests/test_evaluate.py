@@ -267,15 +267,17 @@ def test_held_out_data_that_is_gone_is_named(tmp_path, tiny_corpus, capsys) -> N
 def test_held_out_data_of_another_vocabulary_than_the_model_is_one_line(tmp_path, tiny_corpus, capsys) -> None:
     """evaluate, bench and analyze scored a --data folder tokenized with another vocabulary (no larger than the
     model's) as if its ids were the model's tokens: numbers that mean nothing, without a word."""
+    from helpers import record_tokenizer_of
     from tokenizers import Tokenizer
 
     from epas_lightning.data.tokenizer import same_token_ids, train_byte_level_bpe
 
     other = tmp_path / "other"  # the same streams, prepared (as far as anything can tell) with a 300-token BPE
     other.mkdir()
-    for name in ("train", "val", "meta.json"):
+    for name in ("train", "val"):
         (other / name).symlink_to(tiny_corpus / name)
     train_byte_level_bpe(["def main():\n    return 0\n"] * 4, 300).save(str(other / "tokenizer.json"))
+    record_tokenizer_of(other, tiny_corpus)
     ckpt = save_consolidated(tiny_model(n_layer=2), tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
     for command in ("evaluate", "bench", "analyze"):
         output = [] if command == "evaluate" else ["--output", str(tmp_path / command)]

@@ -416,12 +416,14 @@ def checkpoint_on_its_own_data(tiny_corpus, tmp_path):
     as `prepare --overwrite` with another tokenizer does: (checkpoint, data folder, a copy of the original)."""
     import shutil
 
+    from helpers import record_tokenizer_of
+
     from epas_lightning.data.tokenizer import file_sha256, train_byte_level_bpe
     from epas_lightning.model import Llama
 
     data = tmp_path / "data"
     data.mkdir()
-    for name in ("train", "val", "meta.json"):
+    for name in ("train", "val"):
         (data / name).symlink_to(tiny_corpus / name)
     original = tmp_path / "original.json"
     shutil.copy(tiny_corpus / "tokenizer.json", original)
@@ -432,6 +434,7 @@ def checkpoint_on_its_own_data(tiny_corpus, tmp_path):
     torch.save({"state_dict": state, "model_config": config.to_dict(), "tokenizer": record}, tmp_path / "m.ckpt")
     texts = ["def main():\n    return 0\n", "import os, sys\n"] * 20
     train_byte_level_bpe(texts, 300).save(str(data / "tokenizer.json"))  # prepared again: another vocabulary
+    record_tokenizer_of(data, tiny_corpus)
     return tmp_path / "m.ckpt", data, original
 
 

@@ -330,6 +330,42 @@ def test_files_of_unknown_kind_in_a_folder_are_counted_in_one_warning(tmp_path: 
         discover_files([tmp_path / "gone"], split="val")
 
 
+def test_folders_this_project_wrote_are_not_read_as_documents(tmp_path: Path, caplog):
+    """A corpus folder holding an earlier prepare's output (or an export) had its tokenizer.json, meta.json and
+    index.json files read as documents, without a word; such an output given as the input itself was read the same
+    way, as was a folder inside one."""
+    from epas_lightning.data.sources import discover_files
+    from epas_lightning.outputs import write_marker
+
+    corpus = tmp_path / "corpus"
+    meta = json.dumps({"format_version": 1, "tokenizer_sha256": "0" * 64})
+    for folder in ("export", "sub/old", "tok1"):
+        for name in ("meta.json", "tokenizer.json", "train/index.json", "val/index.json"):
+            (corpus / folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (corpus / folder / name).write_text(meta)
+    write_marker(corpus / "export", "hf-export")
+    write_marker(corpus / "tok1", "dataset")  # sub/old: prepared before output folders carried a marker
+    (corpus / "sub" / "a.txt").write_text("x")
+    with caplog.at_level("WARNING", logger="epas_lightning"):
+        assert [f.key for f in discover_files([corpus])] == ["sub/a.txt"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Left out 3 folders under --input {corpus} that epas_lightning wrote (e.g. {corpus / 'export'}, its "
+        "hf-export output): what it writes is not documents"
+    ]
+    fix = re.escape("give the corpus it was prepared from (its meta.json lists the inputs)")
+    for given, says in (
+        (corpus / "tok1", r"is an output of epas_lightning \(dataset\)"),
+        (corpus / "sub" / "old", r"is an output of epas_lightning \(dataset\)"),
+        (corpus / "tok1" / "val", rf"lies inside an output of epas_lightning \(dataset: {corpus / 'tok1'}\)"),
+    ):
+        with pytest.raises(DataPreparationError, match=rf"^the input {says}, not documents — --val-input {given} — "):
+            discover_files([given], split="val")
+    with pytest.raises(DataPreparationError, match=rf" — --input {corpus / 'tok1'} — {fix}$"):
+        discover_files([corpus / "tok1"])
+    with pytest.raises(DataPreparationError, match=r"\(hf-export\), not documents — .* — give the documents"):
+        discover_files([corpus / "export"])
+
+
 def test_json_lines_named_json_are_said_to_be_read_as_one_text_document(tmp_path: Path, caplog):
     """Hugging Face ``datasets``' ``to_json`` writes JSON Lines named ``.json``: each file was read as one document of
     JSON syntax without a word. A JSON document (a config, even a one-line one) is not JSON Lines."""
@@ -365,7 +401,13 @@ def test_broken_links_and_folders_that_cannot_be_listed_are_named(tmp_path: Path
             raise PermissionError(13, "Permission denied", os.fspath(path))
         return scandir(path)
 
+    def unsearchable(path, *args, stat=os.stat, **kwargs):  # nor look into it: its meta.json cannot be looked up
+        if os.path.dirname(os.fspath(path)).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return stat(path, *args, **kwargs)
+
     monkeypatch.setattr(os, "scandir", denied)
+    monkeypatch.setattr(os, "stat", unsearchable)
     with caplog.at_level("WARNING", logger="epas_lightning"):
         assert [f.key for f in discover_files([tmp_path])] == ["b.txt"]
     assert [r.getMessage() for r in caplog.records] == [

@@ -473,14 +473,17 @@ def test_a_resume_on_data_of_another_tokenizer_is_refused_as_such(tiny_corpus, t
     """Data prepared with another tokenizer than the checkpoint trained with was refused only for its other streams,
     with advice to start from the weights with init_from (refused again, for the tokenizer); streams that resolve to
     the same files trained on, their ids read as other tokens. The tokenizer is named first, before any weight loads."""
+    from helpers import record_tokenizer_of
+
     from epas_lightning.errors import DataError
 
     last = train_tiny_checkpoint(tiny_corpus, tmp_path, ProgressiveSharing(target=1, interval=2), steps=1)
     other = tmp_path / "other"  # the same streams, with two ids of the tokenizer swapped: another vocabulary
     other.mkdir()
-    for name in ("train", "val", "meta.json"):
+    for name in ("train", "val"):
         (other / name).symlink_to(tiny_corpus / name)
     (other / "tokenizer.json").write_text(swapped_vocab(tiny_corpus / "tokenizer.json"))
+    record_tokenizer_of(other, tiny_corpus)
     module, _ = make_run(tiny_corpus)
     data = TokenDataModule(data_dir=str(other), seq_len=32, batch_size=4, vocab_size=module.config.vocab_size)
     says = rf"prepared with another tokenizer \({other / 'tokenizer.json'}\) than the checkpoint's \(.*tokenizer.json\)"
@@ -505,6 +508,8 @@ def test_a_resume_on_its_data_folder_prepared_again_with_another_tokenizer_is_re
     checkpoint records the file's hash."""
     import shutil
 
+    from helpers import record_tokenizer_of
+
     from epas_lightning.errors import DataError
 
     data_dir = tmp_path / "data"
@@ -514,6 +519,8 @@ def test_a_resume_on_its_data_folder_prepared_again_with_another_tokenizer_is_re
     shutil.copy(tiny_corpus / "tokenizer.json", data_dir / "tokenizer.json")
     last = train_tiny_checkpoint(data_dir, tmp_path, ProgressiveSharing(target=1, interval=2), steps=1)
     (data_dir / "tokenizer.json").write_text(swapped_vocab(tiny_corpus / "tokenizer.json"))  # prepared again
+    (data_dir / "meta.json").unlink()
+    record_tokenizer_of(data_dir, tiny_corpus)
     module, data = make_run(data_dir)
     with pytest.raises(DataError, match=rf"tokenizer {data_dir / 'tokenizer.json'} changed since the checkpoint"):
         make_trainer(tmp_path / "resumed", 2, []).fit(module, data, ckpt_path=last)

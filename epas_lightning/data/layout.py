@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from epas_lightning.data.tokenizer import HF_FILENAME, tokenizer_in
+from epas_lightning.data.tokenizer import HF_FILENAME, file_sha256, tokenizer_in
 from epas_lightning.errors import DataError
 
 FORMAT_VERSION = 1
@@ -76,6 +76,23 @@ def tokenizer_file(data_dir: Path, meta: dict | None = None) -> Path:
             "prepare the data again",
         )
     return data_dir / name
+
+
+def check_recorded_tokenizer(data_dir: Path, where: str | Path) -> None:
+    """A :class:`DataCheckError` unless the tokenizer file of the complete ``data_dir`` is the one its ``meta.json``
+    records (its hash): a file replaced since, another vocabulary, reads the ids as other tokens, and checkpoints and
+    exports would ship it as the model's. A ``meta.json`` that records no hash is taken as it is."""
+    meta = load_meta(data_dir)
+    if not isinstance(recorded := meta.get("tokenizer_sha256"), str):
+        return
+    tokenizer = tokenizer_file(data_dir, meta)
+    if file_sha256(tokenizer) != recorded:
+        raise DataCheckError(
+            f"the tokenizer file {tokenizer.name} changed since the data was prepared ({META_FILENAME} records "
+            "another hash): the data's token ids stand for other tokens in it",
+            where,
+            "prepare the data again with the tokenizer to use (or put the original file back)",
+        )
 
 
 def missing_entries(data_dir: Path) -> list[str]:

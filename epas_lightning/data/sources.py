@@ -22,8 +22,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from epas_lightning.data.layout import DATASET_KIND, META_FILENAME, is_prepared_dataset
 from epas_lightning.data.streams import compression, open_binary
 from epas_lightning.errors import DataError
+from epas_lightning.outputs import MARKER, read_marker
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +85,9 @@ def file_kind(path: Path, explicit: bool) -> str | None:
 
 
 def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[InputFile]:
-    """The files of ``inputs`` (files or directories, walked in sorted order; hidden entries skipped). Each real file
-    is read once, where it is first found: a linked file, or one under two inputs, is not a second document."""
+    """The files of ``inputs`` (files or directories, walked in sorted order; hidden entries and the folders this
+    project wrote skipped). Each real file is read once, where it is first found: a linked file, or one under two
+    inputs, is not a second document."""
     files: list[InputFile] = []
     read: set[str] = set()
     flag = "--val-input" if split == "val" else "--input"
@@ -129,14 +132,51 @@ def _holds_json_lines(path: str) -> bool:
         return False
 
 
+def _output_kind(folder: Path) -> str | None:
+    """The kind of output of this project that ``folder`` is (its marker's; ``dataset`` for one prepared before output
+    folders carried a marker), or ``None`` (also for one this user may not look into: listing it says so)."""
+    if (record := read_marker(folder)) is not None:
+        return str(record.get("kind"))
+    try:
+        return DATASET_KIND if is_prepared_dataset(folder) else None
+    except OSError:
+        return None
+
+
+def _listed_output_kind(folder: str, dirnames: list[str], filenames: list[str]) -> str | None:
+    """:func:`_output_kind` of a folder just listed: nothing more is read of one that has neither a marker nor a
+    prepared dataset's layout."""
+    if MARKER in filenames or (META_FILENAME in filenames and {"train", "val"} <= set(dirnames)):
+        return _output_kind(Path(folder))
+    return None
+
+
+def _check_no_output(root: Path, where: str) -> None:
+    """Refuse an input folder that is, or lies inside, an output of this project: its files are no documents (a
+    prepared dataset given for its corpus, most likely)."""
+    root = root.absolute()
+    for folder in (root, *root.parents):
+        if (kind := _output_kind(folder)) is None:
+            continue
+        what = f"is an output of epas_lightning ({kind})"
+        if folder != root:
+            what = f"lies inside an output of epas_lightning ({kind}: {folder})"
+        fix = "give the documents to prepare"
+        if kind == DATASET_KIND:
+            fix = f"give the corpus it was prepared from (its {META_FILENAME} lists the inputs)"
+        raise DataPreparationError(f"the input {what}, not documents", where, fix)
+
+
 def _folder_files(root: Path, where: str) -> list[tuple[Path, str, str]]:
     """``(path, key, kind)`` of the files under ``root`` that are read; one warning line for each sort left out
-    (files of no known kind, broken links, folders that cannot be listed). A ``root`` that cannot be listed is an
-    error."""
+    (files of no known kind, broken links, folders that cannot be listed, folders this project wrote). A ``root``
+    that cannot be listed, or that this project wrote, is an error."""
+    _check_no_output(root, where)
     found: list[tuple[Path, str, str]] = []
     unknown: list[Path] = []
     broken: list[Path] = []
     unlisted: list[OSError] = []
+    outputs: list[tuple[str, str]] = []
 
     def cannot_list(e: OSError) -> None:
         if e.filename == os.fspath(root):
@@ -146,6 +186,10 @@ def _folder_files(root: Path, where: str) -> list[tuple[Path, str, str]]:
 
     seen = {os.path.realpath(root)}  # linked folders are followed, each real folder read once (no link loops)
     for dirpath, dirnames, filenames in os.walk(root, onerror=cannot_list, followlinks=True):
+        if kind := _listed_output_kind(dirpath, dirnames, filenames):
+            outputs.append((dirpath, kind))
+            dirnames.clear()
+            continue
         kept = []
         for name in sorted(d for d in dirnames if d not in SKIPPED_DIRS and not d.startswith(".")):
             if (real := os.path.realpath(os.path.join(dirpath, name))) not in seen:
@@ -170,6 +214,12 @@ def _folder_files(root: Path, where: str) -> list[tuple[Path, str, str]]:
         log.warning(
             f"Left out {_count(unlisted, 'folder')} under {where} that cannot be listed (e.g. {e.filename}: "
             f"{e.strerror or e}): check their permissions"
+        )
+    if outputs:
+        folder, kind = outputs[0]
+        log.warning(
+            f"Left out {_count(outputs, 'folder')} under {where} that epas_lightning wrote (e.g. {folder}, its {kind} "
+            "output): what it writes is not documents"
         )
     return found
 

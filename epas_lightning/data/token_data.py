@@ -13,6 +13,7 @@ import torch
 from epas_lightning.data.builtin import builtin_entry_path, prepare_builtin_corpus
 from epas_lightning.data.layout import (
     DataCheckError,
+    check_recorded_tokenizer,
     check_stream,
     is_complete,
     load_meta,
@@ -41,7 +42,8 @@ HOW_TO_CREATE = f"{PREPARE}, or leave data.data_dir unset to train on the built-
 
 
 def check_prepared(data_dir: Path, where: str, fix: str) -> Path:
-    """``data_dir`` if it is a complete prepared data directory, else a :class:`DataError` at ``where``."""
+    """``data_dir`` if it is a complete prepared data directory with the tokenizer it records, else a
+    :class:`DataError` at ``where``."""
     if data_dir.exists() and not data_dir.is_dir():  # a raw corpus file, or the folder's meta.json
         raise DataError("data directory is a file, not a folder", where, fix)
     if not data_dir.is_dir():
@@ -52,6 +54,7 @@ def check_prepared(data_dir: Path, where: str, fix: str) -> Path:
         load_meta(data_dir)  # an unreadable meta.json says so, rather than counting as missing
     if missing := missing_entries(data_dir):
         raise DataError(f"incomplete data directory: missing {', '.join(missing)}", where, fix)
+    check_recorded_tokenizer(data_dir, where)
     return data_dir
 
 
@@ -212,6 +215,7 @@ class TokenData:
                 "prepare them with the same --tokenizer",
             )
         if (val_data := self._prepared_val_dir()) is not None:
+            check_recorded_tokenizer(val_data, f"data.val_dir {self.val_dir}")
             val_tokenizer = tokenizer_file(val_data)
             if file_sha256(val_tokenizer) != file_sha256(tokenizer_files[0]):
                 raise DataCheckError(
