@@ -177,6 +177,32 @@ def test_import_scaled_rope_logits_equal_transformers(tmp_path: Path, scaling: d
         assert (without_rope_scaling(model)(ids) - expected).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("same", [True, False], ids=["equal", "different"])
+def test_a_tied_folder_with_its_own_lm_head_is_read_only_where_they_agree(tmp_path: Path, same: bool) -> None:
+    """tie_word_embeddings true beside an lm_head.weight of other values: transformers 5 does not tie them (it uses
+    lm_head.weight), we used the embedding, and every command ran another model than transformers did."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_tiny_hf(tmp_path / "hf", tie=True)
+    state = load_file(path / "model.safetensors")
+    embed = state["model.embed_tokens.weight"]
+    state["lm_head.weight"] = embed.clone() if same else torch.randn_like(embed)
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    readers = (lambda: load_model(path).model, lambda: ours_from_hf(path))
+    if same:  # a head saved beside its tied embedding (some exports do) is that embedding
+        ids = torch.randint(0, VOCAB, (1, 8))
+        for read in readers:
+            with torch.no_grad():
+                torch.testing.assert_close(read()(ids), hf_logits(path, ids), atol=1e-5, rtol=1e-5)
+        return
+    says = "tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight"
+    for read in readers:
+        with pytest.raises(
+            HFCheckpointError, match=f'^{says}.* — .*{path}.* — set "tie_word_embeddings": false in config.json'
+        ):
+            read()
+
+
 def test_import_pads_vocab_rows(tmp_path: Path) -> None:
     path = save_tiny_hf(tmp_path / "hf", vocab_size=500)
     model = ours_from_hf(path, padded_vocab_size=512)

@@ -347,6 +347,8 @@ def hf_to_ours(hf_state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[s
     if unknown:
         raise HFCheckpointError(f"Unexpected tensors in the HF checkpoint: {sorted(unknown)[:8]}")
     if config.tie_embeddings:
+        if "lm_head.weight" in state and not state["lm_head.weight"].is_meta:
+            check_tied_head(state["lm_head.weight"], state["embed_tokens.weight"])
         state["lm_head.weight"] = state["embed_tokens.weight"]
     elif "lm_head.weight" not in state:
         raise HFCheckpointError("The HF checkpoint has no lm_head.weight but tie_word_embeddings is false.")
@@ -368,22 +370,52 @@ def hf_tensors(path: str | Path, config: LlamaConfig) -> Iterator[tuple[str, tor
             try:
                 with safe_open(file, "pt") as f:
                     for key in f.keys():  # noqa: SIM118 - a safe_open handle is no dict
-                        yield from _ours(key, f.get_tensor(key), config)
+                        yield from _ours(key, f.get_tensor(key), config, path)
             except (SafetensorError, OSError) as e:
                 raise HFCheckpointError(f"corrupt or truncated safetensors ({e})", file) from e
         else:
             from epas_lightning.safe_load import load_torch_file
 
             for key, tensor in load_torch_file(file, mmap=True).items():  # mapped: read where copied
-                yield from _ours(key, tensor, config)
+                yield from _ours(key, tensor, config, path)
 
 
-def _ours(key: str, tensor: torch.Tensor, config: LlamaConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """The HF tensor ``key`` by our name, its vocabulary rows padded (nothing for an ignored or tied tensor)."""
-    if key.endswith(IGNORED_HF_KEYS) or key == "lm_head.weight" and config.tie_embeddings:
+def _ours(key: str, tensor: torch.Tensor, config: LlamaConfig, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The HF tensor ``key`` of the folder ``path`` by our name, its vocabulary rows padded (nothing for an ignored or
+    tied tensor)."""
+    if key == "lm_head.weight" and config.tie_embeddings:
+        check_tied_head(tensor, hf_tensor(path, HF_PREFIX + "embed_tokens.weight"))
+        return
+    if key.endswith(IGNORED_HF_KEYS):
         return
     ours = key[len(HF_PREFIX) :] if key.startswith(HF_PREFIX) else key
     yield ours, resize_rows(tensor, config.padded_vocab_size) if ours in VOCAB_KEYS else tensor
+
+
+def hf_tensor(path: str | Path, key: str) -> torch.Tensor:
+    """The tensor ``key`` of the HF directory ``path`` (read from the file that holds it)."""
+    for file in hf_weight_files(path):
+        if file.suffix == ".safetensors":
+            with safe_open(file, "pt") as f:
+                if key in f.keys():  # noqa: SIM118 - a safe_open handle is no dict
+                    return f.get_tensor(key)
+        else:
+            from epas_lightning.safe_load import load_torch_file
+
+            if key in (state := load_torch_file(file, mmap=True)):
+                return state[key]
+    raise HFCheckpointError(f"the weights have no {key}")
+
+
+def check_tied_head(head: torch.Tensor, embedding: torch.Tensor) -> None:
+    """Refuse an ``lm_head.weight`` stored beside the embedding it is tied to with other values: transformers 5 runs
+    the head (it ties only equal ones), 4.x the embedding, so the folder means two models."""
+    if not torch.equal(head, embedding):
+        raise HFCheckpointError(
+            "tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight: transformers 5 "
+            "runs lm_head.weight, transformers 4 the embedding",
+            fix='set "tie_word_embeddings": false in config.json to use lm_head.weight (as transformers 5 does)',
+        )
 
 
 def check_vocab_rows(tensor: torch.Tensor, vocab_size: int, name: str) -> None:
