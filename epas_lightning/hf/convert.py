@@ -347,24 +347,35 @@ def hf_to_ours(hf_state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[s
     if unknown:
         raise HFCheckpointError(f"Unexpected tensors in the HF checkpoint: {sorted(unknown)[:8]}")
     if config.tie_embeddings:
-        if "lm_head.weight" in state and not state["lm_head.weight"].is_meta:
-            check_tied_head(state["lm_head.weight"], state["embed_tokens.weight"])
-        state["lm_head.weight"] = state["embed_tokens.weight"]
+        _tie_head(state)
     elif "lm_head.weight" not in state:
         raise HFCheckpointError("The HF checkpoint has no lm_head.weight but tie_word_embeddings is false.")
     for key in VOCAB_KEYS:
         if key in state:
             check_vocab_rows(state[key], config.vocab_size, HF_PREFIX + key if key != "lm_head.weight" else key)
             state[key] = resize_rows(state[key], config.padded_vocab_size)
-    if config.tie_embeddings:
+    if config.tie_embeddings and "embed_tokens.weight" in state:  # else it is missing (the caller says so)
         state["lm_head.weight"] = state["embed_tokens.weight"]
     return state
+
+
+def _tie_head(state: dict[str, torch.Tensor]) -> None:
+    """Our names of a tied HF state: its ``lm_head.weight`` is the embedding where the embedding is not stored (as
+    transformers ties them), else dropped once checked equal to it (:func:`check_tied_head`)."""
+    head = state.pop("lm_head.weight", None)
+    if head is None:
+        return
+    if "embed_tokens.weight" not in state:
+        state["embed_tokens.weight"] = head
+    elif not head.is_meta:
+        check_tied_head(head, state["embed_tokens.weight"])
 
 
 def hf_tensors(path: str | Path, config: LlamaConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """The weights of the HF directory ``path`` (checked by :func:`hf_to_ours` for ``config``) by our names, as
     :func:`hf_to_ours` converts them, read one safetensors tensor (or one ``.bin`` file) at a time; with tied
-    embeddings, ``lm_head.weight`` is that of the embedding (not yielded)."""
+    embeddings, a stored ``lm_head.weight`` is checked equal to the embedding, or yielded as it where it is stored
+    alone."""
     for file in hf_weight_files(path):
         if file.suffix == ".safetensors":
             try:
@@ -384,7 +395,11 @@ def _ours(key: str, tensor: torch.Tensor, config: LlamaConfig, path: Path) -> It
     """The HF tensor ``key`` of the folder ``path`` by our name, its vocabulary rows padded (nothing for an ignored or
     tied tensor)."""
     if key == "lm_head.weight" and config.tie_embeddings:
-        check_tied_head(tensor, hf_tensor(path, HF_PREFIX + "embed_tokens.weight"))
+        embedding = hf_tensor(path, HF_PREFIX + "embed_tokens.weight")
+        if embedding is None:  # the tied matrix stored under the head's name alone
+            yield "embed_tokens.weight", resize_rows(tensor, config.padded_vocab_size)
+        else:
+            check_tied_head(tensor, embedding)
         return
     if key.endswith(IGNORED_HF_KEYS):
         return
@@ -392,8 +407,8 @@ def _ours(key: str, tensor: torch.Tensor, config: LlamaConfig, path: Path) -> It
     yield ours, resize_rows(tensor, config.padded_vocab_size) if ours in VOCAB_KEYS else tensor
 
 
-def hf_tensor(path: str | Path, key: str) -> torch.Tensor:
-    """The tensor ``key`` of the HF directory ``path`` (read from the file that holds it)."""
+def hf_tensor(path: str | Path, key: str) -> torch.Tensor | None:
+    """The tensor ``key`` of the HF directory ``path`` (read from the file that holds it); ``None`` if none does."""
     for file in hf_weight_files(path):
         if file.suffix == ".safetensors":
             with safe_open(file, "pt") as f:
@@ -404,7 +419,7 @@ def hf_tensor(path: str | Path, key: str) -> torch.Tensor:
 
             if key in (state := load_torch_file(file, mmap=True)):
                 return state[key]
-    raise HFCheckpointError(f"the weights have no {key}")
+    return None
 
 
 def check_tied_head(head: torch.Tensor, embedding: torch.Tensor) -> None:
