@@ -232,6 +232,13 @@ def test_import_reads_pytorch_bin(tmp_path: Path) -> None:
     [
         ({"mlp_bias": True}, "mlp_bias"),
         ({"hidden_act": "gelu"}, "hidden_act"),
+        # these ran as plain weights: a quantization transformers applies on load was ignored
+        ({"quantization_config": {"quant_method": "fp8"}}, r"^quantized checkpoints \(quantization_config: fp8\)"),
+        # were "n_head=4 must be divisible by n_kv_head=3 — model.config — set n_kv_head": no such flag was given
+        (
+            {"num_key_value_heads": 3},
+            r"^its config.json makes no valid model: n_head=4 must be divisible by n_kv_head=3",
+        ),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "RoPE scaling 'yarn'.* only llama3 and linear"),
         ({"rope_scaling": {"rope_type": "linear", "factor": "4"}}, "RoPE scaling takes numbers, got factor '4'"),
         ({"head_dim": 32}, "head_dim"),
@@ -255,6 +262,14 @@ def test_import_refuses_unsupported_configs(tmp_path: Path, overrides: dict, mes
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(HFCheckpointError, match=message):
         config_from_hf(path)
+
+
+def test_import_takes_swish_for_silu(tmp_path: Path) -> None:
+    """transformers' "swish" is its "silu" (one activation, two names): such a LLaMA was refused."""
+    path = save_tiny_hf(tmp_path / "hf", hidden_act="swish")
+    ids = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(ours_from_hf(path)(ids), hf_logits(path, ids), atol=1e-5, rtol=1e-5)
 
 
 def test_config_from_hf_given_the_config_file_names_its_folder(tmp_path: Path) -> None:

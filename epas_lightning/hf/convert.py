@@ -198,7 +198,14 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
     check_sizes(hf)
     if hf.get("mlp_bias"):
         raise HFCheckpointError("mlp_bias=true is not supported: our MLP has no biases.")
-    if hf.get("hidden_act", "silu") != "silu":
+    if quantization := hf.get("quantization_config"):
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        raise HFCheckpointError(
+            f"quantized checkpoints (quantization_config: {method}) are not supported: our model runs the weights "
+            "as plain tensors",
+            fix="use the model's unquantized (bf16/fp16/fp32) release",
+        )
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers' two names of one activation
         raise HFCheckpointError(f"hidden_act={hf['hidden_act']!r} is not supported: our MLP is SwiGLU (silu).")
     n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or n_embd // n_head
@@ -223,6 +230,10 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         sharing_mode=hf.get("epas_sharing_mode", "qk"),
     )
+    try:
+        LlamaConfig(**fields)  # the folder's own mistakes named as its, not as model.config's
+    except ConfigError as e:
+        raise HFCheckpointError(f"its config.json makes no valid model: {e.what}") from e
     return LlamaConfig(**{**fields, **overrides})
 
 
