@@ -113,6 +113,12 @@ def test_a_mistral_without_a_sliding_window_is_our_llama_and_exports_as_one(tmp_
     config = json.loads((tmp_path / "windowed" / "config.json").read_text())
     with pytest.raises(HFCheckpointError, match="sliding_window=16 does not span"):  # was a TypeError traceback
         config_from_hf({**config, "max_position_embeddings": None})
+    del config[
+        "sliding_window"
+    ]  # transformers' Mistral then slides its default 4096-token window: it was taken as none
+    with pytest.raises(HFCheckpointError, match=r"^sliding_window=4096 \(transformers' default.*\) does not span"):
+        config_from_hf({**config, "max_position_embeddings": 8192})
+    assert config_from_hf({**config, "max_position_embeddings": 4096}).block_size == 4096
 
 
 @pytest.mark.parametrize("kind,overrides", [("Qwen2", {}), ("Llama", {"attention_bias": True})], ids=["qwen2", "llama"])

@@ -34,6 +34,11 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "epas_llama")
 """``mistral`` is a LLaMA with a sliding window: accepted when it has none (Mistral-7B-v0.3) or one that spans its
 whole context, where it masks nothing (:func:`check_no_sliding_window`). ``qwen2`` is a LLaMA with q/k/v biases
 whose window is off unless ``use_sliding_window`` (it is in every released base)."""
+DEFAULT_SLIDING_WINDOW = 4096
+"""The ``sliding_window`` transformers gives a Mistral or Qwen2 whose config.json names none."""
+WINDOWED = ("mistral", "qwen2")
+"""The model types whose config.json without a ``sliding_window`` gets :data:`DEFAULT_SLIDING_WINDOW` in transformers
+(a Qwen2's counts only with ``use_sliding_window: true``)."""
 REQUIRED_HF_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
 OPTIONAL_SIZE_KEYS = ("head_dim", "num_key_value_heads", "max_position_embeddings")
 """Sizes an HF config may leave out or set to null (a default is taken)."""
@@ -137,11 +142,15 @@ def check_no_sliding_window(hf: dict[str, Any]) -> None:
     qwen2 = hf.get("model_type") == "qwen2"
     if qwen2 and not hf.get("use_sliding_window"):
         return
-    window, context = hf.get("sliding_window"), hf.get("max_position_embeddings", 2048)
+    unset = "sliding_window" not in hf  # transformers' Mistral and Qwen2 then slide a 4096-token window
+    window = hf.get("sliding_window", DEFAULT_SLIDING_WINDOW if hf.get("model_type") in WINDOWED else None)
+    context = hf.get("max_position_embeddings", 2048)
     whole = all(isinstance(n, int) and not isinstance(n, bool) for n in (window, context))
     if window is not None and not (whole and window >= context):  # a window that masks nothing of a known context
+        default = " (transformers' default: config.json names none)" if unset else ""
         raise HFCheckpointError(
-            f"{'use_sliding_window=true with ' if qwen2 else ''}sliding_window={window!r} does not span its context "
+            f"{'use_sliding_window=true with ' if qwen2 else ''}sliding_window={window!r}{default} does not span its "
+            "context "
             f"(max_position_embeddings={context}): sliding-window attention is not supported, our attention sees "
             "every earlier position",
             fix="use a checkpoint without a sliding window (Mistral-7B-v0.2 and later, every Qwen2/2.5 base)",
