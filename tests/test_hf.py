@@ -146,8 +146,14 @@ def test_a_qwen2_sliding_window_counts_only_when_it_is_on(tmp_path: Path) -> Non
     the context is refused, as Mistral's is."""
     record = json.loads((save_tiny_hf(tmp_path / "hf", kind="Qwen2") / "config.json").read_text())
     assert config_from_hf({**record, "sliding_window": 16}).attention_bias == "qkv"
+    windowed = {**record, "sliding_window": 16, "use_sliding_window": True, "layer_types": None}
     with pytest.raises(HFCheckpointError, match=r"^use_sliding_window=true with sliding_window=16 does not span"):
-        config_from_hf({**record, "sliding_window": 16, "use_sliding_window": True})
+        config_from_hf({**windowed, "max_window_layers": 1})
+    # transformers slides the window over the layers from max_window_layers on (or those layer_types names): none here
+    for spelled in ({"max_window_layers": 2}, {"max_window_layers": 1, "layer_types": ["full_attention"] * 2}):
+        assert config_from_hf({**windowed, **spelled}).attention_bias == "qkv"
+    with pytest.raises(HFCheckpointError, match=r"^use_sliding_window=true with sliding_window=16 does not span"):
+        config_from_hf({**windowed, "max_window_layers": 2, "layer_types": ["full_attention", "sliding_attention"]})
 
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}

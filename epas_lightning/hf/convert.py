@@ -138,9 +138,9 @@ def rope_of(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
 def check_no_sliding_window(hf: dict[str, Any]) -> None:
     """Refuse a sliding-window attention that masks positions inside the model's context: our attention sees every
     earlier position, so the model would compute another function than the checkpoint's from that distance on.
-    A Qwen2's ``sliding_window`` counts only with ``use_sliding_window: true``."""
+    A Qwen2's ``sliding_window`` counts only where it slides over some layer (:func:`qwen2_slides`)."""
     qwen2 = hf.get("model_type") == "qwen2"
-    if qwen2 and not hf.get("use_sliding_window"):
+    if qwen2 and not qwen2_slides(hf):
         return
     unset = "sliding_window" not in hf  # transformers' Mistral and Qwen2 then slide a 4096-token window
     window = hf.get("sliding_window", DEFAULT_SLIDING_WINDOW if hf.get("model_type") in WINDOWED else None)
@@ -155,6 +155,18 @@ def check_no_sliding_window(hf: dict[str, Any]) -> None:
             "every earlier position",
             fix="use a checkpoint without a sliding window (Mistral-7B-v0.2 and later, every Qwen2/2.5 base)",
         )
+
+
+def qwen2_slides(hf: dict[str, Any]) -> bool:
+    """Whether transformers slides a Qwen2's window over some layer: with ``use_sliding_window``, over those its
+    ``layer_types`` names ``sliding_attention``, else over those from ``max_window_layers`` (default 28) on."""
+    if not hf.get("use_sliding_window"):
+        return False
+    if isinstance(layer_types := hf.get("layer_types"), list):
+        return "sliding_attention" in layer_types
+    first, n_layer = hf.get("max_window_layers", 28), hf.get("num_hidden_layers")
+    whole = all(isinstance(n, int) and not isinstance(n, bool) for n in (first, n_layer))
+    return not whole or first < n_layer
 
 
 def attention_bias_of(hf: dict[str, Any]) -> str | None:
