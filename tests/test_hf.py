@@ -263,6 +263,10 @@ def test_import_reads_pytorch_bin(tmp_path: Path) -> None:
         ({"head_dim": "16"}, "head_dim must be a whole number, not str, got '16'"),
         ({"num_attention_heads": 0}, "num_attention_heads must be a positive whole number, got 0"),
         ({"vocab_size": True}, "vocab_size must be a whole number, not bool, got True"),
+        # these ended in a TypeError, ValueError or AttributeError traceback
+        ({"rms_norm_eps": None}, r"^its config.json's rms_norm_eps must be a number, got None"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": "x"}}, "rope_theta must be a number, got 'x'"),
+        ({"rope_parameters": "linear"}, r"^its config.json's rope_parameters must be an object \{...\}, got 'linear'"),
     ],
 )
 def test_import_refuses_unsupported_configs(tmp_path: Path, overrides: dict, message: str) -> None:

@@ -109,14 +109,13 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
 def rope_of(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     """RoPE base and scaling of an HF config (5.x ``rope_parameters``, 4.x ``rope_scaling``); scalings other than
     ``llama3`` and ``linear`` are refused."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
+    params, scaling = config_object(hf, "rope_parameters"), config_object(hf, "rope_scaling")
     types = {
         "rope_parameters": params.get("rope_type"),
         "rope_scaling": scaling.get("rope_type") or scaling.get("type"),
     }
     field, rope_type = next(((k, t) for k, t in types.items() if t not in (None, "default")), (None, "default"))
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = config_number(params.get("rope_theta", hf.get("rope_theta", 10000.0)), "rope_theta")
     if rope_type == "default":
         return theta, None
     if rope_type not in ("llama3", "linear"):  # either field: a config may carry both
@@ -133,6 +132,28 @@ def rope_of(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         return theta, RopeScaling(rope_type, **read)
     except ConfigError as e:
         raise HFCheckpointError(f"{field} {json.dumps(source)}: {e.what}") from e
+
+
+def config_object(hf: dict[str, Any], key: str) -> dict[str, Any]:
+    """The JSON object at ``key`` of an HF config (``{}`` when it is unset or null)."""
+    value = hf.get(key) or {}
+    if not isinstance(value, dict):
+        raise HFCheckpointError(
+            f"its config.json's {key} must be an object {{...}}, got {value!r}",
+            fix=f'write {key} as transformers does ("{key}": {{"rope_type": "linear", "factor": 4.0}}) or remove it',
+        )
+    return value
+
+
+def config_number(value: Any, key: str) -> float:
+    """``value``, an HF config's ``key``, as a float."""
+    try:
+        return float(value)
+    except (TypeError, ValueError) as e:
+        raise HFCheckpointError(
+            f"its config.json's {key} must be a number, got {value!r}",
+            fix=f"write {key} in config.json as a JSON number, or remove it for transformers' default",
+        ) from e
 
 
 def check_no_sliding_window(hf: dict[str, Any]) -> None:
@@ -247,7 +268,7 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
         rope_theta=theta,
         rope_scaling=scaling,
         attention_bias=attention_bias_of(hf),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        norm_eps=config_number(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         sharing_mode=hf.get("epas_sharing_mode", "qk"),
     )
