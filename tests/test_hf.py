@@ -239,6 +239,23 @@ def test_import_reads_pytorch_bin(tmp_path: Path) -> None:
         torch.testing.assert_close(ours_from_hf(path)(ids), hf_logits(path, ids), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("content", ["nested", "scalar", "tensor"])
+def test_import_refuses_a_pytorch_bin_that_holds_no_state_dict(tmp_path: Path, content: str) -> None:
+    """A pytorch_model.bin holding a training checkpoint's nesting, a step count or one tensor ended in an
+    AttributeError traceback."""
+    path = save_tiny_hf(tmp_path / "hf")
+    from safetensors.torch import load_file
+
+    state = load_file(path / "model.safetensors")
+    (path / "model.safetensors").unlink()
+    held = {"nested": {"state_dict": state}, "scalar": {**state, "model.step": 3}, "tensor": torch.zeros(3)}[content]
+    torch.save(held, path / "pytorch_model.bin")
+    says = rf"^pytorch_model.bin holds no state dict of tensors \(.*\) — {path / 'pytorch_model.bin'} — "
+    for read in (lambda: load_model(path), lambda: load_hf_state(path, config_from_hf(path))):
+        with pytest.raises(HFCheckpointError, match=says):
+            read()
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [

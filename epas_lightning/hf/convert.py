@@ -326,14 +326,30 @@ def hf_weight_files(path: str | Path) -> list[Path]:
 def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     from epas_lightning.safe_load import load_torch_file
 
-    return load_torch_file(file)
+    return tensor_dict(load_torch_file(file), file)
 
 
 def _torch_shapes(file: Path) -> dict[str, torch.Tensor]:
     from epas_lightning.safe_load import load_torch_file
 
-    state = load_torch_file(file, mmap=True).items()
+    state = tensor_dict(load_torch_file(file, mmap=True), file).items()
     return {key: torch.empty(t.shape, dtype=t.dtype, device="meta") for key, t in state}
+
+
+def tensor_dict(loaded: Any, file: Path) -> dict[str, torch.Tensor]:
+    """``loaded``, what the ``.bin`` weight file ``file`` holds, where it is a dict of tensors by name."""
+    if isinstance(loaded, dict):
+        other = next(((k, v) for k, v in loaded.items() if not isinstance(v, torch.Tensor)), None)
+        if other is None:
+            return loaded
+        found = f"{other[0]!r} is a {type(other[1]).__name__}"
+    else:
+        found = f"it is a {type(loaded).__name__}"
+    raise HFCheckpointError(
+        f"{file.name} holds no state dict of tensors ({found})",
+        file,
+        "save the model with save_pretrained (or torch.save(model.state_dict(), ...))",
+    )
 
 
 def _safetensors_shapes(file: Path) -> dict[str, torch.Tensor]:
