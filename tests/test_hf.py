@@ -360,7 +360,10 @@ def test_import_refuses_an_unreadable_shard_index(tmp_path: Path, capsys: pytest
     """A cut or hand-edited model.safetensors.index.json ended every command in a JSONDecodeError traceback."""
     path = save_tiny_hf(tmp_path / "hf", sharded=True)
     index, _ = path / "model.safetensors.index.json", capsys.readouterr()
-    for text in ("{not json", '{"weight_map": ["model-00001-of-00006.safetensors"]}'):
+    shard = "model-00001-of-00006.safetensors"
+    weight_maps = [{"model.norm.weight": name} for name in (1, None, "/etc/passwd", "../hf/" + shard)]
+    # a shard named by no string was a TypeError traceback; one outside the folder was read
+    for text in ("{not json", f'{{"weight_map": ["{shard}"]}}', *(json.dumps({"weight_map": m}) for m in weight_maps)):
         index.write_text(text)
         assert main(["export", "--checkpoint", str(path), "--output", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err

@@ -392,7 +392,14 @@ def _shard_files(path: Path, index_name: str) -> list[Path]:
         raise HFCheckpointError(
             "unreadable shard index (no weight_map)", path / index_name, "copy the model folder again"
         )
-    shards = [path / name for name in sorted(set(weight_map.values()))]
+    names = set(weight_map.values())
+    if stray := [name for name in names if not isinstance(name, str) or Path(name).name != name]:
+        raise HFCheckpointError(
+            f"unreadable shard index ({stray[0]!r} is no file name in the model folder)",
+            path / index_name,
+            "copy the model folder again",
+        )
+    shards = [path / name for name in sorted(names)]
     for shard in shards:
         if not shard.is_file():
             raise HFCheckpointError(f"shard listed in {index_name} is missing", shard)
