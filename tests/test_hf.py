@@ -239,6 +239,22 @@ def test_import_reads_pytorch_bin(tmp_path: Path) -> None:
         torch.testing.assert_close(ours_from_hf(path)(ids), hf_logits(path, ids), atol=1e-5, rtol=1e-5)
 
 
+def test_import_reads_a_base_llama_model_save_with_tied_embeddings(tmp_path: Path) -> None:
+    """A ``LlamaModel`` (no LM head) saves its names without "model.": with tied embeddings transformers runs it as a
+    causal LM; we refused every tensor as unexpected."""
+    torch.manual_seed(0)
+    transformers.LlamaModel(tiny_hf_config(tie=True)).save_pretrained(tmp_path / "hf")
+    ids = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "hf").model(ids), hf_logits(tmp_path / "hf", ids))
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(tmp_path / "hf" / "model.safetensors")
+    save_file({**state, "model.norm.weight": state["norm.weight"] + 1}, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(HFCheckpointError, match="^the weights hold norm.weight twice, with and without"):
+        load_model(tmp_path / "hf")
+
+
 @pytest.mark.parametrize("content", ["nested", "scalar", "tensor"])
 def test_import_refuses_a_pytorch_bin_that_holds_no_state_dict(tmp_path: Path, content: str) -> None:
     """A pytorch_model.bin holding a training checkpoint's nesting, a step count or one tensor ended in an

@@ -44,6 +44,8 @@ OPTIONAL_SIZE_KEYS = ("head_dim", "num_key_value_heads", "max_position_embedding
 """Sizes an HF config may leave out or set to null (a default is taken)."""
 VOCAB_KEYS = ("embed_tokens.weight", "lm_head.weight")
 """Our parameters with one row per vocabulary entry (padded to ``padded_vocab_size``)."""
+BASE_MODEL_NAMES = ("embed_tokens.", "layers.", "norm.")
+"""How the tensors of a base ``LlamaModel`` save (no LM head) begin: they are ours, without the ``model.`` prefix."""
 IGNORED_HF_KEYS = ("rotary_emb.inv_freq",)
 """Buffers some old HF checkpoints saved; we recompute them."""
 COMPARED_FIELDS = (
@@ -414,10 +416,11 @@ def hf_to_ours(hf_state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[s
     for key, tensor in hf_state.items():
         if key.endswith(IGNORED_HF_KEYS):
             continue
-        if key.startswith(HF_PREFIX):
-            state[key[len(HF_PREFIX) :]] = tensor
-        elif key == "lm_head.weight":
-            state[key] = tensor
+        ours = key[len(HF_PREFIX) :] if key.startswith(HF_PREFIX) else key
+        if ours in state:
+            raise HFCheckpointError(f"the weights hold {ours} twice, with and without the {HF_PREFIX!r} prefix")
+        if key.startswith(HF_PREFIX) or key == "lm_head.weight" or key.startswith(BASE_MODEL_NAMES):
+            state[ours] = tensor
         else:
             unknown.append(key)
     if unknown:
