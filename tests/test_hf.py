@@ -253,6 +253,10 @@ def test_import_reads_a_base_llama_model_save_with_tied_embeddings(tmp_path: Pat
     save_file({**state, "model.norm.weight": state["norm.weight"] + 1}, tmp_path / "hf" / "model.safetensors")
     with pytest.raises(HFCheckpointError, match="^the weights hold norm.weight twice, with and without"):
         load_model(tmp_path / "hf")
+    head = torch.randn_like(state["embed_tokens.weight"])
+    save_file({**state, "lm_head.weight": head}, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(HFCheckpointError, match="^tie_word_embeddings is true but lm_head.weight differs"):
+        load_model(tmp_path / "hf")
 
 
 @pytest.mark.parametrize("content", ["nested", "scalar", "tensor"])

@@ -475,6 +475,7 @@ def _ours(key: str, tensor: torch.Tensor, config: LlamaConfig, path: Path) -> It
     tied tensor)."""
     if key == "lm_head.weight" and config.tie_embeddings:
         embedding = hf_tensor(path, HF_PREFIX + "embed_tokens.weight")
+        embedding = hf_tensor(path, "embed_tokens.weight") if embedding is None else embedding  # a base model's
         if embedding is None:  # the tied matrix stored under the head's name alone
             yield "embed_tokens.weight", resize_rows(tensor, config.padded_vocab_size)
         else:
