@@ -365,6 +365,39 @@ def test_rope_scaling_is_read_or_refused_in_either_field_with_what_to_do() -> No
         rope_of({"rope_parameters": {**llama3, "high_freq_factor": None}})
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {
+            "rope_parameters": {**LLAMA3_TINY, "rope_theta": 500.0},
+            "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+        },
+        {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 500.0},
+            "rope_scaling": {"type": "linear", "factor": 2},
+        },
+        {"rope_parameters": {**LLAMA3_TINY, "rope_theta": 500.0}, "rope_scaling": {"rope_type": "default"}},
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}, "rope_theta": 7.0},
+        {"rope_scaling": {**LLAMA3_TINY, "rope_theta": 9.0}, "rope_theta": 7.0},
+    ],
+    ids=["scaling-type", "scaling-theta", "scaling-default", "parameters-theta", "scaling-own-theta"],
+)
+def test_rope_is_read_from_the_field_transformers_reads(tmp_path: Path, fields: dict) -> None:
+    """A config.json carrying both rope_parameters and rope_scaling: transformers reads rope_scaling (its rope_theta,
+    else the top-level one), we read rope_parameters first and ran other positions, silently."""
+    from epas_lightning.hf.convert import rope_of
+
+    record = {**json.loads(tiny_hf_config().to_json_string()), **fields}
+    if "rope_theta" not in fields:
+        record.pop("rope_theta", None)
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters
+    theta, scaling = rope_of(record)
+    assert theta == theirs["rope_theta"]
+    expected = {k: v for k, v in theirs.items() if k not in ("rope_theta", "type")}
+    assert (scaling.to_dict() if scaling else {"rope_type": "default"}) == expected
+
+
 def test_import_errors_name_the_problem(tmp_path: Path) -> None:
     path = save_tiny_hf(tmp_path / "hf")
     with pytest.raises(HFCheckpointError, match="n_layer: model 3 vs"):

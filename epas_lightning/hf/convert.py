@@ -109,24 +109,21 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
 
 
 def rope_of(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    """RoPE base and scaling of an HF config (5.x ``rope_parameters``, 4.x ``rope_scaling``); scalings other than
-    ``llama3`` and ``linear`` are refused."""
+    """RoPE base and scaling of an HF config as transformers 5 reads them: 4.x's ``rope_scaling`` where it is set
+    (whatever ``rope_parameters`` says), else ``rope_parameters``; the base is that field's ``rope_theta``, else the
+    top-level one. Scalings other than ``llama3`` and ``linear`` are refused."""
     params, scaling = config_object(hf, "rope_parameters"), config_object(hf, "rope_scaling")
-    types = {
-        "rope_parameters": params.get("rope_type"),
-        "rope_scaling": scaling.get("rope_type") or scaling.get("type"),
-    }
-    field, rope_type = next(((k, t) for k, t in types.items() if t not in (None, "default")), (None, "default"))
-    theta = config_number(params.get("rope_theta", hf.get("rope_theta", 10000.0)), "rope_theta")
+    field, source = ("rope_scaling", scaling) if scaling else ("rope_parameters", params)
+    rope_type = source.get("rope_type") or source.get("type") or "default"
+    theta = config_number(source.get("rope_theta", hf.get("rope_theta", 10000.0)), "rope_theta")
     if rope_type == "default":
         return theta, None
-    if rope_type not in ("llama3", "linear"):  # either field: a config may carry both
+    if rope_type not in ("llama3", "linear"):
         raise HFCheckpointError(
             f"RoPE scaling {rope_type!r} ({field}) is not supported, only llama3 and linear: the model would compute "
             "other positions than the checkpoint was trained with",
             fix="use a LLaMA checkpoint with the default, llama3 or linear RoPE (LLaMA 2, TinyLlama, LLaMA 3.x, ...)",
         )
-    source = params if field == "rope_parameters" else scaling
     read = {key: source.get(key) for key in (("factor", *LLAMA3_FIELDS) if rope_type == "llama3" else ("factor",))}
     if rope_type == "llama3" and read["original_max_position_embeddings"] is None:  # transformers' default
         read["original_max_position_embeddings"] = hf.get("max_position_embeddings")
