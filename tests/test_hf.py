@@ -113,6 +113,12 @@ def test_a_mistral_without_a_sliding_window_is_our_llama_and_exports_as_one(tmp_
     config = json.loads((tmp_path / "windowed" / "config.json").read_text())
     with pytest.raises(HFCheckpointError, match="sliding_window=16 does not span"):  # was a TypeError traceback
         config_from_hf({**config, "max_position_embeddings": None})
+    del config[
+        "sliding_window"
+    ]  # transformers' Mistral then slides its default 4096-token window: it was taken as none
+    with pytest.raises(HFCheckpointError, match=r"^sliding_window=4096 \(transformers' default.*\) does not span"):
+        config_from_hf({**config, "max_position_embeddings": 8192})
+    assert config_from_hf({**config, "max_position_embeddings": 4096}).block_size == 4096
 
 
 @pytest.mark.parametrize("kind,overrides", [("Qwen2", {}), ("Llama", {"attention_bias": True})], ids=["qwen2", "llama"])
@@ -140,8 +146,14 @@ def test_a_qwen2_sliding_window_counts_only_when_it_is_on(tmp_path: Path) -> Non
     the context is refused, as Mistral's is."""
     record = json.loads((save_tiny_hf(tmp_path / "hf", kind="Qwen2") / "config.json").read_text())
     assert config_from_hf({**record, "sliding_window": 16}).attention_bias == "qkv"
+    windowed = {**record, "sliding_window": 16, "use_sliding_window": True, "layer_types": None}
     with pytest.raises(HFCheckpointError, match=r"^use_sliding_window=true with sliding_window=16 does not span"):
-        config_from_hf({**record, "sliding_window": 16, "use_sliding_window": True})
+        config_from_hf({**windowed, "max_window_layers": 1})
+    # transformers slides the window over the layers from max_window_layers on (or those layer_types names): none here
+    for spelled in ({"max_window_layers": 2}, {"max_window_layers": 1, "layer_types": ["full_attention"] * 2}):
+        assert config_from_hf({**windowed, **spelled}).attention_bias == "qkv"
+    with pytest.raises(HFCheckpointError, match=r"^use_sliding_window=true with sliding_window=16 does not span"):
+        config_from_hf({**windowed, "max_window_layers": 2, "layer_types": ["full_attention", "sliding_attention"]})
 
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
@@ -177,6 +189,35 @@ def test_import_scaled_rope_logits_equal_transformers(tmp_path: Path, scaling: d
         assert (without_rope_scaling(model)(ids) - expected).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("head", ["equal", "different", "only"])
+def test_a_tied_folder_with_its_own_lm_head_is_read_only_where_they_agree(tmp_path: Path, head: str) -> None:
+    """tie_word_embeddings true beside an lm_head.weight of other values: transformers 5 does not tie them (it uses
+    lm_head.weight), we used the embedding, and every command ran another model than transformers did. A tied matrix
+    stored as lm_head.weight alone (transformers ties it to the embedding) ended in a KeyError traceback."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_tiny_hf(tmp_path / "hf", tie=True)
+    state = load_file(path / "model.safetensors")
+    embed = state["model.embed_tokens.weight"]
+    state["lm_head.weight"] = torch.randn_like(embed) if head == "different" else embed.clone()
+    if head == "only":
+        del state["model.embed_tokens.weight"]
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    readers = (lambda: load_model(path).model, lambda: ours_from_hf(path))
+    if head != "different":  # a head saved beside (or instead of) its tied embedding is that embedding
+        ids = torch.randint(0, VOCAB, (1, 8))
+        for read in readers:
+            with torch.no_grad():
+                torch.testing.assert_close(read()(ids), hf_logits(path, ids), atol=1e-5, rtol=1e-5)
+        return
+    says = "tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight"
+    for read in readers:
+        with pytest.raises(
+            HFCheckpointError, match=f'^{says}.* — .*{path}.* — set "tie_word_embeddings": false in config.json'
+        ):
+            read()
+
+
 def test_import_pads_vocab_rows(tmp_path: Path) -> None:
     path = save_tiny_hf(tmp_path / "hf", vocab_size=500)
     model = ours_from_hf(path, padded_vocab_size=512)
@@ -198,11 +239,55 @@ def test_import_reads_pytorch_bin(tmp_path: Path) -> None:
         torch.testing.assert_close(ours_from_hf(path)(ids), hf_logits(path, ids), atol=1e-5, rtol=1e-5)
 
 
+def test_import_reads_a_base_llama_model_save_with_tied_embeddings(tmp_path: Path) -> None:
+    """A ``LlamaModel`` (no LM head) saves its names without "model.": with tied embeddings transformers runs it as a
+    causal LM; we refused every tensor as unexpected."""
+    torch.manual_seed(0)
+    transformers.LlamaModel(tiny_hf_config(tie=True)).save_pretrained(tmp_path / "hf")
+    ids = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "hf").model(ids), hf_logits(tmp_path / "hf", ids))
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(tmp_path / "hf" / "model.safetensors")
+    save_file({**state, "model.norm.weight": state["norm.weight"] + 1}, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(HFCheckpointError, match="^the weights hold norm.weight twice, with and without"):
+        load_model(tmp_path / "hf")
+    head = torch.randn_like(state["embed_tokens.weight"])
+    save_file({**state, "lm_head.weight": head}, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(HFCheckpointError, match="^tie_word_embeddings is true but lm_head.weight differs"):
+        load_model(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("content", ["nested", "scalar", "tensor"])
+def test_import_refuses_a_pytorch_bin_that_holds_no_state_dict(tmp_path: Path, content: str) -> None:
+    """A pytorch_model.bin holding a training checkpoint's nesting, a step count or one tensor ended in an
+    AttributeError traceback."""
+    path = save_tiny_hf(tmp_path / "hf")
+    from safetensors.torch import load_file
+
+    state = load_file(path / "model.safetensors")
+    (path / "model.safetensors").unlink()
+    held = {"nested": {"state_dict": state}, "scalar": {**state, "model.step": 3}, "tensor": torch.zeros(3)}[content]
+    torch.save(held, path / "pytorch_model.bin")
+    says = rf"^pytorch_model.bin holds no state dict of tensors \(.*\) — {path / 'pytorch_model.bin'} — "
+    for read in (lambda: load_model(path), lambda: load_hf_state(path, config_from_hf(path))):
+        with pytest.raises(HFCheckpointError, match=says):
+            read()
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [
         ({"mlp_bias": True}, "mlp_bias"),
         ({"hidden_act": "gelu"}, "hidden_act"),
+        # these ran as plain weights: a quantization transformers applies on load was ignored
+        ({"quantization_config": {"quant_method": "fp8"}}, r"^quantized checkpoints \(quantization_config: fp8\)"),
+        # were "n_head=4 must be divisible by n_kv_head=3 — model.config — set n_kv_head": no such flag was given
+        (
+            {"num_key_value_heads": 3},
+            r"^its config.json makes no valid model: n_head=4 must be divisible by n_kv_head=3",
+        ),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "RoPE scaling 'yarn'.* only llama3 and linear"),
         ({"rope_scaling": {"rope_type": "linear", "factor": "4"}}, "RoPE scaling takes numbers, got factor '4'"),
         ({"head_dim": 32}, "head_dim"),
@@ -215,6 +300,10 @@ def test_import_reads_pytorch_bin(tmp_path: Path) -> None:
         ({"head_dim": "16"}, "head_dim must be a whole number, not str, got '16'"),
         ({"num_attention_heads": 0}, "num_attention_heads must be a positive whole number, got 0"),
         ({"vocab_size": True}, "vocab_size must be a whole number, not bool, got True"),
+        # these ended in a TypeError, ValueError or AttributeError traceback
+        ({"rms_norm_eps": None}, r"^its config.json's rms_norm_eps must be a number, got None"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": "x"}}, "rope_theta must be a number, got 'x'"),
+        ({"rope_parameters": "linear"}, r"^its config.json's rope_parameters must be an object \{...\}, got 'linear'"),
     ],
 )
 def test_import_refuses_unsupported_configs(tmp_path: Path, overrides: dict, message: str) -> None:
@@ -226,6 +315,14 @@ def test_import_refuses_unsupported_configs(tmp_path: Path, overrides: dict, mes
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(HFCheckpointError, match=message):
         config_from_hf(path)
+
+
+def test_import_takes_swish_for_silu(tmp_path: Path) -> None:
+    """transformers' "swish" is its "silu" (one activation, two names): such a LLaMA was refused."""
+    path = save_tiny_hf(tmp_path / "hf", hidden_act="swish")
+    ids = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(ours_from_hf(path)(ids), hf_logits(path, ids), atol=1e-5, rtol=1e-5)
 
 
 def test_config_from_hf_given_the_config_file_names_its_folder(tmp_path: Path) -> None:
@@ -268,6 +365,39 @@ def test_rope_scaling_is_read_or_refused_in_either_field_with_what_to_do() -> No
         rope_of({"rope_parameters": {**llama3, "high_freq_factor": None}})
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {
+            "rope_parameters": {**LLAMA3_TINY, "rope_theta": 500.0},
+            "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+        },
+        {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 500.0},
+            "rope_scaling": {"type": "linear", "factor": 2},
+        },
+        {"rope_parameters": {**LLAMA3_TINY, "rope_theta": 500.0}, "rope_scaling": {"rope_type": "default"}},
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}, "rope_theta": 7.0},
+        {"rope_scaling": {**LLAMA3_TINY, "rope_theta": 9.0}, "rope_theta": 7.0},
+    ],
+    ids=["scaling-type", "scaling-theta", "scaling-default", "parameters-theta", "scaling-own-theta"],
+)
+def test_rope_is_read_from_the_field_transformers_reads(tmp_path: Path, fields: dict) -> None:
+    """A config.json carrying both rope_parameters and rope_scaling: transformers reads rope_scaling (its rope_theta,
+    else the top-level one), we read rope_parameters first and ran other positions, silently."""
+    from epas_lightning.hf.convert import rope_of
+
+    record = {**json.loads(tiny_hf_config().to_json_string()), **fields}
+    if "rope_theta" not in fields:
+        record.pop("rope_theta", None)
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters
+    theta, scaling = rope_of(record)
+    assert theta == theirs["rope_theta"]
+    expected = {k: v for k, v in theirs.items() if k not in ("rope_theta", "type")}
+    assert (scaling.to_dict() if scaling else {"rope_type": "default"}) == expected
+
+
 def test_import_errors_name_the_problem(tmp_path: Path) -> None:
     path = save_tiny_hf(tmp_path / "hf")
     with pytest.raises(HFCheckpointError, match="n_layer: model 3 vs"):
@@ -283,7 +413,10 @@ def test_import_refuses_an_unreadable_shard_index(tmp_path: Path, capsys: pytest
     """A cut or hand-edited model.safetensors.index.json ended every command in a JSONDecodeError traceback."""
     path = save_tiny_hf(tmp_path / "hf", sharded=True)
     index, _ = path / "model.safetensors.index.json", capsys.readouterr()
-    for text in ("{not json", '{"weight_map": ["model-00001-of-00006.safetensors"]}'):
+    shard = "model-00001-of-00006.safetensors"
+    weight_maps = [{"model.norm.weight": name} for name in (1, None, "/etc/passwd", "../hf/" + shard)]
+    # a shard named by no string was a TypeError traceback; one outside the folder was read
+    for text in ("{not json", f'{{"weight_map": ["{shard}"]}}', *(json.dumps({"weight_map": m}) for m in weight_maps)):
         index.write_text(text)
         assert main(["export", "--checkpoint", str(path), "--output", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err

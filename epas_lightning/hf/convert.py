@@ -34,11 +34,18 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "epas_llama")
 """``mistral`` is a LLaMA with a sliding window: accepted when it has none (Mistral-7B-v0.3) or one that spans its
 whole context, where it masks nothing (:func:`check_no_sliding_window`). ``qwen2`` is a LLaMA with q/k/v biases
 whose window is off unless ``use_sliding_window`` (it is in every released base)."""
+DEFAULT_SLIDING_WINDOW = 4096
+"""The ``sliding_window`` transformers gives a Mistral or Qwen2 whose config.json names none."""
+WINDOWED = ("mistral", "qwen2")
+"""The model types whose config.json without a ``sliding_window`` gets :data:`DEFAULT_SLIDING_WINDOW` in transformers
+(a Qwen2's counts only with ``use_sliding_window: true``)."""
 REQUIRED_HF_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
 OPTIONAL_SIZE_KEYS = ("head_dim", "num_key_value_heads", "max_position_embeddings")
 """Sizes an HF config may leave out or set to null (a default is taken)."""
 VOCAB_KEYS = ("embed_tokens.weight", "lm_head.weight")
 """Our parameters with one row per vocabulary entry (padded to ``padded_vocab_size``)."""
+BASE_MODEL_NAMES = ("embed_tokens.", "layers.", "norm.")
+"""How the tensors of a base ``LlamaModel`` save (no LM head) begin: they are ours, without the ``model.`` prefix."""
 IGNORED_HF_KEYS = ("rotary_emb.inv_freq",)
 """Buffers some old HF checkpoints saved; we recompute them."""
 COMPARED_FIELDS = (
@@ -102,25 +109,21 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
 
 
 def rope_of(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    """RoPE base and scaling of an HF config (5.x ``rope_parameters``, 4.x ``rope_scaling``); scalings other than
-    ``llama3`` and ``linear`` are refused."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    types = {
-        "rope_parameters": params.get("rope_type"),
-        "rope_scaling": scaling.get("rope_type") or scaling.get("type"),
-    }
-    field, rope_type = next(((k, t) for k, t in types.items() if t not in (None, "default")), (None, "default"))
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    """RoPE base and scaling of an HF config as transformers 5 reads them: 4.x's ``rope_scaling`` where it is set
+    (whatever ``rope_parameters`` says), else ``rope_parameters``; the base is that field's ``rope_theta``, else the
+    top-level one. Scalings other than ``llama3`` and ``linear`` are refused."""
+    params, scaling = config_object(hf, "rope_parameters"), config_object(hf, "rope_scaling")
+    field, source = ("rope_scaling", scaling) if scaling else ("rope_parameters", params)
+    rope_type = source.get("rope_type") or source.get("type") or "default"
+    theta = config_number(source.get("rope_theta", hf.get("rope_theta", 10000.0)), "rope_theta")
     if rope_type == "default":
         return theta, None
-    if rope_type not in ("llama3", "linear"):  # either field: a config may carry both
+    if rope_type not in ("llama3", "linear"):
         raise HFCheckpointError(
             f"RoPE scaling {rope_type!r} ({field}) is not supported, only llama3 and linear: the model would compute "
             "other positions than the checkpoint was trained with",
             fix="use a LLaMA checkpoint with the default, llama3 or linear RoPE (LLaMA 2, TinyLlama, LLaMA 3.x, ...)",
         )
-    source = params if field == "rope_parameters" else scaling
     read = {key: source.get(key) for key in (("factor", *LLAMA3_FIELDS) if rope_type == "llama3" else ("factor",))}
     if rope_type == "llama3" and read["original_max_position_embeddings"] is None:  # transformers' default
         read["original_max_position_embeddings"] = hf.get("max_position_embeddings")
@@ -130,22 +133,60 @@ def rope_of(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         raise HFCheckpointError(f"{field} {json.dumps(source)}: {e.what}") from e
 
 
+def config_object(hf: dict[str, Any], key: str) -> dict[str, Any]:
+    """The JSON object at ``key`` of an HF config (``{}`` when it is unset or null)."""
+    value = hf.get(key) or {}
+    if not isinstance(value, dict):
+        raise HFCheckpointError(
+            f"its config.json's {key} must be an object {{...}}, got {value!r}",
+            fix=f'write {key} as transformers does ("{key}": {{"rope_type": "linear", "factor": 4.0}}) or remove it',
+        )
+    return value
+
+
+def config_number(value: Any, key: str) -> float:
+    """``value``, an HF config's ``key``, as a float."""
+    try:
+        return float(value)
+    except (TypeError, ValueError) as e:
+        raise HFCheckpointError(
+            f"its config.json's {key} must be a number, got {value!r}",
+            fix=f"write {key} in config.json as a JSON number, or remove it for transformers' default",
+        ) from e
+
+
 def check_no_sliding_window(hf: dict[str, Any]) -> None:
     """Refuse a sliding-window attention that masks positions inside the model's context: our attention sees every
     earlier position, so the model would compute another function than the checkpoint's from that distance on.
-    A Qwen2's ``sliding_window`` counts only with ``use_sliding_window: true``."""
+    A Qwen2's ``sliding_window`` counts only where it slides over some layer (:func:`qwen2_slides`)."""
     qwen2 = hf.get("model_type") == "qwen2"
-    if qwen2 and not hf.get("use_sliding_window"):
+    if qwen2 and not qwen2_slides(hf):
         return
-    window, context = hf.get("sliding_window"), hf.get("max_position_embeddings", 2048)
+    unset = "sliding_window" not in hf  # transformers' Mistral and Qwen2 then slide a 4096-token window
+    window = hf.get("sliding_window", DEFAULT_SLIDING_WINDOW if hf.get("model_type") in WINDOWED else None)
+    context = hf.get("max_position_embeddings", 2048)
     whole = all(isinstance(n, int) and not isinstance(n, bool) for n in (window, context))
     if window is not None and not (whole and window >= context):  # a window that masks nothing of a known context
+        default = " (transformers' default: config.json names none)" if unset else ""
         raise HFCheckpointError(
-            f"{'use_sliding_window=true with ' if qwen2 else ''}sliding_window={window!r} does not span its context "
+            f"{'use_sliding_window=true with ' if qwen2 else ''}sliding_window={window!r}{default} does not span its "
+            "context "
             f"(max_position_embeddings={context}): sliding-window attention is not supported, our attention sees "
             "every earlier position",
             fix="use a checkpoint without a sliding window (Mistral-7B-v0.2 and later, every Qwen2/2.5 base)",
         )
+
+
+def qwen2_slides(hf: dict[str, Any]) -> bool:
+    """Whether transformers slides a Qwen2's window over some layer: with ``use_sliding_window``, over those its
+    ``layer_types`` names ``sliding_attention``, else over those from ``max_window_layers`` (default 28) on."""
+    if not hf.get("use_sliding_window"):
+        return False
+    if isinstance(layer_types := hf.get("layer_types"), list):
+        return "sliding_attention" in layer_types
+    first, n_layer = hf.get("max_window_layers", 28), hf.get("num_hidden_layers")
+    whole = all(isinstance(n, int) and not isinstance(n, bool) for n in (first, n_layer))
+    return not whole or first < n_layer
 
 
 def attention_bias_of(hf: dict[str, Any]) -> str | None:
@@ -198,7 +239,14 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
     check_sizes(hf)
     if hf.get("mlp_bias"):
         raise HFCheckpointError("mlp_bias=true is not supported: our MLP has no biases.")
-    if hf.get("hidden_act", "silu") != "silu":
+    if quantization := hf.get("quantization_config"):
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        raise HFCheckpointError(
+            f"quantized checkpoints (quantization_config: {method}) are not supported: our model runs the weights "
+            "as plain tensors",
+            fix="use the model's unquantized (bf16/fp16/fp32) release",
+        )
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers' two names of one activation
         raise HFCheckpointError(f"hidden_act={hf['hidden_act']!r} is not supported: our MLP is SwiGLU (silu).")
     n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or n_embd // n_head
@@ -219,10 +267,14 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
         rope_theta=theta,
         rope_scaling=scaling,
         attention_bias=attention_bias_of(hf),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        norm_eps=config_number(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         sharing_mode=hf.get("epas_sharing_mode", "qk"),
     )
+    try:
+        LlamaConfig(**fields)  # the folder's own mistakes named as its, not as model.config's
+    except ConfigError as e:
+        raise HFCheckpointError(f"its config.json makes no valid model: {e.what}") from e
     return LlamaConfig(**{**fields, **overrides})
 
 
@@ -273,14 +325,30 @@ def hf_weight_files(path: str | Path) -> list[Path]:
 def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     from epas_lightning.safe_load import load_torch_file
 
-    return load_torch_file(file)
+    return tensor_dict(load_torch_file(file), file)
 
 
 def _torch_shapes(file: Path) -> dict[str, torch.Tensor]:
     from epas_lightning.safe_load import load_torch_file
 
-    state = load_torch_file(file, mmap=True).items()
+    state = tensor_dict(load_torch_file(file, mmap=True), file).items()
     return {key: torch.empty(t.shape, dtype=t.dtype, device="meta") for key, t in state}
+
+
+def tensor_dict(loaded: Any, file: Path) -> dict[str, torch.Tensor]:
+    """``loaded``, what the ``.bin`` weight file ``file`` holds, where it is a dict of tensors by name."""
+    if isinstance(loaded, dict):
+        other = next(((k, v) for k, v in loaded.items() if not isinstance(v, torch.Tensor)), None)
+        if other is None:
+            return loaded
+        found = f"{other[0]!r} is a {type(other[1]).__name__}"
+    else:
+        found = f"it is a {type(loaded).__name__}"
+    raise HFCheckpointError(
+        f"{file.name} holds no state dict of tensors ({found})",
+        file,
+        "save the model with save_pretrained (or torch.save(model.state_dict(), ...))",
+    )
 
 
 def _safetensors_shapes(file: Path) -> dict[str, torch.Tensor]:
@@ -323,7 +391,14 @@ def _shard_files(path: Path, index_name: str) -> list[Path]:
         raise HFCheckpointError(
             "unreadable shard index (no weight_map)", path / index_name, "copy the model folder again"
         )
-    shards = [path / name for name in sorted(set(weight_map.values()))]
+    names = set(weight_map.values())
+    if stray := [name for name in names if not isinstance(name, str) or Path(name).name != name]:
+        raise HFCheckpointError(
+            f"unreadable shard index ({stray[0]!r} is no file name in the model folder)",
+            path / index_name,
+            "copy the model folder again",
+        )
+    shards = [path / name for name in sorted(names)]
     for shard in shards:
         if not shard.is_file():
             raise HFCheckpointError(f"shard listed in {index_name} is missing", shard)
@@ -338,52 +413,101 @@ def hf_to_ours(hf_state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[s
     for key, tensor in hf_state.items():
         if key.endswith(IGNORED_HF_KEYS):
             continue
-        if key.startswith(HF_PREFIX):
-            state[key[len(HF_PREFIX) :]] = tensor
-        elif key == "lm_head.weight":
-            state[key] = tensor
+        ours = key[len(HF_PREFIX) :] if key.startswith(HF_PREFIX) else key
+        if ours in state:
+            raise HFCheckpointError(f"the weights hold {ours} twice, with and without the {HF_PREFIX!r} prefix")
+        if key.startswith(HF_PREFIX) or key == "lm_head.weight" or key.startswith(BASE_MODEL_NAMES):
+            state[ours] = tensor
         else:
             unknown.append(key)
     if unknown:
         raise HFCheckpointError(f"Unexpected tensors in the HF checkpoint: {sorted(unknown)[:8]}")
     if config.tie_embeddings:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
+        _tie_head(state)
     elif "lm_head.weight" not in state:
         raise HFCheckpointError("The HF checkpoint has no lm_head.weight but tie_word_embeddings is false.")
     for key in VOCAB_KEYS:
         if key in state:
             check_vocab_rows(state[key], config.vocab_size, HF_PREFIX + key if key != "lm_head.weight" else key)
             state[key] = resize_rows(state[key], config.padded_vocab_size)
-    if config.tie_embeddings:
+    if config.tie_embeddings and "embed_tokens.weight" in state:  # else it is missing (the caller says so)
         state["lm_head.weight"] = state["embed_tokens.weight"]
     return state
+
+
+def _tie_head(state: dict[str, torch.Tensor]) -> None:
+    """Our names of a tied HF state: its ``lm_head.weight`` is the embedding where the embedding is not stored (as
+    transformers ties them), else dropped once checked equal to it (:func:`check_tied_head`)."""
+    head = state.pop("lm_head.weight", None)
+    if head is None:
+        return
+    if "embed_tokens.weight" not in state:
+        state["embed_tokens.weight"] = head
+    elif not head.is_meta:
+        check_tied_head(head, state["embed_tokens.weight"])
 
 
 def hf_tensors(path: str | Path, config: LlamaConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """The weights of the HF directory ``path`` (checked by :func:`hf_to_ours` for ``config``) by our names, as
     :func:`hf_to_ours` converts them, read one safetensors tensor (or one ``.bin`` file) at a time; with tied
-    embeddings, ``lm_head.weight`` is that of the embedding (not yielded)."""
+    embeddings, a stored ``lm_head.weight`` is checked equal to the embedding, or yielded as it where it is stored
+    alone."""
     for file in hf_weight_files(path):
         if file.suffix == ".safetensors":
             try:
                 with safe_open(file, "pt") as f:
                     for key in f.keys():  # noqa: SIM118 - a safe_open handle is no dict
-                        yield from _ours(key, f.get_tensor(key), config)
+                        yield from _ours(key, f.get_tensor(key), config, path)
             except (SafetensorError, OSError) as e:
                 raise HFCheckpointError(f"corrupt or truncated safetensors ({e})", file) from e
         else:
             from epas_lightning.safe_load import load_torch_file
 
             for key, tensor in load_torch_file(file, mmap=True).items():  # mapped: read where copied
-                yield from _ours(key, tensor, config)
+                yield from _ours(key, tensor, config, path)
 
 
-def _ours(key: str, tensor: torch.Tensor, config: LlamaConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """The HF tensor ``key`` by our name, its vocabulary rows padded (nothing for an ignored or tied tensor)."""
-    if key.endswith(IGNORED_HF_KEYS) or key == "lm_head.weight" and config.tie_embeddings:
+def _ours(key: str, tensor: torch.Tensor, config: LlamaConfig, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The HF tensor ``key`` of the folder ``path`` by our name, its vocabulary rows padded (nothing for an ignored or
+    tied tensor)."""
+    if key == "lm_head.weight" and config.tie_embeddings:
+        embedding = hf_tensor(path, HF_PREFIX + "embed_tokens.weight")
+        embedding = hf_tensor(path, "embed_tokens.weight") if embedding is None else embedding  # a base model's
+        if embedding is None:  # the tied matrix stored under the head's name alone
+            yield "embed_tokens.weight", resize_rows(tensor, config.padded_vocab_size)
+        else:
+            check_tied_head(tensor, embedding)
+        return
+    if key.endswith(IGNORED_HF_KEYS):
         return
     ours = key[len(HF_PREFIX) :] if key.startswith(HF_PREFIX) else key
     yield ours, resize_rows(tensor, config.padded_vocab_size) if ours in VOCAB_KEYS else tensor
+
+
+def hf_tensor(path: str | Path, key: str) -> torch.Tensor | None:
+    """The tensor ``key`` of the HF directory ``path`` (read from the file that holds it); ``None`` if none does."""
+    for file in hf_weight_files(path):
+        if file.suffix == ".safetensors":
+            with safe_open(file, "pt") as f:
+                if key in f.keys():  # noqa: SIM118 - a safe_open handle is no dict
+                    return f.get_tensor(key)
+        else:
+            from epas_lightning.safe_load import load_torch_file
+
+            if key in (state := load_torch_file(file, mmap=True)):
+                return state[key]
+    return None
+
+
+def check_tied_head(head: torch.Tensor, embedding: torch.Tensor) -> None:
+    """Refuse an ``lm_head.weight`` stored beside the embedding it is tied to with other values: transformers 5 runs
+    the head (it ties only equal ones), 4.x the embedding, so the folder means two models."""
+    if not torch.equal(head, embedding):
+        raise HFCheckpointError(
+            "tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight: transformers 5 "
+            "runs lm_head.weight, transformers 4 the embedding",
+            fix='set "tie_word_embeddings": false in config.json to use lm_head.weight (as transformers 5 does)',
+        )
 
 
 def check_vocab_rows(tensor: torch.Tensor, vocab_size: int, name: str) -> None:
