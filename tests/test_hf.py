@@ -26,6 +26,7 @@ from epas_lightning.init_from import resumed_instead
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 512
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
 
 def tiny_hf_config(tie: bool = False, kind: str = "Llama", **overrides) -> transformers.PretrainedConfig:
@@ -196,6 +197,8 @@ def test_a_tied_folder_with_its_own_lm_head_is_read_only_where_they_agree(tmp_pa
     stored as lm_head.weight alone (transformers ties it to the embedding) ended in a KeyError traceback."""
     from safetensors.torch import load_file, save_file
 
+    if head == "only" and not TRANSFORMERS_5:
+        pytest.skip("transformers 4.x leaves such a folder's embedding unset (on the meta device): nothing to compare")
     path = save_tiny_hf(tmp_path / "hf", tie=True)
     state = load_file(path / "model.safetensors")
     embed = state["model.embed_tokens.weight"]
@@ -387,6 +390,8 @@ def test_rope_is_read_from_the_field_transformers_reads(tmp_path: Path, fields: 
     else the top-level one), we read rope_parameters first and ran other positions, silently."""
     from epas_lightning.hf.convert import rope_of
 
+    if not TRANSFORMERS_5:
+        pytest.skip("transformers 4.x has no rope_parameters (it reads rope_scaling and the top-level rope_theta)")
     record = {**json.loads(tiny_hf_config().to_json_string()), **fields}
     if "rope_theta" not in fields:
         record.pop("rope_theta", None)
@@ -792,8 +797,7 @@ def test_export_as_a_stock_qwen2_warns_when_transformers_would_tokenize_otherwis
     save_ours(tmp_path / "ckpt", tiny_corpus / "tokenizer.json", n_layer=2, attention_bias="qkv")
     export(tmp_path / "ckpt", tmp_path / "stock")
     said = [r.getMessage() for r in caplog.records if "Qwen2Tokenizer" in r.getMessage()]
-    rebuilds = int(transformers.__version__.split(".")[0]) >= 5
-    assert len(said) == rebuilds and all("\n" not in line and "--remote-code" in line for line in said)
+    assert len(said) == TRANSFORMERS_5 and all("\n" not in line and "--remote-code" in line for line in said)
     caplog.clear()
     export(tmp_path / "ckpt", tmp_path / "remote", remote_code=True)
     assert "Qwen2Tokenizer" not in caplog.text
