@@ -170,18 +170,11 @@ class _Linked:
         return None if init_from else getattr(_as_config(config), self.field)
 
 
-def placeholder_init_from(section: Namespace) -> bool:
-    """Whether ``model.init_from`` names a path that does not exist (a config's placeholder, to be replaced): the
-    config is then printed with ``model.config`` as given, and a note saying so, rather than refused."""
+def missing_init_from(section: Namespace) -> str | None:
+    """``model.init_from`` where it names a path that does not exist (a config's placeholder, to be replaced), else
+    ``None``."""
     init_from = section.model.get("init_from")
-    if not init_from or Path(init_from).expanduser().exists():
-        return False
-    print(
-        f"note: model.init_from {init_from} does not exist here: model.config is printed as configured, without "
-        "the fields fit reads from it",
-        file=sys.stderr,
-    )
-    return True
+    return None if not init_from or Path(init_from).expanduser().exists() else str(init_from)
 
 
 def resolve_model(section: Namespace, ckpt_path: str | None = None) -> None:
@@ -465,7 +458,10 @@ class EPASCLI(LightningCLI):
             subcommand = self.config.subcommand
             config = self.config[subcommand].clone()
             ckpt_path = config.get("ckpt_path")  # a resume's model is its checkpoint's: init_from may be gone
-            if ckpt_path or not placeholder_init_from(config):
+            if not ckpt_path and (missing := missing_init_from(config)):  # printed as configured, not refused
+                note = "model.config is printed as configured, without the fields fit reads from it"
+                print(f"note: model.init_from {missing} does not exist here: {note}", file=sys.stderr)
+            else:
                 resolve_model(config, run_last_checkpoint(config) if ckpt_path in RESUME_WORDS else ckpt_path)
                 config.model.config = Namespace(**_as_config(config.model.config).to_dict())
             print(self._subcommand_parsers[subcommand].dump(config, skip_link_targets=False, **dump_options))
