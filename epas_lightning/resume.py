@@ -26,11 +26,22 @@ RESUME_WORDS = ("last", "auto")
 def logger_run_dirs(config: Namespace) -> list[Path]:
     """The folders whose subfolders hold this run's versions (logger ``save_dir``/``name``): ``version_N``, or a
     logger's own version name."""
-    loggers = config.trainer.get("logger")
-    if loggers is True or loggers is None:  # Lightning's own: TensorBoardLogger(default_root_dir, "lightning_logs")
+    given = config.trainer.get("logger")
+    if given is True or given is None:  # Lightning's own: TensorBoardLogger(default_root_dir, "lightning_logs")
         return [Path(config.trainer.get("default_root_dir") or ".").expanduser() / DEFAULT_LOGGER_NAME]
-    loggers = loggers if isinstance(loggers, list) else [loggers]
-    return [run_dir for logger in loggers if (run_dir := _run_dir(logger)) is not None]
+    return [run_dir for logger in configured_loggers(config) if (run_dir := _run_dir(logger)) is not None]
+
+
+def configured_loggers(config: Namespace) -> list[Any]:
+    """``trainer.logger`` as a list of the configured loggers (``true``, ``false`` or null: that value alone)."""
+    loggers = config.trainer.get("logger")
+    return loggers if isinstance(loggers, list) else [loggers]
+
+
+def _first_logger(config: Namespace) -> Any:
+    """The first configured logger: the one ``ModelCheckpoint`` saves under and ``config.yaml`` is written beside
+    (``None`` for an empty list)."""
+    return next(iter(configured_loggers(config)), None)
 
 
 DEFAULT_LOGGER_NAME = "lightning_logs"
@@ -50,8 +61,7 @@ def _run_dir(logger: object) -> Path | None:
 def _fixed_version_folder(config: Namespace) -> Path | None:
     """The version folder of the first logger (the one ``ModelCheckpoint`` saves under) where the config gives it a
     version: ``<save_dir>/<name>/version_N``, or ``<save_dir>/<name>/<version>`` for a version given as a name."""
-    loggers = config.trainer.get("logger")
-    first = loggers[0] if isinstance(loggers, list) and loggers else loggers
+    first = _first_logger(config)
     run_dir = _run_dir(first)
     version = first["init_args"].get("version") if run_dir is not None else None
     return None if version is None else version_folder(run_dir, version)
@@ -239,11 +249,10 @@ def continue_version(config: Namespace, ckpt_path: Path) -> Path | None:
     """
     if config.get("checkpoint") and config.checkpoint.get("dirpath"):
         return None
-    loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
     version_dir = version_to_continue(ckpt_path, logger_run_dirs(config), csv_logger=has_csv_logger(config))
     if version_dir is None:
         return None
-    for logger in loggers:
+    for logger in configured_loggers(config):
         if isinstance(logger, Namespace) and logger.get("init_args") and logger.init_args.get("version") is None:
             logger.init_args.version = version_of(version_dir)
     return version_dir
@@ -260,8 +269,10 @@ def keep_version(loggers: list[Any], version_dir: Path | None) -> None:
 
 def has_csv_logger(config: Namespace) -> bool:
     """Whether one of the configured loggers is a ``CSVLogger``."""
-    loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
-    return any(isinstance(lg, Namespace) and str(lg.get("class_path", "")).endswith("CSVLogger") for lg in loggers)
+    return any(
+        isinstance(lg, Namespace) and str(lg.get("class_path", "")).endswith("CSVLogger")
+        for lg in configured_loggers(config)
+    )
 
 
 def version_to_continue(ckpt_path: Path, run_dirs: list[Path], csv_logger: bool = False) -> Path | None:
@@ -316,8 +327,7 @@ def global_step_of(ckpt_path: Path) -> int | None:
 def log_folder(config: Namespace, version_dir: Path) -> Path:
     """Where the first logger writes in ``version_dir``, the run's ``config.yaml`` too: a TensorBoardLogger's
     ``sub_dir`` there (its checkpoints stay in ``version_dir/checkpoints``)."""
-    loggers = config.trainer.get("logger")
-    first = loggers[0] if isinstance(loggers, list) and loggers else loggers
+    first = _first_logger(config)
     init = first.get("init_args") if isinstance(first, Namespace | dict) else None
     sub_dir = init.get("sub_dir") if init else None
     return version_dir / sub_dir if sub_dir else version_dir
