@@ -44,8 +44,7 @@ from epas_lightning.data.sources import (
 from epas_lightning.data.tokenizer import (
     HF_FILENAME,
     MIN_BPE_VOCAB,
-    TRAINED_BOS_TOKEN,
-    TRAINED_EOS_TOKEN,
+    TRAINED_SPECIAL_TOKENS,
     check_tokenizer_flag,
     copy_tokenizer,
     file_sha256,
@@ -59,7 +58,6 @@ from epas_lightning.outputs import output_folder, write_marker
 log = logging.getLogger(__name__)
 
 ON_BAD_CHOICES = ("skip", "fail")
-TRAINED_SPECIAL_TOKENS = (TRAINED_BOS_TOKEN, TRAINED_EOS_TOKEN)
 
 
 class StepTimer:

@@ -17,6 +17,8 @@ HF_FILENAME = "tokenizer.json"
 SENTENCEPIECE_FILENAME = "tokenizer.model"
 TRAINED_BOS_TOKEN = "<|bos|>"
 TRAINED_EOS_TOKEN = "<|eos|>"
+TRAINED_SPECIAL_TOKENS = (TRAINED_BOS_TOKEN, TRAINED_EOS_TOKEN)
+"""The special tokens of the byte-level BPE ``prepare --train-tokenizer`` trains."""
 MIN_BPE_VOCAB = 256 + 2
 """The smallest byte-level BPE we train: the 256 byte tokens, BOS and EOS."""
 # Tried in order when the BOS/EOS token is not named: ours, LLaMA/TinyLlama, LLaMA-3, GPT-2 style (one token for both).
@@ -320,7 +322,7 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, length: int | No
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[TRAINED_BOS_TOKEN, TRAINED_EOS_TOKEN],
+        special_tokens=list(TRAINED_SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
