@@ -157,6 +157,21 @@ def test_a_qwen2_sliding_window_counts_only_when_it_is_on(tmp_path: Path) -> Non
         config_from_hf({**windowed, "max_window_layers": 2, "layer_types": ["full_attention", "sliding_attention"]})
 
 
+@pytest.mark.parametrize("kind", ["Mistral", "Qwen2", "Llama"])
+def test_key_value_heads_left_out_are_read_as_transformers_reads_them(tmp_path: Path, kind: str) -> None:
+    """A config.json without num_key_value_heads: transformers' Mistral and Qwen2 then take their class default (8,
+    32), its LLaMA the head count; we took the head count for all three, so a Mistral's k_proj did not fit. Where the
+    default cannot divide the heads, the refusal says what config.json lacks."""
+    record = json.loads(tiny_hf_config(kind=kind, hidden_size=128, num_attention_heads=64).to_json_string())
+    del record["num_key_value_heads"]
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path).num_key_value_heads  # 4.x's default or 5.x's alike
+    assert config_from_hf(record).n_kv_head == theirs
+    if kind != "Llama":
+        with pytest.raises(HFCheckpointError, match=rf"^its config.json names no num_key_value_heads, .*as {theirs}"):
+            config_from_hf({**record, "num_attention_heads": 4, "head_dim": None})
+
+
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
 LLAMA3_TINY = {**LLAMA3, "original_max_position_embeddings": 16}
 """Llama 3.x's RoPE scaling with a 16-token original context: over 48 tokens most frequencies turn 8 times slower."""

@@ -39,6 +39,9 @@ DEFAULT_SLIDING_WINDOW = 4096
 WINDOWED = ("mistral", "qwen2")
 """The model types whose config.json without a ``sliding_window`` gets :data:`DEFAULT_SLIDING_WINDOW` in transformers
 (a Qwen2's counts only with ``use_sliding_window: true``)."""
+DEFAULT_KV_HEADS = {"mistral": 8, "qwen2": 32}
+"""The ``num_key_value_heads`` transformers gives a Mistral or Qwen2 whose config.json names none (``MistralConfig``'s
+and ``Qwen2Config``'s defaults, in 4.x and 5); a LLaMA's, and any one's set to null, is its head count."""
 REQUIRED_HF_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
 OPTIONAL_SIZE_KEYS = ("head_dim", "num_key_value_heads", "max_position_embeddings")
 """Sizes an HF config may leave out or set to null (a default is taken)."""
@@ -217,6 +220,22 @@ def check_sizes(hf: dict[str, Any]) -> None:
             )
 
 
+def kv_heads_of(hf: dict[str, Any]) -> int:
+    """The key/value heads of an HF config as transformers reads them: a Mistral's or Qwen2's left out is its class
+    default (:data:`DEFAULT_KV_HEADS`), refused where it cannot divide the heads (the weights cannot fit it)."""
+    n_head, model_type = hf["num_attention_heads"], hf.get("model_type")
+    if "num_key_value_heads" in hf or model_type not in DEFAULT_KV_HEADS:
+        return hf.get("num_key_value_heads") or n_head
+    default = DEFAULT_KV_HEADS[model_type]
+    if n_head % default:
+        raise HFCheckpointError(
+            f"its config.json names no num_key_value_heads, which transformers then takes as {default} (a "
+            f"{model_type}'s default), and {n_head} attention heads cannot share {default} key/value heads",
+            fix="write num_key_value_heads in config.json: the rows of k_proj.weight divided by the head size",
+        )
+    return default
+
+
 def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaConfig:
     """Our ``LlamaConfig`` for an HF LLaMA config (a dict or a model directory); ``overrides`` set other fields.
 
@@ -259,7 +278,7 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
         n_layer=hf["num_hidden_layers"],
         n_embd=n_embd,
         n_head=n_head,
-        n_kv_head=hf.get("num_key_value_heads") or n_head,
+        n_kv_head=kv_heads_of(hf),
         intermediate_size=hf["intermediate_size"],
         vocab_size=hf["vocab_size"],
         padded_vocab_size=hf["vocab_size"],
