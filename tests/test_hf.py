@@ -155,6 +155,8 @@ def test_a_qwen2_sliding_window_counts_only_when_it_is_on(tmp_path: Path) -> Non
         assert config_from_hf({**windowed, **spelled}).attention_bias == "qkv"
     with pytest.raises(HFCheckpointError, match=r"^use_sliding_window=true with sliding_window=16 does not span"):
         config_from_hf({**windowed, "max_window_layers": 2, "layer_types": ["full_attention", "sliding_attention"]})
+    with pytest.raises(HFCheckpointError, match="use_sliding_window must be true or false, got 'no'"):
+        config_from_hf({**windowed, "use_sliding_window": "no", "max_window_layers": 1})
 
 
 @pytest.mark.parametrize("kind", ["Mistral", "Qwen2", "Llama"])
@@ -322,6 +324,9 @@ def test_import_refuses_a_pytorch_bin_that_holds_no_state_dict(tmp_path: Path, c
         ({"rms_norm_eps": None}, r"^its config.json's rms_norm_eps must be a number, got None"),
         ({"rope_parameters": {"rope_type": "default", "rope_theta": "x"}}, "rope_theta must be a number, got 'x'"),
         ({"rope_parameters": "linear"}, r"^its config.json's rope_parameters must be an object \{...\}, got 'linear'"),
+        # a string counted as true (transformers 5 refuses it; 4.x ties, as we did, a "false")
+        ({"tie_word_embeddings": "false"}, r"^its config.json's tie_word_embeddings must be true or false, got 'f"),
+        ({"attention_bias": 0}, 'attention_bias must be true or false, got 0 .*"attention_bias": false, not'),
     ],
 )
 def test_import_refuses_unsupported_configs(tmp_path: Path, overrides: dict, message: str) -> None:

@@ -158,6 +158,18 @@ def config_number(value: Any, key: str) -> float:
         ) from e
 
 
+def config_flag(hf: dict[str, Any], key: str) -> bool:
+    """An HF config's boolean ``key`` (false when unset or null); any other value is refused: transformers 5 refuses
+    it, 4.x takes ``"false"`` for true."""
+    value = hf.get(key)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise HFCheckpointError(
+        f"its config.json's {key} must be true or false, got {value!r}",
+        fix=f'write {key} in config.json as a JSON boolean ("{key}": false, not "false" or 0)',
+    )
+
+
 def check_no_sliding_window(hf: dict[str, Any]) -> None:
     """Refuse a sliding-window attention that masks positions inside the model's context: our attention sees every
     earlier position, so the model would compute another function than the checkpoint's from that distance on.
@@ -183,7 +195,7 @@ def check_no_sliding_window(hf: dict[str, Any]) -> None:
 def qwen2_slides(hf: dict[str, Any]) -> bool:
     """Whether transformers slides a Qwen2's window over some layer: with ``use_sliding_window``, over those its
     ``layer_types`` names ``sliding_attention``, else over those from ``max_window_layers`` (default 28) on."""
-    if not hf.get("use_sliding_window"):
+    if not config_flag(hf, "use_sliding_window"):
         return False
     if isinstance(layer_types := hf.get("layer_types"), list):
         return "sliding_attention" in layer_types
@@ -200,7 +212,7 @@ def attention_bias_of(hf: dict[str, Any]) -> str | None:
         return "qkv"
     if model_type == "epas_llama" and hf.get("epas_attention_bias"):
         return hf["epas_attention_bias"]
-    if model_type in ("llama", "epas_llama") and hf.get("attention_bias"):
+    if model_type in ("llama", "epas_llama") and config_flag(hf, "attention_bias"):
         return "qkvo"
     return None
 
@@ -287,7 +299,7 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
         rope_scaling=scaling,
         attention_bias=attention_bias_of(hf),
         norm_eps=config_number(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_embeddings=config_flag(hf, "tie_word_embeddings"),
         sharing_mode=hf.get("epas_sharing_mode", "qk"),
     )
     try:
