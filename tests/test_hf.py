@@ -174,6 +174,17 @@ def test_key_value_heads_left_out_are_read_as_transformers_reads_them(tmp_path: 
             config_from_hf({**record, "num_attention_heads": 4, "head_dim": None})
 
 
+@pytest.mark.parametrize("kind", ["Mistral", "Qwen2"])
+def test_mlp_bias_is_ignored_where_transformers_ignores_it(tmp_path: Path, kind: str) -> None:
+    """transformers' Mistral and Qwen2 have no MLP biases whatever mlp_bias says; we refused such a config.json (a
+    LLaMA's mlp_bias: true stays refused: its MLP has them)."""
+    record = {**json.loads(tiny_hf_config(kind=kind).to_json_string()), "mlp_bias": True}
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    theirs = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path))
+    assert not [name for name, _ in theirs.named_parameters() if "mlp" in name and name.endswith(".bias")]
+    assert config_from_hf(record) == config_from_hf({**record, "mlp_bias": False})
+
+
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
 LLAMA3_TINY = {**LLAMA3, "original_max_position_embeddings": 16}
 """Llama 3.x's RoPE scaling with a 16-token original context: over 48 tokens most frequencies turn 8 times slower."""
