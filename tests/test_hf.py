@@ -477,6 +477,26 @@ def test_import_refuses_vocabulary_rows_the_config_does_not_count(tmp_path: Path
         load_hf_state(path, _module_config())
 
 
+def test_a_folder_whose_weights_are_not_its_config_says_what_disagrees(tmp_path: Path) -> None:
+    """A third-party folder whose config.json describes other shapes than its weights was told to "pass the checkpoint
+    as fit or consolidate wrote it" (and model.init_from gave no advice): the tensors and shapes are named as the
+    folder names them, with config.json as what disagrees."""
+    from epas_lightning.init_from import load_initial_weights
+
+    path = save_tiny_hf(tmp_path / "hf")
+    record = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**record, "intermediate_size": 96}))
+    says = (
+        r"^its config.json and weights disagree \(other shape: model.layers.0.mlp.gate_proj.weight \[128, 64\] where "
+        r"config.json makes \[96, 64\], .*\) — {}{} — make config.json describe the weights"
+    )
+    with pytest.raises(HFCheckpointError, match=says.format("", path)):
+        load_model(path)
+    model = Llama(config_from_hf(path))
+    with pytest.raises(HFCheckpointError, match=says.format("model.init_from ", path)):
+        load_initial_weights(model, path)
+
+
 class _FirstBatchWeights(Callback):
     """Records the model's weights when the first training batch starts (after init_from, before any update)."""
 

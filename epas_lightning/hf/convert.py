@@ -552,6 +552,11 @@ def check_vocab_rows(tensor: torch.Tensor, vocab_size: int, name: str) -> None:
         )
 
 
+def hf_named(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state``, by our names, keyed by the names an HF ``LlamaForCausalLM`` gives its tensors."""
+    return {key if key == "lm_head.weight" else HF_PREFIX + key: tensor for key, tensor in state.items()}
+
+
 def ours_to_hf(state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:
     """An HF ``LlamaForCausalLM`` state dict from ours: padded vocabulary rows dropped, no ``lm_head`` when tied."""
     out: dict[str, torch.Tensor] = {}
