@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -397,6 +398,36 @@ def test_a_tokenizer_file_replaced_in_a_prepared_folder_is_refused(tiny_corpus: 
         check_data_flag(data_dir)  # evaluate, bench, analyze
     with pytest.raises(DataError, match=rf"^{re.escape(says)}.* — data.val_dir {data_dir} — prepare the data again"):
         tiny_datamodule(tiny_corpus, val_dir=str(data_dir))
+
+
+def test_a_tokenizer_file_is_hashed_once_while_it_stays_as_it_was(tiny_corpus: Path, tmp_path: Path, monkeypatch):
+    """check_data_flag, setup's check of the data folder and of a val_dir, their comparison and the tokenizer's load
+    each read and hashed the tokenizer file (a Llama 3 tokenizer.json is 9 MB): it is read once while its path, inode,
+    size and times stay; again once changed in place or replaced; at every call while it changed in the last
+    RACY_NS (a second write in that clock tick could leave them all as they were)."""
+    from epas_lightning.data import tokenizer
+    from epas_lightning.data.token_data import check_data_flag
+
+    reads, hash_of = [], tokenizer.sha256_of
+    monkeypatch.setattr(tokenizer, "sha256_of", lambda path: reads.append(path.name) or hash_of(path))
+    monkeypatch.setattr(tokenizer, "HASHED", {})
+    monkeypatch.setattr(tokenizer, "RACY_NS", -1)  # the fixture's file may be younger than RACY_NS
+    check_data_flag(tiny_corpus)
+    tiny_datamodule(tiny_corpus, val_dir=str(tiny_corpus))
+    assert reads == ["tokenizer.json"]
+    file, replacement = tmp_path / "tokenizer.json", tmp_path / "new.json"
+    file.write_text("a")
+    first = tokenizer.file_sha256(file)
+    file.write_text("b")  # in place, same size: only its times (and, below, the inode) tell
+    os.utime(file, ns=(1, 1))
+    assert tokenizer.file_sha256(file) == tokenizer.file_sha256(file) == hash_of(file) != first
+    replacement.write_text("a")
+    os.utime(replacement, ns=(1, 1))
+    os.replace(replacement, file)
+    assert tokenizer.file_sha256(file) == first and reads.count("tokenizer.json") == 4
+    monkeypatch.setattr(tokenizer, "RACY_NS", 10**18)  # every file changed just now, as far as it can tell
+    replacement.write_text("c")
+    assert tokenizer.file_sha256(replacement) == tokenizer.file_sha256(replacement) and reads.count("new.json") == 2
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
