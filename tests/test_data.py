@@ -295,6 +295,41 @@ def test_a_corrupt_built_in_corpus_entry_says_to_delete_it(tiny_corpus: Path, tm
         make().setup("fit")
 
 
+def test_a_built_in_corpus_entry_whose_tokenizer_was_replaced_is_built_again(
+    tiny_corpus: Path, tmp_path: Path, monkeypatch
+):
+    """The built-in corpus's cache entry was not checked for a replaced tokenizer.json, as prepared folders are: its
+    ids were read as another vocabulary's. An entry we built is built again, the altered one set aside (never
+    deleted: the file in it is not ours); one meta.json does not say we built is refused in one line, left as it is."""
+    entry = tmp_path / tiny_corpus.name
+    shutil.copytree(tiny_corpus, entry)
+    tokenizer = json.loads((entry / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # another vocabulary of the same size
+    altered = json.dumps(tokenizer)
+    (entry / "tokenizer.json").write_text(altered)
+    built = []
+
+    def build_entry(build_dir: Path, *args) -> dict:  # as prepare_builtin_corpus would, without the wait
+        built.append(build_dir)
+        shutil.copytree(tiny_corpus, build_dir, dirs_exist_ok=True)
+        return load_meta(build_dir)
+
+    monkeypatch.setattr(builtin, "build_entry", build_entry)
+    make = lambda: TokenDataModule(seq_len=32, vocab_size=512, max_bytes=1_500_000, cache_dir=str(tmp_path))  # noqa: E731
+    make().setup("fit")
+    assert len(built) == 1
+    assert (entry / "tokenizer.json").read_bytes() == (tiny_corpus / "tokenizer.json").read_bytes()
+    [kept] = [p for p in tmp_path.glob(f".{entry.name}.*") if p.is_dir()]
+    assert (kept / "tokenizer.json").read_text() == altered
+    (entry / "tokenizer.json").write_text(altered)
+    (entry / "meta.json").write_text(json.dumps({**load_meta(entry), "source": "my-own-data"}))
+    with pytest.raises(DataError, match=r"^the tokenizer file tokenizer.json changed since .* — move it out of"):
+        make().setup("fit")
+    assert len(built) == 1 and (entry / "tokenizer.json").read_text() == altered
+
+
 def test_numpy_numbers_in_the_settings_build_and_batch(tiny_corpus: Path):
     """A sweep's ``np.int64`` settings: ``vocab_size`` failed building the corpus's cache key ("Object of type int64 is
     not JSON serializable"), ``batch_size`` in torch's sampler ("should be a positive integer value")."""
