@@ -33,7 +33,9 @@ from epas_lightning.data.tokenizer import (
 )
 from epas_lightning.errors import CheckpointError, ConfigError, os_reason
 from epas_lightning.hf.convert import (
+    HFCheckpointError,
     config_from_hf,
+    hf_named,
     hf_tensors,
     hf_to_ours,
     is_hf_dir,
@@ -539,6 +541,8 @@ def _fitted_model(
         model.tie_weights()
     fix = f"{AS_WRITTEN} (weights and config from the same run)"
     mismatch = state_mismatch(model.state_dict(), state)
+    if mismatch and checkpoint_kind(path) == "hf":
+        raise hf_misfit(model.state_dict(), state, path)
     if mismatch:
         raise CheckpointError(f"the weights do not fit the model config it records ({mismatch})", path, fix)
     try:
@@ -665,18 +669,34 @@ def past_range(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> list[st
     return over
 
 
-def state_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], shown: int = 3) -> str:
+def state_mismatch(
+    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], shown: int = 3, by: str = "the model has"
+) -> str:
     """What keeps ``given`` from loading into a model whose state is ``expected`` ("" when it fits): each kind of
-    problem with its count and first few names, so that a large model's 300 missing keys stay one readable line."""
+    problem with its count and first few names, so that a large model's 300 missing keys stay one readable line.
+    ``by`` says whose the expected shapes are."""
     missing = [key for key in expected if key not in given]
     unexpected = [key for key in given if key not in expected]
     reshaped = [
-        f"{key} {list(given[key].shape)} where the model has {list(expected[key].shape)}"
+        f"{key} {list(given[key].shape)} where {by} {list(expected[key].shape)}"
         for key in expected
         if key in given and given[key].shape != expected[key].shape
     ]
     kinds = (("missing", missing), ("unexpected", unexpected), ("other shape", reshaped))
     return "; ".join(f"{kind}: {listed(names, shown)}" for kind, names in kinds if names)
+
+
+def hf_misfit(
+    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], where: object
+) -> HFCheckpointError:
+    """The error for an HF folder whose weights (``given``, by our names) are not those of the model its config.json
+    describes (``expected``): each tensor named as the folder names it."""
+    mismatch = state_mismatch(hf_named(expected), hf_named(given), by="config.json makes")
+    return HFCheckpointError(
+        f"its config.json and weights disagree ({mismatch})",
+        where,
+        "make config.json describe the weights beside it (or copy the model folder again: both files from one model)",
+    )
 
 
 def listed(names: list[str], shown: int = 3) -> str:

@@ -326,11 +326,14 @@ def _sendable(error: Exception) -> Exception:
 def _checked_batches(model: nn.Module, path: str | Path, stage: str = "fit") -> Iterator[dict[str, torch.Tensor]]:
     """The batches of :func:`init_batches` for ``model``, after checking that the source at ``path`` fits it; every
     check runs in the first ``next``."""
-    from epas_lightning.checkpoint import state_mismatch
+    from epas_lightning.checkpoint import hf_misfit, state_mismatch
 
     path = _existing(path)
     shapes = source_shapes(path, model.config, stage)
-    mismatch = state_mismatch({k: v for k, v in model.state_dict().items() if k not in NOT_LOADED}, shapes)
+    expected = {k: v for k, v in model.state_dict().items() if k not in NOT_LOADED}
+    mismatch = state_mismatch(expected, shapes)
+    if mismatch and is_hf_dir(path):  # its config.json is model.config's (checked): the folder disagrees with itself
+        raise hf_misfit(expected, shapes, f"model.init_from {path}")
     if mismatch:
         raise HFCheckpointError(f"the weights do not fit the model ({mismatch})", f"model.init_from {path}")
     dtype = next(model.parameters()).dtype

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -294,6 +295,41 @@ def test_a_corrupt_built_in_corpus_entry_says_to_delete_it(tiny_corpus: Path, tm
         make().setup("fit")
 
 
+def test_a_built_in_corpus_entry_whose_tokenizer_was_replaced_is_built_again(
+    tiny_corpus: Path, tmp_path: Path, monkeypatch
+):
+    """The built-in corpus's cache entry was not checked for a replaced tokenizer.json, as prepared folders are: its
+    ids were read as another vocabulary's. An entry we built is built again, the altered one set aside (never
+    deleted: the file in it is not ours); one meta.json does not say we built is refused in one line, left as it is."""
+    entry = tmp_path / tiny_corpus.name
+    shutil.copytree(tiny_corpus, entry)
+    tokenizer = json.loads((entry / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # another vocabulary of the same size
+    altered = json.dumps(tokenizer)
+    (entry / "tokenizer.json").write_text(altered)
+    built = []
+
+    def build_entry(build_dir: Path, *args) -> dict:  # as prepare_builtin_corpus would, without the wait
+        built.append(build_dir)
+        shutil.copytree(tiny_corpus, build_dir, dirs_exist_ok=True)
+        return load_meta(build_dir)
+
+    monkeypatch.setattr(builtin, "build_entry", build_entry)
+    make = lambda: TokenDataModule(seq_len=32, vocab_size=512, max_bytes=1_500_000, cache_dir=str(tmp_path))  # noqa: E731
+    make().setup("fit")
+    assert len(built) == 1
+    assert (entry / "tokenizer.json").read_bytes() == (tiny_corpus / "tokenizer.json").read_bytes()
+    [kept] = [p for p in tmp_path.glob(f".{entry.name}.*") if p.is_dir()]
+    assert (kept / "tokenizer.json").read_text() == altered
+    (entry / "tokenizer.json").write_text(altered)
+    (entry / "meta.json").write_text(json.dumps({**load_meta(entry), "source": "my-own-data"}))
+    with pytest.raises(DataError, match=r"^the tokenizer file tokenizer.json changed since .* — move it out of"):
+        make().setup("fit")
+    assert len(built) == 1 and (entry / "tokenizer.json").read_text() == altered
+
+
 def test_numpy_numbers_in_the_settings_build_and_batch(tiny_corpus: Path):
     """A sweep's ``np.int64`` settings: ``vocab_size`` failed building the corpus's cache key ("Object of type int64 is
     not JSON serializable"), ``batch_size`` in torch's sampler ("should be a positive integer value")."""
@@ -397,6 +433,36 @@ def test_a_tokenizer_file_replaced_in_a_prepared_folder_is_refused(tiny_corpus: 
         check_data_flag(data_dir)  # evaluate, bench, analyze
     with pytest.raises(DataError, match=rf"^{re.escape(says)}.* — data.val_dir {data_dir} — prepare the data again"):
         tiny_datamodule(tiny_corpus, val_dir=str(data_dir))
+
+
+def test_a_tokenizer_file_is_hashed_once_while_it_stays_as_it_was(tiny_corpus: Path, tmp_path: Path, monkeypatch):
+    """check_data_flag, setup's check of the data folder and of a val_dir, their comparison and the tokenizer's load
+    each read and hashed the tokenizer file (a Llama 3 tokenizer.json is 9 MB): it is read once while its path, inode,
+    size and times stay; again once changed in place or replaced; at every call while it changed in the last
+    RACY_NS (a second write in that clock tick could leave them all as they were)."""
+    from epas_lightning.data import tokenizer
+    from epas_lightning.data.token_data import check_data_flag
+
+    reads, hash_of = [], tokenizer.sha256_of
+    monkeypatch.setattr(tokenizer, "sha256_of", lambda path: reads.append(path.name) or hash_of(path))
+    monkeypatch.setattr(tokenizer, "HASHED", {})
+    monkeypatch.setattr(tokenizer, "RACY_NS", -1)  # the fixture's file may be younger than RACY_NS
+    check_data_flag(tiny_corpus)
+    tiny_datamodule(tiny_corpus, val_dir=str(tiny_corpus))
+    assert reads == ["tokenizer.json"]
+    file, replacement = tmp_path / "tokenizer.json", tmp_path / "new.json"
+    file.write_text("a")
+    first = tokenizer.file_sha256(file)
+    file.write_text("b")  # in place, same size: only its times (and, below, the inode) tell
+    os.utime(file, ns=(1, 1))
+    assert tokenizer.file_sha256(file) == tokenizer.file_sha256(file) == hash_of(file) != first
+    replacement.write_text("a")
+    os.utime(replacement, ns=(1, 1))
+    os.replace(replacement, file)
+    assert tokenizer.file_sha256(file) == first and reads.count("tokenizer.json") == 4
+    monkeypatch.setattr(tokenizer, "RACY_NS", 10**18)  # every file changed just now, as far as it can tell
+    replacement.write_text("c")
+    assert tokenizer.file_sha256(replacement) == tokenizer.file_sha256(replacement) and reads.count("new.json") == 2
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])

@@ -155,6 +155,34 @@ def test_a_qwen2_sliding_window_counts_only_when_it_is_on(tmp_path: Path) -> Non
         assert config_from_hf({**windowed, **spelled}).attention_bias == "qkv"
     with pytest.raises(HFCheckpointError, match=r"^use_sliding_window=true with sliding_window=16 does not span"):
         config_from_hf({**windowed, "max_window_layers": 2, "layer_types": ["full_attention", "sliding_attention"]})
+    with pytest.raises(HFCheckpointError, match="use_sliding_window must be true or false, got 'no'"):
+        config_from_hf({**windowed, "use_sliding_window": "no", "max_window_layers": 1})
+
+
+@pytest.mark.parametrize("kind", ["Mistral", "Qwen2", "Llama"])
+def test_key_value_heads_left_out_are_read_as_transformers_reads_them(tmp_path: Path, kind: str) -> None:
+    """A config.json without num_key_value_heads: transformers' Mistral and Qwen2 then take their class default (8,
+    32), its LLaMA the head count; we took the head count for all three, so a Mistral's k_proj did not fit. Where the
+    default cannot divide the heads, the refusal says what config.json lacks."""
+    record = json.loads(tiny_hf_config(kind=kind, hidden_size=128, num_attention_heads=64).to_json_string())
+    del record["num_key_value_heads"]
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path).num_key_value_heads  # 4.x's default or 5.x's alike
+    assert config_from_hf(record).n_kv_head == theirs
+    if kind != "Llama":
+        with pytest.raises(HFCheckpointError, match=rf"^its config.json names no num_key_value_heads, .*as {theirs}"):
+            config_from_hf({**record, "num_attention_heads": 4, "head_dim": None})
+
+
+@pytest.mark.parametrize("kind", ["Mistral", "Qwen2"])
+def test_mlp_bias_is_ignored_where_transformers_ignores_it(tmp_path: Path, kind: str) -> None:
+    """transformers' Mistral and Qwen2 have no MLP biases whatever mlp_bias says; we refused such a config.json (a
+    LLaMA's mlp_bias: true stays refused: its MLP has them)."""
+    record = {**json.loads(tiny_hf_config(kind=kind).to_json_string()), "mlp_bias": True}
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    theirs = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path))
+    assert not [name for name, _ in theirs.named_parameters() if "mlp" in name and name.endswith(".bias")]
+    assert config_from_hf(record) == config_from_hf({**record, "mlp_bias": False})
 
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
@@ -307,6 +335,9 @@ def test_import_refuses_a_pytorch_bin_that_holds_no_state_dict(tmp_path: Path, c
         ({"rms_norm_eps": None}, r"^its config.json's rms_norm_eps must be a number, got None"),
         ({"rope_parameters": {"rope_type": "default", "rope_theta": "x"}}, "rope_theta must be a number, got 'x'"),
         ({"rope_parameters": "linear"}, r"^its config.json's rope_parameters must be an object \{...\}, got 'linear'"),
+        # a string counted as true (transformers 5 refuses it; 4.x ties, as we did, a "false")
+        ({"tie_word_embeddings": "false"}, r"^its config.json's tie_word_embeddings must be true or false, got 'f"),
+        ({"attention_bias": 0}, 'attention_bias must be true or false, got 0 .*"attention_bias": false, not'),
     ],
 )
 def test_import_refuses_unsupported_configs(tmp_path: Path, overrides: dict, message: str) -> None:
@@ -444,6 +475,26 @@ def test_import_refuses_vocabulary_rows_the_config_does_not_count(tmp_path: Path
         load_model(path)
     with pytest.raises(HFCheckpointError, match=says):
         load_hf_state(path, _module_config())
+
+
+def test_a_folder_whose_weights_are_not_its_config_says_what_disagrees(tmp_path: Path) -> None:
+    """A third-party folder whose config.json describes other shapes than its weights was told to "pass the checkpoint
+    as fit or consolidate wrote it" (and model.init_from gave no advice): the tensors and shapes are named as the
+    folder names them, with config.json as what disagrees."""
+    from epas_lightning.init_from import load_initial_weights
+
+    path = save_tiny_hf(tmp_path / "hf")
+    record = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**record, "intermediate_size": 96}))
+    says = (
+        r"^its config.json and weights disagree \(other shape: model.layers.0.mlp.gate_proj.weight \[128, 64\] where "
+        r"config.json makes \[96, 64\], .*\) — {}{} — make config.json describe the weights"
+    )
+    with pytest.raises(HFCheckpointError, match=says.format("", path)):
+        load_model(path)
+    model = Llama(config_from_hf(path))
+    with pytest.raises(HFCheckpointError, match=says.format("model.init_from ", path)):
+        load_initial_weights(model, path)
 
 
 class _FirstBatchWeights(Callback):

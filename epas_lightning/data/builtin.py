@@ -29,12 +29,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from epas_lightning.data.layout import META_FILENAME, is_complete, write_meta
+from epas_lightning.data.layout import (
+    META_FILENAME,
+    check_recorded_tokenizer,
+    is_complete,
+    load_meta,
+    tokenizer_changed,
+    write_meta,
+)
 from epas_lightning.data.prepare import BuildOptions, TokenizerChoice, build_dataset
 from epas_lightning.data.sources import InputFile, split_by_hash
 from epas_lightning.data.tokenizer import MIN_BPE_VOCAB, TRAINED_BOS_TOKEN, TRAINED_EOS_TOKEN
 from epas_lightning.data.writing import default_num_workers
-from epas_lightning.errors import ConfigError
+from epas_lightning.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,8 @@ FORMAT_VERSION = 2
 BOS_TOKEN = TRAINED_BOS_TOKEN
 EOS_TOKEN = TRAINED_EOS_TOKEN
 FILES_FILENAME = "files.json"
+SOURCE = "python-stdlib"
+"""The ``source`` the ``meta.json`` of an entry we built records."""
 _SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
 
@@ -186,7 +195,7 @@ def build_entry(
         json.dumps({"train": [f.rel_path for f in train], "val": [f.rel_path for f in val]}, indent=1)
     )
     meta |= {
-        "source": "python-stdlib",
+        "source": SOURCE,
         "source_root": str(root),
         "python_version": platform.python_version(),
         "requested_vocab_size": vocab_size,
@@ -232,6 +241,38 @@ def _build_locked(
         shutil.rmtree(build_dir, ignore_errors=True)
         raise
     return meta
+
+
+def reusable(entry: Path) -> bool:
+    """Whether ``entry`` is complete with the tokenizer it was built with. One that cannot be checked (an unreadable
+    ``meta.json``) counts as reusable: reading it says what is wrong, in one line."""
+    try:
+        return is_complete(entry) and not tokenizer_changed(entry)
+    except DataError:
+        return True
+
+
+def _set_aside_altered(entry: Path) -> None:
+    """Move a complete ``entry`` whose tokenizer file changed since its build to a hidden sibling, kept (the file in it
+    is not ours), so that it is built again; refuse one whose ``meta.json`` does not say we built it (the caller holds
+    the entry's lock)."""
+    if not is_complete(entry):
+        return
+    if load_meta(entry).get("source") != SOURCE:
+        fix = f"move it out of {entry.parent}: its {META_FILENAME} names no {SOURCE} source, so it is no entry we built"
+        try:
+            check_recorded_tokenizer(entry, entry)
+        except DataError as e:
+            raise DataError(e.what, e.where, fix) from None
+        return  # the file was put back meanwhile: nothing of it is moved
+    kept = entry.parent / f".{entry.name}.replaced-{uuid.uuid4().hex[:8]}"
+    os.replace(entry, kept)
+    log.warning(
+        "The built-in corpus entry %s holds another tokenizer file than it was built with: building it again (the "
+        "altered entry is kept at %s; delete it once you no longer need it).",
+        entry,
+        kept,
+    )
 
 
 def unwritable_cache(error: OSError, root: Path, cache_dir: str | Path | None) -> ConfigError:
@@ -283,16 +324,17 @@ def prepare_builtin_corpus(
     from filelock import FileLock
 
     entry = builtin_entry_path(vocab_size, cache_dir, max_bytes, val_fraction)
-    if is_complete(entry):
+    if reusable(entry):
         log.info("Reusing prepared corpus at %s", entry)
         return entry
     lock_path = entry.parent / ".locks" / f"{entry.name}.lock"
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(lock_path)):
-            if is_complete(entry):  # another process built it while we waited
+            if reusable(entry):  # another process built it while we waited
                 log.info("Reusing prepared corpus at %s", entry)
                 return entry
+            _set_aside_altered(entry)
             meta = _build_locked(entry, vocab_size, max_bytes, val_fraction, num_workers, progress)
     except OSError as e:
         if not Path(e.filename or "/").is_relative_to(entry.parent):

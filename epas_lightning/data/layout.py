@@ -82,17 +82,21 @@ def check_recorded_tokenizer(data_dir: Path, where: str | Path) -> None:
     """A :class:`DataCheckError` unless the tokenizer file of the complete ``data_dir`` is the one its ``meta.json``
     records (its hash): a file replaced since, another vocabulary, reads the ids as other tokens, and checkpoints and
     exports would ship it as the model's. A ``meta.json`` that records no hash is taken as it is."""
-    meta = load_meta(data_dir)
-    if not isinstance(recorded := meta.get("tokenizer_sha256"), str):
-        return
-    tokenizer = tokenizer_file(data_dir, meta)
-    if file_sha256(tokenizer) != recorded:
+    if tokenizer_changed(data_dir):
         raise DataCheckError(
-            f"the tokenizer file {tokenizer.name} changed since the data was prepared ({META_FILENAME} records "
-            "another hash): the data's token ids stand for other tokens in it",
+            f"the tokenizer file {tokenizer_file(data_dir).name} changed since the data was prepared ({META_FILENAME} "
+            "records another hash): the data's token ids stand for other tokens in it",
             where,
             "prepare the data again with the tokenizer to use (or put the original file back)",
         )
+
+
+def tokenizer_changed(data_dir: Path) -> bool:
+    """Whether the tokenizer file of the complete ``data_dir`` is another than the one its ``meta.json`` records (its
+    hash); ``False`` where it records none."""
+    meta = load_meta(data_dir)
+    recorded = meta.get("tokenizer_sha256")
+    return isinstance(recorded, str) and file_sha256(tokenizer_file(data_dir, meta)) != recorded
 
 
 def missing_entries(data_dir: Path) -> list[str]:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from epas_lightning.data.builtin import builtin_entry_path, prepare_builtin_corpus
+from epas_lightning.data.builtin import builtin_entry_path, prepare_builtin_corpus, reusable
 from epas_lightning.data.layout import (
     DataCheckError,
     check_recorded_tokenizer,
@@ -260,7 +260,7 @@ class TokenData:
         """The complete data directory to read, building the built-in corpus if ``prepare_data`` did not run."""
         if data_dir is None or self.use_builtin:
             entry = builtin_entry_path(self.builtin_vocab_size, self.cache_dir, self.max_bytes)
-            if not is_complete(entry):
+            if not reusable(entry):  # missing, or its tokenizer file replaced since
                 entry = prepare_builtin_corpus(self.builtin_vocab_size, self.cache_dir, self.max_bytes, progress=True)
             return entry
         return check_prepared(data_dir, f"data.data_dir {data_dir}", HOW_TO_CREATE)

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,11 +110,31 @@ def decode_continuation(decode: Callable[[list[int]], str], context: Sequence[in
     return decode(ids)
 
 
+HASHED: dict[tuple[str, int, int, int, int, int], str] = {}
+"""The hashes :func:`file_sha256` took, by the file's path, device, inode, size and modification and change times."""
+RACY_NS = 2_000_000_000
+"""A file changed this recently (ns) is hashed again at every call: a second write within its clock tick could leave
+its size and times as they were (git's "racily clean" files)."""
+
+
 def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of the file ``path``, read once per process while it stays as it was (same path, inode, size and
+    times): one command compares a tokenizer with several records (its data folder's, a val_dir's, a checkpoint's)."""
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        stat = os.stat(path)
+        key = (os.path.abspath(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        if (digest := HASHED.get(key)) is None:
+            digest = sha256_of(Path(path))
+            if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) > RACY_NS:
+                HASHED[key] = digest
+        return digest
     except OSError as e:
         raise unreadable(path, e) from e
+
+
+def sha256_of(path: Path) -> str:
+    """The SHA-256 of the file ``path``'s bytes, read now."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def unreadable(path: str | Path, error: OSError) -> TokenizerError:

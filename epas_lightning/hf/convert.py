@@ -39,6 +39,9 @@ DEFAULT_SLIDING_WINDOW = 4096
 WINDOWED = ("mistral", "qwen2")
 """The model types whose config.json without a ``sliding_window`` gets :data:`DEFAULT_SLIDING_WINDOW` in transformers
 (a Qwen2's counts only with ``use_sliding_window: true``)."""
+DEFAULT_KV_HEADS = {"mistral": 8, "qwen2": 32}
+"""The ``num_key_value_heads`` transformers gives a Mistral or Qwen2 whose config.json names none (``MistralConfig``'s
+and ``Qwen2Config``'s defaults, in 4.x and 5); a LLaMA's, and any one's set to null, is its head count."""
 REQUIRED_HF_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
 OPTIONAL_SIZE_KEYS = ("head_dim", "num_key_value_heads", "max_position_embeddings")
 """Sizes an HF config may leave out or set to null (a default is taken)."""
@@ -155,6 +158,18 @@ def config_number(value: Any, key: str) -> float:
         ) from e
 
 
+def config_flag(hf: dict[str, Any], key: str) -> bool:
+    """An HF config's boolean ``key`` (false when unset or null); any other value is refused: transformers 5 refuses
+    it, 4.x takes ``"false"`` for true."""
+    value = hf.get(key)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise HFCheckpointError(
+        f"its config.json's {key} must be true or false, got {value!r}",
+        fix=f'write {key} in config.json as a JSON boolean ("{key}": false, not "false" or 0)',
+    )
+
+
 def check_no_sliding_window(hf: dict[str, Any]) -> None:
     """Refuse a sliding-window attention that masks positions inside the model's context: our attention sees every
     earlier position, so the model would compute another function than the checkpoint's from that distance on.
@@ -180,7 +195,7 @@ def check_no_sliding_window(hf: dict[str, Any]) -> None:
 def qwen2_slides(hf: dict[str, Any]) -> bool:
     """Whether transformers slides a Qwen2's window over some layer: with ``use_sliding_window``, over those its
     ``layer_types`` names ``sliding_attention``, else over those from ``max_window_layers`` (default 28) on."""
-    if not hf.get("use_sliding_window"):
+    if not config_flag(hf, "use_sliding_window"):
         return False
     if isinstance(layer_types := hf.get("layer_types"), list):
         return "sliding_attention" in layer_types
@@ -197,7 +212,7 @@ def attention_bias_of(hf: dict[str, Any]) -> str | None:
         return "qkv"
     if model_type == "epas_llama" and hf.get("epas_attention_bias"):
         return hf["epas_attention_bias"]
-    if model_type in ("llama", "epas_llama") and hf.get("attention_bias"):
+    if model_type in ("llama", "epas_llama") and config_flag(hf, "attention_bias"):
         return "qkvo"
     return None
 
@@ -215,6 +230,22 @@ def check_sizes(hf: dict[str, Any]) -> None:
                 f"its config.json's {key} must be {kind}, got {value!r}",
                 fix=f'write {key} in config.json as a JSON whole number ("{key}": 64, not "64" or 64.0)',
             )
+
+
+def kv_heads_of(hf: dict[str, Any]) -> int:
+    """The key/value heads of an HF config as transformers reads them: a Mistral's or Qwen2's left out is its class
+    default (:data:`DEFAULT_KV_HEADS`), refused where it cannot divide the heads (the weights cannot fit it)."""
+    n_head, model_type = hf["num_attention_heads"], hf.get("model_type")
+    if "num_key_value_heads" in hf or model_type not in DEFAULT_KV_HEADS:
+        return hf.get("num_key_value_heads") or n_head
+    default = DEFAULT_KV_HEADS[model_type]
+    if n_head % default:
+        raise HFCheckpointError(
+            f"its config.json names no num_key_value_heads, which transformers then takes as {default} (a "
+            f"{model_type}'s default), and {n_head} attention heads cannot share {default} key/value heads",
+            fix="write num_key_value_heads in config.json: the rows of k_proj.weight divided by the head size",
+        )
+    return default
 
 
 def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaConfig:
@@ -237,7 +268,7 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
     if missing:
         raise HFCheckpointError(f"its config.json lacks {', '.join(missing)}: not a complete LLaMA config")
     check_sizes(hf)
-    if hf.get("mlp_bias"):
+    if model_type in ("llama", "epas_llama") and config_flag(hf, "mlp_bias"):  # Mistral's and Qwen2's have none
         raise HFCheckpointError("mlp_bias=true is not supported: our MLP has no biases.")
     if quantization := hf.get("quantization_config"):
         method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
@@ -259,7 +290,7 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
         n_layer=hf["num_hidden_layers"],
         n_embd=n_embd,
         n_head=n_head,
-        n_kv_head=hf.get("num_key_value_heads") or n_head,
+        n_kv_head=kv_heads_of(hf),
         intermediate_size=hf["intermediate_size"],
         vocab_size=hf["vocab_size"],
         padded_vocab_size=hf["vocab_size"],
@@ -268,7 +299,7 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
         rope_scaling=scaling,
         attention_bias=attention_bias_of(hf),
         norm_eps=config_number(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_embeddings=config_flag(hf, "tie_word_embeddings"),
         sharing_mode=hf.get("epas_sharing_mode", "qk"),
     )
     try:
@@ -519,6 +550,11 @@ def check_vocab_rows(tensor: torch.Tensor, vocab_size: int, name: str) -> None:
             fix="set vocab_size in config.json to the number of rows the weights have (transformers refuses the "
             "folder as it is)",
         )
+
+
+def hf_named(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state``, by our names, keyed by the names an HF ``LlamaForCausalLM`` gives its tensors."""
+    return {key if key == "lm_head.weight" else HF_PREFIX + key: tensor for key, tensor in state.items()}
 
 
 def ours_to_hf(state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:
