@@ -183,8 +183,10 @@ def test_complete_entry_is_reused_without_rebuilding(
 
 
 def test_incomplete_entry_is_rebuilt_and_process_state_is_kept(tmp_path: Path):
+    """An entry without its meta.json is built again, what it held kept in a hidden sibling: builds are renamed into
+    place whole, so it is none of ours (it was deleted)."""
     entry = tmp_path / builtin_entry_name(300, max_bytes=200_000)
-    (entry / "train").mkdir(parents=True)  # looks like an interrupted build: no meta.json
+    (entry / "train").mkdir(parents=True)  # no meta.json
     (entry / "train" / "junk.bin").write_bytes(b"x")
     stale = tmp_path / f".{entry.name}.tmp-crashed"
     stale.mkdir()
@@ -199,7 +201,9 @@ def test_incomplete_entry_is_rebuilt_and_process_state_is_kept(tmp_path: Path):
     assert torch.equal(torch.random.get_rng_state(), torch_state)
     assert load_meta(entry)["vocab_size"] == 300
     assert not (entry / "train" / "junk.bin").exists() and not stale.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".locks", entry.name]
+    [kept] = tmp_path.glob(f".{entry.name}.incomplete-*")
+    assert (kept / "train" / "junk.bin").read_bytes() == b"x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".locks", kept.name, entry.name]
 
 
 def test_concurrent_callers_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -218,12 +218,26 @@ def _build_prefix(entry: Path) -> str:
 
 
 def _remove_stale_builds(entry: Path) -> None:
-    """Delete leftovers of interrupted builds (safe: the caller holds the entry's lock)."""
+    """Delete leftovers of interrupted builds (hidden, named by us; the caller holds the entry's lock), and set aside
+    an entry without its metadata."""
     for stale in entry.parent.glob(f"{_build_prefix(entry)}*"):
         shutil.rmtree(stale, ignore_errors=True)
-    if entry.exists() and not is_complete(entry):
-        log.info("Rebuilding incomplete corpus entry %s (no %s).", entry, META_FILENAME)
-        shutil.rmtree(entry)
+    if entry.exists() and not is_complete(entry):  # builds are renamed into place whole: this one is not ours
+        kept = _set_aside(entry, "incomplete")
+        log.warning(
+            "The built-in corpus entry %s is incomplete (no %s): building it again (what it held is kept at %s; "
+            "delete it once you no longer need it).",
+            entry,
+            META_FILENAME,
+            kept,
+        )
+
+
+def _set_aside(entry: Path, why: str) -> Path:
+    """Move ``entry`` to a hidden sibling named for ``why``, kept (never deleted), and return where it went."""
+    kept = entry.parent / f".{entry.name}.{why}-{uuid.uuid4().hex[:8]}"
+    os.replace(entry, kept)
+    return kept
 
 
 def _build_locked(
@@ -265,8 +279,7 @@ def _set_aside_altered(entry: Path) -> None:
         except DataError as e:
             raise DataError(e.what, e.where, fix) from None
         return  # the file was put back meanwhile: nothing of it is moved
-    kept = entry.parent / f".{entry.name}.replaced-{uuid.uuid4().hex[:8]}"
-    os.replace(entry, kept)
+    kept = _set_aside(entry, "replaced")
     log.warning(
         "The built-in corpus entry %s holds another tokenizer file than it was built with: building it again (the "
         "altered entry is kept at %s; delete it once you no longer need it).",
