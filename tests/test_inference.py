@@ -297,10 +297,36 @@ def test_generate_refuses_a_bad_request_with_the_commands_one_line_errors():
         generate(model, [[1] * 10], max_new_tokens=7)
     with pytest.raises(ConfigError, match="no room left in the model's context length 16 — prompts — "):
         generate(model, [[1] * 16], max_new_tokens=1)
-    with pytest.raises(ConfigError, match="max_new_tokens must be >= 1, got 0 — max_new_tokens$"):
+    with pytest.raises(ConfigError, match="max_new_tokens must be a whole number >= 1, got 0 — max_new_tokens$"):
         generate(model, [[1]], max_new_tokens=0)
     with pytest.raises(DataError, match=r"token ids must lie in 0\.\.255 .*, got -1\.\.300 — prompts — "):
         generate(model, [[1, 300], [-1]], max_new_tokens=1)
+
+
+def test_generate_refuses_arguments_of_the_wrong_type_before_it_runs_and_keeps_the_models_mode():
+    """From a notebook: ``max_new_tokens=None`` or ``"3"``, ``top_k=2.5``, ``temperature="1"`` or ``seed="3"`` were
+    TypeErrors from inside torch or a comparison; a bad ``top_p`` failed after the prefill and left a train-mode model
+    in eval mode; a model on the meta device failed in ``Tensor.item()``."""
+    import numpy as np
+
+    model = tiny(n_layer=2, block_size=16).train()
+    bad = [
+        (dict(max_new_tokens=None), "max_new_tokens must be a whole number >= 1, got None — max_new_tokens"),
+        (dict(max_new_tokens="3"), "max_new_tokens must be a whole number >= 1, got '3' — max_new_tokens"),
+        (dict(top_k=2.5, temperature=1.0), "top_k must be a whole number, got 2.5 — top_k"),
+        (dict(temperature="1"), "temperature must be a number, got '1' — temperature"),
+        (dict(temperature=1.0, top_p=3.0), r"top_p must be in \(0, 1\], got 3.0 — top_p"),
+        (dict(temperature=1.0, seed="3"), "seed must be a whole number, got '3' — seed"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ConfigError, match=f"^{message}$"):
+            generate(model, [[1, 2]], **{"max_new_tokens": 2, **kwargs})
+        assert model.training, kwargs
+    assert len(generate(model, [[1, 2]], np.int64(3)).tokens[0]) == 3 and model.training
+    with torch.device("meta"):
+        meta = Llama(model.config)
+    with pytest.raises(ConfigError, match="^model is on the meta device: its weights hold no values — model — load"):
+        generate(meta, [[1]], 1)
 
 
 def test_a_loaded_model_or_a_module_given_for_the_llama_says_which_attribute_to_pass():

@@ -228,6 +228,17 @@ def check_is_llama(model: object, argument: str = "model") -> None:
     raise ConfigError(f"{argument} must be a Llama, not a {type(model).__name__}", argument, fix)
 
 
+def check_has_weights(model: Llama, argument: str = "model") -> None:
+    """``model``'s weights hold values: one built under ``torch.device("meta")`` (FSDP's deferred init) failed deep
+    inside with "Tensor.item() cannot be called on meta tensors"."""
+    if model.embed_tokens.weight.is_meta:
+        raise ConfigError(
+            f"{argument} is on the meta device: its weights hold no values",
+            argument,
+            "load a trained one with epas_lightning.load_model(path).model, or build it off the meta device",
+        )
+
+
 def check_attention_reuse(config: LlamaConfig, enabled: bool) -> None:
     """Attention-probability reuse is only the same model in ``qk`` mode; refuse it otherwise."""
     if enabled and config.sharing_mode != "qk":
