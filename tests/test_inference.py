@@ -206,6 +206,9 @@ def test_greedy_generation_equals_repeated_full_forwards(n_shared):
     assert result.tokens[0] == full_forward_greedy(model, prompt, 10)
     assert result.decode_steps == 9 and result.prompt_tokens == 7
     assert result.cache_bytes == model.new_cache(1, 17).nbytes
+    prompts = [prompt, tokens(1, 3, seed=2)[0].tolist(), tokens(1, 5, seed=3)[0].tolist()]  # left-padded to 7
+    batched = generate(model, prompts, max_new_tokens=10).tokens
+    assert batched == [full_forward_greedy(model, p, 10) for p in prompts]
 
 
 def test_generation_stops_after_eos_and_sampling_is_seeded():
