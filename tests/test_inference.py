@@ -262,6 +262,10 @@ def test_region_errors():
         set_region(model, 4)  # no trained region given: any layer count the model allows
     with pytest.raises(ConfigError, match=r"number of sharing layers, got 'all' — n_shared — choose 0..1 \(1: the"):
         set_region(model, "all", trained)  # a TypeError comparing int and str
+    with pytest.raises(ConfigError, match=r"number of sharing layers, got 1.0 — n_shared — choose 0..3$"):
+        set_region(model, 1.0)  # a model built here: any layer count it allows (offered "choose 0 (0: the whole ...")
+    with pytest.raises(ConfigError, match=r"^region must be a TrainedRegion, not a list — region — pass load_model"):
+        set_region(model, 1, [3, 2])  # an AttributeError: 'list' object has no attribute 'first'
     shallow = TrainedRegion(4, (1, 2), "shallow_first")
     assert set_region(model, 1, shallow) == [1] and set_region(model, 3, shallow, force=True) == [1, 2, 3]
     ends = r"the region of this checkpoint \(layers \[2, 1\], deep-first\) grows no further than layer 1 \(layer 0 "

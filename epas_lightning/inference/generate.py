@@ -86,6 +86,12 @@ def set_region(
         region = getattr(model, "trained_region", None)  # a Llama pickled before it had one
     if region is None:
         region, force = TrainedRegion(model.config.n_layer), True
+    if not isinstance(region, TrainedRegion):  # a list of layers failed with "no attribute 'first'"
+        raise ConfigError(
+            f"region must be a TrainedRegion, not a {type(region).__name__}",
+            "region",
+            "pass load_model(path).region, or leave it unset for the one the model was loaded with",
+        )
     layers = region.first(n_shared, force, flags)
     model.set_shared_layers(layers)
     return layers
