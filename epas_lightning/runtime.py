@@ -26,7 +26,7 @@ def resolve_device(device: str | torch.device = "auto", flag: str = "--device") 
     where, fix = f"{flag} {device}", "use auto, cpu, cuda or cuda:N"
     try:
         resolved = torch.device(device)
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError, TypeError) as e:  # TypeError: None, a list
         raise ConfigError(f"unknown device {device!r}", where, fix) from e
     if resolved.type == "cpu":
         return resolved

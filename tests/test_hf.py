@@ -850,6 +850,14 @@ def test_export_and_load_model_from_python_take_dtype_names_and_refuse_unknown_o
         export(tmp_path / "ckpt", tmp_path / "hf", dtype="fp16")
     with pytest.raises(ConfigError, match=unknown):
         load_model(tmp_path / "missing", dtype="fp16")
+    assert load_model(tmp_path / "ckpt", dtype="auto").model.lm_head.weight.dtype == torch.float32  # was refused
+    for dtype in (torch.int64, 16):  # failed in Module.to ("only accepts floating point"; "accelerator device")
+        with pytest.raises(ConfigError, match=rf"^dtype must be a floating-point torch dtype or its name, got {dtype}"):
+            load_model(tmp_path / "ckpt", dtype=dtype)
+    with pytest.raises(ConfigError, match="^unknown device None — device None — use auto, cpu"):
+        load_model(tmp_path / "ckpt", device=None)  # a TypeError from torch.device
+    with pytest.raises(CheckpointError, match="^a checkpoint path is a str or Path, not a NoneType — path$"):
+        load_model(None)  # a TypeError from pathlib
 
 
 def test_export_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path: Path, tiny_corpus: Path, capsys) -> None:
