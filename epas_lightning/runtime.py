@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,8 +101,11 @@ def activations_overflow(what: str, dtype: torch.dtype) -> ConfigError:
 
 
 def check_counts(counts: dict[str, int | None]) -> None:
-    """Fail with one line at the first flag whose count (``{"--batches": 0}``) is below 1; ``None`` is its default."""
+    """Fail with one line at the first flag whose count (``{"--batches": 0}``) is below 1 or no whole number (from
+    Python: ``"8"`` failed comparing str and int, ``1.5`` ran); ``None`` is its default."""
     for flag, value in counts.items():
+        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
+            raise ConfigError(f"must be a whole number, got {value!r}", flag, "give 1 or more")
         if value is not None and value < 1:
             raise ConfigError(f"must be at least 1, got {value}", flag, "give 1 or more")
 
