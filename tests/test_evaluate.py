@@ -140,6 +140,8 @@ def test_evaluate_task_from_python_refuses_what_it_cannot_score_with_one_line() 
         evaluate_task(meta, tokenizer, [question])
     with pytest.raises(ConfigError, match="^model is on the meta device"):
         evaluate_perplexity(meta, None)  # before any data is read or built
+    with pytest.raises(ConfigError, match="^must be at least 1, got 0 — batch_size — "):
+        evaluate_perplexity(model, None, batch_size=0)  # named the command's --batch-size
 
 
 def test_load_task_names_bad_lines(tmp_path: Path) -> None:
