@@ -183,6 +183,8 @@ class Llama(nn.Module):
             )
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len) token ids, got shape {tuple(input_ids.shape)}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be integer token ids (torch.long), got {input_ids.dtype}")
         T = input_ids.shape[1]
         flags = self.sharing.flags
         if cache is None:
