@@ -351,6 +351,10 @@ def test_a_batch_size_of_zero_is_named_as_such():
         TokenDataModule(seq_len=32, batch_size="8")  # a TypeError comparing str and int
     with pytest.raises(ConfigError, match=r"^seq_len must be a whole number, got 32.0 — data.seq_len$"):
         TokenDataModule(seq_len=32.0, batch_size=4)  # accepted
+    with pytest.raises(ConfigError, match=r"^vocab_size must be a whole number, got '512' — data.vocab_size$"):
+        TokenDataModule(seq_len=32, vocab_size="512")  # a TypeError comparing int and str, in setup
+    with pytest.raises(ConfigError, match=r"^vocab_size must be at least 1, got 0 — data.vocab_size — leave it unset"):
+        TokenDataModule(seq_len=32, vocab_size=0)  # in setup: "the tokenizer has 512 tokens but the vocab_size is 0"
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path: Path):
