@@ -275,6 +275,8 @@ def test_region_errors():
     model.set_shared_layers([3])
     with pytest.raises(ValueError, match="build a new cache"):
         model(tokens(1, 2), cache)
+    with pytest.raises(ValueError, match=r"^The KV cache holds 2 rows, but input_ids has 1: build the cache with"):
+        model(tokens(1, 2), model.new_cache(2, 8))  # a RuntimeError from a reshape deep in attention
     with pytest.raises(ValueError, match="context length"):
         generate(model, [[1] * 60], max_new_tokens=10)
 

@@ -195,6 +195,11 @@ class Llama(nn.Module):
             cos, sin = self.rotary_emb(T, input_ids.device)  # fp32, each (T, D)
             ctx = AttentionContext(cos, sin)
         else:
+            if input_ids.shape[0] != cache.batch_size:  # failed in a reshape: "shape '[1, 3, 64]' is invalid"
+                raise ValueError(
+                    f"The KV cache holds {cache.batch_size} rows, but input_ids has {input_ids.shape[0]}: build the "
+                    "cache with model.new_cache(batch_size, max_len) for this batch."
+                )
             if cache.shared_flags != flags:
                 raise ValueError(
                     f"The KV cache was built for sharing layers {_layers(cache.shared_flags)}, but the model now "
