@@ -378,6 +378,16 @@ def test_incomplete_data_dir_lists_what_is_missing(tiny_corpus: Path, tmp_path: 
         tiny_datamodule(data_dir)
 
 
+def test_load_tokenizer_of_no_path_says_the_checkpoint_records_none():
+    """``load_tokenizer(loaded.tokenizer_path)`` (the README's example) of a checkpoint that records no tokenizer, or
+    whose tokenizer is gone, was a TypeError from pathlib."""
+    from epas_lightning.data import load_tokenizer
+    from epas_lightning.data.tokenizer import TokenizerError
+
+    with pytest.raises(TokenizerError, match=r"^no tokenizer path given \(None: the checkpoint records no tokenizer"):
+        load_tokenizer(None)
+
+
 def test_a_tokenizer_file_replaced_in_a_prepared_folder_is_refused(tiny_corpus: Path, tmp_path: Path):
     """meta.json records the hash of the tokenizer the ids were made with, and nothing compared it: a folder whose
     tokenizer file was replaced trained and was scored on ids the new file reads as other tokens, and checkpoints
