@@ -218,7 +218,7 @@ def test_generation_stops_after_eos_and_sampling_is_seeded():
     eos = greedy[3]
     stopped = generate(model, [prompt, prompt], max_new_tokens=12, eos_id=eos).tokens
     assert stopped[0] == greedy[: greedy.index(eos) + 1] and stopped[1] == stopped[0]
-    for same in (torch.tensor(eos), [torch.tensor(eos)]):  # a tensor (or numpy) id, as before several were taken
+    for same in (torch.tensor(eos), [torch.tensor(eos)], {eos}):  # a tensor (or numpy) id; a set was refused
         assert generate(model, [prompt], max_new_tokens=12, eos_id=same).tokens[0] == stopped[0]
     with pytest.raises(ConfigError, match=r"eos_id must be token ids in 0\.\.\d+, got \[100000\] — eos_id"):
         generate(model, [prompt], max_new_tokens=12, eos_id=[eos, 100_000])  # was taken: no row could stop on it

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numbers
 import operator
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -389,7 +389,8 @@ def stop_id_list(eos_id: int | Sequence[int] | None) -> list[int]:
     if hasattr(eos_id, "tolist"):  # a numpy or torch integer, or an array of them
         eos_id = eos_id.tolist()
     try:
-        return [operator.index(i) for i in (eos_id if isinstance(eos_id, (list, tuple)) else [eos_id])]
+        several = isinstance(eos_id, Iterable) and not isinstance(eos_id, str | bytes)  # a set, a range too
+        return [operator.index(i) for i in (eos_id if several else [eos_id])]
     except TypeError:
         raise ConfigError(f"eos_id must be a token id or a list of them, got {eos_id!r}", "eos_id") from None
 
