@@ -65,8 +65,11 @@ def resolve_dtype(dtype: DType | None, device: torch.device) -> torch.dtype:
     return named_dtype(dtype)
 
 
-def named_dtype(name: str) -> torch.dtype:
-    """The torch dtype a ``--dtype`` other than ``auto`` names; an unknown name is one :class:`ConfigError`."""
+def named_dtype(name: str | torch.dtype) -> torch.dtype:
+    """The torch dtype a ``--dtype`` other than ``auto`` names (from Python, that torch dtype itself: ``export(...,
+    dtype=torch.bfloat16)`` was an unknown dtype); an unknown name is one :class:`ConfigError`."""
+    if name in DTYPES.values():
+        return name
     if name not in DTYPES:
         raise ConfigError(f"unknown dtype {name!r}", "--dtype", f"use auto or one of {', '.join(DTYPES)}")
     return DTYPES[name]
