@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ from epas_lightning.provenance import (
     training_record,
 )
 from epas_lightning.region import REGION_KEY, TrainedRegion
-from epas_lightning.runtime import dtype_name, dtype_overflow, emit_json, named_dtype, resolve_device
+from epas_lightning.runtime import DTYPES, dtype_name, dtype_overflow, emit_json, resolve_device, resolve_dtype
 from epas_lightning.safe_load import (
     DCP_METADATA,
     LIGHTNING_METADATA,
@@ -754,17 +755,17 @@ def load_model(
     """Load a model from a ``.ckpt`` file, an FSDP2 checkpoint directory, a :func:`consolidate` directory or an HF
     LLaMA folder (dense, or with the region an ``export`` recorded), on ``device`` (``auto``, ``cpu``, ``cuda``,
     ``cuda:N``: one this machine lacks is a :class:`~epas_lightning.errors.ConfigError`), its floating-point weights in
-    ``dtype`` if given (a torch dtype or its name: ``float32``, ``bfloat16``, ``float16``; weights past its range are
-    refused; :data:`STORED`: the dtype the checkpoint stores them in), else as stored in the model (fp32). The weights
-    are read into the model's as few at a time as the format allows (:func:`stored_weights`).
+    ``dtype`` if given (a torch dtype or its name: ``auto``, ``float32``, ``bfloat16``, ``float16``; weights past its
+    range are refused; :data:`STORED`: the dtype the checkpoint stores them in), else as stored in the model (fp32).
+    The weights are read into the model's as few at a time as the format allows (:func:`stored_weights`).
 
     Pickles are read only with ``weights_only=True`` or the restricted metadata unpickler; anything that is not a
     checkpoint is a :class:`~epas_lightning.errors.CheckpointError` that says what was expected, at ``flag`` (the
     argument or command-line flag that named ``path``).
     """
     device = resolve_device(device, "device")  # a device this machine lacks: one line, before anything is read
-    dtype = named_dtype(dtype) if isinstance(dtype, str) and dtype != STORED else dtype
-    path = Path(path).expanduser()
+    dtype = _requested_dtype(dtype, device)
+    path = checkpoint_path(path, flag)
     shapes, metadata = _read_any(path, flag)  # names, shapes, dtypes and the mask: no weight
     stored = next((t.dtype for t in shapes.values() if t.is_floating_point()), torch.float32)
     dtype = stored if dtype == STORED else dtype
@@ -774,6 +775,31 @@ def load_model(
     info = _info(metadata, model, path)
     model.trained_region = info.region  # set_region(model, n) counts n in it, as with the region passed
     return LoadedModel(model=model.eval(), weights_dtype=stored, **vars(info))
+
+
+def _requested_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | str | None:
+    """:func:`load_model`'s ``dtype``: ``None``, :data:`STORED`, a name as every ``--dtype`` takes it (``auto`` too)
+    or a floating-point torch dtype; anything else is a :class:`ConfigError` naming ``dtype`` (``torch.int64`` failed
+    in ``Module.to``, ``"auto"`` was refused by a line that offered it)."""
+    if dtype is None or dtype == STORED:
+        return dtype
+    if isinstance(dtype, str):
+        return resolve_dtype(dtype, device)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    raise ConfigError(
+        f"dtype must be a floating-point torch dtype or its name, got {dtype!r}",
+        "dtype",
+        f"use auto or one of {', '.join(DTYPES)}",
+    )
+
+
+def checkpoint_path(path: str | Path, flag: str = "--checkpoint") -> Path:
+    """``path`` as a ``Path`` (``~`` expanded); a :class:`CheckpointError` at ``flag`` for what is no path (``None``
+    was a TypeError from ``pathlib``)."""
+    if not isinstance(path, str | os.PathLike):
+        raise CheckpointError(f"a checkpoint path is a str or Path, not a {type(path).__name__}", flag)
+    return Path(path).expanduser()
 
 
 def describe_checkpoint(path: str | Path, flag: str = "--checkpoint") -> CheckpointInfo:
@@ -791,7 +817,7 @@ def read_description(
 ) -> tuple[CheckpointInfo, dict[str, torch.Tensor], dict[str, Any]]:
     """:func:`describe_checkpoint`, with what it read: the state (empty meta tensors of the weights' shapes and
     dtypes, and the sharing mask) and the checkpoint's metadata (its step, epoch and callbacks' state, where kept)."""
-    path = Path(path).expanduser()
+    path = checkpoint_path(path, flag)
     state, metadata = _read_any(path, flag)
     model = _fitted_model(_model_config(metadata, path), state, path, torch.device("meta"), None)
     return _info(metadata, model, path), state, metadata
@@ -799,7 +825,7 @@ def read_description(
 
 def recorded_config(path: str | Path, flag: str = "--checkpoint") -> LlamaConfig:
     """The model config a checkpoint records, read without loading its weights (checked to load safely)."""
-    path = Path(path).expanduser()
+    path = checkpoint_path(path, flag)
     return _model_config(_read_any(path, flag)[1], path)
 
 

@@ -53,6 +53,8 @@ def estimate_flops(config: LlamaConfig, n_shared: int, seq_len: int, backward: b
     """Training FLOPs (forward + backward) per sample of ``seq_len`` tokens with ``n_shared`` sharing layers;
     ``backward=False``: the forward pass alone (a third: the convention counts the backward as two forwards)."""
     check_is_config(config, "config")
+    if not isinstance(seq_len, numbers.Real) or isinstance(seq_len, bool):  # "2048" failed comparing str and int
+        raise ConfigError(f"seq_len must be a number of tokens, got {seq_len!r}", "seq_len")
     if not seq_len >= 1:
         raise ConfigError(f"seq_len={seq_len} must be at least 1 token", "seq_len")
     attention = 4 * config.n_layer * seq_len * config.n_head * config.head_dim

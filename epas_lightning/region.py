@@ -64,13 +64,14 @@ class TrainedRegion:
         (:data:`SHARING_FLAGS` in a command), and offer the override where the caller has it (``forceable``).
         """
         flag, force_flag = flags
+        limit = len(self.growth_order())
         if not isinstance(n, numbers.Integral) or isinstance(n, bool):  # "all" failed comparing int and str
+            whole = f" ({self.size}: the whole trained region)" if self.size else ""  # "choose 0 (0: ...)" untrained
             raise ConfigError(
                 f"a region length is a number of sharing layers, got {n!r}",
                 flag,
-                f"choose {choices(self.size)} ({self.size}: the whole trained region)",
+                f"choose {choices(limit if force else self.size)}{whole}",
             )
-        limit = len(self.growth_order())
         if not 0 <= n <= limit:
             raise ConfigError(
                 f"{layers_asked_for(n)}; {self._can_share(limit, force)}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +27,7 @@ def resolve_device(device: str | torch.device = "auto", flag: str = "--device") 
     where, fix = f"{flag} {device}", "use auto, cpu, cuda or cuda:N"
     try:
         resolved = torch.device(device)
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError, TypeError) as e:  # TypeError: None, a list
         raise ConfigError(f"unknown device {device!r}", where, fix) from e
     if resolved.type == "cpu":
         return resolved
@@ -64,8 +65,11 @@ def resolve_dtype(dtype: DType | None, device: torch.device) -> torch.dtype:
     return named_dtype(dtype)
 
 
-def named_dtype(name: str) -> torch.dtype:
-    """The torch dtype a ``--dtype`` other than ``auto`` names; an unknown name is one :class:`ConfigError`."""
+def named_dtype(name: str | torch.dtype) -> torch.dtype:
+    """The torch dtype a ``--dtype`` other than ``auto`` names (from Python, that torch dtype itself: ``export(...,
+    dtype=torch.bfloat16)`` was an unknown dtype); an unknown name is one :class:`ConfigError`."""
+    if name in DTYPES.values():
+        return name
     if name not in DTYPES:
         raise ConfigError(f"unknown dtype {name!r}", "--dtype", f"use auto or one of {', '.join(DTYPES)}")
     return DTYPES[name]
@@ -100,8 +104,11 @@ def activations_overflow(what: str, dtype: torch.dtype) -> ConfigError:
 
 
 def check_counts(counts: dict[str, int | None]) -> None:
-    """Fail with one line at the first flag whose count (``{"--batches": 0}``) is below 1; ``None`` is its default."""
+    """Fail with one line at the first flag whose count (``{"--batches": 0}``) is below 1 or no whole number (from
+    Python: ``"8"`` failed comparing str and int, ``1.5`` ran); ``None`` is its default."""
     for flag, value in counts.items():
+        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
+            raise ConfigError(f"must be a whole number, got {value!r}", flag, "give 1 or more")
         if value is not None and value < 1:
             raise ConfigError(f"must be at least 1, got {value}", flag, "give 1 or more")
 

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from epas_lightning import EPASModule, Llama, LlamaConfig, ProgressiveSharing, TokenDataModule
 from epas_lightning.analysis import analyze_model, capture_activations, linear_cka, mean_cosine, similarity_matrix
 from epas_lightning.cli import main as cli_main
-from epas_lightning.errors import DataError
+from epas_lightning.errors import ConfigError, DataError
 
 
 def naive_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -154,6 +154,18 @@ def test_analyze_model_refuses_token_ids_outside_the_vocabulary():
     good, bad = torch.zeros(1, 4, dtype=torch.long), torch.tensor([[1, 128]])
     with pytest.raises(DataError, match=r"token ids must lie in 0\.\.127 .*, got 1\.\.128 — batch 2 — "):
         analyze_model(model, [good, bad])
+    shapes = [
+        (good, r"shape \(4,\) of torch.int64"),
+        ([good.float()], r"shape \(1, 4\) of torch.float32"),
+        ([[1]], "list"),
+    ]
+    for batches, got in shapes:  # one tensor for the batches: an IndexError in the capture; float ids were truncated
+        with pytest.raises(
+            DataError, match=rf"^a batch must be a \(batch, seq_len\) tensor of token ids, got {got} — "
+        ):
+            analyze_model(model, batches)
+    with pytest.raises(ConfigError, match="^model must be a Llama, not a object — model"):
+        analyze_model(object(), [good])  # an AttributeError on parameters
 
 
 # --- the command -------------------------------------------------------------------------------------------------

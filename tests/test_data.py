@@ -391,6 +391,10 @@ def test_a_batch_size_of_zero_is_named_as_such():
         TokenDataModule(seq_len=32, batch_size="8")  # a TypeError comparing str and int
     with pytest.raises(ConfigError, match=r"^seq_len must be a whole number, got 32.0 — data.seq_len$"):
         TokenDataModule(seq_len=32.0, batch_size=4)  # accepted
+    with pytest.raises(ConfigError, match=r"^vocab_size must be a whole number, got '512' — data.vocab_size$"):
+        TokenDataModule(seq_len=32, vocab_size="512")  # a TypeError comparing int and str, in setup
+    with pytest.raises(ConfigError, match=r"^vocab_size must be at least 1, got 0 — data.vocab_size — leave it unset"):
+        TokenDataModule(seq_len=32, vocab_size=0)  # in setup: "the tokenizer has 512 tokens but the vocab_size is 0"
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path: Path):
@@ -412,6 +416,16 @@ def test_incomplete_data_dir_lists_what_is_missing(tiny_corpus: Path, tmp_path: 
     shutil.rmtree(data_dir / "val")
     with pytest.raises(DataError, match=r"incomplete data directory: missing val/index.json, meta.json.*prepare"):
         tiny_datamodule(data_dir)
+
+
+def test_load_tokenizer_of_no_path_says_the_checkpoint_records_none():
+    """``load_tokenizer(loaded.tokenizer_path)`` (the README's example) of a checkpoint that records no tokenizer, or
+    whose tokenizer is gone, was a TypeError from pathlib."""
+    from epas_lightning.data import load_tokenizer
+    from epas_lightning.data.tokenizer import TokenizerError
+
+    with pytest.raises(TokenizerError, match=r"^no tokenizer path given \(None: the checkpoint records no tokenizer"):
+        load_tokenizer(None)
 
 
 def test_a_tokenizer_file_replaced_in_a_prepared_folder_is_refused(tiny_corpus: Path, tmp_path: Path):

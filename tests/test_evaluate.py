@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from model_dirs import save_consolidated
-from torch import nn
 
 from epas_lightning import Llama, LlamaConfig
 from epas_lightning.cli import main as cli_main
@@ -74,13 +73,11 @@ class CharTokenizer:
         return "".join(chr(i) for i in ids)
 
 
-class FavoursA(nn.Module):
+class FavoursA(Llama):
     """A 'model' whose next token is 'a' with probability ~1 everywhere: every other character costs ~ -L."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.config = LlamaConfig(n_layer=2, n_embd=8, n_head=2, vocab_size=128, block_size=16)
-        self.dummy = nn.Parameter(torch.zeros(1))
+        super().__init__(LlamaConfig(n_layer=2, n_embd=8, n_head=2, vocab_size=128, block_size=16))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         logits = torch.zeros(*input_ids.shape, self.config.padded_vocab_size)
@@ -114,6 +111,37 @@ def test_a_question_the_model_cannot_score_names_its_line(tmp_path: Path) -> Non
     task.write_text(json.dumps({"context": "q", "choices": ["x", "\u00e9"], "label": 0}) + "\n")  # id 233: not in 128
     with pytest.raises(DataError, match=rf"token ids must lie in 0\.\.127 .*, got 0\.\.233 — {task}:1 — "):
         evaluate_task(FavoursA(), CharTokenizer(), load_task(task))  # (a --tokenizer of another model): no IndexError
+
+
+def test_evaluate_task_from_python_refuses_what_it_cannot_score_with_one_line() -> None:
+    """Questions as dicts, an out-of-range label (scored as wrong), no questions (a ZeroDivisionError), a tokenizer
+    path, batch_size 0 (a ValueError from range) and a LoadedModel or a meta model failed deep inside or not at all."""
+    from epas_lightning.evaluation.multiple_choice import Question
+
+    model, tokenizer, question = FavoursA(), CharTokenizer(), Question("q", ["x", "a"], 1)
+    assert evaluate_task(model, tokenizer, [question])["acc"] == 1.0
+    bad = [
+        (dict(questions=[]), DataError, "no questions to evaluate — questions — "),
+        (dict(questions=[{"context": "q"}]), DataError, "a question must be a Question, not a dict — questions\\[0\\]"),
+        (dict(questions=[question, Question("q", ["x", "a"], 2)]), DataError, "label 2 is not the index of one of its "
+         "2 choices — questions\\[1\\] — set it to 0..1$"),
+        (dict(tokenizer=Path("tokenizer.json")), ConfigError, "tokenizer must be a loaded tokenizer, not a \\w*Path"),
+        (dict(batch_size=0), ConfigError, "must be at least 1, got 0 — batch_size"),
+        (dict(batch_size="2"), ConfigError, "must be a whole number, got '2' — batch_size"),
+        (dict(model=object()), ConfigError, "model must be a Llama, not a object — model"),
+    ]  # fmt: skip
+    for kwargs, error, message in bad:
+        arguments = {"model": model, "tokenizer": tokenizer, "questions": [question], **kwargs}
+        with pytest.raises(error, match=f"^{message}"):
+            evaluate_task(**arguments)
+    with torch.device("meta"):
+        meta = FavoursA()
+    with pytest.raises(ConfigError, match="^model is on the meta device"):
+        evaluate_task(meta, tokenizer, [question])
+    with pytest.raises(ConfigError, match="^model is on the meta device"):
+        evaluate_perplexity(meta, None)  # before any data is read or built
+    with pytest.raises(ConfigError, match="^must be at least 1, got 0 — batch_size — "):
+        evaluate_perplexity(model, None, batch_size=0)  # named the command's --batch-size
 
 
 def test_load_task_names_bad_lines(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from lightning.pytorch import Callback
 from model_dirs import save_consolidated
 
 from epas_lightning import EPASModule, Llama, LlamaConfig
-from epas_lightning.checkpoint import consolidate, describe_checkpoint, load_model
+from epas_lightning.checkpoint import STORED, consolidate, describe_checkpoint, load_model
 from epas_lightning.cli import main
 from epas_lightning.errors import CheckpointError
 from epas_lightning.hf.convert import HFCheckpointError, config_from_hf, load_hf_state, resize_rows
@@ -901,6 +901,16 @@ def test_export_and_load_model_from_python_take_dtype_names_and_refuse_unknown_o
         export(tmp_path / "ckpt", tmp_path / "hf", dtype="fp16")
     with pytest.raises(ConfigError, match=unknown):
         load_model(tmp_path / "missing", dtype="fp16")
+    assert load_model(tmp_path / "ckpt", dtype="auto").model.lm_head.weight.dtype == torch.float32  # was refused
+    for dtype in (torch.int64, 16):  # failed in Module.to ("only accepts floating point"; "accelerator device")
+        with pytest.raises(ConfigError, match=rf"^dtype must be a floating-point torch dtype or its name, got {dtype}"):
+            load_model(tmp_path / "ckpt", dtype=dtype)
+    with pytest.raises(ConfigError, match="^unknown device None — device None — use auto, cpu"):
+        load_model(tmp_path / "ckpt", device=None)  # a TypeError from torch.device
+    with pytest.raises(CheckpointError, match="^a checkpoint path is a str or Path, not a NoneType — path$"):
+        load_model(None)  # a TypeError from pathlib
+    export(tmp_path / "ckpt", tmp_path / "bf16", dtype=torch.bfloat16)  # as load_model takes it: an unknown dtype
+    assert load_model(tmp_path / "bf16", dtype=STORED).model.lm_head.weight.dtype == torch.bfloat16
 
 
 def test_export_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path: Path, tiny_corpus: Path, capsys) -> None:

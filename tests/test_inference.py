@@ -206,6 +206,9 @@ def test_greedy_generation_equals_repeated_full_forwards(n_shared):
     assert result.tokens[0] == full_forward_greedy(model, prompt, 10)
     assert result.decode_steps == 9 and result.prompt_tokens == 7
     assert result.cache_bytes == model.new_cache(1, 17).nbytes
+    prompts = [prompt, tokens(1, 3, seed=2)[0].tolist(), tokens(1, 5, seed=3)[0].tolist()]  # left-padded to 7
+    batched = generate(model, prompts, max_new_tokens=10).tokens
+    assert batched == [full_forward_greedy(model, p, 10) for p in prompts]
 
 
 def test_generation_stops_after_eos_and_sampling_is_seeded():
@@ -215,7 +218,7 @@ def test_generation_stops_after_eos_and_sampling_is_seeded():
     eos = greedy[3]
     stopped = generate(model, [prompt, prompt], max_new_tokens=12, eos_id=eos).tokens
     assert stopped[0] == greedy[: greedy.index(eos) + 1] and stopped[1] == stopped[0]
-    for same in (torch.tensor(eos), [torch.tensor(eos)]):  # a tensor (or numpy) id, as before several were taken
+    for same in (torch.tensor(eos), [torch.tensor(eos)], {eos}):  # a tensor (or numpy) id; a set was refused
         assert generate(model, [prompt], max_new_tokens=12, eos_id=same).tokens[0] == stopped[0]
     with pytest.raises(ConfigError, match=r"eos_id must be token ids in 0\.\.\d+, got \[100000\] — eos_id"):
         generate(model, [prompt], max_new_tokens=12, eos_id=[eos, 100_000])  # was taken: no row could stop on it
@@ -259,6 +262,10 @@ def test_region_errors():
         set_region(model, 4)  # no trained region given: any layer count the model allows
     with pytest.raises(ConfigError, match=r"number of sharing layers, got 'all' — n_shared — choose 0..1 \(1: the"):
         set_region(model, "all", trained)  # a TypeError comparing int and str
+    with pytest.raises(ConfigError, match=r"number of sharing layers, got 1.0 — n_shared — choose 0..3$"):
+        set_region(model, 1.0)  # a model built here: any layer count it allows (offered "choose 0 (0: the whole ...")
+    with pytest.raises(ConfigError, match=r"^region must be a TrainedRegion, not a list — region — pass load_model"):
+        set_region(model, 1, [3, 2])  # an AttributeError: 'list' object has no attribute 'first'
     shallow = TrainedRegion(4, (1, 2), "shallow_first")
     assert set_region(model, 1, shallow) == [1] and set_region(model, 3, shallow, force=True) == [1, 2, 3]
     ends = r"the region of this checkpoint \(layers \[2, 1\], deep-first\) grows no further than layer 1 \(layer 0 "
@@ -268,6 +275,8 @@ def test_region_errors():
     model.set_shared_layers([3])
     with pytest.raises(ValueError, match="build a new cache"):
         model(tokens(1, 2), cache)
+    with pytest.raises(ValueError, match=r"^The KV cache holds 2 rows, but input_ids has 1: build the cache with"):
+        model(tokens(1, 2), model.new_cache(2, 8))  # a RuntimeError from a reshape deep in attention
     with pytest.raises(ValueError, match="context length"):
         generate(model, [[1] * 60], max_new_tokens=10)
 
@@ -297,10 +306,36 @@ def test_generate_refuses_a_bad_request_with_the_commands_one_line_errors():
         generate(model, [[1] * 10], max_new_tokens=7)
     with pytest.raises(ConfigError, match="no room left in the model's context length 16 — prompts — "):
         generate(model, [[1] * 16], max_new_tokens=1)
-    with pytest.raises(ConfigError, match="max_new_tokens must be >= 1, got 0 — max_new_tokens$"):
+    with pytest.raises(ConfigError, match="max_new_tokens must be a whole number >= 1, got 0 — max_new_tokens$"):
         generate(model, [[1]], max_new_tokens=0)
     with pytest.raises(DataError, match=r"token ids must lie in 0\.\.255 .*, got -1\.\.300 — prompts — "):
         generate(model, [[1, 300], [-1]], max_new_tokens=1)
+
+
+def test_generate_refuses_arguments_of_the_wrong_type_before_it_runs_and_keeps_the_models_mode():
+    """From a notebook: ``max_new_tokens=None`` or ``"3"``, ``top_k=2.5``, ``temperature="1"`` or ``seed="3"`` were
+    TypeErrors from inside torch or a comparison; a bad ``top_p`` failed after the prefill and left a train-mode model
+    in eval mode; a model on the meta device failed in ``Tensor.item()``."""
+    import numpy as np
+
+    model = tiny(n_layer=2, block_size=16).train()
+    bad = [
+        (dict(max_new_tokens=None), "max_new_tokens must be a whole number >= 1, got None — max_new_tokens"),
+        (dict(max_new_tokens="3"), "max_new_tokens must be a whole number >= 1, got '3' — max_new_tokens"),
+        (dict(top_k=2.5, temperature=1.0), "top_k must be a whole number, got 2.5 — top_k"),
+        (dict(temperature="1"), "temperature must be a number, got '1' — temperature"),
+        (dict(temperature=1.0, top_p=3.0), r"top_p must be in \(0, 1\], got 3.0 — top_p"),
+        (dict(temperature=1.0, seed="3"), "seed must be a whole number, got '3' — seed"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ConfigError, match=f"^{message}$"):
+            generate(model, [[1, 2]], **{"max_new_tokens": 2, **kwargs})
+        assert model.training, kwargs
+    assert len(generate(model, [[1, 2]], np.int64(3)).tokens[0]) == 3 and model.training
+    with torch.device("meta"):
+        meta = Llama(model.config)
+    with pytest.raises(ConfigError, match="^model is on the meta device: its weights hold no values — model — load"):
+        generate(meta, [[1]], 1)
 
 
 def test_a_loaded_model_or_a_module_given_for_the_llama_says_which_attribute_to_pass():

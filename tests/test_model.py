@@ -344,6 +344,9 @@ def test_a_config_of_numpy_numbers_is_a_config_of_python_numbers():
          "multiple of 6"),
         ("n_kv_head", 3, "n_head=4 must be divisible by n_kv_head=3 — model.config — set n_kv_head to one of 1, 2, 4"),
         ("padded_vocab_size", 100, "padded_vocab_size=100 < vocab_size=512"),
+        ("padded_vocab_size", "600", "got {'padded_vocab_size': '600'}"),  # a TypeError comparing str and int
+        ("padded_vocab_size", 576.0, "got {'padded_vocab_size': 576.0}"),  # failed in nn.Embedding
+        ("max_position_embeddings", "128", "got {'max_position_embeddings': '128'}"),
         ("sharing_mode", "vq", "sharing_mode must be 'qk' or 'kv', got 'vq'"),
     ],
 )  # fmt: skip
@@ -365,7 +368,11 @@ def test_fields_left_unset_take_their_defaults_and_a_checkpoint_records_values()
     assert LlamaConfig.from_name("debug", rope_theta=5e5, tie_embeddings=True).to_dict()["rope_theta"] == 5e5
 
 
-def test_token_ids_without_a_batch_dimension_are_refused_in_one_sentence():
-    """A 1-D tensor of ids failed with "IndexError: tuple index out of range"."""
+def test_token_ids_without_a_batch_dimension_or_of_a_float_dtype_are_refused_in_one_sentence():
+    """A 1-D tensor of ids failed with "IndexError: tuple index out of range", float ids deep in the embedding."""
     with pytest.raises(ValueError, match=r"input_ids must be \(batch, seq_len\) token ids, got shape \(5,\)"):
         tiny()(torch.zeros(5, dtype=torch.long))
+    for dtype in (torch.float32, torch.bool):  # failed in the embedding: "Expected tensor for argument #1 'indices'"
+        with pytest.raises(ValueError, match=rf"^input_ids must be integer token ids \(torch.long\), got {dtype}$"):
+            tiny()(torch.zeros(1, 5, dtype=dtype))
+    assert tiny()(torch.zeros(1, 5, dtype=torch.int32)).shape[:2] == (1, 5)

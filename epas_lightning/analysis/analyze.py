@@ -18,8 +18,9 @@ import torch
 from epas_lightning.analysis.capture import capture_activations
 from epas_lightning.analysis.report import DEFAULT_METRIC, DEFAULT_THRESHOLD, Metric, RedundancyReport
 from epas_lightning.data.tokenizer import RecordedTokenizer
-from epas_lightning.errors import ConfigError
+from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model import Llama
+from epas_lightning.model.llama import check_has_weights, check_is_llama
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.progress import progress
 from epas_lightning.runtime import DType, check_counts, dtype_name, emit_json
@@ -30,6 +31,8 @@ def analyze_model(model: Llama, batches: Iterable[torch.Tensor]) -> RedundancyRe
 
     Activations are kept on the CPU; the comparisons run on the model's device.
     """
+    check_is_llama(model)
+    check_has_weights(model)
     device = next(model.parameters()).device
     return RedundancyReport.from_activations(capture_activations(model, _checked(model, batches)), device)
 
@@ -37,8 +40,23 @@ def analyze_model(model: Llama, batches: Iterable[torch.Tensor]) -> RedundancyRe
 def _checked(model: Llama, batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
     """``batches``, each checked against the model's vocabulary before it is run."""
     for n, batch in enumerate(batches, start=1):
+        check_token_batch(batch, f"batch {n}")
         model.config.check_token_ids(int(batch.min()), int(batch.max()), f"batch {n}")
         yield batch
+
+
+def check_token_batch(batch: object, where: str) -> None:
+    """A (B, T) tensor of integer token ids; a :class:`DataError` otherwise (one (B, T) tensor given for the batches
+    was iterated row by row and failed with an IndexError in the capture; float ids were truncated)."""
+    if not isinstance(batch, torch.Tensor) or batch.dim() != 2 or batch.is_floating_point() or batch.is_complex():
+        got = (
+            f"shape {tuple(batch.shape)} of {batch.dtype}" if isinstance(batch, torch.Tensor) else type(batch).__name__
+        )
+        raise DataError(
+            f"a batch must be a (batch, seq_len) tensor of token ids, got {got}",
+            where,
+            "pass an iterable of such tensors: [ids] for one",
+        )
 
 
 def heldout_batches(

@@ -137,11 +137,14 @@ class TokenData:
             [seq_len, batch_size, vocab_size, num_workers, seed, max_bytes]
         )
         counts = {"batch_size": batch_size, "seq_len": seq_len, "num_workers": num_workers, "seed": seed}
+        counts |= {} if vocab_size is None else {"vocab_size": vocab_size}  # "512" failed comparing int and str
         if wrong := {name: n for name, n in counts.items() if not isinstance(n, int) or isinstance(n, bool)}:
             name = next(iter(wrong))  # "8" or 64.0 failed comparing str and int, or later in the loader
             raise ConfigError(f"{name} must be a whole number, got {wrong[name]!r}", f"data.{name}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}", "data.batch_size", "set 1 or more")
+        if vocab_size is not None and vocab_size < 1:  # "the tokenizer has 512 tokens but the vocab_size is 0"
+            raise ConfigError(f"vocab_size must be at least 1, got {vocab_size}", "data.vocab_size", "leave it unset")
         if seq_len < 1:  # linked from the model's block_size on the command line
             raise ConfigError(f"seq_len must be at least 1, got {seq_len}", "data.seq_len (model.config.block_size)")
         if num_workers < 0:

@@ -167,6 +167,12 @@ def tokenizer_in(folder: Path) -> Path | None:
 
 def resolve_tokenizer_path(path: str | Path) -> Path:
     """A tokenizer file, or a model directory holding ``tokenizer.json`` or ``tokenizer.model``."""
+    if path is None:  # LoadedModel.tokenizer_path of a checkpoint that records none: a TypeError from pathlib
+        raise TokenizerError(
+            "no tokenizer path given (None: the checkpoint records no tokenizer, or it no longer exists)",
+            "tokenizer",
+            "pass the tokenizer file the model trained with",
+        )
     path = Path(path).expanduser()
     if path.is_dir():
         if (found := tokenizer_in(path)) is not None:

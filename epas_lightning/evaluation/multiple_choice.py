@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from epas_lightning.errors import ConfigError, DataError, read_text_file
 from epas_lightning.model import Llama, LlamaConfig
-from epas_lightning.runtime import activations_overflow
+from epas_lightning.model.llama import check_has_weights, check_is_llama
+from epas_lightning.runtime import activations_overflow, check_counts
 
 
 @dataclass
@@ -169,21 +170,59 @@ def check_scorable(questions: list[Question], requests: list[tuple[list[int], li
     or holds ids outside its vocabulary (another model's tokenizer): :func:`score_continuations` can score none."""
     context_length = config.context_length
     pairs = iter(requests)
-    for question in questions:
+    for n, question in enumerate(questions):
+        where = question.where or f"questions[{n}]"  # built in Python: no file and line
         for number, (context, continuation) in enumerate((next(pairs) for _ in question.choices), start=1):
             ids = context + continuation
-            config.check_token_ids(min(ids), max(ids), question.where or "--tasks")
+            config.check_token_ids(min(ids), max(ids), where)
             if not 0 < len(continuation) <= context_length:
                 size = f"{len(continuation)} tokens, more than the model's context length ({context_length})"
                 raise DataError(
                     f"choice {number} has {size if continuation else 'no tokens to score'}",
-                    question.where or "--tasks",
+                    where,
                     "fix the question, or leave it out",
                 )
 
 
+def check_is_tokenizer(tokenizer: object) -> None:
+    """A loaded tokenizer (one with ``encode`` and ``bos_id``): a path or ``None`` failed with an AttributeError."""
+    if not (hasattr(tokenizer, "encode") and hasattr(tokenizer, "bos_id")):
+        raise ConfigError(
+            f"tokenizer must be a loaded tokenizer, not a {type(tokenizer).__name__}",
+            "tokenizer",
+            "load it with epas_lightning.data.load_tokenizer(path)",
+        )
+
+
+def check_questions(questions: list[Question]) -> None:
+    """At least one :class:`Question`, each with a label that indexes its choices (``load_task`` checks its own; one
+    built in Python was scored as wrong, or failed with a ZeroDivisionError when there was none)."""
+    if not questions:
+        raise DataError("no questions to evaluate", "questions", "pass the questions load_task(path) reads")
+    for n, question in enumerate(questions):
+        where = question.where if isinstance(question, Question) and question.where else f"questions[{n}]"
+        if not isinstance(question, Question):
+            raise DataError(
+                f"a question must be a Question, not a {type(question).__name__}",
+                where,
+                "read them with load_task(path), or build Question(context, choices, label)",
+            )
+        if not (isinstance(question.label, int) and 0 <= question.label < len(question.choices)):
+            raise DataError(
+                f"label {question.label!r} is not the index of one of its {len(question.choices)} choices",
+                where,
+                f"set it to 0..{len(question.choices) - 1}",
+            )
+
+
 def evaluate_task(model: Llama, tokenizer, questions: list[Question], batch_size: int = 16) -> dict[str, float]:  # noqa: ANN001
-    """``acc`` and ``acc_norm`` (per-character normalised) of ``model`` on ``questions``."""
+    """``acc`` and ``acc_norm`` (per-character normalised) of ``model`` on ``questions`` (:func:`load_task`'s), their
+    texts encoded with ``tokenizer`` (``load_tokenizer(path)``'s)."""
+    check_is_llama(model)
+    check_has_weights(model)
+    check_counts({"batch_size": batch_size})
+    check_is_tokenizer(tokenizer)
+    check_questions(questions)
     requests = [encode_pair(tokenizer, q.context, choice) for q in questions for choice in q.choices]
     check_scorable(questions, requests, model.config)
     scores = score_continuations(model, requests, batch_size)

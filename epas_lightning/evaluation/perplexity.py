@@ -15,7 +15,7 @@ import torch
 
 from epas_lightning.loss import next_token_loss
 from epas_lightning.model import Llama
-from epas_lightning.model.llama import check_is_llama
+from epas_lightning.model.llama import check_has_weights, check_is_llama
 from epas_lightning.runtime import activations_overflow, check_counts
 
 
@@ -58,8 +58,9 @@ def evaluate_perplexity(
     from epas_lightning.data.token_data import check_seq_len
 
     check_is_llama(model)
+    check_has_weights(model)
     seq_len = model.config.block_size if seq_len is None else seq_len  # 0 is refused, not taken for the default
-    check_counts({"max_batches": max_batches, "seq_len": seq_len})
+    check_counts({"batch_size": batch_size, "max_batches": max_batches, "seq_len": seq_len})
     check_seq_len(seq_len, model.config, where="seq_len")
     loader = heldout_loader(data_dir, seq_len, batch_size, model.config.vocab_size)
     return perplexity_of_batches(model, loader, max_batches)

@@ -8,17 +8,18 @@ cache.
 
 from __future__ import annotations
 
+import numbers
 import operator
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from epas_lightning.errors import ConfigError, DataError
-from epas_lightning.inference.sampling import sample
+from epas_lightning.inference.sampling import SamplingError, check_sampling, sample
 from epas_lightning.model import Llama
-from epas_lightning.model.llama import check_is_llama
+from epas_lightning.model.llama import check_has_weights, check_is_llama
 from epas_lightning.region import TrainedRegion
 from epas_lightning.runtime import activations_overflow
 
@@ -85,6 +86,12 @@ def set_region(
         region = getattr(model, "trained_region", None)  # a Llama pickled before it had one
     if region is None:
         region, force = TrainedRegion(model.config.n_layer), True
+    if not isinstance(region, TrainedRegion):  # a list of layers failed with "no attribute 'first'"
+        raise ConfigError(
+            f"region must be a TrainedRegion, not a {type(region).__name__}",
+            "region",
+            "pass load_model(path).region, or leave it unset for the one the model was loaded with",
+        )
     layers = region.first(n_shared, force, flags)
     model.set_shared_layers(layers)
     return layers
@@ -138,6 +145,29 @@ def token_lists(prompts: Sequence[Sequence[int]] | torch.Tensor) -> list[list[in
         ) from None
 
 
+def check_sampling_arguments(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """:func:`check_sampling` as a :class:`ConfigError` naming the argument, before anything runs (a bad ``top_p``
+    failed after the prefill, leaving the model in eval mode)."""
+    try:
+        check_sampling(temperature, top_k, top_p)
+    except SamplingError as e:
+        raise ConfigError(str(e), e.setting) from None
+
+
+def seed_number(seed: object) -> int | None:
+    """``seed`` as the Python int ``manual_seed`` takes (numpy's ints too), or ``None``; a :class:`ConfigError`
+    naming ``seed`` otherwise (``"3"`` was a bare TypeError)."""
+    if seed is None:
+        return None
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise ConfigError(f"seed must be a whole number, got {seed!r}", "seed") from None
+    if not -(2**63) <= seed < 2**63:
+        raise ConfigError(f"seed must be a 64-bit signed integer, got {seed}", "seed")
+    return seed
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -167,11 +197,14 @@ class Decoder:
         cuda_graph: bool | None = None,
     ) -> None:
         check_is_llama(model)
+        check_has_weights(model)
         prompts = token_lists(prompts)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise DataError("give at least one prompt, each with at least one token", "prompts")
-        if max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}", "max_new_tokens")
+        if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}", "max_new_tokens")
+        max_new_tokens = int(max_new_tokens)  # numpy's too
+        check_sampling_arguments(temperature, top_k, top_p)
         config = model.config
         longest = max(len(p) for p in prompts)
         fit_new_tokens(longest, max_new_tokens, config.context_length, ("prompts", "max_new_tokens"))
@@ -194,7 +227,7 @@ class Decoder:
         self.padded = any(len(p) != longest for p in prompts)
         self.prompt_tokens = sum(len(p) for p in prompts)
         """Real (unpadded) prompt tokens, summed over the rows in the batch."""
-        seed = None if seed is None else operator.index(seed)  # numpy's ints too: manual_seed takes only Python's
+        seed = seed_number(seed)
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
@@ -296,9 +329,17 @@ def generate(
         model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, pad_id=pad_id,
         cuda_graph=cuda_graph,
     )  # fmt: skip
-    device, B = decoder.device, decoder.batch_size
     was_training = model.training
     model.eval()
+    try:
+        return _decode(decoder, eos_id, pad_id)
+    finally:
+        model.train(was_training)
+
+
+def _decode(decoder: Decoder, eos_id: int | Sequence[int] | None, pad_id: int) -> GenerationResult:
+    """:func:`generate`'s loop, the model in eval mode."""
+    model, device, B, max_new_tokens = decoder.model, decoder.device, decoder.batch_size, decoder.max_new_tokens
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     stop_ids = stop_id_list(eos_id)
@@ -327,7 +368,6 @@ def generate(
         steps += 1
     _sync(device)
     decode_seconds = time.perf_counter() - start
-    model.train(was_training)
     decoder.check_finite()
     cache = decoder.cache
     return GenerationResult(
@@ -349,7 +389,8 @@ def stop_id_list(eos_id: int | Sequence[int] | None) -> list[int]:
     if hasattr(eos_id, "tolist"):  # a numpy or torch integer, or an array of them
         eos_id = eos_id.tolist()
     try:
-        return [operator.index(i) for i in (eos_id if isinstance(eos_id, (list, tuple)) else [eos_id])]
+        several = isinstance(eos_id, Iterable) and not isinstance(eos_id, str | bytes)  # a set, a range too
+        return [operator.index(i) for i in (eos_id if several else [eos_id])]
     except TypeError:
         raise ConfigError(f"eos_id must be a token id or a list of them, got {eos_id!r}", "eos_id") from None
 

@@ -217,7 +217,8 @@ class LlamaConfig:
 
     def _validate(self) -> None:
         sizes = ("n_layer", "n_embd", "n_head", "n_kv_head", "vocab_size", "block_size", "intermediate_size")
-        bad = {k: getattr(self, k) for k in sizes if not _is_count(getattr(self, k))}
+        sizes += ("padded_vocab_size",) + (() if self.max_position_embeddings is None else ("max_position_embeddings",))
+        bad = {k: getattr(self, k) for k in sizes if not _is_count(getattr(self, k))}  # "600" failed comparing str, int
         if bad:
             raise ConfigError(
                 f"model sizes must be positive integers, got {bad}", "model.config", "set each to 1 or more"

@@ -183,6 +183,8 @@ class Llama(nn.Module):
             )
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len) token ids, got shape {tuple(input_ids.shape)}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be integer token ids (torch.long), got {input_ids.dtype}")
         T = input_ids.shape[1]
         flags = self.sharing.flags
         if cache is None:
@@ -193,6 +195,11 @@ class Llama(nn.Module):
             cos, sin = self.rotary_emb(T, input_ids.device)  # fp32, each (T, D)
             ctx = AttentionContext(cos, sin)
         else:
+            if input_ids.shape[0] != cache.batch_size:  # failed in a reshape: "shape '[1, 3, 64]' is invalid"
+                raise ValueError(
+                    f"The KV cache holds {cache.batch_size} rows, but input_ids has {input_ids.shape[0]}: build the "
+                    "cache with model.new_cache(batch_size, max_len) for this batch."
+                )
             if cache.shared_flags != flags:
                 raise ValueError(
                     f"The KV cache was built for sharing layers {_layers(cache.shared_flags)}, but the model now "
@@ -226,6 +233,17 @@ def check_is_llama(model: object, argument: str = "model") -> None:
     else:
         fix = "load one with epas_lightning.load_model(path).model"
     raise ConfigError(f"{argument} must be a Llama, not a {type(model).__name__}", argument, fix)
+
+
+def check_has_weights(model: Llama, argument: str = "model") -> None:
+    """``model``'s weights hold values: one built under ``torch.device("meta")`` (FSDP's deferred init) failed deep
+    inside with "Tensor.item() cannot be called on meta tensors"."""
+    if model.embed_tokens.weight.is_meta:
+        raise ConfigError(
+            f"{argument} is on the meta device: its weights hold no values",
+            argument,
+            "load a trained one with epas_lightning.load_model(path).model, or build it off the meta device",
+        )
 
 
 def check_attention_reuse(config: LlamaConfig, enabled: bool) -> None:
