@@ -275,6 +275,23 @@ def test_a_mask_of_another_layer_count_is_a_size_mismatch_not_a_corrupt_mask():
         model.load_state_dict(state)
 
 
+def test_one_seed_gives_the_meta_built_model_the_same_weights():
+    """The layers' default init drew from the seed before init_weights: ``seed; Llama(config)`` (one device, DDP)
+    started from other weights than the meta-device build FSDP2 initialises from the same seed."""
+    config = LlamaConfig.from_name("debug")
+    torch.manual_seed(0)
+    built = Llama(config)
+    after_build = torch.rand(3)
+    with torch.device("meta"):
+        meta = Llama(config)
+    meta.to_empty(device="cpu")
+    torch.manual_seed(0)
+    meta.init_weights()
+    assert torch.equal(torch.rand(3), after_build)  # the generator advanced by init_weights' draws alone
+    for (name, a), b in zip(built.state_dict().items(), meta.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_meta_device_build_then_init_has_no_garbage():
     with torch.device("meta"):
         model = Llama(LlamaConfig.from_name("debug"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 import torch
@@ -71,10 +72,11 @@ class Llama(nn.Module):
         super().__init__()
         check_is_config(config, "Llama(config=...)")
         self.config = config
-        self.embed_tokens = nn.Embedding(config.padded_vocab_size, config.n_embd)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layer))
-        self.norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        with _default_init_discarded():  # the weights are init_weights' draws alone, as on the meta device (FSDP2)
+            self.embed_tokens = nn.Embedding(config.padded_vocab_size, config.n_embd)
+            self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layer))
+            self.norm = RMSNorm(config.n_embd, config.norm_eps)
+            self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.tie_weights()
         self.rotary_emb = RotaryEmbedding.of(config)
         self.sharing = SharingState(config.n_layer)
@@ -221,6 +223,16 @@ class Llama(nn.Module):
         if head is not None:
             return head(x, self.lm_head.weight)
         return self.lm_head(x)
+
+
+def _default_init_discarded() -> AbstractContextManager[None]:
+    """Undo the random draws of torch's default init of the layers built inside (``nn.Linear``'s kaiming, the
+    embedding's normal) on the default device's generator: :meth:`Llama.init_weights` then draws from the seed as it
+    does after a meta-device build, so one seed gives one model on one device, under DDP, and under FSDP2 (whose
+    layers are built on the meta device, drawing nothing)."""
+    device = torch.get_default_device()
+    cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=cuda)
 
 
 def check_is_llama(model: object, argument: str = "model") -> None:
