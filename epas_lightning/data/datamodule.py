@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,7 +107,7 @@ class TokenDataModule(TokenData, LightningDataModule):
             fixed.append("contents")
 
         def differ(keys: list[str]) -> list[str]:
-            kept = [key for key in keys if key in saved and saved[key] != current[key]]
+            kept = [key for key in keys if key in saved and not same_setting(key, saved[key], current[key])]
             return [PREPARED_AGAIN if key == "contents" else f"{key} {saved[key]} -> {current[key]}" for key in kept]
 
         changed = differ(fixed)
@@ -308,6 +309,14 @@ def position_settings_of(state: dict[str, Any], num_workers: int) -> dict[str, A
     if "num_workers" in first:
         settings["num_workers"] = num_workers if first["num_workers"] == max(num_workers, 1) else first["num_workers"]
     return settings
+
+
+def same_setting(key: str, saved: Any, current: Any) -> bool:
+    """Whether a saved position's setting ``key`` is the current one: weights by the mix they make (litdata divides
+    them by their sum, so ``[1, 2]`` and ``[0.5, 1]`` draw the same streams), the others as they are."""
+    if key != "weights" or saved is None or current is None or len(saved) != len(current):
+        return saved == current
+    return all(math.isclose(a / sum(saved), b / sum(current)) for a, b in zip(saved, current, strict=True))
 
 
 PREPARED_AGAIN = "data.data_dir prepared again since: its chunks are others"
