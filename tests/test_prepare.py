@@ -1129,6 +1129,39 @@ def test_resume_from_checkpoint_continues_with_the_same_batches(sp_data, second_
     assert f"— --ckpt_path {tmp_path / 'ckpt' / 'epoch=0-step=4.ckpt'} —" in str(refused.value)  # which checkpoint
 
 
+def test_a_mixture_resumed_at_an_epoch_end_reads_each_epoch_as_the_uninterrupted_run(sp_data, second_sp_data, tmp_path):
+    """An epoch of a weighted mixture ends where its first stream runs out (no limit_train_batches), each loader worker
+    at its own point: resumed from the save at that end (max_epochs 1, then 2), the next epoch reads the batches the
+    uninterrupted run read in it. With two workers litdata restored that position with their counts mixed up (it takes
+    them to deliver batches in turn): a ValueError in a loader worker, or one more batch in the ended epoch."""
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    def run(folder: str, max_epochs: int, ckpt_path: Path | None = None) -> dict:
+        read = {}
+
+        class ReadBatches(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                read[(trainer.current_epoch, batch_idx)] = batch[:, :3].tolist()
+
+        data = TokenDataModule(
+            [str(sp_data), str(second_sp_data)],
+            seq_len=256,
+            batch_size=4,
+            vocab_size=512,
+            weights=[1, 1],
+            num_workers=2,
+        )
+        checkpoint = RunCheckpoint(dirpath=tmp_path / folder, save_last=True, save_top_k=0)
+        trainer = cpu_trainer(tmp_path, -1, [ReadBatches(), checkpoint], max_epochs=max_epochs)
+        trainer.fit(BatchRecorder(), data, ckpt_path=ckpt_path)
+        return read
+
+    uninterrupted = run("whole", 2)
+    run("first", 1)
+    resumed = run("resumed", 2, tmp_path / "first" / "last.ckpt")
+    assert min(resumed) == (1, 0) and resumed == {key: b for key, b in uninterrupted.items() if key[0] == 1}
+
+
 def test_checkpoint_saves_reuse_the_stream_fingerprints_taken_at_setup(sp_data, monkeypatch):
     """Every checkpoint save hashed each train stream's index.json again: fit's setup takes them once for its saves."""
     from epas_lightning.data import datamodule
