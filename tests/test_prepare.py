@@ -8,6 +8,7 @@ import random
 import re
 import subprocess
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -871,6 +872,41 @@ def test_a_validation_interval_longer_than_the_datas_epoch_is_refused(sp_data: P
     assert len(dm.train_dataloader()) == epoch
     dm.trainer.check_val_every_n_epoch, dm.trainer.limit_val_batches = 1, 0  # no validation: Lightning takes it
     assert len(dm.train_dataloader()) == epoch
+
+
+def test_validation_at_epoch_fractions_of_a_weighted_mixture_is_warned_about(sp_data, second_sp_data, tmp_path):
+    """A weighted mixture's epoch ends when a stream runs out, which can be before the length it estimates (here, each
+    loader worker's part of a stream is of another size): Lightning then saw no last batch and validated at no
+    epoch's end, with val_check_interval 1.0 (its default), without a word."""
+
+    class Validated(BatchRecorder):
+        def validation_step(self, batch, batch_idx):
+            self.validations = getattr(self, "validations", 0) + 1
+
+    def fit(interval: float | int, weights: list[int] | None = (1, 1)) -> tuple[Validated, list[str]]:
+        data = TokenDataModule(
+            [str(sp_data), str(second_sp_data)], seq_len=256, batch_size=4, vocab_size=512, num_workers=2,
+            weights=list(weights) if weights else None,
+        )  # fmt: skip
+        trainer = cpu_trainer(
+            tmp_path, -1, max_epochs=1, limit_val_batches=1, val_check_interval=interval, num_sanity_val_steps=0
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(model := Validated(), data)
+        return model, [str(w.message) for w in caught if "data.weights" in str(w.message)]
+
+    model, said = fit(1.0)
+    epoch = model.trainer.num_training_batches
+    assert len(model.batches) < epoch and not hasattr(model, "validations")  # what the warning is about
+    assert said == [
+        f"data.weights: an epoch of the mixture ends when a stream runs out, which its length ({epoch} batches) only "
+        "estimates, so validation at a fraction of an epoch (trainer.val_check_interval 1.0) may never come: set "
+        "trainer.val_check_interval to a number of batches"
+    ]
+    model, said = fit(16)
+    assert model.validations == len(model.batches) // 16 and said == []
+    assert fit(1.0, weights=None)[1] == []  # every stream read in full: the length is exact
 
 
 def test_validate_and_test_on_a_held_out_stream_shorter_than_one_batch_are_refused(sp_data: Path):

@@ -221,6 +221,7 @@ class TokenDataModule(TokenData, LightningDataModule):
                 "prepare more data",
             )
         self._check_validation_interval(len(loader))
+        self._warn_of_validation_at_epoch_fractions(len(loader))
         return loader
 
     def _trainer_epoch(self) -> int | None:
@@ -249,6 +250,27 @@ class TokenDataModule(TokenData, LightningDataModule):
             self._data_dir_flag,
             f"lower trainer.val_check_interval to at most {epoch}, set trainer.check_val_every_n_epoch: null to count "
             "batches across epochs, or prepare more data",
+        )
+
+    def _warn_of_validation_at_epoch_fractions(self, epoch: int) -> None:
+        """Say that validating at a fraction of an epoch (``val_check_interval`` 1.0, Lightning's default: at each
+        epoch's end) may never come with ``weights``: such an epoch ends when a stream runs out, and where that comes
+        before the ``epoch`` batches its length estimates (some workers' parts of a stream are shorter, or chance),
+        Lightning sees no last batch, so validates (and saves on ``val/loss``) at no epoch's end."""
+        trainer = getattr(self, "trainer", None)
+        if self.weights is None or len(self.data_dirs) < 2 or trainer is None:
+            return
+        interval, limit = getattr(trainer, "val_check_interval", None), getattr(trainer, "limit_train_batches", None)
+        if not isinstance(interval, float) or not (isinstance(limit, float) and limit == 1.0):
+            return  # validation by batches, or an epoch that Lightning cuts short
+        if trainer.check_val_every_n_epoch is None or not trainer.limit_val_batches:
+            return
+        if getattr(trainer, "_val_check_time_interval", None) is not None:
+            return
+        rank_zero_warn(
+            f"data.weights: an epoch of the mixture ends when a stream runs out, which its length ({epoch} batches) "
+            f"only estimates, so validation at a fraction of an epoch (trainer.val_check_interval {interval}) may "
+            "never come: set trainer.val_check_interval to a number of batches"
         )
 
     def val_dataloader(self) -> StreamingDataLoader:
