@@ -857,6 +857,20 @@ def test_training_stream_shorter_than_one_batch_is_refused(sp_data: Path):
         tiny_dm(str(sp_data), seq_len=100_000).train_dataloader()
 
 
+def test_a_mixed_stream_too_short_for_a_batch_is_named(sp_data: Path, sp_model: Path, tmp_path: Path):
+    """With weights, an epoch ends when a stream runs out: one shorter than a batch left not one step, and the error
+    named every folder of the mixture as "the training stream"."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "t.jsonl").write_text("".join(json.dumps({"text": f"the model {i} ."}) + "\n" for i in range(6)))
+    short = prepare(tmp_path / "in", tmp_path / "short", sp_model, val_fraction=0.3, num_workers=1)
+    with pytest.raises(DataError) as refused:
+        tiny_dm([str(sp_data), str(short)], weights=[1, 1], batch_size=8).train_dataloader()
+    assert refused.value.where == f"data.data_dir {short}"
+    assert refused.value.what.startswith("with data.weights an epoch ends when a stream runs out, and the training")
+    assert refused.value.fix.endswith("(or leave the folder out of the mixture)")
+    assert len(tiny_dm([str(sp_data), str(short)], batch_size=8).train_dataloader()) > 0  # read in full: it trains
+
+
 def test_a_validation_interval_longer_than_the_datas_epoch_is_refused(sp_data: Path):
     """Lightning refused it once the data was read, in a ValueError traceback."""
     from types import SimpleNamespace

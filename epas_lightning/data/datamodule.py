@@ -213,16 +213,35 @@ class TokenDataModule(TokenData, LightningDataModule):
 
         loader.load_state_dict = load_position
         if len(loader) == 0:
-            raise DataError(
-                f"the training stream holds fewer than batch_size={self.batch_size} sequences of {self.seq_len + 1} "
-                "tokens (for each rank and loader worker): not one training step",
-                self._data_dir_flag,
-                "lower data.batch_size, data.num_workers or the sequence length (model.config.block_size), or "
-                "prepare more data",
-            )
+            raise self._too_short_to_train(loader)
         self._check_validation_interval(len(loader))
         self._warn_of_validation_at_epoch_fractions(len(loader))
         return loader
+
+    def _too_short_to_train(self, loader: StreamingDataLoader) -> DataError:
+        """The training data holds not one batch. In a weighted mixture, whose epoch ends when a stream runs out, the
+        streams too short for one batch at their weight are named (the error named every folder of the mixture)."""
+        where, what, per = self._data_dir_flag, "the training stream holds", "each rank and loader worker"
+        if short := self._short_of_a_batch(loader):
+            where, per = f"data.data_dir {', '.join(map(str, short))}", f"{per}, at its weight"
+            what = (
+                "with data.weights an epoch ends when a stream runs out, and the training stream of this folder holds"
+            )
+        return DataError(
+            f"{what} fewer than batch_size={self.batch_size} sequences of {self.seq_len + 1} tokens (for {per}): not "
+            "one training step",
+            where,
+            "lower data.batch_size, data.num_workers or the sequence length (model.config.block_size), or prepare more "
+            "data" + (" (or leave the folder out of the mixture)" if short else ""),
+        )
+
+    def _short_of_a_batch(self, loader: StreamingDataLoader) -> list[Path]:
+        """The folders of a weighted mixture whose training stream alone ends an epoch before one batch."""
+        weights = getattr(loader.dataset, "_weights", None)
+        if self.weights is None or weights is None or len(self.data_dirs) < 2:
+            return []
+        lengths = [d.get_len(self.num_workers, self.batch_size) for d in loader.dataset._datasets]
+        return [d for d, n, w in zip(self.data_dirs, lengths, weights, strict=True) if w and n / w < self.batch_size]
 
     def _trainer_epoch(self) -> int | None:
         """The epoch the training loader is read for: the fit loop's epochs done so far (also when a resume starts it,
