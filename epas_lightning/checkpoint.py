@@ -195,6 +195,9 @@ class CheckpointInfo:
     training: dict[str, Any] = field(default_factory=dict)
     """Where the weights came from (:func:`~epas_lightning.provenance.training_record`): step, epoch, tokens, latest
     validation loss, the training checkpoint's name."""
+    mixed_data: list[Path] = field(default_factory=list)
+    """The data folders of a training checkpoint's run that mixed several (as its data module saved them, in order);
+    empty for a run of one. ``data_dir`` is the first: the one whose tokenizer the run recorded."""
     exported_sharing: int | None = None
     """The region length an ``export`` chose for its folder (``--sharing-layers``: its ``epas_shared_layers``, the
     first layers of ``region``), which transformers runs it with; ``None``: no export chose one."""
@@ -218,6 +221,17 @@ class CheckpointInfo:
         if self.gone_tokenizer is not None:
             return f"the data the checkpoint trained on is gone (its tokenizer {self.gone_tokenizer} no longer exists)"
         return "the checkpoint does not say which data it trained on"
+
+    def mixed_data_note(self, command: str) -> str | None:
+        """For a run that mixed several data folders, the line saying whose val split ``command`` reads without
+        ``--data``: the first folder's, not the mixture of them that ``fit`` validates on by default."""
+        if len(self.mixed_data) < 2 or self.data_dir is None:
+            return None
+        others = ", ".join(map(str, self.mixed_data[1:]))
+        return (
+            f"{command}: held-out data is the val split of {self.data_dir}, the first of the {len(self.mixed_data)} "
+            f"data folders the run mixed, not their mixture; pass --data for another ({others})"
+        )
 
     def own_data_instead_of(self, data: str | Path | None) -> bool:
         """Whether a ``--data`` of ``data`` names other data than the checkpoint's own, which leaving it unset reads
@@ -736,6 +750,7 @@ def _info(metadata: dict[str, Any], model: Llama, path: Path | None = None) -> C
         changed_tokenizer=changed,
         tokenizer_sha256=sha256,
         training=training,
+        mixed_data=_mixed_data(metadata),
         exported_sharing=exported_length(metadata.get(HF_SHARED_KEY), region),
     )
 
@@ -832,6 +847,17 @@ def recorded_config(path: str | Path, flag: str = "--checkpoint") -> LlamaConfig
 def load_consolidated(path: str | Path, device: str | torch.device = "cpu") -> Llama:
     """The ``Llama`` saved by :func:`consolidate`, with its trained sharing region switched on."""
     return load_model(path, device).model
+
+
+def _mixed_data(metadata: dict[str, Any]) -> list[Path]:
+    """The data folders a training checkpoint's run mixed: its data module saves the train streams its position holds
+    for (``<folder>/train``, in order). Empty for a run of one folder, or a checkpoint that does not say."""
+    for value in metadata.values():
+        settings = value.get("position_settings") if isinstance(value, dict) else None
+        streams = settings.get("streams") if isinstance(settings, dict) else None
+        if isinstance(streams, list) and len(streams) > 1 and all(isinstance(s, str) for s in streams):
+            return [Path(stream).parent for stream in streams]
+    return []
 
 
 def _data_dir_of(tokenizer_path: Path) -> str | None:

@@ -371,14 +371,29 @@ def test_a_seed_the_shuffle_cannot_take_is_refused_when_configured():
         (["a", "b"], [float("inf"), 1.0], r"^weights must be 2 finite"),
         (["a", "b"], [0.0, 0.0], r"^weights must be 2 finite non-negative numbers, not all zero"),
         (None, [1.0], r"^weights mix several data_dir, but none is set .* — data.weights — set data.data_dir"),
+        (["a", "b"], ["0.5", 1.0], r"^weights must be 2 finite non-negative .*got \['0.5', 1.0\] — data.weights$"),
+        (["a", "b"], 1.0, r"^weights must be 2 finite non-negative .*got 1.0 — data.weights$"),
     ],
-    ids=["nan", "inf", "all-zero", "built-in"],
+    ids=["nan", "inf", "all-zero", "built-in", "string", "one-number"],
 )
 def test_mixing_weights_that_cannot_mix_are_refused(data_dir, weights, message):
     """NaN and infinite weights passed, and the loader failed in a traceback ("cannot convert float NaN to integer");
-    weights without data_dir said "weights must be 0 non-negative numbers"."""
+    weights without data_dir said "weights must be 0 non-negative numbers"; a string or a lone number (from Python)
+    failed in a TypeError traceback."""
     with pytest.raises(ConfigError, match=message):
         TokenDataModule(data_dir, weights=weights)
+
+
+def test_a_folder_listed_twice_is_refused(tiny_corpus: Path, tmp_path: Path):
+    """The same folder twice in data_dir (also by a link or another spelling) was mixed as two streams: each of its
+    samples came twice an epoch, in the same shuffled order."""
+    (link := tmp_path / "link").symlink_to(tiny_corpus)
+    for twice in ([tiny_corpus, tiny_corpus], [tiny_corpus, link], [tiny_corpus, f"{tiny_corpus}/"]):
+        data = TokenDataModule([str(d) for d in twice], seq_len=16, batch_size=4, vocab_size=512)
+        with pytest.raises(ConfigError) as refused:
+            data.setup("fit")
+        assert str(refused.value).startswith(f"one folder is listed twice ({tiny_corpus}, {Path(twice[1])})")
+        assert refused.value.where == "data.data_dir"
 
 
 def test_a_batch_size_of_zero_is_named_as_such():

@@ -497,3 +497,26 @@ def test_init_from_a_checkpoint_whose_tokenizer_changed_refuses_the_new_data(tin
     datamodule = TokenDataModule(data_dir=str(data), seq_len=32, batch_size=4, vocab_size=512)
     with pytest.raises(DataError, match=f"tokenizer {data / 'tokenizer.json'} changed since the checkpoint was saved"):
         cpu_trainer(tmp_path / "run", 1).fit(module, datamodule)
+
+
+def test_commands_say_which_folder_of_a_mixed_run_they_read_held_out_data_from(trained, tiny_corpus, tmp_path, capsys):
+    """A run that mixed several data folders records the first one's tokenizer: evaluate, bench and analyze read that
+    folder's val split alone, without a word, where `--help` says "the data the run trained on" (and fit's validation
+    read every folder's)."""
+    state = torch.load(trained, weights_only=True)
+    other = tmp_path / "other"
+    state["TokenDataModule"]["position_settings"]["streams"].append(str(other / "train"))
+    torch.save(state, mixed := tmp_path / "mixed.ckpt")
+    says = (
+        f"held-out data is the val split of {tiny_corpus.resolve()}, the first of the 2 data folders the run mixed, "
+        f"not their mixture; pass --data for another ({other})"
+    )
+    for command, args in (
+        ("evaluate", []),
+        ("analyze", ["--output", str(tmp_path / "analysis")]),
+        ("bench", ["--output", str(tmp_path / "bench"), "--reps", "1", "--prompt-len", "8", "--max-new-tokens", "2"]),
+    ):
+        rc, _, err = run_cli(capsys, command, "--checkpoint", str(mixed), "--batches", "1", "--device", "cpu", *args)
+        assert rc == 0 and f"{command}: {says}" in err, err
+    rc, _, err = run_cli(capsys, "evaluate", "--checkpoint", str(trained), "--batches", "1", "--device", "cpu")
+    assert rc == 0 and "held-out data is" not in err  # one folder: nothing to say

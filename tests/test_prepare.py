@@ -8,6 +8,7 @@ import random
 import re
 import subprocess
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -856,6 +857,20 @@ def test_training_stream_shorter_than_one_batch_is_refused(sp_data: Path):
         tiny_dm(str(sp_data), seq_len=100_000).train_dataloader()
 
 
+def test_a_mixed_stream_too_short_for_a_batch_is_named(sp_data: Path, sp_model: Path, tmp_path: Path):
+    """With weights, an epoch ends when a stream runs out: one shorter than a batch left not one step, and the error
+    named every folder of the mixture as "the training stream"."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "t.jsonl").write_text("".join(json.dumps({"text": f"the model {i} ."}) + "\n" for i in range(6)))
+    short = prepare(tmp_path / "in", tmp_path / "short", sp_model, val_fraction=0.3, num_workers=1)
+    with pytest.raises(DataError) as refused:
+        tiny_dm([str(sp_data), str(short)], weights=[1, 1], batch_size=8).train_dataloader()
+    assert refused.value.where == f"data.data_dir {short}"
+    assert refused.value.what.startswith("with data.weights an epoch ends when a stream runs out, and the training")
+    assert refused.value.fix.endswith("(or leave the folder out of the mixture)")
+    assert len(tiny_dm([str(sp_data), str(short)], batch_size=8).train_dataloader()) > 0  # read in full: it trains
+
+
 def test_a_validation_interval_longer_than_the_datas_epoch_is_refused(sp_data: Path):
     """Lightning refused it once the data was read, in a ValueError traceback."""
     from types import SimpleNamespace
@@ -871,6 +886,41 @@ def test_a_validation_interval_longer_than_the_datas_epoch_is_refused(sp_data: P
     assert len(dm.train_dataloader()) == epoch
     dm.trainer.check_val_every_n_epoch, dm.trainer.limit_val_batches = 1, 0  # no validation: Lightning takes it
     assert len(dm.train_dataloader()) == epoch
+
+
+def test_validation_at_epoch_fractions_of_a_weighted_mixture_is_warned_about(sp_data, second_sp_data, tmp_path):
+    """A weighted mixture's epoch ends when a stream runs out, which can be before the length it estimates (here, each
+    loader worker's part of a stream is of another size): Lightning then saw no last batch and validated at no
+    epoch's end, with val_check_interval 1.0 (its default), without a word."""
+
+    class Validated(BatchRecorder):
+        def validation_step(self, batch, batch_idx):
+            self.validations = getattr(self, "validations", 0) + 1
+
+    def fit(interval: float | int, weights: list[int] | None = (1, 1)) -> tuple[Validated, list[str]]:
+        data = TokenDataModule(
+            [str(sp_data), str(second_sp_data)], seq_len=256, batch_size=4, vocab_size=512, num_workers=2,
+            weights=list(weights) if weights else None,
+        )  # fmt: skip
+        trainer = cpu_trainer(
+            tmp_path, -1, max_epochs=1, limit_val_batches=1, val_check_interval=interval, num_sanity_val_steps=0
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(model := Validated(), data)
+        return model, [str(w.message) for w in caught if "data.weights" in str(w.message)]
+
+    model, said = fit(1.0)
+    epoch = model.trainer.num_training_batches
+    assert len(model.batches) < epoch and not hasattr(model, "validations")  # what the warning is about
+    assert said == [
+        f"data.weights: an epoch of the mixture ends when a stream runs out, which its length ({epoch} batches) only "
+        "estimates, so validation at a fraction of an epoch (trainer.val_check_interval 1.0) may never come: set "
+        "trainer.val_check_interval to a number of batches"
+    ]
+    model, said = fit(16)
+    assert model.validations == len(model.batches) // 16 and said == []
+    assert fit(1.0, weights=None)[1] == []  # every stream read in full: the length is exact
 
 
 def test_validate_and_test_on_a_held_out_stream_shorter_than_one_batch_are_refused(sp_data: Path):
@@ -1056,16 +1106,22 @@ def second_sp_data(sp_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def test_mixed_datasets_follow_the_weights(sp_data: Path, second_sp_data: Path):
-    def rows(stream: Path) -> set[tuple[int, ...]]:
-        dm = tiny_dm(str(stream.parent), batch_size=1)
-        return {tuple(b[0].tolist()) for b in dm._dataloader([stream], shuffle=False)}
+    """Over an epoch read by two loader workers, each drawing its own mix: the streams in proportion to the weights,
+    no sample read twice (the workers read disjoint parts), and the epoch ends as the first stream runs out, read
+    in full (about the loader's length)."""
+
+    def rows(stream: Path) -> Counter:
+        dm = tiny_dm(str(stream.parent), batch_size=1, seq_len=48)
+        return Counter(tuple(b[0].tolist()) for b in dm._dataloader([stream], shuffle=False))
 
     first, second = rows(sp_data / "train"), rows(second_sp_data / "train")
-    dm = tiny_dm([str(sp_data), str(second_sp_data)], weights=[3.0, 1.0], batch_size=1)
-    seen = [tuple(b[0].tolist()) for _, b in zip(range(400), dm.train_dataloader(), strict=False)]
-    from_first = sum(s in first for s in seen)
-    assert all(s in first or s in second for s in seen)
-    assert 0.65 < from_first / len(seen) < 0.85
+    dm = tiny_dm([str(sp_data), str(second_sp_data)], weights=[3.0, 1.0], num_workers=2, seq_len=48)
+    loader = dm.train_dataloader()
+    seen = Counter(tuple(row.tolist()) for batch in loader for row in batch)
+    from_first = sum(n for s, n in seen.items() if s in first)
+    assert seen <= first + second  # every sample one of the streams', none read more often than it is there
+    assert 0.7 < from_first / seen.total() < 0.8
+    assert from_first > 0.98 * first.total() and abs(seen.total() / 4 - len(loader)) < 0.05 * len(loader)
     assert len(dm.val_streams()) == 2
 
 
@@ -1104,11 +1160,15 @@ def fit(data: TokenDataModule, root: Path, max_steps: int, callbacks=(), ckpt_pa
 
 @pytest.mark.parametrize("mixed", [False, True], ids=["one", "mixed"])
 def test_resume_from_checkpoint_continues_with_the_same_batches(sp_data, second_sp_data, tmp_path, mixed):
+    """A mixture resumes under the same weights however scaled (litdata divides them by their sum): [1, 2] and
+    [0.5, 1] draw the same streams, and such a resume was refused."""
     dirs = [str(sp_data), str(second_sp_data)] if mixed else str(sp_data)
-    make = lambda: TokenDataModule(dirs, seq_len=16, batch_size=4, vocab_size=512, weights=[1, 2] if mixed else None)  # noqa: E731
+    make = lambda scale=1: TokenDataModule(  # noqa: E731
+        dirs, seq_len=16, batch_size=4, vocab_size=512, weights=[scale, 2 * scale] if mixed else None
+    )
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
     full = fit(make(), tmp_path, 10, [checkpoint]).batches
-    resumed = fit(make(), tmp_path, 10, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt").batches
+    resumed = fit(make(0.5), tmp_path, 10, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt").batches
     assert len(full) == 10 and len(resumed) == 6
     assert all(torch.equal(a, b) for a, b in zip(full[4:], resumed, strict=True))
     # the saved position holds for these settings only: another seed (and, mixed, batch size) is refused up front
@@ -1117,6 +1177,39 @@ def test_resume_from_checkpoint_continues_with_the_same_batches(sp_data, second_
         fit(other, tmp_path, 10, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
     assert ("batch_size 4 -> 2" in str(refused.value)) == mixed
     assert f"— --ckpt_path {tmp_path / 'ckpt' / 'epoch=0-step=4.ckpt'} —" in str(refused.value)  # which checkpoint
+
+
+def test_a_mixture_resumed_at_an_epoch_end_reads_each_epoch_as_the_uninterrupted_run(sp_data, second_sp_data, tmp_path):
+    """An epoch of a weighted mixture ends where its first stream runs out (no limit_train_batches), each loader worker
+    at its own point: resumed from the save at that end (max_epochs 1, then 2), the next epoch reads the batches the
+    uninterrupted run read in it. With two workers litdata restored that position with their counts mixed up (it takes
+    them to deliver batches in turn): a ValueError in a loader worker, or one more batch in the ended epoch."""
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    def run(folder: str, max_epochs: int, ckpt_path: Path | None = None) -> dict:
+        read = {}
+
+        class ReadBatches(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                read[(trainer.current_epoch, batch_idx)] = batch[:, :3].tolist()
+
+        data = TokenDataModule(
+            [str(sp_data), str(second_sp_data)],
+            seq_len=256,
+            batch_size=4,
+            vocab_size=512,
+            weights=[1, 1],
+            num_workers=2,
+        )
+        checkpoint = RunCheckpoint(dirpath=tmp_path / folder, save_last=True, save_top_k=0)
+        trainer = cpu_trainer(tmp_path, -1, [ReadBatches(), checkpoint], max_epochs=max_epochs)
+        trainer.fit(BatchRecorder(), data, ckpt_path=ckpt_path)
+        return read
+
+    uninterrupted = run("whole", 2)
+    run("first", 1)
+    resumed = run("resumed", 2, tmp_path / "first" / "last.ckpt")
+    assert min(resumed) == (1, 0) and resumed == {key: b for key, b in uninterrupted.items() if key[0] == 1}
 
 
 def test_checkpoint_saves_reuse_the_stream_fingerprints_taken_at_setup(sp_data, monkeypatch):

@@ -128,7 +128,8 @@ def analyze_command(
 
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
-        data: Prepared data folder whose val split is read (default: the data the checkpoint trained on).
+        data: Prepared data folder whose val split is read (default: the data the checkpoint trained on, the
+            first folder of a mixture).
         batches: Held-out batches to measure on.
         batch_size: Sequences per batch.
         seq_len: Tokens per sequence, up to the model's context length (default: min(block_size, 256)).
@@ -175,6 +176,8 @@ def analyze_command(
             "--data",
             "pass --data with the prepared folder the model trained on",
         )
+    if data is None and (note := loaded.mixed_data_note("analyze")):
+        print(note, file=sys.stderr)
     own_data = loaded.own_data_instead_of(data)
     held_out = heldout_batches(  # a data folder that cannot work is said alone, before any output
         data_dir, config.vocab_size, seq_len, batch_size, batches, loaded.recorded_tokenizer, own_data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,7 +107,7 @@ class TokenDataModule(TokenData, LightningDataModule):
             fixed.append("contents")
 
         def differ(keys: list[str]) -> list[str]:
-            kept = [key for key in keys if key in saved and saved[key] != current[key]]
+            kept = [key for key in keys if key in saved and not same_setting(key, saved[key], current[key])]
             return [PREPARED_AGAIN if key == "contents" else f"{key} {saved[key]} -> {current[key]}" for key in kept]
 
         changed = differ(fixed)
@@ -212,15 +213,35 @@ class TokenDataModule(TokenData, LightningDataModule):
 
         loader.load_state_dict = load_position
         if len(loader) == 0:
-            raise DataError(
-                f"the training stream holds fewer than batch_size={self.batch_size} sequences of {self.seq_len + 1} "
-                "tokens (for each rank and loader worker): not one training step",
-                self._data_dir_flag,
-                "lower data.batch_size, data.num_workers or the sequence length (model.config.block_size), or "
-                "prepare more data",
-            )
+            raise self._too_short_to_train(loader)
         self._check_validation_interval(len(loader))
+        self._warn_of_validation_at_epoch_fractions(len(loader))
         return loader
+
+    def _too_short_to_train(self, loader: StreamingDataLoader) -> DataError:
+        """The training data holds not one batch. In a weighted mixture, whose epoch ends when a stream runs out, the
+        streams too short for one batch at their weight are named (the error named every folder of the mixture)."""
+        where, what, per = self._data_dir_flag, "the training stream holds", "each rank and loader worker"
+        if short := self._short_of_a_batch(loader):
+            where, per = f"data.data_dir {', '.join(map(str, short))}", f"{per}, at its weight"
+            what = (
+                "with data.weights an epoch ends when a stream runs out, and the training stream of this folder holds"
+            )
+        return DataError(
+            f"{what} fewer than batch_size={self.batch_size} sequences of {self.seq_len + 1} tokens (for {per}): not "
+            "one training step",
+            where,
+            "lower data.batch_size, data.num_workers or the sequence length (model.config.block_size), or prepare more "
+            "data" + (" (or leave the folder out of the mixture)" if short else ""),
+        )
+
+    def _short_of_a_batch(self, loader: StreamingDataLoader) -> list[Path]:
+        """The folders of a weighted mixture whose training stream alone ends an epoch before one batch."""
+        weights = getattr(loader.dataset, "_weights", None)
+        if self.weights is None or weights is None or len(self.data_dirs) < 2:
+            return []
+        lengths = [d.get_len(self.num_workers, self.batch_size) for d in loader.dataset._datasets]
+        return [d for d, n, w in zip(self.data_dirs, lengths, weights, strict=True) if w and n / w < self.batch_size]
 
     def _trainer_epoch(self) -> int | None:
         """The epoch the training loader is read for: the fit loop's epochs done so far (also when a resume starts it,
@@ -248,6 +269,27 @@ class TokenDataModule(TokenData, LightningDataModule):
             self._data_dir_flag,
             f"lower trainer.val_check_interval to at most {epoch}, set trainer.check_val_every_n_epoch: null to count "
             "batches across epochs, or prepare more data",
+        )
+
+    def _warn_of_validation_at_epoch_fractions(self, epoch: int) -> None:
+        """Say that validating at a fraction of an epoch (``val_check_interval`` 1.0, Lightning's default: at each
+        epoch's end) may never come with ``weights``: such an epoch ends when a stream runs out, and where that comes
+        before the ``epoch`` batches its length estimates (some workers' parts of a stream are shorter, or chance),
+        Lightning sees no last batch, so validates (and saves on ``val/loss``) at no epoch's end."""
+        trainer = getattr(self, "trainer", None)
+        if self.weights is None or len(self.data_dirs) < 2 or trainer is None:
+            return
+        interval, limit = getattr(trainer, "val_check_interval", None), getattr(trainer, "limit_train_batches", None)
+        if not isinstance(interval, float) or not (isinstance(limit, float) and limit == 1.0):
+            return  # validation by batches, or an epoch that Lightning cuts short
+        if trainer.check_val_every_n_epoch is None or not trainer.limit_val_batches:
+            return
+        if getattr(trainer, "_val_check_time_interval", None) is not None:
+            return
+        rank_zero_warn(
+            f"data.weights: an epoch of the mixture ends when a stream runs out, which its length ({epoch} batches) "
+            f"only estimates, so validation at a fraction of an epoch (trainer.val_check_interval {interval}) may "
+            "never come: set trainer.val_check_interval to a number of batches"
         )
 
     def val_dataloader(self) -> StreamingDataLoader:
@@ -308,6 +350,14 @@ def position_settings_of(state: dict[str, Any], num_workers: int) -> dict[str, A
     if "num_workers" in first:
         settings["num_workers"] = num_workers if first["num_workers"] == max(num_workers, 1) else first["num_workers"]
     return settings
+
+
+def same_setting(key: str, saved: Any, current: Any) -> bool:
+    """Whether a saved position's setting ``key`` is the current one: weights by the mix they make (litdata divides
+    them by their sum, so ``[1, 2]`` and ``[0.5, 1]`` draw the same streams), the others as they are."""
+    if key != "weights" or saved is None or current is None or len(saved) != len(current):
+        return saved == current
+    return all(math.isclose(a / sum(saved), b / sum(current)) for a, b in zip(saved, current, strict=True))
 
 
 PREPARED_AGAIN = "data.data_dir prepared again since: its chunks are others"

@@ -22,6 +22,11 @@ class EpochLoader(StreamingDataLoader):
     """
 
     trainer_epoch: Callable[[], int | None] | None = None
+    read_to_end = False
+    """The last epoch was read until the data ran out (a weighted mixture's epoch ends when a stream does, before the
+    length Lightning counts on): a position saved then continues with nothing more in that epoch. litdata's own
+    restores it with the workers' counts mixed up (it takes the workers to deliver batches in turn, which they no
+    longer do once one has run out): one more batch, or a ``ValueError`` in a loader worker."""
 
     def __iter__(self) -> Iterator[Any]:
         epoch = self.trainer_epoch() if self.trainer_epoch is not None else None
@@ -30,4 +35,19 @@ class EpochLoader(StreamingDataLoader):
                 self.restore = False  # a position in an epoch read already: this one starts afresh
             if not self.restore:  # litdata counts it up by one as it starts; never back: Lightning may start the loader
                 self.current_epoch = max(self.current_epoch, epoch)  # before it ends the epoch a checkpoint ended
-        return super().__iter__()
+        if self.restore and self.read_to_end:  # the epoch is over: the next one starts afresh
+            self.restore = self.read_to_end = False
+            return iter(())
+        return self._read_epoch()
+
+    def _read_epoch(self) -> Iterator[Any]:
+        self.read_to_end = False
+        yield from super().__iter__()
+        self.read_to_end = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "read_to_end": self.read_to_end}
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        self.read_to_end = bool(obj.get("read_to_end"))
+        super().load_state_dict(obj)

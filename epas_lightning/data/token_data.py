@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -198,6 +199,7 @@ class TokenData:
         if self.tokenizer is not None:
             return
         self.data_dirs = [self.resolve_data_dir(d) for d in (self.data_dirs or [None])]
+        check_each_once(self.data_dirs)
         try:
             self._check_and_load()
         except DataCheckError as e:  # "prepare the data again" cannot be done to the built-in corpus's cache entry
@@ -355,18 +357,39 @@ def check_no_builtin_settings(max_bytes: int | None, cache_dir: str | None) -> N
 
 def check_weights(weights: list[float], n_dirs: int) -> None:
     """A :class:`ConfigError` unless ``weights`` are ``n_dirs`` finite, non-negative numbers, not all zero (NaN passed
-    every comparison and failed in the loader: "cannot convert float NaN to integer")."""
+    every comparison and failed in the loader: "cannot convert float NaN to integer"; a string or a lone number failed
+    in a ``TypeError`` traceback)."""
     if not n_dirs:
         raise ConfigError(
             "weights mix several data_dir, but none is set (the built-in corpus is one stream)",
             "data.weights",
             "set data.data_dir to a list of prepared directories, or leave data.weights unset",
         )
-    if len(weights) != n_dirs or not all(map(math.isfinite, weights)) or min(weights) < 0 or sum(weights) <= 0:
+    valid = _are_numbers(weights) and len(weights) == n_dirs and all(map(math.isfinite, weights))
+    if not valid or min(weights) < 0 or sum(weights) <= 0:
         raise ConfigError(
             f"weights must be {n_dirs} finite non-negative numbers, not all zero (one per data_dir), got {weights}",
             "data.weights",
         )
+
+
+def _are_numbers(values: object) -> bool:
+    """A list (or tuple) of real numbers: no string, bool or lone number."""
+    return isinstance(values, list | tuple) and all(isinstance(v, Real) and not isinstance(v, bool) for v in values)
+
+
+def check_each_once(data_dirs: list[Path]) -> None:
+    """A :class:`ConfigError` for a folder listed twice in ``data_dirs`` (also by another path to it): a mixture reads
+    each entry as a stream of its own, so every sample of that folder came twice an epoch, in the same order."""
+    resolved = [data_dir.resolve() for data_dir in data_dirs]
+    for i, path in enumerate(resolved):
+        if path in resolved[:i]:
+            raise ConfigError(
+                f"one folder is listed twice ({data_dirs[resolved.index(path)]}, {data_dirs[i]}): a mixture reads "
+                "each entry as a stream of its own, so its samples would come twice an epoch",
+                "data.data_dir",
+                "list each folder once (data.weights set how much of each an epoch reads)",
+            )
 
 
 def check_seq_len(seq_len: int, config: LlamaConfig, fitting: bool = False, where: str = "data.seq_len") -> None:

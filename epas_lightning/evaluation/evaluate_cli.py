@@ -9,6 +9,7 @@ for installs without the ``eval`` extra; ``lm-eval`` runs any lm-eval task). Pri
 
 from __future__ import annotations
 
+import sys
 from itertools import islice
 from pathlib import Path
 from typing import Literal
@@ -71,6 +72,8 @@ def evaluate(
     own_data = loaded.own_data_instead_of(data)
     if data is None and (not questions or batches is not None):
         data = loaded.data_dir
+        if note := loaded.mixed_data_note("evaluate"):
+            print(note, file=sys.stderr)
     if data is None and not questions:
         raise ConfigError(
             f"nothing to evaluate: {loaded.no_data()}",
@@ -143,8 +146,8 @@ def evaluate_command(
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         sharing_layers: Region length N (the first N layers of the trained region, in its growth order), or all for
             0..trained max; default: the trained region (an export's folder: the N it was exported with).
-        data: Prepared data folder: perplexity on its val split (default: the data the run trained on; with --tasks
-            only when --batches is given).
+        data: Prepared data folder: perplexity on its val split (default: the data the run trained on, the first folder
+            of a mixture; with --tasks only when --batches is given).
         tasks: Multiple-choice JSONL tasks {"context", "choices", "label"}; repeat the flag for several.
         batches: Held-out batches to score (default: the whole val split).
         batch_size: Sequences per batch.

@@ -247,7 +247,8 @@ def bench_command(
         sharing_layers: Measure the regions of 0..N layers, each the first layers of the trained region (in its
             growth order); default: N is the trained region's size.
         budget: Pick the region with the fewest sharing layers whose FLOPs are at most this fraction of dense.
-        data: Prepared data folder whose val split gives the held-out loss (default: the run's own data).
+        data: Prepared data folder whose val split gives the held-out loss (default: the run's own data, the first
+            folder of a mixture).
         batches: Held-out batches of --seq-len tokens to score.
         batch_size: Sequences per held-out batch.
         prompts: Prompts decoded together (the generation batch).
@@ -301,6 +302,8 @@ def bench_command(
     data_dir = data or loaded.data_dir
     if data_dir is None:
         print(f"bench: no held-out loss: {loaded.no_data()} (pass --data for one)", file=sys.stderr)
+    elif data is None and (note := loaded.mixed_data_note("bench")):
+        print(note, file=sys.stderr)
     with output_folder(output, "bench", overwrite, inputs=[checkpoint]) as build:
         own_data = loaded.own_data_instead_of(data)
         held_out = (
