@@ -8,7 +8,6 @@ import random
 import re
 import subprocess
 import sys
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -888,39 +887,45 @@ def test_a_validation_interval_longer_than_the_datas_epoch_is_refused(sp_data: P
     assert len(dm.train_dataloader()) == epoch
 
 
-def test_validation_at_epoch_fractions_of_a_weighted_mixture_is_warned_about(sp_data, second_sp_data, tmp_path):
+def test_a_weighted_mixtures_epoch_that_ends_early_is_validated_at_its_end(sp_data, second_sp_data, tmp_path):
     """A weighted mixture's epoch ends when a stream runs out, which can be before the length it estimates (here, each
     loader worker's part of a stream is of another size): Lightning then saw no last batch and validated at no
-    epoch's end, with val_check_interval 1.0 (its default), without a word."""
+    epoch's end with val_check_interval 1.0 (its default) or a fraction, without a word. It validates at the epoch's
+    real end now, and at its own batch counts as before."""
 
     class Validated(BatchRecorder):
-        def validation_step(self, batch, batch_idx):
-            self.validations = getattr(self, "validations", 0) + 1
+        def on_validation_start(self):
+            self.validated_after = [*getattr(self, "validated_after", []), len(self.batches)]
 
-    def fit(interval: float | int, weights: list[int] | None = (1, 1)) -> tuple[Validated, list[str]]:
+        def on_train_epoch_end(self):
+            self.epoch_ends = [*getattr(self, "epoch_ends", []), len(self.batches)]
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+    def fit(interval: float | int, epochs: int = 1) -> Validated:
         data = TokenDataModule(
             [str(sp_data), str(second_sp_data)], seq_len=256, batch_size=4, vocab_size=512, num_workers=2,
-            weights=list(weights) if weights else None,
+            weights=[1, 1],
         )  # fmt: skip
         trainer = cpu_trainer(
-            tmp_path, -1, max_epochs=1, limit_val_batches=1, val_check_interval=interval, num_sanity_val_steps=0
+            tmp_path, -1, max_epochs=epochs, limit_val_batches=1, val_check_interval=interval, num_sanity_val_steps=0
         )
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            trainer.fit(model := Validated(), data)
-        return model, [str(w.message) for w in caught if "data.weights" in str(w.message)]
+        trainer.fit(model := Validated(), data)
+        return model
 
-    model, said = fit(1.0)
-    epoch = model.trainer.num_training_batches
-    assert len(model.batches) < epoch and not hasattr(model, "validations")  # what the warning is about
-    assert said == [
-        f"data.weights: an epoch of the mixture ends when a stream runs out, which its length ({epoch} batches) only "
-        "estimates, so validation at a fraction of an epoch (trainer.val_check_interval 1.0) may never come: set "
-        "trainer.val_check_interval to a number of batches"
-    ]
-    model, said = fit(16)
-    assert model.validations == len(model.batches) // 16 and said == []
-    assert fit(1.0, weights=None)[1] == []  # every stream read in full: the length is exact
+    def due(end: int, every: int) -> list[int]:
+        return [n for n in range(1, end + 1) if n % every == 0]
+
+    model = fit(1.0, epochs=2)
+    first_end = model.epoch_ends[0]
+    assert first_end < model.trainer.num_training_batches  # what this is about: the epoch came short of its length
+    assert model.validated_after == model.epoch_ends  # at each epoch's real end (the second one's too)
+    half = fit(0.5)
+    every = half.trainer.val_check_batch  # Lightning's own, put back
+    assert every == half.trainer.num_training_batches // 2 and first_end % every
+    assert half.validated_after == [*due(first_end, every), first_end]  # at its count, then at the early end
+    assert fit(16).validated_after == due(first_end, 16)  # by batch counts: as Lightning counts them
 
 
 def test_validate_and_test_on_a_held_out_stream_shorter_than_one_batch_are_refused(sp_data: Path):
@@ -1295,6 +1300,13 @@ def test_mixed_loader_with_workers_resumes_with_the_same_batches(sp_data, second
     resumed = make()
     resumed.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(expected, resumed, strict=False))
+    if weights:  # saved on an epoch's last batch, before anything asked past it (a checkpoint at that step)
+        last = iter(loader := make())
+        for _ in range(len(list(make()))):
+            next(last)
+        resumed = make()
+        resumed.load_state_dict(loader.state_dict())
+        assert list(resumed) == []  # the epoch is over: litdata's restore read one more batch, or failed in a worker
 
 
 @pytest.mark.slow

@@ -60,6 +60,12 @@ class TokenDataModule(TokenData, LightningDataModule):
             mixture, more data prepared with the same tokenizer).
     """
 
+    _train_loader: StreamingDataLoader | None = None
+    """The training loader ``train_dataloader`` built last."""
+    _val_check_batch: int | None = None
+    """Lightning's ``val_check_batch`` while it is changed for an epoch that ended early
+    (:meth:`_validate_at_an_early_epoch_end`)."""
+
     _train_contents: list[str | None] | None = None
     """The train streams' fingerprints (:func:`stream_fingerprint`), taken at ``fit``'s setup for its saves."""
 
@@ -203,6 +209,8 @@ class TokenDataModule(TokenData, LightningDataModule):
         shuffle = not getattr(self.trainer, "overfit_batches", 0)
         loader = self._dataloader(self.train_streams(), shuffle=shuffle, weights=self.weights, loader=EpochLoader)
         loader.trainer_epoch = self._trainer_epoch
+        loader.read_ahead = self.weights is not None and len(self.data_dirs) > 1  # its epoch may end before its length
+        self._train_loader = loader
         restore = loader.load_state_dict
 
         def load_position(state: dict[str, Any]) -> None:  # Lightning hands a resumed fit's position to the loader
@@ -215,7 +223,6 @@ class TokenDataModule(TokenData, LightningDataModule):
         if len(loader) == 0:
             raise self._too_short_to_train(loader)
         self._check_validation_interval(len(loader))
-        self._warn_of_validation_at_epoch_fractions(len(loader))
         return loader
 
     def _too_short_to_train(self, loader: StreamingDataLoader) -> DataError:
@@ -271,26 +278,33 @@ class TokenDataModule(TokenData, LightningDataModule):
             "batches across epochs, or prepare more data",
         )
 
-    def _warn_of_validation_at_epoch_fractions(self, epoch: int) -> None:
-        """Say that validating at a fraction of an epoch (``val_check_interval`` 1.0, Lightning's default: at each
-        epoch's end) may never come with ``weights``: such an epoch ends when a stream runs out, and where that comes
-        before the ``epoch`` batches its length estimates (some workers' parts of a stream are shorter, or chance),
-        Lightning sees no last batch, so validates (and saves on ``val/loss``) at no epoch's end."""
+    def _validate_at_an_early_epoch_end(self) -> None:
+        """Let Lightning validate at the end of an epoch that came before the loader's length. A weighted mixture's
+        epoch ends when a stream runs out, which its length only estimates (a few batches short where some workers'
+        parts of a stream are shorter, or by chance); validation at a fraction of an epoch (``val_check_interval``
+        1.0, Lightning's default: at each epoch's end) counts batches up to that length, so it never came, nor a save
+        on ``val/loss``. On such an epoch's last batch (the loader reads one ahead) Lightning's batch count to validate
+        at becomes this batch's; the next batch (or the end of the stage) puts Lightning's back."""
         trainer = getattr(self, "trainer", None)
-        if self.weights is None or len(self.data_dirs) < 2 or trainer is None:
+        self._put_back_val_check_batch()
+        if trainer is None or not trainer.training or not getattr(self._train_loader, "last_batch", False):
             return
-        interval, limit = getattr(trainer, "val_check_interval", None), getattr(trainer, "limit_train_batches", None)
-        if not isinstance(interval, float) or not (isinstance(limit, float) and limit == 1.0):
-            return  # validation by batches, or an epoch that Lightning cuts short
-        if trainer.check_val_every_n_epoch is None or not trainer.limit_val_batches:
-            return
-        if getattr(trainer, "_val_check_time_interval", None) is not None:
-            return
-        rank_zero_warn(
-            f"data.weights: an epoch of the mixture ends when a stream runs out, which its length ({epoch} batches) "
-            f"only estimates, so validation at a fraction of an epoch (trainer.val_check_interval {interval}) may "
-            "never come: set trainer.val_check_interval to a number of batches"
-        )
+        batches = trainer.fit_loop.epoch_loop.batch_idx + 2  # this batch's count: Lightning counts it ready after us
+        every = trainer.val_check_batch
+        if batches >= trainer.num_training_batches or every in (None, float("inf")) or batches % every == 0:
+            return  # the end Lightning counts on, or validation due at this batch anyway
+        by_fraction = isinstance(trainer.val_check_interval, float) and trainer.check_val_every_n_epoch is not None
+        if by_fraction and getattr(trainer, "_val_check_time_interval", None) is None:
+            self._val_check_batch, trainer.val_check_batch = every, batches
+
+    def teardown(self, stage: str) -> None:
+        self._put_back_val_check_batch()
+
+    def _put_back_val_check_batch(self) -> None:
+        """Put back Lightning's ``val_check_batch`` where :meth:`_validate_at_an_early_epoch_end` changed it."""
+        if self._val_check_batch is not None and (trainer := getattr(self, "trainer", None)) is not None:
+            trainer.val_check_batch = self._val_check_batch
+        self._val_check_batch = None
 
     def val_dataloader(self) -> StreamingDataLoader:
         """The held-out split. Shorter than one batch, ``fit`` skips validation (and says so); ``validate`` is
@@ -325,7 +339,8 @@ class TokenDataModule(TokenData, LightningDataModule):
 
     def on_before_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
         """Refuse token ids outside the vocabulary on the host, before a GPU's embedding ends the run with a
-        device-side assert (:meth:`TokenData.check_batch`)."""
+        device-side assert (:meth:`TokenData.check_batch`); validate at an epoch's end that came early."""
+        self._validate_at_an_early_epoch_end()
         return self.check_batch(batch)
 
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:

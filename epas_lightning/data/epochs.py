@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from copy import deepcopy
 from typing import Any
 
 from litdata import StreamingDataLoader
@@ -40,14 +41,43 @@ class EpochLoader(StreamingDataLoader):
             return iter(())
         return self._read_epoch()
 
+    read_ahead = False
+    """Read one batch ahead, to know which batch is an epoch's last (``last_batch``) where the data can run out before
+    the loader's length (a weighted mixture's epoch): Lightning, given a length, reads none ahead, so it learns of
+    such an end only after the last batch, where it no longer validates. The position saved stays the one after the
+    batch given out."""
+    last_batch = False
+    """The batch given out last ended its epoch (with ``read_ahead``)."""
+    _position: dict[str, Any] | None = None
+    """The position after the batch given out, while the one read ahead is held."""
+
     def _read_epoch(self) -> Iterator[Any]:
         self.read_to_end = False
-        yield from super().__iter__()
+        if self.read_ahead:
+            yield from self._read_one_ahead(super().__iter__())
+        else:
+            yield from super().__iter__()
         self.read_to_end = True
 
+    def _read_one_ahead(self, batches: Iterator[Any]) -> Iterator[Any]:
+        self._position, self.last_batch = None, False
+        held = next(batches, _END)
+        while held is not _END:
+            position = deepcopy(super().state_dict())  # after `held`: the next read moves it on
+            following = next(batches, _END)
+            self._position, self.last_batch = position, following is _END
+            self.read_to_end = self.last_batch  # a save after the last batch continues in the next epoch
+            yield held
+            held = following
+
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "read_to_end": self.read_to_end}
+        position = super().state_dict() if self._position is None else self._position
+        return {**position, "read_to_end": self.read_to_end}
 
     def load_state_dict(self, obj: dict[str, Any]) -> None:
-        self.read_to_end = bool(obj.get("read_to_end"))
+        self.read_to_end, self._position = bool(obj.get("read_to_end")), None
         super().load_state_dict(obj)
+
+
+_END = object()
+"""What ``next`` gives for a loader read to its end."""
