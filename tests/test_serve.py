@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -450,6 +451,26 @@ def test_http_errors_have_openai_error_bodies(checkpoint, monkeypatch):
     nested = b'{"model": "tiny", "prompt": "hi", "metadata": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     response = client.post("/v1/completions", content=nested)
     assert response.status_code == 400 and response.json()["error"]["message"].endswith("nested too deeply")
+
+
+def test_a_client_gone_before_its_request_is_read_is_no_error(checkpoint, monkeypatch):
+    """A client that closed its connection before the server read its body (it timed out while the server was busy)
+    raised ClientDisconnect out of the endpoint: a 500 and a 70-line traceback in the log per such client."""
+    from epas_lightning.serve.command import lit_server
+
+    app = lit_server(built_api(checkpoint, monkeypatch), "cpu", "auto", "").app
+    sent = []
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        scope = {"type": "http", "method": "POST", "path": path, "headers": [], "query_string": b"", "root_path": ""}
+        asyncio.run(app(scope, receive, send))
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [499, 499]
 
 
 def test_a_request_body_past_max_request_mb_is_a_413_before_it_is_read(checkpoint, monkeypatch):
