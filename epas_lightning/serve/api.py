@@ -35,6 +35,7 @@ from litserve.loops.base import _SENTINEL_VALUE, LitLoop
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from epas_lightning.cli import show_package_logs
 from epas_lightning.inference.generate_cli import load_for_inference
@@ -63,6 +64,8 @@ CANCEL = "cancel"
 """Sent in place of a sequence on the request queue: stop decoding that uid, its client went away."""
 DISCONNECT_POLL = 0.5
 """Seconds between checks whether the client of a request that does not stream is still there."""
+CLIENT_GONE = 499
+"""The status of a response nobody reads, its client having gone away (nginx's "client closed request")."""
 ROUTES = f"POST {COMPLETIONS_PATH}, POST {CHAT_PATH}, GET {MODELS_PATH}, GET /health"
 
 
@@ -172,6 +175,8 @@ class CompletionsSpec(LitSpec):
     async def _complete(self, request: Request, parse: Callable[..., Completion]) -> Response:
         try:
             body = await request.json()
+        except ClientDisconnect:  # it went away before its request was read: nobody reads a response
+            return Response(status_code=CLIENT_GONE)
         except ValueError:
             return _error_response(RequestError("the request body is not valid JSON"))
         except RecursionError:  # Python's JSON parser recurses once per level
@@ -196,7 +201,7 @@ class CompletionsSpec(LitSpec):
                 if message.get("finish_reason"):
                     reasons[index], infos[index] = message["finish_reason"], message["info"]
         if "" in reasons:  # the client went away: nobody reads a response
-            return Response(status_code=499)
+            return Response(status_code=CLIENT_GONE)
         return JSONResponse(completion_response(completion, texts, reasons, infos))
 
     def _submit(self, sequence: Any, event: asyncio.Event) -> str:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from epas_lightning.data.tokenizer import REPLACEMENT, decode_continuation
+from epas_lightning.data.tokenizer import CONTEXT_TOKENS, REPLACEMENT, decode_continuation
+
+SETTLE_TOKENS = 16
+"""Tokens decoded since the text was last settled after which it is settled again (when it ends in a whole
+character): each token decodes at most about this many, plus :data:`CONTEXT_TOKENS` before them."""
 
 
 class TextStream:
@@ -12,14 +16,18 @@ class TextStream:
 
     A delta never ends in half a character (a byte-level token may carry part of one) nor in text that could be the
     start of a stop string; both are held back until the next token decides them, or until :meth:`finish`. The text
-    is what the tokens add after ``context``, the prompt (see :func:`decode_continuation`).
+    is what the tokens add after ``context``, the prompt (see :func:`decode_continuation`). It is decoded in windows:
+    text that ends in a whole character is settled, and only the tokens after it are decoded again (with the few
+    before them), so a token costs the same at the end of a long completion as at its start.
     """
 
     def __init__(
         self, decode: Callable[[list[int]], str], stop: Sequence[str] = (), context: Sequence[int] = ()
     ) -> None:
-        self.decode, self.stop, self.context = decode, tuple(s for s in stop if s), list(context)
+        self.decode, self.stop, self.context = decode, tuple(s for s in stop if s), list(context[-CONTEXT_TOKENS:])
         self.tokens: list[int] = []
+        self.settled, self.settled_text = 0, ""
+        """The first ``settled`` tokens decode to ``settled_text``, whatever follows them."""
         self.sent = ""
         self.stopped = False
 
@@ -46,7 +54,15 @@ class TextStream:
         return self.sent
 
     def _decoded(self) -> str:
-        return decode_continuation(self.decode, self.context, self.tokens)
+        """The text of every token: the settled text, then what the tokens after it add (decoded after the last
+        tokens before them); it is settled in turn once it is long enough and ends in a whole character."""
+        start = self.settled
+        before = (self.context + self.tokens[max(0, start - CONTEXT_TOKENS) : start])[-CONTEXT_TOKENS:]
+        text = decode_continuation(self.decode, before, self.tokens[start:])
+        if len(self.tokens) - start >= SETTLE_TOKENS and not text.endswith(REPLACEMENT):
+            self.settled, self.settled_text = len(self.tokens), self.settled_text + text
+            return self.settled_text
+        return self.settled_text + text
 
     def _advance(self, text: str) -> str:
         if len(text) <= len(self.sent) or not text.startswith(self.sent):
