@@ -332,6 +332,10 @@ def test_generate_refuses_arguments_of_the_wrong_type_before_it_runs_and_keeps_t
             generate(model, [[1, 2]], **{"max_new_tokens": 2, **kwargs})
         assert model.training, kwargs
     assert len(generate(model, [[1, 2]], np.int64(3)).tokens[0]) == 3 and model.training
+    numbers = dict(temperature=np.float32(0.7), top_k=np.int64(5), top_p=np.float64(0.9), seed=1)
+    as_tensors = {key: torch.tensor(value) for key, value in numbers.items()}  # 0-d tensors ran before the checks
+    sampled = generate(model, [[1, 2]], 3, **numbers).tokens
+    assert generate(model, [[1, 2]], torch.tensor(3), **as_tensors).tokens == sampled
     with torch.device("meta"):
         meta = Llama(model.config)
     with pytest.raises(ConfigError, match="^model is on the meta device: its weights hold no values — model — load"):
