@@ -373,6 +373,11 @@ def test_generate_takes_a_numpy_seed():
     model = tiny(n_layer=2, block_size=16)
     sampled = generate(model, [[1]], max_new_tokens=3, temperature=1.0, seed=0).tokens
     assert generate(model, [[1]], max_new_tokens=3, temperature=1.0, seed=np.int64(0)).tokens == sampled
+    assert generate(model, [[1]], 1, temperature=1.0, seed=2**63).tokens  # serve's 2nd choice of seed 2**63 - 1
+    with pytest.raises(
+        ConfigError, match=r"^seed must lie in -2\*\*63\.\.2\*\*64-1 .*, got 18446744073709551616 — seed$"
+    ):
+        generate(model, [[1]], 1, temperature=1.0, seed=2**64)
 
 
 def test_generate_takes_a_tensor_of_prompts_and_explains_prompts_that_are_not_token_lists():

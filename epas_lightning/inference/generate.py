@@ -162,8 +162,8 @@ def seed_number(seed: object) -> int | None:
         seed = operator.index(seed)
     except TypeError:
         raise ConfigError(f"seed must be a whole number, got {seed!r}", "seed") from None
-    if not -(2**63) <= seed < 2**63:
-        raise ConfigError(f"seed must be a 64-bit signed integer, got {seed}", "seed")
+    if not -(2**63) <= seed < 2**64:  # manual_seed's range: serve's n choices of a seed 2**63 - 1 reach 2**63
+        raise ConfigError(f"seed must lie in -2**63..2**64-1 (what torch's generators take), got {seed}", "seed")
     return seed
 
 
