@@ -15,6 +15,7 @@ import torch
 
 from epas_lightning.errors import ConfigError
 from epas_lightning.model.config import LlamaConfig, check_is_config
+from epas_lightning.runtime import is_real_number
 
 DENSE_BF16_PEAK_TFLOPS = (
     ("H100 PCIe", 756.0),
@@ -53,7 +54,7 @@ def estimate_flops(config: LlamaConfig, n_shared: int, seq_len: int, backward: b
     """Training FLOPs (forward + backward) per sample of ``seq_len`` tokens with ``n_shared`` sharing layers;
     ``backward=False``: the forward pass alone (a third: the convention counts the backward as two forwards)."""
     check_is_config(config, "config")
-    if not isinstance(seq_len, numbers.Real) or isinstance(seq_len, bool):  # "2048" failed comparing str and int
+    if not is_real_number(seq_len):  # "2048" failed comparing str and int
         raise ConfigError(f"seq_len must be a number of tokens, got {seq_len!r}", "seq_len")
     if not seq_len >= 1:
         raise ConfigError(f"seq_len={seq_len} must be at least 1 token", "seq_len")

@@ -103,11 +103,25 @@ def activations_overflow(what: str, dtype: torch.dtype) -> ConfigError:
     return dtype_overflow(f"{what} came out NaN or inf: the activations overflow {dtype_name(dtype)}", dtype)
 
 
+def is_whole_number(value: object) -> bool:
+    """An integer: Python's, numpy's or a 0-d integer tensor's (each worked before the checks), not a bool."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real_number(value: object) -> bool:
+    """A real number: Python's, numpy's or a 0-d tensor's (each worked before the checks), not a bool or a string."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not (value.is_complex() or value.dtype == torch.bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_counts(counts: dict[str, int | None]) -> None:
     """Fail with one line at the first flag whose count (``{"--batches": 0}``) is below 1 or no whole number (from
     Python: ``"8"`` failed comparing str and int, ``1.5`` ran); ``None`` is its default."""
     for flag, value in counts.items():
-        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
+        if value is not None and not is_whole_number(value):
             raise ConfigError(f"must be a whole number, got {value!r}", flag, "give 1 or more")
         if value is not None and value < 1:
             raise ConfigError(f"must be at least 1, got {value}", flag, "give 1 or more")

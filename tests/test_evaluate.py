@@ -116,10 +116,14 @@ def test_a_question_the_model_cannot_score_names_its_line(tmp_path: Path) -> Non
 def test_evaluate_task_from_python_refuses_what_it_cannot_score_with_one_line() -> None:
     """Questions as dicts, an out-of-range label (scored as wrong), no questions (a ZeroDivisionError), a tokenizer
     path, batch_size 0 (a ValueError from range) and a LoadedModel or a meta model failed deep inside or not at all."""
+    import numpy as np
+
     from epas_lightning.evaluation.multiple_choice import Question
 
     model, tokenizer, question = FavoursA(), CharTokenizer(), Question("q", ["x", "a"], 1)
     assert evaluate_task(model, tokenizer, [question])["acc"] == 1.0
+    for label in (np.int64(1), torch.tensor(1)):  # a label from a data frame or a tensor was scored before the check
+        assert evaluate_task(model, tokenizer, [Question("q", ["x", "a"], label)])["acc"] == 1.0
     bad = [
         (dict(questions=[]), DataError, "no questions to evaluate — questions — "),
         (dict(questions=[{"context": "q"}]), DataError, "a question must be a Question, not a dict — questions\\[0\\]"),

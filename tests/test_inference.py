@@ -332,6 +332,10 @@ def test_generate_refuses_arguments_of_the_wrong_type_before_it_runs_and_keeps_t
             generate(model, [[1, 2]], **{"max_new_tokens": 2, **kwargs})
         assert model.training, kwargs
     assert len(generate(model, [[1, 2]], np.int64(3)).tokens[0]) == 3 and model.training
+    numbers = dict(temperature=np.float32(0.7), top_k=np.int64(5), top_p=np.float64(0.9), seed=1)
+    as_tensors = {key: torch.tensor(value) for key, value in numbers.items()}  # 0-d tensors ran before the checks
+    sampled = generate(model, [[1, 2]], 3, **numbers).tokens
+    assert generate(model, [[1, 2]], torch.tensor(3), **as_tensors).tokens == sampled
     with torch.device("meta"):
         meta = Llama(model.config)
     with pytest.raises(ConfigError, match="^model is on the meta device: its weights hold no values — model — load"):
@@ -369,6 +373,11 @@ def test_generate_takes_a_numpy_seed():
     model = tiny(n_layer=2, block_size=16)
     sampled = generate(model, [[1]], max_new_tokens=3, temperature=1.0, seed=0).tokens
     assert generate(model, [[1]], max_new_tokens=3, temperature=1.0, seed=np.int64(0)).tokens == sampled
+    assert generate(model, [[1]], 1, temperature=1.0, seed=2**63).tokens  # serve's 2nd choice of seed 2**63 - 1
+    with pytest.raises(
+        ConfigError, match=r"^seed must lie in -2\*\*63\.\.2\*\*64-1 .*, got 18446744073709551616 — seed$"
+    ):
+        generate(model, [[1]], 1, temperature=1.0, seed=2**64)
 
 
 def test_generate_takes_a_tensor_of_prompts_and_explains_prompts_that_are_not_token_lists():

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from epas_lightning.errors import ConfigError, DataError, read_text_file
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.llama import check_has_weights, check_is_llama
-from epas_lightning.runtime import activations_overflow, check_counts
+from epas_lightning.runtime import activations_overflow, check_counts, is_whole_number
 
 
 @dataclass
@@ -207,7 +207,7 @@ def check_questions(questions: list[Question]) -> None:
                 where,
                 "read them with load_task(path), or build Question(context, choices, label)",
             )
-        if not (isinstance(question.label, int) and 0 <= question.label < len(question.choices)):
+        if not (is_whole_number(question.label) and 0 <= question.label < len(question.choices)):
             raise DataError(
                 f"label {question.label!r} is not the index of one of its {len(question.choices)} choices",
                 where,

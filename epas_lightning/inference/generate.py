@@ -8,7 +8,6 @@ cache.
 
 from __future__ import annotations
 
-import numbers
 import operator
 import time
 from collections.abc import Iterable, Sequence
@@ -21,7 +20,7 @@ from epas_lightning.inference.sampling import SamplingError, check_sampling, sam
 from epas_lightning.model import Llama
 from epas_lightning.model.llama import check_has_weights, check_is_llama
 from epas_lightning.region import TrainedRegion
-from epas_lightning.runtime import activations_overflow
+from epas_lightning.runtime import activations_overflow, is_whole_number
 
 DEFAULT_NEW_TOKENS = 100
 
@@ -163,8 +162,8 @@ def seed_number(seed: object) -> int | None:
         seed = operator.index(seed)
     except TypeError:
         raise ConfigError(f"seed must be a whole number, got {seed!r}", "seed") from None
-    if not -(2**63) <= seed < 2**63:
-        raise ConfigError(f"seed must be a 64-bit signed integer, got {seed}", "seed")
+    if not -(2**63) <= seed < 2**64:  # manual_seed's range: serve's n choices of a seed 2**63 - 1 reach 2**63
+        raise ConfigError(f"seed must lie in -2**63..2**64-1 (what torch's generators take), got {seed}", "seed")
     return seed
 
 
@@ -201,9 +200,9 @@ class Decoder:
         prompts = token_lists(prompts)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise DataError("give at least one prompt, each with at least one token", "prompts")
-        if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        if not is_whole_number(max_new_tokens) or max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}", "max_new_tokens")
-        max_new_tokens = int(max_new_tokens)  # numpy's too
+        max_new_tokens = int(max_new_tokens)  # numpy's, a tensor's too
         check_sampling_arguments(temperature, top_k, top_p)
         config = model.config
         longest = max(len(p) for p in prompts)

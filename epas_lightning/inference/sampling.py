@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
+
+from epas_lightning.runtime import is_real_number, is_whole_number
 
 MIN_TEMPERATURE = 1e-6
 """Smaller positive temperatures divide the logits as this one does: a quotient by a float32-subnormal (or zero)
@@ -23,11 +23,11 @@ class SamplingError(ValueError):
 def check_sampling(temperature: float, top_k: int | None = None, top_p: float | None = None) -> None:
     """Raise :class:`SamplingError` for the first setting out of range (or not a number: ``"0.7"`` failed comparing
     str and int, a float ``top_k`` in ``torch.topk``)."""
-    if not _is_real(temperature):
+    if not is_real_number(temperature):
         raise SamplingError("temperature", f"temperature must be a number, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool)):
+    if top_k is not None and not is_whole_number(top_k):
         raise SamplingError("top_k", f"top_k must be a whole number, got {top_k!r}")
-    if top_p is not None and not _is_real(top_p):
+    if top_p is not None and not is_real_number(top_p):
         raise SamplingError("top_p", f"top_p must be a number, got {top_p!r}")
     if not temperature >= 0:  # NaN too
         raise SamplingError("temperature", f"temperature must be >= 0, got {temperature}")
@@ -35,11 +35,6 @@ def check_sampling(temperature: float, top_k: int | None = None, top_p: float | 
         raise SamplingError("top_k", f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise SamplingError("top_p", f"top_p must be in (0, 1], got {top_p}")
-
-
-def _is_real(value: object) -> bool:
-    """A real number (numpy's too), not a bool or a string."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def sample(
