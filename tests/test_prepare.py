@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -1323,6 +1324,22 @@ def test_a_mixtures_epoch_ends_on_every_rank_where_one_rank_runs_out(sp_data, se
     resumed = make()
     resumed.load_state_dict(loader.state_dict())
     assert list(resumed) == []
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["one stream", "weighted mixture"])
+def test_under_several_ranks_the_loader_is_as_long_as_the_shortest_ranks(sp_data, second_sp_data, mixed):
+    """A rank's part of a stream can be shorter than another's (litdata on a parallel file system deals whole chunks to
+    the loader workers): Lightning read each rank's length, and the rank with more data trained on alone (a hang)."""
+
+    class Strategy:  # another rank's loader has five batches
+        root_device = torch.device("cpu")
+        reduce = staticmethod(lambda length, reduce_op: torch.minimum(length, torch.tensor(5)))
+        reduce_boolean_decision = staticmethod(lambda decision: decision)
+
+    dm = tiny_dm([str(sp_data), str(second_sp_data)] if mixed else str(sp_data), weights=[1, 1] if mixed else None)
+    dm.trainer = SimpleNamespace(world_size=2, strategy=Strategy(), val_check_interval=1.0)
+    loader = dm.train_dataloader()
+    assert len(loader) == 5 and loader.every_rank_has == (Strategy.reduce_boolean_decision if mixed else None)
 
 
 @pytest.fixture(scope="module")

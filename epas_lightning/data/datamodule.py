@@ -229,16 +229,18 @@ class TokenDataModule(TokenData, LightningDataModule):
         return loader
 
     def _end_epochs_together(self, loader: EpochLoader) -> None:
-        """Under several ranks, have every rank's weighted mixture end each epoch at one batch: the loaders' length is
-        the shortest rank's, and on each batch the ranks agree whether all have the next (``EpochLoader``'s
-        ``every_rank_has``). Lightning asks every rank for its training loader at once."""
+        """Under several ranks, have every rank end each epoch at one batch: the loaders' length is the shortest
+        rank's (one stream's parts can be of other lengths too: a rank that read on would hang), and for a weighted
+        mixture the ranks agree on each batch whether all have the next (``EpochLoader``'s ``every_rank_has``).
+        Lightning asks every rank for its training loader at once."""
         trainer = getattr(self, "trainer", None)
-        if not loader.read_ahead or trainer is None or trainer.world_size < 2:
+        if trainer is None or trainer.world_size < 2:
             return
         strategy = trainer.strategy  # its device: NCCL reduces CUDA tensors only
         length = torch.tensor(len(loader), device=strategy.root_device)
         loader.agreed_length = int(strategy.reduce(length, reduce_op="min"))
-        loader.every_rank_has = strategy.reduce_boolean_decision
+        if loader.read_ahead:
+            loader.every_rank_has = strategy.reduce_boolean_decision
 
     def _too_short_to_train(self, loader: StreamingDataLoader) -> DataError:
         """The training data holds not one batch. In a weighted mixture, whose epoch ends when a stream runs out, the
