@@ -234,7 +234,7 @@ class TokenDataModule(TokenData, LightningDataModule):
         mixture the ranks agree on each batch whether all have the next (``EpochLoader``'s ``every_rank_has``).
         Lightning asks every rank for its training loader at once."""
         trainer = getattr(self, "trainer", None)
-        if trainer is None or trainer.world_size < 2:
+        if getattr(trainer, "world_size", 1) < 2:  # no trainer, one rank, or a test's stand-in
             return
         strategy = trainer.strategy  # its device: NCCL reduces CUDA tensors only
         length = torch.tensor(len(loader), device=strategy.root_device)
