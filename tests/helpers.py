@@ -25,7 +25,7 @@ def run_cli(
 
 
 def run_ranks_at_once(
-    command: list[str], env: dict, logs: Path, ranks: int = 2, cwd: Path | None = None
+    command: list[str], env: dict, logs: Path, ranks: int = 2, cwd: Path | None = None, timeout: float = 300
 ) -> list[tuple[str, str]]:
     """Start ``ranks`` processes of ``command`` together with a launcher's environment (``LOCAL_RANK`` and the rest, as
     ``torchrun`` or a scheduler sets them), check each exits 0, and return each one's (stdout, stderr), also kept in
@@ -44,7 +44,7 @@ def run_ranks_at_once(
             rank_env = {**env, **launched, "LOCAL_RANK": str(rank)}
             procs.append(subprocess.Popen(command, stdout=stdout, stderr=stderr, env=rank_env, cwd=cwd))
     try:
-        codes = [proc.wait(timeout=300) for proc in procs]
+        codes = [proc.wait(timeout=timeout) for proc in procs]
     finally:
         for proc in procs:
             proc.kill()

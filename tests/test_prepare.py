@@ -6,10 +6,12 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -1307,6 +1309,57 @@ def test_mixed_loader_with_workers_resumes_with_the_same_batches(sp_data, second
         resumed = make()
         resumed.load_state_dict(loader.state_dict())
         assert list(resumed) == []  # the epoch is over: litdata's restore read one more batch, or failed in a worker
+
+
+def test_a_mixtures_epoch_ends_on_every_rank_where_one_rank_runs_out(sp_data, second_sp_data):
+    """Each rank reads its own part of every stream, and a weighted mixture's epoch can end at another batch on each:
+    under several ranks the loader asks whether every rank has its next batch, and ends the epoch where one has not,
+    at a position that resumes in the next epoch."""
+    make = lambda: tiny_dm([str(sp_data), str(second_sp_data)], weights=[1, 1]).train_dataloader()  # noqa: E731
+    loader, asked = make(), []
+    loader.every_rank_has = lambda has: asked.append(has) or len(asked) <= 5  # another rank has five batches
+    batches, uninterrupted = list(loader), iter(make())
+    assert all(torch.equal(batch, next(uninterrupted)) for batch in batches) and len(batches) == 5 and all(asked)
+    assert loader.last_batch
+    resumed = make()
+    resumed.load_state_dict(loader.state_dict())
+    assert list(resumed) == []
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["one stream", "weighted mixture"])
+def test_under_several_ranks_the_loader_is_as_long_as_the_shortest_ranks(sp_data, second_sp_data, mixed):
+    """A rank's part of a stream can be shorter than another's (litdata on a parallel file system deals whole chunks to
+    the loader workers): Lightning read each rank's length, and the rank with more data trained on alone (a hang)."""
+
+    class Strategy:  # another rank's loader has five batches
+        root_device = torch.device("cpu")
+        reduce = staticmethod(lambda length, reduce_op: torch.minimum(length, torch.tensor(5)))
+        reduce_boolean_decision = staticmethod(lambda decision: decision)
+
+    dm = tiny_dm([str(sp_data), str(second_sp_data)] if mixed else str(sp_data), weights=[1, 1] if mixed else None)
+    dm.trainer = SimpleNamespace(world_size=2, strategy=Strategy(), val_check_interval=1.0)
+    loader = dm.train_dataloader()
+    assert len(loader) == 5 and loader.every_rank_has == (Strategy.reduce_boolean_decision if mixed else None)
+
+
+@pytest.fixture(scope="module")
+def three_chunk_data(corpus, sp_model: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two folders of the same three chunks (one per prepare worker)."""
+    first = prepare(corpus[0], tmp_path_factory.mktemp("three") / "data", sp_model, val_fraction=0.1, num_workers=3)
+    return [first, Path(shutil.copytree(first, first.parent / "copy"))]
+
+
+@pytest.mark.slow
+def test_two_ranks_of_a_weighted_mixture_end_each_epoch_at_one_batch(three_chunk_data: list[Path], tmp_path: Path):
+    """litdata on a parallel file system (forced here) deals whole chunks to the loader workers of all ranks: three
+    chunks to two ranks of two workers each leave rank 1 half of each stream. Rank 1 went on to its next epoch, and
+    then ended, while rank 0 trained on, its gradients' all-reduce unanswered (a hang under NCCL)."""
+    script = Path(__file__).parent / "scripts" / "ddp_data_ranks.py"
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1]), "LITDATA_POSIX_FAST": "1"}
+    command = [sys.executable, str(script), str(three_chunk_data[0]), str(tmp_path), str(three_chunk_data[1])]
+    run_ranks_at_once(command, env, tmp_path / "logs", timeout=120)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text())["epoch_batches"] for r in range(2)]
+    assert ranks[0] == ranks[1] and len(ranks[0]) == 2 and min(ranks[0]) > 0
 
 
 @pytest.mark.slow

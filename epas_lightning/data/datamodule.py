@@ -20,6 +20,8 @@ from epas_lightning.model.config import LlamaConfig
 if TYPE_CHECKING:
     from litdata import StreamingDataLoader
 
+    from epas_lightning.data.epochs import EpochLoader
+
 
 class TokenDataModule(TokenData, LightningDataModule):
     """Batches of ``seq_len + 1`` consecutive tokens from prepared token streams (inputs and shifted targets).
@@ -210,6 +212,7 @@ class TokenDataModule(TokenData, LightningDataModule):
         loader = self._dataloader(self.train_streams(), shuffle=shuffle, weights=self.weights, loader=EpochLoader)
         loader.trainer_epoch = self._trainer_epoch
         loader.read_ahead = self.weights is not None and len(self.data_dirs) > 1  # its epoch may end before its length
+        self._end_epochs_together(loader)
         self._train_loader = loader
         restore = loader.load_state_dict
 
@@ -224,6 +227,20 @@ class TokenDataModule(TokenData, LightningDataModule):
             raise self._too_short_to_train(loader)
         self._check_validation_interval(len(loader))
         return loader
+
+    def _end_epochs_together(self, loader: EpochLoader) -> None:
+        """Under several ranks, have every rank end each epoch at one batch: the loaders' length is the shortest
+        rank's (one stream's parts can be of other lengths too: a rank that read on would hang), and for a weighted
+        mixture the ranks agree on each batch whether all have the next (``EpochLoader``'s ``every_rank_has``).
+        Lightning asks every rank for its training loader at once."""
+        trainer = getattr(self, "trainer", None)
+        if getattr(trainer, "world_size", 1) < 2:  # no trainer, one rank, or a test's stand-in
+            return
+        strategy = trainer.strategy  # its device: NCCL reduces CUDA tensors only
+        length = torch.tensor(len(loader), device=strategy.root_device)
+        loader.agreed_length = int(strategy.reduce(length, reduce_op="min"))
+        if loader.read_ahead:
+            loader.every_rank_has = strategy.reduce_boolean_decision
 
     def _too_short_to_train(self, loader: StreamingDataLoader) -> DataError:
         """The training data holds not one batch. In a weighted mixture, whose epoch ends when a stream runs out, the

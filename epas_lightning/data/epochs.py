@@ -48,6 +48,16 @@ class EpochLoader(StreamingDataLoader):
     batch given out."""
     last_batch = False
     """The batch given out last ended its epoch (with ``read_ahead``)."""
+    every_rank_has: Callable[[bool], bool] | None = None
+    """Under several ranks, whether every rank has its next batch, given whether this one has (a collective, in the
+    main process): each rank reads its own part of every stream, and a weighted mixture's epoch, which ends when one
+    of them runs out, could end at another batch on each rank (litdata deals whole chunks to the loader workers on a
+    parallel file system, and each node its own chunks after a multi-node run's first epoch). A rank that went on to
+    validate or to the next epoch while another trained waited in a collective that never matched: a hang. With it,
+    every rank ends its epoch at the batch the first rank to run out ends it (read one ahead: ``read_ahead``)."""
+    agreed_length: int | None = None
+    """Under several ranks, the length every rank's loader gives (the shortest rank's): Lightning reads that many
+    batches on each, and validates and schedules by it."""
     _position: dict[str, Any] | None = None
     """The position after the batch given out, while the one read ahead is held."""
 
@@ -61,14 +71,25 @@ class EpochLoader(StreamingDataLoader):
 
     def _read_one_ahead(self, batches: Iterator[Any]) -> Iterator[Any]:
         self._position, self.last_batch = None, False
-        held = next(batches, _END)
+        held = self._next_on_every_rank(batches)
         while held is not _END:
             position = deepcopy(super().state_dict())  # after `held`: the next read moves it on
-            following = next(batches, _END)
+            following = self._next_on_every_rank(batches)
             self._position, self.last_batch = position, following is _END
             self.read_to_end = self.last_batch  # a save after the last batch continues in the next epoch
             yield held
             held = following
+
+    def _next_on_every_rank(self, batches: Iterator[Any]) -> Any:
+        """The next batch, or ``_END`` where this rank's data, or another rank's (``every_rank_has``), ran out."""
+        batch = next(batches, _END)
+        if self.every_rank_has is not None and not self.every_rank_has(batch is not _END):
+            return _END
+        return batch
+
+    def __len__(self) -> int:
+        length = super().__len__()  # also tells torch's loader how many batches to expect
+        return length if self.agreed_length is None else self.agreed_length
 
     def state_dict(self) -> dict[str, Any]:
         position = super().state_dict() if self._position is None else self._position

@@ -1,6 +1,10 @@
-"""Two CPU ranks (DDP, gloo) train one epoch on a prepared dataset; each writes the samples it read.
+"""Two CPU ranks (DDP, gloo) train on a prepared dataset; each writes the samples it read.
 
-    python tests/scripts/ddp_data_ranks.py DATA_DIR OUT_DIR     (run by tests/test_prepare.py as a subprocess)
+    python tests/scripts/ddp_data_ranks.py DATA_DIR OUT_DIR [SECOND_DATA_DIR]
+    (run by tests/test_prepare.py as a subprocess)
+
+With a second folder the ranks train two epochs of the two mixed by weights [1, 1], with two loader workers each,
+and each writes how many batches it trained in each epoch.
 
 The test starts both ranks at once (as a launcher would); run by hand, Lightning re-launches this script for rank 1.
 Either way it must stay a script, never run inside pytest.
@@ -21,22 +25,27 @@ class Recorder(L.LightningModule):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(()))
         self.samples: list[list[int]] = []
+        self.epoch_batches: list[int] = []
+
+    def on_train_epoch_start(self) -> None:
+        self.epoch_batches.append(0)
 
     def training_step(self, batch, batch_idx):
         self.samples += batch.tolist()
+        self.epoch_batches[-1] += 1
         return (self.w - batch.float().mean()) ** 2
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=1e-3)
 
 
-def main(data_dir: str, out_dir: str) -> None:
+def main(data_dir: str, out_dir: str, second_dir: str | None = None) -> None:
     model = Recorder()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp",
-        max_epochs=1,
+        max_epochs=1 if second_dir is None else 2,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -44,10 +53,13 @@ def main(data_dir: str, out_dir: str) -> None:
         limit_val_batches=0,
         default_root_dir=out_dir,
     )
-    trainer.fit(model, TokenDataModule(data_dir, seq_len=16, batch_size=4, vocab_size=512))
+    mixed = {} if second_dir is None else {"weights": [1, 1], "num_workers": 2, "batch_size": 16}
+    dirs = data_dir if second_dir is None else [data_dir, second_dir]
+    trainer.fit(model, TokenDataModule(dirs, **{"seq_len": 16, "batch_size": 4, "vocab_size": 512, **mixed}))
     record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "samples": model.samples}
+    record["epoch_batches"] = model.epoch_batches
     (Path(out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])
