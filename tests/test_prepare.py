@@ -1357,7 +1357,7 @@ def test_two_ranks_of_a_weighted_mixture_end_each_epoch_at_one_batch(three_chunk
     script = Path(__file__).parent / "scripts" / "ddp_data_ranks.py"
     env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1]), "LITDATA_POSIX_FAST": "1"}
     command = [sys.executable, str(script), str(three_chunk_data[0]), str(tmp_path), str(three_chunk_data[1])]
-    run_ranks_at_once(command, env, tmp_path / "logs", timeout=120)
+    run_ranks_at_once(command, env, tmp_path / "logs", timeout=240)  # a hang without the fix; slow on 2 busy cores
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text())["epoch_batches"] for r in range(2)]
     assert ranks[0] == ranks[1] and len(ranks[0]) == 2 and min(ranks[0]) > 0
 
