@@ -1282,6 +1282,7 @@ BAD_REQUESTS = [
     ({"logprobs": 2}, 400, "logprobs is not supported"),
     ({"seed": 2**64}, 400, "seed must be a 64-bit signed integer"),
     ({"min_p": 0.1}, 400, "unrecognized request argument supplied: min_p"),
+    ({"stream_options": {"include_usage": True}}, 400, "stream_options is only allowed when stream is true"),
 ]
 
 

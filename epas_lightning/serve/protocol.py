@@ -246,6 +246,8 @@ def _completion(
         for i in range(n)
     ]
     options = request.stream_options
+    if options is not None and not request.stream:  # as OpenAI refuses it (it was taken and ignored)
+        raise RequestError("stream_options is only allowed when stream is true", "stream_options")
     return Completion(
         model=served.name,
         prompts=prompts,
