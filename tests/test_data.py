@@ -332,6 +332,11 @@ def test_a_built_in_corpus_entry_whose_tokenizer_was_replaced_is_built_again(
     with pytest.raises(DataError, match=r"^the tokenizer file tokenizer.json changed since .* — move it out of"):
         make().setup("fit")
     assert len(built) == 1 and (entry / "tokenizer.json").read_text() == altered
+    (entry / "tokenizer.json").write_bytes((tiny_corpus / "tokenizer.json").read_bytes())  # put back, as it is
+    checked = iter([False, False])  # seen altered before and under the lock; put back before the entry is moved
+    monkeypatch.setattr(builtin, "reusable", lambda entry: next(checked, True))
+    assert prepare_builtin_corpus(512, cache_dir=tmp_path, max_bytes=1_500_000) == entry  # a build failed its rename
+    assert len(built) == 1
 
 
 def test_numpy_numbers_in_the_settings_build_and_batch(tiny_corpus: Path):

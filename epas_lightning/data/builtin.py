@@ -348,6 +348,8 @@ def prepare_builtin_corpus(
                 log.info("Reusing prepared corpus at %s", entry)
                 return entry
             _set_aside_altered(entry)
+            if reusable(entry):  # not ours, its tokenizer file put back meanwhile: a build could not replace it
+                return entry
             meta = _build_locked(entry, vocab_size, max_bytes, val_fraction, num_workers, progress)
     except OSError as e:
         if not Path(e.filename or "/").is_relative_to(entry.parent):
