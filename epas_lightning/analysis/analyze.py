@@ -20,7 +20,7 @@ from epas_lightning.analysis.report import DEFAULT_METRIC, DEFAULT_THRESHOLD, Me
 from epas_lightning.data.tokenizer import RecordedTokenizer
 from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model import Llama
-from epas_lightning.model.llama import check_has_weights, check_is_llama
+from epas_lightning.model.llama import check_has_weights, check_is_llama, holds_token_ids
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.progress import progress
 from epas_lightning.runtime import DType, check_counts, dtype_name, emit_json
@@ -48,7 +48,7 @@ def _checked(model: Llama, batches: Iterable[torch.Tensor]) -> Iterator[torch.Te
 def check_token_batch(batch: object, where: str) -> None:
     """A (B, T) tensor of integer token ids; a :class:`DataError` otherwise (one (B, T) tensor given for the batches
     was iterated row by row and failed with an IndexError in the capture; float ids were truncated)."""
-    if not isinstance(batch, torch.Tensor) or batch.dim() != 2 or batch.is_floating_point() or batch.is_complex():
+    if not isinstance(batch, torch.Tensor) or batch.dim() != 2 or not holds_token_ids(batch):
         got = (
             f"shape {tuple(batch.shape)} of {batch.dtype}" if isinstance(batch, torch.Tensor) else type(batch).__name__
         )

@@ -185,7 +185,7 @@ class Llama(nn.Module):
             )
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len) token ids, got shape {tuple(input_ids.shape)}")
-        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        if not holds_token_ids(input_ids):
             raise ValueError(f"input_ids must be integer token ids (torch.long), got {input_ids.dtype}")
         T = input_ids.shape[1]
         flags = self.sharing.flags
@@ -245,6 +245,11 @@ def check_is_llama(model: object, argument: str = "model") -> None:
     else:
         fix = "load one with epas_lightning.load_model(path).model"
     raise ConfigError(f"{argument} must be a Llama, not a {type(model).__name__}", argument, fix)
+
+
+def holds_token_ids(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s dtype holds token ids: an integer dtype (float, complex and bool ones do not)."""
+    return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
 
 
 def check_has_weights(model: Llama, argument: str = "model") -> None:
