@@ -266,19 +266,20 @@ def reusable(entry: Path) -> bool:
         return True
 
 
-def _set_aside_altered(entry: Path) -> None:
+def _set_aside_altered(entry: Path) -> bool:
     """Move a complete ``entry`` whose tokenizer file changed since its build to a hidden sibling, kept (the file in it
     is not ours), so that it is built again; refuse one whose ``meta.json`` does not say we built it (the caller holds
-    the entry's lock)."""
+    the entry's lock). Whether ``entry`` stays, to be used as it is: one not ours whose file was put back meanwhile
+    (a build could not replace it)."""
     if not is_complete(entry):
-        return
+        return False
     if load_meta(entry).get("source") != SOURCE:
         fix = f"move it out of {entry.parent}: its {META_FILENAME} names no {SOURCE} source, so it is no entry we built"
         try:
             check_recorded_tokenizer(entry, entry)
         except DataError as e:
             raise DataError(e.what, e.where, fix) from None
-        return  # the file was put back meanwhile: nothing of it is moved
+        return True
     kept = _set_aside(entry, "replaced")
     log.warning(
         "The built-in corpus entry %s holds another tokenizer file than it was built with: building it again (the "
@@ -286,6 +287,7 @@ def _set_aside_altered(entry: Path) -> None:
         entry,
         kept,
     )
+    return False
 
 
 def unwritable_cache(error: OSError, root: Path, cache_dir: str | Path | None) -> ConfigError:
@@ -347,8 +349,7 @@ def prepare_builtin_corpus(
             if reusable(entry):  # another process built it while we waited
                 log.info("Reusing prepared corpus at %s", entry)
                 return entry
-            _set_aside_altered(entry)
-            if reusable(entry):  # not ours, its tokenizer file put back meanwhile: a build could not replace it
+            if _set_aside_altered(entry):  # not ours, its tokenizer file put back meanwhile
                 return entry
             meta = _build_locked(entry, vocab_size, max_bytes, val_fraction, num_workers, progress)
     except OSError as e:
