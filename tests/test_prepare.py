@@ -1342,6 +1342,46 @@ def test_under_several_ranks_the_loader_is_as_long_as_the_shortest_ranks(sp_data
     assert len(loader) == 5 and loader.every_rank_has == (Strategy.reduce_boolean_decision if mixed else None)
 
 
+def write_token_stream(stream: Path, documents: list[int]) -> Path:
+    """A litdata token stream of one chunk per document, of ``documents`` tokens each: the ids 0, 1, 2, ... in turn
+    (no two samples alike while they total fewer tokens than the vocabulary)."""
+    from litdata.streaming.item_loader import TokensLoader
+    from litdata.streaming.writer import BinaryWriter
+
+    writer, start = BinaryWriter(str(stream), chunk_size=1, item_loader=TokensLoader()), 0
+    for i, length in enumerate(documents):
+        writer[i], start = torch.arange(start, start + length, dtype=torch.int32), start + length
+    writer.done()
+    writer.merge()
+    return stream
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["one stream", "two streams"])
+def test_under_several_ranks_every_rank_has_as_many_heldout_batches(
+    sp_data, second_sp_data, tmp_path, monkeypatch, mixed
+):
+    """Validation and test under several ranks end together with no length agreed on (training's is): a rank with one
+    more batch than another would wait in a collective (FSDP2's all-gathers) that never matches. They rely on litdata
+    dealing data read in stored order (its ``NoShuffle``) to the ranks as equal counts of whole batches, whatever the
+    chunks, loader workers, nodes and epoch: here chunks of uneven sizes, fewer than the ranks' loader workers, each
+    rank a node of its own, in a second epoch, on a parallel file system (forced), where shuffled data is dealt in
+    whole chunks and the ranks' parts differ in length."""
+    val = write_token_stream(tmp_path / "val", [170, 35, 99])  # 17 samples in 3 chunks, for 2 ranks of 2 workers
+    for name, value in {"LITDATA_POSIX_FAST": "1", "WORLD_SIZE": "2", "NNODES": "2"}.items():
+        monkeypatch.setenv(name, value)  # litdata's _DistributedEnv reads them, and GLOBAL_RANK
+    ranks = []
+    for rank in (0, 1):
+        monkeypatch.setenv("GLOBAL_RANK", str(rank))
+        dirs = [str(sp_data), str(second_sp_data)] if mixed else str(sp_data)
+        loader = tiny_dm(dirs, val_dir=None if mixed else str(val), batch_size=2, num_workers=2).val_dataloader()
+        for _ in loader:  # the first epoch (the sanity check's or a first validation's)
+            break
+        ranks.append((len(loader), [tuple(sample.tolist()) for batch in loader for sample in batch]))
+    (length, samples), (other_length, other_samples) = ranks
+    assert length == other_length > 0 and len(samples) == len(other_samples) == 2 * length
+    assert not set(samples) & set(other_samples)  # each rank reads its own part
+
+
 @pytest.fixture(scope="module")
 def three_chunk_data(corpus, sp_model: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Two folders of the same three chunks (one per prepare worker)."""

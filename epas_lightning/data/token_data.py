@@ -295,7 +295,10 @@ class TokenData:
         return batch
 
     def heldout_dataloader(self) -> StreamingDataLoader:
-        """The held-out split in stored order (call :meth:`setup` first)."""
+        """The held-out split in stored order (call :meth:`setup` first). Under several ranks each reads its own part,
+        of as many whole batches as every other rank's: litdata deals unshuffled data so (shuffled data it deals in
+        whole chunks on a parallel file system, and training agrees on a length), so validation and test end
+        together."""
         return self._dataloader(self.val_streams(), shuffle=False)
 
     def _dataloader(
