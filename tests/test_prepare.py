@@ -1415,3 +1415,15 @@ def test_two_ranks_read_disjoint_samples_covering_the_epoch(sp_data: Path, tmp_p
     assert seen[0] + seen[1] <= stream  # no sample read twice (by one rank or by both)
     assert len(ranks[0]["samples"]) == len(ranks[1]["samples"]) > 0
     assert sum(len(r["samples"]) for r in ranks) >= 0.9 * stream.total()  # the epoch is covered
+
+
+def test_the_one_process_commands_read_the_whole_heldout_split_whatever_the_environment_says(sp_data, monkeypatch):
+    """evaluate, bench and analyze read the held-out split in one process: a ``WORLD_SIZE`` left in the environment
+    (a job script's export, torchrun) made litdata deal them one rank's part, so they scored a fraction of it."""
+    from epas_lightning.data import heldout_loader
+
+    whole = [batch.clone() for batch in heldout_loader(str(sp_data), 16, 2)]
+    for name, value in {"WORLD_SIZE": "4", "GLOBAL_RANK": "3", "NNODES": "2"}.items():
+        monkeypatch.setenv(name, value)  # what litdata's _DistributedEnv reads
+    read = list(heldout_loader(str(sp_data), 16, 2))
+    assert len(read) == len(whole) > 4 and all(torch.equal(a, b) for a, b in zip(read, whole, strict=True))

@@ -410,6 +410,17 @@ def check_seq_len(seq_len: int, config: LlamaConfig, fitting: bool = False, wher
         )
 
 
+def _read_in_one_process(loader: StreamingDataLoader) -> StreamingDataLoader:
+    """``loader`` reading the whole of its data in this process: litdata deals a dataset to the ranks that
+    ``WORLD_SIZE``, ``GLOBAL_RANK`` and ``NNODES`` name in the environment, which a job script's export or torchrun
+    leaves there for a command that runs in one process (it scored one rank's part of the split)."""
+    from litdata.utilities.env import _DistributedEnv
+
+    for dataset in getattr(loader.dataset, "_datasets", [loader.dataset]):
+        dataset.distributed_env = _DistributedEnv(world_size=1, global_rank=0, num_nodes=1)
+    return loader
+
+
 def heldout_loader(
     data_dir: str | Path | None,
     seq_len: int,
@@ -418,7 +429,8 @@ def heldout_loader(
     tokenizer: str | Path | RecordedTokenizer | None = None,
     own_data: bool = False,
 ) -> CheckedBatches:
-    """The validation split of a prepared data directory (``None``: the built-in corpus), checked and in a fixed
+    """The whole validation split of a prepared data directory (``None``: the built-in corpus), read in this process
+    whatever ranks the environment names, checked and in a fixed
     order: batches of (B, seq_len + 1) int32 tokens, each checked for ids outside ``vocab_size`` as it is read.
     Iterating it again yields the same batches. A split too small
     for one batch is a :class:`DataError`; so are a missing or incomplete ``data_dir``, one prepared with another
@@ -438,7 +450,7 @@ def heldout_loader(
     )
     data.prepare_data()
     data.setup("validate")
-    loader = data.heldout_dataloader()
+    loader = _read_in_one_process(data.heldout_dataloader())
     if len(loader) == 0:
         raise DataError(
             f"the validation split holds fewer than {batch_size} sequences of {seq_len + 1} tokens: not one batch",
