@@ -37,6 +37,11 @@ from epas_lightning.runtime import DType, resolve_dtype
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def option_help(help_text: str, usage: str) -> str:
+    """The help of one option of ``--help``'s output, ``usage`` being how its line starts, on one line."""
+    return " ".join(help_text.split(f"\n  {usage}")[-1].split("\n  --")[0].split())
+
+
 def test_top_level_help_lists_every_command_with_a_description(capsys, monkeypatch):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
@@ -65,6 +70,10 @@ def test_top_level_help_lists_every_command_with_a_description(capsys, monkeypat
     lr_interval_help = fit_help.split("--lr_monitor.logging_interval LOGGING_INTERVAL")[-1].split("\n  --")[0]
     lr_interval_help = " ".join(lr_interval_help.split())
     assert "Defaults to ``None``" not in lr_interval_help and "default: step" in lr_interval_help  # it is step here
+    save_last_help = option_help(fit_help, "--checkpoint.save_last SAVE_LAST")  # said Lightning's default, None
+    assert "Default: ``None``" not in save_last_help and "true (the default here)" in save_last_help
+    logger_help = option_help(fit_help, "--trainer.logger LOGGER")  # said Lightning's default, True
+    assert "Default: ``True``" not in logger_help and "runs/epas/version_N" in logger_help
     assert main(["fit", "--config", DEBUG, "--weights_only", "false"]) == 2
     assert "— --weights_only false — leave it unset" in capsys.readouterr().err
     assert main(["fit", "--trainer.callbacks.help", "EarlyStopping"]) == 0  # its usage line read `__main__.py`
