@@ -626,8 +626,10 @@ def test_the_summary_says_how_to_resume_where_the_run_was_started(tmp_path, monk
         model=SimpleNamespace(sharing=SimpleNamespace(shared_layers=[])), config=SimpleNamespace(n_layer=2)
     )
 
-    def resume_line(summary: RunSummary, callbacks: list, max_steps: int = 10, max_epochs: int = -1, line=-1) -> str:
-        trainer = SimpleNamespace(global_step=3, checkpoint_callbacks=[SimpleNamespace(last_model_path=str(last))],
+    def resume_line(
+        summary: RunSummary, callbacks: list, max_steps: int = 10, max_epochs: int = -1, line=-1, saved=last
+    ) -> str:
+        trainer = SimpleNamespace(global_step=3, checkpoint_callbacks=[SimpleNamespace(last_model_path=str(saved))],
                                   callback_metrics={}, callbacks=callbacks, loggers=[], max_steps=max_steps,
                                   max_epochs=max_epochs, current_epoch=1)  # fmt: skip
         return summary.summary(trainer, module, None).splitlines()[line]
@@ -639,6 +641,14 @@ def test_the_summary_says_how_to_resume_where_the_run_was_started(tmp_path, monk
     assert resume_line(RunSummary(command_line=True), [], max_steps=3) == finished
     assert resume_line(RunSummary(command_line=True), [], -1, 1) == finished.replace("max_steps", "max_epochs")
     assert resume_line(RunSummary(), [], max_steps=3).startswith("  resume: to train further, raise the Trainer's max_")
+    # checkpoint.save_last: false writes no last.ckpt: `--ckpt_path last` resumed another run's, or found none
+    step = tmp_path / "epoch=0-step=3.ckpt"
+    step.touch()
+    assert (
+        resume_line(RunSummary(command_line=True), [], saved=step)
+        == f"  resume: the same command with --ckpt_path {step}"
+    )
+    assert resume_line(RunSummary(command_line=True), [], max_steps=3, saved=step).endswith(f"with --ckpt_path {step}")
     requeued = GracefulStop()
     requeued.requeue_signal = requeued.stopped_by = signal.SIGUSR1
     line = "  resume: the requeued job resumes from it when its command has --ckpt_path auto"
