@@ -113,7 +113,7 @@ LR_MONITOR_INTERVAL_HELP = (
 SAVE_LAST_HELP = (
     "true (the default here): last.ckpt is written with every save, at a graceful stop and when training ends, and "
     "holds the step training ended at (what --ckpt_path last resumes); `link`: last.ckpt is a symbolic link to the "
-    "newest checkpoint; false: no last.ckpt."
+    "newest checkpoint; false: only a graceful stop (SIGTERM, Ctrl+C) writes one."
 )
 LOGGER_HELP = (
     "Logger (or list of loggers) for experiment tracking. Default here: a TensorBoardLogger writing "
