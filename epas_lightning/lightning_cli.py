@@ -121,11 +121,18 @@ LOGGER_HELP = (
     "lightning_logs/version_N under trainer.default_root_dir; false: no logging. With several loggers, the run's "
     "checkpoints go into the first one's log_dir."
 )
+DIRPATH_HELP = (
+    "The folder of the run's checkpoints. Default: the checkpoints/ folder of the first logger's version folder "
+    "(runs/epas/version_N/checkpoints), or <trainer.default_root_dir>/checkpoints without a logger. A fit that does "
+    "not resume from it refuses a folder that already holds checkpoints; on several nodes every node must mount it "
+    "at the same path."
+)
 HELP_HERE = {
     "weights_only": WEIGHTS_ONLY_HELP,  # Lightning's help advises false for trusted checkpoints
     "ckpt_path": CKPT_PATH_HELP,  # Lightning's names its own keywords, not resume.py's
     "lr_monitor.logging_interval": LR_MONITOR_INTERVAL_HELP,  # Lightning's says it defaults to None
     "checkpoint.save_last": SAVE_LAST_HELP,  # Lightning's says it defaults to None
+    "checkpoint.dirpath": DIRPATH_HELP,  # Lightning's says None keeps checkpoints in memory, saving nothing to disk
     "trainer.logger": LOGGER_HELP,  # Lightning's says it defaults to True
 }
 """The help of the options whose Lightning docstring does not say what they do here."""

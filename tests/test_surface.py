@@ -72,6 +72,8 @@ def test_top_level_help_lists_every_command_with_a_description(capsys, monkeypat
     assert "Defaults to ``None``" not in lr_interval_help and "default: step" in lr_interval_help  # it is step here
     save_last_help = option_help(fit_help, "--checkpoint.save_last SAVE_LAST")  # said Lightning's default, None
     assert "Default: ``None``" not in save_last_help and "true (the default here)" in save_last_help
+    dirpath_help = option_help(fit_help, "--checkpoint.dirpath DIRPATH")  # said None saves nothing to disk
+    assert "do not save anything to disk" not in dirpath_help and "runs/epas/version_N/checkpoints" in dirpath_help
     logger_help = option_help(fit_help, "--trainer.logger LOGGER")  # said Lightning's default, True
     assert "Default: ``True``" not in logger_help and "runs/epas/version_N" in logger_help
     assert main(["fit", "--config", DEBUG, "--weights_only", "false"]) == 2
