@@ -110,6 +110,32 @@ LR_MONITOR_INTERVAL_HELP = (
     "`step` (the default here): the learning rate of every optimizer, once per optimizer step; `epoch`: once per "
     "epoch; null: at each scheduler's own interval (`step` for the default WarmupCosineLR)."
 )
+SAVE_LAST_HELP = (
+    "true (the default here): last.ckpt is written with every save, at a graceful stop and when training ends, and "
+    "holds the step training ended at (what --ckpt_path last resumes); `link`: last.ckpt is a symbolic link to the "
+    "newest checkpoint; false: only a graceful stop (SIGTERM, Ctrl+C) writes one."
+)
+LOGGER_HELP = (
+    "Logger (or list of loggers) for experiment tracking. Default here: a TensorBoardLogger writing "
+    "runs/epas/version_N (save_dir runs, name epas); true: Lightning's TensorBoardLogger in "
+    "lightning_logs/version_N under trainer.default_root_dir; false: no logging. With several loggers, the run's "
+    "checkpoints go into the first one's log_dir."
+)
+DIRPATH_HELP = (
+    "The folder of the run's checkpoints. Default: the checkpoints/ folder of the first logger's version folder "
+    "(runs/epas/version_N/checkpoints), or <trainer.default_root_dir>/checkpoints without a logger. A fit that does "
+    "not resume from it refuses a folder that already holds checkpoints; on several nodes every node must mount it "
+    "at the same path."
+)
+HELP_HERE = {
+    "weights_only": WEIGHTS_ONLY_HELP,  # Lightning's help advises false for trusted checkpoints
+    "ckpt_path": CKPT_PATH_HELP,  # Lightning's names its own keywords, not resume.py's
+    "lr_monitor.logging_interval": LR_MONITOR_INTERVAL_HELP,  # Lightning's says it defaults to None
+    "checkpoint.save_last": SAVE_LAST_HELP,  # Lightning's says it defaults to None
+    "checkpoint.dirpath": DIRPATH_HELP,  # Lightning's says None keeps checkpoints in memory, saving nothing to disk
+    "trainer.logger": LOGGER_HELP,  # Lightning's says it defaults to True
+}
+"""The help of the options whose Lightning docstring does not say what they do here."""
 IGNORED_WARNINGS = (
     # The token loader reads memory-mapped chunks in the main process far faster than any model trains.
     r".*does not have many workers which may be a bottleneck.*",
@@ -430,14 +456,10 @@ class EPASCLI(LightningCLI):
         """Parse ``args`` (a list; ``--print_config`` prints the config with the model preset resolved)."""
         for subcommand_parser in getattr(self, "_subcommand_parsers", {}).values():  # none when run=False
             for action in subcommand_parser._actions:
-                if action.dest == "weights_only":  # Lightning's help advises false for trusted checkpoints
-                    action.help = WEIGHTS_ONLY_HELP
-                elif action.dest == "ckpt_path":  # Lightning's names its own keywords, not resume.py's
-                    action.help = CKPT_PATH_HELP
+                if action.dest in HELP_HERE:
+                    action.help = HELP_HERE[action.dest]
                 elif action.dest == "checkpoint.train_time_interval" and DURATION not in action.help:
                     action.help += f" Give {DURATION}."
-                elif action.dest == "lr_monitor.logging_interval":  # Lightning's says it defaults to None
-                    action.help = LR_MONITOR_INTERVAL_HELP
         args = list(sys.argv[1:] if args is None else args)
         self._command_line = args
         printing = [a for a in args if a.split("=")[0] == "--print_config"]

@@ -159,17 +159,24 @@ class RunSummary(Callback):
 
         if any(isinstance(c, GracefulStop) and c.requeued for c in trainer.callbacks):
             return "the requeued job resumes from it when its command has --ckpt_path auto"
-        limit = _limit_reached(trainer)
+        limit, resume = _limit_reached(trainer), _ckpt_path_flag(checkpoint)
         if limit is not None:  # resuming as it is would train nothing
             if self.command_line:
                 counts = " (the training time of all sessions together)" if limit == "max_time" else ""
-                return f"to train further, raise --trainer.{limit}{counts} and resume with --ckpt_path last"
+                return f"to train further, raise --trainer.{limit}{counts} and resume with {resume}"
             return f"to train further, raise the Trainer's {limit} and call trainer.fit(..., ckpt_path={checkpoint!r})"
         if stopper is not None and self.command_line:  # its state resumes too: patience spent, the best score kept
-            return f"EarlyStopping ended it; --ckpt_path last trains on until {stopper.monitor} stops improving again"
+            return f"EarlyStopping ended it; {resume} trains on until {stopper.monitor} stops improving again"
         if self.command_line:
-            return "the same command with --ckpt_path last"
+            return f"the same command with {resume}"
         return f"trainer.fit(..., ckpt_path={checkpoint!r})"
+
+
+def _ckpt_path_flag(checkpoint: str) -> str:
+    """How the command line resumes ``checkpoint``: ``--ckpt_path last`` finds a ``last.ckpt`` only (a run with
+    ``checkpoint.save_last: false`` writes none, and ``last`` then resumed another run's or failed), so another
+    checkpoint is named."""
+    return "--ckpt_path last" if Path(checkpoint).name == "last.ckpt" else f"--ckpt_path {checkpoint}"
 
 
 def _limit_reached(trainer: Trainer) -> str | None:

@@ -1,7 +1,9 @@
 """README.md, docs/guide.md and the configs cannot drift from the code: the guide's speed-up table is regenerated and
-compared, the commands they quote are checked against the parsers, and the README's Python blocks for training and
-generating run."""
+compared, the commands they quote are checked against the parsers, the README's Python blocks for training and
+generating run, and every other Python block compiles and imports names that exist."""
 
+import ast
+import importlib
 import importlib.util
 import re
 import sys
@@ -201,6 +203,38 @@ def python_block(doc: str, containing: str) -> str:
     """The first fenced ``python`` block of ``doc`` that contains ``containing``."""
     blocks = re.findall(r"^```python\n(.*?)^```", (REPO / doc).read_text(), flags=re.DOTALL | re.MULTILINE)
     return next(block for block in blocks if containing in block)
+
+
+def epas_imports(block: str) -> list[tuple[str, str | None]]:
+    """What a Python block imports from this package: ``(module, name)``, ``name`` ``None`` for ``import module``."""
+    imported = []
+    for node in ast.walk(ast.parse(block)):
+        if isinstance(node, ast.Import):
+            imported += [(alias.name, None) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            imported += [(node.module, alias.name) for alias in node.names]
+    return [(module, name) for module, name in imported if module.split(".")[0] == "epas_lightning"]
+
+
+def test_every_python_block_compiles_and_imports_what_exists(capsys):
+    """The Python blocks of README.md and the guide that no test runs (a server's client, lm-eval's evaluator, the
+    guide's FLOPs question) compile, and each name they import from this package exists (the modules are found, not
+    imported: the lm-eval adapter would import lm-eval); the guide's block runs (arithmetic on a config)."""
+    blocks = [
+        block
+        for doc in ("README.md", "docs/guide.md")
+        for block in re.findall(r"^```python\n(.*?)^```", (REPO / doc).read_text(), flags=re.DOTALL | re.MULTILINE)
+    ]
+    imported = [pair for block in blocks for pair in epas_imports(block)]
+    assert len(blocks) >= 6 and ("epas_lightning.evaluation.lm_eval_adapter", None) in imported
+    for module, name in imported:
+        if name is None:
+            assert importlib.util.find_spec(module) is not None, module
+        else:  # a package's lazy exports are listed without importing them (Lightning's import takes seconds)
+            exported = getattr(importlib.import_module(module), "__all__", None)
+            assert name in exported if exported else hasattr(sys.modules[module], name), f"from {module} import {name}"
+    exec(compile(python_block("docs/guide.md", "flop_cut("), "docs/guide.md", "exec"), {})
+    assert capsys.readouterr().out == "6.6%\n"
 
 
 def test_readme_training_script_runs_with_every_section_of_fit(tiny_corpus, tmp_path, monkeypatch):

@@ -37,6 +37,11 @@ from epas_lightning.runtime import DType, resolve_dtype
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def option_help(help_text: str, usage: str) -> str:
+    """The help of one option of ``--help``'s output, ``usage`` being how its line starts, on one line."""
+    return " ".join(help_text.split(f"\n  {usage}")[-1].split("\n  --")[0].split())
+
+
 def test_top_level_help_lists_every_command_with_a_description(capsys, monkeypatch):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
@@ -65,6 +70,12 @@ def test_top_level_help_lists_every_command_with_a_description(capsys, monkeypat
     lr_interval_help = fit_help.split("--lr_monitor.logging_interval LOGGING_INTERVAL")[-1].split("\n  --")[0]
     lr_interval_help = " ".join(lr_interval_help.split())
     assert "Defaults to ``None``" not in lr_interval_help and "default: step" in lr_interval_help  # it is step here
+    save_last_help = option_help(fit_help, "--checkpoint.save_last SAVE_LAST")  # said Lightning's default, None
+    assert "Default: ``None``" not in save_last_help and "true (the default here)" in save_last_help
+    dirpath_help = option_help(fit_help, "--checkpoint.dirpath DIRPATH")  # said None saves nothing to disk
+    assert "do not save anything to disk" not in dirpath_help and "runs/epas/version_N/checkpoints" in dirpath_help
+    logger_help = option_help(fit_help, "--trainer.logger LOGGER")  # said Lightning's default, True
+    assert "Default: ``True``" not in logger_help and "runs/epas/version_N" in logger_help
     assert main(["fit", "--config", DEBUG, "--weights_only", "false"]) == 2
     assert "— --weights_only false — leave it unset" in capsys.readouterr().err
     assert main(["fit", "--trainer.callbacks.help", "EarlyStopping"]) == 0  # its usage line read `__main__.py`
@@ -617,8 +628,10 @@ def test_the_summary_says_how_to_resume_where_the_run_was_started(tmp_path, monk
         model=SimpleNamespace(sharing=SimpleNamespace(shared_layers=[])), config=SimpleNamespace(n_layer=2)
     )
 
-    def resume_line(summary: RunSummary, callbacks: list, max_steps: int = 10, max_epochs: int = -1, line=-1) -> str:
-        trainer = SimpleNamespace(global_step=3, checkpoint_callbacks=[SimpleNamespace(last_model_path=str(last))],
+    def resume_line(
+        summary: RunSummary, callbacks: list, max_steps: int = 10, max_epochs: int = -1, line=-1, saved=last
+    ) -> str:
+        trainer = SimpleNamespace(global_step=3, checkpoint_callbacks=[SimpleNamespace(last_model_path=str(saved))],
                                   callback_metrics={}, callbacks=callbacks, loggers=[], max_steps=max_steps,
                                   max_epochs=max_epochs, current_epoch=1)  # fmt: skip
         return summary.summary(trainer, module, None).splitlines()[line]
@@ -630,6 +643,14 @@ def test_the_summary_says_how_to_resume_where_the_run_was_started(tmp_path, monk
     assert resume_line(RunSummary(command_line=True), [], max_steps=3) == finished
     assert resume_line(RunSummary(command_line=True), [], -1, 1) == finished.replace("max_steps", "max_epochs")
     assert resume_line(RunSummary(), [], max_steps=3).startswith("  resume: to train further, raise the Trainer's max_")
+    # checkpoint.save_last: false writes no last.ckpt: `--ckpt_path last` resumed another run's, or found none
+    step = tmp_path / "epoch=0-step=3.ckpt"
+    step.touch()
+    assert (
+        resume_line(RunSummary(command_line=True), [], saved=step)
+        == f"  resume: the same command with --ckpt_path {step}"
+    )
+    assert resume_line(RunSummary(command_line=True), [], max_steps=3, saved=step).endswith(f"with --ckpt_path {step}")
     requeued = GracefulStop()
     requeued.requeue_signal = requeued.stopped_by = signal.SIGUSR1
     line = "  resume: the requeued job resumes from it when its command has --ckpt_path auto"
