@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -67,6 +67,9 @@ from epas_lightning.safe_load import (
     load_torch_file,
     verify_checkpoint,
 )
+
+if TYPE_CHECKING:
+    from epas_lightning.data.token_data import HeldOut
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +201,9 @@ class CheckpointInfo:
     mixed_data: list[Path] = field(default_factory=list)
     """The data folders of a training checkpoint's run that mixed several (as its data module saved them, in order);
     empty for a run of one. ``data_dir`` is the first: the one whose tokenizer the run recorded."""
+    heldout: HeldOut | None = None
+    """The held-out data the run validated on (its ``data.val_dir``, or the ``val`` splits of its data folders), as
+    recorded, there or not; ``None`` where not recorded (older checkpoints, other tools' folders)."""
     exported_sharing: int | None = None
     """The region length an ``export`` chose for its folder (``--sharing-layers``: its ``epas_shared_layers``, the
     first layers of ``region``), which transformers runs it with; ``None``: no export chose one."""
@@ -208,24 +214,33 @@ class CheckpointInfo:
         trained region."""
         return self.region.size if self.exported_sharing is None else self.exported_sharing
 
+    def own_heldout(self) -> HeldOut | Path | None:
+        """The held-out data the commands read without ``--data``: what the run validated on where recorded, else the
+        ``val`` split of ``data_dir``; ``None`` when neither is there (:meth:`no_data` says why)."""
+        if self.heldout is None:
+            return self.data_dir
+        return None if self.gone_data is not None or self.changed_tokenizer is not None else self.heldout
+
     def no_data(self) -> str:
-        """Why ``data_dir`` is ``None``, for the error or note that asks for ``--data``: the run recorded none, or
-        what it recorded is gone or was prepared again (named)."""
+        """Why :meth:`own_heldout` is ``None``, for the error or note that asks for ``--data``: the run recorded
+        none, or what it recorded is gone or was prepared again (named)."""
         if self.changed_tokenizer is not None:
             return (
                 "the data the checkpoint trained on was prepared again since (its tokenizer "
                 f"{self.changed_tokenizer} changed)"
             )
         if self.gone_data is not None:
-            return f"the data the checkpoint trained on is gone ({self.gone_data})"
+            validated = self.heldout is not None and self.gone_data == self.heldout.val_dir
+            return f"the data the checkpoint {'validated' if validated else 'trained'} on is gone ({self.gone_data})"
         if self.gone_tokenizer is not None:
             return f"the data the checkpoint trained on is gone (its tokenizer {self.gone_tokenizer} no longer exists)"
         return "the checkpoint does not say which data it trained on"
 
     def mixed_data_note(self, command: str) -> str | None:
         """For a run that mixed several data folders, the line saying whose val split ``command`` reads without
-        ``--data``: the first folder's, not the mixture of them that ``fit`` validates on by default."""
-        if len(self.mixed_data) < 2 or self.data_dir is None:
+        ``--data`` where the checkpoint does not record what ``fit`` validated on (older ones): the first folder's,
+        not the mixture of them that ``fit`` validates on by default."""
+        if self.heldout is not None or len(self.mixed_data) < 2 or self.data_dir is None:
             return None
         others = ", ".join(map(str, self.mixed_data[1:]))
         return (
@@ -320,7 +335,7 @@ class LoadedModel(CheckpointInfo):
             (or it no longer exists).
         bos_id, eos_id: Its BOS/EOS ids, when recorded.
         data_dir: The prepared data directory the run trained on, when known (its ``val`` split gives held-out
-            tokens).
+            tokens where the checkpoint does not record ``heldout``, the data the run validated on).
         global_step: The optimizer step the checkpoint was written at, when known.
         weights_dtype: The dtype the checkpoint stores its weights in (bfloat16 for a ``bf16-true`` run); the model
             itself is loaded in float32, or in the ``dtype`` given to :func:`load_model`.
@@ -720,6 +735,8 @@ def listed(names: list[str], shown: int = 3) -> str:
 
 
 def _info(metadata: dict[str, Any], model: Llama, path: Path | None = None) -> CheckpointInfo:
+    from epas_lightning.data.token_data import HeldOut
+
     config = model.config
     try:
         region = recorded_region(metadata, model.sharing.shared_layers, config.n_layer)
@@ -737,6 +754,8 @@ def _info(metadata: dict[str, Any], model: Llama, path: Path | None = None) -> C
     data_dir = metadata.get("data_dir") or (_data_dir_of(tokenizer_path) if tokenizer_path else None)
     found = data_dir is not None and Path(data_dir).is_dir()
     training = training_record(metadata)
+    heldout = HeldOut.from_record(training["heldout"])
+    gone_data = Path(data_dir) if data_dir is not None and not found else None
     return CheckpointInfo(
         config=config,
         region=region,
@@ -746,11 +765,12 @@ def _info(metadata: dict[str, Any], model: Llama, path: Path | None = None) -> C
         global_step=training["global_step"],
         data_dir=Path(data_dir) if found else None,
         gone_tokenizer=gone,
-        gone_data=Path(data_dir) if data_dir is not None and not found else None,
+        gone_data=gone_data or (heldout and heldout.missing()),
         changed_tokenizer=changed,
         tokenizer_sha256=sha256,
         training=training,
         mixed_data=_mixed_data(metadata),
+        heldout=heldout,
         exported_sharing=exported_length(metadata.get(HF_SHARED_KEY), region),
     )
 

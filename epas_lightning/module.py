@@ -44,7 +44,7 @@ from epas_lightning.optim import (
     restore_settings,
 )
 from epas_lightning.parallel import PRECISIONS, checkpointed_blocks, mixed_precision_policy, parallelize
-from epas_lightning.provenance import LAST_VALIDATION_KEY
+from epas_lightning.provenance import HELDOUT_KEY, LAST_VALIDATION_KEY
 from epas_lightning.run_checkpoint import StepCheckpoint, adopt_model_checkpoint_states, keep_epoch_finished
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
 from epas_lightning.safe_load import is_weights_only, plain_numbers, verify_checkpoint
@@ -352,7 +352,8 @@ class EPASModule(LightningModule):
         checkpoint[WEIGHTS_DTYPE_KEY] = dtype_name(self._weights_dtype())  # a sharded resume loads no state_dict
         if self._last_validation is not None:
             checkpoint[LAST_VALIDATION_KEY] = dict(self._last_validation)
-        tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
+        data = getattr(self.trainer, "datamodule", None)
+        tokenizer = getattr(data, "tokenizer", None)
         if tokenizer is not None:  # so `generate`, `export` and `evaluate` can find it without being told
             checkpoint["tokenizer"] = {
                 "path": str(Path(tokenizer.path).resolve()),
@@ -360,6 +361,8 @@ class EPASModule(LightningModule):
                 "eos_id": int(tokenizer.eos_id),
                 "sha256": tokenizer.sha256,  # as read: the file may be replaced (its data folder prepared again)
             }
+            if hasattr(data, "heldout"):  # what `evaluate`, `bench` and `analyze` score without --data
+                checkpoint[HELDOUT_KEY] = data.heldout().to_record()
         plain_numbers(checkpoint)  # the last hook to see it (after the callbacks'): settings given as numpy numbers
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -1,5 +1,5 @@
-"""Where a model's weights came from: the step, epoch and tokens the run had trained, its latest validation loss, and
-the name of the training checkpoint.
+"""Where a model's weights came from: the step, epoch and tokens the run had trained, its latest validation loss, the
+held-out data it validated on, and the name of the training checkpoint.
 
 A training checkpoint says it in Lightning's entries (``global_step``, ``epoch``, the throughput monitor's totals,
 ``fit``'s ``last_validation``); ``consolidate`` carries it in its ``config.json`` (``training``, beside the
@@ -25,7 +25,10 @@ TRAINING_KEY = "training"
 metadata the readers of consolidated and Hugging Face folders return."""
 EXPORT_METADATA_KEY = "epas_training"
 """The record in an export's ``model.safetensors`` metadata (a JSON string: safetensors metadata holds strings)."""
-FIELDS = ("global_step", "epoch", "tokens", "val_loss", "source")
+HELDOUT_KEY = "heldout"
+"""Checkpoint entry of ``fit``: the held-out data it validated on (``TokenData.heldout``'s record: ``data_dirs``,
+``val_dir``, ``seed``), which ``evaluate``, ``bench`` and ``analyze`` read without ``--data``."""
+FIELDS = ("global_step", "epoch", "tokens", "val_loss", "heldout", "source")
 
 
 def training_record(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -39,6 +42,7 @@ def training_record(metadata: dict[str, Any]) -> dict[str, Any]:
             "epoch": metadata.get("epoch"),
             "tokens": trained_tokens(metadata),
             "val_loss": last_val_loss(metadata),
+            "heldout": metadata.get(HELDOUT_KEY),
         }
     )
 
@@ -84,8 +88,22 @@ def checked(record: dict[str, Any]) -> dict[str, Any]:
         "epoch": _number(record.get("epoch")),
         "tokens": _number(record.get("tokens")),
         "val_loss": None if loss is None else {"loss": float(loss), "step": _number(val.get("step"))},
+        "heldout": _heldout(record.get("heldout")),
         "source": record["source"] if isinstance(record.get("source"), str) else None,
     }
+
+
+def _heldout(record: Any) -> dict[str, Any] | None:
+    """A held-out record (:data:`HELDOUT_KEY`) as ``fit`` writes it, else ``None``: one or more data folders, the
+    ``val_dir`` or ``None``, and the seed."""
+    if not isinstance(record, dict):
+        return None
+    dirs, val_dir, seed = record.get("data_dirs"), record.get("val_dir"), _number(record.get("seed"))
+    if not isinstance(dirs, list) or not dirs or not all(isinstance(d, str) for d in dirs):
+        return None
+    if not isinstance(val_dir, str | None) or seed is None:
+        return None
+    return {"data_dirs": list(dirs), "val_dir": val_dir, "seed": seed}
 
 
 def _number(value: Any, kind: type = Integral) -> Any:

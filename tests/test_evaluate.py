@@ -329,6 +329,13 @@ def test_held_out_data_of_another_vocabulary_than_the_model_is_one_line(tmp_path
     assert cli_main(["evaluate", "--checkpoint", str(ckpt), "--device", "cpu"]) == 2
     fix = f"prepare it with --tokenizer {ckpt / 'tokenizer.json'}"
     assert capsys.readouterr().err.endswith(f"— --data {other} — {fix}\n")
+    # the data.val_dir it validated on prepared again: refused as such (was: fit's "data.val_dir was tokenized
+    # differently from data.data_dir ... prepare them with the same --tokenizer")
+    record["training"] = {"heldout": {"data_dirs": [str(tiny_corpus)], "val_dir": str(other), "seed": 42}}
+    (ckpt / "config.json").write_text(json.dumps(record))
+    assert cli_main(["evaluate", "--checkpoint", str(ckpt), "--device", "cpu"]) == 2
+    fix = f"pass --data with a folder prepared with --tokenizer {ckpt / 'tokenizer.json'}"
+    assert capsys.readouterr().err.endswith(f"— {other} — {fix}\n")
     resaved = tmp_path / "resaved.json"  # one vocabulary in another file gives the ids the same tokens
     Tokenizer.from_file(str(tiny_corpus / "tokenizer.json")).save(str(resaved), pretty=False)
     assert same_token_ids(resaved, ckpt / "tokenizer.json")

@@ -500,10 +500,11 @@ def test_init_from_a_checkpoint_whose_tokenizer_changed_refuses_the_new_data(tin
 
 
 def test_commands_say_which_folder_of_a_mixed_run_they_read_held_out_data_from(trained, tiny_corpus, tmp_path, capsys):
-    """A run that mixed several data folders records the first one's tokenizer: evaluate, bench and analyze read that
-    folder's val split alone, without a word, where `--help` says "the data the run trained on" (and fit's validation
-    read every folder's)."""
+    """A checkpoint that does not record what fit validated on (written before it did) records the first folder's
+    tokenizer of a run that mixed several: evaluate, bench and analyze read that folder's val split alone, without a
+    word, where `--help` said "the data the run trained on" (and fit's validation read every folder's)."""
     state = torch.load(trained, weights_only=True)
+    del state["heldout"]  # as written before fit recorded it
     other = tmp_path / "other"
     state["TokenDataModule"]["position_settings"]["streams"].append(str(other / "train"))
     torch.save(state, mixed := tmp_path / "mixed.ckpt")
@@ -520,3 +521,61 @@ def test_commands_say_which_folder_of_a_mixed_run_they_read_held_out_data_from(t
         assert rc == 0 and f"{command}: {says}" in err, err
     rc, _, err = run_cli(capsys, "evaluate", "--checkpoint", str(trained), "--batches", "1", "--device", "cpu")
     assert rc == 0 and "held-out data is" not in err  # one folder: nothing to say
+
+
+def other_data(tiny_corpus, tmp_path):
+    """A data folder prepared with the tiny corpus's tokenizer whose val split is other text (the corpus's train
+    split, linked)."""
+    import shutil
+
+    from helpers import record_tokenizer_of
+
+    folder = tmp_path / "other"
+    folder.mkdir()
+    for name in ("train", "val"):
+        (folder / name).symlink_to(tiny_corpus / "train")
+    shutil.copy(tiny_corpus / "tokenizer.json", folder / "tokenizer.json")
+    record_tokenizer_of(folder, tiny_corpus)
+    return folder
+
+
+@pytest.mark.parametrize("validated_on", ["val_dir", "mixture"])
+def test_commands_read_the_held_out_data_fit_validated_on(trained, tiny_corpus, tmp_path, capsys, validated_on):
+    """A run that validated on a data.val_dir was scored by evaluate, bench and analyze on its data folder's val split
+    without a word; one that mixed folders (fit validates on all their val splits) on the first folder's, with a note
+    that consolidate lost and export had no data at all. The checkpoint records what fit validated on, consolidate and
+    export carry it, and the commands read it as fit did: its val/loss again."""
+    from epas_lightning.hf.export import export
+
+    other = other_data(tiny_corpus, tmp_path)
+    dirs, val_dir = ([str(tiny_corpus), str(other)], None) if validated_on == "mixture" else (str(tiny_corpus), other)
+    data = TokenDataModule(dirs, seq_len=32, batch_size=4, vocab_size=512, val_dir=val_dir and str(val_dir), seed=5)
+    data.setup("validate")
+    state = torch.load(trained, weights_only=True)
+    state["heldout"] = data.heldout().to_record()  # as fit records it (test_inspect checks it does)
+    torch.save(state, ckpt := tmp_path / "run.ckpt")
+    config = LlamaConfig.from_name("debug", n_layer=4, block_size=32)
+    trainer = cpu_trainer(tmp_path, 1, limit_val_batches=2)
+    loss = trainer.validate(EPASModule(config), datamodule=data, ckpt_path=ckpt)[0]["val/loss"]
+    exported = export(consolidate(ckpt, tmp_path / "consolidated"), tmp_path / "hf")
+    for checkpoint in (ckpt, tmp_path / "consolidated", exported):
+        argv = ["evaluate", "--checkpoint", str(checkpoint), "--batches", "2", "--batch-size", "4", "--json"]
+        rc, out, err = run_cli(capsys, *argv)
+        assert rc == 0 and "held-out data is" not in err, err
+        assert json.loads(out.splitlines()[-1])[0]["val_loss"] == pytest.approx(loss, rel=1e-5), checkpoint
+    if validated_on == "mixture":  # bench and analyze read it alike (once is enough: the suite's time)
+        bench = ["bench", "--checkpoint", str(ckpt), "--output", str(tmp_path / "bench"), "--batches", "2", "--json"]
+        rc, out, err = run_cli(capsys, *bench, "--reps", "1", "--prompt-len", "8", "--max-new-tokens", "2")
+        summary = json.loads(out.splitlines()[-1])
+        assert rc == 0 and summary["rows"][-1]["val_loss"] == pytest.approx(loss, rel=1e-5), err
+        assert summary["data"] == f"{tiny_corpus.resolve()}, {other}"
+        analyze = ["analyze", "--checkpoint", str(ckpt), "--output", str(tmp_path / "analysis"), "--batches", "1"]
+        rc, _, err = run_cli(capsys, *analyze)
+        assert rc == 0 and f"on {summary['data']}\n" in err, err
+
+    (other / "val").unlink()
+    other.rename(tmp_path / "moved")  # gone: the commands say so, and to pass --data
+    for checkpoint in (ckpt, exported):
+        rc, _, err = run_cli(capsys, "evaluate", "--checkpoint", str(checkpoint), "--device", "cpu")
+        whose = "validated" if val_dir else "trained"
+        assert rc == 2 and f"the data the checkpoint {whose} on is gone ({other}) — --data / --tasks —" in err, err

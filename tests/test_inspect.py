@@ -383,11 +383,16 @@ def test_an_export_past_its_trained_region_says_transformers_loads_it_so(tmp_pat
     )
 
 
-def test_fit_records_its_latest_validation_in_its_checkpoints(debug_fit_run, capsys):
-    """The loss the summary of a run prints was in no checkpoint: `inspect` could not tell the checkpoints apart."""
+def test_fit_records_its_latest_validation_in_its_checkpoints(debug_fit_run, tiny_corpus, capsys):
+    """The loss the summary of a run prints was in no checkpoint: `inspect` could not tell the checkpoints apart. Nor
+    the data it validated on (a data.val_dir, a mixture's val splits), which `evaluate` now reads without --data."""
+    from epas_lightning.checkpoint import describe_checkpoint
+    from epas_lightning.data.token_data import HeldOut
+
     result, cwd = debug_fit_run
     assert result.returncode == 0, result.stderr[-2000:]
     _, record = inspected(capsys, cwd / "runs")
     last = next(r for r in record["checkpoints"] if r["path"].endswith("last.ckpt"))
     assert last["global_step"] == 8 and last["tokens"] == 8 * 4 * 32 and last["trained_region"]["layers"] == [1]
     assert last["val_loss"]["step"] in (4, 8) and 0 < last["val_loss"]["loss"] < 10, last
+    assert describe_checkpoint(last["path"]).heldout == HeldOut((tiny_corpus.resolve(),), None, 42)

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from epas_lightning.model.llama import check_has_weights, check_is_llama, holds_
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.progress import progress
 from epas_lightning.runtime import DType, check_counts, dtype_name, emit_json
+
+if TYPE_CHECKING:
+    from epas_lightning.data.token_data import HeldOut
 
 
 def analyze_model(model: Llama, batches: Iterable[torch.Tensor]) -> RedundancyReport:
@@ -60,7 +64,7 @@ def check_token_batch(batch: object, where: str) -> None:
 
 
 def heldout_batches(
-    data_dir: Path,
+    data_dir: Path | HeldOut,
     vocab_size: int,
     seq_len: int,
     batch_size: int,
@@ -128,8 +132,8 @@ def analyze_command(
 
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
-        data: Prepared data folder whose val split is read (default: the data the checkpoint trained on, the
-            first folder of a mixture).
+        data: Prepared data folder whose val split is read (default: the held-out data fit validated the run on: its
+            data.val_dir, or the val splits of its data folders).
         batches: Held-out batches to measure on.
         batch_size: Sequences per batch.
         seq_len: Tokens per sequence, up to the model's context length (default: min(block_size, 256)).
@@ -169,7 +173,7 @@ def analyze_command(
     if seq_len < 2:
         raise ConfigError(f"must be at least 2, got {seq_len}", "--seq-len", "give 2 or more tokens per sequence")
     check_seq_len(seq_len, config, where="--seq-len")
-    data_dir = data or loaded.data_dir
+    data_dir = data or loaded.own_heldout()
     if data_dir is None:
         raise ConfigError(
             f"{loaded.no_data()}, and held-out text in another tokenization would measure nothing",

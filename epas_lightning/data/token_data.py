@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -99,6 +100,40 @@ def check_tokenized_as(
             return
         tokenizer = tokenizer.path
     check_tokenized_with(data_dir, tokenizer, where, fix, whose)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out data a run validated on, as its checkpoint records it (:meth:`TokenData.heldout`): the ``val``
+    splits of ``data_dirs`` (several: mixed in full, in the order ``seed`` draws, as ``fit`` validates a mixture), or
+    the stream of ``val_dir`` instead. What the commands read without ``--data``."""
+
+    data_dirs: tuple[Path, ...]
+    val_dir: Path | None = None
+    seed: int = 42
+
+    def to_record(self) -> dict[str, Any]:
+        return {"data_dirs": [str(d) for d in self.data_dirs], "val_dir": _str_or_none(self.val_dir), "seed": self.seed}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any] | None) -> HeldOut | None:
+        """The held-out data of a record :meth:`to_record` wrote (checked by :mod:`~epas_lightning.provenance`)."""
+        if not record:
+            return None
+        val_dir = record["val_dir"]
+        return cls(tuple(map(Path, record["data_dirs"])), None if val_dir is None else Path(val_dir), record["seed"])
+
+    def missing(self) -> Path | None:
+        """The first of its folders that no longer exists, if any."""
+        return next((d for d in (*self.data_dirs, self.val_dir) if d is not None and not d.is_dir()), None)
+
+    def __str__(self) -> str:
+        """What ``--data`` would be for it: the ``val_dir``, or the data folders."""
+        return str(self.val_dir) if self.val_dir is not None else ", ".join(map(str, self.data_dirs))
+
+
+def _str_or_none(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 class CheckedBatches:
@@ -294,6 +329,11 @@ class TokenData:
             check_token_ids(low, high, self.vocab_size, self.data_dir or "the built-in corpus", fix)
         return batch
 
+    def heldout(self) -> HeldOut:
+        """The held-out data :meth:`heldout_dataloader` reads (call :meth:`setup` first), for the checkpoint."""
+        val_dir = None if self.val_dir is None else self.val_dir.resolve()
+        return HeldOut(tuple(d.resolve() for d in self.data_dirs), val_dir, self.seed)
+
     def heldout_dataloader(self) -> StreamingDataLoader:
         """The held-out split in stored order (call :meth:`setup` first). Under several ranks each reads its own part,
         of as many whole batches as every other rank's: litdata deals unshuffled data so (shuffled data it deals in
@@ -422,14 +462,15 @@ def _read_in_one_process(loader: StreamingDataLoader) -> StreamingDataLoader:
 
 
 def heldout_loader(
-    data_dir: str | Path | None,
+    data_dir: str | Path | HeldOut | None,
     seq_len: int,
     batch_size: int,
     vocab_size: int | None = None,
     tokenizer: str | Path | RecordedTokenizer | None = None,
     own_data: bool = False,
 ) -> CheckedBatches:
-    """The whole validation split of a prepared data directory (``None``: the built-in corpus), read in this process
+    """The whole validation split of a prepared data directory (``None``: the built-in corpus; a checkpoint's
+    :class:`HeldOut`: what its run validated on, read as ``fit`` reads it), read in this process
     whatever ranks the environment names, checked and in a fixed
     order: batches of (B, seq_len + 1) int32 tokens, each checked for ids outside ``vocab_size`` as it is read.
     Iterating it again yields the same batches. A split too small
@@ -438,16 +479,21 @@ def heldout_loader(
     :func:`check_tokenized_as` does) and a ``batch_size`` below 1, named as the commands' ``--data`` and
     ``--batch-size``. ``own_data``: the checkpoint records the data it trained on, which the
     commands read when ``--data`` is unset (the refusal of another tokenizer's data says so)."""
-    check_data_flag(data_dir)
+    held_out = data_dir if isinstance(data_dir, HeldOut) else None
+    for folder in held_out.data_dirs if held_out else []:
+        check_prepared(folder, str(folder), PREPARE)
+    if held_out is None:
+        check_data_flag(data_dir)
     check_counts({"--batch-size": batch_size})
-    if data_dir is not None and tokenizer is not None:
+    data, folders = _heldout_data(data_dir, seq_len, batch_size, vocab_size)
+    if tokenizer is not None:
         tokenizer = tokenizer if isinstance(tokenizer, RecordedTokenizer) else Path(tokenizer)
         fix = f"prepare it with --tokenizer {getattr(tokenizer, 'path', tokenizer)}"
         fix += ", or leave --data unset for the checkpoint's own data" if own_data else ""
-        check_tokenized_as(Path(data_dir).expanduser(), tokenizer, f"--data {data_dir}", fix)
-    data = TokenData(
-        str(data_dir) if data_dir is not None else None, seq_len=seq_len, batch_size=batch_size, vocab_size=vocab_size
-    )
+        if held_out is not None:  # the run's own, prepared again since it validated on it
+            fix = f"pass --data with a folder prepared with --tokenizer {getattr(tokenizer, 'path', tokenizer)}"
+        for folder in folders:
+            check_tokenized_as(folder, tokenizer, str(folder) if held_out else f"--data {data_dir}", fix)
     data.prepare_data()
     data.setup("validate")
     loader = _read_in_one_process(data.heldout_dataloader())
@@ -458,3 +504,16 @@ def heldout_loader(
             "lower --batch-size or --seq-len, or hold out more data",
         )
     return CheckedBatches(loader, data.check_batch)
+
+
+def _heldout_data(
+    data_dir: str | Path | HeldOut | None, seq_len: int, batch_size: int, vocab_size: int | None
+) -> tuple[TokenData, list[Path]]:
+    """The data :func:`heldout_loader` reads (not set up), and the prepared folders whose tokenizer it is read with."""
+    settings = {"seq_len": seq_len, "batch_size": batch_size, "vocab_size": vocab_size}
+    if not isinstance(data_dir, HeldOut):
+        data = TokenData(str(data_dir) if data_dir is not None else None, **settings)
+        return data, [] if data_dir is None else [Path(data_dir).expanduser()]
+    dirs, val_dir = [str(d) for d in data_dir.data_dirs], _str_or_none(data_dir.val_dir)
+    data = TokenData(dirs, seed=data_dir.seed, val_dir=val_dir, **settings)
+    return data, [*data_dir.data_dirs, *filter(None, [data._prepared_val_dir()])]

@@ -55,8 +55,9 @@ def evaluate(
 ) -> list[dict]:
     """One row per region length: ``{"sharing_layers", "val_loss", "val_ppl", "<task>/acc", "<task>/acc_norm"}``.
 
-    ``data=None`` scores perplexity on the data the checkpoint trained on, when it is known and either no ``tasks``
-    or ``batches`` are given. Held-out sequences are ``seq_len`` tokens (default: the model's ``block_size``).
+    ``data=None`` scores perplexity on the held-out data the checkpoint's run validated on (or, where it does not say,
+    the val split of the data it trained on), when it is known and either no ``tasks`` or ``batches`` are given.
+    Held-out sequences are ``seq_len`` tokens (default: the model's ``block_size``).
     """
     from epas_lightning.data.token_data import check_seq_len
 
@@ -71,7 +72,7 @@ def evaluate(
     text_tokenizer = resolve_tokenizer(loaded, Path(tokenizer) if tokenizer else None) if questions else None
     own_data = loaded.own_data_instead_of(data)
     if data is None and (not questions or batches is not None):
-        data = loaded.data_dir
+        data = loaded.own_heldout()
         if note := loaded.mixed_data_note("evaluate"):
             print(note, file=sys.stderr)
     if data is None and not questions:
@@ -146,8 +147,9 @@ def evaluate_command(
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         sharing_layers: Region length N (the first N layers of the trained region, in its growth order), or all for
             0..trained max; default: the trained region (an export's folder: the N it was exported with).
-        data: Prepared data folder: perplexity on its val split (default: the data the run trained on, the first folder
-            of a mixture; with --tasks only when --batches is given).
+        data: Prepared data folder: perplexity on its val split (default: the held-out data fit validated the run on:
+            its data.val_dir, or the val splits of its data folders, mixed as fit mixes them; with --tasks only when
+            --batches is given).
         tasks: Multiple-choice JSONL tasks {"context", "choices", "label"}; repeat the flag for several.
         batches: Held-out batches to score (default: the whole val split).
         batch_size: Sequences per batch.

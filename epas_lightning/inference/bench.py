@@ -16,6 +16,7 @@ import statistics
 import sys
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +32,9 @@ from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.progress import progress
 from epas_lightning.region import SHARING_FLAGS, sharing_layers_text
 from epas_lightning.runtime import DType, check_counts, dtype_name, emit_json
+
+if TYPE_CHECKING:
+    from epas_lightning.data.token_data import HeldOut
 
 DEFAULT_TOKENS = 64
 """Default --prompt-len and --max-new-tokens, each cut to what the model's context length leaves."""
@@ -68,7 +72,7 @@ def region_for_budget(config: LlamaConfig, budget: float, max_shared: int, seq_l
 
 
 def heldout_batches(
-    data_dir: Path,
+    data_dir: Path | HeldOut,
     config: LlamaConfig,
     seq_len: int,
     batch_size: int,
@@ -247,8 +251,8 @@ def bench_command(
         sharing_layers: Measure the regions of 0..N layers, each the first layers of the trained region (in its
             growth order); default: N is the trained region's size.
         budget: Pick the region with the fewest sharing layers whose FLOPs are at most this fraction of dense.
-        data: Prepared data folder whose val split gives the held-out loss (default: the run's own data, the first
-            folder of a mixture).
+        data: Prepared data folder whose val split gives the held-out loss (default: the held-out data fit validated
+            the run on: its data.val_dir, or the val splits of its data folders).
         batches: Held-out batches of --seq-len tokens to score.
         batch_size: Sequences per held-out batch.
         prompts: Prompts decoded together (the generation batch).
@@ -299,7 +303,7 @@ def bench_command(
             "--prompt-len / --max-new-tokens",
             f"ask for at most {config.context_length} tokens in all",
         )
-    data_dir = data or loaded.data_dir
+    data_dir = data or loaded.own_heldout()
     if data_dir is None:
         print(f"bench: no held-out loss: {loaded.no_data()} (pass --data for one)", file=sys.stderr)
     elif data is None and (note := loaded.mixed_data_note("bench")):
