@@ -300,6 +300,23 @@ def test_a_value_of_the_wrong_kind_says_what_the_flag_takes(argv, says, capsys):
     assert err.startswith(f"error: {says} — python -m epas_lightning {argv[0]}") and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (
+            ["consolidate"],
+            "the following arguments are required: checkpoint, output — {} — add --checkpoint and --output",
+        ),
+        (["generate", "--checkpoint"], "argument --checkpoint: expected one argument — {} — give --checkpoint a value"),
+        (["fit", "--config"], "argument -c/--config: expected one argument — {} — give --config a value"),
+    ],
+)
+def test_a_missing_flag_or_value_says_which_to_give(argv, says, capsys):
+    """They said only "see `... --help`": the flags to add, or the one to give a value, are known."""
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"error: {says.format('python -m epas_lightning ' + argv[0])}\n"
+
+
 def test_a_missing_config_file_is_named_by_every_tool_as_fit_names_it(tmp_path, capsys):
     """A tool's --config that does not exist said only "invalid value for --config" (fit says which file)."""
     missing = tmp_path / "missing.yaml"
