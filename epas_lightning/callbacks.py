@@ -181,6 +181,7 @@ class ProgressiveSharing(Callback):
             raise ConfigError(
                 f"ProgressiveSharing was configured for {self.n_layer} layers, the model has {n_layer}",
                 "sharing.n_layer",
+                f"set it to {n_layer}, or leave it unset (the model's)",
             )
         self.schedule = self._build(n_layer, check_lengths=stage == "fit")  # validate/test: the checkpoint's region
         if stage == "fit" and self.enabled:

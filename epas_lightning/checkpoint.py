@@ -121,7 +121,7 @@ def read_checkpoint(
         if key.startswith(wanted) and isinstance(meta, TensorStorageMetadata)
     }
     if not state:
-        raise CheckpointError(f"no model weights (no keys starting with {wanted!r})", path / DCP_METADATA)
+        raise CheckpointError(f"no model weights (no keys starting with {wanted!r})", path / DCP_METADATA, AS_WRITTEN)
     read_shards({key: t for key, t in state.items() if weights or key == mask}, path)
     metadata = load_torch_file(path / LIGHTNING_METADATA) if (path / LIGHTNING_METADATA).is_file() else {}
     return _strip_prefix(state, wanted), metadata
@@ -164,7 +164,7 @@ def _model_config(metadata: dict[str, Any], path: Path) -> LlamaConfig:
     try:
         return LlamaConfig.from_dict(recorded)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"its model config is invalid ({e})", path) from e
+        raise CheckpointError(f"its model config is invalid ({e})", path, AS_WRITTEN) from e
 
 
 def recorded_region(metadata: dict[str, Any], shared: list[int], n_layer: int) -> TrainedRegion:
@@ -359,9 +359,11 @@ def _read_consolidated(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     try:
         record = json.loads((path / CONFIG_FILE).read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"unreadable {CONFIG_FILE} ({e})", path / CONFIG_FILE) from e
+        raise CheckpointError(f"unreadable {CONFIG_FILE} ({e})", path / CONFIG_FILE, "consolidate again") from e
     if not isinstance(record, dict) or "model" not in record:
-        raise CheckpointError(f"{CONFIG_FILE} was not written by consolidate (no 'model' entry)", path / CONFIG_FILE)
+        raise CheckpointError(
+            f"{CONFIG_FILE} was not written by consolidate (no 'model' entry)", path / CONFIG_FILE, AS_WRITTEN
+        )
     check_readable(path / WEIGHTS_FILE)
     try:
         with safe_open(path / WEIGHTS_FILE, "pt") as f:  # its header (names, shapes), then the mask
@@ -833,7 +835,9 @@ def checkpoint_path(path: str | Path, flag: str = "--checkpoint") -> Path:
     """``path`` as a ``Path`` (``~`` expanded); a :class:`CheckpointError` at ``flag`` for what is no path (``None``
     was a TypeError from ``pathlib``)."""
     if not isinstance(path, str | os.PathLike):
-        raise CheckpointError(f"a checkpoint path is a str or Path, not a {type(path).__name__}", flag)
+        raise CheckpointError(
+            f"a checkpoint path is a str or Path, not a {type(path).__name__}", flag, "pass the checkpoint's path"
+        )
     return Path(path).expanduser()
 
 

@@ -66,7 +66,7 @@ class DivergenceGuard(Callback):
         if action not in ("stop", "skip", "off"):
             raise ConfigError(f"unknown action {action!r}", "divergence.action", "use 'stop', 'skip' or 'off'")
         if max_skips < 0:
-            raise ConfigError(f"max_skips must be >= 0, got {max_skips}", "divergence.max_skips")
+            raise ConfigError(f"max_skips must be >= 0, got {max_skips}", "divergence.max_skips", "set 0 or more")
         self.action = action
         self.max_skips = max_skips
         self.check_weights = check_weights

@@ -55,9 +55,9 @@ def estimate_flops(config: LlamaConfig, n_shared: int, seq_len: int, backward: b
     ``backward=False``: the forward pass alone (a third: the convention counts the backward as two forwards)."""
     check_is_config(config, "config")
     if not is_real_number(seq_len):  # "2048" failed comparing str and int
-        raise ConfigError(f"seq_len must be a number of tokens, got {seq_len!r}", "seq_len")
+        raise ConfigError(f"seq_len must be a number of tokens, got {seq_len!r}", "seq_len", "pass an int, e.g. 2048")
     if not seq_len >= 1:
-        raise ConfigError(f"seq_len={seq_len} must be at least 1 token", "seq_len")
+        raise ConfigError(f"seq_len={seq_len} must be at least 1 token", "seq_len", "pass 1 or more")
     attention = 4 * config.n_layer * seq_len * config.n_head * config.head_dim
     passes = 3.0 if backward else 1.0
     return passes * seq_len * (2 * matmul_params(config, n_shared) + attention)

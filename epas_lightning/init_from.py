@@ -118,7 +118,7 @@ def check_init_source(path: str | Path, config: LlamaConfig, python: bool = Fals
     fix = leave_unset(config, python)
     if is_hf_dir(path):
         with located(f"model.init_from {path}"):
-            return check_compatible(config, read_hf_config(path), f"init_from {path}", fix.capitalize())
+            return check_compatible(config, read_hf_config(path), f"init_from {path}", fix)
     theirs = read_source_config(path)
     check_same_architecture(config, theirs, f"model.init_from {path}", fix)
     return theirs
@@ -326,7 +326,7 @@ def _sendable(error: Exception) -> Exception:
 def _checked_batches(model: nn.Module, path: str | Path, stage: str = "fit") -> Iterator[dict[str, torch.Tensor]]:
     """The batches of :func:`init_batches` for ``model``, after checking that the source at ``path`` fits it; every
     check runs in the first ``next``."""
-    from epas_lightning.checkpoint import hf_misfit, state_mismatch
+    from epas_lightning.checkpoint import AS_WRITTEN, hf_misfit, state_mismatch
 
     path = _existing(path)
     shapes = source_shapes(path, model.config, stage)
@@ -335,6 +335,10 @@ def _checked_batches(model: nn.Module, path: str | Path, stage: str = "fit") -> 
     if mismatch and is_hf_dir(path):  # its config.json is model.config's (checked): the folder disagrees with itself
         raise hf_misfit(expected, shapes, f"model.init_from {path}")
     if mismatch:
-        raise HFCheckpointError(f"the weights do not fit the model ({mismatch})", f"model.init_from {path}")
+        raise HFCheckpointError(
+            f"the weights do not fit the model ({mismatch})",
+            f"model.init_from {path}",
+            f"{AS_WRITTEN} (weights and config from the same run)",
+        )
     dtype = next(model.parameters()).dtype
     yield from init_batches(path, model.config, shapes, dtype, INIT_READ_BYTES)

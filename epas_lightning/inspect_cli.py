@@ -247,9 +247,10 @@ def listing(folder: Path, check_weights: bool = False) -> list[dict[str, Any]]:
     cannot be read, and a folder that cannot, says why. A checkpoint reached through links too is listed once."""
     records = []
     for path, unreadable in once_each(checkpoints_in(folder)).items():
+        if unreadable:
+            records.append({"path": str(path), "error": unreadable})
+            continue
         try:
-            if unreadable:
-                raise CheckpointError(unreadable)
             records.append(describe(path, check_weights))
         except UserError as e:
             records.append({"path": str(path), "error": e.what})

@@ -36,7 +36,11 @@ class TrainedRegion:
     def __post_init__(self) -> None:
         check_order(self.order)
         if any(not 1 <= i < self.n_layer for i in self.layers) or len(set(self.layers)) != len(self.layers):
-            raise ConfigError(f"Invalid trained region {list(self.layers)} for a {self.n_layer}-layer model.")
+            raise ConfigError(
+                f"Invalid trained region {list(self.layers)} for a {self.n_layer}-layer model.",
+                "layers",
+                f"give distinct layer numbers from 1 to {self.n_layer - 1}",
+            )
 
     @property
     def size(self) -> int:
@@ -122,14 +126,24 @@ class TrainedRegion:
     @classmethod
     def from_record(cls, record: Mapping[str, Any], n_layer: int) -> TrainedRegion:
         if not isinstance(record, Mapping):
-            raise ConfigError(f"Invalid trained region record {record!r}: not a mapping of layers and order.")
+            raise ConfigError(
+                f"Invalid trained region record {record!r}: not a mapping of layers and order.",
+                "record",
+                'give one as to_record() writes it: {"layers": [3, 2], "order": "deep_first"}',
+            )
         order, layers = record.get("order", "deep_first"), record.get("layers", ())
         if order not in GROWTH_ORDERS:
-            raise ConfigError(f"Unknown growth order {order!r} in the recorded sharing region.")
+            raise ConfigError(
+                f"Unknown growth order {order!r} in the recorded sharing region.",
+                "order",
+                f"use one of {list(GROWTH_ORDERS)}",
+            )
         if not isinstance(layers, list | tuple) or not all(
             isinstance(i, Integral) and not isinstance(i, bool) for i in layers
         ):
-            raise ConfigError(f"Invalid trained region {layers!r}: not a list of layer numbers.")
+            raise ConfigError(
+                f"Invalid trained region {layers!r}: not a list of layer numbers.", "layers", "give a list of ints"
+            )
         return cls(n_layer, tuple(int(i) for i in layers), order)
 
     @classmethod

@@ -363,21 +363,34 @@ def test_a_seed_the_shuffle_cannot_take_is_refused_when_configured():
     """It passed, and `fit` died building its first loader in numpy's ValueError traceback ("Seed must be between 0
     and 2**32 - 1"); a string, in a TypeError one."""
     for seed in (-1, 2**32):
-        with pytest.raises(ConfigError, match=rf"^seed must be from 0 to 4294967295, got {seed} — data.seed$"):
+        says = rf"^seed must be from 0 to 4294967295, got {seed} — data.seed — pick one in that range$"
+        with pytest.raises(ConfigError, match=says):
             TokenDataModule(seed=seed)
-    with pytest.raises(ConfigError, match=r"^seed must be a whole number, got '7' — data.seed$"):
+    says = r"^seed must be a whole number, got '7' — data.seed — give it without quotes or a decimal point$"
+    with pytest.raises(ConfigError, match=says):
         TokenDataModule(seed="7")
+
+
+ONE_WEIGHT_EACH = r"give one weight per data_dir, e.g. \[1, 1\]$"
 
 
 @pytest.mark.parametrize(
     ("data_dir", "weights", "message"),
     [
-        (["a", "b"], [float("nan"), 1.0], r"^weights must be 2 finite non-negative .*got \[nan, 1.0\] — data.weights$"),
+        (
+            ["a", "b"],
+            [float("nan"), 1.0],
+            r"^weights must be 2 finite non-negative .*got \[nan, 1.0\] — data.weights — " + ONE_WEIGHT_EACH,
+        ),
         (["a", "b"], [float("inf"), 1.0], r"^weights must be 2 finite"),
         (["a", "b"], [0.0, 0.0], r"^weights must be 2 finite non-negative numbers, not all zero"),
         (None, [1.0], r"^weights mix several data_dir, but none is set .* — data.weights — set data.data_dir"),
-        (["a", "b"], ["0.5", 1.0], r"^weights must be 2 finite non-negative .*got \['0.5', 1.0\] — data.weights$"),
-        (["a", "b"], 1.0, r"^weights must be 2 finite non-negative .*got 1.0 — data.weights$"),
+        (
+            ["a", "b"],
+            ["0.5", 1.0],
+            r"^weights must be 2 finite non-negative .*got \['0.5', 1.0\] — data.weights — " + ONE_WEIGHT_EACH,
+        ),
+        (["a", "b"], 1.0, r"^weights must be 2 finite non-negative .*got 1.0 — data.weights — " + ONE_WEIGHT_EACH),
     ],
     ids=["nan", "inf", "all-zero", "built-in", "string", "one-number"],
 )
@@ -407,11 +420,12 @@ def test_a_batch_size_of_zero_is_named_as_such():
         TokenDataModule(seq_len=32, batch_size=0)
     with pytest.raises(ConfigError, match=r"^seq_len must be at least 1, got 0 — data.seq_len"):
         TokenDataModule(seq_len=0, batch_size=4)
-    with pytest.raises(ConfigError, match=r"^batch_size must be a whole number, got '8' — data.batch_size$"):
+    whole = " — give it without quotes or a decimal point$"
+    with pytest.raises(ConfigError, match=r"^batch_size must be a whole number, got '8' — data.batch_size" + whole):
         TokenDataModule(seq_len=32, batch_size="8")  # a TypeError comparing str and int
-    with pytest.raises(ConfigError, match=r"^seq_len must be a whole number, got 32.0 — data.seq_len$"):
+    with pytest.raises(ConfigError, match=r"^seq_len must be a whole number, got 32.0 — data.seq_len" + whole):
         TokenDataModule(seq_len=32.0, batch_size=4)  # accepted
-    with pytest.raises(ConfigError, match=r"^vocab_size must be a whole number, got '512' — data.vocab_size$"):
+    with pytest.raises(ConfigError, match=r"^vocab_size must be a whole number, got '512' — data.vocab_size" + whole):
         TokenDataModule(seq_len=32, vocab_size="512")  # a TypeError comparing int and str, in setup
     with pytest.raises(ConfigError, match=r"^vocab_size must be at least 1, got 0 — data.vocab_size — leave it unset"):
         TokenDataModule(seq_len=32, vocab_size=0)  # in setup: "the tokenizer has 512 tokens but the vocab_size is 0"

@@ -50,5 +50,8 @@ def test_flops_refuse_a_region_or_length_no_model_has():
         with pytest.raises(ConfigError, match=rf"seq_len={seq_len} must be at least 1 token — seq_len"):
             flop_cut(config, 1, seq_len)
     for seq_len in ("2048", None):  # a TypeError comparing str (or None) and int
-        with pytest.raises(ConfigError, match=rf"^seq_len must be a number of tokens, got {seq_len!r} — seq_len$"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"^seq_len must be a number of tokens, got {seq_len!r} — seq_len — pass an int, e.g. 2048$",
+        ):
             estimate_flops(config, 1, seq_len)

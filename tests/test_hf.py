@@ -604,7 +604,8 @@ def test_init_from_checks_before_training(tmp_path: Path) -> None:
         EPASModule(_module_config(), init_from=str(qwen2))
     # a config we cannot run: the one-line error names the folder (it named nothing)
     biased = save_tiny_hf(tmp_path / "biased", mlp_bias=True)
-    with pytest.raises(HFCheckpointError, match=f"mlp_bias=true is not supported.* — model.init_from {biased}$"):
+    says = f"mlp_bias=true is not supported.* — model.init_from {biased} — use a LLaMA checkpoint without MLP biases$"
+    with pytest.raises(HFCheckpointError, match=says):
         EPASModule(_module_config(), init_from=str(biased))
 
 
@@ -907,7 +908,10 @@ def test_export_and_load_model_from_python_take_dtype_names_and_refuse_unknown_o
             load_model(tmp_path / "ckpt", dtype=dtype)
     with pytest.raises(ConfigError, match="^unknown device None — device None — use auto, cpu"):
         load_model(tmp_path / "ckpt", device=None)  # a TypeError from torch.device
-    with pytest.raises(CheckpointError, match="^a checkpoint path is a str or Path, not a NoneType — path$"):
+    with pytest.raises(
+        CheckpointError,
+        match="^a checkpoint path is a str or Path, not a NoneType — path — pass the checkpoint's path$",
+    ):
         load_model(None)  # a TypeError from pathlib
     export(tmp_path / "ckpt", tmp_path / "bf16", dtype=torch.bfloat16)  # as load_model takes it: an unknown dtype
     assert load_model(tmp_path / "bf16", dtype=STORED).model.lm_head.weight.dtype == torch.bfloat16
@@ -1073,7 +1077,7 @@ def test_fit_from_a_source_longer_than_8192_tokens_needs_block_size(tmp_path: Pa
     assert main([*args, "--model.config.n_layer", "3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: model.config does not match init_from {path}: n_layer: model 3 vs init_from")
-    assert "Leave those model.config fields unset" in err and err.count("\n") == 1
+    assert f"— model.init_from {path} — leave those model.config fields unset" in err and err.count("\n") == 1
     assert main([*args, "--model.config.name", "demo"]) == 2
     assert "model.config fields unset (drop model.config.name demo: its preset sets them)" in capsys.readouterr().err
     args[2] = str(tmp_path / "missing")
@@ -1089,7 +1093,7 @@ def test_source_config_fills_a_python_config_from_the_model(tmp_path: Path) -> N
     kept = replace(_module_config(), max_position_embeddings=64)
     assert source_config(path, block_size=32) == kept
     assert source_config(path, block_size=32, max_position_embeddings=48).context_length == 48
-    with pytest.raises(HFCheckpointError, match="n_embd: model 128 vs init_from .*Leave those arguments of sourc"):
+    with pytest.raises(HFCheckpointError, match="n_embd: model 128 vs init_from .*— leave those arguments of sourc"):
         source_config(path, n_embd=128)  # its arguments, not the fit command's model.config fields
     # a preset sets its fields (checked), the source the ones it leaves unset (its RoPE base and norm epsilon)
     assert source_config(path, name="debug", block_size=32) == replace(kept, name="debug")

@@ -306,7 +306,9 @@ def test_generate_refuses_a_bad_request_with_the_commands_one_line_errors():
         generate(model, [[1] * 10], max_new_tokens=7)
     with pytest.raises(ConfigError, match="no room left in the model's context length 16 — prompts — "):
         generate(model, [[1] * 16], max_new_tokens=1)
-    with pytest.raises(ConfigError, match="max_new_tokens must be a whole number >= 1, got 0 — max_new_tokens$"):
+    with pytest.raises(
+        ConfigError, match="max_new_tokens must be a whole number >= 1, got 0 — max_new_tokens — pass 1 or more$"
+    ):
         generate(model, [[1]], max_new_tokens=0)
     with pytest.raises(DataError, match=r"token ids must lie in 0\.\.255 .*, got -1\.\.300 — prompts — "):
         generate(model, [[1, 300], [-1]], max_new_tokens=1)
@@ -320,12 +322,27 @@ def test_generate_refuses_arguments_of_the_wrong_type_before_it_runs_and_keeps_t
 
     model = tiny(n_layer=2, block_size=16).train()
     bad = [
-        (dict(max_new_tokens=None), "max_new_tokens must be a whole number >= 1, got None — max_new_tokens"),
-        (dict(max_new_tokens="3"), "max_new_tokens must be a whole number >= 1, got '3' — max_new_tokens"),
-        (dict(top_k=2.5, temperature=1.0), "top_k must be a whole number, got 2.5 — top_k"),
-        (dict(temperature="1"), "temperature must be a number, got '1' — temperature"),
-        (dict(temperature=1.0, top_p=3.0), r"top_p must be in \(0, 1\], got 3.0 — top_p"),
-        (dict(temperature=1.0, seed="3"), "seed must be a whole number, got '3' — seed"),
+        (
+            dict(max_new_tokens=None),
+            "max_new_tokens must be a whole number >= 1, got None — max_new_tokens — pass 1 or more",
+        ),
+        (
+            dict(max_new_tokens="3"),
+            "max_new_tokens must be a whole number >= 1, got '3' — max_new_tokens — pass 1 or more",
+        ),
+        (
+            dict(top_k=2.5, temperature=1.0),
+            "top_k must be a whole number, got 2.5 — top_k — use 1 or more, or leave it unset",
+        ),
+        (
+            dict(temperature="1"),
+            "temperature must be a number, got '1' — temperature — use 0 \\(greedy\\) or more, e.g. 0.7",
+        ),
+        (
+            dict(temperature=1.0, top_p=3.0),
+            r"top_p must be in \(0, 1\], got 3.0 — top_p — use e.g. 0.9, or leave it unset",
+        ),
+        (dict(temperature=1.0, seed="3"), "seed must be a whole number, got '3' — seed — pass an int, or None"),
     ]
     for kwargs, message in bad:
         with pytest.raises(ConfigError, match=f"^{message}$"):
@@ -375,7 +392,8 @@ def test_generate_takes_a_numpy_seed():
     assert generate(model, [[1]], max_new_tokens=3, temperature=1.0, seed=np.int64(0)).tokens == sampled
     assert generate(model, [[1]], 1, temperature=1.0, seed=2**63).tokens  # serve's 2nd choice of seed 2**63 - 1
     with pytest.raises(
-        ConfigError, match=r"^seed must lie in -2\*\*63\.\.2\*\*64-1 .*, got 18446744073709551616 — seed$"
+        ConfigError,
+        match=r"^seed must lie in -2\*\*63\.\.2\*\*64-1 .*, got 18446744073709551616 — seed — pick one in that range$",
     ):
         generate(model, [[1]], 1, temperature=1.0, seed=2**64)
 

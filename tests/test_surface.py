@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import get_type_hints
 
@@ -298,6 +299,23 @@ def test_a_value_of_the_wrong_kind_says_what_the_flag_takes(argv, says, capsys):
     assert main([argv[0], "--checkpoint", "x.ckpt", *argv[1:]]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {says} — python -m epas_lightning {argv[0]}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (
+            ["consolidate"],
+            "the following arguments are required: checkpoint, output — {} — add --checkpoint and --output",
+        ),
+        (["generate", "--checkpoint"], "argument --checkpoint: expected one argument — {} — give --checkpoint a value"),
+        (["fit", "--config"], "argument -c/--config: expected one argument — {} — give --config a value"),
+    ],
+)
+def test_a_missing_flag_or_value_says_which_to_give(argv, says, capsys):
+    """They said only "see `... --help`": the flags to add, or the one to give a value, are known."""
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"error: {says.format('python -m epas_lightning ' + argv[0])}\n"
 
 
 def test_a_missing_config_file_is_named_by_every_tool_as_fit_names_it(tmp_path, capsys):
@@ -1240,3 +1258,50 @@ def test_the_flops_line_gives_the_figure_it_explains():
     assert flops_line(config, 1).startswith(f"FLOPs: {dense} training FLOPs per sequence of 32 tokens, dense; ")
     assert flops_line(config, 1).endswith("fewer once 1 layer(s) share.")
     assert flops_line(config, 0) == f"FLOPs: {dense} training FLOPs per sequence of 32 tokens, dense."
+
+
+# Constructions of the UserError family that may go without a fix, keyed "file::function" (as the test lists them),
+# each with why it may. None now: every user error says what to do, however plain (a range names the values to give).
+ERRORS_WITHOUT_A_FIX: dict[str, str] = {}
+
+
+def user_errors_without_a_fix() -> list[str]:
+    """``file::function: message`` of every construction of a :class:`UserError` (or a subclass defined in the
+    package) that passes no ``fix`` (none, ``None`` or ``""``)."""
+    import ast
+
+    def name(node: ast.expr) -> str:  # ConfigError, errors.ConfigError
+        return node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", "")
+
+    def calls(node: ast.AST, function: str) -> Iterator[tuple[str, ast.Call]]:  # with the function they are in
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef) else function
+            if isinstance(child, ast.Call):
+                yield function, child
+            yield from calls(child, inner)
+
+    package = REPO / "epas_lightning"
+    trees = {path.relative_to(package): ast.parse(path.read_text()) for path in sorted(package.rglob("*.py"))}
+    classes = [node for tree in trees.values() for node in ast.walk(tree) if isinstance(node, ast.ClassDef)]
+    family = {"UserError"}
+    for _ in range(3):  # subclasses of subclasses (HFCheckpointError of CheckpointError)
+        family |= {c.name for c in classes if any(name(base) in family for base in c.bases)}
+    found = set()
+    for path, tree in trees.items():
+        for function, call in calls(tree, "<module>"):
+            if name(call.func) not in family:
+                continue
+            keywords = {k.arg: k.value for k in call.keywords}
+            fix = call.args[2] if len(call.args) > 2 else keywords.get("fix")
+            unpacked = any(isinstance(a, ast.Starred) for a in call.args) or None in keywords
+            if not unpacked and (fix is None or (isinstance(fix, ast.Constant) and fix.value in (None, ""))):
+                message = ast.unparse(call.args[0]) if call.args else ""
+                found.add(f"{path}::{function}: {message[:60]}")
+    return sorted(found)
+
+
+def test_every_user_error_says_what_to_do():
+    """The error policy is one line: what is wrong, where, and what to do. About 60 errors said no more than what and
+    where (`prepare --train-tokenizer` without --vocab-size, a Hugging Face folder without config.json, ...)."""
+    missing = [site for site in user_errors_without_a_fix() if site.split(": ")[0] not in ERRORS_WITHOUT_A_FIX]
+    assert not missing, "\n".join(missing)

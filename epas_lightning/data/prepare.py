@@ -88,7 +88,9 @@ class TokenizerChoice:
     def __post_init__(self) -> None:
         if (self.path is None) == (self.train_vocab_size is None):
             raise ConfigError(
-                "give a tokenizer file or a vocabulary size to train one, not both", "--tokenizer / --train-tokenizer"
+                "give a tokenizer file or a vocabulary size to train one, not both",
+                "--tokenizer / --train-tokenizer",
+                "pass --tokenizer FILE, or --train-tokenizer --vocab-size N",
             )
 
 
@@ -109,7 +111,11 @@ def _raise_bad(bad: BadDocument) -> None:
 
 def check_val_fraction(val_fraction: float) -> None:
     if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}", "--val-fraction")
+        raise ConfigError(
+            f"val_fraction must be in [0, 1), got {val_fraction}",
+            "--val-fraction",
+            "give the share of documents held out, e.g. 0.01 (0: none)",
+        )
 
 
 def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerChoice, options: BuildOptions) -> dict:
@@ -118,7 +124,11 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
     ``files`` carry their split (``train``/``val``/``hash``, see :func:`plan_split`).
     """
     if options.on_bad not in ON_BAD_CHOICES:
-        raise ConfigError(f"on_bad must be one of {ON_BAD_CHOICES}, got {options.on_bad!r}", "--on-bad")
+        raise ConfigError(
+            f"on_bad must be one of {ON_BAD_CHOICES}, got {options.on_bad!r}",
+            "--on-bad",
+            f"use {' or '.join(ON_BAD_CHOICES)}",
+        )
     check_val_fraction(options.val_fraction)
     timer = StepTimer()
     for f in files:
@@ -248,13 +258,22 @@ def prepare_dataset(
     val_inputs = [] if val_input is None else [val_input] if isinstance(val_input, str | Path) else list(val_input)
     output = Path(output).expanduser().absolute()
     if train_tokenizer != (tokenizer is None):
-        raise ConfigError("pass either a tokenizer file or --train-tokenizer with --vocab-size", "--tokenizer")
+        raise ConfigError(
+            "pass either a tokenizer file or --train-tokenizer with --vocab-size",
+            "--tokenizer",
+            "pass --tokenizer FILE, or --train-tokenizer --vocab-size N (not both)",
+        )
     if train_tokenizer and vocab_size is None:
-        raise ConfigError("--train-tokenizer needs the size of the vocabulary to train", "--vocab-size")
+        raise ConfigError(
+            "--train-tokenizer needs the size of the vocabulary to train",
+            "--vocab-size",
+            f"add --vocab-size N, at least {MIN_BPE_VOCAB} (e.g. 32000)",
+        )
     if train_tokenizer and vocab_size < MIN_BPE_VOCAB:
         raise ConfigError(
             f"a byte-level BPE needs at least {MIN_BPE_VOCAB} tokens (256 bytes, BOS, EOS), not {vocab_size}",
             "--vocab-size",
+            f"give --vocab-size {MIN_BPE_VOCAB} or more",
         )
     if not train_tokenizer and vocab_size is not None:
         raise ConfigError(
@@ -281,11 +300,19 @@ def prepare_dataset(
     with output_folder(output, DATASET_KIND, overwrite, inputs=[*inputs, *val_inputs]) as build:
         files = discover_files(inputs)
         if not files:
-            raise DataPreparationError("no input files found", "--input " + " ".join(map(str, inputs)))
+            raise DataPreparationError(
+                "no input files found",
+                "--input " + " ".join(map(str, inputs)),
+                "give text, JSONL or parquet files, or folders holding some (hidden ones are skipped)",
+            )
         if val_inputs:
             val_files = discover_files(val_inputs, split="val")
             if not val_files:
-                raise DataPreparationError("no validation files found", "--val-input " + " ".join(map(str, val_inputs)))
+                raise DataPreparationError(
+                    "no validation files found",
+                    "--val-input " + " ".join(map(str, val_inputs)),
+                    "give text, JSONL or parquet files, or folders holding some (hidden ones are skipped)",
+                )
             held_out = {os.path.realpath(f.path) for f in val_files}
             train_files = [with_split(f, "train") for f in files if os.path.realpath(f.path) not in held_out]
             if not train_files:
@@ -305,7 +332,11 @@ def prepare_dataset(
         else:
             files = plan_split(files, val_fraction)
         if sum(f.n_bytes for f in files) == 0:
-            raise DataPreparationError("the input files are all empty", "--input " + " ".join(map(str, inputs)))
+            raise DataPreparationError(
+                "the input files are all empty",
+                "--input " + " ".join(map(str, inputs)),
+                "give files that hold text",
+            )
         choice = TokenizerChoice(
             path=None if tokenizer is None else str(tokenizer),
             train_vocab_size=vocab_size if train_tokenizer else None,

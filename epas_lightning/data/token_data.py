@@ -176,19 +176,27 @@ class TokenData:
         counts |= {} if vocab_size is None else {"vocab_size": vocab_size}  # "512" failed comparing int and str
         if wrong := {name: n for name, n in counts.items() if not isinstance(n, int) or isinstance(n, bool)}:
             name = next(iter(wrong))  # "8" or 64.0 failed comparing str and int, or later in the loader
-            raise ConfigError(f"{name} must be a whole number, got {wrong[name]!r}", f"data.{name}")
+            raise ConfigError(
+                f"{name} must be a whole number, got {wrong[name]!r}",
+                f"data.{name}",
+                "give it without quotes or a decimal point",
+            )
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}", "data.batch_size", "set 1 or more")
         if vocab_size is not None and vocab_size < 1:  # "the tokenizer has 512 tokens but the vocab_size is 0"
             raise ConfigError(f"vocab_size must be at least 1, got {vocab_size}", "data.vocab_size", "leave it unset")
         if seq_len < 1:  # linked from the model's block_size on the command line
-            raise ConfigError(f"seq_len must be at least 1, got {seq_len}", "data.seq_len (model.config.block_size)")
+            raise ConfigError(
+                f"seq_len must be at least 1, got {seq_len}",
+                "data.seq_len (model.config.block_size)",
+                "set model.config.block_size to 1 or more",
+            )
         if num_workers < 0:
             raise ConfigError(
                 f"num_workers must be 0 or more, got {num_workers}", "data.num_workers", "0 loads in the main process"
             )
         if not 0 <= seed < 2**32:  # numpy's RandomState, which litdata shuffles with, refused it in a traceback
-            raise ConfigError(f"seed must be from 0 to {2**32 - 1}, got {seed}", "data.seed")
+            raise ConfigError(f"seed must be from 0 to {2**32 - 1}, got {seed}", "data.seed", "pick one in that range")
         dirs = [data_dir] if isinstance(data_dir, str | Path) else list(data_dir or [])
         if weights is not None:
             check_weights(weights, len(dirs))
@@ -288,6 +296,7 @@ class TokenData:
         raise DataError(
             "neither a token stream (index.json) nor a prepared directory (val/index.json)",
             f"data.val_dir {self.val_dir}",
+            "give a folder `epas prepare` wrote (or its val/ folder), or leave data.val_dir unset",
         )
 
     def _prepared_val_dir(self) -> Path | None:
@@ -413,6 +422,7 @@ def check_weights(weights: list[float], n_dirs: int) -> None:
         raise ConfigError(
             f"weights must be {n_dirs} finite non-negative numbers, not all zero (one per data_dir), got {weights}",
             "data.weights",
+            f"give one weight per data_dir, e.g. [{', '.join(['1'] * n_dirs)}]",
         )
 
 

@@ -344,7 +344,11 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, length: int | No
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < MIN_BPE_VOCAB:
-        raise TokenizerError(f"vocab_size must be at least {MIN_BPE_VOCAB} for a byte-level BPE, got {vocab_size}")
+        raise TokenizerError(
+            f"vocab_size must be at least {MIN_BPE_VOCAB} for a byte-level BPE, got {vocab_size}",
+            "vocab_size",
+            f"give {MIN_BPE_VOCAB} or more (256 bytes, BOS, EOS and the merges)",
+        )
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -37,7 +37,9 @@ def region_lengths(spec: int | str | None, loaded: LoadedModel, force: bool) -> 
     try:
         return [int(spec)]
     except ValueError:
-        raise ConfigError(f"a layer count or 'all', not {spec!r}", "--sharing-layers") from None
+        raise ConfigError(
+            f"a layer count or 'all', not {spec!r}", "--sharing-layers", "give a number of layers, e.g. 4, or all"
+        ) from None
 
 
 def evaluate(

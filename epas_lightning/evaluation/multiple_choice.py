@@ -49,7 +49,9 @@ def load_task(path: str | Path) -> list[Question]:
             item = json.loads(line)
             fields = item["context"], item["choices"], item["label"]
         except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"expected {{'context', 'choices', 'label'}} ({e})", f"{path}:{n}") from e
+            raise DataError(
+                f"expected {{'context', 'choices', 'label'}} ({e})", f"{path}:{n}", f"write it as {QUESTION_EXAMPLE}"
+            ) from e
         question = Question(*checked_fields(*fields, where=f"{path}:{n}"), where=f"{path}:{n}")
         if len(question.choices) < 2:  # was "label 0 is not one of 1 choices"
             choices = f"{len(question.choices)} choice" + ("" if len(question.choices) == 1 else "s")

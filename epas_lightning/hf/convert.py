@@ -104,11 +104,15 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
         raise HFCheckpointError("HF model directory does not exist", path, "check the path")
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise HFCheckpointError("no config.json: not an HF model directory", path)
+        raise HFCheckpointError(
+            "no config.json: not an HF model directory",
+            path,
+            "give the folder save_pretrained wrote (config.json and weights)",
+        )
     try:
         return json.loads(config_file.read_text())
     except ValueError as e:
-        raise HFCheckpointError(f"not valid JSON ({e})", config_file) from e
+        raise HFCheckpointError(f"not valid JSON ({e})", config_file, "copy the model folder again") from e
 
 
 def rope_of(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
@@ -133,7 +137,9 @@ def rope_of(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     try:
         return theta, RopeScaling(rope_type, **read)
     except ConfigError as e:
-        raise HFCheckpointError(f"{field} {json.dumps(source)}: {e.what}") from e
+        raise HFCheckpointError(
+            f"{field} {json.dumps(source)}: {e.what}", fix=f"correct {field} in its config.json"
+        ) from e
 
 
 def config_object(hf: dict[str, Any], key: str) -> dict[str, Any]:
@@ -266,10 +272,15 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
     check_no_sliding_window(hf)
     missing = [key for key in REQUIRED_HF_KEYS if key not in hf]
     if missing:
-        raise HFCheckpointError(f"its config.json lacks {', '.join(missing)}: not a complete LLaMA config")
+        raise HFCheckpointError(
+            f"its config.json lacks {', '.join(missing)}: not a complete LLaMA config",
+            fix="copy the model folder again, or give one whose config.json save_pretrained wrote",
+        )
     check_sizes(hf)
     if model_type in ("llama", "epas_llama") and config_flag(hf, "mlp_bias"):  # Mistral's and Qwen2's have none
-        raise HFCheckpointError("mlp_bias=true is not supported: our MLP has no biases.")
+        raise HFCheckpointError(
+            "mlp_bias=true is not supported: our MLP has no biases.", fix="use a LLaMA checkpoint without MLP biases"
+        )
     if quantization := hf.get("quantization_config"):
         method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
         raise HFCheckpointError(
@@ -278,12 +289,16 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
             fix="use the model's unquantized (bf16/fp16/fp32) release",
         )
     if hf.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers' two names of one activation
-        raise HFCheckpointError(f"hidden_act={hf['hidden_act']!r} is not supported: our MLP is SwiGLU (silu).")
+        raise HFCheckpointError(
+            f"hidden_act={hf['hidden_act']!r} is not supported: our MLP is SwiGLU (silu).",
+            fix="use a LLaMA-architecture checkpoint (hidden_act silu)",
+        )
     n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or n_embd // n_head
     if head_dim * n_head != n_embd:
         raise HFCheckpointError(
-            f"head_dim={head_dim} with {n_head} heads != hidden_size={n_embd}: decoupled head_dim is not supported."
+            f"head_dim={head_dim} with {n_head} heads != hidden_size={n_embd}: decoupled head_dim is not supported.",
+            fix="use a checkpoint whose head_dim is hidden_size / num_attention_heads (or unset)",
         )
     theta, scaling = rope_of(hf)
     fields = dict(
@@ -305,7 +320,10 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
     try:
         LlamaConfig(**fields)  # the folder's own mistakes named as its, not as model.config's
     except ConfigError as e:
-        raise HFCheckpointError(f"its config.json makes no valid model: {e.what}") from e
+        raise HFCheckpointError(
+            f"its config.json makes no valid model: {e.what}",
+            fix="copy the model folder again, or give one whose config.json save_pretrained wrote",
+        ) from e
     return LlamaConfig(**{**fields, **overrides})
 
 
@@ -313,7 +331,7 @@ def check_compatible(
     config: LlamaConfig, hf: dict[str, Any] | str | Path, source: str = "the checkpoint", fix: str | None = None
 ) -> LlamaConfig:
     """Fail, listing every difference, when ``config`` cannot hold the weights of the HF config ``hf``; return the
-    HF model's config (:func:`config_from_hf`). The error ends with ``fix``, by default the fields to use."""
+    HF model's config (:func:`config_from_hf`). The error's fix is ``fix``, by default the fields to use."""
     theirs = config_from_hf(hf)
     diffs = [
         f"{name}: model {getattr(config, name)!r} vs {source} {getattr(theirs, name)!r}"
@@ -322,8 +340,8 @@ def check_compatible(
     ]
     if diffs:
         suggestion = {k: theirs.to_dict()[k] for k in COMPARED_FIELDS}
-        fix = fix or f"Use these model.config fields: {json.dumps(suggestion)}"
-        raise HFCheckpointError(f"model.config does not match {source}: " + "; ".join(diffs) + f". {fix}")
+        fix = fix or f"use these model.config fields: {json.dumps(suggestion)}"
+        raise HFCheckpointError(f"model.config does not match {source}: " + "; ".join(diffs), fix=fix)
     return theirs
 
 
@@ -390,7 +408,7 @@ def _safetensors_shapes(file: Path) -> dict[str, torch.Tensor]:
         with safe_open(file, "pt") as f:
             return {key: safetensors_meta(f, key) for key in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError) as e:
-        raise HFCheckpointError(f"corrupt or truncated safetensors ({e})", file) from e
+        raise HFCheckpointError(f"corrupt or truncated safetensors ({e})", file, "copy the model folder again") from e
 
 
 def safetensors_meta(f: Any, key: str) -> torch.Tensor:
@@ -408,7 +426,7 @@ def _safetensors_load(file: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(file, device="cpu")
     except (SafetensorError, OSError) as e:
-        raise HFCheckpointError(f"corrupt or truncated safetensors ({e})", file) from e
+        raise HFCheckpointError(f"corrupt or truncated safetensors ({e})", file, "copy the model folder again") from e
 
 
 def _shard_files(path: Path, index_name: str) -> list[Path]:
@@ -432,7 +450,7 @@ def _shard_files(path: Path, index_name: str) -> list[Path]:
     shards = [path / name for name in sorted(names)]
     for shard in shards:
         if not shard.is_file():
-            raise HFCheckpointError(f"shard listed in {index_name} is missing", shard)
+            raise HFCheckpointError(f"shard listed in {index_name} is missing", shard, "copy the model folder again")
     return shards
 
 
@@ -446,17 +464,26 @@ def hf_to_ours(hf_state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[s
             continue
         ours = key[len(HF_PREFIX) :] if key.startswith(HF_PREFIX) else key
         if ours in state:
-            raise HFCheckpointError(f"the weights hold {ours} twice, with and without the {HF_PREFIX!r} prefix")
+            raise HFCheckpointError(
+                f"the weights hold {ours} twice, with and without the {HF_PREFIX!r} prefix",
+                fix="save the model again with save_pretrained",
+            )
         if key.startswith(HF_PREFIX) or key == "lm_head.weight" or key.startswith(BASE_MODEL_NAMES):
             state[ours] = tensor
         else:
             unknown.append(key)
     if unknown:
-        raise HFCheckpointError(f"Unexpected tensors in the HF checkpoint: {sorted(unknown)[:8]}")
+        raise HFCheckpointError(
+            f"Unexpected tensors in the HF checkpoint: {sorted(unknown)[:8]}",
+            fix="use a plain LLaMA-architecture checkpoint (no weights of other modules)",
+        )
     if config.tie_embeddings:
         _tie_head(state)
     elif "lm_head.weight" not in state:
-        raise HFCheckpointError("The HF checkpoint has no lm_head.weight but tie_word_embeddings is false.")
+        raise HFCheckpointError(
+            "The HF checkpoint has no lm_head.weight but tie_word_embeddings is false.",
+            fix="copy the model folder again",
+        )
     for key in VOCAB_KEYS:
         if key in state:
             check_vocab_rows(state[key], config.vocab_size, HF_PREFIX + key if key != "lm_head.weight" else key)
@@ -490,7 +517,9 @@ def hf_tensors(path: str | Path, config: LlamaConfig) -> Iterator[tuple[str, tor
                     for key in f.keys():  # noqa: SIM118 - a safe_open handle is no dict
                         yield from _ours(key, f.get_tensor(key), config, path)
             except (SafetensorError, OSError) as e:
-                raise HFCheckpointError(f"corrupt or truncated safetensors ({e})", file) from e
+                raise HFCheckpointError(
+                    f"corrupt or truncated safetensors ({e})", file, "copy the model folder again"
+                ) from e
         else:
             from epas_lightning.safe_load import load_torch_file
 

@@ -144,13 +144,21 @@ def token_lists(prompts: Sequence[Sequence[int]] | torch.Tensor) -> list[list[in
         ) from None
 
 
+SAMPLING_FIXES = {
+    "temperature": "use 0 (greedy) or more, e.g. 0.7",
+    "top_k": "use 1 or more, or leave it unset",
+    "top_p": "use e.g. 0.9, or leave it unset",
+}
+"""What to do about each sampling setting :func:`check_sampling` refuses."""
+
+
 def check_sampling_arguments(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """:func:`check_sampling` as a :class:`ConfigError` naming the argument, before anything runs (a bad ``top_p``
     failed after the prefill, leaving the model in eval mode)."""
     try:
         check_sampling(temperature, top_k, top_p)
     except SamplingError as e:
-        raise ConfigError(str(e), e.setting) from None
+        raise ConfigError(str(e), e.setting, SAMPLING_FIXES[e.setting]) from None
 
 
 def seed_number(seed: object) -> int | None:
@@ -161,9 +169,13 @@ def seed_number(seed: object) -> int | None:
     try:
         seed = operator.index(seed)
     except TypeError:
-        raise ConfigError(f"seed must be a whole number, got {seed!r}", "seed") from None
+        raise ConfigError(f"seed must be a whole number, got {seed!r}", "seed", "pass an int, or None") from None
     if not -(2**63) <= seed < 2**64:  # manual_seed's range: serve's n choices of a seed 2**63 - 1 reach 2**63
-        raise ConfigError(f"seed must lie in -2**63..2**64-1 (what torch's generators take), got {seed}", "seed")
+        raise ConfigError(
+            f"seed must lie in -2**63..2**64-1 (what torch's generators take), got {seed}",
+            "seed",
+            "pick one in that range",
+        )
     return seed
 
 
@@ -199,9 +211,17 @@ class Decoder:
         check_has_weights(model)
         prompts = token_lists(prompts)
         if not prompts or any(len(p) == 0 for p in prompts):
-            raise DataError("give at least one prompt, each with at least one token", "prompts")
+            raise DataError(
+                "give at least one prompt, each with at least one token",
+                "prompts",
+                "drop empty prompts, or start each with the tokenizer's bos_id",
+            )
         if not is_whole_number(max_new_tokens) or max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}", "max_new_tokens")
+            raise ConfigError(
+                f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}",
+                "max_new_tokens",
+                "pass 1 or more",
+            )
         max_new_tokens = int(max_new_tokens)  # numpy's, a tensor's too
         check_sampling_arguments(temperature, top_k, top_p)
         config = model.config
@@ -344,7 +364,11 @@ def _decode(decoder: Decoder, eos_id: int | Sequence[int] | None, pad_id: int) -
     stop_ids = stop_id_list(eos_id)
     vocab_size = model.config.vocab_size
     if outside := [i for i in stop_ids if not 0 <= i < vocab_size]:  # never sampled: no row would stop
-        raise ConfigError(f"eos_id must be token ids in 0..{vocab_size - 1}, got {outside}", "eos_id")
+        raise ConfigError(
+            f"eos_id must be token ids in 0..{vocab_size - 1}, got {outside}",
+            "eos_id",
+            "pass the tokenizer's EOS id (its eos_id), or None",
+        )
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
     _sync(device)
     start = time.perf_counter()
@@ -391,7 +415,11 @@ def stop_id_list(eos_id: int | Sequence[int] | None) -> list[int]:
         several = isinstance(eos_id, Iterable) and not isinstance(eos_id, str | bytes)  # a set, a range too
         return [operator.index(i) for i in (eos_id if several else [eos_id])]
     except TypeError:
-        raise ConfigError(f"eos_id must be a token id or a list of them, got {eos_id!r}", "eos_id") from None
+        raise ConfigError(
+            f"eos_id must be a token id or a list of them, got {eos_id!r}",
+            "eos_id",
+            "pass an int, a list of ints, or None",
+        ) from None
 
 
 def _until_eos(tokens: list[int], stop_ids: list[int]) -> list[int]:

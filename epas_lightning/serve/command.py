@@ -145,10 +145,14 @@ def serve_command(
     """
     require_litserve()
     if not 1024 <= port <= 65535:
-        raise ConfigError(f"port must lie in 1024..65535, not {port}", "--port")
+        raise ConfigError(
+            f"port must lie in 1024..65535, not {port}", "--port", "pick a free one in that range, e.g. 8000"
+        )
     check_counts({"--max-batch-size": max_batch_size})
     if batch_timeout < 0:
-        raise ConfigError(f"must be at least 0, got {batch_timeout}", "--batch-timeout")
+        raise ConfigError(
+            f"must be at least 0, got {batch_timeout}", "--batch-timeout", "give 0 (no wait) or more seconds, e.g. 0.05"
+        )
     where = resolve_device(device)
     resolve_dtype(dtype, where)
     check_tokenizer_flag(tokenizer)

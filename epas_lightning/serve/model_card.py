@@ -66,11 +66,14 @@ class ServedModel:
                 f"--max-tokens must lie in 1..{config.context_length - 1} (the context length leaves room for a "
                 "prompt)",
                 f"--max-tokens {max_tokens}",
+                "give one in that range, or leave it out (the context length minus one)",
             )
         if max_choices < 1:
-            raise ConfigError("--max-choices must be at least 1", f"--max-choices {max_choices}")
+            raise ConfigError("--max-choices must be at least 1", f"--max-choices {max_choices}", "give 1 or more")
         if not max_request_mb > 0:
-            raise ConfigError("--max-request-mb must be positive", f"--max-request-mb {max_request_mb}")
+            raise ConfigError(
+                "--max-request-mb must be positive", f"--max-request-mb {max_request_mb}", "give a size in MiB, e.g. 8"
+            )
         ids = tokenizer.bos_id, tokenizer.eos_id
         template, no_chat = _chat_template(tokenizer.path)
         return cls(
