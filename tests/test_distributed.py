@@ -1,7 +1,8 @@
 """Multi-process training on CPU (gloo): FSDP2 and DDP through region switches, sharded resume, two torchrun nodes.
 
 Every multi-process run is a subprocess (``tests/scripts/distributed_fit.py``): Lightning re-launches ``sys.argv`` for
-extra ranks, or (``fit_both_ranks``) the test starts both ranks at once as a launcher would. One-process runs call the
+extra ranks, or (``fit_both_ranks``) the test starts both ranks at once as a launcher would, or two ``torchrun``
+"nodes" start one each (``fit_on_two_torchrun_nodes``). One-process runs call the
 script's ``main`` in the test process (no interpreter to start). The script trains a 4-layer debug model on synthetic
 tokens; layer 3 starts sharing at step 2, layers 2-3 at step 4.
 """
@@ -62,6 +63,26 @@ def fit_both_ranks(out: Path, *args: str) -> list[dict]:
     return ranks(out)
 
 
+def fit_on_two_torchrun_nodes(out: Path, *args: str) -> list[dict]:
+    """The script under two ``torchrun`` "nodes" of one process each on localhost (c10d rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+    rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "epas-test"]
+    cmd = [*launcher, *rendezvous, str(SCRIPT), "--out", str(out), "--devices", "1", "--num-nodes", "2", *args]
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())]
+    nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env()))
+    try:
+        results = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for node, (stdout, stderr) in zip(nodes, results, strict=True):
+        assert node.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return ranks(out)
+
+
 def fit_in_this_process(out: Path, *args: str) -> list[dict]:
     """A one-process run of the script inside pytest (``--devices 1``)."""
     spec = importlib.util.spec_from_file_location("distributed_fit", SCRIPT)
@@ -84,15 +105,16 @@ def assert_switches_on_every_rank(ranks: list[dict]) -> None:
         assert {int(s): v["qk_no_grad"] for s, v in rank["steps"].items()} == MASKS
 
 
-def test_fsdp2_two_ranks_match_one_rank_through_switches(tmp_path):
+def test_fsdp2_two_torchrun_nodes_match_one_rank_through_switches(tmp_path):
+    """Two torchrun "nodes" of one process each on localhost (c10d rendezvous), with AC, train as one rank does."""
     one = fit_in_this_process(tmp_path / "one", "--devices", "1", "--clip", "0.5")
-    two = fit_both_ranks(tmp_path / "two", "--clip", "0.5")
-    assert len(two) == 2 and two[0]["world_size"] == 2
+    two = fit_on_two_torchrun_nodes(tmp_path / "two", "--clip", "0.5", "--activation-checkpointing")
+    assert len(two) == 2 and all(r["world_size"] == 2 for r in two)
     assert_switches_on_every_rank(two)
     # each rank holds half of every sharded parameter
     assert one[0]["local_shapes"]["model.embed_tokens.weight"] == [512, 64]
     assert all(r["local_shapes"]["model.embed_tokens.weight"] == [256, 64] for r in two)
-    # same init for any number of ranks, same global batch: fp32 sums in another order only
+    # same init for any number of ranks, same global batch: fp32 sums in another order only (AC recomputes alike)
     assert global_losses(two) == pytest.approx(global_losses(one), rel=2e-6)
     # train/loss and train/grad_norm are the global batch's, the same on every rank
     for rank in two:
@@ -109,9 +131,12 @@ def test_ddp_with_find_unused_parameters_matches_one_process(tmp_path):
     assert global_losses(ddp) == pytest.approx(global_losses(single), rel=2e-6)
 
 
-def test_fsdp2_bf16_true_keeps_bf16_weights(tmp_path):
-    (run,) = fit_in_this_process(tmp_path, "--devices", "1", "--precision", "bf16-true", "--steps", "3")
-    assert run["param_dtype"] == "torch.bfloat16" and sorted(run["steps"], key=int) == ["0", "1", "2"]
+@pytest.mark.parametrize("precision,weights", [("bf16-true", "bfloat16"), ("bf16-mixed", "float32")])
+def test_fsdp2_bf16_keeps_the_weights_of_its_precision(tmp_path, precision, weights):
+    """bf16-true trains bf16 weights; bf16-mixed (here with AC) keeps fp32 master weights, through the switches."""
+    (run,) = fit_in_this_process(tmp_path, "--devices", "1", "--precision", precision, "--activation-checkpointing")
+    assert run["param_dtype"] == f"torch.{weights}" and sorted(run["steps"], key=int) == [str(s) for s in range(6)]
+    assert_switches_on_every_rank([run])
     assert all(torch.isfinite(torch.tensor(s["loss"])) for s in run["steps"].values())
 
 
@@ -227,36 +252,6 @@ def test_a_one_device_checkpoint_resumes_under_fsdp2(tiny_corpus, tmp_path):
     assert sorted(sharded["steps"], key=int) == ["3", "4", "5"]
     for step in ("3", "4", "5"):  # the loss after each resumed update follows AdamW's restored moments
         assert sharded["steps"][step]["loss"] == pytest.approx(single["steps"][step]["loss"], rel=1e-5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_nodes_with_torchrun(tmp_path):
-    """Two torchrun "nodes" of one process each on localhost (c10d rendezvous), bf16-mixed with AC."""
-    port = free_port()
-    out = tmp_path / "run"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
-    rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "epas-test"]
-    args = ["--out", str(out), "--devices", "1", "--num-nodes", "2", "--precision", "bf16-mixed"]
-    cmd = [*launcher, *rendezvous, str(SCRIPT), *args, "--activation-checkpointing"]
-    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())]
-    nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env()))
-    try:
-        results = [node.communicate(timeout=300) for node in nodes]
-    finally:
-        for node in nodes:
-            node.kill()
-    for node, (stdout, stderr) in zip(nodes, results, strict=True):
-        assert node.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
-    assert len(ranks) == 2 and all(r["world_size"] == 2 for r in ranks)
-    assert_switches_on_every_rank(ranks)
-    assert all(r["param_dtype"] == "torch.float32" for r in ranks)  # bf16-mixed: fp32 master weights
-    assert all(r["local_shapes"]["model.embed_tokens.weight"] == [256, 64] for r in ranks)
 
 
 def test_two_rank_fsdp2_fit_from_the_cli_reports_true_held_out_loss_and_resumes(tiny_corpus, tmp_path):
