@@ -72,12 +72,13 @@ def debug_fit_run(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory):
 
 # Tests that take one of these costly module or session fixtures (or one made from it) run in one pytest-xdist worker:
 # a second worker that got one of them built the fixture again (test_serve's two servers, each a fresh process loading
-# a model; a fit through the entry point; two DDP rank processes). xdist_group marks cannot do it: pytest-xdist 3.8's
+# a model; a fit through the entry point; two rank processes). xdist_group marks cannot do it: pytest-xdist 3.8's
 # loadgroup renames the items, which pytest 9 ignores.
 SHARED_FIXTURES = {
     "test_serve servers": {"server", "client", "long_server", "long_server_started"},
     "debug_fit_run": {"debug_fit_run"},
     "two_rank_runs": {"two_rank_runs"},
+    "torchrun_runs": {"torchrun_runs"},
 }
 
 

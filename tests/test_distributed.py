@@ -105,10 +105,20 @@ def assert_switches_on_every_rank(ranks: list[dict]) -> None:
         assert {int(s): v["qk_no_grad"] for s, v in rank["steps"].items()} == MASKS
 
 
-def test_fsdp2_two_torchrun_nodes_match_one_rank_through_switches(tmp_path):
-    """Two torchrun "nodes" of one process each on localhost (c10d rendezvous), with AC, train as one rank does."""
+@pytest.fixture(scope="module")
+def torchrun_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
+    """Two torchrun "nodes" of one process each on localhost (c10d rendezvous) train under FSDP2 (with AC and gradient
+    clipping), then under DDP (find_unused_parameters) in the same two processes: each run's rank records."""
+    root = tmp_path_factory.mktemp("torchrun")
+    ddp = ["--out", str(root / "ddp"), "--devices", "1", "--num-nodes", "2", "--strategy", "ddp"]
+    fsdp2 = fit_on_two_torchrun_nodes(root / "fsdp2", "--clip", "0.5", "--activation-checkpointing", "--then", *ddp)
+    return {"fsdp2": fsdp2, "ddp": ranks(root / "ddp")}
+
+
+def test_fsdp2_two_torchrun_nodes_match_one_rank_through_switches(torchrun_runs, tmp_path):
+    """Two torchrun "nodes" of one process each, with AC, train as one rank does."""
     one = fit_in_this_process(tmp_path / "one", "--devices", "1", "--clip", "0.5")
-    two = fit_on_two_torchrun_nodes(tmp_path / "two", "--clip", "0.5", "--activation-checkpointing")
+    two = torchrun_runs["fsdp2"]
     assert len(two) == 2 and all(r["world_size"] == 2 for r in two)
     assert_switches_on_every_rank(two)
     # each rank holds half of every sharded parameter
@@ -124,9 +134,10 @@ def test_fsdp2_two_torchrun_nodes_match_one_rank_through_switches(tmp_path):
         assert [m["train/grad_norm"] for m in logged] == pytest.approx(norms, rel=1e-5)
 
 
-def test_ddp_with_find_unused_parameters_matches_one_process(tmp_path):
+def test_ddp_with_find_unused_parameters_matches_one_process(torchrun_runs, tmp_path):
     single = fit_in_this_process(tmp_path / "single", "--devices", "1", "--strategy", "single")
-    ddp = fit_both_ranks(tmp_path / "ddp", "--strategy", "ddp")
+    ddp = torchrun_runs["ddp"]
+    assert len(ddp) == 2 and all(r["world_size"] == 2 for r in ddp)
     assert_switches_on_every_rank(ddp)
     assert global_losses(ddp) == pytest.approx(global_losses(single), rel=2e-6)
 
