@@ -2,6 +2,7 @@
 
 import ast
 import os
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -30,21 +31,30 @@ def _isolated_epas_cache(monkeypatch: pytest.MonkeyPatch, epas_cache_dir: Path) 
     monkeypatch.setenv("EPAS_CACHE_DIR", str(epas_cache_dir))
 
 
-@pytest.fixture(autouse=True)
-def _no_distributed_state_outlives_a_test():
+@contextmanager
+def no_distributed_state_left():
     """A Trainer with a distributed strategy (FSDP2 on one device here) keeps its process group and leaves
     ``LOCAL_RANK``, ``NODE_RANK`` and ``MASTER_*`` in the environment: a multi-rank subprocess started by a later test
     inherits them, takes itself for an already launched rank and waits for peers that never come. A process group
     that failed to start (its port held) leaves torch's count of groups at 1, which only destroying a group resets:
-    the next in-process FSDP2 fit then failed "Could not resolve the process group registered under the name 1"."""
+    the next in-process FSDP2 fit then failed "Could not resolve the process group registered under the name 1".
+    This puts both back as they were (for every test, and around a module fixture's in-process fits)."""
     environment = dict(os.environ)
-    yield
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    if dist.is_available():
-        dist.distributed_c10d._world.group_count = 0  # as destroy_process_group() leaves it
-    os.environ.clear()
-    os.environ.update(environment)
+    try:
+        yield
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        if dist.is_available():
+            dist.distributed_c10d._world.group_count = 0  # as destroy_process_group() leaves it
+        os.environ.clear()
+        os.environ.update(environment)
+
+
+@pytest.fixture(autouse=True)
+def _no_distributed_state_outlives_a_test():
+    with no_distributed_state_left():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -79,6 +89,7 @@ SHARED_FIXTURES = {
     "debug_fit_run": {"debug_fit_run"},
     "two_rank_runs": {"two_rank_runs"},
     "torchrun_runs": {"torchrun_runs"},
+    "sharded_runs": {"sharded_runs"},
 }
 
 

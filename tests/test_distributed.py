@@ -2,9 +2,10 @@
 
 Every multi-process run is a subprocess (``tests/scripts/distributed_fit.py``): Lightning re-launches ``sys.argv`` for
 extra ranks, or (``fit_both_ranks``) the test starts both ranks at once as a launcher would, or two ``torchrun``
-"nodes" start one each (``fit_on_two_torchrun_nodes``). One-process runs call the
-script's ``main`` in the test process (no interpreter to start). The script trains a 4-layer debug model on synthetic
-tokens; layer 3 starts sharing at step 2, layers 2-3 at step 4.
+"nodes" start one each (``fit_on_two_torchrun_nodes``). Runs that need no fresh processes of their own follow each
+other in the same ranks (``--then``; module fixtures, one xdist group each: see conftest's ``SHARED_FIXTURES``).
+One-process runs call the script's ``main`` in the test process (no interpreter to start). The script trains a
+4-layer debug model on synthetic tokens; layer 3 starts sharing at step 2, layers 2-3 at step 4.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import no_distributed_state_left
 from helpers import run_ranks_at_once
 from safetensors.torch import load_file
 
@@ -50,15 +52,9 @@ def ranks(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
 
 
-def fit(out: Path, *args: str) -> list[dict]:
-    cmd = [sys.executable, str(SCRIPT), "--out", str(out), *args]
-    check(subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=clean_env()))
-    return ranks(out)
-
-
 def fit_both_ranks(out: Path, *args: str) -> list[dict]:
-    """Two ranks of the script started together (``run_ranks_at_once``); ``fit`` lets Lightning start rank 1 once rank
-    0 has imported everything. That re-launch stays tested from the CLI (the tests at the end)."""
+    """Two ranks of the script started together (``run_ranks_at_once``), as a launcher starts them; Lightning's own
+    re-launch (rank 1 started once rank 0 has imported everything) is tested from the CLI and by the read error."""
     run_ranks_at_once([sys.executable, str(SCRIPT), "--out", str(out), "--devices", "2", *args], clean_env(), out)
     return ranks(out)
 
@@ -151,23 +147,55 @@ def test_fsdp2_bf16_keeps_the_weights_of_its_precision(tmp_path, precision, weig
     assert all(torch.isfinite(torch.tensor(s["loss"])) for s in run["steps"].values())
 
 
-def test_sharded_resume_mid_growth_and_consolidate(tiny_corpus, tmp_path):
-    """From a tied Qwen2 (init_from, q/k/v biases, streamed a tensor at a time): each rank loads its shard of the HF
-    weights, biases and tied head exactly; sharing layers' q/k biases get no grad; the sharded checkpoint resumes and
-    consolidates."""
+@pytest.fixture(scope="module")
+def sharded_runs(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three runs on two FSDP2 ranks, one after the other in the same two processes (``fit_both_ranks``, ``--then``):
+    the sharded-resume test's first run (from a tied Qwen2, ``hf/``) and its resume (``full/``, ``resumed/``), then
+    the init_from test's run (``init/two/``) from the sources it made here first (``init/``). Their folder."""
     from test_hf import save_tiny_hf
 
+    root = tmp_path_factory.mktemp("sharded")
+    hf, ckpt = save_tiny_hf(root / "hf", tie=True, kind="Qwen2", num_hidden_layers=4), root / "ckpt"
+    common = ["--activation-checkpointing", "--data-dir", str(tiny_corpus), "--init-from", str(hf)]
+    saves = ["--save-start", str(root / "start.st"), "--save-final", str(root / "final.st")]
+    one_by_one = ["--init-read-bytes", "1"]  # init_from hands each rank its shards a tensor (and tied head) at a time
+    first = [*common, *one_by_one, "--ckpt-dir", str(ckpt), *saves]  # a resumable loader
+    resume = ["--out", str(root / "resumed"), "--devices", "2", *common, "--resume", str(ckpt / "epoch=0-step=3.ckpt")]
+    init = root / "init"
+    with no_distributed_state_left():  # FSDP2's one-device fits leave a process group and a rank's environment
+        sharded, checkpoint, consolidated = init_from_sources(init)
+    run = ["--out", str(init / "two"), "--devices", "2", "--precision", "bf16-true", "--steps", "1"]
+    run += ["--init-from", str(sharded), "--init-read-bytes", "20000", "--save-start", str(init / "start.st")]
+    run += ["--reload", str(checkpoint), "--reload", str(consolidated), "--read-fails-on-rank", "1"]
+    fit_both_ranks(root / "full", *first, "--then", *resume, "--then", *run)
+    return root
+
+
+def init_from_sources(root: Path) -> tuple[Path, Path, Path]:
+    """Two steps of one bf16-true FSDP2 rank and of one fp32 process: the sharded folder and the .ckpt they save, and
+    the folder consolidated from the sharded one; ``bf16.st``/``fp32.st`` hold their trained weights."""
+    bf16, fp32 = root / "bf16", root / "fp32"
+    source = ["--devices", "1", "--steps", "2", "--ckpt-every", "2"]
+    fit_in_this_process(bf16, *source, "--precision", "bf16-true", "--ckpt-dir", str(bf16 / "ckpt"),
+                        "--save-final", str(root / "bf16.st"))  # fmt: skip
+    fit_in_this_process(fp32, *source, "--strategy", "single", "--ckpt-dir", str(fp32 / "ckpt"),
+                        "--save-final", str(root / "fp32.st"))  # fmt: skip
+    sharded, ckpt = bf16 / "ckpt" / "epoch=0-step=2.ckpt", fp32 / "ckpt" / "epoch=0-step=2.ckpt"
+    assert sharded.is_dir() and ckpt.is_file()
+    consolidated = root / "consolidated"
+    assert cli_main(["consolidate", "--checkpoint", str(sharded), "--output", str(consolidated)]) == 0
+    return sharded, ckpt, consolidated
+
+
+def test_sharded_resume_mid_growth_and_consolidate(sharded_runs):
+    """From a tied Qwen2 (init_from, q/k/v biases, streamed a tensor at a time): each rank loads its shard of the HF
+    weights, biases and tied head exactly; sharing layers' q/k biases get no grad; the sharded checkpoint resumes (in
+    the same two processes) and consolidates."""
     from epas_lightning.hf.convert import config_from_hf, load_hf_state
 
-    hf = save_tiny_hf(tmp_path / "hf", tie=True, kind="Qwen2", num_hidden_layers=4)
-    ckpt = tmp_path / "ckpt"
-    common = ["--activation-checkpointing", "--data-dir", str(tiny_corpus), "--init-from", str(hf)]
-    saves = ["--save-start", str(tmp_path / "start.st"), "--save-final", str(tmp_path / "final.st")]
-    one_by_one = ["--init-read-bytes", "1"]  # init_from hands each rank its shards a tensor (and tied head) at a time
-    mid = ckpt / "epoch=0-step=3.ckpt"
-    first = [*common, *one_by_one, "--ckpt-dir", str(ckpt), *saves]  # a resumable loader
-    then = ["--out", str(tmp_path / "resumed"), "--devices", "2", *common, "--resume", str(mid)]
-    full = fit_both_ranks(tmp_path / "full", *first, "--then", *then)  # the resume in the same two processes
+    root = sharded_runs
+    hf, ckpt, mid = root / "hf", root / "ckpt", root / "ckpt" / "epoch=0-step=3.ckpt"
+    full = ranks(root / "full")
     assert_switches_on_every_rank(full)
     assert full[1]["init_batches"] == [[]] * len(full[0]["init_batches"])  # rank 0 reads, rank 1 receives
     tied = ["embed_tokens.weight", "lm_head.weight"]
@@ -175,12 +203,12 @@ def test_sharded_resume_mid_growth_and_consolidate(tiny_corpus, tmp_path):
     assert all(len(keys) == 1 or keys == tied for keys in full[0]["init_batches"])
     bias = "model.layers.3._checkpoint_wrapped_module.self_attn.k_proj.bias"  # 32 values: 16 on each rank
     assert all(r["tied"] and r["local_shapes"][bias] == [16] for r in full)
-    start, trained = load_file(tmp_path / "start.st"), load_file(tmp_path / "final.st")
+    start, trained = load_file(root / "start.st"), load_file(root / "final.st")
     for name, tensor in load_hf_state(hf, config_from_hf(hf, block_size=32)).items():
         torch.testing.assert_close(start[name], tensor, rtol=0, atol=0, msg=name)
     assert not torch.equal(start["layers.3.self_attn.k_proj.bias"], trained["layers.3.self_attn.k_proj.bias"])
     assert sorted(p.name for p in mid.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
-    resumed = ranks(tmp_path / "resumed")
+    resumed = ranks(root / "resumed")
     assert len(resumed) == 2
     for a, b in zip(full, resumed, strict=True):
         assert sorted(b["steps"], key=int) == ["3", "4", "5"]
@@ -188,7 +216,7 @@ def test_sharded_resume_mid_growth_and_consolidate(tiny_corpus, tmp_path):
             assert b["steps"][step]["shared"] == a["steps"][step]["shared"]
             assert b["steps"][step]["loss"] == pytest.approx(a["steps"][step]["loss"], rel=1e-6)
 
-    out = tmp_path / "consolidated"
+    out = root / "consolidated"
     assert cli_main(["consolidate", "--checkpoint", str(ckpt / "epoch=0-step=6.ckpt"), "--output", str(out)]) == 0
     record = json.loads((out / "config.json").read_text())
     assert record["sharing"]["shared_layers"] == [2, 3] and record["model"]["n_layer"] == 4
@@ -200,25 +228,13 @@ def test_sharded_resume_mid_growth_and_consolidate(tiny_corpus, tmp_path):
         torch.testing.assert_close(state[name], tensor, rtol=0, atol=0, msg=name)
 
 
-def test_init_from_our_checkpoints_on_two_fsdp2_ranks(tmp_path):
+def test_init_from_our_checkpoints_on_two_fsdp2_ranks(sharded_runs):
     """Two bf16-true FSDP2 ranks start from a bf16 sharded folder, then (after fit) load a float32 .ckpt and the folder
     consolidated, each streamed in batches of several tensors: the gathered weights are the sources' bit for bit (the
     .ckpt's cast to bf16). Rank 0 alone reads them: rank 1's reader fails if called (every rank used to read)."""
-    bf16, fp32 = tmp_path / "bf16", tmp_path / "fp32"
-    source = ["--devices", "1", "--steps", "2", "--ckpt-every", "2"]
-    fit_in_this_process(bf16, *source, "--precision", "bf16-true", "--ckpt-dir", str(bf16 / "ckpt"),
-                        "--save-final", str(tmp_path / "bf16.st"))  # fmt: skip
-    fit_in_this_process(fp32, *source, "--strategy", "single", "--ckpt-dir", str(fp32 / "ckpt"),
-                        "--save-final", str(tmp_path / "fp32.st"))  # fmt: skip
-    sharded, ckpt = bf16 / "ckpt" / "epoch=0-step=2.ckpt", fp32 / "ckpt" / "epoch=0-step=2.ckpt"
-    assert sharded.is_dir() and ckpt.is_file()
-    consolidated = tmp_path / "consolidated"
-    assert cli_main(["consolidate", "--checkpoint", str(sharded), "--output", str(consolidated)]) == 0
+    tmp_path = sharded_runs / "init"
     out = tmp_path / "two"
-    run = ["--precision", "bf16-true", "--steps", "1", "--init-from", str(sharded), "--init-read-bytes", "20000"]
-    run += ["--save-start", str(tmp_path / "start.st"), "--reload", str(ckpt), "--reload", str(consolidated)]
-    run += ["--read-fails-on-rank", "1"]
-    two = fit(out, *run)
+    two = ranks(out)
     assert len(two) == 2 and all(r["param_dtype"] == "torch.bfloat16" for r in two)
     expected_bf16 = load_file(tmp_path / "bf16.st")
     expected_fp32 = {k: t.to(torch.bfloat16) for k, t in load_file(tmp_path / "fp32.st").items()}
