@@ -1,6 +1,9 @@
 """Shared fixtures. No test writes to the real home cache or into the repository."""
 
+import ast
 import os
+from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -28,21 +31,30 @@ def _isolated_epas_cache(monkeypatch: pytest.MonkeyPatch, epas_cache_dir: Path) 
     monkeypatch.setenv("EPAS_CACHE_DIR", str(epas_cache_dir))
 
 
-@pytest.fixture(autouse=True)
-def _no_distributed_state_outlives_a_test():
+@contextmanager
+def no_distributed_state_left():
     """A Trainer with a distributed strategy (FSDP2 on one device here) keeps its process group and leaves
     ``LOCAL_RANK``, ``NODE_RANK`` and ``MASTER_*`` in the environment: a multi-rank subprocess started by a later test
     inherits them, takes itself for an already launched rank and waits for peers that never come. A process group
     that failed to start (its port held) leaves torch's count of groups at 1, which only destroying a group resets:
-    the next in-process FSDP2 fit then failed "Could not resolve the process group registered under the name 1"."""
+    the next in-process FSDP2 fit then failed "Could not resolve the process group registered under the name 1".
+    This puts both back as they were (for every test, and around a module fixture's in-process fits)."""
     environment = dict(os.environ)
-    yield
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    if dist.is_available():
-        dist.distributed_c10d._world.group_count = 0  # as destroy_process_group() leaves it
-    os.environ.clear()
-    os.environ.update(environment)
+    try:
+        yield
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        if dist.is_available():
+            dist.distributed_c10d._world.group_count = 0  # as destroy_process_group() leaves it
+        os.environ.clear()
+        os.environ.update(environment)
+
+
+@pytest.fixture(autouse=True)
+def _no_distributed_state_outlives_a_test():
+    with no_distributed_state_left():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +78,47 @@ def debug_fit_run(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory):
 
     cwd = tmp_path_factory.mktemp("debug_fit")
     return run_cli(["fit", "--config", DEBUG_CONFIG, "--sharing.interval", "3"], cwd, tiny_corpus.parent), cwd
+
+
+# Tests that take one of these costly module or session fixtures (or one made from it) run in one pytest-xdist worker:
+# a second worker that got one of them built the fixture again (test_serve's two servers, each a fresh process loading
+# a model; a fit through the entry point; two rank processes). xdist_group marks cannot do it: pytest-xdist 3.8's
+# loadgroup renames the items, which pytest 9 ignores.
+SHARED_FIXTURES = {
+    "test_serve servers": {"server", "client", "long_server", "long_server_started"},
+    "debug_fit_run": {"debug_fit_run"},
+    "two_rank_runs": {"two_rank_runs"},
+    "torchrun_runs": {"torchrun_runs"},
+    "sharded_runs": {"sharded_runs"},
+}
+
+
+@cache
+def shared_fixture_groups(folder: Path) -> dict[str, str]:
+    """``{"tests/<file>::<test function>": group}`` for the test functions of ``folder`` whose arguments name a
+    fixture of ``SHARED_FIXTURES`` (read from the source: the controller process collects no tests)."""
+    groups = {}
+    for path in sorted(folder.glob("test_*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                names = {arg.arg for arg in node.args.args}
+                for group, fixtures in SHARED_FIXTURES.items():
+                    if names & fixtures:
+                        groups[f"{folder.name}/{path.name}::{node.name}"] = group
+    return groups
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist load`` (the default), except that the tests of a ``SHARED_FIXTURES`` group go to one worker: each
+    group is a unit of work, handed out first (the largest first), then every other test one by one."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    groups = shared_fixture_groups(Path(__file__).parent)
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return groups.get(nodeid.split("[", 1)[0], nodeid)
+
+    return SharedFixtureScheduling(config, log)

@@ -1389,25 +1389,36 @@ def three_chunk_data(corpus, sp_model: Path, tmp_path_factory: pytest.TempPathFa
     return [first, Path(shutil.copytree(first, first.parent / "copy"))]
 
 
+@pytest.fixture(scope="module")
+def two_rank_runs(sp_data: Path, three_chunk_data: list[Path], tmp_path_factory: pytest.TempPathFactory):
+    """``ddp_data_ranks.py`` on two DDP ranks started at once, its two runs one after the other in the same processes
+    (two interpreters fewer): one epoch of ``sp_data``, then, on a parallel file system (forced), two epochs of the
+    mixture of ``three_chunk_data``. Their output folders (one, mixture), each with a ``rank<R>.json`` per rank."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    one, mixture = root / "one", root / "mixture"
+    one.mkdir()
+    mixture.mkdir()
+    script = Path(__file__).parent / "scripts" / "ddp_data_ranks.py"
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}
+    runs = [str(sp_data), str(one), "--then", "LITDATA_POSIX_FAST=1", str(three_chunk_data[0]), str(mixture)]
+    command = [sys.executable, str(script), *runs, str(three_chunk_data[1])]
+    run_ranks_at_once(command, env, root / "logs")  # a hang without the fix; slow on 2 busy cores
+    return one, mixture
+
+
 @pytest.mark.slow
-def test_two_ranks_of_a_weighted_mixture_end_each_epoch_at_one_batch(three_chunk_data: list[Path], tmp_path: Path):
+def test_two_ranks_of_a_weighted_mixture_end_each_epoch_at_one_batch(two_rank_runs: tuple[Path, Path]):
     """litdata on a parallel file system (forced here) deals whole chunks to the loader workers of all ranks: three
     chunks to two ranks of two workers each leave rank 1 half of each stream. Rank 1 went on to its next epoch, and
     then ended, while rank 0 trained on, its gradients' all-reduce unanswered (a hang under NCCL)."""
-    script = Path(__file__).parent / "scripts" / "ddp_data_ranks.py"
-    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1]), "LITDATA_POSIX_FAST": "1"}
-    command = [sys.executable, str(script), str(three_chunk_data[0]), str(tmp_path), str(three_chunk_data[1])]
-    run_ranks_at_once(command, env, tmp_path / "logs", timeout=240)  # a hang without the fix; slow on 2 busy cores
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text())["epoch_batches"] for r in range(2)]
+    mixture = two_rank_runs[1]
+    ranks = [json.loads((mixture / f"rank{r}.json").read_text())["epoch_batches"] for r in range(2)]
     assert ranks[0] == ranks[1] and len(ranks[0]) == 2 and min(ranks[0]) > 0
 
 
 @pytest.mark.slow
-def test_two_ranks_read_disjoint_samples_covering_the_epoch(sp_data: Path, tmp_path: Path):
-    script = Path(__file__).parent / "scripts" / "ddp_data_ranks.py"
-    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}
-    run_ranks_at_once([sys.executable, str(script), str(sp_data), str(tmp_path)], env, tmp_path / "logs")
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+def test_two_ranks_read_disjoint_samples_covering_the_epoch(sp_data: Path, two_rank_runs: tuple[Path, Path]):
+    ranks = [json.loads((two_rank_runs[0] / f"rank{r}.json").read_text()) for r in range(2)]
     seen = [Counter(map(tuple, r["samples"])) for r in ranks]
     assert all(r["world_size"] == 2 for r in ranks) and [r["rank"] for r in ranks] == [0, 1]
     dm = tiny_dm(str(sp_data), batch_size=1)

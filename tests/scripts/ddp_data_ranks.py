@@ -1,16 +1,19 @@
 """Two CPU ranks (DDP, gloo) train on a prepared dataset; each writes the samples it read.
 
-    python tests/scripts/ddp_data_ranks.py DATA_DIR OUT_DIR [SECOND_DATA_DIR]
+    python tests/scripts/ddp_data_ranks.py DATA_DIR OUT_DIR [SECOND_DATA_DIR] [--then [NAME=VALUE ...] DATA_DIR ...]
     (run by tests/test_prepare.py as a subprocess)
 
 With a second folder the ranks train two epochs of the two mixed by weights [1, 1], with two loader workers each,
-and each writes how many batches it trained in each epoch.
+and each writes how many batches it trained in each epoch. Runs split by ``--then`` train one after the other in the
+same processes (two interpreters fewer to start); a run's leading ``NAME=VALUE`` arguments set the environment from
+that run on.
 
 The test starts both ranks at once (as a launcher would); run by hand, Lightning re-launches this script for rank 1.
 Either way it must stay a script, never run inside pytest.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -61,5 +64,20 @@ def main(data_dir: str, out_dir: str, second_dir: str | None = None) -> None:
     (Path(out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
+def main_runs(argv: list[str]) -> None:
+    """``main`` for each run in ``argv``, the runs split by ``--then``, after its ``NAME=VALUE`` settings."""
+    runs: list[list[str]] = [[]]
+    for arg in argv:
+        if arg == "--then":
+            runs.append([])
+        else:
+            runs[-1].append(arg)
+    for run in runs:
+        while run[0].partition("=")[0].isidentifier() and "=" in run[0]:
+            name, _, value = run.pop(0).partition("=")
+            os.environ[name] = value
+        main(*run)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main_runs(sys.argv[1:])

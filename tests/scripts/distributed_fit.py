@@ -9,12 +9,16 @@ the weights each loads after fit to ``<out>/reload<i>.st``. With ``--read-fails-
 checkpoint weights raises a ``CheckpointError`` after ``--read-fails-after`` tensors. A user error ends each process
 with one line on stderr and status 2; rank 0 then writes the exit statuses of the ranks it started to
 ``<out>/child_exits.json``.
+
+Arguments split by ``--then`` are runs one after the other in the same processes (and process group), e.g. a resume
+of the first run's checkpoint without starting two more interpreters.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -245,5 +249,17 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
 
+def main_runs(argv: list[str]) -> None:
+    """``main`` for each run in ``argv``, the runs split by ``--then``."""
+    runs: list[list[str]] = [[]]
+    for arg in argv:
+        if arg == "--then":
+            runs.append([])
+        else:
+            runs[-1].append(arg)
+    for run in runs:
+        main(run)
+
+
 if __name__ == "__main__":
-    run_script(main)
+    run_script(lambda: main_runs(sys.argv[1:]))
