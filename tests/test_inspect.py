@@ -236,6 +236,25 @@ def test_records_of_another_type_are_one_line_or_read_as_not_recorded(tmp_path, 
     )
 
 
+def test_a_held_out_record_fit_never_writes_reads_as_not_recorded(tmp_path):
+    """A hand-edited `heldout` entry was read as data.seed, data.data_dir or data.val_dir set wrong, and refused in
+    terms of settings the user of evaluate, bench or analyze never gave; it reads as an older checkpoint's (none)."""
+    from epas_lightning.checkpoint import describe_checkpoint
+
+    fit_wrote = {"data_dirs": ["/data/a", "/data/b"], "val_dir": "/data/v", "seed": 42}
+    assert describe_checkpoint(tiny_ckpt(tmp_path / "fit.ckpt", 8, [3], heldout=fit_wrote)).heldout is not None
+    for heldout in [
+        {"seed": -1},  # evaluate, bench and analyze said "seed must be from 0 to 4294967295 — data.seed"
+        {"seed": 2**32},
+        {"data_dirs": ["/data/a", "/data/a"]},  # "one folder is listed twice ... — data.data_dir"
+        {"data_dirs": [""]},  # the current folder: "incomplete data directory ... — ."
+        {"val_dir": ""},
+        {"val_dir": "/data/a\0b"},
+    ]:
+        ckpt = tiny_ckpt(tmp_path / "a.ckpt", 8, [3], heldout=fit_wrote | heldout)
+        assert describe_checkpoint(ckpt).heldout is None, heldout
+
+
 def test_a_checkpoint_folder_copied_without_one_of_its_files_says_which(tmp_path, capsys):
     """`cp -r run/step-8/* there` leaves a sharded checkpoint's hidden .metadata behind, and a consolidated folder
     copied without config.json lacks its config: both read as "not a checkpoint" or "no checkpoints in this folder"."""
