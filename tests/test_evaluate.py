@@ -336,6 +336,14 @@ def test_held_out_data_of_another_vocabulary_than_the_model_is_one_line(tmp_path
     assert cli_main(["evaluate", "--checkpoint", str(ckpt), "--device", "cpu"]) == 2
     fix = f"pass --data with a folder prepared with --tokenizer {ckpt / 'tokenizer.json'}"
     assert capsys.readouterr().err.endswith(f"— {other} — {fix}\n")
+    # there, but no longer a stream (emptied, or hand-edited): it said to leave data.val_dir unset, as if to fit
+    record["training"]["heldout"]["val_dir"] = str(tmp_path)
+    (ckpt / "config.json").write_text(json.dumps(record))
+    assert cli_main(["evaluate", "--checkpoint", str(ckpt), "--device", "cpu"]) == 2
+    recorded = f"data.val_dir {tmp_path}, the held-out data the checkpoint's run validated on"
+    assert capsys.readouterr().err.endswith(
+        f"— {recorded} — pass --data with a folder prepared with the model's tokenizer\n"
+    )
     resaved = tmp_path / "resaved.json"  # one vocabulary in another file gives the ids the same tokens
     Tokenizer.from_file(str(tiny_corpus / "tokenizer.json")).save(str(resaved), pretty=False)
     assert same_token_ids(resaved, ckpt / "tokenizer.json")
