@@ -395,3 +395,8 @@ def test_evaluate_cli_sweeps_regions(tmp_path: Path, tiny_corpus: Path, capsys: 
     capsys.readouterr()
     assert evaluate_main([*argv, "--batch-size", "100000"]) == 2  # a split too small for one batch: one line
     assert "holds fewer than 100000 sequences" in capsys.readouterr().err
+    save_consolidated(model, tmp_path / "bare")  # no data recorded: --batches asked for a loss, none came, no word
+    bare = ["--checkpoint", str(tmp_path / "bare"), "--tokenizer", str(tiny_corpus / "tokenizer.json")]
+    assert evaluate_main([*bare, "--tasks", str(task), "--batches", "2", "--json"]) == 0
+    says = "evaluate: no held-out loss: the checkpoint does not say which data it trained on (pass --data for one)\n"
+    assert capsys.readouterr().err.endswith(says)
