@@ -92,9 +92,33 @@ def describe(path: Path, check_weights: bool = True) -> dict[str, Any]:
         if recorded is None
         else {"path": str(recorded.path), "sha256": recorded.sha256, "state": tokenizer_state(info)},
         "val_loss": training["val_loss"],
+        "heldout": heldout_record(info),
         "source": training["source"],
         "size_bytes": path.stat().st_size if path.is_file() else folder_bytes(path),
     }
+
+
+def heldout_record(info: CheckpointInfo) -> dict[str, Any] | None:
+    """The held-out data the run validated on, which evaluate, bench and analyze read without ``--data``
+    (``data_dirs``, ``val_dir``, ``seed``, and the first of its folders that is ``missing``); ``None``: not recorded."""
+    if info.heldout is None:
+        return None
+    missing = info.heldout.missing()
+    return info.heldout.to_record() | {"missing": None if missing is None else str(missing)}
+
+
+def heldout_text(record: dict[str, Any] | None) -> str:
+    """The ``held-out data`` row: the ``data.val_dir``, or the val split(s) of the data folders, and what is gone."""
+    if record is None:
+        return "not recorded"
+    dirs = record["data_dirs"]
+    if record["val_dir"] is not None:
+        text = f"data.val_dir {record['val_dir']}"
+    elif len(dirs) == 1:
+        text = f"the val split of {dirs[0]}"
+    else:
+        text = f"the val splits of {', '.join(dirs)} (mixed, seed {record['seed']})"
+    return text + (f" (gone: {record['missing']})" if record["missing"] else "")
 
 
 def tokenizer_state(info: CheckpointInfo) -> str:
@@ -294,6 +318,7 @@ def describe_text(record: dict[str, Any]) -> str:
         "val loss": "not recorded"
         if val is None
         else f"{val['loss']:.4f}" + (f" at step {val['step']:,}" if val["step"] is not None else ""),
+        "held-out data": heldout_text(record["heldout"]),
         "size": size_text(record["size_bytes"]),
     }
     width = max(map(len, rows))
@@ -355,9 +380,10 @@ def inspect_command(checkpoint: Path, check_weights: bool | None = None, json: b
 
     For one checkpoint: its kind, step and epoch, the tokens trained, the trained sharing region in growth order and
     the --sharing-layers values generate, serve and evaluate accept for it, the model's shape, the dtype of its
-    weights and whether they are all finite, the tokenizer it recorded, the latest validation loss, its size on disk;
-    for a consolidated or Hugging Face folder, the training checkpoint it was made from, whose step, tokens and
-    validation loss consolidate and export carry. A folder that is not a checkpoint (a run folder, its checkpoints/
+    weights and whether they are all finite, the tokenizer it recorded, the latest validation loss and the held-out
+    data it was measured on (which evaluate, bench and analyze read without --data), its size on disk; for a
+    consolidated or Hugging Face folder, the training checkpoint it was made from, whose step, tokens, validation loss
+    and held-out data consolidate and export carry. A folder that is not a checkpoint (a run folder, its checkpoints/
     folder, runs/) lists the checkpoints under it, one line each, by step. Nothing is loaded as a model; checkpoints
     are read as safely as by every command.
 

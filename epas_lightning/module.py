@@ -392,11 +392,20 @@ class EPASModule(LightningModule):
             check_same_optimizer(trainer.optimizers[0], saved_groups, f"--ckpt_path {trainer.ckpt_path}")
         else:  # one device, DDP: checked once configure_optimizers has built it
             self._saved_optimizer_groups = saved_groups
-        self._last_validation = checkpoint.get(LAST_VALIDATION_KEY)  # until the resumed run validates again
+        self._last_validation = self._restored_validation(checkpoint, data)  # until the resumed run validates again
         # a resume does not read init_from again: keep the context length the run inherited from it
         recorded = (recorded or {}).get("max_position_embeddings")
         if self.config.max_position_embeddings is None and recorded and recorded > self.config.block_size:
             self.config.max_position_embeddings = recorded
+
+    @staticmethod
+    def _restored_validation(checkpoint: dict, data: object) -> dict | None:
+        """The checkpoint's latest validation, unless it was measured on other held-out data than the run's (a resume
+        with another data.val_dir or data folders): the next checkpoints paired its loss with the new data."""
+        validation, recorded = checkpoint.get(LAST_VALIDATION_KEY), checkpoint.get(HELDOUT_KEY)
+        if validation is None or recorded is None or getattr(data, "tokenizer", None) is None:
+            return validation
+        return validation if not hasattr(data, "heldout") or recorded == data.heldout().to_record() else None
 
     def _weights_dtype(self) -> torch.dtype | None:
         return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)

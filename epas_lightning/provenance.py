@@ -94,16 +94,22 @@ def checked(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _heldout(record: Any) -> dict[str, Any] | None:
-    """A held-out record (:data:`HELDOUT_KEY`) as ``fit`` writes it, else ``None``: one or more data folders, the
-    ``val_dir`` or ``None``, and the seed."""
+    """A held-out record (:data:`HELDOUT_KEY`) as ``fit`` writes it, else ``None``: one or more data folders, each
+    once, the ``val_dir`` or ``None``, and a seed ``fit`` accepts (what it never writes was read as ``data.seed`` or
+    ``data.data_dir`` a user set, and refused so)."""
     if not isinstance(record, dict):
         return None
     dirs, val_dir, seed = record.get("data_dirs"), record.get("val_dir"), _number(record.get("seed"))
-    if not isinstance(dirs, list) or not dirs or not all(isinstance(d, str) for d in dirs):
+    if not isinstance(dirs, list) or not dirs or not all(_is_path(d) for d in dirs) or len(set(dirs)) < len(dirs):
         return None
-    if not isinstance(val_dir, str | None) or seed is None:
+    if not (val_dir is None or _is_path(val_dir)) or seed is None or not 0 <= seed < 2**32:
         return None
     return {"data_dirs": list(dirs), "val_dir": val_dir, "seed": seed}
+
+
+def _is_path(value: Any) -> bool:
+    """Whether ``value`` is a folder's path as ``fit`` records one: text, not empty (the current folder)."""
+    return isinstance(value, str) and value != "" and "\0" not in value
 
 
 def _number(value: Any, kind: type = Integral) -> Any:

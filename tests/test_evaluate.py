@@ -336,6 +336,14 @@ def test_held_out_data_of_another_vocabulary_than_the_model_is_one_line(tmp_path
     assert cli_main(["evaluate", "--checkpoint", str(ckpt), "--device", "cpu"]) == 2
     fix = f"pass --data with a folder prepared with --tokenizer {ckpt / 'tokenizer.json'}"
     assert capsys.readouterr().err.endswith(f"— {other} — {fix}\n")
+    # there, but no longer a stream (emptied, or hand-edited): it said to leave data.val_dir unset, as if to fit
+    record["training"]["heldout"]["val_dir"] = str(tmp_path)
+    (ckpt / "config.json").write_text(json.dumps(record))
+    assert cli_main(["evaluate", "--checkpoint", str(ckpt), "--device", "cpu"]) == 2
+    recorded = f"data.val_dir {tmp_path}, the held-out data the checkpoint's run validated on"
+    assert capsys.readouterr().err.endswith(
+        f"— {recorded} — pass --data with a folder prepared with the model's tokenizer\n"
+    )
     resaved = tmp_path / "resaved.json"  # one vocabulary in another file gives the ids the same tokens
     Tokenizer.from_file(str(tiny_corpus / "tokenizer.json")).save(str(resaved), pretty=False)
     assert same_token_ids(resaved, ckpt / "tokenizer.json")
@@ -387,3 +395,8 @@ def test_evaluate_cli_sweeps_regions(tmp_path: Path, tiny_corpus: Path, capsys: 
     capsys.readouterr()
     assert evaluate_main([*argv, "--batch-size", "100000"]) == 2  # a split too small for one batch: one line
     assert "holds fewer than 100000 sequences" in capsys.readouterr().err
+    save_consolidated(model, tmp_path / "bare")  # no data recorded: --batches asked for a loss, none came, no word
+    bare = ["--checkpoint", str(tmp_path / "bare"), "--tokenizer", str(tiny_corpus / "tokenizer.json")]
+    assert evaluate_main([*bare, "--tasks", str(task), "--batches", "2", "--json"]) == 0
+    says = "evaluate: no held-out loss: the checkpoint does not say which data it trained on (pass --data for one)\n"
+    assert capsys.readouterr().err.endswith(says)

@@ -553,10 +553,19 @@ def test_commands_read_the_held_out_data_fit_validated_on(trained, tiny_corpus, 
     data.setup("validate")
     state = torch.load(trained, weights_only=True)
     state["heldout"] = data.heldout().to_record()  # as fit records it (test_inspect checks it does)
+    state["last_validation"] = {"loss": 5.0, "step": 6}
     torch.save(state, ckpt := tmp_path / "run.ckpt")
     config = LlamaConfig.from_name("debug", n_layer=4, block_size=32)
     trainer = cpu_trainer(tmp_path, 1, limit_val_batches=2)
     loss = trainer.validate(EPASModule(config), datamodule=data, ckpt_path=ckpt)[0]["val/loss"]
+    if validated_on == "val_dir":  # a resume with other held-out data (restored as fit does) paired its loss with them
+        trainer.save_checkpoint(tmp_path / "same.ckpt")
+        assert torch.load(tmp_path / "same.ckpt", weights_only=True)["last_validation"] == state["last_validation"]
+        plain = TokenDataModule(str(tiny_corpus), seq_len=32, batch_size=4, vocab_size=512, seed=5)
+        cpu_trainer(tmp_path, 1, limit_val_batches=1).validate(EPASModule(config), datamodule=plain, ckpt_path=ckpt)
+        plain.trainer.save_checkpoint(tmp_path / "other.ckpt")
+        resaved = torch.load(tmp_path / "other.ckpt", weights_only=True)
+        assert resaved["heldout"]["val_dir"] is None and "last_validation" not in resaved
     exported = export(consolidate(ckpt, tmp_path / "consolidated"), tmp_path / "hf")
     for checkpoint in (ckpt, tmp_path / "consolidated", exported):
         argv = ["evaluate", "--checkpoint", str(checkpoint), "--batches", "2", "--batch-size", "4", "--json"]

@@ -47,10 +47,13 @@ def one_line_error(capsys, path: Path) -> str:
 
 
 def test_a_checkpoint_says_its_step_tokens_region_shape_tokenizer_and_val_loss(tmp_path, capsys):
+    from epas_lightning.inspect_cli import heldout_text
+
     tokenizer = tmp_path / "tokenizer.json"
     tokenizer.write_text("{}")
     validation = {"loss": 5.25, "step": 40}
-    path = tiny_ckpt(tmp_path / "last.ckpt", 48, [3, 2], tokenizer, last_validation=validation)
+    heldout = {"data_dirs": [str(tmp_path)], "val_dir": str(tmp_path / "val"), "seed": 7}  # what evaluate reads
+    path = tiny_ckpt(tmp_path / "last.ckpt", 48, [3, 2], tokenizer, last_validation=validation, heldout=heldout)
     out, record = inspected(capsys, path)
     assert (record["kind"], record["global_step"], record["epoch"], record["tokens"]) == ("ckpt", 48, 0, 48 * 128)
     assert record["trained_region"] == {"layers": [3, 2], "order": "deep_first"}
@@ -64,6 +67,10 @@ def test_a_checkpoint_says_its_step_tokens_region_shape_tokenizer_and_val_loss(t
     assert "  region            2 sharing layers: layers [3, 2], deep-first\n" in out
     assert "  --sharing-layers  0..2 (default 2); 3 only with --force (never trained)\n" in out
     assert "  val loss          5.2500 at step 40\n" in out and "  weights           float32, all finite\n" in out
+    assert record["heldout"] == {**heldout, "missing": str(tmp_path / "val")}  # was not shown: evaluate said it gone
+    assert f"  held-out data     data.val_dir {tmp_path / 'val'} (gone: {tmp_path / 'val'})\n" in out
+    mixed = {"data_dirs": ["/a", "/b"], "val_dir": None, "seed": 7, "missing": None}
+    assert heldout_text(mixed) == "the val splits of /a, /b (mixed, seed 7)"
 
     tokenizer.write_text('{"other": 1}')  # its data folder prepared again: the file is not the one it trained with
     state = torch.load(path, weights_only=True)
@@ -234,6 +241,25 @@ def test_records_of_another_type_are_one_line_or_read_as_not_recorded(tmp_path, 
         f"error: its tokenizer record is invalid (path: 5) — {folder / 'config.json'} — pass the checkpoint as fit "
         "or consolidate wrote it\n"
     )
+
+
+def test_a_held_out_record_fit_never_writes_reads_as_not_recorded(tmp_path):
+    """A hand-edited `heldout` entry was read as data.seed, data.data_dir or data.val_dir set wrong, and refused in
+    terms of settings the user of evaluate, bench or analyze never gave; it reads as an older checkpoint's (none)."""
+    from epas_lightning.checkpoint import describe_checkpoint
+
+    fit_wrote = {"data_dirs": ["/data/a", "/data/b"], "val_dir": "/data/v", "seed": 42}
+    assert describe_checkpoint(tiny_ckpt(tmp_path / "fit.ckpt", 8, [3], heldout=fit_wrote)).heldout is not None
+    for heldout in [
+        {"seed": -1},  # evaluate, bench and analyze said "seed must be from 0 to 4294967295 — data.seed"
+        {"seed": 2**32},
+        {"data_dirs": ["/data/a", "/data/a"]},  # "one folder is listed twice ... — data.data_dir"
+        {"data_dirs": [""]},  # the current folder: "incomplete data directory ... — ."
+        {"val_dir": ""},
+        {"val_dir": "/data/a\0b"},
+    ]:
+        ckpt = tiny_ckpt(tmp_path / "a.ckpt", 8, [3], heldout=fit_wrote | heldout)
+        assert describe_checkpoint(ckpt).heldout is None, heldout
 
 
 def test_a_checkpoint_folder_copied_without_one_of_its_files_says_which(tmp_path, capsys):

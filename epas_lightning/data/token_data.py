@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
@@ -490,8 +491,9 @@ def heldout_loader(
     ``--batch-size``. ``own_data``: the checkpoint records the data it trained on, which the
     commands read when ``--data`` is unset (the refusal of another tokenizer's data says so)."""
     held_out = data_dir if isinstance(data_dir, HeldOut) else None
-    for folder in held_out.data_dirs if held_out else []:
-        check_prepared(folder, str(folder), PREPARE)
+    with _as_recorded(held_out):
+        for folder in held_out.data_dirs if held_out else []:
+            check_prepared(folder, str(folder), PREPARE)
     if held_out is None:
         check_data_flag(data_dir)
     check_counts({"--batch-size": batch_size})
@@ -505,7 +507,8 @@ def heldout_loader(
         for folder in folders:
             check_tokenized_as(folder, tokenizer, str(folder) if held_out else f"--data {data_dir}", fix)
     data.prepare_data()
-    data.setup("validate")
+    with _as_recorded(held_out):
+        data.setup("validate")
     loader = _read_in_one_process(data.heldout_dataloader())
     if len(loader) == 0:
         raise DataError(
@@ -514,6 +517,19 @@ def heldout_loader(
             "lower --batch-size or --seq-len, or hold out more data",
         )
     return CheckedBatches(loader, data.check_batch)
+
+
+@contextmanager
+def _as_recorded(held_out: HeldOut | None) -> Iterator[None]:
+    """A :class:`DataError` reading the held-out data a checkpoint records (``held_out``) says whose it is, and to
+    pass ``--data``: it spoke of the ``data.val_dir`` to leave unset or the folder to prepare, as to ``fit``'s user."""
+    try:
+        yield
+    except DataError as e:
+        if held_out is None:
+            raise
+        where = f"{e.where}, the held-out data the checkpoint's run validated on"
+        raise DataError(e.what, where, "pass --data with a folder prepared with the model's tokenizer") from e
 
 
 def _heldout_data(

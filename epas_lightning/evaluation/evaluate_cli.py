@@ -84,6 +84,8 @@ def evaluate(
             "give --data (a folder prepared with the model's tokenizer: perplexity on its val split) and/or --tasks "
             "(multiple choice)",
         )
+    if data is None and batches is not None:  # --tasks: the loss it asked for, which nothing gave, said nothing
+        print(f"evaluate: no held-out loss: {loaded.no_data()} (pass --data for one)", file=sys.stderr)
     loader = None
     if data is not None:  # set up (and checked) once; every region reads the same batches
         from epas_lightning.data import heldout_loader
