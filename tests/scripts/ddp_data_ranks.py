@@ -19,6 +19,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from script_runs import split_runs  # this script's folder is on sys.path
 
 from epas_lightning.data import TokenDataModule
 
@@ -66,13 +67,7 @@ def main(data_dir: str, out_dir: str, second_dir: str | None = None) -> None:
 
 def main_runs(argv: list[str]) -> None:
     """``main`` for each run in ``argv``, the runs split by ``--then``, after its ``NAME=VALUE`` settings."""
-    runs: list[list[str]] = [[]]
-    for arg in argv:
-        if arg == "--then":
-            runs.append([])
-        else:
-            runs[-1].append(arg)
-    for run in runs:
+    for run in split_runs(argv):
         while run[0].partition("=")[0].isidentifier() and "=" in run[0]:
             name, _, value = run.pop(0).partition("=")
             os.environ[name] = value

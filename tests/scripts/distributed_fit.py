@@ -251,13 +251,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def main_runs(argv: list[str]) -> None:
     """``main`` for each run in ``argv``, the runs split by ``--then``."""
-    runs: list[list[str]] = [[]]
-    for arg in argv:
-        if arg == "--then":
-            runs.append([])
-        else:
-            runs[-1].append(arg)
-    for run in runs:
+    from script_runs import split_runs  # beside this script, on sys.path when it runs as one (tests load main alone)
+
+    for run in split_runs(argv):
         main(run)
 
 
