@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from epas_lightning.loss import next_token_loss
 from epas_lightning.model import Llama
 from epas_lightning.model.llama import check_has_weights, check_is_llama
 from epas_lightning.runtime import activations_overflow, check_counts
+
+if TYPE_CHECKING:
+    from epas_lightning.data.token_data import HeldOut
 
 
 @torch.no_grad()
@@ -44,12 +48,13 @@ def perplexity_of_batches(model: Llama, batches, max_batches: int | None = None)
 
 def evaluate_perplexity(
     model: Llama,
-    data_dir: str | Path | None,
+    data_dir: str | Path | HeldOut | None,
     batch_size: int = 8,
     max_batches: int | None = None,
     seq_len: int | None = None,
 ) -> dict[str, float]:
-    """Perplexity on the ``val`` split of a prepared data directory (``None``: the built-in corpus).
+    """Perplexity on the ``val`` split of a prepared data directory (``None``: the built-in corpus), or on the held-out
+    data a checkpoint's run validated on (``load_model(path).own_heldout()``, what ``evaluate`` reads without --data).
 
     Sequences are ``seq_len`` (default: the model's ``block_size``) tokens; the order is fixed, so every region
     length of one model is scored on the same tokens.
