@@ -45,6 +45,7 @@ from epas_lightning.errors import (
     out_of_memory,
     read_text_file,
 )
+from epas_lightning.script_args import missing_argument_fix
 from epas_lightning.slurm import remembering_requeue_signal
 
 PROG = "python -m epas_lightning"
@@ -256,7 +257,7 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
         source, target = linked.group(1, 2) if linked.group(1) else linked.group(4, 3)
         what = f"--{target} is taken from {source} (a linked value)"
         return ConfigError(what, prog, f"set it through {source}: `{prog} --help` lists the links")
-    if fix := _missing_argument_fix(what, fn is not None):
+    if fix := missing_argument_fix(what, fn is not None):
         return ConfigError(what, prog, fix)
     given = next((line for line in lines if line.startswith(("Given value:", "Got value:"))), None)
     expected = next((line for line in lines if line.startswith("Expected")), None)
@@ -301,18 +302,6 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
             detail = "; ".join(part for part in (expected, given) if part)
             what = f"invalid value for {flag}" + (f" ({detail})" if detail else "")
     return ConfigError(what, prog, f"see `{prog} --help`")
-
-
-def _missing_argument_fix(what: str, dashed: bool) -> str | None:
-    """What to add for argparse's "the following arguments are required: checkpoint, output" (the flags, as typed:
-    ``dashed`` for our tools' ``--max-new-tokens``) or "argument --checkpoint: expected one argument"; else ``None``."""
-    if required := re.fullmatch(r"the following arguments are required: ([\w., ]+)", what):
-        keys = [key.strip() for key in required.group(1).split(",")]
-        return "add " + " and ".join("--" + (key.replace("_", "-") if dashed else key) for key in keys)
-    if valueless := re.fullmatch(r"argument (\S+): expected one argument", what):  # -c/--config, --input/--input+
-        flag = next((name for name in valueless.group(1).split("/") if name.startswith("--")), valueless.group(1))
-        return f"give {flag} a value"
-    return None
 
 
 def adamw_flags(name: str, value: str) -> str:

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from typing import NoReturn
 
-from epas_lightning.errors import ConfigError
+from epas_lightning.errors import ConfigError, did_you_mean
 
 
 class ScriptParser(argparse.ArgumentParser):
@@ -23,6 +23,7 @@ class ScriptParser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        kwargs.setdefault("allow_abbrev", False)  # as the commands: --rep is no --reps
         super().__init__(*args, **kwargs)
         self._quick: dict[str, object] = {}
 
@@ -52,9 +53,27 @@ class ScriptParser(argparse.ArgumentParser):
                 action.default = default
 
     def error(self, message: str) -> NoReturn:
+        if fix := missing_argument_fix(message, dashed=True):
+            raise ConfigError(message, self.prog, fix)
+        if unknown := re.match(r"unrecognized arguments: (--[^=\s]+)", message):
+            flags = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+            meant = did_you_mean(unknown[1], flags)
+            raise ConfigError(f"{self.prog} has no option {unknown[1]}{meant}", self.prog, f"see `{self.prog} --help`")
         flag = re.match(r"argument ([^:]+): (.*)", message, flags=re.DOTALL)
         what, where = (flag[2], flag[1]) if flag else (message, self.prog)
         raise ConfigError(what, where, f"see `{self.prog} --help`")
+
+
+def missing_argument_fix(what: str, dashed: bool) -> str | None:
+    """What to add for argparse's "the following arguments are required: checkpoint, output" (the flags, as typed:
+    ``dashed`` for our tools' ``--max-new-tokens``) or "argument --checkpoint: expected one argument"; else ``None``."""
+    if required := re.fullmatch(r"the following arguments are required: ([\w.,/ -]+)", what):
+        keys = [key.strip().split("/")[-1].lstrip("-") for key in required.group(1).split(",")]
+        return "add " + " and ".join("--" + (key.replace("_", "-") if dashed else key) for key in keys)
+    if valueless := re.fullmatch(r"argument (\S+): expected one argument", what):  # -c/--config, --input/--input+
+        flag = next((name for name in valueless.group(1).split("/") if name.startswith("--")), valueless.group(1))
+        return f"give {flag} a value"
+    return None
 
 
 def whole_number(minimum: int) -> Callable[[str], int]:

@@ -418,3 +418,24 @@ def test_host_memory_reports_peaks_as_multiples_of_the_weights(quick_main):
     result = quick_main("benchmarks/host_memory.py", "--cases", "inspect fp32", "load hf")
     assert set(result["peaks"]) == {"inspect fp32.ckpt", "load hf as float32"}
     assert all(row["rss_x"] > 0 for row in result["peaks"].values())
+
+
+def test_a_script_refuses_an_abbreviated_or_valueless_flag(benchmarks_importable, monkeypatch, capsys):
+    """``--seq 3`` was taken as ``--seq-len 3`` (argparse's prefix matching); the commands refuse abbreviations, and
+    so do the scripts, naming the flag meant. A flag without its value says to give one."""
+    import memory
+
+    from epas_lightning.errors import run_script
+
+    for argv, line in (
+        (
+            ["--seq", "3"],
+            "memory.py has no option --seq (did you mean --seq-len?) — memory.py — see `memory.py --help`",
+        ),
+        (["--model"], "argument --model: expected one argument — memory.py — give --model a value"),
+    ):
+        monkeypatch.setattr(sys, "argv", ["memory.py", *argv])
+        with pytest.raises(SystemExit) as stopped:
+            run_script(memory.main)
+        out, err = capsys.readouterr()
+        assert stopped.value.code == 2 and out == "" and err == f"error: {line}\n"
