@@ -19,6 +19,7 @@ from torchmetrics.aggregation import SumMetric
 
 from epas_lightning.attention_kernels import sdpa_order
 from epas_lightning.callbacks import ProgressiveSharing, read_from_resumed_position
+from epas_lightning.checkpoint_io import load_safely
 from epas_lightning.divergence import DivergenceGuard, check_resumed_finite
 from epas_lightning.errors import CheckpointError, ConfigError, DataError
 from epas_lightning.flops import estimate_flops
@@ -194,6 +195,7 @@ class EPASModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         self._restored_checked = False
+        load_safely(self.trainer.strategy)  # before Lightning opens a ckpt_path: a plain Trainer unpickled anything
         if stage == "fit":
             check_trainable_precision(self.trainer.precision)
             warn_without_sharing_schedule(self.trainer.callbacks)
