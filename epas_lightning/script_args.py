@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from typing import NoReturn
 
-from epas_lightning.errors import ConfigError
+from epas_lightning.errors import ConfigError, did_you_mean
 
 
 class ScriptParser(argparse.ArgumentParser):
@@ -23,6 +23,7 @@ class ScriptParser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        kwargs.setdefault("allow_abbrev", False)  # --seq 128 is a misspelt flag, not --seq-len 128
         super().__init__(*args, **kwargs)
         self._quick: dict[str, object] = {}
 
@@ -52,6 +53,10 @@ class ScriptParser(argparse.ArgumentParser):
                 action.default = default
 
     def error(self, message: str) -> NoReturn:
+        if unknown := re.match(r"unrecognized arguments: (-[^\s=]+)", message):
+            known = [option for action in self._actions for option in action.option_strings]
+            given = unknown[1]
+            raise ConfigError(f"no flag {given}{did_you_mean(given, known)}", self.prog, f"see `{self.prog} --help`")
         flag = re.match(r"argument ([^:]+): (.*)", message, flags=re.DOTALL)
         what, where = (flag[2], flag[1]) if flag else (message, self.prog)
         raise ConfigError(what, where, f"see `{self.prog} --help`")

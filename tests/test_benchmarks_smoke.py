@@ -199,7 +199,7 @@ def test_every_script_reports_a_user_error_in_one_line(benchmarks_importable, ca
 
 def test_every_script_refuses_a_bad_count_in_one_line(benchmarks_importable, monkeypatch, capsys):
     """``--reps 0``, ``--seq-len abc``: one line naming the flag and exit 2 before any work, in every script (they
-    were tracebacks, a ZeroDivisionError or an empty median, after the timing)."""
+    were tracebacks, a ZeroDivisionError or an empty median, after the timing). ``--seq-le 4`` is no ``--seq-len``."""
     from epas_lightning.errors import run_script
 
     monkeypatch.syspath_prepend(str(ROOT / "experiments"))
@@ -214,6 +214,11 @@ def test_every_script_refuses_a_bad_count_in_one_line(benchmarks_importable, mon
             out, err = capsys.readouterr()
             assert stopped.value.code == 2 and out == "", path.name
             assert err == f"error: {message} — {flag} — see `{path.name} --help`\n"
+        monkeypatch.setattr(sys, "argv", [path.name, flag[:-1], "4"])  # an abbreviation is not the flag it begins
+        with pytest.raises(SystemExit):
+            run_script(module.main)
+        fix = f"{path.name} — see `{path.name} --help`"
+        assert capsys.readouterr().err == f"error: no flag {flag[:-1]} (did you mean {flag}?) — {fix}\n", path.name
 
 
 def test_cuda_on_a_cpu_machine_is_a_user_error(benchmarks_importable, monkeypatch):
