@@ -702,15 +702,23 @@ def misconfigured(error: BaseException, trainer: Any = None) -> ConfigError | No
 def refused_setting(error: BaseException, trainer: Any = None) -> ConfigError:
     """The one line for a configured value Lightning or a constructor refused, in its own words; where the words
     name arguments of ``trainer`` (its settings) in backquotes (devices in "`devices` selected...", "`Trainer(devices=
-    '0')`"; strategy in "The strategy `fsdp`"), at those settings with their values; where they name none, at the
+    '0')`"; strategy in "The strategy `fsdp`"; "invalid value 1.5 for val_check_interval"; what Lightning builds of one,
+    :data:`SETTING_OF`), at those settings with their values; where they name none, at the
     setting whose class raised it (:func:`setting_that_raised`)."""
     what = one_line(error)
     spans = re.findall(r"(?:(\w+) )?`(?:Trainer\()?(\w+)[^`]*`", what)  # the word before a `span`, its first name
     named = dict.fromkeys(name for span in spans for name in span)
-    keys = [key for key in named if trainer is not None and key in trainer]
+    named |= dict.fromkeys(re.findall(r"invalid value \S+ for (\w+)", what))  # "... for val_check_interval, it has"
+    keys = list(dict.fromkeys(SETTING_OF.get(name, name) for name in named))
+    keys = [key for key in keys if trainer is not None and key in trainer]
     if not keys and trainer is not None:  # "To use the `DeepSpeedStrategy`, you must have DeepSpeed installed"
         keys = setting_that_raised(error, trainer)
     return ConfigError(what, settings_where(trainer, keys), "fix the value in the YAML or the flag")
+
+
+SETTING_OF = {"Timer": "max_time"}
+"""The ``trainer`` settings Lightning's words name by what it builds of them: ``Timer(duration='abc')`` is
+``max_time: abc``."""
 
 
 def one_line(error: BaseException) -> str:

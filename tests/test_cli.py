@@ -333,6 +333,10 @@ def test_a_misspelt_key_is_named_with_the_one_meant(tmp_path, capsys, flags, yam
         # what the Trainer refuses names the settings (was "— the configuration —")
         (["--trainer.devices", "-2"], "`devices` selected with `CPUAccelerator` should be an int > 0 — "
          "trainer.devices: -2 — fix the value in the YAML or the flag"),
+        (["--trainer.val_check_interval", "1.5"], "You have passed invalid value 1.5 for val_check_interval, it has "
+         "to be in [0.0, 1.0] or an int — trainer.val_check_interval: 1.5 — fix the value in the YAML or the flag"),
+        (["--trainer.max_time", "1h"], "`Timer(duration='1h')` is not a valid duration. Expected a string in the "
+         "format DD:HH:MM:SS — trainer.max_time: 1h — fix the value in the YAML or the flag"),
         (["--trainer.strategy", "fsdp"], "The strategy `fsdp` requires a GPU accelerator, but received "
          "`accelerator='cpu'`. Please set `accelerator='cuda'`, `accelerator='gpu'`, or pass a `CUDAAccelerator()` "
          "instance to use FSDP — trainer.strategy: fsdp, trainer.accelerator: cpu — fix the value in the YAML or the "
