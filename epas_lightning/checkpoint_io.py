@@ -21,13 +21,13 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
-from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 
 from epas_lightning.errors import CheckpointError, OutputError
 from epas_lightning.outputs import out_of_space
 from epas_lightning.run_summary import say
 from epas_lightning.safe_load import is_sharded_checkpoint, load_torch_file, verify_checkpoint
-from epas_lightning.strategy import STAGING, hidden_beside
+from epas_lightning.strategy import STAGING, FSDP2Strategy, hidden_beside
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -79,7 +79,8 @@ def load_safely(strategy: Strategy) -> None:
     gives (``trainer.fit(module, ckpt_path=path, weights_only=False)`` unpickled anything with a plain ``Trainer``).
     Lightning's own ``TorchCheckpointIO`` (also inside an ``AsyncCheckpointIO``) becomes :class:`AtomicCheckpointIO`;
     a ``CheckpointIO`` of the user's own is kept, and every load asks it for ``weights_only=True`` (what it does with
-    that is its code's); ``FSDP2Strategy`` reads its own way, always safely. Called before Lightning restores a
+    that is its code's); ``FSDP2Strategy`` reads its own way, always safely, and Lightning's ``ModelParallelStrategy``
+    as it does. Called before Lightning restores a
     checkpoint; again, it changes nothing."""
     io = strategy._checkpoint_io  # None: Lightning makes a TorchCheckpointIO when it is first used
     wrapper = io if isinstance(io, _WrappingCheckpointIO) else None
@@ -95,13 +96,17 @@ def load_safely(strategy: Strategy) -> None:
 
 class WeightsOnlyLoad:
     """A strategy's ``load_checkpoint`` that always passes ``weights_only=True`` (to its ``CheckpointIO``, or to the
-    strategy's own loading), whatever it is given."""
+    strategy's own loading), whatever it is given. Lightning's ``ModelParallelStrategy`` reads as ``FSDP2Strategy``
+    does: its own unpickles a sharded folder's metadata whatever ``weights_only`` says."""
 
     def __init__(self, strategy: Strategy) -> None:
         self.strategy = strategy
 
     def __call__(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        return type(self.strategy).load_checkpoint(self.strategy, checkpoint_path, weights_only=True)
+        load = type(self.strategy).load_checkpoint
+        if load is ModelParallelStrategy.load_checkpoint:
+            load = FSDP2Strategy.load_checkpoint
+        return load(self.strategy, checkpoint_path, weights_only=True)
 
 
 UNFINISHED_AFTER_S = 600

@@ -131,11 +131,19 @@ def test_init_from_refuses_malicious_checkpoints_and_hf_weights(evil, capsys, mo
 
 
 def test_fsdp2_resume_reads_sharded_metadata_safely(evil):
-    """The resume path Lightning takes for a sharded folder goes through the restricted unpickler."""
+    """The resume path Lightning takes for a sharded folder goes through the restricted unpickler; also under
+    Lightning's own ModelParallelStrategy, which ``EPASModule.setup`` has read as FSDP2Strategy does (its own
+    unpickled the metadata, whatever weights_only said)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from epas_lightning.checkpoint_io import load_safely
     from epas_lightning.strategy import FSDP2Strategy
 
-    with pytest.raises(CheckpointError, match="unsafe or corrupt distributed-checkpoint metadata"):
-        FSDP2Strategy().load_checkpoint(evil.sharded)
+    lightnings = ModelParallelStrategy()
+    load_safely(lightnings)
+    for strategy in (FSDP2Strategy(), lightnings):
+        with pytest.raises(CheckpointError, match="unsafe or corrupt distributed-checkpoint metadata"):
+            strategy.load_checkpoint(evil.sharded, weights_only=False)
     assert not evil.marker.exists()
 
 
