@@ -80,8 +80,7 @@ def load_safely(strategy: Strategy) -> None:
     Lightning's own ``TorchCheckpointIO`` (also inside an ``AsyncCheckpointIO``) becomes :class:`AtomicCheckpointIO`;
     a ``CheckpointIO`` of the user's own is kept, and every load asks it for ``weights_only=True`` (what it does with
     that is its code's); ``FSDP2Strategy`` reads its own way, always safely, and Lightning's ``ModelParallelStrategy``
-    as it does. Called before Lightning restores a
-    checkpoint; again, it changes nothing."""
+    as it does. Called before Lightning restores a checkpoint; called again, it changes nothing."""
     io = strategy._checkpoint_io  # None: Lightning makes a TorchCheckpointIO when it is first used
     wrapper = io if isinstance(io, _WrappingCheckpointIO) else None
     inner = wrapper.checkpoint_io if wrapper is not None else io

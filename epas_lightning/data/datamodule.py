@@ -69,7 +69,7 @@ class TokenDataModule(TokenData, LightningDataModule):
     """Lightning's ``val_check_batch`` while it is changed for an epoch that ended early
     (:meth:`_validate_at_an_early_epoch_end`)."""
 
-    _moved_streams: dict[int, tuple[str, str]] = {}  # noqa: RUF012 - replaced, never changed in place
+    _moved_streams: dict[int, tuple[str, str]] = {}
     """The streams of a resumed position now at another path with the same chunks (:func:`moved_streams`)."""
 
     _train_contents: list[str | None] | None = None
@@ -111,8 +111,8 @@ class TokenDataModule(TokenData, LightningDataModule):
             )
             return
         current = self._position_settings()
-        if moved := moved_streams(saved, current):  # the same chunks at another path: the position holds there
-            self._moved_streams = moved
+        self._moved_streams = moved_streams(saved, current)
+        if moved := self._moved_streams:  # the same chunks at another path: the position holds there
             saved = {**saved, "streams": current["streams"]}
             rank_zero_info(
                 "data: the checkpoint's data moved ("
@@ -382,9 +382,7 @@ def moved_streams(saved: dict[str, Any], current: dict[str, Any]) -> dict[int, t
     (their ``index.json`` fingerprints), by index: (saved path, current path). Empty where any stream differs in
     contents, or their number differs: that is other data."""
     paths, contents = saved.get("streams"), saved.get("contents")
-    if not paths or not contents or contents != current["contents"] or None in contents:
-        return {}
-    if len(paths) != len(current["streams"]):
+    if not paths or not contents or None in contents or contents != current["contents"]:
         return {}
     return {i: (old, new) for i, (old, new) in enumerate(zip(paths, current["streams"], strict=True)) if old != new}
 
@@ -396,14 +394,11 @@ def relocated(state: dict[str, Any], moved: dict[int, tuple[str, str]], dataset:
         return state
     streams = getattr(dataset, "_datasets", [dataset])  # a mixture's, or the one stream
     saved = dict(state["dataset"])
-    single = "input_dir_path" in saved
+    if "input_dir_path" in saved:  # one stream
+        return {**state, "dataset": {**saved, "input_dir_path": streams[0].input_dir.path}}
     for i in moved:
-        key = None if single else str(i)
-        stream_state = dict(saved if single else saved.get(key) or {})
-        if "input_dir_path" not in stream_state:
-            continue
-        stream_state["input_dir_path"] = streams[i].input_dir.path
-        saved = stream_state if single else {**saved, key: stream_state}
+        if isinstance(saved.get(str(i)), dict):
+            saved[str(i)] = {**saved[str(i)], "input_dir_path": streams[i].input_dir.path}
     return {**state, "dataset": saved}
 
 
