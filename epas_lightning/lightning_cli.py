@@ -59,7 +59,15 @@ from epas_lightning.callbacks import (
 from epas_lightning.checkpoint import recorded_config
 from epas_lightning.checkpoint_io import AtomicCheckpointIO, sharded_needs_fsdp2
 from epas_lightning.child_ranks import EndChildRanksOnError
-from epas_lightning.cli import DURATION, LIGHTNING_COMMANDS, PROG, config_positions, flag_value, unknown_option
+from epas_lightning.cli import (
+    DURATION,
+    LIGHTNING_COMMANDS,
+    PROG,
+    config_positions,
+    flag_value,
+    print_config_options,
+    unknown_option,
+)
 from epas_lightning.data import TokenDataModule
 from epas_lightning.data.token_data import BUILTIN_SETTINGS
 from epas_lightning.divergence import DivergenceGuard
@@ -376,29 +384,6 @@ def resolve_config_names(argv: list[str]) -> list[str]:
         else:
             out[i + 1] = str(packaged)
     return out
-
-
-PRINT_CONFIG_FLAGS = {"skip_default": "skip_default", "skip_unset": "skip_unset", "skip_null": "skip_unset"}
-"""``--print_config=FLAG,...`` as jsonargparse reads it (``skip_null``: its older name of ``skip_unset``; ``comments``
-needs ruamel.yaml, not installed here) -> the keyword of ``dump`` it sets."""
-
-
-def print_config_options(given: list[str]) -> dict[str, bool]:
-    """The ``dump`` keywords of the ``--print_config[=FLAG,...]`` tokens ``given``: the config is printed here, with
-    the model preset resolved, so the parser never checked them (``=foo`` printed as if plain)."""
-    options = {"skip_unset": False, "skip_default": False}
-    accepted = [flag for flag, keyword in PRINT_CONFIG_FLAGS.items() if flag == keyword]
-    for token in given:
-        for flag in filter(None, token.partition("=")[2].split(",")):
-            if flag not in PRINT_CONFIG_FLAGS:
-                raise ConfigError(
-                    f"--print_config has no flag {flag!r}{did_you_mean(flag, accepted)}",
-                    token,
-                    f"give --print_config alone, or with one or more of {', '.join(accepted)} (--print_config="
-                    f"{','.join(accepted)})",
-                )
-            options[PRINT_CONFIG_FLAGS[flag]] = True
-    return options
 
 
 PARSED_COMMAND: ContextVar[str] = ContextVar("parsed_command", default=PROG)

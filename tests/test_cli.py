@@ -77,18 +77,24 @@ def test_print_config_shows_the_sharing_section_and_the_resolved_preset(capsys):
     assert "n_layer: 2" in out and "vocab_size: 512" in out and "block_size: 32" in out  # not null
 
 
+REFUSED_PRINT_FLAG = (
+    "error: --print_config has no flag 'foo' — --print_config=skip_default,foo — give --print_config alone, or with "
+    "one or more of skip_default, skip_unset (--print_config=skip_default,skip_unset)"
+)
+
+
 @pytest.mark.parametrize(
-    ("flags", "status", "says"),
+    ("command", "flags", "status", "says"),
     [
-        ("=skip_unset", 0, "name: debug"),
-        ("=skip_default,foo", 2, "error: --print_config has no flag 'foo' — --print_config=skip_default,foo — give "
-         "--print_config alone, or with one or more of skip_default, skip_unset (--print_config=skip_default,"
-         "skip_unset)"),
+        ("fit", "=skip_unset", 0, "name: debug"),
+        ("fit", "=skip_default,foo", 2, REFUSED_PRINT_FLAG),
+        ("generate", "=skip_default,foo", 2, REFUSED_PRINT_FLAG),  # was jsonargparse's, naming no flag it takes
     ],
-)  # fmt: skip
-def test_print_config_takes_jsonargparses_flags_and_refuses_others(capsys, flags, status, says):
+)
+def test_print_config_takes_jsonargparses_flags_and_refuses_others(capsys, command, flags, status, says):
     """`--print_config=foo` (and `=skip_unset`) printed the config as if plain: the flags were never read."""
-    assert main(["fit", "--config", DEBUG, "--print_config" + flags]) == status
+    config = ["--config", DEBUG] if command == "fit" else []
+    assert main([command, *config, "--print_config" + flags]) == status
     out, err = capsys.readouterr()
     assert says in (out if status == 0 else err.strip().splitlines()[-1])
     assert status != 0 or ": null" not in out
