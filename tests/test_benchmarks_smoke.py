@@ -140,6 +140,8 @@ def test_gpu_session_retries_vs_peers_at_half_batch_after_out_of_memory(tmp_path
     monkeypatch.setattr(gpu_session, "run_logged", fake_run_logged)
     args = gpu_session.parse_args(["run", "--output", str(tmp_path)])
     assert gpu_session.parse_args(["run", "--out", str(tmp_path)]) == args  # the spelling of the recorded runs
+    with pytest.raises(SystemExit):
+        gpu_session.parse_args(["run", "--fit-batch", "4"])  # an abbreviation is not the flag it begins
     peers = gpu_session.peers_part(args)
     assert calls == [4, 2, 1]  # the batch-2 run still dropped a peer for memory: one more halving
     assert [a["batch_size"] for a in peers["attempts"]] == [4, 2, 1] and peers["exit_code"] == 0
