@@ -50,10 +50,12 @@ MFU_TARGET = 0.45
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("wheels", help="download the wheels into .whl/ (run where pip reaches the index)")
-    run = sub.add_parser("run", help="run the GPU comparison and the fit-path MFU (on the device machine)")
+    run = sub.add_parser(  # --fit-batch 4 is a misspelt flag, not --fit-batch-size 4
+        "run", help="run the GPU comparison and the fit-path MFU (on the device machine)", allow_abbrev=False
+    )
     run.add_argument("--output", "--out", type=Path, default=Path(os.environ.get("OUT", "gpu_out")))
     run.add_argument("--batch-size", type=int, default=4, help="vs_peers micro-batch (sequences of 2048 tokens)")
     run.add_argument("--fit-batch-size", type=int, default=8, help="fit micro-batch (activation checkpointing: auto)")

@@ -5,7 +5,7 @@ local ``/tmp``, the run on a network disk) that move copies into the target, rew
 place, so a kill or a full disk mid-copy leaves none that loads (and a large checkpoint needs as much room in
 ``/tmp``). ``fit`` uses this one instead; sharded checkpoints have their own staging (``FSDP2Strategy``). A full disk
 (or quota) is a one-line :class:`~epas_lightning.errors.OutputError`: torch reported it as ``RuntimeError: unexpected
-pos ...`` after a traceback.
+pos ...`` after a traceback. A ``Trainer`` of one's own gets it from ``EPASModule.setup`` (:func:`load_safely`).
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
+from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 
 from epas_lightning.errors import CheckpointError, OutputError
 from epas_lightning.outputs import out_of_space
 from epas_lightning.run_summary import say
 from epas_lightning.safe_load import is_sharded_checkpoint, load_torch_file, verify_checkpoint
-from epas_lightning.strategy import STAGING, hidden_beside
+from epas_lightning.strategy import STAGING, FSDP2Strategy, hidden_beside
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -70,6 +72,40 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 ) from e
             raise
         return None
+
+
+def load_safely(strategy: Strategy) -> None:
+    """Have ``strategy`` read checkpoints without running code from them, whatever ``weights_only`` a ``Trainer`` call
+    gives (``trainer.fit(module, ckpt_path=path, weights_only=False)`` unpickled anything with a plain ``Trainer``).
+    Lightning's own ``TorchCheckpointIO`` (also inside an ``AsyncCheckpointIO``) becomes :class:`AtomicCheckpointIO`;
+    a ``CheckpointIO`` of the user's own is kept, and every load asks it for ``weights_only=True`` (what it does with
+    that is its code's); ``FSDP2Strategy`` reads its own way, always safely, and Lightning's ``ModelParallelStrategy``
+    as it does. Called before Lightning restores a checkpoint; called again, it changes nothing."""
+    io = strategy._checkpoint_io  # None: Lightning makes a TorchCheckpointIO when it is first used
+    wrapper = io if isinstance(io, _WrappingCheckpointIO) else None
+    inner = wrapper.checkpoint_io if wrapper is not None else io
+    if inner is None or type(inner) is TorchCheckpointIO:
+        if wrapper is None:
+            strategy.checkpoint_io = AtomicCheckpointIO()
+        else:  # its setter keeps a base already set
+            wrapper._checkpoint_io, wrapper._base_checkpoint_io_configured = AtomicCheckpointIO(), True
+    if not isinstance(strategy.load_checkpoint, WeightsOnlyLoad):
+        strategy.load_checkpoint = WeightsOnlyLoad(strategy)
+
+
+class WeightsOnlyLoad:
+    """A strategy's ``load_checkpoint`` that always passes ``weights_only=True`` (to its ``CheckpointIO``, or to the
+    strategy's own loading), whatever it is given. Lightning's ``ModelParallelStrategy`` reads as ``FSDP2Strategy``
+    does: its own unpickles a sharded folder's metadata whatever ``weights_only`` says."""
+
+    def __init__(self, strategy: Strategy) -> None:
+        self.strategy = strategy
+
+    def __call__(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        load = type(self.strategy).load_checkpoint
+        if load is ModelParallelStrategy.load_checkpoint:
+            load = FSDP2Strategy.load_checkpoint
+        return load(self.strategy, checkpoint_path, weights_only=True)
 
 
 UNFINISHED_AFTER_S = 600

@@ -498,10 +498,35 @@ def unknown_option(error: ArgumentError, parser: Any, aliases: dict[str, str] | 
     )
 
 
+PRINT_CONFIG_FLAGS = {"skip_default": "skip_default", "skip_unset": "skip_unset", "skip_null": "skip_unset"}
+"""``--print_config=FLAG,...`` as jsonargparse reads it (``skip_null``: its older name of ``skip_unset``; ``comments``
+needs ruamel.yaml, not installed here) -> the keyword of ``dump`` it sets."""
+
+
+def print_config_options(given: list[str]) -> dict[str, bool]:
+    """The ``dump`` keywords of the ``--print_config[=FLAG,...]`` tokens ``given``, each flag checked: ``fit`` prints
+    the config itself, with the model preset resolved, so the parser never checked them (``=foo`` printed as if
+    plain); the tools' parser refused one without naming those it takes."""
+    options = {"skip_unset": False, "skip_default": False}
+    accepted = [flag for flag, keyword in PRINT_CONFIG_FLAGS.items() if flag == keyword]
+    for token in given:
+        for flag in filter(None, token.partition("=")[2].split(",")):
+            if flag not in PRINT_CONFIG_FLAGS:
+                raise ConfigError(
+                    f"--print_config has no flag {flag!r}{did_you_mean(flag, accepted)}",
+                    token,
+                    f"give --print_config alone, or with one or more of {', '.join(accepted)} (--print_config="
+                    f"{','.join(accepted)})",
+                )
+            options[PRINT_CONFIG_FLAGS[flag]] = True
+    return options
+
+
 def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:
     """Parse ``argv`` for ``fn`` and call it; ``--help`` and ``--print_config`` exit 0 (``SystemExit``)."""
     parser = function_parser(fn, prog)
     check_utf8(argv, prog)
+    print_config_options([arg for arg in argv if arg.split("=")[0] == "--print_config"])
     try:
         config = parser.parse_args(_append_lists(argv, parser.list_options))
     except ArgumentError as e:

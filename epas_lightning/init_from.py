@@ -242,13 +242,18 @@ def init_batches(
 
 def _say_it_starts_dense(path: Path, trained_shared_layers: list[int], stage: str = "fit") -> None:
     """Warn that the layers the source trained sharing compute again in this run (an export records them too):
-    ``fit``'s schedule decides the region from there, and ``validate``/``test`` score the weights as ``fit`` starts
-    from them (the baseline of a continual run), not the trained region; on rank 0 only (which alone reads the source
-    in a distributed run)."""
+    ``fit``'s schedule decides the region from there, and ``validate``/``test``/``predict`` run the weights as ``fit``
+    starts from them (the baseline of a continual run), not the trained region; on rank 0 only (which alone reads the
+    source in a distributed run)."""
     if not trained_shared_layers or rank_zero_only.rank != 0:
         return
     trained = f"model.init_from {path} trained layers {trained_shared_layers} sharing; "
-    if stage in ("validate", "test"):
+    if stage == "predict":
+        said = (
+            "predict runs it with every layer computing its own Q/K, as a fit from it starts: ckpt_path= (or "
+            f"epas_lightning.load_model({str(path)!r})) runs its trained region"
+        )
+    elif stage in ("validate", "test"):
         said = (
             f"{stage} scores it with every layer computing its own Q/K, as a fit from it starts (val/loss; "
             f"sharing.val_sharing_layers adds regions of sharing.target): evaluate --checkpoint {path} scores its "

@@ -59,7 +59,15 @@ from epas_lightning.callbacks import (
 from epas_lightning.checkpoint import recorded_config
 from epas_lightning.checkpoint_io import AtomicCheckpointIO, sharded_needs_fsdp2
 from epas_lightning.child_ranks import EndChildRanksOnError
-from epas_lightning.cli import DURATION, LIGHTNING_COMMANDS, PROG, config_positions, flag_value, unknown_option
+from epas_lightning.cli import (
+    DURATION,
+    LIGHTNING_COMMANDS,
+    PROG,
+    config_positions,
+    flag_value,
+    print_config_options,
+    unknown_option,
+)
 from epas_lightning.data import TokenDataModule
 from epas_lightning.data.token_data import BUILTIN_SETTINGS
 from epas_lightning.divergence import DivergenceGuard
@@ -378,29 +386,6 @@ def resolve_config_names(argv: list[str]) -> list[str]:
     return out
 
 
-PRINT_CONFIG_FLAGS = {"skip_default": "skip_default", "skip_unset": "skip_unset", "skip_null": "skip_unset"}
-"""``--print_config=FLAG,...`` as jsonargparse reads it (``skip_null``: its older name of ``skip_unset``; ``comments``
-needs ruamel.yaml, not installed here) -> the keyword of ``dump`` it sets."""
-
-
-def print_config_options(given: list[str]) -> dict[str, bool]:
-    """The ``dump`` keywords of the ``--print_config[=FLAG,...]`` tokens ``given``: the config is printed here, with
-    the model preset resolved, so the parser never checked them (``=foo`` printed as if plain)."""
-    options = {"skip_unset": False, "skip_default": False}
-    accepted = [flag for flag, keyword in PRINT_CONFIG_FLAGS.items() if flag == keyword]
-    for token in given:
-        for flag in filter(None, token.partition("=")[2].split(",")):
-            if flag not in PRINT_CONFIG_FLAGS:
-                raise ConfigError(
-                    f"--print_config has no flag {flag!r}{did_you_mean(flag, accepted)}",
-                    token,
-                    f"give --print_config alone, or with one or more of {', '.join(accepted)} (--print_config="
-                    f"{','.join(accepted)})",
-                )
-            options[PRINT_CONFIG_FLAGS[flag]] = True
-    return options
-
-
 PARSED_COMMAND: ContextVar[str] = ContextVar("parsed_command", default=PROG)
 """The command line being parsed (``python -m epas_lightning fit``), for the parsers made while parsing it."""
 
@@ -702,15 +687,23 @@ def misconfigured(error: BaseException, trainer: Any = None) -> ConfigError | No
 def refused_setting(error: BaseException, trainer: Any = None) -> ConfigError:
     """The one line for a configured value Lightning or a constructor refused, in its own words; where the words
     name arguments of ``trainer`` (its settings) in backquotes (devices in "`devices` selected...", "`Trainer(devices=
-    '0')`"; strategy in "The strategy `fsdp`"), at those settings with their values; where they name none, at the
+    '0')`"; strategy in "The strategy `fsdp`"; "invalid value 1.5 for val_check_interval"; what Lightning builds of one,
+    :data:`SETTING_OF`), at those settings with their values; where they name none, at the
     setting whose class raised it (:func:`setting_that_raised`)."""
     what = one_line(error)
     spans = re.findall(r"(?:(\w+) )?`(?:Trainer\()?(\w+)[^`]*`", what)  # the word before a `span`, its first name
     named = dict.fromkeys(name for span in spans for name in span)
-    keys = [key for key in named if trainer is not None and key in trainer]
+    named |= dict.fromkeys(re.findall(r"invalid value \S+ for (\w+)", what))  # "... for val_check_interval, it has"
+    keys = list(dict.fromkeys(SETTING_OF.get(name, name) for name in named))
+    keys = [key for key in keys if trainer is not None and key in trainer]
     if not keys and trainer is not None:  # "To use the `DeepSpeedStrategy`, you must have DeepSpeed installed"
         keys = setting_that_raised(error, trainer)
     return ConfigError(what, settings_where(trainer, keys), "fix the value in the YAML or the flag")
+
+
+SETTING_OF = {"Timer": "max_time"}
+"""The ``trainer`` settings Lightning's words name by what it builds of them: ``Timer(duration='abc')`` is
+``max_time: abc``."""
 
 
 def one_line(error: BaseException) -> str:

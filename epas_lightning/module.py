@@ -19,6 +19,7 @@ from torchmetrics.aggregation import SumMetric
 
 from epas_lightning.attention_kernels import sdpa_order
 from epas_lightning.callbacks import ProgressiveSharing, read_from_resumed_position
+from epas_lightning.checkpoint_io import load_safely
 from epas_lightning.divergence import DivergenceGuard, check_resumed_finite
 from epas_lightning.errors import CheckpointError, ConfigError, DataError
 from epas_lightning.flops import estimate_flops
@@ -90,7 +91,7 @@ class EPASModule(LightningModule):
             architecture (checked, with every difference named, before any work); a resumed checkpoint wins. A
             source with more positions than ``block_size`` keeps them (``config.max_position_embeddings``), so the
             run's exports and inference take prompts as long as the source model did.
-            ``validate``/``test`` without a checkpoint score these weights (the run's baseline).
+            ``validate``/``test`` (``predict``) without a checkpoint score (run) these weights (the run's baseline).
         attention_kernel: The fused attention kernel tried first (``epas_lightning.attention_kernels``): ``auto``
             cuDNN's on Hopper GPUs once a start-up check found it agrees with FlashAttention on this model's
             attention, elsewhere torch's own order; ``torch`` torch's order; ``cudnn`` or ``flash`` that kernel.
@@ -194,6 +195,7 @@ class EPASModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         self._restored_checked = False
+        load_safely(self.trainer.strategy)  # before Lightning opens a ckpt_path: a plain Trainer unpickled anything
         if stage == "fit":
             check_trainable_precision(self.trainer.precision)
             warn_without_sharing_schedule(self.trainer.callbacks)
@@ -279,6 +281,10 @@ class EPASModule(LightningModule):
         self._check_restored()
 
     def on_test_start(self) -> None:
+        self.on_validation_start()
+
+    def on_predict_start(self) -> None:
+        # predicted with the random init (and a meta-built model's uninitialised shards): nothing read init_from
         self.on_validation_start()
 
     def _check_restored(self) -> None:

@@ -55,8 +55,8 @@ class ScriptParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         if fix := missing_argument_fix(message, dashed=True):
             raise ConfigError(message, self.prog, fix)
-        if unknown := re.match(r"unrecognized arguments: (--[^=\s]+)", message):
-            flags = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+        if unknown := re.match(r"unrecognized arguments: (-[^=\s]+)", message):
+            flags = [option for action in self._actions for option in action.option_strings]
             meant = did_you_mean(unknown[1], flags)
             raise ConfigError(f"{self.prog} has no option {unknown[1]}{meant}", self.prog, f"see `{self.prog} --help`")
         flag = re.match(r"argument ([^:]+): (.*)", message, flags=re.DOTALL)

@@ -77,18 +77,24 @@ def test_print_config_shows_the_sharing_section_and_the_resolved_preset(capsys):
     assert "n_layer: 2" in out and "vocab_size: 512" in out and "block_size: 32" in out  # not null
 
 
+REFUSED_PRINT_FLAG = (
+    "error: --print_config has no flag 'foo' — --print_config=skip_default,foo — give --print_config alone, or with "
+    "one or more of skip_default, skip_unset (--print_config=skip_default,skip_unset)"
+)
+
+
 @pytest.mark.parametrize(
-    ("flags", "status", "says"),
+    ("command", "flags", "status", "says"),
     [
-        ("=skip_unset", 0, "name: debug"),
-        ("=skip_default,foo", 2, "error: --print_config has no flag 'foo' — --print_config=skip_default,foo — give "
-         "--print_config alone, or with one or more of skip_default, skip_unset (--print_config=skip_default,"
-         "skip_unset)"),
+        ("fit", "=skip_unset", 0, "name: debug"),
+        ("fit", "=skip_default,foo", 2, REFUSED_PRINT_FLAG),
+        ("generate", "=skip_default,foo", 2, REFUSED_PRINT_FLAG),  # was jsonargparse's, naming no flag it takes
     ],
-)  # fmt: skip
-def test_print_config_takes_jsonargparses_flags_and_refuses_others(capsys, flags, status, says):
+)
+def test_print_config_takes_jsonargparses_flags_and_refuses_others(capsys, command, flags, status, says):
     """`--print_config=foo` (and `=skip_unset`) printed the config as if plain: the flags were never read."""
-    assert main(["fit", "--config", DEBUG, "--print_config" + flags]) == status
+    config = ["--config", DEBUG] if command == "fit" else []
+    assert main([command, *config, "--print_config" + flags]) == status
     out, err = capsys.readouterr()
     assert says in (out if status == 0 else err.strip().splitlines()[-1])
     assert status != 0 or ": null" not in out
@@ -333,6 +339,10 @@ def test_a_misspelt_key_is_named_with_the_one_meant(tmp_path, capsys, flags, yam
         # what the Trainer refuses names the settings (was "— the configuration —")
         (["--trainer.devices", "-2"], "`devices` selected with `CPUAccelerator` should be an int > 0 — "
          "trainer.devices: -2 — fix the value in the YAML or the flag"),
+        (["--trainer.val_check_interval", "1.5"], "You have passed invalid value 1.5 for val_check_interval, it has "
+         "to be in [0.0, 1.0] or an int — trainer.val_check_interval: 1.5 — fix the value in the YAML or the flag"),
+        (["--trainer.max_time", "1h"], "`Timer(duration='1h')` is not a valid duration. Expected a string in the "
+         "format DD:HH:MM:SS — trainer.max_time: 1h — fix the value in the YAML or the flag"),
         (["--trainer.strategy", "fsdp"], "The strategy `fsdp` requires a GPU accelerator, but received "
          "`accelerator='cpu'`. Please set `accelerator='cuda'`, `accelerator='gpu'`, or pass a `CUDAAccelerator()` "
          "instance to use FSDP — trainer.strategy: fsdp, trainer.accelerator: cpu — fix the value in the YAML or the "

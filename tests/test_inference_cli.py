@@ -299,6 +299,19 @@ def test_validate_from_init_from_says_it_scores_every_layer_computing(trained, t
     assert module.model.sharing.shared_layers == []
 
 
+def test_predict_from_init_from_runs_the_source_weights_as_validate_scores_them(trained, tmp_path):
+    """``trainer.predict(EPASModule(config, init_from=path))`` predicted with the random init: only fit, validate and
+    test read init_from. It runs them as validate scores them, every layer computing, and says so."""
+    source = load_model(trained).model
+    source.set_shared_layers([])
+    tokens = torch.randint(0, source.config.vocab_size, (1, 16))
+    module = EPASModule(source.config, init_from=str(trained))
+    with pytest.warns(UserWarning, match=r"\[2, 3\] sharing; predict runs it with every layer computing"):
+        logits = cpu_trainer(tmp_path, 1).predict(module, torch.utils.data.DataLoader(tokens))[0]
+    with torch.no_grad():
+        torch.testing.assert_close(logits, source(tokens))
+
+
 @pytest.mark.parametrize("weights_only", [False, True])
 def test_validate_a_checkpoint_counts_val_sharing_layers_in_the_region_it_trained(
     trained, tiny_corpus, tmp_path, weights_only

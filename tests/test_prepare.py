@@ -1184,6 +1184,12 @@ def test_resume_from_checkpoint_continues_with_the_same_batches(sp_data, second_
         fit(other, tmp_path, 10, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
     assert ("batch_size 4 -> 2" in str(refused.value)) == mixed
     assert f"— --ckpt_path {tmp_path / 'ckpt' / 'epoch=0-step=4.ckpt'} —" in str(refused.value)  # which checkpoint
+    # a data folder moved (here copied) to another path: the same chunks, so the position resumes there (was refused)
+    moved = shutil.copytree(sp_data, tmp_path / "moved")
+    data = TokenDataModule([str(moved), str(second_sp_data)] if mixed else str(moved), seq_len=16, batch_size=4,
+                           vocab_size=512, weights=[1, 2] if mixed else None)  # fmt: skip
+    resumed = fit(data, tmp_path, 10, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt").batches
+    assert all(torch.equal(a, b) for a, b in zip(full[4:], resumed, strict=True))
 
 
 def test_a_mixture_resumed_at_an_epoch_end_reads_each_epoch_as_the_uninterrupted_run(sp_data, second_sp_data, tmp_path):
@@ -1248,7 +1254,8 @@ def test_a_resume_on_other_data_starts_it_from_its_beginning_when_asked(sp_data,
     assert refused.value.what == f"the data the checkpoint's position belongs to is gone ({lost})"
     assert refused.value.fix.startswith("go on with this data from its beginning with --data.resume_position false")
     assert refused.value.fix.endswith(
-        "or move that data back to its path (or prepare it again there) to resume its position"
+        "or give the folder that data is in now, or move it back to its path (or prepare it again there), to resume "
+        "its position"
     )  # a moved folder
     again = torch.load(saved, weights_only=True)  # its folder prepared again since (--overwrite): other chunks
     again["TokenDataModule"]["position_settings"]["contents"] = ["0" * 16]

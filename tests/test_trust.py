@@ -19,9 +19,11 @@ import pytest
 import torch
 from helpers import cpu_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from model_dirs import save_consolidated
 
 from epas_lightning import (
+    AtomicCheckpointIO,
     DivergenceGuard,
     EPASModule,
     Llama,
@@ -129,11 +131,19 @@ def test_init_from_refuses_malicious_checkpoints_and_hf_weights(evil, capsys, mo
 
 
 def test_fsdp2_resume_reads_sharded_metadata_safely(evil):
-    """The resume path Lightning takes for a sharded folder goes through the restricted unpickler."""
+    """The resume path Lightning takes for a sharded folder goes through the restricted unpickler; also under
+    Lightning's own ModelParallelStrategy, which ``EPASModule.setup`` has read as FSDP2Strategy does (its own
+    unpickled the metadata, whatever weights_only said)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from epas_lightning.checkpoint_io import load_safely
     from epas_lightning.strategy import FSDP2Strategy
 
-    with pytest.raises(CheckpointError, match="unsafe or corrupt distributed-checkpoint metadata"):
-        FSDP2Strategy().load_checkpoint(evil.sharded)
+    lightnings = ModelParallelStrategy()
+    load_safely(lightnings)
+    for strategy in (FSDP2Strategy(), lightnings):
+        with pytest.raises(CheckpointError, match="unsafe or corrupt distributed-checkpoint metadata"):
+            strategy.load_checkpoint(evil.sharded, weights_only=False)
     assert not evil.marker.exists()
 
 
@@ -221,12 +231,16 @@ def test_load_from_checkpoint_refuses_malicious_checkpoints_whatever_weights_onl
     assert not evil.marker.exists()
 
 
-def test_a_trainer_with_atomic_checkpoint_io_refuses_malicious_checkpoints_whatever_weights_only_says(evil, tmp_path):
-    """``trainer.fit(..., ckpt_path=path, weights_only=False)`` from Python ran the file's code; a missing or corrupt
-    file was a FileNotFoundError or an UnpicklingError traceback."""
-    import lightning as L
+class OwnCheckpointIO(TorchCheckpointIO):
+    """A user's own ``CheckpointIO``: kept, and asked to load with ``weights_only=True``."""
 
-    from epas_lightning import AtomicCheckpointIO
+
+@pytest.mark.parametrize("plugin", [AtomicCheckpointIO, None, AsyncCheckpointIO, OwnCheckpointIO])
+def test_a_trainer_of_ones_own_refuses_malicious_checkpoints_whatever_weights_only_says(plugin, evil, tmp_path):
+    """``trainer.fit(..., ckpt_path=path, weights_only=False)`` (or ``validate``) from Python ran the file's code, with
+    a plain ``Trainer`` (Lightning's ``TorchCheckpointIO``) too; a missing or corrupt file was a FileNotFoundError or an
+    UnpicklingError traceback. ``EPASModule.setup`` has Lightning's own loader replaced by ``AtomicCheckpointIO``."""
+    import lightning as L
 
     (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
     refused = {
@@ -234,12 +248,20 @@ def test_a_trainer_with_atomic_checkpoint_io_refuses_malicious_checkpoints_whate
         tmp_path / "garbage.ckpt": "not a checkpoint file",
         tmp_path / "none.ckpt": "checkpoint does not exist",
     }
-    for path, message in refused.items():
+    if plugin is not AtomicCheckpointIO:
+        refused = {evil.file: "cannot read this file safely"}
+    for (path, message), stage in zip(refused.items(), ["fit", "validate", "fit"], strict=False):
         module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=8))
-        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, plugins=[AtomicCheckpointIO()])
+        plugins = [] if plugin is None else [plugin()]
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, plugins=plugins, enable_progress_bar=False)
         data = torch.utils.data.DataLoader([torch.zeros(9, dtype=torch.long)])
-        with pytest.raises(CheckpointError, match=f"{message}.* — ckpt_path {path}"):
-            trainer.fit(module, data, ckpt_path=path, weights_only=False)
+        if plugin is OwnCheckpointIO:  # its own torch.load, with weights_only=True
+            with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+                getattr(trainer, stage)(module, data, ckpt_path=path, weights_only=False)
+            assert type(trainer.strategy.checkpoint_io) is OwnCheckpointIO
+        else:
+            with pytest.raises(CheckpointError, match=f"{message}.* — ckpt_path {path}"):
+                getattr(trainer, stage)(module, data, ckpt_path=path, weights_only=False)
     assert not evil.marker.exists()
 
 

@@ -30,7 +30,8 @@ class TokenDataModule(TokenData, LightningDataModule):
     predicts ``batch[:, 1:]``. Tokens are stored as int32 and cast to int64 once the batch is on the device. Training
     batches are shuffled with ``seed``; under several ranks each rank reads its own part of every stream. The loader's
     position is saved in checkpoints (Lightning stores stateful loaders), so a resumed run continues mid-epoch with the
-    batches an uninterrupted run would have seen (with the same batch size, worker and rank counts).
+    batches an uninterrupted run would have seen (with the same batch size, worker and rank counts), also from a data
+    folder moved since (the same chunks: each stream's ``index.json``).
 
     Args:
         data_dir: Prepared data directory (``python -m epas_lightning prepare``) with ``train/``, ``val/``, the
@@ -67,6 +68,9 @@ class TokenDataModule(TokenData, LightningDataModule):
     _val_check_batch: int | None = None
     """Lightning's ``val_check_batch`` while it is changed for an epoch that ended early
     (:meth:`_validate_at_an_early_epoch_end`)."""
+
+    _moved_streams: dict[int, tuple[str, str]] = {}
+    """The streams of a resumed position now at another path with the same chunks (:func:`moved_streams`)."""
 
     _train_contents: list[str | None] | None = None
     """The train streams' fingerprints (:func:`stream_fingerprint`), taken at ``fit``'s setup for its saves."""
@@ -107,6 +111,14 @@ class TokenDataModule(TokenData, LightningDataModule):
             )
             return
         current = self._position_settings()
+        self._moved_streams = moved_streams(saved, current)
+        if moved := self._moved_streams:  # the same chunks at another path: the position holds there
+            saved = {**saved, "streams": current["streams"]}
+            rank_zero_info(
+                "data: the checkpoint's data moved ("
+                + "; ".join(f"{saved_path} -> {path}" for saved_path, path in moved.values())
+                + "), its chunks the same (index.json): its position resumes there"
+            )
         fixed, layout = ["streams", "seed", "seq_len"], ["batch_size", "num_workers", "world_size"]
         if len(current["streams"]) > 1 or len(saved["streams"]) > 1:
             fixed += ["weights", *layout]
@@ -125,8 +137,8 @@ class TokenDataModule(TokenData, LightningDataModule):
                 f"the data the checkpoint's position belongs to is gone ({', '.join(gone)})",
                 f"--ckpt_path {trainer.ckpt_path}" if trainer is not None else "--ckpt_path",
                 "go on with this data from its beginning with --data.resume_position false (the run's steps, "
-                "optimizer, LR and sharing schedules resume), or move that data back to its path (or prepare it again "
-                "there) to resume its position",
+                "optimizer, LR and sharing schedules resume), or give the folder that data is in now, or move it back "
+                "to its path (or prepare it again there), to resume its position",
             )
         if moved := differ([key for key in layout if key not in fixed]):
             rank_zero_info(  # one stream: litdata's elastic resume
@@ -220,7 +232,7 @@ class TokenDataModule(TokenData, LightningDataModule):
             if not self._position_settled:  # a checkpoint older than position_settings: litdata's state says them
                 self._adopt_position(position_settings_of(state, self.num_workers))
             if not self._fresh_position:  # else this loader keeps its own
-                restore(state)
+                restore(relocated(state, self._moved_streams, loader.dataset))
 
         loader.load_state_dict = load_position
         if len(loader) == 0:
@@ -363,6 +375,31 @@ class TokenDataModule(TokenData, LightningDataModule):
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
         """Tokens are stored as int32; embeddings and cross-entropy targets want int64 (cast on the device)."""
         return batch.long()
+
+
+def moved_streams(saved: dict[str, Any], current: dict[str, Any]) -> dict[int, tuple[str, str]]:
+    """The streams of a saved position (``saved``, its settings) that are now at another path with the same chunks
+    (their ``index.json`` fingerprints), by index: (saved path, current path). Empty where any stream differs in
+    contents, or their number differs: that is other data."""
+    paths, contents = saved.get("streams"), saved.get("contents")
+    if not paths or not contents or None in contents or contents != current["contents"]:
+        return {}
+    return {i: (old, new) for i, (old, new) in enumerate(zip(paths, current["streams"], strict=True)) if old != new}
+
+
+def relocated(state: dict[str, Any], moved: dict[int, tuple[str, str]], dataset: Any) -> dict[str, Any]:
+    """A litdata loader ``state`` whose streams ``moved`` (:func:`moved_streams`) name their current folders, as the
+    loader's ``dataset`` has them (litdata refuses a position saved under another ``input_dir``)."""
+    if not moved or not isinstance(state.get("dataset"), dict):
+        return state
+    streams = getattr(dataset, "_datasets", [dataset])  # a mixture's, or the one stream
+    saved = dict(state["dataset"])
+    if "input_dir_path" in saved:  # one stream
+        return {**state, "dataset": {**saved, "input_dir_path": streams[0].input_dir.path}}
+    for i in moved:
+        if isinstance(saved.get(str(i)), dict):
+            saved[str(i)] = {**saved[str(i)], "input_dir_path": streams[i].input_dir.path}
+    return {**state, "dataset": saved}
 
 
 def position_settings_of(state: dict[str, Any], num_workers: int) -> dict[str, Any]:
