@@ -655,6 +655,23 @@ def test_prompts_that_cannot_fit_are_refused_before_they_are_tokenized(checkpoin
     )
 
 
+def test_sampling_settings_out_of_range_are_a_400_that_says_what_to_do(checkpoint, monkeypatch):
+    """The checks generate runs (the same messages, with the fix the error carries); temperature stops at OpenAI's 2."""
+    from epas_lightning.serve.protocol import parse_completion
+
+    served = built_api(checkpoint, monkeypatch).served
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+    assert refused(parse_completion, {**body, "top_p": 0.0}, served) == (
+        400,
+        "top_p must be in (0, 1], got 0.0: use a fraction in (0, 1], e.g. 0.9, or leave it unset for no nucleus cut",
+    )
+    assert refused(parse_completion, {**body, "top_k": 0}, served)[1].startswith("top_k must be >= 1, got 0: use 1")
+    assert refused(parse_completion, {**body, "temperature": -1}, served)[1].startswith("temperature must be >= 0")
+    assert refused(parse_completion, {**body, "temperature": 2.5}, served)[1] == (
+        "temperature must lie in [0, 2], got 2.5"
+    )
+
+
 def test_chat_content_parts_read_as_text_and_fields_that_change_the_output_are_refused(checkpoint, monkeypatch):
     """Content as a list of text parts (LangChain, the openai SDK's typed messages) is the parts' text joined by
     newlines, an image part a 400; a field this server does not implement (a vLLM sampling extension, the deprecated
