@@ -237,6 +237,25 @@ def test_finished_rows_leave_the_batch_and_the_others_decode_as_alone(checkpoint
     assert per_row["a"] == per_row["b"] == loaded.model.new_cache(1, 6 + 9).nbytes  # one row: longest prompt + 9
 
 
+def test_greedy_requests_with_a_seed_share_a_batch(checkpoint):
+    """A seed changes nothing at temperature 0 (or top_k 1), yet such a sequence decoded alone: clients that always
+    send a seed (eval harnesses) got one forward per request and step instead of one per step."""
+    loaded = load_model(checkpoint)
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=4)
+    prompts = {"a": [0, 5, 9], "b": [0, 7], "c": [0, 3, 3, 8]}
+    sampling = {"a": Sampling(seed=1), "b": Sampling(), "c": Sampling(temperature=0.7, top_k=1, seed=2)}
+    for key, prompt in prompts.items():
+        engine.add(key, SequenceRequest(prompt, 3, 2, sampling[key]))
+    texts, infos = dict.fromkeys(prompts, ""), {}
+    while engine.busy:
+        for output in engine.step():
+            texts[output.key] += output.text
+            infos[output.key] = output.info
+    set_region(loaded.model, 2, loaded.region)
+    assert texts == {key: token_text(generate(loaded.model, [p], 3).tokens[0]) for key, p in prompts.items()}
+    assert {key: info["batch_size"] for key, info in infos.items()} == {"a": 3, "b": 3, "c": 3}  # one batch
+
+
 def test_cancel_drops_waiting_and_running_sequences(checkpoint):
     loaded = load_model(checkpoint)
     engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=3)
