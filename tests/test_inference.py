@@ -346,6 +346,16 @@ def test_generate_refuses_arguments_of_the_wrong_type_before_it_runs_and_keeps_t
             "no nucleus cut",
         ),
         (dict(temperature=1.0, seed="3"), "seed must be a whole number, got '3' — seed — pass an int, or None"),
+        (  # a ValueError from the capture, after the prefill ("off", the command's word, turned graphs on)
+            dict(cuda_graph=True),
+            "cuda_graph=True needs a model on a CUDA device, not cpu — cuda_graph — leave it None \\(on for CUDA\\) "
+            "or pass False",
+        ),
+        (
+            dict(cuda_graph="off"),
+            "cuda_graph must be True, False or None, got 'off' — cuda_graph — leave it None \\(on for CUDA\\) or "
+            "pass False",
+        ),
     ]
     for kwargs, message in bad:
         with pytest.raises(ConfigError, match=f"^{message}$"):

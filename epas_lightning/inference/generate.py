@@ -162,6 +162,19 @@ def seed_number(seed: object) -> int | None:
     return seed
 
 
+def cuda_graph_setting(cuda_graph: object, device: torch.device) -> bool:
+    """``cuda_graph`` as a bool (``None``: on for CUDA); a :class:`ConfigError` for another value (``"off"`` turned
+    graphs on), or for graphs on another device than CUDA (a ValueError from the capture, after the prefill)."""
+    fix = "leave it None (on for CUDA) or pass False"
+    if cuda_graph is None:
+        return device.type == "cuda"
+    if not isinstance(cuda_graph, bool):
+        raise ConfigError(f"cuda_graph must be True, False or None, got {cuda_graph!r}", "cuda_graph", fix)
+    if cuda_graph and device.type != "cuda":
+        raise ConfigError(f"cuda_graph=True needs a model on a CUDA device, not {device.type}", "cuda_graph", fix)
+    return cuda_graph
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -232,8 +245,7 @@ class Decoder:
         seed = seed_number(seed)
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
-        self.cuda_graph = cuda_graph and max_new_tokens > 1
+        self.cuda_graph = cuda_graph_setting(cuda_graph, device) and max_new_tokens > 1
         self.cache = model.new_cache(B, longest + max_new_tokens, static=self.cuda_graph)
         self._step_logits = None
         self.finite = torch.ones(B, dtype=torch.bool, device=device)
