@@ -675,7 +675,8 @@ def test_prompts_that_cannot_fit_are_refused_before_they_are_tokenized(checkpoin
 
 
 def test_sampling_settings_out_of_range_are_a_400_that_says_what_to_do(checkpoint, monkeypatch):
-    """The checks generate runs (the same messages, with the fix the error carries); temperature stops at OpenAI's 2."""
+    """The checks generate runs (the same messages, with the fix the error carries); temperature stops at OpenAI's 2,
+    and top_k reads as vLLM reads it."""
     from epas_lightning.serve.protocol import parse_completion
 
     served = built_api(checkpoint, monkeypatch).served
@@ -684,7 +685,10 @@ def test_sampling_settings_out_of_range_are_a_400_that_says_what_to_do(checkpoin
         400,
         "top_p must be in (0, 1], got 0.0: use a fraction in (0, 1], e.g. 0.9, or leave it unset for no nucleus cut",
     )
-    assert refused(parse_completion, {**body, "top_k": 0}, served)[1].startswith("top_k must be >= 1, got 0: use 1")
+    assert refused(parse_completion, {**body, "top_k": -2}, served)[1].startswith("top_k must be >= 1, got -2: use 1")
+    for every_token in (-1, 0):  # vLLM's top_k for no top-k cut (its clients send it): was a 400
+        sequence = parse_completion({**body, "top_k": every_token}, served, served.tokenizer()).sequences[0]
+        assert sequence.sampling.top_k is None
     assert refused(parse_completion, {**body, "temperature": -1}, served)[1].startswith("temperature must be >= 0")
     assert refused(parse_completion, {**body, "temperature": 2.5}, served)[1] == (
         "temperature must lie in [0, 2], got 2.5"

@@ -33,6 +33,8 @@ DEFAULT_MAX_TOKENS = 16
 """OpenAI's default ``max_tokens`` for completions."""
 MAX_TEMPERATURE = 2.0
 """The highest ``temperature`` a request may ask for, as OpenAI allows."""
+EVERY_TOKEN = (-1, 0)
+"""The ``top_k`` values that mean no top-k cut, as vLLM (whose extension ``top_k`` is) reads them."""
 MAX_TOKEN_CHARS = 256
 """Characters one token stands for, at most: chat messages longer than the context length times this cannot fit (and
 are refused before the template renders them)."""
@@ -331,15 +333,16 @@ def _refuse_unsupported(unsupported: dict[str, bool], request: SamplingRequest) 
 def _sampling(request: SamplingRequest) -> Sampling:
     temperature = 1.0 if request.temperature is None else request.temperature
     top_p = 1.0 if request.top_p is None else request.top_p
+    top_k = None if request.top_k in EVERY_TOKEN else request.top_k
     try:
-        check_sampling(temperature, request.top_k, top_p)
+        check_sampling(temperature, top_k, top_p)
     except SamplingError as e:
         raise RequestError(f"{e.what}: {e.fix}", e.setting) from None
     if temperature > MAX_TEMPERATURE:
         raise RequestError(f"temperature must lie in [0, {MAX_TEMPERATURE:g}], got {temperature}", "temperature")
     if request.seed is not None and not -(2**63) <= request.seed < 2**63:
         raise RequestError(f"seed must be a 64-bit signed integer, got {request.seed}", "seed")
-    return Sampling(temperature, request.top_k, None if top_p == 1.0 else top_p, request.seed)
+    return Sampling(temperature, top_k, None if top_p == 1.0 else top_p, request.seed)
 
 
 def _prompt_ids(prompt: Any, tokenizer: TextTokenizer, served: ServedModel) -> list[list[int]]:
