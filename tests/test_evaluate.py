@@ -220,6 +220,17 @@ def test_lm_loss_softmax_runs_over_the_real_vocabulary() -> None:
         assert lm_loss(logits, batch[:, 1:]).item() > expected.item()  # the padded rows take probability mass
 
 
+def test_a_loss_past_what_exp_can_hold_has_an_infinite_perplexity_not_an_overflow_traceback() -> None:
+    """A loss above ~709.8 nats (a far-off model: here its head scaled up) failed evaluate and bench in math.exp."""
+    from epas_lightning.evaluation.perplexity import perplexity_of_batches
+
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(5000)
+    result = perplexity_of_batches(model, [torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))])
+    assert result["loss"] > 710 and result["ppl"] == float("inf")
+
+
 def test_perplexity_equals_direct_cross_entropy(tiny_corpus: Path) -> None:
     from epas_lightning import TokenDataModule
 

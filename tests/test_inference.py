@@ -235,8 +235,8 @@ def test_sampling_filters():
     # p(0)=0.70, p(1)=0.26: top_p=0.5 keeps only token 0, top_p=0.9 keeps tokens 0 and 1
     assert set(sample(logits.expand(400, -1), 1.0, top_p=0.5, generator=g).tolist()) == {0}
     assert set(sample(logits.expand(400, -1), 1.0, top_p=0.9, generator=g).tolist()) == {0, 1}
-    with pytest.raises(ValueError, match="top_p"):
-        sample(logits, 1.0, top_p=0.0)
+    with pytest.raises(ConfigError, match=r"^top_p must be in \(0, 1\], got 0.0 — top_p — use a fraction in"):
+        sample(logits, 1.0, top_p=0.0)  # what to do, too (the error carries it: commands name their flag instead)
     with pytest.raises(ValueError, match="temperature must be >= 0, got nan"):  # was torch's multinomial error
         sample(logits, float("nan"))
 
@@ -332,17 +332,30 @@ def test_generate_refuses_arguments_of_the_wrong_type_before_it_runs_and_keeps_t
         ),
         (
             dict(top_k=2.5, temperature=1.0),
-            "top_k must be a whole number, got 2.5 — top_k — use 1 or more, or leave it unset",
+            r"top_k must be a whole number, got 2.5 — top_k — use 1 or more \(1 is greedy\), or leave it unset to "
+            "sample from every token",
         ),
         (
             dict(temperature="1"),
-            "temperature must be a number, got '1' — temperature — use 0 \\(greedy\\) or more, e.g. 0.7",
+            "temperature must be a number, got '1' — temperature — use 0 \\(greedy\\) or more; 1 samples from the "
+            "model's distribution",
         ),
         (
             dict(temperature=1.0, top_p=3.0),
-            r"top_p must be in \(0, 1\], got 3.0 — top_p — use e.g. 0.9, or leave it unset",
+            r"top_p must be in \(0, 1\], got 3.0 — top_p — use a fraction in \(0, 1\], e.g. 0.9, or leave it unset for "
+            "no nucleus cut",
         ),
         (dict(temperature=1.0, seed="3"), "seed must be a whole number, got '3' — seed — pass an int, or None"),
+        (  # a ValueError from the capture, after the prefill ("off", the command's word, turned graphs on)
+            dict(cuda_graph=True),
+            "cuda_graph=True needs a model on a CUDA device, not cpu — cuda_graph — leave it None \\(on for CUDA\\) "
+            "or pass False",
+        ),
+        (
+            dict(cuda_graph="off"),
+            "cuda_graph must be True, False or None, got 'off' — cuda_graph — leave it None \\(on for CUDA\\) or "
+            "pass False",
+        ),
     ]
     for kwargs, message in bad:
         with pytest.raises(ConfigError, match=f"^{message}$"):

@@ -237,6 +237,25 @@ def test_finished_rows_leave_the_batch_and_the_others_decode_as_alone(checkpoint
     assert per_row["a"] == per_row["b"] == loaded.model.new_cache(1, 6 + 9).nbytes  # one row: longest prompt + 9
 
 
+def test_greedy_requests_with_a_seed_share_a_batch(checkpoint):
+    """A seed changes nothing at temperature 0 (or top_k 1), yet such a sequence decoded alone: clients that always
+    send a seed (eval harnesses) got one forward per request and step instead of one per step."""
+    loaded = load_model(checkpoint)
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=4)
+    prompts = {"a": [0, 5, 9], "b": [0, 7], "c": [0, 3, 3, 8]}
+    sampling = {"a": Sampling(seed=1), "b": Sampling(), "c": Sampling(temperature=0.7, top_k=1, seed=2)}
+    for key, prompt in prompts.items():
+        engine.add(key, SequenceRequest(prompt, 3, 2, sampling[key]))
+    texts, infos = dict.fromkeys(prompts, ""), {}
+    while engine.busy:
+        for output in engine.step():
+            texts[output.key] += output.text
+            infos[output.key] = output.info
+    set_region(loaded.model, 2, loaded.region)
+    assert texts == {key: token_text(generate(loaded.model, [p], 3).tokens[0]) for key, p in prompts.items()}
+    assert {key: info["batch_size"] for key, info in infos.items()} == {"a": 3, "b": 3, "c": 3}  # one batch
+
+
 def test_cancel_drops_waiting_and_running_sequences(checkpoint):
     loaded = load_model(checkpoint)
     engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=3)
@@ -652,6 +671,27 @@ def test_prompts_that_cannot_fit_are_refused_before_they_are_tokenized(checkpoin
     assert refused(parse_chat, chat, served) == (
         400,
         "messages.0.content holds a lone surrogate ('\\udfff' at character 1), which is not text: send valid Unicode",
+    )
+
+
+def test_sampling_settings_out_of_range_are_a_400_that_says_what_to_do(checkpoint, monkeypatch):
+    """The checks generate runs (the same messages, with the fix the error carries); temperature stops at OpenAI's 2,
+    and top_k reads as vLLM reads it."""
+    from epas_lightning.serve.protocol import parse_completion
+
+    served = built_api(checkpoint, monkeypatch).served
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+    assert refused(parse_completion, {**body, "top_p": 0.0}, served) == (
+        400,
+        "top_p must be in (0, 1], got 0.0: use a fraction in (0, 1], e.g. 0.9, or leave it unset for no nucleus cut",
+    )
+    assert refused(parse_completion, {**body, "top_k": -2}, served)[1].startswith("top_k must be >= 1, got -2: use 1")
+    for every_token in (-1, 0):  # vLLM's top_k for no top-k cut (its clients send it): was a 400
+        sequence = parse_completion({**body, "top_k": every_token}, served, served.tokenizer()).sequences[0]
+        assert sequence.sampling.top_k is None
+    assert refused(parse_completion, {**body, "temperature": -1}, served)[1].startswith("temperature must be >= 0")
+    assert refused(parse_completion, {**body, "temperature": 2.5}, served)[1] == (
+        "temperature must lie in [0, 2], got 2.5"
     )
 
 

@@ -43,7 +43,15 @@ def perplexity_of_batches(model: Llama, batches, max_batches: int | None = None)
     if tokens == 0:
         raise ValueError("No held-out batches to evaluate (is the validation split empty?).")
     loss = total / tokens
-    return {"loss": loss, "ppl": math.exp(loss), "tokens": tokens, "sequences": sequences}
+    return {"loss": loss, "ppl": perplexity(loss), "tokens": tokens, "sequences": sequences}
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``; infinite past what a float holds (a loss above ~709.8 nats), where ``math.exp`` raises."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def evaluate_perplexity(

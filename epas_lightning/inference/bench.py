@@ -23,7 +23,7 @@ import torch
 from epas_lightning.checkpoint import LoadedModel
 from epas_lightning.data.tokenizer import RecordedTokenizer
 from epas_lightning.errors import ConfigError
-from epas_lightning.evaluation.perplexity import perplexity_of_batches
+from epas_lightning.evaluation.perplexity import perplexity, perplexity_of_batches
 from epas_lightning.flops import estimate_flops
 from epas_lightning.inference.generate import generate, set_region
 from epas_lightning.inference.generate_cli import MIB, CudaGraph, cuda_graph_choice, load_for_inference
@@ -152,7 +152,7 @@ def measure(
                 "kv_cache_bytes": cache[n][0],
                 "kv_cache_saving": 1 - cache[n][0] / cache[n][1],
                 "val_loss": loss,
-                "val_ppl": None if loss is None else math.exp(loss),
+                "val_ppl": None if loss is None else perplexity(loss),
             }
         )
     return table

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from epas_lightning.errors import ConfigError, DataError
-from epas_lightning.inference.sampling import SamplingError, check_sampling, sample
+from epas_lightning.inference.sampling import check_sampling, sample
 from epas_lightning.model import Llama
 from epas_lightning.model.llama import check_has_weights, check_is_llama
 from epas_lightning.region import TrainedRegion
@@ -144,23 +144,6 @@ def token_lists(prompts: Sequence[Sequence[int]] | torch.Tensor) -> list[list[in
         ) from None
 
 
-SAMPLING_FIXES = {
-    "temperature": "use 0 (greedy) or more, e.g. 0.7",
-    "top_k": "use 1 or more, or leave it unset",
-    "top_p": "use e.g. 0.9, or leave it unset",
-}
-"""What to do about each sampling setting :func:`check_sampling` refuses."""
-
-
-def check_sampling_arguments(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """:func:`check_sampling` as a :class:`ConfigError` naming the argument, before anything runs (a bad ``top_p``
-    failed after the prefill, leaving the model in eval mode)."""
-    try:
-        check_sampling(temperature, top_k, top_p)
-    except SamplingError as e:
-        raise ConfigError(str(e), e.setting, SAMPLING_FIXES[e.setting]) from None
-
-
 def seed_number(seed: object) -> int | None:
     """``seed`` as the Python int ``manual_seed`` takes (numpy's ints too), or ``None``; a :class:`ConfigError`
     naming ``seed`` otherwise (``"3"`` was a bare TypeError)."""
@@ -177,6 +160,19 @@ def seed_number(seed: object) -> int | None:
             "pick one in that range",
         )
     return seed
+
+
+def cuda_graph_setting(cuda_graph: object, device: torch.device) -> bool:
+    """``cuda_graph`` as a bool (``None``: on for CUDA); a :class:`ConfigError` for another value (``"off"`` turned
+    graphs on), or for graphs on another device than CUDA (a ValueError from the capture, after the prefill)."""
+    fix = "leave it None (on for CUDA) or pass False"
+    if cuda_graph is None:
+        return device.type == "cuda"
+    if not isinstance(cuda_graph, bool):
+        raise ConfigError(f"cuda_graph must be True, False or None, got {cuda_graph!r}", "cuda_graph", fix)
+    if cuda_graph and device.type != "cuda":
+        raise ConfigError(f"cuda_graph=True needs a model on a CUDA device, not {device.type}", "cuda_graph", fix)
+    return cuda_graph
 
 
 def _sync(device: torch.device) -> None:
@@ -223,7 +219,7 @@ class Decoder:
                 "pass 1 or more",
             )
         max_new_tokens = int(max_new_tokens)  # numpy's, a tensor's too
-        check_sampling_arguments(temperature, top_k, top_p)
+        check_sampling(temperature, top_k, top_p)  # before anything runs: the model keeps its mode
         config = model.config
         longest = max(len(p) for p in prompts)
         fit_new_tokens(longest, max_new_tokens, config.context_length, ("prompts", "max_new_tokens"))
@@ -249,8 +245,7 @@ class Decoder:
         seed = seed_number(seed)
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
-        self.cuda_graph = cuda_graph and max_new_tokens > 1
+        self.cuda_graph = cuda_graph_setting(cuda_graph, device) and max_new_tokens > 1
         self.cache = model.new_cache(B, longest + max_new_tokens, static=self.cuda_graph)
         self._step_logits = None
         self.finite = torch.ones(B, dtype=torch.bool, device=device)

@@ -8,7 +8,7 @@ from typing import Literal
 
 from epas_lightning.checkpoint import CheckpointInfo, LoadedModel, load_model
 from epas_lightning.data.tokenizer import TextTokenizer, check_tokenizer_flag, decode_continuation, load_tokenizer
-from epas_lightning.errors import ConfigError, UserError, read_text_file
+from epas_lightning.errors import ConfigError, read_text_file
 from epas_lightning.inference.generate import GenerationResult, fit_new_tokens, generate, per_second, set_region
 from epas_lightning.inference.sampling import SamplingError, check_sampling
 from epas_lightning.region import SHARING_FLAGS
@@ -43,7 +43,7 @@ def check_sampling_flags(temperature: float, top_k: int | None, top_p: float | N
     try:
         check_sampling(temperature, top_k, top_p)
     except SamplingError as e:
-        raise ConfigError(str(e), "--" + e.setting.replace("_", "-"), SAMPLING_FIXES[e.setting]) from e
+        raise ConfigError(e.what, "--" + e.setting.replace("_", "-"), e.fix) from None
 
 
 def check_seed(seed: int) -> None:
@@ -51,14 +51,6 @@ def check_seed(seed: int) -> None:
     ``seed`` field is checked alike)."""
     if not -(2**63) <= seed < 2**63:
         raise ConfigError(f"must be a 64-bit signed integer, got {seed}", "--seed", "give a seed in -2**63..2**63-1")
-
-
-SAMPLING_FIXES = {
-    "temperature": "0 decodes greedily; 1 samples from the model's distribution",
-    "top_k": "1 or more (1 is greedy); leave it unset to sample from every token",
-    "top_p": "a fraction in (0, 1]; leave it unset for no nucleus cut",
-}
-"""What to do about a sampling flag out of range, by setting."""
 
 
 def resolve_tokenizer(loaded: CheckpointInfo, path: Path | None) -> TextTokenizer:
@@ -185,25 +177,20 @@ def generate_command(
     layers = set_region(loaded.model, n_shared, loaded.region, force, SHARING_FLAGS)
     ids = [[text_tokenizer.bos_id, *text_tokenizer.encode(text)] for text in prompts]
     max_new_tokens = fit_new_tokens(max(map(len, ids)), max_new_tokens, loaded.model.config.context_length)
-    try:
-        results = [
-            generate(
-                loaded.model,
-                batch,
-                max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                eos_id=None if ignore_eos else text_tokenizer.stop_ids,
-                seed=batch_seed(seed, index),
-                cuda_graph=graphed,
-            )
-            for index, batch in enumerate(in_batches(ids, batch_size))
-        ]
-    except UserError:  # already what, where and fix
-        raise
-    except ValueError as e:  # bad sampling settings
-        raise ConfigError(str(e), "generate", "see --help") from e
+    results = [
+        generate(
+            loaded.model,
+            batch,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_id=None if ignore_eos else text_tokenizer.stop_ids,
+            seed=batch_seed(seed, index),
+            cuda_graph=graphed,
+        )
+        for index, batch in enumerate(in_batches(ids, batch_size))
+    ]
     completions = []
     new_tokens = [row for result in results for row in result.tokens]
     for text, prompt_ids, new in zip(prompts, ids, new_tokens, strict=True):

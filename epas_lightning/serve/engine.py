@@ -1,14 +1,14 @@
 """The decoding engine behind ``serve``: sequences that can share a forward are decoded together, one token per step.
 
-A *sequence* is one choice of one prompt. Sequences with the same sharing region and the same sampling settings form
-a *group*: one left-padded batch with its own KV cache (:class:`~epas_lightning.inference.generate.Decoder`, the loop
-behind ``generate``). A sequence with a ``seed`` decodes alone, so it gets exactly what ``generate`` gives for that
-prompt and seed, whoever else is being served. Every :meth:`Engine.step` advances each running group by one token
-(switching the model's region in between is a flag flip) and admits waiting sequences into new groups, up to
-``max_batch_size`` sequences in flight; waiting sequences are admitted once they fill the free places or the oldest
-has waited ``batch_timeout`` seconds, so requests that arrive together share a forward. A sequence that finishes (or
-is cancelled) leaves its group's batch and KV cache at once, so every row computed is a sequence in flight and
-``max_batch_size`` bounds the rows each step computes.
+A *sequence* is one choice of one prompt. Sequences with the same sharing region and the same sampling settings form a
+*group*: one left-padded batch with its own KV cache (:class:`~epas_lightning.inference.generate.Decoder`, the loop
+behind ``generate``). A sampled sequence with a ``seed`` decodes alone, so it gets exactly what ``generate`` gives for
+that prompt and seed, whoever else is being served (a greedy one, seed or not, joins the greedy batch: the same
+tokens). Every :meth:`Engine.step` advances each running group by one token (switching the model's region in between
+is a flag flip) and admits waiting sequences into new groups, up to ``max_batch_size`` sequences in flight; waiting
+sequences are admitted once they fill the free places or the oldest has waited ``batch_timeout`` seconds, so requests
+that arrive together share a forward. A sequence that finishes (or is cancelled) leaves its group's batch and KV cache
+at once, so every row computed is a sequence in flight and ``max_batch_size`` bounds the rows each step computes.
 """
 
 from __future__ import annotations
@@ -247,8 +247,8 @@ class Engine:
     def _kind(self, request: SequenceRequest) -> Hashable:
         """Sequences of the same kind can share a forward and a sampler."""
         s = request.sampling
+        if s.temperature == 0 or s.top_k == 1:  # greedy: a seed changes nothing
+            return (request.n_shared, "greedy")
         if s.seed is not None:
             return ("alone", next(self._alone))
-        if s.temperature == 0:
-            return (request.n_shared, "greedy")
         return (request.n_shared, s.temperature, s.top_k, s.top_p)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from epas_lightning.inference.sampling import SamplingError, check_sampling
 from epas_lightning.serve.chat import TemplateFailure, TemplateRefusal, chat_prompt_ids
 from epas_lightning.serve.engine import Sampling, SequenceRequest
 
@@ -30,6 +31,10 @@ MAX_STOP = 4
 """Stop strings per request, as OpenAI allows."""
 DEFAULT_MAX_TOKENS = 16
 """OpenAI's default ``max_tokens`` for completions."""
+MAX_TEMPERATURE = 2.0
+"""The highest ``temperature`` a request may ask for, as OpenAI allows."""
+EVERY_TOKEN = (-1, 0)
+"""The ``top_k`` values that mean no top-k cut, as vLLM (whose extension ``top_k`` is) reads them."""
 MAX_TOKEN_CHARS = 256
 """Characters one token stands for, at most: chat messages longer than the context length times this cannot fit (and
 are refused before the template renders them)."""
@@ -327,16 +332,17 @@ def _refuse_unsupported(unsupported: dict[str, bool], request: SamplingRequest) 
 
 def _sampling(request: SamplingRequest) -> Sampling:
     temperature = 1.0 if request.temperature is None else request.temperature
-    if not 0.0 <= temperature <= 2.0:
-        raise RequestError(f"temperature must lie in [0, 2], got {temperature}", "temperature")
     top_p = 1.0 if request.top_p is None else request.top_p
-    if not 0.0 < top_p <= 1.0:
-        raise RequestError(f"top_p must lie in (0, 1], got {top_p}", "top_p")
-    if request.top_k is not None and request.top_k < 1:
-        raise RequestError(f"top_k must be at least 1, got {request.top_k}", "top_k")
+    top_k = None if request.top_k in EVERY_TOKEN else request.top_k
+    try:
+        check_sampling(temperature, top_k, top_p)
+    except SamplingError as e:
+        raise RequestError(f"{e.what}: {e.fix}", e.setting) from None
+    if temperature > MAX_TEMPERATURE:
+        raise RequestError(f"temperature must lie in [0, {MAX_TEMPERATURE:g}], got {temperature}", "temperature")
     if request.seed is not None and not -(2**63) <= request.seed < 2**63:
         raise RequestError(f"seed must be a 64-bit signed integer, got {request.seed}", "seed")
-    return Sampling(temperature, request.top_k, None if top_p == 1.0 else top_p, request.seed)
+    return Sampling(temperature, top_k, None if top_p == 1.0 else top_p, request.seed)
 
 
 def _prompt_ids(prompt: Any, tokenizer: TextTokenizer, served: ServedModel) -> list[list[int]]:
