@@ -281,7 +281,8 @@ def test_evaluate_batches_with_tasks_scores_the_run_data_too(tmp_path: Path, tin
 
 def test_held_out_data_that_is_gone_is_named(tmp_path, tiny_corpus, capsys) -> None:
     """The run's data moved or deleted: evaluate and analyze said the checkpoint "does not say which data it trained
-    on" (it does), and bench left out the held-out loss without a word."""
+    on" (it does), and bench left out the held-out loss without a word (and, having said so, then showed the progress
+    of a held-out loss it did not compute)."""
     ckpt = save_consolidated(tiny_model(n_layer=2), tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
     record = json.loads((ckpt / "config.json").read_text())
     record["tokenizer"]["data_dir"] = str(tmp_path / "gone")  # as consolidate records the run's data
@@ -294,6 +295,7 @@ def test_held_out_data_that_is_gone_is_named(tmp_path, tiny_corpus, capsys) -> N
         assert status == (0 if command == "bench" else 2)
         err = capsys.readouterr().err
         assert gone in err and "--data" in err, err
+        assert "bench: held-out loss" not in err, err  # the progress of a loss not computed
 
 
 def test_held_out_data_of_another_vocabulary_than_the_model_is_one_line(tmp_path, tiny_corpus, capsys) -> None:

@@ -139,7 +139,7 @@ def measure(
             prefill[n].append(result.prefill_tokens_per_s)
             cache[n] = (result.cache_bytes, result.dense_cache_bytes)
     table = []
-    for n in progress(regions, "bench: held-out loss", unit="region"):
+    for n in progress(regions, "bench: held-out loss", unit="region") if batches else regions:  # none: nothing to say
         set_region(model, n, loaded.region, force)
         loss = perplexity_of_batches(model, batches)["loss"] if batches else None  # null in JSON: not measured
         table.append(
