@@ -128,9 +128,21 @@ class HeldOut:
         """The first of its folders that no longer exists, if any."""
         return next((d for d in (*self.data_dirs, self.val_dir) if d is not None and not d.is_dir()), None)
 
+    def folders(self) -> tuple[Path, ...]:
+        """The folders it reads: the ``val_dir``, or the data folders."""
+        return (self.val_dir,) if self.val_dir is not None else self.data_dirs
+
     def __str__(self) -> str:
         """What ``--data`` would be for it: the ``val_dir``, or the data folders."""
-        return str(self.val_dir) if self.val_dir is not None else ", ".join(map(str, self.data_dirs))
+        return ", ".join(map(str, self.folders()))
+
+
+def data_record(data: str | Path | HeldOut | None) -> list[str] | None:
+    """The held-out data a command read, for its JSON output: the folders (one, or a mixture's several, in order; a
+    list either way, so that readers need not split a string), or ``None`` for none."""
+    if data is None:
+        return None
+    return [str(folder) for folder in (data.folders() if isinstance(data, HeldOut) else [data])]
 
 
 def _str_or_none(path: Path | None) -> str | None:
