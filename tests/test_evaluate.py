@@ -374,6 +374,15 @@ def test_held_out_token_ids_outside_the_vocabulary_are_one_line(tmp_path, tiny_c
         err = capsys.readouterr().err.splitlines()[-1]
         assert err.startswith(f"error: token ids must lie in 0..{VOCAB - 1} (the model's vocab_size), got 0..70000")
         assert f"— {corrupt} — the token stream is corrupt" in err
+    chunk.write_bytes(bytes(tokens[:-4]))  # truncated: in the held-out data the checkpoint records, it said only
+    record = json.loads((ckpt / "config.json").read_text())  # to pass --data, which does not mend it
+    record["training"] = {"heldout": {"data_dirs": [str(corrupt)], "val_dir": None, "seed": 42}}
+    (ckpt / "config.json").write_text(json.dumps(record))
+    assert cli_main(["evaluate", "--checkpoint", str(ckpt), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: corrupt or truncated chunk: ") and f"— {chunk}, the held-out data the " in err, err
+    assert err.endswith("— prepare the data again, or pass --data with another folder prepared with the model's "
+                        "tokenizer\n")  # fmt: skip
 
 
 def test_evaluate_cli_sweeps_regions(tmp_path: Path, tiny_corpus: Path, capsys: pytest.CaptureFixture) -> None:

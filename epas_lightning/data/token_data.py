@@ -15,6 +15,7 @@ import torch
 
 from epas_lightning.data.builtin import builtin_entry_path, prepare_builtin_corpus, reusable
 from epas_lightning.data.layout import (
+    PREPARE_AGAIN,
     DataCheckError,
     check_recorded_tokenizer,
     check_stream,
@@ -534,14 +535,19 @@ def heldout_loader(
 @contextmanager
 def _as_recorded(held_out: HeldOut | None) -> Iterator[None]:
     """A :class:`DataError` reading the held-out data a checkpoint records (``held_out``) says whose it is, and to
-    pass ``--data``: it spoke of the ``data.val_dir`` to leave unset or the folder to prepare, as to ``fit``'s user."""
+    pass ``--data``: it spoke of the ``data.val_dir`` to leave unset or the folder to prepare, as to ``fit``'s user.
+    Data damaged since it was prepared (a corrupt chunk) says so still: ``--data`` is another way round it, not its
+    fix."""
     try:
         yield
     except DataError as e:
         if held_out is None:
             raise
         where = f"{e.where}, the held-out data the checkpoint's run validated on"
-        raise DataError(e.what, where, "pass --data with a folder prepared with the model's tokenizer") from e
+        fix = "pass --data with a folder prepared with the model's tokenizer"
+        if e.fix == PREPARE_AGAIN:  # corrupt, not of another tokenizer
+            fix = f"{PREPARE_AGAIN}, or pass --data with another folder prepared with the model's tokenizer"
+        raise DataError(e.what, where, fix) from e
 
 
 def _heldout_data(
