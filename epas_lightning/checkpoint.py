@@ -231,7 +231,10 @@ class CheckpointInfo:
             )
         if self.gone_data is not None:
             validated = self.heldout is not None and self.gone_data == self.heldout.val_dir
-            return f"the data the checkpoint {'validated' if validated else 'trained'} on is gone ({self.gone_data})"
+            whose = f"the data the checkpoint {'validated' if validated else 'trained'} on"
+            if self.gone_data.exists():  # a file where the folder was: "gone" sent the user looking for a folder
+                return f"{whose} ({self.gone_data}) is a file now, not the folder it was"
+            return f"{whose} is gone ({self.gone_data})"
         if self.gone_tokenizer is not None:
             return f"the data the checkpoint trained on is gone (its tokenizer {self.gone_tokenizer} no longer exists)"
         return "the checkpoint does not say which data it trained on"

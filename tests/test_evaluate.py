@@ -296,6 +296,13 @@ def test_held_out_data_that_is_gone_is_named(tmp_path, tiny_corpus, capsys) -> N
         err = capsys.readouterr().err
         assert gone in err and "--data" in err, err
         assert "bench: held-out loss" not in err, err  # the progress of a loss not computed
+    (tmp_path / "file").write_text("")  # a file where the val_dir was: it said "gone", of a path that is there
+    record["tokenizer"]["data_dir"] = str(tiny_corpus)
+    record["training"] = {"heldout": {"data_dirs": [str(tiny_corpus)], "val_dir": str(tmp_path / "file"), "seed": 42}}
+    (ckpt / "config.json").write_text(json.dumps(record))
+    assert cli_main(["evaluate", "--checkpoint", str(ckpt), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"validated on ({tmp_path / 'file'}) is a file now, not the folder it was — --data / --tasks — give" in err
 
 
 def test_held_out_data_of_another_vocabulary_than_the_model_is_one_line(tmp_path, tiny_corpus, capsys) -> None:
