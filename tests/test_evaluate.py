@@ -305,6 +305,42 @@ def test_held_out_data_that_is_gone_is_named(tmp_path, tiny_corpus, capsys) -> N
     assert f"validated on ({tmp_path / 'file'}) is a file now, not the folder it was — --data / --tasks — give" in err
 
 
+def test_a_recorded_val_dir_is_scored_when_the_training_folder_is_gone(tmp_path, tiny_corpus, capsys) -> None:
+    """The run validated on a data.val_dir, which replaced its data folder's val split: with that folder gone (the
+    val_dir still there), evaluate said the data was gone and asked for --data. It scores the val_dir, as fit did;
+    one whose tokenizer is not the file fit found it prepared with (the checkpoint's hash) is refused, as fit did."""
+    import shutil
+
+    from helpers import record_tokenizer_of
+    from tokenizers import Tokenizer
+
+    from epas_lightning.data.tokenizer import file_sha256
+
+    heldout = tmp_path / "heldout"
+    heldout.mkdir()
+    for name in ("train", "val"):
+        (heldout / name).symlink_to(tiny_corpus / name)
+    shutil.copy(tiny_corpus / "tokenizer.json", heldout / "tokenizer.json")
+    record_tokenizer_of(heldout, tiny_corpus)
+    ckpt = save_consolidated(tiny_model(n_layer=2), tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
+    record = json.loads((ckpt / "config.json").read_text())
+    record["tokenizer"] |= {"data_dir": str(tmp_path / "gone"), "sha256": file_sha256(tiny_corpus / "tokenizer.json")}
+    record["training"] = {"heldout": {"data_dirs": [str(tmp_path / "gone")], "val_dir": str(heldout), "seed": 42}}
+    (ckpt / "config.json").write_text(json.dumps(record))
+    argv = ["evaluate", "--checkpoint", str(ckpt), "--batches", "1", "--device", "cpu", "--json"]
+    assert cli_main(argv) == 0, capsys.readouterr().err
+    own = json.loads(capsys.readouterr().out.splitlines()[-1])[0]["val_loss"]
+    assert cli_main([*argv, "--data", str(heldout)]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])[0]["val_loss"] == own
+    Tokenizer.from_file(str(heldout / "tokenizer.json")).save(str(heldout / "tokenizer.json"), pretty=False)
+    record_tokenizer_of(heldout, tiny_corpus)  # prepared again, with another file (of the same ids, here)
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: its tokenizer is not the file the checkpoint recorded ({ckpt / 'tokenizer.json'}, by its " in err
+    assert err.endswith(f"— {heldout}, the held-out data the checkpoint's run validated on — pass --data with a "
+                        "folder prepared with the model's tokenizer\n")  # fmt: skip
+
+
 def test_held_out_data_of_another_vocabulary_than_the_model_is_one_line(tmp_path, tiny_corpus, capsys) -> None:
     """evaluate, bench and analyze scored a --data folder tokenized with another vocabulary (no larger than the
     model's) as if its ids were the model's tokens: numbers that mean nothing, without a word."""

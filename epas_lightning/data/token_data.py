@@ -126,8 +126,22 @@ class HeldOut:
         return cls(tuple(map(Path, record["data_dirs"])), None if val_dir is None else Path(val_dir), record["seed"])
 
     def missing(self) -> Path | None:
-        """The first of its folders that no longer exists, if any."""
-        return next((d for d in (*self.data_dirs, self.val_dir) if d is not None and not d.is_dir()), None)
+        """The first folder it needs that is no longer there (or a file now), if any: the ``val_dir``, or the data
+        folders it is read with (:meth:`data_folders`)."""
+        needed = (*([] if self.val_dir is None else [self.val_dir]), *self.data_folders())
+        return next((d for d in needed if not d.is_dir()), None)
+
+    def data_folders(self) -> tuple[Path, ...]:
+        """The data folders it is read with: ``data_dirs``; where one of them is gone, a ``val_dir`` that is (or is
+        in) a prepared folder is read with that folder alone, as what ``fit`` validated on does not need them (the
+        ``val_dir`` replaced their ``val`` splits, and ``fit`` found its tokenizer the same as theirs)."""
+        return (alone,) if (alone := self.alone()) is not None else self.data_dirs
+
+    def alone(self) -> Path | None:
+        """The prepared folder of a ``val_dir`` read without the data folders, one of which is gone (else ``None``)."""
+        if self.val_dir is None or not self.val_dir.is_dir() or all(d.is_dir() for d in self.data_dirs):
+            return None
+        return next((d for d in (self.val_dir, self.val_dir.parent) if is_complete(d)), None)
 
     def folders(self) -> tuple[Path, ...]:
         """The folders it reads: the ``val_dir``, or the data folders."""
@@ -505,8 +519,10 @@ def heldout_loader(
     commands read when ``--data`` is unset (the refusal of another tokenizer's data says so)."""
     held_out = data_dir if isinstance(data_dir, HeldOut) else None
     with _as_recorded(held_out):
-        for folder in held_out.data_dirs if held_out else []:
+        for folder in held_out.data_folders() if held_out else []:
             check_prepared(folder, str(folder), PREPARE)
+        if held_out is not None and (alone := held_out.alone()) is not None:
+            _check_tokenized_as_recorded(alone, tokenizer)
     if held_out is None:
         check_data_flag(data_dir)
     check_counts({"--batch-size": batch_size})
@@ -558,6 +574,21 @@ def _heldout_data(
     if not isinstance(data_dir, HeldOut):
         data = TokenData(str(data_dir) if data_dir is not None else None, **settings)
         return data, [] if data_dir is None else [Path(data_dir).expanduser()]
-    dirs, val_dir = [str(d) for d in data_dir.data_dirs], _str_or_none(data_dir.val_dir)
+    dirs, val_dir = [str(d) for d in data_dir.data_folders()], _str_or_none(data_dir.val_dir)
     data = TokenData(dirs, seed=data_dir.seed, val_dir=val_dir, **settings)
-    return data, [*data_dir.data_dirs, *filter(None, [data._prepared_val_dir()])]
+    return data, list(dict.fromkeys([*data_dir.data_folders(), *filter(None, [data._prepared_val_dir()])]))
+
+
+def _check_tokenized_as_recorded(alone: Path, tokenizer: str | Path | RecordedTokenizer | None) -> None:
+    """A :class:`DataError` unless the prepared folder ``alone`` of a recorded ``val_dir``, read without the data
+    folders (gone, with the tokenizer file the checkpoint names), holds the tokenizer file the checkpoint recorded
+    (its hash): ``fit`` refused a ``val_dir`` of any other file than theirs. Without a hash nothing can be said."""
+    if not isinstance(tokenizer, RecordedTokenizer) or not tokenizer.sha256:
+        return
+    if file_sha256(tokenizer_file(alone)) != tokenizer.sha256:
+        raise DataError(
+            f"its tokenizer is not the file the checkpoint recorded ({tokenizer.path}, by its hash): prepared again "
+            "since the run validated on it",
+            alone,
+            "pass --data with a folder prepared with the model's tokenizer",
+        )
