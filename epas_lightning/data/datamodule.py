@@ -203,6 +203,14 @@ class TokenDataModule(TokenData, LightningDataModule):
         fix = f"use data prepared with --tokenizer {tokenizer.path}, the checkpoint's"
         check_tokenized_as(self.data_dirs[0], tokenizer, self._data_dir_flag, fix, whose="the checkpoint's")
 
+    def _ranks(self) -> tuple[int, int, int] | None:
+        """The trainer's ranks: litdata took the environment's ``WORLD_SIZE``, ``GLOBAL_RANK`` and ``NNODES`` over
+        them, so that a job script's leftover export made a fit on one device train and validate on a quarter of its
+        data, without a word. ``None`` without a trainer (litdata's own: a process group's, or the environment's)."""
+        trainer = getattr(self, "trainer", None)
+        ranks = tuple(getattr(trainer, name, None) for name in ("world_size", "global_rank", "num_nodes"))
+        return ranks if all(isinstance(n, int) for n in ranks) else None  # type: ignore[return-value]
+
     def train_dataloader(self) -> StreamingDataLoader:
         from epas_lightning.data.epochs import EpochLoader
 

@@ -378,6 +378,12 @@ class TokenData:
         together."""
         return self._dataloader(self.val_streams(), shuffle=False)
 
+    def _ranks(self) -> tuple[int, int, int] | None:
+        """The ranks the loaders deal the data to (``world_size``, ``global_rank``, ``num_nodes``); ``None``:
+        litdata's (the process group's, unless ``WORLD_SIZE``, ``GLOBAL_RANK`` or ``NNODES`` in the environment say
+        otherwise). ``TokenDataModule`` gives its trainer's."""
+        return None
+
     def _dataloader(
         self, streams: list[Path], shuffle: bool, weights: list[float] | None = None, loader: type | None = None
     ) -> StreamingDataLoader:
@@ -398,6 +404,8 @@ class TokenData:
             )
             for stream in streams
         ]
+        if (ranks := self._ranks()) is not None:
+            _deal_to(datasets, *ranks)
         dataset: Any = datasets[0]
         if len(datasets) > 1:
             dataset = SizedCombinedStreamingDataset(
@@ -492,11 +500,16 @@ def _read_in_one_process(loader: StreamingDataLoader) -> StreamingDataLoader:
     """``loader`` reading the whole of its data in this process: litdata deals a dataset to the ranks that
     ``WORLD_SIZE``, ``GLOBAL_RANK`` and ``NNODES`` name in the environment, which a job script's export or torchrun
     leaves there for a command that runs in one process (it scored one rank's part of the split)."""
+    _deal_to(getattr(loader.dataset, "_datasets", [loader.dataset]), world_size=1, global_rank=0, num_nodes=1)
+    return loader
+
+
+def _deal_to(datasets: list[Any], world_size: int, global_rank: int, num_nodes: int) -> None:
+    """Have litdata deal each of ``datasets`` to these ranks, not to the ones it detects when it is made."""
     from litdata.utilities.env import _DistributedEnv
 
-    for dataset in getattr(loader.dataset, "_datasets", [loader.dataset]):
-        dataset.distributed_env = _DistributedEnv(world_size=1, global_rank=0, num_nodes=1)
-    return loader
+    for dataset in datasets:
+        dataset.distributed_env = _DistributedEnv(world_size=world_size, global_rank=global_rank, num_nodes=num_nodes)
 
 
 def heldout_loader(
