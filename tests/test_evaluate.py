@@ -417,6 +417,11 @@ def test_held_out_token_ids_outside_the_vocabulary_are_one_line(tmp_path, tiny_c
         err = capsys.readouterr().err.splitlines()[-1]
         assert err.startswith(f"error: token ids must lie in 0..{VOCAB - 1} (the model's vocab_size), got 0..70000")
         assert f"— {corrupt} — the token stream is corrupt" in err
+    record = json.loads((ckpt / "config.json").read_text())  # the data.val_dir the run validated on: the training
+    record["training"] = {"heldout": {"data_dirs": [str(tiny_corpus)], "val_dir": str(corrupt), "seed": 42}}
+    (ckpt / "config.json").write_text(json.dumps(record))  # folder was named, where the val_dir's chunk was corrupt
+    assert cli_main(["evaluate", "--checkpoint", str(ckpt), "--device", "cpu"]) == 2
+    assert f"— {corrupt} — the token stream is corrupt" in capsys.readouterr().err
     chunk.write_bytes(bytes(tokens[:-4]))  # truncated: in the held-out data the checkpoint records, it said only
     record = json.loads((ckpt / "config.json").read_text())  # to pass --data, which does not mend it
     record["training"] = {"heldout": {"data_dirs": [str(corrupt)], "val_dir": None, "seed": 42}}

@@ -366,7 +366,8 @@ class TokenDataModule(TokenData, LightningDataModule):
         """Refuse token ids outside the vocabulary on the host, before a GPU's embedding ends the run with a
         device-side assert (:meth:`TokenData.check_batch`); validate at an epoch's end that came early."""
         self._validate_at_an_early_epoch_end()
-        return self.check_batch(batch)
+        trainer = getattr(self, "trainer", None)
+        return self.check_batch(batch, heldout=trainer is not None and not trainer.training)
 
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
         """Tokens are stored as int32; embeddings and cross-entropy targets want int64 (cast on the device)."""

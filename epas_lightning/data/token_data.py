@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -357,14 +358,22 @@ class TokenData:
             fix = f"set model.config.vocab_size to at least {self.tokenizer.vocab_size}, or use a smaller tokenizer"
             self.tokenizer.check_fits(self.vocab_size, fix)
 
-    def check_batch(self, batch: torch.Tensor) -> torch.Tensor:
-        """``batch``, unless it holds token ids outside the model's vocabulary: a chunk corrupted in place (its size
-        and index still agreeing) passes every earlier check. One reduction over the batch's ids."""
+    def check_batch(self, batch: torch.Tensor, heldout: bool = False) -> torch.Tensor:
+        """``batch`` (of the held-out data if ``heldout``, else of the training data), unless it holds token ids
+        outside the model's vocabulary: a chunk corrupted in place (its size and index still agreeing) passes every
+        earlier check. One reduction over the batch's ids."""
         if self.vocab_size is not None and batch.numel():
             low, high = (int(v) for v in torch.aminmax(batch))
             fix = "the token stream is corrupt or of another tokenizer: prepare the data again"
-            check_token_ids(low, high, self.vocab_size, self.data_dir or "the built-in corpus", fix)
+            check_token_ids(low, high, self.vocab_size, self._read_from(heldout), fix)
         return batch
+
+    def _read_from(self, heldout: bool) -> str:
+        """The folders a batch came from: the ``val_dir`` for a held-out batch where set, else the data folders (a
+        mixture's batch may come from any: the first was named, where another's chunk was corrupt)."""
+        if heldout and self.val_dir is not None:
+            return str(self.val_dir)
+        return ", ".join(map(str, self.data_dirs)) or "the built-in corpus"
 
     def heldout(self) -> HeldOut:
         """The held-out data :meth:`heldout_dataloader` reads (call :meth:`setup` first), for the checkpoint."""
@@ -558,7 +567,7 @@ def heldout_loader(
             data.val_streams()[0],
             "lower --batch-size or --seq-len, or hold out more data",
         )
-    return CheckedBatches(loader, data.check_batch)
+    return CheckedBatches(loader, partial(data.check_batch, heldout=True))
 
 
 @contextmanager
