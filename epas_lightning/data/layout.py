@@ -25,10 +25,9 @@ META_FILENAME = "meta.json"
 INDEX_FILENAME = "index.json"
 REQUIRED_ENTRIES = (f"train/{INDEX_FILENAME}", f"val/{INDEX_FILENAME}", META_FILENAME)
 DATASET_KIND = "dataset"
-from_layout_dummy = 0
+"""The output kind of a prepared dataset (see :mod:`epas_lightning.outputs`)."""
 PREPARE_AGAIN = "prepare the data again"
 """The fix of a folder damaged since ``prepare`` wrote it (an unreadable, corrupt or truncated file)."""
-"""The output kind of a prepared dataset (see :mod:`epas_lightning.outputs`)."""
 
 
 class DataCheckError(DataError):
