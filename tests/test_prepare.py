@@ -1453,6 +1453,29 @@ def test_fit_deals_the_data_to_the_trainers_ranks_whatever_the_environment_says(
     assert not set(val) & set(other_val) and set(val) | set(other_val) <= set(whole[1])
 
 
+def test_a_resume_with_ranks_left_in_the_environment_goes_on_where_it_stopped(
+    sp_data, second_sp_data, tmp_path, monkeypatch
+):
+    """litdata reads ``WORLD_SIZE`` again when a loader loads its position: with the data dealt to the trainer's one
+    rank, a job script's leftover ``WORLD_SIZE=4`` read as a resume on four ranks, and a mixture's was refused in a
+    ValueError traceback ("support resume only when world_size ... match")."""
+
+    def loader():
+        dm = tiny_dm([str(sp_data), str(second_sp_data)])
+        dm.trainer, dm._position_settled = cpu_trainer(tmp_path, 1), True
+        return dm.train_dataloader()
+
+    stopped = loader()
+    batches = iter(stopped)
+    [next(batches) for _ in range(3)]
+    position, following = stopped.state_dict(), next(batches)
+    for name, value in {"WORLD_SIZE": "4", "GLOBAL_RANK": "3", "NNODES": "2"}.items():
+        monkeypatch.setenv(name, value)
+    resumed = loader()
+    resumed.load_state_dict(position)
+    assert torch.equal(next(iter(resumed)), following) and os.environ["GLOBAL_RANK"] == "3"  # the environment kept
+
+
 def test_the_one_process_commands_read_the_whole_heldout_split_whatever_the_environment_says(sp_data, monkeypatch):
     """evaluate, bench and analyze read the held-out split in one process: a ``WORLD_SIZE`` left in the environment
     (a job script's export, torchrun) made litdata deal them one rank's part, so they scored a fraction of it."""

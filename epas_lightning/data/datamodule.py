@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -228,7 +231,8 @@ class TokenDataModule(TokenData, LightningDataModule):
             if not self._position_settled:  # a checkpoint older than position_settings: litdata's state says them
                 self._adopt_position(position_settings_of(state, self.num_workers))
             if not self._fresh_position:  # else this loader keeps its own
-                restore(state)
+                with _ranks_in_environment(self._ranks()):
+                    restore(state)
 
         loader.load_state_dict = load_position
         if len(loader) == 0:
@@ -372,6 +376,30 @@ class TokenDataModule(TokenData, LightningDataModule):
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
         """Tokens are stored as int32; embeddings and cross-entropy targets want int64 (cast on the device)."""
         return batch.long()
+
+
+RANK_VARIABLES = ("WORLD_SIZE", "GLOBAL_RANK", "NNODES")
+"""What litdata's ``_DistributedEnv.detect`` reads of the environment, over the process group's ranks."""
+
+
+@contextmanager
+def _ranks_in_environment(ranks: tuple[int, int, int] | None) -> Iterator[None]:
+    """The environment naming ``ranks`` (the trainer's, which the datasets are dealt to) while a loader loads its
+    position: litdata reads it there again, and took a job script's leftover ``WORLD_SIZE`` for a resume on other
+    ranks than the position's (a mixture's it refused: "support resume only when world_size ... match")."""
+    if ranks is None:
+        yield
+        return
+    kept = {name: os.environ.get(name) for name in RANK_VARIABLES}
+    os.environ.update(zip(RANK_VARIABLES, map(str, ranks), strict=True))
+    try:
+        yield
+    finally:
+        for name, value in kept.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def position_settings_of(state: dict[str, Any], num_workers: int) -> dict[str, Any]:
