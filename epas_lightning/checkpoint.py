@@ -231,7 +231,10 @@ class CheckpointInfo:
             )
         if self.gone_data is not None:
             validated = self.heldout is not None and self.gone_data == self.heldout.val_dir
-            return f"the data the checkpoint {'validated' if validated else 'trained'} on is gone ({self.gone_data})"
+            whose = f"the data the checkpoint {'validated' if validated else 'trained'} on"
+            if self.gone_data.exists():  # a file where the folder was: "gone" sent the user looking for a folder
+                return f"{whose} ({self.gone_data}) is a file now, not the folder it was"
+            return f"{whose} is gone ({self.gone_data})"
         if self.gone_tokenizer is not None:
             return f"the data the checkpoint trained on is gone (its tokenizer {self.gone_tokenizer} no longer exists)"
         return "the checkpoint does not say which data it trained on"
@@ -767,7 +770,7 @@ def _info(metadata: dict[str, Any], model: Llama, path: Path | None = None) -> C
         global_step=training["global_step"],
         data_dir=Path(data_dir) if found else None,
         gone_tokenizer=gone,
-        gone_data=gone_data or (heldout and heldout.missing()),
+        gone_data=gone_data if heldout is None else heldout.missing(),  # a val_dir may do without the data folders
         changed_tokenizer=changed,
         tokenizer_sha256=sha256,
         training=training,

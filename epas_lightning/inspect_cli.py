@@ -118,7 +118,9 @@ def heldout_text(record: dict[str, Any] | None) -> str:
         text = f"the val split of {dirs[0]}"
     else:
         text = f"the val splits of {', '.join(dirs)} (mixed, seed {record['seed']})"
-    return text + (f" (gone: {record['missing']})" if record["missing"] else "")
+    if (missing := record["missing"]) is None:
+        return text
+    return f"{text} ({'a file now, not a folder' if Path(missing).exists() else 'gone'}: {missing})"
 
 
 def tokenizer_state(info: CheckpointInfo) -> str:

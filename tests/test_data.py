@@ -8,6 +8,7 @@ import re
 import shutil
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -556,3 +557,7 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_a_batch_reaches_the
         says = rf"token ids must lie in 0\.\.511 \(the model's vocab_size\), got {ids} — {tmp_path} — the token stream"
         with pytest.raises(DataError, match=says):
             data.on_before_batch_transfer(batch, 0)
+    held_out = TokenDataModule(str(tmp_path), seq_len=3, batch_size=2, vocab_size=512, val_dir=str(tmp_path / "val"))
+    held_out.trainer = SimpleNamespace(training=False)  # validating: the data folder was named, not the val_dir
+    with pytest.raises(DataError, match=rf"got 0\.\.512 — {tmp_path / 'val'} — the token stream"):
+        held_out.on_before_batch_transfer(torch.tensor([[0, 512]], dtype=torch.int32), 0)

@@ -292,7 +292,8 @@ def test_evaluate_batches_with_tasks_scores_the_run_data_too(tmp_path: Path, tin
 
 def test_held_out_data_that_is_gone_is_named(tmp_path, tiny_corpus, capsys) -> None:
     """The run's data moved or deleted: evaluate and analyze said the checkpoint "does not say which data it trained
-    on" (it does), and bench left out the held-out loss without a word."""
+    on" (it does), and bench left out the held-out loss without a word (and, having said so, then showed the progress
+    of a held-out loss it did not compute)."""
     ckpt = save_consolidated(tiny_model(n_layer=2), tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
     record = json.loads((ckpt / "config.json").read_text())
     record["tokenizer"]["data_dir"] = str(tmp_path / "gone")  # as consolidate records the run's data
@@ -305,6 +306,50 @@ def test_held_out_data_that_is_gone_is_named(tmp_path, tiny_corpus, capsys) -> N
         assert status == (0 if command == "bench" else 2)
         err = capsys.readouterr().err
         assert gone in err and "--data" in err, err
+        assert "bench: held-out loss" not in err, err  # the progress of a loss not computed
+    (tmp_path / "file").write_text("")  # a file where the val_dir was: it said "gone", of a path that is there
+    record["tokenizer"]["data_dir"] = str(tiny_corpus)
+    record["training"] = {"heldout": {"data_dirs": [str(tiny_corpus)], "val_dir": str(tmp_path / "file"), "seed": 42}}
+    (ckpt / "config.json").write_text(json.dumps(record))
+    assert cli_main(["evaluate", "--checkpoint", str(ckpt), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"validated on ({tmp_path / 'file'}) is a file now, not the folder it was — --data / --tasks — give" in err
+
+
+def test_a_recorded_val_dir_is_scored_when_the_training_folder_is_gone(tmp_path, tiny_corpus, capsys) -> None:
+    """The run validated on a data.val_dir, which replaced its data folder's val split: with that folder gone (the
+    val_dir still there), evaluate said the data was gone and asked for --data. It scores the val_dir, as fit did;
+    one whose tokenizer is not the file fit found it prepared with (the checkpoint's hash) is refused, as fit did."""
+    import shutil
+
+    from helpers import record_tokenizer_of
+    from tokenizers import Tokenizer
+
+    from epas_lightning.data.tokenizer import file_sha256
+
+    heldout = tmp_path / "heldout"
+    heldout.mkdir()
+    for name in ("train", "val"):
+        (heldout / name).symlink_to(tiny_corpus / name)
+    shutil.copy(tiny_corpus / "tokenizer.json", heldout / "tokenizer.json")
+    record_tokenizer_of(heldout, tiny_corpus)
+    ckpt = save_consolidated(tiny_model(n_layer=2), tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
+    record = json.loads((ckpt / "config.json").read_text())
+    record["tokenizer"] |= {"data_dir": str(tmp_path / "gone"), "sha256": file_sha256(tiny_corpus / "tokenizer.json")}
+    record["training"] = {"heldout": {"data_dirs": [str(tmp_path / "gone")], "val_dir": str(heldout), "seed": 42}}
+    (ckpt / "config.json").write_text(json.dumps(record))
+    argv = ["evaluate", "--checkpoint", str(ckpt), "--batches", "1", "--device", "cpu", "--json"]
+    assert cli_main(argv) == 0, capsys.readouterr().err
+    own = json.loads(capsys.readouterr().out.splitlines()[-1])[0]["val_loss"]
+    assert cli_main([*argv, "--data", str(heldout)]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])[0]["val_loss"] == own
+    Tokenizer.from_file(str(heldout / "tokenizer.json")).save(str(heldout / "tokenizer.json"), pretty=False)
+    record_tokenizer_of(heldout, tiny_corpus)  # prepared again, with another file (of the same ids, here)
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: its tokenizer is not the file the checkpoint recorded ({ckpt / 'tokenizer.json'}, by its " in err
+    assert err.endswith(f"— {heldout}, the held-out data the checkpoint's run validated on — pass --data with a "
+                        "folder prepared with the model's tokenizer\n")  # fmt: skip
 
 
 def test_held_out_data_of_another_vocabulary_than_the_model_is_one_line(tmp_path, tiny_corpus, capsys) -> None:
@@ -383,6 +428,20 @@ def test_held_out_token_ids_outside_the_vocabulary_are_one_line(tmp_path, tiny_c
         err = capsys.readouterr().err.splitlines()[-1]
         assert err.startswith(f"error: token ids must lie in 0..{VOCAB - 1} (the model's vocab_size), got 0..70000")
         assert f"— {corrupt} — the token stream is corrupt" in err
+    record = json.loads((ckpt / "config.json").read_text())  # the data.val_dir the run validated on: the training
+    record["training"] = {"heldout": {"data_dirs": [str(tiny_corpus)], "val_dir": str(corrupt), "seed": 42}}
+    (ckpt / "config.json").write_text(json.dumps(record))  # folder was named, where the val_dir's chunk was corrupt
+    assert cli_main(["evaluate", "--checkpoint", str(ckpt), "--device", "cpu"]) == 2
+    assert f"— {corrupt} — the token stream is corrupt" in capsys.readouterr().err
+    chunk.write_bytes(bytes(tokens[:-4]))  # truncated: in the held-out data the checkpoint records, it said only
+    record = json.loads((ckpt / "config.json").read_text())  # to pass --data, which does not mend it
+    record["training"] = {"heldout": {"data_dirs": [str(corrupt)], "val_dir": None, "seed": 42}}
+    (ckpt / "config.json").write_text(json.dumps(record))
+    assert cli_main(["evaluate", "--checkpoint", str(ckpt), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: corrupt or truncated chunk: ") and f"— {chunk}, the held-out data the " in err, err
+    assert err.endswith("— prepare the data again, or pass --data with another folder prepared with the model's "
+                        "tokenizer\n")  # fmt: skip
 
 
 def test_evaluate_cli_sweeps_regions(tmp_path: Path, tiny_corpus: Path, capsys: pytest.CaptureFixture) -> None:

@@ -225,7 +225,7 @@ def test_consolidated_checkpoint_generates_the_same_tokens(trained, tmp_path):
         assert generate(a.model, prompt, 6).tokens == generate(b.model, prompt, 6).tokens
 
 
-def test_bench_writes_the_many_in_one_table(trained, tmp_path, capsys):
+def test_bench_writes_the_many_in_one_table(trained, tiny_corpus, tmp_path, capsys):
     out_dir = tmp_path / "bench"
     rc, out, err = run_cli(
         capsys, "bench", "--checkpoint", str(trained), "--output", str(out_dir), "--reps", "1",
@@ -234,6 +234,7 @@ def test_bench_writes_the_many_in_one_table(trained, tmp_path, capsys):
     assert rc == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary == json.loads((out_dir / "many_in_one.json").read_text())
+    assert summary["data"] == [str(tiny_corpus.resolve())]  # a list, as for a mixture's several folders
     tmp_path = out_dir
     rows = list(csv.DictReader((tmp_path / "many_in_one.csv").open()))
     assert [int(r["sharing_layers"]) for r in rows] == [0, 1, 2]
@@ -590,10 +591,11 @@ def test_commands_read_the_held_out_data_fit_validated_on(trained, tiny_corpus, 
         rc, out, err = run_cli(capsys, *bench, "--reps", "1", "--prompt-len", "8", "--max-new-tokens", "2")
         summary = json.loads(out.splitlines()[-1])
         assert rc == 0 and summary["rows"][-1]["val_loss"] == pytest.approx(loss, rel=1e-5), err
-        assert summary["data"] == f"{tiny_corpus.resolve()}, {other}"
+        assert summary["data"] == [str(tiny_corpus.resolve()), str(other)]  # was "A, B": a path to a reader
         analyze = ["analyze", "--checkpoint", str(ckpt), "--output", str(tmp_path / "analysis"), "--batches", "1"]
         rc, _, err = run_cli(capsys, *analyze)
-        assert rc == 0 and f"on {summary['data']}\n" in err, err
+        assert rc == 0 and f"on {tiny_corpus.resolve()}, {other}\n" in err, err
+        assert json.loads((tmp_path / "analysis" / "similarity.json").read_text())["data"] == summary["data"]
 
     (other / "val").unlink()
     other.rename(tmp_path / "moved")  # gone: the commands say so, and to pass --data

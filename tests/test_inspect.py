@@ -71,6 +71,8 @@ def test_a_checkpoint_says_its_step_tokens_region_shape_tokenizer_and_val_loss(t
     assert f"  held-out data     data.val_dir {tmp_path / 'val'} (gone: {tmp_path / 'val'})\n" in out
     mixed = {"data_dirs": ["/a", "/b"], "val_dir": None, "seed": 7, "missing": None}
     assert heldout_text(mixed) == "the val splits of /a, /b (mixed, seed 7)"
+    filed = {**mixed, "missing": str(tokenizer)}  # a file where a folder was: not "gone"
+    assert heldout_text(filed).endswith(f"(mixed, seed 7) (a file now, not a folder: {tokenizer})")
 
     tokenizer.write_text('{"other": 1}')  # its data folder prepared again: the file is not the one it trained with
     state = torch.load(path, weights_only=True)

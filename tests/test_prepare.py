@@ -1435,6 +1435,54 @@ def test_two_ranks_read_disjoint_samples_covering_the_epoch(sp_data: Path, two_r
     assert sum(len(r["samples"]) for r in ranks) >= 0.9 * stream.total()  # the epoch is covered
 
 
+def test_fit_deals_the_data_to_the_trainers_ranks_whatever_the_environment_says(sp_data, tmp_path, monkeypatch):
+    """A fit on one device with ``WORLD_SIZE`` (``GLOBAL_RANK``, ``NNODES``) left in the environment by a job script
+    trained and validated on a quarter of its data, without a word: litdata deals data to the ranks the environment
+    names over the process group's (none on one device). The loaders deal it to the trainer's ranks: all of it on one
+    device, and under two ranks each rank its own half."""
+
+    class Strategy:  # what _end_epochs_together asks of a trainer of several ranks: every rank's length is this one's
+        root_device = torch.device("cpu")
+        reduce = staticmethod(lambda length, reduce_op: length)
+
+    def read(trainer) -> tuple[int, list[tuple[int, ...]]]:
+        dm = tiny_dm(str(sp_data))
+        dm.trainer = trainer
+        return len(dm.train_dataloader()), [tuple(s.tolist()) for batch in dm.val_dataloader() for s in batch]
+
+    whole = read(cpu_trainer(tmp_path, 1))
+    for name, value in {"WORLD_SIZE": "4", "GLOBAL_RANK": "3", "NNODES": "2"}.items():
+        monkeypatch.setenv(name, value)  # what litdata's _DistributedEnv reads
+    assert read(cpu_trainer(tmp_path, 1)) == whole and whole[0] > 4 and len(whole[1]) >= 8
+    ranks = [read(SimpleNamespace(world_size=2, global_rank=r, num_nodes=1, strategy=Strategy())) for r in (0, 1)]
+    (length, val), (other_length, other_val) = ranks
+    assert length == other_length == whole[0] // 2 and len(val) == len(other_val) == len(whole[1]) // 2
+    assert not set(val) & set(other_val) and set(val) | set(other_val) <= set(whole[1])
+
+
+def test_a_resume_with_ranks_left_in_the_environment_goes_on_where_it_stopped(
+    sp_data, second_sp_data, tmp_path, monkeypatch
+):
+    """litdata reads ``WORLD_SIZE`` again when a loader loads its position: with the data dealt to the trainer's one
+    rank, a job script's leftover ``WORLD_SIZE=4`` read as a resume on four ranks, and a mixture's was refused in a
+    ValueError traceback ("support resume only when world_size ... match")."""
+
+    def loader():
+        dm = tiny_dm([str(sp_data), str(second_sp_data)])
+        dm.trainer, dm._position_settled = cpu_trainer(tmp_path, 1), True
+        return dm.train_dataloader()
+
+    stopped = loader()
+    batches = iter(stopped)
+    [next(batches) for _ in range(3)]
+    position, following = stopped.state_dict(), next(batches)
+    for name, value in {"WORLD_SIZE": "4", "GLOBAL_RANK": "3", "NNODES": "2"}.items():
+        monkeypatch.setenv(name, value)
+    resumed = loader()
+    resumed.load_state_dict(position)
+    assert torch.equal(next(iter(resumed)), following) and os.environ["GLOBAL_RANK"] == "3"  # the environment kept
+
+
 def test_the_one_process_commands_read_the_whole_heldout_split_whatever_the_environment_says(sp_data, monkeypatch):
     """evaluate, bench and analyze read the held-out split in one process: a ``WORLD_SIZE`` left in the environment
     (a job script's export, torchrun) made litdata deal them one rank's part, so they scored a fraction of it."""

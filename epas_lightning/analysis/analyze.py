@@ -149,7 +149,7 @@ def analyze_command(
     import matplotlib
 
     matplotlib.use("Agg")
-    from epas_lightning.data.token_data import check_data_flag, check_seq_len
+    from epas_lightning.data.token_data import check_data_flag, check_seq_len, data_record
     from epas_lightning.inference.generate_cli import load_for_inference
 
     check_counts({"--batches": batches, "--batch-size": batch_size})
@@ -192,7 +192,7 @@ def analyze_command(
         report = analyze_model(model, held_out)
         report.metadata.update(
             checkpoint=str(checkpoint),
-            data=str(data_dir),
+            data=data_record(data_dir),
             global_step=loaded.global_step,
             dtype=dtype_name(next(model.parameters()).dtype),
             trained_shared_layers=loaded.trained_shared_layers,

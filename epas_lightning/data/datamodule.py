@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -215,6 +218,14 @@ class TokenDataModule(TokenData, LightningDataModule):
         fix = f"use data prepared with --tokenizer {tokenizer.path}, the checkpoint's"
         check_tokenized_as(self.data_dirs[0], tokenizer, self._data_dir_flag, fix, whose="the checkpoint's")
 
+    def _ranks(self) -> tuple[int, int, int] | None:
+        """The trainer's ranks: litdata took the environment's ``WORLD_SIZE``, ``GLOBAL_RANK`` and ``NNODES`` over
+        them, so that a job script's leftover export made a fit on one device train and validate on a quarter of its
+        data, without a word. ``None`` without a trainer (litdata's own: a process group's, or the environment's)."""
+        trainer = getattr(self, "trainer", None)
+        ranks = tuple(getattr(trainer, name, None) for name in ("world_size", "global_rank", "num_nodes"))
+        return ranks if all(isinstance(n, int) for n in ranks) else None  # type: ignore[return-value]
+
     def train_dataloader(self) -> StreamingDataLoader:
         from epas_lightning.data.epochs import EpochLoader
 
@@ -232,7 +243,8 @@ class TokenDataModule(TokenData, LightningDataModule):
             if not self._position_settled:  # a checkpoint older than position_settings: litdata's state says them
                 self._adopt_position(position_settings_of(state, self.num_workers))
             if not self._fresh_position:  # else this loader keeps its own
-                restore(relocated(state, self._moved_streams, loader.dataset))
+                with _ranks_in_environment(self._ranks()):
+                    restore(relocated(state, self._moved_streams, loader.dataset))
 
         loader.load_state_dict = load_position
         if len(loader) == 0:
@@ -370,7 +382,8 @@ class TokenDataModule(TokenData, LightningDataModule):
         """Refuse token ids outside the vocabulary on the host, before a GPU's embedding ends the run with a
         device-side assert (:meth:`TokenData.check_batch`); validate at an epoch's end that came early."""
         self._validate_at_an_early_epoch_end()
-        return self.check_batch(batch)
+        trainer = getattr(self, "trainer", None)
+        return self.check_batch(batch, heldout=trainer is not None and not trainer.training)
 
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
         """Tokens are stored as int32; embeddings and cross-entropy targets want int64 (cast on the device)."""
@@ -400,6 +413,30 @@ def relocated(state: dict[str, Any], moved: dict[int, tuple[str, str]], dataset:
         if isinstance(saved.get(str(i)), dict):
             saved[str(i)] = {**saved[str(i)], "input_dir_path": streams[i].input_dir.path}
     return {**state, "dataset": saved}
+
+
+RANK_VARIABLES = ("WORLD_SIZE", "GLOBAL_RANK", "NNODES")
+"""What litdata's ``_DistributedEnv.detect`` reads of the environment, over the process group's ranks."""
+
+
+@contextmanager
+def _ranks_in_environment(ranks: tuple[int, int, int] | None) -> Iterator[None]:
+    """The environment naming ``ranks`` (the trainer's, which the datasets are dealt to) while a loader loads its
+    position: litdata reads it there again, and took a job script's leftover ``WORLD_SIZE`` for a resume on other
+    ranks than the position's (a mixture's it refused: "support resume only when world_size ... match")."""
+    if ranks is None:
+        yield
+        return
+    kept = {name: os.environ.get(name) for name in RANK_VARIABLES}
+    os.environ.update(zip(RANK_VARIABLES, map(str, ranks), strict=True))
+    try:
+        yield
+    finally:
+        for name, value in kept.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def position_settings_of(state: dict[str, Any], num_workers: int) -> dict[str, Any]:

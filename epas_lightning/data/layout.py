@@ -26,6 +26,8 @@ INDEX_FILENAME = "index.json"
 REQUIRED_ENTRIES = (f"train/{INDEX_FILENAME}", f"val/{INDEX_FILENAME}", META_FILENAME)
 DATASET_KIND = "dataset"
 """The output kind of a prepared dataset (see :mod:`epas_lightning.outputs`)."""
+PREPARE_AGAIN = "prepare the data again"
+"""The fix of a folder damaged since ``prepare`` wrote it (an unreadable, corrupt or truncated file)."""
 
 
 class DataCheckError(DataError):
@@ -38,9 +40,9 @@ def load_meta(path: str | Path) -> dict:
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as e:
-        raise DataCheckError(f"unreadable {META_FILENAME} ({e})", meta_path, "prepare the data again") from e
+        raise DataCheckError(f"unreadable {META_FILENAME} ({e})", meta_path, PREPARE_AGAIN) from e
     if not isinstance(meta, dict):
-        raise DataCheckError(f"{META_FILENAME} is not a JSON object", meta_path, "prepare the data again")
+        raise DataCheckError(f"{META_FILENAME} is not a JSON object", meta_path, PREPARE_AGAIN)
     return meta
 
 
@@ -73,7 +75,7 @@ def tokenizer_file(data_dir: Path, meta: dict | None = None) -> Path:
         raise DataCheckError(
             f"{META_FILENAME} names no tokenizer file of its folder (tokenizer: {name!r})",
             data_dir / META_FILENAME,
-            "prepare the data again",
+            PREPARE_AGAIN,
         )
     return data_dir / name
 
@@ -126,25 +128,25 @@ def check_stream(stream_dir: Path) -> None:
             (stream_dir / c["filename"], int(c["chunk_bytes"]), int(c["chunk_size"]), int(c["dim"])) for c in chunks
         ]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataCheckError(f"not a readable litdata index ({e})", index_path, "prepare the data again") from e
+        raise DataCheckError(f"not a readable litdata index ({e})", index_path, PREPARE_AGAIN) from e
     if token_bytes is None:
-        raise DataCheckError(f"not a token stream (data format {data_format})", index_path, "prepare the data again")
+        raise DataCheckError(f"not a token stream (data format {data_format})", index_path, PREPARE_AGAIN)
     if not chunks:  # litdata failed on it with an AssertionError traceback ("No chunks found")
-        raise DataCheckError("the token stream holds no tokens (no chunks)", index_path, "prepare the data again")
+        raise DataCheckError("the token stream holds no tokens (no chunks)", index_path, PREPARE_AGAIN)
     for path, chunk_bytes, items, tokens in sized:
         if not path.is_file():
-            raise DataCheckError(f"chunk listed in {index_path} is missing", path, "prepare the data again")
+            raise DataCheckError(f"chunk listed in {index_path} is missing", path, PREPARE_AGAIN)
         if (size := path.stat().st_size) != chunk_bytes:
             raise DataCheckError(
                 f"corrupt or truncated chunk: {size} bytes, {index_path} says {chunk_bytes}",
                 path,
-                "prepare the data again",
+                PREPARE_AGAIN,
             )
         if (items + 2) * 4 + tokens * token_bytes > size:  # a header of uint32 counts and offsets, then the tokens
             raise DataCheckError(
                 f"corrupt chunk: it holds fewer tokens than {index_path} says ({tokens})",
                 path,
-                "prepare the data again",
+                PREPARE_AGAIN,
             )
 
 

@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ import torch
 
 from epas_lightning.data.builtin import builtin_entry_path, prepare_builtin_corpus, reusable
 from epas_lightning.data.layout import (
+    PREPARE_AGAIN,
     DataCheckError,
     check_recorded_tokenizer,
     check_stream,
@@ -125,12 +127,38 @@ class HeldOut:
         return cls(tuple(map(Path, record["data_dirs"])), None if val_dir is None else Path(val_dir), record["seed"])
 
     def missing(self) -> Path | None:
-        """The first of its folders that no longer exists, if any."""
-        return next((d for d in (*self.data_dirs, self.val_dir) if d is not None and not d.is_dir()), None)
+        """The first folder it needs that is no longer there (or a file now), if any: the ``val_dir``, or the data
+        folders it is read with (:meth:`data_folders`)."""
+        needed = (*([] if self.val_dir is None else [self.val_dir]), *self.data_folders())
+        return next((d for d in needed if not d.is_dir()), None)
+
+    def data_folders(self) -> tuple[Path, ...]:
+        """The data folders it is read with: ``data_dirs``; where one of them is gone, a ``val_dir`` that is (or is
+        in) a prepared folder is read with that folder alone, as what ``fit`` validated on does not need them (the
+        ``val_dir`` replaced their ``val`` splits, and ``fit`` found its tokenizer the same as theirs)."""
+        return (alone,) if (alone := self.alone()) is not None else self.data_dirs
+
+    def alone(self) -> Path | None:
+        """The prepared folder of a ``val_dir`` read without the data folders, one of which is gone (else ``None``)."""
+        if self.val_dir is None or not self.val_dir.is_dir() or all(d.is_dir() for d in self.data_dirs):
+            return None
+        return next((d for d in (self.val_dir, self.val_dir.parent) if is_complete(d)), None)
+
+    def folders(self) -> tuple[Path, ...]:
+        """The folders it reads: the ``val_dir``, or the data folders."""
+        return (self.val_dir,) if self.val_dir is not None else self.data_dirs
 
     def __str__(self) -> str:
         """What ``--data`` would be for it: the ``val_dir``, or the data folders."""
-        return str(self.val_dir) if self.val_dir is not None else ", ".join(map(str, self.data_dirs))
+        return ", ".join(map(str, self.folders()))
+
+
+def data_record(data: str | Path | HeldOut | None) -> list[str] | None:
+    """The held-out data a command read, for its JSON output: the folders (one, or a mixture's several, in order; a
+    list either way, so that readers need not split a string), or ``None`` for none."""
+    if data is None:
+        return None
+    return [str(folder) for folder in (data.folders() if isinstance(data, HeldOut) else [data])]
 
 
 def _str_or_none(path: Path | None) -> str | None:
@@ -330,14 +358,22 @@ class TokenData:
             fix = f"set model.config.vocab_size to at least {self.tokenizer.vocab_size}, or use a smaller tokenizer"
             self.tokenizer.check_fits(self.vocab_size, fix)
 
-    def check_batch(self, batch: torch.Tensor) -> torch.Tensor:
-        """``batch``, unless it holds token ids outside the model's vocabulary: a chunk corrupted in place (its size
-        and index still agreeing) passes every earlier check. One reduction over the batch's ids."""
+    def check_batch(self, batch: torch.Tensor, heldout: bool = False) -> torch.Tensor:
+        """``batch`` (of the held-out data if ``heldout``, else of the training data), unless it holds token ids
+        outside the model's vocabulary: a chunk corrupted in place (its size and index still agreeing) passes every
+        earlier check. One reduction over the batch's ids."""
         if self.vocab_size is not None and batch.numel():
             low, high = (int(v) for v in torch.aminmax(batch))
             fix = "the token stream is corrupt or of another tokenizer: prepare the data again"
-            check_token_ids(low, high, self.vocab_size, self.data_dir or "the built-in corpus", fix)
+            check_token_ids(low, high, self.vocab_size, self._read_from(heldout), fix)
         return batch
+
+    def _read_from(self, heldout: bool) -> str:
+        """The folders a batch came from: the ``val_dir`` for a held-out batch where set, else the data folders (a
+        mixture's batch may come from any: the first was named, where another's chunk was corrupt)."""
+        if heldout and self.val_dir is not None:
+            return str(self.val_dir)
+        return ", ".join(map(str, self.data_dirs)) or "the built-in corpus"
 
     def heldout(self) -> HeldOut:
         """The held-out data :meth:`heldout_dataloader` reads (call :meth:`setup` first), for the checkpoint."""
@@ -350,6 +386,12 @@ class TokenData:
         whole chunks on a parallel file system, and training agrees on a length), so validation and test end
         together."""
         return self._dataloader(self.val_streams(), shuffle=False)
+
+    def _ranks(self) -> tuple[int, int, int] | None:
+        """The ranks the loaders deal the data to (``world_size``, ``global_rank``, ``num_nodes``); ``None``:
+        litdata's (the process group's, unless ``WORLD_SIZE``, ``GLOBAL_RANK`` or ``NNODES`` in the environment say
+        otherwise). ``TokenDataModule`` gives its trainer's."""
+        return None
 
     def _dataloader(
         self, streams: list[Path], shuffle: bool, weights: list[float] | None = None, loader: type | None = None
@@ -371,6 +413,8 @@ class TokenData:
             )
             for stream in streams
         ]
+        if (ranks := self._ranks()) is not None:
+            _deal_to(datasets, *ranks)
         dataset: Any = datasets[0]
         if len(datasets) > 1:
             dataset = SizedCombinedStreamingDataset(
@@ -465,11 +509,16 @@ def _read_in_one_process(loader: StreamingDataLoader) -> StreamingDataLoader:
     """``loader`` reading the whole of its data in this process: litdata deals a dataset to the ranks that
     ``WORLD_SIZE``, ``GLOBAL_RANK`` and ``NNODES`` name in the environment, which a job script's export or torchrun
     leaves there for a command that runs in one process (it scored one rank's part of the split)."""
+    _deal_to(getattr(loader.dataset, "_datasets", [loader.dataset]), world_size=1, global_rank=0, num_nodes=1)
+    return loader
+
+
+def _deal_to(datasets: list[Any], world_size: int, global_rank: int, num_nodes: int) -> None:
+    """Have litdata deal each of ``datasets`` to these ranks, not to the ones it detects when it is made."""
     from litdata.utilities.env import _DistributedEnv
 
-    for dataset in getattr(loader.dataset, "_datasets", [loader.dataset]):
-        dataset.distributed_env = _DistributedEnv(world_size=1, global_rank=0, num_nodes=1)
-    return loader
+    for dataset in datasets:
+        dataset.distributed_env = _DistributedEnv(world_size=world_size, global_rank=global_rank, num_nodes=num_nodes)
 
 
 def heldout_loader(
@@ -492,8 +541,10 @@ def heldout_loader(
     commands read when ``--data`` is unset (the refusal of another tokenizer's data says so)."""
     held_out = data_dir if isinstance(data_dir, HeldOut) else None
     with _as_recorded(held_out):
-        for folder in held_out.data_dirs if held_out else []:
+        for folder in held_out.data_folders() if held_out else []:
             check_prepared(folder, str(folder), PREPARE)
+        if held_out is not None and (alone := held_out.alone()) is not None:
+            _check_tokenized_as_recorded(alone, tokenizer)
     if held_out is None:
         check_data_flag(data_dir)
     check_counts({"--batch-size": batch_size})
@@ -516,20 +567,25 @@ def heldout_loader(
             data.val_streams()[0],
             "lower --batch-size or --seq-len, or hold out more data",
         )
-    return CheckedBatches(loader, data.check_batch)
+    return CheckedBatches(loader, partial(data.check_batch, heldout=True))
 
 
 @contextmanager
 def _as_recorded(held_out: HeldOut | None) -> Iterator[None]:
     """A :class:`DataError` reading the held-out data a checkpoint records (``held_out``) says whose it is, and to
-    pass ``--data``: it spoke of the ``data.val_dir`` to leave unset or the folder to prepare, as to ``fit``'s user."""
+    pass ``--data``: it spoke of the ``data.val_dir`` to leave unset or the folder to prepare, as to ``fit``'s user.
+    Data damaged since it was prepared (a corrupt chunk) says so still: ``--data`` is another way round it, not its
+    fix."""
     try:
         yield
     except DataError as e:
         if held_out is None:
             raise
         where = f"{e.where}, the held-out data the checkpoint's run validated on"
-        raise DataError(e.what, where, "pass --data with a folder prepared with the model's tokenizer") from e
+        fix = "pass --data with a folder prepared with the model's tokenizer"
+        if e.fix == PREPARE_AGAIN:  # corrupt, not of another tokenizer
+            fix = f"{PREPARE_AGAIN}, or pass --data with another folder prepared with the model's tokenizer"
+        raise DataError(e.what, where, fix) from e
 
 
 def _heldout_data(
@@ -540,6 +596,21 @@ def _heldout_data(
     if not isinstance(data_dir, HeldOut):
         data = TokenData(str(data_dir) if data_dir is not None else None, **settings)
         return data, [] if data_dir is None else [Path(data_dir).expanduser()]
-    dirs, val_dir = [str(d) for d in data_dir.data_dirs], _str_or_none(data_dir.val_dir)
+    dirs, val_dir = [str(d) for d in data_dir.data_folders()], _str_or_none(data_dir.val_dir)
     data = TokenData(dirs, seed=data_dir.seed, val_dir=val_dir, **settings)
-    return data, [*data_dir.data_dirs, *filter(None, [data._prepared_val_dir()])]
+    return data, list(dict.fromkeys([*data_dir.data_folders(), *filter(None, [data._prepared_val_dir()])]))
+
+
+def _check_tokenized_as_recorded(alone: Path, tokenizer: str | Path | RecordedTokenizer | None) -> None:
+    """A :class:`DataError` unless the prepared folder ``alone`` of a recorded ``val_dir``, read without the data
+    folders (gone, with the tokenizer file the checkpoint names), holds the tokenizer file the checkpoint recorded
+    (its hash): ``fit`` refused a ``val_dir`` of any other file than theirs. Without a hash nothing can be said."""
+    if not isinstance(tokenizer, RecordedTokenizer) or not tokenizer.sha256:
+        return
+    if file_sha256(tokenizer_file(alone)) != tokenizer.sha256:
+        raise DataError(
+            f"its tokenizer is not the file the checkpoint recorded ({tokenizer.path}, by its hash): prepared again "
+            "since the run validated on it",
+            alone,
+            "pass --data with a folder prepared with the model's tokenizer",
+        )

@@ -139,7 +139,7 @@ def measure(
             prefill[n].append(result.prefill_tokens_per_s)
             cache[n] = (result.cache_bytes, result.dense_cache_bytes)
     table = []
-    for n in progress(regions, "bench: held-out loss", unit="region"):
+    for n in progress(regions, "bench: held-out loss", unit="region") if batches else regions:  # none: nothing to say
         set_region(model, n, loaded.region, force)
         loss = perplexity_of_batches(model, batches)["loss"] if batches else None  # null in JSON: not measured
         table.append(
@@ -271,7 +271,7 @@ def bench_command(
         overwrite: Replace --output if it is a bench folder written by this command.
         json: End with one JSON line of the summary.
     """
-    from epas_lightning.data.token_data import check_data_flag, check_seq_len
+    from epas_lightning.data.token_data import check_data_flag, check_seq_len, data_record
 
     counts = {"--batches": batches, "--batch-size": batch_size, "--prompts": prompts, "--reps": reps}
     check_counts({**counts, "--prompt-len": prompt_len, "--max-new-tokens": max_new_tokens, "--seq-len": seq_len})
@@ -330,7 +330,7 @@ def bench_command(
             "max_new_tokens": max_new_tokens,
             "reps": reps,
             "seq_len": seq_len,
-            "data": str(data_dir) if data_dir else None,
+            "data": data_record(data_dir),
             "val_tokens": sum(b[:, 1:].numel() for b in held_out),
             "budget": budget,
             "budget_pick": pick,
