@@ -262,7 +262,7 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
     given = next((line for line in lines if line.startswith(("Given value:", "Got value:"))), None)
     expected = next((line for line in lines if line.startswith("Expected")), None)
     missing_config = re.match(r'Parser key "config": File does not exist: (.*)$', what)
-    if missing_config:  # as fit says it (lightning_cli.py), not "invalid value for --config"
+    if missing_config:  # as fit says it (config_resolution.py), not "invalid value for --config"
         path = missing_config.group(1).strip("'\"")
         return ConfigError("config file does not exist", f"--config {path}", "give the path of a YAML file")
     if what.startswith("Parser key"):

@@ -568,7 +568,7 @@ def test_our_warnings_print_as_their_message_alone(monkeypatch: pytest.MonkeyPat
 
     import lightning.pytorch  # installs Lightning's format
 
-    from epas_lightning.lightning_cli import PACKAGE_DIR, print_our_warnings_as_lines
+    from epas_lightning.lightning_messages import PACKAGE_DIR, print_our_warnings_as_lines
 
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
     print_our_warnings_as_lines()

@@ -107,7 +107,7 @@ def test_quoted_commands_use_flags_that_exist(monkeypatch, capsys):
     every tool command's, every ``fit``/``validate``/``test``'s and every benchmark or experiment script's flags are
     checked against its parser."""
     from epas_lightning.cli import LIGHTNING_COMMANDS, TOOLS, function_parser, tool
-    from epas_lightning.lightning_cli import packaged_config
+    from epas_lightning.config_resolution import packaged_config
 
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     tool_flags = {name: set(function_parser(tool(name), name)._option_string_actions) for name in TOOLS}

@@ -1228,7 +1228,7 @@ def test_a_resume_that_drops_max_time_is_not_told_to_add_a_timer_callback():
     callbacks: ['Timer']": dropping the limit is the user's choice. Any other missing callback is still said."""
     import re
 
-    from epas_lightning.lightning_cli import IGNORED_WARNINGS
+    from epas_lightning.lightning_messages import IGNORED_WARNINGS
 
     def message(missing: list[str]) -> str:  # as lightning/pytorch/trainer/call.py words it
         return (

@@ -302,7 +302,7 @@ class TokenDataModule(TokenData, LightningDataModule):
 
     def _check_validation_interval(self, epoch: int) -> None:
         """A validation interval in batches longer than the data's epoch of ``epoch`` batches, where Lightning refuses
-        it once the data is read, with a traceback (``lightning_cli`` checks it against ``limit_train_batches``)."""
+        it once the data is read, with a traceback (``trainer_checks`` checks it against ``limit_train_batches``)."""
         trainer = getattr(self, "trainer", None)
         interval = getattr(trainer, "val_check_interval", None)
         if not isinstance(interval, int) or isinstance(interval, bool) or interval <= epoch:
