@@ -26,7 +26,6 @@ exist: a config's placeholder).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import random
@@ -38,7 +37,6 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-import torch
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.seed import max_seed_value, min_seed_value
@@ -109,6 +107,7 @@ from epas_lightning.run_summary import FlopsModelSummary, RunSummary, progress_b
 from epas_lightning.safe_load import is_sharded_checkpoint, verify_checkpoint
 from epas_lightning.strategy import STRATEGY_NAME, check_strategy_name
 from epas_lightning.trainer_checks import (
+    check_accelerator_available,
     check_counts,
     check_precision_available,
     check_scores_something,
@@ -314,19 +313,7 @@ class EPASCLI(LightningCLI):
                 "checkpoints always load with weights_only=True here", "--weights_only false", "leave it unset"
             )
         trainer = section.trainer
-        accelerator = trainer.get("accelerator")
-        if isinstance(accelerator, str) and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-            raise ConfigError(
-                "no CUDA GPU is visible to this process",
-                f"trainer.accelerator: {accelerator}",
-                "run on a machine with a GPU, or pass --trainer.accelerator=cpu (CPUs train best in 32-true)",
-            )
-        if accelerator == "tpu" and importlib.util.find_spec("torch_xla") is None:  # was Lightning's traceback
-            raise ConfigError(
-                "the tpu accelerator needs torch_xla, which is not installed",
-                "trainer.accelerator: tpu",
-                "install torch_xla on a TPU machine, or pass --trainer.accelerator=cpu",
-            )
+        check_accelerator_available(trainer.get("accelerator"))
         check_scores_something(self.subcommand, trainer)
         check_strategy_name(trainer.get("strategy"))
         check_counts(trainer)

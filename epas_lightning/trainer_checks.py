@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
+import torch
 from jsonargparse import Namespace
 
 from epas_lightning.errors import ConfigError
@@ -73,4 +74,21 @@ def check_precision_available(precision: object) -> None:
             "this precision needs NVIDIA Transformer Engine, which is not installed",
             f"trainer.precision: {precision}",
             "install transformer_engine (GPUs only) or train in bf16-mixed",
+        )
+
+
+def check_accelerator_available(accelerator: object) -> None:
+    """Refuse ``trainer.accelerator`` gpu/cuda without a visible CUDA GPU, and tpu without torch_xla (Lightning's
+    traceback), before anything is built."""
+    if isinstance(accelerator, str) and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            "no CUDA GPU is visible to this process",
+            f"trainer.accelerator: {accelerator}",
+            "run on a machine with a GPU, or pass --trainer.accelerator=cpu (CPUs train best in 32-true)",
+        )
+    if accelerator == "tpu" and importlib.util.find_spec("torch_xla") is None:
+        raise ConfigError(
+            "the tpu accelerator needs torch_xla, which is not installed",
+            "trainer.accelerator: tpu",
+            "install torch_xla on a TPU machine, or pass --trainer.accelerator=cpu",
         )
