@@ -119,6 +119,28 @@ def test_generate_decodes_a_prompt_file_in_bounded_batches_with_the_one_batch_co
     assert texts[:2] != texts[2:], texts
 
 
+def test_generate_ignore_eos_counts_the_end_tokens_the_model_emits(trained, capsys, monkeypatch):
+    """--ignore-eos asks for exactly --max-new-tokens tokens: an EOS the model emitted on the way was dropped from the
+    completion's new_tokens (a benchmark read 4 asked, 3 generated)."""
+    from epas_lightning.inference import generate_cli
+
+    def emitting_eos(model, prompts, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        result = generate(model, prompts, *args, **kwargs)
+        result.tokens = [[row[0], eos, *row[2:]] for row in result.tokens]  # an EOS second, as a model may emit
+        return result
+
+    eos = load_model(trained).eos_id
+    monkeypatch.setattr(generate_cli, "generate", emitting_eos)
+    args = ["generate", "--checkpoint", str(trained), "--prompt", "x", "--max-new-tokens", "4", "--temperature", "0"]
+    rc, out, err = run_cli(capsys, *args, "--ignore-eos", "--json")
+    assert rc == 0, err
+    (completion,) = json.loads(out.strip().splitlines()[-1])["completions"]
+    assert completion["new_tokens"] == 4, completion
+    rc, out, err = run_cli(capsys, *args, "--json")  # without it, the end token is not counted
+    assert rc == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["completions"][0]["new_tokens"] == 3
+
+
 @pytest.mark.parametrize(
     ("flag", "value"),
     [("--temperature", "-1"), ("--top-k", "0"), ("--top-p", "2"), ("--max-new-tokens", "0"), ("--seed", str(2**64))],
