@@ -234,6 +234,28 @@ def test_bench_without_held_out_data_writes_well_formed_json(tmp_path, capsys):
     assert printed.splitlines()[2].endswith(" -")  # the table's val loss column
 
 
+def test_one_new_token_has_no_decode_speed_rather_than_zero(tiny_corpus, tmp_path, capsys):
+    """--max-new-tokens 1 has no decode step (the token comes from the prefill): generate and bench said
+    "0.0 tok/s", a speed of zero, in their text and JSON."""
+    from model_dirs import save_consolidated
+
+    from epas_lightning import Llama
+
+    ckpt = save_consolidated(
+        Llama(LlamaConfig.from_name("debug", block_size=32)), tmp_path / "ckpt", tiny_corpus / "tokenizer.json"
+    )
+    one = ["--checkpoint", str(ckpt), "--max-new-tokens", "1", "--device", "cpu", "--json"]
+    rc, out, err = run_cli(capsys, "generate", *one, "--prompt", "x")
+    assert rc == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["decode_tokens_per_s"] is None
+    assert "decode: 0 tokens, n/a tok/s" in err, err
+    rc, out, err = run_cli(capsys, "bench", *one, "--reps", "1", "--output", str(tmp_path / "bench"))
+    assert rc == 0, err
+    (row,) = json.loads(out.strip().splitlines()[-1])["rows"]
+    assert row["decode_tokens_per_s"] is None and row["prefill_tokens_per_s"] > 0
+    assert out.splitlines()[2].split()[3] == "-", out  # the table's decode tok/s column
+
+
 def test_consolidated_checkpoint_generates_the_same_tokens(trained, tmp_path):
     out = consolidate(trained, tmp_path / "model")
     assert (out / "tokenizer.json").is_file()

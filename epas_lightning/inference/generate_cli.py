@@ -86,9 +86,14 @@ def batch_seed(seed: int, index: int) -> int:
     return (seed + index + 2**63) % 2**64 - 2**63
 
 
+def rate_text(tokens_per_s: float | None) -> str:
+    """A rate as the commands print it: ``n/a`` where none was measured (no decode step), not ``0.0``."""
+    return "n/a tok/s" if tokens_per_s is None else f"{tokens_per_s:.1f} tok/s"
+
+
 def report(results: list[GenerationResult], loaded: LoadedModel, n_shared: int) -> dict:
     """The numbers of batches decoded one after another: token counts and times summed, the KV cache of the batch
-    that held the most (one batch's cache lives at a time)."""
+    that held the most (one batch's cache lives at a time); no decode rate (``None``) without decode steps."""
     config = loaded.model.config
     analytic = n_shared / (2 * config.n_layer) if config.sharing_mode == "qk" else n_shared / config.n_layer
     peak = max(results, key=lambda result: result.cache_bytes)
@@ -204,8 +209,8 @@ def generate_command(
     numbers = report(results, loaded, n_shared)
     print(f"region: {describe_region(loaded, layers)}", file=sys.stderr)
     print(
-        f"prefill: {numbers['prompt_tokens']} tokens, {numbers['prefill_tokens_per_s']:.1f} tok/s | decode: "
-        f"{numbers['decode_tokens']} tokens, {numbers['decode_tokens_per_s']:.1f} tok/s",
+        f"prefill: {numbers['prompt_tokens']} tokens, {rate_text(numbers['prefill_tokens_per_s'])} | decode: "
+        f"{numbers['decode_tokens']} tokens, {rate_text(numbers['decode_tokens_per_s'])}",
         file=sys.stderr,
     )
     print(
