@@ -432,6 +432,8 @@ def test_checkpoint_errors_name_the_flag_that_gave_the_checkpoint(tmp_path):
 
     from epas_lightning.checkpoint import load_model
     from epas_lightning.errors import CheckpointError
+    from epas_lightning.hf import config_from_hf
+    from epas_lightning.init_from import source_shapes
 
     model = Llama(LlamaConfig.from_name("debug", n_layer=2))
     state = {"model." + key: t.clone() for key, t in model.state_dict().items()}
@@ -457,3 +459,6 @@ def test_checkpoint_errors_name_the_flag_that_gave_the_checkpoint(tmp_path):
         with pytest.raises(CheckpointError, match=says) as error:
             load_model(path, flag="--checkpoint")
         assert error.value.where == f"--checkpoint {path}", str(error.value)
+    with pytest.raises(CheckpointError, match="no weights") as error:  # fit --model.init_from of that folder
+        source_shapes(tmp_path / "hf", config_from_hf(tmp_path / "hf"))
+    assert error.value.where == f"model.init_from {tmp_path / 'hf'}", str(error.value)
