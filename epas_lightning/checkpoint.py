@@ -150,21 +150,22 @@ def _strip_prefix(state: dict[str, torch.Tensor], prefix: str = MODEL_PREFIX) ->
     return {key[len(prefix) :]: t for key, t in state.items() if key.startswith(prefix)}
 
 
-def _model_config(metadata: dict[str, Any], path: Path) -> LlamaConfig:
+def _model_config(metadata: dict[str, Any], path: Path, where: object) -> LlamaConfig:
+    """The model config the checkpoint at ``path`` records; its errors name ``where`` (the flag that gave ``path``)."""
     if "model_config" not in metadata and path.is_dir() and not (path / LIGHTNING_METADATA).is_file():
         raise CheckpointError(
             f"no {LIGHTNING_METADATA} beside the shards (fit keeps the model config there)",
-            path,
+            where,
             "copy the whole checkpoint folder again, or pass a checkpoint of fit",
         )
     if "model_config" not in metadata:
-        raise CheckpointError("no 'model_config': it was not written by EPASModule", path, "pass a checkpoint of fit")
+        raise CheckpointError("no 'model_config': it was not written by EPASModule", where, "pass a checkpoint of fit")
     if not isinstance(recorded := metadata["model_config"], dict):
-        raise CheckpointError(f"its model config is invalid (not a mapping: {recorded!r})", path, AS_WRITTEN)
+        raise CheckpointError(f"its model config is invalid (not a mapping: {recorded!r})", where, AS_WRITTEN)
     try:
         return LlamaConfig.from_dict(recorded)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"its model config is invalid ({e})", path, AS_WRITTEN) from e
+        raise CheckpointError(f"its model config is invalid ({e})", where, AS_WRITTEN) from e
 
 
 def recorded_region(metadata: dict[str, Any], shared: list[int], n_layer: int) -> TrainedRegion:
@@ -399,7 +400,7 @@ def _read_hf(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], dict[str, 
     from epas_lightning.data.tokenizer import tokenizer_in
 
     hf = read_hf_config(path)
-    with located(f"{flag} {path}"):
+    with located(f"{flag} {path}", path):
         config = config_from_hf(hf)
         state = hf_to_ours(read_hf_weights(path, weights=False), config)
     region = hf_trained_region(hf, config.n_layer, path / CONFIG_FILE)
@@ -560,11 +561,17 @@ def checkpoints_inside(folder: Path) -> str | None:
 
 
 def _fitted_model(
-    config: LlamaConfig, state: dict[str, torch.Tensor], path: Path, device: torch.device, dtype: torch.dtype | None
+    config: LlamaConfig,
+    state: dict[str, torch.Tensor],
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    where: object,
 ) -> Llama:
     """The model of ``config`` on ``device``, its floating-point weights in ``dtype`` if given, checked against the
     names and shapes of ``state`` (strictly), with the sharing mask of ``state`` loaded. Its weights are allocated but
-    not read (:func:`_load_weights` fills them); on the meta device only the mask is real."""
+    not read (:func:`_load_weights` fills them); on the meta device only the mask is real. The errors name ``where``
+    (the flag that gave ``path``)."""
     with torch.device("meta"):
         model = Llama(config)
     if device.type == "meta":
@@ -577,13 +584,13 @@ def _fitted_model(
     fix = f"{AS_WRITTEN} (weights and config from the same run)"
     mismatch = state_mismatch(model.state_dict(), state)
     if mismatch and checkpoint_kind(path) == "hf":
-        raise hf_misfit(model.state_dict(), state, path)
+        raise hf_misfit(model.state_dict(), state, where)
     if mismatch:
-        raise CheckpointError(f"the weights do not fit the model config it records ({mismatch})", path, fix)
+        raise CheckpointError(f"the weights do not fit the model config it records ({mismatch})", where, fix)
     try:
         model.sharing.load_state_dict({"mask": state[SHARING_MASK]})
     except (RuntimeError, ValueError) as e:  # a corrupt sharing mask
-        raise CheckpointError(f"the weights do not fit the model config it records ({e})", path, fix) from e
+        raise CheckpointError(f"the weights do not fit the model config it records ({e})", where, fix) from e
     return model
 
 
@@ -633,7 +640,7 @@ def stored_weights(
                 f"corrupt or truncated weights ({e})", path / WEIGHTS_FILE, "consolidate again"
             ) from e
     else:
-        with located(f"{flag} {path}"):
+        with located(f"{flag} {path}", path):
             yield from hf_tensors(path, config)
 
 
@@ -739,14 +746,16 @@ def listed(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
 
 
-def _info(metadata: dict[str, Any], model: Llama, path: Path | None = None) -> CheckpointInfo:
+def _info(metadata: dict[str, Any], model: Llama, where: object = None) -> CheckpointInfo:
     from epas_lightning.data.token_data import HeldOut
 
     config = model.config
     try:
         region = recorded_region(metadata, model.sharing.shared_layers, config.n_layer)
     except ConfigError as e:  # a hand-edited record
-        raise CheckpointError(f"its recorded sharing region is invalid ({e.what.rstrip('.')})", path, AS_WRITTEN) from e
+        raise CheckpointError(
+            f"its recorded sharing region is invalid ({e.what.rstrip('.')})", where, AS_WRITTEN
+        ) from e
     tokenizer = metadata.get("tokenizer") or {}
     tokenizer_path = Path(tokenizer["path"]) if tokenizer.get("path") else None
     sha256 = tokenizer.get("sha256")
@@ -809,10 +818,11 @@ def load_model(
     shapes, metadata = _read_any(path, flag)  # names, shapes, dtypes and the mask: no weight
     stored = next((t.dtype for t in shapes.values() if t.is_floating_point()), torch.float32)
     dtype = stored if dtype == STORED else dtype
-    model = _fitted_model(_model_config(metadata, path), shapes, path, device, dtype)
+    where = f"{flag} {path}"
+    model = _fitted_model(_model_config(metadata, path, where), shapes, path, device, dtype, where)
     _load_weights(model, path, shapes, dtype, flag)
-    check_finite(model.state_dict(), path)  # on the device: fast there
-    info = _info(metadata, model, path)
+    check_finite(model.state_dict(), where)  # on the device: fast there
+    info = _info(metadata, model, where)
     model.trained_region = info.region  # set_region(model, n) counts n in it, as with the region passed
     return LoadedModel(model=model.eval(), weights_dtype=stored, **vars(info))
 
@@ -861,14 +871,15 @@ def read_description(
     dtypes, and the sharing mask) and the checkpoint's metadata (its step, epoch and callbacks' state, where kept)."""
     path = checkpoint_path(path, flag)
     state, metadata = _read_any(path, flag)
-    model = _fitted_model(_model_config(metadata, path), state, path, torch.device("meta"), None)
-    return _info(metadata, model, path), state, metadata
+    where = f"{flag} {path}"
+    model = _fitted_model(_model_config(metadata, path, where), state, path, torch.device("meta"), None, where)
+    return _info(metadata, model, where), state, metadata
 
 
 def recorded_config(path: str | Path, flag: str = "--checkpoint") -> LlamaConfig:
     """The model config a checkpoint records, read without loading its weights (checked to load safely)."""
     path = checkpoint_path(path, flag)
-    return _model_config(_read_any(path, flag)[1], path)
+    return _model_config(_read_any(path, flag)[1], path, f"{flag} {path}")
 
 
 def load_consolidated(path: str | Path, device: str | torch.device = "cpu") -> Llama:

@@ -192,7 +192,7 @@ def source_shapes(path: Path, config: LlamaConfig, stage: str = "fit") -> dict[s
         hf = read_hf_config(path)
         check_compatible(config, hf, source=str(path))
         region = hf_trained_region(hf, config.n_layer, path / "config.json")  # export's record, perhaps hand-edited
-        with located(path):
+        with located(f"model.init_from {path}", path):
             shapes = hf_to_ours(read_hf_weights(path, weights=False), config)  # vocabulary rows, unknown tensors
         _say_it_starts_dense(path, sorted(region.layers), stage)
         return shapes

@@ -119,6 +119,28 @@ def test_generate_decodes_a_prompt_file_in_bounded_batches_with_the_one_batch_co
     assert texts[:2] != texts[2:], texts
 
 
+def test_generate_ignore_eos_counts_the_end_tokens_the_model_emits(trained, capsys, monkeypatch):
+    """--ignore-eos asks for exactly --max-new-tokens tokens: an EOS the model emitted on the way was dropped from the
+    completion's new_tokens (a benchmark read 4 asked, 3 generated)."""
+    from epas_lightning.inference import generate_cli
+
+    def emitting_eos(model, prompts, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        result = generate(model, prompts, *args, **kwargs)
+        result.tokens = [[row[0], eos, *row[2:]] for row in result.tokens]  # an EOS second, as a model may emit
+        return result
+
+    eos = load_model(trained).eos_id
+    monkeypatch.setattr(generate_cli, "generate", emitting_eos)
+    args = ["generate", "--checkpoint", str(trained), "--prompt", "x", "--max-new-tokens", "4", "--temperature", "0"]
+    rc, out, err = run_cli(capsys, *args, "--ignore-eos", "--json")
+    assert rc == 0, err
+    (completion,) = json.loads(out.strip().splitlines()[-1])["completions"]
+    assert completion["new_tokens"] == 4, completion
+    rc, out, err = run_cli(capsys, *args, "--json")  # without it, the end token is not counted
+    assert rc == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["completions"][0]["new_tokens"] == 3
+
+
 @pytest.mark.parametrize(
     ("flag", "value"),
     [("--temperature", "-1"), ("--top-k", "0"), ("--top-p", "2"), ("--max-new-tokens", "0"), ("--seed", str(2**64))],
@@ -210,6 +232,28 @@ def test_bench_without_held_out_data_writes_well_formed_json(tmp_path, capsys):
     assert summary == strict((out / "many_in_one.json").read_text())
     assert (summary["val_tokens"], summary["rows"][0]["val_loss"], summary["rows"][0]["val_ppl"]) == (0, None, None)
     assert printed.splitlines()[2].endswith(" -")  # the table's val loss column
+
+
+def test_one_new_token_has_no_decode_speed_rather_than_zero(tiny_corpus, tmp_path, capsys):
+    """--max-new-tokens 1 has no decode step (the token comes from the prefill): generate and bench said
+    "0.0 tok/s", a speed of zero, in their text and JSON."""
+    from model_dirs import save_consolidated
+
+    from epas_lightning import Llama
+
+    ckpt = save_consolidated(
+        Llama(LlamaConfig.from_name("debug", block_size=32)), tmp_path / "ckpt", tiny_corpus / "tokenizer.json"
+    )
+    one = ["--checkpoint", str(ckpt), "--max-new-tokens", "1", "--device", "cpu", "--json"]
+    rc, out, err = run_cli(capsys, "generate", *one, "--prompt", "x")
+    assert rc == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["decode_tokens_per_s"] is None
+    assert "decode: 0 tokens, n/a tok/s" in err, err
+    rc, out, err = run_cli(capsys, "bench", *one, "--reps", "1", "--output", str(tmp_path / "bench"))
+    assert rc == 0, err
+    (row,) = json.loads(out.strip().splitlines()[-1])["rows"]
+    assert row["decode_tokens_per_s"] is None and row["prefill_tokens_per_s"] > 0
+    assert out.splitlines()[2].split()[3] == "-", out  # the table's decode tok/s column
 
 
 def test_consolidated_checkpoint_generates_the_same_tokens(trained, tmp_path):

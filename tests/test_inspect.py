@@ -4,6 +4,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 from model_dirs import save_consolidated
 from safetensors import safe_open
@@ -424,3 +425,42 @@ def test_fit_records_its_latest_validation_in_its_checkpoints(debug_fit_run, tin
     assert last["global_step"] == 8 and last["tokens"] == 8 * 4 * 32 and last["trained_region"]["layers"] == [1]
     assert last["val_loss"]["step"] in (4, 8) and 0 < last["val_loss"]["loss"] < 10, last
     assert describe_checkpoint(last["path"]).heldout == HeldOut((tiny_corpus.resolve(),), None, 42)
+
+
+def test_checkpoint_errors_name_the_flag_that_gave_the_checkpoint(tmp_path):
+    """Errors about the checkpoint itself named a bare path (``no weights — /x/hf — expected ...``) where the others
+    say ``--checkpoint /x/hf``, the flag the user gave it by."""
+    from model_dirs import save_hf_config
+
+    from epas_lightning.checkpoint import load_model
+    from epas_lightning.errors import CheckpointError
+    from epas_lightning.hf import config_from_hf
+    from epas_lightning.init_from import source_shapes
+
+    model = Llama(LlamaConfig.from_name("debug", n_layer=2))
+    state = {"model." + key: t.clone() for key, t in model.state_dict().items()}
+    torch.save({"state_dict": state}, tmp_path / "no_config.ckpt")
+    state["model.norm.weight"][0] = float("nan")
+    torch.save({"state_dict": state, "model_config": model.config.to_dict()}, tmp_path / "nan.ckpt")
+    misfit = save_consolidated(model, tmp_path / "misfit")
+    record = json.loads((misfit / "config.json").read_text())
+    (misfit / "config.json").write_text(json.dumps({**record, "model": {**record["model"], "n_embd": 128}}))
+    region = save_consolidated(model, tmp_path / "region")
+    (region / "config.json").write_text(json.dumps({**record, "sharing": {"region": ["x"]}}))
+    hf = export(save_consolidated(model, tmp_path / "source"), tmp_path / "exported")
+    hf_record = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**hf_record, "intermediate_size": 2 * hf_record["intermediate_size"]}))
+    for path, says in [
+        (save_hf_config(tmp_path / "hf"), "no weights"),
+        (tmp_path / "no_config.ckpt", "no 'model_config'"),
+        (tmp_path / "nan.ckpt", "the weights hold NaN or inf"),
+        (misfit, "the weights do not fit the model config it records"),
+        (region, "its recorded sharing region is invalid"),
+        (hf, "its config.json and weights disagree"),
+    ]:
+        with pytest.raises(CheckpointError, match=says) as error:
+            load_model(path, flag="--checkpoint")
+        assert error.value.where == f"--checkpoint {path}", str(error.value)
+    with pytest.raises(CheckpointError, match="no weights") as error:  # fit --model.init_from of that folder
+        source_shapes(tmp_path / "hf", config_from_hf(tmp_path / "hf"))
+    assert error.value.where == f"model.init_from {tmp_path / 'hf'}", str(error.value)

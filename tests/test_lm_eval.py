@@ -195,6 +195,35 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(checkpoint: Pa
         EPASLM(str(checkpoint), tokenizer=str(other), device="cpu")
 
 
+@pytest.mark.parametrize(
+    ("task", "expected"),
+    [
+        ({"do_sample": True, "temperature": 0.7}, {"temperature": 0.7, "top_k": 50, "top_p": None}),
+        ({"do_sample": True, "temperature": 1.0, "top_k": 0}, {"temperature": 1.0, "top_k": None, "top_p": None}),
+        (
+            {"do_sample": True, "temperature": 1.0, "top_k": 5, "top_p": 0.9},
+            {"temperature": 1.0, "top_k": 5, "top_p": 0.9},
+        ),
+        ({"do_sample": False, "top_k": 5}, {"temperature": 0.0, "top_k": None, "top_p": None}),
+    ],
+)
+def test_generation_samples_as_transformers_samples_the_export(checkpoint: Path, monkeypatch, task, expected) -> None:
+    """A task's `top_k: 0` (transformers: no top-k cut) was refused, and sampling without `top_k` drew from every token
+    where transformers' `generate` keeps its default 50 for the export (its generation_config.json sets none)."""
+    from epas_lightning.evaluation import lm_eval_adapter
+
+    asked, generate = [], lm_eval_adapter.generate
+
+    def recording(model, rows, max_new_tokens, **kwargs):  # noqa: ANN001, ANN003
+        asked.append({key: kwargs[key] for key in expected})
+        return generate(model, rows, max_new_tokens, **kwargs)
+
+    lm = lm_eval_adapter.EPASLM(str(checkpoint), device="cpu")
+    monkeypatch.setattr(lm_eval_adapter, "generate", recording)
+    out = lm._model_generate(torch.tensor([[1, 5, 9]]), 6, [], **task)
+    assert asked == [expected] and out.shape == (1, 6)
+
+
 def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
     rc = cli_main(list(argv))
     out = capsys.readouterr()

@@ -1073,7 +1073,7 @@ def test_a_user_error_loading_the_model_in_the_worker_is_one_line(checkpoint, tm
     assert cli_main(["serve", "--checkpoint", str(bad), "--device", "cpu", "--port", free_port()]) == 2
     err = capfd.readouterr().err  # the worker's output too
     assert err.endswith(
-        f"error: the weights hold NaN or inf (embed_tokens.weight) — {bad} — use another "
+        f"error: the weights hold NaN or inf (embed_tokens.weight) — --checkpoint {bad} — use another "
         "checkpoint, e.g. an earlier one of the run (fit's divergence guard never writes such weights)\n"
     )
     assert "Traceback" not in err and err.count("\n") == 2, err  # "loading the model ...", then the error

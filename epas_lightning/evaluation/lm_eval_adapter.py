@@ -15,7 +15,9 @@ Why the numbers equal ``hf`` on ``export``'s folder: :class:`EPASLM` *is* lm-eva
 that the export ships (BOS added as the model trained with it), so tokenization, the context/continuation split,
 batching, truncation, rolling windows and the bookkeeping of generation are lm-eval's own code. Two methods change:
 ``_model_call`` runs our ``Llama`` and returns logits over the real vocabulary (``config.vocab_size``, the rows the
-export keeps), and ``_model_generate`` decodes with our KV-cache ``generate``.
+export keeps), and ``_model_generate`` decodes with our KV-cache ``generate``, sampling (a task with ``do_sample``)
+as transformers' ``generate`` samples the export: the 50 most likely tokens where the task sets no ``top_k``
+(transformers' default; the export's ``generation_config.json`` sets none), every token for ``top_k: 0``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,25 @@ class CausalLM(nn.Module):
         if not bool(torch.isfinite(logits).all()):  # HFLM waits for them anyway (log_softmax, then the CPU)
             raise activations_overflow("the logits", logits.dtype)
         return logits
+
+
+HF_TOP_K = 50
+"""transformers' ``top_k`` for sampling where neither the call nor the model's ``generation_config.json`` sets one."""
+
+
+def sampling_settings(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``generate``'s ``temperature``, ``top_k`` and ``top_p`` for a task's generation kwargs, as transformers'
+    ``generate`` reads them for the export (whose ``generation_config.json`` sets none): greedy unless ``do_sample``;
+    sampling keeps the :data:`HF_TOP_K` most likely tokens unless the task sets ``top_k`` (``0`` or null: no cut), and
+    a ``top_p`` of 1 or none cuts nothing."""
+    if not kwargs.get("do_sample"):
+        return {"temperature": 0.0, "top_k": None, "top_p": None}
+    top_k = kwargs.get("top_k", HF_TOP_K)
+    return {
+        "temperature": float(kwargs.get("temperature") or 0.0),
+        "top_k": None if top_k == 0 else top_k,
+        "top_p": kwargs.get("top_p"),
+    }
 
 
 @contextlib.contextmanager
@@ -148,21 +169,13 @@ class EPASLM(HFLM):
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs: Any) -> torch.Tensor:
         """Left-padded ``context`` (B, T) followed by the new tokens, padded after EOS: what ``model.generate`` gives.
 
-        Greedy unless the task asks for ``do_sample`` (then ``temperature``, ``top_k``, ``top_p``); ``HFLM`` cuts
-        the decoded text at the stop strings.
+        Greedy unless the task asks for ``do_sample`` (then ``temperature``, ``top_k``, ``top_p`` with transformers'
+        defaults: :func:`sampling_settings`); ``HFLM`` cuts the decoded text at the stop strings.
         """
         mask = kwargs.get("attention_mask")
         rows = context.tolist() if mask is None else [r[m.bool()].tolist() for r, m in zip(context, mask, strict=True)]
-        sample = bool(kwargs.get("do_sample"))
-        result = generate(
-            self.loaded.model,
-            rows,
-            max_length - context.shape[1],
-            temperature=float(kwargs.get("temperature") or 0.0) if sample else 0.0,
-            top_k=kwargs.get("top_k") if sample else None,
-            top_p=kwargs.get("top_p") if sample else None,
-            eos_id=self.stop_ids,
-        )
+        settings = sampling_settings(kwargs)
+        result = generate(self.loaded.model, rows, max_length - context.shape[1], eos_id=self.stop_ids, **settings)
         pad = self.tokenizer.pad_token_id
         width = max(len(tokens) for tokens in result.tokens)
         new = [tokens + [pad] * (width - len(tokens)) for tokens in result.tokens]

@@ -73,12 +73,13 @@ class HFCheckpointError(CheckpointError):
 
 
 @contextmanager
-def located(where: object) -> Iterator[None]:
-    """Name ``where`` in the :class:`HFCheckpointError` raised inside, unless it names a place already."""
+def located(where: object, folder: str | Path | None = None) -> Iterator[None]:
+    """Name ``where`` in the :class:`HFCheckpointError` raised inside, unless it names a place already other than
+    ``folder`` itself: the path ``where`` gives with the flag that named it (``--checkpoint <folder>``)."""
     try:
         yield
     except HFCheckpointError as e:
-        if e.where:
+        if e.where and (folder is None or e.where != str(folder)):
             raise
         raise HFCheckpointError(e.what, where, e.fix) from e
 

@@ -105,6 +105,12 @@ def bench_prompts(batches: list[torch.Tensor], prompts: int, prompt_len: int, vo
     return pieces + [pieces[0]] * (prompts - len(pieces))
 
 
+def median_rate(rates: list[float | None]) -> float | None:
+    """The median of the runs' tokens/s; ``None`` (null in JSON, ``-`` in the table) where none was measured: one new
+    token has no decode step."""
+    return None if None in rates else statistics.median(rates)
+
+
 def measure(
     loaded: LoadedModel,
     max_shared: int,
@@ -129,8 +135,8 @@ def measure(
 
     for n in progress(regions, "bench: warm-up", unit="region"):
         run(n)
-    decode: dict[int, list[float]] = {n: [] for n in regions}
-    prefill: dict[int, list[float]] = {n: [] for n in regions}
+    decode: dict[int, list[float | None]] = {n: [] for n in regions}
+    prefill: dict[int, list[float | None]] = {n: [] for n in regions}
     cache: dict[int, tuple[int, int]] = {}
     for rep in progress(range(reps), "bench: timing every region", unit="rep"):
         for n in regions if rep % 2 == 0 else regions[::-1]:
@@ -147,8 +153,8 @@ def measure(
                 "sharing_layers": n,
                 "shared_layers": loaded.region.first(n, force),
                 "flops_ratio": flops_ratio(config, n, seq_len),
-                "prefill_tokens_per_s": statistics.median(prefill[n]),
-                "decode_tokens_per_s": statistics.median(decode[n]),
+                "prefill_tokens_per_s": median_rate(prefill[n]),
+                "decode_tokens_per_s": median_rate(decode[n]),
                 "kv_cache_bytes": cache[n][0],
                 "kv_cache_saving": 1 - cache[n][0] / cache[n][1],
                 "val_loss": loss,
@@ -196,6 +202,11 @@ def write_plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def shown(value: float | None, spec: str) -> str:
+    """A table cell: ``value`` formatted, ``-`` where it was not measured."""
+    return "-" if value is None else format(value, spec)
+
+
 def print_table(summary: dict) -> None:
     print(
         f"{summary['checkpoint']}: {summary['n_layer']} layers, trained with up to {summary['trained_max_shared']} "
@@ -206,11 +217,11 @@ def print_table(summary: dict) -> None:
     head = f"{'shared':>6} {'FLOPs':>6} {'prefill tok/s':>14} {'decode tok/s':>13}"
     print(f"{head} {'KV MiB':>8} {'KV saved':>9} {'val loss':>9}")
     for r in summary["rows"]:
-        loss = "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
+        loss = shown(r["val_loss"], ".4f")
+        prefill, decode = (shown(r[key], ".1f") for key in ("prefill_tokens_per_s", "decode_tokens_per_s"))
         print(
-            f"{r['sharing_layers']:>6} {r['flops_ratio']:>6.3f} {r['prefill_tokens_per_s']:>14.1f} "
-            f"{r['decode_tokens_per_s']:>13.1f} {r['kv_cache_bytes'] / MIB:>8.2f} {r['kv_cache_saving']:>9.1%} "
-            f"{loss:>9}"
+            f"{r['sharing_layers']:>6} {r['flops_ratio']:>6.3f} {prefill:>14} {decode:>13} "
+            f"{r['kv_cache_bytes'] / MIB:>8.2f} {r['kv_cache_saving']:>9.1%} {loss:>9}"
         )
     if summary["budget_pick"] is not None:
         n = summary["budget_pick"]

@@ -96,8 +96,11 @@ def set_region(
     return layers
 
 
-def per_second(count: float, seconds: float) -> float:
-    """``count`` per second over ``seconds`` (NaN when no time was measured)."""
+def per_second(count: float, seconds: float) -> float | None:
+    """``count`` per second over ``seconds``: ``None`` when there was nothing to time (no decode step: a single new
+    token comes from the prefill), NaN when no time was measured."""
+    if count == 0:
+        return None
     return count / seconds if seconds > 0 else float("nan")
 
 
@@ -117,11 +120,12 @@ class GenerationResult:
     dense_cache_bytes: int
 
     @property
-    def prefill_tokens_per_s(self) -> float:
+    def prefill_tokens_per_s(self) -> float | None:
         return per_second(self.prompt_tokens, self.prefill_seconds)
 
     @property
-    def decode_tokens_per_s(self) -> float:
+    def decode_tokens_per_s(self) -> float | None:
+        """``None`` without decode steps (``max_new_tokens`` 1): no decode speed was measured, which is not 0."""
         return per_second(self.decode_steps * self.batch_size, self.decode_seconds)
 
     @property

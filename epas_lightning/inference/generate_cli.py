@@ -86,9 +86,14 @@ def batch_seed(seed: int, index: int) -> int:
     return (seed + index + 2**63) % 2**64 - 2**63
 
 
+def rate_text(tokens_per_s: float | None) -> str:
+    """A rate as the commands print it: ``n/a`` where none was measured (no decode step), not ``0.0``."""
+    return "n/a tok/s" if tokens_per_s is None else f"{tokens_per_s:.1f} tok/s"
+
+
 def report(results: list[GenerationResult], loaded: LoadedModel, n_shared: int) -> dict:
     """The numbers of batches decoded one after another: token counts and times summed, the KV cache of the batch
-    that held the most (one batch's cache lives at a time)."""
+    that held the most (one batch's cache lives at a time); no decode rate (``None``) without decode steps."""
     config = loaded.model.config
     analytic = n_shared / (2 * config.n_layer) if config.sharing_mode == "qk" else n_shared / config.n_layer
     peak = max(results, key=lambda result: result.cache_bytes)
@@ -148,7 +153,8 @@ def generate_command(
         top_k: Sample among the k most likely tokens.
         top_p: Sample among the most likely tokens whose probability reaches p.
         seed: Seed of the sampling.
-        ignore_eos: Always generate --max-new-tokens tokens.
+        ignore_eos: Always generate --max-new-tokens tokens: end tokens the model emits are kept and counted (their
+            text is empty: special tokens are skipped when decoding, as vLLM's ``ignore_eos`` shows them).
         tokenizer: Tokenizer file or folder (default: the one the checkpoint records).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
         dtype: Weights and activations; auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32 elsewhere.
@@ -158,7 +164,8 @@ def generate_command(
         batch_size: Prompts decoded at once; more are decoded batch after batch, in order (greedy completions are
             the same at any batch size; sampled ones are reproducible for the same --seed and --batch-size).
         json: End with one JSON line of the numbers and each prompt's completion (``completions``: ``prompt``,
-            ``completion`` as printed after it, ``new_tokens`` without the end token).
+            ``completion`` as printed after it, ``new_tokens`` without the end token it stopped at; with --ignore-eos,
+            every token generated).
     """
     check_sampling_flags(temperature, top_k, top_p)  # before the model loads
     check_seed(seed)
@@ -194,15 +201,16 @@ def generate_command(
     completions = []
     new_tokens = [row for result in results for row in result.tokens]
     for text, prompt_ids, new in zip(prompts, ids, new_tokens, strict=True):
-        new = [t for t in new if t not in text_tokenizer.stop_ids]
+        if not ignore_eos:  # the end token it stopped at; with --ignore-eos every token generated counts
+            new = [t for t in new if t not in text_tokenizer.stop_ids]
         completion = decode_continuation(text_tokenizer.decode, prompt_ids, new)  # its first word's space kept
         completions.append({"prompt": text, "completion": completion, "new_tokens": len(new)})
         print(f"{text}{completion}\n")
     numbers = report(results, loaded, n_shared)
     print(f"region: {describe_region(loaded, layers)}", file=sys.stderr)
     print(
-        f"prefill: {numbers['prompt_tokens']} tokens, {numbers['prefill_tokens_per_s']:.1f} tok/s | decode: "
-        f"{numbers['decode_tokens']} tokens, {numbers['decode_tokens_per_s']:.1f} tok/s",
+        f"prefill: {numbers['prompt_tokens']} tokens, {rate_text(numbers['prefill_tokens_per_s'])} | decode: "
+        f"{numbers['decode_tokens']} tokens, {rate_text(numbers['decode_tokens_per_s'])}",
         file=sys.stderr,
     )
     print(
