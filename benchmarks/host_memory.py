@@ -36,7 +36,7 @@ MIB = 2**20
 CHILD = """
 import sys
 from epas_lightning.cli import main
-import epas_lightning.checkpoint, epas_lightning.hf.export, epas_lightning.inspect_cli  # noqa: the baseline's imports
+import epas_lightning.consolidation, epas_lightning.hf.export, epas_lightning.inspect_cli  # noqa: baseline imports
 from epas_lightning.inference.generate_cli import load_for_inference
 args = sys.argv[1:]
 if args[0] == "load":
@@ -121,7 +121,7 @@ def peaks(args: list[str], out: Path, threads: int = 1) -> tuple[int | None, int
 
 def make_folder(command: str, checkpoint: Path, output: Path) -> None:
     """``consolidate`` or ``export`` ``checkpoint`` to ``output`` in this process (what they take is not measured)."""
-    from epas_lightning.checkpoint import consolidate
+    from epas_lightning.consolidation import consolidate
     from epas_lightning.hf.export import export
 
     with warnings.catch_warnings():  # this random model's checkpoint records no tokenizer, which they say

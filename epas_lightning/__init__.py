@@ -15,9 +15,10 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from epas_lightning.analysis import RedundancyReport, analyze_model, capture_activations, linear_cka
     from epas_lightning.callbacks import ProgressiveSharing, StepLearningRateMonitor, TokenThroughputMonitor
-    from epas_lightning.checkpoint import LoadedModel, consolidate, load_model
+    from epas_lightning.checkpoint import LoadedModel, load_model
     from epas_lightning.checkpoint_io import AtomicCheckpointIO
     from epas_lightning.child_ranks import EndChildRanksOnError
+    from epas_lightning.consolidation import consolidate
     from epas_lightning.data import TokenDataModule, prepare_builtin_corpus, prepare_dataset
     from epas_lightning.divergence import DivergenceGuard
     from epas_lightning.errors import TrainingDiverged, UserError

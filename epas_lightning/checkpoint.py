@@ -1,30 +1,31 @@
-"""Training checkpoints in, models out: ``load_model`` for every consumer, and ``consolidate``.
+"""Training checkpoints in, models out: ``load_model`` for every consumer, and what a checkpoint says of its model.
 
-``load_model`` reads the forms a trained model comes in: a single-file ``.ckpt``, the directory FSDP2 training
-writes (one shard per rank, torch distributed checkpoint), and a ``consolidate`` directory (``model.safetensors`` +
-``config.json``); and a Hugging Face LLaMA folder, such as the dense model a continual run starts from. It returns the
-model with what every consumer needs to know: the trained sharing region in growth order, the tokenizer and the data
-the run trained on. Nothing is unpickled freely (see :mod:`epas_lightning.safe_load`).
-
-``python -m epas_lightning consolidate --checkpoint <ckpt> --output <dir>`` turns either training form into the
-consolidated one, built beside the target and renamed into place.
+``load_model`` reads the forms a trained model comes in (:mod:`epas_lightning.checkpoint_formats`): a single-file
+``.ckpt``, the directory FSDP2 training writes, a ``consolidate`` directory (:mod:`epas_lightning.consolidation`) and a
+Hugging Face LLaMA folder, such as the dense model a continual run starts from. It returns the model with what every
+consumer needs to know: the trained sharing region in growth order, the tokenizer and the data the run trained on;
+``describe_checkpoint`` says the same without reading the weights. Nothing is unpickled freely (see
+:mod:`epas_lightning.safe_load`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import warnings
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from epas_lightning.checkpoint_formats import (
+    AS_WRITTEN,
+    HF_SHARED_KEY,
+    SHARING_MASK,
+    checkpoint_kind,
+    read_any,
+    stored_weights,
+)
 from epas_lightning.data.tokenizer import (
     RecordedTokenizer,
     TokenizerError,
@@ -32,122 +33,21 @@ from epas_lightning.data.tokenizer import (
     load_tokenizer,
     resolve_tokenizer_path,
 )
-from epas_lightning.errors import CheckpointError, ConfigError, os_reason
-from epas_lightning.hf.convert import (
-    HFCheckpointError,
-    config_from_hf,
-    hf_named,
-    hf_tensors,
-    hf_to_ours,
-    is_hf_dir,
-    located,
-    read_hf_config,
-    read_hf_weights,
-    safetensors_meta,
-    saveable,
-)
+from epas_lightning.errors import CheckpointError, ConfigError, listed
 from epas_lightning.model import Llama, LlamaConfig
-from epas_lightning.outputs import check_output, output_folder
-from epas_lightning.provenance import (
-    TRAINING_KEY,
-    callback_states,
-    carried,
-    checked,
-    from_consolidated,
-    from_export_metadata,
-    training_record,
-)
+from epas_lightning.provenance import callback_states, training_record
 from epas_lightning.region import REGION_KEY, TrainedRegion
-from epas_lightning.runtime import DTYPES, dtype_name, dtype_overflow, emit_json, resolve_device, resolve_dtype
-from epas_lightning.safe_load import (
-    DCP_METADATA,
-    LIGHTNING_METADATA,
-    check_readable,
-    is_sharded_checkpoint,
-    load_torch_file,
-    verify_checkpoint,
-)
+from epas_lightning.runtime import DTYPES, dtype_name, dtype_overflow, resolve_device, resolve_dtype
+from epas_lightning.safe_load import LIGHTNING_METADATA
+from epas_lightning.weight_checks import check_finite, hf_misfit, past_range, state_mismatch
 
 if TYPE_CHECKING:
     from epas_lightning.data.token_data import HeldOut
 
 log = logging.getLogger(__name__)
 
-MODEL_PREFIX = "model."
-"""``EPASModule`` keeps the ``Llama`` as ``self.model``."""
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-SHARING_MASK = "sharing.mask"
-"""The one tensor a description reads (with the metadata, it gives the trained region)."""
 STORED = "stored"
 """The ``dtype`` of :func:`load_model` that keeps the floating-point dtype the checkpoint stores its weights in."""
-CHECK_ELEMENTS = 1 << 22
-"""Elements checked for NaN and inf at once (:func:`is_finite_tensor`)."""
-SHARD_READ_BYTES = 1 << 28
-"""Bytes of weights read from a sharded checkpoint at once."""
-TOKENIZER_FIELDS = {"path": str, "bos_id": int, "eos_id": int, "sha256": str, "data_dir": str}
-"""The fields of the tokenizer record a checkpoint keeps (``fit``'s, ``consolidate``'s), each of its type or null."""
-AS_WRITTEN = "pass the checkpoint as fit or consolidate wrote it"
-
-
-def read_checkpoint(
-    path: str | Path, weights: bool = True, flag: str = "--checkpoint"
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The ``Llama`` state dict (keys without ``model.``) and the Lightning metadata of a checkpoint file or dir.
-
-    A file is mapped into memory (``mmap``): its tensors are read where they are used (an optimizer's state never).
-    Without ``weights``, every tensor but the sharing mask is an empty meta tensor of its shape, and a dir's shards
-    are not opened but for the mask.
-    """
-    path = Path(path).expanduser()
-    if path.is_file():  # one weights_only load: refusing an unsafe file needs no separate check
-        checkpoint = load_torch_file(path, mmap=True, where=f"{flag} {path}")  # the weights: read where used
-        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-            raise CheckpointError(
-                "not a Lightning checkpoint (no state_dict)", f"{flag} {path}", "pass a checkpoint written by fit"
-            )
-        state = _strip_prefix(checkpoint.pop("state_dict"))
-        return (state if weights else _shapes_only(state)), checkpoint
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    from epas_lightning.safe_dcp import SafeFileSystemReader
-
-    path = verify_checkpoint(path, flag)  # exists, and its metadata reads safely
-    reader = SafeFileSystemReader(path)
-    wanted, mask = "state_dict." + MODEL_PREFIX, "state_dict." + MODEL_PREFIX + SHARING_MASK
-    state = {
-        key: torch.empty(meta.size, dtype=meta.properties.dtype, device=None if weights or key == mask else "meta")
-        for key, meta in reader.read_metadata().state_dict_metadata.items()
-        if key.startswith(wanted) and isinstance(meta, TensorStorageMetadata)
-    }
-    if not state:
-        raise CheckpointError(f"no model weights (no keys starting with {wanted!r})", path / DCP_METADATA, AS_WRITTEN)
-    read_shards({key: t for key, t in state.items() if weights or key == mask}, path)
-    metadata = load_torch_file(path / LIGHTNING_METADATA) if (path / LIGHTNING_METADATA).is_file() else {}
-    return _strip_prefix(state, wanted), metadata
-
-
-def read_shards(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Fill ``state``'s tensors (keyed as the sharded checkpoint ``path`` names them) from its shards, in-process."""
-    from epas_lightning.safe_dcp import load_shards
-
-    with warnings.catch_warnings():  # torch warns that it loads in one process even when told to (no_dist)
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        load_shards(state, path, no_dist=True)
-
-
-def _shapes_only(state: dict[str, Any]) -> dict[str, Any]:
-    """Empty meta tensors of the weights' shapes (nothing is read), the sharing mask as it is."""
-    return {
-        key: torch.empty(t.shape, dtype=t.dtype, device="meta")
-        if isinstance(t, torch.Tensor) and key != SHARING_MASK
-        else t
-        for key, t in state.items()
-    }
-
-
-def _strip_prefix(state: dict[str, torch.Tensor], prefix: str = MODEL_PREFIX) -> dict[str, torch.Tensor]:
-    return {key[len(prefix) :]: t for key, t in state.items() if key.startswith(prefix)}
 
 
 def _model_config(metadata: dict[str, Any], path: Path, where: object) -> LlamaConfig:
@@ -357,209 +257,6 @@ class LoadedModel(CheckpointInfo):
         return sorted(self.region.layers)
 
 
-def _read_consolidated(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The shapes (as :func:`read_checkpoint` without weights: from the safetensors header, and the mask) and a
-    checkpoint-like metadata dict of a ``consolidate`` directory."""
-    try:
-        record = json.loads((path / CONFIG_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"unreadable {CONFIG_FILE} ({e})", path / CONFIG_FILE, "consolidate again") from e
-    if not isinstance(record, dict) or "model" not in record:
-        raise CheckpointError(
-            f"{CONFIG_FILE} was not written by consolidate (no 'model' entry)", path / CONFIG_FILE, AS_WRITTEN
-        )
-    check_readable(path / WEIGHTS_FILE)
-    try:
-        with safe_open(path / WEIGHTS_FILE, "pt") as f:  # its header (names, shapes), then the mask
-            state = {
-                key: f.get_tensor(key) if key == SHARING_MASK else safetensors_meta(f, key)
-                for key in f.keys()  # noqa: SIM118 - a safe_open handle is no dict
-            }
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"corrupt or truncated weights ({e})", path / WEIGHTS_FILE, "consolidate again") from e
-    tokenizer = checked_tokenizer(record.get("tokenizer"), path / CONFIG_FILE)
-    if tokenizer.get("path"):
-        tokenizer["path"] = str(path / Path(tokenizer["path"]).name)
-    sharing = record["sharing"] if isinstance(record.get("sharing"), dict) else {}  # else: the region of the mask
-    metadata = {
-        "model_config": record["model"],
-        "tokenizer": tokenizer,
-        "global_step": record.get("global_step"),
-        "data_dir": tokenizer.get("data_dir"),
-    }
-    if "region" in sharing:
-        metadata[REGION_KEY] = sharing["region"]
-    if (training := from_consolidated(record)) is not None:
-        metadata[TRAINING_KEY] = training
-    return state, metadata
-
-
-def _read_hf(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A Hugging Face LLaMA folder as checkpoint-like shapes and metadata: dense, or the trained region an ``export``
-    recorded; its ``tokenizer.json`` / ``tokenizer.model`` and BOS/EOS ids when it has them; no data."""
-    from epas_lightning.data.tokenizer import tokenizer_in
-
-    hf = read_hf_config(path)
-    with located(f"{flag} {path}", path):
-        config = config_from_hf(hf)
-        state = hf_to_ours(read_hf_weights(path, weights=False), config)
-    region = hf_trained_region(hf, config.n_layer, path / CONFIG_FILE)
-    state[SHARING_MASK] = torch.tensor([i in region.layers for i in range(config.n_layer)])
-    tokenizer = tokenizer_in(path)
-    metadata = {
-        "model_config": config.to_dict(),
-        "tokenizer": {"path": str(tokenizer) if tokenizer else None, **_special_ids(hf)},
-        REGION_KEY: region.to_record(),
-        HF_SHARED_KEY: hf.get("epas_shared_layers") or [],  # as written: only inspect shows it
-    }
-    if (training := export_record(path)) is not None:
-        metadata[TRAINING_KEY] = training
-    return _shapes_only(state), metadata
-
-
-HF_SHARED_KEY = "hf_shared_layers"
-"""Metadata of a Hugging Face folder: the layers transformers loads it with sharing (its config's
-``epas_shared_layers``, as written; none in a stock LLaMA config)."""
-
-
-def hf_trained_region(hf: dict[str, Any], n_layer: int, where: Path) -> TrainedRegion:
-    """The trained region an ``export`` recorded in the HF config ``hf`` (dense where none)."""
-    record = {"layers": hf.get("epas_trained_region") or [], "order": hf.get("epas_growth_order", "deep_first")}
-    try:
-        return TrainedRegion.from_record(record, n_layer)
-    except ConfigError as e:  # a hand-edited config.json
-        raise CheckpointError(
-            f"its recorded sharing region is invalid ({e.what.rstrip('.')})", where, AS_WRITTEN
-        ) from e
-
-
-def export_record(path: Path) -> dict[str, Any] | None:
-    """The provenance ``export`` wrote into the metadata of ``path``'s ``model.safetensors`` (its header alone is
-    read); ``None`` for a folder without one (another tool's, or an older export's)."""
-    try:
-        with safe_open(path / WEIGHTS_FILE, "pt") as f:
-            return from_export_metadata(f.metadata())
-    except (SafetensorError, OSError):  # sharded or .bin weights; a corrupt file is refused where its weights are read
-        return None
-
-
-def _special_ids(hf: dict[str, Any]) -> dict[str, int | None]:
-    """``bos_id`` and ``eos_id`` from an HF config (the first of a list, as Llama 3 lists its end tokens)."""
-    ids = {}
-    for ours, theirs in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id")):
-        value = hf.get(theirs)
-        value = value[0] if isinstance(value, list) and value else value
-        ids[ours] = value if isinstance(value, int) else None
-    return ids
-
-
-def checkpoint_kind(path: Path, flag: str = "--checkpoint") -> str | None:
-    """Which form of checkpoint ``path`` would be read as: ``ckpt`` (a file), ``sharded`` (an FSDP2 folder),
-    ``consolidated`` or ``hf``; ``None`` for anything else (a run folder, say). Nothing is read but ``config.json``.
-    A folder this user may not read is a :class:`CheckpointError`."""
-    try:
-        return _checkpoint_kind(path)
-    except OSError as e:
-        raise CheckpointError(
-            f"cannot read the folder: {os_reason(e)} ({e.filename})",
-            f"{flag} {path}",
-            "make it readable for this user",
-        ) from e
-
-
-def _checkpoint_kind(path: Path) -> str | None:
-    if path.is_file():
-        return "ckpt"
-    if path.is_dir() and is_hf_dir(path):
-        return "hf"
-    if path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
-        return "consolidated"
-    return "sharded" if is_sharded_checkpoint(path) else None
-
-
-def _read_any(path: Path, flag: str = "--checkpoint") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The shapes (:func:`read_checkpoint` without weights) and metadata of a ``.ckpt`` file, an FSDP2 directory, a
-    consolidated or an HF LLaMA directory; of the tensors, only the sharing mask is read."""
-    if not path.exists():
-        raise CheckpointError("checkpoint does not exist", f"{flag} {path}", "check the path")
-    kind = checkpoint_kind(path, flag)
-    if kind == "hf":
-        return _read_hf(path, flag)
-    if kind == "consolidated":
-        return _read_consolidated(path)
-    if kind == "ckpt":
-        check_not_a_part(path, flag)
-    if kind is not None:
-        state, metadata = read_checkpoint(path, weights=False, flag=flag)
-        metadata["tokenizer"] = checked_tokenizer(metadata.get("tokenizer"), f"{flag} {path}")
-        return state, metadata
-    if (inside := checkpoints_inside(path)) is None:
-        check_complete(path, flag)
-    raise CheckpointError(
-        "not a checkpoint",
-        f"{flag} {path}",
-        inside
-        or "pass a .ckpt file, an FSDP2 checkpoint directory, a consolidated directory or a Hugging Face LLaMA folder",
-    )
-
-
-FOLDER_KINDS = {"sharded": "an FSDP2 checkpoint", "consolidated": "a consolidated", "hf": "a Hugging Face model"}
-
-
-def check_not_a_part(file: Path, flag: str = "--checkpoint") -> None:
-    """Refuse a file of a checkpoint folder (its ``model.safetensors``, ``config.json``, a ``.distcp`` shard) given for
-    the folder: it would be read as a training checkpoint, and called corrupt. A ``.ckpt`` file is read wherever it
-    lies."""
-    if file.suffix != ".ckpt" and (kind := checkpoint_kind(file.parent, flag)) in FOLDER_KINDS:
-        raise CheckpointError(
-            f"a file of {FOLDER_KINDS[kind]} folder, not a checkpoint itself",
-            f"{flag} {file}",
-            f"pass the folder: {flag} {file.parent}",
-        )
-
-
-def check_complete(folder: Path, flag: str = "--checkpoint") -> None:
-    """Refuse a folder that holds part of a checkpoint (copied without one of its files), saying which is missing:
-    it would read as no checkpoint at all."""
-    missing = None
-    if any(folder.glob("*.distcp")) and not (folder / DCP_METADATA).is_file():
-        missing = f"FSDP2 shards without their {DCP_METADATA} (a hidden file, which `cp folder/*` leaves out)"
-    elif (folder / WEIGHTS_FILE).is_file() and not (folder / CONFIG_FILE).is_file():
-        missing = f"{WEIGHTS_FILE} without the {CONFIG_FILE} beside it"
-    if missing is not None:
-        raise CheckpointError(f"an incomplete checkpoint: {missing}", f"{flag} {folder}", "copy the whole folder again")
-
-
-def checked_tokenizer(record: Any, where: object) -> dict[str, Any]:
-    """The tokenizer record of a checkpoint (``{}`` where there is none), refused where it is not as ``fit`` and
-    ``consolidate`` write it (a hand-edited ``config.json``): no mapping, or a field of another type."""
-    if record is None:
-        return {}
-    if not isinstance(record, dict):
-        raise CheckpointError(f"its tokenizer record is invalid ({record!r})", where, AS_WRITTEN)
-    for key, kind in TOKENIZER_FIELDS.items():
-        if not isinstance(record.get(key), kind | None):
-            raise CheckpointError(f"its tokenizer record is invalid ({key}: {record[key]!r})", where, AS_WRITTEN)
-    return dict(record)
-
-
-def checkpoints_inside(folder: Path) -> str | None:
-    """The fix for fit's run folder or its ``checkpoints/`` folder: the checkpoints it holds, ``last.ckpt`` first; for
-    a folder of runs (the logger's ``runs/<name>``, ``runs/``), its newest ``last.ckpt`` and how to list all."""
-    found = sorted(folder.glob("*.ckpt")) or sorted(folder.glob("checkpoints/*.ckpt"))
-    found.sort(key=lambda ckpt: ckpt.name != "last.ckpt")
-    if found:
-        return f"pass one of the checkpoints it holds: {listed([str(ckpt) for ckpt in found])}"
-    runs = [*folder.glob("version_*/checkpoints/last.ckpt"), *folder.glob("*/version_*/checkpoints/last.ckpt")]
-    if not runs:
-        return None
-    newest = max(runs, key=lambda ckpt: ckpt.stat().st_mtime)
-    return (
-        f"pass a checkpoint under it, e.g. the newest last.ckpt {newest} "
-        f"(`python -m epas_lightning inspect --checkpoint {folder}` lists them all)"
-    )
-
-
 def _fitted_model(
     config: LlamaConfig,
     state: dict[str, torch.Tensor],
@@ -619,133 +316,6 @@ def _load_weights(
         )
 
 
-def stored_weights(
-    path: Path, shapes: dict[str, torch.Tensor], config: LlamaConfig, flag: str = "--checkpoint"
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """The ``Llama`` weights stored at ``path`` (a checkpoint :func:`_read_any` read the ``shapes`` of), by our names:
-    a ``.ckpt`` mapped into memory (``weights_only``), safetensors one tensor at a time, a sharded folder in batches
-    of about :data:`SHARD_READ_BYTES`; a Hugging Face folder's, one file at a time."""
-    kind = checkpoint_kind(path, flag)
-    if kind == "ckpt":
-        loaded = load_torch_file(path, mmap=True, where=f"{flag} {path}")["state_dict"]
-        yield from _strip_prefix(loaded).items()
-    elif kind == "sharded":
-        yield from shard_tensors(path, shapes)
-    elif kind == "consolidated":
-        try:
-            with safe_open(path / WEIGHTS_FILE, "pt") as f:
-                yield from ((key, f.get_tensor(key)) for key in f.keys())  # noqa: SIM118 - no dict
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(
-                f"corrupt or truncated weights ({e})", path / WEIGHTS_FILE, "consolidate again"
-            ) from e
-    else:
-        with located(f"{flag} {path}", path):
-            yield from hf_tensors(path, config)
-
-
-def shard_tensors(path: Path, shapes: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """The weights of the sharded checkpoint ``path`` (``shapes``: meta tensors by our names), read about
-    :data:`SHARD_READ_BYTES` at a time."""
-    prefix = "state_dict." + MODEL_PREFIX
-    metas = {prefix + key: meta for key, meta in shapes.items() if key != SHARING_MASK}
-    yield from ((name[len(prefix) :], t) for name, t in stored_shards(path, metas))
-
-
-def stored_shards(path: Path, metas: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of the sharded checkpoint ``path`` that ``metas`` (meta tensors, keyed as the checkpoint names them)
-    describe, read about :data:`SHARD_READ_BYTES` at a time."""
-    batches, batch, size = [], {}, 0
-    for key, meta in metas.items():
-        batch[key], size = meta, size + meta.numel() * meta.element_size()
-        if size >= SHARD_READ_BYTES:
-            batches.append(batch)
-            batch, size = {}, 0
-    for group in filter(None, [*batches, batch]):
-        read = {key: torch.empty(meta.shape, dtype=meta.dtype) for key, meta in group.items()}
-        read_shards(read, path)
-        yield from ((key, read.pop(key)) for key in list(read))
-
-
-def check_finite(state: Mapping[str, torch.Tensor], where: object) -> None:
-    """Refuse weights holding NaN or inf (meta tensors are not checked): nothing should run, export or train them."""
-    refuse_not_finite(not_finite(state), where)
-
-
-def not_finite(state: Mapping[str, torch.Tensor]) -> list[str]:
-    """The floating-point tensors of ``state`` holding NaN or inf (meta tensors are not checked)."""
-    return [
-        key for key, t in state.items() if t.is_floating_point() and t.device.type != "meta" and not is_finite_tensor(t)
-    ]
-
-
-NOT_FINITE_FIX = (
-    "use another checkpoint, e.g. an earlier one of the run (fit's divergence guard never writes such weights)"
-)
-
-
-def refuse_not_finite(bad: list[str], where: object) -> None:
-    """Refuse the weights named ``bad`` (:func:`not_finite`), if any."""
-    if bad:
-        raise CheckpointError(f"the weights hold NaN or inf ({listed(bad)})", where, NOT_FINITE_FIX)
-
-
-def is_finite_tensor(t: torch.Tensor) -> bool:
-    """Whether the floating-point tensor ``t`` holds no NaN or inf, checked :data:`CHECK_ELEMENTS` at a time: the
-    check's temporaries (``isfinite`` takes the absolute value, then compares) stay small beside a large tensor."""
-    chunks = t.reshape(-1).split(CHECK_ELEMENTS)
-    return bool(torch.stack([torch.isfinite(chunk).all() for chunk in chunks]).all()) if chunks else True
-
-
-def past_range(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> list[str]:
-    """The tensors of ``state`` that a cast to ``dtype`` would turn into inf, each with its largest magnitude. Tensors
-    of a dtype no wider than ``dtype`` are skipped; the others are reduced once each, without a copy."""
-    over = []
-    for key, t in state.items():
-        if not t.is_floating_point() or t.device.type == "meta" or torch.finfo(t.dtype).max <= torch.finfo(dtype).max:
-            continue
-        low, high = torch.aminmax(t)
-        peak = torch.maximum(-low, high)
-        if bool(torch.isinf(peak.to(dtype))):  # the largest magnitude rounds past the range, as the cast would round
-            over.append(f"{key} max |value| {float(peak):.3g}")
-    return over
-
-
-def state_mismatch(
-    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], shown: int = 3, by: str = "the model has"
-) -> str:
-    """What keeps ``given`` from loading into a model whose state is ``expected`` ("" when it fits): each kind of
-    problem with its count and first few names, so that a large model's 300 missing keys stay one readable line.
-    ``by`` says whose the expected shapes are."""
-    missing = [key for key in expected if key not in given]
-    unexpected = [key for key in given if key not in expected]
-    reshaped = [
-        f"{key} {list(given[key].shape)} where {by} {list(expected[key].shape)}"
-        for key in expected
-        if key in given and given[key].shape != expected[key].shape
-    ]
-    kinds = (("missing", missing), ("unexpected", unexpected), ("other shape", reshaped))
-    return "; ".join(f"{kind}: {listed(names, shown)}" for kind, names in kinds if names)
-
-
-def hf_misfit(
-    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], where: object
-) -> HFCheckpointError:
-    """The error for an HF folder whose weights (``given``, by our names) are not those of the model its config.json
-    describes (``expected``): each tensor named as the folder names it."""
-    mismatch = state_mismatch(hf_named(expected), hf_named(given), by="config.json makes")
-    return HFCheckpointError(
-        f"its config.json and weights disagree ({mismatch})",
-        where,
-        "make config.json describe the weights beside it (or copy the model folder again: both files from one model)",
-    )
-
-
-def listed(names: list[str], shown: int = 3) -> str:
-    """The first ``shown`` names, and how many there are in all when more."""
-    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
-
-
 def _info(metadata: dict[str, Any], model: Llama, where: object = None) -> CheckpointInfo:
     from epas_lightning.data.token_data import HeldOut
 
@@ -801,7 +371,7 @@ def exported_length(shared: Any, region: TrainedRegion) -> int | None:
 def load_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None, flag: str = "path"
 ) -> LoadedModel:
-    """Load a model from a ``.ckpt`` file, an FSDP2 checkpoint directory, a :func:`consolidate` directory or an HF
+    """Load a model from a ``.ckpt`` file, an FSDP2 checkpoint directory, a ``consolidate`` directory or an HF
     LLaMA folder (dense, or with the region an ``export`` recorded), on ``device`` (``auto``, ``cpu``, ``cuda``,
     ``cuda:N``: one this machine lacks is a :class:`~epas_lightning.errors.ConfigError`), its floating-point weights in
     ``dtype`` if given (a torch dtype or its name: ``auto``, ``float32``, ``bfloat16``, ``float16``; weights past its
@@ -815,7 +385,7 @@ def load_model(
     device = resolve_device(device, "device")  # a device this machine lacks: one line, before anything is read
     dtype = _requested_dtype(dtype, device)
     path = checkpoint_path(path, flag)
-    shapes, metadata = _read_any(path, flag)  # names, shapes, dtypes and the mask: no weight
+    shapes, metadata = read_any(path, flag)  # names, shapes, dtypes and the mask: no weight
     stored = next((t.dtype for t in shapes.values() if t.is_floating_point()), torch.float32)
     dtype = stored if dtype == STORED else dtype
     where = f"{flag} {path}"
@@ -870,7 +440,7 @@ def read_description(
     """:func:`describe_checkpoint`, with what it read: the state (empty meta tensors of the weights' shapes and
     dtypes, and the sharing mask) and the checkpoint's metadata (its step, epoch and callbacks' state, where kept)."""
     path = checkpoint_path(path, flag)
-    state, metadata = _read_any(path, flag)
+    state, metadata = read_any(path, flag)
     where = f"{flag} {path}"
     model = _fitted_model(_model_config(metadata, path, where), state, path, torch.device("meta"), None, where)
     return _info(metadata, model, where), state, metadata
@@ -879,11 +449,11 @@ def read_description(
 def recorded_config(path: str | Path, flag: str = "--checkpoint") -> LlamaConfig:
     """The model config a checkpoint records, read without loading its weights (checked to load safely)."""
     path = checkpoint_path(path, flag)
-    return _model_config(_read_any(path, flag)[1], path, f"{flag} {path}")
+    return _model_config(read_any(path, flag)[1], path, f"{flag} {path}")
 
 
 def load_consolidated(path: str | Path, device: str | torch.device = "cpu") -> Llama:
-    """The ``Llama`` saved by :func:`consolidate`, with its trained sharing region switched on."""
+    """The ``Llama`` saved by ``consolidate``, with its trained sharing region switched on."""
     return load_model(path, device).model
 
 
@@ -903,90 +473,3 @@ def _data_dir_of(tokenizer_path: Path) -> str | None:
     from epas_lightning.data.layout import missing_entries
 
     return None if missing_entries(tokenizer_path.parent) else str(tokenizer_path.parent)
-
-
-def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = False) -> Path:
-    """Write ``output/model.safetensors`` and ``output/config.json`` from a training checkpoint; return ``output``.
-
-    The weights keep the dtype the checkpoint stores them in; ``config.json`` records their provenance
-    (:mod:`epas_lightning.provenance`). The tokenizer the run trained with (recorded in the
-    checkpoint) is copied beside them when it still exists, is the file it trained with (its recorded hash) and
-    parses as a tokenizer; only the tokenizer file itself is copied, under its standard name, with the chat template
-    and the end tokens found beside it, and its hash is recorded. Otherwise a warning says so, and the recorded hash is
-    kept (a ``--tokenizer`` given for the folder is compared with it).
-    """
-    from epas_lightning.data.tokenizer import copy_tokenizer
-
-    checkpoint = Path(checkpoint).expanduser()
-    check_output(output, "consolidated", overwrite, [checkpoint])
-    loaded = load_model(checkpoint, dtype=STORED, flag="--checkpoint")  # no wider copy of the weights
-    state = loaded.model.state_dict()
-    training = carried(loaded.training, checkpoint)
-    record: dict[str, Any] = {
-        "model": loaded.model.config.to_dict(),
-        "sharing": {
-            "shared_layers": loaded.trained_shared_layers,
-            "mode": loaded.model.config.sharing_mode,
-            "region": loaded.region.to_record(),
-        },
-        "global_step": training.pop("global_step"),
-        TRAINING_KEY: training,  # epoch, tokens, val_loss, source
-    }
-    with output_folder(output, "consolidated", overwrite, inputs=[checkpoint]) as build:
-        save_file(saveable(state), build / WEIGHTS_FILE)
-        if loaded.tokenizer_path is None:
-            log.warning(f"{loaded.no_tokenizer().capitalize()}: consolidated weights and config only")
-            if sha256 := loaded.tokenizer_sha256:  # what a --tokenizer given for the folder is compared with
-                record["tokenizer"] = {"sha256": sha256, "bos_id": loaded.bos_id, "eos_id": loaded.eos_id}
-        else:
-            try:
-                tokenizer = load_tokenizer(loaded.tokenizer_path, bos_id=loaded.bos_id, eos_id=loaded.eos_id)
-            except (TokenizerError, OSError):
-                tokenizer = None  # not a tokenizer after all: copy nothing
-                log.warning(
-                    f"The tokenizer the checkpoint names ({loaded.tokenizer_path}) is not a tokenizer: consolidated "
-                    "weights and config only"
-                )
-            if tokenizer is not None:
-                name = copy_tokenizer(tokenizer, build)
-                record["tokenizer"] = {
-                    "path": name,
-                    "bos_id": tokenizer.bos_id,  # the checkpoint's, when it recorded them
-                    "eos_id": tokenizer.eos_id,
-                    "data_dir": str(loaded.data_dir) if loaded.data_dir else None,
-                    "sha256": tokenizer.sha256,  # the copy's: a folder whose tokenizer is replaced is refused too
-                }
-        (build / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return Path(output).expanduser().absolute()
-
-
-def consolidated_summary(folder: Path) -> dict[str, Any]:
-    """What a consolidated folder holds, for ``--json``: its files, trained region, step, tokenizer file and where the
-    weights came from (:mod:`~epas_lightning.provenance`)."""
-    record = json.loads((folder / CONFIG_FILE).read_text())
-    return {
-        "output": str(folder),
-        "weights": str(folder / WEIGHTS_FILE),
-        "trained_region": record["sharing"]["region"],
-        "global_step": record["global_step"],
-        "tokenizer": (record.get("tokenizer") or {}).get("path"),
-        "training": checked(from_consolidated(record)),  # the folder was just written: it has the record
-    }
-
-
-def consolidate_command(checkpoint: Path, output: Path, overwrite: bool = False, json: bool = False) -> None:
-    """Turn a training checkpoint (.ckpt file or FSDP2 folder) into model.safetensors + config.json.
-
-    The folder is built beside the target and renamed into place when complete; it records the model config, the
-    trained sharing region in growth order, the tokenizer (copied when it still exists) and where the weights came
-    from: the step, epoch, tokens trained and latest validation loss of the training checkpoint, and its name.
-
-    Args:
-        checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
-        output: The folder to write.
-        overwrite: Replace --output if it is a consolidated folder written by this command.
-        json: End with one JSON line of what was written.
-    """
-    out = consolidate(checkpoint, output, overwrite)
-    print(f"wrote {out / WEIGHTS_FILE} and {out / CONFIG_FILE}")
-    emit_json(consolidated_summary(out), json)

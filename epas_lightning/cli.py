@@ -52,7 +52,7 @@ PROG = "python -m epas_lightning"
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 TOOLS: dict[str, str] = {
     "prepare": "epas_lightning.data.prepare:prepare_command",
-    "consolidate": "epas_lightning.checkpoint:consolidate_command",
+    "consolidate": "epas_lightning.consolidation:consolidate_command",
     "inspect": "epas_lightning.inspect_cli:inspect_command",
     "generate": "epas_lightning.inference.generate_cli:generate_command",
     "chat": "epas_lightning.inference.chat_cli:chat_command",

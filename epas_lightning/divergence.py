@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.distributed.tensor import DTensor
 
-from epas_lightning.errors import CheckpointError, ConfigError, TrainingDiverged, UserError
+from epas_lightning.errors import CheckpointError, ConfigError, TrainingDiverged, UserError, listed
 from epas_lightning.loss_scaling import loss_scaler, unscale_fused_gradients
 from epas_lightning.optim import state_entry, state_tensors
 from epas_lightning.safe_load import is_weights_only
@@ -212,7 +212,7 @@ def checkpoint_before(
 def saved_step(path: Path) -> tuple[int | None, bool]:
     """The optimizer step the checkpoint ``path`` holds (``None`` when it does not load or say), and whether it holds
     the training state to resume: Lightning writes no callback states into a weights-only one."""
-    from epas_lightning.checkpoint import read_checkpoint
+    from epas_lightning.checkpoint_formats import read_checkpoint
 
     try:
         metadata = read_checkpoint(path, weights=False, flag="checkpoint")[1]
@@ -241,7 +241,7 @@ def check_resumed_finite(trainer: Trainer, model: torch.nn.Module) -> None:
     weights, state = non_finite_restored(model, trainer.optimizers)
     if not trainer.strategy.reduce_boolean_decision(bool(weights or state), all=False):
         return
-    from epas_lightning.checkpoint import NOT_FINITE_FIX, listed
+    from epas_lightning.weight_checks import NOT_FINITE_FIX
 
     path = trainer.ckpt_path
     weights, state = every_ranks(weights), every_ranks(state)  # a sharded checkpoint's are on some ranks only

@@ -126,6 +126,11 @@ def did_you_mean(given: str, known: Iterable[str], aliases: Mapping[str, str] | 
     return f" (did you mean {meant[0]}?)" if meant else ""
 
 
+def listed(names: list[str], shown: int = 3) -> str:
+    """The first ``shown`` names, and how many there are in all when more."""
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
+
+
 def os_reason(error: OSError) -> str:
     """Why an ``OSError`` happened, as a line quotes it: ``permission denied``."""
     return (error.strerror or str(error)).lower()

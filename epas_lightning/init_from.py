@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from epas_lightning.errors import CheckpointError, ConfigError
+from epas_lightning.errors import CheckpointError, ConfigError, listed
 from epas_lightning.hf.convert import (
     COMPARED_FIELDS,
     HFCheckpointError,
@@ -186,7 +186,8 @@ def source_shapes(path: Path, config: LlamaConfig, stage: str = "fit") -> dict[s
     """Empty meta tensors of the weights stored at ``path`` by our names (no :data:`NOT_LOADED`), after every check
     that needs no weight read: the source's own consistency and its architecture against ``config``. Warns when the
     source trained sharing (:func:`_say_it_starts_dense`; ``stage``: the Lightning command that reads it)."""
-    from epas_lightning.checkpoint import hf_trained_region, read_description  # .ckpt, FSDP2 or consolidated dir
+    from epas_lightning.checkpoint import read_description  # .ckpt, FSDP2 or consolidated dir
+    from epas_lightning.checkpoint_formats import hf_trained_region
 
     if is_hf_dir(path):
         hf = read_hf_config(path)
@@ -213,7 +214,8 @@ def init_batches(
     tensor (or a shard batch) at a time, each tensor in ``dtype`` if given (else as stored) and each batch checked
     for NaN and inf. With tied embeddings, ``lm_head.weight`` is the embedding's tensor. A weight the ``shapes`` name
     but the read did not give (the files changed since) is refused before the last batch."""
-    from epas_lightning.checkpoint import listed, not_finite, refuse_not_finite, stored_weights
+    from epas_lightning.checkpoint_formats import stored_weights
+    from epas_lightning.weight_checks import not_finite, refuse_not_finite
 
     where = f"model.init_from {path}"
     unread, batch, bad, size = set(shapes), {}, [], 0
@@ -331,7 +333,8 @@ def _sendable(error: Exception) -> Exception:
 def _checked_batches(model: nn.Module, path: str | Path, stage: str = "fit") -> Iterator[dict[str, torch.Tensor]]:
     """The batches of :func:`init_batches` for ``model``, after checking that the source at ``path`` fits it; every
     check runs in the first ``next``."""
-    from epas_lightning.checkpoint import AS_WRITTEN, hf_misfit, state_mismatch
+    from epas_lightning.checkpoint_formats import AS_WRITTEN
+    from epas_lightning.weight_checks import hf_misfit, state_mismatch
 
     path = _existing(path)
     shapes = source_shapes(path, model.config, stage)

@@ -20,26 +20,24 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from epas_lightning.checkpoint import (
+from epas_lightning.checkpoint import CheckpointInfo, read_description
+from epas_lightning.checkpoint_formats import (
     HF_SHARED_KEY,
     MODEL_PREFIX,
     WEIGHTS_FILE,
-    CheckpointInfo,
     check_complete,
     checkpoint_kind,
-    is_finite_tensor,
-    listed,
-    read_description,
     shard_tensors,
     stored_shards,
 )
-from epas_lightning.errors import CheckpointError, UserError, os_reason
+from epas_lightning.errors import CheckpointError, UserError, listed, os_reason
 from epas_lightning.hf.convert import hf_weight_files
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.optim import grouped_parameter_names, state_entry, state_tensors
 from epas_lightning.region import TrainedRegion, choices, sharing_layers_text
 from epas_lightning.runtime import dtype_name, emit_json, folder_bytes, size_text
 from epas_lightning.safe_load import load_torch_file
+from epas_lightning.weight_checks import is_finite_tensor
 
 KINDS = {
     "ckpt": "training checkpoint (.ckpt file)",

@@ -15,7 +15,7 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
-from epas_lightning.checkpoint import read_checkpoint
+from epas_lightning.checkpoint_formats import read_checkpoint
 from epas_lightning.errors import CheckpointError, OutputError, UserError
 from epas_lightning.run_summary import say
 from epas_lightning.strategy import REPLACED, recover_replaced

@@ -156,7 +156,7 @@ def verify_checkpoint(path: str | Path, flag: str = "--ckpt_path", scoring: bool
             f"start a new run from its weights with --model.init_from {path}",
         )
     if not is_sharded_checkpoint(path):
-        from epas_lightning.checkpoint import checkpoints_inside  # a run folder: name the checkpoints in it
+        from epas_lightning.checkpoint_formats import checkpoints_inside  # a run folder: name the checkpoints in it
 
         raise CheckpointError(
             "not a checkpoint: a directory without distributed-checkpoint metadata",

@@ -17,8 +17,9 @@ from lightning.pytorch import Callback
 from model_dirs import save_consolidated
 
 from epas_lightning import EPASModule, Llama, LlamaConfig
-from epas_lightning.checkpoint import STORED, consolidate, describe_checkpoint, load_model
+from epas_lightning.checkpoint import STORED, describe_checkpoint, load_model
 from epas_lightning.cli import main
+from epas_lightning.consolidation import consolidate
 from epas_lightning.errors import CheckpointError
 from epas_lightning.hf.convert import HFCheckpointError, config_from_hf, load_hf_state, resize_rows
 from epas_lightning.init_from import resumed_instead
@@ -933,7 +934,7 @@ def test_export_and_consolidate_keep_the_dtype_the_checkpoint_trained_in(tmp_pat
     """A bf16-true run's checkpoint holds bf16 weights: --dtype auto keeps them, nothing doubles in size."""
     from safetensors import safe_open
 
-    from epas_lightning.checkpoint import consolidate
+    from epas_lightning.consolidation import consolidate
     from epas_lightning.hf.export import export
 
     model = save_ours(tmp_path / "fp32", shared=1)
@@ -955,7 +956,7 @@ def test_export_and_consolidate_keep_the_dtype_the_checkpoint_trained_in(tmp_pat
 def test_a_chat_template_beside_the_tokenizer_reaches_the_export(tmp_path: Path, tiny_corpus: Path) -> None:
     """A chat model's template (in its tokenizer_config.json, or chat_template.jinja and additional_chat_templates/)
     was dropped: consolidate copied only the tokenizer file, and export wrote a tokenizer_config.json without it."""
-    from epas_lightning.checkpoint import consolidate
+    from epas_lightning.consolidation import consolidate
     from epas_lightning.hf.export import export
 
     chat, template = tmp_path / "chat", "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"

@@ -12,9 +12,10 @@ from torch.distributed.checkpoint import save as dcp_save
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from epas_lightning import Llama, LlamaConfig, init_from
+from epas_lightning import Llama, LlamaConfig, checkpoint_formats, init_from, weight_checks
 from epas_lightning import checkpoint as checkpoint_module
-from epas_lightning.checkpoint import consolidate, load_model
+from epas_lightning.checkpoint import load_model
+from epas_lightning.consolidation import consolidate
 from epas_lightning.errors import CheckpointError
 from epas_lightning.hf import convert
 from epas_lightning.hf.export import export
@@ -91,21 +92,21 @@ def test_load_model_reads_the_weights_a_tensor_or_a_batch_at_a_time(tmp_path, mo
     loads, batches = [], []
     torch_load = torch.load
     monkeypatch.setattr(torch, "load", lambda f, **k: loads.append((f, k)) or torch_load(f, **k))
-    for module in (checkpoint_module, convert):
+    for module in (checkpoint_formats, convert):
 
         def whole(*args, **kwargs):
             raise AssertionError("a whole safetensors file was read")
 
         monkeypatch.setattr(module, "load_file", whole, raising=False)
-    read_shards = checkpoint_module.read_shards
+    read_shards = checkpoint_formats.read_shards
     largest = max(t.numel() * t.element_size() for t in fp32.values())
-    monkeypatch.setattr(checkpoint_module, "SHARD_READ_BYTES", largest // 4, raising=False)
+    monkeypatch.setattr(checkpoint_formats, "SHARD_READ_BYTES", largest // 4, raising=False)
 
     def batch(state, path):
         batches.append(sum(t.numel() * t.element_size() for t in state.values()))
         read_shards(state, path)
 
-    monkeypatch.setattr(checkpoint_module, "read_shards", batch)
+    monkeypatch.setattr(checkpoint_formats, "read_shards", batch)
     for path in forms:
         loaded = load_model(path, dtype="float32").model.state_dict()
         expected = {k: v for k, v in fp32.items() if k != "sharing.mask" or path.name != "hf"}  # a dense export
@@ -121,7 +122,7 @@ def test_the_check_for_nan_and_inf_reads_a_slice_of_a_weight_at_a_time(tmp_path,
     then comparisons) took two to three times the largest weight's bytes beside the model. Now CHECK_ELEMENTS at a
     time; a NaN in the last slice is still found."""
     model = tied_model()
-    monkeypatch.setattr(checkpoint_module, "CHECK_ELEMENTS", 1000, raising=False)
+    monkeypatch.setattr(weight_checks, "CHECK_ELEMENTS", 1000, raising=False)
     seen, isfinite = [], torch.isfinite
     monkeypatch.setattr(torch, "isfinite", lambda t: seen.append(t.numel()) or isfinite(t))
     load_model(save_ckpt(model, tmp_path / "ok.ckpt"))
@@ -134,12 +135,13 @@ def test_the_check_for_nan_and_inf_reads_a_slice_of_a_weight_at_a_time(tmp_path,
 
 def reading_without_the_norm(monkeypatch) -> None:
     """The weight reader gives every weight but ``norm.weight`` (as if the file changed after its header was read)."""
-    stored_weights = checkpoint_module.stored_weights
+    stored_weights = checkpoint_formats.stored_weights
 
     def without_norm(*args):
         return ((key, t) for key, t in stored_weights(*args) if key != "norm.weight")
 
-    monkeypatch.setattr(checkpoint_module, "stored_weights", without_norm)
+    for module in (checkpoint_module, checkpoint_formats):  # where load_model and init_from look it up
+        monkeypatch.setattr(module, "stored_weights", without_norm)
 
 
 def test_a_weight_that_is_named_but_not_read_is_refused_not_left_uninitialised(tmp_path, monkeypatch):

@@ -14,8 +14,9 @@ from helpers import cpu_trainer, train_tiny_checkpoint, train_tiny_sentencepiece
 from model_dirs import save_scripted
 
 from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule
-from epas_lightning.checkpoint import consolidate, load_model
+from epas_lightning.checkpoint import load_model
 from epas_lightning.cli import main as cli_main
+from epas_lightning.consolidation import consolidate
 from epas_lightning.inference import generate, set_region
 from epas_lightning.inference.bench import flops_ratio, region_for_budget
 

@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import save as dcp_save
 
 from epas_lightning import Llama, LlamaConfig
-from epas_lightning.checkpoint import consolidate
 from epas_lightning.cli import main
+from epas_lightning.consolidation import consolidate
 from epas_lightning.data.tokenizer import file_sha256
 from epas_lightning.hf.export import export
 

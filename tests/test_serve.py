@@ -985,7 +985,7 @@ def test_serve_checks_the_checkpoint_without_reading_its_weights(checkpoint, tmp
     worker loads them. Of the tensors, only the sharing mask is read (an HF folder has none: headers only)."""
     pytest.importorskip("litserve")
     from epas_lightning import checkpoint as checkpoint_module
-    from epas_lightning import safe_dcp
+    from epas_lightning import checkpoint_formats, safe_dcp
     from epas_lightning.hf import convert
     from epas_lightning.hf.export import export
     from epas_lightning.serve import command
@@ -1006,11 +1006,11 @@ def test_serve_checks_the_checkpoint_without_reading_its_weights(checkpoint, tmp
         assert mmap or Path(path).name == "meta.pt", path  # a .ckpt file is mapped, its weights never read
         return load_torch_file(path, *args, mmap=mmap, **kwargs)
 
-    dcp_load, load_torch_file = safe_dcp.dcp_load, checkpoint_module.load_torch_file
+    dcp_load, load_torch_file = safe_dcp.dcp_load, checkpoint_formats.load_torch_file
     monkeypatch.setattr(checkpoint_module, "stored_weights", no_weights)  # what load_model reads weights with
     monkeypatch.setattr(convert, "load_file", no_weights)
     monkeypatch.setattr(safe_dcp, "dcp_load", load_mask_only)
-    monkeypatch.setattr(checkpoint_module, "load_torch_file", mapped_only)
+    monkeypatch.setattr(checkpoint_formats, "load_torch_file", mapped_only)
     monkeypatch.setattr(Llama, "to_empty", no_weights)  # no whole model is materialised
     for form, path in forms.items():
         assert cli_main(["serve", "--checkpoint", str(path)]) == 0, form

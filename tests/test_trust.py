@@ -32,8 +32,8 @@ from epas_lightning import (
     TrainingDiverged,
     WarmupCosineLR,
 )
-from epas_lightning.checkpoint import consolidate
 from epas_lightning.cli import main
+from epas_lightning.consolidation import consolidate
 from epas_lightning.data.prepare import prepare_dataset
 from epas_lightning.errors import CheckpointError, OutputError
 from epas_lightning.outputs import MARKER, output_folder, remove_stale_builds
@@ -745,7 +745,7 @@ def test_an_output_in_the_way_is_refused_before_the_model_loads(command, tmp_pat
     def never(*args, **kwargs):
         raise AssertionError("the checkpoint was read before --output was checked")
 
-    monkeypatch.setattr("epas_lightning.checkpoint._read_any", never)
+    monkeypatch.setattr("epas_lightning.checkpoint.read_any", never)  # where load_model looks it up
     (tmp_path / "mine").mkdir()
     argv = [command, "--checkpoint", str(tmp_path / "x.ckpt"), "--output", str(tmp_path / "mine")]
     assert "the output already exists" in one_line_error(capsys, argv)

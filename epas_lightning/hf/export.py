@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from epas_lightning.checkpoint import STORED, export_record, load_model
+from epas_lightning.checkpoint import STORED, load_model
+from epas_lightning.checkpoint_formats import export_record
 from epas_lightning.data.chat_template import chat_template_beside
 from epas_lightning.data.tokenizer import (
     HF_FILENAME,

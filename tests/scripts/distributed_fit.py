@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Sampler
 
-from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule, checkpoint, init_from
+from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule, checkpoint_formats, init_from
 from epas_lightning.child_ranks import EndChildRanksOnError
 from epas_lightning.errors import CheckpointError, run_script
 from epas_lightning.strategy import FSDP2Strategy
@@ -165,7 +165,7 @@ def recording_init_batches(read_bytes: int | None) -> Iterator[list[list[str]]]:
 @contextmanager
 def reads_failing(rank: int | None, after: int) -> Iterator[None]:
     """On ``rank`` (if given), reading checkpoint weights raises a ``CheckpointError`` after ``after`` tensors."""
-    read = checkpoint.stored_weights
+    read = checkpoint_formats.stored_weights
 
     def failing(*args, **kwargs):
         for i, item in enumerate(read(*args, **kwargs)):
@@ -173,11 +173,11 @@ def reads_failing(rank: int | None, after: int) -> Iterator[None]:
                 raise CheckpointError("cannot be read (a test's failing reader)", f"rank {rank}", "nothing: a test")
             yield item
 
-    checkpoint.stored_weights = read if rank is None else failing
+    checkpoint_formats.stored_weights = read if rank is None else failing
     try:
         yield
     finally:
-        checkpoint.stored_weights = read
+        checkpoint_formats.stored_weights = read
 
 
 def main(argv: list[str] | None = None) -> None:

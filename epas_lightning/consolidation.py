@@ -1,0 +1,109 @@
+"""``consolidate``: a training checkpoint (a ``.ckpt`` file or an FSDP2 folder) turned into one folder of
+``model.safetensors`` + ``config.json``, built beside the target and renamed into place, and its command
+``python -m epas_lightning consolidate --checkpoint <ckpt> --output <dir>``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from epas_lightning.checkpoint import STORED, load_model
+from epas_lightning.checkpoint_formats import CONFIG_FILE, WEIGHTS_FILE
+from epas_lightning.data.tokenizer import TokenizerError, load_tokenizer
+from epas_lightning.hf.convert import saveable
+from epas_lightning.outputs import check_output, output_folder
+from epas_lightning.provenance import TRAINING_KEY, carried, checked, from_consolidated
+from epas_lightning.runtime import emit_json
+
+log = logging.getLogger(__name__)
+
+
+def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = False) -> Path:
+    """Write ``output/model.safetensors`` and ``output/config.json`` from a training checkpoint; return ``output``.
+
+    The weights keep the dtype the checkpoint stores them in; ``config.json`` records their provenance
+    (:mod:`epas_lightning.provenance`). The tokenizer the run trained with (recorded in the
+    checkpoint) is copied beside them when it still exists, is the file it trained with (its recorded hash) and
+    parses as a tokenizer; only the tokenizer file itself is copied, under its standard name, with the chat template
+    and the end tokens found beside it, and its hash is recorded. Otherwise a warning says so, and the recorded hash is
+    kept (a ``--tokenizer`` given for the folder is compared with it).
+    """
+    from epas_lightning.data.tokenizer import copy_tokenizer
+
+    checkpoint = Path(checkpoint).expanduser()
+    check_output(output, "consolidated", overwrite, [checkpoint])
+    loaded = load_model(checkpoint, dtype=STORED, flag="--checkpoint")  # no wider copy of the weights
+    state = loaded.model.state_dict()
+    training = carried(loaded.training, checkpoint)
+    record: dict[str, Any] = {
+        "model": loaded.model.config.to_dict(),
+        "sharing": {
+            "shared_layers": loaded.trained_shared_layers,
+            "mode": loaded.model.config.sharing_mode,
+            "region": loaded.region.to_record(),
+        },
+        "global_step": training.pop("global_step"),
+        TRAINING_KEY: training,  # epoch, tokens, val_loss, source
+    }
+    with output_folder(output, "consolidated", overwrite, inputs=[checkpoint]) as build:
+        save_file(saveable(state), build / WEIGHTS_FILE)
+        if loaded.tokenizer_path is None:
+            log.warning(f"{loaded.no_tokenizer().capitalize()}: consolidated weights and config only")
+            if sha256 := loaded.tokenizer_sha256:  # what a --tokenizer given for the folder is compared with
+                record["tokenizer"] = {"sha256": sha256, "bos_id": loaded.bos_id, "eos_id": loaded.eos_id}
+        else:
+            try:
+                tokenizer = load_tokenizer(loaded.tokenizer_path, bos_id=loaded.bos_id, eos_id=loaded.eos_id)
+            except (TokenizerError, OSError):
+                tokenizer = None  # not a tokenizer after all: copy nothing
+                log.warning(
+                    f"The tokenizer the checkpoint names ({loaded.tokenizer_path}) is not a tokenizer: consolidated "
+                    "weights and config only"
+                )
+            if tokenizer is not None:
+                name = copy_tokenizer(tokenizer, build)
+                record["tokenizer"] = {
+                    "path": name,
+                    "bos_id": tokenizer.bos_id,  # the checkpoint's, when it recorded them
+                    "eos_id": tokenizer.eos_id,
+                    "data_dir": str(loaded.data_dir) if loaded.data_dir else None,
+                    "sha256": tokenizer.sha256,  # the copy's: a folder whose tokenizer is replaced is refused too
+                }
+        (build / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return Path(output).expanduser().absolute()
+
+
+def consolidated_summary(folder: Path) -> dict[str, Any]:
+    """What a consolidated folder holds, for ``--json``: its files, trained region, step, tokenizer file and where the
+    weights came from (:mod:`~epas_lightning.provenance`)."""
+    record = json.loads((folder / CONFIG_FILE).read_text())
+    return {
+        "output": str(folder),
+        "weights": str(folder / WEIGHTS_FILE),
+        "trained_region": record["sharing"]["region"],
+        "global_step": record["global_step"],
+        "tokenizer": (record.get("tokenizer") or {}).get("path"),
+        "training": checked(from_consolidated(record)),  # the folder was just written: it has the record
+    }
+
+
+def consolidate_command(checkpoint: Path, output: Path, overwrite: bool = False, json: bool = False) -> None:
+    """Turn a training checkpoint (.ckpt file or FSDP2 folder) into model.safetensors + config.json.
+
+    The folder is built beside the target and renamed into place when complete; it records the model config, the
+    trained sharing region in growth order, the tokenizer (copied when it still exists) and where the weights came
+    from: the step, epoch, tokens trained and latest validation loss of the training checkpoint, and its name.
+
+    Args:
+        checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
+        output: The folder to write.
+        overwrite: Replace --output if it is a consolidated folder written by this command.
+        json: End with one JSON line of what was written.
+    """
+    out = consolidate(checkpoint, output, overwrite)
+    print(f"wrote {out / WEIGHTS_FILE} and {out / CONFIG_FILE}")
+    emit_json(consolidated_summary(out), json)
