@@ -843,11 +843,11 @@ def test_a_killed_render_process_is_replaced_for_the_next_render(monkeypatch):
     from epas_lightning.serve import chat, template_process
     from epas_lightning.serve.chat import TemplateFailure, render_chat
 
-    monkeypatch.setattr(chat, "RENDER_SECONDS", 0.3)
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 1.0)  # SLOW runs for seconds; an echo on a loaded machine in < 1 s
     messages, echo = [{"role": "user", "content": "hi"}], "{{ messages[0]['content'] }}"
     assert render_chat(echo, messages, "<s>", "</s>") == "hi"
     first = template_process._worker
-    with pytest.raises(TemplateFailure, match=r"it ran longer than 0\.3 s"):
+    with pytest.raises(TemplateFailure, match=r"it ran longer than 1 s"):
         render_chat(SLOW, messages, "<s>", "</s>")
     assert first.process.returncode == -signal.SIGKILL
     assert render_chat(echo, messages, "<s>", "</s>") == "hi"
