@@ -391,7 +391,9 @@ class EPASModule(LightningModule):
                 sharing.on_load_checkpoint(trainer, self, checkpoint)  # the region it records
         data = getattr(trainer, "datamodule", None)
         if hasattr(data, "check_checkpoint_tokenizer"):  # a TokenDataModule: its ids are the checkpoint's tokens
-            data.check_checkpoint_tokenizer(checkpoint.get("tokenizer"))
+            data.check_checkpoint_tokenizer(
+                checkpoint.get("tokenizer"), (checkpoint.get(HELDOUT_KEY) or {}).get("data_dirs")
+            )
         self._say_if_narrowed(checkpoint)
         saved_groups = (checkpoint.get("optimizer_states") or [{}])[0].get("param_groups") or []
         if trainer is not None and trainer.optimizers:  # FSDP2 restores after setup: built already

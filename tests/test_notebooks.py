@@ -140,21 +140,50 @@ def notebook_functions(name: str) -> dict:
     return names
 
 
+def log_scalar(folder: Path, tag: str, csv: bool = False) -> Path:
+    """A run's log file holding one point of ``tag``: a CSVLogger's metrics.csv, or a TensorBoard event file."""
+    folder.mkdir(parents=True)
+    if csv:
+        (folder / "metrics.csv").write_text(f"step,{tag}\n0,1.0\n")
+        return folder / "metrics.csv"
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(folder)) as writer:
+        writer.add_scalar(tag, 1.0, 0)
+    return next(folder.glob("events.out.tfevents.*"))
+
+
 def test_read_a_run_notebook_finds_the_newest_run_in_a_sub_dir_or_without_a_logger_name(tmp_path):
     """The newest run was looked for at runs/<name>/version_N/ only: a TensorBoard ``sub_dir`` (events one folder
     deeper) or a logger named '' (runs/version_N) was "No run under runs/"."""
     newest_run = notebook_functions("02_read_a_run.ipynb")["newest_run"]
     runs = tmp_path / "runs"
-    older = runs / "debug" / "version_0" / "tb" / "events.out.tfevents.1.host.1.0"
-    newer = runs / "version_3" / "metrics.csv"
+    older = log_scalar(runs / "debug" / "version_0" / "tb", "train/loss")
+    newer = log_scalar(runs / "version_3", "train/loss", csv=True)
     checkpoint = runs / "debug" / "version_1" / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_text("")
     for i, path in enumerate([older, newer, checkpoint]):
-        path.parent.mkdir(parents=True)
-        path.write_text("")
         os.utime(path, (i, i))
     assert newest_run((runs,)) == runs / "version_3"
     os.utime(older, (9, 9))
     assert newest_run((tmp_path / "elsewhere", runs)) == runs / "debug" / "version_0"
+
+
+@pytest.mark.parametrize("csv", [False, True])
+def test_read_a_run_notebook_passes_over_validate_and_test_runs(tmp_path, csv):
+    """`validate` and `test` log to a version folder of their own, newer than the fit run they score: the notebook
+    read that folder by default and stopped with "has no train/loss: is it an epas_lightning fit run?"."""
+    newest_run = notebook_functions("02_read_a_run.ipynb")["newest_run"]
+    runs = tmp_path / "runs"
+    fit = log_scalar(runs / "debug" / "version_0", "train/loss", csv)
+    validate = log_scalar(runs / "debug" / "version_1", "val/loss", csv)
+    os.utime(fit, (1, 1))
+    os.utime(validate, (2, 2))
+    assert newest_run((runs,)) == runs / "debug" / "version_0"
+    fit.unlink()
+    with pytest.raises(FileNotFoundError, match="No run under runs/ or ../runs/ logged a train/loss"):
+        newest_run((runs,))
 
 
 @pytest.mark.slow

@@ -472,7 +472,9 @@ def test_pure_fp16_training_is_refused_before_it_starts(tiny_corpus, tmp_path):
 def test_a_resume_on_data_of_another_tokenizer_is_refused_as_such(tiny_corpus, tmp_path):
     """Data prepared with another tokenizer than the checkpoint trained with was refused only for its other streams,
     with advice to start from the weights with init_from (refused again, for the tokenizer); streams that resolve to
-    the same files trained on, their ids read as other tokens. The tokenizer is named first, before any weight loads."""
+    the same files trained on, their ids read as other tokens. The tokenizer is named first, before any weight loads,
+    with the data folder the checkpoint trained on (a resume that left out its --data.data_dir read the built-in
+    corpus, and was told only to prepare data with the checkpoint's tokenizer)."""
     from helpers import record_tokenizer_of
 
     from epas_lightning.errors import DataError
@@ -487,7 +489,8 @@ def test_a_resume_on_data_of_another_tokenizer_is_refused_as_such(tiny_corpus, t
     module, _ = make_run(tiny_corpus)
     data = TokenDataModule(data_dir=str(other), seq_len=32, batch_size=4, vocab_size=module.config.vocab_size)
     says = rf"prepared with another tokenizer \({other / 'tokenizer.json'}\) than the checkpoint's \(.*tokenizer.json\)"
-    with pytest.raises(DataError, match=says + rf".* — data.data_dir {other} — use data prepared with --tokenizer"):
+    fix = rf"set data.data_dir to {tiny_corpus} \(the data the checkpoint trained on\), or use data prepared with"
+    with pytest.raises(DataError, match=says + rf".* — data.data_dir {other} — {fix} --tokenizer"):
         make_trainer(tmp_path / "resumed", 2, []).fit(module, data, ckpt_path=last)
 
 

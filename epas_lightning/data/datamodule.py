@@ -208,14 +208,18 @@ class TokenDataModule(TokenData, LightningDataModule):
         # setup found every data_dir, and a prepared val_dir, tokenized with one file: comparing the first suffices
         check_tokenized_as(self.data_dirs[0], source, self._data_dir_flag, fix)
 
-    def check_checkpoint_tokenizer(self, recorded: dict[str, Any] | None) -> None:
+    def check_checkpoint_tokenizer(self, recorded: dict[str, Any] | None, trained_on: list[str] | None = None) -> None:
         """Data tokenized with another vocabulary than the checkpoint a run resumes (or scores) is refused before its
         weights load: ``recorded`` is the checkpoint's tokenizer entry, checked where its file still exists, and by
-        the hash it records where the checkpoint's data folder was prepared again since (the file changed or gone)."""
+        the hash it records where the checkpoint's data folder was prepared again since (the file changed or gone).
+        The refusal names the data folders the checkpoint trained on (``trained_on``) where they are still there:
+        a resume that left out its ``--data.data_dir`` reads the built-in corpus."""
         if not recorded or not recorded.get("path") or not self.data_dirs:
             return
         tokenizer = RecordedTokenizer(Path(recorded["path"]), recorded.get("sha256"))
         fix = f"use data prepared with --tokenizer {tokenizer.path}, the checkpoint's"
+        if own := existing_data_dirs(trained_on):
+            fix = f"set data.data_dir to {own} (the data the checkpoint trained on), or {fix}"
         check_tokenized_as(self.data_dirs[0], tokenizer, self._data_dir_flag, fix, whose="the checkpoint's")
 
     def _ranks(self) -> tuple[int, int, int] | None:
@@ -477,3 +481,10 @@ def stream_fingerprint(stream: Path) -> str | None:
         return hashlib.sha256((stream / "index.json").read_bytes()).hexdigest()[:16]
     except OSError:
         return None
+
+
+def existing_data_dirs(data_dirs: list[str] | None) -> str | None:
+    """``data_dirs`` as ``data.data_dir`` takes them (one folder, or a YAML list), where every one still exists."""
+    if not data_dirs or not all(Path(folder).is_dir() for folder in data_dirs):
+        return None
+    return data_dirs[0] if len(data_dirs) == 1 else f"[{', '.join(data_dirs)}]"
