@@ -92,6 +92,7 @@ from epas_lightning.resume import (
     RESUME_WORDS,
     check_checkpoint_folder_free,
     check_no_slurm_checkpoint,
+    check_resume_word,
     check_version_folder_free,
     checkpoint_folder,
     continue_version,
@@ -265,6 +266,7 @@ class EPASCLI(LightningCLI):
         if fitting:
             check_checkpoint_folder_free(config, config.get("ckpt_path"))
         if config.get("ckpt_path"):
+            check_resume_word(config.ckpt_path)
             config.ckpt_path = str(verify_checkpoint(config.ckpt_path, "--ckpt_path", scoring=not fitting))
         resolve_model(config, config.get("ckpt_path"))
         if config.get("ckpt_path"):

@@ -9,6 +9,7 @@ run went on past the checkpoint is refused, and so is a new run into one holding
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,25 @@ from jsonargparse import Namespace
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from epas_lightning.checkpoint_formats import read_checkpoint
-from epas_lightning.errors import CheckpointError, OutputError, UserError
+from epas_lightning.errors import CheckpointError, OutputError, UserError, did_you_mean
 from epas_lightning.run_summary import say
 from epas_lightning.strategy import REPLACED, recover_replaced
 
 RESUME_WORDS = ("last", "auto")
+
+
+def check_resume_word(ckpt_path: str) -> None:
+    """Refuse a bare word that names no file or folder here (``--ckpt_path lst``, ``Last``) as a misspelt resume word:
+    "check the path" did not say which words there are."""
+    word = str(ckpt_path)
+    if Path(word).expanduser().exists() or "/" in word or os.sep in word or "." in word:
+        return
+    raise CheckpointError(
+        f"no checkpoint named {word!r} here{did_you_mean(word.lower(), RESUME_WORDS)}",
+        f"--ckpt_path {word}",
+        "give last (this run's newest checkpoint), auto (that, or a fresh start where there is none) or a "
+        "checkpoint's path",
+    )
 
 
 def logger_run_dirs(config: Namespace) -> list[Path]:

@@ -874,6 +874,17 @@ def test_a_second_signal_stops_fit_at_once_with_one_line_and_its_status(
     assert "Traceback" not in err and "Detected KeyboardInterrupt" not in err and "stopped by" not in err
 
 
+def test_a_misspelt_resume_word_names_the_words(tmp_path, capsys, monkeypatch):
+    """``--ckpt_path lst`` said "checkpoint does not exist — check the path", not which words there are."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", DEBUG, "--ckpt_path", "lst"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no checkpoint named 'lst' here (did you mean last?) — --ckpt_path lst — give last")
+    (tmp_path / "lst").mkdir()  # a folder of that name is a path: what is in it is checked as a checkpoint
+    assert main(["fit", "--config", DEBUG, "--ckpt_path", "lst"]) == 2
+    assert "no checkpoint named" not in capsys.readouterr().err
+
+
 def test_resume_last_without_a_checkpoint_is_an_error(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["fit", "--config", DEBUG, "--ckpt_path", "last"]) == 2
