@@ -16,6 +16,7 @@ import torch
 
 from epas_lightning.data.builtin import builtin_entry_path, prepare_builtin_corpus, reusable
 from epas_lightning.data.layout import (
+    INDEX_FILENAME,
     PREPARE_AGAIN,
     DataCheckError,
     check_recorded_tokenizer,
@@ -544,6 +545,8 @@ def heldout_loader(
     with _as_recorded(held_out):
         for folder in held_out.data_folders() if held_out else []:
             check_prepared(folder, str(folder), PREPARE, PREPARE_AGAIN)  # complete when its run read it
+        if held_out is not None:
+            _check_recorded_val_stream(held_out.val_dir)
         if held_out is not None and (alone := held_out.alone()) is not None:
             _check_tokenized_as_recorded(alone, tokenizer)
     if held_out is None:
@@ -600,6 +603,18 @@ def _heldout_data(
     dirs, val_dir = [str(d) for d in data_dir.data_folders()], _str_or_none(data_dir.val_dir)
     data = TokenData(dirs, seed=data_dir.seed, val_dir=val_dir, **settings)
     return data, list(dict.fromkeys([*data_dir.data_folders(), *filter(None, [data._prepared_val_dir()])]))
+
+
+def _check_recorded_val_stream(val_dir: Path | None) -> None:
+    """A :class:`DataError` to prepare it again where the recorded ``val_dir``, a prepared folder or the ``val``
+    stream of one, lost its stream's ``index.json`` since its run validated on it; a ``val_dir`` of no prepared
+    folder is left to :meth:`TokenData.val_streams`."""
+    if val_dir is None or any((stream / INDEX_FILENAME).is_file() for stream in (val_dir, val_dir / "val")):
+        return
+    if (folder := next((d for d in (val_dir, val_dir.parent) if is_complete(d)), None)) is not None:
+        stream = val_dir / "val" if folder == val_dir else val_dir
+        missing = (stream / INDEX_FILENAME).relative_to(folder)
+        raise DataError(f"incomplete data directory: missing {missing}", folder, PREPARE_AGAIN)
 
 
 def _check_tokenized_as_recorded(alone: Path, tokenizer: str | Path | RecordedTokenizer | None) -> None:
