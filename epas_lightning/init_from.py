@@ -190,11 +190,12 @@ def source_shapes(path: Path, config: LlamaConfig, stage: str = "fit") -> dict[s
     from epas_lightning.checkpoint_formats import hf_trained_region
 
     if is_hf_dir(path):
-        hf = read_hf_config(path)
-        check_compatible(config, hf, source=str(path))
-        region = hf_trained_region(hf, config.n_layer, path / "config.json")  # export's record, perhaps hand-edited
-        with located(f"model.init_from {path}", path):
+        where = f"model.init_from {path}"
+        with located(where, path):  # config.json may have changed since check_init_source: worded as it words it
+            hf = read_hf_config(path)
+            check_compatible(config, hf, f"init_from {path}", leave_unset(config))
             shapes = hf_to_ours(read_hf_weights(path, weights=False), config)  # vocabulary rows, unknown tensors
+        region = hf_trained_region(hf, config.n_layer, where)  # export's record, perhaps hand-edited
         _say_it_starts_dense(path, sorted(region.layers), stage)
         return shapes
     info, state, _ = read_description(path, flag="model.init_from")

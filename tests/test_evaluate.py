@@ -440,8 +440,20 @@ def test_held_out_token_ids_outside_the_vocabulary_are_one_line(tmp_path, tiny_c
     assert cli_main(["evaluate", "--checkpoint", str(ckpt), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: corrupt or truncated chunk: ") and f"— {chunk}, the held-out data the " in err, err
-    assert err.endswith("— prepare the data again, or pass --data with another folder prepared with the model's "
-                        "tokenizer\n")  # fmt: skip
+    again = "— prepare the data again, or pass --data with another folder prepared with the model's tokenizer\n"
+    assert err.endswith(again), err
+    (corrupt / "val" / "index.json").unlink()  # a part of the folder removed since: it said only to pass --data
+    assert cli_main(["evaluate", "--checkpoint", str(ckpt), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: incomplete data directory: missing val/index.json — {corrupt}, the held-out "), err
+    assert err.endswith(again), err
+    for val_dir in (corrupt, corrupt / "val"):  # the data.val_dir it validated on, so: "neither a token stream ..."
+        record["training"] = {"heldout": {"data_dirs": [str(tiny_corpus)], "val_dir": str(val_dir), "seed": 42}}
+        (ckpt / "config.json").write_text(json.dumps(record))
+        assert cli_main(["evaluate", "--checkpoint", str(ckpt), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: incomplete data directory: missing val/index.json — {corrupt}, the held"), err
+        assert err.endswith(again), err
 
 
 def test_evaluate_cli_sweeps_regions(tmp_path: Path, tiny_corpus: Path, capsys: pytest.CaptureFixture) -> None:

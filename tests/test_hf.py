@@ -886,7 +886,7 @@ def test_export_region_checks(tmp_path: Path, capsys: pytest.CaptureFixture, mon
         read_init_state(tmp_path / "c", load_model(tmp_path / "ckpt").model.config)
     record = json.loads((tmp_path / "c" / "config.json").read_text())  # hand-edited: was a ValueError traceback
     (tmp_path / "c" / "config.json").write_text(json.dumps({**record, "epas_trained_region": ["x"]}))
-    with pytest.raises(CheckpointError, match=r"recorded sharing region is invalid .*config.json — pass the"):
+    with pytest.raises(CheckpointError, match=rf"region is invalid .* — model.init_from {tmp_path / 'c'} — pass"):
         read_init_state(tmp_path / "c", load_model(tmp_path / "ckpt").model.config)
 
 

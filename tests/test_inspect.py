@@ -464,3 +464,6 @@ def test_checkpoint_errors_name_the_flag_that_gave_the_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="no weights") as error:  # fit --model.init_from of that folder
         source_shapes(tmp_path / "hf", config_from_hf(tmp_path / "hf"))
     assert error.value.where == f"model.init_from {tmp_path / 'hf'}", str(error.value)
+    with pytest.raises(CheckpointError, match=r"^model.config does not match init_from .* leave those") as error:
+        source_shapes(hf, model.config)  # its config.json is not the run's model.config (it named no place)
+    assert error.value.where == f"model.init_from {hf}", str(error.value)

@@ -16,6 +16,7 @@ import torch
 
 from epas_lightning.data.builtin import builtin_entry_path, prepare_builtin_corpus, reusable
 from epas_lightning.data.layout import (
+    INDEX_FILENAME,
     PREPARE_AGAIN,
     DataCheckError,
     check_recorded_tokenizer,
@@ -46,9 +47,10 @@ PREPARE = "create it with `python -m epas_lightning prepare --input ... --output
 HOW_TO_CREATE = f"{PREPARE}, or leave data.data_dir unset to train on the built-in corpus"
 
 
-def check_prepared(data_dir: Path, where: str, fix: str) -> Path:
+def check_prepared(data_dir: Path, where: str, fix: str, incomplete: str | None = None) -> Path:
     """``data_dir`` if it is a complete prepared data directory with the tokenizer it records, else a
-    :class:`DataError` at ``where``."""
+    :class:`DataError` at ``where``; ``incomplete``: the fix of one that lacks a part, where not ``fix`` (a folder
+    known complete before, damaged since)."""
     if data_dir.exists() and not data_dir.is_dir():  # a raw corpus file, or the folder's meta.json
         raise DataError("data directory is a file, not a folder", where, fix)
     if not data_dir.is_dir():
@@ -58,7 +60,7 @@ def check_prepared(data_dir: Path, where: str, fix: str) -> Path:
     if is_complete(data_dir):
         load_meta(data_dir)  # an unreadable meta.json says so, rather than counting as missing
     if missing := missing_entries(data_dir):
-        raise DataError(f"incomplete data directory: missing {', '.join(missing)}", where, fix)
+        raise DataError(f"incomplete data directory: missing {', '.join(missing)}", where, incomplete or fix)
     check_recorded_tokenizer(data_dir, where)
     return data_dir
 
@@ -542,7 +544,9 @@ def heldout_loader(
     held_out = data_dir if isinstance(data_dir, HeldOut) else None
     with _as_recorded(held_out):
         for folder in held_out.data_folders() if held_out else []:
-            check_prepared(folder, str(folder), PREPARE)
+            check_prepared(folder, str(folder), PREPARE, PREPARE_AGAIN)  # complete when its run read it
+        if held_out is not None:
+            _check_recorded_val_stream(held_out.val_dir)
         if held_out is not None and (alone := held_out.alone()) is not None:
             _check_tokenized_as_recorded(alone, tokenizer)
     if held_out is None:
@@ -574,8 +578,8 @@ def heldout_loader(
 def _as_recorded(held_out: HeldOut | None) -> Iterator[None]:
     """A :class:`DataError` reading the held-out data a checkpoint records (``held_out``) says whose it is, and to
     pass ``--data``: it spoke of the ``data.val_dir`` to leave unset or the folder to prepare, as to ``fit``'s user.
-    Data damaged since it was prepared (a corrupt chunk) says so still: ``--data`` is another way round it, not its
-    fix."""
+    Data damaged since it was prepared (a corrupt or missing chunk, a missing part of its folder) says so still:
+    ``--data`` is another way round it, not its fix."""
     try:
         yield
     except DataError as e:
@@ -599,6 +603,18 @@ def _heldout_data(
     dirs, val_dir = [str(d) for d in data_dir.data_folders()], _str_or_none(data_dir.val_dir)
     data = TokenData(dirs, seed=data_dir.seed, val_dir=val_dir, **settings)
     return data, list(dict.fromkeys([*data_dir.data_folders(), *filter(None, [data._prepared_val_dir()])]))
+
+
+def _check_recorded_val_stream(val_dir: Path | None) -> None:
+    """A :class:`DataError` to prepare it again where the recorded ``val_dir``, a prepared folder or the ``val``
+    stream of one, lost its stream's ``index.json`` since its run validated on it; a ``val_dir`` of no prepared
+    folder is left to :meth:`TokenData.val_streams`."""
+    if val_dir is None or any((stream / INDEX_FILENAME).is_file() for stream in (val_dir, val_dir / "val")):
+        return
+    if (folder := next((d for d in (val_dir, val_dir.parent) if is_complete(d)), None)) is not None:
+        stream = val_dir / "val" if folder == val_dir else val_dir
+        missing = (stream / INDEX_FILENAME).relative_to(folder)
+        raise DataError(f"incomplete data directory: missing {missing}", folder, PREPARE_AGAIN)
 
 
 def _check_tokenized_as_recorded(alone: Path, tokenizer: str | Path | RecordedTokenizer | None) -> None:
