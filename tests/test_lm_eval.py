@@ -200,6 +200,7 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(checkpoint: Pa
     [
         ({"do_sample": True, "temperature": 0.7}, {"temperature": 0.7, "top_k": 50, "top_p": None}),
         ({"do_sample": True, "temperature": 1.0, "top_k": 0}, {"temperature": 1.0, "top_k": None, "top_p": None}),
+        ({"do_sample": True, "temperature": 1.0, "top_k": None}, {"temperature": 1.0, "top_k": 50, "top_p": None}),
         (
             {"do_sample": True, "temperature": 1.0, "top_k": 5, "top_p": 0.9},
             {"temperature": 1.0, "top_k": 5, "top_p": 0.9},

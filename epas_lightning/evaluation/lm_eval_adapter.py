@@ -70,11 +70,11 @@ HF_TOP_K = 50
 def sampling_settings(kwargs: dict[str, Any]) -> dict[str, Any]:
     """``generate``'s ``temperature``, ``top_k`` and ``top_p`` for a task's generation kwargs, as transformers'
     ``generate`` reads them for the export (whose ``generation_config.json`` sets none): greedy unless ``do_sample``;
-    sampling keeps the :data:`HF_TOP_K` most likely tokens unless the task sets ``top_k`` (``0`` or null: no cut), and
-    a ``top_p`` of 1 or none cuts nothing."""
+    sampling keeps the :data:`HF_TOP_K` most likely tokens unless the task sets ``top_k`` (``0``: no cut; null is
+    unset, as transformers 5 fills a ``None`` field with its default), and a ``top_p`` of 1 or none cuts nothing."""
     if not kwargs.get("do_sample"):
         return {"temperature": 0.0, "top_k": None, "top_p": None}
-    top_k = kwargs.get("top_k", HF_TOP_K)
+    top_k = HF_TOP_K if kwargs.get("top_k") is None else kwargs["top_k"]
     return {
         "temperature": float(kwargs.get("temperature") or 0.0),
         "top_k": None if top_k == 0 else top_k,
