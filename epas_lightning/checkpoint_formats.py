@@ -174,9 +174,16 @@ def _read_hf(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], dict[str, 
     }
     if (training := export_record(path)) is not None:
         metadata[TRAINING_KEY] = training
+    if not region.size and (trained := recorded_weights_region(path, config.n_layer)) is not None:
+        metadata[WEIGHTS_REGION_KEY] = trained.to_record()
     return _shapes_only(state), metadata
 
 
+EXPORT_REGION_KEY = "epas_trained_region"
+"""The region a stock export's weights trained sharing, in the metadata of its ``model.safetensors`` (JSON, as
+:meth:`TrainedRegion.to_record` writes it): a record only, the stock ``config.json`` runs dense."""
+WEIGHTS_REGION_KEY = "weights_trained_region"
+"""Metadata of a Hugging Face folder read as dense: the region its weights trained, as a stock export recorded it."""
 HF_SHARED_KEY = "hf_shared_layers"
 """Metadata of a Hugging Face folder: the layers transformers loads it with sharing (its config's
 ``epas_shared_layers``, as written; none in a stock LLaMA config)."""
@@ -196,9 +203,24 @@ def hf_trained_region(hf: dict[str, Any], n_layer: int, where: Path) -> TrainedR
 def export_record(path: Path) -> dict[str, Any] | None:
     """The provenance ``export`` wrote into the metadata of ``path``'s ``model.safetensors`` (its header alone is
     read); ``None`` for a folder without one (another tool's, or an older export's)."""
+    return from_export_metadata(_weights_metadata(path))
+
+
+def recorded_weights_region(path: Path, n_layer: int) -> TrainedRegion | None:
+    """The region the weights of the stock export ``path`` trained sharing, as it recorded it; ``None`` where none is
+    recorded (a dense checkpoint's export, another tool's folder) or the record does not read."""
+    try:
+        region = TrainedRegion.from_record(json.loads((_weights_metadata(path) or {})[EXPORT_REGION_KEY]), n_layer)
+    except (KeyError, TypeError, ValueError):  # ConfigError too: a record of another model
+        return None
+    return region if region.size else None
+
+
+def _weights_metadata(path: Path) -> dict[str, str] | None:
+    """The string metadata of ``path``'s ``model.safetensors`` (its header alone is read); ``None`` without one."""
     try:
         with safe_open(path / WEIGHTS_FILE, "pt") as f:
-            return from_export_metadata(f.metadata())
+            return f.metadata()
     except (SafetensorError, OSError):  # sharded or .bin weights; a corrupt file is refused where its weights are read
         return None
 

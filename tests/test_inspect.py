@@ -372,6 +372,18 @@ def test_consolidate_and_export_carry_the_provenance_inspect_shows_for_the_check
     with safe_open(direct / "model.safetensors", "pt") as f:
         assert f.metadata()["format"] == "pt"  # what transformers reads; its config.json is untouched
     assert not any(key.startswith("epas") for key in json.loads((direct / "config.json").read_text()))
+    # the stock export runs dense: inspect said "dense (no sharing layers trained)", "1..3 ... (never trained)"
+    out, record = inspected(capsys, direct)
+    assert record["weights_trained_region"] == {"layers": [3, 2], "order": "deep_first"}, out
+    assert record["trained_region"]["layers"] == [] and record["sharing_layers"]["max"] == 0
+    assert (
+        "  region            dense: a stock export of weights that trained 2 sharing layers (layers [3, 2], "
+        "deep-first); our commands and transformers run it dense (export the checkpoint again with --remote-code "
+        "for the region)\n" in out
+    ), out
+    forced = "1..3 only with --force (the folder does not carry the region its weights trained)"
+    assert f"  --sharing-layers  0 (default 0); {forced}\n" in out, out
+    assert inspected(capsys, through)[1]["weights_trained_region"] is None  # it runs its region
 
     # folders written before: the step alone (consolidate), nothing (export); they still inspect
     config = json.loads((consolidated / "config.json").read_text())
@@ -387,6 +399,7 @@ def test_consolidate_and_export_carry_the_provenance_inspect_shows_for_the_check
             None,
         )
         assert "  made from         not recorded\n" in out and "  tokens            - (not recorded)\n" in out
+    assert record["weights_trained_region"] is None and "  region            dense (no sharing layers trained)\n" in out
 
 
 class Evil:
