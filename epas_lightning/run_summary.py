@@ -182,11 +182,8 @@ def _val_loss_line(trainer: Trainer, pl_module: LightningModule) -> str | None:
     restored = checked({"val_loss": getattr(pl_module, "last_validation", None)})["val_loss"]
     if restored is None:
         return None
-    at = f"step {restored['step']}" if restored["step"] is not None else "an earlier session"
-    return (
-        f"  val loss     {_with_perplexity(restored['loss'])} at the validation of {at}, from the resumed checkpoint "
-        "(this session ran none)"
-    )
+    at = "the last validation" if restored["step"] is None else f"the validation of step {restored['step']}"
+    return f"  val loss     {_with_perplexity(restored['loss'])} at {at}, before this session (which ran none)"
 
 
 def _ckpt_path_flag(checkpoint: str) -> str:

@@ -753,7 +753,7 @@ def test_the_summary_of_a_resume_with_nothing_left_to_train_says_so(tmp_path):
         "Run finished: 4 optimizer steps (none in this session: resumed at step 4, where max_steps"
     )
     assert f"  val loss     {validated:.4f} (perplexity " in "\n".join(lines)
-    assert lines[1].endswith(") at the validation of step 4, from the resumed checkpoint (this session ran none)")
+    assert lines[1].endswith(") at the validation of step 4, before this session (which ran none)")
     # the loader's 4 batches are one epoch: max_epochs is the limit reached (it named max_steps -1)
     trainer = cpu_trainer(tmp_path, -1, [summary], enable_checkpointing=False, max_epochs=1)
     trainer.fit(module, loader, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
