@@ -113,17 +113,16 @@ def _strip_prefix(state: dict[str, torch.Tensor], prefix: str = MODEL_PREFIX) ->
     return {key[len(prefix) :]: t for key, t in state.items() if key.startswith(prefix)}
 
 
-def _read_consolidated(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _read_consolidated(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The shapes (as :func:`read_checkpoint` without weights: from the safetensors header, and the mask) and a
-    checkpoint-like metadata dict of a ``consolidate`` directory."""
+    checkpoint-like metadata dict of a ``consolidate`` directory; its errors name the file and ``flag``."""
+    where = f"{flag} {path}"
     try:
         record = json.loads((path / CONFIG_FILE).read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"unreadable {CONFIG_FILE} ({e})", path / CONFIG_FILE, "consolidate again") from e
+        raise CheckpointError(f"unreadable {CONFIG_FILE} ({e})", where, "consolidate again") from e
     if not isinstance(record, dict) or "model" not in record:
-        raise CheckpointError(
-            f"{CONFIG_FILE} was not written by consolidate (no 'model' entry)", path / CONFIG_FILE, AS_WRITTEN
-        )
+        raise CheckpointError(f"{CONFIG_FILE} was not written by consolidate (no 'model' entry)", where, AS_WRITTEN)
     check_readable(path / WEIGHTS_FILE)
     try:
         with safe_open(path / WEIGHTS_FILE, "pt") as f:  # its header (names, shapes), then the mask
@@ -132,8 +131,8 @@ def _read_consolidated(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
                 for key in f.keys()  # noqa: SIM118 - a safe_open handle is no dict
             }
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"corrupt or truncated weights ({e})", path / WEIGHTS_FILE, "consolidate again") from e
-    tokenizer = checked_tokenizer(record.get("tokenizer"), path / CONFIG_FILE)
+        raise corrupt_weights(e, where) from e
+    tokenizer = checked_tokenizer(record.get("tokenizer"), where, f"its {CONFIG_FILE}'s")
     if tokenizer.get("path"):
         tokenizer["path"] = str(path / Path(tokenizer["path"]).name)
     sharing = record["sharing"] if isinstance(record.get("sharing"), dict) else {}  # else: the region of the mask
@@ -148,6 +147,11 @@ def _read_consolidated(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     if (training := from_consolidated(record)) is not None:
         metadata[TRAINING_KEY] = training
     return state, metadata
+
+
+def corrupt_weights(error: Exception, where: str) -> CheckpointError:
+    """A consolidated folder's unreadable ``model.safetensors`` (``where``: the flag and the folder)."""
+    return CheckpointError(f"corrupt or truncated {WEIGHTS_FILE} ({error})", where, "consolidate again")
 
 
 def _read_hf(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -170,9 +174,16 @@ def _read_hf(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], dict[str, 
     }
     if (training := export_record(path)) is not None:
         metadata[TRAINING_KEY] = training
+    if not region.size and (trained := recorded_weights_region(path, config.n_layer)) is not None:
+        metadata[WEIGHTS_REGION_KEY] = trained.to_record()
     return _shapes_only(state), metadata
 
 
+EXPORT_REGION_KEY = "epas_trained_region"
+"""The region a stock export's weights trained sharing, in the metadata of its ``model.safetensors`` (JSON, as
+:meth:`TrainedRegion.to_record` writes it): a record only, the stock ``config.json`` runs dense."""
+WEIGHTS_REGION_KEY = "weights_trained_region"
+"""Metadata of a Hugging Face folder read as dense: the region its weights trained, as a stock export recorded it."""
 HF_SHARED_KEY = "hf_shared_layers"
 """Metadata of a Hugging Face folder: the layers transformers loads it with sharing (its config's
 ``epas_shared_layers``, as written; none in a stock LLaMA config)."""
@@ -192,9 +203,24 @@ def hf_trained_region(hf: dict[str, Any], n_layer: int, where: Path) -> TrainedR
 def export_record(path: Path) -> dict[str, Any] | None:
     """The provenance ``export`` wrote into the metadata of ``path``'s ``model.safetensors`` (its header alone is
     read); ``None`` for a folder without one (another tool's, or an older export's)."""
+    return from_export_metadata(_weights_metadata(path))
+
+
+def recorded_weights_region(path: Path, n_layer: int) -> TrainedRegion | None:
+    """The region the weights of the stock export ``path`` trained sharing, as it recorded it; ``None`` where none is
+    recorded (a dense checkpoint's export, another tool's folder) or the record does not read."""
+    try:
+        region = TrainedRegion.from_record(json.loads((_weights_metadata(path) or {})[EXPORT_REGION_KEY]), n_layer)
+    except (KeyError, TypeError, ValueError):  # ConfigError too: a record of another model
+        return None
+    return region if region.size else None
+
+
+def _weights_metadata(path: Path) -> dict[str, str] | None:
+    """The string metadata of ``path``'s ``model.safetensors`` (its header alone is read); ``None`` without one."""
     try:
         with safe_open(path / WEIGHTS_FILE, "pt") as f:
-            return from_export_metadata(f.metadata())
+            return f.metadata()
     except (SafetensorError, OSError):  # sharded or .bin weights; a corrupt file is refused where its weights are read
         return None
 
@@ -242,7 +268,7 @@ def read_any(path: Path, flag: str = "--checkpoint") -> tuple[dict[str, torch.Te
     if kind == "hf":
         return _read_hf(path, flag)
     if kind == "consolidated":
-        return _read_consolidated(path)
+        return _read_consolidated(path, flag)
     if kind == "ckpt":
         check_not_a_part(path, flag)
     if kind is not None:
@@ -286,16 +312,17 @@ def check_complete(folder: Path, flag: str = "--checkpoint") -> None:
         raise CheckpointError(f"an incomplete checkpoint: {missing}", f"{flag} {folder}", "copy the whole folder again")
 
 
-def checked_tokenizer(record: Any, where: object) -> dict[str, Any]:
+def checked_tokenizer(record: Any, where: object, holder: str = "its") -> dict[str, Any]:
     """The tokenizer record of a checkpoint (``{}`` where there is none), refused where it is not as ``fit`` and
-    ``consolidate`` write it (a hand-edited ``config.json``): no mapping, or a field of another type."""
+    ``consolidate`` write it (a hand-edited ``config.json``): no mapping, or a field of another type. ``holder``
+    names what keeps the record in the message (``its config.json's``)."""
     if record is None:
         return {}
     if not isinstance(record, dict):
-        raise CheckpointError(f"its tokenizer record is invalid ({record!r})", where, AS_WRITTEN)
+        raise CheckpointError(f"{holder} tokenizer record is invalid ({record!r})", where, AS_WRITTEN)
     for key, kind in TOKENIZER_FIELDS.items():
         if not isinstance(record.get(key), kind | None):
-            raise CheckpointError(f"its tokenizer record is invalid ({key}: {record[key]!r})", where, AS_WRITTEN)
+            raise CheckpointError(f"{holder} tokenizer record is invalid ({key}: {record[key]!r})", where, AS_WRITTEN)
     return dict(record)
 
 
@@ -333,9 +360,7 @@ def stored_weights(
             with safe_open(path / WEIGHTS_FILE, "pt") as f:
                 yield from ((key, f.get_tensor(key)) for key in f.keys())  # noqa: SIM118 - no dict
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(
-                f"corrupt or truncated weights ({e})", path / WEIGHTS_FILE, "consolidate again"
-            ) from e
+            raise corrupt_weights(e, f"{flag} {path}") from e
     else:
         with located(f"{flag} {path}", path):
             yield from hf_tensors(path, config)

@@ -25,6 +25,7 @@ from epas_lightning.checkpoint_formats import (
     HF_SHARED_KEY,
     MODEL_PREFIX,
     WEIGHTS_FILE,
+    WEIGHTS_REGION_KEY,
     check_complete,
     checkpoint_kind,
     shard_tensors,
@@ -74,6 +75,7 @@ def describe(path: Path, check_weights: bool = True) -> dict[str, Any]:
             "max_forced": len(region.growth_order()),
         },
         "transformers_shared_layers": metadata.get(HF_SHARED_KEY) if kind == "hf" else None,
+        "weights_trained_region": metadata.get(WEIGHTS_REGION_KEY) if kind == "hf" else None,
         "model": {
             "n_layer": config.n_layer,
             "n_embd": config.n_embd,
@@ -295,8 +297,9 @@ def describe_text(record: dict[str, Any]) -> str:
     n = allowed["max"]
     step = _number(record["global_step"]) + (f" (epoch {record['epoch']})" if record["epoch"] is not None else "")
     trained = f"{sharing_layers_text(n)}: {TrainedRegion.from_record(region, model['n_layer']).describe()}"
-    forced = allowed["max_forced"]
-    more = f"; {_span(n + 1, forced)} only with --force (never trained)" if forced > n else ""
+    forced, unrun = allowed["max_forced"], record["weights_trained_region"]
+    never = "the folder does not carry the region its weights trained" if unrun else "never trained"
+    more = f"; {_span(n + 1, forced)} only with --force ({never})" if forced > n else ""
     kv = model["n_kv_head"]
     heads = f"{model['n_head']} heads" + (f" / {kv} KV heads" if kv != model["n_head"] else "")
     tokenizer = record["tokenizer"]
@@ -308,7 +311,7 @@ def describe_text(record: dict[str, Any]) -> str:
     rows |= {
         "step": step,
         "tokens": _number(record["tokens"]) + (" trained" if record["tokens"] is not None else " (not recorded)"),
-        "region": trained if n else "dense (no sharing layers trained)",
+        "region": trained if n else unrun_region_text(unrun, model["n_layer"]),
         "--sharing-layers": f"{choices(n)} (default {allowed['default']}){more}",
         **transformers_row(record["transformers_shared_layers"], region["layers"], model["n_layer"]),
         "model": f"{model['n_layer']} layers, d {model['n_embd']}, {heads}, vocab {model['vocab_size']:,}, "
@@ -323,6 +326,18 @@ def describe_text(record: dict[str, Any]) -> str:
     }
     width = max(map(len, rows))
     return "\n".join([record["path"], *(f"  {name:<{width}}  {value}" for name, value in rows.items())])
+
+
+def unrun_region_text(unrun: dict[str, Any] | None, n_layer: int) -> str:
+    """The ``region`` row of a dense checkpoint; of a stock export (``unrun``: the region its weights trained, as it
+    recorded it), that it runs dense and how to get the region."""
+    if unrun is None:
+        return "dense (no sharing layers trained)"
+    region = TrainedRegion.from_record(unrun, n_layer)
+    return (
+        f"dense: a stock export of weights that trained {sharing_layers_text(region.size)} ({region.describe()}); "
+        "our commands and transformers run it dense (export the checkpoint again with --remote-code for the region)"
+    )
 
 
 def transformers_row(shared: Any, trained: list[int], n_layer: int) -> dict[str, str]:

@@ -339,6 +339,12 @@ class EPASModule(LightningModule):
         return self.model
 
     @property
+    def last_validation(self) -> dict[str, float | int] | None:
+        """``{"loss", "step"}`` of fit's latest validation: this run's, or the resumed checkpoint's until it validates
+        again (``None`` where the resume changed the held-out data it was measured on)."""
+        return None if self._last_validation is None else dict(self._last_validation)
+
+    @property
     def flops_per_batch(self) -> float | None:
         """FLOPs of the last batch under the current mask (read by ``ThroughputMonitor``): forward and backward of a
         training batch, the forward alone of a validation or test batch (the module is in eval mode there)."""

@@ -35,6 +35,7 @@ from epas_lightning.divergence import last_checkpoint
 from epas_lightning.flops import estimate_flops, flop_cut
 from epas_lightning.loss_scaling import loss_scaler
 from epas_lightning.progress import LINE_EVERY_S
+from epas_lightning.provenance import checked
 
 if TYPE_CHECKING:
     from epas_lightning.model import LlamaConfig
@@ -130,9 +131,8 @@ class RunSummary(Callback):
             tensorboard = next((lg.log_dir for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
             hint = f"  (tensorboard --logdir {tensorboard})" if tensorboard else ""
             lines.append(f"  logs         {log_dir}{hint}")
-        loss = trainer.callback_metrics.get("val/loss")
-        if loss is not None:
-            lines.append(f"  val loss     {_with_perplexity(float(loss))} at the last validation")
+        if (validation := _val_loss_line(trainer, pl_module)) is not None:
+            lines.append(validation)
         rates = self._rates[WARMUP_STEPS:] or self._rates
         if rates:
             lines.append(f"  throughput   {_throughput(statistics.median(rates), len(rates), trainer.world_size)}")
@@ -170,6 +170,20 @@ class RunSummary(Callback):
         if self.command_line:
             return f"the same command with {resume}"
         return f"trainer.fit(..., ckpt_path={checkpoint!r})"
+
+
+def _val_loss_line(trainer: Trainer, pl_module: LightningModule) -> str | None:
+    """The held-out loss of the session's last validation; where it ran none (a resume that stopped before the next
+    one), the loss the resumed checkpoint holds, at its step, unless the resume changed the held-out data (the module
+    then drops it: another data's loss)."""
+    loss = trainer.callback_metrics.get("val/loss")
+    if loss is not None:
+        return f"  val loss     {_with_perplexity(float(loss))} at the last validation"
+    restored = checked({"val_loss": getattr(pl_module, "last_validation", None)})["val_loss"]
+    if restored is None:
+        return None
+    at = "the last validation" if restored["step"] is None else f"the validation of step {restored['step']}"
+    return f"  val loss     {_with_perplexity(restored['loss'])} at {at}, before this session (which ran none)"
 
 
 def _ckpt_path_flag(checkpoint: str) -> str:

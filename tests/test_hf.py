@@ -864,8 +864,8 @@ def test_export_region_checks(tmp_path: Path, capsys: pytest.CaptureFixture, mon
     assert "trained with at most 1 sharing layer (" in capsys.readouterr().err and not (tmp_path / "a").exists()
     assert main([*export, "--output", str(tmp_path / "b"), "--sharing-layers", "0"]) == 0
     assert json.loads((tmp_path / "b" / "config.json").read_text())["model_type"] == "llama"
-    said = capsys.readouterr().err  # the stock folder reads as dense: inspect said "no sharing layers trained"
-    assert "records no trained region (layers [3], deep-first)" in said and "--remote-code" in said, said
+    said = capsys.readouterr().err  # the stock folder runs dense: inspect shows the region as a record only
+    assert "does not carry the trained region (layers [3], deep-first)" in said and "--remote-code" in said, said
     assert main([*export, "--output", str(tmp_path / "c"), "--sharing-layers", "0", "--remote-code"]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "c", trust_remote_code=True, epas_shared_layers=[3]

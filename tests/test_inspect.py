@@ -241,9 +241,29 @@ def test_records_of_another_type_are_one_line_or_read_as_not_recorded(tmp_path, 
     argv = ["export", "--checkpoint", str(folder), "--output", str(tmp_path / "out")]
     assert main(argv) == 2 and not (tmp_path / "out").exists()
     assert capsys.readouterr().err == (
-        f"error: its tokenizer record is invalid (path: 5) — {folder / 'config.json'} — pass the checkpoint as fit "
-        "or consolidate wrote it\n"
+        f"error: its config.json's tokenizer record is invalid (path: 5) — --checkpoint {folder} — pass the "
+        "checkpoint as fit or consolidate wrote it\n"
     )
+
+
+def test_a_damaged_consolidated_folder_names_its_file_and_the_flag_that_gave_it(tmp_path, capsys):
+    """Its config.json or model.safetensors unreadable named the file alone (`<folder>/config.json`): not whether it
+    was --checkpoint or model.init_from that gave the folder, as every other checkpoint form says."""
+    from epas_lightning.errors import CheckpointError
+    from epas_lightning.init_from import check_init_source
+
+    folder = save_consolidated(Llama(LlamaConfig.from_name("debug", n_layer=2)), tmp_path / "c")
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights[:100])
+    err = one_line_error(capsys, folder)
+    assert err.startswith("error: corrupt or truncated model.safetensors (") and err.endswith(
+        f" — --checkpoint {folder} — consolidate again\n"
+    ), err
+    (folder / "model.safetensors").write_bytes(weights)
+    (folder / "config.json").write_text("{")
+    assert "error: unreadable config.json (" in one_line_error(capsys, folder)
+    with pytest.raises(CheckpointError, match=f"^unreadable config.json .* — model.init_from {folder} — consolidate"):
+        check_init_source(folder, LlamaConfig.from_name("debug", n_layer=2))
 
 
 def test_a_held_out_record_fit_never_writes_reads_as_not_recorded(tmp_path):
@@ -352,6 +372,18 @@ def test_consolidate_and_export_carry_the_provenance_inspect_shows_for_the_check
     with safe_open(direct / "model.safetensors", "pt") as f:
         assert f.metadata()["format"] == "pt"  # what transformers reads; its config.json is untouched
     assert not any(key.startswith("epas") for key in json.loads((direct / "config.json").read_text()))
+    # the stock export runs dense: inspect said "dense (no sharing layers trained)", "1..3 ... (never trained)"
+    out, record = inspected(capsys, direct)
+    assert record["weights_trained_region"] == {"layers": [3, 2], "order": "deep_first"}, out
+    assert record["trained_region"]["layers"] == [] and record["sharing_layers"]["max"] == 0
+    assert (
+        "  region            dense: a stock export of weights that trained 2 sharing layers (layers [3, 2], "
+        "deep-first); our commands and transformers run it dense (export the checkpoint again with --remote-code "
+        "for the region)\n" in out
+    ), out
+    forced = "1..3 only with --force (the folder does not carry the region its weights trained)"
+    assert f"  --sharing-layers  0 (default 0); {forced}\n" in out, out
+    assert inspected(capsys, through)[1]["weights_trained_region"] is None  # it runs its region
 
     # folders written before: the step alone (consolidate), nothing (export); they still inspect
     config = json.loads((consolidated / "config.json").read_text())
@@ -367,6 +399,7 @@ def test_consolidate_and_export_carry_the_provenance_inspect_shows_for_the_check
             None,
         )
         assert "  made from         not recorded\n" in out and "  tokens            - (not recorded)\n" in out
+    assert record["weights_trained_region"] is None and "  region            dense (no sharing layers trained)\n" in out
 
 
 class Evil:

@@ -733,7 +733,8 @@ def test_the_summary_throughput_is_the_optimizer_steps_wall_clock_rate(tmp_path)
 
 
 def test_the_summary_of_a_resume_with_nothing_left_to_train_says_so(tmp_path):
-    """A resume at or past max_steps trains nothing: the summary said "Run finished: 4 optimizer steps in 0 s."."""
+    """A resume at or past max_steps trains nothing: the summary said "Run finished: 4 optimizer steps in 0 s.". Nor
+    does it validate: the summary had no val loss line, though the checkpoint holds the last one (at step 4)."""
     from helpers import cpu_trainer
 
     from epas_lightning import EPASModule, LlamaConfig
@@ -741,12 +742,18 @@ def test_the_summary_of_a_resume_with_nothing_left_to_train_says_so(tmp_path):
 
     module = EPASModule(LlamaConfig.from_name("debug", block_size=16))
     loader = torch.utils.data.DataLoader(torch.randint(0, 512, (8, 17)), batch_size=2)
-    cpu_trainer(tmp_path, 4, [ModelCheckpoint(tmp_path / "ckpt", save_last=True)]).fit(module, loader)
-    summary = RunSummary()
+    first_run = cpu_trainer(tmp_path, 4, [ModelCheckpoint(tmp_path / "ckpt", save_last=True)], limit_val_batches=1)
+    first_run.fit(module, loader, loader)
+    validated = float(first_run.callback_metrics["val/loss"])
+    summary, resumed = RunSummary(), EPASModule(LlamaConfig.from_name("debug", block_size=16))
     trainer = cpu_trainer(tmp_path, 3, [summary], enable_checkpointing=False)
-    trainer.fit(module, loader, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
-    first = summary.summary(trainer, module, None).splitlines()[0]
-    assert first.startswith("Run finished: 4 optimizer steps (none in this session: resumed at step 4, where max_steps")
+    trainer.fit(resumed, loader, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    lines = summary.summary(trainer, resumed, None).splitlines()
+    assert lines[0].startswith(
+        "Run finished: 4 optimizer steps (none in this session: resumed at step 4, where max_steps"
+    )
+    assert f"  val loss     {validated:.4f} (perplexity " in "\n".join(lines)
+    assert lines[1].endswith(") at the validation of step 4, before this session (which ran none)")
     # the loader's 4 batches are one epoch: max_epochs is the limit reached (it named max_steps -1)
     trainer = cpu_trainer(tmp_path, -1, [summary], enable_checkpointing=False, max_epochs=1)
     trainer.fit(module, loader, ckpt_path=tmp_path / "ckpt" / "last.ckpt")

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from epas_lightning.checkpoint import STORED, load_model
-from epas_lightning.checkpoint_formats import export_record
+from epas_lightning.checkpoint_formats import EXPORT_REGION_KEY, export_record
 from epas_lightning.data.chat_template import chat_template_beside
 from epas_lightning.data.tokenizer import (
     HF_FILENAME,
@@ -241,6 +241,8 @@ def export(
         eos_ids = stop_ids if len(stop_ids) > 1 else stop_ids[0]
     with output_folder(output, EXPORT_KIND, overwrite, inputs=[checkpoint]) as build:
         provenance = export_metadata(carried(loaded.training, checkpoint))  # not config.json: see provenance.py
+        if not use_remote and loaded.region.size:  # a record only: the stock config.json runs dense
+            provenance[EXPORT_REGION_KEY] = json.dumps(loaded.region.to_record())
         save_file(state, build / "model.safetensors", metadata={"format": "pt", **provenance})
         record = hf_config(config, shared if use_remote else None, loaded.region, loaded.bos_id, eos_ids, torch_dtype)
         (build / "config.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -251,8 +253,9 @@ def export(
                 shutil.copyfile(REMOTE_DIR / name, build / name)
         if not use_remote and loaded.region.size:
             log.warning(
-                f"The stock folder records no trained region ({loaded.region.describe()}): our commands read it "
-                "as dense; export with --remote-code to keep the region with 0 sharing layers"
+                f"The stock folder runs dense in our commands and in transformers: it does not carry the trained "
+                f"region ({loaded.region.describe()}), which inspect shows from the record in its model.safetensors; "
+                "export with --remote-code to keep the region with 0 sharing layers"
             )
         if tokenizer_path is None:
             log.warning(f"{loaded.no_tokenizer().capitalize()}: exported weights and config only; pass --tokenizer.")
