@@ -371,8 +371,8 @@ def finiteness(non_finite: list[str] | None, non_finite_state: list[str] | None 
 
 
 def listing_text(records: list[dict[str, Any]], folder: Path) -> str:
-    """One line per checkpoint: step, tokens, trained region size, val loss, whether its weights are finite (or not
-    checked), size and its path under ``folder``."""
+    """One line per checkpoint: step, tokens, trained region size (:func:`region_cell`), val loss, whether its
+    weights are finite (or not checked), size and its path under ``folder``."""
     header = ("step", "tokens", "region", "val loss (at step)", "weights", "size", "checkpoint")
     rows = []
     for r in records:
@@ -381,13 +381,21 @@ def listing_text(records: list[dict[str, Any]], folder: Path) -> str:
             rows.append(("?", "", "", "", "", "", f"{path}  (unreadable: {r['error']})"))
             continue
         val = r["val_loss"]
-        cells = (_number(r["global_step"]), _number(r["tokens"]), str(r["sharing_layers"]["max"]))
+        cells = (_number(r["global_step"]), _number(r["tokens"]), region_cell(r))
         loss = "-" if val is None else f"{val['loss']:.4f}" + (f" ({val['step']:,})" if val["step"] is not None else "")
         finite = finiteness(r["non_finite"], r["non_finite_optimizer_state"])
         rows.append((*cells, loss, finite, size_text(r["size_bytes"]), path))
     rows.insert(0, header)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     return "\n".join("  ".join([*map(str.ljust, row[:-1], widths), row[-1]]) for row in rows)
+
+
+def region_cell(record: dict[str, Any]) -> str:
+    """The listing's ``region`` cell: the sharing layers the checkpoint runs; of a stock export, the region its
+    weights trained too, which the folder does not carry (the ``region`` row of :func:`describe_text`, short)."""
+    unrun = record["weights_trained_region"]
+    runs = str(record["sharing_layers"]["max"])
+    return f"{runs} (trained {len(unrun['layers'])}, not carried)" if unrun else runs
 
 
 def inspect_command(checkpoint: Path, check_weights: bool | None = None, json: bool = False) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -384,6 +385,10 @@ def test_consolidate_and_export_carry_the_provenance_inspect_shows_for_the_check
     forced = "1..3 only with --force (the folder does not carry the region its weights trained)"
     assert f"  --sharing-layers  0 (default 0); {forced}\n" in out, out
     assert inspected(capsys, through)[1]["weights_trained_region"] is None  # it runs its region
+    listed = inspected(capsys, tmp_path)[0].splitlines()  # the run folder's listing said region 0, nothing more
+    stock = [re.split(" {2,}", line)[2] for line in listed if line.endswith("hf-stock")]
+    assert stock == ["0 (trained 2, not carried)"], listed
+    assert [line.split()[2] for line in listed if line.endswith(("hf", "consolidated"))] == ["2", "2"]
 
     # folders written before: the step alone (consolidate), nothing (export); they still inspect
     config = json.loads((consolidated / "config.json").read_text())
