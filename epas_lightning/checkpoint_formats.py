@@ -144,6 +144,8 @@ def _read_consolidated(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], 
     }
     if "region" in sharing:
         metadata[REGION_KEY] = sharing["region"]
+    if WEIGHTS_REGION_KEY in sharing:  # a copy of a stock export: read by :func:`weights_region`
+        metadata[WEIGHTS_REGION_KEY] = sharing[WEIGHTS_REGION_KEY]
     if (training := from_consolidated(record)) is not None:
         metadata[TRAINING_KEY] = training
     return state, metadata
@@ -183,7 +185,8 @@ EXPORT_REGION_KEY = "epas_trained_region"
 """The region a stock export's weights trained sharing, in the metadata of its ``model.safetensors`` (JSON, as
 :meth:`TrainedRegion.to_record` writes it): a record only, the stock ``config.json`` runs dense."""
 WEIGHTS_REGION_KEY = "weights_trained_region"
-"""Metadata of a Hugging Face folder read as dense: the region its weights trained, as a stock export recorded it."""
+"""Metadata of a checkpoint read as dense: the region its weights trained, as a stock export recorded it (a consolidated
+folder made from one keeps it in its ``config.json``'s ``sharing``)."""
 HF_SHARED_KEY = "hf_shared_layers"
 """Metadata of a Hugging Face folder: the layers transformers loads it with sharing (its config's
 ``epas_shared_layers``, as written; none in a stock LLaMA config)."""
@@ -210,8 +213,18 @@ def recorded_weights_region(path: Path, n_layer: int) -> TrainedRegion | None:
     """The region the weights of the stock export ``path`` trained sharing, as it recorded it; ``None`` where none is
     recorded (a dense checkpoint's export, another tool's folder) or the record does not read."""
     try:
-        region = TrainedRegion.from_record(json.loads((_weights_metadata(path) or {})[EXPORT_REGION_KEY]), n_layer)
-    except (KeyError, TypeError, ValueError):  # ConfigError too: a record of another model
+        record = json.loads((_weights_metadata(path) or {})[EXPORT_REGION_KEY])
+    except (KeyError, ValueError):
+        return None
+    return weights_region(record, n_layer)
+
+
+def weights_region(record: Any, n_layer: int) -> TrainedRegion | None:
+    """The region a dense checkpoint's weights trained sharing, from its ``record`` (a stock export's, as
+    :meth:`TrainedRegion.to_record` writes it); ``None`` where there is none or it does not read."""
+    try:
+        region = TrainedRegion.from_record(record, n_layer)
+    except (TypeError, ValueError):  # ConfigError too: no record, a record of another model
         return None
     return region if region.size else None
 

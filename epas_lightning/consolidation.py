@@ -11,8 +11,8 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from epas_lightning.checkpoint import STORED, load_model
-from epas_lightning.checkpoint_formats import CONFIG_FILE, WEIGHTS_FILE
+from epas_lightning.checkpoint import STORED, LoadedModel, load_model
+from epas_lightning.checkpoint_formats import CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_REGION_KEY
 from epas_lightning.data.tokenizer import TokenizerError, load_tokenizer
 from epas_lightning.hf.convert import saveable
 from epas_lightning.outputs import check_output, output_folder
@@ -45,6 +45,7 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
             "shared_layers": loaded.trained_shared_layers,
             "mode": loaded.model.config.sharing_mode,
             "region": loaded.region.to_record(),
+            **carried_weights_region(loaded),
         },
         "global_step": training.pop("global_step"),
         TRAINING_KEY: training,  # epoch, tokens, val_loss, source
@@ -75,6 +76,12 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
                 }
         (build / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return Path(output).expanduser().absolute()
+
+
+def carried_weights_region(loaded: LoadedModel) -> dict[str, Any]:
+    """The ``sharing`` entry of a copy of a stock export: the region its weights trained, which the copy does not run
+    either (:data:`WEIGHTS_REGION_KEY`); none for other checkpoints."""
+    return {WEIGHTS_REGION_KEY: loaded.weights_region.to_record()} if loaded.weights_region else {}
 
 
 def consolidated_summary(folder: Path) -> dict[str, Any]:

@@ -187,7 +187,7 @@ def source_shapes(path: Path, config: LlamaConfig, stage: str = "fit") -> dict[s
     that needs no weight read: the source's own consistency and its architecture against ``config``. Warns when the
     source trained sharing (:func:`_say_it_starts_dense`; ``stage``: the Lightning command that reads it)."""
     from epas_lightning.checkpoint import read_description  # .ckpt, FSDP2 or consolidated dir
-    from epas_lightning.checkpoint_formats import hf_trained_region
+    from epas_lightning.checkpoint_formats import hf_trained_region, recorded_weights_region
 
     if is_hf_dir(path):
         where = f"model.init_from {path}"
@@ -196,11 +196,13 @@ def source_shapes(path: Path, config: LlamaConfig, stage: str = "fit") -> dict[s
             check_compatible(config, hf, f"init_from {path}", leave_unset(config))
             shapes = hf_to_ours(read_hf_weights(path, weights=False), config)  # vocabulary rows, unknown tensors
         region = hf_trained_region(hf, config.n_layer, where)  # export's record, perhaps hand-edited
-        _say_it_starts_dense(path, sorted(region.layers), stage)
+        unrun = None if region.size else recorded_weights_region(path, config.n_layer)  # a stock export's record
+        _say_it_starts_dense(path, sorted((unrun or region).layers), stage, record_only=unrun is not None)
         return shapes
     info, state, _ = read_description(path, flag="model.init_from")
     check_same_architecture(config, info.config, f"model.init_from {path}", leave_unset(config))
-    _say_it_starts_dense(path, sorted(info.region.layers), stage)
+    unrun = info.weights_region  # a copy of a stock export: the region its weights trained, as recorded
+    _say_it_starts_dense(path, sorted((unrun or info.region).layers), stage, record_only=unrun is not None)
     return {key: t for key, t in state.items() if key not in NOT_LOADED}
 
 
@@ -243,24 +245,29 @@ def init_batches(
         yield batch
 
 
-def _say_it_starts_dense(path: Path, trained_shared_layers: list[int], stage: str = "fit") -> None:
-    """Warn that the layers the source trained sharing compute again in this run (an export records them too):
-    ``fit``'s schedule decides the region from there, and ``validate``/``test``/``predict`` run the weights as ``fit``
-    starts from them (the baseline of a continual run), not the trained region; on rank 0 only (which alone reads the
-    source in a distributed run)."""
+def _say_it_starts_dense(
+    path: Path, trained_shared_layers: list[int], stage: str = "fit", record_only: bool = False
+) -> None:
+    """Warn that the layers the source trained sharing compute again in this run (an export records them too; a stock
+    export, or a copy of one, only as a record, ``record_only``: it runs dense itself): ``fit``'s schedule decides the
+    region from there, and ``validate``/``test``/``predict`` run the weights as ``fit`` starts from them (the baseline
+    of a continual run), not the trained region; on rank 0 only (which alone reads the source in a distributed run)."""
     if not trained_shared_layers or rank_zero_only.rank != 0:
         return
     trained = f"model.init_from {path} trained layers {trained_shared_layers} sharing; "
+    origin = "the training checkpoint its weights came from" if record_only else None  # the folder runs dense
     if stage == "predict":
+        runs = f"ckpt_path= (or epas_lightning.load_model({str(path)!r}))"
+        runs = runs if origin is None else f"{origin}, as ckpt_path=,"
         said = (
-            "predict runs it with every layer computing its own Q/K, as a fit from it starts: ckpt_path= (or "
-            f"epas_lightning.load_model({str(path)!r})) runs its trained region"
+            f"predict runs it with every layer computing its own Q/K, as a fit from it starts: {runs} runs its trained "
+            "region"
         )
     elif stage in ("validate", "test"):
+        scores = f"evaluate --checkpoint {path}" if origin is None else f"evaluate --checkpoint of {origin}"
         said = (
             f"{stage} scores it with every layer computing its own Q/K, as a fit from it starts (val/loss; "
-            f"sharing.val_sharing_layers adds regions of sharing.target): evaluate --checkpoint {path} scores its "
-            "trained region"
+            f"sharing.val_sharing_layers adds regions of sharing.target): {scores} scores its trained region"
         )
     else:
         said = (

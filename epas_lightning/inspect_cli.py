@@ -25,7 +25,6 @@ from epas_lightning.checkpoint_formats import (
     HF_SHARED_KEY,
     MODEL_PREFIX,
     WEIGHTS_FILE,
-    WEIGHTS_REGION_KEY,
     check_complete,
     checkpoint_kind,
     shard_tensors,
@@ -75,7 +74,7 @@ def describe(path: Path, check_weights: bool = True) -> dict[str, Any]:
             "max_forced": len(region.growth_order()),
         },
         "transformers_shared_layers": metadata.get(HF_SHARED_KEY) if kind == "hf" else None,
-        "weights_trained_region": metadata.get(WEIGHTS_REGION_KEY) if kind == "hf" else None,
+        "weights_trained_region": info.weights_region.to_record() if info.weights_region else None,
         "model": {
             "n_layer": config.n_layer,
             "n_embd": config.n_embd,
@@ -311,7 +310,7 @@ def describe_text(record: dict[str, Any]) -> str:
     rows |= {
         "step": step,
         "tokens": _number(record["tokens"]) + (" trained" if record["tokens"] is not None else " (not recorded)"),
-        "region": trained if n else unrun_region_text(unrun, model["n_layer"]),
+        "region": trained if n else unrun_region_text(unrun, model["n_layer"], record["kind"]),
         "--sharing-layers": f"{choices(n)} (default {allowed['default']}){more}",
         **transformers_row(record["transformers_shared_layers"], region["layers"], model["n_layer"]),
         "model": f"{model['n_layer']} layers, d {model['n_embd']}, {heads}, vocab {model['vocab_size']:,}, "
@@ -328,15 +327,16 @@ def describe_text(record: dict[str, Any]) -> str:
     return "\n".join([record["path"], *(f"  {name:<{width}}  {value}" for name, value in rows.items())])
 
 
-def unrun_region_text(unrun: dict[str, Any] | None, n_layer: int) -> str:
-    """The ``region`` row of a dense checkpoint; of a stock export (``unrun``: the region its weights trained, as it
-    recorded it), that it runs dense and how to get the region."""
+def unrun_region_text(unrun: dict[str, Any] | None, n_layer: int, kind: str = "hf") -> str:
+    """The ``region`` row of a dense checkpoint; of a stock export or a copy of one (``unrun``: the region its weights
+    trained, as it recorded it), that it runs dense and how to get the region."""
     if unrun is None:
         return "dense (no sharing layers trained)"
     region = TrainedRegion.from_record(unrun, n_layer)
+    what, runs = ("a stock export", "our commands and transformers") if kind == "hf" else ("a copy", "our commands")
     return (
-        f"dense: a stock export of weights that trained {sharing_layers_text(region.size)} ({region.describe()}); "
-        "our commands and transformers run it dense (export the checkpoint again with --remote-code for the region)"
+        f"dense: {what} of weights that trained {sharing_layers_text(region.size)} ({region.describe()}); "
+        f"{runs} run it dense (export the checkpoint again with --remote-code for the region)"
     )
 
 
@@ -371,8 +371,8 @@ def finiteness(non_finite: list[str] | None, non_finite_state: list[str] | None 
 
 
 def listing_text(records: list[dict[str, Any]], folder: Path) -> str:
-    """One line per checkpoint: step, tokens, trained region size, val loss, whether its weights are finite (or not
-    checked), size and its path under ``folder``."""
+    """One line per checkpoint: step, tokens, trained region size (:func:`region_cell`), val loss, whether its
+    weights are finite (or not checked), size and its path under ``folder``."""
     header = ("step", "tokens", "region", "val loss (at step)", "weights", "size", "checkpoint")
     rows = []
     for r in records:
@@ -381,13 +381,21 @@ def listing_text(records: list[dict[str, Any]], folder: Path) -> str:
             rows.append(("?", "", "", "", "", "", f"{path}  (unreadable: {r['error']})"))
             continue
         val = r["val_loss"]
-        cells = (_number(r["global_step"]), _number(r["tokens"]), str(r["sharing_layers"]["max"]))
+        cells = (_number(r["global_step"]), _number(r["tokens"]), region_cell(r))
         loss = "-" if val is None else f"{val['loss']:.4f}" + (f" ({val['step']:,})" if val["step"] is not None else "")
         finite = finiteness(r["non_finite"], r["non_finite_optimizer_state"])
         rows.append((*cells, loss, finite, size_text(r["size_bytes"]), path))
     rows.insert(0, header)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     return "\n".join("  ".join([*map(str.ljust, row[:-1], widths), row[-1]]) for row in rows)
+
+
+def region_cell(record: dict[str, Any]) -> str:
+    """The listing's ``region`` cell: the sharing layers the checkpoint runs; of a stock export, the region its
+    weights trained too, which the folder does not carry (the ``region`` row of :func:`describe_text`, short)."""
+    unrun = record["weights_trained_region"]
+    runs = str(record["sharing_layers"]["max"])
+    return f"{runs} (trained {len(unrun['layers'])}, not carried)" if unrun else runs
 
 
 def inspect_command(checkpoint: Path, check_weights: bool | None = None, json: bool = False) -> None:

@@ -878,6 +878,15 @@ def test_export_region_checks(tmp_path: Path, capsys: pytest.CaptureFixture, mon
 
     with pytest.warns(UserWarning, match=r"trained layers \[3\] sharing; this run starts every layer computing"):
         read_init_state(tmp_path / "c", load_model(tmp_path / "ckpt").model.config)
+    from epas_lightning.consolidation import consolidate
+    from epas_lightning.init_from import source_shapes
+
+    config = load_model(tmp_path / "ckpt").model.config  # the stock export, and a copy of it, said nothing
+    for stock in (tmp_path / "b", consolidate(tmp_path / "b", tmp_path / "d")):
+        with pytest.warns(UserWarning, match=r"trained layers \[3\] sharing; this run starts every layer computing"):
+            read_init_state(stock, config)
+    with pytest.warns(UserWarning, match=r"evaluate --checkpoint of the training checkpoint its weights came from"):
+        source_shapes(tmp_path / "b", config, "validate")  # not itself: it runs dense
     from lightning.pytorch.utilities import rank_zero_only
 
     with monkeypatch.context() as m, warnings.catch_warnings():  # every rank reads init_from; rank 0 alone says it

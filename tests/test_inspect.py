@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -384,6 +385,17 @@ def test_consolidate_and_export_carry_the_provenance_inspect_shows_for_the_check
     forced = "1..3 only with --force (the folder does not carry the region its weights trained)"
     assert f"  --sharing-layers  0 (default 0); {forced}\n" in out, out
     assert inspected(capsys, through)[1]["weights_trained_region"] is None  # it runs its region
+    listed = inspected(capsys, tmp_path)[0].splitlines()  # the run folder's listing said region 0, nothing more
+    stock = [re.split(" {2,}", line)[2] for line in listed if line.endswith("hf-stock")]
+    assert stock == ["0 (trained 2, not carried)"], listed
+    assert [line.split()[2] for line in listed if line.endswith(("hf", "consolidated"))] == ["2", "2"]
+    # exported or consolidated again, it ran dense with no record: the region its weights trained was lost
+    again, copy = export(direct, tmp_path / "again"), consolidate(direct, tmp_path / "copy")
+    for folder in (again, copy, export(copy, tmp_path / "copy-hf")):
+        out, record = inspected(capsys, folder)
+        assert record["weights_trained_region"] == {"layers": [3, 2], "order": "deep_first"}, folder
+        assert record["trained_region"]["layers"] == [] and record["sharing_layers"]["max"] == 0, folder
+    assert "  region            dense: a copy of weights that trained 2 sharing layers (" in inspected(capsys, copy)[0]
 
     # folders written before: the step alone (consolidate), nothing (export); they still inspect
     config = json.loads((consolidated / "config.json").read_text())

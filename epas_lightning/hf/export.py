@@ -241,8 +241,9 @@ def export(
         eos_ids = stop_ids if len(stop_ids) > 1 else stop_ids[0]
     with output_folder(output, EXPORT_KIND, overwrite, inputs=[checkpoint]) as build:
         provenance = export_metadata(carried(loaded.training, checkpoint))  # not config.json: see provenance.py
-        if not use_remote and loaded.region.size:  # a record only: the stock config.json runs dense
-            provenance[EXPORT_REGION_KEY] = json.dumps(loaded.region.to_record())
+        trained = loaded.region if loaded.region.size else loaded.weights_region  # a stock export's, carried on
+        if not use_remote and trained is not None and trained.size:  # a record only: the stock config.json runs dense
+            provenance[EXPORT_REGION_KEY] = json.dumps(trained.to_record())
         save_file(state, build / "model.safetensors", metadata={"format": "pt", **provenance})
         record = hf_config(config, shared if use_remote else None, loaded.region, loaded.bos_id, eos_ids, torch_dtype)
         (build / "config.json").write_text(json.dumps(record, indent=2) + "\n")
