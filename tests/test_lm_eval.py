@@ -195,6 +195,25 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(checkpoint: Pa
         EPASLM(str(checkpoint), tokenizer=str(other), device="cpu")
 
 
+def test_errors_from_python_name_the_model_arguments(checkpoint: Path, tasks: Path, tmp_path: Path) -> None:
+    """From Python (EPASLM(...), model_args "checkpoint=...") the checkpoint's errors named the command's flags
+    (--checkpoint PATH, --device, --tokenizer); the command's own errors keep them (test_lm_eval_command_errors)."""
+    import shutil
+
+    from epas_lightning.errors import CheckpointError
+    from epas_lightning.evaluation.lm_eval_adapter import EPASLM
+
+    missing = tmp_path / "missing"
+    with pytest.raises(CheckpointError, match=f"^checkpoint does not exist — checkpoint={missing} — check the path$"):
+        evaluate("epas", f"checkpoint={missing},device=cpu", tasks, ["tiny_mc"])
+    with pytest.raises(ConfigError, match=" — device=cuda:7 — use "):
+        EPASLM(str(checkpoint), device="cuda:7")
+    untokenized = shutil.copytree(checkpoint, tmp_path / "m")
+    (untokenized / "tokenizer.json").unlink()
+    with pytest.raises(ConfigError, match=f"is gone .* — checkpoint={untokenized} — pass tokenizer=PATH \\(the "):
+        EPASLM(str(untokenized), device="cpu")
+
+
 @pytest.mark.parametrize(
     ("task", "expected"),
     [
@@ -261,6 +280,10 @@ def test_lm_eval_command_sweeps_regions_and_equals_the_fallback(checkpoint, task
 
 def test_lm_eval_command_errors(checkpoint, tasks, tmp_path, capsys, monkeypatch) -> None:
     argv = ["lm-eval", "--checkpoint", str(checkpoint)]
+    rc, _, err = run_cli(
+        capsys, "lm-eval", "--checkpoint", str(tmp_path / "no"), "--tasks", str(tasks / "tiny_mc.yaml")
+    )
+    assert rc == 2 and f"checkpoint does not exist — --checkpoint {tmp_path / 'no'} — " in err, err
     rc, _, err = run_cli(capsys, *argv, "--tasks", str(tmp_path / "missing.yaml"))
     assert rc == 2 and "task file does not exist" in err
     rc, _, err = run_cli(capsys, *argv, "--tasks", "tiny_mc", "--include-path", str(tmp_path / "nowhere"))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,7 +35,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from torch import nn
 
-from epas_lightning.errors import ConfigError
+from epas_lightning.errors import ConfigError, UserError
 from epas_lightning.inference.generate import generate, set_region
 from epas_lightning.model import Llama
 from epas_lightning.runtime import activations_overflow, dtype_name
@@ -94,6 +95,36 @@ def _quiet(name: str = "lm_eval.models.huggingface") -> Iterator[None]:
         logger.setLevel(level)
 
 
+COMMAND_FLAG = re.compile(r"--(checkpoint|tokenizer|device|dtype)\b( (?=\S)(?!with ))?")
+"""The ``lm-eval`` command's flags that name a model argument, and whether a value follows (``--checkpoint PATH``;
+not in ``pass --tokenizer with the tokenizer ...``)."""
+
+
+def as_model_arguments(error: UserError) -> UserError:
+    """``error`` naming the model arguments a Python caller gave (``checkpoint=PATH``, ``device=cpu``) where the
+    loading code names the command's flags (``--checkpoint PATH``, ``--device cpu``)."""
+
+    def named(text: str | None) -> str | None:
+        return None if text is None else COMMAND_FLAG.sub(lambda m: m[1] + ("=" if m[2] else ""), text)
+
+    return type(error)(named(error.what), named(error.where), named(error.fix))
+
+
+@contextlib.contextmanager
+def _named_as(command_flags: bool) -> Iterator[None]:
+    """Errors as the caller gave the values: the command's flags, else the model arguments
+    (:func:`as_model_arguments`)."""
+    try:
+        yield
+    except UserError as e:
+        if command_flags:
+            raise
+        raise as_model_arguments(e) from e
+
+
+TOKENIZER_FIX = "pass --tokenizer PATH (the tokenizer.json or tokenizer.model the model was trained with)"
+
+
 @register_model("epas")
 class EPASLM(HFLM):
     """A checkpoint of ours as an lm-eval model, with the first ``sharing_layers`` layers of its trained region sharing.
@@ -108,6 +139,8 @@ class EPASLM(HFLM):
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
         dtype: auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32 elsewhere.
         force: Allow a region longer than the trained one.
+        command_flags: Errors name the ``lm-eval`` command's flags (``--checkpoint PATH``) rather than these
+            arguments (``checkpoint=PATH``), as the command passes them.
         **kwargs: Further ``HFLM`` options that apply to a model object (``add_bos_token``, ``prefix_token_id``,
             ``logits_cache``, ``softmax_dtype``, ...).
     """
@@ -122,27 +155,11 @@ class EPASLM(HFLM):
         device: str | None = "auto",
         dtype: str | None = "auto",
         force: bool = False,
+        command_flags: bool = False,
         **kwargs: Any,
     ) -> None:
-        from epas_lightning.data.tokenizer import load_tokenizer
-        from epas_lightning.hf.export import exported_tokenizer
-        from epas_lightning.inference.generate_cli import load_for_inference
-
-        # attention recomputed in every layer, as the export's modeling code does
-        self.loaded = load_for_inference(Path(checkpoint), device or "auto", dtype or "auto", attention_reuse=False)
-        self.checkpoint, self.force = str(checkpoint), bool(force)
-        config = self.loaded.model.config
-        path = self.loaded.tokenizer_file(tokenizer)
-        if path is None:
-            raise ConfigError(
-                self.loaded.no_tokenizer(),
-                f"checkpoint={checkpoint}",
-                "pass the tokenizer file (model argument tokenizer=PATH, or --tokenizer)",
-            )
-        text_tokenizer = load_tokenizer(Path(path), bos_id=self.loaded.bos_id, eos_id=self.loaded.eos_id)
-        text_tokenizer.check_fits(config.vocab_size)
-        self.stop_ids = text_tokenizer.stop_ids  # what the export's generation_config.json stops at
-        hf_tokenizer = exported_tokenizer(Path(path), config.context_length, self.loaded.bos_id, self.loaded.eos_id)
+        with _named_as(command_flags):
+            hf_tokenizer = self._load(checkpoint, tokenizer, device, dtype, force)
         with _quiet():
             super().__init__(
                 pretrained=CausalLM(self.loaded.model),
@@ -150,10 +167,29 @@ class EPASLM(HFLM):
                 backend="causal",
                 batch_size=batch_size,
                 max_batch_size=max_batch_size,
-                max_length=config.context_length,
+                max_length=self.loaded.model.config.context_length,
                 **kwargs,
             )
         self.set_sharing_layers(self.loaded.default_sharing if sharing_layers is None else int(sharing_layers))
+
+    def _load(self, checkpoint: str | Path, tokenizer: str | Path | None, device: str | None, dtype: str | None,
+              force: bool) -> Any:  # fmt: skip
+        """Load the model (``self.loaded``) and its tokenizer; return the tokenizer the export ships."""
+        from epas_lightning.data.tokenizer import load_tokenizer
+        from epas_lightning.hf.export import exported_tokenizer
+        from epas_lightning.inference.generate_cli import load_for_inference
+
+        # attention recomputed in every layer, as the export's modeling code does
+        self.loaded = load_for_inference(checkpoint, device or "auto", dtype or "auto", attention_reuse=False)
+        self.checkpoint, self.force = str(checkpoint), bool(force)
+        config = self.loaded.model.config
+        path = self.loaded.tokenizer_file(tokenizer)
+        if path is None:
+            raise ConfigError(self.loaded.no_tokenizer(), f"--checkpoint {checkpoint}", TOKENIZER_FIX)
+        text_tokenizer = load_tokenizer(Path(path), bos_id=self.loaded.bos_id, eos_id=self.loaded.eos_id)
+        text_tokenizer.check_fits(config.vocab_size)
+        self.stop_ids = text_tokenizer.stop_ids  # what the export's generation_config.json stops at
+        return exported_tokenizer(Path(path), config.context_length, self.loaded.bos_id, self.loaded.eos_id)
 
     def set_sharing_layers(self, n: int) -> list[int]:
         """Run with the first ``n`` layers of the trained region sharing; return those layers."""
