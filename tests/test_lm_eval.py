@@ -225,11 +225,15 @@ def test_errors_from_python_name_the_model_arguments(checkpoint: Path, tasks: Pa
             {"temperature": 1.0, "top_k": 5, "top_p": 0.9},
         ),
         ({"do_sample": False, "top_k": 5}, {"temperature": 0.0, "top_k": None, "top_p": None}),
+        # transformers' nucleus cut keeps the most likely token at top_p 0 (greedy), and cuts nothing at 1 or more
+        ({"do_sample": True, "temperature": 0.7, "top_p": 0}, {"temperature": 0.0, "top_k": None, "top_p": None}),
+        ({"do_sample": True, "temperature": 0.7, "top_p": 1.5}, {"temperature": 0.7, "top_k": 50, "top_p": None}),
     ],
 )
 def test_generation_samples_as_transformers_samples_the_export(checkpoint: Path, monkeypatch, task, expected) -> None:
     """A task's `top_k: 0` (transformers: no top-k cut) was refused, and sampling without `top_k` drew from every token
-    where transformers' `generate` keeps its default 50 for the export (its generation_config.json sets none)."""
+    where transformers' `generate` keeps its default 50 for the export (its generation_config.json sets none); `top_p`
+    0 and above 1 (transformers: greedy, no cut) were refused."""
     from epas_lightning.evaluation import lm_eval_adapter
 
     asked, generate = [], lm_eval_adapter.generate

@@ -38,7 +38,7 @@ from torch import nn
 from epas_lightning.errors import ConfigError, UserError
 from epas_lightning.inference.generate import generate, set_region
 from epas_lightning.model import Llama
-from epas_lightning.runtime import activations_overflow, dtype_name
+from epas_lightning.runtime import activations_overflow, dtype_name, is_real_number
 
 
 class CausalLM(nn.Module):
@@ -72,14 +72,16 @@ def sampling_settings(kwargs: dict[str, Any]) -> dict[str, Any]:
     """``generate``'s ``temperature``, ``top_k`` and ``top_p`` for a task's generation kwargs, as transformers'
     ``generate`` reads them for the export (whose ``generation_config.json`` sets none): greedy unless ``do_sample``;
     sampling keeps the :data:`HF_TOP_K` most likely tokens unless the task sets ``top_k`` (``0``: no cut; null is
-    unset, as transformers 5 fills a ``None`` field with its default), and a ``top_p`` of 1 or none cuts nothing."""
-    if not kwargs.get("do_sample"):
+    unset, as transformers 5 fills a ``None`` field with its default). ``top_p`` as transformers' nucleus cut: 1 or
+    more, or none, cuts nothing; 0 keeps only the most likely token, which is greedy decoding."""
+    if not kwargs.get("do_sample") or kwargs.get("top_p") == 0:
         return {"temperature": 0.0, "top_k": None, "top_p": None}
     top_k = HF_TOP_K if kwargs.get("top_k") is None else kwargs["top_k"]
+    top_p = kwargs.get("top_p")
     return {
         "temperature": float(kwargs.get("temperature") or 0.0),
         "top_k": None if top_k == 0 else top_k,
-        "top_p": kwargs.get("top_p"),
+        "top_p": None if is_real_number(top_p) and top_p >= 1 else top_p,
     }
 
 
