@@ -248,6 +248,17 @@ def test_generation_samples_as_transformers_samples_the_export(checkpoint: Path,
     assert asked == [expected] and out.shape == (1, 6)
 
 
+@pytest.mark.parametrize("task", [{"do_sample": True}, {"do_sample": True, "temperature": 0.0, "top_p": 0}])
+def test_sampling_at_temperature_0_is_refused_as_transformers_refuses_it(checkpoint: Path, task: dict) -> None:
+    """A task that samples at temperature 0 (or none: HFLM passes 0) was decoded greedily, its output scored as samples,
+    where transformers' generate raises for the export."""
+    from epas_lightning.evaluation.lm_eval_adapter import EPASLM
+
+    lm = EPASLM(str(checkpoint), device="cpu")
+    with pytest.raises(ConfigError, match="samples \\(do_sample: true\\) at temperature 0, which transformers'"):
+        lm._model_generate(torch.tensor([[1, 5, 9]]), 6, [], **task)
+
+
 def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
     rc = cli_main(list(argv))
     out = capsys.readouterr()
