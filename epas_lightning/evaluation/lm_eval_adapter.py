@@ -17,7 +17,7 @@ batching, truncation, rolling windows and the bookkeeping of generation are lm-e
 ``_model_call`` runs our ``Llama`` and returns logits over the real vocabulary (``config.vocab_size``, the rows the
 export keeps), and ``_model_generate`` decodes with our KV-cache ``generate``, sampling (a task with ``do_sample``)
 as transformers' ``generate`` samples the export: the 50 most likely tokens where the task sets no ``top_k``
-(transformers' default; the export's ``generation_config.json`` sets none), every token for ``top_k: 0``. A task
+(transformers' default; the export's ``generation_config.json`` sets none), every token for ``top_k`` 0 or null. A task
 that samples at temperature 0 (or sets none) is an error, as transformers raises for it: not greedy decoding as vLLM
 would, since ``hf`` has no numbers for it to equal and greedy text would be scored as samples
 (:func:`check_sampling_temperature`).
@@ -93,20 +93,20 @@ def check_sampling_temperature(temperature: object) -> None:
 def sampling_settings(kwargs: dict[str, Any]) -> dict[str, Any]:
     """``generate``'s ``temperature``, ``top_k`` and ``top_p`` for a task's generation kwargs, as transformers'
     ``generate`` reads them for the export (whose ``generation_config.json`` sets none): greedy unless ``do_sample``;
-    sampling keeps the :data:`HF_TOP_K` most likely tokens unless the task sets ``top_k`` (``0``: no cut; null is
-    unset, as transformers 5 fills a ``None`` field with its default). ``top_p`` as transformers' nucleus cut: 1 or
-    more, or none, cuts nothing; 0 keeps only the most likely token, which is greedy decoding. Sampling at
-    temperature 0 is refused (:func:`check_sampling_temperature`)."""
+    sampling keeps the :data:`HF_TOP_K` most likely tokens unless the task sets ``top_k`` (``0`` or null: no cut;
+    transformers fills in its defaults before the call's own values, so a ``None`` passed to ``generate`` stays).
+    ``top_p`` as transformers' nucleus cut: 1 or more, or none, cuts nothing; 0 keeps only the most likely token,
+    which is greedy decoding. Sampling at temperature 0 is refused (:func:`check_sampling_temperature`)."""
     if not kwargs.get("do_sample"):
         return {"temperature": 0.0, "top_k": None, "top_p": None}
     check_sampling_temperature(kwargs.get("temperature", 0.0))
     if kwargs.get("top_p") == 0:
         return {"temperature": 0.0, "top_k": None, "top_p": None}
-    top_k = HF_TOP_K if kwargs.get("top_k") is None else kwargs["top_k"]
+    top_k = kwargs.get("top_k", HF_TOP_K)
     temperature, top_p = kwargs["temperature"], kwargs.get("top_p")
     return {
         "temperature": 1.0 if temperature is None else temperature,  # transformers: None tempers nothing
-        "top_k": None if top_k == 0 else top_k,
+        "top_k": None if top_k in (0, None) else top_k,
         "top_p": None if is_real_number(top_p) and top_p >= 1 else top_p,
     }
 
