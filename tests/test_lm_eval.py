@@ -181,6 +181,11 @@ def test_regions_change_the_scores_and_the_tokenizer_is_the_exports(checkpoint, 
     assert all(abs(a[0] - b[0]) > 1e-6 for a, b in zip(lm.loglikelihood(requests), dense, strict=True))
     with pytest.raises(ConfigError, match="trained with at most 2 sharing layers"):
         lm.set_sharing_layers(3)
+    for n in ("all", 1.7):  # a ValueError traceback from int(), and a silent region of 1
+        with pytest.raises(
+            ConfigError, match=f"a region length is a number of sharing layers, got {n!r} — sharing_lay"
+        ):
+            EPASLM(str(checkpoint), sharing_layers=n, device="cpu")
 
 
 def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(checkpoint: Path, tmp_path: Path) -> None:

@@ -198,7 +198,7 @@ class EPASLM(HFLM):
                 max_length=self.loaded.model.config.context_length,
                 **kwargs,
             )
-        self.set_sharing_layers(self.loaded.default_sharing if sharing_layers is None else int(sharing_layers))
+        self.set_sharing_layers(self.loaded.default_sharing if sharing_layers is None else sharing_layers)
 
     def _load(self, checkpoint: str | Path, tokenizer: str | Path | None, device: str | None, dtype: str | None,
               force: bool) -> Any:  # fmt: skip
