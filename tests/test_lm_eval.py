@@ -181,6 +181,10 @@ def test_regions_change_the_scores_and_the_tokenizer_is_the_exports(checkpoint, 
     assert all(abs(a[0] - b[0]) > 1e-6 for a, b in zip(lm.loglikelihood(requests), dense, strict=True))
     with pytest.raises(ConfigError, match="trained with at most 2 sharing layers"):
         lm.set_sharing_layers(3)
+    short = EPASLM(str(checkpoint), sharing_layers=2, device="cpu", max_length=16)  # was a TypeError: given twice
+    assert short.max_length == 16 and lm.max_length == 32
+    with pytest.raises(ConfigError, match="from 1 to the model's context length \\(32\\), got 33 — max_length — "):
+        EPASLM(str(checkpoint), device="cpu", max_length=33)
     for n in ("all", 1.7):  # a ValueError traceback from int(), and a silent region of 1
         with pytest.raises(
             ConfigError, match=f"a region length is a number of sharing layers, got {n!r} — sharing_lay"

@@ -41,7 +41,7 @@ from torch import nn
 from epas_lightning.errors import ConfigError, UserError
 from epas_lightning.inference.generate import generate, set_region
 from epas_lightning.model import Llama
-from epas_lightning.runtime import activations_overflow, dtype_name, is_real_number
+from epas_lightning.runtime import activations_overflow, dtype_name, is_real_number, is_whole_number
 
 
 class CausalLM(nn.Module):
@@ -150,6 +150,22 @@ def _named_as(command_flags: bool) -> Iterator[None]:
         raise as_model_arguments(e) from e
 
 
+def model_max_length(max_length: object, context_length: int) -> int:
+    """``HFLM``'s ``max_length`` (the tokens a request keeps, cut from the left): the model's context length, or a
+    shorter one the caller gives (as ``hf`` takes it); a longer one is a :class:`ConfigError`, as our model has no
+    positions past its context length."""
+    if max_length is None:
+        return context_length
+    if not is_whole_number(max_length) or not 1 <= max_length <= context_length:
+        raise ConfigError(
+            f"max_length must be a whole number from 1 to the model's context length ({context_length}), got "
+            f"{max_length!r}",
+            "max_length",
+            f"give {context_length} or less, or leave it unset",
+        )
+    return int(max_length)
+
+
 TOKENIZER_FIX = "pass --tokenizer PATH (the tokenizer.json or tokenizer.model the model was trained with)"
 
 
@@ -169,7 +185,8 @@ class EPASLM(HFLM):
         force: Allow a region longer than the trained one.
         command_flags: Errors name the ``lm-eval`` command's flags (``--checkpoint PATH``) rather than these
             arguments (``checkpoint=PATH``), as the command passes them.
-        **kwargs: Further ``HFLM`` options that apply to a model object (``add_bos_token``, ``prefix_token_id``,
+        **kwargs: Further ``HFLM`` options that apply to a model object (``max_length`` up to the model's context
+            length, ``add_bos_token``, ``prefix_token_id``,
             ``logits_cache``, ``softmax_dtype``, ...).
     """
 
@@ -195,7 +212,7 @@ class EPASLM(HFLM):
                 backend="causal",
                 batch_size=batch_size,
                 max_batch_size=max_batch_size,
-                max_length=self.loaded.model.config.context_length,
+                max_length=model_max_length(kwargs.pop("max_length", None), self.loaded.model.config.context_length),
                 **kwargs,
             )
         self.set_sharing_layers(self.loaded.default_sharing if sharing_layers is None else sharing_layers)
