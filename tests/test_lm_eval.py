@@ -235,6 +235,7 @@ def test_errors_from_python_name_the_model_arguments(checkpoint: Path, tasks: Pa
             {"temperature": 1.0, "top_k": 5, "top_p": 0.9},
         ),
         ({"do_sample": False, "top_k": 5}, {"temperature": 0.0, "top_k": None, "top_p": None}),
+        ({"do_sample": False, "num_beams": 1, "use_cache": False}, {"temperature": 0.0, "top_k": None, "top_p": None}),
         # transformers' nucleus cut keeps the most likely token at top_p 0 (greedy), and cuts nothing at 1 or more
         ({"do_sample": True, "temperature": 0.7, "top_p": 0}, {"temperature": 0.0, "top_k": None, "top_p": None}),
         ({"do_sample": True, "temperature": 0.7, "top_p": 1.5}, {"temperature": 0.7, "top_k": 50, "top_p": None}),
@@ -258,14 +259,23 @@ def test_generation_samples_as_transformers_samples_the_export(checkpoint: Path,
     assert asked == [expected] and out.shape == (1, 6)
 
 
-@pytest.mark.parametrize("task", [{"do_sample": True}, {"do_sample": True, "temperature": 0.0, "top_p": 0}])
-def test_sampling_at_temperature_0_is_refused_as_transformers_refuses_it(checkpoint: Path, task: dict) -> None:
+@pytest.mark.parametrize(
+    ("task", "refused"),
+    [
+        ({"do_sample": True}, "samples \\(do_sample: true\\) at temperature 0, which transformers'"),
+        ({"do_sample": True, "temperature": 0.0, "top_p": 0}, "samples \\(do_sample: true\\) at temperature 0"),
+        # a stock task (code_x_glue code-text) searches 10 beams: it was decoded greedily without a word
+        ({"do_sample": False, "num_beams": 10}, "asks for num_beams: 10, which this model's decoding does not do"),
+        ({"do_sample": False, "repetition_penalty": 1.2}, "asks for repetition_penalty: 1.2, which"),
+    ],
+)
+def test_decoding_that_transformers_would_not_do_alike_is_refused(checkpoint: Path, task: dict, refused: str) -> None:
     """A task that samples at temperature 0 (or none: HFLM passes 0) was decoded greedily, its output scored as samples,
-    where transformers' generate raises for the export."""
+    where transformers' generate raises for the export; beam search and other settings were ignored."""
     from epas_lightning.evaluation.lm_eval_adapter import EPASLM
 
     lm = EPASLM(str(checkpoint), device="cpu")
-    with pytest.raises(ConfigError, match="samples \\(do_sample: true\\) at temperature 0, which transformers'"):
+    with pytest.raises(ConfigError, match=refused):
         lm._model_generate(torch.tensor([[1, 5, 9]]), 6, [], **task)
 
 

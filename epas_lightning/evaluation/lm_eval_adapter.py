@@ -71,6 +71,34 @@ HF_TOP_K = 50
 """transformers' ``top_k`` for sampling where neither the call nor the model's ``generation_config.json`` sets one."""
 
 
+DECODING_SETTINGS = {"do_sample", "temperature", "top_k", "top_p", "attention_mask"}
+"""The generation kwargs our decoding reads (:func:`sampling_settings`; ``attention_mask``: ``HFLM``'s padding)."""
+NO_OP_SETTINGS = {
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "typical_p": 1.0,
+    "min_p": None,
+    "use_cache": True,
+}
+"""transformers' ``generate`` settings at values that change nothing (its defaults)."""
+
+
+def check_decoding_settings(kwargs: dict[str, Any]) -> None:
+    """A :class:`ConfigError` for a generation kwarg that transformers' ``generate`` would honour on the export and our
+    decoding does not (beam search: ``num_beams: 10``, a repetition penalty, ...); it was ignored without a word."""
+    for key, value in kwargs.items():
+        if key in DECODING_SETTINGS or (key in NO_OP_SETTINGS and value == NO_OP_SETTINGS[key]) or key == "use_cache":
+            continue
+        raise ConfigError(
+            f"the task asks for {key}: {value!r}, which this model's decoding does not do (it decodes greedily, or "
+            "samples with temperature, top_k and top_p, as transformers' generate does for the export)",
+            "the task's generation_kwargs",
+            f"remove {key} from them, or score the export with lm-eval's hf model",
+        )
+
+
 def check_sampling_temperature(temperature: object) -> None:
     """A task that samples (``do_sample: true``) at temperature 0, or with none (``HFLM`` passes 0 then), is a
     :class:`ConfigError`, as transformers' ``generate`` refuses it for the export (a ``ValueError`` there).
@@ -251,10 +279,12 @@ class EPASLM(HFLM):
         """Left-padded ``context`` (B, T) followed by the new tokens, padded after EOS: what ``model.generate`` gives.
 
         Greedy unless the task asks for ``do_sample`` (then ``temperature``, ``top_k``, ``top_p`` with transformers'
-        defaults: :func:`sampling_settings`); ``HFLM`` cuts the decoded text at the stop strings.
+        defaults: :func:`sampling_settings`); ``HFLM`` cuts the decoded text at the stop strings. A setting our decoding
+        does not honour (beam search, a repetition penalty) is refused: :func:`check_decoding_settings`.
         """
         mask = kwargs.get("attention_mask")
         rows = context.tolist() if mask is None else [r[m.bool()].tolist() for r, m in zip(context, mask, strict=True)]
+        check_decoding_settings(kwargs)
         settings = sampling_settings(kwargs)
         result = generate(self.loaded.model, rows, max_length - context.shape[1], eos_id=self.stop_ids, **settings)
         pad = self.tokenizer.pad_token_id
