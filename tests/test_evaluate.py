@@ -161,6 +161,12 @@ def test_load_task_names_bad_lines(tmp_path: Path) -> None:
         load_task(task)
     with pytest.raises(DataError, match="does not exist"):
         load_task(tmp_path / "missing.jsonl")
+    (tmp_path / "t.yaml").write_text("task: t\n")
+    for lm_eval_task in (tmp_path / "t.yaml", "hellaswag"):  # a JSON error; "task file does not exist"
+        with pytest.raises(
+            ConfigError, match=f"reads as an lm-eval task .* — --tasks {lm_eval_task} — run it with the"
+        ):
+            load_task(lm_eval_task)
     for fields, says in [  # each was scored, read as str() or int() of what it held
         ('"context": null, "choices": [" a", " b"], "label": 0', "context must be text, not null"),
         ('"context": "c", "choices": " a b", "label": 0', 'choices must be a list of texts, not " a b"'),

@@ -181,6 +181,15 @@ def test_regions_change_the_scores_and_the_tokenizer_is_the_exports(checkpoint, 
     assert all(abs(a[0] - b[0]) > 1e-6 for a, b in zip(lm.loglikelihood(requests), dense, strict=True))
     with pytest.raises(ConfigError, match="trained with at most 2 sharing layers"):
         lm.set_sharing_layers(3)
+    short = EPASLM(str(checkpoint), sharing_layers=2, device="cpu", max_length=16)  # was a TypeError: given twice
+    assert short.max_length == 16 and lm.max_length == 32
+    with pytest.raises(ConfigError, match="from 1 to the model's context length \\(32\\), got 33 — max_length — "):
+        EPASLM(str(checkpoint), device="cpu", max_length=33)
+    for n in ("all", 1.7):  # a ValueError traceback from int(), and a silent region of 1
+        with pytest.raises(
+            ConfigError, match=f"a region length is a number of sharing layers, got {n!r} — sharing_lay"
+        ):
+            EPASLM(str(checkpoint), sharing_layers=n, device="cpu")
 
 
 def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(checkpoint: Path, tmp_path: Path) -> None:
@@ -195,22 +204,47 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(checkpoint: Pa
         EPASLM(str(checkpoint), tokenizer=str(other), device="cpu")
 
 
+def test_errors_from_python_name_the_model_arguments(checkpoint: Path, tasks: Path, tmp_path: Path) -> None:
+    """From Python (EPASLM(...), model_args "checkpoint=...") the checkpoint's errors named the command's flags
+    (--checkpoint PATH, --device, --tokenizer); the command's own errors keep them (test_lm_eval_command_errors)."""
+    import shutil
+
+    from epas_lightning.errors import CheckpointError
+    from epas_lightning.evaluation.lm_eval_adapter import EPASLM
+
+    missing = tmp_path / "missing"
+    with pytest.raises(CheckpointError, match=f"^checkpoint does not exist — checkpoint={missing} — check the path$"):
+        evaluate("epas", f"checkpoint={missing},device=cpu", tasks, ["tiny_mc"])
+    with pytest.raises(ConfigError, match=" — device=cuda:7 — use "):
+        EPASLM(str(checkpoint), device="cuda:7")
+    untokenized = shutil.copytree(checkpoint, tmp_path / "m")
+    (untokenized / "tokenizer.json").unlink()
+    with pytest.raises(ConfigError, match=f"is gone .* — checkpoint={untokenized} — pass tokenizer=PATH \\(the "):
+        EPASLM(str(untokenized), device="cpu")
+
+
 @pytest.mark.parametrize(
     ("task", "expected"),
     [
         ({"do_sample": True, "temperature": 0.7}, {"temperature": 0.7, "top_k": 50, "top_p": None}),
         ({"do_sample": True, "temperature": 1.0, "top_k": 0}, {"temperature": 1.0, "top_k": None, "top_p": None}),
-        ({"do_sample": True, "temperature": 1.0, "top_k": None}, {"temperature": 1.0, "top_k": 50, "top_p": None}),
+        # null is no cut: transformers' generate(top_k=None) replaces its default 50 (5.24: no top-k warper)
+        ({"do_sample": True, "temperature": 1.0, "top_k": None}, {"temperature": 1.0, "top_k": None, "top_p": None}),
         (
             {"do_sample": True, "temperature": 1.0, "top_k": 5, "top_p": 0.9},
             {"temperature": 1.0, "top_k": 5, "top_p": 0.9},
         ),
         ({"do_sample": False, "top_k": 5}, {"temperature": 0.0, "top_k": None, "top_p": None}),
+        ({"do_sample": False, "num_beams": 1, "use_cache": False}, {"temperature": 0.0, "top_k": None, "top_p": None}),
+        # transformers' nucleus cut keeps the most likely token at top_p 0 (greedy), and cuts nothing at 1 or more
+        ({"do_sample": True, "temperature": 0.7, "top_p": 0}, {"temperature": 0.0, "top_k": None, "top_p": None}),
+        ({"do_sample": True, "temperature": 0.7, "top_p": 1.5}, {"temperature": 0.7, "top_k": 50, "top_p": None}),
     ],
 )
 def test_generation_samples_as_transformers_samples_the_export(checkpoint: Path, monkeypatch, task, expected) -> None:
     """A task's `top_k: 0` (transformers: no top-k cut) was refused, and sampling without `top_k` drew from every token
-    where transformers' `generate` keeps its default 50 for the export (its generation_config.json sets none)."""
+    where transformers' `generate` keeps its default 50 for the export (its generation_config.json sets none); `top_p`
+    0 and above 1 (transformers: greedy, no cut) were refused."""
     from epas_lightning.evaluation import lm_eval_adapter
 
     asked, generate = [], lm_eval_adapter.generate
@@ -223,6 +257,26 @@ def test_generation_samples_as_transformers_samples_the_export(checkpoint: Path,
     monkeypatch.setattr(lm_eval_adapter, "generate", recording)
     out = lm._model_generate(torch.tensor([[1, 5, 9]]), 6, [], **task)
     assert asked == [expected] and out.shape == (1, 6)
+
+
+@pytest.mark.parametrize(
+    ("task", "refused"),
+    [
+        ({"do_sample": True}, "samples \\(do_sample: true\\) at temperature 0, which transformers'"),
+        ({"do_sample": True, "temperature": 0.0, "top_p": 0}, "samples \\(do_sample: true\\) at temperature 0"),
+        # a stock task (code_x_glue code-text) searches 10 beams: it was decoded greedily without a word
+        ({"do_sample": False, "num_beams": 10}, "asks for num_beams: 10, which this model's decoding does not do"),
+        ({"do_sample": False, "repetition_penalty": 1.2}, "asks for repetition_penalty: 1.2, which"),
+    ],
+)
+def test_decoding_that_transformers_would_not_do_alike_is_refused(checkpoint: Path, task: dict, refused: str) -> None:
+    """A task that samples at temperature 0 (or none: HFLM passes 0) was decoded greedily, its output scored as samples,
+    where transformers' generate raises for the export; beam search and other settings were ignored."""
+    from epas_lightning.evaluation.lm_eval_adapter import EPASLM
+
+    lm = EPASLM(str(checkpoint), device="cpu")
+    with pytest.raises(ConfigError, match=refused):
+        lm._model_generate(torch.tensor([[1, 5, 9]]), 6, [], **task)
 
 
 def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
@@ -261,6 +315,10 @@ def test_lm_eval_command_sweeps_regions_and_equals_the_fallback(checkpoint, task
 
 def test_lm_eval_command_errors(checkpoint, tasks, tmp_path, capsys, monkeypatch) -> None:
     argv = ["lm-eval", "--checkpoint", str(checkpoint)]
+    rc, _, err = run_cli(
+        capsys, "lm-eval", "--checkpoint", str(tmp_path / "no"), "--tasks", str(tasks / "tiny_mc.yaml")
+    )
+    assert rc == 2 and f"checkpoint does not exist — --checkpoint {tmp_path / 'no'} — " in err, err
     rc, _, err = run_cli(capsys, *argv, "--tasks", str(tmp_path / "missing.yaml"))
     assert rc == 2 and "task file does not exist" in err
     rc, _, err = run_cli(capsys, *argv, "--tasks", "tiny_mc", "--include-path", str(tmp_path / "nowhere"))

@@ -157,7 +157,15 @@ def run_lm_eval(
     from epas_lightning.evaluation.lm_eval_adapter import EPASLM
 
     specs, manager = resolve_tasks(tasks, include_path)
-    lm = EPASLM(checkpoint, tokenizer=tokenizer, batch_size=batch_size, device=device, dtype=dtype, force=force)
+    lm = EPASLM(
+        checkpoint,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        force=force,
+        command_flags=True,
+    )
     lengths = region_lengths(sharing_layers, lm.loaded, force)
     for n in lengths:  # fail on a bad region before any scoring
         lm.loaded.region.first(n, force, SHARING_FLAGS)

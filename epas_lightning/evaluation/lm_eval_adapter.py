@@ -17,13 +17,17 @@ batching, truncation, rolling windows and the bookkeeping of generation are lm-e
 ``_model_call`` runs our ``Llama`` and returns logits over the real vocabulary (``config.vocab_size``, the rows the
 export keeps), and ``_model_generate`` decodes with our KV-cache ``generate``, sampling (a task with ``do_sample``)
 as transformers' ``generate`` samples the export: the 50 most likely tokens where the task sets no ``top_k``
-(transformers' default; the export's ``generation_config.json`` sets none), every token for ``top_k: 0``.
+(transformers' default; the export's ``generation_config.json`` sets none), every token for ``top_k`` 0 or null. A task
+that samples at temperature 0 (or sets none) is an error, as transformers raises for it: not greedy decoding as vLLM
+would, since ``hf`` has no numbers for it to equal and greedy text would be scored as samples
+(:func:`check_sampling_temperature`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,10 +38,10 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from torch import nn
 
-from epas_lightning.errors import ConfigError
+from epas_lightning.errors import ConfigError, UserError
 from epas_lightning.inference.generate import generate, set_region
 from epas_lightning.model import Llama
-from epas_lightning.runtime import activations_overflow, dtype_name
+from epas_lightning.runtime import activations_overflow, dtype_name, is_real_number, is_whole_number
 
 
 class CausalLM(nn.Module):
@@ -67,18 +71,71 @@ HF_TOP_K = 50
 """transformers' ``top_k`` for sampling where neither the call nor the model's ``generation_config.json`` sets one."""
 
 
+DECODING_SETTINGS = {"do_sample", "temperature", "top_k", "top_p", "attention_mask"}
+"""The generation kwargs our decoding reads (:func:`sampling_settings`; ``attention_mask``: ``HFLM``'s padding)."""
+NO_OP_SETTINGS = {
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "typical_p": 1.0,
+    "min_p": None,
+    "use_cache": True,
+}
+"""transformers' ``generate`` settings at values that change nothing (its defaults)."""
+
+
+def check_decoding_settings(kwargs: dict[str, Any]) -> None:
+    """A :class:`ConfigError` for a generation kwarg that transformers' ``generate`` would honour on the export and our
+    decoding does not (beam search: ``num_beams: 10``, a repetition penalty, ...); it was ignored without a word."""
+    for key, value in kwargs.items():
+        if key in DECODING_SETTINGS or (key in NO_OP_SETTINGS and value == NO_OP_SETTINGS[key]) or key == "use_cache":
+            continue
+        raise ConfigError(
+            f"the task asks for {key}: {value!r}, which this model's decoding does not do (it decodes greedily, or "
+            "samples with temperature, top_k and top_p, as transformers' generate does for the export)",
+            "the task's generation_kwargs",
+            f"remove {key} from them, or score the export with lm-eval's hf model",
+        )
+
+
+def check_sampling_temperature(temperature: object) -> None:
+    """A task that samples (``do_sample: true``) at temperature 0, or with none (``HFLM`` passes 0 then), is a
+    :class:`ConfigError`, as transformers' ``generate`` refuses it for the export (a ``ValueError`` there).
+
+    Not greedy decoding instead, as vLLM decodes at temperature 0: this model's numbers are ``hf``'s on the export,
+    and ``hf`` has none for such a task; greedy output would be scored as samples (the repeats of a self-consistency
+    or pass@k task all alike) without a word. vLLM is no common ground either: it has no ``do_sample``, and samples at
+    temperature 1 where the task sets none. The task's author chooses: a temperature above 0, or ``do_sample: false``.
+    """
+    if temperature == 0:
+        raise ConfigError(
+            "a task samples (do_sample: true) at temperature 0, which transformers' generate refuses for the export "
+            "(lm-eval passes 0 where the task sets no temperature)",
+            "the task's generation_kwargs",
+            "give it a temperature above 0 (1 samples from the model's distribution), or do_sample: false for greedy "
+            "decoding",
+        )
+
+
 def sampling_settings(kwargs: dict[str, Any]) -> dict[str, Any]:
     """``generate``'s ``temperature``, ``top_k`` and ``top_p`` for a task's generation kwargs, as transformers'
     ``generate`` reads them for the export (whose ``generation_config.json`` sets none): greedy unless ``do_sample``;
-    sampling keeps the :data:`HF_TOP_K` most likely tokens unless the task sets ``top_k`` (``0``: no cut; null is
-    unset, as transformers 5 fills a ``None`` field with its default), and a ``top_p`` of 1 or none cuts nothing."""
+    sampling keeps the :data:`HF_TOP_K` most likely tokens unless the task sets ``top_k`` (``0`` or null: no cut;
+    transformers fills in its defaults before the call's own values, so a ``None`` passed to ``generate`` stays).
+    ``top_p`` as transformers' nucleus cut: 1 or more, or none, cuts nothing; 0 keeps only the most likely token,
+    which is greedy decoding. Sampling at temperature 0 is refused (:func:`check_sampling_temperature`)."""
     if not kwargs.get("do_sample"):
         return {"temperature": 0.0, "top_k": None, "top_p": None}
-    top_k = HF_TOP_K if kwargs.get("top_k") is None else kwargs["top_k"]
+    check_sampling_temperature(kwargs.get("temperature", 0.0))
+    if kwargs.get("top_p") == 0:
+        return {"temperature": 0.0, "top_k": None, "top_p": None}
+    top_k = kwargs.get("top_k", HF_TOP_K)
+    temperature, top_p = kwargs["temperature"], kwargs.get("top_p")
     return {
-        "temperature": float(kwargs.get("temperature") or 0.0),
-        "top_k": None if top_k == 0 else top_k,
-        "top_p": kwargs.get("top_p"),
+        "temperature": 1.0 if temperature is None else temperature,  # transformers: None tempers nothing
+        "top_k": None if top_k in (0, None) else top_k,
+        "top_p": None if is_real_number(top_p) and top_p >= 1 else top_p,
     }
 
 
@@ -92,6 +149,52 @@ def _quiet(name: str = "lm_eval.models.huggingface") -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+COMMAND_FLAG = re.compile(r"--(checkpoint|tokenizer|device|dtype)\b( (?=\S)(?!with ))?")
+"""The ``lm-eval`` command's flags that name a model argument, and whether a value follows (``--checkpoint PATH``;
+not in ``pass --tokenizer with the tokenizer ...``)."""
+
+
+def as_model_arguments(error: UserError) -> UserError:
+    """``error`` naming the model arguments a Python caller gave (``checkpoint=PATH``, ``device=cpu``) where the
+    loading code names the command's flags (``--checkpoint PATH``, ``--device cpu``)."""
+
+    def named(text: str | None) -> str | None:
+        return None if text is None else COMMAND_FLAG.sub(lambda m: m[1] + ("=" if m[2] else ""), text)
+
+    return type(error)(named(error.what), named(error.where), named(error.fix))
+
+
+@contextlib.contextmanager
+def _named_as(command_flags: bool) -> Iterator[None]:
+    """Errors as the caller gave the values: the command's flags, else the model arguments
+    (:func:`as_model_arguments`)."""
+    try:
+        yield
+    except UserError as e:
+        if command_flags:
+            raise
+        raise as_model_arguments(e) from e
+
+
+def model_max_length(max_length: object, context_length: int) -> int:
+    """``HFLM``'s ``max_length`` (the tokens a request keeps, cut from the left): the model's context length, or a
+    shorter one the caller gives (as ``hf`` takes it); a longer one is a :class:`ConfigError`, as our model has no
+    positions past its context length."""
+    if max_length is None:
+        return context_length
+    if not is_whole_number(max_length) or not 1 <= max_length <= context_length:
+        raise ConfigError(
+            f"max_length must be a whole number from 1 to the model's context length ({context_length}), got "
+            f"{max_length!r}",
+            "max_length",
+            f"give {context_length} or less, or leave it unset",
+        )
+    return int(max_length)
+
+
+TOKENIZER_FIX = "pass --tokenizer PATH (the tokenizer.json or tokenizer.model the model was trained with)"
 
 
 @register_model("epas")
@@ -108,7 +211,10 @@ class EPASLM(HFLM):
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
         dtype: auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32 elsewhere.
         force: Allow a region longer than the trained one.
-        **kwargs: Further ``HFLM`` options that apply to a model object (``add_bos_token``, ``prefix_token_id``,
+        command_flags: Errors name the ``lm-eval`` command's flags (``--checkpoint PATH``) rather than these
+            arguments (``checkpoint=PATH``), as the command passes them.
+        **kwargs: Further ``HFLM`` options that apply to a model object (``max_length`` up to the model's context
+            length, ``add_bos_token``, ``prefix_token_id``,
             ``logits_cache``, ``softmax_dtype``, ...).
     """
 
@@ -122,27 +228,11 @@ class EPASLM(HFLM):
         device: str | None = "auto",
         dtype: str | None = "auto",
         force: bool = False,
+        command_flags: bool = False,
         **kwargs: Any,
     ) -> None:
-        from epas_lightning.data.tokenizer import load_tokenizer
-        from epas_lightning.hf.export import exported_tokenizer
-        from epas_lightning.inference.generate_cli import load_for_inference
-
-        # attention recomputed in every layer, as the export's modeling code does
-        self.loaded = load_for_inference(Path(checkpoint), device or "auto", dtype or "auto", attention_reuse=False)
-        self.checkpoint, self.force = str(checkpoint), bool(force)
-        config = self.loaded.model.config
-        path = self.loaded.tokenizer_file(tokenizer)
-        if path is None:
-            raise ConfigError(
-                self.loaded.no_tokenizer(),
-                f"checkpoint={checkpoint}",
-                "pass the tokenizer file (model argument tokenizer=PATH, or --tokenizer)",
-            )
-        text_tokenizer = load_tokenizer(Path(path), bos_id=self.loaded.bos_id, eos_id=self.loaded.eos_id)
-        text_tokenizer.check_fits(config.vocab_size)
-        self.stop_ids = text_tokenizer.stop_ids  # what the export's generation_config.json stops at
-        hf_tokenizer = exported_tokenizer(Path(path), config.context_length, self.loaded.bos_id, self.loaded.eos_id)
+        with _named_as(command_flags):
+            hf_tokenizer = self._load(checkpoint, tokenizer, device, dtype, force)
         with _quiet():
             super().__init__(
                 pretrained=CausalLM(self.loaded.model),
@@ -150,10 +240,29 @@ class EPASLM(HFLM):
                 backend="causal",
                 batch_size=batch_size,
                 max_batch_size=max_batch_size,
-                max_length=config.context_length,
+                max_length=model_max_length(kwargs.pop("max_length", None), self.loaded.model.config.context_length),
                 **kwargs,
             )
-        self.set_sharing_layers(self.loaded.default_sharing if sharing_layers is None else int(sharing_layers))
+        self.set_sharing_layers(self.loaded.default_sharing if sharing_layers is None else sharing_layers)
+
+    def _load(self, checkpoint: str | Path, tokenizer: str | Path | None, device: str | None, dtype: str | None,
+              force: bool) -> Any:  # fmt: skip
+        """Load the model (``self.loaded``) and its tokenizer; return the tokenizer the export ships."""
+        from epas_lightning.data.tokenizer import load_tokenizer
+        from epas_lightning.hf.export import exported_tokenizer
+        from epas_lightning.inference.generate_cli import load_for_inference
+
+        # attention recomputed in every layer, as the export's modeling code does
+        self.loaded = load_for_inference(checkpoint, device or "auto", dtype or "auto", attention_reuse=False)
+        self.checkpoint, self.force = str(checkpoint), bool(force)
+        config = self.loaded.model.config
+        path = self.loaded.tokenizer_file(tokenizer)
+        if path is None:
+            raise ConfigError(self.loaded.no_tokenizer(), f"--checkpoint {checkpoint}", TOKENIZER_FIX)
+        text_tokenizer = load_tokenizer(Path(path), bos_id=self.loaded.bos_id, eos_id=self.loaded.eos_id)
+        text_tokenizer.check_fits(config.vocab_size)
+        self.stop_ids = text_tokenizer.stop_ids  # what the export's generation_config.json stops at
+        return exported_tokenizer(Path(path), config.context_length, self.loaded.bos_id, self.loaded.eos_id)
 
     def set_sharing_layers(self, n: int) -> list[int]:
         """Run with the first ``n`` layers of the trained region sharing; return those layers."""
@@ -170,10 +279,12 @@ class EPASLM(HFLM):
         """Left-padded ``context`` (B, T) followed by the new tokens, padded after EOS: what ``model.generate`` gives.
 
         Greedy unless the task asks for ``do_sample`` (then ``temperature``, ``top_k``, ``top_p`` with transformers'
-        defaults: :func:`sampling_settings`); ``HFLM`` cuts the decoded text at the stop strings.
+        defaults: :func:`sampling_settings`); ``HFLM`` cuts the decoded text at the stop strings. A setting our decoding
+        does not honour (beam search, a repetition penalty) is refused: :func:`check_decoding_settings`.
         """
         mask = kwargs.get("attention_mask")
         rows = context.tolist() if mask is None else [r[m.bool()].tolist() for r, m in zip(context, mask, strict=True)]
+        check_decoding_settings(kwargs)
         settings = sampling_settings(kwargs)
         result = generate(self.loaded.model, rows, max_length - context.shape[1], eos_id=self.stop_ids, **settings)
         pad = self.tokenizer.pad_token_id

@@ -38,9 +38,21 @@ class Question:
     """Its file and line, for errors."""
 
 
+def check_not_an_lm_eval_task(path: Path) -> None:
+    """A :class:`ConfigError` that points to the ``lm-eval`` command for what reads as one of its tasks (a YAML file,
+    or a name that is no file: ``hellaswag``); they were a JSON error on line 1, or "task file does not exist"."""
+    if path.suffix in (".yaml", ".yml") or (not path.suffix and not path.exists()):
+        raise ConfigError(
+            "evaluate scores multiple-choice JSONL task files; this reads as an lm-eval task (a YAML file or a name)",
+            f"--tasks {path}",
+            f"run it with the lm-eval command (python -m epas_lightning lm-eval --tasks {path}), or give a .jsonl file",
+        )
+
+
 def load_task(path: str | Path) -> list[Question]:
     """Read a JSONL task, naming the line of any malformed question."""
     path = Path(path)
+    check_not_an_lm_eval_task(path)
     questions = []
     for n, line in enumerate(read_text_file(path, "task file", f"--tasks {path}", DataError).splitlines(), start=1):
         if not line.strip():
