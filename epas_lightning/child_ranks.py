@@ -7,10 +7,16 @@ children wait in their next collective. Under NCCL that wait lasts until the pro
 default), holding the GPUs after the command has already printed its error. This callback, on rank 0, gives the
 children a few seconds to end on their own (they usually meet the same error and say so), then kills them, as
 Lightning does itself after Ctrl+C.
+
+A child that fails first (a user error only it meets, such as a data folder it cannot read) prints its own error and
+exits; rank 0's next collective then breaks (gloo: "Connection closed by peer") with a long traceback that buries that
+line. :func:`peer_rank_ended` turns it into one line that points at the child's error and takes the child's exit status.
 """
 
 from __future__ import annotations
 
+import re
+import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -18,7 +24,23 @@ from collections.abc import Sequence
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
+from epas_lightning.errors import UserError
+
 GRACE_SECONDS = 5.0
+
+PEER_GONE = re.compile(r"Connection (?:closed|reset) by peer|remote process exited")
+"""How a collective says another rank's process is gone (gloo's broken connection, NCCL's remote error)."""
+
+
+class PeerRankEnded(UserError):
+    """This rank's collective broke because another rank ended first, after saying why on its own stderr."""
+
+    def __init__(self, what: str, where: str, fix: str, exit_status: int) -> None:
+        super().__init__(what, where, fix)
+        self.exit_status = exit_status
+
+    def __reduce__(self):  # noqa: ANN204 - as UserError's
+        return type(self), (self.what, self.where, self.fix, self.exit_status)
 
 
 class EndChildRanksOnError(Callback):
@@ -26,24 +48,48 @@ class EndChildRanksOnError(Callback):
 
     def __init__(self, grace_seconds: float = GRACE_SECONDS) -> None:
         self.grace_seconds = grace_seconds
+        self.failed_children: list[tuple[int, int]] = []
+        """(global rank, exit status) of the started ranks that had failed before this one's error ended them."""
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt):
             return  # Lightning kills the children itself after Ctrl+C
         launcher = trainer.strategy.launcher
         if isinstance(launcher, _SubprocessScriptLauncher) and launcher.procs:
-            end_processes(launcher.procs, self.grace_seconds)
+            killed = end_processes(launcher.procs, self.grace_seconds)
+            ranks = {proc: trainer.global_rank + i + 1 for i, proc in enumerate(launcher.procs)}
+            self.failed_children = [(r, p.returncode) for p, r in ranks.items() if p.returncode and p not in killed]
             # Lightning's observer thread watches this same list: emptied, it stops instead of answering the killed
             # children by SIGKILLing this process before it has said what went wrong.
             launcher.procs.clear()
 
 
-def end_processes(procs: Sequence[subprocess.Popen], grace_seconds: float) -> None:
-    """Wait up to ``grace_seconds`` in all for ``procs`` to exit, then kill (SIGKILL) the ones still running."""
-    deadline = time.monotonic() + grace_seconds
+def end_processes(procs: Sequence[subprocess.Popen], grace_seconds: float) -> list[subprocess.Popen]:
+    """Wait up to ``grace_seconds`` in all for ``procs`` to exit, then kill (SIGKILL) the ones still running: those."""
+    deadline, killed = time.monotonic() + grace_seconds, []
     for proc in procs:
         try:
             proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()  # not SIGTERM: a child's GracefulStop would try to save, in collectives with no rank 0
             proc.wait()
+            killed.append(proc)
+    return killed
+
+
+def peer_rank_ended(error: BaseException, trainer: Trainer) -> PeerRankEnded | None:
+    """The one line for a collective of ``trainer``'s rank broken by another rank's exit (that rank printed its own
+    error); ``None`` for any other error. On the rank that started the others, it names the first one that had failed
+    and exits with its status; elsewhere (``torchrun``, ``srun``: the launcher names the rank) with status 1."""
+    if not isinstance(error, RuntimeError) or not PEER_GONE.search(str(error)):
+        return None
+    watchers = [c for c in trainer.callbacks if isinstance(c, EndChildRanksOnError) and c.failed_children]
+    this_rank = f"rank {trainer.global_rank}, whose collective broke ({PEER_GONE.search(str(error))[0]})"
+    fix = "its own error, above, says why: fix that, then run again"
+    if not watchers:
+        return PeerRankEnded("another rank ended during the run", this_rank, fix.replace("its", "that rank's"), 1)
+    rank, status = watchers[0].failed_children[0]
+    ended = f"killed by {signal.Signals(-status).name}" if status < 0 else f"exit status {status}"
+    return PeerRankEnded(
+        f"rank {rank} ended ({ended}) during the run", this_rank, fix, 128 - status if status < 0 else status
+    )

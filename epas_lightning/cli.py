@@ -689,7 +689,7 @@ def _run(argv: list[str], debug: bool) -> int:
             traceback.print_exc()
         if getattr(e, "announce", True):  # a divergence stops every rank; the first one says so
             print(error_line(e), file=sys.stderr)
-        return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_USER_ERROR
+        return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else getattr(e, "exit_status", EXIT_USER_ERROR)
     except Exception as e:
         if not is_out_of_memory(e):
             raise

@@ -111,7 +111,8 @@ class DivergenceGuard(Callback):
         if not trainer.strategy.reduce_boolean_decision(local_bad, all=False):
             return
         step = trainer.global_step
-        reason = "loss" if not bool(loss_ok) else "gradients"
+        # another rank's non-finite loss reaches this rank as non-finite gradients: every rank names the loss
+        reason = "loss" if trainer.strategy.reduce_boolean_decision(not bool(loss_ok), all=False) else "gradients"
         if self.action == "skip" and self.skipped < self.max_skips:
             self.skipped += 1
             self._skipped_at.add(step)
@@ -119,13 +120,14 @@ class DivergenceGuard(Callback):
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
-            log.warning(
-                "Divergence guard: non-finite %s at step %d; skipped its update (%d of %d allowed).",
-                reason,
-                step,
-                self.skipped,
-                self.max_skips,
-            )
+            if trainer.is_global_zero:  # every rank skips it: the first one says so
+                log.warning(
+                    "Divergence guard: non-finite %s at step %d; skipped its update (%d of %d allowed).",
+                    reason,
+                    step,
+                    self.skipped,
+                    self.max_skips,
+                )
             pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
             return
         what = f"non-finite {reason} at step {step}"

@@ -52,7 +52,7 @@ from epas_lightning.callbacks import (
 )
 from epas_lightning.checkpoint import recorded_config
 from epas_lightning.checkpoint_io import AtomicCheckpointIO, sharded_needs_fsdp2
-from epas_lightning.child_ranks import EndChildRanksOnError
+from epas_lightning.child_ranks import EndChildRanksOnError, peer_rank_ended
 from epas_lightning.cli import (
     DURATION,
     LIGHTNING_COMMANDS,
@@ -394,9 +394,8 @@ class EPASCLI(LightningCLI):
                     super()._run_subcommand(subcommand)
                 except (MisconfigurationException, RuntimeError) as e:
                     trainer = self.config[subcommand].trainer
-                    if (
-                        error := unlogged_monitor(e, self.trainer) or port_in_use(e) or misconfigured(e, trainer)
-                    ) is None:
+                    error = unlogged_monitor(e, self.trainer) or port_in_use(e) or misconfigured(e, trainer)
+                    if (error := error or peer_rank_ended(e, self.trainer)) is None:
                         raise
                     raise error from e
         except UserError:

@@ -153,8 +153,13 @@ def check_one_save(metadata: Metadata, meta: dict[str, Any] | None, path: Path, 
             blob = shard.read(info.length)
         try:
             written = load_torch_file(io.BytesIO(blob))
-        except CheckpointError:  # other bytes there: a shard of a save with another layout
-            written = None
+        except CheckpointError:  # other bytes there: a shard of a save with another layout, or damaged bytes
+            raise CheckpointError(
+                f"{info.relative_path} is corrupt or of another save: it holds no save record where this .metadata "
+                "places it",
+                where,
+                fix,
+            ) from None
         if written != save_id:
             raise CheckpointError(
                 f"its files come from two saves: {info.relative_path} is not of this .metadata", where, fix

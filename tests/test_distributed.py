@@ -366,3 +366,23 @@ def test_an_error_on_rank_zero_ends_the_ranks_it_started(tiny_corpus, tmp_path):
     assert not alive, "rank 1 outlived rank 0's error"
     assert proc.returncode == 2, proc.stderr[-4000:]
     assert "error: a failure only rank 0 sees — rank 0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_user_error_on_rank_one_alone_is_one_line_with_its_status(tiny_corpus, tmp_path):
+    """Rank 1 alone meets a user error and says it; rank 0's next collective breaks ("Connection closed by peer"): it
+    used to print a 160-line traceback under that line and exit 1. Now one line of its own points at rank 1's error,
+    and the command exits with rank 1's status."""
+    scripts = Path(__file__).parent / "scripts"
+    env = clean_env() | {"EPAS_CACHE_DIR": str(tiny_corpus.parent)}
+    env["PYTHONPATH"] += os.pathsep + str(scripts)
+    args = ["fit", "--config", "debug", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    args += ["--trainer.logger=false", "--trainer.callbacks+=rank_failure.FailOnRankOne"]
+    command = [sys.executable, "-m", "epas_lightning", *args]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: cannot read the data folder — rank 1 — make it readable on every node",
+        "error: rank 1 ended (exit status 2) during the run — rank 0, whose collective broke (Connection closed by "
+        "peer) — its own error, above, says why: fix that, then run again",
+    ], proc.stderr[-4000:]

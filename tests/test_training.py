@@ -750,6 +750,12 @@ def test_a_sharded_checkpoint_mixing_two_saves_is_refused_in_one_line(tiny_corpu
         with pytest.raises(CheckpointError, match="its files come from two saves") as refused:
             verify_checkpoint(mixed)
         assert str(mixed) in str(refused.value) and "\n" not in str(refused.value)
+    damaged = shutil.copytree(second, tmp_path / "damaged")  # bytes changed in place: it said "from two saves"
+    shard = bytearray((damaged / "__0_0.distcp").read_bytes())
+    shard[::97] = bytes((b + 77) % 256 for b in shard[::97])
+    (damaged / "__0_0.distcp").write_bytes(shard)
+    with pytest.raises(CheckpointError, match="__0_0.distcp is corrupt or of another save: it holds no save record"):
+        verify_checkpoint(damaged)
     assert verify_checkpoint(second) == second
 
 

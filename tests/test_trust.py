@@ -529,9 +529,10 @@ def test_a_divergence_is_said_once_however_many_ranks_stop(capsys, monkeypatch):
 
     guard = DivergenceGuard()
     for rank in (0, 1):
+        said = iter([True, False])  # another rank saw NaN gradients: any rank's bad step, yes; any rank's bad loss, no
         trainer = SimpleNamespace(
             global_step=7, global_rank=rank, is_global_zero=rank == 0, checkpoint_callbacks=[], precision_plugin=None,
-            strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: True),  # another rank saw NaN
+            strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all, said=said: next(said)),
         )  # fmt: skip
         with pytest.raises(TrainingDiverged, match="non-finite gradients at step 7") as stopped:
             guard.on_before_optimizer_step(trainer, None, SimpleNamespace(param_groups=[]))
@@ -1355,3 +1356,31 @@ def test_a_model_folder_where_a_checkpoint_belongs_says_to_start_from_it(small_c
     # validate/test score it: init_from would score it dense (its schedule at step 0), evaluate at its region
     err = one_line_error(capsys, ["test", "--config", DEBUG, "--ckpt_path", str(small_checkpoint)])
     assert "is no Lightning checkpoint" in err and f"evaluate --checkpoint {small_checkpoint}" in err, err
+
+
+@pytest.mark.parametrize("action", ["stop", "skip"])
+def test_a_non_finite_loss_on_another_rank_is_named_once_as_the_loss(action, caplog):
+    """Rank 1's loss is NaN (a corrupt batch); on rank 0 it shows as NaN gradients after their all-reduce. Every rank
+    named its own view: a skip was logged twice, 'non-finite loss' by rank 1 and 'non-finite gradients' by rank 0, and
+    a stop said 'gradients'. Now the ranks agree on the loss, and only the first one logs the skip."""
+    guard = DivergenceGuard(action)
+    strategy = SimpleNamespace(reduce_boolean_decision=lambda local_bad, all: True)  # some rank's loss and grads
+    param = torch.nn.Parameter(torch.zeros(2))
+    param.grad = torch.full((2,), float("nan"))  # this rank's loss was finite
+    optimizer = SimpleNamespace(param_groups=[{"params": [param]}])
+    for rank in (0, 1):
+        trainer = SimpleNamespace(strategy=strategy, global_step=3, is_global_zero=rank == 0, precision_plugin=None)
+        trainer.checkpoint_callbacks = []
+        guard.on_before_backward(trainer, None, torch.tensor(float("nan") if rank else 1.0))
+        if action == "stop":
+            with pytest.raises(TrainingDiverged, match="non-finite loss at step 3"):
+                guard.on_before_optimizer_step(trainer, None, optimizer)
+        else:
+            guard.on_before_optimizer_step(trainer, SimpleNamespace(log=lambda *a, **k: None), optimizer)
+            param.grad = torch.full((2,), float("nan"))
+    skips = [r.getMessage() for r in caplog.records if "Divergence guard" in r.getMessage()]
+    assert skips == (
+        []
+        if action == "stop"
+        else ["Divergence guard: non-finite loss at step 3; skipped its update (1 of 10 allowed)."]
+    )

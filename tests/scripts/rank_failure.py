@@ -1,9 +1,9 @@
-"""A test callback: rank 0 fails with a user error while rank 1 is stuck (as in an NCCL collective that never ends).
+"""Test callbacks: rank 0 fails with a user error while rank 1 is stuck (as in an NCCL collective that never ends).
 
 Used by ``tests/test_distributed.py`` through ``--trainer.callbacks+=rank_failure.FailOnRankZero`` (this folder on
 ``PYTHONPATH``). Rank 1 writes its process id to ``$EPAS_TEST_PID_FILE`` and sleeps; rank 0 waits for that file, then
 raises. Rank 1 never ends on its own, so the grace ``EndChildRanksOnError`` gives it is cut to half a second (the
-default 5 s would only be waited out).
+default 5 s would only be waited out). ``FailOnRankOne``: rank 1 fails with a user error while rank 0 trains on.
 """
 
 import os
@@ -28,3 +28,11 @@ class FailOnRankZero(Callback):
             if isinstance(callback, EndChildRanksOnError):
                 callback.grace_seconds = 0.5
         raise UserError("a failure only rank 0 sees", "rank 0", "nothing: this is a test")
+
+
+class FailOnRankOne(Callback):
+    """Rank 1 alone meets a user error at its first step (a data folder only it cannot read); rank 0 trains on."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == 1:
+            raise UserError("cannot read the data folder", "rank 1", "make it readable on every node")
