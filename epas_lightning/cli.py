@@ -476,6 +476,8 @@ def unknown_option(error: ArgumentError, parser: Any, aliases: dict[str, str] | 
     """The one line for a key of the command line or a config that ``parser`` does not have (``trainer.max_stepz``;
     an abbreviation, ``--trainer.max_step``, as the parsers refuse them), with the option it most likely meant (or
     that ``aliases`` gives for it); ``None`` for any other parse error."""
+    if parser is not None and (stray := re.search(r"unrecognized arguments: ([^-\s]\S*)", str(error))):
+        return stray_argument(stray.group(1), parser)
     found = UNKNOWN_OPTION.search(str(error))
     if found is None or parser is None:
         return None
@@ -520,6 +522,20 @@ def print_config_options(given: list[str]) -> dict[str, bool]:
                 )
             options[PRINT_CONFIG_FLAGS[flag]] = True
     return options
+
+
+def stray_argument(value: str, parser: Any) -> ConfigError:
+    """The one line for a value given without its flag (``inspect runs/x/last.ckpt``): the commands take flags only;
+    the fix spells it with the flag it most likely is (``--checkpoint``; ``--config`` or ``--ckpt_path`` for fit)."""
+    command = parser.prog.split()[-1]
+    flags = {option for action in parser._actions for option in action.option_strings}
+    if "--ckpt_path" in flags:  # fit, validate, test (whose --checkpoint is the checkpoint section)
+        fix = f"give it with its flag: --config {value} for a config, --ckpt_path {value} for a checkpoint"
+    elif "--checkpoint" in flags:
+        fix = f"give it with its flag, e.g. --checkpoint {value}"
+    else:
+        fix = "give it with its flag"
+    return ConfigError(f"{command} takes flags only, not {value!r} alone", f"{PROG} {command}", fix)
 
 
 def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:

@@ -298,6 +298,23 @@ def test_a_misspelt_key_is_named_with_the_one_meant(tmp_path, capsys, flags, yam
 
 
 @pytest.mark.parametrize(
+    ("argv", "fix"),
+    [
+        (["inspect", "runs/x/last.ckpt"], "give it with its flag, e.g. --checkpoint runs/x/last.ckpt"),
+        (["fit", "debug"], "give it with its flag: --config debug for a config, --ckpt_path debug for a checkpoint"),
+        (["prepare", "corpus"], "give it with its flag"),
+    ],
+)
+def test_a_value_without_its_flag_says_which_flag(capsys, argv, fix):
+    """``inspect runs/x/last.ckpt`` said "unrecognized arguments" and to read --help; fit's would have suggested its
+    checkpoint section's --checkpoint."""
+    command, value = argv
+    assert main(argv) == 2
+    line = f"error: {command} takes flags only, not {value!r} alone — python -m epas_lightning {command} — {fix}"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == line
+
+
+@pytest.mark.parametrize(
     ("flags", "line"),
     [
         (["--model.optimizer", "torch.optim.AdamWW"], "torch.optim has no AdamWW (did you mean AdamW?) — "
