@@ -84,6 +84,11 @@ def check_tokenized_with(data_dir: Path, tokenizer: Path, where: str, fix: str, 
         )
 
 
+def holds_recorded_tokenizer(data_dir: Path, tokenizer: RecordedTokenizer) -> bool:
+    """Whether the prepared folder ``data_dir`` holds the very tokenizer file a checkpoint recorded (its hash)."""
+    return file_sha256(tokenizer_file(data_dir)) == tokenizer.sha256
+
+
 def check_tokenized_as(
     data_dir: Path, tokenizer: Path | RecordedTokenizer, where: str, fix: str, whose: str = "the model's"
 ) -> None:
@@ -93,7 +98,7 @@ def check_tokenized_as(
     said of it, nothing is."""
     if isinstance(tokenizer, RecordedTokenizer):
         if tokenizer.changed():
-            if file_sha256(tokenizer_file(data_dir)) != tokenizer.sha256:
+            if not holds_recorded_tokenizer(data_dir, tokenizer):
                 raise DataError(
                     f"{whose} tokenizer {tokenizer.path} changed since the checkpoint was saved (its data folder "
                     "prepared again?): the data's ids may stand for other tokens than the ones the weights learned",
@@ -623,7 +628,7 @@ def _check_tokenized_as_recorded(alone: Path, tokenizer: str | Path | RecordedTo
     (its hash): ``fit`` refused a ``val_dir`` of any other file than theirs. Without a hash nothing can be said."""
     if not isinstance(tokenizer, RecordedTokenizer) or not tokenizer.sha256:
         return
-    if file_sha256(tokenizer_file(alone)) != tokenizer.sha256:
+    if not holds_recorded_tokenizer(alone, tokenizer):
         raise DataError(
             f"its tokenizer is not the file the checkpoint recorded ({tokenizer.path}, by its hash): prepared again "
             "since the run validated on it",
