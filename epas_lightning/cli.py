@@ -485,8 +485,7 @@ def unknown_option(error: ArgumentError, parser: Any, aliases: dict[str, str] | 
     if found.group(1):  # a config's key: the parser's keys, without its own options
         known = [action.dest for action in parser._actions if action.dest not in ("help", "config", "print_config")]
     else:  # a flag: the parser's flags (a command's are dashed: --max-new-tokens)
-        options = (option for action in parser._actions for option in action.option_strings)
-        known = [option[2:] for option in options if option.startswith("--")]
+        known = [option[2:] for option in parser._option_string_actions if option.startswith("--")]
     command = parser.prog.split()[-1]
     if key == "model.lr" and found.group(2):  # LitGPT's --lr, under model.
         value = re.search(r"--model\.lr[= ](\S+)", str(error))
@@ -528,7 +527,7 @@ def stray_argument(value: str, parser: Any) -> ConfigError:
     """The one line for a value given without its flag (``inspect runs/x/last.ckpt``): the commands take flags only;
     the fix spells it with the flag it most likely is (``--checkpoint``; ``--config`` or ``--ckpt_path`` for fit)."""
     command = parser.prog.split()[-1]
-    flags = {option for action in parser._actions for option in action.option_strings}
+    flags = parser._option_string_actions  # argparse's: every option string, its action
     if "--ckpt_path" in flags:  # fit, validate, test (whose --checkpoint is the checkpoint section)
         fix = f"give it with its flag: --config {value} for a config, --ckpt_path {value} for a checkpoint"
     elif "--checkpoint" in flags:

@@ -56,8 +56,7 @@ class ScriptParser(argparse.ArgumentParser):
         if fix := missing_argument_fix(message, dashed=True):
             raise ConfigError(message, self.prog, fix)
         if unknown := re.match(r"unrecognized arguments: (-[^=\s]+)", message):
-            flags = [option for action in self._actions for option in action.option_strings]
-            meant = did_you_mean(unknown[1], flags)
+            meant = did_you_mean(unknown[1], self._option_string_actions)
             raise ConfigError(f"{self.prog} has no option {unknown[1]}{meant}", self.prog, f"see `{self.prog} --help`")
         flag = re.match(r"argument ([^:]+): (.*)", message, flags=re.DOTALL)
         what, where = (flag[2], flag[1]) if flag else (message, self.prog)

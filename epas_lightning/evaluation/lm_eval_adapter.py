@@ -71,8 +71,9 @@ HF_TOP_K = 50
 """transformers' ``top_k`` for sampling where neither the call nor the model's ``generation_config.json`` sets one."""
 
 
-DECODING_SETTINGS = {"do_sample", "temperature", "top_k", "top_p", "attention_mask"}
-"""The generation kwargs our decoding reads (:func:`sampling_settings`; ``attention_mask``: ``HFLM``'s padding)."""
+DECODING_SETTINGS = {"do_sample", "temperature", "top_k", "top_p", "attention_mask", "use_cache"}
+"""The generation kwargs our decoding reads (:func:`sampling_settings`; ``attention_mask``: ``HFLM``'s padding), or
+takes at any value (``use_cache``: the same tokens either way)."""
 NO_OP_SETTINGS = {
     "num_beams": 1,
     "num_return_sequences": 1,
@@ -80,7 +81,6 @@ NO_OP_SETTINGS = {
     "no_repeat_ngram_size": 0,
     "typical_p": 1.0,
     "min_p": None,
-    "use_cache": True,
 }
 """transformers' ``generate`` settings at values that change nothing (its defaults)."""
 
@@ -89,7 +89,7 @@ def check_decoding_settings(kwargs: dict[str, Any]) -> None:
     """A :class:`ConfigError` for a generation kwarg that transformers' ``generate`` would honour on the export and our
     decoding does not (beam search: ``num_beams: 10``, a repetition penalty, ...); it was ignored without a word."""
     for key, value in kwargs.items():
-        if key in DECODING_SETTINGS or (key in NO_OP_SETTINGS and value == NO_OP_SETTINGS[key]) or key == "use_cache":
+        if key in DECODING_SETTINGS or (key in NO_OP_SETTINGS and value == NO_OP_SETTINGS[key]):
             continue
         raise ConfigError(
             f"the task asks for {key}: {value!r}, which this model's decoding does not do (it decodes greedily, or "
