@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -587,6 +588,52 @@ def test_one_large_file_is_tokenized_by_every_worker(sp_model: Path, tmp_path: P
     assert (cut["splits"], cut["skipped"]) == (whole["splits"], whole["skipped"])
     assert 10 < cut["splits"]["val"]["documents"] < 60 and cut["splits"]["train"]["files"] == 1
     assert caplog.text.count(f"Skipped {tmp_path / 'corpus.jsonl'}:101: 'text' is null") == 2  # once each run
+
+
+@pytest.mark.parametrize("end", ["SIGKILL", "exit 0"])
+def test_a_worker_ending_midway_fails_the_build_and_ends_its_helpers(end, sp_model: Path, tmp_path, monkeypatch):
+    """A tokenizing worker killed outright (the OOM killer) was taken by litdata for a worker that had finished: the
+    dataset came out without its share, called complete, and its helper processes waited for work for good. Now the
+    build fails in one line (the output is not written) and the helpers end with it."""
+    import multiprocessing
+
+    from epas_lightning.data import writing
+
+    rng = random.Random(3)
+    (tmp_path / "in").mkdir()
+    for i in range(8):
+        (tmp_path / "in" / f"f{i}.txt").write_text(make_text(rng, 50))
+    helpers = tmp_path / "helpers.txt"
+    tokenize = writing.tokenize_work_item
+
+    def ending(item):
+        if any(f.path.endswith("f5.txt") for f in item.files):
+            helpers.write_text(" ".join(str(p.pid) for p in multiprocessing.active_children()))
+            if end == "SIGKILL":
+                os.kill(os.getpid(), 9)
+            os._exit(0)
+        yield from tokenize(item)
+
+    monkeypatch.setattr(writing, "tokenize_work_item", ending)
+    said = "was killed by SIGKILL" if end == "SIGKILL" else "ended"
+    with pytest.raises(DataPreparationError, match=f"worker process {said} before it finished its share of the train"):
+        prepare(tmp_path / "in", tmp_path / "out", sp_model, val_fraction=0.001, num_workers=2)
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["helpers.txt", "in"]
+    pids = [int(pid) for pid in helpers.read_text().split()]
+    assert pids  # litdata's helpers of the worker, forked before its first item
+    deadline = time.monotonic() + 10
+    while (alive := [pid for pid in pids if _running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (an orphan's end is reaped by init, or not at all in a
+    container)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def test_text_files_of_one_name_under_two_inputs_are_not_all_held_out(tmp_path: Path):

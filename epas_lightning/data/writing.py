@@ -229,6 +229,7 @@ def _ending_helpers(run: Callable[[Any], None], parent: int) -> Callable[[Any], 
     @functools.wraps(run)
     def run_then_end_helpers(worker: Any) -> None:
         _stop_with(parent)
+        os.register_at_fork(after_in_child=_killed_with_parent)  # its helpers: a worker killed outright leaves them
         try:
             run(worker)
         finally:
@@ -239,6 +240,13 @@ def _ending_helpers(run: Callable[[Any], None], parent: int) -> Callable[[Any], 
 
 
 _PR_SET_PDEATHSIG = 1
+
+
+def _killed_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies (Linux): a helper of a worker that was killed outright
+    (``kill -9``, the OOM killer) waited for work for good, an orphan. Helpers hold nothing worth a clean end."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _stop_with(parent: int) -> None:
@@ -262,8 +270,31 @@ def _checked_run(run: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
         run(processor, recipe)
         with contextlib.suppress(queue.Empty):  # the workers have exited: what they reported is in the queue
             raise RuntimeError(f"We found the following error {processor.error_queue.get_nowait()}.")
+        # litdata takes workers that all ended for workers that all finished: one killed (the OOM killer, a C++
+        # abort) left its share out of a dataset called complete.
+        if ended := next((worker.exitcode for worker in processor.workers if worker.exitcode), None):
+            raise WorkerEnded(ended)
 
     return run_then_raise
+
+
+class WorkerEnded(RuntimeError):
+    """A tokenizing worker process that ended before its share was done; ``status``: its exit status (negative: the
+    signal that ended it), or None when it is not known."""
+
+    def __init__(self, status: int | None) -> None:
+        self.status = status
+        ended = "ended" if status is None else ended_by(status)
+        super().__init__(f"a tokenizing worker process {ended} before it finished its share")
+
+
+def ended_by(status: int) -> str:
+    """How a process that ended with exit ``status`` ended, in words."""
+    if status < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-status).name}"
+        return f"was killed by signal {-status}"
+    return f"ended with exit status {status}"
 
 
 _STOP_ATTEMPTS = 5
@@ -365,6 +396,7 @@ def write_split(
         WorkItem(g, split, val_fraction, text_field, str(tokenizer_path), bos_token, eos_token, on_bad, str(stats_dir))
         for g in groups
     ]
+    workers = max(1, min(num_workers, len(items)))
     with isolated_litdata(scratch / "litdata"), progress_bar(stats_dir, len(items), split, enabled=progress):
         try:
             optimize(
@@ -373,17 +405,21 @@ def write_split(
                 output_dir=str(output_dir),
                 chunk_bytes=CHUNK_BYTES,
                 item_loader=TokensLoader(),
-                num_workers=max(1, min(num_workers, len(items))),
+                num_workers=workers,
                 keep_data_ordered=True,
                 start_method=worker_start_method(),
                 verbose=False,
             )
+        except WorkerEnded as e:
+            raise _worker_lost(e, split, workers) from None
         except RuntimeError as e:
             raise RuntimeError(f"Tokenizing the {split} split into {output_dir} failed: {e}") from e
     if errors := sorted(stats_dir.glob("error-*.txt")):
         raise DataPreparationError(*json.loads(errors[0].read_text()))
     if crashes := sorted(stats_dir.glob("crash-*.txt")):
         raise RuntimeError(f"Tokenizing the {split} split failed in a worker:\n{crashes[0].read_text()}")
+    if len(list(stats_dir.glob("*.json"))) < len(items):  # each work item done writes one
+        raise _worker_lost(WorkerEnded(None), split, workers)
     stats = {"documents": 0, "bytes": 0, "tokens": 0, "skipped": []}
     for path in stats_dir.glob("*.json"):
         for key, value in json.loads(path.read_text()).items():
@@ -396,6 +432,16 @@ def write_split(
         return stats
     stats["tokens"] = count_stream_tokens(output_dir)
     return stats
+
+
+def _worker_lost(error: WorkerEnded, split: str, num_workers: int) -> DataPreparationError:
+    killed = error.status is not None and error.status < 0
+    return DataPreparationError(
+        f"{error} of the {split} split, so nothing was written",
+        f"--num-workers {num_workers}",
+        ("the system may have run out of memory: " if killed else "")
+        + "prepare again with fewer workers, or find what ended it",
+    )
 
 
 @contextlib.contextmanager
