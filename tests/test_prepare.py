@@ -627,6 +627,26 @@ def test_a_worker_ending_midway_fails_the_build_and_ends_its_helpers(end, sp_mod
     assert not alive
 
 
+def test_preparation_workers_encode_without_starting_threads(sp_model: Path, tmp_path: Path, monkeypatch):
+    """Workers are forked from a process that may run threads, where starting threads is unsafe; sentencepiece started
+    a pool of them for each batch (a worker once aborted in CI with ``std::system_error``, cause unproven). Each worker
+    encodes in its own thread, as HF ``tokenizers`` is told to by ``TOKENIZERS_PARALLELISM``."""
+    import sentencepiece
+
+    encode, parent = sentencepiece.SentencePieceProcessor.encode, os.getpid()
+
+    def one_at_a_time(self, input, *args, **kwargs):
+        assert os.getpid() == parent or not isinstance(input, list), "a batch: encoded on new threads"
+        return encode(self, input, *args, **kwargs)
+
+    monkeypatch.setattr(sentencepiece.SentencePieceProcessor, "encode", one_at_a_time)
+    (tmp_path / "in").mkdir()
+    for i in range(4):
+        (tmp_path / "in" / f"f{i}.txt").write_text(make_text(random.Random(i), 30))
+    out = prepare(tmp_path / "in", tmp_path / "out", sp_model, val_fraction=0.3, num_workers=2)
+    assert json.loads((out / "meta.json").read_text())["documents"] == 4
+
+
 def _running(pid: int) -> bool:
     """Whether process ``pid`` exists and is not a zombie (an orphan's end is reaped by init, or not at all in a
     container)."""
@@ -1035,7 +1055,7 @@ def test_a_worker_that_fails_unexpectedly_stops_prepare_and_leaves_no_process(
     """A worker that raised left litdata's helper process of it running: a pipeline reading prepare's output hung."""
     from epas_lightning.data.tokenizer import TextTokenizer
 
-    def broken(self, texts):
+    def broken(self, texts, threads=True):
         raise ZeroDivisionError("a bug in a worker")
 
     monkeypatch.setattr(TextTokenizer, "encode_batch", broken)
@@ -1077,7 +1097,7 @@ def test_documents_are_encoded_in_batches_of_bounded_bytes(sp_model: Path, tmp_p
     (tmp_path / "books.jsonl").write_text("".join(json.dumps({"text": "word " * 20}) + "\n" for _ in range(5)))
     batches, encode_batch = [], TextTokenizer.encode_batch
     monkeypatch.setattr(
-        TextTokenizer, "encode_batch", lambda self, texts: batches.append(texts) or encode_batch(self, texts)
+        TextTokenizer, "encode_batch", lambda self, texts, **k: batches.append(texts) or encode_batch(self, texts, **k)
     )
     monkeypatch.setattr(writing, "_BYTES_PER_BATCH", 250, raising=False)
     books = InputFile(str(tmp_path / "books.jsonl"), "books.jsonl", "jsonl", 0, "train")

@@ -55,13 +55,18 @@ class TextTokenizer:
         self.stop_ids: tuple[int, ...] = (eos_id, *beside)
         self.sha256 = file_sha256(path)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], threads: bool = True) -> list[list[int]]:
+        """The ids of each text, without BOS or EOS. ``threads=False``: in this thread only, as a forked preparation
+        worker must (sentencepiece starts threads for a batch; HF ``tokenizers`` is told by ``TOKENIZERS_PARALLELISM``).
+        """
         if self.kind == "hf":
             return [e.ids for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+        if not threads:
+            return [self.backend.encode(text, out_type=int) for text in texts]
         return self.backend.encode(list(texts), out_type=int)
 
     def encode(self, text: str) -> list[int]:
-        return self.encode_batch([text])[0]
+        return self.encode_batch([text], threads=False)[0]
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of ``ids``; an id past the tokenizer (a model's vocabulary may be larger) decodes to nothing, as

@@ -80,7 +80,7 @@ def tokenize_work_item(item: WorkItem) -> Iterator[torch.Tensor]:
         stats["skipped"].append([bad.where, bad.reason])
 
     def encode(texts: list[str]) -> Iterator[torch.Tensor]:
-        for ids in tokenizer.encode_batch(texts):
+        for ids in tokenizer.encode_batch(texts, threads=False):  # forked: starting threads is unsafe
             stats["tokens"] += len(ids) + 2
             yield torch.from_numpy(np.array([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=TOKEN_DTYPE))
 
