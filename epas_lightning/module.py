@@ -23,6 +23,7 @@ from epas_lightning.checkpoint_io import load_safely
 from epas_lightning.divergence import DivergenceGuard, check_resumed_finite
 from epas_lightning.errors import CheckpointError, ConfigError, DataError
 from epas_lightning.flops import estimate_flops
+from epas_lightning.global_batch import GLOBAL_BATCH_KEY, global_batch, global_batch_change
 from epas_lightning.init_from import (
     check_init_source,
     check_same_architecture,
@@ -154,6 +155,7 @@ class EPASModule(LightningModule):
         self._loss_count = 0
         self._optimizer_settings: list[dict] | None = None  # as configured, before a checkpoint's are loaded
         self._restored_checked = False  # the checkpoint this stage restored was checked for NaN and inf
+        self._resumed_global_batch: object = None  # a resumed checkpoint's record, until training compares it
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
@@ -195,6 +197,7 @@ class EPASModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         self._restored_checked = False
+        self._resumed_global_batch = None  # until this stage's checkpoint (if any) is read
         load_safely(self.trainer.strategy)  # before Lightning opens a ckpt_path: a plain Trainer unpickled anything
         if stage == "fit":
             check_trainable_precision(self.trainer.precision)
@@ -271,6 +274,20 @@ class EPASModule(LightningModule):
             return
         if changed := restore_settings(self.trainer.optimizers[0], self._optimizer_settings):
             rank_zero_info(f"optimizer: resumed with the configured {changed}")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Say once, at the resumed fit's first batch (a ``GradientAccumulationScheduler`` has set the epoch's
+        accumulation), when it trains other tokens per optimizer step than the checkpoint: the schedules count steps."""
+        if self._resumed_global_batch is None:
+            return
+        saved, self._resumed_global_batch = self._resumed_global_batch, None
+        if change := global_batch_change(saved, global_batch(self.trainer, self._train_seq_len())):
+            rank_zero_warn(change)
+
+    def _train_seq_len(self) -> int:
+        """Tokens a training sequence: the datamodule's ``seq_len``, else the model's ``block_size``."""
+        seq_len = getattr(getattr(self.trainer, "datamodule", None), "seq_len", None)
+        return seq_len if isinstance(seq_len, int) and seq_len > 0 else self.config.block_size
 
     def on_validation_start(self) -> None:
         # `validate`/`test` on their own run this after a checkpoint was restored: only without one are weights set;
@@ -362,6 +379,8 @@ class EPASModule(LightningModule):
         # Plain types only, so the checkpoint stays loadable with ``weights_only=True``.
         checkpoint["model_config"] = self.config.to_dict()
         checkpoint[WEIGHTS_DTYPE_KEY] = dtype_name(self._weights_dtype())  # a sharded resume loads no state_dict
+        if self.trainer.state.fn == TrainerFn.FITTING and (record := global_batch(self.trainer, self._train_seq_len())):
+            checkpoint[GLOBAL_BATCH_KEY] = record
         if self._last_validation is not None:
             checkpoint[LAST_VALIDATION_KEY] = dict(self._last_validation)
         data = getattr(self.trainer, "datamodule", None)
@@ -407,6 +426,8 @@ class EPASModule(LightningModule):
         else:  # one device, DDP: checked once configure_optimizers has built it
             self._saved_optimizer_groups = saved_groups
         self._last_validation = self._restored_validation(checkpoint, data)  # until the resumed run validates again
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:  # a resume, not weights loaded to start from
+            self._resumed_global_batch = checkpoint.get(GLOBAL_BATCH_KEY)
         # a resume does not read init_from again: keep the context length the run inherited from it
         recorded = (recorded or {}).get("max_position_embeddings")
         if self.config.max_position_embeddings is None and recorded and recorded > self.config.block_size:

@@ -1396,6 +1396,90 @@ def test_a_resume_in_a_narrower_precision_says_the_weights_are_rounded(tiny_corp
             assert str(rounded[0].message).startswith("resuming float32 weights with bfloat16 parameters")
 
 
+def test_a_resume_with_another_batch_size_says_the_global_batch_changed_once(tiny_corpus, tmp_path):
+    """A resume with another data.batch_size (or accumulation, or processes) trains other tokens per optimizer step
+    under schedules that count steps, and only the data's position said anything. It now says old -> new once, and
+    how to keep the checkpoint's; a checkpoint of an older version, without the record, says nothing."""
+    module, data = make_run(tiny_corpus, n_layer=2)
+    make_trainer(tmp_path, 1, [ModelCheckpoint(tmp_path / "ckpt", save_last=True)]).fit(module, datamodule=data)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    older = torch.load(last, weights_only=True)
+    assert older.pop("global_batch") == {"batch_size": 4, "accumulate_grad_batches": 1, "world_size": 1, "seq_len": 32}
+    torch.save(older, tmp_path / "older.ckpt")
+    said = {}
+    for name, ckpt_path in (("recorded", last), ("older", tmp_path / "older.ckpt")):
+        module, data = make_run(tiny_corpus, n_layer=2)
+        data.batch_size = 2
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = make_trainer(tmp_path / name, 3, [], enable_checkpointing=False)
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        said[name] = [str(w.message) for w in caught if "global batch" in str(w.message)]
+    assert said["older"] == []
+    assert len(said["recorded"]) == 1
+    assert said["recorded"][0].startswith(
+        "resumed with another global batch: 4 -> 2 sequences (128 -> 64 tokens) an optimizer step (data.batch_size x "
+        "trainer.accumulate_grad_batches x processes: 4 x 1 x 1 -> 2 x 1 x 1); the LR schedule"
+    )
+    assert said["recorded"][0].endswith("--trainer.accumulate_grad_batches 2 keeps the checkpoint's")
+
+
+@pytest.mark.parametrize(
+    ("saved", "now", "keep"),
+    [
+        ((4, 1, 2, 32), (4, 1, 2, 32), None),  # the same: nothing said
+        ((4, 1, 2, 32), (4, 2, 1, 32), None),  # 2 processes -> 1 under twice the accumulation: the same tokens
+        ((4, 1, 2, 32), (4, 1, 1, 32), "--trainer.accumulate_grad_batches 2 keeps the checkpoint's"),  # 2 -> 1 process
+        ((4, 1, 1, 32), (4, 1, 2, 32), "processes 4 again"),  # twice the processes: no accumulation halves it
+        ((4, 3, 1, 32), (2, 1, 4, 32), "processes 12 again"),  # 12 sequences; 8 a micro-batch: no whole number
+        ((4, 1, 1, 32), (4, 1, 1, 64), "x seq_len 128 again"),  # twice the tokens a sequence
+        ((4, 1, 1, 64), (4, 1, 1, 32), "--trainer.accumulate_grad_batches 2 keeps the checkpoint's"),
+        ({"batch_size": 4.0}, (4, 1, 1, 32), None),  # a foreign record: nothing said, nothing raised
+        ("4x1x1", (4, 1, 1, 32), None),
+    ],
+)
+def test_the_global_batch_change_names_old_and_new_and_how_to_keep_the_old(saved, now, keep):
+    """The world-size case needs several processes: the comparison of the records (global_batch_change) alone."""
+    from epas_lightning.global_batch import FACTORS, global_batch_change, sequences, tokens
+
+    def record(values):
+        return dict(zip((*FACTORS, "seq_len"), values, strict=True)) if isinstance(values, tuple) else values
+
+    said = global_batch_change(record(saved), record(now))
+    if keep is None:
+        assert said is None
+        return
+    old, new = record(saved), record(now)
+    assert said.startswith(
+        f"resumed with another global batch: {sequences(old)} -> {sequences(new)} sequences ({tokens(old)} -> "
+        f"{tokens(new)} tokens) an optimizer step (data.batch_size x trainer.accumulate_grad_batches x processes: "
+        f"{' x '.join(map(str, saved[:3]))} -> {' x '.join(map(str, now[:3]))}); the LR schedule, its warmup and the "
+        f"sharing schedule count optimizer steps, so each step now trains {tokens(new) / tokens(old):.3g}x the tokens"
+    )
+    assert said.endswith(keep)
+
+
+def test_the_global_batch_counts_the_data_parallel_processes_and_the_loaders_batch_size():
+    """The record takes the training loader's batch size (else the datamodule's; neither: no record) and the
+    strategy's data-parallel replicas (a single device has none: the world size)."""
+    from types import SimpleNamespace
+
+    from epas_lightning.global_batch import global_batch
+
+    def trainer(loader_batch, data_batch, strategy):
+        loader, data = SimpleNamespace(batch_size=loader_batch), SimpleNamespace(batch_size=data_batch)
+        return SimpleNamespace(
+            train_dataloader=loader, datamodule=data, strategy=strategy, accumulate_grad_batches=3, world_size=4
+        )
+
+    ddp = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 0})  # tensor parallel over 2 of 4
+    expected = {"batch_size": 5, "accumulate_grad_batches": 3, "world_size": 2, "seq_len": 32}
+    assert global_batch(trainer(5, 7, ddp), 32) == expected
+    assert global_batch(trainer(None, 5, ddp), 32) == expected
+    assert global_batch(trainer(5, None, SimpleNamespace()), 32) == {**expected, "world_size": 4}
+    assert global_batch(trainer(None, None, ddp), 32) is None
+
+
 def test_a_resume_of_a_sharded_checkpoint_in_a_narrower_precision_says_so_too(tiny_corpus, tmp_path):
     """The weights of a sharded checkpoint load straight into the model, so the warning above (which read the dtype
     from the checkpoint's state_dict) never came: the checkpoint records its weights' dtype."""
