@@ -30,6 +30,33 @@ def trained(tiny_corpus, tmp_path_factory):
     return train_tiny_checkpoint(tiny_corpus, tmp_path_factory.mktemp("run"), ProgressiveSharing(target=2, interval=2))
 
 
+@pytest.fixture(scope="module")
+def stock_export(trained, tmp_path_factory):
+    """``export --sharing-layers 0`` of ``trained``: a stock LLaMA folder that runs dense and records, in the metadata
+    of its model.safetensors, the region its weights trained (layers [3, 2], deep-first)."""
+    from epas_lightning.hf.export import export
+
+    return export(trained, tmp_path_factory.mktemp("stock") / "hf", sharing_layers=0)
+
+
+def shallow_stock_copy(stock_export, folder):
+    """A copy of ``stock_export`` whose record says its weights trained layers [1, 2], shallow-first: a growth order
+    that a region counted deep-first from the last layer does not follow."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    copy = shutil.copytree(stock_export, folder)
+    with safe_open(copy / "model.safetensors", "pt") as f:
+        metadata = f.metadata()
+    record = json.dumps({"layers": [1, 2], "order": "shallow_first"})
+    save_file(
+        load_file(copy / "model.safetensors"), copy / "model.safetensors", {**metadata, "epas_trained_region": record}
+    )
+    return copy
+
+
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     rc = cli_main(list(argv))
     out = capsys.readouterr()
@@ -87,6 +114,31 @@ def test_generate_refuses_more_than_the_trained_region_unless_forced(trained, ca
     assert rc == 0, err
     rc, _, err = run_cli(capsys, "generate", "--checkpoint", str(trained.parent / "nope.ckpt"), "--prompt", "x")
     assert rc == 2 and "does not exist" in err
+
+
+def test_a_stock_export_exported_again_runs_the_region_its_weights_trained(stock_export, tmp_path, capsys):
+    """`export --remote-code` of a stock export wrote a folder with no region (its record dropped), and
+    `export --sharing-layers N` of one was refused as 'trained dense': the region it recorded is the new folder's, and
+    N counts in it, in its growth order."""
+    rc, _, err = run_cli(
+        capsys, "export", "--checkpoint", str(stock_export), "--remote-code", "--output", str(tmp_path / "z")
+    )
+    assert rc == 0, err
+    config = json.loads((tmp_path / "z" / "config.json").read_text())
+    assert (config["epas_trained_region"], config["epas_shared_layers"]) == ([3, 2], [])
+    loaded = load_model(tmp_path / "z")
+    assert (loaded.region.layers, loaded.default_sharing, loaded.model.sharing.shared_layers) == ((3, 2), 0, [2, 3])
+    shallow = shallow_stock_copy(stock_export, tmp_path / "shallow")
+    rc, _, err = run_cli(
+        capsys, "export", "--checkpoint", str(shallow), "--sharing-layers", "1", "--output", str(tmp_path / "s")
+    )
+    assert rc == 0, err
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert (config["epas_trained_region"], config["epas_growth_order"], config["epas_shared_layers"]) == (
+        [1, 2],
+        "shallow_first",
+        [1],
+    )
 
 
 def test_generate_decodes_a_prompt_file_in_bounded_batches_with_the_one_batch_completions(
