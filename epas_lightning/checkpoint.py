@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -345,9 +345,10 @@ def _info(metadata: dict[str, Any], model: Llama, where: object = None) -> Check
     training = training_record(metadata)
     heldout = HeldOut.from_record(training["heldout"])
     gone_data = Path(data_dir) if data_dir is not None and not found else None
+    unrun = None if region.size else weights_region(metadata.get(WEIGHTS_REGION_KEY), config.n_layer)
     return CheckpointInfo(
         config=config,
-        region=region,
+        region=replace(region, unrun=unrun),  # --sharing-layers on a stock export: refused, or forced, counted in it
         tokenizer_path=tokenizer_path,
         bos_id=tokenizer.get("bos_id"),
         eos_id=tokenizer.get("eos_id"),
@@ -360,7 +361,7 @@ def _info(metadata: dict[str, Any], model: Llama, where: object = None) -> Check
         training=training,
         mixed_data=_mixed_data(metadata),
         heldout=heldout,
-        weights_region=None if region.size else weights_region(metadata.get(WEIGHTS_REGION_KEY), config.n_layer),
+        weights_region=unrun,
         exported_sharing=exported_length(metadata.get(HF_SHARED_KEY), region),
     )
 

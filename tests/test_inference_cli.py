@@ -141,6 +141,24 @@ def test_a_stock_export_exported_again_runs_the_region_its_weights_trained(stock
     )
 
 
+def test_sharing_layers_on_a_stock_export_is_refused_as_it_runs_dense_or_forced_in_its_trained_order(
+    stock_export, tmp_path, capsys
+):
+    """`--sharing-layers 1` on a stock export said it 'was trained dense', and `--force` shared the deepest layers
+    whatever the recorded region: the refusal says what its weights trained and how to run it, and --force counts in
+    the recorded region's growth order."""
+    args = ["generate", "--prompt", "x", "--max-new-tokens", "1", "--sharing-layers", "1", "--json"]
+    rc, _, err = run_cli(capsys, *args, "--checkpoint", str(stock_export))
+    assert (
+        rc == 2 and "this checkpoint runs dense: it holds weights that trained 2 sharing layers (layers [3, 2]" in err
+    )
+    assert "— --sharing-layers — choose 0, or export the checkpoint again with --remote-code for the region" in err
+    rc, out, err = run_cli(
+        capsys, *args, "--checkpoint", str(shallow_stock_copy(stock_export, tmp_path / "s")), "--force"
+    )
+    assert rc == 0 and json.loads(out.strip().splitlines()[-1])["shared_layers"] == [1], err
+
+
 def test_generate_decodes_a_prompt_file_in_bounded_batches_with_the_one_batch_completions(
     trained, tmp_path, capsys, monkeypatch
 ):
