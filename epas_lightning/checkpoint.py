@@ -38,7 +38,7 @@ from epas_lightning.data.tokenizer import (
 from epas_lightning.errors import CheckpointError, ConfigError, listed
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.provenance import callback_states, training_record
-from epas_lightning.region import REGION_KEY, TrainedRegion
+from epas_lightning.region import REGION_KEY, TrainedRegion, unrun_region_text
 from epas_lightning.runtime import DTYPES, dtype_name, dtype_overflow, resolve_device, resolve_dtype
 from epas_lightning.safe_load import LIGHTNING_METADATA
 from epas_lightning.weight_checks import check_finite, hf_misfit, past_range, state_mismatch
@@ -156,6 +156,14 @@ class CheckpointInfo:
             f"{command}: held-out data is the val split of {self.data_dir}, the first of the {len(self.mixed_data)} "
             f"data folders the run mixed, not their mixture; pass --data for another ({others})"
         )
+
+    def unrun_region_note(self, path: str | Path, command: str) -> str | None:
+        """For a stock export, or a copy of one (``path``), the line saying that ``command`` runs it dense and how to
+        run the region its weights trained (:func:`~epas_lightning.region.unrun_region_text`); ``None`` elsewhere."""
+        if self.weights_region is None:
+            return None
+        stock = checkpoint_kind(Path(path)) == "hf"
+        return f"{command}: the region is {unrun_region_text(self.weights_region, stock)}"
 
     def own_data_instead_of(self, data: str | Path | None) -> bool:
         """Whether a ``--data`` of ``data`` names other data than the checkpoint's own, which leaving it unset reads

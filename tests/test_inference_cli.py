@@ -159,6 +159,36 @@ def test_sharing_layers_on_a_stock_export_is_refused_as_it_runs_dense_or_forced_
     assert rc == 0 and json.loads(out.strip().splitlines()[-1])["shared_layers"] == [1], err
 
 
+@pytest.mark.parametrize(
+    "command,options",
+    [
+        ("evaluate", ["--seq-len", "16"]),
+        ("bench", ["--seq-len", "16", "--reps", "1", "--prompt-len", "4", "--max-new-tokens", "2", "--output", "b"]),
+        ("analyze", ["--seq-len", "16", "--output", "a"]),
+    ],
+)
+def test_commands_on_a_stock_export_say_the_region_its_weights_trained(
+    stock_export, command, options, tmp_path, capsys, monkeypatch
+):
+    """evaluate, bench and analyze of a stock export said only that it runs dense (bench: 'trained with up to 0
+    sharing'), and analyze left out its note on the frozen q/k of the layers that trained sharing."""
+    from epas_lightning.analysis import analyze
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(analyze, "write_outputs", lambda *_: {"recommendation": None})  # no TensorBoard import (7 s)
+    argv = [command, "--checkpoint", str(stock_export), "--batches", "1", "--batch-size", "1", *options]
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    said = (
+        f"{command}: the region is dense: a stock export of weights that trained 2 sharing layers (layers [3, 2], "
+        "deep-first); our commands and transformers run it dense (export the checkpoint again with --remote-code for "
+        "the region)\n"
+    )
+    assert said in err, err
+    if command == "analyze":
+        assert "Note: the checkpoint was trained with layers [2, 3] sharing; their own q/k" in out, out
+
+
 def test_generate_decodes_a_prompt_file_in_bounded_batches_with_the_one_batch_completions(
     trained, tmp_path, capsys, monkeypatch
 ):
