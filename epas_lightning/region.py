@@ -87,20 +87,15 @@ class TrainedRegion:
                 flag,
                 f"choose {choices(limit if force else self.size)}",
             )
-        if n > self.size and not force and self.unrun is not None:
-            raise ConfigError(
-                f"this checkpoint runs dense: it holds {weights_that_trained(self.unrun)}, not that region; "
-                f"{layers_asked_for(n)}",
-                flag,
-                f"choose 0, or {RUN_THE_REGION}"
-                + (f", or pass {force_flag} to run it from this folder" if forceable else ""),
-            )
         if n > self.size and not force:
+            elsewhere = self.unrun is not None  # a stock export: its weights trained a region it does not carry
+            force_text = "run it from this folder" if elsewhere else "run a region it never trained"
             raise ConfigError(
                 f"this checkpoint {self.trained_at_most()}; {n} {'was' if n == 1 else 'were'} asked for",
                 flag,
                 f"choose {choices(self.size)}"
-                + (f", or pass {force_flag} to run a region it never trained" if forceable else ""),
+                + (f", or {RUN_THE_REGION}" if elsewhere else "")
+                + (f", or pass {force_flag} to {force_text}" if forceable else ""),
             )
         return sorted(self.growth_order()[:n])
 
@@ -122,7 +117,10 @@ class TrainedRegion:
 
     def trained_at_most(self) -> str:
         """What the region allows, as errors say it: "was trained with at most 2 sharing layers (layers [7, 6],
-        deep-first)", or "was trained dense (no sharing layers)"."""
+        deep-first)", or "was trained dense (no sharing layers)"; of a stock export, that it runs dense, and what its
+        weights trained (:attr:`unrun`)."""
+        if self.unrun is not None and not self.layers:
+            return f"runs dense: it holds {weights_that_trained(self.unrun)}, not that region"
         if not self.layers:
             return "was trained dense (no sharing layers)"
         return f"was trained with at most {sharing_layers_text(self.size)} ({self.describe()})"

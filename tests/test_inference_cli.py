@@ -144,9 +144,9 @@ def test_a_stock_export_exported_again_runs_the_region_its_weights_trained(stock
 def test_sharing_layers_on_a_stock_export_is_refused_as_it_runs_dense_or_forced_in_its_trained_order(
     stock_export, tmp_path, capsys
 ):
-    """`--sharing-layers 1` on a stock export said it 'was trained dense', and `--force` shared the deepest layers
-    whatever the recorded region: the refusal says what its weights trained and how to run it, and --force counts in
-    the recorded region's growth order."""
+    """`--sharing-layers 1` on a stock export (and serve's sharing_layers) said it 'was trained dense', and `--force`
+    shared the deepest layers whatever the recorded region: the refusal says what its weights trained and how to run
+    it, and --force counts in the recorded region's growth order."""
     args = ["generate", "--prompt", "x", "--max-new-tokens", "1", "--sharing-layers", "1", "--json"]
     rc, _, err = run_cli(capsys, *args, "--checkpoint", str(stock_export))
     assert (
@@ -157,26 +157,36 @@ def test_sharing_layers_on_a_stock_export_is_refused_as_it_runs_dense_or_forced_
         capsys, *args, "--checkpoint", str(shallow_stock_copy(stock_export, tmp_path / "s")), "--force"
     )
     assert rc == 0 and json.loads(out.strip().splitlines()[-1])["shared_layers"] == [1], err
+    from epas_lightning.checkpoint import describe_checkpoint
+    from epas_lightning.data import load_tokenizer
+    from epas_lightning.serve.model_card import ServedModel
+    from epas_lightning.serve.protocol import RequestError
+
+    tokenizer = load_tokenizer(stock_export / "tokenizer.json")
+    served = ServedModel.build(describe_checkpoint(stock_export), tokenizer, "m", None, None, 1)
+    with pytest.raises(RequestError, match=r"this model runs dense: it holds weights that trained 2 sharing layers"):
+        served.resolve_region(1, None)  # a request's sharing_layers: said 'was trained dense'
 
 
 @pytest.mark.parametrize(
     "command,options",
     [
-        ("evaluate", ["--seq-len", "16"]),
-        ("bench", ["--seq-len", "16", "--reps", "1", "--prompt-len", "4", "--max-new-tokens", "2", "--output", "b"]),
-        ("analyze", ["--seq-len", "16", "--output", "a"]),
+        ("generate", ["--prompt", "x", "--max-new-tokens", "1"]),
+        ("evaluate", ["--batches", "1", "--seq-len", "16"]),
+        ("bench", ["--batches", "1", "--seq-len", "16", "--reps", "1", "--prompt-len", "4", "--max-new-tokens", "2"]),
+        ("analyze", ["--batches", "1", "--seq-len", "16", "--output", "a"]),
     ],
 )
 def test_commands_on_a_stock_export_say_the_region_its_weights_trained(
     stock_export, command, options, tmp_path, capsys, monkeypatch
 ):
-    """evaluate, bench and analyze of a stock export said only that it runs dense (bench: 'trained with up to 0
-    sharing'), and analyze left out its note on the frozen q/k of the layers that trained sharing."""
+    """generate, evaluate, bench and analyze of a stock export said only that it runs dense (bench: 'trained with up
+    to 0 sharing'), and analyze left out its note on the frozen q/k of the layers that trained sharing."""
     from epas_lightning.analysis import analyze
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(analyze, "write_outputs", lambda *_: {"recommendation": None})  # no TensorBoard import (7 s)
-    argv = [command, "--checkpoint", str(stock_export), "--batches", "1", "--batch-size", "1", *options]
+    argv = [command, "--checkpoint", str(stock_export), "--batch-size", "1", *options]
     rc, out, err = run_cli(capsys, *argv)
     assert rc == 0, err
     said = (
