@@ -213,8 +213,8 @@ def export(
     Args:
         checkpoint: A ``.ckpt``, FSDP2 checkpoint directory, ``consolidate`` directory or Hugging Face LLaMA folder.
         output: Directory to write (built beside it and renamed into place).
-        sharing_layers: Region length N (the first N layers of the trained region). Default: the trained region (an
-            export's folder: the N it was exported with).
+        sharing_layers: Region length N (the first N layers of the trained region; of a stock export, of the region
+            it recorded). Default: the trained region (an export's folder: the N it was exported with).
         tokenizer: Tokenizer file or directory to ship. Default: the one the checkpoint records.
         remote_code: Write the ``epas_llama`` form (own modeling code) even with no region, so a region can be chosen
             at load time (``epas_shared_layers=[...]``).
@@ -328,8 +328,8 @@ def export_command(
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         output: The folder to write.
-        sharing_layers: Region length N (the first N layers of the trained region, in its growth order); default:
-            the trained region; 0 writes a stock LLaMA.
+        sharing_layers: Region length N (the first N layers of the trained region, in its growth order; of a
+            stock export, of the region it recorded); default: the trained region; 0 writes a stock LLaMA.
         tokenizer: Tokenizer file or folder to ship (default: the one the checkpoint records).
         remote_code: Write the epas_llama form (own modeling code) even for N = 0.
         dtype: Weight dtype of the export; auto keeps the checkpoint's.
