@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +38,7 @@ from epas_lightning.data.tokenizer import (
 from epas_lightning.errors import CheckpointError, ConfigError, listed
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.provenance import callback_states, training_record
-from epas_lightning.region import REGION_KEY, TrainedRegion
+from epas_lightning.region import REGION_KEY, TrainedRegion, unrun_region_text
 from epas_lightning.runtime import DTYPES, dtype_name, dtype_overflow, resolve_device, resolve_dtype
 from epas_lightning.safe_load import LIGHTNING_METADATA
 from epas_lightning.weight_checks import check_finite, hf_misfit, past_range, state_mismatch
@@ -156,6 +156,14 @@ class CheckpointInfo:
             f"{command}: held-out data is the val split of {self.data_dir}, the first of the {len(self.mixed_data)} "
             f"data folders the run mixed, not their mixture; pass --data for another ({others})"
         )
+
+    def unrun_region_note(self, path: str | Path, command: str) -> str | None:
+        """For a stock export, or a copy of one (``path``), the line saying that ``command`` runs it dense and how to
+        run the region its weights trained (:func:`~epas_lightning.region.unrun_region_text`); ``None`` elsewhere."""
+        if self.weights_region is None:
+            return None
+        stock = checkpoint_kind(Path(path)) == "hf"
+        return f"{command}: the region is {unrun_region_text(self.weights_region, stock)}"
 
     def own_data_instead_of(self, data: str | Path | None) -> bool:
         """Whether a ``--data`` of ``data`` names other data than the checkpoint's own, which leaving it unset reads
@@ -345,9 +353,10 @@ def _info(metadata: dict[str, Any], model: Llama, where: object = None) -> Check
     training = training_record(metadata)
     heldout = HeldOut.from_record(training["heldout"])
     gone_data = Path(data_dir) if data_dir is not None and not found else None
+    unrun = None if region.size else weights_region(metadata.get(WEIGHTS_REGION_KEY), config.n_layer)
     return CheckpointInfo(
         config=config,
-        region=region,
+        region=replace(region, unrun=unrun),  # --sharing-layers on a stock export: refused, or forced, counted in it
         tokenizer_path=tokenizer_path,
         bos_id=tokenizer.get("bos_id"),
         eos_id=tokenizer.get("eos_id"),
@@ -360,7 +369,7 @@ def _info(metadata: dict[str, Any], model: Llama, where: object = None) -> Check
         training=training,
         mixed_data=_mixed_data(metadata),
         heldout=heldout,
-        weights_region=None if region.size else weights_region(metadata.get(WEIGHTS_REGION_KEY), config.n_layer),
+        weights_region=unrun,
         exported_sharing=exported_length(metadata.get(HF_SHARED_KEY), region),
     )
 

@@ -34,7 +34,7 @@ from epas_lightning.errors import CheckpointError, UserError, listed, os_reason
 from epas_lightning.hf.convert import hf_weight_files
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.optim import grouped_parameter_names, state_entry, state_tensors
-from epas_lightning.region import TrainedRegion, choices, sharing_layers_text
+from epas_lightning.region import TrainedRegion, choices, sharing_layers_text, unrun_region_text
 from epas_lightning.runtime import dtype_name, emit_json, folder_bytes, size_text
 from epas_lightning.safe_load import load_torch_file
 from epas_lightning.weight_checks import is_finite_tensor
@@ -310,7 +310,7 @@ def describe_text(record: dict[str, Any]) -> str:
     rows |= {
         "step": step,
         "tokens": _number(record["tokens"]) + (" trained" if record["tokens"] is not None else " (not recorded)"),
-        "region": trained if n else unrun_region_text(unrun, model["n_layer"], record["kind"]),
+        "region": trained if n else dense_region_row(unrun, model["n_layer"], record["kind"]),
         "--sharing-layers": f"{choices(n)} (default {allowed['default']}){more}",
         **transformers_row(record["transformers_shared_layers"], region["layers"], model["n_layer"]),
         "model": f"{model['n_layer']} layers, d {model['n_embd']}, {heads}, vocab {model['vocab_size']:,}, "
@@ -327,17 +327,12 @@ def describe_text(record: dict[str, Any]) -> str:
     return "\n".join([record["path"], *(f"  {name:<{width}}  {value}" for name, value in rows.items())])
 
 
-def unrun_region_text(unrun: dict[str, Any] | None, n_layer: int, kind: str = "hf") -> str:
+def dense_region_row(unrun: dict[str, Any] | None, n_layer: int, kind: str = "hf") -> str:
     """The ``region`` row of a dense checkpoint; of a stock export or a copy of one (``unrun``: the region its weights
     trained, as it recorded it), that it runs dense and how to get the region."""
     if unrun is None:
         return "dense (no sharing layers trained)"
-    region = TrainedRegion.from_record(unrun, n_layer)
-    what, runs = ("a stock export", "our commands and transformers") if kind == "hf" else ("a copy", "our commands")
-    return (
-        f"dense: {what} of weights that trained {sharing_layers_text(region.size)} ({region.describe()}); "
-        f"{runs} run it dense (export the checkpoint again with --remote-code for the region)"
-    )
+    return unrun_region_text(TrainedRegion.from_record(unrun, n_layer), stock=kind == "hf")
 
 
 def transformers_row(shared: Any, trained: list[int], n_layer: int) -> dict[str, str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Integral
 from typing import Any
 
@@ -32,6 +32,9 @@ class TrainedRegion:
     """The trained region in the order its layers started sharing."""
     order: GrowthOrder = "deep_first"
     """``deep_first`` (the paper) or ``shallow_first``; decides how a forced region continues past the trained one."""
+    unrun: TrainedRegion | None = field(default=None, compare=False, repr=False)
+    """Of a dense region, the one its weights trained but the checkpoint does not carry (a stock export's record,
+    :func:`unrun_region_text`): ``--sharing-layers`` above 0 is refused, forced it counts in that region."""
 
     def __post_init__(self) -> None:
         check_order(self.order)
@@ -48,6 +51,8 @@ class TrainedRegion:
 
     def growth_order(self) -> list[int]:
         """Every layer that can share, trained ones first, then the untrained ones in the same direction."""
+        if self.unrun is not None and not self.layers:
+            return self.unrun.growth_order()
         rest = [i for i in self._direction() if i not in self.layers]
         return [*self.layers, *rest]
 
@@ -83,11 +88,14 @@ class TrainedRegion:
                 f"choose {choices(limit if force else self.size)}",
             )
         if n > self.size and not force:
+            elsewhere = self.unrun is not None  # a stock export: its weights trained a region it does not carry
+            force_text = "run it from this folder" if elsewhere else "run a region it never trained"
             raise ConfigError(
                 f"this checkpoint {self.trained_at_most()}; {n} {'was' if n == 1 else 'were'} asked for",
                 flag,
                 f"choose {choices(self.size)}"
-                + (f", or pass {force_flag} to run a region it never trained" if forceable else ""),
+                + (f", or {RUN_THE_REGION}" if elsewhere else "")
+                + (f", or pass {force_flag} to {force_text}" if forceable else ""),
             )
         return sorted(self.growth_order()[:n])
 
@@ -109,7 +117,10 @@ class TrainedRegion:
 
     def trained_at_most(self) -> str:
         """What the region allows, as errors say it: "was trained with at most 2 sharing layers (layers [7, 6],
-        deep-first)", or "was trained dense (no sharing layers)"."""
+        deep-first)", or "was trained dense (no sharing layers)"; of a stock export, that it runs dense, and what its
+        weights trained (:attr:`unrun`)."""
+        if self.unrun is not None and not self.layers:
+            return f"runs dense: it holds {weights_that_trained(self.unrun)}, not that region"
         if not self.layers:
             return "was trained dense (no sharing layers)"
         return f"was trained with at most {sharing_layers_text(self.size)} ({self.describe()})"
@@ -157,6 +168,23 @@ class TrainedRegion:
         if order is None:
             order = "deep_first" if not layers or layers[-1] == n_layer - 1 else "shallow_first"
         return cls(n_layer, tuple(reversed(layers)) if order == "deep_first" else tuple(layers), order)
+
+
+RUN_THE_REGION = "export the checkpoint again with --remote-code for the region"
+"""How to run the region a dense checkpoint's weights trained (:attr:`TrainedRegion.unrun`)."""
+
+
+def weights_that_trained(region: TrainedRegion) -> str:
+    """``"weights that trained 2 sharing layers (layers [3, 2], deep-first)"``: what a dense checkpoint whose weights
+    trained ``region`` (its :attr:`TrainedRegion.unrun`) holds."""
+    return f"weights that trained {sharing_layers_text(region.size)} ({region.describe()})"
+
+
+def unrun_region_text(region: TrainedRegion, stock: bool = True) -> str:
+    """What a dense checkpoint whose weights trained ``region`` runs (a ``stock`` export, or a copy of one: a record
+    only), and how to get the region: inspect's ``region`` row, and the line the commands that run it print."""
+    what, runs = ("a stock export", "our commands and transformers") if stock else ("a copy", "our commands")
+    return f"dense: {what} of {weights_that_trained(region)}; {runs} run it dense ({RUN_THE_REGION})"
 
 
 def sharing_layers_text(n: int) -> str:

@@ -30,6 +30,33 @@ def trained(tiny_corpus, tmp_path_factory):
     return train_tiny_checkpoint(tiny_corpus, tmp_path_factory.mktemp("run"), ProgressiveSharing(target=2, interval=2))
 
 
+@pytest.fixture(scope="module")
+def stock_export(trained, tmp_path_factory):
+    """``export --sharing-layers 0`` of ``trained``: a stock LLaMA folder that runs dense and records, in the metadata
+    of its model.safetensors, the region its weights trained (layers [3, 2], deep-first)."""
+    from epas_lightning.hf.export import export
+
+    return export(trained, tmp_path_factory.mktemp("stock") / "hf", sharing_layers=0)
+
+
+def shallow_stock_copy(stock_export, folder):
+    """A copy of ``stock_export`` whose record says its weights trained layers [1, 2], shallow-first: a growth order
+    that a region counted deep-first from the last layer does not follow."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    copy = shutil.copytree(stock_export, folder)
+    with safe_open(copy / "model.safetensors", "pt") as f:
+        metadata = f.metadata()
+    record = json.dumps({"layers": [1, 2], "order": "shallow_first"})
+    save_file(
+        load_file(copy / "model.safetensors"), copy / "model.safetensors", {**metadata, "epas_trained_region": record}
+    )
+    return copy
+
+
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     rc = cli_main(list(argv))
     out = capsys.readouterr()
@@ -87,6 +114,89 @@ def test_generate_refuses_more_than_the_trained_region_unless_forced(trained, ca
     assert rc == 0, err
     rc, _, err = run_cli(capsys, "generate", "--checkpoint", str(trained.parent / "nope.ckpt"), "--prompt", "x")
     assert rc == 2 and "does not exist" in err
+
+
+def test_a_stock_export_exported_again_runs_the_region_its_weights_trained(stock_export, tmp_path, capsys):
+    """`export --remote-code` of a stock export wrote a folder with no region (its record dropped), and
+    `export --sharing-layers N` of one was refused as 'trained dense': the region it recorded is the new folder's, and
+    N counts in it, in its growth order."""
+    rc, _, err = run_cli(
+        capsys, "export", "--checkpoint", str(stock_export), "--remote-code", "--output", str(tmp_path / "z")
+    )
+    assert rc == 0, err
+    config = json.loads((tmp_path / "z" / "config.json").read_text())
+    assert (config["epas_trained_region"], config["epas_shared_layers"]) == ([3, 2], [])
+    loaded = load_model(tmp_path / "z")
+    assert (loaded.region.layers, loaded.default_sharing, loaded.model.sharing.shared_layers) == ((3, 2), 0, [2, 3])
+    shallow = shallow_stock_copy(stock_export, tmp_path / "shallow")
+    rc, _, err = run_cli(
+        capsys, "export", "--checkpoint", str(shallow), "--sharing-layers", "1", "--output", str(tmp_path / "s")
+    )
+    assert rc == 0, err
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert (config["epas_trained_region"], config["epas_growth_order"], config["epas_shared_layers"]) == (
+        [1, 2],
+        "shallow_first",
+        [1],
+    )
+
+
+def test_sharing_layers_on_a_stock_export_is_refused_as_it_runs_dense_or_forced_in_its_trained_order(
+    stock_export, tmp_path, capsys
+):
+    """`--sharing-layers 1` on a stock export (and serve's sharing_layers) said it 'was trained dense', and `--force`
+    shared the deepest layers whatever the recorded region: the refusal says what its weights trained and how to run
+    it, and --force counts in the recorded region's growth order."""
+    args = ["generate", "--prompt", "x", "--max-new-tokens", "1", "--sharing-layers", "1", "--json"]
+    rc, _, err = run_cli(capsys, *args, "--checkpoint", str(stock_export))
+    assert (
+        rc == 2 and "this checkpoint runs dense: it holds weights that trained 2 sharing layers (layers [3, 2]" in err
+    )
+    assert "— --sharing-layers — choose 0, or export the checkpoint again with --remote-code for the region" in err
+    rc, out, err = run_cli(
+        capsys, *args, "--checkpoint", str(shallow_stock_copy(stock_export, tmp_path / "s")), "--force"
+    )
+    assert rc == 0 and json.loads(out.strip().splitlines()[-1])["shared_layers"] == [1], err
+    from epas_lightning.checkpoint import describe_checkpoint
+    from epas_lightning.data import load_tokenizer
+    from epas_lightning.serve.model_card import ServedModel
+    from epas_lightning.serve.protocol import RequestError
+
+    tokenizer = load_tokenizer(stock_export / "tokenizer.json")
+    served = ServedModel.build(describe_checkpoint(stock_export), tokenizer, "m", None, None, 1)
+    with pytest.raises(RequestError, match=r"this model runs dense: it holds weights that trained 2 sharing layers"):
+        served.resolve_region(1, None)  # a request's sharing_layers: said 'was trained dense'
+
+
+@pytest.mark.parametrize(
+    "command,options",
+    [
+        ("generate", ["--prompt", "x", "--max-new-tokens", "1"]),
+        ("evaluate", ["--batches", "1", "--seq-len", "16"]),
+        ("bench", ["--batches", "1", "--seq-len", "16", "--reps", "1", "--prompt-len", "4", "--max-new-tokens", "2"]),
+        ("analyze", ["--batches", "1", "--seq-len", "16", "--output", "a"]),
+    ],
+)
+def test_commands_on_a_stock_export_say_the_region_its_weights_trained(
+    stock_export, command, options, tmp_path, capsys, monkeypatch
+):
+    """generate, evaluate, bench and analyze of a stock export said only that it runs dense (bench: 'trained with up
+    to 0 sharing'), and analyze left out its note on the frozen q/k of the layers that trained sharing."""
+    from epas_lightning.analysis import analyze
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(analyze, "write_outputs", lambda *_: {"recommendation": None})  # no TensorBoard import (7 s)
+    argv = [command, "--checkpoint", str(stock_export), "--batch-size", "1", *options]
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    said = (
+        f"{command}: the region is dense: a stock export of weights that trained 2 sharing layers (layers [3, 2], "
+        "deep-first); our commands and transformers run it dense (export the checkpoint again with --remote-code for "
+        "the region)\n"
+    )
+    assert said in err, err
+    if command == "analyze":
+        assert "Note: the checkpoint was trained with layers [2, 3] sharing; their own q/k" in out, out
 
 
 def test_generate_decodes_a_prompt_file_in_bounded_batches_with_the_one_batch_completions(

@@ -182,6 +182,8 @@ def analyze_command(
         )
     if data is None and (note := loaded.mixed_data_note("analyze")):
         print(note, file=sys.stderr)
+    if note := loaded.unrun_region_note(checkpoint, "analyze"):
+        print(note, file=sys.stderr)
     own_data = loaded.own_data_instead_of(data)
     held_out = heldout_batches(  # a data folder that cannot work is said alone, before any output
         data_dir, config.vocab_size, seq_len, batch_size, batches, loaded.recorded_tokenizer, own_data
@@ -197,6 +199,7 @@ def analyze_command(
             dtype=dtype_name(next(model.parameters()).dtype),
             trained_shared_layers=loaded.trained_shared_layers,
             trained_region=loaded.region.to_record(),
+            weights_trained_region=loaded.weights_region and loaded.weights_region.to_record(),
         )
         recommendation = report.recommend(metric, threshold, config)
         record = write_outputs(report, recommendation, build)
@@ -207,9 +210,9 @@ def analyze_command(
             file=sys.stderr,
         )
     print(recommendation.reasoning)
-    if loaded.region.layers:
+    if trained := (loaded.region if loaded.region.layers else loaded.weights_region):  # a stock export's too
         print(
-            f"Note: the checkpoint was trained with layers {loaded.trained_shared_layers} sharing; their own q/k "
+            f"Note: the checkpoint was trained with layers {sorted(trained.layers)} sharing; their own q/k "
             "weights stopped training when they started to share, so their scores describe those frozen weights. "
             "Analyse a dense (or earlier) checkpoint to choose a region."
         )

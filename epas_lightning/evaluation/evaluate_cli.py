@@ -71,6 +71,8 @@ def evaluate(
     lengths = region_lengths(sharing_layers, loaded, force)
     for n in lengths:  # fail on a bad region before any scoring
         loaded.region.first(n, force, SHARING_FLAGS)
+    if note := loaded.unrun_region_note(checkpoint, "evaluate"):
+        print(note, file=sys.stderr)
     text_tokenizer = resolve_tokenizer(loaded, Path(tokenizer) if tokenizer else None) if questions else None
     own_data = loaded.own_data_instead_of(data)
     if data is None and (not questions or batches is not None):

@@ -213,8 +213,8 @@ def export(
     Args:
         checkpoint: A ``.ckpt``, FSDP2 checkpoint directory, ``consolidate`` directory or Hugging Face LLaMA folder.
         output: Directory to write (built beside it and renamed into place).
-        sharing_layers: Region length N (the first N layers of the trained region). Default: the trained region (an
-            export's folder: the N it was exported with).
+        sharing_layers: Region length N (the first N layers of the trained region; of a stock export, of the region
+            it recorded). Default: the trained region (an export's folder: the N it was exported with).
         tokenizer: Tokenizer file or directory to ship. Default: the one the checkpoint records.
         remote_code: Write the ``epas_llama`` form (own modeling code) even with no region, so a region can be chosen
             at load time (``epas_shared_layers=[...]``).
@@ -227,7 +227,8 @@ def export(
     loaded = load_model(checkpoint, dtype=torch_dtype or STORED, flag="--checkpoint")  # no wider copy of the weights
     model, config = loaded.model, loaded.model.config
     n = loaded.default_sharing if sharing_layers is None else sharing_layers
-    shared = set_region(model, n, loaded.region, force, SHARING_FLAGS)
+    trained = loaded.weights_region or loaded.region  # of a stock export, its record: the region N counts in
+    shared = set_region(model, n, trained, force, SHARING_FLAGS)
     use_remote = remote_code or n > 0
     state = ours_to_hf(model.state_dict(), config)  # the model's tensors, not copies
     torch_dtype = torch_dtype or loaded.weights_dtype
@@ -241,21 +242,20 @@ def export(
         eos_ids = stop_ids if len(stop_ids) > 1 else stop_ids[0]
     with output_folder(output, EXPORT_KIND, overwrite, inputs=[checkpoint]) as build:
         provenance = export_metadata(carried(loaded.training, checkpoint))  # not config.json: see provenance.py
-        trained = loaded.region if loaded.region.size else loaded.weights_region  # a stock export's, carried on
-        if not use_remote and trained is not None and trained.size:  # a record only: the stock config.json runs dense
+        if not use_remote and trained.size:  # a record only: the stock config.json runs dense
             provenance[EXPORT_REGION_KEY] = json.dumps(trained.to_record())
         save_file(state, build / "model.safetensors", metadata={"format": "pt", **provenance})
-        record = hf_config(config, shared if use_remote else None, loaded.region, loaded.bos_id, eos_ids, torch_dtype)
+        record = hf_config(config, shared if use_remote else None, trained, loaded.bos_id, eos_ids, torch_dtype)
         (build / "config.json").write_text(json.dumps(record, indent=2) + "\n")
         generation = {"bos_token_id": loaded.bos_id, "eos_token_id": eos_ids}
         (build / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if use_remote:
             for name in REMOTE_FILES:
                 shutil.copyfile(REMOTE_DIR / name, build / name)
-        if not use_remote and loaded.region.size:
+        if not use_remote and trained.size:
             log.warning(
                 f"The stock folder runs dense in our commands and in transformers: it does not carry the trained "
-                f"region ({loaded.region.describe()}), which inspect shows from the record in its model.safetensors; "
+                f"region ({trained.describe()}), which inspect shows from the record in its model.safetensors; "
                 "export with --remote-code to keep the region with 0 sharing layers"
             )
         if tokenizer_path is None:
@@ -328,8 +328,8 @@ def export_command(
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         output: The folder to write.
-        sharing_layers: Region length N (the first N layers of the trained region, in its growth order); default:
-            the trained region; 0 writes a stock LLaMA.
+        sharing_layers: Region length N (the first N layers of the trained region, in its growth order; of a
+            stock export, of the region it recorded); default: the trained region; 0 writes a stock LLaMA.
         tokenizer: Tokenizer file or folder to ship (default: the one the checkpoint records).
         remote_code: Write the epas_llama form (own modeling code) even for N = 0.
         dtype: Weight dtype of the export; auto keeps the checkpoint's.

@@ -295,6 +295,8 @@ def bench_command(
     check_seq_len(seq_len, config, where="--seq-len")
     max_shared = loaded.max_shared if sharing_layers is None else sharing_layers
     set_region(loaded.model, max_shared, loaded.region, force, SHARING_FLAGS)  # validates before any timing
+    if note := loaded.unrun_region_note(checkpoint, "bench"):
+        print(note, file=sys.stderr)
     pick = region_for_budget(config, budget, max_shared, seq_len) if budget is not None else None
     if prompt_len is None:
         prompt_len = min(DEFAULT_TOKENS, config.context_length // 2)
@@ -334,6 +336,7 @@ def bench_command(
             "dtype": dtype_name(loaded.model.embed_tokens.weight.dtype),
             "n_layer": config.n_layer,
             "trained_region": loaded.region.to_record(),
+            "weights_trained_region": loaded.weights_region.to_record() if loaded.weights_region else None,
             "trained_max_shared": loaded.max_shared,
             "attention_reuse": loaded.model.attention_reuse,
             "prompts": prompts,

@@ -182,6 +182,8 @@ def generate_command(
     text_tokenizer = resolve_tokenizer(loaded, tokenizer)
     n_shared = loaded.default_sharing if sharing_layers is None else sharing_layers
     layers = set_region(loaded.model, n_shared, loaded.region, force, SHARING_FLAGS)
+    if note := loaded.unrun_region_note(checkpoint, "generate"):
+        print(note, file=sys.stderr)
     ids = [[text_tokenizer.bos_id, *text_tokenizer.encode(text)] for text in prompts]
     max_new_tokens = fit_new_tokens(max(map(len, ids)), max_new_tokens, loaded.model.config.context_length)
     results = [
