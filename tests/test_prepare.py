@@ -590,6 +590,53 @@ def test_one_large_file_is_tokenized_by_every_worker(sp_model: Path, tmp_path: P
     assert caplog.text.count(f"Skipped {tmp_path / 'corpus.jsonl'}:101: 'text' is null") == 2  # once each run
 
 
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ("append", r"it grew from 6,000 to 6,020 bytes"),
+        ("cut", r"it was cut from 6,000 to 3,000 bytes"),
+        ("rewrite", r"it was written to, or replaced"),
+        ("replace", r"it was written to, or replaced"),
+        ("remove", r"it is gone: No such file or directory"),
+    ],
+)
+def test_an_input_file_that_changes_while_it_is_prepared_fails_the_build_naming_it(
+    change, says, sp_model: Path, tmp_path: Path, monkeypatch
+):
+    """A large JSONL file is cut into parts by its bytes when it is found, and read once for each split: one written
+    to meanwhile (a download, a job still writing it) came out with records lost, doubled or of two versions, with at
+    most a bad record or two named, in a dataset called complete. Now the build fails, naming the file."""
+    from epas_lightning.data import writing
+
+    corpus = tmp_path / "corpus.jsonl"
+    records = "".join(json.dumps({"text": f"{i:04d} " * 9 + "xx"}) + "\n" for i in range(100))  # 60 bytes
+    corpus.write_text(records)
+    cut = prepare_module.cut_into_parts
+
+    def cut_then_change(files, part_bytes):
+        parts = cut(files, part_bytes)
+        assert len(parts) > 1
+        time.sleep(0.02)  # the clock of file times moves on (a tick of the kernel's)
+        if change == "append":
+            with corpus.open("a") as f:
+                f.write(json.dumps({"text": "new one"}) + "\n")
+        elif change in ("cut", "rewrite"):
+            corpus.write_text(records[:3000] if change == "cut" else records.replace("0001", "1000"))
+        elif change == "replace":
+            (tmp_path / "new.jsonl").write_text(records)
+            os.replace(tmp_path / "new.jsonl", corpus)
+        else:
+            corpus.unlink()
+        return parts
+
+    monkeypatch.setattr(prepare_module, "cut_into_parts", cut_then_change)
+    monkeypatch.setattr(writing, "_MIN_PART_BYTES", 1000)
+    with pytest.raises(DataPreparationError, match=f"input file changed while it was prepared \\({says}\\)") as raised:
+        prepare(corpus, tmp_path / "out", sp_model, val_fraction=0.1, num_workers=1)
+    assert raised.value.where == str(corpus)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("end", ["SIGKILL", "exit 0"])
 def test_a_worker_ending_midway_fails_the_build_and_ends_its_helpers(end, sp_model: Path, tmp_path, monkeypatch):
     """A tokenizing worker killed outright (the OOM killer) was taken by litdata for a worker that had finished: the

@@ -36,6 +36,7 @@ from epas_lightning.data.sources import (
     DataPreparationError,
     InputFile,
     check_text_field,
+    check_unchanged,
     discover_files,
     plan_split,
     split_documents,
@@ -172,6 +173,7 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
     splits = {}
     for split in ("val", "train"):  # val first: a split that comes out empty fails before the long part
         splits[split] = stats = write_split(files, split, build_dir / split, **common)
+        check_unchanged(files)  # before what it lost is called skipped, or an empty split
         for where, reason in stats["skipped"][:20]:  # before an empty split fails: they may be why
             log.warning("Skipped %s: %s", where, reason)
         if len(stats["skipped"]) > 20:

@@ -71,6 +71,9 @@ class InputFile:
     first_record: int = 1
     """The number of its first line or row in the file: records keep the keys they are split by and the names that
     name bad ones."""
+    stamp: tuple[int, int] | None = None
+    """The whole file's ``(size, mtime_ns)`` when it was found (:func:`file_stamp`): a file that
+    changes while it is prepared is found out (:func:`check_unchanged`); ``None``: not checked."""
 
 
 def file_kind(path: Path, explicit: bool) -> str | None:
@@ -107,13 +110,50 @@ def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[In
         for path, key, kind in found:
             if (real := os.path.realpath(path)) not in read:
                 read.add(real)
-                files.append(InputFile(str(path), key, kind, path.stat().st_size, split))  # type: ignore[arg-type]
+                stamp = file_stamp(path)
+                files.append(InputFile(str(path), key, kind, stamp[0], split, stamp=stamp))  # type: ignore[arg-type]
     if json_lines := [f.path for f in files if f.kind == "text" and _holds_json_lines(f.path)]:
         log.warning(
             f"{_count(json_lines, '.json file')} hold{'s' * (len(json_lines) == 1)} JSON Lines (e.g. {json_lines[0]}), "
             "each read as one text document of JSON: name them .jsonl to read a document per line"
         )
     return files
+
+
+def file_stamp(path: str | Path) -> tuple[int, int]:
+    """``(size, mtime_ns)`` of ``path``: writing it, or putting another file in its place, changes it (not its inode:
+    some network file systems number a file anew as they please)."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def check_unchanged(files: Sequence[InputFile]) -> None:
+    """Fail, naming the first, if an input file changed since it was found (written to, cut short, replaced, removed):
+    its parts, cut by its old bytes, and its splits, read one after the other, would hold records twice or not at
+    all, or records of two files, in a dataset called complete."""
+    checked: set[str] = set()
+    for f in files:
+        if f.stamp is None or f.path in checked:
+            continue
+        checked.add(f.path)
+        if (change := _change(f.path, f.stamp)) is not None:
+            raise DataPreparationError(
+                f"an input file changed while it was prepared ({change}): the dataset would hold part of it, or parts "
+                "of two versions",
+                f.path,
+                "prepare again once nothing writes to it (copy a file that keeps growing aside first)",
+            )
+
+
+def _change(path: str, was: tuple[int, int]) -> str | None:
+    """How the file at ``path`` changed since its stamp was ``was``, in words; ``None``: it did not."""
+    try:
+        now = file_stamp(path)
+    except OSError as e:
+        return f"it is gone: {e.strerror or e}"
+    if now[0] != was[0]:
+        return f"it {'grew' if now[0] > was[0] else 'was cut'} from {was[0]:,} to {now[0]:,} bytes"
+    return "it was written to, or replaced" if now[1] != was[1] else None
 
 
 _JSON_SNIFF_BYTES = 2**16
