@@ -186,6 +186,8 @@ def test_cli_with_hf_tokenizer_and_separate_val_input(corpus, tmp_path: Path, ca
     out = tmp_path / "hf"
     argv = ["prepare", "--input", str(root / "a.jsonl"), "--input", str(root / "c.parquet")]
     argv += ["--input", str(root / "notes" / "n0.md")]  # also a validation file: held out, not trained on
+    os.link(root / "notes" / "n1.md", tmp_path / "n1.md")
+    argv += ["--input", str(tmp_path / "n1.md")]  # a hard link to one: was trained on as well (a leak)
     argv += ["--val-input", str(root / "notes")]
     argv += ["--output", str(out), "--tokenizer", str(hf), "--no-progress", "--num-workers", "2", "--json"]
     assert cli_main(argv) == 0
@@ -309,6 +311,7 @@ def test_linked_files_and_folders_are_read_once_and_link_loops_end(tmp_path: Pat
     (tmp_path / "corpus" / "b").symlink_to(tmp_path / "shards" / "a")  # the same folder again
     (tmp_path / "shards" / "a" / "loop").symlink_to(tmp_path / "shards")
     (tmp_path / "corpus" / "latest.txt").symlink_to(tmp_path / "shards" / "a" / "doc.txt")  # a linked file
+    os.link(tmp_path / "shards" / "a" / "doc.txt", tmp_path / "corpus" / "linked.txt")  # a hard link: was read twice
     # each real file once: a linked file, a folder given twice, a file inside a folder given too
     inputs = [tmp_path / "corpus", tmp_path / "corpus", tmp_path / "shards" / "a" / "doc.txt"]
     assert [f.key for f in discover_files(inputs)] == ["latest.txt"]

@@ -13,7 +13,6 @@ built-in standard-library corpus goes through the same code.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ from epas_lightning.data.sources import (
     check_text_field,
     check_unchanged,
     discover_files,
+    file_identity,
     plan_split,
     split_documents,
     with_split,
@@ -315,8 +315,8 @@ def prepare_dataset(
                     "--val-input " + " ".join(map(str, val_inputs)),
                     "give text, JSONL or parquet files, or folders holding some (hidden ones are skipped)",
                 )
-            held_out = {os.path.realpath(f.path) for f in val_files}
-            train_files = [with_split(f, "train") for f in files if os.path.realpath(f.path) not in held_out]
+            held_out = {file_identity(f.path) for f in val_files}  # a link to one too: validated on, not trained on
+            train_files = [with_split(f, "train") for f in files if file_identity(f.path) not in held_out]
             if not train_files:
                 raise DataPreparationError(
                     "every input file is a validation file too: none is left to train on",

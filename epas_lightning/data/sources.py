@@ -89,10 +89,10 @@ def file_kind(path: Path, explicit: bool) -> str | None:
 
 def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[InputFile]:
     """The files of ``inputs`` (files or directories, walked in sorted order; hidden entries and the folders this
-    project wrote skipped). Each real file is read once, where it is first found: a linked file, or one under two
-    inputs, is not a second document."""
+    project wrote skipped). Each real file is read once, where it is first found: a linked file (a symbolic or a hard
+    link), or one under two inputs, is not a second document."""
     files: list[InputFile] = []
-    read: set[str] = set()
+    read: set[tuple[int, int] | str] = set()
     flag = "--val-input" if split == "val" else "--input"
     for raw in inputs:
         root = Path(raw).expanduser()
@@ -108,8 +108,8 @@ def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[In
             what = "input is a broken link" if root.is_symlink() else "input does not exist"
             raise DataPreparationError(what, f"{flag} {root}", "check the path")
         for path, key, kind in found:
-            if (real := os.path.realpath(path)) not in read:
-                read.add(real)
+            if (identity := file_identity(path)) not in read:
+                read.add(identity)
                 stamp = file_stamp(path)
                 files.append(InputFile(str(path), key, kind, stamp[0], split, stamp=stamp))  # type: ignore[arg-type]
     if json_lines := [f.path for f in files if f.kind == "text" and _holds_json_lines(f.path)]:
@@ -118,6 +118,16 @@ def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[In
             "each read as one text document of JSON: name them .jsonl to read a document per line"
         )
     return files
+
+
+def file_identity(path: str | Path) -> tuple[int, int] | str:
+    """What makes paths one file: its device and inode, which its hard links, its symbolic links and a second input
+    that reaches it share; its resolved path where the file system numbers no inodes (or it is gone: reading it says
+    so)."""
+    with contextlib.suppress(OSError):
+        if (st := os.stat(path)).st_ino:
+            return st.st_dev, st.st_ino
+    return os.path.realpath(path)
 
 
 def file_stamp(path: str | Path) -> tuple[int, int]:
