@@ -821,6 +821,8 @@ def test_non_utf8_file_is_skipped_with_a_warning_or_fails_by_flag(
     )
     meta = json.loads((out / "meta.json").read_text())
     assert meta["documents"] == 6 and meta["skipped"] == {"train": 2, "val": 0}
+    said = prepare_module.summary_line(out, meta)  # the last line: the warnings may have scrolled away
+    assert "6 documents (5 train / 1 val), 2 bad files or records skipped (see the warnings), " in said
     (src / "windows.txt").unlink()  # which of two bad files fails first depends on the order the files are read in
     with pytest.raises(DataPreparationError, match=rf"not valid UTF-8 .* — {src / 'latin1.txt'} — pass --on-bad skip"):
         prepare(src, tmp_path / "fail", sp_model, val_input=val, on_bad="fail", num_workers=1)

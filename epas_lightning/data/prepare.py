@@ -356,10 +356,14 @@ def prepare_dataset(
 
 
 def summary_line(output: Path, meta: dict) -> str:
+    """The line ``prepare`` ends with; it counts the bad files and records skipped, whose warnings may have scrolled
+    away above a long run's progress."""
     s = meta["splits"]
+    n_skipped = sum(meta.get("skipped", {}).values())
+    skipped = f", {n_skipped:,} bad files or records skipped (see the warnings)" if n_skipped else ""
     return (
         f"Prepared {output}: {meta['documents']:,} documents ({s['train']['documents']:,} train / "
-        f"{s['val']['documents']:,} val), {meta['tokens']:,} tokens, {meta['bytes'] / 1e6:,.1f} MB of text in "
+        f"{s['val']['documents']:,} val){skipped}, {meta['tokens']:,} tokens, {meta['bytes'] / 1e6:,.1f} MB of text in "
         f"{meta['seconds']:.1f} s ({meta['tokens_per_second']:,} tokens/s); tokenizer {meta['tokenizer']} "
         f"({meta['tokenizer_kind']}, vocab {meta['vocab_size']})."
     )
