@@ -383,11 +383,16 @@ def test_json_lines_named_json_are_said_to_be_read_as_one_text_document(tmp_path
         (tmp_path / name).write_text(records)
     (tmp_path / "package.json").write_text('{\n  "name": "x"\n}\n')
     (tmp_path / "one.json").write_text('{"name": "x"}\n')
+    (tmp_path / "list.json").write_text("[1, 2]\n")
+    rows = [{"text": f"document {i}"} for i in range(3)]
+    (tmp_path / "records.json").write_text(json.dumps(rows, indent=2))  # pandas' to_json(orient="records"): was silent
     with caplog.at_level("WARNING", logger="epas_lightning"):
-        assert len(discover_files([tmp_path, tmp_path / "one.json"])) == 4
+        assert len(discover_files([tmp_path, tmp_path / "one.json"])) == 6
     assert [r.getMessage() for r in caplog.records] == [
         f"2 .json files hold JSON Lines (e.g. {tmp_path / 'train.json'}), each read as one text document of JSON: "
-        "name them .jsonl to read a document per line"
+        "name them .jsonl to read a document per line",
+        f"1 .json file holds a JSON array of records (e.g. {tmp_path / 'records.json'}), each read as one text "
+        "document of JSON: write the records as JSON Lines (one a line, named .jsonl) to read a document per record",
     ]
 
 

@@ -112,11 +112,7 @@ def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[In
                 read.add(identity)
                 stamp = file_stamp(path)
                 files.append(InputFile(str(path), key, kind, stamp[0], split, stamp=stamp))  # type: ignore[arg-type]
-    if json_lines := [f.path for f in files if f.kind == "text" and _holds_json_lines(f.path)]:
-        log.warning(
-            f"{_count(json_lines, '.json file')} hold{'s' * (len(json_lines) == 1)} JSON Lines (e.g. {json_lines[0]}), "
-            "each read as one text document of JSON: name them .jsonl to read a document per line"
-        )
+    _warn_json_records(files)
     return files
 
 
@@ -169,17 +165,50 @@ def _change(path: str, was: tuple[int, int]) -> str | None:
 _JSON_SNIFF_BYTES = 2**16
 
 
-def _holds_json_lines(path: str) -> bool:
-    """Whether a ``.json`` file starts with two lines that are JSON objects each (as ``datasets``' ``to_json`` writes):
-    JSON Lines, not one JSON document."""
+def _warn_json_records(files: Sequence[InputFile]) -> None:
+    """One line for each way of holding records met in ``.json`` files, each read as one text document of JSON."""
+    held: dict[str, list[str]] = {"lines": [], "array": []}
+    for f in files:
+        if f.kind == "text" and (layout := _json_records_layout(f.path)) is not None:
+            held[layout].append(f.path)
+    for layout, fix in (
+        ("lines", "name them .jsonl to read a document per line"),
+        ("array", "write the records as JSON Lines (one a line, named .jsonl) to read a document per record"),
+    ):
+        if paths := held[layout]:
+            what = "JSON Lines" if layout == "lines" else "a JSON array of records"
+            log.warning(
+                f"{_count(paths, '.json file')} hold{'s' * (len(paths) == 1)} {what} (e.g. {paths[0]}), each read as "
+                f"one text document of JSON: {fix}"
+            )
+
+
+def _json_records_layout(path: str) -> str | None:
+    """``lines`` for a ``.json`` file that starts with two lines that are JSON objects each (as ``datasets``'
+    ``to_json`` writes), ``array`` for one that starts a JSON array with an object (as pandas' ``to_json(orient=
+    "records")`` writes); ``None`` for any other (one JSON document, a config)."""
     if not path.lower().endswith(".json"):
-        return False
+        return None
     try:
         with open(path, "rb") as f:
-            lines = f.read(_JSON_SNIFF_BYTES).split(b"\n")[:2]
-        return len(lines) == 2 and all(isinstance(json.loads(line), dict) for line in lines)
-    except (OSError, ValueError, RecursionError):
-        return False
+            head = f.read(_JSON_SNIFF_BYTES).decode("utf-8", "replace")
+    except OSError:
+        return None
+    lines = head.split("\n")[:2]
+    if len(lines) == 2 and all(isinstance(_first_json_value(line, whole=True), dict) for line in lines):
+        return "lines"
+    text = head.lstrip("\ufeff \t\r\n")
+    if text.startswith("[") and isinstance(_first_json_value(text[1:]), dict):
+        return "array"
+    return None
+
+
+def _first_json_value(text: str, whole: bool = False) -> object:
+    """The JSON value ``text`` starts with (after blanks), or ``None``; with ``whole``, only one that is all of it."""
+    try:
+        return json.loads(text) if whole else json.JSONDecoder().raw_decode(text.lstrip())[0]
+    except (ValueError, RecursionError):
+        return None
 
 
 def _output_kind(folder: Path) -> str | None:
