@@ -599,21 +599,22 @@ def test_one_large_file_is_tokenized_by_every_worker(sp_model: Path, tmp_path: P
 
 
 @pytest.mark.parametrize(
-    ("change", "says"),
+    ("change", "on_bad", "says"),
     [
-        ("append", r"it grew from 6,000 to 6,020 bytes"),
-        ("cut", r"it was cut from 6,000 to 3,000 bytes"),
-        ("rewrite", r"it was written to, or replaced"),
-        ("replace", r"it was written to, or replaced"),
-        ("remove", r"it is gone: No such file or directory"),
+        ("append", "skip", r"it grew from 6,000 to 6,020 bytes"),
+        ("cut", "fail", r"it was cut from 6,000 to 3,030 bytes"),  # mid-line: not a bad record to fail on
+        ("rewrite", "skip", r"it was written to, or replaced"),
+        ("replace", "skip", r"it was written to, or replaced"),
+        ("remove", "fail", r"it is gone: No such file or directory"),  # not an unreadable file to fail on
     ],
 )
 def test_an_input_file_that_changes_while_it_is_prepared_fails_the_build_naming_it(
-    change, says, sp_model: Path, tmp_path: Path, monkeypatch
+    change, on_bad, says, sp_model: Path, tmp_path: Path, monkeypatch
 ):
     """A large JSONL file is cut into parts by its bytes when it is found, and read once for each split: one written
     to meanwhile (a download, a job still writing it) came out with records lost, doubled or of two versions, with at
-    most a bad record or two named, in a dataset called complete. Now the build fails, naming the file."""
+    most a bad record or two named, in a dataset called complete. Now the build fails, naming the file and how it
+    changed, also where the change made a bad record that --on-bad fail stops at."""
     from epas_lightning.data import writing
 
     corpus = tmp_path / "corpus.jsonl"
@@ -629,7 +630,7 @@ def test_an_input_file_that_changes_while_it_is_prepared_fails_the_build_naming_
             with corpus.open("a") as f:
                 f.write(json.dumps({"text": "new one"}) + "\n")
         elif change in ("cut", "rewrite"):
-            corpus.write_text(records[:3000] if change == "cut" else records.replace("0001", "1000"))
+            corpus.write_text(records[:3030] if change == "cut" else records.replace("0001", "1000"))
         elif change == "replace":
             (tmp_path / "new.jsonl").write_text(records)
             os.replace(tmp_path / "new.jsonl", corpus)
@@ -640,7 +641,7 @@ def test_an_input_file_that_changes_while_it_is_prepared_fails_the_build_naming_
     monkeypatch.setattr(prepare_module, "cut_into_parts", cut_then_change)
     monkeypatch.setattr(writing, "_MIN_PART_BYTES", 1000)
     with pytest.raises(DataPreparationError, match=f"input file changed while it was prepared \\({says}\\)") as raised:
-        prepare(corpus, tmp_path / "out", sp_model, val_fraction=0.1, num_workers=1)
+        prepare(corpus, tmp_path / "out", sp_model, val_fraction=0.1, on_bad=on_bad, num_workers=1)
     assert raised.value.where == str(corpus)
     assert not (tmp_path / "out").exists()
 

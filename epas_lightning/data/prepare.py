@@ -12,10 +12,11 @@ built-in standard-library corpus goes through the same code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -119,6 +120,17 @@ def check_val_fraction(val_fraction: float) -> None:
         )
 
 
+@contextlib.contextmanager
+def changes_named(files: list[InputFile]) -> Iterator[None]:
+    """A bad record that stops the build (``--on-bad fail``) is said to be an input file's change where one changed
+    (cut short mid-line, replaced): the record is not what is wrong."""
+    try:
+        yield
+    except DataPreparationError:
+        check_unchanged(files)
+        raise
+
+
 def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerChoice, options: BuildOptions) -> dict:
     """Write ``train/``, ``val/`` and the tokenizer into ``build_dir``; return the metadata (the caller writes it last).
 
@@ -151,7 +163,8 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
         if options.progress:
             log.info("Training a %d-token byte-level BPE on the train split ...", tokenizer.train_vocab_size)
         show = options.progress and sys.stderr.isatty()
-        trained = train_byte_level_bpe(texts, tokenizer.train_vocab_size, show_progress=show)
+        with changes_named(files):
+            trained = train_byte_level_bpe(texts, tokenizer.train_vocab_size, show_progress=show)
         tokenizer_path = build_dir / HF_FILENAME
         trained.save(str(tokenizer_path))
         loaded = load_tokenizer(tokenizer_path, tokenizer.bos_token, tokenizer.eos_token)  # the ids documents get
@@ -172,7 +185,8 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
     }
     splits = {}
     for split in ("val", "train"):  # val first: a split that comes out empty fails before the long part
-        splits[split] = stats = write_split(files, split, build_dir / split, **common)
+        with changes_named(files):
+            splits[split] = stats = write_split(files, split, build_dir / split, **common)
         check_unchanged(files)  # before what it lost is called skipped, or an empty split
         for where, reason in stats["skipped"][:20]:  # before an empty split fails: they may be why
             log.warning("Skipped %s: %s", where, reason)
