@@ -72,8 +72,8 @@ class InputFile:
     """The number of its first line or row in the file: records keep the keys they are split by and the names that
     name bad ones."""
     stamp: tuple[int, int] | None = None
-    """The whole file's ``(size, mtime_ns)`` when it was found (:func:`file_stamp`): a file that
-    changes while it is prepared is found out (:func:`check_unchanged`); ``None``: not checked."""
+    """The whole file's ``(size, mtime_ns)`` when it was found (:func:`file_stamp`): a file that changes while it is
+    prepared is found out (:func:`check_unchanged`); ``None``: not checked."""
 
 
 def file_kind(path: Path, explicit: bool) -> str | None:
@@ -155,8 +155,10 @@ def _change(path: str, was: tuple[int, int]) -> str | None:
     """How the file at ``path`` changed since its stamp was ``was``, in words; ``None``: it did not."""
     try:
         now = file_stamp(path)
+    except FileNotFoundError:
+        return "it is gone"
     except OSError as e:
-        return f"it is gone: {e.strerror or e}"
+        return f"it can no longer be looked at: {e.strerror or e}"
     if now[0] != was[0]:
         return f"it {'grew' if now[0] > was[0] else 'was cut'} from {was[0]:,} to {now[0]:,} bytes"
     return "it was written to, or replaced" if now[1] != was[1] else None
