@@ -186,6 +186,8 @@ def test_cli_with_hf_tokenizer_and_separate_val_input(corpus, tmp_path: Path, ca
     out = tmp_path / "hf"
     argv = ["prepare", "--input", str(root / "a.jsonl"), "--input", str(root / "c.parquet")]
     argv += ["--input", str(root / "notes" / "n0.md")]  # also a validation file: held out, not trained on
+    os.link(root / "notes" / "n1.md", tmp_path / "n1.md")
+    argv += ["--input", str(tmp_path / "n1.md")]  # a hard link to one: was trained on as well (a leak)
     argv += ["--val-input", str(root / "notes")]
     argv += ["--output", str(out), "--tokenizer", str(hf), "--no-progress", "--num-workers", "2", "--json"]
     assert cli_main(argv) == 0
@@ -309,6 +311,7 @@ def test_linked_files_and_folders_are_read_once_and_link_loops_end(tmp_path: Pat
     (tmp_path / "corpus" / "b").symlink_to(tmp_path / "shards" / "a")  # the same folder again
     (tmp_path / "shards" / "a" / "loop").symlink_to(tmp_path / "shards")
     (tmp_path / "corpus" / "latest.txt").symlink_to(tmp_path / "shards" / "a" / "doc.txt")  # a linked file
+    os.link(tmp_path / "shards" / "a" / "doc.txt", tmp_path / "corpus" / "linked.txt")  # a hard link: was read twice
     # each real file once: a linked file, a folder given twice, a file inside a folder given too
     inputs = [tmp_path / "corpus", tmp_path / "corpus", tmp_path / "shards" / "a" / "doc.txt"]
     assert [f.key for f in discover_files(inputs)] == ["latest.txt"]
@@ -380,11 +383,16 @@ def test_json_lines_named_json_are_said_to_be_read_as_one_text_document(tmp_path
         (tmp_path / name).write_text(records)
     (tmp_path / "package.json").write_text('{\n  "name": "x"\n}\n')
     (tmp_path / "one.json").write_text('{"name": "x"}\n')
+    (tmp_path / "list.json").write_text("[1, 2]\n")
+    rows = [{"text": f"document {i}"} for i in range(3)]
+    (tmp_path / "records.json").write_text(json.dumps(rows, indent=2))  # pandas' to_json(orient="records"): was silent
     with caplog.at_level("WARNING", logger="epas_lightning"):
-        assert len(discover_files([tmp_path, tmp_path / "one.json"])) == 4
+        assert len(discover_files([tmp_path, tmp_path / "one.json"])) == 6
     assert [r.getMessage() for r in caplog.records] == [
         f"2 .json files hold JSON Lines (e.g. {tmp_path / 'train.json'}), each read as one text document of JSON: "
-        "name them .jsonl to read a document per line"
+        "name them .jsonl to read a document per line",
+        f"1 .json file holds a JSON array of records (e.g. {tmp_path / 'records.json'}), each read as one text "
+        "document of JSON: write the records as JSON Lines (one a line, named .jsonl) to read a document per record",
     ]
 
 
@@ -590,6 +598,54 @@ def test_one_large_file_is_tokenized_by_every_worker(sp_model: Path, tmp_path: P
     assert caplog.text.count(f"Skipped {tmp_path / 'corpus.jsonl'}:101: 'text' is null") == 2  # once each run
 
 
+@pytest.mark.parametrize(
+    ("change", "on_bad", "says"),
+    [
+        ("append", "skip", r"it grew from 6,000 to 6,020 bytes"),
+        ("cut", "fail", r"it was cut from 6,000 to 3,030 bytes"),  # mid-line: not a bad record to fail on
+        ("rewrite", "skip", r"it was written to, or replaced"),
+        ("replace", "skip", r"it was written to, or replaced"),
+        ("remove", "fail", r"it is gone"),  # not an unreadable file to fail on
+    ],
+)
+def test_an_input_file_that_changes_while_it_is_prepared_fails_the_build_naming_it(
+    change, on_bad, says, sp_model: Path, tmp_path: Path, monkeypatch
+):
+    """A large JSONL file is cut into parts by its bytes when it is found, and read once for each split: one written
+    to meanwhile (a download, a job still writing it) came out with records lost, doubled or of two versions, with at
+    most a bad record or two named, in a dataset called complete. Now the build fails, naming the file and how it
+    changed, also where the change made a bad record that --on-bad fail stops at."""
+    from epas_lightning.data import writing
+
+    corpus = tmp_path / "corpus.jsonl"
+    records = "".join(json.dumps({"text": f"{i:04d} " * 9 + "xx"}) + "\n" for i in range(100))  # 60 bytes
+    corpus.write_text(records)
+    cut = prepare_module.cut_into_parts
+
+    def cut_then_change(files, part_bytes):
+        parts = cut(files, part_bytes)
+        assert len(parts) > 1
+        time.sleep(0.02)  # the clock of file times moves on (a tick of the kernel's)
+        if change == "append":
+            with corpus.open("a") as f:
+                f.write(json.dumps({"text": "new one"}) + "\n")
+        elif change in ("cut", "rewrite"):
+            corpus.write_text(records[:3030] if change == "cut" else records.replace("0001", "1000"))
+        elif change == "replace":
+            (tmp_path / "new.jsonl").write_text(records)
+            os.replace(tmp_path / "new.jsonl", corpus)
+        else:
+            corpus.unlink()
+        return parts
+
+    monkeypatch.setattr(prepare_module, "cut_into_parts", cut_then_change)
+    monkeypatch.setattr(writing, "_MIN_PART_BYTES", 1000)
+    with pytest.raises(DataPreparationError, match=f"input file changed while it was prepared \\({says}\\)") as raised:
+        prepare(corpus, tmp_path / "out", sp_model, val_fraction=0.1, on_bad=on_bad, num_workers=1)
+    assert raised.value.where == str(corpus)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("end", ["SIGKILL", "exit 0"])
 def test_a_worker_ending_midway_fails_the_build_and_ends_its_helpers(end, sp_model: Path, tmp_path, monkeypatch):
     """A tokenizing worker killed outright (the OOM killer) was taken by litdata for a worker that had finished: the
@@ -771,6 +827,8 @@ def test_non_utf8_file_is_skipped_with_a_warning_or_fails_by_flag(
     )
     meta = json.loads((out / "meta.json").read_text())
     assert meta["documents"] == 6 and meta["skipped"] == {"train": 2, "val": 0}
+    said = prepare_module.summary_line(out, meta)  # the last line: the warnings may have scrolled away
+    assert "6 documents (5 train / 1 val), 2 bad files or records skipped (see the warnings), " in said
     (src / "windows.txt").unlink()  # which of two bad files fails first depends on the order the files are read in
     with pytest.raises(DataPreparationError, match=rf"not valid UTF-8 .* — {src / 'latin1.txt'} — pass --on-bad skip"):
         prepare(src, tmp_path / "fail", sp_model, val_input=val, on_bad="fail", num_workers=1)

@@ -12,11 +12,11 @@ built-in standard-library corpus goes through the same code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -36,7 +36,9 @@ from epas_lightning.data.sources import (
     DataPreparationError,
     InputFile,
     check_text_field,
+    check_unchanged,
     discover_files,
+    file_identity,
     plan_split,
     split_documents,
     with_split,
@@ -118,6 +120,17 @@ def check_val_fraction(val_fraction: float) -> None:
         )
 
 
+@contextlib.contextmanager
+def changes_named(files: list[InputFile]) -> Iterator[None]:
+    """A bad record that stops the build (``--on-bad fail``) is said to be an input file's change where one changed
+    (cut short mid-line, replaced): the record is not what is wrong."""
+    try:
+        yield
+    except DataPreparationError:
+        check_unchanged(files)
+        raise
+
+
 def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerChoice, options: BuildOptions) -> dict:
     """Write ``train/``, ``val/`` and the tokenizer into ``build_dir``; return the metadata (the caller writes it last).
 
@@ -150,7 +163,8 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
         if options.progress:
             log.info("Training a %d-token byte-level BPE on the train split ...", tokenizer.train_vocab_size)
         show = options.progress and sys.stderr.isatty()
-        trained = train_byte_level_bpe(texts, tokenizer.train_vocab_size, show_progress=show)
+        with changes_named(files):
+            trained = train_byte_level_bpe(texts, tokenizer.train_vocab_size, show_progress=show)
         tokenizer_path = build_dir / HF_FILENAME
         trained.save(str(tokenizer_path))
         loaded = load_tokenizer(tokenizer_path, tokenizer.bos_token, tokenizer.eos_token)  # the ids documents get
@@ -171,7 +185,9 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
     }
     splits = {}
     for split in ("val", "train"):  # val first: a split that comes out empty fails before the long part
-        splits[split] = stats = write_split(files, split, build_dir / split, **common)
+        with changes_named(files):
+            splits[split] = stats = write_split(files, split, build_dir / split, **common)
+        check_unchanged(files)  # before what it lost is called skipped, or an empty split
         for where, reason in stats["skipped"][:20]:  # before an empty split fails: they may be why
             log.warning("Skipped %s: %s", where, reason)
         if len(stats["skipped"]) > 20:
@@ -313,8 +329,8 @@ def prepare_dataset(
                     "--val-input " + " ".join(map(str, val_inputs)),
                     "give text, JSONL or parquet files, or folders holding some (hidden ones are skipped)",
                 )
-            held_out = {os.path.realpath(f.path) for f in val_files}
-            train_files = [with_split(f, "train") for f in files if os.path.realpath(f.path) not in held_out]
+            held_out = {file_identity(f.path) for f in val_files}  # a link to one too: validated on, not trained on
+            train_files = [with_split(f, "train") for f in files if file_identity(f.path) not in held_out]
             if not train_files:
                 raise DataPreparationError(
                     "every input file is a validation file too: none is left to train on",
@@ -354,10 +370,14 @@ def prepare_dataset(
 
 
 def summary_line(output: Path, meta: dict) -> str:
+    """The line ``prepare`` ends with; it counts the bad files and records skipped, whose warnings may have scrolled
+    away above a long run's progress."""
     s = meta["splits"]
+    n_skipped = sum(meta.get("skipped", {}).values())
+    skipped = f", {n_skipped:,} bad files or records skipped (see the warnings)" if n_skipped else ""
     return (
         f"Prepared {output}: {meta['documents']:,} documents ({s['train']['documents']:,} train / "
-        f"{s['val']['documents']:,} val), {meta['tokens']:,} tokens, {meta['bytes'] / 1e6:,.1f} MB of text in "
+        f"{s['val']['documents']:,} val){skipped}, {meta['tokens']:,} tokens, {meta['bytes'] / 1e6:,.1f} MB of text in "
         f"{meta['seconds']:.1f} s ({meta['tokens_per_second']:,} tokens/s); tokenizer {meta['tokenizer']} "
         f"({meta['tokenizer_kind']}, vocab {meta['vocab_size']})."
     )

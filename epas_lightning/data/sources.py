@@ -71,6 +71,9 @@ class InputFile:
     first_record: int = 1
     """The number of its first line or row in the file: records keep the keys they are split by and the names that
     name bad ones."""
+    stamp: tuple[int, int] | None = None
+    """The whole file's ``(size, mtime_ns)`` when it was found (:func:`file_stamp`): a file that changes while it is
+    prepared is found out (:func:`check_unchanged`); ``None``: not checked."""
 
 
 def file_kind(path: Path, explicit: bool) -> str | None:
@@ -86,10 +89,10 @@ def file_kind(path: Path, explicit: bool) -> str | None:
 
 def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[InputFile]:
     """The files of ``inputs`` (files or directories, walked in sorted order; hidden entries and the folders this
-    project wrote skipped). Each real file is read once, where it is first found: a linked file, or one under two
-    inputs, is not a second document."""
+    project wrote skipped). Each real file is read once, where it is first found: a linked file (a symbolic or a hard
+    link), or one under two inputs, is not a second document."""
     files: list[InputFile] = []
-    read: set[str] = set()
+    read: set[tuple[int, int] | str] = set()
     flag = "--val-input" if split == "val" else "--input"
     for raw in inputs:
         root = Path(raw).expanduser()
@@ -105,31 +108,109 @@ def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[In
             what = "input is a broken link" if root.is_symlink() else "input does not exist"
             raise DataPreparationError(what, f"{flag} {root}", "check the path")
         for path, key, kind in found:
-            if (real := os.path.realpath(path)) not in read:
-                read.add(real)
-                files.append(InputFile(str(path), key, kind, path.stat().st_size, split))  # type: ignore[arg-type]
-    if json_lines := [f.path for f in files if f.kind == "text" and _holds_json_lines(f.path)]:
-        log.warning(
-            f"{_count(json_lines, '.json file')} hold{'s' * (len(json_lines) == 1)} JSON Lines (e.g. {json_lines[0]}), "
-            "each read as one text document of JSON: name them .jsonl to read a document per line"
-        )
+            if (identity := file_identity(path)) not in read:
+                read.add(identity)
+                stamp = file_stamp(path)
+                files.append(InputFile(str(path), key, kind, stamp[0], split, stamp=stamp))  # type: ignore[arg-type]
+    _warn_json_records(files)
     return files
+
+
+def file_identity(path: str | Path) -> tuple[int, int] | str:
+    """What makes paths one file: its device and inode, which its hard links, its symbolic links and a second input
+    that reaches it share; its resolved path where the file system numbers no inodes (or it is gone: reading it says
+    so)."""
+    with contextlib.suppress(OSError):
+        if (st := os.stat(path)).st_ino:
+            return st.st_dev, st.st_ino
+    return os.path.realpath(path)
+
+
+def file_stamp(path: str | Path) -> tuple[int, int]:
+    """``(size, mtime_ns)`` of ``path``: writing it, or putting another file in its place, changes it (not its inode:
+    some network file systems number a file anew as they please)."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def check_unchanged(files: Sequence[InputFile]) -> None:
+    """Fail, naming the first, if an input file changed since it was found (written to, cut short, replaced, removed):
+    its parts, cut by its old bytes, and its splits, read one after the other, would hold records twice or not at
+    all, or records of two files, in a dataset called complete."""
+    checked: set[str] = set()
+    for f in files:
+        if f.stamp is None or f.path in checked:
+            continue
+        checked.add(f.path)
+        if (change := _change(f.path, f.stamp)) is not None:
+            raise DataPreparationError(
+                f"an input file changed while it was prepared ({change}): the dataset would hold part of it, or parts "
+                "of two versions",
+                f.path,
+                "prepare again once nothing writes to it (copy a file that keeps growing aside first)",
+            )
+
+
+def _change(path: str, was: tuple[int, int]) -> str | None:
+    """How the file at ``path`` changed since its stamp was ``was``, in words; ``None``: it did not."""
+    try:
+        now = file_stamp(path)
+    except FileNotFoundError:
+        return "it is gone"
+    except OSError as e:
+        return f"it can no longer be looked at: {e.strerror or e}"
+    if now[0] != was[0]:
+        return f"it {'grew' if now[0] > was[0] else 'was cut'} from {was[0]:,} to {now[0]:,} bytes"
+    return "it was written to, or replaced" if now[1] != was[1] else None
 
 
 _JSON_SNIFF_BYTES = 2**16
 
 
-def _holds_json_lines(path: str) -> bool:
-    """Whether a ``.json`` file starts with two lines that are JSON objects each (as ``datasets``' ``to_json`` writes):
-    JSON Lines, not one JSON document."""
+def _warn_json_records(files: Sequence[InputFile]) -> None:
+    """One line for each way of holding records met in ``.json`` files, each read as one text document of JSON."""
+    held: dict[str, list[str]] = {"lines": [], "array": []}
+    for f in files:
+        if f.kind == "text" and (layout := _json_records_layout(f.path)) is not None:
+            held[layout].append(f.path)
+    for layout, fix in (
+        ("lines", "name them .jsonl to read a document per line"),
+        ("array", "write the records as JSON Lines (one a line, named .jsonl) to read a document per record"),
+    ):
+        if paths := held[layout]:
+            what = "JSON Lines" if layout == "lines" else "a JSON array of records"
+            log.warning(
+                f"{_count(paths, '.json file')} hold{'s' * (len(paths) == 1)} {what} (e.g. {paths[0]}), each read as "
+                f"one text document of JSON: {fix}"
+            )
+
+
+def _json_records_layout(path: str) -> str | None:
+    """``lines`` for a ``.json`` file that starts with two lines that are JSON objects each (as ``datasets``'
+    ``to_json`` writes), ``array`` for one that starts a JSON array with an object (as pandas' ``to_json(orient=
+    "records")`` writes); ``None`` for any other (one JSON document, a config)."""
     if not path.lower().endswith(".json"):
-        return False
+        return None
     try:
         with open(path, "rb") as f:
-            lines = f.read(_JSON_SNIFF_BYTES).split(b"\n")[:2]
-        return len(lines) == 2 and all(isinstance(json.loads(line), dict) for line in lines)
-    except (OSError, ValueError, RecursionError):
-        return False
+            head = f.read(_JSON_SNIFF_BYTES).decode("utf-8", "replace")
+    except OSError:
+        return None
+    lines = head.split("\n")[:2]
+    if len(lines) == 2 and all(isinstance(_first_json_value(line, whole=True), dict) for line in lines):
+        return "lines"
+    text = head.lstrip("\ufeff \t\r\n")
+    if text.startswith("[") and isinstance(_first_json_value(text[1:]), dict):
+        return "array"
+    return None
+
+
+def _first_json_value(text: str, whole: bool = False) -> object:
+    """The JSON value ``text`` starts with (after blanks), or ``None``; with ``whole``, only one that is all of it."""
+    try:
+        return json.loads(text) if whole else json.JSONDecoder().raw_decode(text.lstrip())[0]
+    except (ValueError, RecursionError):
+        return None
 
 
 def _output_kind(folder: Path) -> str | None:
