@@ -206,6 +206,19 @@ def test_cli_with_hf_tokenizer_and_separate_val_input(corpus, tmp_path: Path, ca
     assert batch.shape == (4, 17) and batch.max() < meta["vocab_size"]
 
 
+def test_the_tokenizer_file_in_an_input_folder_is_not_a_document(tmp_path: Path, caplog):
+    """A model folder given as --input with its tokenizer.json as --tokenizer: the vocabulary (megabytes of JSON)
+    was trained on as one more text document, without a word."""
+    (tmp_path / "model").mkdir()
+    hf = train_hf_tokenizer(tmp_path / "model" / "tokenizer.json")
+    (tmp_path / "model" / "notes.txt").write_text("the model of the data")
+    (tmp_path / "val.txt").write_text("the data of the model")
+    with caplog.at_level("WARNING", logger="epas_lightning"):
+        out = prepare(tmp_path / "model", tmp_path / "out", tmp_path / "model", val_input=tmp_path / "val.txt")
+    assert json.loads((out / "meta.json").read_text())["splits"]["train"]["documents"] == 1
+    assert f"Left out {hf}, the --tokenizer file, found among the inputs" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("flags", "says"),
     [

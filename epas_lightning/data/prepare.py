@@ -51,6 +51,7 @@ from epas_lightning.data.tokenizer import (
     copy_tokenizer,
     file_sha256,
     load_tokenizer,
+    resolve_tokenizer_path,
     train_byte_level_bpe,
 )
 from epas_lightning.data.writing import TOKEN_DTYPE, default_num_workers, part_bytes, write_split
@@ -314,7 +315,7 @@ def prepare_dataset(
     if output.is_dir() and is_prepared_dataset(output) and overwrite:
         write_marker(output, DATASET_KIND)  # prepared before output folders carried a marker: ours all the same
     with output_folder(output, DATASET_KIND, overwrite, inputs=[*inputs, *val_inputs]) as build:
-        files = discover_files(inputs)
+        files = leave_out_tokenizer(discover_files(inputs), tokenizer)
         if not files:
             raise DataPreparationError(
                 "no input files found",
@@ -322,7 +323,7 @@ def prepare_dataset(
                 "give text, JSONL or parquet files, or folders holding some (hidden ones are skipped)",
             )
         if val_inputs:
-            val_files = discover_files(val_inputs, split="val")
+            val_files = leave_out_tokenizer(discover_files(val_inputs, split="val"), tokenizer)
             if not val_files:
                 raise DataPreparationError(
                     "no validation files found",
@@ -367,6 +368,18 @@ def prepare_dataset(
         meta["val_inputs"] = [str(p) for p in val_inputs] or None
         write_meta(build, meta)
     return output
+
+
+def leave_out_tokenizer(files: list[InputFile], tokenizer: str | Path | None) -> list[InputFile]:
+    """``files`` without the ``--tokenizer`` file, which an input folder may hold (a model's ``tokenizer.json`` beside
+    its texts): it is the vocabulary, not a document of the corpus."""
+    if tokenizer is None:
+        return files
+    path = resolve_tokenizer_path(tokenizer)
+    kept = [f for f in files if file_identity(f.path) != file_identity(path)]
+    if len(kept) < len(files):
+        log.warning("Left out %s, the --tokenizer file, found among the inputs: it is not a document.", path)
+    return kept
 
 
 def summary_line(output: Path, meta: dict) -> str:
