@@ -125,6 +125,13 @@ class TrainedRegion:
             return "was trained dense (no sharing layers)"
         return f"was trained with at most {sharing_layers_text(self.size)} ({self.describe()})"
 
+    def summary(self) -> str:
+        """The region as the commands' summary lines say it: "trained region: layers [3, 2], deep-first"; of a stock
+        export, that it runs dense and what its weights trained (:attr:`unrun`), not "dense, no sharing layers"."""
+        if self.unrun is not None and not self.layers:
+            return f"runs dense; its weights trained {self.unrun.describe()}"
+        return f"trained region: {self.describe()}"
+
     def describe(self) -> str:
         if not self.layers:
             return "dense, no sharing layers"
