@@ -181,7 +181,8 @@ def test_commands_on_a_stock_export_say_the_region_its_weights_trained(
     stock_export, command, options, tmp_path, capsys, monkeypatch
 ):
     """generate, evaluate, bench and analyze of a stock export said only that it runs dense (bench: 'trained with up
-    to 0 sharing'), and analyze left out its note on the frozen q/k of the layers that trained sharing."""
+    to 0 sharing', generate's summary: 'trained region: dense'), and analyze left out its note on the frozen q/k of the
+    layers that trained sharing."""
     from epas_lightning.analysis import analyze
 
     monkeypatch.chdir(tmp_path)
@@ -195,6 +196,9 @@ def test_commands_on_a_stock_export_say_the_region_its_weights_trained(
         "the region)\n"
     )
     assert said in err, err
+    if command == "generate":  # its summary said "trained region: dense, no sharing layers" right after
+        summary = "\nregion: no layers share (0/4; runs dense; its weights trained layers [3, 2], deep-first)\n"
+        assert summary in err, err
     if command == "analyze":
         assert "Note: the checkpoint was trained with layers [2, 3] sharing; their own q/k" in out, out
 
