@@ -153,6 +153,10 @@ def test_sharing_layers_on_a_stock_export_is_refused_as_it_runs_dense_or_forced_
         rc == 2 and "this checkpoint runs dense: it holds weights that trained 2 sharing layers (layers [3, 2]" in err
     )
     assert "— --sharing-layers — choose 0, or export the checkpoint again with --remote-code for the region" in err
+    rc, _, err = run_cli(capsys, *args[:-3], "--sharing-layers", "5", "--checkpoint", str(stock_export))
+    assert rc == 2 and (  # said "(it trained 0: dense, no sharing layers)"
+        "a 4-layer model can share at most 3 (it runs dense; its weights trained 2: layers [3, 2], deep-first)" in err
+    ), err
     rc, out, err = run_cli(
         capsys, *args, "--checkpoint", str(shallow_stock_copy(stock_export, tmp_path / "s")), "--force"
     )
