@@ -102,17 +102,22 @@ class TrainedRegion:
     def _can_share(self, limit: int, force: bool) -> str:
         """How many layers can share at most (``limit``), and why: the model's layers but layer 0, or where the region
         ends, grown in its direction (a deep-first ``[2, 1]`` at layer 1, a shallow-first ``[2, 3]`` of 4 layers at
-        layer 3); and how many it trained, where fewer and not ``force``."""
+        layer 3); and how many it trained, where fewer and not ``force`` (of a stock export, that it runs dense and
+        what its weights trained: :attr:`unrun`)."""
         trained = self.size < limit and not force
+        unrun = self.unrun if not self.layers else None  # a stock export: N counts in what its weights trained
+        held = unrun or self
         if limit == self.n_layer - 1:
+            count = f"it runs dense; its weights trained {unrun.size}" if unrun else f"it trained {self.size}"
             return f"a {self.n_layer}-layer model can share at most {limit}" + (
-                f" (it trained {self.size}: {self.describe()})" if trained else ""
+                f" ({count}: {held.describe()})" if trained else ""
             )
         end = self.growth_order()[-1]
-        why = "layer 0 never shares" if self.order == "deep_first" else "the last layer"
-        return (
-            f"the region of this checkpoint ({self.describe()}) grows no further than layer {end} ({why}): at most "
-            f"{limit}" + (f" (it trained {self.size})" if trained else "")
+        why = "layer 0 never shares" if held.order == "deep_first" else "the last layer"
+        whose = "the region its weights trained" if unrun else "the region of this checkpoint"
+        count = "it runs dense" if unrun else f"it trained {self.size}"
+        return f"{whose} ({held.describe()}) grows no further than layer {end} ({why}): at most {limit}" + (
+            f" ({count})" if trained else ""
         )
 
     def trained_at_most(self) -> str:
@@ -124,6 +129,13 @@ class TrainedRegion:
         if not self.layers:
             return "was trained dense (no sharing layers)"
         return f"was trained with at most {sharing_layers_text(self.size)} ({self.describe()})"
+
+    def summary(self) -> str:
+        """The region as the commands' summary lines say it: "trained region: layers [3, 2], deep-first"; of a stock
+        export, that it runs dense and what its weights trained (:attr:`unrun`), not "dense, no sharing layers"."""
+        if self.unrun is not None and not self.layers:
+            return f"runs dense; its weights trained {self.unrun.describe()}"
+        return f"trained region: {self.describe()}"
 
     def describe(self) -> str:
         if not self.layers:

@@ -271,6 +271,10 @@ def test_region_errors():
     ends = r"the region of this checkpoint \(layers \[2, 1\], deep-first\) grows no further than layer 1 \(layer 0 "
     with pytest.raises(ConfigError, match=ends + r"never shares\): at most 2 — n_shared — choose 0..2$"):
         set_region(model, 3, TrainedRegion(4, (2, 1)), force=True)  # said 'a 4-layer model can share at most 2'
+    stock = TrainedRegion(4, unrun=TrainedRegion(4, (2, 1)))  # a stock export: it said 'region of this checkpoint
+    ends = r"the region its weights trained \(layers \[2, 1\], deep-first\) grows no further than layer 1 \(layer 0 "
+    with pytest.raises(ConfigError, match=ends + r"never shares\): at most 2 \(it runs dense\) — n_shared"):
+        set_region(model, 3, stock)  # (dense, no sharing layers) grows no further ... (it trained 0)'
     cache = model.new_cache(1, 8)
     model.set_shared_layers([3])
     with pytest.raises(ValueError, match="build a new cache"):

@@ -153,6 +153,10 @@ def test_sharing_layers_on_a_stock_export_is_refused_as_it_runs_dense_or_forced_
         rc == 2 and "this checkpoint runs dense: it holds weights that trained 2 sharing layers (layers [3, 2]" in err
     )
     assert "— --sharing-layers — choose 0, or export the checkpoint again with --remote-code for the region" in err
+    rc, _, err = run_cli(capsys, *args[:-3], "--sharing-layers", "5", "--checkpoint", str(stock_export))
+    assert rc == 2 and (  # said "(it trained 0: dense, no sharing layers)"
+        "a 4-layer model can share at most 3 (it runs dense; its weights trained 2: layers [3, 2], deep-first)" in err
+    ), err
     rc, out, err = run_cli(
         capsys, *args, "--checkpoint", str(shallow_stock_copy(stock_export, tmp_path / "s")), "--force"
     )
@@ -181,7 +185,8 @@ def test_commands_on_a_stock_export_say_the_region_its_weights_trained(
     stock_export, command, options, tmp_path, capsys, monkeypatch
 ):
     """generate, evaluate, bench and analyze of a stock export said only that it runs dense (bench: 'trained with up
-    to 0 sharing'), and analyze left out its note on the frozen q/k of the layers that trained sharing."""
+    to 0 sharing', generate's summary: 'trained region: dense'), and analyze left out its note on the frozen q/k of the
+    layers that trained sharing."""
     from epas_lightning.analysis import analyze
 
     monkeypatch.chdir(tmp_path)
@@ -195,6 +200,9 @@ def test_commands_on_a_stock_export_say_the_region_its_weights_trained(
         "the region)\n"
     )
     assert said in err, err
+    if command == "generate":  # its summary said "trained region: dense, no sharing layers" right after
+        summary = "\nregion: no layers share (0/4; runs dense; its weights trained layers [3, 2], deep-first)\n"
+        assert summary in err, err
     if command == "analyze":
         assert "Note: the checkpoint was trained with layers [2, 3] sharing; their own q/k" in out, out
 

@@ -464,6 +464,37 @@ def test_models_endpoint_finds_a_model_id_with_a_slash(checkpoint, monkeypatch):
     assert client.get("/v1/models/org").json()["error"]["code"] == "model_not_found"
 
 
+def test_serve_of_a_stock_export_says_the_region_its_weights_trained(checkpoint, tmp_path, monkeypatch, capsys):
+    """serve of a stock export listed only its dense ``trained_region`` and said "trained region: dense, no sharing
+    layers": /v1/models gives the region its weights trained, and serve says it as the other commands do."""
+    pytest.importorskip("litserve")
+    from epas_lightning.hf.export import export
+    from epas_lightning.serve import command
+
+    stock = export(checkpoint, tmp_path / "hf", sharing_layers=0)
+    capsys.readouterr()  # its warning that the stock folder runs dense
+    started = []
+    monkeypatch.setattr(command, "run_server", lambda api, *args: started.append(api.served))
+    assert cli_main(["serve", "--checkpoint", str(stock)]) == 0
+    assert capsys.readouterr().err == (
+        "serve: the region is dense: a stock export of weights that trained 2 sharing layers (layers [3, 2], "
+        "deep-first); our commands and transformers run it dense (export the checkpoint again with --remote-code for "
+        "the region)\n"
+    )
+    record = started[0].model_record()["epas"]
+    assert (record["trained_region"]["layers"], record["weights_trained_region"]) == (
+        [],
+        {"layers": [3, 2], "order": "deep_first"},
+    )
+    banner = command.ready_banner(started[0], "127.0.0.1", 8000)
+    assert banner.startswith("serving 'hf' (runs dense; its weights trained layers [3, 2], deep-first; default 0 "), (
+        banner
+    )
+    assert cli_main(["serve", "--checkpoint", str(checkpoint)]) == 0  # not a stock export: its own region, no note
+    assert started[1].model_record()["epas"]["weights_trained_region"] is None and not capsys.readouterr().err
+    assert command.ready_banner(started[1], "::", 1).startswith("serving 'tiny' (trained region: layers [3, 2], ")
+
+
 def http_client(checkpoint: Path, monkeypatch, *args: str):
     """A test client of the HTTP app ``serve --checkpoint ... *args`` runs (LitServe's, with our endpoints,
     middlewares and error handlers), no process started: for requests refused before they reach the model."""

@@ -72,7 +72,7 @@ def describe_region(loaded: LoadedModel, layers: list[int]) -> str:
     L = loaded.model.config.n_layer
     where = f"layers {layers}" if layers else "no layers"
     reuse = ", attention reuse" if loaded.model.attention_reuse and layers else ""
-    return f"{where} share ({len(layers)}/{L}; trained region: {loaded.region.describe()}{reuse})"
+    return f"{where} share ({len(layers)}/{L}; {loaded.region.summary()}{reuse})"
 
 
 def in_batches(prompts: list[list[int]], batch_size: int) -> list[list[list[int]]]:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from epas_lightning.checkpoint import describe_checkpoint
 from epas_lightning.data.tokenizer import check_tokenizer_flag
@@ -26,6 +26,9 @@ from epas_lightning.errors import ConfigError, UserError
 from epas_lightning.inference.generate_cli import resolve_tokenizer
 from epas_lightning.region import sharing_layers_text
 from epas_lightning.runtime import DType, check_counts, resolve_device, resolve_dtype
+
+if TYPE_CHECKING:
+    from epas_lightning.serve.model_card import ServedModel
 
 Host = Literal["127.0.0.1", "0.0.0.0", "::"]
 """The addresses LitServe listens on: its run refuses any other."""
@@ -164,6 +167,8 @@ def serve_command(
     from epas_lightning.serve.model_card import ServedModel
 
     served = ServedModel.build(recorded, text_tokenizer, name, sharing_layers, max_tokens, max_choices, max_request_mb)
+    if note := recorded.unrun_region_note(checkpoint, "serve"):
+        print(note, file=sys.stderr)
     run_server(
         CompletionsAPI(served, checkpoint, dtype, attention_reuse, max_batch_size, batch_timeout),
         where.type,
@@ -201,6 +206,15 @@ def lit_server(api, accelerator: str, devices, banner: str):
     return server
 
 
+def ready_banner(served: ServedModel, host: str, port: int) -> str:
+    """The line the server prints once it answers: the model, its region, the default one, chat, the address."""
+    chat = "chat" if served.chat_template else "no chat: the model has no chat template"
+    return (
+        f"serving {served.name!r} ({served.region.summary()}; default {sharing_layers_text(served.default_sharing)}; "
+        f"{chat}) at http://{host}:{port}/v1 — ready; SIGTERM or Ctrl+C stops it"
+    )
+
+
 def run_server(api, accelerator: str, index: int | None, host: str, port: int, log_level: str) -> None:
     """Run LitServe until SIGTERM or Ctrl+C; returns after a clean shutdown."""
     from epas_lightning.serve.liveness import (
@@ -214,14 +228,7 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
     check_port_free(host, port)
     served = api.served
     devices = [index or 0] if accelerator == "cuda" else "auto"
-    region = served.region_record(served.default_sharing)
-    banner = (
-        f"serving {served.name!r} (trained region: {served.region.describe()}; default "
-        f"{sharing_layers_text(region['sharing_layers'])}; "
-        f"{'chat' if served.chat_template else 'no chat: the model has no chat template'}) at "
-        f"http://{host}:{port}/v1 — ready; SIGTERM or Ctrl+C stops it"
-    )
-    server = lit_server(api, accelerator, devices, banner)
+    server = lit_server(api, accelerator, devices, ready_banner(served, host, port))
     print(f"loading the model from {api.checkpoint}", file=sys.stderr, flush=True)
     # kept after run returns: the monitor thread outlives it and may log the race until the process exits
     logging.getLogger("litserve.server").addFilter(_shutdown_race)
