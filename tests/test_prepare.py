@@ -227,7 +227,11 @@ def test_the_tokenizer_file_in_an_input_folder_is_not_a_document(tmp_path: Path,
         (["--tokenizer", "missing.json"], "tokenizer file does not exist — --tokenizer missing.json — check"),
         (["--train-tokenizer", "--vocab-size", "300", "--num-workers", "0"], "at least 1, got 0 — --num-workers"),
         (["--train-tokenizer", "--vocab-size", "300", "--num-workers", "-1"], "at least 1, got -1 — --num-workers"),
-        (["--train-tokenizer", "--vocab-size", "300", "--val-fraction", "1"], "in [0, 1), got 1.0 — --val-fraction"),
+        (["--train-tokenizer", "--vocab-size", "300", "--val-fraction", "1"], "in (0, 1), got 1.0 — --val-fraction"),
+        (  # it held out a text file all the same, or found the val split empty: "raise --val-fraction"
+            ["--train-tokenizer", "--vocab-size", "300", "--val-fraction", "0"],
+            "holds out no documents, but a dataset needs a val split (fit validates on it) — --val-fraction — give a",
+        ),
         (["--train-tokenizer", "--vocab-size", "300", "--bos-token", ""], "empty token names none of the tokenizer's"),
         (  # the workers' TokenizerError traceback, naming the hidden build folder's tokenizer.json, after training
             ["--train-tokenizer", "--vocab-size", "300", "--eos-token", "</s>"],
@@ -861,8 +865,8 @@ def test_an_empty_split_names_the_skipped_files_it_lost(tmp_path: Path, sp_model
     assert "latin1.txt: not valid UTF-8" in caplog.text
     (empty := tmp_path / "empty.txt").write_text("")  # "— --input — raise --val-fraction or pass --val-input"
     says = rf"^the val split has no documents — --val-input {empty} — give validation files that hold text$"
-    with pytest.raises(DataPreparationError, match=says):
-        prepare(tmp_path / "in" / "good.txt", tmp_path / "out", sp_model, val_input=empty, num_workers=1)
+    with pytest.raises(DataPreparationError, match=says):  # --val-fraction 0 goes with --val-input: not used
+        prepare(tmp_path / "in" / "good.txt", tmp_path / "out", sp_model, val_input=empty, val_fraction=0)
 
 
 def test_missing_text_field_names_the_file(tmp_path: Path, sp_model: Path, corpus):
