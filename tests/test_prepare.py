@@ -380,7 +380,9 @@ def test_folders_this_project_wrote_are_not_read_as_documents(tmp_path: Path, ca
         (corpus / "tok1", r"is an output of epas_lightning \(dataset\)"),
         (corpus / "sub" / "old", r"is an output of epas_lightning \(dataset\)"),
         (corpus / "tok1" / "val", rf"lies inside an output of epas_lightning \(dataset: {corpus / 'tok1'}\)"),
-    ):
+        (corpus / "tok1" / "meta.json", rf"lies inside an output of epas_lightning \(dataset: {corpus / 'tok1'}\)"),
+        (corpus / "sub/old/train/index.json", rf"lies inside an output .*\(dataset: {corpus / 'sub' / 'old'}\)"),
+    ):  # a file was read as a text document: only folders were looked at
         with pytest.raises(DataPreparationError, match=rf"^the input {says}, not documents — --val-input {given} — "):
             discover_files([given], split="val")
     with pytest.raises(DataPreparationError, match=rf" — --input {corpus / 'tok1'} — {fix}$"):

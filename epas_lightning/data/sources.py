@@ -97,6 +97,7 @@ def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[In
     for raw in inputs:
         root = Path(raw).expanduser()
         if root.is_file():
+            _check_no_output(root, f"{flag} {root}")
             found = [(root, root.name, file_kind(root, explicit=True))]
         elif root.is_dir():
             found = _folder_files(root, f"{flag} {root}")
@@ -233,8 +234,8 @@ def _listed_output_kind(folder: str, dirnames: list[str], filenames: list[str]) 
 
 
 def _check_no_output(root: Path, where: str) -> None:
-    """Refuse an input folder that is, or lies inside, an output of this project: its files are no documents (a
-    prepared dataset given for its corpus, most likely)."""
+    """Refuse an input folder that is, or an input file or folder that lies inside, an output of this project: its
+    files are no documents (a prepared dataset, or its ``meta.json``, given for its corpus, most likely)."""
     root = root.absolute()
     for folder in (root, *root.parents):
         if (kind := _output_kind(folder)) is None:
