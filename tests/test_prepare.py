@@ -550,6 +550,31 @@ def test_a_document_too_large_to_tokenize_at_once_is_a_bad_document(tmp_path: Pa
     assert all("a document may be" in b.reason and "split it" in b.reason for b in bad)
 
 
+def test_json_lines_with_cr_line_endings_are_said_to_be(tmp_path: Path, monkeypatch):
+    """A JSONL file with old-Mac line endings (CR, no LF) was one line: 'not a UTF-8 JSON line (Extra data ...)',
+    past 16 MiB 'split it into documents', or, held out whole by its one key, 'the val split has no documents'."""
+    from epas_lightning.data import sources
+
+    monkeypatch.setattr(sources, "MAX_DOCUMENT_BYTES", 100)
+    records = [json.dumps({"text": t}) for t in "abc"]
+    (tmp_path / "crlf.jsonl").write_bytes(("\r\n".join(records) + "\r\n").encode())  # Windows': lines as ever
+    (tmp_path / "long.jsonl").write_bytes(("\r".join(records * 3) + "\r").encode())  # over MAX_DOCUMENT_BYTES
+    (tmp_path / "other.jsonl").write_bytes(b'{"text": \r"x"\n')  # a CR in a bad line that ends no record
+    (tmp_path / "short.jsonl").write_bytes(("\r" + "\r".join(records)).encode())
+    bad = []
+    files = sources.discover_files([tmp_path])
+    assert [text for f in files for _, text in sources.iter_documents(f, "text", bad.append)] == ["a", "b", "c"]
+    assert [(b.where, b.reason.split(" (")[0]) for b in bad] == [
+        (f"{tmp_path / 'long.jsonl'}:1", "JSON Lines with CR line endings"),
+        (f"{tmp_path / 'other.jsonl'}:1", "not a UTF-8 JSON line"),
+        (f"{tmp_path / 'short.jsonl'}:1", "JSON Lines with CR line endings"),
+    ]
+    assert "convert them to LF" in bad[0].reason and "split it" not in bad[0].reason
+    says = "JSON Lines with CR line endings (old Mac), no LF: its records run together into one line — "
+    with pytest.raises(DataPreparationError, match=f"^{re.escape(says)}.*short.jsonl — convert them to LF "):
+        prepare(tmp_path / "short.jsonl", tmp_path / "out", train_tokenizer=True, vocab_size=300, num_workers=1)
+
+
 def test_a_large_file_cut_into_parts_reads_as_the_whole_file(tmp_path: Path, monkeypatch):
     """A large JSONL file is cut into parts at line starts (parquet at row groups) for several workers to read. Cut
     anywhere (with a BOM, blank lines, a line too long, bad records, no last newline), the parts give the file's
