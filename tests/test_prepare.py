@@ -227,7 +227,11 @@ def test_the_tokenizer_file_in_an_input_folder_is_not_a_document(tmp_path: Path,
         (["--tokenizer", "missing.json"], "tokenizer file does not exist — --tokenizer missing.json — check"),
         (["--train-tokenizer", "--vocab-size", "300", "--num-workers", "0"], "at least 1, got 0 — --num-workers"),
         (["--train-tokenizer", "--vocab-size", "300", "--num-workers", "-1"], "at least 1, got -1 — --num-workers"),
-        (["--train-tokenizer", "--vocab-size", "300", "--val-fraction", "1"], "in [0, 1), got 1.0 — --val-fraction"),
+        (["--train-tokenizer", "--vocab-size", "300", "--val-fraction", "1"], "in (0, 1), got 1.0 — --val-fraction"),
+        (  # it held out a text file all the same, or found the val split empty: "raise --val-fraction"
+            ["--train-tokenizer", "--vocab-size", "300", "--val-fraction", "0"],
+            "holds out no documents, but a dataset needs a val split (fit validates on it) — --val-fraction — give a",
+        ),
         (["--train-tokenizer", "--vocab-size", "300", "--bos-token", ""], "empty token names none of the tokenizer's"),
         (  # the workers' TokenizerError traceback, naming the hidden build folder's tokenizer.json, after training
             ["--train-tokenizer", "--vocab-size", "300", "--eos-token", "</s>"],
@@ -376,7 +380,9 @@ def test_folders_this_project_wrote_are_not_read_as_documents(tmp_path: Path, ca
         (corpus / "tok1", r"is an output of epas_lightning \(dataset\)"),
         (corpus / "sub" / "old", r"is an output of epas_lightning \(dataset\)"),
         (corpus / "tok1" / "val", rf"lies inside an output of epas_lightning \(dataset: {corpus / 'tok1'}\)"),
-    ):
+        (corpus / "tok1" / "meta.json", rf"lies inside an output of epas_lightning \(dataset: {corpus / 'tok1'}\)"),
+        (corpus / "sub/old/train/index.json", rf"lies inside an output .*\(dataset: {corpus / 'sub' / 'old'}\)"),
+    ):  # a file was read as a text document: only folders were looked at
         with pytest.raises(DataPreparationError, match=rf"^the input {says}, not documents — --val-input {given} — "):
             discover_files([given], split="val")
     with pytest.raises(DataPreparationError, match=rf" — --input {corpus / 'tok1'} — {fix}$"):
@@ -542,6 +548,31 @@ def test_a_document_too_large_to_tokenize_at_once_is_a_bad_document(tmp_path: Pa
         f"{tmp_path}/rows.parquet row 2",
     ]
     assert all("a document may be" in b.reason and "split it" in b.reason for b in bad)
+
+
+def test_json_lines_with_cr_line_endings_are_said_to_be(tmp_path: Path, monkeypatch):
+    """A JSONL file with old-Mac line endings (CR, no LF) was one line: 'not a UTF-8 JSON line (Extra data ...)',
+    past 16 MiB 'split it into documents', or, held out whole by its one key, 'the val split has no documents'."""
+    from epas_lightning.data import sources
+
+    monkeypatch.setattr(sources, "MAX_DOCUMENT_BYTES", 100)
+    records = [json.dumps({"text": t}) for t in "abc"]
+    (tmp_path / "crlf.jsonl").write_bytes(("\r\n".join(records) + "\r\n").encode())  # Windows': lines as ever
+    (tmp_path / "long.jsonl").write_bytes(("\r".join(records * 3) + "\r").encode())  # over MAX_DOCUMENT_BYTES
+    (tmp_path / "other.jsonl").write_bytes(b'{"text": \r"x"\n')  # a CR in a bad line that ends no record
+    (tmp_path / "short.jsonl").write_bytes(("\r" + "\r".join(records)).encode())
+    bad = []
+    files = sources.discover_files([tmp_path])
+    assert [text for f in files for _, text in sources.iter_documents(f, "text", bad.append)] == ["a", "b", "c"]
+    assert [(b.where, b.reason.split(" (")[0]) for b in bad] == [
+        (f"{tmp_path / 'long.jsonl'}:1", "JSON Lines with CR line endings"),
+        (f"{tmp_path / 'other.jsonl'}:1", "not a UTF-8 JSON line"),
+        (f"{tmp_path / 'short.jsonl'}:1", "JSON Lines with CR line endings"),
+    ]
+    assert "convert them to LF" in bad[0].reason and "split it" not in bad[0].reason
+    says = "JSON Lines with CR line endings (old Mac), no LF: its records run together into one line — "
+    with pytest.raises(DataPreparationError, match=f"^{re.escape(says)}.*short.jsonl — convert them to LF "):
+        prepare(tmp_path / "short.jsonl", tmp_path / "out", train_tokenizer=True, vocab_size=300, num_workers=1)
 
 
 def test_a_large_file_cut_into_parts_reads_as_the_whole_file(tmp_path: Path, monkeypatch):
@@ -861,8 +892,8 @@ def test_an_empty_split_names_the_skipped_files_it_lost(tmp_path: Path, sp_model
     assert "latin1.txt: not valid UTF-8" in caplog.text
     (empty := tmp_path / "empty.txt").write_text("")  # "— --input — raise --val-fraction or pass --val-input"
     says = rf"^the val split has no documents — --val-input {empty} — give validation files that hold text$"
-    with pytest.raises(DataPreparationError, match=says):
-        prepare(tmp_path / "in" / "good.txt", tmp_path / "out", sp_model, val_input=empty, num_workers=1)
+    with pytest.raises(DataPreparationError, match=says):  # --val-fraction 0 goes with --val-input: not used
+        prepare(tmp_path / "in" / "good.txt", tmp_path / "out", sp_model, val_input=empty, val_fraction=0)
 
 
 def test_missing_text_field_names_the_file(tmp_path: Path, sp_model: Path, corpus):

@@ -112,12 +112,20 @@ def _raise_bad(bad: BadDocument) -> None:
     raise DataPreparationError(bad.reason, bad.where, "pass --on-bad skip to skip it")
 
 
-def check_val_fraction(val_fraction: float) -> None:
+def check_val_fraction(val_fraction: float, val_input: bool = False) -> None:
+    """A share of the documents to hold out: some always are (a dataset has a ``val/`` split, which fit validates
+    on), so 0 only goes with ``--val-input``, whose files are held out instead of a share."""
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(
-            f"val_fraction must be in [0, 1), got {val_fraction}",
+            f"val_fraction must be in (0, 1), got {val_fraction}",
             "--val-fraction",
-            "give the share of documents held out, e.g. 0.01 (0: none)",
+            "give the share of documents held out for validation, e.g. 0.01",
+        )
+    if val_fraction == 0 and not val_input:
+        raise ConfigError(
+            "--val-fraction 0 holds out no documents, but a dataset needs a val split (fit validates on it)",
+            "--val-fraction",
+            "give a share above 0, e.g. 0.01, or pass the validation files with --val-input",
         )
 
 
@@ -143,7 +151,7 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
             "--on-bad",
             f"use {' or '.join(ON_BAD_CHOICES)}",
         )
-    check_val_fraction(options.val_fraction)
+    check_val_fraction(options.val_fraction, bool(options.val_inputs))
     timer = StepTimer()
     for f in files:
         check_text_field(f, options.text_field)
@@ -262,7 +270,8 @@ def prepare_dataset(
         val_input: Separate validation inputs (their files are held out from ``input`` too). Otherwise
             ``val_fraction`` of the documents are held out by hash (whole files for text inputs, records for
             JSONL/parquet).
-        val_fraction: Fraction of the documents held out for validation when there is no ``val_input``.
+        val_fraction: Fraction of the documents held out for validation when there is no ``val_input``, above 0
+            (a dataset has a ``val/`` split).
         text_field: The JSONL field / parquet column holding the text.
         bos_token, eos_token: The tokens documents start and end with (default: the tokenizer's own).
         on_bad: ``skip`` (warn) or ``fail`` on an unreadable, binary or non-UTF-8 file or record.
@@ -302,7 +311,7 @@ def prepare_dataset(
     from epas_lightning.runtime import check_counts  # torch: not for prepare --help
 
     check_counts({"--num-workers": num_workers})
-    check_val_fraction(val_fraction)
+    check_val_fraction(val_fraction, bool(val_inputs))
     for flag, token in (("--bos-token", bos_token), ("--eos-token", eos_token)):
         if token == "":  # was taken as not given, and recorded as the override
             raise ConfigError("an empty token names none of the tokenizer's", flag, "name a token, or leave it out")
@@ -427,8 +436,8 @@ def prepare_command(
         vocab_size: Vocabulary size of the trained tokenizer.
         val_input: Separate validation inputs (default: hold out --val-fraction of the documents by hash); their
             files are held out from --input too.
-        val_fraction: Fraction of the documents held out for validation (text files are held out whole, and at
-            least one of them).
+        val_fraction: Fraction of the documents held out for validation, above 0 (text files are held out whole,
+            and at least one of them); not used with --val-input.
         text_field: The JSONL field / parquet column with the text.
         bos_token: BOS token to wrap documents in (default: the tokenizer's own, e.g. <s>).
         eos_token: EOS token to end documents with (default: the tokenizer's own, e.g. </s>).

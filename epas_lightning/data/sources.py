@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -97,6 +98,7 @@ def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[In
     for raw in inputs:
         root = Path(raw).expanduser()
         if root.is_file():
+            _check_no_output(root, f"{flag} {root}")
             found = [(root, root.name, file_kind(root, explicit=True))]
         elif root.is_dir():
             found = _folder_files(root, f"{flag} {root}")
@@ -233,8 +235,8 @@ def _listed_output_kind(folder: str, dirnames: list[str], filenames: list[str]) 
 
 
 def _check_no_output(root: Path, where: str) -> None:
-    """Refuse an input folder that is, or lies inside, an output of this project: its files are no documents (a
-    prepared dataset given for its corpus, most likely)."""
+    """Refuse an input folder that is, or an input file or folder that lies inside, an output of this project: its
+    files are no documents (a prepared dataset, or its ``meta.json``, given for its corpus, most likely)."""
     root = root.absolute()
     for folder in (root, *root.parents):
         if (kind := _output_kind(folder)) is None:
@@ -384,6 +386,8 @@ def check_text_field(f: InputFile, text_field: str) -> None:
     elif f.kind == "jsonl":
         with contextlib.suppress(StopIteration, BadDocument):
             lineno, record = next(_jsonl_records(f))
+            if isinstance(record, BadDocument) and record.reason == _CR_BAD:  # else the file is one bad record
+                raise DataPreparationError(_CR_LINES, f.path, _CR_FIX)
             if not isinstance(record, BadDocument):
                 value = record.get(text_field) if isinstance(record, dict) else None
                 if value is not None and not isinstance(value, str):  # else every record is skipped, one by one
@@ -433,18 +437,16 @@ def _jsonl_records(f: InputFile, keep: Callable[[int], bool] | None = None) -> I
             for lineno, line in enumerate(_lines(stream, MAX_DOCUMENT_BYTES), start=f.first_record):
                 if keep is not None and not keep(lineno):
                     continue
-                if line is None:  # not held: read past
-                    yield (
-                        lineno,
-                        BadDocument(f"{f.path}:{lineno}", _too_large(f"a line over {MAX_DOCUMENT_BYTES:,} bytes")),
-                    )
+                if isinstance(line, str):  # not held: read past
+                    yield lineno, BadDocument(f"{f.path}:{lineno}", line)
                     continue
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line.decode("utf-8-sig" if lineno == 1 else "utf-8"))  # a BOM is no text
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    record = BadDocument(f"{f.path}:{lineno}", f"not a UTF-8 JSON line ({e})")
+                    reason = _CR_BAD if _records_end_with_cr(line) else f"not a UTF-8 JSON line ({e})"
+                    record = BadDocument(f"{f.path}:{lineno}", reason)
                 except (ValueError, RecursionError) as e:  # past Python's limits: an int of 5000 digits, deep nesting
                     record = BadDocument(f"{f.path}:{lineno}", f"a JSON line Python's json cannot read ({e})")
                 yield lineno, record
@@ -463,15 +465,35 @@ def _decompression_errors() -> tuple[type[Exception], ...]:
     return (zstandard.ZstdError,) if zstandard is not None else ()
 
 
-def _lines(stream: io.BufferedIOBase, limit: int) -> Iterator[bytes | None]:
-    """The lines of ``stream``; ``None`` for a line longer than ``limit`` bytes, which is read past, never held."""
+def _lines(stream: io.BufferedIOBase, limit: int) -> Iterator[bytes | str]:
+    """The lines of ``stream``; for a line longer than ``limit`` bytes, which is read past, never held, why it is a
+    bad document (a ``str``)."""
     while line := stream.readline(limit + 1):
         if len(line) > limit and not line.endswith(b"\n"):
             while (rest := stream.readline(limit)) and not rest.endswith(b"\n"):
                 pass
-            yield None
+            yield _CR_BAD if _records_end_with_cr(line) else _too_large(f"a line over {limit:,} bytes")
         else:
             yield line
+
+
+_CR_LINES = "JSON Lines with CR line endings (old Mac), no LF: its records run together into one line"
+_CR_FIX = "convert them to LF (tr '\\r' '\\n' < FILE > NEW.jsonl)"
+_CR_BAD = f"{_CR_LINES}; {_CR_FIX}"
+_CR_NOT_CRLF = re.compile(rb"\r(?=[^\n])")
+
+
+def _records_end_with_cr(line: bytes) -> bool:
+    """Whether a line that is no JSON (or too long to be held) starts with a JSON value ended by a CR without an LF:
+    records of a file with CR-only line endings, which a binary read does not split."""
+    line = line.lstrip(b" \t\r\n")
+    if (cr := _CR_NOT_CRLF.search(line)) is None:
+        return False
+    try:
+        json.loads(line[: cr.start()])  # bytes: a BOM is read past
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def _too_large(what: str) -> str:
