@@ -94,6 +94,8 @@ def resume_checkpoint(config: Namespace, word: str, fitting: bool = True) -> str
     says so).
     """
     dirpath, run_dirs = _last_checkpoint_folders(config)
+    if not dirpath:
+        check_run_folder_known(config, word)
     newest = newest_last_checkpoint(dirpath, run_dirs)
     if newest is None and word == "auto":
         check_no_slurm_checkpoint(config)
@@ -110,6 +112,22 @@ def resume_checkpoint(config: Namespace, word: str, fitting: bool = True) -> str
     if fitting:  # validate/test: Lightning says which file it loaded the weights from
         say(f"Resuming from {newest}")
     return str(newest)
+
+
+def check_run_folder_known(config: Namespace, word: str) -> None:
+    """Refuse ``last``/``auto`` where the logger ``ModelCheckpoint`` saves under (the first) is configured without a
+    ``save_dir``: Lightning then checkpoints under ``<default_root_dir>/<the logger's name>/<its version>``, names known
+    only once it runs, so ``last`` found nothing ("under ;") and ``auto`` started from scratch beside the run's
+    checkpoints."""
+    first = _first_logger(config)
+    if not isinstance(first, Namespace | dict) or not first.get("class_path") or _run_dir(first) is not None:
+        return
+    raise CheckpointError(
+        f"cannot tell which folder {first['class_path']} checkpoints into: it is given no save_dir",
+        f"--ckpt_path {word}",
+        "give the run a checkpoint folder (--checkpoint.dirpath; last and auto look there), or pass the checkpoint's "
+        "path to --ckpt_path",
+    )
 
 
 def saved_checkpoint_folder(run_dirs: list[Path]) -> tuple[Path, str] | None:

@@ -924,6 +924,28 @@ def test_resume_last_without_a_logger_finds_the_root_folder_checkpoint(tmp_path,
     assert resume_checkpoint(config, "last") == "run/checkpoints/last.ckpt"
 
 
+@pytest.mark.parametrize("word", ["last", "auto"])
+def test_resume_refuses_a_logger_without_save_dir_it_cannot_find_the_checkpoints_of(tmp_path, word, monkeypatch):
+    """A logger configured without a save_dir (WandbLogger's kind) checkpoints under <default_root_dir>/<its name>/
+    <its version>, known only once it runs: `last` said "no last.ckpt of this run to resume — train first" without
+    where it looked, and `auto` "no last.ckpt under ;" and started from scratch beside the run's checkpoints. Now one
+    line names the logger and what to pass; a checkpoint folder of its own (checkpoint.dirpath) is looked in."""
+    monkeypatch.chdir(tmp_path)
+    logger = Namespace(class_path="my_loggers.RemoteLogger", init_args=Namespace(project="p"))
+    config = Namespace(trainer=Namespace(logger=logger), checkpoint=Namespace(dirpath=None))
+    with pytest.raises(CheckpointError) as refused:
+        resume_checkpoint(config, word)
+    assert str(refused.value) == (
+        f"cannot tell which folder my_loggers.RemoteLogger checkpoints into: it is given no save_dir — --ckpt_path "
+        f"{word} — give the run a checkpoint folder (--checkpoint.dirpath; last and auto look there), or pass the "
+        "checkpoint's path to --ckpt_path"
+    )
+    config.checkpoint.dirpath = "ckpts"
+    Path("ckpts").mkdir()
+    Path("ckpts/last.ckpt").touch()
+    assert resume_checkpoint(config, word) == "ckpts/last.ckpt"
+
+
 def test_resume_puts_back_a_last_checkpoint_a_killed_sharded_save_had_moved_aside(tmp_path, capsys):
     """A sharded save renames last.ckpt to .last.ckpt.replaced, then its new folder to last.ckpt; a job killed between
     the two (SLURM's time limit) left no last.ckpt, and `--ckpt_path auto` of the requeued job started from scratch."""
