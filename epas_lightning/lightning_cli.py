@@ -91,6 +91,7 @@ from epas_lightning.option_help import HELP_HERE
 from epas_lightning.resume import (
     RESUME_WORDS,
     check_checkpoint_folder_free,
+    check_logger_folders_free,
     check_no_slurm_checkpoint,
     check_resume_word,
     check_version_folder_free,
@@ -287,6 +288,8 @@ class EPASCLI(LightningCLI):
         if fitting and self.save_config_callback is not None:
             config_filename = self.save_config_kwargs.get("config_filename", "config.yaml")
             check_version_folder_free(config, config_filename, config.get("ckpt_path"))
+        if fitting:
+            check_logger_folders_free(config, config.get("ckpt_path"))
         super()._parse_ckpt_path()
 
     @property

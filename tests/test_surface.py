@@ -1000,6 +1000,38 @@ def test_a_rewind_into_a_fixed_checkpoint_folder_is_refused(tmp_path, capsys, mo
     check_checkpoint_folder_free(config, "fixed/last.ckpt")
 
 
+def test_a_logger_given_a_version_refuses_a_folder_with_another_runs_logs(tmp_path, monkeypatch):
+    """A logger given a version logged into another run's folder: a CSVLogger after the first deleted that run's
+    metrics.csv (Lightning warned and went on), a TensorBoardLogger added its events to that run's. Now one line before
+    anything runs; a resume may add TensorBoard events to its own run's folder."""
+    from epas_lightning.resume import check_logger_folders_free
+
+    monkeypatch.chdir(tmp_path)
+    tb = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger", init_args=Namespace(save_dir="runs"))
+    csv = Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir="runs", name="c"))
+    config = Namespace(trainer=Namespace(logger=[tb, csv]), checkpoint=Namespace(dirpath=None))
+    check_logger_folders_free(config, None)  # no version given: each run gets a new version_N
+    csv.init_args.version = 0
+    Path("runs/c/version_0").mkdir(parents=True)
+    check_logger_folders_free(config, None)  # an empty folder holds no run's logs
+    Path("runs/c/version_0/metrics.csv").write_text("step,loss\n")
+    for ckpt_path in (None, "runs/lightning_logs/version_0/checkpoints/last.ckpt"):
+        with pytest.raises(OutputError) as refused:
+            check_logger_folders_free(config, ckpt_path)
+        assert str(refused.value) == (
+            "CSVLogger would rewrite another run's logs (metrics.csv) in the version folder it is given — "
+            "runs/c/version_0 — give it another version (trainer.logger[1].init_args.version), or none for a new "
+            "version_N"
+        )
+    config.trainer.logger = tb
+    tb.init_args.version, tb.init_args.sub_dir = "exp", "tb"
+    Path("runs/lightning_logs/exp/tb").mkdir(parents=True)
+    Path("runs/lightning_logs/exp/tb/events.out.tfevents.1.host.0").touch()
+    with pytest.raises(OutputError, match=r"^TensorBoardLogger would add to another run's logs \(events.out.tfevents"):
+        check_logger_folders_free(config, None)
+    check_logger_folders_free(config, "runs/lightning_logs/exp/checkpoints/last.ckpt")  # a resume adds to its events
+
+
 def test_a_resume_with_a_csv_logger_keeps_the_earlier_metrics(tmp_path, capsys, monkeypatch):
     """Lightning's CSVLogger deletes the metrics.csv of a version folder it starts logging into: `--ckpt_path last`
     with it left 7 of the first run's 16 lines. Such a resume logs into a new version folder."""
