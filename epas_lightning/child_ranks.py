@@ -50,6 +50,8 @@ class EndChildRanksOnError(Callback):
         self.grace_seconds = grace_seconds
         self.failed_children: list[tuple[int, int]] = []
         """(global rank, exit status) of the started ranks that had failed before this one's error ended them."""
+        self.children_finished = False
+        """Whether every rank this one started had exited with status 0 before its error: none of them failed."""
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt):
@@ -59,6 +61,7 @@ class EndChildRanksOnError(Callback):
             killed = end_processes(launcher.procs, self.grace_seconds)
             ranks = {proc: trainer.global_rank + i + 1 for i, proc in enumerate(launcher.procs)}
             self.failed_children = [(r, p.returncode) for p, r in ranks.items() if p.returncode and p not in killed]
+            self.children_finished = not killed and all(p.returncode == 0 for p in launcher.procs)
             # Lightning's observer thread watches this same list: emptied, it stops instead of answering the killed
             # children by SIGKILLing this process before it has said what went wrong.
             launcher.procs.clear()
@@ -80,8 +83,19 @@ def end_processes(procs: Sequence[subprocess.Popen], grace_seconds: float) -> li
 def peer_rank_ended(error: BaseException, trainer: Trainer) -> PeerRankEnded | None:
     """The one line for a collective of ``trainer``'s rank broken by another rank's exit (that rank printed its own
     error); ``None`` for any other error. On the rank that started the others, it names the first one that had failed
-    and exits with its status; elsewhere (``torchrun``, ``srun``: the launcher names the rank) with status 1."""
+    and exits with its status; elsewhere (``torchrun``, ``srun``: the launcher names the rank) with status 1.
+
+    ``None`` too where every rank this one started had finished cleanly (one node): no rank failed, this one went on
+    into a collective the others never joined, a bug whose traceback stays, with a note that says so."""
     if not isinstance(error, RuntimeError) or not PEER_GONE.search(str(error)):
+        return None
+    if trainer.num_nodes == 1 and any(
+        isinstance(c, EndChildRanksOnError) and c.children_finished for c in trainer.callbacks
+    ):
+        error.add_note(
+            f"The other ranks had all finished (exit status 0) while rank {trainer.global_rank} was still in a "
+            "collective they never joined: no rank failed; this is a bug, please report it with this traceback."
+        )
         return None
     watchers = [c for c in trainer.callbacks if isinstance(c, EndChildRanksOnError) and c.failed_children]
     this_rank = f"rank {trainer.global_rank}, whose collective broke ({PEER_GONE.search(str(error))[0]})"

@@ -39,7 +39,6 @@ from typing import Any
 
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.fabric.utilities.seed import max_seed_value, min_seed_value
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -91,6 +90,7 @@ from epas_lightning.option_help import HELP_HERE
 from epas_lightning.resume import (
     RESUME_WORDS,
     check_checkpoint_folder_free,
+    check_logger_folders_free,
     check_no_slurm_checkpoint,
     check_resume_word,
     check_version_folder_free,
@@ -106,6 +106,7 @@ from epas_lightning.run_checkpoint import RunCheckpoint, save_between_steps
 from epas_lightning.run_folder import RunFolders, check_run_folders_writable
 from epas_lightning.run_summary import FlopsModelSummary, RunSummary, progress_bar_for, say
 from epas_lightning.safe_load import is_sharded_checkpoint, verify_checkpoint
+from epas_lightning.seeds import SEED_FIX, TRAINING_SEEDS, seed_out_of_range
 from epas_lightning.strategy import STRATEGY_NAME, check_strategy_name
 from epas_lightning.trainer_checks import (
     check_accelerator_available,
@@ -287,6 +288,8 @@ class EPASCLI(LightningCLI):
         if fitting and self.save_config_callback is not None:
             config_filename = self.save_config_kwargs.get("config_filename", "config.yaml")
             check_version_folder_free(config, config_filename, config.get("ckpt_path"))
+        if fitting:
+            check_logger_folders_free(config, config.get("ckpt_path"))
         super()._parse_ckpt_path()
 
     @property
@@ -300,13 +303,12 @@ class EPASCLI(LightningCLI):
         The chosen seed replaces ``true`` in the config, so the run's ``config.yaml`` can repeat it. The ranks a run
         starts find rank zero's in ``PL_GLOBAL_SEED``, as Lightning reads it.
         """
-        if self._get(self.config, "seed_everything") is True and "PL_GLOBAL_SEED" not in os.environ:
-            self._section["seed_everything"] = random.SystemRandom().randint(min_seed_value, max_seed_value)
-        try:
-            super()._set_seed()
-        except ValueError as e:
-            seed = self._get(self.config, "seed_everything")
-            raise ConfigError(str(e), f"--seed_everything {seed}", "give a seed in that range, or false") from e
+        seed = self._get(self.config, "seed_everything")
+        if seed is True and "PL_GLOBAL_SEED" not in os.environ:
+            self._section["seed_everything"] = random.SystemRandom().choice(TRAINING_SEEDS)
+        elif type(seed) is int and (problem := seed_out_of_range(seed, TRAINING_SEEDS)):
+            raise ConfigError(problem, f"--seed_everything {seed}", f"{SEED_FIX}, or false")
+        super()._set_seed()
 
     def before_instantiate_classes(self) -> None:
         section = self._section

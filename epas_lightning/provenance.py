@@ -15,6 +15,8 @@ from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
+from epas_lightning.seeds import TRAINING_SEEDS, seed_out_of_range
+
 LAST_VALIDATION_KEY = "last_validation"
 """Checkpoint entry of ``fit``: ``{"loss": ..., "step": ...}``, the held-out loss of the run's latest validation and the
 optimizer step it was measured at."""
@@ -102,7 +104,7 @@ def _heldout(record: Any) -> dict[str, Any] | None:
     dirs, val_dir, seed = record.get("data_dirs"), record.get("val_dir"), _number(record.get("seed"))
     if not isinstance(dirs, list) or not dirs or not all(_is_path(d) for d in dirs) or len(set(dirs)) < len(dirs):
         return None
-    if not (val_dir is None or _is_path(val_dir)) or seed is None or not 0 <= seed < 2**32:
+    if not (val_dir is None or _is_path(val_dir)) or seed is None or seed_out_of_range(seed, TRAINING_SEEDS):
         return None
     return {"data_dirs": list(dirs), "val_dir": val_dir, "seed": seed}
 

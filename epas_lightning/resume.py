@@ -94,6 +94,8 @@ def resume_checkpoint(config: Namespace, word: str, fitting: bool = True) -> str
     says so).
     """
     dirpath, run_dirs = _last_checkpoint_folders(config)
+    if not dirpath:
+        check_run_folder_known(config, word)
     newest = newest_last_checkpoint(dirpath, run_dirs)
     if newest is None and word == "auto":
         check_no_slurm_checkpoint(config)
@@ -110,6 +112,22 @@ def resume_checkpoint(config: Namespace, word: str, fitting: bool = True) -> str
     if fitting:  # validate/test: Lightning says which file it loaded the weights from
         say(f"Resuming from {newest}")
     return str(newest)
+
+
+def check_run_folder_known(config: Namespace, word: str) -> None:
+    """Refuse ``last``/``auto`` where the logger ``ModelCheckpoint`` saves under (the first) is configured without a
+    ``save_dir``: Lightning then checkpoints under ``<default_root_dir>/<the logger's name>/<its version>``, names known
+    only once it runs, so ``last`` found nothing ("under ;") and ``auto`` started from scratch beside the run's
+    checkpoints."""
+    first = _first_logger(config)
+    if not isinstance(first, Namespace | dict) or not first.get("class_path") or _run_dir(first) is not None:
+        return
+    raise CheckpointError(
+        f"cannot tell which folder {first['class_path']} checkpoints into: it is given no save_dir",
+        f"--ckpt_path {word}",
+        "give the run a checkpoint folder (--checkpoint.dirpath; last and auto look there), or pass the checkpoint's "
+        "path to --ckpt_path",
+    )
 
 
 def saved_checkpoint_folder(run_dirs: list[Path]) -> tuple[Path, str] | None:
@@ -251,6 +269,36 @@ def check_version_folder_free(config: Namespace, config_filename: str, ckpt_path
         folder,
         "give this run another version (trainer.logger.init_args.version), or resume that run with --ckpt_path",
     )
+
+
+LOG_FILES = ("metrics.csv", "events.out.tfevents.*")
+"""The files Lightning's CSV and TensorBoard loggers write into their version folder."""
+
+
+def check_logger_folders_free(config: Namespace, ckpt_path: str | None) -> None:
+    """Each logger given a version must find its version folder without another run's logs: a ``CSVLogger`` deleted
+    that run's ``metrics.csv`` (Lightning only warned), a ``TensorBoardLogger`` added its events to that run's. A resume
+    (``ckpt_path``) may add to them, not rewrite them: a ``CSVLogger`` still may not log there."""
+    loggers = configured_loggers(config)
+    for index, logger in enumerate(loggers):
+        run_dir = _run_dir(logger)
+        version = logger["init_args"].get("version") if run_dir is not None else None
+        found = [] if version is None else _log_files(version_folder(run_dir, version), logger["init_args"])
+        csv = str(logger.get("class_path", "")).endswith("CSVLogger") if found else False
+        if found and (csv or not ckpt_path):
+            key = f"trainer.logger{f'[{index}]' if len(loggers) > 1 else ''}.init_args.version"
+            raise OutputError(
+                f"{str(logger['class_path']).rsplit('.', 1)[-1]} would {'rewrite' if csv else 'add to'} another run's "
+                f"logs ({found[0].name}) in the version folder it is given",
+                found[0].parent,
+                f"give it another version ({key}), or none for a new version_N",
+            )
+
+
+def _log_files(folder: Path, init_args: Namespace) -> list[Path]:
+    """The loggers' files (:data:`LOG_FILES`) in a version folder and in its ``sub_dir`` (a TensorBoardLogger's)."""
+    sub_dir = init_args.get("sub_dir")
+    return [path for f in {folder, folder / (sub_dir or "")} for name in LOG_FILES for path in sorted(f.glob(name))]
 
 
 def same_folder(folder: str | None, other: Path) -> bool:

@@ -148,7 +148,8 @@ def test_startup_mistakes_are_one_line_before_the_weights_load(checkpoint, tmp_p
         f"19 (char 18)) — --checkpoint {broken} — "
     )
     assert cli_main(["chat", "--checkpoint", str(checkpoint), "--seed", str(2**64)]) == 2  # was a traceback
-    assert capsys.readouterr().err.startswith(f"error: must be a 64-bit signed integer, got {2**64} — --seed — ")
+    said = capsys.readouterr().err
+    assert said.startswith(f"error: seed must lie in -2**63..2**63-1, got {2**64} — --seed — give a seed in that range")
 
 
 @pytest.mark.parametrize(

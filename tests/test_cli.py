@@ -231,9 +231,11 @@ def test_built_in_corpus_settings_beside_a_prepared_folder(tmp_path, monkeypatch
 
 
 def test_a_seed_numpy_cannot_take_is_one_line(tmp_path, monkeypatch):
-    """`--seed_everything -5` was seed_everything's ValueError traceback."""
+    """`--seed_everything -5` was seed_everything's ValueError traceback, then a line in Lightning's words ("-5 is not
+    in bounds, numpy accepts from 0 to 4294967295"); data.seed and --seed said theirs in others. One wording now."""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=re.escape("numpy accepts from 0 to 4294967295 — --seed_everything -5 — ")):
+    says = "seed must lie in 0..2**32-1, got -5 — --seed_everything -5 — give a seed in that range, or false"
+    with pytest.raises(ConfigError, match=f"^{re.escape(says)}$"):
         lightning_cli(["--config", DEBUG, "--seed_everything", "-5"], run=False)
 
 

@@ -364,7 +364,7 @@ def test_a_seed_the_shuffle_cannot_take_is_refused_when_configured():
     """It passed, and `fit` died building its first loader in numpy's ValueError traceback ("Seed must be between 0
     and 2**32 - 1"); a string, in a TypeError one."""
     for seed in (-1, 2**32):
-        says = rf"^seed must be from 0 to 4294967295, got {seed} — data.seed — pick one in that range$"
+        says = rf"^seed must lie in 0\.\.2\*\*32-1, got {seed} — data.seed — give a seed in that range$"
         with pytest.raises(ConfigError, match=says):
             TokenDataModule(seed=seed)
     says = r"^seed must be a whole number, got '7' — data.seed — give it without quotes or a decimal point$"

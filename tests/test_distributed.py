@@ -386,3 +386,30 @@ def test_a_user_error_on_rank_one_alone_is_one_line_with_its_status(tiny_corpus,
         "error: rank 1 ended (exit status 2) during the run — rank 0, whose collective broke (Connection closed by "
         "peer) — its own error, above, says why: fix that, then run again",
     ], proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("child_status", [0, 2])
+def test_rank_zero_names_a_failed_child_and_blames_none_that_finished(child_status):
+    """Rank 0's collective broke (Connection closed by peer) after the rank it started had ended: a child that failed
+    is named with its status; one that had finished cleanly (exit 0: rank 0 went on into a collective it never joined)
+    was blamed as well ("another rank ended ... that rank's own error, above, says why", where there was none). Now the
+    traceback stays, with a note that no rank failed."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    from epas_lightning.child_ranks import EndChildRanksOnError, peer_rank_ended
+
+    child = subprocess.Popen([sys.executable, "-c", f"raise SystemExit({child_status})"])
+    child.wait()
+    launcher = object.__new__(_SubprocessScriptLauncher)
+    launcher.procs = [child]
+    watcher = EndChildRanksOnError(grace_seconds=0.1)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(launcher=launcher), global_rank=0, num_nodes=1)
+    trainer.callbacks = [watcher]
+    watcher.on_exception(trainer, None, error := RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:1234"))
+    said = peer_rank_ended(error, trainer)
+    if child_status:
+        assert str(said).startswith("rank 1 ended (exit status 2) during the run — rank 0") and said.exit_status == 2
+    else:
+        assert said is None and "no rank failed" in error.__notes__[0]

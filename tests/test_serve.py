@@ -1351,7 +1351,7 @@ BAD_REQUESTS = [
     ({"n": 20}, 400, "more than the 16 completions"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 stop strings"),
     ({"logprobs": 2}, 400, "logprobs is not supported"),
-    ({"seed": 2**64}, 400, "seed must be a 64-bit signed integer"),
+    ({"seed": 2**64}, 400, f"seed must lie in -2**63..2**63-1, got {2**64}"),
     ({"min_p": 0.1}, 400, "unrecognized request argument supplied: min_p"),
     ({"stream_options": {"include_usage": True}}, 400, "stream_options is only allowed when stream is true"),
 ]

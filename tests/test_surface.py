@@ -924,6 +924,28 @@ def test_resume_last_without_a_logger_finds_the_root_folder_checkpoint(tmp_path,
     assert resume_checkpoint(config, "last") == "run/checkpoints/last.ckpt"
 
 
+@pytest.mark.parametrize("word", ["last", "auto"])
+def test_resume_refuses_a_logger_without_save_dir_it_cannot_find_the_checkpoints_of(tmp_path, word, monkeypatch):
+    """A logger configured without a save_dir (WandbLogger's kind) checkpoints under <default_root_dir>/<its name>/
+    <its version>, known only once it runs: `last` said "no last.ckpt of this run to resume — train first" without
+    where it looked, and `auto` "no last.ckpt under ;" and started from scratch beside the run's checkpoints. Now one
+    line names the logger and what to pass; a checkpoint folder of its own (checkpoint.dirpath) is looked in."""
+    monkeypatch.chdir(tmp_path)
+    logger = Namespace(class_path="my_loggers.RemoteLogger", init_args=Namespace(project="p"))
+    config = Namespace(trainer=Namespace(logger=logger), checkpoint=Namespace(dirpath=None))
+    with pytest.raises(CheckpointError) as refused:
+        resume_checkpoint(config, word)
+    assert str(refused.value) == (
+        f"cannot tell which folder my_loggers.RemoteLogger checkpoints into: it is given no save_dir — --ckpt_path "
+        f"{word} — give the run a checkpoint folder (--checkpoint.dirpath; last and auto look there), or pass the "
+        "checkpoint's path to --ckpt_path"
+    )
+    config.checkpoint.dirpath = "ckpts"
+    Path("ckpts").mkdir()
+    Path("ckpts/last.ckpt").touch()
+    assert resume_checkpoint(config, word) == "ckpts/last.ckpt"
+
+
 def test_resume_puts_back_a_last_checkpoint_a_killed_sharded_save_had_moved_aside(tmp_path, capsys):
     """A sharded save renames last.ckpt to .last.ckpt.replaced, then its new folder to last.ckpt; a job killed between
     the two (SLURM's time limit) left no last.ckpt, and `--ckpt_path auto` of the requeued job started from scratch."""
@@ -976,6 +998,38 @@ def test_a_rewind_into_a_fixed_checkpoint_folder_is_refused(tmp_path, capsys, mo
     assert "— checkpoint.dirpath fixed — give the resumed run an empty folder" in str(refused.value)
     check_checkpoint_folder_free(config, "fixed/epoch=0-step=12.ckpt")
     check_checkpoint_folder_free(config, "fixed/last.ckpt")
+
+
+def test_a_logger_given_a_version_refuses_a_folder_with_another_runs_logs(tmp_path, monkeypatch):
+    """A logger given a version logged into another run's folder: a CSVLogger after the first deleted that run's
+    metrics.csv (Lightning warned and went on), a TensorBoardLogger added its events to that run's. Now one line before
+    anything runs; a resume may add TensorBoard events to its own run's folder."""
+    from epas_lightning.resume import check_logger_folders_free
+
+    monkeypatch.chdir(tmp_path)
+    tb = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger", init_args=Namespace(save_dir="runs"))
+    csv = Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir="runs", name="c"))
+    config = Namespace(trainer=Namespace(logger=[tb, csv]), checkpoint=Namespace(dirpath=None))
+    check_logger_folders_free(config, None)  # no version given: each run gets a new version_N
+    csv.init_args.version = 0
+    Path("runs/c/version_0").mkdir(parents=True)
+    check_logger_folders_free(config, None)  # an empty folder holds no run's logs
+    Path("runs/c/version_0/metrics.csv").write_text("step,loss\n")
+    for ckpt_path in (None, "runs/lightning_logs/version_0/checkpoints/last.ckpt"):
+        with pytest.raises(OutputError) as refused:
+            check_logger_folders_free(config, ckpt_path)
+        assert str(refused.value) == (
+            "CSVLogger would rewrite another run's logs (metrics.csv) in the version folder it is given — "
+            "runs/c/version_0 — give it another version (trainer.logger[1].init_args.version), or none for a new "
+            "version_N"
+        )
+    config.trainer.logger = tb
+    tb.init_args.version, tb.init_args.sub_dir = "exp", "tb"
+    Path("runs/lightning_logs/exp/tb").mkdir(parents=True)
+    Path("runs/lightning_logs/exp/tb/events.out.tfevents.1.host.0").touch()
+    with pytest.raises(OutputError, match=r"^TensorBoardLogger would add to another run's logs \(events.out.tfevents"):
+        check_logger_folders_free(config, None)
+    check_logger_folders_free(config, "runs/lightning_logs/exp/checkpoints/last.ckpt")  # a resume adds to its events
 
 
 def test_a_resume_with_a_csv_logger_keeps_the_earlier_metrics(tmp_path, capsys, monkeypatch):

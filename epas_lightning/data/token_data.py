@@ -38,6 +38,7 @@ from epas_lightning.model.config import LlamaConfig, check_token_ids
 from epas_lightning.outputs import interrupted_build
 from epas_lightning.runtime import check_counts
 from epas_lightning.safe_load import plain_numbers
+from epas_lightning.seeds import SEED_FIX, TRAINING_SEEDS, seed_out_of_range
 
 if TYPE_CHECKING:
     from litdata import StreamingDataLoader
@@ -231,8 +232,8 @@ class TokenData:
             raise ConfigError(
                 f"num_workers must be 0 or more, got {num_workers}", "data.num_workers", "0 loads in the main process"
             )
-        if not 0 <= seed < 2**32:  # numpy's RandomState, which litdata shuffles with, refused it in a traceback
-            raise ConfigError(f"seed must be from 0 to {2**32 - 1}, got {seed}", "data.seed", "pick one in that range")
+        if problem := seed_out_of_range(seed, TRAINING_SEEDS):  # litdata's numpy shuffle refused it in a traceback
+            raise ConfigError(problem, "data.seed", SEED_FIX)
         dirs = [data_dir] if isinstance(data_dir, str | Path) else list(data_dir or [])
         if weights is not None:
             check_weights(weights, len(dirs))

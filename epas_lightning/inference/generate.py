@@ -21,6 +21,7 @@ from epas_lightning.model import Llama
 from epas_lightning.model.llama import check_has_weights, check_is_llama
 from epas_lightning.region import TrainedRegion
 from epas_lightning.runtime import activations_overflow, is_whole_number
+from epas_lightning.seeds import GENERATOR_SEEDS, SEED_FIX, seed_out_of_range
 
 DEFAULT_NEW_TOKENS = 100
 
@@ -157,12 +158,8 @@ def seed_number(seed: object) -> int | None:
         seed = operator.index(seed)
     except TypeError:
         raise ConfigError(f"seed must be a whole number, got {seed!r}", "seed", "pass an int, or None") from None
-    if not -(2**63) <= seed < 2**64:  # manual_seed's range: serve's n choices of a seed 2**63 - 1 reach 2**63
-        raise ConfigError(
-            f"seed must lie in -2**63..2**64-1 (what torch's generators take), got {seed}",
-            "seed",
-            "pick one in that range",
-        )
+    if problem := seed_out_of_range(seed, GENERATOR_SEEDS):  # serve's n choices of a seed 2**63 - 1 reach 2**63
+        raise ConfigError(problem, "seed", SEED_FIX)
     return seed
 
 

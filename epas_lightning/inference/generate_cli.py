@@ -13,6 +13,7 @@ from epas_lightning.inference.generate import GenerationResult, fit_new_tokens, 
 from epas_lightning.inference.sampling import SamplingError, check_sampling
 from epas_lightning.region import SHARING_FLAGS
 from epas_lightning.runtime import DType, check_counts, emit_json, resolve_device, resolve_dtype
+from epas_lightning.seeds import SAMPLING_SEEDS, SEED_FIX, seed_out_of_range
 
 MIB = 2**20
 CudaGraph = Literal["auto", "on", "off"]
@@ -47,10 +48,10 @@ def check_sampling_flags(temperature: float, top_k: int | None, top_p: float | N
 
 
 def check_seed(seed: int) -> None:
-    """``--seed``: a :class:`ConfigError` unless it is a 64-bit signed integer (what torch's generators take; serve's
+    """``--seed``: a :class:`ConfigError` unless it lies in :data:`~epas_lightning.seeds.SAMPLING_SEEDS` (serve's
     ``seed`` field is checked alike)."""
-    if not -(2**63) <= seed < 2**63:
-        raise ConfigError(f"must be a 64-bit signed integer, got {seed}", "--seed", "give a seed in -2**63..2**63-1")
+    if problem := seed_out_of_range(seed, SAMPLING_SEEDS):
+        raise ConfigError(problem, "--seed", SEED_FIX)
 
 
 def resolve_tokenizer(loaded: CheckpointInfo, path: Path | None) -> TextTokenizer:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from epas_lightning.inference.sampling import SamplingError, check_sampling
+from epas_lightning.seeds import SAMPLING_SEEDS, seed_out_of_range
 from epas_lightning.serve.chat import TemplateFailure, TemplateRefusal, chat_prompt_ids
 from epas_lightning.serve.engine import Sampling, SequenceRequest
 
@@ -340,8 +341,8 @@ def _sampling(request: SamplingRequest) -> Sampling:
         raise RequestError(f"{e.what}: {e.fix}", e.setting) from None
     if temperature > MAX_TEMPERATURE:
         raise RequestError(f"temperature must lie in [0, {MAX_TEMPERATURE:g}], got {temperature}", "temperature")
-    if request.seed is not None and not -(2**63) <= request.seed < 2**63:
-        raise RequestError(f"seed must be a 64-bit signed integer, got {request.seed}", "seed")
+    if request.seed is not None and (problem := seed_out_of_range(request.seed, SAMPLING_SEEDS)):
+        raise RequestError(problem, "seed")
     return Sampling(temperature, top_k, None if top_p == 1.0 else top_p, request.seed)
 
 
