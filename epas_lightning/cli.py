@@ -41,6 +41,7 @@ from epas_lightning.errors import (
     did_you_mean,
     error_line,
     is_out_of_memory,
+    lost_data_worker,
     not_utf8,
     out_of_memory,
     read_text_file,
@@ -706,11 +707,12 @@ def _run(argv: list[str], debug: bool) -> int:
             print(error_line(e), file=sys.stderr)
         return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else getattr(e, "exit_status", EXIT_USER_ERROR)
     except Exception as e:
-        if not is_out_of_memory(e):
+        known = out_of_memory(e, argv[0]) if is_out_of_memory(e) else lost_data_worker(e, argv[0])
+        if known is None:
             raise
         if debug:
             traceback.print_exc()
-        print(error_line(out_of_memory(e, argv[0])), file=sys.stderr)
+        print(error_line(known), file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as e:  # Ctrl+C outside fit's graceful stop: output folders in the making are removed
         if debug:
