@@ -5,11 +5,13 @@ local ``/tmp``, the run on a network disk) that move copies into the target, rew
 place, so a kill or a full disk mid-copy leaves none that loads (and a large checkpoint needs as much room in
 ``/tmp``). ``fit`` uses this one instead; sharded checkpoints have their own staging (``FSDP2Strategy``). A full disk
 (or quota) is a one-line :class:`~epas_lightning.errors.OutputError`: torch reported it as ``RuntimeError: unexpected
-pos ...`` after a traceback. A ``Trainer`` of one's own gets it from ``EPASModule.setup`` (:func:`load_safely`).
+pos ...`` after a traceback; so is a folder that stopped taking files (permissions, a read-only remount). A
+``Trainer`` of one's own gets it from ``EPASModule.setup`` (:func:`load_safely`).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 
-from epas_lightning.errors import CheckpointError, OutputError
+from epas_lightning.errors import CheckpointError, OutputError, os_reason
 from epas_lightning.outputs import out_of_space
 from epas_lightning.run_summary import say
 from epas_lightning.safe_load import is_sharded_checkpoint, load_torch_file, verify_checkpoint
@@ -70,8 +72,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                     path,
                     "free space (or set checkpoint.save_top_k), then resume with the same command and --ckpt_path last",
                 ) from e
+            if isinstance(e, OSError) and e.errno in NOT_WRITABLE:
+                raise OutputError(
+                    f"cannot write this checkpoint ({os_reason(e)}); the earlier ones are whole",
+                    path,
+                    "make its folder writable again, then resume with the same command and --ckpt_path last",
+                ) from e
             raise
         return None
+
+
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+"""A checkpoint folder that stopped taking files mid-run: its permissions changed, or its file system was remounted
+read-only after an error."""
 
 
 def load_safely(strategy: Strategy) -> None:

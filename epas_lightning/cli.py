@@ -41,10 +41,12 @@ from epas_lightning.errors import (
     did_you_mean,
     error_line,
     is_out_of_memory,
+    lost_data_worker,
     not_utf8,
     out_of_memory,
     read_text_file,
 )
+from epas_lightning.outputs import out_of_space
 from epas_lightning.script_args import missing_argument_fix
 from epas_lightning.slurm import remembering_requeue_signal
 
@@ -706,11 +708,14 @@ def _run(argv: list[str], debug: bool) -> int:
             print(error_line(e), file=sys.stderr)
         return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else getattr(e, "exit_status", EXIT_USER_ERROR)
     except Exception as e:
-        if not is_out_of_memory(e):
+        command = argv[0] if argv else PROG
+        known = out_of_memory(e, command) if is_out_of_memory(e) else lost_data_worker(e, command)
+        known = known or no_space_left(e, command)
+        if known is None:
             raise
         if debug:
             traceback.print_exc()
-        print(error_line(out_of_memory(e, argv[0])), file=sys.stderr)
+        print(error_line(known), file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as e:  # Ctrl+C outside fit's graceful stop: output folders in the making are removed
         if debug:
@@ -719,6 +724,28 @@ def _run(argv: list[str], debug: bool) -> int:
         what = getattr(e, "reason", None) or ("Ctrl+C" if signum == signal.SIGINT else signal.Signals(signum).name)
         print(f"interrupted: {argv[0] if argv else PROG} stopped ({what})", file=sys.stderr)
         return 128 + signum
+
+
+def no_space_left(error: BaseException, command: str) -> UserError | None:
+    """The one line for a command that filled its disk (or quota) where no writer of ours said so (TensorBoard's event
+    file, raised at the next log); ``None`` for any other error."""
+    if not out_of_space(error):
+        return None
+    where = next((e.filename for e in exception_chain(error) if getattr(e, "filename", None)), None)
+    fix = "free space"
+    if command == "fit":
+        fix += " (or set checkpoint.save_top_k); the checkpoints saved so far are whole: resume with the same command "
+        fix += "and --ckpt_path last"
+    return UserError(f"no space left on the device (or quota) while {command} ran", where or command, fix)
+
+
+def exception_chain(error: BaseException | None) -> list[BaseException]:
+    """``error`` and the errors it was raised from or while handling, outermost first."""
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
 
 
 def entry_point() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Mapping
@@ -96,6 +97,24 @@ def out_of_memory(error: BaseException, command: str) -> UserError:
     facts = "; ".join(str(error).split(". ")[:3]).strip().rstrip(".")  # out of memory; what it tried; what was free
     fix = OUT_OF_MEMORY_ADVICE.get(command, "use a smaller batch or free the device")
     return UserError(f"out of device memory ({facts})", command, fix)
+
+
+LOST_DATA_WORKER = re.compile(
+    r"DataLoader worker \(pids?(?:\(s\))? [\d, ]+\) (?:is killed by signal: [\w ]+|exited unexpectedly[^.]*)"
+)
+"""torch's words for a data worker process that died: killed (the host's out-of-memory killer sends SIGKILL; a full
+``/dev/shm``, a bus error) or exited without a Python error."""
+
+
+def lost_data_worker(error: BaseException, command: str) -> UserError | None:
+    """The one line for a command whose data worker process died (torch raised it from any frame of a training step,
+    as a traceback); ``None`` for any other error."""
+    if not (found := LOST_DATA_WORKER.search(str(error))):
+        return None
+    fix = "lower data.num_workers or give the job more host memory (or shared memory, /dev/shm, after a bus error)"
+    if command == "fit":
+        fix += "; the checkpoints saved so far are whole: resume with the same command and --ckpt_path last"
+    return UserError(f"a data worker process died ({found[0].strip()})", "data.num_workers", fix)
 
 
 def not_utf8(text: str) -> str | None:

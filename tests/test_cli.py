@@ -508,14 +508,50 @@ TORCH_OOM = (
 )
 
 
-def test_running_out_of_gpu_memory_in_fit_says_what_to_lower(tmp_path, tiny_corpus, capsys, monkeypatch):
-    """Was torch's traceback; now one line with what torch tried and what to change for this command, exit 2."""
+LOST_WORKER = "DataLoader worker (pid 14451) is killed by signal: Killed. "
+
+
+@pytest.mark.parametrize(
+    ("error", "starts", "ends"),
+    [
+        (
+            "OutOfMemoryError",
+            "error: out of device memory (CUDA out of memory; Tried to allocate 2.00 GiB; GPU 0 has",
+            "— fit — lower data.batch_size (trainer.accumulate_grad_batches keeps the tokens per optimizer step) or "
+            "set model.activation_checkpointing: auto",
+        ),
+        (
+            "RuntimeError",
+            f"error: a data worker process died ({LOST_WORKER.strip('. ')}) — data.num_workers — lower",
+            "are whole: resume with the same command and --ckpt_path last",
+        ),
+        (
+            "OSError",
+            "error: no space left on the device (or quota) while fit ran — runs/debug/version_0/events.out — free",
+            "are whole: resume with the same command and --ckpt_path last",
+        ),
+    ],
+)
+def test_running_out_of_memory_in_fit_says_what_to_lower(
+    tmp_path, tiny_corpus, capsys, monkeypatch, error, starts, ends
+):
+    """Was torch's traceback; now one line with what torch tried and what to change for this command, exit 2. A data
+    worker the host's out-of-memory killer ended (SIGKILL) was a traceback of every frame of the training step, and
+    so was a full disk under the TensorBoard log (its writer thread's error, raised at the next log)."""
+    import errno
+
     import torch
 
     from epas_lightning.module import EPASModule
 
+    errors = {
+        "OutOfMemoryError": torch.OutOfMemoryError(TORCH_OOM),
+        "RuntimeError": RuntimeError(LOST_WORKER),
+        "OSError": OSError(errno.ENOSPC, "No space left on device", "runs/debug/version_0/events.out"),
+    }
+
     def out_of_memory(self, batch, batch_idx):
-        raise torch.OutOfMemoryError(TORCH_OOM)
+        raise errors[error]
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(EPASModule, "training_step", out_of_memory)
@@ -523,11 +559,7 @@ def test_running_out_of_gpu_memory_in_fit_says_what_to_lower(tmp_path, tiny_corp
     err = capsys.readouterr().err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("error: out of device memory (CUDA out of memory; Tried to allocate 2.00 GiB; GPU 0 has")
-    assert last.endswith(
-        "— fit — lower data.batch_size (trainer.accumulate_grad_batches keeps the tokens per "
-        "optimizer step) or set model.activation_checkpointing: auto"
-    ), last
+    assert last.startswith(starts) and last.endswith(ends), last
 
 
 @pytest.mark.parametrize("where", ["checkpoint.monitor", "trainer.callbacks (EarlyStopping)"])

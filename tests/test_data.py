@@ -2,10 +2,12 @@
 
 import json
 import logging
+import multiprocessing
 import os
 import random
 import re
 import shutil
+import signal
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -532,6 +534,20 @@ def test_loader_state_dict_resumes_with_the_same_batches(tiny_corpus: Path, num_
     batches = iter(resumed)
     for want in expected:
         assert torch.equal(next(batches), want)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT", "SIGUSR1"])
+def test_data_workers_leave_a_stop_signal_to_the_main_process(tiny_corpus: Path, stop: str):
+    """Slurm's time limit signals every process of the job (Ctrl+C, the terminal's process group): a worker died of it,
+    and ``fit`` ended in torch's traceback with no checkpoint instead of stopping after the step with one."""
+    batches = iter(tiny_datamodule(tiny_corpus, num_workers=1).train_dataloader())
+    next(batches)  # the worker has started
+    (worker,) = multiprocessing.active_children()
+    os.kill(worker.pid, getattr(signal, stop))
+    worker.join(timeout=0.5)
+    assert worker.is_alive()
+    next(batches)
 
 
 def test_a_resume_with_another_batch_size_says_its_position_is_not_exact(tiny_corpus: Path, caplog):

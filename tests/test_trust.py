@@ -587,9 +587,21 @@ def test_a_checkpoint_file_is_renamed_into_place_never_rewritten_in_place(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.ckpt", "last.ckpt"]
 
 
-def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("failure", "says"),
+    [
+        ("ENOSPC", "no space left on the device"),
+        ("EACCES", r"cannot write this checkpoint \(permission denied\)"),
+        ("EROFS", r"cannot write this checkpoint \(read-only file system\)"),
+    ],
+)
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(
+    tmp_path, monkeypatch, failure, says
+):
     """A full disk mid-save ended fit with two tracebacks and torch's 'RuntimeError: unexpected pos 706304 vs 706192'
-    (seen on a 4 MB tmpfs). It is one line naming the file, with what to do; the previous checkpoint stays."""
+    (seen on a 4 MB tmpfs). It is one line naming the file, with what to do; the previous checkpoint stays. So is a
+    checkpoint folder made read-only mid-run (its permissions changed, its file system remounted read-only after an
+    error): it was a traceback."""
     import errno
 
     from epas_lightning.checkpoint_io import AtomicCheckpointIO
@@ -597,15 +609,18 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoi
 
     def disk_full(obj, f):
         f.write(b"partial")
+        code = getattr(errno, failure)
         try:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 706304 vs 706192")  # noqa: B904
+            raise OSError(code, os.strerror(code))
+        except OSError as e:
+            if failure != "ENOSPC":
+                raise
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 706304 vs 706192") from e
 
     path, io = tmp_path / "last.ckpt", AtomicCheckpointIO()
     io.save_checkpoint({"step": 1}, path)
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OutputError, match="no space left on the device") as raised:
+    with pytest.raises(OutputError, match=says) as raised:
         io.save_checkpoint({"step": 2}, path)
     assert raised.value.where == str(path) and "--ckpt_path last" in raised.value.fix
     assert torch.load(path, weights_only=True) == {"step": 1} and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -434,7 +435,20 @@ class TokenData:
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             drop_last=True,
+            worker_init_fn=leave_stop_signals_to_the_main_process,
         )
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+"""Ctrl+C, a scheduler's stop and SLURM's requeue signal (``SIGUSR1``): ``fit``'s main process answers them."""
+
+
+def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """A data worker's start: it ignores :data:`STOP_SIGNALS`. Slurm's time limit signals every process of the job,
+    and Ctrl+C the terminal's process group: a worker died of it, and ``fit`` ended in torch's traceback without a
+    checkpoint instead of stopping after the step with one. The main process ends its workers when it stops."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 BUILTIN_SETTINGS = {
