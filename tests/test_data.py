@@ -541,9 +541,10 @@ def test_loader_state_dict_resumes_with_the_same_batches(tiny_corpus: Path, num_
 def test_data_workers_leave_a_stop_signal_to_the_main_process(tiny_corpus: Path, stop: str):
     """Slurm's time limit signals every process of the job (Ctrl+C, the terminal's process group): a worker died of it,
     and ``fit`` ended in torch's traceback with no checkpoint instead of stopping after the step with one."""
+    before = set(multiprocessing.active_children())  # an earlier test's in this process: not the worker
     batches = iter(tiny_datamodule(tiny_corpus, num_workers=1).train_dataloader())
     next(batches)  # the worker has started
-    (worker,) = multiprocessing.active_children()
+    (worker,) = set(multiprocessing.active_children()) - before
     os.kill(worker.pid, getattr(signal, stop))
     worker.join(timeout=0.5)
     assert worker.is_alive()
