@@ -16,7 +16,6 @@ line. :func:`peer_rank_ended` turns it into one line that points at the child's 
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ from collections.abc import Sequence
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
-from epas_lightning.errors import UserError
+from epas_lightning.errors import UserError, process_ending
 
 GRACE_SECONDS = 5.0
 
@@ -103,7 +102,9 @@ def peer_rank_ended(error: BaseException, trainer: Trainer) -> PeerRankEnded | N
     if not watchers:
         return PeerRankEnded("another rank ended during the run", this_rank, fix.replace("its", "that rank's"), 1)
     rank, status = watchers[0].failed_children[0]
-    ended = f"killed by {signal.Signals(-status).name}" if status < 0 else f"exit status {status}"
     return PeerRankEnded(
-        f"rank {rank} ended ({ended}) during the run", this_rank, fix, 128 - status if status < 0 else status
+        f"rank {rank} ended ({process_ending(status)}) during the run",
+        this_rank,
+        fix,
+        128 - status if status < 0 else status,
     )

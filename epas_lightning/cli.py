@@ -40,6 +40,7 @@ from epas_lightning.errors import (
     debug_enabled,
     did_you_mean,
     error_line,
+    exception_chain,
     is_out_of_memory,
     lost_data_worker,
     not_utf8,
@@ -245,13 +246,11 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
     check's error; a ``--config`` file of ``argv`` that is not YAML, named with the line and column."""
     import yaml
 
-    cause = error.__cause__ or error.__context__
-    while cause is not None:
+    for cause in exception_chain(error)[1:]:
         if isinstance(cause, UserError):
             return cause
         if isinstance(cause, yaml.YAMLError):
             return _yaml_error(cause, prog, argv)
-        cause = cause.__cause__ or cause.__context__
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     what = lines[0] if lines else "invalid arguments"
     linked = re.search(r'\(([\w.]+)[^)]*\) --> ([\w.]+): |Linked "([\w.]+)" must be given via "([\w.]+)', what)
@@ -372,8 +371,7 @@ def class_argument_error(
 def missing_class(error: BaseException, given: str, flag: str, prog: str) -> ConfigError | None:
     """The one line for a class path given to ``flag`` that does not import: its module is not installed
     (``foo_pkg.Callback``) or has no such name (``torch.optim.NoSuch``); ``None`` for any other error."""
-    cause = error.__cause__ or error.__context__
-    while cause is not None:
+    for cause in exception_chain(error)[1:]:
         if isinstance(cause, ModuleNotFoundError) and cause.name and given.startswith(cause.name):
             what = f"{given} cannot be imported: no module named {cause.name!r} is installed"
             return ConfigError(what, flag, "install it, or check the class path")
@@ -383,7 +381,6 @@ def missing_class(error: BaseException, given: str, flag: str, prog: str) -> Con
             names = [n for n in dir(sys.modules.get(module)) if n[:1].isupper() == name[:1].isupper()]
             what = f"{module} has no {name}{did_you_mean(name, names)}"
             return ConfigError(what, flag, f"check the class path (`{prog} --help` lists known classes under {flag})")
-        cause = cause.__cause__ or cause.__context__
     return None
 
 
@@ -737,15 +734,6 @@ def no_space_left(error: BaseException, command: str) -> UserError | None:
         fix += " (or set checkpoint.save_top_k); the checkpoints saved so far are whole: resume with the same command "
         fix += "and --ckpt_path last"
     return UserError(f"no space left on the device (or quota) while {command} ran", where or command, fix)
-
-
-def exception_chain(error: BaseException | None) -> list[BaseException]:
-    """``error`` and the errors it was raised from or while handling, outermost first."""
-    chain = []
-    while error is not None and error not in chain:
-        chain.append(error)
-        error = error.__cause__ or error.__context__
-    return chain
 
 
 def entry_point() -> None:

@@ -8,9 +8,11 @@ that caught the plain errors these replace keeps working.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Mapping
@@ -115,6 +117,25 @@ def lost_data_worker(error: BaseException, command: str) -> UserError | None:
     if command == "fit":
         fix += "; the checkpoints saved so far are whole: resume with the same command and --ckpt_path last"
     return UserError(f"a data worker process died ({found[0].strip()})", "data.num_workers", fix)
+
+
+def exception_chain(error: BaseException | None) -> list[BaseException]:
+    """``error`` and the errors it was raised from or while handling, outermost first."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def process_ending(status: int) -> str:
+    """How a process that ended with exit ``status`` ended, in words: ``exit status 2``, or ``killed by SIGKILL`` for a
+    negative status (the signal, as ``subprocess`` and ``multiprocessing`` give it)."""
+    if status >= 0:
+        return f"exit status {status}"
+    with contextlib.suppress(ValueError):
+        return f"killed by {signal.Signals(-status).name}"
+    return f"killed by signal {-status}"
 
 
 def not_utf8(text: str) -> str | None:

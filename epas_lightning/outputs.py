@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from epas_lightning.errors import OutputError
+from epas_lightning.errors import OutputError, exception_chain
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -271,12 +271,11 @@ def out_of_space(error: BaseException | None) -> bool:
     """``error``, or an error it was raised from or while handling, is a full disk or an exceeded quota (an
     ``OSError``, or an error that quotes one: a Rust library's, as safetensors and tokenizers raise, or a Python
     traceback from another process, as litdata raises for its workers)."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in NO_SPACE:
+    for e in exception_chain(error):
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
             return True
-        if any(quote in str(error) for code in NO_SPACE for quote in (f"(os error {code})", f"[Errno {code}]")):
+        if any(quote in str(e) for code in NO_SPACE for quote in (f"(os error {code})", f"[Errno {code}]")):
             return True
-        error = error.__cause__ or error.__context__
     return False
 
 

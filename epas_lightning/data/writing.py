@@ -33,6 +33,7 @@ import numpy as np
 from epas_lightning.data.layout import count_stream_tokens
 from epas_lightning.data.sources import BadDocument, DataPreparationError, InputFile, split_documents
 from epas_lightning.data.tokenizer import load_tokenizer_once
+from epas_lightning.errors import process_ending
 
 if TYPE_CHECKING:
     import torch
@@ -284,17 +285,8 @@ class WorkerEnded(RuntimeError):
 
     def __init__(self, status: int | None) -> None:
         self.status = status
-        ended = "ended" if status is None else ended_by(status)
+        ended = "ended" if status is None else ("was " if status < 0 else "ended with ") + process_ending(status)
         super().__init__(f"a tokenizing worker process {ended} before it finished its share")
-
-
-def ended_by(status: int) -> str:
-    """How a process that ended with exit ``status`` ended, in words."""
-    if status < 0:
-        with contextlib.suppress(ValueError):
-            return f"was killed by {signal.Signals(-status).name}"
-        return f"was killed by signal {-status}"
-    return f"ended with exit status {status}"
 
 
 _STOP_ATTEMPTS = 5

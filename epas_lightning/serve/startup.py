@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import queue
-import signal
 import threading
 import traceback
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from contextlib import contextmanager
 
 from litserve.utils import WorkerSetupStatus
 
-from epas_lightning.errors import UserError, is_out_of_memory, out_of_memory
+from epas_lightning.errors import UserError, is_out_of_memory, out_of_memory, process_ending
 
 SETUP_LOGGER = "litserve.loops.loops"
 """Where LitServe logs the traceback of a worker whose ``setup`` raised."""
@@ -111,10 +110,8 @@ def _watch(server, done: threading.Event, died: list[str]) -> None:
 
 def ending(process) -> str:
     """How a process ended: its exit status, or the signal that killed it."""
-    if process.exitcode >= 0:
-        return f"exit status {process.exitcode}"
-    name = signal.Signals(-process.exitcode).name
-    return f"killed by {name}" + (": the system may have run out of memory" if name == "SIGKILL" else "")
+    ended = process_ending(process.exitcode)
+    return ended + (": the system may have run out of memory" if ended == "killed by SIGKILL" else "")
 
 
 def _stop_workers(server) -> None:
