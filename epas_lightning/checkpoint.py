@@ -107,12 +107,15 @@ class CheckpointInfo:
     heldout: HeldOut | None = None
     """The held-out data the run validated on (its ``data.val_dir``, or the ``val`` splits of its data folders), as
     recorded, there or not; ``None`` where not recorded (older checkpoints, other tools' folders)."""
-    weights_region: TrainedRegion | None = None
-    """Of a checkpoint that runs dense, the region its weights trained sharing, as a stock export recorded it (and
-    consolidate and export carry it on): a record only, never run; ``None`` elsewhere."""
     exported_sharing: int | None = None
     """The region length an ``export`` chose for its folder (``--sharing-layers``: its ``epas_shared_layers``, the
     first layers of ``region``), which transformers runs it with; ``None``: no export chose one."""
+
+    @property
+    def weights_region(self) -> TrainedRegion | None:
+        """Of a checkpoint that runs dense, the region its weights trained sharing, as a stock export recorded it (and
+        consolidate and export carry it on): a record only, never run (``region.unrun``); ``None`` elsewhere."""
+        return self.region.unrun
 
     @property
     def default_sharing(self) -> int:
@@ -369,7 +372,6 @@ def _info(metadata: dict[str, Any], model: Llama, where: object = None) -> Check
         training=training,
         mixed_data=_mixed_data(metadata),
         heldout=heldout,
-        weights_region=unrun,
         exported_sharing=exported_length(metadata.get(HF_SHARED_KEY), region),
     )
 
