@@ -22,10 +22,11 @@ import os
 import re
 import signal
 import sys
+import threading
 import traceback
 from argparse import ArgumentError
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -695,7 +696,8 @@ def main(args: Sequence[str] | None = None) -> int:
 def _run(argv: list[str], debug: bool) -> int:
     """:func:`main` after ``--debug``: the command's exit status, its errors as the policy says."""
     try:
-        return dispatch(argv)
+        with nullcontext() if debug else quiet_full_disk_in_tensorboard_thread():
+            return dispatch(argv)
     except SystemExit as e:  # --help, --print_config
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USER_ERROR)
     except (UserError, TrainingDiverged) as e:
@@ -734,6 +736,26 @@ def no_space_left(error: BaseException, command: str) -> UserError | None:
         fix += " (or set checkpoint.save_top_k); the checkpoints saved so far are whole: resume with the same command "
         fix += "and --ckpt_path last"
     return UserError(f"no space left on the device (or quota) while {command} ran", where or command, fix)
+
+
+@contextmanager
+def quiet_full_disk_in_tensorboard_thread() -> Iterator[None]:
+    """Keep TensorBoard's event-writer thread from printing its traceback for a full disk: the logger raises the
+    same error in the command's thread at its next write, which :func:`no_space_left` turns into one line. Any other
+    thread's error, and any other error of that thread, is printed as before."""
+    before = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        writer = type(args.thread).__module__.startswith("tensorboard.") if args.thread is not None else False
+        if not (writer and out_of_space(args.exc_value)):
+            before(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        if threading.excepthook is hook:
+            threading.excepthook = before
 
 
 def entry_point() -> None:

@@ -562,6 +562,28 @@ def test_running_out_of_memory_in_fit_says_what_to_lower(
     assert last.startswith(starts) and last.endswith(ends), last
 
 
+def test_a_full_disk_under_the_tensorboard_log_is_one_line_without_its_writer_threads_traceback(
+    tmp_path, tiny_corpus, capsys, monkeypatch
+):
+    """TensorBoard writes its event file on a thread of its own: a full disk printed that thread's traceback
+    ("Exception in thread ...") before fit, raising the same error at the next log, printed its one line."""
+    import errno
+    import threading
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    def full_disk(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/debug/version_0/events.out")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(RecordWriter, "write", full_disk)
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)  # Python's, which prints; not pytest's
+    assert main(["fit", "--config", DEBUG, "--trainer.max_steps", "2", "--trainer.num_sanity_val_steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception in thread" not in err, err
+    assert err.strip().splitlines()[-1].startswith("error: no space left on the device (or quota) while fit ran")
+
+
 @pytest.mark.parametrize("where", ["checkpoint.monitor", "trainer.callbacks (EarlyStopping)"])
 def test_a_monitor_naming_no_logged_metric_is_one_line(tmp_path, tiny_corpus, capsys, monkeypatch, where):
     """A typo in a checkpoint's or EarlyStopping's monitor was Lightning's traceback at the first check."""
