@@ -11,6 +11,7 @@ pos ...`` after a traceback; so is a folder that stopped taking files (permissio
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
@@ -56,16 +57,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not _is_local_file_protocol(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         staging = hidden_beside(path, STAGING)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(staging, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(staging, path)
         except BaseException as e:
-            staging.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # not there, or its folder unreadable: the error below says why
+                staging.unlink(missing_ok=True)
             if out_of_space(e):
                 raise OutputError(
                     "no space left on the device (or quota) while writing this checkpoint; the earlier ones are whole",

@@ -626,6 +626,26 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoi
     assert torch.load(path, weights_only=True) == {"step": 1} and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+@pytest.mark.parametrize(("failure", "says"), [("EACCES", "permission denied"), ("ENOSPC", "no space left")])
+def test_a_checkpoint_folder_that_cannot_be_created_is_one_line(tmp_path, monkeypatch, failure, says):
+    """The checkpoint folder was created before the save's error handling: a folder deleted mid-run under a parent
+    made read-only (or a full disk) was a traceback from ``mkdir``."""
+    import errno
+
+    from epas_lightning.checkpoint_io import AtomicCheckpointIO
+    from epas_lightning.errors import OutputError
+
+    def refused(self, *args, **kwargs):
+        code = getattr(errno, failure)
+        raise OSError(code, os.strerror(code), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    path = tmp_path / "gone" / "last.ckpt"
+    with pytest.raises(OutputError, match=says) as raised:
+        AtomicCheckpointIO().save_checkpoint({"step": 1}, path)
+    assert raised.value.where == str(path) and not path.parent.exists()
+
+
 @pytest.mark.parametrize("stem", ["x" * 248, "é" * 124])  # 248 bytes: `.{stem}.ckpt.saving` is 261
 def test_a_checkpoint_name_near_the_length_limit_saves_and_its_hidden_names_are_found(tmp_path, stem):
     """A ModelCheckpoint filename of 248 bytes or more failed every save with ENAMETOOLONG: the hidden name it is
