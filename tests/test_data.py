@@ -185,6 +185,23 @@ def test_complete_entry_is_reused_without_rebuilding(
     assert "Reusing prepared corpus" in caplog.text
 
 
+def test_a_lost_worker_of_the_builtin_corpus_says_what_fit_can_do(tmp_path: Path, monkeypatch):
+    """A tokenizing worker that died while the built-in corpus was prepared (fit's first use) said to prepare again
+    with fewer workers, naming ``--num-workers``, a flag of ``prepare`` that fit does not take; nothing is kept."""
+    from epas_lightning.data import writing
+    from epas_lightning.data.sources import DataPreparationError
+
+    def lost(*args, **kwargs):
+        raise writing.worker_lost(writing.WorkerEnded(-9), "train", 2)
+
+    monkeypatch.setattr(builtin, "build_dataset", lost)
+    with pytest.raises(DataPreparationError) as raised:
+        prepare_builtin_corpus(300, cache_dir=tmp_path, max_bytes=200_000, num_workers=2)
+    said = str(raised.value)
+    assert "--num-workers" not in said and "built-in corpus" in said and "run it again" in said, said
+    assert [p.name for p in tmp_path.iterdir()] == [".locks"]
+
+
 def test_incomplete_entry_is_rebuilt_and_process_state_is_kept(tmp_path: Path):
     """An entry without its meta.json is built again, what it held kept in a hidden sibling: builds are renamed into
     place whole, so it is none of ours (it was deleted)."""

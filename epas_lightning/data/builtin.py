@@ -38,9 +38,9 @@ from epas_lightning.data.layout import (
     write_meta,
 )
 from epas_lightning.data.prepare import BuildOptions, TokenizerChoice, build_dataset
-from epas_lightning.data.sources import InputFile, split_by_hash
+from epas_lightning.data.sources import DataPreparationError, InputFile, split_by_hash
 from epas_lightning.data.tokenizer import MIN_BPE_VOCAB, TRAINED_BOS_TOKEN, TRAINED_EOS_TOKEN
-from epas_lightning.data.writing import default_num_workers
+from epas_lightning.data.writing import WorkerLost, default_num_workers
 from epas_lightning.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -251,6 +251,14 @@ def _build_locked(
         workers = num_workers or default_num_workers()
         meta = build_entry(build_dir, vocab_size, max_bytes, val_fraction, workers, progress)
         os.replace(build_dir, entry)
+    except WorkerLost as e:  # its advice names prepare's --num-workers, which fit's first use does not take
+        shutil.rmtree(build_dir, ignore_errors=True)
+        raise DataPreparationError(
+            e.what.replace("nothing was written", "the built-in corpus was not prepared"),
+            f"{workers} worker processes preparing {entry}",
+            ("the system may have run out of memory: " if e.killed else "")
+            + "run it again (the corpus is prepared once, on first use), or find what ended the worker",
+        ) from None
     except BaseException:
         shutil.rmtree(build_dir, ignore_errors=True)
         raise

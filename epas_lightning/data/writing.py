@@ -403,7 +403,7 @@ def write_split(
                 verbose=False,
             )
         except WorkerEnded as e:
-            raise _worker_lost(e, split, workers) from None
+            raise worker_lost(e, split, workers) from None
         except RuntimeError as e:
             raise RuntimeError(f"Tokenizing the {split} split into {output_dir} failed: {e}") from e
     if errors := sorted(stats_dir.glob("error-*.txt")):
@@ -411,7 +411,7 @@ def write_split(
     if crashes := sorted(stats_dir.glob("crash-*.txt")):
         raise RuntimeError(f"Tokenizing the {split} split failed in a worker:\n{crashes[0].read_text()}")
     if len(list(stats_dir.glob("*.json"))) < len(items):  # each work item done writes one
-        raise _worker_lost(WorkerEnded(None), split, workers)
+        raise worker_lost(WorkerEnded(None), split, workers)
     stats = {"documents": 0, "bytes": 0, "tokens": 0, "skipped": []}
     for path in stats_dir.glob("*.json"):
         for key, value in json.loads(path.read_text()).items():
@@ -426,13 +426,26 @@ def write_split(
     return stats
 
 
-def _worker_lost(error: WorkerEnded, split: str, num_workers: int) -> DataPreparationError:
+class WorkerLost(DataPreparationError):
+    """The build failed because a tokenizing worker process ended before its share was done (:class:`WorkerEnded`);
+    ``killed``: by a signal, as the out-of-memory killer ends one."""
+
+    def __init__(self, what: str, where: object = None, fix: str | None = None, killed: bool = False) -> None:
+        super().__init__(what, where, fix)
+        self.killed = killed
+
+    def __reduce__(self):  # noqa: ANN204 - as UserError's, with ``killed``
+        return type(self), (self.what, self.where, self.fix, self.killed)
+
+
+def worker_lost(error: WorkerEnded, split: str, num_workers: int) -> WorkerLost:
     killed = error.status is not None and error.status < 0
-    return DataPreparationError(
+    return WorkerLost(
         f"{error} of the {split} split, so nothing was written",
         f"--num-workers {num_workers}",
         ("the system may have run out of memory: " if killed else "")
         + "prepare again with fewer workers, or find what ended it",
+        killed=killed,
     )
 
 
