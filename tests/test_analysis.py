@@ -115,18 +115,19 @@ def test_capture_shapes_causal_probabilities_and_agreement_with_the_model():
         torch.testing.assert_close(rebuilt, out, atol=1e-5, rtol=1e-4)  # captured Q/K/probs are the model's
 
 
-def planted_model(source: int = 1) -> Llama:
+def planted_model(source: int = 1, projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj"), **config) -> Llama:
     """Layers after ``source`` see the same input as ``source`` (the layers in between write nothing into the
-    residual stream) and carry its q/k weights: their Q, K and attention maps equal the source's exactly."""
+    residual stream) and carry its ``projections``' weights: those projections equal the source's exactly (with q and
+    k, its attention maps too)."""
     torch.manual_seed(0)
-    model = Llama(tiny_config(init_std=0.3)).eval()  # large enough weights for peaked, distinct attention maps
+    model = Llama(tiny_config(init_std=0.3, **config)).eval()  # large enough weights for peaked, distinct attention
     layers = model.layers
     with torch.no_grad():
         for layer in layers[source:-1]:
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
         for layer in layers[source + 1 :]:
-            for name in ("q_proj", "k_proj"):
+            for name in projections:
                 getattr(layer.self_attn, name).weight.copy_(getattr(layers[source].self_attn, name).weight)
             layer.input_layernorm.weight.copy_(layers[source].input_layernorm.weight)
     return model
@@ -147,6 +148,20 @@ def test_identical_qk_give_similarity_one_and_the_planted_region_is_recommended(
     strict = report.recommend("q/cka", threshold=1.5)  # nothing qualifies: the best region, flagged
     assert not strict.meets_threshold and "No region" in strict.reasoning
     assert strict.start == 2  # region 3..3 (source 2) and 2..3 (source 1) both score 1: the larger one wins
+
+
+def test_a_kv_model_is_scored_by_the_k_and_v_its_sharing_layers_reuse():
+    """A kv-mode sharing layer attends with its own Q over its source's K and V: its region was scored by attention
+    maps (which its own Q makes) and said to reuse the source's Q/K, and V was not measured."""
+    model = planted_model(source=1, projections=("k_proj", "v_proj"), sharing_mode="kv")
+    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
+    report = analyze_model(model, [ids[:4], ids[4:]])
+    for i in (2, 3):
+        assert report.matrices["v/cka"][i, 1] == pytest.approx(1.0) and report.matrices["attn/cka"][i, 1] < 0.99
+    rec = report.recommend(threshold=0.99, config=model.config)
+    assert rec.metric == "kv/cka" and rec.meets_threshold and rec.shared_layers == [2, 3]
+    assert "reuse the K/V of layer s-1" in rec.reasoning
+    assert report.recommend(threshold=0.99, config=planted_model(source=1).config).metric == "attn/cka"  # qk mode
 
 
 def test_analyze_model_refuses_token_ids_outside_the_vocabulary():
@@ -193,7 +208,7 @@ def test_analyze_command_writes_heatmap_json_and_tensorboard_image(tiny_checkpoi
     assert "trained with layers [1] sharing" in printed  # the caveat for regions trained with sharing
     assert (out / "similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = json.loads((out / "similarity.json").read_text())
-    assert set(record["matrices"]) == {f"{s}/{m}" for s in ("q", "k", "attn") for m in ("cosine", "cka")}
+    assert set(record["matrices"]) == {f"{s}/{m}" for s in ("q", "k", "v", "attn") for m in ("cosine", "cka")}
     assert len(record["matrices"]["attn/cka"]) == 2 and record["n_tokens"] == 2 * 2 * 16
     assert record["dtype"] == "bfloat16"  # --dtype as generate, bench and evaluate take it
     assert record["recommendation"]["start_layer"] == 1 and record["recommendation"]["shared_layers"] == [1]

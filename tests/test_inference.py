@@ -11,6 +11,7 @@ import torch
 from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.inference import deepest_layers, generate, sample, set_region
 from epas_lightning.inference.generate import Decoder
+from epas_lightning.inference.sampling import filtered_logits
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.region import TrainedRegion
 
@@ -239,6 +240,32 @@ def test_sampling_filters():
         sample(logits, 1.0, top_p=0.0)  # what to do, too (the error carries it: commands name their flag instead)
     with pytest.raises(ValueError, match="temperature must be >= 0, got nan"):  # was torch's multinomial error
         sample(logits, float("nan"))
+
+
+def test_top_p_keeps_the_whole_nucleus_of_a_large_vocabulary():
+    """The nucleus mass was summed from the most likely token down in float32: over 32k tokens it reached top_p early
+    and the nucleus lost its tail (a few tokens here, hundreds of a 128k vocabulary at top_p 0.999). It is summed
+    from the least likely up."""
+    logits = torch.randn(4, 32_000, generator=torch.Generator().manual_seed(0)) * 3
+    descending = logits.double().softmax(-1).sort(-1, descending=True).values
+    for top_p in (0.9, 0.999):
+        kept = torch.isfinite(filtered_logits(logits, 1.0, top_p=top_p)).sum(-1)
+        exact = (descending.cumsum(-1) - descending < top_p).sum(-1)  # the tokens whose mass before is short of top_p
+        assert kept.tolist() == exact.tolist(), top_p
+
+
+def test_filtered_logits_are_transformers_warpers_ties_included():
+    """Temperature, top-k (> the vocabulary too) and top-p as transformers' logits warpers filter the same logits; of
+    tokens tied at the nucleus' edge the same ones are kept (they were the others)."""
+    warpers = pytest.importorskip("transformers.generation.logits_process")
+    g = torch.Generator().manual_seed(0)
+    for case in range(24):
+        logits = (torch.randn(3, 20, generator=g) * 4).round() / 2  # many ties
+        temperature, top_k, top_p = (0.7, 1.5)[case % 2], (None, 3, 25)[case % 3], (None, 1e-9, 0.5, 0.9)[case % 4]
+        theirs = warpers.TemperatureLogitsWarper(temperature)(None, logits.clone())
+        theirs = theirs if top_k is None else warpers.TopKLogitsWarper(top_k)(None, theirs)
+        theirs = theirs if top_p is None else warpers.TopPLogitsWarper(top_p)(None, theirs)
+        assert torch.equal(filtered_logits(logits, temperature, top_k, top_p), theirs), (temperature, top_k, top_p)
 
 
 def test_tiny_temperatures_and_top_p_sample_the_top_token():

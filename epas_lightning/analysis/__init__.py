@@ -1,4 +1,4 @@
-"""Redundancy analysis: how similar are the layers' Q, K and attention maps, and where could a region start?"""
+"""Redundancy analysis: how similar are the layers' Q, K, V and attention maps, and where could a region start?"""
 
 from epas_lightning.analysis.analyze import analyze_model
 from epas_lightning.analysis.capture import Activations, attention_probs, capture_activations

@@ -1,6 +1,6 @@
-"""``python -m epas_lightning analyze --checkpoint ...``: where in a trained model are Q/K (and attention) redundant?
+"""``python -m epas_lightning analyze --checkpoint ...``: how alike are a trained model's layers (Q, K, V, attention)?
 
-Runs the model with every layer computing over a few held-out batches, compares every pair of layers (Q, K and
+Runs the model with every layer computing over a few held-out batches, compares every pair of layers (Q, K, V and
 attention maps; cosine and linear CKA), writes heatmaps (PNG and TensorBoard) and a JSON of all matrices, and prints
 which deepest region could share with the least change.
 """
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from epas_lightning.analysis.capture import capture_activations
-from epas_lightning.analysis.report import DEFAULT_METRIC, DEFAULT_THRESHOLD, Metric, RedundancyReport
+from epas_lightning.analysis.report import DEFAULT_THRESHOLD, Metric, RedundancyReport
 from epas_lightning.data.tokenizer import RecordedTokenizer
 from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model import Llama
@@ -116,7 +116,7 @@ def analyze_command(
     batches: int = 4,
     batch_size: int = 4,
     seq_len: int | None = None,
-    metric: Metric = DEFAULT_METRIC,
+    metric: Metric | None = None,
     threshold: float = DEFAULT_THRESHOLD,
     device: str = "auto",
     dtype: DType = "auto",
@@ -124,7 +124,7 @@ def analyze_command(
     overwrite: bool = False,
     json: bool = False,
 ) -> None:
-    """Measure how similar the layers' Q, K and attention maps are, and recommend a sharing region.
+    """Measure how similar the layers' Q, K, V and attention maps are, and recommend a sharing region.
 
     Runs the model with every layer computing over held-out batches, compares every pair of layers (cosine and linear
     CKA), writes similarity.png, similarity.json and a TensorBoard image into --output, and prints which deepest
@@ -137,7 +137,8 @@ def analyze_command(
         batches: Held-out batches to measure on.
         batch_size: Sequences per batch.
         seq_len: Tokens per sequence, up to the model's context length (default: min(block_size, 256)).
-        metric: The similarity the recommendation is based on.
+        metric: The similarity the recommendation is based on (default: of what a sharing layer reuses: attn/cka in
+            qk mode, kv/cka, the lower of the K and V similarity, in kv mode).
         threshold: Lowest similarity a region may have to its source layer.
         device: Where model and comparisons run: auto (CUDA when available), cpu, cuda, cuda:1, ...
         dtype: Weights and activations; auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32

@@ -1,7 +1,8 @@
-"""Record every layer's post-RoPE Q and K, and its attention probabilities, without touching the model's code.
+"""Record every layer's post-RoPE Q and K, its V, and its attention probabilities, without touching the model's code.
 
-Forward hooks on each layer's ``self_attn.q_proj`` / ``k_proj`` see the projections (B, T, H*D); we split heads and
-apply the model's own RoPE (``rotary_emb`` + ``apply_rope``), which is exactly what a compute-mode layer does.
+Forward hooks on each layer's ``self_attn.q_proj`` / ``k_proj`` / ``v_proj`` see the projections (B, T, H*D); we
+split heads and apply the model's own RoPE (``rotary_emb`` + ``apply_rope``) to Q and K, which is exactly what a
+compute-mode layer does (V takes no RoPE).
 Attention probabilities are then softmax(Q K^T / sqrt(D)) under the causal mask, with K heads repeated for GQA.
 Every layer runs in compute mode while capturing (the model's sharing mask is restored afterwards), so each layer
 shows what it would compute on its own.
@@ -27,11 +28,13 @@ class Activations:
     Attributes:
         q: One (B, H, T, D) post-RoPE query tensor per layer.
         k: One (B, H_kv, T, D) post-RoPE key tensor per layer.
+        v: One (B, H_kv, T, D) value tensor per layer.
         attn: One (B, H, T, T) attention-probability tensor per layer (rows sum to 1, zero above the diagonal).
     """
 
     q: list[torch.Tensor]
     k: list[torch.Tensor]
+    v: list[torch.Tensor]
     attn: list[torch.Tensor]
 
     @property
@@ -67,17 +70,18 @@ def _all_layers_computing(model: Llama) -> Iterator[None]:
 
 @torch.no_grad()
 def capture_activations(model: Llama, batches: Iterable[torch.Tensor]) -> Activations:
-    """Run ``model`` with every layer computing over token batches (B, T) and collect Q, K and attention maps."""
+    """Run ``model`` with every layer computing over token batches (B, T) and collect Q, K, V and attention maps."""
     config = model.config
-    per_layer: list[dict[str, list[torch.Tensor]]] = [{"q": [], "k": []} for _ in model.layers]
+    per_layer: list[dict[str, list[torch.Tensor]]] = [{"q": [], "k": [], "v": []} for _ in model.layers]
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def hook(layer: int, name: str, n_heads: int):  # noqa: ANN202
         def record(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             B, T, _ = output.shape
             heads = output.view(B, T, n_heads, config.head_dim).transpose(1, 2)  # (B, heads, T, D)
-            cos, sin = rope["cos_sin"]
-            per_layer[layer][name].append(apply_rope(heads, cos, sin).float().cpu())
+            if name != "v":
+                heads = apply_rope(heads, *rope["cos_sin"])
+            per_layer[layer][name].append(heads.float().cpu())
 
         return record
 
@@ -85,6 +89,7 @@ def capture_activations(model: Llama, batches: Iterable[torch.Tensor]) -> Activa
     for i, layer in enumerate(model.layers):
         handles.append(layer.self_attn.q_proj.register_forward_hook(hook(i, "q", config.n_head)))
         handles.append(layer.self_attn.k_proj.register_forward_hook(hook(i, "k", config.n_kv_head)))
+        handles.append(layer.self_attn.v_proj.register_forward_hook(hook(i, "v", config.n_kv_head)))
     n_batches = 0
     try:
         with _all_layers_computing(model):
@@ -98,9 +103,8 @@ def capture_activations(model: Llama, batches: Iterable[torch.Tensor]) -> Activa
             handle.remove()
     if n_batches == 0:
         raise ValueError("No batches to analyse: the data stream was empty.")
-    q = [torch.cat(layer["q"]) for layer in per_layer]
-    k = [torch.cat(layer["k"]) for layer in per_layer]
-    if any(len(layer["q"]) != n_batches or len(layer["k"]) != n_batches for layer in per_layer):
-        raise RuntimeError("Some layer did not project its own Q and K during capture (is the model in compute mode?).")
+    if any(len(recorded) != n_batches for layer in per_layer for recorded in layer.values()):
+        raise RuntimeError("Some layer did not project its own Q, K and V during capture (is it in compute mode?).")
+    q, k, v = ([torch.cat(layer[name]) for layer in per_layer] for name in ("q", "k", "v"))
     attn = [attention_probs(qi, ki) for qi, ki in zip(q, k, strict=True)]
-    return Activations(q=q, k=k, attn=attn)
+    return Activations(q=q, k=k, v=v, attn=attn)

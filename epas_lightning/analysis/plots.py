@@ -9,7 +9,7 @@ from epas_lightning.analysis.report import MEASURES, SIGNALS, Recommendation, Re
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-SIGNAL_TITLES = {"q": "post-RoPE Q", "k": "post-RoPE K", "attn": "attention probabilities"}
+SIGNAL_TITLES = {"q": "post-RoPE Q", "k": "post-RoPE K", "v": "V", "attn": "attention probabilities"}
 
 
 def similarity_figure(report: RedundancyReport, recommendation: Recommendation | None = None) -> Figure:

@@ -1,8 +1,9 @@
 """Layer-by-layer similarity matrices and the sharing region they suggest.
 
-In ``qk`` mode every layer of a region starting at layer ``s`` attends with the Q/K of layer ``s - 1`` (its source),
-so what matters for a candidate region is how similar each of its layers is to *that source*, not to its neighbour:
-the region's score is the smallest similarity sim(i, s - 1) over its layers i = s .. L-1.
+Every layer of a region starting at layer ``s`` reuses what layer ``s - 1`` (its source) computed: its Q and K in
+``qk`` mode, its K and V in ``kv`` mode. So what matters for a candidate region is how similar each of its layers is to
+*that source*, not to its neighbour: the region's score is the smallest similarity sim(i, s - 1) over its layers
+i = s .. L-1, of what the model's mode reuses (by default).
 """
 
 from __future__ import annotations
@@ -17,22 +18,29 @@ from epas_lightning.analysis.similarity import similarity_matrix
 from epas_lightning.flops import flop_cut
 from epas_lightning.model import LlamaConfig
 
-SIGNALS = ("q", "k", "attn")
-"""What is compared: post-RoPE queries, post-RoPE keys, attention probabilities."""
+SIGNALS = ("q", "k", "v", "attn")
+"""What is compared: post-RoPE queries, post-RoPE keys, values, attention probabilities."""
 MEASURES = ("cosine", "cka")
-Metric = Literal["q/cosine", "q/cka", "k/cosine", "k/cka", "attn/cosine", "attn/cka"]
-"""A signal compared by a measure."""
+Metric = Literal[
+    "q/cosine", "q/cka", "k/cosine", "k/cka", "v/cosine", "v/cka", "attn/cosine", "attn/cka", "kv/cosine", "kv/cka"
+]
+"""A signal compared by a measure; ``kv`` is the lower of the K and the V similarity."""
 METRICS: tuple[str, ...] = get_args(Metric)
-DEFAULT_METRIC = "attn/cka"
-"""A sharing layer in ``qk`` mode attends with its source's probabilities: their similarity is the direct measure."""
+DEFAULT_METRICS = {"qk": "attn/cka", "kv": "kv/cka"}
+"""By sharing mode, what a region is scored by: a sharing layer in ``qk`` mode attends with its source's
+probabilities, their similarity is the direct measure; one in ``kv`` mode attends with its own Q over its source's K
+and V, both of which must stay alike."""
+DEFAULT_METRIC = DEFAULT_METRICS["qk"]
+REUSED = {"qk": "Q/K", "kv": "K/V"}
+"""What a sharing layer takes from its source, by sharing mode."""
 DEFAULT_THRESHOLD = 0.9
 
 
 def layer_features(acts: Activations, signal: str, measure: str) -> list[torch.Tensor]:
     """Per-layer matrices whose rows pair up across layers.
 
-    Q/K, cosine: one row per (sequence, head, token): the D-dim vector; heads pair by index, as sharing pairs them.
-    Q/K, CKA: one row per (sequence, token), every head side by side: (B*T, H*D), so any mixing of heads is allowed.
+    Q/K/V, cosine: one row per (sequence, head, token): the D-dim vector; heads pair by index, as sharing pairs them.
+    Q/K/V, CKA: one row per (sequence, token), every head side by side: (B*T, H*D), so any mixing of heads is allowed.
     Attention, both: one row per (sequence, head, query): its distribution over the T key positions, (B*H*T, T).
     """
     tensors = getattr(acts, signal)  # each (B, heads, T, F) with F = D, or T for attention
@@ -43,7 +51,7 @@ def layer_features(acts: Activations, signal: str, measure: str) -> list[torch.T
 
 @dataclass
 class RegionScore:
-    """How well the region ``start .. n_layer-1`` could reuse the Q/K of layer ``start - 1``."""
+    """How well the region ``start .. n_layer-1`` could reuse the Q/K (or K/V) of layer ``start - 1``."""
 
     start: int
     n_shared: int
@@ -78,7 +86,7 @@ class Recommendation:
 
 @dataclass
 class RedundancyReport:
-    """Similarity of every pair of layers for Q, K and attention maps, each by cosine and by CKA.
+    """Similarity of every pair of layers for Q, K, V and attention maps, each by cosine and by CKA.
 
     Attributes:
         matrices: ``"q/cosine"``, ``"q/cka"``, ``"k/cosine"``, ``"k/cka"``, ``"attn/cosine"``, ``"attn/cka"`` ->
@@ -109,13 +117,16 @@ class RedundancyReport:
         return next(iter(self.matrices.values())).shape[0]
 
     def _matrix(self, metric: str) -> torch.Tensor:
+        if metric.startswith("kv/") and {f"k/{metric[3:]}", f"v/{metric[3:]}"} <= set(self.matrices):
+            return torch.minimum(self.matrices[f"k/{metric[3:]}"], self.matrices[f"v/{metric[3:]}"])
         if metric not in self.matrices:
-            raise ValueError(f"Unknown metric {metric!r}; choose one of {list(self.matrices)}.")
+            raise ValueError(f"Unknown metric {metric!r}; choose one of {METRICS}.")
         return self.matrices[metric]
 
-    def region_scores(self, metric: str = DEFAULT_METRIC, config: LlamaConfig | None = None) -> list[RegionScore]:
-        """Every candidate region ``s .. L-1`` for s = 1 .. L-1 (largest first), scored against its source s-1."""
-        sim = self._matrix(metric)
+    def region_scores(self, metric: str | None = None, config: LlamaConfig | None = None) -> list[RegionScore]:
+        """Every candidate region ``s .. L-1`` for s = 1 .. L-1 (largest first), scored against its source s-1 by
+        ``metric`` (default: what ``config``'s sharing mode reuses)."""
+        sim = self._matrix(metric or DEFAULT_METRICS[sharing_mode(config)])
         L = self.n_layer
         scores = []
         for start in range(1, L):
@@ -125,14 +136,17 @@ class RedundancyReport:
         return scores
 
     def recommend(
-        self, metric: str = DEFAULT_METRIC, threshold: float = DEFAULT_THRESHOLD, config: LlamaConfig | None = None
+        self, metric: str | None = None, threshold: float = DEFAULT_THRESHOLD, config: LlamaConfig | None = None
     ) -> Recommendation:
-        """The largest deepest region whose every layer stays at least ``threshold`` similar to its source.
+        """The largest deepest region whose every layer stays at least ``threshold`` similar to its source, by
+        ``metric`` (default: what ``config``'s sharing mode reuses, :data:`DEFAULT_METRICS`; ``qk`` without one).
 
         When no region qualifies, the best-scoring one is returned with ``meets_threshold=False``.
         """
         if self.n_layer < 2:
             raise ValueError("A sharing region needs at least two layers (layer 0 always computes).")
+        mode = sharing_mode(config)
+        metric = DEFAULT_METRICS[mode] if metric is None else metric
         candidates = self.region_scores(metric, config)
         passing = [c for c in candidates if c.min_similarity >= threshold]
         if passing:
@@ -140,7 +154,7 @@ class RedundancyReport:
         else:
             chosen, meets = max(candidates, key=lambda c: (c.min_similarity, c.n_shared)), False
         rec = Recommendation(metric, threshold, chosen.start, meets, candidates)
-        rec.reasoning = _reasoning(rec, self.n_layer)
+        rec.reasoning = _reasoning(rec, self.n_layer, REUSED[mode])
         return rec
 
     def to_dict(self) -> dict:
@@ -153,10 +167,15 @@ class RedundancyReport:
         }
 
 
-def _reasoning(rec: Recommendation, n_layer: int) -> str:
+def sharing_mode(config: LlamaConfig | None) -> str:
+    """``config``'s sharing mode; ``qk``, the paper's, without one."""
+    return "qk" if config is None else config.sharing_mode
+
+
+def _reasoning(rec: Recommendation, n_layer: int, reused: str) -> str:
     lines = [
-        f"Region candidates (layers s..{n_layer - 1} reuse the Q/K of layer s-1), scored by {rec.metric}: the lowest "
-        "similarity of a region layer to that source.",
+        f"Region candidates (layers s..{n_layer - 1} reuse the {reused} of layer s-1), scored by {rec.metric}: the "
+        "lowest similarity of a region layer to that source.",
         f"{'start s':>8} {'source':>7} {'shared':>7} {'min sim':>8} {'mean sim':>9} {'FLOPs cut':>10}",
     ]
     for c in rec.candidates:

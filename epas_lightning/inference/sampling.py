@@ -52,22 +52,38 @@ def sample(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Token ids (B,) from logits (B, V). ``temperature == 0`` is greedy; otherwise sample from the tempered
-    distribution restricted to the ``top_k`` most likely tokens and then to the smallest set whose probability
-    reaches ``top_p``."""
+    """Token ids (B,) from logits (B, V). ``temperature == 0`` is greedy; otherwise sample from
+    :func:`filtered_logits`."""
     check_sampling(temperature, top_k, top_p)
     if temperature == 0 or top_k == 1:
         return logits.argmax(dim=-1)
+    probs = filtered_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def filtered_logits(
+    logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """The float32 logits (B, V) ``sample`` draws from: divided by ``temperature`` (> 0), then ``-inf`` outside the
+    ``top_k`` most likely tokens (ties with the k-th kept) and then outside the smallest set whose probability reaches
+    ``top_p``; as transformers' temperature, top-k and top-p warpers (and vLLM's) filter them."""
     logits = logits.float() / max(temperature, MIN_TEMPERATURE)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already reaches top_p
-        drop[..., 0] = False  # the most likely token stays, even for a top_p that is 0 in float32
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+        logits = logits.masked_fill(_outside_nucleus(logits, top_p), float("-inf"))
+    return logits
+
+
+def _outside_nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The tokens (B, V) after the smallest set of the most likely ones whose probability reaches ``top_p``.
+
+    The mass is summed from the least likely token up, as transformers sums it: summed from the most likely down,
+    float32 rounding made it reach ``top_p`` early over a large vocabulary, and a 128k vocabulary at ``top_p`` 0.999
+    dropped hundreds of tokens of the nucleus.
+    """
+    ascending, order = torch.sort(logits, dim=-1)
+    below = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p  # the mass up to this token leaves top_p above it
+    below[..., -1] = False  # the most likely token stays, even for a top_p that is 0 in float32
+    return below.scatter(-1, order, below)
