@@ -595,3 +595,22 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_a_batch_reaches_the
     held_out.trainer = SimpleNamespace(training=False)  # validating: the data folder was named, not the val_dir
     with pytest.raises(DataError, match=rf"got 0\.\.512 — {tmp_path / 'val'} — the token stream"):
         held_out.on_before_batch_transfer(torch.tensor([[0, 512]], dtype=torch.int32), 0)
+
+
+class _CrashingStream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        import ctypes
+
+        yield ctypes.string_at(0)  # a segmentation fault, as a native library's bug gives
+
+
+def test_a_data_worker_that_crashes_prints_where(capfd):
+    """A data worker killed by a segmentation fault (seen once in CI, in a litdata mixture's worker) printed only
+    torch's "Unexpected segmentation fault encountered in worker": nothing said where. Its Python stack is printed."""
+    from epas_lightning.data.token_data import start_data_worker
+
+    loader = torch.utils.data.DataLoader(_CrashingStream(), num_workers=1, worker_init_fn=start_data_worker)
+    with pytest.raises(RuntimeError, match="DataLoader worker .* (killed by signal: Segmentation fault|exited)"):
+        next(iter(loader))
+    err = capfd.readouterr().err
+    assert "Fatal Python error: Segmentation fault" in err and "in __iter__" in err, err

@@ -690,8 +690,8 @@ def test_an_input_file_that_changes_while_it_is_prepared_fails_the_build_naming_
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("end", ["SIGKILL", "exit 0"])
-def test_a_worker_ending_midway_fails_the_build_and_ends_its_helpers(end, sp_model: Path, tmp_path, monkeypatch):
+@pytest.mark.parametrize("end", ["SIGKILL", "exit 0", "SIGSEGV"])
+def test_a_worker_ending_midway_fails_the_build_and_ends_its_helpers(end, sp_model: Path, tmp_path, monkeypatch, capfd):
     """A tokenizing worker killed outright (the OOM killer) was taken by litdata for a worker that had finished: the
     dataset came out without its share, called complete, and its helper processes waited for work for good. Now the
     build fails in one line (the output is not written) and the helpers end with it."""
@@ -711,13 +711,18 @@ def test_a_worker_ending_midway_fails_the_build_and_ends_its_helpers(end, sp_mod
             helpers.write_text(" ".join(str(p.pid) for p in multiprocessing.active_children()))
             if end == "SIGKILL":
                 os.kill(os.getpid(), 9)
+            if end == "SIGSEGV":
+                import ctypes
+
+                ctypes.string_at(0)  # a native library's crash: the worker's stack is printed
             os._exit(0)
         yield from tokenize(item)
 
     monkeypatch.setattr(writing, "tokenize_work_item", ending)
-    said = "was killed by SIGKILL" if end == "SIGKILL" else "ended"
+    said = f"was killed by {end}" if end.startswith("SIG") else "ended"
     with pytest.raises(DataPreparationError, match=f"worker process {said} before it finished its share of the train"):
         prepare(tmp_path / "in", tmp_path / "out", sp_model, val_fraction=0.001, num_workers=2)
+    assert ("in ending" in capfd.readouterr().err) == (end == "SIGSEGV")
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["helpers.txt", "in"]
     pids = [int(pid) for pid in helpers.read_text().split()]
     assert pids  # litdata's helpers of the worker, forked before its first item

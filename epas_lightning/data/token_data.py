@@ -34,7 +34,7 @@ from epas_lightning.data.tokenizer import (
     load_tokenizer,
     same_token_ids,
 )
-from epas_lightning.errors import ConfigError, DataError
+from epas_lightning.errors import ConfigError, DataError, print_stack_on_crash
 from epas_lightning.model.config import LlamaConfig, check_token_ids
 from epas_lightning.outputs import interrupted_build
 from epas_lightning.runtime import check_counts
@@ -435,12 +435,20 @@ class TokenData:
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             drop_last=True,
-            worker_init_fn=leave_stop_signals_to_the_main_process,
+            worker_init_fn=start_data_worker,
         )
 
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
 """Ctrl+C, a scheduler's stop and SLURM's requeue signal (``SIGUSR1``): ``fit``'s main process answers them."""
+
+
+def start_data_worker(worker_id: int) -> None:
+    """A data worker's start: it leaves the stop signals to the main process, and a crash of its own (a
+    segmentation fault in native code) prints the Python stack of each of its threads, where torch prints only that
+    one happened."""
+    leave_stop_signals_to_the_main_process(worker_id)
+    print_stack_on_crash()
 
 
 def leave_stop_signals_to_the_main_process(worker_id: int) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 from epas_lightning.data.layout import count_stream_tokens
 from epas_lightning.data.sources import BadDocument, DataPreparationError, InputFile, split_documents
 from epas_lightning.data.tokenizer import load_tokenizer_once
-from epas_lightning.errors import process_ending
+from epas_lightning.errors import print_stack_on_crash, process_ending
 
 if TYPE_CHECKING:
     import torch
@@ -230,6 +230,7 @@ def _ending_helpers(run: Callable[[Any], None], parent: int) -> Callable[[Any], 
     @functools.wraps(run)
     def run_then_end_helpers(worker: Any) -> None:
         _stop_with(parent)
+        print_stack_on_crash()
         os.register_at_fork(after_in_child=_killed_with_parent)  # its helpers: a worker killed outright leaves them
         try:
             run(worker)
