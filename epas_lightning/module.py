@@ -19,6 +19,7 @@ from torchmetrics.aggregation import SumMetric
 
 from epas_lightning.attention_kernels import sdpa_order
 from epas_lightning.callbacks import ProgressiveSharing, read_from_resumed_position
+from epas_lightning.checkpoint_formats import MODEL_PREFIX, SHARING_MASK
 from epas_lightning.checkpoint_io import load_safely
 from epas_lightning.divergence import DivergenceGuard, check_resumed_finite
 from epas_lightning.errors import CheckpointError, ConfigError, DataError
@@ -53,6 +54,7 @@ from epas_lightning.safe_load import is_weights_only, plain_numbers, verify_chec
 
 if TYPE_CHECKING:
     from epas_lightning.data.tokenizer import RecordedTokenizer
+    from epas_lightning.region import TrainedRegion
 
 WEIGHTS_DTYPE_KEY = "weights_dtype"
 """Checkpoint entry: the dtype the run stored its weights in (``float32``, ``bfloat16``)."""
@@ -420,6 +422,8 @@ class EPASModule(LightningModule):
                 checkpoint.get("tokenizer"), (checkpoint.get(HELDOUT_KEY) or {}).get("data_dirs")
             )
         self._say_if_narrowed(checkpoint)
+        if self.model is not None:  # built (load_from_checkpoint, a single-file restore): before its weights load
+            self.model.trained_region = checkpoint_region(checkpoint, self.config.n_layer)
         saved_groups = (checkpoint.get("optimizer_states") or [{}])[0].get("param_groups") or []
         if trainer is not None and trainer.optimizers:  # FSDP2 restores after setup: built already
             check_same_optimizer(trainer.optimizers[0], saved_groups, f"--ckpt_path {trainer.ckpt_path}")
@@ -589,6 +593,17 @@ class EPASModule(LightningModule):
                 f"the max_steps of model.lr_scheduler (epas_lightning.{type(scheduler).__name__}), for the decay"
             )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def checkpoint_region(checkpoint: dict, n_layer: int) -> TrainedRegion | None:
+    """The region a checkpoint of fit trained, read as ``load_model`` reads it; ``None`` where its state dict holds no
+    sharing mask (a sharded checkpoint: its shards load later)."""
+    from epas_lightning.checkpoint import recorded_region
+
+    mask = (checkpoint.get("state_dict") or {}).get(MODEL_PREFIX + SHARING_MASK)
+    if not isinstance(mask, torch.Tensor) or mask.shape != (n_layer,):  # another size: load_state_dict says so
+        return None
+    return recorded_region(checkpoint, [i for i, shares in enumerate(mask.tolist()) if shares], n_layer)
 
 
 def check_training_state(trainer: Trainer, checkpoint: dict) -> None:
