@@ -64,8 +64,8 @@ class ProgressiveSharing(Callback):
             each the first N layers of ``target`` in growth order (``[0, 6]``: dense and the full region, before the
             run reaches it; ``validate``/``test`` of a checkpoint: of the target it trained), logged as
             ``val/loss_at_sharing/N`` (``test/...``) beside ``val/loss``, which stays the current region's. Each
-            length costs one more forward per held-out batch (counted in the ``validate/`` throughput's time); the
-            training region is put back after every batch. Default: none.
+            length costs one more forward per held-out batch (counted in the ``validate/`` throughput, its time and
+            FLOPs); the training region is put back after every batch. Default: none.
     """
 
     def __init__(
@@ -236,6 +236,11 @@ class ProgressiveSharing(Callback):
         seq_len = batch.shape[1] - 1 if isinstance(batch, torch.Tensor) else model.config.block_size
         cut = flop_cut(model.config, len(layers), seq_len) if layers else 0.0  # of dense training FLOPs, this step
         pl_module.log("sharing/flop_cut", cut, on_step=True, on_epoch=False)
+
+    @property
+    def scored_lengths(self) -> list[int]:
+        """The region lengths the validation (or test) running, or the last one, also scores every held-out batch at."""
+        return list(self._heldout)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # created anew, not reset: like EPASModule's held-out metrics, whatever happened to the tensors in between

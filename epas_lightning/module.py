@@ -366,11 +366,23 @@ class EPASModule(LightningModule):
     @property
     def flops_per_batch(self) -> float | None:
         """FLOPs of the last batch under the current mask (read by ``ThroughputMonitor``): forward and backward of a
-        training batch, the forward alone of a validation or test batch (the module is in eval mode there)."""
+        training batch; of a validation or test batch (the module is in eval mode there) the forward, and one more at
+        each region length ``ProgressiveSharing`` also scores it at (``val_sharing_layers``)."""
         if self._tokens_shape is None or self.model is None:
             return None
         batch_size, seq_len = self._tokens_shape
-        return batch_size * estimate_flops(self.config, self.n_shared, seq_len, backward=self.training)
+        flops = estimate_flops(self.config, self.n_shared, seq_len, backward=self.training)
+        if not self.training:
+            flops += sum(estimate_flops(self.config, n, seq_len, backward=False) for n in self._scored_lengths())
+        return batch_size * flops
+
+    def _scored_lengths(self) -> list[int]:
+        """The region lengths the trainer's ``ProgressiveSharing`` scores each held-out batch at, besides the model's
+        own region, in this validation or test (none elsewhere)."""
+        trainer = self._trainer
+        if trainer is None or not (trainer.validating or trainer.testing or trainer.sanity_checking):
+            return []
+        return [n for c in trainer.callbacks if isinstance(c, ProgressiveSharing) for n in c.scored_lengths]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if is_weights_only(checkpoint):  # Lightning called no callback's on_save_checkpoint
