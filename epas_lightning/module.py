@@ -609,13 +609,17 @@ class EPASModule(LightningModule):
 
 def checkpoint_region(checkpoint: dict, n_layer: int) -> TrainedRegion | None:
     """The region a checkpoint of fit trained, read as ``load_model`` reads it; ``None`` where its state dict holds no
-    sharing mask (a sharded checkpoint: its shards load later)."""
+    readable sharing mask (a sharded checkpoint: its shards load later) or its region record is unreadable (a resume
+    needs none: ``ProgressiveSharing`` sets the region)."""
     from epas_lightning.checkpoint import recorded_region
 
     mask = (checkpoint.get("state_dict") or {}).get(MODEL_PREFIX + SHARING_MASK)
-    if not isinstance(mask, torch.Tensor) or mask.shape != (n_layer,):  # another size: load_state_dict says so
+    if not isinstance(mask, torch.Tensor) or mask.is_meta or mask.shape != (n_layer,):  # load_state_dict says why
         return None
-    return recorded_region(checkpoint, [i for i, shares in enumerate(mask.tolist()) if shares], n_layer)
+    try:
+        return recorded_region(checkpoint, [i for i, shares in enumerate(mask.tolist()) if shares], n_layer)
+    except ConfigError:  # load_model refuses it in one line
+        return None
 
 
 def check_training_state(trainer: Trainer, checkpoint: dict) -> None:
