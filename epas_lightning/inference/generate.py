@@ -79,8 +79,7 @@ def set_region(
     ``model.trained_region``, by ``load_model``, ``EPASModule.load_from_checkpoint`` or the fit that trained it):
     asking for more layers is refused unless ``force`` (the layers beyond it never learned to work without their own
     Q/K, so quality drops sharply). A model built without a checkpoint has none: the deepest ``n_shared`` layers
-    share, unchecked. The errors name ``flags`` (see
-    :meth:`TrainedRegion.first`).
+    share, unchecked. The errors name ``flags`` (see :meth:`TrainedRegion.first`).
     """
     check_is_llama(model)
     if region is None:
