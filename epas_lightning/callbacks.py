@@ -64,8 +64,8 @@ class ProgressiveSharing(Callback):
             each the first N layers of ``target`` in growth order (``[0, 6]``: dense and the full region, before the
             run reaches it; ``validate``/``test`` of a checkpoint: of the target it trained), logged as
             ``val/loss_at_sharing/N`` (``test/...``) beside ``val/loss``, which stays the current region's. Each
-            length costs one more forward per held-out batch (counted in the ``validate/`` throughput's time); the
-            training region is put back after every batch. Default: none.
+            length costs one more forward per held-out batch (counted in the ``validate/`` throughput, its time and
+            FLOPs); the training region is put back after every batch. Default: none.
     """
 
     def __init__(
@@ -231,10 +231,16 @@ class ProgressiveSharing(Callback):
             if self.enabled and self.reached_at is None and len(layers) == len(self.schedule.target_layers):
                 self.reached_at = step
         self._applied = layers
+        model.trained_region = self._region_of(model)  # set_region counts N in it after fit, as in a checkpoint of it
         pl_module.log("sharing/layers", float(len(layers)), on_step=True, on_epoch=False)
         seq_len = batch.shape[1] - 1 if isinstance(batch, torch.Tensor) else model.config.block_size
         cut = flop_cut(model.config, len(layers), seq_len) if layers else 0.0  # of dense training FLOPs, this step
         pl_module.log("sharing/flop_cut", cut, on_step=True, on_epoch=False)
+
+    @property
+    def scored_lengths(self) -> list[int]:
+        """The region lengths the validation (or test) running, or the last one, also scores every held-out batch at."""
+        return list(self._heldout)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # created anew, not reset: like EPASModule's held-out metrics, whatever happened to the tensors in between
@@ -271,13 +277,15 @@ class ProgressiveSharing(Callback):
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # plain types at the top level, so every reader finds the region without knowing the callback's state key
-        model = sharing_model(pl_module)
+        checkpoint[REGION_KEY] = self._region_of(sharing_model(pl_module)).to_record()
+
+    def _region_of(self, model: Llama) -> TrainedRegion:
+        """The region ``model`` shares now, in growth order: what a checkpoint records, and ``set_region`` counts in."""
         shared = model.sharing.shared_layers
         in_order = sorted(shared, reverse=self.order == "deep_first")  # no schedule: the direction's order
         if self.schedule is not None:
             in_order = region_in_growth_order(self.schedule.target_layers, shared)
-        region = TrainedRegion(model.config.n_layer, tuple(in_order), self.order)
-        checkpoint[REGION_KEY] = region.to_record()
+        return TrainedRegion(model.config.n_layer, tuple(in_order), self.order)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._resumed_step = int(checkpoint.get("global_step") or 0)

@@ -19,6 +19,7 @@ from torchmetrics.aggregation import SumMetric
 
 from epas_lightning.attention_kernels import sdpa_order
 from epas_lightning.callbacks import ProgressiveSharing, read_from_resumed_position
+from epas_lightning.checkpoint_formats import MODEL_PREFIX, SHARING_MASK
 from epas_lightning.checkpoint_io import load_safely
 from epas_lightning.divergence import DivergenceGuard, check_resumed_finite
 from epas_lightning.errors import CheckpointError, ConfigError, DataError
@@ -53,6 +54,7 @@ from epas_lightning.safe_load import is_weights_only, plain_numbers, verify_chec
 
 if TYPE_CHECKING:
     from epas_lightning.data.tokenizer import RecordedTokenizer
+    from epas_lightning.region import TrainedRegion
 
 WEIGHTS_DTYPE_KEY = "weights_dtype"
 """Checkpoint entry: the dtype the run stored its weights in (``float32``, ``bfloat16``)."""
@@ -364,11 +366,23 @@ class EPASModule(LightningModule):
     @property
     def flops_per_batch(self) -> float | None:
         """FLOPs of the last batch under the current mask (read by ``ThroughputMonitor``): forward and backward of a
-        training batch, the forward alone of a validation or test batch (the module is in eval mode there)."""
+        training batch; of a validation or test batch (the module is in eval mode there) the forward, and one more at
+        each region length ``ProgressiveSharing`` also scores it at (``val_sharing_layers``)."""
         if self._tokens_shape is None or self.model is None:
             return None
         batch_size, seq_len = self._tokens_shape
-        return batch_size * estimate_flops(self.config, self.n_shared, seq_len, backward=self.training)
+        flops = estimate_flops(self.config, self.n_shared, seq_len, backward=self.training)
+        if not self.training:
+            flops += sum(estimate_flops(self.config, n, seq_len, backward=False) for n in self._scored_lengths())
+        return batch_size * flops
+
+    def _scored_lengths(self) -> list[int]:
+        """The region lengths the trainer's ``ProgressiveSharing`` scores each held-out batch at, besides the model's
+        own region, in this validation or test (none elsewhere)."""
+        trainer = self._trainer
+        if trainer is None or not (trainer.validating or trainer.testing or trainer.sanity_checking):
+            return []
+        return [n for c in trainer.callbacks if isinstance(c, ProgressiveSharing) for n in c.scored_lengths]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if is_weights_only(checkpoint):  # Lightning called no callback's on_save_checkpoint
@@ -420,6 +434,8 @@ class EPASModule(LightningModule):
                 checkpoint.get("tokenizer"), (checkpoint.get(HELDOUT_KEY) or {}).get("data_dirs")
             )
         self._say_if_narrowed(checkpoint)
+        if self.model is not None:  # built (load_from_checkpoint, a single-file restore): before its weights load
+            self.model.trained_region = checkpoint_region(checkpoint, self.config.n_layer)
         saved_groups = (checkpoint.get("optimizer_states") or [{}])[0].get("param_groups") or []
         if trainer is not None and trainer.optimizers:  # FSDP2 restores after setup: built already
             check_same_optimizer(trainer.optimizers[0], saved_groups, f"--ckpt_path {trainer.ckpt_path}")
@@ -589,6 +605,21 @@ class EPASModule(LightningModule):
                 f"the max_steps of model.lr_scheduler (epas_lightning.{type(scheduler).__name__}), for the decay"
             )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def checkpoint_region(checkpoint: dict, n_layer: int) -> TrainedRegion | None:
+    """The region a checkpoint of fit trained, read as ``load_model`` reads it; ``None`` where its state dict holds no
+    readable sharing mask (a sharded checkpoint: its shards load later) or its region record is unreadable (a resume
+    needs none: ``ProgressiveSharing`` sets the region)."""
+    from epas_lightning.checkpoint import recorded_region
+
+    mask = (checkpoint.get("state_dict") or {}).get(MODEL_PREFIX + SHARING_MASK)
+    if not isinstance(mask, torch.Tensor) or mask.is_meta or mask.shape != (n_layer,):  # load_state_dict says why
+        return None
+    try:
+        return recorded_region(checkpoint, [i for i, shares in enumerate(mask.tolist()) if shares], n_layer)
+    except ConfigError:  # load_model refuses it in one line
+        return None
 
 
 def check_training_state(trainer: Trainer, checkpoint: dict) -> None:

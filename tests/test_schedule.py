@@ -176,9 +176,9 @@ def test_shallow_first_grows_from_layer_1_during_fit(tmp_path):
     import lightning as L
     import torch
     from helpers import cpu_trainer
-    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-    from epas_lightning import EPASModule, LlamaConfig
+    from epas_lightning import EPASModule, LlamaConfig, set_region
     from epas_lightning.callbacks import ProgressiveSharing
 
     L.seed_everything(3)
@@ -192,9 +192,17 @@ def test_shallow_first_grows_from_layer_1_during_fit(tmp_path):
     tokens = torch.randint(0, 512, (12, 17))
     loader = torch.utils.data.DataLoader(tokens, batch_size=2)
     sharing = ProgressiveSharing(target=3, interval=2, start_step=1, order="shallow_first")
-    cpu_trainer(tmp_path, 6, [sharing, Record()]).fit(module, loader)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)
+    cpu_trainer(tmp_path, 6, [sharing, Record(), checkpoint]).fit(module, loader)
     assert [masks[s] for s in range(6)] == [[], [1], [1], [1, 2], [1, 2], [1, 2, 3]]
     assert sharing.state_dict()["order"] == "shallow_first"
+    # N sharing layers are the first N of the trained region, as for load_model's: in the module just trained and in
+    # one loaded with EPASModule.load_from_checkpoint (both shared the deepest N, and took any N, unchecked)
+    assert set_region(module.model, 1) == [1] and set_region(module.model, 3) == [1, 2, 3]
+    mid_growth = EPASModule.load_from_checkpoint(tmp_path / "epoch=0-step=4.ckpt").model  # trained layers [1, 2]
+    assert set_region(mid_growth, 1) == [1] and set_region(mid_growth, 3, force=True) == [1, 2, 3]
+    with pytest.raises(ConfigError, match="was trained with at most 2 sharing layers"):
+        set_region(mid_growth, 3)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 
 import epas_lightning.callbacks as callbacks
-from epas_lightning import EPASModule, LlamaConfig, TokenThroughputMonitor
+from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenThroughputMonitor
 from epas_lightning.flops import estimate_flops, peak_flops
 
 
@@ -86,7 +86,9 @@ def test_mfu_and_peak_memory_are_logged_where_the_device_has_them(tmp_path, monk
     assert not [w for w in recwarn if "FLOPs not found" in str(w.message)]
 
 
-def test_validation_flops_count_the_forward_pass_of_the_validation_batch(tmp_path):
+def test_validation_flops_count_the_forward_passes_of_the_validation_batch(tmp_path):
+    """One forward at the training region, and one per region length ``val_sharing_layers`` also scores (their time
+    was counted, their FLOPs were not: validate/device/flops_per_sec and MFU came out a third here)."""
     seen = {}
 
     class ReadFlops(Callback):
@@ -99,11 +101,13 @@ def test_validation_flops_count_the_forward_pass_of_the_validation_batch(tmp_pat
     module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16))
     train = torch.utils.data.DataLoader(torch.randint(0, 512, (4, 17)), batch_size=2)
     val = torch.utils.data.DataLoader(torch.randint(0, 512, (3, 9)), batch_size=3)
-    trainer = cpu_trainer(tmp_path, 2, [ReadFlops()], limit_val_batches=1, num_sanity_val_steps=0)
+    sharing = ProgressiveSharing(target=1, interval=2, val_sharing_layers=[0, 1])  # dense until validation
+    trainer = cpu_trainer(tmp_path, 2, [sharing, ReadFlops()], limit_val_batches=1, num_sanity_val_steps=0)
     trainer.fit(module, train, val)
     config = module.config
     assert seen["train"] == 2 * estimate_flops(config, 0, 16)
-    assert seen["val"] == 3 * estimate_flops(config, 0, 8, backward=False)  # not the last training batch's 3x
+    forwards = [estimate_flops(config, n, 8, backward=False) for n in (0, 0, 1)]  # not the last training batch's 3x
+    assert seen["val"] == 3 * sum(forwards)
 
 
 def test_validation_throughput_is_logged_at_the_step_the_validation_ran(tmp_path):

@@ -75,11 +75,11 @@ def set_region(
 ) -> list[int]:
     """Make the first ``n_shared`` layers of the trained ``region`` (in its growth order) share; return them.
 
-    ``region`` is what the checkpoint trained (``LoadedModel.region``; by default the one ``load_model`` recorded
-    in the model, ``model.trained_region``): asking for more layers is refused unless ``force`` (the layers beyond it
-    never learned to work without their own Q/K, so quality drops sharply). A model built without a checkpoint has
-    none: the deepest ``n_shared`` layers share, unchecked. The errors name ``flags`` (see
-    :meth:`TrainedRegion.first`).
+    ``region`` is what the checkpoint trained (``LoadedModel.region``; by default the one recorded in the model,
+    ``model.trained_region``, by ``load_model``, ``EPASModule.load_from_checkpoint`` or the fit that trained it):
+    asking for more layers is refused unless ``force`` (the layers beyond it never learned to work without their own
+    Q/K, so quality drops sharply). A model built without a checkpoint has none: the deepest ``n_shared`` layers
+    share, unchecked. The errors name ``flags`` (see :meth:`TrainedRegion.first`).
     """
     check_is_llama(model)
     if region is None:
