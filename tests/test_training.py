@@ -954,12 +954,14 @@ def test_max_time_inside_an_optimizer_step_ends_the_run_when_the_step_is_done(ti
         ({"max_epochs": 3}, {"max_epochs": 3, "max_steps": 3}, "last.ckpt"),
         ({"max_steps": 6}, {"max_steps": 3}, "last.ckpt"),
         ({"max_steps": 6}, {"max_steps": 6}, "epoch=0-step=2.ckpt"),
+        ({"max_steps": 6}, {"max_steps": 6, "every_n_train_steps": 2}, "epoch=0-step=2.ckpt"),
     ],
     ids=[
         "max_epochs, resumed at an epoch end",
         "max_epochs, resumed mid-epoch",
         "max_steps, resumed mid-epoch",
         "max_steps, resumed from a save at an epoch's end",
+        "max_steps, resumed from a save after an epoch's last batch",
     ],
 )
 def test_a_resumed_run_reads_each_epoch_as_the_uninterrupted_run(tiny_corpus, tmp_path, limits, first, saved):
@@ -968,7 +970,9 @@ def test_a_resumed_run_reads_each_epoch_as_the_uninterrupted_run(tiny_corpus, tm
     outlived that epoch (Lightning stops reading at the epoch's length), so the next epoch read nothing: an empty
     epoch, one of max_epochs lost. Under max_steps, a checkpoint saved at an epoch's end (no validation; every_n_epochs)
     resumed with one more batch in that epoch, the next one's first, and the next epoch started on a new order, its
-    other batches skipped. Each epoch now reads the batches the uninterrupted run read in it."""
+    other batches skipped. A save after an epoch's last batch (every_n_train_steps) resumed the data in that epoch,
+    which Lightning counted done: the next epoch read the rest of the old one's data (here what limit_train_batches
+    left; a weighted mixture's other streams). Each epoch now reads the batches the uninterrupted run read in it."""
     from epas_lightning.run_checkpoint import RunCheckpoint
 
     def fit(folder: str, ckpt_path: Path | None = None, **limit) -> dict:
@@ -978,7 +982,8 @@ def test_a_resumed_run_reads_each_epoch_as_the_uninterrupted_run(tiny_corpus, tm
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
                 read[(trainer.current_epoch, batch_idx)] = batch[:, :3].tolist()
 
-        checkpoint = RunCheckpoint(dirpath=tmp_path / folder, save_last=True, save_top_k=-1)
+        every = limit.pop("every_n_train_steps", None)
+        checkpoint = RunCheckpoint(dirpath=tmp_path / folder, save_last=True, save_top_k=-1, every_n_train_steps=every)
         steps = limit.pop("max_steps", -1)
         trainer = make_trainer(tmp_path, steps, [ReadBatches(), checkpoint], limit_train_batches=2, **limit)
         trainer.fit(*make_run(tiny_corpus, n_layer=2), ckpt_path=ckpt_path)

@@ -302,7 +302,8 @@ class TokenDataModule(TokenData, LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is None or self._fresh_position:
             return None
-        return trainer.fit_loop.epoch_progress.current.processed
+        fit_loop = trainer.fit_loop
+        return fit_loop.epoch_progress.current.processed + resumed_after_its_epochs_last_batch(fit_loop)
 
     def _check_validation_interval(self, epoch: int) -> None:
         """A validation interval in batches longer than the data's epoch of ``epoch`` batches, where Lightning refuses
@@ -392,6 +393,20 @@ class TokenDataModule(TokenData, LightningDataModule):
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
         """Tokens are stored as int32; embeddings and cross-entropy targets want int64 (cast on the device)."""
         return batch.long()
+
+
+def resumed_after_its_epochs_last_batch(fit_loop: Any) -> bool:
+    """Whether a resumed fit's checkpoint was saved after its epoch's last batch, inside that epoch (at the batch's
+    end: ``every_n_train_steps``, ``train_time_interval``). Lightning counts that epoch done as its loop resets, after
+    it started the training loader: the loader took the position for one in the epoch under way, and read the rest of
+    the data after it (a weighted mixture's other streams, what ``limit_train_batches`` left) as the next epoch."""
+    if not fit_loop.restarting:
+        return False
+    epochs, progress = fit_loop.epoch_progress.total, fit_loop.epoch_loop.batch_progress
+    batches = progress.total
+    inside_the_epoch = epochs.ready == epochs.started == epochs.processed + 1 == epochs.completed + 1
+    at_a_batch_end = batches.ready == batches.started == batches.processed == batches.completed + 1
+    return inside_the_epoch and at_a_batch_end and progress.is_last_batch
 
 
 def moved_streams(saved: dict[str, Any], current: dict[str, Any]) -> dict[int, tuple[str, str]]:
