@@ -8,8 +8,9 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm: normalised in fp32, cast back to the input dtype, then scaled by the weight (the HF
-    LLaMA order). One fused kernel where PyTorch has one, and no dtype copies around it."""
+    """Root-mean-square norm: normalised and scaled by the weight in fp32, then cast to the input dtype (HF LLaMA casts
+    before it scales: in bf16 the two differ by bf16 rounding, in fp32 not at all). One fused kernel where PyTorch has
+    one, and no dtype copies around it."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
