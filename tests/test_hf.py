@@ -175,6 +175,27 @@ def test_key_value_heads_left_out_are_read_as_transformers_reads_them(tmp_path: 
             config_from_hf({**record, "num_attention_heads": 4, "head_dim": None})
 
 
+@pytest.mark.parametrize("kind", ["Mistral", "Qwen2", "Llama"])
+def test_a_context_left_out_is_read_as_transformers_reads_it(tmp_path: Path, kind: str) -> None:
+    """A config.json without max_position_embeddings: transformers takes its class default (Mistral 131072, Qwen2
+    32768, LLaMA 2048); we took 2048 for all, so a Mistral's 4096-token window passed as spanning the context and the
+    model attended past it from token 4097 on, silently. A llama3 RoPE's original context defaults to it too."""
+    record = json.loads(tiny_hf_config(kind=kind, sliding_window=None).to_json_string())
+    del record["max_position_embeddings"]
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    context = transformers.AutoConfig.from_pretrained(tmp_path).max_position_embeddings
+    if kind != "Llama":
+        window = {"sliding_window": 4096, "use_sliding_window": True, "max_window_layers": 0, "layer_types": None}
+        says = rf"sliding_window=4096 does not span its context \(max_position_embeddings={context}\)"
+        with pytest.raises(HFCheckpointError, match=says):
+            config_from_hf({**record, **window})
+    record["rope_parameters"] = {**LLAMA3, "rope_theta": 1e4}
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    theirs, ours = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters, config_from_hf(record)
+    assert ours.block_size == context
+    assert ours.rope_scaling.original_max_position_embeddings == theirs["original_max_position_embeddings"]
+
+
 @pytest.mark.parametrize("kind", ["Mistral", "Qwen2"])
 def test_mlp_bias_is_ignored_where_transformers_ignores_it(tmp_path: Path, kind: str) -> None:
     """transformers' Mistral and Qwen2 have no MLP biases whatever mlp_bias says; we refused such a config.json (a

@@ -42,6 +42,9 @@ WINDOWED = ("mistral", "qwen2")
 DEFAULT_KV_HEADS = {"mistral": 8, "qwen2": 32}
 """The ``num_key_value_heads`` transformers gives a Mistral or Qwen2 whose config.json names none (``MistralConfig``'s
 and ``Qwen2Config``'s defaults, in 4.x and 5); a LLaMA's, and any one's set to null, is its head count."""
+DEFAULT_CONTEXT = {"mistral": 131072, "qwen2": 32768}
+"""The ``max_position_embeddings`` transformers gives a Mistral or Qwen2 whose config.json names none (or null); a
+LLaMA's is 2048."""
 REQUIRED_HF_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
 OPTIONAL_SIZE_KEYS = ("head_dim", "num_key_value_heads", "max_position_embeddings")
 """Sizes an HF config may leave out or set to null (a default is taken)."""
@@ -134,13 +137,20 @@ def rope_of(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         )
     read = {key: source.get(key) for key in (("factor", *LLAMA3_FIELDS) if rope_type == "llama3" else ("factor",))}
     if rope_type == "llama3" and read["original_max_position_embeddings"] is None:  # transformers' default
-        read["original_max_position_embeddings"] = hf.get("max_position_embeddings")
+        read["original_max_position_embeddings"] = context_of(hf)
     try:
         return theta, RopeScaling(rope_type, **read)
     except ConfigError as e:
         raise HFCheckpointError(
             f"{field} {json.dumps(source)}: {e.what}", fix=f"correct {field} in its config.json"
         ) from e
+
+
+def context_of(hf: dict[str, Any]) -> Any:
+    """The context length of an HF config as transformers reads it: its ``max_position_embeddings``, else its
+    class's default (:data:`DEFAULT_CONTEXT`)."""
+    context = hf.get("max_position_embeddings")
+    return DEFAULT_CONTEXT.get(hf.get("model_type"), 2048) if context is None else context
 
 
 def config_object(hf: dict[str, Any], key: str) -> dict[str, Any]:
@@ -186,7 +196,7 @@ def check_no_sliding_window(hf: dict[str, Any]) -> None:
         return
     unset = "sliding_window" not in hf  # transformers' Mistral and Qwen2 then slide a 4096-token window
     window = hf.get("sliding_window", DEFAULT_SLIDING_WINDOW if hf.get("model_type") in WINDOWED else None)
-    context = hf.get("max_position_embeddings", 2048)
+    context = context_of(hf)
     whole = all(isinstance(n, int) and not isinstance(n, bool) for n in (window, context))
     if window is not None and not (whole and window >= context):  # a window that masks nothing of a known context
         default = " (transformers' default: config.json names none)" if unset else ""
@@ -310,7 +320,7 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
         intermediate_size=hf["intermediate_size"],
         vocab_size=hf["vocab_size"],
         padded_vocab_size=hf["vocab_size"],
-        block_size=hf.get("max_position_embeddings", 2048),
+        block_size=context_of(hf),
         rope_theta=theta,
         rope_scaling=scaling,
         attention_bias=attention_bias_of(hf),
