@@ -22,7 +22,7 @@ from epas_lightning.cli import main
 from epas_lightning.consolidation import consolidate
 from epas_lightning.errors import CheckpointError
 from epas_lightning.hf.convert import HFCheckpointError, config_from_hf, load_hf_state, resize_rows
-from epas_lightning.init_from import resumed_instead
+from epas_lightning.init_from import resumed_instead, source_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -104,6 +104,13 @@ def test_a_mistral_without_a_sliding_window_is_our_llama_and_exports_as_one(tmp_
         path = save_tiny_hf(tmp_path / f"mistral{window}", kind="Mistral", sliding_window=window)
         with torch.no_grad():
             torch.testing.assert_close(ours_from_hf(path)(ids), hf_logits(path, ids), atol=1e-5, rtol=1e-5)
+    # trained longer than its context, the window (64) masks in transformers: it was taken as masking nothing
+    says = r"^sliding_window=64 does not span the 128 tokens model.config runs at .* — set model.config.block_size"
+    with pytest.raises(HFCheckpointError, match=says):
+        load_hf_state(path, config_from_hf(path, block_size=128))
+    with pytest.raises(HFCheckpointError, match=says):
+        source_config(path, block_size=128)
+    assert source_config(path, block_size=32).context_length == 64
     assert main(["export", "--checkpoint", str(path), "--output", str(tmp_path / "out")]) == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "llama"
     torch.testing.assert_close(hf_logits(tmp_path / "out", ids), hf_logits(path, ids), atol=1e-5, rtol=1e-5)

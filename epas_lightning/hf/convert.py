@@ -187,25 +187,30 @@ def config_flag(hf: dict[str, Any], key: str) -> bool:
     )
 
 
-def check_no_sliding_window(hf: dict[str, Any]) -> None:
-    """Refuse a sliding-window attention that masks positions inside the model's context: our attention sees every
-    earlier position, so the model would compute another function than the checkpoint's from that distance on.
-    A Qwen2's ``sliding_window`` counts only where it slides over some layer (:func:`qwen2_slides`)."""
+def check_no_sliding_window(hf: dict[str, Any], length: int | None = None) -> None:
+    """Refuse a sliding-window attention that masks positions inside the model's context (or the ``length`` tokens a
+    model of it runs at, where longer: a continual run's): our attention sees every earlier position, so the model
+    would compute another function than the checkpoint's from that distance on. A Qwen2's ``sliding_window`` counts
+    only where it slides over some layer (:func:`qwen2_slides`)."""
     qwen2 = hf.get("model_type") == "qwen2"
     if qwen2 and not qwen2_slides(hf):
         return
     unset = "sliding_window" not in hf  # transformers' Mistral and Qwen2 then slide a 4096-token window
     window = hf.get("sliding_window", DEFAULT_SLIDING_WINDOW if hf.get("model_type") in WINDOWED else None)
     context = context_of(hf)
-    whole = all(isinstance(n, int) and not isinstance(n, bool) for n in (window, context))
-    if window is not None and not (whole and window >= context):  # a window that masks nothing of a known context
+    runs = context if length is None else length
+    whole = all(isinstance(n, int) and not isinstance(n, bool) for n in (window, runs))
+    if window is not None and not (whole and window >= runs):  # a window that masks nothing of a known length
         default = " (transformers' default: config.json names none)" if unset else ""
+        spans = f"its context (max_position_embeddings={context})"
+        fix = "use a checkpoint without a sliding window (Mistral-7B-v0.2 and later, every Qwen2/2.5 base)"
+        if length is not None:
+            spans = f"the {length} tokens model.config runs at (block_size, max_position_embeddings)"
+            fix = f"set model.config.block_size (and max_position_embeddings) to at most {window}, or {fix}"
         raise HFCheckpointError(
-            f"{'use_sliding_window=true with ' if qwen2 else ''}sliding_window={window!r}{default} does not span its "
-            "context "
-            f"(max_position_embeddings={context}): sliding-window attention is not supported, our attention sees "
-            "every earlier position",
-            fix="use a checkpoint without a sliding window (Mistral-7B-v0.2 and later, every Qwen2/2.5 base)",
+            f"{'use_sliding_window=true with ' if qwen2 else ''}sliding_window={window!r}{default} does not span "
+            f"{spans}: sliding-window attention is not supported, our attention sees every earlier position",
+            fix=fix,
         )
 
 
@@ -343,7 +348,10 @@ def check_compatible(
 ) -> LlamaConfig:
     """Fail, listing every difference, when ``config`` cannot hold the weights of the HF config ``hf``; return the
     HF model's config (:func:`config_from_hf`). The error's fix is ``fix``, by default the fields to use."""
+    hf = hf if isinstance(hf, dict) else read_hf_config(hf)
     theirs = config_from_hf(hf)
+    if config.context_length > theirs.block_size:  # a window spanning the folder's context may not span this one's
+        check_no_sliding_window(hf, config.context_length)
     diffs = [
         f"{name}: model {getattr(config, name)!r} vs {source} {getattr(theirs, name)!r}"
         for name in COMPARED_FIELDS
