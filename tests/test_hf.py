@@ -488,6 +488,24 @@ def test_import_refuses_an_unreadable_shard_index(tmp_path: Path, capsys: pytest
         assert err.startswith("error: unreadable shard index") and str(index) in err and err.count("\n") == 1, err
 
 
+def test_import_refuses_a_tensor_stored_in_two_shards(tmp_path: Path) -> None:
+    """A shard holding a second model.norm.weight (a stale one): transformers takes the shard the index names, fit's
+    init_from and every --checkpoint took the first shard's, silently; it is refused in one line."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_tiny_hf(tmp_path / "hf", sharded=True)
+    index = path / "model.safetensors.index.json"
+    home = json.loads(index.read_text())["weight_map"]["model.norm.weight"]
+    first = path / "model-00001-of-00006.safetensors"
+    assert home != first.name
+    state = load_file(first)
+    save_file({**state, "model.norm.weight": torch.zeros(64)}, first, metadata={"format": "pt"})
+    says = rf"^model.norm.weight is stored in two shards, {first.name} and {home} \(.* — {index} — copy the model"
+    for read in (lambda: load_model(path), lambda: load_hf_state(path, config_from_hf(path))):
+        with pytest.raises(HFCheckpointError, match=says):
+            read()
+
+
 @pytest.mark.parametrize("rows", [500, 520])
 def test_import_refuses_vocabulary_rows_the_config_does_not_count(tmp_path: Path, rows: int) -> None:
     """Embedding rows other than config.json's vocab_size (a resized vocabulary, config not updated): transformers

@@ -470,7 +470,34 @@ def _shard_files(path: Path, index_name: str) -> list[Path]:
     for shard in shards:
         if not shard.is_file():
             raise HFCheckpointError(f"shard listed in {index_name} is missing", shard, "copy the model folder again")
+    if index_name == SAFETENSORS_INDEX:
+        check_each_tensor_once(shards, weight_map, path / index_name)
     return shards
+
+
+def check_each_tensor_once(shards: list[Path], weight_map: dict[str, Any], index: Path) -> None:
+    """Refuse a tensor stored in two safetensors shards (a stale shard of another download, say): which one a reader
+    takes depends on the order it reads them in, and transformers takes the one the index names."""
+    from epas_lightning.safe_load import check_readable
+
+    seen: dict[str, str] = {}
+    for shard in shards:
+        try:
+            with safe_open(check_readable(shard), "pt") as f:
+                keys = list(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise HFCheckpointError(
+                f"corrupt or truncated safetensors ({e})", shard, "copy the model folder again"
+            ) from e
+        for key in keys:
+            if key in seen:
+                raise HFCheckpointError(
+                    f"{key} is stored in two shards, {seen[key]} and {shard.name} ({index.name} names "
+                    f"{weight_map.get(key)})",
+                    index,
+                    "copy the model folder again: each tensor in the one shard the index names",
+                )
+            seen[key] = shard.name
 
 
 def hf_to_ours(hf_state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:
