@@ -39,9 +39,12 @@ def refuse_not_finite(bad: list[str], where: object) -> None:
 
 def is_finite_tensor(t: torch.Tensor) -> bool:
     """Whether the floating-point tensor ``t`` holds no NaN or inf, checked :data:`CHECK_ELEMENTS` at a time: the
-    check's temporaries (``isfinite`` takes the absolute value, then compares) stay small beside a large tensor."""
+    check's temporaries (``isfinite`` takes the absolute value, then compares) stay small beside a large tensor; an
+    fp8 chunk (``isfinite`` has no kernel for it) is checked as fp32."""
     chunks = t.reshape(-1).split(CHECK_ELEMENTS)
-    return bool(torch.stack([torch.isfinite(chunk).all() for chunk in chunks]).all()) if chunks else True
+    widen = t.element_size() == 1  # the float8 dtypes
+    finite = [torch.isfinite(chunk.float() if widen else chunk).all() for chunk in chunks]
+    return bool(torch.stack(finite).all()) if finite else True
 
 
 def past_range(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> list[str]:

@@ -22,7 +22,7 @@ from epas_lightning.cli import main
 from epas_lightning.consolidation import consolidate
 from epas_lightning.errors import CheckpointError
 from epas_lightning.hf.convert import HFCheckpointError, config_from_hf, load_hf_state, resize_rows
-from epas_lightning.init_from import resumed_instead
+from epas_lightning.init_from import resumed_instead, source_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -104,6 +104,13 @@ def test_a_mistral_without_a_sliding_window_is_our_llama_and_exports_as_one(tmp_
         path = save_tiny_hf(tmp_path / f"mistral{window}", kind="Mistral", sliding_window=window)
         with torch.no_grad():
             torch.testing.assert_close(ours_from_hf(path)(ids), hf_logits(path, ids), atol=1e-5, rtol=1e-5)
+    # trained longer than its context, the window (64) masks in transformers: it was taken as masking nothing
+    says = r"^sliding_window=64 does not span the 128 tokens model.config runs at .* — set model.config.block_size"
+    with pytest.raises(HFCheckpointError, match=says):
+        load_hf_state(path, config_from_hf(path, block_size=128))
+    with pytest.raises(HFCheckpointError, match=says):
+        source_config(path, block_size=128)
+    assert source_config(path, block_size=32).context_length == 64
     assert main(["export", "--checkpoint", str(path), "--output", str(tmp_path / "out")]) == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "llama"
     torch.testing.assert_close(hf_logits(tmp_path / "out", ids), hf_logits(path, ids), atol=1e-5, rtol=1e-5)
@@ -173,6 +180,27 @@ def test_key_value_heads_left_out_are_read_as_transformers_reads_them(tmp_path: 
     if kind != "Llama":
         with pytest.raises(HFCheckpointError, match=rf"^its config.json names no num_key_value_heads, .*as {theirs}"):
             config_from_hf({**record, "num_attention_heads": 4, "head_dim": None})
+
+
+@pytest.mark.parametrize("kind", ["Mistral", "Qwen2", "Llama"])
+def test_a_context_left_out_is_read_as_transformers_reads_it(tmp_path: Path, kind: str) -> None:
+    """A config.json without max_position_embeddings: transformers takes its class default (Mistral 131072, Qwen2
+    32768, LLaMA 2048); we took 2048 for all, so a Mistral's 4096-token window passed as spanning the context and the
+    model attended past it from token 4097 on, silently. A llama3 RoPE's original context defaults to it too."""
+    record = json.loads(tiny_hf_config(kind=kind, sliding_window=None).to_json_string())
+    del record["max_position_embeddings"]
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    context = transformers.AutoConfig.from_pretrained(tmp_path).max_position_embeddings
+    if kind != "Llama":
+        window = {"sliding_window": 4096, "use_sliding_window": True, "max_window_layers": 0, "layer_types": None}
+        says = rf"sliding_window=4096 does not span its context \(max_position_embeddings={context}\)"
+        with pytest.raises(HFCheckpointError, match=says):
+            config_from_hf({**record, **window})
+    record["rope_parameters"] = {**LLAMA3, "rope_theta": 1e4}
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    theirs, ours = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters, config_from_hf(record)
+    assert ours.block_size == context
+    assert ours.rope_scaling.original_max_position_embeddings == theirs["original_max_position_embeddings"]
 
 
 @pytest.mark.parametrize("kind", ["Mistral", "Qwen2"])
@@ -460,6 +488,24 @@ def test_import_refuses_an_unreadable_shard_index(tmp_path: Path, capsys: pytest
         assert err.startswith("error: unreadable shard index") and str(index) in err and err.count("\n") == 1, err
 
 
+def test_import_refuses_a_tensor_stored_in_two_shards(tmp_path: Path) -> None:
+    """A shard holding a second model.norm.weight (a stale one): transformers takes the shard the index names, fit's
+    init_from and every --checkpoint took the first shard's, silently; it is refused in one line."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_tiny_hf(tmp_path / "hf", sharded=True)
+    index = path / "model.safetensors.index.json"
+    home = json.loads(index.read_text())["weight_map"]["model.norm.weight"]
+    first = path / "model-00001-of-00006.safetensors"
+    assert home != first.name
+    state = load_file(first)
+    save_file({**state, "model.norm.weight": torch.zeros(64)}, first, metadata={"format": "pt"})
+    says = rf"^model.norm.weight is stored in two shards, {first.name} and {home} \(.* — {index} — copy the model"
+    for read in (lambda: load_model(path), lambda: load_hf_state(path, config_from_hf(path))):
+        with pytest.raises(HFCheckpointError, match=says):
+            read()
+
+
 @pytest.mark.parametrize("rows", [500, 520])
 def test_import_refuses_vocabulary_rows_the_config_does_not_count(tmp_path: Path, rows: int) -> None:
     """Embedding rows other than config.json's vocab_size (a resized vocabulary, config not updated): transformers
@@ -610,13 +656,20 @@ def test_init_from_checks_before_training(tmp_path: Path) -> None:
         EPASModule(_module_config(), init_from=str(biased))
 
 
-def test_init_from_refuses_hf_weights_holding_nan(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn])
+def test_init_from_refuses_hf_weights_holding_nan(tmp_path: Path, dtype: torch.dtype) -> None:
+    """An fp8 tensor in a folder that names no quantization (transformers casts it as plain values, as we do) ended
+    the NaN check in a NotImplementedError traceback (isfinite has no fp8 kernel)."""
     from safetensors.torch import load_file, save_file
 
     from epas_lightning.init_from import read_init_state
 
     path = save_tiny_hf(tmp_path / "hf")
     state = load_file(path / "model.safetensors")
+    state["model.norm.weight"] = state["model.norm.weight"].to(dtype)
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    read = read_init_state(path, config_from_hf(path))["norm.weight"]
+    torch.testing.assert_close(read.float(), state["model.norm.weight"].float())
     state["model.norm.weight"][0] = float("nan")
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"NaN or inf \(norm.weight\) — model.init_from"):

@@ -42,6 +42,9 @@ WINDOWED = ("mistral", "qwen2")
 DEFAULT_KV_HEADS = {"mistral": 8, "qwen2": 32}
 """The ``num_key_value_heads`` transformers gives a Mistral or Qwen2 whose config.json names none (``MistralConfig``'s
 and ``Qwen2Config``'s defaults, in 4.x and 5); a LLaMA's, and any one's set to null, is its head count."""
+DEFAULT_CONTEXT = {"mistral": 131072, "qwen2": 32768}
+"""The ``max_position_embeddings`` transformers gives a Mistral or Qwen2 whose config.json names none (or null); a
+LLaMA's is 2048."""
 REQUIRED_HF_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
 OPTIONAL_SIZE_KEYS = ("head_dim", "num_key_value_heads", "max_position_embeddings")
 """Sizes an HF config may leave out or set to null (a default is taken)."""
@@ -134,13 +137,20 @@ def rope_of(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         )
     read = {key: source.get(key) for key in (("factor", *LLAMA3_FIELDS) if rope_type == "llama3" else ("factor",))}
     if rope_type == "llama3" and read["original_max_position_embeddings"] is None:  # transformers' default
-        read["original_max_position_embeddings"] = hf.get("max_position_embeddings")
+        read["original_max_position_embeddings"] = context_of(hf)
     try:
         return theta, RopeScaling(rope_type, **read)
     except ConfigError as e:
         raise HFCheckpointError(
             f"{field} {json.dumps(source)}: {e.what}", fix=f"correct {field} in its config.json"
         ) from e
+
+
+def context_of(hf: dict[str, Any]) -> Any:
+    """The context length of an HF config as transformers reads it: its ``max_position_embeddings``, else its
+    class's default (:data:`DEFAULT_CONTEXT`)."""
+    context = hf.get("max_position_embeddings")
+    return DEFAULT_CONTEXT.get(hf.get("model_type"), 2048) if context is None else context
 
 
 def config_object(hf: dict[str, Any], key: str) -> dict[str, Any]:
@@ -177,25 +187,30 @@ def config_flag(hf: dict[str, Any], key: str) -> bool:
     )
 
 
-def check_no_sliding_window(hf: dict[str, Any]) -> None:
-    """Refuse a sliding-window attention that masks positions inside the model's context: our attention sees every
-    earlier position, so the model would compute another function than the checkpoint's from that distance on.
-    A Qwen2's ``sliding_window`` counts only where it slides over some layer (:func:`qwen2_slides`)."""
+def check_no_sliding_window(hf: dict[str, Any], length: int | None = None) -> None:
+    """Refuse a sliding-window attention that masks positions inside the model's context (or the ``length`` tokens a
+    model of it runs at, where longer: a continual run's): our attention sees every earlier position, so the model
+    would compute another function than the checkpoint's from that distance on. A Qwen2's ``sliding_window`` counts
+    only where it slides over some layer (:func:`qwen2_slides`)."""
     qwen2 = hf.get("model_type") == "qwen2"
     if qwen2 and not qwen2_slides(hf):
         return
     unset = "sliding_window" not in hf  # transformers' Mistral and Qwen2 then slide a 4096-token window
     window = hf.get("sliding_window", DEFAULT_SLIDING_WINDOW if hf.get("model_type") in WINDOWED else None)
-    context = hf.get("max_position_embeddings", 2048)
-    whole = all(isinstance(n, int) and not isinstance(n, bool) for n in (window, context))
-    if window is not None and not (whole and window >= context):  # a window that masks nothing of a known context
+    context = context_of(hf)
+    runs = context if length is None else length
+    whole = all(isinstance(n, int) and not isinstance(n, bool) for n in (window, runs))
+    if window is not None and not (whole and window >= runs):  # a window that masks nothing of a known length
         default = " (transformers' default: config.json names none)" if unset else ""
+        spans = f"its context (max_position_embeddings={context})"
+        fix = "use a checkpoint without a sliding window (Mistral-7B-v0.2 and later, every Qwen2/2.5 base)"
+        if length is not None:
+            spans = f"the {length} tokens model.config runs at (block_size, max_position_embeddings)"
+            fix = f"set model.config.block_size (and max_position_embeddings) to at most {window}, or {fix}"
         raise HFCheckpointError(
-            f"{'use_sliding_window=true with ' if qwen2 else ''}sliding_window={window!r}{default} does not span its "
-            "context "
-            f"(max_position_embeddings={context}): sliding-window attention is not supported, our attention sees "
-            "every earlier position",
-            fix="use a checkpoint without a sliding window (Mistral-7B-v0.2 and later, every Qwen2/2.5 base)",
+            f"{'use_sliding_window=true with ' if qwen2 else ''}sliding_window={window!r}{default} does not span "
+            f"{spans}: sliding-window attention is not supported, our attention sees every earlier position",
+            fix=fix,
         )
 
 
@@ -310,7 +325,7 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
         intermediate_size=hf["intermediate_size"],
         vocab_size=hf["vocab_size"],
         padded_vocab_size=hf["vocab_size"],
-        block_size=hf.get("max_position_embeddings", 2048),
+        block_size=context_of(hf),
         rope_theta=theta,
         rope_scaling=scaling,
         attention_bias=attention_bias_of(hf),
@@ -333,7 +348,10 @@ def check_compatible(
 ) -> LlamaConfig:
     """Fail, listing every difference, when ``config`` cannot hold the weights of the HF config ``hf``; return the
     HF model's config (:func:`config_from_hf`). The error's fix is ``fix``, by default the fields to use."""
+    hf = hf if isinstance(hf, dict) else read_hf_config(hf)
     theirs = config_from_hf(hf)
+    if config.context_length > theirs.block_size:  # a window spanning the folder's context may not span this one's
+        check_no_sliding_window(hf, config.context_length)
     diffs = [
         f"{name}: model {getattr(config, name)!r} vs {source} {getattr(theirs, name)!r}"
         for name in COMPARED_FIELDS
@@ -452,7 +470,34 @@ def _shard_files(path: Path, index_name: str) -> list[Path]:
     for shard in shards:
         if not shard.is_file():
             raise HFCheckpointError(f"shard listed in {index_name} is missing", shard, "copy the model folder again")
+    if index_name == SAFETENSORS_INDEX:
+        check_each_tensor_once(shards, weight_map, path / index_name)
     return shards
+
+
+def check_each_tensor_once(shards: list[Path], weight_map: dict[str, Any], index: Path) -> None:
+    """Refuse a tensor stored in two safetensors shards (a stale shard of another download, say): which one a reader
+    takes depends on the order it reads them in, and transformers takes the one the index names."""
+    from epas_lightning.safe_load import check_readable
+
+    seen: dict[str, str] = {}
+    for shard in shards:
+        try:
+            with safe_open(check_readable(shard), "pt") as f:
+                keys = list(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise HFCheckpointError(
+                f"corrupt or truncated safetensors ({e})", shard, "copy the model folder again"
+            ) from e
+        for key in keys:
+            if key in seen:
+                raise HFCheckpointError(
+                    f"{key} is stored in two shards, {seen[key]} and {shard.name} ({index.name} names "
+                    f"{weight_map.get(key)})",
+                    index,
+                    "copy the model folder again: each tensor in the one shard the index names",
+                )
+            seen[key] = shard.name
 
 
 def hf_to_ours(hf_state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:
