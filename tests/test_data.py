@@ -568,6 +568,31 @@ def test_data_workers_leave_a_stop_signal_to_the_main_process(tiny_corpus: Path,
     next(batches)
 
 
+@pytest.mark.skipif(not Path("/proc/self/comm").exists(), reason="torch names its workers on Linux")
+def test_data_workers_still_running_at_exit_end_with_the_process(tiny_corpus: Path, monkeypatch):
+    """A script whose top level raised with a loader's iterator in a global hung at exit for good: multiprocessing's
+    exit handler ends its daemonic processes with SIGTERM, which data workers ignore, then waits for them."""
+    from epas_lightning.data import token_data
+
+    registered = []
+    monkeypatch.setattr(token_data, "_data_workers_end_at_exit", False)
+    monkeypatch.setattr(token_data.atexit, "register", registered.append)
+    before = set(multiprocessing.active_children())
+    batches = iter(tiny_datamodule(tiny_corpus, num_workers=1).train_dataloader())
+    next(batches)
+    (worker,) = set(multiprocessing.active_children()) - before
+    torch_sigchld = signal.getsignal(signal.SIGCHLD)
+    try:
+        assert registered == [token_data.end_data_workers]
+        token_data.end_data_workers()  # at exit, before multiprocessing's handler:
+        worker.terminate()
+        worker.join(timeout=5)
+        assert not worker.is_alive()
+        assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL  # torch's raised "worker killed" in a later handler
+    finally:
+        signal.signal(signal.SIGCHLD, torch_sigchld)
+
+
 def test_a_resume_with_another_batch_size_says_its_position_is_not_exact(tiny_corpus: Path, caplog):
     """One stream resumes under another batch size or worker count (litdata splits the rest of the epoch anew and
     rounds the position down to a whole batch: 7 batches of 4 resumed at 8 read 4 samples twice): said in one line."""

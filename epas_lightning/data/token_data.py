@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import atexit
 import math
+import multiprocessing
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -429,6 +431,8 @@ class TokenData:
             dataset = SizedCombinedStreamingDataset(
                 datasets, seed=self.seed, weights=weights, iterate_over_all=weights is None
             )
+        if self.num_workers > 0:
+            end_data_workers_at_exit()
         return (loader or StreamingDataLoader)(
             dataset,
             batch_size=self.batch_size,
@@ -449,6 +453,41 @@ def start_data_worker(worker_id: int) -> None:
     one happened."""
     leave_stop_signals_to_the_main_process(worker_id)
     print_stack_on_crash()
+
+
+_data_workers_end_at_exit = False
+
+
+def end_data_workers_at_exit() -> None:
+    """Have the data workers still running when this process exits end with it (once per process). A loader's
+    iterator can outlive the program: a script whose top level raised with one in a global. multiprocessing's exit
+    handler (registered earlier, so run after this one) ends its daemonic processes with ``SIGTERM``, which data
+    workers ignore (:func:`leave_stop_signals_to_the_main_process`), then waits for them: the process hung at exit
+    for good instead of printing the traceback and ending."""
+    global _data_workers_end_at_exit
+    if not _data_workers_end_at_exit:
+        atexit.register(end_data_workers)
+        _data_workers_end_at_exit = True
+
+
+def end_data_workers() -> None:
+    """Kill this process's data workers that are still running (they ignore ``SIGTERM``): torch names each
+    ``pt_data_worker`` (on Linux, where it forks them). Torch's ``SIGCHLD`` handler is let go first: it raised "worker
+    killed by signal" into the next exit handler."""
+    workers = [p for p in multiprocessing.active_children() if p.daemon and process_name(p.pid) == "pt_data_worker"]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in workers:
+        worker.kill()
+        worker.join()
+
+
+def process_name(pid: int | None) -> str | None:
+    """A process's name (Linux's ``/proc/PID/comm``), or ``None`` where it is gone or the system has none."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
 
 
 def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
