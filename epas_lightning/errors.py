@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import faulthandler
 import os
 import re
 import signal
@@ -137,13 +136,6 @@ def process_ending(status: int) -> str:
     with contextlib.suppress(ValueError):
         return f"killed by {signal.Signals(-status).name}"
     return f"killed by signal {-status}"
-
-
-def print_stack_on_crash() -> None:
-    """In a worker process (data loading, tokenizing): a crash of native code in it (a segmentation fault, an abort)
-    prints the Python stack of each of its threads on the process's stderr, where only "the worker died" was said."""
-    faulthandler.disable()  # inherited enabled (python -X faulthandler): enable() would not take over the signals
-    faulthandler.enable(file=2, all_threads=True)  # the process's stderr, whatever sys.stderr was replaced by
 
 
 def not_utf8(text: str) -> str | None:

@@ -639,3 +639,37 @@ def test_a_data_worker_that_crashes_prints_where(capfd):
         next(iter(loader))
     err = capfd.readouterr().err
     assert "Fatal Python error: Segmentation fault" in err and "in __iter__" in err, err
+
+
+def test_a_forked_worker_never_collects_what_it_inherited(tmp_path):
+    """A tokenizing worker aborted in CI while collecting garbage (``std::system_error``): a torch.distributed
+    process group an earlier in-process run left in a reference cycle was destroyed in the child, where the threads it
+    joins do not exist (a 1-rank gloo group so destroyed hung the child). Workers we fork freeze what they inherit."""
+    import gc
+
+    from epas_lightning.worker_processes import never_collect_inherited_objects
+
+    destroyed = tmp_path / "destroyed"
+
+    class Native:  # stands for an object whose destructor touches state only the parent has
+        def __del__(self):
+            destroyed.write_text(str(os.getpid()))
+
+    never_collect_inherited_objects()
+    enabled = gc.isenabled()
+    gc.disable()  # the cycle stays uncollected until the fork, as garbage between two collections does
+    try:
+        cycle = Native()
+        cycle.self = cycle
+        del cycle
+        pid = os.fork()
+        if pid == 0:
+            gc.collect()
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert not destroyed.exists(), "the child destroyed an object it inherited"
+        gc.collect()
+        assert destroyed.read_text() == str(os.getpid())  # the parent's own garbage, collected by the parent
+    finally:
+        if enabled:
+            gc.enable()

@@ -36,12 +36,13 @@ from epas_lightning.data.tokenizer import (
     load_tokenizer,
     same_token_ids,
 )
-from epas_lightning.errors import ConfigError, DataError, print_stack_on_crash
+from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model.config import LlamaConfig, check_token_ids
 from epas_lightning.outputs import interrupted_build
 from epas_lightning.runtime import check_counts
 from epas_lightning.safe_load import plain_numbers
 from epas_lightning.seeds import SEED_FIX, TRAINING_SEEDS, seed_out_of_range
+from epas_lightning.worker_processes import never_collect_inherited_objects, print_stack_on_crash
 
 if TYPE_CHECKING:
     from litdata import StreamingDataLoader
@@ -433,6 +434,7 @@ class TokenData:
             )
         if self.num_workers > 0:
             end_data_workers_at_exit()
+            never_collect_inherited_objects()
         return (loader or StreamingDataLoader)(
             dataset,
             batch_size=self.batch_size,

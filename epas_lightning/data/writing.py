@@ -33,7 +33,8 @@ import numpy as np
 from epas_lightning.data.layout import count_stream_tokens
 from epas_lightning.data.sources import BadDocument, DataPreparationError, InputFile, split_documents
 from epas_lightning.data.tokenizer import load_tokenizer_once
-from epas_lightning.errors import print_stack_on_crash, process_ending
+from epas_lightning.errors import process_ending
+from epas_lightning.worker_processes import never_collect_inherited_objects, print_stack_on_crash
 
 if TYPE_CHECKING:
     import torch
@@ -390,6 +391,7 @@ def write_split(
         for g in groups
     ]
     workers = max(1, min(num_workers, len(items)))
+    never_collect_inherited_objects()
     with isolated_litdata(scratch / "litdata"), progress_bar(stats_dir, len(items), split, enabled=progress):
         try:
             optimize(
