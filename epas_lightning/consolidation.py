@@ -81,7 +81,8 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
 def carried_weights_region(loaded: LoadedModel) -> dict[str, Any]:
     """The ``sharing`` entry of a copy of a stock export: the region its weights trained, which the copy does not run
     either (:data:`WEIGHTS_REGION_KEY`); none for other checkpoints."""
-    return {WEIGHTS_REGION_KEY: loaded.weights_region.to_record()} if loaded.weights_region else {}
+    record = loaded.region.unrun_record()
+    return {WEIGHTS_REGION_KEY: record} if record else {}
 
 
 def consolidated_summary(folder: Path) -> dict[str, Any]:

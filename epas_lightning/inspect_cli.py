@@ -74,7 +74,7 @@ def describe(path: Path, check_weights: bool = True) -> dict[str, Any]:
             "max_forced": len(region.growth_order()),
         },
         "transformers_shared_layers": metadata.get(HF_SHARED_KEY) if kind == "hf" else None,
-        "weights_trained_region": info.weights_region.to_record() if info.weights_region else None,
+        "weights_trained_region": info.region.unrun_record(),
         "model": {
             "n_layer": config.n_layer,
             "n_embd": config.n_embd,

@@ -146,6 +146,11 @@ class TrainedRegion:
         """Plain types for checkpoints and JSON (``weights_only``-loadable)."""
         return {"layers": list(self.layers), "order": self.order}
 
+    def unrun_record(self) -> dict[str, Any] | None:
+        """:attr:`unrun` as :meth:`to_record` writes it (the ``weights_trained_region`` of the commands' JSON and a
+        copy's ``sharing`` entry); ``None`` where there is none."""
+        return None if self.unrun is None else self.unrun.to_record()
+
     @classmethod
     def from_record(cls, record: Mapping[str, Any], n_layer: int) -> TrainedRegion:
         if not isinstance(record, Mapping):

@@ -200,7 +200,7 @@ def analyze_command(
             dtype=dtype_name(next(model.parameters()).dtype),
             trained_shared_layers=loaded.trained_shared_layers,
             trained_region=loaded.region.to_record(),
-            weights_trained_region=loaded.weights_region and loaded.weights_region.to_record(),
+            weights_trained_region=loaded.region.unrun_record(),
         )
         recommendation = report.recommend(metric, threshold, config)
         record = write_outputs(report, recommendation, build)

@@ -336,7 +336,7 @@ def bench_command(
             "dtype": dtype_name(loaded.model.embed_tokens.weight.dtype),
             "n_layer": config.n_layer,
             "trained_region": loaded.region.to_record(),
-            "weights_trained_region": loaded.weights_region.to_record() if loaded.weights_region else None,
+            "weights_trained_region": loaded.region.unrun_record(),
             "trained_max_shared": loaded.max_shared,
             "attention_reuse": loaded.model.attention_reuse,
             "prompts": prompts,

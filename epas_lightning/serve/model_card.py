@@ -127,7 +127,7 @@ class ServedModel:
                 "block_size": self.config.block_size,
                 "context_length": self.config.context_length,
                 "trained_region": self.region.to_record(),
-                "weights_trained_region": self.region.unrun and self.region.unrun.to_record(),  # a stock export's
+                "weights_trained_region": self.region.unrun_record(),  # a stock export's
                 "default_sharing_layers": self.default_sharing,
                 "max_tokens": self.max_tokens,
                 "regions": [self.region_record(n) for n in range(self.region.size + 1)],
