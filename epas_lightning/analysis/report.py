@@ -30,7 +30,6 @@ DEFAULT_METRICS = {"qk": "attn/cka", "kv": "kv/cka"}
 """By sharing mode, what a region is scored by: a sharing layer in ``qk`` mode attends with its source's
 probabilities, their similarity is the direct measure; one in ``kv`` mode attends with its own Q over its source's K
 and V, both of which must stay alike."""
-DEFAULT_METRIC = DEFAULT_METRICS["qk"]
 REUSED = {"qk": "Q/K", "kv": "K/V"}
 """What a sharing layer takes from its source, by sharing mode."""
 DEFAULT_THRESHOLD = 0.9
