@@ -170,6 +170,7 @@ def test_regions_change_the_scores_and_the_tokenizer_is_the_exports(checkpoint, 
     text = "x <|eos|> y"  # special-token text is text, as training read it (the export sets split_special_tokens)
     assert lm.tok_encode(text) == [tokenizer.bos_id, *tokenizer.encode(text)]
     pairs = [("def f(x): ", "return x"), ("", "import os"), ("class A:\n", "    pass"), (words(1, 40), " else")]
+    pairs += [("<|bos|>def f(x): ", "return x")]  # lm-eval adds no BOS to a text that starts with its text
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
     dense = lm.loglikelihood(requests)
     # the fallback scorer of `evaluate --tasks` builds and scores the same requests
