@@ -170,6 +170,7 @@ def test_regions_change_the_scores_and_the_tokenizer_is_the_exports(checkpoint, 
     text = "x <|eos|> y"  # special-token text is text, as training read it (the export sets split_special_tokens)
     assert lm.tok_encode(text) == [tokenizer.bos_id, *tokenizer.encode(text)]
     pairs = [("def f(x): ", "return x"), ("", "import os"), ("class A:\n", "    pass"), (words(1, 40), " else")]
+    pairs += [("<|bos|>def f(x): ", "return x")]  # lm-eval adds no BOS to a text that starts with its text
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
     dense = lm.loglikelihood(requests)
     # the fallback scorer of `evaluate --tasks` builds and scores the same requests
@@ -190,6 +191,47 @@ def test_regions_change_the_scores_and_the_tokenizer_is_the_exports(checkpoint, 
             ConfigError, match=f"a region length is a number of sharing layers, got {n!r} — sharing_lay"
         ):
             EPASLM(str(checkpoint), sharing_layers=n, device="cpu")
+
+
+def test_each_request_kind_equals_hf_on_the_export_at_any_batch_size_and_order(checkpoint, exports) -> None:
+    """Request by request, at the trained region: empty contexts (BOS), trailing spaces, continuations of several
+    tokens, contexts past the 32-token window (cut from the left), is_greedy, documents of several rolling windows,
+    and generation from prompts of different lengths; batch size 1, or 5 in reverse order, changes no number."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from epas_lightning.evaluation.lm_eval_adapter import EPASLM
+
+    pairs = [("", " import os"), ("def f(x): ", "return x"), ("x  ", " None"), (words(2, 30), " for in list dict")]
+    pairs += [(words(4, 3), words(5, 6)), ("\n", "def")]
+    documents = [words(6, 4), words(7, 45)]
+    until = ["\n", " in"]
+    prompts = [(words(i, 2 + 9 * i), {"until": until, "max_gen_toks": 4 + i, "do_sample": False}) for i in range(3)]
+
+    def scores(lm, batch_size: int, order: list[int]) -> list:  # noqa: ANN001
+        lm.batch_size_per_gpu = batch_size
+        run = [
+            (lm.loglikelihood, [("loglikelihood", pair) for pair in pairs]),
+            (lm.loglikelihood_rolling, [("loglikelihood_rolling", (doc,)) for doc in documents]),
+            (lm.generate_until, [("generate_until", prompt) for prompt in prompts]),
+        ]
+        results = []
+        for method, requests in run:
+            picked = [i for i in order if i < len(requests)]
+            out = method([Instance(requests[i][0], {}, requests[i][1], i) for i in picked], disable_tqdm=True)
+            results.append(dict(zip(picked, out, strict=True)))
+        return results
+
+    hf = HFLM(pretrained=str(exports[2]), device="cpu", trust_remote_code=True)
+    ours = EPASLM(str(checkpoint), sharing_layers=2, device="cpu")
+    order = list(range(len(pairs)))
+    expected = scores(hf, 1, order)
+    for batch_size, requests in ((1, order), (5, order[::-1])):
+        loglikelihoods, rolling, generated = scores(ours, batch_size, requests)
+        for i, (score, greedy) in expected[0].items():
+            assert loglikelihoods[i] == (pytest.approx(score, rel=1e-5), greedy)
+        assert rolling == pytest.approx(expected[1], rel=1e-5)
+        assert generated == expected[2]
 
 
 def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(checkpoint: Path, tmp_path: Path) -> None:

@@ -118,21 +118,36 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     tokenizer (which starts every text with BOS).
 
     Trailing whitespace of the context moves to the continuation; the continuation's tokens are those of
-    ``context + continuation`` after the context's own tokens. An empty context becomes BOS.
+    ``context + continuation`` after the context's own tokens. An empty context becomes BOS. A text that starts with
+    the BOS token's text (``<|bos|>``, ``<s>``) gets no BOS, as ``hf`` encodes it (that text stays text).
     """
     bos = tokenizer.bos_id
+    prefix = bos_text(tokenizer)
 
-    def with_bos(ids: list[int]) -> list[int]:
-        return ids if ids[:1] == [bos] else [bos, *ids]
+    def with_bos(text: str) -> list[int]:
+        ids = tokenizer.encode(text)
+        skip = prefix is not None and text.startswith(prefix)
+        return ids if skip or ids[:1] == [bos] else [bos, *ids]
 
     if not context:
         ids = tokenizer.encode(continuation)
         return ([bos], ids) if ids[:1] != [bos] else (ids[:1], ids[1:])
     stripped = context.rstrip()
     context, continuation = stripped, context[len(stripped) :] + continuation
-    whole = with_bos(tokenizer.encode(context + continuation))
-    context_ids = with_bos(tokenizer.encode(context))
+    whole = with_bos(context + continuation)
+    context_ids = with_bos(context)
     return context_ids, whole[len(context_ids) :]
+
+
+def bos_text(tokenizer) -> str | None:  # noqa: ANN001
+    """The BOS token's text in a :class:`TextTokenizer` (what lm-eval's ``hf`` decodes BOS to: a text starting with it
+    gets no BOS there); ``None`` for a tokenizer of another kind."""
+    kind, backend = getattr(tokenizer, "kind", None), getattr(tokenizer, "backend", None)
+    if kind == "hf":
+        return backend.id_to_token(tokenizer.bos_id)
+    if kind == "sentencepiece":
+        return backend.id_to_piece(tokenizer.bos_id)
+    return None
 
 
 @torch.no_grad()
