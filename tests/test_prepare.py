@@ -856,6 +856,21 @@ def test_copies_of_a_text_file_under_two_paths_are_held_out_together(tmp_path: P
     }
 
 
+def test_a_shard_given_twice_is_validated_on_apart_from_what_is_trained_on(tmp_path: Path, sp_model: Path):
+    """One JSONL shard saved under two names: nearly every held-out record was trained on too. The dataset now holds
+    each copy on the side of its text, and its counts are the documents written."""
+    rng = random.Random(7)
+    lines = "".join(json.dumps({"text": make_text(rng, 12)}) + "\n" for _ in range(120))
+    for name in ("a.jsonl", "mirror/a.jsonl"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(lines)
+    out = prepare(tmp_path, tmp_path.parent / f"{tmp_path.name}-out", sp_model, val_fraction=0.2, num_workers=1)
+    meta = json.loads((out / "meta.json").read_text())
+    val, train = (Counter(map(tuple, documents_of(out / split, 1, 2))) for split in ("val", "train"))
+    assert val and not set(val) & set(train) and all(n % 2 == 0 for n in (val | train).values())
+    assert (meta["splits"]["val"]["documents"], meta["documents"]) == (val.total(), 240)
+
+
 def test_text_files_that_are_all_copies_of_one_document_cannot_be_split(tmp_path: Path, sp_model: Path):
     """Two copies of one file were split into one trained on and one validated on. Held out together, they leave
     nothing to train on, or to validate on: one line, as for a single file."""
