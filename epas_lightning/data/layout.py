@@ -8,6 +8,11 @@
         tokenizer.json | tokenizer.model   the tokenizer the tokens came from
         meta.json              written last: tokenizer kind, vocab size, BOS/EOS ids, documents/tokens/bytes/seconds
 
+``val_split`` in ``meta.json`` says how ``val/`` was held out: ``text-hash`` (each document by the hash of its text, so
+copies of a text are on one side), ``val-input`` (the ``--val-input`` files). A folder prepared before it was recorded
+has none: its documents were held out by the hash of their file's path (a record: of ``file#line``), unless it names
+``val_inputs``.
+
 A dataset is complete once ``meta.json`` exists; ``prepare`` and the built-in corpus write it last, in a folder that is
 renamed into place only when complete.
 """

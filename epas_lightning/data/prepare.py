@@ -229,6 +229,7 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
         "eos_token_override": tokenizer.eos_token,
         "token_dtype": np.dtype(TOKEN_DTYPE).name,
         "val_fraction": options.val_fraction,
+        "val_split": "val-input" if options.val_inputs else "text-hash",
         "text_field": options.text_field,
         "splits": {name: {k: v for k, v in s.items() if k != "skipped"} for name, s in splits.items()},
         "skipped": {name: len(s["skipped"]) for name, s in splits.items()},
@@ -268,8 +269,8 @@ def prepare_dataset(
         train_tokenizer: Train a byte-level BPE of ``vocab_size`` tokens on the train split instead.
         vocab_size: Vocabulary size of the trained tokenizer.
         val_input: Separate validation inputs (their files are held out from ``input`` too). Otherwise
-            ``val_fraction`` of the documents are held out by hash (whole files for text inputs, records for
-            JSONL/parquet).
+            ``val_fraction`` of the documents are held out by the hash of their text (whole files for text inputs,
+            records for JSONL/parquet), so that every copy of a text is on one side.
         val_fraction: Fraction of the documents held out for validation when there is no ``val_input``, above 0
             (a dataset has a ``val/`` split).
         text_field: The JSONL field / parquet column holding the text.
@@ -434,8 +435,9 @@ def prepare_command(
         tokenizer: A local tokenizer.json, sentencepiece tokenizer.model, or a folder holding one.
         train_tokenizer: Train a byte-level BPE on the train split instead (with --vocab-size).
         vocab_size: Vocabulary size of the trained tokenizer.
-        val_input: Separate validation inputs (default: hold out --val-fraction of the documents by hash); their
-            files are held out from --input too.
+        val_input: Separate validation inputs (default: hold out --val-fraction of the documents by the hash of
+            their text, so that copies of a document are all held out or none); their files are held out from
+            --input too.
         val_fraction: Fraction of the documents held out for validation, above 0 (text files are held out whole,
             and at least one of them); not used with --val-input.
         text_field: The JSONL field / parquet column with the text.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import functools
 import hashlib
 import io
 import json
@@ -63,7 +62,8 @@ class InputFile:
     """``text`` (the file is one document), ``jsonl`` or ``parquet`` (one document per record)."""
     n_bytes: int
     split: str = "hash"
-    """``train`` or ``val`` (every document), or ``hash`` (each document by the hash of its key)."""
+    """``train`` or ``val`` (every document), or ``hash`` (each document by the hash of its text,
+    :func:`document_hash`)."""
     start: int = 0
     """Where this part of the file starts (:mod:`~epas_lightning.data.parts`): a byte offset at a line start (JSONL)
     or a row group (parquet)."""
@@ -75,6 +75,9 @@ class InputFile:
     stamp: tuple[int, int] | None = None
     """The whole file's ``(size, mtime_ns)`` when it was found (:func:`file_stamp`): a file that changes while it is
     prepared is found out (:func:`check_unchanged`); ``None``: not checked."""
+    held: tuple[float, ...] = ()
+    """The hashes of documents held out beside those below the fraction (a ``hash`` file's): the text file held out
+    where none hashed below it, so that a record with its text is held out too."""
 
 
 def file_kind(path: Path, explicit: bool) -> str | None:
@@ -340,25 +343,54 @@ def split_by_hash(items: Sequence, key: Callable[[object], str], val_fraction: f
     return [f for i, f in enumerate(items) if i not in held], [f for i, f in enumerate(items) if i in held]
 
 
+def document_hash(text: str) -> float:
+    """The hash a document is split by: of its text as it is tokenized, so that copies of one text (two records, two
+    files, a file and a record) are held out together or not at all."""
+    return stable_unit_hash(text)
+
+
+def _text_file_hash(f: InputFile) -> float | None:
+    """:func:`document_hash` of a text file's document, ``None`` for an empty one (a byte order mark alone too); a
+    file that is a bad document (too large, unreadable, binary, not UTF-8) hashes by its key: it is skipped in its
+    split, as it is read there."""
+    if f.n_bytes > MAX_DOCUMENT_BYTES:
+        return stable_unit_hash(f.key)
+    try:
+        data = Path(f.path).read_bytes()
+        if b"\0" in data[:BINARY_SNIFF_BYTES]:
+            return stable_unit_hash(f.key)
+        text = data.decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        return stable_unit_hash(f.key)
+    return document_hash(text) if text else None
+
+
 def plan_split(files: list[InputFile], val_fraction: float) -> list[InputFile]:
-    """Text files are held out whole (by path hash), never an empty one (no document: an empty ``__init__.py`` left the
-    val split without any); JSONL/parquet records by the hash of ``file#index``."""
-    text = [f for f in files if f.kind == "text" and f.n_bytes]
+    """Hold out each document whose text hashes below ``val_fraction`` (:func:`document_hash`), so that every copy of
+    a text lands on one side: text files whole (read here for it), JSONL/parquet records as they are read
+    (:func:`split_documents`). Of two or more text files at least one is held out (the one of the lowest hash, with
+    its copies) and one is not; never an empty one (no document: an empty ``__init__.py`` left the val split without
+    any)."""
+    hashes = {f.path: _text_file_hash(f) for f in files if f.kind == "text" and f.n_bytes}
+    text = [f for f in files if hashes.get(f.path) is not None]
     records = [f for f in files if f.kind != "text"]
-    empty = [with_split(f, "train") for f in files if f.kind == "text" and not f.n_bytes]
-    if len(text) == 1 and not records:
+    empty = [with_split(f, "train") for f in files if f.kind == "text" and hashes.get(f.path) is None]
+    distinct = {hashes[f.path] for f in text}
+    if len(distinct) == 1 and not records:
+        what = "only one document: none can be held out for validation"
+        if len(text) > 1:
+            what = f"the {len(text)} text files are copies of one document: none can be held out for validation "
+            what += "without training on a copy"
+        raise DataPreparationError(what, text[0].path, "pass --val-input")
+    held = {h for h in distinct if h < val_fraction}
+    forced = {min(distinct)} if not held and len(text) >= 2 and len(distinct) > 1 else set()
+    held |= forced
+    if len(text) >= 2 and held == distinct:
         raise DataPreparationError(
-            "only one document: none can be held out for validation", text[0].path, "pass --val-input"
+            f"val_fraction={val_fraction} leaves no training files.", "--val-fraction", "hold out a smaller fraction"
         )
-    if len(text) >= 2:
-        try:
-            train, val = split_by_hash(text, lambda f: f.key, val_fraction)
-        except ValueError as e:
-            raise DataPreparationError(str(e), "--val-fraction", "hold out a smaller fraction") from e
-        text = [with_split(f, "train") for f in train] + [with_split(f, "val") for f in val]
-    else:
-        text = [with_split(f, "train") for f in text]
-    return text + empty + records
+    text = [with_split(f, "val" if hashes[f.path] in held else "train") for f in text]
+    return text + empty + [replace(f, held=tuple(forced)) for f in records]
 
 
 def with_split(f: InputFile, split: str) -> InputFile:
@@ -532,8 +564,8 @@ def iter_documents(
     on_bad: Callable[[BadDocument], None],
     keep: Callable[[str], bool] = lambda key: True,
 ) -> Iterator[tuple[str, str]]:
-    """``(key, text)`` for each document of ``f`` whose key ``keep`` accepts; the others are not decoded (a split
-    reads every record file of a hash split). Bad records go to ``on_bad``, which may raise."""
+    """``(key, text)`` for each document of ``f`` whose key ``keep`` accepts; the others are not decoded. Bad records
+    go to ``on_bad``, which may raise."""
     if f.kind == "text":
         if not keep(f.key):
             return
@@ -602,19 +634,23 @@ def split_documents(
 ) -> Iterator[str]:
     """The texts of ``split`` (``train`` or ``val``) among ``files``, in order; empty documents are dropped.
 
-    ``on_bad`` hears of the bad records of ``split`` only (each bad record once over the two splits), and of a file of
-    records that cannot be read in ``train``.
+    A document of a ``hash`` file is in the split its text hashes to (:func:`document_hash`; every record is decoded,
+    its text hashed once); a bad record, which has no text, in the one its key hashes to. ``on_bad`` hears of the bad
+    records of ``split`` only (each bad record once over the two splits), and of a file of records that cannot be
+    read in ``train``.
     """
+    val = split == "val"
 
-    def in_split(f: InputFile, key: str | None) -> bool:
-        if f.split != "hash":
-            return True
-        return split == "train" if key is None else (stable_unit_hash(key) < val_fraction) == (split == "val")
+    def on_bad_of_split(bad: BadDocument) -> None:
+        if (stable_unit_hash(bad.key) < val_fraction if bad.key is not None else False) == val:
+            on_bad(bad)
 
     for f in files:
         if f.split not in (split, "hash"):
             continue
-        keep = functools.partial(in_split, f)
-        for _, text in iter_documents(f, text_field, lambda bad, keep=keep: keep(bad.key) and on_bad(bad), keep):
-            if text:
+        if f.split != "hash":
+            yield from (text for _, text in iter_documents(f, text_field, on_bad) if text)
+            continue
+        for _, text in iter_documents(f, text_field, on_bad_of_split):
+            if text and ((h := document_hash(text)) < val_fraction or h in f.held) == val:
                 yield text
