@@ -74,7 +74,7 @@ def test_max_bytes_limits_the_corpus():
 
 
 def test_split_is_deterministic_disjoint_and_holds_out_about_val_fraction():
-    files = [SourceFile(p, p, 0) for p in list_source_files(stdlib_root())]
+    files, _ = collect_source_files(stdlib_root())
     train, val = split_train_val(files, val_fraction=0.02)
     assert {f.rel_path for f in train}.isdisjoint(f.rel_path for f in val)
     assert len(train) + len(val) == len(files)
@@ -82,6 +82,22 @@ def test_split_is_deterministic_disjoint_and_holds_out_about_val_fraction():
     assert split_train_val(files, val_fraction=0.02) == (train, val)
     shuffled_train, shuffled_val = split_train_val(random.Random(0).sample(files, len(files)), val_fraction=0.02)
     assert {f.rel_path for f in shuffled_val} == {f.rel_path for f in val}  # decided per file, not by position
+
+
+def test_copies_of_a_file_are_held_out_together_and_an_empty_one_never(tmp_path: Path):
+    """The built-in corpus was split by path: a standard library file copied under another name (test data, vendored
+    modules) was trained on and validated on. It is split by text, as ``prepare`` does."""
+    files = []
+    for i in range(40):
+        for copy in ("a", "b"):
+            (tmp_path / f"{copy}{i}.py").write_text(f"x = {i}\n")
+            files.append(SourceFile(f"{copy}{i}.py", str(tmp_path / f"{copy}{i}.py"), len(f"x = {i}\n")))
+    (tmp_path / "__init__.py").write_text("")
+    files.append(SourceFile("__init__.py", str(tmp_path / "__init__.py"), 0))
+    for fraction in (0.2, 1e-12):
+        train, val = split_train_val(files, val_fraction=fraction)
+        held = {Path(f.path).read_text() for f in val}
+        assert val and held.isdisjoint(Path(f.path).read_text() for f in train) and "" not in held
 
 
 def test_split_always_holds_out_one_file():

@@ -38,15 +38,16 @@ from epas_lightning.data.layout import (
     write_meta,
 )
 from epas_lightning.data.prepare import BuildOptions, TokenizerChoice, build_dataset
-from epas_lightning.data.sources import DataPreparationError, InputFile, split_by_hash
+from epas_lightning.data.sources import DataPreparationError, InputFile, plan_split
 from epas_lightning.data.tokenizer import MIN_BPE_VOCAB, TRAINED_BOS_TOKEN, TRAINED_EOS_TOKEN
 from epas_lightning.data.writing import WorkerLost, default_num_workers
 from epas_lightning.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
-"""Part of the cache key: raised when preparation changes the tokens (2: a file's UTF-8 byte order mark is dropped)."""
+FORMAT_VERSION = 3
+"""Part of the cache key: raised when preparation changes the tokens (2: a file's UTF-8 byte order mark is dropped; 3:
+files held out by the hash of their text, not of their path)."""
 BOS_TOKEN = TRAINED_BOS_TOKEN
 EOS_TOKEN = TRAINED_EOS_TOKEN
 FILES_FILENAME = "files.json"
@@ -146,13 +147,17 @@ def collect_source_files(root: str | Path, max_bytes: int | None = None) -> tupl
 
 
 def split_train_val(files: Sequence[SourceFile], val_fraction: float) -> tuple[list[SourceFile], list[SourceFile]]:
-    """Hold out whole files: those whose path hash is below ``val_fraction``, and always at least one."""
+    """Hold out whole files as ``prepare`` does (:func:`~epas_lightning.data.sources.plan_split`): those whose text
+    hashes below ``val_fraction``, with every copy of their text, at least one and never an empty one."""
+    fix = "raise it, or leave it unset for the whole corpus"
+    if (n := sum(1 for f in files if f.n_bytes)) < 2:
+        raise ConfigError(f"need at least 2 non-empty files to hold one out, got {n}", "data.max_bytes", fix)
     try:
-        return split_by_hash(files, lambda f: f.rel_path, val_fraction)
-    except ValueError as e:
-        raise ConfigError(
-            str(e).rstrip("."), "data.max_bytes", "raise it, or leave it unset for the whole corpus"
-        ) from e
+        planned = plan_split([InputFile(f.path, f.rel_path, "text", f.n_bytes) for f in files], val_fraction)
+    except DataPreparationError as e:
+        raise ConfigError(str(e).rstrip("."), "data.max_bytes", fix) from e
+    held = {f.path for f in planned if f.split == "val"}
+    return [f for f in files if f.path not in held], [f for f in files if f.path in held]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -166,7 +171,7 @@ def build_entry(
     """Write a complete entry into ``build_dir`` (``meta.json`` last) and return its metadata.
 
     The files go through the same preparation as any corpus (:func:`~epas_lightning.data.prepare.build_dataset`):
-    each file is one document, held out whole by the hash of its path, with a byte-level BPE trained on the train files.
+    each file is one document, held out whole by the hash of its text, with a byte-level BPE trained on the train files.
     """
     root = stdlib_root()
     files, n_undecodable = collect_source_files(root, max_bytes)

@@ -331,18 +331,6 @@ def stable_unit_hash(text: str) -> float:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()[:8], "big") / 2**64
 
 
-def split_by_hash(items: Sequence, key: Callable[[object], str], val_fraction: float) -> tuple[list, list]:
-    """Hold out the items whose key hashes below ``val_fraction``, and always at least one (the first of the lowest
-    hash: items of one key, such as files of one name under two inputs, are not all held out by this rule)."""
-    if len(items) < 2:
-        raise ValueError(f"Need at least 2 files to split into train and val, got {len(items)}.")
-    hashes = [stable_unit_hash(key(f)) for f in items]
-    held = {i for i, h in enumerate(hashes) if h < val_fraction} or {hashes.index(min(hashes))}
-    if len(held) == len(items):
-        raise ValueError(f"val_fraction={val_fraction} leaves no training files.")
-    return [f for i, f in enumerate(items) if i not in held], [f for i, f in enumerate(items) if i in held]
-
-
 def document_hash(text: str) -> float:
     """The hash a document is split by: of its text as it is tokenized, so that copies of one text (two records, two
     files, a file and a record) are held out together or not at all."""
