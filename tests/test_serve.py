@@ -150,6 +150,24 @@ def test_text_stream_decodes_the_last_tokens_not_the_whole_completion_at_each_to
     assert max(decoded) < 40  # the tokens since the text was last settled, after the 8 before them
 
 
+def test_long_stop_strings_cost_a_text_stream_no_more_than_short_ones():
+    """Each token looked for a stop string's beginning at every end of the whole text: one request's four stop strings
+    of 100,000 characters took the worker (which decodes every client's sequences) seconds per thousand tokens, a cost
+    that grew with the cube of the text's length."""
+    pieces = ["ab", "cd", "xy", "\xe2", "\x82\xac"]
+    decode = lambda ids: "".join(pieces[i] for i in ids).encode("latin-1").decode("utf-8", errors="replace")  # noqa: E731
+    ids = [i % 5 for i in range(1000)]
+    stops = ["q" * 100_000, "x" + "z" * 100_000, "cdxy" * 25_000, "\u20acab" * 30_000]
+    start = time.perf_counter()
+    stream = TextStream(decode, stop=stops)
+    text = "".join(stream.push(token) for token in ids)
+    assert time.perf_counter() - start < 1.0
+    assert text + stream.finish() == decode(ids)
+    stream = TextStream(decode, stop=["cdxy\u20acac", "dxy\u20acabcdxy\u20aca"])  # held back, sent, then a stop
+    assert [stream.push(token) for token in ids[:11]] == ["ab", "", "", "", "", "c", "", "", "", "", ""]
+    assert stream.stopped and stream.text == "abc"
+
+
 def test_engine_matches_generate_for_every_region_and_seed(checkpoint):
     loaded = load_model(checkpoint)
     tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
