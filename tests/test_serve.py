@@ -408,6 +408,39 @@ def test_batches_that_fail_to_start_send_errors_instead_of_hanging(checkpoint, m
     assert sorted(sent) == [(uid, LitAPIStatus.ERROR) for uid in "abc"] and not engine.busy
 
 
+def test_a_sequence_that_finishes_in_a_step_that_then_fails_still_gets_its_answer(checkpoint, monkeypatch):
+    """A running sequence finished (and left the engine) in the step where a new group then failed to start: its
+    output was lost with the step's and it was in no group to abort, so its client waited for ever."""
+    pytest.importorskip("litserve")
+    from litserve.utils import LitAPIStatus
+
+    from epas_lightning.serve.api import EngineLoop
+
+    loaded = load_model(checkpoint)
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=8)
+    sent: list[tuple[str, str]] = []
+
+    class Transport:
+        def send(self, item, consumer_id: int) -> None:
+            uid, (data, status, _, _) = item
+            sent.append((uid, status))
+
+    loop, inbox = EngineLoop(), queue.Queue()
+    inbox.put((0, "done", 0.0, SequenceRequest([0, 5, 9], 2, 0)))
+    loop._receive(engine, inbox)
+    loop._send(engine, Transport())  # its first token
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(loaded.model, "new_cache", out_of_memory)
+    inbox.put((0, "new", 0.0, SequenceRequest([0, 5], 2, 1)))
+    loop._receive(engine, inbox)
+    loop._send(engine, Transport())  # its last token, then the new group fails
+    assert [status for uid, status in sent if uid == "done"][-2:] == [LitAPIStatus.OK, LitAPIStatus.FINISH_STREAMING]
+    assert [status for uid, status in sent if uid == "new"] == [LitAPIStatus.ERROR] and not engine.busy
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
