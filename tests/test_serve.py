@@ -1364,6 +1364,45 @@ def test_stop_strings_cut_the_text(client, reference):
     assert response.choices[0].text == full[: full.index(stop)] and response.choices[0].finish_reason == "stop"
 
 
+def test_concurrent_requests_keep_their_own_settings(client, reference):
+    """Requests decoded at the same time with different regions, max_tokens, stop strings and sampling, streamed or
+    not, each get what they get alone: a greedy or seeded one what generate gives, cut before a stop string that spans
+    two tokens (none of it streamed), with its own finish reason."""
+    full = reference("def main", 2, 12)
+    ends = [len(reference("def main", 2, k)) for k in range(1, 12)]  # the text's length after each token
+    end = next(e for e in ends if 1 < e < len(full) and "\ufffd" not in full[e - 1 : e + 1])
+    stop = full[end - 1 : end + 1]  # the last character of one token and the first of the next
+    sampled = dict(temperature=0.8, top_p=0.9, seed=7)
+    asks = [  # (prompt, sharing_layers, max_tokens, stop, sampling, stream), expected text or None (unseeded)
+        (("def main", 2, 12, [stop, "\x00\x01"], {"temperature": 0}, True), full[: full.index(stop)]),
+        (("def main", 2, 12, [stop], {"temperature": 0}, False), full[: full.index(stop)]),
+        (("import os", 0, 5, None, {"temperature": 0}, True), reference("import os", 0, 5)),
+        (("import os", 1, 3, None, {"temperature": 0}, False), reference("import os", 1, 3)),
+        (("x", 1, 9, None, sampled, True), reference("x", 1, 9, **sampled)),
+        (("def main", 2, 7, None, {"temperature": 1.5, "top_k": 5}, False), None),
+        (("print(", 2, 10, None, {"temperature": 0}, False), reference("print(", 2, 10)),
+        (("print(", 0, 4, None, {"temperature": 0, "seed": 3}, True), reference("print(", 0, 4)),
+    ]
+
+    def ask(prompt, n_shared, max_tokens, stop, sampling, stream):
+        sampling = {**sampling}
+        extra = {"sharing_layers": n_shared, **({"top_k": sampling.pop("top_k")} if "top_k" in sampling else {})}
+        kwargs = dict(model="tiny", prompt=prompt, max_tokens=max_tokens, stop=stop, extra_body=extra, **sampling)
+        if not stream:
+            response = client.completions.create(**kwargs)
+            return response.choices[0].text, response.choices[0].finish_reason, response.usage.completion_tokens
+        pieces = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+        reasons = [p.choices[0].finish_reason for p in pieces if p.choices and p.choices[0].finish_reason]
+        return "".join(p.choices[0].text for p in pieces if p.choices), *reasons, pieces[-1].usage.completion_tokens
+
+    with ThreadPoolExecutor(len(asks)) as pool:
+        answers = list(pool.map(lambda a: ask(*a[0]), asks))
+    for ((prompt, n_shared, max_tokens, stop, *_), expected), (text, reason, tokens) in zip(asks, answers, strict=True):
+        assert text == expected or expected is None, (prompt, n_shared, max_tokens, stop)
+        assert reason == ("stop" if stop else "length") or expected is None  # unseeded: it may sample EOS
+        assert tokens == max_tokens or (reason == "stop" and tokens < max_tokens)
+
+
 def test_chat_completions_stream_or_not_continue_the_chat_template_prompt(server, client, checkpoint, reference):
     """The ids fed to the model are the rendered template's, control ids included; streamed: the role, the deltas,
     the finish reason and the usage, then [DONE] (the openai client ends there)."""
