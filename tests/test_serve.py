@@ -1037,6 +1037,20 @@ def test_a_chat_request_too_long_for_the_context_names_the_fields_it_sent(checkp
     assert error.value.param == "messages"
 
 
+def test_more_messages_than_the_context_can_hold_are_a_400_not_the_templates_fault(checkpoint, monkeypatch):
+    """Two thousand empty messages rendered past the bound on what a template writes: a 500 that told the client the
+    server's operator must fix the template, for a conversation too long for the model."""
+    pytest.importorskip("litserve")
+    from epas_lightning.serve.protocol import parse_chat
+
+    served = built_api(checkpoint, monkeypatch).served
+    body = {"model": "tiny", "messages": [{"role": "user", "content": ""}] * 2000}
+    assert refused(parse_chat, body, served) == (
+        400, "messages holds 2000 messages, more than the model's context length of 64 tokens can hold (each takes a "
+        "token at least): send fewer",
+    )  # fmt: skip
+
+
 def test_chat_templates_none_of_them_default_are_named_not_said_to_be_missing(tmp_path):
     """Named templates without a 'default' (transformers: 'multiple chat templates with no default'): chat is off and
     the reason names them; it said the model had no chat template."""
