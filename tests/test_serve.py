@@ -865,7 +865,7 @@ def test_chat_templates_that_run_long_or_write_too_much_are_stopped(checkpoint, 
         assert time.monotonic() - start < seconds + 2
     long = {**body, "messages": [{"role": "user", "content": "x" * 20_000}]}
     assert refused(parse_chat, long, replace(served, chat_template=loop)) == (
-        400, "the messages hold 20000 characters, more than the model's context length of 64 tokens can hold: "
+        400, "the messages hold 20004 characters, more than the model's context length of 64 tokens can hold: "
         "shorten them",
     )  # fmt: skip
 
@@ -1038,8 +1038,9 @@ def test_a_chat_request_too_long_for_the_context_names_the_fields_it_sent(checkp
 
 
 def test_more_messages_than_the_context_can_hold_are_a_400_not_the_templates_fault(checkpoint, monkeypatch):
-    """Two thousand empty messages rendered past the bound on what a template writes: a 500 that told the client the
-    server's operator must fix the template, for a conversation too long for the model."""
+    """Two thousand empty messages, or a role of 40,000 characters, rendered past the bound on what a template writes:
+    a 500 that told the client the server's operator must fix the template, for a conversation too long for the
+    model."""
     pytest.importorskip("litserve")
     from epas_lightning.serve.protocol import parse_chat
 
@@ -1048,6 +1049,11 @@ def test_more_messages_than_the_context_can_hold_are_a_400_not_the_templates_fau
     assert refused(parse_chat, body, served) == (
         400, "messages holds 2000 messages, more than the model's context length of 64 tokens can hold (each takes a "
         "token at least): send fewer",
+    )  # fmt: skip
+    body = {"model": "tiny", "messages": [{"role": "u" * 40_000, "content": ""}]}
+    assert refused(parse_chat, body, served) == (
+        400, "the messages hold 40000 characters, more than the model's context length of 64 tokens can hold: "
+        "shorten them",
     )  # fmt: skip
 
 

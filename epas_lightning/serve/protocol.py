@@ -377,9 +377,8 @@ def _chat_prompt(messages: list[ChatMessage], served: ServedModel, tokenizer: Te
             "messages",
         )
     records = [_template_message(i, m) for i, m in enumerate(messages)]
-    _check_chars(
-        sum(len(record["content"]) for record in records), "the messages hold", "shorten them", "messages", served
-    )
+    chars = sum(len(text) for record in records for text in record.values())  # a role or a name is written too
+    _check_chars(chars, "the messages hold", "shorten them", "messages", served)
     most = context_length * MAX_TOKEN_CHARS  # no longer text fits in the context
     try:  # the template may add its own text (headers, a system prompt), not as much again
         return chat_prompt_ids(served.chat_template, records, tokenizer, max_chars=2 * most)
