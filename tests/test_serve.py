@@ -150,6 +150,24 @@ def test_text_stream_decodes_the_last_tokens_not_the_whole_completion_at_each_to
     assert max(decoded) < 40  # the tokens since the text was last settled, after the 8 before them
 
 
+def test_long_stop_strings_cost_a_text_stream_no_more_than_short_ones():
+    """Each token looked for a stop string's beginning at every end of the whole text: one request's four stop strings
+    of 100,000 characters took the worker (which decodes every client's sequences) seconds per thousand tokens, a cost
+    that grew with the cube of the text's length."""
+    pieces = ["ab", "cd", "xy", "\xe2", "\x82\xac"]
+    decode = lambda ids: "".join(pieces[i] for i in ids).encode("latin-1").decode("utf-8", errors="replace")  # noqa: E731
+    ids = [i % 5 for i in range(1000)]
+    stops = ["q" * 100_000, "x" + "z" * 100_000, "cdxy" * 25_000, "\u20acab" * 30_000]
+    start = time.perf_counter()
+    stream = TextStream(decode, stop=stops)
+    text = "".join(stream.push(token) for token in ids)
+    assert time.perf_counter() - start < 1.0
+    assert text + stream.finish() == decode(ids)
+    stream = TextStream(decode, stop=["cdxy\u20acac", "dxy\u20acabcdxy\u20aca"])  # held back, sent, then a stop
+    assert [stream.push(token) for token in ids[:11]] == ["ab", "", "", "", "", "c", "", "", "", "", ""]
+    assert stream.stopped and stream.text == "abc"
+
+
 def test_engine_matches_generate_for_every_region_and_seed(checkpoint):
     loaded = load_model(checkpoint)
     tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
@@ -388,6 +406,39 @@ def test_batches_that_fail_to_start_send_errors_instead_of_hanging(checkpoint, m
     loop._receive(engine, inbox)
     loop._send(engine, Transport())
     assert sorted(sent) == [(uid, LitAPIStatus.ERROR) for uid in "abc"] and not engine.busy
+
+
+def test_a_sequence_that_finishes_in_a_step_that_then_fails_still_gets_its_answer(checkpoint, monkeypatch):
+    """A running sequence finished (and left the engine) in the step where a new group then failed to start: its
+    output was lost with the step's and it was in no group to abort, so its client waited for ever."""
+    pytest.importorskip("litserve")
+    from litserve.utils import LitAPIStatus
+
+    from epas_lightning.serve.api import EngineLoop
+
+    loaded = load_model(checkpoint)
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=8)
+    sent: list[tuple[str, str]] = []
+
+    class Transport:
+        def send(self, item, consumer_id: int) -> None:
+            uid, (data, status, _, _) = item
+            sent.append((uid, status))
+
+    loop, inbox = EngineLoop(), queue.Queue()
+    inbox.put((0, "done", 0.0, SequenceRequest([0, 5, 9], 2, 0)))
+    loop._receive(engine, inbox)
+    loop._send(engine, Transport())  # its first token
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(loaded.model, "new_cache", out_of_memory)
+    inbox.put((0, "new", 0.0, SequenceRequest([0, 5], 2, 1)))
+    loop._receive(engine, inbox)
+    loop._send(engine, Transport())  # its last token, then the new group fails
+    assert [status for uid, status in sent if uid == "done"][-2:] == [LitAPIStatus.OK, LitAPIStatus.FINISH_STREAMING]
+    assert [status for uid, status in sent if uid == "new"] == [LitAPIStatus.ERROR] and not engine.busy
 
 
 @pytest.mark.parametrize(
@@ -814,7 +865,7 @@ def test_chat_templates_that_run_long_or_write_too_much_are_stopped(checkpoint, 
         assert time.monotonic() - start < seconds + 2
     long = {**body, "messages": [{"role": "user", "content": "x" * 20_000}]}
     assert refused(parse_chat, long, replace(served, chat_template=loop)) == (
-        400, "the messages hold 20000 characters, more than the model's context length of 64 tokens can hold: "
+        400, "the messages hold 20004 characters, more than the model's context length of 64 tokens can hold: "
         "shorten them",
     )  # fmt: skip
 
@@ -984,6 +1035,26 @@ def test_a_chat_request_too_long_for_the_context_names_the_fields_it_sent(checkp
     with pytest.raises(RequestError) as error:
         parse_chat({**message, "messages": [{"role": "user", "content": "x" * 200}]}, served, served.tokenizer())
     assert error.value.param == "messages"
+
+
+def test_more_messages_than_the_context_can_hold_are_a_400_not_the_templates_fault(checkpoint, monkeypatch):
+    """Two thousand empty messages, or a role of 40,000 characters, rendered past the bound on what a template writes:
+    a 500 that told the client the server's operator must fix the template, for a conversation too long for the
+    model."""
+    pytest.importorskip("litserve")
+    from epas_lightning.serve.protocol import parse_chat
+
+    served = built_api(checkpoint, monkeypatch).served
+    body = {"model": "tiny", "messages": [{"role": "user", "content": ""}] * 2000}
+    assert refused(parse_chat, body, served) == (
+        400, "messages holds 2000 messages, more than the model's context length of 64 tokens can hold (each takes a "
+        "token at least): send fewer",
+    )  # fmt: skip
+    body = {"model": "tiny", "messages": [{"role": "u" * 40_000, "content": ""}]}
+    assert refused(parse_chat, body, served) == (
+        400, "the messages hold 40000 characters, more than the model's context length of 64 tokens can hold: "
+        "shorten them",
+    )  # fmt: skip
 
 
 def test_chat_templates_none_of_them_default_are_named_not_said_to_be_missing(tmp_path):
@@ -1311,6 +1382,45 @@ def test_stop_strings_cut_the_text(client, reference):
     stop = full[3:5]
     response = client.completions.create(model="tiny", prompt="def main", max_tokens=12, temperature=0, stop=[stop])
     assert response.choices[0].text == full[: full.index(stop)] and response.choices[0].finish_reason == "stop"
+
+
+def test_concurrent_requests_keep_their_own_settings(client, reference):
+    """Requests decoded at the same time with different regions, max_tokens, stop strings and sampling, streamed or
+    not, each get what they get alone: a greedy or seeded one what generate gives, cut before a stop string that spans
+    two tokens (none of it streamed), with its own finish reason."""
+    full = reference("def main", 2, 12)
+    ends = [len(reference("def main", 2, k)) for k in range(1, 12)]  # the text's length after each token
+    end = next(e for e in ends if 1 < e < len(full) and "\ufffd" not in full[e - 1 : e + 1])
+    stop = full[end - 1 : end + 1]  # the last character of one token and the first of the next
+    sampled = dict(temperature=0.8, top_p=0.9, seed=7)
+    asks = [  # (prompt, sharing_layers, max_tokens, stop, sampling, stream), expected text or None (unseeded)
+        (("def main", 2, 12, [stop, "\x00\x01"], {"temperature": 0}, True), full[: full.index(stop)]),
+        (("def main", 2, 12, [stop], {"temperature": 0}, False), full[: full.index(stop)]),
+        (("import os", 0, 5, None, {"temperature": 0}, True), reference("import os", 0, 5)),
+        (("import os", 1, 3, None, {"temperature": 0}, False), reference("import os", 1, 3)),
+        (("x", 1, 9, None, sampled, True), reference("x", 1, 9, **sampled)),
+        (("def main", 2, 7, None, {"temperature": 1.5, "top_k": 5}, False), None),
+        (("print(", 2, 10, None, {"temperature": 0}, False), reference("print(", 2, 10)),
+        (("print(", 0, 4, None, {"temperature": 0, "seed": 3}, True), reference("print(", 0, 4)),
+    ]
+
+    def ask(prompt, n_shared, max_tokens, stop, sampling, stream):
+        sampling = {**sampling}
+        extra = {"sharing_layers": n_shared, **({"top_k": sampling.pop("top_k")} if "top_k" in sampling else {})}
+        kwargs = dict(model="tiny", prompt=prompt, max_tokens=max_tokens, stop=stop, extra_body=extra, **sampling)
+        if not stream:
+            response = client.completions.create(**kwargs)
+            return response.choices[0].text, response.choices[0].finish_reason, response.usage.completion_tokens
+        pieces = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+        reasons = [p.choices[0].finish_reason for p in pieces if p.choices and p.choices[0].finish_reason]
+        return "".join(p.choices[0].text for p in pieces if p.choices), *reasons, pieces[-1].usage.completion_tokens
+
+    with ThreadPoolExecutor(len(asks)) as pool:
+        answers = list(pool.map(lambda a: ask(*a[0]), asks))
+    for ((prompt, n_shared, max_tokens, stop, *_), expected), (text, reason, tokens) in zip(asks, answers, strict=True):
+        assert text == expected or expected is None, (prompt, n_shared, max_tokens, stop)
+        assert reason == ("stop" if stop else "length") or expected is None  # unseeded: it may sample EOS
+        assert tokens == max_tokens or (reason == "stop" and tokens < max_tokens)
 
 
 def test_chat_completions_stream_or_not_continue_the_chat_template_prompt(server, client, checkpoint, reference):

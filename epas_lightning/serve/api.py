@@ -40,7 +40,7 @@ from starlette.requests import ClientDisconnect
 from epas_lightning.cli import show_package_logs
 from epas_lightning.inference.generate_cli import load_for_inference
 from epas_lightning.runtime import DType
-from epas_lightning.serve.engine import Engine, Output
+from epas_lightning.serve.engine import Engine, Output, StepFailed
 from epas_lightning.serve.liveness import end_with_parent
 from epas_lightning.serve.model_card import ServedModel
 from epas_lightning.serve.protocol import (
@@ -342,8 +342,10 @@ class EngineLoop(LitLoop):
     def _send(self, engine: Engine, transport) -> None:
         try:
             outputs = engine.step()
-        except Exception:
-            logger.exception("decoding failed; the sequences in flight get an error")
+        except StepFailed as failed:  # what the step made still goes out: the sequences it finished are answered
+            logger.error("decoding failed; the sequences in flight get an error", exc_info=failed.__cause__)
+            for output in failed.outputs:
+                self._deliver(transport, output)
             for uid in engine.abort():
                 self._put(transport, uid, "", LitAPIStatus.ERROR)
             return

@@ -68,6 +68,15 @@ class Output:
     (that shared its prefill; the batch shrinks as they finish)."""
 
 
+class StepFailed(Exception):
+    """:meth:`Engine.step` failed part-way (its cause says why): ``outputs`` are what it made before, among them the
+    last ones of sequences that have left the engine (which :meth:`Engine.abort` does not find)."""
+
+    def __init__(self, outputs: list[Output]) -> None:
+        super().__init__("a decode step failed")
+        self.outputs = outputs
+
+
 class _Group:
     """Sequences decoded as one left-padded batch with one KV cache, in one region; each leaves when it finishes."""
 
@@ -189,13 +198,20 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[Output]:
-        """Advance every running group by one token and start the sequences that may start now."""
-        outputs = [output for group in self.groups for output in group.advance()]
-        admitted = self._admit()
-        self.groups += admitted  # before their prefills: if one fails, abort finds every admitted sequence
-        for group in admitted:
-            outputs += group.advance()
-        self.groups = [group for group in self.groups if not group.done]
+        """Advance every running group by one token and start the sequences that may start now; a
+        :class:`StepFailed` (caused by the error) if that fails part-way."""
+        outputs: list[Output] = []
+        try:
+            for group in self.groups:
+                outputs += group.advance()
+            admitted = self._admit()
+            self.groups += admitted  # before their prefills: if one fails, abort finds every admitted sequence
+            for group in admitted:
+                outputs += group.advance()
+        except Exception as e:
+            raise StepFailed(outputs) from e
+        finally:
+            self.groups = [group for group in self.groups if not group.done]
         return outputs
 
     def cancel(self, key: Hashable) -> bool:

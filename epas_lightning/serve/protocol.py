@@ -369,11 +369,17 @@ def _chat_prompt(messages: list[ChatMessage], served: ServedModel, tokenizer: Te
     """The token ids of the chat template's text for ``messages``: its control tokens as their ids."""
     if not messages:
         raise RequestError("messages must hold at least one message", "messages")
+    context_length = served.config.context_length
+    if len(messages) > context_length:  # else many short ones render past the template's bound: its failure, a 500
+        raise RequestError(
+            f"messages holds {len(messages)} messages, more than the model's context length of {context_length} "
+            "tokens can hold (each takes a token at least): send fewer",
+            "messages",
+        )
     records = [_template_message(i, m) for i, m in enumerate(messages)]
-    _check_chars(
-        sum(len(record["content"]) for record in records), "the messages hold", "shorten them", "messages", served
-    )
-    most = served.config.context_length * MAX_TOKEN_CHARS  # no longer text fits in the context
+    chars = sum(len(text) for record in records for text in record.values())  # a role or a name is written too
+    _check_chars(chars, "the messages hold", "shorten them", "messages", served)
+    most = context_length * MAX_TOKEN_CHARS  # no longer text fits in the context
     try:  # the template may add its own text (headers, a system prompt), not as much again
         return chat_prompt_ids(served.chat_template, records, tokenizer, max_chars=2 * most)
     except TemplateRefusal as e:

@@ -75,11 +75,15 @@ class TextStream:
         return min(found) if found else None
 
     def _held(self, text: str) -> int:
-        """Length of the longest end of ``text`` that begins a stop string."""
+        """Length of the longest end of ``text`` that begins a stop string. It lies in the text not sent yet (what was
+        sent ended in no such beginning, or it would have been held back), and starts with the stop string's first
+        character: a long stop string costs a token no more than a short one."""
         longest = 0
         for s in self.stop:
-            for n in range(min(len(s) - 1, len(text)), longest, -1):
-                if text.endswith(s[:n]):
-                    longest = n
+            start = text.find(s[0], max(len(self.sent), len(text) - len(s) + 1))
+            while start >= 0 and len(text) - start > longest:
+                if s.startswith(text[start:]):
+                    longest = len(text) - start
                     break
+                start = text.find(s[0], start + 1)
         return longest
