@@ -1137,12 +1137,18 @@ def test_serve_wraps_requests_in_the_bos_and_eos_the_checkpoint_recorded(checkpo
     assert cli_main(["serve", "--checkpoint", str(copy), "--device", "cpu"]) == 0
     api = started.pop()
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    cuda_seeds, rng_state = [], torch.get_rng_state()
+    torch.manual_seed(0)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", cuda_seeds.append)
     try:
         api.setup("cpu")  # the worker's side (it sets the worker process's SIGINT and SIGTERM handlers)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        seeded, _ = torch.initial_seed(), torch.set_rng_state(rng_state)
     assert api.engine.stop_ids == [6] and api.served.tokenizer().bos_id == 5  # the HTTP side's prompts start with it
+    # unseeded requests: CUDA's default generator starts at one fixed seed in every process (restarts repeated answers)
+    assert cuda_seeds == [seeded] and seeded != 0
 
 
 def test_serve_refuses_weights_that_do_not_fit_their_config_before_starting(checkpoint, tmp_path, capsys):

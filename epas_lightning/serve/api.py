@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import litserve as ls
+import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from litserve.loops.base import _SENTINEL_VALUE, LitLoop
@@ -402,6 +403,9 @@ class CompletionsAPI(ls.LitAPI):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches every process: the main one shuts us down
         show_package_logs()  # this process was spawned: our INFO lines (cancellations) go to stderr as in the main one
         logging.getLogger("epas_lightning").propagate = False  # and not once more through LitServe's root handler
+        # Requests without a seed sample from the default generators; CUDA's start at one fixed seed in every process,
+        # so each restart of the server gave the same "random" answers again. A seed from the OS, for every device:
+        torch.seed()
         with self.startup.reporting():  # a user error is said by the main process, in one line
             loaded = load_for_inference(self.checkpoint, device, self.dtype, self.attention_reuse)
             tokenizer = self.served.tokenizer()
