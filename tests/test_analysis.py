@@ -183,6 +183,16 @@ def test_analyze_model_refuses_token_ids_outside_the_vocabulary():
         analyze_model(object(), [good])  # an AttributeError on parameters
 
 
+def test_activations_that_overflowed_are_refused_not_scored():
+    """A float16 model whose layer-1 queries overflow to inf: its NaN similarities ranked the regions and the largest
+    was recommended, "lowest nan"."""
+    model = Llama(tiny_config()).eval()
+    with torch.no_grad():
+        model.layers[1].self_attn.q_proj.weight.fill_(6e4)  # finite in float16; q = 6e4 * sum(x) is not
+    with pytest.raises(ConfigError, match=r"^layer 1's q holds NaN or inf .*float16.* — .* — .*float32"):
+        analyze_model(model.half(), [torch.randint(0, 128, (1, 8))])
+
+
 # --- the command -------------------------------------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from epas_lightning.analysis.capture import capture_activations
+from epas_lightning.analysis.capture import Activations, capture_activations
 from epas_lightning.analysis.report import DEFAULT_THRESHOLD, Metric, RedundancyReport
 from epas_lightning.data.tokenizer import RecordedTokenizer
 from epas_lightning.errors import ConfigError, DataError
@@ -38,7 +38,23 @@ def analyze_model(model: Llama, batches: Iterable[torch.Tensor]) -> RedundancyRe
     check_is_llama(model)
     check_has_weights(model)
     device = next(model.parameters()).device
-    return RedundancyReport.from_activations(capture_activations(model, _checked(model, batches)), device)
+    acts = capture_activations(model, _checked(model, batches))
+    check_finite(acts, next(model.parameters()).dtype)
+    return RedundancyReport.from_activations(acts, device)
+
+
+def check_finite(acts: Activations, dtype: torch.dtype) -> None:
+    """A :class:`ConfigError` where a layer's Q, K or V holds NaN or inf (overflow in float16): its similarities
+    would be NaN, and NaN scores ranked the regions."""
+    for i in range(acts.n_layer):
+        for name in ("q", "k", "v"):
+            if not torch.isfinite(getattr(acts, name)[i]).all():
+                raise ConfigError(
+                    f"layer {i}'s {name} holds NaN or inf when the model runs in {dtype_name(dtype)} (an overflow), "
+                    "so no similarity can be measured",
+                    f"model dtype {dtype_name(dtype)}",
+                    "run it in float32 (analyze --dtype float32)",
+                )
 
 
 def _checked(model: Llama, batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
