@@ -179,6 +179,8 @@ def test_analyze_model_refuses_token_ids_outside_the_vocabulary():
             DataError, match=rf"^a batch must be a \(batch, seq_len\) tensor of token ids, got {got} — "
         ):
             analyze_model(model, batches)
+    with pytest.raises(DataError, match=r"^batch 2 holds sequences of 3 tokens, batch 1 of 4 — batch 2 — "):
+        analyze_model(model, [good, torch.zeros(2, 3, dtype=torch.long)])  # a RuntimeError of torch.cat, at the end
     with pytest.raises(ConfigError, match="^model must be a Llama, not a object — model"):
         analyze_model(object(), [good])  # an AttributeError on parameters
 

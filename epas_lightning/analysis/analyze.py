@@ -58,10 +58,19 @@ def check_finite(acts: Activations, dtype: torch.dtype) -> None:
 
 
 def _checked(model: Llama, batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """``batches``, each checked against the model's vocabulary before it is run."""
+    """``batches``, each checked against the model's vocabulary, and to be as long as the first, before it is run
+    (attention maps of several lengths cannot be compared row by row)."""
+    seq_len = None
     for n, batch in enumerate(batches, start=1):
         check_token_batch(batch, f"batch {n}")
         model.config.check_token_ids(int(batch.min()), int(batch.max()), f"batch {n}")
+        seq_len = batch.shape[1] if seq_len is None else seq_len
+        if batch.shape[1] != seq_len:
+            raise DataError(
+                f"batch {n} holds sequences of {batch.shape[1]} tokens, batch 1 of {seq_len}",
+                f"batch {n}",
+                "give batches of one sequence length",
+            )
         yield batch
 
 
