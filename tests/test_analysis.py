@@ -284,3 +284,13 @@ def test_analyze_seq_len_goes_up_to_the_context_length(tiny_checkpoint, tmp_path
     args = ["--checkpoint", str(tmp_path / "long.ckpt"), "--output", str(out), "--batches", "1", "--batch-size", "1"]
     assert cli_main(["analyze", *args, "--seq-len", "48"]) == 0, capsys.readouterr().err
     assert json.loads((out / "similarity.json").read_text())["seq_len"] == 48
+
+
+def test_the_trained_region_note_names_the_weights_a_kv_region_stopped_training(tiny_checkpoint, tmp_path, capsys):
+    """A kv-mode sharing layer still computes its Q: the note said its q/k weights stopped training, not its k/v."""
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    checkpoint["model_config"]["sharing_mode"] = "kv"
+    torch.save(checkpoint, tmp_path / "kv.ckpt")
+    args = ["--checkpoint", str(tmp_path / "kv.ckpt"), "--output", str(tmp_path / "a"), "--batches", "1"]
+    assert cli_main(["analyze", *args, "--batch-size", "1", "--seq-len", "8"]) == 0
+    assert "trained with layers [1] sharing; their own k/v weights stopped training" in capsys.readouterr().out

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from epas_lightning.analysis.capture import Activations, capture_activations
-from epas_lightning.analysis.report import DEFAULT_THRESHOLD, Metric, RedundancyReport
+from epas_lightning.analysis.report import DEFAULT_THRESHOLD, REUSED, Metric, RedundancyReport
 from epas_lightning.data.tokenizer import RecordedTokenizer
 from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model import Llama
@@ -238,7 +238,8 @@ def analyze_command(
     print(recommendation.reasoning)
     if trained := (loaded.region if loaded.region.layers else loaded.weights_region):  # a stock export's too
         print(
-            f"Note: the checkpoint was trained with layers {sorted(trained.layers)} sharing; their own q/k "
+            f"Note: the checkpoint was trained with layers {sorted(trained.layers)} sharing; their own "
+            f"{REUSED[config.sharing_mode].lower()} "
             "weights stopped training when they started to share, so their scores describe those frozen weights. "
             "Analyse a dense (or earlier) checkpoint to choose a region."
         )
