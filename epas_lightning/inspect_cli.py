@@ -83,6 +83,7 @@ def describe(path: Path, check_weights: bool = True) -> dict[str, Any]:
             "vocab_size": config.vocab_size,
             "block_size": config.block_size,
             "parameters": sum(t.numel() for t in weights.values()) - (weights["lm_head.weight"].numel() if tied else 0),
+            "sharing_mode": config.sharing_mode,
         },
         "weights_dtype": [name for name, _ in dtypes.most_common()],
         "non_finite": non_finite_weights(path, kind, state) if check_weights else None,
@@ -299,7 +300,7 @@ def describe_text(record: dict[str, Any]) -> str:
     forced, unrun = allowed["max_forced"], record["weights_trained_region"]
     never = "the folder does not carry the region its weights trained" if unrun else "never trained"
     more = f"; {_span(n + 1, forced)} only with --force ({never})" if forced > n else ""
-    kv = model["n_kv_head"]
+    kv, mode = model["n_kv_head"], model["sharing_mode"]  # what a sharing layer reuses: qk, Q/K; kv, K/V
     heads = f"{model['n_head']} heads" + (f" / {kv} KV heads" if kv != model["n_head"] else "")
     tokenizer = record["tokenizer"]
     val = record["val_loss"]
@@ -314,7 +315,8 @@ def describe_text(record: dict[str, Any]) -> str:
         "--sharing-layers": f"{choices(n)} (default {allowed['default']}){more}",
         **transformers_row(record["transformers_shared_layers"], region["layers"], model["n_layer"]),
         "model": f"{model['n_layer']} layers, d {model['n_embd']}, {heads}, vocab {model['vocab_size']:,}, "
-        f"block size {model['block_size']:,}, {model['parameters']:,} parameters",
+        f"block size {model['block_size']:,}, {model['parameters']:,} parameters, sharing mode {mode} "
+        f"({'/'.join(mode.upper())})",
         "weights": ", ".join([*record["weights_dtype"], finite]),
         "tokenizer": "none recorded" if tokenizer is None else tokenizer["path"] + TOKENIZER_NOTES[tokenizer["state"]],
         "val loss": "not recorded"

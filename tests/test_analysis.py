@@ -179,8 +179,20 @@ def test_analyze_model_refuses_token_ids_outside_the_vocabulary():
             DataError, match=rf"^a batch must be a \(batch, seq_len\) tensor of token ids, got {got} — "
         ):
             analyze_model(model, batches)
+    with pytest.raises(DataError, match=r"^batch 2 holds sequences of 3 tokens, batch 1 of 4 — batch 2 — "):
+        analyze_model(model, [good, torch.zeros(2, 3, dtype=torch.long)])  # a RuntimeError of torch.cat, at the end
     with pytest.raises(ConfigError, match="^model must be a Llama, not a object — model"):
         analyze_model(object(), [good])  # an AttributeError on parameters
+
+
+def test_activations_that_overflowed_are_refused_not_scored():
+    """A float16 model whose layer-1 queries overflow to inf: its NaN similarities ranked the regions and the largest
+    was recommended, "lowest nan"."""
+    model = Llama(tiny_config()).eval()
+    with torch.no_grad():
+        model.layers[1].self_attn.q_proj.weight.fill_(6e4)  # finite in float16; q = 6e4 * sum(x) is not
+    with pytest.raises(ConfigError, match=r"^layer 1's q holds NaN or inf .*float16.* — .* — .*float32"):
+        analyze_model(model.half(), [torch.randint(0, 128, (1, 8))])
 
 
 # --- the command -------------------------------------------------------------------------------------------------
@@ -272,3 +284,13 @@ def test_analyze_seq_len_goes_up_to_the_context_length(tiny_checkpoint, tmp_path
     args = ["--checkpoint", str(tmp_path / "long.ckpt"), "--output", str(out), "--batches", "1", "--batch-size", "1"]
     assert cli_main(["analyze", *args, "--seq-len", "48"]) == 0, capsys.readouterr().err
     assert json.loads((out / "similarity.json").read_text())["seq_len"] == 48
+
+
+def test_the_trained_region_note_names_the_weights_a_kv_region_stopped_training(tiny_checkpoint, tmp_path, capsys):
+    """A kv-mode sharing layer still computes its Q: the note said its q/k weights stopped training, not its k/v."""
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    checkpoint["model_config"]["sharing_mode"] = "kv"
+    torch.save(checkpoint, tmp_path / "kv.ckpt")
+    args = ["--checkpoint", str(tmp_path / "kv.ckpt"), "--output", str(tmp_path / "a"), "--batches", "1"]
+    assert cli_main(["analyze", *args, "--batch-size", "1", "--seq-len", "8"]) == 0
+    assert "trained with layers [1] sharing; their own k/v weights stopped training" in capsys.readouterr().out

@@ -62,7 +62,9 @@ def test_a_checkpoint_says_its_step_tokens_region_shape_tokenizer_and_val_loss(t
     assert record["sharing_layers"] == {"default": 2, "max": 2, "max_forced": 3}
     debug = LlamaConfig.from_name("debug", n_layer=4)
     shape = {"n_layer": 4, "n_embd": 64, "n_head": 4, "n_kv_head": 2, "vocab_size": 512, "block_size": debug.block_size}
-    assert record["model"] == {**shape, "parameters": sum(p.numel() for p in Llama(debug).parameters())}
+    assert record["model"] == {
+        **shape, "parameters": sum(p.numel() for p in Llama(debug).parameters()), "sharing_mode": "qk"
+    }  # fmt: skip
     assert record["weights_dtype"] == ["float32"] and record["non_finite"] == []
     assert record["tokenizer"] == {"path": str(tokenizer), "sha256": file_sha256(tokenizer), "state": "ok"}
     assert record["val_loss"] == validation and record["size_bytes"] == path.stat().st_size
@@ -512,3 +514,11 @@ def test_checkpoint_errors_name_the_flag_that_gave_the_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match=r"^model.config does not match init_from .* leave those") as error:
         source_shapes(hf, model.config)  # its config.json is not the run's model.config (it named no place)
     assert error.value.where == f"model.init_from {hf}", str(error.value)
+
+
+def test_a_checkpoint_says_what_its_sharing_layers_reuse(tmp_path, capsys):
+    """A kv-mode region read as any other: "2 sharing layers", with nothing saying they reuse K/V, not Q/K."""
+    model = Llama(LlamaConfig.from_name("debug", n_layer=4, sharing_mode="kv"))
+    model.sharing.set_shared_layers([3, 2])
+    out, record = inspected(capsys, save_consolidated(model, tmp_path / "kv"))
+    assert record["model"]["sharing_mode"] == "kv" and ", sharing mode kv (K/V)\n" in out

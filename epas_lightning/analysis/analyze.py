@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from epas_lightning.analysis.capture import capture_activations
-from epas_lightning.analysis.report import DEFAULT_THRESHOLD, Metric, RedundancyReport
+from epas_lightning.analysis.capture import Activations, capture_activations
+from epas_lightning.analysis.report import DEFAULT_THRESHOLD, REUSED, Metric, RedundancyReport
 from epas_lightning.data.tokenizer import RecordedTokenizer
 from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model import Llama
@@ -38,14 +38,39 @@ def analyze_model(model: Llama, batches: Iterable[torch.Tensor]) -> RedundancyRe
     check_is_llama(model)
     check_has_weights(model)
     device = next(model.parameters()).device
-    return RedundancyReport.from_activations(capture_activations(model, _checked(model, batches)), device)
+    acts = capture_activations(model, _checked(model, batches))
+    check_finite(acts, next(model.parameters()).dtype)
+    return RedundancyReport.from_activations(acts, device)
+
+
+def check_finite(acts: Activations, dtype: torch.dtype) -> None:
+    """A :class:`ConfigError` where a layer's Q, K or V holds NaN or inf (overflow in float16): its similarities
+    would be NaN, and NaN scores ranked the regions."""
+    for i in range(acts.n_layer):
+        for name in ("q", "k", "v"):
+            if not torch.isfinite(getattr(acts, name)[i]).all():
+                raise ConfigError(
+                    f"layer {i}'s {name} holds NaN or inf when the model runs in {dtype_name(dtype)} (an overflow), "
+                    "so no similarity can be measured",
+                    f"model dtype {dtype_name(dtype)}",
+                    "run it in float32 (analyze --dtype float32)",
+                )
 
 
 def _checked(model: Llama, batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """``batches``, each checked against the model's vocabulary before it is run."""
+    """``batches``, each checked against the model's vocabulary, and to be as long as the first, before it is run
+    (attention maps of several lengths cannot be compared row by row)."""
+    seq_len = None
     for n, batch in enumerate(batches, start=1):
         check_token_batch(batch, f"batch {n}")
         model.config.check_token_ids(int(batch.min()), int(batch.max()), f"batch {n}")
+        seq_len = batch.shape[1] if seq_len is None else seq_len
+        if batch.shape[1] != seq_len:
+            raise DataError(
+                f"batch {n} holds sequences of {batch.shape[1]} tokens, batch 1 of {seq_len}",
+                f"batch {n}",
+                "give batches of one sequence length",
+            )
         yield batch
 
 
@@ -213,7 +238,8 @@ def analyze_command(
     print(recommendation.reasoning)
     if trained := (loaded.region if loaded.region.layers else loaded.weights_region):  # a stock export's too
         print(
-            f"Note: the checkpoint was trained with layers {sorted(trained.layers)} sharing; their own q/k "
+            f"Note: the checkpoint was trained with layers {sorted(trained.layers)} sharing; their own "
+            f"{REUSED[config.sharing_mode].lower()} "
             "weights stopped training when they started to share, so their scores describe those frozen weights. "
             "Analyse a dense (or earlier) checkpoint to choose a region."
         )
