@@ -22,6 +22,7 @@ from epas_lightning.errors import ConfigError
 from epas_lightning.flops import flop_cut, peak_flops
 from epas_lightning.loss import heldout_mean, next_token_loss
 from epas_lightning.model import Llama, LlamaConfig
+from epas_lightning.model.config import REUSED
 from epas_lightning.region import REGION_KEY, TrainedRegion, layers_asked_for, region_in_growth_order
 from epas_lightning.runtime import dtype_name
 from epas_lightning.safe_load import is_weights_only
@@ -334,8 +335,8 @@ class ProgressiveSharing(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """After a resume with other settings than the checkpoint's, say what the configured schedule does to the
-        region at the resumed step: layers that leave it compute again with the q/k weights they had before they
-        shared (those got no update since)."""
+        region at the resumed step: layers that leave it compute again with the q/k (kv mode: k/v) weights they had
+        before they shared (those got no update since)."""
         read_from_resumed_position(trainer)
         saved, self._resumed_settings = self._resumed_settings, None
         current = {k: getattr(self, k) for k in saved or {}}
@@ -356,8 +357,8 @@ class ProgressiveSharing(Callback):
             said += f"the region goes from layers {trained or 'none'} to {layers or 'none'}"
         if left := [i for i in trained if i not in layers]:
             said += (
-                f"; layers {left} compute again with the q/k weights they had before they shared (keep the "
-                "checkpoint's sharing settings to continue its region)"
+                f"; layers {left} compute again with the {REUSED[model.config.sharing_mode].lower()} weights they had "
+                "before they shared (keep the checkpoint's sharing settings to continue its region)"
             )
         rank_zero_warn(said)
 

@@ -33,7 +33,7 @@ from epas_lightning.hf.convert import (
 )
 from epas_lightning.launch import launched_node_rank
 from epas_lightning.model import LlamaConfig
-from epas_lightning.model.config import PRESETS
+from epas_lightning.model.config import PRESETS, REUSED
 
 
 def leave_unset(config: LlamaConfig, python: bool = False) -> str:
@@ -197,12 +197,14 @@ def source_shapes(path: Path, config: LlamaConfig, stage: str = "fit") -> dict[s
             shapes = hf_to_ours(read_hf_weights(path, weights=False), config)  # vocabulary rows, unknown tensors
         region = hf_trained_region(hf, config.n_layer, where)  # export's record, perhaps hand-edited
         unrun = None if region.size else recorded_weights_region(path, config.n_layer)  # a stock export's record
-        _say_it_starts_dense(path, sorted((unrun or region).layers), stage, record_only=unrun is not None)
+        mode = hf.get("epas_sharing_mode") or "qk"
+        _say_it_starts_dense(path, sorted((unrun or region).layers), stage, record_only=unrun is not None, mode=mode)
         return shapes
     info, state, _ = read_description(path, flag="model.init_from")
     check_same_architecture(config, info.config, f"model.init_from {path}", leave_unset(config))
     unrun = info.weights_region  # a copy of a stock export: the region its weights trained, as recorded
-    _say_it_starts_dense(path, sorted((unrun or info.region).layers), stage, record_only=unrun is not None)
+    mode = info.config.sharing_mode
+    _say_it_starts_dense(path, sorted((unrun or info.region).layers), stage, record_only=unrun is not None, mode=mode)
     return {key: t for key, t in state.items() if key not in NOT_LOADED}
 
 
@@ -246,33 +248,35 @@ def init_batches(
 
 
 def _say_it_starts_dense(
-    path: Path, trained_shared_layers: list[int], stage: str = "fit", record_only: bool = False
+    path: Path, trained_shared_layers: list[int], stage: str = "fit", record_only: bool = False, mode: str = "qk"
 ) -> None:
     """Warn that the layers the source trained sharing compute again in this run (an export records them too; a stock
     export, or a copy of one, only as a record, ``record_only``: it runs dense itself): ``fit``'s schedule decides the
     region from there, and ``validate``/``test``/``predict`` run the weights as ``fit`` starts from them (the baseline
-    of a continual run), not the trained region; on rank 0 only (which alone reads the source in a distributed run)."""
+    of a continual run), not the trained region; on rank 0 only (which alone reads the source in a distributed run).
+    ``mode``: the source's sharing mode (what its sharing layers took from their source)."""
     if not trained_shared_layers or rank_zero_only.rank != 0:
         return
+    own = REUSED.get(mode, REUSED["qk"])  # a hand-edited config.json's mode is refused where it is read
     trained = f"model.init_from {path} trained layers {trained_shared_layers} sharing; "
     origin = "the training checkpoint its weights came from" if record_only else None  # the folder runs dense
     if stage == "predict":
         runs = f"ckpt_path= (or epas_lightning.load_model({str(path)!r}))"
         runs = runs if origin is None else f"{origin}, as ckpt_path=,"
         said = (
-            f"predict runs it with every layer computing its own Q/K, as a fit from it starts: {runs} runs its trained "
-            "region"
+            f"predict runs it with every layer computing its own {own}, as a fit from it starts: {runs} runs its "
+            "trained region"
         )
     elif stage in ("validate", "test"):
         scores = f"evaluate --checkpoint {path}" if origin is None else f"evaluate --checkpoint of {origin}"
         said = (
-            f"{stage} scores it with every layer computing its own Q/K, as a fit from it starts (val/loss; "
+            f"{stage} scores it with every layer computing its own {own}, as a fit from it starts (val/loss; "
             f"sharing.val_sharing_layers adds regions of sharing.target): {scores} scores its trained region"
         )
     else:
         said = (
-            "this run starts every layer computing its own Q/K (their q/k weights are the ones left from before they "
-            "shared) and its sharing schedule decides the region"
+            f"this run starts every layer computing its own {own} (their {own.lower()} weights are the ones left from "
+            "before they shared) and its sharing schedule decides the region"
         )
     warnings.warn(trained + said, stacklevel=3)
 

@@ -450,6 +450,24 @@ def test_init_from_a_checkpoint_that_shared_says_this_run_starts_dense(trained):
     assert "sharing.mask" not in state  # the new run's schedule decides the region
 
 
+def test_init_from_a_kv_checkpoint_says_its_layers_compute_their_own_k_and_v(tmp_path):
+    """A kv-mode source's sharing layers took K/V and computed their own Q: the warning said they compute their own
+    Q/K again with the 'q/k weights' left from before they shared."""
+    from model_dirs import save_consolidated
+
+    from epas_lightning import Llama
+    from epas_lightning.init_from import read_init_state
+
+    config = LlamaConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=64, block_size=16, sharing_mode="kv")
+    model = Llama(config)
+    model.set_shared_layers([1])
+    source = save_consolidated(model, tmp_path / "kv")
+    with pytest.warns(
+        UserWarning, match=r"\[1\] sharing; this run starts every layer computing its own K/V \(their k/v "
+    ):
+        read_init_state(source, config)
+
+
 def test_validate_from_init_from_says_it_scores_every_layer_computing(trained, tiny_corpus, tmp_path):
     """`validate --model.init_from` of a checkpoint that shared scores it as a fit from it starts, every layer
     computing; it said "this run starts ... its sharing schedule decides the region", as if training, not which region

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from epas_lightning.analysis.capture import Activations, capture_activations
-from epas_lightning.analysis.report import DEFAULT_THRESHOLD, REUSED, Metric, RedundancyReport
+from epas_lightning.analysis.report import DEFAULT_THRESHOLD, Metric, RedundancyReport
 from epas_lightning.data.tokenizer import RecordedTokenizer
 from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model import Llama
+from epas_lightning.model.config import REUSED
 from epas_lightning.model.llama import check_has_weights, check_is_llama, holds_token_ids
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.progress import progress

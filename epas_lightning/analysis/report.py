@@ -17,6 +17,7 @@ from epas_lightning.analysis.capture import Activations
 from epas_lightning.analysis.similarity import similarity_matrix
 from epas_lightning.flops import flop_cut
 from epas_lightning.model import LlamaConfig
+from epas_lightning.model.config import REUSED
 
 SIGNALS = ("q", "k", "v", "attn")
 """What is compared: post-RoPE queries, post-RoPE keys, values, attention probabilities."""
@@ -30,8 +31,6 @@ DEFAULT_METRICS = {"qk": "attn/cka", "kv": "kv/cka"}
 """By sharing mode, what a region is scored by: a sharing layer in ``qk`` mode attends with its source's
 probabilities, their similarity is the direct measure; one in ``kv`` mode attends with its own Q over its source's K
 and V, both of which must stay alike."""
-REUSED = {"qk": "Q/K", "kv": "K/V"}
-"""What a sharing layer takes from its source, by sharing mode."""
 DEFAULT_THRESHOLD = 0.9
 
 

@@ -44,6 +44,8 @@ OTHER_NAMES = {
     "tie_word_embeddings": "tie_embeddings",
 }
 """LitGPT's and transformers' names of :class:`LlamaConfig` fields, for the line that refuses one."""
+REUSED = {"qk": "Q/K", "kv": "K/V"}
+"""What a sharing layer takes from its source, by sharing mode (its own weights for them stop training)."""
 FIELD_DEFAULTS: dict[str, Any] = dict(rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, sharing_mode="qk")
 """The values of these :class:`LlamaConfig` fields when neither the user nor a preset sets them: their dataclass default
 is ``None``, so that a field left unset can be told from one set to this value (``init_from`` fills unset ones)."""
