@@ -22,6 +22,7 @@ from epas_lightning.cli import main
 from epas_lightning.consolidation import consolidate
 from epas_lightning.errors import CheckpointError
 from epas_lightning.hf.convert import HFCheckpointError, config_from_hf, load_hf_state, resize_rows
+from epas_lightning.inference import set_region
 from epas_lightning.init_from import resumed_instead, source_config
 
 transformers = pytest.importorskip("transformers")
@@ -830,6 +831,26 @@ def test_export_sharing_remote_code_logits_and_generate(tmp_path: Path, mode: st
     mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
     generated = hf.generate(padded, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(generated[:, 2:], greedy_by_full_forwards(ours, prompt[1:, :4], 5))
+
+
+def test_a_stock_export_of_a_kv_model_reads_back_as_kv(tmp_path: Path) -> None:
+    """A stock export (dense) of a kv-trained model read back as qk: inspect said Q/K sharing, and a forced region or
+    an init_from that reran its weights' region shared Q/K, which those weights never learned to."""
+    from epas_lightning.hf.export import export
+
+    ours = save_ours(tmp_path / "ckpt", n_layer=4, shared=2, sharing_mode="kv")
+    out = export(tmp_path / "ckpt", tmp_path / "hf", sharing_layers=0)
+    transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # stock: the key is an attribute
+    forced = load_model(out)
+    assert forced.model.config.sharing_mode == "kv"
+    assert set_region(forced.model, 2, forced.weights_region, force=True) == [2, 3]
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(forced.model(ids), ours(ids), atol=1e-5, rtol=1e-5)
+    assert config_from_hf(out).sharing_mode == "kv"  # init_from's source config
+    save_ours(tmp_path / "qk", n_layer=4, shared=2)
+    stock = export(tmp_path / "qk", tmp_path / "hf-qk", sharing_layers=0)
+    assert "epas_sharing_mode" not in json.loads((stock / "config.json").read_text())  # qk: as transformers' LLaMA
 
 
 def test_an_export_runs_with_the_region_it_was_exported_with(tmp_path: Path) -> None:

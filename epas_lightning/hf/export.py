@@ -102,6 +102,10 @@ def hf_config(
             max_window_layers=config.n_layer,
             attention_dropout=0.0,
         )
+    if shared_layers is None and region and region.size and config.sharing_mode != "qk":
+        # a stock folder runs dense, but its weights' region (recorded beside them) ran K/V sharing: read back, a
+        # forced region, an init_from or inspect take that mode (transformers keeps the key as an attribute)
+        record["epas_sharing_mode"] = config.sharing_mode
     if shared_layers is not None:
         record.update(
             architectures=["EpasLlamaForCausalLM"],
