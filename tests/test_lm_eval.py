@@ -204,7 +204,7 @@ def test_each_request_kind_equals_hf_on_the_export_at_any_batch_size_and_order(c
 
     pairs = [("", " import os"), ("def f(x): ", "return x"), ("x  ", " None"), (words(2, 30), " for in list dict")]
     pairs += [(words(4, 3), words(5, 6)), ("\n", "def")]
-    documents = [words(6, 4), words(7, 45)]
+    documents = [words(6, 4), words(7, 45)]  # the second repeats: windows of the same tokens (the cache misread)
     until = ["\n", " in"]
     prompts = [(words(i, 2 + 9 * i), {"until": until, "max_gen_toks": 4 + i, "do_sample": False}) for i in range(3)]
 

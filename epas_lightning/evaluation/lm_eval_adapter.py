@@ -271,6 +271,18 @@ class EPASLM(HFLM):
         self.shared_layers = set_region(self.loaded.model, n, self.loaded.region, self.force, model_args)
         return self.shared_layers
 
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+        """``HFLM``'s, with its logits cache off. The cache scores requests whose tokens are the same once as the
+        longest of them; lm-eval 0.4.13 then reads a shorter continuation's log-probabilities at the first positions
+        instead of the last, so a document's windows that repeat (a text of a repeating pattern) changed its number
+        with the batch size, for ``hf`` alike. Off, every window is scored by its own forward: ``hf``'s number at batch
+        size 1, at any batch size. (The windows of one document rarely share tokens: the cache saves little here.)"""
+        cache, self.logits_cache = self.logits_cache, False
+        try:
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self.logits_cache = cache
+
     def _model_call(self, inps: torch.Tensor, attn_mask: Any = None, labels: Any = None) -> torch.Tensor:
         with torch.no_grad():
             return self.model(inps)
