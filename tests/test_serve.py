@@ -298,6 +298,19 @@ def test_cancel_drops_waiting_and_running_sequences(checkpoint):
         assert texts[key] == token_text(expected), key
 
 
+class SentStatuses:
+    """The transport of the worker's loop, in-process: ``sent`` holds ``(uid, status)`` of each message it sends, or
+    ``(uid, data, status)`` ``with_data``."""
+
+    def __init__(self, with_data: bool = False) -> None:
+        self.sent: list[tuple] = []
+        self.with_data = with_data
+
+    def send(self, item, consumer_id: int) -> None:
+        uid, (data, status, _, _) = item
+        self.sent.append((uid, data, status) if self.with_data else (uid, status))
+
+
 def test_engine_loop_forgets_cancelled_sequences(checkpoint):
     """The worker's loop, in-process: a cancel stops a streamed or buffered sequence; nothing more is sent for it."""
     pytest.importorskip("litserve")
@@ -307,14 +320,8 @@ def test_engine_loop_forgets_cancelled_sequences(checkpoint):
 
     loaded = load_model(checkpoint)
     engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=8)
-    sent: list[tuple[str, str]] = []
-
-    class Transport:
-        def send(self, item, consumer_id: int) -> None:
-            uid, (data, status, _, _) = item
-            sent.append((uid, status))
-
-    loop, inbox, transport = EngineLoop(), queue.Queue(), Transport()
+    loop, inbox, transport = EngineLoop(), queue.Queue(), SentStatuses()
+    sent = transport.sent
     for uid, stream, max_tokens in (("streamed", True, 20), ("buffered", False, 20), ("short", False, 3)):
         inbox.put((0, uid, 0.0, SequenceRequest([0, 5, 9], max_tokens, 2, stream=stream)))
     loop._receive(engine, inbox)
@@ -341,23 +348,17 @@ def test_sequences_whose_activations_overflow_get_the_one_line_error_and_the_eng
     loaded = load_model(checkpoint)
     loaded.model.half().norm.weight.data.fill_(3e4)  # finite weights, activations past 65504
     engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=8)
-    sent: list[tuple[str, str, str]] = []
-
-    class Transport:
-        def send(self, item, consumer_id: int) -> None:
-            uid, (data, status, _, _) = item
-            sent.append((uid, data, status))
-
-    loop = EngineLoop()
+    loop, transport = EngineLoop(), SentStatuses(with_data=True)
+    sent = transport.sent
     for key, sampling in (("greedy", Sampling()), ("sampled", Sampling(temperature=1.0)), ("after", Sampling())):
         loop.routes[key], loop.streams[key], loop.pieces[key] = 0, False, []
         engine.add(key, SequenceRequest([0, 5], 3, 2, sampling))
         if key == "sampled":
-            loop._send(engine, Transport())
+            loop._send(engine, transport)
             assert not engine.busy
             loaded.model.norm.weight.data.fill_(1.0)
     while engine.busy:
-        loop._send(engine, Transport())
+        loop._send(engine, transport)
     says = "the logits came out NaN or inf: the activations overflow float16; float16 holds at most 65504 — --dtype"
     assert [(uid, status) for uid, data, status in sent if data.startswith(says)] == [
         ("greedy", LitAPIStatus.ERROR),
@@ -393,18 +394,12 @@ def test_batches_that_fail_to_start_send_errors_instead_of_hanging(checkpoint, m
         monkeypatch.setattr(loaded.model, "new_cache", out_of_memory(loaded.model.new_cache))
     else:
         monkeypatch.setattr(Decoder, "prefill", out_of_memory(Decoder.prefill))
-    sent: list[tuple[str, str]] = []
-
-    class Transport:
-        def send(self, item, consumer_id: int) -> None:
-            uid, (data, status, _, _) = item
-            sent.append((uid, status))
-
-    loop, inbox = EngineLoop(), queue.Queue()
+    loop, inbox, transport = EngineLoop(), queue.Queue(), SentStatuses()
+    sent = transport.sent
     for uid, n_shared in (("a", 0), ("b", 1), ("c", 2)):  # three regions: three groups
         inbox.put((0, uid, 0.0, SequenceRequest([0, 5, 9], 4, n_shared)))
     loop._receive(engine, inbox)
-    loop._send(engine, Transport())
+    loop._send(engine, transport)
     assert sorted(sent) == [(uid, LitAPIStatus.ERROR) for uid in "abc"] and not engine.busy
 
 
@@ -418,17 +413,11 @@ def test_a_sequence_that_finishes_in_a_step_that_then_fails_still_gets_its_answe
 
     loaded = load_model(checkpoint)
     engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=8)
-    sent: list[tuple[str, str]] = []
-
-    class Transport:
-        def send(self, item, consumer_id: int) -> None:
-            uid, (data, status, _, _) = item
-            sent.append((uid, status))
-
-    loop, inbox = EngineLoop(), queue.Queue()
+    loop, inbox, transport = EngineLoop(), queue.Queue(), SentStatuses()
+    sent = transport.sent
     inbox.put((0, "done", 0.0, SequenceRequest([0, 5, 9], 2, 0)))
     loop._receive(engine, inbox)
-    loop._send(engine, Transport())  # its first token
+    loop._send(engine, transport)  # its first token
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
@@ -436,7 +425,7 @@ def test_a_sequence_that_finishes_in_a_step_that_then_fails_still_gets_its_answe
     monkeypatch.setattr(loaded.model, "new_cache", out_of_memory)
     inbox.put((0, "new", 0.0, SequenceRequest([0, 5], 2, 1)))
     loop._receive(engine, inbox)
-    loop._send(engine, Transport())  # its last token, then the new group fails
+    loop._send(engine, transport)  # its last token, then the new group fails
     assert [status for uid, status in sent if uid == "done"][-2:] == [LitAPIStatus.OK, LitAPIStatus.FINISH_STREAMING]
     assert [status for uid, status in sent if uid == "new"] == [LitAPIStatus.ERROR] and not engine.busy
 
