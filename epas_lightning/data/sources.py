@@ -19,6 +19,7 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -353,13 +354,23 @@ def _text_file_hash(f: InputFile) -> float | None:
     return document_hash(text) if text else None
 
 
+HASH_THREADS = 16
+"""Threads that read text files for :func:`plan_split`."""
+MANY_TEXT_FILES = 10_000
+"""From this many text files on, :func:`plan_split` says it reads them (it takes a while on a network file system)."""
+
+
 def plan_split(files: list[InputFile], val_fraction: float) -> list[InputFile]:
     """Hold out each document whose text hashes below ``val_fraction`` (:func:`document_hash`), so that every copy of
     a text lands on one side: text files whole (read here for it), JSONL/parquet records as they are read
     (:func:`split_documents`). Of two or more text files at least one is held out (the one of the lowest hash, with
     its copies) and one is not; never an empty one (no document: an empty ``__init__.py`` left the val split without
     any)."""
-    hashes = {f.path: _text_file_hash(f) for f in files if f.kind == "text" and f.n_bytes}
+    to_hash = [f for f in files if f.kind == "text" and f.n_bytes]
+    if len(to_hash) >= MANY_TEXT_FILES:
+        log.info("Reading %d text files to hold out by their text (copies together)...", len(to_hash))
+    with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:  # mostly waiting on the file system (a network one)
+        hashes = dict(zip((f.path for f in to_hash), pool.map(_text_file_hash, to_hash), strict=True))
     text = [f for f in files if hashes.get(f.path) is not None]
     records = [f for f in files if f.kind != "text"]
     empty = [with_split(f, "train") for f in files if f.kind == "text" and hashes.get(f.path) is None]
