@@ -87,8 +87,8 @@ class RedundancyReport:
     """Similarity of every pair of layers for Q, K, V and attention maps, each by cosine and by CKA.
 
     Attributes:
-        matrices: ``"q/cosine"``, ``"q/cka"``, ``"k/cosine"``, ``"k/cka"``, ``"attn/cosine"``, ``"attn/cka"`` ->
-            a symmetric (n_layer, n_layer) float64 tensor.
+        matrices: ``"<signal>/<measure>"`` for every signal of :data:`SIGNALS` (``"q/cosine"``, ..., ``"attn/cka"``)
+            -> a symmetric (n_layer, n_layer) float64 tensor.
         n_tokens: Tokens the statistics were measured on.
         seq_len: Length of the sequences they came from.
     """
