@@ -25,10 +25,11 @@ then ``backward``, ``optimizer.step()`` and ``zero_grad(set_to_none=True)``. ``-
 blocks (``epas_lightning.parallel.parallelize``) and each peer's whole model (what ``litgpt pretrain`` does).
 
 The systems alternate within each repetition (forward order, then reverse) after untimed warm-up steps; tokens/s are
-medians over repetitions. The last line is JSON: the tokens/s (and on CUDA the step's peak memory above its start and
-the MFU in the paper's FLOPs convention, attention not halved, against ``--peak-tflops`` or the device's dense bf16
-peak) of each system, ``best_peer``, ``dense_vs_best_peer`` and ``epas_vs_best_peer`` (tokens/s ratios) and the
-targets. Peers come from the ``bench`` extra (see ``pyproject.toml``); a missing peer is skipped and reported.
+medians over repetitions. The last line is JSON: the tokens/s (and on CUDA the timed steps' peak memory above their
+start, the optimizer state already allocated, and the MFU in the paper's FLOPs convention, attention not halved,
+against ``--peak-tflops`` or the device's dense bf16 peak) of each system, ``best_peer``, ``dense_vs_best_peer`` and
+``epas_vs_best_peer`` (tokens/s ratios) and the targets. Peers come from the ``bench`` extra (see
+``pyproject.toml``); a missing peer is skipped and reported.
 
 Usage::
 
@@ -426,6 +427,7 @@ def summarize(args, config, device, systems, times, loads, shared) -> dict:  # n
     best = max(peers, key=peers.get) if peers else None
     ratios = {f"{s}_vs_best_peer": tps[s] / peers[best] for s in ("dense", "epas") if s in tps and best}
     targets = TARGETS[device.type]
+    memory = step_peaks_mib(systems, args.reps * args.steps_per_rep) if device.type == "cuda" else None
     result = {
         "model": args.model,
         "seq_len": args.seq_len,
@@ -447,7 +449,7 @@ def summarize(args, config, device, systems, times, loads, shared) -> dict:  # n
         "targets_met": {k: ratios[k] >= v for k, v in targets.items() if k in ratios},
         "peak_tflops": peak / 1e12 if peak else None,
         "mfu": {s: tps[s] * flops[s] / peak for s in tps} if peak else None,
-        "step_peak_memory_mib": {s: max(x.peak) / 2**20 for s, x in systems.items()} if device.type == "cuda" else None,
+        "step_peak_memory_mib": memory,
         "reps": args.reps,
         "steps_per_rep": args.steps_per_rep,
         "order": "ABBA",
@@ -457,6 +459,13 @@ def summarize(args, config, device, systems, times, loads, shared) -> dict:  # n
         "versions": {s: _version(MODULES[s]) for s in MODULES if s in tps},
     }
     return result
+
+
+def step_peaks_mib(systems: dict[str, System], timed_steps: int) -> dict[str, float]:
+    """Each system's highest step peak (MiB above the step's start) over its last ``timed_steps`` steps, the timed
+    ones: the first step an optimizer takes allocates its AdamW state, which counted in the peak of whichever system
+    warmed it up (dense and the peers, not the systems sharing our optimizer)."""
+    return {name: max(system.peak[-timed_steps:]) / 2**20 for name, system in systems.items()}
 
 
 def _version(module: str) -> str | None:

@@ -233,10 +233,10 @@ class ProgressiveSharing(Callback):
                 self.reached_at = step
         self._applied = layers
         model.trained_region = self._region_of(model)  # set_region counts N in it after fit, as in a checkpoint of it
-        pl_module.log("sharing/layers", float(len(layers)), on_step=True, on_epoch=False)
+        pl_module.log("sharing/layers", host_scalar(len(layers)), on_step=True, on_epoch=False)
         seq_len = batch.shape[1] - 1 if isinstance(batch, torch.Tensor) else model.config.block_size
         cut = flop_cut(model.config, len(layers), seq_len) if layers else 0.0  # of dense training FLOPs, this step
-        pl_module.log("sharing/flop_cut", cut, on_step=True, on_epoch=False)
+        pl_module.log("sharing/flop_cut", host_scalar(cut), on_step=True, on_epoch=False)
 
     @property
     def scored_lengths(self) -> list[int]:
@@ -639,7 +639,7 @@ class TokenThroughputMonitor(ThroughputMonitor):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         peak = peak_memory_gib(trainer.strategy.root_device)
         if peak is not None:
-            pl_module.log(PEAK_MEMORY_KEY, peak, on_step=True, on_epoch=False)
+            pl_module.log(PEAK_MEMORY_KEY, host_scalar(peak), on_step=True, on_epoch=False)
 
 
 def _all_processes(metrics: dict[str, Any], world_size: int) -> dict[str, Any]:
@@ -656,6 +656,12 @@ class StepLearningRateMonitor(LearningRateMonitor):
     def on_train_batch_start(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
         if not trainer.fit_loop._should_accumulate():
             super().on_train_batch_start(trainer, *args, **kwargs)
+
+
+def host_scalar(value: float) -> torch.Tensor:
+    """``value`` as a float32 CPU tensor, to ``LightningModule.log`` at every step: from a Python number Lightning makes
+    the tensor on the module's device, on CUDA a blocking host-to-device copy (a device sync) each time."""
+    return torch.tensor(float(value), dtype=torch.float32)
 
 
 def peak_memory_gib(device: torch.device) -> float | None:

@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
-from epas_lightning.callbacks import ProgressiveSharing, batch_tokens, optimizer_steps
+from epas_lightning.callbacks import ProgressiveSharing, batch_tokens, host_scalar, optimizer_steps
 from epas_lightning.divergence import last_checkpoint
 from epas_lightning.flops import estimate_flops, flop_cut
 from epas_lightning.loss_scaling import loss_scaler
@@ -98,11 +98,13 @@ class RunSummary(Callback):
                 self._rates.append(self._step_tokens / (now - self._step_start))
             self._step_start, self._step_of_window, self._step_tokens = now, trainer.global_step, 0
         scaler = loss_scaler(trainer)
-        if scaler is not None and self._loss_scale is not None:  # fp16: the scaler halves its scale when it skips
+        # fp16: the scaler halves its scale when it skips. Read at the micro-batch that stepped (the scale changes only
+        # there): reading it is a device sync, which at every micro-batch left the GPU idle between them
+        if scaler is not None and self._loss_scale is not None and not trainer.fit_loop._should_accumulate():
             scale = scaler.get_scale()
             self._skipped += scale < self._loss_scale
             self._loss_scale = scale
-            pl_module.log("train/loss_scale", scale)
+            pl_module.log("train/loss_scale", host_scalar(scale))
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         log_dir = trainer.log_dir  # every rank asks: Lightning broadcasts it from rank zero

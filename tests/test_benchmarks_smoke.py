@@ -439,3 +439,28 @@ def test_a_script_says_to_give_a_flag_its_value(benchmarks_importable, monkeypat
     out, err = capsys.readouterr()
     assert stopped.value.code == 2 and out == ""
     assert err == "error: argument --model: expected one argument — memory.py — give --model a value\n"
+
+
+def test_vs_peers_step_memory_counts_only_the_timed_steps(benchmarks_importable, monkeypatch):
+    """On CUDA the first step an optimizer takes allocates AdamW's state: that warm-up step's peak counted for dense
+    and the peers (which warm their optimizers up) but not for epas (sharing dense's), so dense looked larger."""
+    import argparse
+
+    import vs_peers
+
+    from epas_lightning.model import LlamaConfig
+
+    monkeypatch.setattr(vs_peers, "device_name", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(vs_peers, "peak_flops", lambda device, dtype: None)
+    mib = 2**20
+    systems = {name: vs_peers.System(None, None, None) for name in ("dense", "epas")}
+    systems["dense"].peak = [900 * mib, 500 * mib, 510 * mib, 505 * mib]  # warm-up (state allocated), then 3 timed
+    systems["epas"].peak = [480 * mib, 470 * mib, 490 * mib, 475 * mib]
+    args = argparse.Namespace(
+        model="debug", seq_len=8, batch_size=1, reps=3, steps_per_rep=1, peak_tflops=None, precision="bf16-mixed",
+        compile="all", attention_reuse=False, tune_malloc=False,
+    )  # fmt: skip
+    times = {"dense": [1.0, 1.0, 1.0], "epas": [0.9, 0.9, 0.9]}
+    config = LlamaConfig.from_name("debug")
+    result = vs_peers.summarize(args, config, torch.device("cuda"), systems, times, {}, [1])
+    assert result["step_peak_memory_mib"] == {"dense": 510.0, "epas": 490.0}

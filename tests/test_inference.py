@@ -587,3 +587,36 @@ def test_blockwise_causal_scores_equal_the_masked_dense_ones():
     g = torch.randn_like(probs)
     for got, want in zip(torch.autograd.grad(probs, (q, k), g), torch.autograd.grad(ref, (q, k), g), strict=True):
         torch.testing.assert_close(got, want)
+
+
+HOST_FACTORIES = {torch.arange, torch.zeros, torch.ones, torch.full, torch.empty, torch.tensor, torch.as_tensor}
+
+
+class HostMadeTensors(torch.overrides.TorchFunctionMode):
+    """Records the factory calls that name no device: on CUDA each makes a host tensor whose use on the GPU is a
+    blocking copy, i.e. a device sync."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func in HOST_FACTORIES and kwargs.get("device") is None:
+            self.calls.append(func.__name__)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_padded_batch_decodes_without_tensors_made_on_the_host(temperature):
+    """A padded batch's cache made its mask indices with ``torch.arange`` on the host: on CUDA every padded prefill
+    and decode step copied them over, a blocking copy (a device sync) per step."""
+    model = tiny()
+    model.set_shared_layers([2, 3])
+    with torch.inference_mode():
+        decoder = Decoder(model, [[1, 2, 3], [4, 5, 6, 7, 8]], 5, temperature=temperature, top_k=5, top_p=0.9, seed=1)
+        with HostMadeTensors() as made:
+            token = decoder.prefill()
+            for _ in range(3):
+                token = decoder.step(token)
+    assert made.calls == []

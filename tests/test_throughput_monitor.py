@@ -230,3 +230,25 @@ def test_peak_flops_are_dense_bf16_datasheet_figures(monkeypatch, name, tflops):
     assert peak_flops(torch.device("cuda"), torch.bfloat16) == (tflops * 1e12 if tflops else None)
     assert peak_flops(torch.device("cuda"), torch.float32) is None
     assert peak_flops(torch.device("cpu")) is None
+
+
+def test_values_logged_every_step_are_host_tensors(tmp_path, monkeypatch):
+    """Lightning makes a logged Python number a tensor on the module's device: on CUDA a blocking host-to-device copy
+    (a device sync) at every step, for ``sharing/layers``, ``sharing/flop_cut`` and the peak memory alike."""
+    logged: dict[str, list] = {}
+    log = EPASModule.log
+
+    def spy(self, name, value, *args, **kwargs):
+        logged.setdefault(name, []).append(value)
+        return log(self, name, value, *args, **kwargs)
+
+    monkeypatch.setattr(EPASModule, "log", spy)
+    monkeypatch.setattr(callbacks, "peak_memory_gib", lambda device: 1.5)
+    L.seed_everything(0)
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16))
+    data = torch.utils.data.DataLoader(torch.randint(0, 512, (8, 17)), batch_size=2)
+    monitors = [TokenThroughputMonitor(window_size=2), ProgressiveSharing(target=1, interval=2)]
+    cpu_trainer(tmp_path, 4, monitors, logger=Keys(), log_every_n_steps=1).fit(module, data)
+    for key in ("sharing/layers", "sharing/flop_cut", callbacks.PEAK_MEMORY_KEY):
+        assert len(logged[key]) == 4
+        assert all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in logged[key]), key

@@ -1419,3 +1419,28 @@ def test_a_non_finite_loss_on_another_rank_is_named_once_as_the_loss(action, cap
         if action == "stop"
         else ["Divergence guard: non-finite loss at step 3; skipped its update (1 of 10 allowed)."]
     )
+
+
+def test_the_fp16_loss_scale_is_read_once_per_optimizer_step(tiny_corpus, tmp_path, monkeypatch):
+    """Reading the scale is a device sync (``GradScaler.get_scale`` takes ``.item()``): the summary read it at every
+    micro-batch, so under gradient accumulation on a GPU the host waited for each micro-batch's backward."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from epas_lightning.run_summary import RunSummary
+
+    reads = []
+    get_scale = torch.amp.GradScaler.get_scale
+
+    def counted(self):  # noqa: ANN001, ANN202
+        reads.append(sys._getframe(1).f_code.co_filename)  # a checkpoint's scaler state reads it too
+        return get_scale(self)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "get_scale", counted)
+    torch.manual_seed(0)
+    module = EPASModule(LlamaConfig.from_name("debug", block_size=32))
+    data = TokenDataModule(str(tiny_corpus), seq_len=32, batch_size=2, vocab_size=VOCAB)
+    plugin = MixedPrecision("16-mixed", "cpu")  # Lightning swaps a CPU's 16-mixed for bf16-mixed
+    trainer = cpu_trainer(tmp_path, 3, [RunSummary()], plugins=[plugin], accumulate_grad_batches=2)
+    trainer.fit(module, data)
+    assert sum(path.endswith("run_summary.py") for path in reads) == 1 + 3  # at the start, after each step
+    assert trainer.callback_metrics["train/loss_scale"].item() == 65536.0

@@ -95,7 +95,8 @@ class KVCache:
         mask = self.valid[:, None, None, :end] & self._causal(start, end)  # (B, 1, T, S)
         # A padding query sees at least itself, so no softmax row is empty (an empty row would give NaN).
         diagonal = torch.zeros(T, end, dtype=torch.bool, device=mask.device)
-        diagonal[torch.arange(T), torch.arange(start, end)] = True
+        rows = torch.arange(T, device=mask.device)  # on the host, the indices were a blocking copy: a sync every step
+        diagonal[rows, rows + start] = True
         return AttentionContext(cos, sin, mask | diagonal, False)
 
     def _causal(self, start: int, end: int) -> torch.Tensor:
