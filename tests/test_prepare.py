@@ -920,21 +920,6 @@ def test_a_split_decodes_and_hashes_each_record_once(tmp_path: Path, monkeypatch
     assert 10 < len(val) < 50 and sorted(val + train) == sorted(rows * 2)
 
 
-def test_a_parquet_batch_with_no_record_of_the_split_is_passed_over(tmp_path: Path):
-    """A parquet batch (1024 rows, or a row group) none of whose rows is in the split was 'unreadable parquet': the
-    rest of the file was lost to the split (silently for val, a skip or --on-bad fail for train)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from epas_lightning.data.sources import discover_files, iter_documents
-
-    pq.write_table(pa.table({"text": [f"doc {i}" for i in range(1100)]}), tmp_path / "b.parquet")
-    (f,) = discover_files([tmp_path])
-    bad = []
-    kept = list(iter_documents(f, "text", bad.append, keep=lambda key: key.endswith("#1030")))
-    assert kept == [("b.parquet#1030", "doc 1029")] and not bad
-
-
 def test_empty_input_is_refused(tmp_path: Path, sp_model: Path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataPreparationError, match=rf"no input files found — --input {tmp_path / 'empty'}"):

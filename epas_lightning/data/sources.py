@@ -457,17 +457,14 @@ def _open_binary(f: InputFile) -> io.BufferedIOBase:
     return open_binary(f.path, f.start, f.stop)
 
 
-def _jsonl_records(f: InputFile, keep: Callable[[int], bool] | None = None) -> Iterator[tuple[int, object]]:
-    """``(line number, record)`` for each non-blank line (whose number ``keep`` accepts: the others are not decoded);
-    a line that is not JSON gives a :class:`BadDocument` as its record, and the lines after it are still read. A file
-    that cannot be read raises one: named by the file if nothing was read, else by the line it breaks off at (a
-    download cut short), the lines before it kept."""
+def _jsonl_records(f: InputFile) -> Iterator[tuple[int, object]]:
+    """``(line number, record)`` for each non-blank line; a line that is not JSON gives a :class:`BadDocument` as its
+    record, and the lines after it are still read. A file that cannot be read raises one: named by the file if nothing
+    was read, else by the line it breaks off at (a download cut short), the lines before it kept."""
     lineno = f.first_record - 1
     try:
         with _open_binary(f) as stream:
             for lineno, line in enumerate(_lines(stream, MAX_DOCUMENT_BYTES), start=f.first_record):
-                if keep is not None and not keep(lineno):
-                    continue
                 if isinstance(line, str):  # not held: read past
                     yield lineno, BadDocument(f"{f.path}:{lineno}", line)
                     continue
@@ -557,17 +554,9 @@ def _not_text(text_field: str, value: object) -> str:
     return f"{text_field!r} is {'null' if value is None else type(value).__name__}, not text"
 
 
-def iter_documents(
-    f: InputFile,
-    text_field: str,
-    on_bad: Callable[[BadDocument], None],
-    keep: Callable[[str], bool] = lambda key: True,
-) -> Iterator[tuple[str, str]]:
-    """``(key, text)`` for each document of ``f`` whose key ``keep`` accepts; the others are not decoded. Bad records
-    go to ``on_bad``, which may raise."""
+def iter_documents(f: InputFile, text_field: str, on_bad: Callable[[BadDocument], None]) -> Iterator[tuple[str, str]]:
+    """``(key, text)`` for each document of ``f``. Bad records go to ``on_bad``, which may raise."""
     if f.kind == "text":
-        if not keep(f.key):
-            return
         try:
             if (size := os.path.getsize(f.path)) > MAX_DOCUMENT_BYTES:
                 on_bad(BadDocument(f.path, _too_large(f"{size:,} bytes")))
@@ -585,7 +574,7 @@ def iter_documents(
             on_bad(BadDocument(f.path, f"unreadable ({e.strerror or e})"))
     elif f.kind == "jsonl":
         try:
-            for lineno, record in _jsonl_records(f, lambda lineno: keep(f"{f.key}#{lineno}")):
+            for lineno, record in _jsonl_records(f):
                 key = f"{f.key}#{lineno}"
                 try:
                     if isinstance(record, BadDocument):
@@ -599,7 +588,6 @@ def iter_documents(
         except BadDocument as bad:  # the file cannot be read (or read on: a truncated archive, an I/O error)
             on_bad(bad)
     else:
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         start = f.first_record
@@ -607,9 +595,7 @@ def iter_documents(
             parquet = pq.ParquetFile(f.path)
             groups = None if f.start == 0 and f.stop is None else range(f.start, f.stop or parquet.num_row_groups)
             for batch in parquet.iter_batches(columns=[text_field], batch_size=1024, row_groups=groups):
-                rows = [i for i in range(start, start + batch.num_rows) if keep(f"{f.key}#{i}")]
-                taken = batch.column(0).take(pa.array([i - start for i in rows], pa.int64()))  # typed: rows may be []
-                for index, text in zip(rows, taken.to_pylist(), strict=True):
+                for index, text in enumerate(batch.column(0).to_pylist(), start=start):
                     key = f"{f.key}#{index}"
                     if not isinstance(text, str):
                         on_bad(BadDocument(f"{f.path} row {index}", _not_text(text_field, text), key))
