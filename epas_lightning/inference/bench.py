@@ -57,6 +57,11 @@ def flops_ratio(config: LlamaConfig, n_shared: int, seq_len: int) -> float:
     return estimate_flops(config, n_shared, seq_len) / estimate_flops(config, 0, seq_len)
 
 
+def budget_to_fit(ratio: float) -> float:
+    """``ratio`` rounded up to 4 decimals: the table shows it and ``--budget`` of that picks its row (never below)."""
+    return math.ceil((ratio - 1e-12) * 1e4) / 1e4
+
+
 def region_for_budget(config: LlamaConfig, budget: float, max_shared: int, seq_len: int) -> int:
     """The fewest sharing layers whose FLOPs are ``<= budget`` x dense."""
     for n in range(max_shared + 1):
@@ -67,7 +72,7 @@ def region_for_budget(config: LlamaConfig, budget: float, max_shared: int, seq_l
         f"no region fits a budget of {budget:g} x dense: the largest region ({max_shared} layers) needs "
         f"{floor:.4f} x dense",
         "--budget",
-        f"raise --budget to at least {math.ceil(floor * 1e4) / 1e4:g}",
+        f"raise --budget to at least {budget_to_fit(floor):g}",
     )
 
 
@@ -220,7 +225,7 @@ def print_table(summary: dict) -> None:
         loss = shown(r["val_loss"], ".4f")
         prefill, decode = (shown(r[key], ".1f") for key in ("prefill_tokens_per_s", "decode_tokens_per_s"))
         print(
-            f"{r['sharing_layers']:>6} {r['flops_ratio']:>6.3f} {prefill:>14} {decode:>13} "
+            f"{r['sharing_layers']:>6} {budget_to_fit(r['flops_ratio']):>6.4f} {prefill:>14} {decode:>13} "
             f"{r['kv_cache_bytes'] / MIB:>8.2f} {r['kv_cache_saving']:>9.1%} {loss:>9}"
         )
     if summary["budget_pick"] is not None:
