@@ -434,6 +434,15 @@ def test_bench_budget_below_the_trained_region_is_an_error(trained, capsys):
     assert rc == 2 and "— --budget — raise --budget to at least" in err
 
 
+def test_bench_budget_that_the_unmeasured_trained_region_meets_names_it(trained, stock_export, capsys):
+    """A budget that only the trained region's longer lengths meet (--sharing-layers below it, or a stock export that
+    runs dense) said 'raise --budget to at least 1': dense, whatever the budget was for. It names the one that fits."""
+    rc, _, err = run_cli(capsys, "bench", "--checkpoint", str(trained), "--sharing-layers", "1", "--budget", "0.95")
+    assert rc == 2 and "— --sharing-layers — pass --sharing-layers 2" in err
+    rc, _, err = run_cli(capsys, "bench", "--checkpoint", str(stock_export), "--budget", "0.99")
+    assert rc == 2 and "pass --sharing-layers 1 --force" in err
+
+
 def test_one_heldout_loss_for_validate_test_evaluate_and_bench(trained, tiny_corpus, tmp_path, capsys):
     """fit's validation, `test`, `evaluate` and `bench` measure one thing: on the same tokens, the same number."""
     config = LlamaConfig.from_name("debug", n_layer=4, block_size=32)

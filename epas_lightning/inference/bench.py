@@ -76,6 +76,24 @@ def region_for_budget(config: LlamaConfig, budget: float, max_shared: int, seq_l
     )
 
 
+def bench_budget_pick(loaded: LoadedModel, budget: float, max_shared: int, seq_len: int) -> int:
+    """:func:`region_for_budget` over the regions measured; where none fits but a longer one the weights trained
+    does (``--sharing-layers`` below the trained region, or a stock export's record), the error names that one."""
+    config, region = loaded.model.config, loaded.region
+    trained = region.size or (region.unrun.size if region.unrun is not None else 0)
+    fits = flops_ratio(config, max_shared, seq_len) <= budget + 1e-12
+    if not fits and max_shared < trained and flops_ratio(config, trained, seq_len) <= budget + 1e-12:
+        n = region_for_budget(config, budget, trained, seq_len)
+        force = "" if region.size else " --force (the region its weights trained)"
+        raise ConfigError(
+            f"no region of 0..{max_shared} sharing layers fits a budget of {budget:g} x dense; the first {n} of the "
+            f"{trained} trained do ({flops_ratio(config, n, seq_len):.4f} x dense)",
+            "--sharing-layers",
+            f"pass --sharing-layers {n}{force}",
+        )
+    return region_for_budget(config, budget, max_shared, seq_len)
+
+
 def heldout_batches(
     data_dir: Path | HeldOut,
     config: LlamaConfig,
@@ -300,9 +318,9 @@ def bench_command(
     check_seq_len(seq_len, config, where="--seq-len")
     max_shared = loaded.max_shared if sharing_layers is None else sharing_layers
     set_region(loaded.model, max_shared, loaded.region, force, SHARING_FLAGS)  # validates before any timing
+    pick = bench_budget_pick(loaded, budget, max_shared, seq_len) if budget is not None else None
     if note := loaded.unrun_region_note(checkpoint, "bench"):
         print(note, file=sys.stderr)
-    pick = region_for_budget(config, budget, max_shared, seq_len) if budget is not None else None
     if prompt_len is None:
         prompt_len = min(DEFAULT_TOKENS, config.context_length // 2)
     if prompt_len >= config.context_length:
