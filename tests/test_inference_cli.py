@@ -411,9 +411,36 @@ def test_bench_writes_the_many_in_one_table(trained, tiny_corpus, tmp_path, caps
     assert flops_ratio(config, summary["budget_pick"], 32) <= 0.99
 
 
+def test_a_budget_read_off_the_bench_table_picks_that_row(capsys):
+    """The FLOPs column was rounded to 3 decimals, sometimes below the true ratio (0.96739 shown 0.967): --budget
+    0.967 typed from the table skipped that row for one with more sharing. The column never shows less than it."""
+    from epas_lightning.inference.bench import print_table
+
+    config = LlamaConfig.from_name("debug", n_layer=4, n_kv_head=2, block_size=32)
+    rows = [
+        {"sharing_layers": n, "flops_ratio": flops_ratio(config, n, 16), "prefill_tokens_per_s": None,
+         "decode_tokens_per_s": None, "kv_cache_bytes": 0, "kv_cache_saving": 0.0, "val_loss": None}
+        for n in range(4)
+    ]  # fmt: skip
+    summary = dict.fromkeys(("checkpoint", "n_layer", "trained_max_shared", "device", "dtype", "prompts"), "x")
+    summary |= {"prompt_len": 1, "max_new_tokens": 1, "reps": 1, "val_tokens": 0, "seq_len": 16, "rows": rows}
+    print_table({**summary, "budget_pick": None})
+    shown = [float(line.split()[1]) for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [region_for_budget(config, budget, 3, 16) for budget in shown] == [0, 1, 2, 3]
+
+
 def test_bench_budget_below_the_trained_region_is_an_error(trained, capsys):
     rc, _, err = run_cli(capsys, "bench", "--checkpoint", str(trained), "--budget", "0.5")
     assert rc == 2 and "— --budget — raise --budget to at least" in err
+
+
+def test_bench_budget_that_the_unmeasured_trained_region_meets_names_it(trained, stock_export, capsys):
+    """A budget that only the trained region's longer lengths meet (--sharing-layers below it, or a stock export that
+    runs dense) said 'raise --budget to at least 1': dense, whatever the budget was for. It names the one that fits."""
+    rc, _, err = run_cli(capsys, "bench", "--checkpoint", str(trained), "--sharing-layers", "1", "--budget", "0.95")
+    assert rc == 2 and "— --sharing-layers — pass --sharing-layers 2" in err
+    rc, _, err = run_cli(capsys, "bench", "--checkpoint", str(stock_export), "--budget", "0.99")
+    assert rc == 2 and "pass --sharing-layers 1 --force" in err
 
 
 def test_one_heldout_loss_for_validate_test_evaluate_and_bench(trained, tiny_corpus, tmp_path, capsys):

@@ -57,6 +57,11 @@ def flops_ratio(config: LlamaConfig, n_shared: int, seq_len: int) -> float:
     return estimate_flops(config, n_shared, seq_len) / estimate_flops(config, 0, seq_len)
 
 
+def budget_to_fit(ratio: float) -> float:
+    """``ratio`` rounded up to 4 decimals: the table shows it and ``--budget`` of that picks its row (never below)."""
+    return math.ceil((ratio - 1e-12) * 1e4) / 1e4
+
+
 def region_for_budget(config: LlamaConfig, budget: float, max_shared: int, seq_len: int) -> int:
     """The fewest sharing layers whose FLOPs are ``<= budget`` x dense."""
     for n in range(max_shared + 1):
@@ -67,8 +72,26 @@ def region_for_budget(config: LlamaConfig, budget: float, max_shared: int, seq_l
         f"no region fits a budget of {budget:g} x dense: the largest region ({max_shared} layers) needs "
         f"{floor:.4f} x dense",
         "--budget",
-        f"raise --budget to at least {math.ceil(floor * 1e4) / 1e4:g}",
+        f"raise --budget to at least {budget_to_fit(floor):g}",
     )
+
+
+def bench_budget_pick(loaded: LoadedModel, budget: float, max_shared: int, seq_len: int) -> int:
+    """:func:`region_for_budget` over the regions measured; where none fits but a longer one the weights trained
+    does (``--sharing-layers`` below the trained region, or a stock export's record), the error names that one."""
+    config, region = loaded.model.config, loaded.region
+    trained = region.size or (region.unrun.size if region.unrun is not None else 0)
+    fits = flops_ratio(config, max_shared, seq_len) <= budget + 1e-12
+    if not fits and max_shared < trained and flops_ratio(config, trained, seq_len) <= budget + 1e-12:
+        n = region_for_budget(config, budget, trained, seq_len)
+        force = "" if region.size else " --force (the region its weights trained)"
+        raise ConfigError(
+            f"no region of 0..{max_shared} sharing layers fits a budget of {budget:g} x dense; the first {n} of the "
+            f"{trained} trained do ({flops_ratio(config, n, seq_len):.4f} x dense)",
+            "--sharing-layers",
+            f"pass --sharing-layers {n}{force}",
+        )
+    return region_for_budget(config, budget, max_shared, seq_len)
 
 
 def heldout_batches(
@@ -220,7 +243,7 @@ def print_table(summary: dict) -> None:
         loss = shown(r["val_loss"], ".4f")
         prefill, decode = (shown(r[key], ".1f") for key in ("prefill_tokens_per_s", "decode_tokens_per_s"))
         print(
-            f"{r['sharing_layers']:>6} {r['flops_ratio']:>6.3f} {prefill:>14} {decode:>13} "
+            f"{r['sharing_layers']:>6} {budget_to_fit(r['flops_ratio']):>6.4f} {prefill:>14} {decode:>13} "
             f"{r['kv_cache_bytes'] / MIB:>8.2f} {r['kv_cache_saving']:>9.1%} {loss:>9}"
         )
     if summary["budget_pick"] is not None:
@@ -295,9 +318,9 @@ def bench_command(
     check_seq_len(seq_len, config, where="--seq-len")
     max_shared = loaded.max_shared if sharing_layers is None else sharing_layers
     set_region(loaded.model, max_shared, loaded.region, force, SHARING_FLAGS)  # validates before any timing
+    pick = bench_budget_pick(loaded, budget, max_shared, seq_len) if budget is not None else None
     if note := loaded.unrun_region_note(checkpoint, "bench"):
         print(note, file=sys.stderr)
-    pick = region_for_budget(config, budget, max_shared, seq_len) if budget is not None else None
     if prompt_len is None:
         prompt_len = min(DEFAULT_TOKENS, config.context_length // 2)
     if prompt_len >= config.context_length:
