@@ -14,6 +14,7 @@ from test_serve import CHATML, chat_checkpoint
 from epas_lightning.checkpoint import describe_checkpoint
 from epas_lightning.cli import main as cli_main
 from epas_lightning.data.tokenizer import REPLACEMENT, decode_continuation
+from epas_lightning.errors import error_line
 from epas_lightning.inference import chat as chat_module
 from epas_lightning.inference.generate import generate
 from epas_lightning.inference.generate_cli import load_for_inference, resolve_tokenizer
@@ -225,3 +226,32 @@ def test_the_note_on_dropped_turns_mentions_a_system_message_only_when_there_is_
 
     assert dropped_note(32, 4, system=False).endswith("its oldest turns are dropped from now on")
     assert dropped_note(32, 4, system=True).endswith("dropped from now on; the system message stays")
+
+
+def test_a_message_longer_than_the_context_can_hold_is_refused_before_the_template_renders(checkpoint, monkeypatch):
+    """A line of more characters than the context can hold was rendered and tokenized whole (seconds for a line of a
+    megabyte), and past the render's bound of characters blamed on the template ("fix the template"), as serve's
+    check of a request's characters avoids; the history stays as it was. A conversation the context holds renders
+    within a bound that grows with the context (a fixed 10**7 characters is less than 128k tokens can hold)."""
+    from epas_lightning.serve.chat import MAX_TOKEN_CHARS
+
+    tokenizer = resolve_tokenizer(describe_checkpoint(checkpoint), None)
+    bounds, render = [], chat_module.chat_prompt_ids
+
+    def recorded(template, messages, tokenizer, max_chars=10**7):
+        bounds.append(max_chars)
+        return render(template, messages, tokenizer, max_chars)
+
+    monkeypatch.setattr(chat_module, "chat_prompt_ids", recorded)
+    conversation = chat_module.Conversation(CHATML, tokenizer, CONTEXT, REPLY_TOKENS, "x")
+    conversation.prompt("hi")
+    assert bounds == [3 * CONTEXT * MAX_TOKEN_CHARS]
+    conversation.answer("hello")
+    too_long = "a" * (CONTEXT * MAX_TOKEN_CHARS + 1)
+    with pytest.raises(chat_module.ConfigError) as refused:
+        conversation.prompt(too_long)
+    assert len(bounds) == 1 and conversation.turns[-1] == {"role": "assistant", "content": "hello"}
+    assert error_line(refused.value) == (
+        f"error: this message holds {len(too_long)} characters, more than the model's context length of {CONTEXT} "
+        "tokens can hold — the message — shorten it"
+    )

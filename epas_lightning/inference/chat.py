@@ -18,7 +18,7 @@ from epas_lightning.data.tokenizer import TextTokenizer
 from epas_lightning.errors import ConfigError, not_utf8
 from epas_lightning.inference.generate import Decoder
 from epas_lightning.model import Llama
-from epas_lightning.serve.chat import TemplateFailure, TemplateRefusal, chat_prompt_ids
+from epas_lightning.serve.chat import MAX_TOKEN_CHARS, TemplateFailure, TemplateRefusal, chat_prompt_ids
 from epas_lightning.serve.text import TextStream
 
 Message = dict[str, str]
@@ -49,7 +49,7 @@ class Conversation:
         """The prompt ids of ``turns`` after the system message; a :class:`ConfigError` if the template refuses them
         or fails on them."""
         try:
-            return chat_prompt_ids(self.template, self.messages(turns), self.tokenizer)
+            return chat_prompt_ids(self.template, self.messages(turns), self.tokenizer, self.max_chars)
         except TemplateRefusal as e:
             raise ConfigError(
                 f"the model's chat template refuses this conversation: {e}",
@@ -62,6 +62,12 @@ class Conversation:
                 f"the chat template beside {self.tokenizer.path}",
                 "fix the template, or chat with --tokenizer <a folder holding this tokenizer and a working template>",
             ) from None
+
+    @property
+    def max_chars(self) -> int:
+        """The characters a render may write: the history (the last prompt fitted the context), a message of at most
+        what the context holds (:meth:`prompt` checks it), and the template's own text, not as much again."""
+        return 3 * self.context_length * MAX_TOKEN_CHARS
 
     def check_room(self) -> None:
         """A :class:`ConfigError` if the template refuses the system message, or leaves no room for a message with it
@@ -104,15 +110,24 @@ class Conversation:
         one): the least any ``--system`` leaves."""
         message = {"role": "user", "content": ""}
         try:
-            return len(chat_prompt_ids(self.template, [{"role": "system", "content": ""}, message], self.tokenizer))
+            system = {"role": "system", "content": ""}
+            return len(chat_prompt_ids(self.template, [system, message], self.tokenizer, self.max_chars))
         except (TemplateRefusal, TemplateFailure):
-            return len(chat_prompt_ids(self.template, [message], self.tokenizer))
+            return len(chat_prompt_ids(self.template, [message], self.tokenizer, self.max_chars))
 
     def prompt(self, text: str) -> tuple[list[int], int]:
         """Add the user message ``text``; return the conversation's prompt ids and how many of its oldest turns
         (a user message and its reply each) were dropped to fit. A message that does not fit even alone is a
-        :class:`ConfigError`, and the history stays as it was."""
+        :class:`ConfigError`, and the history stays as it was (one longer than the context can hold is refused before
+        the template renders it, as serve refuses it)."""
         check_text(text)
+        if len(text) > self.context_length * MAX_TOKEN_CHARS:
+            raise ConfigError(
+                f"this message holds {len(text)} characters, more than the model's context length of "
+                f"{self.context_length} tokens can hold",
+                "the message",
+                "shorten it",
+            )
         turns, dropped = [*self.turns, {"role": "user", "content": text}], 0
         while True:
             ids = self.ids(turns)
