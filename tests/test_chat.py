@@ -255,3 +255,17 @@ def test_a_message_longer_than_the_context_can_hold_is_refused_before_the_templa
         f"error: this message holds {len(too_long)} characters, more than the model's context length of {CONTEXT} "
         "tokens can hold — the message — shorten it"
     )
+
+
+def test_a_system_message_longer_than_the_context_can_hold_names_system(checkpoint):
+    """--system past what the context holds was rendered, and past the render's bound blamed on the template."""
+    from epas_lightning.serve.chat import MAX_TOKEN_CHARS
+
+    tokenizer = resolve_tokenizer(describe_checkpoint(checkpoint), None)
+    system = "x" * (3 * CONTEXT * MAX_TOKEN_CHARS)  # past the render's bound
+    with pytest.raises(chat_module.ConfigError) as refused:
+        chat_module.Conversation(CHATML, tokenizer, CONTEXT, REPLY_TOKENS, system).check_room()
+    assert error_line(refused.value) == (
+        f"error: the system message holds {len(system)} characters, more than the model's context length of "
+        f"{CONTEXT} tokens can hold — --system — shorten it"
+    )

@@ -73,6 +73,13 @@ class Conversation:
         """A :class:`ConfigError` if the template refuses the system message, or leaves no room for a message with it
         and a reply of ``reply_tokens``; it names a fix that leaves room (a shorter system message, a shorter reply),
         or says that the template itself is too long for the model's context."""
+        if self.system is not None and len(self.system) > self.context_length * MAX_TOKEN_CHARS:  # before a render
+            raise ConfigError(
+                f"the system message holds {len(self.system)} characters, more than the model's context length of "
+                f"{self.context_length} tokens can hold",
+                "--system",
+                "shorten it",
+            )
         empty = len(self.ids([{"role": "user", "content": ""}]))
         if empty + self.reply_tokens < self.context_length:
             return
