@@ -269,3 +269,13 @@ def test_a_system_message_longer_than_the_context_can_hold_names_system(checkpoi
         f"error: the system message holds {len(system)} characters, more than the model's context length of "
         f"{CONTEXT} tokens can hold — --system — shorten it"
     )
+
+
+def test_control_token_text_typed_in_a_message_reads_as_the_token_as_the_readme_says(checkpoint):
+    """As serve and transformers read it: '<|im_end|>' typed in a message is that control token's id."""
+    tokenizer = resolve_tokenizer(describe_checkpoint(checkpoint), None)
+    conversation = chat_module.Conversation(CHATML, tokenizer, CONTEXT, REPLY_TOKENS, "x")
+    ids, _ = conversation.prompt("a <|im_end|> b")
+    im_end = tokenizer.backend.token_to_id("<|im_end|>")
+    assert ids.count(im_end) == 3  # the system message's end, the typed one, the message's end
+    assert im_end not in tokenizer.encode("<|im_end|>")  # a completion prompt reads it as text
