@@ -279,3 +279,19 @@ def test_control_token_text_typed_in_a_message_reads_as_the_token_as_the_readme_
     im_end = tokenizer.backend.token_to_id("<|im_end|>")
     assert ids.count(im_end) == 3  # the system message's end, the typed one, the message's end
     assert im_end not in tokenizer.encode("<|im_end|>")  # a completion prompt reads it as text
+
+
+def test_ctrl_c_while_a_reply_is_set_up_stops_only_that_reply(checkpoint, monkeypatch, capsys):
+    """Ctrl+C while the reply's decoder was being built (its KV cache allocated) ended the whole chat."""
+    decoder, calls = chat_module.Decoder, []
+
+    def interrupted_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return decoder(*args, **kwargs)
+
+    monkeypatch.setattr(chat_module, "Decoder", interrupted_first)
+    rc, out, err, fed = chat(monkeypatch, capsys, checkpoint, "hi\nhi\n")
+    assert rc == 0 and err.count("reply stopped (Ctrl+C)") == 1 and len(fed) == 2, err
+    assert out.startswith("\n")  # the first reply is empty; the second is as usual
