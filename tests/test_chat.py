@@ -32,7 +32,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def chat(
-    monkeypatch, capsys, checkpoint: Path, lines: str | bytes, *flags: str
+    monkeypatch, capsys, checkpoint: Path, lines: str | bytes | io.StringIO, *flags: str
 ) -> tuple[int, str, str, list[list[int]]]:
     """Run ``chat`` greedily on ``lines`` as piped input (bytes: read as strict UTF-8, as a terminal's stdin may be):
     its exit status, stdout, stderr and the prompts it fed."""
@@ -43,7 +43,8 @@ def chat(
         return decoder(model, prompts, *args, **kwargs)
 
     monkeypatch.setattr(chat_module, "Decoder", recording)
-    stdin = io.StringIO(lines) if isinstance(lines, str) else io.TextIOWrapper(io.BytesIO(lines), "utf-8", "strict")
+    stdin = io.TextIOWrapper(io.BytesIO(lines), "utf-8", "strict") if isinstance(lines, bytes) else lines
+    stdin = io.StringIO(stdin) if isinstance(stdin, str) else stdin
     monkeypatch.setattr(sys, "stdin", stdin)
     argv = ["chat", "--checkpoint", str(checkpoint), "--device", "cpu", "--temperature", "0", "--system", "x"]
     rc = cli_main([*argv, "--max-new-tokens", str(REPLY_TOKENS), *flags])
@@ -295,3 +296,28 @@ def test_ctrl_c_while_a_reply_is_set_up_stops_only_that_reply(checkpoint, monkey
     rc, out, err, fed = chat(monkeypatch, capsys, checkpoint, "hi\nhi\n")
     assert rc == 0 and err.count("reply stopped (Ctrl+C)") == 1 and len(fed) == 2, err
     assert out.startswith("\n")  # the first reply is empty; the second is as usual
+
+
+class Terminal(io.StringIO):
+    """Typed lines, as a terminal's stdin gives them."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_ctrl_c_while_a_message_renders_at_a_terminal_drops_only_that_message(checkpoint, monkeypatch, capsys):
+    """Ctrl+C just after a line was sent (its conversation rendering) ended the whole chat at a terminal; the message
+    is dropped, the history stays as it was, and the chat goes on."""
+    prompt, calls = chat_module.Conversation.prompt, []
+
+    def interrupted_first(self, text):
+        calls.append(text)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return prompt(self, text)
+
+    monkeypatch.setattr(chat_module.Conversation, "prompt", interrupted_first)
+    monkeypatch.setitem(sys.modules, "readline", None)  # no line editing on the test's stdin
+    rc, out, err, fed = chat(monkeypatch, capsys, checkpoint, Terminal("dropped\nhi\n"))
+    assert rc == 0 and "message dropped (Ctrl+C)" in err and calls == ["dropped", "hi"], err
+    assert fed == [template_ids(checkpoint, [SYSTEM, {"role": "user", "content": "hi"}])]
