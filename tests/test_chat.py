@@ -14,6 +14,7 @@ from test_serve import CHATML, chat_checkpoint
 from epas_lightning.checkpoint import describe_checkpoint
 from epas_lightning.cli import main as cli_main
 from epas_lightning.data.tokenizer import REPLACEMENT, decode_continuation
+from epas_lightning.errors import error_line
 from epas_lightning.inference import chat as chat_module
 from epas_lightning.inference.generate import generate
 from epas_lightning.inference.generate_cli import load_for_inference, resolve_tokenizer
@@ -31,7 +32,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def chat(
-    monkeypatch, capsys, checkpoint: Path, lines: str | bytes, *flags: str
+    monkeypatch, capsys, checkpoint: Path, lines: str | bytes | io.StringIO, *flags: str
 ) -> tuple[int, str, str, list[list[int]]]:
     """Run ``chat`` greedily on ``lines`` as piped input (bytes: read as strict UTF-8, as a terminal's stdin may be):
     its exit status, stdout, stderr and the prompts it fed."""
@@ -42,7 +43,8 @@ def chat(
         return decoder(model, prompts, *args, **kwargs)
 
     monkeypatch.setattr(chat_module, "Decoder", recording)
-    stdin = io.StringIO(lines) if isinstance(lines, str) else io.TextIOWrapper(io.BytesIO(lines), "utf-8", "strict")
+    stdin = io.TextIOWrapper(io.BytesIO(lines), "utf-8", "strict") if isinstance(lines, bytes) else lines
+    stdin = io.StringIO(stdin) if isinstance(stdin, str) else stdin
     monkeypatch.setattr(sys, "stdin", stdin)
     argv = ["chat", "--checkpoint", str(checkpoint), "--device", "cpu", "--temperature", "0", "--system", "x"]
     rc = cli_main([*argv, "--max-new-tokens", str(REPLY_TOKENS), *flags])
@@ -225,3 +227,97 @@ def test_the_note_on_dropped_turns_mentions_a_system_message_only_when_there_is_
 
     assert dropped_note(32, 4, system=False).endswith("its oldest turns are dropped from now on")
     assert dropped_note(32, 4, system=True).endswith("dropped from now on; the system message stays")
+
+
+def test_a_message_longer_than_the_context_can_hold_is_refused_before_the_template_renders(checkpoint, monkeypatch):
+    """A line of more characters than the context can hold was rendered and tokenized whole (seconds for a line of a
+    megabyte), and past the render's bound of characters blamed on the template ("fix the template"), as serve's
+    check of a request's characters avoids; the history stays as it was. A conversation the context holds renders
+    within a bound that grows with the context (a fixed 10**7 characters is less than 128k tokens can hold)."""
+    from epas_lightning.serve.chat import MAX_TOKEN_CHARS
+
+    tokenizer = resolve_tokenizer(describe_checkpoint(checkpoint), None)
+    bounds, render = [], chat_module.chat_prompt_ids
+
+    def recorded(template, messages, tokenizer, max_chars=10**7):
+        bounds.append(max_chars)
+        return render(template, messages, tokenizer, max_chars)
+
+    monkeypatch.setattr(chat_module, "chat_prompt_ids", recorded)
+    conversation = chat_module.Conversation(CHATML, tokenizer, CONTEXT, REPLY_TOKENS, "x")
+    conversation.prompt("hi")
+    assert bounds == [3 * CONTEXT * MAX_TOKEN_CHARS]
+    conversation.answer("hello")
+    too_long = "a" * (CONTEXT * MAX_TOKEN_CHARS + 1)
+    with pytest.raises(chat_module.ConfigError) as refused:
+        conversation.prompt(too_long)
+    assert len(bounds) == 1 and conversation.turns[-1] == {"role": "assistant", "content": "hello"}
+    assert error_line(refused.value) == (
+        f"error: this message holds {len(too_long)} characters, more than the model's context length of {CONTEXT} "
+        "tokens can hold — the message — shorten it"
+    )
+
+
+def test_a_system_message_longer_than_the_context_can_hold_names_system(checkpoint):
+    """--system past what the context holds was rendered, and past the render's bound blamed on the template."""
+    from epas_lightning.serve.chat import MAX_TOKEN_CHARS
+
+    tokenizer = resolve_tokenizer(describe_checkpoint(checkpoint), None)
+    system = "x" * (3 * CONTEXT * MAX_TOKEN_CHARS)  # past the render's bound
+    with pytest.raises(chat_module.ConfigError) as refused:
+        chat_module.Conversation(CHATML, tokenizer, CONTEXT, REPLY_TOKENS, system).check_room()
+    assert error_line(refused.value) == (
+        f"error: the system message holds {len(system)} characters, more than the model's context length of "
+        f"{CONTEXT} tokens can hold — --system — shorten it"
+    )
+
+
+def test_control_token_text_typed_in_a_message_reads_as_the_token_as_the_readme_says(checkpoint):
+    """As serve and transformers read it: '<|im_end|>' typed in a message is that control token's id."""
+    tokenizer = resolve_tokenizer(describe_checkpoint(checkpoint), None)
+    conversation = chat_module.Conversation(CHATML, tokenizer, CONTEXT, REPLY_TOKENS, "x")
+    ids, _ = conversation.prompt("a <|im_end|> b")
+    im_end = tokenizer.backend.token_to_id("<|im_end|>")
+    assert ids.count(im_end) == 3  # the system message's end, the typed one, the message's end
+    assert im_end not in tokenizer.encode("<|im_end|>")  # a completion prompt reads it as text
+
+
+def test_ctrl_c_while_a_reply_is_set_up_stops_only_that_reply(checkpoint, monkeypatch, capsys):
+    """Ctrl+C while the reply's decoder was being built (its KV cache allocated) ended the whole chat."""
+    decoder, calls = chat_module.Decoder, []
+
+    def interrupted_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return decoder(*args, **kwargs)
+
+    monkeypatch.setattr(chat_module, "Decoder", interrupted_first)
+    rc, out, err, fed = chat(monkeypatch, capsys, checkpoint, "hi\nhi\n")
+    assert rc == 0 and err.count("reply stopped (Ctrl+C)") == 1 and len(fed) == 2, err
+    assert out.startswith("\n")  # the first reply is empty; the second is as usual
+
+
+class Terminal(io.StringIO):
+    """Typed lines, as a terminal's stdin gives them."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_ctrl_c_while_a_message_renders_at_a_terminal_drops_only_that_message(checkpoint, monkeypatch, capsys):
+    """Ctrl+C just after a line was sent (its conversation rendering) ended the whole chat at a terminal; the message
+    is dropped, the history stays as it was, and the chat goes on."""
+    prompt, calls = chat_module.Conversation.prompt, []
+
+    def interrupted_first(self, text):
+        calls.append(text)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return prompt(self, text)
+
+    monkeypatch.setattr(chat_module.Conversation, "prompt", interrupted_first)
+    monkeypatch.setitem(sys.modules, "readline", None)  # no line editing on the test's stdin
+    rc, out, err, fed = chat(monkeypatch, capsys, checkpoint, Terminal("dropped\nhi\n"))
+    assert rc == 0 and "message dropped (Ctrl+C)" in err and calls == ["dropped", "hi"], err
+    assert fed == [template_ids(checkpoint, [SYSTEM, {"role": "user", "content": "hi"}])]

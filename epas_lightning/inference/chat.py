@@ -18,7 +18,7 @@ from epas_lightning.data.tokenizer import TextTokenizer
 from epas_lightning.errors import ConfigError, not_utf8
 from epas_lightning.inference.generate import Decoder
 from epas_lightning.model import Llama
-from epas_lightning.serve.chat import TemplateFailure, TemplateRefusal, chat_prompt_ids
+from epas_lightning.serve.chat import MAX_TOKEN_CHARS, TemplateFailure, TemplateRefusal, chat_prompt_ids
 from epas_lightning.serve.text import TextStream
 
 Message = dict[str, str]
@@ -49,7 +49,7 @@ class Conversation:
         """The prompt ids of ``turns`` after the system message; a :class:`ConfigError` if the template refuses them
         or fails on them."""
         try:
-            return chat_prompt_ids(self.template, self.messages(turns), self.tokenizer)
+            return chat_prompt_ids(self.template, self.messages(turns), self.tokenizer, self.max_chars)
         except TemplateRefusal as e:
             raise ConfigError(
                 f"the model's chat template refuses this conversation: {e}",
@@ -63,10 +63,23 @@ class Conversation:
                 "fix the template, or chat with --tokenizer <a folder holding this tokenizer and a working template>",
             ) from None
 
+    @property
+    def max_chars(self) -> int:
+        """The characters a render may write: the history (the last prompt fitted the context), a message of at most
+        what the context holds (:meth:`prompt` checks it), and the template's own text, not as much again."""
+        return 3 * self.context_length * MAX_TOKEN_CHARS
+
     def check_room(self) -> None:
         """A :class:`ConfigError` if the template refuses the system message, or leaves no room for a message with it
         and a reply of ``reply_tokens``; it names a fix that leaves room (a shorter system message, a shorter reply),
         or says that the template itself is too long for the model's context."""
+        if self.system is not None and len(self.system) > self.context_length * MAX_TOKEN_CHARS:  # before a render
+            raise ConfigError(
+                f"the system message holds {len(self.system)} characters, more than the model's context length of "
+                f"{self.context_length} tokens can hold",
+                "--system",
+                "shorten it",
+            )
         empty = len(self.ids([{"role": "user", "content": ""}]))
         if empty + self.reply_tokens < self.context_length:
             return
@@ -104,15 +117,24 @@ class Conversation:
         one): the least any ``--system`` leaves."""
         message = {"role": "user", "content": ""}
         try:
-            return len(chat_prompt_ids(self.template, [{"role": "system", "content": ""}, message], self.tokenizer))
+            system = {"role": "system", "content": ""}
+            return len(chat_prompt_ids(self.template, [system, message], self.tokenizer, self.max_chars))
         except (TemplateRefusal, TemplateFailure):
-            return len(chat_prompt_ids(self.template, [message], self.tokenizer))
+            return len(chat_prompt_ids(self.template, [message], self.tokenizer, self.max_chars))
 
     def prompt(self, text: str) -> tuple[list[int], int]:
         """Add the user message ``text``; return the conversation's prompt ids and how many of its oldest turns
         (a user message and its reply each) were dropped to fit. A message that does not fit even alone is a
-        :class:`ConfigError`, and the history stays as it was."""
+        :class:`ConfigError`, and the history stays as it was (one longer than the context can hold is refused before
+        the template renders it, as serve refuses it)."""
         check_text(text)
+        if len(text) > self.context_length * MAX_TOKEN_CHARS:
+            raise ConfigError(
+                f"this message holds {len(text)} characters, more than the model's context length of "
+                f"{self.context_length} tokens can hold",
+                "the message",
+                "shorten it",
+            )
         turns, dropped = [*self.turns, {"role": "user", "content": text}], 0
         while True:
             ids = self.ids(turns)
@@ -166,12 +188,12 @@ def stream_reply(
     """Decode a reply to ``prompt`` with the model's current region, writing its text as it comes (never half a
     character), until an end token of the model (``tokenizer.stop_ids``) or ``max_new_tokens``. Returns the text
     written and whether Ctrl+C stopped it (the text is then what was written until then)."""
-    decoder = Decoder(
-        model, [prompt], max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
-        top_p=sampling.top_p, seed=sampling.seed, cuda_graph=False,
-    )  # fmt: skip
     text = TextStream(tokenizer.decode, context=prompt)
-    try:
+    try:  # a Ctrl+C while the decoder is built (its KV cache allocated) stops the reply too
+        decoder = Decoder(
+            model, [prompt], max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
+            top_p=sampling.top_p, seed=sampling.seed, cuda_graph=False,
+        )  # fmt: skip
         token = decoder.prefill()
         while True:
             decoder.check_finite()

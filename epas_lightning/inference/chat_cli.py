@@ -50,11 +50,11 @@ def chat_command(
     serve's chat renders it) and the reply streams to stdout until an end token of the model. Piped input works the
     same (each line a message; the command ends at its end): replies go to stdout, one after the other, each ending
     with a newline; the region and notes go to stderr. /reset clears the history, /exit or Ctrl+D quits, Ctrl+C
-    during a reply stops it (what was shown stays in the history; at a terminal's prompt it clears the line). Each
-    reply prefills the whole conversation anew (no KV cache is kept across turns: the template renders the history
-    anew). A conversation that outgrows the model's context drops its oldest turns (the system message stays), said
-    once on stderr; a message too long even alone is refused in one line (in a terminal the chat goes on; piped, it
-    stops with exit status 2).
+    during a reply stops it (what was shown stays in the history; at a terminal's prompt it clears the line; before
+    the reply starts it drops the message). Each reply prefills the whole conversation anew (no KV cache is kept
+    across turns: the template renders the history anew). A conversation that outgrows the model's context drops its
+    oldest turns (the system message stays), said once on stderr; a message too long even alone is refused in one
+    line (in a terminal the chat goes on; piped, it stops with exit status 2).
 
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
@@ -117,6 +117,11 @@ def chat_command(
             if not interactive:
                 raise
             print(error_line(e), file=sys.stderr)
+            continue
+        except KeyboardInterrupt:  # just after the line was sent, as the reply is about to start: drop the message
+            if not interactive:
+                raise
+            print("message dropped (Ctrl+C)", file=sys.stderr)
             continue
         if dropped and not told:
             told = True

@@ -38,6 +38,9 @@ RENDER_SECONDS = 2.0
 MAX_PRODUCT = 10_000_000
 """Characters or items a template's ``*`` may repeat a string or list to, and bits a ``*`` or ``**`` may make an
 integer of."""
+MAX_TOKEN_CHARS = 256
+"""Characters one token stands for, at most: chat messages longer than the context length times this cannot fit (and
+are refused before the template renders them)."""
 
 
 class TemplateRefusal(Exception):

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from epas_lightning.inference.sampling import SamplingError, check_sampling
 from epas_lightning.seeds import SAMPLING_SEEDS, seed_out_of_range
-from epas_lightning.serve.chat import TemplateFailure, TemplateRefusal, chat_prompt_ids
+from epas_lightning.serve.chat import MAX_TOKEN_CHARS, TemplateFailure, TemplateRefusal, chat_prompt_ids
 from epas_lightning.serve.engine import Sampling, SequenceRequest
 
 if TYPE_CHECKING:
@@ -36,9 +36,6 @@ MAX_TEMPERATURE = 2.0
 """The highest ``temperature`` a request may ask for, as OpenAI allows."""
 EVERY_TOKEN = (-1, 0)
 """The ``top_k`` values that mean no top-k cut, as vLLM (whose extension ``top_k`` is) reads them."""
-MAX_TOKEN_CHARS = 256
-"""Characters one token stands for, at most: chat messages longer than the context length times this cannot fit (and
-are refused before the template renders them)."""
 
 
 class RequestError(Exception):
