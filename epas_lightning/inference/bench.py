@@ -79,18 +79,21 @@ def region_for_budget(config: LlamaConfig, budget: float, max_shared: int, seq_l
 def bench_budget_pick(loaded: LoadedModel, budget: float, max_shared: int, seq_len: int) -> int:
     """:func:`region_for_budget` over the regions measured; where none fits but a longer one the weights trained
     does (``--sharing-layers`` below the trained region, or a stock export's record), the error names that one."""
-    config, region = loaded.model.config, loaded.region
-    trained = region.size or (region.unrun.size if region.unrun is not None else 0)
-    fits = flops_ratio(config, max_shared, seq_len) <= budget + 1e-12
-    if not fits and max_shared < trained and flops_ratio(config, trained, seq_len) <= budget + 1e-12:
-        n = region_for_budget(config, budget, trained, seq_len)
-        force = "" if region.size else " --force (the region its weights trained)"
-        raise ConfigError(
-            f"no region of 0..{max_shared} sharing layers fits a budget of {budget:g} x dense; the first {n} of the "
-            f"{trained} trained do ({flops_ratio(config, n, seq_len):.4f} x dense)",
-            "--sharing-layers",
-            f"pass --sharing-layers {n}{force}",
-        )
+    config = loaded.model.config
+    trained = (loaded.weights_region or loaded.region).size
+    if max_shared < trained:
+        try:
+            n = region_for_budget(config, budget, trained, seq_len)
+        except ConfigError:
+            n = 0  # not even the whole trained region fits: region_for_budget's error below says so
+        if n > max_shared:
+            force = "" if loaded.region.size else " --force (the region its weights trained)"
+            raise ConfigError(
+                f"no region of 0..{max_shared} sharing layers fits a budget of {budget:g} x dense; the first {n} of "
+                f"the {trained} trained do ({flops_ratio(config, n, seq_len):.4f} x dense)",
+                "--sharing-layers",
+                f"pass --sharing-layers {n}{force}",
+            )
     return region_for_budget(config, budget, max_shared, seq_len)
 
 
