@@ -339,19 +339,13 @@ def document_hash(text: str) -> float:
 
 
 def _text_file_hash(f: InputFile) -> float | None:
-    """:func:`document_hash` of a text file's document, ``None`` for an empty one (a byte order mark alone too); a
-    file that is a bad document (too large, unreadable, binary, not UTF-8) hashes by its key: it is skipped in its
-    split, as it is read there."""
-    if f.n_bytes > MAX_DOCUMENT_BYTES:
+    """:func:`document_hash` of a text file's document as :func:`iter_documents` reads it, ``None`` for an empty one (a
+    byte order mark alone too); a file that is a bad document (too large, unreadable, binary, not UTF-8) hashes by its
+    key: it is skipped in its split, as it is read there."""
+    texts = [text for _, text in iter_documents(f, "", lambda bad: None)]
+    if not texts:
         return stable_unit_hash(f.key)
-    try:
-        data = Path(f.path).read_bytes()
-        if b"\0" in data[:BINARY_SNIFF_BYTES]:
-            return stable_unit_hash(f.key)
-        text = data.decode("utf-8-sig")
-    except (OSError, UnicodeDecodeError):
-        return stable_unit_hash(f.key)
-    return document_hash(text) if text else None
+    return document_hash(texts[0]) if texts[0] else None
 
 
 HASH_THREADS = 16
