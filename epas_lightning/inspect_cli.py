@@ -33,6 +33,7 @@ from epas_lightning.checkpoint_formats import (
 from epas_lightning.errors import CheckpointError, UserError, listed, os_reason
 from epas_lightning.hf.convert import hf_weight_files
 from epas_lightning.model import Llama, LlamaConfig
+from epas_lightning.model.config import REUSED
 from epas_lightning.optim import grouped_parameter_names, state_entry, state_tensors
 from epas_lightning.region import TrainedRegion, choices, sharing_layers_text, unrun_region_text
 from epas_lightning.runtime import dtype_name, emit_json, folder_bytes, size_text
@@ -316,7 +317,7 @@ def describe_text(record: dict[str, Any]) -> str:
         **transformers_row(record["transformers_shared_layers"], region["layers"], model["n_layer"]),
         "model": f"{model['n_layer']} layers, d {model['n_embd']}, {heads}, vocab {model['vocab_size']:,}, "
         f"block size {model['block_size']:,}, {model['parameters']:,} parameters, sharing mode {mode} "
-        f"({'/'.join(mode.upper())})",
+        f"({REUSED[mode]})",
         "weights": ", ".join([*record["weights_dtype"], finite]),
         "tokenizer": "none recorded" if tokenizer is None else tokenizer["path"] + TOKENIZER_NOTES[tokenizer["state"]],
         "val loss": "not recorded"
