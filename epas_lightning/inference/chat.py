@@ -69,17 +69,23 @@ class Conversation:
         what the context holds (:meth:`prompt` checks it), and the template's own text, not as much again."""
         return 3 * self.context_length * MAX_TOKEN_CHARS
 
+    def check_fits(self, what: str, text: str, where: str) -> None:
+        """A :class:`ConfigError` where ``text`` has more characters than the context can hold tokens (none stands for
+        more than ``MAX_TOKEN_CHARS``): refused before the template renders it, as serve refuses it."""
+        if len(text) > self.context_length * MAX_TOKEN_CHARS:
+            raise ConfigError(
+                f"{what} holds {len(text)} characters, more than the model's context length of "
+                f"{self.context_length} tokens can hold",
+                where,
+                "shorten it",
+            )
+
     def check_room(self) -> None:
         """A :class:`ConfigError` if the template refuses the system message, or leaves no room for a message with it
         and a reply of ``reply_tokens``; it names a fix that leaves room (a shorter system message, a shorter reply),
         or says that the template itself is too long for the model's context."""
-        if self.system is not None and len(self.system) > self.context_length * MAX_TOKEN_CHARS:  # before a render
-            raise ConfigError(
-                f"the system message holds {len(self.system)} characters, more than the model's context length of "
-                f"{self.context_length} tokens can hold",
-                "--system",
-                "shorten it",
-            )
+        if self.system is not None:  # before a render
+            self.check_fits("the system message", self.system, "--system")
         empty = len(self.ids([{"role": "user", "content": ""}]))
         if empty + self.reply_tokens < self.context_length:
             return
@@ -128,13 +134,7 @@ class Conversation:
         :class:`ConfigError`, and the history stays as it was (one longer than the context can hold is refused before
         the template renders it, as serve refuses it)."""
         check_text(text)
-        if len(text) > self.context_length * MAX_TOKEN_CHARS:
-            raise ConfigError(
-                f"this message holds {len(text)} characters, more than the model's context length of "
-                f"{self.context_length} tokens can hold",
-                "the message",
-                "shorten it",
-            )
+        self.check_fits("this message", text, "the message")
         turns, dropped = [*self.turns, {"role": "user", "content": text}], 0
         while True:
             ids = self.ids(turns)
