@@ -1,6 +1,7 @@
 """One lent-GPU session, about 8 minutes: the CUDA-only tests (``-m cuda``: CUDA-graph decoding, the bf16 chunked
 loss, fused AdamW, the preferred SDPA kernel), the MFU of the real ``fit`` path (Lightning + FSDP2 on one GPU,
-``configs/tinyllama-1gpu.yaml``), then ours vs LitGPT and transformers on TinyLlama-1.1B (``vs_peers.py`` on CUDA).
+``configs/tinyllama-1gpu.yaml``) and where its steps make the host wait for the GPU (``host_syncs.py``), then ours
+vs LitGPT and transformers on TinyLlama-1.1B (``vs_peers.py`` on CUDA).
 Writes ``gpu_session.json`` (every number), ``gpu_session.md`` (the tables for RESULTS.md) and the logs to ``--output``
 (``vs_peers-b4.log``, and ``vs_peers-b2.log`` if a system ran out of memory at micro-batch 4).
 
@@ -46,6 +47,9 @@ DENSE_STEPS = (15, 30)
 """Steps whose logged rates are dense (the region switches at step 30; earlier steps include compilation)."""
 EPAS_STEPS = (40, 60)
 """Steps whose logged rates are EPAS (after the switch's recompilation and a full rate window)."""
+SYNC_STEPS = (33, 3)
+"""The optimizer steps whose host syncs ``host_syncs.HostSyncWatch`` reports (first, count): after the region's
+switch at step 30 and its recompilation, before the EPAS rate window (5 steps ending at step 40 and later)."""
 MFU_TARGET = 0.45
 
 
@@ -87,7 +91,8 @@ def install_wheels() -> None:
 
 def run_logged(cmd: list[str], log: Path, timeout: int) -> tuple[int, float]:
     """Run ``cmd`` in the repository with the carried packages importable; output to ``log``. (exit code, seconds)"""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(SITE)])}
+    path = os.pathsep.join([str(REPO), str(REPO / "benchmarks"), str(SITE)])  # benchmarks: fit's host_syncs callback
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
     start = time.perf_counter()
     with log.open("w") as f:
         try:
@@ -119,7 +124,8 @@ def tests_part(args: argparse.Namespace) -> dict:
 
 
 def fit_part(args: argparse.Namespace) -> dict:
-    """``fit`` 60 steps of tinyllama-1gpu (dense to step 30, then half the layers sharing); rates from TensorBoard."""
+    """``fit`` 60 steps of tinyllama-1gpu (dense to step 30, then half the layers sharing); rates from TensorBoard, and
+    where steps 33-35 made the host wait for the GPU (``host_syncs.json``)."""
     with tempfile.TemporaryDirectory(prefix="epas_runs_") as runs:  # its logs are read here, then removed
         return fit_in(Path(runs), args)
 
@@ -129,6 +135,9 @@ def fit_in(runs: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "epas_lightning", "fit", "--config", "tinyllama-1gpu"]
     cmd += [f"--trainer.max_steps={FIT_STEPS}", f"--data.batch_size={args.fit_batch_size}"]
     cmd += [f"--trainer.logger.init_args.save_dir={runs}", "--checkpoint.save_last=false", "--checkpoint.save_top_k=0"]
+    syncs = args.output / "host_syncs.json"
+    watch = {"output": str(syncs), "first_step": SYNC_STEPS[0], "steps": SYNC_STEPS[1]}
+    cmd += ["--trainer.callbacks+=" + json.dumps({"class_path": "host_syncs.HostSyncWatch", "init_args": watch})]
     cmd += args.fit_args.split()
     code, seconds = run_logged(cmd, args.output / "fit.log", args.fit_timeout)
     result = {"command": " ".join(cmd[1:]), "exit_code": code, "wall_s": seconds, "batch_size": args.fit_batch_size}
@@ -152,6 +161,8 @@ def fit_in(runs: Path, args: argparse.Namespace) -> dict:
         ),
         None,
     )
+    if syncs.exists():
+        result["host_syncs"] = json.loads(syncs.read_text())
     if result.get("dense_tokens_per_s") and result.get("epas_tokens_per_s"):
         result["epas_vs_dense"] = result["epas_tokens_per_s"] / result["dense_tokens_per_s"]
     return result
@@ -239,6 +250,16 @@ def table(report: dict) -> str:
         f"fit: peak memory {fit.get('peak_memory_gib')} GiB, blocks checkpointed {fit.get('checkpointed_blocks')}, "
         f"MFU target {MFU_TARGET} (dense) met: {(fit.get('dense_mfu') or 0) >= MFU_TARGET}",
     ]
+    if (syncs := fit.get("host_syncs")) and not syncs["cuda"]:
+        rows += ["", "host syncs: not watched (no CUDA device)"]
+    elif syncs:
+        rows += [
+            "",
+            f"host syncs per optimizer step (steps {syncs['first_step']}+, {syncs['watched_steps']} watched): ",
+        ]
+        rows[-1] += f"{syncs['syncs_per_step']:g}" + "".join(
+            f"\n- {site['per_step']:g} × {site['innermost']}, through {site['ours']}" for site in syncs["sites"]
+        )
     return "\n".join(rows) + "\n"
 
 

@@ -26,7 +26,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 
-from epas_lightning.errors import CheckpointError, OutputError, os_reason
+from epas_lightning.errors import RESUME_AFTER_A_FAILED_FIT, CheckpointError, OutputError, os_reason
 from epas_lightning.outputs import out_of_space
 from epas_lightning.run_summary import say
 from epas_lightning.safe_load import is_sharded_checkpoint, load_torch_file, verify_checkpoint
@@ -70,15 +70,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 staging.unlink(missing_ok=True)
             if out_of_space(e):
                 raise OutputError(
-                    "no space left on the device (or quota) while writing this checkpoint; the earlier ones are whole",
+                    "no space left on the device (or quota) while writing this checkpoint",
                     path,
-                    "free space (or set checkpoint.save_top_k), then resume with the same command and --ckpt_path last",
+                    f"free space (or set checkpoint.save_top_k); {RESUME_AFTER_A_FAILED_FIT}",
                 ) from e
             if isinstance(e, OSError) and e.errno in NOT_WRITABLE:
                 raise OutputError(
-                    f"cannot write this checkpoint ({os_reason(e)}); the earlier ones are whole",
+                    f"cannot write this checkpoint ({os_reason(e)})",
                     path,
-                    "make its folder writable again, then resume with the same command and --ckpt_path last",
+                    f"make its folder writable again; {RESUME_AFTER_A_FAILED_FIT}",
                 ) from e
             raise
         return None

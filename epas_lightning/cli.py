@@ -35,6 +35,7 @@ from epas_lightning.errors import (
     DEBUG_ENV,
     EXIT_DIVERGED,
     EXIT_USER_ERROR,
+    RESUME_AFTER_A_FAILED_FIT,
     ConfigError,
     TrainingDiverged,
     UserError,
@@ -733,8 +734,7 @@ def no_space_left(error: BaseException, command: str) -> UserError | None:
     where = next((e.filename for e in exception_chain(error) if getattr(e, "filename", None)), None)
     fix = "free space"
     if command == "fit":
-        fix += " (or set checkpoint.save_top_k); the checkpoints saved so far are whole: resume with the same command "
-        fix += "and --ckpt_path last"
+        fix += f" (or set checkpoint.save_top_k); {RESUME_AFTER_A_FAILED_FIT}"
     return UserError(f"no space left on the device (or quota) while {command} ran", where or command, fix)
 
 

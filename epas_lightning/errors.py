@@ -23,6 +23,12 @@ EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 """Exit status of a training run stopped because its loss or gradients became non-finite."""
 DEBUG_ENV = "EPAS_DEBUG"
+RESUME_AFTER_A_FAILED_FIT = (
+    "the checkpoints saved so far are whole: resume with the same command and --ckpt_path auto (it starts again where "
+    "none was saved yet)"
+)
+"""How a ``fit`` that failed mid-run goes on: ``--ckpt_path last`` was advised, which a failure before the first
+save answered with "no last.ckpt of this run to resume"."""
 
 
 class UserError(ValueError):
@@ -115,7 +121,7 @@ def lost_data_worker(error: BaseException, command: str) -> UserError | None:
         return None
     fix = "lower data.num_workers or give the job more host memory (or shared memory, /dev/shm, after a bus error)"
     if command == "fit":
-        fix += "; the checkpoints saved so far are whole: resume with the same command and --ckpt_path last"
+        fix += f"; {RESUME_AFTER_A_FAILED_FIT}"
     return UserError(f"a data worker process died ({found[0].strip()})", "data.num_workers", fix)
 
 

@@ -501,6 +501,18 @@ class EPASModule(LightningModule):
         self._loss_count += 1
         return self._loss_sum / self._loss_count
 
+    def on_after_backward(self) -> None:
+        """An optimizer step of fewer micro-batches than ``trainer.accumulate_grad_batches`` (an epoch's last, where
+        its batches do not fill a step): Lightning divided each micro-batch's loss by the full count, so the step's
+        gradient was that fraction of the mean (and clipping, the logged norm and AdamW saw it so). At its last
+        micro-batch the gradients are scaled to the mean over the micro-batches it had, as every full step's are."""
+        trainer, full = self.trainer, self.trainer.accumulate_grad_batches
+        if self._loss_count >= full or trainer.fit_loop._should_accumulate():
+            return
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(full / self._loss_count)
+
     def configure_gradient_clipping(
         self,
         optimizer: torch.optim.Optimizer,

@@ -212,9 +212,11 @@ def tiny_checkpoint(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory)
 def test_analyze_command_writes_heatmap_json_and_tensorboard_image(tiny_checkpoint, tiny_corpus, tmp_path, capsys):
     out = tmp_path / "analysis"
     args = ["analyze", "--checkpoint", str(tiny_checkpoint), "--output", str(out), "--batches", "2"]
-    assert cli_main([*args, "--batch-size", "2", "--seq-len", "16", "--dtype", "bfloat16"]) == 0
+    assert cli_main([*args, "--batch-size", "2", "--seq-len", "16", "--dtype", "bfloat16", "--json"]) == 0
     captured = capsys.readouterr()
     printed = captured.out
+    line = json.loads(printed.splitlines()[-1])  # what it was measured on, for a script choosing a region
+    assert (line["n_tokens"], line["too_few_tokens"], line["shared_layers"]) == (2 * 2 * 16, False, [1])
     assert str(tiny_corpus) in captured.err  # the data the checkpoint's tokenizer came from
     assert "note: only" not in captured.err  # 64 tokens, as many as the model's features
     assert "trained with layers [1] sharing" in printed  # the caveat for regions trained with sharing
@@ -242,9 +244,11 @@ def test_analyze_says_when_too_few_tokens_were_measured(tiny_checkpoint, tmp_pat
         "--batch-size",
         "1",
     ]
-    assert cli_main(["analyze", *args, "--seq-len", "2"]) == 0
+    assert cli_main(["analyze", *args, "--seq-len", "2", "--json"]) == 0
+    captured = capsys.readouterr()
     says = "note: only 2 tokens were measured, fewer than the model's 64 features: the similarities read high"
-    assert says in capsys.readouterr().err
+    assert says in captured.err
+    assert json.loads(captured.out.splitlines()[-1])["too_few_tokens"] is True  # --json says so too
 
 
 def test_analyze_reports_bad_inputs_before_work(tiny_checkpoint, tiny_corpus, tmp_path, capsys, monkeypatch):

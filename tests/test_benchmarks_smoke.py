@@ -205,7 +205,7 @@ def test_every_script_refuses_a_bad_count_in_one_line(benchmarks_importable, mon
     from epas_lightning.errors import run_script
 
     monkeypatch.syspath_prepend(str(ROOT / "experiments"))
-    for path in [p for p in SCRIPTS if p.name not in ("harness.py", "gpu_session.py")]:
+    for path in [p for p in SCRIPTS if p.name not in ("harness.py", "host_syncs.py", "gpu_session.py")]:
         text = path.read_text()
         flag = "--seq-len" if "shape_flags(" in text else re.search(r'"(--[a-z-]+)",\s+type=count', text)[1]
         module = importlib.import_module(path.stem)
@@ -464,3 +464,37 @@ def test_vs_peers_step_memory_counts_only_the_timed_steps(benchmarks_importable,
     config = LlamaConfig.from_name("debug")
     result = vs_peers.summarize(args, config, torch.device("cuda"), systems, times, {}, [1])
     assert result["step_peak_memory_mib"] == {"dense": 510.0, "epas": 490.0}
+
+
+def test_host_sync_watch_counts_the_watched_steps_syncs_by_place(
+    benchmarks_importable, tiny_corpus, tmp_path, monkeypatch
+):
+    """gpu_session's fit run reports where a step makes the host wait for the GPU. CUDA's own warning cannot fire on
+    a CPU: the same words, warned from inside our training loss, stand in for it (once a micro-batch)."""
+    import warnings
+
+    from host_syncs import HostSyncWatch
+
+    import epas_lightning.module as module_file
+    from epas_lightning import EPASModule, LlamaConfig, TokenDataModule
+    from tests.helpers import cpu_trainer
+
+    def syncing_loss(*args, **kwargs):
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+        warnings.warn("another warning, left to the filters", stacklevel=1)
+        return train_loss(*args, **kwargs)
+
+    train_loss = module_file.train_loss
+    monkeypatch.setattr(module_file, "train_loss", syncing_loss)
+    config = LlamaConfig.from_name("debug", n_layer=2, block_size=16)
+    data = TokenDataModule(data_dir=str(tiny_corpus), seq_len=16, batch_size=2, vocab_size=config.vocab_size)
+    watch = HostSyncWatch(str(tmp_path / "syncs.json"), first_step=2, steps=2)
+    with warnings.catch_warnings(record=True) as others:
+        warnings.simplefilter("always")
+        cpu_trainer(tmp_path, 5, [watch], accumulate_grad_batches=2).fit(EPASModule(config), datamodule=data)
+    report = json.loads((tmp_path / "syncs.json").read_text())
+    assert (report["watched_steps"], report["syncs_per_step"]) == (2, 2.0)  # steps 2 and 3, 2 micro-batches each
+    [site] = report["sites"]
+    assert re.fullmatch(r"epas_lightning/module\.py:\d+ \(training_step\)", site["ours"]), site
+    assert "test_benchmarks_smoke.py" in site["innermost"] and site["per_step"] == 2.0
+    assert any("another warning" in str(w.message) for w in others)  # other warnings pass through

@@ -523,12 +523,12 @@ LOST_WORKER = "DataLoader worker (pid 14451) is killed by signal: Killed. "
         (
             "RuntimeError",
             f"error: a data worker process died ({LOST_WORKER.strip('. ')}) — data.num_workers — lower",
-            "are whole: resume with the same command and --ckpt_path last",
+            "are whole: resume with the same command and --ckpt_path auto (it starts again where none was saved yet)",
         ),
         (
             "OSError",
             "error: no space left on the device (or quota) while fit ran — runs/debug/version_0/events.out — free",
-            "are whole: resume with the same command and --ckpt_path last",
+            "are whole: resume with the same command and --ckpt_path auto (it starts again where none was saved yet)",
         ),
     ],
 )

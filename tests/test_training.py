@@ -861,6 +861,25 @@ def test_a_resume_under_gradient_accumulation_saves_no_half_step(tiny_corpus, tm
         assert (path.name, batches) == (path.name, 2 * saved["global_step"])
 
 
+def test_an_epochs_short_last_step_takes_the_mean_gradient_of_its_micro_batches(tiny_corpus, tmp_path):
+    """An epoch of 2 batches under accumulation over 4 ends in a step of 2 micro-batches: Lightning divides each loss
+    by 4, so that step's gradient was half the mean of its micro-batches (the logged norm, clipping and the update
+    with it). It is the gradient of a full step over those 2, as accumulation over 2 gives it."""
+    weights = {}
+    for accumulate in (2, 4):
+        module, data = make_run(tiny_corpus, n_layer=2)
+        module.optimizer_factory = lambda params: torch.optim.SGD(params, lr=1.0)  # the update is the gradient
+        step = {"accumulate_grad_batches": accumulate, "gradient_clip_val": 1e6}  # clipping by norm logs the norm
+        trainer = make_trainer(tmp_path, 1, [], limit_train_batches=2, **step)
+        trainer.fit(module, data)
+        norm = float(trainer.callback_metrics["train/grad_norm"])
+        weights[accumulate] = ({k: v.clone() for k, v in module.model.state_dict().items()}, norm)
+    (short, short_norm), (full, full_norm) = weights[4], weights[2]
+    assert short_norm == pytest.approx(full_norm, rel=1e-5)
+    for name in full:
+        torch.testing.assert_close(short[name], full[name], msg=name)
+
+
 @pytest.mark.parametrize("listed", [False, True], ids=["run checkpoint", "trainer.callbacks ModelCheckpoint"])
 def test_a_validation_inside_an_optimizer_step_saves_when_the_step_is_done(tiny_corpus, tmp_path, listed):
     """Validating every 3 micro-batches under accumulation over 2, the run's checkpoint (and a ModelCheckpoint of

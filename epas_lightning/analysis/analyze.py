@@ -107,8 +107,10 @@ def heldout_batches(
     return (batch[:, :-1] for batch in islice(loader, n_batches))  # the model's inputs, without the extra target
 
 
-def write_outputs(report: RedundancyReport, recommendation, output: Path) -> dict:  # noqa: ANN001
-    """Write similarity.png, similarity.json and a TensorBoard event file under ``output/tb``; return the record."""
+def write_outputs(report: RedundancyReport, recommendation, output: Path, n_features: int) -> dict:  # noqa: ANN001
+    """Write similarity.png, similarity.json and a TensorBoard event file under ``output/tb``; return the record.
+    Its recommendation carries what it was measured on, as ``--json`` prints it: ``n_tokens``, and
+    ``too_few_tokens`` where fewer than the model's ``n_features`` make the similarities read high."""
     from torch.utils.tensorboard import SummaryWriter
 
     from epas_lightning.analysis.plots import similarity_figure
@@ -126,6 +128,8 @@ def write_outputs(report: RedundancyReport, recommendation, output: Path) -> dic
         "shared_layers": recommendation.shared_layers,
         "meets_threshold": recommendation.meets_threshold,
         "flop_cut": recommendation.chosen.flop_cut,
+        "n_tokens": report.n_tokens,
+        "too_few_tokens": too_few_tokens(report, n_features),
         "candidates": [c.__dict__ | {"source": c.source} for c in recommendation.candidates],
     }
     path_json = output / "similarity.json"
@@ -134,6 +138,12 @@ def write_outputs(report: RedundancyReport, recommendation, output: Path) -> dic
         writer.add_figure("analysis/similarity", figure, global_step=report.metadata.get("global_step") or 0)
         writer.add_text("analysis/recommendation", "```\n" + recommendation.reasoning + "\n```")
     return record
+
+
+def too_few_tokens(report: RedundancyReport, n_features: int) -> bool:
+    """Whether fewer tokens were measured than the model has features: the standard CKA estimator is biased upwards
+    below that (at 2 tokens every pair of layers scores 1)."""
+    return report.n_tokens < n_features
 
 
 def analyze_command(
@@ -229,8 +239,8 @@ def analyze_command(
             weights_trained_region=loaded.region.unrun_record(),
         )
         recommendation = report.recommend(metric, threshold, config)
-        record = write_outputs(report, recommendation, build)
-    if report.n_tokens < config.n_embd:  # the standard CKA estimator is biased upwards below that (at 2 tokens: 1)
+        record = write_outputs(report, recommendation, build, config.n_embd)
+    if too_few_tokens(report, config.n_embd):
         print(
             f"note: only {report.n_tokens} tokens were measured, fewer than the model's {config.n_embd} features: the "
             "similarities read high (CKA most); raise --batches, --batch-size or --seq-len before choosing a region",
