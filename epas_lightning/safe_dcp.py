@@ -71,6 +71,12 @@ def read_dcp_metadata(data: bytes, where: object) -> Metadata:
         ) from e
     if not isinstance(metadata, Metadata):
         raise CheckpointError("not distributed-checkpoint metadata", where, "use a checkpoint written by fit")
+    for info in (metadata.storage_data or {}).values():  # torch joins the folder and the name: an absolute one wins
+        name = str(getattr(info, "relative_path", ""))
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise CheckpointError(
+                f"its metadata places shard file {name!r} outside its folder", where, "use a checkpoint written by fit"
+            )
     return metadata
 
 

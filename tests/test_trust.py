@@ -165,6 +165,29 @@ def test_sharded_metadata_reaching_a_function_through_an_allowed_module_is_refus
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("elsewhere", ["absolute", "parent"])
+def test_sharded_metadata_placing_shards_outside_its_folder_is_refused(tmp_path, elsewhere):
+    """A ``.metadata`` naming its shard by an absolute path, or one through ``..``, made every reader (resume,
+    consolidate, export) read weights from that file outside the folder: any file the user can read, written on into
+    a consolidated or exported model."""
+    import pickle
+
+    from torch.distributed.checkpoint import save as dcp_save
+
+    from epas_lightning.safe_dcp import SafeFileSystemReader, load_shards
+
+    folder, outside = tmp_path / "ckpt", tmp_path / "outside.distcp"
+    dcp_save({"state_dict": {"w": torch.ones(4)}}, checkpoint_id=folder, no_dist=True)
+    (shard,) = folder.glob("*.distcp")
+    shard.rename(outside)
+    metadata = SafeFileSystemReader(folder).read_metadata()
+    for info in metadata.storage_data.values():
+        info.relative_path = str(outside) if elsewhere == "absolute" else f"../{outside.name}"
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match=r"shard file .*outside.distcp.* outside its folder"):
+        load_shards({"state_dict": {"w": torch.zeros(4)}}, folder, no_dist=True)
+
+
 def test_fsdp2_resume_reads_non_tensor_shard_entries_safely(tmp_path):
     """A sharded checkpoint keeps the optimizer's hyperparameters as pickles inside the shards, which
     torch.distributed.checkpoint would load with ``weights_only=False``; the resume path refuses a malicious one."""
