@@ -146,6 +146,8 @@ def _read_consolidated(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], 
         metadata[REGION_KEY] = sharing["region"]
     if WEIGHTS_REGION_KEY in sharing:  # a copy of a stock export: read by :func:`weights_region`
         metadata[WEIGHTS_REGION_KEY] = sharing[WEIGHTS_REGION_KEY]
+    if EXPORTED_KEY in sharing:  # a copy of an export that chose fewer layers: the commands' default
+        metadata[HF_SHARED_KEY] = sharing[EXPORTED_KEY]
     if (training := from_consolidated(record)) is not None:
         metadata[TRAINING_KEY] = training
     return state, metadata
@@ -189,7 +191,11 @@ WEIGHTS_REGION_KEY = "weights_trained_region"
 folder made from one keeps it in its ``config.json``'s ``sharing``)."""
 HF_SHARED_KEY = "hf_shared_layers"
 """Metadata of a Hugging Face folder: the layers transformers loads it with sharing (its config's
-``epas_shared_layers``, as written; none in a stock LLaMA config)."""
+``epas_shared_layers``, as written; none in a stock LLaMA config); of a consolidated copy of one, its
+:data:`EXPORTED_KEY`."""
+EXPORTED_KEY = "exported_shared_layers"
+"""A consolidated folder's ``sharing`` entry for a copy of an export that chose fewer layers than its trained region
+(``export --sharing-layers``): that choice, which the commands run the copy with by default, as they ran the export."""
 
 
 def hf_trained_region(hf: dict[str, Any], n_layer: int, where: Path) -> TrainedRegion:

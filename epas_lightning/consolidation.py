@@ -12,7 +12,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from epas_lightning.checkpoint import STORED, LoadedModel, load_model
-from epas_lightning.checkpoint_formats import CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_REGION_KEY
+from epas_lightning.checkpoint_formats import CONFIG_FILE, EXPORTED_KEY, WEIGHTS_FILE, WEIGHTS_REGION_KEY
 from epas_lightning.data.tokenizer import TokenizerError, load_tokenizer
 from epas_lightning.hf.convert import saveable
 from epas_lightning.outputs import check_output, output_folder
@@ -79,9 +79,12 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
 
 
 def carried_weights_region(loaded: LoadedModel) -> dict[str, Any]:
-    """The ``sharing`` entry of a copy of a stock export: the region its weights trained, which the copy does not run
-    either (:data:`WEIGHTS_REGION_KEY`); none for other checkpoints."""
+    """The ``sharing`` entry of a copy of an export: of a stock one, the region its weights trained, which the copy
+    does not run either (:data:`WEIGHTS_REGION_KEY`); of one that chose fewer layers than its region, that choice
+    (:data:`EXPORTED_KEY`), which the copy runs by default; none for other checkpoints."""
     record = loaded.region.unrun_record()
+    if loaded.exported_sharing is not None and loaded.exported_sharing < loaded.region.size:
+        return {EXPORTED_KEY: sorted(loaded.region.layers[: loaded.exported_sharing])}
     return {WEIGHTS_REGION_KEY: record} if record else {}
 
 

@@ -38,16 +38,27 @@ _DCP_METADATA_CLASSES = {
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles distributed-checkpoint metadata: its dataclasses, torch dtypes/sizes and paths, nothing else."""
+    """Unpickles distributed-checkpoint metadata: its dataclasses, torch dtypes/sizes and paths, nothing else.
+
+    Names are looked up one level deep only: pickle follows a dotted name attribute by attribute (``os.system`` of
+    the metadata module, which imports ``os``)."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if (
+        if "." not in name and (
             (module, name) in _DCP_METADATA_CLASSES
-            or module == "torch.distributed.checkpoint.metadata"
+            or _metadata_class(module, name)
             or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
         ):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+
+
+def _metadata_class(module: str, name: str) -> bool:
+    """Whether ``module.name`` is a class that torch's checkpoint metadata module defines (not one it imports)."""
+    import torch.distributed.checkpoint.metadata as metadata
+
+    found = getattr(metadata, name, None) if module == metadata.__name__ else None
+    return isinstance(found, type) and found.__module__ == module
 
 
 def read_dcp_metadata(data: bytes, where: object) -> Metadata:
@@ -60,6 +71,12 @@ def read_dcp_metadata(data: bytes, where: object) -> Metadata:
         ) from e
     if not isinstance(metadata, Metadata):
         raise CheckpointError("not distributed-checkpoint metadata", where, "use a checkpoint written by fit")
+    for info in (metadata.storage_data or {}).values():  # torch joins the folder and the name: an absolute one wins
+        name = str(getattr(info, "relative_path", ""))
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise CheckpointError(
+                f"its metadata places shard file {name!r} outside its folder", where, "use a checkpoint written by fit"
+            )
     return metadata
 
 

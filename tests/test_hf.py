@@ -866,7 +866,10 @@ def test_an_export_runs_with_the_region_it_was_exported_with(tmp_path: Path) -> 
     assert describe(out, check_weights=False)["sharing_layers"] == {"default": 1, "max": 2, "max_forced": 3}
     loaded = load_model(out)
     assert (loaded.default_sharing, loaded.region.layers, loaded.model.sharing.shared_layers) == (1, (3, 2), [2, 3])
-    assert load_model(consolidate(out, tmp_path / "consolidated")).region.layers == (3, 2)  # saves keep the region
+    copy = load_model(consolidate(out, tmp_path / "consolidated"))  # a copy keeps the region and the choice
+    assert (copy.region.layers, copy.default_sharing) == ((3, 2), 1)
+    again = export(tmp_path / "consolidated", tmp_path / "copy-exported")  # it ran, and was exported, with 2
+    assert json.loads((again / "config.json").read_text())["epas_shared_layers"] == [3]
     again = export(out, tmp_path / "again")  # exported again: still the choice
     assert json.loads((again / "config.json").read_text())["epas_shared_layers"] == [3]
     forced = export(tmp_path / "ckpt", tmp_path / "forced", sharing_layers=3, force=True)

@@ -147,6 +147,47 @@ def test_fsdp2_resume_reads_sharded_metadata_safely(evil):
     assert not evil.marker.exists()
 
 
+def test_sharded_metadata_reaching_a_function_through_an_allowed_module_is_refused(tmp_path):
+    """The metadata unpickler allows the classes of torch's checkpoint metadata module by module name; a pickle naming
+    ``os.system`` in it (a dotted name, which protocol 4 follows attribute by attribute) ran that command."""
+    import pickle
+
+    from epas_lightning.safe_dcp import read_dcp_metadata
+
+    def text(value: str) -> bytes:
+        return pickle.SHORT_BINUNICODE + bytes([len(value)]) + value.encode()
+
+    marker = tmp_path / "PWNED"
+    call = text("torch.distributed.checkpoint.metadata") + text("os.system") + pickle.STACK_GLOBAL
+    payload = b"\x80\x04" + call + text(f"touch {marker}") + pickle.TUPLE1 + pickle.REDUCE + pickle.STOP
+    with pytest.raises(CheckpointError, match="unsafe or corrupt distributed-checkpoint metadata"):
+        read_dcp_metadata(payload, tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("elsewhere", ["absolute", "parent"])
+def test_sharded_metadata_placing_shards_outside_its_folder_is_refused(tmp_path, elsewhere):
+    """A ``.metadata`` naming its shard by an absolute path, or one through ``..``, made every reader (resume,
+    consolidate, export) read weights from that file outside the folder: any file the user can read, written on into
+    a consolidated or exported model."""
+    import pickle
+
+    from torch.distributed.checkpoint import save as dcp_save
+
+    from epas_lightning.safe_dcp import SafeFileSystemReader, load_shards
+
+    folder, outside = tmp_path / "ckpt", tmp_path / "outside.distcp"
+    dcp_save({"state_dict": {"w": torch.ones(4)}}, checkpoint_id=folder, no_dist=True)
+    (shard,) = folder.glob("*.distcp")
+    shard.rename(outside)
+    metadata = SafeFileSystemReader(folder).read_metadata()
+    for info in metadata.storage_data.values():
+        info.relative_path = str(outside) if elsewhere == "absolute" else f"../{outside.name}"
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match=r"shard file .*outside.distcp.* outside its folder"):
+        load_shards({"state_dict": {"w": torch.zeros(4)}}, folder, no_dist=True)
+
+
 def test_fsdp2_resume_reads_non_tensor_shard_entries_safely(tmp_path):
     """A sharded checkpoint keeps the optimizer's hyperparameters as pickles inside the shards, which
     torch.distributed.checkpoint would load with ``weights_only=False``; the resume path refuses a malicious one."""
