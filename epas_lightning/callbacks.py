@@ -16,11 +16,11 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
-from torchmetrics.aggregation import MeanMetric
 
 from epas_lightning.errors import ConfigError
 from epas_lightning.flops import flop_cut, peak_flops
-from epas_lightning.loss import heldout_mean, next_token_loss
+from epas_lightning.heldout_metric import HeldOutLoss
+from epas_lightning.loss import heldout_mean, token_losses
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.config import REUSED
 from epas_lightning.region import REGION_KEY, TrainedRegion, layers_asked_for, region_in_growth_order
@@ -102,7 +102,7 @@ class ProgressiveSharing(Callback):
         self._resumed_step = 0  # the step of the checkpoint a run resumes
         self.reached_at: int | None = None
         """The step at which the region reached its full size (kept across a resume; ``None``: not yet)."""
-        self._heldout: dict[int, MeanMetric] = {}  # per extra region length, the current validation's loss
+        self._heldout: dict[int, HeldOutLoss] = {}  # per extra region length, the current validation's loss
 
     def _build(self, n_layer: int, check_lengths: bool = True) -> SharingSchedule | None:
         """The schedule for ``n_layer`` layers, checked; ``None`` when nothing reads it: sharing is off and no
@@ -258,7 +258,8 @@ class ProgressiveSharing(Callback):
             with trainer.precision_plugin.val_step_context():
                 for n, layers in self._val_regions.items():
                     model.set_shared_layers(layers)
-                    self._heldout[n].update(next_token_loss(model, batch), weight=batch[:, 1:].numel())
+                    losses, real = token_losses(model, batch)
+                    self._heldout[n].update(losses, real)
         finally:
             model.set_shared_layers(current)  # the region training (or the checkpoint) has, exactly
 

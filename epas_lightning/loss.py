@@ -4,7 +4,8 @@ The softmax runs over the tokenizer's vocabulary (``config.vocab_size``), not ov
 padded with (``padded_vocab_size``): the padded rows can never be a target, and leaving them out makes every number
 equal to what an exported model (which has no padded rows) gives in ``transformers`` and lm-eval-harness.
 ``train_loss`` is the same cross-entropy computed without materialising the logits (``linear_cross_entropy``);
-validation and evaluation use ``next_token_loss`` on the full logits.
+validation and evaluation use ``token_losses`` on the full logits: a sum over the real target tokens and their count,
+which pad rows (:data:`PAD`, a rank's last held-out batches) add nothing to.
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ from torch import nn
 from epas_lightning.linear_ce import linear_cross_entropy
 
 if TYPE_CHECKING:
-    from torchmetrics.aggregation import MeanMetric
+    from epas_lightning.heldout_metric import HeldOutLoss
+
+PAD = -100
+"""The token id of the pad rows that fill held-out batches (``epas_lightning.data.heldout``): whole rows of it, never
+data (the vocabulary check refuses it anywhere else), ``F.cross_entropy``'s ``ignore_index`` as a target, and read as
+token 0 as an input."""
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
@@ -36,6 +42,16 @@ def next_token_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return lm_loss(model(input_ids), targets, model.config.vocab_size)
 
 
+def token_losses(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next-token cross-entropy of each target of a token batch (B, T + 1) (``next_token_loss``'s, fp32,
+    flattened to B * T), and which targets are real: a pad row's (:data:`PAD`) count 0 and are not real. The mean over
+    the real ones is ``next_token_loss``."""
+    input_ids, targets = batch[:, :-1], batch[:, 1:].flatten()
+    logits = model(input_ids.masked_fill(input_ids == PAD, 0))[..., : model.config.vocab_size]
+    losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.long(), ignore_index=PAD, reduction="none")
+    return losses, targets != PAD
+
+
 def train_loss(model: nn.Module, batch: torch.Tensor, compile: bool | str = False) -> torch.Tensor:
     """The training loss of a ``Llama`` on a token batch (B, T + 1): ``next_token_loss`` with the softmax over the
     first ``config.vocab_size`` rows of the head (padding rows left out), chunked so the (B, T, V) logits never exist;
@@ -50,9 +66,9 @@ def train_loss(model: nn.Module, batch: torch.Tensor, compile: bool | str = Fals
     return model(input_ids, head=head)
 
 
-def heldout_mean(device: torch.device | str) -> MeanMetric:
-    """A token-weighted mean of held-out batch losses (``update(loss, weight=tokens)``) that a NaN batch makes NaN:
-    torchmetrics' default dropped it with a warning, and val/loss came out finite, from the other batches only."""
-    from torchmetrics.aggregation import MeanMetric  # slow to import: evaluate's perplexity needs none
+def heldout_mean(device: torch.device | str) -> HeldOutLoss:
+    """The mean held-out loss over real target tokens (:class:`~epas_lightning.heldout_metric.HeldOutLoss`:
+    ``update(*token_losses(model, batch))``), on ``device``."""
+    from epas_lightning.heldout_metric import HeldOutLoss  # torchmetrics is slow to import: evaluate needs none
 
-    return MeanMetric(nan_strategy="disable").to(device)
+    return HeldOutLoss().to(device)

@@ -32,7 +32,7 @@ from epas_lightning.init_from import (
     load_initial_weights,
     resumed_instead,
 )
-from epas_lightning.loss import heldout_mean, next_token_loss, train_loss
+from epas_lightning.loss import heldout_mean, token_losses, train_loss
 from epas_lightning.loss_scaling import unscale_fused_gradients
 from epas_lightning.lr import WarmupCosineLR, WarmupSchedule
 from epas_lightning.memory_plan import on_device_bytes, plan_checkpointing
@@ -483,7 +483,7 @@ class EPASModule(LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         check_batch(batch)
         self._tokens_shape = (batch.shape[0], batch.shape[1] - 1)
-        # the logits are never materialised (validation keeps next_token_loss); compiled blocks, a compiled loss
+        # the logits are never materialised (validation keeps token_losses); compiled blocks, a compiled loss
         loss = train_loss(self.model, batch, compile=self.compile_blocks)
         self.log("train/loss", self._step_mean_loss(loss), prog_bar=True, sync_dist=True)
         return loss
@@ -547,9 +547,9 @@ class EPASModule(LightningModule):
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         check_batch(batch)
         self._tokens_shape = (batch.shape[0], batch.shape[1] - 1)
-        loss = next_token_loss(self.model, batch)
-        self.val_loss.update(loss, weight=batch[:, 1:].numel())
-        self.val_tokens.update(batch[:, 1:].numel())
+        losses, real = token_losses(self.model, batch)  # a held-out batch's pad rows are not real
+        self.val_loss.update(losses, real)
+        self.val_tokens.update(real.sum())
 
     def on_validation_epoch_start(self) -> None:
         self._new_heldout_metrics()
@@ -560,7 +560,7 @@ class EPASModule(LightningModule):
     def _new_heldout_metrics(self) -> None:
         """Fresh held-out loss and token count. Materialising a meta-device module (FSDP2) turns every tensor of the
         LightningModule into uninitialised memory, torchmetrics' stored defaults too, so ``reset()`` cannot help."""
-        self.val_loss = heldout_mean(self.device)  # token-weighted mean, reduced across ranks by compute()
+        self.val_loss = heldout_mean(self.device)  # the mean over real tokens, reduced across ranks by compute()
         self.val_tokens = SumMetric().to(self.device)
 
     def on_validation_epoch_end(self) -> None:

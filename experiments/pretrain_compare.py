@@ -55,7 +55,7 @@ import torch
 from epas_lightning.callbacks import ProgressiveSharing
 from epas_lightning.errors import DataError, OutputError, UserError, run_script
 from epas_lightning.flops import flop_cut
-from epas_lightning.loss import next_token_loss, train_loss
+from epas_lightning.loss import token_losses, train_loss
 from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.optim import default_optimizer
@@ -204,11 +204,12 @@ def train_step(run: Run, batch: torch.Tensor) -> None:
 
 @torch.no_grad()
 def validate(run: Run, val: list[torch.Tensor]) -> float:
-    """Token-weighted mean loss on the held-out batches, with the mask the model trains with at this step."""
+    """Mean loss over the held-out batches' real tokens (pad rows left out), with the mask the model trains with at
+    this step."""
     run.model.eval()
-    total = sum(next_token_loss(run.model, b).item() * b[:, 1:].numel() for b in val)
+    scored = [token_losses(run.model, b) for b in val]
     run.model.train()
-    loss = total / sum(b[:, 1:].numel() for b in val)
+    loss = sum(losses.sum().item() for losses, _ in scored) / sum(int(real.sum()) for _, real in scored)
     run.val.append((run.step, run.own_seconds, loss))
     return loss
 

@@ -171,3 +171,32 @@ def record_tokenizer_of(data_dir: Path, source: Path) -> None:
     meta = json.loads((source / "meta.json").read_text())
     meta["tokenizer_sha256"] = file_sha256(data_dir / meta["tokenizer"])
     (data_dir / "meta.json").write_text(json.dumps(meta))
+
+
+def write_token_stream(stream: Path, documents: list[int]) -> Path:
+    """A litdata token stream of one chunk per document, of ``documents`` tokens each: the ids 0, 1, 2, ... in turn
+    (no two samples alike while they total fewer tokens than the vocabulary)."""
+    from litdata.streaming.item_loader import TokensLoader
+    from litdata.streaming.writer import BinaryWriter
+
+    writer, start = BinaryWriter(str(stream), chunk_size=1, item_loader=TokensLoader()), 0
+    for i, length in enumerate(documents):
+        writer[i], start = torch.arange(start, start + length, dtype=torch.int32), start + length
+    writer.done()
+    writer.merge()
+    return stream
+
+
+def without_heldout_sequences(source: Path, data_dir: Path) -> Path:
+    """A prepared folder ``data_dir`` of ``source``'s training stream and tokenizer whose ``val`` split holds no
+    sequence (one chunk of 8 tokens)."""
+    import json
+    import shutil
+
+    data_dir.mkdir()
+    (data_dir / "train").symlink_to(source / "train")
+    tokenizer = json.loads((source / "meta.json").read_text())["tokenizer"]
+    shutil.copy(source / tokenizer, data_dir / tokenizer)
+    record_tokenizer_of(data_dir, source)
+    write_token_stream(data_dir / "val", [8])
+    return data_dir

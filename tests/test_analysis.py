@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cpu_trainer
+from helpers import cpu_trainer, without_heldout_sequences
 from model_dirs import save_consolidated
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -270,8 +270,9 @@ def test_analyze_reports_bad_inputs_before_work(tiny_checkpoint, tiny_corpus, tm
         )
     unreachable = fails("--checkpoint", str(tiny_checkpoint), "--threshold", "1.5")  # recommended the closest region
     assert "similarities are at most 1 (cosine and CKA), so no region can meet 1.5 — --threshold" in unreachable
-    too_few = fails("--checkpoint", str(tiny_checkpoint), "--batch-size", "100000")  # after "analysing ..." it was
-    assert too_few.startswith("error: the validation split holds fewer than 100000 sequences")  # a second line
+    empty = without_heldout_sequences(tiny_corpus, tmp_path / "empty")
+    too_few = fails("--checkpoint", str(tiny_checkpoint), "--data", str(empty))  # after "analysing ..." it was
+    assert too_few.startswith("error: the validation split holds no sequence of 33 tokens")  # a second line
     single = save_consolidated(Llama(LlamaConfig.from_name("debug", n_layer=1)), tmp_path / "one")
     one_layer = fails("--checkpoint", str(single), "--data", str(tiny_corpus))  # was a ValueError traceback
     assert "a 1-layer model has no layer that could share" in one_layer

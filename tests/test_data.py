@@ -29,6 +29,7 @@ from epas_lightning.data.layout import load_meta
 from epas_lightning.data.sources import InputFile
 from epas_lightning.data.writing import WorkItem, tokenize_work_item
 from epas_lightning.errors import ConfigError, DataError
+from epas_lightning.loss import PAD
 
 TINY_CORPUS_MAX_BYTES = 1_500_000  # as prepared by the `tiny_corpus` fixture (conftest.py)
 TINY_CORPUS_VOCAB_SIZE = 512
@@ -636,6 +637,13 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_a_batch_reaches_the
     held_out.trainer = SimpleNamespace(training=False)  # validating: the data folder was named, not the val_dir
     with pytest.raises(DataError, match=rf"got 0\.\.512 — {tmp_path / 'val'} — the token stream"):
         held_out.on_before_batch_transfer(torch.tensor([[0, 512]], dtype=torch.int32), 0)
+    # pad rows (whole rows of PAD) end held-out batches only: a training batch's, or a PAD within a row, is refused
+    padded = torch.cat([good, torch.full((1, 4), PAD, dtype=torch.int32)])
+    assert held_out.on_before_batch_transfer(padded, 0) is padded
+    with pytest.raises(DataError, match=rf"got {PAD}\.\.511 — {tmp_path / 'val'} — the token stream"):
+        held_out.on_before_batch_transfer(torch.where(padded == 7, PAD, padded), 0)
+    with pytest.raises(DataError, match=rf"got {PAD}\.\.511 — {tmp_path} — the token stream"):
+        data.on_before_batch_transfer(padded, 0)
 
 
 class _CrashingStream(torch.utils.data.IterableDataset):

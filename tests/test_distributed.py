@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import no_distributed_state_left
-from helpers import run_ranks_at_once
+from helpers import cpu_trainer, run_ranks_at_once, write_token_stream
 from safetensors.torch import load_file
 
 from epas_lightning.checkpoint import load_consolidated
@@ -150,7 +150,8 @@ def test_fsdp2_bf16_keeps_the_weights_of_its_precision(tmp_path, precision, weig
 @pytest.fixture(scope="module")
 def sharded_runs(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three runs on two FSDP2 ranks, one after the other in the same two processes (``fit_both_ranks``, ``--then``):
-    the sharded-resume test's first run (from a tied Qwen2, ``hf/``) and its resume (``full/``, ``resumed/``), then
+    the sharded-resume test's first run (from a tied Qwen2, ``hf/``; validated after fit on ``val/``) and its resume
+    (``full/``, ``resumed/``), then
     the init_from test's run (``init/two/``) from the sources it made here first (``init/``). Their folder."""
     from test_hf import save_tiny_hf
 
@@ -159,7 +160,8 @@ def sharded_runs(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) ->
     common = ["--activation-checkpointing", "--data-dir", str(tiny_corpus), "--init-from", str(hf)]
     saves = ["--save-start", str(root / "start.st"), "--save-final", str(root / "final.st")]
     one_by_one = ["--init-read-bytes", "1"]  # init_from hands each rank its shards a tensor (and tied head) at a time
-    first = [*common, *one_by_one, "--ckpt-dir", str(ckpt), *saves]  # a resumable loader
+    val = write_token_stream(root / "val", [13 * 33])  # 13 held-out sequences of 33 tokens: 7 and 6 on two ranks
+    first = [*common, *one_by_one, "--ckpt-dir", str(ckpt), *saves, "--val-dir", str(val)]  # a resumable loader
     resume = ["--out", str(root / "resumed"), "--devices", "2", *common, "--resume", str(ckpt / "epoch=0-step=3.ckpt")]
     init = root / "init"
     with no_distributed_state_left():  # FSDP2's one-device fits leave a process group and a rank's environment
@@ -226,6 +228,24 @@ def test_sharded_resume_mid_growth_and_consolidate(sharded_runs):
     assert sorted(trained) == sorted(state)  # plain Llama keys: no wrapper prefixes
     for name, tensor in trained.items():
         torch.testing.assert_close(state[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_two_fsdp2_ranks_validate_every_held_out_sequence_once_as_one_device_does(sharded_runs, tiny_corpus):
+    """Each rank validated its own part of the held-out data, cut to whole batches: 13 sequences scored 2 x 4 at batch
+    size 4, and val/loss came from other sequences at each rank count. Now the ranks' parts (7 and 6, each padded to
+    two batches of 4) hold every sequence once: val/loss and val/tokens are one device's at another batch size."""
+    from epas_lightning import EPASModule, TokenDataModule
+    from epas_lightning.hf.convert import config_from_hf
+
+    root = sharded_runs
+    validated = [rank["validated"] for rank in ranks(root / "full")]
+    module = EPASModule(config_from_hf(root / "hf", block_size=32))
+    module.configure_model()
+    module.model.load_state_dict(load_file(root / "final.st"))  # the weights the two ranks validated
+    data = TokenDataModule(str(tiny_corpus), seq_len=32, batch_size=3, vocab_size=512, val_dir=str(root / "val"))
+    (one,) = cpu_trainer(root / "one", 1, limit_val_batches=1.0).validate(module, data, verbose=False)
+    assert validated[0] == validated[1] and validated[0]["val/tokens"] == one["val/tokens"] == 13 * 32
+    assert validated[0]["val/loss"] == pytest.approx(one["val/loss"], rel=1e-5)
 
 
 def test_init_from_our_checkpoints_on_two_fsdp2_ranks(sharded_runs):

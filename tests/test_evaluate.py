@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import without_heldout_sequences
 from model_dirs import save_consolidated
 
 from epas_lightning import Llama, LlamaConfig
@@ -270,15 +271,16 @@ def test_perplexity_refuses_sequences_longer_than_the_context_before_reading_dat
         evaluate_perplexity(model, tmp_path / "missing", seq_len=0)  # was taken for the default, the block size
 
 
-def test_seq_len_errors_say_what_to_lower(tiny_corpus: Path) -> None:
+def test_seq_len_errors_say_what_to_lower(tiny_corpus: Path, tmp_path: Path) -> None:
     """The block_size is named only when it is not the context length (an HF folder never trained at its context
-    length); held-out data too short for one batch names --seq-len beside --batch-size."""
+    length); held-out data without one sequence names --seq-len (a split shorter than a batch is one batch)."""
     config = LlamaConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, block_size=32, max_position_embeddings=64)
     model = Llama(config).eval()
     with pytest.raises(ConfigError, match=r"context length \(64\) — seq_len — use at most 64 \(it trained at 32\)$"):
         evaluate_perplexity(model, tiny_corpus, seq_len=65)
-    with pytest.raises(DataError, match=r"fewer than 100000 sequences of 65 tokens.* lower --batch-size or --seq-len"):
-        evaluate_perplexity(model, tiny_corpus, batch_size=100_000, seq_len=64)
+    empty = without_heldout_sequences(tiny_corpus, tmp_path / "empty")
+    with pytest.raises(DataError, match=r"no sequence of 65 tokens — .*empty/val — lower --seq-len"):
+        evaluate_perplexity(model, empty, seq_len=64)
 
 
 def test_evaluate_batches_with_tasks_scores_the_run_data_too(tmp_path: Path, tiny_corpus: Path) -> None:
@@ -481,8 +483,9 @@ def test_evaluate_cli_sweeps_regions(tmp_path: Path, tiny_corpus: Path, capsys: 
     assert "trained with at most 2 sharing layers" in capsys.readouterr().err
     assert evaluate_main([*argv[:3], "3", "--force", "--data", str(tiny_corpus), "--batches", "1"]) == 0
     capsys.readouterr()
-    assert evaluate_main([*argv, "--batch-size", "100000"]) == 2  # a split too small for one batch: one line
-    assert "holds fewer than 100000 sequences" in capsys.readouterr().err
+    empty = without_heldout_sequences(tiny_corpus, tmp_path / "empty")
+    assert evaluate_main([*argv[:-1], str(empty)]) == 2  # a split without one sequence: one line
+    assert "the validation split holds no sequence of 33 tokens" in capsys.readouterr().err
     save_consolidated(model, tmp_path / "bare")  # no data recorded: --batches asked for a loss, none came, no word
     bare = ["--checkpoint", str(tmp_path / "bare"), "--tokenizer", str(tiny_corpus / "tokenizer.json")]
     assert evaluate_main([*bare, "--tasks", str(task), "--batches", "2", "--json"]) == 0

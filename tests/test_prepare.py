@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from helpers import cpu_trainer, run_ranks_at_once
+from helpers import cpu_trainer, run_ranks_at_once, write_token_stream
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from epas_lightning.cli import main as cli_main
@@ -1181,21 +1181,25 @@ def test_a_weighted_mixtures_epoch_that_ends_early_is_validated_at_its_end(sp_da
     assert fit(16).validated_after == due(first_end, 16)  # by batch counts: as Lightning counts them
 
 
-def test_validate_and_test_on_a_held_out_stream_shorter_than_one_batch_are_refused(sp_data: Path):
-    """They validated nothing and exited 0 (fit skips validation on it, with a warning)."""
+def test_validate_and_test_on_a_held_out_stream_without_one_sequence_are_refused(sp_data: Path, tmp_path: Path):
+    """They validated nothing and exited 0 (fit skips validation on it, with a warning). A stream shorter than one
+    batch is no longer one: its sequences make one batch, padded."""
     from types import SimpleNamespace
 
     from lightning.pytorch.trainer.states import TrainerFn
 
-    dm = tiny_dm(str(sp_data), batch_size=100_000)
+    empty = write_token_stream(tmp_path / "empty", [16, 10])  # no chunk holds a sequence of 17 tokens
+    dm = tiny_dm(str(sp_data), val_dir=str(empty))
     dm.trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.VALIDATING))
-    with pytest.raises(DataError, match=rf"fewer than batch_size=100000 .*: nothing to validate — {sp_data}/val — "):
+    with pytest.raises(DataError, match=rf"no sequence of 17 tokens: nothing to validate — {empty} — lower the seq"):
         dm.val_dataloader()
-    with pytest.raises(DataError, match=r"nothing to test — .* — lower data.batch_size"):
+    with pytest.raises(DataError, match=r"nothing to test — .* — lower the sequence length"):
         dm.test_dataloader()
     dm.trainer.state.fn = TrainerFn.FITTING
-    with pytest.warns(UserWarning, match=rf"validation stream {sp_data}/val holds fewer .* will be skipped"):
+    with pytest.warns(UserWarning, match=rf"validation stream {empty} holds no sequence of 17 .* will be skipped"):
         assert len(dm.val_dataloader()) == 0
+    short = tiny_dm(str(sp_data), batch_size=100_000).val_dataloader()
+    assert len(short) == 1 and len(real_rows(short)) == short.dataset.total > 4  # fewer than a batch: one batch
 
 
 def test_a_sentencepiece_model_without_bos_asks_for_one_of_its_tokens(tmp_path: Path):
@@ -1600,44 +1604,43 @@ def test_under_several_ranks_the_loader_is_as_long_as_the_shortest_ranks(sp_data
     assert len(loader) == 5 and loader.every_rank_has == (Strategy.reduce_boolean_decision if mixed else None)
 
 
-def write_token_stream(stream: Path, documents: list[int]) -> Path:
-    """A litdata token stream of one chunk per document, of ``documents`` tokens each: the ids 0, 1, 2, ... in turn
-    (no two samples alike while they total fewer tokens than the vocabulary)."""
-    from litdata.streaming.item_loader import TokensLoader
-    from litdata.streaming.writer import BinaryWriter
+def real_rows(loader) -> list[tuple[int, ...]]:
+    """The samples a held-out loader's batches hold, without their pad rows."""
+    from epas_lightning.loss import PAD
 
-    writer, start = BinaryWriter(str(stream), chunk_size=1, item_loader=TokensLoader()), 0
-    for i, length in enumerate(documents):
-        writer[i], start = torch.arange(start, start + length, dtype=torch.int32), start + length
-    writer.done()
-    writer.merge()
-    return stream
+    return [tuple(row.tolist()) for batch in loader for row in batch if not (row == PAD).all()]
 
 
 @pytest.mark.parametrize("mixed", [False, True], ids=["one stream", "two streams"])
-def test_under_several_ranks_every_rank_has_as_many_heldout_batches(
+def test_under_several_ranks_every_rank_has_as_many_heldout_batches_and_every_sample_is_read_once(
     sp_data, second_sp_data, tmp_path, monkeypatch, mixed
 ):
     """Validation and test under several ranks end together with no length agreed on (training's is): a rank with one
-    more batch than another would wait in a collective (FSDP2's all-gathers) that never matches. They rely on litdata
-    dealing data read in stored order (its ``NoShuffle``) to the ranks as equal counts of whole batches, whatever the
-    chunks, loader workers, nodes and epoch: here chunks of uneven sizes, fewer than the ranks' loader workers, each
-    rank a node of its own, in a second epoch, on a parallel file system (forced), where shuffled data is dealt in
-    whole chunks and the ranks' parts differ in length."""
-    val = write_token_stream(tmp_path / "val", [170, 35, 99])  # 17 samples in 3 chunks, for 2 ranks of 2 workers
-    for name, value in {"LITDATA_POSIX_FAST": "1", "WORLD_SIZE": "2", "NNODES": "2"}.items():
-        monkeypatch.setenv(name, value)  # litdata's _DistributedEnv reads them, and GLOBAL_RANK
-    ranks = []
-    for rank in (0, 1):
-        monkeypatch.setenv("GLOBAL_RANK", str(rank))
-        dirs = [str(sp_data), str(second_sp_data)] if mixed else str(sp_data)
-        loader = tiny_dm(dirs, val_dir=None if mixed else str(val), batch_size=2, num_workers=2).val_dataloader()
-        for _ in loader:  # the first epoch (the sanity check's or a first validation's)
-            break
-        ranks.append((len(loader), [tuple(sample.tolist()) for batch in loader for sample in batch]))
-    (length, samples), (other_length, other_samples) = ranks
-    assert length == other_length > 0 and len(samples) == len(other_samples) == 2 * length
-    assert not set(samples) & set(other_samples)  # each rank reads its own part
+    more batch than another would wait in a collective (FSDP2's all-gathers) that never matches. litdata dealt data
+    in whole batches and dropped the rest, so validation scored other samples at each batch size and rank count. Every
+    rank now has as many full batches, its last ones filled with pad rows, and the ranks' real rows are every sample
+    once: here chunks of uneven sizes, loader workers (at one batch size), each rank a node of its own (ranks from
+    the environment, litdata's way), in a second epoch."""
+    val = write_token_stream(tmp_path / "val", [170, 35, 99])  # 17 samples in 3 chunks, for ranks of 2 workers
+    dm = tiny_dm([str(sp_data), str(second_sp_data)] if mixed else str(sp_data), val_dir=None if mixed else str(val))
+    whole = dm.heldout_dataloader(one_process=True)
+    everything = real_rows(whole)
+    assert len(everything) == (whole.dataset.total if mixed else 17) and len(set(everything)) == len(everything)
+    monkeypatch.setenv("NNODES", "2")
+    for world_size, batch_size, workers in [(2, 4, 0 if mixed else 2), (3, 3, 0), (2, 7, 0)]:
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))  # litdata's _DistributedEnv reads them, and GLOBAL_RANK
+        lengths, samples = set(), []
+        for rank in range(world_size):
+            monkeypatch.setenv("GLOBAL_RANK", str(rank))
+            dm.batch_size, dm.num_workers = batch_size, workers
+            loader = dm.val_dataloader()
+            for _ in loader if not workers else []:  # the first epoch (the sanity check's or a first validation's)
+                break
+            assert all(batch.shape == (batch_size, 17) for batch in loader)  # one shape: a compiled model's
+            lengths.add(len(loader))
+            samples += real_rows(loader)
+        assert len(lengths) == 1 and lengths.pop() > 0, (world_size, batch_size)
+        assert samples == everything, (world_size, batch_size)  # each once, rank by rank in order
 
 
 @pytest.fixture(scope="module")
@@ -1699,7 +1702,7 @@ def test_fit_deals_the_data_to_the_trainers_ranks_whatever_the_environment_says(
     def read(trainer) -> tuple[int, list[tuple[int, ...]]]:
         dm = tiny_dm(str(sp_data))
         dm.trainer = trainer
-        return len(dm.train_dataloader()), [tuple(s.tolist()) for batch in dm.val_dataloader() for s in batch]
+        return len(dm.train_dataloader()), real_rows(dm.val_dataloader())
 
     whole = read(cpu_trainer(tmp_path, 1))
     for name, value in {"WORLD_SIZE": "4", "GLOBAL_RANK": "3", "NNODES": "2"}.items():
@@ -1707,9 +1710,8 @@ def test_fit_deals_the_data_to_the_trainers_ranks_whatever_the_environment_says(
     assert read(cpu_trainer(tmp_path, 1)) == whole and whole[0] > 4 and len(whole[1]) >= 8
     ranks = [read(SimpleNamespace(world_size=2, global_rank=r, num_nodes=1, strategy=Strategy())) for r in (0, 1)]
     (length, val), (other_length, other_val) = ranks
-    assert length == other_length == whole[0] // 2 and len(val) == len(other_val)
-    assert len(whole[1]) // 2 - 4 < len(val) <= len(whole[1]) // 2  # half each, in whole batches (of 4)
-    assert not set(val) & set(other_val) and set(val) | set(other_val) <= set(whole[1])
+    assert length == other_length == whole[0] // 2
+    assert len(val) - len(other_val) in (0, 1) and val + other_val == whole[1]  # half each: all of it, once
 
 
 def test_a_resume_with_ranks_left_in_the_environment_goes_on_where_it_stopped(

@@ -303,15 +303,43 @@ def test_validation_scores_the_asked_region_lengths_as_evaluate_does_and_leaves_
 
 def test_a_validation_batch_with_a_nan_loss_makes_the_held_out_loss_nan():
     """torchmetrics' MeanMetric dropped a NaN batch with a UserWarning: val/loss (and val/loss_at_sharing/N) came out
-    finite, the mean of the other batches, however many were NaN (an fp16 overflow, weights gone bad)."""
+    finite, the mean of the other batches, however many were NaN (an fp16 overflow, weights gone bad). A batch of
+    nothing but pad rows adds nothing, and is no NaN."""
     module = EPASModule(LlamaConfig.from_name("debug", block_size=32))
     sharing = ProgressiveSharing(target=1, interval=1)
     sharing._val_regions = {1: [1]}
     sharing.on_validation_epoch_start(None, module)
+    real, pad = torch.ones(64, dtype=torch.bool), torch.zeros(64, dtype=torch.bool)
     for mean in (module.val_loss, sharing._heldout[1]):
-        mean.update(torch.tensor(float("nan")), weight=64)
-        mean.update(torch.tensor(2.0), weight=64)
+        mean.update(torch.full((64,), 2.0), real)
+        mean.update(torch.zeros(64), pad)  # a rank's last batch, all padding
+        assert mean.compute() == 2.0
+        mean.update(torch.tensor([float("nan"), *[2.0] * 63]), real)
         assert mean.compute().isnan()
+
+
+def test_held_out_loss_is_the_same_at_any_batch_size_and_scores_every_sequence_once(tiny_corpus, tmp_path):
+    """Validation dropped a partial last batch: 13 held-out sequences scored 12 at batch size 3 or 4 and 7 at 7, so
+    val/loss of a batch-size sweep came from other tokens each time. Every sequence is scored once now (the last
+    batch padded with rows the loss leaves out), and val/loss is the loss over all of them."""
+    from helpers import write_token_stream
+
+    from epas_lightning.loss import next_token_loss
+
+    val = write_token_stream(tmp_path / "val", [63, 36, 18])  # 7 + 4 + 2 = 13 sequences of 9 tokens
+    config = LlamaConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=512, block_size=8)
+    torch.manual_seed(0)
+    module = EPASModule(config)
+    results = []
+    for batch_size in (3, 4, 7):
+        data = TokenDataModule(str(tiny_corpus), seq_len=8, batch_size=batch_size, vocab_size=512, val_dir=str(val))
+        (validated,) = cpu_trainer(tmp_path, 1, limit_val_batches=1.0).validate(module, data, verbose=False)
+        results.append(validated)
+    samples = torch.stack([torch.arange(9 * i, 9 * i + 9) for i in range(13)])  # the stream's, as written
+    with torch.no_grad():
+        expected = next_token_loss(module.model, samples).item()
+    assert [r["val/tokens"] for r in results] == [13 * 8] * 3
+    assert [r["val/loss"] for r in results] == pytest.approx([expected] * 3, rel=1e-6)
 
 
 def test_validation_regions_run_in_the_trainer_precision(tiny_corpus, tmp_path):

@@ -22,6 +22,7 @@ from epas_lightning.model.config import LlamaConfig
 
 if TYPE_CHECKING:
     from litdata import StreamingDataLoader
+    from torch.utils.data import DataLoader
 
     from epas_lightning.data.epochs import EpochLoader
 
@@ -31,10 +32,11 @@ class TokenDataModule(TokenData, LightningDataModule):
 
     Each batch is an integer tensor of shape ``(batch_size, seq_len + 1)``: the model reads ``batch[:, :-1]`` and
     predicts ``batch[:, 1:]``. Tokens are stored as int32 and cast to int64 once the batch is on the device. Training
-    batches are shuffled with ``seed``; under several ranks each rank reads its own part of every stream. The loader's
-    position is saved in checkpoints (Lightning stores stateful loaders), so a resumed run continues mid-epoch with the
-    batches an uninterrupted run would have seen (with the same batch size, worker and rank counts), also from a data
-    folder moved since (the same chunks: each stream's ``index.json``).
+    batches are shuffled with ``seed``; under several ranks each rank reads its own part of every stream. Validation
+    and test read every held-out sequence once, whatever the batch size and rank count (:meth:`val_dataloader`). The
+    training loader's position is saved in checkpoints (Lightning stores stateful loaders), so a resumed run continues
+    mid-epoch with the batches an uninterrupted run would have seen (with the same batch size, worker and rank
+    counts), also from a data folder moved since (the same chunks: each stream's ``index.json``).
 
     Args:
         data_dir: Prepared data directory (``python -m epas_lightning prepare``) with ``train/``, ``val/``, the
@@ -352,21 +354,22 @@ class TokenDataModule(TokenData, LightningDataModule):
             trainer.val_check_batch = self._val_check_batch
         self._val_check_batch = None
 
-    def val_dataloader(self) -> StreamingDataLoader:
-        """The held-out split. Shorter than one batch, ``fit`` skips validation (and says so); ``validate`` is
-        refused, with nothing to validate."""
+    def val_dataloader(self) -> DataLoader:
+        """The held-out split, every sequence once at any batch size and rank count (a rank's last batches filled
+        with pad rows the loss ignores). Without one sequence, ``fit`` skips validation (and says so); ``validate``
+        is refused, with nothing to validate."""
         loader = self.heldout_dataloader()
         if len(loader) == 0:
             trainer = getattr(self, "trainer", None)
             if trainer is not None and trainer.state.fn == TrainerFn.VALIDATING:
                 raise self._heldout_too_short("validate")
             rank_zero_warn(
-                f"The validation stream {self.val_streams()[0]} holds fewer than batch_size={self.batch_size} "
-                f"sequences of {self.seq_len + 1} tokens: validation will be skipped."
+                f"The validation stream {self.val_streams()[0]} holds no sequence of {self.seq_len + 1} tokens: "
+                "validation will be skipped."
             )
         return loader
 
-    def test_dataloader(self) -> StreamingDataLoader:
+    def test_dataloader(self) -> DataLoader:
         """The held-out split (there is no separate test split): ``test`` reports held-out loss and perplexity."""
         loader = self.heldout_dataloader()
         if len(loader) == 0:
@@ -374,13 +377,11 @@ class TokenDataModule(TokenData, LightningDataModule):
         return loader
 
     def _heldout_too_short(self, command: str) -> DataError:
-        """``validate`` or ``test`` on a held-out split shorter than one batch: it ran nothing and exited 0."""
+        """``validate`` or ``test`` on a held-out split without one sequence: it ran nothing and exited 0."""
         return DataError(
-            f"the held-out stream holds fewer than batch_size={self.batch_size} sequences of {self.seq_len + 1} "
-            f"tokens (for each rank): nothing to {command}",
+            f"the held-out stream holds no sequence of {self.seq_len + 1} tokens: nothing to {command}",
             self.val_streams()[0],
-            "lower data.batch_size or the sequence length (model.config.block_size), or hold out more data "
-            "(data.val_dir)",
+            "lower the sequence length (model.config.block_size), or hold out more data (data.val_dir)",
         )
 
     def on_before_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:

@@ -37,6 +37,7 @@ from epas_lightning.data.tokenizer import (
     same_token_ids,
 )
 from epas_lightning.errors import ConfigError, DataError
+from epas_lightning.loss import PAD
 from epas_lightning.model.config import LlamaConfig, check_token_ids
 from epas_lightning.outputs import interrupted_build
 from epas_lightning.runtime import check_counts
@@ -46,6 +47,7 @@ from epas_lightning.worker_processes import never_collect_inherited_objects, pri
 
 if TYPE_CHECKING:
     from litdata import StreamingDataLoader
+    from torch.utils.data import DataLoader
 
 DEFAULT_BUILTIN_VOCAB_SIZE = 4096
 PREPARE = "create it with `python -m epas_lightning prepare --input ... --output ...`"
@@ -180,7 +182,7 @@ def _str_or_none(path: Path | None) -> str | None:
 class CheckedBatches:
     """A loader whose batches each pass ``check`` as they are read; its length is the loader's."""
 
-    def __init__(self, loader: StreamingDataLoader, check: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, loader: DataLoader, check: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.loader, self.check = loader, check
 
     def __len__(self) -> int:
@@ -373,9 +375,15 @@ class TokenData:
     def check_batch(self, batch: torch.Tensor, heldout: bool = False) -> torch.Tensor:
         """``batch`` (of the held-out data if ``heldout``, else of the training data), unless it holds token ids
         outside the model's vocabulary: a chunk corrupted in place (its size and index still agreeing) passes every
-        earlier check. One reduction over the batch's ids."""
-        if self.vocab_size is not None and batch.numel():
-            low, high = (int(v) for v in torch.aminmax(batch))
+        earlier check. A held-out batch may end in pad rows (whole rows of :data:`~epas_lightning.loss.PAD`, left
+        out of the check); anywhere else that id is refused as any other outside the vocabulary."""
+        if self.vocab_size is None or not batch.numel():
+            return batch
+        data = batch
+        if heldout and batch.dim() == 2 and bool((pad := (batch == PAD).all(dim=1)).any()):
+            data = batch[~pad]
+        if data.numel():
+            low, high = (int(v) for v in torch.aminmax(data))
             fix = "the token stream is corrupt or of another tokenizer: prepare the data again"
             check_token_ids(low, high, self.vocab_size, self._read_from(heldout), fix)
         return batch
@@ -392,12 +400,41 @@ class TokenData:
         val_dir = None if self.val_dir is None else self.val_dir.resolve()
         return HeldOut(tuple(d.resolve() for d in self.data_dirs), val_dir, self.seed)
 
-    def heldout_dataloader(self) -> StreamingDataLoader:
-        """The held-out split in stored order (call :meth:`setup` first). Under several ranks each reads its own part,
-        of as many whole batches as every other rank's: litdata deals unshuffled data so (shuffled data it deals in
-        whole chunks on a parallel file system, and training agrees on a length), so validation and test end
-        together."""
-        return self._dataloader(self.val_streams(), shuffle=False)
+    def heldout_dataloader(self, one_process: bool = False) -> DataLoader:
+        """The held-out split in stored order (call :meth:`setup` first), every sample once
+        (:class:`~epas_lightning.data.heldout.HeldOutBatches`): under several ranks each reads its own part, in as many
+        batches as every other rank (the last ones filled with pad rows), so that validation and test end together.
+        ``one_process``: all of it here whatever ranks there are, its last batch short instead of padded."""
+        from torch.utils.data import DataLoader
+
+        from epas_lightning.data.heldout import HeldOutBatches
+
+        if self.tokenizer is None:
+            raise RuntimeError("Call `setup()` before requesting a dataloader.")
+        world_size, rank = (1, 0) if one_process else self._heldout_rank()
+        batches = HeldOutBatches(
+            self.val_streams(), self.seq_len, self.batch_size, self.seed, world_size, rank, pad=not one_process
+        )
+        if self.num_workers > 0:
+            end_data_workers_at_exit()
+            never_collect_inherited_objects()
+        return DataLoader(
+            batches,
+            batch_size=None,  # HeldOutBatches batches
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=start_data_worker,
+        )
+
+    def _heldout_rank(self) -> tuple[int, int]:
+        """The ranks the held-out split is dealt to (``world_size``, ``global_rank``): :meth:`_ranks`, or without them
+        litdata's (the process group's, or the environment's), as the training stream is dealt."""
+        if (ranks := self._ranks()) is not None:
+            return ranks[0], ranks[1]
+        from litdata.utilities.env import _DistributedEnv
+
+        env = _DistributedEnv.detect()
+        return env.world_size, env.global_rank
 
     def _ranks(self) -> tuple[int, int, int] | None:
         """The ranks the loaders deal the data to (``world_size``, ``global_rank``, ``num_nodes``); ``None``:
@@ -576,14 +613,6 @@ def check_seq_len(seq_len: int, config: LlamaConfig, fitting: bool = False, wher
         )
 
 
-def _read_in_one_process(loader: StreamingDataLoader) -> StreamingDataLoader:
-    """``loader`` reading the whole of its data in this process: litdata deals a dataset to the ranks that
-    ``WORLD_SIZE``, ``GLOBAL_RANK`` and ``NNODES`` name in the environment, which a job script's export or torchrun
-    leaves there for a command that runs in one process (it scored one rank's part of the split)."""
-    _deal_to(getattr(loader.dataset, "_datasets", [loader.dataset]), world_size=1, global_rank=0, num_nodes=1)
-    return loader
-
-
 def _deal_to(datasets: list[Any], world_size: int, global_rank: int, num_nodes: int) -> None:
     """Have litdata deal each of ``datasets`` to these ranks, not to the ones it detects when it is made."""
     from litdata.utilities.env import _DistributedEnv
@@ -601,15 +630,15 @@ def heldout_loader(
     own_data: bool = False,
 ) -> CheckedBatches:
     """The whole validation split of a prepared data directory (``None``: the built-in corpus; a checkpoint's
-    :class:`HeldOut`: what its run validated on, read as ``fit`` reads it), read in this process
-    whatever ranks the environment names, checked and in a fixed
-    order: batches of (B, seq_len + 1) int32 tokens, each checked for ids outside ``vocab_size`` as it is read.
-    Iterating it again yields the same batches. A split too small
-    for one batch is a :class:`DataError`; so are a missing or incomplete ``data_dir``, one prepared with another
+    :class:`HeldOut`: what its run validated on, read as ``fit`` reads it), read in this process whatever ranks the
+    environment names, checked and in a fixed order: batches of (B, seq_len + 1) int32 tokens, each checked for ids
+    outside ``vocab_size`` as it is read, every sequence once (the last batch holds what is left: fewer rows where the
+    split is no multiple of B, and no pad rows). Iterating it again yields the same batches. A split without one
+    sequence is a :class:`DataError`; so are a missing or incomplete ``data_dir``, one prepared with another
     vocabulary than ``tokenizer`` (the model's, when known: the one its checkpoint recorded, checked as
     :func:`check_tokenized_as` does) and a ``batch_size`` below 1, named as the commands' ``--data`` and
-    ``--batch-size``. ``own_data``: the checkpoint records the data it trained on, which the
-    commands read when ``--data`` is unset (the refusal of another tokenizer's data says so)."""
+    ``--batch-size``. ``own_data``: the checkpoint records the data it trained on, which the commands read when
+    ``--data`` is unset (the refusal of another tokenizer's data says so)."""
     held_out = data_dir if isinstance(data_dir, HeldOut) else None
     with _as_recorded(held_out):
         for folder in held_out.data_folders() if held_out else []:
@@ -633,12 +662,12 @@ def heldout_loader(
     data.prepare_data()
     with _as_recorded(held_out):
         data.setup("validate")
-    loader = _read_in_one_process(data.heldout_dataloader())
+    loader = data.heldout_dataloader(one_process=True)
     if len(loader) == 0:
         raise DataError(
-            f"the validation split holds fewer than {batch_size} sequences of {seq_len + 1} tokens: not one batch",
+            f"the validation split holds no sequence of {seq_len + 1} tokens",
             data.val_streams()[0],
-            "lower --batch-size or --seq-len, or hold out more data",
+            "lower --seq-len, or hold out more data",
         )
     return CheckedBatches(loader, partial(data.check_batch, heldout=True))
 

@@ -1,6 +1,6 @@
 """Held-out loss and perplexity over a prepared data directory's validation split.
 
-The held-out loss is the one ``fit`` validates with and ``test`` reports (:func:`epas_lightning.loss.next_token_loss`:
+The held-out loss is the one ``fit`` validates with and ``test`` reports (:func:`epas_lightning.loss.token_losses`:
 token-weighted mean next-token cross-entropy, softmax over the real vocabulary), on sequences of ``block_size + 1``
 tokens read from the ``val`` split in stored order. Each result says how many tokens it scored: two numbers are the
 same measurement only when their token counts (and regions) agree.
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from epas_lightning.loss import next_token_loss
+from epas_lightning.loss import token_losses
 from epas_lightning.model import Llama
 from epas_lightning.model.llama import check_has_weights, check_is_llama
 from epas_lightning.runtime import activations_overflow, check_counts
@@ -32,14 +32,13 @@ def perplexity_of_batches(model: Llama, batches, max_batches: int | None = None)
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
-        batch = batch.to(device).long()
-        n = batch[:, 1:].numel()
-        loss = next_token_loss(model, batch).item()
+        losses, real = token_losses(model, batch.to(device).long())  # pad rows (none here) would not count
+        loss = losses.sum(dtype=torch.float64).item()
         if not math.isfinite(loss):
             raise activations_overflow("the held-out loss", model.embed_tokens.weight.dtype)
-        total += loss * n
-        tokens += n
-        sequences += batch.shape[0]
+        total += loss
+        tokens += int(real.sum())
+        sequences += int(real.view(batch.shape[0], -1).any(1).sum())
     if tokens == 0:
         raise ValueError("No held-out batches to evaluate (is the validation split empty?).")
     loss = total / tokens

@@ -4,7 +4,8 @@ Run as a script (Lightning re-launches ``sys.argv`` for every extra process, and
 one-process runs may call ``main(argv)`` inside the test process instead. Every rank writes ``<out>/rank<R>.json``:
 per optimizer step the loss on this rank, the sharing layers, and the layers whose ``q_proj``/``k_proj`` (biases
 included) got no gradient; plus the shapes of its local parameter shards, whether the LM head is tied, and the keys
-of each batch of ``init_from`` weights it loaded; with ``--reload``, the keys of its batches too, and rank 0 writes
+of each batch of ``init_from`` weights it loaded, and with ``--val-dir`` the ``val/loss`` and ``val/tokens`` a
+``validate`` after fit logs there; with ``--reload``, the keys of its batches too, and rank 0 writes
 the weights each loads after fit to ``<out>/reload<i>.st``. With ``--read-fails-on-rank R`` that rank's reader of
 checkpoint weights raises a ``CheckpointError`` after ``--read-fails-after`` tensors. A user error ends each process
 with one line on stderr and status 2; rank 0 then writes the exit statuses of the ranks it started to
@@ -126,6 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strategy", choices=("fsdp2", "ddp", "single"), default="fsdp2")
     p.add_argument("--precision", default="32-true")
     p.add_argument("--data-dir", help="a prepared corpus (resumable litdata streams) instead of synthetic tokens")
+    p.add_argument("--val-dir", help="with --data-dir: after fit, validate on this held-out stream (data.val_dir)")
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--clip", type=float, help="gradient_clip_val (by norm)")
@@ -186,7 +188,11 @@ def main(argv: list[str] | None = None) -> None:
     tokens = torch.randint(0, 512, (N_SAMPLES, SEQ_LEN + 1), generator=torch.Generator().manual_seed(0))
     if args.data_dir:
         data = TokenDataModule(
-            args.data_dir, seq_len=SEQ_LEN, batch_size=args.global_batch // world_size, vocab_size=512
+            args.data_dir,
+            seq_len=SEQ_LEN,
+            batch_size=args.global_batch // world_size,
+            vocab_size=512,
+            val_dir=args.val_dir,
         )
     else:
         data = DataLoader(tokens, batch_size=args.global_batch // world_size, sampler=EveryWthSample(N_SAMPLES))
@@ -237,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
         "tied": module.model.lm_head.weight is module.model.embed_tokens.weight,
         "init_batches": init_batches,
     }
+    if args.val_dir:  # every rank logs the loss over all the held-out sequences, and the tokens they hold
+        (validated,) = trainer.validate(module, data, verbose=False)
+        result["validated"] = {key: validated[key] for key in ("val/loss", "val/tokens")}
     if args.save_final:
         save_full_weights(module, args.save_final, trainer.global_rank)
     args.out.mkdir(parents=True, exist_ok=True)
