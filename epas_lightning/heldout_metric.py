@@ -17,8 +17,9 @@ class HeldOutLoss(Metric):
 
     def __init__(self) -> None:
         super().__init__()
-        self.add_state("loss_sum", torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("tokens", torch.tensor(0.0), dist_reduce_fx="sum")
+        # float64: a float32 count stops at 2**24 tokens (adding 1 no longer changes it), and its sum drifts before
+        self.add_state("loss_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, losses: torch.Tensor, real: torch.Tensor) -> None:
         """``losses``: each target's loss (0 where not ``real``); ``real``: which targets are real."""

@@ -561,7 +561,7 @@ class EPASModule(LightningModule):
         """Fresh held-out loss and token count. Materialising a meta-device module (FSDP2) turns every tensor of the
         LightningModule into uninitialised memory, torchmetrics' stored defaults too, so ``reset()`` cannot help."""
         self.val_loss = heldout_mean(self.device)  # the mean over real tokens, reduced across ranks by compute()
-        self.val_tokens = SumMetric().to(self.device)
+        self.val_tokens = SumMetric().set_dtype(torch.float64).to(self.device)  # exact past 2**24 tokens
 
     def on_validation_epoch_end(self) -> None:
         self._log_heldout("val")

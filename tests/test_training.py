@@ -1568,3 +1568,17 @@ def test_fsdp2_resumes_a_run_whose_sharing_layers_never_had_optimizer_state(tiny
     params, state = dict(module.model.named_parameters()), trainer.optimizers[0].state
     assert params["layers.1.self_attn.q_proj.weight"] not in state
     assert state[params["layers.1.self_attn.v_proj.weight"]]["step"] == 2
+
+
+def test_the_held_out_loss_and_token_count_stay_exact_past_two_to_the_24_tokens():
+    """Both were float32 sums: at 2**24 tokens (a validation of 16.8M tokens: 50 batches x 16 ranks x 10 x 2048) one
+    more no longer counted, and val/tokens, with the loss it divides, stopped being exact."""
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2))
+    module._new_heldout_metrics()
+    many = 2**24
+    module.val_loss.update(torch.ones(many), torch.ones(many, dtype=torch.bool))
+    module.val_loss.update(torch.full((1,), 3.0), torch.ones(1, dtype=torch.bool))
+    module.val_tokens.update(torch.tensor(float(many)))
+    module.val_tokens.update(torch.tensor(1.0))
+    assert int(module.val_tokens.compute()) == many + 1
+    assert module.val_loss.tokens == many + 1 and module.val_loss.compute() == (many + 3) / (many + 1)
