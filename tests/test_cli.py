@@ -672,15 +672,35 @@ MATCH = "trainer.devices, trainer.num_nodes — pass --trainer.devices="
          "SLURM_NTASKS is set but SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID not: this process was not started as a"),
         ({}, ["--trainer.strategy=fsdp2", "--trainer.num_nodes=2"],
          "trainer.num_nodes is 2, but no launcher started this process and MASTER_PORT is not set"),
+        ({**SLURM_JOB, **SRUN_TASK, **TORCHRUN}, [], "torchrun started 2 processes (WORLD_SIZE), but {} is 1 x 1 —"),
+        ({**TORCHRUN, "RANK": "1", "LOCAL_RANK": "1"}, ["--trainer.num_nodes=2"],
+         "torchrun started 2 processes on each node (LOCAL_WORLD_SIZE=2), but trainer.devices is 1 — "
+         f"{MATCH}2 --trainer.num_nodes=1 to match"),
+        ({**SLURM_JOB, **SRUN_TASK, "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1"},
+         ["--trainer.strategy=fsdp2", "--trainer.num_nodes=2"],
+         "the SLURM job runs 2 tasks on each node (SLURM_NTASKS_PER_NODE=2), but trainer.devices is 1 — "
+         f"{MATCH}2 --trainer.num_nodes=1 to match"),
+        ({**SLURM_JOB, **SRUN_TASK, "SLURM_NTASKS": "3", "SLURM_NTASKS_PER_NODE": "2(x1),1", "SLURM_PROCID": "1",
+          "SLURM_LOCALID": "1"}, ["--trainer.strategy=fsdp2", "--trainer.num_nodes=3"],
+         "this process is local rank 1 of its node, but trainer.devices is 1 — trainer.devices, trainer.num_nodes — "
+         "set trainer.devices to the processes per node"),
+        ({**SLURM_JOB, **SRUN_TASK, "SLURM_JOB_NAME": "interactive", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": "1",
+          "SLURM_LOCALID": "1"}, [],
+         "srun started this process as task 1 of a job named 'interactive', for which Lightning ignores SLURM: every "
+         "task would train a model of its own — SLURM_JOB_NAME=interactive — give srun another --job-name"),
     ],
-    ids=["torchrun-one-device", "torchrun-fsdp2", "srun-fsdp2", "sbatch-ntasks", "no-srun-task", "no-launcher"],
+    ids=["torchrun-one-device", "torchrun-fsdp2", "srun-fsdp2", "sbatch-ntasks", "no-srun-task", "no-launcher",
+         "torchrun-in-srun", "torchrun-per-node", "srun-per-node", "srun-uneven-nodes", "srun-interactive"],
 )  # fmt: skip
 def test_processes_a_launcher_started_that_cannot_train_together_are_one_line(environment, flags, line, tmp_path,
                                                                                capsys, monkeypatch):  # fmt: skip
     """torchrun's or srun's processes against trainer.devices x trainer.num_nodes: with the default one device every
     process trained a model of its own into one run folder (exit 0); under FSDP2 a rank failed with an IndexError and
     the first waited. num_nodes: 2 with no launcher waited 30 minutes; SLURM without --ntasks-per-node, or without
-    srun's task variables, was a traceback."""
+    srun's task variables, was a traceback. torchrun's processes inside an srun of one task a node were refused for
+    SLURM's missing --ntasks-per-node, which Lightning never reads for them. A count per node other than
+    trainer.devices (the product right) was Lightning's IndexError; srun's tasks of a job named interactive each
+    trained alone, exiting 0."""
     monkeypatch.chdir(tmp_path)
     for name in LAUNCHER_VARIABLES:
         monkeypatch.delenv(name, raising=False)
