@@ -103,14 +103,28 @@ def test_print_config_takes_jsonargparses_flags_and_refuses_others(capsys, comma
 @pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
 def test_every_packaged_config_parses_by_name_with_the_monitors(name, capsys, tmp_path):
     """Configs are found by name (they ship in the wheel), and every run keeps the monitors and the guard; a config
-    that starts from a model prints with the model it is given (its model.config is read from there)."""
+    that starts from a model prints with the model it is given (its model.config is read from there).
+
+    One on the built-in corpus that validates every N batches of an epoch must have N batches of all its ranks in the
+    corpus (a token holds at least a byte): fsdp-multinode's 1000 batches of 2 x 8 GPUs did not, and fit refused to
+    start at its size ("an epoch of the training stream is ... batches")."""
+    import yaml
     from model_dirs import save_hf_config
+
+    from epas_lightning.data.builtin import list_source_files, stdlib_root
 
     source = ["--model.init_from", str(save_hf_config(tmp_path / "hf"))] if name == "tinyllama-continual" else []
     assert main(["fit", "--config", name, *source, "--print_config"]) == 0
     out = capsys.readouterr().out
     for section in ("throughput:", "lr_monitor:", "checkpoint:", "divergence:", "sharing:"):
         assert f"\n{section}" in out, section
+    config = yaml.safe_load(out)
+    trainer, data = config["trainer"], config["data"]
+    interval = trainer["val_check_interval"]
+    if data["data_dir"] is None and type(interval) is int and trainer["check_val_every_n_epoch"] is not None:
+        corpus = data["max_bytes"] or sum((stdlib_root() / f).stat().st_size for f in list_source_files(stdlib_root()))
+        tokens = interval * trainer["devices"] * trainer["num_nodes"] * data["batch_size"] * data["seq_len"]
+        assert tokens <= corpus, f"{interval} batches need {tokens:,} tokens; the corpus holds at most {corpus:,}"
 
 
 def test_invalid_schedule_fails_before_training(tmp_path, tiny_corpus, capsys, monkeypatch):
