@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from lightning.fabric.plugins.environments import (
@@ -89,9 +90,15 @@ def check_processes_meet(trainer: Trainer) -> None:
             WHERE,
             _matching_settings(environment, launched),
         )
-    if launched is not None and (rank := _local_rank(environment)) is not None and rank >= devices:
+    if launched is not None and (rank := _read(environment.local_rank)) is not None and rank >= devices:
         raise ConfigError(  # the launcher says no count per node (SLURM's 4(x2),2): Lightning's IndexError
             f"this process is local rank {rank} of its node, but trainer.devices is {devices}",
+            WHERE,
+            _matching_settings(environment, launched),
+        )
+    if launched is not None and (node := _read(environment.node_rank)) is not None and node >= nodes:
+        raise ConfigError(  # its rank would be past the world size: it waited for the others until the timeout
+            f"this process runs on node {node} (counted from 0), but trainer.num_nodes is {nodes}",
             WHERE,
             _matching_settings(environment, launched),
         )
@@ -159,9 +166,10 @@ def _matching_settings(environment: ClusterEnvironment, launched: int) -> str:
     return "set trainer.devices to the processes per node and trainer.num_nodes to the nodes, to match"
 
 
-def _local_rank(environment: ClusterEnvironment) -> int | None:
+def _read(rank: Callable[[], int]) -> int | None:
+    """``rank()`` (a cluster environment's), or ``None`` where a variable it reads is missing or malformed."""
     try:
-        return environment.local_rank()
+        return rank()
     except (KeyError, ValueError):
         return None
 

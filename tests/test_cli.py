@@ -702,9 +702,13 @@ MATCH = "trainer.devices, trainer.num_nodes — pass --trainer.devices="
           "SLURM_LOCALID": "1"}, [],
          "srun started this process as task 1 of a job named 'interactive', for which Lightning ignores SLURM: every "
          "task would train a model of its own — SLURM_JOB_NAME=interactive — give srun another --job-name"),
+        ({"LOCAL_RANK": "0", "NODE_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+         ["--trainer.devices=2"], "this process runs on node 1 (counted from 0), but trainer.num_nodes is 1 — "
+         "trainer.devices, trainer.num_nodes — set trainer.devices to the processes per node"),
     ],
     ids=["torchrun-one-device", "torchrun-fsdp2", "srun-fsdp2", "sbatch-ntasks", "no-srun-task", "no-launcher",
-         "torchrun-in-srun", "torchrun-per-node", "srun-per-node", "srun-uneven-nodes", "srun-interactive"],
+         "torchrun-in-srun", "torchrun-per-node", "srun-per-node", "srun-uneven-nodes", "srun-interactive",
+         "by-hand-node-past"],
 )  # fmt: skip
 def test_processes_a_launcher_started_that_cannot_train_together_are_one_line(environment, flags, line, tmp_path,
                                                                                capsys, monkeypatch):  # fmt: skip
@@ -714,7 +718,7 @@ def test_processes_a_launcher_started_that_cannot_train_together_are_one_line(en
     srun's task variables, was a traceback. torchrun's processes inside an srun of one task a node were refused for
     SLURM's missing --ntasks-per-node, which Lightning never reads for them. A count per node other than
     trainer.devices (the product right) was Lightning's IndexError; srun's tasks of a job named interactive each
-    trained alone, exiting 0."""
+    trained alone, exiting 0. A process started by hand on a node past trainer.num_nodes waited 30 minutes."""
     monkeypatch.chdir(tmp_path)
     for name in LAUNCHER_VARIABLES:
         monkeypatch.delenv(name, raising=False)
