@@ -732,6 +732,20 @@ def test_processes_a_launcher_started_that_cannot_train_together_are_one_line(en
     assert not (tmp_path / "runs").exists()
 
 
+def test_tensor_parallelism_the_model_has_no_plan_for_is_one_line(tmp_path, capsys, monkeypatch):
+    """Lightning's ModelParallelStrategy splits a node's processes by tensor parallelism by default; the model shards
+    over the data-parallel mesh alone, so each process trained a model of its own on its own data (exit 0)."""
+    monkeypatch.chdir(tmp_path)
+    strategy = "--trainer.strategy.class_path=lightning.pytorch.strategies.ModelParallelStrategy"
+    assert main(["fit", "--config", DEBUG, "--trainer.devices=2", strategy]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: ModelParallelStrategy would split the model over 2 processes by tensor parallelism, which it has no "
+        "plan for: each process would train a model of its own — trainer.strategy — use trainer.strategy: fsdp2 "
+        "(FSDP2 over every process, no tensor parallelism)"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_master_port_another_program_holds_is_one_line(tmp_path, capsys, monkeypatch):
     """torch's DistNetworkError traceback (EADDRINUSE) when the first rank's store could not listen on MASTER_PORT."""
     import socket
