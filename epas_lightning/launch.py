@@ -96,7 +96,8 @@ def check_processes_meet(trainer: Trainer) -> None:
             WHERE,
             _matching_settings(environment, launched),
         )
-    if launched is not None and (node := _read(environment.node_rank)) is not None and node >= nodes:
+    node = None if isinstance(environment, SLURMEnvironment) else _read(environment.node_rank)  # SLURM: SLURM_PROCID
+    if launched is not None and node is not None and node >= nodes:
         raise ConfigError(  # its rank would be past the world size: it waited for the others until the timeout
             f"this process runs on node {node} (counted from 0), but trainer.num_nodes is {nodes}",
             WHERE,

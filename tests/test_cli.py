@@ -732,6 +732,23 @@ def test_processes_a_launcher_started_that_cannot_train_together_are_one_line(en
     assert not (tmp_path / "runs").exists()
 
 
+def test_an_srun_step_on_later_nodes_of_its_job_is_not_refused(monkeypatch):
+    """SLURM_NODEID counts the job's nodes, not the step's: an srun step on the second node of a job has node 1 with
+    trainer.num_nodes 1, and its ranks come from SLURM_PROCID, which no node count can put past the world size."""
+    from types import SimpleNamespace
+
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from epas_lightning.launch import check_processes_meet
+
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {**SLURM_JOB, **SRUN_TASK, "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODEID": "1"}.items():
+        monkeypatch.setenv(name, value)
+    connector = SimpleNamespace(cluster_environment=SLURMEnvironment())
+    check_processes_meet(SimpleNamespace(_accelerator_connector=connector, num_devices=2, num_nodes=1))
+
+
 def test_tensor_parallelism_the_model_has_no_plan_for_is_one_line(tmp_path, capsys, monkeypatch):
     """Lightning's ModelParallelStrategy splits a node's processes by tensor parallelism by default; the model shards
     over the data-parallel mesh alone, so each process trained a model of its own on its own data (exit 0)."""
