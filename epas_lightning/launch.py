@@ -177,10 +177,13 @@ def _read(rank: Callable[[], int]) -> int | None:
 
 def _per_node(environment: ClusterEnvironment) -> tuple[int, str] | None:
     """The processes the launcher starts on every node, and the variable that says so, where it says one count for
-    all (not SLURM's ``4(x2),2``: 4 on each of two nodes and 2 on a third)."""
+    all (not SLURM's ``4(x2),2``: 4 on each of two nodes and 2 on a third). Under SLURM, srun's layout of this step
+    where it says it: an ``srun --ntasks 4`` in a job of 8 tasks a node runs 4."""
     name = {TorchElasticEnvironment: "LOCAL_WORLD_SIZE", SLURMEnvironment: "SLURM_NTASKS_PER_NODE"}.get(
         type(environment)
     )
+    if name == "SLURM_NTASKS_PER_NODE" and "SLURM_STEP_TASKS_PER_NODE" in os.environ:
+        name = "SLURM_STEP_TASKS_PER_NODE"
     found = re.fullmatch(r"(\d+)(?:\(x\d+\))?", os.environ.get(name or "", ""))  # 8(x2): 8 on each of 2
     return (int(found[1]), f"{name}={found[0]}") if found and int(found[1]) > 0 else None
 

@@ -732,9 +732,10 @@ def test_processes_a_launcher_started_that_cannot_train_together_are_one_line(en
     assert not (tmp_path / "runs").exists()
 
 
-def test_an_srun_step_on_later_nodes_of_its_job_is_not_refused(monkeypatch):
+def test_an_srun_step_other_than_the_jobs_layout_is_not_refused(monkeypatch):
     """SLURM_NODEID counts the job's nodes, not the step's: an srun step on the second node of a job has node 1 with
-    trainer.num_nodes 1, and its ranks come from SLURM_PROCID, which no node count can put past the world size."""
+    trainer.num_nodes 1, and its ranks come from SLURM_PROCID, which no node count can put past the world size. An
+    srun of fewer tasks a node than the job's --ntasks-per-node runs as many as it says (SLURM_STEP_TASKS_PER_NODE)."""
     from types import SimpleNamespace
 
     from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -747,6 +748,10 @@ def test_an_srun_step_on_later_nodes_of_its_job_is_not_refused(monkeypatch):
         monkeypatch.setenv(name, value)
     connector = SimpleNamespace(cluster_environment=SLURMEnvironment())
     check_processes_meet(SimpleNamespace(_accelerator_connector=connector, num_devices=2, num_nodes=1))
+    # srun's step of 1 task in a job of 2 a node: SLURM_NTASKS_PER_NODE is the job's, srun's layout the step's
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "1")
+    check_processes_meet(SimpleNamespace(_accelerator_connector=connector, num_devices=1, num_nodes=1))
 
 
 def test_tensor_parallelism_the_model_has_no_plan_for_is_one_line(tmp_path, capsys, monkeypatch):
