@@ -34,7 +34,7 @@ from epas_lightning.data import heldout_loader
 from epas_lightning.errors import ConfigError, OutputError, run_script
 from epas_lightning.evaluation.perplexity import perplexity_of_batches
 from epas_lightning.inference import deepest_layers
-from epas_lightning.script_args import ScriptParser, count, positive_number
+from epas_lightning.script_args import ScriptParser, count, positive_number, training_seed
 
 RUNS = {
     "dense": "(a) continue dense",
@@ -180,7 +180,7 @@ def main() -> None:
     parser.add_argument("--continue-lr", type=positive_number, default=1e-3)
     parser.add_argument("--eval-batches", type=count, default=20)
     parser.add_argument("--eval-batch-size", type=count, default=8)
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--seed", type=training_seed, default=1234)
     parser.add_argument(
         "--threads", type=count, default=1, help="torch threads (1: no oversubscription on shared cores)"
     )

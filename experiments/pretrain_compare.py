@@ -60,7 +60,7 @@ from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.config import PRESETS
 from epas_lightning.optim import default_optimizer
-from epas_lightning.script_args import ScriptParser, count, fraction, positive_number, whole_number
+from epas_lightning.script_args import ScriptParser, count, fraction, positive_number, training_seed, whole_number
 
 VARIANTS = ("dense", "epas", "static", "shallow")
 PAPER_LOSS_GAP = (0.03, 0.05)
@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=count, default=10)
     p.add_argument("--val-batches", type=count, default=8)
     p.add_argument("--chunk", type=count, default=1, help="steps of one variant before the next one runs")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=training_seed, default=1234)
     p.add_argument("--threads", type=whole_number(0), default=1, help="torch CPU threads (0: torch's choice)")
     p.add_argument("--data-dir", default=None, help="prepared data dir (default: the built-in corpus)")
     p.add_argument("--output", "--out", default="out/pretrain_compare")

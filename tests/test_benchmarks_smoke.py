@@ -438,6 +438,26 @@ def test_continual_refuses_a_model_or_region_its_flags_cannot_make_before_pretra
     assert not (tmp_path / "out").exists()
 
 
+def test_the_experiments_refuse_a_seed_numpy_cannot_take_with_their_flag(tmp_path, monkeypatch):
+    """continual.py --seed -1 was Lightning's ValueError traceback, after making --output; pretrain_compare.py named
+    the fit command's data.seed, after loading the corpus."""
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import continual
+    import pretrain_compare
+
+    from epas_lightning.errors import ConfigError
+
+    for seed in ("-1", str(2**32)):
+        with pytest.raises(ConfigError) as refused:
+            pretrain_compare.main(["--seed", seed, "--output", str(tmp_path / "out")])
+        assert (refused.value.what, refused.value.where) == (f"seed must lie in 0..2**32-1, got {seed}", "--seed")
+        monkeypatch.setattr(sys, "argv", ["continual.py", "--quick", "--seed", seed, "--output", str(tmp_path / "out")])
+        with pytest.raises(ConfigError) as refused:
+            continual.main()
+        assert (refused.value.what, refused.value.where) == (f"seed must lie in 0..2**32-1, got {seed}", "--seed")
+    assert not (tmp_path / "out").exists()
+
+
 def test_continual_refuses_to_replace_an_earlier_runs_outputs(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "experiments"))
     import continual
