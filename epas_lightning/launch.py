@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from lightning.fabric.plugins.environments import (
@@ -45,8 +46,9 @@ def launched_node_rank() -> int:
 
 def check_slurm_tasks() -> None:
     """Before the ``Trainer`` is built: a SLURM job of several tasks must say how many per node (Lightning raised a
-    ``RuntimeError`` traceback for ``--ntasks`` alone)."""
-    if not SLURMEnvironment.detect():
+    ``RuntimeError`` traceback for ``--ntasks`` alone). Not for ``torchrun``'s processes (``srun torchrun``, one task
+    a node): Lightning reads torchrun's variables first, never SLURM's."""
+    if TorchElasticEnvironment.detect() or not SLURMEnvironment.detect():
         return
     tasks = os.environ.get("SLURM_NTASKS", "")
     if tasks.isdigit() and int(tasks) > 1 and "SLURM_NTASKS_PER_NODE" not in os.environ:
@@ -81,6 +83,27 @@ def check_processes_meet(trainer: Trainer) -> None:
             WHERE,
             _matching_settings(environment, launched),
         )
+    per_node = _per_node(environment)
+    if launched is not None and per_node is not None and per_node[0] != devices:
+        raise ConfigError(
+            f"{_launcher_says(environment, per_node[0], per_node[1])}, but trainer.devices is {devices}",
+            WHERE,
+            _matching_settings(environment, launched),
+        )
+    if launched is not None and (rank := _read(environment.local_rank)) is not None and rank >= devices:
+        raise ConfigError(  # the launcher says no count per node (SLURM's 4(x2),2): Lightning's IndexError
+            f"this process is local rank {rank} of its node, but trainer.devices is {devices}",
+            WHERE,
+            _matching_settings(environment, launched),
+        )
+    node = None if isinstance(environment, SLURMEnvironment) else _read(environment.node_rank)  # SLURM: SLURM_PROCID
+    if launched is not None and node is not None and node >= nodes:
+        raise ConfigError(  # its rank would be past the world size: it waited for the others until the timeout
+            f"this process runs on node {node} (counted from 0), but trainer.num_nodes is {nodes}",
+            WHERE,
+            _matching_settings(environment, launched),
+        )
+    check_srun_tasks_in_interactive_mode(environment)
     if isinstance(environment, LightningEnvironment) and nodes > 1 and "MASTER_PORT" not in os.environ:
         raise ConfigError(
             f"trainer.num_nodes is {nodes}, but no launcher started this process and MASTER_PORT is not set: it would "
@@ -104,7 +127,29 @@ def launched_processes(environment: ClusterEnvironment) -> int | None:
         return None
 
 
-def _launcher_says(environment: ClusterEnvironment, launched: int) -> str:
+def check_srun_tasks_in_interactive_mode(environment: ClusterEnvironment) -> None:
+    """Refuse the second and later tasks of an ``srun`` whose job is named ``bash`` or ``interactive``: Lightning
+    then ignores SLURM, and each task trained a model of its own into the same run folder, exiting 0. (The first task
+    cannot tell itself from an ``srun --pty bash`` shell's, which runs ``fit`` alone, rightly.)"""
+    task, name = os.environ.get("SLURM_PROCID", ""), os.environ.get("SLURM_JOB_NAME")
+    if not isinstance(environment, LightningEnvironment) or environment.creates_processes_externally:
+        return  # torchrun's, or another launcher's, or Lightning's own children
+    if "SLURM_NTASKS" not in os.environ or name not in ("bash", "interactive") or not task.isdigit() or task == "0":
+        return
+    raise ConfigError(
+        f"srun started this process as task {task} of a job named {name!r}, for which Lightning ignores SLURM: every "
+        "task would train a model of its own",
+        f"SLURM_JOB_NAME={name}",
+        "give srun another --job-name so that the tasks train together, or run fit as one task and let "
+        "trainer.devices start the processes of the node",
+    )
+
+
+def _launcher_says(environment: ClusterEnvironment, launched: int, per_node: str | None = None) -> str:
+    if per_node is not None:  # the processes of each node, and the variable that says so
+        if isinstance(environment, SLURMEnvironment):
+            return f"the SLURM job runs {launched} tasks on each node ({per_node})"
+        return f"torchrun started {launched} processes on each node ({per_node})"
     if isinstance(environment, TorchElasticEnvironment):
         return f"torchrun started {launched} processes (WORLD_SIZE)"
     if isinstance(environment, SLURMEnvironment):
@@ -117,17 +162,30 @@ def _launcher_says(environment: ClusterEnvironment, launched: int) -> str:
 def _matching_settings(environment: ClusterEnvironment, launched: int) -> str:
     """The settings that match what the launcher started, where it says how many processes each node runs."""
     per_node = _per_node(environment)
-    if per_node and launched % per_node == 0:
-        return f"pass --trainer.devices={per_node} --trainer.num_nodes={launched // per_node} to match"
+    if per_node and launched % per_node[0] == 0:
+        return f"pass --trainer.devices={per_node[0]} --trainer.num_nodes={launched // per_node[0]} to match"
     return "set trainer.devices to the processes per node and trainer.num_nodes to the nodes, to match"
 
 
-def _per_node(environment: ClusterEnvironment) -> int | None:
+def _read(rank: Callable[[], int]) -> int | None:
+    """``rank()`` (a cluster environment's), or ``None`` where a variable it reads is missing or malformed."""
+    try:
+        return rank()
+    except (KeyError, ValueError):
+        return None
+
+
+def _per_node(environment: ClusterEnvironment) -> tuple[int, str] | None:
+    """The processes the launcher starts on every node, and the variable that says so, where it says one count for
+    all (not SLURM's ``4(x2),2``: 4 on each of two nodes and 2 on a third). Under SLURM, srun's layout of this step
+    where it says it: an ``srun --ntasks 4`` in a job of 8 tasks a node runs 4."""
     name = {TorchElasticEnvironment: "LOCAL_WORLD_SIZE", SLURMEnvironment: "SLURM_NTASKS_PER_NODE"}.get(
         type(environment)
     )
-    value = os.environ.get(name or "", "").split("(")[0]  # SLURM writes 8(x2) for 8 on each of 2 nodes
-    return int(value) if value.isdigit() and int(value) > 0 else None
+    if name == "SLURM_NTASKS_PER_NODE" and "SLURM_STEP_TASKS_PER_NODE" in os.environ:
+        name = "SLURM_STEP_TASKS_PER_NODE"
+    found = re.fullmatch(r"(\d+)(?:\(x\d+\))?", os.environ.get(name or "", ""))  # 8(x2): 8 on each of 2
+    return (int(found[1]), f"{name}={found[0]}") if found and int(found[1]) > 0 else None
 
 
 def port_in_use(error: BaseException) -> ConfigError | None:

@@ -107,7 +107,7 @@ from epas_lightning.run_folder import RunFolders, check_run_folders_writable
 from epas_lightning.run_summary import FlopsModelSummary, RunSummary, progress_bar_for, say
 from epas_lightning.safe_load import is_sharded_checkpoint, verify_checkpoint
 from epas_lightning.seeds import SEED_FIX, TRAINING_SEEDS, seed_out_of_range
-from epas_lightning.strategy import STRATEGY_NAME, check_strategy_name
+from epas_lightning.strategy import STRATEGY_NAME, check_data_parallel_only, check_strategy_name
 from epas_lightning.trainer_checks import (
     check_accelerator_available,
     check_counts,
@@ -379,6 +379,7 @@ class EPASCLI(LightningCLI):
             raise refused_setting(e, config) from e
         keep_version(trainer.loggers, self._continued)
         check_processes_meet(trainer)
+        check_data_parallel_only(trainer.strategy, trainer.num_devices)
         return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from epas_lightning.errors import ConfigError, did_you_mean
+from epas_lightning.seeds import TRAINING_SEEDS, seed_out_of_range
 
 
 class ScriptParser(argparse.ArgumentParser):
@@ -114,4 +115,16 @@ def positive_number(text: str) -> float:
     value = _number(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def training_seed(text: str) -> int:
+    """An argparse ``type``: a seed of training (numpy's, through Lightning's ``seed_everything`` and the data's
+    shuffle), as ``fit`` takes it."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a whole number, not {text!r}") from None
+    if problem := seed_out_of_range(value, TRAINING_SEEDS):
+        raise argparse.ArgumentTypeError(problem)
     return value

@@ -143,6 +143,24 @@ if STRATEGY_NAME not in StrategyRegistry:
     )
 
 
+def check_data_parallel_only(strategy: object, devices: int) -> None:
+    """Refuse Lightning's ``ModelParallelStrategy`` with tensor parallelism (by default over the processes of a node):
+    ``parallelize`` shards over its data-parallel mesh only, so each tensor-parallel process trained a model of its own
+    on data of its own, and the checkpoint kept one of them (exit 0)."""
+    if not isinstance(strategy, ModelParallelStrategy):
+        return
+    size = strategy._tensor_parallel_size  # "auto": setup_environment makes it the processes of a node
+    size = devices if size == "auto" else size
+    if size == 1:
+        return
+    raise ConfigError(
+        f"ModelParallelStrategy would split the model over {size} processes by tensor parallelism, which it has no "
+        "plan for: each process would train a model of its own",
+        "trainer.strategy",
+        f"use trainer.strategy: {STRATEGY_NAME} (FSDP2 over every process, no tensor parallelism)",
+    )
+
+
 def check_strategy_name(strategy: object) -> None:
     """Refuse a ``trainer.strategy`` name Lightning does not know, naming the nearest one (Lightning's refusal listed
     four examples, ``fsdp2`` not among them, and sent the user to its website)."""

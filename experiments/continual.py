@@ -31,10 +31,10 @@ import torch
 from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule, WarmupCosineLR
 from epas_lightning.checkpoint import load_model
 from epas_lightning.data import heldout_loader
-from epas_lightning.errors import OutputError, run_script
+from epas_lightning.errors import ConfigError, OutputError, run_script
 from epas_lightning.evaluation.perplexity import perplexity_of_batches
 from epas_lightning.inference import deepest_layers
-from epas_lightning.script_args import ScriptParser, count, positive_number
+from epas_lightning.script_args import ScriptParser, count, positive_number, training_seed
 
 RUNS = {
     "dense": "(a) continue dense",
@@ -58,6 +58,21 @@ def check_out(out: Path) -> None:
             f"--output {out}",
             "choose another --output, or move those files away",
         )
+
+
+def check_model(args: argparse.Namespace) -> None:
+    """Refuse, before any training, a model or region the flags cannot make (the checks name the fit command's keys:
+    the pretraining ran first, and its checkpoint then blocked a run again)."""
+    try:
+        model_config(args)
+    except ConfigError as e:
+        raise ConfigError(e.what, f"--n-embd {args.n_embd}", "give a multiple of 8: 4 heads of an even width") from None
+    try:
+        ProgressiveSharing(target=args.target, n_layer=args.n_layer)
+    except ConfigError as e:
+        fix = f"choose between 1 and --n-layer - 1 = {args.n_layer - 1}" if args.n_layer > 1 else "raise --n-layer"
+        fix += " (layer 0 always computes)"
+        raise ConfigError(e.what, f"--target {args.target}", fix) from None
 
 
 def model_config(args: argparse.Namespace) -> LlamaConfig:
@@ -165,13 +180,14 @@ def main() -> None:
     parser.add_argument("--continue-lr", type=positive_number, default=1e-3)
     parser.add_argument("--eval-batches", type=count, default=20)
     parser.add_argument("--eval-batch-size", type=count, default=8)
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--seed", type=training_seed, default=1234)
     parser.add_argument(
         "--threads", type=count, default=1, help="torch threads (1: no oversubscription on shared cores)"
     )
     parser.add_quick("a ~1-minute run (fewer steps)", pretrain_steps=40, continue_steps=12, eval_batches=3)
     args = parser.parse_args()
     check_out(args.output)
+    check_model(args)
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)

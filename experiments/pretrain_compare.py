@@ -53,13 +53,14 @@ from pathlib import Path
 import torch
 
 from epas_lightning.callbacks import ProgressiveSharing
-from epas_lightning.errors import DataError, OutputError, UserError, run_script
+from epas_lightning.errors import ConfigError, DataError, OutputError, UserError, run_script
 from epas_lightning.flops import flop_cut
 from epas_lightning.loss import token_losses, train_loss
 from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.model import Llama, LlamaConfig
+from epas_lightning.model.config import PRESETS
 from epas_lightning.optim import default_optimizer
-from epas_lightning.script_args import ScriptParser, count, fraction, positive_number, whole_number
+from epas_lightning.script_args import ScriptParser, count, fraction, positive_number, training_seed, whole_number
 
 VARIANTS = ("dense", "epas", "static", "shallow")
 PAPER_LOSS_GAP = (0.03, 0.05)
@@ -83,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=count, default=10)
     p.add_argument("--val-batches", type=count, default=8)
     p.add_argument("--chunk", type=count, default=1, help="steps of one variant before the next one runs")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=training_seed, default=1234)
     p.add_argument("--threads", type=whole_number(0), default=1, help="torch CPU threads (0: torch's choice)")
     p.add_argument("--data-dir", default=None, help="prepared data dir (default: the built-in corpus)")
     p.add_argument("--output", "--out", default="out/pretrain_compare")
@@ -98,12 +99,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> LlamaConfig:
     overrides = {} if args.n_layer is None else {"n_layer": args.n_layer}
-    config = LlamaConfig.from_name(args.model, **overrides)
+    try:
+        config = LlamaConfig.from_name(args.model, **overrides)
+    except ConfigError as e:  # it names the fit command's model.config.name
+        raise ConfigError(e.what, f"--model {args.model}", f"choose one of {', '.join(sorted(PRESETS))}") from None
     return LlamaConfig.from_name(args.model, block_size=max(config.block_size, args.seq_len), **overrides)
 
 
 def schedules(args: argparse.Namespace, n_layer: int) -> dict[str, ProgressiveSharing]:
     """One ``ProgressiveSharing`` per variant; ``shared_layers_at(step)`` gives the mask of every step."""
+    try:
+        ProgressiveSharing(target=args.sharing, n_layer=n_layer)
+    except ConfigError as e:  # it names the fit command's sharing.target
+        fix = f"give a fraction of the {n_layer} layers that holds one layer or more, below all of them"
+        raise ConfigError(e.what, f"--sharing {args.sharing}", fix) from None
     n_target = int(args.sharing * n_layer)
     interval = args.interval
     if interval is None:  # the region is full at half the run
@@ -293,7 +302,7 @@ def summarize(runs: dict[str, Run], args: argparse.Namespace, config: LlamaConfi
             "paired_speedup_vs_dense": paired_speedup(dense, run, range(args.steps)),
             "full_region_paired_speedup_vs_dense": paired_speedup(dense, run, full),
             "full_region_steps": len(full),
-            "final_shared_layers": run.sharing.shared_layers_at(args.steps),
+            "final_shared_layers": run.sharing.shared_layers_at(args.steps - 1),  # the last step's (0-based)
             "mean_shared_layers": sum(run.n_shared) / len(run.n_shared),
             "flop_cut_full_region": flop_cut(config, max(run.n_shared), args.seq_len),
             "val_curve": run.val,
@@ -384,17 +393,35 @@ def open_writers(out: Path, names: tuple[str, ...]) -> dict:
     return writers
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    out = Path(args.output)
+OUTPUTS = ("results.md", "results.json", "loss.png")
+"""What a run writes under ``--output`` beside its TensorBoard runs; an earlier run's (or the user's) are never
+replaced."""
+
+
+def check_out(out: Path) -> None:
+    """Refuse, before any work, an ``--output`` that is a file or holds an earlier comparison's outputs."""
+    if out.exists() and not out.is_dir():
+        raise OutputError("is a file, not a folder", f"--output {out}", "choose a folder")
     if any((out / "tb").glob("*/events.out.tfevents.*")):  # TensorBoard would merge both runs into one curve each
         what = "holds the TensorBoard runs of an earlier comparison, which this run's would mix with"
         raise OutputError(what, out / "tb", "choose another --output, or delete that folder")
+    if earlier := [name for name in OUTPUTS if (out / name).exists()]:
+        raise OutputError(
+            f"holds {', '.join(earlier)}, which this run would replace",
+            f"--output {out}",
+            "choose another --output, or move those files away",
+        )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.output)
+    check_out(out)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = build_config(args)
-    train, val, data = load_batches(args, config.vocab_size)
     sharing = schedules(args, config.n_layer)
+    train, val, data = load_batches(args, config.vocab_size)
     runs = {name: build_run(name, config, sharing[name], args) for name in VARIANTS}
     out.mkdir(parents=True, exist_ok=True)
     writers = open_writers(out, VARIANTS)

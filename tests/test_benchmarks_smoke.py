@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -370,6 +371,91 @@ def test_pretrain_compare_refuses_to_mix_its_tensorboard_runs_with_an_earlier_on
     (tmp_path / "tb" / "dense" / "events.out.tfevents.1.host.1.0").write_bytes(b"")
     with pytest.raises(OutputError, match="earlier comparison"):  # before any training
         pretrain_compare.main(["--quick", "--output", str(tmp_path)])
+
+
+def test_pretrain_compare_refuses_an_output_it_would_replace_and_names_its_own_flags(tmp_path, monkeypatch):
+    """A results.md (or .json, loss.png) in --output was replaced when no TensorBoard run was there, and a file as
+    --output was a FileExistsError traceback; a region or preset these flags cannot make named the fit command's
+    sharing.target or model.config.name. All before any training."""
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import pretrain_compare
+
+    from epas_lightning.errors import ConfigError, OutputError
+
+    monkeypatch.setattr(pretrain_compare, "load_batches", lambda *a: pytest.fail("loaded data before the checks"))
+    (tmp_path / "results.md").write_text("mine\n")
+    with pytest.raises(OutputError, match=r"^holds results.md, which this run would replace —"):
+        pretrain_compare.main(["--quick", "--output", str(tmp_path)])
+    assert (tmp_path / "results.md").read_text() == "mine\n"
+    with pytest.raises(OutputError, match="^is a file, not a folder —"):
+        pretrain_compare.main(["--quick", "--output", str(tmp_path / "results.md")])
+    out = str(tmp_path / "out")
+    with pytest.raises(ConfigError, match="rounds down to 0 layers") as refused:
+        pretrain_compare.main(["--quick", "--sharing", "0.1", "--output", out])
+    assert refused.value.where == "--sharing 0.1"
+    with pytest.raises(ConfigError, match="unknown model preset") as refused:
+        pretrain_compare.main(["--quick", "--model", "nosuch", "--output", out])
+    assert refused.value.where == "--model nosuch" and refused.value.fix.startswith("choose one of debug, demo")
+
+
+def test_pretrain_compare_reports_the_region_its_last_step_trained_with(monkeypatch):
+    """``final_shared_layers`` was the schedule's region at step ``--steps``, one past the last step (0-based): a
+    region that grew there was reported though no step trained (or was scored) with it."""
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import pretrain_compare
+
+    args = pretrain_compare.parse_args(["--quick", "--start-step", "11", "--interval", "1"])  # 12 steps
+    config = pretrain_compare.build_config(args)
+    runs = {
+        name: SimpleNamespace(
+            sharing=sharing,
+            val=[(0, 0.0, 6.0), (args.steps, 1.0, 5.0)],
+            n_shared=[len(sharing.shared_layers_at(step)) for step in range(args.steps)],
+            own_seconds=1.0,
+            step_seconds=[1.0 / args.steps] * args.steps,
+        )
+        for name, sharing in pretrain_compare.schedules(args, config.n_layer).items()
+    }
+    variants = pretrain_compare.summarize(runs, args, config, "random tokens")["variants"]
+    assert variants["epas"]["final_shared_layers"] == [3]  # step 11's; layers 2-3 only from step 12
+    assert variants["shallow"]["final_shared_layers"] == [1] and variants["static"]["final_shared_layers"] == [2, 3]
+
+
+def test_continual_refuses_a_model_or_region_its_flags_cannot_make_before_pretraining(tmp_path, monkeypatch):
+    """--target 8 of 8 layers pretrained first, then failed naming the fit command's sharing.target, and the
+    pretrained checkpoint left in --output refused the next run; --n-embd 36 (head width 9) named model.config."""
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import continual
+
+    from epas_lightning.errors import ConfigError
+
+    monkeypatch.setattr(continual, "train", lambda *a, **k: pytest.fail("trained before checking the flags"))
+    for flags, where in [(["--target", "8"], "--target 8"), (["--n-embd", "36"], "--n-embd 36")]:
+        monkeypatch.setattr(sys, "argv", ["continual.py", "--quick", *flags, "--output", str(tmp_path / "out")])
+        with pytest.raises(ConfigError) as refused:
+            continual.main()
+        assert refused.value.where == where
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_experiments_refuse_a_seed_numpy_cannot_take_with_their_flag(tmp_path, monkeypatch):
+    """continual.py --seed -1 was Lightning's ValueError traceback, after making --output; pretrain_compare.py named
+    the fit command's data.seed, after loading the corpus."""
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import continual
+    import pretrain_compare
+
+    from epas_lightning.errors import ConfigError
+
+    for seed in ("-1", str(2**32)):
+        with pytest.raises(ConfigError) as refused:
+            pretrain_compare.main(["--seed", seed, "--output", str(tmp_path / "out")])
+        assert (refused.value.what, refused.value.where) == (f"seed must lie in 0..2**32-1, got {seed}", "--seed")
+        monkeypatch.setattr(sys, "argv", ["continual.py", "--quick", "--seed", seed, "--output", str(tmp_path / "out")])
+        with pytest.raises(ConfigError) as refused:
+            continual.main()
+        assert (refused.value.what, refused.value.where) == (f"seed must lie in 0..2**32-1, got {seed}", "--seed")
+    assert not (tmp_path / "out").exists()
 
 
 def test_continual_refuses_to_replace_an_earlier_runs_outputs(tmp_path, monkeypatch):

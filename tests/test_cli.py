@@ -103,14 +103,28 @@ def test_print_config_takes_jsonargparses_flags_and_refuses_others(capsys, comma
 @pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
 def test_every_packaged_config_parses_by_name_with_the_monitors(name, capsys, tmp_path):
     """Configs are found by name (they ship in the wheel), and every run keeps the monitors and the guard; a config
-    that starts from a model prints with the model it is given (its model.config is read from there)."""
+    that starts from a model prints with the model it is given (its model.config is read from there).
+
+    One on the built-in corpus that validates every N batches of an epoch must have N batches of all its ranks in the
+    corpus (a token holds at least a byte): fsdp-multinode's 1000 batches of 2 x 8 GPUs did not, and fit refused to
+    start at its size ("an epoch of the training stream is ... batches")."""
+    import yaml
     from model_dirs import save_hf_config
+
+    from epas_lightning.data.builtin import list_source_files, stdlib_root
 
     source = ["--model.init_from", str(save_hf_config(tmp_path / "hf"))] if name == "tinyllama-continual" else []
     assert main(["fit", "--config", name, *source, "--print_config"]) == 0
     out = capsys.readouterr().out
     for section in ("throughput:", "lr_monitor:", "checkpoint:", "divergence:", "sharing:"):
         assert f"\n{section}" in out, section
+    config = yaml.safe_load(out)
+    trainer, data = config["trainer"], config["data"]
+    interval = trainer["val_check_interval"]
+    if data["data_dir"] is None and type(interval) is int and trainer["check_val_every_n_epoch"] is not None:
+        corpus = data["max_bytes"] or sum((stdlib_root() / f).stat().st_size for f in list_source_files(stdlib_root()))
+        tokens = interval * trainer["devices"] * trainer["num_nodes"] * data["batch_size"] * data["seq_len"]
+        assert tokens <= corpus, f"{interval} batches need {tokens:,} tokens; the corpus holds at most {corpus:,}"
 
 
 def test_invalid_schedule_fails_before_training(tmp_path, tiny_corpus, capsys, monkeypatch):
@@ -672,15 +686,39 @@ MATCH = "trainer.devices, trainer.num_nodes — pass --trainer.devices="
          "SLURM_NTASKS is set but SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID not: this process was not started as a"),
         ({}, ["--trainer.strategy=fsdp2", "--trainer.num_nodes=2"],
          "trainer.num_nodes is 2, but no launcher started this process and MASTER_PORT is not set"),
+        ({**SLURM_JOB, **SRUN_TASK, **TORCHRUN}, [], "torchrun started 2 processes (WORLD_SIZE), but {} is 1 x 1 —"),
+        ({**TORCHRUN, "RANK": "1", "LOCAL_RANK": "1"}, ["--trainer.num_nodes=2"],
+         "torchrun started 2 processes on each node (LOCAL_WORLD_SIZE=2), but trainer.devices is 1 — "
+         f"{MATCH}2 --trainer.num_nodes=1 to match"),
+        ({**SLURM_JOB, **SRUN_TASK, "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1"},
+         ["--trainer.strategy=fsdp2", "--trainer.num_nodes=2"],
+         "the SLURM job runs 2 tasks on each node (SLURM_NTASKS_PER_NODE=2), but trainer.devices is 1 — "
+         f"{MATCH}2 --trainer.num_nodes=1 to match"),
+        ({**SLURM_JOB, **SRUN_TASK, "SLURM_NTASKS": "3", "SLURM_NTASKS_PER_NODE": "2(x1),1", "SLURM_PROCID": "1",
+          "SLURM_LOCALID": "1"}, ["--trainer.strategy=fsdp2", "--trainer.num_nodes=3"],
+         "this process is local rank 1 of its node, but trainer.devices is 1 — trainer.devices, trainer.num_nodes — "
+         "set trainer.devices to the processes per node"),
+        ({**SLURM_JOB, **SRUN_TASK, "SLURM_JOB_NAME": "interactive", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": "1",
+          "SLURM_LOCALID": "1"}, [],
+         "srun started this process as task 1 of a job named 'interactive', for which Lightning ignores SLURM: every "
+         "task would train a model of its own — SLURM_JOB_NAME=interactive — give srun another --job-name"),
+        ({"LOCAL_RANK": "0", "NODE_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+         ["--trainer.devices=2"], "this process runs on node 1 (counted from 0), but trainer.num_nodes is 1 — "
+         "trainer.devices, trainer.num_nodes — set trainer.devices to the processes per node"),
     ],
-    ids=["torchrun-one-device", "torchrun-fsdp2", "srun-fsdp2", "sbatch-ntasks", "no-srun-task", "no-launcher"],
+    ids=["torchrun-one-device", "torchrun-fsdp2", "srun-fsdp2", "sbatch-ntasks", "no-srun-task", "no-launcher",
+         "torchrun-in-srun", "torchrun-per-node", "srun-per-node", "srun-uneven-nodes", "srun-interactive",
+         "by-hand-node-past"],
 )  # fmt: skip
 def test_processes_a_launcher_started_that_cannot_train_together_are_one_line(environment, flags, line, tmp_path,
                                                                                capsys, monkeypatch):  # fmt: skip
     """torchrun's or srun's processes against trainer.devices x trainer.num_nodes: with the default one device every
     process trained a model of its own into one run folder (exit 0); under FSDP2 a rank failed with an IndexError and
     the first waited. num_nodes: 2 with no launcher waited 30 minutes; SLURM without --ntasks-per-node, or without
-    srun's task variables, was a traceback."""
+    srun's task variables, was a traceback. torchrun's processes inside an srun of one task a node were refused for
+    SLURM's missing --ntasks-per-node, which Lightning never reads for them. A count per node other than
+    trainer.devices (the product right) was Lightning's IndexError; srun's tasks of a job named interactive each
+    trained alone, exiting 0. A process started by hand on a node past trainer.num_nodes waited 30 minutes."""
     monkeypatch.chdir(tmp_path)
     for name in LAUNCHER_VARIABLES:
         monkeypatch.delenv(name, raising=False)
@@ -691,6 +729,42 @@ def test_processes_a_launcher_started_that_cannot_train_together_are_one_line(en
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
         "error: " + line.format("trainer.devices x trainer.num_nodes")
     ), err[-2000:]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_srun_step_other_than_the_jobs_layout_is_not_refused(monkeypatch):
+    """SLURM_NODEID counts the job's nodes, not the step's: an srun step on the second node of a job has node 1 with
+    trainer.num_nodes 1, and its ranks come from SLURM_PROCID, which no node count can put past the world size. An
+    srun of fewer tasks a node than the job's --ntasks-per-node runs as many as it says (SLURM_STEP_TASKS_PER_NODE)."""
+    from types import SimpleNamespace
+
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from epas_lightning.launch import check_processes_meet
+
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {**SLURM_JOB, **SRUN_TASK, "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODEID": "1"}.items():
+        monkeypatch.setenv(name, value)
+    connector = SimpleNamespace(cluster_environment=SLURMEnvironment())
+    check_processes_meet(SimpleNamespace(_accelerator_connector=connector, num_devices=2, num_nodes=1))
+    # srun's step of 1 task in a job of 2 a node: SLURM_NTASKS_PER_NODE is the job's, srun's layout the step's
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "1")
+    check_processes_meet(SimpleNamespace(_accelerator_connector=connector, num_devices=1, num_nodes=1))
+
+
+def test_tensor_parallelism_the_model_has_no_plan_for_is_one_line(tmp_path, capsys, monkeypatch):
+    """Lightning's ModelParallelStrategy splits a node's processes by tensor parallelism by default; the model shards
+    over the data-parallel mesh alone, so each process trained a model of its own on its own data (exit 0)."""
+    monkeypatch.chdir(tmp_path)
+    strategy = "--trainer.strategy.class_path=lightning.pytorch.strategies.ModelParallelStrategy"
+    assert main(["fit", "--config", DEBUG, "--trainer.devices=2", strategy]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: ModelParallelStrategy would split the model over 2 processes by tensor parallelism, which it has no "
+        "plan for: each process would train a model of its own — trainer.strategy — use trainer.strategy: fsdp2 "
+        "(FSDP2 over every process, no tensor parallelism)"
+    )
     assert not (tmp_path / "runs").exists()
 
 
