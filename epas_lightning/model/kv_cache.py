@@ -156,6 +156,11 @@ class StaticKVCache(KVCache):
     def context(self, T: int, attention_mask: torch.Tensor | None = None) -> AttentionContext:
         if T != 1:
             return super().context(T, attention_mask)
+        if attention_mask is not None and not bool(attention_mask.all()):  # the static step would attend to the pads
+            raise ValueError(
+                "a StaticKVCache's one-token steps take no padding: run left-padded prompts in one prefill call "
+                "(more than one token), or use a KVCache (static=False)"
+            )
         cos = self._cos[self.next_pos][:, None, None, :]  # (B, 1, 1, D): each row at its own position
         sin = self._sin[self.next_pos][:, None, None, :]
         mask = (self._slots <= self.index) & self.valid  # (B, max_len): slots written so far, minus padding
