@@ -488,6 +488,20 @@ def test_a_padded_one_token_step_of_a_static_cache_is_refused_not_attending_to_t
         model(prompts[:, :1], model.new_cache(2, 8, static=True), torch.ones(2, 1, dtype=torch.long))  # no pads: fine
 
 
+def test_a_static_cache_refuses_a_chunk_after_one_token_steps_instead_of_overwriting_them():
+    """One-token static steps leave the host-side ``length`` to the graph runner: a later chunk of several tokens was
+    written from that stale position, over the steps' keys and values, and silently gave other logits."""
+    model = tiny()
+    set_region(model, 2)
+    x = tokens(2, 7)
+    with torch.no_grad():
+        cache = model.new_cache(2, 8, static=True)
+        model(x[:, :4], cache)  # a chunk before the steps: fine
+        model(x[:, 4:5], cache)
+        with pytest.raises(ValueError, match="only before its one-token steps"):
+            model(x[:, 5:7], cache)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("reuse", [False, True])
