@@ -475,6 +475,33 @@ def test_static_decode_steps_equal_the_dynamic_ones(mode, reuse):
     torch.testing.assert_close(outs[True], outs[False], atol=2e-5, rtol=1e-4)
 
 
+def test_a_padded_one_token_step_of_a_static_cache_is_refused_not_attending_to_the_pads():
+    """A static one-token step ignored ``attention_mask``: a left-padded prompt fed token by token attended to its
+    pads and rotated by their positions, silently other logits than the dynamic cache's."""
+    model = tiny()
+    set_region(model, 2)
+    prompts, mask = torch.tensor([[0, 5, 6], [1, 2, 3]]), torch.tensor([[0, 1, 1], [1, 1, 1]])
+    with torch.no_grad():
+        cache = model.new_cache(2, 8, static=True)
+        with pytest.raises(ValueError, match="one-token steps take no padding"):
+            model(prompts[:, :1], cache, mask[:, :1])
+        model(prompts[:, :1], model.new_cache(2, 8, static=True), torch.ones(2, 1, dtype=torch.long))  # no pads: fine
+
+
+def test_a_static_cache_refuses_a_chunk_after_one_token_steps_instead_of_overwriting_them():
+    """One-token static steps leave the host-side ``length`` to the graph runner: a later chunk of several tokens was
+    written from that stale position, over the steps' keys and values, and silently gave other logits."""
+    model = tiny()
+    set_region(model, 2)
+    x = tokens(2, 7)
+    with torch.no_grad():
+        cache = model.new_cache(2, 8, static=True)
+        model(x[:, :4], cache)  # a chunk before the steps: fine
+        model(x[:, 4:5], cache)
+        with pytest.raises(ValueError, match="only before its one-token steps"):
+            model(x[:, 5:7], cache)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("reuse", [False, True])

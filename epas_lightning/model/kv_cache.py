@@ -140,10 +140,10 @@ class KVCache:
 class StaticKVCache(KVCache):
     """A :class:`KVCache` whose one-token steps have fixed shapes and device-side positions: what a CUDA graph captures.
 
-    A prefill (``T > 1``) runs as in the dynamic cache. A one-token step attends over all ``max_len`` slots under a
-    mask, writes its keys/values at the slot ``index`` (a device tensor) and advances ``index`` and the positions on
-    the device, so a replayed graph repeats exactly that; the host-side ``length`` is the runner's to count
-    (:meth:`count_step`).
+    A prefill (``T > 1``, before any one-token step) runs as in the dynamic cache. A one-token step attends over all
+    ``max_len`` slots under a mask, writes its keys/values at the slot ``index`` (a device tensor) and advances
+    ``index`` and the positions on the device, so a replayed graph repeats exactly that; the host-side ``length`` is
+    the runner's to count (:meth:`count_step`).
     """
 
     def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - those of KVCache
@@ -152,10 +152,21 @@ class StaticKVCache(KVCache):
         self.index = torch.zeros(1, dtype=torch.long, device=device)
         """The slot the next token is written to (static steps read and advance it on the device)."""
         self._slots = torch.arange(self.max_len, device=device)
+        self._stepped = False  # a one-token step ran: ``length`` no longer says where the next tokens go
 
     def context(self, T: int, attention_mask: torch.Tensor | None = None) -> AttentionContext:
         if T != 1:
+            if self._stepped:  # the chunk would overwrite the slots the steps wrote, from the host's ``length``
+                raise ValueError(
+                    "a StaticKVCache takes several tokens at once only before its one-token steps: prefill first, or "
+                    "use a KVCache (static=False) to mix them"
+                )
             return super().context(T, attention_mask)
+        if attention_mask is not None and not bool(attention_mask.all()):  # the static step would attend to the pads
+            raise ValueError(
+                "a StaticKVCache's one-token steps take no padding: run left-padded prompts in one prefill call "
+                "(more than one token), or use a KVCache (static=False)"
+            )
         cos = self._cos[self.next_pos][:, None, None, :]  # (B, 1, 1, D): each row at its own position
         sin = self._sin[self.next_pos][:, None, None, :]
         mask = (self._slots <= self.index) & self.valid  # (B, max_len): slots written so far, minus padding
@@ -179,6 +190,7 @@ class StaticKVCache(KVCache):
             return
         self.next_pos += 1
         self.index += 1
+        self._stepped = True
 
     def count_step(self) -> None:
         """Count on the host the one-token step that a replayed graph took on the device."""
