@@ -11,7 +11,7 @@ the *comparison* at CPU scale on real text (the built-in corpus: the Python stan
    (d) post-hoc sharing is (a) evaluated with N > 0.
 
 Writes ``OUT/results.csv``, ``OUT/results.md`` and ``OUT/continual.png``; the last stdout line is a JSON summary.
-CPU budget: about 8 minutes on one thread of a busy 2-core machine with the defaults (``--quick``: ~1 minute).
+It runs on a CPU (``--quick``: a much shorter run); benchmarks/RESULTS.md records how long it took there.
 
     PYTHONPATH=. python experiments/continual.py --output out/continual
 """

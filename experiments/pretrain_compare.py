@@ -1,6 +1,6 @@
 """Small-scale pretraining comparison: dense vs EPAS progressive vs static sharing vs shallow-first growth.
 
-CPU budget (the default run, about 12-15 minutes on a shared 2-core AMD EPYC, fp32, one torch thread): the ``demo``
+Sized for a CPU (fp32, one torch thread; benchmarks/RESULTS.md records how long it took there): the ``demo``
 shape (8 layers, d 256, 4 heads, vocab 4096, 8.5M parameters) at sequence length 128, batch 8, 200 optimizer steps
 per variant (205k training tokens each), AdamW lr 2e-3 with 20 warm-up steps and a cosine to 10%, gradient clipping
 at 1.0, validation every 10 steps on the same 8 held-out batches (8k tokens). One thread by default: on a shared
