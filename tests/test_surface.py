@@ -251,6 +251,17 @@ def test_a_path_too_long_to_name_a_file_is_one_line(argv, flag, long, tmp_path, 
     assert err == f"error: the path is too long (file name too long) — {flag} {path} — give a shorter path\n"
 
 
+@pytest.mark.parametrize("flag", ["--ckpt_path", "--data.data_dir"])
+def test_a_path_too_long_in_fit_is_one_line(flag, tmp_path, capsys, monkeypatch):
+    """Path.exists() of the checkpoint (resume.check_resume_word) or data folder raised "File name too long"."""
+    monkeypatch.chdir(tmp_path)
+    path = str(tmp_path / ("a" * 300))
+    assert main(["fit", "--config", DEBUG, "--trainer.logger", "false", flag, path]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    where = "--ckpt_path" if flag == "--ckpt_path" else "data.data_dir"
+    assert last == f"error: the path is too long (file name too long) — {where} {path} — give a shorter path"
+
+
 def test_cuda_graph_on_without_a_cuda_device_is_one_line_before_anything_loads(tmp_path, capsys):
     """generate said '— generate — see --help' after loading the model; bench died with a ValueError traceback."""
     says = "error: CUDA graphs need a CUDA device — --cuda-graph on --device cpu — use --cuda-graph auto or off\n"
