@@ -39,6 +39,7 @@ from epas_lightning.errors import (
     ConfigError,
     TrainingDiverged,
     UserError,
+    check_path_name,
     debug_enabled,
     did_you_mean,
     error_line,
@@ -550,6 +551,7 @@ def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:
     kwargs = parser.instantiate(config)
     kwargs.pop("config", None)
     check_finite(kwargs, prog)
+    check_path_names(kwargs)
     return fn(**kwargs)
 
 
@@ -560,6 +562,15 @@ def check_finite(kwargs: dict[str, Any], prog: str) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             flag = "--" + name.replace("_", "-")
             raise ConfigError(f"{flag} takes a number, not '{value}'", prog, f"see `{prog} --help`")
+
+
+def check_path_names(kwargs: dict[str, Any]) -> None:
+    """A path (or one of a list of paths) too long to name any file, refused with its flag: each command's first look
+    at it (``Path.exists()``, an output's parents) ended in an OSError traceback "File name too long"."""
+    for name, value in kwargs.items():
+        for path in value if isinstance(value, list) else [value]:
+            if isinstance(path, Path):
+                check_path_name(path, f"--{name.replace('_', '-')} {path}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -633,6 +644,7 @@ def check_config_files(argv: Sequence[str], sections: Sequence[str] = ()) -> Non
     must be a mapping, and each of ``sections`` in it a mapping too (:func:`check_config_shape`)."""
     for given in config_arguments(argv):
         path = Path(given).expanduser()
+        check_path_name(path, f"--config {given}")
         if path.is_file() or path.is_dir():  # not a pipe: read here, it would be empty for the parser
             check_config_shape(read_text_file(path, "config", f"--config {given}"), f"--config {given}", sections)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import os
 import re
 import signal
@@ -180,6 +181,30 @@ def listed(names: list[str], shown: int = 3) -> str:
 def os_reason(error: OSError) -> str:
     """Why an ``OSError`` happened, as a line quotes it: ``permission denied``."""
     return (error.strerror or str(error)).lower()
+
+
+NAME_MAX = 255
+"""Bytes in one file name (a path's component) on Linux and macOS file systems."""
+
+
+def path_too_long(path: str | os.PathLike) -> str | None:
+    """Why ``path`` can name no file, as an error says it (``file name too long``), or ``None``: a component longer
+    than a file name may be, or the whole path longer than the system takes. ``Path.exists()`` and the like raise an
+    ``OSError`` for such a path where they answer ``False`` for a missing one."""
+    if any(len(os.fsencode(part)) > NAME_MAX for part in Path(path).parts):
+        return os.strerror(errno.ENAMETOOLONG).lower()
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            return os_reason(e)
+    return None
+
+
+def check_path_name(path: str | os.PathLike, where: str) -> None:
+    """One :class:`ConfigError` naming ``where`` (a flag and its value) for a path too long to name any file."""
+    if reason := path_too_long(path):
+        raise ConfigError(f"the path is too long ({reason})", where, "give a shorter path")
 
 
 def read_text_file(path: Path, what: str, where: str, error: type[UserError] = ConfigError) -> str:

@@ -70,7 +70,7 @@ from epas_lightning.config_resolution import (
 )
 from epas_lightning.data import TokenDataModule
 from epas_lightning.divergence import DivergenceGuard
-from epas_lightning.errors import ConfigError, UserError
+from epas_lightning.errors import ConfigError, UserError, check_path_name
 from epas_lightning.init_from import resumed_instead
 from epas_lightning.interrupt import GracefulStop, Interrupted
 from epas_lightning.launch import check_processes_meet, check_slurm_tasks, missing_slurm_task, port_in_use
@@ -264,6 +264,8 @@ class EPASCLI(LightningCLI):
             config.ckpt_path = resume_checkpoint(config, config.ckpt_path, fitting)
         elif not config.get("ckpt_path"):
             check_no_slurm_checkpoint(config)
+        if config.get("ckpt_path"):  # Path.exists() of one raised "File name too long"
+            check_path_name(config.ckpt_path, f"--ckpt_path {config.ckpt_path}")
         if fitting:
             check_checkpoint_folder_free(config, config.get("ckpt_path"))
         if config.get("ckpt_path"):

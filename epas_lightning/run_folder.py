@@ -141,6 +141,9 @@ def check_run_folders_writable(config: Namespace, fitting: bool) -> None:
             raise OutputError(f"{e.strerror or e}", folder, fix) from e
         if not existing.is_dir():
             raise OutputError(f"{existing} is a file, not a folder", folder, fix)
+        if link := next((p for p in (folder, *folder.parents) if p.is_symlink() and not p.exists()), None):
+            # exists() is False for a loop and a missing target alike: mkdir failed at the first save, after training
+            raise OutputError(f"{link} is a symbolic link to nothing (a loop, or its target is missing)", folder, fix)
         usage = shutil.disk_usage(existing)
         if usage.total == 0:  # /proc, /sys: no storage at all (a full disk has a size)
             raise OutputError(

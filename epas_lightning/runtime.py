@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,13 +119,15 @@ def is_real_number(value: object) -> bool:
 
 
 def check_counts(counts: dict[str, int | None]) -> None:
-    """Fail with one line at the first flag whose count (``{"--batches": 0}``) is below 1 or no whole number (from
-    Python: ``"8"`` failed comparing str and int, ``1.5`` ran); ``None`` is its default."""
+    """Fail with one line at the first flag whose count (``{"--batches": 0}``) is below 1, above ``sys.maxsize`` or no
+    whole number (from Python: ``"8"`` failed comparing str and int, ``1.5`` ran); ``None`` is its default."""
     for flag, value in counts.items():
         if value is not None and not is_whole_number(value):
             raise ConfigError(f"must be a whole number, got {value!r}", flag, "give 1 or more")
         if value is not None and value < 1:
             raise ConfigError(f"must be at least 1, got {value}", flag, "give 1 or more")
+        if value is not None and value > sys.maxsize:  # islice, range and lists of that many: OverflowError
+            raise ConfigError(f"must be at most {sys.maxsize}, got {value}", flag, "give a smaller number")
 
 
 def emit_json(record: Any, enabled: bool) -> None:

@@ -38,7 +38,7 @@ def check_validation_interval(trainer: Namespace) -> None:
     cap = "overfit_batches" if _whole(overfit) and overfit > 0 else "limit_train_batches"
     interval, limit = trainer.get("val_check_interval"), trainer.get(cap)
     checked = trainer.get("check_val_every_n_epoch") is not None and not trainer.get("fast_dev_run")
-    if _whole(interval) and _whole(limit) and checked and interval > limit:
+    if _whole(interval) and _whole(limit) and checked and 0 < limit < interval:  # below 0: Lightning refuses it
         raise ConfigError(
             f"trainer.val_check_interval ({interval}) is longer than an epoch of {limit} training batches "
             f"(trainer.{cap})",

@@ -212,6 +212,7 @@ def test_a_bad_argument_of_a_given_class_names_the_argument(flags, yaml, what, c
         (["--trainer.check_val_every_n_epoch", "0"], "trainer.check_val_every_n_epoch must be at least 1, not 0"),
         (["--trainer.val_check_interval", "0.0"], None),  # a fraction of the epoch: every batch
         (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches must be at least 1, not 0"),
+        (["--trainer.limit_train_batches", "-1"], "invalid value -1 for limit_train_batches"),  # not "an epoch of -1"
     ],
 )
 def test_a_validation_interval_longer_than_the_limited_epoch_is_one_line(tmp_path, monkeypatch, flags, refused):
@@ -223,7 +224,7 @@ def test_a_validation_interval_longer_than_the_limited_epoch_is_one_line(tmp_pat
     if refused is None:
         lightning_cli(["--config", DEBUG, *flags], run=False)
         return
-    if "must be" not in refused:
+    if "must be" not in refused and "invalid value" not in refused:
         refused = "trainer.val_check_interval (4) is longer than an epoch of " + refused
     with pytest.raises(ConfigError, match=re.escape(refused)):
         lightning_cli(["--config", DEBUG, *flags], run=False)

@@ -387,6 +387,20 @@ def test_lm_eval_command_errors(checkpoint, tasks, tmp_path, capsys, monkeypatch
     assert rc == 2 and "(lm_eval, accelerate missing) — lm-eval — pip install 'epas_lightning[eval]'" in err
 
 
+def test_more_few_shot_examples_than_a_task_holds_or_a_limit_past_an_index_is_one_line(checkpoint, tasks, capsys):
+    """lm-eval's sampler raised "Sample larger than population" (a traceback) for --num-fewshot 50 on 13 questions;
+    --limit 1e20 was islice's ValueError."""
+    argv = ["lm-eval", "--checkpoint", str(checkpoint), "--tasks", str(tasks / "tiny_mc.yaml"), "--device", "cpu"]
+    assert cli_main([*argv, "--limit", "1", "--num-fewshot", "50"]) == 2
+    err = capsys.readouterr().err  # after the progress bars of lm-eval's data loading
+    assert "Traceback" not in err and err.endswith(
+        "\nerror: a task has fewer than 50 examples to draw the few-shot ones from — --num-fewshot 50 — lower "
+        "--num-fewshot, or leave it out for each task's own\n"
+    ), err
+    rc, _, err = run_cli(capsys, *argv, "--limit", "1e20")
+    assert rc == 2 and err == f"error: must be at most {sys.maxsize}, got 1e+20 — --limit — give a smaller number\n"
+
+
 def test_lm_eval_refuses_logits_that_overflow_float16(checkpoint, tasks, tmp_path, capsys) -> None:
     """float16 activations past 65504 gave NaN log-likelihoods, scored as if they were numbers."""
     loaded = load_model(checkpoint)

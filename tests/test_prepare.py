@@ -247,6 +247,16 @@ def test_flags_that_cannot_apply_are_refused_before_any_work(flags, says, tmp_pa
     assert says in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("vocab_size", [2**31 + 1, 10**20])
+def test_a_vocabulary_too_large_for_the_token_streams_is_refused_before_any_work(vocab_size, tmp_path, capsys):
+    """10**20 was the tokenizer trainer's OverflowError traceback; 3e9 aborted the process in its allocation."""
+    (tmp_path / "a.txt").write_text("def main():\n    return 1\n" * 20)
+    argv = ["prepare", "--input", str(tmp_path / "a.txt"), "--output", str(tmp_path / "out"), "--no-progress"]
+    assert cli_main([*argv, "--train-tokenizer", "--vocab-size", str(vocab_size), "--val-fraction", "0.5"]) == 2
+    says = f"error: the token streams hold ids as int32: at most {2**31} tokens, not {vocab_size} — --vocab-size — "
+    assert capsys.readouterr().err.startswith(says) and not (tmp_path / "out").exists()
+
+
 def test_a_tokenizer_file_this_user_may_not_read_is_one_line(tmp_path: Path, capsys, monkeypatch):
     """It was a PermissionError traceback: in prepare and export (--tokenizer), and wherever a checkpoint's recorded
     tokenizer is hashed (inspect, consolidate, export)."""

@@ -223,6 +223,45 @@ def test_a_count_below_one_is_the_same_line_in_every_command(argv, says, tmp_pat
     assert capsys.readouterr().err == f"error: {says} — give 1 or more\n"  # what, where, what to do
 
 
+@pytest.mark.parametrize("flag", ["--batches", "--prompts", "--reps"])
+def test_a_count_too_large_for_an_index_is_one_line(flag, tmp_path, capsys):
+    """10**20 ended in islice's ValueError or an OverflowError traceback, after the checkpoint was read."""
+    argv = ["bench", "--checkpoint", str(tmp_path / "missing.ckpt"), "--output", str(tmp_path / "out"), flag]
+    assert main([*argv, str(10**20)]) == 2
+    says = f"error: must be at most {sys.maxsize}, got {10**20} — {flag} — give a smaller number\n"
+    assert capsys.readouterr().err == says
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["inspect", "--checkpoint", "LONG"], "--checkpoint"),
+        (["consolidate", "--checkpoint", "x.ckpt", "--output", "LONG"], "--output"),
+        (["prepare", "--input", ".", "--output", "out", "--tokenizer", "LONG"], "--tokenizer"),
+        (["evaluate", "--checkpoint", "x.ckpt", "--tasks", "LONG"], "--tasks"),
+        (["generate", "--config", "LONG"], "--config"),
+    ],
+)
+@pytest.mark.parametrize("long", ["name", "path"])
+def test_a_path_too_long_to_name_a_file_is_one_line(argv, flag, long, tmp_path, capsys):
+    """A file name over 255 bytes, or a path over the system's limit: Path.exists() raised "File name too long"."""
+    path = str(tmp_path / ("a" * 300 if long == "name" else "/".join(["b" * 200] * 25)))
+    assert main([path if arg == "LONG" else arg for arg in argv]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: the path is too long (file name too long) — {flag} {path} — give a shorter path\n"
+
+
+@pytest.mark.parametrize("flag", ["--ckpt_path", "--data.data_dir"])
+def test_a_path_too_long_in_fit_is_one_line(flag, tmp_path, capsys, monkeypatch):
+    """Path.exists() of the checkpoint (resume.check_resume_word) or data folder raised "File name too long"."""
+    monkeypatch.chdir(tmp_path)
+    path = str(tmp_path / ("a" * 300))
+    assert main(["fit", "--config", DEBUG, "--trainer.logger", "false", flag, path]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    where = "--ckpt_path" if flag == "--ckpt_path" else "data.data_dir"
+    assert last == f"error: the path is too long (file name too long) — {where} {path} — give a shorter path"
+
+
 def test_cuda_graph_on_without_a_cuda_device_is_one_line_before_anything_loads(tmp_path, capsys):
     """generate said '— generate — see --help' after loading the model; bench died with a ValueError traceback."""
     says = "error: CUDA graphs need a CUDA device — --cuda-graph on --device cpu — use --cuda-graph auto or off\n"

@@ -1242,6 +1242,20 @@ def test_a_fresh_fit_refuses_a_checkpoint_folder_holding_another_runs_checkpoint
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
 
 
+@pytest.mark.parametrize("target", ["loop", "missing"])
+def test_a_run_folder_through_a_symbolic_link_to_nothing_is_one_line_before_any_work(target, tmp_path, capsys):
+    """A default_root_dir through a link loop or a dangling link passed the check: mkdir failed at the first save,
+    after training, with an OSError (ELOOP) or FileExistsError traceback."""
+    if target == "loop":
+        (tmp_path / "a").symlink_to(tmp_path / "b")
+        (tmp_path / "b").symlink_to(tmp_path / "a")
+    else:
+        (tmp_path / "a").symlink_to(tmp_path / "gone")
+    argv = ["fit", "--config", DEBUG, "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "a")]
+    err = one_line_error(capsys, argv)
+    assert f"{tmp_path / 'a'} is a symbolic link to nothing (a loop, or its target is missing)" in err, err
+
+
 def test_a_run_folder_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
     """A logger's save_dir that cannot be made (read-only, a file on the way) was a traceback from TensorBoard at
     set-up, once the data was prepared; a checkpoint.dirpath was one after training up to the first save; a full disk

@@ -302,6 +302,12 @@ def prepare_dataset(
             "--vocab-size",
             f"give --vocab-size {MIN_BPE_VOCAB} or more",
         )
+    if train_tokenizer and vocab_size > (most := int(np.iinfo(TOKEN_DTYPE).max) + 1):  # was an OverflowError
+        raise ConfigError(
+            f"the token streams hold ids as {np.dtype(TOKEN_DTYPE).name}: at most {most} tokens, not {vocab_size}",
+            "--vocab-size",
+            "give a smaller --vocab-size (e.g. 32000)",
+        )
     if not train_tokenizer and vocab_size is not None:
         raise ConfigError(
             "--vocab-size sizes a tokenizer to train; the --tokenizer given has its own",

@@ -36,7 +36,7 @@ from epas_lightning.data.tokenizer import (
     load_tokenizer,
     same_token_ids,
 )
-from epas_lightning.errors import ConfigError, DataError
+from epas_lightning.errors import ConfigError, DataError, check_path_name
 from epas_lightning.loss import PAD
 from epas_lightning.model.config import LlamaConfig, check_token_ids
 from epas_lightning.outputs import interrupted_build
@@ -58,6 +58,7 @@ def check_prepared(data_dir: Path, where: str, fix: str, incomplete: str | None 
     """``data_dir`` if it is a complete prepared data directory with the tokenizer it records, else a
     :class:`DataError` at ``where``; ``incomplete``: the fix of one that lacks a part, where not ``fix`` (a folder
     known complete before, damaged since)."""
+    check_path_name(data_dir, where)  # Path.exists() of one raised "File name too long"
     if data_dir.exists() and not data_dir.is_dir():  # a raw corpus file, or the folder's meta.json
         raise DataError("data directory is a file, not a folder", where, fix)
     if not data_dir.is_dir():

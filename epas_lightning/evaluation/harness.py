@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import importlib
 import json as json_lib
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from fnmatch import fnmatch
@@ -114,6 +115,8 @@ def check_lm_eval_numbers(limit: float | None, num_fewshot: int | None, bootstra
         raise ConfigError(
             f"must be positive, got {limit}", "--limit", "give a number of documents, or a fraction below 1"
         )
+    if limit is not None and limit > sys.maxsize:  # islice's ValueError inside lm-eval
+        raise ConfigError(f"must be at most {sys.maxsize}, got {limit}", "--limit", "give a smaller number")
     for flag, value in (("--num-fewshot", num_fewshot), ("--bootstrap-iters", bootstrap_iters)):
         if value is not None and value < 0:
             raise ConfigError(f"must be at least 0, got {value}", flag, "give 0 or more")
@@ -174,7 +177,7 @@ def run_lm_eval(
     rows, runs = [], {}
     for n in lengths:
         layers = lm.set_sharing_layers(n)
-        with task_data_errors():
+        with task_data_errors(), too_few_examples(num_fewshot):
             result = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=specs,
@@ -209,6 +212,22 @@ def task_data_errors() -> Iterator[None]:
             f"lm-eval could not load the tasks' data ({' '.join(str(e).split())})",
             "--tasks",
             "check the task's dataset_path and data_files; offline, a Hub dataset must be in the datasets cache",
+        ) from e
+
+
+@contextmanager
+def too_few_examples(num_fewshot: int | None) -> Iterator[None]:
+    """``--num-fewshot`` above the examples a task can draw them from: lm-eval's sampler raised "Sample larger than
+    population" as a traceback."""
+    try:
+        yield
+    except ValueError as e:
+        if num_fewshot is None or not str(e).startswith("Sample larger than population"):
+            raise
+        raise ConfigError(
+            f"a task has fewer than {num_fewshot} examples to draw the few-shot ones from",
+            f"--num-fewshot {num_fewshot}",
+            "lower --num-fewshot, or leave it out for each task's own",
         ) from e
 
 
