@@ -559,11 +559,11 @@ def test_host_sync_watch_counts_the_watched_steps_syncs_by_place(
     a CPU: the same words, warned from inside our training loss, stand in for it (once a micro-batch)."""
     import warnings
 
+    from helpers import cpu_trainer
     from host_syncs import HostSyncWatch
 
     import epas_lightning.module as module_file
     from epas_lightning import EPASModule, LlamaConfig, TokenDataModule
-    from tests.helpers import cpu_trainer
 
     def syncing_loss(*args, **kwargs):
         warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
