@@ -688,6 +688,14 @@ def test_chat_requests_without_a_template_or_with_a_bad_one_are_refused_in_one_m
     message = response.json()["error"]["message"]
     assert message.startswith("this model has no chat template (none beside") and "--tokenizer" in message, message
     assert client.get("/v1/models").json()["data"][0]["epas"]["chat"] is False
+    from epas_lightning.serve.command import ready_banner
+
+    missing = ready_banner(built_api(plain, monkeypatch).served, "::", 1)
+    assert "; no chat: this model has no chat template (none beside" in missing, missing
+    broken = shutil.copytree(checkpoint, tmp_path / "broken")
+    (broken / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% if %}"}))
+    said = ready_banner(built_api(broken, monkeypatch).served, "::", 1)  # not "the model has no chat template"
+    assert "; no chat: the chat template beside" in said and "is not a valid template" in said, said
     assert built_api(plain, monkeypatch, "--tokenizer", str(checkpoint)).served.chat_template == CHATML  # the fix
     served = built_api(checkpoint, monkeypatch).served
     assert served.model_record()["epas"]["chat"] is True

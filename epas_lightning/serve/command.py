@@ -208,7 +208,7 @@ def lit_server(api, accelerator: str, devices, banner: str):
 
 def ready_banner(served: ServedModel, host: str, port: int) -> str:
     """The line the server prints once it answers: the model, its region, the default one, chat, the address."""
-    chat = "chat" if served.chat_template else "no chat: the model has no chat template"
+    chat = "chat" if served.chat_template else f"no chat: {served.no_chat}"  # an unreadable template is no missing one
     return (
         f"serving {served.name!r} ({served.region.summary()}; default {sharing_layers_text(served.default_sharing)}; "
         f"{chat}) at http://{host}:{port}/v1 — ready; SIGTERM or Ctrl+C stops it"

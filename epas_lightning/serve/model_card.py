@@ -42,7 +42,8 @@ class ServedModel:
     chat_template: str | None = None
     """The template ``POST /v1/chat/completions`` renders messages with; ``None``: chat is unavailable."""
     no_chat: str = ""
-    """Why chat is unavailable (the 400 its requests get); empty when it is available."""
+    """Why chat is unavailable (the ready line says it; its requests get :attr:`no_chat_message`); empty when it is
+    available."""
 
     @classmethod
     def build(
@@ -80,6 +81,11 @@ class ServedModel:
             name, config, region, default, tokenizer.path, *ids, limit, max_choices, int(max_request_mb * 2**20),
             int(time.time()), template, no_chat,
         )  # fmt: skip
+
+    @property
+    def no_chat_message(self) -> str:
+        """The 400 of a chat request where chat is unavailable: why, and what to do."""
+        return f"{self.no_chat}: {NO_CHAT_FIX}"
 
     def tokenizer(self) -> TextTokenizer:
         """The tokenizer with the checkpoint's BOS/EOS ids, loaded once per process (the HTTP side and the worker)."""
@@ -136,8 +142,10 @@ class ServedModel:
         }
 
 
+NO_CHAT_FIX = "serve with --tokenizer <a folder holding this tokenizer and its chat template>, or use /v1/completions"
+
+
 def _chat_template(tokenizer_file: Path) -> tuple[str | None, str]:
     """The chat template beside the tokenizer file, compiled once to check it, or why chat is unavailable."""
     template, why = checked_chat_template(tokenizer_file)
-    fix = "serve with --tokenizer <a folder holding this tokenizer and its chat template>, or use /v1/completions"
-    return template, "" if template is not None else f"{why}: {fix}"
+    return template, "" if template is not None else why

@@ -192,7 +192,7 @@ def parse_chat(body: Any, served: ServedModel, tokenizer: TextTokenizer) -> Comp
         request,
     )
     if served.chat_template is None:
-        raise RequestError(served.no_chat, "messages")
+        raise RequestError(served.no_chat_message, "messages")
     field = "max_tokens" if request.max_completion_tokens is None else "max_completion_tokens"
     max_tokens = request.max_tokens if request.max_completion_tokens is None else request.max_completion_tokens
     if max_tokens is not None:
