@@ -20,13 +20,14 @@ from torch.utils.data import IterableDataset, get_worker_info
 from epas_lightning.loss import PAD
 
 
-def stream_dataset(stream: Path, seq_len: int) -> Any:
-    """The litdata dataset of a token stream, read in stored order in samples of ``seq_len + 1`` tokens."""
+def stream_dataset(stream: Path, seq_len: int, shuffle: bool = False, seed: int = 42) -> Any:
+    """The litdata dataset of a token stream in samples of ``seq_len + 1`` tokens: in stored order, or shuffled with
+    ``seed`` (the training loader's)."""
     from litdata import StreamingDataset
     from litdata.streaming.item_loader import TokensLoader
 
     return StreamingDataset(
-        str(stream), item_loader=TokensLoader(block_size=seq_len + 1), shuffle=False, drop_last=True
+        str(stream), item_loader=TokensLoader(block_size=seq_len + 1), shuffle=shuffle, drop_last=True, seed=seed
     )
 
 

@@ -416,16 +416,7 @@ class TokenData:
         batches = HeldOutBatches(
             self.val_streams(), self.seq_len, self.batch_size, self.seed, world_size, rank, pad=not one_process
         )
-        if self.num_workers > 0:
-            end_data_workers_at_exit()
-            never_collect_inherited_objects()
-        return DataLoader(
-            batches,
-            batch_size=None,  # HeldOutBatches batches
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            worker_init_fn=start_data_worker,
-        )
+        return self._loader(DataLoader, batches, batch_size=None)  # HeldOutBatches batches
 
     def _heldout_rank(self) -> tuple[int, int]:
         """The ranks the held-out split is dealt to (``world_size``, ``global_rank``): :meth:`_ranks`, or without them
@@ -446,23 +437,14 @@ class TokenData:
     def _dataloader(
         self, streams: list[Path], shuffle: bool, weights: list[float] | None = None, loader: type | None = None
     ) -> StreamingDataLoader:
-        from litdata import StreamingDataLoader, StreamingDataset
-        from litdata.streaming.item_loader import TokensLoader
+        from litdata import StreamingDataLoader
 
+        from epas_lightning.data.heldout import stream_dataset
         from epas_lightning.data.mixing import SizedCombinedStreamingDataset
 
         if self.tokenizer is None:
             raise RuntimeError("Call `setup()` before requesting a dataloader.")
-        datasets = [
-            StreamingDataset(
-                str(stream),
-                item_loader=TokensLoader(block_size=self.seq_len + 1),
-                shuffle=shuffle,
-                drop_last=True,
-                seed=self.seed,
-            )
-            for stream in streams
-        ]
+        datasets = [stream_dataset(stream, self.seq_len, shuffle, self.seed) for stream in streams]
         if (ranks := self._ranks()) is not None:
             _deal_to(datasets, *ranks)
         dataset: Any = datasets[0]
@@ -470,16 +452,20 @@ class TokenData:
             dataset = SizedCombinedStreamingDataset(
                 datasets, seed=self.seed, weights=weights, iterate_over_all=weights is None
             )
+        return self._loader(loader or StreamingDataLoader, dataset, batch_size=self.batch_size, drop_last=True)
+
+    def _loader(self, loader: type, dataset: Any, **options: Any) -> Any:
+        """``loader`` over ``dataset`` with ``num_workers`` data workers (started by :func:`start_data_worker`, ended
+        with this process) and pinned memory on a CUDA machine: the training and the held-out loaders alike."""
         if self.num_workers > 0:
             end_data_workers_at_exit()
             never_collect_inherited_objects()
-        return (loader or StreamingDataLoader)(
+        return loader(
             dataset,
-            batch_size=self.batch_size,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
-            drop_last=True,
             worker_init_fn=start_data_worker,
+            **options,
         )
 
 
