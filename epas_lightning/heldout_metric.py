@@ -28,3 +28,8 @@ class HeldOutLoss(Metric):
 
     def compute(self) -> torch.Tensor:
         return self.loss_sum / self.tokens
+
+    def total_tokens(self) -> torch.Tensor:
+        """The real target tokens counted, over every rank (a collective where several run, as ``compute()`` is)."""
+        with self.sync_context():
+            return self.tokens.clone()

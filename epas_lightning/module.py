@@ -15,7 +15,6 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.tensor import DTensor
-from torchmetrics.aggregation import SumMetric
 
 from epas_lightning.attention_kernels import sdpa_order
 from epas_lightning.callbacks import ProgressiveSharing, read_from_resumed_position
@@ -549,7 +548,6 @@ class EPASModule(LightningModule):
         self._tokens_shape = (batch.shape[0], batch.shape[1] - 1)
         losses, real = token_losses(self.model, batch)  # a held-out batch's pad rows are not real
         self.val_loss.update(losses, real)
-        self.val_tokens.update(real.sum())
 
     def on_validation_epoch_start(self) -> None:
         self._new_heldout_metrics()
@@ -558,10 +556,10 @@ class EPASModule(LightningModule):
         self._new_heldout_metrics()
 
     def _new_heldout_metrics(self) -> None:
-        """Fresh held-out loss and token count. Materialising a meta-device module (FSDP2) turns every tensor of the
-        LightningModule into uninitialised memory, torchmetrics' stored defaults too, so ``reset()`` cannot help."""
+        """A fresh held-out loss (and its token count). Materialising a meta-device module (FSDP2) turns every tensor
+        of the LightningModule into uninitialised memory, torchmetrics' stored defaults too, so ``reset()`` cannot
+        help."""
         self.val_loss = heldout_mean(self.device)  # the mean over real tokens, reduced across ranks by compute()
-        self.val_tokens = SumMetric().set_dtype(torch.float64).to(self.device)  # exact past 2**24 tokens
 
     def on_validation_epoch_end(self) -> None:
         self._log_heldout("val")
@@ -575,7 +573,7 @@ class EPASModule(LightningModule):
     def _log_heldout(self, prefix: str) -> None:
         # the held-out loss of `evaluate` and `bench` too; each reports the tokens it scored, as <prefix>/tokens does
         loss = self.val_loss.compute()
-        tokens = self.val_tokens.compute()
+        tokens = self.val_loss.total_tokens()
         # Already the same on every rank: a max over ranks keeps the values exactly and tells Lightning they are synced
         synced = {"sync_dist": True, "reduce_fx": "max"}
         if prefix == "val" and self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
