@@ -25,7 +25,7 @@ from epas_lightning.model.config import REUSED
 from epas_lightning.model.llama import check_has_weights, check_is_llama, holds_token_ids
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.progress import progress
-from epas_lightning.runtime import DType, check_counts, dtype_name, emit_json
+from epas_lightning.runtime import DType, check_counts, dtype_name, dtype_overflow, emit_json
 
 if TYPE_CHECKING:
     from epas_lightning.data.token_data import HeldOut
@@ -50,11 +50,10 @@ def check_finite(acts: Activations, dtype: torch.dtype) -> None:
     for i in range(acts.n_layer):
         for name in ("q", "k", "v"):
             if not torch.isfinite(getattr(acts, name)[i]).all():
-                raise ConfigError(
+                raise dtype_overflow(  # as every command says an overflow: with the --dtype choices that reach further
                     f"layer {i}'s {name} holds NaN or inf when the model runs in {dtype_name(dtype)} (an overflow), "
                     "so no similarity can be measured",
-                    f"model dtype {dtype_name(dtype)}",
-                    "run it in float32 (analyze --dtype float32)",
+                    dtype,
                 )
 
 
