@@ -38,11 +38,17 @@ def no_distributed_state_left():
     inherits them, takes itself for an already launched rank and waits for peers that never come. A process group
     that failed to start (its port held) leaves torch's count of groups at 1, which only destroying a group resets:
     the next in-process FSDP2 fit then failed "Could not resolve the process group registered under the name 1".
-    This puts both back as they were (for every test, and around a module fixture's in-process fits)."""
-    environment = dict(os.environ)
+    A strategy also sets Lightning's process-wide ``rank_zero_only.rank`` to its global rank: after a test that built
+    one as rank 1 (a launcher's environment), every later test in that worker lost its ``rank_zero_info`` lines.
+    This puts all three back as they were (for every test, and around a module fixture's in-process fits)."""
+    from lightning_utilities.core.rank_zero import rank_zero_only  # the one object Lightning's strategies set
+
+    environment, rank = dict(os.environ), getattr(rank_zero_only, "rank", None)
     try:
         yield
     finally:
+        if rank is not None:
+            rank_zero_only.rank = rank
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         if dist.is_available():
