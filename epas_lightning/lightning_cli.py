@@ -69,6 +69,7 @@ from epas_lightning.config_resolution import (
     resolve_model,
 )
 from epas_lightning.data import TokenDataModule
+from epas_lightning.data.token_data import check_data_section
 from epas_lightning.divergence import DivergenceGuard
 from epas_lightning.errors import ConfigError, UserError, check_path_name
 from epas_lightning.init_from import resumed_instead
@@ -310,7 +311,8 @@ class EPASCLI(LightningCLI):
             self._section["seed_everything"] = random.SystemRandom().choice(TRAINING_SEEDS)
         elif type(seed) is int and (problem := seed_out_of_range(seed, TRAINING_SEEDS)):
             raise ConfigError(problem, f"--seed_everything {seed}", f"{SEED_FIX}, or false")
-        super()._set_seed()
+        # seeded at the end of before_instantiate_classes: Lightning's "Seed set to" line comes after the start-up
+        # checks, so that a refused start prints its one line alone
 
     def before_instantiate_classes(self) -> None:
         section = self._section
@@ -330,6 +332,9 @@ class EPASCLI(LightningCLI):
             check_run_folders_writable(section, fitting=self.subcommand == "fit")
         if self.subcommand == "fit":
             check_trainable_precision(trainer.get("precision"))
+        if self.subcommand:
+            check_data_section(section.data.get("data_dir"), section.data.get("val_dir"))
+        super()._set_seed()
 
     def instantiate_classes(self) -> None:
         section = self._section

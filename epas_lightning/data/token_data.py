@@ -73,6 +73,32 @@ def check_prepared(data_dir: Path, where: str, fix: str, incomplete: str | None 
     return data_dir
 
 
+def check_data_dir(data_dir: Path) -> Path:
+    """A folder ``data.data_dir`` names: :func:`check_prepared`, said as ``data.data_dir``."""
+    return check_prepared(data_dir, f"data.data_dir {data_dir}", HOW_TO_CREATE)
+
+
+def val_stream(val_dir: Path) -> Path:
+    """The held-out token stream ``data.val_dir`` names: the folder itself, or a prepared directory's ``val``."""
+    for stream in (val_dir, val_dir / "val"):
+        if (stream / "index.json").is_file():
+            return stream
+    raise DataError(
+        "neither a token stream (index.json) nor a prepared directory (val/index.json)",
+        f"data.val_dir {val_dir}",
+        "give a folder `epas prepare` wrote (or its val/ folder), or leave data.val_dir unset",
+    )
+
+
+def check_data_section(data_dir: str | list[str] | None, val_dir: str | None) -> None:
+    """The folders a ``data`` section names, checked as ``setup`` checks them. The command line calls it before
+    Lightning builds a Trainer, so that a mistyped path is the only line a refused command prints."""
+    for folder in [data_dir] if isinstance(data_dir, str | Path) else list(data_dir or []):
+        check_data_dir(Path(folder).expanduser())
+    if val_dir is not None:
+        val_stream(Path(val_dir).expanduser())
+
+
 def check_data_flag(data: str | Path | None, flag: str = "--data") -> None:
     """A command's ``--data``: unset (the checkpoint's own data), or a complete prepared directory."""
     if data is not None:
@@ -333,15 +359,7 @@ class TokenData:
     def val_streams(self) -> list[Path]:
         if self.val_dir is None:
             return [d / "val" for d in self.data_dirs]
-        if (self.val_dir / "index.json").is_file():
-            return [self.val_dir]
-        if (self.val_dir / "val" / "index.json").is_file():
-            return [self.val_dir / "val"]
-        raise DataError(
-            "neither a token stream (index.json) nor a prepared directory (val/index.json)",
-            f"data.val_dir {self.val_dir}",
-            "give a folder `epas prepare` wrote (or its val/ folder), or leave data.val_dir unset",
-        )
+        return [val_stream(self.val_dir)]
 
     def _prepared_val_dir(self) -> Path | None:
         """The prepared directory that ``val_dir`` is or holds the stream of (``None``: unset, or a bare stream)."""
@@ -356,7 +374,7 @@ class TokenData:
             if not reusable(entry):  # missing, or its tokenizer file replaced since
                 entry = prepare_builtin_corpus(self.builtin_vocab_size, self.cache_dir, self.max_bytes, progress=True)
             return entry
-        return check_prepared(data_dir, f"data.data_dir {data_dir}", HOW_TO_CREATE)
+        return check_data_dir(data_dir)
 
     def check_model_tokenizer(self) -> None:
         """Check that the located data holds the ids of the tokenizer its model starts from: ``TokenDataModule``
