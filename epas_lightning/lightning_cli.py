@@ -39,9 +39,11 @@ from typing import Any
 
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from epas_lightning.callbacks import (
     SCORING_A_CHECKPOINT,
@@ -187,6 +189,8 @@ class EPASCLI(LightningCLI):
     """The arguments parsed, config files named rather than read."""
     _continued: Path | None = None
     """The version folder a resuming ``fit`` logs into (:func:`~epas_lightning.resume.continue_version`)."""
+    _seed: int | None = None
+    """The seed the command set (``None``: ``seed_everything: false``), said as it runs."""
 
     def __init__(self, *args: Any, commands: tuple[str, ...] = LIGHTNING_COMMANDS, **kwargs: Any) -> None:
         self._commands = commands
@@ -304,15 +308,25 @@ class EPASCLI(LightningCLI):
         """``true`` draws a seed (Lightning's ``seed_everything()`` seeds 0); a seed numpy cannot take is one line.
 
         The chosen seed replaces ``true`` in the config, so the run's ``config.yaml`` can repeat it. The ranks a run
-        starts find rank zero's in ``PL_GLOBAL_SEED``, as Lightning reads it.
+        starts find rank zero's in ``PL_GLOBAL_SEED``, as Lightning reads it. Lightning's "Seed set to" line is said
+        once the command runs (:meth:`_run_subcommand`), so that a start refused by a later check prints only its
+        one line.
         """
         seed = self._get(self.config, "seed_everything")
         if seed is True and "PL_GLOBAL_SEED" not in os.environ:
-            self._section["seed_everything"] = random.SystemRandom().choice(TRAINING_SEEDS)
+            seed = self._section["seed_everything"] = random.SystemRandom().choice(TRAINING_SEEDS)
         elif type(seed) is int and (problem := seed_out_of_range(seed, TRAINING_SEEDS)):
             raise ConfigError(problem, f"--seed_everything {seed}", f"{SEED_FIX}, or false")
-        # seeded at the end of before_instantiate_classes: Lightning's "Seed set to" line comes after the start-up
-        # checks, so that a refused start prints its one line alone
+        if seed is False:
+            return
+        self._seed = seed_everything(None if seed is True else seed, workers=True, verbose=False)
+        self._section["seed_everything"] = self._seed
+        if not self.subcommand:  # run=False: objects only, no command to say it at
+            self._say_seed()
+
+    def _say_seed(self) -> None:
+        if self._seed is not None:
+            rank_zero_info(f"Seed set to {self._seed}")  # Lightning's line, as it says it
 
     def before_instantiate_classes(self) -> None:
         section = self._section
@@ -334,7 +348,6 @@ class EPASCLI(LightningCLI):
             check_trainable_precision(trainer.get("precision"))
         if self.subcommand:
             check_data_section(section.data.get("data_dir"), section.data.get("val_dir"))
-        super()._set_seed()
 
     def instantiate_classes(self) -> None:
         section = self._section
@@ -397,6 +410,7 @@ class EPASCLI(LightningCLI):
         if stop is not None:  # it says what a signal does; Lightning's "attempting graceful shutdown" is not it
             info = (*info, "Detected KeyboardInterrupt")
             stop.command_line = True  # resuming is this command with --ckpt_path last
+        self._say_seed()  # once no start-up check refused the run
         folders = RunFolders.before_run(self.trainer) if self.trainer.is_global_zero else None
         try:
             with quiet_messages(info, warning_patterns):

@@ -813,14 +813,17 @@ def test_a_strategy_whose_package_is_missing_is_one_line(tmp_path, capsys, monke
     assert last.startswith("error: a configured setting needs torch_xla")
 
 
-@pytest.mark.parametrize("flag", ["--data.data_dir", "--data.val_dir"])
-def test_a_missing_data_folder_is_the_commands_only_line(tmp_path, flag):
+@pytest.mark.parametrize(
+    "flags", [["--data.val_dir", "nodata"], ["--sharing.target", "[0, 1]"]], ids=["data folder", "sharing target"]
+)
+def test_a_start_refused_by_a_check_prints_its_line_alone(tmp_path, flags):
     """A mistyped data folder was checked only once Lightning had built the Trainer, so the refusal came after
-    Lightning's "Seed set", "GPU available" and "TPU available" lines: it is checked before them, in a fresh process
-    (in-process runs do not show Lightning's start-up lines)."""
+    Lightning's "Seed set", "GPU available" and "TPU available" lines (and, for a val_dir, after preparing the built-in
+    corpus); a setting a constructor refuses came after "Seed set". Both are the command's only line now, in a fresh
+    process (in-process runs do not show Lightning's start-up lines)."""
     from helpers import run_cli
 
-    done = run_cli(["fit", "--config", DEBUG, flag, str(tmp_path / "nodata")], tmp_path, tmp_path / "cache")
+    done = run_cli(["fit", "--config", DEBUG, *flags], tmp_path, tmp_path / "cache")
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
