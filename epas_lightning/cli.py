@@ -470,35 +470,65 @@ def check_utf8(argv: Sequence[str], prog: str) -> None:
         raise ConfigError(f"{flag} is not UTF-8 text ({where})", prog, "give it in UTF-8")
 
 
-UNKNOWN_OPTION = re.compile(r"does not accept option '([^']+)'|unrecognized arguments: --(\S+?)(?:=|\s|$)")
-"""jsonargparse's words for a key no section has: in a config file, and on the command line."""
+UNKNOWN_OPTION = re.compile(
+    r"does not accept option '([^']+)'|\AOption '([^']+)' is not accepted\Z|unrecognized arguments: --(\S+?)(?:=|\s|$)"
+)
+"""jsonargparse's words for a key no section has: in a config file (a command's, a tool's), and on the command
+line."""
 
 
-def unknown_option(error: ArgumentError, parser: Any, aliases: dict[str, str] | None = None) -> ConfigError | None:
+def unknown_option(
+    error: ArgumentError, parser: Any, aliases: dict[str, str] | None = None, argv: Sequence[str] = ()
+) -> ConfigError | None:
     """The one line for a key of the command line or a config that ``parser`` does not have (``trainer.max_stepz``;
     an abbreviation, ``--trainer.max_step``, as the parsers refuse them), with the option it most likely meant (or
-    that ``aliases`` gives for it); ``None`` for any other parse error."""
+    that ``aliases`` gives for it), and for a config's key the ``--config`` file of ``argv`` that holds it; ``None``
+    for any other parse error."""
     if parser is not None and (stray := re.search(r"unrecognized arguments: ([^-\s]\S*)", str(error))):
         return stray_argument(stray.group(1), parser)
     found = UNKNOWN_OPTION.search(str(error))
     if found is None or parser is None:
         return None
-    key = found.group(1) or found.group(2)
-    if found.group(1):  # a config's key: the parser's keys, without its own options
+    in_config = found.group(1) or found.group(2)
+    key = in_config or found.group(3)
+    if in_config:  # a config's key: the parser's keys, without its own options
         known = [action.dest for action in parser._actions if action.dest not in ("help", "config", "print_config")]
     else:  # a flag: the parser's flags (a command's are dashed: --max-new-tokens)
         known = [option[2:] for option in parser._option_string_actions if option.startswith("--")]
     command = parser.prog.split()[-1]
-    if key == "model.lr" and found.group(2):  # LitGPT's --lr, under model.
+    if key == "model.lr" and not in_config:  # LitGPT's --lr, under model.
         value = re.search(r"--model\.lr[= ](\S+)", str(error))
         what = "--model.lr is no option: the learning rate is an argument of the optimizer"
         fix = f"give it with fit's other default settings: {adamw_flags('lr', value[1] if value else 'LR')}"
         return ConfigError(what, f"{PROG} {command}", fix)
+    holding = config_holding(key, argv) if in_config else None
     return ConfigError(
         f"{command} has no option {key}{did_you_mean(key, known, aliases)}",
-        f"{PROG} {command}",
+        f"--config {holding}" if holding else f"{PROG} {command}",
         f"see `{PROG} {command} --help`",
     )
+
+
+def config_holding(key: str, argv: Sequence[str]) -> str | None:
+    """The last ``--config`` file of ``argv`` that sets ``key`` (``trainer.max_steps``: nested, or dotted at any
+    level), as jsonargparse merges them; ``None`` where none readable does."""
+    import yaml
+
+    def holds(tree: Any, parts: list[str]) -> bool:
+        return isinstance(tree, dict) and any(
+            ".".join(parts[:i]) in tree and (i == len(parts) or holds(tree[".".join(parts[:i])], parts[i:]))
+            for i in range(1, len(parts) + 1)
+        )
+
+    holding = None
+    for path in config_arguments(argv):
+        try:
+            tree = yaml.safe_load(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        if holds(tree, key.split(".")):
+            holding = path
+    return holding
 
 
 PRINT_CONFIG_FLAGS = {"skip_default": "skip_default", "skip_unset": "skip_unset", "skip_null": "skip_unset"}
@@ -547,7 +577,7 @@ def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:
     try:
         config = parser.parse_args(_append_lists(argv, parser.list_options))
     except ArgumentError as e:
-        raise unknown_option(e, parser) or parse_error(e, prog, fn, argv) from e
+        raise unknown_option(e, parser, argv=argv) or parse_error(e, prog, fn, argv) from e
     kwargs = parser.instantiate(config)
     kwargs.pop("config", None)
     check_finite(kwargs, prog)

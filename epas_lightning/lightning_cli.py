@@ -239,7 +239,7 @@ class EPASCLI(LightningCLI):
         except ArgumentError as e:
             parsers = getattr(self, "_subcommand_parsers", {})  # none when run=False
             aliases = {f"model.config.{name}": f"model.config.{field}" for name, field in OTHER_NAMES.items()}
-            if (unknown := unknown_option(e, parsers.get(args[0]) if args else None, aliases)) is None:
+            if (unknown := unknown_option(e, parsers.get(args[0]) if args else None, aliases, args)) is None:
                 raise
             raise unknown from e
         finally:

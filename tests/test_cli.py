@@ -290,7 +290,9 @@ def test_validate_or_test_of_no_batch_is_one_line(tmp_path, capsys, monkeypatch,
     ("flags", "yaml", "line"),
     [
         ([], "trainr:\n  max_steps: 3\n", "fit has no option trainr.max_steps (did you mean trainer.max_steps?) — "
-         "python -m epas_lightning fit — see `python -m epas_lightning fit --help`"),
+         "--config {typo} — see `python -m epas_lightning fit --help`"),  # the file that holds it
+        ([], "trainer.max_stp: 3\n", "fit has no option trainer.max_stp (did you mean trainer.max_steps?) — "
+         "--config {typo} — see"),
         (["--sharing.intervall", "3"], None, "fit has no option sharing.intervall (did you mean sharing.interval?) — "
          "python -m epas_lightning fit — see `python -m epas_lightning fit --help`"),
         (["--trainer.max_step=3"], None, "fit has no option trainer.max_step (did you mean trainer.max_steps?) — "
@@ -306,12 +308,14 @@ def test_validate_or_test_of_no_batch_is_one_line(tmp_path, capsys, monkeypatch,
 )  # fmt: skip
 def test_a_misspelt_key_is_named_with_the_one_meant(tmp_path, capsys, flags, yaml, line):
     """A misspelt key said only that it was not accepted (a model.config field: the link's message with the whole
-    namespace; a logger argument: that no class was given, where the default logger was)."""
-    config = ["--config", str(tmp_path / "typo.yaml")] if yaml else []
+    namespace; a logger argument: that no class was given, where the default logger was); a config's key names the
+    config file that holds it, of the several a run may be given."""
+    typo = tmp_path / "typo.yaml"
+    config = ["--config", str(typo)] if yaml else []
     if yaml:
-        (tmp_path / "typo.yaml").write_text(yaml)
+        typo.write_text(yaml)
     assert main(["fit", "--config", DEBUG, *config, *flags, "--print_config"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: " + line)
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: " + line.format(typo=typo))
 
 
 @pytest.mark.parametrize(

@@ -340,6 +340,20 @@ def test_a_value_of_the_wrong_kind_says_what_the_flag_takes(argv, says, capsys):
     assert err.startswith(f"error: {says} — python -m epas_lightning {argv[0]}") and err.count("\n") == 1, err
 
 
+def test_a_misspelt_key_in_a_commands_config_names_the_one_meant_and_the_file(tmp_path, capsys):
+    """A tool's config with a misspelt key said "Option 'max_new_tokns' is not accepted", with neither the key it
+    meant nor the file (of several) it is in."""
+    first, typo = tmp_path / "first.yaml", tmp_path / "typo.yaml"
+    first.write_text("max_new_tokens: 3\n")
+    typo.write_text("max_new_tokns: 3\n")
+    assert main(["generate", "--config", str(first), "--config", str(typo), "--checkpoint", "x.ckpt"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: generate has no option max_new_tokns (did you mean max_new_tokens?) — --config {typo} — see "
+        "`python -m epas_lightning generate --help`\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
