@@ -347,7 +347,8 @@ class EPASCLI(LightningCLI):
         if self.subcommand == "fit":
             check_trainable_precision(trainer.get("precision"))
         if self.subcommand:
-            check_data_section(section.data.get("data_dir"), section.data.get("val_dir"))
+            data = section.data
+            check_data_section(data.get("data_dir"), data.get("val_dir"), data.get("vocab_size"))
 
     def instantiate_classes(self) -> None:
         section = self._section

@@ -818,12 +818,15 @@ def test_a_strategy_whose_package_is_missing_is_one_line(tmp_path, capsys, monke
 
 
 @pytest.mark.parametrize(
-    "flags", [["--data.val_dir", "nodata"], ["--sharing.target", "[0, 1]"]], ids=["data folder", "sharing target"]
+    "flags",
+    [["--data.val_dir", "nodata"], ["--model.config.vocab_size", "100"], ["--sharing.target", "[0, 1]"]],
+    ids=["data folder", "built-in corpus vocabulary", "sharing target"],
 )
 def test_a_start_refused_by_a_check_prints_its_line_alone(tmp_path, flags):
     """A mistyped data folder was checked only once Lightning had built the Trainer, so the refusal came after
     Lightning's "Seed set", "GPU available" and "TPU available" lines (and, for a val_dir, after preparing the built-in
-    corpus); a setting a constructor refuses came after "Seed set". Both are the command's only line now, in a fresh
+    corpus), as was a vocabulary too small for the built-in corpus; a setting a constructor refuses came after "Seed
+    set". Both are the command's only line now, in a fresh
     process (in-process runs do not show Lightning's start-up lines)."""
     from helpers import run_cli
 

@@ -319,6 +319,17 @@ def unwritable_cache(error: OSError, root: Path, cache_dir: str | Path | None) -
     )
 
 
+def check_builtin_vocab(vocab_size: int) -> None:
+    """The built-in corpus's tokenizer needs room for the 256 bytes, BOS and EOS."""
+    if vocab_size < MIN_BPE_VOCAB:
+        raise ConfigError(
+            f"the built-in corpus trains a byte-level BPE of vocab_size tokens, at least {MIN_BPE_VOCAB} (256 bytes, "
+            f"BOS, EOS), not {vocab_size}",
+            "model.config.vocab_size",
+            f"raise it to {MIN_BPE_VOCAB} or more",
+        )
+
+
 def prepare_builtin_corpus(
     vocab_size: int,
     cache_dir: str | Path | None = None,
@@ -340,13 +351,7 @@ def prepare_builtin_corpus(
     Returns:
         The complete entry directory (``train/``, ``val/``, ``tokenizer.json``, ``files.json``, ``meta.json``).
     """
-    if vocab_size < MIN_BPE_VOCAB:
-        raise ConfigError(
-            f"the built-in corpus trains a byte-level BPE of vocab_size tokens, at least {MIN_BPE_VOCAB} (256 bytes, "
-            f"BOS, EOS), not {vocab_size}",
-            "model.config.vocab_size",
-            f"raise it to {MIN_BPE_VOCAB} or more",
-        )
+    check_builtin_vocab(vocab_size)
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
     from filelock import FileLock

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from epas_lightning.data.builtin import builtin_entry_path, prepare_builtin_corpus, reusable
+from epas_lightning.data.builtin import builtin_entry_path, check_builtin_vocab, prepare_builtin_corpus, reusable
 from epas_lightning.data.layout import (
     INDEX_FILENAME,
     PREPARE_AGAIN,
@@ -90,11 +90,15 @@ def val_stream(val_dir: Path) -> Path:
     )
 
 
-def check_data_section(data_dir: str | list[str] | None, val_dir: str | None) -> None:
-    """The folders a ``data`` section names, checked as ``setup`` checks them. The command line calls it before
-    Lightning builds a Trainer, so that a mistyped path is the only line a refused command prints."""
-    for folder in [data_dir] if isinstance(data_dir, str | Path) else list(data_dir or []):
+def check_data_section(data_dir: str | list[str] | None, val_dir: str | None, vocab_size: int | None) -> None:
+    """The folders a ``data`` section names, checked as ``setup`` checks them, and without one the built-in corpus's
+    vocabulary. The command line calls it before Lightning builds a Trainer, so that a mistyped path is the only line
+    a refused command prints."""
+    folders = [data_dir] if isinstance(data_dir, str | Path) else list(data_dir or [])
+    for folder in folders:
         check_data_dir(Path(folder).expanduser())
+    if not folders and isinstance(vocab_size, int):
+        check_builtin_vocab(vocab_size)
     if val_dir is not None:
         val_stream(Path(val_dir).expanduser())
 
