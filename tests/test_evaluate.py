@@ -202,6 +202,20 @@ def test_a_task_file_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
     assert [(q.context, q.choices, q.label) for q in load_task(task)] == [("c", [" a", " b"], 1)]
 
 
+def test_a_task_line_holding_a_unicode_line_separator_is_one_question(tmp_path: Path) -> None:
+    """JSON strings may hold U+2028, U+2029 and U+0085 unescaped (``json.dumps(..., ensure_ascii=False)`` writes them
+    so, and lm-eval's JSON loader reads the line whole): the file was split at them as at newlines, and a valid task
+    refused as "Unterminated string" on a line number no editor shows."""
+    task = tmp_path / "separators.jsonl"
+    contexts = ["a\u2028b", "c\u2029d", "e\x85f"]
+    lines = [json.dumps({"context": c, "choices": [" x", " y"], "label": 0}, ensure_ascii=False) for c in contexts]
+    task.write_text("\n".join([*lines, '{"context": "g", "choices": [" x"], "label": 0}']) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=f"has 1 choice: .* — {re.escape(str(task))}:4 — "):  # the 4th line, as written
+        load_task(task)
+    task.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert [q.context for q in load_task(task)] == contexts
+
+
 def test_two_task_files_of_one_name_are_refused_before_the_model_loads(tmp_path, capsys) -> None:
     """evaluate --tasks a/code.jsonl --tasks b/code.jsonl printed one `code` column: one task's results were lost."""
     line = json.dumps({"context": "c", "choices": ["a", "b"], "label": 0}) + "\n"

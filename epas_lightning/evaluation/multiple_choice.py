@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from epas_lightning.errors import ConfigError, DataError, read_text_file
+from epas_lightning.errors import ConfigError, DataError, read_text_file, text_lines
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.llama import check_has_weights, check_is_llama
 from epas_lightning.runtime import activations_overflow, check_counts, is_whole_number
@@ -54,7 +54,8 @@ def load_task(path: str | Path) -> list[Question]:
     path = Path(path)
     check_not_an_lm_eval_task(path)
     questions = []
-    for n, line in enumerate(read_text_file(path, "task file", f"--tasks {path}", DataError).splitlines(), start=1):
+    text = read_text_file(path, "task file", f"--tasks {path}", DataError)
+    for n, line in enumerate(text_lines(text), start=1):
         if not line.strip():
             continue
         try:
