@@ -98,6 +98,15 @@ def test_multiple_choice_acc_and_acc_norm_known_answers(tmp_path: Path) -> None:
     assert result == {"acc": pytest.approx(1 / 3), "acc_norm": pytest.approx(2 / 3), "n": 3}
 
 
+def test_acc_norm_of_an_empty_choice_divides_by_its_zero_length_as_lm_eval_does(tmp_path: Path) -> None:
+    """lm-eval divides each log-likelihood by its choice's length in characters: an empty choice (scored by the
+    context's trailing space alone) gets -inf and is never its pick; it was divided by 1 here, and picked."""
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"context": "q ", "choices": ["", "xx"], "label": 1}) + "\n")
+    # about -20 for " " and -60 for " xx": acc picks "", acc_norm -inf against -30 picks "xx"
+    assert evaluate_task(FavoursA(), CharTokenizer(), load_task(task)) == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+
+
 def test_a_question_the_model_cannot_score_names_its_line(tmp_path: Path) -> None:
     """An empty choice, or one longer than the model's context, ended evaluate --tasks with a ValueError traceback;
     token ids outside the model's vocabulary (a --tokenizer of another model) with an IndexError."""

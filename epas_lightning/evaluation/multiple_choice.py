@@ -9,7 +9,7 @@ and ``target_delimiter: ""`` (the README shows it).
 
 - ``acc``: the choice with the highest summed log-likelihood is the answer.
 - ``acc_norm``: the summed log-likelihood divided by the choice's length in characters (lm-eval's ``acc_norm``),
-  which removes the bias towards short answers.
+  which removes the bias towards short answers (an empty choice's is -inf, as lm-eval divides).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -283,9 +284,11 @@ def evaluate_task(model: Llama, tokenizer, questions: list[Question], batch_size
     at = 0
     for question in questions:
         n = len(question.choices)
-        logliks = [s for s, _ in scores[at : at + n]]
-        normed = [s / max(1, len(c)) for s, c in zip(logliks, question.choices, strict=True)]
-        correct += int(max(range(n), key=logliks.__getitem__) == question.label)
-        correct_norm += int(max(range(n), key=normed.__getitem__) == question.label)
+        logliks = np.array([s for s, _ in scores[at : at + n]])
+        lengths = np.array([float(len(c)) for c in question.choices])
+        with np.errstate(divide="ignore", invalid="ignore"):  # an empty choice: -inf, as lm-eval divides (numpy's)
+            normed = logliks / lengths
+        correct += int(np.argmax(logliks) == question.label)
+        correct_norm += int(np.argmax(normed) == question.label)
         at += n
     return {"acc": correct / len(questions), "acc_norm": correct_norm / len(questions), "n": len(questions)}
