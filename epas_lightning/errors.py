@@ -223,6 +223,12 @@ def read_text_file(path: Path, what: str, where: str, error: type[UserError] = C
         raise error(f"cannot read the {what} ({e.strerror})", where, "check its permissions") from None
 
 
+def text_lines(text: str) -> list[str]:
+    """The lines of a text :func:`read_text_file` read, split at newlines alone (reading made CRLF and CR newlines):
+    ``str.splitlines`` also splits at form feeds, U+0085, U+2028 and U+2029, which a prompt or a JSON line may hold."""
+    return text.split("\n")
+
+
 def debug_enabled() -> bool:
     """Whether user errors should show their traceback (``EPAS_DEBUG=1``; ``--debug`` sets it)."""
     return os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no")

@@ -98,6 +98,15 @@ def test_multiple_choice_acc_and_acc_norm_known_answers(tmp_path: Path) -> None:
     assert result == {"acc": pytest.approx(1 / 3), "acc_norm": pytest.approx(2 / 3), "n": 3}
 
 
+def test_acc_norm_of_an_empty_choice_divides_by_its_zero_length_as_lm_eval_does(tmp_path: Path) -> None:
+    """lm-eval divides each log-likelihood by its choice's length in characters: an empty choice (scored by the
+    context's trailing space alone) gets -inf and is never its pick; it was divided by 1 here, and picked."""
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"context": "q ", "choices": ["", "xx"], "label": 1}) + "\n")
+    # about -20 for " " and -60 for " xx": acc picks "", acc_norm -inf against -30 picks "xx"
+    assert evaluate_task(FavoursA(), CharTokenizer(), load_task(task)) == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+
+
 def test_a_question_the_model_cannot_score_names_its_line(tmp_path: Path) -> None:
     """An empty choice, or one longer than the model's context, ended evaluate --tasks with a ValueError traceback;
     token ids outside the model's vocabulary (a --tokenizer of another model) with an IndexError."""
@@ -200,6 +209,20 @@ def test_a_task_file_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
     task = tmp_path / "bom.jsonl"
     task.write_bytes(b'\xef\xbb\xbf{"context": "c", "choices": [" a", " b"], "label": 1}\r\n')
     assert [(q.context, q.choices, q.label) for q in load_task(task)] == [("c", [" a", " b"], 1)]
+
+
+def test_a_task_line_holding_a_unicode_line_separator_is_one_question(tmp_path: Path) -> None:
+    """JSON strings may hold U+2028, U+2029 and U+0085 unescaped (``json.dumps(..., ensure_ascii=False)`` writes them
+    so, and lm-eval's JSON loader reads the line whole): the file was split at them as at newlines, and a valid task
+    refused as "Unterminated string" on a line number no editor shows."""
+    task = tmp_path / "separators.jsonl"
+    contexts = ["a\u2028b", "c\u2029d", "e\x85f"]
+    lines = [json.dumps({"context": c, "choices": [" x", " y"], "label": 0}, ensure_ascii=False) for c in contexts]
+    task.write_text("\n".join([*lines, '{"context": "g", "choices": [" x"], "label": 0}']) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=f"has 1 choice: .* — {re.escape(str(task))}:4 — "):  # the 4th line, as written
+        load_task(task)
+    task.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert [q.context for q in load_task(task)] == contexts
 
 
 def test_two_task_files_of_one_name_are_refused_before_the_model_loads(tmp_path, capsys) -> None:

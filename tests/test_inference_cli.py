@@ -292,6 +292,24 @@ def test_a_prompt_file_may_be_a_pipe(tmp_path, capsys):
     assert rc == 2 and "checkpoint does not exist" in err, err  # the prompts were read: the next check speaks
 
 
+def test_a_prompt_file_line_is_one_prompt_whatever_separators_it_holds(tiny_corpus, tmp_path, capsys):
+    """A line holding a form feed (as Python sources do), U+0085 or U+2028 was cut into several prompts there (the
+    file was split as str.splitlines splits), each completed on its own; CRLF files still end their lines."""
+    from model_dirs import save_consolidated
+
+    from epas_lightning import Llama
+
+    model = Llama(LlamaConfig.from_name("debug", block_size=32)).eval()
+    ckpt = save_consolidated(model, tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
+    lines = ["def main(\x0c):", "class A\u2028B", "x\x85y", "z"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    args = ["generate", "--checkpoint", str(ckpt), "--prompt-file", str(prompts), "--device", "cpu"]
+    rc, out, err = run_cli(capsys, *args, "--temperature", "0", "--max-new-tokens", "2", "--json")
+    assert rc == 0, err
+    assert [c["prompt"] for c in json.loads(out.strip().splitlines()[-1])["completions"]] == lines
+
+
 def test_default_lengths_fit_a_short_block_size_and_explicit_ones_are_checked(trained, tmp_path, capsys):
     """block_size is 32: the default 100 new tokens (generate) and 64 + 64 (bench) are cut to fit, as the run
     summary's `next:` commands rely on; an explicit length that cannot fit says how many can."""

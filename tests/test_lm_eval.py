@@ -193,6 +193,36 @@ def test_regions_change_the_scores_and_the_tokenizer_is_the_exports(checkpoint, 
             EPASLM(str(checkpoint), sharing_layers=n, device="cpu")
 
 
+def test_the_fallback_reads_control_tokens_as_lm_eval_does_for_a_chat_model(checkpoint, tmp_path, monkeypatch) -> None:
+    """A chat template beside the tokenizer makes the export read special-token text as the control token (a context
+    rendered with the template: ``<|bos|>user: hi<|eos|>``), so lm-eval does; `evaluate --tasks` read it as text and
+    gave other log-likelihoods than `lm-eval` on the same questions."""
+    import shutil
+
+    from lm_eval.api.instance import Instance
+
+    from epas_lightning.evaluation import multiple_choice
+    from epas_lightning.evaluation.lm_eval_adapter import EPASLM
+
+    chat = shutil.copytree(checkpoint, tmp_path / "chat")
+    (chat / "chat_template.jinja").write_text("{% for m in messages %}<|bos|>{{ m['content'] }}<|eos|>{% endfor %}")
+    lm = EPASLM(str(chat), device="cpu")
+    tokenizer = load_tokenizer(chat / "tokenizer.json")
+    pairs = [("<|bos|>user: hi<|eos|><|bos|>assistant:", " def"), ("x <|eos|> y", " import"), ("plain", " text")]
+    expected = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    requests = [multiple_choice.encode_pair(tokenizer, *pair) for pair in pairs]
+    assert requests[1][0] == [tokenizer.bos_id, *tokenizer.encode("x "), tokenizer.eos_id, *tokenizer.encode(" y")]
+    scores = multiple_choice.score_continuations(lm.loaded.model, requests)
+    assert [s for s, _ in scores] == pytest.approx([s for s, _ in expected], abs=1e-4)
+    built, score = [], multiple_choice.score_continuations  # evaluate_task builds the same requests
+    monkeypatch.setattr(multiple_choice, "score_continuations", lambda m, r, b: built.extend(r) or score(m, r, b))
+    questions = [multiple_choice.Question(context, [choice, " other"], 0) for context, choice in pairs]
+    multiple_choice.evaluate_task(lm.loaded.model, tokenizer, questions)
+    assert built[::2] == requests
+    plain = load_tokenizer(checkpoint / "tokenizer.json")  # without a template: that text is text, as trained
+    assert multiple_choice.encode_pair(plain, *pairs[1])[0] == [plain.bos_id, *plain.encode("x <|eos|> y")]
+
+
 def test_each_request_kind_equals_hf_on_the_export_at_any_batch_size_and_order(checkpoint, exports) -> None:
     """Request by request, at the trained region: empty contexts (BOS), trailing spaces, continuations of several
     tokens, contexts past the 32-token window (cut from the left), is_greedy, documents of several rolling windows,

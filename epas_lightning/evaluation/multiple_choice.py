@@ -9,21 +9,23 @@ and ``target_delimiter: ""`` (the README shows it).
 
 - ``acc``: the choice with the highest summed log-likelihood is the answer.
 - ``acc_norm``: the summed log-likelihood divided by the choice's length in characters (lm-eval's ``acc_norm``),
-  which removes the bias towards short answers.
+  which removes the bias towards short answers (an empty choice's is -inf, as lm-eval divides).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from epas_lightning.errors import ConfigError, DataError, read_text_file
+from epas_lightning.errors import ConfigError, DataError, read_text_file, text_lines
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.llama import check_has_weights, check_is_llama
 from epas_lightning.runtime import activations_overflow, check_counts, is_whole_number
@@ -54,7 +56,8 @@ def load_task(path: str | Path) -> list[Question]:
     path = Path(path)
     check_not_an_lm_eval_task(path)
     questions = []
-    for n, line in enumerate(read_text_file(path, "task file", f"--tasks {path}", DataError).splitlines(), start=1):
+    text = read_text_file(path, "task file", f"--tasks {path}", DataError)
+    for n, line in enumerate(text_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -113,30 +116,51 @@ def load_tasks(paths: list[str | Path]) -> dict[str, list[Question]]:
     return tasks
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:  # noqa: ANN001
+def encode_pair(
+    tokenizer,  # noqa: ANN001
+    context: str,
+    continuation: str,
+    encode: Callable[[str], list[int]] | None = None,
+) -> tuple[list[int], list[int]]:
     """The (context, continuation) token ids of one request, as lm-eval's ``hf`` model makes them with our exported
     tokenizer (which starts every text with BOS).
 
     Trailing whitespace of the context moves to the continuation; the continuation's tokens are those of
     ``context + continuation`` after the context's own tokens. An empty context becomes BOS. A text that starts with
-    the BOS token's text (``<|bos|>``, ``<s>``) gets no BOS, as ``hf`` encodes it (that text stays text).
+    the BOS token's text (``<|bos|>``, ``<s>``) gets no BOS, as ``hf`` encodes it. ``encode``: the texts' encoder,
+    :func:`request_encoder`'s (pass it for many requests: it looks for a chat template).
     """
     bos = tokenizer.bos_id
     prefix = bos_text(tokenizer)
+    encode = encode or request_encoder(tokenizer)
 
     def with_bos(text: str) -> list[int]:
-        ids = tokenizer.encode(text)
+        ids = encode(text)
         skip = prefix is not None and text.startswith(prefix)
         return ids if skip or ids[:1] == [bos] else [bos, *ids]
 
     if not context:
-        ids = tokenizer.encode(continuation)
+        ids = encode(continuation)
         return ([bos], ids) if ids[:1] != [bos] else (ids[:1], ids[1:])
     stripped = context.rstrip()
     context, continuation = stripped, context[len(stripped) :] + continuation
     whole = with_bos(context + continuation)
     context_ids = with_bos(context)
     return context_ids, whole[len(context_ids) :]
+
+
+def request_encoder(tokenizer) -> Callable[[str], list[int]]:  # noqa: ANN001
+    """Text -> ids as the tokenizer ``export`` ships (lm-eval's ``hf`` model's) reads a request: a special token's text
+    (``<|eos|>``, ``</s>``) is text, as training read it (``tokenizer.encode``), unless a chat template lies beside
+    the tokenizer file; then it is the control token, as the template writes it (a context rendered with it)."""
+    from epas_lightning.data.chat_template import chat_template_beside
+
+    path, kind = getattr(tokenizer, "path", None), getattr(tokenizer, "kind", None)
+    if path is None or kind is None or not chat_template_beside(Path(path)):
+        return tokenizer.encode
+    from epas_lightning.serve.chat import control_token_encoder
+
+    return control_token_encoder(tokenizer)
 
 
 def bos_text(tokenizer) -> str | None:  # noqa: ANN001
@@ -252,16 +276,19 @@ def evaluate_task(model: Llama, tokenizer, questions: list[Question], batch_size
     check_counts({"batch_size": batch_size})
     check_is_tokenizer(tokenizer)
     check_questions(questions)
-    requests = [encode_pair(tokenizer, q.context, choice) for q in questions for choice in q.choices]
+    encode = request_encoder(tokenizer)
+    requests = [encode_pair(tokenizer, q.context, choice, encode) for q in questions for choice in q.choices]
     check_scorable(questions, requests, model.config)
     scores = score_continuations(model, requests, batch_size)
     correct = correct_norm = 0
     at = 0
     for question in questions:
         n = len(question.choices)
-        logliks = [s for s, _ in scores[at : at + n]]
-        normed = [s / max(1, len(c)) for s, c in zip(logliks, question.choices, strict=True)]
-        correct += int(max(range(n), key=logliks.__getitem__) == question.label)
-        correct_norm += int(max(range(n), key=normed.__getitem__) == question.label)
+        logliks = np.array([s for s, _ in scores[at : at + n]])
+        lengths = np.array([float(len(c)) for c in question.choices])
+        with np.errstate(divide="ignore", invalid="ignore"):  # an empty choice: -inf, as lm-eval divides (numpy's)
+            normed = logliks / lengths
+        correct += int(np.argmax(logliks) == question.label)
+        correct_norm += int(np.argmax(normed) == question.label)
         at += n
     return {"acc": correct / len(questions), "acc_norm": correct_norm / len(questions), "n": len(questions)}

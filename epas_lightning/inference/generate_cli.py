@@ -8,7 +8,7 @@ from typing import Literal
 
 from epas_lightning.checkpoint import CheckpointInfo, LoadedModel, load_model
 from epas_lightning.data.tokenizer import TextTokenizer, check_tokenizer_flag, decode_continuation, load_tokenizer
-from epas_lightning.errors import ConfigError, read_text_file
+from epas_lightning.errors import ConfigError, read_text_file, text_lines
 from epas_lightning.inference.generate import GenerationResult, fit_new_tokens, generate, per_second, set_region
 from epas_lightning.inference.sampling import SamplingError, check_sampling
 from epas_lightning.region import SHARING_FLAGS
@@ -176,7 +176,7 @@ def generate_command(
     prompts = list(prompt or [])
     if prompt_file is not None:
         text = read_text_file(prompt_file, "prompt file", f"--prompt-file {prompt_file}")
-        prompts += [line for line in text.splitlines() if line.strip()]
+        prompts += [line for line in text_lines(text) if line.strip()]
     if not prompts:
         raise ConfigError("nothing to continue", "--prompt", "give at least one --prompt (or --prompt-file)")
     loaded = load_for_inference(checkpoint, device, dtype, attention_reuse)
