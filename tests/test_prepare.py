@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from epas_lightning.cli import main as cli_main
 from epas_lightning.data import TokenDataModule, load_tokenizer
 from epas_lightning.data import prepare as prepare_module
-from epas_lightning.data.layout import DataCheckError
+from epas_lightning.data.layout import DataCheckError, load_meta
 from epas_lightning.data.prepare import prepare_dataset as prepare
 from epas_lightning.data.sources import DataPreparationError
 from epas_lightning.errors import DataError, OutputError
@@ -1405,6 +1405,19 @@ def test_mixing_datasets_with_different_tokenizers_is_refused(sp_data: Path, tmp
         with pytest.raises(DataCheckError, match=r"data.val_dir was tokenized differently .* same --tokenizer"):
             tiny_dm(str(sp_data), val_dir=str(val_dir))
     assert tiny_dm(str(sp_data), val_dir=str(sp_data / "val")).val_streams() == [sp_data / "val"]
+
+
+def test_mixing_datasets_whose_documents_end_in_other_tokens_is_refused(sp_data, sp_model, tmp_path, corpus):
+    """Two folders prepared with one tokenizer file but other --bos-token/--eos-token were mixed (and one validated on
+    the other) as if they were one: half the documents began with another id than the model was told of."""
+    other = prepare(corpus[0] / "notes", tmp_path / "other", sp_model, bos_token="</s>", num_workers=1)
+    ids = [(meta["bos_id"], meta["eos_id"]) for meta in map(load_meta, (sp_data, other))]
+    assert ids == [(1, 2), (2, 2)]
+    with pytest.raises(DataCheckError, match=r"^the data directories to mix wrap .* ids \(1/2, 2/2\) — .* same --bos"):
+        tiny_dm([str(sp_data), str(other)])
+    for val_dir in (other, other / "val"):
+        with pytest.raises(DataCheckError, match=r"^data.data_dir and data.val_dir wrap .* ids \(1/2, 2/2\)"):
+            tiny_dm(str(sp_data), val_dir=str(val_dir))
 
 
 class BatchRecorder(L.LightningModule):
