@@ -309,6 +309,31 @@ def test_trained_tokenizer_is_saved_next_to_the_data(corpus, tmp_path: Path):
         tiny_dm(str(out), vocab_size=280)
 
 
+def test_a_tokenizer_json_saved_with_truncation_and_padding_reads_whole_documents(tmp_path: Path):
+    """transformers saves the truncation and padding a tokenizer last used into its tokenizer.json: every document was
+    cut at that max_length and padded to that length in the prepared streams (and prompts, chats too), unsaid."""
+    from tokenizers import Tokenizer
+
+    from epas_lightning.serve.chat import control_token_encoder
+
+    plain = load_tokenizer(train_hf_tokenizer(tmp_path / "plain.json"))
+    saved = Tokenizer.from_file(str(plain.path))
+    saved.enable_truncation(max_length=16)
+    saved.enable_padding(length=20, pad_id=0, pad_token="<unk>")
+    (tmp_path / "tok").mkdir()
+    saved.save(str(tmp_path / "tok" / "tokenizer.json"))
+    (tmp_path / "in").mkdir()
+    docs = [make_text(random.Random(i), 60) for i in range(6)]
+    for i, doc in enumerate(docs):
+        (tmp_path / "in" / f"d{i}.txt").write_text(doc)
+    out = prepare(tmp_path / "in", tmp_path / "out", tmp_path / "tok", val_fraction=0.3, num_workers=1)
+    streams = [documents_of(out / split, plain.bos_id, plain.eos_id) for split in ("train", "val")]
+    assert sorted(ids for stream in streams for ids in stream) == sorted(map(plain.encode, docs))
+    assert len(plain.encode(docs[0])) > 20
+    tokenizer = load_tokenizer(out / "tokenizer.json")
+    assert tokenizer.encode(docs[0]) == control_token_encoder(tokenizer)(docs[0]) == plain.encode(docs[0])
+
+
 def test_special_token_text_in_a_document_is_text(tmp_path: Path, sp_model: Path):
     """A document quoting a tokenizer.json's special tokens ('<|eos|>') was cut there: the text became the EOS id in
     mid-document (sentencepiece always read it as text). Every kind reads it as text, as generate and serve do."""
