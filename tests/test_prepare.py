@@ -906,6 +906,33 @@ def test_a_shard_given_twice_is_validated_on_apart_from_what_is_trained_on(tmp_p
     assert (meta["splits"]["val"]["documents"], meta["documents"]) == (val.total(), 240)
 
 
+def test_copies_of_val_input_documents_are_not_trained_on(tmp_path: Path, sp_model: Path, caplog, capsys):
+    """--val-input held out only the files that are --input files too (a link to one as well): a shard copied as the
+    validation file, or a record found in both, was trained on and validated on, and the validation loss flattered
+    the model. Such copies are left out of training (and of a trained tokenizer's texts), and said to be."""
+    rng = random.Random(3)
+    shards = [[make_text(rng, 12) for _ in range(20)] for _ in range(3)]
+    (tmp_path / "in").mkdir()
+    for i, shard in enumerate(shards):
+        (tmp_path / "in" / f"s{i}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in shard))
+    (tmp_path / "val").mkdir()
+    shutil.copy(tmp_path / "in" / "s0.jsonl", tmp_path / "val" / "s0.jsonl")  # a copy, not a link
+    (tmp_path / "val" / "more.txt").write_text(shards[1][5])  # one record's text, as a text file
+    out = tmp_path / "out"
+    argv = ["prepare", "--input", str(tmp_path / "in"), "--val-input", str(tmp_path / "val"), "--output", str(out)]
+    assert cli_main([*argv, "--tokenizer", str(sp_model), "--num-workers", "2", "--no-progress"]) == 0
+    tokenizer = load_tokenizer(sp_model)
+    train, val = ({tuple(d) for d in documents_of(out / split, 1, 2)} for split in ("train", "val"))
+    assert len(val) == 21 and not train & val and len(train) == 39
+    meta = load_meta(out)
+    assert (meta["splits"]["train"]["documents"], meta["splits"]["train"]["copies_of_val"]) == (39, 21)
+    assert train == {tuple(tokenizer.encode(t)) for t in shards[1][:5] + shards[1][6:] + shards[2]}
+    assert "Left out 21 training documents that are copies of validation documents" in caplog.text
+    assert "21 copies of validation documents left out of training" in capsys.readouterr().out
+    with pytest.raises(DataPreparationError, match=r"^the train split has no documents: every one it held is a copy"):
+        prepare(tmp_path / "in" / "s0.jsonl", tmp_path / "out2", sp_model, val_input=tmp_path / "val" / "s0.jsonl")
+
+
 def test_text_files_that_are_all_copies_of_one_document_cannot_be_split(tmp_path: Path, sp_model: Path):
     """Two copies of one file were split into one trained on and one validated on. Held out together, they leave
     nothing to train on, or to validate on: one line, as for a single file."""
@@ -1030,7 +1057,7 @@ def test_missing_text_field_names_the_file(tmp_path: Path, sp_model: Path, corpu
     with pytest.raises(DataPreparationError, match=rf"^'id' is int, not text — {numbered}:1 — name the text field"):
         prepare(numbered, tmp_path / "out", sp_model, text_field="id")
     val = tmp_path / "val.jsonl"
-    val.write_text(bad.read_text())
+    val.write_text(json.dumps({"content": "goodbye"}) + "\n")
     assert prepare(bad, tmp_path / "out", sp_model, text_field="content", val_input=val).is_dir()
 
 
