@@ -1,6 +1,7 @@
 """`prepare` on user corpora (text, JSONL, parquet; sentencepiece, HF, trained tokenizers), bad input, mixing,
 resume through a Lightning checkpoint and two-rank reading. Tiny inputs in tmp dirs; no network."""
 
+import codecs
 import gzip
 import json
 import os
@@ -954,10 +955,11 @@ def test_a_utf8_byte_order_mark_is_not_part_of_the_text(tmp_path: Path):
     (tmp_path / "rows.jsonl").write_bytes(
         "".join(("\ufeff" if i == 0 else "") + json.dumps({"text": t}) + "\r\n" for i, t in enumerate("ab")).encode()
     )
+    (tmp_path / "spaced.jsonl").write_bytes(codecs.BOM_UTF8 + b'\r\n{"text": "c"}\n')  # then a blank line: was bad
     bad = []
     texts = [text for f in discover_files([tmp_path]) for _, text in iter_documents(f, "text", bad.append)]
     assert not bad
-    assert texts == ["café\r\n", "a", "b"]
+    assert texts == ["café\r\n", "a", "b", "c"]
 
 
 def test_a_split_decodes_and_hashes_each_record_once(tmp_path: Path, monkeypatch):

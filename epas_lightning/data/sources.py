@@ -463,10 +463,12 @@ def _jsonl_records(f: InputFile) -> Iterator[tuple[int, object]]:
                 if isinstance(line, str):  # not held: read past
                     yield lineno, BadDocument(f"{f.path}:{lineno}", line)
                     continue
+                if lineno == 1:  # a BOM is no text (a file that starts with it, then a blank line, too)
+                    line = line.removeprefix(codecs.BOM_UTF8)
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line.decode("utf-8-sig" if lineno == 1 else "utf-8"))  # a BOM is no text
+                    record = json.loads(line.decode("utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
                     reason = _CR_BAD if _records_end_with_cr(line) else f"not a UTF-8 JSON line ({e})"
                     record = BadDocument(f"{f.path}:{lineno}", reason)
