@@ -10,7 +10,9 @@ the *comparison* at CPU scale on real text (the built-in corpus: the Python stan
 2. evaluate held-out loss of every model at every region length 0..target (the deepest N layers share);
    (d) post-hoc sharing is (a) evaluated with N > 0.
 
-Writes ``OUT/results.csv``, ``OUT/results.md`` and ``OUT/continual.png``; the last stdout line is a JSON summary.
+Writes ``OUT/results.csv``, ``OUT/results.md``, ``OUT/continual.png`` and the checkpoints under ``OUT/checkpoints``
+into the new folder ``OUT`` (an existing one is refused), built under a hidden name beside it and renamed into place
+once complete; the last stdout line is a JSON summary.
 It runs on a CPU (``--quick``: a much shorter run); benchmarks/RESULTS.md records how long it took there.
 
     PYTHONPATH=. python experiments/continual.py --output out/continual
@@ -34,6 +36,7 @@ from epas_lightning.data import heldout_loader
 from epas_lightning.errors import ConfigError, OutputError, run_script
 from epas_lightning.evaluation.perplexity import perplexity_of_batches
 from epas_lightning.inference import deepest_layers
+from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.script_args import ScriptParser, count, positive_number, training_seed
 
 RUNS = {
@@ -44,11 +47,14 @@ RUNS = {
 
 
 OUTPUTS = ("results.csv", "results.md", "continual.png", "checkpoints")
-"""What a run writes under ``--output``; an earlier run's are never replaced."""
+"""What a run writes under ``--output``."""
+OUTPUT_KIND = "continual"
+"""The kind of output folder this script writes (``epas_lightning.outputs``)."""
 
 
 def check_out(out: Path) -> None:
-    """Refuse, before any training, an ``--output`` that is a file or holds an earlier run's outputs."""
+    """Refuse, before any training, an ``--output`` that exists: a file, an earlier run's (named as such) or any other
+    folder. The outputs are built in a new folder beside it and renamed into place, so nothing is replaced."""
     if out.exists() and not out.is_dir():
         raise OutputError("is a file, not a folder", f"--output {out}", "choose a folder")
     earlier = [name for name in OUTPUTS if (out / name).exists()]
@@ -58,6 +64,7 @@ def check_out(out: Path) -> None:
             f"--output {out}",
             "choose another --output, or move those files away",
         )
+    check_output(out, OUTPUT_KIND)
 
 
 def check_model(args: argparse.Namespace) -> None:
@@ -191,35 +198,35 @@ def main() -> None:
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
-    args.output.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    pretrained = train(args, args.pretrain_steps, args.pretrain_lr, sharing_callback("dense", args), None, args.output)
-    timings = {"pretrain_s": time.perf_counter() - t0}
-    checkpoints = {"pretrained": pretrained}
-    for kind in RUNS:
-        t = time.perf_counter()
-        checkpoints[kind] = train(
-            args, args.continue_steps, args.continue_lr, sharing_callback(kind, args), pretrained, args.output
-        )
-        timings[f"{kind}_s"] = time.perf_counter() - t
-    table = {name: evaluate_all(path, args) for name, path in checkpoints.items()}
-    timings["total_s"] = time.perf_counter() - t0
+    with output_folder(args.output, OUTPUT_KIND) as out:  # built beside --output, renamed into place once complete
+        t0 = time.perf_counter()
+        pretrained = train(args, args.pretrain_steps, args.pretrain_lr, sharing_callback("dense", args), None, out)
+        timings = {"pretrain_s": time.perf_counter() - t0}
+        checkpoints = {"pretrained": pretrained}
+        for kind in RUNS:
+            t = time.perf_counter()
+            checkpoints[kind] = train(
+                args, args.continue_steps, args.continue_lr, sharing_callback(kind, args), pretrained, out
+            )
+            timings[f"{kind}_s"] = time.perf_counter() - t
+        table = {name: evaluate_all(path, args) for name, path in checkpoints.items()}
+        timings["total_s"] = time.perf_counter() - t0
 
-    lengths = list(range(args.target + 1))
-    with (args.output / "results.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["run", *[f"loss_N{n}" for n in lengths]])
+        lengths = list(range(args.target + 1))
+        with (out / "results.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["run", *[f"loss_N{n}" for n in lengths]])
+            for name, losses in table.items():
+                writer.writerow([name, *[f"{x:.4f}" for x in losses]])
+        header = "| model | " + " | ".join(f"N={n}" for n in lengths) + " |"
+        rows = [header, "|---|" + "---|" * len(lengths)]
+        names = {"pretrained": "start checkpoint (no continuation)", **RUNS}
+        names["dense"] = "(a) continue dense; N > 0 = (d) post-hoc sharing"
         for name, losses in table.items():
-            writer.writerow([name, *[f"{x:.4f}" for x in losses]])
-    header = "| model | " + " | ".join(f"N={n}" for n in lengths) + " |"
-    rows = [header, "|---|" + "---|" * len(lengths)]
-    names = {"pretrained": "start checkpoint (no continuation)", **RUNS}
-    names["dense"] = "(a) continue dense; N > 0 = (d) post-hoc sharing"
-    for name, losses in table.items():
-        rows.append(f"| {names[name]} | " + " | ".join(f"{x:.4f}" for x in losses) + " |")
-    markdown = "\n".join(rows)
-    (args.output / "results.md").write_text(markdown + "\n")
-    plot(table, args, args.output / "continual.png")
+            rows.append(f"| {names[name]} | " + " | ".join(f"{x:.4f}" for x in losses) + " |")
+        markdown = "\n".join(rows)
+        (out / "results.md").write_text(markdown + "\n")
+        plot(table, args, out / "continual.png")
 
     full = args.target
     summary = {

@@ -27,7 +27,8 @@ other processes lands on all variants alike instead of on whichever ran while th
 comparisons read every variant's validation curve at the same own time (the shortest run's total), interpolated
 linearly.
 
-Outputs under ``--output`` (default ``out/pretrain_compare/``, gitignored): TensorBoard runs side by side in
+Outputs in the new folder ``--output`` (default ``out/pretrain_compare/``, gitignored; an existing one is refused),
+built under a hidden name beside it and renamed into place once complete: TensorBoard runs side by side in
 ``tb/<variant>/`` (scalars ``val/loss``, ``train/loss``, ``perf/tokens_per_s``, ``sharing/layers``,
 ``time/own_seconds`` by step; each event's wall time is the run's start plus the variant's own training time, so
 TensorBoard's "Relative" axis is own time; ``val/loss_by_own_ms`` has own milliseconds as its step), ``loss.png``
@@ -60,6 +61,7 @@ from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.config import PRESETS
 from epas_lightning.optim import default_optimizer
+from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.script_args import ScriptParser, count, fraction, positive_number, training_seed, whole_number
 
 VARIANTS = ("dense", "epas", "static", "shallow")
@@ -394,12 +396,14 @@ def open_writers(out: Path, names: tuple[str, ...]) -> dict:
 
 
 OUTPUTS = ("results.md", "results.json", "loss.png")
-"""What a run writes under ``--output`` beside its TensorBoard runs; an earlier run's (or the user's) are never
-replaced."""
+"""What a run writes under ``--output`` beside its TensorBoard runs."""
+OUTPUT_KIND = "pretrain_compare"
+"""The kind of output folder this script writes (``epas_lightning.outputs``)."""
 
 
 def check_out(out: Path) -> None:
-    """Refuse, before any work, an ``--output`` that is a file or holds an earlier comparison's outputs."""
+    """Refuse, before any work, an ``--output`` that exists: a file, an earlier comparison's (named as such) or any
+    other folder. The outputs are built in a new folder beside it and renamed into place, so nothing is replaced."""
     if out.exists() and not out.is_dir():
         raise OutputError("is a file, not a folder", f"--output {out}", "choose a folder")
     if any((out / "tb").glob("*/events.out.tfevents.*")):  # TensorBoard would merge both runs into one curve each
@@ -411,6 +415,7 @@ def check_out(out: Path) -> None:
             f"--output {out}",
             "choose another --output, or move those files away",
         )
+    check_output(out, OUTPUT_KIND)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -423,22 +428,24 @@ def main(argv: list[str] | None = None) -> dict:
     sharing = schedules(args, config.n_layer)
     train, val, data = load_batches(args, config.vocab_size)
     runs = {name: build_run(name, config, sharing[name], args) for name in VARIANTS}
-    out.mkdir(parents=True, exist_ok=True)
-    writers = open_writers(out, VARIANTS)
-    for name in VARIANTS:
-        target = list(sharing[name].schedule.target_layers) if sharing[name].enabled else []
-        print(f"{name:8s} region (growth order) {target}")
-    start = time.perf_counter()
-    train_all(runs, train, val, args, writers)
-    for name in VARIANTS:
-        if name in writers:
-            writers[name].close()
-    result = summarize(runs, args, config, data)
-    result["total_seconds"] = time.perf_counter() - start
-    table = markdown(result)
-    (out / "results.md").write_text(table)
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    plot(runs, out / "loss.png")
+    with output_folder(out, OUTPUT_KIND) as build:  # built beside --output, renamed into place once complete
+        writers = open_writers(build, VARIANTS)
+        try:
+            for name in VARIANTS:
+                target = list(sharing[name].schedule.target_layers) if sharing[name].enabled else []
+                print(f"{name:8s} region (growth order) {target}")
+            start = time.perf_counter()
+            train_all(runs, train, val, args, writers)
+        finally:
+            for name in VARIANTS:
+                if name in writers:
+                    writers[name].close()
+        result = summarize(runs, args, config, data)
+        result["total_seconds"] = time.perf_counter() - start
+        table = markdown(result)
+        (build / "results.md").write_text(table)
+        (build / "results.json").write_text(json.dumps(result, indent=1))
+        plot(runs, build / "loss.png")
     print()
     print(table)
     print(f"outputs: {out}/ (tb/, loss.png, results.md, results.json)")

@@ -94,7 +94,9 @@ def test_mfu_reports_utilisation_against_measured_peaks(quick_main):
 
 @pytest.mark.slow
 def test_pretrain_compare_writes_every_output(quick_main, tmp_path):
-    r = quick_main("experiments/pretrain_compare.py", "--output", str(tmp_path))
+    r = quick_main("experiments/pretrain_compare.py", "--output", str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == ["out"]  # no build folder left beside it
+    tmp_path = tmp_path / "out"
     assert set(r["variants"]) == {"dense", "epas", "static", "shallow"}
     v = r["variants"]
     assert v["dense"]["final_shared_layers"] == []
@@ -396,6 +398,88 @@ def test_pretrain_compare_refuses_an_output_it_would_replace_and_names_its_own_f
     with pytest.raises(ConfigError, match="unknown model preset") as refused:
         pretrain_compare.main(["--quick", "--model", "nosuch", "--output", out])
     assert refused.value.where == "--model nosuch" and refused.value.fix.startswith("choose one of debug, demo")
+
+
+def test_pretrain_compare_leaves_nothing_when_it_fails_midway(tmp_path, monkeypatch):
+    """results.md and results.json were written straight into --output before the plot: a run that failed (or was
+    killed) there left a half set of results, which also blocked the next run at the same --output."""
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import pretrain_compare
+
+    def failing_plot(runs, path):
+        assert (path.parent / "results.md").is_file() and (path.parent / "tb" / "dense").is_dir()  # midway
+        raise RuntimeError("plot failed")
+
+    monkeypatch.setattr(pretrain_compare, "plot", failing_plot)
+    with pytest.raises(RuntimeError, match="plot failed"):
+        pretrain_compare.main(["--quick", "--threads", "1", "--steps", "2", "--output", str(tmp_path / "out")])
+    assert os.listdir(tmp_path) == []  # neither the output nor a hidden build folder
+
+
+def test_the_experiments_refuse_an_existing_output_folder_before_any_work(tmp_path, monkeypatch):
+    """Their outputs are built beside --output and renamed into place: a folder already there (the user's own, or
+    one made beforehand) is refused, not written into."""
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import continual
+    import pretrain_compare
+
+    from epas_lightning.errors import OutputError
+
+    monkeypatch.setattr(pretrain_compare, "load_batches", lambda *a: pytest.fail("loaded data before the checks"))
+    monkeypatch.setattr(continual, "train", lambda *a, **k: pytest.fail("trained before checking --output"))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine\n")
+    (tmp_path / "empty").mkdir()
+    for name in ("mine", "empty"):
+        out = str(tmp_path / name)
+        with pytest.raises(OutputError, match="^the output already exists") as refused:
+            pretrain_compare.main(["--quick", "--output", out])
+        assert refused.value.where == f"--output {out}"
+        monkeypatch.setattr(sys, "argv", ["continual.py", "--quick", "--output", out])
+        with pytest.raises(OutputError, match="^the output already exists") as refused:
+            continual.main()
+        assert refused.value.where == f"--output {out}"
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"] and os.listdir(tmp_path / "empty") == []
+
+
+def test_continual_leaves_nothing_when_it_fails_midway_and_everything_when_it_succeeds(tmp_path, monkeypatch):
+    """The pretrained checkpoint was saved straight into --output/checkpoints: a run that failed after it left it
+    there, and the next run at that --output was refused for the checkpoints of an earlier run."""
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import continual
+
+    trained = []
+
+    def fake_train(args, steps, lr, callback, init_from, out):
+        if len(trained) == fail_at:
+            raise RuntimeError("training failed")
+        path = out / "checkpoints" / f"{['pretrained', *continual.RUNS][len(trained)]}.ckpt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"checkpoint")
+        trained.append(path)
+        return path
+
+    monkeypatch.setattr(continual, "train", fake_train)
+    monkeypatch.setattr(continual, "evaluate_all", lambda path, args: [1.0] * (args.target + 1))
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["continual.py", "--quick", "--threads", "1", "--output", str(out)])
+    loggers = [logging.getLogger(name) for name in ("lightning", "lightning.pytorch")]  # main quiets them
+    levels = [log.level for log in loggers]
+    try:
+        fail_at = 1  # after the pretraining
+        with pytest.raises(RuntimeError, match="training failed"):
+            continual.main()
+        assert len(trained) == 1 and os.listdir(tmp_path) == []  # neither the output nor a hidden build folder
+        trained.clear()
+        fail_at = None
+        continual.main()
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
+    assert os.listdir(tmp_path) == ["out"]
+    assert sorted(os.listdir(out)) == sorted([".epas_output.json", *continual.OUTPUTS])
+    assert sorted(os.listdir(out / "checkpoints")) == sorted(f"{name}.ckpt" for name in ["pretrained", *continual.RUNS])
+    assert (out / "results.csv").read_text().splitlines()[0] == "run,loss_N0,loss_N1,loss_N2,loss_N3"
 
 
 def test_pretrain_compare_reports_the_region_its_last_step_trained_with(monkeypatch):

@@ -1,6 +1,7 @@
 """`prepare` on user corpora (text, JSONL, parquet; sentencepiece, HF, trained tokenizers), bad input, mixing,
 resume through a Lightning checkpoint and two-rank reading. Tiny inputs in tmp dirs; no network."""
 
+import codecs
 import gzip
 import json
 import os
@@ -23,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from epas_lightning.cli import main as cli_main
 from epas_lightning.data import TokenDataModule, load_tokenizer
 from epas_lightning.data import prepare as prepare_module
-from epas_lightning.data.layout import DataCheckError
+from epas_lightning.data.layout import DataCheckError, load_meta
 from epas_lightning.data.prepare import prepare_dataset as prepare
 from epas_lightning.data.sources import DataPreparationError
 from epas_lightning.errors import DataError, OutputError
@@ -307,6 +308,31 @@ def test_trained_tokenizer_is_saved_next_to_the_data(corpus, tmp_path: Path):
     assert meta["splits"]["val"]["documents"] >= 1  # one note at least, held out whole
     with pytest.raises(DataError, match=r"has 300 tokens but the model's vocab_size is 280"):
         tiny_dm(str(out), vocab_size=280)
+
+
+def test_a_tokenizer_json_saved_with_truncation_and_padding_reads_whole_documents(tmp_path: Path):
+    """transformers saves the truncation and padding a tokenizer last used into its tokenizer.json: every document was
+    cut at that max_length and padded to that length in the prepared streams (and prompts, chats too), unsaid."""
+    from tokenizers import Tokenizer
+
+    from epas_lightning.serve.chat import control_token_encoder
+
+    plain = load_tokenizer(train_hf_tokenizer(tmp_path / "plain.json"))
+    saved = Tokenizer.from_file(str(plain.path))
+    saved.enable_truncation(max_length=16)
+    saved.enable_padding(length=20, pad_id=0, pad_token="<unk>")
+    (tmp_path / "tok").mkdir()
+    saved.save(str(tmp_path / "tok" / "tokenizer.json"))
+    (tmp_path / "in").mkdir()
+    docs = [make_text(random.Random(i), 60) for i in range(6)]
+    for i, doc in enumerate(docs):
+        (tmp_path / "in" / f"d{i}.txt").write_text(doc)
+    out = prepare(tmp_path / "in", tmp_path / "out", tmp_path / "tok", val_fraction=0.3, num_workers=1)
+    streams = [documents_of(out / split, plain.bos_id, plain.eos_id) for split in ("train", "val")]
+    assert sorted(ids for stream in streams for ids in stream) == sorted(map(plain.encode, docs))
+    assert len(plain.encode(docs[0])) > 20
+    tokenizer = load_tokenizer(out / "tokenizer.json")
+    assert tokenizer.encode(docs[0]) == control_token_encoder(tokenizer)(docs[0]) == plain.encode(docs[0])
 
 
 def test_special_token_text_in_a_document_is_text(tmp_path: Path, sp_model: Path):
@@ -881,6 +907,33 @@ def test_a_shard_given_twice_is_validated_on_apart_from_what_is_trained_on(tmp_p
     assert (meta["splits"]["val"]["documents"], meta["documents"]) == (val.total(), 240)
 
 
+def test_copies_of_val_input_documents_are_not_trained_on(tmp_path: Path, sp_model: Path, caplog, capsys):
+    """--val-input held out only the files that are --input files too (a link to one as well): a shard copied as the
+    validation file, or a record found in both, was trained on and validated on, and the validation loss flattered
+    the model. Such copies are left out of training (and of a trained tokenizer's texts), and said to be."""
+    rng = random.Random(3)
+    shards = [[make_text(rng, 12) for _ in range(20)] for _ in range(3)]
+    (tmp_path / "in").mkdir()
+    for i, shard in enumerate(shards):
+        (tmp_path / "in" / f"s{i}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in shard))
+    (tmp_path / "val").mkdir()
+    shutil.copy(tmp_path / "in" / "s0.jsonl", tmp_path / "val" / "s0.jsonl")  # a copy, not a link
+    (tmp_path / "val" / "more.txt").write_text(shards[1][5])  # one record's text, as a text file
+    out = tmp_path / "out"
+    argv = ["prepare", "--input", str(tmp_path / "in"), "--val-input", str(tmp_path / "val"), "--output", str(out)]
+    assert cli_main([*argv, "--tokenizer", str(sp_model), "--num-workers", "2", "--no-progress"]) == 0
+    tokenizer = load_tokenizer(sp_model)
+    train, val = ({tuple(d) for d in documents_of(out / split, 1, 2)} for split in ("train", "val"))
+    assert len(val) == 21 and not train & val and len(train) == 39
+    meta = load_meta(out)
+    assert (meta["splits"]["train"]["documents"], meta["splits"]["train"]["copies_of_val"]) == (39, 21)
+    assert train == {tuple(tokenizer.encode(t)) for t in shards[1][:5] + shards[1][6:] + shards[2]}
+    assert "Left out 21 training documents that are copies of validation documents" in caplog.text
+    assert "21 copies of validation documents left out of training" in capsys.readouterr().out
+    with pytest.raises(DataPreparationError, match=r"^the train split has no documents: every one it held is a copy"):
+        prepare(tmp_path / "in" / "s0.jsonl", tmp_path / "out2", sp_model, val_input=tmp_path / "val" / "s0.jsonl")
+
+
 def test_text_files_that_are_all_copies_of_one_document_cannot_be_split(tmp_path: Path, sp_model: Path):
     """Two copies of one file were split into one trained on and one validated on. Held out together, they leave
     nothing to train on, or to validate on: one line, as for a single file."""
@@ -902,10 +955,11 @@ def test_a_utf8_byte_order_mark_is_not_part_of_the_text(tmp_path: Path):
     (tmp_path / "rows.jsonl").write_bytes(
         "".join(("\ufeff" if i == 0 else "") + json.dumps({"text": t}) + "\r\n" for i, t in enumerate("ab")).encode()
     )
+    (tmp_path / "spaced.jsonl").write_bytes(codecs.BOM_UTF8 + b'\r\n{"text": "c"}\n')  # then a blank line: was bad
     bad = []
     texts = [text for f in discover_files([tmp_path]) for _, text in iter_documents(f, "text", bad.append)]
     assert not bad
-    assert texts == ["café\r\n", "a", "b"]
+    assert texts == ["café\r\n", "a", "b", "c"]
 
 
 def test_a_split_decodes_and_hashes_each_record_once(tmp_path: Path, monkeypatch):
@@ -1005,7 +1059,7 @@ def test_missing_text_field_names_the_file(tmp_path: Path, sp_model: Path, corpu
     with pytest.raises(DataPreparationError, match=rf"^'id' is int, not text — {numbered}:1 — name the text field"):
         prepare(numbered, tmp_path / "out", sp_model, text_field="id")
     val = tmp_path / "val.jsonl"
-    val.write_text(bad.read_text())
+    val.write_text(json.dumps({"content": "goodbye"}) + "\n")
     assert prepare(bad, tmp_path / "out", sp_model, text_field="content", val_input=val).is_dir()
 
 
@@ -1405,6 +1459,19 @@ def test_mixing_datasets_with_different_tokenizers_is_refused(sp_data: Path, tmp
         with pytest.raises(DataCheckError, match=r"data.val_dir was tokenized differently .* same --tokenizer"):
             tiny_dm(str(sp_data), val_dir=str(val_dir))
     assert tiny_dm(str(sp_data), val_dir=str(sp_data / "val")).val_streams() == [sp_data / "val"]
+
+
+def test_mixing_datasets_whose_documents_end_in_other_tokens_is_refused(sp_data, sp_model, tmp_path, corpus):
+    """Two folders prepared with one tokenizer file but other --bos-token/--eos-token were mixed (and one validated on
+    the other) as if they were one: half the documents began with another id than the model was told of."""
+    other = prepare(corpus[0] / "notes", tmp_path / "other", sp_model, bos_token="</s>", num_workers=1)
+    ids = [(meta["bos_id"], meta["eos_id"]) for meta in map(load_meta, (sp_data, other))]
+    assert ids == [(1, 2), (2, 2)]
+    with pytest.raises(DataCheckError, match=r"^the data directories to mix wrap .* ids \(1/2, 2/2\) — .* same --bos"):
+        tiny_dm([str(sp_data), str(other)])
+    for val_dir in (other, other / "val"):
+        with pytest.raises(DataCheckError, match=r"^data.data_dir and data.val_dir wrap .* ids \(1/2, 2/2\)"):
+            tiny_dm(str(sp_data), val_dir=str(val_dir))
 
 
 class BatchRecorder(L.LightningModule):

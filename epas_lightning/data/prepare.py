@@ -17,7 +17,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +38,7 @@ from epas_lightning.data.sources import (
     check_text_field,
     check_unchanged,
     discover_files,
+    document_hash,
     file_identity,
     plan_split,
     split_documents,
@@ -197,12 +198,25 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
         with changes_named(files):
             splits[split] = stats = write_split(files, split, build_dir / split, **common)
         check_unchanged(files)  # before what it lost is called skipped, or an empty split
+        if copies := stats["copies_of_val"]:
+            log.warning(
+                "Left out %d training document%s that %s copies of validation documents: not trained on.",
+                copies,
+                "" if copies == 1 else "s",
+                "is" if copies == 1 else "are",
+            )
         for where, reason in stats["skipped"][:20]:  # before an empty split fails: they may be why
             log.warning("Skipped %s: %s", where, reason)
         if len(stats["skipped"]) > 20:
             log.warning("... and %d more skipped in the %s split.", len(stats["skipped"]) - 20, split)
         given = split == "val" and options.val_inputs
         where = "--val-input " + " ".join(map(str, options.val_inputs)) if given else "--input"
+        if stats["documents"] == 0 and stats["copies_of_val"] and not stats["skipped"]:
+            raise DataPreparationError(
+                f"the {split} split has no documents: every one it held is a copy of a validation document",
+                where,
+                "give --val-input files apart from the --input ones",
+            )
         if stats["documents"] == 0 and stats["skipped"]:
             raise DataPreparationError(
                 f"the {split} split has no documents: every one it held was skipped (said above)",
@@ -361,7 +375,7 @@ def prepare_dataset(
                     "is" if held_out == 1 else "are",
                     "it is" if held_out == 1 else "they are",
                 )
-            files = train_files + val_files
+            files = with_held_documents(train_files, val_files, text_field) + val_files
         else:
             files = plan_split(files, val_fraction)
         if sum(f.n_bytes for f in files) == 0:
@@ -386,6 +400,15 @@ def prepare_dataset(
     return output
 
 
+def with_held_documents(train_files: list[InputFile], val_files: list[InputFile], text_field: str) -> list[InputFile]:
+    """``train_files`` holding the hashes of the documents of ``val_files`` (read here for them): a copy of one in a
+    training file (a shard copied as the validation file, a record found in both) is left out of training, as the
+    hash split holds copies of a text out together."""
+    texts = split_documents(val_files, "val", 0.0, text_field, lambda bad: None)  # bad ones: said when written
+    held = frozenset(map(document_hash, texts))
+    return [replace(f, held=held) for f in train_files]
+
+
 def leave_out_tokenizer(files: list[InputFile], tokenizer: str | Path | None) -> list[InputFile]:
     """``files`` without the ``--tokenizer`` file, which an input folder may hold (a model's ``tokenizer.json`` beside
     its texts): it is the vocabulary, not a document of the corpus."""
@@ -404,6 +427,8 @@ def summary_line(output: Path, meta: dict) -> str:
     s = meta["splits"]
     n_skipped = sum(meta.get("skipped", {}).values())
     skipped = f", {n_skipped:,} bad files or records skipped (see the warnings)" if n_skipped else ""
+    if copies := s["train"].get("copies_of_val"):
+        skipped += f", {copies:,} copies of validation documents left out of training"
     return (
         f"Prepared {output}: {meta['documents']:,} documents ({s['train']['documents']:,} train / "
         f"{s['val']['documents']:,} val){skipped}, {meta['tokens']:,} tokens, {meta['bytes'] / 1e6:,.1f} MB of text in "

@@ -76,9 +76,10 @@ class InputFile:
     stamp: tuple[int, int] | None = None
     """The whole file's ``(size, mtime_ns)`` when it was found (:func:`file_stamp`): a file that changes while it is
     prepared is found out (:func:`check_unchanged`); ``None``: not checked."""
-    held: tuple[float, ...] = ()
+    held: frozenset[float] = frozenset()
     """The hashes of documents held out beside those below the fraction (a ``hash`` file's): the text file held out
-    where none hashed below it, so that a record with its text is held out too."""
+    where none hashed below it, so that a record with its text is held out too. Of a ``train`` file, those of the
+    validation documents (``--val-input``): a copy of one is left out of training."""
 
 
 def file_kind(path: Path, explicit: bool) -> str | None:
@@ -383,7 +384,7 @@ def plan_split(files: list[InputFile], val_fraction: float) -> list[InputFile]:
             f"val_fraction={val_fraction} leaves no training files.", "--val-fraction", "hold out a smaller fraction"
         )
     text = [with_split(f, "val" if hashes[f.path] in held else "train") for f in text]
-    return text + empty + [replace(f, held=tuple(forced)) for f in records]
+    return text + empty + [replace(f, held=frozenset(forced)) for f in records]
 
 
 def with_split(f: InputFile, split: str) -> InputFile:
@@ -462,10 +463,12 @@ def _jsonl_records(f: InputFile) -> Iterator[tuple[int, object]]:
                 if isinstance(line, str):  # not held: read past
                     yield lineno, BadDocument(f"{f.path}:{lineno}", line)
                     continue
+                if lineno == 1:  # a BOM is no text (a file that starts with it, then a blank line, too)
+                    line = line.removeprefix(codecs.BOM_UTF8)
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line.decode("utf-8-sig" if lineno == 1 else "utf-8"))  # a BOM is no text
+                    record = json.loads(line.decode("utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
                     reason = _CR_BAD if _records_end_with_cr(line) else f"not a UTF-8 JSON line ({e})"
                     record = BadDocument(f"{f.path}:{lineno}", reason)
@@ -609,14 +612,20 @@ def iter_documents(f: InputFile, text_field: str, on_bad: Callable[[BadDocument]
 
 
 def split_documents(
-    files: Sequence[InputFile], split: str, val_fraction: float, text_field: str, on_bad: Callable
+    files: Sequence[InputFile],
+    split: str,
+    val_fraction: float,
+    text_field: str,
+    on_bad: Callable,
+    on_held: Callable[[], None] = lambda: None,
 ) -> Iterator[str]:
     """The texts of ``split`` (``train`` or ``val``) among ``files``, in order; empty documents are dropped.
 
     A document of a ``hash`` file is in the split its text hashes to (:func:`document_hash`; every record is decoded,
     its text hashed once); a bad record, which has no text, in the one its key hashes to. ``on_bad`` hears of the bad
     records of ``split`` only (each bad record once over the two splits), and of a file of records that cannot be
-    read in ``train``.
+    read in ``train``. A document of a ``train`` file that is a copy of a validation document (its ``held``) is left
+    out, and ``on_held`` called.
     """
     val = split == "val"
 
@@ -628,7 +637,11 @@ def split_documents(
         if f.split not in (split, "hash"):
             continue
         if f.split != "hash":
-            yield from (text for _, text in iter_documents(f, text_field, on_bad) if text)
+            for _, text in iter_documents(f, text_field, on_bad):
+                if text and f.held and document_hash(text) in f.held:
+                    on_held()
+                elif text:
+                    yield text
             continue
         for _, text in iter_documents(f, text_field, on_bad_of_split):
             if text and ((h := document_hash(text)) < val_fraction or h in f.held) == val:

@@ -103,6 +103,23 @@ def check_data_section(data_dir: str | list[str] | None, val_dir: str | None, vo
         val_stream(Path(val_dir).expanduser())
 
 
+def check_same_separators(folders: list[tuple[Path, dict]], what: str) -> None:
+    """A :class:`DataCheckError` unless the prepared ``folders`` (each with its ``meta.json``) wrap their documents in
+    the same BOS and EOS ids: one tokenizer file prepared with other ``--bos-token``/``--eos-token`` ends the documents
+    of each with another id, and a model trained on them, or scored on them, learns no one end. A ``meta.json`` that
+    records no ids (not written by ``prepare``) is left out: nothing can be said of it."""
+    ids = {folder: (meta.get("bos_id"), meta.get("eos_id")) for folder, meta in folders}
+    ids = {folder: pair for folder, pair in ids.items() if None not in pair}
+    if len(set(ids.values())) > 1:
+        raise DataCheckError(
+            f"{what} wrap their documents in other BOS/EOS token ids ("
+            + ", ".join(f"{bos}/{eos}" for bos, eos in ids.values())
+            + ")",
+            ", ".join(map(str, ids)),
+            "prepare them with the same --bos-token and --eos-token",
+        )
+
+
 def check_data_flag(data: str | Path | None, flag: str = "--data") -> None:
     """A command's ``--data``: unset (the checkpoint's own data), or a complete prepared directory."""
     if data is not None:
@@ -336,6 +353,8 @@ class TokenData:
                 ", ".join(map(str, tokenizer_files)),
                 "prepare them with the same --tokenizer",
             )
+        if len(self.data_dirs) > 1:
+            check_same_separators(list(zip(self.data_dirs, metas, strict=True)), "the data directories to mix")
         if (val_data := self._prepared_val_dir()) is not None:
             check_recorded_tokenizer(val_data, f"data.val_dir {self.val_dir}")
             val_tokenizer = tokenizer_file(val_data)
@@ -345,6 +364,8 @@ class TokenData:
                     f"{val_tokenizer}, {tokenizer_files[0]}",
                     "prepare them with the same --tokenizer",
                 )
+            pairs = [(self.data_dirs[0], metas[0]), (val_data, load_meta(val_data))]
+            check_same_separators(pairs, "data.data_dir and data.val_dir")
         self.check_model_tokenizer()
         for stream in self.train_streams() + self.val_streams():
             check_stream(stream)

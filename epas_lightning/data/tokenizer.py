@@ -288,10 +288,8 @@ def _open(path: Path) -> tuple[str, Any]:
     with path.open("rb") as f:
         head = f.read(64).lstrip()
     if path.suffix == ".json" or head.startswith(b"{"):
-        from tokenizers import Tokenizer
-
         try:
-            return "hf", Tokenizer.from_file(str(path))
+            return "hf", hf_pipeline(path)
         except Exception as e:
             raise TokenizerError(f"not a readable HF tokenizer.json ({e})", path, NOT_A_TOKENIZER_FIX) from e
     import sentencepiece as spm
@@ -302,6 +300,18 @@ def _open(path: Path) -> tuple[str, Any]:
         raise TokenizerError(
             f"neither a tokenizer.json nor a sentencepiece model ({e})", path, NOT_A_TOKENIZER_FIX
         ) from e
+
+
+def hf_pipeline(path: str | Path):  # noqa: ANN201
+    """The ``tokenizers.Tokenizer`` of a ``tokenizer.json``, giving every id of a text: without the truncation and
+    padding the file may have been saved with (``transformers`` saves the ones last used), which cut every document
+    at their ``max_length`` and padded it to their length."""
+    from tokenizers import Tokenizer
+
+    pipeline = Tokenizer.from_file(str(path))
+    pipeline.no_truncation()
+    pipeline.no_padding()
+    return pipeline
 
 
 def _tokens_by_id(path: Path) -> dict[int, str]:

@@ -68,18 +68,21 @@ class WorkItem:
 def tokenize_work_item(item: WorkItem) -> Iterator[torch.Tensor]:
     """``litdata.optimize`` work function: one ``BOS + tokens + EOS`` int32 tensor per document.
 
-    Writes ``documents/bytes/tokens/skipped`` to a file in ``item.stats_dir`` (workers are separate processes), the
-    message of a fatal input error to ``error-*.txt`` there and the traceback of any other failure to ``crash-*.txt``,
-    so the parent can re-raise them cleanly.
+    Writes ``documents/bytes/tokens/copies_of_val/skipped`` to a file in ``item.stats_dir`` (workers are separate
+    processes), the message of a fatal input error to ``error-*.txt`` there and the traceback of any other failure to
+    ``crash-*.txt``, so the parent can re-raise them cleanly.
     """
     import torch
 
-    stats = {"documents": 0, "bytes": 0, "tokens": 0, "skipped": []}
+    stats = {"documents": 0, "bytes": 0, "tokens": 0, "copies_of_val": 0, "skipped": []}
 
     def on_bad(bad: BadDocument) -> None:
         if item.on_bad == "fail":
             raise DataPreparationError(bad.reason, bad.where, "pass --on-bad skip to skip it")
         stats["skipped"].append([bad.where, bad.reason])
+
+    def on_held() -> None:  # a training document that is a copy of a validation one: left out
+        stats["copies_of_val"] += 1
 
     def encode(texts: list[str]) -> Iterator[torch.Tensor]:
         for ids in tokenizer.encode_batch(texts, threads=False):  # forked: starting threads is unsafe
@@ -90,7 +93,7 @@ def tokenize_work_item(item: WorkItem) -> Iterator[torch.Tensor]:
         tokenizer = load_tokenizer_once(item.tokenizer_path, item.bos_token, item.eos_token)
         batch: list[str] = []
         batch_bytes = 0
-        for text in split_documents(item.files, item.split, item.val_fraction, item.text_field, on_bad):
+        for text in split_documents(item.files, item.split, item.val_fraction, item.text_field, on_bad, on_held):
             n_bytes = len(text.encode("utf-8"))
             if batch and batch_bytes + n_bytes > _BYTES_PER_BATCH:
                 yield from encode(batch)
@@ -415,7 +418,7 @@ def write_split(
         raise RuntimeError(f"Tokenizing the {split} split failed in a worker:\n{crashes[0].read_text()}")
     if len(list(stats_dir.glob("*.json"))) < len(items):  # each work item done writes one
         raise worker_lost(WorkerEnded(None), split, workers)
-    stats = {"documents": 0, "bytes": 0, "tokens": 0, "skipped": []}
+    stats = {"documents": 0, "bytes": 0, "tokens": 0, "copies_of_val": 0, "skipped": []}
     for path in stats_dir.glob("*.json"):
         for key, value in json.loads(path.read_text()).items():
             stats[key] += value

@@ -251,10 +251,10 @@ def control_token_encoder(tokenizer: TextTokenizer) -> Callable[[str], list[int]
 
 @functools.lru_cache(maxsize=2)
 def _control_token_pipeline(path: str, kind: str) -> Callable[[str], list[int]]:
-    from tokenizers import Tokenizer
+    from epas_lightning.data.tokenizer import hf_pipeline
 
     if kind == "hf":
-        pipeline = Tokenizer.from_file(path)
+        pipeline = hf_pipeline(path)
     else:
         from epas_lightning.hf.sentencepiece_json import sentencepiece_tokenizer
 
