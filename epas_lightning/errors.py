@@ -241,7 +241,8 @@ def error_line(error: BaseException) -> str:
 
 def run_script(main: Callable[[], object]) -> None:
     """Run a script's ``main()`` (``benchmarks/``, ``experiments/``) under this policy: a :class:`UserError` prints one
-    line on stderr and exits with status 2 (with its traceback when ``EPAS_DEBUG=1``)."""
+    line on stderr and exits with status 2, Ctrl+C one line and 130, as the commands end (with the traceback when
+    ``EPAS_DEBUG=1``)."""
     try:
         main()
     except UserError as error:
@@ -249,3 +250,8 @@ def run_script(main: Callable[[], object]) -> None:
             traceback.print_exc()
         print(error_line(error), file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
+    except KeyboardInterrupt:
+        if debug_enabled():
+            traceback.print_exc()
+        print(f"interrupted: {Path(sys.argv[0]).name} stopped (Ctrl+C)", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None

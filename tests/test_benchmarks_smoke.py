@@ -226,6 +226,21 @@ def test_every_script_refuses_a_bad_count_in_one_line(benchmarks_importable, mon
         assert capsys.readouterr().err == f"error: {meant} — {path.name} — see `{path.name} --help`\n", path.name
 
 
+def test_a_script_stopped_with_ctrl_c_says_so_in_one_line(monkeypatch, capsys):
+    """Ctrl+C in a benchmark or experiment printed a KeyboardInterrupt traceback and exited 1; it is one line and 130,
+    as the commands end."""
+    from epas_lightning.errors import run_script
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "argv", ["pretrain_compare.py", "--quick"])
+    with pytest.raises(SystemExit) as stopped:
+        run_script(interrupted)
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err == "interrupted: pretrain_compare.py stopped (Ctrl+C)\n"
+
+
 def test_cuda_on_a_cpu_machine_is_a_user_error(benchmarks_importable, monkeypatch):
     import harness
 
