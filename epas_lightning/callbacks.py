@@ -13,18 +13,18 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
+from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype  # the dtype its matmuls run in
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from epas_lightning.errors import ConfigError
-from epas_lightning.flops import flop_cut, peak_flops
+from epas_lightning.flops import flop_cut, peak_dtype_name, peak_flops
 from epas_lightning.heldout_metric import HeldOutLoss
 from epas_lightning.loss import heldout_mean, token_losses
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.config import REUSED
 from epas_lightning.region import REGION_KEY, TrainedRegion, layers_asked_for, region_in_growth_order
-from epas_lightning.runtime import dtype_name
 from epas_lightning.safe_load import is_weights_only
 from epas_lightning.schedule import (
     GrowthOrder,
@@ -488,10 +488,11 @@ class TokenThroughputMonitor(ThroughputMonitor):
     """Lightning's ``ThroughputMonitor`` counting tokens: ``train/device/items_per_sec`` is tokens/s per device.
 
     FLOPs (``train/device/flops_per_sec``) follow the sharing mask through ``EPASModule.flops_per_batch``, and
-    ``train/device/mfu`` divides them by the device's dense peak: ``epas_lightning.flops.peak_flops`` for the GPUs it
-    knows (the H200 too, which Lightning's table misses), else Lightning's figure; no MFU where neither knows it
-    (CPUs). On CUDA it also logs the peak memory allocated (``train/device/peak_memory_gib``). The validations of a
-    ``fit`` log their throughput (``validate/...``) once each, at the step ``val/loss`` is logged at.
+    ``train/device/mfu`` divides them by the device's dense peak in the run's precision (32-true: tf32's unless
+    float32 matmul precision is ``highest``): ``epas_lightning.flops.peak_flops`` for the GPUs it knows (the H200
+    too, which Lightning's table misses), else Lightning's figure; no MFU where neither knows it (CPUs). On CUDA it
+    also logs the peak memory allocated (``train/device/peak_memory_gib``). The validations of a ``fit`` log their
+    throughput (``validate/...``) once each, at the step ``val/loss`` is logged at.
 
     Under gradient accumulation the training rates are those of whole optimizer steps: the window holds one entry per
     step (its micro-batches, the gradient synchronisation and the update), where Lightning's held one per micro-batch
@@ -583,7 +584,7 @@ class TokenThroughputMonitor(ThroughputMonitor):
         if stage == "fit":  # before a resumed checkpoint's totals are loaded
             self._resumed = dict.fromkeys(RUN_TOTALS, 0)
         self._world_size = trainer.world_size
-        peak = peak_flops(trainer.strategy.root_device, _compute_dtype(str(trainer.precision)))
+        peak = peak_flops(trainer.strategy.root_device, _plugin_to_compute_dtype(trainer.precision_plugin))
         with warnings.catch_warnings():
             if peak is not None:  # Lightning's own table lacks it (e.g. the H200) and says so: ours is used below
                 warnings.filterwarnings("ignore", message="FLOPs not found for")
@@ -595,7 +596,7 @@ class TokenThroughputMonitor(ThroughputMonitor):
         if self.available_flops:  # what MFU is a fraction of, said once: a figure to check against the datasheet
             device = trainer.strategy.root_device
             name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-            dtype = dtype_name(_compute_dtype(str(trainer.precision)))
+            dtype = peak_dtype_name(_plugin_to_compute_dtype(trainer.precision_plugin))
             tflops = self.available_flops / 1e12
             rank_zero_info(
                 f"MFU (train/device/mfu) divides each device's FLOP/s by {tflops:,.1f} TFLOP/s: the dense "
@@ -670,11 +671,3 @@ def peak_memory_gib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2**30
-
-
-def _compute_dtype(precision: str) -> torch.dtype:
-    if precision.startswith("bf16"):
-        return torch.bfloat16
-    if precision.startswith("16"):
-        return torch.float16
-    return torch.float32

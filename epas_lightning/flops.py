@@ -15,21 +15,22 @@ import torch
 
 from epas_lightning.errors import ConfigError
 from epas_lightning.model.config import LlamaConfig, check_is_config
-from epas_lightning.runtime import is_real_number
+from epas_lightning.runtime import dtype_name, is_real_number
 
-DENSE_BF16_PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100 80GB HBM2e", 756.0),  # the H100 PCIe's name on some hosts (the SXM's is "H100 80GB HBM3")
-    ("H100 NVL", 835.0),
-    ("H200 NVL", 835.0),
-    ("H100", 989.4),
-    ("H200", 989.4),
-    ("GH200", 989.4),  # the Grace Hopper superchip's H100/H200 GPU
-    ("A100", 312.0),
-    ("L40S", 362.05),  # Lightning's table takes an L40S or L40 for an L4
-    ("L40", 181.05),
+DENSE_PEAK_TFLOPS = (  # name: (bf16/fp16, tf32, fp32)
+    ("H100 PCIe", (756.0, 378.0, 51.2)),
+    ("H100 80GB HBM2e", (756.0, 378.0, 51.2)),  # the H100 PCIe's name on some hosts (the SXM's is "H100 80GB HBM3")
+    ("H100 NVL", (835.0, 417.5, 60.0)),
+    ("H200 NVL", (835.0, 417.5, 60.0)),
+    ("H100", (989.4, 494.7, 66.9)),
+    ("H200", (989.4, 494.7, 66.9)),
+    ("GH200", (989.4, 494.7, 66.9)),  # the Grace Hopper superchip's H100/H200 GPU
+    ("A100", (312.0, 156.0, 19.5)),
+    ("L40S", (362.05, 183.0, 91.6)),  # Lightning's table takes an L40S or L40 for an L4
+    ("L40", (181.05, 90.5, 90.5)),
 )
-"""Dense (no sparsity) bf16 tensor-core peaks per GPU name, from the vendors' datasheets; first match wins."""
+"""Dense (no sparsity) peaks per GPU name, from the vendors' datasheets: bf16/fp16 and tf32 tensor cores, and fp32
+without them; first match wins."""
 
 
 def matmul_params(config: LlamaConfig, n_shared: int = 0) -> int:
@@ -69,11 +70,23 @@ def flop_cut(config: LlamaConfig, n_shared: int, seq_len: int) -> float:
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:
-    """The dense bf16/fp16 peak FLOP/s of a known GPU (``DENSE_BF16_PEAK_TFLOPS``), else ``None``."""
-    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+    """The dense peak FLOP/s of a known GPU (``DENSE_PEAK_TFLOPS``) for matmuls in ``dtype``: float32 ones at the
+    tf32 peak unless ``torch.get_float32_matmul_precision()`` is ``"highest"``; else ``None``."""
+    column = {torch.bfloat16: 0, torch.float16: 0, torch.float32: 1 if _tf32() else 2}.get(dtype)
+    if device.type != "cuda" or column is None:
         return None
     name = torch.cuda.get_device_name(device)
-    return next((tflops * 1e12 for key, tflops in DENSE_BF16_PEAK_TFLOPS if _names(key, name)), None)
+    return next((peaks[column] * 1e12 for key, peaks in DENSE_PEAK_TFLOPS if _names(key, name)), None)
+
+
+def peak_dtype_name(dtype: torch.dtype) -> str:
+    """The name of the peak ``peak_flops`` takes for ``dtype``: ``tf32`` for float32 matmuls that run in tf32."""
+    return "tf32" if dtype == torch.float32 and _tf32() else dtype_name(dtype)
+
+
+def _tf32() -> bool:
+    """Float32 matmuls run on tf32 tensor cores (Lightning's reading too)."""
+    return torch.get_float32_matmul_precision() != "highest"
 
 
 def _names(key: str, name: str) -> bool:
