@@ -235,7 +235,8 @@ class ProgressiveSharing(Callback):
         model.trained_region = self._region_of(model)  # set_region counts N in it after fit, as in a checkpoint of it
         pl_module.log("sharing/layers", host_scalar(len(layers)), on_step=True, on_epoch=False)
         seq_len = batch.shape[1] - 1 if isinstance(batch, torch.Tensor) else model.config.block_size
-        cut = flop_cut(model.config, len(layers), seq_len) if layers else 0.0  # of dense training FLOPs, this step
+        # of dense training FLOPs, this step
+        cut = flop_cut(model.config, len(layers), seq_len, model.attention_reuse) if layers else 0.0
         pl_module.log("sharing/flop_cut", host_scalar(cut), on_step=True, on_epoch=False)
 
     @property

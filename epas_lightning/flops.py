@@ -3,7 +3,9 @@
 FLOPs per sample = 3 * s * (2 * P_matmul + 4 * L * s * d): forward plus backward (3x forward) of every linear
 weight (the LM head included, the embedding lookup not) and of the attention products QK^T and PV, counted
 without causal halving. A sharing layer drops the projections it reuses: q_proj and k_proj in ``qk`` mode,
-k_proj and v_proj in ``kv`` mode. The attention products still run in every layer.
+k_proj and v_proj in ``kv`` mode. The attention products still run in every layer, but for ``attention_reuse``
+(``qk`` mode), where a sharing layer takes the source layer's probabilities and computes PV alone. Activation
+checkpointing's recompute is not counted (model FLOPs, as MFU counts them).
 """
 
 from __future__ import annotations
@@ -51,22 +53,29 @@ def matmul_params(config: LlamaConfig, n_shared: int = 0) -> int:
     return config.n_layer * per_layer - n_shared * skipped + d * config.padded_vocab_size
 
 
-def estimate_flops(config: LlamaConfig, n_shared: int, seq_len: int, backward: bool = True) -> float:
+def estimate_flops(
+    config: LlamaConfig, n_shared: int, seq_len: int, backward: bool = True, attention_reuse: bool = False
+) -> float:
     """Training FLOPs (forward + backward) per sample of ``seq_len`` tokens with ``n_shared`` sharing layers;
-    ``backward=False``: the forward pass alone (a third: the convention counts the backward as two forwards)."""
+    ``backward=False``: the forward pass alone (a third: the convention counts the backward as two forwards).
+    ``attention_reuse``: the sharing layers reuse the source layer's attention probabilities (no QK^T)."""
     check_is_config(config, "config")
     if not is_real_number(seq_len):  # "2048" failed comparing str and int
         raise ConfigError(f"seq_len must be a number of tokens, got {seq_len!r}", "seq_len", "pass an int, e.g. 2048")
     if not seq_len >= 1:
         raise ConfigError(f"seq_len={seq_len} must be at least 1 token", "seq_len", "pass 1 or more")
-    attention = 4 * config.n_layer * seq_len * config.n_head * config.head_dim
+    params = matmul_params(config, n_shared)
+    products = 2 * config.n_layer - (n_shared if attention_reuse and config.sharing_mode == "qk" else 0)
+    attention = 2 * products * seq_len * config.n_head * config.head_dim  # QK^T and PV: 2 s d each, per token
     passes = 3.0 if backward else 1.0
-    return passes * seq_len * (2 * matmul_params(config, n_shared) + attention)
+    return passes * seq_len * (2 * params + attention)
 
 
-def flop_cut(config: LlamaConfig, n_shared: int, seq_len: int) -> float:
-    """Fraction of training FLOPs that ``n_shared`` sharing layers remove."""
-    return 1.0 - estimate_flops(config, n_shared, seq_len) / estimate_flops(config, 0, seq_len)
+def flop_cut(config: LlamaConfig, n_shared: int, seq_len: int, attention_reuse: bool = False) -> float:
+    """Fraction of training FLOPs that ``n_shared`` sharing layers remove (with ``attention_reuse``: their QK^T too)."""
+    return 1.0 - estimate_flops(config, n_shared, seq_len, attention_reuse=attention_reuse) / estimate_flops(
+        config, 0, seq_len
+    )
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:

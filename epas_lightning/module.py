@@ -370,9 +370,11 @@ class EPASModule(LightningModule):
         if self._tokens_shape is None or self.model is None:
             return None
         batch_size, seq_len = self._tokens_shape
-        flops = estimate_flops(self.config, self.n_shared, seq_len, backward=self.training)
+        reuse = self.model.attention_reuse
+        flops = estimate_flops(self.config, self.n_shared, seq_len, backward=self.training, attention_reuse=reuse)
         if not self.training:
-            flops += sum(estimate_flops(self.config, n, seq_len, backward=False) for n in self._scored_lengths())
+            lengths = self._scored_lengths()
+            flops += sum(estimate_flops(self.config, n, seq_len, False, reuse) for n in lengths)
         return batch_size * flops
 
     def _scored_lengths(self) -> list[int]:

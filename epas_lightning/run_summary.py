@@ -300,18 +300,21 @@ class FlopsModelSummary(ModelSummary):
         args = (summary.total_parameters, summary.trainable_parameters, summary.model_size)
         summarize(data, *args, summary.total_training_modes, total_flops=int(dense), **self._summarize_kwargs)
         sharing = next((c for c in trainer.callbacks if isinstance(c, ProgressiveSharing)), None)
+        reuse = bool(getattr(pl_module, "attention_reuse", False))
         if sharing is not None and sharing.enabled and sharing.schedule is not None:
-            rank_zero_info(flops_line(config, len(sharing.schedule.target_layers)))
+            rank_zero_info(flops_line(config, len(sharing.schedule.target_layers), reuse))
         else:
             rank_zero_info(flops_line(config, 0))
 
 
-def flops_line(config: LlamaConfig, target_layers: int) -> str:
-    """What the summary's FLOPs column counts, with its figure, and what the full region cuts from it."""
+def flops_line(config: LlamaConfig, target_layers: int, attention_reuse: bool = False) -> str:
+    """What the summary's FLOPs column counts, with its figure, and what the full region cuts from it (with
+    ``attention_reuse``, the sharing layers' QK^T too)."""
     dense = get_human_readable_count(int(estimate_flops(config, 0, config.block_size)))
     line = f"FLOPs: {dense} training FLOPs per sequence of {config.block_size} tokens, dense"
     if target_layers:
-        line += f"; {flop_cut(config, target_layers, config.block_size):.1%} fewer once {target_layers} layer(s) share"
+        cut = flop_cut(config, target_layers, config.block_size, attention_reuse)
+        line += f"; {cut:.1%} fewer once {target_layers} layer(s) share"
     return line + "."
 
 

@@ -1369,6 +1369,8 @@ def test_the_flops_line_gives_the_figure_it_explains():
     assert flops_line(config, 1).startswith(f"FLOPs: {dense} training FLOPs per sequence of 32 tokens, dense; ")
     assert flops_line(config, 1).endswith("fewer once 1 layer(s) share.")
     assert flops_line(config, 0) == f"FLOPs: {dense} training FLOPs per sequence of 32 tokens, dense."
+    reused = 1 - estimate_flops(config, 1, 32, attention_reuse=True) / estimate_flops(config, 0, 32)
+    assert flops_line(config, 1, attention_reuse=True).endswith(f"; {reused:.1%} fewer once 1 layer(s) share.")
 
 
 # Constructions of the UserError family that may go without a fix, keyed "file::function" (as the test lists them),

@@ -297,6 +297,35 @@ def test_values_logged_every_step_are_host_tensors(tmp_path, monkeypatch):
         assert all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in logged[key]), key
 
 
+def test_with_attention_reuse_the_flops_drop_by_the_attention_products_the_sharing_layers_skip(tmp_path):
+    """A sharing layer that reuses the source's attention probabilities computes P @ V alone, not Q K^T: the FLOPs
+    logged (and MFU) counted Q K^T in every layer, 7% over what ran here, and sharing/flop_cut half the cut."""
+    from lightning.fabric.utilities.throughput import measure_flops
+
+    from epas_lightning.model import Llama
+
+    config = LlamaConfig.from_name("debug", n_layer=4, block_size=16)
+    with torch.device("meta"):
+        model = Llama(config, attention_reuse=True)
+    x = torch.zeros(2, 16, dtype=torch.long, device="meta")
+    measured = []  # the model's FLOPs, forward and backward, as torch counts them, per sharing layer count
+    for n in range(3):
+        model.set_shared_layers(range(4 - n, 4))
+        measured.append(measure_flops(model, lambda: model(x), lambda y: y.sum()))
+    seen = []
+
+    class ReadFlops(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen.append((pl_module.n_shared, pl_module.flops_per_batch, trainer.callback_metrics["sharing/flop_cut"]))
+
+    module = EPASModule(config, attention_reuse=True)
+    data = torch.utils.data.DataLoader(torch.randint(0, 512, (8, 17)), batch_size=2)
+    sharing = ProgressiveSharing(target=2, interval=1)
+    cpu_trainer(tmp_path, 3, [sharing, ReadFlops()]).fit(module, data)
+    assert [(n, flops) for n, flops, _ in seen] == [(n, measured[n]) for n in range(3)]
+    assert [float(cut) for *_, cut in seen] == pytest.approx([1 - measured[n] / measured[0] for n in range(3)])
+
+
 def test_the_peak_of_a_transformer_engine_run_is_not_taken_for_an_fp32_one(tmp_path, monkeypatch):
     """The dtype is Lightning's reading of the precision plugin: taken from the precision's name, "transformer-engine"
     (fp8 matmuls) would be 32-true, and MFU would divide fp8 work by the tf32 peak."""
