@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from epas_lightning.errors import ConfigError
 from epas_lightning.flops import flop_cut, peak_dtype_name, peak_flops
 from epas_lightning.heldout_metric import HeldOutLoss
-from epas_lightning.loss import heldout_mean, token_losses
+from epas_lightning.loss import heldout_mean, real_rows, token_losses
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.config import REUSED
 from epas_lightning.region import REGION_KEY, TrainedRegion, layers_asked_for, region_in_growth_order
@@ -502,7 +502,9 @@ class TokenThroughputMonitor(ThroughputMonitor):
     The run's totals, ``train/time`` (training seconds), ``train/batches``, ``train/samples`` and ``train/lengths``
     (micro-batches, sequences and tokens trained), count the whole run: a resumed run continues them from its
     checkpoint (Lightning's started again from 0). Like the rates without ``device/``, the counts are those of all
-    processes (Lightning's were rank zero's), ``validate/...``'s too.
+    processes (Lightning's were rank zero's), ``validate/...``'s too. Held-out batches count (and their FLOPs cover)
+    their real rows, not the pad rows that fill them; rank zero holds the most, so over W processes the held-out counts
+    may exceed the held-out set by up to W - 1 sequences.
 
     Args:
         window_size: Entries over which the rates are averaged: optimizer steps in training, batches in validation;
@@ -528,10 +530,14 @@ class TokenThroughputMonitor(ThroughputMonitor):
 
     @torch.inference_mode()
     def _update(self, trainer: Trainer, pl_module: LightningModule, batch: Any, iter_num: int) -> None:
-        """Count the batch; in training, update the rates only at the micro-batch that ends an optimizer step."""
+        """Count the batch (of a held-out one its real rows, not its pad rows); in training, update the rates only at
+        the micro-batch that ends an optimizer step."""
         stage = trainer.state.stage
-        self._lengths[stage] += batch_tokens(batch)
-        self._samples[stage] += batch_size(batch)
+        rows = batch_size(batch) if stage == RunningStage.TRAINING else int(real_rows(batch))
+        if not rows:
+            return  # all pad rows: no held-out batch (its time counts in the next one's)
+        self._lengths[stage] += rows * (batch.shape[1] - 1)
+        self._samples[stage] += rows
         self._batches[stage] += 1
         flops = getattr(pl_module, "flops_per_batch", None)
         if flops is not None:
@@ -573,6 +579,8 @@ class TokenThroughputMonitor(ThroughputMonitor):
             return
         stage = trainer.state.stage
         throughput = self._throughputs[stage]
+        if not throughput._time:
+            return  # nothing counted yet: a held-out batch of pad rows alone
         metrics = _all_processes(throughput.compute(), trainer.world_size)
         if stage == RunningStage.TRAINING:
             metrics.update(self._run_totals())

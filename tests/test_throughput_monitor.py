@@ -342,3 +342,48 @@ def test_the_peak_of_a_transformer_engine_run_is_not_taken_for_an_fp32_one(tmp_p
     trainer.state.stage = RunningStage.TRAINING
     TokenThroughputMonitor().setup(trainer, module, "fit")
     assert asked == [torch.int8]
+
+
+def test_held_out_throughput_counts_the_real_rows_not_the_pad_rows(tmp_path, monkeypatch):
+    """Held-out batches end in pad rows (every rank reads as many full batches): validate/samples and lengths counted
+    them as sequences and tokens (here 4 and 64, where val/tokens scored 48), and the rates and FLOPs with them."""
+    import time
+
+    from epas_lightning.loss import PAD
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+
+    class Clock(Callback):
+        def on_train_batch_start(self, *args):
+            clock[0] += 1.0
+
+        def on_validation_batch_start(self, *args):
+            clock[0] += 10.0
+
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16))
+    train = torch.utils.data.DataLoader(torch.randint(0, 512, (4, 17)), batch_size=2)
+    held_out = torch.cat([torch.randint(0, 512, (3, 17)), torch.full((1, 17), PAD)])  # 3 sequences, one pad row
+    logger = Steps()
+    options = {"logger": logger, "log_every_n_steps": 1, "num_sanity_val_steps": 0, "limit_val_batches": 2}
+    trainer = cpu_trainer(tmp_path, 2, [Clock(), TokenThroughputMonitor(window_size=2)], **options)
+    trainer.fit(module, train, torch.utils.data.DataLoader(held_out, batch_size=2))
+    assert logger.values["val/tokens"] == [48]
+    assert logger.values["validate/samples"] == [3] and logger.values["validate/lengths"] == [48]
+    assert logger.values["validate/device/items_per_sec"] == [16 / 10]  # the second batch: one sequence in 10 s
+    forward = estimate_flops(module.config, 0, 16, backward=False)
+    assert logger.values["validate/device/flops_per_sec"] == [pytest.approx(forward / 10)]
+
+
+def test_a_held_out_batch_of_pad_rows_alone_is_no_batch(tmp_path):
+    """A batch of pad rows only (a rank with fewer held-out sequences than the others) holds no sequence to count."""
+    from epas_lightning.loss import PAD
+
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16))
+    held_out = torch.cat([torch.full((2, 17), PAD), torch.randint(0, 512, (3, 17))])
+    logger = Steps()
+    monitor = TokenThroughputMonitor(window_size=2)
+    trainer = cpu_trainer(tmp_path, 1, [monitor], logger=logger, log_every_n_steps=1, limit_val_batches=1.0)
+    trainer.validate(module, torch.utils.data.DataLoader(held_out, batch_size=2))
+    assert logger.steps["validate/samples"] == [2, 3] and logger.values["validate/samples"] == [2, 3]
+    assert logger.values["validate/lengths"] == [32, 48]
