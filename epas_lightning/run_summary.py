@@ -179,9 +179,10 @@ def _val_loss_line(trainer: Trainer, pl_module: LightningModule) -> str | None:
     one), the loss the resumed checkpoint holds, at its step, unless the resume changed the held-out data (the module
     then drops it: another data's loss)."""
     loss = trainer.callback_metrics.get("val/loss")
-    if loss is not None:
-        return f"  val loss     {_with_perplexity(float(loss))} at the last validation"
     restored = checked({"val_loss": getattr(pl_module, "last_validation", None)})["val_loss"]
+    if loss is not None:  # a run may end steps after it: say which
+        step = f" (step {restored['step']})" if restored is not None and restored["step"] is not None else ""
+        return f"  val loss     {_with_perplexity(float(loss))} at the last validation{step}"
     if restored is None:
         return None
     at = "the last validation" if restored["step"] is None else f"the validation of step {restored['step']}"

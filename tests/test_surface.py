@@ -771,6 +771,24 @@ def test_the_summary_throughput_is_the_optimizer_steps_wall_clock_rate(tmp_path)
     assert rate <= step_tokens / least_step_seconds and "median over 3 optimizer steps" in line, line
 
 
+def test_the_summary_names_the_step_of_the_validation_its_loss_is_from(tmp_path):
+    """A run whose length is no multiple of its validation interval ends steps after its last validation: the summary
+    said "at the last validation", read as the loss the run ended with."""
+    from helpers import cpu_trainer
+
+    from epas_lightning import EPASModule, LlamaConfig
+    from epas_lightning.run_summary import RunSummary, _with_perplexity
+
+    module, summary = EPASModule(LlamaConfig.from_name("debug", block_size=16)), RunSummary()
+    loader = torch.utils.data.DataLoader(torch.randint(0, 512, (16, 17)), batch_size=2)
+    options = {"limit_val_batches": 1, "val_check_interval": 2, "num_sanity_val_steps": 0}
+    trainer = cpu_trainer(tmp_path, 5, [summary], enable_checkpointing=False, **options)
+    trainer.fit(module, loader, loader)
+    line = next(line for line in summary.summary(trainer, module, None).splitlines() if "val loss" in line)
+    loss = _with_perplexity(float(trainer.callback_metrics["val/loss"]))
+    assert line == f"  val loss     {loss} at the last validation (step 4)"
+
+
 def test_the_summary_of_a_resume_with_nothing_left_to_train_says_so(tmp_path):
     """A resume at or past max_steps trains nothing: the summary said "Run finished: 4 optimizer steps in 0 s.". Nor
     does it validate: the summary had no val loss line, though the checkpoint holds the last one (at step 4)."""
