@@ -64,6 +64,7 @@ class RunSummary(Callback):
         self._step_start: float | None = None  # when the step being trained began (the previous one ended)
         self._step_of_window = 0
         self._step_tokens = 0
+        self._step_trained: float | None = None  # a step a validation interrupted: its training seconds before it
         self._rates: list[float] = []
         self._start_step: int | None = 0
         self._loss_scale: float | None = None
@@ -71,7 +72,7 @@ class RunSummary(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_start = time.perf_counter()
-        self._rates = []
+        self._rates, self._step_trained = [], None
         self._start_step = None  # until training starts (it does not where the resumed step is past max_steps)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -80,11 +81,19 @@ class RunSummary(Callback):
         self._loss_scale, self._skipped = (scaler.get_scale() if scaler else None), 0
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._step_start is None:  # the session's first step, or the first after a validation
-            self._step_start, self._step_of_window, self._step_tokens = time.perf_counter(), trainer.global_step, 0
+        if self._step_start is None:  # the session's first step, or the first batch after a validation
+            now = time.perf_counter()
+            if self._step_trained is not None:  # the step the validation interrupted goes on
+                self._step_start, self._step_trained = now - self._step_trained, None
+            else:
+                self._step_start, self._step_of_window, self._step_tokens = now, trainer.global_step, 0
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._step_start = None  # validation time is not training time
+        """Validation time is not training time; a step it interrupts (some of its micro-batches trained) keeps them
+        and their time."""
+        if self._step_start is not None and self._step_tokens:
+            self._step_trained = time.perf_counter() - self._step_start
+        self._step_start = None
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
