@@ -238,8 +238,10 @@ def summarize(
     clean = clean_reps(loads)
     name = device_name(bench.device)
     peak = peak_tflops(args, bench.device)
-    flops_per_token = {
-        arm: estimate_flops(config, 0 if arm == "dense" else n_shared, args.seq_len) / args.seq_len for arm in times
+    flops_per_token = {  # the reuse arm's sharing layers skip QK^T too
+        arm: estimate_flops(config, 0 if arm == "dense" else n_shared, args.seq_len, attention_reuse=arm == "reuse")
+        / args.seq_len
+        for arm in times
     }
     mfu = (
         {f"mfu_{arm}": statistics.median(tps[arm]) * flops_per_token[arm] / (peak * 1e12) for arm in times}

@@ -13,18 +13,18 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
+from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype  # the dtype its matmuls run in
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from epas_lightning.errors import ConfigError
-from epas_lightning.flops import flop_cut, peak_flops
+from epas_lightning.flops import flop_cut, peak_dtype_name, peak_flops
 from epas_lightning.heldout_metric import HeldOutLoss
-from epas_lightning.loss import heldout_mean, token_losses
+from epas_lightning.loss import heldout_mean, real_rows, token_losses
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.config import REUSED
 from epas_lightning.region import REGION_KEY, TrainedRegion, layers_asked_for, region_in_growth_order
-from epas_lightning.runtime import dtype_name
 from epas_lightning.safe_load import is_weights_only
 from epas_lightning.schedule import (
     GrowthOrder,
@@ -235,7 +235,8 @@ class ProgressiveSharing(Callback):
         model.trained_region = self._region_of(model)  # set_region counts N in it after fit, as in a checkpoint of it
         pl_module.log("sharing/layers", host_scalar(len(layers)), on_step=True, on_epoch=False)
         seq_len = batch.shape[1] - 1 if isinstance(batch, torch.Tensor) else model.config.block_size
-        cut = flop_cut(model.config, len(layers), seq_len) if layers else 0.0  # of dense training FLOPs, this step
+        # of dense training FLOPs, this step
+        cut = flop_cut(model.config, len(layers), seq_len, model.attention_reuse) if layers else 0.0
         pl_module.log("sharing/flop_cut", host_scalar(cut), on_step=True, on_epoch=False)
 
     @property
@@ -488,10 +489,11 @@ class TokenThroughputMonitor(ThroughputMonitor):
     """Lightning's ``ThroughputMonitor`` counting tokens: ``train/device/items_per_sec`` is tokens/s per device.
 
     FLOPs (``train/device/flops_per_sec``) follow the sharing mask through ``EPASModule.flops_per_batch``, and
-    ``train/device/mfu`` divides them by the device's dense peak: ``epas_lightning.flops.peak_flops`` for the GPUs it
-    knows (the H200 too, which Lightning's table misses), else Lightning's figure; no MFU where neither knows it
-    (CPUs). On CUDA it also logs the peak memory allocated (``train/device/peak_memory_gib``). The validations of a
-    ``fit`` log their throughput (``validate/...``) once each, at the step ``val/loss`` is logged at.
+    ``train/device/mfu`` divides them by the device's dense peak in the run's precision (32-true: tf32's unless
+    float32 matmul precision is ``highest``): ``epas_lightning.flops.peak_flops`` for the GPUs it knows (the H200
+    too, which Lightning's table misses), else Lightning's figure; no MFU where neither knows it (CPUs). On CUDA it
+    also logs the peak memory allocated (``train/device/peak_memory_gib``). The validations of a ``fit`` log their
+    throughput (``validate/...``) once each, at the step ``val/loss`` is logged at.
 
     Under gradient accumulation the training rates are those of whole optimizer steps: the window holds one entry per
     step (its micro-batches, the gradient synchronisation and the update), where Lightning's held one per micro-batch
@@ -500,7 +502,9 @@ class TokenThroughputMonitor(ThroughputMonitor):
     The run's totals, ``train/time`` (training seconds), ``train/batches``, ``train/samples`` and ``train/lengths``
     (micro-batches, sequences and tokens trained), count the whole run: a resumed run continues them from its
     checkpoint (Lightning's started again from 0). Like the rates without ``device/``, the counts are those of all
-    processes (Lightning's were rank zero's), ``validate/...``'s too.
+    processes (Lightning's were rank zero's), ``validate/...``'s too. Held-out batches count (and their FLOPs cover)
+    their real rows, not the pad rows that fill them; rank zero holds the most, so over W processes the held-out counts
+    may exceed the held-out set by up to W - 1 sequences.
 
     Args:
         window_size: Entries over which the rates are averaged: optimizer steps in training, batches in validation;
@@ -526,10 +530,14 @@ class TokenThroughputMonitor(ThroughputMonitor):
 
     @torch.inference_mode()
     def _update(self, trainer: Trainer, pl_module: LightningModule, batch: Any, iter_num: int) -> None:
-        """Count the batch; in training, update the rates only at the micro-batch that ends an optimizer step."""
+        """Count the batch (of a held-out one its real rows, not its pad rows); in training, update the rates only at
+        the micro-batch that ends an optimizer step."""
         stage = trainer.state.stage
-        self._lengths[stage] += batch_tokens(batch)
-        self._samples[stage] += batch_size(batch)
+        rows = batch_size(batch) if stage == RunningStage.TRAINING else int(real_rows(batch))
+        if not rows:
+            return  # all pad rows: no held-out batch (its time counts in the next one's)
+        self._lengths[stage] += rows * (batch.shape[1] - 1)
+        self._samples[stage] += rows
         self._batches[stage] += 1
         flops = getattr(pl_module, "flops_per_batch", None)
         if flops is not None:
@@ -571,6 +579,8 @@ class TokenThroughputMonitor(ThroughputMonitor):
             return
         stage = trainer.state.stage
         throughput = self._throughputs[stage]
+        if not throughput._time:
+            return  # nothing counted yet: a held-out batch of pad rows alone
         metrics = _all_processes(throughput.compute(), trainer.world_size)
         if stage == RunningStage.TRAINING:
             metrics.update(self._run_totals())
@@ -583,7 +593,7 @@ class TokenThroughputMonitor(ThroughputMonitor):
         if stage == "fit":  # before a resumed checkpoint's totals are loaded
             self._resumed = dict.fromkeys(RUN_TOTALS, 0)
         self._world_size = trainer.world_size
-        peak = peak_flops(trainer.strategy.root_device, _compute_dtype(str(trainer.precision)))
+        peak = peak_flops(trainer.strategy.root_device, _plugin_to_compute_dtype(trainer.precision_plugin))
         with warnings.catch_warnings():
             if peak is not None:  # Lightning's own table lacks it (e.g. the H200) and says so: ours is used below
                 warnings.filterwarnings("ignore", message="FLOPs not found for")
@@ -595,7 +605,7 @@ class TokenThroughputMonitor(ThroughputMonitor):
         if self.available_flops:  # what MFU is a fraction of, said once: a figure to check against the datasheet
             device = trainer.strategy.root_device
             name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-            dtype = dtype_name(_compute_dtype(str(trainer.precision)))
+            dtype = peak_dtype_name(_plugin_to_compute_dtype(trainer.precision_plugin))
             tflops = self.available_flops / 1e12
             rank_zero_info(
                 f"MFU (train/device/mfu) divides each device's FLOP/s by {tflops:,.1f} TFLOP/s: the dense "
@@ -670,11 +680,3 @@ def peak_memory_gib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2**30
-
-
-def _compute_dtype(precision: str) -> torch.dtype:
-    if precision.startswith("bf16"):
-        return torch.bfloat16
-    if precision.startswith("16"):
-        return torch.float16
-    return torch.float32

@@ -52,6 +52,12 @@ def token_losses(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, t
     return losses, targets != PAD
 
 
+def real_rows(batch: torch.Tensor) -> torch.Tensor:
+    """The rows of a token batch (B, T + 1) that hold a sequence, not :data:`PAD` (a 0-d tensor on its device: reading
+    it is a device sync)."""
+    return (batch != PAD).any(dim=1).sum()
+
+
 def train_loss(model: nn.Module, batch: torch.Tensor, compile: bool | str = False) -> torch.Tensor:
     """The training loss of a ``Llama`` on a token batch (B, T + 1): ``next_token_loss`` with the softmax over the
     first ``config.vocab_size`` rows of the head (padding rows left out), chunked so the (B, T, V) logits never exist;

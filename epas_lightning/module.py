@@ -31,7 +31,7 @@ from epas_lightning.init_from import (
     load_initial_weights,
     resumed_instead,
 )
-from epas_lightning.loss import heldout_mean, token_losses, train_loss
+from epas_lightning.loss import heldout_mean, real_rows, token_losses, train_loss
 from epas_lightning.loss_scaling import unscale_fused_gradients
 from epas_lightning.lr import WarmupCosineLR, WarmupSchedule
 from epas_lightning.memory_plan import on_device_bytes, plan_checkpointing
@@ -146,7 +146,7 @@ class EPASModule(LightningModule):
         self.init_from = init_from
         self.model: Llama | None = None
         self._new_heldout_metrics()
-        self._tokens_shape: tuple[int, int] | None = None
+        self._tokens_shape: tuple[int | torch.Tensor, int] | None = None  # rows (held-out: real ones), tokens
         self._built_on_meta = False
         self._start_weights_set = False  # the weights a stage starts from are set once (a later stage keeps them)
         self._last_validation: dict[str, float | int] | None = None  # fit's latest val/loss, for the checkpoints
@@ -365,14 +365,17 @@ class EPASModule(LightningModule):
     @property
     def flops_per_batch(self) -> float | None:
         """FLOPs of the last batch under the current mask (read by ``ThroughputMonitor``): forward and backward of a
-        training batch; of a validation or test batch (the module is in eval mode there) the forward, and one more at
-        each region length ``ProgressiveSharing`` also scores it at (``val_sharing_layers``)."""
+        training batch; of a validation or test batch (the module is in eval mode there) the forward of its real rows
+        (not its pad rows), and one more at each region length ``ProgressiveSharing`` also scores it at
+        (``val_sharing_layers``)."""
         if self._tokens_shape is None or self.model is None:
             return None
-        batch_size, seq_len = self._tokens_shape
-        flops = estimate_flops(self.config, self.n_shared, seq_len, backward=self.training)
+        batch_size, seq_len = int(self._tokens_shape[0]), self._tokens_shape[1]
+        reuse = self.model.attention_reuse
+        flops = estimate_flops(self.config, self.n_shared, seq_len, backward=self.training, attention_reuse=reuse)
         if not self.training:
-            flops += sum(estimate_flops(self.config, n, seq_len, backward=False) for n in self._scored_lengths())
+            lengths = self._scored_lengths()
+            flops += sum(estimate_flops(self.config, n, seq_len, False, reuse) for n in lengths)
         return batch_size * flops
 
     def _scored_lengths(self) -> list[int]:
@@ -545,7 +548,7 @@ class EPASModule(LightningModule):
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         check_batch(batch)
-        self._tokens_shape = (batch.shape[0], batch.shape[1] - 1)
+        self._tokens_shape = (real_rows(batch), batch.shape[1] - 1)  # FLOPs: of real rows; read only when asked
         losses, real = token_losses(self.model, batch)  # a held-out batch's pad rows are not real
         self.val_loss.update(losses, real)
 

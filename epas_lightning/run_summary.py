@@ -64,6 +64,7 @@ class RunSummary(Callback):
         self._step_start: float | None = None  # when the step being trained began (the previous one ended)
         self._step_of_window = 0
         self._step_tokens = 0
+        self._step_trained: float | None = None  # a step a validation interrupted: its training seconds before it
         self._rates: list[float] = []
         self._start_step: int | None = 0
         self._loss_scale: float | None = None
@@ -71,7 +72,7 @@ class RunSummary(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_start = time.perf_counter()
-        self._rates = []
+        self._rates, self._step_trained = [], None
         self._start_step = None  # until training starts (it does not where the resumed step is past max_steps)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -80,11 +81,19 @@ class RunSummary(Callback):
         self._loss_scale, self._skipped = (scaler.get_scale() if scaler else None), 0
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._step_start is None:  # the session's first step, or the first after a validation
-            self._step_start, self._step_of_window, self._step_tokens = time.perf_counter(), trainer.global_step, 0
+        if self._step_start is None:  # the session's first step, or the first batch after a validation
+            now = time.perf_counter()
+            if self._step_trained is not None:  # the step the validation interrupted goes on
+                self._step_start, self._step_trained = now - self._step_trained, None
+            else:
+                self._step_start, self._step_of_window, self._step_tokens = now, trainer.global_step, 0
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._step_start = None  # validation time is not training time
+        """Validation time is not training time; a step it interrupts (some of its micro-batches trained) keeps them
+        and their time."""
+        if self._step_start is not None and self._step_tokens:
+            self._step_trained = time.perf_counter() - self._step_start
+        self._step_start = None
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -179,9 +188,10 @@ def _val_loss_line(trainer: Trainer, pl_module: LightningModule) -> str | None:
     one), the loss the resumed checkpoint holds, at its step, unless the resume changed the held-out data (the module
     then drops it: another data's loss)."""
     loss = trainer.callback_metrics.get("val/loss")
-    if loss is not None:
-        return f"  val loss     {_with_perplexity(float(loss))} at the last validation"
     restored = checked({"val_loss": getattr(pl_module, "last_validation", None)})["val_loss"]
+    if loss is not None:  # a run may end steps after it: say which
+        step = f" (step {restored['step']})" if restored is not None and restored["step"] is not None else ""
+        return f"  val loss     {_with_perplexity(float(loss))} at the last validation{step}"
     if restored is None:
         return None
     at = "the last validation" if restored["step"] is None else f"the validation of step {restored['step']}"
@@ -300,18 +310,21 @@ class FlopsModelSummary(ModelSummary):
         args = (summary.total_parameters, summary.trainable_parameters, summary.model_size)
         summarize(data, *args, summary.total_training_modes, total_flops=int(dense), **self._summarize_kwargs)
         sharing = next((c for c in trainer.callbacks if isinstance(c, ProgressiveSharing)), None)
+        reuse = bool(getattr(pl_module, "attention_reuse", False))
         if sharing is not None and sharing.enabled and sharing.schedule is not None:
-            rank_zero_info(flops_line(config, len(sharing.schedule.target_layers)))
+            rank_zero_info(flops_line(config, len(sharing.schedule.target_layers), reuse))
         else:
             rank_zero_info(flops_line(config, 0))
 
 
-def flops_line(config: LlamaConfig, target_layers: int) -> str:
-    """What the summary's FLOPs column counts, with its figure, and what the full region cuts from it."""
+def flops_line(config: LlamaConfig, target_layers: int, attention_reuse: bool = False) -> str:
+    """What the summary's FLOPs column counts, with its figure, and what the full region cuts from it (with
+    ``attention_reuse``, the sharing layers' QK^T too)."""
     dense = get_human_readable_count(int(estimate_flops(config, 0, config.block_size)))
     line = f"FLOPs: {dense} training FLOPs per sequence of {config.block_size} tokens, dense"
     if target_layers:
-        line += f"; {flop_cut(config, target_layers, config.block_size):.1%} fewer once {target_layers} layer(s) share"
+        cut = flop_cut(config, target_layers, config.block_size, attention_reuse)
+        line += f"; {cut:.1%} fewer once {target_layers} layer(s) share"
     return line + "."
 
 

@@ -29,6 +29,12 @@ def test_matches_measure_flops_on_meta_model(mode, overrides):
         model.set_shared_layers(range(config.n_layer - n_shared, config.n_layer))
         measured = measure_flops(model, lambda: model(x), lambda y: y.sum())
         assert measured == batch * estimate_flops(config, n_shared, seq_len), n_shared
+    if mode == "qk":  # sharing layers that reuse the source's attention probabilities compute PV alone
+        model.attention_reuse = True
+        for n_shared in range(config.n_layer):
+            model.set_shared_layers(range(config.n_layer - n_shared, config.n_layer))
+            measured = measure_flops(model, lambda: model(x), lambda y: y.sum())
+            assert measured == batch * estimate_flops(config, n_shared, seq_len, attention_reuse=True), n_shared
 
 
 def test_flop_cut_and_bounds():

@@ -785,6 +785,60 @@ def test_the_summary_throughput_is_the_optimizer_steps_wall_clock_rate(tmp_path)
     assert rate <= step_tokens / least_step_seconds and "median over 3 optimizer steps" in line, line
 
 
+def test_the_summary_names_the_step_of_the_validation_its_loss_is_from(tmp_path):
+    """A run whose length is no multiple of its validation interval ends steps after its last validation: the summary
+    said "at the last validation", read as the loss the run ended with."""
+    from helpers import cpu_trainer
+
+    from epas_lightning import EPASModule, LlamaConfig
+    from epas_lightning.run_summary import RunSummary, _with_perplexity
+
+    module, summary = EPASModule(LlamaConfig.from_name("debug", block_size=16)), RunSummary()
+    loader = torch.utils.data.DataLoader(torch.randint(0, 512, (16, 17)), batch_size=2)
+    options = {"limit_val_batches": 1, "val_check_interval": 2, "num_sanity_val_steps": 0}
+    trainer = cpu_trainer(tmp_path, 5, [summary], enable_checkpointing=False, **options)
+    trainer.fit(module, loader, loader)
+    line = next(line for line in summary.summary(trainer, module, None).splitlines() if "val loss" in line)
+    loss = _with_perplexity(float(trainer.callback_metrics["val/loss"]))
+    assert line == f"  val loss     {loss} at the last validation (step 4)"
+
+
+def test_the_summary_throughput_of_a_step_a_validation_interrupts_counts_the_whole_step(tmp_path, monkeypatch):
+    """A fake clock: 1 s a micro-batch, 3 s an update, 10 s a validation after every 2 micro-batches of 4-batch steps.
+    The step a validation interrupted was timed from its end only: its last 2 micro-batches and the update (32 tokens
+    in 5 s), said as 6 tokens/s where every step trains 64 tokens in 7 s."""
+    import time
+
+    from helpers import cpu_trainer
+    from lightning.pytorch.callbacks import Callback
+
+    from epas_lightning import EPASModule, LlamaConfig
+    from epas_lightning.run_summary import RunSummary
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+
+    class Clock(Callback):
+        def on_train_batch_start(self, *args):
+            clock[0] += 1.0
+
+        def on_before_optimizer_step(self, *args):
+            clock[0] += 3.0
+
+        def on_validation_batch_start(self, *args):
+            clock[0] += 10.0
+
+    summary, module = RunSummary(), EPASModule(LlamaConfig.from_name("debug", block_size=16))
+    loader = torch.utils.data.DataLoader(torch.randint(0, 512, (40, 17)), batch_size=1)
+    options = {"accumulate_grad_batches": 4, "val_check_interval": 2, "limit_val_batches": 1}
+    trainer = cpu_trainer(
+        tmp_path, 5, [summary, Clock()], enable_checkpointing=False, num_sanity_val_steps=0, **options
+    )
+    trainer.fit(module, loader, loader)
+    line = next(line for line in summary.summary(trainer, module, None).splitlines() if "throughput" in line)
+    assert line == "  throughput   9 tokens/s (median over 3 optimizer steps)", line  # 64 / 7
+
+
 def test_the_summary_of_a_resume_with_nothing_left_to_train_says_so(tmp_path):
     """A resume at or past max_steps trains nothing: the summary said "Run finished: 4 optimizer steps in 0 s.". Nor
     does it validate: the summary had no val loss line, though the checkpoint holds the last one (at step 4)."""
@@ -1383,6 +1437,8 @@ def test_the_flops_line_gives_the_figure_it_explains():
     assert flops_line(config, 1).startswith(f"FLOPs: {dense} training FLOPs per sequence of 32 tokens, dense; ")
     assert flops_line(config, 1).endswith("fewer once 1 layer(s) share.")
     assert flops_line(config, 0) == f"FLOPs: {dense} training FLOPs per sequence of 32 tokens, dense."
+    reused = 1 - estimate_flops(config, 1, 32, attention_reuse=True) / estimate_flops(config, 0, 32)
+    assert flops_line(config, 1, attention_reuse=True).endswith(f"; {reused:.1%} fewer once 1 layer(s) share.")
 
 
 # Constructions of the UserError family that may go without a fix, keyed "file::function" (as the test lists them),

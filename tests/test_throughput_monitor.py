@@ -9,7 +9,7 @@ from lightning.pytorch.loggers import Logger
 
 import epas_lightning.callbacks as callbacks
 from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenThroughputMonitor
-from epas_lightning.flops import estimate_flops, peak_flops
+from epas_lightning.flops import estimate_flops, peak_dtype_name, peak_flops
 
 
 class Keys(Logger):
@@ -228,8 +228,51 @@ def test_the_run_totals_continue_across_a_resume(tmp_path, accumulate, lengths):
 def test_peak_flops_are_dense_bf16_datasheet_figures(monkeypatch, name, tflops):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert peak_flops(torch.device("cuda"), torch.bfloat16) == (tflops * 1e12 if tflops else None)
-    assert peak_flops(torch.device("cuda"), torch.float32) is None
     assert peak_flops(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "tf32", "fp32"),
+    [
+        ("NVIDIA H200", 494.7, 66.9),
+        ("NVIDIA H100 80GB HBM3", 494.7, 66.9),
+        ("NVIDIA H100 PCIe", 378.0, 51.2),
+        ("NVIDIA H100 NVL", 417.5, 60.0),  # Lightning's: the figures of a pair (989.4, 133.8), MFU half the truth
+        ("NVIDIA L40S", 183.0, 91.6),  # Lightning's: an L4's (60, 30.3), MFU 3x too high
+        ("NVIDIA L40", 90.5, 90.5),
+        ("NVIDIA A100-SXM4-80GB", 156.0, 19.5),
+        ("Tesla T4", None, None),  # not ours: Lightning's figure, where it has one
+    ],
+)
+def test_a_32_true_run_divides_by_the_tf32_or_fp32_peak_its_matmuls_run_at(monkeypatch, name, tf32, fp32):
+    """32-true fell through to Lightning's table, whose L40S is an L4 and whose H100 NVL is a pair of GPUs."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    for precision, tflops, said in (("high", tf32, "tf32"), ("highest", fp32, "float32")):
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda precision=precision: precision)
+        assert peak_flops(torch.device("cuda"), torch.float32) == (tflops * 1e12 if tflops else None)
+        assert peak_dtype_name(torch.float32) == said
+    assert peak_dtype_name(torch.bfloat16) == "bfloat16"
+    assert peak_flops(torch.device("cuda"), torch.float64) is None  # none of ours: Lightning's fp64 figure
+
+
+def test_the_mfu_line_names_the_peak_of_the_runs_precision(tmp_path, monkeypatch, caplog):
+    """A 64-true run was taken for a float32 one (the fp32 peak, said as such); a 32-true run whose matmuls run in
+    tf32 was said to divide by the 'float32' peak."""
+    asked = []
+    monkeypatch.setattr(callbacks, "peak_flops", lambda device, dtype: asked.append(dtype) or 1e12)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16))
+    data = torch.utils.data.DataLoader(torch.randint(0, 512, (4, 17)), batch_size=2)
+    for precision, said in (("32-true", "tf32"), ("64-true", "float64")):
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            cpu_trainer(tmp_path, 1, [TokenThroughputMonitor()], precision=precision).fit(module, data)
+        lines = [r.getMessage() for r in caplog.records if "train/device/mfu" in r.getMessage()]
+        assert lines == [
+            f"MFU (train/device/mfu) divides each device's FLOP/s by 1.0 TFLOP/s: the dense {said} peak taken for "
+            "its cpu"
+        ]
+    assert asked == [torch.float32, torch.float64]
 
 
 def test_values_logged_every_step_are_host_tensors(tmp_path, monkeypatch):
@@ -252,3 +295,95 @@ def test_values_logged_every_step_are_host_tensors(tmp_path, monkeypatch):
     for key in ("sharing/layers", "sharing/flop_cut", callbacks.PEAK_MEMORY_KEY):
         assert len(logged[key]) == 4
         assert all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in logged[key]), key
+
+
+def test_with_attention_reuse_the_flops_drop_by_the_attention_products_the_sharing_layers_skip(tmp_path):
+    """A sharing layer that reuses the source's attention probabilities computes P @ V alone, not Q K^T: the FLOPs
+    logged (and MFU) counted Q K^T in every layer, 7% over what ran here, and sharing/flop_cut half the cut."""
+    from lightning.fabric.utilities.throughput import measure_flops
+
+    from epas_lightning.model import Llama
+
+    config = LlamaConfig.from_name("debug", n_layer=4, block_size=16)
+    with torch.device("meta"):
+        model = Llama(config, attention_reuse=True)
+    x = torch.zeros(2, 16, dtype=torch.long, device="meta")
+    measured = []  # the model's FLOPs, forward and backward, as torch counts them, per sharing layer count
+    for n in range(3):
+        model.set_shared_layers(range(4 - n, 4))
+        measured.append(measure_flops(model, lambda: model(x), lambda y: y.sum()))
+    seen = []
+
+    class ReadFlops(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen.append((pl_module.n_shared, pl_module.flops_per_batch, trainer.callback_metrics["sharing/flop_cut"]))
+
+    module = EPASModule(config, attention_reuse=True)
+    data = torch.utils.data.DataLoader(torch.randint(0, 512, (8, 17)), batch_size=2)
+    sharing = ProgressiveSharing(target=2, interval=1)
+    cpu_trainer(tmp_path, 3, [sharing, ReadFlops()]).fit(module, data)
+    assert [(n, flops) for n, flops, _ in seen] == [(n, measured[n]) for n in range(3)]
+    assert [float(cut) for *_, cut in seen] == pytest.approx([1 - measured[n] / measured[0] for n in range(3)])
+
+
+def test_the_peak_of_a_transformer_engine_run_is_not_taken_for_an_fp32_one(tmp_path, monkeypatch):
+    """The dtype is Lightning's reading of the precision plugin: taken from the precision's name, "transformer-engine"
+    (fp8 matmuls) would be 32-true, and MFU would divide fp8 work by the tf32 peak."""
+    from lightning.pytorch.plugins.precision import TransformerEnginePrecision
+    from lightning.pytorch.trainer.states import RunningStage
+
+    asked = []
+    monkeypatch.setattr(callbacks, "peak_flops", lambda device, dtype: asked.append(dtype))
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16))
+    trainer = cpu_trainer(tmp_path, 1)
+    plugin = object.__new__(TransformerEnginePrecision)  # without transformer_engine installed
+    plugin.precision = "transformer-engine"
+    monkeypatch.setattr(trainer.strategy, "_precision_plugin", plugin)
+    trainer.state.stage = RunningStage.TRAINING
+    TokenThroughputMonitor().setup(trainer, module, "fit")
+    assert asked == [torch.int8]
+
+
+def test_held_out_throughput_counts_the_real_rows_not_the_pad_rows(tmp_path, monkeypatch):
+    """Held-out batches end in pad rows (every rank reads as many full batches): validate/samples and lengths counted
+    them as sequences and tokens (here 4 and 64, where val/tokens scored 48), and the rates and FLOPs with them."""
+    import time
+
+    from epas_lightning.loss import PAD
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+
+    class Clock(Callback):
+        def on_train_batch_start(self, *args):
+            clock[0] += 1.0
+
+        def on_validation_batch_start(self, *args):
+            clock[0] += 10.0
+
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16))
+    train = torch.utils.data.DataLoader(torch.randint(0, 512, (4, 17)), batch_size=2)
+    held_out = torch.cat([torch.randint(0, 512, (3, 17)), torch.full((1, 17), PAD)])  # 3 sequences, one pad row
+    logger = Steps()
+    options = {"logger": logger, "log_every_n_steps": 1, "num_sanity_val_steps": 0, "limit_val_batches": 2}
+    trainer = cpu_trainer(tmp_path, 2, [Clock(), TokenThroughputMonitor(window_size=2)], **options)
+    trainer.fit(module, train, torch.utils.data.DataLoader(held_out, batch_size=2))
+    assert logger.values["val/tokens"] == [48]
+    assert logger.values["validate/samples"] == [3] and logger.values["validate/lengths"] == [48]
+    assert logger.values["validate/device/items_per_sec"] == [16 / 10]  # the second batch: one sequence in 10 s
+    forward = estimate_flops(module.config, 0, 16, backward=False)
+    assert logger.values["validate/device/flops_per_sec"] == [pytest.approx(forward / 10)]
+
+
+def test_a_held_out_batch_of_pad_rows_alone_is_no_batch(tmp_path):
+    """A batch of pad rows only (a rank with fewer held-out sequences than the others) holds no sequence to count."""
+    from epas_lightning.loss import PAD
+
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16))
+    held_out = torch.cat([torch.full((2, 17), PAD), torch.randint(0, 512, (3, 17))])
+    logger = Steps()
+    monitor = TokenThroughputMonitor(window_size=2)
+    trainer = cpu_trainer(tmp_path, 1, [monitor], logger=logger, log_every_n_steps=1, limit_val_batches=1.0)
+    trainer.validate(module, torch.utils.data.DataLoader(held_out, batch_size=2))
+    assert logger.steps["validate/samples"] == [2, 3] and logger.values["validate/samples"] == [2, 3]
+    assert logger.values["validate/lengths"] == [32, 48]
