@@ -199,6 +199,20 @@ def test_fit_help_titles_every_section_with_its_whole_summary(capsys):
         assert f"{summary.rstrip('.')}:" in titles, f"{section.__name__}: keep its docstring's summary on one line"
 
 
+@pytest.mark.parametrize("command", ["fit", "validate", "test"])
+def test_lightning_command_help_says_what_the_command_does(command, capsys):
+    """``fit``/``validate``/``test --help`` open with the line ``python -m epas_lightning --help`` gives the command,
+    and title their ``--ckpt_path`` options with it: they showed the first line of Lightning's ``Trainer.<command>``
+    docstring, which for ``test`` stopped mid-sentence ("... to make sure you never run on your")."""
+    from epas_lightning.cli import LIGHTNING_HELP
+
+    help_text = lightning_help(command, capsys)
+    description = " ".join(help_text.split("\n\n")[1].split())
+    assert description == LIGHTNING_HELP[command]
+    assert f"{LIGHTNING_HELP[command].rstrip('.')}:" in help_text.splitlines()
+    assert "never run on your" not in help_text
+
+
 def python_block(doc: str, containing: str) -> str:
     """The first fenced ``python`` block of ``doc`` that contains ``containing``."""
     blocks = re.findall(r"^```python\n(.*?)^```", (REPO / doc).read_text(), flags=re.DOTALL | re.MULTILINE)
