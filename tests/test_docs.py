@@ -213,6 +213,24 @@ def test_lightning_command_help_says_what_the_command_does(command, capsys):
     assert "never run on your" not in help_text
 
 
+def test_chat_takes_the_flags_the_readme_says():
+    """README.md said ``chat`` came "with generate's flags", and it has none of its prompt, batch, CUDA-graph or
+    ``--json`` ones: it takes generate's loading, region and sampling flags and ``--system``, as it now says."""
+    from epas_lightning.cli import function_parser, tool
+
+    def options(name: str) -> set[str]:
+        return {o for o in function_parser(tool(name), name)._option_string_actions if o.startswith("--")}
+
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert (
+        "with its region and sampling flags (and `--system`; none of its prompt, batch, CUDA-graph or `--json` ones)"
+        in readme
+    )
+    generate_only = {"--prompt", "--prompt+", "--prompt-file", "--batch-size", "--cuda-graph", "--json", "--no-json"}
+    generate_only |= {"--ignore-eos", "--no-ignore-eos"}
+    assert options("chat") == (options("generate") - generate_only) | {"--system"}
+
+
 def readme_defaults() -> list[tuple[str, object, object]]:
     """``(what the README says, the value it states, the code's)`` for the defaults and limits it quotes."""
     import inspect
