@@ -7,9 +7,13 @@ broadcasts from inside the signal handler, which can break a collective in fligh
 Here a signal only sets a flag. After every optimizer step the ranks agree (one boolean all-reduce: a signal to any
 rank is enough), and if any was signalled every rank writes ``last.ckpt`` into the run's checkpoint folder together,
 ``fit`` stops (without the validation Lightning runs when a fit stops early), and the CLI exits with 128 + the signal:
-130 after Ctrl+C, 143 after SIGTERM. A second signal stops at once, without a checkpoint, as does SIGTERM or Ctrl+C
-before training starts (during setup, where Lightning's own handling applies): the CLI then prints one line and exits
-with the same status (Lightning would exit 1 after Ctrl+C, and 0 after SIGTERM).
+130 after Ctrl+C, 143 after SIGTERM. A second signal stops at once, without a checkpoint, as does Ctrl+C before
+training starts, and SIGTERM from when Lightning registers its handler (once the data, the model and a resumed
+checkpoint are set up: the sanity validation): the CLI then prints one line and exits with the same status (Lightning
+would exit 1 after Ctrl+C, and 0 after SIGTERM). A SIGTERM before that (the imports, the config, the built-in
+corpus's first preparation, the data checks, the model build, ``init_from``'s read, the resume) takes its default
+action: the process ends with status 143 and prints nothing; a corpus build it cut short is removed by the next run
+that prepares it.
 
 Under SLURM with Lightning's ``auto_requeue`` (its default), the requeue signal (``SIGUSR1``, sent before the time
 limit with ``#SBATCH --signal=USR1@<seconds>``) stops the same way, and then the first rank requeues the job

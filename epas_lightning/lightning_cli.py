@@ -57,6 +57,7 @@ from epas_lightning.child_ranks import EndChildRanksOnError, peer_rank_ended
 from epas_lightning.cli import (
     DURATION,
     LIGHTNING_COMMANDS,
+    LIGHTNING_HELP,
     PROG,
     print_config_options,
     unknown_option,
@@ -206,6 +207,12 @@ class EPASCLI(LightningCLI):
         super()._add_subcommands(parser, **kwargs)
         for name, subcommand_parser in self._subcommand_parsers.items():  # jsonargparse's `PROG [options] fit`
             subcommand_parser.prog = f"{PROG} {name}"  # usage lines read as the command is typed
+            # what the command does here, not the first line of Lightning's Trainer.<name> docstring (test's stops
+            # mid-sentence), also as the title of --ckpt_path's group
+            subcommand_parser.description = LIGHTNING_HELP[name]
+            for group in subcommand_parser._action_groups:
+                if any(action.dest == "ckpt_path" for action in group._group_actions):
+                    group.title = LIGHTNING_HELP[name].rstrip(".")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for section, callback in RUN_SECTIONS.items():

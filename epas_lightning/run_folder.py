@@ -127,11 +127,34 @@ def _remove_if_startup_only(folder: Path) -> None:
         _remove_startup_files(folder)
 
 
+def check_url_file_system(config: Namespace, ckpt: str) -> None:
+    """A checkpoint folder given as a URL needs fsspec's file system for it: without its package (``s3fs`` for
+    ``s3://``) Lightning's ``ModelCheckpoint`` raised an ``ImportError`` traceback at set-up, once the data was
+    prepared."""
+    from lightning.fabric.utilities.cloud_io import get_filesystem
+
+    given = config.get("checkpoint", {}).get("dirpath") if config.get("checkpoint") else None
+    where, url = (f"checkpoint.dirpath {given}", given) if given else (ckpt, ckpt)
+    if not given and config.trainer.get("logger") is False:
+        root = config.trainer.get("default_root_dir")
+        where, url = f"trainer.default_root_dir {root}", root
+    try:
+        get_filesystem(str(url))
+    except ImportError as e:
+        raise OutputError(
+            f"the checkpoint folder is a URL this machine has no file system for ({e})",
+            where,
+            "install the package it names, or give a local folder",
+        ) from None
+
+
 def check_run_folders_writable(config: Namespace, fitting: bool) -> None:
     """Before any work: the loggers' folders (``save_dir``/``name``) and, when ``fitting``, the checkpoint folder can be
     made and written, on a disk with space left; else an :class:`OutputError` naming the folder."""
     folders = logger_run_dirs(config)
     if fitting and config.trainer.get("enable_checkpointing") is not False and (ckpt := checkpoint_folder(config)):
+        if ":/" in str(ckpt):  # a URL: written through fsspec (AtomicCheckpointIO leaves it to Lightning's)
+            check_url_file_system(config, ckpt)
         folders.append(Path(ckpt).expanduser())
     fix = "choose another folder (trainer.logger.init_args.save_dir, checkpoint.dirpath)"
     for folder in (f for f in folders if ":/" not in str(f)):  # a URL (s3://...) is the logger's business

@@ -199,6 +199,134 @@ def test_fit_help_titles_every_section_with_its_whole_summary(capsys):
         assert f"{summary.rstrip('.')}:" in titles, f"{section.__name__}: keep its docstring's summary on one line"
 
 
+@pytest.mark.parametrize("command", ["fit", "validate", "test"])
+def test_lightning_command_help_says_what_the_command_does(command, capsys):
+    """``fit``/``validate``/``test --help`` open with the line ``python -m epas_lightning --help`` gives the command,
+    and title their ``--ckpt_path`` options with it: they showed the first line of Lightning's ``Trainer.<command>``
+    docstring, which for ``test`` stopped mid-sentence ("... to make sure you never run on your")."""
+    from epas_lightning.cli import LIGHTNING_HELP
+
+    help_text = lightning_help(command, capsys)
+    description = " ".join(help_text.split("\n\n")[1].split())
+    assert description == LIGHTNING_HELP[command]
+    assert f"{LIGHTNING_HELP[command].rstrip('.')}:" in help_text.splitlines()
+    assert "never run on your" not in help_text
+
+
+def test_chat_takes_the_flags_the_readme_says():
+    """README.md said ``chat`` came "with generate's flags", and it has none of its prompt, batch, CUDA-graph or
+    ``--json`` ones: it takes generate's loading, region and sampling flags and ``--system``, as it now says."""
+    from epas_lightning.cli import function_parser, tool
+
+    def options(name: str) -> set[str]:
+        return {o for o in function_parser(tool(name), name)._option_string_actions if o.startswith("--")}
+
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert (
+        "with its region and sampling flags (and `--system`; none of its prompt, batch, CUDA-graph or `--json` ones)"
+        in readme
+    )
+    generate_only = {"--prompt", "--prompt+", "--prompt-file", "--batch-size", "--cuda-graph", "--json", "--no-json"}
+    generate_only |= {"--ignore-eos", "--no-ignore-eos"}
+    assert options("chat") == (options("generate") - generate_only) | {"--system"}
+
+
+def readme_defaults() -> list[tuple[str, object, object]]:
+    """``(what the README says, the value it states, the code's)`` for the defaults and limits it quotes."""
+    import inspect
+
+    import torch
+
+    from epas_lightning import Llama, LlamaConfig, WarmupCosineLR, WarmupStableDecayLR
+    from epas_lightning.cli import tool
+    from epas_lightning.data.builtin import prepare_builtin_corpus
+    from epas_lightning.data.sources import MAX_DOCUMENT_BYTES
+    from epas_lightning.divergence import DivergenceGuard
+    from epas_lightning.inference.chat_cli import DEFAULT_REPLY_TOKENS
+    from epas_lightning.init_from import INIT_READ_BYTES, LONGEST_TAKEN_BLOCK_SIZE
+    from epas_lightning.lightning_cli import DEFAULT_LOGGER
+    from epas_lightning.optim import DEFAULT_ADAMW
+    from epas_lightning.progress import LINE_EVERY_S
+    from epas_lightning.serve.chat import MAX_PRODUCT, MAX_TOKEN_CHARS, RENDER_SECONDS
+    from epas_lightning.serve.protocol import DEFAULT_MAX_TOKENS, MAX_STOP, SamplingRequest
+    from epas_lightning.serve.template_process import RENDER_MEMORY
+
+    def default(function, name):  # noqa: ANN001, ANN202
+        return inspect.signature(function).parameters[name].default
+
+    demo = LlamaConfig.from_name("demo")
+    with torch.device("meta"):
+        demo_params = sum(p.numel() for p in Llama(demo).parameters())
+    logger = DEFAULT_LOGGER["init_args"]
+    wsd = WarmupStableDecayLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0))  # its defaults
+    return [
+        (
+            "8 layers, d 256, 4 heads, SwiGLU 704, vocab 4096: 8.5M parameters",
+            (8, 256, 4, 704, 4096, 8.5),
+            (
+                demo.n_layer,
+                demo.n_embd,
+                demo.n_head,
+                demo.intermediate_size,
+                demo.vocab_size,
+                round(demo_params / 1e6, 1),
+            ),
+        ),
+        (
+            "AdamW with lr 3e-4, betas (0.9, 0.95) and weight decay 0.1",
+            (3e-4, (0.9, 0.95), 0.1),
+            (DEFAULT_ADAMW["lr"], DEFAULT_ADAMW["betas"], DEFAULT_ADAMW["weight_decay"]),
+        ),
+        ("a cosine to a tenth of the peak", 0.1, default(WarmupCosineLR, "min_lr_ratio")),
+        ("`decay_fraction` of `max_steps`, 20% by default", 0.2, wsd.decay_fraction),
+        ("its `warmup_steps` is 100 unless set", 100, wsd.warmup_steps),
+        ("(2% of files held out", 0.02, default(prepare_builtin_corpus, "val_fraction")),
+        ("`--val-fraction` (default 1%)", 0.01, default(tool("prepare"), "val_fraction")),
+        ("the field named by `--text-field`, default `text`", "text", default(tool("prepare"), "text_field")),
+        ("`--batch-size` prompts at a time (16 by default)", 16, default(tool("generate"), "batch_size")),
+        ("`--max-new-tokens` (default 512, or half the context)", 512, DEFAULT_REPLY_TOKENS),
+        (
+            "(default 8 × 4: a quick check)",
+            (8, 4),
+            (default(tool("bench"), "batches"), default(tool("bench"), "batch_size")),
+        ),
+        ("`max_tokens` (default 16)", 16, DEFAULT_MAX_TOKENS),
+        ("`temperature` (default 1; 0 is greedy)", 1.0, SamplingRequest.model_fields["temperature"].default),
+        ("`stop` (up to 4 strings)", 4, MAX_STOP),
+        ("8 MiB by default: a 413", 8, default(tool("serve"), "max_request_mb")),
+        ("up to 30 s (LitServe's graceful timeout)", 30, graceful_timeout()),
+        ("may take 2 s and 2 GiB of memory", (2, 2), (RENDER_SECONDS, RENDER_MEMORY / 2**30)),
+        ("(256 a token)", 256, MAX_TOKEN_CHARS),
+        ("more than 10 million characters", 10_000_000, MAX_PRODUCT),
+        ("a document over 16 MiB", 16, MAX_DOCUMENT_BYTES / 2**20),
+        ("about 256 MB at a time", 256, INIT_READ_BYTES / 2**20),
+        ("when that is at most 8192 tokens", 8192, LONGEST_TAKEN_BLOCK_SIZE),
+        ("prints a line on stderr every 10 s", 10, LINE_EVERY_S),
+        ("until the scale is down to `min_loss_scale` (1)", 1, default(DivergenceGuard, "min_loss_scale")),
+        ("(`runs/epas` unless the config sets another)", "runs/epas", f"{logger['save_dir']}/{logger['name']}"),
+    ]
+
+
+def graceful_timeout() -> float:
+    """LitServe's graceful shutdown timeout, as ``LitServer.__init__`` sets it."""
+    import inspect
+
+    from litserve import LitServer
+
+    return float(re.search(r"uvicorn_graceful_timeout = (\d+)", inspect.getsource(LitServer.__init__)).group(1))
+
+
+def test_defaults_the_readme_quotes_are_the_codes():
+    """Each default or limit README.md states (and where) is the code's: a value changed on one side fails here."""
+    readme = " ".join((REPO / "README.md").read_text().split())  # wherever its lines wrap
+    wrong = []
+    for phrase, stated, actual in readme_defaults():
+        assert " ".join(phrase.split()) in readme, f"README.md no longer says {phrase!r}: update this test with it"
+        if stated != actual:
+            wrong.append(f"README.md says {phrase!r} ({stated!r}); the code's is {actual!r}")
+    assert wrong == []
+
+
 def python_block(doc: str, containing: str) -> str:
     """The first fenced ``python`` block of ``doc`` that contains ``containing``."""
     blocks = re.findall(r"^```python\n(.*?)^```", (REPO / doc).read_text(), flags=re.DOTALL | re.MULTILINE)

@@ -3,6 +3,7 @@ deleted or replaced, and user errors are one line. Each guarantee has a test her
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pickle
@@ -1254,6 +1255,26 @@ def test_a_run_folder_through_a_symbolic_link_to_nothing_is_one_line_before_any_
     argv = ["fit", "--config", DEBUG, "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "a")]
     err = one_line_error(capsys, argv)
     assert f"{tmp_path / 'a'} is a symbolic link to nothing (a loop, or its target is missing)" in err, err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--checkpoint.dirpath", "s3://bucket/run"],
+        ["--trainer.logger", "false", "--trainer.default_root_dir", "s3://bucket/run"],
+    ],
+)
+def test_a_checkpoint_folder_given_as_a_url_is_one_line_before_any_work(argv, tmp_path, capsys, monkeypatch):
+    """A URL as checkpoint.dirpath (or as default_root_dir without a logger, where Lightning's help says remote paths
+    work) on a machine without its fsspec file system (s3fs) was an ImportError traceback ("Install s3fs to access
+    S3") once the data was prepared."""
+    pytest.importorskip("fsspec")
+    if importlib.util.find_spec("s3fs") is not None:
+        pytest.skip("s3fs is installed: the URL is written to")
+    monkeypatch.chdir(tmp_path)
+    err = one_line_error(capsys, ["fit", "--config", DEBUG, *argv])
+    assert "a URL this machine has no file system for (Install s3fs to access S3) — " in err and "s3://" in err, err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_run_folder_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
