@@ -80,7 +80,8 @@ class StepCheckpoint(ModelCheckpoint):
     (``val_check_interval`` counts micro-batches: one that ``accumulate_grad_batches`` does not divide) saves once the
     step is done, with the validation's metrics. A stop asked for inside a step (by ``EarlyStopping`` at such a
     validation, by ``max_time``) also waits for its end, so that ``last.ckpt`` holds whole steps. A resumed run saves
-    nothing before its first optimizer step: Lightning's saved the resumed step again after one micro-batch.
+    nothing before its first optimizer step: Lightning's saved the resumed step again after one micro-batch. It first
+    runs the validation due at the resumed step where the checkpoint was saved before it.
     """
 
     _save_after_step = False  # a validation inside an optimizer step asked for a save
@@ -122,6 +123,28 @@ class StepCheckpoint(ModelCheckpoint):
         self._save_after_step = self._stop_after_step = self._stop_validated = False  # from a fit ended by an error
         if trainer.ckpt_path is not None:
             self._last_global_step_saved = trainer.global_step
+            if self is next(c for c in trainer.callbacks if isinstance(c, StepCheckpoint)):
+                validate_if_due_when_saved(trainer)
+
+
+def validate_if_due_when_saved(trainer: Trainer) -> None:
+    """Run the validation due at the step a resumed checkpoint was saved at, where it was saved before that validation
+    (between optimizer steps: a ``GracefulStop``, ``every_n_train_steps``): Lightning counted it as run, so the resumed
+    run never scored that step (its ``val/loss`` point was missing), and the uninterrupted run had. It logs at that
+    step; no checkpoint saves the resumed step again."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    if not epoch_loop.restarted_on_train_batch_end or not epoch_loop._should_check_val_fx(
+        trainer.fit_loop._data_fetcher
+    ):
+        return
+    for checkpoint in trainer.checkpoint_callbacks:  # the resumed step is saved already
+        checkpoint._last_global_step_saved = trainer.global_step
+    val_loop, first_loop_iter = epoch_loop.val_loop, trainer._logger_connector._first_loop_iter
+    val_loop.restarting = False  # a new validation, not the rest of the last one
+    trainer.validating = True
+    val_loop.run()
+    trainer.training = True
+    trainer._logger_connector._first_loop_iter = first_loop_iter
 
 
 class ListedCheckpoint(StepCheckpoint):

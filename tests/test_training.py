@@ -1043,6 +1043,53 @@ def test_a_resumed_run_reads_each_epoch_as_the_uninterrupted_run(tiny_corpus, tm
     assert max(resumed) == max(uninterrupted)
 
 
+@pytest.mark.parametrize(
+    ("stop_at", "resume_from", "limits"),
+    [
+        (4, "last.ckpt", {}),
+        (None, "epoch=0-step=4.ckpt", {}),
+        (3, "last.ckpt", {"limit_train_batches": 3, "val_check_interval": 3}),
+    ],
+    ids=["signal at a validation step", "an older every_n_train_steps checkpoint", "signal at an epoch's end"],
+)
+def test_a_resumed_run_validates_at_the_step_it_was_saved_at(tiny_corpus, tmp_path, stop_at, resume_from, limits):
+    """A checkpoint saved between optimizer steps (GracefulStop, every_n_train_steps) comes before the validation due
+    at that step; Lightning resumed it counting that validation as run, so the resumed run never scored that step:
+    its val/loss point was missing from the curve the uninterrupted run drew.
+    The resumed run validates there first, logged at the uninterrupted run's step."""
+    import signal
+
+    from epas_lightning import GracefulStop, RunCheckpoint
+
+    def fit(folder: str, max_steps: int, ckpt_path: Path | None = None, stop_at: int | None = None) -> dict:
+        scores, stop = {}, GracefulStop()
+
+        class Record(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step + 1 == stop_at:
+                    stop.received = signal.SIGTERM  # what the signal handler records, inside the step
+
+            def on_validation_end(self, trainer, pl_module):
+                if not trainer.sanity_checking:
+                    step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step loggers log it at
+                    scores[(trainer.global_step, step)] = float(trainer.callback_metrics["val/loss"])
+
+        checkpoint = RunCheckpoint(dirpath=tmp_path / folder, save_last=True, every_n_train_steps=2, save_top_k=-1)
+        validation = {"val_check_interval": 4, "limit_val_batches": 1, "num_sanity_val_steps": 0, **limits}
+        trainer = make_trainer(tmp_path, max_steps, [Record(), stop, checkpoint], **validation)
+        module, data = make_run(tiny_corpus, n_layer=2)
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        assert stop.exit_status == (143 if stop_at else None)
+        return scores
+
+    whole = fit("whole", 8)
+    assert sorted(whole) == ([(4, 3), (8, 7)] if not limits else [(3, 2), (6, 5)])
+    first = fit("first", 8, stop_at=stop_at)
+    assert sorted(first) == ([(4, 3), (8, 7)] if stop_at is None else [])  # the stop skips Lightning's validation
+    resumed = fit("first", 8, tmp_path / "first" / resume_from)
+    assert resumed == pytest.approx(whole)
+
+
 def test_overfit_batches_trains_on_the_same_batches_every_epoch(tiny_corpus, tmp_path):
     """Lightning turns shuffling off for overfit_batches through the loader's sampler, which a streaming dataset does
     not use: each epoch read other batches, and the loss never showed the model overfitting them."""
