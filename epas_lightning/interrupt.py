@@ -180,8 +180,17 @@ class GracefulStop(Callback):
 
     @staticmethod
     def _save(trainer: Trainer) -> Path | None:
+        """``last.ckpt``, and the checkpoint's step file where ``every_n_train_steps`` saves at this step (the file the
+        uninterrupted run keeps: once ``last.ckpt`` counted the step as saved, it was never written)."""
         checkpoint = _run_checkpoint(trainer)
-        return save_last_now(trainer, checkpoint) if isinstance(checkpoint, ModelCheckpoint) else None
+        if not isinstance(checkpoint, ModelCheckpoint):
+            return None
+        every = checkpoint._every_n_train_steps
+        if every >= 1 and trainer.global_step % every == 0 and not checkpoint._should_skip_saving_checkpoint(trainer):
+            metrics = checkpoint._monitor_candidates(trainer)
+            if checkpoint.monitor is None or checkpoint.monitor in metrics:
+                checkpoint._save_topk_checkpoint(trainer, metrics)
+        return save_last_now(trainer, checkpoint)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore()

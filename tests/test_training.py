@@ -1254,6 +1254,45 @@ def test_a_graceful_stop_saves_into_the_run_checkpoint_before_a_listed_one(tiny_
     assert 'resume with trainer.fit(..., ckpt_path="last")' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_graceful_stop_at_a_scheduled_save_keeps_its_step_checkpoint(tiny_corpus, tmp_path, accumulate):
+    """A stop in a step every_n_train_steps saves at wrote last.ckpt alone and counted the step as saved: its
+    epoch=0-step=N.ckpt, which the uninterrupted run keeps (save_top_k -1), was never written, and the run resumed
+    from last.ckpt went on without it. The stop writes it too, with the same state as last.ckpt."""
+    import signal
+
+    from epas_lightning import GracefulStop, RunCheckpoint
+
+    def fit(max_steps: int, ckpt_path: str | None = None, stop_at: int | None = None) -> GracefulStop:
+        stop = GracefulStop()
+
+        class Signal(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step + 1 == stop_at:
+                    stop.received = signal.SIGTERM  # what the signal handler records, inside the step
+
+        run = RunCheckpoint(dirpath=tmp_path / "run", save_last=True, every_n_train_steps=2, save_top_k=-1)
+        trainer = make_trainer(tmp_path, max_steps, [Signal(), stop, run], accumulate_grad_batches=accumulate)
+        trainer.fit(*make_run(tiny_corpus, 2), ckpt_path=ckpt_path)
+        return stop
+
+    assert fit(6, stop_at=4).exit_status == 143
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "epoch=0-step=2.ckpt",
+        "epoch=0-step=4.ckpt",
+        "last.ckpt",
+    ]
+    kept, last = (
+        torch.load(tmp_path / "run" / name, weights_only=True) for name in ("epoch=0-step=4.ckpt", "last.ckpt")
+    )
+    assert kept["global_step"] == last["global_step"] == 4
+    for name, tensor in last["state_dict"].items():
+        assert torch.equal(kept["state_dict"][name], tensor), name
+    fit(6, ckpt_path="last")
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names == [f"epoch=0-step={n}.ckpt" for n in (2, 4, 6)] + ["last.ckpt"]  # as the uninterrupted run's
+
+
 def fake_slurm_task(monkeypatch: pytest.MonkeyPatch, root: Path) -> Path:
     """The environment of SLURM array task 70_3 (job 77), with an `scontrol` that writes its arguments into the file
     returned."""
