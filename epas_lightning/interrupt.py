@@ -36,7 +36,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from epas_lightning.errors import ConfigError
-from epas_lightning.run_checkpoint import RunCheckpoint, save_last_now
+from epas_lightning.run_checkpoint import VALIDATION_SKIPPED_KEY, RunCheckpoint, save_last_now
 from epas_lightning.run_summary import say
 from epas_lightning.slurm import (
     give_back_requeue,
@@ -82,6 +82,7 @@ class GracefulStop(Callback):
         last``; otherwise (a script of your own) with ``trainer.fit``."""
         self._previous: dict[signal.Signals, Any] = {}
         self._step = -1
+        self._validation_due = False  # at the step the stop saves: the validation it skips, which a resume runs
 
     @property
     def requeued(self) -> bool:
@@ -131,7 +132,12 @@ class GracefulStop(Callback):
         self.stopped_by, requeue = self._agreed_stop(trainer)
         if self.stopped_by is None:
             return
-        saved = self._save(trainer)
+        epoch_loop = trainer.fit_loop.epoch_loop
+        self._validation_due = epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+        try:
+            saved = self._save(trainer)
+        finally:
+            self._validation_due = False
         trainer.should_stop = True
         # Lightning validates when fit stops early (for early stopping): here a whole validation after the save, inside
         # the scheduler's grace period and before the loggers flush; the run resumes on the same schedule instead
@@ -191,6 +197,10 @@ class GracefulStop(Callback):
             if checkpoint.monitor is None or checkpoint.monitor in metrics:
                 checkpoint._save_topk_checkpoint(trainer, metrics)
         return save_last_now(trainer, checkpoint)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._validation_due:
+            checkpoint[VALIDATION_SKIPPED_KEY] = trainer.global_step
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore()

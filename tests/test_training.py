@@ -1044,19 +1044,18 @@ def test_a_resumed_run_reads_each_epoch_as_the_uninterrupted_run(tiny_corpus, tm
 
 
 @pytest.mark.parametrize(
-    ("stop_at", "resume_from", "limits"),
-    [
-        (4, "last.ckpt", {}),
-        (None, "epoch=0-step=4.ckpt", {}),
-        (3, "last.ckpt", {"limit_train_batches": 3, "val_check_interval": 3}),
-    ],
-    ids=["signal at a validation step", "an older every_n_train_steps checkpoint", "signal at an epoch's end"],
+    ("stop_at", "first_steps", "limits"),
+    [(4, 12, {}), (3, 12, {"limit_train_batches": 3, "val_check_interval": 3}), (None, 8, {})],
+    ids=["signal at a validation step", "signal at an epoch's end", "a finished run extended"],
 )
-def test_a_resumed_run_validates_at_the_step_it_was_saved_at(tiny_corpus, tmp_path, stop_at, resume_from, limits):
-    """A checkpoint saved between optimizer steps (GracefulStop, every_n_train_steps) comes before the validation due
-    at that step; Lightning resumed it counting that validation as run, so the resumed run never scored that step:
-    its val/loss point was missing from the curve the uninterrupted run drew.
-    The resumed run validates there first, logged at the uninterrupted run's step."""
+def test_a_run_resumed_after_a_stop_validates_at_the_step_it_stopped(
+    tiny_corpus, tmp_path, stop_at, first_steps, limits
+):
+    """A stop (SIGTERM, Ctrl+C) at a step whose validation is due skips it and saves; Lightning resumed that checkpoint
+    counting the validation as run, so no session scored that step: its val/loss point was missing from the curve the
+    uninterrupted run drew. The resumed run validates there first, logged at the uninterrupted run's step. A checkpoint
+    saved before a validation that then ran (every_n_train_steps, here last.ckpt of a finished run) validates no
+    step twice."""
     import signal
 
     from epas_lightning import GracefulStop, RunCheckpoint
@@ -1079,15 +1078,19 @@ def test_a_resumed_run_validates_at_the_step_it_was_saved_at(tiny_corpus, tmp_pa
         trainer = make_trainer(tmp_path, max_steps, [Record(), stop, checkpoint], **validation)
         module, data = make_run(tiny_corpus, n_layer=2)
         trainer.fit(module, data, ckpt_path=ckpt_path)
-        assert stop.exit_status == (143 if stop_at else None)
+        assert stop.exit_status == (143 if stop_at and not ckpt_path else None)
         return scores
 
-    whole = fit("whole", 8)
-    assert sorted(whole) == ([(4, 3), (8, 7)] if not limits else [(3, 2), (6, 5)])
-    first = fit("first", 8, stop_at=stop_at)
-    assert sorted(first) == ([(4, 3), (8, 7)] if stop_at is None else [])  # the stop skips Lightning's validation
-    resumed = fit("first", 8, tmp_path / "first" / resume_from)
-    assert resumed == pytest.approx(whole)
+    whole = fit("whole", 12)
+    assert sorted(whole) == ([(4, 3), (8, 7), (12, 11)] if not limits else [(3, 2), (6, 5), (9, 8), (12, 11)])
+    first = fit("first", first_steps, stop_at=stop_at)
+    assert not first if stop_at else sorted(first) == [(4, 3), (8, 7)]  # the stop skips Lightning's validation
+    resumed = fit("first", 12, tmp_path / "first" / "last.ckpt")
+    assert first.keys().isdisjoint(resumed)  # no step validated twice
+    if stop_at:
+        assert resumed == pytest.approx(whole)
+    else:  # its learning rate decayed over 8 steps: other scores than the whole run's
+        assert sorted(resumed) == [(12, 11)]
 
 
 def test_overfit_batches_trains_on_the_same_batches_every_epoch(tiny_corpus, tmp_path):
