@@ -133,15 +133,17 @@ class GracefulStop(Callback):
         if self.stopped_by is None:
             return
         epoch_loop = trainer.fit_loop.epoch_loop
-        self._validation_due = epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+        due = epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)  # before should_stop makes it due
+        last = due and _training_ends_at_this_step(trainer)  # the run's last validation: no resume would run it
+        self._validation_due = due and not last
         try:
             saved = self._save(trainer)
         finally:
             self._validation_due = False
         trainer.should_stop = True
         # Lightning validates when fit stops early (for early stopping): here a whole validation after the save, inside
-        # the scheduler's grace period and before the loggers flush; the run resumes on the same schedule instead
-        trainer.fit_loop.epoch_loop._skip_next_val = True
+        # the scheduler's grace period and before the loggers flush; the resumed run runs the one due here first
+        epoch_loop._skip_next_val = not last
         where = f"saved {saved}" if saved else "checkpointing is off"
         if requeue and not saved:  # a requeued job would start over, and stop here again, until cancelled
             where = f"{where}, so the job is not requeued (it would start over)"
@@ -222,6 +224,16 @@ class GracefulStop(Callback):
             for sig, handler in self._previous.items():
                 signal.signal(sig, handler)
         self._previous = {}
+
+
+def _training_ends_at_this_step(trainer: Trainer) -> bool:
+    """Whether ``fit`` ends after the optimizer step just done, stopped or not: ``max_steps``, or the last batch of the
+    last epoch."""
+    fit_loop = trainer.fit_loop
+    if fit_loop.max_steps != -1 and trainer.global_step >= fit_loop.max_steps:
+        return True
+    last_epoch = fit_loop.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= fit_loop.max_epochs
+    return last_epoch and fit_loop.epoch_loop._num_ready_batches_reached()
 
 
 def _run_checkpoint(trainer: Trainer) -> ModelCheckpoint | None:

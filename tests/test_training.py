@@ -1045,8 +1045,8 @@ def test_a_resumed_run_reads_each_epoch_as_the_uninterrupted_run(tiny_corpus, tm
 
 @pytest.mark.parametrize(
     ("stop_at", "first_steps", "limits"),
-    [(4, 12, {}), (3, 12, {"limit_train_batches": 3, "val_check_interval": 3}), (None, 8, {})],
-    ids=["signal at a validation step", "signal at an epoch's end", "a finished run extended"],
+    [(4, 12, {}), (3, 12, {"limit_train_batches": 3, "val_check_interval": 3}), (12, 12, {}), (None, 8, {})],
+    ids=["signal at a validation step", "signal at an epoch's end", "signal in the last step", "a run extended"],
 )
 def test_a_run_resumed_after_a_stop_validates_at_the_step_it_stopped(
     tiny_corpus, tmp_path, stop_at, first_steps, limits
@@ -1055,7 +1055,8 @@ def test_a_run_resumed_after_a_stop_validates_at_the_step_it_stopped(
     counting the validation as run, so no session scored that step: its val/loss point was missing from the curve the
     uninterrupted run drew. The resumed run validates there first, logged at the uninterrupted run's step. A checkpoint
     saved before a validation that then ran (every_n_train_steps, here last.ckpt of a finished run) validates no
-    step twice."""
+    step twice. A stop in the run's last step skipped its last validation for good (nothing is left to resume); it
+    runs there now."""
     import signal
 
     from epas_lightning import GracefulStop, RunCheckpoint
@@ -1084,11 +1085,12 @@ def test_a_run_resumed_after_a_stop_validates_at_the_step_it_stopped(
     whole = fit("whole", 12)
     assert sorted(whole) == ([(4, 3), (8, 7), (12, 11)] if not limits else [(3, 2), (6, 5), (9, 8), (12, 11)])
     first = fit("first", first_steps, stop_at=stop_at)
-    assert not first if stop_at else sorted(first) == [(4, 3), (8, 7)]  # the stop skips Lightning's validation
+    # the stop skips the validation due at its step, but for the run's last
+    assert sorted(first) == ([(4, 3), (8, 7)] if not stop_at else sorted(whole) if stop_at == 12 else [])
     resumed = fit("first", 12, tmp_path / "first" / "last.ckpt")
     assert first.keys().isdisjoint(resumed)  # no step validated twice
     if stop_at:
-        assert resumed == pytest.approx(whole)
+        assert {**first, **resumed} == pytest.approx(whole)
     else:  # its learning rate decayed over 8 steps: other scores than the whole run's
         assert sorted(resumed) == [(12, 11)]
 
