@@ -129,12 +129,26 @@ class StepCheckpoint(ModelCheckpoint):
         self._save_after_step = self._stop_after_step = self._stop_validated = False  # from a fit ended by an error
         if trainer.ckpt_path is not None:
             self._last_global_step_saved = trainer.global_step
-            if self._validation_skipped and self is next(c for c in trainer.callbacks if isinstance(c, StepCheckpoint)):
-                validate_where_skipped(trainer)
+            if self is next(c for c in trainer.callbacks if isinstance(c, StepCheckpoint)):
+                if self._validation_skipped:
+                    validate_where_skipped(trainer)
+                begin_next_epoch_as_new(trainer)
         self._validation_skipped = False
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._validation_skipped = checkpoint.get(VALIDATION_SKIPPED_KEY, -1) == checkpoint.get("global_step")
+
+
+def begin_next_epoch_as_new(trainer: Trainer) -> None:
+    """Resumed from a save between steps after an epoch's last batch, Lightning counts that epoch done but keeps its
+    'restarted mid-epoch' stage for the next one, which then began uncounted (no ``on_train_epoch_start``): a checkpoint
+    of this session inside that epoch recorded it as not begun, and its resume trained that epoch again (other
+    batches, another epoch count). The next epoch now begins as in an uninterrupted run."""
+    fit_loop = trainer.fit_loop
+    epoch_loop = fit_loop.epoch_loop
+    closed = epoch_loop.restarted_on_train_batch_end and epoch_loop.batch_progress.is_last_batch
+    if closed and fit_loop.restarted_mid_epoch:
+        fit_loop.reset_restart_stage()
 
 
 def validate_where_skipped(trainer: Trainer) -> None:

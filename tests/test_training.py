@@ -1095,6 +1095,37 @@ def test_a_run_resumed_after_a_stop_validates_at_the_step_it_stopped(
         assert sorted(resumed) == [(12, 11)]
 
 
+@pytest.mark.parametrize("validate", [False, True])
+def test_a_run_stopped_at_two_epoch_ends_reads_each_epoch_as_the_uninterrupted_run(tiny_corpus, tmp_path, validate):
+    """Resumed from a stop after an epoch's last batch, Lightning began the next epoch uncounted, so a second stop
+    after that epoch's last batch saved it as never begun: the third session trained it again under its old number
+    (with validation) or read other batches than the uninterrupted run's in the next one (without)."""
+    import signal
+
+    from epas_lightning import GracefulStop, RunCheckpoint
+
+    def fit(folder: str, ckpt_path: Path | None = None, stop_at: int | None = None) -> dict:
+        read, stop = {}, GracefulStop()
+
+        class Record(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                read[(trainer.current_epoch, batch_idx)] = (trainer.global_step, batch[:, :3].tolist())
+                if trainer.global_step + 1 == stop_at:
+                    stop.received = signal.SIGTERM  # what the signal handler records, inside the step
+
+        checkpoint = RunCheckpoint(dirpath=tmp_path / folder, save_last=True, save_top_k=0)
+        validation = {"val_check_interval": 3, "limit_val_batches": 1, "num_sanity_val_steps": 0} if validate else {}
+        trainer = make_trainer(tmp_path, 8, [Record(), stop, checkpoint], limit_train_batches=3, **validation)
+        trainer.fit(*make_run(tiny_corpus, n_layer=2), ckpt_path=ckpt_path)
+        return read
+
+    whole = fit("whole")
+    sessions = [fit("stopped", stop_at=3), fit("stopped", tmp_path / "stopped" / "last.ckpt", stop_at=6)]
+    sessions.append(fit("stopped", tmp_path / "stopped" / "last.ckpt"))
+    assert [sorted(read) for read in sessions] == [sorted(whole)[:3], sorted(whole)[3:6], sorted(whole)[6:]]
+    assert {key: batches for read in sessions for key, batches in read.items()} == whole
+
+
 def test_overfit_batches_trains_on_the_same_batches_every_epoch(tiny_corpus, tmp_path):
     """Lightning turns shuffling off for overfit_batches through the loader's sampler, which a streaming dataset does
     not use: each epoch read other batches, and the loss never showed the model overfitting them."""
