@@ -40,7 +40,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from epas_lightning.errors import ConfigError
-from epas_lightning.run_checkpoint import RunCheckpoint, save_last_now
+from epas_lightning.run_checkpoint import VALIDATION_SKIPPED_KEY, RunCheckpoint, save_last_now
 from epas_lightning.run_summary import say
 from epas_lightning.slurm import (
     give_back_requeue,
@@ -86,6 +86,7 @@ class GracefulStop(Callback):
         last``; otherwise (a script of your own) with ``trainer.fit``."""
         self._previous: dict[signal.Signals, Any] = {}
         self._step = -1
+        self._validation_due = False  # at the step the stop saves: the validation it skips, which a resume runs
 
     @property
     def requeued(self) -> bool:
@@ -135,11 +136,18 @@ class GracefulStop(Callback):
         self.stopped_by, requeue = self._agreed_stop(trainer)
         if self.stopped_by is None:
             return
-        saved = self._save(trainer)
+        epoch_loop = trainer.fit_loop.epoch_loop
+        due = epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)  # before should_stop makes it due
+        last = due and _training_ends_at_this_step(trainer)  # the run's last validation: no resume would run it
+        self._validation_due = due and not last
+        try:
+            saved = self._save(trainer)
+        finally:
+            self._validation_due = False
         trainer.should_stop = True
         # Lightning validates when fit stops early (for early stopping): here a whole validation after the save, inside
-        # the scheduler's grace period and before the loggers flush; the run resumes on the same schedule instead
-        trainer.fit_loop.epoch_loop._skip_next_val = True
+        # the scheduler's grace period and before the loggers flush; the resumed run runs the one due here first
+        epoch_loop._skip_next_val = not last
         where = f"saved {saved}" if saved else "checkpointing is off"
         if requeue and not saved:  # a requeued job would start over, and stop here again, until cancelled
             where = f"{where}, so the job is not requeued (it would start over)"
@@ -184,8 +192,21 @@ class GracefulStop(Callback):
 
     @staticmethod
     def _save(trainer: Trainer) -> Path | None:
+        """``last.ckpt``, and the checkpoint's step file where ``every_n_train_steps`` saves at this step (the file the
+        uninterrupted run keeps: once ``last.ckpt`` counted the step as saved, it was never written)."""
         checkpoint = _run_checkpoint(trainer)
-        return save_last_now(trainer, checkpoint) if isinstance(checkpoint, ModelCheckpoint) else None
+        if not isinstance(checkpoint, ModelCheckpoint):
+            return None
+        every = checkpoint._every_n_train_steps
+        if every >= 1 and trainer.global_step % every == 0 and not checkpoint._should_skip_saving_checkpoint(trainer):
+            metrics = checkpoint._monitor_candidates(trainer)
+            if checkpoint.monitor is None or checkpoint.monitor in metrics:
+                checkpoint._save_topk_checkpoint(trainer, metrics)
+        return save_last_now(trainer, checkpoint)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._validation_due:
+            checkpoint[VALIDATION_SKIPPED_KEY] = trainer.global_step
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore()
@@ -207,6 +228,16 @@ class GracefulStop(Callback):
             for sig, handler in self._previous.items():
                 signal.signal(sig, handler)
         self._previous = {}
+
+
+def _training_ends_at_this_step(trainer: Trainer) -> bool:
+    """Whether ``fit`` ends after the optimizer step just done, stopped or not: ``max_steps``, or the last batch of the
+    last epoch."""
+    fit_loop = trainer.fit_loop
+    if fit_loop.max_steps != -1 and trainer.global_step >= fit_loop.max_steps:
+        return True
+    last_epoch = fit_loop.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= fit_loop.max_epochs
+    return last_epoch and fit_loop.epoch_loop._num_ready_batches_reached()
 
 
 def _run_checkpoint(trainer: Trainer) -> ModelCheckpoint | None:

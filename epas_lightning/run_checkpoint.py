@@ -71,6 +71,11 @@ def keep_epoch_finished(checkpoint: dict[str, Any]) -> None:
     batches["is_last_batch"] = False
 
 
+VALIDATION_SKIPPED_KEY = "validation_skipped_at_step"
+"""The step of a checkpoint saved before a validation due at that step, which its run then skipped (a stop by
+``GracefulStop``): a resume runs it (:func:`validate_where_skipped`)."""
+
+
 class StepCheckpoint(ModelCheckpoint):
     """Lightning's ``ModelCheckpoint`` (same arguments), saving only between optimizer steps: a checkpoint holds no
     accumulated gradients, so one saved inside a step under gradient accumulation resumed with the step's earlier
@@ -80,10 +85,12 @@ class StepCheckpoint(ModelCheckpoint):
     (``val_check_interval`` counts micro-batches: one that ``accumulate_grad_batches`` does not divide) saves once the
     step is done, with the validation's metrics. A stop asked for inside a step (by ``EarlyStopping`` at such a
     validation, by ``max_time``) also waits for its end, so that ``last.ckpt`` holds whole steps. A resumed run saves
-    nothing before its first optimizer step: Lightning's saved the resumed step again after one micro-batch.
+    nothing before its first optimizer step: Lightning's saved the resumed step again after one micro-batch. It first
+    runs the validation due at the resumed step where the checkpoint's run skipped it (a stop by ``GracefulStop``).
     """
 
     _save_after_step = False  # a validation inside an optimizer step asked for a save
+    _validation_skipped = False  # the resumed checkpoint's run skipped the validation due at its step
     _stop_after_step = False  # a stop was asked for inside an optimizer step
     _stop_validated = False  # ... by a validation, which has run
 
@@ -122,6 +129,45 @@ class StepCheckpoint(ModelCheckpoint):
         self._save_after_step = self._stop_after_step = self._stop_validated = False  # from a fit ended by an error
         if trainer.ckpt_path is not None:
             self._last_global_step_saved = trainer.global_step
+            if self is next(c for c in trainer.callbacks if isinstance(c, StepCheckpoint)):
+                if self._validation_skipped:
+                    validate_where_skipped(trainer)
+                begin_next_epoch_as_new(trainer)
+        self._validation_skipped = False
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._validation_skipped = checkpoint.get(VALIDATION_SKIPPED_KEY, -1) == checkpoint.get("global_step")
+
+
+def begin_next_epoch_as_new(trainer: Trainer) -> None:
+    """Resumed from a save between steps after an epoch's last batch, Lightning counts that epoch done but keeps its
+    'restarted mid-epoch' stage for the next one, which then began uncounted (no ``on_train_epoch_start``): a checkpoint
+    of this session inside that epoch recorded it as not begun, and its resume trained that epoch again (other
+    batches, another epoch count). The next epoch now begins as in an uninterrupted run."""
+    fit_loop = trainer.fit_loop
+    epoch_loop = fit_loop.epoch_loop
+    closed = epoch_loop.restarted_on_train_batch_end and epoch_loop.batch_progress.is_last_batch
+    if closed and fit_loop.restarted_mid_epoch:
+        fit_loop.reset_restart_stage()
+
+
+def validate_where_skipped(trainer: Trainer) -> None:
+    """Run the validation due at the resumed step that the checkpoint's run skipped (:data:`VALIDATION_SKIPPED_KEY`):
+    Lightning counted it as run, so no session scored that step (its ``val/loss`` point was missing), where the
+    uninterrupted run had. It logs at that step; no checkpoint saves the resumed step again."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    if not epoch_loop.restarted_on_train_batch_end or not epoch_loop._should_check_val_fx(
+        trainer.fit_loop._data_fetcher
+    ):
+        return  # saved elsewhere than between steps, or the resumed run validates at other steps
+    for checkpoint in trainer.checkpoint_callbacks:  # the resumed step is saved already
+        checkpoint._last_global_step_saved = trainer.global_step
+    val_loop, first_loop_iter = epoch_loop.val_loop, trainer._logger_connector._first_loop_iter
+    val_loop.restarting = False  # a new validation, not the rest of the last one
+    trainer.validating = True
+    val_loop.run()
+    trainer.training = True
+    trainer._logger_connector._first_loop_iter = first_loop_iter
 
 
 class ListedCheckpoint(StepCheckpoint):

@@ -1043,6 +1043,89 @@ def test_a_resumed_run_reads_each_epoch_as_the_uninterrupted_run(tiny_corpus, tm
     assert max(resumed) == max(uninterrupted)
 
 
+@pytest.mark.parametrize(
+    ("stop_at", "first_steps", "limits"),
+    [(4, 12, {}), (3, 12, {"limit_train_batches": 3, "val_check_interval": 3}), (12, 12, {}), (None, 8, {})],
+    ids=["signal at a validation step", "signal at an epoch's end", "signal in the last step", "a run extended"],
+)
+def test_a_run_resumed_after_a_stop_validates_at_the_step_it_stopped(
+    tiny_corpus, tmp_path, stop_at, first_steps, limits
+):
+    """A stop (SIGTERM, Ctrl+C) at a step whose validation is due skips it and saves; Lightning resumed that checkpoint
+    counting the validation as run, so no session scored that step: its val/loss point was missing from the curve the
+    uninterrupted run drew. The resumed run validates there first, logged at the uninterrupted run's step. A checkpoint
+    saved before a validation that then ran (every_n_train_steps, here last.ckpt of a finished run) validates no
+    step twice. A stop in the run's last step skipped its last validation for good (nothing is left to resume); it
+    runs there now."""
+    import signal
+
+    from epas_lightning import GracefulStop, RunCheckpoint
+
+    def fit(folder: str, max_steps: int, ckpt_path: Path | None = None, stop_at: int | None = None) -> dict:
+        scores, stop = {}, GracefulStop()
+
+        class Record(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step + 1 == stop_at:
+                    stop.received = signal.SIGTERM  # what the signal handler records, inside the step
+
+            def on_validation_end(self, trainer, pl_module):
+                if not trainer.sanity_checking:
+                    step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step loggers log it at
+                    scores[(trainer.global_step, step)] = float(trainer.callback_metrics["val/loss"])
+
+        checkpoint = RunCheckpoint(dirpath=tmp_path / folder, save_last=True, every_n_train_steps=2, save_top_k=-1)
+        validation = {"val_check_interval": 4, "limit_val_batches": 1, "num_sanity_val_steps": 0, **limits}
+        trainer = make_trainer(tmp_path, max_steps, [Record(), stop, checkpoint], **validation)
+        module, data = make_run(tiny_corpus, n_layer=2)
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        assert stop.exit_status == (143 if stop_at and not ckpt_path else None)
+        return scores
+
+    whole = fit("whole", 12)
+    assert sorted(whole) == ([(4, 3), (8, 7), (12, 11)] if not limits else [(3, 2), (6, 5), (9, 8), (12, 11)])
+    first = fit("first", first_steps, stop_at=stop_at)
+    # the stop skips the validation due at its step, but for the run's last
+    assert sorted(first) == ([(4, 3), (8, 7)] if not stop_at else sorted(whole) if stop_at == 12 else [])
+    resumed = fit("first", 12, tmp_path / "first" / "last.ckpt")
+    assert first.keys().isdisjoint(resumed)  # no step validated twice
+    if stop_at:
+        assert {**first, **resumed} == pytest.approx(whole)
+    else:  # its learning rate decayed over 8 steps: other scores than the whole run's
+        assert sorted(resumed) == [(12, 11)]
+
+
+@pytest.mark.parametrize("validate", [False, True])
+def test_a_run_stopped_at_two_epoch_ends_reads_each_epoch_as_the_uninterrupted_run(tiny_corpus, tmp_path, validate):
+    """Resumed from a stop after an epoch's last batch, Lightning began the next epoch uncounted, so a second stop
+    after that epoch's last batch saved it as never begun: the third session trained it again under its old number
+    (with validation) or read other batches than the uninterrupted run's in the next one (without)."""
+    import signal
+
+    from epas_lightning import GracefulStop, RunCheckpoint
+
+    def fit(folder: str, ckpt_path: Path | None = None, stop_at: int | None = None) -> dict:
+        read, stop = {}, GracefulStop()
+
+        class Record(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                read[(trainer.current_epoch, batch_idx)] = (trainer.global_step, batch[:, :3].tolist())
+                if trainer.global_step + 1 == stop_at:
+                    stop.received = signal.SIGTERM  # what the signal handler records, inside the step
+
+        checkpoint = RunCheckpoint(dirpath=tmp_path / folder, save_last=True, save_top_k=0)
+        validation = {"val_check_interval": 3, "limit_val_batches": 1, "num_sanity_val_steps": 0} if validate else {}
+        trainer = make_trainer(tmp_path, 8, [Record(), stop, checkpoint], limit_train_batches=3, **validation)
+        trainer.fit(*make_run(tiny_corpus, n_layer=2), ckpt_path=ckpt_path)
+        return read
+
+    whole = fit("whole")
+    sessions = [fit("stopped", stop_at=3), fit("stopped", tmp_path / "stopped" / "last.ckpt", stop_at=6)]
+    sessions.append(fit("stopped", tmp_path / "stopped" / "last.ckpt"))
+    assert [sorted(read) for read in sessions] == [sorted(whole)[:3], sorted(whole)[3:6], sorted(whole)[6:]]
+    assert {key: batches for read in sessions for key, batches in read.items()} == whole
+
+
 def test_overfit_batches_trains_on_the_same_batches_every_epoch(tiny_corpus, tmp_path):
     """Lightning turns shuffling off for overfit_batches through the loader's sampler, which a streaming dataset does
     not use: each epoch read other batches, and the loss never showed the model overfitting them."""
@@ -1205,6 +1288,45 @@ def test_a_graceful_stop_saves_into_the_run_checkpoint_before_a_listed_one(tiny_
     assert stop.exit_status == 143 and [p.name for p in (tmp_path / "run").iterdir()] == ["last.ckpt"]
     assert not (tmp_path / "mine").exists()
     assert 'resume with trainer.fit(..., ckpt_path="last")' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_graceful_stop_at_a_scheduled_save_keeps_its_step_checkpoint(tiny_corpus, tmp_path, accumulate):
+    """A stop in a step every_n_train_steps saves at wrote last.ckpt alone and counted the step as saved: its
+    epoch=0-step=N.ckpt, which the uninterrupted run keeps (save_top_k -1), was never written, and the run resumed
+    from last.ckpt went on without it. The stop writes it too, with the same state as last.ckpt."""
+    import signal
+
+    from epas_lightning import GracefulStop, RunCheckpoint
+
+    def fit(max_steps: int, ckpt_path: str | None = None, stop_at: int | None = None) -> GracefulStop:
+        stop = GracefulStop()
+
+        class Signal(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step + 1 == stop_at:
+                    stop.received = signal.SIGTERM  # what the signal handler records, inside the step
+
+        run = RunCheckpoint(dirpath=tmp_path / "run", save_last=True, every_n_train_steps=2, save_top_k=-1)
+        trainer = make_trainer(tmp_path, max_steps, [Signal(), stop, run], accumulate_grad_batches=accumulate)
+        trainer.fit(*make_run(tiny_corpus, 2), ckpt_path=ckpt_path)
+        return stop
+
+    assert fit(6, stop_at=4).exit_status == 143
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "epoch=0-step=2.ckpt",
+        "epoch=0-step=4.ckpt",
+        "last.ckpt",
+    ]
+    kept, last = (
+        torch.load(tmp_path / "run" / name, weights_only=True) for name in ("epoch=0-step=4.ckpt", "last.ckpt")
+    )
+    assert kept["global_step"] == last["global_step"] == 4
+    for name, tensor in last["state_dict"].items():
+        assert torch.equal(kept["state_dict"][name], tensor), name
+    fit(6, ckpt_path="last")
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names == [f"epoch=0-step={n}.ckpt" for n in (2, 4, 6)] + ["last.ckpt"]  # as the uninterrupted run's
 
 
 def fake_slurm_task(monkeypatch: pytest.MonkeyPatch, root: Path) -> Path:
