@@ -448,8 +448,9 @@ def test_readme_shell_command_runs_in_a_fresh_process(checkpoint, tasks, tmp_pat
     command = [sys.executable, "-m", "epas_lightning", "lm-eval", "--checkpoint", str(checkpoint), "--tasks",
                "tiny_mc", "--tasks", "tiny_ppl", "--include-path", str(tasks), "--sharing-layers", "2", "--limit", "4",
                "--json"]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # no git here
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "fatal:" not in done.stderr, done.stderr  # git's, as lm-eval asked it for the working folder's commit
     (row,) = json.loads(done.stdout.strip().splitlines()[-1])
     assert row["shared_layers"] == [2, 3]
     import epas_lightning.evaluation.lm_eval_adapter  # noqa: F401 - registers "epas"
