@@ -51,9 +51,9 @@ doc_to_text: context
 doc_to_choice: choices
 doc_to_target: label
 target_delimiter: ""
-metric_list:
-  - metric: acc
-  - metric: acc_norm
+metric_list:  # as the README's task YAML
+  - {metric: acc, aggregation: mean, higher_is_better: true}
+  - {metric: acc_norm, aggregation: mean, higher_is_better: true}
 """
 ROLLING = """output_type: loglikelihood_rolling
 doc_to_text: ""
