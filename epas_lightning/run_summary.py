@@ -9,6 +9,7 @@ with the run's real paths.
 from __future__ import annotations
 
 import math
+import signal
 import statistics
 import sys
 import time
@@ -135,6 +136,8 @@ class RunSummary(Callback):
         if stopper is not None:  # nothing else says why the run ended before its limit
             reason = (stopper.stopping_reason_message or "").removesuffix(" Signaling Trainer to stop.")
             lines.append(f"  stopped      by EarlyStopping: {reason or stopper.stopping_reason.value}")
+        if (signalled := _signal_stop(trainer)) is not None:  # Ctrl+C, a scheduler's SIGTERM or requeue signal
+            lines.append(signalled)
         checkpoint = last_checkpoint(trainer)
         if checkpoint:
             lines.append(f"  checkpoints  {Path(checkpoint).parent}  (last: {Path(checkpoint).name})")
@@ -231,6 +234,20 @@ def _early_stop(trainer: Trainer) -> EarlyStopping | None:
         return None
     signalled = any(isinstance(c, GracefulStop) and c.stopped_by is not None for c in trainer.callbacks)
     return None if signalled else stopper
+
+
+def _signal_stop(trainer: Trainer) -> str | None:
+    """The summary's line for a run a signal stopped (``GracefulStop``), before its limit."""
+    from epas_lightning.interrupt import GracefulStop  # it prints with say(): imported here, not at the top
+
+    stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop) and c.stopped_by is not None), None)
+    if stop is None:
+        return None
+    line = f"  stopped      by {stop.stopped_by.name}{' (Ctrl+C)' if stop.stopped_by == signal.SIGINT else ''}"
+    line += f" after step {trainer.global_step}"
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        line += f" of max_steps {trainer.max_steps}"
+    return line + (" (the job is requeued)" if stop.requeued else "")
 
 
 def _max_time(trainer: Trainer) -> Timer | None:

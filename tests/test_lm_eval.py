@@ -51,9 +51,9 @@ doc_to_text: context
 doc_to_choice: choices
 doc_to_target: label
 target_delimiter: ""
-metric_list:
-  - metric: acc
-  - metric: acc_norm
+metric_list:  # as the README's task YAML
+  - {metric: acc, aggregation: mean, higher_is_better: true}
+  - {metric: acc_norm, aggregation: mean, higher_is_better: true}
 """
 ROLLING = """output_type: loglikelihood_rolling
 doc_to_text: ""
@@ -448,8 +448,9 @@ def test_readme_shell_command_runs_in_a_fresh_process(checkpoint, tasks, tmp_pat
     command = [sys.executable, "-m", "epas_lightning", "lm-eval", "--checkpoint", str(checkpoint), "--tasks",
                "tiny_mc", "--tasks", "tiny_ppl", "--include-path", str(tasks), "--sharing-layers", "2", "--limit", "4",
                "--json"]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # no git here
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "fatal:" not in done.stderr, done.stderr  # git's, as lm-eval asked it for the working folder's commit
     (row,) = json.loads(done.stdout.strip().splitlines()[-1])
     assert row["shared_layers"] == [2, 3]
     import epas_lightning.evaluation.lm_eval_adapter  # noqa: F401 - registers "epas"

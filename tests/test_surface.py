@@ -729,6 +729,17 @@ def test_the_summary_says_how_to_resume_where_the_run_was_started(tmp_path, monk
     stopped = GracefulStop()
     stopped.requeue_signal, stopped.stopped_by = signal.SIGUSR1, signal.SIGTERM  # not requeued: resumed by hand
     assert resume_line(RunSummary(command_line=True), [stopped]).endswith("--ckpt_path last")
+    # a signal ended it before max_steps: the summary began "Run finished: 3 optimizer steps" and said nothing of it
+    assert resume_line(RunSummary(command_line=True), [stopped], line=1) == (
+        "  stopped      by SIGTERM after step 3 of max_steps 10"
+    )
+    stopped.stopped_by = signal.SIGINT
+    assert resume_line(RunSummary(command_line=True), [stopped], line=1, max_steps=-1) == (
+        "  stopped      by SIGINT (Ctrl+C) after step 3"
+    )
+    assert resume_line(RunSummary(command_line=True), [requeued], line=1) == (
+        "  stopped      by SIGUSR1 after step 3 of max_steps 10 (the job is requeued)"
+    )
     # an EarlyStopping of the user's ended it before its limit: the summary said nothing, and "the same command"
     early = EarlyStopping(monitor="val/loss")
     assert resume_line(RunSummary(command_line=True), [early]) == "  resume: the same command with --ckpt_path last"

@@ -14,6 +14,8 @@ from __future__ import annotations
 import csv
 import importlib
 import json as json_lib
+import os
+import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -177,7 +179,7 @@ def run_lm_eval(
     rows, runs = [], {}
     for n in lengths:
         layers = lm.set_sharing_layers(n)
-        with task_data_errors(), too_few_examples(num_fewshot):
+        with task_data_errors(), too_few_examples(num_fewshot), quiet_git_hash():
             result = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=specs,
@@ -199,6 +201,28 @@ def run_lm_eval(
         "rows": rows,
         "runs": runs,
     }
+
+
+@contextmanager
+def quiet_git_hash() -> Iterator[None]:
+    """lm-eval records the working folder's git commit by running ``git describe``, whose stderr it leaves open:
+    outside a git repository every run printed "fatal: not a git repository". The same lookup, git's stderr silenced."""
+    import lm_eval.evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    def git_hash() -> str | None:
+        try:
+            described = subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL)  # noqa: S607
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return get_commit_from_path(os.getcwd())
+        return described.strip().decode()
+
+    original = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = git_hash
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = original
 
 
 @contextmanager
