@@ -110,6 +110,26 @@ def signal_fit_once_training(
     return proc.returncode, out.read_text(), "".join(lines)
 
 
+class FakeClock(L.Callback):
+    """``time.perf_counter`` replaced (through ``monkeypatch``) by a clock that this callback moves on: ``batch``
+    seconds per training micro-batch, ``update`` per optimizer update, ``validation`` per held-out batch."""
+
+    def __init__(self, monkeypatch, batch: float = 1.0, update: float = 3.0, validation: float = 10.0) -> None:  # noqa: ANN001
+        import time
+
+        self.now, self.batch, self.update, self.validation = 0.0, batch, update, validation
+        monkeypatch.setattr(time, "perf_counter", lambda: self.now)
+
+    def on_train_batch_start(self, *args) -> None:
+        self.now += self.batch
+
+    def on_before_optimizer_step(self, *args) -> None:
+        self.now += self.update
+
+    def on_validation_batch_start(self, *args) -> None:
+        self.now += self.validation
+
+
 class SubclassedSharing(ProgressiveSharing):
     """A schedule of one's own, listed in ``trainer.callbacks`` beside the ``sharing`` section's."""
 

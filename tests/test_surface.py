@@ -818,32 +818,16 @@ def test_the_summary_throughput_of_a_step_a_validation_interrupts_counts_the_who
     """A fake clock: 1 s a micro-batch, 3 s an update, 10 s a validation after every 2 micro-batches of 4-batch steps.
     The step a validation interrupted was timed from its end only: its last 2 micro-batches and the update (32 tokens
     in 5 s), said as 6 tokens/s where every step trains 64 tokens in 7 s."""
-    import time
-
-    from helpers import cpu_trainer
-    from lightning.pytorch.callbacks import Callback
+    from helpers import FakeClock, cpu_trainer
 
     from epas_lightning import EPASModule, LlamaConfig
     from epas_lightning.run_summary import RunSummary
-
-    clock = [0.0]
-    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
-
-    class Clock(Callback):
-        def on_train_batch_start(self, *args):
-            clock[0] += 1.0
-
-        def on_before_optimizer_step(self, *args):
-            clock[0] += 3.0
-
-        def on_validation_batch_start(self, *args):
-            clock[0] += 10.0
 
     summary, module = RunSummary(), EPASModule(LlamaConfig.from_name("debug", block_size=16))
     loader = torch.utils.data.DataLoader(torch.randint(0, 512, (40, 17)), batch_size=1)
     options = {"accumulate_grad_batches": 4, "val_check_interval": 2, "limit_val_batches": 1}
     trainer = cpu_trainer(
-        tmp_path, 5, [summary, Clock()], enable_checkpointing=False, num_sanity_val_steps=0, **options
+        tmp_path, 5, [summary, FakeClock(monkeypatch)], enable_checkpointing=False, num_sanity_val_steps=0, **options
     )
     trainer.fit(module, loader, loader)
     line = next(line for line in summary.summary(trainer, module, None).splitlines() if "throughput" in line)

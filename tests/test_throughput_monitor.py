@@ -3,7 +3,7 @@
 import lightning as L
 import pytest
 import torch
-from helpers import cpu_trainer
+from helpers import FakeClock, cpu_trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 
@@ -143,27 +143,13 @@ def test_under_gradient_accumulation_the_rates_are_of_whole_optimizer_steps(tmp_
     batch. Lightning's window ran over micro-batches: 2 entries gave one micro-batch's tokens over that micro-batch and
     an update (32 / 4 s), not a step's tokens over the step (64 / 5 s); windows of other lengths over- or
     under-weighted the updates. A validation in the middle of a step (after 3 micro-batches) is no training time."""
-    import time
-
-    clock = [0.0]
-    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
-
-    class Clock(Callback):
-        def on_train_batch_start(self, *args):
-            clock[0] += 1.0
-
-        def on_before_optimizer_step(self, *args):
-            clock[0] += 3.0
-
-        def on_validation_batch_start(self, *args):
-            clock[0] += 10.0
 
     module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16))
     data = torch.utils.data.DataLoader(torch.randint(0, 512, (8, 17)), batch_size=1)
     logger, monitor = Steps(), TokenThroughputMonitor(window_size=2)
     options = {"logger": logger, "log_every_n_steps": 1, "accumulate_grad_batches": 2}
     validation = {"val_check_interval": 3, "limit_val_batches": 1, "num_sanity_val_steps": 0}
-    cpu_trainer(tmp_path, 4, [Clock(), monitor], **options, **validation).fit(module, data, data)
+    cpu_trainer(tmp_path, 4, [FakeClock(monkeypatch), monitor], **options, **validation).fit(module, data, data)
     assert logger.steps["validate/batches"] == [1, 2]
     assert logger.steps["train/device/items_per_sec"] == [1, 2, 3]
     assert logger.values["train/device/items_per_sec"] == [32 / 5] * 3  # 2 x 16 tokens in 2 x 1 s + 3 s
@@ -347,26 +333,15 @@ def test_the_peak_of_a_transformer_engine_run_is_not_taken_for_an_fp32_one(tmp_p
 def test_held_out_throughput_counts_the_real_rows_not_the_pad_rows(tmp_path, monkeypatch):
     """Held-out batches end in pad rows (every rank reads as many full batches): validate/samples and lengths counted
     them as sequences and tokens (here 4 and 64, where val/tokens scored 48), and the rates and FLOPs with them."""
-    import time
-
     from epas_lightning.loss import PAD
-
-    clock = [0.0]
-    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
-
-    class Clock(Callback):
-        def on_train_batch_start(self, *args):
-            clock[0] += 1.0
-
-        def on_validation_batch_start(self, *args):
-            clock[0] += 10.0
 
     module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16))
     train = torch.utils.data.DataLoader(torch.randint(0, 512, (4, 17)), batch_size=2)
     held_out = torch.cat([torch.randint(0, 512, (3, 17)), torch.full((1, 17), PAD)])  # 3 sequences, one pad row
     logger = Steps()
     options = {"logger": logger, "log_every_n_steps": 1, "num_sanity_val_steps": 0, "limit_val_batches": 2}
-    trainer = cpu_trainer(tmp_path, 2, [Clock(), TokenThroughputMonitor(window_size=2)], **options)
+    callbacks = [FakeClock(monkeypatch, update=0.0), TokenThroughputMonitor(window_size=2)]
+    trainer = cpu_trainer(tmp_path, 2, callbacks, **options)
     trainer.fit(module, train, torch.utils.data.DataLoader(held_out, batch_size=2))
     assert logger.values["val/tokens"] == [48]
     assert logger.values["validate/samples"] == [3] and logger.values["validate/lengths"] == [48]
