@@ -35,7 +35,6 @@ def save_last_now(trainer: Trainer, checkpoint: ModelCheckpoint, weights_only: b
     path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
     checkpoint.last_model_path = str(path)  # part of the state written below
     trainer.save_checkpoint(path, weights_only=weights_only)  # a link here is replaced, never written through
-    checkpoint._validated_after_save = None  # read by RunCheckpoint: this save holds every validation so far
     checkpoint._last_global_step_saved = trainer.global_step  # Lightning's own "this step is saved" record
     checkpoint._last_checkpoint_saved = str(path)
     return path
@@ -202,12 +201,8 @@ class RunCheckpoint(StepCheckpoint):
     yet (one given ``version=`` keeps it), and none is a ``CSVLogger``, which would delete that folder's
     ``metrics.csv``.
 
-    Like every :class:`StepCheckpoint`, it saves only between optimizer steps. A validation at a step already saved
-    (``every_n_train_steps`` a multiple of ``val_check_interval``) is written into ``last.ckpt`` again when training
-    ends at that step, so the run's final checkpoint holds its final validation.
+    Like every :class:`StepCheckpoint`, it saves only between optimizer steps.
     """
-
-    _validated_after_save: int | None = None  # the step of a validation that ran after that step's save
 
     def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
         """Lightning's lookup for ``ckpt_path="last"``, which searched only the version folder of this new run."""
@@ -239,21 +234,11 @@ class RunCheckpoint(StepCheckpoint):
                 remove_unfinished_saves(Path(self.dirpath))
         warn_if_disk_too_small(trainer, pl_module, self)
 
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
-        if fitting and self._last_global_step_saved == trainer.global_step:  # saved before this validation ran
-            self._validated_after_save = trainer.global_step
-        super().on_validation_end(trainer, pl_module)
-
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """A checkpoint saved after ``max_steps`` ended an epoch midway (``last.ckpt`` at the end of training, a save at
         the epoch's end) records that epoch as unfinished: Lightning counted it as done, so the resumed run went on in
         the next epoch (a run with ``max_epochs: 1`` trained nothing more)."""
         keep_epoch_unfinished(trainer, checkpoint)
-
-    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
-        self._validated_after_save = None  # this save holds every validation so far (also a weights-only one)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """``fast_dev_run`` saves nothing: Lightning's own end-of-training save wrote ``last.ckpt`` (into
@@ -261,8 +246,7 @@ class RunCheckpoint(StepCheckpoint):
         checkpointing."""
         if trainer.fast_dev_run:
             return
-        validated = self._validated_after_save == trainer.global_step  # the step is saved, but not its validation
-        if self.save_last and (validated or not self._should_skip_saving_checkpoint(trainer)):
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             save_last_now(trainer, self, weights_only=self.save_weights_only)  # as every save of the run
         super().on_train_end(trainer, pl_module)
 

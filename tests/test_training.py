@@ -836,25 +836,6 @@ def test_last_ckpt_holds_the_step_training_ended_at(tiny_corpus, tmp_path):
     assert (tmp_path / "ckpt" / "epoch=0-step=6.ckpt").exists()
 
 
-def test_last_ckpt_holds_the_validation_of_the_step_training_ended_at(tiny_corpus, tmp_path):
-    """A scheduled save and a validation at the last step (every_n_train_steps a multiple of val_check_interval):
-    the save came first and nothing saved after the validation, so last.ckpt (what inspect, consolidate and export
-    read) held the validation before it while the run summary gave the last one. The step's own checkpoint keeps
-    the validation before its save."""
-    from epas_lightning.provenance import LAST_VALIDATION_KEY
-    from epas_lightning.run_checkpoint import RunCheckpoint
-
-    module, data = make_run(tiny_corpus, n_layer=2)
-    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2, save_top_k=-1)
-    validation = {"val_check_interval": 2, "limit_val_batches": 1, "num_sanity_val_steps": 0}
-    make_trainer(tmp_path, 4, [checkpoint], **validation).fit(module, datamodule=data)
-    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
-    assert (last["global_step"], last[LAST_VALIDATION_KEY]) == (4, module.last_validation)
-    assert module.last_validation["step"] == 4
-    step = torch.load(tmp_path / "ckpt" / "epoch=0-step=4.ckpt", weights_only=True)
-    assert step[LAST_VALIDATION_KEY]["step"] == 2
-
-
 def test_fast_dev_run_writes_no_checkpoint(tiny_corpus, tmp_path):
     """Lightning says fast_dev_run suppresses checkpointing, yet its end-of-training save wrote last.ckpt (a new
     last-vN.ckpt each run) into the working folder's checkpoints/."""
