@@ -154,7 +154,9 @@ def begin_next_epoch_as_new(trainer: Trainer) -> None:
 def validate_where_skipped(trainer: Trainer) -> None:
     """Run the validation due at the resumed step that the checkpoint's run skipped (:data:`VALIDATION_SKIPPED_KEY`):
     Lightning counted it as run, so no session scored that step (its ``val/loss`` point was missing), where the
-    uninterrupted run had. It logs at that step; no checkpoint saves the resumed step again."""
+    uninterrupted run had. It logs at that step, and a ``ReduceLROnPlateau`` stepped per step takes the step it took
+    after it (the stop's session took it after its save, without the validation); no checkpoint saves the resumed step
+    again."""
     epoch_loop = trainer.fit_loop.epoch_loop
     if not epoch_loop.restarted_on_train_batch_end or not epoch_loop._should_check_val_fx(
         trainer.fit_loop._data_fetcher
@@ -168,6 +170,7 @@ def validate_where_skipped(trainer: Trainer) -> None:
     val_loop.run()
     trainer.training = True
     trainer._logger_connector._first_loop_iter = first_loop_iter
+    epoch_loop.update_lr_schedulers("step", update_plateau_schedulers=True)  # as Lightning does after a validation
 
 
 class ListedCheckpoint(StepCheckpoint):
