@@ -1144,16 +1144,18 @@ class PlateauModule(EPASModule):
     ("stop_at", "first_steps", "settings"),
     [
         (4, 8, {"plateau_every": 1}),
+        (3, 6, {"log_every_n_steps": 2}),
     ],
     ids=[
         "a plateau scheduler stepped per step",
+        "a stop between logged steps",
     ],
 )
 def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_path, stop_at, first_steps, settings):
     """A run stopped (SIGTERM) and resumed trains and logs as the run that went through at once: the same loss and
     learning rate at each step, each validation at its step and epoch, each logged point once. Where they differed: a
     ReduceLROnPlateau stepped per step skipped its step at the stop's validation, which the resume runs (the learning
-    rate halved one step late)."""
+    rate halved one step late); the stop logged its step's metrics where log_every_n_steps would not have."""
     import signal
 
     from helpers import Steps
