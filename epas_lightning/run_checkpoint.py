@@ -11,6 +11,8 @@ means (:mod:`epas_lightning.resume`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +92,7 @@ class StepCheckpoint(ModelCheckpoint):
     """
 
     _save_after_step = False  # a validation inside an optimizer step asked for a save
-    _validation_skipped = False  # the resumed checkpoint's run skipped the validation due at its step
+    _validation_skipped: int | None = None  # the epoch of the validation due at the resumed step, which its run skipped
     _stop_after_step = False  # a stop was asked for inside an optimizer step
     _stop_validated = False  # ... by a validation, which has run
 
@@ -130,13 +132,14 @@ class StepCheckpoint(ModelCheckpoint):
         if trainer.ckpt_path is not None:
             self._last_global_step_saved = trainer.global_step
             if self is next(c for c in trainer.callbacks if isinstance(c, StepCheckpoint)):
-                if self._validation_skipped:
-                    validate_where_skipped(trainer)
+                if self._validation_skipped is not None:
+                    validate_where_skipped(trainer, self._validation_skipped)
                 begin_next_epoch_as_new(trainer)
-        self._validation_skipped = False
+        self._validation_skipped = None
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        self._validation_skipped = checkpoint.get(VALIDATION_SKIPPED_KEY, -1) == checkpoint.get("global_step")
+        skipped = checkpoint.get(VALIDATION_SKIPPED_KEY, -1) == checkpoint.get("global_step")
+        self._validation_skipped = checkpoint.get("epoch", 0) if skipped else None
 
 
 def begin_next_epoch_as_new(trainer: Trainer) -> None:
@@ -151,26 +154,40 @@ def begin_next_epoch_as_new(trainer: Trainer) -> None:
         fit_loop.reset_restart_stage()
 
 
-def validate_where_skipped(trainer: Trainer) -> None:
+def validate_where_skipped(trainer: Trainer, epoch: int) -> None:
     """Run the validation due at the resumed step that the checkpoint's run skipped (:data:`VALIDATION_SKIPPED_KEY`):
     Lightning counted it as run, so no session scored that step (its ``val/loss`` point was missing), where the
-    uninterrupted run had. It logs at that step, and a ``ReduceLROnPlateau`` stepped per step takes the step it took
-    after it (the stop's session took it after its save, without the validation); no checkpoint saves the resumed step
-    again."""
+    uninterrupted run had. It logs at that step, in the checkpoint's ``epoch`` (after an epoch's last batch Lightning
+    resumes in the next: the validation logged that epoch's number, or was not due there at all), and a
+    ``ReduceLROnPlateau`` stepped per step takes the step it took after it (the stop's session took it after its save,
+    without the validation); no checkpoint saves the resumed step again."""
     epoch_loop = trainer.fit_loop.epoch_loop
-    if not epoch_loop.restarted_on_train_batch_end or not epoch_loop._should_check_val_fx(
-        trainer.fit_loop._data_fetcher
-    ):
-        return  # saved elsewhere than between steps, or the resumed run validates at other steps
-    for checkpoint in trainer.checkpoint_callbacks:  # the resumed step is saved already
-        checkpoint._last_global_step_saved = trainer.global_step
-    val_loop, first_loop_iter = epoch_loop.val_loop, trainer._logger_connector._first_loop_iter
-    val_loop.restarting = False  # a new validation, not the rest of the last one
-    trainer.validating = True
-    val_loop.run()
-    trainer.training = True
-    trainer._logger_connector._first_loop_iter = first_loop_iter
-    epoch_loop.update_lr_schedulers("step", update_plateau_schedulers=True)  # as Lightning does after a validation
+    with counted_as_epoch(trainer, epoch):
+        if not epoch_loop.restarted_on_train_batch_end or not epoch_loop._should_check_val_fx(
+            trainer.fit_loop._data_fetcher
+        ):
+            return  # saved elsewhere than between steps, or the resumed run validates at other steps
+        for checkpoint in trainer.checkpoint_callbacks:  # the resumed step is saved already
+            checkpoint._last_global_step_saved = trainer.global_step
+        val_loop, first_loop_iter = epoch_loop.val_loop, trainer._logger_connector._first_loop_iter
+        val_loop.restarting = False  # a new validation, not the rest of the last one
+        trainer.validating = True
+        val_loop.run()
+        trainer.training = True
+        trainer._logger_connector._first_loop_iter = first_loop_iter
+        epoch_loop.update_lr_schedulers("step", update_plateau_schedulers=True)  # as Lightning does after a validation
+
+
+@contextmanager
+def counted_as_epoch(trainer: Trainer, epoch: int) -> Iterator[None]:
+    """``trainer.current_epoch`` reads ``epoch`` inside (Lightning's count of the epochs completed)."""
+    progress = trainer.fit_loop.epoch_progress.current
+    ahead = progress.completed - epoch
+    progress.completed -= ahead
+    try:
+        yield
+    finally:
+        progress.completed += ahead
 
 
 class ListedCheckpoint(StepCheckpoint):

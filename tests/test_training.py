@@ -1145,17 +1145,23 @@ class PlateauModule(EPASModule):
     [
         (4, 8, {"plateau_every": 1}),
         (3, 6, {"log_every_n_steps": 2}),
+        (3, 6, {"limit_train_batches": 3, "val_check_interval": 3}),
+        (6, 9, {"limit_train_batches": 3, "check_val_every_n_epoch": 2, "val_check_interval": None}),
     ],
     ids=[
         "a plateau scheduler stepped per step",
         "a stop between logged steps",
+        "a stop at an epoch's end",
+        "a stop at an epoch's end validating every 2 epochs",
     ],
 )
 def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_path, stop_at, first_steps, settings):
     """A run stopped (SIGTERM) and resumed trains and logs as the run that went through at once: the same loss and
     learning rate at each step, each validation at its step and epoch, each logged point once. Where they differed: a
     ReduceLROnPlateau stepped per step skipped its step at the stop's validation, which the resume runs (the learning
-    rate halved one step late); the stop logged its step's metrics where log_every_n_steps would not have."""
+    rate halved one step late); the stop logged its step's metrics where log_every_n_steps would not have; the
+    validation a stop at an epoch's last batch skipped ran under the next epoch's number, or (every 2 epochs) not at
+    all."""
     import signal
 
     from helpers import Steps
