@@ -1145,35 +1145,40 @@ class PlateauModule(EPASModule):
     [
         (4, 8, {"plateau_every": 1}),
         (3, 6, {"log_every_n_steps": 2}),
+        (None, 8, {"plateau_every": 4, "every_n_train_steps": 2, "limit_train_batches": 4}),
         (3, 6, {"limit_train_batches": 3, "val_check_interval": 3}),
         (6, 9, {"limit_train_batches": 3, "check_val_every_n_epoch": 2, "val_check_interval": None}),
     ],
     ids=[
         "a plateau scheduler stepped per step",
         "a stop between logged steps",
+        "a finished run extended",
         "a stop at an epoch's end",
         "a stop at an epoch's end validating every 2 epochs",
     ],
 )
 def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_path, stop_at, first_steps, settings):
-    """A run stopped (SIGTERM) and resumed trains and logs as the run that went through at once: the same loss and
-    learning rate at each step, each validation at its step and epoch, each logged point once. Where they differed: a
-    ReduceLROnPlateau stepped per step skipped its step at the stop's validation, which the resume runs (the learning
-    rate halved one step late); the stop logged its step's metrics where log_every_n_steps would not have; the
-    validation a stop at an epoch's last batch skipped ran under the next epoch's number, or (every 2 epochs) not at
-    all."""
+    """A run stopped (SIGTERM) and resumed, or finished and extended from its last.ckpt, trains and logs as the run
+    that went through at once: the same loss, learning rate and epoch at each step, each validation at its step and
+    epoch, each logged point once; last.ckpt holds its session's last validation, in the epoch of its step. Where they
+    differed: a ReduceLROnPlateau stepped per step skipped its step at the stop's validation, which the resume runs
+    (the learning rate halved one step late); the stop logged its step's metrics where log_every_n_steps would not
+    have; last.ckpt was saved before the final validation, so a run extended from it stepped no plateau scheduler
+    there; the validation a stop at an epoch's last batch skipped ran under the next epoch's number, or (every 2
+    epochs) not at all."""
     import signal
 
     from helpers import Steps
 
     from epas_lightning import GracefulStop, RunCheckpoint
+    from epas_lightning.provenance import LAST_VALIDATION_KEY
 
     settings = dict(settings)
     plateau_every, every = settings.pop("plateau_every", None), settings.pop("every_n_train_steps", None)
     whole_steps = first_steps if stop_at else first_steps + 4
 
     def fit(folder: str, max_steps: int, ckpt_path: Path | None = None, stop_at: int | None = None) -> dict:
-        record, stop, logger = {"loss": {}, "lr": {}, "val": {}}, GracefulStop(), Steps()
+        record, stop, logger = {"loss": {}, "lr": {}, "epoch": {}, "val": {}}, GracefulStop(), Steps()
 
         class Record(Callback):
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -1183,6 +1188,7 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_pa
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 record["loss"][trainer.global_step] = outputs["loss"].item()
+                record["epoch"][trainer.global_step] = trainer.current_epoch
 
             def on_validation_end(self, trainer, pl_module):
                 if not trainer.sanity_checking:
@@ -1203,8 +1209,11 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_pa
 
     whole = fit("whole", whole_steps)
     first = fit("first", first_steps, stop_at=stop_at)
+    saved = torch.load(tmp_path / "first" / "last.ckpt", weights_only=True)
+    assert saved["epoch"] == whole["epoch"][saved["global_step"]]
+    assert saved.get(LAST_VALIDATION_KEY, {}).get("step") == max((step for step, _ in first["val"]), default=None)
     resumed = fit("first", whole_steps, tmp_path / "first" / "last.ckpt")
-    for key in ("loss", "lr", "val"):
+    for key in ("loss", "lr", "epoch", "val"):
         assert first[key].keys().isdisjoint(resumed[key]), key
         assert {**first[key], **resumed[key]} == pytest.approx(whole[key]), key
     assert first["points"] + resumed["points"] == whole["points"]  # each (tag, step) as often
