@@ -87,6 +87,7 @@ class GracefulStop(Callback):
         self._previous: dict[signal.Signals, Any] = {}
         self._step = -1
         self._validation_due = False  # at the step the stop saves: the validation it skips, which a resume runs
+        self._log_every_n_steps: int | None = None  # the trainer's, while the stop's step logs nothing
 
     @property
     def requeued(self) -> bool:
@@ -127,6 +128,9 @@ class GracefulStop(Callback):
         again = f"({what} again: at once, without one)"
         say(f"\n{what}: stopping after this optimizer step with a checkpoint{then} {again}")
 
+    def on_train_batch_start(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        self._log_again(trainer)  # a stop min_steps or min_epochs kept from ending fit: training goes on
+
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -144,6 +148,7 @@ class GracefulStop(Callback):
             saved = self._save(trainer)
         finally:
             self._validation_due = False
+        self._log_as_uninterrupted(trainer)
         trainer.should_stop = True
         # Lightning validates when fit stops early (for early stopping): here a whole validation after the save, inside
         # the scheduler's grace period and before the loggers flush; the resumed run runs the one due here first
@@ -208,10 +213,24 @@ class GracefulStop(Callback):
         if self._validation_due:
             checkpoint[VALIDATION_SKIPPED_KEY] = trainer.global_step
 
+    def _log_as_uninterrupted(self, trainer: Trainer) -> None:
+        """Once ``should_stop`` is set, Lightning logs the step's metrics whatever ``log_every_n_steps`` says: an
+        extra point on every curve at the stop's step, which the uninterrupted run did not log. Where that run does not
+        log this step, logging is off (``log_every_n_steps`` 0) until the next step or the end of training."""
+        every = trainer.log_every_n_steps
+        if every and (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % every:  # Lightning's count, as it logs
+            self._log_every_n_steps, trainer.log_every_n_steps = every, 0
+
+    def _log_again(self, trainer: Trainer) -> None:
+        if self._log_every_n_steps is not None:
+            trainer.log_every_n_steps, self._log_every_n_steps = self._log_every_n_steps, None
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log_again(trainer)
         self._restore()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._log_again(trainer)
         self._restore()
         self._give_back(trainer)
         if self.enabled and isinstance(exception, KeyboardInterrupt):  # Ctrl+C before training, or a second signal

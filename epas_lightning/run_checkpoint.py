@@ -11,6 +11,9 @@ means (:mod:`epas_lightning.resume`).
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +93,7 @@ class StepCheckpoint(ModelCheckpoint):
     """
 
     _save_after_step = False  # a validation inside an optimizer step asked for a save
-    _validation_skipped = False  # the resumed checkpoint's run skipped the validation due at its step
+    _validation_skipped: int | None = None  # the epoch of the validation due at the resumed step, which its run skipped
     _stop_after_step = False  # a stop was asked for inside an optimizer step
     _stop_validated = False  # ... by a validation, which has run
 
@@ -130,13 +133,14 @@ class StepCheckpoint(ModelCheckpoint):
         if trainer.ckpt_path is not None:
             self._last_global_step_saved = trainer.global_step
             if self is next(c for c in trainer.callbacks if isinstance(c, StepCheckpoint)):
-                if self._validation_skipped:
-                    validate_where_skipped(trainer)
+                if self._validation_skipped is not None:
+                    validate_where_skipped(trainer, self._validation_skipped)
                 begin_next_epoch_as_new(trainer)
-        self._validation_skipped = False
+        self._validation_skipped = None
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        self._validation_skipped = checkpoint.get(VALIDATION_SKIPPED_KEY, -1) == checkpoint.get("global_step")
+        skipped = checkpoint.get(VALIDATION_SKIPPED_KEY, -1) == checkpoint.get("global_step")
+        self._validation_skipped = checkpoint.get("epoch", 0) if skipped else None
 
 
 def begin_next_epoch_as_new(trainer: Trainer) -> None:
@@ -151,23 +155,40 @@ def begin_next_epoch_as_new(trainer: Trainer) -> None:
         fit_loop.reset_restart_stage()
 
 
-def validate_where_skipped(trainer: Trainer) -> None:
+def validate_where_skipped(trainer: Trainer, epoch: int) -> None:
     """Run the validation due at the resumed step that the checkpoint's run skipped (:data:`VALIDATION_SKIPPED_KEY`):
     Lightning counted it as run, so no session scored that step (its ``val/loss`` point was missing), where the
-    uninterrupted run had. It logs at that step; no checkpoint saves the resumed step again."""
+    uninterrupted run had. It logs at that step, in the checkpoint's ``epoch`` (after an epoch's last batch Lightning
+    resumes in the next: the validation logged that epoch's number, or was not due there at all), and a
+    ``ReduceLROnPlateau`` stepped per step takes the step it took after it (the stop's session took it after its save,
+    without the validation); no checkpoint saves the resumed step again."""
     epoch_loop = trainer.fit_loop.epoch_loop
-    if not epoch_loop.restarted_on_train_batch_end or not epoch_loop._should_check_val_fx(
-        trainer.fit_loop._data_fetcher
-    ):
-        return  # saved elsewhere than between steps, or the resumed run validates at other steps
-    for checkpoint in trainer.checkpoint_callbacks:  # the resumed step is saved already
-        checkpoint._last_global_step_saved = trainer.global_step
-    val_loop, first_loop_iter = epoch_loop.val_loop, trainer._logger_connector._first_loop_iter
-    val_loop.restarting = False  # a new validation, not the rest of the last one
-    trainer.validating = True
-    val_loop.run()
-    trainer.training = True
-    trainer._logger_connector._first_loop_iter = first_loop_iter
+    with counted_as_epoch(trainer, epoch):
+        if not epoch_loop.restarted_on_train_batch_end or not epoch_loop._should_check_val_fx(
+            trainer.fit_loop._data_fetcher
+        ):
+            return  # saved elsewhere than between steps, or the resumed run validates at other steps
+        for checkpoint in trainer.checkpoint_callbacks:  # the resumed step is saved already
+            checkpoint._last_global_step_saved = trainer.global_step
+        val_loop, first_loop_iter = epoch_loop.val_loop, trainer._logger_connector._first_loop_iter
+        val_loop.restarting = False  # a new validation, not the rest of the last one
+        trainer.validating = True
+        val_loop.run()
+        trainer.training = True
+        trainer._logger_connector._first_loop_iter = first_loop_iter
+        epoch_loop.update_lr_schedulers("step", update_plateau_schedulers=True)  # as Lightning does after a validation
+
+
+@contextmanager
+def counted_as_epoch(trainer: Trainer, epoch: int) -> Iterator[None]:
+    """``trainer.current_epoch`` reads ``epoch`` inside (Lightning's count of the epochs completed)."""
+    progress = trainer.fit_loop.epoch_progress.current
+    ahead = progress.completed - epoch
+    progress.completed -= ahead
+    try:
+        yield
+    finally:
+        progress.completed += ahead
 
 
 class ListedCheckpoint(StepCheckpoint):
@@ -201,8 +222,16 @@ class RunCheckpoint(StepCheckpoint):
     yet (one given ``version=`` keeps it), and none is a ``CSVLogger``, which would delete that folder's
     ``metrics.csv``.
 
-    Like every :class:`StepCheckpoint`, it saves only between optimizer steps.
+    Like every :class:`StepCheckpoint`, it saves only between optimizer steps. Where training ends with a validation
+    at a step saved before it (``every_n_train_steps`` a multiple of ``val_check_interval``; a stop in the run's last
+    step), ``last.ckpt`` is written again with that validation and the loop state of the step's save, from which a
+    resume goes on as from that save.
     """
+
+    _between_steps: tuple[int, dict[str, Any], int] | None = None
+    """This fit's latest save between optimizer steps: its step, loop state and epoch."""
+    _validated_after_save: int | None = None  # the step of a validation that ran after this callback saved that step
+    _rewriting = False  # last.ckpt is written again after the validation at its step
 
     def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
         """Lightning's lookup for ``ckpt_path="last"``, which searched only the version folder of this new run."""
@@ -228,6 +257,7 @@ class RunCheckpoint(StepCheckpoint):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        self._between_steps = self._validated_after_save = None
         if self.dirpath is not None:
             check_folder_shared_by_nodes(trainer, Path(self.dirpath))
             if trainer.is_global_zero and Path(self.dirpath).is_dir():  # before the space they hold is counted free
@@ -237,8 +267,23 @@ class RunCheckpoint(StepCheckpoint):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """A checkpoint saved after ``max_steps`` ended an epoch midway (``last.ckpt`` at the end of training, a save at
         the epoch's end) records that epoch as unfinished: Lightning counted it as done, so the resumed run went on in
-        the next epoch (a run with ``max_epochs: 1`` trained nothing more)."""
+        the next epoch (a run with ``max_epochs: 1`` trained nothing more). The loop state of a save between steps is
+        kept for writing ``last.ckpt`` again after the step's validation, as the step's save holds it."""
+        if self._rewriting and self._between_steps is not None and "loops" in checkpoint:
+            _, loops, epoch = self._between_steps  # what a resume of the step's own save goes on from
+            checkpoint["loops"], checkpoint["epoch"] = copy.deepcopy(loops), epoch
+            return
         keep_epoch_unfinished(trainer, checkpoint)
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current
+        if "loops" in checkpoint and batches.processed == batches.completed + 1:  # on_train_batch_end: between steps
+            self._between_steps = (trainer.global_step, copy.deepcopy(checkpoint["loops"]), checkpoint["epoch"])
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        between_steps = not trainer.fit_loop.epoch_loop._should_accumulate()
+        if fitting and between_steps and self._last_global_step_saved == trainer.global_step:  # saved before it ran
+            self._validated_after_save = trainer.global_step
+        super().on_validation_end(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """``fast_dev_run`` saves nothing: Lightning's own end-of-training save wrote ``last.ckpt`` (into
@@ -248,7 +293,22 @@ class RunCheckpoint(StepCheckpoint):
             return
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             save_last_now(trainer, self, weights_only=self.save_weights_only)  # as every save of the run
+        elif self.save_last and self._validated_since_saved(trainer):
+            self._rewriting = True
+            try:
+                save_last_now(trainer, self, weights_only=self.save_weights_only)
+            finally:
+                self._rewriting = False
         super().on_train_end(trainer, pl_module)
+
+    def _validated_since_saved(self, trainer: Trainer) -> bool:
+        """Whether the step training ended at was saved before a validation that then ran there: ``last.ckpt`` lacks
+        it (the run's final ``val/loss``, a ``ReduceLROnPlateau`` step on it), which inspect, export and a run extended
+        from it read."""
+        step = trainer.global_step
+        if self._validated_after_save != step or self._last_global_step_saved != step:
+            return False
+        return self.save_weights_only or (self._between_steps is not None and self._between_steps[0] == step)
 
 
 def adopt_model_checkpoint_states(trainer: Trainer, checkpoint: dict[str, Any]) -> None:

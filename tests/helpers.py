@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 
 from epas_lightning.callbacks import ProgressiveSharing
 
@@ -128,6 +129,42 @@ class FakeClock(L.Callback):
 
     def on_validation_batch_start(self, *args) -> None:
         self.now += self.validation
+
+
+class Keys(Logger):
+    """Remembers every metric name logged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: set[str] = set()
+
+    @property
+    def name(self) -> str:
+        return "keys"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.keys |= set(metrics)
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+class Steps(Keys):
+    """Remembers the steps each metric was logged at, and its values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: dict[str, list[int]] = {}
+        self.values: dict[str, list[float]] = {}
+
+    def log_metrics(self, metrics, step=None) -> None:
+        for key, value in metrics.items():
+            self.steps.setdefault(key, []).append(step)
+            self.values.setdefault(key, []).append(float(value))
 
 
 class SubclassedSharing(ProgressiveSharing):

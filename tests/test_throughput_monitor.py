@@ -3,49 +3,12 @@
 import lightning as L
 import pytest
 import torch
-from helpers import FakeClock, cpu_trainer
+from helpers import FakeClock, Keys, Steps, cpu_trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger
 
 import epas_lightning.callbacks as callbacks
 from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenThroughputMonitor
 from epas_lightning.flops import estimate_flops, peak_dtype_name, peak_flops
-
-
-class Keys(Logger):
-    """Remembers every metric name logged."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.keys: set[str] = set()
-
-    @property
-    def name(self) -> str:
-        return "keys"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.keys |= set(metrics)
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-
-class Steps(Keys):
-    """Remembers the steps each metric was logged at, and its values."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.steps: dict[str, list[int]] = {}
-        self.values: dict[str, list[float]] = {}
-
-    def log_metrics(self, metrics, step=None) -> None:
-        for key, value in metrics.items():
-            self.steps.setdefault(key, []).append(step)
-            self.values.setdefault(key, []).append(float(value))
 
 
 def fit_keys(tmp_path) -> set[str]:

@@ -4,6 +4,7 @@ import os
 import re
 import time
 import warnings
+from collections import Counter
 from itertools import islice
 from pathlib import Path
 
@@ -34,10 +35,10 @@ def make_trainer(root: Path, max_steps: int, callbacks: list, **kwargs) -> L.Tra
     return cpu_trainer(root, max_steps, callbacks, **kwargs)
 
 
-def make_run(corpus: Path, n_layer: int = 4):
+def make_run(corpus: Path, n_layer: int = 4, module_class: type[EPASModule] = EPASModule):
     L.seed_everything(7)
     config = LlamaConfig.from_name("debug", n_layer=n_layer, block_size=32)
-    module = EPASModule(config)
+    module = module_class(config)
     data = TokenDataModule(data_dir=str(corpus), seq_len=32, batch_size=4, vocab_size=config.vocab_size)
     return module, data
 
@@ -1124,6 +1125,99 @@ def test_a_run_stopped_at_two_epoch_ends_reads_each_epoch_as_the_uninterrupted_r
     sessions.append(fit("stopped", tmp_path / "stopped" / "last.ckpt"))
     assert [sorted(read) for read in sessions] == [sorted(whole)[:3], sorted(whole)[3:6], sorted(whole)[6:]]
     assert {key: batches for read in sessions for key, batches in read.items()} == whole
+
+
+class PlateauModule(EPASModule):
+    """An ``EPASModule`` of one's own whose learning rate halves each time ``val/loss`` does not rise (so, in a few
+    steps): a ``ReduceLROnPlateau`` stepped every ``plateau_every`` optimizer steps."""
+
+    plateau_every = 1
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=1e-3)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=0, factor=0.5)
+        every = {"interval": "step", "frequency": self.plateau_every, "monitor": "val/loss", "strict": False}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, **every}}
+
+
+@pytest.mark.parametrize(
+    ("stop_at", "first_steps", "settings"),
+    [
+        (4, 8, {"plateau_every": 1}),
+        (3, 6, {"log_every_n_steps": 2}),
+        (None, 8, {"plateau_every": 4, "every_n_train_steps": 2, "limit_train_batches": 4}),
+        (3, 6, {"limit_train_batches": 3, "val_check_interval": 3}),
+        (6, 9, {"limit_train_batches": 3, "check_val_every_n_epoch": 2, "val_check_interval": None}),
+    ],
+    ids=[
+        "a plateau scheduler stepped per step",
+        "a stop between logged steps",
+        "a finished run extended",
+        "a stop at an epoch's end",
+        "a stop at an epoch's end validating every 2 epochs",
+    ],
+)
+def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_path, stop_at, first_steps, settings):
+    """A run stopped (SIGTERM) and resumed, or finished and extended from its last.ckpt, trains and logs as the run
+    that went through at once: the same loss, learning rate and epoch at each step, each validation at its step and
+    epoch, each logged point once; last.ckpt holds its session's last validation, in the epoch of its step. Where they
+    differed: a ReduceLROnPlateau stepped per step skipped its step at the stop's validation, which the resume runs
+    (the learning rate halved one step late); the stop logged its step's metrics where log_every_n_steps would not
+    have; last.ckpt was saved before the final validation, so a run extended from it stepped no plateau scheduler
+    there; the validation a stop at an epoch's last batch skipped ran under the next epoch's number, or (every 2
+    epochs) not at all."""
+    import signal
+
+    from helpers import Steps
+
+    from epas_lightning import GracefulStop, RunCheckpoint
+    from epas_lightning.provenance import LAST_VALIDATION_KEY
+
+    settings = dict(settings)
+    plateau_every, every = settings.pop("plateau_every", None), settings.pop("every_n_train_steps", None)
+    whole_steps = first_steps if stop_at else first_steps + 4
+
+    def fit(folder: str, max_steps: int, ckpt_path: Path | None = None, stop_at: int | None = None) -> dict:
+        record, stop, logger = {"loss": {}, "lr": {}, "epoch": {}, "val": {}}, GracefulStop(), Steps()
+
+        class Record(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                record["lr"][trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+                if trainer.global_step + 1 == stop_at:
+                    stop.received = signal.SIGTERM  # what the signal handler records, inside the step
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                record["loss"][trainer.global_step] = outputs["loss"].item()
+                record["epoch"][trainer.global_step] = trainer.current_epoch
+
+            def on_validation_end(self, trainer, pl_module):
+                if not trainer.sanity_checking:
+                    where = (trainer.global_step, trainer.current_epoch)
+                    record["val"][where] = float(trainer.callback_metrics["val/loss"])
+
+        checkpoint = RunCheckpoint(dirpath=tmp_path / folder, save_last=True, every_n_train_steps=every, save_top_k=-1)
+        validation = {"val_check_interval": 4, "limit_val_batches": 1, "num_sanity_val_steps": 0}
+        options = {**validation, "log_every_n_steps": 1, **settings}
+        trainer = make_trainer(tmp_path, max_steps, [Record(), stop, checkpoint], logger=logger, **options)
+        module, data = make_run(tiny_corpus, n_layer=2, module_class=PlateauModule if plateau_every else EPASModule)
+        module.plateau_every = plateau_every
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        logged = {tag: zip(steps, logger.values[tag], strict=True) for tag, steps in logger.steps.items()}
+        points = [((tag, step), value) for tag, values in logged.items() for step, value in values]
+        record["points"], record["logged"] = Counter(point for point, _ in points), dict(points)
+        return record
+
+    whole = fit("whole", whole_steps)
+    first = fit("first", first_steps, stop_at=stop_at)
+    saved = torch.load(tmp_path / "first" / "last.ckpt", weights_only=True)
+    assert saved["epoch"] == whole["epoch"][saved["global_step"]]
+    assert saved.get(LAST_VALIDATION_KEY, {}).get("step") == max((step for step, _ in first["val"]), default=None)
+    resumed = fit("first", whole_steps, tmp_path / "first" / "last.ckpt")
+    for key in ("loss", "lr", "epoch", "val"):
+        assert first[key].keys().isdisjoint(resumed[key]), key
+        assert {**first[key], **resumed[key]} == pytest.approx(whole[key]), key
+    assert first["points"] + resumed["points"] == whole["points"]  # each (tag, step) as often
+    assert {**first["logged"], **resumed["logged"]} == pytest.approx(whole["logged"])
 
 
 def test_overfit_batches_trains_on_the_same_batches_every_epoch(tiny_corpus, tmp_path):
