@@ -7,10 +7,11 @@ broadcasts from inside the signal handler, which can break a collective in fligh
 Here a signal only sets a flag. After every optimizer step the ranks agree (one boolean all-reduce: a signal to any
 rank is enough), and if any was signalled every rank writes ``last.ckpt`` into the run's checkpoint folder together,
 ``fit`` stops (without the validation Lightning runs when a fit stops early), and the CLI exits with 128 + the signal:
-130 after Ctrl+C, 143 after SIGTERM. A second signal stops at once, without a checkpoint, as does Ctrl+C before
-training starts, and SIGTERM from when Lightning registers its handler (once the data, the model and a resumed
-checkpoint are set up: the sanity validation): the CLI then prints one line and exits with the same status (Lightning
-would exit 1 after Ctrl+C, and 0 after SIGTERM). A SIGTERM before that (the imports, the config, the built-in
+130 after Ctrl+C, 143 after SIGTERM (a signal in the run's last step saves the same way, but training is complete:
+nothing to resume, no job to requeue, exit status 0). A second signal stops at once, without a checkpoint, as does
+Ctrl+C before training starts, and SIGTERM from when Lightning registers its handler (once the data, the model and a
+resumed checkpoint are set up: the sanity validation): the CLI then prints one line and exits with the same status
+(Lightning would exit 1 after Ctrl+C, and 0 after SIGTERM). A SIGTERM before that (the imports, the config, the built-in
 corpus's first preparation, the data checks, the model build, ``init_from``'s read, the resume) takes its default
 action: the process ends with status 143 and prints nothing; a corpus build it cut short is removed by the next run
 that prepares it.
@@ -142,7 +143,8 @@ class GracefulStop(Callback):
             return
         epoch_loop = trainer.fit_loop.epoch_loop
         due = epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)  # before should_stop makes it due
-        last = due and _training_ends_at_this_step(trainer)  # the run's last validation: no resume would run it
+        ends = _training_ends_at_this_step(trainer)  # the run's last step: nothing is left to resume
+        last = due and ends  # the run's last validation: no resume would run it
         self._validation_due = due and not last
         try:
             saved = self._save(trainer)
@@ -154,6 +156,11 @@ class GracefulStop(Callback):
         # the scheduler's grace period and before the loggers flush; the resumed run runs the one due here first
         epoch_loop._skip_next_val = not last
         where = f"saved {saved}" if saved else "checkpointing is off"
+        if ends:  # not a stop: the run is complete (exit status 0), and a requeued job would only end again
+            complete = f"training is complete, nothing to resume{' or requeue' if requeue else ''}"
+            say(f"{self.stopped_by.name} in the last step ({trainer.global_step}): {complete}; {where}")
+            self.stopped_by = None
+            return
         if requeue and not saved:  # a requeued job would start over, and stop here again, until cancelled
             where = f"{where}, so the job is not requeued (it would start over)"
         elif requeue and trainer.is_global_zero:  # after the save, which the requeued job resumes

@@ -362,6 +362,22 @@ def test_sigterm_to_the_first_rank_stops_every_rank_after_one_step_with_a_checkp
     assert torch.load(last, weights_only=True)["global_step"] == step and out.count(f"Run finished: {step} optim") == 1
 
 
+def test_a_sigterm_to_rank_one_alone_stops_and_resumes_as_the_uninterrupted_run(tiny_corpus, tmp_path):
+    """SIGTERM to the second FSDP2 rank alone (DDP's first rank: the CLI test above) stops both ranks after the same
+    step with one sharded last.ckpt; resumed from it (in the same two processes), they train the steps left as the run
+    never stopped does: the same losses and sharing layers on each rank, through the growth at step 4."""
+    ckpt, common = tmp_path / "ckpt", ["--devices", "2", "--data-dir", str(tiny_corpus), "--steps", "5"]
+    signal = ["--sigterm-in-step", "3", "--sigterm-rank", "1", "--ckpt-dir", str(ckpt), "--ckpt-every", "100"]
+    resume = ["--then", "--out", str(tmp_path / "resumed"), *common, "--resume", str(ckpt / "last.ckpt")]
+    stopped = fit_both_ranks(tmp_path / "stopped", *common, *signal, *resume, "--then", "--out", str(tmp_path), *common)
+    resumed = ranks(tmp_path / "resumed")
+    assert [sorted(rank["steps"], key=int) for rank in stopped + resumed] == [["0", "1", "2"]] * 2 + [["3", "4"]] * 2
+    for first, second, whole in zip(stopped, resumed, ranks(tmp_path), strict=True):
+        for step, record in {**first["steps"], **second["steps"]}.items():
+            assert record["shared"] == whole["steps"][step]["shared"], step
+            assert record["loss"] == pytest.approx(whole["steps"][step]["loss"], rel=1e-6), step
+
+
 def test_an_error_on_rank_zero_ends_the_ranks_it_started(tiny_corpus, tmp_path):
     """Rank 0 fails with a user error while rank 1 is stuck (as in an NCCL collective, which waits out its timeout):
     the command says it in one line and exits 2, and rank 1 is gone within seconds instead of outliving it."""

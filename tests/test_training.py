@@ -1080,7 +1080,7 @@ def test_a_run_resumed_after_a_stop_validates_at_the_step_it_stopped(
         trainer = make_trainer(tmp_path, max_steps, [Record(), stop, checkpoint], **validation)
         module, data = make_run(tiny_corpus, n_layer=2)
         trainer.fit(module, data, ckpt_path=ckpt_path)
-        assert stop.exit_status == (143 if stop_at and not ckpt_path else None)
+        assert stop.exit_status == (143 if stop_at and not ckpt_path and stop_at < max_steps else None)  # 0: complete
         return scores
 
     whole = fit("whole", 12)
@@ -1500,6 +1500,26 @@ def test_slurm_requeue_signal_stops_with_last_ckpt_then_requeues(tiny_corpus, tm
     assert stop.exit_status == 128 + signal.SIGUSR1
     assert (tmp_path / "scontrol.log").read_text() == "requeue 70_3\n"
     assert not list(tmp_path.glob("hpc_ckpt_*")) and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGUSR1"], ids=["SIGTERM", "SLURM's requeue signal"])
+def test_a_signal_in_the_last_step_ends_the_run_complete(tiny_corpus, tmp_path, monkeypatch, capsys, signum):
+    """A stop asked for in the run's last step said to resume with --ckpt_path last (nothing was left to train), exited
+    143, and under SLURM requeued the finished job (exit 138), which started again only to end at once. The run now
+    says training is complete, requeues nothing and exits 0, with last.ckpt of its last step."""
+    import signal
+
+    from epas_lightning import GracefulStop
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    log = fake_slurm_task(monkeypatch, tmp_path)
+    stop, signum = GracefulStop(), signal.Signals[signum]
+    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, 3, [SignalMidStep(2, signum), stop, checkpoint]).fit(*make_run(tiny_corpus, n_layer=2))
+    err = capsys.readouterr().err
+    assert f"{signum.name} in the last step (3): training is complete" in err and "resume with" not in err, err
+    assert stop.exit_status is None and not stop.requeued and not log.exists()
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 

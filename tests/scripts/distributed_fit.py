@@ -7,9 +7,10 @@ included) got no gradient; plus the shapes of its local parameter shards, whethe
 of each batch of ``init_from`` weights it loaded, and with ``--val-dir`` the ``val/loss`` and ``val/tokens`` a
 ``validate`` after fit logs there; with ``--reload``, the keys of its batches too, and rank 0 writes
 the weights each loads after fit to ``<out>/reload<i>.st``. With ``--read-fails-on-rank R`` that rank's reader of
-checkpoint weights raises a ``CheckpointError`` after ``--read-fails-after`` tensors. A user error ends each process
-with one line on stderr and status 2; rank 0 then writes the exit statuses of the ranks it started to
-``<out>/child_exits.json``.
+checkpoint weights raises a ``CheckpointError`` after ``--read-fails-after`` tensors. With ``--sigterm-in-step N`` rank
+``--sigterm-rank`` sends itself SIGTERM during step N (``GracefulStop`` then stops every rank after it). A user error
+ends each process with one line on stderr and status 2; rank 0 then writes the exit statuses of the ranks it started
+to ``<out>/child_exits.json``.
 
 Arguments split by ``--then`` are runs one after the other in the same processes (and process group), e.g. a resume
 of the first run's checkpoint without starting two more interpreters.
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +39,7 @@ from torch.utils.data import DataLoader, Sampler
 from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule, checkpoint_formats, init_from
 from epas_lightning.child_ranks import EndChildRanksOnError
 from epas_lightning.errors import CheckpointError, run_script
+from epas_lightning.interrupt import GracefulStop
 from epas_lightning.strategy import FSDP2Strategy
 
 SEQ_LEN = 32
@@ -104,6 +108,17 @@ class Recorder(Callback):
         step["logged"] = {k: logged[k].item() for k in ("train/loss", "train/grad_norm") if k in logged}
 
 
+class SigtermInStep(Callback):
+    """Rank ``rank`` sends itself SIGTERM during optimizer step ``step`` (counted from 1), before the optimizer runs."""
+
+    def __init__(self, step: int, rank: int) -> None:
+        self.step, self.rank = step, rank
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step + 1 == self.step and trainer.global_rank == self.rank:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 class RecordChildExits(EndChildRanksOnError):
     """After an error, rank 0 waits for the ranks it started (killing them after 30 s) and records their statuses."""
 
@@ -144,6 +159,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init-read-bytes", type=int, help="init_from.INIT_READ_BYTES: 1 hands the weights over one by one")
     p.add_argument("--read-fails-on-rank", type=int, help="this rank's reader of checkpoint weights raises")
     p.add_argument("--read-fails-after", type=int, default=0, help="... after giving this many tensors")
+    p.add_argument("--sigterm-in-step", type=int, help="stop with GracefulStop: SIGTERM to one rank in this step")
+    p.add_argument("--sigterm-rank", type=int, default=0, help="... to this rank")
     return p.parse_args(argv)
 
 
@@ -213,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     callbacks = [ProgressiveSharing(target=2, interval=2), recorder, RecordChildExits(args.out)]
     if args.ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=args.ckpt_every, save_top_k=-1))
+    if args.sigterm_in_step:
+        callbacks += [GracefulStop(), SigtermInStep(args.sigterm_in_step, args.sigterm_rank)]
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
