@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import without_heldout_sequences
+from helpers import strict_json, without_heldout_sequences
 from model_dirs import save_consolidated
 
 from epas_lightning import Llama, LlamaConfig
@@ -259,6 +259,18 @@ def test_a_loss_past_what_exp_can_hold_has_an_infinite_perplexity_not_an_overflo
         model.lm_head.weight.mul_(5000)
     result = perplexity_of_batches(model, [torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))])
     assert result["loss"] > 710 and result["ppl"] == float("inf")
+
+
+def test_evaluate_json_writes_an_infinite_perplexity_as_null(tmp_path: Path, tiny_corpus: Path, capsys) -> None:
+    """--json wrote val_ppl Infinity (Python's json), which jq and JavaScript refuse: strict JSON has null for it."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(5000)
+    save_consolidated(model, tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tiny_corpus), "--batches", "1", "--json"]
+    assert evaluate_main(argv) == 0
+    (row,) = strict_json(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["val_loss"] > 710 and row["val_ppl"] is None
 
 
 def test_perplexity_equals_direct_cross_entropy(tiny_corpus: Path) -> None:

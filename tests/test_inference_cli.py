@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 from helpers import DEBUG_CONFIG as DEBUG
-from helpers import cpu_trainer, train_tiny_checkpoint, train_tiny_sentencepiece
+from helpers import cpu_trainer, strict_json, train_tiny_checkpoint, train_tiny_sentencepiece
 from model_dirs import save_scripted
 
 from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule
@@ -361,12 +361,8 @@ def test_bench_without_held_out_data_writes_well_formed_json(tmp_path, capsys):
     bench = ["bench", "--checkpoint", str(ckpt), "--reps", "1", "--output", str(out), "--json"]
     rc, printed, err = run_cli(capsys, *bench)
     assert rc == 0, err
-
-    def strict(text: str) -> dict:
-        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
-
-    summary = strict(printed.strip().splitlines()[-1])
-    assert summary == strict((out / "many_in_one.json").read_text())
+    summary = strict_json(printed.strip().splitlines()[-1])
+    assert summary == strict_json((out / "many_in_one.json").read_text())
     assert (summary["val_tokens"], summary["rows"][0]["val_loss"], summary["rows"][0]["val_ppl"]) == (0, None, None)
     assert printed.splitlines()[2].endswith(" -")  # the table's val loss column
 

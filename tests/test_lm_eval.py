@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import strict_json
 from model_dirs import save_consolidated
 
 from epas_lightning import Llama, LlamaConfig
@@ -383,6 +384,19 @@ def test_lm_eval_command_sweeps_regions_and_equals_the_fallback(checkpoint, task
     # the output exists now: refused before any scoring
     rc, _, err = run_cli(capsys, "lm-eval", *base, "--tasks", "tiny_mc", "--output", str(tmp_path / "out"))
     assert rc == 2 and "already exists" in err
+
+
+def test_lm_eval_json_writes_a_non_finite_metric_as_null(tmp_path: Path) -> None:
+    """lm_eval.json held lm-eval's NaN (a standard error of one document) as NaN, which jq and JavaScript refuse."""
+    from epas_lightning.evaluation.harness import SUMMARY_FILE, write_outputs
+
+    nan, inf = float("nan"), float("inf")
+    rows = [{"sharing_layers": 0, "shared_layers": [], "t/acc": 1.0, "t/acc_stderr": nan}]
+    runs = {"0": {"results": {"t": {"acc_stderr,none": nan, "ppl,none": inf}}}}
+    write_outputs({"rows": rows, "runs": runs}, tmp_path)
+    written = strict_json((tmp_path / SUMMARY_FILE).read_text())
+    assert written["rows"][0]["t/acc_stderr"] is None
+    assert written["runs"]["0"]["results"]["t"] == {"acc_stderr,none": None, "ppl,none": None}
 
 
 def test_lm_eval_command_errors(checkpoint, tasks, tmp_path, capsys, monkeypatch) -> None:
