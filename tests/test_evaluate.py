@@ -318,8 +318,9 @@ def test_seq_len_errors_say_what_to_lower(tiny_corpus: Path, tmp_path: Path) -> 
         evaluate_perplexity(model, empty, seq_len=64)
 
 
-def test_evaluate_batches_with_tasks_scores_the_run_data_too(tmp_path: Path, tiny_corpus: Path) -> None:
-    """--batches asks for the held-out loss: with --tasks it is still scored on the run's own data, not dropped."""
+def test_evaluate_batches_with_tasks_scores_the_run_data_too(tmp_path: Path, tiny_corpus: Path, capsys) -> None:
+    """--batches asks for the held-out loss: with --tasks it is still scored on the run's own data, not dropped.
+    --tasks alone scores the tasks only, which it did without a word: a note says so and how to get the loss."""
     from epas_lightning.evaluation.evaluate_cli import evaluate
 
     ckpt = save_consolidated(tiny_model(), tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
@@ -330,7 +331,14 @@ def test_evaluate_batches_with_tasks_scores_the_run_data_too(tmp_path: Path, tin
     task.write_text(json.dumps({"context": "import", "choices": [" os", " the"], "label": 0}) + "\n")
     rows = evaluate(ckpt, tasks=[task], batches=1, batch_size=2, device="cpu")
     assert rows[0]["val_tokens"] == 2 * 32 and "code/acc" in rows[0]
+    capsys.readouterr()
     assert "val_loss" not in evaluate(ckpt, tasks=[task], device="cpu")[0]  # tasks alone: only the tasks
+    says = "evaluate: the tasks only, no held-out loss: give --batches B or --data DIR for one\n"
+    assert capsys.readouterr().err == says
+    bare = save_consolidated(tiny_model(), tmp_path / "bare", tiny_corpus / "tokenizer.json")  # records no data
+    evaluate(bare, tasks=[task], device="cpu")
+    says = "evaluate: the tasks only, no held-out loss: give --data DIR for one (the checkpoint does not say which "
+    assert capsys.readouterr().err.startswith(says)
 
 
 def test_held_out_data_that_is_gone_is_named(tmp_path, tiny_corpus, capsys) -> None:
