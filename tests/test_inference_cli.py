@@ -139,6 +139,9 @@ def test_a_stock_export_exported_again_runs_the_region_its_weights_trained(stock
         "shallow_first",
         [1],
     )
+    export = ["export", "--checkpoint", str(stock_export), "--sharing-layers", "2", "--output", str(tmp_path / "two")]
+    rc, out, err = run_cli(capsys, *export, "--json")
+    assert rc == 0 and json.loads(out.splitlines()[-1])["shared_layers"] == [3, 2], err  # in growth order
 
 
 def test_sharing_layers_on_a_stock_export_is_refused_as_it_runs_dense_or_forced_in_its_trained_order(
@@ -204,7 +207,7 @@ def test_commands_on_a_stock_export_say_the_region_its_weights_trained(
         summary = "\nregion: no layers share (0/4; runs dense; its weights trained layers [3, 2], deep-first)\n"
         assert summary in err, err
     if command == "analyze":
-        assert "Note: the checkpoint was trained with layers [2, 3] sharing; their own q/k" in out, out
+        assert "Note: the checkpoint was trained with layers [3, 2] sharing; their own q/k" in out, out
 
 
 def test_generate_decodes_a_prompt_file_in_bounded_batches_with_the_one_batch_completions(
@@ -326,6 +329,7 @@ def test_default_lengths_fit_a_short_block_size_and_explicit_ones_are_checked(tr
     assert rc == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
     assert (summary["prompt_len"], summary["max_new_tokens"]) == (16, 16)
+    assert [row["shared_layers"] for row in summary["rows"]] == [[], [3], [3, 2]]  # in growth order
 
 
 def test_bench_prompts_have_the_length_it_reports(tiny_corpus, tmp_path, capsys):
@@ -551,10 +555,10 @@ def test_validate_a_checkpoint_counts_val_sharing_layers_in_the_region_it_traine
         torch.save(state, trained := tmp_path / "weights.ckpt")
     scores = trainer.validate(EPASModule(config), data, ckpt_path=trained, verbose=False)[0]
     assert scores["val/loss_at_sharing/2"] == pytest.approx(scores["val/loss"])  # the trained region, [2, 3]
-    assert sharing._val_regions == {1: [3], 2: [2, 3]}
+    assert sharing._val_regions == {1: [3], 2: [3, 2]}
     shorter = ProgressiveSharing(target=1, val_sharing_layers=[2])  # 2 past the configured target: was refused
     cpu_trainer(tmp_path, 1, [shorter], limit_val_batches=1).validate(EPASModule(config), data, ckpt_path=trained)
-    assert shorter._val_regions == {2: [2, 3]}
+    assert shorter._val_regions == {2: [3, 2]}
 
 
 def test_validate_a_checkpoint_from_the_command_line_checks_val_sharing_layers_against_its_region(

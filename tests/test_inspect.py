@@ -449,7 +449,7 @@ def test_an_export_past_its_trained_region_says_transformers_loads_it_so(tmp_pat
         hf = export(ckpt, tmp_path / f"hf{n}", sharing_layers=n, force=True)
         out, record = inspected(capsys, hf)
         assert record["transformers_shared_layers"] == list(range(4 - n, 4)), out
-        layers = f"{n} sharing layers: layers {list(range(4 - n, 4))}"
+        layers = f"{n} sharing layers: layers {list(range(3, 3 - n, -1))}"  # in growth order
         assert f"  transformers      loads it with {layers} (config.json epas_shared_layers){says}\n" in out, out
     config = json.loads((hf / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps(config | {"epas_shared_layers": [0, 9]}))  # hand-edited
