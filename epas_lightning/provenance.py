@@ -1,5 +1,5 @@
 """Where a model's weights came from: the step, epoch and tokens the run had trained, its latest validation loss, the
-held-out data it validated on, and the name of the training checkpoint.
+held-out data it validated on, and the absolute path of the training checkpoint.
 
 A training checkpoint says it in Lightning's entries (``global_step``, ``epoch``, the throughput monitor's totals,
 ``fit``'s ``last_validation``); ``consolidate`` carries it in its ``config.json`` (``training``, beside the
@@ -11,6 +11,7 @@ fine-tuning run, drops the record with them). ``inspect`` shows the same fields 
 from __future__ import annotations
 
 import json
+import os
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,9 @@ def training_record(metadata: dict[str, Any]) -> dict[str, Any]:
 
 def carried(record: dict[str, Any], checkpoint: str | Path) -> dict[str, Any]:
     """The record ``consolidate`` and ``export`` write for weights read from ``checkpoint`` (whose provenance is
-    ``record``): the same fields, ``source`` naming the training checkpoint (``checkpoint`` itself unless it names
-    one)."""
-    return {**record, "source": record.get("source") or Path(checkpoint).expanduser().absolute().name}
+    ``record``): the same fields, ``source`` the absolute path of the training checkpoint (``checkpoint`` itself
+    unless it names one; its name alone left ``last.ckpt`` of no known run)."""
+    return {**record, "source": record.get("source") or os.path.abspath(Path(checkpoint).expanduser())}
 
 
 def trained_tokens(metadata: dict[str, Any]) -> int | None:

@@ -355,10 +355,13 @@ def test_a_listing_checks_the_weights_only_when_asked_and_says_so(tmp_path, caps
     assert lines[1].split()[4:6] == ["all", "finite"] and lines[2].split()[4:7] == ["NaN", "or", "inf"]
 
 
-def test_consolidate_and_export_carry_the_provenance_inspect_shows_for_the_checkpoint(tmp_path, capsys):
-    """Consolidated folders kept the step alone, exports nothing: inspect could not tell them apart."""
+def test_consolidate_and_export_carry_the_provenance_inspect_shows_for_the_checkpoint(tmp_path, capsys, monkeypatch):
+    """Consolidated folders kept the step alone, exports nothing: inspect could not tell them apart. "made from" named
+    the checkpoint's file alone (``last.ckpt`` of which run?): it is its absolute path, from a relative one too."""
     validation = {"loss": 5.25, "step": 40}
-    ckpt = tiny_ckpt(tmp_path / "run" / "epoch=2-step=48.ckpt", 48, [3, 2], last_validation=validation, epoch=2)
+    tiny_ckpt(tmp_path / "run" / "epoch=2-step=48.ckpt", 48, [3, 2], last_validation=validation, epoch=2)
+    monkeypatch.chdir(tmp_path)
+    ckpt = Path("run", "epoch=2-step=48.ckpt")  # as a user types it, relative to where the command runs
     fields = ("global_step", "epoch", "tokens", "val_loss")
     _, record = inspected(capsys, ckpt)
     trained = {key: record[key] for key in fields}
@@ -369,8 +372,9 @@ def test_consolidate_and_export_carry_the_provenance_inspect_shows_for_the_check
     direct = export(ckpt, tmp_path / "hf-stock", sharing_layers=0)
     for folder in (consolidated, through, direct):
         out, record = inspected(capsys, folder)
-        assert {key: record[key] for key in fields} == trained and record["source"] == ckpt.name, folder
-        assert "  made from         epoch=2-step=48.ckpt\n" in out and "  step              48 (epoch 2)\n" in out
+        source = str(tmp_path / "run" / "epoch=2-step=48.ckpt")
+        assert {key: record[key] for key in fields} == trained and record["source"] == source, folder
+        assert f"  made from         {source}\n" in out and "  step              48 (epoch 2)\n" in out
         assert "  tokens            6,144 trained\n" in out and "  val loss          5.2500 at step 40\n" in out
     with safe_open(direct / "model.safetensors", "pt") as f:
         assert f.metadata()["format"] == "pt"  # what transformers reads; its config.json is untouched

@@ -584,7 +584,7 @@ def test_checkpoints_record_the_region_in_growth_order(shallow, tmp_path, capsys
     assert main(["consolidate", "--checkpoint", str(shallow), "--output", str(tmp_path / "c"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert summary["trained_region"] == {"layers": [1, 2], "order": "shallow_first"} and summary["global_step"] == 6
-    assert (summary["training"]["global_step"], summary["training"]["source"]) == (6, shallow.name)
+    assert (summary["training"]["global_step"], summary["training"]["source"]) == (6, str(shallow))
     assert load_model(summary["output"]).region == loaded.region
 
 
@@ -640,7 +640,7 @@ def test_every_consumer_reads_n_sharing_layers_in_growth_order(shallow, tmp_path
     assert main([*export, "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert (summary["model_type"], summary["shared_layers"], summary["tokenizer"]) == ("epas_llama", [1], True)
-    assert (summary["training"]["global_step"], summary["training"]["source"]) == (6, shallow.name)
+    assert (summary["training"]["global_step"], summary["training"]["source"]) == (6, str(shallow))
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["epas_shared_layers"] == [1] and config["epas_trained_region"] == [1, 2]
     from epas_lightning.evaluation.lm_eval_adapter import EPASLM
