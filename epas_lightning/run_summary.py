@@ -292,6 +292,8 @@ def _region_line(trainer: Trainer, pl_module: LightningModule) -> str:
     shared = pl_module.model.sharing.shared_layers
     n_layer = pl_module.config.n_layer
     sharing = next((c for c in trainer.callbacks if isinstance(c, ProgressiveSharing)), None)
+    if sharing is not None:  # listed as "N sharing layers" counts them
+        shared = sharing.in_growth_order(shared)
     if not shared:
         return f"dense: no layer shares (0/{n_layer})"
     line = f"{len(shared)}/{n_layer} layers share {shared}"

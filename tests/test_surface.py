@@ -1483,3 +1483,15 @@ def test_every_user_error_says_what_to_do():
     where (`prepare --train-tokenizer` without --vocab-size, a Hugging Face folder without config.json, ...)."""
     missing = [site for site in user_errors_without_a_fix() if site.split(": ")[0] not in ERRORS_WITHOUT_A_FIX]
     assert not missing, "\n".join(missing)
+
+
+def test_the_summary_lists_the_region_in_growth_order():
+    """The run summary's "2/4 layers share [2, 3]" listed a deep-first region ascending: [3, 2] is its order."""
+    from types import SimpleNamespace
+
+    from epas_lightning.run_summary import _region_line
+
+    model = SimpleNamespace(sharing=SimpleNamespace(shared_layers=[2, 3]))
+    module = SimpleNamespace(model=model, config=SimpleNamespace(n_layer=4))
+    trainer = SimpleNamespace(callbacks=[ProgressiveSharing(target=2, n_layer=4)])
+    assert _region_line(trainer, module).startswith("2/4 layers share [3, 2]; full region since")
