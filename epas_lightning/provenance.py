@@ -16,6 +16,7 @@ from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
+from epas_lightning.runtime import json_text
 from epas_lightning.seeds import TRAINING_SEEDS, seed_out_of_range
 
 LAST_VALIDATION_KEY = "last_validation"
@@ -124,8 +125,8 @@ def _number(value: Any, kind: type = Integral) -> Any:
 
 
 def export_metadata(record: dict[str, Any]) -> dict[str, str]:
-    """The safetensors metadata entry of an export carrying ``record``."""
-    return {EXPORT_METADATA_KEY: json.dumps(record)}
+    """The safetensors metadata entry of an export carrying ``record`` (strict JSON: a non-finite loss is null)."""
+    return {EXPORT_METADATA_KEY: json_text(record)}
 
 
 def from_consolidated(record: dict[str, Any]) -> dict[str, Any] | None:

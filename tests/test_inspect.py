@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import strict_json
 from model_dirs import save_consolidated
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -353,6 +354,20 @@ def test_a_listing_checks_the_weights_only_when_asked_and_says_so(tmp_path, caps
     assert [r["non_finite"] for r in record["checkpoints"]] == [[], ["model.norm.weight"]]
     lines = out.splitlines()
     assert lines[1].split()[4:6] == ["all", "finite"] and lines[2].split()[4:7] == ["NaN", "or", "inf"]
+
+
+def test_a_non_finite_validation_loss_is_carried_as_strict_json(tmp_path, capsys):
+    """A last validation whose loss came out inf (activations past float16) went into the consolidated config.json and
+    the export's model.safetensors metadata as Python's Infinity, which jq and JavaScript refuse: it is null there."""
+    from epas_lightning.provenance import EXPORT_METADATA_KEY
+
+    ckpt = tiny_ckpt(tmp_path / "last.ckpt", 8, [3, 2], last_validation={"loss": float("inf"), "step": 8})
+    consolidated = consolidate(ckpt, tmp_path / "consolidated")
+    assert strict_json((consolidated / "config.json").read_text())["training"]["val_loss"] == {"loss": None, "step": 8}
+    with safe_open(export(ckpt, tmp_path / "hf") / "model.safetensors", "pt") as f:
+        assert strict_json(f.metadata()[EXPORT_METADATA_KEY])["val_loss"] == {"loss": None, "step": 8}
+    out, record = inspected(capsys, consolidated)
+    assert record["val_loss"] is None and "  val loss          not recorded\n" in out
 
 
 def test_consolidate_and_export_carry_the_provenance_inspect_shows_for_the_checkpoint(tmp_path, capsys, monkeypatch):
