@@ -449,7 +449,10 @@ def test_a_budget_read_off_the_bench_table_picks_that_row(capsys):
 
 def test_bench_budget_below_the_trained_region_is_an_error(trained, capsys):
     rc, _, err = run_cli(capsys, "bench", "--checkpoint", str(trained), "--budget", "0.5")
-    assert rc == 2 and "— --budget — raise --budget to at least" in err
+    assert rc == 2 and "the largest region (2 sharing layers) needs" in err
+    assert "— --budget — raise --budget to at least" in err
+    rc, _, err = run_cli(capsys, "bench", "--checkpoint", str(trained), "--sharing-layers", "1", "--budget", "0.5")
+    assert rc == 2 and "the largest region (1 sharing layer) needs" in err  # it said "(1 layers)"
 
 
 def test_bench_budget_that_the_unmeasured_trained_region_meets_names_it(trained, stock_export, capsys):

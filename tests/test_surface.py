@@ -681,6 +681,20 @@ def test_the_summary_points_only_at_logs_that_exist(tmp_path):
     assert f"(tensorboard --logdir {tb.log_dir})" in summary([csv, tb])
 
 
+def test_the_summary_counts_one_skipped_step_in_the_singular(tmp_path):
+    """fp16's line said "the loss scaler skipped 1 steps"."""
+    from types import SimpleNamespace
+
+    from epas_lightning.run_summary import RunSummary
+
+    model = SimpleNamespace(sharing=SimpleNamespace(shared_layers=[]))
+    module = SimpleNamespace(model=model, config=SimpleNamespace(n_layer=2))
+    trainer = SimpleNamespace(global_step=3, checkpoint_callbacks=[], callback_metrics={}, callbacks=[], loggers=[])
+    summary = RunSummary()
+    summary._skipped = 1  # what one overflowing step of fp16 counts
+    assert "the loss scaler skipped 1 step (overflowing gradients" in summary.summary(trainer, module, str(tmp_path))
+
+
 def test_the_summary_says_how_to_resume_where_the_run_was_started(tmp_path, monkeypatch):
     """`--ckpt_path last` only after the command line's fit; a requeued SLURM job resumes with --ckpt_path auto on its
     command line; a script of your own (no command line) passes the checkpoint's path to `trainer.fit`."""
@@ -1359,6 +1373,21 @@ def test_without_a_terminal_fit_prints_step_and_validation_lines(tmp_path, capsy
     expected = [step.format(1) + left, step.format(2) + left, validation.format(2), step.format(3) + left]
     expected += [step.format(4), validation.format(4)]  # the last step: nothing left
     assert len(lines) == len(expected) and all(map(re.fullmatch, expected, lines)), lines
+
+
+def test_without_a_terminal_a_validation_after_one_step_says_one_step(tmp_path, capsys):
+    """The validation line said "after 1 steps"."""
+    from helpers import cpu_trainer
+
+    from epas_lightning import EPASModule, LlamaConfig
+    from epas_lightning.run_summary import StepRunProgressBar
+
+    module = EPASModule(LlamaConfig.from_name("debug", block_size=16))
+    data = torch.utils.data.DataLoader(torch.randint(0, 512, (4, 17)), batch_size=2)
+    callbacks = [StepRunProgressBar(line_every_s=0)]
+    trainer = cpu_trainer(tmp_path, 1, callbacks, enable_progress_bar=True, limit_val_batches=1, val_check_interval=1)
+    trainer.fit(module, data, data)
+    assert re.search(r"^val/loss .* after 1 step$", capsys.readouterr().err, re.MULTILINE)
 
 
 def test_without_a_terminal_step_lines_come_at_whole_steps_with_their_loss(tmp_path, capsys):
