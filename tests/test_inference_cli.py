@@ -493,7 +493,7 @@ def test_init_from_a_checkpoint_that_shared_says_this_run_starts_dense(trained):
     from epas_lightning.init_from import read_init_state
 
     config = load_model(trained).model.config
-    with pytest.warns(UserWarning, match=r"trained layers \[2, 3\] sharing; this run starts every layer computing"):
+    with pytest.warns(UserWarning, match=r"trained layers \[3, 2\] sharing; this run starts every layer computing"):
         state = read_init_state(trained, config)
     assert "sharing.mask" not in state  # the new run's schedule decides the region
 
@@ -523,7 +523,7 @@ def test_validate_from_init_from_says_it_scores_every_layer_computing(trained, t
     config = load_model(trained).model.config
     data = TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=config.vocab_size)
     module = EPASModule(config, init_from=str(trained))
-    said = rf"\[2, 3\] sharing; validate scores it with every layer computing .* evaluate --checkpoint {trained} scores"
+    said = rf"\[3, 2\] sharing; validate scores it with every layer computing .* evaluate --checkpoint {trained} scores"
     with pytest.warns(UserWarning, match=said):
         cpu_trainer(tmp_path, 1, limit_val_batches=1).validate(module, data, verbose=False)
     assert module.model.sharing.shared_layers == []
@@ -536,7 +536,7 @@ def test_predict_from_init_from_runs_the_source_weights_as_validate_scores_them(
     source.set_shared_layers([])
     tokens = torch.randint(0, source.config.vocab_size, (1, 16))
     module = EPASModule(source.config, init_from=str(trained))
-    with pytest.warns(UserWarning, match=r"\[2, 3\] sharing; predict runs it with every layer computing"):
+    with pytest.warns(UserWarning, match=r"\[3, 2\] sharing; predict runs it with every layer computing"):
         logits = cpu_trainer(tmp_path, 1).predict(module, torch.utils.data.DataLoader(tokens))[0]
     with torch.no_grad():
         torch.testing.assert_close(logits, source(tokens))
