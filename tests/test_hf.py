@@ -365,6 +365,7 @@ def test_import_refuses_a_pytorch_bin_that_holds_no_state_dict(tmp_path: Path, c
         ({"vocab_size": True}, "vocab_size must be a whole number, not bool, got True"),
         # these ended in a TypeError, ValueError or AttributeError traceback
         ({"rms_norm_eps": None}, r"^its config.json's rms_norm_eps must be a number, got None"),
+        ({"rms_norm_eps": float("nan")}, r"^its config.json makes no valid model: .*got \{'norm_eps': nan\}"),
         ({"rope_parameters": {"rope_type": "default", "rope_theta": "x"}}, "rope_theta must be a number, got 'x'"),
         ({"rope_parameters": "linear"}, r"^its config.json's rope_parameters must be an object \{...\}, got 'linear'"),
         # a string counted as true (transformers 5 refuses it; 4.x ties, as we did, a "false")

@@ -353,8 +353,11 @@ def test_a_config_of_numpy_numbers_is_a_config_of_python_numbers():
         ("padding_multiple", -64, "padding_multiple must be a positive integer, got -64"),
         ("n_layer", True, "model sizes must be positive integers, got {'n_layer': True}"),
         ("rope_theta", 0.0, "rope_theta must be a positive number"),
-        ("norm_eps", -1e-5, "norm_eps and init_std non-negative ones, got {'norm_eps': -1e-05}"),
+        ("norm_eps", -1e-5, "norm_eps and init_std non-negative ones (finite), got {'norm_eps': -1e-05}"),
         ("init_std", "0.02", "got {'init_std': '0.02'}"),
+        ("norm_eps", float("nan"), "got {'norm_eps': nan}"),  # NaN is no number below 0: every output was NaN
+        ("rope_theta", float("inf"), "rope_theta must be a positive number"),  # no rotation: positions unseen
+        ("init_std", float("inf"), "got {'init_std': inf}"),  # weights of inf
         ("tie_embeddings", "yes", "tie_embeddings must be true or false, got 'yes'"),
         ("rope_scaling", "llama3", "rope_scaling must be a mapping like"),
         ("n_head", 3, "n_embd=64 must be divisible by n_head=3 — model.config — set n_head to 2 or 4, or n_embd to a "
