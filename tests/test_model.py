@@ -360,6 +360,13 @@ def test_a_config_of_numpy_numbers_is_a_config_of_python_numbers():
         ("init_std", float("inf"), "got {'init_std': inf}"),  # weights of inf
         ("tie_embeddings", "yes", "tie_embeddings must be true or false, got 'yes'"),
         ("rope_scaling", "llama3", "rope_scaling must be a mapping like"),
+        ("rope_scaling", {"rope_type": "linear", "factor": float("inf")}, "all finite, got {'rope_type': 'linear', "),
+        (
+            "rope_scaling",
+            {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": float("inf"),
+             "original_max_position_embeddings": 64},
+            "and 0 < low_freq_factor < high_freq_factor, all finite",
+        ),
         ("n_head", 3, "n_embd=64 must be divisible by n_head=3 — model.config — set n_head to 2 or 4, or n_embd to a "
          "multiple of 6"),
         ("n_kv_head", 3, "n_head=4 must be divisible by n_kv_head=3 — model.config — set n_kv_head to one of 1, 2, 4"),

@@ -107,9 +107,11 @@ class RopeScaling:
                 where,
                 "set it to the context length the model was pretrained at",
             )
-        if not self.factor > 0 or (llama3 and not 0 < self.low_freq_factor < self.high_freq_factor):
+        infinite = not all(math.isfinite(getattr(self, name)) for name in needed)  # inf: positions without rotation
+        if infinite or not self.factor > 0 or (llama3 and not 0 < self.low_freq_factor < self.high_freq_factor):
             raise ConfigError(
-                f"RoPE scaling needs factor > 0 and 0 < low_freq_factor < high_freq_factor, got {self.to_dict()}",
+                "RoPE scaling needs factor > 0 and 0 < low_freq_factor < high_freq_factor, all finite, got "
+                f"{self.to_dict()}",
                 where,
                 "change the values that break it",
             )
