@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import statistics
@@ -21,7 +20,7 @@ import torch
 
 from epas_lightning.inference import deepest_layers
 from epas_lightning.model import LlamaConfig
-from epas_lightning.runtime import resolve_device  # noqa: F401 - the benchmarks' --device, as the commands'
+from epas_lightning.runtime import json_text, resolve_device  # noqa: F401 - resolve_device: the scripts' --device
 from epas_lightning.script_args import count
 
 BENCH_EXTRA = 'pip install ".[bench]"'
@@ -137,6 +136,6 @@ def medians(values: Mapping[str, Sequence[float]]) -> dict[str, float]:
 
 
 def emit(result: dict) -> dict:
-    """Print the result as the script's last line, one JSON object; return it."""
-    print(json.dumps(result))
+    """Print the result as the script's last line, one JSON object (a non-finite number as null); return it."""
+    print(json_text(result))
     return result

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from harness import preset_config
+from harness import emit, preset_config
 from safetensors.torch import save_file
 
 from epas_lightning.data.tokenizer import train_byte_level_bpe
@@ -191,8 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
             exit_code = server.stop()
     summary = summarize(args, config, settings, rounds, exit_code)
     print_table(summary)
-    print(json.dumps(summary))
-    return summary
+    return emit(summary)
 
 
 def summarize(args, config: LlamaConfig, settings: dict, rounds: dict, exit_code: int) -> dict:

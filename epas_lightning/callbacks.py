@@ -228,7 +228,7 @@ class ProgressiveSharing(Callback):
         model = sharing_model(pl_module)
         if layers != model.sharing.shared_layers:
             model.set_shared_layers(layers)
-            rank_zero_info(f"EPAS: step {step}: {len(layers)} sharing layer(s) {layers}")
+            rank_zero_info(f"EPAS: step {step}: {len(layers)} sharing layer(s) {self.in_growth_order(layers)}")
             if self.enabled and self.reached_at is None and len(layers) == len(self.schedule.target_layers):
                 self.reached_at = step
         self._applied = layers
@@ -289,6 +289,15 @@ class ProgressiveSharing(Callback):
         if self.schedule is not None:
             in_order = region_in_growth_order(self.schedule.target_layers, shared)
         return TrainedRegion(model.config.n_layer, tuple(in_order), self.order)
+
+    def in_growth_order(self, layers: list[int]) -> list[int]:
+        """Sharing ``layers`` (the mask's, ascending) as the messages list them, in the order "N sharing layers"
+        counts them: the order the schedule's target adds them (with no schedule, its order's direction), any outside
+        the target after them."""
+        if self.schedule is None:
+            return sorted(layers, reverse=self.order == "deep_first")
+        ordered = list(region_in_growth_order(self.schedule.target_layers, layers))
+        return ordered + sorted(set(layers).difference(ordered))
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._resumed_step = int(checkpoint.get("global_step") or 0)
@@ -353,10 +362,12 @@ class ProgressiveSharing(Callback):
         layers = self.shared_layers_at(step)
         changed = ", ".join(f"{k} {saved[k]} -> {current[k]}" for k in saved if saved[k] != current[k])
         said = f"EPAS: resumed at step {step} with another sharing schedule than the checkpoint's ({changed}): "
-        if layers == trained:
+        before = _saved_target(saved, model.config.n_layer)  # each region listed in its schedule's growth order
+        trained = before.in_growth_order(trained) if before is not None else self.in_growth_order(trained)
+        if sorted(layers) == sorted(trained):
             said += f"the region stays {trained or 'empty'} at this step and follows the configured schedule from here"
         else:
-            said += f"the region goes from layers {trained or 'none'} to {layers or 'none'}"
+            said += f"the region goes from layers {trained or 'none'} to {self.in_growth_order(layers) or 'none'}"
         if left := [i for i in trained if i not in layers]:
             said += (
                 f"; layers {left} compute again with the {REUSED[model.config.sharing_mode].lower()} weights they had "

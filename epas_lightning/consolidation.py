@@ -17,7 +17,7 @@ from epas_lightning.data.tokenizer import TokenizerError, load_tokenizer
 from epas_lightning.hf.convert import saveable
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.provenance import TRAINING_KEY, carried, checked, from_consolidated
-from epas_lightning.runtime import emit_json
+from epas_lightning.runtime import emit_json, json_text
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
                     "data_dir": str(loaded.data_dir) if loaded.data_dir else None,
                     "sha256": tokenizer.sha256,  # the copy's: a folder whose tokenizer is replaced is refused too
                 }
-        (build / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        (build / CONFIG_FILE).write_text(json_text(record, indent=2) + "\n")  # a non-finite val loss: null
     return Path(output).expanduser().absolute()
 
 

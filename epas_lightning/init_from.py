@@ -198,13 +198,13 @@ def source_shapes(path: Path, config: LlamaConfig, stage: str = "fit") -> dict[s
         region = hf_trained_region(hf, config.n_layer, where)  # export's record, perhaps hand-edited
         unrun = None if region.size else recorded_weights_region(path, config.n_layer)  # a stock export's record
         mode = hf.get("epas_sharing_mode") or "qk"
-        _say_it_starts_dense(path, sorted((unrun or region).layers), stage, record_only=unrun is not None, mode=mode)
+        _say_it_starts_dense(path, list((unrun or region).layers), stage, record_only=unrun is not None, mode=mode)
         return shapes
     info, state, _ = read_description(path, flag="model.init_from")
     check_same_architecture(config, info.config, f"model.init_from {path}", leave_unset(config))
     unrun = info.weights_region  # a copy of a stock export: the region its weights trained, as recorded
     mode = info.config.sharing_mode
-    _say_it_starts_dense(path, sorted((unrun or info.region).layers), stage, record_only=unrun is not None, mode=mode)
+    _say_it_starts_dense(path, list((unrun or info.region).layers), stage, record_only=unrun is not None, mode=mode)
     return {key: t for key, t in state.items() if key not in NOT_LOADED}
 
 

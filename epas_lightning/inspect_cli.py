@@ -314,7 +314,7 @@ def describe_text(record: dict[str, Any]) -> str:
         "tokens": _number(record["tokens"]) + (" trained" if record["tokens"] is not None else " (not recorded)"),
         "region": trained if n else dense_region_row(unrun, model["n_layer"], record["kind"]),
         "--sharing-layers": f"{choices(n)} (default {allowed['default']}){more}",
-        **transformers_row(record["transformers_shared_layers"], region["layers"], model["n_layer"]),
+        **transformers_row(record["transformers_shared_layers"], TrainedRegion.from_record(region, model["n_layer"])),
         "model": f"{model['n_layer']} layers, d {model['n_embd']}, {heads}, vocab {model['vocab_size']:,}, "
         f"block size {model['block_size']:,}, {model['parameters']:,} parameters, sharing mode {mode} "
         f"({REUSED[mode]})",
@@ -338,17 +338,18 @@ def dense_region_row(unrun: dict[str, Any] | None, n_layer: int, kind: str = "hf
     return unrun_region_text(TrainedRegion.from_record(unrun, n_layer), stock=kind == "hf")
 
 
-def transformers_row(shared: Any, trained: list[int], n_layer: int) -> dict[str, str]:
+def transformers_row(shared: Any, trained: TrainedRegion) -> dict[str, str]:
     """For a Hugging Face folder: the sharing layers transformers loads it with (what ``export --sharing-layers``
-    wrote into config.json), and whether they lie outside the trained region."""
+    wrote into config.json, listed in the growth order of the ``trained`` region), and whether they lie outside it."""
+    n_layer = trained.n_layer
     if shared is None:
         return {}
     if not isinstance(shared, list) or not all(type(i) is int and 1 <= i < n_layer for i in shared):
         return {"transformers": f"refuses its epas_shared_layers {shared!r} (config.json): not layers 1..{n_layer - 1}"}
-    shared = sorted(shared)
+    shared = trained.in_growth_order(shared)
     if not shared:
         return {"transformers": "loads it dense (no epas_shared_layers in config.json)"}
-    outside = sorted(set(shared) - set(trained))
+    outside = sorted(set(shared) - set(trained.layers))
     forced = f"; layers {outside} never trained to share (exported with --force)" if outside else ""
     loads = f"loads it with {sharing_layers_text(len(shared))}: layers {shared} (config.json epas_shared_layers)"
     return {"transformers": loads + forced}

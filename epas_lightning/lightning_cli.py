@@ -115,6 +115,7 @@ from epas_lightning.strategy import STRATEGY_NAME, check_data_parallel_only, che
 from epas_lightning.trainer_checks import (
     check_accelerator_available,
     check_counts,
+    check_gradient_clip,
     check_precision_available,
     check_scores_something,
     check_validation_interval,
@@ -346,6 +347,7 @@ class EPASCLI(LightningCLI):
         check_scores_something(self.subcommand, trainer)
         check_strategy_name(trainer.get("strategy"))
         check_counts(trainer)
+        check_gradient_clip(trainer)
         check_validation_interval(trainer)
         check_precision_available(trainer.get("precision"))
         drop_overridden_builtin_settings(section.data, self._command_line)

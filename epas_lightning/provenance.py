@@ -1,5 +1,5 @@
 """Where a model's weights came from: the step, epoch and tokens the run had trained, its latest validation loss, the
-held-out data it validated on, and the name of the training checkpoint.
+held-out data it validated on, and the absolute path of the training checkpoint.
 
 A training checkpoint says it in Lightning's entries (``global_step``, ``epoch``, the throughput monitor's totals,
 ``fit``'s ``last_validation``); ``consolidate`` carries it in its ``config.json`` (``training``, beside the
@@ -11,10 +11,12 @@ fine-tuning run, drops the record with them). ``inspect`` shows the same fields 
 from __future__ import annotations
 
 import json
+import os
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
+from epas_lightning.runtime import json_text
 from epas_lightning.seeds import TRAINING_SEEDS, seed_out_of_range
 
 LAST_VALIDATION_KEY = "last_validation"
@@ -51,9 +53,9 @@ def training_record(metadata: dict[str, Any]) -> dict[str, Any]:
 
 def carried(record: dict[str, Any], checkpoint: str | Path) -> dict[str, Any]:
     """The record ``consolidate`` and ``export`` write for weights read from ``checkpoint`` (whose provenance is
-    ``record``): the same fields, ``source`` naming the training checkpoint (``checkpoint`` itself unless it names
-    one)."""
-    return {**record, "source": record.get("source") or Path(checkpoint).expanduser().absolute().name}
+    ``record``): the same fields, ``source`` the absolute path of the training checkpoint (``checkpoint`` itself
+    unless it names one; its name alone left ``last.ckpt`` of no known run)."""
+    return {**record, "source": record.get("source") or os.path.abspath(Path(checkpoint).expanduser())}
 
 
 def trained_tokens(metadata: dict[str, Any]) -> int | None:
@@ -123,8 +125,8 @@ def _number(value: Any, kind: type = Integral) -> Any:
 
 
 def export_metadata(record: dict[str, Any]) -> dict[str, str]:
-    """The safetensors metadata entry of an export carrying ``record``."""
-    return {EXPORT_METADATA_KEY: json.dumps(record)}
+    """The safetensors metadata entry of an export carrying ``record`` (strict JSON: a non-finite loss is null)."""
+    return {EXPORT_METADATA_KEY: json_text(record)}
 
 
 def from_consolidated(record: dict[str, Any]) -> dict[str, Any] | None:

@@ -66,7 +66,7 @@ class TrainedRegion:
     def first(
         self, n: int, force: bool = False, flags: tuple[str, str] = ("n", "force=True"), forceable: bool = True
     ) -> list[int]:
-        """The layers that share with a region of ``n`` layers: the first ``n`` of the growth order, ascending.
+        """The layers that share with a region of ``n`` layers: the first ``n`` of the growth order, in that order.
 
         More than the trained region is refused unless ``force`` (its extra layers never learned to work without their
         own Q/K, so quality drops sharply). The errors name ``flags``, the region length's and the override's
@@ -97,7 +97,14 @@ class TrainedRegion:
                 + (f", or {RUN_THE_REGION}" if elsewhere else "")
                 + (f", or pass {force_flag} to {force_text}" if forceable else ""),
             )
-        return sorted(self.growth_order()[:n])
+        return self.growth_order()[:n]
+
+    def in_growth_order(self, layers: Iterable[int]) -> list[int]:
+        """``layers`` (a set of sharing layers, such as config.json's ascending ``epas_shared_layers``) in this
+        region's growth order, as the commands list layers; any it never grows to after them, ascending."""
+        layers = set(layers)
+        ordered = [i for i in self.growth_order() if i in layers]
+        return ordered + sorted(layers.difference(ordered))
 
     def _can_share(self, limit: int, force: bool) -> str:
         """How many layers can share at most (``limit``), and why: the model's layers but layer 0, or where the region

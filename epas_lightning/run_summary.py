@@ -153,7 +153,8 @@ class RunSummary(Callback):
         lines.append(f"  sharing      {_region_line(trainer, pl_module)}")
         if self._skipped:
             lines.append(
-                f"  fp16         the loss scaler skipped {self._skipped} steps (overflowing gradients, no update); "
+                f"  fp16         the loss scaler skipped {self._skipped} step{'' if self._skipped == 1 else 's'} "
+                "(overflowing gradients, no update); "
                 "they still counted for the learning rate and the sharing schedule"
             )
         if checkpoint:
@@ -292,6 +293,8 @@ def _region_line(trainer: Trainer, pl_module: LightningModule) -> str:
     shared = pl_module.model.sharing.shared_layers
     n_layer = pl_module.config.n_layer
     sharing = next((c for c in trainer.callbacks if isinstance(c, ProgressiveSharing)), None)
+    if sharing is not None:  # listed as "N sharing layers" counts them
+        shared = sharing.in_growth_order(shared)
     if not shared:
         return f"dense: no layer shares (0/{n_layer})"
     line = f"{len(shared)}/{n_layer} layers share {shared}"
@@ -405,7 +408,8 @@ class StepRunProgressBar(RichProgressBar):
         self._last_line += time.perf_counter() - self._validation_start  # tokens/s counts training time only
         loss = trainer.callback_metrics.get("val/loss")
         if self._lines and not trainer.sanity_checking and loss is not None:
-            print(f"val/loss {_with_perplexity(float(loss))} after {trainer.global_step} steps", file=sys.stderr)
+            steps = f"{trainer.global_step} step{'' if trainer.global_step == 1 else 's'}"
+            print(f"val/loss {_with_perplexity(float(loss))} after {steps}", file=sys.stderr)
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import sys
 from pathlib import Path
@@ -130,10 +131,28 @@ def check_counts(counts: dict[str, int | None]) -> None:
             raise ConfigError(f"must be at most {sys.maxsize}, got {value}", flag, "give a smaller number")
 
 
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every non-finite float in it (NaN, inf: at any depth of dicts, lists and tuples) as ``None``."""
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_null(item) for item in value]
+    return value
+
+
+def json_text(record: Any, **dumps_options: Any) -> str:
+    """``record`` as strict JSON (RFC 8259, as jq and JavaScript read it): a non-finite number is ``null``, where
+    Python's ``json`` writes ``NaN``/``Infinity``; anything else JSON has no type for is its ``str``."""
+    return json.dumps(finite_or_null(record), default=str, allow_nan=False, **dumps_options)
+
+
 def emit_json(record: Any, enabled: bool) -> None:
-    """``--json``: print the command's result as one JSON line, the last line of stdout (redirect it to keep it)."""
+    """``--json``: print the command's result as one JSON line, the last line of stdout (redirect it to keep it); a
+    non-finite number is ``null`` (:func:`json_text`)."""
     if enabled:
-        print(json.dumps(record, default=str))
+        print(json_text(record))
 
 
 def folder_bytes(folder: Path) -> int:

@@ -4,6 +4,7 @@ its loops, with a traceback), or takes and then trains or scores nothing with.""
 from __future__ import annotations
 
 import importlib.util
+import math
 from typing import Any
 
 import torch
@@ -28,6 +29,18 @@ def check_counts(trainer: Namespace) -> None:
     for key, fix in COUNTS_AT_LEAST_ONE.items():
         if _whole(value := trainer.get(key)) and value < 1:
             raise ConfigError(f"trainer.{key} must be at least 1, not {value}", f"trainer.{key}", fix)
+
+
+def check_gradient_clip(trainer: Namespace) -> None:
+    """A NaN ``gradient_clip_val`` (YAML's ``.nan``) is no number at or below 0, Lightning's "no clipping": it made
+    every gradient NaN, and the run stopped as diverged, blaming the learning rate."""
+    value = trainer.get("gradient_clip_val")
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(
+            "trainer.gradient_clip_val must be a number, not nan",
+            "trainer.gradient_clip_val",
+            "set a positive number, or leave it unset for no clipping",
+        )
 
 
 def check_validation_interval(trainer: Namespace) -> None:

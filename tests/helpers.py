@@ -1,5 +1,6 @@
 """Helpers shared by test modules (pytest puts this folder on sys.path)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,13 @@ from epas_lightning.callbacks import ProgressiveSharing
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_CONFIG = str(REPO / "configs" / "debug.yaml")
+
+
+def strict_json(text: str):
+    """``text`` read as strict JSON (RFC 8259, as jq and JavaScript read it): ``NaN``/``Infinity`` fail the test."""
+    import pytest
+
+    return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
 
 
 def run_cli(

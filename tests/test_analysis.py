@@ -228,6 +228,7 @@ def test_analyze_command_writes_heatmap_json_and_tensorboard_image(tiny_checkpoi
     assert record["recommendation"]["start_layer"] == 1 and record["recommendation"]["shared_layers"] == [1]
     meets = record["recommendation"]["meets_threshold"]  # a random 2-layer model: either, but said as recorded
     assert ("Recommendation: share layers 1..1" in printed, "No region keeps" in printed) == (meets, not meets)
+    assert "`sharing.target: 1` with `sharing.order: deep_first`, the default (the deepest layer; " in printed
     events = EventAccumulator(str(out / "tb")).Reload()
     assert "analysis/similarity" in events.Tags()["images"]
 

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import strict_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -239,6 +240,14 @@ def test_a_script_stopped_with_ctrl_c_says_so_in_one_line(monkeypatch, capsys):
         run_script(interrupted)
     assert stopped.value.code == 130
     assert capsys.readouterr().err == "interrupted: pretrain_compare.py stopped (Ctrl+C)\n"
+
+
+def test_the_last_json_line_of_a_benchmark_writes_non_finite_numbers_as_null(benchmarks_importable, capsys):
+    """A ratio of a zero time (NaN, inf) ended a script with ``Infinity``, which jq and JavaScript refuse."""
+    import harness
+
+    harness.emit({"speedup": float("inf"), "runs": [float("nan"), 1.5]})
+    assert strict_json(capsys.readouterr().out.splitlines()[-1]) == {"speedup": None, "runs": [None, 1.5]}
 
 
 def test_cuda_on_a_cpu_machine_is_a_user_error(benchmarks_importable, monkeypatch):

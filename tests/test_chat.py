@@ -97,7 +97,7 @@ def test_a_piped_two_turn_chat_feeds_the_whole_history_and_replies_as_serve_does
     (stopping / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, greedy[end]]}))
 
     rc, out, err, fed = chat(monkeypatch, capsys, stopping, "hi\nhow are you\n")
-    assert rc == 0 and err.startswith("chat: layers [2, 3] share (2/4;"), err
+    assert rc == 0 and err.startswith("chat: layers [3, 2] share (2/4;"), err
     served_prompt, reply = serve_reply(stopping, first, REPLY_TOKENS)
     assert fed[0] == prompt == served_prompt
     assert reply == decode_continuation(tokenizer.decode, prompt, greedy[:end])  # stopped at the end token

@@ -834,3 +834,14 @@ def test_a_start_refused_by_a_check_prints_its_line_alone(tmp_path, flags):
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_gradient_clip_value_of_nan_is_one_line_before_training(tmp_path, capsys, monkeypatch):
+    """`--trainer.gradient_clip_val .nan` (YAML's NaN) passed, being no number at or below 0 (Lightning's "no
+    clipping"): every gradient came out NaN, and the run stopped as diverged, blaming the learning rate."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", DEBUG, "--trainer.gradient_clip_val", ".nan"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: trainer.gradient_clip_val must be a number, not nan — trainer.gradient_clip_val — set a positive "
+        "number, or leave it unset for no clipping"
+    )

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import without_heldout_sequences
+from helpers import strict_json, without_heldout_sequences
 from model_dirs import save_consolidated
 
 from epas_lightning import Llama, LlamaConfig
@@ -261,6 +261,18 @@ def test_a_loss_past_what_exp_can_hold_has_an_infinite_perplexity_not_an_overflo
     assert result["loss"] > 710 and result["ppl"] == float("inf")
 
 
+def test_evaluate_json_writes_an_infinite_perplexity_as_null(tmp_path: Path, tiny_corpus: Path, capsys) -> None:
+    """--json wrote val_ppl Infinity (Python's json), which jq and JavaScript refuse: strict JSON has null for it."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(5000)
+    save_consolidated(model, tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tiny_corpus), "--batches", "1", "--json"]
+    assert evaluate_main(argv) == 0
+    (row,) = strict_json(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["val_loss"] > 710 and row["val_ppl"] is None
+
+
 def test_perplexity_equals_direct_cross_entropy(tiny_corpus: Path) -> None:
     from epas_lightning import TokenDataModule
 
@@ -306,8 +318,9 @@ def test_seq_len_errors_say_what_to_lower(tiny_corpus: Path, tmp_path: Path) -> 
         evaluate_perplexity(model, empty, seq_len=64)
 
 
-def test_evaluate_batches_with_tasks_scores_the_run_data_too(tmp_path: Path, tiny_corpus: Path) -> None:
-    """--batches asks for the held-out loss: with --tasks it is still scored on the run's own data, not dropped."""
+def test_evaluate_batches_with_tasks_scores_the_run_data_too(tmp_path: Path, tiny_corpus: Path, capsys) -> None:
+    """--batches asks for the held-out loss: with --tasks it is still scored on the run's own data, not dropped.
+    --tasks alone scores the tasks only, which it did without a word: a note says so and how to get the loss."""
     from epas_lightning.evaluation.evaluate_cli import evaluate
 
     ckpt = save_consolidated(tiny_model(), tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
@@ -318,7 +331,14 @@ def test_evaluate_batches_with_tasks_scores_the_run_data_too(tmp_path: Path, tin
     task.write_text(json.dumps({"context": "import", "choices": [" os", " the"], "label": 0}) + "\n")
     rows = evaluate(ckpt, tasks=[task], batches=1, batch_size=2, device="cpu")
     assert rows[0]["val_tokens"] == 2 * 32 and "code/acc" in rows[0]
+    capsys.readouterr()
     assert "val_loss" not in evaluate(ckpt, tasks=[task], device="cpu")[0]  # tasks alone: only the tasks
+    says = "evaluate: the tasks only, no held-out loss: give --batches B or --data DIR for one\n"
+    assert capsys.readouterr().err == says
+    bare = save_consolidated(tiny_model(), tmp_path / "bare", tiny_corpus / "tokenizer.json")  # records no data
+    evaluate(bare, tasks=[task], device="cpu")
+    says = "evaluate: the tasks only, no held-out loss: give --data DIR for one (the checkpoint does not say which "
+    assert capsys.readouterr().err.startswith(says)
 
 
 def test_held_out_data_that_is_gone_is_named(tmp_path, tiny_corpus, capsys) -> None:
@@ -497,7 +517,7 @@ def test_evaluate_cli_sweeps_regions(tmp_path: Path, tiny_corpus: Path, capsys: 
     out = capsys.readouterr().out
     rows = json.loads(out.strip().splitlines()[-1])
     assert [row["sharing_layers"] for row in rows] == [0, 1, 2]
-    assert [row["shared_layers"] for row in rows] == [[], [3], [2, 3]]
+    assert [row["shared_layers"] for row in rows] == [[], [3], [3, 2]]  # in growth order
     assert {"val_loss", "val_ppl", "code/acc", "code/acc_norm"} <= set(rows[0])
     assert rows[0]["val_loss"] != rows[2]["val_loss"]  # the region changes the model
     assert "| sharing_layers |" in out

@@ -281,7 +281,7 @@ def test_region_errors():
     trained = TrainedRegion(4, (3,))
     with pytest.raises(ValueError, match="trained with at most 1 .* — n_shared — choose 0..1, or pass force=True to"):
         set_region(model, 2, trained)  # from Python: its arguments, not the commands' --sharing-layers and --force
-    assert set_region(model, 2, trained, force=True) == [2, 3]
+    assert set_region(model, 2, trained, force=True) == [3, 2]  # in growth order
     dense = r"trained dense \(no sharing layers\); 1 was asked for — n_shared — choose 0, or"
     with pytest.raises(ValueError, match=dense):
         set_region(model, 1, TrainedRegion(4, ()))

@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 from helpers import DEBUG_CONFIG as DEBUG
-from helpers import cpu_trainer, train_tiny_checkpoint, train_tiny_sentencepiece
+from helpers import cpu_trainer, strict_json, train_tiny_checkpoint, train_tiny_sentencepiece
 from model_dirs import save_scripted
 
 from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule
@@ -139,6 +139,9 @@ def test_a_stock_export_exported_again_runs_the_region_its_weights_trained(stock
         "shallow_first",
         [1],
     )
+    export = ["export", "--checkpoint", str(stock_export), "--sharing-layers", "2", "--output", str(tmp_path / "two")]
+    rc, out, err = run_cli(capsys, *export, "--json")
+    assert rc == 0 and json.loads(out.splitlines()[-1])["shared_layers"] == [3, 2], err  # in growth order
 
 
 def test_sharing_layers_on_a_stock_export_is_refused_as_it_runs_dense_or_forced_in_its_trained_order(
@@ -204,7 +207,7 @@ def test_commands_on_a_stock_export_say_the_region_its_weights_trained(
         summary = "\nregion: no layers share (0/4; runs dense; its weights trained layers [3, 2], deep-first)\n"
         assert summary in err, err
     if command == "analyze":
-        assert "Note: the checkpoint was trained with layers [2, 3] sharing; their own q/k" in out, out
+        assert "Note: the checkpoint was trained with layers [3, 2] sharing; their own q/k" in out, out
 
 
 def test_generate_decodes_a_prompt_file_in_bounded_batches_with_the_one_batch_completions(
@@ -326,6 +329,7 @@ def test_default_lengths_fit_a_short_block_size_and_explicit_ones_are_checked(tr
     assert rc == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
     assert (summary["prompt_len"], summary["max_new_tokens"]) == (16, 16)
+    assert [row["shared_layers"] for row in summary["rows"]] == [[], [3], [3, 2]]  # in growth order
 
 
 def test_bench_prompts_have_the_length_it_reports(tiny_corpus, tmp_path, capsys):
@@ -361,12 +365,8 @@ def test_bench_without_held_out_data_writes_well_formed_json(tmp_path, capsys):
     bench = ["bench", "--checkpoint", str(ckpt), "--reps", "1", "--output", str(out), "--json"]
     rc, printed, err = run_cli(capsys, *bench)
     assert rc == 0, err
-
-    def strict(text: str) -> dict:
-        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
-
-    summary = strict(printed.strip().splitlines()[-1])
-    assert summary == strict((out / "many_in_one.json").read_text())
+    summary = strict_json(printed.strip().splitlines()[-1])
+    assert summary == strict_json((out / "many_in_one.json").read_text())
     assert (summary["val_tokens"], summary["rows"][0]["val_loss"], summary["rows"][0]["val_ppl"]) == (0, None, None)
     assert printed.splitlines()[2].endswith(" -")  # the table's val loss column
 
@@ -449,7 +449,10 @@ def test_a_budget_read_off_the_bench_table_picks_that_row(capsys):
 
 def test_bench_budget_below_the_trained_region_is_an_error(trained, capsys):
     rc, _, err = run_cli(capsys, "bench", "--checkpoint", str(trained), "--budget", "0.5")
-    assert rc == 2 and "— --budget — raise --budget to at least" in err
+    assert rc == 2 and "the largest region (2 sharing layers) needs" in err
+    assert "— --budget — raise --budget to at least" in err
+    rc, _, err = run_cli(capsys, "bench", "--checkpoint", str(trained), "--sharing-layers", "1", "--budget", "0.5")
+    assert rc == 2 and "the largest region (1 sharing layer) needs" in err  # it said "(1 layers)"
 
 
 def test_bench_budget_that_the_unmeasured_trained_region_meets_names_it(trained, stock_export, capsys):
@@ -490,7 +493,7 @@ def test_init_from_a_checkpoint_that_shared_says_this_run_starts_dense(trained):
     from epas_lightning.init_from import read_init_state
 
     config = load_model(trained).model.config
-    with pytest.warns(UserWarning, match=r"trained layers \[2, 3\] sharing; this run starts every layer computing"):
+    with pytest.warns(UserWarning, match=r"trained layers \[3, 2\] sharing; this run starts every layer computing"):
         state = read_init_state(trained, config)
     assert "sharing.mask" not in state  # the new run's schedule decides the region
 
@@ -520,7 +523,7 @@ def test_validate_from_init_from_says_it_scores_every_layer_computing(trained, t
     config = load_model(trained).model.config
     data = TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=config.vocab_size)
     module = EPASModule(config, init_from=str(trained))
-    said = rf"\[2, 3\] sharing; validate scores it with every layer computing .* evaluate --checkpoint {trained} scores"
+    said = rf"\[3, 2\] sharing; validate scores it with every layer computing .* evaluate --checkpoint {trained} scores"
     with pytest.warns(UserWarning, match=said):
         cpu_trainer(tmp_path, 1, limit_val_batches=1).validate(module, data, verbose=False)
     assert module.model.sharing.shared_layers == []
@@ -533,7 +536,7 @@ def test_predict_from_init_from_runs_the_source_weights_as_validate_scores_them(
     source.set_shared_layers([])
     tokens = torch.randint(0, source.config.vocab_size, (1, 16))
     module = EPASModule(source.config, init_from=str(trained))
-    with pytest.warns(UserWarning, match=r"\[2, 3\] sharing; predict runs it with every layer computing"):
+    with pytest.warns(UserWarning, match=r"\[3, 2\] sharing; predict runs it with every layer computing"):
         logits = cpu_trainer(tmp_path, 1).predict(module, torch.utils.data.DataLoader(tokens))[0]
     with torch.no_grad():
         torch.testing.assert_close(logits, source(tokens))
@@ -555,10 +558,10 @@ def test_validate_a_checkpoint_counts_val_sharing_layers_in_the_region_it_traine
         torch.save(state, trained := tmp_path / "weights.ckpt")
     scores = trainer.validate(EPASModule(config), data, ckpt_path=trained, verbose=False)[0]
     assert scores["val/loss_at_sharing/2"] == pytest.approx(scores["val/loss"])  # the trained region, [2, 3]
-    assert sharing._val_regions == {1: [3], 2: [2, 3]}
+    assert sharing._val_regions == {1: [3], 2: [3, 2]}
     shorter = ProgressiveSharing(target=1, val_sharing_layers=[2])  # 2 past the configured target: was refused
     cpu_trainer(tmp_path, 1, [shorter], limit_val_batches=1).validate(EPASModule(config), data, ckpt_path=trained)
-    assert shorter._val_regions == {2: [2, 3]}
+    assert shorter._val_regions == {2: [3, 2]}
 
 
 def test_validate_a_checkpoint_from_the_command_line_checks_val_sharing_layers_against_its_region(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import strict_json
 from model_dirs import save_consolidated
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -355,10 +356,27 @@ def test_a_listing_checks_the_weights_only_when_asked_and_says_so(tmp_path, caps
     assert lines[1].split()[4:6] == ["all", "finite"] and lines[2].split()[4:7] == ["NaN", "or", "inf"]
 
 
-def test_consolidate_and_export_carry_the_provenance_inspect_shows_for_the_checkpoint(tmp_path, capsys):
-    """Consolidated folders kept the step alone, exports nothing: inspect could not tell them apart."""
+def test_a_non_finite_validation_loss_is_carried_as_strict_json(tmp_path, capsys):
+    """A last validation whose loss came out inf (activations past float16) went into the consolidated config.json and
+    the export's model.safetensors metadata as Python's Infinity, which jq and JavaScript refuse: it is null there."""
+    from epas_lightning.provenance import EXPORT_METADATA_KEY
+
+    ckpt = tiny_ckpt(tmp_path / "last.ckpt", 8, [3, 2], last_validation={"loss": float("inf"), "step": 8})
+    consolidated = consolidate(ckpt, tmp_path / "consolidated")
+    assert strict_json((consolidated / "config.json").read_text())["training"]["val_loss"] == {"loss": None, "step": 8}
+    with safe_open(export(ckpt, tmp_path / "hf") / "model.safetensors", "pt") as f:
+        assert strict_json(f.metadata()[EXPORT_METADATA_KEY])["val_loss"] == {"loss": None, "step": 8}
+    out, record = inspected(capsys, consolidated)
+    assert record["val_loss"] is None and "  val loss          not recorded\n" in out
+
+
+def test_consolidate_and_export_carry_the_provenance_inspect_shows_for_the_checkpoint(tmp_path, capsys, monkeypatch):
+    """Consolidated folders kept the step alone, exports nothing: inspect could not tell them apart. "made from" named
+    the checkpoint's file alone (``last.ckpt`` of which run?): it is its absolute path, from a relative one too."""
     validation = {"loss": 5.25, "step": 40}
-    ckpt = tiny_ckpt(tmp_path / "run" / "epoch=2-step=48.ckpt", 48, [3, 2], last_validation=validation, epoch=2)
+    tiny_ckpt(tmp_path / "run" / "epoch=2-step=48.ckpt", 48, [3, 2], last_validation=validation, epoch=2)
+    monkeypatch.chdir(tmp_path)
+    ckpt = Path("run", "epoch=2-step=48.ckpt")  # as a user types it, relative to where the command runs
     fields = ("global_step", "epoch", "tokens", "val_loss")
     _, record = inspected(capsys, ckpt)
     trained = {key: record[key] for key in fields}
@@ -369,8 +387,9 @@ def test_consolidate_and_export_carry_the_provenance_inspect_shows_for_the_check
     direct = export(ckpt, tmp_path / "hf-stock", sharing_layers=0)
     for folder in (consolidated, through, direct):
         out, record = inspected(capsys, folder)
-        assert {key: record[key] for key in fields} == trained and record["source"] == ckpt.name, folder
-        assert "  made from         epoch=2-step=48.ckpt\n" in out and "  step              48 (epoch 2)\n" in out
+        source = str(tmp_path / "run" / "epoch=2-step=48.ckpt")
+        assert {key: record[key] for key in fields} == trained and record["source"] == source, folder
+        assert f"  made from         {source}\n" in out and "  step              48 (epoch 2)\n" in out
         assert "  tokens            6,144 trained\n" in out and "  val loss          5.2500 at step 40\n" in out
     with safe_open(direct / "model.safetensors", "pt") as f:
         assert f.metadata()["format"] == "pt"  # what transformers reads; its config.json is untouched
@@ -449,7 +468,7 @@ def test_an_export_past_its_trained_region_says_transformers_loads_it_so(tmp_pat
         hf = export(ckpt, tmp_path / f"hf{n}", sharing_layers=n, force=True)
         out, record = inspected(capsys, hf)
         assert record["transformers_shared_layers"] == list(range(4 - n, 4)), out
-        layers = f"{n} sharing layers: layers {list(range(4 - n, 4))}"
+        layers = f"{n} sharing layers: layers {list(range(3, 3 - n, -1))}"  # in growth order
         assert f"  transformers      loads it with {layers} (config.json epas_shared_layers){says}\n" in out, out
     config = json.loads((hf / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps(config | {"epas_shared_layers": [0, 9]}))  # hand-edited

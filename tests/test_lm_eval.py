@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import strict_json
 from model_dirs import save_consolidated
 
 from epas_lightning import Llama, LlamaConfig
@@ -144,7 +145,7 @@ def test_lm_eval_scores_our_checkpoint_as_hf_scores_its_export(checkpoint, expor
     ours = evaluate("epas", {"checkpoint": str(checkpoint), "sharing_layers": n, "device": "cpu"}, tasks, names)
     theirs = evaluate("hf", {"pretrained": str(exports[n]), "device": "cpu", "trust_remote_code": True}, tasks, names)
     assert (exports[n] / "modeling_epas_llama.py").is_file() == (n > 0)  # region 0: a stock LlamaForCausalLM
-    assert ours["config"]["shared_layers"] == [2, 3][2 - n :]
+    assert ours["config"]["shared_layers"] == [3, 2][:n]
     metrics, expected = metric_columns(ours["results"]), metric_columns(theirs["results"])
     assert metrics == pytest.approx(expected, rel=1e-6) and len(metrics) == 6
     for exact in ("tiny_mc/acc", "tiny_mc/acc_norm"):
@@ -367,7 +368,7 @@ def test_lm_eval_command_sweeps_regions_and_equals_the_fallback(checkpoint, task
     )  # fmt: skip
     assert rc == 0
     rows = json.loads(out.strip().splitlines()[-1])
-    assert [row["shared_layers"] for row in rows] == [[], [3], [2, 3]]
+    assert [row["shared_layers"] for row in rows] == [[], [3], [3, 2]]  # in growth order
     assert {"tiny_mc/acc", "tiny_mc/acc_norm", "tiny_ppl/word_perplexity", "tiny_ppl/bits_per_byte"} <= set(rows[0])
     assert "| sharing_layers |" in out
     written = json.loads((tmp_path / "out" / "lm_eval.json").read_text())
@@ -383,6 +384,19 @@ def test_lm_eval_command_sweeps_regions_and_equals_the_fallback(checkpoint, task
     # the output exists now: refused before any scoring
     rc, _, err = run_cli(capsys, "lm-eval", *base, "--tasks", "tiny_mc", "--output", str(tmp_path / "out"))
     assert rc == 2 and "already exists" in err
+
+
+def test_lm_eval_json_writes_a_non_finite_metric_as_null(tmp_path: Path) -> None:
+    """lm_eval.json held lm-eval's NaN (a standard error of one document) as NaN, which jq and JavaScript refuse."""
+    from epas_lightning.evaluation.harness import SUMMARY_FILE, write_outputs
+
+    nan, inf = float("nan"), float("inf")
+    rows = [{"sharing_layers": 0, "shared_layers": [], "t/acc": 1.0, "t/acc_stderr": nan}]
+    runs = {"0": {"results": {"t": {"acc_stderr,none": nan, "ppl,none": inf}}}}
+    write_outputs({"rows": rows, "runs": runs}, tmp_path)
+    written = strict_json((tmp_path / SUMMARY_FILE).read_text())
+    assert written["rows"][0]["t/acc_stderr"] is None
+    assert written["runs"]["0"]["results"]["t"] == {"acc_stderr,none": None, "ppl,none": None}
 
 
 def test_lm_eval_command_errors(checkpoint, tasks, tmp_path, capsys, monkeypatch) -> None:
@@ -452,7 +466,7 @@ def test_readme_shell_command_runs_in_a_fresh_process(checkpoint, tasks, tmp_pat
     assert done.returncode == 0, done.stderr[-2000:]
     assert "fatal:" not in done.stderr, done.stderr  # git's, as lm-eval asked it for the working folder's commit
     (row,) = json.loads(done.stdout.strip().splitlines()[-1])
-    assert row["shared_layers"] == [2, 3]
+    assert row["shared_layers"] == [3, 2]  # in growth order
     import epas_lightning.evaluation.lm_eval_adapter  # noqa: F401 - registers "epas"
 
     # the same scores as lm-eval in this process; the perplexities tell the regions apart where accuracy does not

@@ -353,10 +353,20 @@ def test_a_config_of_numpy_numbers_is_a_config_of_python_numbers():
         ("padding_multiple", -64, "padding_multiple must be a positive integer, got -64"),
         ("n_layer", True, "model sizes must be positive integers, got {'n_layer': True}"),
         ("rope_theta", 0.0, "rope_theta must be a positive number"),
-        ("norm_eps", -1e-5, "norm_eps and init_std non-negative ones, got {'norm_eps': -1e-05}"),
+        ("norm_eps", -1e-5, "norm_eps and init_std non-negative ones (finite), got {'norm_eps': -1e-05}"),
         ("init_std", "0.02", "got {'init_std': '0.02'}"),
+        ("norm_eps", float("nan"), "got {'norm_eps': nan}"),  # NaN is no number below 0: every output was NaN
+        ("rope_theta", float("inf"), "rope_theta must be a positive number"),  # no rotation: positions unseen
+        ("init_std", float("inf"), "got {'init_std': inf}"),  # weights of inf
         ("tie_embeddings", "yes", "tie_embeddings must be true or false, got 'yes'"),
         ("rope_scaling", "llama3", "rope_scaling must be a mapping like"),
+        ("rope_scaling", {"rope_type": "linear", "factor": float("inf")}, "all finite, got {'rope_type': 'linear', "),
+        (
+            "rope_scaling",
+            {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": float("inf"),
+             "original_max_position_embeddings": 64},
+            "and 0 < low_freq_factor < high_freq_factor, all finite",
+        ),
         ("n_head", 3, "n_embd=64 must be divisible by n_head=3 — model.config — set n_head to 2 or 4, or n_embd to a "
          "multiple of 6"),
         ("n_kv_head", 3, "n_head=4 must be divisible by n_kv_head=3 — model.config — set n_kv_head to one of 1, 2, 4"),

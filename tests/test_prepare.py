@@ -1824,3 +1824,13 @@ def test_the_one_process_commands_read_the_whole_heldout_split_whatever_the_envi
         monkeypatch.setenv(name, value)  # what litdata's _DistributedEnv reads
     read = list(heldout_loader(str(sp_data), 16, 2))
     assert len(read) == len(whole) > 4 and all(torch.equal(a, b) for a, b in zip(read, whole, strict=True))
+
+
+@pytest.mark.parametrize(("total", "says"), [(1, "1 shard in"), (2, "2 shards in")])
+def test_the_tokenized_line_counts_one_shard_in_the_singular(tmp_path, capsys, total, says):
+    """The line a log file gets per split (no terminal, no bar) said "Tokenized val: 1 shards"."""
+    from epas_lightning.data.writing import progress_bar
+
+    with progress_bar(tmp_path, total, "val", enabled=True):
+        pass
+    assert capsys.readouterr().err.startswith(f"Tokenized val: {says} ")

@@ -584,7 +584,7 @@ def test_checkpoints_record_the_region_in_growth_order(shallow, tmp_path, capsys
     assert main(["consolidate", "--checkpoint", str(shallow), "--output", str(tmp_path / "c"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert summary["trained_region"] == {"layers": [1, 2], "order": "shallow_first"} and summary["global_step"] == 6
-    assert (summary["training"]["global_step"], summary["training"]["source"]) == (6, shallow.name)
+    assert (summary["training"]["global_step"], summary["training"]["source"]) == (6, str(shallow))
     assert load_model(summary["output"]).region == loaded.region
 
 
@@ -640,7 +640,7 @@ def test_every_consumer_reads_n_sharing_layers_in_growth_order(shallow, tmp_path
     assert main([*export, "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert (summary["model_type"], summary["shared_layers"], summary["tokenizer"]) == ("epas_llama", [1], True)
-    assert (summary["training"]["global_step"], summary["training"]["source"]) == (6, shallow.name)
+    assert (summary["training"]["global_step"], summary["training"]["source"]) == (6, str(shallow))
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["epas_shared_layers"] == [1] and config["epas_trained_region"] == [1, 2]
     from epas_lightning.evaluation.lm_eval_adapter import EPASLM
@@ -679,6 +679,20 @@ def test_the_summary_points_only_at_logs_that_exist(tmp_path):
     csv, tb = CSVLogger(tmp_path / "csv"), TensorBoardLogger(tmp_path / "tb")
     assert f"logs         {csv.log_dir}\n" in summary([csv]) and "tensorboard" not in summary([csv])
     assert f"(tensorboard --logdir {tb.log_dir})" in summary([csv, tb])
+
+
+def test_the_summary_counts_one_skipped_step_in_the_singular(tmp_path):
+    """fp16's line said "the loss scaler skipped 1 steps"."""
+    from types import SimpleNamespace
+
+    from epas_lightning.run_summary import RunSummary
+
+    model = SimpleNamespace(sharing=SimpleNamespace(shared_layers=[]))
+    module = SimpleNamespace(model=model, config=SimpleNamespace(n_layer=2))
+    trainer = SimpleNamespace(global_step=3, checkpoint_callbacks=[], callback_metrics={}, callbacks=[], loggers=[])
+    summary = RunSummary()
+    summary._skipped = 1  # what one overflowing step of fp16 counts
+    assert "the loss scaler skipped 1 step (overflowing gradients" in summary.summary(trainer, module, str(tmp_path))
 
 
 def test_the_summary_says_how_to_resume_where_the_run_was_started(tmp_path, monkeypatch):
@@ -1361,6 +1375,21 @@ def test_without_a_terminal_fit_prints_step_and_validation_lines(tmp_path, capsy
     assert len(lines) == len(expected) and all(map(re.fullmatch, expected, lines)), lines
 
 
+def test_without_a_terminal_a_validation_after_one_step_says_one_step(tmp_path, capsys):
+    """The validation line said "after 1 steps"."""
+    from helpers import cpu_trainer
+
+    from epas_lightning import EPASModule, LlamaConfig
+    from epas_lightning.run_summary import StepRunProgressBar
+
+    module = EPASModule(LlamaConfig.from_name("debug", block_size=16))
+    data = torch.utils.data.DataLoader(torch.randint(0, 512, (4, 17)), batch_size=2)
+    callbacks = [StepRunProgressBar(line_every_s=0)]
+    trainer = cpu_trainer(tmp_path, 1, callbacks, enable_progress_bar=True, limit_val_batches=1, val_check_interval=1)
+    trainer.fit(module, data, data)
+    assert re.search(r"^val/loss .* after 1 step$", capsys.readouterr().err, re.MULTILINE)
+
+
 def test_without_a_terminal_step_lines_come_at_whole_steps_with_their_loss(tmp_path, capsys):
     """Under gradient accumulation a line came after any micro-batch: "1/2 steps · train/loss X" with X the loss of
     step 2's first micro-batch (the running mean of the step in progress), not step 1's."""
@@ -1483,3 +1512,15 @@ def test_every_user_error_says_what_to_do():
     where (`prepare --train-tokenizer` without --vocab-size, a Hugging Face folder without config.json, ...)."""
     missing = [site for site in user_errors_without_a_fix() if site.split(": ")[0] not in ERRORS_WITHOUT_A_FIX]
     assert not missing, "\n".join(missing)
+
+
+def test_the_summary_lists_the_region_in_growth_order():
+    """The run summary's "2/4 layers share [2, 3]" listed a deep-first region ascending: [3, 2] is its order."""
+    from types import SimpleNamespace
+
+    from epas_lightning.run_summary import _region_line
+
+    model = SimpleNamespace(sharing=SimpleNamespace(shared_layers=[2, 3]))
+    module = SimpleNamespace(model=model, config=SimpleNamespace(n_layer=4))
+    trainer = SimpleNamespace(callbacks=[ProgressiveSharing(target=2, n_layer=4)])
+    assert _region_line(trainer, module).startswith("2/4 layers share [3, 2]; full region since")

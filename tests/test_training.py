@@ -206,10 +206,11 @@ def test_resume_mid_growth_matches_uninterrupted_run(tiny_corpus, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_a_resume_with_another_schedule_says_what_it_does_to_the_trained_region(tiny_corpus, tmp_path):
+def test_a_resume_with_another_schedule_says_what_it_does_to_the_trained_region(tiny_corpus, tmp_path, caplog):
     """The region follows the configured schedule from the resumed step. Where that shrinks the region the checkpoint
     trained, the layers that leave it compute again with q/k weights untouched since they started sharing: one warning
-    names them (it printed only both settings dicts). A new target also restarts the 'full since' step."""
+    names them (it printed only both settings dicts). A new target also restarts the 'full since' step. The warning
+    and the step's line list the layers in growth order, as "N sharing layers" counts them (they were ascending)."""
     module, data = make_run(tiny_corpus)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     make_trainer(tmp_path, 6, [ProgressiveSharing(target=2, interval=2), checkpoint]).fit(module, data)
@@ -223,14 +224,15 @@ def test_a_resume_with_another_schedule_says_what_it_does_to_the_trained_region(
     slower = ProgressiveSharing(target=2, interval=4)
     says = (
         r"EPAS: resumed at step 6 with another sharing schedule than the checkpoint's \(interval 2 -> 4\): the region "
-        r"goes from layers \[2, 3\] to \[3\]; layers \[2\] compute again with the q/k weights they had before they "
+        r"goes from layers \[3, 2\] to \[3\]; layers \[2\] compute again with the q/k weights they had before they "
         r"shared \(keep the checkpoint's sharing settings to continue its region\)"
     )
     with pytest.warns(UserWarning, match=says):
         assert resume(slower).model.sharing.shared_layers == [3]
     wider = ProgressiveSharing(target=3, interval=2)
-    with pytest.warns(UserWarning, match=r"\(target 2 -> 3\): the region goes from layers \[2, 3\] to \[1, 2, 3\]$"):
+    with pytest.warns(UserWarning, match=r"\(target 2 -> 3\): the region goes from layers \[3, 2\] to \[3, 2, 1\]$"):
         assert resume(wider).model.sharing.shared_layers == [1, 2, 3]
+    assert "EPAS: step 6: 3 sharing layer(s) [3, 2, 1]" in caplog.text
     assert wider.reached_at == 6  # not the step 4 at which the 2-layer region was full
     same = ProgressiveSharing(target=[3, 2], interval=2, start_step=2)  # the checkpoint's schedule, spelled out
     with warnings.catch_warnings(record=True) as said:

@@ -248,7 +248,7 @@ def analyze_command(
     print(recommendation.reasoning)
     if trained := (loaded.region if loaded.region.layers else loaded.weights_region):  # a stock export's too
         print(
-            f"Note: the checkpoint was trained with layers {sorted(trained.layers)} sharing; their own "
+            f"Note: the checkpoint was trained with layers {list(trained.layers)} sharing; their own "
             f"{REUSED[config.sharing_mode].lower()} "
             "weights stopped training when they started to share, so their scores describe those frozen weights. "
             "Analyse a dense (or earlier) checkpoint to choose a region."

@@ -196,9 +196,10 @@ def _reasoning(rec: Recommendation, n_layer: int, reused: str) -> str:
         )
     if chosen.flop_cut is not None:
         lines.append(f"Estimated training FLOPs cut for this region: {100 * chosen.flop_cut:.1f}% (estimate_flops).")
+    deepest = "layer" if chosen.n_shared == 1 else f"{chosen.n_shared} layers"
     lines.append(
         "In training, grow the region to this size progressively: `sharing.target: "
-        f"{chosen.n_shared}` with `sharing.order: deep_first`, the default (the deepest {chosen.n_shared} layers; "
+        f"{chosen.n_shared}` with `sharing.order: deep_first`, the default (the deepest {deepest}; "
         "shallow_first would take layers from 1 on)."
     )
     return "\n".join(lines)

@@ -491,4 +491,5 @@ def progress_bar(stats_dir: Path, total: int, split: str, enabled: bool) -> Iter
             done.set()
             thread.join()
         if not terminal:
-            print(f"Tokenized {split}: {total} shards in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+            shards = f"{total} shard{'' if total == 1 else 's'}"
+            print(f"Tokenized {split}: {shards} in {time.perf_counter() - start:.1f} s", file=sys.stderr)

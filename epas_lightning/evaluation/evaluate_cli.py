@@ -58,7 +58,8 @@ def evaluate(
     """One row per region length: ``{"sharing_layers", "val_loss", "val_ppl", "<task>/acc", "<task>/acc_norm"}``.
 
     ``data=None`` scores perplexity on the held-out data the checkpoint's run validated on (or, where it does not say,
-    the val split of the data it trained on), when it is known and either no ``tasks`` or ``batches`` are given.
+    the val split of the data it trained on), when it is known and either no ``tasks`` or ``batches`` are given;
+    ``tasks`` alone score the tasks only, as a line on stderr says.
     Held-out sequences are ``seq_len`` tokens (default: the model's ``block_size``).
     """
     from epas_lightning.data.token_data import check_seq_len
@@ -88,6 +89,10 @@ def evaluate(
         )
     if data is None and batches is not None:  # --tasks: the loss it asked for, which nothing gave, said nothing
         print(f"evaluate: no held-out loss: {loaded.no_data()} (pass --data for one)", file=sys.stderr)
+    if data is None and batches is None:  # --tasks alone: the loss left out without a word
+        own = loaded.own_heldout() is not None
+        give = "--batches B or --data DIR for one" if own else f"--data DIR for one ({loaded.no_data()})"
+        print(f"evaluate: the tasks only, no held-out loss: give {give}", file=sys.stderr)
     loader = None
     if data is not None:  # set up (and checked) once; every region reads the same batches
         from epas_lightning.data import heldout_loader
@@ -155,7 +160,7 @@ def evaluate_command(
             0..trained max; default: the trained region (an export's folder: the N it was exported with).
         data: Prepared data folder: perplexity on its val split (default: the held-out data fit validated the run on:
             its data.val_dir, or the val splits of its data folders, mixed as fit mixes them; with --tasks only when
-            --batches is given).
+            --batches is given: --tasks alone scores the tasks only, and says so on stderr).
         tasks: Multiple-choice JSONL tasks {"context", "choices", "label"}; repeat the flag for several.
         batches: Held-out batches to score (default: the whole val split).
         batch_size: Sequences per batch.

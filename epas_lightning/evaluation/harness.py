@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import importlib
-import json as json_lib
 import os
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from epas_lightning.errors import ConfigError
 from epas_lightning.evaluation.evaluate_cli import format_table, region_lengths
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.region import SHARING_FLAGS
-from epas_lightning.runtime import DType, check_counts, emit_json, resolve_device
+from epas_lightning.runtime import DType, check_counts, emit_json, json_text, resolve_device
 
 INSTALL = "pip install 'epas_lightning[eval]'"
 OUTPUT_KIND = "lm-eval"
@@ -264,7 +263,7 @@ def too_few_examples(num_fewshot: int | None) -> Iterator[None]:
 
 def write_outputs(summary: dict, folder: Path) -> None:
     """``lm_eval.json`` (everything) and ``lm_eval.csv`` (the table: one row per region, one column per metric)."""
-    (folder / SUMMARY_FILE).write_text(json_lib.dumps(summary, indent=2, default=str) + "\n")
+    (folder / SUMMARY_FILE).write_text(json_text(summary, indent=2) + "\n")
     columns = list(dict.fromkeys(key for row in summary["rows"] for key in row))
     with (folder / TABLE_FILE).open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)

@@ -299,7 +299,10 @@ def export_summary(folder: Path) -> dict[str, Any]:
     """What an export folder holds, for ``--json``: its form, region, dtype, whether it ships a tokenizer, and where
     the weights came from (:mod:`~epas_lightning.provenance`)."""
     record = json.loads((folder / "config.json").read_text())
-    shared = record.get("epas_shared_layers", [])
+    shared = record.get("epas_shared_layers", [])  # ascending, as transformers reads it: listed in growth order
+    if shared:
+        n_layer, trained = record["num_hidden_layers"], tuple(record["epas_trained_region"])
+        shared = TrainedRegion(n_layer, trained, record["epas_growth_order"]).in_growth_order(shared)
     return {
         "output": str(folder),
         "model_type": record["model_type"],

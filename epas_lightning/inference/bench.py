@@ -10,7 +10,6 @@ to dense (``estimate_flops``) and the loss on held-out tokens. The table is prin
 from __future__ import annotations
 
 import csv
-import json as json_lib
 import math
 import statistics
 import sys
@@ -31,7 +30,7 @@ from epas_lightning.model import LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.progress import progress
 from epas_lightning.region import SHARING_FLAGS, sharing_layers_text
-from epas_lightning.runtime import DType, check_counts, dtype_name, emit_json
+from epas_lightning.runtime import DType, check_counts, dtype_name, emit_json, json_text
 
 if TYPE_CHECKING:
     from epas_lightning.data.token_data import HeldOut
@@ -69,7 +68,7 @@ def region_for_budget(config: LlamaConfig, budget: float, max_shared: int, seq_l
             return n
     floor = flops_ratio(config, max_shared, seq_len)
     raise ConfigError(
-        f"no region fits a budget of {budget:g} x dense: the largest region ({max_shared} layers) needs "
+        f"no region fits a budget of {budget:g} x dense: the largest region ({sharing_layers_text(max_shared)}) needs "
         f"{floor:.4f} x dense",
         "--budget",
         f"raise --budget to at least {budget_to_fit(floor):g}",
@@ -378,7 +377,7 @@ def bench_command(
         }
         write_csv(rows, build / "many_in_one.csv")
         write_plot(summary, build / "many_in_one.png")
-        (build / "many_in_one.json").write_text(json_lib.dumps(summary, indent=2) + "\n")
+        (build / "many_in_one.json").write_text(json_text(summary, indent=2) + "\n")
     print_table(summary)
     print(f"wrote {Path(output) / 'many_in_one.csv'}, .png and .json")
     emit_json(summary, json)

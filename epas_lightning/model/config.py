@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
@@ -106,9 +107,11 @@ class RopeScaling:
                 where,
                 "set it to the context length the model was pretrained at",
             )
-        if not self.factor > 0 or (llama3 and not 0 < self.low_freq_factor < self.high_freq_factor):
+        infinite = not all(math.isfinite(getattr(self, name)) for name in needed)  # inf: positions without rotation
+        if infinite or not self.factor > 0 or (llama3 and not 0 < self.low_freq_factor < self.high_freq_factor):
             raise ConfigError(
-                f"RoPE scaling needs factor > 0 and 0 < low_freq_factor < high_freq_factor, got {self.to_dict()}",
+                "RoPE scaling needs factor > 0 and 0 < low_freq_factor < high_freq_factor, all finite, got "
+                f"{self.to_dict()}",
                 where,
                 "change the values that break it",
             )
@@ -226,9 +229,9 @@ class LlamaConfig:
                 f"model sizes must be positive integers, got {bad}", "model.config", "set each to 1 or more"
             )
         numbers = {"rope_theta": self.rope_theta, "norm_eps": self.norm_eps, "init_std": self.init_std}
-        if bad := {k: v for k, v in numbers.items() if not _is_number(v) or v < 0 or (k == "rope_theta" and v == 0)}:
+        if bad := {k: v for k, v in numbers.items() if _out_of_range(k, v)}:
             raise ConfigError(
-                f"rope_theta must be a positive number, norm_eps and init_std non-negative ones, got {bad}",
+                f"rope_theta must be a positive number, norm_eps and init_std non-negative ones (finite), got {bad}",
                 "model.config",
                 "set numbers in those ranges, or leave rope_theta and norm_eps unset (10000.0 and 1e-5)",
             )
@@ -336,6 +339,14 @@ def check_is_config(
 def _is_count(value: Any) -> bool:
     """A positive int, not a bool."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _out_of_range(name: str, value: Any) -> bool:
+    """Whether ``value`` is no finite number in the range of ``name``: ``rope_theta`` above 0, ``norm_eps`` and
+    ``init_std`` 0 or more (NaN compares as neither and made every output NaN; inf weights, or no rotation)."""
+    if not _is_number(value) or not math.isfinite(value):
+        return True
+    return value <= 0 if name == "rope_theta" else value < 0
 
 
 def _is_number(value: Any) -> bool:
