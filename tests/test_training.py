@@ -1129,15 +1129,20 @@ def test_a_run_stopped_at_two_epoch_ends_reads_each_epoch_as_the_uninterrupted_r
 
 class PlateauModule(EPASModule):
     """An ``EPASModule`` of one's own whose learning rate halves each time ``val/loss`` does not rise (so, in a few
-    steps): a ``ReduceLROnPlateau`` stepped every ``plateau_every`` optimizer steps."""
+    steps): a ``ReduceLROnPlateau`` stepped every ``plateau_every`` optimizer steps (``plateau_interval`` "epoch":
+    epochs), ``plateau_strict`` as Lightning's ``strict``."""
 
-    plateau_every = 1
+    plateau_every, plateau_interval, plateau_strict = 1, "step", False
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=1e-3)
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=0, factor=0.5)
-        every = {"interval": "step", "frequency": self.plateau_every, "monitor": "val/loss", "strict": False}
+        every = {"interval": self.plateau_interval, "frequency": self.plateau_every, "monitor": "val/loss"}
+        every["strict"] = self.plateau_strict
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, **every}}
+
+
+epochs_of_3 = {"limit_train_batches": 3, "val_check_interval": 3}  # a validation at each epoch's end
 
 
 @pytest.mark.parametrize(
@@ -1148,6 +1153,8 @@ class PlateauModule(EPASModule):
         (None, 8, {"plateau_every": 4, "every_n_train_steps": 2, "limit_train_batches": 4}),
         (3, 6, {"limit_train_batches": 3, "val_check_interval": 3}),
         (6, 9, {"limit_train_batches": 3, "check_val_every_n_epoch": 2, "val_check_interval": None}),
+        (2, 9, {"plateau_every": 1, "plateau_interval": "epoch", **epochs_of_3}),
+        (3, 9, {"plateau_every": 1, "plateau_interval": "epoch", **epochs_of_3}),
     ],
     ids=[
         "a plateau scheduler stepped per step",
@@ -1155,6 +1162,8 @@ class PlateauModule(EPASModule):
         "a finished run extended",
         "a stop at an epoch's end",
         "a stop at an epoch's end validating every 2 epochs",
+        "a plateau scheduler stepped per epoch, a stop inside an epoch",
+        "a plateau scheduler stepped per epoch, a stop at an epoch's end",
     ],
 )
 def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_path, stop_at, first_steps, settings):
@@ -1165,7 +1174,8 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_pa
     (the learning rate halved one step late); the stop logged its step's metrics where log_every_n_steps would not
     have; last.ckpt was saved before the final validation, so a run extended from it stepped no plateau scheduler
     there; the validation a stop at an epoch's last batch skipped ran under the next epoch's number, or (every 2
-    epochs) not at all."""
+    epochs) not at all; a ReduceLROnPlateau stepped per epoch skipped its step at the end of the epoch a run resumed
+    in, and the step of the epoch a stop at its last batch ended."""
     import signal
 
     from helpers import Steps
@@ -1175,6 +1185,7 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_pa
 
     settings = dict(settings)
     plateau_every, every = settings.pop("plateau_every", None), settings.pop("every_n_train_steps", None)
+    plateau = {key: settings.pop(key) for key in ("plateau_interval", "plateau_strict") if key in settings}
     whole_steps = first_steps if stop_at else first_steps + 4
 
     def fit(folder: str, max_steps: int, ckpt_path: Path | None = None, stop_at: int | None = None) -> dict:
@@ -1201,6 +1212,8 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_pa
         trainer = make_trainer(tmp_path, max_steps, [Record(), stop, checkpoint], logger=logger, **options)
         module, data = make_run(tiny_corpus, n_layer=2, module_class=PlateauModule if plateau_every else EPASModule)
         module.plateau_every = plateau_every
+        for key, value in plateau.items():
+            setattr(module, key, value)
         trainer.fit(module, data, ckpt_path=ckpt_path)
         logged = {tag: zip(steps, logger.values[tag], strict=True) for tag, steps in logger.steps.items()}
         points = [((tag, step), value) for tag, values in logged.items() for step, value in values]
