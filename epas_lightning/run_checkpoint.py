@@ -24,6 +24,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from epas_lightning.checkpoint_io import remove_unfinished_saves
 from epas_lightning.checkpoint_space import check_folder_shared_by_nodes, warn_if_disk_too_small
+from epas_lightning.plateau_metrics import PLATEAU_METRICS_KEY, restore_plateau_metrics, save_plateau_metrics
 from epas_lightning.resume import last_checkpoint_of_run, version_folder, version_of, version_to_continue
 from epas_lightning.run_summary import say
 from epas_lightning.safe_load import verify_checkpoint
@@ -78,6 +79,11 @@ VALIDATION_SKIPPED_KEY = "validation_skipped_at_step"
 """The step of a checkpoint saved before a validation due at that step, which its run then skipped (a stop by
 ``GracefulStop``): a resume runs it (:func:`finish_resumed_step`)."""
 
+STEP_ENDED_KEY = "step_ended_at_step"
+"""The step of a checkpoint with the loop state of a save between steps, written after the step's end (its validation,
+its ``ReduceLROnPlateau`` steps; its epoch's end where the step ended the epoch): the rewritten ``last.ckpt`` of
+:class:`RunCheckpoint`. A resume of it replays none of them."""
+
 
 class StepCheckpoint(ModelCheckpoint):
     """Lightning's ``ModelCheckpoint`` (same arguments), saving only between optimizer steps: a checkpoint holds no
@@ -90,11 +96,13 @@ class StepCheckpoint(ModelCheckpoint):
     validation, by ``max_time``) also waits for its end, so that ``last.ckpt`` holds whole steps. A resumed run saves
     nothing before its first optimizer step: Lightning's saved the resumed step again after one micro-batch. It first
     runs the rest of the resumed step, which the checkpoint's run did after the save (:func:`finish_resumed_step`), and
-    a ``ReduceLROnPlateau`` stepped per epoch steps at the end of the epoch the run resumed in.
+    a ``ReduceLROnPlateau`` stepped per epoch steps at the end of the epoch the run resumed in. The metrics the plateau
+    schedulers monitor are saved in its checkpoints, and put back at the resume (:mod:`epas_lightning.plateau_metrics`).
     """
 
     _save_after_step = False  # a validation inside an optimizer step asked for a save
     _resumed: tuple[int, bool] | None = None  # the resumed step's end yet to run: its epoch, its validation skipped
+    _plateau_metrics: dict[str, float] | None = None  # saved in the checkpoint the run resumes
     _stop_after_step = False  # a stop was asked for inside an optimizer step
     _stop_validated = False  # ... by a validation, which has run
 
@@ -134,14 +142,20 @@ class StepCheckpoint(ModelCheckpoint):
         if trainer.ckpt_path is not None:
             self._last_global_step_saved = trainer.global_step
             if self is next(c for c in trainer.callbacks if isinstance(c, StepCheckpoint)):
+                restore_plateau_metrics(trainer, self._plateau_metrics)  # reset since the checkpoint loaded
                 if self._resumed is not None:
                     finish_resumed_step(trainer, *self._resumed)
                 begin_next_epoch_as_new(trainer)
-        self._resumed = None
+        self._resumed = self._plateau_metrics = None
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        save_plateau_metrics(trainer, checkpoint)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        skipped = checkpoint.get(VALIDATION_SKIPPED_KEY, -1) == checkpoint.get("global_step")
-        self._resumed = checkpoint.get("epoch", 0), skipped
+        step = checkpoint.get("global_step")
+        skipped = checkpoint.get(VALIDATION_SKIPPED_KEY, -1) == step
+        self._resumed = None if checkpoint.get(STEP_ENDED_KEY) == step else (checkpoint.get("epoch", 0), skipped)
+        self._plateau_metrics = checkpoint.get(PLATEAU_METRICS_KEY)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Lightning steps no ``ReduceLROnPlateau`` of interval "epoch" at the end of the epoch a run resumed in (its
@@ -169,9 +183,9 @@ def finish_resumed_step(trainer: Trainer, epoch: int, validation_skipped: bool) 
     The validation due at that step where that run skipped it (:data:`VALIDATION_SKIPPED_KEY`): Lightning counted it
     as run, so no session scored that step (its ``val/loss`` point was missing), where the uninterrupted run had; it
     logs at that step, in that epoch (where it logged the next epoch's number, or was not due at all), and no checkpoint
-    saves the resumed step again. Then a ``ReduceLROnPlateau`` stepped per step takes the step it took after it (the
-    stop's session took it after its save, without the validation), and where the step ended its epoch, one stepped per
-    epoch takes the epoch's step."""
+    saves the resumed step again. Then a ``ReduceLROnPlateau`` stepped per step takes the step it took there (the
+    stop's session took it after its save; with or without a validation), and where the step ended its epoch, one
+    stepped per epoch takes the epoch's step."""
     epoch_loop = trainer.fit_loop.epoch_loop
     if not epoch_loop.restarted_on_train_batch_end:
         return  # saved elsewhere than between steps
@@ -185,7 +199,7 @@ def finish_resumed_step(trainer: Trainer, epoch: int, validation_skipped: bool) 
             val_loop.run()
             trainer.training = True
             trainer._logger_connector._first_loop_iter = first_loop_iter
-            epoch_loop.update_lr_schedulers("step", update_plateau_schedulers=True)  # as Lightning after a validation
+        epoch_loop.update_lr_schedulers("step", update_plateau_schedulers=True)  # as Lightning at the step's end
         if epoch_loop._num_ready_batches_reached():  # as Lightning at the end of an epoch
             epoch_loop.update_lr_schedulers("epoch", update_plateau_schedulers=True)
 
@@ -280,9 +294,11 @@ class RunCheckpoint(StepCheckpoint):
         the epoch's end) records that epoch as unfinished: Lightning counted it as done, so the resumed run went on in
         the next epoch (a run with ``max_epochs: 1`` trained nothing more). The loop state of a save between steps is
         kept for writing ``last.ckpt`` again after the step's validation, as the step's save holds it."""
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
         if self._rewriting and self._between_steps is not None and "loops" in checkpoint:
             _, loops, epoch = self._between_steps  # what a resume of the step's own save goes on from
             checkpoint["loops"], checkpoint["epoch"] = copy.deepcopy(loops), epoch
+            checkpoint[STEP_ENDED_KEY] = trainer.global_step
             return
         keep_epoch_unfinished(trainer, checkpoint)
         batches = trainer.fit_loop.epoch_loop.batch_progress.current

@@ -1155,6 +1155,10 @@ epochs_of_3 = {"limit_train_batches": 3, "val_check_interval": 3}  # a validatio
         (6, 9, {"limit_train_batches": 3, "check_val_every_n_epoch": 2, "val_check_interval": None}),
         (2, 9, {"plateau_every": 1, "plateau_interval": "epoch", **epochs_of_3}),
         (3, 9, {"plateau_every": 1, "plateau_interval": "epoch", **epochs_of_3}),
+        (5, 8, {"plateau_every": 1}),
+        (5, 8, {"plateau_every": 6, "plateau_strict": True}),
+        (3, 9, {"plateau_every": 6, "accumulate_grad_batches": 2}),
+        (None, 6, {"plateau_every": 1, "plateau_interval": "epoch", "every_n_train_steps": 3, **epochs_of_3}),
     ],
     ids=[
         "a plateau scheduler stepped per step",
@@ -1164,6 +1168,10 @@ epochs_of_3 = {"limit_train_batches": 3, "val_check_interval": 3}  # a validatio
         "a stop at an epoch's end validating every 2 epochs",
         "a plateau scheduler stepped per epoch, a stop inside an epoch",
         "a plateau scheduler stepped per epoch, a stop at an epoch's end",
+        "a plateau scheduler stepped per step, a stop without a validation",
+        "a strict plateau scheduler stepped every 6 steps, a stop before one without a validation",
+        "a plateau scheduler stepped every 3 steps, a validation every 2, under gradient accumulation",
+        "a plateau scheduler stepped per epoch, a run finished after a save at an epoch's end extended",
     ],
 )
 def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_path, stop_at, first_steps, settings):
@@ -1175,7 +1183,9 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_pa
     have; last.ckpt was saved before the final validation, so a run extended from it stepped no plateau scheduler
     there; the validation a stop at an epoch's last batch skipped ran under the next epoch's number, or (every 2
     epochs) not at all; a ReduceLROnPlateau stepped per epoch skipped its step at the end of the epoch a run resumed
-    in, and the step of the epoch a stop at its last batch ended."""
+    in, and the step of the epoch a stop at its last batch ended; a ReduceLROnPlateau stepped after a resume before the
+    next validation found no val/loss (strict: an error), and none took the step at a resumed step without a
+    validation."""
     import signal
 
     from helpers import Steps
@@ -1198,8 +1208,9 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_pa
                     stop.received = signal.SIGTERM  # what the signal handler records, inside the step
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                record["loss"][trainer.global_step] = outputs["loss"].item()
-                record["epoch"][trainer.global_step] = trainer.current_epoch
+                micro_batch = (trainer.global_step, batch_idx)  # several at a step under gradient accumulation
+                record["loss"][micro_batch] = outputs["loss"].item()
+                record["epoch"][micro_batch] = trainer.current_epoch
 
             def on_validation_end(self, trainer, pl_module):
                 if not trainer.sanity_checking:
@@ -1223,7 +1234,8 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_pa
     whole = fit("whole", whole_steps)
     first = fit("first", first_steps, stop_at=stop_at)
     saved = torch.load(tmp_path / "first" / "last.ckpt", weights_only=True)
-    assert saved["epoch"] == whole["epoch"][saved["global_step"]]
+    at_save = next(epoch for (step, _), epoch in whole["epoch"].items() if step == saved["global_step"])  # its end
+    assert saved["epoch"] == at_save
     assert saved.get(LAST_VALIDATION_KEY, {}).get("step") == max((step for step, _ in first["val"]), default=None)
     resumed = fit("first", whole_steps, tmp_path / "first" / "last.ckpt")
     for key in ("loss", "lr", "epoch", "val"):
