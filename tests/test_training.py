@@ -1159,6 +1159,8 @@ epochs_of_3 = {"limit_train_batches": 3, "val_check_interval": 3}  # a validatio
         (5, 8, {"plateau_every": 6, "plateau_strict": True}),
         (3, 9, {"plateau_every": 6, "accumulate_grad_batches": 2}),
         (None, 6, {"plateau_every": 1, "plateau_interval": "epoch", "every_n_train_steps": 3, **epochs_of_3}),
+        (4, 8, {"plateau_every": 4, "plateau_strict": True}),
+        (3, 9, {"plateau_every": 1, "plateau_interval": "epoch", "plateau_strict": True, **epochs_of_3}),
     ],
     ids=[
         "a plateau scheduler stepped per step",
@@ -1172,6 +1174,8 @@ epochs_of_3 = {"limit_train_batches": 3, "val_check_interval": 3}  # a validatio
         "a strict plateau scheduler stepped every 6 steps, a stop before one without a validation",
         "a plateau scheduler stepped every 3 steps, a validation every 2, under gradient accumulation",
         "a plateau scheduler stepped per epoch, a run finished after a save at an epoch's end extended",
+        "a strict plateau scheduler, a stop at the first validation",
+        "a strict plateau scheduler stepped per epoch, a stop at the first epoch's end",
     ],
 )
 def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_path, stop_at, first_steps, settings):
@@ -1185,7 +1189,8 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_pa
     epochs) not at all; a ReduceLROnPlateau stepped per epoch skipped its step at the end of the epoch a run resumed
     in, and the step of the epoch a stop at its last batch ended; a ReduceLROnPlateau stepped after a resume before the
     next validation found no val/loss (strict: an error), and none took the step at a resumed step without a
-    validation."""
+    validation; a strict one raised in the stop's session, after its save, where the validation it skipped was the
+    first."""
     import signal
 
     from helpers import Steps
