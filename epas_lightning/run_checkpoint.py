@@ -185,12 +185,17 @@ def finish_resumed_step(trainer: Trainer, epoch: int, validation_skipped: bool) 
     logs at that step, in that epoch (where it logged the next epoch's number, or was not due at all), and no checkpoint
     saves the resumed step again. Then a ``ReduceLROnPlateau`` stepped per step takes the step it took there (the
     stop's session took it after its save; with or without a validation), and where the step ended its epoch, one
-    stepped per epoch takes the epoch's step."""
+    stepped per epoch takes the epoch's step. None of this where a validation due at the step was not skipped: the
+    checkpoint's run went on to it after the save (``every_n_train_steps`` at a validation's step); Lightning counts it
+    as run, and the steps on its metric would take the value before it (a strict scheduler: none yet, an error)."""
     epoch_loop = trainer.fit_loop.epoch_loop
     if not epoch_loop.restarted_on_train_batch_end:
         return  # saved elsewhere than between steps
     with counted_as_epoch(trainer, epoch):
-        if validation_skipped and epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+        due = epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+        if due and not validation_skipped:  # that run went on to it: Lightning counts it, and what follows, as done
+            return
+        if due:
             for checkpoint in trainer.checkpoint_callbacks:  # the resumed step is saved already
                 checkpoint._last_global_step_saved = trainer.global_step
             val_loop, first_loop_iter = epoch_loop.val_loop, trainer._logger_connector._first_loop_iter

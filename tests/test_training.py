@@ -1250,6 +1250,24 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_pa
     assert {**first["logged"], **resumed["logged"]} == pytest.approx(whole["logged"])
 
 
+def test_a_resume_of_a_save_before_a_validation_its_run_went_on_to_takes_no_plateau_step(tiny_corpus, tmp_path):
+    """A save between steps before the validation due at its step (every_n_train_steps), resumed after its run went on:
+    Lightning counts that validation, and the plateau steps after it, as done. The resume took the plateau step without
+    the validation, on the value before it: a strict scheduler whose metric that validation first logged raised."""
+    from epas_lightning import RunCheckpoint
+
+    def fit(max_steps: int, ckpt_path: Path | None = None) -> None:
+        checkpoint = RunCheckpoint(dirpath=tmp_path / "run", every_n_train_steps=4, save_top_k=-1)
+        options = {"val_check_interval": 4, "limit_val_batches": 1, "num_sanity_val_steps": 0}
+        trainer = make_trainer(tmp_path, max_steps, [checkpoint], **options)
+        module, data = make_run(tiny_corpus, n_layer=2, module_class=PlateauModule)
+        module.plateau_every, module.plateau_strict = 4, True
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+
+    fit(5)
+    fit(8, tmp_path / "run" / "epoch=0-step=4.ckpt")
+
+
 def test_overfit_batches_trains_on_the_same_batches_every_epoch(tiny_corpus, tmp_path):
     """Lightning turns shuffling off for overfit_batches through the loader's sampler, which a streaming dataset does
     not use: each epoch read other batches, and the loss never showed the model overfitting them."""
