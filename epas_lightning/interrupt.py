@@ -32,6 +32,7 @@ until someone cancels it, so it is not requeued; the CLI says so in one line and
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,7 @@ class GracefulStop(Callback):
         self._step = -1
         self._validation_due = False  # at the step the stop saves: the validation it skips, which a resume runs
         self._log_every_n_steps: int | None = None  # the trainer's, while the stop's step logs nothing
+        self._held_plateaus: list[tuple[Any, int]] = []  # the plateau schedulers' configs and frequencies, held
 
     @property
     def requeued(self) -> bool:
@@ -131,6 +133,7 @@ class GracefulStop(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
         self._log_again(trainer)  # a stop min_steps or min_epochs kept from ending fit: training goes on
+        self._step_plateaus_again()
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -151,6 +154,8 @@ class GracefulStop(Callback):
         finally:
             self._validation_due = False
         self._log_as_uninterrupted(trainer)
+        if not last:
+            self._hold_plateau_steps(trainer)
         trainer.should_stop = True
         # Lightning validates when fit stops early (for early stopping): here a whole validation after the save, inside
         # the scheduler's grace period and before the loggers flush; the resumed run runs the one due here first
@@ -232,12 +237,31 @@ class GracefulStop(Callback):
         if self._log_every_n_steps is not None:
             trainer.log_every_n_steps, self._log_every_n_steps = self._log_every_n_steps, None
 
+    def _hold_plateau_steps(self, trainer: Trainer) -> None:
+        """After the stop's save Lightning steps the ``ReduceLROnPlateau`` schedulers at the step's end (and the
+        epoch's, at its last batch) without the validation the stop skipped: a strict one raised where its metric was
+        not logged yet (a stop at the first validation), after ``last.ckpt`` was saved. No checkpoint holds those steps
+        and the resume takes them (:func:`epas_lightning.run_checkpoint.finish_resumed_step`): they are never due until
+        the next step or the end of training (a frequency no step or epoch count reaches; the schedulers themselves, as
+        a checkpoint of another callback still saves them, are untouched)."""
+        if not self._held_plateaus:
+            self._held_plateaus = [(c, c.frequency) for c in trainer.lr_scheduler_configs if c.reduce_on_plateau]
+        for config, _ in self._held_plateaus:
+            config.frequency = sys.maxsize
+
+    def _step_plateaus_again(self) -> None:
+        for config, frequency in self._held_plateaus:
+            config.frequency = frequency
+        self._held_plateaus = []
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._log_again(trainer)
+        self._step_plateaus_again()
         self._restore()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._log_again(trainer)
+        self._step_plateaus_again()
         self._restore()
         self._give_back(trainer)
         if self.enabled and isinstance(exception, KeyboardInterrupt):  # Ctrl+C before training, or a second signal

@@ -24,6 +24,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from epas_lightning.checkpoint_io import remove_unfinished_saves
 from epas_lightning.checkpoint_space import check_folder_shared_by_nodes, warn_if_disk_too_small
+from epas_lightning.plateau_metrics import PLATEAU_METRICS_KEY, restore_plateau_metrics, save_plateau_metrics
 from epas_lightning.resume import last_checkpoint_of_run, version_folder, version_of, version_to_continue
 from epas_lightning.run_summary import say
 from epas_lightning.safe_load import verify_checkpoint
@@ -76,7 +77,12 @@ def keep_epoch_finished(checkpoint: dict[str, Any]) -> None:
 
 VALIDATION_SKIPPED_KEY = "validation_skipped_at_step"
 """The step of a checkpoint saved before a validation due at that step, which its run then skipped (a stop by
-``GracefulStop``): a resume runs it (:func:`validate_where_skipped`)."""
+``GracefulStop``): a resume runs it (:func:`finish_resumed_step`)."""
+
+STEP_ENDED_KEY = "step_ended_at_step"
+"""The step of a checkpoint with the loop state of a save between steps, written after the step's end (its validation,
+its ``ReduceLROnPlateau`` steps; its epoch's end where the step ended the epoch): the rewritten ``last.ckpt`` of
+:class:`RunCheckpoint`. A resume of it replays none of them."""
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -89,11 +95,14 @@ class StepCheckpoint(ModelCheckpoint):
     step is done, with the validation's metrics. A stop asked for inside a step (by ``EarlyStopping`` at such a
     validation, by ``max_time``) also waits for its end, so that ``last.ckpt`` holds whole steps. A resumed run saves
     nothing before its first optimizer step: Lightning's saved the resumed step again after one micro-batch. It first
-    runs the validation due at the resumed step where the checkpoint's run skipped it (a stop by ``GracefulStop``).
+    runs the rest of the resumed step, which the checkpoint's run did after the save (:func:`finish_resumed_step`), and
+    a ``ReduceLROnPlateau`` stepped per epoch steps at the end of the epoch the run resumed in. The metrics the plateau
+    schedulers monitor are saved in its checkpoints, and put back at the resume (:mod:`epas_lightning.plateau_metrics`).
     """
 
     _save_after_step = False  # a validation inside an optimizer step asked for a save
-    _validation_skipped: int | None = None  # the epoch of the validation due at the resumed step, which its run skipped
+    _resumed: tuple[int, bool] | None = None  # the resumed step's end yet to run: its epoch, its validation skipped
+    _plateau_metrics: dict[str, float] | None = None  # saved in the checkpoint the run resumes
     _stop_after_step = False  # a stop was asked for inside an optimizer step
     _stop_validated = False  # ... by a validation, which has run
 
@@ -133,14 +142,26 @@ class StepCheckpoint(ModelCheckpoint):
         if trainer.ckpt_path is not None:
             self._last_global_step_saved = trainer.global_step
             if self is next(c for c in trainer.callbacks if isinstance(c, StepCheckpoint)):
-                if self._validation_skipped is not None:
-                    validate_where_skipped(trainer, self._validation_skipped)
+                restore_plateau_metrics(trainer, self._plateau_metrics)  # reset since the checkpoint loaded
+                if self._resumed is not None:
+                    finish_resumed_step(trainer, *self._resumed)
                 begin_next_epoch_as_new(trainer)
-        self._validation_skipped = None
+        self._resumed = self._plateau_metrics = None
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        save_plateau_metrics(trainer, checkpoint)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        skipped = checkpoint.get(VALIDATION_SKIPPED_KEY, -1) == checkpoint.get("global_step")
-        self._validation_skipped = checkpoint.get("epoch", 0) if skipped else None
+        step = checkpoint.get("global_step")
+        skipped = checkpoint.get(VALIDATION_SKIPPED_KEY, -1) == step
+        self._resumed = None if checkpoint.get(STEP_ENDED_KEY) == step else (checkpoint.get("epoch", 0), skipped)
+        self._plateau_metrics = checkpoint.get(PLATEAU_METRICS_KEY)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Lightning steps no ``ReduceLROnPlateau`` of interval "epoch" at the end of the epoch a run resumed in (its
+        metric was not saved): the uninterrupted run did. The fit loop counts as restarting no more from here."""
+        super().on_train_epoch_end(trainer, pl_module)
+        trainer.fit_loop._restarting = False  # its setter keeps it True under max_steps
 
 
 def begin_next_epoch_as_new(trainer: Trainer) -> None:
@@ -155,28 +176,37 @@ def begin_next_epoch_as_new(trainer: Trainer) -> None:
         fit_loop.reset_restart_stage()
 
 
-def validate_where_skipped(trainer: Trainer, epoch: int) -> None:
-    """Run the validation due at the resumed step that the checkpoint's run skipped (:data:`VALIDATION_SKIPPED_KEY`):
-    Lightning counted it as run, so no session scored that step (its ``val/loss`` point was missing), where the
-    uninterrupted run had. It logs at that step, in the checkpoint's ``epoch`` (after an epoch's last batch Lightning
-    resumes in the next: the validation logged that epoch's number, or was not due there at all), and a
-    ``ReduceLROnPlateau`` stepped per step takes the step it took after it (the stop's session took it after its save,
-    without the validation); no checkpoint saves the resumed step again."""
+def finish_resumed_step(trainer: Trainer, epoch: int, validation_skipped: bool) -> None:
+    """Run the end of the resumed step that the checkpoint's run did after its save between steps, in the checkpoint's
+    ``epoch`` (after an epoch's last batch Lightning resumes in the next). Lightning skips it all.
+
+    The validation due at that step where that run skipped it (:data:`VALIDATION_SKIPPED_KEY`): Lightning counted it
+    as run, so no session scored that step (its ``val/loss`` point was missing), where the uninterrupted run had; it
+    logs at that step, in that epoch (where it logged the next epoch's number, or was not due at all), and no checkpoint
+    saves the resumed step again. Then a ``ReduceLROnPlateau`` stepped per step takes the step it took there (the
+    stop's session took it after its save; with or without a validation), and where the step ended its epoch, one
+    stepped per epoch takes the epoch's step. None of this where a validation due at the step was not skipped: the
+    checkpoint's run went on to it after the save (``every_n_train_steps`` at a validation's step); Lightning counts it
+    as run, and the steps on its metric would take the value before it (a strict scheduler: none yet, an error)."""
     epoch_loop = trainer.fit_loop.epoch_loop
+    if not epoch_loop.restarted_on_train_batch_end:
+        return  # saved elsewhere than between steps
     with counted_as_epoch(trainer, epoch):
-        if not epoch_loop.restarted_on_train_batch_end or not epoch_loop._should_check_val_fx(
-            trainer.fit_loop._data_fetcher
-        ):
-            return  # saved elsewhere than between steps, or the resumed run validates at other steps
-        for checkpoint in trainer.checkpoint_callbacks:  # the resumed step is saved already
-            checkpoint._last_global_step_saved = trainer.global_step
-        val_loop, first_loop_iter = epoch_loop.val_loop, trainer._logger_connector._first_loop_iter
-        val_loop.restarting = False  # a new validation, not the rest of the last one
-        trainer.validating = True
-        val_loop.run()
-        trainer.training = True
-        trainer._logger_connector._first_loop_iter = first_loop_iter
-        epoch_loop.update_lr_schedulers("step", update_plateau_schedulers=True)  # as Lightning does after a validation
+        due = epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+        if due and not validation_skipped:  # that run went on to it: Lightning counts it, and what follows, as done
+            return
+        if due:
+            for checkpoint in trainer.checkpoint_callbacks:  # the resumed step is saved already
+                checkpoint._last_global_step_saved = trainer.global_step
+            val_loop, first_loop_iter = epoch_loop.val_loop, trainer._logger_connector._first_loop_iter
+            val_loop.restarting = False  # a new validation, not the rest of the last one
+            trainer.validating = True
+            val_loop.run()
+            trainer.training = True
+            trainer._logger_connector._first_loop_iter = first_loop_iter
+        epoch_loop.update_lr_schedulers("step", update_plateau_schedulers=True)  # as Lightning at the step's end
+        if epoch_loop._num_ready_batches_reached():  # as Lightning at the end of an epoch
+            epoch_loop.update_lr_schedulers("epoch", update_plateau_schedulers=True)
 
 
 @contextmanager
@@ -269,9 +299,11 @@ class RunCheckpoint(StepCheckpoint):
         the epoch's end) records that epoch as unfinished: Lightning counted it as done, so the resumed run went on in
         the next epoch (a run with ``max_epochs: 1`` trained nothing more). The loop state of a save between steps is
         kept for writing ``last.ckpt`` again after the step's validation, as the step's save holds it."""
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
         if self._rewriting and self._between_steps is not None and "loops" in checkpoint:
             _, loops, epoch = self._between_steps  # what a resume of the step's own save goes on from
             checkpoint["loops"], checkpoint["epoch"] = copy.deepcopy(loops), epoch
+            checkpoint[STEP_ENDED_KEY] = trainer.global_step
             return
         keep_epoch_unfinished(trainer, checkpoint)
         batches = trainer.fit_loop.epoch_loop.batch_progress.current

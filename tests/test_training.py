@@ -1131,15 +1131,20 @@ def test_a_run_stopped_at_two_epoch_ends_reads_each_epoch_as_the_uninterrupted_r
 
 class PlateauModule(EPASModule):
     """An ``EPASModule`` of one's own whose learning rate halves each time ``val/loss`` does not rise (so, in a few
-    steps): a ``ReduceLROnPlateau`` stepped every ``plateau_every`` optimizer steps."""
+    steps): a ``ReduceLROnPlateau`` stepped every ``plateau_every`` optimizer steps (``plateau_interval`` "epoch":
+    epochs), ``plateau_strict`` as Lightning's ``strict``."""
 
-    plateau_every = 1
+    plateau_every, plateau_interval, plateau_strict = 1, "step", False
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=1e-3)
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=0, factor=0.5)
-        every = {"interval": "step", "frequency": self.plateau_every, "monitor": "val/loss", "strict": False}
+        every = {"interval": self.plateau_interval, "frequency": self.plateau_every, "monitor": "val/loss"}
+        every["strict"] = self.plateau_strict
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, **every}}
+
+
+epochs_of_3 = {"limit_train_batches": 3, "val_check_interval": 3}  # a validation at each epoch's end
 
 
 @pytest.mark.parametrize(
@@ -1150,6 +1155,14 @@ class PlateauModule(EPASModule):
         (None, 8, {"plateau_every": 4, "every_n_train_steps": 2, "limit_train_batches": 4}),
         (3, 6, {"limit_train_batches": 3, "val_check_interval": 3}),
         (6, 9, {"limit_train_batches": 3, "check_val_every_n_epoch": 2, "val_check_interval": None}),
+        (2, 9, {"plateau_every": 1, "plateau_interval": "epoch", **epochs_of_3}),
+        (3, 9, {"plateau_every": 1, "plateau_interval": "epoch", **epochs_of_3}),
+        (5, 8, {"plateau_every": 1}),
+        (5, 8, {"plateau_every": 6, "plateau_strict": True}),
+        (3, 9, {"plateau_every": 6, "accumulate_grad_batches": 2}),
+        (None, 6, {"plateau_every": 1, "plateau_interval": "epoch", "every_n_train_steps": 3, **epochs_of_3}),
+        (4, 8, {"plateau_every": 4, "plateau_strict": True}),
+        (3, 9, {"plateau_every": 1, "plateau_interval": "epoch", "plateau_strict": True, **epochs_of_3}),
     ],
     ids=[
         "a plateau scheduler stepped per step",
@@ -1157,6 +1170,14 @@ class PlateauModule(EPASModule):
         "a finished run extended",
         "a stop at an epoch's end",
         "a stop at an epoch's end validating every 2 epochs",
+        "a plateau scheduler stepped per epoch, a stop inside an epoch",
+        "a plateau scheduler stepped per epoch, a stop at an epoch's end",
+        "a plateau scheduler stepped per step, a stop without a validation",
+        "a strict plateau scheduler stepped every 6 steps, a stop before one without a validation",
+        "a plateau scheduler stepped every 3 steps, a validation every 2, under gradient accumulation",
+        "a plateau scheduler stepped per epoch, a run finished after a save at an epoch's end extended",
+        "a strict plateau scheduler, a stop at the first validation",
+        "a strict plateau scheduler stepped per epoch, a stop at the first epoch's end",
     ],
 )
 def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_path, stop_at, first_steps, settings):
@@ -1167,7 +1188,11 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_pa
     (the learning rate halved one step late); the stop logged its step's metrics where log_every_n_steps would not
     have; last.ckpt was saved before the final validation, so a run extended from it stepped no plateau scheduler
     there; the validation a stop at an epoch's last batch skipped ran under the next epoch's number, or (every 2
-    epochs) not at all."""
+    epochs) not at all; a ReduceLROnPlateau stepped per epoch skipped its step at the end of the epoch a run resumed
+    in, and the step of the epoch a stop at its last batch ended; a ReduceLROnPlateau stepped after a resume before the
+    next validation found no val/loss (strict: an error), and none took the step at a resumed step without a
+    validation; a strict one raised in the stop's session, after its save, where the validation it skipped was the
+    first."""
     import signal
 
     from helpers import Steps
@@ -1177,6 +1202,7 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_pa
 
     settings = dict(settings)
     plateau_every, every = settings.pop("plateau_every", None), settings.pop("every_n_train_steps", None)
+    plateau = {key: settings.pop(key) for key in ("plateau_interval", "plateau_strict") if key in settings}
     whole_steps = first_steps if stop_at else first_steps + 4
 
     def fit(folder: str, max_steps: int, ckpt_path: Path | None = None, stop_at: int | None = None) -> dict:
@@ -1189,8 +1215,9 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_pa
                     stop.received = signal.SIGTERM  # what the signal handler records, inside the step
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                record["loss"][trainer.global_step] = outputs["loss"].item()
-                record["epoch"][trainer.global_step] = trainer.current_epoch
+                micro_batch = (trainer.global_step, batch_idx)  # several at a step under gradient accumulation
+                record["loss"][micro_batch] = outputs["loss"].item()
+                record["epoch"][micro_batch] = trainer.current_epoch
 
             def on_validation_end(self, trainer, pl_module):
                 if not trainer.sanity_checking:
@@ -1203,6 +1230,8 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_pa
         trainer = make_trainer(tmp_path, max_steps, [Record(), stop, checkpoint], logger=logger, **options)
         module, data = make_run(tiny_corpus, n_layer=2, module_class=PlateauModule if plateau_every else EPASModule)
         module.plateau_every = plateau_every
+        for key, value in plateau.items():
+            setattr(module, key, value)
         trainer.fit(module, data, ckpt_path=ckpt_path)
         logged = {tag: zip(steps, logger.values[tag], strict=True) for tag, steps in logger.steps.items()}
         points = [((tag, step), value) for tag, values in logged.items() for step, value in values]
@@ -1212,7 +1241,8 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_pa
     whole = fit("whole", whole_steps)
     first = fit("first", first_steps, stop_at=stop_at)
     saved = torch.load(tmp_path / "first" / "last.ckpt", weights_only=True)
-    assert saved["epoch"] == whole["epoch"][saved["global_step"]]
+    at_save = next(epoch for (step, _), epoch in whole["epoch"].items() if step == saved["global_step"])  # its end
+    assert saved["epoch"] == at_save
     assert saved.get(LAST_VALIDATION_KEY, {}).get("step") == max((step for step, _ in first["val"]), default=None)
     resumed = fit("first", whole_steps, tmp_path / "first" / "last.ckpt")
     for key in ("loss", "lr", "epoch", "val"):
@@ -1220,6 +1250,24 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_pa
         assert {**first[key], **resumed[key]} == pytest.approx(whole[key]), key
     assert first["points"] + resumed["points"] == whole["points"]  # each (tag, step) as often
     assert {**first["logged"], **resumed["logged"]} == pytest.approx(whole["logged"])
+
+
+def test_a_resume_of_a_save_before_a_validation_its_run_went_on_to_takes_no_plateau_step(tiny_corpus, tmp_path):
+    """A save between steps before the validation due at its step (every_n_train_steps), resumed after its run went on:
+    Lightning counts that validation, and the plateau steps after it, as done. The resume took the plateau step without
+    the validation, on the value before it: a strict scheduler whose metric that validation first logged raised."""
+    from epas_lightning import RunCheckpoint
+
+    def fit(max_steps: int, ckpt_path: Path | None = None) -> None:
+        checkpoint = RunCheckpoint(dirpath=tmp_path / "run", every_n_train_steps=4, save_top_k=-1)
+        options = {"val_check_interval": 4, "limit_val_batches": 1, "num_sanity_val_steps": 0}
+        trainer = make_trainer(tmp_path, max_steps, [checkpoint], **options)
+        module, data = make_run(tiny_corpus, n_layer=2, module_class=PlateauModule)
+        module.plateau_every, module.plateau_strict = 4, True
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+
+    fit(5)
+    fit(8, tmp_path / "run" / "epoch=0-step=4.ckpt")
 
 
 def test_overfit_batches_trains_on_the_same_batches_every_epoch(tiny_corpus, tmp_path):
