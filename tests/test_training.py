@@ -1523,6 +1523,40 @@ def test_a_signal_in_the_last_step_ends_the_run_complete(tiny_corpus, tmp_path, 
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGUSR1"], ids=["SIGTERM", "SLURM's requeue signal"])
+def test_a_signal_in_the_step_max_time_ends_says_to_raise_max_time(tiny_corpus, tmp_path, monkeypatch, capsys, signum):
+    """A stop asked for in the step where max_time ran out said to resume with --ckpt_path last (a resume under the
+    same max_time trains nothing: the Timer goes on from the checkpoint's training time), exited 143, and under SLURM
+    requeued the job, which started again only to end. The time limit ends that run: the stop now says so and to
+    raise max_time, requeues nothing and exits 0, as a run max_time ends without a signal."""
+    import signal
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import timer
+
+    from epas_lightning import GracefulStop
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    clock = SimpleNamespace(now=0.0)
+
+    class Clock(Callback):  # the hour has passed from the second step on
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            clock.now = 3600.0 if batch_idx >= 1 else 0.0
+
+    monkeypatch.setattr(timer, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    log = fake_slurm_task(monkeypatch, tmp_path)
+    stop, signum = GracefulStop(), signal.Signals[signum]
+    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    callbacks = [Clock(), SignalMidStep(1, signum), stop, checkpoint]
+    make_trainer(tmp_path, 6, callbacks, max_time=timedelta(hours=1)).fit(*make_run(tiny_corpus, n_layer=2))
+    err = capsys.readouterr().err
+    assert f"{signum.name} in the step where max_time ran out (2): max_time ends the run here" in err, err
+    assert "to train further, raise the Trainer's max_time and call trainer.fit(" in err, err
+    assert stop.exit_status is None and not stop.requeued and not log.exists()
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
 def test_slurm_requeue_signal_with_checkpointing_off_does_not_requeue_the_job(tiny_corpus, tmp_path, monkeypatch):
     """With checkpointing off the requeue signal still requeued the job, which started over from step 0, was
     signalled at the same point and requeued again, until someone cancelled it. It stops without a requeue now."""
