@@ -43,7 +43,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from epas_lightning.errors import ConfigError
 from epas_lightning.run_checkpoint import VALIDATION_SKIPPED_KEY, RunCheckpoint, save_last_now
-from epas_lightning.run_summary import max_time_timer, raise_limit_advice, say
+from epas_lightning.run_summary import max_time_ran_out, raise_limit_advice, say
 from epas_lightning.slurm import (
     give_back_requeue,
     remembered,
@@ -276,10 +276,7 @@ def _limit_ending_this_step(trainer: Trainer) -> str | None:
     last_epoch = fit_loop.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= fit_loop.max_epochs
     if last_epoch and fit_loop.epoch_loop._num_ready_batches_reached():
         return "max_epochs"
-    timer = max_time_timer(trainer)
-    if timer is not None and trainer.strategy.broadcast(timer.time_remaining() <= 0):
-        return "max_time"
-    return None
+    return "max_time" if max_time_ran_out(trainer) else None
 
 
 def _run_checkpoint(trainer: Trainer) -> ModelCheckpoint | None:

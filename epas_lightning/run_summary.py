@@ -261,6 +261,13 @@ def max_time_timer(trainer: Trainer) -> Timer | None:
     return next((c for c in trainer.callbacks if isinstance(c, Timer) and c._duration is not None), None)
 
 
+def max_time_ran_out(trainer: Trainer) -> bool:
+    """Whether ``max_time``'s ``Timer`` has run out; every rank calls it, and the first rank's verdict holds, as the
+    ``Timer``'s own does (one broadcast)."""
+    timer = max_time_timer(trainer)
+    return timer is not None and trainer.strategy.broadcast(timer.time_remaining() <= 0)
+
+
 def _limit_value(trainer: Trainer, limit: str) -> str:
     """The value of ``limit`` as the flag takes it: ``max_time`` as ``DD:HH:MM:SS``."""
     if limit != "max_time":

@@ -970,7 +970,8 @@ def test_a_save_due_by_time_inside_an_optimizer_step_waits_for_its_end(tiny_corp
 def test_max_time_inside_an_optimizer_step_ends_the_run_when_the_step_is_done(tiny_corpus, tmp_path, monkeypatch):
     """max_time's Timer, elapsed at micro-batch 4 (accumulation over 3), ended the run there (last.ckpt: step 1 and a
     third of step 2); then, holding that stop, Lightning validated again at each micro-batch left in the step. The run
-    now ends once step 2 is done, with the one validation Lightning runs when a fit stops early."""
+    now ends once step 2 is done, without a validation (none is due there: the one Lightning runs when a fit stops
+    early is left out where max_time ends it)."""
     from datetime import timedelta
     from types import SimpleNamespace
 
@@ -992,7 +993,7 @@ def test_max_time_inside_an_optimizer_step_ends_the_run_when_the_step_is_done(ti
     )
     trainer.fit(*make_run(tiny_corpus, 2))
     assert _saved_steps(tmp_path / "ckpt") == {2: 6}
-    assert trainer.fit_loop.epoch_loop.val_loop.batch_progress.total.completed == 1
+    assert trainer.fit_loop.epoch_loop.val_loop.batch_progress.total.completed == 0
 
 
 @pytest.mark.parametrize(
@@ -1148,6 +1149,8 @@ class PlateauModule(EPASModule):
         (None, 8, {"plateau_every": 4, "every_n_train_steps": 2, "limit_train_batches": 4}),
         (3, 6, {"limit_train_batches": 3, "val_check_interval": 3}),
         (6, 9, {"limit_train_batches": 3, "check_val_every_n_epoch": 2, "val_check_interval": None}),
+        (None, 8, {"plateau_every": 1, "time_out_at": 3}),
+        (None, 8, {"time_out_at": 4}),
     ],
     ids=[
         "a plateau scheduler stepped per step",
@@ -1155,9 +1158,13 @@ class PlateauModule(EPASModule):
         "a finished run extended",
         "a stop at an epoch's end",
         "a stop at an epoch's end validating every 2 epochs",
+        "max_time ending between validations",
+        "max_time ending at a validation",
     ],
 )
-def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_path, stop_at, first_steps, settings):
+def test_two_sessions_log_and_train_as_the_uninterrupted_run(
+    tiny_corpus, tmp_path, monkeypatch, stop_at, first_steps, settings
+):
     """A run stopped (SIGTERM) and resumed, or finished and extended from its last.ckpt, trains and logs as the run
     that went through at once: the same loss, learning rate and epoch at each step, each validation at its step and
     epoch, each logged point once; last.ckpt holds its session's last validation, in the epoch of its step. Where they
@@ -1165,23 +1172,36 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_pa
     (the learning rate halved one step late); the stop logged its step's metrics where log_every_n_steps would not
     have; last.ckpt was saved before the final validation, so a run extended from it stepped no plateau scheduler
     there; the validation a stop at an epoch's last batch skipped ran under the next epoch's number, or (every 2
-    epochs) not at all."""
+    epochs) not at all. A run max_time ended (resumed with a larger max_time) validated at its last step, where the
+    uninterrupted run did not: Lightning validates whenever a fit stops early (an extra val/loss point, and a plateau
+    step on it)."""
     import signal
+    from datetime import timedelta
+    from types import SimpleNamespace
 
     from helpers import Steps
+    from lightning.pytorch.callbacks import timer
 
     from epas_lightning import GracefulStop, RunCheckpoint
     from epas_lightning.provenance import LAST_VALIDATION_KEY
 
     settings = dict(settings)
     plateau_every, every = settings.pop("plateau_every", None), settings.pop("every_n_train_steps", None)
-    whole_steps = first_steps if stop_at else first_steps + 4
+    time_out_at = settings.pop("time_out_at", None)  # max_time (an hour) runs out at this step of the first session
+    whole_steps = first_steps if stop_at or time_out_at else first_steps + 4
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(timer, "time", SimpleNamespace(monotonic=lambda: clock.now))
 
-    def fit(folder: str, max_steps: int, ckpt_path: Path | None = None, stop_at: int | None = None) -> dict:
+    def fit(
+        folder: str, max_steps: int, ckpt_path: Path | None = None, stop_at: int | None = None, timed: bool = False
+    ) -> dict:
         record, stop, logger = {"loss": {}, "lr": {}, "epoch": {}, "val": {}}, GracefulStop(), Steps()
+        clock.now = 0.0
 
         class Record(Callback):
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if timed and trainer.global_step + 1 == time_out_at:
+                    clock.now = 3600.0
                 record["lr"][trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
                 if trainer.global_step + 1 == stop_at:
                     stop.received = signal.SIGTERM  # what the signal handler records, inside the step
@@ -1198,6 +1218,8 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_pa
         checkpoint = RunCheckpoint(dirpath=tmp_path / folder, save_last=True, every_n_train_steps=every, save_top_k=-1)
         validation = {"val_check_interval": 4, "limit_val_batches": 1, "num_sanity_val_steps": 0}
         options = {**validation, "log_every_n_steps": 1, **settings}
+        if time_out_at:
+            options["max_time"] = timedelta(hours=1 if timed else 2)
         trainer = make_trainer(tmp_path, max_steps, [Record(), stop, checkpoint], logger=logger, **options)
         module, data = make_run(tiny_corpus, n_layer=2, module_class=PlateauModule if plateau_every else EPASModule)
         module.plateau_every = plateau_every
@@ -1208,7 +1230,7 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_pa
         return record
 
     whole = fit("whole", whole_steps)
-    first = fit("first", first_steps, stop_at=stop_at)
+    first = fit("first", first_steps, stop_at=stop_at, timed=True)
     saved = torch.load(tmp_path / "first" / "last.ckpt", weights_only=True)
     assert saved["epoch"] == whole["epoch"][saved["global_step"]]
     assert saved.get(LAST_VALIDATION_KEY, {}).get("step") == max((step for step, _ in first["val"]), default=None)
