@@ -41,6 +41,9 @@ from epas_lightning.provenance import checked
 if TYPE_CHECKING:
     from epas_lightning.model import LlamaConfig
 
+SESSIONS_TOGETHER = "(the training time of all sessions together)"
+"""What ``max_time`` counts: Lightning's ``Timer`` resumes the training time a checkpoint holds."""
+
 WARMUP_STEPS = 2
 """Optimizer steps left out of the throughput median (allocator warm-up, compilation)."""
 
@@ -138,6 +141,9 @@ class RunSummary(Callback):
             lines.append(f"  stopped      by EarlyStopping: {reason or stopper.stopping_reason.value}")
         if (signalled := _signal_stop(trainer)) is not None:  # Ctrl+C, a scheduler's SIGTERM or requeue signal
             lines.append(signalled)
+        elif self._start_step is not None and max_time_timer(trainer) and _limit_reached(trainer) == "max_time":
+            value = _limit_value(trainer, "max_time")
+            lines.append(f"  stopped      by max_time {value} {SESSIONS_TOGETHER}{_after_step(trainer)}")
         checkpoint = last_checkpoint(trainer)
         if checkpoint:
             lines.append(f"  checkpoints  {Path(checkpoint).parent}  (last: {Path(checkpoint).name})")
@@ -187,7 +193,7 @@ def raise_limit_advice(limit: str, checkpoint: str, command_line: bool) -> str:
     """How to train on from ``checkpoint`` of a run that ``limit`` (``"max_steps"``, ``"max_epochs"``, ``"max_time"``)
     ended: a resume under the same limit trains nothing."""
     if command_line:
-        counts = " (the training time of all sessions together)" if limit == "max_time" else ""
+        counts = f" {SESSIONS_TOGETHER}" if limit == "max_time" else ""
         return f"to train further, raise --trainer.{limit}{counts} and resume with {_ckpt_path_flag(checkpoint)}"
     return f"to train further, raise the Trainer's {limit} and call trainer.fit(..., ckpt_path={checkpoint!r})"
 
@@ -250,10 +256,13 @@ def _signal_stop(trainer: Trainer) -> str | None:
     if stop is None:
         return None
     line = f"  stopped      by {stop.stopped_by.name}{' (Ctrl+C)' if stop.stopped_by == signal.SIGINT else ''}"
-    line += f" after step {trainer.global_step}"
-    if trainer.max_steps is not None and trainer.max_steps > 0:
-        line += f" of max_steps {trainer.max_steps}"
-    return line + (" (the job is requeued)" if stop.requeued else "")
+    return line + _after_step(trainer) + (" (the job is requeued)" if stop.requeued else "")
+
+
+def _after_step(trainer: Trainer) -> str:
+    """Where a run stopped short: `` after step N of max_steps M``."""
+    of = f" of max_steps {trainer.max_steps}" if trainer.max_steps is not None and trainer.max_steps > 0 else ""
+    return f" after step {trainer.global_step}{of}"
 
 
 def max_time_timer(trainer: Trainer) -> Timer | None:
