@@ -90,6 +90,7 @@ class GracefulStop(Callback):
         self._step = -1
         self._validation_due = False  # at the step the stop saves: the validation it skips, which a resume runs
         self._log_every_n_steps: int | None = None  # the trainer's, while the stop's step logs nothing
+        self._trainer: Trainer | None = None  # while the handlers are this callback's
 
     @property
     def requeued(self) -> bool:
@@ -118,6 +119,7 @@ class GracefulStop(Callback):
             # Lightning registered its SIGTERM handler after on_fit_start: this one replaces it until training ends
             signals = (*SIGNALS, self.requeue_signal) if self.requeue_signal else SIGNALS
             self._previous = {sig: signal.signal(sig, self._on_signal) for sig in signals}
+            self._trainer = trainer
         self._stop_if_signalled_before_training(trainer)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -126,6 +128,11 @@ class GracefulStop(Callback):
             raise Interrupted(signum)
         self.received = signal.Signals(signum)
         what = "Ctrl+C" if signum == signal.SIGINT else self.received.name
+        trainer = self._trainer
+        if trainer is not None and trainer.validating and _training_over(trainer):  # no step follows to stop after
+            ends = f"nothing to stop, the run ends after this validation ({what} again: at once)"
+            say(f"\n{what} after the last step ({trainer.global_step}): {ends}")
+            return
         then = ", then requeueing the job" if signum == self.requeue_signal else ""
         again = f"({what} again: at once, without one)"
         say(f"\n{what}: stopping after this optimizer step with a checkpoint{then} {again}")
@@ -262,7 +269,7 @@ class GracefulStop(Callback):
         if self._previous and threading.current_thread() is threading.main_thread():
             for sig, handler in self._previous.items():
                 signal.signal(sig, handler)
-        self._previous = {}
+        self._previous, self._trainer = {}, None
 
 
 def _limit_ending_this_step(trainer: Trainer) -> str | None:
@@ -270,13 +277,24 @@ def _limit_ending_this_step(trainer: Trainer) -> str | None:
     (the last batch of the last epoch), or ``"max_time"`` (its ``Timer`` ran out: a resume under the same limit goes on
     from the checkpoint's training time and trains nothing); ``None`` when training would go on. Every rank calls it:
     the ``Timer``'s verdict is the first rank's, as the ``Timer`` decides."""
+    return _step_limit_reached(trainer) or ("max_time" if max_time_ran_out(trainer) else None)
+
+
+def _step_limit_reached(trainer: Trainer) -> str | None:
+    """``"max_steps"`` or ``"max_epochs"`` where the optimizer step just done is the run's last, else ``None``."""
     fit_loop = trainer.fit_loop
     if fit_loop.max_steps != -1 and trainer.global_step >= fit_loop.max_steps:
         return "max_steps"
     last_epoch = fit_loop.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= fit_loop.max_epochs
     if last_epoch and fit_loop.epoch_loop._num_ready_batches_reached():
         return "max_epochs"
-    return "max_time" if max_time_ran_out(trainer) else None
+    return None
+
+
+def _training_over(trainer: Trainer) -> bool:
+    """Whether no optimizer step follows the one just done (read in a signal handler: this process's state only, no
+    collective): a limit reached, or a stop the ranks agreed on (``max_time``'s ``Timer``) that ``fit`` takes."""
+    return _step_limit_reached(trainer) is not None or (trainer.should_stop and trainer.fit_loop._can_stop_early)
 
 
 def _run_checkpoint(trainer: Trainer) -> ModelCheckpoint | None:

@@ -1579,6 +1579,29 @@ def test_a_signal_in_the_step_max_time_ends_says_to_raise_max_time(tiny_corpus, 
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
+def test_a_signal_during_the_final_validation_says_the_run_ends_after_it(tiny_corpus, tmp_path, capsys):
+    """A signal during the validation after the run's last step said "stopping after this optimizer step with a
+    checkpoint", though no step followed: the run ended as it would have (exit status 0). It now says that."""
+    import signal
+
+    from epas_lightning import GracefulStop
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    class SignalInFinalValidation(Callback):
+        def on_validation_batch_start(self, trainer, *args):
+            if trainer.global_step == 3 and not trainer.sanity_checking:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    stop, checkpoint = GracefulStop(), RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    validation = {"val_check_interval": 3, "limit_val_batches": 1, "num_sanity_val_steps": 0}
+    trainer = make_trainer(tmp_path, 3, [SignalInFinalValidation(), stop, checkpoint], **validation)
+    trainer.fit(*make_run(tiny_corpus, n_layer=2))
+    err = capsys.readouterr().err
+    assert "SIGTERM after the last step (3): nothing to stop, the run ends after this validation" in err, err
+    assert "stopping after this optimizer step" not in err and stop.exit_status is None
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
 def test_slurm_requeue_signal_with_checkpointing_off_does_not_requeue_the_job(tiny_corpus, tmp_path, monkeypatch):
     """With checkpointing off the requeue signal still requeued the job, which started over from step 0, was
     signalled at the same point and requeued again, until someone cancelled it. It stops without a requeue now."""
