@@ -8,7 +8,8 @@ Here a signal only sets a flag. After every optimizer step the ranks agree (one 
 rank is enough), and if any was signalled every rank writes ``last.ckpt`` into the run's checkpoint folder together,
 ``fit`` stops (without the validation Lightning runs when a fit stops early), and the CLI exits with 128 + the signal:
 130 after Ctrl+C, 143 after SIGTERM (a signal in the run's last step saves the same way, but training is complete:
-nothing to resume, no job to requeue, exit status 0). A second signal stops at once, without a checkpoint, as does
+nothing to resume, no job to requeue, exit status 0; so in the step where ``max_time`` runs out, which ends the run
+there: to train on, raise it). A second signal stops at once, without a checkpoint, as does
 Ctrl+C before training starts, and SIGTERM from when Lightning registers its handler (once the data, the model and a
 resumed checkpoint are set up: the sanity validation): the CLI then prints one line and exits with the same status
 (Lightning would exit 1 after Ctrl+C, and 0 after SIGTERM). A SIGTERM before that (the imports, the config, the built-in
@@ -43,7 +44,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from epas_lightning.errors import ConfigError
 from epas_lightning.run_checkpoint import VALIDATION_SKIPPED_KEY, RunCheckpoint, save_last_now
-from epas_lightning.run_summary import say
+from epas_lightning.run_summary import max_time_ran_out, raise_limit_advice, say
 from epas_lightning.slurm import (
     give_back_requeue,
     remembered,
@@ -91,6 +92,7 @@ class GracefulStop(Callback):
         self._validation_due = False  # at the step the stop saves: the validation it skips, which a resume runs
         self._log_every_n_steps: int | None = None  # the trainer's, while the stop's step logs nothing
         self._held_plateaus: list[tuple[Any, int]] = []  # the plateau schedulers' configs and frequencies, held
+        self._trainer: Trainer | None = None  # while the handlers are this callback's
 
     @property
     def requeued(self) -> bool:
@@ -119,6 +121,7 @@ class GracefulStop(Callback):
             # Lightning registered its SIGTERM handler after on_fit_start: this one replaces it until training ends
             signals = (*SIGNALS, self.requeue_signal) if self.requeue_signal else SIGNALS
             self._previous = {sig: signal.signal(sig, self._on_signal) for sig in signals}
+            self._trainer = trainer
         self._stop_if_signalled_before_training(trainer)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -127,6 +130,11 @@ class GracefulStop(Callback):
             raise Interrupted(signum)
         self.received = signal.Signals(signum)
         what = "Ctrl+C" if signum == signal.SIGINT else self.received.name
+        trainer = self._trainer
+        if trainer is not None and trainer.validating and _training_over(trainer):  # no step follows to stop after
+            ends = f"nothing to stop, the run ends after this validation ({what} again: at once)"
+            say(f"\n{what} after the last step ({trainer.global_step}): {ends}")
+            return
         then = ", then requeueing the job" if signum == self.requeue_signal else ""
         again = f"({what} again: at once, without one)"
         say(f"\n{what}: stopping after this optimizer step with a checkpoint{then} {again}")
@@ -146,7 +154,7 @@ class GracefulStop(Callback):
             return
         epoch_loop = trainer.fit_loop.epoch_loop
         due = epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)  # before should_stop makes it due
-        ends = _training_ends_at_this_step(trainer)  # the run's last step: nothing is left to resume
+        ends = _limit_ending_this_step(trainer)  # the run's last step: nothing is left to resume under its limits
         last = due and ends  # the run's last validation: no resume would run it
         self._validation_due = due and not last
         try:
@@ -161,6 +169,14 @@ class GracefulStop(Callback):
         # the scheduler's grace period and before the loggers flush; the resumed run runs the one due here first
         epoch_loop._skip_next_val = not last
         where = f"saved {saved}" if saved else "checkpointing is off"
+        if ends == "max_time":  # the time limit ends the run here: exit status 0, as without the signal
+            advice = f" — {raise_limit_advice(ends, str(saved), self.command_line)}" if saved else ""
+            say(
+                f"{self.stopped_by.name} in the step where max_time ran out ({trainer.global_step}): max_time ends the "
+                f"run here{', nothing to requeue' if requeue else ''}; {where}{advice}"
+            )
+            self.stopped_by = None
+            return
         if ends:  # not a stop: the run is complete (exit status 0), and a requeued job would only end again
             complete = f"training is complete, nothing to resume{' or requeue' if requeue else ''}"
             say(f"{self.stopped_by.name} in the last step ({trainer.global_step}): {complete}; {where}")
@@ -277,17 +293,32 @@ class GracefulStop(Callback):
         if self._previous and threading.current_thread() is threading.main_thread():
             for sig, handler in self._previous.items():
                 signal.signal(sig, handler)
-        self._previous = {}
+        self._previous, self._trainer = {}, None
 
 
-def _training_ends_at_this_step(trainer: Trainer) -> bool:
-    """Whether ``fit`` ends after the optimizer step just done, stopped or not: ``max_steps``, or the last batch of the
-    last epoch."""
+def _limit_ending_this_step(trainer: Trainer) -> str | None:
+    """The limit that ends ``fit`` after the optimizer step just done, stopped or not: ``"max_steps"``, ``"max_epochs"``
+    (the last batch of the last epoch), or ``"max_time"`` (its ``Timer`` ran out: a resume under the same limit goes on
+    from the checkpoint's training time and trains nothing); ``None`` when training would go on. Every rank calls it:
+    the ``Timer``'s verdict is the first rank's, as the ``Timer`` decides."""
+    return _step_limit_reached(trainer) or ("max_time" if max_time_ran_out(trainer) else None)
+
+
+def _step_limit_reached(trainer: Trainer) -> str | None:
+    """``"max_steps"`` or ``"max_epochs"`` where the optimizer step just done is the run's last, else ``None``."""
     fit_loop = trainer.fit_loop
     if fit_loop.max_steps != -1 and trainer.global_step >= fit_loop.max_steps:
-        return True
+        return "max_steps"
     last_epoch = fit_loop.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= fit_loop.max_epochs
-    return last_epoch and fit_loop.epoch_loop._num_ready_batches_reached()
+    if last_epoch and fit_loop.epoch_loop._num_ready_batches_reached():
+        return "max_epochs"
+    return None
+
+
+def _training_over(trainer: Trainer) -> bool:
+    """Whether no optimizer step follows the one just done (read in a signal handler: this process's state only, no
+    collective): a limit reached, or a stop the ranks agreed on (``max_time``'s ``Timer``) that ``fit`` takes."""
+    return _step_limit_reached(trainer) is not None or (trainer.should_stop and trainer.fit_loop._can_stop_early)
 
 
 def _run_checkpoint(trainer: Trainer) -> ModelCheckpoint | None:

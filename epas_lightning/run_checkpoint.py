@@ -26,7 +26,7 @@ from epas_lightning.checkpoint_io import remove_unfinished_saves
 from epas_lightning.checkpoint_space import check_folder_shared_by_nodes, warn_if_disk_too_small
 from epas_lightning.plateau_metrics import PLATEAU_METRICS_KEY, restore_plateau_metrics, save_plateau_metrics
 from epas_lightning.resume import last_checkpoint_of_run, version_folder, version_of, version_to_continue
-from epas_lightning.run_summary import say
+from epas_lightning.run_summary import max_time_ran_out, say
 from epas_lightning.safe_load import verify_checkpoint
 
 
@@ -93,7 +93,9 @@ class StepCheckpoint(ModelCheckpoint):
     A save due inside a step (``train_time_interval`` elapsed) waits for its end. A validation inside a step
     (``val_check_interval`` counts micro-batches: one that ``accumulate_grad_batches`` does not divide) saves once the
     step is done, with the validation's metrics. A stop asked for inside a step (by ``EarlyStopping`` at such a
-    validation, by ``max_time``) also waits for its end, so that ``last.ckpt`` holds whole steps. A resumed run saves
+    validation, by ``max_time``) also waits for its end, so that ``last.ckpt`` holds whole steps. Where ``max_time``
+    ends the run, it validates only where one is due (not as Lightning does when a fit stops early), as the run with a
+    larger ``max_time`` does, so that a resume goes on as that run. A resumed run saves
     nothing before its first optimizer step: Lightning's saved the resumed step again after one micro-batch. It first
     runs the rest of the resumed step, which the checkpoint's run did after the save (:func:`finish_resumed_step`), and
     a ``ReduceLROnPlateau`` stepped per epoch steps at the end of the epoch the run resumed in. The metrics the plateau
@@ -125,6 +127,10 @@ class StepCheckpoint(ModelCheckpoint):
             if self._stop_validated:  # Lightning validates when fit stops early: not again after the one that asked
                 trainer.fit_loop.epoch_loop._skip_next_val = True
             self._stop_after_step = self._stop_validated = False
+        if trainer.should_stop and max_time_ran_out(trainer) and not validation_due_but_for_stop(trainer):
+            # Lightning validates when fit stops early: where max_time ends it, a validation that neither the run
+            # with a larger max_time nor its resume runs there (a val/loss point, a plateau step of its own)
+            trainer.fit_loop.epoch_loop._skip_next_val = True
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
     def _hold_stop(self, trainer: Trainer, validated: bool) -> None:
@@ -162,6 +168,16 @@ class StepCheckpoint(ModelCheckpoint):
         metric was not saved): the uninterrupted run did. The fit loop counts as restarting no more from here."""
         super().on_train_epoch_end(trainer, pl_module)
         trainer.fit_loop._restarting = False  # its setter keeps it True under max_steps
+
+
+def validation_due_but_for_stop(trainer: Trainer) -> bool:
+    """Whether the run validates after the optimizer step just done by its schedule (``val_check_interval``, an
+    epoch's end), leaving aside the validation Lightning runs when ``trainer.should_stop`` ends fit early."""
+    stop, trainer.should_stop = trainer.should_stop, False
+    try:
+        return trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+    finally:
+        trainer.should_stop = stop
 
 
 def begin_next_epoch_as_new(trainer: Trainer) -> None:

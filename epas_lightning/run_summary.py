@@ -41,6 +41,9 @@ from epas_lightning.provenance import checked
 if TYPE_CHECKING:
     from epas_lightning.model import LlamaConfig
 
+SESSIONS_TOGETHER = "(the training time of all sessions together)"
+"""What ``max_time`` counts: Lightning's ``Timer`` resumes the training time a checkpoint holds."""
+
 WARMUP_STEPS = 2
 """Optimizer steps left out of the throughput median (allocator warm-up, compilation)."""
 
@@ -138,6 +141,9 @@ class RunSummary(Callback):
             lines.append(f"  stopped      by EarlyStopping: {reason or stopper.stopping_reason.value}")
         if (signalled := _signal_stop(trainer)) is not None:  # Ctrl+C, a scheduler's SIGTERM or requeue signal
             lines.append(signalled)
+        elif self._start_step is not None and max_time_timer(trainer) and _limit_reached(trainer) == "max_time":
+            value = _limit_value(trainer, "max_time")
+            lines.append(f"  stopped      by max_time {value} {SESSIONS_TOGETHER}{_after_step(trainer)}")
         checkpoint = last_checkpoint(trainer)
         if checkpoint:
             lines.append(f"  checkpoints  {Path(checkpoint).parent}  (last: {Path(checkpoint).name})")
@@ -176,15 +182,21 @@ class RunSummary(Callback):
             return "the requeued job resumes from it when its command has --ckpt_path auto"
         limit, resume = _limit_reached(trainer), _ckpt_path_flag(checkpoint)
         if limit is not None:  # resuming as it is would train nothing
-            if self.command_line:
-                counts = " (the training time of all sessions together)" if limit == "max_time" else ""
-                return f"to train further, raise --trainer.{limit}{counts} and resume with {resume}"
-            return f"to train further, raise the Trainer's {limit} and call trainer.fit(..., ckpt_path={checkpoint!r})"
+            return raise_limit_advice(limit, checkpoint, self.command_line)
         if stopper is not None and self.command_line:  # its state resumes too: patience spent, the best score kept
             return f"EarlyStopping ended it; {resume} trains on until {stopper.monitor} stops improving again"
         if self.command_line:
             return f"the same command with {resume}"
         return f"trainer.fit(..., ckpt_path={checkpoint!r})"
+
+
+def raise_limit_advice(limit: str, checkpoint: str, command_line: bool) -> str:
+    """How to train on from ``checkpoint`` of a run that ``limit`` (``"max_steps"``, ``"max_epochs"``, ``"max_time"``)
+    ended: a resume under the same limit trains nothing."""
+    if command_line:
+        counts = f" {SESSIONS_TOGETHER}" if limit == "max_time" else ""
+        return f"to train further, raise --trainer.{limit}{counts} and resume with {_ckpt_path_flag(checkpoint)}"
+    return f"to train further, raise the Trainer's {limit} and call trainer.fit(..., ckpt_path={checkpoint!r})"
 
 
 def _val_loss_line(trainer: Trainer, pl_module: LightningModule) -> str | None:
@@ -217,7 +229,7 @@ def _limit_reached(trainer: Trainer) -> str | None:
         return "max_steps"
     if trainer.max_epochs is not None and trainer.max_epochs >= 0 and trainer.current_epoch >= trainer.max_epochs:
         return "max_epochs"
-    timer = _max_time(trainer)
+    timer = max_time_timer(trainer)
     if timer is not None and timer.time_remaining() <= 0:
         return "max_time"
     return None
@@ -245,22 +257,32 @@ def _signal_stop(trainer: Trainer) -> str | None:
     if stop is None:
         return None
     line = f"  stopped      by {stop.stopped_by.name}{' (Ctrl+C)' if stop.stopped_by == signal.SIGINT else ''}"
-    line += f" after step {trainer.global_step}"
-    if trainer.max_steps is not None and trainer.max_steps > 0:
-        line += f" of max_steps {trainer.max_steps}"
-    return line + (" (the job is requeued)" if stop.requeued else "")
+    return line + _after_step(trainer) + (" (the job is requeued)" if stop.requeued else "")
 
 
-def _max_time(trainer: Trainer) -> Timer | None:
+def _after_step(trainer: Trainer) -> str:
+    """Where a run stopped short: `` after step N of max_steps M``."""
+    of = f" of max_steps {trainer.max_steps}" if trainer.max_steps is not None and trainer.max_steps > 0 else ""
+    return f" after step {trainer.global_step}{of}"
+
+
+def max_time_timer(trainer: Trainer) -> Timer | None:
     """The ``Timer`` that ``trainer.max_time`` (or a ``Timer`` of one's own) stops the run with, if any."""
     return next((c for c in trainer.callbacks if isinstance(c, Timer) and c._duration is not None), None)
+
+
+def max_time_ran_out(trainer: Trainer) -> bool:
+    """Whether ``max_time``'s ``Timer`` has run out; every rank calls it, and the first rank's verdict holds, as the
+    ``Timer``'s own does (one broadcast)."""
+    timer = max_time_timer(trainer)
+    return timer is not None and trainer.strategy.broadcast(timer.time_remaining() <= 0)
 
 
 def _limit_value(trainer: Trainer, limit: str) -> str:
     """The value of ``limit`` as the flag takes it: ``max_time`` as ``DD:HH:MM:SS``."""
     if limit != "max_time":
         return str(getattr(trainer, limit))
-    minutes, seconds = divmod(int(_max_time(trainer)._duration), 60)
+    minutes, seconds = divmod(int(max_time_timer(trainer)._duration), 60)
     hours, minutes = divmod(minutes, 60)
     days, hours = divmod(hours, 24)
     return f"{days:02d}:{hours:02d}:{minutes:02d}:{seconds:02d}"

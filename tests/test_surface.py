@@ -701,7 +701,7 @@ def test_the_summary_says_how_to_resume_where_the_run_was_started(tmp_path, monk
     import signal
     from types import SimpleNamespace
 
-    from lightning.pytorch.callbacks import EarlyStopping
+    from lightning.pytorch.callbacks import EarlyStopping, Timer
     from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
     from epas_lightning import GracefulStop, run_summary
@@ -753,6 +753,16 @@ def test_the_summary_says_how_to_resume_where_the_run_was_started(tmp_path, monk
     )
     assert resume_line(RunSummary(command_line=True), [requeued], line=1) == (
         "  stopped      by SIGUSR1 after step 3 of max_steps 10 (the job is requeued)"
+    )
+    # max_time ended it before max_steps: the summary began "Run finished: 3 optimizer steps" and said nothing of it
+    timed = Timer(duration="00:01:00:00")
+    timed._offset = 3600.0  # the training time so far: the hour is up
+    assert resume_line(RunSummary(command_line=True), [timed], line=1) == (
+        "  stopped      by max_time 00:01:00:00 (the training time of all sessions together) after step 3 of "
+        "max_steps 10"
+    )
+    assert resume_line(RunSummary(command_line=True), [timed]).startswith(
+        "  resume: to train further, raise --trainer.max_time"
     )
     # an EarlyStopping of the user's ended it before its limit: the summary said nothing, and "the same command"
     early = EarlyStopping(monitor="val/loss")

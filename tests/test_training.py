@@ -972,7 +972,8 @@ def test_a_save_due_by_time_inside_an_optimizer_step_waits_for_its_end(tiny_corp
 def test_max_time_inside_an_optimizer_step_ends_the_run_when_the_step_is_done(tiny_corpus, tmp_path, monkeypatch):
     """max_time's Timer, elapsed at micro-batch 4 (accumulation over 3), ended the run there (last.ckpt: step 1 and a
     third of step 2); then, holding that stop, Lightning validated again at each micro-batch left in the step. The run
-    now ends once step 2 is done, with the one validation Lightning runs when a fit stops early."""
+    now ends once step 2 is done, without a validation (none is due there: the one Lightning runs when a fit stops
+    early is left out where max_time ends it)."""
     from datetime import timedelta
     from types import SimpleNamespace
 
@@ -994,7 +995,7 @@ def test_max_time_inside_an_optimizer_step_ends_the_run_when_the_step_is_done(ti
     )
     trainer.fit(*make_run(tiny_corpus, 2))
     assert _saved_steps(tmp_path / "ckpt") == {2: 6}
-    assert trainer.fit_loop.epoch_loop.val_loop.batch_progress.total.completed == 1
+    assert trainer.fit_loop.epoch_loop.val_loop.batch_progress.total.completed == 0
 
 
 @pytest.mark.parametrize(
@@ -1163,6 +1164,8 @@ epochs_of_3 = {"limit_train_batches": 3, "val_check_interval": 3}  # a validatio
         (None, 6, {"plateau_every": 1, "plateau_interval": "epoch", "every_n_train_steps": 3, **epochs_of_3}),
         (4, 8, {"plateau_every": 4, "plateau_strict": True}),
         (3, 9, {"plateau_every": 1, "plateau_interval": "epoch", "plateau_strict": True, **epochs_of_3}),
+        (None, 8, {"plateau_every": 1, "time_out_at": 3}),
+        (None, 8, {"time_out_at": 4}),
     ],
     ids=[
         "a plateau scheduler stepped per step",
@@ -1178,9 +1181,13 @@ epochs_of_3 = {"limit_train_batches": 3, "val_check_interval": 3}  # a validatio
         "a plateau scheduler stepped per epoch, a run finished after a save at an epoch's end extended",
         "a strict plateau scheduler, a stop at the first validation",
         "a strict plateau scheduler stepped per epoch, a stop at the first epoch's end",
+        "max_time ending between validations",
+        "max_time ending at a validation",
     ],
 )
-def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_path, stop_at, first_steps, settings):
+def test_two_sessions_log_and_train_as_the_uninterrupted_run(
+    tiny_corpus, tmp_path, monkeypatch, stop_at, first_steps, settings
+):
     """A run stopped (SIGTERM) and resumed, or finished and extended from its last.ckpt, trains and logs as the run
     that went through at once: the same loss, learning rate and epoch at each step, each validation at its step and
     epoch, each logged point once; last.ckpt holds its session's last validation, in the epoch of its step. Where they
@@ -1192,10 +1199,15 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_pa
     in, and the step of the epoch a stop at its last batch ended; a ReduceLROnPlateau stepped after a resume before the
     next validation found no val/loss (strict: an error), and none took the step at a resumed step without a
     validation; a strict one raised in the stop's session, after its save, where the validation it skipped was the
-    first."""
+    first. A run max_time ended (resumed with a larger max_time) validated at its last step, where the
+    uninterrupted run did not: Lightning validates whenever a fit stops early (an extra val/loss point, and a plateau
+    step on it)."""
     import signal
+    from datetime import timedelta
+    from types import SimpleNamespace
 
     from helpers import Steps
+    from lightning.pytorch.callbacks import timer
 
     from epas_lightning import GracefulStop, RunCheckpoint
     from epas_lightning.provenance import LAST_VALIDATION_KEY
@@ -1203,13 +1215,21 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_pa
     settings = dict(settings)
     plateau_every, every = settings.pop("plateau_every", None), settings.pop("every_n_train_steps", None)
     plateau = {key: settings.pop(key) for key in ("plateau_interval", "plateau_strict") if key in settings}
-    whole_steps = first_steps if stop_at else first_steps + 4
+    time_out_at = settings.pop("time_out_at", None)  # max_time (an hour) runs out at this step of the first session
+    whole_steps = first_steps if stop_at or time_out_at else first_steps + 4
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(timer, "time", SimpleNamespace(monotonic=lambda: clock.now))
 
-    def fit(folder: str, max_steps: int, ckpt_path: Path | None = None, stop_at: int | None = None) -> dict:
+    def fit(
+        folder: str, max_steps: int, ckpt_path: Path | None = None, stop_at: int | None = None, timed: bool = False
+    ) -> dict:
         record, stop, logger = {"loss": {}, "lr": {}, "epoch": {}, "val": {}}, GracefulStop(), Steps()
+        clock.now = 0.0
 
         class Record(Callback):
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if timed and trainer.global_step + 1 == time_out_at:
+                    clock.now = 3600.0
                 record["lr"][trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
                 if trainer.global_step + 1 == stop_at:
                     stop.received = signal.SIGTERM  # what the signal handler records, inside the step
@@ -1227,6 +1247,8 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_pa
         checkpoint = RunCheckpoint(dirpath=tmp_path / folder, save_last=True, every_n_train_steps=every, save_top_k=-1)
         validation = {"val_check_interval": 4, "limit_val_batches": 1, "num_sanity_val_steps": 0}
         options = {**validation, "log_every_n_steps": 1, **settings}
+        if time_out_at:
+            options["max_time"] = timedelta(hours=1 if timed else 2)
         trainer = make_trainer(tmp_path, max_steps, [Record(), stop, checkpoint], logger=logger, **options)
         module, data = make_run(tiny_corpus, n_layer=2, module_class=PlateauModule if plateau_every else EPASModule)
         module.plateau_every = plateau_every
@@ -1239,7 +1261,7 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(tiny_corpus, tmp_pa
         return record
 
     whole = fit("whole", whole_steps)
-    first = fit("first", first_steps, stop_at=stop_at)
+    first = fit("first", first_steps, stop_at=stop_at, timed=True)
     saved = torch.load(tmp_path / "first" / "last.ckpt", weights_only=True)
     at_save = next(epoch for (step, _), epoch in whole["epoch"].items() if step == saved["global_step"])  # its end
     assert saved["epoch"] == at_save
@@ -1570,6 +1592,63 @@ def test_a_signal_in_the_last_step_ends_the_run_complete(tiny_corpus, tmp_path, 
     err = capsys.readouterr().err
     assert f"{signum.name} in the last step (3): training is complete" in err and "resume with" not in err, err
     assert stop.exit_status is None and not stop.requeued and not log.exists()
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGUSR1"], ids=["SIGTERM", "SLURM's requeue signal"])
+def test_a_signal_in_the_step_max_time_ends_says_to_raise_max_time(tiny_corpus, tmp_path, monkeypatch, capsys, signum):
+    """A stop asked for in the step where max_time ran out said to resume with --ckpt_path last (a resume under the
+    same max_time trains nothing: the Timer goes on from the checkpoint's training time), exited 143, and under SLURM
+    requeued the job, which started again only to end. The time limit ends that run: the stop now says so and to
+    raise max_time, requeues nothing and exits 0, as a run max_time ends without a signal."""
+    import signal
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import timer
+
+    from epas_lightning import GracefulStop
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    clock = SimpleNamespace(now=0.0)
+
+    class Clock(Callback):  # the hour has passed from the second step on
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            clock.now = 3600.0 if batch_idx >= 1 else 0.0
+
+    monkeypatch.setattr(timer, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    log = fake_slurm_task(monkeypatch, tmp_path)
+    stop, signum = GracefulStop(), signal.Signals[signum]
+    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    callbacks = [Clock(), SignalMidStep(1, signum), stop, checkpoint]
+    make_trainer(tmp_path, 6, callbacks, max_time=timedelta(hours=1)).fit(*make_run(tiny_corpus, n_layer=2))
+    err = capsys.readouterr().err
+    assert f"{signum.name} in the step where max_time ran out (2): max_time ends the run here" in err, err
+    assert "to train further, raise the Trainer's max_time and call trainer.fit(" in err, err
+    assert stop.exit_status is None and not stop.requeued and not log.exists()
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+def test_a_signal_during_the_final_validation_says_the_run_ends_after_it(tiny_corpus, tmp_path, capsys):
+    """A signal during the validation after the run's last step said "stopping after this optimizer step with a
+    checkpoint", though no step followed: the run ended as it would have (exit status 0). It now says that."""
+    import signal
+
+    from epas_lightning import GracefulStop
+    from epas_lightning.run_checkpoint import RunCheckpoint
+
+    class SignalInFinalValidation(Callback):
+        def on_validation_batch_start(self, trainer, *args):
+            if trainer.global_step == 3 and not trainer.sanity_checking:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    stop, checkpoint = GracefulStop(), RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    validation = {"val_check_interval": 3, "limit_val_batches": 1, "num_sanity_val_steps": 0}
+    trainer = make_trainer(tmp_path, 3, [SignalInFinalValidation(), stop, checkpoint], **validation)
+    trainer.fit(*make_run(tiny_corpus, n_layer=2))
+    err = capsys.readouterr().err
+    assert "SIGTERM after the last step (3): nothing to stop, the run ends after this validation" in err, err
+    assert "stopping after this optimizer step" not in err and stop.exit_status is None
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
