@@ -100,7 +100,7 @@ class CheckpointInfo:
     tokenizer_sha256: str | None = None
     training: dict[str, Any] = field(default_factory=dict)
     """Where the weights came from (:func:`~epas_lightning.provenance.training_record`): step, epoch, tokens, latest
-    validation loss, the training checkpoint's name."""
+    validation loss, the training checkpoint's absolute path."""
     mixed_data: list[Path] = field(default_factory=list)
     """The data folders of a training checkpoint's run that mixed several (as its data module saved them, in order);
     empty for a run of one. ``data_dir`` is the first: the one whose tokenizer the run recorded."""

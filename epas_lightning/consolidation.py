@@ -107,7 +107,7 @@ def consolidate_command(checkpoint: Path, output: Path, overwrite: bool = False,
 
     The folder is built beside the target and renamed into place when complete; it records the model config, the
     trained sharing region in growth order, the tokenizer (copied when it still exists) and where the weights came
-    from: the step, epoch, tokens trained and latest validation loss of the training checkpoint, and its name.
+    from: the step, epoch, tokens trained and latest validation loss of the training checkpoint, and its absolute path.
 
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.

@@ -89,7 +89,7 @@ class GracefulStop(Callback):
         last``; otherwise (a script of your own) with ``trainer.fit``."""
         self._previous: dict[signal.Signals, Any] = {}
         self._step = -1
-        self._validation_due = False  # at the step the stop saves: the validation it skips, which a resume runs
+        self._validation_skipped_at: int | None = None  # the stop's step, whose validation it skips (a resume runs it)
         self._log_every_n_steps: int | None = None  # the trainer's, while the stop's step logs nothing
         self._held_plateaus: list[tuple[Any, int]] = []  # the plateau schedulers' configs and frequencies, held
         self._trainer: Trainer | None = None  # while the handlers are this callback's
@@ -115,7 +115,7 @@ class GracefulStop(Callback):
         self._stop_if_signalled_before_training(trainer)  # before resuming and the sanity validation
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._step = trainer.global_step
+        self._step, self._validation_skipped_at = trainer.global_step, None
         self._give_back(trainer)
         if self.enabled and threading.current_thread() is threading.main_thread():
             # Lightning registered its SIGTERM handler after on_fit_start: this one replaces it until training ends
@@ -156,11 +156,9 @@ class GracefulStop(Callback):
         due = epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)  # before should_stop makes it due
         ends = _limit_ending_this_step(trainer)  # the run's last step: nothing is left to resume under its limits
         last = due and ends  # the run's last validation: no resume would run it
-        self._validation_due = due and not last
-        try:
-            saved = self._save(trainer)
-        finally:
-            self._validation_due = False
+        # every checkpoint of this step says so: the stop's, and any other callback's after it (checkpoints run last)
+        self._validation_skipped_at = trainer.global_step if due and not last else None
+        saved = self._save(trainer)
         self._log_as_uninterrupted(trainer)
         if not last:
             self._hold_plateau_steps(trainer)
@@ -238,7 +236,7 @@ class GracefulStop(Callback):
         return save_last_now(trainer, checkpoint)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self._validation_due:
+        if self._validation_skipped_at == trainer.global_step:
             checkpoint[VALIDATION_SKIPPED_KEY] = trainer.global_step
 
     def _log_as_uninterrupted(self, trainer: Trainer) -> None:

@@ -47,7 +47,14 @@ from epas_lightning.optim import (
 )
 from epas_lightning.parallel import PRECISIONS, checkpointed_blocks, mixed_precision_policy, parallelize
 from epas_lightning.provenance import HELDOUT_KEY, LAST_VALIDATION_KEY
-from epas_lightning.run_checkpoint import StepCheckpoint, adopt_model_checkpoint_states, keep_epoch_finished
+from epas_lightning.run_checkpoint import (
+    StepCheckpoint,
+    adopt_model_checkpoint_states,
+    end_restart,
+    finish_resume,
+    keep_epoch_finished,
+    resume_record,
+)
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
 from epas_lightning.safe_load import is_weights_only, plain_numbers, verify_checkpoint
 
@@ -157,6 +164,7 @@ class EPASModule(LightningModule):
         self._optimizer_settings: list[dict] | None = None  # as configured, before a checkpoint's are loaded
         self._restored_checked = False  # the checkpoint this stage restored was checked for NaN and inf
         self._resumed_global_batch: object = None  # a resumed checkpoint's record, until training compares it
+        self._resume: tuple | None = None  # what a resume finishes where no StepCheckpoint does (checkpointing off)
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
@@ -198,7 +206,7 @@ class EPASModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         self._restored_checked = False
-        self._resumed_global_batch = None  # until this stage's checkpoint (if any) is read
+        self._resumed_global_batch = self._resume = None  # until this stage's checkpoint (if any) is read
         load_safely(self.trainer.strategy)  # before Lightning opens a ckpt_path: a plain Trainer unpickled anything
         if stage == "fit":
             check_trainable_precision(self.trainer.precision)
@@ -271,10 +279,17 @@ class EPASModule(LightningModule):
         self._set_start_weights()  # FSDP2's, after the restore
         self._check_restored()
         read_from_resumed_position(self.trainer)
+        if self._resume is not None:  # checkpointing off: no StepCheckpoint finished the resume
+            resume, self._resume = self._resume, None
+            finish_resume(self.trainer, *resume)
         if self.trainer.ckpt_path is None or self._optimizer_settings is None:
             return
         if changed := restore_settings(self.trainer.optimizers[0], self._optimizer_settings):
             rank_zero_info(f"optimizer: resumed with the configured {changed}")
+
+    def on_train_epoch_end(self) -> None:
+        if not _step_checkpoints(self.trainer):  # else the first one does
+            end_restart(self.trainer)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Say once, at the resumed fit's first batch (a ``GradientAccumulationScheduler`` has set the epoch's
@@ -446,6 +461,8 @@ class EPASModule(LightningModule):
         self._last_validation = self._restored_validation(checkpoint, data)  # until the resumed run validates again
         if trainer is not None and trainer.state.fn == TrainerFn.FITTING:  # a resume, not weights loaded to start from
             self._resumed_global_batch = checkpoint.get(GLOBAL_BATCH_KEY)
+            if not _step_checkpoints(trainer):
+                self._resume = resume_record(checkpoint)
         # a resume does not read init_from again: keep the context length the run inherited from it
         recorded = (recorded or {}).get("max_position_embeddings")
         if self.config.max_position_embeddings is None and recorded and recorded > self.config.block_size:
@@ -817,3 +834,8 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None] | None) -> No
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state(cuda)
+
+
+def _step_checkpoints(trainer: Any) -> list[StepCheckpoint]:
+    """The trainer's :class:`StepCheckpoint` callbacks, which finish a resume (none with checkpointing off)."""
+    return [c for c in trainer.callbacks if isinstance(c, StepCheckpoint)]

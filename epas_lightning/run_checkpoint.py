@@ -148,26 +148,45 @@ class StepCheckpoint(ModelCheckpoint):
         if trainer.ckpt_path is not None:
             self._last_global_step_saved = trainer.global_step
             if self is next(c for c in trainer.callbacks if isinstance(c, StepCheckpoint)):
-                restore_plateau_metrics(trainer, self._plateau_metrics)  # reset since the checkpoint loaded
-                if self._resumed is not None:
-                    finish_resumed_step(trainer, *self._resumed)
-                begin_next_epoch_as_new(trainer)
+                finish_resume(trainer, self._resumed, self._plateau_metrics)
         self._resumed = self._plateau_metrics = None
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         save_plateau_metrics(trainer, checkpoint)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        step = checkpoint.get("global_step")
-        skipped = checkpoint.get(VALIDATION_SKIPPED_KEY, -1) == step
-        self._resumed = None if checkpoint.get(STEP_ENDED_KEY) == step else (checkpoint.get("epoch", 0), skipped)
-        self._plateau_metrics = checkpoint.get(PLATEAU_METRICS_KEY)
+        self._resumed, self._plateau_metrics = resume_record(checkpoint)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Lightning steps no ``ReduceLROnPlateau`` of interval "epoch" at the end of the epoch a run resumed in (its
-        metric was not saved): the uninterrupted run did. The fit loop counts as restarting no more from here."""
         super().on_train_epoch_end(trainer, pl_module)
-        trainer.fit_loop._restarting = False  # its setter keeps it True under max_steps
+        end_restart(trainer)
+
+
+def resume_record(checkpoint: dict[str, Any]) -> tuple[tuple[int, bool] | None, Any]:
+    """What a resume of ``checkpoint`` finishes (:func:`finish_resume`): the end of its step yet to run (its epoch,
+    whether its validation was skipped; ``None`` where the checkpoint holds it), and the plateau metrics it saved."""
+    step = checkpoint.get("global_step")
+    skipped = checkpoint.get(VALIDATION_SKIPPED_KEY, -1) == step
+    resumed = None if checkpoint.get(STEP_ENDED_KEY) == step else (checkpoint.get("epoch", 0), skipped)
+    return resumed, checkpoint.get(PLATEAU_METRICS_KEY)
+
+
+def finish_resume(trainer: Trainer, resumed: tuple[int, bool] | None, plateau_metrics: Any) -> None:
+    """At the start of a resumed run's training, what Lightning's resume skips (``resumed`` and ``plateau_metrics``:
+    :func:`resume_record`): the saved plateau metrics put back (reset since the checkpoint loaded), the end of the
+    resumed step (:func:`finish_resumed_step`), the next epoch begun as new (:func:`begin_next_epoch_as_new`). The
+    first :class:`StepCheckpoint` calls it, else (checkpointing off) ``EPASModule``."""
+    restore_plateau_metrics(trainer, plateau_metrics)
+    if resumed is not None:
+        finish_resumed_step(trainer, *resumed)
+    begin_next_epoch_as_new(trainer)
+
+
+def end_restart(trainer: Trainer) -> None:
+    """At an epoch's end: Lightning steps no ``ReduceLROnPlateau`` of interval "epoch" at the end of the epoch a run
+    resumed in (its metric was not saved), where the uninterrupted run did. The fit loop counts as restarting no more
+    from here."""
+    trainer.fit_loop._restarting = False  # its setter keeps it True under max_steps
 
 
 def validation_due_but_for_stop(trainer: Trainer) -> bool:

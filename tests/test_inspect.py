@@ -383,7 +383,7 @@ def test_consolidate_and_export_carry_the_provenance_inspect_shows_for_the_check
     assert trained == {"global_step": 48, "epoch": 2, "tokens": 48 * 128, "val_loss": validation}
     assert record["source"] is None
     consolidated = consolidate(ckpt, tmp_path / "consolidated")
-    through = export(consolidated, tmp_path / "hf")  # the training checkpoint's name is carried through
+    through = export(consolidated, tmp_path / "hf")  # the training checkpoint's path is carried through
     direct = export(ckpt, tmp_path / "hf-stock", sharing_layers=0)
     for folder in (consolidated, through, direct):
         out, record = inspected(capsys, folder)

@@ -358,6 +358,7 @@ def test_a_config_of_numpy_numbers_is_a_config_of_python_numbers():
         ("norm_eps", float("nan"), "got {'norm_eps': nan}"),  # NaN is no number below 0: every output was NaN
         ("rope_theta", float("inf"), "rope_theta must be a positive number"),  # no rotation: positions unseen
         ("init_std", float("inf"), "got {'init_std': inf}"),  # weights of inf
+        ("rope_theta", 10**400, "rope_theta must be a positive number"),  # no float holds it: OverflowError traceback
         ("tie_embeddings", "yes", "tie_embeddings must be true or false, got 'yes'"),
         ("rope_scaling", "llama3", "rope_scaling must be a mapping like"),
         ("rope_scaling", {"rope_type": "linear", "factor": float("inf")}, "all finite, got {'rope_type': 'linear', "),
@@ -367,6 +368,7 @@ def test_a_config_of_numpy_numbers_is_a_config_of_python_numbers():
              "original_max_position_embeddings": 64},
             "and 0 < low_freq_factor < high_freq_factor, all finite",
         ),
+        ("rope_scaling", {"rope_type": "linear", "factor": 10**400}, "all finite, got {'rope_type': 'linear', "),
         ("n_head", 3, "n_embd=64 must be divisible by n_head=3 — model.config — set n_head to 2 or 4, or n_embd to a "
          "multiple of 6"),
         ("n_kv_head", 3, "n_head=4 must be divisible by n_kv_head=3 — model.config — set n_kv_head to one of 1, 2, 4"),

@@ -1099,6 +1099,77 @@ def test_a_run_resumed_after_a_stop_validates_at_the_step_it_stopped(
         assert sorted(resumed) == [(12, 11)]
 
 
+def test_another_checkpoint_saved_at_a_stop_marks_the_validation_the_stop_skipped(tiny_corpus, tmp_path):
+    """A checkpoint of one's own (a StepCheckpoint) saving at the stop's step, after the stop's save (Lightning runs
+    checkpoints last), lacked the mark of the validation the stop skipped: resumed from it, no session validated that
+    step. Every checkpoint saved at the stop's step now carries the mark."""
+    import signal
+
+    from epas_lightning import GracefulStop, RunCheckpoint, StepCheckpoint
+    from epas_lightning.run_checkpoint import VALIDATION_SKIPPED_KEY
+
+    def fit(max_steps: int, ckpt_path: Path | None = None, stop_at: int | None = None) -> list[int]:
+        validated, stop = [], GracefulStop()
+
+        class Record(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step + 1 == stop_at:
+                    stop.received = signal.SIGTERM  # what the signal handler records, inside the step
+
+            def on_validation_end(self, trainer, pl_module):
+                if not trainer.sanity_checking:
+                    validated.append(trainer.global_step)
+
+        run = RunCheckpoint(dirpath=tmp_path / "run", save_last=True)
+        own = StepCheckpoint(dirpath=tmp_path / "own", every_n_train_steps=4, save_top_k=-1)
+        validation = {"val_check_interval": 4, "limit_val_batches": 1, "num_sanity_val_steps": 0}
+        trainer = make_trainer(tmp_path, max_steps, [Record(), stop, run, own], **validation)
+        trainer.fit(*make_run(tiny_corpus, n_layer=2), ckpt_path=ckpt_path)
+        return validated
+
+    assert fit(8, stop_at=4) == []  # the stop skips the validation due at its step
+    own = tmp_path / "own" / "epoch=0-step=4.ckpt"
+    assert torch.load(own, weights_only=True).get(VALIDATION_SKIPPED_KEY) == 4
+    assert fit(8, own) == [4, 8]
+
+
+def test_a_run_resumed_with_checkpointing_off_trains_as_the_uninterrupted_run(tiny_corpus, tmp_path):
+    """Resumed with checkpointing off (no StepCheckpoint, which finished the resume), the validation the stop skipped
+    never ran, and a ReduceLROnPlateau stepped per step found no val/loss until the next validation (the checkpoint's
+    was not put back): its learning rate never halved where the uninterrupted run's halved at each step."""
+    import signal
+
+    from epas_lightning import GracefulStop, RunCheckpoint
+
+    def fit(max_steps: int, ckpt_path: Path | None = None, stop_at: int | None = None) -> dict:
+        record, stop = {"lr": {}, "val": []}, GracefulStop()
+
+        class Record(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                record["lr"][trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+                if trainer.global_step + 1 == stop_at:
+                    stop.received = signal.SIGTERM  # what the signal handler records, inside the step
+
+            def on_validation_end(self, trainer, pl_module):
+                if not trainer.sanity_checking:
+                    record["val"].append(trainer.global_step)
+
+        checkpointing = ckpt_path is None
+        folder = tmp_path / ("first" if stop_at else "whole")
+        callbacks = [Record(), stop, *([RunCheckpoint(dirpath=folder, save_last=True)] * checkpointing)]
+        options = {"val_check_interval": 4, "limit_val_batches": 1, "num_sanity_val_steps": 0}
+        trainer = make_trainer(tmp_path, max_steps, callbacks, enable_checkpointing=checkpointing, **options)
+        module, data = make_run(tiny_corpus, n_layer=2, module_class=PlateauModule)
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        return record
+
+    whole = fit(8)
+    first = fit(8, stop_at=4)
+    resumed = fit(8, tmp_path / "first" / "last.ckpt")
+    assert first["val"] + resumed["val"] == whole["val"] == [4, 8]
+    assert {**first["lr"], **resumed["lr"]} == pytest.approx(whole["lr"])
+
+
 @pytest.mark.parametrize("validate", [False, True])
 def test_a_run_stopped_at_two_epoch_ends_reads_each_epoch_as_the_uninterrupted_run(tiny_corpus, tmp_path, validate):
     """Resumed from a stop after an epoch's last batch, Lightning began the next epoch uncounted, so a second stop

@@ -107,7 +107,7 @@ class RopeScaling:
                 where,
                 "set it to the context length the model was pretrained at",
             )
-        infinite = not all(math.isfinite(getattr(self, name)) for name in needed)  # inf: positions without rotation
+        infinite = not all(_is_finite(getattr(self, name)) for name in needed)  # inf: positions without rotation
         if infinite or not self.factor > 0 or (llama3 and not 0 < self.low_freq_factor < self.high_freq_factor):
             raise ConfigError(
                 "RoPE scaling needs factor > 0 and 0 < low_freq_factor < high_freq_factor, all finite, got "
@@ -344,9 +344,17 @@ def _is_count(value: Any) -> bool:
 def _out_of_range(name: str, value: Any) -> bool:
     """Whether ``value`` is no finite number in the range of ``name``: ``rope_theta`` above 0, ``norm_eps`` and
     ``init_std`` 0 or more (NaN compares as neither and made every output NaN; inf weights, or no rotation)."""
-    if not _is_number(value) or not math.isfinite(value):
+    if not _is_number(value) or not _is_finite(value):
         return True
     return value <= 0 if name == "rope_theta" else value < 0
+
+
+def _is_finite(value: numbers.Real) -> bool:
+    """Whether the number ``value`` is finite as a float (an integer too large for one is not: it overflowed)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _is_number(value: Any) -> bool:
