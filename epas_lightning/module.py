@@ -54,6 +54,7 @@ from epas_lightning.run_checkpoint import (
     finish_resume,
     keep_epoch_finished,
     resume_record,
+    step_checkpoints,
 )
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
 from epas_lightning.safe_load import is_weights_only, plain_numbers, verify_checkpoint
@@ -288,7 +289,7 @@ class EPASModule(LightningModule):
             rank_zero_info(f"optimizer: resumed with the configured {changed}")
 
     def on_train_epoch_end(self) -> None:
-        if not _step_checkpoints(self.trainer):  # else the first one does
+        if not step_checkpoints(self.trainer):  # else the first one does
             end_restart(self.trainer)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -461,7 +462,7 @@ class EPASModule(LightningModule):
         self._last_validation = self._restored_validation(checkpoint, data)  # until the resumed run validates again
         if trainer is not None and trainer.state.fn == TrainerFn.FITTING:  # a resume, not weights loaded to start from
             self._resumed_global_batch = checkpoint.get(GLOBAL_BATCH_KEY)
-            if not _step_checkpoints(trainer):
+            if not step_checkpoints(trainer):
                 self._resume = resume_record(checkpoint)
         # a resume does not read init_from again: keep the context length the run inherited from it
         recorded = (recorded or {}).get("max_position_embeddings")
@@ -834,8 +835,3 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None] | None) -> No
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state(cuda)
-
-
-def _step_checkpoints(trainer: Any) -> list[StepCheckpoint]:
-    """The trainer's :class:`StepCheckpoint` callbacks, which finish a resume (none with checkpointing off)."""
-    return [c for c in trainer.callbacks if isinstance(c, StepCheckpoint)]

@@ -147,7 +147,7 @@ class StepCheckpoint(ModelCheckpoint):
         self._save_after_step = self._stop_after_step = self._stop_validated = False  # from a fit ended by an error
         if trainer.ckpt_path is not None:
             self._last_global_step_saved = trainer.global_step
-            if self is next(c for c in trainer.callbacks if isinstance(c, StepCheckpoint)):
+            if self is step_checkpoints(trainer)[0]:
                 finish_resume(trainer, self._resumed, self._plateau_metrics)
         self._resumed = self._plateau_metrics = None
 
@@ -160,6 +160,12 @@ class StepCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         end_restart(trainer)
+
+
+def step_checkpoints(trainer: Trainer) -> list[StepCheckpoint]:
+    """The trainer's :class:`StepCheckpoint` callbacks: the first finishes a resume (none with checkpointing off:
+    ``EPASModule`` does)."""
+    return [c for c in trainer.callbacks if isinstance(c, StepCheckpoint)]
 
 
 def resume_record(checkpoint: dict[str, Any]) -> tuple[tuple[int, bool] | None, Any]:
