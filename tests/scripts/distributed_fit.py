@@ -5,8 +5,9 @@ one-process runs may call ``main(argv)`` inside the test process instead. Every 
 per optimizer step the loss on this rank, the sharing layers, and the layers whose ``q_proj``/``k_proj`` (biases
 included) got no gradient; plus the shapes of its local parameter shards, whether the LM head is tied, and the keys
 of each batch of ``init_from`` weights it loaded, and with ``--val-dir`` the ``val/loss`` and ``val/tokens`` a
-``validate`` after fit logs there; with ``--reload``, the keys of its batches too, and rank 0 writes
-the weights each loads after fit to ``<out>/reload<i>.st``. With ``--read-fails-on-rank R`` that rank's reader of
+``validate`` after fit logs there (with ``--throughput`` and a logger, rank 0 also the last ``validate/samples`` and
+``validate/lengths`` its ``TokenThroughputMonitor`` wrote); with ``--reload``, the keys of its batches too, and rank 0
+writes the weights each loads after fit to ``<out>/reload<i>.st``. With ``--read-fails-on-rank R`` that rank's reader of
 checkpoint weights raises a ``CheckpointError`` after ``--read-fails-after`` tensors. With ``--sigterm-in-step N`` rank
 ``--sigterm-rank`` sends itself SIGTERM during step N (``GracefulStop`` then stops every rank after it). With
 ``--log-every N`` a logger records what Lightning writes every N steps (``logged_train_loss``: step to value), and each
@@ -40,6 +41,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Sampler
 
 from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule, checkpoint_formats, init_from
+from epas_lightning.callbacks import TokenThroughputMonitor
 from epas_lightning.child_ranks import EndChildRanksOnError
 from epas_lightning.errors import CheckpointError, run_script
 from epas_lightning.interrupt import GracefulStop
@@ -206,6 +208,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, help="log_every_n_steps, with a logger recording what is written")
     p.add_argument("--stop-after-step", type=int, help="every rank sets should_stop after this step (from 1)")
     p.add_argument("--monitor-train-loss", action="store_true", help="EarlyStopping on train/loss (never stops)")
+    p.add_argument("--throughput", action="store_true", help="with a TokenThroughputMonitor")
     p.add_argument("--clip", type=float, help="gradient_clip_val (by norm)")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--activation-checkpointing", action="store_true")
@@ -298,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
         callbacks.append(StopAfterStep(args.stop_after_step))
     if args.monitor_train_loss:
         callbacks.append(EarlyStopping("train/loss", patience=1000, check_on_train_epoch_end=True))
+    if args.throughput:
+        callbacks.append(TokenThroughputMonitor())
     logger = recording_logger() if args.log_every else False
     trainer = L.Trainer(
         accelerator="cpu",
@@ -338,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.val_dir:  # every rank logs the loss over all the held-out sequences, and the tokens they hold
         (validated,) = trainer.validate(module, data, verbose=False)
         result["validated"] = {key: validated[key] for key in ("val/loss", "val/tokens")}
+        if logger and args.throughput and trainer.is_global_zero:  # the monitor logs on rank zero
+            result["validated"] |= {key: logger.values[key][-1] for key in ("validate/samples", "validate/lengths")}
     if args.save_final:
         save_full_weights(module, args.save_final, trainer.global_rank)
     args.out.mkdir(parents=True, exist_ok=True)
