@@ -453,6 +453,9 @@ RUN_TOTALS = ("time", "batches", "samples", "lengths")
 COUNTS = ("batches", "samples", "lengths")
 """``Throughput``'s counts, which it keeps per device (rank zero's): logged for all processes, as its rates are."""
 
+HELDOUT_STAGES = (RunningStage.VALIDATING, RunningStage.TESTING)
+"""The stages ``TokenThroughputMonitor`` counts held-out batches in (their real rows)."""
+
 PEAK_MEMORY_KEY = "train/device/peak_memory_gib"
 """Logged on CUDA: the most memory the device has allocated so far (``torch.cuda.max_memory_allocated``), GiB."""
 
@@ -514,8 +517,8 @@ class TokenThroughputMonitor(ThroughputMonitor):
     (micro-batches, sequences and tokens trained), count the whole run: a resumed run continues them from its
     checkpoint (Lightning's started again from 0). Like the rates without ``device/``, the counts are those of all
     processes (Lightning's were rank zero's), ``validate/...``'s too. Held-out batches count (and their FLOPs cover)
-    their real rows, not the pad rows that fill them; rank zero holds the most, so over W processes the held-out counts
-    may exceed the held-out set by up to W - 1 sequences.
+    their real rows, not the pad rows that fill them: over W processes every rank's where the held-out loader says
+    them (``TokenDataModule``'s), else rank zero's W times (it holds the most: up to W - 1 sequences too many).
 
     Args:
         window_size: Entries over which the rates are averaged: optimizer steps in training, batches in validation;
@@ -534,16 +537,22 @@ class TokenThroughputMonitor(ThroughputMonitor):
         self._world_size = 1
         self._pending_flops: dict[RunningStage, float] = {}  # the FLOPs of the step's micro-batches so far
         self._trained_s = 0.0  # the training time when the validation now running started
+        self._every_rank: dict[RunningStage, tuple[int, int] | None] = {}  # held-out samples and tokens of all ranks
 
     def _start(self, trainer: Trainer) -> None:
         super()._start(trainer)
-        self._pending_flops.pop(trainer.state.stage, None)
+        stage = trainer.state.stage
+        self._pending_flops.pop(stage, None)
+        if stage in HELDOUT_STAGES and not self._samples.get(stage):  # Lightning's counts start again
+            self._every_rank[stage] = (0, 0)
 
     @torch.inference_mode()
     def _update(self, trainer: Trainer, pl_module: LightningModule, batch: Any, iter_num: int) -> None:
         """Count the batch (of a held-out one its real rows, not its pad rows); in training, update the rates only at
         the micro-batch that ends an optimizer step."""
         stage = trainer.state.stage
+        if stage in HELDOUT_STAGES:
+            self._count_every_rank(trainer, stage, batch.shape[1] - 1)
         rows = batch_size(batch) if stage == RunningStage.TRAINING else int(real_rows(batch))
         if not rows:
             return  # all pad rows: no held-out batch (its time counts in the next one's)
@@ -564,6 +573,26 @@ class TokenThroughputMonitor(ThroughputMonitor):
             lengths=self._lengths[stage],
             flops=self._pending_flops.pop(stage, None),
         )
+
+    def _count_every_rank(self, trainer: Trainer, stage: RunningStage, seq_len: int) -> None:
+        """Add the samples and tokens that this held-out batch number holds on every rank, where the loader says them
+        (``HeldOutBatches.rows_of_every_rank``); else the counts are rank zero's W times from here on."""
+        loop = trainer._evaluation_loop
+        loader = loop._combined_loader.iterables if loop._combined_loader is not None else None  # one: a DataLoader
+        rows_of_every_rank = getattr(getattr(loader, "dataset", None), "rows_of_every_rank", None)
+        counted = self._every_rank.get(stage)
+        if rows_of_every_rank is None or counted is None:
+            self._every_rank[stage] = None
+            return
+        rows = rows_of_every_rank(loop.batch_progress.current.ready - 1)  # this batch's number in the pass
+        self._every_rank[stage] = (counted[0] + rows, counted[1] + rows * seq_len)
+
+    def _of_all_processes(self, stage: RunningStage, metrics: dict[str, Any], world_size: int) -> dict[str, Any]:
+        """:func:`_all_processes`, with the held-out samples and tokens of every rank where they were counted."""
+        metrics = _all_processes(metrics, world_size)
+        if stage in HELDOUT_STAGES and (counted := self._every_rank.get(stage)) is not None:
+            metrics["samples"], metrics["lengths"] = counted
+        return metrics
 
     def state_dict(self) -> dict[str, Any]:
         return self._run_totals()
@@ -592,7 +621,7 @@ class TokenThroughputMonitor(ThroughputMonitor):
         throughput = self._throughputs[stage]
         if not throughput._time:
             return  # nothing counted yet: a held-out batch of pad rows alone
-        metrics = _all_processes(throughput.compute(), trainer.world_size)
+        metrics = self._of_all_processes(stage, throughput.compute(), trainer.world_size)
         if stage == RunningStage.TRAINING:
             metrics.update(self._run_totals())
         metrics = {f"{stage.value}{throughput.separator}{k}": v for k, v in metrics.items()}
@@ -639,7 +668,7 @@ class TokenThroughputMonitor(ThroughputMonitor):
         stage = RunningStage.VALIDATING
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and self._batches.get(stage):
             throughput = self._throughputs[stage]
-            metrics = _all_processes(throughput.compute(), trainer.world_size)
+            metrics = self._of_all_processes(stage, throughput.compute(), trainer.world_size)
             metrics = {f"{stage.value}{throughput.separator}{k}": v for k, v in metrics.items()}
             trainer._logger_connector.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:

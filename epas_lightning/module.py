@@ -58,6 +58,7 @@ from epas_lightning.run_checkpoint import (
 )
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
 from epas_lightning.safe_load import is_weights_only, plain_numbers, verify_checkpoint
+from epas_lightning.step_logging import decided_on, loggers_write_this_step, mean_over_ranks, replace_logged
 
 if TYPE_CHECKING:
     from epas_lightning.data.tokenizer import RecordedTokenizer
@@ -68,6 +69,7 @@ WEIGHTS_DTYPE_KEY = "weights_dtype"
 CLI_CONFIG_FIX = "use the model.config it was trained with (its run folder keeps config.yaml)"
 PYTHON_CONFIG_FIX = "pass the config it was trained with: epas_lightning.checkpoint.recorded_config(path)"
 LOAD_CONFIG_FIX = "leave config= out: the checkpoint's own is used"
+TRAIN_LOSS = "train/loss"
 
 
 class EPASModule(LightningModule):
@@ -162,6 +164,7 @@ class EPASModule(LightningModule):
         self._loss_step: int | None = None  # the optimizer step whose micro-batch losses _loss_sum adds up
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
+        self._loss_reduced = True  # the train/loss this micro-batch logged is the mean over the ranks already
         self._optimizer_settings: list[dict] | None = None  # as configured, before a checkpoint's are loaded
         self._restored_checked = False  # the checkpoint this stage restored was checked for NaN and inf
         self._resumed_global_batch: object = None  # a resumed checkpoint's record, until training compares it
@@ -505,14 +508,33 @@ class EPASModule(LightningModule):
         self._tokens_shape = (batch.shape[0], batch.shape[1] - 1)
         # the logits are never materialised (validation keeps token_losses); compiled blocks, a compiled loss
         loss = train_loss(self.model, batch, compile=self.compile_blocks)
-        self.log("train/loss", self._step_mean_loss(loss), prog_bar=True, sync_dist=True)
+        self._log_train_loss(self._step_mean_loss(loss))
         return loss
+
+    def _log_train_loss(self, step_loss: torch.Tensor) -> None:
+        """Log ``train/loss``, averaged over the ranks (one collective) only at the last micro-batch of a step whose
+        value is read as the run's: one the loggers write, or every step where a callback or plateau scheduler decides
+        on it (``monitor``). Elsewhere it is this rank's: the progress bar (rank zero's) and ``callback_metrics`` show
+        the rank's own loss between the steps the loggers write. ``sync_dist`` made the collective (a barrier and an
+        all-reduce; on CUDA a wait for the loss) at every micro-batch of every step."""
+        trainer = self.trainer
+        last = not trainer.fit_loop._should_accumulate()
+        self._loss_reduced = last and (loggers_write_this_step(trainer) or decided_on(trainer, TRAIN_LOSS))
+        self.log(TRAIN_LOSS, mean_over_ranks(trainer, step_loss) if self._loss_reduced else step_loss, prog_bar=True)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """A callback that set ``should_stop`` in this step (``max_time``'s ``Timer``) made Lightning write it, whatever
+        ``log_every_n_steps`` says: the loggers get the mean over the ranks there too."""
+        trainer = self.trainer
+        if not self._loss_reduced and not trainer.fit_loop._should_accumulate() and loggers_write_this_step(trainer):
+            step_loss = mean_over_ranks(trainer, self._loss_sum / self._loss_count)
+            replace_logged(trainer, "training_step", TRAIN_LOSS, step_loss)
 
     def _step_mean_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The mean loss of the micro-batches of this optimizer step so far (the step's loss at its last one).
 
         Lightning keeps the value logged by the step's last micro-batch; logging the running mean makes ``train/loss``
-        the step's loss under gradient accumulation too. ``sync_dist`` then averages it over the ranks.
+        the step's loss under gradient accumulation too.
         """
         step = self.trainer.global_step
         if self._loss_step != step:
@@ -549,7 +571,7 @@ class EPASModule(LightningModule):
         if gradient_clip_val is not None and gradient_clip_val <= 0:  # Lightning's "no clipping" (a negative max_norm
             gradient_clip_val = None  # flipped the gradients' sign: gradient ascent)
         by_norm = bool(gradient_clip_val) and gradient_clip_algorithm in (None, "norm")
-        logs_now = bool(self.trainer.loggers) and getattr(self.trainer._logger_connector, "should_update_logs", True)
+        logs_now = loggers_write_this_step(self.trainer)
         if not (gradient_clip_val or logs_now):
             return  # nothing to clip or to log
         unscaled_here = unscale_fused_gradients(self.trainer, optimizer)

@@ -378,8 +378,8 @@ class StepRunProgressBar(RichProgressBar):
 
     Where its output is not a terminal (a SLURM log, ``nohup``, a pipe) the bar is drawn only when an epoch ends,
     which may be the end of the run: there it also prints a line on stderr at most every ``line_every_s`` seconds,
-    when an optimizer step ends (steps done, that step's train loss, tokens/s since the last line, time left), and one
-    after each validation (its loss).
+    when an optimizer step ends (steps done, that step's train loss: rank zero's, over all ranks at the steps the
+    loggers write; tokens/s since the last line, time left), and one after each validation (its loss).
 
     Args:
         line_every_s: Without a terminal, the shortest time between two step lines.

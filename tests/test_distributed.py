@@ -107,7 +107,8 @@ def torchrun_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[di
     clipping), then under DDP (find_unused_parameters) in the same two processes: each run's rank records."""
     root = tmp_path_factory.mktemp("torchrun")
     ddp = ["--out", str(root / "ddp"), "--devices", "1", "--num-nodes", "2", "--strategy", "ddp"]
-    fsdp2 = fit_on_two_torchrun_nodes(root / "fsdp2", "--clip", "0.5", "--activation-checkpointing", "--then", *ddp)
+    fsdp2_args = ["--clip", "0.5", "--activation-checkpointing", "--log-every", "1"]  # every step's train/loss written
+    fsdp2 = fit_on_two_torchrun_nodes(root / "fsdp2", *fsdp2_args, "--then", *ddp)
     return {"fsdp2": fsdp2, "ddp": ranks(root / "ddp")}
 
 
@@ -122,7 +123,7 @@ def test_fsdp2_two_torchrun_nodes_match_one_rank_through_switches(torchrun_runs,
     assert all(r["local_shapes"]["model.embed_tokens.weight"] == [256, 64] for r in two)
     # same init for any number of ranks, same global batch: fp32 sums in another order only (AC recomputes alike)
     assert global_losses(two) == pytest.approx(global_losses(one), rel=2e-6)
-    # train/loss and train/grad_norm are the global batch's, the same on every rank
+    # train/loss (written at every step) and train/grad_norm are the global batch's, the same on every rank
     for rank in two:
         logged = [rank["steps"][s]["logged"] for s in sorted(rank["steps"], key=int)]
         assert [m["train/loss"] for m in logged] == pytest.approx(global_losses(two), rel=1e-6)
@@ -136,6 +137,43 @@ def test_ddp_with_find_unused_parameters_matches_one_process(torchrun_runs, tmp_
     assert len(ddp) == 2 and all(r["world_size"] == 2 for r in ddp)
     assert_switches_on_every_rank(ddp)
     assert global_losses(ddp) == pytest.approx(global_losses(single), rel=2e-6)
+
+
+def test_train_loss_is_reduced_over_the_ranks_once_where_it_is_written(tmp_path):
+    """``train/loss`` was all-reduced at every micro-batch of every rank (a barrier and a collective; on CUDA a stream
+    wait), though the loggers write it every ``log_every_n_steps`` steps. Now once, at the last micro-batch of a step
+    the loggers write (every 2nd here; a stop makes Lightning write its step too), or of every step where a callback
+    decides on it; the loggers still get the mean over the ranks of the step's mean over its micro-batches (an epoch's
+    short last step too), and between the steps they write the progress bar shows this rank's."""
+    common = ["--devices", "2", "--strategy", "ddp", "--samples", "40", "--accumulate", "2", "--log-every", "2"]
+    stopped, monitored = tmp_path / "stopped", tmp_path / "monitored"  # 5 micro-batches an epoch: steps of 2, 2, 1
+    fit_both_ranks(tmp_path / "plain", *common[2:], "--steps", "6",
+                   "--then", "--out", str(stopped), *common, "--steps", "6", "--stop-after-step", "5",
+                   "--then", "--out", str(monitored), *common, "--steps", "3", "--monitor-train-loss")  # fmt: skip
+
+    def step_means(rank: dict) -> dict[str, float]:
+        return {s: sum(step["micro"]) / len(step["micro"]) for s, step in rank["steps"].items()}
+
+    for run, written, reduced in [
+        ("plain", [1, 3, 5], [1, 3, 5]),
+        ("stopped", [1, 3, 4], [1, 3, 4]),  # stopped after step index 4: Lightning writes it
+        ("monitored", [1], [0, 1, 2]),  # EarlyStopping reads every step's
+    ]:
+        two = ranks(tmp_path / run)
+        means = [step_means(rank) for rank in two]
+        for rank, own in zip(two, means, strict=True):
+            assert {s: len(step["micro"]) for s, step in rank["steps"].items()} == dict(
+                zip(map(str, range(len(own))), [2, 2, 1, 2, 2, 1], strict=False)
+            )
+            assert {int(s): n for s, n in rank["loss_reduces"].items() if n} == dict.fromkeys(reduced, 1), run
+            logged = rank["logged_train_loss"]
+            assert sorted(map(int, logged)) == written, run
+            for s in logged:
+                assert logged[s] == pytest.approx((means[0][s] + means[1][s]) / 2, rel=1e-6), (run, s)
+            if run == "plain":
+                for s in ("0", "2", "4"):  # not written: this rank's own
+                    assert rank["steps"][s]["logged"]["train/loss"] == pytest.approx(own[s], rel=1e-6)
+                assert means[0]["0"] != pytest.approx(means[1]["0"])
 
 
 @pytest.mark.parametrize("precision,weights", [("bf16-true", "bfloat16"), ("bf16-mixed", "float32")])
@@ -245,6 +283,27 @@ def test_two_fsdp2_ranks_validate_every_held_out_sequence_once_as_one_device_doe
     data = TokenDataModule(str(tiny_corpus), seq_len=32, batch_size=3, vocab_size=512, val_dir=str(root / "val"))
     (one,) = cpu_trainer(root / "one", 1, limit_val_batches=1.0).validate(module, data, verbose=False)
     assert validated[0] == validated[1] and validated[0]["val/tokens"] == one["val/tokens"] == 13 * 32
+    assert validated[0]["val/loss"] == pytest.approx(one["val/loss"], rel=1e-5)
+
+
+def test_two_ddp_ranks_count_and_score_every_held_out_sequence_once(tiny_corpus, tmp_path):
+    """13 held-out sequences on two DDP ranks (7 and 6, the second's last batch padded): val/loss and val/tokens are
+    one process's (the pad rows score nothing), and the throughput monitor's validate/samples and validate/lengths,
+    rank zero's 7 times 2, counted a sequence that does not exist; now every rank's real rows."""
+    from epas_lightning import EPASModule, LlamaConfig, TokenDataModule
+
+    val = write_token_stream(tmp_path / "val", [13 * 33])
+    data = ["--data-dir", str(tiny_corpus), "--val-dir", str(val), "--steps", "1"]
+    run = [*data, "--strategy", "ddp", "--throughput", "--log-every", "1", "--save-final", str(tmp_path / "final.st")]
+    validated = [rank["validated"] for rank in fit_both_ranks(tmp_path / "two", *run)]
+    assert {k: validated[0][k] for k in validated[1]} == validated[1]
+    assert (validated[0]["validate/samples"], validated[0]["validate/lengths"]) == (13, 13 * 32)
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=4, block_size=32))
+    module.configure_model()
+    module.model.load_state_dict(load_file(tmp_path / "final.st"))  # the weights the two ranks validated
+    data = TokenDataModule(str(tiny_corpus), seq_len=32, batch_size=3, vocab_size=512, val_dir=str(val))
+    (one,) = cpu_trainer(tmp_path / "one", 1, limit_val_batches=1.0).validate(module, data, verbose=False)
+    assert validated[0]["val/tokens"] == one["val/tokens"] == 13 * 32
     assert validated[0]["val/loss"] == pytest.approx(one["val/loss"], rel=1e-5)
 
 

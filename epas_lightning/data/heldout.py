@@ -60,6 +60,7 @@ class HeldOutBatches(IterableDataset):
         if not pad and world_size > 1:
             raise ValueError("without pad rows the ranks' batch counts would differ")
         self.streams, self.seq_len, self.batch_size, self.pad = list(streams), seq_len, batch_size, pad
+        self.world_size = world_size
         lengths = [stream_samples(stream, seq_len) for stream in self.streams]
         self.total = sum(lengths)
         per_rank, extra = divmod(self.total, world_size)
@@ -71,6 +72,12 @@ class HeldOutBatches(IterableDataset):
 
     def __len__(self) -> int:
         return self.batches
+
+    def rows_of_every_rank(self, batch: int) -> int:
+        """The samples (not pad rows) that the batches numbered ``batch`` of every rank hold together."""
+        per_rank, extra = divmod(self.total, self.world_size)
+        parts = [per_rank + (rank < extra) for rank in range(self.world_size)]
+        return sum(min(self.batch_size, max(0, part - batch * self.batch_size)) for part in parts)
 
     def __iter__(self):  # noqa: ANN204
         worker = get_worker_info()

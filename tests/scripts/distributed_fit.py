@@ -5,10 +5,14 @@ one-process runs may call ``main(argv)`` inside the test process instead. Every 
 per optimizer step the loss on this rank, the sharing layers, and the layers whose ``q_proj``/``k_proj`` (biases
 included) got no gradient; plus the shapes of its local parameter shards, whether the LM head is tied, and the keys
 of each batch of ``init_from`` weights it loaded, and with ``--val-dir`` the ``val/loss`` and ``val/tokens`` a
-``validate`` after fit logs there; with ``--reload``, the keys of its batches too, and rank 0 writes
-the weights each loads after fit to ``<out>/reload<i>.st``. With ``--read-fails-on-rank R`` that rank's reader of
+``validate`` after fit logs there (with ``--throughput`` and a logger, rank 0 also the last ``validate/samples`` and
+``validate/lengths`` its ``TokenThroughputMonitor`` wrote); with ``--reload``, the keys of its batches too, and rank 0
+writes the weights each loads after fit to ``<out>/reload<i>.st``. With ``--read-fails-on-rank R`` that rank's reader of
 checkpoint weights raises a ``CheckpointError`` after ``--read-fails-after`` tensors. With ``--sigterm-in-step N`` rank
-``--sigterm-rank`` sends itself SIGTERM during step N (``GracefulStop`` then stops every rank after it). A user error
+``--sigterm-rank`` sends itself SIGTERM during step N (``GracefulStop`` then stops every rank after it). With
+``--log-every N`` a logger records what Lightning writes every N steps (``logged_train_loss``: step to value), and each
+step records its micro-batches' losses (``micro``) and the ``torch.distributed.all_reduce`` calls made inside the
+module's ``training_step`` and ``on_train_batch_end`` (``loss_reduces``: ``train/loss``'s). A user error
 ends each process with one line on stderr and status 2; rank 0 then writes the exit statuses of the ranks it started
 to ``<out>/child_exits.json``.
 
@@ -30,13 +34,14 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Sampler
 
 from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule, checkpoint_formats, init_from
+from epas_lightning.callbacks import TokenThroughputMonitor
 from epas_lightning.child_ranks import EndChildRanksOnError
 from epas_lightning.errors import CheckpointError, run_script
 from epas_lightning.interrupt import GracefulStop
@@ -66,12 +71,42 @@ class EveryWthSample(Sampler):
 
 
 class SeededInit(EPASModule):
-    """Seeds right before the model is built, so every strategy starts from the same weights."""
+    """Seeds right before the model is built, so every strategy starts from the same weights; counts the all_reduce
+    calls of each optimizer step's ``training_step`` and ``on_train_batch_end`` (``loss_reduces``)."""
+
+    loss_reduces: dict[int, int]
+    _counted_step = 0
 
     def configure_model(self) -> None:
         if self.model is None:
             torch.manual_seed(7)
         super().configure_model()
+
+    def training_step(self, batch, batch_idx):
+        self._counted_step = self.trainer.global_step  # the step this micro-batch belongs to
+        with counting_all_reduces(self.loss_reduces, self._counted_step):
+            return super().training_step(batch, batch_idx)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        with counting_all_reduces(self.loss_reduces, self._counted_step):
+            super().on_train_batch_end(outputs, batch, batch_idx)
+
+
+@contextmanager
+def counting_all_reduces(counts: dict[int, int], step: int) -> Iterator[None]:
+    """Count the ``torch.distributed.all_reduce`` calls made inside (Lightning's sync of a logged value makes one) in
+    ``counts[step]``."""
+    all_reduce = dist.all_reduce
+
+    def counted(*args, **kwargs):
+        counts[step] = counts.get(step, 0) + 1
+        return all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        yield
+    finally:
+        dist.all_reduce = all_reduce
 
 
 def save_full_weights(module: EPASModule, path: Path, rank: int) -> None:
@@ -99,11 +134,14 @@ class Recorder(Callback):
             for i, layer in enumerate(pl_module.model.layers)
             if all(p.grad is None for m in (layer.self_attn.q_proj, layer.self_attn.k_proj) for p in m.parameters())
         ]
-        self.steps[trainer.global_step] = {"shared": pl_module.model.sharing.shared_layers, "qk_no_grad": no_grad}
+        step = self.steps.setdefault(trainer.global_step, {})
+        step.update(shared=pl_module.model.sharing.shared_layers, qk_no_grad=no_grad)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = self.steps[trainer.global_step - 1]
+        stepped = not trainer.fit_loop._should_accumulate()  # the step's last micro-batch: global_step counts it
+        step = self.steps.setdefault(trainer.global_step - stepped, {})
         step["loss"] = outputs["loss"].item()
+        step.setdefault("micro", []).append(outputs["loss"].item() * trainer.accumulate_grad_batches)  # unscaled
         logged = trainer.callback_metrics
         step["logged"] = {k: logged[k].item() for k in ("train/loss", "train/grad_norm") if k in logged}
 
@@ -117,6 +155,18 @@ class SigtermInStep(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if trainer.global_step + 1 == self.step and trainer.global_rank == self.rank:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class StopAfterStep(Callback):
+    """Every rank sets ``trainer.should_stop`` after optimizer step ``step`` (counted from 1), as ``max_time``'s
+    ``Timer`` does."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not trainer.fit_loop._should_accumulate():
+            trainer.should_stop = True
 
 
 class RecordChildExits(EndChildRanksOnError):
@@ -134,6 +184,14 @@ class RecordChildExits(EndChildRanksOnError):
             (self.out / "child_exits.json").write_text(json.dumps([proc.returncode for proc in procs]))
 
 
+def recording_logger():  # noqa: ANN201
+    """A logger remembering the steps and values of what Lightning writes (``helpers.Steps``)."""
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/, where helpers.py is
+    from helpers import Steps
+
+    return Steps()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True, type=Path)
@@ -145,6 +203,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-dir", help="with --data-dir: after fit, validate on this held-out stream (data.val_dir)")
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--samples", type=int, default=N_SAMPLES, help="synthetic training sequences")
+    p.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches")
+    p.add_argument("--log-every", type=int, help="log_every_n_steps, with a logger recording what is written")
+    p.add_argument("--stop-after-step", type=int, help="every rank sets should_stop after this step (from 1)")
+    p.add_argument("--monitor-train-loss", action="store_true", help="EarlyStopping on train/loss (never stops)")
+    p.add_argument("--throughput", action="store_true", help="with a TokenThroughputMonitor")
     p.add_argument("--clip", type=float, help="gradient_clip_val (by norm)")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--activation-checkpointing", action="store_true")
@@ -202,7 +266,7 @@ def reads_failing(rank: int | None, after: int) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     world_size = args.devices * args.num_nodes
-    tokens = torch.randint(0, 512, (N_SAMPLES, SEQ_LEN + 1), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 512, (args.samples, SEQ_LEN + 1), generator=torch.Generator().manual_seed(0))
     if args.data_dir:
         data = TokenDataModule(
             args.data_dir,
@@ -212,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
             val_dir=args.val_dir,
         )
     else:
-        data = DataLoader(tokens, batch_size=args.global_batch // world_size, sampler=EveryWthSample(N_SAMPLES))
+        data = DataLoader(tokens, batch_size=args.global_batch // world_size, sampler=EveryWthSample(args.samples))
     L.seed_everything(7)
     if args.init_from:
         config = init_from.source_config(args.init_from, block_size=SEQ_LEN)
@@ -226,12 +290,20 @@ def main(argv: list[str] | None = None) -> None:
         "ddp": lambda: DDPStrategy(find_unused_parameters=True),
         "single": lambda: "auto",  # one process, no sharding: the reference
     }[args.strategy]()
+    module.loss_reduces = {}
     recorder = Recorder(args.save_start)
     callbacks = [ProgressiveSharing(target=2, interval=2), recorder, RecordChildExits(args.out)]
     if args.ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=args.ckpt_every, save_top_k=-1))
     if args.sigterm_in_step:
         callbacks += [GracefulStop(), SigtermInStep(args.sigterm_in_step, args.sigterm_rank)]
+    if args.stop_after_step:
+        callbacks.append(StopAfterStep(args.stop_after_step))
+    if args.monitor_train_loss:
+        callbacks.append(EarlyStopping("train/loss", patience=1000, check_on_train_epoch_end=True))
+    if args.throughput:
+        callbacks.append(TokenThroughputMonitor())
+    logger = recording_logger() if args.log_every else False
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -240,7 +312,9 @@ def main(argv: list[str] | None = None) -> None:
         precision=args.precision,
         max_steps=args.steps,
         gradient_clip_val=args.clip,
-        logger=False,
+        accumulate_grad_batches=args.accumulate,
+        logger=logger,
+        log_every_n_steps=args.log_every or 50,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=bool(args.ckpt_dir),
@@ -261,10 +335,16 @@ def main(argv: list[str] | None = None) -> None:
         "param_dtype": str(next(module.parameters()).dtype),
         "tied": module.model.lm_head.weight is module.model.embed_tokens.weight,
         "init_batches": init_batches,
+        "loss_reduces": module.loss_reduces,
     }
+    if logger:
+        written = zip(logger.steps.get("train/loss", []), logger.values.get("train/loss", []), strict=True)
+        result["logged_train_loss"] = dict(written)
     if args.val_dir:  # every rank logs the loss over all the held-out sequences, and the tokens they hold
         (validated,) = trainer.validate(module, data, verbose=False)
         result["validated"] = {key: validated[key] for key in ("val/loss", "val/tokens")}
+        if logger and args.throughput and trainer.is_global_zero:  # the monitor logs on rank zero
+            result["validated"] |= {key: logger.values[key][-1] for key in ("validate/samples", "validate/lengths")}
     if args.save_final:
         save_full_weights(module, args.save_final, trainer.global_rank)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,36 @@
+"""When an optimizer step's logged values are read: by the loggers (every ``log_every_n_steps`` steps, and at a stop)
+or by callbacks that decide on them (a ``monitor``), so that a value is reduced over the ranks only where it is."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import Trainer
+
+from epas_lightning.plateau_metrics import plateau_monitors
+
+
+def loggers_write_this_step(trainer: Trainer) -> bool:
+    """Whether the loggers write the on-step metrics of the optimizer step now running, when it ends: there is a
+    logger, and ``log_every_n_steps`` says so, or ``should_stop`` (a stop's step), or ``fast_dev_run`` (Lightning's rule
+    at the step's last micro-batch, read the same way before it; a stop set later in the step changes it)."""
+    if not trainer.loggers:
+        return False
+    return bool(getattr(trainer._logger_connector, "should_update_logs", True) or trainer.fast_dev_run)
+
+
+def decided_on(trainer: Trainer, name: str) -> bool:
+    """Whether a callback (``ModelCheckpoint``, ``EarlyStopping``: their ``monitor``) or a ``ReduceLROnPlateau``
+    scheduler reads the metric ``name`` to decide something, which every rank must decide alike."""
+    return any(getattr(c, "monitor", None) == name for c in trainer.callbacks) or name in plateau_monitors(trainer)
+
+
+def mean_over_ranks(trainer: Trainer, value: torch.Tensor) -> torch.Tensor:
+    """``value`` averaged over the ranks, as ``self.log(..., sync_dist=True)`` averages it (the same call): a
+    collective every rank makes."""
+    return trainer.strategy.reduce(value.detach().clone(), reduce_op="mean")  # in place
+
+
+def replace_logged(trainer: Trainer, hook: str, name: str, value: torch.Tensor) -> None:
+    """Replace the on-step value that ``hook`` logged as ``name`` in this batch, before the loggers read it (Lightning's
+    results collection keys it ``"<hook>.<name>"``; ``self.log`` ends with the same update)."""
+    trainer._results.update_metrics(f"{hook}.{name}", value, 1)
