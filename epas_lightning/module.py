@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.tensor import DTensor
 
 from epas_lightning.attention_kernels import sdpa_order
-from epas_lightning.callbacks import ProgressiveSharing, read_from_resumed_position
+from epas_lightning.callbacks import ProgressiveSharing, optimizer_steps, read_from_resumed_position
 from epas_lightning.checkpoint_formats import MODEL_PREFIX, SHARING_MASK
 from epas_lightning.checkpoint_io import load_safely
 from epas_lightning.divergence import DivergenceGuard, check_resumed_finite
@@ -631,9 +631,9 @@ class EPASModule(LightningModule):
             check_warmup_fits(scheduler)
         elif isinstance(scheduler, WarmupSchedule):
             rank_zero_warn(
-                "the run has no step limit (trainer.max_steps and trainer.max_epochs are -1): the learning rate "
-                f"warms up for {scheduler.warmup_steps} steps and then stays at its peak; set trainer.max_steps, or "
-                f"the max_steps of model.lr_scheduler (epas_lightning.{type(scheduler).__name__}), for the decay"
+                "the run has no step limit (trainer.max_steps and trainer.max_epochs are -1): the learning rate warms "
+                f"up for {optimizer_steps(scheduler.warmup_steps)} and then stays at its peak; set trainer.max_steps, "
+                f"or the max_steps of model.lr_scheduler (epas_lightning.{type(scheduler).__name__}), for the decay"
             )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -702,9 +702,9 @@ def check_warmup_fits(scheduler: WarmupSchedule) -> None:
     warmup, total = scheduler.warmup_steps, scheduler.max_steps
     if warmup >= total:
         rank_zero_warn(
-            f"model.lr_scheduler ({type(scheduler).__name__}) warms up for {warmup} steps but the run has {total}: "
-            f"the learning rate never reaches its peak (it ends at {scheduler.lr_factor(total - 1):.0%} of it) and "
-            "never decays; set model.lr_scheduler.init_args.warmup_steps below trainer.max_steps"
+            f"model.lr_scheduler ({type(scheduler).__name__}) warms up for {optimizer_steps(warmup)} but the run has "
+            f"{total}: the learning rate never reaches its peak (it ends at {scheduler.lr_factor(total - 1):.0%} of "
+            "it) and never decays; set model.lr_scheduler.init_args.warmup_steps below trainer.max_steps"
         )
 
 
