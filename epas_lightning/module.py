@@ -58,6 +58,7 @@ from epas_lightning.run_checkpoint import (
 )
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
 from epas_lightning.safe_load import is_weights_only, plain_numbers, verify_checkpoint
+from epas_lightning.trainer_checks import check_gradient_clip
 
 if TYPE_CHECKING:
     from epas_lightning.data.tokenizer import RecordedTokenizer
@@ -211,6 +212,7 @@ class EPASModule(LightningModule):
         load_safely(self.trainer.strategy)  # before Lightning opens a ckpt_path: a plain Trainer unpickled anything
         if stage == "fit":
             check_trainable_precision(self.trainer.precision)
+            check_gradient_clip(self.trainer.gradient_clip_val)  # the command line checked its own
             warn_without_sharing_schedule(self.trainer.callbacks)
             warn_mid_step_checkpoints(self.trainer.callbacks, self.trainer.accumulate_grad_batches)
         if isinstance(self.trainer.strategy, ModelParallelStrategy):

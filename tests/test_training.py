@@ -149,6 +149,23 @@ def test_grad_norm_is_logged_before_clipping_and_clipping_is_lightnings(tiny_cor
         assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_a_nan_gradient_clip_value_from_python_is_refused_before_training_as_the_command_line_does(tmp_path):
+    """``Trainer(gradient_clip_val=float("nan"))`` was not checked (the command line's .nan is): every gradient came
+    out NaN."""
+    from epas_lightning.errors import ConfigError
+
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16))
+    data = torch.utils.data.DataLoader(torch.randint(0, 512, (4, 17)), batch_size=2)
+    trainer = cpu_trainer(tmp_path, 2, gradient_clip_val=float("nan"))
+    with pytest.raises(ConfigError) as refused:
+        trainer.fit(module, data)
+    assert str(refused.value) == (
+        "trainer.gradient_clip_val must be a number, not nan — trainer.gradient_clip_val — set a positive number, or "
+        "leave it unset for no clipping"
+    )
+    assert trainer.global_step == 0
+
+
 def test_fp16_loss_scaling_clips_a_fused_optimizer_and_logs_the_unscaled_norm(tiny_corpus, tmp_path):
     """16-mixed with a fused optimizer (AdamW is fused by default on GPUs) and clipping raised Lightning's "does not
     allow for gradient clipping" at step 0, and no train/grad_norm was logged under fp16. Both now clip the same (SGD,
