@@ -166,6 +166,7 @@ class EPASModule(LightningModule):
         self._optimizer_settings: list[dict] | None = None  # as configured, before a checkpoint's are loaded
         self._restored_checked = False  # the checkpoint this stage restored was checked for NaN and inf
         self._resumed_global_batch: object = None  # a resumed checkpoint's record, until training compares it
+        self._resplit_note: str | None = None  # the datamodule's word on a resumed position, said with the above
         self._resume: tuple | None = None  # what a resume finishes where no StepCheckpoint does (checkpointing off)
 
     @classmethod
@@ -208,7 +209,7 @@ class EPASModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         self._restored_checked = False
-        self._resumed_global_batch = self._resume = None  # until this stage's checkpoint (if any) is read
+        self._resumed_global_batch = self._resume = self._resplit_note = None  # until this stage's checkpoint is read
         load_safely(self.trainer.strategy)  # before Lightning opens a ckpt_path: a plain Trainer unpickled anything
         if stage == "fit":
             check_trainable_precision(self.trainer.precision)
@@ -281,6 +282,8 @@ class EPASModule(LightningModule):
         the configured schedule: loading the checkpoint's optimizer state had put the saved ones back, silently."""
         self._set_start_weights()  # FSDP2's, after the restore
         self._check_restored()
+        take_note = getattr(self.trainer.datamodule, "take_resplit_note", None)  # TokenDataModule's; before a batch
+        self._resplit_note = take_note() if callable(take_note) else None
         read_from_resumed_position(self.trainer)
         if self._resume is not None:  # checkpointing off: no StepCheckpoint finished the resume
             resume, self._resume = self._resume, None
@@ -296,12 +299,17 @@ class EPASModule(LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Say once, at the resumed fit's first batch (a ``GradientAccumulationScheduler`` has set the epoch's
-        accumulation), when it trains other tokens per optimizer step than the checkpoint: the schedules count steps."""
-        if self._resumed_global_batch is None:
+        accumulation), when it trains other tokens per optimizer step than the checkpoint: the schedules count steps.
+        What the same change of batch size or processes does to the data's position (the datamodule's note) is said
+        in that line, not in one of its own."""
+        if self._resumed_global_batch is None and self._resplit_note is None:
             return
         saved, self._resumed_global_batch = self._resumed_global_batch, None
+        note, self._resplit_note = self._resplit_note, None
         if change := global_batch_change(saved, global_batch(self.trainer, self._train_seq_len())):
-            rank_zero_warn(change)
+            rank_zero_warn(change if note is None else f"{change}; {note}")
+        elif note is not None:
+            rank_zero_info(note)
 
     def _train_seq_len(self) -> int:
         """Tokens a training sequence: the datamodule's ``seq_len``, else the model's ``block_size``."""
