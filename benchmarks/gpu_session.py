@@ -89,6 +89,16 @@ def install_wheels() -> None:
         subprocess.run([*pip, "--no-cache-dir", "--upgrade", "--target", str(SITE), *wheels], check=True)
 
 
+def json_text(record: object, **dumps_options: object) -> str:
+    """``epas_lightning.runtime.json_text`` (strict JSON: a non-finite number is null) from this checkout, imported
+    when first needed: the device machine runs this file uninstalled, and that module needs only torch."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from epas_lightning.runtime import json_text as strict_json_text
+
+    return strict_json_text(record, **dumps_options)
+
+
 def run_logged(cmd: list[str], log: Path, timeout: int) -> tuple[int, float]:
     """Run ``cmd`` in the repository with the carried packages importable; output to ``log``. (exit code, seconds)"""
     path = os.pathsep.join([str(REPO), str(REPO / "benchmarks"), str(SITE)])  # benchmarks: fit's host_syncs callback
@@ -137,7 +147,7 @@ def fit_in(runs: Path, args: argparse.Namespace) -> dict:
     cmd += [f"--trainer.logger.init_args.save_dir={runs}", "--checkpoint.save_last=false", "--checkpoint.save_top_k=0"]
     syncs = args.output / "host_syncs.json"
     watch = {"output": str(syncs), "first_step": SYNC_STEPS[0], "steps": SYNC_STEPS[1]}
-    cmd += ["--trainer.callbacks+=" + json.dumps({"class_path": "host_syncs.HostSyncWatch", "init_args": watch})]
+    cmd += ["--trainer.callbacks+=" + json_text({"class_path": "host_syncs.HostSyncWatch", "init_args": watch})]
     cmd += args.fit_args.split()
     code, seconds = run_logged(cmd, args.output / "fit.log", args.fit_timeout)
     result = {"command": " ".join(cmd[1:]), "exit_code": code, "wall_s": seconds, "batch_size": args.fit_batch_size}
@@ -275,11 +285,11 @@ def run(args: argparse.Namespace) -> dict:
         "fit": {"skipped": True} if args.skip_fit else fit_part(args),
         "peers": {"exit_code": None} if args.skip_peers else peers_part(args),
     }
-    (args.output / "gpu_session.json").write_text(json.dumps(report, indent=1))
+    (args.output / "gpu_session.json").write_text(json_text(report, indent=1))
     text = table(report)
     (args.output / "gpu_session.md").write_text(text)
     print(text)
-    print(json.dumps({k: report[k] for k in ("device", "torch", "cuda_tests", "fit") if k in report}))
+    print(json_text({k: report[k] for k in ("device", "torch", "cuda_tests", "fit") if k in report}))
     return report
 
 

@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 from epas_lightning.data.tokenizer import train_byte_level_bpe
 from epas_lightning.errors import ConfigError, run_script
 from epas_lightning.model import Llama, LlamaConfig
+from epas_lightning.runtime import json_text
 from epas_lightning.script_args import ScriptParser, count
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +80,7 @@ def write_checkpoint(folder: Path, config: LlamaConfig, seed: int) -> int:
         "sharing": {"shared_layers": layers, "region": {"layers": layers[::-1], "order": "deep_first"}},
         "tokenizer": {"path": "tokenizer.json", "bos_id": 0, "eos_id": 1},
     }
-    (folder / "config.json").write_text(json.dumps(record))
+    (folder / "config.json").write_text(json_text(record))
     return n_shared
 
 
@@ -123,7 +124,7 @@ class Server:
             return False
 
     def complete(self, body: dict) -> dict:
-        data = json.dumps(body).encode()
+        data = json_text(body).encode()
         request = urllib.request.Request(self.url + "/v1/completions", data, {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=600) as response:
             return json.loads(response.read())

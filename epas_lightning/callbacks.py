@@ -212,9 +212,9 @@ class ProgressiveSharing(Callback):
         if math.isfinite(total) and final >= total > self._resumed_step:  # resumed at the end: nothing trains
             reached = len(self.schedule.shared_layers_at(int(total) - 1))
             rank_zero_warn(
-                f"EPAS: the run ends after {optimizer_steps(int(total))} and reaches {reached} of the {full} layers of "
-                f"its region (full at step {final}); raise trainer.max_steps, or lower sharing.start_step or "
-                "sharing.interval, to train with the full region"
+                f"EPAS: the run ends after {optimizer_steps(int(total))} and reaches {reached} of the {full} "
+                f"layer{'' if full == 1 else 's'} of its region (full at step {final}); raise trainer.max_steps, or "
+                "lower sharing.start_step or sharing.interval, to train with the full region"
             )
 
     def shared_layers_at(self, step: int) -> list[int]:

@@ -347,7 +347,7 @@ class EPASCLI(LightningCLI):
         check_scores_something(self.subcommand, trainer)
         check_strategy_name(trainer.get("strategy"))
         check_counts(trainer)
-        check_gradient_clip(trainer)
+        check_gradient_clip(trainer.get("gradient_clip_val"))
         check_validation_interval(trainer)
         check_precision_available(trainer.get("precision"))
         drop_overridden_builtin_settings(section.data, self._command_line)

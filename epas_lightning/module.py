@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.tensor import DTensor
 
 from epas_lightning.attention_kernels import sdpa_order
-from epas_lightning.callbacks import ProgressiveSharing, read_from_resumed_position
+from epas_lightning.callbacks import ProgressiveSharing, optimizer_steps, read_from_resumed_position
 from epas_lightning.checkpoint_formats import MODEL_PREFIX, SHARING_MASK
 from epas_lightning.checkpoint_io import load_safely
 from epas_lightning.divergence import DivergenceGuard, check_resumed_finite
@@ -59,6 +59,7 @@ from epas_lightning.run_checkpoint import (
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
 from epas_lightning.safe_load import is_weights_only, plain_numbers, verify_checkpoint
 from epas_lightning.step_logging import decided_on, loggers_write_this_step, mean_over_ranks, replace_logged
+from epas_lightning.trainer_checks import check_gradient_clip
 
 if TYPE_CHECKING:
     from epas_lightning.data.tokenizer import RecordedTokenizer
@@ -168,6 +169,7 @@ class EPASModule(LightningModule):
         self._optimizer_settings: list[dict] | None = None  # as configured, before a checkpoint's are loaded
         self._restored_checked = False  # the checkpoint this stage restored was checked for NaN and inf
         self._resumed_global_batch: object = None  # a resumed checkpoint's record, until training compares it
+        self._resplit_note: str | None = None  # the datamodule's word on a resumed position, said with the above
         self._resume: tuple | None = None  # what a resume finishes where no StepCheckpoint does (checkpointing off)
 
     @classmethod
@@ -210,10 +212,11 @@ class EPASModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         self._restored_checked = False
-        self._resumed_global_batch = self._resume = None  # until this stage's checkpoint (if any) is read
+        self._resumed_global_batch = self._resume = self._resplit_note = None  # until this stage's checkpoint is read
         load_safely(self.trainer.strategy)  # before Lightning opens a ckpt_path: a plain Trainer unpickled anything
         if stage == "fit":
             check_trainable_precision(self.trainer.precision)
+            check_gradient_clip(self.trainer.gradient_clip_val)  # the command line checked its own
             warn_without_sharing_schedule(self.trainer.callbacks)
             warn_mid_step_checkpoints(self.trainer.callbacks, self.trainer.accumulate_grad_batches)
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
@@ -282,6 +285,8 @@ class EPASModule(LightningModule):
         the configured schedule: loading the checkpoint's optimizer state had put the saved ones back, silently."""
         self._set_start_weights()  # FSDP2's, after the restore
         self._check_restored()
+        take_note = getattr(self.trainer.datamodule, "take_resplit_note", None)  # TokenDataModule's; before a batch
+        self._resplit_note = take_note() if callable(take_note) else None
         read_from_resumed_position(self.trainer)
         if self._resume is not None:  # checkpointing off: no StepCheckpoint finished the resume
             resume, self._resume = self._resume, None
@@ -297,12 +302,17 @@ class EPASModule(LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Say once, at the resumed fit's first batch (a ``GradientAccumulationScheduler`` has set the epoch's
-        accumulation), when it trains other tokens per optimizer step than the checkpoint: the schedules count steps."""
-        if self._resumed_global_batch is None:
+        accumulation), when it trains other tokens per optimizer step than the checkpoint: the schedules count steps.
+        What the same change of batch size or processes does to the data's position (the datamodule's note) is said
+        in that line, not in one of its own."""
+        if self._resumed_global_batch is None and self._resplit_note is None:
             return
         saved, self._resumed_global_batch = self._resumed_global_batch, None
+        note, self._resplit_note = self._resplit_note, None
         if change := global_batch_change(saved, global_batch(self.trainer, self._train_seq_len())):
-            rank_zero_warn(change)
+            rank_zero_warn(change if note is None else f"{change}; {note}")
+        elif note is not None:
+            rank_zero_info(note)
 
     def _train_seq_len(self) -> int:
         """Tokens a training sequence: the datamodule's ``seq_len``, else the model's ``block_size``."""
@@ -653,9 +663,9 @@ class EPASModule(LightningModule):
             check_warmup_fits(scheduler)
         elif isinstance(scheduler, WarmupSchedule):
             rank_zero_warn(
-                "the run has no step limit (trainer.max_steps and trainer.max_epochs are -1): the learning rate "
-                f"warms up for {scheduler.warmup_steps} steps and then stays at its peak; set trainer.max_steps, or "
-                f"the max_steps of model.lr_scheduler (epas_lightning.{type(scheduler).__name__}), for the decay"
+                "the run has no step limit (trainer.max_steps and trainer.max_epochs are -1): the learning rate warms "
+                f"up for {optimizer_steps(scheduler.warmup_steps)} and then stays at its peak; set trainer.max_steps, "
+                f"or the max_steps of model.lr_scheduler (epas_lightning.{type(scheduler).__name__}), for the decay"
             )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -724,9 +734,9 @@ def check_warmup_fits(scheduler: WarmupSchedule) -> None:
     warmup, total = scheduler.warmup_steps, scheduler.max_steps
     if warmup >= total:
         rank_zero_warn(
-            f"model.lr_scheduler ({type(scheduler).__name__}) warms up for {warmup} steps but the run has {total}: "
-            f"the learning rate never reaches its peak (it ends at {scheduler.lr_factor(total - 1):.0%} of it) and "
-            "never decays; set model.lr_scheduler.init_args.warmup_steps below trainer.max_steps"
+            f"model.lr_scheduler ({type(scheduler).__name__}) warms up for {optimizer_steps(warmup)} but the run has "
+            f"{total}: the learning rate never reaches its peak (it ends at {scheduler.lr_factor(total - 1):.0%} of "
+            "it) and never decays; set model.lr_scheduler.init_args.warmup_steps below trainer.max_steps"
         )
 
 

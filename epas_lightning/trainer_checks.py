@@ -31,10 +31,10 @@ def check_counts(trainer: Namespace) -> None:
             raise ConfigError(f"trainer.{key} must be at least 1, not {value}", f"trainer.{key}", fix)
 
 
-def check_gradient_clip(trainer: Namespace) -> None:
-    """A NaN ``gradient_clip_val`` (YAML's ``.nan``) is no number at or below 0, Lightning's "no clipping": it made
-    every gradient NaN, and the run stopped as diverged, blaming the learning rate."""
-    value = trainer.get("gradient_clip_val")
+def check_gradient_clip(value: object) -> None:
+    """A NaN ``gradient_clip_val`` (YAML's ``.nan``, or ``Trainer(gradient_clip_val=float("nan"))``) is no number at
+    or below 0, Lightning's "no clipping": it made every gradient NaN, and the run stopped as diverged, blaming the
+    learning rate. (+inf clips nothing; -inf, as 0 and below, is "no clipping".)"""
     if isinstance(value, float) and math.isnan(value):
         raise ConfigError(
             "trainer.gradient_clip_val must be a number, not nan",

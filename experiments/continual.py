@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from epas_lightning.errors import ConfigError, OutputError, run_script
 from epas_lightning.evaluation.perplexity import perplexity_of_batches
 from epas_lightning.inference import deepest_layers
 from epas_lightning.outputs import check_output, output_folder
+from epas_lightning.runtime import json_text
 from epas_lightning.script_args import ScriptParser, count, positive_number, training_seed
 
 RUNS = {
@@ -242,7 +242,7 @@ def main() -> None:
     }
     print(markdown)
     print(f"wrote {args.output / 'results.csv'}, {args.output / 'results.md'}, {args.output / 'continual.png'}")
-    print(json.dumps(summary))
+    print(json_text(summary))
 
 
 if __name__ == "__main__":

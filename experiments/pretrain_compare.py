@@ -45,7 +45,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -62,6 +61,7 @@ from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.config import PRESETS
 from epas_lightning.optim import default_optimizer
 from epas_lightning.outputs import check_output, output_folder
+from epas_lightning.runtime import json_text
 from epas_lightning.script_args import ScriptParser, count, fraction, positive_number, training_seed, whole_number
 
 VARIANTS = ("dense", "epas", "static", "shallow")
@@ -444,12 +444,12 @@ def main(argv: list[str] | None = None) -> dict:
         result["total_seconds"] = time.perf_counter() - start
         table = markdown(result)
         (build / "results.md").write_text(table)
-        (build / "results.json").write_text(json.dumps(result, indent=1))
+        (build / "results.json").write_text(json_text(result, indent=1))
         plot(runs, build / "loss.png")
     print()
     print(table)
     print(f"outputs: {out}/ (tb/, loss.png, results.md, results.json)")
-    print(json.dumps({k: v for k, v in result.items() if k != "variants"} | {"variants": strip_curves(result)}))
+    print(json_text({k: v for k, v in result.items() if k != "variants"} | {"variants": strip_curves(result)}))
     return result
 
 

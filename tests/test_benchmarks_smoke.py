@@ -250,6 +250,20 @@ def test_the_last_json_line_of_a_benchmark_writes_non_finite_numbers_as_null(ben
     assert strict_json(capsys.readouterr().out.splitlines()[-1]) == {"speedup": None, "runs": [None, 1.5]}
 
 
+def test_the_gpu_session_writes_strict_json_and_no_script_writes_python_json(tmp_path, monkeypatch, capsys):
+    """gpu_session.json and its last line held a NaN median (a rate TensorBoard logged as NaN) as ``NaN``; the
+    experiments' results and the other scripts' files wrote Python's ``json.dumps`` too."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_session
+
+    monkeypatch.setattr(gpu_session, "fit_part", lambda args: {"batch_size": 8, "dense_mfu": float("nan")})
+    gpu_session.run(gpu_session.parse_args(["run", "--output", str(tmp_path), "--skip-tests", "--skip-peers"]))
+    assert strict_json((tmp_path / "gpu_session.json").read_text())["fit"]["dense_mfu"] is None
+    assert strict_json(capsys.readouterr().out.splitlines()[-1])["fit"]["dense_mfu"] is None
+    plain = [p.name for p in SCRIPTS if re.search(r"\bjson\.dumps?\(", p.read_text())]
+    assert plain == [], f"{plain} write JSON without epas_lightning.runtime.json_text"
+
+
 def test_cuda_on_a_cpu_machine_is_a_user_error(benchmarks_importable, monkeypatch):
     import harness
 

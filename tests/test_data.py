@@ -619,6 +619,27 @@ def test_a_resume_with_another_batch_size_says_its_position_is_not_exact(tiny_co
     assert "data: resumed with batch_size 4 -> 8, num_workers 0 -> 1: litdata splits the rest" in caplog.text
 
 
+def test_a_resumed_positions_note_no_lightning_module_took_is_said_at_the_first_training_batch(tiny_corpus, caplog):
+    """In a fit the note waits for the LightningModule (``EPASModule`` says it in its global-batch line); one that
+    does not take it (a module of one's own) has it said once, at the first training batch, not at a validation's."""
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    saved = tiny_datamodule(tiny_corpus).state_dict()
+    data = tiny_datamodule(tiny_corpus, batch_size=8)
+    fitting = SimpleNamespace(fn=TrainerFn.FITTING)
+    trainer = SimpleNamespace(state=fitting, training=False, ckpt_path="last.ckpt", world_size=1, sanity_checking=False)
+    data.trainer = trainer
+    batch = torch.zeros(2, 33, dtype=torch.int32)
+    with caplog.at_level("INFO"):
+        data.load_state_dict(saved)
+        data.on_before_batch_transfer(batch, 0)  # fit's sanity validation
+        assert "litdata splits" not in caplog.text
+        trainer.training = True
+        data.on_before_batch_transfer(batch, 0)
+        data.on_before_batch_transfer(batch, 0)
+    assert caplog.text.count("data: resumed with batch_size 4 -> 8: litdata splits the rest") == 1
+
+
 def test_token_ids_outside_the_vocabulary_are_refused_before_a_batch_reaches_the_device(tmp_path):
     """A chunk corrupted in place (sizes and index still agreeing) passed every check: evaluate died with an
     IndexError traceback on the CPU, and on a GPU the embedding would end a training run with a device-side assert."""

@@ -445,6 +445,24 @@ def test_more_few_shot_examples_than_a_task_holds_or_a_limit_past_an_index_is_on
     assert rc == 2 and err == f"error: must be at most {sys.maxsize}, got 1e+20 — --limit — give a smaller number\n"
 
 
+def test_a_task_whose_first_document_has_an_empty_choice_is_one_line(checkpoint, tmp_path, capsys) -> None:
+    """lm-eval sets a task up from its first document's choices (``choice[0]``): an IndexError traceback."""
+    data = tmp_path / "blank.jsonl"
+    rows = [
+        {"context": "x =", "choices": ["", " 1"], "label": 1},
+        {"context": "y =", "choices": [" 2", " 3"], "label": 0},
+    ]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "blank.yaml").write_text(task_yaml("blank", data, tmp_path / "cache", MULTIPLE_CHOICE))
+    argv = ["lm-eval", "--checkpoint", str(checkpoint), "--tasks", str(tmp_path / "blank.yaml"), "--device", "cpu"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err  # after the progress bar of lm-eval's data loading
+    assert "Traceback" not in err and err.endswith(
+        "\nerror: lm-eval cannot set up task blank: its first document has an empty choice — --tasks — give every "
+        "choice its text (the separating space included), or leave that document out\n"
+    ), err
+
+
 def test_lm_eval_refuses_logits_that_overflow_float16(checkpoint, tasks, tmp_path, capsys) -> None:
     """float16 activations past 65504 gave NaN log-likelihoods, scored as if they were numbers."""
     loaded = load_model(checkpoint)

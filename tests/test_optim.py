@@ -75,8 +75,24 @@ def test_a_warmup_as_long_as_the_run_is_warned_about():
     module = EPASModule(LlamaConfig.from_name("debug", block_size=16), lr_scheduler=partial(WarmupStableDecayLR))
     module.configure_model()
     module.trainer = SimpleNamespace(estimated_stepping_batches=8)
-    with pytest.warns(UserWarning, match="warms up for 100 steps but the run has 8: .* ends at 8% of it"):
+    with pytest.warns(UserWarning, match="warms up for 100 optimizer steps but the run has 8: .* ends at 8% of it"):
         module.configure_optimizers()
+
+
+@pytest.mark.parametrize("total", [1, float("inf")])
+def test_a_warmup_of_one_step_is_said_in_the_singular(total):
+    """Both warmup warnings said "warms up for 1 steps"."""
+    from functools import partial
+
+    from epas_lightning import WarmupStableDecayLR
+
+    scheduler = partial(WarmupStableDecayLR, warmup_steps=1)
+    module = EPASModule(LlamaConfig.from_name("debug", block_size=16), lr_scheduler=scheduler)
+    module.configure_model()
+    module.trainer = SimpleNamespace(estimated_stepping_batches=total)
+    with pytest.warns(UserWarning, match=r"warms up for 1 optimizer step (but|and) ") as warned:
+        module.configure_optimizers()
+    assert not any("1 optimizer steps" in str(w.message) for w in warned)
 
 
 def test_a_metric_driven_lr_scheduler_is_refused_in_one_line():

@@ -990,11 +990,30 @@ def test_empty_input_is_refused(tmp_path: Path, sp_model: Path):
         prepare(tmp_path / "empty", tmp_path / "out", sp_model)
     (tmp_path / "empty" / "a.txt").write_text("")
     (tmp_path / "empty" / "b.txt").write_text("")
-    with pytest.raises(DataPreparationError, match="all empty"):
+    with pytest.raises(DataPreparationError, match="^the input files are all empty or whitespace — --input "):
         prepare(tmp_path / "empty", tmp_path / "out", sp_model)
     with pytest.raises(DataPreparationError, match="every input file is a validation file too"):
         prepare(tmp_path / "empty", tmp_path / "out", sp_model, val_input=tmp_path / "empty")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("blank", ["", " \n\t\r\n", "\u3000\u2028"])
+def test_a_whitespace_only_document_is_dropped_as_an_empty_one_is(tmp_path: Path, sp_model: Path, blank: str):
+    """A document of whitespace alone (a text file, a record) was kept: BOS, a token or two of spaces, EOS, counted
+    among the documents and trained on, where an empty one is left out; a text file of it could be the one held out."""
+    (tmp_path / "in").mkdir()
+    for name in ("a", "b", "c"):
+        (tmp_path / "in" / f"{name}.txt").write_text(f"text of {name}")
+    (tmp_path / "in" / "blank.txt").write_text(blank)
+    records = [{"text": "one record"}, {"text": blank}, {"text": "another record"}]
+    (tmp_path / "in" / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = prepare(tmp_path / "in", tmp_path / "out", sp_model, val_input=tmp_path / "in" / "a.txt", num_workers=1)
+    assert json.loads((out / "meta.json").read_text())["splits"]["train"]["documents"] == 4  # b, c and two records
+    for name in ("x", "y"):
+        (tmp_path / "blank" / name).mkdir(parents=True)
+        (tmp_path / "blank" / name / "blank.txt").write_text(blank)
+    with pytest.raises(DataPreparationError, match="^the input files are all empty or whitespace — --input "):
+        prepare(tmp_path / "blank", tmp_path / "out2", sp_model)
 
 
 def test_non_utf8_file_is_skipped_with_a_warning_or_fails_by_flag(

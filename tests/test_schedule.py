@@ -224,6 +224,18 @@ def test_a_run_too_short_for_the_region_says_so_at_the_start(total, resumed, war
     ProgressiveSharing(target=3, interval=2, n_layer=4, enabled=False).on_fit_start(SimpleNamespace(), None)
 
 
+def test_a_run_too_short_for_a_region_of_one_layer_says_it_in_the_singular(recwarn):
+    """It said "reaches 0 of the 1 layers of its region"."""
+    from types import SimpleNamespace
+
+    from epas_lightning.callbacks import ProgressiveSharing
+
+    sharing = ProgressiveSharing(target=1, interval=2, n_layer=2)  # the region is full at step 2
+    sharing.on_fit_start(SimpleNamespace(estimated_stepping_batches=1), None)
+    (warned,) = [str(w.message) for w in recwarn]
+    assert warned.startswith("EPAS: the run ends after 1 optimizer step and reaches 0 of the 1 layer of its region ")
+
+
 def test_ddp_switched_to_find_unused_parameters_says_torchs_warning_before_the_first_switch_is_expected(monkeypatch):
     """Until the region first grows every parameter gets a gradient, and torch warns once per rank (from C++, past any
     Python filter) that find_unused_parameters=True found none, advising to turn it off: which would fail the first

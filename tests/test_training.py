@@ -149,6 +149,23 @@ def test_grad_norm_is_logged_before_clipping_and_clipping_is_lightnings(tiny_cor
         assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_a_nan_gradient_clip_value_from_python_is_refused_before_training_as_the_command_line_does(tmp_path):
+    """``Trainer(gradient_clip_val=float("nan"))`` was not checked (the command line's .nan is): every gradient came
+    out NaN."""
+    from epas_lightning.errors import ConfigError
+
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16))
+    data = torch.utils.data.DataLoader(torch.randint(0, 512, (4, 17)), batch_size=2)
+    trainer = cpu_trainer(tmp_path, 2, gradient_clip_val=float("nan"))
+    with pytest.raises(ConfigError) as refused:
+        trainer.fit(module, data)
+    assert str(refused.value) == (
+        "trainer.gradient_clip_val must be a number, not nan — trainer.gradient_clip_val — set a positive number, or "
+        "leave it unset for no clipping"
+    )
+    assert trainer.global_step == 0
+
+
 def test_fp16_loss_scaling_clips_a_fused_optimizer_and_logs_the_unscaled_norm(tiny_corpus, tmp_path):
     """16-mixed with a fused optimizer (AdamW is fused by default on GPUs) and clipping raised Lightning's "does not
     allow for gradient clipping" at step 0, and no train/grad_norm was logged under fp16. Both now clip the same (SGD,
@@ -1909,7 +1926,36 @@ def test_a_resume_with_another_batch_size_says_the_global_batch_changed_once(tin
         "resumed with another global batch: 4 -> 2 sequences (128 -> 64 tokens) an optimizer step (data.batch_size x "
         "trainer.accumulate_grad_batches x processes: 4 x 1 x 1 -> 2 x 1 x 1); the LR schedule"
     )
-    assert said["recorded"][0].endswith("--trainer.accumulate_grad_batches 2 keeps the checkpoint's")
+    assert "--trainer.accumulate_grad_batches 2 keeps the checkpoint's; data: resumed with" in said["recorded"][0]
+
+
+@pytest.mark.parametrize(("batch_size", "accumulate", "global_batch_changed"), [(2, 1, True), (2, 2, False)])
+def test_a_resume_that_splits_the_data_anew_says_it_in_one_line(
+    tiny_corpus, tmp_path, caplog, batch_size, accumulate, global_batch_changed
+):
+    """Another batch size (or number of processes) on resume said two lines, each its own account of one change: the
+    data's "data: resumed with batch_size 4 -> 2: litdata splits ..." at the restore, then the global batch's. The
+    global batch's line says both; where the global batch is the same (twice the accumulation), the data's alone."""
+    module, data = make_run(tiny_corpus, n_layer=2)
+    make_trainer(tmp_path, 1, [ModelCheckpoint(tmp_path / "ckpt", save_last=True)]).fit(module, datamodule=data)
+    module, data = make_run(tiny_corpus, n_layer=2)
+    data.batch_size = batch_size
+    trainer = make_trainer(tmp_path / "again", 3, [], enable_checkpointing=False, accumulate_grad_batches=accumulate)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("INFO"):
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=data, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    said = [str(w.message) for w in caught] + [record.getMessage() for record in caplog.records]
+    resplit = [line for line in said if "litdata splits the rest of the epoch anew" in line]
+    assert len(resplit) == 1, resplit
+    data_line = (
+        "data: resumed with batch_size 4 -> 2: litdata splits the rest of the epoch anew, so a few samples at the "
+        "resumed position may be read twice or skipped"
+    )
+    if global_batch_changed:
+        assert resplit[0].startswith("resumed with another global batch: 4 -> 2 sequences (128 -> 64 tokens) ")
+        assert resplit[0].endswith(f"--trainer.accumulate_grad_batches 2 keeps the checkpoint's; {data_line}")
+    else:
+        assert resplit == [data_line] and not any("global batch" in line for line in said)
 
 
 @pytest.mark.parametrize(

@@ -77,6 +77,9 @@ class TokenDataModule(TokenData, LightningDataModule):
     _moved_streams: dict[int, tuple[str, str]] = {}
     """The streams of a resumed position now at another path with the same chunks (:func:`moved_streams`)."""
 
+    _resplit_note: str | None = None
+    """What a resume under another batch size, worker or rank count does to the position, until it is said."""
+
     _train_contents: list[str | None] | None = None
     """The train streams' fingerprints (:func:`stream_fingerprint`), taken at ``fit``'s setup for its saves."""
 
@@ -145,11 +148,13 @@ class TokenDataModule(TokenData, LightningDataModule):
                 "optimizer, LR and sharing schedules resume), or give the folder that data is in now, or move it back "
                 "to its path (or prepare it again there), to resume its position",
             )
-        if moved := differ([key for key in layout if key not in fixed]):
-            rank_zero_info(  # one stream: litdata's elastic resume
+        if moved := differ([key for key in layout if key not in fixed]):  # one stream: litdata's elastic resume
+            self._resplit_note = (
                 f"data: resumed with {', '.join(moved)}: litdata splits the rest of the epoch anew, so a few samples "
                 "at the resumed position may be read twice or skipped"
             )
+            if trainer is None:  # no fit's first batch to say it at
+                rank_zero_info(self.take_resplit_note())
         if changed:
             fix = "go on with this data from its beginning with --data.resume_position false"
             if changed != [PREPARED_AGAIN]:  # settings one can give again; a folder prepared anew is not
@@ -384,12 +389,23 @@ class TokenDataModule(TokenData, LightningDataModule):
             "lower the sequence length (model.config.block_size), or hold out more data (data.val_dir)",
         )
 
+    def take_resplit_note(self) -> str | None:
+        """The line a resume under another batch size, worker or rank count gets (the position is inexact), once;
+        ``None`` where there is none. A LightningModule takes it before the first batch to say it in its own line
+        (``EPASModule``: with the global batch that changed with it); else the first training batch says it."""
+        note, self._resplit_note = self._resplit_note, None
+        return note
+
     def on_before_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
         """Refuse token ids outside the vocabulary on the host, before a GPU's embedding ends the run with a
-        device-side assert (:meth:`TokenData.check_batch`); validate at an epoch's end that came early."""
+        device-side assert (:meth:`TokenData.check_batch`); validate at an epoch's end that came early. The first
+        training batch says a resumed position's :meth:`take_resplit_note` that no LightningModule took."""
         self._validate_at_an_early_epoch_end()
         trainer = getattr(self, "trainer", None)
-        return self.check_batch(batch, heldout=trainer is not None and not trainer.training)
+        heldout = trainer is not None and not trainer.training
+        if trainer is not None and not heldout and (note := self.take_resplit_note()) is not None:  # not at the
+            rank_zero_info(note)  # sanity validation, which runs before fit's on_train_start
+        return self.check_batch(batch, heldout=heldout)
 
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
         """Tokens are stored as int32; embeddings and cross-entropy targets want int64 (cast on the device)."""

@@ -32,6 +32,7 @@ from epas_lightning.data.layout import (
 )
 from epas_lightning.data.parts import cut_into_parts
 from epas_lightning.data.sources import (
+    ALL_EMPTY,
     BadDocument,
     DataPreparationError,
     InputFile,
@@ -377,13 +378,9 @@ def prepare_dataset(
                 )
             files = with_held_documents(train_files, val_files, text_field) + val_files
         else:
-            files = plan_split(files, val_fraction)
+            files = plan_split(files, val_fraction, "--input " + " ".join(map(str, inputs)))
         if sum(f.n_bytes for f in files) == 0:
-            raise DataPreparationError(
-                "the input files are all empty",
-                "--input " + " ".join(map(str, inputs)),
-                "give files that hold text",
-            )
+            raise DataPreparationError(ALL_EMPTY, "--input " + " ".join(map(str, inputs)), "give files that hold text")
         choice = TokenizerChoice(
             path=None if tokenizer is None else str(tokenizer),
             train_vocab_size=vocab_size if train_tokenizer else None,

@@ -333,6 +333,12 @@ def stable_unit_hash(text: str) -> float:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()[:8], "big") / 2**64
 
 
+def holds_text(document: str) -> bool:
+    """Whether a document is one to keep: not empty, nor whitespace alone (which tokenizes to a few tokens of spaces
+    between BOS and EOS). Every other one is left out where it is read, as an empty one always was."""
+    return bool(document) and not document.isspace()
+
+
 def document_hash(text: str) -> float:
     """The hash a document is split by: of its text as it is tokenized, so that copies of one text (two records, two
     files, a file and a record) are held out together or not at all."""
@@ -340,13 +346,13 @@ def document_hash(text: str) -> float:
 
 
 def _text_file_hash(f: InputFile) -> float | None:
-    """:func:`document_hash` of a text file's document as :func:`iter_documents` reads it, ``None`` for an empty one (a
-    byte order mark alone too); a file that is a bad document (too large, unreadable, binary, not UTF-8) hashes by its
-    key: it is skipped in its split, as it is read there."""
+    """:func:`document_hash` of a text file's document as :func:`iter_documents` reads it, ``None`` for one that holds
+    no text (empty, a byte order mark alone, whitespace: :func:`holds_text`); a file that is a bad document (too
+    large, unreadable, binary, not UTF-8) hashes by its key: it is skipped in its split, as it is read there."""
     texts = [text for _, text in iter_documents(f, "", lambda bad: None)]
     if not texts:
         return stable_unit_hash(f.key)
-    return document_hash(texts[0]) if texts[0] else None
+    return document_hash(texts[0]) if holds_text(texts[0]) else None
 
 
 HASH_THREADS = 16
@@ -355,12 +361,16 @@ MANY_TEXT_FILES = 10_000
 """From this many text files on, :func:`plan_split` says it reads them (it takes a while on a network file system)."""
 
 
-def plan_split(files: list[InputFile], val_fraction: float) -> list[InputFile]:
+ALL_EMPTY = "the input files are all empty or whitespace"
+"""What ``prepare`` says of inputs without one document to keep (:func:`holds_text`)."""
+
+
+def plan_split(files: list[InputFile], val_fraction: float, where: str = "--input") -> list[InputFile]:
     """Hold out each document whose text hashes below ``val_fraction`` (:func:`document_hash`), so that every copy of
     a text lands on one side: text files whole (read here for it), JSONL/parquet records as they are read
     (:func:`split_documents`). Of two or more text files at least one is held out (the one of the lowest hash, with
     its copies) and one is not; never an empty one (no document: an empty ``__init__.py`` left the val split without
-    any)."""
+    any). Text files alone, none holding text, are :data:`ALL_EMPTY` (``where``: the inputs)."""
     to_hash = [f for f in files if f.kind == "text" and f.n_bytes]
     if len(to_hash) >= MANY_TEXT_FILES:
         log.info("Reading %d text files to hold out by their text (copies together)...", len(to_hash))
@@ -369,6 +379,8 @@ def plan_split(files: list[InputFile], val_fraction: float) -> list[InputFile]:
     text = [f for f in files if hashes.get(f.path) is not None]
     records = [f for f in files if f.kind != "text"]
     empty = [with_split(f, "train") for f in files if f.kind == "text" and hashes.get(f.path) is None]
+    if not text and not records:  # whitespace alone: the val split came out empty ("raise --val-fraction")
+        raise DataPreparationError(ALL_EMPTY, where, "give files that hold text")
     distinct = {hashes[f.path] for f in text}
     if len(distinct) == 1 and not records:
         what = "only one document: none can be held out for validation"
@@ -619,7 +631,8 @@ def split_documents(
     on_bad: Callable,
     on_held: Callable[[], None] = lambda: None,
 ) -> Iterator[str]:
-    """The texts of ``split`` (``train`` or ``val``) among ``files``, in order; empty documents are dropped.
+    """The texts of ``split`` (``train`` or ``val``) among ``files``, in order; empty documents (and whitespace-only
+    ones: :func:`holds_text`) are dropped.
 
     A document of a ``hash`` file is in the split its text hashes to (:func:`document_hash`; every record is decoded,
     its text hashed once); a bad record, which has no text, in the one its key hashes to. ``on_bad`` hears of the bad
@@ -638,11 +651,11 @@ def split_documents(
             continue
         if f.split != "hash":
             for _, text in iter_documents(f, text_field, on_bad):
-                if text and f.held and document_hash(text) in f.held:
+                if holds_text(text) and f.held and document_hash(text) in f.held:
                     on_held()
-                elif text:
+                elif holds_text(text):
                     yield text
             continue
         for _, text in iter_documents(f, text_field, on_bad_of_split):
-            if text and ((h := document_hash(text)) < val_fraction or h in f.held) == val:
+            if holds_text(text) and ((h := document_hash(text)) < val_fraction or h in f.held) == val:
                 yield text
