@@ -246,6 +246,14 @@ class SignalTwice(L.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class SigtermInSetup(L.Callback):
+    """Sends this process SIGTERM as ``fit`` sets up, before Lightning registers its handler: a scheduler's preemption
+    in a job's first seconds."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def train_tiny_sentencepiece(path: Path, **options) -> Path:
     """A tiny sentencepiece model (BPE unless ``options`` say otherwise) with byte fallback, trained on text with runs
     of spaces, tabs and newlines."""
