@@ -52,6 +52,7 @@ from epas_lightning.errors import (
 )
 from epas_lightning.outputs import out_of_space
 from epas_lightning.script_args import missing_argument_fix
+from epas_lightning.sigterm_in_setup import answering_sigterm_in_setup
 from epas_lightning.slurm import remembering_requeue_signal
 
 PROG = "python -m epas_lightning"
@@ -649,7 +650,11 @@ def dispatch(argv: list[str]) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command in LIGHTNING_COMMANDS:
-        with remembering_requeue_signal() if command == "fit" else nullcontext():  # SLURM's, from the first second
+        fitting = command == "fit"  # SLURM's requeue signal and SIGTERM, from the first second
+        with (
+            remembering_requeue_signal() if fitting else nullcontext(),
+            answering_sigterm_in_setup() if fitting else nullcontext(),
+        ):
             from epas_lightning.lightning_cli import RUN_SECTIONS, exit_status, lightning_cli
 
             check_config_files(argv, sections=("trainer", "model", "data", *RUN_SECTIONS))

@@ -12,10 +12,11 @@ nothing to resume, no job to requeue, exit status 0; so in the step where ``max_
 there: to train on, raise it). A second signal stops at once, without a checkpoint, as does
 Ctrl+C before training starts, and SIGTERM from when Lightning registers its handler (once the data, the model and a
 resumed checkpoint are set up: the sanity validation): the CLI then prints one line and exits with the same status
-(Lightning would exit 1 after Ctrl+C, and 0 after SIGTERM). A SIGTERM before that (the imports, the config, the built-in
-corpus's first preparation, the data checks, the model build, ``init_from``'s read, the resume) takes its default
-action: the process ends with status 143 and prints nothing; a corpus build it cut short is removed by the next run
-that prepares it.
+(Lightning would exit 1 after Ctrl+C, and 0 after SIGTERM). A SIGTERM before that (the config, the built-in corpus's
+first preparation, the data checks, the model build, ``init_from``'s read, the resume) stops the CLI at once too, with
+one line saying nothing was trained (:mod:`epas_lightning.sigterm_in_setup`; one during the imports, once the config
+is read); its default action ended the process with status 143 and nothing said. From a script of one's own it keeps
+its default action.
 
 Under SLURM with Lightning's ``auto_requeue`` (its default), the requeue signal (``SIGUSR1``, sent before the time
 limit with ``#SBATCH --signal=USR1@<seconds>``) stops the same way, and then the first rank requeues the job
@@ -43,8 +44,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from epas_lightning.errors import ConfigError
+from epas_lightning.interrupted import Interrupted
 from epas_lightning.run_checkpoint import VALIDATION_SKIPPED_KEY, RunCheckpoint, save_last_now
 from epas_lightning.run_summary import max_time_ran_out, raise_limit_advice, say
+from epas_lightning.sigterm_in_setup import training_started
 from epas_lightning.slurm import (
     give_back_requeue,
     remembered,
@@ -57,14 +60,6 @@ from epas_lightning.slurm import (
 )
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class Interrupted(KeyboardInterrupt):
-    """``fit`` ended at once by ``signum``, without a checkpoint of the step it was in."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signal.Signals(signum)
 
 
 class GracefulStop(Callback):
@@ -82,6 +77,8 @@ class GracefulStop(Callback):
         """Set when ``fit`` stopped for a signal (on any rank): ``exit_status`` is then 128 + it."""
         self.interrupted_by: signal.Signals | None = None
         """Set when a signal ended ``fit`` at once (a second one, or one before training), without a checkpoint."""
+        self.interrupted_reason: str | None = None
+        """What the command line says of that signal instead of its name (SIGTERM during setup)."""
         self.requeue_signal: signal.Signals | None = None
         """The signal SLURM requeues this job with, when this fit answers it (a SLURM job with ``auto_requeue``)."""
         self.command_line = False
@@ -122,6 +119,7 @@ class GracefulStop(Callback):
             signals = (*SIGNALS, self.requeue_signal) if self.requeue_signal else SIGNALS
             self._previous = {sig: signal.signal(sig, self._on_signal) for sig in signals}
             self._trainer = trainer
+            training_started()  # the command's handler from its start steps aside
         self._stop_if_signalled_before_training(trainer)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -278,8 +276,9 @@ class GracefulStop(Callback):
         self._step_plateaus_again()
         self._restore()
         self._give_back(trainer)
-        if self.enabled and isinstance(exception, KeyboardInterrupt):  # Ctrl+C before training, or a second signal
+        if self.enabled and isinstance(exception, KeyboardInterrupt):  # Ctrl+C or SIGTERM before training, a second one
             self.interrupted_by = getattr(exception, "signum", signal.SIGINT)
+            self.interrupted_reason = getattr(exception, "reason", None)
         elif self.enabled and isinstance(exception, SIGTERMException):  # SIGTERM before training: Lightning's handler
             self.interrupted_by = signal.SIGTERM
 

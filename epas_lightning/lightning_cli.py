@@ -76,7 +76,8 @@ from epas_lightning.data.token_data import check_data_section
 from epas_lightning.divergence import DivergenceGuard
 from epas_lightning.errors import ConfigError, UserError, check_path_name
 from epas_lightning.init_from import resumed_instead
-from epas_lightning.interrupt import GracefulStop, Interrupted
+from epas_lightning.interrupt import GracefulStop
+from epas_lightning.interrupted import Interrupted
 from epas_lightning.launch import check_processes_meet, check_slurm_tasks, missing_slurm_task, port_in_use
 from epas_lightning.lightning_messages import (
     IGNORED_WARNINGS,
@@ -111,6 +112,7 @@ from epas_lightning.run_folder import RunFolders, check_run_folders_writable
 from epas_lightning.run_summary import FlopsModelSummary, RunSummary, progress_bar_for, say
 from epas_lightning.safe_load import is_sharded_checkpoint, verify_checkpoint
 from epas_lightning.seeds import SEED_FIX, TRAINING_SEEDS, seed_out_of_range
+from epas_lightning.sigterm_in_setup import answer_sigterm_in_setup
 from epas_lightning.strategy import STRATEGY_NAME, check_data_parallel_only, check_strategy_name
 from epas_lightning.trainer_checks import (
     check_accelerator_available,
@@ -252,6 +254,8 @@ class EPASCLI(LightningCLI):
             raise unknown from e
         finally:
             PARSED_COMMAND.reset(command)
+        if self.config.get("subcommand") == "fit":  # SIGTERM since the command started: answered, or left to Lightning
+            answer_sigterm_in_setup(self.config.fit.interrupt.enabled)
         if printing:
             subcommand = self.config.subcommand
             config = self.config[subcommand].clone()
@@ -439,7 +443,9 @@ class EPASCLI(LightningCLI):
         except SystemExit as e:  # Lightning's exit after a signal: 1 after Ctrl+C, 0 after SIGTERM
             if stop is None or stop.interrupted_by is None:
                 raise
-            raise Interrupted(stop.interrupted_by) from e
+            if folders is not None and stop.interrupted_reason is not None:  # SIGTERM in setup: as a refused start
+                folders.remove_unused(self.trainer)
+            raise Interrupted(stop.interrupted_by, stop.interrupted_reason) from e
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)

@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import torch
@@ -139,6 +141,58 @@ class FakeClock(L.Callback):
         self.now += self.validation
 
 
+class Validation(NamedTuple):
+    """One validation of a fit: its global step, the step loggers log it at, its epoch, and its ``val/loss``."""
+
+    step: int
+    logged_step: int
+    epoch: int
+    loss: float
+
+
+class Recorder(L.Callback):
+    """Records what a fit of an ``EPASModule`` did. Per optimizer step (counted from 0): ``lrs``, the first optimizer's
+    learning rate as it starts; ``losses`` and ``masks``, the training loss and the sharing layers after it. Per
+    micro-batch: ``batches``, by (epoch, index in it), the global step it starts at and its rows' first 3 tokens;
+    ``micro_batches``, by (global step after it, index), its loss and epoch. ``validations``: each one but the sanity
+    check's, in order."""
+
+    def __init__(self) -> None:
+        self.lrs: dict[int, float] = {}
+        self.losses: dict[int, float] = {}
+        self.masks: dict[int, list[int]] = {}
+        self.batches: dict[tuple[int, int], tuple[int, list]] = {}
+        self.micro_batches: dict[tuple[int, int], tuple[float, int]] = {}
+        self.validations: list[Validation] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+        self.batches[(trainer.current_epoch, batch_idx)] = (trainer.global_step, batch[:, :3].tolist())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step, loss = trainer.global_step - 1, outputs["loss"].item()
+        self.losses[step], self.masks[step] = loss, pl_module.model.sharing.shared_layers
+        self.micro_batches[(trainer.global_step, batch_idx)] = (loss, trainer.current_epoch)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            logged_step = trainer.fit_loop.epoch_loop._batches_that_stepped
+            loss = float(trainer.callback_metrics["val/loss"])
+            self.validations.append(Validation(trainer.global_step, logged_step, trainer.current_epoch, loss))
+
+
+class SignalInStep(L.Callback):
+    """Records SIGTERM in ``stop`` (a ``GracefulStop``) as optimizer step ``step`` (counted from 1) starts, as its
+    signal handler does when the signal comes inside that step; ``step`` ``None``: never."""
+
+    def __init__(self, stop: L.Callback, step: int | None) -> None:
+        self.stop, self.step = stop, step
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        if self.step is not None and trainer.global_step + 1 == self.step:
+            self.stop.received = signal.SIGTERM
+
+
 class Keys(Logger):
     """Remembers every metric name logged."""
 
@@ -190,6 +244,14 @@ class SignalTwice(L.Callback):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
             os.kill(os.getpid(), self.signum)
+
+
+class SigtermInSetup(L.Callback):
+    """Sends this process SIGTERM as ``fit`` sets up, before Lightning registers its handler: a scheduler's preemption
+    in a job's first seconds."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def train_tiny_sentencepiece(path: Path, **options) -> Path:

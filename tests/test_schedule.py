@@ -175,26 +175,21 @@ def test_unknown_order_is_explained():
 def test_shallow_first_grows_from_layer_1_during_fit(tmp_path):
     import lightning as L
     import torch
-    from helpers import cpu_trainer
-    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+    from helpers import Recorder, cpu_trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from epas_lightning import EPASModule, LlamaConfig, set_region
     from epas_lightning.callbacks import ProgressiveSharing
 
     L.seed_everything(3)
-    masks = {}
-
-    class Record(Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            masks[trainer.global_step - 1] = pl_module.model.sharing.shared_layers
-
+    recorder = Recorder()
     module = EPASModule(LlamaConfig.from_name("debug", n_layer=4, block_size=16))
     tokens = torch.randint(0, 512, (12, 17))
     loader = torch.utils.data.DataLoader(tokens, batch_size=2)
     sharing = ProgressiveSharing(target=3, interval=2, start_step=1, order="shallow_first")
     checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)
-    cpu_trainer(tmp_path, 6, [sharing, Record(), checkpoint]).fit(module, loader)
-    assert [masks[s] for s in range(6)] == [[], [1], [1], [1, 2], [1, 2], [1, 2, 3]]
+    cpu_trainer(tmp_path, 6, [sharing, recorder, checkpoint]).fit(module, loader)
+    assert [recorder.masks[s] for s in range(6)] == [[], [1], [1], [1, 2], [1, 2], [1, 2, 3]]
     assert sharing.state_dict()["order"] == "shallow_first"
     # N sharing layers are the first N of the trained region, as for load_model's: in the module just trained and in
     # one loaded with EPASModule.load_from_checkpoint (both shared the deepest N, and took any N, unchecked)

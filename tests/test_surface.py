@@ -1009,6 +1009,28 @@ def test_a_second_signal_stops_fit_at_once_with_one_line_and_its_status(
     assert "Traceback" not in err and "Detected KeyboardInterrupt" not in err and "stopped by" not in err
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_sigterm_while_fit_sets_up_stops_it_with_one_line_and_its_status(enabled, tiny_corpus, tmp_path):
+    """SIGTERM before Lightning registers its handler (here as the callbacks set up; also during the imports, the data
+    preparation and checks, the model build, a resume's read) took its default action: exit status 143 and nothing
+    said, so a scheduler's preemption in a job's first seconds read as a crash. It stops as Ctrl+C does there: one
+    line, the same status, and the run folder it had just made is removed, as after a refused start (the same command
+    again is the same run). ``interrupt.enabled: false`` keeps the default action."""
+    from epas_lightning.sigterm_in_setup import STOPPED_IN_SETUP
+
+    env = {**os.environ, "EPAS_CACHE_DIR": str(tiny_corpus.parent), "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
+    args = ["--trainer.callbacks+=helpers.SigtermInSetup", f"--interrupt.enabled={str(enabled).lower()}"]
+    command = [sys.executable, "-m", "epas_lightning", "fit", "--config", DEBUG, *args]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    said = f"interrupted: fit stopped ({STOPPED_IN_SETUP})\n"
+    if enabled:
+        assert done.returncode == 143 and done.stderr.endswith(said), done.stderr[-3000:]
+        assert not (tmp_path / "runs").exists()
+    else:
+        assert done.returncode == -signal.SIGTERM and "interrupted" not in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_a_misspelt_resume_word_names_the_words(tmp_path, capsys, monkeypatch):
     """``--ckpt_path lst`` said "checkpoint does not exist — check the path", not which words there are."""
     monkeypatch.chdir(tmp_path)

@@ -11,24 +11,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import cpu_trainer, train_tiny_checkpoint
+from helpers import Recorder, SignalInStep, cpu_trainer, train_tiny_checkpoint
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule
 from epas_lightning.flops import estimate_flops
-
-
-class Recorder(Callback):
-    """Records, per optimizer step, the training loss and the sharing layers used for it."""
-
-    def __init__(self) -> None:
-        self.losses: dict[int, float] = {}
-        self.masks: dict[int, list[int]] = {}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step - 1
-        self.losses[step] = outputs["loss"].item()
-        self.masks[step] = pl_module.model.sharing.shared_layers
 
 
 def make_trainer(root: Path, max_steps: int, callbacks: list, **kwargs) -> L.Trainer:
@@ -811,21 +798,14 @@ def test_a_sharded_checkpoint_mixing_two_saves_is_refused_in_one_line(tiny_corpu
 def test_a_graceful_stop_never_writes_through_a_linked_last_ckpt(tiny_corpus, tmp_path, sharded):
     """With ``save_last: link`` last.ckpt is a link to the newest top-k checkpoint: the stop's save replaces the link
     with a checkpoint of its own instead of overwriting the linked one (or failing to remove a link as a folder)."""
-    import signal
-
     from epas_lightning import FSDP2Strategy, GracefulStop
-
-    class SignalAtStep(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 3:
-                stop.received = signal.SIGTERM  # what the signal handler records
 
     stop = GracefulStop()
     module, data = make_run(tiny_corpus)
     ckpt_dir = tmp_path / "ckpt"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last="link", every_n_train_steps=2, save_top_k=1)
     strategy = {"strategy": FSDP2Strategy()} if sharded else {}
-    make_trainer(tmp_path, 100, [SignalAtStep(), stop, checkpoint], **strategy).fit(module, datamodule=data)
+    make_trainer(tmp_path, 100, [SignalInStep(stop, 4), stop, checkpoint], **strategy).fit(module, datamodule=data)
     assert stop.exit_status == 143
     for path in ckpt_dir.glob("epoch=*-step=*.ckpt"):  # each still holds the step it is named after
         meta = path / "meta.pt" if sharded else path
@@ -1078,30 +1058,18 @@ def test_a_run_resumed_after_a_stop_validates_at_the_step_it_stopped(
     saved before a validation that then ran (every_n_train_steps, here last.ckpt of a finished run) validates no
     step twice. A stop in the run's last step skipped its last validation for good (nothing is left to resume); it
     runs there now."""
-    import signal
-
     from epas_lightning import GracefulStop, RunCheckpoint
 
     def fit(folder: str, max_steps: int, ckpt_path: Path | None = None, stop_at: int | None = None) -> dict:
-        scores, stop = {}, GracefulStop()
-
-        class Record(Callback):
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                if trainer.global_step + 1 == stop_at:
-                    stop.received = signal.SIGTERM  # what the signal handler records, inside the step
-
-            def on_validation_end(self, trainer, pl_module):
-                if not trainer.sanity_checking:
-                    step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step loggers log it at
-                    scores[(trainer.global_step, step)] = float(trainer.callback_metrics["val/loss"])
-
+        recorder, stop = Recorder(), GracefulStop()
         checkpoint = RunCheckpoint(dirpath=tmp_path / folder, save_last=True, every_n_train_steps=2, save_top_k=-1)
         validation = {"val_check_interval": 4, "limit_val_batches": 1, "num_sanity_val_steps": 0, **limits}
-        trainer = make_trainer(tmp_path, max_steps, [Record(), stop, checkpoint], **validation)
+        callbacks = [SignalInStep(stop, stop_at), recorder, stop, checkpoint]
+        trainer = make_trainer(tmp_path, max_steps, callbacks, **validation)
         module, data = make_run(tiny_corpus, n_layer=2)
         trainer.fit(module, data, ckpt_path=ckpt_path)
         assert stop.exit_status == (143 if stop_at and not ckpt_path and stop_at < max_steps else None)  # 0: complete
-        return scores
+        return {(v.step, v.logged_step): v.loss for v in recorder.validations}
 
     whole = fit("whole", 12)
     assert sorted(whole) == ([(4, 3), (8, 7), (12, 11)] if not limits else [(3, 2), (6, 5), (9, 8), (12, 11)])
@@ -1120,29 +1088,18 @@ def test_another_checkpoint_saved_at_a_stop_marks_the_validation_the_stop_skippe
     """A checkpoint of one's own (a StepCheckpoint) saving at the stop's step, after the stop's save (Lightning runs
     checkpoints last), lacked the mark of the validation the stop skipped: resumed from it, no session validated that
     step. Every checkpoint saved at the stop's step now carries the mark."""
-    import signal
-
     from epas_lightning import GracefulStop, RunCheckpoint, StepCheckpoint
     from epas_lightning.run_checkpoint import VALIDATION_SKIPPED_KEY
 
     def fit(max_steps: int, ckpt_path: Path | None = None, stop_at: int | None = None) -> list[int]:
-        validated, stop = [], GracefulStop()
-
-        class Record(Callback):
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                if trainer.global_step + 1 == stop_at:
-                    stop.received = signal.SIGTERM  # what the signal handler records, inside the step
-
-            def on_validation_end(self, trainer, pl_module):
-                if not trainer.sanity_checking:
-                    validated.append(trainer.global_step)
-
+        recorder, stop = Recorder(), GracefulStop()
         run = RunCheckpoint(dirpath=tmp_path / "run", save_last=True)
         own = StepCheckpoint(dirpath=tmp_path / "own", every_n_train_steps=4, save_top_k=-1)
         validation = {"val_check_interval": 4, "limit_val_batches": 1, "num_sanity_val_steps": 0}
-        trainer = make_trainer(tmp_path, max_steps, [Record(), stop, run, own], **validation)
+        callbacks = [SignalInStep(stop, stop_at), recorder, stop, run, own]
+        trainer = make_trainer(tmp_path, max_steps, callbacks, **validation)
         trainer.fit(*make_run(tiny_corpus, n_layer=2), ckpt_path=ckpt_path)
-        return validated
+        return [v.step for v in recorder.validations]
 
     assert fit(8, stop_at=4) == []  # the stop skips the validation due at its step
     own = tmp_path / "own" / "epoch=0-step=4.ckpt"
@@ -1154,31 +1111,19 @@ def test_a_run_resumed_with_checkpointing_off_trains_as_the_uninterrupted_run(ti
     """Resumed with checkpointing off (no StepCheckpoint, which finished the resume), the validation the stop skipped
     never ran, and a ReduceLROnPlateau stepped per step found no val/loss until the next validation (the checkpoint's
     was not put back): its learning rate never halved where the uninterrupted run's halved at each step."""
-    import signal
-
     from epas_lightning import GracefulStop, RunCheckpoint
 
     def fit(max_steps: int, ckpt_path: Path | None = None, stop_at: int | None = None) -> dict:
-        record, stop = {"lr": {}, "val": []}, GracefulStop()
-
-        class Record(Callback):
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                record["lr"][trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
-                if trainer.global_step + 1 == stop_at:
-                    stop.received = signal.SIGTERM  # what the signal handler records, inside the step
-
-            def on_validation_end(self, trainer, pl_module):
-                if not trainer.sanity_checking:
-                    record["val"].append(trainer.global_step)
-
+        recorder, stop = Recorder(), GracefulStop()
         checkpointing = ckpt_path is None
         folder = tmp_path / ("first" if stop_at else "whole")
-        callbacks = [Record(), stop, *([RunCheckpoint(dirpath=folder, save_last=True)] * checkpointing)]
+        checkpoints = [RunCheckpoint(dirpath=folder, save_last=True)] * checkpointing
+        callbacks = [SignalInStep(stop, stop_at), recorder, stop, *checkpoints]
         options = {"val_check_interval": 4, "limit_val_batches": 1, "num_sanity_val_steps": 0}
         trainer = make_trainer(tmp_path, max_steps, callbacks, enable_checkpointing=checkpointing, **options)
         module, data = make_run(tiny_corpus, n_layer=2, module_class=PlateauModule)
         trainer.fit(module, data, ckpt_path=ckpt_path)
-        return record
+        return {"lr": recorder.lrs, "val": [v.step for v in recorder.validations]}
 
     whole = fit(8)
     first = fit(8, stop_at=4)
@@ -1192,24 +1137,16 @@ def test_a_run_stopped_at_two_epoch_ends_reads_each_epoch_as_the_uninterrupted_r
     """Resumed from a stop after an epoch's last batch, Lightning began the next epoch uncounted, so a second stop
     after that epoch's last batch saved it as never begun: the third session trained it again under its old number
     (with validation) or read other batches than the uninterrupted run's in the next one (without)."""
-    import signal
-
     from epas_lightning import GracefulStop, RunCheckpoint
 
     def fit(folder: str, ckpt_path: Path | None = None, stop_at: int | None = None) -> dict:
-        read, stop = {}, GracefulStop()
-
-        class Record(Callback):
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                read[(trainer.current_epoch, batch_idx)] = (trainer.global_step, batch[:, :3].tolist())
-                if trainer.global_step + 1 == stop_at:
-                    stop.received = signal.SIGTERM  # what the signal handler records, inside the step
-
+        recorder, stop = Recorder(), GracefulStop()
         checkpoint = RunCheckpoint(dirpath=tmp_path / folder, save_last=True, save_top_k=0)
         validation = {"val_check_interval": 3, "limit_val_batches": 1, "num_sanity_val_steps": 0} if validate else {}
-        trainer = make_trainer(tmp_path, 8, [Record(), stop, checkpoint], limit_train_batches=3, **validation)
+        callbacks = [SignalInStep(stop, stop_at), recorder, stop, checkpoint]
+        trainer = make_trainer(tmp_path, 8, callbacks, limit_train_batches=3, **validation)
         trainer.fit(*make_run(tiny_corpus, n_layer=2), ckpt_path=ckpt_path)
-        return read
+        return recorder.batches
 
     whole = fit("whole")
     sessions = [fit("stopped", stop_at=3), fit("stopped", tmp_path / "stopped" / "last.ckpt", stop_at=6)]
@@ -1290,7 +1227,6 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(
     first. A run max_time ended (resumed with a larger max_time) validated at its last step, where the
     uninterrupted run did not: Lightning validates whenever a fit stops early (an extra val/loss point, and a plateau
     step on it)."""
-    import signal
     from datetime import timedelta
     from types import SimpleNamespace
 
@@ -1311,38 +1247,30 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(
     def fit(
         folder: str, max_steps: int, ckpt_path: Path | None = None, stop_at: int | None = None, timed: bool = False
     ) -> dict:
-        record, stop, logger = {"loss": {}, "lr": {}, "epoch": {}, "val": {}}, GracefulStop(), Steps()
+        recorder, stop, logger = Recorder(), GracefulStop(), Steps()
         clock.now = 0.0
 
-        class Record(Callback):
+        class TimeOut(Callback):
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
                 if timed and trainer.global_step + 1 == time_out_at:
                     clock.now = 3600.0
-                record["lr"][trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
-                if trainer.global_step + 1 == stop_at:
-                    stop.received = signal.SIGTERM  # what the signal handler records, inside the step
-
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                micro_batch = (trainer.global_step, batch_idx)  # several at a step under gradient accumulation
-                record["loss"][micro_batch] = outputs["loss"].item()
-                record["epoch"][micro_batch] = trainer.current_epoch
-
-            def on_validation_end(self, trainer, pl_module):
-                if not trainer.sanity_checking:
-                    where = (trainer.global_step, trainer.current_epoch)
-                    record["val"][where] = float(trainer.callback_metrics["val/loss"])
 
         checkpoint = RunCheckpoint(dirpath=tmp_path / folder, save_last=True, every_n_train_steps=every, save_top_k=-1)
         validation = {"val_check_interval": 4, "limit_val_batches": 1, "num_sanity_val_steps": 0}
         options = {**validation, "log_every_n_steps": 1, **settings}
         if time_out_at:
             options["max_time"] = timedelta(hours=1 if timed else 2)
-        trainer = make_trainer(tmp_path, max_steps, [Record(), stop, checkpoint], logger=logger, **options)
+        callbacks = [TimeOut(), SignalInStep(stop, stop_at), recorder, stop, checkpoint]
+        trainer = make_trainer(tmp_path, max_steps, callbacks, logger=logger, **options)
         module, data = make_run(tiny_corpus, n_layer=2, module_class=PlateauModule if plateau_every else EPASModule)
         module.plateau_every = plateau_every
         for key, value in plateau.items():
             setattr(module, key, value)
         trainer.fit(module, data, ckpt_path=ckpt_path)
+        micro_batches = recorder.micro_batches.items()  # several a step under gradient accumulation
+        record = {"lr": recorder.lrs, "val": {(v.step, v.epoch): v.loss for v in recorder.validations}}
+        record["loss"] = {micro_batch: loss for micro_batch, (loss, _) in micro_batches}
+        record["epoch"] = {micro_batch: epoch for micro_batch, (_, epoch) in micro_batches}
         logged = {tag: zip(steps, logger.values[tag], strict=True) for tag, steps in logger.steps.items()}
         points = [((tag, step), value) for tag, values in logged.items() for step, value in values]
         record["points"], record["logged"] = Counter(point for point, _ in points), dict(points)
@@ -1493,17 +1421,11 @@ def test_a_graceful_stop_saves_its_step_once(tiny_corpus, tmp_path, capsys, run_
     same step again (a step file): more full saves inside a scheduler's grace period than the one needed. That whole
     validation ran after the save, within the grace period, before the loggers were flushed; it runs no more.
     From a script it said to resume "with the same command and --ckpt_path last": it names ``trainer.fit`` now."""
-    import signal
-
     from epas_lightning import GracefulStop, RunCheckpoint
 
     saves, validations = [], []
 
-    class SignalAndCount(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 2:
-                stop.received = signal.SIGTERM  # what the signal handler records
-
+    class Count(Callback):
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):
             saves.append(trainer.global_step)
 
@@ -1514,7 +1436,7 @@ def test_a_graceful_stop_saves_its_step_once(tiny_corpus, tmp_path, capsys, run_
     module, data = make_run(tiny_corpus)
     checkpoint_class = RunCheckpoint if run_checkpoint else ModelCheckpoint
     checkpoint = checkpoint_class(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=100, save_top_k=-1)
-    trainer = make_trainer(tmp_path, 100, [SignalAndCount(), stop, checkpoint], limit_val_batches=1)
+    trainer = make_trainer(tmp_path, 100, [SignalInStep(stop, 3), Count(), stop, checkpoint], limit_val_batches=1)
     trainer.fit(module, datamodule=data)
     assert stop.exit_status == 143 and saves == [3] and not [v for v in validations if not v]
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt"]
@@ -1526,19 +1448,12 @@ def test_a_graceful_stop_saves_its_step_once(tiny_corpus, tmp_path, capsys, run_
 def test_a_graceful_stop_saves_into_the_run_checkpoint_before_a_listed_one(tiny_corpus, tmp_path, capsys):
     """With a ModelCheckpoint of trainer.callbacks (listed before the run's checkpoint, as the CLI orders them), the
     stop wrote last.ckpt into that one's folder, and said to resume with "last", which finds the run's own."""
-    import signal
-
     from epas_lightning import GracefulStop, RunCheckpoint
-
-    class Signal(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 2:
-                stop.received = signal.SIGTERM  # what the signal handler records
 
     stop = GracefulStop()
     listed = ModelCheckpoint(dirpath=tmp_path / "mine", every_n_train_steps=100)
     run = RunCheckpoint(dirpath=tmp_path / "run", save_last=True, every_n_train_steps=100)
-    make_trainer(tmp_path, 100, [Signal(), stop, listed, run]).fit(*make_run(tiny_corpus, 2))
+    make_trainer(tmp_path, 100, [SignalInStep(stop, 3), stop, listed, run]).fit(*make_run(tiny_corpus, 2))
     assert stop.exit_status == 143 and [p.name for p in (tmp_path / "run").iterdir()] == ["last.ckpt"]
     assert not (tmp_path / "mine").exists()
     assert 'resume with trainer.fit(..., ckpt_path="last")' in capsys.readouterr().err
@@ -1549,20 +1464,13 @@ def test_a_graceful_stop_at_a_scheduled_save_keeps_its_step_checkpoint(tiny_corp
     """A stop in a step every_n_train_steps saves at wrote last.ckpt alone and counted the step as saved: its
     epoch=0-step=N.ckpt, which the uninterrupted run keeps (save_top_k -1), was never written, and the run resumed
     from last.ckpt went on without it. The stop writes it too, with the same state as last.ckpt."""
-    import signal
-
     from epas_lightning import GracefulStop, RunCheckpoint
 
     def fit(max_steps: int, ckpt_path: str | None = None, stop_at: int | None = None) -> GracefulStop:
         stop = GracefulStop()
-
-        class Signal(Callback):
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                if trainer.global_step + 1 == stop_at:
-                    stop.received = signal.SIGTERM  # what the signal handler records, inside the step
-
         run = RunCheckpoint(dirpath=tmp_path / "run", save_last=True, every_n_train_steps=2, save_top_k=-1)
-        trainer = make_trainer(tmp_path, max_steps, [Signal(), stop, run], accumulate_grad_batches=accumulate)
+        callbacks = [SignalInStep(stop, stop_at), stop, run]
+        trainer = make_trainer(tmp_path, max_steps, callbacks, accumulate_grad_batches=accumulate)
         trainer.fit(*make_run(tiny_corpus, 2), ckpt_path=ckpt_path)
         return stop
 

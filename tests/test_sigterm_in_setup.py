@@ -1,0 +1,58 @@
+"""SIGTERM from the start of ``fit`` until ``GracefulStop`` answers it (:mod:`epas_lightning.sigterm_in_setup`), each
+case a process of its own: the handler's default action ends it. The command line's case is in test_surface."""
+
+import signal
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO
+
+from epas_lightning.sigterm_in_setup import STOPPED_IN_SETUP
+
+PRELUDE = """
+import os, signal, time
+from epas_lightning import sigterm_in_setup as setup
+def stop_here():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.1)  # the handler runs
+with setup.answering_sigterm_in_setup():
+"""
+STOPPED = "try:\n    stop_here()\nexcept KeyboardInterrupt as e:\n    print(e.signum.name, e.reason)\n"
+
+
+def run(body: str) -> tuple[int, str]:
+    """Exit status and output of ``body`` run within :func:`answering_sigterm_in_setup` in a fresh interpreter."""
+    lines = "\n".join(f"    {line}" for line in f'{body}\nprint("ends")'.splitlines())
+    code = f"{PRELUDE}{lines}\nprint(signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    return done.returncode, done.stdout
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "output"),
+    [
+        ("setup.answer_sigterm_in_setup(True)\n" + STOPPED, 0, f"SIGTERM {STOPPED_IN_SETUP}\nends\nTrue\n"),
+        ('stop_here()\nprint("remembered")\n' + STOPPED.replace("stop_here()", "setup.answer_sigterm_in_setup(True)"),
+         0, f"remembered\nSIGTERM {STOPPED_IN_SETUP}\nends\nTrue\n"),
+        ('stop_here()\nprint("remembered")\nsetup.answer_sigterm_in_setup(False)', -signal.SIGTERM, "remembered\n"),
+        ("setup.answer_sigterm_in_setup(False)\nstop_here()", -signal.SIGTERM, ""),
+        ("setup.answer_sigterm_in_setup(True)\nsetup.training_started()\nstop_here()", -signal.SIGTERM, ""),
+        ("setup.answer_sigterm_in_setup(True)\nfound = signal.getsignal(signal.SIGTERM)\n"
+         'signal.signal(signal.SIGTERM, lambda *a: print("answered") or found(*a))\nstop_here()', 0, "answered\nends\n"
+         "False\n"),
+        ("setup.answer_sigterm_in_setup(True)\nif (child := os.fork()) == 0:\n    stop_here()\n    os._exit(0)\n"
+         "print(os.waitpid(child, 0)[1] == signal.SIGTERM)", 0, "True\nends\nTrue\n"),
+    ],
+    ids=[
+        "during setup: stops at once",
+        "before the config is read: remembered, stops once it says so",
+        "before the config is read: remembered, the default action once it says interrupt.enabled false",
+        "interrupt.enabled false: the default action",
+        "after training started: the default action",
+        "called by the handler Lightning registers: its answer stands",
+        "in a process forked meanwhile: the default action",
+    ],
+)  # fmt: skip
+def test_sigterm_before_training_stops_the_command_where_the_config_lets_it(body, status, output):
+    assert run(body) == (status, output)
