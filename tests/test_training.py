@@ -1237,6 +1237,10 @@ epochs_of_3 = {"limit_train_batches": 3, "val_check_interval": 3}  # a validatio
         (3, 9, {"plateau_every": 1, "plateau_interval": "epoch", "plateau_strict": True, **epochs_of_3}),
         (None, 8, {"plateau_every": 1, "time_out_at": 3}),
         (None, 8, {"time_out_at": 4}),
+        (None, 8, {"plateau_every": 1, "monitor": "val/loss"}),
+        (None, 6, {"plateau_every": 1, "plateau_interval": "epoch", "save_on_train_epoch_end": True, **epochs_of_3}),
+        (None, 6, {"plateau_every": 1, "save_on_train_epoch_end": True, **epochs_of_3}),
+        (None, 6, {"plateau_every": 1, "plateau_interval": "epoch", **epochs_of_3}),
     ],
     ids=[
         "a plateau scheduler stepped per step",
@@ -1254,6 +1258,10 @@ epochs_of_3 = {"limit_train_batches": 3, "val_check_interval": 3}  # a validatio
         "a strict plateau scheduler stepped per epoch, a stop at the first epoch's end",
         "max_time ending between validations",
         "max_time ending at a validation",
+        "a plateau scheduler stepped per step, a run finished after a monitored save at its last validation extended",
+        "a plateau scheduler stepped per epoch, a run finished after a save at its last epoch's end extended",
+        "a plateau scheduler stepped per step, a run finished after a save at its last epoch's end extended",
+        "a plateau scheduler stepped per epoch, a run finished after a save at its last validation extended",
     ],
 )
 def test_two_sessions_log_and_train_as_the_uninterrupted_run(
@@ -1272,7 +1280,8 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(
     validation; a strict one raised in the stop's session, after its save, where the validation it skipped was the
     first. A run max_time ended (resumed with a larger max_time) validated at its last step, where the
     uninterrupted run did not: Lightning validates whenever a fit stops early (an extra val/loss point, and a plateau
-    step on it)."""
+    step on it). A run extended from a save at an epoch's end (save_on_train_epoch_end) skipped the epoch's plateau
+    step, and took a second one of interval "step"."""
     import signal
     from datetime import timedelta
     from types import SimpleNamespace
@@ -1284,7 +1293,9 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(
     from epas_lightning.provenance import LAST_VALIDATION_KEY
 
     settings = dict(settings)
-    plateau_every, every = settings.pop("plateau_every", None), settings.pop("every_n_train_steps", None)
+    plateau_every = settings.pop("plateau_every", None)
+    saving = ("every_n_train_steps", "monitor", "save_on_train_epoch_end")  # the checkpoint's
+    saving = {key: settings.pop(key) for key in saving if key in settings}
     plateau = {key: settings.pop(key) for key in ("plateau_interval", "plateau_strict") if key in settings}
     time_out_at = settings.pop("time_out_at", None)  # max_time (an hour) runs out at this step of the first session
     whole_steps = first_steps if stop_at or time_out_at else first_steps + 4
@@ -1315,7 +1326,7 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(
                     where = (trainer.global_step, trainer.current_epoch)
                     record["val"][where] = float(trainer.callback_metrics["val/loss"])
 
-        checkpoint = RunCheckpoint(dirpath=tmp_path / folder, save_last=True, every_n_train_steps=every, save_top_k=-1)
+        checkpoint = RunCheckpoint(dirpath=tmp_path / folder, save_last=True, save_top_k=-1, **saving)
         validation = {"val_check_interval": 4, "limit_val_batches": 1, "num_sanity_val_steps": 0}
         options = {**validation, "log_every_n_steps": 1, **settings}
         if time_out_at:
