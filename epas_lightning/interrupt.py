@@ -33,7 +33,6 @@ until someone cancels it, so it is not requeued; the CLI says so in one line and
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from epas_lightning.errors import ConfigError
+from epas_lightning.plateau_metrics import hold_plateau_steps, release_plateau_steps
 from epas_lightning.run_checkpoint import VALIDATION_SKIPPED_KEY, RunCheckpoint, save_last_now
 from epas_lightning.run_summary import max_time_ran_out, raise_limit_advice, say
 from epas_lightning.slurm import (
@@ -259,13 +259,10 @@ class GracefulStop(Callback):
         the next step or the end of training (a frequency no step or epoch count reaches; the schedulers themselves, as
         a checkpoint of another callback still saves them, are untouched)."""
         if not self._held_plateaus:
-            self._held_plateaus = [(c, c.frequency) for c in trainer.lr_scheduler_configs if c.reduce_on_plateau]
-        for config, _ in self._held_plateaus:
-            config.frequency = sys.maxsize
+            self._held_plateaus = hold_plateau_steps([c for c in trainer.lr_scheduler_configs if c.reduce_on_plateau])
 
     def _step_plateaus_again(self) -> None:
-        for config, frequency in self._held_plateaus:
-            config.frequency = frequency
+        release_plateau_steps(self._held_plateaus)
         self._held_plateaus = []
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -21,10 +21,17 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from epas_lightning.checkpoint_io import remove_unfinished_saves
 from epas_lightning.checkpoint_space import check_folder_shared_by_nodes, warn_if_disk_too_small
-from epas_lightning.plateau_metrics import PLATEAU_METRICS_KEY, restore_plateau_metrics, save_plateau_metrics
+from epas_lightning.plateau_metrics import (
+    PLATEAU_METRICS_KEY,
+    hold_plateau_steps,
+    release_plateau_steps,
+    restore_plateau_metrics,
+    save_plateau_metrics,
+)
 from epas_lightning.resume import last_checkpoint_of_run, version_folder, version_of, version_to_continue
 from epas_lightning.run_summary import max_time_ran_out, say
 from epas_lightning.safe_load import verify_checkpoint
@@ -195,13 +202,39 @@ def finish_resume(
     the saved plateau metrics put back (reset since the checkpoint loaded), the end of the resumed step
     (:func:`finish_resumed_step`) or epoch (:func:`finish_resumed_epoch`), the next epoch begun as new
     (:func:`begin_next_epoch_as_new`). The first :class:`StepCheckpoint` calls it, else (checkpointing off)
-    ``EPASModule``."""
+    ``EPASModule``. A checkpoint of a version that saved no plateau metrics takes no plateau step that finds none (as
+    Lightning's resume took none; a strict scheduler raised), said once."""
     restore_plateau_metrics(trainer, plateau_metrics)
+    skipped: set[str] | None = set() if plateau_metrics is None else None
     if resumed is not None:
-        finish_resumed_step(trainer, *resumed)
+        finish_resumed_step(trainer, *resumed, skipped=skipped)
     if epoch_ended is not None:
-        finish_resumed_epoch(trainer, epoch_ended)
+        finish_resumed_epoch(trainer, epoch_ended, skipped=skipped)
     begin_next_epoch_as_new(trainer)
+    if skipped:
+        rank_zero_warn(
+            f"ckpt_path {trainer.ckpt_path} was saved without the value of {', '.join(sorted(skipped))} (an older "
+            f"version), which a ReduceLROnPlateau steps on at step {trainer.global_step}: that step is skipped, as "
+            "Lightning's resume does; checkpoints saved from now on hold it, nothing to do"
+        )
+
+
+def step_plateau_schedulers(trainer: Trainer, interval: str, skipped: set[str] | None = None) -> None:
+    """Step the ``ReduceLROnPlateau`` schedulers of ``interval`` ("step", "epoch") due now, as Lightning does at a
+    step's or an epoch's end. With ``skipped`` (the resumed checkpoint saved no plateau metrics), one due whose metric
+    is not logged takes no step, and its metric is added to ``skipped``."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    index = epoch_loop.batch_idx if interval == "step" else trainer.current_epoch  # Lightning's count for frequency
+    configs = [c for c in trainer.lr_scheduler_configs if c.reduce_on_plateau and c.interval == interval]
+    due = [c for c in configs if (index + 1) % c.frequency == 0]
+    unsaved = [c for c in due if skipped is not None and c.monitor not in trainer.callback_metrics]
+    held = hold_plateau_steps(unsaved)
+    try:
+        epoch_loop.update_lr_schedulers(interval, update_plateau_schedulers=True)
+    finally:
+        release_plateau_steps(held)
+    if skipped is not None:
+        skipped.update(config.monitor for config in unsaved)
 
 
 def end_restart(trainer: Trainer) -> None:
@@ -233,7 +266,9 @@ def begin_next_epoch_as_new(trainer: Trainer) -> None:
         fit_loop.reset_restart_stage()
 
 
-def finish_resumed_step(trainer: Trainer, epoch: int, validation_skipped: bool) -> None:
+def finish_resumed_step(
+    trainer: Trainer, epoch: int, validation_skipped: bool, skipped: set[str] | None = None
+) -> None:
     """Run the end of the resumed step that the checkpoint's run did after its save between steps, in the checkpoint's
     ``epoch`` (after an epoch's last batch Lightning resumes in the next). Lightning skips it all.
 
@@ -261,12 +296,12 @@ def finish_resumed_step(trainer: Trainer, epoch: int, validation_skipped: bool) 
             val_loop.run()
             trainer.training = True
             trainer._logger_connector._first_loop_iter = first_loop_iter
-        epoch_loop.update_lr_schedulers("step", update_plateau_schedulers=True)  # as Lightning at the step's end
+        step_plateau_schedulers(trainer, "step", skipped)  # as Lightning at the step's end
         if epoch_loop._num_ready_batches_reached():  # as Lightning at the end of an epoch
-            epoch_loop.update_lr_schedulers("epoch", update_plateau_schedulers=True)
+            step_plateau_schedulers(trainer, "epoch", skipped)
 
 
-def finish_resumed_epoch(trainer: Trainer, epoch: int) -> None:
+def finish_resumed_epoch(trainer: Trainer, epoch: int, skipped: set[str] | None = None) -> None:
     """Run the end of the resumed ``epoch`` that the checkpoint's run did after its save there (``on_train_epoch_end``):
     a ``ReduceLROnPlateau`` stepped per epoch takes the epoch's step, which Lightning skipped (the learning rate then
     followed the uninterrupted run's one epoch late). Lightning instead ended the epoch's last step again, as if saved
@@ -276,7 +311,7 @@ def finish_resumed_epoch(trainer: Trainer, epoch: int) -> None:
     if epoch_loop.restarted_on_last:  # the step was ended before the save: a new epoch begins
         epoch_loop.restarting = False
     with counted_as_epoch(trainer, epoch):
-        epoch_loop.update_lr_schedulers("epoch", update_plateau_schedulers=True)  # as Lightning after the epoch's end
+        step_plateau_schedulers(trainer, "epoch", skipped)  # as Lightning after the epoch's end
 
 
 @contextmanager

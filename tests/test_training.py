@@ -1374,6 +1374,49 @@ def test_a_resume_of_a_save_before_a_validation_its_run_went_on_to_takes_no_plat
     fit(8, tmp_path / "run" / "epoch=0-step=4.ckpt")
 
 
+def test_a_resume_of_a_checkpoint_without_plateau_metrics_skips_the_plateau_step_it_cannot_take(tiny_corpus, tmp_path):
+    """A checkpoint written before checkpoints saved the plateau metrics, resumed at a step without a validation where a
+    strict ReduceLROnPlateau steps: the resume took that step (Lightning's took none) with no val/loss to step on, and
+    raised. It now skips it, as Lightning did, and says so once; not for a checkpoint of this version saved before any
+    validation (an empty record), whose resume steps as the uninterrupted run (here: Lightning's own warning)."""
+    import signal
+    import warnings
+
+    from epas_lightning import GracefulStop, RunCheckpoint
+    from epas_lightning.plateau_metrics import PLATEAU_METRICS_KEY
+
+    def fit(folder: str, every: int, stop_at: int | None = None, old: bool = False) -> tuple[list[float], list[str]]:
+        rates, stop, path = [], GracefulStop(), tmp_path / folder / "last.ckpt"
+
+        class Record(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+                if trainer.global_step + 1 == stop_at:
+                    stop.received = signal.SIGTERM  # what the signal handler records, inside the step
+
+        if old:
+            saved = torch.load(path, weights_only=True)
+            del saved[PLATEAU_METRICS_KEY]  # as an older version wrote it
+            torch.save(saved, path)
+        options = {"val_check_interval": 4, "limit_val_batches": 1, "num_sanity_val_steps": 0}
+        callbacks = [Record(), stop, RunCheckpoint(dirpath=tmp_path / folder, save_last=True)]
+        module, data = make_run(tiny_corpus, n_layer=2, module_class=PlateauModule)
+        module.plateau_every, module.plateau_strict = every, every > 1
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = make_trainer(tmp_path, 12 if stop_at else 8, callbacks, **options)
+            trainer.fit(module, data, ckpt_path=None if stop_at else path)
+        return rates, [str(w.message) for w in caught if "ReduceLROnPlateau" in str(w.message)]
+
+    fit("old", 6, stop_at=6)
+    rates, said = fit("old", 6, old=True)
+    assert len(said) == 1 and "saved without the value of val/loss" in said[0]
+    assert rates[:2] == [1e-3] * 2  # trained on
+    fit("new", 1, stop_at=2)  # a checkpoint before the first validation, saved with no val/loss yet
+    _, said = fit("new", 1)
+    assert said and not any("saved without" in message for message in said)
+
+
 def test_overfit_batches_trains_on_the_same_batches_every_epoch(tiny_corpus, tmp_path):
     """Lightning turns shuffling off for overfit_batches through the loader's sampler, which a streaming dataset does
     not use: each epoch read other batches, and the loss never showed the model overfitting them."""
