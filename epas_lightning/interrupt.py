@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from epas_lightning.errors import ConfigError
@@ -93,6 +93,7 @@ class GracefulStop(Callback):
         self._log_every_n_steps: int | None = None  # the trainer's, while the stop's step logs nothing
         self._held_plateaus: list[tuple[Any, int]] = []  # the plateau schedulers' configs and frequencies, held
         self._trainer: Trainer | None = None  # while the handlers are this callback's
+        self._unannounced = False  # the signal came during a validation whose EarlyStopping may end the run
 
     @property
     def requeued(self) -> bool:
@@ -129,17 +130,33 @@ class GracefulStop(Callback):
             self._restore()
             raise Interrupted(signum)
         self.received = signal.Signals(signum)
-        what = "Ctrl+C" if signum == signal.SIGINT else self.received.name
         trainer = self._trainer
         if trainer is not None and trainer.validating and _training_over(trainer):  # no step follows to stop after
-            ends = f"nothing to stop, the run ends after this validation ({what} again: at once)"
-            say(f"\n{what} after the last step ({trainer.global_step}): {ends}")
-            return
-        then = ", then requeueing the job" if signum == self.requeue_signal else ""
+            say(f"{_run_ends_after_validation(self.received, trainer)} ({_what(signum)} again: at once)")
+        elif trainer is not None and trainer.validating and _early_stopping(trainer):
+            self._unannounced = True  # an EarlyStopping may end the run after this validation: said once it decided
+        else:
+            self._announce_stop()
+
+    def _announce_stop(self) -> None:
+        what = _what(self.received)
+        then = ", then requeueing the job" if self.received == self.requeue_signal else ""
         again = f"({what} again: at once, without one)"
         say(f"\n{what}: stopping after this optimizer step with a checkpoint{then} {again}")
 
+    def _announce_after_validation(self, trainer: Trainer, over: bool) -> None:
+        """Say what a signal during a validation that an ``EarlyStopping`` judged does: training goes on (a step
+        follows, which the stop ends), or the run ended after it (``over``)."""
+        if not self._unannounced:
+            return
+        self._unannounced = False
+        if over:
+            say(_run_ends_after_validation(self.received, trainer))
+        else:
+            self._announce_stop()
+
     def on_train_batch_start(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        self._announce_after_validation(trainer, over=False)
         self._log_again(trainer)  # a stop min_steps or min_epochs kept from ending fit: training goes on
         self._step_plateaus_again()
 
@@ -266,11 +283,13 @@ class GracefulStop(Callback):
         self._held_plateaus = []
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._announce_after_validation(trainer, over=True)
         self._log_again(trainer)
         self._step_plateaus_again()
         self._restore()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._unannounced = False
         self._log_again(trainer)
         self._step_plateaus_again()
         self._restore()
@@ -314,6 +333,22 @@ def _training_over(trainer: Trainer) -> bool:
     """Whether no optimizer step follows the one just done (read in a signal handler: this process's state only, no
     collective): a limit reached, or a stop the ranks agreed on (``max_time``'s ``Timer``) that ``fit`` takes."""
     return _step_limit_reached(trainer) is not None or (trainer.should_stop and trainer.fit_loop._can_stop_early)
+
+
+def _what(signum: int) -> str:
+    return "Ctrl+C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+def _run_ends_after_validation(signum: int, trainer: Trainer) -> str:
+    """What a signal during the run's final validation does: nothing, the run ends after it."""
+    ends = "nothing to stop, the run ends after this validation"
+    return f"\n{_what(signum)} after the last step ({trainer.global_step}): {ends}"
+
+
+def _early_stopping(trainer: Trainer) -> bool:
+    """Whether an ``EarlyStopping`` may end the run after a validation (its verdict comes at the validation's end, or
+    the epoch's)."""
+    return any(isinstance(c, EarlyStopping) for c in trainer.callbacks)
 
 
 def _run_checkpoint(trainer: Trainer) -> ModelCheckpoint | None:

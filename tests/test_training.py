@@ -1754,10 +1754,19 @@ def test_a_signal_in_the_step_max_time_ends_says_to_raise_max_time(tiny_corpus, 
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
-def test_a_signal_during_the_final_validation_says_the_run_ends_after_it(tiny_corpus, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "early_stopping",
+    [None, 1e9, -1e9],
+    ids=["max_steps", "EarlyStopping ending the run", "EarlyStopping letting it go on"],
+)
+def test_a_signal_during_the_final_validation_says_the_run_ends_after_it(tiny_corpus, tmp_path, capsys, early_stopping):
     """A signal during the validation after the run's last step said "stopping after this optimizer step with a
-    checkpoint", though no step followed: the run ended as it would have (exit status 0). It now says that."""
+    checkpoint", though no step followed: the run ended as it would have (exit status 0). It now says that; also where
+    an EarlyStopping ends the run after that validation (known once it judged it: said then), and not where it lets the
+    run go on (the stop then comes after the next step)."""
     import signal
+
+    from lightning.pytorch.callbacks import EarlyStopping
 
     from epas_lightning import GracefulStop
     from epas_lightning.run_checkpoint import RunCheckpoint
@@ -1768,10 +1777,18 @@ def test_a_signal_during_the_final_validation_says_the_run_ends_after_it(tiny_co
                 os.kill(os.getpid(), signal.SIGTERM)
 
     stop, checkpoint = GracefulStop(), RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    callbacks = [SignalInFinalValidation(), stop, checkpoint]
+    if early_stopping:  # below the threshold: stop
+        callbacks.insert(1, EarlyStopping("val/loss", patience=100, stopping_threshold=early_stopping))
     validation = {"val_check_interval": 3, "limit_val_batches": 1, "num_sanity_val_steps": 0}
-    trainer = make_trainer(tmp_path, 3, [SignalInFinalValidation(), stop, checkpoint], **validation)
+    trainer = make_trainer(tmp_path, 9 if early_stopping else 3, callbacks, **validation)
     trainer.fit(*make_run(tiny_corpus, n_layer=2))
     err = capsys.readouterr().err
+    if early_stopping == -1e9:
+        assert "SIGTERM: stopping after this optimizer step with a checkpoint" in err, err
+        assert stop.exit_status == 143
+        assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 4
+        return
     assert "SIGTERM after the last step (3): nothing to stop, the run ends after this validation" in err, err
     assert "stopping after this optimizer step" not in err and stop.exit_status is None
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
