@@ -9,7 +9,8 @@ rank is enough), and if any was signalled every rank writes ``last.ckpt`` into t
 ``fit`` stops (without the validation Lightning runs when a fit stops early), and the CLI exits with 128 + the signal:
 130 after Ctrl+C, 143 after SIGTERM (a signal in the run's last step saves the same way, but training is complete:
 nothing to resume, no job to requeue, exit status 0; so in the step where ``max_time`` runs out, which ends the run
-there: to train on, raise it). A second signal stops at once, without a checkpoint, as does
+there: to train on, raise it; before ``min_steps`` or ``min_epochs`` are met, it saves and waits for them, the run
+training as without it). A second signal stops at once, without a checkpoint, as does
 Ctrl+C before training starts, and SIGTERM from when Lightning registers its handler (once the data, the model and a
 resumed checkpoint are set up: the sanity validation): the CLI then prints one line and exits with the same status
 (Lightning would exit 1 after Ctrl+C, and 0 after SIGTERM). A SIGTERM before that (the imports, the config, the built-in
@@ -94,6 +95,7 @@ class GracefulStop(Callback):
         self._held_plateaus: list[tuple[Any, int]] = []  # the plateau schedulers' configs and frequencies, held
         self._trainer: Trainer | None = None  # while the handlers are this callback's
         self._unannounced = False  # the signal came during a validation whose EarlyStopping may end the run
+        self._kept_going = False  # a stop waits for min_steps or min_epochs, saved at its signal's step
 
     @property
     def requeued(self) -> bool:
@@ -116,7 +118,7 @@ class GracefulStop(Callback):
         self._stop_if_signalled_before_training(trainer)  # before resuming and the sanity validation
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._step, self._validation_skipped_at = trainer.global_step, None
+        self._step, self._validation_skipped_at, self._kept_going = trainer.global_step, None, False
         self._give_back(trainer)
         if self.enabled and threading.current_thread() is threading.main_thread():
             # Lightning registered its SIGTERM handler after on_fit_start: this one replaces it until training ends
@@ -175,6 +177,11 @@ class GracefulStop(Callback):
         last = due and ends  # the run's last validation: no resume would run it
         # every checkpoint of this step says so: the stop's, and any other callback's after it (checkpoints run last)
         self._validation_skipped_at = trainer.global_step if due and not last else None
+        unmet = None if ends else _unmet_minimum(trainer)
+        if unmet is not None:  # fit cannot stop here
+            self._keep_going(trainer, unmet)
+            self.stopped_by = None  # until it can
+            return
         saved = self._save(trainer)
         self._log_as_uninterrupted(trainer)
         if not last:
@@ -204,6 +211,20 @@ class GracefulStop(Callback):
         elif saved:
             where = f"{where} — resume with {self._resume_advice(trainer, saved)}"
         say(f"stopped by {self.stopped_by.name} after step {trainer.global_step}; {where}")
+
+    def _keep_going(self, trainer: Trainer, unmet: str) -> None:
+        """A stop that ``min_steps`` or ``min_epochs`` keep from ending fit waits until they are met, training and
+        logging as the run without it (Lightning, with ``should_stop`` set, logged every step): ``last.ckpt`` is saved
+        once, at the signal's step (which a resume finishes as a stop's), and the run says so once."""
+        if self._kept_going:
+            return
+        self._kept_going = True
+        saved = self._save(trainer)
+        where = f"saved {saved}" if saved else "checkpointing is off"
+        say(f"{self.stopped_by.name} after step {trainer.global_step}: {where}; {unmet} keeps training, then it stops")
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._validation_skipped_at = None  # it runs: a checkpoint saved after it holds it
 
     def _agreed_stop(self, trainer: Trainer) -> tuple[signal.Signals | None, bool]:
         """Whether any rank was signalled (one all-reduce, two for a requeue): the signal the stop reports (another
@@ -326,6 +347,18 @@ def _step_limit_reached(trainer: Trainer) -> str | None:
     last_epoch = fit_loop.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= fit_loop.max_epochs
     if last_epoch and fit_loop.epoch_loop._num_ready_batches_reached():
         return "max_epochs"
+    return None
+
+
+def _unmet_minimum(trainer: Trainer) -> str | None:
+    """The ``min_steps`` or ``min_epochs`` (Lightning's 1 with ``min_steps``) that keep fit from stopping after the
+    optimizer step just done (counting the epoch it ends), as ``"min_steps=6"``; ``None`` where it can stop."""
+    fit_loop = trainer.fit_loop
+    epochs = fit_loop.epoch_progress.current.processed + fit_loop.epoch_loop._num_ready_batches_reached()
+    if fit_loop.min_steps and trainer.global_step < fit_loop.min_steps:
+        return f"min_steps={fit_loop.min_steps}"
+    if fit_loop.min_epochs and epochs < fit_loop.min_epochs:
+        return f"min_epochs={fit_loop.min_epochs}"
     return None
 
 

@@ -1356,6 +1356,48 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(
     assert {**first["logged"], **resumed["logged"]} == pytest.approx(whole["logged"])
 
 
+def test_a_stop_min_steps_keeps_going_trains_and_logs_as_the_run_without_it(tiny_corpus, tmp_path, capsys):
+    """A signal before min_steps: fit cannot stop there, and the run went on, but as a run stopping: it logged every
+    step (Lightning logs whenever should_stop is set), skipped the validation due at the signal's step and lost the
+    ReduceLROnPlateau step of that step, saved last.ckpt and said "stopped" again after every step. The stop now waits
+    for min_steps: saved once at the signal's step, the run trains and logs as without the signal until min_steps,
+    where it stops as a stop does."""
+    import signal
+
+    from helpers import Steps
+
+    from epas_lightning import GracefulStop, RunCheckpoint
+
+    def fit(folder: str, stop_at: int | None = None) -> dict:
+        record, stop, logger = {"lr": {}, "val": []}, GracefulStop(), Steps()
+
+        class Record(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                record["lr"][trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+                if trainer.global_step + 1 == stop_at:
+                    stop.received = signal.SIGTERM  # what the signal handler records, inside the step
+
+            def on_validation_end(self, trainer, pl_module):
+                record["val"].append(trainer.global_step)
+
+        options = {"limit_val_batches": 1, "num_sanity_val_steps": 0, "log_every_n_steps": 2, **epochs_of_3}
+        callbacks = [Record(), stop, RunCheckpoint(dirpath=tmp_path / folder, save_last=True)]
+        trainer = make_trainer(tmp_path, 9, callbacks, logger=logger, min_steps=6, **options)
+        trainer.fit(*make_run(tiny_corpus, n_layer=2, module_class=PlateauModule))
+        record["logged"], record["status"] = sorted(set(logger.steps["train/loss"])), stop.exit_status
+        return record
+
+    whole, stopped = fit("whole"), fit("stopped", stop_at=4)
+    err = capsys.readouterr().err
+    assert err.count("SIGTERM after step 4: saved") == 1 and "min_steps=6 keeps training" in err, err
+    assert err.count("stopped by SIGTERM") == 1 and "stopped by SIGTERM after step 6" in err, err
+    assert stopped["status"] == 143
+    assert torch.load(tmp_path / "stopped" / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert stopped["val"] == [3] and whole["val"] == [3, 6, 9]  # the stop skips the one at its step
+    assert stopped["lr"] == {step: lr for step, lr in whole["lr"].items() if step < 6}
+    assert stopped["logged"] == [step for step in whole["logged"] if step < 6]
+
+
 def test_a_resume_of_a_save_before_a_validation_its_run_went_on_to_takes_no_plateau_step(tiny_corpus, tmp_path):
     """A save between steps before the validation due at its step (every_n_train_steps), resumed after its run went on:
     Lightning counts that validation, and the plateau steps after it, as done. The resume took the plateau step without
