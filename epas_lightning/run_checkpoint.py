@@ -223,18 +223,17 @@ def step_plateau_schedulers(trainer: Trainer, interval: str, skipped: set[str] |
     """Step the ``ReduceLROnPlateau`` schedulers of ``interval`` ("step", "epoch") due now, as Lightning does at a
     step's or an epoch's end. With ``skipped`` (the resumed checkpoint saved no plateau metrics), one due whose metric
     is not logged takes no step, and its metric is added to ``skipped``."""
-    epoch_loop = trainer.fit_loop.epoch_loop
-    index = epoch_loop.batch_idx if interval == "step" else trainer.current_epoch  # Lightning's count for frequency
-    configs = [c for c in trainer.lr_scheduler_configs if c.reduce_on_plateau and c.interval == interval]
-    due = [c for c in configs if (index + 1) % c.frequency == 0]
-    unsaved = [c for c in due if skipped is not None and c.monitor not in trainer.callback_metrics]
+    epoch_loop, unsaved = trainer.fit_loop.epoch_loop, []
+    if skipped is not None:
+        index = epoch_loop.batch_idx if interval == "step" else trainer.current_epoch  # Lightning's count, 0-based
+        configs = [c for c in trainer.lr_scheduler_configs if c.reduce_on_plateau and c.interval == interval]
+        unsaved = [c for c in configs if (index + 1) % c.frequency == 0 and c.monitor not in trainer.callback_metrics]
+        skipped.update(config.monitor for config in unsaved)
     held = hold_plateau_steps(unsaved)
     try:
         epoch_loop.update_lr_schedulers(interval, update_plateau_schedulers=True)
     finally:
         release_plateau_steps(held)
-    if skipped is not None:
-        skipped.update(config.monitor for config in unsaved)
 
 
 def end_restart(trainer: Trainer) -> None:
