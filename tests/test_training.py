@@ -2129,3 +2129,43 @@ def test_the_held_out_loss_and_token_count_stay_exact_past_two_to_the_24_tokens(
     module.val_loss.update(torch.full((1,), 3.0), torch.ones(1, dtype=torch.bool))
     assert int(module.val_loss.total_tokens()) == many + 1  # what val/tokens logs
     assert module.val_loss.tokens == many + 1 and module.val_loss.compute() == (many + 3) / (many + 1)
+
+
+def test_a_run_without_validation_extended_from_its_epoch_end_save_takes_the_epochs_plateau_step(tiny_corpus, tmp_path):
+    """Without validation a checkpoint saves at each epoch's end (on_train_epoch_end), before Lightning steps the
+    ReduceLROnPlateau schedulers of interval "epoch": a run extended from it never took that epoch's step (here on
+    train/loss), and its learning rate halved one epoch after the uninterrupted run's."""
+    from helpers import Steps
+
+    from epas_lightning import RunCheckpoint
+
+    class TrainLossPlateau(PlateauModule):
+        plateau_interval = "epoch"
+
+        def configure_optimizers(self):
+            config = super().configure_optimizers()
+            config["lr_scheduler"]["monitor"] = "train/loss"
+            return config
+
+    def fit(folder: str, max_steps: int, ckpt_path: Path | None = None) -> dict:
+        record, logger = {"lr": {}, "loss": {}}, Steps()
+
+        class Record(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                record["lr"][trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                record["loss"][trainer.global_step] = outputs["loss"].item()
+
+        callbacks = [Record(), RunCheckpoint(dirpath=tmp_path / folder, save_last=True)]
+        options = {"limit_train_batches": 3, "logger": logger, "log_every_n_steps": 1}
+        module, data = make_run(tiny_corpus, n_layer=2, module_class=TrainLossPlateau)
+        make_trainer(tmp_path, max_steps, callbacks, **options).fit(module, data, ckpt_path=ckpt_path)
+        record["logged"] = logger.steps["train/loss"]
+        return record
+
+    whole, first = fit("whole", 9), fit("first", 6)
+    resumed = fit("first", 9, tmp_path / "first" / "last.ckpt")
+    for key in ("lr", "loss"):
+        assert {**first[key], **resumed[key]} == pytest.approx(whole[key]), key
+    assert first["logged"] + resumed["logged"] == whole["logged"]
