@@ -69,7 +69,8 @@ def keep_epoch_finished(checkpoint: dict[str, Any]) -> None:
     run without validation), count that epoch as done, and the next one as not begun: Lightning had it processed but
     not completed, so a resume under ``max_steps`` went on in it for one more batch (the next epoch's first) and then
     began the next epoch past the rest of its batches. The checkpoint is marked (:data:`EPOCH_ENDED_KEY`) for the
-    resume to take the epoch's plateau steps (:func:`finish_resumed_epoch`)."""
+    resume to take the epoch's plateau steps (:func:`finish_resumed_epoch`). One saved after a stop's save at that
+    step (:data:`VALIDATION_SKIPPED_KEY`) is read as that save instead (:func:`keep_step_unfinished`)."""
     fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
     epochs, batches = fit_loop.get("epoch_progress"), fit_loop.get("epoch_loop.batch_progress")
     if epochs is None or batches is None or not batches.get("is_last_batch"):
@@ -77,11 +78,29 @@ def keep_epoch_finished(checkpoint: dict[str, Any]) -> None:
     epoch = epochs["current"]
     if not epoch["ready"] == epoch["started"] == epoch["processed"] == epoch["completed"] + 1:
         return  # saved inside the epoch, or after it was counted done
+    if checkpoint.get(VALIDATION_SKIPPED_KEY, -1) == checkpoint.get("global_step"):
+        keep_step_unfinished(fit_loop)
+        return
     for counts in (epochs["total"], epochs["current"]):
         counts["completed"] = counts["processed"]
     batches["current"] = dict.fromkeys(batches["current"], 0)
     batches["is_last_batch"] = False
     checkpoint[EPOCH_ENDED_KEY] = checkpoint.get("global_step")
+
+
+def keep_step_unfinished(fit_loop: dict[str, Any]) -> None:
+    """Turn the loop state ``fit_loop`` of a save at an epoch's end into the state of a save between steps after its
+    last batch (``on_train_batch_end``): the epoch not yet processed, the batch not yet completed, the step not yet
+    counted for logging, as Lightning counts them there. A resume then finishes that step as a stop's
+    (:func:`finish_resumed_step`): the stop skipped its validation and held its plateau steps, and Lightning counted
+    the step's end, and so those, as done."""
+    for counts in (fit_loop["epoch_progress"]["total"], fit_loop["epoch_progress"]["current"]):
+        counts["processed"] -= 1
+    batches = fit_loop["epoch_loop.batch_progress"]
+    for counts in (batches["total"], batches["current"]):
+        counts["completed"] -= 1
+    if "_batches_that_stepped" in (state := fit_loop.get("epoch_loop.state_dict", {})):
+        state["_batches_that_stepped"] -= 1
 
 
 VALIDATION_SKIPPED_KEY = "validation_skipped_at_step"

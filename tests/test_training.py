@@ -2169,3 +2169,43 @@ def test_a_run_without_validation_extended_from_its_epoch_end_save_takes_the_epo
     for key in ("lr", "loss"):
         assert {**first[key], **resumed[key]} == pytest.approx(whole[key]), key
     assert first["logged"] + resumed["logged"] == whole["logged"]
+
+
+def test_a_checkpoint_saved_at_the_epoch_end_of_a_stops_step_resumes_as_the_uninterrupted_run(tiny_corpus, tmp_path):
+    """A checkpoint of one's own saved at the end of the epoch (save_on_train_epoch_end) whose last step a stop ended,
+    after the stop's save: Lightning had counted the step's end as done, so its resume ran neither the validation the
+    stop skipped (its val/loss point missing) nor the step's plateau steps (the learning rate halved one epoch late)."""
+    import signal
+
+    from helpers import Steps
+
+    from epas_lightning import GracefulStop, RunCheckpoint, StepCheckpoint
+
+    def fit(max_steps: int, ckpt_path: Path | None = None, stop_at: int | None = None) -> dict:
+        record, stop, logger = {"lr": {}, "val": []}, GracefulStop(), Steps()
+
+        class Record(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                record["lr"][trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+                if trainer.global_step + 1 == stop_at:
+                    stop.received = signal.SIGTERM  # what the signal handler records, inside the step
+
+            def on_validation_end(self, trainer, pl_module):
+                record["val"].append((trainer.global_step, trainer.current_epoch))
+
+        folder = tmp_path / ("first" if stop_at or ckpt_path else "whole")
+        own = StepCheckpoint(dirpath=folder / "own", save_on_train_epoch_end=True, save_top_k=-1)
+        callbacks = [Record(), stop, RunCheckpoint(dirpath=folder, save_last=True), own]
+        options = {"limit_val_batches": 1, "num_sanity_val_steps": 0, "logger": logger, "log_every_n_steps": 1}
+        module, data = make_run(tiny_corpus, n_layer=2, module_class=PlateauModule)
+        module.plateau_every, module.plateau_interval = 1, "epoch"
+        trainer = make_trainer(tmp_path, max_steps, callbacks, **options, **epochs_of_3)
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        record["logged"] = Counter((tag, step) for tag, steps in logger.steps.items() for step in steps)
+        return record
+
+    whole, first = fit(9), fit(9, stop_at=3)
+    resumed = fit(9, tmp_path / "first" / "own" / "epoch=0-step=3.ckpt")
+    assert first["val"] + resumed["val"] == whole["val"]
+    assert {**first["lr"], **resumed["lr"]} == pytest.approx(whole["lr"])
+    assert first["logged"] + resumed["logged"] == whole["logged"]
