@@ -1356,12 +1356,13 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(
     assert {**first["logged"], **resumed["logged"]} == pytest.approx(whole["logged"])
 
 
-def test_a_stop_min_steps_keeps_going_trains_and_logs_as_the_run_without_it(tiny_corpus, tmp_path, capsys):
+@pytest.mark.parametrize("minimum", [{"min_steps": 6}, {"min_epochs": 2}], ids=["min_steps", "min_epochs"])
+def test_a_stop_min_steps_keeps_going_trains_and_logs_as_the_run_without_it(tiny_corpus, tmp_path, capsys, minimum):
     """A signal before min_steps: fit cannot stop there, and the run went on, but as a run stopping: it logged every
     step (Lightning logs whenever should_stop is set), skipped the validation due at the signal's step and lost the
     ReduceLROnPlateau step of that step, saved last.ckpt and said "stopped" again after every step. The stop now waits
-    for min_steps: saved once at the signal's step, the run trains and logs as without the signal until min_steps,
-    where it stops as a stop does."""
+    for min_steps (min_epochs): saved once at the signal's step, the run trains and logs as without the signal until
+    they are met, where it stops as a stop does."""
     import signal
 
     from helpers import Steps
@@ -1382,14 +1383,14 @@ def test_a_stop_min_steps_keeps_going_trains_and_logs_as_the_run_without_it(tiny
 
         options = {"limit_val_batches": 1, "num_sanity_val_steps": 0, "log_every_n_steps": 2, **epochs_of_3}
         callbacks = [Record(), stop, RunCheckpoint(dirpath=tmp_path / folder, save_last=True)]
-        trainer = make_trainer(tmp_path, 9, callbacks, logger=logger, min_steps=6, **options)
+        trainer = make_trainer(tmp_path, 9, callbacks, logger=logger, **minimum, **options)
         trainer.fit(*make_run(tiny_corpus, n_layer=2, module_class=PlateauModule))
         record["logged"], record["status"] = sorted(set(logger.steps["train/loss"])), stop.exit_status
         return record
 
     whole, stopped = fit("whole"), fit("stopped", stop_at=4)
-    err = capsys.readouterr().err
-    assert err.count("SIGTERM after step 4: saved") == 1 and "min_steps=6 keeps training" in err, err
+    (name, value), err = next(iter(minimum.items())), capsys.readouterr().err
+    assert err.count("SIGTERM after step 4: saved") == 1 and f"{name}={value} keeps training" in err, err
     assert err.count("stopped by SIGTERM") == 1 and "stopped by SIGTERM after step 6" in err, err
     assert stopped["status"] == 143
     assert torch.load(tmp_path / "stopped" / "last.ckpt", weights_only=True)["global_step"] == 6
