@@ -216,7 +216,8 @@ class GracefulStop(Callback):
         """A stop that ``min_steps`` or ``min_epochs`` keep from ending fit waits until they are met, training and
         logging as the run without it (Lightning, with ``should_stop`` set, logged every step): ``last.ckpt`` is saved
         once, at the signal's step (which a resume finishes as a stop's), and the run says so once."""
-        if self._kept_going:
+        if self._kept_going:  # saved at the signal's step: this one is a step as any other
+            self._validation_skipped_at = None
             return
         self._kept_going = True
         saved = self._save(trainer)

@@ -1356,18 +1356,20 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(
     assert {**first["logged"], **resumed["logged"]} == pytest.approx(whole["logged"])
 
 
-@pytest.mark.parametrize("minimum", [{"min_steps": 6}, {"min_epochs": 2}], ids=["min_steps", "min_epochs"])
+@pytest.mark.parametrize("minimum", [{"min_steps": 9}, {"min_epochs": 3}], ids=["min_steps", "min_epochs"])
 def test_a_stop_min_steps_keeps_going_trains_and_logs_as_the_run_without_it(tiny_corpus, tmp_path, capsys, minimum):
     """A signal before min_steps: fit cannot stop there, and the run went on, but as a run stopping: it logged every
     step (Lightning logs whenever should_stop is set), skipped the validation due at the signal's step and lost the
     ReduceLROnPlateau step of that step, saved last.ckpt and said "stopped" again after every step. The stop now waits
-    for min_steps (min_epochs): saved once at the signal's step, the run trains and logs as without the signal until
-    they are met, where it stops as a stop does."""
+    for min_steps (min_epochs): saved once at the signal's step, the run trains, logs and checkpoints as without the
+    signal until they are met (no checkpoint says the validation then due was skipped), where it stops as a stop does.
+    """
     import signal
 
     from helpers import Steps
 
-    from epas_lightning import GracefulStop, RunCheckpoint
+    from epas_lightning import GracefulStop, RunCheckpoint, StepCheckpoint
+    from epas_lightning.run_checkpoint import VALIDATION_SKIPPED_KEY
 
     def fit(folder: str, stop_at: int | None = None) -> dict:
         record, stop, logger = {"lr": {}, "val": []}, GracefulStop(), Steps()
@@ -1382,8 +1384,9 @@ def test_a_stop_min_steps_keeps_going_trains_and_logs_as_the_run_without_it(tiny
                 record["val"].append(trainer.global_step)
 
         options = {"limit_val_batches": 1, "num_sanity_val_steps": 0, "log_every_n_steps": 2, **epochs_of_3}
-        callbacks = [Record(), stop, RunCheckpoint(dirpath=tmp_path / folder, save_last=True)]
-        trainer = make_trainer(tmp_path, 9, callbacks, logger=logger, **minimum, **options)
+        own = StepCheckpoint(dirpath=tmp_path / folder / "own", every_n_train_steps=6, save_top_k=-1)
+        callbacks = [Record(), stop, RunCheckpoint(dirpath=tmp_path / folder, save_last=True), own]
+        trainer = make_trainer(tmp_path, 12, callbacks, logger=logger, **minimum, **options)
         trainer.fit(*make_run(tiny_corpus, n_layer=2, module_class=PlateauModule))
         record["logged"], record["status"] = sorted(set(logger.steps["train/loss"])), stop.exit_status
         return record
@@ -1391,12 +1394,14 @@ def test_a_stop_min_steps_keeps_going_trains_and_logs_as_the_run_without_it(tiny
     whole, stopped = fit("whole"), fit("stopped", stop_at=4)
     (name, value), err = next(iter(minimum.items())), capsys.readouterr().err
     assert err.count("SIGTERM after step 4: saved") == 1 and f"{name}={value} keeps training" in err, err
-    assert err.count("stopped by SIGTERM") == 1 and "stopped by SIGTERM after step 6" in err, err
+    assert err.count("stopped by SIGTERM") == 1 and "stopped by SIGTERM after step 9" in err, err
     assert stopped["status"] == 143
-    assert torch.load(tmp_path / "stopped" / "last.ckpt", weights_only=True)["global_step"] == 6
-    assert stopped["val"] == [3] and whole["val"] == [3, 6, 9]  # the stop skips the one at its step
-    assert stopped["lr"] == {step: lr for step, lr in whole["lr"].items() if step < 6}
-    assert stopped["logged"] == [step for step in whole["logged"] if step < 6]
+    assert torch.load(tmp_path / "stopped" / "last.ckpt", weights_only=True)["global_step"] == 9
+    own = torch.load(tmp_path / "stopped" / "own" / "epoch=1-step=6.ckpt", weights_only=True)
+    assert VALIDATION_SKIPPED_KEY not in own
+    assert stopped["val"] == [3, 6] and whole["val"] == [3, 6, 9, 12]  # the stop skips the one at its step
+    assert stopped["lr"] == {step: lr for step, lr in whole["lr"].items() if step < 9}
+    assert stopped["logged"] == [step for step in whole["logged"] if step < 9]
 
 
 def test_a_resume_of_a_save_before_a_validation_its_run_went_on_to_takes_no_plateau_step(tiny_corpus, tmp_path):
