@@ -9,7 +9,8 @@ rank is enough), and if any was signalled every rank writes ``last.ckpt`` into t
 ``fit`` stops (without the validation Lightning runs when a fit stops early), and the CLI exits with 128 + the signal:
 130 after Ctrl+C, 143 after SIGTERM (a signal in the run's last step saves the same way, but training is complete:
 nothing to resume, no job to requeue, exit status 0; so in the step where ``max_time`` runs out, which ends the run
-there: to train on, raise it). A second signal stops at once, without a checkpoint, as does
+there: to train on, raise it; before ``min_steps`` or ``min_epochs`` are met, it saves and waits for them, the run
+training as without it). A second signal stops at once, without a checkpoint, as does
 Ctrl+C before training starts, and SIGTERM from when Lightning registers its handler (once the data, the model and a
 resumed checkpoint are set up: the sanity validation): the CLI then prints one line and exits with the same status
 (Lightning would exit 1 after Ctrl+C, and 0 after SIGTERM). A SIGTERM before that (the config, the built-in corpus's
@@ -34,17 +35,17 @@ until someone cancels it, so it is not requeued; the CLI says so in one line and
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from epas_lightning.errors import ConfigError
 from epas_lightning.interrupted import Interrupted
+from epas_lightning.plateau_metrics import hold_plateau_steps, release_plateau_steps
 from epas_lightning.run_checkpoint import VALIDATION_SKIPPED_KEY, RunCheckpoint, save_last_now
 from epas_lightning.run_summary import max_time_ran_out, raise_limit_advice, say
 from epas_lightning.sigterm_in_setup import training_started
@@ -90,6 +91,8 @@ class GracefulStop(Callback):
         self._log_every_n_steps: int | None = None  # the trainer's, while the stop's step logs nothing
         self._held_plateaus: list[tuple[Any, int]] = []  # the plateau schedulers' configs and frequencies, held
         self._trainer: Trainer | None = None  # while the handlers are this callback's
+        self._unannounced = False  # the signal came during a validation whose EarlyStopping may end the run
+        self._kept_going = False  # a stop waits for min_steps or min_epochs, saved at its signal's step
 
     @property
     def requeued(self) -> bool:
@@ -112,7 +115,7 @@ class GracefulStop(Callback):
         self._stop_if_signalled_before_training(trainer)  # before resuming and the sanity validation
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._step, self._validation_skipped_at = trainer.global_step, None
+        self._step, self._validation_skipped_at, self._kept_going = trainer.global_step, None, False
         self._give_back(trainer)
         if self.enabled and threading.current_thread() is threading.main_thread():
             # Lightning registered its SIGTERM handler after on_fit_start: this one replaces it until training ends
@@ -127,17 +130,33 @@ class GracefulStop(Callback):
             self._restore()
             raise Interrupted(signum)
         self.received = signal.Signals(signum)
-        what = "Ctrl+C" if signum == signal.SIGINT else self.received.name
         trainer = self._trainer
         if trainer is not None and trainer.validating and _training_over(trainer):  # no step follows to stop after
-            ends = f"nothing to stop, the run ends after this validation ({what} again: at once)"
-            say(f"\n{what} after the last step ({trainer.global_step}): {ends}")
-            return
-        then = ", then requeueing the job" if signum == self.requeue_signal else ""
+            say(f"{_run_ends_after_validation(self.received, trainer)} ({_what(signum)} again: at once)")
+        elif trainer is not None and trainer.validating and _early_stopping(trainer):
+            self._unannounced = True  # an EarlyStopping may end the run after this validation: said once it decided
+        else:
+            self._announce_stop()
+
+    def _announce_stop(self) -> None:
+        what = _what(self.received)
+        then = ", then requeueing the job" if self.received == self.requeue_signal else ""
         again = f"({what} again: at once, without one)"
         say(f"\n{what}: stopping after this optimizer step with a checkpoint{then} {again}")
 
+    def _announce_after_validation(self, trainer: Trainer, over: bool) -> None:
+        """Say what a signal during a validation that an ``EarlyStopping`` judged does: training goes on (a step
+        follows, which the stop ends), or the run ended after it (``over``)."""
+        if not self._unannounced:
+            return
+        self._unannounced = False
+        if over:
+            say(_run_ends_after_validation(self.received, trainer))
+        else:
+            self._announce_stop()
+
     def on_train_batch_start(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        self._announce_after_validation(trainer, over=False)
         self._log_again(trainer)  # a stop min_steps or min_epochs kept from ending fit: training goes on
         self._step_plateaus_again()
 
@@ -156,6 +175,11 @@ class GracefulStop(Callback):
         last = due and ends  # the run's last validation: no resume would run it
         # every checkpoint of this step says so: the stop's, and any other callback's after it (checkpoints run last)
         self._validation_skipped_at = trainer.global_step if due and not last else None
+        unmet = None if ends else _unmet_minimum(trainer)
+        if unmet is not None:  # fit cannot stop here
+            self._keep_going(trainer, unmet)
+            self.stopped_by = None  # until it can
+            return
         saved = self._save(trainer)
         self._log_as_uninterrupted(trainer)
         if not last:
@@ -185,6 +209,21 @@ class GracefulStop(Callback):
         elif saved:
             where = f"{where} — resume with {self._resume_advice(trainer, saved)}"
         say(f"stopped by {self.stopped_by.name} after step {trainer.global_step}; {where}")
+
+    def _keep_going(self, trainer: Trainer, unmet: str) -> None:
+        """A stop that ``min_steps`` or ``min_epochs`` keep from ending fit waits until they are met, training and
+        logging as the run without it (Lightning, with ``should_stop`` set, logged every step): ``last.ckpt`` is saved
+        once, at the signal's step (which a resume finishes as a stop's), and the run says so once."""
+        if self._kept_going:  # saved at the signal's step: this one is a step as any other
+            self._validation_skipped_at = None
+            return
+        self._kept_going = True
+        saved = self._save(trainer)
+        where = f"saved {saved}" if saved else "checkpointing is off"
+        say(f"{self.stopped_by.name} after step {trainer.global_step}: {where}; {unmet} keeps training, then it stops")
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._validation_skipped_at = None  # it runs: a checkpoint saved after it holds it
 
     def _agreed_stop(self, trainer: Trainer) -> tuple[signal.Signals | None, bool]:
         """Whether any rank was signalled (one all-reduce, two for a requeue): the signal the stop reports (another
@@ -257,21 +296,20 @@ class GracefulStop(Callback):
         the next step or the end of training (a frequency no step or epoch count reaches; the schedulers themselves, as
         a checkpoint of another callback still saves them, are untouched)."""
         if not self._held_plateaus:
-            self._held_plateaus = [(c, c.frequency) for c in trainer.lr_scheduler_configs if c.reduce_on_plateau]
-        for config, _ in self._held_plateaus:
-            config.frequency = sys.maxsize
+            self._held_plateaus = hold_plateau_steps([c for c in trainer.lr_scheduler_configs if c.reduce_on_plateau])
 
     def _step_plateaus_again(self) -> None:
-        for config, frequency in self._held_plateaus:
-            config.frequency = frequency
+        release_plateau_steps(self._held_plateaus)
         self._held_plateaus = []
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._announce_after_validation(trainer, over=True)
         self._log_again(trainer)
         self._step_plateaus_again()
         self._restore()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._unannounced = False
         self._log_again(trainer)
         self._step_plateaus_again()
         self._restore()
@@ -312,10 +350,38 @@ def _step_limit_reached(trainer: Trainer) -> str | None:
     return None
 
 
+def _unmet_minimum(trainer: Trainer) -> str | None:
+    """The ``min_steps`` or ``min_epochs`` (Lightning's 1 with ``min_steps``) that keep fit from stopping after the
+    optimizer step just done (counting the epoch it ends), as ``"min_steps=6"``; ``None`` where it can stop."""
+    fit_loop = trainer.fit_loop
+    epochs = fit_loop.epoch_progress.current.processed + fit_loop.epoch_loop._num_ready_batches_reached()
+    if fit_loop.min_steps and trainer.global_step < fit_loop.min_steps:
+        return f"min_steps={fit_loop.min_steps}"
+    if fit_loop.min_epochs and epochs < fit_loop.min_epochs:
+        return f"min_epochs={fit_loop.min_epochs}"
+    return None
+
+
 def _training_over(trainer: Trainer) -> bool:
     """Whether no optimizer step follows the one just done (read in a signal handler: this process's state only, no
     collective): a limit reached, or a stop the ranks agreed on (``max_time``'s ``Timer``) that ``fit`` takes."""
     return _step_limit_reached(trainer) is not None or (trainer.should_stop and trainer.fit_loop._can_stop_early)
+
+
+def _what(signum: int) -> str:
+    return "Ctrl+C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+def _run_ends_after_validation(signum: int, trainer: Trainer) -> str:
+    """What a signal during the run's final validation does: nothing, the run ends after it."""
+    ends = "nothing to stop, the run ends after this validation"
+    return f"\n{_what(signum)} after the last step ({trainer.global_step}): {ends}"
+
+
+def _early_stopping(trainer: Trainer) -> bool:
+    """Whether an ``EarlyStopping`` may end the run after a validation (its verdict comes at the validation's end, or
+    the epoch's)."""
+    return any(isinstance(c, EarlyStopping) for c in trainer.callbacks)
 
 
 def _run_checkpoint(trainer: Trainer) -> ModelCheckpoint | None:

@@ -7,6 +7,7 @@ the last validation's value.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -22,10 +23,11 @@ def plateau_monitors(trainer: Trainer) -> set[str]:
 
 
 def save_plateau_metrics(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
-    """Put the current values of :func:`plateau_monitors` into ``checkpoint`` (those logged so far)."""
+    """Put the current values of :func:`plateau_monitors` into ``checkpoint`` (those logged so far; none yet: an empty
+    record, which tells a checkpoint before any validation from one of a version that saved none)."""
     metrics = trainer.callback_metrics
-    if saved := {name: float(metrics[name]) for name in sorted(plateau_monitors(trainer)) if name in metrics}:
-        checkpoint[PLATEAU_METRICS_KEY] = saved
+    if monitors := plateau_monitors(trainer):
+        checkpoint[PLATEAU_METRICS_KEY] = {name: float(metrics[name]) for name in sorted(monitors) if name in metrics}
 
 
 def restore_plateau_metrics(trainer: Trainer, saved: Any) -> None:
@@ -38,3 +40,17 @@ def restore_plateau_metrics(trainer: Trainer, saved: Any) -> None:
     for name in plateau_monitors(trainer) - metrics.keys():
         if isinstance(value := saved.get(name), float):
             metrics[name] = torch.tensor(value, dtype=torch.float64)
+
+
+def hold_plateau_steps(configs: list[Any]) -> list[tuple[Any, int]]:
+    """Make the ``ReduceLROnPlateau`` scheduler ``configs`` never due (a frequency no step or epoch count reaches; the
+    schedulers themselves are untouched) until :func:`release_plateau_steps` is given what this returns."""
+    held = [(config, config.frequency) for config in configs]
+    for config in configs:
+        config.frequency = sys.maxsize
+    return held
+
+
+def release_plateau_steps(held: list[tuple[Any, int]]) -> None:
+    for config, frequency in held:
+        config.frequency = frequency

@@ -21,10 +21,17 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from epas_lightning.checkpoint_io import remove_unfinished_saves
 from epas_lightning.checkpoint_space import check_folder_shared_by_nodes, warn_if_disk_too_small
-from epas_lightning.plateau_metrics import PLATEAU_METRICS_KEY, restore_plateau_metrics, save_plateau_metrics
+from epas_lightning.plateau_metrics import (
+    PLATEAU_METRICS_KEY,
+    hold_plateau_steps,
+    release_plateau_steps,
+    restore_plateau_metrics,
+    save_plateau_metrics,
+)
 from epas_lightning.resume import last_checkpoint_of_run, version_folder, version_of, version_to_continue
 from epas_lightning.run_summary import max_time_ran_out, say
 from epas_lightning.safe_load import verify_checkpoint
@@ -61,7 +68,9 @@ def keep_epoch_finished(checkpoint: dict[str, Any]) -> None:
     """In the loop state of a ``checkpoint`` saved at an epoch's end (``on_train_epoch_end``: ``every_n_epochs``, or a
     run without validation), count that epoch as done, and the next one as not begun: Lightning had it processed but
     not completed, so a resume under ``max_steps`` went on in it for one more batch (the next epoch's first) and then
-    began the next epoch past the rest of its batches."""
+    began the next epoch past the rest of its batches. The checkpoint is marked (:data:`EPOCH_ENDED_KEY`) for the
+    resume to take the epoch's plateau steps (:func:`finish_resumed_epoch`). One saved after a stop's save at that
+    step (:data:`VALIDATION_SKIPPED_KEY`) is read as that save instead (:func:`keep_step_unfinished`)."""
     fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
     epochs, batches = fit_loop.get("epoch_progress"), fit_loop.get("epoch_loop.batch_progress")
     if epochs is None or batches is None or not batches.get("is_last_batch"):
@@ -69,10 +78,29 @@ def keep_epoch_finished(checkpoint: dict[str, Any]) -> None:
     epoch = epochs["current"]
     if not epoch["ready"] == epoch["started"] == epoch["processed"] == epoch["completed"] + 1:
         return  # saved inside the epoch, or after it was counted done
+    if checkpoint.get(VALIDATION_SKIPPED_KEY, -1) == checkpoint.get("global_step"):
+        keep_step_unfinished(fit_loop)
+        return
     for counts in (epochs["total"], epochs["current"]):
         counts["completed"] = counts["processed"]
     batches["current"] = dict.fromkeys(batches["current"], 0)
     batches["is_last_batch"] = False
+    checkpoint[EPOCH_ENDED_KEY] = checkpoint.get("global_step")
+
+
+def keep_step_unfinished(fit_loop: dict[str, Any]) -> None:
+    """Turn the loop state ``fit_loop`` of a save at an epoch's end into the state of a save between steps after its
+    last batch (``on_train_batch_end``): the epoch not yet processed, the batch not yet completed, the step not yet
+    counted for logging, as Lightning counts them there. A resume then finishes that step as a stop's
+    (:func:`finish_resumed_step`): the stop skipped its validation and held its plateau steps, and Lightning counted
+    the step's end, and so those, as done."""
+    for counts in (fit_loop["epoch_progress"]["total"], fit_loop["epoch_progress"]["current"]):
+        counts["processed"] -= 1
+    batches = fit_loop["epoch_loop.batch_progress"]
+    for counts in (batches["total"], batches["current"]):
+        counts["completed"] -= 1
+    if "_batches_that_stepped" in (state := fit_loop.get("epoch_loop.state_dict", {})):
+        state["_batches_that_stepped"] -= 1
 
 
 VALIDATION_SKIPPED_KEY = "validation_skipped_at_step"
@@ -83,6 +111,12 @@ STEP_ENDED_KEY = "step_ended_at_step"
 """The step of a checkpoint with the loop state of a save between steps, written after the step's end (its validation,
 its ``ReduceLROnPlateau`` steps; its epoch's end where the step ended the epoch): the rewritten ``last.ckpt`` of
 :class:`RunCheckpoint`. A resume of it replays none of them."""
+
+
+EPOCH_ENDED_KEY = "epoch_ended_at_step"
+"""The step of a checkpoint saved at its epoch's end (``on_train_epoch_end``), set as it loads
+(:func:`keep_epoch_finished`): its run stepped the ``ReduceLROnPlateau`` schedulers of interval "epoch" after the
+save, which a resume takes (:func:`finish_resumed_epoch`)."""
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -103,8 +137,7 @@ class StepCheckpoint(ModelCheckpoint):
     """
 
     _save_after_step = False  # a validation inside an optimizer step asked for a save
-    _resumed: tuple[int, bool] | None = None  # the resumed step's end yet to run: its epoch, its validation skipped
-    _plateau_metrics: dict[str, float] | None = None  # saved in the checkpoint the run resumes
+    _resume: tuple | None = None  # what the resume finishes: resume_record of the checkpoint
     _stop_after_step = False  # a stop was asked for inside an optimizer step
     _stop_validated = False  # ... by a validation, which has run
 
@@ -148,14 +181,14 @@ class StepCheckpoint(ModelCheckpoint):
         if trainer.ckpt_path is not None:
             self._last_global_step_saved = trainer.global_step
             if self is step_checkpoints(trainer)[0]:
-                finish_resume(trainer, self._resumed, self._plateau_metrics)
-        self._resumed = self._plateau_metrics = None
+                finish_resume(trainer, *(self._resume or (None, None, None)))
+        self._resume = None
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         save_plateau_metrics(trainer, checkpoint)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        self._resumed, self._plateau_metrics = resume_record(checkpoint)
+        self._resume = resume_record(checkpoint)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
@@ -168,24 +201,58 @@ def step_checkpoints(trainer: Trainer) -> list[StepCheckpoint]:
     return [c for c in trainer.callbacks if isinstance(c, StepCheckpoint)]
 
 
-def resume_record(checkpoint: dict[str, Any]) -> tuple[tuple[int, bool] | None, Any]:
+def resume_record(checkpoint: dict[str, Any]) -> tuple[tuple[int, bool] | None, int | None, Any]:
     """What a resume of ``checkpoint`` finishes (:func:`finish_resume`): the end of its step yet to run (its epoch,
-    whether its validation was skipped; ``None`` where the checkpoint holds it), and the plateau metrics it saved."""
+    whether its validation was skipped; ``None`` where the checkpoint holds it), the epoch whose end it was saved at
+    (``None`` where it was not), and the plateau metrics it saved."""
     step = checkpoint.get("global_step")
     skipped = checkpoint.get(VALIDATION_SKIPPED_KEY, -1) == step
-    resumed = None if checkpoint.get(STEP_ENDED_KEY) == step else (checkpoint.get("epoch", 0), skipped)
-    return resumed, checkpoint.get(PLATEAU_METRICS_KEY)
+    epoch = checkpoint.get("epoch", 0)
+    if checkpoint.get(EPOCH_ENDED_KEY, -1) == step:
+        return None, epoch, checkpoint.get(PLATEAU_METRICS_KEY)
+    resumed = None if checkpoint.get(STEP_ENDED_KEY) == step else (epoch, skipped)
+    return resumed, None, checkpoint.get(PLATEAU_METRICS_KEY)
 
 
-def finish_resume(trainer: Trainer, resumed: tuple[int, bool] | None, plateau_metrics: Any) -> None:
-    """At the start of a resumed run's training, what Lightning's resume skips (``resumed`` and ``plateau_metrics``:
-    :func:`resume_record`): the saved plateau metrics put back (reset since the checkpoint loaded), the end of the
-    resumed step (:func:`finish_resumed_step`), the next epoch begun as new (:func:`begin_next_epoch_as_new`). The
-    first :class:`StepCheckpoint` calls it, else (checkpointing off) ``EPASModule``."""
+def finish_resume(
+    trainer: Trainer, resumed: tuple[int, bool] | None, epoch_ended: int | None, plateau_metrics: Any
+) -> None:
+    """At the start of a resumed run's training, what Lightning's resume skips (the arguments: :func:`resume_record`):
+    the saved plateau metrics put back (reset since the checkpoint loaded), the end of the resumed step
+    (:func:`finish_resumed_step`) or epoch (:func:`finish_resumed_epoch`), the next epoch begun as new
+    (:func:`begin_next_epoch_as_new`). The first :class:`StepCheckpoint` calls it, else (checkpointing off)
+    ``EPASModule``. A checkpoint of a version that saved no plateau metrics takes no plateau step that finds none (as
+    Lightning's resume took none; a strict scheduler raised), said once."""
     restore_plateau_metrics(trainer, plateau_metrics)
+    skipped: set[str] | None = set() if plateau_metrics is None else None
     if resumed is not None:
-        finish_resumed_step(trainer, *resumed)
+        finish_resumed_step(trainer, *resumed, skipped=skipped)
+    if epoch_ended is not None:
+        finish_resumed_epoch(trainer, epoch_ended, skipped=skipped)
     begin_next_epoch_as_new(trainer)
+    if skipped:
+        rank_zero_warn(
+            f"ckpt_path {trainer.ckpt_path} was saved without the value of {', '.join(sorted(skipped))} (an older "
+            f"version), which a ReduceLROnPlateau steps on at step {trainer.global_step}: that step is skipped, as "
+            "Lightning's resume does; checkpoints saved from now on hold it, nothing to do"
+        )
+
+
+def step_plateau_schedulers(trainer: Trainer, interval: str, skipped: set[str] | None = None) -> None:
+    """Step the ``ReduceLROnPlateau`` schedulers of ``interval`` ("step", "epoch") due now, as Lightning does at a
+    step's or an epoch's end. With ``skipped`` (the resumed checkpoint saved no plateau metrics), one due whose metric
+    is not logged takes no step, and its metric is added to ``skipped``."""
+    epoch_loop, unsaved = trainer.fit_loop.epoch_loop, []
+    if skipped is not None:
+        index = epoch_loop.batch_idx if interval == "step" else trainer.current_epoch  # Lightning's count, 0-based
+        configs = [c for c in trainer.lr_scheduler_configs if c.reduce_on_plateau and c.interval == interval]
+        unsaved = [c for c in configs if (index + 1) % c.frequency == 0 and c.monitor not in trainer.callback_metrics]
+        skipped.update(config.monitor for config in unsaved)
+    held = hold_plateau_steps(unsaved)
+    try:
+        epoch_loop.update_lr_schedulers(interval, update_plateau_schedulers=True)
+    finally:
+        release_plateau_steps(held)
 
 
 def end_restart(trainer: Trainer) -> None:
@@ -217,7 +284,9 @@ def begin_next_epoch_as_new(trainer: Trainer) -> None:
         fit_loop.reset_restart_stage()
 
 
-def finish_resumed_step(trainer: Trainer, epoch: int, validation_skipped: bool) -> None:
+def finish_resumed_step(
+    trainer: Trainer, epoch: int, validation_skipped: bool, skipped: set[str] | None = None
+) -> None:
     """Run the end of the resumed step that the checkpoint's run did after its save between steps, in the checkpoint's
     ``epoch`` (after an epoch's last batch Lightning resumes in the next). Lightning skips it all.
 
@@ -245,9 +314,22 @@ def finish_resumed_step(trainer: Trainer, epoch: int, validation_skipped: bool) 
             val_loop.run()
             trainer.training = True
             trainer._logger_connector._first_loop_iter = first_loop_iter
-        epoch_loop.update_lr_schedulers("step", update_plateau_schedulers=True)  # as Lightning at the step's end
+        step_plateau_schedulers(trainer, "step", skipped)  # as Lightning at the step's end
         if epoch_loop._num_ready_batches_reached():  # as Lightning at the end of an epoch
-            epoch_loop.update_lr_schedulers("epoch", update_plateau_schedulers=True)
+            step_plateau_schedulers(trainer, "epoch", skipped)
+
+
+def finish_resumed_epoch(trainer: Trainer, epoch: int, skipped: set[str] | None = None) -> None:
+    """Run the end of the resumed ``epoch`` that the checkpoint's run did after its save there (``on_train_epoch_end``):
+    a ``ReduceLROnPlateau`` stepped per epoch takes the epoch's step, which Lightning skipped (the learning rate then
+    followed the uninterrupted run's one epoch late). Lightning instead ended the epoch's last step again, as if saved
+    at its validation: a second plateau step of interval "step" and one more logging step; the loop restarts no more.
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    if epoch_loop.restarted_on_last:  # the step was ended before the save: a new epoch begins
+        epoch_loop.restarting = False
+    with counted_as_epoch(trainer, epoch):
+        step_plateau_schedulers(trainer, "epoch", skipped)  # as Lightning after the epoch's end
 
 
 @contextmanager

@@ -1191,6 +1191,10 @@ epochs_of_3 = {"limit_train_batches": 3, "val_check_interval": 3}  # a validatio
         (3, 9, {"plateau_every": 1, "plateau_interval": "epoch", "plateau_strict": True, **epochs_of_3}),
         (None, 8, {"plateau_every": 1, "time_out_at": 3}),
         (None, 8, {"time_out_at": 4}),
+        (None, 8, {"plateau_every": 1, "monitor": "val/loss"}),
+        (None, 6, {"plateau_every": 1, "plateau_interval": "epoch", "save_on_train_epoch_end": True, **epochs_of_3}),
+        (None, 6, {"plateau_every": 1, "save_on_train_epoch_end": True, **epochs_of_3}),
+        (None, 6, {"plateau_every": 1, "plateau_interval": "epoch", **epochs_of_3}),
     ],
     ids=[
         "a plateau scheduler stepped per step",
@@ -1208,6 +1212,10 @@ epochs_of_3 = {"limit_train_batches": 3, "val_check_interval": 3}  # a validatio
         "a strict plateau scheduler stepped per epoch, a stop at the first epoch's end",
         "max_time ending between validations",
         "max_time ending at a validation",
+        "a plateau scheduler stepped per step, a run finished after a monitored save at its last validation extended",
+        "a plateau scheduler stepped per epoch, a run finished after a save at its last epoch's end extended",
+        "a plateau scheduler stepped per step, a run finished after a save at its last epoch's end extended",
+        "a plateau scheduler stepped per epoch, a run finished after a save at its last validation extended",
     ],
 )
 def test_two_sessions_log_and_train_as_the_uninterrupted_run(
@@ -1226,7 +1234,8 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(
     validation; a strict one raised in the stop's session, after its save, where the validation it skipped was the
     first. A run max_time ended (resumed with a larger max_time) validated at its last step, where the
     uninterrupted run did not: Lightning validates whenever a fit stops early (an extra val/loss point, and a plateau
-    step on it)."""
+    step on it). A run extended from a save at an epoch's end (save_on_train_epoch_end) skipped the epoch's plateau
+    step, and took a second one of interval "step"."""
     from datetime import timedelta
     from types import SimpleNamespace
 
@@ -1237,7 +1246,9 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(
     from epas_lightning.provenance import LAST_VALIDATION_KEY
 
     settings = dict(settings)
-    plateau_every, every = settings.pop("plateau_every", None), settings.pop("every_n_train_steps", None)
+    plateau_every = settings.pop("plateau_every", None)
+    saving = ("every_n_train_steps", "monitor", "save_on_train_epoch_end")  # the checkpoint's
+    saving = {key: settings.pop(key) for key in saving if key in settings}
     plateau = {key: settings.pop(key) for key in ("plateau_interval", "plateau_strict") if key in settings}
     time_out_at = settings.pop("time_out_at", None)  # max_time (an hour) runs out at this step of the first session
     whole_steps = first_steps if stop_at or time_out_at else first_steps + 4
@@ -1255,7 +1266,7 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(
                 if timed and trainer.global_step + 1 == time_out_at:
                     clock.now = 3600.0
 
-        checkpoint = RunCheckpoint(dirpath=tmp_path / folder, save_last=True, every_n_train_steps=every, save_top_k=-1)
+        checkpoint = RunCheckpoint(dirpath=tmp_path / folder, save_last=True, save_top_k=-1, **saving)
         validation = {"val_check_interval": 4, "limit_val_batches": 1, "num_sanity_val_steps": 0}
         options = {**validation, "log_every_n_steps": 1, **settings}
         if time_out_at:
@@ -1290,6 +1301,52 @@ def test_two_sessions_log_and_train_as_the_uninterrupted_run(
     assert {**first["logged"], **resumed["logged"]} == pytest.approx(whole["logged"])
 
 
+@pytest.mark.parametrize("minimum", [{"min_steps": 9}, {"min_epochs": 3}], ids=["min_steps", "min_epochs"])
+def test_a_stop_min_steps_keeps_going_trains_and_logs_as_the_run_without_it(tiny_corpus, tmp_path, capsys, minimum):
+    """A signal before min_steps: fit cannot stop there, and the run went on, but as a run stopping: it logged every
+    step (Lightning logs whenever should_stop is set), skipped the validation due at the signal's step and lost the
+    ReduceLROnPlateau step of that step, saved last.ckpt and said "stopped" again after every step. The stop now waits
+    for min_steps (min_epochs): saved once at the signal's step, the run trains, logs and checkpoints as without the
+    signal until they are met (no checkpoint says the validation then due was skipped), where it stops as a stop does.
+    """
+    from helpers import Recorder, SignalInStep, Steps
+
+    from epas_lightning import GracefulStop, RunCheckpoint, StepCheckpoint
+    from epas_lightning.run_checkpoint import VALIDATION_SKIPPED_KEY
+
+    def fit(folder: str, stop_at: int | None = None) -> dict:
+        recorder, stop, logger = Recorder(), GracefulStop(), Steps()
+        options = {"limit_val_batches": 1, "num_sanity_val_steps": 0, "log_every_n_steps": 2, **epochs_of_3}
+        own = StepCheckpoint(dirpath=tmp_path / folder / "own", every_n_train_steps=6, save_top_k=-1)
+        callbacks = [
+            recorder,
+            SignalInStep(stop, stop_at),
+            stop,
+            RunCheckpoint(dirpath=tmp_path / folder, save_last=True),
+            own,
+        ]
+        trainer = make_trainer(tmp_path, 12, callbacks, logger=logger, **minimum, **options)
+        trainer.fit(*make_run(tiny_corpus, n_layer=2, module_class=PlateauModule))
+        return {
+            "lr": recorder.lrs,
+            "val": [validation.step for validation in recorder.validations],
+            "logged": sorted(set(logger.steps["train/loss"])),
+            "status": stop.exit_status,
+        }
+
+    whole, stopped = fit("whole"), fit("stopped", stop_at=4)
+    (name, value), err = next(iter(minimum.items())), capsys.readouterr().err
+    assert err.count("SIGTERM after step 4: saved") == 1 and f"{name}={value} keeps training" in err, err
+    assert err.count("stopped by SIGTERM") == 1 and "stopped by SIGTERM after step 9" in err, err
+    assert stopped["status"] == 143
+    assert torch.load(tmp_path / "stopped" / "last.ckpt", weights_only=True)["global_step"] == 9
+    own = torch.load(tmp_path / "stopped" / "own" / "epoch=1-step=6.ckpt", weights_only=True)
+    assert VALIDATION_SKIPPED_KEY not in own
+    assert stopped["val"] == [3, 6] and whole["val"] == [3, 6, 9, 12]  # the stop skips the one at its step
+    assert stopped["lr"] == {step: lr for step, lr in whole["lr"].items() if step < 9}
+    assert stopped["logged"] == [step for step in whole["logged"] if step < 9]
+
+
 def test_a_resume_of_a_save_before_a_validation_its_run_went_on_to_takes_no_plateau_step(tiny_corpus, tmp_path):
     """A save between steps before the validation due at its step (every_n_train_steps), resumed after its run went on:
     Lightning counts that validation, and the plateau steps after it, as done. The resume took the plateau step without
@@ -1306,6 +1363,48 @@ def test_a_resume_of_a_save_before_a_validation_its_run_went_on_to_takes_no_plat
 
     fit(5)
     fit(8, tmp_path / "run" / "epoch=0-step=4.ckpt")
+
+
+def test_a_resume_of_a_checkpoint_without_plateau_metrics_skips_the_plateau_step_it_cannot_take(tiny_corpus, tmp_path):
+    """A checkpoint written before checkpoints saved the plateau metrics, resumed at a step without a validation where a
+    strict ReduceLROnPlateau steps: the resume took that step (Lightning's took none) with no val/loss to step on, and
+    raised. It now skips it, as Lightning did, and says so once; not for a checkpoint of this version saved before any
+    validation (an empty record), whose resume steps as the uninterrupted run (here: Lightning's own warning)."""
+    import warnings
+
+    from helpers import Recorder, SignalInStep
+
+    from epas_lightning import GracefulStop, RunCheckpoint
+    from epas_lightning.plateau_metrics import PLATEAU_METRICS_KEY
+
+    def fit(folder: str, every: int, stop_at: int | None = None, old: bool = False) -> tuple[list[float], list[str]]:
+        recorder, stop, path = Recorder(), GracefulStop(), tmp_path / folder / "last.ckpt"
+        if old:
+            saved = torch.load(path, weights_only=True)
+            del saved[PLATEAU_METRICS_KEY]  # as an older version wrote it
+            torch.save(saved, path)
+        options = {"val_check_interval": 4, "limit_val_batches": 1, "num_sanity_val_steps": 0}
+        callbacks = [
+            recorder,
+            SignalInStep(stop, stop_at),
+            stop,
+            RunCheckpoint(dirpath=tmp_path / folder, save_last=True),
+        ]
+        module, data = make_run(tiny_corpus, n_layer=2, module_class=PlateauModule)
+        module.plateau_every, module.plateau_strict = every, every > 1
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = make_trainer(tmp_path, 12 if stop_at else 8, callbacks, **options)
+            trainer.fit(module, data, ckpt_path=None if stop_at else path)
+        return list(recorder.lrs.values()), [str(w.message) for w in caught if "ReduceLROnPlateau" in str(w.message)]
+
+    fit("old", 6, stop_at=6)
+    rates, said = fit("old", 6, old=True)
+    assert len(said) == 1 and "saved without the value of val/loss" in said[0]
+    assert rates[:2] == [1e-3] * 2  # trained on
+    fit("new", 1, stop_at=2)  # a checkpoint before the first validation, saved with no val/loss yet
+    _, said = fit("new", 1)
+    assert said and not any("saved without" in message for message in said)
 
 
 def test_overfit_batches_trains_on_the_same_batches_every_epoch(tiny_corpus, tmp_path):
@@ -1625,10 +1724,19 @@ def test_a_signal_in_the_step_max_time_ends_says_to_raise_max_time(tiny_corpus, 
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
-def test_a_signal_during_the_final_validation_says_the_run_ends_after_it(tiny_corpus, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "early_stopping",
+    [None, 1e9, -1e9],
+    ids=["max_steps", "EarlyStopping ending the run", "EarlyStopping letting it go on"],
+)
+def test_a_signal_during_the_final_validation_says_the_run_ends_after_it(tiny_corpus, tmp_path, capsys, early_stopping):
     """A signal during the validation after the run's last step said "stopping after this optimizer step with a
-    checkpoint", though no step followed: the run ended as it would have (exit status 0). It now says that."""
+    checkpoint", though no step followed: the run ended as it would have (exit status 0). It now says that; also where
+    an EarlyStopping ends the run after that validation (known once it judged it: said then), and not where it lets the
+    run go on (the stop then comes after the next step)."""
     import signal
+
+    from lightning.pytorch.callbacks import EarlyStopping
 
     from epas_lightning import GracefulStop
     from epas_lightning.run_checkpoint import RunCheckpoint
@@ -1639,10 +1747,18 @@ def test_a_signal_during_the_final_validation_says_the_run_ends_after_it(tiny_co
                 os.kill(os.getpid(), signal.SIGTERM)
 
     stop, checkpoint = GracefulStop(), RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    callbacks = [SignalInFinalValidation(), stop, checkpoint]
+    if early_stopping:  # below the threshold: stop
+        callbacks.insert(1, EarlyStopping("val/loss", patience=100, stopping_threshold=early_stopping))
     validation = {"val_check_interval": 3, "limit_val_batches": 1, "num_sanity_val_steps": 0}
-    trainer = make_trainer(tmp_path, 3, [SignalInFinalValidation(), stop, checkpoint], **validation)
+    trainer = make_trainer(tmp_path, 9 if early_stopping else 3, callbacks, **validation)
     trainer.fit(*make_run(tiny_corpus, n_layer=2))
     err = capsys.readouterr().err
+    if early_stopping == -1e9:
+        assert "SIGTERM: stopping after this optimizer step with a checkpoint" in err, err
+        assert stop.exit_status == 143
+        assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 4
+        return
     assert "SIGTERM after the last step (3): nothing to stop, the run ends after this validation" in err, err
     assert "stopping after this optimizer step" not in err and stop.exit_status is None
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
@@ -1970,3 +2086,65 @@ def test_the_held_out_loss_and_token_count_stay_exact_past_two_to_the_24_tokens(
     module.val_loss.update(torch.full((1,), 3.0), torch.ones(1, dtype=torch.bool))
     assert int(module.val_loss.total_tokens()) == many + 1  # what val/tokens logs
     assert module.val_loss.tokens == many + 1 and module.val_loss.compute() == (many + 3) / (many + 1)
+
+
+def test_a_run_without_validation_extended_from_its_epoch_end_save_takes_the_epochs_plateau_step(tiny_corpus, tmp_path):
+    """Without validation a checkpoint saves at each epoch's end (on_train_epoch_end), before Lightning steps the
+    ReduceLROnPlateau schedulers of interval "epoch": a run extended from it never took that epoch's step (here on
+    train/loss), and its learning rate halved one epoch after the uninterrupted run's."""
+    from helpers import Steps
+
+    from epas_lightning import RunCheckpoint
+
+    class TrainLossPlateau(PlateauModule):
+        plateau_interval = "epoch"
+
+        def configure_optimizers(self):
+            config = super().configure_optimizers()
+            config["lr_scheduler"]["monitor"] = "train/loss"
+            return config
+
+    def fit(folder: str, max_steps: int, ckpt_path: Path | None = None) -> dict:
+        recorder, logger = Recorder(), Steps()
+        callbacks = [recorder, RunCheckpoint(dirpath=tmp_path / folder, save_last=True)]
+        options = {"limit_train_batches": 3, "logger": logger, "log_every_n_steps": 1}
+        module, data = make_run(tiny_corpus, n_layer=2, module_class=TrainLossPlateau)
+        make_trainer(tmp_path, max_steps, callbacks, **options).fit(module, data, ckpt_path=ckpt_path)
+        return {"lr": recorder.lrs, "loss": recorder.losses, "logged": logger.steps["train/loss"]}
+
+    whole, first = fit("whole", 9), fit("first", 6)
+    resumed = fit("first", 9, tmp_path / "first" / "last.ckpt")
+    for key in ("lr", "loss"):
+        assert {**first[key], **resumed[key]} == pytest.approx(whole[key]), key
+    assert first["logged"] + resumed["logged"] == whole["logged"]
+
+
+def test_a_checkpoint_saved_at_the_epoch_end_of_a_stops_step_resumes_as_the_uninterrupted_run(tiny_corpus, tmp_path):
+    """A checkpoint of one's own saved at the end of the epoch (save_on_train_epoch_end) whose last step a stop ended,
+    after the stop's save: Lightning had counted the step's end as done, so its resume ran neither the validation the
+    stop skipped (its val/loss point missing) nor the step's plateau steps (the learning rate halved one epoch late)."""
+    from helpers import Recorder, SignalInStep, Steps
+
+    from epas_lightning import GracefulStop, RunCheckpoint, StepCheckpoint
+
+    def fit(max_steps: int, ckpt_path: Path | None = None, stop_at: int | None = None) -> dict:
+        recorder, stop, logger = Recorder(), GracefulStop(), Steps()
+        folder = tmp_path / ("first" if stop_at or ckpt_path else "whole")
+        own = StepCheckpoint(dirpath=folder / "own", save_on_train_epoch_end=True, save_top_k=-1)
+        callbacks = [recorder, SignalInStep(stop, stop_at), stop, RunCheckpoint(dirpath=folder, save_last=True), own]
+        options = {"limit_val_batches": 1, "num_sanity_val_steps": 0, "logger": logger, "log_every_n_steps": 1}
+        module, data = make_run(tiny_corpus, n_layer=2, module_class=PlateauModule)
+        module.plateau_every, module.plateau_interval = 1, "epoch"
+        trainer = make_trainer(tmp_path, max_steps, callbacks, **options, **epochs_of_3)
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        return {
+            "lr": recorder.lrs,
+            "val": [(validation.step, validation.epoch) for validation in recorder.validations],
+            "logged": Counter((tag, step) for tag, steps in logger.steps.items() for step in steps),
+        }
+
+    whole, first = fit(9), fit(9, stop_at=3)
+    resumed = fit(9, tmp_path / "first" / "own" / "epoch=0-step=3.ckpt")
+    assert first["val"] + resumed["val"] == whole["val"]
+    assert {**first["lr"], **resumed["lr"]} == pytest.approx(whole["lr"])
+    assert first["logged"] + resumed["logged"] == whole["logged"]
