@@ -103,6 +103,7 @@ class ProgressiveSharing(Callback):
         self.reached_at: int | None = None
         """The step at which the region reached its full size (kept across a resume; ``None``: not yet)."""
         self._heldout: dict[int, HeldOutLoss] = {}  # per extra region length, the current validation's loss
+        self._region: tuple[tuple[Any, ...], TrainedRegion] | None = None  # _region_of's last, and what it was of
 
     def _build(self, n_layer: int, check_lengths: bool = True) -> SharingSchedule | None:
         """The schedule for ``n_layer`` layers, checked; ``None`` when nothing reads it: sharing is off and no
@@ -283,12 +284,20 @@ class ProgressiveSharing(Callback):
         checkpoint[REGION_KEY] = self._region_of(sharing_model(pl_module)).to_record()
 
     def _region_of(self, model: Llama) -> TrainedRegion:
-        """The region ``model`` shares now, in growth order: what a checkpoint records, and ``set_region`` counts in."""
+        """The region ``model`` shares now, in growth order: what a checkpoint records, and ``set_region`` counts in.
+
+        Built again only when what it is made of changes (the mask, the schedule, the order), not at every
+        micro-batch: the same mask, schedule and order give the same (frozen) region."""
+        key = (model.config.n_layer, model.sharing.flags, self.schedule, self.order)
+        if self._region is not None and self._region[0] == key:
+            return self._region[1]
         shared = model.sharing.shared_layers
         in_order = sorted(shared, reverse=self.order == "deep_first")  # no schedule: the direction's order
         if self.schedule is not None:
             in_order = region_in_growth_order(self.schedule.target_layers, shared)
-        return TrainedRegion(model.config.n_layer, tuple(in_order), self.order)
+        region = TrainedRegion(model.config.n_layer, tuple(in_order), self.order)
+        self._region = (key, region)
+        return region
 
     def in_growth_order(self, layers: list[int]) -> list[int]:
         """Sharing ``layers`` (the mask's, ascending) as the messages list them, in the order "N sharing layers"

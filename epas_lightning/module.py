@@ -47,6 +47,7 @@ from epas_lightning.optim import (
 )
 from epas_lightning.parallel import PRECISIONS, checkpointed_blocks, mixed_precision_policy, parallelize
 from epas_lightning.provenance import HELDOUT_KEY, LAST_VALIDATION_KEY
+from epas_lightning.repeated_samples import warn_repeated_validation_samples
 from epas_lightning.run_checkpoint import (
     StepCheckpoint,
     adopt_model_checkpoint_states,
@@ -168,6 +169,7 @@ class EPASModule(LightningModule):
         self._loss_reduced = True  # the train/loss this micro-batch logged is the mean over the ranks already
         self._optimizer_settings: list[dict] | None = None  # as configured, before a checkpoint's are loaded
         self._restored_checked = False  # the checkpoint this stage restored was checked for NaN and inf
+        self._repeats_checked = False  # fit's validation loaders were checked for samples scored twice
         self._resumed_global_batch: object = None  # a resumed checkpoint's record, until training compares it
         self._resplit_note: str | None = None  # the datamodule's word on a resumed position, said with the above
         self._resume: tuple | None = None  # what a resume finishes where no StepCheckpoint does (checkpointing off)
@@ -211,7 +213,7 @@ class EPASModule(LightningModule):
         return describe_checkpoint(self.init_from, "model.init_from").recorded_tokenizer
 
     def setup(self, stage: str) -> None:
-        self._restored_checked = False
+        self._restored_checked = self._repeats_checked = False
         self._resumed_global_batch = self._resume = self._resplit_note = None  # until this stage's checkpoint is read
         load_safely(self.trainer.strategy)  # before Lightning opens a ckpt_path: a plain Trainer unpickled anything
         if stage == "fit":
@@ -326,6 +328,9 @@ class EPASModule(LightningModule):
             self._set_start_weights()
         self._start_weights_set = True
         self._check_restored()
+        if not self._repeats_checked:  # once a fit: its loaders are set up by now (sanity validation's too)
+            self._repeats_checked = True
+            warn_repeated_validation_samples(self.trainer)
 
     def on_test_start(self) -> None:
         self.on_validation_start()

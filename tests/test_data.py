@@ -718,3 +718,43 @@ def test_a_forked_worker_never_collects_what_it_inherited(tmp_path):
     finally:
         if enabled:
             gc.enable()
+
+
+def test_validation_loaders_whose_distributed_sampler_repeats_samples_are_named_during_fit(recwarn):
+    """Which validation loaders' DistributedSampler scores samples twice (the two-rank fit is in test_distributed):
+    only one evening out a length the ranks do not divide, without drop_last, its own or its batch sampler's; during
+    fit alone (Lightning warns in validate and test)."""
+    from types import SimpleNamespace
+
+    import torch
+    from lightning.pytorch.trainer.states import TrainerFn
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+
+    from epas_lightning.repeated_samples import repeated_samples, warn_repeated_validation_samples
+
+    def loader(n: int, ranks: int = 2, drop_last: bool = False, batched: bool = False) -> DataLoader:
+        data = torch.zeros(n, 9, dtype=torch.long)
+        sampler = DistributedSampler(data, num_replicas=ranks, rank=0, shuffle=False, drop_last=drop_last)
+        if batched:
+            return DataLoader(data, batch_sampler=BatchSampler(sampler, 2, drop_last=False))
+        return DataLoader(data, sampler=sampler)
+
+    assert repeated_samples(loader(13)) == (1, 13, 2)
+    assert repeated_samples(loader(13, batched=True)) == (1, 13, 2)
+    assert repeated_samples(loader(2, ranks=4)) == (2, 2, 4)
+    assert repeated_samples(loader(12)) is None and repeated_samples(loader(13, ranks=1)) is None
+    assert repeated_samples(loader(13, drop_last=True)) is None
+    assert repeated_samples(DataLoader(torch.zeros(13, 9))) is None  # one process: no DistributedSampler
+
+    def said(fn: TrainerFn, loaders) -> list[str]:  # noqa: ANN001
+        recwarn.clear()
+        warn_repeated_validation_samples(SimpleNamespace(state=SimpleNamespace(fn=fn), val_dataloaders=loaders))
+        return [str(w.message) for w in recwarn]
+
+    (line,) = said(TrainerFn.FITTING, loader(13))
+    assert line.startswith("val/loss during fit counts 1 repeated sample beside the 13 held-out ones of the validation")
+    assert "give each of the 2 ranks 7; use TokenDataModule" in line and "(it leaves 1 out)" in line
+    (line,) = said(TrainerFn.FITTING, {"a": loader(12), "b": loader(3, ranks=4)})
+    assert "counts 1 repeated sample beside the 3 held-out ones of validation dataloader 1" in line
+    assert said(TrainerFn.FITTING, [loader(12)]) == said(TrainerFn.FITTING, None) == []
+    assert said(TrainerFn.VALIDATING, loader(13)) == []

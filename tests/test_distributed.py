@@ -307,6 +307,24 @@ def test_two_ddp_ranks_count_and_score_every_held_out_sequence_once(tiny_corpus,
     assert validated[0]["val/loss"] == pytest.approx(one["val/loss"], rel=1e-5)
 
 
+def test_two_ddp_ranks_say_once_that_a_map_style_validation_loader_repeats_samples(tmp_path):
+    """A map-style validation loader of one's own gets Lightning's DistributedSampler under fit on two ranks: 13
+    sequences became 14 (7 a rank), val/loss counting the first one twice, and Lightning warns only in validate and
+    test. Fit now says so once (its sanity validation and two more ran), naming the count and the fixes; 12 repeat
+    nothing and are not mentioned."""
+    even, odd = ([f"--out={tmp_path / str(n)}", "--strategy=ddp", "--steps=4", f"--val-samples={n}"] for n in (12, 13))
+    command = [sys.executable, str(SCRIPT), *even, "--then", *odd]
+    outputs = run_ranks_at_once(command, clean_env(), tmp_path / "logs")
+    said = [line for line in outputs[0][1].splitlines() if "repeated sample" in line]
+    assert len(said) == 1, outputs[0][1][-3000:]
+    assert (
+        "val/loss during fit counts 1 repeated sample beside the 13 held-out ones of the validation dataloader"
+        in (said[0])
+    )
+    assert "use TokenDataModule" in said[0] and "divisible by 2" in said[0] and "drop_last=True" in said[0]
+    assert not any("repeated sample" in line for line in outputs[1][1].splitlines())  # rank zero's alone
+
+
 def test_init_from_our_checkpoints_on_two_fsdp2_ranks(sharded_runs):
     """Two bf16-true FSDP2 ranks start from a bf16 sharded folder, then (after fit) load a float32 .ckpt and the folder
     consolidated, each streamed in batches of several tensors: the gathered weights are the sources' bit for bit (the

@@ -291,3 +291,54 @@ def test_a_dense_run_of_one_layer_trains_and_resumes_with_sharing_off(tmp_path):
     dense = ProgressiveSharing(target=1, interval=1, enabled=False)
     cpu_trainer(tmp_path, 3, [dense]).fit(module, loader, ckpt_path=tmp_path / "shared" / "last.ckpt")
     assert module.model.sharing.shared_layers == []
+
+
+def test_the_trained_region_is_built_once_per_region_not_at_every_batch(tmp_path, monkeypatch):
+    """``ProgressiveSharing`` built the model's ``trained_region`` anew before every training micro-batch (its
+    ``TrainedRegion`` checks its layers each time); it is built when the mask changes, and is never stale: after every
+    micro-batch it is the region of that step's mask, in growth order, also where the mask was changed in between."""
+    import lightning as L
+    import torch
+    from helpers import cpu_trainer
+    from lightning.pytorch.callbacks import Callback
+
+    from epas_lightning import EPASModule, LlamaConfig, callbacks
+    from epas_lightning.callbacks import ProgressiveSharing
+    from epas_lightning.region import TrainedRegion
+
+    built = []
+
+    class Counted(TrainedRegion):
+        def __post_init__(self) -> None:
+            built.append(self.layers)
+            super().__post_init__()
+
+    monkeypatch.setattr(callbacks, "TrainedRegion", Counted)
+    regions = {}
+
+    class Record(Callback):  # after ProgressiveSharing's hooks
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            regions.setdefault(trainer.global_step, []).append(pl_module.model.trained_region.layers)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 2:  # a mask set between batches (as validation's other lengths do, and put back)
+                pl_module.model.set_shared_layers([2])
+
+    L.seed_everything(3)
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=4, n_embd=32, block_size=8))
+    loader = torch.utils.data.DataLoader(torch.randint(0, 256, (24, 9)), batch_size=2)
+    sharing = ProgressiveSharing(target=3, interval=2, start_step=1)
+    cpu_trainer(tmp_path, 6, [sharing, Record()], accumulate_grad_batches=2, enable_checkpointing=False).fit(
+        module, loader
+    )
+    assert [regions[s] for s in range(6)] == [
+        [(), ()],
+        [(3,), (3,)],
+        [(3,), (3,)],
+        [(3, 2)] * 2,
+        [(3, 2)] * 2,
+        [(3, 2, 1)] * 2,
+    ]
+    # the target (setup), then one per region: the one of the mask set between batches is never built (the next batch
+    # sets the schedule's mask back before anything reads it)
+    assert built == [(3, 2, 1), (), (3,), (3, 2), (3, 2, 1)]

@@ -368,9 +368,10 @@ def test_sequences_whose_activations_overflow_get_the_one_line_error_and_the_eng
 
 
 @pytest.mark.parametrize("failing", ["cache", "prefill"])
-def test_batches_that_fail_to_start_send_errors_instead_of_hanging(checkpoint, monkeypatch, failing):
-    """Out of memory building the third group's KV cache, or in the first group's prefill: every sequence admitted
-    in that step gets an error (none is lost between the waiting list and the running groups)."""
+def test_a_group_that_fails_to_start_ends_its_own_sequence_alone(checkpoint, monkeypatch, failing):
+    """Out of memory building the third group's KV cache, or in the first group's prefill: that group's sequence gets
+    an error (none is lost between the waiting list and the running groups, none hangs); the two others admitted in
+    that step, in groups of their own, finish (every sequence admitted in the step had the error)."""
     pytest.importorskip("litserve")
     from litserve.utils import LitAPIStatus
 
@@ -399,8 +400,94 @@ def test_batches_that_fail_to_start_send_errors_instead_of_hanging(checkpoint, m
     for uid, n_shared in (("a", 0), ("b", 1), ("c", 2)):  # three regions: three groups
         inbox.put((0, uid, 0.0, SequenceRequest([0, 5, 9], 4, n_shared)))
     loop._receive(engine, inbox)
-    loop._send(engine, transport)
-    assert sorted(sent) == [(uid, LitAPIStatus.ERROR) for uid in "abc"] and not engine.busy
+    while engine.busy:
+        loop._send(engine, transport)
+    failed = "c" if failing == "cache" else "a"
+    assert sorted((uid, status) for uid, status in sent if status != LitAPIStatus.OK) == [
+        (uid, LitAPIStatus.ERROR if uid == failed else LitAPIStatus.FINISH_STREAMING) for uid in "abc"
+    ]
+
+
+POISON = [77, 78, 79]
+"""A prompt holding these tokens makes every batch it is in fail (in the tests that inject it)."""
+
+
+def poisoned(decoder) -> bool:  # noqa: ANN001
+    return any(row[i : i + 3] == POISON for row in decoder.ids.tolist() for i in range(len(row)))
+
+
+@pytest.mark.parametrize("failing", ["prefill", "step", "output"])
+def test_a_sequence_that_fails_its_batch_ends_alone_and_the_others_go_on(checkpoint, monkeypatch, failing):
+    """One sequence made its batch's prefill, or every second decode step of a batch it is in, fail: every sequence
+    of the batch got an error, and the other groups' and the waiting ones too. Each of the batch goes on alone from
+    where it is: the others make the tokens they make alone (those of generate), only the culprit ends with an error
+    (after the tokens it made: two in the batch, two more alone). Where its text fails to take its first token
+    (``output``), it ends at once, and the batch goes on without it."""
+    from epas_lightning.inference.generate import Decoder
+
+    loaded = load_model(checkpoint)
+
+    def failing_when_poisoned(original):
+        def run(self, *args, **kwargs):
+            self.calls = getattr(self, "calls", 0) + 1
+            if poisoned(self) and (failing == "prefill" or self.calls == 2):
+                raise RuntimeError("a bad sequence")
+            return original(self, *args, **kwargs)
+
+        return run
+
+    if failing == "output":
+        push = TextStream.push
+
+        def failing_push(self, token):  # noqa: ANN001, ANN202
+            if self.context[1:] == POISON:
+                raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a bad token")
+            return push(self, token)
+
+        monkeypatch.setattr(TextStream, "push", failing_push)
+    else:
+        monkeypatch.setattr(Decoder, failing, failing_when_poisoned(getattr(Decoder, failing)))
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=4)
+    prompts = {"a": [0, 5, 9], "bad": [0, *POISON], "b": [0, 7], "other": [0, 3, 3], "waiting": [0, 8]}
+    for key, prompt in prompts.items():  # a, bad, b: one greedy batch; other: its region's; waiting: no place yet
+        engine.add(key, SequenceRequest(prompt, 5, 1 if key == "other" else 2))
+    texts, ends = dict.fromkeys(prompts, ""), {}
+    while engine.busy:
+        for output in engine.step():
+            texts[output.key] += output.text
+            if output.finish_reason:
+                ends[output.key] = output.finish_reason
+    assert ends == {"a": "length", "bad": "error", "b": "length", "other": "length", "waiting": "length"}
+    monkeypatch.undo()
+    for key in ("a", "b", "other", "waiting"):
+        set_region(loaded.model, 1 if key == "other" else 2, loaded.region)
+        assert texts[key] == token_text(generate(loaded.model, [prompts[key]], 5).tokens[0]), key
+    made = 4 if failing == "step" else 0
+    assert texts["bad"] == token_text(generate(loaded.model, [prompts["bad"]], 5).tokens[0][:made])
+
+
+def test_a_batch_that_fails_to_drop_a_finished_row_goes_on_alone(checkpoint, monkeypatch):
+    """Dropping a finished row from the batch's KV cache failed: the finished sequence gets its answer, and the one
+    still running goes on alone with the tokens it makes alone (it got an error)."""
+    from epas_lightning.inference.generate import Decoder
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    loaded = load_model(checkpoint)
+    monkeypatch.setattr(Decoder, "keep_rows", out_of_memory)
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=4)
+    engine.add("short", SequenceRequest([0, 5, 9], 2, 2))
+    engine.add("long", SequenceRequest([0, 7], 5, 2))
+    texts, ends = {"short": "", "long": ""}, {}
+    while engine.busy:
+        for output in engine.step():
+            texts[output.key] += output.text
+            ends[output.key] = output.finish_reason
+    assert ends == {"short": "length", "long": "length"}
+    set_region(loaded.model, 2, loaded.region)
+    assert texts["long"] == token_text(generate(loaded.model, [[0, 7]], 5).tokens[0])
+    assert texts["short"] == token_text(generate(loaded.model, [[0, 5, 9]], 2).tokens[0])
 
 
 def test_a_sequence_that_finishes_in_a_step_that_then_fails_still_gets_its_answer(checkpoint, monkeypatch):

@@ -9,6 +9,10 @@ is a flag flip) and admits waiting sequences into new groups, up to ``max_batch_
 sequences are admitted once they fill the free places or the oldest has waited ``batch_timeout`` seconds, so requests
 that arrive together share a forward. A sequence that finishes (or is cancelled) leaves its group's batch and KV cache
 at once, so every row computed is a sequence in flight and ``max_batch_size`` bounds the rows each step computes.
+
+A group whose batched work fails (its KV cache, its prefill, a decode step: one bad sequence, out of memory) fails
+nobody else: each of its sequences goes on alone from where it is (its prompt and the tokens it has made prefilled
+again), and only one that fails alone ends with an error. Other groups, and sequences still waiting, never notice.
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ class Output:
     text: str
     finish_reason: str | None = None
     """``stop`` (EOS or a stop string), ``length`` (max_tokens reached) or ``error`` (``text`` says what went wrong:
-    the activations overflowed the model's dtype); ``None`` while it runs."""
+    the activations overflowed the model's dtype; empty where its work failed alone, the cause in the log); ``None``
+    while it runs."""
     info: dict[str, Any] | None = None
     """On the last output: ``completion_tokens``; ``kv_cache_bytes``, the KV cache this sequence's row held (its
     group's longest prompt plus largest ``max_tokens`` positions of every layer it caches), and
@@ -77,36 +82,56 @@ class StepFailed(Exception):
         self.outputs = outputs
 
 
-class _Group:
-    """Sequences decoded as one left-padded batch with one KV cache, in one region; each leaves when it finishes."""
+Member = tuple[Hashable, SequenceRequest, TextStream | None]
+"""A sequence of a group: its key, its request, and its text so far (``None``: it starts now)."""
 
-    def __init__(self, engine: Engine, members: list[tuple[Hashable, SequenceRequest]]) -> None:
+
+class _Group:
+    """Sequences decoded as one left-padded batch with one KV cache, in one region; each leaves when it finishes.
+    A member with text so far goes on from there: its prompt and the tokens it has made are its prefill."""
+
+    def __init__(self, engine: Engine, members: list[Member]) -> None:
         first = members[0][1]
-        self.engine, self.keys = engine, [key for key, _ in members]
-        self.requests = [request for _, request in members]
+        self.engine, self.keys = engine, [key for key, _, _ in members]
+        self.requests = [request for _, request, _ in members]
+        self.texts = [TextStream(engine.decode, r.stop, r.prompt) if t is None else t for _, r, t in members]
         self.size = len(members)
         """The batch the group started with (it shrinks as sequences leave)."""
         self.layers = engine.region.first(first.n_shared)
         engine.model.set_shared_layers(self.layers)
         s = first.sampling
+        made = [t.tokens for t in self.texts]
         self.decoder = Decoder(
-            engine.model, [r.prompt for r in self.requests], max(r.max_tokens for r in self.requests),
+            engine.model, [[*r.prompt, *m] for r, m in zip(self.requests, made, strict=True)],
+            max(r.max_tokens - len(m) for r, m in zip(self.requests, made, strict=True)),
             temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed, cuda_graph=False,
         )  # fmt: skip
-        self.texts = [TextStream(engine.decode, r.stop, r.prompt) for r in self.requests]
         self.tokens: torch.Tensor | None = None  # (B,): each row's last token, fed to the next step
 
     @property
     def done(self) -> bool:
         return not self.keys
 
-    def advance(self) -> list[Output]:
-        """One token for every row (the prefill's on the first call); the finished rows leave the batch."""
+    def members(self, rows: list[int] | None = None) -> list[Member]:
+        """The sequences in ``rows`` (all by default) with their text so far, to go on in another group."""
+        rows = range(len(self.keys)) if rows is None else rows
+        return [(self.keys[row], self.requests[row], self.texts[row]) for row in rows]
+
+    def next_tokens(self) -> tuple[list[int], list[bool]]:
+        """The batched work of a step: one token for every row (the prefill's on the first call), and whether each
+        row's logits were finite. No row's text has changed when it fails."""
         self.engine.model.set_shared_layers(self.layers)
         self.tokens = self.decoder.prefill() if self.tokens is None else self.decoder.step(self.tokens)
-        tokens, finite = self.tokens.tolist(), self.decoder.finite.tolist()
-        outputs = [self._take(row, token) if finite[row] else self._overflowed(row) for row, token in enumerate(tokens)]
-        self.keep([row for row, output in enumerate(outputs) if output.finish_reason is None])
+        return self.tokens.tolist(), self.decoder.finite.tolist()
+
+    def outputs(self, tokens: list[int], finite: list[bool]) -> list[Output]:
+        """Each row's output of its token: its text, or its end; a row whose output fails ends with an error."""
+        outputs = []
+        for row, token in enumerate(tokens):
+            try:
+                outputs.append(self._take(row, token) if finite[row] else self._overflowed(row))
+            except Exception as error:
+                outputs.append(failed_output(self.keys[row], error))
         return outputs
 
     def keep(self, rows: list[int]) -> None:
@@ -148,6 +173,12 @@ class _Group:
             "batch_size": self.size,
         }
         return Output(self.keys[row], text, reason, info)
+
+
+def failed_output(key: Hashable, error: BaseException) -> Output:
+    """The end of a sequence whose work failed alone: an error (the server's message for it), the cause logged."""
+    logger.error("sequence %s failed; it ends with an error", key, exc_info=error)
+    return Output(key, "", "error")
 
 
 class Engine:
@@ -198,21 +229,54 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[Output]:
-        """Advance every running group by one token and start the sequences that may start now; a
-        :class:`StepFailed` (caused by the error) if that fails part-way."""
+        """Advance every running group by one token and start the sequences that may start now (a group that fails
+        leaves its sequences to go on alone: :meth:`_one_by_one`); a :class:`StepFailed` (caused by the error) if
+        anything else fails part-way."""
         outputs: list[Output] = []
         try:
-            for group in self.groups:
-                outputs += group.advance()
-            admitted = self._admit()
-            self.groups += admitted  # before their prefills: if one fails, abort finds every admitted sequence
-            for group in admitted:
-                outputs += group.advance()
+            for group in list(self.groups):  # not the groups its failures start: they have made this step's token
+                outputs += self._advance(group)
+            for members in self._admit():
+                outputs += self._start(members)
         except Exception as e:
             raise StepFailed(outputs) from e
         finally:
             self.groups = [group for group in self.groups if not group.done]
         return outputs
+
+    def _start(self, members: list[Member]) -> list[Output]:
+        """Start a group of ``members`` with its first token; where that fails, each member alone."""
+        try:
+            group = _Group(self, members)
+        except Exception as error:  # its KV cache (out of memory), its prompts (a bad one that passed the checks)
+            return self._one_by_one(members, error, len(members))
+        self.groups.append(group)
+        return self._advance(group)
+
+    def _advance(self, group: _Group) -> list[Output]:
+        """One token of ``group``; the finished rows leave it. Where its batched work fails, each of its sequences
+        goes on alone; where a row's output fails, that row ends with an error."""
+        try:
+            tokens, finite = group.next_tokens()
+        except Exception as error:
+            self.groups.remove(group)
+            return self._one_by_one(group.members(), error, len(group.keys))
+        outputs = group.outputs(tokens, finite)
+        running = [row for row, output in enumerate(outputs) if output.finish_reason is None]
+        try:
+            group.keep(running)
+        except Exception as error:  # the rows that go on have this step's token: alone, from there
+            self.groups.remove(group)
+            return outputs + self._one_by_one(group.members(running), error, len(group.keys))
+        return outputs
+
+    def _one_by_one(self, members: list[Member], error: Exception, batch: int) -> list[Output]:
+        """After a batch of ``batch`` sequences failed with ``error``: each of its ``members`` still running goes on in
+        a group of its own, so only one that fails alone gets an error (a batch of one: it ends with this error)."""
+        if batch == 1:
+            return [failed_output(members[0][0], error)]
+        logger.warning("a batch of %d sequences failed (%s); %d go on alone", batch, error, len(members))
+        return [output for member in members for output in self._start([member])]
 
     def cancel(self, key: Hashable) -> bool:
         """Drop a sequence, waiting or running (it leaves its batch); no output follows. False if it is not here."""
@@ -237,7 +301,7 @@ class Engine:
     def _free(self) -> int:
         return self.max_batch_size - sum(len(group.keys) for group in self.groups)  # the rows the next step computes
 
-    def _admit(self) -> list[_Group]:
+    def _admit(self) -> list[list[Member]]:
         free = self._free()
         if not self.waiting or free <= 0:
             return []
@@ -250,15 +314,14 @@ class Engine:
         for key, request, _ in admitted:
             kind = self._kind(request)
             members = open_groups.setdefault(kind, [])
-            together = [r for _, r in members] + [request]
+            together = [r for _, r, _ in members] + [request]
             length = max(len(r.prompt) for r in together) + max(r.max_tokens for r in together)
             if members and length > context_length:  # each sequence fits alone (checked on arrival), not padded to all
                 closed.append(members)
                 members = open_groups[kind] = []
-            members.append((key, request))
-        groups = [_Group(self, members) for members in [*closed, *open_groups.values()]]
-        self.waiting = self.waiting[free:]  # only now: a group that fails to build (no memory) leaves them to abort
-        return groups
+            members.append((key, request, None))
+        self.waiting = self.waiting[free:]  # only now: if grouping fails, abort finds them
+        return [*closed, *open_groups.values()]
 
     def _kind(self, request: SequenceRequest) -> Hashable:
         """Sequences of the same kind can share a forward and a sampler."""

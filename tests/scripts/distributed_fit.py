@@ -8,7 +8,10 @@ of each batch of ``init_from`` weights it loaded, and with ``--val-dir`` the ``v
 ``validate`` after fit logs there (with ``--throughput`` and a logger, rank 0 also the last ``validate/samples`` and
 ``validate/lengths`` its ``TokenThroughputMonitor`` wrote); with ``--reload``, the keys of its batches too, and rank 0
 writes the weights each loads after fit to ``<out>/reload<i>.st``. With ``--read-fails-on-rank R`` that rank's reader of
-checkpoint weights raises a ``CheckpointError`` after ``--read-fails-after`` tensors. With ``--sigterm-in-step N`` rank
+checkpoint weights raises a ``CheckpointError`` after ``--read-fails-after`` tensors. With ``--val-samples N``, fit also
+validates (its sanity validation, and every 2 steps) a plain map-style loader of N synthetic sequences, to which
+Lightning gives a ``DistributedSampler``, as to a user's own loader (the training loader's sampler is wrapped in one
+too). With ``--sigterm-in-step N`` rank
 ``--sigterm-rank`` sends itself SIGTERM during step N (``GracefulStop`` then stops every rank after it). With
 ``--log-every N`` a logger records what Lightning writes every N steps (``logged_train_loss``: step to value), and each
 step records its micro-batches' losses (``micro``) and the ``torch.distributed.all_reduce`` calls made inside the
@@ -210,6 +213,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--monitor-train-loss", action="store_true", help="EarlyStopping on train/loss (never stops)")
     p.add_argument("--throughput", action="store_true", help="with a TokenThroughputMonitor")
     p.add_argument("--clip", type=float, help="gradient_clip_val (by norm)")
+    p.add_argument("--val-samples", type=int, help="fit validates a map-style loader of this many sequences")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--compile", default=False, help="torch.compile backend for every block")
@@ -318,13 +322,20 @@ def main(argv: list[str] | None = None) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=bool(args.ckpt_dir),
-        use_distributed_sampler=False,
+        use_distributed_sampler=bool(
+            args.val_samples
+        ),  # as a user's Trainer, where one validates a loader of one's own
+        val_check_interval=2 if args.val_samples else None,
+        check_val_every_n_epoch=None if args.val_samples else 1,
         default_root_dir=args.out,
         callbacks=callbacks,
     )
+    val = (
+        DataLoader(tokens[: args.val_samples], batch_size=args.global_batch // world_size) if args.val_samples else None
+    )
     failing = reads_failing(args.read_fails_on_rank, args.read_fails_after)
     with failing, recording_init_batches(args.init_read_bytes) as init_batches:
-        trainer.fit(module, data, ckpt_path=args.resume)
+        trainer.fit(module, data, val, ckpt_path=args.resume)
     shards = {
         name: list((p.to_local() if isinstance(p, DTensor) else p).shape) for name, p in module.named_parameters()
     }
