@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import traceback
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +112,10 @@ class _Group:
     @property
     def done(self) -> bool:
         return not self.keys
+
+    def close(self) -> None:
+        """Let go of the batch's KV cache and tokens (the group failed; its members go on elsewhere)."""
+        self.decoder = self.tokens = None
 
     def members(self, rows: list[int] | None = None) -> list[Member]:
         """The sequences in ``rows`` (all by default) with their text so far, to go on in another group."""
@@ -259,16 +264,21 @@ class Engine:
         try:
             tokens, finite = group.next_tokens()
         except Exception as error:
-            self.groups.remove(group)
-            return self._one_by_one(group.members(), error, len(group.keys))
+            return self._instead_of(group, group.members(), error)
         outputs = group.outputs(tokens, finite)
         running = [row for row, output in enumerate(outputs) if output.finish_reason is None]
         try:
             group.keep(running)
         except Exception as error:  # the rows that go on have this step's token: alone, from there
-            self.groups.remove(group)
-            return outputs + self._one_by_one(group.members(running), error, len(group.keys))
+            return outputs + self._instead_of(group, group.members(running), error)
         return outputs
+
+    def _instead_of(self, group: _Group, members: list[Member], error: Exception) -> list[Output]:
+        """``group`` failed with ``error``: it leaves the engine, its KV cache freed, and its ``members`` go on."""
+        batch = len(group.keys)
+        self.groups.remove(group)
+        group.close()
+        return self._one_by_one(members, error, batch)
 
     def _one_by_one(self, members: list[Member], error: Exception, batch: int) -> list[Output]:
         """After a batch of ``batch`` sequences failed with ``error``: each of its ``members`` still running goes on in
@@ -276,6 +286,7 @@ class Engine:
         if batch == 1:
             return [failed_output(members[0][0], error)]
         logger.warning("a batch of %d sequences failed (%s); %d go on alone", batch, error, len(members))
+        traceback.clear_frames(error.__traceback__)  # the tensors its frames hold (a KV cache) go before any is built
         return [output for member in members for output in self._start([member])]
 
     def cancel(self, key: Hashable) -> bool:
