@@ -528,6 +528,38 @@ def test_a_batch_that_fails_to_drop_a_finished_row_goes_on_alone(checkpoint, mon
     assert texts["short"] == token_text(generate(loaded.model, [[0, 5, 9]], 2).tokens[0])
 
 
+def test_a_cancel_that_fails_to_drop_its_row_leaves_the_others_to_go_on_alone(checkpoint, monkeypatch):
+    """Dropping a cancelled sequence's row from its batch's KV cache ran out of memory: the error left ``cancel``
+    and ended the inference worker's loop, every request in flight with it. The batch-mates now go on alone from
+    where they are, with the tokens they make alone, and a later cancel finds them there."""
+    from epas_lightning.inference.generate import Decoder
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    loaded = load_model(checkpoint)
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=4)
+    prompts = {"gone": [0, 5, 9], "a": [0, 7], "b": [0, 3, 3], "later": [0, 4]}
+    for key, prompt in prompts.items():
+        engine.add(key, SequenceRequest(prompt, 5, 2))
+    texts = dict.fromkeys(prompts, "")
+    for output in engine.step():  # one batch of four, one token each
+        texts[output.key] += output.text
+    with monkeypatch.context() as patched:
+        patched.setattr(Decoder, "keep_rows", out_of_memory)
+        assert engine.cancel("gone") and engine.busy
+    assert engine.cancel("later") and not engine.cancel("gone")
+    ends = {}
+    while engine.busy:
+        for output in engine.step():
+            texts[output.key] += output.text
+            ends[output.key] = output.finish_reason
+    assert ends == {"a": "length", "b": "length"}
+    set_region(loaded.model, 2, loaded.region)
+    for key, n in {"a": 5, "b": 5, "gone": 1, "later": 1}.items():
+        assert texts[key] == token_text(generate(loaded.model, [prompts[key]], 5).tokens[0][:n]), key
+
+
 def test_a_sequence_that_finishes_in_a_step_that_then_fails_still_gets_its_answer(checkpoint, monkeypatch):
     """A running sequence finished (and left the engine) in the step where a new group then failed to start: its
     output was lost with the step's and it was in no group to abort, so its client waited for ever."""

@@ -10,9 +10,10 @@ sequences are admitted once they fill the free places or the oldest has waited `
 that arrive together share a forward. A sequence that finishes (or is cancelled) leaves its group's batch and KV cache
 at once, so every row computed is a sequence in flight and ``max_batch_size`` bounds the rows each step computes.
 
-A group whose batched work fails (its KV cache, its prefill, a decode step: one bad sequence, out of memory) fails
-nobody else: each of its sequences goes on alone from where it is (its prompt and the tokens it has made prefilled
-again), and only one that fails alone ends with an error. Other groups, and sequences still waiting, never notice.
+A group whose batched work fails (its KV cache, its prefill, a decode step, dropping a finished or cancelled row: one
+bad sequence, out of memory) fails nobody else: each of its sequences goes on alone from where it is (its prompt and
+the tokens it has made prefilled again), and only one that fails alone ends with an error. Other groups, and
+sequences still waiting, never notice.
 """
 
 from __future__ import annotations
@@ -212,6 +213,8 @@ class Engine:
         self.max_batch_size, self.batch_timeout = max_batch_size, batch_timeout
         self.waiting: list[tuple[Hashable, SequenceRequest, float]] = []
         self.groups: list[_Group] = []
+        self.restarts: list[Member] = []
+        """Sequences whose batch failed between steps (dropping a cancelled row): each goes on alone next step."""
         self._alone = itertools.count()
 
     def add(self, key: Hashable, request: SequenceRequest) -> None:
@@ -220,11 +223,11 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self.groups or self.waiting)
+        return bool(self.groups or self.restarts or self.waiting)
 
     def wait_time(self) -> float | None:
         """Seconds until :meth:`step` has work: 0 while groups run, the admission delay, or ``None`` when idle."""
-        if self.groups:
+        if self.groups or self.restarts:
             return 0.0
         if not self.waiting:
             return None
@@ -241,6 +244,8 @@ class Engine:
         try:
             for group in list(self.groups):  # not the groups its failures start: they have made this step's token
                 outputs += self._advance(group)
+            while self.restarts:
+                outputs += self._start([self.restarts.pop(0)])
             for members in self._admit():
                 outputs += self._start(members)
         except Exception as e:
@@ -276,9 +281,13 @@ class Engine:
     def _instead_of(self, group: _Group, members: list[Member], error: Exception) -> list[Output]:
         """``group`` failed with ``error``: it leaves the engine, its KV cache freed, and its ``members`` go on."""
         batch = len(group.keys)
+        self._drop(group)
+        return self._one_by_one(members, error, batch)
+
+    def _drop(self, group: _Group) -> None:
+        """A failed ``group`` leaves the engine, its KV cache freed (its members go on elsewhere)."""
         self.groups.remove(group)
         group.close()
-        return self._one_by_one(members, error, batch)
 
     def _one_by_one(self, members: list[Member], error: Exception, batch: int) -> list[Output]:
         """After a batch of ``batch`` sequences failed with ``error``: each of its ``members`` still running goes on in
@@ -295,9 +304,20 @@ class Engine:
             if waiting == key:
                 del self.waiting[i]
                 return True
+        for i, (restarting, _, _) in enumerate(self.restarts):
+            if restarting == key:
+                del self.restarts[i]
+                return True
         for group in self.groups:
             if key in group.keys:
-                group.keep([row for row, running in enumerate(group.keys) if running != key])
+                others = [row for row, running in enumerate(group.keys) if running != key]
+                try:
+                    group.keep(others)
+                except Exception as error:  # the others go on alone from the next step
+                    logger.warning("dropping cancelled sequence %s from its batch failed (%s)", key, error)
+                    self.restarts += group.members(others)
+                    self._drop(group)
+                    return True
                 if group.done:
                     self.groups.remove(group)
                 return True
@@ -305,12 +325,14 @@ class Engine:
 
     def abort(self) -> list[Hashable]:
         """Drop every sequence (after an unexpected error); return their keys."""
-        keys = [key for group in self.groups for key in group.keys] + [key for key, _, _ in self.waiting]
-        self.groups, self.waiting = [], []
+        keys = [key for group in self.groups for key in group.keys] + [key for key, _, _ in self.restarts]
+        keys += [key for key, _, _ in self.waiting]
+        self.groups, self.restarts, self.waiting = [], [], []
         return keys
 
     def _free(self) -> int:
-        return self.max_batch_size - sum(len(group.keys) for group in self.groups)  # the rows the next step computes
+        running = sum(len(group.keys) for group in self.groups) + len(self.restarts)
+        return self.max_batch_size - running  # the rows the next step computes
 
     def _admit(self) -> list[list[Member]]:
         free = self._free()
