@@ -40,9 +40,10 @@ def warn_repeated_validation_samples(trainer: Trainer, metric: str = "val/loss")
     if trainer.state.fn != TrainerFn.FITTING:
         return
     loaders = _loaders(trainer.val_dataloaders)
+    scored = list(trainer.num_val_batches)  # limit_val_batches applied, of each loader in the same order
     for i, loader in enumerate(loaders):
-        if (found := repeated_samples(loader)) is None:
-            continue
+        if (found := repeated_samples(loader)) is None or (i < len(scored) and scored[i] < len(loader)):
+            continue  # the repeats end each rank's samples: a validation that stops before the last batch has none
         repeated, samples, ranks = found
         which = f"validation dataloader {i}" if len(loaders) > 1 else "the validation dataloader"
         rank_zero_warn(

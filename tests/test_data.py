@@ -746,9 +746,13 @@ def test_validation_loaders_whose_distributed_sampler_repeats_samples_are_named_
     assert repeated_samples(loader(13, drop_last=True)) is None
     assert repeated_samples(DataLoader(torch.zeros(13, 9))) is None  # one process: no DistributedSampler
 
-    def said(fn: TrainerFn, loaders) -> list[str]:  # noqa: ANN001
+    def said(fn: TrainerFn, loaders, scored: list[int] | None = None) -> list[str]:  # noqa: ANN001
+        """What fit says of ``loaders``, of which validation scores ``scored`` batches each (all by default)."""
+        listed = list(loaders.values()) if isinstance(loaders, dict) else [loaders] if loaders else []
+        scored = [len(one) for one in listed] if scored is None else scored
         recwarn.clear()
-        warn_repeated_validation_samples(SimpleNamespace(state=SimpleNamespace(fn=fn), val_dataloaders=loaders))
+        trainer = SimpleNamespace(state=SimpleNamespace(fn=fn), val_dataloaders=loaders, num_val_batches=scored)
+        warn_repeated_validation_samples(trainer)
         return [str(w.message) for w in recwarn]
 
     (line,) = said(TrainerFn.FITTING, loader(13))
@@ -758,3 +762,6 @@ def test_validation_loaders_whose_distributed_sampler_repeats_samples_are_named_
     assert "counts 1 repeated sample beside the 3 held-out ones of validation dataloader 1" in line
     assert said(TrainerFn.FITTING, [loader(12)]) == said(TrainerFn.FITTING, None) == []
     assert said(TrainerFn.VALIDATING, loader(13)) == []
+    # limit_val_batches stops before the last batch, the only one holding a repeat: none is scored, nothing to say
+    assert said(TrainerFn.FITTING, loader(15, batched=True), scored=[3]) == []
+    assert len(said(TrainerFn.FITTING, loader(15, batched=True), scored=[4])) == 1  # 8 samples a rank, 2 a batch

@@ -466,6 +466,44 @@ def test_a_sequence_that_fails_its_batch_ends_alone_and_the_others_go_on(checkpo
     assert texts["bad"] == token_text(generate(loaded.model, [prompts["bad"]], 5).tokens[0][:made])
 
 
+@pytest.mark.parametrize("failing", ["step", "keep_rows"])
+def test_a_failed_batch_frees_its_kv_cache_before_its_sequences_go_on_alone(checkpoint, monkeypatch, failing):
+    """A batch's decode step (or dropping its finished rows) ran out of memory: its sequences went on alone while the
+    failed batch's KV cache was still held (by the group, and by the error's traceback), so on a full device each
+    cache of one needed more memory still and failed too. The failed batch's cache is gone before the first one
+    alone is built."""
+    import weakref
+
+    from epas_lightning.inference.generate import Decoder
+
+    caches, alive_then = [], []
+    init, original = Decoder.__init__, getattr(Decoder, failing)
+
+    def recording_init(self, model, prompts, *args, **kwargs):  # noqa: ANN001, ANN202
+        if len(prompts) == 1:  # a sequence alone: which batch caches are still held
+            alive_then.append([ref() is not None for ref in caches])
+        init(self, model, prompts, *args, **kwargs)
+        if len(prompts) > 1:
+            caches.append(weakref.ref(self.cache))
+
+    def out_of_memory(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        if self.batch_size > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return original(self, *args, **kwargs)
+
+    loaded = load_model(checkpoint)
+    monkeypatch.setattr(Decoder, "__init__", recording_init)
+    monkeypatch.setattr(Decoder, failing, out_of_memory)
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=4)
+    engine.add("short", SequenceRequest([0, 5, 9], 2 if failing == "keep_rows" else 4, 2))
+    engine.add("long", SequenceRequest([0, 7], 4, 2))
+    ends = {}
+    while engine.busy:
+        ends |= {output.key: output.finish_reason for output in engine.step() if output.finish_reason}
+    assert ends == {"short": "length", "long": "length"}
+    assert len(caches) == 1 and alive_then and not any(alive for alive in alive_then[0]), alive_then
+
+
 def test_a_batch_that_fails_to_drop_a_finished_row_goes_on_alone(checkpoint, monkeypatch):
     """Dropping a finished row from the batch's KV cache failed: the finished sequence gets its answer, and the one
     still running goes on alone with the tokens it makes alone (it got an error)."""
@@ -488,6 +526,38 @@ def test_a_batch_that_fails_to_drop_a_finished_row_goes_on_alone(checkpoint, mon
     set_region(loaded.model, 2, loaded.region)
     assert texts["long"] == token_text(generate(loaded.model, [[0, 7]], 5).tokens[0])
     assert texts["short"] == token_text(generate(loaded.model, [[0, 5, 9]], 2).tokens[0])
+
+
+def test_a_cancel_that_fails_to_drop_its_row_leaves_the_others_to_go_on_alone(checkpoint, monkeypatch):
+    """Dropping a cancelled sequence's row from its batch's KV cache ran out of memory: the error left ``cancel``
+    and ended the inference worker's loop, every request in flight with it. The batch-mates now go on alone from
+    where they are, with the tokens they make alone, and a later cancel finds them there."""
+    from epas_lightning.inference.generate import Decoder
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    loaded = load_model(checkpoint)
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=4)
+    prompts = {"gone": [0, 5, 9], "a": [0, 7], "b": [0, 3, 3], "later": [0, 4]}
+    for key, prompt in prompts.items():
+        engine.add(key, SequenceRequest(prompt, 5, 2))
+    texts = dict.fromkeys(prompts, "")
+    for output in engine.step():  # one batch of four, one token each
+        texts[output.key] += output.text
+    with monkeypatch.context() as patched:
+        patched.setattr(Decoder, "keep_rows", out_of_memory)
+        assert engine.cancel("gone") and engine.busy
+    assert engine.cancel("later") and not engine.cancel("gone")
+    ends = {}
+    while engine.busy:
+        for output in engine.step():
+            texts[output.key] += output.text
+            ends[output.key] = output.finish_reason
+    assert ends == {"a": "length", "b": "length"}
+    set_region(loaded.model, 2, loaded.region)
+    for key, n in {"a": 5, "b": 5, "gone": 1, "later": 1}.items():
+        assert texts[key] == token_text(generate(loaded.model, [prompts[key]], 5).tokens[0][:n]), key
 
 
 def test_a_sequence_that_finishes_in_a_step_that_then_fails_still_gets_its_answer(checkpoint, monkeypatch):

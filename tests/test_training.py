@@ -308,6 +308,50 @@ def test_validation_scores_the_asked_region_lengths_as_evaluate_does_and_leaves_
     assert module.model.sharing.shared_layers == [1]
 
 
+def test_held_out_batches_switch_the_mask_between_regions_without_host_to_device_copies(
+    tiny_corpus, tmp_path, monkeypatch
+):
+    """``val_sharing_layers`` switch the region k+1 times per held-out batch: each switch built the mask on the host
+    and copied it to the device (on CUDA a sync). The mask of each region is made on the device once; later batches
+    switch with device-side copies only, and the numbers are a direct forward's."""
+    from epas_lightning.evaluation.perplexity import perplexity_of_batches
+    from epas_lightning.model import sharing as sharing_module
+
+    class CountingTorch:  # the sharing module's torch, counting the masks it builds from host data
+        made = 0
+
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        def tensor(self, *args, **kwargs):
+            CountingTorch.made += 1
+            return torch.tensor(*args, **kwargs)
+
+    class PerBatch(Callback):  # listed after ProgressiveSharing: sees each batch's switches
+        made: list[int] = []
+
+        def on_validation_batch_end(self, *args, **kwargs):
+            self.made.append(CountingTorch.made)
+
+    monkeypatch.setattr(sharing_module, "torch", CountingTorch())
+    module, data = make_run(tiny_corpus, n_layer=2)
+    record = ValidationRecord()
+    sharing = ProgressiveSharing(target=1, interval=100, val_sharing_layers=[0, 1])  # dense throughout
+    trainer = make_trainer(
+        tmp_path, 1, [record, sharing, PerBatch()], val_check_interval=1, limit_val_batches=3, num_sanity_val_steps=0
+    )
+    trainer.fit(module, data)
+    made = [b - a for a, b in zip([0, *PerBatch.made], PerBatch.made, strict=False)]
+    assert len(made) == 3 and made[1:] == [0, 0], made
+    assert module.model.sharing.shared_layers == [] and not module.model.sharing.mask.any()
+    batches = list(islice(data.val_dataloader(), 3))
+    for n, layers in enumerate(([], [1])):
+        module.model.set_shared_layers(layers)
+        assert module.model.sharing.mask.tolist() == [False, bool(layers)]
+        direct = perplexity_of_batches(module.model, batches)["loss"]
+        assert record.logged[-1][f"val/loss_at_sharing/{n}"] == pytest.approx(direct, rel=1e-6)
+
+
 def test_a_validation_batch_with_a_nan_loss_makes_the_held_out_loss_nan():
     """torchmetrics' MeanMetric dropped a NaN batch with a UserWarning: val/loss (and val/loss_at_sharing/N) came out
     finite, the mean of the other batches, however many were NaN (an fp16 overflow, weights gone bad). A batch of

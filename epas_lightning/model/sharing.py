@@ -8,12 +8,17 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+_DEVICE_MASKS_KEPT = 64
+"""Regions whose device masks a :class:`SharingState` keeps (a schedule's and validation's are a few)."""
+
 
 class SharingState(nn.Module):
     """The sharing mask of an ``n_layer`` model.
 
     The mask is a persistent bool buffer (saved in ``state_dict`` and so in every checkpoint) mirrored in a
     Python tuple that the forward reads, so switching never syncs a device and ``torch.compile`` sees a constant.
+    Each region's mask is made on the mask's device once: switching back to it (validation's other regions every
+    held-out batch, serve's groups every step) is a copy on the device, not one from the host.
     """
 
     def __init__(self, n_layer: int) -> None:
@@ -21,6 +26,7 @@ class SharingState(nn.Module):
         self.n_layer = n_layer
         self.register_buffer("mask", torch.zeros(n_layer, dtype=torch.bool))
         self._flags: tuple[bool, ...] = (False,) * n_layer
+        self._device_masks: dict[tuple[bool, ...], torch.Tensor] = {}  # per region's flags, its mask on the device
 
     def reset_parameters(self) -> None:
         """Every layer computes (meta-device materialisation calls this)."""
@@ -51,7 +57,17 @@ class SharingState(nn.Module):
         if bad:
             raise ValueError(f"Layers {bad} cannot share: valid sharing layers are 1..{self.n_layer - 1}.")
         self._flags = tuple(i in layers for i in range(self.n_layer))
-        self.mask.copy_(torch.tensor(self._flags, dtype=torch.bool))
+        self.mask.copy_(self._device_mask(self._flags))
+
+    def _device_mask(self, flags: tuple[bool, ...]) -> torch.Tensor:
+        """``flags`` as a mask on the mask's device, made there once (again after the module moves; all of them
+        again past ``_DEVICE_MASKS_KEPT`` regions)."""
+        mask = self._device_masks.get(flags)
+        if mask is None or mask.device != self.mask.device:
+            if len(self._device_masks) >= _DEVICE_MASKS_KEPT:
+                self._device_masks.clear()
+            mask = self._device_masks[flags] = torch.tensor(flags, dtype=torch.bool, device=self.mask.device)
+        return mask
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -10,9 +10,10 @@ sequences are admitted once they fill the free places or the oldest has waited `
 that arrive together share a forward. A sequence that finishes (or is cancelled) leaves its group's batch and KV cache
 at once, so every row computed is a sequence in flight and ``max_batch_size`` bounds the rows each step computes.
 
-A group whose batched work fails (its KV cache, its prefill, a decode step: one bad sequence, out of memory) fails
-nobody else: each of its sequences goes on alone from where it is (its prompt and the tokens it has made prefilled
-again), and only one that fails alone ends with an error. Other groups, and sequences still waiting, never notice.
+A group whose batched work fails (its KV cache, its prefill, a decode step, dropping a finished or cancelled row: one
+bad sequence, out of memory) fails nobody else: each of its sequences goes on alone from where it is (its prompt and
+the tokens it has made prefilled again), and only one that fails alone ends with an error. Other groups, and
+sequences still waiting, never notice.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import traceback
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +113,10 @@ class _Group:
     @property
     def done(self) -> bool:
         return not self.keys
+
+    def close(self) -> None:
+        """Let go of the batch's KV cache and tokens (the group failed; its members go on elsewhere)."""
+        self.decoder = self.tokens = None
 
     def members(self, rows: list[int] | None = None) -> list[Member]:
         """The sequences in ``rows`` (all by default) with their text so far, to go on in another group."""
@@ -207,6 +213,8 @@ class Engine:
         self.max_batch_size, self.batch_timeout = max_batch_size, batch_timeout
         self.waiting: list[tuple[Hashable, SequenceRequest, float]] = []
         self.groups: list[_Group] = []
+        self.restarts: list[Member] = []
+        """Sequences whose batch failed between steps (dropping a cancelled row): each goes on alone next step."""
         self._alone = itertools.count()
 
     def add(self, key: Hashable, request: SequenceRequest) -> None:
@@ -215,11 +223,11 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self.groups or self.waiting)
+        return bool(self.groups or self.restarts or self.waiting)
 
     def wait_time(self) -> float | None:
         """Seconds until :meth:`step` has work: 0 while groups run, the admission delay, or ``None`` when idle."""
-        if self.groups:
+        if self.groups or self.restarts:
             return 0.0
         if not self.waiting:
             return None
@@ -236,6 +244,8 @@ class Engine:
         try:
             for group in list(self.groups):  # not the groups its failures start: they have made this step's token
                 outputs += self._advance(group)
+            while self.restarts:
+                outputs += self._start([self.restarts.pop(0)])
             for members in self._admit():
                 outputs += self._start(members)
         except Exception as e:
@@ -259,16 +269,25 @@ class Engine:
         try:
             tokens, finite = group.next_tokens()
         except Exception as error:
-            self.groups.remove(group)
-            return self._one_by_one(group.members(), error, len(group.keys))
+            return self._instead_of(group, group.members(), error)
         outputs = group.outputs(tokens, finite)
         running = [row for row, output in enumerate(outputs) if output.finish_reason is None]
         try:
             group.keep(running)
         except Exception as error:  # the rows that go on have this step's token: alone, from there
-            self.groups.remove(group)
-            return outputs + self._one_by_one(group.members(running), error, len(group.keys))
+            return outputs + self._instead_of(group, group.members(running), error)
         return outputs
+
+    def _instead_of(self, group: _Group, members: list[Member], error: Exception) -> list[Output]:
+        """``group`` failed with ``error``: it leaves the engine, its KV cache freed, and its ``members`` go on."""
+        batch = len(group.keys)
+        self._drop(group)
+        return self._one_by_one(members, error, batch)
+
+    def _drop(self, group: _Group) -> None:
+        """A failed ``group`` leaves the engine, its KV cache freed (its members go on elsewhere)."""
+        self.groups.remove(group)
+        group.close()
 
     def _one_by_one(self, members: list[Member], error: Exception, batch: int) -> list[Output]:
         """After a batch of ``batch`` sequences failed with ``error``: each of its ``members`` still running goes on in
@@ -276,6 +295,7 @@ class Engine:
         if batch == 1:
             return [failed_output(members[0][0], error)]
         logger.warning("a batch of %d sequences failed (%s); %d go on alone", batch, error, len(members))
+        traceback.clear_frames(error.__traceback__)  # the tensors its frames hold (a KV cache) go before any is built
         return [output for member in members for output in self._start([member])]
 
     def cancel(self, key: Hashable) -> bool:
@@ -284,9 +304,20 @@ class Engine:
             if waiting == key:
                 del self.waiting[i]
                 return True
+        for i, (restarting, _, _) in enumerate(self.restarts):
+            if restarting == key:
+                del self.restarts[i]
+                return True
         for group in self.groups:
             if key in group.keys:
-                group.keep([row for row, running in enumerate(group.keys) if running != key])
+                others = [row for row, running in enumerate(group.keys) if running != key]
+                try:
+                    group.keep(others)
+                except Exception as error:  # the others go on alone from the next step
+                    logger.warning("dropping cancelled sequence %s from its batch failed (%s)", key, error)
+                    self.restarts += group.members(others)
+                    self._drop(group)
+                    return True
                 if group.done:
                     self.groups.remove(group)
                 return True
@@ -294,12 +325,14 @@ class Engine:
 
     def abort(self) -> list[Hashable]:
         """Drop every sequence (after an unexpected error); return their keys."""
-        keys = [key for group in self.groups for key in group.keys] + [key for key, _, _ in self.waiting]
-        self.groups, self.waiting = [], []
+        keys = [key for group in self.groups for key in group.keys] + [key for key, _, _ in self.restarts]
+        keys += [key for key, _, _ in self.waiting]
+        self.groups, self.restarts, self.waiting = [], [], []
         return keys
 
     def _free(self) -> int:
-        return self.max_batch_size - sum(len(group.keys) for group in self.groups)  # the rows the next step computes
+        running = sum(len(group.keys) for group in self.groups) + len(self.restarts)
+        return self.max_batch_size - running  # the rows the next step computes
 
     def _admit(self) -> list[list[Member]]:
         free = self._free()
