@@ -10,9 +10,9 @@ default action, taken then for a signal that came. Once Lightning registers its 
 validation), which calls this one too, and ``GracefulStop`` from the first step, they answer it: this one does nothing
 there, and takes the default action after training (:func:`training_started`) and in a process forked meanwhile.
 Where the main thread waits in native code, in which no Python handler runs (a rank in ``init_process_group`` waiting
-for ranks that never join, up to its timeout), a watching thread takes the default action instead, with the line, after
-:data:`NATIVE_WAIT_GRACE_S`. This module imports neither torch nor Lightning, so that the command installs it before
-the slow imports.
+for ranks that never join, up to its timeout), a watching thread takes the default action instead after
+:data:`NATIVE_WAIT_GRACE_S`, with the line, ending the processes it started (the ranks Lightning launched). This module
+imports neither torch nor Lightning, so that the command installs it before the slow imports.
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 class _NativeWaitWatch:
     """A thread told of each signal as it arrives (the interpreter's wakeup fd, written outside Python code): where the
     handler has not run within :data:`NATIVE_WAIT_GRACE_S` of a SIGTERM while it answers one (the config read,
-    training not begun), it prints the command's line and ends the process with 143, as the default action would."""
+    training not begun), it prints the command's line and ends the process with 143, as the default action would, and
+    the processes it started."""
 
     def __init__(self) -> None:
         self._read, self._write = os.pipe()
@@ -124,6 +125,7 @@ class _NativeWaitWatch:
                     time.sleep(0.05)
                 if _setup.handled == seen and self._answering():
                     print(stopped_line("fit", STOPPED_IN_SETUP), file=sys.stderr, flush=True)
+                    _kill_child_processes()  # the ranks Lightning started wait for this one: as it ends them on Ctrl+C
                     os._exit(128 + signal.SIGTERM)
                 seen = _setup.handled
         finally:
@@ -148,3 +150,20 @@ class _NativeWaitWatch:
         with suppress(OSError):
             os.write(self._write, b"\0")  # wakes the thread, which finds itself stopped
         os.close(self._write)
+
+
+def _kill_child_processes() -> None:
+    """SIGKILL the processes this one started that still run (Linux's ``/proc``; elsewhere none are found)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/children") as children:
+                pids = [int(pid) for pid in children.read().split()]
+        except OSError:
+            continue
+        for pid in pids:
+            with suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
