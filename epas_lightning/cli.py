@@ -50,6 +50,7 @@ from epas_lightning.errors import (
     out_of_memory,
     read_text_file,
 )
+from epas_lightning.interrupted import stopped_line
 from epas_lightning.outputs import out_of_space
 from epas_lightning.script_args import missing_argument_fix
 from epas_lightning.sigterm_in_setup import answering_sigterm_in_setup
@@ -769,7 +770,7 @@ def _run(argv: list[str], debug: bool) -> int:
             traceback.print_exc()
         signum = getattr(e, "signum", signal.SIGINT)  # fit ended at once by a signal: which one
         what = getattr(e, "reason", None) or ("Ctrl+C" if signum == signal.SIGINT else signal.Signals(signum).name)
-        print(f"interrupted: {argv[0] if argv else PROG} stopped ({what})", file=sys.stderr)
+        print(stopped_line(argv[0] if argv else PROG, what), file=sys.stderr)
         return 128 + signum
 
 

@@ -46,7 +46,12 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from epas_lightning.errors import ConfigError
 from epas_lightning.interrupted import Interrupted
 from epas_lightning.plateau_metrics import hold_plateau_steps, release_plateau_steps
-from epas_lightning.run_checkpoint import VALIDATION_SKIPPED_KEY, RunCheckpoint, save_last_now
+from epas_lightning.run_checkpoint import (
+    PLATEAU_STEPS_HELD_KEY,
+    VALIDATION_SKIPPED_KEY,
+    RunCheckpoint,
+    save_last_now,
+)
 from epas_lightning.run_summary import max_time_ran_out, raise_limit_advice, say
 from epas_lightning.sigterm_in_setup import training_started
 from epas_lightning.slurm import (
@@ -275,6 +280,8 @@ class GracefulStop(Callback):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if self._validation_skipped_at == trainer.global_step:
             checkpoint[VALIDATION_SKIPPED_KEY] = trainer.global_step
+        if self._held_plateaus:  # in the stop's step, after its save: the resume takes them
+            checkpoint[PLATEAU_STEPS_HELD_KEY] = trainer.global_step
 
     def _log_as_uninterrupted(self, trainer: Trainer) -> None:
         """Once ``should_stop`` is set, Lightning logs the step's metrics whatever ``log_every_n_steps`` says: an

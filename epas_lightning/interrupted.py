@@ -14,3 +14,8 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(signum)
         self.signum = signal.Signals(signum)
         self.reason = reason
+
+
+def stopped_line(command: str, what: str) -> str:
+    """The one line a command a signal ended at once prints: ``what`` says why (the signal, or ``reason``)."""
+    return f"interrupted: {command} stopped ({what})"

@@ -70,7 +70,8 @@ def keep_epoch_finished(checkpoint: dict[str, Any]) -> None:
     not completed, so a resume under ``max_steps`` went on in it for one more batch (the next epoch's first) and then
     began the next epoch past the rest of its batches. The checkpoint is marked (:data:`EPOCH_ENDED_KEY`) for the
     resume to take the epoch's plateau steps (:func:`finish_resumed_epoch`). One saved after a stop's save at that
-    step (:data:`VALIDATION_SKIPPED_KEY`) is read as that save instead (:func:`keep_step_unfinished`)."""
+    step (:data:`VALIDATION_SKIPPED_KEY`, :data:`PLATEAU_STEPS_HELD_KEY`) is read as that save instead
+    (:func:`keep_step_unfinished`)."""
     fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
     epochs, batches = fit_loop.get("epoch_progress"), fit_loop.get("epoch_loop.batch_progress")
     if epochs is None or batches is None or not batches.get("is_last_batch"):
@@ -78,7 +79,8 @@ def keep_epoch_finished(checkpoint: dict[str, Any]) -> None:
     epoch = epochs["current"]
     if not epoch["ready"] == epoch["started"] == epoch["processed"] == epoch["completed"] + 1:
         return  # saved inside the epoch, or after it was counted done
-    if checkpoint.get(VALIDATION_SKIPPED_KEY, -1) == checkpoint.get("global_step"):
+    step = checkpoint.get("global_step")
+    if step in (checkpoint.get(VALIDATION_SKIPPED_KEY, -1), checkpoint.get(PLATEAU_STEPS_HELD_KEY, -1)):
         keep_step_unfinished(fit_loop)
         return
     for counts in (epochs["total"], epochs["current"]):
@@ -106,6 +108,12 @@ def keep_step_unfinished(fit_loop: dict[str, Any]) -> None:
 VALIDATION_SKIPPED_KEY = "validation_skipped_at_step"
 """The step of a checkpoint saved before a validation due at that step, which its run then skipped (a stop by
 ``GracefulStop``): a resume runs it (:func:`finish_resumed_step`)."""
+
+PLATEAU_STEPS_HELD_KEY = "plateau_steps_held_at_step"
+"""The step of a checkpoint saved in the step a stop by ``GracefulStop`` ended, after its save, whose
+``ReduceLROnPlateau`` steps (of the step; of the epoch, where it ended one) its run held for the resume to take, a
+validation due there or not: one saved at the epoch's end is resumed as the stop's own save
+(:func:`keep_epoch_finished`)."""
 
 STEP_ENDED_KEY = "step_ended_at_step"
 """The step of a checkpoint with the loop state of a save between steps, written after the step's end (its validation,

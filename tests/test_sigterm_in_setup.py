@@ -4,6 +4,8 @@ case a process of its own: the handler's default action ends it. The command lin
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from helpers import REPO
@@ -43,6 +45,9 @@ def run(body: str) -> tuple[int, str]:
          "False\n"),
         ("setup.answer_sigterm_in_setup(True)\nif (child := os.fork()) == 0:\n    stop_here()\n    os._exit(0)\n"
          "print(os.waitpid(child, 0)[1] == signal.SIGTERM)", 0, "True\nends\nTrue\n"),
+        ("setup.answer_sigterm_in_setup(True)\nsetup.NATIVE_WAIT_GRACE_S = 0.1\nif (child := os.fork()) == 0:\n"
+         "    stop_here()\n    os._exit(0)\nprint(os.waitpid(child, 0)[1] == signal.SIGTERM)\ntime.sleep(1)", 0,
+         "True\nends\nTrue\n"),
     ],
     ids=[
         "during setup: stops at once",
@@ -52,7 +57,35 @@ def run(body: str) -> tuple[int, str]:
         "after training started: the default action",
         "called by the handler Lightning registers: its answer stands",
         "in a process forked meanwhile: the default action",
+        "in a process forked meanwhile: the default action, not told to this one's watch of native waits",
     ],
 )  # fmt: skip
 def test_sigterm_before_training_stops_the_command_where_the_config_lets_it(body, status, output):
     assert run(body) == (status, output)
+
+
+def test_sigterm_while_setup_waits_in_native_code_takes_the_default_action_at_once():
+    """A rank waiting for the others to join (``init_process_group``'s store, here a ``TCPStore`` waiting for a second
+    process that never comes) is in native code, where no Python handler runs: the SIGTERM was held until the wait timed
+    out (30 min by default), then raised over its error. After a grace the process now ends as the signal's default
+    action did, with the command's one line, and ends the processes it started (the ranks Lightning launched, which
+    waited for it, as Lightning ends them after Ctrl+C)."""
+    body = (
+        "import datetime, subprocess, sys, threading, torch.distributed as dist\n"
+        "setup.answer_sigterm_in_setup(True)\n"
+        "setup.NATIVE_WAIT_GRACE_S = 0.5\n"
+        "quiet = {'stdout': subprocess.DEVNULL, 'stderr': subprocess.DEVNULL}\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], **quiet)\n"
+        "print(child.pid, flush=True)\n"
+        "threading.Timer(2, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
+        "dist.TCPStore('127.0.0.1', 0, world_size=2, is_master=True, timeout=datetime.timedelta(seconds=20))"
+    )
+    code = f"{PRELUDE}{''.join(f'    {line}{chr(10)}' for line in body.splitlines())}"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
+    assert done.stderr == f"interrupted: fit stopped ({STOPPED_IN_SETUP})\n"
+    child = Path(f"/proc/{int(done.stdout)}/stat")
+    deadline = time.monotonic() + 5
+    while child.exists() and child.read_text().rsplit(")", 1)[1].split()[0] != "Z" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not child.exists() or child.read_text().rsplit(")", 1)[1].split()[0] == "Z"

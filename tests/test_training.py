@@ -1200,16 +1200,16 @@ def test_a_run_stopped_at_two_epoch_ends_reads_each_epoch_as_the_uninterrupted_r
 
 
 class PlateauModule(EPASModule):
-    """An ``EPASModule`` of one's own whose learning rate halves each time ``val/loss`` does not rise (so, in a few
-    steps): a ``ReduceLROnPlateau`` stepped every ``plateau_every`` optimizer steps (``plateau_interval`` "epoch":
-    epochs), ``plateau_strict`` as Lightning's ``strict``."""
+    """An ``EPASModule`` of one's own whose learning rate halves each time ``val/loss`` (``plateau_monitor``) does not
+    rise (so, in a few steps): a ``ReduceLROnPlateau`` stepped every ``plateau_every`` optimizer steps
+    (``plateau_interval`` "epoch": epochs), ``plateau_strict`` as Lightning's ``strict``."""
 
-    plateau_every, plateau_interval, plateau_strict = 1, "step", False
+    plateau_every, plateau_interval, plateau_strict, plateau_monitor = 1, "step", False, "val/loss"
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=1e-3)
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=0, factor=0.5)
-        every = {"interval": self.plateau_interval, "frequency": self.plateau_every, "monitor": "val/loss"}
+        every = {"interval": self.plateau_interval, "frequency": self.plateau_every, "monitor": self.plateau_monitor}
         every["strict"] = self.plateau_strict
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, **every}}
 
@@ -2163,10 +2163,22 @@ def test_a_run_without_validation_extended_from_its_epoch_end_save_takes_the_epo
     assert first["logged"] + resumed["logged"] == whole["logged"]
 
 
-def test_a_checkpoint_saved_at_the_epoch_end_of_a_stops_step_resumes_as_the_uninterrupted_run(tiny_corpus, tmp_path):
+@pytest.mark.parametrize(
+    "plateau",
+    [
+        {"plateau_interval": "epoch"},
+        {"plateau_interval": "step", "plateau_monitor": "train/loss", "check_val_every_n_epoch": 2},
+    ],
+    ids=["a validation due at the stop's step", "none due there, a plateau scheduler stepped per step"],
+)
+def test_a_checkpoint_saved_at_the_epoch_end_of_a_stops_step_resumes_as_the_uninterrupted_run(
+    tiny_corpus, tmp_path, plateau
+):
     """A checkpoint of one's own saved at the end of the epoch (save_on_train_epoch_end) whose last step a stop ended,
     after the stop's save: Lightning had counted the step's end as done, so its resume ran neither the validation the
-    stop skipped (its val/loss point missing) nor the step's plateau steps (the learning rate halved one epoch late)."""
+    stop skipped (its val/loss point missing) nor the step's plateau steps (the learning rate halved one epoch late).
+    Where no validation was due at that step, the resume took the epoch's plateau step but not the step's, which the
+    stop had held too (the learning rate then followed the uninterrupted run's one step late)."""
     from helpers import Recorder, SignalInStep, Steps
 
     from epas_lightning import GracefulStop, RunCheckpoint, StepCheckpoint
@@ -2178,8 +2190,10 @@ def test_a_checkpoint_saved_at_the_epoch_end_of_a_stops_step_resumes_as_the_unin
         callbacks = [recorder, SignalInStep(stop, stop_at), stop, RunCheckpoint(dirpath=folder, save_last=True), own]
         options = {"limit_val_batches": 1, "num_sanity_val_steps": 0, "logger": logger, "log_every_n_steps": 1}
         module, data = make_run(tiny_corpus, n_layer=2, module_class=PlateauModule)
-        module.plateau_every, module.plateau_interval = 1, "epoch"
-        trainer = make_trainer(tmp_path, max_steps, callbacks, **options, **epochs_of_3)
+        module.plateau_interval = plateau["plateau_interval"]
+        module.plateau_monitor = plateau.get("plateau_monitor", "val/loss")
+        validation = {"check_val_every_n_epoch": plateau.get("check_val_every_n_epoch", 1)}
+        trainer = make_trainer(tmp_path, max_steps, callbacks, **options, **epochs_of_3, **validation)
         trainer.fit(module, data, ckpt_path=ckpt_path)
         return {
             "lr": recorder.lrs,
