@@ -365,7 +365,8 @@ def _unmet_minimum(trainer: Trainer) -> str | None:
     if fit_loop.min_steps and trainer.global_step < fit_loop.min_steps:
         return f"min_steps={fit_loop.min_steps}"
     if fit_loop.min_epochs and epochs < fit_loop.min_epochs:
-        return f"min_epochs={fit_loop.min_epochs}"
+        default = " (Lightning's default with min_steps)" if fit_loop.min_steps and fit_loop.min_epochs == 1 else ""
+        return f"min_epochs={fit_loop.min_epochs}{default}"
     return None
 
 

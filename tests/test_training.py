@@ -1391,6 +1391,27 @@ def test_a_stop_min_steps_keeps_going_trains_and_logs_as_the_run_without_it(tiny
     assert stopped["logged"] == [step for step in whole["logged"] if step < 9]
 
 
+def test_a_stop_kept_going_by_lightnings_min_epochs_says_where_it_comes_from():
+    """Lightning sets min_epochs to 1 wherever min_steps is given: a signal after min_steps, in the first epoch, said
+    "min_epochs=1 keeps training" to a run that never set min_epochs."""
+    from types import SimpleNamespace
+
+    from epas_lightning.interrupt import _unmet_minimum
+
+    def unmet(min_steps: int | None, min_epochs: int | None, step: int = 4) -> str | None:
+        epoch_loop = SimpleNamespace(_num_ready_batches_reached=lambda: False)
+        progress = SimpleNamespace(current=SimpleNamespace(processed=0))
+        fit_loop = SimpleNamespace(
+            min_steps=min_steps, min_epochs=min_epochs, epoch_progress=progress, epoch_loop=epoch_loop
+        )
+        return _unmet_minimum(SimpleNamespace(fit_loop=fit_loop, global_step=step))
+
+    assert unmet(2, 1) == "min_epochs=1 (Lightning's default with min_steps)"
+    assert unmet(9, 1) == "min_steps=9"
+    assert unmet(None, 1) == unmet(2, 3).replace("3", "1") == "min_epochs=1"
+    assert unmet(2, 1, step=4) is not None and unmet(None, None) is None
+
+
 def test_a_resume_of_a_save_before_a_validation_its_run_went_on_to_takes_no_plateau_step(tiny_corpus, tmp_path):
     """A save between steps before the validation due at its step (every_n_train_steps), resumed after its run went on:
     Lightning counts that validation, and the plateau steps after it, as done. The resume took the plateau step without
