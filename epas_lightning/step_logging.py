@@ -9,12 +9,11 @@ from lightning.pytorch import Trainer
 from epas_lightning.plateau_metrics import plateau_monitors
 
 
-def loggers_write_this_step(trainer: Trainer) -> bool:
-    """Whether the loggers write the on-step metrics of the optimizer step now running, when it ends: there is a
-    logger, and ``log_every_n_steps`` says so, or ``should_stop`` (a stop's step), or ``fast_dev_run`` (Lightning's rule
-    at the step's last micro-batch, read the same way before it; a stop set later in the step changes it)."""
-    if not trainer.loggers:
-        return False
+def step_is_logged(trainer: Trainer) -> bool:
+    """Whether Lightning writes the on-step metrics of the optimizer step now running to the loggers, when it ends:
+    ``log_every_n_steps`` says so, or ``should_stop`` (a stop's step), or ``fast_dev_run`` (Lightning's rule at the
+    step's last micro-batch, read the same way before it; a stop set later in the step changes it). Whether this rank
+    has a logger is left out: the answer decides a collective, and a logger may be made on rank zero alone."""
     return bool(getattr(trainer._logger_connector, "should_update_logs", True) or trainer.fast_dev_run)
 
 

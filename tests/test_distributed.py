@@ -88,6 +88,11 @@ def fit_in_this_process(out: Path, *args: str) -> list[dict]:
     return ranks(out)
 
 
+def step_means(rank: dict) -> dict[str, float]:
+    """Each optimizer step's mean loss over its micro-batches on this rank (the script's ``micro``)."""
+    return {s: sum(step["micro"]) / len(step["micro"]) for s, step in rank["steps"].items()}
+
+
 def global_losses(ranks: list[dict]) -> list[float]:
     """Mean of the per-rank losses per step (equal token counts: the loss of the global batch)."""
     steps = sorted(ranks[0]["steps"], key=int)
@@ -151,9 +156,6 @@ def test_train_loss_is_reduced_over_the_ranks_once_where_it_is_written(tmp_path)
                    "--then", "--out", str(stopped), *common, "--steps", "6", "--stop-after-step", "5",
                    "--then", "--out", str(monitored), *common, "--steps", "3", "--monitor-train-loss")  # fmt: skip
 
-    def step_means(rank: dict) -> dict[str, float]:
-        return {s: sum(step["micro"]) / len(step["micro"]) for s, step in rank["steps"].items()}
-
     for run, written, reduced in [
         ("plain", [1, 3, 5], [1, 3, 5]),
         ("stopped", [1, 3, 4], [1, 3, 4]),  # stopped after step index 4: Lightning writes it
@@ -174,6 +176,23 @@ def test_train_loss_is_reduced_over_the_ranks_once_where_it_is_written(tmp_path)
                 for s in ("0", "2", "4"):  # not written: this rank's own
                     assert rank["steps"][s]["logged"]["train/loss"] == pytest.approx(own[s], rel=1e-6)
                 assert means[0]["0"] != pytest.approx(means[1]["0"])
+
+
+def test_a_logger_on_rank_zero_alone_neither_hangs_nor_loses_the_mean_over_the_ranks(tmp_path):
+    """A logger made on rank zero alone (``logger=... if rank_zero_only.rank == 0``) made only rank zero reduce
+    ``train/loss`` (and, under FSDP2, the gradient norm) at the steps it writes: the other rank never joined the
+    collective and the run hung. Every rank now decides alike; rank zero's logger gets the mean over the ranks."""
+    common = ["--steps", "4", "--log-every", "2", "--logger-on-rank-zero"]
+    fit_both_ranks(tmp_path / "ddp", "--strategy", "ddp", *common,
+                   "--then", "--out", str(tmp_path / "fsdp2"), "--devices", "2", *common)  # fmt: skip
+    for run in ("ddp", "fsdp2"):
+        two = ranks(tmp_path / run)
+        assert "logged_train_loss" not in two[1]
+        means = [step_means(rank) for rank in two]
+        logged = two[0]["logged_train_loss"]
+        assert sorted(map(int, logged)) == [1, 3], run
+        for s in logged:
+            assert logged[s] == pytest.approx((means[0][s] + means[1][s]) / 2, rel=1e-6), (run, s)
 
 
 @pytest.mark.parametrize("precision,weights", [("bf16-true", "bfloat16"), ("bf16-mixed", "float32")])
