@@ -58,7 +58,7 @@ from epas_lightning.run_checkpoint import (
 )
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
 from epas_lightning.safe_load import is_weights_only, plain_numbers, verify_checkpoint
-from epas_lightning.step_logging import decided_on, mean_over_ranks, replace_logged, step_is_logged
+from epas_lightning.step_logging import mean_over_ranks, read_alike_on_every_rank, replace_logged, step_is_logged
 from epas_lightning.trainer_checks import check_gradient_clip
 
 if TYPE_CHECKING:
@@ -530,7 +530,7 @@ class EPASModule(LightningModule):
         every micro-batch of every step."""
         trainer = self.trainer
         last = not trainer.fit_loop._should_accumulate()
-        self._loss_reduced = last and (step_is_logged(trainer) or decided_on(trainer, TRAIN_LOSS))
+        self._loss_reduced = last and (step_is_logged(trainer) or read_alike_on_every_rank(trainer, TRAIN_LOSS))
         self.log(TRAIN_LOSS, mean_over_ranks(trainer, step_loss) if self._loss_reduced else step_loss, prog_bar=True)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -195,6 +195,21 @@ def test_a_logger_on_rank_zero_alone_neither_hangs_nor_loses_the_mean_over_the_r
             assert logged[s] == pytest.approx((means[0][s] + means[1][s]) / 2, rel=1e-6), (run, s)
 
 
+def test_a_checkpoint_named_by_train_loss_has_one_name_on_every_rank(tmp_path):
+    """A ``ModelCheckpoint`` whose ``filename`` holds ``{train/loss}`` (no monitor, no logger) named its file with each
+    rank's own loss once ``train/loss`` was reduced only at the steps Lightning writes: rank zero wrote its name, the
+    other rank's ``best_model_path`` named a file that does not exist (``validate(ckpt_path="best")`` failed there).
+    Now the value is the mean over the ranks at every step such a checkpoint may save."""
+    ckpt = tmp_path / "ckpt"
+    args = ["--strategy", "ddp", "--steps", "3", "--ckpt-dir", str(ckpt), "--ckpt-every", "1"]
+    two = fit_both_ranks(tmp_path / "run", *args, "--ckpt-filename", "{step}-loss{train/loss:.6f}")
+    means = [step_means(rank) for rank in two]
+    mean = (means[0]["2"] + means[1]["2"]) / 2
+    named = [rank["best_model_path"] for rank in two]
+    assert named == [str(ckpt / f"step=3-losstrain/loss={mean:.6f}.ckpt")] * 2
+    assert Path(named[0]).is_file()
+
+
 @pytest.mark.parametrize("precision,weights", [("bf16-true", "bfloat16"), ("bf16-mixed", "float32")])
 def test_fsdp2_bf16_keeps_the_weights_of_its_precision(tmp_path, precision, weights):
     """bf16-true trains bf16 weights; bf16-mixed (here with AC) keeps fp32 master weights, through the switches."""
