@@ -522,15 +522,16 @@ class EPASModule(LightningModule):
         return loss
 
     def _log_train_loss(self, step_loss: torch.Tensor) -> None:
-        """Log ``train/loss``, averaged over the ranks (one collective) only at the last micro-batch of a step whose
-        value is read as the run's: one Lightning writes to the loggers (every rank alike, whether it has a logger or
-        not), or every step where a callback or plateau scheduler decides on it (``monitor``). Elsewhere it is this
-        rank's: the progress bar (rank zero's) and ``callback_metrics`` show the rank's own loss between the steps the
-        loggers write. ``sync_dist`` made the collective (a barrier and an all-reduce; on CUDA a wait for the loss) at
-        every micro-batch of every step."""
+        """Log ``train/loss``, averaged over the ranks (one collective) where its value is read as the run's: at the
+        last micro-batch of a step Lightning writes to the loggers (every rank alike, whether it has a logger or not),
+        and at every micro-batch where a callback or plateau scheduler decides on it (``monitor``) or a checkpoint's
+        file name holds it (a validation may come between two micro-batches of a step: it reads the running mean).
+        Elsewhere it is this rank's: the progress bar (rank zero's) and ``callback_metrics`` show the rank's own loss
+        between the steps the loggers write. ``sync_dist`` made the collective (a barrier and an all-reduce; on CUDA a
+        wait for the loss) at every micro-batch of every step."""
         trainer = self.trainer
         last = not trainer.fit_loop._should_accumulate()
-        self._loss_reduced = last and (step_is_logged(trainer) or read_alike_on_every_rank(trainer, TRAIN_LOSS))
+        self._loss_reduced = read_alike_on_every_rank(trainer, TRAIN_LOSS) or (last and step_is_logged(trainer))
         self.log(TRAIN_LOSS, mean_over_ranks(trainer, step_loss) if self._loss_reduced else step_loss, prog_bar=True)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -22,10 +22,10 @@ def step_is_logged(trainer: Trainer) -> bool:
 
 
 def read_alike_on_every_rank(trainer: Trainer, name: str) -> bool:
-    """Whether the metric ``name`` must hold the same value on every rank at every step: a callback decides on it
-    (``ModelCheckpoint``, ``EarlyStopping``: their ``monitor``), or a ``ReduceLROnPlateau`` scheduler does, or a
-    ``ModelCheckpoint`` names its files by it (``filename``, or its last checkpoint's; each rank keeps the name as its
-    ``best_model_path``, and only rank zero's file is written)."""
+    """Whether the metric ``name`` must hold the same value on every rank at every micro-batch (a validation may come
+    inside an optimizer step): a callback decides on it (``ModelCheckpoint``, ``EarlyStopping``: their ``monitor``), or
+    a ``ReduceLROnPlateau`` scheduler does, or a ``ModelCheckpoint`` names its files by it (``filename``, or its last
+    checkpoint's; each rank keeps the name as its ``best_model_path``, and only rank zero's file is written)."""
     if name in plateau_monitors(trainer) or any(getattr(c, "monitor", None) == name for c in trainer.callbacks):
         return True
     return any(name in file_name_metrics(c) for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint))

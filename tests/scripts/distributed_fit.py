@@ -218,8 +218,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", default=False, help="torch.compile backend for every block")
     p.add_argument("--save-final", type=Path, help="rank 0 writes the trained weights here (safetensors)")
     p.add_argument("--save-start", type=Path, help="rank 0 writes the weights the first step starts from here")
-    p.add_argument("--ckpt-dir", type=Path, help="save a checkpoint every --ckpt-every steps here")
+    p.add_argument("--ckpt-dir", type=Path, help="save a checkpoint every --ckpt-every steps (0: validation) here")
     p.add_argument("--ckpt-every", type=int, default=3)
+    p.add_argument("--val-every", type=int, help="validate on 8 of the training sequences every N training batches")
     p.add_argument("--ckpt-filename", help="the ModelCheckpoint's filename (its best_model_path is recorded)")
     p.add_argument("--resume", type=Path, help="checkpoint to resume from")
     p.add_argument("--init-from", help="model.init_from (HF folder or our checkpoint): the model takes its config")
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     callbacks = [ProgressiveSharing(target=2, interval=2), recorder, RecordChildExits(args.out)]
     if args.ckpt_dir:
         every, name = args.ckpt_every, args.ckpt_filename
-        callbacks.append(ModelCheckpoint(args.ckpt_dir, name, every_n_train_steps=every, save_top_k=-1))
+        callbacks.append(ModelCheckpoint(args.ckpt_dir, name, every_n_train_steps=every or None, save_top_k=-1))
     if args.sigterm_in_step:
         callbacks += [GracefulStop(), SigtermInStep(args.sigterm_in_step, args.sigterm_rank)]
     if args.stop_after_step:
@@ -321,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
         accumulate_grad_batches=args.accumulate,
         logger=logger,
         log_every_n_steps=args.log_every or 50,
+        val_check_interval=args.val_every,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=bool(args.ckpt_dir),
@@ -330,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     failing = reads_failing(args.read_fails_on_rank, args.read_fails_after)
     with failing, recording_init_batches(args.init_read_bytes) as init_batches:
-        trainer.fit(module, data, ckpt_path=args.resume)
+        held_out = DataLoader(tokens[:8], batch_size=2) if args.val_every else None
+        trainer.fit(module, data, held_out, ckpt_path=args.resume)
     shards = {
         name: list((p.to_local() if isinstance(p, DTensor) else p).shape) for name, p in module.named_parameters()
     }
