@@ -59,7 +59,7 @@ from epas_lightning.run_checkpoint import (
 )
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
 from epas_lightning.safe_load import is_weights_only, plain_numbers, verify_checkpoint
-from epas_lightning.step_logging import decided_on, loggers_write_this_step, mean_over_ranks, replace_logged
+from epas_lightning.step_logging import mean_over_ranks, read_alike_on_every_rank, replace_logged, step_is_logged
 from epas_lightning.trainer_checks import check_gradient_clip
 
 if TYPE_CHECKING:
@@ -527,21 +527,23 @@ class EPASModule(LightningModule):
         return loss
 
     def _log_train_loss(self, step_loss: torch.Tensor) -> None:
-        """Log ``train/loss``, averaged over the ranks (one collective) only at the last micro-batch of a step whose
-        value is read as the run's: one the loggers write, or every step where a callback or plateau scheduler decides
-        on it (``monitor``). Elsewhere it is this rank's: the progress bar (rank zero's) and ``callback_metrics`` show
-        the rank's own loss between the steps the loggers write. ``sync_dist`` made the collective (a barrier and an
-        all-reduce; on CUDA a wait for the loss) at every micro-batch of every step."""
+        """Log ``train/loss``, averaged over the ranks (one collective) where its value is read as the run's: at the
+        last micro-batch of a step Lightning writes to the loggers (every rank alike, whether it has a logger or not),
+        and at every micro-batch where a callback or plateau scheduler decides on it (``monitor``) or a checkpoint's
+        file name holds it (a validation may come between two micro-batches of a step: it reads the running mean).
+        Elsewhere it is this rank's: the progress bar (rank zero's) and ``callback_metrics`` show the rank's own loss
+        between the steps the loggers write. ``sync_dist`` made the collective (a barrier and an all-reduce; on CUDA a
+        wait for the loss) at every micro-batch of every step."""
         trainer = self.trainer
         last = not trainer.fit_loop._should_accumulate()
-        self._loss_reduced = last and (loggers_write_this_step(trainer) or decided_on(trainer, TRAIN_LOSS))
+        self._loss_reduced = read_alike_on_every_rank(trainer, TRAIN_LOSS) or (last and step_is_logged(trainer))
         self.log(TRAIN_LOSS, mean_over_ranks(trainer, step_loss) if self._loss_reduced else step_loss, prog_bar=True)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """A callback that set ``should_stop`` in this step (``max_time``'s ``Timer``) made Lightning write it, whatever
         ``log_every_n_steps`` says: the loggers get the mean over the ranks there too."""
         trainer = self.trainer
-        if not self._loss_reduced and not trainer.fit_loop._should_accumulate() and loggers_write_this_step(trainer):
+        if not self._loss_reduced and not trainer.fit_loop._should_accumulate() and step_is_logged(trainer):
             step_loss = mean_over_ranks(trainer, self._loss_sum / self._loss_count)
             replace_logged(trainer, "training_step", TRAIN_LOSS, step_loss)
 
@@ -586,7 +588,7 @@ class EPASModule(LightningModule):
         if gradient_clip_val is not None and gradient_clip_val <= 0:  # Lightning's "no clipping" (a negative max_norm
             gradient_clip_val = None  # flipped the gradients' sign: gradient ascent)
         by_norm = bool(gradient_clip_val) and gradient_clip_algorithm in (None, "norm")
-        logs_now = loggers_write_this_step(self.trainer)
+        logs_now = step_is_logged(self.trainer)
         if not (gradient_clip_val or logs_now):
             return  # nothing to clip or to log
         unscaled_here = unscale_fused_gradients(self.trainer, optimizer)

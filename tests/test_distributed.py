@@ -88,6 +88,11 @@ def fit_in_this_process(out: Path, *args: str) -> list[dict]:
     return ranks(out)
 
 
+def step_means(rank: dict) -> dict[str, float]:
+    """Each optimizer step's mean loss over its micro-batches on this rank (the script's ``micro``)."""
+    return {s: sum(step["micro"]) / len(step["micro"]) for s, step in rank["steps"].items()}
+
+
 def global_losses(ranks: list[dict]) -> list[float]:
     """Mean of the per-rank losses per step (equal token counts: the loss of the global batch)."""
     steps = sorted(ranks[0]["steps"], key=int)
@@ -142,22 +147,19 @@ def test_ddp_with_find_unused_parameters_matches_one_process(torchrun_runs, tmp_
 def test_train_loss_is_reduced_over_the_ranks_once_where_it_is_written(tmp_path):
     """``train/loss`` was all-reduced at every micro-batch of every rank (a barrier and a collective; on CUDA a stream
     wait), though the loggers write it every ``log_every_n_steps`` steps. Now once, at the last micro-batch of a step
-    the loggers write (every 2nd here; a stop makes Lightning write its step too), or of every step where a callback
-    decides on it; the loggers still get the mean over the ranks of the step's mean over its micro-batches (an epoch's
-    short last step too), and between the steps they write the progress bar shows this rank's."""
+    the loggers write (every 2nd here; a stop makes Lightning write its step too), or at every micro-batch where a
+    callback decides on it; the loggers still get the mean over the ranks of the step's mean over its micro-batches (an
+    epoch's short last step too), and between the steps they write the progress bar shows this rank's."""
     common = ["--devices", "2", "--strategy", "ddp", "--samples", "40", "--accumulate", "2", "--log-every", "2"]
     stopped, monitored = tmp_path / "stopped", tmp_path / "monitored"  # 5 micro-batches an epoch: steps of 2, 2, 1
     fit_both_ranks(tmp_path / "plain", *common[2:], "--steps", "6",
                    "--then", "--out", str(stopped), *common, "--steps", "6", "--stop-after-step", "5",
                    "--then", "--out", str(monitored), *common, "--steps", "3", "--monitor-train-loss")  # fmt: skip
 
-    def step_means(rank: dict) -> dict[str, float]:
-        return {s: sum(step["micro"]) / len(step["micro"]) for s, step in rank["steps"].items()}
-
     for run, written, reduced in [
-        ("plain", [1, 3, 5], [1, 3, 5]),
-        ("stopped", [1, 3, 4], [1, 3, 4]),  # stopped after step index 4: Lightning writes it
-        ("monitored", [1], [0, 1, 2]),  # EarlyStopping reads every step's
+        ("plain", [1, 3, 5], dict.fromkeys([1, 3, 5], 1)),
+        ("stopped", [1, 3, 4], dict.fromkeys([1, 3, 4], 1)),  # stopped after step index 4: Lightning writes it
+        ("monitored", [1], {0: 2, 1: 2, 2: 1}),  # EarlyStopping may read it at any micro-batch (a validation's)
     ]:
         two = ranks(tmp_path / run)
         means = [step_means(rank) for rank in two]
@@ -165,7 +167,7 @@ def test_train_loss_is_reduced_over_the_ranks_once_where_it_is_written(tmp_path)
             assert {s: len(step["micro"]) for s, step in rank["steps"].items()} == dict(
                 zip(map(str, range(len(own))), [2, 2, 1, 2, 2, 1], strict=False)
             )
-            assert {int(s): n for s, n in rank["loss_reduces"].items() if n} == dict.fromkeys(reduced, 1), run
+            assert {int(s): n for s, n in rank["loss_reduces"].items() if n} == reduced, run
             logged = rank["logged_train_loss"]
             assert sorted(map(int, logged)) == written, run
             for s in logged:
@@ -174,6 +176,51 @@ def test_train_loss_is_reduced_over_the_ranks_once_where_it_is_written(tmp_path)
                 for s in ("0", "2", "4"):  # not written: this rank's own
                     assert rank["steps"][s]["logged"]["train/loss"] == pytest.approx(own[s], rel=1e-6)
                 assert means[0]["0"] != pytest.approx(means[1]["0"])
+
+
+def test_a_logger_on_rank_zero_alone_neither_hangs_nor_loses_the_mean_over_the_ranks(tmp_path):
+    """A logger made on rank zero alone (``logger=... if rank_zero_only.rank == 0``) made only rank zero reduce
+    ``train/loss`` (and, under FSDP2, the gradient norm) at the steps it writes: the other rank never joined the
+    collective and the run hung. Every rank now decides alike; rank zero's logger gets the mean over the ranks."""
+    common = ["--steps", "4", "--log-every", "2", "--logger-on-rank-zero"]
+    fit_both_ranks(tmp_path / "ddp", "--strategy", "ddp", *common,
+                   "--then", "--out", str(tmp_path / "fsdp2"), "--devices", "2", *common)  # fmt: skip
+    for run in ("ddp", "fsdp2"):
+        two = ranks(tmp_path / run)
+        assert "logged_train_loss" not in two[1]
+        means = [step_means(rank) for rank in two]
+        logged = two[0]["logged_train_loss"]
+        assert sorted(map(int, logged)) == [1, 3], run
+        for s in logged:
+            assert logged[s] == pytest.approx((means[0][s] + means[1][s]) / 2, rel=1e-6), (run, s)
+
+
+def test_a_checkpoint_named_by_train_loss_has_one_name_on_every_rank(tmp_path):
+    """A ``ModelCheckpoint`` whose ``filename`` holds ``{train/loss}`` (no monitor, no logger) named its file with each
+    rank's own loss once ``train/loss`` was reduced only at the steps Lightning writes: rank zero wrote its name, the
+    other rank's ``best_model_path`` named a file that does not exist (``validate(ckpt_path="best")`` failed there).
+    Now the value is the mean over the ranks at every step such a checkpoint may save."""
+    ckpt = tmp_path / "ckpt"
+    args = ["--strategy", "ddp", "--steps", "3", "--ckpt-dir", str(ckpt), "--ckpt-every", "1"]
+    two = fit_both_ranks(tmp_path / "run", *args, "--ckpt-filename", "{step}-loss{train/loss:.6f}")
+    means = [step_means(rank) for rank in two]
+    mean = (means[0]["2"] + means[1]["2"]) / 2
+    named = [rank["best_model_path"] for rank in two]
+    assert named == [str(ckpt / f"step=3-losstrain/loss={mean:.6f}.ckpt")] * 2
+    assert Path(named[0]).is_file()
+
+
+def test_a_checkpoint_named_by_train_loss_in_a_validation_inside_an_optimizer_step_has_one_name(tmp_path):
+    """A validation between two micro-batches of a step (``val_check_interval`` 4 batches, 3 a step) saved a
+    ``ModelCheckpoint`` named by ``{train/loss}``, the running mean of the step's micro-batches so far: each rank's own,
+    reduced over the ranks only at the step's last micro-batch. Rank one's ``best_model_path`` named no file."""
+    ckpt = tmp_path / "ckpt"
+    args = ["--strategy", "ddp", "--steps", "2", "--accumulate", "3", "--val-every", "4", "--ckpt-dir", str(ckpt)]
+    two = fit_both_ranks(tmp_path / "run", *args, "--ckpt-every", "0", "--ckpt-filename", "{step}-loss{train/loss:.6f}")
+    running = [sum(rank["steps"]["1"]["micro"][:1]) for rank in two]  # step 1's first micro-batch: batch 4
+    named = [rank["best_model_path"] for rank in two]
+    assert named == [str(ckpt / f"step=1-losstrain/loss={sum(running) / 2:.6f}.ckpt")] * 2
+    assert Path(named[0]).is_file()
 
 
 @pytest.mark.parametrize("precision,weights", [("bf16-true", "bfloat16"), ("bf16-mixed", "float32")])

@@ -13,11 +13,12 @@ validates (its sanity validation, and every 2 steps) a plain map-style loader of
 Lightning gives a ``DistributedSampler``, as to a user's own loader (the training loader's sampler is wrapped in one
 too). With ``--sigterm-in-step N`` rank
 ``--sigterm-rank`` sends itself SIGTERM during step N (``GracefulStop`` then stops every rank after it). With
-``--log-every N`` a logger records what Lightning writes every N steps (``logged_train_loss``: step to value), and each
-step records its micro-batches' losses (``micro``) and the ``torch.distributed.all_reduce`` calls made inside the
-module's ``training_step`` and ``on_train_batch_end`` (``loss_reduces``: ``train/loss``'s). A user error
-ends each process with one line on stderr and status 2; rank 0 then writes the exit statuses of the ranks it started
-to ``<out>/child_exits.json``.
+``--log-every N`` a logger records what Lightning writes every N steps (``logged_train_loss``: step to value; with
+``--logger-on-rank-zero`` on rank 0 alone), and each step records its micro-batches' losses (``micro``) and the
+``torch.distributed.all_reduce`` calls made inside the module's ``training_step`` and ``on_train_batch_end``
+(``loss_reduces``: ``train/loss``'s). With ``--ckpt-filename`` each rank records its ``ModelCheckpoint``'s
+``best_model_path``. A user error ends each process with one line on stderr and status 2; rank 0 then writes the exit
+statuses of the ranks it started to ``<out>/child_exits.json``.
 
 Arguments split by ``--then`` are runs one after the other in the same processes (and process group), e.g. a resume
 of the first run's checkpoint without starting two more interpreters.
@@ -39,6 +40,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_only
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Sampler
@@ -209,6 +211,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=N_SAMPLES, help="synthetic training sequences")
     p.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches")
     p.add_argument("--log-every", type=int, help="log_every_n_steps, with a logger recording what is written")
+    p.add_argument("--logger-on-rank-zero", action="store_true", help="with --log-every: no logger on the other ranks")
     p.add_argument("--stop-after-step", type=int, help="every rank sets should_stop after this step (from 1)")
     p.add_argument("--monitor-train-loss", action="store_true", help="EarlyStopping on train/loss (never stops)")
     p.add_argument("--throughput", action="store_true", help="with a TokenThroughputMonitor")
@@ -219,8 +222,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", default=False, help="torch.compile backend for every block")
     p.add_argument("--save-final", type=Path, help="rank 0 writes the trained weights here (safetensors)")
     p.add_argument("--save-start", type=Path, help="rank 0 writes the weights the first step starts from here")
-    p.add_argument("--ckpt-dir", type=Path, help="save a checkpoint every --ckpt-every steps here")
+    p.add_argument("--ckpt-dir", type=Path, help="save a checkpoint every --ckpt-every steps (0: validation) here")
     p.add_argument("--ckpt-every", type=int, default=3)
+    p.add_argument("--val-every", type=int, help="validate on 8 of the training sequences every N training batches")
+    p.add_argument("--ckpt-filename", help="the ModelCheckpoint's filename (its best_model_path is recorded)")
     p.add_argument("--resume", type=Path, help="checkpoint to resume from")
     p.add_argument("--init-from", help="model.init_from (HF folder or our checkpoint): the model takes its config")
     p.add_argument("--reload", type=Path, action="append", default=[], help="after fit, init_from this too")
@@ -298,7 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     recorder = Recorder(args.save_start)
     callbacks = [ProgressiveSharing(target=2, interval=2), recorder, RecordChildExits(args.out)]
     if args.ckpt_dir:
-        callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=args.ckpt_every, save_top_k=-1))
+        every, name = args.ckpt_every, args.ckpt_filename
+        callbacks.append(ModelCheckpoint(args.ckpt_dir, name, every_n_train_steps=every or None, save_top_k=-1))
     if args.sigterm_in_step:
         callbacks += [GracefulStop(), SigtermInStep(args.sigterm_in_step, args.sigterm_rank)]
     if args.stop_after_step:
@@ -307,7 +313,8 @@ def main(argv: list[str] | None = None) -> None:
         callbacks.append(EarlyStopping("train/loss", patience=1000, check_on_train_epoch_end=True))
     if args.throughput:
         callbacks.append(TokenThroughputMonitor())
-    logger = recording_logger() if args.log_every else False
+    logged_here = args.log_every and (rank_zero_only.rank == 0 or not args.logger_on_rank_zero)  # rank: from the env
+    logger = recording_logger() if logged_here else False
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -325,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         use_distributed_sampler=bool(
             args.val_samples
         ),  # as a user's Trainer, where one validates a loader of one's own
-        val_check_interval=2 if args.val_samples else None,
+        val_check_interval=2 if args.val_samples else args.val_every,
         check_val_every_n_epoch=None if args.val_samples else 1,
         default_root_dir=args.out,
         callbacks=callbacks,
@@ -335,6 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     failing = reads_failing(args.read_fails_on_rank, args.read_fails_after)
     with failing, recording_init_batches(args.init_read_bytes) as init_batches:
+        if val is None and args.val_every:
+            val = DataLoader(tokens[:8], batch_size=2)
         trainer.fit(module, data, val, ckpt_path=args.resume)
     shards = {
         name: list((p.to_local() if isinstance(p, DTensor) else p).shape) for name, p in module.named_parameters()
@@ -348,6 +357,8 @@ def main(argv: list[str] | None = None) -> None:
         "init_batches": init_batches,
         "loss_reduces": module.loss_reduces,
     }
+    if args.ckpt_filename:
+        result["best_model_path"] = trainer.checkpoint_callback.best_model_path
     if logger:
         written = zip(logger.steps.get("train/loss", []), logger.values.get("train/loss", []), strict=True)
         result["logged_train_loss"] = dict(written)
