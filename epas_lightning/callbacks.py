@@ -11,6 +11,7 @@ from contextvars import ContextVar
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype  # the dtype its matmuls run in
@@ -462,6 +463,9 @@ RUN_TOTALS = ("time", "batches", "samples", "lengths")
 COUNTS = ("batches", "samples", "lengths")
 """``Throughput``'s counts, which it keeps per device (rank zero's): logged for all processes, as its rates are."""
 
+GLOBAL_RATES = ("batches_per_sec", "samples_per_sec", "items_per_sec")
+"""``Throughput``'s rates of all processes, which it takes as its device's (rank zero's) times the world size."""
+
 HELDOUT_STAGES = (RunningStage.VALIDATING, RunningStage.TESTING)
 """The stages ``TokenThroughputMonitor`` counts held-out batches in (their real rows)."""
 
@@ -526,8 +530,9 @@ class TokenThroughputMonitor(ThroughputMonitor):
     (micro-batches, sequences and tokens trained), count the whole run: a resumed run continues them from its
     checkpoint (Lightning's started again from 0). Like the rates without ``device/``, the counts are those of all
     processes (Lightning's were rank zero's), ``validate/...``'s too. Held-out batches count (and their FLOPs cover)
-    their real rows, not the pad rows that fill them: over W processes every rank's where the held-out loader says
-    them (``TokenDataModule``'s), else rank zero's W times (it holds the most: up to W - 1 sequences too many).
+    their real rows, not the pad rows that fill them: over W processes, the counts and the rates of all processes are
+    every rank's where the held-out loader says them (``TokenDataModule``'s; a batch of pad rows alone counts as none),
+    else rank zero's W times (it holds the most: up to W - 1 sequences, and batches, too many).
 
     Args:
         window_size: Entries over which the rates are averaged: optimizer steps in training, batches in validation;
@@ -546,22 +551,21 @@ class TokenThroughputMonitor(ThroughputMonitor):
         self._world_size = 1
         self._pending_flops: dict[RunningStage, float] = {}  # the FLOPs of the step's micro-batches so far
         self._trained_s = 0.0  # the training time when the validation now running started
-        self._every_rank: dict[RunningStage, tuple[int, int] | None] = {}  # held-out samples and tokens of all ranks
+        self._every_rank: dict[RunningStage, Throughput | None] = {}  # the held-out counts of all ranks
 
     def _start(self, trainer: Trainer) -> None:
         super()._start(trainer)
         stage = trainer.state.stage
         self._pending_flops.pop(stage, None)
         if stage in HELDOUT_STAGES and not self._samples.get(stage):  # Lightning's counts start again
-            self._every_rank[stage] = (0, 0)
+            self._every_rank[stage] = Throughput(**self.kwargs)  # one device: rank zero's window, of every rank
 
     @torch.inference_mode()
     def _update(self, trainer: Trainer, pl_module: LightningModule, batch: Any, iter_num: int) -> None:
         """Count the batch (of a held-out one its real rows, not its pad rows); in training, update the rates only at
         the micro-batch that ends an optimizer step."""
         stage = trainer.state.stage
-        if stage in HELDOUT_STAGES:
-            self._count_every_rank(trainer, stage, batch.shape[1] - 1)
+        every_rank = self._rows_of_each_rank(trainer, stage) if stage in HELDOUT_STAGES else None
         rows = batch_size(batch) if stage == RunningStage.TRAINING else int(real_rows(batch))
         if not rows:
             return  # all pad rows: no held-out batch (its time counts in the next one's)
@@ -575,32 +579,43 @@ class TokenThroughputMonitor(ThroughputMonitor):
             return
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
+        elapsed = time.perf_counter() - self._t0s[stage]
         self._throughputs[stage].update(
-            time=time.perf_counter() - self._t0s[stage],
+            time=elapsed,
             batches=self._batches[stage],
             samples=self._samples[stage],
             lengths=self._lengths[stage],
             flops=self._pending_flops.pop(stage, None),
         )
+        if every_rank is not None and (counts := self._every_rank.get(stage)) is not None:
+            batches, samples, lengths = _last_counts(counts)
+            rows_of_all = sum(every_rank)
+            batches += sum(1 for rows_of_one in every_rank if rows_of_one)  # a rank's batch of pad rows alone: none
+            lengths += rows_of_all * (batch.shape[1] - 1)
+            counts.update(time=elapsed, batches=batches, samples=samples + rows_of_all, lengths=lengths)
 
-    def _count_every_rank(self, trainer: Trainer, stage: RunningStage, seq_len: int) -> None:
-        """Add the samples and tokens that this held-out batch number holds on every rank, where the loader says them
-        (``HeldOutBatches.rows_of_every_rank``); else the counts are rank zero's W times from here on."""
+    def _rows_of_each_rank(self, trainer: Trainer, stage: RunningStage) -> list[int] | None:
+        """The samples that this held-out batch number holds on each rank, where the loader says them
+        (``HeldOutBatches.rows_of_each_rank``); else ``None``, and the counts are rank zero's W times from here on."""
         loop = trainer._evaluation_loop
         loader = loop._combined_loader.iterables if loop._combined_loader is not None else None  # one: a DataLoader
-        rows_of_every_rank = getattr(getattr(loader, "dataset", None), "rows_of_every_rank", None)
-        counted = self._every_rank.get(stage)
-        if rows_of_every_rank is None or counted is None:
+        rows_of_each_rank = getattr(getattr(loader, "dataset", None), "rows_of_each_rank", None)
+        if rows_of_each_rank is None:
             self._every_rank[stage] = None
-            return
-        rows = rows_of_every_rank(loop.batch_progress.current.ready - 1)  # this batch's number in the pass
-        self._every_rank[stage] = (counted[0] + rows, counted[1] + rows * seq_len)
+            return None
+        return rows_of_each_rank(loop.batch_progress.current.ready - 1)  # this batch's number in the pass
 
     def _of_all_processes(self, stage: RunningStage, metrics: dict[str, Any], world_size: int) -> dict[str, Any]:
-        """:func:`_all_processes`, with the held-out samples and tokens of every rank where they were counted."""
+        """:func:`_all_processes`, with the held-out counts, and the rates of all processes, of every rank where they
+        were counted."""
         metrics = _all_processes(metrics, world_size)
-        if stage in HELDOUT_STAGES and (counted := self._every_rank.get(stage)) is not None:
-            metrics["samples"], metrics["lengths"] = counted
+        counts = self._every_rank.get(stage) if stage in HELDOUT_STAGES else None
+        if counts is not None and counts._time:
+            exact = counts.compute()
+            metrics.update({key: exact[key] for key in COUNTS})
+            for rate in GLOBAL_RATES:
+                if rate in metrics:  # world_size > 1, the window full
+                    metrics[rate] = exact[f"device{counts.separator}{rate}"]
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
@@ -700,6 +715,14 @@ class TokenThroughputMonitor(ThroughputMonitor):
         peak = peak_memory_gib(trainer.strategy.root_device)
         if peak is not None:
             pl_module.log(PEAK_MEMORY_KEY, host_scalar(peak), on_step=True, on_epoch=False)
+
+
+def _last_counts(throughput: Throughput) -> tuple[int, int, int]:
+    """The batches, samples and lengths ``throughput`` was last updated with (0 before its first update)."""
+    if not throughput._time:
+        return 0, 0, 0
+    counted = throughput.compute()
+    return counted["batches"], counted["samples"], counted["lengths"]
 
 
 def _all_processes(metrics: dict[str, Any], world_size: int) -> dict[str, Any]:

@@ -229,8 +229,9 @@ def finish_resume(
     the saved plateau metrics put back (reset since the checkpoint loaded), the end of the resumed step
     (:func:`finish_resumed_step`) or epoch (:func:`finish_resumed_epoch`), the next epoch begun as new
     (:func:`begin_next_epoch_as_new`). The first :class:`StepCheckpoint` calls it, else (checkpointing off)
-    ``EPASModule``. A checkpoint of a version that saved no plateau metrics takes no plateau step that finds none (as
-    Lightning's resume took none; a strict scheduler raised), said once."""
+    ``EPASModule``. A checkpoint without plateau metrics (an older version's, or one of a run without a
+    :class:`StepCheckpoint`) takes no plateau step that finds none (as Lightning's resume took none; a strict
+    scheduler raised), said once."""
     restore_plateau_metrics(trainer, plateau_metrics)
     skipped: set[str] | None = set() if plateau_metrics is None else None
     if resumed is not None:
@@ -240,9 +241,10 @@ def finish_resume(
     begin_next_epoch_as_new(trainer)
     if skipped:
         rank_zero_warn(
-            f"ckpt_path {trainer.ckpt_path} was saved without the value of {', '.join(sorted(skipped))} (an older "
-            f"version), which a ReduceLROnPlateau steps on at step {trainer.global_step}: that step is skipped, as "
-            "Lightning's resume does; checkpoints saved from now on hold it, nothing to do"
+            f"ckpt_path {trainer.ckpt_path} was saved without the value of {', '.join(sorted(skipped))} (by an older "
+            "epas_lightning, or by a run without its RunCheckpoint or StepCheckpoint, such as one with Lightning's "
+            f"ModelCheckpoint alone), which a ReduceLROnPlateau steps on at step {trainer.global_step}: that step is "
+            "skipped, as Lightning's resume does; checkpoints saved from now on hold it, nothing to do"
         )
 
 

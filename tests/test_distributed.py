@@ -334,23 +334,30 @@ def test_two_fsdp2_ranks_validate_every_held_out_sequence_once_as_one_device_doe
 
 
 def test_two_ddp_ranks_count_and_score_every_held_out_sequence_once(tiny_corpus, tmp_path):
-    """13 held-out sequences on two DDP ranks (7 and 6, the second's last batch padded): val/loss and val/tokens are
-    one process's (the pad rows score nothing), and the throughput monitor's validate/samples and validate/lengths,
-    rank zero's 7 times 2, counted a sequence that does not exist; now every rank's real rows."""
+    """9 held-out sequences on two DDP ranks at batch size 4 (5 and 4: the first's last batch holds 1, the second's is
+    all pad rows): val/loss and val/tokens are one process's (the pad rows score nothing), and the throughput monitor's
+    validate/samples and validate/lengths, rank zero's 5 times 2, counted a sequence that does not exist; now every
+    rank's real rows. Its validate/batches (rank zero's 2 times 2) and rates over all ranks (rank zero's times 2: over
+    the last batch, 2 sequences where 1 was read) counted the second rank's batch of pad rows too; now the real ones."""
     from epas_lightning import EPASModule, LlamaConfig, TokenDataModule
 
-    val = write_token_stream(tmp_path / "val", [13 * 33])
+    val = write_token_stream(tmp_path / "val", [9 * 33])
     data = ["--data-dir", str(tiny_corpus), "--val-dir", str(val), "--steps", "1"]
-    run = [*data, "--strategy", "ddp", "--throughput", "--log-every", "1", "--save-final", str(tmp_path / "final.st")]
-    validated = [rank["validated"] for rank in fit_both_ranks(tmp_path / "two", *run)]
+    run = [*data, "--strategy", "ddp", "--throughput", "--throughput-window", "2", "--log-every", "1"]
+    validated = [
+        rank["validated"] for rank in fit_both_ranks(tmp_path / "two", *run, "--save-final", str(tmp_path / "final.st"))
+    ]
     assert {k: validated[0][k] for k in validated[1]} == validated[1]
-    assert (validated[0]["validate/samples"], validated[0]["validate/lengths"]) == (13, 13 * 32)
+    logged = validated[0]
+    assert (logged["validate/batches"], logged["validate/samples"], logged["validate/lengths"]) == (3, 9, 9 * 32)
+    for rate in ("batches_per_sec", "samples_per_sec", "items_per_sec"):  # the last batch: 1 on both ranks, as on one
+        assert logged[f"validate/{rate}"] == pytest.approx(logged[f"validate/device/{rate}"]), rate
     module = EPASModule(LlamaConfig.from_name("debug", n_layer=4, block_size=32))
     module.configure_model()
     module.model.load_state_dict(load_file(tmp_path / "final.st"))  # the weights the two ranks validated
     data = TokenDataModule(str(tiny_corpus), seq_len=32, batch_size=3, vocab_size=512, val_dir=str(val))
     (one,) = cpu_trainer(tmp_path / "one", 1, limit_val_batches=1.0).validate(module, data, verbose=False)
-    assert validated[0]["val/tokens"] == one["val/tokens"] == 13 * 32
+    assert validated[0]["val/tokens"] == one["val/tokens"] == 9 * 32
     assert validated[0]["val/loss"] == pytest.approx(one["val/loss"], rel=1e-5)
 
 

@@ -1431,18 +1431,23 @@ def test_a_resume_of_a_save_before_a_validation_its_run_went_on_to_takes_no_plat
 
 
 def test_a_resume_of_a_checkpoint_without_plateau_metrics_skips_the_plateau_step_it_cannot_take(tiny_corpus, tmp_path):
-    """A checkpoint written before checkpoints saved the plateau metrics, resumed at a step without a validation where a
-    strict ReduceLROnPlateau steps: the resume took that step (Lightning's took none) with no val/loss to step on, and
-    raised. It now skips it, as Lightning did, and says so once; not for a checkpoint of this version saved before any
-    validation (an empty record), whose resume steps as the uninterrupted run (here: Lightning's own warning)."""
+    """A checkpoint written before checkpoints saved the plateau metrics, or by a run with Lightning's ModelCheckpoint
+    alone, resumed at a step without a validation where a strict ReduceLROnPlateau steps: the resume took that step
+    (Lightning's took none) with no val/loss to step on, and raised. It now skips it, as Lightning did, and says so once
+    naming both writers (the warning called the ModelCheckpoint's "an older version"); not for a checkpoint of this
+    version saved before any validation (an empty record), whose resume steps as the uninterrupted run (here:
+    Lightning's own warning)."""
     import warnings
 
     from helpers import Recorder, SignalInStep
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from epas_lightning import GracefulStop, RunCheckpoint
     from epas_lightning.plateau_metrics import PLATEAU_METRICS_KEY
 
-    def fit(folder: str, every: int, stop_at: int | None = None, old: bool = False) -> tuple[list[float], list[str]]:
+    def fit(
+        folder: str, every: int, stop_at: int | None = None, old: bool = False, plain: bool = False
+    ) -> tuple[list[float], list[str]]:
         recorder, stop, path = Recorder(), GracefulStop(), tmp_path / folder / "last.ckpt"
         if old:
             saved = torch.load(path, weights_only=True)
@@ -1453,7 +1458,7 @@ def test_a_resume_of_a_checkpoint_without_plateau_metrics_skips_the_plateau_step
             recorder,
             SignalInStep(stop, stop_at),
             stop,
-            RunCheckpoint(dirpath=tmp_path / folder, save_last=True),
+            (ModelCheckpoint if plain else RunCheckpoint)(dirpath=tmp_path / folder, save_last=True),
         ]
         module, data = make_run(tiny_corpus, n_layer=2, module_class=PlateauModule)
         module.plateau_every, module.plateau_strict = every, every > 1
@@ -1465,8 +1470,12 @@ def test_a_resume_of_a_checkpoint_without_plateau_metrics_skips_the_plateau_step
 
     fit("old", 6, stop_at=6)
     rates, said = fit("old", 6, old=True)
-    assert len(said) == 1 and "saved without the value of val/loss" in said[0]
+    assert len(said) == 1 and "saved without the value of val/loss (by an older epas_lightning, or" in said[0]
     assert rates[:2] == [1e-3] * 2  # trained on
+    fit("plain", 6, stop_at=6, plain=True)
+    rates, said = fit("plain", 6)
+    assert len(said) == 1 and "such as one with Lightning's ModelCheckpoint alone" in said[0]
+    assert rates[:2] == [1e-3] * 2
     fit("new", 1, stop_at=2)  # a checkpoint before the first validation, saved with no val/loss yet
     _, said = fit("new", 1)
     assert said and not any("saved without" in message for message in said)

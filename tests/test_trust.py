@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import cpu_trainer
+from helpers import Recorder, cpu_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from model_dirs import save_consolidated
@@ -1042,31 +1042,23 @@ def test_consolidate_copies_only_a_real_tokenizer(tmp_path, tiny_corpus, caplog)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class LRTrace(Callback):
-    def __init__(self) -> None:
-        self.lrs: dict[int, float] = {}
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
-        self.lrs[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
-
-
 def test_resume_with_a_new_max_steps_follows_the_new_horizon(tiny_corpus, tmp_path, caplog):
     """The configuration resumed with wins: the LR schedule's shape, and the optimizer's other settings (loading the
     checkpoint's optimizer state had put back its weight decay and betas, silently)."""
 
-    def run(max_steps: int, ckpt_path: Path | None = None, **adamw) -> tuple[LRTrace, torch.optim.Optimizer]:
+    def run(max_steps: int, ckpt_path: Path | None = None, **adamw) -> tuple[Recorder, torch.optim.Optimizer]:
         torch.manual_seed(0)
         module = EPASModule(
             LlamaConfig.from_name("debug", block_size=32),
             optimizer=lambda groups: torch.optim.AdamW(groups, lr=3e-4, **adamw),
             lr_scheduler=lambda optimizer: WarmupCosineLR(optimizer, warmup_steps=2),
         )
-        trace = LRTrace()
+        recorder = Recorder()
         checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
-        trainer = cpu_trainer(tmp_path, max_steps, [trace, checkpoint])
+        trainer = cpu_trainer(tmp_path, max_steps, [recorder, checkpoint])
         data = TokenDataModule(str(tiny_corpus), seq_len=32, batch_size=2, vocab_size=VOCAB)
         trainer.fit(module, data, ckpt_path=ckpt_path)
-        return trace, trainer.optimizers[0]
+        return recorder, trainer.optimizers[0]
 
     run(8, weight_decay=0.1)
     with caplog.at_level("INFO", logger="epas_lightning"):

@@ -73,11 +73,11 @@ class HeldOutBatches(IterableDataset):
     def __len__(self) -> int:
         return self.batches
 
-    def rows_of_every_rank(self, batch: int) -> int:
-        """The samples (not pad rows) that the batches numbered ``batch`` of every rank hold together."""
+    def rows_of_each_rank(self, batch: int) -> list[int]:
+        """The samples (not pad rows) that the batch numbered ``batch`` of each rank holds, by rank."""
         per_rank, extra = divmod(self.total, self.world_size)
         parts = [per_rank + (rank < extra) for rank in range(self.world_size)]
-        return sum(min(self.batch_size, max(0, part - batch * self.batch_size)) for part in parts)
+        return [min(self.batch_size, max(0, part - batch * self.batch_size)) for part in parts]
 
     def __iter__(self):  # noqa: ANN204
         worker = get_worker_info()

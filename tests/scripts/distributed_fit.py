@@ -5,10 +5,11 @@ one-process runs may call ``main(argv)`` inside the test process instead. Every 
 per optimizer step the loss on this rank, the sharing layers, and the layers whose ``q_proj``/``k_proj`` (biases
 included) got no gradient; plus the shapes of its local parameter shards, whether the LM head is tied, and the keys
 of each batch of ``init_from`` weights it loaded, and with ``--val-dir`` the ``val/loss`` and ``val/tokens`` a
-``validate`` after fit logs there (with ``--throughput`` and a logger, rank 0 also the last ``validate/samples`` and
-``validate/lengths`` its ``TokenThroughputMonitor`` wrote); with ``--reload``, the keys of its batches too, and rank 0
-writes the weights each loads after fit to ``<out>/reload<i>.st``. With ``--read-fails-on-rank R`` that rank's reader of
-checkpoint weights raises a ``CheckpointError`` after ``--read-fails-after`` tensors. With ``--val-samples N``, fit also
+``validate`` after fit logs there (with ``--throughput`` and a logger, rank 0 also the last value of each
+``validate/...`` its ``TokenThroughputMonitor`` wrote, over ``--throughput-window`` batches); with ``--reload``, the
+keys of its batches too, and rank 0 writes the weights each loads after fit to ``<out>/reload<i>.st``. With
+``--read-fails-on-rank R`` that rank's reader of checkpoint weights raises a ``CheckpointError`` after
+``--read-fails-after`` tensors. With ``--val-samples N``, fit also
 validates (its sanity validation, and every 2 steps) a plain map-style loader of N synthetic sequences, to which
 Lightning gives a ``DistributedSampler``, as to a user's own loader (the training loader's sampler is wrapped in one
 too). With ``--sigterm-in-step N`` rank
@@ -215,6 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-after-step", type=int, help="every rank sets should_stop after this step (from 1)")
     p.add_argument("--monitor-train-loss", action="store_true", help="EarlyStopping on train/loss (never stops)")
     p.add_argument("--throughput", action="store_true", help="with a TokenThroughputMonitor")
+    p.add_argument("--throughput-window", type=int, default=5, help="... of this window_size")
     p.add_argument("--clip", type=float, help="gradient_clip_val (by norm)")
     p.add_argument("--val-samples", type=int, help="fit validates a map-style loader of this many sequences")
     p.add_argument("--n-layer", type=int, default=4)
@@ -312,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.monitor_train_loss:
         callbacks.append(EarlyStopping("train/loss", patience=1000, check_on_train_epoch_end=True))
     if args.throughput:
-        callbacks.append(TokenThroughputMonitor())
+        callbacks.append(TokenThroughputMonitor(window_size=args.throughput_window))
     logged_here = args.log_every and (rank_zero_only.rank == 0 or not args.logger_on_rank_zero)  # rank: from the env
     logger = recording_logger() if logged_here else False
     trainer = L.Trainer(
@@ -366,7 +368,8 @@ def main(argv: list[str] | None = None) -> None:
         (validated,) = trainer.validate(module, data, verbose=False)
         result["validated"] = {key: validated[key] for key in ("val/loss", "val/tokens")}
         if logger and args.throughput and trainer.is_global_zero:  # the monitor logs on rank zero
-            result["validated"] |= {key: logger.values[key][-1] for key in ("validate/samples", "validate/lengths")}
+            written = {key: values[-1] for key, values in logger.values.items() if key.startswith("validate/")}
+            result["validated"] |= written
     if args.save_final:
         save_full_weights(module, args.save_final, trainer.global_rank)
     args.out.mkdir(parents=True, exist_ok=True)
