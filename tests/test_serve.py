@@ -416,6 +416,21 @@ def poisoned(decoder) -> bool:  # noqa: ANN001
     return any(row[i : i + 3] == POISON for row in decoder.ids.tolist() for i in range(len(row)))
 
 
+def _out_of_memory(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    raise torch.OutOfMemoryError("CUDA out of memory")
+
+
+def _run_to_end(engine: Engine, texts: dict[str, str]) -> dict[str, str]:
+    """Step ``engine`` until it is idle, adding each output's text to ``texts``: each sequence's finish reason."""
+    ends = {}
+    while engine.busy:
+        for output in engine.step():
+            texts[output.key] += output.text
+            if output.finish_reason:
+                ends[output.key] = output.finish_reason
+    return ends
+
+
 @pytest.mark.parametrize("failing", ["prefill", "step", "output"])
 def test_a_sequence_that_fails_its_batch_ends_alone_and_the_others_go_on(checkpoint, monkeypatch, failing):
     """One sequence made its batch's prefill, or every second decode step of a batch it is in, fail: every sequence
@@ -451,12 +466,8 @@ def test_a_sequence_that_fails_its_batch_ends_alone_and_the_others_go_on(checkpo
     prompts = {"a": [0, 5, 9], "bad": [0, *POISON], "b": [0, 7], "other": [0, 3, 3], "waiting": [0, 8]}
     for key, prompt in prompts.items():  # a, bad, b: one greedy batch; other: its region's; waiting: no place yet
         engine.add(key, SequenceRequest(prompt, 5, 1 if key == "other" else 2))
-    texts, ends = dict.fromkeys(prompts, ""), {}
-    while engine.busy:
-        for output in engine.step():
-            texts[output.key] += output.text
-            if output.finish_reason:
-                ends[output.key] = output.finish_reason
+    texts = dict.fromkeys(prompts, "")
+    ends = _run_to_end(engine, texts)
     assert ends == {"a": "length", "bad": "error", "b": "length", "other": "length", "waiting": "length"}
     monkeypatch.undo()
     for key in ("a", "b", "other", "waiting"):
@@ -509,19 +520,13 @@ def test_a_batch_that_fails_to_drop_a_finished_row_goes_on_alone(checkpoint, mon
     still running goes on alone with the tokens it makes alone (it got an error)."""
     from epas_lightning.inference.generate import Decoder
 
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory")
-
     loaded = load_model(checkpoint)
-    monkeypatch.setattr(Decoder, "keep_rows", out_of_memory)
+    monkeypatch.setattr(Decoder, "keep_rows", _out_of_memory)
     engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=4)
     engine.add("short", SequenceRequest([0, 5, 9], 2, 2))
     engine.add("long", SequenceRequest([0, 7], 5, 2))
-    texts, ends = {"short": "", "long": ""}, {}
-    while engine.busy:
-        for output in engine.step():
-            texts[output.key] += output.text
-            ends[output.key] = output.finish_reason
+    texts = {"short": "", "long": ""}
+    ends = _run_to_end(engine, texts)
     assert ends == {"short": "length", "long": "length"}
     set_region(loaded.model, 2, loaded.region)
     assert texts["long"] == token_text(generate(loaded.model, [[0, 7]], 5).tokens[0])
@@ -534,9 +539,6 @@ def test_a_cancel_that_fails_to_drop_its_row_leaves_the_others_to_go_on_alone(ch
     where they are, with the tokens they make alone, and a later cancel finds them there."""
     from epas_lightning.inference.generate import Decoder
 
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory")
-
     loaded = load_model(checkpoint)
     engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=4)
     prompts = {"gone": [0, 5, 9], "a": [0, 7], "b": [0, 3, 3], "later": [0, 4]}
@@ -546,14 +548,10 @@ def test_a_cancel_that_fails_to_drop_its_row_leaves_the_others_to_go_on_alone(ch
     for output in engine.step():  # one batch of four, one token each
         texts[output.key] += output.text
     with monkeypatch.context() as patched:
-        patched.setattr(Decoder, "keep_rows", out_of_memory)
+        patched.setattr(Decoder, "keep_rows", _out_of_memory)
         assert engine.cancel("gone") and engine.busy
     assert engine.cancel("later") and not engine.cancel("gone")
-    ends = {}
-    while engine.busy:
-        for output in engine.step():
-            texts[output.key] += output.text
-            ends[output.key] = output.finish_reason
+    ends = _run_to_end(engine, texts)
     assert ends == {"a": "length", "b": "length"}
     set_region(loaded.model, 2, loaded.region)
     for key, n in {"a": 5, "b": 5, "gone": 1, "later": 1}.items():
@@ -576,10 +574,7 @@ def test_a_sequence_that_finishes_in_a_step_that_then_fails_still_gets_its_answe
     loop._receive(engine, inbox)
     loop._send(engine, transport)  # its first token
 
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory")
-
-    monkeypatch.setattr(loaded.model, "new_cache", out_of_memory)
+    monkeypatch.setattr(loaded.model, "new_cache", _out_of_memory)
     inbox.put((0, "new", 0.0, SequenceRequest([0, 5], 2, 1)))
     loop._receive(engine, inbox)
     loop._send(engine, transport)  # its last token, then the new group fails
