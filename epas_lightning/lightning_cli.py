@@ -422,7 +422,7 @@ class EPASCLI(LightningCLI):
         stop = next((c for c in self.trainer.callbacks if isinstance(c, GracefulStop) and c.enabled), None)
         info, warning_patterns = self._quiet
         if stop is not None:  # it says what a signal does; Lightning's "attempting graceful shutdown" is not it
-            info = (*info, "Detected KeyboardInterrupt")
+            info = (*info, "Detected KeyboardInterrupt", "Received SIGTERM")
             stop.command_line = True  # resuming is this command with --ckpt_path last
         self._say_seed()  # once no start-up check refused the run
         folders = RunFolders.before_run(self.trainer) if self.trainer.is_global_zero else None
