@@ -443,7 +443,7 @@ class EPASCLI(LightningCLI):
         except SystemExit as e:  # Lightning's exit after a signal: 1 after Ctrl+C, 0 after SIGTERM
             if stop is None or stop.interrupted_by is None:
                 raise
-            if folders is not None and stop.interrupted_reason is not None:  # SIGTERM in setup: as a refused start
+            if folders is not None:  # a stop before the first step (Ctrl+C, SIGTERM): as a refused start
                 folders.remove_unused(self.trainer)
             raise Interrupted(stop.interrupted_by, stop.interrupted_reason) from e
 

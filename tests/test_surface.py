@@ -1033,8 +1033,8 @@ def test_a_sigterm_while_fit_sets_up_stops_it_with_one_line_and_its_status(enabl
 
 @pytest.mark.parametrize(
     ("signum", "batch"),
-    [(signal.SIGTERM, 0), (signal.SIGTERM, 1), (signal.SIGTERM, None)],
-    ids=["SIGTERM, sanity batch 0 of 2", "SIGTERM, its last batch", "SIGTERM, as it ends"],
+    [(signal.SIGTERM, 0), (signal.SIGTERM, 1), (signal.SIGTERM, None), (signal.SIGINT, 0)],
+    ids=["SIGTERM, sanity batch 0 of 2", "SIGTERM, its last batch", "SIGTERM, as it ends", "Ctrl+C"],
 )
 def test_a_signal_in_the_sanity_validation_stops_fit_before_training_and_removes_its_run_folder(
     signum, batch, tiny_corpus, tmp_path, capfd, caplog, monkeypatch
@@ -1042,7 +1042,7 @@ def test_a_signal_in_the_sanity_validation_stops_fit_before_training_and_removes
     """Once Lightning registered its SIGTERM handler (the sanity validation), a SIGTERM in the validation's last batch,
     or after it, only set Lightning's flag: fit trained its first step, then ended with "(SIGTERM)", nothing saved; one
     in an earlier batch said "(SIGTERM)" and Lightning's "Received SIGTERM" too. Both stop before training, as a
-    SIGTERM in set-up does, and remove the run folder they had just made (never another)."""
+    SIGTERM in set-up does, and remove the run folder they had just made (never another); Ctrl+C there left it."""
     from epas_lightning.sigterm_in_setup import STOPPED_IN_SETUP
 
     monkeypatch.chdir(tmp_path)
