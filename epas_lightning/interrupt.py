@@ -41,6 +41,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from epas_lightning.errors import ConfigError
@@ -53,7 +54,7 @@ from epas_lightning.run_checkpoint import (
     save_last_now,
 )
 from epas_lightning.run_summary import max_time_ran_out, raise_limit_advice, say
-from epas_lightning.sigterm_in_setup import training_started
+from epas_lightning.sigterm_in_setup import STOPPED_IN_SETUP, training_started
 from epas_lightning.slurm import (
     give_back_requeue,
     remembered,
@@ -109,7 +110,7 @@ class GracefulStop(Callback):
         return None if self.stopped_by is None else 128 + int(self.stopped_by)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.received = self.stopped_by = self.interrupted_by = None
+        self.received = self.stopped_by = self.interrupted_by = self.interrupted_reason = None
         if not self.enabled:
             self.requeue_signal = None
             if (signum := step_aside()) is not None:  # Lightning's behaviour: the signal's default action
@@ -128,7 +129,8 @@ class GracefulStop(Callback):
             self._previous = {sig: signal.signal(sig, self._on_signal) for sig in signals}
             self._trainer = trainer
             training_started()  # the command's handler from its start steps aside
-        self._stop_if_signalled_before_training(trainer)
+        # read once this callback's handler is in place: a SIGTERM before it set Lightning's flag, one after it ours
+        self._stop_if_signalled_before_training(trainer, sigterm=self.enabled and trainer.received_sigterm)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.received is not None:  # a second signal: stop at once (Lightning's KeyboardInterrupt path tears down)
@@ -240,16 +242,20 @@ class GracefulStop(Callback):
         )
         return (self.requeue_signal if requeue else self.received or signal.SIGTERM), requeue
 
-    def _stop_if_signalled_before_training(self, trainer: Trainer) -> None:
+    def _stop_if_signalled_before_training(self, trainer: Trainer, sigterm: bool = False) -> None:
         """Stop ``fit`` before its first step when a rank kept the requeue signal since the command started (see
         :func:`epas_lightning.slurm.remembering_requeue_signal`): nothing to save; the first rank requeues the job,
-        unless it was requeued before (no progress since: a ``ConfigError``)."""
-        self.received = self.received or remembered()
+        unless it was requeued before (no progress since: a ``ConfigError``). Or when a rank got SIGTERM while
+        Lightning's handler answered it (``sigterm``, its flag): in the sanity validation's last batch, or after it,
+        Lightning only raised once the first step had trained, and saved nothing; it stops as in set-up instead."""
+        self.received = self.received or remembered() or (signal.SIGTERM if sigterm else None)
         signum, requeue = self._agreed_stop(trainer)
         if signum is None:
             return
         if requeue and restart_count():
             raise _no_progress_since_requeue(signum, trainer.is_global_zero)
+        if signum == signal.SIGTERM and not requeue:
+            raise Interrupted(signum, STOPPED_IN_SETUP)
         what = "nothing was trained since the job started, so no checkpoint is written"
         if requeue and trainer.is_global_zero:
             what = f"{what}; {requeue_job()}"
@@ -325,7 +331,8 @@ class GracefulStop(Callback):
             self.interrupted_by = getattr(exception, "signum", signal.SIGINT)
             self.interrupted_reason = getattr(exception, "reason", None)
         elif self.enabled and isinstance(exception, SIGTERMException):  # SIGTERM before training: Lightning's handler
-            self.interrupted_by = signal.SIGTERM
+            self.interrupted_by = signal.SIGTERM  # in fit: the sanity validation (this handler answers in training)
+            self.interrupted_reason = STOPPED_IN_SETUP if trainer.state.fn == TrainerFn.FITTING else None
 
     def _give_back(self, trainer: Trainer) -> None:
         if self.requeue_signal is not None:

@@ -422,7 +422,7 @@ class EPASCLI(LightningCLI):
         stop = next((c for c in self.trainer.callbacks if isinstance(c, GracefulStop) and c.enabled), None)
         info, warning_patterns = self._quiet
         if stop is not None:  # it says what a signal does; Lightning's "attempting graceful shutdown" is not it
-            info = (*info, "Detected KeyboardInterrupt")
+            info = (*info, "Detected KeyboardInterrupt", "Received SIGTERM")
             stop.command_line = True  # resuming is this command with --ckpt_path last
         self._say_seed()  # once no start-up check refused the run
         folders = RunFolders.before_run(self.trainer) if self.trainer.is_global_zero else None
@@ -443,7 +443,7 @@ class EPASCLI(LightningCLI):
         except SystemExit as e:  # Lightning's exit after a signal: 1 after Ctrl+C, 0 after SIGTERM
             if stop is None or stop.interrupted_by is None:
                 raise
-            if folders is not None and stop.interrupted_reason is not None:  # SIGTERM in setup: as a refused start
+            if folders is not None:  # a stop before the first step (Ctrl+C, SIGTERM): as a refused start
                 folders.remove_unused(self.trainer)
             raise Interrupted(stop.interrupted_by, stop.interrupted_reason) from e
 

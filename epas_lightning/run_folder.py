@@ -1,5 +1,6 @@
 """The run folders of ``fit``, ``validate`` and ``test``: checked writable before any work, and removed when a user
-error stopped the run before it trained a step (``validate``, ``test``: at any point) and this run made them.
+error (``fit``: or a signal) stopped the run before it trained a step (``validate``, ``test``: at any point) and this
+run made them.
 
 :func:`check_run_folders_writable` refuses, in one line, a log or checkpoint folder the run could not write (a
 read-only or full disk, a special file system such as ``/proc``, a file in the way): that was a traceback from the

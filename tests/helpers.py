@@ -254,6 +254,22 @@ class SigtermInSetup(L.Callback):
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+class SignalBeforeTraining(L.Callback):
+    """Sends this process ``signum`` once Lightning registered its handlers, before the first training step: as the
+    sanity validation's batch ``batch`` (counted from 0) ends, or, with ``batch`` ``None``, as that validation ends."""
+
+    def __init__(self, signum: int = 15, batch: int | None = 0) -> None:  # SIGTERM
+        self.signum, self.batch = signum, batch
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int, *args) -> None:
+        if trainer.sanity_checking and batch_idx == self.batch:
+            os.kill(os.getpid(), self.signum)
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.batch is None:
+            os.kill(os.getpid(), self.signum)
+
+
 def train_tiny_sentencepiece(path: Path, **options) -> Path:
     """A tiny sentencepiece model (BPE unless ``options`` say otherwise) with byte fallback, trained on text with runs
     of spaces, tabs and newlines."""

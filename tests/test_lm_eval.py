@@ -463,6 +463,38 @@ def test_a_task_whose_first_document_has_an_empty_choice_is_one_line(checkpoint,
     ), err
 
 
+ANSWERED = {"context": "x =", "choices": [" 2", " 3"], "label": 0}
+LABEL_FIX = "give the index of the right choice, 0 to 1, or leave that document out"
+
+
+@pytest.mark.parametrize(
+    ("rows", "said"),
+    [
+        ([ANSWERED, {**ANSWERED, "choices": [" 1", ""]}], "document 1 (lm-eval's doc_id) has an empty choice, which "
+         "lm-eval scores as certain (log-likelihood 0) — --tasks — give every choice its text (the separating space "
+         "included), or leave that document out"),
+        ([ANSWERED, {**ANSWERED, "label": 2}], f"document 1 (lm-eval's doc_id) has label 2, not one of its 2 choices "
+         f"— --tasks — {LABEL_FIX}"),
+        ([{**ANSWERED, "label": 5}, ANSWERED], f"document 0 (lm-eval's doc_id) has label 5, not one of its 2 choices "
+         f"— --tasks — {LABEL_FIX}"),
+    ],
+    ids=["an empty choice after the first document", "a label past a later document's choices", "past the first's"],
+)  # fmt: skip
+def test_a_multiple_choice_document_lm_eval_would_misscore_is_refused_before_scoring(
+    checkpoint, tmp_path, capsys, rows, said
+) -> None:
+    """An empty choice after the first document was scored as certain (log-likelihood 0: it won every question it was
+    in, silently); a label past a later document's choices was a warning in lm-eval's log, and the question counted
+    wrong; past the first document's, lm-eval's IndexError traceback as it set the task up."""
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "bad.yaml").write_text(task_yaml("bad", data, tmp_path / "cache", MULTIPLE_CHOICE))
+    argv = ["lm-eval", "--checkpoint", str(checkpoint), "--tasks", str(tmp_path / "bad.yaml"), "--device", "cpu"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err  # after the progress bar of lm-eval's data loading
+    assert "Traceback" not in err and err.endswith(f"\nerror: task bad: {said}\n"), err
+
+
 def test_lm_eval_refuses_logits_that_overflow_float16(checkpoint, tasks, tmp_path, capsys) -> None:
     """float16 activations past 65504 gave NaN log-likelihoods, scored as if they were numbers."""
     loaded = load_model(checkpoint)

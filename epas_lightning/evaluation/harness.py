@@ -21,12 +21,12 @@ from contextlib import contextmanager
 from fnmatch import fnmatch
 from importlib.metadata import version
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal
 
 from epas_lightning.data.tokenizer import check_tokenizer_flag
-from epas_lightning.errors import ConfigError, DataError
+from epas_lightning.errors import ConfigError
 from epas_lightning.evaluation.evaluate_cli import format_table, region_lengths
+from epas_lightning.evaluation.lm_eval_documents import refusing_misscored_documents
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.region import SHARING_FLAGS
 from epas_lightning.runtime import DType, check_counts, emit_json, json_text, resolve_device
@@ -179,7 +179,7 @@ def run_lm_eval(
     rows, runs = [], {}
     for n in lengths:
         layers = lm.set_sharing_layers(n)
-        with task_data_errors(), too_few_examples(num_fewshot), empty_first_choice(), quiet_git_hash():
+        with task_data_errors(), too_few_examples(num_fewshot), refusing_misscored_documents(), quiet_git_hash():
             result = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=specs,
@@ -244,35 +244,6 @@ def task_data_errors() -> Iterator[None]:
             "--tasks",
             "check the task's dataset_path and data_files; offline, a Hub dataset must be in the datasets cache",
         ) from e
-
-
-@contextmanager
-def empty_first_choice() -> Iterator[None]:
-    """A task whose first document has an empty choice as one :class:`DataError` naming the task: lm-eval 0.4 sets a
-    task up by reading that document's choices' first characters, an IndexError traceback on an empty one."""
-    try:
-        yield
-    except IndexError as e:
-        task = _task_set_up_by(e.__traceback__)
-        if task is None:
-            raise
-        raise DataError(
-            f"lm-eval cannot set up task {task}: its first document has an empty choice",
-            "--tasks",
-            "give every choice its text (the separating space included), or leave that document out",
-        ) from e
-
-
-def _task_set_up_by(trace: TracebackType | None) -> str | None:
-    """The lm-eval task whose ``__init__`` raised at an empty choice (the innermost frame); else ``None``."""
-    frame = None
-    while trace is not None:
-        frame, trace = trace.tb_frame, trace.tb_next
-    if frame is None or frame.f_code.co_name != "__init__" or frame.f_locals.get("choice", None) != "":
-        return None
-    if not frame.f_code.co_filename.endswith(os.path.join("lm_eval", "api", "task.py")):
-        return None
-    return getattr(getattr(frame.f_locals.get("self"), "config", None), "task", None)
 
 
 @contextmanager
