@@ -463,7 +463,7 @@ RUN_TOTALS = ("time", "batches", "samples", "lengths")
 COUNTS = ("batches", "samples", "lengths")
 """``Throughput``'s counts, which it keeps per device (rank zero's): logged for all processes, as its rates are."""
 
-GLOBAL_RATES = ("batches_per_sec", "samples_per_sec", "items_per_sec")
+GLOBAL_RATES = ("batches_per_sec", "samples_per_sec", "items_per_sec", "flops_per_sec")
 """``Throughput``'s rates of all processes, which it takes as its device's (rank zero's) times the world size."""
 
 HELDOUT_STAGES = (RunningStage.VALIDATING, RunningStage.TESTING)
@@ -579,20 +579,21 @@ class TokenThroughputMonitor(ThroughputMonitor):
             return
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
-        elapsed = time.perf_counter() - self._t0s[stage]
+        elapsed, flops = time.perf_counter() - self._t0s[stage], self._pending_flops.pop(stage, None)
         self._throughputs[stage].update(
             time=elapsed,
             batches=self._batches[stage],
             samples=self._samples[stage],
             lengths=self._lengths[stage],
-            flops=self._pending_flops.pop(stage, None),
+            flops=flops,
         )
         if every_rank is not None and (counts := self._every_rank.get(stage)) is not None:
             batches, samples, lengths = _last_counts(counts)
             rows_of_all = sum(every_rank)
             batches += sum(1 for rows_of_one in every_rank if rows_of_one)  # a rank's batch of pad rows alone: none
             lengths += rows_of_all * (batch.shape[1] - 1)
-            counts.update(time=elapsed, batches=batches, samples=samples + rows_of_all, lengths=lengths)
+            flops = None if flops is None else flops * rows_of_all / rows  # a batch's FLOPs: its rows' (per row alike)
+            counts.update(time=elapsed, batches=batches, samples=samples + rows_of_all, lengths=lengths, flops=flops)
 
     def _rows_of_each_rank(self, trainer: Trainer, stage: RunningStage) -> list[int] | None:
         """The samples that this held-out batch number holds on each rank, where the loader says them

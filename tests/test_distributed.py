@@ -338,7 +338,8 @@ def test_two_ddp_ranks_count_and_score_every_held_out_sequence_once(tiny_corpus,
     all pad rows): val/loss and val/tokens are one process's (the pad rows score nothing), and the throughput monitor's
     validate/samples and validate/lengths, rank zero's 5 times 2, counted a sequence that does not exist; now every
     rank's real rows. Its validate/batches (rank zero's 2 times 2) and rates over all ranks (rank zero's times 2: over
-    the last batch, 2 sequences where 1 was read) counted the second rank's batch of pad rows too; now the real ones."""
+    the last batch, 2 sequences where 1 was read) counted the second rank's batch of pad rows too; now the real ones.
+    Its FLOP rate over all ranks (rank zero's times 2) too: now the FLOPs of every rank's real rows."""
     from epas_lightning import EPASModule, LlamaConfig, TokenDataModule
 
     val = write_token_stream(tmp_path / "val", [9 * 33])
@@ -350,7 +351,8 @@ def test_two_ddp_ranks_count_and_score_every_held_out_sequence_once(tiny_corpus,
     assert {k: validated[0][k] for k in validated[1]} == validated[1]
     logged = validated[0]
     assert (logged["validate/batches"], logged["validate/samples"], logged["validate/lengths"]) == (3, 9, 9 * 32)
-    for rate in ("batches_per_sec", "samples_per_sec", "items_per_sec"):  # the last batch: 1 on both ranks, as on one
+    rates = ("batches_per_sec", "samples_per_sec", "items_per_sec", "flops_per_sec")
+    for rate in rates:  # the last batch: 1 row on both ranks, as on one
         assert logged[f"validate/{rate}"] == pytest.approx(logged[f"validate/device/{rate}"]), rate
     module = EPASModule(LlamaConfig.from_name("debug", n_layer=4, block_size=32))
     module.configure_model()

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,8 +19,9 @@ from epas_lightning import Llama, LlamaConfig
 from epas_lightning.checkpoint import load_model
 from epas_lightning.cli import main as cli_main
 from epas_lightning.data import load_tokenizer
-from epas_lightning.errors import ConfigError
+from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.evaluation.harness import metric_columns
+from epas_lightning.evaluation.lm_eval_documents import check_documents
 
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
@@ -493,6 +495,23 @@ def test_a_multiple_choice_document_lm_eval_would_misscore_is_refused_before_sco
     assert cli_main(argv) == 2
     err = capsys.readouterr().err  # after the progress bar of lm-eval's data loading
     assert "Traceback" not in err and err.endswith(f"\nerror: task bad: {said}\n"), err
+
+
+def test_a_numpy_integer_label_is_an_index_as_lm_eval_scores_it() -> None:
+    """lm-eval scores a label a task's ``doc_to_target`` function gives as a NumPy integer as the index it is; the check
+    refused it as not one of the choices, and one past the choices was a TypeError traceback from its message."""
+    import numpy as np
+
+    config = SimpleNamespace(doc_to_choice="choices", target_delimiter="")
+    task = SimpleNamespace(
+        OUTPUT_TYPE="multiple_choice",
+        config=config,
+        doc_to_choice=lambda d: d["choices"],
+        doc_to_target=lambda d: d["label"],
+    )
+    check_documents("numpy", task, [(0, {**ANSWERED, "label": np.int64(1)}), (1, {**ANSWERED, "label": [np.int32(0)]})])
+    with pytest.raises(DataError, match=r"task numpy: document 2 \(lm-eval's doc_id\) has label 5, not one of its 2 c"):
+        check_documents("numpy", task, [(2, {**ANSWERED, "label": np.int64(5)})])
 
 
 def test_lm_eval_refuses_logits_that_overflow_float16(checkpoint, tasks, tmp_path, capsys) -> None:

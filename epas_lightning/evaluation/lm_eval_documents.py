@@ -11,6 +11,7 @@ built its tasks, in the documents it is about to score (``--limit``'s), naming t
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -70,6 +71,7 @@ def check_documents(name: str, task: Any, documents: Iterable[tuple[int, Any]]) 
             raise DataError(f"{_document(name, doc_id)} has an empty choice{certain}", "--tasks", CHOICE_FIX)
         target = task.doc_to_target(document)
         for label in target if isinstance(target, list) else [target]:
+            label = int(label) if isinstance(label, numbers.Integral) else label  # a NumPy one: lm-eval's index too
             if isinstance(label, int) and 0 <= label < len(choices) or isinstance(label, str) and label in choices:
                 continue
             raise _label_error(name, doc_id, label, choices)
