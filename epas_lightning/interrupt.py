@@ -12,7 +12,8 @@ nothing to resume, no job to requeue, exit status 0; so in the step where ``max_
 there: to train on, raise it; before ``min_steps`` or ``min_epochs`` are met, it saves and waits for them, the run
 training as without it). A second signal stops at once, without a checkpoint, as does
 Ctrl+C before training starts, and SIGTERM from when Lightning registers its handler (once the data, the model and a
-resumed checkpoint are set up: the sanity validation): the CLI then prints one line and exits with the same status
+resumed checkpoint are set up: the sanity validation, where a SIGTERM to any rank sets a flag the ranks agree on as
+training starts: all stop before the first step): the CLI then prints one line and exits with the same status
 (Lightning would exit 1 after Ctrl+C, and 0 after SIGTERM). A SIGTERM before that (the config, the built-in corpus's
 first preparation, the data checks, the model build, ``init_from``'s read, the resume) stops the CLI at once too, with
 one line saying nothing was trained (:mod:`epas_lightning.sigterm_in_setup`; one during the imports, once the config
@@ -120,17 +121,31 @@ class GracefulStop(Callback):
         self.requeue_signal = take_requeue_signal(trainer)
         self._stop_if_signalled_before_training(trainer)  # before resuming and the sanity validation
 
+    def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            # Lightning's SIGTERM handler, registered after on_fit_start, broadcasts from rank 0 inside the handler: a
+            # SIGTERM to another rank alone hung there. Until training one only sets the flag on_train_start agrees on
+            self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_sigterm_before_training)}
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._step, self._validation_skipped_at, self._kept_going = trainer.global_step, None, False
         self._give_back(trainer)
         if self.enabled and threading.current_thread() is threading.main_thread():
             # Lightning registered its SIGTERM handler after on_fit_start: this one replaces it until training ends
             signals = (*SIGNALS, self.requeue_signal) if self.requeue_signal else SIGNALS
-            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in signals}
+            # Lightning's handlers, restored after training: the sanity validation's replaced Lightning's SIGTERM one
+            self._previous = {**{sig: signal.signal(sig, self._on_signal) for sig in signals}, **self._previous}
             self._trainer = trainer
             training_started()  # the command's handler from its start steps aside
-        # read once this callback's handler is in place: a SIGTERM before it set Lightning's flag, one after it ours
+        # read once this callback's handler is in place: a SIGTERM before the sanity validation (or without one) set
+        # Lightning's flag, one after it ours
         self._stop_if_signalled_before_training(trainer, sigterm=self.enabled and trainer.received_sigterm)
+
+    def _on_sigterm_before_training(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # a second one: stop at once
+            self._restore()
+            raise Interrupted(signum, STOPPED_IN_SETUP)
+        self.received = signal.Signals(signum)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.received is not None:  # a second signal: stop at once (Lightning's KeyboardInterrupt path tears down)
