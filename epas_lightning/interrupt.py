@@ -87,6 +87,8 @@ class GracefulStop(Callback):
         """Set when a signal ended ``fit`` at once (a second one, or one before training), without a checkpoint."""
         self.interrupted_reason: str | None = None
         """What the command line says of that signal instead of its name (SIGTERM during setup)."""
+        self.interrupted_announce = True
+        """Whether this process says so (a stop every rank agreed on: the first rank)."""
         self.requeue_signal: signal.Signals | None = None
         """The signal SLURM requeues this job with, when this fit answers it (a SLURM job with ``auto_requeue``)."""
         self.command_line = False
@@ -112,6 +114,7 @@ class GracefulStop(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.received = self.stopped_by = self.interrupted_by = self.interrupted_reason = None
+        self.interrupted_announce = True
         if not self.enabled:
             self.requeue_signal = None
             if (signum := step_aside()) is not None:  # Lightning's behaviour: the signal's default action
@@ -270,12 +273,12 @@ class GracefulStop(Callback):
         if requeue and restart_count():
             raise _no_progress_since_requeue(signum, trainer.is_global_zero)
         if signum == signal.SIGTERM and not requeue:
-            raise Interrupted(signum, STOPPED_IN_SETUP)
+            raise Interrupted(signum, STOPPED_IN_SETUP, announce=trainer.is_global_zero)
         what = "nothing was trained since the job started, so no checkpoint is written"
         if requeue and trainer.is_global_zero:
             what = f"{what}; {requeue_job()}"
         say(f"{signum.name} before the first step: {what}")
-        raise Interrupted(signum)
+        raise Interrupted(signum, announce=trainer.is_global_zero)
 
     def _resume_advice(self, trainer: Trainer, saved: Path) -> str:
         if self.command_line:
@@ -345,6 +348,7 @@ class GracefulStop(Callback):
         if self.enabled and isinstance(exception, KeyboardInterrupt):  # Ctrl+C or SIGTERM before training, a second one
             self.interrupted_by = getattr(exception, "signum", signal.SIGINT)
             self.interrupted_reason = getattr(exception, "reason", None)
+            self.interrupted_announce = getattr(exception, "announce", True)
         elif self.enabled and isinstance(exception, SIGTERMException):  # SIGTERM before training: Lightning's handler
             self.interrupted_by = signal.SIGTERM  # in fit: the sanity validation (this handler answers in training)
             self.interrupted_reason = STOPPED_IN_SETUP if trainer.state.fn == TrainerFn.FITTING else None
