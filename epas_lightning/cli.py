@@ -770,7 +770,8 @@ def _run(argv: list[str], debug: bool) -> int:
             traceback.print_exc()
         signum = getattr(e, "signum", signal.SIGINT)  # fit ended at once by a signal: which one
         what = getattr(e, "reason", None) or ("Ctrl+C" if signum == signal.SIGINT else signal.Signals(signum).name)
-        print(stopped_line(argv[0] if argv else PROG, what), file=sys.stderr)
+        if getattr(e, "announce", True):
+            print(stopped_line(argv[0] if argv else PROG, what), file=sys.stderr)
         return 128 + signum
 
 

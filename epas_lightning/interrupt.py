@@ -12,7 +12,8 @@ nothing to resume, no job to requeue, exit status 0; so in the step where ``max_
 there: to train on, raise it; before ``min_steps`` or ``min_epochs`` are met, it saves and waits for them, the run
 training as without it). A second signal stops at once, without a checkpoint, as does
 Ctrl+C before training starts, and SIGTERM from when Lightning registers its handler (once the data, the model and a
-resumed checkpoint are set up: the sanity validation): the CLI then prints one line and exits with the same status
+resumed checkpoint are set up: the sanity validation, where a SIGTERM to any rank sets a flag the ranks agree on as
+training starts: all stop before the first step): the CLI then prints one line and exits with the same status
 (Lightning would exit 1 after Ctrl+C, and 0 after SIGTERM). A SIGTERM before that (the config, the built-in corpus's
 first preparation, the data checks, the model build, ``init_from``'s read, the resume) stops the CLI at once too, with
 one line saying nothing was trained (:mod:`epas_lightning.sigterm_in_setup`; one during the imports, once the config
@@ -86,6 +87,8 @@ class GracefulStop(Callback):
         """Set when a signal ended ``fit`` at once (a second one, or one before training), without a checkpoint."""
         self.interrupted_reason: str | None = None
         """What the command line says of that signal instead of its name (SIGTERM during setup)."""
+        self.interrupted_announce = True
+        """Whether this process says so (a stop every rank agreed on: the first rank)."""
         self.requeue_signal: signal.Signals | None = None
         """The signal SLURM requeues this job with, when this fit answers it (a SLURM job with ``auto_requeue``)."""
         self.command_line = False
@@ -111,6 +114,7 @@ class GracefulStop(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.received = self.stopped_by = self.interrupted_by = self.interrupted_reason = None
+        self.interrupted_announce = True
         if not self.enabled:
             self.requeue_signal = None
             if (signum := step_aside()) is not None:  # Lightning's behaviour: the signal's default action
@@ -120,17 +124,31 @@ class GracefulStop(Callback):
         self.requeue_signal = take_requeue_signal(trainer)
         self._stop_if_signalled_before_training(trainer)  # before resuming and the sanity validation
 
+    def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            # Lightning's SIGTERM handler, registered after on_fit_start, broadcasts from rank 0 inside the handler: a
+            # SIGTERM to another rank alone hung there. Until training one only sets the flag on_train_start agrees on
+            self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_sigterm_before_training)}
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._step, self._validation_skipped_at, self._kept_going = trainer.global_step, None, False
         self._give_back(trainer)
         if self.enabled and threading.current_thread() is threading.main_thread():
             # Lightning registered its SIGTERM handler after on_fit_start: this one replaces it until training ends
             signals = (*SIGNALS, self.requeue_signal) if self.requeue_signal else SIGNALS
-            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in signals}
+            # Lightning's handlers, restored after training: the sanity validation's replaced Lightning's SIGTERM one
+            self._previous = {**{sig: signal.signal(sig, self._on_signal) for sig in signals}, **self._previous}
             self._trainer = trainer
             training_started()  # the command's handler from its start steps aside
-        # read once this callback's handler is in place: a SIGTERM before it set Lightning's flag, one after it ours
+        # read once this callback's handler is in place: a SIGTERM before the sanity validation (or without one) set
+        # Lightning's flag, one after it ours
         self._stop_if_signalled_before_training(trainer, sigterm=self.enabled and trainer.received_sigterm)
+
+    def _on_sigterm_before_training(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # a second one: stop at once
+            self._restore()
+            raise Interrupted(signum, STOPPED_IN_SETUP)
+        self.received = signal.Signals(signum)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.received is not None:  # a second signal: stop at once (Lightning's KeyboardInterrupt path tears down)
@@ -255,12 +273,12 @@ class GracefulStop(Callback):
         if requeue and restart_count():
             raise _no_progress_since_requeue(signum, trainer.is_global_zero)
         if signum == signal.SIGTERM and not requeue:
-            raise Interrupted(signum, STOPPED_IN_SETUP)
+            raise Interrupted(signum, STOPPED_IN_SETUP, announce=trainer.is_global_zero)
         what = "nothing was trained since the job started, so no checkpoint is written"
         if requeue and trainer.is_global_zero:
             what = f"{what}; {requeue_job()}"
         say(f"{signum.name} before the first step: {what}")
-        raise Interrupted(signum)
+        raise Interrupted(signum, announce=trainer.is_global_zero)
 
     def _resume_advice(self, trainer: Trainer, saved: Path) -> str:
         if self.command_line:
@@ -330,6 +348,7 @@ class GracefulStop(Callback):
         if self.enabled and isinstance(exception, KeyboardInterrupt):  # Ctrl+C or SIGTERM before training, a second one
             self.interrupted_by = getattr(exception, "signum", signal.SIGINT)
             self.interrupted_reason = getattr(exception, "reason", None)
+            self.interrupted_announce = getattr(exception, "announce", True)
         elif self.enabled and isinstance(exception, SIGTERMException):  # SIGTERM before training: Lightning's handler
             self.interrupted_by = signal.SIGTERM  # in fit: the sanity validation (this handler answers in training)
             self.interrupted_reason = STOPPED_IN_SETUP if trainer.state.fn == TrainerFn.FITTING else None

@@ -8,12 +8,14 @@ import signal
 
 class Interrupted(KeyboardInterrupt):
     """``fit`` ended at once by ``signum``, without a checkpoint of the step it was in; ``reason``: what the command
-    line says instead of the signal's name."""
+    line says instead of the signal's name; ``announce``: whether this process says it (every rank stopped alike:
+    the first one says so)."""
 
-    def __init__(self, signum: int, reason: str | None = None) -> None:
+    def __init__(self, signum: int, reason: str | None = None, announce: bool = True) -> None:
         super().__init__(signum)
         self.signum = signal.Signals(signum)
         self.reason = reason
+        self.announce = announce
 
 
 def stopped_line(command: str, what: str) -> str:

@@ -445,7 +445,7 @@ class EPASCLI(LightningCLI):
                 raise
             if folders is not None:  # a stop before the first step (Ctrl+C, SIGTERM): as a refused start
                 folders.remove_unused(self.trainer)
-            raise Interrupted(stop.interrupted_by, stop.interrupted_reason) from e
+            raise Interrupted(stop.interrupted_by, stop.interrupted_reason, stop.interrupted_announce) from e
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)

@@ -256,17 +256,22 @@ class SigtermInSetup(L.Callback):
 
 class SignalBeforeTraining(L.Callback):
     """Sends this process ``signum`` once Lightning registered its handlers, before the first training step: as the
-    sanity validation's batch ``batch`` (counted from 0) ends, or, with ``batch`` ``None``, as that validation ends."""
+    sanity validation's batch ``batch`` (counted from 0) ends, or, with ``batch`` ``None``, as that validation ends;
+    with ``rank``, in that rank's process only (a scheduler signalling one node)."""
 
-    def __init__(self, signum: int = 15, batch: int | None = 0) -> None:  # SIGTERM
-        self.signum, self.batch = signum, batch
+    def __init__(self, signum: int = 15, batch: int | None = 0, rank: int | None = None) -> None:  # SIGTERM
+        self.signum, self.batch, self.rank = signum, batch, rank
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int, *args) -> None:
         if trainer.sanity_checking and batch_idx == self.batch:
-            os.kill(os.getpid(), self.signum)
+            self._signal(trainer)
 
     def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.batch is None:
+            self._signal(trainer)
+
+    def _signal(self, trainer: L.Trainer) -> None:
+        if self.rank is None or trainer.global_rank == self.rank:
             os.kill(os.getpid(), self.signum)
 
 

@@ -511,6 +511,31 @@ def test_a_sigterm_to_rank_one_alone_stops_and_resumes_as_the_uninterrupted_run(
             assert record["loss"] == pytest.approx(whole["steps"][step]["loss"], rel=1e-6), step
 
 
+def test_a_sigterm_to_rank_one_alone_in_the_sanity_validation_stops_fit_before_training(tiny_corpus, tmp_path):
+    """A SIGTERM to rank 1 alone in the sanity validation hung the run: Lightning's handler, which answered it there,
+    broadcasts from rank 0 inside the signal handler, a collective rank 0 never joined. Both ranks now stop before
+    training as in set-up (exit 143, nothing saved), and the command says so once, where each rank said it."""
+    from epas_lightning.sigterm_in_setup import STOPPED_IN_SETUP
+
+    env = clean_env() | {"EPAS_CACHE_DIR": str(tiny_corpus.parent)}
+    env["PYTHONPATH"] += os.pathsep + str(Path(__file__).parent)
+    args = ["fit", "--config", "debug", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    args += ["--trainer.callbacks+=helpers.SignalBeforeTraining", "--trainer.callbacks.rank=1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "epas_lightning", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # both ranks: Lightning starts rank 1 in this session
+        out, err = proc.communicate()
+        pytest.fail(f"the run hung:\n{err[-3000:]}")
+    assert proc.returncode == 143, err[-4000:]
+    assert err.count("interrupted: fit stopped (") == 1 and f"interrupted: fit stopped ({STOPPED_IN_SETUP})" in err
+    assert "Traceback" not in err and "EPAS: step" not in err and not list(tmp_path.rglob("*.ckpt")), err[-4000:]
+
+
 def test_an_error_on_rank_zero_ends_the_ranks_it_started(tiny_corpus, tmp_path):
     """Rank 0 fails with a user error while rank 1 is stuck (as in an NCCL collective, which waits out its timeout):
     the command says it in one line and exits 2, and rank 1 is gone within seconds instead of outliving it."""
