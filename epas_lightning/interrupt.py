@@ -339,6 +339,11 @@ class GracefulStop(Callback):
         self._step_plateaus_again()
         self._restore()
 
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # a fit that trained nothing after its sanity validation (no on_train_start or on_train_end): Lightning's
+        # teardown, just before, put back the handlers it found; the one kept here was that Trainer's
+        self._previous, self._trainer = {}, None
+
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._unannounced = False
         self._log_again(trainer)

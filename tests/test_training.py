@@ -1588,6 +1588,30 @@ def test_a_multi_node_run_refuses_a_checkpoint_folder_its_nodes_do_not_share(tmp
     assert not list((node0 / "runs").iterdir())
 
 
+def test_a_fit_that_trains_nothing_after_its_sanity_validation_leaves_no_handler_to_the_next(tiny_corpus, tmp_path):
+    """A fit whose sanity validation ran but trained nothing (``limit_train_batches=0``) kept its Trainer's SIGTERM
+    handler (and so that Trainer and its model) in the GracefulStop: the next fit without a sanity validation put it
+    back after training, and a SIGTERM there reached the first Trainer instead of the running one."""
+    import signal
+
+    from epas_lightning import GracefulStop
+
+    class SigtermAfterTraining(Callback):
+        def on_train_end(self, trainer, pl_module):  # after GracefulStop's own, listed before
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stop, before = GracefulStop(), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # not the default action: the test runs on
+    try:
+        first = make_trainer(tmp_path, 2, [stop], limit_train_batches=0, limit_val_batches=1, num_sanity_val_steps=1)
+        first.fit(*make_run(tiny_corpus, 2))
+        second = make_trainer(tmp_path, 1, [stop, SigtermAfterTraining()], limit_val_batches=1, num_sanity_val_steps=0)
+        second.fit(*make_run(tiny_corpus, 2))
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert second.received_sigterm and not first.received_sigterm
+
+
 @pytest.mark.parametrize("run_checkpoint", [False, True])
 def test_a_graceful_stop_saves_its_step_once(tiny_corpus, tmp_path, capsys, run_checkpoint):
     """After the stop's last.ckpt, the validation Lightning runs when fit stops early made ModelCheckpoint save the
