@@ -60,14 +60,13 @@ class HeldOutBatches(IterableDataset):
         if not pad and world_size > 1:
             raise ValueError("without pad rows the ranks' batch counts would differ")
         self.streams, self.seq_len, self.batch_size, self.pad = list(streams), seq_len, batch_size, pad
-        self.world_size = world_size
         lengths = [stream_samples(stream, seq_len) for stream in self.streams]
         self.total = sum(lengths)
         per_rank, extra = divmod(self.total, world_size)
+        self.parts = [per_rank + (r < extra) for r in range(world_size)]  # each rank's samples, the first the most
         self.start = rank * per_rank + min(rank, extra)
-        self.count = per_rank + (rank < extra)
-        most = per_rank + (extra > 0)  # the largest rank's part: its batch count is every rank's
-        self.batches = math.ceil((most if pad else self.count) / batch_size)
+        self.count = self.parts[rank]
+        self.batches = math.ceil((self.parts[0] if pad else self.count) / batch_size)  # the largest part's: each rank's
         self.order = mixed_order(lengths, seed) if len(lengths) > 1 else None
 
     def __len__(self) -> int:
@@ -75,9 +74,7 @@ class HeldOutBatches(IterableDataset):
 
     def rows_of_each_rank(self, batch: int) -> list[int]:
         """The samples (not pad rows) that the batch numbered ``batch`` of each rank holds, by rank."""
-        per_rank, extra = divmod(self.total, self.world_size)
-        parts = [per_rank + (rank < extra) for rank in range(self.world_size)]
-        return [min(self.batch_size, max(0, part - batch * self.batch_size)) for part in parts]
+        return [min(self.batch_size, max(0, part - batch * self.batch_size)) for part in self.parts]
 
     def __iter__(self):  # noqa: ANN204
         worker = get_worker_info()
