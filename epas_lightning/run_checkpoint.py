@@ -87,7 +87,7 @@ def keep_epoch_finished(checkpoint: dict[str, Any]) -> None:
         counts["completed"] = counts["processed"]
     batches["current"] = dict.fromkeys(batches["current"], 0)
     batches["is_last_batch"] = False
-    checkpoint[EPOCH_ENDED_KEY] = checkpoint.get("global_step")
+    checkpoint[EPOCH_ENDED_KEY] = step
 
 
 def keep_step_unfinished(fit_loop: dict[str, Any]) -> None:
