@@ -511,9 +511,12 @@ def test_a_sigterm_to_rank_one_alone_stops_and_resumes_as_the_uninterrupted_run(
             assert record["loss"] == pytest.approx(whole["steps"][step]["loss"], rel=1e-6), step
 
 
-def test_a_sigterm_to_rank_one_alone_in_the_sanity_validation_stops_fit_before_training(tiny_corpus, tmp_path):
+@pytest.mark.parametrize("sanity_steps", [2, 0], ids=["sanity validation", "no sanity validation"])
+def test_a_sigterm_to_rank_one_alone_before_training_stops_fit_before_training(tiny_corpus, tmp_path, sanity_steps):
     """A SIGTERM to rank 1 alone in the sanity validation hung the run: Lightning's handler, which answered it there,
-    broadcasts from rank 0 inside the signal handler, a collective rank 0 never joined. Both ranks now stop before
+    broadcasts from rank 0 inside the signal handler, a collective rank 0 never joined. So did one in the first hook
+    after Lightning registered that handler (here the sanity validation's start, or without one training's, in a
+    callback before ``GracefulStop``), which answered from then until its own replaced it. Both ranks now stop before
     training as in set-up (exit 143, nothing saved), and the command says so once, where each rank said it."""
     from epas_lightning.sigterm_in_setup import STOPPED_IN_SETUP
 
@@ -521,6 +524,7 @@ def test_a_sigterm_to_rank_one_alone_in_the_sanity_validation_stops_fit_before_t
     env["PYTHONPATH"] += os.pathsep + str(Path(__file__).parent)
     args = ["fit", "--config", "debug", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
     args += ["--trainer.callbacks+=helpers.SignalBeforeTraining", "--trainer.callbacks.rank=1"]
+    args += ["--trainer.callbacks.batch=start", f"--trainer.num_sanity_val_steps={sanity_steps}"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "epas_lightning", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True,
