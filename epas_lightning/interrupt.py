@@ -252,14 +252,17 @@ class GracefulStop(Callback):
         self._validation_skipped_at = None  # it runs: a checkpoint saved after it holds it
 
     def _agreed_stop(self, trainer: Trainer) -> tuple[signal.Signals | None, bool]:
-        """Whether any rank was signalled (one all-reduce, two for a requeue): the signal the stop reports (another
-        rank's counts as SIGTERM, the requeue signal wins), and whether the job is to be requeued."""
-        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+        """Whether any rank was signalled (one all-reduce; once one was, one or two more): the signal the stop reports
+        (the requeue signal wins; Ctrl+C where every signalled rank got Ctrl+C; else this rank's, another rank's
+        counting as SIGTERM), and whether the job is to be requeued."""
+        reduce = trainer.strategy.reduce_boolean_decision
+        if not reduce(self.received is not None, all=False):
             return None, False
-        requeue = self.requeue_signal is not None and trainer.strategy.reduce_boolean_decision(
-            self.received == self.requeue_signal, all=False
-        )
-        return (self.requeue_signal if requeue else self.received or signal.SIGTERM), requeue
+        if self.requeue_signal is not None and reduce(self.received == self.requeue_signal, all=False):
+            return self.requeue_signal, True
+        if reduce(self.received in (None, signal.SIGINT), all=True):
+            return signal.SIGINT, False
+        return (signal.SIGTERM if self.received in (None, signal.SIGINT) else self.received), False
 
     def _stop_if_signalled_before_training(self, trainer: Trainer) -> None:
         """Stop ``fit`` before its first step when a rank kept the requeue signal since the command started (see

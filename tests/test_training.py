@@ -2260,3 +2260,37 @@ def test_a_checkpoint_saved_at_the_epoch_end_of_a_stops_step_resumes_as_the_unin
     assert first["val"] + resumed["val"] == whole["val"]
     assert {**first["lr"], **resumed["lr"]} == pytest.approx(whole["lr"])
     assert first["logged"] + resumed["logged"] == whole["logged"]
+
+
+@pytest.mark.parametrize(
+    ("signals", "reported"),
+    [((None, "SIGINT"), "SIGINT"), (("SIGINT", "SIGINT"), "SIGINT"), (("SIGINT", "SIGTERM"), "SIGTERM")],
+)
+def test_every_rank_reports_the_signal_of_a_stop_alike(signals, reported):
+    """Ctrl+C to one rank alone (a ``kill -INT`` of rank 1) stopped every rank, but the others reported SIGTERM: rank 0
+    said "stopped by SIGTERM" and the command exited 143, not 130. The ranks (two threads here, their boolean
+    all-reduces met at a barrier) now report one signal: Ctrl+C where every signalled rank got it, else SIGTERM."""
+    import signal
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from epas_lightning import GracefulStop
+
+    barrier, decisions = threading.Barrier(2, timeout=10), [False, False]  # a rank that fails breaks it
+
+    def agreed_stop(rank: int) -> tuple:
+        def reduce(decision: bool, all: bool) -> bool:  # noqa: A002 (Lightning's keyword)
+            decisions[rank] = decision
+            barrier.wait()
+            agreed = (min if all else max)(decisions)
+            barrier.wait()  # both read it before the next reduce writes
+            return agreed
+
+        stop = GracefulStop()
+        stop.received = signals[rank] and signal.Signals[signals[rank]]
+        return stop._agreed_stop(SimpleNamespace(strategy=SimpleNamespace(reduce_boolean_decision=reduce)))
+
+    with ThreadPoolExecutor(2) as ranks:
+        results = list(ranks.map(agreed_stop, range(2)))
+    assert results == [(signal.Signals[reported], False)] * 2
