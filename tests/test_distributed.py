@@ -586,12 +586,14 @@ def test_a_user_error_on_rank_one_alone_is_one_line_with_its_status(tiny_corpus,
     ], proc.stderr[-4000:]
 
 
-@pytest.mark.parametrize("child_status", [0, 2])
+@pytest.mark.parametrize("child_status", [0, 2, 143])
 def test_rank_zero_names_a_failed_child_and_blames_none_that_finished(child_status):
     """Rank 0's collective broke (Connection closed by peer) after the rank it started had ended: a child that failed
     is named with its status; one that had finished cleanly (exit 0: rank 0 went on into a collective it never joined)
     was blamed as well ("another rank ended ... that rank's own error, above, says why", where there was none). Now the
-    traceback stays, with a note that no rank failed."""
+    traceback stays, with a note that no rank failed. A child that a signal stopped at once (SIGTERM to it alone while
+    fit set up: exit 143, its "interrupted:" line said) was followed by rank 0's error line as well: now the command
+    exits with its status and says nothing more."""
     from types import SimpleNamespace
 
     from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
@@ -607,7 +609,10 @@ def test_rank_zero_names_a_failed_child_and_blames_none_that_finished(child_stat
     trainer.callbacks = [watcher]
     watcher.on_exception(trainer, None, error := RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:1234"))
     said = peer_rank_ended(error, trainer)
-    if child_status:
+    if child_status == 143:
+        assert said.exit_status == 143 and not said.announce
+    elif child_status:
         assert str(said).startswith("rank 1 ended (exit status 2) during the run — rank 0") and said.exit_status == 2
+        assert said.announce
     else:
         assert said is None and "no rank failed" in error.__notes__[0]
