@@ -10,12 +10,15 @@ Lightning does itself after Ctrl+C.
 
 A child that fails first (a user error only it meets, such as a data folder it cannot read) prints its own error and
 exits; rank 0's next collective then breaks (gloo: "Connection closed by peer") with a long traceback that buries that
-line. :func:`peer_rank_ended` turns it into one line that points at the child's error and takes the child's exit status.
+line. :func:`peer_rank_ended` turns it into one line that points at the child's error and takes the child's exit status;
+none where a signal stopped the child at once (Ctrl+C, or SIGTERM to it alone while ``fit`` set up), whose own line says
+so.
 """
 
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -29,6 +32,9 @@ GRACE_SECONDS = 5.0
 
 PEER_GONE = re.compile(r"Connection (?:closed|reset) by peer|remote process exited")
 """How a collective says another rank's process is gone (gloo's broken connection, NCCL's remote error)."""
+STOPPED_AT_ONCE = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+"""The exit statuses of a rank the command stopped at once for a signal, with its "interrupted:" line (Ctrl+C, or
+SIGTERM to it alone while ``fit`` set up)."""
 
 
 class PeerRankEnded(UserError):
@@ -102,9 +108,11 @@ def peer_rank_ended(error: BaseException, trainer: Trainer) -> PeerRankEnded | N
     if not watchers:
         return PeerRankEnded("another rank ended during the run", this_rank, fix.replace("its", "that rank's"), 1)
     rank, status = watchers[0].failed_children[0]
-    return PeerRankEnded(
+    ended = PeerRankEnded(
         f"rank {rank} ended ({process_ending(status)}) during the run",
         this_rank,
         fix,
         128 - status if status < 0 else status,
     )
+    ended.announce = status not in STOPPED_AT_ONCE  # such a rank said so itself: the command's one line
+    return ended

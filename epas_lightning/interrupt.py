@@ -12,13 +12,13 @@ nothing to resume, no job to requeue, exit status 0; so in the step where ``max_
 there: to train on, raise it; before ``min_steps`` or ``min_epochs`` are met, it saves and waits for them, the run
 training as without it). A second signal stops at once, without a checkpoint, as does
 Ctrl+C before training starts, and SIGTERM from when Lightning registers its handler (once the data, the model and a
-resumed checkpoint are set up: the sanity validation, where a SIGTERM to any rank sets a flag the ranks agree on as
-training starts: all stop before the first step): the CLI then prints one line and exits with the same status
-(Lightning would exit 1 after Ctrl+C, and 0 after SIGTERM). A SIGTERM before that (the config, the built-in corpus's
-first preparation, the data checks, the model build, ``init_from``'s read, the resume) stops the CLI at once too, with
-one line saying nothing was trained (:mod:`epas_lightning.sigterm_in_setup`; one during the imports, once the config
-is read); its default action ended the process with status 143 and nothing said. From a script of one's own it keeps
-its default action.
+resumed checkpoint are set up: the sanity validation and the training loader's set-up, where a SIGTERM to any rank
+sets a flag the ranks agree on as training starts: all stop before the first step): the CLI then prints one line and
+exits with the same status (Lightning would exit 1 after Ctrl+C, and 0 after SIGTERM). A SIGTERM before that (the
+config, the built-in corpus's first preparation, the data checks, the model build, ``init_from``'s read, the resume)
+stops the CLI at once too, with one line saying nothing was trained (:mod:`epas_lightning.sigterm_in_setup`; one
+during the imports, once the config is read); its default action ended the process with status 143 and nothing said.
+From a script of one's own it keeps its default action.
 
 Under SLURM with Lightning's ``auto_requeue`` (its default), the requeue signal (``SIGUSR1``, sent before the time
 limit with ``#SBATCH --signal=USR1@<seconds>``) stops the same way, and then the first rank requeues the job
@@ -55,6 +55,7 @@ from epas_lightning.run_checkpoint import (
     save_last_now,
 )
 from epas_lightning.run_summary import max_time_ran_out, raise_limit_advice, say
+from epas_lightning.signal_registration import after_signal_registration, forget_signal_registration
 from epas_lightning.sigterm_in_setup import STOPPED_IN_SETUP, training_started
 from epas_lightning.slurm import (
     give_back_requeue,
@@ -123,12 +124,14 @@ class GracefulStop(Callback):
         # before Lightning registers its handlers: its requeue handler is never set
         self.requeue_signal = take_requeue_signal(trainer)
         self._stop_if_signalled_before_training(trainer)  # before resuming and the sanity validation
-
-    def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.enabled and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():
             # Lightning's SIGTERM handler, registered after on_fit_start, broadcasts from rank 0 inside the handler: a
-            # SIGTERM to another rank alone hung there. Until training one only sets the flag on_train_start agrees on
-            self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_sigterm_before_training)}
+            # SIGTERM to another rank alone hung there (the sanity validation, the run stage's barrier, the training
+            # loader's set-up). From its registration until training one only sets the flag on_train_start agrees on
+            after_signal_registration(trainer, self._answer_sigterm_before_training)
+
+    def _answer_sigterm_before_training(self) -> None:
+        self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_sigterm_before_training)}
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._step, self._validation_skipped_at, self._kept_going = trainer.global_step, None, False
@@ -136,13 +139,11 @@ class GracefulStop(Callback):
         if self.enabled and threading.current_thread() is threading.main_thread():
             # Lightning registered its SIGTERM handler after on_fit_start: this one replaces it until training ends
             signals = (*SIGNALS, self.requeue_signal) if self.requeue_signal else SIGNALS
-            # Lightning's handlers, restored after training: the sanity validation's replaced Lightning's SIGTERM one
+            # Lightning's handlers, restored after training: the one before training replaced Lightning's SIGTERM one
             self._previous = {**{sig: signal.signal(sig, self._on_signal) for sig in signals}, **self._previous}
             self._trainer = trainer
             training_started()  # the command's handler from its start steps aside
-        # read once this callback's handler is in place: a SIGTERM before the sanity validation (or without one) set
-        # Lightning's flag, one after it ours
-        self._stop_if_signalled_before_training(trainer, sigterm=self.enabled and trainer.received_sigterm)
+        self._stop_if_signalled_before_training(trainer)  # read once this callback's handler is in place
 
     def _on_sigterm_before_training(self, signum: int, frame: Any) -> None:
         if self.received is not None:  # a second one: stop at once
@@ -251,22 +252,26 @@ class GracefulStop(Callback):
         self._validation_skipped_at = None  # it runs: a checkpoint saved after it holds it
 
     def _agreed_stop(self, trainer: Trainer) -> tuple[signal.Signals | None, bool]:
-        """Whether any rank was signalled (one all-reduce, two for a requeue): the signal the stop reports (another
-        rank's counts as SIGTERM, the requeue signal wins), and whether the job is to be requeued."""
-        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+        """Whether any rank was signalled (one all-reduce; once one was, one or two more): the signal the stop reports
+        (the requeue signal wins; Ctrl+C where every signalled rank got Ctrl+C; else this rank's, another rank's
+        counting as SIGTERM), and whether the job is to be requeued."""
+        reduce = trainer.strategy.reduce_boolean_decision
+        if not reduce(self.received is not None, all=False):
             return None, False
-        requeue = self.requeue_signal is not None and trainer.strategy.reduce_boolean_decision(
-            self.received == self.requeue_signal, all=False
-        )
-        return (self.requeue_signal if requeue else self.received or signal.SIGTERM), requeue
+        if self.requeue_signal is not None and reduce(self.received == self.requeue_signal, all=False):
+            return self.requeue_signal, True
+        if reduce(self.received in (None, signal.SIGINT), all=True):
+            return signal.SIGINT, False
+        return (signal.SIGTERM if self.received in (None, signal.SIGINT) else self.received), False
 
-    def _stop_if_signalled_before_training(self, trainer: Trainer, sigterm: bool = False) -> None:
+    def _stop_if_signalled_before_training(self, trainer: Trainer) -> None:
         """Stop ``fit`` before its first step when a rank kept the requeue signal since the command started (see
         :func:`epas_lightning.slurm.remembering_requeue_signal`): nothing to save; the first rank requeues the job,
-        unless it was requeued before (no progress since: a ``ConfigError``). Or when a rank got SIGTERM while
-        Lightning's handler answered it (``sigterm``, its flag): in the sanity validation's last batch, or after it,
-        Lightning only raised once the first step had trained, and saved nothing; it stops as in set-up instead."""
-        self.received = self.received or remembered() or (signal.SIGTERM if sigterm else None)
+        unless it was requeued before (no progress since: a ``ConfigError``). Or when a rank got SIGTERM since
+        Lightning registered its handlers (the flag of the handler that replaced Lightning's there: the run stage's
+        barrier, the sanity validation, the training loader's set-up): it stops as in set-up, nothing trained or
+        saved."""
+        self.received = self.received or remembered()
         signum, requeue = self._agreed_stop(trainer)
         if signum is None:
             return
@@ -345,6 +350,7 @@ class GracefulStop(Callback):
         self._previous, self._trainer = {}, None
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        forget_signal_registration(trainer)  # a fit that failed before Lightning registered its handlers
         self._unannounced = False
         self._log_again(trainer)
         self._step_plateaus_again()

@@ -511,9 +511,12 @@ def test_a_sigterm_to_rank_one_alone_stops_and_resumes_as_the_uninterrupted_run(
             assert record["loss"] == pytest.approx(whole["steps"][step]["loss"], rel=1e-6), step
 
 
-def test_a_sigterm_to_rank_one_alone_in_the_sanity_validation_stops_fit_before_training(tiny_corpus, tmp_path):
+@pytest.mark.parametrize("sanity_steps", [2, 0], ids=["sanity validation", "no sanity validation"])
+def test_a_sigterm_to_rank_one_alone_before_training_stops_fit_before_training(tiny_corpus, tmp_path, sanity_steps):
     """A SIGTERM to rank 1 alone in the sanity validation hung the run: Lightning's handler, which answered it there,
-    broadcasts from rank 0 inside the signal handler, a collective rank 0 never joined. Both ranks now stop before
+    broadcasts from rank 0 inside the signal handler, a collective rank 0 never joined. So did one in the first hook
+    after Lightning registered that handler (here the sanity validation's start, or without one training's, in a
+    callback before ``GracefulStop``), which answered from then until its own replaced it. Both ranks now stop before
     training as in set-up (exit 143, nothing saved), and the command says so once, where each rank said it."""
     from epas_lightning.sigterm_in_setup import STOPPED_IN_SETUP
 
@@ -521,6 +524,7 @@ def test_a_sigterm_to_rank_one_alone_in_the_sanity_validation_stops_fit_before_t
     env["PYTHONPATH"] += os.pathsep + str(Path(__file__).parent)
     args = ["fit", "--config", "debug", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
     args += ["--trainer.callbacks+=helpers.SignalBeforeTraining", "--trainer.callbacks.rank=1"]
+    args += ["--trainer.callbacks.batch=start", f"--trainer.num_sanity_val_steps={sanity_steps}"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "epas_lightning", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -582,12 +586,14 @@ def test_a_user_error_on_rank_one_alone_is_one_line_with_its_status(tiny_corpus,
     ], proc.stderr[-4000:]
 
 
-@pytest.mark.parametrize("child_status", [0, 2])
+@pytest.mark.parametrize("child_status", [0, 2, 143])
 def test_rank_zero_names_a_failed_child_and_blames_none_that_finished(child_status):
     """Rank 0's collective broke (Connection closed by peer) after the rank it started had ended: a child that failed
     is named with its status; one that had finished cleanly (exit 0: rank 0 went on into a collective it never joined)
     was blamed as well ("another rank ended ... that rank's own error, above, says why", where there was none). Now the
-    traceback stays, with a note that no rank failed."""
+    traceback stays, with a note that no rank failed. A child that a signal stopped at once (SIGTERM to it alone while
+    fit set up: exit 143, its "interrupted:" line said) was followed by rank 0's error line as well: now the command
+    exits with its status and says nothing more."""
     from types import SimpleNamespace
 
     from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
@@ -603,7 +609,10 @@ def test_rank_zero_names_a_failed_child_and_blames_none_that_finished(child_stat
     trainer.callbacks = [watcher]
     watcher.on_exception(trainer, None, error := RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:1234"))
     said = peer_rank_ended(error, trainer)
-    if child_status:
+    if child_status == 143:
+        assert said.exit_status == 143 and not said.announce
+    elif child_status:
         assert str(said).startswith("rank 1 ended (exit status 2) during the run — rank 0") and said.exit_status == 2
+        assert said.announce
     else:
         assert said is None and "no rank failed" in error.__notes__[0]

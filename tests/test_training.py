@@ -1612,6 +1612,35 @@ def test_a_fit_that_trains_nothing_after_its_sanity_validation_leaves_no_handler
     assert second.received_sigterm and not first.received_sigterm
 
 
+def test_a_fit_that_failed_before_lightning_registered_its_handlers_leaves_the_next_validate_lightnings(
+    tiny_corpus, tmp_path
+):
+    """GracefulStop puts its SIGTERM handler in place as Lightning registers its own in fit. A fit that failed before
+    (here in another callback's on_fit_start) must not leave that to the Trainer's next run: a validate would have
+    answered SIGTERM with a flag nothing reads instead of Lightning's stop."""
+    import signal
+
+    from epas_lightning import GracefulStop
+
+    class FailAtFitStart(Callback):
+        def on_fit_start(self, trainer, pl_module):  # after GracefulStop's own, listed after it
+            raise ValueError("a failure before the handlers")
+
+    handlers = []
+
+    class RecordHandler(Callback):
+        def on_validation_start(self, trainer, pl_module):
+            handlers.append(signal.getsignal(signal.SIGTERM))
+
+    stop = GracefulStop()
+    module, data = make_run(tiny_corpus, 2)
+    trainer = make_trainer(tmp_path, 1, [stop, FailAtFitStart(), RecordHandler()], limit_val_batches=1)
+    with pytest.raises(ValueError, match="a failure before the handlers"):
+        trainer.fit(module, datamodule=data)
+    trainer.validate(module, datamodule=data, verbose=False)
+    assert len(handlers) == 1 and getattr(handlers[0], "__self__", None) is not stop
+
+
 @pytest.mark.parametrize("run_checkpoint", [False, True])
 def test_a_graceful_stop_saves_its_step_once(tiny_corpus, tmp_path, capsys, run_checkpoint):
     """After the stop's last.ckpt, the validation Lightning runs when fit stops early made ModelCheckpoint save the
@@ -2260,3 +2289,37 @@ def test_a_checkpoint_saved_at_the_epoch_end_of_a_stops_step_resumes_as_the_unin
     assert first["val"] + resumed["val"] == whole["val"]
     assert {**first["lr"], **resumed["lr"]} == pytest.approx(whole["lr"])
     assert first["logged"] + resumed["logged"] == whole["logged"]
+
+
+@pytest.mark.parametrize(
+    ("signals", "reported"),
+    [((None, "SIGINT"), "SIGINT"), (("SIGINT", "SIGINT"), "SIGINT"), (("SIGINT", "SIGTERM"), "SIGTERM")],
+)
+def test_every_rank_reports_the_signal_of_a_stop_alike(signals, reported):
+    """Ctrl+C to one rank alone (a ``kill -INT`` of rank 1) stopped every rank, but the others reported SIGTERM: rank 0
+    said "stopped by SIGTERM" and the command exited 143, not 130. The ranks (two threads here, their boolean
+    all-reduces met at a barrier) now report one signal: Ctrl+C where every signalled rank got it, else SIGTERM."""
+    import signal
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from epas_lightning import GracefulStop
+
+    barrier, decisions = threading.Barrier(2, timeout=10), [False, False]  # a rank that fails breaks it
+
+    def agreed_stop(rank: int) -> tuple:
+        def reduce(decision: bool, all: bool) -> bool:  # noqa: A002 (Lightning's keyword)
+            decisions[rank] = decision
+            barrier.wait()
+            agreed = (min if all else max)(decisions)
+            barrier.wait()  # both read it before the next reduce writes
+            return agreed
+
+        stop = GracefulStop()
+        stop.received = signals[rank] and signal.Signals[signals[rank]]
+        return stop._agreed_stop(SimpleNamespace(strategy=SimpleNamespace(reduce_boolean_decision=reduce)))
+
+    with ThreadPoolExecutor(2) as ranks:
+        results = list(ranks.map(agreed_stop, range(2)))
+    assert results == [(signal.Signals[reported], False)] * 2
