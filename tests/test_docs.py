@@ -419,3 +419,17 @@ def test_readme_generate_from_python_runs(debug_fit_run):
     assert namespace["loaded"].model.sharing.shared_layers == [1]
     assert 1 <= len(namespace["result"].tokens[0]) <= 8
 
+
+def test_guide_names_every_scalar_a_fit_logs(debug_fit_run):
+    """The guide's list of what TensorBoard shows names every scalar a ``fit`` logs (a group by its prefix, such as
+    ``train/device/``; Lightning's ``epoch`` aside): it left out ``val/tokens``, the validations' ``validate/`` counts
+    and the learning rate's tag names."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, cwd = debug_fit_run
+    (events,) = (cwd / "runs").glob("debug/version_0/events.out.tfevents.*")
+    tags = set(EventAccumulator(str(events)).Reload().Tags()["scalars"]) - {"epoch"}
+    named = set(re.findall(r"`([\w/-]+)`", (REPO / "docs" / "guide.md").read_text()))
+    groups = tuple(name for name in named if name.endswith("/"))
+    assert {"train/loss", "val/loss", "sharing/layers"} < tags  # the run's logs were read
+    assert sorted(tag for tag in tags if tag not in named and not tag.startswith(groups)) == []
