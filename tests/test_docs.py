@@ -303,8 +303,18 @@ def readme_defaults() -> list[tuple[str, object, object]]:
         ("when that is at most 8192 tokens", 8192, LONGEST_TAKEN_BLOCK_SIZE),
         ("prints a line on stderr every 10 s", 10, LINE_EVERY_S),
         ("until the scale is down to `min_loss_scale` (1)", 1, default(DivergenceGuard, "min_loss_scale")),
+        ("with `min_steps` alone Lightning sets `min_epochs` to 1", 1, lightning_min_epochs(min_steps=5)),
         ("(`runs/epas` unless the config sets another)", "runs/epas", f"{logger['save_dir']}/{logger['name']}"),
     ]
+
+
+def lightning_min_epochs(min_steps: int) -> int:
+    """The ``min_epochs`` Lightning's fit loop takes where a ``Trainer`` sets ``min_steps`` and no ``min_epochs``."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loops.utilities import _parse_loop_limits
+
+    return _parse_loop_limits(min_steps, 10, None, None, SimpleNamespace(callbacks=[]))[0]
 
 
 def graceful_timeout() -> float:
@@ -408,3 +418,18 @@ def test_readme_generate_from_python_runs(debug_fit_run):
     exec(compile(script, "README.md", "exec"), namespace)
     assert namespace["loaded"].model.sharing.shared_layers == [1]
     assert 1 <= len(namespace["result"].tokens[0]) <= 8
+
+
+def test_guide_names_every_scalar_a_fit_logs(debug_fit_run):
+    """The guide's list of what TensorBoard shows names every scalar a ``fit`` logs (a group by its prefix, such as
+    ``train/device/``; Lightning's ``epoch`` aside): it left out ``val/tokens``, the validations' ``validate/`` counts
+    and the learning rate's tag names."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, cwd = debug_fit_run
+    (events,) = (cwd / "runs").glob("debug/version_0/events.out.tfevents.*")
+    tags = set(EventAccumulator(str(events)).Reload().Tags()["scalars"]) - {"epoch"}
+    named = set(re.findall(r"`([\w/-]+)`", (REPO / "docs" / "guide.md").read_text()))
+    groups = tuple(name for name in named if name.endswith("/"))
+    assert {"train/loss", "val/loss", "sharing/layers"} < tags  # the run's logs were read
+    assert sorted(tag for tag in tags if tag not in named and not tag.startswith(groups)) == []
