@@ -45,9 +45,9 @@ from epas_lightning.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """Part of the cache key: raised when preparation changes the tokens (2: a file's UTF-8 byte order mark is dropped; 3:
-files held out by the hash of their text, not of their path)."""
+files held out by the hash of their text, not of their path; 4: a whitespace-only file is left out)."""
 BOS_TOKEN = TRAINED_BOS_TOKEN
 EOS_TOKEN = TRAINED_EOS_TOKEN
 FILES_FILENAME = "files.json"
