@@ -425,7 +425,7 @@ def _run_to_end(engine: Engine, texts: dict[str, str]) -> dict[str, str]:
     ends = {}
     while engine.busy:
         for output in engine.step():
-            texts[output.key] += output.text
+            texts[output.key] += "" if output.finish_reason == "error" else output.text  # an error's text: its message
             if output.finish_reason:
                 ends[output.key] = output.finish_reason
     return ends
@@ -580,6 +580,87 @@ def test_a_sequence_that_finishes_in_a_step_that_then_fails_still_gets_its_answe
     loop._send(engine, transport)  # its last token, then the new group fails
     assert [status for uid, status in sent if uid == "done"][-2:] == [LitAPIStatus.OK, LitAPIStatus.FINISH_STREAMING]
     assert [status for uid, status in sent if uid == "new"] == [LitAPIStatus.ERROR] and not engine.busy
+
+
+@contextlib.contextmanager
+def serve_log_records():
+    """The records the engine logs (``epas_lightning.serve``, every level) while inside."""
+    records, log = [], logging.getLogger("epas_lightning.serve")
+    handler, level = logging.Handler(logging.DEBUG), log.level
+    handler.emit = records.append
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    try:
+        yield records
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+def test_a_failed_batch_logs_the_errors_type_and_its_traceback_once_per_place(checkpoint, monkeypatch):
+    """A batch's step failed and each sequence then finished alone: the log held only the error's text ('failed ()'
+    for an error without one) and no traceback anywhere, so the cause (a bug in the batched path) was lost. The line
+    names the type; the first failure from a place logs its traceback, the same failure again does not."""
+    from epas_lightning.inference.generate import Decoder
+
+    loaded = load_model(checkpoint)
+    prefill, step = Decoder.prefill, Decoder.step
+
+    def failing_step(self, *args):  # noqa: ANN001, ANN002, ANN202
+        if self.batch_size > 1:
+            raise RuntimeError("")
+        return step(self, *args)
+
+    def failing_prefill(self):  # noqa: ANN001, ANN202 - another place
+        if self.batch_size > 1:
+            raise RuntimeError("a batched prefill bug")
+        return prefill(self)
+
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=4)
+    with serve_log_records() as records:
+        monkeypatch.setattr(Decoder, "step", failing_step)
+        for round_ in range(2):  # the same failure twice: one traceback
+            for key in ("a", "b"):
+                engine.add(f"{key}{round_}", SequenceRequest([0, 5, 9], 3, 2))
+            assert set(_run_to_end(engine, dict.fromkeys(("a0", "b0", "a1", "b1"), "")).values()) == {"length"}
+        monkeypatch.setattr(Decoder, "prefill", failing_prefill)
+        for key in ("c", "d"):
+            engine.add(key, SequenceRequest([0, 5, 9], 3, 2))
+        assert set(_run_to_end(engine, dict.fromkeys("cd", "")).values()) == {"length"}
+    failures = [r for r in records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in failures] == [
+        "a batch of 2 sequences failed (RuntimeError); 2 go on alone",
+        "a batch of 2 sequences failed (RuntimeError); 2 go on alone",
+        "a batch of 2 sequences failed (RuntimeError: a batched prefill bug); 2 go on alone",
+    ]
+    assert [r.exc_info is not None for r in failures] == [True, False, True]
+    assert all(r.levelno == logging.WARNING for r in failures)
+
+
+def test_a_request_that_fails_alone_is_told_what_happened_to_it_not_that_the_worker_failed(checkpoint, monkeypatch):
+    """A sequence that failed alone sent an empty error, which the HTTP side read as 'the inference worker failed
+    while decoding this request', though the worker went on serving. Its client is told its request's decoding
+    failed, with the error's type but not its text nor a traceback."""
+    pytest.importorskip("litserve")
+    from litserve.utils import LitAPIStatus
+
+    from epas_lightning.serve.api import EngineLoop
+
+    loaded = load_model(checkpoint)
+
+    def failing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise KeyError("/secret/path")
+
+    monkeypatch.setattr(loaded.model, "new_cache", failing)
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=8)
+    loop, transport = EngineLoop(), SentStatuses(with_data=True)
+    loop.routes["a"], loop.streams["a"], loop.pieces["a"] = 0, False, []
+    engine.add("a", SequenceRequest([0, 5], 3, 2))
+    loop._send(engine, transport)
+    assert transport.sent == [
+        ("a", "decoding this request failed (KeyError; the server's log has the cause); the server goes on serving",
+         LitAPIStatus.ERROR),
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(

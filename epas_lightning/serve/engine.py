@@ -31,6 +31,7 @@ import torch
 from epas_lightning.inference.generate import Decoder, stop_id_list
 from epas_lightning.model import Llama
 from epas_lightning.region import TrainedRegion
+from epas_lightning.serve.failures import FailureLog, described, failed_alone
 from epas_lightning.serve.text import TextStream
 
 logger = logging.getLogger("epas_lightning.serve")
@@ -66,8 +67,8 @@ class Output:
     text: str
     finish_reason: str | None = None
     """``stop`` (EOS or a stop string), ``length`` (max_tokens reached) or ``error`` (``text`` says what went wrong:
-    the activations overflowed the model's dtype; empty where its work failed alone, the cause in the log); ``None``
-    while it runs."""
+    the activations overflowed the model's dtype, or its work failed alone, the cause in the log); ``None`` while it
+    runs."""
     info: dict[str, Any] | None = None
     """On the last output: ``completion_tokens``; ``kv_cache_bytes``, the KV cache this sequence's row held (its
     group's longest prompt plus largest ``max_tokens`` positions of every layer it caches), and
@@ -137,7 +138,7 @@ class _Group:
             try:
                 outputs.append(self._take(row, token) if finite[row] else self._overflowed(row))
             except Exception as error:
-                outputs.append(failed_output(self.keys[row], error))
+                outputs.append(self.engine.failed(self.keys[row], error))
         return outputs
 
     def keep(self, rows: list[int]) -> None:
@@ -181,12 +182,6 @@ class _Group:
         return Output(self.keys[row], text, reason, info)
 
 
-def failed_output(key: Hashable, error: BaseException) -> Output:
-    """The end of a sequence whose work failed alone: an error (the server's message for it), the cause logged."""
-    logger.error("sequence %s failed; it ends with an error", key, exc_info=error)
-    return Output(key, "", "error")
-
-
 class Engine:
     """Decode many sequences at once, grouped by region and sampling settings (see the module docstring).
 
@@ -216,6 +211,7 @@ class Engine:
         self.restarts: list[Member] = []
         """Sequences whose batch failed between steps (dropping a cancelled row): each goes on alone next step."""
         self._alone = itertools.count()
+        self.failures = FailureLog()
 
     def add(self, key: Hashable, request: SequenceRequest) -> None:
         """Queue a sequence; it is admitted by a later :meth:`step`."""
@@ -293,10 +289,19 @@ class Engine:
         """After a batch of ``batch`` sequences failed with ``error``: each of its ``members`` still running goes on in
         a group of its own, so only one that fails alone gets an error (a batch of one: it ends with this error)."""
         if batch == 1:
-            return [failed_output(members[0][0], error)]
-        logger.warning("a batch of %d sequences failed (%s); %d go on alone", batch, error, len(members))
+            return [self.failed(members[0][0], error)]
+        self.failures.log(
+            logging.WARNING, error, "a batch of %d sequences failed (%s); %d go on alone", batch, described(error),
+            len(members),
+        )  # fmt: skip
         traceback.clear_frames(error.__traceback__)  # the tensors its frames hold (a KV cache) go before any is built
         return [output for member in members for output in self._start([member])]
+
+    def failed(self, key: Hashable, error: BaseException) -> Output:
+        """The end of a sequence whose work failed alone: an error that says so, the cause logged."""
+        self.failures.log(logging.ERROR, error, "sequence %s failed alone (%s); it ends with an error", key,
+                          described(error))  # fmt: skip
+        return Output(key, failed_alone(error), "error")
 
     def cancel(self, key: Hashable) -> bool:
         """Drop a sequence, waiting or running (it leaves its batch); no output follows. False if it is not here."""
@@ -314,7 +319,8 @@ class Engine:
                 try:
                     group.keep(others)
                 except Exception as error:  # the others go on alone from the next step
-                    logger.warning("dropping cancelled sequence %s from its batch failed (%s)", key, error)
+                    self.failures.log(logging.WARNING, error, "dropping cancelled sequence %s from its batch failed "
+                                      "(%s); the others go on alone", key, described(error))  # fmt: skip
                     self.restarts += group.members(others)
                     self._drop(group)
                     return True
