@@ -13,7 +13,9 @@ at once, so every row computed is a sequence in flight and ``max_batch_size`` bo
 A group whose batched work fails (its KV cache, its prefill, a decode step, dropping a finished or cancelled row: one
 bad sequence, out of memory) fails nobody else: each of its sequences goes on alone from where it is (its prompt and
 the tokens it has made prefilled again), and only one that fails alone ends with an error. Other groups, and
-sequences still waiting, never notice.
+sequences still waiting, never notice. A device error after which nothing runs (a device-side assert, an illegal
+memory access) is retried by none: the sequences it hit end with an error that says so, and every step from then on
+raises :class:`~epas_lightning.serve.failures.DeviceLost` (the server stops).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from epas_lightning.inference.generate import Decoder, stop_id_list
 from epas_lightning.model import Llama
 from epas_lightning.region import TrainedRegion
-from epas_lightning.serve.failures import FailureLog, described, failed_alone
+from epas_lightning.serve.failures import DeviceLost, FailureLog, described, device_lost, failed_alone, lost_device
 from epas_lightning.serve.text import TextStream
 
 logger = logging.getLogger("epas_lightning.serve")
@@ -212,6 +214,8 @@ class Engine:
         """Sequences whose batch failed between steps (dropping a cancelled row): each goes on alone next step."""
         self._alone = itertools.count()
         self.failures = FailureLog()
+        self.lost: BaseException | None = None
+        """The device error after which nothing more is decoded (:meth:`step` raises ``DeviceLost``)."""
 
     def add(self, key: Hashable, request: SequenceRequest) -> None:
         """Queue a sequence; it is admitted by a later :meth:`step`."""
@@ -239,11 +243,14 @@ class Engine:
         outputs: list[Output] = []
         try:
             for group in list(self.groups):  # not the groups its failures start: they have made this step's token
-                outputs += self._advance(group)
-            while self.restarts:
+                if self.lost is None:  # the others stay in their groups, for abort
+                    outputs += self._advance(group)
+            while self.restarts and self.lost is None:
                 outputs += self._start([self.restarts.pop(0)])
-            for members in self._admit():
+            for members in self._admit() if self.lost is None else []:
                 outputs += self._start(members)
+            if self.lost is not None:
+                raise DeviceLost(described(self.lost)) from self.lost
         except Exception as e:
             raise StepFailed(outputs) from e
         finally:
@@ -252,6 +259,8 @@ class Engine:
 
     def _start(self, members: list[Member]) -> list[Output]:
         """Start a group of ``members`` with its first token; where that fails, each member alone."""
+        if self.lost is not None:  # the device failed for good while the step started groups before this one
+            return [self.failed(key, self.lost) for key, _, _ in members]
         try:
             group = _Group(self, members)
         except Exception as error:  # its KV cache (out of memory), its prompts (a bad one that passed the checks)
@@ -287,9 +296,10 @@ class Engine:
 
     def _one_by_one(self, members: list[Member], error: Exception, batch: int) -> list[Output]:
         """After a batch of ``batch`` sequences failed with ``error``: each of its ``members`` still running goes on in
-        a group of its own, so only one that fails alone gets an error (a batch of one: it ends with this error)."""
-        if batch == 1:
-            return [self.failed(members[0][0], error)]
+        a group of its own, so only one that fails alone gets an error (a batch of one: it ends with this error). After
+        a device error that nothing survives, each ends with it at once."""
+        if batch == 1 or device_lost(error):
+            return [self.failed(key, error) for key, _, _ in members]
         self.failures.log(
             logging.WARNING, error, "a batch of %d sequences failed (%s); %d go on alone", batch, described(error),
             len(members),
@@ -298,7 +308,11 @@ class Engine:
         return [output for member in members for output in self._start([member])]
 
     def failed(self, key: Hashable, error: BaseException) -> Output:
-        """The end of a sequence whose work failed alone: an error that says so, the cause logged."""
+        """The end of a sequence whose work failed alone: an error that says so, the cause logged (a device error
+        that nothing survives: the step raises it, and its caller logs it)."""
+        if device_lost(error):
+            self.lost = self.lost or error
+            return Output(key, lost_device(self.lost), "error")
         self.failures.log(logging.ERROR, error, "sequence %s failed alone (%s); it ends with an error", key,
                           described(error))  # fmt: skip
         return Output(key, failed_alone(error), "error")
@@ -319,8 +333,11 @@ class Engine:
                 try:
                     group.keep(others)
                 except Exception as error:  # the others go on alone from the next step
-                    self.failures.log(logging.WARNING, error, "dropping cancelled sequence %s from its batch failed "
-                                      "(%s); the others go on alone", key, described(error))  # fmt: skip
+                    if device_lost(error):  # they end there with it; the next step raises it
+                        self.lost = self.lost or error
+                    else:
+                        self.failures.log(logging.WARNING, error, "dropping cancelled sequence %s from its batch "
+                                          "failed (%s); the others go on alone", key, described(error))  # fmt: skip
                     self.restarts += group.members(others)
                     self._drop(group)
                     return True
