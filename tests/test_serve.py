@@ -436,8 +436,9 @@ def test_a_sequence_that_fails_its_batch_ends_alone_and_the_others_go_on(checkpo
     """One sequence made its batch's prefill, or every second decode step of a batch it is in, fail: every sequence
     of the batch got an error, and the other groups' and the waiting ones too. Each of the batch goes on alone from
     where it is: the others make the tokens they make alone (those of generate), only the culprit ends with an error
-    (after the tokens it made: two in the batch, two more alone). Where its text fails to take its first token
-    (``output``), it ends at once, and the batch goes on without it."""
+    (after the tokens it made: two in the batch, one alone, two in the batch they share again, two more alone for
+    good). Where its text fails to take its first token (``output``), it ends at once, and the batch goes on without
+    it."""
     from epas_lightning.inference.generate import Decoder
 
     loaded = load_model(checkpoint)
@@ -465,16 +466,16 @@ def test_a_sequence_that_fails_its_batch_ends_alone_and_the_others_go_on(checkpo
     engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=4)
     prompts = {"a": [0, 5, 9], "bad": [0, *POISON], "b": [0, 7], "other": [0, 3, 3], "waiting": [0, 8]}
     for key, prompt in prompts.items():  # a, bad, b: one greedy batch; other: its region's; waiting: no place yet
-        engine.add(key, SequenceRequest(prompt, 5, 1 if key == "other" else 2))
+        engine.add(key, SequenceRequest(prompt, 8, 1 if key == "other" else 2))
     texts = dict.fromkeys(prompts, "")
     ends = _run_to_end(engine, texts)
     assert ends == {"a": "length", "bad": "error", "b": "length", "other": "length", "waiting": "length"}
     monkeypatch.undo()
     for key in ("a", "b", "other", "waiting"):
         set_region(loaded.model, 1 if key == "other" else 2, loaded.region)
-        assert texts[key] == token_text(generate(loaded.model, [prompts[key]], 5).tokens[0]), key
-    made = 4 if failing == "step" else 0
-    assert texts["bad"] == token_text(generate(loaded.model, [prompts["bad"]], 5).tokens[0][:made])
+        assert texts[key] == token_text(generate(loaded.model, [prompts[key]], 8).tokens[0]), key
+    made = 7 if failing == "step" else 0
+    assert texts["bad"] == token_text(generate(loaded.model, [prompts["bad"]], 8).tokens[0][:made])
 
 
 @pytest.mark.parametrize("failing", ["step", "keep_rows"])
@@ -512,7 +513,43 @@ def test_a_failed_batch_frees_its_kv_cache_before_its_sequences_go_on_alone(chec
     while engine.busy:
         ends |= {output.key: output.finish_reason for output in engine.step() if output.finish_reason}
     assert ends == {"short": "length", "long": "length"}
-    assert len(caches) == 1 and alive_then and not any(alive for alive in alive_then[0]), alive_then
+    assert len(caches) == (2 if failing == "step" else 1), caches  # step: the batch they share again fails too
+    assert alive_then and not any(any(alive) for alive in alive_then), alive_then
+
+
+@pytest.mark.parametrize("failing", ["once", "always"])
+def test_sequences_that_went_on_alone_share_a_batch_again_once_re_prefilled(checkpoint, monkeypatch, failing):
+    """One out of memory in a batch's step left each of its sequences decoding alone until it finished: a batch of B
+    cost B forwards per step from then on. Those that went on alone (and made a token alone) now share a batch again,
+    with the tokens they make alone. A batch that fails again after they rejoined is not rejoined a second time."""
+    from epas_lightning.inference.generate import Decoder
+
+    loaded = load_model(checkpoint)
+    batches, init, step = [], Decoder.__init__, Decoder.step
+
+    def recording_init(self, model, prompts, *args, **kwargs):  # noqa: ANN001, ANN202
+        batches.append(len(prompts))
+        init(self, model, prompts, *args, **kwargs)
+
+    def failing_step(self, *args):  # noqa: ANN001, ANN002, ANN202
+        if self.batch_size > 1 and (failing == "always" or batches.count(3) == 1):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return step(self, *args)
+
+    monkeypatch.setattr(Decoder, "__init__", recording_init)
+    monkeypatch.setattr(Decoder, "step", failing_step)
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=4)
+    prompts = {"a": [0, 5, 9], "b": [0, 7], "c": [0, 3, 3, 4]}
+    for key, prompt in prompts.items():
+        engine.add(key, SequenceRequest(prompt, 8, 2))
+    texts = dict.fromkeys(prompts, "")
+    assert _run_to_end(engine, texts) == dict.fromkeys(prompts, "length")
+    # the batch; alone (its step failed); rejoined (once: it decodes to the end; always: it fails, alone to the end)
+    assert batches == [3, 1, 1, 1, 3] + ([1, 1, 1] if failing == "always" else [])
+    monkeypatch.undo()
+    set_region(loaded.model, 2, loaded.region)
+    for key, prompt in prompts.items():
+        assert texts[key] == token_text(generate(loaded.model, [prompt], 8).tokens[0]), key
 
 
 def test_a_batch_that_fails_to_drop_a_finished_row_goes_on_alone(checkpoint, monkeypatch):
@@ -628,12 +665,11 @@ def test_a_failed_batch_logs_the_errors_type_and_its_traceback_once_per_place(ch
             engine.add(key, SequenceRequest([0, 5, 9], 3, 2))
         assert set(_run_to_end(engine, dict.fromkeys("cd", "")).values()) == {"length"}
     failures = [r for r in records if r.levelno >= logging.WARNING]
-    assert [r.getMessage() for r in failures] == [
-        "a batch of 2 sequences failed (RuntimeError); 2 go on alone",
-        "a batch of 2 sequences failed (RuntimeError); 2 go on alone",
-        "a batch of 2 sequences failed (RuntimeError: a batched prefill bug); 2 go on alone",
+    assert [r.getMessage() for r in failures] == [  # the prefill fails again when the two share a batch again
+        *["a batch of 2 sequences failed (RuntimeError); 2 go on alone"] * 2,
+        *["a batch of 2 sequences failed (RuntimeError: a batched prefill bug); 2 go on alone"] * 2,
     ]
-    assert [r.exc_info is not None for r in failures] == [True, False, True]
+    assert [r.exc_info is not None for r in failures] == [True, False, True, False]
     assert all(r.levelno == logging.WARNING for r in failures)
 
 
