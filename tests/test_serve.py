@@ -425,7 +425,7 @@ def _run_to_end(engine: Engine, texts: dict[str, str]) -> dict[str, str]:
     ends = {}
     while engine.busy:
         for output in engine.step():
-            texts[output.key] += output.text
+            texts[output.key] += "" if output.finish_reason == "error" else output.text  # an error's text: its message
             if output.finish_reason:
                 ends[output.key] = output.finish_reason
     return ends
@@ -436,8 +436,9 @@ def test_a_sequence_that_fails_its_batch_ends_alone_and_the_others_go_on(checkpo
     """One sequence made its batch's prefill, or every second decode step of a batch it is in, fail: every sequence
     of the batch got an error, and the other groups' and the waiting ones too. Each of the batch goes on alone from
     where it is: the others make the tokens they make alone (those of generate), only the culprit ends with an error
-    (after the tokens it made: two in the batch, two more alone). Where its text fails to take its first token
-    (``output``), it ends at once, and the batch goes on without it."""
+    (after the tokens it made: two in the batch, one alone, two in the batch they share again, two more alone for
+    good). Where its text fails to take its first token (``output``), it ends at once, and the batch goes on without
+    it."""
     from epas_lightning.inference.generate import Decoder
 
     loaded = load_model(checkpoint)
@@ -465,16 +466,16 @@ def test_a_sequence_that_fails_its_batch_ends_alone_and_the_others_go_on(checkpo
     engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=4)
     prompts = {"a": [0, 5, 9], "bad": [0, *POISON], "b": [0, 7], "other": [0, 3, 3], "waiting": [0, 8]}
     for key, prompt in prompts.items():  # a, bad, b: one greedy batch; other: its region's; waiting: no place yet
-        engine.add(key, SequenceRequest(prompt, 5, 1 if key == "other" else 2))
+        engine.add(key, SequenceRequest(prompt, 8, 1 if key == "other" else 2))
     texts = dict.fromkeys(prompts, "")
     ends = _run_to_end(engine, texts)
     assert ends == {"a": "length", "bad": "error", "b": "length", "other": "length", "waiting": "length"}
     monkeypatch.undo()
     for key in ("a", "b", "other", "waiting"):
         set_region(loaded.model, 1 if key == "other" else 2, loaded.region)
-        assert texts[key] == token_text(generate(loaded.model, [prompts[key]], 5).tokens[0]), key
-    made = 4 if failing == "step" else 0
-    assert texts["bad"] == token_text(generate(loaded.model, [prompts["bad"]], 5).tokens[0][:made])
+        assert texts[key] == token_text(generate(loaded.model, [prompts[key]], 8).tokens[0]), key
+    made = 7 if failing == "step" else 0
+    assert texts["bad"] == token_text(generate(loaded.model, [prompts["bad"]], 8).tokens[0][:made])
 
 
 @pytest.mark.parametrize("failing", ["step", "keep_rows"])
@@ -512,7 +513,43 @@ def test_a_failed_batch_frees_its_kv_cache_before_its_sequences_go_on_alone(chec
     while engine.busy:
         ends |= {output.key: output.finish_reason for output in engine.step() if output.finish_reason}
     assert ends == {"short": "length", "long": "length"}
-    assert len(caches) == 1 and alive_then and not any(alive for alive in alive_then[0]), alive_then
+    assert len(caches) == (2 if failing == "step" else 1), caches  # step: the batch they share again fails too
+    assert alive_then and not any(any(alive) for alive in alive_then), alive_then
+
+
+@pytest.mark.parametrize("failing", ["once", "always"])
+def test_sequences_that_went_on_alone_share_a_batch_again_once_re_prefilled(checkpoint, monkeypatch, failing):
+    """One out of memory in a batch's step left each of its sequences decoding alone until it finished: a batch of B
+    cost B forwards per step from then on. Those that went on alone (and made a token alone) now share a batch again,
+    with the tokens they make alone. A batch that fails again after they rejoined is not rejoined a second time."""
+    from epas_lightning.inference.generate import Decoder
+
+    loaded = load_model(checkpoint)
+    batches, init, step = [], Decoder.__init__, Decoder.step
+
+    def recording_init(self, model, prompts, *args, **kwargs):  # noqa: ANN001, ANN202
+        batches.append(len(prompts))
+        init(self, model, prompts, *args, **kwargs)
+
+    def failing_step(self, *args):  # noqa: ANN001, ANN002, ANN202
+        if self.batch_size > 1 and (failing == "always" or batches.count(3) == 1):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return step(self, *args)
+
+    monkeypatch.setattr(Decoder, "__init__", recording_init)
+    monkeypatch.setattr(Decoder, "step", failing_step)
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=4)
+    prompts = {"a": [0, 5, 9], "b": [0, 7], "c": [0, 3, 3, 4]}
+    for key, prompt in prompts.items():
+        engine.add(key, SequenceRequest(prompt, 8, 2))
+    texts = dict.fromkeys(prompts, "")
+    assert _run_to_end(engine, texts) == dict.fromkeys(prompts, "length")
+    # the batch; alone (its step failed); rejoined (once: it decodes to the end; always: it fails, alone to the end)
+    assert batches == [3, 1, 1, 1, 3] + ([1, 1, 1] if failing == "always" else [])
+    monkeypatch.undo()
+    set_region(loaded.model, 2, loaded.region)
+    for key, prompt in prompts.items():
+        assert texts[key] == token_text(generate(loaded.model, [prompt], 8).tokens[0]), key
 
 
 def test_a_batch_that_fails_to_drop_a_finished_row_goes_on_alone(checkpoint, monkeypatch):
@@ -580,6 +617,220 @@ def test_a_sequence_that_finishes_in_a_step_that_then_fails_still_gets_its_answe
     loop._send(engine, transport)  # its last token, then the new group fails
     assert [status for uid, status in sent if uid == "done"][-2:] == [LitAPIStatus.OK, LitAPIStatus.FINISH_STREAMING]
     assert [status for uid, status in sent if uid == "new"] == [LitAPIStatus.ERROR] and not engine.busy
+
+
+@contextlib.contextmanager
+def serve_log_records():
+    """The records the engine logs (``epas_lightning.serve``, every level) while inside."""
+    records, log = [], logging.getLogger("epas_lightning.serve")
+    handler, level = logging.Handler(logging.DEBUG), log.level
+    handler.emit = records.append
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    try:
+        yield records
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+def test_a_failed_batch_logs_the_errors_type_and_its_traceback_once_per_place(checkpoint, monkeypatch):
+    """A batch's step failed and each sequence then finished alone: the log held only the error's text ('failed ()'
+    for an error without one) and no traceback anywhere, so the cause (a bug in the batched path) was lost. The line
+    names the type; the first failure from a place logs its traceback, the same failure again does not."""
+    from epas_lightning.inference.generate import Decoder
+
+    loaded = load_model(checkpoint)
+    prefill, step = Decoder.prefill, Decoder.step
+
+    def failing_step(self, *args):  # noqa: ANN001, ANN002, ANN202
+        if self.batch_size > 1:
+            raise RuntimeError("")
+        return step(self, *args)
+
+    def failing_prefill(self):  # noqa: ANN001, ANN202 - another place
+        if self.batch_size > 1:
+            raise RuntimeError("a batched prefill bug")
+        return prefill(self)
+
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=4)
+    with serve_log_records() as records:
+        monkeypatch.setattr(Decoder, "step", failing_step)
+        for round_ in range(2):  # the same failure twice: one traceback
+            for key in ("a", "b"):
+                engine.add(f"{key}{round_}", SequenceRequest([0, 5, 9], 3, 2))
+            assert set(_run_to_end(engine, dict.fromkeys(("a0", "b0", "a1", "b1"), "")).values()) == {"length"}
+        monkeypatch.setattr(Decoder, "prefill", failing_prefill)
+        for key in ("c", "d"):
+            engine.add(key, SequenceRequest([0, 5, 9], 3, 2))
+        assert set(_run_to_end(engine, dict.fromkeys("cd", "")).values()) == {"length"}
+    failures = [r for r in records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in failures] == [  # the prefill fails again when the two share a batch again
+        *["a batch of 2 sequences failed (RuntimeError); 2 go on alone"] * 2,
+        *["a batch of 2 sequences failed (RuntimeError: a batched prefill bug); 2 go on alone"] * 2,
+    ]
+    assert [r.exc_info is not None for r in failures] == [True, False, True, False]
+    assert all(r.levelno == logging.WARNING for r in failures)
+
+
+def test_a_request_that_fails_alone_is_told_what_happened_to_it_not_that_the_worker_failed(checkpoint, monkeypatch):
+    """A sequence that failed alone sent an empty error, which the HTTP side read as 'the inference worker failed
+    while decoding this request', though the worker went on serving. Its client is told its request's decoding
+    failed, with the error's type but not its text nor a traceback."""
+    pytest.importorskip("litserve")
+    from litserve.utils import LitAPIStatus
+
+    from epas_lightning.serve.api import EngineLoop
+
+    loaded = load_model(checkpoint)
+
+    def failing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise KeyError("/secret/path")
+
+    monkeypatch.setattr(loaded.model, "new_cache", failing)
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=8)
+    loop, transport = EngineLoop(), SentStatuses(with_data=True)
+    loop.routes["a"], loop.streams["a"], loop.pieces["a"] = 0, False, []
+    engine.add("a", SequenceRequest([0, 5], 3, 2))
+    loop._send(engine, transport)
+    assert transport.sent == [
+        ("a", "decoding this request failed (KeyError; the server's log has the cause); the server goes on serving",
+         LitAPIStatus.ERROR),
+    ]  # fmt: skip
+
+
+def test_device_errors_after_which_nothing_runs_are_told_apart_from_those_a_retry_survives():
+    from epas_lightning.serve.failures import device_lost
+
+    accelerator = getattr(torch, "AcceleratorError", RuntimeError)
+    lost = [
+        accelerator("CUDA error: device-side assert triggered\nCUDA kernel errors might be asynchronously reported"),
+        RuntimeError("CUDA error: an illegal memory access was encountered"),
+        RuntimeError("CUDA error: unspecified launch failure"),
+    ]
+    survived = [torch.OutOfMemoryError("CUDA out of memory"), accelerator("CUDA error: out of memory"), KeyError("x")]
+    assert [device_lost(error) for error in lost + survived] == [True] * 3 + [False] * 3
+    wrapped = ValueError("in the sampler")
+    wrapped.__cause__ = lost[1]
+    assert device_lost(wrapped)
+
+
+DEVICE_LOST = (
+    "the server's device failed ({}) and can decode nothing more; the server is stopping: retry once it has restarted"
+)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        getattr(torch, "AcceleratorError", RuntimeError)("CUDA error: device-side assert triggered\nCompile with..."),
+        RuntimeError("CUDA error: an illegal memory access was encountered"),
+    ],
+    ids=["accelerator-error", "message"],
+)
+def test_a_device_error_fails_every_request_in_flight_and_the_next_ones_and_marks_the_server_dead(
+    checkpoint, monkeypatch, error
+):
+    """After a device-side assert or an illegal memory access every later CUDA call fails: the engine retried each
+    sequence of the batch alone (each failing again), then every later request failed while /health said 200. Now no
+    sequence is retried: every one in flight (running, waiting) gets an error that says the server is stopping, and
+    the worker marks the device failed (for /health and the main process); a request that comes later gets the same
+    error without a decode."""
+    pytest.importorskip("litserve")
+    from litserve.utils import LitAPIStatus
+
+    from epas_lightning.inference.generate import Decoder
+    from epas_lightning.serve.api import EngineLoop
+
+    loaded = load_model(checkpoint)
+    built, init, step = [], Decoder.__init__, Decoder.step
+
+    def recording_init(self, model, prompts, *args, **kwargs):  # noqa: ANN001, ANN202
+        built.append(len(prompts))
+        init(self, model, prompts, *args, **kwargs)
+
+    def failing_step(self, *args):  # noqa: ANN001, ANN002, ANN202
+        if self.batch_size > 1:
+            raise error
+        return step(self, *args)
+
+    monkeypatch.setattr(Decoder, "__init__", recording_init)
+    monkeypatch.setattr(Decoder, "step", failing_step)
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=3)
+    loop, transport = EngineLoop(), SentStatuses(with_data=True)
+    for key, n_shared in (("a", 2), ("b", 2), ("other", 1), ("waiting", 2)):  # a, b: one batch; other: its region's
+        loop.routes[key], loop.streams[key], loop.pieces[key] = 0, False, []
+        engine.add(key, SequenceRequest([0, 5, len(key)], 5, n_shared))
+    loop._send(engine, transport)  # the prefills
+    assert built == [2, 1] and not transport.sent
+    loop._send(engine, transport)
+    says = DEVICE_LOST.format(type(error).__name__)
+    assert sorted(transport.sent) == [(key, says, LitAPIStatus.ERROR) for key in ("a", "b", "other", "waiting")]
+    assert built == [2, 1] and not engine.busy  # none retried alone
+    assert loop.device_failure.reason == f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    transport.sent.clear()
+    loop.routes["late"], loop.streams["late"], loop.pieces["late"] = 0, True, []
+    engine.add("late", SequenceRequest([0, 5], 5, 2))
+    loop._send(engine, transport)
+    assert transport.sent == [("late", says, LitAPIStatus.ERROR)] and built == [2, 1]
+
+
+def test_a_device_error_dropping_a_cancelled_row_ends_its_batch_mates_at_the_next_step(checkpoint, monkeypatch):
+    """Dropping a cancelled row failed with a device error: its batch-mates were restarted alone, on a device that
+    runs nothing more. The next step now decodes nothing and raises DeviceLost; abort finds them."""
+    from epas_lightning.inference.generate import Decoder
+    from epas_lightning.serve.engine import StepFailed
+    from epas_lightning.serve.failures import DeviceLost
+
+    def failing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    loaded = load_model(checkpoint)
+    engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=4)
+    for key in "abc":
+        engine.add(key, SequenceRequest([0, 5, 9], 5, 2))
+    engine.step()
+    monkeypatch.setattr(Decoder, "keep_rows", failing)
+    assert engine.cancel("a")
+    with pytest.raises(StepFailed) as failed:
+        engine.step()
+    assert isinstance(failed.value.__cause__, DeviceLost) and failed.value.outputs == []
+    assert sorted(engine.abort()) == ["b", "c"]
+
+
+def test_health_answers_503_once_the_device_has_failed(checkpoint, monkeypatch):
+    """/health said 200 while every request failed on a device that could run nothing more."""
+    from fastapi.testclient import TestClient
+    from litserve.utils import WorkerSetupStatus
+
+    from epas_lightning.serve.command import lit_server
+
+    api = built_api(checkpoint, monkeypatch)
+    server = lit_server(api, "cpu", "auto", "")
+    server.workers_setup_status = {0: WorkerSetupStatus.READY}
+    client = TestClient(server.app)
+    assert (client.get("/health").status_code, client.get("/health").text) == (200, "ok")
+    api.device_failure.set("AcceleratorError: CUDA error: device-side assert triggered")
+    assert client.get("/health").status_code == 503
+
+
+def test_a_failed_device_stops_serve_in_one_line_with_a_non_zero_exit(checkpoint, monkeypatch, capsys):
+    """The worker marks its device failed: serve shuts the server down and says why in one line (an orchestrator
+    restarts it), instead of serving on with every request failing."""
+    from epas_lightning.serve import liveness
+
+    monkeypatch.setattr(liveness, "WATCH_INTERVAL", 0.1)
+
+    def device_fails(server) -> None:
+        server.api.device_failure.set("AcceleratorError: CUDA error: device-side assert triggered")
+        assert server._shutdown_event.wait(10)
+
+    assert run_with_fake_litserver(checkpoint, monkeypatch, device_fails) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: the inference worker's device failed (AcceleratorError: CUDA error: device-side assert triggered) — "
+        "serve — nothing more runs on it in this process: the requests in flight got an error; restart serve (the log "
+        "above has the traceback)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -1402,7 +1653,14 @@ def test_serve_without_litserve_names_the_extra(monkeypatch, checkpoint, capsys)
 
 
 class Server:
-    def __init__(self, checkpoint: Path, cwd: Path, *extra: str, wait: bool = True) -> None:
+    def __init__(
+        self,
+        checkpoint: Path,
+        cwd: Path,
+        *extra: str,
+        wait: bool = True,
+        program: tuple[str, ...] = ("-m", "epas_lightning"),
+    ) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -1411,7 +1669,7 @@ class Server:
         args = ["serve", "--checkpoint", str(checkpoint), "--port", str(self.port), "--batch-timeout", "0.2", *extra]
         self.stderr = open(cwd / "server.err", "w+")  # noqa: SIM115 - read back after the process ends
         self.process = subprocess.Popen(  # its own process group: a "Ctrl+C" reaches its processes only
-            [sys.executable, "-m", "epas_lightning", *args], cwd=cwd, env=env, stdout=self.stderr, stderr=self.stderr,
+            [sys.executable, *program, *args], cwd=cwd, env=env, stdout=self.stderr, stderr=self.stderr,
             start_new_session=True,
         )  # fmt: skip
         if wait:
@@ -1850,6 +2108,37 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.slow
+def test_a_server_whose_device_fails_answers_the_requests_in_flight_then_stops_in_one_line(checkpoint, tmp_path):
+    """The real server, its batched steps failing as after a device-side assert: it served on with every later
+    request failing and /health 200. The request in flight gets the error, /health stops answering 200, and serve
+    exits with one line."""
+    pytest.importorskip("litserve")
+    server = Server(checkpoint, tmp_path, program=(str(REPO / "tests" / "scripts" / "serve_failing_device.py"),))
+    try:
+        assert (
+            server.post("/v1/completions", json.dumps({"model": "tiny", "prompt": "def", "max_tokens": 3}).encode())[0]
+            == 200
+        )
+        body = json.dumps(
+            {"model": "tiny", "prompt": ["def", "import os"], "max_tokens": 3}
+        ).encode()  # two sequences: one batch
+        assert server.post("/v1/completions", body) == (
+            500,
+            {"error": {"message": DEVICE_LOST.format("AcceleratorError"), "type": "server_error", "param": None,
+                       "code": None}},
+        )  # fmt: skip
+        assert server.get("/health")[0] in (503, 0)  # 0: it has already stopped listening
+        assert server.process.wait(timeout=60) == 2
+    finally:
+        server.stop()
+    assert server.log().splitlines()[-1] == (
+        "error: the inference worker's device failed (AcceleratorError: CUDA error: device-side assert triggered) — "
+        "serve — nothing more runs on it in this process: the requests in flight got an error; restart serve (the log "
+        "above has the traceback)"
+    )
 
 
 def test_the_shutdown_race_stays_filtered_after_the_server_returns(checkpoint, monkeypatch):

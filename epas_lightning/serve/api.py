@@ -42,7 +42,8 @@ from epas_lightning.cli import show_package_logs
 from epas_lightning.inference.generate_cli import load_for_inference
 from epas_lightning.runtime import DType
 from epas_lightning.serve.engine import Engine, Output, StepFailed
-from epas_lightning.serve.liveness import end_with_parent
+from epas_lightning.serve.failures import DeviceLost, lost_device, one_line
+from epas_lightning.serve.liveness import DeviceFailure, end_with_parent
 from epas_lightning.serve.model_card import ServedModel
 from epas_lightning.serve.protocol import (
     Completion,
@@ -301,8 +302,10 @@ class EngineLoop(LitLoop):
     send what it made. Its tables hold the sequences in the engine: the response queue, whether it streams and the
     text not sent yet of each uid."""
 
-    def __init__(self) -> None:
+    def __init__(self, device_failure: DeviceFailure | None = None) -> None:
         super().__init__()
+        self.device_failure = device_failure or DeviceFailure()
+        """Set when the device fails for good: ``/health`` and the main process read it."""
         self.routes: dict[Hashable, int] = {}
         self.streams: dict[Hashable, bool] = {}
         self.pieces: dict[Hashable, list[str]] = {}
@@ -344,14 +347,31 @@ class EngineLoop(LitLoop):
         try:
             outputs = engine.step()
         except StepFailed as failed:  # what the step made still goes out: the sequences it finished are answered
-            logger.error("decoding failed; the sequences in flight get an error", exc_info=failed.__cause__)
+            if isinstance(failed.__cause__, DeviceLost):
+                message = self._device_lost(failed.__cause__.__cause__)
+            else:
+                logger.error("decoding failed; the sequences in flight get an error", exc_info=failed.__cause__)
+                message = ""
             for output in failed.outputs:
                 self._deliver(transport, output)
             for uid in engine.abort():
-                self._put(transport, uid, "", LitAPIStatus.ERROR)
+                self._put(transport, uid, message, LitAPIStatus.ERROR)
             return
         for output in outputs:
             self._deliver(transport, output)
+
+    def _device_lost(self, error: BaseException) -> str:
+        """The device failed for good: said once (the main process then stops the server); what each sequence in
+        flight, and each that comes later, is told."""
+        if not self.device_failure.reason:
+            logger.critical(
+                "the device failed (%s): nothing more runs on it in this process; the requests in flight get an "
+                "error and serve stops",
+                one_line(error),
+                exc_info=error,
+            )
+            self.device_failure.set(one_line(error))
+        return lost_device(error)
 
     def _deliver(self, transport, output: Output) -> None:
         uid, finished = output.key, output.finish_reason is not None
@@ -391,9 +411,14 @@ class CompletionsAPI(ls.LitAPI):
         max_batch_size: int,
         batch_timeout: float,
     ) -> None:
+        device_failure = DeviceFailure()
         super().__init__(
-            max_batch_size=max_batch_size, batch_timeout=batch_timeout, spec=CompletionsSpec(served), loop=EngineLoop()
+            max_batch_size=max_batch_size,
+            batch_timeout=batch_timeout,
+            spec=CompletionsSpec(served),
+            loop=EngineLoop(device_failure),
         )
+        self.device_failure = device_failure
         self.served, self.checkpoint, self.dtype, self.attention_reuse = served, checkpoint, dtype, attention_reuse
         self.startup = StartupReport()
 
@@ -430,6 +455,10 @@ class CompletionsAPI(ls.LitAPI):
             return
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.raise_signal(signal.SIGTERM)
+
+    def health(self) -> bool:
+        """``/health`` (in the HTTP process): 503 once the worker's device has failed for good."""
+        return not self.device_failure.reason
 
     def predict(self, x: Any) -> Any:
         raise NotImplementedError("EngineLoop decodes; predict is not called")

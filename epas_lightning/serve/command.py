@@ -218,6 +218,7 @@ def ready_banner(served: ServedModel, host: str, port: int) -> str:
 def run_server(api, accelerator: str, index: int | None, host: str, port: int, log_level: str) -> None:
     """Run LitServe until SIGTERM or Ctrl+C; returns after a clean shutdown."""
     from epas_lightning.serve.liveness import (
+        device_failed,
         ending_with_this_process,
         first_ended,
         server_ended,
@@ -251,7 +252,7 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
     with (
         signals_stop_server(stopping) as received,
         watching_startup(server) as died,
-        watching_processes(server, received) as ended,
+        watching_processes(server, received, api.device_failure) as ended,
         ending_with_this_process(),
     ):
         try:
@@ -277,8 +278,10 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
             raise failure from None
         except (EOFError, OSError):  # LitServe's monitor shut the server down under run: its worker ended
             ended.append(first_ended(server, []))
-            if not ended[0]:
+            if not ended[0] and not api.device_failure.reason:
                 raise
+    if api.device_failure.reason and not received:
+        raise device_failed(api.device_failure.reason)
     if ended and not received:
         raise server_ended(ended[0])
     cut_off = f" after the {grace} s grace period: {_cut_off(unfinished[0])}" if unfinished and unfinished[0] else ""

@@ -12,8 +12,11 @@ at once, so every row computed is a sequence in flight and ``max_batch_size`` bo
 
 A group whose batched work fails (its KV cache, its prefill, a decode step, dropping a finished or cancelled row: one
 bad sequence, out of memory) fails nobody else: each of its sequences goes on alone from where it is (its prompt and
-the tokens it has made prefilled again), and only one that fails alone ends with an error. Other groups, and
-sequences still waiting, never notice.
+the tokens it has made prefilled again), and only one that fails alone ends with an error; once they have made a
+token alone, the others share a batch again (prefilled again together; if that batch fails too, they go on alone for
+good). Other groups, and sequences still waiting, never notice. A device error after which nothing runs (a
+device-side assert, an illegal memory access) is retried by none: the sequences it hit end with an error that says
+so, and every step from then on raises :class:`~epas_lightning.serve.failures.DeviceLost` (the server stops).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from epas_lightning.inference.generate import Decoder, stop_id_list
 from epas_lightning.model import Llama
 from epas_lightning.region import TrainedRegion
+from epas_lightning.serve.failures import DeviceLost, FailureLog, described, device_lost, failed_alone, lost_device
 from epas_lightning.serve.text import TextStream
 
 logger = logging.getLogger("epas_lightning.serve")
@@ -66,8 +70,8 @@ class Output:
     text: str
     finish_reason: str | None = None
     """``stop`` (EOS or a stop string), ``length`` (max_tokens reached) or ``error`` (``text`` says what went wrong:
-    the activations overflowed the model's dtype; empty where its work failed alone, the cause in the log); ``None``
-    while it runs."""
+    the activations overflowed the model's dtype, or its work failed alone, the cause in the log); ``None`` while it
+    runs."""
     info: dict[str, Any] | None = None
     """On the last output: ``completion_tokens``; ``kv_cache_bytes``, the KV cache this sequence's row held (its
     group's longest prompt plus largest ``max_tokens`` positions of every layer it caches), and
@@ -92,8 +96,11 @@ class _Group:
     """Sequences decoded as one left-padded batch with one KV cache, in one region; each leaves when it finishes.
     A member with text so far goes on from there: its prompt and the tokens it has made are its prefill."""
 
-    def __init__(self, engine: Engine, members: list[Member]) -> None:
+    def __init__(self, engine: Engine, members: list[Member], alone: bool = False, rejoined: bool = False) -> None:
         first = members[0][1]
+        self.alone, self.rejoined = alone, rejoined
+        """``alone``: its sequence went on alone after its batch failed, and may share a batch again once it has made a
+        token (:meth:`Engine._rejoin`); ``rejoined``: its sequences did, and go on alone for good if it fails too."""
         self.engine, self.keys = engine, [key for key, _, _ in members]
         self.requests = [request for _, request, _ in members]
         self.texts = [TextStream(engine.decode, r.stop, r.prompt) if t is None else t for _, r, t in members]
@@ -137,7 +144,7 @@ class _Group:
             try:
                 outputs.append(self._take(row, token) if finite[row] else self._overflowed(row))
             except Exception as error:
-                outputs.append(failed_output(self.keys[row], error))
+                outputs.append(self.engine.failed(self.keys[row], error))
         return outputs
 
     def keep(self, rows: list[int]) -> None:
@@ -181,12 +188,6 @@ class _Group:
         return Output(self.keys[row], text, reason, info)
 
 
-def failed_output(key: Hashable, error: BaseException) -> Output:
-    """The end of a sequence whose work failed alone: an error (the server's message for it), the cause logged."""
-    logger.error("sequence %s failed; it ends with an error", key, exc_info=error)
-    return Output(key, "", "error")
-
-
 class Engine:
     """Decode many sequences at once, grouped by region and sampling settings (see the module docstring).
 
@@ -216,6 +217,9 @@ class Engine:
         self.restarts: list[Member] = []
         """Sequences whose batch failed between steps (dropping a cancelled row): each goes on alone next step."""
         self._alone = itertools.count()
+        self.failures = FailureLog()
+        self.lost: BaseException | None = None
+        """The device error after which nothing more is decoded (:meth:`step` raises ``DeviceLost``)."""
 
     def add(self, key: Hashable, request: SequenceRequest) -> None:
         """Queue a sequence; it is admitted by a later :meth:`step`."""
@@ -242,24 +246,32 @@ class Engine:
         anything else fails part-way."""
         outputs: list[Output] = []
         try:
-            for group in list(self.groups):  # not the groups its failures start: they have made this step's token
-                outputs += self._advance(group)
-            while self.restarts:
+            running = list(self.groups)  # not the groups its failures or rejoins start: they make this step's token
+            outputs += self._rejoin() if self.lost is None else []
+            for group in running:
+                if self.lost is None and group in self.groups:  # the others stay in their groups, for abort
+                    outputs += self._advance(group)
+            while self.restarts and self.lost is None:
                 outputs += self._start([self.restarts.pop(0)])
-            for members in self._admit():
+            for members in self._admit() if self.lost is None else []:
                 outputs += self._start(members)
+            if self.lost is not None:
+                raise DeviceLost(described(self.lost)) from self.lost
         except Exception as e:
             raise StepFailed(outputs) from e
         finally:
             self.groups = [group for group in self.groups if not group.done]
         return outputs
 
-    def _start(self, members: list[Member]) -> list[Output]:
-        """Start a group of ``members`` with its first token; where that fails, each member alone."""
+    def _start(self, members: list[Member], alone: bool = False, rejoined: bool = False) -> list[Output]:
+        """Start a group of ``members`` with its first token (see :class:`_Group` for ``alone`` and ``rejoined``);
+        where that fails, each member alone."""
+        if self.lost is not None:  # the device failed for good while the step started groups before this one
+            return [self.failed(key, self.lost) for key, _, _ in members]
         try:
-            group = _Group(self, members)
+            group = _Group(self, members, alone, rejoined)
         except Exception as error:  # its KV cache (out of memory), its prompts (a bad one that passed the checks)
-            return self._one_by_one(members, error, len(members))
+            return self._one_by_one(members, error, len(members), rejoin=not rejoined)
         self.groups.append(group)
         return self._advance(group)
 
@@ -282,21 +294,49 @@ class Engine:
         """``group`` failed with ``error``: it leaves the engine, its KV cache freed, and its ``members`` go on."""
         batch = len(group.keys)
         self._drop(group)
-        return self._one_by_one(members, error, batch)
+        return self._one_by_one(members, error, batch, rejoin=not group.rejoined)
 
     def _drop(self, group: _Group) -> None:
         """A failed ``group`` leaves the engine, its KV cache freed (its members go on elsewhere)."""
         self.groups.remove(group)
         group.close()
 
-    def _one_by_one(self, members: list[Member], error: Exception, batch: int) -> list[Output]:
+    def _one_by_one(self, members: list[Member], error: Exception, batch: int, rejoin: bool) -> list[Output]:
         """After a batch of ``batch`` sequences failed with ``error``: each of its ``members`` still running goes on in
-        a group of its own, so only one that fails alone gets an error (a batch of one: it ends with this error)."""
-        if batch == 1:
-            return [failed_output(members[0][0], error)]
-        logger.warning("a batch of %d sequences failed (%s); %d go on alone", batch, error, len(members))
+        a group of its own, so only one that fails alone gets an error (a batch of one: it ends with this error); the
+        others share a batch again once they have made a token alone, if ``rejoin``. After a device error that nothing
+        survives, each ends with it at once."""
+        if batch == 1 or device_lost(error):
+            return [self.failed(key, error) for key, _, _ in members]
+        self.failures.log(
+            logging.WARNING, error, "a batch of %d sequences failed (%s); %d go on alone", batch, described(error),
+            len(members),
+        )  # fmt: skip
         traceback.clear_frames(error.__traceback__)  # the tensors its frames hold (a KV cache) go before any is built
-        return [output for member in members for output in self._start([member])]
+        return [output for member in members for output in self._start([member], alone=rejoin)]
+
+    def _rejoin(self) -> list[Output]:
+        """The sequences that went on alone after their batch failed, and have made a token alone since, share a
+        batch again where their kind and the context allow (as on admission): the new batch's prefill (their prompts
+        and the tokens they have made) makes their token of this step."""
+        alone = {group.keys[0]: group for group in self.groups if group.alone and group.tokens is not None}
+        outputs = []
+        for members in self._batches([member for group in alone.values() for member in group.members()]):
+            if len(members) > 1:
+                for key, _, _ in members:
+                    self._drop(alone[key])
+                outputs += self._start(members, rejoined=True)
+        return outputs
+
+    def failed(self, key: Hashable, error: BaseException) -> Output:
+        """The end of a sequence whose work failed alone: an error that says so, the cause logged (a device error
+        that nothing survives: the step raises it, and its caller logs it)."""
+        if device_lost(error):
+            self.lost = self.lost or error
+            return Output(key, lost_device(self.lost), "error")
+        self.failures.log(logging.ERROR, error, "sequence %s failed alone (%s); it ends with an error", key,
+                          described(error))  # fmt: skip
+        return Output(key, failed_alone(error), "error")
 
     def cancel(self, key: Hashable) -> bool:
         """Drop a sequence, waiting or running (it leaves its batch); no output follows. False if it is not here."""
@@ -314,7 +354,11 @@ class Engine:
                 try:
                     group.keep(others)
                 except Exception as error:  # the others go on alone from the next step
-                    logger.warning("dropping cancelled sequence %s from its batch failed (%s)", key, error)
+                    if device_lost(error):  # they end there with it; the next step raises it
+                        self.lost = self.lost or error
+                    else:
+                        self.failures.log(logging.WARNING, error, "dropping cancelled sequence %s from its batch "
+                                          "failed (%s); the others go on alone", key, described(error))  # fmt: skip
                     self.restarts += group.members(others)
                     self._drop(group)
                     return True
@@ -340,20 +384,27 @@ class Engine:
             return []
         if len(self.waiting) < free and time.monotonic() < self.waiting[0][2] + self.batch_timeout:
             return []  # room for more: wait for them until the oldest has waited batch_timeout
-        admitted = self.waiting[:free]
-        context_length = self.model.config.context_length
-        open_groups: dict[Hashable, list] = {}
-        closed = []
-        for key, request, _ in admitted:
-            kind = self._kind(request)
-            members = open_groups.setdefault(kind, [])
-            together = [r for _, r, _ in members] + [request]
-            length = max(len(r.prompt) for r in together) + max(r.max_tokens for r in together)
-            if members and length > context_length:  # each sequence fits alone (checked on arrival), not padded to all
-                closed.append(members)
-                members = open_groups[kind] = []
-            members.append((key, request, None))
+        batches = self._batches([(key, request, None) for key, request, _ in self.waiting[:free]])
         self.waiting = self.waiting[free:]  # only now: if grouping fails, abort finds them
+        return batches
+
+    def _batches(self, members: list[Member]) -> list[list[Member]]:
+        """``members`` in batches of one kind each, whose longest prefill (prompt and tokens made) and most tokens
+        still to make fit the context together (each fits alone: checked on arrival)."""
+        context_length = self.model.config.context_length
+        open_groups: dict[Hashable, list[Member]] = {}
+        closed = []
+        for member in members:
+            kind = self._kind(member[1])
+            batch = open_groups.setdefault(kind, [])
+            made = [0 if text is None else len(text.tokens) for _, _, text in [*batch, member]]
+            requests = [request for _, request, _ in [*batch, member]]
+            length = max(len(r.prompt) + m for r, m in zip(requests, made, strict=True))
+            length += max(r.max_tokens - m for r, m in zip(requests, made, strict=True))
+            if batch and length > context_length:  # each fits alone (checked on arrival), not padded to all
+                closed.append(batch)
+                batch = open_groups[kind] = []
+            batch.append(member)
         return [*closed, *open_groups.values()]
 
     def _kind(self, request: SequenceRequest) -> Hashable:

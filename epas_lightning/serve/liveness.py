@@ -3,7 +3,9 @@
 LitServe never notices its HTTP process (uvicorn) ending: killed for memory, it left the main process waiting for ever
 while nothing answered. An inference worker that ends, LitServe's monitor notices: it shuts the server down under the
 main process, whose wait then fails with an ``EOFError``. Here both stop ``serve`` with one line that says which
-process ended and how. And the main process killed (SIGKILL, the OOM killer) left the others serving on, LitServe's
+process ended and how. An inference worker whose device has failed for good (a device-side assert) says so
+(:class:`DeviceFailure`): ``/health`` answers 503 and ``serve`` stops with one line, so that whatever runs it
+restarts it. And the main process killed (SIGKILL, the OOM killer) left the others serving on, LitServe's
 manager holding the port: on Linux they end with it.
 """
 
@@ -27,13 +29,14 @@ HTTP_PROCESS = "LitServer-"
 
 
 @contextmanager
-def watching_processes(server, stopping: list[int]) -> Iterator[list[str]]:
+def watching_processes(server, stopping: list[int], device: DeviceFailure) -> Iterator[list[str]]:
     """While the server runs (inside the ``with``): the first of its processes to end, unless ``stopping`` (the
     signals received) asked for it, is said in the list yielded, and an HTTP process that ended shuts the server
-    down (an inference worker that ended, LitServe's monitor does)."""
+    down (an inference worker that ended, LitServe's monitor does), as does the worker's ``device`` failing."""
     ended: list[str] = []
     done = threading.Event()
-    watcher = threading.Thread(target=_watch, args=(server, stopping, done, ended), daemon=True, name="epas-processes")
+    args = (server, stopping, device, done, ended)
+    watcher = threading.Thread(target=_watch, args=args, daemon=True, name="epas-processes")
     watcher.start()
     try:
         yield ended
@@ -41,9 +44,12 @@ def watching_processes(server, stopping: list[int]) -> Iterator[list[str]]:
         done.set()
 
 
-def _watch(server, stopping: list[int], done: threading.Event, ended: list[str]) -> None:
+def _watch(server, stopping: list[int], device: DeviceFailure, done: threading.Event, ended: list[str]) -> None:
     http: dict[int, multiprocessing.Process] = {}  # kept: active_children() forgets a process once it has ended
     while not done.wait(WATCH_INTERVAL) and not stopping:
+        if device.reason:  # the worker has failed every request in flight; each later one would fail too
+            server._shutdown_event.set()
+            return
         http.update((p.pid, p) for p in multiprocessing.active_children() if p.name.startswith(HTTP_PROCESS))
         if said := first_ended(server, http.values()):
             ended.append(said)
@@ -64,6 +70,35 @@ def first_ended(server, http) -> str:
 
 def server_ended(said: str) -> UserError:
     return UserError(said, "serve", "the requests in flight were cut off; see the log above and restart serve")
+
+
+class DeviceFailure:
+    """Whether the inference worker's device has failed for good, and how, in one line: set by the worker, read by
+    the HTTP process (``/health`` answers 503) and the main process (it stops the server). Shared memory, made in the
+    main process and carried to the others with the ``LitAPI``."""
+
+    SIZE = 1024
+    """Bytes of the line kept."""
+
+    def __init__(self) -> None:
+        self._line = multiprocessing.get_context("spawn").Array("c", self.SIZE)
+
+    def set(self, line: str) -> None:
+        self._line.value = line.encode()[: self.SIZE - 1]
+
+    @property
+    def reason(self) -> str:
+        """The line the worker set, or ''."""
+        return self._line.value.decode(errors="replace")
+
+
+def device_failed(reason: str) -> UserError:
+    return UserError(
+        f"the inference worker's device failed ({reason})",
+        "serve",
+        "nothing more runs on it in this process: the requests in flight got an error; restart serve (the log above "
+        "has the traceback)",
+    )
 
 
 PR_SET_PDEATHSIG = 1
