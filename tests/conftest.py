@@ -95,7 +95,7 @@ SHARED_FIXTURES = {
     "debug_fit_run": {"debug_fit_run"},
     "two_rank_runs": {"two_rank_runs"},
     "torchrun_runs": {"torchrun_runs"},
-    "sharded_runs": {"sharded_runs"},
+    "launched_runs": {"launched_runs", "sharded_runs"},  # test_distributed: sharded_runs is a part of launched_runs
 }
 
 

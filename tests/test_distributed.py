@@ -1,9 +1,10 @@
 """Multi-process training on CPU (gloo): FSDP2 and DDP through region switches, sharded resume, two torchrun nodes.
 
 Every multi-process run is a subprocess (``tests/scripts/distributed_fit.py``): Lightning re-launches ``sys.argv`` for
-extra ranks, or (``fit_both_ranks``) the test starts both ranks at once as a launcher would, or two ``torchrun``
-"nodes" start one each (``fit_on_two_torchrun_nodes``). Runs that need no fresh processes of their own follow each
-other in the same ranks (``--then``; module fixtures, one xdist group each: see conftest's ``SHARED_FIXTURES``).
+extra ranks, or (``launched_runs``) both ranks start at once as a launcher would, or two ``torchrun`` "nodes" start
+one each (``fit_on_two_torchrun_nodes``). Runs that need no fresh processes of their own follow each other in the same
+ranks (``--then``; module fixtures, one xdist group each: see conftest's ``SHARED_FIXTURES``): every test's run that
+two ranks started at once train to its end is one of ``launched_runs``, trained once for the module.
 One-process runs call the script's ``main`` in the test process (no interpreter to start). The script trains a
 4-layer debug model on synthetic tokens; layer 3 starts sharing at step 2, layers 2-3 at step 4.
 """
@@ -52,11 +53,31 @@ def ranks(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
 
 
-def fit_both_ranks(out: Path, *args: str) -> list[dict]:
-    """Two ranks of the script started together (``run_ranks_at_once``), as a launcher starts them; Lightning's own
-    re-launch (rank 1 started once rank 0 has imported everything) is tested from the CLI and by the read error."""
-    run_ranks_at_once([sys.executable, str(SCRIPT), "--out", str(out), "--devices", "2", *args], clean_env(), out)
-    return ranks(out)
+def launched(out: Path, *args: str) -> list[str]:
+    """One run of ``launched_runs``: the script's arguments for two ranks writing to ``out``."""
+    return ["--out", str(out), "--devices", "2", *args]
+
+
+@pytest.fixture(scope="module")
+def launched_runs(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[str, str]]]:
+    """The runs of this module's tests that two ranks of the script train to their end, one after the other in one pair
+    of processes started together as a launcher starts them (``run_ranks_at_once``, ``--then``): each pair of
+    interpreters costs seconds of imports on every rank. Lightning's own re-launch (rank 1 started once rank 0 has
+    imported everything) is tested from the CLI and by the read error. Each test reads its folder under the returned
+    root; (that root, each rank's (stdout, stderr))."""
+    root = tmp_path_factory.mktemp("launched")
+    runs = [
+        *sharded_run_args(root / "sharded", tiny_corpus),
+        *train_loss_run_args(root / "train_loss"),
+        *rank_zero_logger_run_args(root / "rank_zero_logger"),
+        *checkpoint_named_by_train_loss_run_args(root / "named"),
+        *checkpoint_named_in_a_step_run_args(root / "named_in_step"),
+        *held_out_counting_run_args(root / "held_out", tiny_corpus),
+        *map_style_validation_run_args(root / "map_style"),
+        *sigterm_to_rank_one_run_args(root / "sigterm", tiny_corpus),
+    ]
+    command = [sys.executable, str(SCRIPT), *[arg for i, run in enumerate(runs) for arg in ["--then"][: bool(i)] + run]]
+    return root, run_ranks_at_once(command, clean_env(), root / "logs", timeout=600)
 
 
 def fit_on_two_torchrun_nodes(out: Path, *args: str) -> list[dict]:
@@ -144,24 +165,29 @@ def test_ddp_with_find_unused_parameters_matches_one_process(torchrun_runs, tmp_
     assert global_losses(ddp) == pytest.approx(global_losses(single), rel=2e-6)
 
 
-def test_train_loss_is_reduced_over_the_ranks_once_where_it_is_written(tmp_path):
+def train_loss_run_args(root: Path) -> list[list[str]]:
+    """5 micro-batches an epoch (steps of 2, 2, 1): plain, stopped after step 5, and with train/loss monitored."""
+    common = ["--strategy", "ddp", "--samples", "40", "--accumulate", "2", "--log-every", "2"]
+    return [
+        launched(root / "plain", *common, "--steps", "6"),
+        launched(root / "stopped", *common, "--steps", "6", "--stop-after-step", "5"),
+        launched(root / "monitored", *common, "--steps", "3", "--monitor-train-loss"),
+    ]
+
+
+def test_train_loss_is_reduced_over_the_ranks_once_where_it_is_written(launched_runs):
     """``train/loss`` was all-reduced at every micro-batch of every rank (a barrier and a collective; on CUDA a stream
     wait), though the loggers write it every ``log_every_n_steps`` steps. Now once, at the last micro-batch of a step
     the loggers write (every 2nd here; a stop makes Lightning write its step too), or at every micro-batch where a
     callback decides on it; the loggers still get the mean over the ranks of the step's mean over its micro-batches (an
     epoch's short last step too), and between the steps they write the progress bar shows this rank's."""
-    common = ["--devices", "2", "--strategy", "ddp", "--samples", "40", "--accumulate", "2", "--log-every", "2"]
-    stopped, monitored = tmp_path / "stopped", tmp_path / "monitored"  # 5 micro-batches an epoch: steps of 2, 2, 1
-    fit_both_ranks(tmp_path / "plain", *common[2:], "--steps", "6",
-                   "--then", "--out", str(stopped), *common, "--steps", "6", "--stop-after-step", "5",
-                   "--then", "--out", str(monitored), *common, "--steps", "3", "--monitor-train-loss")  # fmt: skip
-
+    root = launched_runs[0] / "train_loss"
     for run, written, reduced in [
         ("plain", [1, 3, 5], dict.fromkeys([1, 3, 5], 1)),
         ("stopped", [1, 3, 4], dict.fromkeys([1, 3, 4], 1)),  # stopped after step index 4: Lightning writes it
         ("monitored", [1], {0: 2, 1: 2, 2: 1}),  # EarlyStopping may read it at any micro-batch (a validation's)
     ]:
-        two = ranks(tmp_path / run)
+        two = ranks(root / run)
         means = [step_means(rank) for rank in two]
         for rank, own in zip(two, means, strict=True):
             assert {s: len(step["micro"]) for s, step in rank["steps"].items()} == dict(
@@ -178,15 +204,19 @@ def test_train_loss_is_reduced_over_the_ranks_once_where_it_is_written(tmp_path)
                 assert means[0]["0"] != pytest.approx(means[1]["0"])
 
 
-def test_a_logger_on_rank_zero_alone_neither_hangs_nor_loses_the_mean_over_the_ranks(tmp_path):
+def rank_zero_logger_run_args(root: Path) -> list[list[str]]:
+    """A logger on rank zero alone, under DDP, then FSDP2."""
+    common = ["--steps", "4", "--log-every", "2", "--logger-on-rank-zero"]
+    return [launched(root / "ddp", "--strategy", "ddp", *common), launched(root / "fsdp2", *common)]
+
+
+def test_a_logger_on_rank_zero_alone_neither_hangs_nor_loses_the_mean_over_the_ranks(launched_runs):
     """A logger made on rank zero alone (``logger=... if rank_zero_only.rank == 0``) made only rank zero reduce
     ``train/loss`` (and, under FSDP2, the gradient norm) at the steps it writes: the other rank never joined the
     collective and the run hung. Every rank now decides alike; rank zero's logger gets the mean over the ranks."""
-    common = ["--steps", "4", "--log-every", "2", "--logger-on-rank-zero"]
-    fit_both_ranks(tmp_path / "ddp", "--strategy", "ddp", *common,
-                   "--then", "--out", str(tmp_path / "fsdp2"), "--devices", "2", *common)  # fmt: skip
+    root = launched_runs[0] / "rank_zero_logger"
     for run in ("ddp", "fsdp2"):
-        two = ranks(tmp_path / run)
+        two = ranks(root / run)
         assert "logged_train_loss" not in two[1]
         means = [step_means(rank) for rank in two]
         logged = two[0]["logged_train_loss"]
@@ -195,14 +225,20 @@ def test_a_logger_on_rank_zero_alone_neither_hangs_nor_loses_the_mean_over_the_r
             assert logged[s] == pytest.approx((means[0][s] + means[1][s]) / 2, rel=1e-6), (run, s)
 
 
-def test_a_checkpoint_named_by_train_loss_has_one_name_on_every_rank(tmp_path):
+NAMED_BY_TRAIN_LOSS = ["--ckpt-filename", "{step}-loss{train/loss:.6f}"]  # a ModelCheckpoint's filename
+
+
+def checkpoint_named_by_train_loss_run_args(root: Path) -> list[list[str]]:
+    args = ["--strategy", "ddp", "--steps", "3", "--ckpt-dir", str(root / "ckpt"), "--ckpt-every", "1"]
+    return [launched(root / "run", *args, *NAMED_BY_TRAIN_LOSS)]
+
+
+def test_a_checkpoint_named_by_train_loss_has_one_name_on_every_rank(launched_runs):
     """A ``ModelCheckpoint`` whose ``filename`` holds ``{train/loss}`` (no monitor, no logger) named its file with each
     rank's own loss once ``train/loss`` was reduced only at the steps Lightning writes: rank zero wrote its name, the
     other rank's ``best_model_path`` named a file that does not exist (``validate(ckpt_path="best")`` failed there).
     Now the value is the mean over the ranks at every step such a checkpoint may save."""
-    ckpt = tmp_path / "ckpt"
-    args = ["--strategy", "ddp", "--steps", "3", "--ckpt-dir", str(ckpt), "--ckpt-every", "1"]
-    two = fit_both_ranks(tmp_path / "run", *args, "--ckpt-filename", "{step}-loss{train/loss:.6f}")
+    ckpt, two = launched_runs[0] / "named" / "ckpt", ranks(launched_runs[0] / "named" / "run")
     means = [step_means(rank) for rank in two]
     mean = (means[0]["2"] + means[1]["2"]) / 2
     named = [rank["best_model_path"] for rank in two]
@@ -210,13 +246,16 @@ def test_a_checkpoint_named_by_train_loss_has_one_name_on_every_rank(tmp_path):
     assert Path(named[0]).is_file()
 
 
-def test_a_checkpoint_named_by_train_loss_in_a_validation_inside_an_optimizer_step_has_one_name(tmp_path):
+def checkpoint_named_in_a_step_run_args(root: Path) -> list[list[str]]:
+    args = ["--strategy", "ddp", "--steps", "2", "--accumulate", "3", "--val-every", "4", "--ckpt-every", "0"]
+    return [launched(root / "run", *args, "--ckpt-dir", str(root / "ckpt"), *NAMED_BY_TRAIN_LOSS)]
+
+
+def test_a_checkpoint_named_by_train_loss_in_a_validation_inside_an_optimizer_step_has_one_name(launched_runs):
     """A validation between two micro-batches of a step (``val_check_interval`` 4 batches, 3 a step) saved a
     ``ModelCheckpoint`` named by ``{train/loss}``, the running mean of the step's micro-batches so far: each rank's own,
     reduced over the ranks only at the step's last micro-batch. Rank one's ``best_model_path`` named no file."""
-    ckpt = tmp_path / "ckpt"
-    args = ["--strategy", "ddp", "--steps", "2", "--accumulate", "3", "--val-every", "4", "--ckpt-dir", str(ckpt)]
-    two = fit_both_ranks(tmp_path / "run", *args, "--ckpt-every", "0", "--ckpt-filename", "{step}-loss{train/loss:.6f}")
+    ckpt, two = launched_runs[0] / "named_in_step" / "ckpt", ranks(launched_runs[0] / "named_in_step" / "run")
     running = [sum(rank["steps"]["1"]["micro"][:1]) for rank in two]  # step 1's first micro-batch: batch 4
     named = [rank["best_model_path"] for rank in two]
     assert named == [str(ckpt / f"step=1-losstrain/loss={sum(running) / 2:.6f}.ckpt")] * 2
@@ -233,29 +272,31 @@ def test_fsdp2_bf16_keeps_the_weights_of_its_precision(tmp_path, precision, weig
 
 
 @pytest.fixture(scope="module")
-def sharded_runs(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Three runs on two FSDP2 ranks, one after the other in the same two processes (``fit_both_ranks``, ``--then``):
-    the sharded-resume test's first run (from a tied Qwen2, ``hf/``; validated after fit on ``val/``) and its resume
-    (``full/``, ``resumed/``), then
-    the init_from test's run (``init/two/``) from the sources it made here first (``init/``). Their folder."""
+def sharded_runs(launched_runs: tuple[Path, list[tuple[str, str]]]) -> Path:
+    """The folder of ``sharded_run_args``'s runs."""
+    return launched_runs[0] / "sharded"
+
+
+def sharded_run_args(root: Path, tiny_corpus: Path) -> list[list[str]]:
+    """Three runs on two FSDP2 ranks: the sharded-resume test's first run (from a tied Qwen2, ``hf/``; validated after
+    fit on ``val/``) and its resume (``full/``, ``resumed/``), then the init_from test's run (``init/two/``) from the
+    sources made here first (``init/``)."""
     from test_hf import save_tiny_hf
 
-    root = tmp_path_factory.mktemp("sharded")
     hf, ckpt = save_tiny_hf(root / "hf", tie=True, kind="Qwen2", num_hidden_layers=4), root / "ckpt"
     common = ["--activation-checkpointing", "--data-dir", str(tiny_corpus), "--init-from", str(hf)]
     saves = ["--save-start", str(root / "start.st"), "--save-final", str(root / "final.st")]
     one_by_one = ["--init-read-bytes", "1"]  # init_from hands each rank its shards a tensor (and tied head) at a time
     val = write_token_stream(root / "val", [13 * 33])  # 13 held-out sequences of 33 tokens: 7 and 6 on two ranks
     first = [*common, *one_by_one, "--ckpt-dir", str(ckpt), *saves, "--val-dir", str(val)]  # a resumable loader
-    resume = ["--out", str(root / "resumed"), "--devices", "2", *common, "--resume", str(ckpt / "epoch=0-step=3.ckpt")]
+    resume = launched(root / "resumed", *common, "--resume", str(ckpt / "epoch=0-step=3.ckpt"))
     init = root / "init"
     with no_distributed_state_left():  # FSDP2's one-device fits leave a process group and a rank's environment
         sharded, checkpoint, consolidated = init_from_sources(init)
-    run = ["--out", str(init / "two"), "--devices", "2", "--precision", "bf16-true", "--steps", "1"]
-    run += ["--init-from", str(sharded), "--init-read-bytes", "20000", "--save-start", str(init / "start.st")]
+    run = launched(init / "two", "--precision", "bf16-true", "--steps", "1", "--init-from", str(sharded))
+    run += ["--init-read-bytes", "20000", "--save-start", str(init / "start.st")]
     run += ["--reload", str(checkpoint), "--reload", str(consolidated), "--read-fails-on-rank", "1"]
-    fit_both_ranks(root / "full", *first, "--then", *resume, "--then", *run)
-    return root
+    return [launched(root / "full", *first), resume, run]
 
 
 def init_from_sources(root: Path) -> tuple[Path, Path, Path]:
@@ -333,7 +374,15 @@ def test_two_fsdp2_ranks_validate_every_held_out_sequence_once_as_one_device_doe
     assert validated[0]["val/loss"] == pytest.approx(one["val/loss"], rel=1e-5)
 
 
-def test_two_ddp_ranks_count_and_score_every_held_out_sequence_once(tiny_corpus, tmp_path):
+def held_out_counting_run_args(root: Path, tiny_corpus: Path) -> list[list[str]]:
+    """One DDP step, then a validation of 9 held-out sequences (``val/``) with a throughput monitor."""
+    val = write_token_stream(root / "val", [9 * 33])
+    data = ["--data-dir", str(tiny_corpus), "--val-dir", str(val), "--steps", "1"]
+    run = [*data, "--strategy", "ddp", "--throughput", "--throughput-window", "2", "--log-every", "1"]
+    return [launched(root / "two", *run, "--save-final", str(root / "final.st"))]
+
+
+def test_two_ddp_ranks_count_and_score_every_held_out_sequence_once(launched_runs, tiny_corpus, tmp_path):
     """9 held-out sequences on two DDP ranks at batch size 4 (5 and 4: the first's last batch holds 1, the second's is
     all pad rows): val/loss and val/tokens are one process's (the pad rows score nothing), and the throughput monitor's
     validate/samples and validate/lengths, rank zero's 5 times 2, counted a sequence that does not exist; now every
@@ -342,12 +391,8 @@ def test_two_ddp_ranks_count_and_score_every_held_out_sequence_once(tiny_corpus,
     Its FLOP rate over all ranks (rank zero's times 2) too: now the FLOPs of every rank's real rows."""
     from epas_lightning import EPASModule, LlamaConfig, TokenDataModule
 
-    val = write_token_stream(tmp_path / "val", [9 * 33])
-    data = ["--data-dir", str(tiny_corpus), "--val-dir", str(val), "--steps", "1"]
-    run = [*data, "--strategy", "ddp", "--throughput", "--throughput-window", "2", "--log-every", "1"]
-    validated = [
-        rank["validated"] for rank in fit_both_ranks(tmp_path / "two", *run, "--save-final", str(tmp_path / "final.st"))
-    ]
+    root = launched_runs[0] / "held_out"
+    val, validated = root / "val", [rank["validated"] for rank in ranks(root / "two")]
     assert {k: validated[0][k] for k in validated[1]} == validated[1]
     logged = validated[0]
     assert (logged["validate/batches"], logged["validate/samples"], logged["validate/lengths"]) == (3, 9, 9 * 32)
@@ -356,21 +401,24 @@ def test_two_ddp_ranks_count_and_score_every_held_out_sequence_once(tiny_corpus,
         assert logged[f"validate/{rate}"] == pytest.approx(logged[f"validate/device/{rate}"]), rate
     module = EPASModule(LlamaConfig.from_name("debug", n_layer=4, block_size=32))
     module.configure_model()
-    module.model.load_state_dict(load_file(tmp_path / "final.st"))  # the weights the two ranks validated
+    module.model.load_state_dict(load_file(root / "final.st"))  # the weights the two ranks validated
     data = TokenDataModule(str(tiny_corpus), seq_len=32, batch_size=3, vocab_size=512, val_dir=str(val))
     (one,) = cpu_trainer(tmp_path / "one", 1, limit_val_batches=1.0).validate(module, data, verbose=False)
     assert validated[0]["val/tokens"] == one["val/tokens"] == 9 * 32
     assert validated[0]["val/loss"] == pytest.approx(one["val/loss"], rel=1e-5)
 
 
-def test_two_ddp_ranks_say_once_that_a_map_style_validation_loader_repeats_samples(tmp_path):
+def map_style_validation_run_args(root: Path) -> list[list[str]]:
+    """Fit validating a map-style loader of 12 sequences, then of 13."""
+    return [launched(root / str(n), "--strategy=ddp", "--steps=4", f"--val-samples={n}") for n in (12, 13)]
+
+
+def test_two_ddp_ranks_say_once_that_a_map_style_validation_loader_repeats_samples(launched_runs):
     """A map-style validation loader of one's own gets Lightning's DistributedSampler under fit on two ranks: 13
     sequences became 14 (7 a rank), val/loss counting the first one twice, and Lightning warns only in validate and
     test. Fit now says so once (its sanity validation and two more ran), naming the count and the fixes; 12 repeat
     nothing and are not mentioned."""
-    even, odd = ([f"--out={tmp_path / str(n)}", "--strategy=ddp", "--steps=4", f"--val-samples={n}"] for n in (12, 13))
-    command = [sys.executable, str(SCRIPT), *even, "--then", *odd]
-    outputs = run_ranks_at_once(command, clean_env(), tmp_path / "logs")
+    outputs = launched_runs[1]  # every run's: no other run says it
     said = [line for line in outputs[0][1].splitlines() if "repeated sample" in line]
     assert len(said) == 1, outputs[0][1][-3000:]
     assert (
@@ -495,17 +543,22 @@ def test_sigterm_to_the_first_rank_stops_every_rank_after_one_step_with_a_checkp
     assert torch.load(last, weights_only=True)["global_step"] == step and out.count(f"Run finished: {step} optim") == 1
 
 
-def test_a_sigterm_to_rank_one_alone_stops_and_resumes_as_the_uninterrupted_run(tiny_corpus, tmp_path):
+def sigterm_to_rank_one_run_args(root: Path, tiny_corpus: Path) -> list[list[str]]:
+    """FSDP2 stopped by a SIGTERM to rank 1 in step 3, resumed from its last.ckpt; then the run never stopped."""
+    ckpt, common = root / "ckpt", ["--data-dir", str(tiny_corpus), "--steps", "5"]
+    signal = ["--sigterm-in-step", "3", "--sigterm-rank", "1", "--ckpt-dir", str(ckpt), "--ckpt-every", "100"]
+    resume = launched(root / "resumed", *common, "--resume", str(ckpt / "last.ckpt"))
+    return [launched(root / "stopped", *common, *signal), resume, launched(root / "whole", *common)]
+
+
+def test_a_sigterm_to_rank_one_alone_stops_and_resumes_as_the_uninterrupted_run(launched_runs):
     """SIGTERM to the second FSDP2 rank alone (DDP's first rank: the CLI test above) stops both ranks after the same
     step with one sharded last.ckpt; resumed from it (in the same two processes), they train the steps left as the run
     never stopped does: the same losses and sharing layers on each rank, through the growth at step 4."""
-    ckpt, common = tmp_path / "ckpt", ["--devices", "2", "--data-dir", str(tiny_corpus), "--steps", "5"]
-    signal = ["--sigterm-in-step", "3", "--sigterm-rank", "1", "--ckpt-dir", str(ckpt), "--ckpt-every", "100"]
-    resume = ["--then", "--out", str(tmp_path / "resumed"), *common, "--resume", str(ckpt / "last.ckpt")]
-    stopped = fit_both_ranks(tmp_path / "stopped", *common, *signal, *resume, "--then", "--out", str(tmp_path), *common)
-    resumed = ranks(tmp_path / "resumed")
+    root = launched_runs[0] / "sigterm"
+    stopped, resumed = ranks(root / "stopped"), ranks(root / "resumed")
     assert [sorted(rank["steps"], key=int) for rank in stopped + resumed] == [["0", "1", "2"]] * 2 + [["3", "4"]] * 2
-    for first, second, whole in zip(stopped, resumed, ranks(tmp_path), strict=True):
+    for first, second, whole in zip(stopped, resumed, ranks(root / "whole"), strict=True):
         for step, record in {**first["steps"], **second["steps"]}.items():
             assert record["shared"] == whole["steps"][step]["shared"], step
             assert record["loss"] == pytest.approx(whole["steps"][step]["loss"], rel=1e-6), step
