@@ -4,8 +4,9 @@ can be replaced.
 ``Trainer._run`` registers them (``trainer._signal_connector.register_signal_handlers()``) after ``on_fit_start``, the
 resume and the restored training state, and before the run stage's barrier, the sanity validation and the training
 loader's set-up; no callback hook runs in between. :func:`after_signal_registration` wraps that one call on the
-trainer's connector alone and unwraps it as it runs, or :func:`forget_signal_registration` does for a ``fit`` that
-failed before it. Lightning internals relied on: the ``Trainer._signal_connector`` attribute and its
+trainer's connector alone (whatever answers it there: Lightning's method, or one a script set on that connector) and
+unwraps it as it runs, or :func:`forget_signal_registration` does for a ``fit`` that failed before it, putting back
+what was there. Lightning internals relied on: the ``Trainer._signal_connector`` attribute and its
 ``register_signal_handlers`` method, looked up on the instance; its ``teardown`` (as ``fit`` ends, however it ends)
 still puts back the handlers found before the registration, whatever replaced its own since.
 """
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from lightning.pytorch import Trainer
 
 _REGISTER = "register_signal_handlers"
+_WRAPPED = "_epas_wrapped"  # on the wrapper: the connector's own attribute it replaced (None: the class's method)
 
 
 def after_signal_registration(trainer: Trainer, then: Callable[[], None]) -> None:
@@ -30,9 +32,18 @@ def after_signal_registration(trainer: Trainer, then: Callable[[], None]) -> Non
         register()
         then()
 
+    setattr(register_then, _WRAPPED, vars(connector).get(_REGISTER))
     setattr(connector, _REGISTER, register_then)
 
 
 def forget_signal_registration(trainer: Trainer) -> None:
-    """Drop the call :func:`after_signal_registration` set up and that has not run (a ``fit`` that failed before)."""
-    vars(trainer._signal_connector).pop(_REGISTER, None)
+    """Drop the call :func:`after_signal_registration` set up and that has not run (a ``fit`` that failed before):
+    what answered the registration before answers it again."""
+    attributes = vars(trainer._signal_connector)
+    wrapper = attributes.get(_REGISTER)
+    if not hasattr(wrapper, _WRAPPED):  # none, or not ours
+        return
+    if (replaced := getattr(wrapper, _WRAPPED)) is None:
+        del attributes[_REGISTER]
+    else:
+        attributes[_REGISTER] = replaced

@@ -1,5 +1,6 @@
 """Lightning integration on CPU: growth during fit, mask and FLOPs bookkeeping, exact resume mid-growth."""
 
+import contextlib
 import os
 import re
 import time
@@ -1639,6 +1640,29 @@ def test_a_fit_that_failed_before_lightning_registered_its_handlers_leaves_the_n
         trainer.fit(module, datamodule=data)
     trainer.validate(module, datamodule=data, verbose=False)
     assert len(handlers) == 1 and getattr(handlers[0], "__self__", None) is not stop
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["fit", "fit failing before the registration"])
+def test_a_register_signal_handlers_set_on_the_trainers_connector_is_kept(tiny_corpus, tmp_path, fails):
+    """GracefulStop wraps Lightning's ``register_signal_handlers`` on the Trainer's signal connector for one fit. One
+    set there before (a script's own, say one that keeps Lightning off the signal handlers) was removed as it wrapped
+    (Lightning's registered its handlers instead) or as a fit failed: now it runs in the fit and stays after it."""
+    from epas_lightning import GracefulStop
+
+    class FailAtFitStart(Callback):
+        def on_fit_start(self, trainer, pl_module):  # after GracefulStop's own, listed after it
+            raise ValueError("a failure before the handlers")
+
+    calls = []
+
+    def own() -> None:
+        calls.append("own")
+
+    trainer = make_trainer(tmp_path, 1, [GracefulStop(), *([FailAtFitStart()] if fails else [])])
+    trainer._signal_connector.register_signal_handlers = own
+    with pytest.raises(ValueError, match="a failure before") if fails else contextlib.nullcontext():
+        trainer.fit(*make_run(tiny_corpus, 2))
+    assert trainer._signal_connector.register_signal_handlers is own and calls == ([] if fails else ["own"])
 
 
 @pytest.mark.parametrize("run_checkpoint", [False, True])
