@@ -1032,17 +1032,24 @@ def test_a_sigterm_while_fit_sets_up_stops_it_with_one_line_and_its_status(enabl
 
 
 @pytest.mark.parametrize(
-    ("signum", "batch"),
-    [(signal.SIGTERM, 0), (signal.SIGTERM, 1), (signal.SIGTERM, None), (signal.SIGINT, 0)],
-    ids=["SIGTERM, sanity batch 0 of 2", "SIGTERM, its last batch", "SIGTERM, as it ends", "Ctrl+C"],
+    ("signum", "batch", "command"),
+    [
+        (signal.SIGTERM, 0, "fit"),
+        (signal.SIGTERM, 1, "fit"),
+        (signal.SIGTERM, None, "fit"),
+        (signal.SIGINT, 0, "fit"),
+        (signal.SIGTERM, "start", "validate"),
+    ],
+    ids=["SIGTERM, sanity batch 0 of 2", "SIGTERM, its last batch", "SIGTERM, as it ends", "Ctrl+C", "validate"],
 )
 def test_a_signal_in_the_sanity_validation_stops_fit_before_training_and_removes_its_run_folder(
-    signum, batch, tiny_corpus, tmp_path, capfd, caplog, monkeypatch
+    signum, batch, command, tiny_corpus, tmp_path, capfd, caplog, monkeypatch
 ):
     """Once Lightning registered its SIGTERM handler (the sanity validation), a SIGTERM in the validation's last batch,
     or after it, only set Lightning's flag: fit trained its first step, then ended with "(SIGTERM)", nothing saved; one
     in an earlier batch said "(SIGTERM)" and Lightning's "Received SIGTERM" too. Both stop before training, as a
-    SIGTERM in set-up does, and remove the run folder they had just made (never another); Ctrl+C there left it."""
+    SIGTERM in set-up does, and remove the run folder they had just made (never another); Ctrl+C there left it.
+    ``validate`` in one process stops alike after its first batch (as on several ranks, where it hung)."""
     from epas_lightning.sigterm_in_setup import STOPPED_IN_SETUP
 
     monkeypatch.chdir(tmp_path)
@@ -1051,14 +1058,15 @@ def test_a_signal_in_the_sanity_validation_stops_fit_before_training_and_removes
     (theirs / "notes.txt").write_text("a run folder of someone else's")
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # Lightning ignores Ctrl+C
     args = ["--trainer.callbacks+=helpers.SignalBeforeTraining", f"--trainer.callbacks.signum={int(signum)}"]
+    args.append(f"--trainer.callbacks.batch={batch if isinstance(batch, str) else json.dumps(batch)}")
     try:
-        code = main(["fit", "--config", DEBUG, *args, f"--trainer.callbacks.batch={json.dumps(batch)}"])
+        code = main([command, "--config", DEBUG, *args])
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     err = capfd.readouterr().err
-    what = STOPPED_IN_SETUP if signum == signal.SIGTERM else "Ctrl+C"
-    assert code == 128 + signum and err.endswith(f"interrupted: fit stopped ({what})\n"), err[-2000:]
+    what = "Ctrl+C" if signum == signal.SIGINT else STOPPED_IN_SETUP if command == "fit" else "SIGTERM"
+    assert code == 128 + signum and err.endswith(f"interrupted: {command} stopped ({what})\n"), err[-2000:]
     said = err + caplog.text  # Lightning's log lines reach stderr through pytest's capture
     assert "Traceback" not in said and "Received SIGTERM" not in said and "Detected KeyboardInterrupt" not in said
     assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()] == [
