@@ -135,6 +135,7 @@ class GracefulStop(Callback):
 
     def _answer_signals_in_evaluation(self) -> None:
         self._previous = {sig: signal.signal(sig, self._on_signal_in_evaluation) for sig in SIGNALS}
+        training_started()  # the command's handler from its start steps aside
 
     def _on_signal_in_evaluation(self, signum: int, frame: Any) -> None:
         if self.received is not None:  # a second one: at once

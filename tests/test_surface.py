@@ -1009,20 +1009,22 @@ def test_a_second_signal_stops_fit_at_once_with_one_line_and_its_status(
     assert "Traceback" not in err and "Detected KeyboardInterrupt" not in err and "stopped by" not in err
 
 
-@pytest.mark.parametrize("enabled", [True, False])
-def test_a_sigterm_while_fit_sets_up_stops_it_with_one_line_and_its_status(enabled, tiny_corpus, tmp_path):
+@pytest.mark.parametrize(("enabled", "subcommand"), [(True, "fit"), (False, "fit"), (True, "validate")])
+def test_a_sigterm_while_fit_sets_up_stops_it_with_one_line_and_its_status(enabled, subcommand, tiny_corpus, tmp_path):
     """SIGTERM before Lightning registers its handler (here as the callbacks set up; also during the imports, the data
     preparation and checks, the model build, a resume's read) took its default action: exit status 143 and nothing
     said, so a scheduler's preemption in a job's first seconds read as a crash. It stops as Ctrl+C does there: one
     line, the same status, and the run folder it had just made is removed, as after a refused start (the same command
-    again is the same run). ``interrupt.enabled: false`` keeps the default action."""
-    from epas_lightning.sigterm_in_setup import STOPPED_IN_SETUP
+    again is the same run). ``interrupt.enabled: false`` keeps the default action. So does ``validate``, whose run
+    folder was left behind too."""
+    from epas_lightning.sigterm_in_setup import EVALUATION_STOPPED_IN_SETUP, STOPPED_IN_SETUP
 
     env = {**os.environ, "EPAS_CACHE_DIR": str(tiny_corpus.parent), "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
     args = ["--trainer.callbacks+=helpers.SigtermInSetup", f"--interrupt.enabled={str(enabled).lower()}"]
-    command = [sys.executable, "-m", "epas_lightning", "fit", "--config", DEBUG, *args]
+    command = [sys.executable, "-m", "epas_lightning", subcommand, "--config", DEBUG, *args]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    said = f"interrupted: fit stopped ({STOPPED_IN_SETUP})\n"
+    reason = STOPPED_IN_SETUP if subcommand == "fit" else EVALUATION_STOPPED_IN_SETUP
+    said = f"interrupted: {subcommand} stopped ({reason})\n"
     if enabled:
         assert done.returncode == 143 and done.stderr.endswith(said), done.stderr[-3000:]
         assert not (tmp_path / "runs").exists()
