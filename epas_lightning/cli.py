@@ -651,11 +651,8 @@ def dispatch(argv: list[str]) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command in LIGHTNING_COMMANDS:
-        fitting = command == "fit"  # SLURM's requeue signal and SIGTERM, from the first second
-        with (
-            remembering_requeue_signal() if fitting else nullcontext(),
-            answering_sigterm_in_setup() if fitting else nullcontext(),
-        ):
+        fitting = command == "fit"  # SLURM's requeue signal, from the first second
+        with remembering_requeue_signal() if fitting else nullcontext(), answering_sigterm_in_setup(command):
             from epas_lightning.lightning_cli import RUN_SECTIONS, exit_status, lightning_cli
 
             check_config_files(argv, sections=("trainer", "model", "data", *RUN_SECTIONS))

@@ -20,6 +20,14 @@ stops the CLI at once too, with one line saying nothing was trained (:mod:`epas_
 during the imports, once the config is read); its default action ended the process with status 143 and nothing said.
 From a script of one's own it keeps its default action.
 
+In ``validate`` and ``test`` (nothing to save) SIGTERM or Ctrl+C to any rank stops every rank within
+:data:`AGREE_EVERY_N_BATCHES` held-out batches: from Lightning's registration its handlers only set the flag, and the
+ranks agree on it after the first batch and every that many after (one boolean all-reduce); the command says
+"interrupted: validate stopped (SIGTERM)" once and exits 143 (130 after Ctrl+C), the run folder it created removed.
+Lightning's SIGTERM handler, which broadcasts from rank 0 inside the handler, hung there on a SIGTERM to another rank
+alone. A signal after the last agreement lets the evaluation finish (its results, exit status 0); a second one stops
+at once.
+
 Under SLURM with Lightning's ``auto_requeue`` (its default), the requeue signal (``SIGUSR1``, sent before the time
 limit with ``#SBATCH --signal=USR1@<seconds>``) stops the same way, and then the first rank requeues the job
 (``scontrol requeue``); the requeued job resumes that ``last.ckpt`` with ``--ckpt_path auto``. With checkpointing
@@ -69,6 +77,10 @@ from epas_lightning.slurm import (
 )
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+AGREE_EVERY_N_BATCHES = 8
+"""In ``validate`` and ``test``: the ranks agree whether one was signalled after the first held-out batch and every
+this many after (each agreement a boolean all-reduce and a wait for the device)."""
+EVALUATING = (TrainerFn.VALIDATING, TrainerFn.TESTING)
 
 
 class GracefulStop(Callback):
@@ -103,6 +115,7 @@ class GracefulStop(Callback):
         self._trainer: Trainer | None = None  # while the handlers are this callback's
         self._unannounced = False  # the signal came during a validation whose EarlyStopping may end the run
         self._kept_going = False  # a stop waits for min_steps or min_epochs, saved at its signal's step
+        self._evaluated: int | None = None  # the held-out batches of the validate or test under way, where it answers
 
     @property
     def requeued(self) -> bool:
@@ -112,6 +125,45 @@ class GracefulStop(Callback):
     @property
     def exit_status(self) -> int | None:
         return None if self.stopped_by is None else 128 + int(self.stopped_by)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage not in EVALUATING or not self.enabled or threading.current_thread() is not threading.main_thread():
+            return
+        self.received = self.stopped_by = self.interrupted_by = self.interrupted_reason = self.requeue_signal = None
+        self.interrupted_announce, self._evaluated = True, 0
+        after_signal_registration(trainer, self._answer_signals_in_evaluation)  # before it, their default actions
+
+    def _answer_signals_in_evaluation(self) -> None:
+        self._previous = {sig: signal.signal(sig, self._on_signal_in_evaluation) for sig in SIGNALS}
+        training_started()  # the command's handler from its start steps aside
+
+    def _on_signal_in_evaluation(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # a second one: at once
+            self._restore()
+            raise Interrupted(signum)
+        self.received = signal.Signals(signum)
+
+    def on_validation_batch_end(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        self._stop_evaluation_if_signalled(trainer)
+
+    def on_test_batch_end(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        self._stop_evaluation_if_signalled(trainer)
+
+    def _stop_evaluation_if_signalled(self, trainer: Trainer) -> None:
+        """In ``validate`` or ``test``, after the first held-out batch and every :data:`AGREE_EVERY_N_BATCHES`: stop
+        every rank where any was signalled (the first one says so)."""
+        if self._evaluated is None or trainer.state.fn not in EVALUATING:
+            return
+        self._evaluated += 1
+        if (self._evaluated - 1) % AGREE_EVERY_N_BATCHES:
+            return
+        signum, _ = self._agreed_stop(trainer)
+        if signum is not None:
+            raise Interrupted(signum, announce=trainer.is_global_zero)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage in EVALUATING:  # Lightning's teardown puts back the handlers it found
+            self._evaluated, self._previous = None, {}
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.received = self.stopped_by = self.interrupted_by = self.interrupted_reason = None
@@ -351,7 +403,7 @@ class GracefulStop(Callback):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         forget_signal_registration(trainer)  # a fit that failed before Lightning registered its handlers
-        self._unannounced = False
+        self._unannounced, self._evaluated = False, None
         self._log_again(trainer)
         self._step_plateaus_again()
         self._restore()

@@ -254,8 +254,8 @@ class EPASCLI(LightningCLI):
             raise unknown from e
         finally:
             PARSED_COMMAND.reset(command)
-        if self.config.get("subcommand") == "fit":  # SIGTERM since the command started: answered, or left to Lightning
-            answer_sigterm_in_setup(self.config.fit.interrupt.enabled)
+        if (subcommand := self.config.get("subcommand")) is not None:  # SIGTERM since the command started: answered,
+            answer_sigterm_in_setup(self.config[subcommand].interrupt.enabled)  # or left to Lightning
         if printing:
             subcommand = self.config.subcommand
             config = self.config[subcommand].clone()

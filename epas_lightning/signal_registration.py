@@ -1,14 +1,15 @@
-"""Run a function right after Lightning registers its signal handlers in ``fit``: the first moment its SIGTERM handler
-can be replaced.
+"""Run a function right after Lightning registers its signal handlers in ``fit``, ``validate`` or ``test``: the first
+moment its SIGTERM handler can be replaced.
 
-``Trainer._run`` registers them (``trainer._signal_connector.register_signal_handlers()``) after ``on_fit_start``, the
-resume and the restored training state, and before the run stage's barrier, the sanity validation and the training
-loader's set-up; no callback hook runs in between. :func:`after_signal_registration` wraps that one call on the
-trainer's connector alone (whatever answers it there: Lightning's method, or one a script set on that connector) and
-unwraps it as it runs, or :func:`forget_signal_registration` does for a ``fit`` that failed before it, putting back
-what was there. Lightning internals relied on: the ``Trainer._signal_connector`` attribute and its
-``register_signal_handlers`` method, looked up on the instance; its ``teardown`` (as ``fit`` ends, however it ends)
-still puts back the handlers found before the registration, whatever replaced its own since.
+``Trainer._run`` registers them (``trainer._signal_connector.register_signal_handlers()``) after the ``setup`` hooks,
+``on_fit_start``, the resume and the restored training state, and before the run stage's barrier, the sanity validation
+and the training loader's set-up (``validate``/``test``: the evaluation); no callback hook runs in between.
+:func:`after_signal_registration` wraps that one call on the trainer's connector alone (whatever answers it there:
+Lightning's method, or one a script set on that connector) and unwraps it as it runs, or
+:func:`forget_signal_registration` does for a run that failed before it, putting back what was there. Lightning
+internals relied on: the ``Trainer._signal_connector`` attribute and its ``register_signal_handlers`` method, looked up
+on the instance; its ``teardown`` (as the run ends, however it ends) still puts back the handlers found before the
+registration, whatever replaced its own since.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ _WRAPPED = "_epas_wrapped"  # on the wrapper: the connector's own attribute it r
 
 
 def after_signal_registration(trainer: Trainer, then: Callable[[], None]) -> None:
-    """Call ``then`` once, right after ``trainer`` registers its signal handlers in the ``fit`` under way."""
+    """Call ``then`` once, right after ``trainer`` registers its signal handlers in the run under way."""
     forget_signal_registration(trainer)
     connector = trainer._signal_connector
     register = getattr(connector, _REGISTER)
@@ -37,7 +38,7 @@ def after_signal_registration(trainer: Trainer, then: Callable[[], None]) -> Non
 
 
 def forget_signal_registration(trainer: Trainer) -> None:
-    """Drop the call :func:`after_signal_registration` set up and that has not run (a ``fit`` that failed before):
+    """Drop the call :func:`after_signal_registration` set up and that has not run (a run that failed before):
     what answered the registration before answers it again."""
     attributes = vars(trainer._signal_connector)
     wrapper = attributes.get(_REGISTER)

@@ -1,5 +1,6 @@
-"""SIGTERM while ``fit`` sets up: one line and exit status 143, where the signal's default action ended the process
-with nothing said (a scheduler's preemption in a job's first seconds read as a crash).
+"""SIGTERM while ``fit`` (or ``validate``, ``test``) sets up: one line and exit status 143, where the signal's default
+action ended the process with nothing said (a scheduler's preemption in a job's first seconds read as a crash), and
+``validate``'s and ``test``'s left the run folder they had just made.
 
 From the start of ``python -m epas_lightning fit`` (:func:`answering_sigterm_in_setup`) SIGTERM raises
 :class:`~epas_lightning.interrupted.Interrupted` wherever it lands, as Ctrl+C does (the config checks, the data
@@ -11,8 +12,10 @@ validation), which calls this one too, and ``GracefulStop`` from the first step,
 there, and takes the default action after training (:func:`training_started`) and in a process forked meanwhile.
 Where the main thread waits in native code, in which no Python handler runs (a rank in ``init_process_group`` waiting
 for ranks that never join, up to its timeout), a watching thread takes the default action instead after
-:data:`NATIVE_WAIT_GRACE_S`, with the line, ending the processes it started (the ranks Lightning launched). This module
-imports neither torch nor Lightning, so that the command installs it before the slow imports.
+:data:`NATIVE_WAIT_GRACE_S`, with the line, ending the processes it started (the ranks Lightning launched). In
+``validate`` and ``test`` ``GracefulStop`` answers it from Lightning's registration on, and the line says "interrupted:
+validate stopped (SIGTERM during setup, before any held-out batch: ...)". This module imports neither torch nor
+Lightning, so that the command installs it before the slow imports.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from epas_lightning.interrupted import Interrupted, stopped_line
 STOPPED_IN_SETUP = (
     "SIGTERM during setup, before any training step: nothing was trained or saved; run the same command again"
 )
+EVALUATION_STOPPED_IN_SETUP = "SIGTERM during setup, before any held-out batch: run the same command again"
+"""What ``validate`` and ``test`` say instead of :data:`STOPPED_IN_SETUP`."""
 NATIVE_WAIT_GRACE_S = 5.0
 """How long a SIGTERM the handler has not run for (the main thread in native code) waits before the default action."""
 
@@ -39,8 +44,9 @@ class _Setup:
     """This command's state: its process, whether the config said to answer SIGTERM, whether one came before it
     said, whether training started."""
 
-    def __init__(self, owner: int | None = None) -> None:
+    def __init__(self, owner: int | None = None, command: str = "fit") -> None:
         self.owner, self.answering, self.received, self.training = owner, False, False, False
+        self.command = command
         self.handled = 0  # the SIGTERMs the handler ran for
 
 
@@ -48,13 +54,14 @@ _setup = _Setup()
 
 
 @contextmanager
-def answering_sigterm_in_setup() -> Iterator[None]:
-    """Within, SIGTERM before training stops the command with one line (see the module). A handler of the caller's own
-    is kept, as is SIGTERM's handling outside the main thread."""
+def answering_sigterm_in_setup(command: str = "fit") -> Iterator[None]:
+    """Within, SIGTERM before training (``command`` ``validate`` or ``test``: before the evaluation) stops the command
+    with one line (see the module). A handler of the caller's own is kept, as is SIGTERM's handling outside the main
+    thread."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
         return
-    _setup.__init__(os.getpid())
+    _setup.__init__(os.getpid(), command)
     signal.signal(signal.SIGTERM, _on_sigterm)
     watch = _NativeWaitWatch()
     try:
@@ -78,7 +85,7 @@ def answer_sigterm_in_setup(enabled: bool) -> None:
         return
     _setup.answering = True
     if _setup.received:
-        raise Interrupted(signal.SIGTERM, STOPPED_IN_SETUP)
+        raise Interrupted(signal.SIGTERM, _stopped_in_setup())
 
 
 def training_started() -> None:
@@ -97,7 +104,11 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     if not _setup.answering:  # the config is not read yet: is the signal to be answered at all?
         _setup.received = True
         return
-    raise Interrupted(signum, STOPPED_IN_SETUP)
+    raise Interrupted(signum, _stopped_in_setup())
+
+
+def _stopped_in_setup() -> str:
+    return STOPPED_IN_SETUP if _setup.command == "fit" else EVALUATION_STOPPED_IN_SETUP
 
 
 class _NativeWaitWatch:
@@ -124,7 +135,7 @@ class _NativeWaitWatch:
                 while _setup.handled == seen and time.monotonic() < deadline:
                     time.sleep(0.05)
                 if _setup.handled == seen and self._answering():
-                    print(stopped_line("fit", STOPPED_IN_SETUP), file=sys.stderr, flush=True)
+                    print(stopped_line(_setup.command, _stopped_in_setup()), file=sys.stderr, flush=True)
                     _kill_child_processes()  # the ranks Lightning started wait for this one: as it ends them on Ctrl+C
                     os._exit(128 + signal.SIGTERM)
                 seen = _setup.handled

@@ -258,8 +258,8 @@ class SignalBeforeTraining(L.Callback):
     """Sends this process ``signum`` once Lightning registered its handlers, before the first training step: as the
     sanity validation's batch ``batch`` (counted from 0) ends, or, with ``batch`` ``None``, as that validation ends;
     with ``batch`` ``"start"``, in the first callback hook after the registration (the sanity validation's start, or
-    without one training's; listed before ``GracefulStop``, as ``trainer.callbacks`` are, this one's hook runs first);
-    with ``rank``, in that rank's process only (a scheduler signalling one node)."""
+    without one training's; in ``validate``, the validation's; listed before ``GracefulStop``, as ``trainer.callbacks``
+    are, this one's hook runs first); with ``rank``, in that rank's process only (a scheduler signalling one node)."""
 
     def __init__(self, signum: int = 15, batch: int | str | None = 0, rank: int | None = None) -> None:  # SIGTERM
         self.signum, self.batch, self.rank = signum, batch, rank
@@ -270,6 +270,10 @@ class SignalBeforeTraining(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.batch == "start" and trainer.num_sanity_val_steps == 0:
+            self._signal(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.batch == "start" and trainer.state.fn == "validate":
             self._signal(trainer)
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int, *args) -> None:

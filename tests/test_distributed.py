@@ -564,18 +564,26 @@ def test_a_sigterm_to_rank_one_alone_stops_and_resumes_as_the_uninterrupted_run(
             assert record["loss"] == pytest.approx(whole["steps"][step]["loss"], rel=1e-6), step
 
 
-@pytest.mark.parametrize("sanity_steps", [2, 0], ids=["sanity validation", "no sanity validation"])
-def test_a_sigterm_to_rank_one_alone_before_training_stops_fit_before_training(tiny_corpus, tmp_path, sanity_steps):
+@pytest.mark.parametrize(
+    "command, sanity_steps",
+    [("fit", 2), ("fit", 0), ("validate", 0)],
+    ids=["sanity validation", "no sanity validation", "validate"],
+)
+def test_a_sigterm_to_rank_one_alone_before_training_stops_fit_before_training(
+    tiny_corpus, tmp_path, command, sanity_steps
+):
     """A SIGTERM to rank 1 alone in the sanity validation hung the run: Lightning's handler, which answered it there,
     broadcasts from rank 0 inside the signal handler, a collective rank 0 never joined. So did one in the first hook
     after Lightning registered that handler (here the sanity validation's start, or without one training's, in a
     callback before ``GracefulStop``), which answered from then until its own replaced it. Both ranks now stop before
-    training as in set-up (exit 143, nothing saved), and the command says so once, where each rank said it."""
+    training as in set-up (exit 143, nothing saved), and the command says so once, where each rank said it. So did
+    ``validate`` (its validation's start): both ranks now stop after the first held-out batch, its run folder
+    removed."""
     from epas_lightning.sigterm_in_setup import STOPPED_IN_SETUP
 
     env = clean_env() | {"EPAS_CACHE_DIR": str(tiny_corpus.parent)}
     env["PYTHONPATH"] += os.pathsep + str(Path(__file__).parent)
-    args = ["fit", "--config", "debug", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    args = [command, "--config", "debug", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
     args += ["--trainer.callbacks+=helpers.SignalBeforeTraining", "--trainer.callbacks.rank=1"]
     args += ["--trainer.callbacks.batch=start", f"--trainer.num_sanity_val_steps={sanity_steps}"]
     proc = subprocess.Popen(
@@ -589,8 +597,10 @@ def test_a_sigterm_to_rank_one_alone_before_training_stops_fit_before_training(t
         out, err = proc.communicate()
         pytest.fail(f"the run hung:\n{err[-3000:]}")
     assert proc.returncode == 143, err[-4000:]
-    assert err.count("interrupted: fit stopped (") == 1 and f"interrupted: fit stopped ({STOPPED_IN_SETUP})" in err
+    said = STOPPED_IN_SETUP if command == "fit" else "SIGTERM"
+    assert err.count(f"interrupted: {command} stopped (") == 1 and f"stopped ({said})" in err, err[-4000:]
     assert "Traceback" not in err and "EPAS: step" not in err and not list(tmp_path.rglob("*.ckpt")), err[-4000:]
+    assert command == "fit" or not (tmp_path / "runs").exists()
 
 
 def test_an_error_on_rank_zero_ends_the_ranks_it_started(tiny_corpus, tmp_path):

@@ -1009,20 +1009,22 @@ def test_a_second_signal_stops_fit_at_once_with_one_line_and_its_status(
     assert "Traceback" not in err and "Detected KeyboardInterrupt" not in err and "stopped by" not in err
 
 
-@pytest.mark.parametrize("enabled", [True, False])
-def test_a_sigterm_while_fit_sets_up_stops_it_with_one_line_and_its_status(enabled, tiny_corpus, tmp_path):
+@pytest.mark.parametrize(("enabled", "subcommand"), [(True, "fit"), (False, "fit"), (True, "validate")])
+def test_a_sigterm_while_fit_sets_up_stops_it_with_one_line_and_its_status(enabled, subcommand, tiny_corpus, tmp_path):
     """SIGTERM before Lightning registers its handler (here as the callbacks set up; also during the imports, the data
     preparation and checks, the model build, a resume's read) took its default action: exit status 143 and nothing
     said, so a scheduler's preemption in a job's first seconds read as a crash. It stops as Ctrl+C does there: one
     line, the same status, and the run folder it had just made is removed, as after a refused start (the same command
-    again is the same run). ``interrupt.enabled: false`` keeps the default action."""
-    from epas_lightning.sigterm_in_setup import STOPPED_IN_SETUP
+    again is the same run). ``interrupt.enabled: false`` keeps the default action. So does ``validate``, whose run
+    folder was left behind too."""
+    from epas_lightning.sigterm_in_setup import EVALUATION_STOPPED_IN_SETUP, STOPPED_IN_SETUP
 
     env = {**os.environ, "EPAS_CACHE_DIR": str(tiny_corpus.parent), "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
     args = ["--trainer.callbacks+=helpers.SigtermInSetup", f"--interrupt.enabled={str(enabled).lower()}"]
-    command = [sys.executable, "-m", "epas_lightning", "fit", "--config", DEBUG, *args]
+    command = [sys.executable, "-m", "epas_lightning", subcommand, "--config", DEBUG, *args]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    said = f"interrupted: fit stopped ({STOPPED_IN_SETUP})\n"
+    reason = STOPPED_IN_SETUP if subcommand == "fit" else EVALUATION_STOPPED_IN_SETUP
+    said = f"interrupted: {subcommand} stopped ({reason})\n"
     if enabled:
         assert done.returncode == 143 and done.stderr.endswith(said), done.stderr[-3000:]
         assert not (tmp_path / "runs").exists()
@@ -1032,17 +1034,24 @@ def test_a_sigterm_while_fit_sets_up_stops_it_with_one_line_and_its_status(enabl
 
 
 @pytest.mark.parametrize(
-    ("signum", "batch"),
-    [(signal.SIGTERM, 0), (signal.SIGTERM, 1), (signal.SIGTERM, None), (signal.SIGINT, 0)],
-    ids=["SIGTERM, sanity batch 0 of 2", "SIGTERM, its last batch", "SIGTERM, as it ends", "Ctrl+C"],
+    ("signum", "batch", "command"),
+    [
+        (signal.SIGTERM, 0, "fit"),
+        (signal.SIGTERM, 1, "fit"),
+        (signal.SIGTERM, None, "fit"),
+        (signal.SIGINT, 0, "fit"),
+        (signal.SIGTERM, "start", "validate"),
+    ],
+    ids=["SIGTERM, sanity batch 0 of 2", "SIGTERM, its last batch", "SIGTERM, as it ends", "Ctrl+C", "validate"],
 )
 def test_a_signal_in_the_sanity_validation_stops_fit_before_training_and_removes_its_run_folder(
-    signum, batch, tiny_corpus, tmp_path, capfd, caplog, monkeypatch
+    signum, batch, command, tiny_corpus, tmp_path, capfd, caplog, monkeypatch
 ):
     """Once Lightning registered its SIGTERM handler (the sanity validation), a SIGTERM in the validation's last batch,
     or after it, only set Lightning's flag: fit trained its first step, then ended with "(SIGTERM)", nothing saved; one
     in an earlier batch said "(SIGTERM)" and Lightning's "Received SIGTERM" too. Both stop before training, as a
-    SIGTERM in set-up does, and remove the run folder they had just made (never another); Ctrl+C there left it."""
+    SIGTERM in set-up does, and remove the run folder they had just made (never another); Ctrl+C there left it.
+    ``validate`` in one process stops alike after its first batch (as on several ranks, where it hung)."""
     from epas_lightning.sigterm_in_setup import STOPPED_IN_SETUP
 
     monkeypatch.chdir(tmp_path)
@@ -1051,14 +1060,15 @@ def test_a_signal_in_the_sanity_validation_stops_fit_before_training_and_removes
     (theirs / "notes.txt").write_text("a run folder of someone else's")
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # Lightning ignores Ctrl+C
     args = ["--trainer.callbacks+=helpers.SignalBeforeTraining", f"--trainer.callbacks.signum={int(signum)}"]
+    args.append(f"--trainer.callbacks.batch={batch if isinstance(batch, str) else json.dumps(batch)}")
     try:
-        code = main(["fit", "--config", DEBUG, *args, f"--trainer.callbacks.batch={json.dumps(batch)}"])
+        code = main([command, "--config", DEBUG, *args])
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     err = capfd.readouterr().err
-    what = STOPPED_IN_SETUP if signum == signal.SIGTERM else "Ctrl+C"
-    assert code == 128 + signum and err.endswith(f"interrupted: fit stopped ({what})\n"), err[-2000:]
+    what = "Ctrl+C" if signum == signal.SIGINT else STOPPED_IN_SETUP if command == "fit" else "SIGTERM"
+    assert code == 128 + signum and err.endswith(f"interrupted: {command} stopped ({what})\n"), err[-2000:]
     said = err + caplog.text  # Lightning's log lines reach stderr through pytest's capture
     assert "Traceback" not in said and "Received SIGTERM" not in said and "Detected KeyboardInterrupt" not in said
     assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()] == [
