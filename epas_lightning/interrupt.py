@@ -22,10 +22,11 @@ From a script of one's own it keeps its default action.
 
 In ``validate`` and ``test`` (nothing to save) SIGTERM or Ctrl+C to any rank stops every rank within
 :data:`AGREE_EVERY_N_BATCHES` held-out batches: from Lightning's registration its handlers only set the flag, and the
-ranks agree on it after the first batch and every that many after (one boolean all-reduce); the command says
-"interrupted: validate stopped (SIGTERM)" once and exits 143 (130 after Ctrl+C), the run folder it created removed.
-Lightning's SIGTERM handler, which broadcasts from rank 0 inside the handler, hung there on a SIGTERM to another rank
-alone. A signal after the last agreement lets the evaluation finish (its results, exit status 0); a second one stops
+ranks agree on it after the first batch and every that many after (one boolean all-reduce), up to the last batch every
+rank has (their counts are compared once as the evaluation starts: a loader of the user's may give the ranks unequal
+counts, or none known), and once more as the evaluation ends; the command says "interrupted: validate stopped
+(SIGTERM)" once and exits 143 (130 after Ctrl+C), the run folder it created removed. Lightning's SIGTERM handler,
+which broadcasts from rank 0 inside the handler, hung there on a SIGTERM to another rank alone. A second signal stops
 at once.
 
 Under SLURM with Lightning's ``auto_requeue`` (its default), the requeue signal (``SIGUSR1``, sent before the time
@@ -48,6 +49,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
@@ -79,7 +81,8 @@ from epas_lightning.slurm import (
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 AGREE_EVERY_N_BATCHES = 8
 """In ``validate`` and ``test``: the ranks agree whether one was signalled after the first held-out batch and every
-this many after (each agreement a boolean all-reduce and a wait for the device)."""
+this many after, while every rank has that many batches (each agreement a boolean all-reduce and a wait for the
+device), and as the evaluation ends."""
 EVALUATING = (TrainerFn.VALIDATING, TrainerFn.TESTING)
 
 
@@ -116,6 +119,7 @@ class GracefulStop(Callback):
         self._unannounced = False  # the signal came during a validation whose EarlyStopping may end the run
         self._kept_going = False  # a stop waits for min_steps or min_epochs, saved at its signal's step
         self._evaluated: int | None = None  # the held-out batches of the validate or test under way, where it answers
+        self._every_rank_has = 0.0  # the held-out batches that every rank of that evaluation is known to have
 
     @property
     def requeued(self) -> bool:
@@ -143,20 +147,41 @@ class GracefulStop(Callback):
             raise Interrupted(signum)
         self.received = signal.Signals(signum)
 
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._count_batches_of_every_rank(trainer, trainer.num_test_batches)
+
+    def _count_batches_of_every_rank(self, trainer: Trainer, batches: list[int | float]) -> None:
+        """The held-out batches every rank of this ``validate`` or ``test`` has: the fewest of any rank (one all-reduce;
+        ``limit_*_batches`` applied; none where a rank's count is not known), so that no agreement waits for a rank
+        that has ended its batches (a loader of the user's may give them unequal counts; a length-less one, any)."""
+        if self._evaluated is None or trainer.state.fn not in EVALUATING:
+            return
+        mine = sum(batches)
+        mine = torch.tensor(-1.0 if mine == float("inf") else float(mine), device=trainer.strategy.root_device)
+        self._every_rank_has = max(0.0, float(trainer.strategy.reduce(mine, reduce_op="min")))
+
     def on_validation_batch_end(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
         self._stop_evaluation_if_signalled(trainer)
 
     def on_test_batch_end(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
         self._stop_evaluation_if_signalled(trainer)
 
-    def _stop_evaluation_if_signalled(self, trainer: Trainer) -> None:
-        """In ``validate`` or ``test``, after the first held-out batch and every :data:`AGREE_EVERY_N_BATCHES`: stop
-        every rank where any was signalled (the first one says so)."""
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._stop_evaluation_if_signalled(trainer, ended=True)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._stop_evaluation_if_signalled(trainer, ended=True)
+
+    def _stop_evaluation_if_signalled(self, trainer: Trainer, ended: bool = False) -> None:
+        """In ``validate`` or ``test``, after the first held-out batch and every :data:`AGREE_EVERY_N_BATCHES` that
+        every rank has, and as it ends (every rank gets there): stop every rank where any was signalled (the first
+        one says so)."""
         if self._evaluated is None or trainer.state.fn not in EVALUATING:
             return
-        self._evaluated += 1
-        if (self._evaluated - 1) % AGREE_EVERY_N_BATCHES:
-            return
+        if not ended:
+            self._evaluated += 1
+            if (self._evaluated - 1) % AGREE_EVERY_N_BATCHES or self._evaluated > self._every_rank_has:
+                return
         signum, _ = self._agreed_stop(trainer)
         if signum is not None:
             raise Interrupted(signum, announce=trainer.is_global_zero)
@@ -302,6 +327,7 @@ class GracefulStop(Callback):
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._validation_skipped_at = None  # it runs: a checkpoint saved after it holds it
+        self._count_batches_of_every_rank(trainer, trainer.num_val_batches)
 
     def _agreed_stop(self, trainer: Trainer) -> tuple[signal.Signals | None, bool]:
         """Whether any rank was signalled (one all-reduce; once one was, one or two more): the signal the stop reports

@@ -2347,3 +2347,68 @@ def test_every_rank_reports_the_signal_of_a_stop_alike(signals, reported):
     with ThreadPoolExecutor(2) as ranks:
         results = list(ranks.map(agreed_stop, range(2)))
     assert results == [(signal.Signals[reported], False)] * 2
+
+
+@pytest.mark.parametrize("counts", [(20, 3), (20, float("inf"))], ids=["unequal", "one not known"])
+def test_ranks_of_a_validate_with_unequal_batches_agree_only_where_each_has_a_batch(counts):
+    """``validate`` on several ranks agreed on a signal every 8 held-out batches: with a loader of the user's that gives
+    the ranks unequal counts (or a length-less one), a rank with 20 batches waited at batch 9 for one that had ended its
+    3: a hang. The ranks (two threads, their all-reduces met at a barrier) now agree only up to the fewest batches of
+    any rank (none where a rank's count is not known), and once more as the evaluation ends; a SIGTERM to rank 1
+    after its last agreement still stops both."""
+    import signal
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from epas_lightning import GracefulStop
+    from epas_lightning.interrupted import Interrupted
+
+    barrier, values, agreements = threading.Barrier(2, timeout=10), [0.0, 0.0], []  # a rank left waiting breaks it
+
+    def met(rank: int, value: float, op) -> float:  # noqa: ANN001
+        values[rank] = value
+        barrier.wait()
+        agreed = op(values)
+        barrier.wait()  # both read it before the next one writes
+        return agreed
+
+    def validate(rank: int) -> tuple:
+        strategy = SimpleNamespace(
+            root_device=torch.device("cpu"),
+            reduce=lambda tensor, reduce_op: torch.tensor(met(rank, float(tensor), {"min": min}[reduce_op])),
+            reduce_boolean_decision=lambda decision, all: bool(met(rank, float(decision), min if all else max)),  # noqa: A006
+        )
+        trainer = SimpleNamespace(
+            strategy=strategy,
+            state=SimpleNamespace(fn=TrainerFn.VALIDATING),
+            num_val_batches=[counts[rank]],
+            is_global_zero=rank == 0,
+        )
+        stop = GracefulStop()
+        stop._evaluated = 0  # as its setup for validate leaves it
+        agreed = stop._agreed_stop
+
+        def recorded(trainer) -> tuple:  # noqa: ANN001
+            agreements.append((rank, stop._evaluated))
+            return agreed(trainer)
+
+        stop._agreed_stop = recorded
+        try:
+            stop.on_validation_start(trainer, None)
+            for batch in range(20 if rank == 0 else 3):
+                if rank == 1 and batch == 2:
+                    stop._on_signal_in_evaluation(signal.SIGTERM, None)  # after the first agreement
+                stop.on_validation_batch_end(trainer)
+            stop.on_validation_end(trainer, None)
+        except Interrupted as stopped:
+            return stopped.signum, stopped.announce
+        return None, None
+
+    with ThreadPoolExecutor(2) as ranks:
+        results = list(ranks.map(validate, range(2)))
+    assert results == [(signal.SIGTERM, True), (signal.SIGTERM, False)]
+    ended = [(0, 20), (1, 3)]  # (rank, its batches so far): as each ends; with known counts, after the first batch
+    assert sorted(agreements) == sorted(ended + [(0, 1), (1, 1)] if counts[1] == 3 else ended)
