@@ -133,7 +133,8 @@ class GracefulStop(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage not in EVALUATING or not self.enabled or threading.current_thread() is not threading.main_thread():
             return
-        self.received = self.stopped_by = self.interrupted_by = self.interrupted_reason = self.requeue_signal = None
+        # a fit's stop before it (stopped_by, requeue_signal: its exit_status, requeued) stays for a script to read
+        self.received = self.interrupted_by = self.interrupted_reason = None
         self.interrupted_announce, self._evaluated = True, 0
         after_signal_registration(trainer, self._answer_signals_in_evaluation)  # before it, their default actions
 

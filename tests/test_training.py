@@ -2412,3 +2412,17 @@ def test_ranks_of_a_validate_with_unequal_batches_agree_only_where_each_has_a_ba
     assert results == [(signal.SIGTERM, True), (signal.SIGTERM, False)]
     ended = [(0, 20), (1, 3)]  # (rank, its batches so far): as each ends; with known counts, after the first batch
     assert sorted(agreements) == sorted(ended + [(0, 1), (1, 1)] if counts[1] == 3 else ended)
+
+
+def test_a_validate_after_a_stopped_fit_keeps_the_fits_exit_status(tiny_corpus, tmp_path):
+    """A script that validates after ``fit`` (the same Trainer and ``GracefulStop``) and exits with
+    ``stop.exit_status``: the validate's set-up cleared the fit's stop, so a fit stopped by SIGTERM exited 0."""
+    from epas_lightning import GracefulStop
+
+    stop = GracefulStop()
+    module, data = make_run(tiny_corpus, 2)
+    trainer = make_trainer(tmp_path, 100, [SignalInStep(stop, 2), stop], limit_val_batches=1)
+    trainer.fit(module, datamodule=data)
+    assert stop.exit_status == 143
+    trainer.validate(module, datamodule=data, verbose=False)
+    assert stop.exit_status == 143 and stop.received is None
