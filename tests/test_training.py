@@ -2386,6 +2386,7 @@ def test_ranks_of_a_validate_with_unequal_batches_agree_only_where_each_has_a_ba
             state=SimpleNamespace(fn=TrainerFn.VALIDATING),
             num_val_batches=[counts[rank]],
             is_global_zero=rank == 0,
+            world_size=2,
         )
         stop = GracefulStop()
         stop._evaluated = 0  # as its setup for validate leaves it
@@ -2426,3 +2427,38 @@ def test_a_validate_after_a_stopped_fit_keeps_the_fits_exit_status(tiny_corpus, 
     assert stop.exit_status == 143
     trainer.validate(module, datamodule=data, verbose=False)
     assert stop.exit_status == 143 and stop.received is None
+
+
+def test_ctrl_c_stops_a_one_process_validate_of_a_loader_without_length_within_its_first_batches(tmp_path):
+    """A validate's batches agree on a signal only up to the fewest any rank has, none when a loader has no length: in
+    one process, where no rank can be missing, Ctrl+C was then answered only after the last batch (Lightning's stopped
+    at once)."""
+    import signal
+
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from epas_lightning import GracefulStop
+
+    class NoLength(IterableDataset):
+        def __iter__(self):
+            return iter(torch.randint(0, 64, (12, 4, 17)))
+
+    batches = []
+
+    class CtrlC(Callback):
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *args):
+            batches.append(batch_idx)
+            if batch_idx == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    stop = GracefulStop()
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16, vocab_size=64))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # Lightning ignores Ctrl+C
+    try:
+        with pytest.raises(SystemExit):
+            trainer = cpu_trainer(tmp_path, 1, [CtrlC(), stop], limit_val_batches=1.0)
+            trainer.validate(module, DataLoader(NoLength(), batch_size=None), verbose=False)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert stop.interrupted_by == signal.SIGINT and batches == list(range(9))
