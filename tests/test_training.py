@@ -1613,13 +1613,16 @@ def test_a_fit_that_trains_nothing_after_its_sanity_validation_leaves_no_handler
     assert second.received_sigterm and not first.received_sigterm
 
 
-def test_a_fit_that_failed_before_lightning_registered_its_handlers_leaves_the_next_validate_lightnings(
+def test_a_fit_that_failed_before_lightning_registered_its_handlers_leaves_the_next_predict_lightnings(
     tiny_corpus, tmp_path
 ):
     """GracefulStop puts its SIGTERM handler in place as Lightning registers its own in fit. A fit that failed before
-    (here in another callback's on_fit_start) must not leave that to the Trainer's next run: a validate would have
-    answered SIGTERM with a flag nothing reads instead of Lightning's stop."""
+    (here in another callback's on_fit_start) must not leave that to the Trainer's next run: a predict (which
+    GracefulStop leaves to Lightning; validate and test it answers itself) would have answered SIGTERM with a flag
+    nothing reads instead of Lightning's stop."""
     import signal
+
+    from torch.utils.data import DataLoader
 
     from epas_lightning import GracefulStop
 
@@ -1630,7 +1633,7 @@ def test_a_fit_that_failed_before_lightning_registered_its_handlers_leaves_the_n
     handlers = []
 
     class RecordHandler(Callback):
-        def on_validation_start(self, trainer, pl_module):
+        def on_predict_start(self, trainer, pl_module):
             handlers.append(signal.getsignal(signal.SIGTERM))
 
     stop = GracefulStop()
@@ -1638,7 +1641,7 @@ def test_a_fit_that_failed_before_lightning_registered_its_handlers_leaves_the_n
     trainer = make_trainer(tmp_path, 1, [stop, FailAtFitStart(), RecordHandler()], limit_val_batches=1)
     with pytest.raises(ValueError, match="a failure before the handlers"):
         trainer.fit(module, datamodule=data)
-    trainer.validate(module, datamodule=data, verbose=False)
+    trainer.predict(module, DataLoader(torch.randint(0, 512, (1, 8))))
     assert len(handlers) == 1 and getattr(handlers[0], "__self__", None) is not stop
 
 
