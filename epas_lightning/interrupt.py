@@ -24,10 +24,10 @@ In ``validate`` and ``test`` (nothing to save) SIGTERM or Ctrl+C to any rank sto
 :data:`AGREE_EVERY_N_BATCHES` held-out batches: from Lightning's registration its handlers only set the flag, and the
 ranks agree on it after the first batch and every that many after (one boolean all-reduce), up to the last batch every
 rank has (their counts are compared once as the evaluation starts: a loader of the user's may give the ranks unequal
-counts, or none known), and once more as the evaluation ends; the command says "interrupted: validate stopped
-(SIGTERM)" once and exits 143 (130 after Ctrl+C), the run folder it created removed. Lightning's SIGTERM handler,
-which broadcasts from rank 0 inside the handler, hung there on a SIGTERM to another rank alone. A second signal stops
-at once.
+counts, or none known; one process has them all), and once more as the evaluation ends; the command says
+"interrupted: validate stopped (SIGTERM)" once and exits 143 (130 after Ctrl+C), the run folder it created removed.
+Lightning's SIGTERM handler, which broadcasts from rank 0 inside the handler, hung there on a SIGTERM to another rank
+alone. A second signal stops at once.
 
 Under SLURM with Lightning's ``auto_requeue`` (its default), the requeue signal (``SIGUSR1``, sent before the time
 limit with ``#SBATCH --signal=USR1@<seconds>``) stops the same way, and then the first rank requeues the job
@@ -133,7 +133,8 @@ class GracefulStop(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage not in EVALUATING or not self.enabled or threading.current_thread() is not threading.main_thread():
             return
-        self.received = self.stopped_by = self.interrupted_by = self.interrupted_reason = self.requeue_signal = None
+        # a fit's stop before it (stopped_by, requeue_signal: its exit_status, requeued) stays for a script to read
+        self.received = self.interrupted_by = self.interrupted_reason = None
         self.interrupted_announce, self._evaluated = True, 0
         after_signal_registration(trainer, self._answer_signals_in_evaluation)  # before it, their default actions
 
@@ -153,8 +154,12 @@ class GracefulStop(Callback):
     def _count_batches_of_every_rank(self, trainer: Trainer, batches: list[int | float]) -> None:
         """The held-out batches every rank of this ``validate`` or ``test`` has: the fewest of any rank (one all-reduce;
         ``limit_*_batches`` applied; none where a rank's count is not known), so that no agreement waits for a rank
-        that has ended its batches (a loader of the user's may give them unequal counts; a length-less one, any)."""
+        that has ended its batches (a loader of the user's may give them unequal counts; a length-less one, any). In
+        one process no rank can be missing: every batch boundary is open, a length-less loader's too."""
         if self._evaluated is None or trainer.state.fn not in EVALUATING:
+            return
+        if trainer.world_size == 1:
+            self._every_rank_has = float("inf")
             return
         mine = sum(batches)
         mine = torch.tensor(-1.0 if mine == float("inf") else float(mine), device=trainer.strategy.root_device)

@@ -1613,13 +1613,16 @@ def test_a_fit_that_trains_nothing_after_its_sanity_validation_leaves_no_handler
     assert second.received_sigterm and not first.received_sigterm
 
 
-def test_a_fit_that_failed_before_lightning_registered_its_handlers_leaves_the_next_validate_lightnings(
+def test_a_fit_that_failed_before_lightning_registered_its_handlers_leaves_the_next_predict_lightnings(
     tiny_corpus, tmp_path
 ):
     """GracefulStop puts its SIGTERM handler in place as Lightning registers its own in fit. A fit that failed before
-    (here in another callback's on_fit_start) must not leave that to the Trainer's next run: a validate would have
-    answered SIGTERM with a flag nothing reads instead of Lightning's stop."""
+    (here in another callback's on_fit_start) must not leave that to the Trainer's next run: a predict (which
+    GracefulStop leaves to Lightning; validate and test it answers itself) would have answered SIGTERM with a flag
+    nothing reads instead of Lightning's stop."""
     import signal
+
+    from torch.utils.data import DataLoader
 
     from epas_lightning import GracefulStop
 
@@ -1630,7 +1633,7 @@ def test_a_fit_that_failed_before_lightning_registered_its_handlers_leaves_the_n
     handlers = []
 
     class RecordHandler(Callback):
-        def on_validation_start(self, trainer, pl_module):
+        def on_predict_start(self, trainer, pl_module):
             handlers.append(signal.getsignal(signal.SIGTERM))
 
     stop = GracefulStop()
@@ -1638,7 +1641,7 @@ def test_a_fit_that_failed_before_lightning_registered_its_handlers_leaves_the_n
     trainer = make_trainer(tmp_path, 1, [stop, FailAtFitStart(), RecordHandler()], limit_val_batches=1)
     with pytest.raises(ValueError, match="a failure before the handlers"):
         trainer.fit(module, datamodule=data)
-    trainer.validate(module, datamodule=data, verbose=False)
+    trainer.predict(module, DataLoader(torch.randint(0, 512, (1, 8))))
     assert len(handlers) == 1 and getattr(handlers[0], "__self__", None) is not stop
 
 
@@ -2386,6 +2389,7 @@ def test_ranks_of_a_validate_with_unequal_batches_agree_only_where_each_has_a_ba
             state=SimpleNamespace(fn=TrainerFn.VALIDATING),
             num_val_batches=[counts[rank]],
             is_global_zero=rank == 0,
+            world_size=2,
         )
         stop = GracefulStop()
         stop._evaluated = 0  # as its setup for validate leaves it
@@ -2412,3 +2416,52 @@ def test_ranks_of_a_validate_with_unequal_batches_agree_only_where_each_has_a_ba
     assert results == [(signal.SIGTERM, True), (signal.SIGTERM, False)]
     ended = [(0, 20), (1, 3)]  # (rank, its batches so far): as each ends; with known counts, after the first batch
     assert sorted(agreements) == sorted(ended + [(0, 1), (1, 1)] if counts[1] == 3 else ended)
+
+
+def test_a_validate_after_a_stopped_fit_keeps_the_fits_exit_status(tiny_corpus, tmp_path):
+    """A script that validates after ``fit`` (the same Trainer and ``GracefulStop``) and exits with
+    ``stop.exit_status``: the validate's set-up cleared the fit's stop, so a fit stopped by SIGTERM exited 0."""
+    from epas_lightning import GracefulStop
+
+    stop = GracefulStop()
+    module, data = make_run(tiny_corpus, 2)
+    trainer = make_trainer(tmp_path, 100, [SignalInStep(stop, 2), stop], limit_val_batches=1)
+    trainer.fit(module, datamodule=data)
+    assert stop.exit_status == 143
+    trainer.validate(module, datamodule=data, verbose=False)
+    assert stop.exit_status == 143 and stop.received is None
+
+
+def test_ctrl_c_stops_a_one_process_validate_of_a_loader_without_length_within_its_first_batches(tmp_path):
+    """A validate's batches agree on a signal only up to the fewest any rank has, none when a loader has no length: in
+    one process, where no rank can be missing, Ctrl+C was then answered only after the last batch (Lightning's stopped
+    at once)."""
+    import signal
+
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from epas_lightning import GracefulStop
+
+    class NoLength(IterableDataset):
+        def __iter__(self):
+            return iter(torch.randint(0, 64, (12, 4, 17)))
+
+    batches = []
+
+    class CtrlC(Callback):
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *args):
+            batches.append(batch_idx)
+            if batch_idx == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    stop = GracefulStop()
+    module = EPASModule(LlamaConfig.from_name("debug", n_layer=2, block_size=16, vocab_size=64))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # Lightning ignores Ctrl+C
+    try:
+        with pytest.raises(SystemExit):
+            trainer = cpu_trainer(tmp_path, 1, [CtrlC(), stop], limit_val_batches=1.0)
+            trainer.validate(module, DataLoader(NoLength(), batch_size=None), verbose=False)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert stop.interrupted_by == signal.SIGINT and batches == list(range(9))
