@@ -4,7 +4,8 @@ The parameters and their names are those of ``LlamaForCausalLM`` (with ``epas_at
 and v biases, none on o_proj); only the forward differs. A layer listed in
 ``config.epas_shared_layers`` runs in sharing mode: in "qk" mode it reuses the post-RoPE query and key of the last
 computing layer before it and projects only V (in "kv" mode it reuses that layer's K and V and projects only Q).
-V, the output projection, the MLP, norms and residuals always run.
+V, the output projection, the MLP, norms and residuals always run. ``output_hidden_states`` returns what the stock
+model does: the embeddings, then each layer's output, the last one normed.
 
 Generation works with and without a KV cache, on transformers 4.57 to 5.24: the cache reaches ``forward`` as
 ``past_key_values`` up to 5.23 and as ``cache`` from 5.24, and the output names it the same way. With the cache every
@@ -119,6 +120,8 @@ class EpasLlamaModel(LlamaModel):
             return x.view(B, T, n, head_dim).transpose(1, 2)  # (B, n, T, D)
 
         h = inputs_embeds
+        record = kwargs.get("output_hidden_states")
+        hidden = [h] if (config.output_hidden_states if record is None else record) else None
         reuse = None
         for i, layer in enumerate(self.layers[: config.num_hidden_layers]):
             attn = layer.self_attn
@@ -141,8 +144,15 @@ class EpasLlamaModel(LlamaModel):
             )
             h = h + attn.o_proj(y.transpose(1, 2).reshape(B, T, n_head * head_dim))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if hidden is not None:
+                hidden.append(h)
+        h = self.norm(h)
+        if hidden is not None:  # as transformers' LlamaModel: the last layer's output is given normed
+            hidden[-1] = h
         return BaseModelOutputWithPast(
-            last_hidden_state=self.norm(h), **{CACHE_FIELD: past_key_values if use_cache else None}
+            last_hidden_state=h,
+            hidden_states=None if hidden is None else tuple(hidden),
+            **{CACHE_FIELD: past_key_values if use_cache else None},
         )
 
 
