@@ -370,7 +370,7 @@ def finiteness(non_finite: list[str] | None, non_finite_state: list[str] | None 
 
 
 def listing_text(records: list[dict[str, Any]], folder: Path) -> str:
-    """One line per checkpoint: step, tokens, trained region size (:func:`region_cell`), val loss, whether its
+    """One line per checkpoint: step, tokens, region size (:func:`region_cell`), val loss, whether its
     weights are finite (or not checked), size and its path under ``folder``."""
     header = ("step", "tokens", "region", "val loss (at step)", "weights", "size", "checkpoint")
     rows = []
@@ -390,11 +390,13 @@ def listing_text(records: list[dict[str, Any]], folder: Path) -> str:
 
 
 def region_cell(record: dict[str, Any]) -> str:
-    """The listing's ``region`` cell: the sharing layers the checkpoint runs; of a stock export, the region its
-    weights trained too, which the folder does not carry (the ``region`` row of :func:`describe_text`, short)."""
-    unrun = record["weights_trained_region"]
-    runs = str(record["sharing_layers"]["max"])
-    return f"{runs} (trained {len(unrun['layers'])}, not carried)" if unrun else runs
+    """The listing's ``region`` cell: the sharing layers the checkpoint runs by default; the trained region's too where
+    it is longer (an export at a shorter region), or where the folder does not carry it (a stock export)."""
+    unrun, allowed = record["weights_trained_region"], record["sharing_layers"]
+    runs = str(allowed["default"])
+    if unrun:
+        return f"{runs} (trained {len(unrun['layers'])}, not carried)"
+    return runs if allowed["default"] == allowed["max"] else f"{runs} (trained {allowed['max']})"
 
 
 def inspect_command(checkpoint: Path, check_weights: bool | None = None, json: bool = False) -> None:

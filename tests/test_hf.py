@@ -834,6 +834,56 @@ def test_export_sharing_remote_code_logits_and_generate(tmp_path: Path, mode: st
     assert torch.equal(generated[:, 2:], greedy_by_full_forwards(ours, prompt[1:, :4], 5))
 
 
+def test_the_remote_code_returns_hidden_states_as_the_stock_llama_does(tmp_path: Path) -> None:
+    """``output_hidden_states=True`` (a probe, an embedding extractor, ``generate(output_hidden_states=True)``) gave
+    ``None`` from the trust_remote_code export: the stock model's tuple (embeddings, each layer's output, the last
+    one normed) is what it returns now, equal to the stock export's at region 0, the last entry the head's input."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    ids = torch.randint(0, VOCAB, (2, 10))
+    stock = transformers.AutoModelForCausalLM.from_pretrained(export(tmp_path / "ckpt", tmp_path / "stock", 0))
+    remote = export(tmp_path / "ckpt", tmp_path / "remote")
+    ours = transformers.AutoModelForCausalLM.from_pretrained(remote, trust_remote_code=True, epas_shared_layers=[])
+    with torch.no_grad():
+        expected = stock.eval()(ids, output_hidden_states=True).hidden_states
+        dense = ours.eval()(ids, output_hidden_states=True).hidden_states
+        assert dense is not None and len(dense) == len(expected) == 3
+        for got, want in zip(dense, expected, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        ours.set_region(1)
+        shared = ours(ids, output_hidden_states=True)
+        torch.testing.assert_close(ours.lm_head(shared.hidden_states[-1]), shared.logits)
+        assert ours(ids).hidden_states is None  # not asked for: none kept
+
+
+def test_the_remote_code_returns_attention_maps_as_the_stock_llama_does(tmp_path: Path) -> None:
+    """``output_attentions=True`` gave ``None`` from the trust_remote_code export; it gives each layer's attention
+    weights, equal to the stock export's (eager attention) at region 0; a sharing layer's (qk) are its source's."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    ids = torch.randint(0, VOCAB, (2, 10))
+    stock = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "stock", 0), attn_implementation="eager"
+    )
+    remote = export(tmp_path / "ckpt", tmp_path / "remote")
+    ours = transformers.AutoModelForCausalLM.from_pretrained(remote, trust_remote_code=True, epas_shared_layers=[])
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    with torch.no_grad():
+        expected = stock.eval()(ids, attention_mask=mask, output_attentions=True).attentions
+        dense = ours.eval()(ids, attention_mask=mask, output_attentions=True)
+        assert dense.attentions is not None and len(dense.attentions) == len(expected) == 2
+        for got, want in zip(dense.attentions, expected, strict=True):
+            torch.testing.assert_close(got[:, :, 3:], want[:, :, 3:], atol=1e-5, rtol=1e-5)  # padded rows aside
+        logits = stock(ids, attention_mask=mask).logits
+        torch.testing.assert_close(dense.logits[:, 3:], logits[:, 3:], atol=1e-5, rtol=1e-5)
+        ours.set_region(1)
+        shared = ours(ids, output_attentions=True).attentions
+        torch.testing.assert_close(shared[1], shared[0])
+
+
 def test_a_stock_export_of_a_kv_model_reads_back_as_kv(tmp_path: Path) -> None:
     """A stock export (dense) of a kv-trained model read back as qk: inspect said Q/K sharing, and a forced region or
     an init_from that reran its weights' region shared Q/K, which those weights never learned to."""

@@ -478,6 +478,16 @@ def test_an_export_past_its_trained_region_says_transformers_loads_it_so(tmp_pat
     )
 
 
+def test_a_listing_gives_the_region_an_export_runs_at_beside_the_trained_one(tmp_path, capsys):
+    """`export --sharing-layers 1` of a 2-layer region runs 1 sharing layer (transformers and our commands), and its
+    own inspect says so (default 1), but a folder's listing gave it 2 as if it ran the whole trained region."""
+    ckpt = tiny_ckpt(tmp_path / "runs" / "last.ckpt", 8, [3, 2])
+    export(ckpt, tmp_path / "runs" / "hf1", sharing_layers=1)
+    out, _ = inspected(capsys, tmp_path / "runs")
+    rows = {line.split()[-1]: re.split(r"\s{2,}", line)[2] for line in out.splitlines()[1:-1]}
+    assert rows == {"last.ckpt": "2", "hf1": "1 (trained 2)"}, out
+
+
 def test_fit_records_its_latest_validation_in_its_checkpoints(debug_fit_run, tiny_corpus, capsys):
     """The loss the summary of a run prints was in no checkpoint: `inspect` could not tell the checkpoints apart. Nor
     the data it validated on (a data.val_dir, a mixture's val splits), which `evaluate` now reads without --data."""

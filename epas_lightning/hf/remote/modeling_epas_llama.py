@@ -4,7 +4,9 @@ The parameters and their names are those of ``LlamaForCausalLM`` (with ``epas_at
 and v biases, none on o_proj); only the forward differs. A layer listed in
 ``config.epas_shared_layers`` runs in sharing mode: in "qk" mode it reuses the post-RoPE query and key of the last
 computing layer before it and projects only V (in "kv" mode it reuses that layer's K and V and projects only Q).
-V, the output projection, the MLP, norms and residuals always run.
+V, the output projection, the MLP, norms and residuals always run. ``output_hidden_states`` returns what the stock
+model does: the embeddings, then each layer's output, the last one normed; ``output_attentions`` each layer's
+attention weights, computed as eager attention does (a sharing layer's in "qk" mode are its source's).
 
 Generation works with and without a KV cache, on transformers 4.57 to 5.24: the cache reaches ``forward`` as
 ``past_key_values`` up to 5.23 and as ``cache`` from 5.24, and the output names it the same way. With the cache every
@@ -75,6 +77,18 @@ def _attention_mask(attention_mask, batch, new, total, device):
     return mask
 
 
+def _attention_weights(q, k, v, mask):
+    """Attention output (B, H, T, D) and its weights (B, H, T, S), as transformers' eager attention computes them."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is None:  # plain causal: every query is the last of the keys so far
+        new, total = q.shape[2], k.shape[2]
+        mask = torch.ones(new, total, dtype=torch.bool, device=q.device).tril(total - new)
+    weights = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1, dtype=torch.float32).to(q.dtype)
+    return weights @ v, weights
+
+
 class EpasLlamaModel(LlamaModel):
     config_class = EpasLlamaConfig
 
@@ -119,6 +133,10 @@ class EpasLlamaModel(LlamaModel):
             return x.view(B, T, n, head_dim).transpose(1, 2)  # (B, n, T, D)
 
         h = inputs_embeds
+        record = kwargs.get("output_hidden_states")
+        hidden = [h] if (config.output_hidden_states if record is None else record) else None
+        record = kwargs.get("output_attentions")
+        attentions = [] if (config.output_attentions if record is None else record) else None
         reuse = None
         for i, layer in enumerate(self.layers[: config.num_hidden_layers]):
             attn = layer.self_attn
@@ -136,13 +154,25 @@ class EpasLlamaModel(LlamaModel):
                 q = _apply_rope(heads(attn.q_proj(x), n_head), cos, sin)
             if past_key_values is not None:
                 k, v = past_key_values.update(k, v, i)  # (B, H_kv, S, D) each
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=n_kv_head != n_head
-            )
+            if attentions is None:
+                y = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=n_kv_head != n_head
+                )
+            else:
+                y, weights = _attention_weights(q, k, v, mask)
+                attentions.append(weights)
             h = h + attn.o_proj(y.transpose(1, 2).reshape(B, T, n_head * head_dim))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if hidden is not None:
+                hidden.append(h)
+        h = self.norm(h)
+        if hidden is not None:  # as transformers' LlamaModel: the last layer's output is given normed
+            hidden[-1] = h
         return BaseModelOutputWithPast(
-            last_hidden_state=self.norm(h), **{CACHE_FIELD: past_key_values if use_cache else None}
+            last_hidden_state=h,
+            hidden_states=None if hidden is None else tuple(hidden),
+            attentions=None if attentions is None else tuple(attentions),
+            **{CACHE_FIELD: past_key_values if use_cache else None},
         )
 
 
