@@ -731,12 +731,30 @@ def main(args: Sequence[str] | None = None) -> int:
     if debug:  # for the processes the command starts (serve's worker, data workers) too, while it runs
         os.environ[DEBUG_ENV] = "1"
     try:
-        return _run(argv, debug)
+        with _signal_handlers_kept():
+            return _run(argv, debug)
     finally:
         if before is None:
             os.environ.pop(DEBUG_ENV, None)
         else:
             os.environ[DEBUG_ENV] = before
+
+
+@contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """Put back the Ctrl+C and SIGTERM handlers found as a command starts, however it ends: Lightning's own stop after
+    a ``KeyboardInterrupt`` (a signal before training) leaves Ctrl+C ignored, so a notebook or script that runs
+    :func:`main` could no longer be interrupted. Only where handlers can be set (the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    found = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in found.items():
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(sig, handler)
 
 
 def _run(argv: list[str], debug: bool) -> int:

@@ -1957,10 +1957,14 @@ def test_slurm_requeue_signal_during_setup_requeues_the_job_without_training(
         return build(args)
 
     monkeypatch.setattr(cli_module, "lightning_cli", signalled_while_parsing)
+    ctrl_c = signal.getsignal(signal.SIGINT)
     assert main(["fit", "--config", DEBUG_CONFIG]) == 128 + signal.SIGUSR1
     assert "SIGUSR1 before the first step: nothing was trained" in capsys.readouterr().err
     assert log.read_text() == "requeue 70_3\n" and not list(tmp_path.rglob("*.ckpt"))
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    # Lightning's stop (its KeyboardInterrupt path) left Ctrl+C ignored after main returned: a notebook or script that
+    # ran it could no longer be interrupted (and a later test's Ctrl+C was lost)
+    assert signal.getsignal(signal.SIGINT) == ctrl_c
 
 
 def test_a_requeued_job_signalled_again_before_its_first_step_is_not_requeued_again(
