@@ -277,6 +277,8 @@ class EPASCLI(LightningCLI):
             return
         config = self.config[subcommand]
         fitting = subcommand == "fit"
+        if not fitting:  # it resumes no run: even its checkpoint's run folder is another run's, before it is read
+            self._check_log_folders_free(config, None)
         if config.get("ckpt_path") in RESUME_WORDS:
             config.ckpt_path = resume_checkpoint(config, config.ckpt_path, fitting)
         elif not config.get("ckpt_path"):
@@ -304,12 +306,18 @@ class EPASCLI(LightningCLI):
             if config.model.get("init_from"):  # never read: a folder deleted or unmounted since must not stop this
                 say(resumed_instead(config.ckpt_path))
                 config.model.init_from = None
-        if fitting and self.save_config_callback is not None:
-            config_filename = self.save_config_kwargs.get("config_filename", "config.yaml")
-            check_version_folder_free(config, config_filename, config.get("ckpt_path"))
         if fitting:
-            check_logger_folders_free(config, config.get("ckpt_path"))
+            self._check_log_folders_free(config, config.get("ckpt_path"))
         super()._parse_ckpt_path()
+
+    def _check_log_folders_free(self, config: Namespace, ckpt_path: str | None) -> None:
+        """The version folders the config gives its loggers hold no other run's config or logs, but those of the run
+        a ``fit`` resumes from ``ckpt_path``."""
+        scoring = self.config.get("subcommand") != "fit"
+        if self.save_config_callback is not None:
+            config_filename = self.save_config_kwargs.get("config_filename", "config.yaml")
+            check_version_folder_free(config, config_filename, ckpt_path, scoring=scoring)
+        check_logger_folders_free(config, ckpt_path)
 
     @property
     def _section(self) -> Namespace:

@@ -249,11 +249,14 @@ def check_checkpoint_folder_free(config: Namespace, ckpt_path: str | None) -> No
         )
 
 
-def check_version_folder_free(config: Namespace, config_filename: str, ckpt_path: str | None = None) -> None:
+def check_version_folder_free(
+    config: Namespace, config_filename: str, ckpt_path: str | None = None, scoring: bool = False
+) -> None:
     """A ``fit`` into the version folder the config gives its logger must not find another run's saved config there
     (a rerun of a run stopped before its first checkpoint): Lightning's ``SaveConfigCallback`` stopped with a traceback,
     once the data was prepared and an event file added to that run's folder. A resume of that folder's checkpoint
-    (``ckpt_path``) finds one where a ``CSVLogger`` keeps it from logging there (:func:`version_to_continue`)."""
+    (``ckpt_path``) finds one where a ``CSVLogger`` keeps it from logging there (:func:`version_to_continue`).
+    ``scoring``: a ``validate``/``test``, which resumes no run, so ``ckpt_path`` is not given."""
     folder = _fixed_version_folder(config)
     if folder is None or not (log_folder(config, folder) / config_filename).exists():
         return
@@ -267,7 +270,8 @@ def check_version_folder_free(config: Namespace, config_filename: str, ckpt_path
     raise OutputError(
         f"the logger's version folder holds another run ({config_filename}), which this run would mix its logs with",
         folder,
-        "give this run another version (trainer.logger.init_args.version), or resume that run with --ckpt_path",
+        "give this run another version (trainer.logger.init_args.version), or "
+        + ("none for a new version_N" if scoring else "resume that run with --ckpt_path"),
     )
 
 

@@ -986,6 +986,32 @@ def test_validate_of_a_run_checkpoint_resumes_nothing_and_leaves_the_run_folder(
     assert len(list(Path("runs/debug/version_0").glob("events.out.tfevents.*"))) == 1
 
 
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_validate_or_test_into_a_run_folder_given_as_a_logger_version_is_refused(
+    subcommand, debug_fit_run, tmp_path, capsys, monkeypatch
+):
+    """`validate`/`test --trainer.logger.init_args.version 0` into the folder a fit wrote stopped with Lightning's
+    SaveConfigCallback traceback, an event file added to that run's; beside a CSVLogger given the version of a run's
+    metrics.csv, it ended with exit 0, that file rewritten with the score alone. Now one line each, nothing written."""
+    shutil.copytree(debug_fit_run[1] / "runs", tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)
+    (csv_folder := Path("runs/csv/version_0")).mkdir(parents=True)
+    (csv_folder / "metrics.csv").write_text("epoch,step,train/loss\n0,0,6.23\n")
+    before = {path: path.read_bytes() for path in Path("runs").rglob("*") if path.is_file()}
+    csv = ["--trainer.logger+=CSVLogger", *(f"--trainer.logger.init_args.{k}" for k in ("save_dir=runs", "name=csv"))]
+    refusals = {
+        "runs/debug/version_0": ["--trainer.logger.init_args.version", "0"],
+        "runs/csv/version_0": [*csv, "--trainer.logger.init_args.version=0"],
+    }
+    for folder, settings in refusals.items():
+        for ckpt_path in ([], ["--ckpt_path", "last"]):
+            assert main([subcommand, "--config", DEBUG, *settings, *ckpt_path]) == 2, (folder, ckpt_path)
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f" — {folder} — give " in err, err[-3000:]
+            assert err.endswith("version), or none for a new version_N\n"), err
+    assert {path: path.read_bytes() for path in Path("runs").rglob("*") if path.is_file()} == before
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_second_signal_stops_fit_at_once_with_one_line_and_its_status(
     signum, tiny_corpus, tmp_path, capfd, monkeypatch
