@@ -317,7 +317,7 @@ class EPASCLI(LightningCLI):
         if self.save_config_callback is not None:
             config_filename = self.save_config_kwargs.get("config_filename", "config.yaml")
             check_version_folder_free(config, config_filename, ckpt_path, scoring=scoring)
-        check_logger_folders_free(config, ckpt_path)
+        check_logger_folders_free(config, ckpt_path, scoring)
 
     @property
     def _section(self) -> Namespace:

@@ -279,23 +279,34 @@ LOG_FILES = ("metrics.csv", "events.out.tfevents.*")
 """The files Lightning's CSV and TensorBoard loggers write into their version folder."""
 
 
-def check_logger_folders_free(config: Namespace, ckpt_path: str | None) -> None:
+def check_logger_folders_free(config: Namespace, ckpt_path: str | None, scoring: bool = False) -> None:
     """Each logger given a version must find its version folder without another run's logs: a ``CSVLogger`` deleted
     that run's ``metrics.csv`` (Lightning only warned), a ``TensorBoardLogger`` added its events to that run's. A resume
-    (``ckpt_path``) may add to them, not rewrite them: a ``CSVLogger`` still may not log there."""
+    (``ckpt_path``) may add to them, not rewrite them: a ``CSVLogger`` still may not log there. A ``validate``/``test``
+    (``scoring``), which writes no checkpoint, must also find no run's checkpoints there (that run's logs in a
+    ``sub_dir``, or deleted): its config and logs were written beside them."""
     loggers = configured_loggers(config)
     for index, logger in enumerate(loggers):
         run_dir = _run_dir(logger)
         version = logger["init_args"].get("version") if run_dir is not None else None
-        found = [] if version is None else _log_files(version_folder(run_dir, version), logger["init_args"])
-        csv = str(logger.get("class_path", "")).endswith("CSVLogger") if found else False
+        if version is None:
+            continue
+        folder, kind = version_folder(run_dir, version), str(logger["class_path"]).rsplit(".", 1)[-1]
+        found = _log_files(folder, logger["init_args"])
+        csv = kind.endswith("CSVLogger")
+        fix = f"give it another version (trainer.logger{f'[{index}]' if len(loggers) > 1 else ''}.init_args.version)"
         if found and (csv or not ckpt_path):
-            key = f"trainer.logger{f'[{index}]' if len(loggers) > 1 else ''}.init_args.version"
             raise OutputError(
-                f"{str(logger['class_path']).rsplit('.', 1)[-1]} would {'rewrite' if csv else 'add to'} another run's "
-                f"logs ({found[0].name}) in the version folder it is given",
+                f"{kind} would {'rewrite' if csv else 'add to'} another run's logs ({found[0].name}) in the version "
+                "folder it is given",
                 found[0].parent,
-                f"give it another version ({key}), or none for a new version_N",
+                f"{fix}, or none for a new version_N",
+            )
+        if scoring and (checkpoints := sorted(p.name for p in (folder / "checkpoints").glob("*.ckpt"))):
+            raise OutputError(
+                f"{kind} would log into another run's version folder, which holds its checkpoints ({checkpoints[0]})",
+                folder,
+                f"{fix}, or none for a new version_N",
             )
 
 

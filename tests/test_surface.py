@@ -992,16 +992,19 @@ def test_validate_or_test_into_a_run_folder_given_as_a_logger_version_is_refused
 ):
     """`validate`/`test --trainer.logger.init_args.version 0` into the folder a fit wrote stopped with Lightning's
     SaveConfigCallback traceback, an event file added to that run's; beside a CSVLogger given the version of a run's
-    metrics.csv, it ended with exit 0, that file rewritten with the score alone. Now one line each, nothing written."""
+    metrics.csv, it ended with exit 0, that file rewritten with the score alone; into a folder holding only a run's
+    checkpoints (its logs in a sub_dir) it wrote its config and logs beside them. Now one line each, nothing written."""
     shutil.copytree(debug_fit_run[1] / "runs", tmp_path / "runs")
     monkeypatch.chdir(tmp_path)
     (csv_folder := Path("runs/csv/version_0")).mkdir(parents=True)
     (csv_folder / "metrics.csv").write_text("epoch,step,train/loss\n0,0,6.23\n")
+    shutil.copytree("runs/debug/version_0/checkpoints", "runs/debug/exp1/checkpoints")
     before = {path: path.read_bytes() for path in Path("runs").rglob("*") if path.is_file()}
     csv = ["--trainer.logger+=CSVLogger", *(f"--trainer.logger.init_args.{k}" for k in ("save_dir=runs", "name=csv"))]
     refusals = {
         "runs/debug/version_0": ["--trainer.logger.init_args.version", "0"],
         "runs/csv/version_0": [*csv, "--trainer.logger.init_args.version=0"],
+        "runs/debug/exp1": ["--trainer.logger.init_args.version", "exp1"],
     }
     for folder, settings in refusals.items():
         for ckpt_path in ([], ["--ckpt_path", "last"]):
@@ -1224,7 +1227,8 @@ def test_a_rewind_into_a_fixed_checkpoint_folder_is_refused(tmp_path, capsys, mo
 def test_a_logger_given_a_version_refuses_a_folder_with_another_runs_logs(tmp_path, monkeypatch):
     """A logger given a version logged into another run's folder: a CSVLogger after the first deleted that run's
     metrics.csv (Lightning warned and went on), a TensorBoardLogger added its events to that run's. Now one line before
-    anything runs; a resume may add TensorBoard events to its own run's folder."""
+    anything runs; a resume may add TensorBoard events to its own run's folder. validate/test into a folder that holds
+    a run's checkpoints alone (its logs in a sub_dir) wrote their config and logs beside them."""
     from epas_lightning.resume import check_logger_folders_free
 
     monkeypatch.chdir(tmp_path)
@@ -1251,6 +1255,18 @@ def test_a_logger_given_a_version_refuses_a_folder_with_another_runs_logs(tmp_pa
     with pytest.raises(OutputError, match=r"^TensorBoardLogger would add to another run's logs \(events.out.tfevents"):
         check_logger_folders_free(config, None)
     check_logger_folders_free(config, "runs/lightning_logs/exp/checkpoints/last.ckpt")  # a resume adds to its events
+    Path("runs/lightning_logs/exp/tb/events.out.tfevents.1.host.0").unlink()
+    (checkpoints := Path("runs/lightning_logs/exp/checkpoints")).mkdir()
+    (checkpoints / "last.ckpt").touch()
+    check_logger_folders_free(config, None)  # fit: check_checkpoint_folder_free says it, as that run's checkpoints
+    tb.init_args.sub_dir = None  # validate/test into that run's folder: its config and logs beside the checkpoints
+    with pytest.raises(OutputError) as refused:
+        check_logger_folders_free(config, None, scoring=True)
+    assert str(refused.value) == (
+        "TensorBoardLogger would log into another run's version folder, which holds its checkpoints (last.ckpt) — "
+        "runs/lightning_logs/exp — give it another version (trainer.logger.init_args.version), or none for a new "
+        "version_N"
+    )
 
 
 def test_a_resume_with_a_csv_logger_keeps_the_earlier_metrics(tmp_path, capsys, monkeypatch):
