@@ -5,6 +5,7 @@ Every HF model here is a tiny random ``transformers.LlamaForCausalLM`` saved int
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 from dataclasses import replace
@@ -882,6 +883,52 @@ def test_the_remote_code_returns_attention_maps_as_the_stock_llama_does(tmp_path
         ours.set_region(1)
         shared = ours(ids, output_attentions=True).attentions
         torch.testing.assert_close(shared[1], shared[0])
+
+
+@pytest.mark.parametrize("mode", ["qk", "kv"])
+def test_the_remote_code_checkpoints_its_layers_when_asked(tmp_path: Path, mode: str) -> None:
+    """``gradient_checkpointing_enable()`` set the flag and the remote forward ignored it: fine-tuning the export
+    (the HF Trainer's ``gradient_checkpointing=True``) kept every layer's activations. Now each layer runs again in
+    backward, sharing ones too (from the Q/K or K/V their source handed on), with the gradients of a run without
+    checkpointing, reentrant or not; the cache is off in training, as on the stock model, and on without gradients."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=3, shared=2, sharing_mode=mode)
+    out = export(tmp_path / "ckpt", tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).train()
+    enable = getattr(hf, "activation_checkpointing_enable", None) or hf.gradient_checkpointing_enable  # 5.x / 4.57
+    disable = getattr(hf, "activation_checkpointing_disable", None) or hf.gradient_checkpointing_disable
+    mlp_runs = []
+    for layer in hf.model.layers:
+        layer.mlp.register_forward_pre_hook(lambda *_: mlp_runs.append(1))  # torch's recompute stops before its end
+    ids = torch.randint(0, VOCAB, (2, 12))
+
+    def step() -> tuple[dict[str, torch.Tensor], int]:
+        """Every gradient of one forward + backward, and how many times a layer's MLP ran."""
+        hf.zero_grad(set_to_none=True)
+        mlp_runs.clear()
+        hf(ids, labels=ids).loss.backward()
+        return {name: p.grad.clone() for name, p in hf.named_parameters() if p.grad is not None}, len(mlp_runs)
+
+    for region in (0, 2):  # dense, then layers 1 and 2 sharing layer 0's pair
+        hf.set_region(region)
+        expected, runs = step()
+        assert runs == 3
+        for reentrant in (False, True):
+            enable({"use_reentrant": reentrant})
+            grads, runs = step()
+            assert runs == 6, (region, reentrant)  # each layer again in backward
+            assert grads.keys() == expected.keys()
+            for name, grad in grads.items():
+                torch.testing.assert_close(grad, expected[name], rtol=1e-6, atol=1e-7, msg=name)
+            caches = {"cache", "past_key_values"}  # the output's name for it from 5.24 / before
+            assert not caches & set(hf(ids, use_cache=True))
+            with torch.no_grad():  # e.g. generating from a model left in training mode: nothing to recompute
+                assert caches & set(hf(ids, use_cache=True))
+            disable()
+    if "every_n_layers" in inspect.signature(enable).parameters:  # newer transformers: layers 0 and 2 of the 3
+        enable(every_n_layers=2)
+        assert step()[1] == 5
 
 
 def test_a_stock_export_of_a_kv_model_reads_back_as_kv(tmp_path: Path) -> None:

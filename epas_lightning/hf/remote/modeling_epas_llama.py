@@ -13,8 +13,13 @@ Generation works with and without a KV cache, on transformers 4.57 to 5.24: the 
 layer stores the K/V it attends over, so a sharing layer stores a copy of its source's keys (correct, not
 memory-saving); the project's own ``generate`` is the place for the smaller cache.
 
+``gradient_checkpointing_enable()`` works as on the stock model: in training each decoder layer it marks is
+recomputed in backward (a sharing layer from the Q/K or K/V its source handed on), and the cache is turned off.
+
 Notation: B batch, T new tokens, S cached + new tokens, H query heads, H_kv key/value heads, D head dim.
 """
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +27,11 @@ from torch import nn
 from transformers import DynamicCache, LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.utils import logging
 
 from .configuration_epas_llama import EpasLlamaConfig
+
+logger = logging.get_logger(__name__)
 
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 """How this transformers version names the KV cache in model inputs and outputs (``cache`` from 5.24 on)."""
@@ -115,6 +123,14 @@ class EpasLlamaModel(LlamaModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        layers = self.layers[: self.config.num_hidden_layers]
+        grad = self.training and torch.is_grad_enabled()  # no backward, nothing to recompute (as stock)
+        recompute = [grad and getattr(layer, "gradient_checkpointing", False) for layer in layers]
+        if any(recompute) and (use_cache or past_key_values is not None):  # a recomputed layer would write it twice
+            logger.warning_once(
+                "`use_cache=True` is incompatible with gradient checkpointing. Setting `use_cache=False`."
+            )
+            use_cache, past_key_values = False, None
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
         B, T, _ = inputs_embeds.shape
@@ -122,47 +138,23 @@ class EpasLlamaModel(LlamaModel):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, T)
         config = self.config
-        n_head, n_kv_head = config.num_attention_heads, config.num_key_value_heads
-        head_dim = config.hidden_size // n_head
-        cos, sin = _rope_tables(config, head_dim, position_ids)
+        cos, sin = _rope_tables(config, config.hidden_size // config.num_attention_heads, position_ids)
         mask = _attention_mask(attention_mask, B, T, past + T, inputs_embeds.device)
         shared_layers = set(config.epas_shared_layers)
-        qk_mode = config.epas_sharing_mode == "qk"
-
-        def heads(x, n):
-            return x.view(B, T, n, head_dim).transpose(1, 2)  # (B, n, T, D)
 
         h = inputs_embeds
         record = kwargs.get("output_hidden_states")
         hidden = [h] if (config.output_hidden_states if record is None else record) else None
         record = kwargs.get("output_attentions")
         attentions = [] if (config.output_attentions if record is None else record) else None
-        reuse = None
-        for i, layer in enumerate(self.layers[: config.num_hidden_layers]):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            if i not in shared_layers or reuse is None:
-                q = _apply_rope(heads(attn.q_proj(x), n_head), cos, sin)  # (B, H, T, D)
-                k = _apply_rope(heads(attn.k_proj(x), n_kv_head), cos, sin)  # (B, H_kv, T, D)
-                v = heads(attn.v_proj(x), n_kv_head)
-                reuse = (q, k) if qk_mode else (k, v)
-            elif qk_mode:
-                q, k = reuse
-                v = heads(attn.v_proj(x), n_kv_head)
-            else:
-                k, v = reuse
-                q = _apply_rope(heads(attn.q_proj(x), n_head), cos, sin)
-            if past_key_values is not None:
-                k, v = past_key_values.update(k, v, i)  # (B, H_kv, S, D) each
-            if attentions is None:
-                y = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=n_kv_head != n_head
-                )
-            else:
-                y, weights = _attention_weights(q, k, v, mask)
+        reuse = ()
+        for i, layer in enumerate(layers):
+            run = partial(self._decoder_layer, layer, i, cos, sin, mask, past_key_values, attentions is not None)
+            args = (h, *reuse) if i in shared_layers and reuse else (h,)
+            h, weights, *computed = layer._gradient_checkpointing_func(run, *args) if recompute[i] else run(*args)
+            reuse = tuple(computed) or reuse
+            if attentions is not None:
                 attentions.append(weights)
-            h = h + attn.o_proj(y.transpose(1, 2).reshape(B, T, n_head * head_dim))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
             if hidden is not None:
                 hidden.append(h)
         h = self.norm(h)
@@ -174,6 +166,45 @@ class EpasLlamaModel(LlamaModel):
             attentions=None if attentions is None else tuple(attentions),
             **{CACHE_FIELD: past_key_values if use_cache else None},
         )
+
+    def _decoder_layer(self, layer, i, cos, sin, mask, cache, want_weights, h, *reuse):
+        """Layer ``i`` on ``h``: (its output, its attention weights or None, then the pair it computed for the sharing
+        layers after it: post-RoPE (Q, K) in "qk" mode, (K, V) in "kv" mode; none when it reuses ``reuse``, the pair of
+        the last computing layer). Tensors that need gradients come positionally, so that a checkpoint (reentrant or
+        not) recomputes the layer from them and passes their gradients back to where they came from."""
+        config, (B, T, _) = self.config, h.shape
+        n_head, n_kv_head = config.num_attention_heads, config.num_key_value_heads
+        head_dim = config.hidden_size // n_head
+
+        def heads(x, n):
+            return x.view(B, T, n, head_dim).transpose(1, 2)  # (B, n, T, D)
+
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        computed = ()
+        if not reuse:
+            q = _apply_rope(heads(attn.q_proj(x), n_head), cos, sin)  # (B, H, T, D)
+            k = _apply_rope(heads(attn.k_proj(x), n_kv_head), cos, sin)  # (B, H_kv, T, D)
+            v = heads(attn.v_proj(x), n_kv_head)
+            computed = (q, k) if config.epas_sharing_mode == "qk" else (k, v)
+        elif config.epas_sharing_mode == "qk":
+            q, k = reuse
+            v = heads(attn.v_proj(x), n_kv_head)
+        else:
+            k, v = reuse
+            q = _apply_rope(heads(attn.q_proj(x), n_head), cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, i)  # (B, H_kv, S, D) each
+        weights = None
+        if want_weights:
+            y, weights = _attention_weights(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=n_kv_head != n_head
+            )
+        h = h + attn.o_proj(y.transpose(1, 2).reshape(B, T, n_head * head_dim))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return (h, weights, *computed)
 
 
 class EpasLlamaForCausalLM(LlamaForCausalLM):
