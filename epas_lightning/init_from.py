@@ -32,7 +32,7 @@ from epas_lightning.hf.convert import (
     read_hf_weights,
 )
 from epas_lightning.launch import launched_node_rank
-from epas_lightning.model import LlamaConfig
+from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.config import PRESETS, REUSED
 
 
@@ -182,10 +182,11 @@ def read_init_state(path: str | Path, config: LlamaConfig) -> dict[str, torch.Te
     return {key: t for batch in init_batches(path, config, source_shapes(path, config)) for key, t in batch.items()}
 
 
-def source_shapes(path: Path, config: LlamaConfig, stage: str = "fit") -> dict[str, torch.Tensor]:
+def source_shapes(path: Path, config: LlamaConfig, stage: str | None = "fit") -> dict[str, torch.Tensor]:
     """Empty meta tensors of the weights stored at ``path`` by our names (no :data:`NOT_LOADED`), after every check
     that needs no weight read: the source's own consistency and its architecture against ``config``. Warns when the
-    source trained sharing (:func:`_say_it_starts_dense`; ``stage``: the Lightning command that reads it)."""
+    source trained sharing (:func:`_say_it_starts_dense`; ``stage``: the Lightning command that reads it, ``None``:
+    checks only, warning nothing)."""
     from epas_lightning.checkpoint import read_description  # .ckpt, FSDP2 or consolidated dir
     from epas_lightning.checkpoint_formats import hf_trained_region, recorded_weights_region
 
@@ -198,13 +199,15 @@ def source_shapes(path: Path, config: LlamaConfig, stage: str = "fit") -> dict[s
         region = hf_trained_region(hf, config.n_layer, where)  # export's record, perhaps hand-edited
         unrun = None if region.size else recorded_weights_region(path, config.n_layer)  # a stock export's record
         mode = hf.get("epas_sharing_mode") or "qk"
-        _say_it_starts_dense(path, list((unrun or region).layers), stage, record_only=unrun is not None, mode=mode)
+        if stage is not None:
+            _say_it_starts_dense(path, list((unrun or region).layers), stage, unrun is not None, mode)
         return shapes
     info, state, _ = read_description(path, flag="model.init_from")
     check_same_architecture(config, info.config, f"model.init_from {path}", leave_unset(config))
     unrun = info.weights_region  # a copy of a stock export: the region its weights trained, as recorded
     mode = info.config.sharing_mode
-    _say_it_starts_dense(path, list((unrun or info.region).layers), stage, record_only=unrun is not None, mode=mode)
+    if stage is not None:
+        _say_it_starts_dense(path, list((unrun or info.region).layers), stage, unrun is not None, mode)
     return {key: t for key, t in state.items() if key not in NOT_LOADED}
 
 
@@ -345,11 +348,19 @@ def _sendable(error: Exception) -> Exception:
 def _checked_batches(model: nn.Module, path: str | Path, stage: str = "fit") -> Iterator[dict[str, torch.Tensor]]:
     """The batches of :func:`init_batches` for ``model``, after checking that the source at ``path`` fits it; every
     check runs in the first ``next``."""
+    path = _existing(path)
+    shapes = source_shapes(path, model.config, stage)
+    check_fits(model, shapes, path)
+    dtype = next(model.parameters()).dtype
+    yield from init_batches(path, model.config, shapes, dtype, INIT_READ_BYTES)
+
+
+def check_fits(model: nn.Module, shapes: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse the weights at ``path`` (``shapes``: :func:`source_shapes`) unless their names and shapes are those of
+    ``model``'s state (but :data:`NOT_LOADED`)."""
     from epas_lightning.checkpoint_formats import AS_WRITTEN
     from epas_lightning.weight_checks import hf_misfit, state_mismatch
 
-    path = _existing(path)
-    shapes = source_shapes(path, model.config, stage)
     expected = {k: v for k, v in model.state_dict().items() if k not in NOT_LOADED}
     mismatch = state_mismatch(expected, shapes)
     if mismatch and is_hf_dir(path):  # its config.json is model.config's (checked): the folder disagrees with itself
@@ -360,5 +371,16 @@ def _checked_batches(model: nn.Module, path: str | Path, stage: str = "fit") -> 
             f"model.init_from {path}",
             f"{AS_WRITTEN} (weights and config from the same run)",
         )
-    dtype = next(model.parameters()).dtype
-    yield from init_batches(path, model.config, shapes, dtype, INIT_READ_BYTES)
+
+
+def check_init_weights(path: str | Path, config: LlamaConfig, attention_reuse: bool = False) -> None:
+    """Fail before any work (data preparation included) when the weights at ``path`` do not fit the model ``config``
+    builds: every check of :func:`load_initial_weights` that reads no tensor data (files, safetensors headers, a
+    torch checkpoint mapped), against the model built on the meta device. Their values are read (and checked) when
+    the run starts from them. On rank 0's node only, as rank 0 alone reads the weights."""
+    if launched_node_rank():
+        return
+    path = _existing(path)
+    with torch.device("meta"):
+        model = Llama(config, attention_reuse=attention_reuse)
+    check_fits(model, source_shapes(path, config, stage=None), path)

@@ -26,6 +26,7 @@ from epas_lightning.flops import estimate_flops
 from epas_lightning.global_batch import GLOBAL_BATCH_KEY, global_batch, global_batch_change
 from epas_lightning.init_from import (
     check_init_source,
+    check_init_weights,
     check_same_architecture,
     keeping_source_context,
     load_initial_weights,
@@ -102,7 +103,8 @@ class EPASModule(LightningModule):
             and ``evaluate`` turn it on.
         init_from: Start ``fit`` from these weights instead of a random init (continual pretraining): a local HF
             LLaMA directory (config.json + safetensors) or an EPAS checkpoint. ``config`` must describe the same
-            architecture (checked, with every difference named, before any work); a resumed checkpoint wins. A
+            architecture (checked, with every difference named, before any work, as are the names and shapes of
+            the stored weights, read from the files' headers); a resumed checkpoint wins. A
             source with more positions than ``block_size`` keeps them (``config.max_position_embeddings``), so the
             run's exports and inference take prompts as long as the source model did.
             ``validate``/``test`` (``predict``) without a checkpoint score (run) these weights (the run's baseline).
@@ -147,6 +149,8 @@ class EPASModule(LightningModule):
         self.attention_reuse = attention_reuse
         self.attention_kernel = attention_kernel
         check_attention_reuse(config, attention_reuse)  # before any model is built
+        if init_from is not None:  # its files' headers: before fit prepares any data
+            check_init_weights(init_from, config, attention_reuse)
         check_compile_backend(compile)
         if activation_checkpointing != "auto":
             try:

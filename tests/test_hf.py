@@ -661,6 +661,73 @@ def test_init_from_checks_before_training(tmp_path: Path) -> None:
         EPASModule(_module_config(), init_from=str(biased))
 
 
+def _broken_init_source(root: Path, case: str) -> tuple[Path, str]:
+    """A tiny HF folder (sharded for the shard cases), or our consolidated folder (``ours``), broken in ``root`` as
+    ``case`` says; what the error says."""
+    from safetensors.torch import load_file, save_file
+
+    if case == "ours: missing key":
+        path = save_consolidated(Llama(_module_config()), root / "ours")
+        state = load_file(path / "model.safetensors")
+        del state["norm.weight"]
+        save_file(state, path / "model.safetensors")
+        return path, "the weights do not fit the model config it records (missing: norm.weight)"
+    path = save_tiny_hf(root / "hf", sharded=case in ("missing shard", "index names another file"))
+    index = path / "model.safetensors.index.json"
+    if case == "missing shard":
+        (path / json.loads(index.read_text())["weight_map"]["model.norm.weight"]).unlink()
+        return path, "shard listed in model.safetensors.index.json is missing"
+    if case == "index names another file":
+        record = json.loads(index.read_text())
+        record["weight_map"]["model.norm.weight"] = "model-elsewhere.safetensors"
+        index.write_text(json.dumps(record))
+        return path, "shard listed in model.safetensors.index.json is missing"
+    file = path / "model.safetensors"
+    if case in ("truncated", "garbage header"):
+        file.write_bytes(file.read_bytes()[:100] if case == "truncated" else b"\xff" * 64)
+        return path, str(file)
+    state = load_file(file)
+    if case == "extra key":
+        state["model.layers.0.mlp.extra.weight"] = torch.zeros(4)
+    elif case == "missing key":
+        del state["model.norm.weight"]
+    else:  # wrong shape
+        state["model.norm.weight"] = torch.ones(32)
+    save_file(state, file, metadata={"format": "pt"})
+    says = {"extra key": "unexpected: model.layers.0.mlp.extra.weight", "missing key": "missing: model.norm.weight"}
+    return path, says.get(case, "other shape: model.norm.weight [32]")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing shard",
+        "index names another file",
+        "truncated",
+        "garbage header",
+        "extra key",
+        "missing key",
+        "shape",
+        "ours: missing key",
+    ],
+)
+def test_fit_refuses_broken_init_from_weights_before_preparing_data(tmp_path: Path, monkeypatch, capsys, case) -> None:
+    """Weights that cannot load into the model (a shard gone, a key too many or too few, another shape, a cut or
+    garbage header) were refused only when training started, after the data was prepared (the built-in corpus's
+    first preparation, a reused one's line): they are one line before any data is touched, read from the headers."""
+    from epas_lightning import TokenDataModule
+
+    def prepared(self) -> None:  # noqa: ANN001
+        raise AssertionError("data prepared before the weights were checked")
+
+    monkeypatch.setattr(TokenDataModule, "prepare_data", prepared)
+    path, says = _broken_init_source(tmp_path, case)
+    capsys.readouterr()
+    assert main(_fit_args(path, "null", tmp_path / "run", "--model.config.block_size", "32")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and says in err, err
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn])
 def test_init_from_refuses_hf_weights_holding_nan(tmp_path: Path, dtype: torch.dtype) -> None:
     """An fp8 tensor in a folder that names no quantization (transformers casts it as plain values, as we do) ended
@@ -1224,7 +1291,7 @@ def test_init_from_missing_on_another_node_says_every_node_reads_it(tmp_path: Pa
         source_config(tmp_path / "hf", block_size=32)
 
 
-def _fit_args(path: Path, corpus: Path, root: Path, *config: str) -> list[str]:
+def _fit_args(path: Path, corpus: Path | str, root: Path, *config: str) -> list[str]:
     """``fit`` of ``path`` for 1 CPU step on ``corpus``, with ``model.config`` set by the flags ``config`` alone."""
     args = ["fit", "--model.init_from", str(path), *config, "--data.data_dir", str(corpus), "--data.batch_size", "2"]
     args += ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.max_steps", "1"]
