@@ -420,6 +420,27 @@ def _out_of_memory(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
     raise torch.OutOfMemoryError("CUDA out of memory")
 
 
+def _batches_built_failing_steps(monkeypatch, error_for) -> list[int]:  # noqa: ANN001
+    """The sizes of the decoders built from now on, in order; a batch's (not a sequence alone's) step raises what
+    ``error_for(sizes so far)`` gives, where it gives an error."""
+    from epas_lightning.inference.generate import Decoder
+
+    built, init, step = [], Decoder.__init__, Decoder.step
+
+    def recording_init(self, model, prompts, *args, **kwargs):  # noqa: ANN001, ANN202
+        built.append(len(prompts))
+        init(self, model, prompts, *args, **kwargs)
+
+    def failing_step(self, *args):  # noqa: ANN001, ANN002, ANN202
+        if self.batch_size > 1 and (error := error_for(built)) is not None:
+            raise error
+        return step(self, *args)
+
+    monkeypatch.setattr(Decoder, "__init__", recording_init)
+    monkeypatch.setattr(Decoder, "step", failing_step)
+    return built
+
+
 def _run_to_end(engine: Engine, texts: dict[str, str]) -> dict[str, str]:
     """Step ``engine`` until it is idle, adding each output's text to ``texts``: each sequence's finish reason."""
     ends = {}
@@ -522,22 +543,13 @@ def test_sequences_that_went_on_alone_share_a_batch_again_once_re_prefilled(chec
     """One out of memory in a batch's step left each of its sequences decoding alone until it finished: a batch of B
     cost B forwards per step from then on. Those that went on alone (and made a token alone) now share a batch again,
     with the tokens they make alone. A batch that fails again after they rejoined is not rejoined a second time."""
-    from epas_lightning.inference.generate import Decoder
-
     loaded = load_model(checkpoint)
-    batches, init, step = [], Decoder.__init__, Decoder.step
-
-    def recording_init(self, model, prompts, *args, **kwargs):  # noqa: ANN001, ANN202
-        batches.append(len(prompts))
-        init(self, model, prompts, *args, **kwargs)
-
-    def failing_step(self, *args):  # noqa: ANN001, ANN002, ANN202
-        if self.batch_size > 1 and (failing == "always" or batches.count(3) == 1):
-            raise torch.OutOfMemoryError("CUDA out of memory")
-        return step(self, *args)
-
-    monkeypatch.setattr(Decoder, "__init__", recording_init)
-    monkeypatch.setattr(Decoder, "step", failing_step)
+    batches = _batches_built_failing_steps(
+        monkeypatch,
+        lambda built: (
+            torch.OutOfMemoryError("CUDA out of memory") if failing == "always" or built.count(3) == 1 else None
+        ),
+    )
     engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=4)
     prompts = {"a": [0, 5, 9], "b": [0, 7], "c": [0, 3, 3, 4]}
     for key, prompt in prompts.items():
@@ -739,23 +751,10 @@ def test_a_device_error_fails_every_request_in_flight_and_the_next_ones_and_mark
     pytest.importorskip("litserve")
     from litserve.utils import LitAPIStatus
 
-    from epas_lightning.inference.generate import Decoder
     from epas_lightning.serve.api import EngineLoop
 
     loaded = load_model(checkpoint)
-    built, init, step = [], Decoder.__init__, Decoder.step
-
-    def recording_init(self, model, prompts, *args, **kwargs):  # noqa: ANN001, ANN202
-        built.append(len(prompts))
-        init(self, model, prompts, *args, **kwargs)
-
-    def failing_step(self, *args):  # noqa: ANN001, ANN002, ANN202
-        if self.batch_size > 1:
-            raise error
-        return step(self, *args)
-
-    monkeypatch.setattr(Decoder, "__init__", recording_init)
-    monkeypatch.setattr(Decoder, "step", failing_step)
+    built = _batches_built_failing_steps(monkeypatch, lambda built: error)
     engine = Engine(loaded.model, loaded.region, token_text, eos_id=None, max_batch_size=3)
     loop, transport = EngineLoop(), SentStatuses(with_data=True)
     for key, n_shared in (("a", 2), ("b", 2), ("other", 1), ("waiting", 2)):  # a, b: one batch; other: its region's
