@@ -196,3 +196,33 @@ def test_init_from_refuses_a_weight_that_is_named_but_not_read(tmp_path, monkeyp
     reading_without_the_norm(monkeypatch)
     with pytest.raises(CheckpointError, match=r"weights named in its header were not found \(norm.weight\) — model"):
         init_from.load_initial_weights(tied_model(), ckpt)
+
+
+def test_init_from_checks_a_legacy_bin_folder_without_holding_its_weights(tmp_path, monkeypatch):
+    """The shapes of an HF folder's pytorch_model.bin written in torch's legacy (non-zip) format, which cannot be
+    mapped, were read by loading it whole: EPASModule's check of init_from held a copy of the model on every rank of
+    rank 0's node, before any data (and fit's load read it whole once more for the shapes alone). Now the shapes
+    load to the meta device (weights_only, as before); the full load still reads the weights stored."""
+    from safetensors.torch import load_file
+
+    model = tied_model()
+    folder = export(save_ckpt(model, tmp_path / "a.ckpt"), tmp_path / "hf", sharing_layers=0)
+    weights = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(weights, folder / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+
+    held, torch_load = [], torch.load
+
+    def load(f, **kwargs):
+        loaded = torch_load(f, **kwargs)
+        assert kwargs["weights_only"], kwargs
+        held.extend(key for key, t in loaded.items() if not t.is_meta)
+        return loaded
+
+    monkeypatch.setattr(torch, "load", load)
+    init_from.check_init_weights(folder, model.config)
+    assert not held, held
+    target = Llama(model.config)
+    init_from.load_initial_weights(target, folder)
+    for key, t in target.state_dict().items():
+        assert key == "sharing.mask" or torch.equal(t, model.state_dict()[key]), key

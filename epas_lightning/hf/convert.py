@@ -366,7 +366,7 @@ def check_compatible(
 
 def read_hf_weights(path: str | Path, weights: bool = True) -> dict[str, torch.Tensor]:
     """Every tensor of an HF directory (single or sharded safetensors, else ``pytorch_model.bin``), on the CPU; without
-    ``weights``, empty meta tensors of their shapes (safetensors headers are read, a ``.bin`` is mapped)."""
+    ``weights``, empty meta tensors of their shapes (safetensors headers are read, a ``.bin`` loads to meta)."""
     state: dict[str, torch.Tensor] = {}
     for file in hf_weight_files(path):
         if file.suffix == ".safetensors":
@@ -397,10 +397,11 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _torch_shapes(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``file`` on the meta device: none is read from a zip file (mapped), none held from a legacy
+    (non-zip) one, which cannot be mapped."""
     from epas_lightning.safe_load import load_torch_file
 
-    state = tensor_dict(load_torch_file(file, mmap=True), file).items()
-    return {key: torch.empty(t.shape, dtype=t.dtype, device="meta") for key, t in state}
+    return tensor_dict(load_torch_file(file, map_location="meta", mmap=True), file)
 
 
 def tensor_dict(loaded: Any, file: Path) -> dict[str, torch.Tensor]:
