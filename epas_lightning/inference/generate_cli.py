@@ -198,6 +198,7 @@ def generate_command(
             eos_id=None if ignore_eos else text_tokenizer.stop_ids,
             seed=batch_seed(seed, index),
             cuda_graph=graphed,
+            vocab_size=text_tokenizer.vocab_size,  # every id it emits decodes
         )
         for index, batch in enumerate(in_batches(ids, batch_size))
     ]
