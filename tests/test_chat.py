@@ -122,7 +122,20 @@ def test_a_message_that_is_not_utf8_text_is_one_line(checkpoint, monkeypatch, ca
     rc, _, err, fed = chat(monkeypatch, capsys, checkpoint, lines)
     assert rc == 2 and fed == [], err
     assert err.splitlines()[-1] == (
-        "error: this message is not UTF-8 text (byte 0xff at character 2) — the message — send UTF-8 text"
+        "error: this message is not UTF-8 text (byte 0xff at character 2) — the message on line 1 of the input — "
+        "send UTF-8 text"
+    ), err
+
+
+def test_a_piped_message_too_long_for_the_context_ends_the_chat_naming_its_line(checkpoint, monkeypatch, capsys):
+    """Piped, a message too long even alone ends the chat with exit status 2 after the replies before it (going on
+    would shift every later reply against its line); the one line said "the message", not which of the lines."""
+    long = "hello world " * 60
+    rc, out, err, fed = chat(monkeypatch, capsys, checkpoint, f"hi\n\n{long}\nhi again\n")
+    assert rc == 2 and len(fed) == 1 and out.count("\n") == 1, err
+    last = err.splitlines()[-1]
+    assert last.startswith("error: this message makes a prompt of ") and last.endswith(
+        " — the message on line 3 of the input — shorten it, or lower --max-new-tokens"
     ), err
 
 
