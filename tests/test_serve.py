@@ -1082,6 +1082,23 @@ def test_a_sentencepiece_chat_reads_its_control_text_as_transformers_reads_the_e
     assert tokenizer.eos_id not in tokenizer.encode("</s>")  # training data and completion prompts: text
 
 
+def test_a_char_sentencepiece_chat_reads_bos_and_eos_text_as_their_ids(tmp_path):
+    """A sentencepiece model no tokenizer.json mirrors (a char or word model) encoded the rendered chat with
+    sentencepiece alone, which reads control text as text: a template's '<s>' became '<unk> s <unk>' (BOS lost, an
+    unknown token in its place). Its control pieces' text is their ids now, as transformers' slow tokenizer reads it.
+    """
+    from epas_lightning.serve.chat import chat_prompt_ids
+
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
+    model = train_tiny_sentencepiece(tmp_path / "tokenizer.model", model_type="char", vocab_size=30,
+                                     byte_fallback=False, hard_vocab_limit=False)  # fmt: skip
+    tokenizer = load_tokenizer(model)
+    messages = [{"role": "user", "content": "ka lo"}, {"role": "user", "content": "po"}]
+    ids = chat_prompt_ids(template, messages, tokenizer)
+    ka_lo, po = tokenizer.encode("ka lo"), tokenizer.encode("po")
+    assert ids == [tokenizer.bos_id, *ka_lo, tokenizer.eos_id, *po, tokenizer.eos_id], ids
+
+
 def test_chat_requests_without_a_template_or_with_a_bad_one_are_refused_in_one_message(
     checkpoint, tmp_path, monkeypatch
 ):
