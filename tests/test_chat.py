@@ -73,7 +73,7 @@ def serve_reply(checkpoint: Path, messages: list[dict], max_tokens: int) -> tupl
     body = {"model": "tiny", "messages": messages, "temperature": 0, "max_completion_tokens": max_tokens}
     completion = parse_chat(body, served, tokenizer)
     loaded = load_for_inference(checkpoint, "cpu")  # as serve's worker loads it
-    engine = Engine(loaded.model, loaded.region, tokenizer.decode, tokenizer.stop_ids)
+    engine = Engine.for_tokenizer(loaded.model, loaded.region, tokenizer)
     engine.add(0, completion.sequences[0])
     text = ""
     while engine.busy:
@@ -90,9 +90,9 @@ def test_a_piped_two_turn_chat_feeds_the_whole_history_and_replies_as_serve_does
     first = [SYSTEM, {"role": "user", "content": "hi"}]
     prompt = template_ids(checkpoint, first)
     loaded = load_for_inference(checkpoint, "cpu")
-    greedy = generate(loaded.model, [prompt], REPLY_TOKENS).tokens[0]
     tokenizer = resolve_tokenizer(describe_checkpoint(checkpoint), None)
-    end = next(k for k, t in enumerate(greedy) if k >= 2 and t < tokenizer.vocab_size and t not in greedy[:k])
+    greedy = generate(loaded.model, [prompt], REPLY_TOKENS, vocab_size=tokenizer.vocab_size).tokens[0]
+    end = next(k for k, t in enumerate(greedy) if k >= 2 and t not in greedy[:k])
     stopping = shutil.copytree(checkpoint, tmp_path / "stopping")
     (stopping / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, greedy[end]]}))
 
@@ -122,7 +122,20 @@ def test_a_message_that_is_not_utf8_text_is_one_line(checkpoint, monkeypatch, ca
     rc, _, err, fed = chat(monkeypatch, capsys, checkpoint, lines)
     assert rc == 2 and fed == [], err
     assert err.splitlines()[-1] == (
-        "error: this message is not UTF-8 text (byte 0xff at character 2) — the message — send UTF-8 text"
+        "error: this message is not UTF-8 text (byte 0xff at character 2) — the message on line 1 of the input — "
+        "send UTF-8 text"
+    ), err
+
+
+def test_a_piped_message_too_long_for_the_context_ends_the_chat_naming_its_line(checkpoint, monkeypatch, capsys):
+    """Piped, a message too long even alone ends the chat with exit status 2 after the replies before it (going on
+    would shift every later reply against its line); the one line said "the message", not which of the lines."""
+    long = "hello world " * 60
+    rc, out, err, fed = chat(monkeypatch, capsys, checkpoint, f"hi\n\n{long}\nhi again\n")
+    assert rc == 2 and len(fed) == 1 and out.count("\n") == 1, err
+    last = err.splitlines()[-1]
+    assert last.startswith("error: this message makes a prompt of ") and last.endswith(
+        " — the message on line 3 of the input — shorten it, or lower --max-new-tokens"
     ), err
 
 
@@ -204,8 +217,9 @@ def test_a_long_chat_drops_its_oldest_turns_and_ctrl_c_stops_only_the_reply(chec
     assert rc == 0 and err.count("reply stopped (Ctrl+C)") == 1, err
     assert err.count(f"note: the conversation outgrew the model's context length of {CONTEXT} tokens") == 1, err
     assert len(fed) == len(replies) == 6 and out == "".join(f"{reply}\n" for reply in replies)
-    shown = generate(load_for_inference(checkpoint, "cpu").model, [fed[0]], 2).tokens[0]  # before the Ctrl+C
     tokenizer = resolve_tokenizer(describe_checkpoint(checkpoint), None)
+    model = load_for_inference(checkpoint, "cpu").model
+    shown = generate(model, [fed[0]], 2, vocab_size=tokenizer.vocab_size).tokens[0]  # before the Ctrl+C
     assert replies[0] == decode_continuation(tokenizer.decode, fed[0], shown).rstrip(REPLACEMENT)  # no half character
 
     def rendered(oldest: int, last: int) -> list[int]:  # the exchanges oldest..last-1, then message `last`
@@ -270,6 +284,22 @@ def test_a_system_message_longer_than_the_context_can_hold_names_system(checkpoi
         f"error: the system message holds {len(system)} characters, more than the model's context length of "
         f"{CONTEXT} tokens can hold — --system — shorten it"
     )
+
+
+def test_a_reply_holds_no_id_the_tokenizer_lacks(checkpoint):
+    """The tiny model's vocabulary (512) is larger than its tokenizer's, as a padded one is: a greedy reply went on
+    with ids past the tokenizer, which decode to nothing (the reply lost them and ran shorter than it seemed). A reply
+    is now what ``generate`` gives with the tokenizer's ``vocab_size``: the most likely id it has, every time."""
+    tokenizer = resolve_tokenizer(describe_checkpoint(checkpoint), None)
+    loaded = load_for_inference(checkpoint, "cpu")
+    prompt = template_ids(checkpoint, [SYSTEM, {"role": "user", "content": "hi"}])
+    free = generate(loaded.model, [prompt], 12, eos_id=tokenizer.stop_ids).tokens[0]
+    assert max(free) >= tokenizer.vocab_size  # the case
+    kept = generate(loaded.model, [prompt], 12, eos_id=tokenizer.stop_ids, vocab_size=tokenizer.vocab_size).tokens[0]
+    kept = [t for t in kept if t not in tokenizer.stop_ids]
+    sampling = chat_module.Sampling(0.0, None, None, 0)
+    reply, _ = chat_module.stream_reply(loaded.model, prompt, tokenizer, 12, sampling, lambda text: None)
+    assert max(kept) < tokenizer.vocab_size and reply == decode_continuation(tokenizer.decode, prompt, kept)
 
 
 def test_control_token_text_typed_in_a_message_reads_as_the_token_as_the_readme_says(checkpoint):

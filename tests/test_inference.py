@@ -229,6 +229,24 @@ def test_generation_stops_after_eos_and_sampling_is_seeded():
     assert generate(model, [prompt], 12, temperature=0.7, top_k=1, seed=3).tokens[0] == greedy
 
 
+def test_generate_emits_no_id_at_or_past_vocab_size_and_keeps_greedy_tokens_below_it():
+    """``vocab_size`` (a tokenizer smaller than the model's vocabulary): no id at or past it is emitted, greedy or
+    sampled; greedy rows whose tokens all lie below it are unchanged. A value the model cannot honour is refused."""
+    model = tiny(n_layer=2, vocab_size=64, block_size=32)
+    prompts = [tokens(1, 5, vocab=64, seed=seed)[0].tolist() for seed in range(8)]
+    free = generate(model, prompts, 8).tokens
+    limit = 40
+    assert any(max(row) >= limit for row in free) and any(max(row) < limit for row in free)  # both kinds of row
+    cut = generate(model, prompts, 8, vocab_size=limit).tokens
+    assert max(map(max, cut)) < limit
+    assert [c for c, f in zip(cut, free, strict=True) if max(f) < limit] == [f for f in free if max(f) < limit]
+    sampled = generate(model, prompts, 8, temperature=2.0, seed=1, vocab_size=limit).tokens
+    assert max(map(max, sampled)) < limit
+    for bad in (0, 65, 2.5, True):
+        with pytest.raises(ConfigError, match=rf"^vocab_size must be a whole number in 1\.\.64 .*, got {bad!r} — "):
+            generate(model, prompts, 1, vocab_size=bad)
+
+
 def test_sampling_filters():
     logits = torch.tensor([[4.0, 3.0, 1.0, 0.0, -1.0]])
     g = torch.Generator().manual_seed(0)

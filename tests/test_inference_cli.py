@@ -641,16 +641,34 @@ def test_generate_and_export_stop_at_every_end_token_the_model_names(tmp_path, c
         assert json.loads((tmp_path / "hf" / name).read_text())["eos_token_id"] == [2, end_of_turn]
 
 
-def test_generate_decodes_ids_past_a_sentencepiece_tokenizer_to_nothing(tmp_path, capsys):
-    """A model whose vocabulary is larger than its sentencepiece tokenizer (allowed) that sampled an id past it
-    ended generate in sentencepiece's IndexError traceback; such an id now decodes to nothing, as in HF tokenizers."""
+def scripted_past_the_tokenizer(tmp_path):
+    """A sentencepiece model and a checkpoint whose vocabulary is 20 ids larger (allowed): greedy after "lo" it
+    prefers an id the tokenizer lacks, and " ka" next; after that id, "lo" again. (checkpoint, tokenizer, lo, ka)."""
     import sentencepiece as spm
+    from safetensors.torch import load_file, save_file
 
     sp = spm.SentencePieceProcessor(model_file=str(model := train_tiny_sentencepiece(tmp_path / "tokenizer.model")))
-    save_scripted(tmp_path / "ckpt", model, sp.get_piece_size() + 20, [sp.encode(" lo")[-1], sp.get_piece_size() + 3])
-    argv = ["generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "ka", "--max-new-tokens", "4"]
+    lo, ka, size = sp.encode(" lo")[-1], sp.encode(" ka")[-1], sp.get_piece_size()
+    ckpt = save_scripted(tmp_path / "ckpt", model, size + 20, [lo, size + 3])
+    weights = load_file(ckpt / "model.safetensors")
+    weights["lm_head.weight"][ka, 1] = 5.0  # the feature of "lo" (the script's first token): " ka" second best
+    save_file(weights, ckpt / "model.safetensors")
+    return ckpt, model, lo, ka
+
+
+def test_generate_never_emits_an_id_the_tokenizer_lacks(tmp_path, capsys):
+    """A model whose vocabulary is larger than its tokenizer (a padded vocabulary) emitted ids the tokenizer cannot
+    decode: they decoded to nothing (sentencepiece raised IndexError before), so the text lost a word and --json
+    counted tokens nobody sees. They are masked as the padded rows are: the best id the tokenizer has is chosen."""
+    from epas_lightning.data.tokenizer import load_tokenizer
+
+    ckpt, model, lo, ka = scripted_past_the_tokenizer(tmp_path)
+    tokenizer = load_tokenizer(model)
+    assert tokenizer.decode([lo, tokenizer.vocab_size + 3, lo]) == "lo lo"  # past it: nothing, no IndexError
+    argv = ["generate", "--checkpoint", str(ckpt), "--prompt", "ka", "--max-new-tokens", "4", "--json"]
     rc, out, _ = run_cli(capsys, *argv)
-    assert rc == 0 and out.startswith("ka lo lo\n")
+    assert rc == 0 and out.startswith("ka lo ka lo ka\n"), out
+    assert strict_json(out.splitlines()[-1])["completions"][0]["new_tokens"] == 4
 
 
 def checkpoint_on_its_own_data(tiny_corpus, tmp_path):

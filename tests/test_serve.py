@@ -100,14 +100,16 @@ def chat_checkpoint(root: Path, block_size: int = 64) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(checkpoint):
-    """The checkpoint loaded in this process, to compute what ``generate`` gives."""
+    """The checkpoint loaded in this process, to compute what ``generate`` gives (never an id past the tokenizer)."""
     loaded = load_model(checkpoint)
     tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
 
     def complete(prompt: str | list[int], n_shared: int, max_tokens: int, **sampling) -> str:
         set_region(loaded.model, n_shared, loaded.region)
         ids = prompt if isinstance(prompt, list) else [tokenizer.bos_id, *tokenizer.encode(prompt)]
-        out = generate(loaded.model, [ids], max_tokens, eos_id=tokenizer.eos_id, **sampling).tokens[0]
+        out = generate(
+            loaded.model, [ids], max_tokens, eos_id=tokenizer.eos_id, vocab_size=tokenizer.vocab_size, **sampling
+        ).tokens[0]
         return tokenizer.decode([t for t in out if t != tokenizer.eos_id])
 
     return complete
@@ -193,6 +195,23 @@ def test_engine_matches_generate_for_every_region_and_seed(checkpoint):
     saving = {n: 1 - infos[("greedy", n, 0)]["kv_cache_bytes"] / infos[("greedy", n, 0)]["dense_kv_cache_bytes"]
               for n in (0, 1, 2)}  # fmt: skip
     assert saving == pytest.approx({0: 0.0, 1: 1 / 8, 2: 2 / 8})  # a sharing layer caches only V
+
+
+def test_a_served_completion_holds_no_id_the_tokenizer_lacks(checkpoint):
+    """The tiny model's vocabulary (512) is larger than its tokenizer's, as a padded one is: served completions went
+    on with ids past the tokenizer, which decode to nothing (text lost, completion_tokens counting tokens nobody
+    sees). The engine serve builds masks them: its completion is ``generate``'s with the tokenizer's vocab_size."""
+    loaded = load_model(checkpoint)
+    tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
+    prompt = [tokenizer.bos_id, *tokenizer.encode("def main")]
+    set_region(loaded.model, 2, loaded.region)
+    assert max(generate(loaded.model, [prompt], 12).tokens[0]) >= tokenizer.vocab_size  # the case
+    kept = generate(loaded.model, [prompt], 12, vocab_size=tokenizer.vocab_size).tokens[0]
+    engine = Engine.for_tokenizer(loaded.model, loaded.region, tokenizer)
+    engine.add("a", SequenceRequest(prompt, 12, 2))
+    outputs = [output for _ in range(12) for output in engine.step()]
+    assert "".join(o.text for o in outputs) == tokenizer.decode(kept) and outputs[-1].finish_reason == "length"
+    assert max(kept) < tokenizer.vocab_size
 
 
 def test_a_sentencepiece_completion_keeps_the_space_of_its_first_word(tmp_path):
@@ -1061,6 +1080,23 @@ def test_a_sentencepiece_chat_reads_its_control_text_as_transformers_reads_the_e
     assert ids == hf.encode(text, add_special_tokens=False)
     assert ids.count(tokenizer.bos_id) == 2 and ids.count(tokenizer.eos_id) == 2  # the template's and the message's
     assert tokenizer.eos_id not in tokenizer.encode("</s>")  # training data and completion prompts: text
+
+
+def test_a_char_sentencepiece_chat_reads_bos_and_eos_text_as_their_ids(tmp_path):
+    """A sentencepiece model no tokenizer.json mirrors (a char or word model) encoded the rendered chat with
+    sentencepiece alone, which reads control text as text: a template's '<s>' became '<unk> s <unk>' (BOS lost, an
+    unknown token in its place). Its control pieces' text is their ids now, as transformers' slow tokenizer reads it.
+    """
+    from epas_lightning.serve.chat import chat_prompt_ids
+
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
+    model = train_tiny_sentencepiece(tmp_path / "tokenizer.model", model_type="char", vocab_size=30,
+                                     byte_fallback=False, hard_vocab_limit=False)  # fmt: skip
+    tokenizer = load_tokenizer(model)
+    messages = [{"role": "user", "content": "ka lo"}, {"role": "user", "content": "po"}]
+    ids = chat_prompt_ids(template, messages, tokenizer)
+    ka_lo, po = tokenizer.encode("ka lo"), tokenizer.encode("po")
+    assert ids == [tokenizer.bos_id, *ka_lo, tokenizer.eos_id, *po, tokenizer.eos_id], ids
 
 
 def test_chat_requests_without_a_template_or_with_a_bad_one_are_refused_in_one_message(
@@ -1938,7 +1974,8 @@ def test_clients_that_go_away_are_cancelled_and_the_others_go_on(checkpoint, lon
         answer = other.result()
     expected = load_model(server.checkpoint)
     tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
-    out = generate(expected.model, [[tokenizer.bos_id, *tokenizer.encode("import os")]], 300, eos_id=tokenizer.eos_id)
+    prompt = [tokenizer.bos_id, *tokenizer.encode("import os")]
+    out = generate(expected.model, [prompt], 300, eos_id=tokenizer.eos_id, vocab_size=tokenizer.vocab_size)
     assert answer.choices[0].text == tokenizer.decode([t for t in out.tokens[0] if t != tokenizer.eos_id])
     log = server.log()
     assert log.count("client went away") == 2 and "Traceback" not in log, log

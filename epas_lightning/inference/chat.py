@@ -186,13 +186,14 @@ def stream_reply(
     write: Callable[[str], None],
 ) -> tuple[str, bool]:
     """Decode a reply to ``prompt`` with the model's current region, writing its text as it comes (never half a
-    character), until an end token of the model (``tokenizer.stop_ids``) or ``max_new_tokens``. Returns the text
-    written and whether Ctrl+C stopped it (the text is then what was written until then)."""
+    character; never an id the tokenizer lacks), until an end token of the model (``tokenizer.stop_ids``) or
+    ``max_new_tokens``. Returns the text written and whether Ctrl+C stopped it (the text is then what was written
+    until then)."""
     text = TextStream(tokenizer.decode, context=prompt)
     try:  # a Ctrl+C while the decoder is built (its KV cache allocated) stops the reply too
         decoder = Decoder(
             model, [prompt], max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
-            top_p=sampling.top_p, seed=sampling.seed, cuda_graph=False,
+            top_p=sampling.top_p, seed=sampling.seed, cuda_graph=False, vocab_size=tokenizer.vocab_size,
         )  # fmt: skip
         token = decoder.prefill()
         while True:

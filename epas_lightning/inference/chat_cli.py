@@ -54,7 +54,8 @@ def chat_command(
     the reply starts it drops the message). Each reply prefills the whole conversation anew (no KV cache is kept
     across turns: the template renders the history anew). A conversation that outgrows the model's context drops its
     oldest turns (the system message stays), said once on stderr; a message too long even alone is refused in one
-    line (in a terminal the chat goes on; piped, it stops with exit status 2).
+    line (in a terminal the chat goes on; piped, it stops with exit status 2, naming the message's line: going on
+    would shift every later reply against its line).
 
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
@@ -99,8 +100,9 @@ def chat_command(
             import readline  # noqa: F401 - line editing and history for input()
     if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach the message's check, not a traceback
         sys.stdin.reconfigure(errors="surrogateescape")
-    replies, told = 0, False
+    replies, told, number = 0, False, 0
     while (line := read_line(interactive)) is not None:
+        number += 1
         text = line.strip()
         if text == EXIT:
             break
@@ -115,7 +117,7 @@ def chat_command(
             prompt, dropped = conversation.prompt(text)
         except ConfigError as e:
             if not interactive:
-                raise
+                raise on_input_line(e, number) from None
             print(error_line(e), file=sys.stderr)
             continue
         except KeyboardInterrupt:  # just after the line was sent, as the reply is about to start: drop the message
@@ -137,6 +139,14 @@ def chat_command(
         replies += 1
     if interactive and line is None:  # Ctrl+D: the shell's prompt on a line of its own
         write("\n")
+
+
+def on_input_line(error: ConfigError, number: int) -> ConfigError:
+    """``error`` about a piped message, naming the message's line of the input (piped, "the message" said not which
+    of the lines it was)."""
+    if error.where != "the message":
+        return error
+    return ConfigError(error.what, f"the message on line {number} of the input", error.fix)
 
 
 def dropped_note(context_length: int, reply_tokens: int, system: bool) -> str:

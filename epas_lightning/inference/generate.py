@@ -176,6 +176,20 @@ def cuda_graph_setting(cuda_graph: object, device: torch.device) -> bool:
     return cuda_graph
 
 
+def emitted_vocabulary(vocab_size: object, model_vocab_size: int) -> int:
+    """The ids a decoder may emit, ``0..vocab_size - 1``: the tokenizer's size (default: the model's ``vocab_size``);
+    a :class:`ConfigError` naming ``vocab_size`` for another value than a whole number in ``1..model_vocab_size``."""
+    if vocab_size is None:
+        return model_vocab_size
+    if not is_whole_number(vocab_size) or not 1 <= vocab_size <= model_vocab_size:
+        raise ConfigError(
+            f"vocab_size must be a whole number in 1..{model_vocab_size} (the model's vocab_size), got {vocab_size!r}",
+            "vocab_size",
+            "pass the tokenizer's vocab_size (a tokenizer larger than the model does not fit it: check_fits)",
+        )
+    return int(vocab_size)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -188,7 +202,8 @@ class Decoder:
     ``prefill()`` runs the prompts and returns the first new token of every row (B,); each ``step(tokens)`` feeds the
     tokens just chosen and returns the next ones. Call them under ``torch.inference_mode()`` with the model in eval
     mode and its sharing region set (the cache is built for the region the model has when the decoder is made).
-    At most ``max_new_tokens`` tokens per row: the prefill's and ``max_new_tokens - 1`` steps.
+    At most ``max_new_tokens`` tokens per row: the prefill's and ``max_new_tokens - 1`` steps. Every token chosen is
+    below ``vocab_size`` (see :func:`generate`).
     """
 
     def __init__(
@@ -203,6 +218,7 @@ class Decoder:
         seed: int | None = None,
         pad_id: int = 0,
         cuda_graph: bool | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         check_is_llama(model)
         check_has_weights(model)
@@ -231,6 +247,8 @@ class Decoder:
                 "pad_id",
                 "any id will do (the padding is masked out): leave the default 0",
             )
+        self.vocab_size = emitted_vocabulary(vocab_size, config.vocab_size)
+        """Ids at or past it are never chosen (the tokenizer's size; the padded rows of the embedding never are)."""
         self.model, self.max_new_tokens = model, max_new_tokens
         self.device = device = model.embed_tokens.weight.device
         B = len(prompts)
@@ -257,8 +275,7 @@ class Decoder:
         return self.cache.batch_size
 
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:  # (B, V_padded) -> (B,)
-        V = self.model.config.vocab_size  # the padded rows of the embedding are never emitted
-        logits = logits[:, :V]
+        logits = logits[:, : self.vocab_size]  # nor the padded rows of the embedding, nor ids the tokenizer lacks
         finite = torch.isfinite(logits).all(dim=-1)  # (B,); no wait for the device: callers check `finite`
         self.finite &= finite
         logits = logits.masked_fill(~finite[:, None], 0.0)  # sampling never sees NaN (torch.multinomial raises)
@@ -329,6 +346,7 @@ def generate(
     seed: int | None = None,
     pad_id: int = 0,
     cuda_graph: bool | None = None,
+    vocab_size: int | None = None,
 ) -> GenerationResult:
     """Continue each prompt (a list of token ids, or a row of a 2-D tensor) by up to ``max_new_tokens`` tokens, with
     the model's current sharing region and attention-reuse setting. Prompts of different lengths are left-padded into
@@ -339,10 +357,13 @@ def generate(
     when every row has stopped. Logits that come out NaN or inf (activations past the range of the model's dtype,
     e.g. float16) are a one-line error.
     ``cuda_graph`` (default: on for CUDA) replays each decode step from a CUDA graph (same results, fewer launches).
+    ``vocab_size``: no id at or past it is emitted; pass the tokenizer's ``vocab_size`` where the model's vocabulary
+    is larger (padded), so that every token decodes to text (default: the model's ``vocab_size``). Greedy tokens stay
+    the same wherever the most likely one is below it.
     """
     decoder = Decoder(
         model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, pad_id=pad_id,
-        cuda_graph=cuda_graph,
+        cuda_graph=cuda_graph, vocab_size=vocab_size,
     )  # fmt: skip
     was_training = model.training
     model.eval()
@@ -354,11 +375,11 @@ def generate(
 
 def _decode(decoder: Decoder, eos_id: int | Sequence[int] | None, pad_id: int) -> GenerationResult:
     """:func:`generate`'s loop, the model in eval mode."""
-    model, device, B, max_new_tokens = decoder.model, decoder.device, decoder.batch_size, decoder.max_new_tokens
+    device, B, max_new_tokens = decoder.device, decoder.batch_size, decoder.max_new_tokens
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     stop_ids = stop_id_list(eos_id)
-    vocab_size = model.config.vocab_size
+    vocab_size = decoder.vocab_size
     if outside := [i for i in stop_ids if not 0 <= i < vocab_size]:  # never sampled: no row would stop
         raise ConfigError(
             f"eos_id must be token ids in 0..{vocab_size - 1}, got {outside}",

@@ -153,7 +153,8 @@ def generate_command(
         temperature: 0 is greedy decoding.
         top_k: Sample among the k most likely tokens.
         top_p: Sample among the most likely tokens whose probability reaches p.
-        seed: Seed of the sampling.
+        seed: Seed of the sampling: the same completions again for the same seed and --batch-size on the same device
+            and dtype (CPU and CUDA draw from different generators, as in torch).
         ignore_eos: Always generate --max-new-tokens tokens: end tokens the model emits are kept and counted (their
             text is empty: special tokens are skipped when decoding, as vLLM's ``ignore_eos`` shows them).
         tokenizer: Tokenizer file or folder (default: the one the checkpoint records).
@@ -198,6 +199,7 @@ def generate_command(
             eos_id=None if ignore_eos else text_tokenizer.stop_ids,
             seed=batch_seed(seed, index),
             cuda_graph=graphed,
+            vocab_size=text_tokenizer.vocab_size,  # every id it emits decodes
         )
         for index, batch in enumerate(in_batches(ids, batch_size))
     ]

@@ -434,13 +434,8 @@ class CompletionsAPI(ls.LitAPI):
         with self.startup.reporting():  # a user error is said by the main process, in one line
             loaded = load_for_inference(self.checkpoint, device, self.dtype, self.attention_reuse)
             tokenizer = self.served.tokenizer()
-            self.engine = Engine(
-                loaded.model,
-                loaded.region,
-                tokenizer.decode,
-                tokenizer.stop_ids,
-                self.max_batch_size,
-                self.batch_timeout,
+            self.engine = Engine.for_tokenizer(
+                loaded.model, loaded.region, tokenizer, self.max_batch_size, self.batch_timeout
             )
         self.stop_asked = False
         signal.signal(signal.SIGTERM, self._finish_then_stop)

@@ -259,13 +259,36 @@ def _control_token_pipeline(path: str, kind: str) -> Callable[[str], list[int]]:
         from epas_lightning.hf.sentencepiece_json import sentencepiece_tokenizer
 
         pipeline = sentencepiece_tokenizer(Path(path))
-        if pipeline is None:  # a word or char model: sentencepiece reads no control token in text
+        if pipeline is None:  # a word or char model
             import sentencepiece as spm
 
-            processor = spm.SentencePieceProcessor(model_file=path)
-            return lambda text: processor.encode(text, out_type=int)
+            return _split_at_control_pieces(spm.SentencePieceProcessor(model_file=path))
     pipeline.encode_special_tokens = False
     return lambda text: pipeline.encode(text, add_special_tokens=False).ids
+
+
+def _split_at_control_pieces(processor: Any) -> Callable[[str], list[int]]:
+    """Text -> ids for a sentencepiece model no ``tokenizers`` pipeline mirrors (a word or char model): the text of its
+    control and unknown pieces (``<s>``, ``</s>``, ``<unk>``) is their id, as transformers' slow tokenizer reads it;
+    the text between them as sentencepiece encodes it (which reads such text as text: ``<s>`` was ``<unk> s <unk>``).
+    """
+    import re
+
+    special = {
+        processor.id_to_piece(i): i
+        for i in range(processor.get_piece_size())
+        if processor.is_control(i) or processor.is_unknown(i)
+    }
+    pattern = re.compile("|".join(re.escape(piece) for piece in sorted(special, key=len, reverse=True) if piece))
+
+    def encode(text: str) -> list[int]:
+        ids, start = [], 0
+        for match in pattern.finditer(text) if pattern.pattern else ():
+            ids += processor.encode(text[start : match.start()], out_type=int) + [special[match[0]]]
+            start = match.end()
+        return ids + processor.encode(text[start:], out_type=int)
+
+    return encode
 
 
 def token_text(tokenizer: TextTokenizer, token_id: int) -> str:

@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from epas_lightning.inference.generate import Decoder, stop_id_list
+from epas_lightning.data.tokenizer import TextTokenizer
+from epas_lightning.inference.generate import Decoder, emitted_vocabulary, stop_id_list
 from epas_lightning.model import Llama
 from epas_lightning.region import TrainedRegion
 from epas_lightning.serve.failures import DeviceLost, FailureLog, described, device_lost, failed_alone, lost_device
@@ -114,6 +115,7 @@ class _Group:
             engine.model, [[*r.prompt, *m] for r, m in zip(self.requests, made, strict=True)],
             max(r.max_tokens - len(m) for r, m in zip(self.requests, made, strict=True)),
             temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed, cuda_graph=False,
+            vocab_size=engine.vocab_size,
         )  # fmt: skip
         self.tokens: torch.Tensor | None = None  # (B,): each row's last token, fed to the next step
 
@@ -199,6 +201,8 @@ class Engine:
             the text.
         max_batch_size: Sequences decoded at the same time, over all groups.
         batch_timeout: Seconds the oldest waiting sequence waits for others to share its forward.
+        vocab_size: No id at or past it is emitted: the tokenizer's size, where the model's vocabulary is larger
+            (default: the model's).
     """
 
     def __init__(
@@ -209,8 +213,10 @@ class Engine:
         eos_id: int | Sequence[int] | None,
         max_batch_size: int = 8,
         batch_timeout: float = 0.0,
+        vocab_size: int | None = None,
     ) -> None:
         self.model, self.region, self.decode, self.stop_ids = model, region, decode, stop_id_list(eos_id)
+        self.vocab_size = emitted_vocabulary(vocab_size, model.config.vocab_size)
         self.max_batch_size, self.batch_timeout = max_batch_size, batch_timeout
         self.waiting: list[tuple[Hashable, SequenceRequest, float]] = []
         self.groups: list[_Group] = []
@@ -220,6 +226,16 @@ class Engine:
         self.failures = FailureLog()
         self.lost: BaseException | None = None
         """The device error after which nothing more is decoded (:meth:`step` raises ``DeviceLost``)."""
+
+    @classmethod
+    def for_tokenizer(
+        cls, model: Llama, region: TrainedRegion, tokenizer: TextTokenizer, max_batch_size: int = 8,
+        batch_timeout: float = 0.0,
+    ) -> Engine:  # fmt: skip
+        """An engine whose text is ``tokenizer``'s: its ``decode``, its end tokens (``stop_ids``), and no id past its
+        ``vocab_size`` (the model's vocabulary may be larger: such an id decodes to nothing)."""
+        decode, stop_ids, vocab_size = tokenizer.decode, tokenizer.stop_ids, tokenizer.vocab_size
+        return cls(model, region, decode, stop_ids, max_batch_size, batch_timeout, vocab_size)
 
     def add(self, key: Hashable, request: SequenceRequest) -> None:
         """Queue a sequence; it is admitted by a later :meth:`step`."""
