@@ -212,7 +212,7 @@ def hf_trained_region(hf: dict[str, Any], n_layer: int, where: Path) -> TrainedR
 def export_record(path: Path) -> dict[str, Any] | None:
     """The provenance ``export`` wrote into the metadata of ``path``'s ``model.safetensors`` (its header alone is
     read); ``None`` for a folder without one (another tool's, or an older export's)."""
-    return from_export_metadata(_weights_metadata(path))
+    return from_export_metadata(_weights_metadata(path), path)
 
 
 def recorded_weights_region(path: Path, n_layer: int) -> TrainedRegion | None:

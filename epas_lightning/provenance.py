@@ -1,5 +1,6 @@
 """Where a model's weights came from: the step, epoch and tokens the run had trained, its latest validation loss, the
-held-out data it validated on, and the absolute path of the training checkpoint.
+held-out data it validated on, and the path of the training checkpoint (absolute; in an export, relative to the
+export folder, which may be pushed to the Hub).
 
 A training checkpoint says it in Lightning's entries (``global_step``, ``epoch``, the throughput monitor's totals,
 ``fit``'s ``last_validation``); ``consolidate`` carries it in its ``config.json`` (``training``, beside the
@@ -124,9 +125,41 @@ def _number(value: Any, kind: type = Integral) -> Any:
     return int(value) if kind is Integral else float(value)
 
 
-def export_metadata(record: dict[str, Any]) -> dict[str, str]:
-    """The safetensors metadata entry of an export carrying ``record`` (strict JSON: a non-finite loss is null)."""
-    return {EXPORT_METADATA_KEY: json_text(record)}
+def export_metadata(record: dict[str, Any], folder: str | Path) -> dict[str, str]:
+    """The safetensors metadata entry of the export ``folder`` carrying ``record`` (strict JSON: a non-finite loss is
+    null), its paths relative to ``folder``: a folder pushed to the Hub names no ``/home/alice`` (read back by
+    :func:`from_export_metadata`, they are the paths they were while the export stays where it was written)."""
+    return {EXPORT_METADATA_KEY: json_text(_with_paths(record, lambda path: _relative(path, folder)))}
+
+
+def _with_paths(record: dict[str, Any], change: Any) -> dict[str, Any]:
+    """``record`` (:func:`checked`'s form) with ``change`` applied to the local paths it names: the training checkpoint
+    (``source``) and the held-out data folders."""
+    record = dict(record)
+    if record.get("source") is not None:
+        record["source"] = change(record["source"])
+    if (heldout := record.get("heldout")) is not None:
+        val_dir = heldout["val_dir"]
+        record["heldout"] = {
+            **heldout,
+            "data_dirs": [change(d) for d in heldout["data_dirs"]],
+            "val_dir": None if val_dir is None else change(val_dir),
+        }
+    return record
+
+
+def _relative(path: str, folder: str | Path) -> str:
+    """``path`` relative to ``folder`` (both as their links lead); as it is where no relative path leads there (another
+    drive)."""
+    try:
+        return os.path.relpath(path, os.path.realpath(Path(folder).expanduser()))
+    except ValueError:
+        return path
+
+
+def _local(path: str, folder: str | Path) -> str:
+    """A path :func:`_relative` wrote for ``folder``, as the path it was (an older export's absolute one as it is)."""
+    return os.path.normpath(os.path.join(os.path.realpath(Path(folder).expanduser()), path))
 
 
 def from_consolidated(record: dict[str, Any]) -> dict[str, Any] | None:
@@ -136,11 +169,11 @@ def from_consolidated(record: dict[str, Any]) -> dict[str, Any] | None:
     return {**training, "global_step": record.get("global_step")} if isinstance(training, dict) else None
 
 
-def from_export_metadata(metadata: dict[str, str] | None) -> dict[str, Any] | None:
-    """The record an export wrote into its safetensors ``metadata``; ``None`` when there is none (or it does not
-    parse)."""
+def from_export_metadata(metadata: dict[str, str] | None, folder: str | Path) -> dict[str, Any] | None:
+    """The record the export ``folder`` wrote into its safetensors ``metadata``, its paths as they were
+    (:func:`export_metadata`); ``None`` when there is none (or it does not parse)."""
     try:
         record = json.loads((metadata or {})[EXPORT_METADATA_KEY])
     except (KeyError, TypeError, ValueError):
         return None
-    return checked(record) if isinstance(record, dict) else None
+    return _with_paths(checked(record), lambda path: _local(path, folder)) if isinstance(record, dict) else None

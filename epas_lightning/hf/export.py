@@ -247,7 +247,7 @@ def export(
         stop_ids = list(text_tokenizer.stop_ids)  # Llama 3 Instruct's list, as transformers stops at it
         eos_ids = stop_ids if len(stop_ids) > 1 else stop_ids[0]
     with output_folder(output, EXPORT_KIND, overwrite, inputs=[checkpoint]) as build:
-        provenance = export_metadata(carried(loaded.training, checkpoint))  # not config.json: see provenance.py
+        provenance = export_metadata(carried(loaded.training, checkpoint), output)  # not config.json: see provenance.py
         if not use_remote and trained.size:  # a record only: the stock config.json runs dense
             provenance[EXPORT_REGION_KEY] = json.dumps(trained.to_record())
         save_file(state, build / "model.safetensors", metadata={"format": "pt", **provenance})
