@@ -343,7 +343,8 @@ def export_command(
         tokenizer: Tokenizer file or folder to ship (default: the one the checkpoint records).
         remote_code: Write the epas_llama form (own modeling code) even for N = 0.
         dtype: Weight dtype of the export; auto keeps the checkpoint's.
-        force: Allow a region longer than the trained one.
+        force: Allow a region longer than the trained one (its extra layers never learned to share: quality drops
+            sharply); of a stock export, which runs dense, any region above 0.
         overwrite: Replace --output if it is an export written by this command.
         json: End with one JSON line of what was written.
     """
