@@ -149,8 +149,8 @@ def _with_paths(record: dict[str, Any], change: Any) -> dict[str, Any]:
 
 
 def _relative(path: str, folder: str | Path) -> str:
-    """``path`` relative to ``folder`` (both as their links lead); as it is where no relative path leads there (another
-    drive)."""
+    """``path`` relative to where the links of ``folder`` lead (as :func:`_local` reads it back); as it is where no
+    relative path leads there (another drive)."""
     try:
         return os.path.relpath(path, os.path.realpath(Path(folder).expanduser()))
     except ValueError:
