@@ -1,6 +1,6 @@
 """Where a model's weights came from: the step, epoch and tokens the run had trained, its latest validation loss, the
-held-out data it validated on, and the path of the training checkpoint (absolute; in an export, relative to the
-export folder, which may be pushed to the Hub).
+held-out data it validated on, and the path of the training checkpoint (absolute in memory; in the folders
+``consolidate`` and ``export`` write, relative to the folder, which may be pushed to the Hub: :func:`relative_paths`).
 
 A training checkpoint says it in Lightning's entries (``global_step``, ``epoch``, the throughput monitor's totals,
 ``fit``'s ``last_validation``); ``consolidate`` carries it in its ``config.json`` (``training``, beside the
@@ -127,9 +127,20 @@ def _number(value: Any, kind: type = Integral) -> Any:
 
 def export_metadata(record: dict[str, Any], folder: str | Path) -> dict[str, str]:
     """The safetensors metadata entry of the export ``folder`` carrying ``record`` (strict JSON: a non-finite loss is
-    null), its paths relative to ``folder``: a folder pushed to the Hub names no ``/home/alice`` (read back by
-    :func:`from_export_metadata`, they are the paths they were while the export stays where it was written)."""
-    return {EXPORT_METADATA_KEY: json_text(_with_paths(record, lambda path: _relative(path, folder)))}
+    null), its paths relative to ``folder`` (:func:`relative_paths`)."""
+    return {EXPORT_METADATA_KEY: json_text(relative_paths(record, folder))}
+
+
+def relative_paths(record: dict[str, Any], folder: str | Path) -> dict[str, Any]:
+    """``record`` as the output ``folder`` (an export, a consolidated folder) writes it: the local paths it names
+    relative to ``folder``, so that a folder pushed to the Hub or handed on names no ``/home/alice``; read back
+    (:func:`local_paths`), they are the paths they were while the folder stays where it was written."""
+    return _with_paths(record, lambda path: relative_path(path, folder))
+
+
+def local_paths(record: dict[str, Any], folder: str | Path) -> dict[str, Any]:
+    """``record`` as :func:`relative_paths` wrote it into ``folder``, its paths as they were."""
+    return _with_paths(record, lambda path: local_path(path, folder))
 
 
 def _with_paths(record: dict[str, Any], change: Any) -> dict[str, Any]:
@@ -148,25 +159,27 @@ def _with_paths(record: dict[str, Any], change: Any) -> dict[str, Any]:
     return record
 
 
-def _relative(path: str, folder: str | Path) -> str:
-    """``path`` relative to where the links of ``folder`` lead (as :func:`_local` reads it back); as it is where no
-    relative path leads there (another drive)."""
+def relative_path(path: str, folder: str | Path) -> str:
+    """``path`` relative to where the links of ``folder`` lead (as :func:`local_path` reads it back); as it is where
+    no relative path leads there (another drive)."""
     try:
         return os.path.relpath(path, os.path.realpath(Path(folder).expanduser()))
     except ValueError:
         return path
 
 
-def _local(path: str, folder: str | Path) -> str:
-    """A path :func:`_relative` wrote for ``folder``, as the path it was (an older export's absolute one as it is)."""
+def local_path(path: str, folder: str | Path) -> str:
+    """A path :func:`relative_path` wrote for ``folder``, as the path it was (an older folder's absolute one as is)."""
     return os.path.normpath(os.path.join(os.path.realpath(Path(folder).expanduser()), path))
 
 
-def from_consolidated(record: dict[str, Any]) -> dict[str, Any] | None:
-    """The record a consolidated folder's ``config.json`` (``record``) keeps, with the step it keeps beside it;
-    ``None`` for an older folder, which kept the step alone."""
+def from_consolidated(record: dict[str, Any], folder: str | Path) -> dict[str, Any] | None:
+    """The record the consolidated ``folder``'s ``config.json`` (``record``) keeps, with the step it keeps beside it
+    and its paths as they were (:func:`local_paths`); ``None`` for an older folder, which kept the step alone."""
     training = record.get(TRAINING_KEY)
-    return {**training, "global_step": record.get("global_step")} if isinstance(training, dict) else None
+    if not isinstance(training, dict):
+        return None
+    return local_paths({**checked(training), "global_step": record.get("global_step")}, folder)
 
 
 def from_export_metadata(metadata: dict[str, str] | None, folder: str | Path) -> dict[str, Any] | None:
@@ -176,4 +189,4 @@ def from_export_metadata(metadata: dict[str, str] | None, folder: str | Path) ->
         record = json.loads((metadata or {})[EXPORT_METADATA_KEY])
     except (KeyError, TypeError, ValueError):
         return None
-    return _with_paths(checked(record), lambda path: _local(path, folder)) if isinstance(record, dict) else None
+    return local_paths(checked(record), folder) if isinstance(record, dict) else None
