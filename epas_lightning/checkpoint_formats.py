@@ -29,7 +29,7 @@ from epas_lightning.hf.convert import (
     safetensors_meta,
 )
 from epas_lightning.model import LlamaConfig
-from epas_lightning.provenance import TRAINING_KEY, from_consolidated, from_export_metadata
+from epas_lightning.provenance import TRAINING_KEY, from_consolidated, from_export_metadata, local_path
 from epas_lightning.region import REGION_KEY, TrainedRegion
 from epas_lightning.safe_load import (
     DCP_METADATA,
@@ -140,7 +140,7 @@ def _read_consolidated(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], 
         "model_config": record["model"],
         "tokenizer": tokenizer,
         "global_step": record.get("global_step"),
-        "data_dir": tokenizer.get("data_dir"),
+        "data_dir": local_path(tokenizer["data_dir"], path) if tokenizer.get("data_dir") else None,
     }
     if "region" in sharing:
         metadata[REGION_KEY] = sharing["region"]
@@ -148,7 +148,7 @@ def _read_consolidated(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], 
         metadata[WEIGHTS_REGION_KEY] = sharing[WEIGHTS_REGION_KEY]
     if EXPORTED_KEY in sharing:  # a copy of an export that chose fewer layers: the commands' default
         metadata[HF_SHARED_KEY] = sharing[EXPORTED_KEY]
-    if (training := from_consolidated(record)) is not None:
+    if (training := from_consolidated(record, path)) is not None:
         metadata[TRAINING_KEY] = training
     return state, metadata
 
@@ -212,7 +212,7 @@ def hf_trained_region(hf: dict[str, Any], n_layer: int, where: Path) -> TrainedR
 def export_record(path: Path) -> dict[str, Any] | None:
     """The provenance ``export`` wrote into the metadata of ``path``'s ``model.safetensors`` (its header alone is
     read); ``None`` for a folder without one (another tool's, or an older export's)."""
-    return from_export_metadata(_weights_metadata(path))
+    return from_export_metadata(_weights_metadata(path), path)
 
 
 def recorded_weights_region(path: Path, n_layer: int) -> TrainedRegion | None:

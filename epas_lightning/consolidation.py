@@ -16,7 +16,7 @@ from epas_lightning.checkpoint_formats import CONFIG_FILE, EXPORTED_KEY, WEIGHTS
 from epas_lightning.data.tokenizer import TokenizerError, load_tokenizer
 from epas_lightning.hf.convert import saveable
 from epas_lightning.outputs import check_output, output_folder
-from epas_lightning.provenance import TRAINING_KEY, carried, checked, from_consolidated
+from epas_lightning.provenance import TRAINING_KEY, carried, checked, from_consolidated, relative_path, relative_paths
 from epas_lightning.runtime import emit_json, json_text
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
             **carried_weights_region(loaded),
         },
         "global_step": training.pop("global_step"),
-        TRAINING_KEY: training,  # epoch, tokens, val_loss, source
+        TRAINING_KEY: relative_paths(training, output),  # epoch, tokens, val_loss, heldout, source
     }
     with output_folder(output, "consolidated", overwrite, inputs=[checkpoint]) as build:
         save_file(saveable(state), build / WEIGHTS_FILE)
@@ -71,7 +71,7 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
                     "path": name,
                     "bos_id": tokenizer.bos_id,  # the checkpoint's, when it recorded them
                     "eos_id": tokenizer.eos_id,
-                    "data_dir": str(loaded.data_dir) if loaded.data_dir else None,
+                    "data_dir": relative_path(str(loaded.data_dir), output) if loaded.data_dir else None,
                     "sha256": tokenizer.sha256,  # the copy's: a folder whose tokenizer is replaced is refused too
                 }
         (build / CONFIG_FILE).write_text(json_text(record, indent=2) + "\n")  # a non-finite val loss: null
@@ -98,7 +98,7 @@ def consolidated_summary(folder: Path) -> dict[str, Any]:
         "trained_region": record["sharing"]["region"],
         "global_step": record["global_step"],
         "tokenizer": (record.get("tokenizer") or {}).get("path"),
-        "training": checked(from_consolidated(record)),  # the folder was just written: it has the record
+        "training": checked(from_consolidated(record, folder)),  # the folder was just written: it has the record
     }
 
 
@@ -107,7 +107,8 @@ def consolidate_command(checkpoint: Path, output: Path, overwrite: bool = False,
 
     The folder is built beside the target and renamed into place when complete; it records the model config, the
     trained sharing region in growth order, the tokenizer (copied when it still exists) and where the weights came
-    from: the step, epoch, tokens trained and latest validation loss of the training checkpoint, and its absolute path.
+    from: the step, epoch, tokens trained and latest validation loss of the training checkpoint, and its path (with
+    the data folders', relative to the folder, which names no local folder when handed on).
 
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.

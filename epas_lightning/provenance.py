@@ -1,5 +1,6 @@
 """Where a model's weights came from: the step, epoch and tokens the run had trained, its latest validation loss, the
-held-out data it validated on, and the absolute path of the training checkpoint.
+held-out data it validated on, and the path of the training checkpoint (absolute in memory; in the folders
+``consolidate`` and ``export`` write, relative to the folder, which may be pushed to the Hub: :func:`relative_paths`).
 
 A training checkpoint says it in Lightning's entries (``global_step``, ``epoch``, the throughput monitor's totals,
 ``fit``'s ``last_validation``); ``consolidate`` carries it in its ``config.json`` (``training``, beside the
@@ -124,23 +125,68 @@ def _number(value: Any, kind: type = Integral) -> Any:
     return int(value) if kind is Integral else float(value)
 
 
-def export_metadata(record: dict[str, Any]) -> dict[str, str]:
-    """The safetensors metadata entry of an export carrying ``record`` (strict JSON: a non-finite loss is null)."""
-    return {EXPORT_METADATA_KEY: json_text(record)}
+def export_metadata(record: dict[str, Any], folder: str | Path) -> dict[str, str]:
+    """The safetensors metadata entry of the export ``folder`` carrying ``record`` (strict JSON: a non-finite loss is
+    null), its paths relative to ``folder`` (:func:`relative_paths`)."""
+    return {EXPORT_METADATA_KEY: json_text(relative_paths(record, folder))}
 
 
-def from_consolidated(record: dict[str, Any]) -> dict[str, Any] | None:
-    """The record a consolidated folder's ``config.json`` (``record``) keeps, with the step it keeps beside it;
-    ``None`` for an older folder, which kept the step alone."""
+def relative_paths(record: dict[str, Any], folder: str | Path) -> dict[str, Any]:
+    """``record`` as the output ``folder`` (an export, a consolidated folder) writes it: the local paths it names
+    relative to ``folder``, so that a folder pushed to the Hub or handed on names no ``/home/alice``; read back
+    (:func:`local_paths`), they are the paths they were while the folder stays where it was written."""
+    return _with_paths(record, lambda path: relative_path(path, folder))
+
+
+def local_paths(record: dict[str, Any], folder: str | Path) -> dict[str, Any]:
+    """``record`` as :func:`relative_paths` wrote it into ``folder``, its paths as they were."""
+    return _with_paths(record, lambda path: local_path(path, folder))
+
+
+def _with_paths(record: dict[str, Any], change: Any) -> dict[str, Any]:
+    """``record`` (:func:`checked`'s form) with ``change`` applied to the local paths it names: the training checkpoint
+    (``source``) and the held-out data folders."""
+    record = dict(record)
+    if record.get("source") is not None:
+        record["source"] = change(record["source"])
+    if (heldout := record.get("heldout")) is not None:
+        val_dir = heldout["val_dir"]
+        record["heldout"] = {
+            **heldout,
+            "data_dirs": [change(d) for d in heldout["data_dirs"]],
+            "val_dir": None if val_dir is None else change(val_dir),
+        }
+    return record
+
+
+def relative_path(path: str, folder: str | Path) -> str:
+    """``path`` relative to where the links of ``folder`` lead (as :func:`local_path` reads it back); as it is where
+    no relative path leads there (another drive)."""
+    try:
+        return os.path.relpath(path, os.path.realpath(Path(folder).expanduser()))
+    except ValueError:
+        return path
+
+
+def local_path(path: str, folder: str | Path) -> str:
+    """A path :func:`relative_path` wrote for ``folder``, as the path it was (an older folder's absolute one as is)."""
+    return os.path.normpath(os.path.join(os.path.realpath(Path(folder).expanduser()), path))
+
+
+def from_consolidated(record: dict[str, Any], folder: str | Path) -> dict[str, Any] | None:
+    """The record the consolidated ``folder``'s ``config.json`` (``record``) keeps, with the step it keeps beside it
+    and its paths as they were (:func:`local_paths`); ``None`` for an older folder, which kept the step alone."""
     training = record.get(TRAINING_KEY)
-    return {**training, "global_step": record.get("global_step")} if isinstance(training, dict) else None
+    if not isinstance(training, dict):
+        return None
+    return local_paths({**checked(training), "global_step": record.get("global_step")}, folder)
 
 
-def from_export_metadata(metadata: dict[str, str] | None) -> dict[str, Any] | None:
-    """The record an export wrote into its safetensors ``metadata``; ``None`` when there is none (or it does not
-    parse)."""
+def from_export_metadata(metadata: dict[str, str] | None, folder: str | Path) -> dict[str, Any] | None:
+    """The record the export ``folder`` wrote into its safetensors ``metadata``, its paths as they were
+    (:func:`export_metadata`); ``None`` when there is none (or it does not parse)."""
     try:
         record = json.loads((metadata or {})[EXPORT_METADATA_KEY])
     except (KeyError, TypeError, ValueError):
         return None
-    return checked(record) if isinstance(record, dict) else None
+    return local_paths(checked(record), folder) if isinstance(record, dict) else None

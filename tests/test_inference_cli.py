@@ -118,8 +118,8 @@ def test_generate_refuses_more_than_the_trained_region_unless_forced(trained, ca
 
 def test_a_stock_export_exported_again_runs_the_region_its_weights_trained(stock_export, tmp_path, capsys):
     """`export --remote-code` of a stock export wrote a folder with no region (its record dropped), and
-    `export --sharing-layers N` of one was refused as 'trained dense': the region it recorded is the new folder's, and
-    N counts in it, in its growth order."""
+    `export --sharing-layers N --force` of one was refused as 'trained dense': the region it recorded is the new
+    folder's, and N counts in it, in its growth order."""
     rc, _, err = run_cli(
         capsys, "export", "--checkpoint", str(stock_export), "--remote-code", "--output", str(tmp_path / "z")
     )
@@ -129,9 +129,8 @@ def test_a_stock_export_exported_again_runs_the_region_its_weights_trained(stock
     loaded = load_model(tmp_path / "z")
     assert (loaded.region.layers, loaded.default_sharing, loaded.model.sharing.shared_layers) == ((3, 2), 0, [2, 3])
     shallow = shallow_stock_copy(stock_export, tmp_path / "shallow")
-    rc, _, err = run_cli(
-        capsys, "export", "--checkpoint", str(shallow), "--sharing-layers", "1", "--output", str(tmp_path / "s")
-    )
+    forced = ["--sharing-layers", "1", "--force", "--output", str(tmp_path / "s")]
+    rc, _, err = run_cli(capsys, "export", "--checkpoint", str(shallow), *forced)
     assert rc == 0, err
     config = json.loads((tmp_path / "s" / "config.json").read_text())
     assert (config["epas_trained_region"], config["epas_growth_order"], config["epas_shared_layers"]) == (
@@ -140,8 +139,26 @@ def test_a_stock_export_exported_again_runs_the_region_its_weights_trained(stock
         [1],
     )
     export = ["export", "--checkpoint", str(stock_export), "--sharing-layers", "2", "--output", str(tmp_path / "two")]
-    rc, out, err = run_cli(capsys, *export, "--json")
+    rc, out, err = run_cli(capsys, *export, "--force", "--json")
     assert rc == 0 and json.loads(out.splitlines()[-1])["shared_layers"] == [3, 2], err  # in growth order
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_export_of_a_stock_export_needs_force_for_sharing_layers_as_every_command(stock_export, copy, tmp_path, capsys):
+    """`export --sharing-layers 1` of a stock export (or of a consolidated copy of one) wrote the region without
+    `--force`, where generate, evaluate, bench, chat, serve, lm-eval and inspect's row refuse it: it runs dense; the
+    same refusal now, and with --force N counts in the region its weights trained."""
+    source = consolidate(stock_export, tmp_path / "copy") if copy else stock_export
+    said = {}
+    for command, options in (("generate", ["--prompt", "x", "--max-new-tokens", "1"]), ("export", [])):
+        argv = [command, "--checkpoint", str(source), "--sharing-layers", "1", "--output", str(tmp_path / command)]
+        rc, _, said[command] = run_cli(capsys, *(argv if command == "export" else argv[:-2]), *options)
+        assert rc == 2 and "runs dense: it holds weights that trained 2 sharing layers" in said[command]
+    assert said["export"] == said["generate"] and not (tmp_path / "export").exists()
+    argv = ["export", "--checkpoint", str(source), "--sharing-layers", "1", "--force", "--output", str(tmp_path / "f")]
+    rc, _, err = run_cli(capsys, *argv)
+    config = json.loads((tmp_path / "f" / "config.json").read_text())
+    assert rc == 0 and (config["epas_shared_layers"], config["epas_trained_region"]) == ([3], [3, 2]), err
 
 
 def test_sharing_layers_on_a_stock_export_is_refused_as_it_runs_dense_or_forced_in_its_trained_order(

@@ -370,6 +370,49 @@ def test_a_non_finite_validation_loss_is_carried_as_strict_json(tmp_path, capsys
     assert record["val_loss"] is None and "  val loss          not recorded\n" in out
 
 
+def test_an_export_records_its_source_and_held_out_data_relative_to_itself(tmp_path, capsys):
+    """An export's model.safetensors named the training checkpoint and the held-out data folders by their absolute
+    paths (``/home/alice/...``), which a folder pushed to the Hub leaks and which mean nothing elsewhere: they are
+    written relative to the export folder, and read back (inspect, evaluate's held-out data) as the paths they were."""
+    from epas_lightning.checkpoint import describe_checkpoint
+    from epas_lightning.provenance import EXPORT_METADATA_KEY
+
+    (tmp_path / "data" / "val").mkdir(parents=True)
+    heldout = {"data_dirs": [str(tmp_path / "data")], "val_dir": str(tmp_path / "data" / "val"), "seed": 7}
+    ckpt = tiny_ckpt(tmp_path / "run" / "last.ckpt", 8, [3, 2], heldout=heldout)
+    hf = export(ckpt, tmp_path / "exports" / "hf")
+    with safe_open(hf / "model.safetensors", "pt") as f:
+        written = f.metadata()[EXPORT_METADATA_KEY]
+    assert str(tmp_path) not in written, written
+    record = strict_json(written)
+    assert (record["source"], record["heldout"]["data_dirs"]) == ("../../run/last.ckpt", ["../../data"])
+    _, inspected_record = inspected(capsys, hf)
+    assert inspected_record["source"] == str(ckpt)
+    assert inspected_record["heldout"] == {**heldout, "missing": None}
+    assert describe_checkpoint(hf).heldout.data_dirs == (tmp_path / "data",)  # evaluate and bench read it so
+
+
+def test_a_consolidated_folder_records_its_local_paths_relative_to_itself(tmp_path, tiny_corpus, capsys):
+    """A consolidated config.json named the training checkpoint, the held-out data folders and the run's data folder
+    by absolute paths, which a folder handed to someone else leaks: they are relative to the folder, and read back
+    (inspect, load_model's data folder for evaluate, bench and analyze) as the paths they were."""
+    from epas_lightning.checkpoint import load_model
+
+    heldout = {"data_dirs": [str(tiny_corpus)], "val_dir": None, "seed": 7}
+    ckpt = tiny_ckpt(tmp_path / "run" / "last.ckpt", 8, [3, 2], tiny_corpus / "tokenizer.json", heldout=heldout)
+    folder = consolidate(ckpt, tmp_path / "copies" / "c")
+    record = strict_json((folder / "config.json").read_text())
+    written = [
+        record["training"]["source"],
+        *record["training"]["heldout"]["data_dirs"],
+        record["tokenizer"]["data_dir"],
+    ]
+    assert not [path for path in written if os.path.isabs(path)], written
+    _, inspected_record = inspected(capsys, folder)
+    assert (inspected_record["source"], inspected_record["heldout"]) == (str(ckpt), {**heldout, "missing": None})
+    assert load_model(folder).data_dir == tiny_corpus
+
+
 def test_consolidate_and_export_carry_the_provenance_inspect_shows_for_the_checkpoint(tmp_path, capsys, monkeypatch):
     """Consolidated folders kept the step alone, exports nothing: inspect could not tell them apart. "made from" named
     the checkpoint's file alone (``last.ckpt`` of which run?): it is its absolute path, from a relative one too."""

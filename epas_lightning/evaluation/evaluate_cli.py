@@ -167,7 +167,8 @@ def evaluate_command(
         tokenizer: Tokenizer file or folder for --tasks (default: the one the checkpoint records).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
         dtype: Weights and activations; auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32 elsewhere.
-        force: Allow regions longer than the trained one.
+        force: Allow a region longer than the trained one (its extra layers never learned to share: quality drops
+            sharply); of a stock export, which runs dense, any region above 0.
         seq_len: Tokens per held-out sequence, up to the model's context length (default: the block_size it trained
             at; a Hugging Face folder's is its whole context: give the block_size of the run it is compared with).
         json: End with one JSON line of the rows.

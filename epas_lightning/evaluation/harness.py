@@ -310,7 +310,8 @@ def lm_eval_command(
         tokenizer: Tokenizer file or folder (default: the one the checkpoint records).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
         dtype: Weights and activations; auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32 elsewhere.
-        force: Allow regions longer than the trained one.
+        force: Allow a region longer than the trained one (its extra layers never learned to share: quality drops
+            sharply); of a stock export, which runs dense, any region above 0.
         output: Folder for lm_eval.csv and lm_eval.json (default: print only).
         overwrite: Replace --output if it is an lm-eval folder written by this command.
         json: End with one JSON line of the rows.

@@ -218,7 +218,8 @@ def export(
         checkpoint: A ``.ckpt``, FSDP2 checkpoint directory, ``consolidate`` directory or Hugging Face LLaMA folder.
         output: Directory to write (built beside it and renamed into place).
         sharing_layers: Region length N (the first N layers of the trained region; of a stock export, of the region
-            it recorded). Default: the trained region (an export's folder: the N it was exported with).
+            it recorded, above 0 only with ``force``). Default: the trained region (an export's folder: the N it was
+            exported with).
         tokenizer: Tokenizer file or directory to ship. Default: the one the checkpoint records.
         remote_code: Write the ``epas_llama`` form (own modeling code) even with no region, so a region can be chosen
             at load time (``epas_shared_layers=[...]``).
@@ -231,8 +232,9 @@ def export(
     loaded = load_model(checkpoint, dtype=torch_dtype or STORED, flag="--checkpoint")  # no wider copy of the weights
     model, config = loaded.model, loaded.model.config
     n = loaded.default_sharing if sharing_layers is None else sharing_layers
-    trained = loaded.weights_region or loaded.region  # of a stock export, its record: the region N counts in
-    shared = set_region(model, n, trained, force, SHARING_FLAGS)
+    # of a stock export, N above 0 needs --force as in every command, and counts in its record, which it writes
+    shared = set_region(model, n, loaded.region, force, SHARING_FLAGS)
+    trained = loaded.weights_region or loaded.region
     use_remote = remote_code or n > 0
     state = ours_to_hf(model.state_dict(), config)  # the model's tensors, not copies
     torch_dtype = torch_dtype or loaded.weights_dtype
@@ -245,7 +247,7 @@ def export(
         stop_ids = list(text_tokenizer.stop_ids)  # Llama 3 Instruct's list, as transformers stops at it
         eos_ids = stop_ids if len(stop_ids) > 1 else stop_ids[0]
     with output_folder(output, EXPORT_KIND, overwrite, inputs=[checkpoint]) as build:
-        provenance = export_metadata(carried(loaded.training, checkpoint))  # not config.json: see provenance.py
+        provenance = export_metadata(carried(loaded.training, checkpoint), output)  # not config.json: see provenance.py
         if not use_remote and trained.size:  # a record only: the stock config.json runs dense
             provenance[EXPORT_REGION_KEY] = json.dumps(trained.to_record())
         save_file(state, build / "model.safetensors", metadata={"format": "pt", **provenance})
@@ -336,11 +338,13 @@ def export_command(
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         output: The folder to write.
         sharing_layers: Region length N (the first N layers of the trained region, in its growth order; of a
-            stock export, of the region it recorded); default: the trained region; 0 writes a stock LLaMA.
+            stock export, of the region it recorded, above 0 only with --force, as in every command); default: the
+            trained region; 0 writes a stock LLaMA.
         tokenizer: Tokenizer file or folder to ship (default: the one the checkpoint records).
         remote_code: Write the epas_llama form (own modeling code) even for N = 0.
         dtype: Weight dtype of the export; auto keeps the checkpoint's.
-        force: Allow a region longer than the trained one.
+        force: Allow a region longer than the trained one (its extra layers never learned to share: quality drops
+            sharply); of a stock export, which runs dense, any region above 0.
         overwrite: Replace --output if it is an export written by this command.
         json: End with one JSON line of what was written.
     """

@@ -302,7 +302,8 @@ def bench_command(
         dtype: Weights and activations; auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32 elsewhere.
         attention_reuse: Sharing layers reuse the source layer's attention probabilities.
         cuda_graph: Replay decode steps from a CUDA graph (auto: on for CUDA).
-        force: Allow regions longer than the trained one.
+        force: Allow a region longer than the trained one (its extra layers never learned to share: quality drops
+            sharply); of a stock export, which runs dense, any region above 0.
         output: Folder for many_in_one.csv, .png and .json.
         overwrite: Replace --output if it is a bench folder written by this command.
         json: End with one JSON line of the summary.

@@ -73,7 +73,8 @@ def chat_command(
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
         dtype: Weights and activations; auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32 elsewhere.
         attention_reuse: Sharing layers reuse the source layer's attention probabilities (the same model, less work).
-        force: Allow more sharing layers than the checkpoint trained (quality drops sharply).
+        force: Allow a region longer than the trained one (its extra layers never learned to share: quality drops
+            sharply); of a stock export, which runs dense, any region above 0.
     """
     check_sampling_flags(temperature, top_k, top_p)  # everything is checked before the weights load
     check_seed(seed)

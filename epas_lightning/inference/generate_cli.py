@@ -162,7 +162,8 @@ def generate_command(
         dtype: Weights and activations; auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32 elsewhere.
         attention_reuse: Sharing layers reuse the source layer's attention probabilities (the same model, less work).
         cuda_graph: Replay decode steps from a CUDA graph (auto: on for CUDA).
-        force: Allow more sharing layers than the checkpoint trained (quality drops sharply).
+        force: Allow a region longer than the trained one (its extra layers never learned to share: quality drops
+            sharply); of a stock export, which runs dense, any region above 0.
         batch_size: Prompts decoded at once; more are decoded batch after batch, in order (greedy completions are
             the same at any batch size; sampled ones are reproducible for the same --seed and --batch-size).
         json: End with one JSON line of the numbers and each prompt's completion (``completions``: ``prompt``,
