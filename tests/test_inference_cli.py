@@ -625,6 +625,29 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_before_any_tex
         assert rc == 2 and "tokens but the model's vocab_size is 512" in err and f"— {other} —" in err, err
 
 
+@pytest.mark.parametrize(
+    ("vocab", "flags", "says"),
+    [
+        (64, [], "the tokenizer has 300 tokens but the model's vocab_size is 64"),
+        (320, ["--sharing-layers", "1"], "trained dense (no sharing layers); 1 was asked for — --sharing-layers —"),
+        (320, ["--max-new-tokens", "100"], "exceeds the model's context length 64"),
+    ],
+)
+def test_generate_names_a_bad_tokenizer_region_or_length_before_loading_the_weights(
+    vocab, flags, says, tmp_path, capsys, monkeypatch
+):
+    """A tokenizer larger than the model, more sharing layers than it trained, or a prompt and --max-new-tokens past
+    its context were said only after the weights loaded (minutes for a large checkpoint); chat and serve check them
+    from the checkpoint's description first, and generate now does too."""
+    from epas_lightning.inference import generate_cli
+
+    ckpt = save_scripted(tmp_path / "ckpt", train_tiny_sentencepiece(tmp_path / "tokenizer.model"), vocab, [3, 4])
+    loads, load = [], generate_cli.load_for_inference
+    monkeypatch.setattr(generate_cli, "load_for_inference", lambda *args: loads.append(args) or load(*args))
+    rc, _, err = run_cli(capsys, "generate", "--checkpoint", str(ckpt), "--prompt", "ka", "--device", "cpu", *flags)
+    assert rc == 2 and says in err and loads == [], err
+
+
 def test_generate_keeps_the_space_before_the_first_word_of_a_sentencepiece_continuation(tmp_path, capsys):
     """Completions were decoded alone, and sentencepiece drops the space of a text's first token: "hello" went on
     as "hellolo ka", with its word glued on. Decoded after the prompt, it keeps it; at a text's start it has none."""

@@ -15,12 +15,13 @@ Why the numbers equal ``hf`` on ``export``'s folder: :class:`EPASLM` *is* lm-eva
 that the export ships (BOS added as the model trained with it), so tokenization, the context/continuation split,
 batching, truncation, rolling windows and the bookkeeping of generation are lm-eval's own code. Two methods change:
 ``_model_call`` runs our ``Llama`` and returns logits over the real vocabulary (``config.vocab_size``, the rows the
-export keeps), and ``_model_generate`` decodes with our KV-cache ``generate``, sampling (a task with ``do_sample``)
-as transformers' ``generate`` samples the export: the 50 most likely tokens where the task sets no ``top_k``
-(transformers' default; the export's ``generation_config.json`` sets none), every token for ``top_k`` 0 or null. A task
-that samples at temperature 0 (or sets none) is an error, as transformers raises for it: not greedy decoding as vLLM
-would, since ``hf`` has no numbers for it to equal and greedy text would be scored as samples
-(:func:`check_sampling_temperature`).
+export keeps), and ``_model_generate`` decodes with our KV-cache ``generate`` over that whole vocabulary (ids the
+tokenizer lacks too, as ``hf`` decodes the export; ``generate``, ``chat`` and ``serve`` cut it at the tokenizer's
+``vocab_size``), sampling (a task with ``do_sample``) as transformers' ``generate`` samples the export: the 50 most
+likely tokens where the task sets no ``top_k`` (transformers' default; the export's ``generation_config.json`` sets
+none), every token for ``top_k`` 0 or null. A task that samples at temperature 0 (or sets none) is an error, as
+transformers raises for it: not greedy decoding as vLLM would, since ``hf`` has no numbers for it to equal and
+greedy text would be scored as samples (:func:`check_sampling_temperature`).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from epas_lightning.checkpoint import CheckpointInfo, LoadedModel, load_model
+from epas_lightning.checkpoint import CheckpointInfo, LoadedModel, describe_checkpoint, load_model
 from epas_lightning.data.tokenizer import TextTokenizer, check_tokenizer_flag, decode_continuation, load_tokenizer
 from epas_lightning.errors import ConfigError, read_text_file, text_lines
 from epas_lightning.inference.generate import GenerationResult, fit_new_tokens, generate, per_second, set_region
@@ -181,14 +181,16 @@ def generate_command(
         prompts += [line for line in text_lines(text) if line.strip()]
     if not prompts:
         raise ConfigError("nothing to continue", "--prompt", "give at least one --prompt (or --prompt-file)")
+    recorded = describe_checkpoint(checkpoint)  # the tokenizer, region and prompts checked before the weights load
+    text_tokenizer = resolve_tokenizer(recorded, tokenizer)
+    n_shared = recorded.default_sharing if sharing_layers is None else sharing_layers
+    recorded.region.first(n_shared, force, SHARING_FLAGS)
+    ids = [[text_tokenizer.bos_id, *text_tokenizer.encode(text)] for text in prompts]
+    max_new_tokens = fit_new_tokens(max(map(len, ids)), max_new_tokens, recorded.config.context_length)
     loaded = load_for_inference(checkpoint, device, dtype, attention_reuse)
-    text_tokenizer = resolve_tokenizer(loaded, tokenizer)
-    n_shared = loaded.default_sharing if sharing_layers is None else sharing_layers
     layers = set_region(loaded.model, n_shared, loaded.region, force, SHARING_FLAGS)
     if note := loaded.unrun_region_note(checkpoint, "generate"):
         print(note, file=sys.stderr)
-    ids = [[text_tokenizer.bos_id, *text_tokenizer.encode(text)] for text in prompts]
-    max_new_tokens = fit_new_tokens(max(map(len, ids)), max_new_tokens, loaded.model.config.context_length)
     results = [
         generate(
             loaded.model,
