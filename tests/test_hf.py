@@ -952,6 +952,27 @@ def test_the_remote_code_returns_attention_maps_as_the_stock_llama_does(tmp_path
         torch.testing.assert_close(shared[1], shared[0])
 
 
+def test_the_remote_code_attention_maps_with_a_static_cache_are_the_stock_ones(tmp_path: Path) -> None:
+    """``generate(cache_implementation="static", output_attentions=True)``: the first step computed its weights as if
+    each query came after the cache's empty slots, so it attended to their zero keys and its scores and tokens differed
+    from the stock model's; they match it now (eager attention, region 0), the weights over every slot as stock's."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "stock", 0), attn_implementation="eager"
+    )
+    remote = export(tmp_path / "ckpt", tmp_path / "remote")
+    ours = transformers.AutoModelForCausalLM.from_pretrained(remote, trust_remote_code=True, epas_shared_layers=[])
+    ids = torch.randint(3, VOCAB, (2, 6))
+    options = dict(max_new_tokens=3, do_sample=False, output_attentions=True, output_scores=True)
+    options.update(attention_mask=torch.ones_like(ids), cache_implementation="static", return_dict_in_generate=True)
+    expected, got = stock.eval().generate(ids, **options), ours.eval().generate(ids, **options)
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(got.scores, expected.scores, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.attentions, expected.attentions, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["qk", "kv"])
 def test_the_remote_code_checkpoints_its_layers_when_asked(tmp_path: Path, mode: str) -> None:
     """``gradient_checkpointing_enable()`` set the flag and the remote forward ignored it: fine-tuning the export

@@ -68,7 +68,7 @@ def _apply_rope(x, cos, sin):
 
 
 def _attention_mask(attention_mask, batch, new, total, device):
-    """Boolean mask (B, 1, T, S), True where a query may attend, or None for plain causal attention."""
+    """Boolean mask (B, 1, T, S), True where a query may attend, or None for plain causal attention (empty cache)."""
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask if attention_mask.dtype == torch.bool else attention_mask > -1
     if attention_mask is None and new == total:
@@ -90,9 +90,8 @@ def _attention_weights(q, k, v, mask):
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    if mask is None:  # plain causal: every query is the last of the keys so far
-        new, total = q.shape[2], k.shape[2]
-        mask = torch.ones(new, total, dtype=torch.bool, device=q.device).tril(total - new)
+    if mask is None:  # plain causal over an empty cache (SDPA's is_causal): a static one's empty slots come after
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     weights = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1, dtype=torch.float32).to(q.dtype)
     return weights @ v, weights
 
