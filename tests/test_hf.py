@@ -973,6 +973,47 @@ def test_the_remote_code_attention_maps_with_a_static_cache_are_the_stock_ones(t
     torch.testing.assert_close(got.attentions, expected.attentions, atol=1e-5, rtol=1e-5)
 
 
+class _PositionedCache(transformers.DynamicCache):
+    """Stores each new K/V at the ``cache_position`` it is handed (from slot 0 when none is), as transformers 4.57's
+    ``StaticCache`` does, and returns the slots up to the last one written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slots, self.filled = {}, 0
+
+    def update(self, key, value, layer_idx, cache_kwargs=None, *args, **kwargs):  # noqa: ANN001, ANN201
+        position = (cache_kwargs or {}).get("cache_position")
+        position = torch.arange(key.shape[-2]) if position is None else position
+        keys, values = self.slots.setdefault(layer_idx, (torch.zeros(*key.shape[:2], 64, key.shape[-1]),) * 2)
+        keys, values = keys.index_copy(2, position, key), values.index_copy(2, position, value)
+        self.slots[layer_idx] = keys, values
+        self.filled = int(position[-1]) + 1
+        return keys[:, :, : self.filled], values[:, :, : self.filled]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.filled
+
+
+def test_the_remote_code_tells_the_cache_where_new_keys_go(tmp_path: Path) -> None:
+    """The remote forward updated the cache without a ``cache_position``: transformers 4.57's ``StaticCache``
+    (``generate(cache_implementation="static")``) then wrote every step's K/V over slot 0, and the tokens after the
+    first were wrong. A cache that places K/V where it is told now decodes as a full forward does."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "hf"), trust_remote_code=True
+    )
+    ids = torch.randint(3, VOCAB, (2, 8))
+    cache = _PositionedCache()
+    field = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"  # 5.24 / before
+    with torch.no_grad():
+        expected = hf.eval()(ids).logits
+        prefill = hf(ids[:, :6], use_cache=True, **{field: cache}).logits
+        steps = [hf(ids[:, i : i + 1], use_cache=True, **{field: cache}).logits for i in (6, 7)]
+    torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["qk", "kv"])
 def test_the_remote_code_checkpoints_its_layers_when_asked(tmp_path: Path, mode: str) -> None:
     """``gradient_checkpointing_enable()`` set the flag and the remote forward ignored it: fine-tuning the export

@@ -134,8 +134,11 @@ class EpasLlamaModel(LlamaModel):
             past_key_values = DynamicCache()
         B, T, _ = inputs_embeds.shape
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cache_position = kwargs.get("cache_position")  # given by transformers < 5
+        if cache_position is None:
+            cache_position = torch.arange(past, past + T, device=inputs_embeds.device)
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, T)
+            position_ids = cache_position[None].expand(B, T)
         config = self.config
         cos, sin = _rope_tables(config, config.hidden_size // config.num_attention_heads, position_ids)
         mask = _attention_mask(attention_mask, B, T, past + T, inputs_embeds.device)
@@ -146,9 +149,9 @@ class EpasLlamaModel(LlamaModel):
         hidden = [h] if (config.output_hidden_states if record is None else record) else None
         record = kwargs.get("output_attentions")
         attentions = [] if (config.output_attentions if record is None else record) else None
-        reuse = ()
+        reuse, cache = (), (past_key_values, {"cache_position": cache_position})
         for i, layer in enumerate(layers):
-            run = partial(self._decoder_layer, layer, i, cos, sin, mask, past_key_values, attentions is not None)
+            run = partial(self._decoder_layer, layer, i, cos, sin, mask, cache, attentions is not None)
             args = (h, *reuse) if i in shared_layers and reuse else (h,)
             h, weights, *computed = layer._gradient_checkpointing_func(run, *args) if recompute[i] else run(*args)
             reuse = tuple(computed) or reuse
@@ -170,7 +173,8 @@ class EpasLlamaModel(LlamaModel):
         """Layer ``i`` on ``h``: (its output, its attention weights or None, then the pair it computed for the sharing
         layers after it: post-RoPE (Q, K) in "qk" mode, (K, V) in "kv" mode; none when it reuses ``reuse``, the pair of
         the last computing layer). Tensors that need gradients come positionally, so that a checkpoint (reentrant or
-        not) recomputes the layer from them and passes their gradients back to where they came from."""
+        not) recomputes the layer from them and passes their gradients back to where they came from. ``cache``: the
+        KV cache (or None) and the ``cache_kwargs`` that say where the new tokens go (4.57's StaticCache reads them)."""
         config, (B, T, _) = self.config, h.shape
         n_head, n_kv_head = config.num_attention_heads, config.num_key_value_heads
         head_dim = config.hidden_size // n_head
@@ -192,8 +196,9 @@ class EpasLlamaModel(LlamaModel):
         else:
             k, v = reuse
             q = _apply_rope(heads(attn.q_proj(x), n_head), cos, sin)
+        cache, cache_kwargs = cache
         if cache is not None:
-            k, v = cache.update(k, v, i)  # (B, H_kv, S, D) each
+            k, v = cache.update(k, v, i, cache_kwargs)  # (B, H_kv, S, D) each
         weights = None
         if want_weights:
             y, weights = _attention_weights(q, k, v, mask)
