@@ -1014,6 +1014,33 @@ def test_the_remote_code_tells_the_cache_where_new_keys_go(tmp_path: Path) -> No
     torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_the_remote_code_drops_attention_weights_in_training_as_the_stock_llama_does(tmp_path: Path, attn: str) -> None:
+    """``attention_dropout`` (set at load, for fine-tuning) was ignored by the remote forward: training ran without it.
+    In training it drops the same attention weights as the stock model does from the same seed (region 0); in eval
+    none."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    options = dict(attention_dropout=0.5, attn_implementation=attn)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "stock", 0), **options
+    )
+    remote = export(tmp_path / "ckpt", tmp_path / "remote")
+    ours = transformers.AutoModelForCausalLM.from_pretrained(
+        remote, trust_remote_code=True, epas_shared_layers=[], **options
+    )
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with torch.no_grad():
+        for model in (stock.train(), ours.train()):
+            torch.manual_seed(0)
+            model.dropped = model(ids, output_attentions=attn == "eager")
+        torch.testing.assert_close(ours.dropped.logits, stock.dropped.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.dropped.attentions, stock.dropped.attentions, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.eval()(ids).logits, stock.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+        assert (ours.dropped.logits - ours(ids).logits).abs().max() > 1e-3  # it did drop some
+
+
 @pytest.mark.parametrize("mode", ["qk", "kv"])
 def test_the_remote_code_checkpoints_its_layers_when_asked(tmp_path: Path, mode: str) -> None:
     """``gradient_checkpointing_enable()`` set the flag and the remote forward ignored it: fine-tuning the export

@@ -6,7 +6,8 @@ and v biases, none on o_proj); only the forward differs. A layer listed in
 computing layer before it and projects only V (in "kv" mode it reuses that layer's K and V and projects only Q).
 V, the output projection, the MLP, norms and residuals always run. ``output_hidden_states`` returns what the stock
 model does: the embeddings, then each layer's output, the last one normed; ``output_attentions`` each layer's
-attention weights, computed as eager attention does (a sharing layer's in "qk" mode are its source's).
+attention weights, computed as eager attention does (a sharing layer's in "qk" mode are its source's);
+``attention_dropout`` drops them in training, as on the stock model.
 
 Generation works with and without a KV cache, on transformers 4.57 to 5.24: the cache reaches ``forward`` as
 ``past_key_values`` up to 5.23 and as ``cache`` from 5.24, and the output names it the same way. With the cache every
@@ -85,14 +86,16 @@ def _attention_mask(attention_mask, batch, new, total, device):
     return mask
 
 
-def _attention_weights(q, k, v, mask):
-    """Attention output (B, H, T, D) and its weights (B, H, T, S), as transformers' eager attention computes them."""
+def _attention_weights(q, k, v, mask, dropout):
+    """Attention output (B, H, T, D) and its weights (B, H, T, S), as transformers' eager attention computes them
+    (``dropout`` applied to the weights)."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     if mask is None:  # plain causal over an empty cache (SDPA's is_causal): a static one's empty slots come after
         mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     weights = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1, dtype=torch.float32).to(q.dtype)
+    weights = F.dropout(weights, dropout, training=dropout > 0)
     return weights @ v, weights
 
 
@@ -199,12 +202,12 @@ class EpasLlamaModel(LlamaModel):
         cache, cache_kwargs = cache
         if cache is not None:
             k, v = cache.update(k, v, i, cache_kwargs)  # (B, H_kv, S, D) each
-        weights = None
+        weights, dropout = None, config.attention_dropout if self.training else 0.0
         if want_weights:
-            y, weights = _attention_weights(q, k, v, mask)
+            y, weights = _attention_weights(q, k, v, mask, dropout)
         else:
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=n_kv_head != n_head
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, enable_gqa=n_kv_head != n_head
             )
         h = h + attn.o_proj(y.transpose(1, 2).reshape(B, T, n_head * head_dim))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
