@@ -1041,6 +1041,29 @@ def test_the_remote_code_drops_attention_weights_in_training_as_the_stock_llama_
         assert (ours.dropped.logits - ours(ids).logits).abs().max() > 1e-3  # it did drop some
 
 
+def test_the_remote_code_returns_tuples_where_the_stock_llama_does(tmp_path: Path) -> None:
+    """``return_dict=False`` to the base model (``model.model``, as a tracer or an exporter calls it) still gave an
+    output object; it gives the stock model's tuple now, in its order, as the causal LM already did."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "stock", 0), attn_implementation="eager"
+    )
+    remote = export(tmp_path / "ckpt", tmp_path / "remote")
+    ours = transformers.AutoModelForCausalLM.from_pretrained(remote, trust_remote_code=True, epas_shared_layers=[])
+    ids = torch.randint(3, VOCAB, (2, 8))
+    options = dict(use_cache=True, output_hidden_states=True, output_attentions=True, return_dict=False)
+    with torch.no_grad():
+        for expected, got in (
+            (stock.eval()(ids, **options), ours.eval()(ids, **options)),
+            (stock.model(ids, **options), ours.model(ids, **options)),
+        ):
+            assert type(got) is tuple and [type(x) for x in got] == [type(x) for x in expected]
+            torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[2:], expected[2:], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["qk", "kv"])
 def test_the_remote_code_checkpoints_its_layers_when_asked(tmp_path: Path, mode: str) -> None:
     """``gradient_checkpointing_enable()`` set the flag and the remote forward ignored it: fine-tuning the export

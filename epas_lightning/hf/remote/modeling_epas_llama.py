@@ -165,12 +165,13 @@ class EpasLlamaModel(LlamaModel):
         h = self.norm(h)
         if hidden is not None:  # as transformers' LlamaModel: the last layer's output is given normed
             hidden[-1] = h
-        return BaseModelOutputWithPast(
+        output = BaseModelOutputWithPast(
             last_hidden_state=h,
             hidden_states=None if hidden is None else tuple(hidden),
             attentions=None if attentions is None else tuple(attentions),
             **{CACHE_FIELD: past_key_values if use_cache else None},
         )
+        return output.to_tuple() if kwargs.get("return_dict") is False else output  # the causal LM's own is popped
 
     def _decoder_layer(self, layer, i, cos, sin, mask, cache, want_weights, h, *reuse):
         """Layer ``i`` on ``h``: (its output, its attention weights or None, then the pair it computed for the sharing
