@@ -1064,6 +1064,26 @@ def test_the_remote_code_returns_tuples_where_the_stock_llama_does(tmp_path: Pat
             torch.testing.assert_close(got[2:], expected[2:], atol=1e-5, rtol=1e-5)
 
 
+def test_the_remote_code_loads_as_a_base_model_as_the_stock_export_does(tmp_path: Path) -> None:
+    """``AutoModel.from_pretrained(export, trust_remote_code=True)`` (an embedding extractor, a feature-extraction
+    pipeline) refused the trust_remote_code export, which named no base model: it loads the base model now, whose
+    hidden states are the causal LM's, and the stock export's at region 0."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    stock = transformers.AutoModel.from_pretrained(export(tmp_path / "ckpt", tmp_path / "stock", 0)).eval()
+    remote = export(tmp_path / "ckpt", tmp_path / "remote")
+    ours = transformers.AutoModel.from_pretrained(remote, trust_remote_code=True).eval()
+    causal = transformers.AutoModelForCausalLM.from_pretrained(remote, trust_remote_code=True).eval()
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours(ids).last_hidden_state, causal(ids, output_hidden_states=True).hidden_states[-1]
+        )
+        ours.config.epas_shared_layers = []
+        torch.testing.assert_close(ours(ids).last_hidden_state, stock(ids).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["qk", "kv"])
 def test_the_remote_code_checkpoints_its_layers_when_asked(tmp_path: Path, mode: str) -> None:
     """``gradient_checkpointing_enable()`` set the flag and the remote forward ignored it: fine-tuning the export
