@@ -973,6 +973,25 @@ def test_the_remote_code_attention_maps_with_a_static_cache_are_the_stock_ones(t
     torch.testing.assert_close(got.attentions, expected.attentions, atol=1e-5, rtol=1e-5)
 
 
+def test_the_remote_code_generates_compiled_with_a_static_cache(tmp_path: Path) -> None:
+    """``generate(cache_implementation="static")`` compiles the forward in one graph where it can (a GPU; here asked
+    for on the CPU): the same tokens as without compiling. The cache's length is a tensor there, so no shape may
+    depend on it."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "hf"), trust_remote_code=True
+    )
+    compile_config = transformers.CompileConfig(fullgraph=True, backend="eager", mode=None)
+    compile_config._compile_all_devices = True  # newer transformers: compile off the GPU too
+    ids = torch.randint(3, VOCAB, (2, 6))
+    options = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    expected = hf.eval().generate(ids, **options)
+    generated = hf.generate(ids, cache_implementation="static", compile_config=compile_config, **options)
+    assert torch.equal(generated, expected)
+
+
 class _PositionedCache(transformers.DynamicCache):
     """Stores each new K/V at the ``cache_position`` it is handed (from slot 0 when none is), as transformers 4.57's
     ``StaticCache`` does, and returns the slots up to the last one written."""

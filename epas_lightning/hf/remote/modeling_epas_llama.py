@@ -139,7 +139,7 @@ class EpasLlamaModel(LlamaModel):
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         cache_position = kwargs.get("cache_position")  # given by transformers < 5
         if cache_position is None:
-            cache_position = torch.arange(past, past + T, device=inputs_embeds.device)
+            cache_position = torch.arange(T, device=inputs_embeds.device) + past  # T long: `past` may be a tensor
         if position_ids is None:
             position_ids = cache_position[None].expand(B, T)
         config = self.config
