@@ -1103,6 +1103,34 @@ def test_the_remote_code_loads_as_a_base_model_as_the_stock_export_does(tmp_path
         torch.testing.assert_close(ours(ids).last_hidden_state, stock(ids).last_hidden_state, atol=1e-5, rtol=1e-5)
 
 
+def test_the_remote_code_calls_its_decoder_layers_as_modules(tmp_path: Path) -> None:
+    """The remote forward ran each decoder layer's parts itself, never the layer: a hook on a layer (accelerate's
+    ``device_map`` moving inputs to the layer's device, FSDP's gather of its weights, a steering or probing hook) never
+    ran. The layers are called now: a forward hook sees each call, and the output it returns (the layer's hidden states
+    first) is the layer's."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "hf"), trust_remote_code=True
+    )
+    ids = torch.randint(3, VOCAB, (2, 8))
+    calls = []
+
+    def steer(module: torch.nn.Module, args: tuple, output: tuple) -> tuple:
+        calls.append(module)
+        return (output[0] + 1.0, *output[1:])
+
+    with torch.no_grad():
+        plain = hf.eval()(ids).logits
+        handle = hf.model.layers[1].register_forward_hook(steer)
+        steered = hf(ids).logits
+        handle.remove()
+        assert calls == [hf.model.layers[1]] and (steered - plain).abs().max() > 1e-3
+        torch.testing.assert_close(hf(ids).logits, plain)
+    assert set(hf._no_split_modules) == {type(hf.model.layers[0]).__name__}  # device_map="auto" keeps a layer whole
+
+
 @pytest.mark.parametrize("mode", ["qk", "kv"])
 def test_the_remote_code_checkpoints_its_layers_when_asked(tmp_path: Path, mode: str) -> None:
     """``gradient_checkpointing_enable()`` set the flag and the remote forward ignored it: fine-tuning the export
