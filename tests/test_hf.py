@@ -952,6 +952,185 @@ def test_the_remote_code_returns_attention_maps_as_the_stock_llama_does(tmp_path
         torch.testing.assert_close(shared[1], shared[0])
 
 
+def test_the_remote_code_attention_maps_with_a_static_cache_are_the_stock_ones(tmp_path: Path) -> None:
+    """``generate(cache_implementation="static", output_attentions=True)``: the first step computed its weights as if
+    each query came after the cache's empty slots, so it attended to their zero keys and its scores and tokens differed
+    from the stock model's; they match it now (eager attention, region 0), the weights over every slot as stock's."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "stock", 0), attn_implementation="eager"
+    )
+    remote = export(tmp_path / "ckpt", tmp_path / "remote")
+    ours = transformers.AutoModelForCausalLM.from_pretrained(remote, trust_remote_code=True, epas_shared_layers=[])
+    ids = torch.randint(3, VOCAB, (2, 6))
+    options = dict(max_new_tokens=3, do_sample=False, output_attentions=True, output_scores=True)
+    options.update(attention_mask=torch.ones_like(ids), cache_implementation="static", return_dict_in_generate=True)
+    expected, got = stock.eval().generate(ids, **options), ours.eval().generate(ids, **options)
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(got.scores, expected.scores, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.attentions, expected.attentions, atol=1e-5, rtol=1e-5)
+
+
+def test_the_remote_code_generates_compiled_with_a_static_cache(tmp_path: Path) -> None:
+    """``generate(cache_implementation="static")`` compiles the forward in one graph where it can (a GPU; here asked
+    for on the CPU): the same tokens as without compiling. The cache's length is a tensor there, so no shape may
+    depend on it."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "hf"), trust_remote_code=True
+    )
+    compile_config = transformers.CompileConfig(fullgraph=True, backend="eager", mode=None)
+    compile_config._compile_all_devices = True  # newer transformers: compile off the GPU too
+    ids = torch.randint(3, VOCAB, (2, 6))
+    options = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    expected = hf.eval().generate(ids, **options)
+    generated = hf.generate(ids, cache_implementation="static", compile_config=compile_config, **options)
+    assert torch.equal(generated, expected)
+
+
+class _PositionedCache(transformers.DynamicCache):
+    """Stores each new K/V at the ``cache_position`` it is handed (from slot 0 when none is), as transformers 4.57's
+    ``StaticCache`` does, and returns the slots up to the last one written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slots, self.filled = {}, 0
+
+    def update(self, key, value, layer_idx, cache_kwargs=None, *args, **kwargs):  # noqa: ANN001, ANN201
+        position = (cache_kwargs or {}).get("cache_position")
+        position = torch.arange(key.shape[-2]) if position is None else position
+        keys, values = self.slots.setdefault(layer_idx, (torch.zeros(*key.shape[:2], 64, key.shape[-1]),) * 2)
+        keys, values = keys.index_copy(2, position, key), values.index_copy(2, position, value)
+        self.slots[layer_idx] = keys, values
+        self.filled = int(position[-1]) + 1
+        return keys[:, :, : self.filled], values[:, :, : self.filled]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.filled
+
+
+def test_the_remote_code_tells_the_cache_where_new_keys_go(tmp_path: Path) -> None:
+    """The remote forward updated the cache without a ``cache_position``: transformers 4.57's ``StaticCache``
+    (``generate(cache_implementation="static")``) then wrote every step's K/V over slot 0, and the tokens after the
+    first were wrong. A cache that places K/V where it is told now decodes as a full forward does."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "hf"), trust_remote_code=True
+    )
+    ids = torch.randint(3, VOCAB, (2, 8))
+    cache = _PositionedCache()
+    field = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"  # 5.24 / before
+    with torch.no_grad():
+        expected = hf.eval()(ids).logits
+        prefill = hf(ids[:, :6], use_cache=True, **{field: cache}).logits
+        steps = [hf(ids[:, i : i + 1], use_cache=True, **{field: cache}).logits for i in (6, 7)]
+    torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_the_remote_code_drops_attention_weights_in_training_as_the_stock_llama_does(tmp_path: Path, attn: str) -> None:
+    """``attention_dropout`` (set at load, for fine-tuning) was ignored by the remote forward: training ran without it.
+    In training it drops the same attention weights as the stock model does from the same seed (region 0); in eval
+    none."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    options = dict(attention_dropout=0.5, attn_implementation=attn)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "stock", 0), **options
+    )
+    remote = export(tmp_path / "ckpt", tmp_path / "remote")
+    ours = transformers.AutoModelForCausalLM.from_pretrained(
+        remote, trust_remote_code=True, epas_shared_layers=[], **options
+    )
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with torch.no_grad():
+        for model in (stock.train(), ours.train()):
+            torch.manual_seed(0)
+            model.dropped = model(ids, output_attentions=attn == "eager")
+        torch.testing.assert_close(ours.dropped.logits, stock.dropped.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.dropped.attentions, stock.dropped.attentions, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.eval()(ids).logits, stock.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+        assert (ours.dropped.logits - ours(ids).logits).abs().max() > 1e-3  # it did drop some
+
+
+def test_the_remote_code_returns_tuples_where_the_stock_llama_does(tmp_path: Path) -> None:
+    """``return_dict=False`` to the base model (``model.model``, as a tracer or an exporter calls it) still gave an
+    output object; it gives the stock model's tuple now, in its order, as the causal LM already did."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "stock", 0), attn_implementation="eager"
+    )
+    remote = export(tmp_path / "ckpt", tmp_path / "remote")
+    ours = transformers.AutoModelForCausalLM.from_pretrained(remote, trust_remote_code=True, epas_shared_layers=[])
+    ids = torch.randint(3, VOCAB, (2, 8))
+    options = dict(use_cache=True, output_hidden_states=True, output_attentions=True, return_dict=False)
+    with torch.no_grad():
+        for expected, got in (
+            (stock.eval()(ids, **options), ours.eval()(ids, **options)),
+            (stock.model(ids, **options), ours.model(ids, **options)),
+        ):
+            assert type(got) is tuple and [type(x) for x in got] == [type(x) for x in expected]
+            torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[2:], expected[2:], atol=1e-5, rtol=1e-5)
+
+
+def test_the_remote_code_loads_as_a_base_model_as_the_stock_export_does(tmp_path: Path) -> None:
+    """``AutoModel.from_pretrained(export, trust_remote_code=True)`` (an embedding extractor, a feature-extraction
+    pipeline) refused the trust_remote_code export, which named no base model: it loads the base model now, whose
+    hidden states are the causal LM's, and the stock export's at region 0."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    stock = transformers.AutoModel.from_pretrained(export(tmp_path / "ckpt", tmp_path / "stock", 0)).eval()
+    remote = export(tmp_path / "ckpt", tmp_path / "remote")
+    ours = transformers.AutoModel.from_pretrained(remote, trust_remote_code=True).eval()
+    causal = transformers.AutoModelForCausalLM.from_pretrained(remote, trust_remote_code=True).eval()
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours(ids).last_hidden_state, causal(ids, output_hidden_states=True).hidden_states[-1]
+        )
+        ours.config.epas_shared_layers = []
+        torch.testing.assert_close(ours(ids).last_hidden_state, stock(ids).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+def test_the_remote_code_calls_its_decoder_layers_as_modules(tmp_path: Path) -> None:
+    """The remote forward ran each decoder layer's parts itself, never the layer: a hook on a layer (accelerate's
+    ``device_map`` moving inputs to the layer's device, FSDP's gather of its weights, a steering or probing hook) never
+    ran. The layers are called now: a forward hook sees each call, and the output it returns (the layer's hidden states
+    first) is the layer's."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "hf"), trust_remote_code=True
+    )
+    ids = torch.randint(3, VOCAB, (2, 8))
+    calls = []
+
+    def steer(module: torch.nn.Module, args: tuple, output: tuple) -> tuple:
+        calls.append(module)
+        return (output[0] + 1.0, *output[1:])
+
+    with torch.no_grad():
+        plain = hf.eval()(ids).logits
+        handle = hf.model.layers[1].register_forward_hook(steer)
+        steered = hf(ids).logits
+        handle.remove()
+        assert calls == [hf.model.layers[1]] and (steered - plain).abs().max() > 1e-3
+        torch.testing.assert_close(hf(ids).logits, plain)
+    assert set(hf._no_split_modules) == {type(hf.model.layers[0]).__name__}  # device_map="auto" keeps a layer whole
+
+
 @pytest.mark.parametrize("mode", ["qk", "kv"])
 def test_the_remote_code_checkpoints_its_layers_when_asked(tmp_path: Path, mode: str) -> None:
     """``gradient_checkpointing_enable()`` set the flag and the remote forward ignored it: fine-tuning the export

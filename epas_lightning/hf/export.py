@@ -112,6 +112,7 @@ def hf_config(
             model_type="epas_llama",
             auto_map={
                 "AutoConfig": "configuration_epas_llama.EpasLlamaConfig",
+                "AutoModel": "modeling_epas_llama.EpasLlamaModel",  # the base model, as a stock export's AutoModel
                 "AutoModelForCausalLM": "modeling_epas_llama.EpasLlamaForCausalLM",
             },
             epas_shared_layers=sorted(shared_layers),

@@ -6,20 +6,21 @@ and v biases, none on o_proj); only the forward differs. A layer listed in
 computing layer before it and projects only V (in "kv" mode it reuses that layer's K and V and projects only Q).
 V, the output projection, the MLP, norms and residuals always run. ``output_hidden_states`` returns what the stock
 model does: the embeddings, then each layer's output, the last one normed; ``output_attentions`` each layer's
-attention weights, computed as eager attention does (a sharing layer's in "qk" mode are its source's).
+attention weights, computed as eager attention does (a sharing layer's in "qk" mode are its source's);
+``attention_dropout`` drops them in training, as on the stock model.
 
 Generation works with and without a KV cache, on transformers 4.57 to 5.24: the cache reaches ``forward`` as
 ``past_key_values`` up to 5.23 and as ``cache`` from 5.24, and the output names it the same way. With the cache every
 layer stores the K/V it attends over, so a sharing layer stores a copy of its source's keys (correct, not
 memory-saving); the project's own ``generate`` is the place for the smaller cache.
 
-``gradient_checkpointing_enable()`` works as on the stock model: in training each decoder layer it marks is
-recomputed in backward (a sharing layer from the Q/K or K/V its source handed on), and the cache is turned off.
+Each decoder layer is called as a module, so hooks on it run (accelerate's ``device_map``, FSDP, a probe); it returns
+its hidden states, then its attention weights (or None) and the pair it hands on. ``gradient_checkpointing_enable()``
+works as on the stock model: in training transformers recomputes each decoder layer it marks in backward (a sharing
+layer from the Q/K or K/V its source handed on), and the cache is turned off.
 
 Notation: B batch, T new tokens, S cached + new tokens, H query heads, H_kv key/value heads, D head dim.
 """
-
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from torch import nn
 from transformers import DynamicCache, LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.utils import logging
 
 from .configuration_epas_llama import EpasLlamaConfig
@@ -68,7 +70,7 @@ def _apply_rope(x, cos, sin):
 
 
 def _attention_mask(attention_mask, batch, new, total, device):
-    """Boolean mask (B, 1, T, S), True where a query may attend, or None for plain causal attention."""
+    """Boolean mask (B, 1, T, S), True where a query may attend, or None for plain causal attention (empty cache)."""
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask if attention_mask.dtype == torch.bool else attention_mask > -1
     if attention_mask is None and new == total:
@@ -85,26 +87,79 @@ def _attention_mask(attention_mask, batch, new, total, device):
     return mask
 
 
-def _attention_weights(q, k, v, mask):
-    """Attention output (B, H, T, D) and its weights (B, H, T, S), as transformers' eager attention computes them."""
+def _attention_weights(q, k, v, mask, dropout):
+    """Attention output (B, H, T, D) and its weights (B, H, T, S), as transformers' eager attention computes them
+    (``dropout`` applied to the weights)."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    if mask is None:  # plain causal: every query is the last of the keys so far
-        new, total = q.shape[2], k.shape[2]
-        mask = torch.ones(new, total, dtype=torch.bool, device=q.device).tril(total - new)
+    if mask is None:  # plain causal over an empty cache (SDPA's is_causal): a static one's empty slots come after
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     weights = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1, dtype=torch.float32).to(q.dtype)
+    weights = F.dropout(weights, dropout, training=dropout > 0)
     return weights @ v, weights
+
+
+class EpasLlamaDecoderLayer(LlamaDecoderLayer):
+    """A ``LlamaDecoderLayer`` (the same parameters) run as EPAS runs it. It is called as a module, so that hooks on it
+    run (accelerate's ``device_map``, FSDP, a probe) and transformers' gradient checkpointing recomputes it."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__(config, layer_idx)
+        self.config, self.layer_idx = config, layer_idx
+        if getattr(config, "epas_attention_bias", None) == "qkv":  # a Qwen2: LlamaAttention biased o_proj too
+            self.self_attn.o_proj.bias = None
+
+    def forward(self, h, *reuse, cos, sin, mask, kv_cache, cache_kwargs, want_weights):
+        """(the output, the attention weights or None, then the pair this layer computed for the sharing layers after
+        it: post-RoPE (Q, K) in "qk" mode, (K, V) in "kv" mode; none when it reuses ``reuse``, the pair of the last
+        computing layer). Tensors that need gradients come positionally, so that a checkpoint (reentrant or not)
+        recomputes the layer from them and passes their gradients back to where they came from. ``cache_kwargs`` say
+        where the new tokens go in ``kv_cache`` (4.57's StaticCache reads them; not named ``cache``, which
+        transformers' checkpointing drops)."""
+        config, (B, T, _) = self.config, h.shape
+        n_head, n_kv_head = config.num_attention_heads, config.num_key_value_heads
+        head_dim = config.hidden_size // n_head
+
+        def heads(x, n):
+            return x.view(B, T, n, head_dim).transpose(1, 2)  # (B, n, T, D)
+
+        attn = self.self_attn
+        x = self.input_layernorm(h)
+        computed = ()
+        if not reuse:
+            q = _apply_rope(heads(attn.q_proj(x), n_head), cos, sin)  # (B, H, T, D)
+            k = _apply_rope(heads(attn.k_proj(x), n_kv_head), cos, sin)  # (B, H_kv, T, D)
+            v = heads(attn.v_proj(x), n_kv_head)
+            computed = (q, k) if config.epas_sharing_mode == "qk" else (k, v)
+        elif config.epas_sharing_mode == "qk":
+            q, k = reuse
+            v = heads(attn.v_proj(x), n_kv_head)
+        else:
+            k, v = reuse
+            q = _apply_rope(heads(attn.q_proj(x), n_head), cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v, self.layer_idx, cache_kwargs)  # (B, H_kv, S, D) each
+        weights, dropout = None, config.attention_dropout if self.training else 0.0
+        if want_weights:
+            y, weights = _attention_weights(q, k, v, mask, dropout)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, enable_gqa=n_kv_head != n_head
+            )
+        h = h + attn.o_proj(y.transpose(1, 2).reshape(B, T, n_head * head_dim))
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return (h, weights, *computed)
 
 
 class EpasLlamaModel(LlamaModel):
     config_class = EpasLlamaConfig
+    _no_split_modules = ["EpasLlamaDecoderLayer"]
 
     def __init__(self, config):
         super().__init__(config)
-        if getattr(config, "epas_attention_bias", None) == "qkv":  # a Qwen2: LlamaAttention biased o_proj too
-            for layer in self.layers:
-                layer.self_attn.o_proj.bias = None
+        self.layers = nn.ModuleList(EpasLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.post_init()
 
     def forward(
         self,
@@ -125,8 +180,8 @@ class EpasLlamaModel(LlamaModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         layers = self.layers[: self.config.num_hidden_layers]
         grad = self.training and torch.is_grad_enabled()  # no backward, nothing to recompute (as stock)
-        recompute = [grad and getattr(layer, "gradient_checkpointing", False) for layer in layers]
-        if any(recompute) and (use_cache or past_key_values is not None):  # a recomputed layer would write it twice
+        recompute = grad and any(layer.gradient_checkpointing for layer in layers)
+        if recompute and (use_cache or past_key_values is not None):  # a recomputed layer would write it twice
             logger.warning_once(
                 "`use_cache=True` is incompatible with gradient checkpointing. Setting `use_cache=False`."
             )
@@ -135,8 +190,11 @@ class EpasLlamaModel(LlamaModel):
             past_key_values = DynamicCache()
         B, T, _ = inputs_embeds.shape
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cache_position = kwargs.get("cache_position")  # given by transformers < 5
+        if cache_position is None:
+            cache_position = torch.arange(T, device=inputs_embeds.device) + past  # T long: `past` may be a tensor
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, T)
+            position_ids = cache_position[None].expand(B, T)
         config = self.config
         cos, sin = _rope_tables(config, config.hidden_size // config.num_attention_heads, position_ids)
         mask = _attention_mask(attention_mask, B, T, past + T, inputs_embeds.device)
@@ -147,11 +205,10 @@ class EpasLlamaModel(LlamaModel):
         hidden = [h] if (config.output_hidden_states if record is None else record) else None
         record = kwargs.get("output_attentions")
         attentions = [] if (config.output_attentions if record is None else record) else None
-        reuse = ()
-        for i, layer in enumerate(layers):
-            run = partial(self._decoder_layer, layer, i, cos, sin, mask, past_key_values, attentions is not None)
-            args = (h, *reuse) if i in shared_layers and reuse else (h,)
-            h, weights, *computed = layer._gradient_checkpointing_func(run, *args) if recompute[i] else run(*args)
+        reuse, options = (), dict(cos=cos, sin=sin, mask=mask, want_weights=attentions is not None)
+        options.update(kv_cache=past_key_values, cache_kwargs={"cache_position": cache_position})
+        for i, layer in enumerate(layers):  # transformers' GradientCheckpointingLayer recomputes a checkpointed one
+            h, weights, *computed = layer(h, *reuse, **options) if i in shared_layers and reuse else layer(h, **options)
             reuse = tuple(computed) or reuse
             if attentions is not None:
                 attentions.append(weights)
@@ -160,55 +217,18 @@ class EpasLlamaModel(LlamaModel):
         h = self.norm(h)
         if hidden is not None:  # as transformers' LlamaModel: the last layer's output is given normed
             hidden[-1] = h
-        return BaseModelOutputWithPast(
+        output = BaseModelOutputWithPast(
             last_hidden_state=h,
             hidden_states=None if hidden is None else tuple(hidden),
             attentions=None if attentions is None else tuple(attentions),
             **{CACHE_FIELD: past_key_values if use_cache else None},
         )
-
-    def _decoder_layer(self, layer, i, cos, sin, mask, cache, want_weights, h, *reuse):
-        """Layer ``i`` on ``h``: (its output, its attention weights or None, then the pair it computed for the sharing
-        layers after it: post-RoPE (Q, K) in "qk" mode, (K, V) in "kv" mode; none when it reuses ``reuse``, the pair of
-        the last computing layer). Tensors that need gradients come positionally, so that a checkpoint (reentrant or
-        not) recomputes the layer from them and passes their gradients back to where they came from."""
-        config, (B, T, _) = self.config, h.shape
-        n_head, n_kv_head = config.num_attention_heads, config.num_key_value_heads
-        head_dim = config.hidden_size // n_head
-
-        def heads(x, n):
-            return x.view(B, T, n, head_dim).transpose(1, 2)  # (B, n, T, D)
-
-        attn = layer.self_attn
-        x = layer.input_layernorm(h)
-        computed = ()
-        if not reuse:
-            q = _apply_rope(heads(attn.q_proj(x), n_head), cos, sin)  # (B, H, T, D)
-            k = _apply_rope(heads(attn.k_proj(x), n_kv_head), cos, sin)  # (B, H_kv, T, D)
-            v = heads(attn.v_proj(x), n_kv_head)
-            computed = (q, k) if config.epas_sharing_mode == "qk" else (k, v)
-        elif config.epas_sharing_mode == "qk":
-            q, k = reuse
-            v = heads(attn.v_proj(x), n_kv_head)
-        else:
-            k, v = reuse
-            q = _apply_rope(heads(attn.q_proj(x), n_head), cos, sin)
-        if cache is not None:
-            k, v = cache.update(k, v, i)  # (B, H_kv, S, D) each
-        weights = None
-        if want_weights:
-            y, weights = _attention_weights(q, k, v, mask)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=n_kv_head != n_head
-            )
-        h = h + attn.o_proj(y.transpose(1, 2).reshape(B, T, n_head * head_dim))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return (h, weights, *computed)
+        return output.to_tuple() if kwargs.get("return_dict") is False else output  # the causal LM's own is popped
 
 
 class EpasLlamaForCausalLM(LlamaForCausalLM):
     config_class = EpasLlamaConfig
+    _no_split_modules = ["EpasLlamaDecoderLayer"]
 
     def __init__(self, config):
         LlamaPreTrainedModel.__init__(self, config)
