@@ -39,7 +39,7 @@ from epas_lightning.hf.convert import ours_to_hf
 from epas_lightning.inference.generate import set_region
 from epas_lightning.model import LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
-from epas_lightning.provenance import carried, export_metadata
+from epas_lightning.provenance import carried, checked, export_metadata
 from epas_lightning.region import SHARING_FLAGS, TrainedRegion
 from epas_lightning.runtime import DType, dtype_name, emit_json, named_dtype
 
@@ -313,7 +313,7 @@ def export_summary(folder: Path) -> dict[str, Any]:
         "shared_layers": shared,
         "dtype": record["dtype"],
         "tokenizer": (folder / "tokenizer_config.json").is_file(),
-        "training": export_record(folder),
+        "training": checked(export_record(folder)),  # the folder was just written: it has the record
     }
 
 
