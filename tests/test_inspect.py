@@ -414,7 +414,7 @@ def test_a_consolidated_folder_records_its_local_paths_relative_to_itself(tmp_pa
 
 
 @pytest.mark.parametrize("form", ["export", "consolidated"])
-def test_a_copied_folder_does_not_read_its_relative_paths_as_another_folders_data(form, tmp_path, capsys):
+def test_a_copied_folder_does_not_read_its_relative_paths_as_another_folders_data(form, tmp_path, tiny_corpus, capsys):
     """Written relative to the folder, the held-out data (and the run's data folder) of a folder copied elsewhere read
     as whatever sits at the same relative place there: evaluate without --data scored another corpus, silently (with
     absolute paths it read the run's own data, or refused one gone). A moved folder names none of them now, and
@@ -424,11 +424,15 @@ def test_a_copied_folder_does_not_read_its_relative_paths_as_another_folders_dat
     from epas_lightning.checkpoint import describe_checkpoint
 
     (tmp_path / "a" / "data" / "val").mkdir(parents=True)
+    tokenizer = Path(shutil.copy(tiny_corpus / "tokenizer.json", tmp_path / "a" / "data"))
     heldout = {"data_dirs": [str(tmp_path / "a" / "data")], "val_dir": None, "seed": 7}
-    ckpt = tiny_ckpt(tmp_path / "a" / "run" / "last.ckpt", 8, [3, 2], heldout=heldout)
+    run = tmp_path / "a" / "run" / "last.ckpt"
+    ckpt = tiny_ckpt(run, 8, [3, 2], tokenizer, heldout=heldout, data_dir=str(tokenizer.parent))
     write = export if form == "export" else consolidate
     folder = write(ckpt, tmp_path / "a" / "out" / "m")
-    assert describe_checkpoint(folder).heldout.data_dirs == (tmp_path / "a" / "data",)
+    info = describe_checkpoint(folder)
+    assert info.heldout.data_dirs == (tmp_path / "a" / "data",)
+    assert info.data_dir == (tmp_path / "a" / "data" if form == "consolidated" else None)
     (tmp_path / "b" / "data" / "val").mkdir(parents=True)  # another corpus, at the same place relative to the copy
     copy = Path(shutil.copytree(folder, tmp_path / "b" / "out" / "m"))
     info = describe_checkpoint(copy)
