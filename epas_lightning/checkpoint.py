@@ -37,7 +37,7 @@ from epas_lightning.data.tokenizer import (
 )
 from epas_lightning.errors import CheckpointError, ConfigError, listed
 from epas_lightning.model import Llama, LlamaConfig
-from epas_lightning.provenance import callback_states, training_record
+from epas_lightning.provenance import MOVED, MOVED_KEY, TRAINING_KEY, callback_states, training_record
 from epas_lightning.region import REGION_KEY, TrainedRegion, unrun_region_text
 from epas_lightning.runtime import DTYPES, dtype_name, dtype_overflow, resolve_device, resolve_dtype
 from epas_lightning.safe_load import LIGHTNING_METADATA
@@ -107,6 +107,9 @@ class CheckpointInfo:
     heldout: HeldOut | None = None
     """The held-out data the run validated on (its ``data.val_dir``, or the ``val`` splits of its data folders), as
     recorded, there or not; ``None`` where not recorded (older checkpoints, other tools' folders)."""
+    moved: bool = False
+    """Whether the folder (an export, a consolidated folder) was moved or copied since it was written: the data
+    folders it records relative to itself are not known here (:func:`~epas_lightning.provenance.local_paths`)."""
     exported_sharing: int | None = None
     """The region length an ``export`` chose for its folder (``--sharing-layers``: its ``epas_shared_layers``, the
     first layers of ``region``), which transformers runs it with; ``None``: no export chose one."""
@@ -146,6 +149,8 @@ class CheckpointInfo:
             return f"{whose} is gone ({self.gone_data})"
         if self.gone_tokenizer is not None:
             return f"the data the checkpoint trained on is gone (its tokenizer {self.gone_tokenizer} no longer exists)"
+        if self.moved:
+            return f"the data it records is not known here ({MOVED})"
         return "the checkpoint does not say which data it trained on"
 
     def mixed_data_note(self, command: str) -> str | None:
@@ -372,6 +377,7 @@ def _info(metadata: dict[str, Any], model: Llama, where: object = None) -> Check
         training=training,
         mixed_data=_mixed_data(metadata),
         heldout=heldout,
+        moved=isinstance(kept := metadata.get(TRAINING_KEY), dict) and kept.get(MOVED_KEY) is True,
         exported_sharing=exported_length(metadata.get(HF_SHARED_KEY), region),
     )
 

@@ -29,7 +29,7 @@ from epas_lightning.hf.convert import (
     safetensors_meta,
 )
 from epas_lightning.model import LlamaConfig
-from epas_lightning.provenance import TRAINING_KEY, from_consolidated, from_export_metadata, local_path
+from epas_lightning.provenance import MOVED_KEY, TRAINING_KEY, from_consolidated, from_export_metadata, local_path
 from epas_lightning.region import REGION_KEY, TrainedRegion
 from epas_lightning.safe_load import (
     DCP_METADATA,
@@ -136,11 +136,13 @@ def _read_consolidated(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], 
     if tokenizer.get("path"):
         tokenizer["path"] = str(path / Path(tokenizer["path"]).name)
     sharing = record["sharing"] if isinstance(record.get("sharing"), dict) else {}  # else: the region of the mask
+    training = from_consolidated(record, path)
+    gone = training is not None and training[MOVED_KEY]  # moved or copied: its relative paths lead elsewhere
     metadata = {
         "model_config": record["model"],
         "tokenizer": tokenizer,
         "global_step": record.get("global_step"),
-        "data_dir": local_path(tokenizer["data_dir"], path) if tokenizer.get("data_dir") else None,
+        "data_dir": local_path(tokenizer["data_dir"], path, gone) if tokenizer.get("data_dir") else None,
     }
     if "region" in sharing:
         metadata[REGION_KEY] = sharing["region"]
@@ -148,7 +150,7 @@ def _read_consolidated(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], 
         metadata[WEIGHTS_REGION_KEY] = sharing[WEIGHTS_REGION_KEY]
     if EXPORTED_KEY in sharing:  # a copy of an export that chose fewer layers: the commands' default
         metadata[HF_SHARED_KEY] = sharing[EXPORTED_KEY]
-    if (training := from_consolidated(record, path)) is not None:
+    if training is not None:
         metadata[TRAINING_KEY] = training
     return state, metadata
 

@@ -35,6 +35,7 @@ from epas_lightning.hf.convert import hf_weight_files
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.config import REUSED
 from epas_lightning.optim import grouped_parameter_names, state_entry, state_tensors
+from epas_lightning.provenance import MOVED
 from epas_lightning.region import TrainedRegion, choices, sharing_layers_text, unrun_region_text
 from epas_lightning.runtime import dtype_name, emit_json, folder_bytes, size_text
 from epas_lightning.safe_load import load_torch_file
@@ -95,6 +96,7 @@ def describe(path: Path, check_weights: bool = True) -> dict[str, Any]:
         "val_loss": training["val_loss"],
         "heldout": heldout_record(info),
         "source": training["source"],
+        "moved": info.moved,
         "size_bytes": path.stat().st_size if path.is_file() else folder_bytes(path),
     }
 
@@ -307,8 +309,9 @@ def describe_text(record: dict[str, Any]) -> str:
     val = record["val_loss"]
     finite = finiteness(record["non_finite"], record["non_finite_optimizer_state"], named=True)
     rows = {"kind": KINDS[record["kind"]]}
+    unknown = f"not known here ({MOVED})" if record["moved"] else "not recorded"
     if record["kind"] in ("consolidated", "hf"):  # a training checkpoint is its own source
-        rows["made from"] = record["source"] or "not recorded"
+        rows["made from"] = record["source"] or unknown
     rows |= {
         "step": step,
         "tokens": _number(record["tokens"]) + (" trained" if record["tokens"] is not None else " (not recorded)"),
@@ -323,7 +326,7 @@ def describe_text(record: dict[str, Any]) -> str:
         "val loss": "not recorded"
         if val is None
         else f"{val['loss']:.4f}" + (f" at step {val['step']:,}" if val["step"] is not None else ""),
-        "held-out data": heldout_text(record["heldout"]),
+        "held-out data": heldout_text(record["heldout"]) if record["heldout"] else unknown,
         "size": size_text(record["size_bytes"]),
     }
     width = max(map(len, rows))

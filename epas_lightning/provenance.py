@@ -11,6 +11,7 @@ fine-tuning run, drops the record with them). ``inspect`` shows the same fields 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from numbers import Integral, Real
@@ -33,6 +34,14 @@ EXPORT_METADATA_KEY = "epas_training"
 HELDOUT_KEY = "heldout"
 """Checkpoint entry of ``fit``: the held-out data it validated on (``TokenData.heldout``'s record: ``data_dirs``,
 ``val_dir``, ``seed``), which ``evaluate``, ``bench`` and ``analyze`` read without ``--data``."""
+FOLDER_KEY = "folder"
+"""In a record :func:`relative_paths` wrote: a hash of the real path of the folder written (naming none), which tells
+the folder read where it was written from a moved or copied one, whose relative paths lead to other folders."""
+MOVED_KEY = "moved"
+"""In the record :func:`local_paths` reads back: ``True`` where the folder was moved or copied since it was written
+(:func:`moved`), so that its relative paths were dropped."""
+MOVED = "the folder was moved or copied since it was written, and names its data relative to where it was"
+"""Why a :data:`MOVED_KEY` folder's data folders and training checkpoint are not known (``inspect``, ``evaluate``)."""
 FIELDS = ("global_step", "epoch", "tokens", "val_loss", "heldout", "source")
 
 
@@ -133,29 +142,45 @@ def export_metadata(record: dict[str, Any], folder: str | Path) -> dict[str, str
 
 def relative_paths(record: dict[str, Any], folder: str | Path) -> dict[str, Any]:
     """``record`` as the output ``folder`` (an export, a consolidated folder) writes it: the local paths it names
-    relative to ``folder``, so that a folder pushed to the Hub or handed on names no ``/home/alice``; read back
-    (:func:`local_paths`), they are the paths they were while the folder stays where it was written."""
-    return _with_paths(record, lambda path: relative_path(path, folder))
+    relative to ``folder``, so that a folder pushed to the Hub or handed on names no ``/home/alice``, and the
+    :data:`FOLDER_KEY` that tells a copy elsewhere (:func:`local_paths`)."""
+    return {**_with_paths(record, lambda path: relative_path(path, folder)), FOLDER_KEY: folder_tag(folder)}
 
 
-def local_paths(record: dict[str, Any], folder: str | Path) -> dict[str, Any]:
-    """``record`` as :func:`relative_paths` wrote it into ``folder``, its paths as they were."""
-    return _with_paths(record, lambda path: local_path(path, folder))
+def local_paths(record: dict[str, Any], folder: str | Path, tag: Any) -> dict[str, Any]:
+    """``record`` as :func:`relative_paths` wrote it into ``folder`` (``tag``: its :data:`FOLDER_KEY`), its paths as
+    they were; of a folder :func:`moved` since, its relative paths are dropped (``None``, a held-out record with one:
+    ``None``) and :data:`MOVED_KEY` says so: they lead to whatever is at the same place from the copy."""
+    gone = moved(folder, tag)
+    return {**_with_paths(record, lambda path: local_path(path, folder, gone)), MOVED_KEY: gone}
+
+
+def folder_tag(folder: str | Path) -> str:
+    """What :data:`FOLDER_KEY` records of ``folder``: a hash of its real path."""
+    return hashlib.sha256(os.fsencode(os.path.realpath(Path(folder).expanduser()))).hexdigest()[:16]
+
+
+def moved(folder: str | Path, tag: Any) -> bool:
+    """Whether ``folder``, whose record holds ``tag`` (:data:`FOLDER_KEY`), was moved or copied since it was written
+    (an older folder, with no tag: never)."""
+    return isinstance(tag, str) and tag != folder_tag(folder)
 
 
 def _with_paths(record: dict[str, Any], change: Any) -> dict[str, Any]:
     """``record`` (:func:`checked`'s form) with ``change`` applied to the local paths it names: the training checkpoint
-    (``source``) and the held-out data folders."""
+    (``source``) and the held-out data folders (the record ``None`` where ``change`` drops one of them)."""
     record = dict(record)
     if record.get("source") is not None:
         record["source"] = change(record["source"])
     if (heldout := record.get("heldout")) is not None:
         val_dir = heldout["val_dir"]
-        record["heldout"] = {
+        changed = {
             **heldout,
             "data_dirs": [change(d) for d in heldout["data_dirs"]],
             "val_dir": None if val_dir is None else change(val_dir),
         }
+        dropped = None in changed["data_dirs"] or (val_dir is not None and changed["val_dir"] is None)
+        record["heldout"] = None if dropped else changed
     return record
 
 
@@ -168,8 +193,11 @@ def relative_path(path: str, folder: str | Path) -> str:
         return path
 
 
-def local_path(path: str, folder: str | Path) -> str:
-    """A path :func:`relative_path` wrote for ``folder``, as the path it was (an older folder's absolute one as is)."""
+def local_path(path: str, folder: str | Path, gone: bool = False) -> str | None:
+    """A path :func:`relative_path` wrote for ``folder``, as the path it was (an older folder's absolute one as is);
+    ``None`` for a relative one where the folder is ``gone`` from where it was written (:func:`moved`)."""
+    if gone and not os.path.isabs(path):
+        return None
     return os.path.normpath(os.path.join(os.path.realpath(Path(folder).expanduser()), path))
 
 
@@ -179,7 +207,8 @@ def from_consolidated(record: dict[str, Any], folder: str | Path) -> dict[str, A
     training = record.get(TRAINING_KEY)
     if not isinstance(training, dict):
         return None
-    return local_paths({**checked(training), "global_step": record.get("global_step")}, folder)
+    kept = {**checked(training), "global_step": record.get("global_step")}
+    return local_paths(kept, folder, training.get(FOLDER_KEY))
 
 
 def from_export_metadata(metadata: dict[str, str] | None, folder: str | Path) -> dict[str, Any] | None:
@@ -189,4 +218,4 @@ def from_export_metadata(metadata: dict[str, str] | None, folder: str | Path) ->
         record = json.loads((metadata or {})[EXPORT_METADATA_KEY])
     except (KeyError, TypeError, ValueError):
         return None
-    return local_paths(checked(record), folder) if isinstance(record, dict) else None
+    return local_paths(checked(record), folder, record.get(FOLDER_KEY)) if isinstance(record, dict) else None

@@ -21,6 +21,14 @@ REGION_KEY = "sharing_region"
 """The checkpoint entry holding :meth:`TrainedRegion.to_record` (written by ``ProgressiveSharing``)."""
 SHARING_FLAGS = ("--sharing-layers", "--force")
 """How the commands name the region length and the override, for :meth:`TrainedRegion.first`'s errors."""
+RUN_THE_REGION = "export the checkpoint again with --remote-code for the region"
+"""How to run the region a dense checkpoint's weights trained (:attr:`TrainedRegion.unrun`)."""
+EXPORT_UNRUN_FIX = (
+    " (with --remote-code the folder carries the region its weights trained, which the commands that load it run)",
+    "export that many sharing layers",
+)
+"""``export``'s advice where ``--sharing-layers`` asks a stock export for its region (:meth:`TrainedRegion.first`):
+``--remote-code`` at 0 carries it, ``--force`` writes the layers asked for; exporting again is this command."""
 
 
 @dataclass(frozen=True)
@@ -64,13 +72,20 @@ class TrainedRegion:
         return range(start, self.n_layer)
 
     def first(
-        self, n: int, force: bool = False, flags: tuple[str, str] = ("n", "force=True"), forceable: bool = True
+        self,
+        n: int,
+        force: bool = False,
+        flags: tuple[str, str] = ("n", "force=True"),
+        forceable: bool = True,
+        unrun_fix: tuple[str, str] = (f", or {RUN_THE_REGION}", "run it from this folder"),
     ) -> list[int]:
         """The layers that share with a region of ``n`` layers: the first ``n`` of the growth order, in that order.
 
         More than the trained region is refused unless ``force`` (its extra layers never learned to work without their
         own Q/K, so quality drops sharply). The errors name ``flags``, the region length's and the override's
-        (:data:`SHARING_FLAGS` in a command), and offer the override where the caller has it (``forceable``).
+        (:data:`SHARING_FLAGS` in a command), and offer the override where the caller has it (``forceable``); of a
+        stock export, ``unrun_fix`` says how the command gets the region its weights trained, and what the override
+        does there (``export``'s: :data:`EXPORT_UNRUN_FIX`).
         """
         flag, force_flag = flags
         limit = len(self.growth_order())
@@ -89,12 +104,11 @@ class TrainedRegion:
             )
         if n > self.size and not force:
             elsewhere = self.unrun is not None  # a stock export: its weights trained a region it does not carry
-            force_text = "run it from this folder" if elsewhere else "run a region it never trained"
+            rerun, force_text = unrun_fix if elsewhere else ("", "run a region it never trained")
             raise ConfigError(
                 f"this checkpoint {self.trained_at_most()}; {n} {'was' if n == 1 else 'were'} asked for",
                 flag,
-                f"choose {choices(self.size)}"
-                + (f", or {RUN_THE_REGION}" if elsewhere else "")
+                f"choose {choices(self.size)}{rerun}"
                 + (f", or pass {force_flag} to {force_text}" if forceable else ""),
             )
         return self.growth_order()[:n]
@@ -192,10 +206,6 @@ class TrainedRegion:
         if order is None:
             order = "deep_first" if not layers or layers[-1] == n_layer - 1 else "shallow_first"
         return cls(n_layer, tuple(reversed(layers)) if order == "deep_first" else tuple(layers), order)
-
-
-RUN_THE_REGION = "export the checkpoint again with --remote-code for the region"
-"""How to run the region a dense checkpoint's weights trained (:attr:`TrainedRegion.unrun`)."""
 
 
 def weights_that_trained(region: TrainedRegion) -> str:

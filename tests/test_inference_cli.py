@@ -154,11 +154,29 @@ def test_export_of_a_stock_export_needs_force_for_sharing_layers_as_every_comman
         argv = [command, "--checkpoint", str(source), "--sharing-layers", "1", "--output", str(tmp_path / command)]
         rc, _, said[command] = run_cli(capsys, *(argv if command == "export" else argv[:-2]), *options)
         assert rc == 2 and "runs dense: it holds weights that trained 2 sharing layers" in said[command]
-    assert said["export"] == said["generate"] and not (tmp_path / "export").exists()
+    assert said["export"].split(" — ")[:2] == said["generate"].split(" — ")[:2] and not (tmp_path / "export").exists()
     argv = ["export", "--checkpoint", str(source), "--sharing-layers", "1", "--force", "--output", str(tmp_path / "f")]
     rc, _, err = run_cli(capsys, *argv)
     config = json.loads((tmp_path / "f" / "config.json").read_text())
     assert rc == 0 and (config["epas_shared_layers"], config["epas_trained_region"]) == ([3], [3, 2]), err
+
+
+@pytest.mark.parametrize("remote_code", [[], ["--remote-code"]])
+def test_exports_refusal_of_a_stock_exports_region_advises_what_export_takes(
+    stock_export, remote_code, tmp_path, capsys
+):
+    """`export [--remote-code] --sharing-layers 1` of a stock export advised 'export the checkpoint again with
+    --remote-code' (this command, the flag given) and '--force to run it from this folder' (export runs nothing): it
+    advises --remote-code at 0, which carries the region, or --force to export the layers; generate keeps its own."""
+    argv = ["export", "--checkpoint", str(stock_export), *remote_code, "--sharing-layers", "1"]
+    rc, _, err = run_cli(capsys, *argv, "--output", str(tmp_path / "e"))
+    fix = err.rstrip("\n").split(" — ")[-1]
+    assert rc == 2 and "export the checkpoint again" not in fix and "run it from this folder" not in fix, err
+    assert "with --remote-code the folder carries the region" in fix and "--force to export" in fix, err
+    rc, _, err = run_cli(
+        capsys, "generate", "--checkpoint", str(stock_export), "--sharing-layers", "1", "--prompt", "x"
+    )
+    assert rc == 2 and "export the checkpoint again with --remote-code" in err and "run it from this folder" in err
 
 
 def test_sharing_layers_on_a_stock_export_is_refused_as_it_runs_dense_or_forced_in_its_trained_order(

@@ -413,6 +413,39 @@ def test_a_consolidated_folder_records_its_local_paths_relative_to_itself(tmp_pa
     assert load_model(folder).data_dir == tiny_corpus
 
 
+@pytest.mark.parametrize("form", ["export", "consolidated"])
+def test_a_copied_folder_does_not_read_its_relative_paths_as_another_folders_data(form, tmp_path, tiny_corpus, capsys):
+    """Written relative to the folder, the held-out data (and the run's data folder) of a folder copied elsewhere read
+    as whatever sits at the same relative place there: evaluate without --data scored another corpus, silently (with
+    absolute paths it read the run's own data, or refused one gone). A moved folder names none of them now, and
+    evaluate without --data says why in one line, naming --data; one that stayed reads them as before."""
+    import shutil
+
+    from epas_lightning.checkpoint import describe_checkpoint
+
+    (tmp_path / "a" / "data" / "val").mkdir(parents=True)
+    tokenizer = Path(shutil.copy(tiny_corpus / "tokenizer.json", tmp_path / "a" / "data"))
+    heldout = {"data_dirs": [str(tmp_path / "a" / "data")], "val_dir": None, "seed": 7}
+    run = tmp_path / "a" / "run" / "last.ckpt"
+    ckpt = tiny_ckpt(run, 8, [3, 2], tokenizer, heldout=heldout, data_dir=str(tokenizer.parent))
+    write = export if form == "export" else consolidate
+    folder = write(ckpt, tmp_path / "a" / "out" / "m")
+    info = describe_checkpoint(folder)
+    assert info.heldout.data_dirs == (tmp_path / "a" / "data",)
+    assert info.data_dir == (tmp_path / "a" / "data" if form == "consolidated" else None)
+    (tmp_path / "b" / "data" / "val").mkdir(parents=True)  # another corpus, at the same place relative to the copy
+    copy = Path(shutil.copytree(folder, tmp_path / "b" / "out" / "m"))
+    info = describe_checkpoint(copy)
+    assert (info.heldout, info.data_dir, info.training["source"]) == (None, None, None), info.heldout
+    out, record = inspected(capsys, copy)
+    assert (record["moved"], record["heldout"], record["source"]) == (True, None, None)
+    assert main(["inspect", "--checkpoint", str(copy)]) == 0
+    assert re.search(r"made from +not known here \(the folder was moved", capsys.readouterr().out)
+    assert main(["evaluate", "--checkpoint", str(copy), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "moved or copied" in err and "--data" in err, err
+
+
 def test_consolidate_and_export_carry_the_provenance_inspect_shows_for_the_checkpoint(tmp_path, capsys, monkeypatch):
     """Consolidated folders kept the step alone, exports nothing: inspect could not tell them apart. "made from" named
     the checkpoint's file alone (``last.ckpt`` of which run?): it is its absolute path, from a relative one too."""

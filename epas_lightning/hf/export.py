@@ -39,8 +39,8 @@ from epas_lightning.hf.convert import ours_to_hf
 from epas_lightning.inference.generate import set_region
 from epas_lightning.model import LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
-from epas_lightning.provenance import carried, export_metadata
-from epas_lightning.region import SHARING_FLAGS, TrainedRegion
+from epas_lightning.provenance import carried, checked, export_metadata
+from epas_lightning.region import EXPORT_UNRUN_FIX, SHARING_FLAGS, TrainedRegion
 from epas_lightning.runtime import DType, dtype_name, emit_json, named_dtype
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,9 @@ def export(
     loaded = load_model(checkpoint, dtype=torch_dtype or STORED, flag="--checkpoint")  # no wider copy of the weights
     model, config = loaded.model, loaded.model.config
     n = loaded.default_sharing if sharing_layers is None else sharing_layers
-    # of a stock export, N above 0 needs --force as in every command, and counts in its record, which it writes
+    # of a stock export, N above 0 needs --force as in every command (advised as export takes it), and counts in its
+    # record, which it writes
+    loaded.region.first(n, force, SHARING_FLAGS, unrun_fix=EXPORT_UNRUN_FIX)
     shared = set_region(model, n, loaded.region, force, SHARING_FLAGS)
     trained = loaded.weights_region or loaded.region
     use_remote = remote_code or n > 0
@@ -314,7 +316,7 @@ def export_summary(folder: Path) -> dict[str, Any]:
         "shared_layers": shared,
         "dtype": record["dtype"],
         "tokenizer": (folder / "tokenizer_config.json").is_file(),
-        "training": export_record(folder),
+        "training": checked(export_record(folder)),  # the folder was just written: it has the record
     }
 
 
