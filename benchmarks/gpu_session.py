@@ -12,12 +12,14 @@ The device machine reaches no package index, so what it lacks travels as wheels 
     #   run(command="python3 benchmarks/gpu_session.py run --output $OUT", carry=[".whl"], timeout_s=600)
 
 ``run`` installs ``.whl/`` into ``/tmp/site`` (no dependencies resolved: the machine's torch, lightning, transformers
-and tensorboard are used), then runs both parts with their own time limits, so a slow part cannot cost the other.
+and tensorboard are used), then runs both parts with their own time limits, so a slow part cannot cost the other. A
+package a part needs that cannot be imported (``.whl`` not carried) stops it before any part, in one line (exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -42,6 +44,9 @@ WHEELS = (
 )
 """What the device image lacks for the fit path (jsonargparse, litdata and theirs) and the benchmark (peers, Liger)."""
 SITE = Path("/tmp/site")
+FIT_PACKAGES = ("jsonargparse", "litdata", "tensorboard")
+PEER_PACKAGES = ("litgpt", "transformers")
+"""What each part imports that a device image may lack (and, on CUDA, the peers part ``liger_kernel`` too)."""
 FIT_STEPS = 60
 DENSE_STEPS = (15, 30)
 """Steps whose logged rates are dense (the region switches at step 30; earlier steps include compilation)."""
@@ -87,6 +92,24 @@ def install_wheels() -> None:
     if wheels:
         pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
         subprocess.run([*pip, "--no-cache-dir", "--upgrade", "--target", str(SITE), *wheels], check=True)
+
+
+def check_packages(args: argparse.Namespace, cuda: bool) -> None:
+    """Stop before any part runs where a package it needs cannot be imported (a device call that did not carry
+    ``.whl``): one line and exit 2, instead of a ``fit`` that fails and a comparison without LitGPT and Liger after
+    minutes of device time."""
+    needed = [*(() if args.skip_fit else FIT_PACKAGES), *(() if args.skip_peers else PEER_PACKAGES)]
+    needed += ["liger_kernel"] if cuda and not args.skip_peers else []
+    importlib.invalidate_caches()  # SITE was just filled
+    sys.path.insert(0, str(SITE))
+    try:
+        missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    finally:
+        sys.path.remove(str(SITE))
+    if missing:
+        fix = "run `python benchmarks/gpu_session.py wheels` where pip reaches the index, then carry .whl in the call"
+        print(f"error: {', '.join(missing)} cannot be imported — {REPO / '.whl'} — {fix}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def json_text(record: object, **dumps_options: object) -> str:
@@ -274,10 +297,11 @@ def table(report: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    args.output.mkdir(parents=True, exist_ok=True)
     install_wheels()
     import torch
 
+    check_packages(args, torch.cuda.is_available())
+    args.output.mkdir(parents=True, exist_ok=True)
     report = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device",
         "torch": torch.__version__,
