@@ -19,6 +19,7 @@ package a part needs that cannot be imported (``.whl`` not carried) stops it bef
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -235,10 +236,19 @@ def peers_run(args: argparse.Namespace, batch_size: int, timeout: int) -> dict:
     log = args.output / f"vs_peers-b{batch_size}.log"
     code, seconds = run_logged(cmd, log, timeout)
     result: dict = {"command": " ".join(cmd[1:]), "exit_code": code, "wall_s": seconds, "batch_size": batch_size}
-    lines = log.read_text().strip().splitlines()
-    if code == 0 and lines:
-        result |= json.loads(lines[-1])
+    if code == 0:
+        result |= last_json_object(log.read_text())
     return result
+
+
+def last_json_object(text: str) -> dict:
+    """The last line of ``text`` that is a JSON object (vs_peers' result), whatever the process printed after it while
+    it exited (the log holds stderr too: a library's warning at exit); ``{}`` where there is none."""
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                return json.loads(line)
+    return {}
 
 
 def table(report: dict) -> str:

@@ -154,6 +154,21 @@ def test_gpu_session_retries_vs_peers_at_half_batch_after_out_of_memory(tmp_path
     assert "| dense | 10 | nan |" in text and "MFU target 0.45 (dense) met: False" in text
 
 
+def test_gpu_session_reads_vs_peers_json_before_what_the_process_printed_while_it_exited(tmp_path, monkeypatch):
+    """The log holds stderr too: a library's warning printed as vs_peers exited, after its JSON line, made the session
+    stop with a JSONDecodeError traceback, writing neither gpu_session.json nor its tables."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_session
+
+    def fake_run_logged(cmd, log, timeout):
+        log.write_text('table\n{"tokens_per_s": {"dense": 10.0}}\n[W1203 13:00:00] a warning at exit\n')
+        return 0, 1.0
+
+    monkeypatch.setattr(gpu_session, "run_logged", fake_run_logged)
+    result = gpu_session.peers_run(gpu_session.parse_args(["run", "--output", str(tmp_path)]), 4, 60)
+    assert result["tokens_per_s"] == {"dense": 10.0} and result["exit_code"] == 0
+
+
 def test_gpu_session_stops_before_any_part_where_a_package_it_needs_did_not_travel(tmp_path, monkeypatch, capsys):
     """A device call without ``.whl`` carried (the device image lacks litgpt, Liger, jsonargparse): ``fit`` failed and
     vs_peers ran without LitGPT after minutes of scarce device time. It stops first, in one line, exit 2."""
