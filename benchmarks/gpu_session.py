@@ -12,12 +12,15 @@ The device machine reaches no package index, so what it lacks travels as wheels 
     #   run(command="python3 benchmarks/gpu_session.py run --output $OUT", carry=[".whl"], timeout_s=600)
 
 ``run`` installs ``.whl/`` into ``/tmp/site`` (no dependencies resolved: the machine's torch, lightning, transformers
-and tensorboard are used), then runs both parts with their own time limits, so a slow part cannot cost the other.
+and tensorboard are used), then runs both parts with their own time limits, so a slow part cannot cost the other. A
+package a part needs that cannot be imported (``.whl`` not carried) stops it before any part, in one line (exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
 import statistics
@@ -42,6 +45,9 @@ WHEELS = (
 )
 """What the device image lacks for the fit path (jsonargparse, litdata and theirs) and the benchmark (peers, Liger)."""
 SITE = Path("/tmp/site")
+FIT_PACKAGES = ("jsonargparse", "litdata", "tensorboard")
+PEER_PACKAGES = ("litgpt", "transformers")
+"""What each part imports that a device image may lack (and, on CUDA, the peers part ``liger_kernel`` too)."""
 FIT_STEPS = 60
 DENSE_STEPS = (15, 30)
 """Steps whose logged rates are dense (the region switches at step 30; earlier steps include compilation)."""
@@ -87,6 +93,24 @@ def install_wheels() -> None:
     if wheels:
         pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
         subprocess.run([*pip, "--no-cache-dir", "--upgrade", "--target", str(SITE), *wheels], check=True)
+
+
+def check_packages(args: argparse.Namespace, cuda: bool) -> None:
+    """Stop before any part runs where a package it needs cannot be imported (a device call that did not carry
+    ``.whl``): one line and exit 2, instead of a ``fit`` that fails and a comparison without LitGPT and Liger after
+    minutes of device time."""
+    needed = [*(() if args.skip_fit else FIT_PACKAGES), *(() if args.skip_peers else PEER_PACKAGES)]
+    needed += ["liger_kernel"] if cuda and not args.skip_peers else []
+    importlib.invalidate_caches()  # SITE was just filled
+    sys.path.insert(0, str(SITE))
+    try:
+        missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    finally:
+        sys.path.remove(str(SITE))
+    if missing:
+        fix = "run `python benchmarks/gpu_session.py wheels` where pip reaches the index, then carry .whl in the call"
+        print(f"error: {', '.join(missing)} cannot be imported — {REPO / '.whl'} — {fix}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def json_text(record: object, **dumps_options: object) -> str:
@@ -212,10 +236,19 @@ def peers_run(args: argparse.Namespace, batch_size: int, timeout: int) -> dict:
     log = args.output / f"vs_peers-b{batch_size}.log"
     code, seconds = run_logged(cmd, log, timeout)
     result: dict = {"command": " ".join(cmd[1:]), "exit_code": code, "wall_s": seconds, "batch_size": batch_size}
-    lines = log.read_text().strip().splitlines()
-    if code == 0 and lines:
-        result |= json.loads(lines[-1])
+    if code == 0:
+        result |= last_json_object(log.read_text())
     return result
+
+
+def last_json_object(text: str) -> dict:
+    """The last line of ``text`` that is a JSON object (vs_peers' result), whatever the process printed after it while
+    it exited (the log holds stderr too: a library's warning at exit); ``{}`` where there is none."""
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                return json.loads(line)
+    return {}
 
 
 def table(report: dict) -> str:
@@ -274,10 +307,11 @@ def table(report: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    args.output.mkdir(parents=True, exist_ok=True)
     install_wheels()
     import torch
 
+    check_packages(args, torch.cuda.is_available())
+    args.output.mkdir(parents=True, exist_ok=True)
     report = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device",
         "torch": torch.__version__,

@@ -3,6 +3,7 @@ one JSON line holding the numbers the RESULTS table is built from. No timing is 
 subprocess, as a user runs it; the others run their ``main`` in this process (no interpreter to start)."""
 
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -151,6 +152,42 @@ def test_gpu_session_retries_vs_peers_at_half_batch_after_out_of_memory(tmp_path
     assert [a["batch_size"] for a in peers["attempts"]] == [4, 2, 1] and peers["exit_code"] == 0
     text = gpu_session.table({"device": "x", "torch": "y", "fit": {"batch_size": 8}, "peers": peers})
     assert "| dense | 10 | nan |" in text and "MFU target 0.45 (dense) met: False" in text
+
+
+def test_gpu_session_reads_vs_peers_json_before_what_the_process_printed_while_it_exited(tmp_path, monkeypatch):
+    """The log holds stderr too: a library's warning printed as vs_peers exited, after its JSON line, made the session
+    stop with a JSONDecodeError traceback, writing neither gpu_session.json nor its tables."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_session
+
+    def fake_run_logged(cmd, log, timeout):
+        log.write_text('table\n{"tokens_per_s": {"dense": 10.0}}\n[W1203 13:00:00] a warning at exit\n')
+        return 0, 1.0
+
+    monkeypatch.setattr(gpu_session, "run_logged", fake_run_logged)
+    result = gpu_session.peers_run(gpu_session.parse_args(["run", "--output", str(tmp_path)]), 4, 60)
+    assert result["tokens_per_s"] == {"dense": 10.0} and result["exit_code"] == 0
+
+
+def test_gpu_session_stops_before_any_part_where_a_package_it_needs_did_not_travel(tmp_path, monkeypatch, capsys):
+    """A device call without ``.whl`` carried (the device image lacks litgpt, Liger, jsonargparse): ``fit`` failed and
+    vs_peers ran without LitGPT after minutes of scarce device time. It stops first, in one line, exit 2."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_session
+
+    ran = []
+    parts = {"tests_part": {"exit_code": 0, "summary": ""}, "fit_part": {"skipped": True}}
+    parts["peers_part"] = {"exit_code": None}
+    for name, result in parts.items():
+        monkeypatch.setattr(gpu_session, name, lambda args, name=name, result=result: ran.append(name) or result)
+    monkeypatch.setattr(gpu_session, "install_wheels", lambda: None)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "litgpt" else find_spec(name, *a))
+    with pytest.raises(SystemExit) as stopped:
+        gpu_session.run(gpu_session.parse_args(["run", "--output", str(tmp_path / "out"), "--skip-tests"]))
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and ran == [] and not (tmp_path / "out").exists()
+    assert err.startswith("error: litgpt cannot be imported — ") and err.count("\n") == 1 and "carry .whl" in err
 
 
 def test_gpu_session_tables_name_the_shapes_that_ran(tmp_path, monkeypatch):
