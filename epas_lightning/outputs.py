@@ -8,7 +8,8 @@ through :func:`output_folder`:
 - an existing target is replaced only with ``overwrite=True`` *and* only if its marker file says this project wrote
   it, as the same kind of output (a user's own folder is never touched);
 - an output that contains, or lies inside, one of the command's inputs is refused;
-- temporary folders of earlier runs that were killed (their process is gone) are removed.
+- temporary folders of earlier runs that were killed (their process is gone) are removed;
+- a finished folder names no process or host (it may be pushed to the Hub as it is): only a hidden one does.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from epas_lightning.errors import OutputError, exception_chain
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 MARKER = ".epas_output.json"
-"""Written into every folder we create: who wrote it and what it is (``kind``)."""
+"""Written into every folder we create: who wrote it and what it is (``kind``); a hidden folder being built or moved
+aside also names its writer's process and host (:func:`write_marker`)."""
 _TMP = ".tmp-"
 _OLD = ".old-"
 NAME_MAX = 255
@@ -77,9 +79,21 @@ def read_marker(folder: Path) -> dict | None:
     return record if isinstance(record, dict) and record.get("created_by") == "epas_lightning" else None
 
 
-def write_marker(folder: Path, kind: str) -> None:
-    record = {"created_by": "epas_lightning", "kind": kind, "pid": os.getpid(), "host": socket.gethostname()}
-    (folder / MARKER).write_text(json.dumps(record) + "\n")
+def write_marker(folder: Path, kind: str, writer: bool = False) -> None:
+    """Mark ``folder`` ours, as a ``kind`` output, in one step (a reader never sees half a marker). ``writer``: with
+    this process's id and host, which a hidden folder carries while it is built or moved aside (a later run removes
+    or puts it back once that process is gone); a finished folder names neither, as it may be handed on or pushed to
+    the Hub as it is (``huggingface_hub.upload_folder`` uploads dotfiles)."""
+    record = {"created_by": "epas_lightning", "kind": kind}
+    if writer:
+        record |= {"pid": os.getpid(), "host": socket.gethostname()}
+    written = folder / f"{MARKER}.{uuid.uuid4().hex[:_TAG]}"
+    try:
+        written.write_text(json.dumps(record) + "\n")
+        os.replace(written, folder / MARKER)
+    except BaseException:
+        written.unlink(missing_ok=True)
+        raise
 
 
 def check_apart(output: Path, inputs: Iterable[str | Path], flag: str = "--output") -> None:
@@ -139,6 +153,7 @@ def remove_stale_builds(target: Path) -> list[Path]:
             removed.append(old)
         else:
             os.replace(old, target)
+            write_marker(target, read_marker(target)["kind"])  # finished again: the dead writer's host goes
     return removed
 
 
@@ -212,12 +227,13 @@ def output_folder(
         raise OutputError(
             f"cannot create the output folder ({e.strerror or e})", f"{flag} {target}", "choose a writable location"
         ) from e
-    write_marker(build, kind)
+    write_marker(build, kind, writer=True)
     try:
         with stopping_on_sigterm():
             yield build
         check_replaceable(target, kind, overwrite, flag)  # it may have appeared meanwhile (another run, the user)
         honour_umask(build)
+        write_marker(build, kind)  # finished: it names no process or host once in place (last: see replace_folder)
         replace_folder(build, target)
     except BaseException as e:
         shutil.rmtree(build, ignore_errors=True)
@@ -290,12 +306,15 @@ def honour_umask(folder: Path) -> None:
 
 
 def replace_folder(build: Path, target: Path) -> None:
-    """Move ``build`` to ``target``; an existing ``target`` (already checked as ours) is moved aside, then deleted."""
+    """Move ``build`` to ``target``; an existing ``target`` (already checked as ours) is moved aside, then deleted.
+
+    ``build``'s marker is already the finished one: a run killed outright (``kill -9``) here leaves the build, which
+    no later run can tell from a live one's, until it is removed by hand."""
     if not target.exists():
         os.replace(build, target)
         return
     old = _hidden(target, _OLD)
     os.replace(target, old)
-    write_marker(old, read_marker(old)["kind"])  # this process's now: restored by the next run if it dies here
+    write_marker(old, read_marker(old)["kind"], writer=True)  # this process's now: put back by the next run if it dies
     os.replace(build, target)
     shutil.rmtree(old, ignore_errors=True)

@@ -1191,6 +1191,22 @@ def test_prompts_that_cannot_fit_are_refused_before_they_are_tokenized(checkpoin
     )
 
 
+def test_token_id_prompts_hold_only_ids_the_tokenizer_has(checkpoint, monkeypatch):
+    """The tiny model's vocabulary (512) is larger than its tokenizer's (301), as a padded one is: a prompt of token ids
+    at or past the tokenizer's size (rows no text ever trained, which a completion never emits) was served; it is a
+    400, as vLLM refuses it. An id the tokenizer has is taken as it is."""
+    from epas_lightning.serve.protocol import parse_completion
+
+    served = built_api(checkpoint, monkeypatch).served
+    size = served.tokenizer().vocab_size
+    assert size < served.config.vocab_size  # the case
+    body = {"model": "tiny", "max_tokens": 2}
+    said = f"prompt token ids must lie in 0..{size - 1} (the tokenizer's ids), got {size}"
+    assert refused(parse_completion, {**body, "prompt": [1, size]}, served) == (400, said)
+    assert refused(parse_completion, {**body, "prompt": [[1], [size, 2]]}, served) == (400, said)
+    assert parse_completion({**body, "prompt": [1, size - 1]}, served, served.tokenizer()).prompts == [[1, size - 1]]
+
+
 def test_sampling_settings_out_of_range_are_a_400_that_says_what_to_do(checkpoint, monkeypatch):
     """The checks generate runs (the same messages, with the fix the error carries); temperature stops at OpenAI's 2,
     and top_k reads as vLLM reads it."""

@@ -288,12 +288,13 @@ def test_a_missing_tokenizer_names_the_flag_before_anything_loads(tmp_path, caps
     ("content", "says", "fix"),
     [
         (b'{"a": 1}', "not a readable HF tokenizer.json", "pass a tokenizer.json (HF tokenizers) or tokenizer.model"),
+        (b'{"model": {"type": "BPE", "vocab": {}, "merges": []}}', "the HF tokenizer.json holds no tokens", "pass a"),
         (b"\x00\x01 not a model", "neither a tokenizer.json nor a sentencepiece model", "pass a tokenizer.json"),
         (None, "tokenizer is not a regular file (a pipe or device)", "save it to a file and pass that file"),
         ("folder", "no tokenizer.json or tokenizer.model in the tokenizer folder", "pass a tokenizer.json or"),
     ],
 )  # each said what without what to do (after loading the model; a folder without one still did); the pipe was said
-# not to exist
+# not to exist; an empty vocabulary was a ValueError traceback (max() of an empty sequence)
 def test_a_tokenizer_that_is_no_tokenizer_file_says_what_to_pass_before_anything_loads(
     content, says, fix, tmp_path, capsys
 ):

@@ -36,6 +36,7 @@ from epas_lightning import (
 from epas_lightning.cli import main
 from epas_lightning.consolidation import consolidate
 from epas_lightning.data.prepare import prepare_dataset
+from epas_lightning.data.sources import DataPreparationError
 from epas_lightning.errors import CheckpointError, OutputError
 from epas_lightning.outputs import MARKER, output_folder, remove_stale_builds
 
@@ -839,6 +840,18 @@ def test_overwrite_replaces_our_own_dataset_completely(text_corpus, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no temporary folder left beside it
 
 
+def test_a_dataset_prepared_before_markers_is_marked_ours_without_a_host(text_corpus, tmp_path, monkeypatch):
+    """--overwrite of a dataset prepared before output folders carried a marker marks it ours first: the marker named
+    this process and host, and stayed when the new build failed."""
+    monkeypatch.setattr("socket.gethostname", lambda: "bq-private-host")
+    out = prepare(text_corpus, tmp_path / "data")
+    (out / MARKER).unlink()
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(DataPreparationError, match="no input files found"):
+        prepare(tmp_path / "nothing", out, overwrite=True)
+    assert json.loads((out / MARKER).read_text()) == {"created_by": "epas_lightning", "kind": "dataset"}
+
+
 def test_builds_left_by_killed_runs_are_cleaned_by_the_next(tmp_path):
     target = tmp_path / "data"
     dead = tmp_path / ".data.tmp-deadbeef"
@@ -852,6 +865,21 @@ def test_builds_left_by_killed_runs_are_cleaned_by_the_next(tmp_path):
     foreign.mkdir()
     assert remove_stale_builds(target) == [dead]
     assert alive.exists() and foreign.exists()
+
+
+def test_a_previous_output_put_back_after_a_killed_replacement_names_no_host(tmp_path, monkeypatch):
+    """A replacement killed after it moved the previous output aside leaves it marked with its process and host (so
+    the next run knows the mover is gone): put back, it kept them, and a folder pushed to the Hub leaked the host."""
+    monkeypatch.setattr("socket.gethostname", lambda: "bq-private-host")
+    target = tmp_path / "out"
+    with output_folder(target, "bench") as build:
+        (build / "a.txt").write_text("first")
+    aside = tmp_path / ".out.old-deadbeef"
+    os.replace(target, aside)
+    record = {"created_by": "epas_lightning", "kind": "bench", "pid": 2**22 + 12345, "host": "bq-private-host"}
+    (aside / MARKER).write_text(json.dumps(record))  # as the killed run marked it
+    assert remove_stale_builds(target) == [] and (target / "a.txt").read_text() == "first"
+    assert json.loads((target / MARKER).read_text()) == {"created_by": "epas_lightning", "kind": "bench"}
 
 
 @pytest.mark.parametrize("name", ["o" * 255, "é" * 127, "oé" * 85, "run[1]"])
@@ -974,6 +1002,23 @@ def test_exported_weights_are_as_readable_as_the_umask_allows(small_checkpoint, 
     finally:
         os.umask(old)
     assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}["model.safetensors"] == 0o644
+
+
+def test_a_finished_export_names_no_host_process_or_local_path_and_stays_ours(small_checkpoint, tmp_path, monkeypatch):
+    """Its marker held the writer's process id and host name (socket.gethostname()), which only a hidden folder being
+    built needs, and huggingface_hub's upload_folder pushes dotfiles: the host leaked to the Hub. A finished folder's
+    marker says only whose and what it is; one that still has them (written before) is ours all the same."""
+    monkeypatch.setattr("socket.gethostname", lambda: "bq-private-host")
+    out = tmp_path / "hf"
+    base = ["export", "--checkpoint", str(small_checkpoint), "--output", str(out)]
+    assert main(base) == 0
+    assert json.loads((out / MARKER).read_text()) == {"created_by": "epas_lightning", "kind": "hf-export"}
+    for file in out.rglob("*"):
+        data = file.read_bytes()
+        assert b"bq-private-host" not in data and os.fsencode(tmp_path) not in data, file
+    record = {"created_by": "epas_lightning", "kind": "hf-export", "pid": 1, "host": "bq-private-host"}
+    (out / MARKER).write_text(json.dumps(record))  # an export of an earlier version
+    assert main([*base, "--overwrite"]) == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]
 
 
 def test_export_is_atomic_and_a_reexport_leaves_no_stale_file(small_checkpoint, tmp_path, capsys, monkeypatch):

@@ -289,9 +289,14 @@ def _open(path: Path) -> tuple[str, Any]:
         head = f.read(64).lstrip()
     if path.suffix == ".json" or head.startswith(b"{"):
         try:
-            return "hf", hf_pipeline(path)
+            pipeline = hf_pipeline(path)
         except Exception as e:
             raise TokenizerError(f"not a readable HF tokenizer.json ({e})", path, NOT_A_TOKENIZER_FIX) from e
+        if not pipeline.get_vocab_size(with_added_tokens=True):  # load_tokenizer's size was max() of nothing
+            raise TokenizerError(
+                "the HF tokenizer.json holds no tokens (an empty vocabulary)", path, NOT_A_TOKENIZER_FIX
+            )
+        return "hf", pipeline
     import sentencepiece as spm
 
     try:

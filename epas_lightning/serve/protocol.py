@@ -345,7 +345,8 @@ def _sampling(request: SamplingRequest) -> Sampling:
 
 def _prompt_ids(prompt: Any, tokenizer: TextTokenizer, served: ServedModel) -> list[list[int]]:
     """Token ids of each prompt (a list of them): text gets BOS in front (as in ``generate``), token ids are taken as
-    they are."""
+    they are, each one the tokenizer has (as vLLM, and as a completion never emits another: a padded vocabulary's rows
+    past it never trained)."""
     if not prompt:
         raise RequestError("prompt must not be an empty list", "prompt")
     if isinstance(prompt[0], str):
@@ -353,12 +354,14 @@ def _prompt_ids(prompt: Any, tokenizer: TextTokenizer, served: ServedModel) -> l
             _check_text(text, "prompt")
             _check_chars(len(text), "the prompt holds", "shorten it", "prompt", served)
         return [[tokenizer.bos_id, *ids] for ids in tokenizer.encode_batch(prompt)]
-    vocab = served.config.vocab_size
+    vocab = tokenizer.vocab_size  # at most the model's (check_fits)
     for ids in prompt:
         if not ids:
             raise RequestError("a prompt of token ids must hold at least one token", "prompt")
-        if any(not 0 <= t < vocab for t in ids):
-            raise RequestError(f"prompt token ids must lie in 0..{vocab - 1}", "prompt")
+        if (outside := next((t for t in ids if not 0 <= t < vocab), None)) is not None:
+            raise RequestError(
+                f"prompt token ids must lie in 0..{vocab - 1} (the tokenizer's ids), got {outside}", "prompt"
+            )
     return [list(ids) for ids in prompt]
 
 
