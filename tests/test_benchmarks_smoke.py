@@ -400,6 +400,63 @@ def test_the_whole_compile_arm_is_one_graph_of_every_block_and_the_dense_loss(be
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.fixture
+def vs_peers_everywhere(benchmarks_importable, monkeypatch, capsys):
+    """vs_peers with every requested system run here (``eager_ce``: ``dense`` without ``--compile all``); ``run(*args)``
+    is its ``main`` on the debug shape, one thread."""
+    import vs_peers
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(vs_peers, "available_systems", lambda requested, device, compile_mode: (requested, {}))
+    yield lambda *args: vs_peers.main(["--quick", "--threads", "1", "--systems", "dense", "epas", "eager_ce", *args])
+    torch.set_num_threads(threads)
+    capsys.readouterr()
+
+
+def test_vs_peers_times_the_optional_systems_after_the_required_ones(vs_peers_everywhere, monkeypatch, tmp_path):
+    """The optional systems (and their whole-model compilations) came before the targets' systems were timed, and an
+    error in the profile after the timing lost every number: they come after, alternating with dense again."""
+    import vs_peers
+
+    def failing_profile(*args):
+        raise RuntimeError("profiler broke")
+
+    monkeypatch.setattr(vs_peers, "profile_step", failing_profile)
+    r = vs_peers_everywhere("--profile", "3", "--partial", str(tmp_path / "partial.json"))
+    assert list(r["tokens_per_s"]) == ["dense", "epas", "eager_ce"] and r["complete"]
+    assert r["reps_done"] == {"dense": 2, "epas": 2, "eager_ce": 2} and r["optional_reference"]["reps_done"] == 2
+    assert r["optional_reference"]["dense_tokens_per_s"] > 0 and r["epas_vs_dense"] > 0
+    assert r["profile"]["dense"] == {"error": "RuntimeError: profiler broke"}
+    assert strict_json((tmp_path / "partial.json").read_text()) == json.loads(json.dumps(r))
+    assert os.listdir(tmp_path) == ["partial.json"]
+
+
+def test_vs_peers_starts_no_optional_system_past_its_time_limit(vs_peers_everywhere, tmp_path):
+    r = vs_peers_everywhere("--profile", "3", "--time-limit", "0")
+    assert list(r["tokens_per_s"]) == ["dense", "epas"] and "optional_reference" not in r  # the targets' systems
+    assert r["skipped"]["eager_ce"].startswith("not started: 0 s of --time-limit left")
+    assert r["profile"] == {name: {"skipped": "not started: --time-limit reached"} for name in ("dense", "epas")}
+
+
+def test_vs_peers_partial_file_keeps_the_repetitions_of_a_killed_run(vs_peers_everywhere, monkeypatch, tmp_path):
+    """Killed during the timing (a time limit, an error), vs_peers left only per-rep lines in its log."""
+    import harness
+
+    timed, calls = harness.timed, []
+
+    def killed_in_the_second_repetition(fn, device):
+        calls.append(1)
+        if len(calls) == 4:  # dense, epas in rep 0; epas, then dense in rep 1
+            raise KeyboardInterrupt
+        return timed(fn, device)
+
+    monkeypatch.setattr(harness, "timed", killed_in_the_second_repetition)
+    with pytest.raises(KeyboardInterrupt):
+        vs_peers_everywhere("--partial", str(tmp_path / "partial.json"))
+    r = strict_json((tmp_path / "partial.json").read_text())
+    assert r["complete"] is False and r["reps_done"] == {"dense": 1, "epas": 1} and r["epas_vs_dense"] > 0
+
+
 def test_vs_peers_table_prints_mfu_without_memory(benchmarks_importable, capsys):
     """``--peak-tflops`` on the CPU gives an MFU column but no CUDA memory; the table used to crash on it."""
     import vs_peers
