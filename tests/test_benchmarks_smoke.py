@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -147,7 +148,7 @@ def test_gpu_session_retries_vs_peers_at_half_batch_after_out_of_memory(tmp_path
     assert gpu_session.parse_args(["run", "--out", str(tmp_path)]) == args  # the spelling of the recorded runs
     with pytest.raises(SystemExit):
         gpu_session.parse_args(["run", "--fit-batch", "4"])  # an abbreviation is not the flag it begins
-    peers = gpu_session.peers_part(args)
+    peers = gpu_session.peers_part(args, time.monotonic() + 300)
     assert calls == [4, 2, 1]  # the batch-2 run still dropped a peer for memory: one more halving
     assert [a["batch_size"] for a in peers["attempts"]] == [4, 2, 1] and peers["exit_code"] == 0
     text = gpu_session.table({"device": "x", "torch": "y", "fit": {"batch_size": 8}, "peers": peers})
@@ -167,6 +168,62 @@ def test_gpu_session_reads_vs_peers_json_before_what_the_process_printed_while_i
     monkeypatch.setattr(gpu_session, "run_logged", fake_run_logged)
     result = gpu_session.peers_run(gpu_session.parse_args(["run", "--output", str(tmp_path)]), 4, 60)
     assert result["tokens_per_s"] == {"dense": 10.0} and result["exit_code"] == 0
+
+
+def test_gpu_session_tables_what_vs_peers_measured_before_its_time_ran_out(tmp_path, monkeypatch):
+    """vs_peers stopped at its limit (or by an error after the timing) left its numbers only as per-rep lines in the
+    log: the session's table said it did not finish. It holds the systems measured and why the others are not."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_session
+
+    limits = []
+
+    def stopped_at_its_limit(cmd, log, timeout):
+        limits.append((int(cmd[cmd.index("--time-limit") + 1]), timeout))
+        partial = {"model": "tinyllama-1.1b", "seq_len": 2048, "batch_size": 4, "precision": "bf16-mixed"}
+        partial |= {"tokens_per_s": {"dense": 9.0, "epas": 10.0, "litgpt": 10.0}, "best_peer": "litgpt", "mfu": None}
+        partial |= {"step_peak_memory_mib": {"dense": 1, "epas": 1, "litgpt": 2}, "targets": {}, "targets_met": {}}
+        partial |= {"reps_done": {"dense": 3, "epas": 3, "litgpt": 3}, "skipped": {}, "complete": False}
+        Path(cmd[cmd.index("--partial") + 1]).write_text(json.dumps(partial))
+        log.write_text("  rep 2: litgpt  0.120 s\n")
+        return 124, float(timeout)
+
+    monkeypatch.setattr(gpu_session, "run_logged", stopped_at_its_limit)
+    args = ["run", "--output", str(tmp_path), "--skip-tests", "--skip-fit", "--peers-timeout", "100"]
+    gpu_session.run(gpu_session.parse_args(args))
+    assert limits == [(85, 100)]  # vs_peers starts nothing optional that its last seconds could not end
+    peers = strict_json((tmp_path / "gpu_session.json").read_text())["peers"]
+    assert peers["exit_code"] == 124 and peers["tokens_per_s"] == {"dense": 9.0, "epas": 10.0, "litgpt": 10.0}
+    text = (tmp_path / "gpu_session.md").read_text()
+    assert "| dense | 9 | 0.900 | None | 1 | 3 |" in text and "| litgpt | 10 | 1.000 | None | 2 | 3 |" in text
+    why = "timed out: vs_peers stopped at its limit, 100 s"
+    assert f"not measured: hf, liger, eager_ce, torch_sdpa, whole_compile ({why})" in text
+    assert f"vs_peers stopped early ({why}): the rates above are over the reps it had done" in text
+
+
+def test_gpu_session_writes_each_part_as_it_ends(tmp_path, monkeypatch):
+    """The report was written once, at the end: a part that raised (reading fit's logs) or a session stopped during
+    vs_peers left no gpu_session.json, whatever the parts before had measured."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_session
+
+    def unreadable_logs(args, timeout):
+        raise ValueError("no config.yaml in the run folder")
+
+    def stopped(args, deadline):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpu_session, "tests_part", lambda args, timeout: {"exit_code": 0, "summary": "6 passed"})
+    monkeypatch.setattr(gpu_session, "fit_part", unreadable_logs)
+    monkeypatch.setattr(gpu_session, "peers_part", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_session.run(gpu_session.parse_args(["run", "--output", str(tmp_path)]))
+    report = strict_json((tmp_path / "gpu_session.json").read_text())
+    assert report["cuda_tests"]["summary"] == "6 passed" and "peers" not in report
+    assert report["fit"] == {"error": "ValueError: no config.yaml in the run folder"}
+    text = (tmp_path / "gpu_session.md").read_text()
+    assert "CUDA tests (exit 0): 6 passed" in text and "fit part failed: ValueError: no config.yaml" in text
+    assert sorted(os.listdir(tmp_path)) == ["gpu_session.json", "gpu_session.md"]
 
 
 def test_gpu_session_stops_before_any_part_where_a_package_it_needs_did_not_travel(tmp_path, monkeypatch, capsys):
@@ -293,7 +350,7 @@ def test_the_gpu_session_writes_strict_json_and_no_script_writes_python_json(tmp
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import gpu_session
 
-    monkeypatch.setattr(gpu_session, "fit_part", lambda args: {"batch_size": 8, "dense_mfu": float("nan")})
+    monkeypatch.setattr(gpu_session, "fit_part", lambda args, timeout: {"batch_size": 8, "dense_mfu": float("nan")})
     gpu_session.run(gpu_session.parse_args(["run", "--output", str(tmp_path), "--skip-tests", "--skip-peers"]))
     assert strict_json((tmp_path / "gpu_session.json").read_text())["fit"]["dense_mfu"] is None
     assert strict_json(capsys.readouterr().out.splitlines()[-1])["fit"]["dense_mfu"] is None
