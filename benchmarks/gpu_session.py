@@ -417,11 +417,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def write_report(report: dict, output: Path) -> None:
-    """``gpu_session.json`` (every number) and ``gpu_session.md`` (the tables), each written whole, then renamed."""
-    for name, text in (("gpu_session.json", json_text(report, indent=1)), ("gpu_session.md", table(report))):
-        staging = output / f".{name}.part"
-        staging.write_text(text)
-        os.replace(staging, output / name)
+    """``gpu_session.json`` (every number) and ``gpu_session.md`` (the tables), each written whole."""
+    text = json_text(report, indent=1)  # (and this checkout importable)
+    from epas_lightning.runtime import write_whole
+
+    write_whole(output / "gpu_session.json", text)
+    write_whole(output / "gpu_session.md", table(report))
 
 
 def main(argv: list[str] | None = None) -> None:

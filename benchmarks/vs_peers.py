@@ -52,7 +52,6 @@ import gc
 import importlib.metadata
 import importlib.util
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -84,6 +83,7 @@ from epas_lightning.loss import train_loss
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.optim import default_optimizer
 from epas_lightning.parallel import parallelize
+from epas_lightning.runtime import write_whole
 from epas_lightning.script_args import ScriptParser, count, fraction, positive_number, whole_number
 
 REQUIRED = ("dense", "epas", "litgpt", "hf")
@@ -399,9 +399,7 @@ class Progress:
 
     def write(self, complete: bool = False) -> None:
         if self.args.partial is not None:
-            staging = self.args.partial.with_name(f".{self.args.partial.name}.part")
-            staging.write_text(json_text(self.result(complete)) + "\n")
-            os.replace(staging, self.args.partial)
+            write_whole(self.args.partial, json_text(self.result(complete)) + "\n")
 
 
 def with_optional(result: dict, optional: dict) -> dict:
