@@ -114,20 +114,31 @@ def alternate(arms: Sequence[str], reps: int) -> Iterator[tuple[int, str]]:
 
 
 def time_arms(
-    steps: Mapping[str, Callable[[], object]], reps: int, device: torch.device, warmup: int = 1, unit: str = "s"
+    steps: Mapping[str, Callable[[], object]],
+    reps: int,
+    device: torch.device,
+    warmup: int = 1,
+    unit: str = "s",
+    after_rep: Callable[[dict[str, list[float]], dict[str, list[float | None]]], object] | None = None,
+    deadline: float = float("inf"),
 ) -> tuple[dict[str, list[float]], dict[str, list[float | None]]]:
-    """Warm every arm up, then time one call per arm per repetition, alternating; seconds and foreign loads per arm."""
+    """Warm every arm up, then time one call per arm per repetition, alternating; seconds and foreign loads per arm.
+    ``after_rep(times, loads)`` runs after each whole repetition; none starts past ``deadline`` (``time.monotonic``)."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {arm: [] for arm in steps}
     loads: dict[str, list[float | None]] = {arm: [] for arm in steps}
     for rep, arm in alternate(list(steps), reps):
+        if max(map(len, times.values())) == rep and time.monotonic() > deadline:
+            break  # this repetition's first arm: none starts past the deadline
         seconds, load = timed(steps[arm], device)
         times[arm].append(seconds)
         loads[arm].append(load)
         other = "" if load is None else f"   (other processes: {load:.2f} cores)"
         print(f"  rep {rep}: {arm:12s} {seconds:8.3f} {unit}{other}", flush=True)
+        if after_rep is not None and max(map(len, times.values())) == min(map(len, times.values())):
+            after_rep(times, loads)  # every arm timed in this repetition
     return times, loads
 
 

@@ -8,7 +8,6 @@ in a hot path of ours that needs none is a stall worth removing. On a machine wi
 
 from __future__ import annotations
 
-import os
 import traceback
 import warnings
 from collections import Counter
@@ -19,7 +18,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 import epas_lightning
-from epas_lightning.runtime import json_text
+from epas_lightning.runtime import json_text, write_whole
 
 SYNC_WARNING = "called a synchronizing CUDA operation"
 """torch's words for a synchronising call under ``set_sync_debug_mode("warn")``."""
@@ -56,9 +55,7 @@ class HostSyncWatch(Callback):
             self._stop(trainer.global_step)
         if trainer.is_global_zero:
             self.output.parent.mkdir(parents=True, exist_ok=True)
-            staging = self.output.with_name(f".{self.output.name}.partial")
-            staging.write_text(json_text(self.report(), indent=1) + "\n")
-            os.replace(staging, self.output)
+            write_whole(self.output, json_text(self.report(), indent=1) + "\n")
 
     def report(self) -> dict:
         """Syncs per watched step in all, and by place (most frequent first)."""

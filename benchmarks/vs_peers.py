@@ -25,11 +25,15 @@ then ``backward``, ``optimizer.step()`` and ``zero_grad(set_to_none=True)``. ``-
 blocks (``epas_lightning.parallel.parallelize``) and each peer's whole model (what ``litgpt pretrain`` does).
 
 The systems alternate within each repetition (forward order, then reverse) after untimed warm-up steps; tokens/s are
-medians over repetitions. The last line is JSON: the tokens/s (and on CUDA the timed steps' peak memory above their
-start, the optimizer state already allocated, and the MFU in the paper's FLOPs convention, attention not halved,
-against ``--peak-tflops`` or the device's dense bf16 peak) of each system, ``best_peer``, ``dense_vs_best_peer`` and
-``epas_vs_best_peer`` (tokens/s ratios) and the targets. Peers come from the ``bench`` extra (see
-``pyproject.toml``); a missing peer is skipped and reported.
+medians over repetitions. The systems the targets need (``dense``, ``epas``, ``litgpt``, ``hf``) are timed first; the
+optional ones after them, alternating with ``dense`` again (its rate there: ``optional_reference``), each started only
+while ``--time-limit`` leaves the slowest warm-up so far (a whole-model compilation); then ``--profile``.
+``--partial FILE`` holds the result so far after each repetition (``"complete": false`` until the end): what a killed
+run measured. The last line is JSON: the tokens/s (and on CUDA the timed steps' peak memory above their start, the
+optimizer state already allocated, and the MFU in the paper's FLOPs convention, attention not halved, against
+``--peak-tflops`` or the device's dense bf16 peak) of each system, ``best_peer``, ``dense_vs_best_peer`` and
+``epas_vs_best_peer`` (tokens/s ratios) and the targets. Peers come from the ``bench`` extra (see ``pyproject.toml``);
+a missing peer is skipped and reported.
 
 Usage::
 
@@ -47,8 +51,11 @@ import contextlib
 import gc
 import importlib.metadata
 import importlib.util
+import math
 import statistics
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from harness import (
@@ -56,6 +63,7 @@ from harness import (
     autocast_context,
     device_name,
     emit,
+    json_text,
     preset_config,
     resolve_device,
     shape_flags,
@@ -75,10 +83,12 @@ from epas_lightning.loss import train_loss
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.optim import default_optimizer
 from epas_lightning.parallel import parallelize
+from epas_lightning.runtime import write_whole
 from epas_lightning.script_args import ScriptParser, count, fraction, positive_number, whole_number
 
-SYSTEMS = ("dense", "epas", "litgpt", "hf", "liger", "eager_ce", "torch_sdpa", "whole_compile")
-OURS = ("dense", "epas", "eager_ce", "torch_sdpa")
+REQUIRED = ("dense", "epas", "litgpt", "hf")
+"""The systems the targets need, timed first; the others are exploratory and run after them while time is left."""
+SYSTEMS = (*REQUIRED, "liger", "eager_ce", "torch_sdpa", "whole_compile")
 PEERS = ("litgpt", "hf")
 MODULES = {"litgpt": "litgpt", "hf": "transformers", "liger": "liger_kernel"}
 """The package each optional system needs (``liger``: our dense model with Liger's fused linear cross-entropy)."""
@@ -125,6 +135,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="after timing, profile one step of each system and report its N costliest ops (self device time)",
     )
+    p.add_argument(
+        "--time-limit",
+        type=whole_number(0),
+        default=None,
+        metavar="S",
+        help="seconds for the run: an optional system or profile starts only while they leave the slowest warm-up",
+    )
+    p.add_argument("--partial", type=Path, default=None, metavar="FILE", help="the result so far, after each rep")
     p.add_quick("debug shape, seq 64, 2 reps", model="debug", seq_len=64, reps=2)
     return p.parse_args(argv)
 
@@ -333,12 +351,20 @@ def available_systems(
     return [s for s in requested if s not in skipped], skipped
 
 
-def drop_failing_systems(systems: dict[str, System], skipped: dict[str, str], batch: torch.Tensor, autocast) -> None:  # noqa: ANN001
-    """One untimed step of every optional system (peers, Liger): one that fails (out of memory, a compile error) is
-    dropped with the reason in ``skipped``, so it costs its arm and not the run. Ours must run: their errors raise."""
-    for name in [n for n in systems if n not in OURS]:
+def drop_failing_systems(
+    systems: dict[str, System], names: list[str], skipped: dict[str, str], batch: torch.Tensor, autocast, steps: int = 1
+) -> dict[str, float]:  # noqa: ANN001
+    """``steps`` untimed steps of each of ``names`` (peers, optional systems): one that fails (out of memory, a compile
+    error) is dropped with the reason in ``skipped``, so it costs its arm and not the run; the seconds each took. Our
+    ``dense`` and ``epas`` are not tried here: their errors raise."""
+    seconds = {}
+    for name in names:
+        start = time.monotonic()
         try:
-            systems[name].step(batch, autocast)
+            for _ in range(steps):
+                systems[name].step(batch, autocast)
+            synchronize(batch.device)
+            seconds[name] = time.monotonic() - start
             continue
         except Exception as error:  # noqa: BLE001
             skipped[name] = f"{type(error).__name__}: {error}"[:300]
@@ -346,10 +372,53 @@ def drop_failing_systems(systems: dict[str, System], skipped: dict[str, str], ba
         gc.collect()  # outside the except block: its traceback no longer holds the failed step's tensors
         if batch.device.type == "cuda":
             torch.cuda.empty_cache()
+    return seconds
+
+
+class Progress:
+    """The result so far, written to ``--partial`` (a temporary file renamed over it) whenever it grows."""
+
+    def __init__(self, args: argparse.Namespace, summary: Callable[..., dict], extra: dict) -> None:
+        self.args, self.summary, self.extra = args, summary, extra
+        self.required: dict = {}
+        self.optional: dict = {}
+
+    def result(self, complete: bool = False) -> dict:
+        result = {**(self.required or self.optional), **self.extra, "complete": complete}
+        if self.optional:
+            result = with_optional(result, self.optional)
+        return result
+
+    def required_rep(self, times: dict, loads: dict) -> None:
+        self.required = self.summary(times, loads)
+        self.write()
+
+    def optional_rep(self, times: dict, loads: dict) -> None:
+        self.optional = self.summary(times, loads)
+        self.write()
+
+    def write(self, complete: bool = False) -> None:
+        if self.args.partial is not None:
+            write_whole(self.args.partial, json_text(self.result(complete)) + "\n")
+
+
+def with_optional(result: dict, optional: dict) -> dict:
+    """``result`` (the required systems) with the optional systems' figures, timed alternating with ``dense`` again:
+    its rate in their repetitions is ``optional_reference``."""
+    result = dict(result)
+    arms = [name for name in optional["tokens_per_s"] if name not in REQUIRED]
+    for key in ("tokens_per_s", "mfu", "step_peak_memory_mib", "rep_seconds", "rep_foreign_load", "reps_done"):
+        if optional.get(key) is not None:
+            result[key] = {**(result.get(key) or {}), **{name: optional[key][name] for name in arms}}
+    result["versions"] = {**result.get("versions", {}), **optional["versions"]}
+    dense = optional["tokens_per_s"].get("dense")
+    result["optional_reference"] = {"dense_tokens_per_s": dense, "reps_done": optional["reps_done"].get("dense")}
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    deadline = time.monotonic() + (math.inf if args.time_limit is None else args.time_limit)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.tune_malloc:
@@ -368,7 +437,9 @@ def main(argv: list[str] | None = None) -> dict:
         b.to(device) for b in token_batches(config, args.batch_size, args.seq_len, args.steps_per_rep, generator)
     ]
 
-    drop_failing_systems(systems, skipped, batches[0], autocast)
+    warm_ups = drop_failing_systems(
+        systems, [n for n in REQUIRED if n in PEERS and n in systems], skipped, batches[0], autocast
+    )
 
     def steps(system: System) -> Callable[[], None]:
         return lambda: [system.step(batch, autocast) for batch in batches]
@@ -379,15 +450,48 @@ def main(argv: list[str] | None = None) -> dict:
         f"{diffs}; skipped {skipped or 'none'}",
         flush=True,
     )
-    times, loads = time_arms({name: steps(s) for name, s in systems.items()}, args.reps, device, warmup=args.warmup)
-    result = summarize(args, config, device, systems, times, loads, shared)
     order = systems["dense"].model.sdpa_order if "dense" in systems else None
-    result |= {"logits_max_abs_diff": diffs, "skipped": skipped, "sdpa_order": order and [k.name for k in order]}
+    extra = {"logits_max_abs_diff": diffs, "skipped": skipped, "sdpa_order": order and [k.name for k in order]}
+    progress = Progress(
+        args, lambda times, loads: summarize(args, config, device, systems, times, loads, shared), extra
+    )
+    required = {name: steps(systems[name]) for name in REQUIRED if name in systems}
+    time_arms(required, args.reps, device, warmup=args.warmup, after_rep=progress.required_rep)
+
+    warm = []
+    for name in [n for n in SYSTEMS if n in systems and n not in REQUIRED]:
+        slowest, left = max(warm_ups.values(), default=0.0), deadline - time.monotonic()
+        if left < slowest:
+            skipped[name] = f"not started: {max(left, 0):.0f} s of --time-limit left, a warm-up took {slowest:.0f} s"
+            systems.pop(name)
+        else:
+            warm_ups |= drop_failing_systems(systems, [name], skipped, batches[0], autocast, steps=1 + args.warmup)
+            warm += [name] if name in systems else []
+        progress.write()
+    if warm:
+        optional = {name: steps(systems[name]) for name in ["dense", *warm] if name in systems}
+        times, _ = time_arms(optional, args.reps, device, warmup=0, after_rep=progress.optional_rep, deadline=deadline)
+        skipped |= {name: "warmed up, not timed: --time-limit reached" for name in warm if not times[name]}
     if args.profile:
-        result["profile"] = {n: profile_step(n, s, batches[0], autocast, args.profile) for n, s in systems.items()}
+        extra["profile"] = {}
+        for name in [n for n in SYSTEMS if n in systems]:
+            extra["profile"][name] = profiled(name, systems[name], batches[0], autocast, args.profile, deadline)
+            progress.write()
+    result = progress.result(complete=True)
+    progress.write(complete=True)
     print_table(result)
     emit(result)
     return result
+
+
+def profiled(name: str, system: System, batch: torch.Tensor, autocast, top: int, deadline: float) -> dict:  # noqa: ANN001
+    """``profile_step`` while the deadline allows; an error is the profile's, not the run's."""
+    if time.monotonic() > deadline:
+        return {"skipped": "not started: --time-limit reached"}
+    try:
+        return profile_step(name, system, batch, autocast, top)
+    except Exception as error:  # noqa: BLE001
+        return {"error": f"{type(error).__name__}: {error}"[:300]}
 
 
 def profile_step(name: str, system: System, batch: torch.Tensor, autocast, top: int) -> dict:  # noqa: ANN001
@@ -427,7 +531,7 @@ def summarize(args, config, device, systems, times, loads, shared) -> dict:  # n
     best = max(peers, key=peers.get) if peers else None
     ratios = {f"{s}_vs_best_peer": tps[s] / peers[best] for s in ("dense", "epas") if s in tps and best}
     targets = TARGETS[device.type]
-    memory = step_peaks_mib(systems, args.reps * args.steps_per_rep) if device.type == "cuda" else None
+    memory = step_peaks_mib(systems, times, args.steps_per_rep) if device.type == "cuda" else None
     result = {
         "model": args.model,
         "seq_len": args.seq_len,
@@ -451,6 +555,7 @@ def summarize(args, config, device, systems, times, loads, shared) -> dict:  # n
         "mfu": {s: tps[s] * flops[s] / peak for s in tps} if peak else None,
         "step_peak_memory_mib": memory,
         "reps": args.reps,
+        "reps_done": {name: len(t) for name, t in times.items()},
         "steps_per_rep": args.steps_per_rep,
         "order": "ABBA",
         "rep_seconds": times,
@@ -461,11 +566,11 @@ def summarize(args, config, device, systems, times, loads, shared) -> dict:  # n
     return result
 
 
-def step_peaks_mib(systems: dict[str, System], timed_steps: int) -> dict[str, float]:
-    """Each system's highest step peak (MiB above the step's start) over its last ``timed_steps`` steps, the timed
-    ones: the first step an optimizer takes allocates its AdamW state, which counted in the peak of whichever system
-    warmed it up (dense and the peers, not the systems sharing our optimizer)."""
-    return {name: max(system.peak[-timed_steps:]) / 2**20 for name, system in systems.items()}
+def step_peaks_mib(systems: dict[str, System], times: dict[str, list[float]], steps_per_rep: int) -> dict[str, float]:
+    """Each timed system's highest step peak (MiB above the step's start) over its timed steps, its last ones: the
+    first step an optimizer takes allocates its AdamW state, which counted in the peak of whichever system warmed it up
+    (dense and the peers, not the systems sharing our optimizer)."""
+    return {name: max(systems[name].peak[-len(t) * steps_per_rep :]) / 2**20 for name, t in times.items()}
 
 
 def _version(module: str) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -146,6 +147,14 @@ def json_text(record: Any, **dumps_options: Any) -> str:
     """``record`` as strict JSON (RFC 8259, as jq and JavaScript read it): a non-finite number is ``null``, where
     Python's ``json`` writes ``NaN``/``Infinity``; anything else JSON has no type for is its ``str``."""
     return json.dumps(finite_or_null(record), default=str, allow_nan=False, **dumps_options)
+
+
+def write_whole(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a hidden file beside it, renamed over it: a reader, or a process stopped
+    meanwhile, finds the previous text or this one, never part of it."""
+    staging = path.with_name(f".{path.name}.partial")
+    staging.write_text(text)
+    os.replace(staging, path)
 
 
 def emit_json(record: Any, enabled: bool) -> None:

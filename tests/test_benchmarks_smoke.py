@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -147,7 +148,7 @@ def test_gpu_session_retries_vs_peers_at_half_batch_after_out_of_memory(tmp_path
     assert gpu_session.parse_args(["run", "--out", str(tmp_path)]) == args  # the spelling of the recorded runs
     with pytest.raises(SystemExit):
         gpu_session.parse_args(["run", "--fit-batch", "4"])  # an abbreviation is not the flag it begins
-    peers = gpu_session.peers_part(args)
+    peers = gpu_session.peers_part(args, time.monotonic() + 300)
     assert calls == [4, 2, 1]  # the batch-2 run still dropped a peer for memory: one more halving
     assert [a["batch_size"] for a in peers["attempts"]] == [4, 2, 1] and peers["exit_code"] == 0
     text = gpu_session.table({"device": "x", "torch": "y", "fit": {"batch_size": 8}, "peers": peers})
@@ -167,6 +168,62 @@ def test_gpu_session_reads_vs_peers_json_before_what_the_process_printed_while_i
     monkeypatch.setattr(gpu_session, "run_logged", fake_run_logged)
     result = gpu_session.peers_run(gpu_session.parse_args(["run", "--output", str(tmp_path)]), 4, 60)
     assert result["tokens_per_s"] == {"dense": 10.0} and result["exit_code"] == 0
+
+
+def test_gpu_session_tables_what_vs_peers_measured_before_its_time_ran_out(tmp_path, monkeypatch):
+    """vs_peers stopped at its limit (or by an error after the timing) left its numbers only as per-rep lines in the
+    log: the session's table said it did not finish. It holds the systems measured and why the others are not."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_session
+
+    limits = []
+
+    def stopped_at_its_limit(cmd, log, timeout):
+        limits.append((int(cmd[cmd.index("--time-limit") + 1]), timeout))
+        partial = {"model": "tinyllama-1.1b", "seq_len": 2048, "batch_size": 4, "precision": "bf16-mixed"}
+        partial |= {"tokens_per_s": {"dense": 9.0, "epas": 10.0, "litgpt": 10.0}, "best_peer": "litgpt", "mfu": None}
+        partial |= {"step_peak_memory_mib": {"dense": 1, "epas": 1, "litgpt": 2}, "targets": {}, "targets_met": {}}
+        partial |= {"reps_done": {"dense": 3, "epas": 3, "litgpt": 3}, "skipped": {}, "complete": False}
+        Path(cmd[cmd.index("--partial") + 1]).write_text(json.dumps(partial))
+        log.write_text("  rep 2: litgpt  0.120 s\n")
+        return 124, float(timeout)
+
+    monkeypatch.setattr(gpu_session, "run_logged", stopped_at_its_limit)
+    args = ["run", "--output", str(tmp_path), "--skip-tests", "--skip-fit", "--peers-timeout", "100"]
+    gpu_session.run(gpu_session.parse_args(args))
+    assert limits == [(85, 100)]  # vs_peers starts nothing optional that its last seconds could not end
+    peers = strict_json((tmp_path / "gpu_session.json").read_text())["peers"]
+    assert peers["exit_code"] == 124 and peers["tokens_per_s"] == {"dense": 9.0, "epas": 10.0, "litgpt": 10.0}
+    text = (tmp_path / "gpu_session.md").read_text()
+    assert "| dense | 9 | 0.900 | None | 1 | 3 |" in text and "| litgpt | 10 | 1.000 | None | 2 | 3 |" in text
+    why = "timed out: vs_peers stopped at its limit, 100 s"
+    assert f"not measured: hf, liger, eager_ce, torch_sdpa, whole_compile ({why})" in text
+    assert f"vs_peers stopped early ({why}): the rates above are over the reps it had done" in text
+
+
+def test_gpu_session_writes_each_part_as_it_ends(tmp_path, monkeypatch):
+    """The report was written once, at the end: a part that raised (reading fit's logs) or a session stopped during
+    vs_peers left no gpu_session.json, whatever the parts before had measured."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_session
+
+    def unreadable_logs(args, timeout):
+        raise ValueError("no config.yaml in the run folder")
+
+    def stopped(args, deadline):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpu_session, "tests_part", lambda args, timeout: {"exit_code": 0, "summary": "6 passed"})
+    monkeypatch.setattr(gpu_session, "fit_part", unreadable_logs)
+    monkeypatch.setattr(gpu_session, "peers_part", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_session.run(gpu_session.parse_args(["run", "--output", str(tmp_path)]))
+    report = strict_json((tmp_path / "gpu_session.json").read_text())
+    assert report["cuda_tests"]["summary"] == "6 passed" and "peers" not in report
+    assert report["fit"] == {"error": "ValueError: no config.yaml in the run folder"}
+    text = (tmp_path / "gpu_session.md").read_text()
+    assert "CUDA tests (exit 0): 6 passed" in text and "fit part failed: ValueError: no config.yaml" in text
+    assert sorted(os.listdir(tmp_path)) == ["gpu_session.json", "gpu_session.md"]
 
 
 def test_gpu_session_stops_before_any_part_where_a_package_it_needs_did_not_travel(tmp_path, monkeypatch, capsys):
@@ -293,7 +350,7 @@ def test_the_gpu_session_writes_strict_json_and_no_script_writes_python_json(tmp
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import gpu_session
 
-    monkeypatch.setattr(gpu_session, "fit_part", lambda args: {"batch_size": 8, "dense_mfu": float("nan")})
+    monkeypatch.setattr(gpu_session, "fit_part", lambda args, timeout: {"batch_size": 8, "dense_mfu": float("nan")})
     gpu_session.run(gpu_session.parse_args(["run", "--output", str(tmp_path), "--skip-tests", "--skip-peers"]))
     assert strict_json((tmp_path / "gpu_session.json").read_text())["fit"]["dense_mfu"] is None
     assert strict_json(capsys.readouterr().out.splitlines()[-1])["fit"]["dense_mfu"] is None
@@ -398,6 +455,63 @@ def test_the_whole_compile_arm_is_one_graph_of_every_block_and_the_dense_loss(be
     assert calls.count(torch.nn.functional.scaled_dot_product_attention) == 3  # every block
     for a, b in zip(dense, whole, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.fixture
+def vs_peers_everywhere(benchmarks_importable, monkeypatch, capsys):
+    """vs_peers with every requested system run here (``eager_ce``: ``dense`` without ``--compile all``); ``run(*args)``
+    is its ``main`` on the debug shape, one thread."""
+    import vs_peers
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(vs_peers, "available_systems", lambda requested, device, compile_mode: (requested, {}))
+    yield lambda *args: vs_peers.main(["--quick", "--threads", "1", "--systems", "dense", "epas", "eager_ce", *args])
+    torch.set_num_threads(threads)
+    capsys.readouterr()
+
+
+def test_vs_peers_times_the_optional_systems_after_the_required_ones(vs_peers_everywhere, monkeypatch, tmp_path):
+    """The optional systems (and their whole-model compilations) came before the targets' systems were timed, and an
+    error in the profile after the timing lost every number: they come after, alternating with dense again."""
+    import vs_peers
+
+    def failing_profile(*args):
+        raise RuntimeError("profiler broke")
+
+    monkeypatch.setattr(vs_peers, "profile_step", failing_profile)
+    r = vs_peers_everywhere("--profile", "3", "--partial", str(tmp_path / "partial.json"))
+    assert list(r["tokens_per_s"]) == ["dense", "epas", "eager_ce"] and r["complete"]
+    assert r["reps_done"] == {"dense": 2, "epas": 2, "eager_ce": 2} and r["optional_reference"]["reps_done"] == 2
+    assert r["optional_reference"]["dense_tokens_per_s"] > 0 and r["epas_vs_dense"] > 0
+    assert r["profile"]["dense"] == {"error": "RuntimeError: profiler broke"}
+    assert strict_json((tmp_path / "partial.json").read_text()) == json.loads(json.dumps(r))
+    assert os.listdir(tmp_path) == ["partial.json"]
+
+
+def test_vs_peers_starts_no_optional_system_past_its_time_limit(vs_peers_everywhere, tmp_path):
+    r = vs_peers_everywhere("--profile", "3", "--time-limit", "0")
+    assert list(r["tokens_per_s"]) == ["dense", "epas"] and "optional_reference" not in r  # the targets' systems
+    assert r["skipped"]["eager_ce"].startswith("not started: 0 s of --time-limit left")
+    assert r["profile"] == {name: {"skipped": "not started: --time-limit reached"} for name in ("dense", "epas")}
+
+
+def test_vs_peers_partial_file_keeps_the_repetitions_of_a_killed_run(vs_peers_everywhere, monkeypatch, tmp_path):
+    """Killed during the timing (a time limit, an error), vs_peers left only per-rep lines in its log."""
+    import harness
+
+    timed, calls = harness.timed, []
+
+    def killed_in_the_second_repetition(fn, device):
+        calls.append(1)
+        if len(calls) == 4:  # dense, epas in rep 0; epas, then dense in rep 1
+            raise KeyboardInterrupt
+        return timed(fn, device)
+
+    monkeypatch.setattr(harness, "timed", killed_in_the_second_repetition)
+    with pytest.raises(KeyboardInterrupt):
+        vs_peers_everywhere("--partial", str(tmp_path / "partial.json"))
+    r = strict_json((tmp_path / "partial.json").read_text())
+    assert r["complete"] is False and r["reps_done"] == {"dense": 1, "epas": 1} and r["epas_vs_dense"] > 0
 
 
 def test_vs_peers_table_prints_mfu_without_memory(benchmarks_importable, capsys):
