@@ -84,16 +84,40 @@ def write_marker(folder: Path, kind: str, writer: bool = False) -> None:
     this process's id and host, which a hidden folder carries while it is built or moved aside (a later run removes
     or puts it back once that process is gone); a finished folder names neither, as it may be handed on or pushed to
     the Hub as it is (``huggingface_hub.upload_folder`` uploads dotfiles)."""
+    written = _pending_marker(folder, kind, writer)
+    try:
+        os.replace(written, folder / MARKER)
+    except BaseException:
+        written.unlink(missing_ok=True)
+        raise
+
+
+def _pending_marker(folder: Path, kind: str, writer: bool = False) -> Path:
+    """A marker written beside ``folder``'s own, in effect once renamed onto it."""
     record = {"created_by": "epas_lightning", "kind": kind}
     if writer:
         record |= {"pid": os.getpid(), "host": socket.gethostname()}
     written = folder / f"{MARKER}.{uuid.uuid4().hex[:_TAG]}"
     try:
         written.write_text(json.dumps(record) + "\n")
-        os.replace(written, folder / MARKER)
     except BaseException:
         written.unlink(missing_ok=True)
         raise
+    return written
+
+
+def _put_in_place(hidden: Path, target: Path, kind: str) -> None:
+    """Rename the ``hidden`` folder (a build, or a previous output put back) to the missing ``target``, its marker then
+    the finished one: it names its writer for as long as it is hidden, so a later run tells a killed writer's folder
+    from a live one's at any moment; a kill between the two renames leaves a complete output whose marker still names
+    the writer (and the finished marker beside it), never a hidden folder no run can classify."""
+    finished = _pending_marker(hidden, kind)
+    try:
+        os.replace(hidden, target)
+    except BaseException:
+        finished.unlink(missing_ok=True)
+        raise
+    os.replace(target / finished.name, target / MARKER)
 
 
 def check_apart(output: Path, inputs: Iterable[str | Path], flag: str = "--output") -> None:
@@ -152,8 +176,7 @@ def remove_stale_builds(target: Path) -> list[Path]:
             shutil.rmtree(old, ignore_errors=True)
             removed.append(old)
         else:
-            os.replace(old, target)
-            write_marker(target, read_marker(target)["kind"])  # finished again: the dead writer's host goes
+            _put_in_place(old, target, read_marker(old)["kind"])  # finished again: the dead writer's host goes
     return removed
 
 
@@ -233,8 +256,7 @@ def output_folder(
             yield build
         check_replaceable(target, kind, overwrite, flag)  # it may have appeared meanwhile (another run, the user)
         honour_umask(build)
-        write_marker(build, kind)  # finished: it names no process or host once in place (last: see replace_folder)
-        replace_folder(build, target)
+        replace_folder(build, target, kind)
     except BaseException as e:
         shutil.rmtree(build, ignore_errors=True)
         remove_empty(made)
@@ -305,16 +327,17 @@ def honour_umask(folder: Path) -> None:
             file.chmod(0o666 & ~umask)
 
 
-def replace_folder(build: Path, target: Path) -> None:
+def replace_folder(build: Path, target: Path, kind: str) -> None:
     """Move ``build`` to ``target``; an existing ``target`` (already checked as ours) is moved aside, then deleted.
 
-    ``build``'s marker is already the finished one: a run killed outright (``kill -9``) here leaves the build, which
-    no later run can tell from a live one's, until it is removed by hand."""
+    The previous output is marked with this process (in place: aside, it would name no writer for a moment, and a
+    kill then left it hidden for good), so the next run puts it back if this one dies before ``build`` takes its
+    place."""
     if not target.exists():
-        os.replace(build, target)
+        _put_in_place(build, target, kind)
         return
+    write_marker(target, kind, writer=True)
     old = _hidden(target, _OLD)
     os.replace(target, old)
-    write_marker(old, read_marker(old)["kind"], writer=True)  # this process's now: put back by the next run if it dies
-    os.replace(build, target)
+    _put_in_place(build, target, kind)
     shutil.rmtree(old, ignore_errors=True)

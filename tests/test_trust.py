@@ -882,6 +882,44 @@ def test_a_previous_output_put_back_after_a_killed_replacement_names_no_host(tmp
     assert json.loads((target / MARKER).read_text()) == {"created_by": "epas_lightning", "kind": "bench"}
 
 
+KILLED_AT_A_STEP = """
+import os, shutil, signal, sys
+from epas_lightning.outputs import output_folder
+
+target, step = sys.argv[1], int(sys.argv[2])
+if step >= 0:  # -1: the first output
+    with output_folder(target, "bench", overwrite=True) as build:
+        (build / "a.txt").write_text("second")
+        steps = iter(range(step, -1, -1))
+        for name in ("replace", "rmtree"):  # killed outright (kill -9) before the step-th rename or removal
+            def killing(*args, call=getattr(os if name == "replace" else shutil, name), **kwargs):
+                if next(steps) == 0:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return call(*args, **kwargs)
+            setattr(os if name == "replace" else shutil, name, killing)
+else:
+    with output_folder(target, "bench") as build:
+        (build / "a.txt").write_text("first")
+"""
+
+
+@pytest.mark.parametrize("step", range(6))
+def test_a_replacement_killed_at_any_step_is_cleaned_or_put_back_by_the_next_run(step, tmp_path):
+    """A build switched to the finished marker before its rename, and a previous output moved aside before it was
+    marked with its mover: killed there, the next run could tell neither from a live run's, so the build stayed
+    forever and the previous output was never put back. Whatever step the kill hits, the next run leaves the target
+    (the previous output or the new one) and nothing beside it."""
+    target = tmp_path / "out"
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    for at in (-1, step):
+        run = subprocess.run([sys.executable, "-c", KILLED_AT_A_STEP, str(target), str(at)], env=env, timeout=60)
+        assert run.returncode in (0, -signal.SIGKILL)
+    remove_stale_builds(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (target / "a.txt").read_text() in ("first", "second")
+    assert json.loads((target / MARKER).read_text())["kind"] == "bench"
+
+
 @pytest.mark.parametrize("name", ["o" * 255, "é" * 127, "oé" * 85, "run[1]"])
 def test_any_legal_output_name_builds_and_replaces(name, tmp_path):
     """A name of 242+ bytes made the hidden build folder's name longer than 255 bytes: 'cannot create the output
