@@ -250,8 +250,8 @@ def output_folder(
         raise OutputError(
             f"cannot create the output folder ({e.strerror or e})", f"{flag} {target}", "choose a writable location"
         ) from e
-    write_marker(build, kind, writer=True)
     try:
+        write_marker(build, kind, writer=True)
         with stopping_on_sigterm():
             yield build
         check_replaceable(target, kind, overwrite, flag)  # it may have appeared meanwhile (another run, the user)

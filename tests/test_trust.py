@@ -3,6 +3,7 @@ deleted or replaced, and user errors are one line. Each guarantee has a test her
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -918,6 +919,22 @@ def test_a_replacement_killed_at_any_step_is_cleaned_or_put_back_by_the_next_run
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert (target / "a.txt").read_text() in ("first", "second")
     assert json.loads((target / MARKER).read_text())["kind"] == "bench"
+
+
+def test_a_full_disk_at_the_builds_first_marker_leaves_nothing(tmp_path, monkeypatch):
+    """The build's first marker was written outside the cleanup: a full disk there left the empty hidden build, naming
+    no writer (so no later run removed it), and raised the bare OSError."""
+    real = Path.write_text
+
+    def full(path: Path, *args, **kwargs):
+        if path.name.startswith(MARKER):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OutputError, match="^no space left on the device"), output_folder(tmp_path / "out", "bench"):
+        pass
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("name", ["o" * 255, "é" * 127, "oé" * 85, "run[1]"])
