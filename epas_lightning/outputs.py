@@ -332,12 +332,17 @@ def replace_folder(build: Path, target: Path, kind: str) -> None:
 
     The previous output is marked with this process (in place: aside, it would name no writer for a moment, and a
     kill then left it hidden for good), so the next run puts it back if this one dies before ``build`` takes its
-    place."""
+    place; an exception there (Ctrl+C) puts it back at once."""
     if not target.exists():
         _put_in_place(build, target, kind)
         return
     write_marker(target, kind, writer=True)
     old = _hidden(target, _OLD)
     os.replace(target, old)
-    _put_in_place(build, target, kind)
+    try:
+        _put_in_place(build, target, kind)
+    except BaseException:
+        if not target.exists():
+            _put_in_place(old, target, kind)
+        raise
     shutil.rmtree(old, ignore_errors=True)

@@ -921,6 +921,26 @@ def test_a_replacement_killed_at_any_step_is_cleaned_or_put_back_by_the_next_run
     assert json.loads((target / MARKER).read_text())["kind"] == "bench"
 
 
+def test_ctrl_c_while_the_new_output_takes_the_old_ones_place_puts_the_old_one_back(tmp_path, monkeypatch):
+    """Interrupted between moving the previous output aside and renaming the build into place, the run removed its
+    build and left the target missing, the previous output hidden beside it until a later run at the same target."""
+    target = tmp_path / "out"
+    with output_folder(target, "bench") as build:
+        (build / "a.txt").write_text("first")
+    real = os.replace
+
+    def interrupted(source, destination):
+        if Path(source).name.startswith(".out.tmp-"):
+            raise KeyboardInterrupt
+        real(source, destination)
+
+    with pytest.raises(KeyboardInterrupt), output_folder(target, "bench", overwrite=True) as build:
+        (build / "a.txt").write_text("second")
+        monkeypatch.setattr(os, "replace", interrupted)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "a.txt").read_text() == "first"
+    assert json.loads((target / MARKER).read_text()) == {"created_by": "epas_lightning", "kind": "bench"}
+
+
 def test_a_full_disk_at_the_builds_first_marker_leaves_nothing(tmp_path, monkeypatch):
     """The build's first marker was written outside the cleanup: a full disk there left the empty hidden build, naming
     no writer (so no later run removed it), and raised the bare OSError."""
