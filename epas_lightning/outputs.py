@@ -25,7 +25,7 @@ import signal
 import socket
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from epas_lightning.errors import OutputError, exception_chain
@@ -180,13 +180,24 @@ def remove_stale_builds(target: Path) -> list[Path]:
     return removed
 
 
-def check_replaceable(target: Path, kind: str, overwrite: bool, flag: str = "--output") -> None:
-    """Fail unless ``target`` may be written: absent, or (with ``overwrite``) a folder we wrote as ``kind``."""
+def check_replaceable(
+    target: Path,
+    kind: str,
+    overwrite: bool,
+    flag: str = "--output",
+    unmarked_ours: Callable[[Path], bool] | None = None,
+) -> None:
+    """Fail unless ``target`` may be written: absent, or (with ``overwrite``) a folder we wrote as ``kind``.
+    ``unmarked_ours``: whether a folder without a marker is one of ``kind`` written before folders carried one (it is
+    marked only once replaced)."""
     if not target.exists() and not target.is_symlink():
         return
     is_folder = target.is_dir() and not target.is_symlink()
     record = read_marker(target) if is_folder else None
-    ours = record is not None and record.get("kind") == kind
+    if record is not None:
+        ours = record.get("kind") == kind
+    else:
+        ours = is_folder and unmarked_ours is not None and unmarked_ours(target)
     if not overwrite:  # --overwrite is advised only where it would be taken
         fix = "choose a new folder or pass --overwrite" if ours else "choose a new folder"
         if is_folder and _is_empty(target):  # made beforehand (`mkdir out`): what it is for is not ours to say
@@ -212,9 +223,15 @@ def _is_empty(folder: Path) -> bool:
 
 
 def check_output(
-    target: str | Path, kind: str, overwrite: bool = False, inputs: Iterable[str | Path] = (), flag: str = "--output"
+    target: str | Path,
+    kind: str,
+    overwrite: bool = False,
+    inputs: Iterable[str | Path] = (),
+    flag: str = "--output",
+    unmarked_ours: Callable[[Path], bool] | None = None,
 ) -> Path:
-    """Fail before any work unless :func:`output_folder` may build ``target``; return its absolute path."""
+    """Fail before any work unless :func:`output_folder` may build ``target`` (``unmarked_ours``: see
+    :func:`check_replaceable`); return its absolute path."""
     target = Path(target).expanduser().absolute()
     if target.name == "-":  # the usual name of stdout: a folder named "-" in the working folder is no one's intent
         raise OutputError("the output is a folder, and '-' is no stdout here", f"{flag} -", "name the folder to write")
@@ -222,7 +239,7 @@ def check_output(
     if not parent.is_dir():
         raise OutputError(f"{parent} is a file, not a folder", f"{flag} {target}", "choose an output inside a folder")
     check_apart(target, inputs, flag)
-    check_replaceable(target, kind, overwrite, flag)
+    check_replaceable(target, kind, overwrite, flag, unmarked_ours)
     return target
 
 
@@ -233,13 +250,14 @@ def output_folder(
     overwrite: bool = False,
     inputs: Iterable[str | Path] = (),
     flag: str = "--output",
+    unmarked_ours: Callable[[Path], bool] | None = None,
 ) -> Iterator[Path]:
     """Build the folder ``target`` atomically: yield a temporary folder beside it, rename it into place on success.
 
     On an exception the temporary folder (and any parent folder made for it) is removed and ``target`` is left as
     it was.
     """
-    target = check_output(target, kind, overwrite, inputs, flag)
+    target = check_output(target, kind, overwrite, inputs, flag, unmarked_ours)
     build = _hidden(target, _TMP)
     made = [p for p in target.parents if not p.exists()]  # created here, innermost first: removed on a failure
     try:
@@ -254,7 +272,8 @@ def output_folder(
         write_marker(build, kind, writer=True)
         with stopping_on_sigterm():
             yield build
-        check_replaceable(target, kind, overwrite, flag)  # it may have appeared meanwhile (another run, the user)
+        # it may have appeared meanwhile (another run, the user)
+        check_replaceable(target, kind, overwrite, flag, unmarked_ours)
         honour_umask(build)
         replace_folder(build, target, kind)
     except BaseException as e:

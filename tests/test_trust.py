@@ -841,15 +841,25 @@ def test_overwrite_replaces_our_own_dataset_completely(text_corpus, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no temporary folder left beside it
 
 
-def test_a_dataset_prepared_before_markers_is_marked_ours_without_a_host(text_corpus, tmp_path, monkeypatch):
-    """--overwrite of a dataset prepared before output folders carried a marker marks it ours first: the marker named
-    this process and host, and stayed when the new build failed."""
-    monkeypatch.setattr("socket.gethostname", lambda: "bq-private-host")
+def test_a_dataset_prepared_before_markers_is_replaced_and_else_left_as_it_was(text_corpus, tmp_path):
+    """prepare --overwrite marked a dataset prepared before output folders carried a marker ours before anything was
+    checked: the marker stayed when the build failed or the output was refused (it holds the input), and a kill left
+    the marker's temporary file in it. Nothing is written into it until it is replaced; --overwrite is advised."""
     out = prepare(text_corpus, tmp_path / "data")
     (out / MARKER).unlink()
+    files = sorted(p.relative_to(out) for p in out.rglob("*"))
     (tmp_path / "nothing").mkdir()
     with pytest.raises(DataPreparationError, match="no input files found"):
         prepare(tmp_path / "nothing", out, overwrite=True)
+    with pytest.raises(OutputError, match="^the output contains the input"):
+        prepare(out / "train", out, overwrite=True)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == files
+    with pytest.raises(OutputError, match="choose a new folder or pass --overwrite$"):
+        prepare(text_corpus, out)
+    assert prepare(text_corpus, out, overwrite=True) == out and sorted(p.name for p in tmp_path.iterdir()) == [
+        "data",
+        "nothing",
+    ]
     assert json.loads((out / MARKER).read_text()) == {"created_by": "epas_lightning", "kind": "dataset"}
 
 
