@@ -37,6 +37,7 @@ MARKER = ".epas_output.json"
 aside also names its writer's process and host (:func:`write_marker`)."""
 _TMP = ".tmp-"
 _OLD = ".old-"
+_DOOMED = ".del-"
 NAME_MAX = 255
 """Bytes in one file name (ext4, xfs, btrfs, APFS...)."""
 _TAG = 8
@@ -66,7 +67,8 @@ def _hidden_stem(target: Path) -> str:
 
 
 def _hidden(target: Path, kind: str) -> Path:
-    """A new hidden folder name beside ``target``: ``kind`` is ``_TMP`` (a build) or ``_OLD`` (the old output)."""
+    """A new hidden folder name beside ``target``: ``kind`` is ``_TMP`` (a build), ``_OLD`` (the old output) or
+    ``_DOOMED`` (one being removed)."""
     return target.parent / f".{_hidden_stem(target)}{kind}{uuid.uuid4().hex[:_TAG]}"
 
 
@@ -165,19 +167,35 @@ def remove_stale_builds(target: Path) -> list[Path]:
     """
     removed = []
     stem = glob.escape(_hidden_stem(target))
+    for doomed in sorted(target.parent.glob(f".{stem}{_DOOMED}*")):  # a removal that was killed midway
+        if doomed.is_dir() and not doomed.is_symlink():
+            shutil.rmtree(doomed, ignore_errors=True)
+            removed.append(doomed)
     for stale in sorted(target.parent.glob(f".{stem}{_TMP}*")):
         if stale.is_dir() and _owned_by_dead_process(stale):
-            shutil.rmtree(stale, ignore_errors=True)
+            remove_hidden(stale, target)
             removed.append(stale)
     for old in sorted(target.parent.glob(f".{stem}{_OLD}*")):
         if not (old.is_dir() and _owned_by_dead_process(old)):
             continue
         if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
+            remove_hidden(old, target)
             removed.append(old)
         else:
             _put_in_place(old, target, read_marker(old)["kind"])  # finished again: the dead writer's host goes
     return removed
+
+
+def remove_hidden(folder: Path, target: Path) -> None:
+    """Delete ``folder``, a hidden folder of ours beside ``target``, renamed first to one any later run removes: its
+    marker may go before its other files, and a kill midway (a second Ctrl+C, a scheduler's kill after SIGTERM) left
+    them under a name no run could classify."""
+    doomed = _hidden(target, _DOOMED)
+    try:
+        os.replace(folder, doomed)
+    except FileNotFoundError:  # gone already (another run's cleanup, or a build already in place)
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def check_replaceable(
@@ -277,7 +295,7 @@ def output_folder(
         honour_umask(build)
         replace_folder(build, target, kind)
     except BaseException as e:
-        shutil.rmtree(build, ignore_errors=True)
+        remove_hidden(build, target)
         remove_empty(made)
         if out_of_space(e):
             raise OutputError(
@@ -364,4 +382,4 @@ def replace_folder(build: Path, target: Path, kind: str) -> None:
         if not target.exists():
             _put_in_place(old, target, kind)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    remove_hidden(old, target)

@@ -931,17 +931,47 @@ def test_a_replacement_killed_at_any_step_is_cleaned_or_put_back_by_the_next_run
     assert json.loads((target / MARKER).read_text())["kind"] == "bench"
 
 
+KILLED_WHILE_A_BUILD_IS_REMOVED = """
+import os, signal, sys
+from epas_lightning.outputs import MARKER, output_folder
+
+real = os.unlink
+
+def killing(path, *args, **kwargs):
+    real(path, *args, **kwargs)
+    if os.path.basename(path) == MARKER:  # the marker went first: killed before the rest (kill -9)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+with output_folder(sys.argv[1], "bench") as build:
+    for name in "abcdefgh":
+        (build / name).write_text(name)
+    os.unlink = killing
+    raise KeyboardInterrupt  # Ctrl+C: the build is removed, and the kill comes midway
+"""
+
+
+def test_a_build_killed_while_it_is_removed_is_removed_by_the_next_run(tmp_path):
+    """Removing a build (after Ctrl+C or SIGTERM, as a large dataset takes seconds) could delete its marker before its
+    other files: killed then (a second Ctrl+C, a scheduler's kill -9 after its grace time), the rest stayed under the
+    build's name, naming no writer, and no later run removed it."""
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    script = [sys.executable, "-c", KILLED_WHILE_A_BUILD_IS_REMOVED, str(tmp_path / "out")]
+    assert subprocess.run(script, env=env, timeout=60).returncode == -signal.SIGKILL
+    remove_stale_builds(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_ctrl_c_while_the_new_output_takes_the_old_ones_place_puts_the_old_one_back(tmp_path, monkeypatch):
     """Interrupted between moving the previous output aside and renaming the build into place, the run removed its
     build and left the target missing, the previous output hidden beside it until a later run at the same target."""
     target = tmp_path / "out"
     with output_folder(target, "bench") as build:
         (build / "a.txt").write_text("first")
-    real = os.replace
+    real, interrupts = os.replace, [KeyboardInterrupt()]
 
     def interrupted(source, destination):
-        if Path(source).name.startswith(".out.tmp-"):
-            raise KeyboardInterrupt
+        if Path(destination) == target and Path(source).name.startswith(".out.tmp-") and interrupts:
+            raise interrupts.pop()
         real(source, destination)
 
     with pytest.raises(KeyboardInterrupt), output_folder(target, "bench", overwrite=True) as build:
