@@ -375,7 +375,11 @@ def replace_folder(build: Path, target: Path, kind: str) -> None:
         return
     write_marker(target, kind, writer=True)
     old = _hidden(target, _OLD)
-    os.replace(target, old)
+    try:
+        os.replace(target, old)
+    except BaseException:
+        write_marker(target, kind)  # it stays in place: finished again
+        raise
     try:
         _put_in_place(build, target, kind)
     except BaseException:

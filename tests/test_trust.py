@@ -981,6 +981,27 @@ def test_ctrl_c_while_the_new_output_takes_the_old_ones_place_puts_the_old_one_b
     assert json.loads((target / MARKER).read_text()) == {"created_by": "epas_lightning", "kind": "bench"}
 
 
+def test_a_previous_output_that_cannot_be_moved_aside_keeps_a_marker_naming_no_host(tmp_path, monkeypatch):
+    """Marked with this process and host to be moved aside, it kept that marker when the move failed (a busy mount
+    point, a folder others may not rename): a finished folder naming the host."""
+    monkeypatch.setattr("socket.gethostname", lambda: "bq-private-host")
+    target = tmp_path / "out"
+    with output_folder(target, "bench") as build:
+        (build / "a.txt").write_text("first")
+    real = os.replace
+
+    def busy(source, destination):
+        if Path(source) == target:
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        real(source, destination)
+
+    with pytest.raises(OSError, match="busy"), output_folder(target, "bench", overwrite=True) as build:
+        (build / "a.txt").write_text("second")
+        monkeypatch.setattr(os, "replace", busy)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "a.txt").read_text() == "first"
+    assert json.loads((target / MARKER).read_text()) == {"created_by": "epas_lightning", "kind": "bench"}
+
+
 def test_a_full_disk_at_the_builds_first_marker_leaves_nothing(tmp_path, monkeypatch):
     """The build's first marker was written outside the cleanup: a full disk there left the empty hidden build, naming
     no writer (so no later run removed it), and raised the bare OSError."""
