@@ -162,12 +162,12 @@ def interrupted_build(target: Path) -> Path | None:
 def remove_stale_builds(target: Path) -> list[Path]:
     """Clean up after killed runs of ours beside ``target``; return the folders removed.
 
-    Their half-built folders are deleted. A previous output moved aside for a replacement that never finished is put
-    back when the target is missing, else deleted.
+    Their half-built folders are deleted, as are folders a removal of ours was killed in. A previous output moved
+    aside for a replacement that never finished is put back when the target is missing, else deleted.
     """
     removed = []
     stem = glob.escape(_hidden_stem(target))
-    for doomed in sorted(target.parent.glob(f".{stem}{_DOOMED}*")):  # a removal that was killed midway
+    for doomed in sorted(target.parent.glob(f".{stem}{_DOOMED}{'[0-9a-f]' * _TAG}")):  # a removal killed midway
         if doomed.is_dir() and not doomed.is_symlink():
             shutil.rmtree(doomed, ignore_errors=True)
             removed.append(doomed)

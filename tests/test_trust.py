@@ -874,8 +874,10 @@ def test_builds_left_by_killed_runs_are_cleaned_by_the_next(tmp_path):
     (alive / MARKER).write_text(json.dumps(record | {"pid": os.getpid()}))
     foreign = tmp_path / ".data.tmp-notours"
     foreign.mkdir()
+    mine = tmp_path / ".data.del-notours"  # a removal of ours is named so, with 8 hex digits
+    mine.mkdir()
     assert remove_stale_builds(target) == [dead]
-    assert alive.exists() and foreign.exists()
+    assert alive.exists() and foreign.exists() and mine.exists()
 
 
 def test_a_previous_output_put_back_after_a_killed_replacement_names_no_host(tmp_path, monkeypatch):
