@@ -25,7 +25,7 @@ import signal
 import socket
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from epas_lightning.errors import OutputError, exception_chain
@@ -37,6 +37,7 @@ MARKER = ".epas_output.json"
 aside also names its writer's process and host (:func:`write_marker`)."""
 _TMP = ".tmp-"
 _OLD = ".old-"
+_DOOMED = ".del-"
 NAME_MAX = 255
 """Bytes in one file name (ext4, xfs, btrfs, APFS...)."""
 _TAG = 8
@@ -66,7 +67,8 @@ def _hidden_stem(target: Path) -> str:
 
 
 def _hidden(target: Path, kind: str) -> Path:
-    """A new hidden folder name beside ``target``: ``kind`` is ``_TMP`` (a build) or ``_OLD`` (the old output)."""
+    """A new hidden folder name beside ``target``: ``kind`` is ``_TMP`` (a build), ``_OLD`` (the old output) or
+    ``_DOOMED`` (one being removed)."""
     return target.parent / f".{_hidden_stem(target)}{kind}{uuid.uuid4().hex[:_TAG]}"
 
 
@@ -84,16 +86,40 @@ def write_marker(folder: Path, kind: str, writer: bool = False) -> None:
     this process's id and host, which a hidden folder carries while it is built or moved aside (a later run removes
     or puts it back once that process is gone); a finished folder names neither, as it may be handed on or pushed to
     the Hub as it is (``huggingface_hub.upload_folder`` uploads dotfiles)."""
+    written = _pending_marker(folder, kind, writer)
+    try:
+        os.replace(written, folder / MARKER)
+    except BaseException:
+        written.unlink(missing_ok=True)
+        raise
+
+
+def _pending_marker(folder: Path, kind: str, writer: bool = False) -> Path:
+    """A marker written beside ``folder``'s own, in effect once renamed onto it."""
     record = {"created_by": "epas_lightning", "kind": kind}
     if writer:
         record |= {"pid": os.getpid(), "host": socket.gethostname()}
     written = folder / f"{MARKER}.{uuid.uuid4().hex[:_TAG]}"
     try:
         written.write_text(json.dumps(record) + "\n")
-        os.replace(written, folder / MARKER)
     except BaseException:
         written.unlink(missing_ok=True)
         raise
+    return written
+
+
+def _put_in_place(hidden: Path, target: Path, kind: str) -> None:
+    """Rename the ``hidden`` folder (a build, or a previous output put back) to the missing ``target``, its marker then
+    the finished one: it names its writer for as long as it is hidden, so a later run tells a killed writer's folder
+    from a live one's at any moment; a kill between the two renames leaves a complete output whose marker still names
+    the writer (and the finished marker beside it), never a hidden folder no run can classify."""
+    finished = _pending_marker(hidden, kind)
+    try:
+        os.replace(hidden, target)
+    except BaseException:
+        finished.unlink(missing_ok=True)
+        raise
+    os.replace(target / finished.name, target / MARKER)
 
 
 def check_apart(output: Path, inputs: Iterable[str | Path], flag: str = "--output") -> None:
@@ -136,34 +162,60 @@ def interrupted_build(target: Path) -> Path | None:
 def remove_stale_builds(target: Path) -> list[Path]:
     """Clean up after killed runs of ours beside ``target``; return the folders removed.
 
-    Their half-built folders are deleted. A previous output moved aside for a replacement that never finished is put
-    back when the target is missing, else deleted.
+    Their half-built folders are deleted, as are folders a removal of ours was killed in. A previous output moved
+    aside for a replacement that never finished is put back when the target is missing, else deleted.
     """
     removed = []
     stem = glob.escape(_hidden_stem(target))
+    for doomed in sorted(target.parent.glob(f".{stem}{_DOOMED}{'[0-9a-f]' * _TAG}")):  # a removal killed midway
+        if doomed.is_dir() and not doomed.is_symlink():
+            shutil.rmtree(doomed, ignore_errors=True)
+            removed.append(doomed)
     for stale in sorted(target.parent.glob(f".{stem}{_TMP}*")):
         if stale.is_dir() and _owned_by_dead_process(stale):
-            shutil.rmtree(stale, ignore_errors=True)
+            remove_hidden(stale, target)
             removed.append(stale)
     for old in sorted(target.parent.glob(f".{stem}{_OLD}*")):
         if not (old.is_dir() and _owned_by_dead_process(old)):
             continue
         if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
+            remove_hidden(old, target)
             removed.append(old)
         else:
-            os.replace(old, target)
-            write_marker(target, read_marker(target)["kind"])  # finished again: the dead writer's host goes
+            _put_in_place(old, target, read_marker(old)["kind"])  # finished again: the dead writer's host goes
     return removed
 
 
-def check_replaceable(target: Path, kind: str, overwrite: bool, flag: str = "--output") -> None:
-    """Fail unless ``target`` may be written: absent, or (with ``overwrite``) a folder we wrote as ``kind``."""
+def remove_hidden(folder: Path, target: Path) -> None:
+    """Delete ``folder``, a hidden folder of ours beside ``target``, renamed first to one any later run removes: its
+    marker may go before its other files, and a kill midway (a second Ctrl+C, a scheduler's kill after SIGTERM) left
+    them under a name no run could classify."""
+    doomed = _hidden(target, _DOOMED)
+    try:
+        os.replace(folder, doomed)
+    except FileNotFoundError:  # gone already (another run's cleanup, or a build already in place)
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def check_replaceable(
+    target: Path,
+    kind: str,
+    overwrite: bool,
+    flag: str = "--output",
+    unmarked_ours: Callable[[Path], bool] | None = None,
+) -> None:
+    """Fail unless ``target`` may be written: absent, or (with ``overwrite``) a folder we wrote as ``kind``.
+    ``unmarked_ours``: whether a folder without a marker is one of ``kind`` written before folders carried one (it is
+    marked only once replaced)."""
     if not target.exists() and not target.is_symlink():
         return
     is_folder = target.is_dir() and not target.is_symlink()
     record = read_marker(target) if is_folder else None
-    ours = record is not None and record.get("kind") == kind
+    if record is not None:
+        ours = record.get("kind") == kind
+    else:
+        ours = is_folder and unmarked_ours is not None and unmarked_ours(target)
     if not overwrite:  # --overwrite is advised only where it would be taken
         fix = "choose a new folder or pass --overwrite" if ours else "choose a new folder"
         if is_folder and _is_empty(target):  # made beforehand (`mkdir out`): what it is for is not ours to say
@@ -189,9 +241,15 @@ def _is_empty(folder: Path) -> bool:
 
 
 def check_output(
-    target: str | Path, kind: str, overwrite: bool = False, inputs: Iterable[str | Path] = (), flag: str = "--output"
+    target: str | Path,
+    kind: str,
+    overwrite: bool = False,
+    inputs: Iterable[str | Path] = (),
+    flag: str = "--output",
+    unmarked_ours: Callable[[Path], bool] | None = None,
 ) -> Path:
-    """Fail before any work unless :func:`output_folder` may build ``target``; return its absolute path."""
+    """Fail before any work unless :func:`output_folder` may build ``target`` (``unmarked_ours``: see
+    :func:`check_replaceable`); return its absolute path."""
     target = Path(target).expanduser().absolute()
     if target.name == "-":  # the usual name of stdout: a folder named "-" in the working folder is no one's intent
         raise OutputError("the output is a folder, and '-' is no stdout here", f"{flag} -", "name the folder to write")
@@ -199,7 +257,7 @@ def check_output(
     if not parent.is_dir():
         raise OutputError(f"{parent} is a file, not a folder", f"{flag} {target}", "choose an output inside a folder")
     check_apart(target, inputs, flag)
-    check_replaceable(target, kind, overwrite, flag)
+    check_replaceable(target, kind, overwrite, flag, unmarked_ours)
     return target
 
 
@@ -210,13 +268,14 @@ def output_folder(
     overwrite: bool = False,
     inputs: Iterable[str | Path] = (),
     flag: str = "--output",
+    unmarked_ours: Callable[[Path], bool] | None = None,
 ) -> Iterator[Path]:
     """Build the folder ``target`` atomically: yield a temporary folder beside it, rename it into place on success.
 
     On an exception the temporary folder (and any parent folder made for it) is removed and ``target`` is left as
     it was.
     """
-    target = check_output(target, kind, overwrite, inputs, flag)
+    target = check_output(target, kind, overwrite, inputs, flag, unmarked_ours)
     build = _hidden(target, _TMP)
     made = [p for p in target.parents if not p.exists()]  # created here, innermost first: removed on a failure
     try:
@@ -227,16 +286,16 @@ def output_folder(
         raise OutputError(
             f"cannot create the output folder ({e.strerror or e})", f"{flag} {target}", "choose a writable location"
         ) from e
-    write_marker(build, kind, writer=True)
     try:
+        write_marker(build, kind, writer=True)
         with stopping_on_sigterm():
             yield build
-        check_replaceable(target, kind, overwrite, flag)  # it may have appeared meanwhile (another run, the user)
+        # it may have appeared meanwhile (another run, the user)
+        check_replaceable(target, kind, overwrite, flag, unmarked_ours)
         honour_umask(build)
-        write_marker(build, kind)  # finished: it names no process or host once in place (last: see replace_folder)
-        replace_folder(build, target)
+        replace_folder(build, target, kind)
     except BaseException as e:
-        shutil.rmtree(build, ignore_errors=True)
+        remove_hidden(build, target)
         remove_empty(made)
         if out_of_space(e):
             raise OutputError(
@@ -305,16 +364,26 @@ def honour_umask(folder: Path) -> None:
             file.chmod(0o666 & ~umask)
 
 
-def replace_folder(build: Path, target: Path) -> None:
+def replace_folder(build: Path, target: Path, kind: str) -> None:
     """Move ``build`` to ``target``; an existing ``target`` (already checked as ours) is moved aside, then deleted.
 
-    ``build``'s marker is already the finished one: a run killed outright (``kill -9``) here leaves the build, which
-    no later run can tell from a live one's, until it is removed by hand."""
+    The previous output is marked with this process (in place: aside, it would name no writer for a moment, and a
+    kill then left it hidden for good), so the next run puts it back if this one dies before ``build`` takes its
+    place; an exception there (Ctrl+C) puts it back at once."""
     if not target.exists():
-        os.replace(build, target)
+        _put_in_place(build, target, kind)
         return
+    write_marker(target, kind, writer=True)
     old = _hidden(target, _OLD)
-    os.replace(target, old)
-    write_marker(old, read_marker(old)["kind"], writer=True)  # this process's now: put back by the next run if it dies
-    os.replace(build, target)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.replace(target, old)
+    except BaseException:
+        write_marker(target, kind)  # it stays in place: finished again
+        raise
+    try:
+        _put_in_place(build, target, kind)
+    except BaseException:
+        if not target.exists():
+            _put_in_place(old, target, kind)
+        raise
+    remove_hidden(old, target)

@@ -3,6 +3,7 @@ deleted or replaced, and user errors are one line. Each guarantee has a test her
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -840,15 +841,25 @@ def test_overwrite_replaces_our_own_dataset_completely(text_corpus, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no temporary folder left beside it
 
 
-def test_a_dataset_prepared_before_markers_is_marked_ours_without_a_host(text_corpus, tmp_path, monkeypatch):
-    """--overwrite of a dataset prepared before output folders carried a marker marks it ours first: the marker named
-    this process and host, and stayed when the new build failed."""
-    monkeypatch.setattr("socket.gethostname", lambda: "bq-private-host")
+def test_a_dataset_prepared_before_markers_is_replaced_and_else_left_as_it_was(text_corpus, tmp_path):
+    """prepare --overwrite marked a dataset prepared before output folders carried a marker ours before anything was
+    checked: the marker stayed when the build failed or the output was refused (it holds the input), and a kill left
+    the marker's temporary file in it. Nothing is written into it until it is replaced; --overwrite is advised."""
     out = prepare(text_corpus, tmp_path / "data")
     (out / MARKER).unlink()
+    files = sorted(p.relative_to(out) for p in out.rglob("*"))
     (tmp_path / "nothing").mkdir()
     with pytest.raises(DataPreparationError, match="no input files found"):
         prepare(tmp_path / "nothing", out, overwrite=True)
+    with pytest.raises(OutputError, match="^the output contains the input"):
+        prepare(out / "train", out, overwrite=True)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == files
+    with pytest.raises(OutputError, match="choose a new folder or pass --overwrite$"):
+        prepare(text_corpus, out)
+    assert prepare(text_corpus, out, overwrite=True) == out and sorted(p.name for p in tmp_path.iterdir()) == [
+        "data",
+        "nothing",
+    ]
     assert json.loads((out / MARKER).read_text()) == {"created_by": "epas_lightning", "kind": "dataset"}
 
 
@@ -863,8 +874,10 @@ def test_builds_left_by_killed_runs_are_cleaned_by_the_next(tmp_path):
     (alive / MARKER).write_text(json.dumps(record | {"pid": os.getpid()}))
     foreign = tmp_path / ".data.tmp-notours"
     foreign.mkdir()
+    mine = tmp_path / ".data.del-notours"  # a removal of ours is named so, with 8 hex digits
+    mine.mkdir()
     assert remove_stale_builds(target) == [dead]
-    assert alive.exists() and foreign.exists()
+    assert alive.exists() and foreign.exists() and mine.exists()
 
 
 def test_a_previous_output_put_back_after_a_killed_replacement_names_no_host(tmp_path, monkeypatch):
@@ -880,6 +893,131 @@ def test_a_previous_output_put_back_after_a_killed_replacement_names_no_host(tmp
     (aside / MARKER).write_text(json.dumps(record))  # as the killed run marked it
     assert remove_stale_builds(target) == [] and (target / "a.txt").read_text() == "first"
     assert json.loads((target / MARKER).read_text()) == {"created_by": "epas_lightning", "kind": "bench"}
+
+
+KILLED_AT_A_STEP = """
+import os, shutil, signal, sys
+from epas_lightning.outputs import output_folder
+
+target, step = sys.argv[1], int(sys.argv[2])
+if step >= 0:  # -1: the first output
+    with output_folder(target, "bench", overwrite=True) as build:
+        (build / "a.txt").write_text("second")
+        steps = iter(range(step, -1, -1))
+        for name in ("replace", "rmtree"):  # killed outright (kill -9) before the step-th rename or removal
+            def killing(*args, call=getattr(os if name == "replace" else shutil, name), **kwargs):
+                if next(steps) == 0:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return call(*args, **kwargs)
+            setattr(os if name == "replace" else shutil, name, killing)
+else:
+    with output_folder(target, "bench") as build:
+        (build / "a.txt").write_text("first")
+"""
+
+
+@pytest.mark.parametrize("step", range(6))
+def test_a_replacement_killed_at_any_step_is_cleaned_or_put_back_by_the_next_run(step, tmp_path):
+    """A build switched to the finished marker before its rename, and a previous output moved aside before it was
+    marked with its mover: killed there, the next run could tell neither from a live run's, so the build stayed
+    forever and the previous output was never put back. Whatever step the kill hits, the next run leaves the target
+    (the previous output or the new one) and nothing beside it."""
+    target = tmp_path / "out"
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    for at in (-1, step):
+        run = subprocess.run([sys.executable, "-c", KILLED_AT_A_STEP, str(target), str(at)], env=env, timeout=60)
+        assert run.returncode in (0, -signal.SIGKILL)
+    remove_stale_builds(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (target / "a.txt").read_text() in ("first", "second")
+    assert json.loads((target / MARKER).read_text())["kind"] == "bench"
+
+
+KILLED_WHILE_A_BUILD_IS_REMOVED = """
+import os, signal, sys
+from epas_lightning.outputs import MARKER, output_folder
+
+real = os.unlink
+
+def killing(path, *args, **kwargs):
+    real(path, *args, **kwargs)
+    if os.path.basename(path) == MARKER:  # the marker went first: killed before the rest (kill -9)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+with output_folder(sys.argv[1], "bench") as build:
+    for name in "abcdefgh":
+        (build / name).write_text(name)
+    os.unlink = killing
+    raise KeyboardInterrupt  # Ctrl+C: the build is removed, and the kill comes midway
+"""
+
+
+def test_a_build_killed_while_it_is_removed_is_removed_by_the_next_run(tmp_path):
+    """Removing a build (after Ctrl+C or SIGTERM, as a large dataset takes seconds) could delete its marker before its
+    other files: killed then (a second Ctrl+C, a scheduler's kill -9 after its grace time), the rest stayed under the
+    build's name, naming no writer, and no later run removed it."""
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    script = [sys.executable, "-c", KILLED_WHILE_A_BUILD_IS_REMOVED, str(tmp_path / "out")]
+    assert subprocess.run(script, env=env, timeout=60).returncode == -signal.SIGKILL
+    remove_stale_builds(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_while_the_new_output_takes_the_old_ones_place_puts_the_old_one_back(tmp_path, monkeypatch):
+    """Interrupted between moving the previous output aside and renaming the build into place, the run removed its
+    build and left the target missing, the previous output hidden beside it until a later run at the same target."""
+    target = tmp_path / "out"
+    with output_folder(target, "bench") as build:
+        (build / "a.txt").write_text("first")
+    real, interrupts = os.replace, [KeyboardInterrupt()]
+
+    def interrupted(source, destination):
+        if Path(destination) == target and Path(source).name.startswith(".out.tmp-") and interrupts:
+            raise interrupts.pop()
+        real(source, destination)
+
+    with pytest.raises(KeyboardInterrupt), output_folder(target, "bench", overwrite=True) as build:
+        (build / "a.txt").write_text("second")
+        monkeypatch.setattr(os, "replace", interrupted)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "a.txt").read_text() == "first"
+    assert json.loads((target / MARKER).read_text()) == {"created_by": "epas_lightning", "kind": "bench"}
+
+
+def test_a_previous_output_that_cannot_be_moved_aside_keeps_a_marker_naming_no_host(tmp_path, monkeypatch):
+    """Marked with this process and host to be moved aside, it kept that marker when the move failed (a busy mount
+    point, a folder others may not rename): a finished folder naming the host."""
+    monkeypatch.setattr("socket.gethostname", lambda: "bq-private-host")
+    target = tmp_path / "out"
+    with output_folder(target, "bench") as build:
+        (build / "a.txt").write_text("first")
+    real = os.replace
+
+    def busy(source, destination):
+        if Path(source) == target:
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        real(source, destination)
+
+    with pytest.raises(OSError, match="busy"), output_folder(target, "bench", overwrite=True) as build:
+        (build / "a.txt").write_text("second")
+        monkeypatch.setattr(os, "replace", busy)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "a.txt").read_text() == "first"
+    assert json.loads((target / MARKER).read_text()) == {"created_by": "epas_lightning", "kind": "bench"}
+
+
+def test_a_full_disk_at_the_builds_first_marker_leaves_nothing(tmp_path, monkeypatch):
+    """The build's first marker was written outside the cleanup: a full disk there left the empty hidden build, naming
+    no writer (so no later run removed it), and raised the bare OSError."""
+    real = Path.write_text
+
+    def full(path: Path, *args, **kwargs):
+        if path.name.startswith(MARKER):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OutputError, match="^no space left on the device"), output_folder(tmp_path / "out", "bench"):
+        pass
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("name", ["o" * 255, "é" * 127, "oé" * 85, "run[1]"])

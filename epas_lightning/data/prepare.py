@@ -58,7 +58,7 @@ from epas_lightning.data.tokenizer import (
 )
 from epas_lightning.data.writing import TOKEN_DTYPE, default_num_workers, part_bytes, write_split
 from epas_lightning.errors import ConfigError
-from epas_lightning.outputs import output_folder, write_marker
+from epas_lightning.outputs import output_folder
 
 log = logging.getLogger(__name__)
 
@@ -343,9 +343,9 @@ def prepare_dataset(
                 flag,
                 "leave it out, or name one of those",
             )
-    if output.is_dir() and is_prepared_dataset(output) and overwrite:
-        write_marker(output, DATASET_KIND)  # prepared before output folders carried a marker: ours all the same
-    with output_folder(output, DATASET_KIND, overwrite, inputs=[*inputs, *val_inputs]) as build:
+    everything = [*inputs, *val_inputs]
+    ours = is_prepared_dataset  # also one prepared before output folders carried a marker
+    with output_folder(output, DATASET_KIND, overwrite, everything, unmarked_ours=ours) as build:
         files = leave_out_tokenizer(discover_files(inputs), tokenizer)
         if not files:
             raise DataPreparationError(
