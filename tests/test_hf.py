@@ -1012,6 +1012,10 @@ class _PositionedCache(transformers.DynamicCache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.filled
 
+    def get_mask_sizes(self, new: int | torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
+        """The keys ``update`` returns (transformers 5 passes how many new tokens, 4.57 their positions)."""
+        return self.filled + (new if isinstance(new, int) else len(new)), 0
+
 
 def test_the_remote_code_tells_the_cache_where_new_keys_go(tmp_path: Path) -> None:
     """The remote forward updated the cache without a ``cache_position``: transformers 4.57's ``StaticCache``
@@ -1031,6 +1035,27 @@ def test_the_remote_code_tells_the_cache_where_new_keys_go(tmp_path: Path) -> No
         prefill = hf(ids[:, :6], use_cache=True, **{field: cache}).logits
         steps = [hf(ids[:, i : i + 1], use_cache=True, **{field: cache}).logits for i in (6, 7)]
     torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_remote_code_decodes_into_a_static_cache_it_is_handed(tmp_path: Path) -> None:
+    """A ``StaticCache`` handed to the forward (transformers' static-cache recipe: prefill with the tokenizer's mask,
+    then a token at a time, with or without the mask) returns keys for all its slots, but the mask was built for the
+    tokens so far only: SDPA refused the shapes. The mask spans the cache's slots now: the logits of a full forward."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "hf"), trust_remote_code=True
+    )
+    ids = torch.randint(3, VOCAB, (2, 8))
+    cache = transformers.StaticCache(config=hf.config, max_cache_len=16)
+    field = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"  # 5.24 / before
+    with torch.no_grad():
+        expected = hf.eval()(ids).logits
+        prefill = hf(ids[:, :6], attention_mask=torch.ones(2, 6), use_cache=True, **{field: cache}).logits
+        step = hf(ids[:, 6:7], attention_mask=torch.ones(2, 7), use_cache=True, **{field: cache}).logits
+        last = hf(ids[:, 7:], use_cache=True, **{field: cache}).logits
+    torch.testing.assert_close(torch.cat([prefill, step, last], dim=1), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
