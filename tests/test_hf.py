@@ -1058,6 +1058,35 @@ def test_the_remote_code_decodes_into_a_static_cache_it_is_handed(tmp_path: Path
     torch.testing.assert_close(torch.cat([prefill, step, last], dim=1), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_the_remote_code_attends_as_plain_causal_when_nothing_is_padded(tmp_path: Path, monkeypatch) -> None:
+    """A tokenizer's batch and the HF Trainer hand an attention mask of ones: the remote forward made it a (B, 1, T, T)
+    tensor, which keeps SDPA off its flash kernel in every training step. The stock model drops such a mask and asks
+    SDPA for plain causal attention; so does the remote one now (a padded batch keeps its mask), same logits."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "stock", 0), attn_implementation="sdpa"
+    )
+    remote = export(tmp_path / "ckpt", tmp_path / "remote")
+    ours = transformers.AutoModelForCausalLM.from_pretrained(remote, trust_remote_code=True, epas_shared_layers=[])
+    sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(*args, attn_mask=None, is_causal=False, **kwargs) -> torch.Tensor:  # noqa: ANN002, ANN003
+        calls.append(attn_mask is None and is_causal)
+        return sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    ids, padded = torch.randint(3, VOCAB, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    padded[1, :2] = 0
+    for mask, plain in ((torch.ones_like(ids), True), (padded, False)):
+        for model in (stock.train(), ours.train()):
+            calls.clear()
+            model.got = model(ids, attention_mask=mask).logits
+            assert calls == [plain] * 2, (type(model).__name__, calls)
+        torch.testing.assert_close(ours.got[:, 2:], stock.got[:, 2:], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_the_remote_code_drops_attention_weights_in_training_as_the_stock_llama_does(tmp_path: Path, attn: str) -> None:
     """``attention_dropout`` (set at load, for fine-tuning) was ignored by the remote forward: training ran without it.

@@ -81,13 +81,19 @@ def _key_span(cache, cache_position):
     return cache.get_mask_sizes(cache_position.shape[0] if MASK_SIZES_BY_LENGTH else cache_position, 0)
 
 
+def _pads_nothing(attention_mask):
+    """Whether a 2-D ``attention_mask`` keeps every token, as transformers checks before dropping it for SDPA's plain
+    causal (flash) attention; compiled, the mask is kept, its content unknown while tracing."""
+    return not torch.compiler.is_compiling() and bool(attention_mask.all())
+
+
 def _attention_mask(attention_mask, batch, cache_position, keys, first_key):
     """Boolean mask (B, 1, T, S), True where a query at ``cache_position`` may attend to the ``keys`` keys from position
-    ``first_key`` on, or None for plain causal attention (no cached keys)."""
+    ``first_key`` on, or None for plain causal attention (no cached keys, nothing padded)."""
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask if attention_mask.dtype == torch.bool else attention_mask > -1
     new = cache_position.shape[0]
-    if attention_mask is None and keys == new and first_key == 0:
+    if keys == new and first_key == 0 and (attention_mask is None or _pads_nothing(attention_mask)):
         return None
     key_pos = torch.arange(first_key, first_key + keys, device=cache_position.device)
     mask = key_pos[None, :] <= cache_position[:, None]  # (T, S) causal
