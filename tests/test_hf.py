@@ -1185,6 +1185,26 @@ def test_the_remote_code_calls_its_decoder_layers_as_modules(tmp_path: Path) -> 
     assert set(hf._no_split_modules) == {type(hf.model.layers[0]).__name__}  # device_map="auto" keeps a layer whole
 
 
+def test_the_remote_code_builds_each_layer_once_as_the_stock_llama_does(tmp_path: Path) -> None:
+    """The remote base model built the stock decoder layers, initialised them, then built its own over them: twice the
+    layers to build and initialise in ``from_config`` (pretraining the architecture from scratch), and other random
+    weights than the stock Llama's from the same seed. It builds each layer once now: the stock model's weights."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    stock = transformers.AutoConfig.from_pretrained(export(tmp_path / "ckpt", tmp_path / "stock", 0))
+    remote = transformers.AutoConfig.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "remote"), trust_remote_code=True
+    )
+    torch.manual_seed(0)
+    expected = transformers.AutoModelForCausalLM.from_config(stock).state_dict()
+    torch.manual_seed(0)
+    got = transformers.AutoModelForCausalLM.from_config(remote, trust_remote_code=True).state_dict()
+    assert got.keys() == expected.keys()
+    for name, tensor in got.items():
+        assert torch.equal(tensor, expected[name]), name
+
+
 @pytest.mark.parametrize("mode", ["qk", "kv"])
 def test_the_remote_code_checkpoints_its_layers_when_asked(tmp_path: Path, mode: str) -> None:
     """``gradient_checkpointing_enable()`` set the flag and the remote forward ignored it: fine-tuning the export

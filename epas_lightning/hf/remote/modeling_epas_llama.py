@@ -30,7 +30,7 @@ from torch import nn
 from transformers import Cache, DynamicCache, LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 from transformers.utils import logging
 
 from .configuration_epas_llama import EpasLlamaConfig
@@ -172,9 +172,14 @@ class EpasLlamaModel(LlamaModel):
     config_class = EpasLlamaConfig
     _no_split_modules = ["EpasLlamaDecoderLayer"]
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config):  # LlamaModel's, with EPAS layers: each layer built and initialised once, as stock
+        LlamaPreTrainedModel.__init__(self, config)
+        self.padding_idx, self.vocab_size = config.pad_token_id, config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(EpasLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)  # unused here; kept for code that reads it
+        self.gradient_checkpointing = False
         self.post_init()
 
     def forward(
