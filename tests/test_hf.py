@@ -1012,6 +1012,10 @@ class _PositionedCache(transformers.DynamicCache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.filled
 
+    def get_mask_sizes(self, new: int | torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
+        """The keys ``update`` returns (transformers 5 passes how many new tokens, 4.57 their positions)."""
+        return self.filled + (new if isinstance(new, int) else len(new)), 0
+
 
 def test_the_remote_code_tells_the_cache_where_new_keys_go(tmp_path: Path) -> None:
     """The remote forward updated the cache without a ``cache_position``: transformers 4.57's ``StaticCache``
@@ -1031,6 +1035,56 @@ def test_the_remote_code_tells_the_cache_where_new_keys_go(tmp_path: Path) -> No
         prefill = hf(ids[:, :6], use_cache=True, **{field: cache}).logits
         steps = [hf(ids[:, i : i + 1], use_cache=True, **{field: cache}).logits for i in (6, 7)]
     torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_remote_code_decodes_into_a_static_cache_it_is_handed(tmp_path: Path) -> None:
+    """A ``StaticCache`` handed to the forward (transformers' static-cache recipe: prefill with the tokenizer's mask,
+    then a token at a time, with or without the mask) returns keys for all its slots, but the mask was built for the
+    tokens so far only: SDPA refused the shapes. The mask spans the cache's slots now: the logits of a full forward."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "hf"), trust_remote_code=True
+    )
+    ids = torch.randint(3, VOCAB, (2, 8))
+    cache = transformers.StaticCache(config=hf.config, max_cache_len=16)
+    field = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"  # 5.24 / before
+    with torch.no_grad():
+        expected = hf.eval()(ids).logits
+        prefill = hf(ids[:, :6], attention_mask=torch.ones(2, 6), use_cache=True, **{field: cache}).logits
+        step = hf(ids[:, 6:7], attention_mask=torch.ones(2, 7), use_cache=True, **{field: cache}).logits
+        last = hf(ids[:, 7:], use_cache=True, **{field: cache}).logits
+    torch.testing.assert_close(torch.cat([prefill, step, last], dim=1), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_remote_code_attends_as_plain_causal_when_nothing_is_padded(tmp_path: Path, monkeypatch) -> None:
+    """A tokenizer's batch and the HF Trainer hand an attention mask of ones: the remote forward made it a (B, 1, T, T)
+    tensor, which keeps SDPA off its flash kernel in every training step. The stock model drops such a mask and asks
+    SDPA for plain causal attention; so does the remote one now (a padded batch keeps its mask), same logits."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "stock", 0), attn_implementation="sdpa"
+    )
+    remote = export(tmp_path / "ckpt", tmp_path / "remote")
+    ours = transformers.AutoModelForCausalLM.from_pretrained(remote, trust_remote_code=True, epas_shared_layers=[])
+    sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(*args, attn_mask=None, is_causal=False, **kwargs) -> torch.Tensor:  # noqa: ANN002, ANN003
+        calls.append(attn_mask is None and is_causal)
+        return sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    ids, padded = torch.randint(3, VOCAB, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    padded[1, :2] = 0
+    for mask, plain in ((torch.ones_like(ids), True), (padded, False)):
+        for model in (stock.train(), ours.train()):
+            calls.clear()
+            model.got = model(ids, attention_mask=mask).logits
+            assert calls == [plain] * 2, (type(model).__name__, calls)
+        torch.testing.assert_close(ours.got[:, 2:], stock.got[:, 2:], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -1129,6 +1183,26 @@ def test_the_remote_code_calls_its_decoder_layers_as_modules(tmp_path: Path) -> 
         assert calls == [hf.model.layers[1]] and (steered - plain).abs().max() > 1e-3
         torch.testing.assert_close(hf(ids).logits, plain)
     assert set(hf._no_split_modules) == {type(hf.model.layers[0]).__name__}  # device_map="auto" keeps a layer whole
+
+
+def test_the_remote_code_builds_each_layer_once_as_the_stock_llama_does(tmp_path: Path) -> None:
+    """The remote base model built the stock decoder layers, initialised them, then built its own over them: twice the
+    layers to build and initialise in ``from_config`` (pretraining the architecture from scratch), and other random
+    weights than the stock Llama's from the same seed. It builds each layer once now: the stock model's weights."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    stock = transformers.AutoConfig.from_pretrained(export(tmp_path / "ckpt", tmp_path / "stock", 0))
+    remote = transformers.AutoConfig.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "remote"), trust_remote_code=True
+    )
+    torch.manual_seed(0)
+    expected = transformers.AutoModelForCausalLM.from_config(stock).state_dict()
+    torch.manual_seed(0)
+    got = transformers.AutoModelForCausalLM.from_config(remote, trust_remote_code=True).state_dict()
+    assert got.keys() == expected.keys()
+    for name, tensor in got.items():
+        assert torch.equal(tensor, expected[name]), name
 
 
 @pytest.mark.parametrize("mode", ["qk", "kv"])

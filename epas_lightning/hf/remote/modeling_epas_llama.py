@@ -22,13 +22,15 @@ layer from the Q/K or K/V its source handed on), and the cache is turned off.
 Notation: B batch, T new tokens, S cached + new tokens, H query heads, H_kv key/value heads, D head dim.
 """
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
+from transformers import Cache, DynamicCache, LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 from transformers.utils import logging
 
 from .configuration_epas_llama import EpasLlamaConfig
@@ -37,6 +39,8 @@ logger = logging.get_logger(__name__)
 
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 """How this transformers version names the KV cache in model inputs and outputs (``cache`` from 5.24 on)."""
+MASK_SIZES_BY_LENGTH = "query_length" in inspect.signature(Cache.get_mask_sizes).parameters
+"""Whether a cache's ``get_mask_sizes`` takes the number of new tokens (transformers 5) or their positions (4.57)."""
 
 
 def _rope_theta(config):
@@ -69,22 +73,34 @@ def _apply_rope(x, cos, sin):
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
-def _attention_mask(attention_mask, batch, new, total, device):
-    """Boolean mask (B, 1, T, S), True where a query may attend, or None for plain causal attention (empty cache)."""
+def _key_span(cache, cache_position):
+    """(how many keys, the position of the first) attention gets once ``cache`` holds the new tokens at
+    ``cache_position``, as the cache tells transformers' own masks (a static cache: all its slots, empty ones too)."""
+    if cache is None:
+        return cache_position.shape[0], 0
+    return cache.get_mask_sizes(cache_position.shape[0] if MASK_SIZES_BY_LENGTH else cache_position, 0)
+
+
+def _pads_nothing(attention_mask):
+    """Whether a 2-D ``attention_mask`` keeps every token, as transformers checks before dropping it for SDPA's plain
+    causal (flash) attention; compiled, the mask is kept, its content unknown while tracing."""
+    return not torch.compiler.is_compiling() and bool(attention_mask.all())
+
+
+def _attention_mask(attention_mask, batch, cache_position, keys, first_key):
+    """Boolean mask (B, 1, T, S), True where a query at ``cache_position`` may attend to the ``keys`` keys from position
+    ``first_key`` on, or None for plain causal attention (no cached keys, nothing padded)."""
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask if attention_mask.dtype == torch.bool else attention_mask > -1
-    if attention_mask is None and new == total:
+    new = cache_position.shape[0]
+    if keys == new and first_key == 0 and (attention_mask is None or _pads_nothing(attention_mask)):
         return None
-    past = total - new
-    query_pos = torch.arange(past, total, device=device)[:, None]  # (T, 1)
-    mask = torch.arange(total, device=device)[None, :] <= query_pos  # (T, S) causal
-    mask = mask[None, None].expand(batch, 1, new, total)
-    if attention_mask is not None:
-        keep = attention_mask[:, None, None, -total:].bool()
-        diagonal = torch.zeros(batch, 1, new, total, dtype=torch.bool, device=device)
-        diagonal[..., torch.arange(new, device=device), query_pos[:, 0]] = True  # a padded row still sees itself
-        mask = (mask & keep) | diagonal
-    return mask
+    key_pos = torch.arange(first_key, first_key + keys, device=cache_position.device)
+    mask = key_pos[None, :] <= cache_position[:, None]  # (T, S) causal
+    if attention_mask is not None:  # as transformers: read from first_key, the slots past its end padding
+        keep = F.pad(attention_mask, (0, first_key + keys - attention_mask.shape[-1]))[:, first_key:].bool()
+        mask = (mask & keep[:, None, None]) | (key_pos[None, :] == cache_position[:, None])  # a padded row sees itself
+    return mask.expand(batch, 1, new, keys)
 
 
 def _attention_weights(q, k, v, mask, dropout):
@@ -93,7 +109,7 @@ def _attention_weights(q, k, v, mask, dropout):
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    if mask is None:  # plain causal over an empty cache (SDPA's is_causal): a static one's empty slots come after
+    if mask is None:  # plain causal, no cached keys (SDPA's is_causal)
         mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     weights = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1, dtype=torch.float32).to(q.dtype)
     weights = F.dropout(weights, dropout, training=dropout > 0)
@@ -156,9 +172,14 @@ class EpasLlamaModel(LlamaModel):
     config_class = EpasLlamaConfig
     _no_split_modules = ["EpasLlamaDecoderLayer"]
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config):  # LlamaModel's, with EPAS layers: each layer built and initialised once, as stock
+        LlamaPreTrainedModel.__init__(self, config)
+        self.padding_idx, self.vocab_size = config.pad_token_id, config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(EpasLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)  # unused here; kept for code that reads it
+        self.gradient_checkpointing = False
         self.post_init()
 
     def forward(
@@ -197,7 +218,7 @@ class EpasLlamaModel(LlamaModel):
             position_ids = cache_position[None].expand(B, T)
         config = self.config
         cos, sin = _rope_tables(config, config.hidden_size // config.num_attention_heads, position_ids)
-        mask = _attention_mask(attention_mask, B, T, past + T, inputs_embeds.device)
+        mask = _attention_mask(attention_mask, B, cache_position, *_key_span(past_key_values, cache_position))
         shared_layers = set(config.epas_shared_layers)
 
         h = inputs_embeds
