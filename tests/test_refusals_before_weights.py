@@ -10,6 +10,8 @@ from epas_lightning.cli import main as cli_main
 
 TOO_SMALL = "the tokenizer has 300 tokens but the model's vocab_size is 64"
 DENSE = "trained dense (no sharing layers); 1 was asked for — --sharing-layers —"
+PAST_CONTEXT = "the data's seq_len (100) exceeds the model's context length (64)"
+OTHER_TOKENIZER = "prepared with another tokenizer"
 
 
 @pytest.fixture(scope="module")
@@ -25,18 +27,31 @@ def models(tmp_path_factory):
     [
         ("export", 64, [], TOO_SMALL),
         ("export", 320, ["--sharing-layers", "1"], DENSE),
+        ("evaluate", 320, ["--sharing-layers", "1"], DENSE),
+        ("evaluate", 320, ["--seq-len", "100"], PAST_CONTEXT),
+        ("evaluate", 320, [], "nothing to evaluate: the checkpoint does not say which data it trained on"),
+        ("evaluate", 320, ["--data", "CORPUS"], OTHER_TOKENIZER),
+        ("bench", 320, ["--sharing-layers", "1"], DENSE),
+        ("bench", 320, ["--prompt-len", "64"], "a prompt of 64 tokens leaves no room for new ones"),
+        ("bench", 320, ["--data", "CORPUS"], OTHER_TOKENIZER),
+        ("bench", 320, ["--budget", "0.5"], "no region fits a budget of 0.5 x dense"),
+        ("analyze", 320, ["--seq-len", "100"], PAST_CONTEXT),
+        ("analyze", 320, [], "held-out text in another tokenization would measure nothing"),
+        ("analyze", 320, ["--data", "CORPUS"], OTHER_TOKENIZER),
     ],
 )
 def test_a_command_refuses_what_the_checkpoint_says_before_reading_the_weights(
-    command, vocab, flags, says, models, tmp_path, capsys, monkeypatch
+    command, vocab, flags, says, models, tiny_corpus, tmp_path, capsys, monkeypatch
 ):
-    """export loaded the whole model first, and only then refused a region the checkpoint never trained or a tokenizer
-    larger than its vocabulary (minutes for a large checkpoint), both known from its metadata."""
+    """export, evaluate, bench and analyze loaded the whole model first, and only then refused a region the checkpoint
+    never trained, a tokenizer larger than its vocabulary, a length past its context or a data folder of another
+    tokenizer (minutes for a large checkpoint), all known from its metadata."""
 
     def read(*args):
         raise AssertionError("the weights were read")
 
     monkeypatch.setattr(checkpoint, "_load_weights", read)
+    flags = [str(tiny_corpus) if flag == "CORPUS" else flag for flag in flags]
     output = [] if command == "evaluate" else ["--output", str(tmp_path / "out")]
     argv = [command, "--checkpoint", str(models[vocab]), *output, *flags]
     rc = cli_main([*argv, *([] if command == "export" else ["--device", "cpu"])])
