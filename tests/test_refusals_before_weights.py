@@ -12,6 +12,7 @@ TOO_SMALL = "the tokenizer has 300 tokens but the model's vocab_size is 64"
 DENSE = "trained dense (no sharing layers); 1 was asked for — --sharing-layers —"
 PAST_CONTEXT = "the data's seq_len (100) exceeds the model's context length (64)"
 OTHER_TOKENIZER = "prepared with another tokenizer"
+NO_DEVICE = "— --device cuda:99 —"
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +39,18 @@ def models(tmp_path_factory):
         ("analyze", 320, ["--seq-len", "100"], PAST_CONTEXT),
         ("analyze", 320, [], "held-out text in another tokenization would measure nothing"),
         ("analyze", 320, ["--data", "CORPUS"], OTHER_TOKENIZER),
+        ("evaluate", 320, ["--device", "cuda:99"], NO_DEVICE),
+        ("bench", 320, ["--device", "cuda:99"], NO_DEVICE),
+        ("analyze", 320, ["--data", "CORPUS", "--device", "cuda:99"], NO_DEVICE),
     ],
 )
 def test_a_command_refuses_what_the_checkpoint_says_before_reading_the_weights(
     command, vocab, flags, says, models, tiny_corpus, tmp_path, capsys, monkeypatch
 ):
-    """export, evaluate, bench and analyze loaded the whole model first, and only then refused a region the checkpoint
-    never trained, a tokenizer larger than its vocabulary, a length past its context or a data folder of another
-    tokenizer (minutes for a large checkpoint), all known from its metadata."""
+    """export, evaluate, bench and analyze loaded the whole model first, and only then refused a region the
+    checkpoint never trained, a tokenizer larger than its vocabulary, a length past its context or a data folder of
+    another tokenizer (minutes for a large checkpoint), all known from its metadata. A device this machine lacks is
+    said first and alone (not after a note on the data)."""
 
     def read(*args):
         raise AssertionError("the weights were read")
@@ -53,8 +58,8 @@ def test_a_command_refuses_what_the_checkpoint_says_before_reading_the_weights(
     monkeypatch.setattr(checkpoint, "_load_weights", read)
     flags = [str(tiny_corpus) if flag == "CORPUS" else flag for flag in flags]
     output = [] if command == "evaluate" else ["--output", str(tmp_path / "out")]
-    argv = [command, "--checkpoint", str(models[vocab]), *output, *flags]
-    rc = cli_main([*argv, *([] if command == "export" else ["--device", "cpu"])])
+    device = [] if command == "export" else ["--device", "cpu"]  # a --device in flags comes after: it wins
+    rc = cli_main([command, "--checkpoint", str(models[vocab]), *output, *device, *flags])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and says in err, err
     assert not (tmp_path / "out").exists()

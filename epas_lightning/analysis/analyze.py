@@ -187,7 +187,7 @@ def analyze_command(
     matplotlib.use("Agg")
     from epas_lightning.checkpoint import describe_checkpoint
     from epas_lightning.data.token_data import check_data_flag, check_seq_len, data_record
-    from epas_lightning.inference.generate_cli import load_for_inference
+    from epas_lightning.inference.generate_cli import check_device, load_for_inference
 
     check_counts({"--batches": batches, "--batch-size": batch_size})
     if not threshold <= 1:  # no region could meet it; the closest was recommended as if it had
@@ -197,6 +197,7 @@ def analyze_command(
             f"give at most 1 (default {DEFAULT_THRESHOLD})",
         )
     check_data_flag(data)
+    check_device(device, dtype)
     check_output(output, "analysis", overwrite, [checkpoint])
     recorded = describe_checkpoint(checkpoint)  # everything checked before the weights load
     config = recorded.config

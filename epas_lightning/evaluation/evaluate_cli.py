@@ -20,7 +20,7 @@ from epas_lightning.errors import ConfigError
 from epas_lightning.evaluation.multiple_choice import evaluate_task, load_tasks
 from epas_lightning.evaluation.perplexity import perplexity_of_batches
 from epas_lightning.inference.generate import set_region
-from epas_lightning.inference.generate_cli import load_for_inference, resolve_tokenizer
+from epas_lightning.inference.generate_cli import check_device, load_for_inference, resolve_tokenizer
 from epas_lightning.progress import progress
 from epas_lightning.region import SHARING_FLAGS, sharing_layers_text
 from epas_lightning.runtime import DType, check_counts, emit_json
@@ -64,6 +64,7 @@ def evaluate(
     """
     from epas_lightning.data.token_data import check_seq_len
 
+    check_device(device, dtype)
     questions = load_tasks(tasks)
     recorded = describe_checkpoint(checkpoint)  # everything checked before the weights load
     config = recorded.config

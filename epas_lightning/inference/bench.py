@@ -25,7 +25,7 @@ from epas_lightning.errors import ConfigError
 from epas_lightning.evaluation.perplexity import perplexity, perplexity_of_batches
 from epas_lightning.flops import estimate_flops
 from epas_lightning.inference.generate import generate, set_region
-from epas_lightning.inference.generate_cli import MIB, CudaGraph, cuda_graph_choice, load_for_inference
+from epas_lightning.inference.generate_cli import MIB, CudaGraph, check_device, cuda_graph_choice, load_for_inference
 from epas_lightning.model import LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.progress import progress
@@ -314,6 +314,7 @@ def bench_command(
     check_counts({**counts, "--prompt-len": prompt_len, "--max-new-tokens": max_new_tokens, "--seq-len": seq_len})
     check_data_flag(data)
     graphed = cuda_graph_choice(cuda_graph, device)
+    check_device(device, dtype)
     check_output(output, "bench", overwrite, [checkpoint])
     recorded = describe_checkpoint(checkpoint)  # everything checked before the weights load
     config = recorded.config
