@@ -42,12 +42,14 @@ def models(tmp_path_factory):
         ("evaluate", 320, ["--device", "cuda:99"], NO_DEVICE),
         ("bench", 320, ["--device", "cuda:99"], NO_DEVICE),
         ("analyze", 320, ["--data", "CORPUS", "--device", "cuda:99"], NO_DEVICE),
+        ("lm-eval", 64, [], TOO_SMALL),
+        ("lm-eval", 320, ["--sharing-layers", "1"], DENSE),
     ],
 )
 def test_a_command_refuses_what_the_checkpoint_says_before_reading_the_weights(
     command, vocab, flags, says, models, tiny_corpus, tmp_path, capsys, monkeypatch
 ):
-    """export, evaluate, bench and analyze loaded the whole model first, and only then refused a region the
+    """export, evaluate, bench, analyze and lm-eval loaded the whole model first, and only then refused a region the
     checkpoint never trained, a tokenizer larger than its vocabulary, a length past its context or a data folder of
     another tokenizer (minutes for a large checkpoint), all known from its metadata. A device this machine lacks is
     said first and alone (not after a note on the data)."""
@@ -59,6 +61,10 @@ def test_a_command_refuses_what_the_checkpoint_says_before_reading_the_weights(
     flags = [str(tiny_corpus) if flag == "CORPUS" else flag for flag in flags]
     output = [] if command == "evaluate" else ["--output", str(tmp_path / "out")]
     device = [] if command == "export" else ["--device", "cpu"]  # a --device in flags comes after: it wins
+    if command == "lm-eval":
+        pytest.importorskip("lm_eval")
+        (tmp_path / "task.yaml").write_text("task: tiny\ndataset_path: json\noutput_type: multiple_choice\n")
+        device += ["--tasks", str(tmp_path / "task.yaml")]
     rc = cli_main([command, "--checkpoint", str(models[vocab]), *output, *device, *flags])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and says in err, err

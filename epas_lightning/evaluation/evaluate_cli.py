@@ -28,18 +28,20 @@ from epas_lightning.runtime import DType, check_counts, emit_json
 
 def region_lengths(spec: int | str | None, recorded: CheckpointInfo, force: bool) -> list[int]:
     """``None``: the default (the trained region, or the one an export chose); ``all``: 0..trained max (every possible
-    length with ``force``); else one N."""
+    length with ``force``); else one N, refused past the trained region unless ``force`` (before any scoring)."""
     if spec is None:
         return [recorded.default_sharing]
     if spec == "all":
         top = len(recorded.region.growth_order()) if force else recorded.region.size
         return list(range(top + 1))
     try:
-        return [int(spec)]
+        n = int(spec)
     except ValueError:
         raise ConfigError(
             f"a layer count or 'all', not {spec!r}", "--sharing-layers", "give a number of layers, e.g. 4, or all"
         ) from None
+    recorded.region.first(n, force, SHARING_FLAGS)
+    return [n]
 
 
 def evaluate(
@@ -71,8 +73,6 @@ def evaluate(
     seq_len = config.block_size if seq_len is None else seq_len
     check_seq_len(seq_len, config, where="--seq-len")
     lengths = region_lengths(sharing_layers, recorded, force)
-    for n in lengths:  # fail on a bad region before any scoring
-        recorded.region.first(n, force, SHARING_FLAGS)
     if note := recorded.unrun_region_note(checkpoint, "evaluate"):
         print(note, file=sys.stderr)
     text_tokenizer = resolve_tokenizer(recorded, Path(tokenizer) if tokenizer else None) if questions else None
