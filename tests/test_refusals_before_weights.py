@@ -3,9 +3,9 @@ context) and what the flags and the data folder say before it reads a weight: on
 
 import pytest
 from helpers import train_tiny_sentencepiece
-from model_dirs import save_scripted
+from model_dirs import save_consolidated, save_scripted
 
-from epas_lightning import checkpoint
+from epas_lightning import Llama, LlamaConfig, checkpoint
 from epas_lightning.cli import main as cli_main
 
 TOO_SMALL = "the tokenizer has 300 tokens but the model's vocab_size is 64"
@@ -17,10 +17,13 @@ NO_DEVICE = "— --device cuda:99 —"
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """Dense 2-layer models of context 64 with a 300-token sentencepiece tokenizer: ``{vocab_size: folder}``."""
+    """Dense models of context 64 with a 300-token sentencepiece tokenizer, of 2 layers with vocabularies of 64 and
+    320 (``{vocab_size: folder}``) and of 1 layer (``{1: folder}``)."""
     root = tmp_path_factory.mktemp("models")
     tokenizer = train_tiny_sentencepiece(root / "tokenizer.model")
-    return {vocab: save_scripted(root / f"v{vocab}", tokenizer, vocab, [3, 4]) for vocab in (64, 320)}
+    models = {vocab: save_scripted(root / f"v{vocab}", tokenizer, vocab, [3, 4]) for vocab in (64, 320)}
+    one_layer = Llama(LlamaConfig.from_name("debug", n_layer=1, vocab_size=320, block_size=64))
+    return {**models, 1: save_consolidated(one_layer, root / "one_layer", tokenizer)}
 
 
 @pytest.mark.parametrize(
@@ -39,6 +42,7 @@ def models(tmp_path_factory):
         ("analyze", 320, ["--seq-len", "100"], PAST_CONTEXT),
         ("analyze", 320, [], "held-out text in another tokenization would measure nothing"),
         ("analyze", 320, ["--data", "CORPUS"], OTHER_TOKENIZER),
+        ("analyze", 1, [], "a 1-layer model has no layer that could share"),
         ("evaluate", 320, ["--device", "cuda:99"], NO_DEVICE),
         ("bench", 320, ["--device", "cuda:99"], NO_DEVICE),
         ("analyze", 320, ["--data", "CORPUS", "--device", "cuda:99"], NO_DEVICE),
