@@ -180,6 +180,7 @@ def generate_command(
     check_seed(seed)
     check_counts({"--max-new-tokens": max_new_tokens, "--batch-size": batch_size})
     graphed = cuda_graph_choice(cuda_graph, device)
+    check_device(device, dtype)
     check_tokenizer_flag(tokenizer)
     prompts = list(prompt or [])
     if prompt_file is not None:
