@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import Recorder, cpu_trainer
+from helpers import Recorder, cpu_trainer, train_tiny_sentencepiece
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from model_dirs import save_consolidated
@@ -1582,7 +1582,9 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_by_every_consumer(tmp_p
     state = {"model." + key: t for key, t in model.state_dict().items()}
     state["model.norm.weight"][0] = float("nan")
     torch.save({"state_dict": state, "model_config": model.config.to_dict()}, tmp_path / "nan.ckpt")
-    for command, extra in (("consolidate", ["--output", str(tmp_path / "out")]), ("generate", ["--prompt", "x"])):
+    tokenizer = ["--tokenizer", str(train_tiny_sentencepiece(tmp_path / "tokenizer.model"))]  # generate checks it first
+    generate = ["--prompt", "x", *tokenizer]
+    for command, extra in (("consolidate", ["--output", str(tmp_path / "out")]), ("generate", generate)):
         err = one_line_error(capsys, [command, "--checkpoint", str(tmp_path / "nan.ckpt"), *extra])
         assert err.startswith("error: the weights hold NaN or inf (norm.weight) — ") and "an earlier one" in err
     assert not (tmp_path / "out").exists()
@@ -1594,7 +1596,7 @@ def test_weights_past_the_range_of_the_requested_dtype_are_refused_before_anythi
     model = Llama(LlamaConfig.from_name("debug"))
     with torch.no_grad():
         model.embed_tokens.weight[3, 5] = 7e4
-    ckpt = save_consolidated(model, tmp_path / "ckpt")
+    ckpt = save_consolidated(model, tmp_path / "ckpt", train_tiny_sentencepiece(tmp_path / "tokenizer.model"))
     says = "(embed_tokens.weight max |value| 7e+04); float16 holds at most 65504 — --dtype float16 — use --dtype bf"
     for command, extra in (("generate", ["--prompt", "x"]), ("export", ["--output", str(tmp_path / "hf")])):
         err = one_line_error(capsys, [command, "--checkpoint", str(ckpt), "--dtype", "float16", *extra])

@@ -185,8 +185,9 @@ def analyze_command(
     import matplotlib
 
     matplotlib.use("Agg")
+    from epas_lightning.checkpoint import describe_checkpoint
     from epas_lightning.data.token_data import check_data_flag, check_seq_len, data_record
-    from epas_lightning.inference.generate_cli import load_for_inference
+    from epas_lightning.inference.generate_cli import check_device, load_for_inference
 
     check_counts({"--batches": batches, "--batch-size": batch_size})
     if not threshold <= 1:  # no region could meet it; the closest was recommended as if it had
@@ -196,9 +197,10 @@ def analyze_command(
             f"give at most 1 (default {DEFAULT_THRESHOLD})",
         )
     check_data_flag(data)
+    check_device(device, dtype)
     check_output(output, "analysis", overwrite, [checkpoint])
-    loaded = load_for_inference(checkpoint, device, dtype, attention_reuse=False)  # every layer computes here
-    model, config = loaded.model, loaded.model.config
+    recorded = describe_checkpoint(checkpoint)  # everything checked before the weights load
+    config = recorded.config
     if config.n_layer < 2:
         raise ConfigError(
             f"a {config.n_layer}-layer model has no layer that could share (layer 0 always computes)",
@@ -209,21 +211,23 @@ def analyze_command(
     if seq_len < 2:
         raise ConfigError(f"must be at least 2, got {seq_len}", "--seq-len", "give 2 or more tokens per sequence")
     check_seq_len(seq_len, config, where="--seq-len")
-    data_dir = data or loaded.own_heldout()
+    data_dir = data or recorded.own_heldout()
     if data_dir is None:
         raise ConfigError(
-            f"{loaded.no_data()}, and held-out text in another tokenization would measure nothing",
+            f"{recorded.no_data()}, and held-out text in another tokenization would measure nothing",
             "--data",
             "pass --data with the prepared folder the model trained on",
         )
-    if data is None and (note := loaded.mixed_data_note("analyze")):
+    if data is None and (note := recorded.mixed_data_note("analyze")):
         print(note, file=sys.stderr)
-    if note := loaded.unrun_region_note(checkpoint, "analyze"):
+    if note := recorded.unrun_region_note(checkpoint, "analyze"):
         print(note, file=sys.stderr)
-    own_data = loaded.own_data_instead_of(data)
+    own_data = recorded.own_data_instead_of(data)
     held_out = heldout_batches(  # a data folder that cannot work is said alone, before any output
-        data_dir, config.vocab_size, seq_len, batch_size, batches, loaded.recorded_tokenizer, own_data
+        data_dir, config.vocab_size, seq_len, batch_size, batches, recorded.recorded_tokenizer, own_data
     )
+    loaded = load_for_inference(checkpoint, device, dtype, attention_reuse=False)  # every layer computes here
+    model = loaded.model
     with output_folder(output, "analysis", overwrite, inputs=[checkpoint]) as build:
         print(f"analysing {checkpoint} ({config.n_layer} layers) on {data_dir}", file=sys.stderr)
         held_out = progress(held_out, "analyze: capturing activations", batches, "batch")

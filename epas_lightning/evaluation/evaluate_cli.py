@@ -14,32 +14,34 @@ from itertools import islice
 from pathlib import Path
 from typing import Literal
 
-from epas_lightning.checkpoint import LoadedModel
+from epas_lightning.checkpoint import CheckpointInfo, describe_checkpoint
 from epas_lightning.data.tokenizer import check_tokenizer_flag
 from epas_lightning.errors import ConfigError
 from epas_lightning.evaluation.multiple_choice import evaluate_task, load_tasks
 from epas_lightning.evaluation.perplexity import perplexity_of_batches
 from epas_lightning.inference.generate import set_region
-from epas_lightning.inference.generate_cli import load_for_inference, resolve_tokenizer
+from epas_lightning.inference.generate_cli import check_device, load_for_inference, resolve_tokenizer
 from epas_lightning.progress import progress
 from epas_lightning.region import SHARING_FLAGS, sharing_layers_text
 from epas_lightning.runtime import DType, check_counts, emit_json
 
 
-def region_lengths(spec: int | str | None, loaded: LoadedModel, force: bool) -> list[int]:
+def region_lengths(spec: int | str | None, recorded: CheckpointInfo, force: bool) -> list[int]:
     """``None``: the default (the trained region, or the one an export chose); ``all``: 0..trained max (every possible
-    length with ``force``); else one N."""
+    length with ``force``); else one N, refused past the trained region unless ``force`` (before any scoring)."""
     if spec is None:
-        return [loaded.default_sharing]
+        return [recorded.default_sharing]
     if spec == "all":
-        top = len(loaded.region.growth_order()) if force else loaded.max_shared
+        top = len(recorded.region.growth_order()) if force else recorded.region.size
         return list(range(top + 1))
     try:
-        return [int(spec)]
+        n = int(spec)
     except ValueError:
         raise ConfigError(
             f"a layer count or 'all', not {spec!r}", "--sharing-layers", "give a number of layers, e.g. 4, or all"
         ) from None
+    recorded.region.first(n, force, SHARING_FLAGS)
+    return [n]
 
 
 def evaluate(
@@ -64,34 +66,33 @@ def evaluate(
     """
     from epas_lightning.data.token_data import check_seq_len
 
+    check_device(device, dtype)
     questions = load_tasks(tasks)
-    loaded = load_for_inference(Path(checkpoint), device, dtype, attention_reuse=True)
-    config = loaded.model.config
+    recorded = describe_checkpoint(checkpoint)  # everything checked before the weights load
+    config = recorded.config
     seq_len = config.block_size if seq_len is None else seq_len
     check_seq_len(seq_len, config, where="--seq-len")
-    lengths = region_lengths(sharing_layers, loaded, force)
-    for n in lengths:  # fail on a bad region before any scoring
-        loaded.region.first(n, force, SHARING_FLAGS)
-    if note := loaded.unrun_region_note(checkpoint, "evaluate"):
+    lengths = region_lengths(sharing_layers, recorded, force)
+    if note := recorded.unrun_region_note(checkpoint, "evaluate"):
         print(note, file=sys.stderr)
-    text_tokenizer = resolve_tokenizer(loaded, Path(tokenizer) if tokenizer else None) if questions else None
-    own_data = loaded.own_data_instead_of(data)
+    text_tokenizer = resolve_tokenizer(recorded, Path(tokenizer) if tokenizer else None) if questions else None
+    own_data = recorded.own_data_instead_of(data)
     if data is None and (not questions or batches is not None):
-        data = loaded.own_heldout()
-        if note := loaded.mixed_data_note("evaluate"):
+        data = recorded.own_heldout()
+        if note := recorded.mixed_data_note("evaluate"):
             print(note, file=sys.stderr)
     if data is None and not questions:
         raise ConfigError(
-            f"nothing to evaluate: {loaded.no_data()}",
+            f"nothing to evaluate: {recorded.no_data()}",
             "--data / --tasks",
             "give --data (a folder prepared with the model's tokenizer: perplexity on its val split) and/or --tasks "
             "(multiple choice)",
         )
     if data is None and batches is not None:  # --tasks: the loss it asked for, which nothing gave, said nothing
-        print(f"evaluate: no held-out loss: {loaded.no_data()} (pass --data for one)", file=sys.stderr)
+        print(f"evaluate: no held-out loss: {recorded.no_data()} (pass --data for one)", file=sys.stderr)
     if data is None and batches is None:  # --tasks alone: the loss left out without a word
-        own = loaded.own_heldout() is not None
-        give = "--batches B or --data DIR for one" if own else f"--data DIR for one ({loaded.no_data()})"
+        own = recorded.own_heldout() is not None
+        give = "--batches B or --data DIR for one" if own else f"--data DIR for one ({recorded.no_data()})"
         print(f"evaluate: the tasks only, no held-out loss: give {give}", file=sys.stderr)
     loader = None
     if data is not None:  # set up (and checked) once; every region reads the same batches
@@ -102,9 +103,10 @@ def evaluate(
             seq_len,
             batch_size,
             config.vocab_size,
-            tokenizer or loaded.recorded_tokenizer,
+            tokenizer or recorded.recorded_tokenizer,
             own_data=own_data,
         )
+    loaded = load_for_inference(Path(checkpoint), device, dtype, attention_reuse=True)
     rows = []
     for n in lengths:
         layers = set_region(loaded.model, n, loaded.region, force)

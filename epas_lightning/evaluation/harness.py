@@ -23,12 +23,12 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal
 
+from epas_lightning.checkpoint import describe_checkpoint
 from epas_lightning.data.tokenizer import check_tokenizer_flag
 from epas_lightning.errors import ConfigError
 from epas_lightning.evaluation.evaluate_cli import format_table, region_lengths
 from epas_lightning.evaluation.lm_eval_documents import refusing_misscored_documents
 from epas_lightning.outputs import check_output, output_folder
-from epas_lightning.region import SHARING_FLAGS
 from epas_lightning.runtime import DType, check_counts, emit_json, json_text, resolve_device
 
 INSTALL = "pip install 'epas_lightning[eval]'"
@@ -162,6 +162,7 @@ def run_lm_eval(
     from epas_lightning.evaluation.lm_eval_adapter import EPASLM
 
     specs, manager = resolve_tasks(tasks, include_path)
+    lengths = region_lengths(sharing_layers, describe_checkpoint(checkpoint), force)  # checked before the weights load
     lm = EPASLM(
         checkpoint,
         tokenizer=tokenizer,
@@ -171,9 +172,6 @@ def run_lm_eval(
         force=force,
         command_flags=True,
     )
-    lengths = region_lengths(sharing_layers, lm.loaded, force)
-    for n in lengths:  # fail on a bad region before any scoring
-        lm.loaded.region.first(n, force, SHARING_FLAGS)
     if limit is not None and limit >= 1:
         limit = int(limit)
     rows, runs = [], {}

@@ -249,21 +249,24 @@ class EPASLM(HFLM):
     def _load(self, checkpoint: str | Path, tokenizer: str | Path | None, device: str | None, dtype: str | None,
               force: bool) -> Any:  # fmt: skip
         """Load the model (``self.loaded``) and its tokenizer; return the tokenizer the export ships."""
+        from epas_lightning.checkpoint import describe_checkpoint
         from epas_lightning.data.tokenizer import load_tokenizer
         from epas_lightning.hf.export import exported_tokenizer
-        from epas_lightning.inference.generate_cli import load_for_inference
+        from epas_lightning.inference.generate_cli import check_device, load_for_inference
 
+        check_device(device or "auto", dtype or "auto")
+        recorded = describe_checkpoint(checkpoint)  # the tokenizer checked before the weights load
+        path = recorded.tokenizer_file(tokenizer)
+        if path is None:
+            raise ConfigError(recorded.no_tokenizer(), f"--checkpoint {checkpoint}", TOKENIZER_FIX)
+        text_tokenizer = load_tokenizer(Path(path), bos_id=recorded.bos_id, eos_id=recorded.eos_id)
+        text_tokenizer.check_fits(recorded.config.vocab_size)
+        hf_tokenizer = exported_tokenizer(Path(path), recorded.config.context_length, recorded.bos_id, recorded.eos_id)
         # attention recomputed in every layer, as the export's modeling code does
         self.loaded = load_for_inference(checkpoint, device or "auto", dtype or "auto", attention_reuse=False)
         self.checkpoint, self.force = str(checkpoint), bool(force)
-        config = self.loaded.model.config
-        path = self.loaded.tokenizer_file(tokenizer)
-        if path is None:
-            raise ConfigError(self.loaded.no_tokenizer(), f"--checkpoint {checkpoint}", TOKENIZER_FIX)
-        text_tokenizer = load_tokenizer(Path(path), bos_id=self.loaded.bos_id, eos_id=self.loaded.eos_id)
-        text_tokenizer.check_fits(config.vocab_size)
         self.stop_ids = text_tokenizer.stop_ids  # what the export's generation_config.json stops at
-        return exported_tokenizer(Path(path), config.context_length, self.loaded.bos_id, self.loaded.eos_id)
+        return hf_tokenizer
 
     def set_sharing_layers(self, n: int) -> list[int]:
         """Run with the first ``n`` layers of the trained region sharing; return those layers."""

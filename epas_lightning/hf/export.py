@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from epas_lightning.checkpoint import STORED, load_model
+from epas_lightning.checkpoint import STORED, describe_checkpoint, load_model
 from epas_lightning.checkpoint_formats import EXPORT_REGION_KEY, export_record
 from epas_lightning.data.chat_template import chat_template_beside
 from epas_lightning.data.tokenizer import (
@@ -230,25 +230,26 @@ def export(
     """
     check_output(output, EXPORT_KIND, overwrite, [checkpoint])
     torch_dtype = None if dtype == "auto" else named_dtype(dtype)
-    loaded = load_model(checkpoint, dtype=torch_dtype or STORED, flag="--checkpoint")  # no wider copy of the weights
-    model, config = loaded.model, loaded.model.config
-    n = loaded.default_sharing if sharing_layers is None else sharing_layers
+    recorded = describe_checkpoint(checkpoint)  # the region and the tokenizer checked before the weights load
+    n = recorded.default_sharing if sharing_layers is None else sharing_layers
     # of a stock export, N above 0 needs --force as in every command (advised as export takes it), and counts in its
     # record, which it writes
-    loaded.region.first(n, force, SHARING_FLAGS, unrun_fix=EXPORT_UNRUN_FIX)
+    recorded.region.first(n, force, SHARING_FLAGS, unrun_fix=EXPORT_UNRUN_FIX)
+    tokenizer_path = recorded.tokenizer_file(tokenizer)
+    eos_ids: int | list[int] | None = recorded.eos_id
+    if tokenizer_path is not None:
+        ids = {"bos_id": recorded.bos_id, "eos_id": recorded.eos_id}
+        text_tokenizer = load_tokenizer(tokenizer_path, **ids)
+        text_tokenizer.check_fits(recorded.config.vocab_size)  # transformers would fail on ids past the embedding
+        stop_ids = list(text_tokenizer.stop_ids)  # Llama 3 Instruct's list, as transformers stops at it
+        eos_ids = stop_ids if len(stop_ids) > 1 else stop_ids[0]
+    loaded = load_model(checkpoint, dtype=torch_dtype or STORED, flag="--checkpoint")  # no wider copy of the weights
+    model, config = loaded.model, loaded.model.config
     shared = set_region(model, n, loaded.region, force, SHARING_FLAGS)
     trained = loaded.weights_region or loaded.region
     use_remote = remote_code or n > 0
     state = ours_to_hf(model.state_dict(), config)  # the model's tensors, not copies
     torch_dtype = torch_dtype or loaded.weights_dtype
-    tokenizer_path = loaded.tokenizer_file(tokenizer)
-    eos_ids: int | list[int] | None = loaded.eos_id
-    if tokenizer_path is not None:
-        ids = {"bos_id": loaded.bos_id, "eos_id": loaded.eos_id}
-        text_tokenizer = load_tokenizer(tokenizer_path, **ids)
-        text_tokenizer.check_fits(config.vocab_size)  # transformers would fail on ids past the embedding
-        stop_ids = list(text_tokenizer.stop_ids)  # Llama 3 Instruct's list, as transformers stops at it
-        eos_ids = stop_ids if len(stop_ids) > 1 else stop_ids[0]
     with output_folder(output, EXPORT_KIND, overwrite, inputs=[checkpoint]) as build:
         provenance = export_metadata(carried(loaded.training, checkpoint), output)  # not config.json: see provenance.py
         if not use_remote and trained.size:  # a record only: the stock config.json runs dense

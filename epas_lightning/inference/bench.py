@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from epas_lightning.checkpoint import LoadedModel
+from epas_lightning.checkpoint import CheckpointInfo, LoadedModel, describe_checkpoint
 from epas_lightning.data.tokenizer import RecordedTokenizer
 from epas_lightning.errors import ConfigError
 from epas_lightning.evaluation.perplexity import perplexity, perplexity_of_batches
 from epas_lightning.flops import estimate_flops
 from epas_lightning.inference.generate import generate, set_region
-from epas_lightning.inference.generate_cli import MIB, CudaGraph, cuda_graph_choice, load_for_inference
+from epas_lightning.inference.generate_cli import MIB, CudaGraph, check_device, cuda_graph_choice, load_for_inference
 from epas_lightning.model import LlamaConfig
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.progress import progress
@@ -75,18 +75,18 @@ def region_for_budget(config: LlamaConfig, budget: float, max_shared: int, seq_l
     )
 
 
-def bench_budget_pick(loaded: LoadedModel, budget: float, max_shared: int, seq_len: int) -> int:
+def bench_budget_pick(recorded: CheckpointInfo, budget: float, max_shared: int, seq_len: int) -> int:
     """:func:`region_for_budget` over the regions measured; where none fits but a longer one the weights trained
     does (``--sharing-layers`` below the trained region, or a stock export's record), the error names that one."""
-    config = loaded.model.config
-    trained = (loaded.weights_region or loaded.region).size
+    config = recorded.config
+    trained = (recorded.weights_region or recorded.region).size
     if max_shared < trained:
         try:
             n = region_for_budget(config, budget, trained, seq_len)
         except ConfigError:
             n = 0  # not even the whole trained region fits: region_for_budget's error below says so
         if n > max_shared:
-            force = "" if loaded.region.size else " --force (the region its weights trained)"
+            force = "" if recorded.region.size else " --force (the region its weights trained)"
             raise ConfigError(
                 f"no region of 0..{max_shared} sharing layers fits a budget of {budget:g} x dense; the first {n} of "
                 f"the {trained} trained do ({flops_ratio(config, n, seq_len):.4f} x dense)",
@@ -314,15 +314,16 @@ def bench_command(
     check_counts({**counts, "--prompt-len": prompt_len, "--max-new-tokens": max_new_tokens, "--seq-len": seq_len})
     check_data_flag(data)
     graphed = cuda_graph_choice(cuda_graph, device)
+    check_device(device, dtype)
     check_output(output, "bench", overwrite, [checkpoint])
-    loaded = load_for_inference(checkpoint, device, dtype, attention_reuse)
-    config = loaded.model.config
+    recorded = describe_checkpoint(checkpoint)  # everything checked before the weights load
+    config = recorded.config
     seq_len = config.block_size if seq_len is None else seq_len
     check_seq_len(seq_len, config, where="--seq-len")
-    max_shared = loaded.max_shared if sharing_layers is None else sharing_layers
-    set_region(loaded.model, max_shared, loaded.region, force, SHARING_FLAGS)  # validates before any timing
-    pick = bench_budget_pick(loaded, budget, max_shared, seq_len) if budget is not None else None
-    if note := loaded.unrun_region_note(checkpoint, "bench"):
+    max_shared = recorded.region.size if sharing_layers is None else sharing_layers
+    recorded.region.first(max_shared, force, SHARING_FLAGS)
+    pick = bench_budget_pick(recorded, budget, max_shared, seq_len) if budget is not None else None
+    if note := recorded.unrun_region_note(checkpoint, "bench"):
         print(note, file=sys.stderr)
     if prompt_len is None:
         prompt_len = min(DEFAULT_TOKENS, config.context_length // 2)
@@ -342,18 +343,19 @@ def bench_command(
             "--prompt-len / --max-new-tokens",
             f"ask for at most {config.context_length} tokens in all",
         )
-    data_dir = data or loaded.own_heldout()
+    data_dir = data or recorded.own_heldout()
     if data_dir is None:
-        print(f"bench: no held-out loss: {loaded.no_data()} (pass --data for one)", file=sys.stderr)
-    elif data is None and (note := loaded.mixed_data_note("bench")):
+        print(f"bench: no held-out loss: {recorded.no_data()} (pass --data for one)", file=sys.stderr)
+    elif data is None and (note := recorded.mixed_data_note("bench")):
         print(note, file=sys.stderr)
+    own_data = recorded.own_data_instead_of(data)
+    held_out = (
+        heldout_batches(data_dir, config, seq_len, batch_size, batches, recorded.recorded_tokenizer, own_data)
+        if data_dir
+        else []
+    )
+    loaded = load_for_inference(checkpoint, device, dtype, attention_reuse)
     with output_folder(output, "bench", overwrite, inputs=[checkpoint]) as build:
-        own_data = loaded.own_data_instead_of(data)
-        held_out = (
-            heldout_batches(data_dir, config, seq_len, batch_size, batches, loaded.recorded_tokenizer, own_data)
-            if data_dir
-            else []
-        )
         rows = measure(loaded, max_shared, force, seq_len, held_out, prompts, prompt_len, max_new_tokens, reps,
                        graphed)  # fmt: skip
         summary = {

@@ -12,6 +12,7 @@ from epas_lightning.errors import ConfigError, error_line
 from epas_lightning.inference.chat import Conversation, Sampling, stream_reply
 from epas_lightning.inference.generate import set_region
 from epas_lightning.inference.generate_cli import (
+    check_device,
     check_sampling_flags,
     check_seed,
     describe_region,
@@ -19,7 +20,7 @@ from epas_lightning.inference.generate_cli import (
     resolve_tokenizer,
 )
 from epas_lightning.region import SHARING_FLAGS
-from epas_lightning.runtime import DType, check_counts, resolve_device, resolve_dtype
+from epas_lightning.runtime import DType, check_counts
 from epas_lightning.serve.chat import checked_chat_template
 
 DEFAULT_REPLY_TOKENS = 512
@@ -79,7 +80,7 @@ def chat_command(
     check_sampling_flags(temperature, top_k, top_p)  # everything is checked before the weights load
     check_seed(seed)
     check_counts({"--max-new-tokens": max_new_tokens})
-    resolve_dtype(dtype, resolve_device(device))
+    check_device(device, dtype)
     check_tokenizer_flag(tokenizer)
     recorded = describe_checkpoint(checkpoint)
     text_tokenizer = resolve_tokenizer(recorded, tokenizer)

@@ -30,6 +30,12 @@ def load_for_inference(
     return loaded
 
 
+def check_device(device: str = "auto", dtype: DType = "auto") -> None:
+    """``--device`` and ``--dtype`` as :func:`load_for_inference` reads them: a device this machine lacks is said
+    first, before the checkpoint's description, its notes or the data are read."""
+    resolve_dtype(dtype, resolve_device(device))
+
+
 def cuda_graph_choice(cuda_graph: CudaGraph, device: str = "auto") -> bool | None:
     """``--cuda-graph`` for ``generate``'s ``cuda_graph`` (``None``: on for CUDA); ``on`` needs a CUDA ``--device``."""
     if cuda_graph == "on" and resolve_device(device).type != "cuda":
@@ -174,6 +180,7 @@ def generate_command(
     check_seed(seed)
     check_counts({"--max-new-tokens": max_new_tokens, "--batch-size": batch_size})
     graphed = cuda_graph_choice(cuda_graph, device)
+    check_device(device, dtype)
     check_tokenizer_flag(tokenizer)
     prompts = list(prompt or [])
     if prompt_file is not None:
