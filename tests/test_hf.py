@@ -902,17 +902,27 @@ def test_export_sharing_remote_code_logits_and_generate(tmp_path: Path, mode: st
     assert torch.equal(generated[:, 2:], greedy_by_full_forwards(ours, prompt[1:, :4], 5))
 
 
+def stock_and_remote_at_region_0(tmp_path: Path, **options: object) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A 2-layer checkpoint (trained region 1) exported stock and with its remote code, both loaded with ``options``;
+    the remote model at region 0, where it is the stock model."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    stock_folder = export(tmp_path / "ckpt", tmp_path / "stock", 0)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(stock_folder, **options)
+    remote = export(tmp_path / "ckpt", tmp_path / "remote")
+    ours = transformers.AutoModelForCausalLM.from_pretrained(
+        remote, trust_remote_code=True, epas_shared_layers=[], **options
+    )
+    return stock, ours
+
+
 def test_the_remote_code_returns_hidden_states_as_the_stock_llama_does(tmp_path: Path) -> None:
     """``output_hidden_states=True`` (a probe, an embedding extractor, ``generate(output_hidden_states=True)``) gave
     ``None`` from the trust_remote_code export: the stock model's tuple (embeddings, each layer's output, the last
     one normed) is what it returns now, equal to the stock export's at region 0, the last entry the head's input."""
-    from epas_lightning.hf.export import export
-
-    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    stock, ours = stock_and_remote_at_region_0(tmp_path)
     ids = torch.randint(0, VOCAB, (2, 10))
-    stock = transformers.AutoModelForCausalLM.from_pretrained(export(tmp_path / "ckpt", tmp_path / "stock", 0))
-    remote = export(tmp_path / "ckpt", tmp_path / "remote")
-    ours = transformers.AutoModelForCausalLM.from_pretrained(remote, trust_remote_code=True, epas_shared_layers=[])
     with torch.no_grad():
         expected = stock.eval()(ids, output_hidden_states=True).hidden_states
         dense = ours.eval()(ids, output_hidden_states=True).hidden_states
@@ -928,15 +938,8 @@ def test_the_remote_code_returns_hidden_states_as_the_stock_llama_does(tmp_path:
 def test_the_remote_code_returns_attention_maps_as_the_stock_llama_does(tmp_path: Path) -> None:
     """``output_attentions=True`` gave ``None`` from the trust_remote_code export; it gives each layer's attention
     weights, equal to the stock export's (eager attention) at region 0; a sharing layer's (qk) are its source's."""
-    from epas_lightning.hf.export import export
-
-    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    stock, ours = stock_and_remote_at_region_0(tmp_path, attn_implementation="eager")
     ids = torch.randint(0, VOCAB, (2, 10))
-    stock = transformers.AutoModelForCausalLM.from_pretrained(
-        export(tmp_path / "ckpt", tmp_path / "stock", 0), attn_implementation="eager"
-    )
-    remote = export(tmp_path / "ckpt", tmp_path / "remote")
-    ours = transformers.AutoModelForCausalLM.from_pretrained(remote, trust_remote_code=True, epas_shared_layers=[])
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding
     with torch.no_grad():
@@ -956,14 +959,7 @@ def test_the_remote_code_attention_maps_with_a_static_cache_are_the_stock_ones(t
     """``generate(cache_implementation="static", output_attentions=True)``: the first step computed its weights as if
     each query came after the cache's empty slots, so it attended to their zero keys and its scores and tokens differed
     from the stock model's; they match it now (eager attention, region 0), the weights over every slot as stock's."""
-    from epas_lightning.hf.export import export
-
-    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
-    stock = transformers.AutoModelForCausalLM.from_pretrained(
-        export(tmp_path / "ckpt", tmp_path / "stock", 0), attn_implementation="eager"
-    )
-    remote = export(tmp_path / "ckpt", tmp_path / "remote")
-    ours = transformers.AutoModelForCausalLM.from_pretrained(remote, trust_remote_code=True, epas_shared_layers=[])
+    stock, ours = stock_and_remote_at_region_0(tmp_path, attn_implementation="eager")
     ids = torch.randint(3, VOCAB, (2, 6))
     options = dict(max_new_tokens=3, do_sample=False, output_attentions=True, output_scores=True)
     options.update(attention_mask=torch.ones_like(ids), cache_implementation="static", return_dict_in_generate=True)
@@ -1062,14 +1058,7 @@ def test_the_remote_code_attends_as_plain_causal_when_nothing_is_padded(tmp_path
     """A tokenizer's batch and the HF Trainer hand an attention mask of ones: the remote forward made it a (B, 1, T, T)
     tensor, which keeps SDPA off its flash kernel in every training step. The stock model drops such a mask and asks
     SDPA for plain causal attention; so does the remote one now (a padded batch keeps its mask), same logits."""
-    from epas_lightning.hf.export import export
-
-    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
-    stock = transformers.AutoModelForCausalLM.from_pretrained(
-        export(tmp_path / "ckpt", tmp_path / "stock", 0), attn_implementation="sdpa"
-    )
-    remote = export(tmp_path / "ckpt", tmp_path / "remote")
-    ours = transformers.AutoModelForCausalLM.from_pretrained(remote, trust_remote_code=True, epas_shared_layers=[])
+    stock, ours = stock_and_remote_at_region_0(tmp_path, attn_implementation="sdpa")
     sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
 
     def spy(*args, attn_mask=None, is_causal=False, **kwargs) -> torch.Tensor:  # noqa: ANN002, ANN003
@@ -1092,17 +1081,7 @@ def test_the_remote_code_drops_attention_weights_in_training_as_the_stock_llama_
     """``attention_dropout`` (set at load, for fine-tuning) was ignored by the remote forward: training ran without it.
     In training it drops the same attention weights as the stock model does from the same seed (region 0); in eval
     none."""
-    from epas_lightning.hf.export import export
-
-    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
-    options = dict(attention_dropout=0.5, attn_implementation=attn)
-    stock = transformers.AutoModelForCausalLM.from_pretrained(
-        export(tmp_path / "ckpt", tmp_path / "stock", 0), **options
-    )
-    remote = export(tmp_path / "ckpt", tmp_path / "remote")
-    ours = transformers.AutoModelForCausalLM.from_pretrained(
-        remote, trust_remote_code=True, epas_shared_layers=[], **options
-    )
+    stock, ours = stock_and_remote_at_region_0(tmp_path, attention_dropout=0.5, attn_implementation=attn)
     ids = torch.randint(3, VOCAB, (2, 8))
     with torch.no_grad():
         for model in (stock.train(), ours.train()):
@@ -1117,14 +1096,7 @@ def test_the_remote_code_drops_attention_weights_in_training_as_the_stock_llama_
 def test_the_remote_code_returns_tuples_where_the_stock_llama_does(tmp_path: Path) -> None:
     """``return_dict=False`` to the base model (``model.model``, as a tracer or an exporter calls it) still gave an
     output object; it gives the stock model's tuple now, in its order, as the causal LM already did."""
-    from epas_lightning.hf.export import export
-
-    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
-    stock = transformers.AutoModelForCausalLM.from_pretrained(
-        export(tmp_path / "ckpt", tmp_path / "stock", 0), attn_implementation="eager"
-    )
-    remote = export(tmp_path / "ckpt", tmp_path / "remote")
-    ours = transformers.AutoModelForCausalLM.from_pretrained(remote, trust_remote_code=True, epas_shared_layers=[])
+    stock, ours = stock_and_remote_at_region_0(tmp_path, attn_implementation="eager")
     ids = torch.randint(3, VOCAB, (2, 8))
     options = dict(use_cache=True, output_hidden_states=True, output_attentions=True, return_dict=False)
     with torch.no_grad():
