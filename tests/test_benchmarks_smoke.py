@@ -514,6 +514,23 @@ def test_vs_peers_partial_file_keeps_the_repetitions_of_a_killed_run(vs_peers_ev
     assert r["complete"] is False and r["reps_done"] == {"dense": 1, "epas": 1} and r["epas_vs_dense"] > 0
 
 
+def test_vs_peers_refuses_a_partial_file_it_cannot_write_before_timing(
+    benchmarks_importable, monkeypatch, capsys, tmp_path
+):
+    """``--partial`` in a folder that does not exist, or naming a folder, was a traceback after the first repetition
+    (its first write): one line, exit 2, before any model is built."""
+    import vs_peers
+
+    from epas_lightning.errors import run_script
+
+    for where in (tmp_path / "absent" / "partial.json", tmp_path):
+        monkeypatch.setattr(sys, "argv", ["vs_peers.py", "--quick", "--threads", "1", "--partial", str(where)])
+        with pytest.raises(SystemExit) as stopped:
+            run_script(vs_peers.main)
+        out, err = capsys.readouterr()
+        assert stopped.value.code == 2 and out == "" and err.count("\n") == 1 and " — --partial — " in err, err
+
+
 def test_vs_peers_table_prints_mfu_without_memory(benchmarks_importable, capsys):
     """``--peak-tflops`` on the CPU gives an MFU column but no CUDA memory; the table used to crash on it."""
     import vs_peers
