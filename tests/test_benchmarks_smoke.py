@@ -517,13 +517,13 @@ def test_vs_peers_partial_file_keeps_the_repetitions_of_a_killed_run(vs_peers_ev
 def test_vs_peers_refuses_a_partial_file_it_cannot_write_before_timing(
     benchmarks_importable, monkeypatch, capsys, tmp_path
 ):
-    """``--partial`` in a folder that does not exist, or naming a folder, was a traceback after the first repetition
-    (its first write): one line, exit 2, before any model is built."""
+    """``--partial`` in a folder that does not exist, naming a folder or too long a name: a traceback after the first
+    repetition (its first write). One line, exit 2, before any model is built."""
     import vs_peers
 
     from epas_lightning.errors import run_script
 
-    for where in (tmp_path / "absent" / "partial.json", tmp_path):
+    for where in (tmp_path / "absent" / "partial.json", tmp_path, tmp_path / ("p" * 300)):
         monkeypatch.setattr(sys, "argv", ["vs_peers.py", "--quick", "--threads", "1", "--partial", str(where)])
         with pytest.raises(SystemExit) as stopped:
             run_script(vs_peers.main)
