@@ -155,6 +155,26 @@ def test_gpu_session_retries_vs_peers_at_half_batch_after_out_of_memory(tmp_path
     assert "| dense | 10 | nan |" in text and "MFU target 0.45 (dense) met: False" in text
 
 
+def test_gpu_session_retries_no_run_that_lacks_a_system_for_another_reason(tmp_path, monkeypatch):
+    """A required peer failing at micro-batch 4 for another reason (HF's label view) while an optional system ran out
+    of memory sent vs_peers again at 2: the peers' time spent on the same failure, b2's table in place of b4's."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_session
+
+    calls = []
+
+    def fake_run_logged(cmd, log, timeout):
+        calls.append(int(cmd[cmd.index("--batch-size") + 1]))
+        skipped = {"hf": "RuntimeError: view size is not compatible", "whole_compile": "OutOfMemoryError: CUDA"}
+        result = {"tokens_per_s": {"dense": 10.0, "epas": 11.0, "litgpt": 10.0}, "skipped": skipped}
+        log.write_text(json.dumps(result) + "\n")
+        return 0, 1.0
+
+    monkeypatch.setattr(gpu_session, "run_logged", fake_run_logged)
+    peers = gpu_session.peers_part(gpu_session.parse_args(["run", "--output", str(tmp_path)]), time.monotonic() + 300)
+    assert calls == [4] and peers["batch_size"] == 4 and peers["skipped"]["hf"].startswith("RuntimeError")
+
+
 def test_gpu_session_reads_vs_peers_json_before_what_the_process_printed_while_it_exited(tmp_path, monkeypatch):
     """The log holds stderr too: a library's warning printed as vs_peers exited, after its JSON line, made the session
     stop with a JSONDecodeError traceback, writing neither gpu_session.json nor its tables."""
