@@ -242,11 +242,19 @@ def peers_part(args: argparse.Namespace, deadline: float) -> dict:
     while True:
         result = peers_run(args, batch_size, round(deadline - time.monotonic()))
         attempts.append({k: result.get(k) for k in ("batch_size", "exit_code", "wall_s", "tokens_per_s", "missing")})
-        out_of_memory = "OutOfMemoryError" in (args.output / f"vs_peers-b{batch_size}.log").read_text()
+        log = (args.output / f"vs_peers-b{batch_size}.log").read_text()
         lacking = set(REQUIRED_PEERS_SYSTEMS) - set(result.get("tokens_per_s", {}))
-        if not (out_of_memory and lacking) or batch_size == 1 or deadline - time.monotonic() < 90:
+        out_of_memory = any(lacks_memory(name, result, log) for name in lacking)
+        if not out_of_memory or batch_size == 1 or deadline - time.monotonic() < 90:
             return result | {"attempts": attempts}
         batch_size //= 2
+
+
+def lacks_memory(name: str, result: dict, log: str) -> bool:
+    """Whether vs_peers measured no ``name`` for memory: its reason in ``skipped`` (a peer dropped) says so or, not
+    skipped (ours raise, ending the run), the log does; not an optional system out of memory beside another failure."""
+    reason = (result.get("skipped") or {}).get(name)
+    return "OutOfMemoryError" in (log if reason is None else reason)
 
 
 def peers_run(args: argparse.Namespace, batch_size: int, timeout: int) -> dict:

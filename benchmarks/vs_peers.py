@@ -55,7 +55,6 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from harness import (
@@ -84,7 +83,14 @@ from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.optim import default_optimizer
 from epas_lightning.parallel import parallelize
 from epas_lightning.runtime import write_whole
-from epas_lightning.script_args import ScriptParser, count, fraction, positive_number, whole_number
+from epas_lightning.script_args import (
+    ScriptParser,
+    count,
+    file_to_write,
+    fraction,
+    positive_number,
+    whole_number,
+)
 
 REQUIRED = ("dense", "epas", "litgpt", "hf")
 """The systems the targets need, timed first; the others are exploratory and run after them while time is left."""
@@ -142,7 +148,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="S",
         help="seconds for the run: an optional system or profile starts only while they leave the slowest warm-up",
     )
-    p.add_argument("--partial", type=Path, default=None, metavar="FILE", help="the result so far, after each rep")
+    p.add_argument(
+        "--partial", type=file_to_write, default=None, metavar="FILE", help="the result so far, after each rep"
+    )
     p.add_quick("debug shape, seq 64, 2 reps", model="debug", seq_len=64, reps=2)
     return p.parse_args(argv)
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
-from epas_lightning.errors import ConfigError, did_you_mean
+from epas_lightning.errors import ConfigError, did_you_mean, path_too_long
 from epas_lightning.seeds import TRAINING_SEEDS, seed_out_of_range
 
 
@@ -116,6 +117,18 @@ def positive_number(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
     return value
+
+
+def file_to_write(text: str) -> Path:
+    """An argparse ``type``: a file the script writes (``vs_peers --partial``): in a folder that exists, no folder."""
+    path = Path(text)
+    if reason := path_too_long(path):
+        raise argparse.ArgumentTypeError(f"the path is too long ({reason}); give a shorter path")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; name a file in it, e.g. {path / 'result.json'}")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"its folder {path.parent} does not exist; create it or name another")
+    return path
 
 
 def training_seed(text: str) -> int:

@@ -155,6 +155,26 @@ def test_gpu_session_retries_vs_peers_at_half_batch_after_out_of_memory(tmp_path
     assert "| dense | 10 | nan |" in text and "MFU target 0.45 (dense) met: False" in text
 
 
+def test_gpu_session_retries_no_run_that_lacks_a_system_for_another_reason(tmp_path, monkeypatch):
+    """A required peer failing at micro-batch 4 for another reason (HF's label view) while an optional system ran out
+    of memory sent vs_peers again at 2: the peers' time spent on the same failure, b2's table in place of b4's."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_session
+
+    calls = []
+
+    def fake_run_logged(cmd, log, timeout):
+        calls.append(int(cmd[cmd.index("--batch-size") + 1]))
+        skipped = {"hf": "RuntimeError: view size is not compatible", "whole_compile": "OutOfMemoryError: CUDA"}
+        result = {"tokens_per_s": {"dense": 10.0, "epas": 11.0, "litgpt": 10.0}, "skipped": skipped}
+        log.write_text(json.dumps(result) + "\n")
+        return 0, 1.0
+
+    monkeypatch.setattr(gpu_session, "run_logged", fake_run_logged)
+    peers = gpu_session.peers_part(gpu_session.parse_args(["run", "--output", str(tmp_path)]), time.monotonic() + 300)
+    assert calls == [4] and peers["batch_size"] == 4 and peers["skipped"]["hf"].startswith("RuntimeError")
+
+
 def test_gpu_session_reads_vs_peers_json_before_what_the_process_printed_while_it_exited(tmp_path, monkeypatch):
     """The log holds stderr too: a library's warning printed as vs_peers exited, after its JSON line, made the session
     stop with a JSONDecodeError traceback, writing neither gpu_session.json nor its tables."""
@@ -512,6 +532,23 @@ def test_vs_peers_partial_file_keeps_the_repetitions_of_a_killed_run(vs_peers_ev
         vs_peers_everywhere("--partial", str(tmp_path / "partial.json"))
     r = strict_json((tmp_path / "partial.json").read_text())
     assert r["complete"] is False and r["reps_done"] == {"dense": 1, "epas": 1} and r["epas_vs_dense"] > 0
+
+
+def test_vs_peers_refuses_a_partial_file_it_cannot_write_before_timing(
+    benchmarks_importable, monkeypatch, capsys, tmp_path
+):
+    """``--partial`` in a folder that does not exist, naming a folder or too long a name: a traceback after the first
+    repetition (its first write). One line, exit 2, before any model is built."""
+    import vs_peers
+
+    from epas_lightning.errors import run_script
+
+    for where in (tmp_path / "absent" / "partial.json", tmp_path, tmp_path / ("p" * 300)):
+        monkeypatch.setattr(sys, "argv", ["vs_peers.py", "--quick", "--threads", "1", "--partial", str(where)])
+        with pytest.raises(SystemExit) as stopped:
+            run_script(vs_peers.main)
+        out, err = capsys.readouterr()
+        assert stopped.value.code == 2 and out == "" and err.count("\n") == 1 and " — --partial — " in err, err
 
 
 def test_vs_peers_table_prints_mfu_without_memory(benchmarks_importable, capsys):
