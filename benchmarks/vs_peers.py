@@ -27,7 +27,8 @@ blocks (``epas_lightning.parallel.parallelize``) and each peer's whole model (wh
 The systems alternate within each repetition (forward order, then reverse) after untimed warm-up steps; tokens/s are
 medians over repetitions. The systems the targets need (``dense``, ``epas``, ``litgpt``, ``hf``) are timed first; the
 optional ones after them, alternating with ``dense`` again (its rate there: ``optional_reference``), each started only
-while ``--time-limit`` leaves the slowest warm-up so far (a whole-model compilation); then ``--profile``.
+while ``--time-limit`` leaves the slowest warm-up so far (a whole-model compilation); then ``--profile``. Where a
+required peer ran out of memory, neither runs: the time is left to a run at a smaller batch (gpu_session's retry).
 ``--partial FILE`` holds the result so far after each repetition (``"complete": false`` until the end): what a killed
 run measured. The last line is JSON: the tokens/s (and on CUDA the timed steps' peak memory above their start, the
 optimizer state already allocated, and the MFU in the paper's FLOPs convention, attention not halved, against
@@ -96,6 +97,8 @@ REQUIRED = ("dense", "epas", "litgpt", "hf")
 """The systems the targets need, timed first; the others are exploratory and run after them while time is left."""
 SYSTEMS = (*REQUIRED, "liger", "eager_ce", "torch_sdpa", "whole_compile")
 PEERS = ("litgpt", "hf")
+OUT_OF_MEMORY = "OutOfMemoryError"
+"""How a system dropped for lack of memory starts its reason in ``skipped`` (the class name of torch's error)."""
 MODULES = {"litgpt": "litgpt", "hf": "transformers", "liger": "liger_kernel"}
 """The package each optional system needs (``liger``: our dense model with Liger's fused linear cross-entropy)."""
 INSTALL = {"litgpt": 'pip install --no-deps "litgpt==0.5.13"', "hf": BENCH_EXTRA, "liger": 'pip install ".[gpu]"'}
@@ -467,9 +470,14 @@ def main(argv: list[str] | None = None) -> dict:
     time_arms(required, args.reps, device, warmup=args.warmup, after_rep=progress.required_rep)
 
     warm = []
+    short_of_memory = [n for n in REQUIRED if skipped.get(n, "").startswith(OUT_OF_MEMORY)]
     for name in [n for n in SYSTEMS if n in systems and n not in REQUIRED]:
         slowest, left = max(warm_ups.values(), default=0.0), deadline - time.monotonic()
-        if left < slowest:
+        if short_of_memory:  # gpu_session retries at half the batch: leave it the time this would take
+            lacking = ", ".join(short_of_memory)
+            skipped[name] = f"not started: {lacking} ran out of memory (time left to a smaller --batch-size)"
+            systems.pop(name)
+        elif left < slowest:
             skipped[name] = f"not started: {max(left, 0):.0f} s of --time-limit left, a warm-up took {slowest:.0f} s"
             systems.pop(name)
         else:
@@ -480,7 +488,7 @@ def main(argv: list[str] | None = None) -> dict:
         optional = {name: steps(systems[name]) for name in ["dense", *warm] if name in systems}
         times, _ = time_arms(optional, args.reps, device, warmup=0, after_rep=progress.optional_rep, deadline=deadline)
         skipped |= {name: "warmed up, not timed: --time-limit reached" for name in warm if not times[name]}
-    if args.profile:
+    if args.profile and not short_of_memory:  # (nor the profiles)
         extra["profile"] = {}
         for name in [n for n in SYSTEMS if n in systems]:
             extra["profile"][name] = profiled(name, systems[name], batches[0], autocast, args.profile, deadline)

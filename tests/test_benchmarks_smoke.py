@@ -515,6 +515,25 @@ def test_vs_peers_starts_no_optional_system_past_its_time_limit(vs_peers_everywh
     assert r["profile"] == {name: {"skipped": "not started: --time-limit reached"} for name in ("dense", "epas")}
 
 
+def test_vs_peers_leaves_its_time_to_a_smaller_batch_when_a_peer_ran_out_of_memory(vs_peers_everywhere, monkeypatch):
+    """A required peer dropped for memory at its first step left the table without it, and the optional systems and
+    profiles then took the time until --time-limit: gpu_session's retry at half the batch found too little left."""
+    import vs_peers
+
+    build = vs_peers.build_systems
+
+    def hf_out_of_memory(*args):
+        systems, *rest = build(*args)
+        systems["hf"].step = lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory"))
+        return (systems, *rest)
+
+    monkeypatch.setattr(vs_peers, "build_systems", hf_out_of_memory)
+    r = vs_peers_everywhere("hf", "--profile", "3")
+    assert list(r["tokens_per_s"]) == ["dense", "epas"] and r["skipped"]["hf"].startswith("OutOfMemoryError: CUDA")
+    assert r["skipped"]["eager_ce"] == "not started: hf ran out of memory (time left to a smaller --batch-size)"
+    assert "profile" not in r and "optional_reference" not in r
+
+
 def test_vs_peers_partial_file_keeps_the_repetitions_of_a_killed_run(vs_peers_everywhere, monkeypatch, tmp_path):
     """Killed during the timing (a time limit, an error), vs_peers left only per-rep lines in its log."""
     import harness
