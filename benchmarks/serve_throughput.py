@@ -65,10 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def write_checkpoint(folder: Path, config: LlamaConfig, seed: int) -> int:
-    """A random model whose trained region is the deepest half of its layers; returns that region's size."""
+def write_checkpoint(folder: Path, config: LlamaConfig, seed: int) -> tuple[int, int]:
+    """A random model whose trained region is the deepest half of its layers; returns that region's size and the
+    tokenizer's (serve takes prompt ids below it)."""
     texts = ["def main():\n    return 0\n", "import os\nprint('hello world')\n"] * 50
-    train_byte_level_bpe(texts, min(config.vocab_size, 512)).save(str(folder / "tokenizer.json"))
+    tokenizer = train_byte_level_bpe(texts, min(config.vocab_size, 512))
+    tokenizer.save(str(folder / "tokenizer.json"))
     torch.manual_seed(seed)
     model = Llama(config)
     n_shared = config.n_layer // 2
@@ -81,7 +83,7 @@ def write_checkpoint(folder: Path, config: LlamaConfig, seed: int) -> int:
         "tokenizer": {"path": "tokenizer.json", "bos_id": 0, "eos_id": 1},
     }
     (folder / "config.json").write_text(json_text(record))
-    return n_shared
+    return n_shared, tokenizer.get_vocab_size()
 
 
 class Server:
@@ -170,12 +172,12 @@ def run_round(server: Server, args: argparse.Namespace, prompts: list[list[int]]
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     config = preset_config(args.model, args.prompt_len + args.max_tokens)
-    generator = torch.Generator().manual_seed(args.seed)
-    prompts = torch.randint(2, config.vocab_size, (args.clients * args.requests, args.prompt_len), generator=generator)
     with tempfile.TemporaryDirectory(prefix="serve_throughput_") as tmp:
         folder = Path(tmp) / "model"
         folder.mkdir()
-        trained = write_checkpoint(folder, config, args.seed)
+        trained, vocab = write_checkpoint(folder, config, args.seed)
+        generator = torch.Generator().manual_seed(args.seed)
+        prompts = torch.randint(2, vocab, (args.clients * args.requests, args.prompt_len), generator=generator)
         settings = {"dense": 0, "trained": trained}
         server = Server(folder, args, Path(tmp) / "server.log")
         try:
