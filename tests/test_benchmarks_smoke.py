@@ -209,6 +209,7 @@ def test_gpu_session_tables_what_vs_peers_measured_before_its_time_ran_out(tmp_p
         return 124, float(timeout)
 
     monkeypatch.setattr(gpu_session, "run_logged", stopped_at_its_limit)
+    monkeypatch.setattr(gpu_session, "check_packages", lambda args, cuda: None)  # CI installs no peer
     args = ["run", "--output", str(tmp_path), "--skip-tests", "--skip-fit", "--peers-timeout", "100"]
     gpu_session.run(gpu_session.parse_args(args))
     assert limits == [(85, 100)]  # vs_peers starts nothing optional that its last seconds could not end
@@ -236,6 +237,7 @@ def test_gpu_session_writes_each_part_as_it_ends(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_session, "tests_part", lambda args, timeout: {"exit_code": 0, "summary": "6 passed"})
     monkeypatch.setattr(gpu_session, "fit_part", unreadable_logs)
     monkeypatch.setattr(gpu_session, "peers_part", stopped)
+    monkeypatch.setattr(gpu_session, "check_packages", lambda args, cuda: None)  # CI installs no peer
     with pytest.raises(KeyboardInterrupt):
         gpu_session.run(gpu_session.parse_args(["run", "--output", str(tmp_path)]))
     report = strict_json((tmp_path / "gpu_session.json").read_text())
