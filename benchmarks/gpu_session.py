@@ -229,7 +229,8 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 PEERS_SYSTEMS = ("dense", "epas", "litgpt", "hf", "liger", "eager_ce", "torch_sdpa", "whole_compile")
-"""vs_peers' systems: the targets' four (timed first), then the optional ones (after them, while time is left)."""
+"""vs_peers' systems: the targets' four (timed first), then the optional ones (after them, while time is left); a
+copy of ``vs_peers.SYSTEMS`` (this process does not import vs_peers), held equal to it by a test."""
 REQUIRED_PEERS_SYSTEMS = PEERS_SYSTEMS[:4]
 PEERS_EXIT_S = 15
 """Seconds of vs_peers' limit kept from its ``--time-limit``: the last step or profile started, the JSON, its exit."""

@@ -303,6 +303,16 @@ def benchmarks_importable(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
 
 
+def test_gpu_session_names_vs_peers_systems_as_vs_peers_does(benchmarks_importable):
+    """gpu_session keeps its own list of vs_peers' systems (its process imports torch alone, not vs_peers): the same
+    names in the same order, the targets' four first, so that what it asks for and checks is what vs_peers times."""
+    import gpu_session
+    import vs_peers
+
+    assert gpu_session.PEERS_SYSTEMS == vs_peers.SYSTEMS
+    assert gpu_session.REQUIRED_PEERS_SYSTEMS == vs_peers.REQUIRED
+
+
 def test_every_script_reports_a_user_error_in_one_line(benchmarks_importable, capsys):
     """A bad flag value (an unknown preset, CUDA on a CPU machine) ends the script with one line and status 2."""
     import memory
