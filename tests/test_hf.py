@@ -1210,6 +1210,23 @@ def test_the_remote_code_returns_attention_maps_only_where_the_stock_llama_does(
     assert got == expected and not got  # () from transformers 5, None before
 
 
+@pytest.mark.parametrize("attn", ["flash_attention_2", "flex_attention"])
+def test_the_remote_code_refuses_an_attention_it_does_not_run(tmp_path: Path, attn: str) -> None:
+    """``attn_implementation="flash_attention_2"`` loaded, and SDPA ran: timings and memory were not what was asked for,
+    with no word said. The remote code runs eager and SDPA attention; it refuses others at load, with transformers'
+    error for a model that does not support them, and at run time if one is set on its config afterwards."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    remote = export(tmp_path / "ckpt", tmp_path / "remote")
+    with pytest.raises(ValueError, match="does not support"):
+        transformers.AutoModelForCausalLM.from_pretrained(remote, trust_remote_code=True, attn_implementation=attn)
+    ours = transformers.AutoModelForCausalLM.from_pretrained(remote, trust_remote_code=True).eval()
+    ours.config._attn_implementation = attn  # set behind transformers' checks
+    with pytest.raises(ValueError, match=f"runs eager or sdpa attention, not {attn!r}"):
+        ours(torch.randint(3, VOCAB, (1, 4)))
+
+
 @pytest.mark.parametrize("mode", ["qk", "kv"])
 def test_a_sharing_layer_on_another_device_than_its_source_runs(tmp_path: Path, mode: str) -> None:
     """``device_map`` may place a sharing layer on another device than its source: accelerate moves the layer's

@@ -8,7 +8,7 @@ V, the output projection, the MLP, norms and residuals always run. ``output_hidd
 model does: the embeddings, then each layer's output, the last one normed; ``output_attentions`` each layer's
 attention weights under eager attention (a sharing layer's in "qk" mode are its source's), under SDPA none, as the
 stock model of the installed transformers gives them; ``attention_dropout`` drops them in training, as on the stock
-model.
+model. Eager and SDPA attention run; other implementations (flash, flex) are refused, at load with transformers' error.
 
 Generation works with and without a KV cache, on transformers 4.57 to 5.24: the cache reaches ``forward`` as
 ``past_key_values`` up to 5.23 and as ``cache`` from 5.24, and the output names it the same way. With the cache every
@@ -53,6 +53,7 @@ MASK_SIZES_BY_LENGTH = "query_length" in inspect.signature(Cache.get_mask_sizes)
 """Whether a cache's ``get_mask_sizes`` takes the number of new tokens (transformers 5) or their positions (4.57)."""
 NO_WEIGHTS = () if MASK_SIZES_BY_LENGTH else None
 """The stock model's ``attentions`` when asked for with none computed (SDPA): empty in transformers 5, None in 4.57."""
+ATTENTIONS = ("eager", "sdpa")
 
 
 def _rope_theta(config):
@@ -153,6 +154,9 @@ class EpasLlamaAttention(LlamaAttention):
         comes as ``cache`` (transformers 5.24 on) or ``past_key_values``, told ``cache_position`` (4.57's StaticCache
         reads it)."""
         config, (B, T, _) = self.config, hidden_states.shape
+        implementation = config._attn_implementation or "sdpa"
+        if implementation not in ATTENTIONS:
+            raise ValueError(f"The EPAS LLaMA runs eager or sdpa attention, not {implementation!r}: load it with one.")
         cos, sin = (table[:, None] for table in position_embeddings)  # (B, 1, T, D)
 
         def heads(x):
@@ -176,7 +180,7 @@ class EpasLlamaAttention(LlamaAttention):
             where = {"cache_position": kwargs.get("cache_position")}
             k, v = cache.update(k, v, self.layer_idx, where)  # (B, H_kv, S, D) each
         weights, dropout = None, self.attention_dropout if self.training else 0.0
-        if config._attn_implementation == "eager":
+        if implementation == "eager":
             y, weights = _attention_weights(q, k, v, attention_mask, dropout)
         else:
             y = F.scaled_dot_product_attention(
@@ -240,6 +244,7 @@ class EpasLlamaDecoderLayer(LlamaDecoderLayer):
 class EpasLlamaModel(LlamaModel):
     config_class = EpasLlamaConfig
     _no_split_modules = ["EpasLlamaDecoderLayer"]
+    _supports_flash_attn = _supports_flex_attn = _supports_attention_backend = False  # eager and SDPA only
 
     def __init__(self, config):  # LlamaModel's, with EPAS layers: each layer built and initialised once, as stock
         LlamaPreTrainedModel.__init__(self, config)
@@ -321,6 +326,7 @@ class EpasLlamaModel(LlamaModel):
 class EpasLlamaForCausalLM(LlamaForCausalLM):
     config_class = EpasLlamaConfig
     _no_split_modules = ["EpasLlamaDecoderLayer"]
+    _supports_flash_attn = _supports_flex_attn = _supports_attention_backend = False  # eager and SDPA only
 
     def __init__(self, config):
         LlamaPreTrainedModel.__init__(self, config)
