@@ -935,6 +935,19 @@ def test_the_remote_code_returns_hidden_states_as_the_stock_llama_does(tmp_path:
         assert ours(ids).hidden_states is None  # not asked for: none kept
 
 
+@pytest.mark.parametrize("selection", [[0, -1], 1, -2])
+def test_the_remote_code_selects_hidden_states_as_the_stock_llama_does(tmp_path: Path, selection: object) -> None:
+    """``output_hidden_states`` may name the layers to keep (transformers 5.24 on: the others are None; before, any
+    such value asks for all): the remote code gave every layer's; it gives the stock model's selection now."""
+    stock, ours = stock_and_remote_at_region_0(tmp_path)
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with torch.no_grad():
+        expected = stock.eval()(ids, output_hidden_states=selection).hidden_states
+        got = ours.eval()(ids, output_hidden_states=selection).hidden_states
+    assert [x is None for x in got] == [x is None for x in expected]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_the_remote_code_returns_attention_maps_as_the_stock_llama_does(tmp_path: Path) -> None:
     """``output_attentions=True`` gave ``None`` from the trust_remote_code export; it gives each layer's attention
     weights, equal to the stock export's (eager attention) at region 0; a sharing layer's (qk) are its source's."""

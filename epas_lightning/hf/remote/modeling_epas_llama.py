@@ -5,10 +5,11 @@ and v biases, none on o_proj); only the forward differs. A layer listed in
 ``config.epas_shared_layers`` runs in sharing mode: in "qk" mode it reuses the post-RoPE query and key of the last
 computing layer before it and projects only V (in "kv" mode it reuses that layer's K and V and projects only Q).
 V, the output projection, the MLP, norms and residuals always run. ``output_hidden_states`` returns what the stock
-model does: the embeddings, then each layer's output, the last one normed; ``output_attentions`` each layer's
-attention weights under eager attention (a sharing layer's in "qk" mode are its source's), under SDPA none, as the
-stock model of the installed transformers gives them; ``attention_dropout`` drops them in training, as on the stock
-model. Eager and SDPA attention run; other implementations (flash, flex) are refused, at load with transformers' error.
+model does: the embeddings, then each layer's output, the last one normed (only those it names, from transformers
+5.24, where it may be indices); ``output_attentions`` each layer's attention weights under eager attention (a sharing
+layer's in "qk" mode are its source's), under SDPA none, as the stock model of the installed transformers gives them;
+``attention_dropout`` drops them in training, as on the stock model. Eager and SDPA attention run; other
+implementations (flash, flex) are refused, at load with transformers' error.
 
 Generation works with and without a KV cache, on transformers 4.57 to 5.24: the cache reaches ``forward`` as
 ``past_key_values`` up to 5.23 and as ``cache`` from 5.24, and the output names it the same way. With the cache every
@@ -42,6 +43,14 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
 )
 from transformers.utils import logging
+
+try:  # transformers 5.24 on: output_hidden_states may name the hidden states to keep
+    from transformers.utils.output_capturing import selected_hidden_states
+except ImportError:  # before: any true value asks for all
+
+    def selected_hidden_states(output_hidden_states):
+        return None
+
 
 from .configuration_epas_llama import EpasLlamaConfig
 
@@ -128,6 +137,16 @@ def _attention_weights(q, k, v, mask, dropout):
     weights = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1, dtype=torch.float32).to(q.dtype)
     weights = F.dropout(weights, dropout, training=dropout > 0)
     return weights @ v, weights
+
+
+def _selected(hidden, indices):
+    """``hidden`` with those not at ``indices`` (negative ones from the end) None, as the stock model selects them;
+    all of them where ``indices`` is None."""
+    if indices is None:
+        return hidden
+    n = len(hidden)
+    keep = {i % n for i in indices if -n <= i < n}
+    return [x if i in keep else None for i, x in enumerate(hidden)]
 
 
 class _Relay:
@@ -293,8 +312,9 @@ class EpasLlamaModel(LlamaModel):
         config = self.config
         position_embeddings = _rope_tables(config, config.hidden_size // config.num_attention_heads, position_ids)
         mask = _attention_mask(attention_mask, B, cache_position, *_key_span(past_key_values, cache_position))
-        record = kwargs.get("output_hidden_states")
-        hidden = [inputs_embeds] if (config.output_hidden_states if record is None else record) else None
+        keep = kwargs.get("output_hidden_states")
+        keep = config.output_hidden_states if keep is None else keep
+        hidden = [inputs_embeds] if keep else None
         record = kwargs.get("output_attentions")
         relay = _Relay(record_weights=config.output_attentions if record is None else record)
         if relay.weights is not None and config._attn_implementation != "eager":
@@ -313,6 +333,7 @@ class EpasLlamaModel(LlamaModel):
         h = self.norm(h)
         if hidden is not None:  # as transformers' LlamaModel: the last layer's output is given normed
             hidden[-1] = h
+            hidden = _selected(hidden, selected_hidden_states(keep))
         weights = None if relay.weights is None else tuple(w for w in relay.weights if w is not None) or NO_WEIGHTS
         output = BaseModelOutputWithPast(
             last_hidden_state=h,
