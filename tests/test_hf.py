@@ -935,6 +935,19 @@ def test_the_remote_code_returns_hidden_states_as_the_stock_llama_does(tmp_path:
         assert ours(ids).hidden_states is None  # not asked for: none kept
 
 
+@pytest.mark.parametrize("selection", [[0, -1], 1, -2])
+def test_the_remote_code_selects_hidden_states_as_the_stock_llama_does(tmp_path: Path, selection: object) -> None:
+    """``output_hidden_states`` may name the layers to keep (transformers 5.24 on: the others are None; before, any
+    such value asks for all): the remote code gave every layer's; it gives the stock model's selection now."""
+    stock, ours = stock_and_remote_at_region_0(tmp_path)
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with torch.no_grad():
+        expected = stock.eval()(ids, output_hidden_states=selection).hidden_states
+        got = ours.eval()(ids, output_hidden_states=selection).hidden_states
+    assert [x is None for x in got] == [x is None for x in expected]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_the_remote_code_returns_attention_maps_as_the_stock_llama_does(tmp_path: Path) -> None:
     """``output_attentions=True`` gave ``None`` from the trust_remote_code export; it gives each layer's attention
     weights, equal to the stock export's (eager attention) at region 0; a sharing layer's (qk) are its source's."""
@@ -1132,8 +1145,8 @@ def test_the_remote_code_loads_as_a_base_model_as_the_stock_export_does(tmp_path
 def test_the_remote_code_calls_its_decoder_layers_as_modules(tmp_path: Path) -> None:
     """The remote forward ran each decoder layer's parts itself, never the layer: a hook on a layer (accelerate's
     ``device_map`` moving inputs to the layer's device, FSDP's gather of its weights, a steering or probing hook) never
-    ran. The layers are called now: a forward hook sees each call, and the output it returns (the layer's hidden states
-    first) is the layer's."""
+    ran. The layers are called now: a forward hook sees each call, and the output it returns (the layer's hidden states,
+    a tensor as from the stock layer) is the layer's."""
     from epas_lightning.hf.export import export
 
     save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
@@ -1143,9 +1156,9 @@ def test_the_remote_code_calls_its_decoder_layers_as_modules(tmp_path: Path) -> 
     ids = torch.randint(3, VOCAB, (2, 8))
     calls = []
 
-    def steer(module: torch.nn.Module, args: tuple, output: tuple) -> tuple:
+    def steer(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         calls.append(module)
-        return (output[0] + 1.0, *output[1:])
+        return output + 1.0
 
     with torch.no_grad():
         plain = hf.eval()(ids).logits
@@ -1155,6 +1168,96 @@ def test_the_remote_code_calls_its_decoder_layers_as_modules(tmp_path: Path) -> 
         assert calls == [hf.model.layers[1]] and (steered - plain).abs().max() > 1e-3
         torch.testing.assert_close(hf(ids).logits, plain)
     assert set(hf._no_split_modules) == {type(hf.model.layers[0]).__name__}  # device_map="auto" keeps a layer whole
+
+
+def hook_views(model: torch.nn.Module, steer: float) -> list[tuple]:
+    """What forward hooks on layer 1's attention (pre and post, with kwargs) and on layer 1 see of one forward; the
+    attention hook adds ``steer`` to the attention output it returns."""
+    seen, layer = [], model.model.layers[1]
+
+    def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.append(("attention in", args, kwargs["hidden_states"]))
+
+    def post(module: torch.nn.Module, args: tuple, kwargs: dict, output: tuple) -> tuple:
+        seen.append(("attention out", type(output), *output))
+        return (output[0] + steer, output[1])
+
+    handles = [layer.self_attn.register_forward_pre_hook(pre, with_kwargs=True)]
+    handles.append(layer.self_attn.register_forward_hook(post, with_kwargs=True))
+    handles.append(layer.register_forward_hook(lambda module, args, output: seen.append(("layer out", output))))
+    with torch.no_grad():
+        seen.append(("logits", model(torch.arange(3, 11).repeat(2, 1)).logits))
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_hooks_on_the_remote_codes_attention_see_what_they_see_on_the_stock_llama(tmp_path: Path, attn: str) -> None:
+    """The remote decoder layer ran its attention's projections itself, never the attention module: hooks on
+    ``layers[i].self_attn`` (a probe, a steering vector) never ran, and the layer returned a tuple where the stock one
+    returns its hidden states. Now the attention is called as the stock layer calls it (``hidden_states`` by name in,
+    ``(attn_output, attn_weights)`` out, the weights None but under eager attention) and the layer returns a tensor:
+    at region 0 each hook sees the stock model's values, and a hook's change to the output changes the logits alike."""
+    stock, ours = stock_and_remote_at_region_0(tmp_path, attn_implementation=attn)
+    for steer in (0.0, 1.0):
+        expected, got = hook_views(stock.eval(), steer), hook_views(ours.eval(), steer)
+        assert [view[0] for view in got] == [view[0] for view in expected]
+        for want, have in zip(expected, got, strict=True):
+            assert [type(x) for x in have] == [type(x) for x in want], want[0]
+            tensors = [(h, w) for h, w in zip(have[1:], want[1:], strict=True) if isinstance(w, torch.Tensor)]
+            for h, w in tensors:
+                torch.testing.assert_close(h, w, atol=1e-5, rtol=1e-5, msg=want[0])
+        assert (attn == "eager") == isinstance(expected[1][3], torch.Tensor)  # the weights
+
+
+def test_the_remote_code_returns_attention_maps_only_where_the_stock_llama_does(tmp_path: Path) -> None:
+    """Under SDPA (the default) ``output_attentions=True`` gave eager attention weights the stock model does not give
+    (it has none to give); the remote code answers as the stock model of the installed transformers does now."""
+    stock, ours = stock_and_remote_at_region_0(tmp_path, attn_implementation="sdpa")
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers 4.57 warns that SDPA has no attention weights
+        expected = stock.eval()(ids, output_attentions=True).attentions
+        got = ours.eval()(ids, output_attentions=True).attentions
+    assert got == expected and not got  # () from transformers 5, None before
+
+
+@pytest.mark.parametrize("attn", ["flash_attention_2", "flex_attention"])
+def test_the_remote_code_refuses_an_attention_it_does_not_run(tmp_path: Path, attn: str) -> None:
+    """``attn_implementation="flash_attention_2"`` loaded, and SDPA ran: timings and memory were not what was asked for,
+    with no word said. The remote code runs eager and SDPA attention; it refuses others at load, with transformers'
+    error for a model that does not support them, and at run time if one is set on its config afterwards."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1)
+    remote = export(tmp_path / "ckpt", tmp_path / "remote")
+    with pytest.raises(ValueError, match="does not support"):
+        transformers.AutoModelForCausalLM.from_pretrained(remote, trust_remote_code=True, attn_implementation=attn)
+    ours = transformers.AutoModelForCausalLM.from_pretrained(remote, trust_remote_code=True).eval()
+    ours.config._attn_implementation = attn  # set behind transformers' checks
+    with pytest.raises(ValueError, match=f"runs eager or sdpa attention, not {attn!r}"):
+        ours(torch.randint(3, VOCAB, (1, 4)))
+
+
+@pytest.mark.parametrize("mode", ["qk", "kv"])
+def test_a_sharing_layer_on_another_device_than_its_source_runs(tmp_path: Path, mode: str) -> None:
+    """``device_map`` may place a sharing layer on another device than its source: accelerate moves the layer's
+    inputs to its device, but not the pair the relay hands on, and the sharing layer mixed devices. It takes the pair
+    onto its own device now (the "meta" device stands for a second accelerator here)."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=2, shared=1, sharing_mode=mode)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "hf"), trust_remote_code=True
+    )
+    for module in (hf.model.layers[1], hf.model.norm, hf.lm_head):
+        add_hook_to_module(module.to("meta"), AlignDevicesHook(execution_device="meta"))
+    with torch.no_grad():
+        logits = hf.eval()(torch.randint(3, VOCAB, (2, 8))).logits
+    assert logits.device.type == "meta" and logits.shape == (2, 8, VOCAB)
 
 
 def test_the_remote_code_builds_each_layer_once_as_the_stock_llama_does(tmp_path: Path) -> None:

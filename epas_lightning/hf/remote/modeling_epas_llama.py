@@ -5,19 +5,24 @@ and v biases, none on o_proj); only the forward differs. A layer listed in
 ``config.epas_shared_layers`` runs in sharing mode: in "qk" mode it reuses the post-RoPE query and key of the last
 computing layer before it and projects only V (in "kv" mode it reuses that layer's K and V and projects only Q).
 V, the output projection, the MLP, norms and residuals always run. ``output_hidden_states`` returns what the stock
-model does: the embeddings, then each layer's output, the last one normed; ``output_attentions`` each layer's
-attention weights, computed as eager attention does (a sharing layer's in "qk" mode are its source's);
-``attention_dropout`` drops them in training, as on the stock model.
+model does: the embeddings, then each layer's output, the last one normed (only those it names, from transformers
+5.24, where it may be indices); ``output_attentions`` each layer's attention weights under eager attention (a sharing
+layer's in "qk" mode are its source's), under SDPA none, as the stock model of the installed transformers gives them;
+``attention_dropout`` drops them in training, as on the stock model. Eager and SDPA attention run; other
+implementations (flash, flex) are refused, at load with transformers' error.
 
 Generation works with and without a KV cache, on transformers 4.57 to 5.24: the cache reaches ``forward`` as
 ``past_key_values`` up to 5.23 and as ``cache`` from 5.24, and the output names it the same way. With the cache every
 layer stores the K/V it attends over, so a sharing layer stores a copy of its source's keys (correct, not
 memory-saving); the project's own ``generate`` is the place for the smaller cache.
 
-Each decoder layer is called as a module, so hooks on it run (accelerate's ``device_map``, FSDP, a probe); it returns
-its hidden states, then its attention weights (or None) and the pair it hands on. ``gradient_checkpointing_enable()``
-works as on the stock model: in training transformers recomputes each decoder layer it marks in backward (a sharing
-layer from the Q/K or K/V its source handed on), and the cache is turned off.
+Each decoder layer and its attention are called as modules, as the stock layer calls them, so hooks on them run
+(accelerate's ``device_map``, FSDP, a probe) and see what they see on the stock model: a layer returns its hidden
+states, an attention gets ``hidden_states`` by name and returns ``(attn_output, attn_weights)``. The Q/K (or K/V) pair
+a computing layer hands to the sharing layers after it travels in a relay passed as the keyword ``epas_relay``.
+``gradient_checkpointing_enable()`` works as on the stock model: in training transformers recomputes each decoder layer
+it marks in backward (a sharing layer from the pair its source handed on, which the checkpoint takes as an input and a
+computing layer's checkpoint gives as an output), and the cache is turned off.
 
 Notation: B batch, T new tokens, S cached + new tokens, H query heads, H_kv key/value heads, D head dim.
 """
@@ -30,8 +35,22 @@ from torch import nn
 from transformers import Cache, DynamicCache, LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
 from transformers.utils import logging
+
+try:  # transformers 5.24 on: output_hidden_states may name the hidden states to keep
+    from transformers.utils.output_capturing import selected_hidden_states
+except ImportError:  # before: any true value asks for all
+
+    def selected_hidden_states(output_hidden_states):
+        return None
+
 
 from .configuration_epas_llama import EpasLlamaConfig
 
@@ -41,6 +60,9 @@ CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__
 """How this transformers version names the KV cache in model inputs and outputs (``cache`` from 5.24 on)."""
 MASK_SIZES_BY_LENGTH = "query_length" in inspect.signature(Cache.get_mask_sizes).parameters
 """Whether a cache's ``get_mask_sizes`` takes the number of new tokens (transformers 5) or their positions (4.57)."""
+NO_WEIGHTS = () if MASK_SIZES_BY_LENGTH else None
+"""The stock model's ``attentions`` when asked for with none computed (SDPA): empty in transformers 5, None in 4.57."""
+ATTENTIONS = ("eager", "sdpa")
 
 
 def _rope_theta(config):
@@ -59,10 +81,11 @@ def _inv_freq(config, head_dim, device):
 
 
 def _rope_tables(config, head_dim, position_ids):
-    """fp32 (cos, sin), each (B, 1, T, D), for ``position_ids`` (B, T): rotate-half layout."""
+    """fp32 (cos, sin), each (B, T, D) as the stock model's ``position_embeddings``, for ``position_ids`` (B, T):
+    rotate-half layout."""
     inv_freq = _inv_freq(config, head_dim, position_ids.device)
     freqs = position_ids.float()[..., None] * inv_freq  # (B, T, D / 2)
-    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+    angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
     return angles.cos(), angles.sin()
 
 
@@ -116,61 +139,131 @@ def _attention_weights(q, k, v, mask, dropout):
     return weights @ v, weights
 
 
-class EpasLlamaDecoderLayer(LlamaDecoderLayer):
-    """A ``LlamaDecoderLayer`` (the same parameters) run as EPAS runs it. It is called as a module, so that hooks on it
-    run (accelerate's ``device_map``, FSDP, a probe) and transformers' gradient checkpointing recomputes it."""
+def _selected(hidden, indices):
+    """``hidden`` with those not at ``indices`` (negative ones from the end) None, as the stock model selects them;
+    all of them where ``indices`` is None."""
+    if indices is None:
+        return hidden
+    n = len(hidden)
+    keep = {i % n for i in indices if -n <= i < n}
+    return [x if i in keep else None for i, x in enumerate(hidden)]
+
+
+class _Relay:
+    """What the layers of one forward hand on: the pair of the last computing layer (post-RoPE (Q, K) in "qk" mode,
+    (K, V) in "kv" mode) and, when recording, each layer's attention weights as its attention returned them."""
+
+    def __init__(self, record_weights):
+        self.pair, self.weights = (), [] if record_weights else None
+
+
+class EpasLlamaAttention(LlamaAttention):
+    """``LlamaAttention`` (the same parameters and call) run as EPAS runs it: a layer listed in
+    ``config.epas_shared_layers`` takes the pair in ``epas_relay`` and projects only what it lacks; a computing one
+    leaves its pair there."""
 
     def __init__(self, config, layer_idx):
         super().__init__(config, layer_idx)
-        self.config, self.layer_idx = config, layer_idx
         if getattr(config, "epas_attention_bias", None) == "qkv":  # a Qwen2: LlamaAttention biased o_proj too
-            self.self_attn.o_proj.bias = None
+            self.o_proj.bias = None
 
-    def forward(self, h, *reuse, cos, sin, mask, kv_cache, cache_kwargs, want_weights):
-        """(the output, the attention weights or None, then the pair this layer computed for the sharing layers after
-        it: post-RoPE (Q, K) in "qk" mode, (K, V) in "kv" mode; none when it reuses ``reuse``, the pair of the last
-        computing layer). Tensors that need gradients come positionally, so that a checkpoint (reentrant or not)
-        recomputes the layer from them and passes their gradients back to where they came from. ``cache_kwargs`` say
-        where the new tokens go in ``kv_cache`` (4.57's StaticCache reads them; not named ``cache``, which
-        transformers' checkpointing drops)."""
-        config, (B, T, _) = self.config, h.shape
-        n_head, n_kv_head = config.num_attention_heads, config.num_key_value_heads
-        head_dim = config.hidden_size // n_head
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, epas_relay=None, **kwargs):
+        """(attention output (B, T, C) after ``o_proj``, the weights (B, H, T, S) under eager attention, else None).
+        ``attention_mask`` is boolean (B, 1, T, S), True where attended, or None for plain causal attention; the cache
+        comes as ``cache`` (transformers 5.24 on) or ``past_key_values``, told ``cache_position`` (4.57's StaticCache
+        reads it)."""
+        config, (B, T, _) = self.config, hidden_states.shape
+        implementation = config._attn_implementation or "sdpa"
+        if implementation not in ATTENTIONS:
+            raise ValueError(f"The EPAS LLaMA runs eager or sdpa attention, not {implementation!r}: load it with one.")
+        cos, sin = (table[:, None] for table in position_embeddings)  # (B, 1, T, D)
 
-        def heads(x, n):
-            return x.view(B, T, n, head_dim).transpose(1, 2)  # (B, n, T, D)
+        def heads(x):
+            return x.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n, T, D)
 
-        attn = self.self_attn
-        x = self.input_layernorm(h)
-        computed = ()
-        if not reuse:
-            q = _apply_rope(heads(attn.q_proj(x), n_head), cos, sin)  # (B, H, T, D)
-            k = _apply_rope(heads(attn.k_proj(x), n_kv_head), cos, sin)  # (B, H_kv, T, D)
-            v = heads(attn.v_proj(x), n_kv_head)
-            computed = (q, k) if config.epas_sharing_mode == "qk" else (k, v)
-        elif config.epas_sharing_mode == "qk":
-            q, k = reuse
-            v = heads(attn.v_proj(x), n_kv_head)
+        shared = epas_relay is not None and epas_relay.pair and self.layer_idx in config.epas_shared_layers
+        if not shared:
+            q = _apply_rope(heads(self.q_proj(hidden_states)), cos, sin)  # (B, H, T, D)
+            k = _apply_rope(heads(self.k_proj(hidden_states)), cos, sin)  # (B, H_kv, T, D)
+            v = heads(self.v_proj(hidden_states))
+            if epas_relay is not None:
+                epas_relay.pair = (q, k) if config.epas_sharing_mode == "qk" else (k, v)
+        elif config.epas_sharing_mode == "qk":  # the pair on this layer's device (a device_map may split the layers)
+            q, k = (x.to(hidden_states.device) for x in epas_relay.pair)
+            v = heads(self.v_proj(hidden_states))
         else:
-            k, v = reuse
-            q = _apply_rope(heads(attn.q_proj(x), n_head), cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(k, v, self.layer_idx, cache_kwargs)  # (B, H_kv, S, D) each
-        weights, dropout = None, config.attention_dropout if self.training else 0.0
-        if want_weights:
-            y, weights = _attention_weights(q, k, v, mask, dropout)
+            k, v = (x.to(hidden_states.device) for x in epas_relay.pair)
+            q = _apply_rope(heads(self.q_proj(hidden_states)), cos, sin)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None:
+            where = {"cache_position": kwargs.get("cache_position")}
+            k, v = cache.update(k, v, self.layer_idx, where)  # (B, H_kv, S, D) each
+        weights, dropout = None, self.attention_dropout if self.training else 0.0
+        if implementation == "eager":
+            y, weights = _attention_weights(q, k, v, attention_mask, dropout)
         else:
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, enable_gqa=n_kv_head != n_head
+                q, k, v, attn_mask=attention_mask, dropout_p=dropout, is_causal=attention_mask is None, enable_gqa=True
             )
-        h = h + attn.o_proj(y.transpose(1, 2).reshape(B, T, n_head * head_dim))
-        h = h + self.mlp(self.post_attention_layernorm(h))
-        return (h, weights, *computed)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), weights
+
+
+class EpasLlamaDecoderLayer(LlamaDecoderLayer):
+    """A ``LlamaDecoderLayer`` (the same parameters, call and output) whose attention runs as EPAS runs it."""
+
+    def __init__(self, config, layer_idx):  # LlamaDecoderLayer's, with the EPAS attention: built once, in stock's order
+        nn.Module.__init__(self)
+        self.hidden_size = config.hidden_size
+        self.self_attn = EpasLlamaAttention(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
+        """The layer's output (B, T, C); ``kwargs`` (the cache, ``epas_relay``) go on to the attention as stock's do."""
+        attended, weights = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        relay = kwargs.get("epas_relay")
+        if relay is not None and relay.weights is not None:
+            relay.weights.append(weights)
+        hidden_states = hidden_states + attended
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+    @property
+    def _gradient_checkpointing_func(self):
+        """The checkpoint transformers' ``GradientCheckpointingLayer`` runs this layer in, the relay's pair made one of
+        its inputs and, from a computing layer, one of its outputs: a reentrant checkpoint passes gradients only
+        through those."""
+        return self._checkpoint_with_relay
+
+    @_gradient_checkpointing_func.setter
+    def _gradient_checkpointing_func(self, checkpoint):  # set by transformers' gradient_checkpointing_enable
+        self._checkpoint = checkpoint
+
+    def _checkpoint_with_relay(self, function, *args):
+        relay = getattr(function, "keywords", {}).get("epas_relay")  # the partial transformers checkpoints
+        if relay is None:
+            return self._checkpoint(function, *args)
+        received = relay.pair
+
+        def run(*inputs):
+            handed = relay.pair = inputs[len(args) :]  # in a recompute, the checkpoint's copies
+            output = function(*inputs[: len(args)])
+            return (output,) if relay.pair is handed else (output, *relay.pair)
+
+        outputs = self._checkpoint(run, *args, *received)
+        relay.pair = tuple(outputs[1:]) or received
+        return outputs[0]
 
 
 class EpasLlamaModel(LlamaModel):
     config_class = EpasLlamaConfig
     _no_split_modules = ["EpasLlamaDecoderLayer"]
+    _supports_flash_attn = _supports_flex_attn = _supports_attention_backend = False  # eager and SDPA only
 
     def __init__(self, config):  # LlamaModel's, with EPAS layers: each layer built and initialised once, as stock
         LlamaPreTrainedModel.__init__(self, config)
@@ -217,31 +310,35 @@ class EpasLlamaModel(LlamaModel):
         if position_ids is None:
             position_ids = cache_position[None].expand(B, T)
         config = self.config
-        cos, sin = _rope_tables(config, config.hidden_size // config.num_attention_heads, position_ids)
+        position_embeddings = _rope_tables(config, config.hidden_size // config.num_attention_heads, position_ids)
         mask = _attention_mask(attention_mask, B, cache_position, *_key_span(past_key_values, cache_position))
-        shared_layers = set(config.epas_shared_layers)
-
-        h = inputs_embeds
-        record = kwargs.get("output_hidden_states")
-        hidden = [h] if (config.output_hidden_states if record is None else record) else None
+        keep = kwargs.get("output_hidden_states")
+        keep = config.output_hidden_states if keep is None else keep
+        hidden = [inputs_embeds] if keep else None
         record = kwargs.get("output_attentions")
-        attentions = [] if (config.output_attentions if record is None else record) else None
-        reuse, options = (), dict(cos=cos, sin=sin, mask=mask, want_weights=attentions is not None)
-        options.update(kv_cache=past_key_values, cache_kwargs={"cache_position": cache_position})
-        for i, layer in enumerate(layers):  # transformers' GradientCheckpointingLayer recomputes a checkpointed one
-            h, weights, *computed = layer(h, *reuse, **options) if i in shared_layers and reuse else layer(h, **options)
-            reuse = tuple(computed) or reuse
-            if attentions is not None:
-                attentions.append(weights)
+        relay = _Relay(record_weights=config.output_attentions if record is None else record)
+        if relay.weights is not None and config._attn_implementation != "eager":
+            logger.warning_once(
+                f"`{config._attn_implementation}` attention does not support `output_attentions=True`. Please set "
+                "your attention to `eager` if you want any of these features."
+            )
+        options = dict(attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
+        options.update(use_cache=use_cache, cache_position=cache_position, epas_relay=relay)
+        options[CACHE_FIELD] = past_key_values
+        h = inputs_embeds
+        for layer in layers:  # transformers' GradientCheckpointingLayer recomputes a checkpointed one
+            h = layer(h, **options)  # the hidden states positionally, so that a reentrant checkpoint passes gradients
             if hidden is not None:
                 hidden.append(h)
         h = self.norm(h)
         if hidden is not None:  # as transformers' LlamaModel: the last layer's output is given normed
             hidden[-1] = h
+            hidden = _selected(hidden, selected_hidden_states(keep))
+        weights = None if relay.weights is None else tuple(w for w in relay.weights if w is not None) or NO_WEIGHTS
         output = BaseModelOutputWithPast(
             last_hidden_state=h,
             hidden_states=None if hidden is None else tuple(hidden),
-            attentions=None if attentions is None else tuple(attentions),
+            attentions=weights,
             **{CACHE_FIELD: past_key_values if use_cache else None},
         )
         return output.to_tuple() if kwargs.get("return_dict") is False else output  # the causal LM's own is popped
@@ -250,6 +347,7 @@ class EpasLlamaModel(LlamaModel):
 class EpasLlamaForCausalLM(LlamaForCausalLM):
     config_class = EpasLlamaConfig
     _no_split_modules = ["EpasLlamaDecoderLayer"]
+    _supports_flash_attn = _supports_flex_attn = _supports_attention_backend = False  # eager and SDPA only
 
     def __init__(self, config):
         LlamaPreTrainedModel.__init__(self, config)
