@@ -123,3 +123,23 @@ def model_eos(model: Path) -> int:
     import sentencepiece as spm
 
     return spm.SentencePieceProcessor(model_file=str(model)).eos_id()
+
+
+def test_an_exported_sentencepiece_tokenizer_keeps_its_added_tokens(model, tmp_path):
+    """export shipped the pieces only: transformers' tokenizer of the export had 300 ids, read '<|im_end|>' as text in
+    the chat template it ships, and had no EOS when the model trained with --eos-token '<|im_end|>'."""
+    transformers = pytest.importorskip("transformers")
+    from epas_lightning.hf.export import export_tokenizer
+
+    folder = added_folder(tmp_path / "tok", model, "tokenizer_config.json", chat_template=CHATML)
+    (tmp_path / "hf").mkdir()
+    tokenizer = load_tokenizer(folder, eos_token="<|im_end|>")
+    export_tokenizer(folder, tmp_path / "hf", 64, tokenizer.bos_id, tokenizer.eos_id)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert (len(hf), hf.eos_token_id) == (tokenizer.vocab_size, ADDED["<|im_end|>"])
+    messages = [{"role": "user", "content": "ka lo"}]
+    ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert ids == chat_prompt_ids(CHATML, messages, tokenizer)
+    assert hf.decode(hf.encode("su<|plain|>tari", add_special_tokens=False)) == tokenizer.decode(
+        tokenizer.encode("su<|plain|>tari")
+    )

@@ -144,11 +144,10 @@ def export_tokenizer(path: Path, output: Path, block_size: int, bos_id: int | No
     bos_id, eos_id = tokenizer.bos_id, tokenizer.eos_id
     pipeline = tokenizer.backend if tokenizer.kind == "hf" else _sentencepiece_pipeline(tokenizer)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    token = tokenizer.id_to_token
     if pipeline is None:  # a word or char sentencepiece model: transformers' LlamaTokenizer reads it (roughly)
-        token = tokenizer.backend.id_to_piece
         config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False}
     else:
-        token = pipeline.id_to_token
         bos = token(bos_id)
         pipeline.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
@@ -156,6 +155,10 @@ def export_tokenizer(path: Path, output: Path, block_size: int, bos_id: int | No
         pipeline.save(str(output / HF_FILENAME))
     if tokenizer.kind == "sentencepiece":
         shutil.copyfile(path, output / SENTENCEPIECE_FILENAME)
+        config["added_tokens_decoder"] = {
+            str(i): {"content": text, "special": special, "normalized": False}
+            for i, (text, special) in sorted(tokenizer.added.items())
+        }
     special = {"bos_token": token(bos_id), "eos_token": token(eos_id)}
     chat = chat_template_beside(path)
     # "</s>" in a text is text, as training (TextTokenizer) read it; a chat template's are its control tokens
@@ -175,6 +178,8 @@ def _sentencepiece_pipeline(tokenizer: TextTokenizer):  # noqa: ANN202
     )
 
     pipeline = sentencepiece_tokenizer(tokenizer.path)
+    if pipeline is not None and tokenizer.added:
+        add_tokens(pipeline, tokenizer.added, tokenizer.path)
     if pipeline is None:
         log.warning(
             f"{tokenizer.path} is a word or char sentencepiece model: the export has no tokenizer.json, and "
@@ -189,6 +194,22 @@ def _sentencepiece_pipeline(tokenizer: TextTokenizer):  # noqa: ANN202
             "transformers users get other tokens for such text (tokenize with sentencepiece to be sure)"
         )
     return pipeline
+
+
+def add_tokens(pipeline, added: dict[int, tuple[str, bool]], path: Path) -> None:  # noqa: ANN001
+    """Add a sentencepiece model's added tokens (id -> (text, special)) to its ``tokenizers`` pipeline, at their ids
+    (an id the folder leaves unnamed between the pieces and them: a special placeholder); a warning naming ``path``
+    when one cannot get its id (its text is one of the pieces)."""
+    from tokenizers import AddedToken
+
+    for token_id in range(pipeline.get_vocab_size(with_added_tokens=True), max(added) + 1):
+        text, special = added.get(token_id, (f"<|unnamed_{token_id}|>", True))
+        (pipeline.add_special_tokens if special else pipeline.add_tokens)([AddedToken(text, normalized=False)])
+    if moved := [text for token_id, (text, _) in added.items() if pipeline.token_to_id(text) != token_id]:
+        log.warning(
+            f"the added tokens {moved} beside {path} are pieces of the model too: the exported tokenizer.json reads "
+            "them as those pieces' ids"
+        )
 
 
 def exported_tokenizer(path: Path, block_size: int, bos_id: int | None = None, eos_id: int | None = None):  # noqa: ANN201
