@@ -143,3 +143,12 @@ def test_an_exported_sentencepiece_tokenizer_keeps_its_added_tokens(model, tmp_p
     assert hf.decode(hf.encode("su<|plain|>tari", add_special_tokens=False)) == tokenizer.decode(
         tokenizer.encode("su<|plain|>tari")
     )
+
+
+def test_an_added_bos_is_named_for_lm_eval_requests(model, tmp_path):
+    """lm-eval's requests look for the BOS's text: an added BOS (--bos-token '<|im_start|>') raised in sentencepiece,
+    which knows only its pieces."""
+    from epas_lightning.evaluation.multiple_choice import bos_text
+
+    folder = added_folder(tmp_path / "tok", model, "tokenizer_config.json")
+    assert bos_text(load_tokenizer(folder, bos_token="<|im_start|>")) == "<|im_start|>"
