@@ -98,13 +98,17 @@ def test_a_regular_token_chosen_as_bos_is_its_id_in_a_chat(model, tmp_path):
 
 def test_a_copied_sentencepiece_tokenizer_keeps_its_added_tokens(model, tmp_path):
     """prepare and consolidate copy the tokenizer file with what its folder says of its tokens: the copy has the same
-    ids, stop ids and special tokens."""
-    folder = added_folder(tmp_path / "tok", model, "tokenizer_config.json", eos_token="<|im_end|>", pad_token="</s>")
+    ids, stop ids and special tokens (and the chat template, in the same tokenizer_config.json)."""
+    from epas_lightning.data.chat_template import chat_template_beside
+
+    config = {"eos_token": "<|im_end|>", "pad_token": "</s>", "chat_template": CHATML}
+    folder = added_folder(tmp_path / "tok", model, "tokenizer_config.json", **config)
     (tmp_path / "copy").mkdir()
     copy_tokenizer(load_tokenizer(folder), tmp_path / "copy")
     original, copied = load_tokenizer(folder), load_tokenizer(tmp_path / "copy")
     assert (copied.vocab_size, copied.stop_ids) == (original.vocab_size, original.stop_ids)
     assert (copied.added, copied.named) == (original.added, original.named)
+    assert chat_template_beside(copied.path) == {"chat_template": CHATML}  # kept beside them
 
 
 def test_a_tokenizer_json_beside_added_tokens_wins(model, tmp_path):
