@@ -156,3 +156,25 @@ def test_an_added_bos_is_named_for_lm_eval_requests(model, tmp_path):
 
     folder = added_folder(tmp_path / "tok", model, "tokenizer_config.json")
     assert bos_text(load_tokenizer(folder, bos_token="<|im_start|>")) == "<|im_start|>"
+
+
+def test_an_added_token_that_strips_takes_the_whitespace_beside_it(model, tmp_path):
+    """An added token with rstrip (Phi-3's '<|end|>') or lstrip takes the whitespace after or before it, as
+    transformers reads it: its chat template's '<|end|>\\n' is '<|end|>' alone. The whitespace was read as pieces."""
+    transformers = pytest.importorskip("transformers")
+    from epas_lightning.hf.export import export_tokenizer
+
+    spaced = train_tiny_sentencepiece(tmp_path / "spaced.model", remove_extra_whitespaces=False)
+    folder = added_folder(tmp_path / "tok", spaced, "tokenizer_config.json", chat_template=CHATML)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"]["300"]["rstrip"] = config["added_tokens_decoder"]["301"]["lstrip"] = True
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = load_tokenizer(folder)
+    encode = control_token_encoder(tokenizer)
+    assert encode("ka<|im_end|>\n  lo") == encode("ka<|im_end|>lo")
+    assert encode("ka \n<|im_start|>lo") == encode("ka<|im_start|>lo")
+    (tmp_path / "hf").mkdir()
+    export_tokenizer(folder, tmp_path / "hf", 64, None, None)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in ("ka<|im_end|>\n  lo", "ka \n<|im_start|>lo <|im_end|> \n"):
+        assert encode(text) == hf.encode(text, add_special_tokens=False), text

@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +30,27 @@ NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
 ADDITIONAL = "additional_special_tokens"
 
 
+class AddedToken(NamedTuple):
+    """An added token: its text, whether it is special, and whether it takes the whitespace before (``lstrip``) or
+    after it (``rstrip``: Phi-3's ``<|end|>``) with it when read in a text, as ``tokenizers``' ``AddedToken``."""
+
+    text: str
+    special: bool
+    lstrip: bool = False
+    rstrip: bool = False
+
+
 @dataclass(frozen=True)
 class FolderTokens:
     """What a tokenizer's folder says about its tokens besides the tokenizer file.
 
     Attributes:
-        added: Added tokens: id -> (text, whether it is special).
+        added: Added tokens by id.
         named: The named special tokens' text (``{"eos_token": "<|im_end|>"}``), and the ``additional_special_tokens``
             list: what ``transformers``' ``apply_chat_template`` gives a template.
     """
 
-    added: dict[int, tuple[str, bool]] = field(default_factory=dict)
+    added: dict[int, AddedToken] = field(default_factory=dict)
     named: dict[str, str | list[str]] = field(default_factory=dict)
 
 
@@ -55,12 +65,14 @@ def folder_tokens(tokenizer_file: Path) -> FolderTokens:
     added = {}
     for text, token_id in _json_object(folder / ADDED_TOKENS_FILENAME).items():
         if _is_id(token_id):
-            added[token_id] = (text, text in special)
+            added[token_id] = AddedToken(text, text in special)
     decoder = config.get("added_tokens_decoder")
     for key, token in (decoder if isinstance(decoder, dict) else {}).items():
         text = _text(token)
         if key.isdigit() and text is not None:
-            added[int(key)] = (text, bool(token.get("special", text in special)) if isinstance(token, dict) else True)
+            entry = token if isinstance(token, dict) else {"special": True}
+            is_special = bool(entry.get("special", text in special))
+            added[int(key)] = AddedToken(text, is_special, bool(entry.get("lstrip")), bool(entry.get("rstrip")))
     return FolderTokens(added, named)
 
 
@@ -72,23 +84,45 @@ def keep_folder_tokens(tokenizer_file: Path, folder: Path) -> None:
     if not tokens.added and not tokens.named:
         return
     config = _json_object(folder / CONFIG_FILENAME)
-    decoder = {str(i): {"content": text, "special": special} for i, (text, special) in sorted(tokens.added.items())}
+    decoder = {str(i): decoder_entry(token) for i, token in sorted(tokens.added.items())}
     config.update(tokens.named, **({"added_tokens_decoder": decoder} if decoder else {}))
     (folder / CONFIG_FILENAME).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def split_encoder(tokens: Mapping[str, int], encode: Callable[[str], list[int]]) -> Callable[[str], list[int]]:
+def decoder_entry(token: AddedToken) -> dict[str, Any]:
+    """``token`` as an entry of a ``tokenizer_config.json``'s ``added_tokens_decoder``: read before normalization,
+    as :func:`split_encoder` reads it."""
+    return {
+        "content": token.text,
+        "special": token.special,
+        "lstrip": token.lstrip,
+        "rstrip": token.rstrip,
+        "normalized": False,
+    }
+
+
+def split_encoder(
+    tokens: Mapping[str, int], encode: Callable[[str], list[int]], strips: Mapping[str, AddedToken] | None = None
+) -> Callable[[str], list[int]]:
     """Text -> ids where each of ``tokens``' text is its id (the longest first), and the text between them as
-    ``encode`` reads it."""
+    ``encode`` reads it; ``strips``: the added tokens (by text) that take the whitespace before or after them."""
     pattern = re.compile("|".join(re.escape(text) for text in sorted(tokens, key=len, reverse=True) if text))
     if not pattern.pattern:
         return encode
+    strips = strips or {}
 
     def encode_split(text: str) -> list[int]:
         ids, start = [], 0
         for match in pattern.finditer(text):
-            ids += (encode(text[start : match.start()]) if match.start() > start else []) + [tokens[match[0]]]
+            if match.start() < start:  # in the whitespace a token before took
+                continue
+            token = strips.get(match[0])
+            before = text[start : match.start()]
+            before = before.rstrip() if token is not None and token.lstrip else before
+            ids += (encode(before) if before else []) + [tokens[match[0]]]
             start = match.end()
+            if token is not None and token.rstrip:
+                start = len(text) - len(text[start:].lstrip())
         return ids + (encode(text[start:]) if start < len(text) or not ids else [])
 
     return encode_split

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from epas_lightning.data.added_tokens import FolderTokens, folder_tokens, split_encoder
+from epas_lightning.data.added_tokens import AddedToken, FolderTokens, folder_tokens, split_encoder
 from epas_lightning.data.stop_tokens import stop_ids_beside
 from epas_lightning.errors import DataError, os_reason
 
@@ -49,7 +49,7 @@ class TextTokenizer:
         stop_ids: The ids generation stops at: ``eos_id`` first, then the model's other end tokens named beside the
             tokenizer file (``stop_tokens``: Llama 3 Instruct's ``<|eot_id|>``; the ``eos_token`` its
             ``tokenizer_config.json`` names).
-        added: A sentencepiece model's added tokens named beside it (``added_tokens``), id -> (text, special): a
+        added: A sentencepiece model's added tokens named beside it (``added_tokens``), by id: a
             non-special one's text is its id, a special one's text is text (as the other special tokens'); each
             decodes to its text, a special one to nothing (as ``tokenizer.json``'s added tokens).
         named: The special tokens named beside the tokenizer file (``added_tokens.FolderTokens.named``).
@@ -76,8 +76,10 @@ class TextTokenizer:
         beside = [i for i in dict.fromkeys(beside) if i is not None and 0 <= i < vocab_size and i != eos_id]
         self.stop_ids: tuple[int, ...] = (eos_id, *beside)
         self.sha256 = file_sha256(path)
-        plain = {text: token_id for token_id, (text, special) in self.added.items() if not special}
-        self._encode_added = split_encoder(plain, lambda text: backend.encode(text, out_type=int)) if plain else None
+        plain = {token.text: token_id for token_id, token in self.added.items() if not token.special}
+        strips = {token.text: token for token in self.added.values()}
+        encode = lambda text: backend.encode(text, out_type=int)  # noqa: E731
+        self._encode_added = split_encoder(plain, encode, strips) if plain else None
 
     def token_id(self, token: str) -> int | None:
         """The id of the token ``token`` (its text as the vocabulary writes it), or ``None`` if it has none."""
@@ -90,7 +92,7 @@ class TextTokenizer:
         if self.kind == "hf":
             return self.backend.id_to_token(token_id) or ""
         if token_id in self.added:
-            return self.added[token_id][0]
+            return self.added[token_id].text
         return self.backend.id_to_piece(token_id) if 0 <= token_id < self.backend.get_piece_size() else ""
 
     def encode_batch(self, texts: Sequence[str], threads: bool = True) -> list[list[int]]:
@@ -134,8 +136,7 @@ class TextTokenizer:
                 run.append(i)
             elif i in self.added:
                 end_run()
-                text, special = self.added[i]
-                texts.append("" if special else text)
+                texts.append("" if self.added[i].special else self.added[i].text)
         end_run()
         return "".join(texts)
 
@@ -346,9 +347,9 @@ def load_tokenizer(
     return TextTokenizer("sentencepiece", path, sp, bos, eos, vocab_size, FolderTokens(added, tokens.named))
 
 
-def sentencepiece_token_id(sp: Any, added: dict[int, tuple[str, bool]], token: str) -> int | None:
+def sentencepiece_token_id(sp: Any, added: dict[int, AddedToken], token: str) -> int | None:
     """The id of ``token`` among a sentencepiece model's added tokens (first, as transformers looks) and pieces."""
-    if (token_id := next((i for i, (text, _) in added.items() if text == token), None)) is not None:
+    if (token_id := next((i for i, added_token in added.items() if added_token.text == token), None)) is not None:
         return token_id
     token_id = sp.piece_to_id(token)
     return token_id if token_id != sp.unk_id() or token == sp.id_to_piece(sp.unk_id()) else None

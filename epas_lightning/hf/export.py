@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from epas_lightning.checkpoint import STORED, describe_checkpoint, load_model
 from epas_lightning.checkpoint_formats import EXPORT_REGION_KEY, export_record
+from epas_lightning.data.added_tokens import AddedToken, decoder_entry
 from epas_lightning.data.chat_template import chat_template_beside
 from epas_lightning.data.tokenizer import (
     HF_FILENAME,
@@ -155,10 +156,7 @@ def export_tokenizer(path: Path, output: Path, block_size: int, bos_id: int | No
         pipeline.save(str(output / HF_FILENAME))
     if tokenizer.kind == "sentencepiece":
         shutil.copyfile(path, output / SENTENCEPIECE_FILENAME)
-        config["added_tokens_decoder"] = {
-            str(i): {"content": text, "special": special, "normalized": False}
-            for i, (text, special) in sorted(tokenizer.added.items())
-        }
+        config["added_tokens_decoder"] = {str(i): decoder_entry(token) for i, token in sorted(tokenizer.added.items())}
     special = {"bos_token": token(bos_id), "eos_token": token(eos_id)}
     chat = chat_template_beside(path)
     # "</s>" in a text is text, as training (TextTokenizer) read it; a chat template's are its control tokens
@@ -196,16 +194,17 @@ def _sentencepiece_pipeline(tokenizer: TextTokenizer):  # noqa: ANN202
     return pipeline
 
 
-def add_tokens(pipeline, added: dict[int, tuple[str, bool]], path: Path) -> None:  # noqa: ANN001
-    """Add a sentencepiece model's added tokens (id -> (text, special)) to its ``tokenizers`` pipeline, at their ids
+def add_tokens(pipeline, added: dict[int, AddedToken], path: Path) -> None:  # noqa: ANN001
+    """Add a sentencepiece model's added tokens (by id) to its ``tokenizers`` pipeline, at their ids
     (an id the folder leaves unnamed between the pieces and them: a special placeholder); a warning naming ``path``
     when one cannot get its id (its text is one of the pieces)."""
-    from tokenizers import AddedToken
+    import tokenizers
 
     for token_id in range(pipeline.get_vocab_size(with_added_tokens=True), max(added) + 1):
-        text, special = added.get(token_id, (f"<|unnamed_{token_id}|>", True))
-        (pipeline.add_special_tokens if special else pipeline.add_tokens)([AddedToken(text, normalized=False)])
-    if moved := [text for token_id, (text, _) in added.items() if pipeline.token_to_id(text) != token_id]:
+        token = added.get(token_id, AddedToken(f"<|unnamed_{token_id}|>", True))
+        hf_token = tokenizers.AddedToken(token.text, lstrip=token.lstrip, rstrip=token.rstrip, normalized=False)
+        (pipeline.add_special_tokens if token.special else pipeline.add_tokens)([hf_token])
+    if moved := [token.text for token_id, token in added.items() if pipeline.token_to_id(token.text) != token_id]:
         log.warning(
             f"the added tokens {moved} beside {path} are pieces of the model too: the exported tokenizer.json reads "
             "them as those pieces' ids"

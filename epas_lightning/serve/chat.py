@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import jinja2
 
+    from epas_lightning.data.added_tokens import AddedToken
     from epas_lightning.data.tokenizer import TextTokenizer
 
 RENDER_SECONDS = 2.0
@@ -276,17 +277,20 @@ def _check_product(operator: str, left: Any, right: Any) -> None:
 def control_token_encoder(tokenizer: TextTokenizer) -> Callable[[str], list[int]]:
     """Text -> ids where the tokenizer's special tokens' text is their control id (a rendered chat), everything else
     as ``tokenizer.encode`` reads it. A separate pipeline: ``tokenizer`` itself goes on reading such text as text."""
-    added = tuple((text, token_id) for token_id, (text, _) in sorted(tokenizer.added.items()))
+    added = tuple(sorted(tokenizer.added.items()))
     return _control_token_pipeline(str(tokenizer.path), tokenizer.kind, added)
 
 
 @functools.lru_cache(maxsize=2)
-def _control_token_pipeline(path: str, kind: str, added: tuple[tuple[str, int], ...]) -> Callable[[str], list[int]]:
+def _control_token_pipeline(
+    path: str, kind: str, added: tuple[tuple[int, AddedToken], ...]
+) -> Callable[[str], list[int]]:
     """:func:`control_token_encoder` of the tokenizer file ``path``, with a sentencepiece model's ``added`` tokens
-    (text, id) read as their ids too."""
+    (id, token) read as their ids too."""
     from epas_lightning.data.added_tokens import split_encoder
     from epas_lightning.data.tokenizer import hf_pipeline
 
+    ids, strips = {token.text: i for i, token in added}, {token.text: token for _, token in added}
     if kind == "hf":
         pipeline = hf_pipeline(path)
     else:
@@ -296,9 +300,10 @@ def _control_token_pipeline(path: str, kind: str, added: tuple[tuple[str, int], 
         if pipeline is None:  # a word or char model
             import sentencepiece as spm
 
-            return split_encoder(dict(added), _split_at_control_pieces(spm.SentencePieceProcessor(model_file=path)))
+            encode = _split_at_control_pieces(spm.SentencePieceProcessor(model_file=path))
+            return split_encoder(ids, encode, strips)
     pipeline.encode_special_tokens = False
-    return split_encoder(dict(added), lambda text: pipeline.encode(text, add_special_tokens=False).ids)
+    return split_encoder(ids, lambda text: pipeline.encode(text, add_special_tokens=False).ids, strips)
 
 
 def _split_at_control_pieces(processor: Any) -> Callable[[str], list[int]]:
