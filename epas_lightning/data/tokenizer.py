@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from epas_lightning.data.added_tokens import AddedToken, FolderTokens, folder_tokens, split_encoder
 from epas_lightning.data.stop_tokens import stop_ids_beside
 from epas_lightning.errors import DataError, os_reason
 
@@ -26,6 +27,8 @@ MIN_BPE_VOCAB = 256 + 2
 # Tried in order when the BOS/EOS token is not named: ours, LLaMA/TinyLlama, LLaMA-3, GPT-2 style (one token for both).
 BOS_CANDIDATES = (TRAINED_BOS_TOKEN, "<s>", "<|begin_of_text|>", "<|startoftext|>", "<|endoftext|>")
 EOS_CANDIDATES = (TRAINED_EOS_TOKEN, "</s>", "<|end_of_text|>", "<|endoftext|>", "<|eot_id|>")
+SPACE = "\u2581"
+"""Sentencepiece's whitespace symbol."""
 
 
 class TokenizerError(DataError):
@@ -44,16 +47,53 @@ class TextTokenizer:
         vocab_size: One more than the largest id it can emit: the model's vocabulary must be at least this large.
         backend: The underlying ``tokenizers.Tokenizer`` or ``sentencepiece.SentencePieceProcessor``.
         stop_ids: The ids generation stops at: ``eos_id`` first, then the model's other end tokens named beside the
-            tokenizer file (``stop_tokens``: Llama 3 Instruct's ``<|eot_id|>``).
+            tokenizer file (``stop_tokens``: Llama 3 Instruct's ``<|eot_id|>``; the ``eos_token`` its
+            ``tokenizer_config.json`` names).
+        added: A sentencepiece model's added tokens named beside it (``added_tokens``), by id: a
+            non-special one's text is its id, a special one's text is text (as the other special tokens'); each
+            decodes to its text, a special one to nothing (as ``tokenizer.json``'s added tokens).
+        named: The special tokens named beside the tokenizer file (``added_tokens.FolderTokens.named``).
         sha256: The file's hash as loaded (a checkpoint records it: the file may be replaced or removed later).
     """
 
-    def __init__(self, kind: str, path: Path, backend: Any, bos_id: int, eos_id: int, vocab_size: int) -> None:
+    def __init__(
+        self,
+        kind: str,
+        path: Path,
+        backend: Any,
+        bos_id: int,
+        eos_id: int,
+        vocab_size: int,
+        tokens: FolderTokens | None = None,
+    ) -> None:
         self.kind, self.path, self.backend = kind, path, backend
         self.bos_id, self.eos_id, self.vocab_size = bos_id, eos_id, vocab_size
-        beside = [i for i in stop_ids_beside(path) if 0 <= i < vocab_size and i != eos_id]
+        tokens = tokens or FolderTokens()
+        self.added = tokens.added if kind == "sentencepiece" else {}
+        self.named = tokens.named
+        named_eos = tokens.named.get("eos_token")
+        beside = [*stop_ids_beside(path), self.token_id(named_eos) if isinstance(named_eos, str) else None]
+        beside = [i for i in dict.fromkeys(beside) if i is not None and 0 <= i < vocab_size and i != eos_id]
         self.stop_ids: tuple[int, ...] = (eos_id, *beside)
         self.sha256 = file_sha256(path)
+        plain = {token.text: token_id for token_id, token in self.added.items() if not token.special}
+        strips = {token.text: token for token in self.added.values()}
+        encode = lambda text: backend.encode(text, out_type=int)  # noqa: E731
+        self._encode_added = split_encoder(plain, encode, strips) if plain else None
+
+    def token_id(self, token: str) -> int | None:
+        """The id of the token ``token`` (its text as the vocabulary writes it), or ``None`` if it has none."""
+        if self.kind == "hf":
+            return self.backend.token_to_id(token)
+        return sentencepiece_token_id(self.backend, self.added, token)
+
+    def id_to_token(self, token_id: int) -> str:
+        """The text of the token ``token_id`` as the vocabulary writes it (``<s>``, ``<|im_end|>``); ``""`` for none."""
+        if self.kind == "hf":
+            return self.backend.id_to_token(token_id) or ""
+        if token_id in self.added:
+            return self.added[token_id].text
+        return self.backend.id_to_piece(token_id) if 0 <= token_id < self.backend.get_piece_size() else ""
 
     def encode_batch(self, texts: Sequence[str], threads: bool = True) -> list[list[int]]:
         """The ids of each text, without BOS or EOS. ``threads=False``: in this thread only, as a forked preparation
@@ -61,6 +101,8 @@ class TextTokenizer:
         """
         if self.kind == "hf":
             return [e.ids for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+        if self._encode_added is not None:
+            return [self._encode_added(text) for text in texts]
         if not threads:
             return [self.backend.encode(text, out_type=int) for text in texts]
         return self.backend.encode(list(texts), out_type=int)
@@ -71,9 +113,32 @@ class TextTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """The text of ``ids``; an id past the tokenizer (a model's vocabulary may be larger) decodes to nothing, as
         in HF ``tokenizers`` (sentencepiece raised ``IndexError``)."""
+        if self.kind == "sentencepiece" and self.added:
+            return self._decode_with_added(ids)
         if self.kind == "sentencepiece":
             ids = [i for i in ids if 0 <= i < self.vocab_size]
         return self.backend.decode(list(ids))
+
+    def _decode_with_added(self, ids: Sequence[int]) -> str:
+        """Sentencepiece's text of each run of its pieces, and each added token's text (none for a special one); a
+        run after other text keeps the space of its word-initial first piece, as a ``tokenizer.json`` decodes it."""
+        sp, pieces, texts, run = self.backend, self.backend.get_piece_size(), [], []
+
+        def end_run() -> None:
+            if run:
+                text = sp.decode(run)
+                space = "".join(texts) and sp.id_to_piece(run[0]).startswith(SPACE) and not text.startswith(" ")
+                texts.append(" " + text if space else text)
+                run.clear()
+
+        for i in ids:
+            if 0 <= i < pieces:
+                run.append(i)
+            elif i in self.added:
+                end_run()
+                texts.append("" if self.added[i].special else self.added[i].text)
+        end_run()
+        return "".join(texts)
 
     def get_vocab_size(self) -> int:
         return self.vocab_size
@@ -216,10 +281,12 @@ def standard_filename(tokenizer: TextTokenizer) -> str:
 
 
 def copy_tokenizer(tokenizer: TextTokenizer, folder: Path) -> str:
-    """Copy the tokenizer file into ``folder`` under its standard name, with the chat template and the end tokens found
-    beside it (what ``transformers`` reads from a tokenizer's folder); the name it got."""
+    """Copy the tokenizer file into ``folder`` under its standard name, with the chat template, the end tokens and the
+    added and named special tokens found beside it (what ``transformers`` reads from a tokenizer's folder); the name it
+    got."""
     import shutil
 
+    from epas_lightning.data.added_tokens import keep_folder_tokens
     from epas_lightning.data.chat_template import keep_chat_template
     from epas_lightning.data.stop_tokens import keep_stop_ids
 
@@ -227,6 +294,7 @@ def copy_tokenizer(tokenizer: TextTokenizer, folder: Path) -> str:
     shutil.copyfile(tokenizer.path, Path(folder) / name)
     keep_chat_template(tokenizer.path, folder)
     keep_stop_ids(tokenizer.path, folder)
+    keep_folder_tokens(tokenizer.path, folder)
     return name
 
 
@@ -254,6 +322,7 @@ def load_tokenizer(
     """
     path = resolve_tokenizer_path(path)
     kind, backend = _open(path)
+    tokens = folder_tokens(path)
     if kind == "hf":
         backend.encode_special_tokens = True  # see TextTokenizer: special-token text is text
         vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
@@ -261,21 +330,29 @@ def load_tokenizer(
         bos = _pick(bos_token, BOS_CANDIDATES, backend.token_to_id, "BOS", path) if bos is None else bos
         eos = _recorded(eos_id, "EOS", vocab_size, path)
         eos = _pick(eos_token, EOS_CANDIDATES, backend.token_to_id, "EOS", path) if eos is None else eos
-        return TextTokenizer("hf", path, backend, bos, eos, vocab_size)
+        return TextTokenizer("hf", path, backend, bos, eos, vocab_size, tokens)
     sp = backend
+    added = {i: token for i, token in tokens.added.items() if i >= sp.get_piece_size()}  # others: the model's pieces
 
     def sp_lookup(token: str) -> int | None:
-        token_id = sp.piece_to_id(token)
-        return token_id if token_id != sp.unk_id() or token == sp.id_to_piece(sp.unk_id()) else None
+        return sentencepiece_token_id(sp, added, token)
 
-    vocab_size = sp.get_piece_size()
+    vocab_size = max([sp.get_piece_size(), *(i + 1 for i in added)])
     bos = _recorded(bos_id, "BOS", vocab_size, path)
     if bos is None:
         bos = sp.bos_id() if bos_token is None and sp.bos_id() >= 0 else _pick(bos_token, (), sp_lookup, "BOS", path)
     eos = _recorded(eos_id, "EOS", vocab_size, path)
     if eos is None:
         eos = sp.eos_id() if eos_token is None and sp.eos_id() >= 0 else _pick(eos_token, (), sp_lookup, "EOS", path)
-    return TextTokenizer("sentencepiece", path, sp, bos, eos, vocab_size)
+    return TextTokenizer("sentencepiece", path, sp, bos, eos, vocab_size, FolderTokens(added, tokens.named))
+
+
+def sentencepiece_token_id(sp: Any, added: dict[int, AddedToken], token: str) -> int | None:
+    """The id of ``token`` among a sentencepiece model's added tokens (first, as transformers looks) and pieces."""
+    if (token_id := next((i for i, added_token in added.items() if added_token.text == token), None)) is not None:
+        return token_id
+    token_id = sp.piece_to_id(token)
+    return token_id if token_id != sp.unk_id() or token == sp.id_to_piece(sp.unk_id()) else None
 
 
 NOT_A_TOKENIZER_FIX = (

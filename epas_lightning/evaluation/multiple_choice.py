@@ -166,11 +166,8 @@ def request_encoder(tokenizer) -> Callable[[str], list[int]]:  # noqa: ANN001
 def bos_text(tokenizer) -> str | None:  # noqa: ANN001
     """The BOS token's text in a :class:`TextTokenizer` (what lm-eval's ``hf`` decodes BOS to: a text starting with it
     gets no BOS there); ``None`` for a tokenizer of another kind."""
-    kind, backend = getattr(tokenizer, "kind", None), getattr(tokenizer, "backend", None)
-    if kind == "hf":
-        return backend.id_to_token(tokenizer.bos_id)
-    if kind == "sentencepiece":
-        return backend.id_to_piece(tokenizer.bos_id)
+    if getattr(tokenizer, "kind", None) in ("hf", "sentencepiece"):
+        return tokenizer.id_to_token(tokenizer.bos_id) or None
     return None
 
 

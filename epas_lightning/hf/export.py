@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from epas_lightning.checkpoint import STORED, describe_checkpoint, load_model
 from epas_lightning.checkpoint_formats import EXPORT_REGION_KEY, export_record
+from epas_lightning.data.added_tokens import AddedToken, decoder_entry
 from epas_lightning.data.chat_template import chat_template_beside
 from epas_lightning.data.tokenizer import (
     HF_FILENAME,
@@ -144,11 +145,10 @@ def export_tokenizer(path: Path, output: Path, block_size: int, bos_id: int | No
     bos_id, eos_id = tokenizer.bos_id, tokenizer.eos_id
     pipeline = tokenizer.backend if tokenizer.kind == "hf" else _sentencepiece_pipeline(tokenizer)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    token = tokenizer.id_to_token
     if pipeline is None:  # a word or char sentencepiece model: transformers' LlamaTokenizer reads it (roughly)
-        token = tokenizer.backend.id_to_piece
         config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False}
     else:
-        token = pipeline.id_to_token
         bos = token(bos_id)
         pipeline.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
@@ -156,6 +156,7 @@ def export_tokenizer(path: Path, output: Path, block_size: int, bos_id: int | No
         pipeline.save(str(output / HF_FILENAME))
     if tokenizer.kind == "sentencepiece":
         shutil.copyfile(path, output / SENTENCEPIECE_FILENAME)
+        config["added_tokens_decoder"] = {str(i): decoder_entry(token) for i, token in sorted(tokenizer.added.items())}
     special = {"bos_token": token(bos_id), "eos_token": token(eos_id)}
     chat = chat_template_beside(path)
     # "</s>" in a text is text, as training (TextTokenizer) read it; a chat template's are its control tokens
@@ -175,6 +176,8 @@ def _sentencepiece_pipeline(tokenizer: TextTokenizer):  # noqa: ANN202
     )
 
     pipeline = sentencepiece_tokenizer(tokenizer.path)
+    if pipeline is not None and tokenizer.added:
+        add_tokens(pipeline, tokenizer.added, tokenizer.path)
     if pipeline is None:
         log.warning(
             f"{tokenizer.path} is a word or char sentencepiece model: the export has no tokenizer.json, and "
@@ -189,6 +192,23 @@ def _sentencepiece_pipeline(tokenizer: TextTokenizer):  # noqa: ANN202
             "transformers users get other tokens for such text (tokenize with sentencepiece to be sure)"
         )
     return pipeline
+
+
+def add_tokens(pipeline, added: dict[int, AddedToken], path: Path) -> None:  # noqa: ANN001
+    """Add a sentencepiece model's added tokens (by id) to its ``tokenizers`` pipeline, at their ids
+    (an id the folder leaves unnamed between the pieces and them: a special placeholder); a warning naming ``path``
+    when one cannot get its id (its text is one of the pieces)."""
+    import tokenizers
+
+    for token_id in range(pipeline.get_vocab_size(with_added_tokens=True), max(added) + 1):
+        token = added.get(token_id, AddedToken(f"<|unnamed_{token_id}|>", True))
+        hf_token = tokenizers.AddedToken(token.text, lstrip=token.lstrip, rstrip=token.rstrip, normalized=False)
+        (pipeline.add_special_tokens if token.special else pipeline.add_tokens)([hf_token])
+    if moved := [token.text for token_id, token in added.items() if pipeline.token_to_id(token.text) != token_id]:
+        log.warning(
+            f"the added tokens {moved} beside {path} are pieces of the model too: the exported tokenizer.json reads "
+            "them as those pieces' ids"
+        )
 
 
 def exported_tokenizer(path: Path, block_size: int, bos_id: int | None = None, eos_id: int | None = None):  # noqa: ANN201

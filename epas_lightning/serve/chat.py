@@ -5,7 +5,8 @@ The template is a file from the checkpoint, never trusted: it runs in jinja2's `
 (no attribute starting with ``_``, no method that changes a list or dict), with what transformers gives a template:
 ``trim_blocks``/``lstrip_blocks``, ``loopcontrols``, the ``tojson`` filter, the globals ``raise_exception``,
 ``strftime_now``, ``dict`` and ``namespace``, and the variables ``messages``, ``add_generation_prompt``,
-``bos_token`` and ``eos_token``. A render is bounded, and past a bound it is a :class:`TemplateFailure` that names
+``bos_token``, ``eos_token`` and the other special tokens the tokenizer's folder names (``unk_token``, ``pad_token``,
+``additional_special_tokens``, ...). A render is bounded, and past a bound it is a :class:`TemplateFailure` that names
 it: it runs in a separate process (:mod:`~epas_lightning.serve.template_process`) that is killed past
 :data:`RENDER_SECONDS` or stopped past its memory bound, even inside one C call (``'a'|center(10**9)``) no in-process
 check can interrupt, so a template cannot take this process's memory or time. Inside it two cheap checks fail
@@ -21,6 +22,7 @@ the tokenizer's special tokens, as the tokenizer ``export`` ships with a chat te
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -31,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import jinja2
 
+    from epas_lightning.data.added_tokens import AddedToken
     from epas_lightning.data.tokenizer import TextTokenizer
 
 RENDER_SECONDS = 2.0
@@ -90,19 +93,41 @@ def checked_chat_template(tokenizer_file: Path) -> tuple[str | None, str]:
 def chat_prompt_ids(
     template: str, messages: Sequence[dict[str, str]], tokenizer: TextTokenizer, max_chars: int = 10**7
 ) -> list[int]:
-    """The token ids of :func:`render_chat`'s text for ``messages``, with the tokenizer's BOS and EOS text and its
-    control tokens read as their ids (:func:`control_token_encoder`)."""
-    bos, eos = token_text(tokenizer, tokenizer.bos_id), token_text(tokenizer, tokenizer.eos_id)
-    return control_token_encoder(tokenizer)(render_chat(template, messages, bos, eos, max_chars))
+    """The token ids of :func:`render_chat`'s text for ``messages``, with the tokenizer's BOS and EOS text and the
+    special tokens its folder names, and its control tokens read as their ids (:func:`control_token_encoder`). A BOS
+    or EOS that is a regular token (``--bos-token``) is its id too: rendered as a mark no message holds."""
+    from epas_lightning.data.added_tokens import split_encoder
+
+    encode, marks, ends = control_token_encoder(tokenizer), {}, {}
+    for key, token_id in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id)):
+        ends[key] = token_text(tokenizer, token_id)
+        if encode(ends[key]) != [token_id]:
+            ends[key] = _unused_mark(key, [template, json.dumps(list(messages), ensure_ascii=False), *marks])
+            marks[ends[key]] = token_id
+    special = {**tokenizer.named, **ends}
+    text = render_chat(template, messages, ends["bos_token"], ends["eos_token"], max_chars, special)
+    return split_encoder(marks, encode)(text) if marks else encode(text)
+
+
+def _unused_mark(name: str, texts: Sequence[str]) -> str:
+    """A text that none of ``texts`` holds, naming ``name`` between private-use characters (JSON keeps them as is)."""
+    return next(mark for n in itertools.count() if not any((mark := f"\ue000{name}{n}\ue001") in t for t in texts))
 
 
 def render_chat(
-    template: str, messages: Sequence[dict[str, str]], bos_token: str, eos_token: str, max_chars: int = 10**7
+    template: str,
+    messages: Sequence[dict[str, str]],
+    bos_token: str,
+    eos_token: str,
+    max_chars: int = 10**7,
+    special_tokens: dict[str, str | list[str]] | None = None,
 ) -> str:
     """The prompt text of ``messages``, ending with the header of the assistant's turn, rendered in a separate process
     bounded in time and memory (:mod:`~epas_lightning.serve.template_process`); :class:`TemplateRefusal` or
-    :class:`TemplateFailure` when the template does not render them, or runs past its bounds."""
-    return _bounded("render", template, messages, bos_token, eos_token, max_chars)
+    :class:`TemplateFailure` when the template does not render them, or runs past its bounds. ``special_tokens``: the
+    other named special tokens a template gets (``unk_token``, ``pad_token``, ``additional_special_tokens``, as
+    transformers' ``apply_chat_template`` gives its tokenizer's)."""
+    return _bounded("render", template, messages, bos_token, eos_token, max_chars, special_tokens or {})
 
 
 def _bounded(task: str, *args: Any) -> str:
@@ -132,7 +157,12 @@ def template_task(task: str, *args: Any) -> str:
 
 
 def render_chat_here(
-    template: str, messages: Sequence[dict[str, str]], bos_token: str, eos_token: str, max_chars: int
+    template: str,
+    messages: Sequence[dict[str, str]],
+    bos_token: str,
+    eos_token: str,
+    max_chars: int,
+    special_tokens: dict[str, str | list[str]] | None = None,
 ) -> str:
     """:func:`render_chat` in this process, bounded by its cheap checks only (``max_chars`` characters written, ``*``
     and ``**`` within :data:`MAX_PRODUCT`), not in time or memory (a ``MemoryError`` as is)."""
@@ -140,6 +170,7 @@ def render_chat_here(
 
     compiled = compile_template(template)
     variables = {
+        **(special_tokens or {}),
         "messages": [dict(message) for message in messages],
         "tools": None,
         "documents": None,
@@ -246,13 +277,20 @@ def _check_product(operator: str, left: Any, right: Any) -> None:
 def control_token_encoder(tokenizer: TextTokenizer) -> Callable[[str], list[int]]:
     """Text -> ids where the tokenizer's special tokens' text is their control id (a rendered chat), everything else
     as ``tokenizer.encode`` reads it. A separate pipeline: ``tokenizer`` itself goes on reading such text as text."""
-    return _control_token_pipeline(str(tokenizer.path), tokenizer.kind)
+    added = tuple(sorted(tokenizer.added.items()))
+    return _control_token_pipeline(str(tokenizer.path), tokenizer.kind, added)
 
 
 @functools.lru_cache(maxsize=2)
-def _control_token_pipeline(path: str, kind: str) -> Callable[[str], list[int]]:
+def _control_token_pipeline(
+    path: str, kind: str, added: tuple[tuple[int, AddedToken], ...]
+) -> Callable[[str], list[int]]:
+    """:func:`control_token_encoder` of the tokenizer file ``path``, with a sentencepiece model's ``added`` tokens
+    (id, token) read as their ids too."""
+    from epas_lightning.data.added_tokens import split_encoder
     from epas_lightning.data.tokenizer import hf_pipeline
 
+    ids, strips = {token.text: i for i, token in added}, {token.text: token for _, token in added}
     if kind == "hf":
         pipeline = hf_pipeline(path)
     else:
@@ -262,9 +300,10 @@ def _control_token_pipeline(path: str, kind: str) -> Callable[[str], list[int]]:
         if pipeline is None:  # a word or char model
             import sentencepiece as spm
 
-            return _split_at_control_pieces(spm.SentencePieceProcessor(model_file=path))
+            encode = _split_at_control_pieces(spm.SentencePieceProcessor(model_file=path))
+            return split_encoder(ids, encode, strips)
     pipeline.encode_special_tokens = False
-    return lambda text: pipeline.encode(text, add_special_tokens=False).ids
+    return split_encoder(ids, lambda text: pipeline.encode(text, add_special_tokens=False).ids, strips)
 
 
 def _split_at_control_pieces(processor: Any) -> Callable[[str], list[int]]:
@@ -272,27 +311,16 @@ def _split_at_control_pieces(processor: Any) -> Callable[[str], list[int]]:
     control and unknown pieces (``<s>``, ``</s>``, ``<unk>``) is their id, as transformers' slow tokenizer reads it;
     the text between them as sentencepiece encodes it (which reads such text as text: ``<s>`` was ``<unk> s <unk>``).
     """
-    import re
+    from epas_lightning.data.added_tokens import split_encoder
 
     special = {
         processor.id_to_piece(i): i
         for i in range(processor.get_piece_size())
         if processor.is_control(i) or processor.is_unknown(i)
     }
-    pattern = re.compile("|".join(re.escape(piece) for piece in sorted(special, key=len, reverse=True) if piece))
-
-    def encode(text: str) -> list[int]:
-        ids, start = [], 0
-        for match in pattern.finditer(text) if pattern.pattern else ():
-            ids += processor.encode(text[start : match.start()], out_type=int) + [special[match[0]]]
-            start = match.end()
-        return ids + processor.encode(text[start:], out_type=int)
-
-    return encode
+    return split_encoder(special, lambda text: processor.encode(text, out_type=int))
 
 
 def token_text(tokenizer: TextTokenizer, token_id: int) -> str:
     """The text of one token id as a template writes it (``<|begin_of_text|>``, ``<s>``)."""
-    if tokenizer.kind == "hf":
-        return tokenizer.backend.id_to_token(token_id) or ""
-    return tokenizer.backend.id_to_piece(token_id)
+    return tokenizer.id_to_token(token_id)

@@ -1,0 +1,180 @@
+"""A sentencepiece ``tokenizer.model`` whose folder adds tokens (``added_tokens.json``, ``tokenizer_config.json``'s
+``added_tokens_decoder``), as LLaMA-2, Mistral and Phi-3 fine-tunes without a ``tokenizer.json`` ship their chat
+tokens: read as transformers reads the folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import train_tiny_sentencepiece
+
+from epas_lightning.data.tokenizer import copy_tokenizer, load_tokenizer
+from epas_lightning.serve.chat import chat_prompt_ids, control_token_encoder
+
+PIECES = 300
+"""The tiny sentencepiece model's pieces: the added tokens take the ids from here on."""
+ADDED = {"<|im_end|>": PIECES, "<|im_start|>": PIECES + 1, "<|plain|>": PIECES + 2}
+SPECIAL = ("<|im_end|>", "<|im_start|>")
+CHATML = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return train_tiny_sentencepiece(tmp_path_factory.mktemp("sp") / "tokenizer.model")
+
+
+def added_folder(folder: Path, model: Path, where: str, **config) -> Path:
+    """A folder holding ``model`` and :data:`ADDED` named in ``where`` (``added_tokens.json``, with the special ones
+    named in ``special_tokens_map.json``, or ``tokenizer_config.json``'s ``added_tokens_decoder``), and ``config`` in
+    its ``tokenizer_config.json``."""
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(model.read_bytes())
+    if where == "added_tokens.json":
+        (folder / "added_tokens.json").write_text(json.dumps(ADDED))
+        (folder / "special_tokens_map.json").write_text(json.dumps({"additional_special_tokens": list(SPECIAL)}))
+    else:
+        decoder = {str(i): {"content": text, "special": text in SPECIAL} for text, i in ADDED.items()}
+        config["added_tokens_decoder"] = decoder
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", **config}))
+    return folder
+
+
+@pytest.mark.parametrize("where", ["added_tokens.json", "tokenizer_config.json"])
+def test_a_sentencepiece_folder_s_added_tokens_are_ids_of_the_tokenizer(model, tmp_path, where):
+    """The folder's added tokens counted only the model's pieces: an end token at 32000+ was no stop id and could
+    never be emitted (generation cuts logits at vocab_size), and a template's '<|im_end|>' was read as text pieces.
+    They are ids now: in vocab_size, the named EOS a stop id, each one id in a chat (a non-special one in any text),
+    decoded to its text (a special one to nothing, as a tokenizer.json's)."""
+    folder = added_folder(tmp_path / "tok", model, where, eos_token="<|im_end|>")
+    tokenizer = load_tokenizer(folder)
+    assert tokenizer.vocab_size == PIECES + len(ADDED)
+    assert tokenizer.eos_id == model_eos(model) and ADDED["<|im_end|>"] in tokenizer.stop_ids
+    assert load_tokenizer(folder, eos_token="<|im_end|>").eos_id == ADDED["<|im_end|>"]
+    encode = control_token_encoder(tokenizer)
+    assert encode("<|im_start|>") == [ADDED["<|im_start|>"]] and encode("<|im_end|>") == [ADDED["<|im_end|>"]]
+    ids = tokenizer.encode("ka<|plain|> lo<|im_end|>")
+    assert ids.count(ADDED["<|plain|>"]) == 1 and ADDED["<|im_end|>"] not in ids  # special text is text
+    assert tokenizer.decode(ids) == "ka<|plain|> lo<|im_end|>"
+    assert (
+        tokenizer.decode([*tokenizer.encode("ka lo"), ADDED["<|im_end|>"], *tokenizer.encode("mine")]) == "ka lo mine"
+    )
+    prompt = chat_prompt_ids(CHATML, [{"role": "user", "content": "ka lo"}], tokenizer)
+    assert prompt.count(ADDED["<|im_start|>"]) == 2 and prompt.count(ADDED["<|im_end|>"]) == 1
+
+
+def test_a_sentencepiece_folder_reads_as_transformers_reads_it(model, tmp_path):
+    """Vocabulary size, EOS and the chat template's text as transformers' tokenizer of the same folder gives them: the
+    template gets the folder's other special tokens too (unk, pad and the additional ones rendered empty before)."""
+    transformers = pytest.importorskip("transformers")
+    template = CHATML + "[{{ unk_token }}|{{ pad_token }}]"
+    config = {"bos_token": "<s>", "eos_token": "<|im_end|>", "unk_token": "<unk>", "pad_token": "</s>"}
+    folder = added_folder(tmp_path / "tok", model, "tokenizer_config.json", **config, chat_template=template)
+    tokenizer, hf = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.vocab_size == len(hf) and hf.eos_token_id in tokenizer.stop_ids
+    messages = [{"role": "user", "content": "ka lo"}]
+    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("[<unk>|</s>]")
+    assert chat_prompt_ids(template, messages, tokenizer) == control_token_encoder(tokenizer)(text)
+
+
+def test_a_regular_token_chosen_as_bos_is_its_id_in_a_chat(model, tmp_path):
+    """A BOS that is a regular token (--bos-token, a word-inner piece) was written by the template as its text and
+    read back as other pieces (with the dummy prefix): the chat started without the BOS every training document
+    started with."""
+    folder = added_folder(tmp_path / "tok", model, "tokenizer_config.json")
+    piece = "nel"  # of "anel": never word-initial
+    tokenizer = load_tokenizer(folder, bos_token=piece)
+    encode = control_token_encoder(tokenizer)
+    assert encode(piece) != [tokenizer.bos_id]
+    for content in ("lo", piece, "\ue000bos_token0\ue001"):  # a message holding its text or its mark: text
+        ids = chat_prompt_ids(CHATML, [{"role": "user", "content": content}], tokenizer)
+        assert ids == [tokenizer.bos_id, *encode(f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n")]
+
+
+def test_a_copied_sentencepiece_tokenizer_keeps_its_added_tokens(model, tmp_path):
+    """prepare and consolidate copy the tokenizer file with what its folder says of its tokens: the copy has the same
+    ids, stop ids and special tokens (and the chat template, in the same tokenizer_config.json)."""
+    from epas_lightning.data.chat_template import chat_template_beside
+
+    config = {"eos_token": "<|im_end|>", "pad_token": "</s>", "chat_template": CHATML}
+    folder = added_folder(tmp_path / "tok", model, "tokenizer_config.json", **config)
+    (tmp_path / "copy").mkdir()
+    copy_tokenizer(load_tokenizer(folder), tmp_path / "copy")
+    original, copied = load_tokenizer(folder), load_tokenizer(tmp_path / "copy")
+    assert (copied.vocab_size, copied.stop_ids) == (original.vocab_size, original.stop_ids)
+    assert (copied.added, copied.named) == (original.added, original.named)
+    assert chat_template_beside(copied.path) == {"chat_template": CHATML}  # kept beside them
+
+
+def test_a_tokenizer_json_beside_added_tokens_wins(model, tmp_path):
+    """A folder's tokenizer.json holds its added tokens itself: an added_tokens.json beside it adds none; the EOS its
+    tokenizer_config.json names is a stop id all the same."""
+    from epas_lightning.hf.sentencepiece_json import sentencepiece_tokenizer
+
+    folder = added_folder(tmp_path / "tok", model, "added_tokens.json", eos_token="<unk>")
+    sentencepiece_tokenizer(model).save(str(folder / "tokenizer.json"))
+    tokenizer = load_tokenizer(folder)
+    assert (tokenizer.kind, tokenizer.vocab_size, tokenizer.added) == ("hf", PIECES, {})
+    assert tokenizer.stop_ids == (tokenizer.eos_id, 0)
+
+
+def model_eos(model: Path) -> int:
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(model)).eos_id()
+
+
+def test_an_exported_sentencepiece_tokenizer_keeps_its_added_tokens(model, tmp_path):
+    """export shipped the pieces only: transformers' tokenizer of the export had 300 ids, read '<|im_end|>' as text in
+    the chat template it ships, and had no EOS when the model trained with --eos-token '<|im_end|>'."""
+    transformers = pytest.importorskip("transformers")
+    from epas_lightning.hf.export import export_tokenizer
+
+    folder = added_folder(tmp_path / "tok", model, "tokenizer_config.json", chat_template=CHATML)
+    (tmp_path / "hf").mkdir()
+    tokenizer = load_tokenizer(folder, eos_token="<|im_end|>")
+    export_tokenizer(folder, tmp_path / "hf", 64, tokenizer.bos_id, tokenizer.eos_id)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert (len(hf), hf.eos_token_id) == (tokenizer.vocab_size, ADDED["<|im_end|>"])
+    messages = [{"role": "user", "content": "ka lo"}]
+    ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert ids == chat_prompt_ids(CHATML, messages, tokenizer)
+    assert hf.decode(hf.encode("su<|plain|>tari", add_special_tokens=False)) == tokenizer.decode(
+        tokenizer.encode("su<|plain|>tari")
+    )
+
+
+def test_an_added_bos_is_named_for_lm_eval_requests(model, tmp_path):
+    """lm-eval's requests look for the BOS's text: an added BOS (--bos-token '<|im_start|>') raised in sentencepiece,
+    which knows only its pieces."""
+    from epas_lightning.evaluation.multiple_choice import bos_text
+
+    folder = added_folder(tmp_path / "tok", model, "tokenizer_config.json")
+    assert bos_text(load_tokenizer(folder, bos_token="<|im_start|>")) == "<|im_start|>"
+
+
+def test_an_added_token_that_strips_takes_the_whitespace_beside_it(model, tmp_path):
+    """An added token with rstrip (Phi-3's '<|end|>') or lstrip takes the whitespace after or before it, as
+    transformers reads it: its chat template's '<|end|>\\n' is '<|end|>' alone. The whitespace was read as pieces."""
+    transformers = pytest.importorskip("transformers")
+    from epas_lightning.hf.export import export_tokenizer
+
+    spaced = train_tiny_sentencepiece(tmp_path / "spaced.model", remove_extra_whitespaces=False)
+    folder = added_folder(tmp_path / "tok", spaced, "tokenizer_config.json", chat_template=CHATML)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"]["300"]["rstrip"] = config["added_tokens_decoder"]["301"]["lstrip"] = True
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = load_tokenizer(folder)
+    encode = control_token_encoder(tokenizer)
+    assert encode("ka<|im_end|>\n  lo") == encode("ka<|im_end|>lo")
+    assert encode("ka \n<|im_start|>lo") == encode("ka<|im_start|>lo")
+    (tmp_path / "hf").mkdir()
+    export_tokenizer(folder, tmp_path / "hf", 64, None, None)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in ("ka<|im_end|>\n  lo", "ka \n<|im_start|>lo <|im_end|> \n"):
+        assert encode(text) == hf.encode(text, add_special_tokens=False), text
