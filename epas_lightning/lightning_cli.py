@@ -110,7 +110,7 @@ from epas_lightning.resume import (
 from epas_lightning.run_checkpoint import RunCheckpoint, save_between_steps
 from epas_lightning.run_folder import RunFolders, check_run_folders_writable
 from epas_lightning.run_summary import FlopsModelSummary, RunSummary, progress_bar_for, say
-from epas_lightning.safe_load import is_sharded_checkpoint, verify_checkpoint
+from epas_lightning.safe_load import is_sharded_checkpoint, load_torch_file, verify_checkpoint
 from epas_lightning.seeds import SEED_FIX, TRAINING_SEEDS, seed_out_of_range
 from epas_lightning.sigterm_in_setup import answer_sigterm_in_setup
 from epas_lightning.strategy import STRATEGY_NAME, check_data_parallel_only, check_strategy_name
@@ -308,7 +308,8 @@ class EPASCLI(LightningCLI):
                 config.model.init_from = None
         if fitting:
             self._check_log_folders_free(config, config.get("ckpt_path"))
-        super()._parse_ckpt_path()
+        if config.get("ckpt_path") and holds_hyperparameters(Path(config.ckpt_path)):
+            super()._parse_ckpt_path()
 
     def _check_log_folders_free(self, config: Namespace, ckpt_path: str | None) -> None:
         """The version folders the config gives its loggers hold no other run's config or logs, but those of the run
@@ -478,6 +479,17 @@ def check_same_model(model_config: Any, ckpt_path: str) -> None:
     check_resumed_model(
         as_model_config(model_config), recorded_config(ckpt_path, "--ckpt_path"), f"--ckpt_path {ckpt_path}"
     )
+
+
+def holds_hyperparameters(ckpt_path: Path) -> bool:
+    """Whether the checkpoint file ``ckpt_path`` holds hyperparameters for Lightning's ``_parse_ckpt_path`` to put into
+    the config (``EPASModule`` saves none): that reads the whole file (not mapped) to find out, this the mapped metadata
+    (:func:`~epas_lightning.safe_load.load_torch_file`). A folder holds none Lightning reads."""
+    if not ckpt_path.is_file():
+        return False
+    loaded = load_torch_file(ckpt_path, mmap=True, where=f"--ckpt_path {ckpt_path}", keep=True)
+    hparams = loaded.get("hyper_parameters") if isinstance(loaded, dict) else None
+    return isinstance(hparams, dict) and bool(hparams.keys() - {"_instantiator"})
 
 
 SHARDED_READERS = ("FSDP2Strategy",)

@@ -59,7 +59,7 @@ from epas_lightning.run_checkpoint import (
     step_checkpoints,
 )
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
-from epas_lightning.safe_load import is_weights_only, plain_numbers, verify_checkpoint
+from epas_lightning.safe_load import is_weights_only, plain_numbers, release_kept_read, verify_checkpoint
 from epas_lightning.step_logging import mean_over_ranks, read_alike_on_every_rank, replace_logged, step_is_logged
 from epas_lightning.trainer_checks import check_gradient_clip
 
@@ -203,6 +203,7 @@ class EPASModule(LightningModule):
                 from epas_lightning.checkpoint import recorded_config
 
                 kwargs["config"] = recorded_config(path, where)
+            release_kept_read(path)  # Lightning reads it whole: not held beside that
             checkpoint_path = path
         return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, True, **kwargs)
 
