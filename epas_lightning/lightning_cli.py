@@ -52,6 +52,7 @@ from epas_lightning.callbacks import (
     TokenThroughputMonitor,
 )
 from epas_lightning.checkpoint import recorded_config
+from epas_lightning.checkpoint_formats import read_checkpoint
 from epas_lightning.checkpoint_io import AtomicCheckpointIO, sharded_needs_fsdp2
 from epas_lightning.child_ranks import EndChildRanksOnError, peer_rank_ended
 from epas_lightning.cli import (
@@ -433,6 +434,8 @@ class EPASCLI(LightningCLI):
         if stop is not None:  # it says what a signal does; Lightning's "attempting graceful shutdown" is not it
             info = (*info, "Detected KeyboardInterrupt", "Received SIGTERM")
             stop.command_line = True  # resuming is this command with --ckpt_path last
+        if subcommand != "fit" and (ckpt_path := self.config[subcommand].get("ckpt_path")):
+            check_scored_regions(self.trainer.callbacks, ckpt_path)
         self._say_seed()  # once no start-up check refused the run
         folders = RunFolders.before_run(self.trainer) if self.trainer.is_global_zero else None
         try:
@@ -479,6 +482,16 @@ def check_same_model(model_config: Any, ckpt_path: str) -> None:
     check_resumed_model(
         as_model_config(model_config), recorded_config(ckpt_path, "--ckpt_path"), f"--ckpt_path {ckpt_path}"
     )
+
+
+def check_scored_regions(callbacks: list[Any], ckpt_path: str) -> None:
+    """``validate``/``test --ckpt_path``: ``val_sharing_layers`` past the region the checkpoint trained, refused from
+    its metadata before Lightning reads it whole (:meth:`ProgressiveSharing.check_scored_checkpoint`)."""
+    sharing = [c for c in callbacks if isinstance(c, ProgressiveSharing) and c.val_sharing_layers]
+    if sharing:
+        metadata = read_checkpoint(ckpt_path, weights=False, flag="--ckpt_path")[1]
+        for callback in sharing:
+            callback.check_scored_checkpoint(metadata)
 
 
 def holds_hyperparameters(ckpt_path: Path) -> bool:

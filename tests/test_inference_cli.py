@@ -614,6 +614,31 @@ def test_validate_a_checkpoint_from_the_command_line_checks_val_sharing_layers_a
     assert rc == 2 and "3 sharing layers were asked for; the checkpoint's target region has 2 (layers [3, 2])" in err
 
 
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_validate_refuses_val_sharing_layers_past_the_checkpoints_region_before_lightning_reads_it(
+    trained, tiny_corpus, tmp_path, capsys, monkeypatch, weights_only
+):
+    """`validate`/`test --ckpt_path` with val_sharing_layers past the region the checkpoint trained (its schedule's
+    target; of a weights-only one, the region it records) was refused only once Lightning had read the whole checkpoint
+    (minutes for a large one); now from its metadata, before Lightning opens it, in one line."""
+    from epas_lightning.checkpoint_io import AtomicCheckpointIO
+
+    def read(*args, **kwargs):
+        raise AssertionError("Lightning read the checkpoint")
+
+    if weights_only:
+        state = {k: v for k, v in torch.load(trained, weights_only=True).items() if k not in TRAINING_STATE}
+        torch.save(state, trained := tmp_path / "weights.ckpt")
+    monkeypatch.setattr(AtomicCheckpointIO, "load_checkpoint", read)
+    monkeypatch.chdir(tmp_path)
+    for command in ("validate", "test"):
+        args = [command, "--config", DEBUG, "--data.data_dir", str(tiny_corpus), "--ckpt_path", str(trained)]
+        args += ["--model.config.n_layer", "4", "--trainer.logger", "false", "--sharing.target", "1"]
+        rc, _, err = run_cli(capsys, *args, "--sharing.val_sharing_layers", "[1, 3]")
+        whose = "region" if weights_only else "target region"
+        assert rc == 2 and f"3 sharing layers were asked for; the checkpoint's {whose} has 2 (layers [3, 2])" in err
+
+
 def reads_of(path, monkeypatch) -> list[str]:
     """The calls of ``torch.load`` on ``path`` from here on, each named by its caller (filled as they happen)."""
     import sys
