@@ -397,6 +397,8 @@ class EPASCLI(LightningCLI):
             raise refused_setting(e) from e
         finally:
             SCORING_A_CHECKPOINT.reset(token)
+        if isinstance(self.model, EPASModule):  # it reads init_from (a resume's was set aside): before any data
+            self.model.check_init_from()
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         check_no_repeated_section(config.get("callbacks"))
