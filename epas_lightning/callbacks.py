@@ -328,9 +328,19 @@ class ProgressiveSharing(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.reached_at = state_dict.get("reached_at")
-        saved = {k: state_dict.get(k) for k in ("target", "growth", "interval", "start_step", "enabled")}
-        saved["order"] = state_dict.get("order", "deep_first")  # checkpoints from before the option grew deep-first
-        self._resumed_settings = saved
+        self._resumed_settings = _saved_settings(state_dict)
+
+    def check_scored_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """``validate``/``test`` of a checkpoint, before it loads: lengths of ``val_sharing_layers`` past the region it
+        trained are refused from ``checkpoint``, its metadata (its state of this callback; of a weights-only one, the
+        region it records), as :meth:`on_validation_start` refuses them once it has loaded."""
+        if not self.val_sharing_layers or self.schedule is None or self.n_layer is None:
+            return
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        saved = _saved_settings(state) if isinstance(state, dict) else None
+        recorded = checkpoint.get(REGION_KEY) if is_weights_only(checkpoint) else None
+        configured = (TrainedRegion(self.n_layer, self.schedule.target_layers, self.order),)
+        self._regions_of(*(self._checkpoint_region(saved, recorded, self.n_layer) or configured))
 
     def _same_schedule(self, saved: dict[str, Any], n_layer: int) -> bool:
         """Whether the checkpoint's settings ``saved`` grow the same region at the same steps as the configured ones
@@ -384,6 +394,13 @@ class ProgressiveSharing(Callback):
                 "before they shared (keep the checkpoint's sharing settings to continue its region)"
             )
         rank_zero_warn(said)
+
+
+def _saved_settings(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The schedule settings of a checkpoint's state of :class:`ProgressiveSharing` (its ``state_dict``)."""
+    saved = {k: state_dict.get(k) for k in ("target", "growth", "interval", "start_step", "enabled")}
+    saved["order"] = state_dict.get("order", "deep_first")  # checkpoints from before the option grew deep-first
+    return saved
 
 
 def _saved_target(saved: dict[str, Any], n_layer: int) -> TrainedRegion | None:

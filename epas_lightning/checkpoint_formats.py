@@ -64,7 +64,7 @@ def read_checkpoint(
     """
     path = Path(path).expanduser()
     if path.is_file():  # one weights_only load: refusing an unsafe file needs no separate check
-        checkpoint = load_torch_file(path, mmap=True, where=f"{flag} {path}")  # the weights: read where used
+        checkpoint = load_torch_file(path, mmap=True, where=f"{flag} {path}", keep=not weights)  # weights: where used
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
             raise CheckpointError(
                 "not a Lightning checkpoint (no state_dict)", f"{flag} {path}", "pass a checkpoint written by fit"

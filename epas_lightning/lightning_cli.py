@@ -52,6 +52,7 @@ from epas_lightning.callbacks import (
     TokenThroughputMonitor,
 )
 from epas_lightning.checkpoint import recorded_config
+from epas_lightning.checkpoint_formats import read_checkpoint
 from epas_lightning.checkpoint_io import AtomicCheckpointIO, sharded_needs_fsdp2
 from epas_lightning.child_ranks import EndChildRanksOnError, peer_rank_ended
 from epas_lightning.cli import (
@@ -110,7 +111,7 @@ from epas_lightning.resume import (
 from epas_lightning.run_checkpoint import RunCheckpoint, save_between_steps
 from epas_lightning.run_folder import RunFolders, check_run_folders_writable
 from epas_lightning.run_summary import FlopsModelSummary, RunSummary, progress_bar_for, say
-from epas_lightning.safe_load import is_sharded_checkpoint, verify_checkpoint
+from epas_lightning.safe_load import is_sharded_checkpoint, load_torch_file, verify_checkpoint
 from epas_lightning.seeds import SEED_FIX, TRAINING_SEEDS, seed_out_of_range
 from epas_lightning.sigterm_in_setup import answer_sigterm_in_setup
 from epas_lightning.strategy import STRATEGY_NAME, check_data_parallel_only, check_strategy_name
@@ -308,7 +309,8 @@ class EPASCLI(LightningCLI):
                 config.model.init_from = None
         if fitting:
             self._check_log_folders_free(config, config.get("ckpt_path"))
-        super()._parse_ckpt_path()
+        if config.get("ckpt_path") and holds_hyperparameters(Path(config.ckpt_path)):
+            super()._parse_ckpt_path()
 
     def _check_log_folders_free(self, config: Namespace, ckpt_path: str | None) -> None:
         """The version folders the config gives its loggers hold no other run's config or logs, but those of the run
@@ -395,6 +397,8 @@ class EPASCLI(LightningCLI):
             raise refused_setting(e) from e
         finally:
             SCORING_A_CHECKPOINT.reset(token)
+        if isinstance(self.model, EPASModule):  # it reads init_from (a resume's was set aside): before any data
+            self.model.check_init_from()
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         check_no_repeated_section(config.get("callbacks"))
@@ -432,6 +436,8 @@ class EPASCLI(LightningCLI):
         if stop is not None:  # it says what a signal does; Lightning's "attempting graceful shutdown" is not it
             info = (*info, "Detected KeyboardInterrupt", "Received SIGTERM")
             stop.command_line = True  # resuming is this command with --ckpt_path last
+        if subcommand != "fit" and (ckpt_path := self.config[subcommand].get("ckpt_path")):
+            check_scored_regions(self.trainer.callbacks, ckpt_path)
         self._say_seed()  # once no start-up check refused the run
         folders = RunFolders.before_run(self.trainer) if self.trainer.is_global_zero else None
         try:
@@ -478,6 +484,27 @@ def check_same_model(model_config: Any, ckpt_path: str) -> None:
     check_resumed_model(
         as_model_config(model_config), recorded_config(ckpt_path, "--ckpt_path"), f"--ckpt_path {ckpt_path}"
     )
+
+
+def check_scored_regions(callbacks: list[Any], ckpt_path: str) -> None:
+    """``validate``/``test --ckpt_path``: ``val_sharing_layers`` past the region the checkpoint trained, refused from
+    its metadata before Lightning reads it whole (:meth:`ProgressiveSharing.check_scored_checkpoint`)."""
+    sharing = [c for c in callbacks if isinstance(c, ProgressiveSharing) and c.val_sharing_layers]
+    if sharing:
+        metadata = read_checkpoint(ckpt_path, weights=False, flag="--ckpt_path")[1]
+        for callback in sharing:
+            callback.check_scored_checkpoint(metadata)
+
+
+def holds_hyperparameters(ckpt_path: Path) -> bool:
+    """Whether the checkpoint file ``ckpt_path`` holds hyperparameters for Lightning's ``_parse_ckpt_path`` to put into
+    the config (``EPASModule`` saves none): that reads the whole file (not mapped) to find out, this the mapped metadata
+    (:func:`~epas_lightning.safe_load.load_torch_file`). A folder holds none Lightning reads."""
+    if not ckpt_path.is_file():
+        return False
+    loaded = load_torch_file(ckpt_path, mmap=True, where=f"--ckpt_path {ckpt_path}", keep=True)
+    hparams = loaded.get("hyper_parameters") if isinstance(loaded, dict) else None
+    return isinstance(hparams, dict) and bool(hparams.keys() - {"_instantiator"})
 
 
 SHARDED_READERS = ("FSDP2Strategy",)

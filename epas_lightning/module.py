@@ -59,7 +59,7 @@ from epas_lightning.run_checkpoint import (
     step_checkpoints,
 )
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
-from epas_lightning.safe_load import is_weights_only, plain_numbers, verify_checkpoint
+from epas_lightning.safe_load import is_weights_only, plain_numbers, release_kept_read, verify_checkpoint
 from epas_lightning.step_logging import mean_over_ranks, read_alike_on_every_rank, replace_logged, step_is_logged
 from epas_lightning.trainer_checks import check_gradient_clip
 
@@ -104,7 +104,8 @@ class EPASModule(LightningModule):
         init_from: Start ``fit`` from these weights instead of a random init (continual pretraining): a local HF
             LLaMA directory (config.json + safetensors) or an EPAS checkpoint. ``config`` must describe the same
             architecture (checked, with every difference named, before any work, as are the names and shapes of
-            the stored weights, read from the files' headers); a resumed checkpoint wins. A
+            the stored weights, read from the files' headers); a resumed checkpoint wins, and does not need them (gone
+            or unreadable since, they are refused by a fit that starts from them: :meth:`check_init_from`). A
             source with more positions than ``block_size`` keeps them (``config.max_position_embeddings``), so the
             run's exports and inference take prompts as long as the source model did.
             ``validate``/``test`` (``predict``) without a checkpoint score (run) these weights (the run's baseline).
@@ -139,8 +140,14 @@ class EPASModule(LightningModule):
         )
         check_builds("optimizer", optimizer, "functools.partial(torch.optim.AdamW, lr=1e-3)")
         check_builds("lr_scheduler", lr_scheduler, "functools.partial(epas_lightning.WarmupCosineLR, warmup_steps=100)")
+        self._init_from_refusal: CheckpointError | None = None  # gone or unreadable: refused unless a fit resumes
         if init_from is not None:
-            config = keeping_source_context(config, check_init_source(init_from, config))
+            try:
+                config = keeping_source_context(config, check_init_source(init_from, config))
+            except CheckpointError as e:
+                if Path(init_from).expanduser().exists():  # there, and not of this config: said at once
+                    raise
+                self._init_from_refusal = e
         self.config = config
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -149,8 +156,11 @@ class EPASModule(LightningModule):
         self.attention_reuse = attention_reuse
         self.attention_kernel = attention_kernel
         check_attention_reuse(config, attention_reuse)  # before any model is built
-        if init_from is not None:  # its files' headers: before fit prepares any data
-            check_init_weights(init_from, config, attention_reuse)
+        if init_from is not None and self._init_from_refusal is None:  # its files' headers: before any data
+            try:
+                check_init_weights(init_from, config, attention_reuse)
+            except CheckpointError as e:
+                self._init_from_refusal = e
         check_compile_backend(compile)
         if activation_checkpointing != "auto":
             try:
@@ -203,6 +213,7 @@ class EPASModule(LightningModule):
                 from epas_lightning.checkpoint import recorded_config
 
                 kwargs["config"] = recorded_config(path, where)
+            release_kept_read(path)  # Lightning reads it whole: not held beside that
             checkpoint_path = path
         return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, True, **kwargs)
 
@@ -210,11 +221,18 @@ class EPASModule(LightningModule):
     def source_tokenizer(self) -> RecordedTokenizer | None:
         """The tokenizer file of the ``init_from`` model, where it has one (an HF folder's ``tokenizer.json`` or
         ``tokenizer.model``, the one our checkpoint recorded, with its hash): the training data must hold its ids."""
-        if self.init_from is None:
+        if self.init_from is None or self._init_from_refusal is not None:
             return None
         from epas_lightning.checkpoint import describe_checkpoint  # reads HF folders and our checkpoints alike
 
         return describe_checkpoint(self.init_from, "model.init_from").recorded_tokenizer
+
+    def check_init_from(self) -> None:
+        """Refuse ``init_from`` where it was gone, or its weights did not read or fit, as the module was built: a fit
+        that resumes a checkpoint never reads it (only then is that known), one that starts from it does. The command
+        line calls it at once for a run that resumes nothing, before any data is prepared."""
+        if self._init_from_refusal is not None:
+            raise self._init_from_refusal
 
     def setup(self, stage: str) -> None:
         self._restored_checked = self._repeats_checked = False
@@ -361,6 +379,7 @@ class EPASModule(LightningModule):
         if self.init_from is None:
             return
         if self.trainer.ckpt_path is None:
+            self.check_init_from()
             load_initial_weights(self.model, self.init_from, self.trainer.state.fn.value)
             rank_zero_info(f"init_from: the weights start from {self.init_from}")
         else:

@@ -44,14 +44,27 @@ def check_readable(file: Path, where: object = None) -> Path:
 
 
 def load_torch_file(
-    path: str | Path | IO[bytes], map_location: Any = "cpu", mmap: bool = False, where: object = None
+    path: str | Path | IO[bytes],
+    map_location: Any = "cpu",
+    mmap: bool = False,
+    where: object = None,
+    keep: bool = False,
 ) -> Any:
     """``torch.load`` with ``weights_only=True``; an unsafe, corrupt or truncated file is a :class:`CheckpointError`
-    (``where`` names it in the message; default: the path). ``path`` may be an open binary stream (never mapped)."""
+    (``where`` names it in the message; default: the path). ``path`` may be an open binary stream (never mapped).
+
+    A legacy file (not a zip) cannot be mapped: one read to map (``mmap``, on the CPU) is read whole; ``keep`` keeps it
+    for the next such read of the unchanged file, which takes it without ``keep`` (:class:`LegacyReads`)."""
     path = path if isinstance(path, io.IOBase) else Path(path)
     try:
-        mmap = mmap and isinstance(path, Path) and _is_zip(path)
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        if not isinstance(path, Path):
+            return torch.load(path, map_location=map_location, weights_only=True)
+        if mmap and _is_zip(path):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        if mmap and map_location == "cpu":  # a legacy file cannot be mapped: read whole, once while kept
+            return _LEGACY_READS.read(path, keep)
+        _LEGACY_READS.forget(path)  # a full load of its own: the kept copy's memory is freed first
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         _refuse_other_files(path, where, e)
         raise CheckpointError(
@@ -77,6 +90,44 @@ def load_torch_file(
             where or path,
             "copy it again, or pass a checkpoint written by fit or consolidate",
         ) from e
+
+
+class LegacyReads:
+    """The last legacy file (not a zip: ``torch.save(..., _use_new_zipfile_serialization=False)``, an older version's
+    ``.ckpt``) that a read of its metadata asked to keep. Such a file cannot be mapped, so each look at its metadata
+    (the checks of a command, Lightning's look for hyperparameters) read it whole again. A read to keep reuses it; one
+    that does not (its weights, read once) takes it and frees it; a full load of the file frees it first. A file
+    changed since (its size, modification time or inode) is read again. Each read gets its own top-level dict (callers
+    pop ``state_dict``)."""
+
+    def __init__(self) -> None:
+        self._kept: tuple[tuple[Path, int, int, int], Any] | None = None
+
+    def read(self, path: Path, keep: bool) -> Any:
+        stat = path.stat()
+        key = (path.resolve(), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        kept = self._kept
+        if kept is not None and kept[0] == key:
+            loaded = kept[1]
+        else:
+            self._kept = kept = None  # freed before the next file is read
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        self._kept = (key, loaded) if keep else None
+        return dict(loaded) if isinstance(loaded, dict) else loaded
+
+    def forget(self, path: Path) -> None:
+        """Free what is kept of ``path``: it is read in full, or by a reader of its own."""
+        if self._kept is not None and self._kept[0][0] == path.resolve():
+            self._kept = None
+
+
+_LEGACY_READS = LegacyReads()
+
+
+def release_kept_read(path: Path) -> None:
+    """Free the kept read of the legacy file ``path`` (:class:`LegacyReads`), before a reader of its own (Lightning's
+    ``load_from_checkpoint``) loads it again."""
+    _LEGACY_READS.forget(path)
 
 
 def plain_numbers(tree: Any) -> Any:
@@ -140,7 +191,7 @@ def verify_checkpoint(path: str | Path, flag: str = "--ckpt_path", scoring: bool
     if not path.exists():
         raise CheckpointError("checkpoint does not exist", f"{flag} {path}", "check the path")
     if path.is_file():
-        load_torch_file(path, mmap=True, where=f"{flag} {path}")
+        load_torch_file(path, mmap=True, where=f"{flag} {path}", keep=True)  # its metadata is read next
         return path
     if (path / "config.json").is_file() and not is_sharded_checkpoint(path):
         if scoring:

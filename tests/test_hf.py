@@ -638,8 +638,9 @@ def test_validate_and_test_start_from_init_from(tmp_path: Path, tiny_corpus: Pat
 
 def test_init_from_checks_before_training(tmp_path: Path) -> None:
     path = save_tiny_hf(tmp_path / "hf")
-    with pytest.raises(CheckpointError, match="init_from"):
-        EPASModule(_module_config(), init_from=str(tmp_path / "missing"))
+    gone = EPASModule(_module_config(), init_from=str(tmp_path / "missing"))  # a resume does not need it
+    with pytest.raises(CheckpointError, match="does not exist — model.init_from"):
+        gone.check_init_from()  # a fit that starts from it: test_a_resume_from_python_does_not_need_init_from_any_more
     wide = LlamaConfig(n_layer=2, n_embd=128, n_head=4, vocab_size=VOCAB, block_size=32, rope_theta=50000.0)
     with pytest.raises(HFCheckpointError, match="n_embd: model 128"):
         EPASModule(wide, init_from=str(path))
@@ -1709,6 +1710,39 @@ def test_a_resume_does_not_need_init_from_any_more(tmp_path: Path, tiny_corpus: 
     capsys.readouterr()
     assert main(["fit", *args, "--ckpt_path", "last", "--print_config"]) == 0  # the config the resume would run
     assert "block_size: 32" in capsys.readouterr().out
+
+
+def test_a_resume_from_python_does_not_need_init_from_any_more(tmp_path: Path, tiny_corpus: Path, caplog) -> None:
+    """``trainer.fit(EPASModule(config, init_from=path), ckpt_path=...)`` was refused as the module was built where
+    init_from was gone or broken since, although a resume never reads it (the command line resumes: above). It
+    resumes; a fresh fit still refuses it, in one line, before its first step."""
+    import shutil
+
+    from epas_lightning import TokenDataModule
+
+    def data() -> TokenDataModule:
+        return TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=VOCAB)
+
+    source = save_tiny_hf(tmp_path / "hf")
+    config = source_config(source, block_size=32)  # the config of the first run, kept by its script
+    trainer = cpu_trainer(tmp_path / "first", max_steps=1, num_sanity_val_steps=0)
+    trainer.fit(EPASModule(config, init_from=str(source)), data())
+    trainer.save_checkpoint(ckpt := tmp_path / "one_step.ckpt")
+    broken = tmp_path / "broken"
+    shutil.copytree(source, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    shutil.rmtree(source)
+    gone, corrupt = f"does not exist — model.init_from {source}", f"corrupt .* — {broken / 'model.safetensors'}"
+    for init_from, refusal in ((source, gone), (broken, corrupt)):
+        trainer = cpu_trainer(tmp_path / "resumed", max_steps=2, num_sanity_val_steps=0)
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            trainer.fit(EPASModule(config, init_from=str(init_from)), data(), ckpt_path=ckpt)
+        assert trainer.global_step == 2 and resumed_instead(ckpt) in caplog.text
+        fresh = cpu_trainer(tmp_path / "fresh", max_steps=2, num_sanity_val_steps=0)
+        with pytest.raises(CheckpointError, match=refusal):
+            fresh.fit(EPASModule(config, init_from=str(init_from)), data())
+        assert fresh.global_step == 0
 
 
 @pytest.mark.parametrize("fsdp2", [False, True])

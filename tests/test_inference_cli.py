@@ -614,6 +614,87 @@ def test_validate_a_checkpoint_from_the_command_line_checks_val_sharing_layers_a
     assert rc == 2 and "3 sharing layers were asked for; the checkpoint's target region has 2 (layers [3, 2])" in err
 
 
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_validate_refuses_val_sharing_layers_past_the_checkpoints_region_before_lightning_reads_it(
+    trained, tiny_corpus, tmp_path, capsys, monkeypatch, weights_only
+):
+    """`validate`/`test --ckpt_path` with val_sharing_layers past the region the checkpoint trained (its schedule's
+    target; of a weights-only one, the region it records) was refused only once Lightning had read the whole checkpoint
+    (minutes for a large one); now from its metadata, before Lightning opens it, in one line."""
+    from epas_lightning.checkpoint_io import AtomicCheckpointIO
+
+    def read(*args, **kwargs):
+        raise AssertionError("Lightning read the checkpoint")
+
+    if weights_only:
+        state = {k: v for k, v in torch.load(trained, weights_only=True).items() if k not in TRAINING_STATE}
+        torch.save(state, trained := tmp_path / "weights.ckpt")
+    monkeypatch.setattr(AtomicCheckpointIO, "load_checkpoint", read)
+    monkeypatch.chdir(tmp_path)
+    for command in ("validate", "test"):
+        args = [command, "--config", DEBUG, "--data.data_dir", str(tiny_corpus), "--ckpt_path", str(trained)]
+        args += ["--model.config.n_layer", "4", "--trainer.logger", "false", "--sharing.target", "1"]
+        rc, _, err = run_cli(capsys, *args, "--sharing.val_sharing_layers", "[1, 3]")
+        whose = "region" if weights_only else "target region"
+        assert rc == 2 and f"3 sharing layers were asked for; the checkpoint's {whose} has 2 (layers [3, 2])" in err
+
+
+def reads_of(path, monkeypatch) -> list[str]:
+    """The calls of ``torch.load`` on ``path`` from here on, each named by its caller (filled as they happen)."""
+    import sys
+
+    reads, load = [], torch.load
+
+    def counting(f, *args, **kwargs):
+        if str(f) == str(path):
+            reads.append(sys._getframe(1).f_code.co_name)
+        return load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting)
+    return reads
+
+
+def test_a_legacy_checkpoint_is_read_once_before_fit_resumes_it(trained, tiny_corpus, tmp_path, capsys, monkeypatch):
+    """A .ckpt in torch's legacy format (not a zip, which is mapped: an older version's, a user's torch.save) was read
+    whole by each look at its metadata before Lightning restored it: the checks of --ckpt_path twice, and Lightning's
+    look for hyperparameters (EPASModule saves none), four reads at fit start. Now one, and Lightning's restore."""
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save(torch.load(trained, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    monkeypatch.chdir(tmp_path)
+    reads = reads_of(legacy, monkeypatch)
+    args = ["fit", "--config", DEBUG, "--data.data_dir", str(tiny_corpus), "--ckpt_path", str(legacy)]
+    args += ["--model.config.n_layer", "4", "--sharing.target", "2", "--sharing.interval", "2"]
+    args += ["--trainer.max_steps", "7", "--trainer.logger", "false", "--trainer.limit_val_batches", "1"]
+    rc, _, err = run_cli(capsys, *args, "--checkpoint.dirpath", str(tmp_path / "out"))
+    assert rc == 0, err
+    assert reads == ["read", "load_torch_file"], reads  # the kept metadata read, then the restore
+
+
+def test_a_legacy_checkpoint_changed_since_its_metadata_was_read_is_read_again(trained, tmp_path, monkeypatch):
+    """The metadata read of a legacy .ckpt is kept for the next read: the read of its weights takes it, and frees it
+    (as Lightning's load_from_checkpoint, which reads the file itself); a file written again since (in place, the same
+    size) is read again, not answered from what was kept."""
+    from epas_lightning.checkpoint_formats import read_checkpoint
+
+    loaded = torch.load(trained, weights_only=True)
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save({**loaded, "global_step": 111}, legacy, _use_new_zipfile_serialization=False)
+    reads = reads_of(legacy, monkeypatch)
+    assert read_checkpoint(legacy, weights=False)[1]["global_step"] == 111
+    assert read_checkpoint(legacy)[1]["global_step"] == 111 and len(reads) == 1
+    read_checkpoint(legacy, weights=False)
+    assert len(reads) == 2  # the weights' read freed what was kept
+    EPASModule.load_from_checkpoint(legacy)
+    read_checkpoint(legacy, weights=False)
+    assert len(reads) == 3  # not kept beside Lightning's own read (of an open file, not counted here)
+    written, size = legacy.stat().st_mtime_ns, legacy.stat().st_size
+    with legacy.open("r+b") as f:  # the same bytes but the step's
+        torch.save({**loaded, "global_step": 222}, f, _use_new_zipfile_serialization=False)
+    os.utime(legacy, ns=(written + 1_000_000, written + 1_000_000))  # a coarse clock may not have moved
+    assert legacy.stat().st_size == size
+    assert read_checkpoint(legacy, weights=False)[1]["global_step"] == 222 and len(reads) == 4
+
+
 def test_a_recorded_tokenizer_that_is_gone_is_named_in_the_error(tmp_path):
     """The error said only 'the checkpoint does not name an existing tokenizer': which file went missing was lost."""
     from epas_lightning.checkpoint import _info

@@ -73,3 +73,18 @@ def test_a_command_refuses_what_the_checkpoint_says_before_reading_the_weights(
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and says in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_epaslm_refuses_a_region_past_the_trained_one_before_reading_the_weights(models, monkeypatch):
+    """``EPASLM(checkpoint, sharing_layers=N)`` from Python loaded every weight and only then refused an N the
+    checkpoint never trained, known from its metadata; now refused first, naming the model arguments."""
+    from epas_lightning.errors import ConfigError
+
+    lm_eval_adapter = pytest.importorskip("epas_lightning.evaluation.lm_eval_adapter")
+
+    def read(*args):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(checkpoint, "_load_weights", read)
+    with pytest.raises(ConfigError, match="trained dense \\(no sharing layers\\); 1 was asked for — sharing_layers —"):
+        lm_eval_adapter.EPASLM(str(models[320]), sharing_layers=1, device="cpu")

@@ -196,6 +196,8 @@ def model_max_length(max_length: object, context_length: int) -> int:
 
 
 TOKENIZER_FIX = "pass --tokenizer PATH (the tokenizer.json or tokenizer.model the model was trained with)"
+MODEL_ARGS = ("sharing_layers", "force=True")
+"""How lm-eval's ``--model_args`` and Python name the region length and the override, in :class:`EPASLM`'s errors."""
 
 
 @register_model("epas")
@@ -233,7 +235,7 @@ class EPASLM(HFLM):
         **kwargs: Any,
     ) -> None:
         with _named_as(command_flags):
-            hf_tokenizer = self._load(checkpoint, tokenizer, device, dtype, force)
+            hf_tokenizer = self._load(checkpoint, sharing_layers, tokenizer, device, dtype, force)
         with _quiet():
             super().__init__(
                 pretrained=CausalLM(self.loaded.model),
@@ -246,16 +248,19 @@ class EPASLM(HFLM):
             )
         self.set_sharing_layers(self.loaded.default_sharing if sharing_layers is None else sharing_layers)
 
-    def _load(self, checkpoint: str | Path, tokenizer: str | Path | None, device: str | None, dtype: str | None,
-              force: bool) -> Any:  # fmt: skip
-        """Load the model (``self.loaded``) and its tokenizer; return the tokenizer the export ships."""
+    def _load(self, checkpoint: str | Path, sharing_layers: int | None, tokenizer: str | Path | None,
+              device: str | None, dtype: str | None, force: bool) -> Any:  # fmt: skip
+        """Load the model (``self.loaded``) and its tokenizer; return the tokenizer the export ships. The region
+        length, the tokenizer and the device are checked against the checkpoint's description first."""
         from epas_lightning.checkpoint import describe_checkpoint
         from epas_lightning.data.tokenizer import load_tokenizer
         from epas_lightning.hf.export import exported_tokenizer
         from epas_lightning.inference.generate_cli import check_device, load_for_inference
 
         check_device(device or "auto", dtype or "auto")
-        recorded = describe_checkpoint(checkpoint)  # the tokenizer checked before the weights load
+        recorded = describe_checkpoint(checkpoint)  # the region and the tokenizer checked before the weights load
+        n = recorded.default_sharing if sharing_layers is None else sharing_layers
+        recorded.region.first(n, bool(force), MODEL_ARGS)
         path = recorded.tokenizer_file(tokenizer)
         if path is None:
             raise ConfigError(recorded.no_tokenizer(), f"--checkpoint {checkpoint}", TOKENIZER_FIX)
@@ -271,8 +276,7 @@ class EPASLM(HFLM):
     def set_sharing_layers(self, n: int) -> list[int]:
         """Run with the first ``n`` layers of the trained region sharing; return those layers."""
         self.sharing_layers = n
-        model_args = ("sharing_layers", "force=True")  # as lm-eval's --model_args and Python name them
-        self.shared_layers = set_region(self.loaded.model, n, self.loaded.region, self.force, model_args)
+        self.shared_layers = set_region(self.loaded.model, n, self.loaded.region, self.force, MODEL_ARGS)
         return self.shared_layers
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
