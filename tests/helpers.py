@@ -35,6 +35,20 @@ def run_cli(
     return subprocess.run([*program, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+def run_cli_commands(commands: list[list[str]], cwd: Path, cache_dir: Path, err_dir: Path) -> list[tuple[int, str]]:
+    """Each of ``commands`` (``python -m epas_lightning``'s arguments) run by :func:`~epas_lightning.cli.main` one after
+    the other in one fresh process run from ``cwd`` (``tests/scripts/cli_commands.py``): each one's (exit status,
+    stderr), its stderr kept in ``err_dir/<i>.err``."""
+    env = {**os.environ, "EPAS_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(REPO)}
+    err_dir.mkdir(parents=True, exist_ok=True)
+    script = [sys.executable, str(REPO / "tests" / "scripts" / "cli_commands.py"), str(err_dir), json.dumps(commands)]
+    done = subprocess.run(script, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    statuses = [int(line) for line in done.stdout.split()]
+    assert len(statuses) == len(commands), done.stdout[-3000:]
+    return [(status, (err_dir / f"{i}.err").read_text()) for i, status in enumerate(statuses)]
+
+
 def run_ranks_at_once(
     command: list[str], env: dict, logs: Path, ranks: int = 2, cwd: Path | None = None, timeout: float = 300
 ) -> list[tuple[str, str]]:

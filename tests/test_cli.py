@@ -817,23 +817,26 @@ def test_a_strategy_whose_package_is_missing_is_one_line(tmp_path, capsys, monke
     assert last.startswith("error: a configured setting needs torch_xla")
 
 
-@pytest.mark.parametrize(
-    "flags",
-    [["--data.val_dir", "nodata"], ["--model.config.vocab_size", "100"], ["--sharing.target", "[0, 1]"]],
-    ids=["data folder", "built-in corpus vocabulary", "sharing target"],
-)
-def test_a_start_refused_by_a_check_prints_its_line_alone(tmp_path, flags):
+def test_a_start_refused_by_a_check_prints_its_line_alone(tmp_path):
     """A mistyped data folder was checked only once Lightning had built the Trainer, so the refusal came after
     Lightning's "Seed set", "GPU available" and "TPU available" lines (and, for a val_dir, after preparing the built-in
     corpus), as was a vocabulary too small for the built-in corpus; a setting a constructor refuses came after "Seed
-    set". Both are the command's only line now, in a fresh
-    process (in-process runs do not show Lightning's start-up lines)."""
-    from helpers import run_cli
+    set". Both are the command's only line now, in a fresh process (in-process runs do not show Lightning's start-up
+    lines; the three cases share one, each with its own stderr)."""
+    from helpers import run_cli_commands
 
-    done = run_cli(["fit", "--config", DEBUG, *flags], tmp_path, tmp_path / "cache")
-    assert done.returncode == 2
-    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
-    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+    cases = {
+        "data folder": ["--data.val_dir", "nodata"],
+        "built-in corpus vocabulary": ["--model.config.vocab_size", "100"],
+        "sharing target": ["--sharing.target", "[0, 1]"],
+    }
+    (cwd := tmp_path / "cwd").mkdir()
+    commands = [["fit", "--config", DEBUG, *flags] for flags in cases.values()]
+    done = run_cli_commands(commands, cwd, tmp_path / "cache", tmp_path / "stderr")
+    for case, (status, err) in zip(cases, done, strict=True):
+        assert status == 2, (case, err)
+        assert err.startswith("error: ") and err.count("\n") == 1, (case, err)
+    assert not (cwd / "runs").exists() and not (tmp_path / "cache").exists()
 
 
 def test_a_gradient_clip_value_of_nan_is_one_line_before_training(tmp_path, capsys, monkeypatch):

@@ -1043,27 +1043,43 @@ def test_a_second_signal_stops_fit_at_once_with_one_line_and_its_status(
 
 
 @pytest.mark.parametrize(("enabled", "subcommand"), [(True, "fit"), (False, "fit"), (True, "validate")])
-def test_a_sigterm_while_fit_sets_up_stops_it_with_one_line_and_its_status(enabled, subcommand, tiny_corpus, tmp_path):
+def test_a_sigterm_while_fit_sets_up_stops_it_with_one_line_and_its_status(
+    enabled, subcommand, tiny_corpus, tmp_path, capfd, monkeypatch
+):
     """SIGTERM before Lightning registers its handler (here as the callbacks set up; also during the imports, the data
     preparation and checks, the model build, a resume's read) took its default action: exit status 143 and nothing
     said, so a scheduler's preemption in a job's first seconds read as a crash. It stops as Ctrl+C does there: one
     line, the same status, and the run folder it had just made is removed, as after a refused start (the same command
     again is the same run). ``interrupt.enabled: false`` keeps the default action. So does ``validate``, whose run
-    folder was left behind too."""
+    folder was left behind too. The answered cases run ``main`` in this process (``python -m epas_lightning`` exits
+    with its status; a default action would end this process, failing the test); the default action needs a process
+    of its own."""
     from epas_lightning.sigterm_in_setup import EVALUATION_STOPPED_IN_SETUP, STOPPED_IN_SETUP
 
-    env = {**os.environ, "EPAS_CACHE_DIR": str(tiny_corpus.parent), "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
-    args = ["--trainer.callbacks+=helpers.SigtermInSetup", f"--interrupt.enabled={str(enabled).lower()}"]
-    command = [sys.executable, "-m", "epas_lightning", subcommand, "--config", DEBUG, *args]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    args = [subcommand, "--config", DEBUG, "--trainer.callbacks+=helpers.SigtermInSetup"]
+    args.append(f"--interrupt.enabled={str(enabled).lower()}")
     reason = STOPPED_IN_SETUP if subcommand == "fit" else EVALUATION_STOPPED_IN_SETUP
     said = f"interrupted: {subcommand} stopped ({reason})\n"
     if enabled:
-        assert done.returncode == 143 and done.stderr.endswith(said), done.stderr[-3000:]
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(logging.getLogger("epas_lightning"), "handlers", [])  # not one bound to an earlier test's
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            code = main(args)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        err = capfd.readouterr().err
+        assert code == 143 and err.endswith(said), err[-3000:]
         assert not (tmp_path / "runs").exists()
     else:
-        assert done.returncode == -signal.SIGTERM and "interrupted" not in done.stderr, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr and not list(tmp_path.rglob("*.ckpt"))
+        env = {**os.environ, "EPAS_CACHE_DIR": str(tiny_corpus.parent)}
+        env["PYTHONPATH"] = f"{REPO}{os.pathsep}{REPO / 'tests'}"
+        command = [sys.executable, "-m", "epas_lightning", *args]
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        err = done.stderr
+        assert done.returncode == -signal.SIGTERM and "interrupted" not in err, err[-3000:]
+    assert "Traceback" not in err and not list(tmp_path.rglob("*.ckpt"))
 
 
 @pytest.mark.parametrize(
