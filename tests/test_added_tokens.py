@@ -178,3 +178,80 @@ def test_an_added_token_that_strips_takes_the_whitespace_beside_it(model, tmp_pa
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     for text in ("ka<|im_end|>\n  lo", "ka \n<|im_start|>lo <|im_end|> \n"):
         assert encode(text) == hf.encode(text, add_special_tokens=False), text
+
+
+@pytest.mark.parametrize("edit", ["rename", "special", "rstrip", "remove added_tokens.json", "add added_tokens.json"])
+def test_editing_the_added_tokens_beside_a_tokenizer_is_a_changed_tokenizer(model, tmp_path, edit):
+    """The recorded hash and same_token_ids covered the tokenizer.model alone: added tokens edited beside it after
+    prepare (or an added_tokens.json put there or removed) went unnoticed, and fit/generate read the data with other
+    ids."""
+    from epas_lightning.data.tokenizer import RecordedTokenizer, same_token_ids, tokenizer_sha256
+
+    folder = added_folder(tmp_path / "tok", model, "added_tokens.json")
+    if edit == "add added_tokens.json":
+        (folder / "added_tokens.json").unlink()
+    before = load_tokenizer(folder)
+    recorded = RecordedTokenizer(before.path, before.sha256)
+    (tmp_path / "kept").mkdir()
+    copy_tokenizer(before, tmp_path / "kept")
+    assert not recorded.changed() and before.sha256 == tokenizer_sha256(tmp_path / "kept" / "tokenizer.model")
+    added = dict(ADDED)
+    if edit == "rename":
+        added["<|plain2|>"] = added.pop("<|plain|>")
+    elif edit in ("special", "rstrip"):
+        decoder = {str(i): {"content": text, "special": text in SPECIAL} for text, i in added.items()}
+        decoder[str(added["<|plain|>"])] |= {"special": True} if edit == "special" else {"rstrip": True}
+        (folder / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": decoder}))
+    if edit == "remove added_tokens.json":
+        (folder / "added_tokens.json").unlink()
+    else:
+        (folder / "added_tokens.json").write_text(json.dumps(added))
+    assert recorded.changed() and load_tokenizer(folder).sha256 != before.sha256
+    assert not same_token_ids(tmp_path / "kept", folder)
+
+
+def test_a_folder_without_added_tokens_keeps_the_hash_it_was_recorded_with(model, tmp_path):
+    """Checkpoints and prepared folders recorded the tokenizer file's own hash: a folder that adds no tokens past the
+    pieces (LLaMA-2's tokenizer_config.json names <unk>, <s>, </s>, ids 0-2, as added tokens) keeps it, and so does a
+    tokenizer.json's folder (its added tokens are in the file)."""
+    import hashlib
+
+    from epas_lightning.data.tokenizer import RecordedTokenizer, tokenizer_sha256
+    from epas_lightning.hf.sentencepiece_json import sentencepiece_tokenizer
+
+    folder = tmp_path / "llama2"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(model.read_bytes())
+    decoder = {str(i): {"content": text, "special": True} for i, text in enumerate(("<unk>", "<s>", "</s>"))}
+    (folder / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": decoder, "eos_token": "</s>"}))
+    json_folder = added_folder(tmp_path / "json", model, "tokenizer_config.json")
+    sentencepiece_tokenizer(model).save(str(json_folder / "tokenizer.json"))
+    for file in (folder / "tokenizer.model", model, json_folder / "tokenizer.json"):
+        old = hashlib.sha256(file.read_bytes()).hexdigest()
+        assert load_tokenizer(file).sha256 == tokenizer_sha256(file) == old
+        assert not RecordedTokenizer(file, old).changed()
+
+
+def test_a_prepared_folder_whose_added_tokens_are_edited_is_refused(model, tmp_path):
+    """fit read a prepared folder whose added tokens were edited since prepare with the new ids: '<|plain|>' in its
+    documents stood for another token than the edited tokenizer reads. The folder's record notices it now; a folder
+    prepared without added tokens records its file's own hash, as before."""
+    import hashlib
+
+    from epas_lightning.data.layout import DataCheckError, check_recorded_tokenizer, load_meta
+    from epas_lightning.data.prepare import prepare_dataset
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("ka lo<|plain|> mine\n" * 20)
+    (tmp_path / "in" / "b.txt").write_text("su tari<|im_end|> po\n" * 20)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "tokenizer.model").write_bytes(model.read_bytes())
+    data = prepare_dataset(tmp_path / "in", tmp_path / "plain_data", plain, val_fraction=0.5, num_workers=1)
+    assert load_meta(data)["tokenizer_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    folder = added_folder(tmp_path / "tok", model, "added_tokens.json")
+    data = prepare_dataset(tmp_path / "in", tmp_path / "data", folder, val_fraction=0.5, num_workers=1)
+    check_recorded_tokenizer(data, "data")
+    (data / "added_tokens.json").write_text(json.dumps({"<|new|>": PIECES + 3}))
+    with pytest.raises(DataCheckError, match="or the added tokens named beside it"):
+        check_recorded_tokenizer(data, "data")
