@@ -255,3 +255,19 @@ def test_a_prepared_folder_whose_added_tokens_are_edited_is_refused(model, tmp_p
     (data / "added_tokens.json").write_text(json.dumps({"<|new|>": PIECES + 3}))
     with pytest.raises(DataCheckError, match="or the added tokens named beside it"):
         check_recorded_tokenizer(data, "data")
+
+
+@pytest.mark.parametrize(
+    ("template", "contents"),
+    [
+        ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}", ["\ue000bos_tok", "en0\ue001"]),
+        ("{{ bos_token }}{% for m in messages %}{{ m['content'] | lower }}{% endfor %}", ["\ue000BOS_TOKEN0\ue001"]),
+    ],
+)
+def test_no_message_text_makes_the_mark_of_a_regular_bos(model, tmp_path, template, contents):
+    """A regular-token BOS is rendered as a mark no message holds, but two messages joined by the template (or a
+    message changed by a filter) could write that mark: it was read as the BOS id, in the middle of the user's text."""
+    folder = added_folder(tmp_path / "tok", model, "tokenizer_config.json")
+    tokenizer = load_tokenizer(folder, bos_token="nel")
+    ids = chat_prompt_ids(template, [{"role": "user", "content": text} for text in contents], tokenizer)
+    assert ids.count(tokenizer.bos_id) == 1 and ids[0] == tokenizer.bos_id
