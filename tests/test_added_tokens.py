@@ -271,3 +271,25 @@ def test_no_message_text_makes_the_mark_of_a_regular_bos(model, tmp_path, templa
     tokenizer = load_tokenizer(folder, bos_token="nel")
     ids = chat_prompt_ids(template, [{"role": "user", "content": text} for text in contents], tokenizer)
     assert ids.count(tokenizer.bos_id) == 1 and ids[0] == tokenizer.bos_id
+
+
+def test_special_added_tokens_past_the_model_s_rows_are_dropped_not_refused(model, tmp_path, caplog):
+    """A folder adding a special token past the model's embedding rows (LLaMA-2 fine-tunes' '<pad>' = 32000 on a
+    32000-row model) loads in transformers, which never emits it: check_fits refused the model since such tokens
+    count in vocab_size (it fitted before they did). A special token is never read from text, so it is dropped with a
+    warning; a non-special one (text reads as it) is still refused, naming it and what to do."""
+    from epas_lightning.errors import DataError
+
+    folder = tmp_path / "pad"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(model.read_bytes())
+    (folder / "added_tokens.json").write_text(json.dumps({"<pad>": PIECES}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>"}))
+    tokenizer = load_tokenizer(folder)
+    tokenizer.check_fits(PIECES)
+    assert (tokenizer.vocab_size, tokenizer.added) == (PIECES, {}) and "<pad>" in caplog.text
+    assert PIECES not in control_token_encoder(tokenizer)("ka<pad>")
+    plain = added_folder(tmp_path / "plain", model, "tokenizer_config.json")
+    with pytest.raises(DataError, match=r"'<\|plain\|>'.*past the model's 302 rows") as refused:
+        load_tokenizer(plain).check_fits(PIECES + 2)
+    assert "\n" not in str(refused.value)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import time
@@ -21,6 +22,8 @@ from epas_lightning.data.added_tokens import (
 )
 from epas_lightning.data.stop_tokens import stop_ids_beside
 from epas_lightning.errors import DataError, os_reason
+
+log = logging.getLogger(__name__)
 
 HF_FILENAME = "tokenizer.json"
 SENTENCEPIECE_FILENAME = "tokenizer.model"
@@ -154,7 +157,26 @@ class TextTokenizer:
         self, vocab_size: int, fix: str = "pass --tokenizer with the tokenizer the model trained with"
     ) -> None:
         """Refuse a model vocabulary of ``vocab_size`` that this tokenizer's ids can overrun (another model's
-        tokenizer, or data prepared for a larger model); ``fix``: what to do."""
+        tokenizer, or data prepared for a larger model); ``fix``: what to do. Special added tokens past it (a
+        fine-tune's ``<pad>`` the model has no row for, as transformers loads it) are dropped with a warning: text
+        never reads as them, and the model never emits them."""
+        past = {i: token for i, token in self.added.items() if i >= vocab_size}
+        ends = max(self.bos_id, self.eos_id) < vocab_size <= self.vocab_size
+        if past and ends and self.backend.get_piece_size() <= vocab_size:
+            if plain := [token.text for token in past.values() if not token.special]:
+                raise DataError(
+                    f"the added tokens {plain} beside the tokenizer are past the model's {vocab_size} rows (text reads "
+                    "as their ids)",
+                    self.path,
+                    f"{fix}, or remove them from its added_tokens.json/tokenizer_config.json",
+                )
+            log.warning(
+                f"The special added tokens {[token.text for token in past.values()]} beside {self.path} are past the "
+                f"model's {vocab_size} rows: dropped (the model never emits them; a chat template's are read as text)"
+            )
+            self.added = {i: token for i, token in self.added.items() if i < vocab_size}
+            self.vocab_size = max([self.backend.get_piece_size(), *(i + 1 for i in self.added)])
+            self.stop_ids = tuple(i for i in self.stop_ids if i < self.vocab_size)
         if self.vocab_size > vocab_size:
             raise DataError(
                 f"the tokenizer has {self.vocab_size} tokens but the model's vocab_size is {vocab_size}", self.path, fix
