@@ -31,9 +31,9 @@ from epas_lightning.checkpoint_formats import (
 from epas_lightning.data.tokenizer import (
     RecordedTokenizer,
     TokenizerError,
-    file_sha256,
     load_tokenizer,
     resolve_tokenizer_path,
+    tokenizer_sha256,
 )
 from epas_lightning.errors import CheckpointError, ConfigError, listed
 from epas_lightning.model import Llama, LlamaConfig
@@ -207,7 +207,7 @@ class CheckpointInfo:
         """
         if override is not None:
             path = resolve_tokenizer_path(override)
-            other = self.tokenizer_sha256 and file_sha256(path) != self.tokenizer_sha256
+            other = self.tokenizer_sha256 and tokenizer_sha256(path) != self.tokenizer_sha256
             if other and (difference := self._tokenizes_otherwise(path)) is not None:
                 log.warning(
                     f"{flag} {override} is not the tokenizer the checkpoint trained with ({difference}): unless it is "
@@ -352,7 +352,7 @@ def _info(metadata: dict[str, Any], model: Llama, where: object = None) -> Check
     sha256 = tokenizer.get("sha256")
     gone = tokenizer_path if tokenizer_path is not None and not tokenizer_path.is_file() else None
     changed = None  # the file is there, but not the one the run read (its data folder prepared again)
-    if tokenizer_path is not None and gone is None and sha256 and file_sha256(tokenizer_path) != sha256:
+    if tokenizer_path is not None and gone is None and sha256 and tokenizer_sha256(tokenizer_path) != sha256:
         changed = tokenizer_path
     if gone is not None or changed is not None:
         tokenizer_path = None  # its data folder too was prepared again: data_dir is not derived from it

@@ -342,10 +342,10 @@ def record_tokenizer_of(data_dir: Path, source: Path) -> None:
     ``data_dir``'s own tokenizer file: as ``prepare`` records the tokenizer it prepared with."""
     import json
 
-    from epas_lightning.data.tokenizer import file_sha256
+    from epas_lightning.data.tokenizer import tokenizer_sha256
 
     meta = json.loads((source / "meta.json").read_text())
-    meta["tokenizer_sha256"] = file_sha256(data_dir / meta["tokenizer"])
+    meta["tokenizer_sha256"] = tokenizer_sha256(data_dir / meta["tokenizer"])
     (data_dir / "meta.json").write_text(json.dumps(meta))
 
 

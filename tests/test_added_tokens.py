@@ -178,3 +178,118 @@ def test_an_added_token_that_strips_takes_the_whitespace_beside_it(model, tmp_pa
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     for text in ("ka<|im_end|>\n  lo", "ka \n<|im_start|>lo <|im_end|> \n"):
         assert encode(text) == hf.encode(text, add_special_tokens=False), text
+
+
+@pytest.mark.parametrize("edit", ["rename", "special", "rstrip", "remove added_tokens.json", "add added_tokens.json"])
+def test_editing_the_added_tokens_beside_a_tokenizer_is_a_changed_tokenizer(model, tmp_path, edit):
+    """The recorded hash and same_token_ids covered the tokenizer.model alone: added tokens edited beside it after
+    prepare (or an added_tokens.json put there or removed) went unnoticed, and fit/generate read the data with other
+    ids."""
+    from epas_lightning.data.tokenizer import RecordedTokenizer, same_token_ids, tokenizer_sha256
+
+    folder = added_folder(tmp_path / "tok", model, "added_tokens.json")
+    if edit == "add added_tokens.json":
+        (folder / "added_tokens.json").unlink()
+    before = load_tokenizer(folder)
+    recorded = RecordedTokenizer(before.path, before.sha256)
+    (tmp_path / "kept").mkdir()
+    copy_tokenizer(before, tmp_path / "kept")
+    assert not recorded.changed() and before.sha256 == tokenizer_sha256(tmp_path / "kept" / "tokenizer.model")
+    added = dict(ADDED)
+    if edit == "rename":
+        added["<|plain2|>"] = added.pop("<|plain|>")
+    elif edit in ("special", "rstrip"):
+        decoder = {str(i): {"content": text, "special": text in SPECIAL} for text, i in added.items()}
+        decoder[str(added["<|plain|>"])] |= {"special": True} if edit == "special" else {"rstrip": True}
+        (folder / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": decoder}))
+    if edit == "remove added_tokens.json":
+        (folder / "added_tokens.json").unlink()
+    else:
+        (folder / "added_tokens.json").write_text(json.dumps(added))
+    assert recorded.changed() and load_tokenizer(folder).sha256 != before.sha256
+    assert not same_token_ids(tmp_path / "kept", folder)
+
+
+def test_a_folder_without_added_tokens_keeps_the_hash_it_was_recorded_with(model, tmp_path):
+    """Checkpoints and prepared folders recorded the tokenizer file's own hash: a folder that adds no tokens past the
+    pieces (LLaMA-2's tokenizer_config.json names <unk>, <s>, </s>, ids 0-2, as added tokens) keeps it, and so does a
+    tokenizer.json's folder (its added tokens are in the file)."""
+    import hashlib
+
+    from epas_lightning.data.tokenizer import RecordedTokenizer, tokenizer_sha256
+    from epas_lightning.hf.sentencepiece_json import sentencepiece_tokenizer
+
+    folder = tmp_path / "llama2"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(model.read_bytes())
+    decoder = {str(i): {"content": text, "special": True} for i, text in enumerate(("<unk>", "<s>", "</s>"))}
+    (folder / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": decoder, "eos_token": "</s>"}))
+    json_folder = added_folder(tmp_path / "json", model, "tokenizer_config.json")
+    sentencepiece_tokenizer(model).save(str(json_folder / "tokenizer.json"))
+    for file in (folder / "tokenizer.model", model, json_folder / "tokenizer.json"):
+        old = hashlib.sha256(file.read_bytes()).hexdigest()
+        assert load_tokenizer(file).sha256 == tokenizer_sha256(file) == old
+        assert not RecordedTokenizer(file, old).changed()
+
+
+def test_a_prepared_folder_whose_added_tokens_are_edited_is_refused(model, tmp_path):
+    """fit read a prepared folder whose added tokens were edited since prepare with the new ids: '<|plain|>' in its
+    documents stood for another token than the edited tokenizer reads. The folder's record notices it now; a folder
+    prepared without added tokens records its file's own hash, as before."""
+    import hashlib
+
+    from epas_lightning.data.layout import DataCheckError, check_recorded_tokenizer, load_meta
+    from epas_lightning.data.prepare import prepare_dataset
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("ka lo<|plain|> mine\n" * 20)
+    (tmp_path / "in" / "b.txt").write_text("su tari<|im_end|> po\n" * 20)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "tokenizer.model").write_bytes(model.read_bytes())
+    data = prepare_dataset(tmp_path / "in", tmp_path / "plain_data", plain, val_fraction=0.5, num_workers=1)
+    assert load_meta(data)["tokenizer_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    folder = added_folder(tmp_path / "tok", model, "added_tokens.json")
+    data = prepare_dataset(tmp_path / "in", tmp_path / "data", folder, val_fraction=0.5, num_workers=1)
+    check_recorded_tokenizer(data, "data")
+    (data / "added_tokens.json").write_text(json.dumps({"<|new|>": PIECES + 3}))
+    with pytest.raises(DataCheckError, match="or the added tokens named beside it"):
+        check_recorded_tokenizer(data, "data")
+
+
+@pytest.mark.parametrize(
+    ("template", "contents"),
+    [
+        ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}", ["\ue000bos_tok", "en0\ue001"]),
+        ("{{ bos_token }}{% for m in messages %}{{ m['content'] | lower }}{% endfor %}", ["\ue000BOS_TOKEN0\ue001"]),
+    ],
+)
+def test_no_message_text_makes_the_mark_of_a_regular_bos(model, tmp_path, template, contents):
+    """A regular-token BOS is rendered as a mark no message holds, but two messages joined by the template (or a
+    message changed by a filter) could write that mark: it was read as the BOS id, in the middle of the user's text."""
+    folder = added_folder(tmp_path / "tok", model, "tokenizer_config.json")
+    tokenizer = load_tokenizer(folder, bos_token="nel")
+    ids = chat_prompt_ids(template, [{"role": "user", "content": text} for text in contents], tokenizer)
+    assert ids.count(tokenizer.bos_id) == 1 and ids[0] == tokenizer.bos_id
+
+
+def test_special_added_tokens_past_the_model_s_rows_are_dropped_not_refused(model, tmp_path, caplog):
+    """A folder adding a special token past the model's embedding rows (LLaMA-2 fine-tunes' '<pad>' = 32000 on a
+    32000-row model) loads in transformers, which never emits it: check_fits refused the model since such tokens
+    count in vocab_size (it fitted before they did). A special token is never read from text, so it is dropped with a
+    warning; a non-special one (text reads as it) is still refused, naming it and what to do."""
+    from epas_lightning.errors import DataError
+
+    folder = tmp_path / "pad"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(model.read_bytes())
+    (folder / "added_tokens.json").write_text(json.dumps({"<pad>": PIECES}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>"}))
+    tokenizer = load_tokenizer(folder)
+    tokenizer.check_fits(PIECES)
+    assert (tokenizer.vocab_size, tokenizer.added) == (PIECES, {}) and "<pad>" in caplog.text
+    assert PIECES not in control_token_encoder(tokenizer)("ka<pad>")
+    plain = added_folder(tmp_path / "plain", model, "tokenizer_config.json")
+    with pytest.raises(DataError, match=r"'<\|plain\|>'.*past the model's 302 rows") as refused:
+        load_tokenizer(plain).check_fits(PIECES + 2)
+    assert "\n" not in str(refused.value)

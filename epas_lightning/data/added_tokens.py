@@ -12,6 +12,7 @@ They are kept as those entries of a ``tokenizer_config.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -87,6 +88,15 @@ def keep_folder_tokens(tokenizer_file: Path, folder: Path) -> None:
     decoder = {str(i): decoder_entry(token) for i, token in sorted(tokens.added.items())}
     config.update(tokens.named, **({"added_tokens_decoder": decoder} if decoder else {}))
     (folder / CONFIG_FILENAME).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def with_added_tokens(file_sha256: str, added: Mapping[int, AddedToken]) -> str:
+    """A tokenizer's hash: its file's ``file_sha256`` where it has no ``added`` tokens (as checkpoints and prepared
+    folders recorded it before those were read), else the hash of both (an edited added token changes it)."""
+    if not added:
+        return file_sha256
+    record = [file_sha256, [[token_id, *token] for token_id, token in sorted(added.items())]]
+    return hashlib.sha256(json.dumps(record, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def decoder_entry(token: AddedToken) -> dict[str, Any]:

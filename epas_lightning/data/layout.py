@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from epas_lightning.data.tokenizer import HF_FILENAME, file_sha256, tokenizer_in
+from epas_lightning.data.tokenizer import HF_FILENAME, tokenizer_in, tokenizer_sha256
 from epas_lightning.errors import DataError
 
 FORMAT_VERSION = 1
@@ -87,12 +87,15 @@ def tokenizer_file(data_dir: Path, meta: dict | None = None) -> Path:
 
 def check_recorded_tokenizer(data_dir: Path, where: str | Path) -> None:
     """A :class:`DataCheckError` unless the tokenizer file of the complete ``data_dir`` is the one its ``meta.json``
-    records (its hash): a file replaced since, another vocabulary, reads the ids as other tokens, and checkpoints and
-    exports would ship it as the model's. A ``meta.json`` that records no hash is taken as it is."""
+    records (its hash, with a sentencepiece model's added tokens): a file replaced since, another vocabulary, reads
+    the ids as other tokens, and checkpoints and exports would ship it as the model's. A ``meta.json`` that records
+    no hash is taken as it is."""
     if tokenizer_changed(data_dir):
+        file = tokenizer_file(data_dir)
+        beside = "" if file.suffix == ".json" else " (or the added tokens named beside it)"
         raise DataCheckError(
-            f"the tokenizer file {tokenizer_file(data_dir).name} changed since the data was prepared ({META_FILENAME} "
-            "records another hash): the data's token ids stand for other tokens in it",
+            f"the tokenizer file {file.name}{beside} changed since the data was prepared ({META_FILENAME} records "
+            "another hash): the data's token ids stand for other tokens in it",
             where,
             "prepare the data again with the tokenizer to use (or put the original file back)",
         )
@@ -103,7 +106,7 @@ def tokenizer_changed(data_dir: Path) -> bool:
     hash); ``False`` where it records none."""
     meta = load_meta(data_dir)
     recorded = meta.get("tokenizer_sha256")
-    return isinstance(recorded, str) and file_sha256(tokenizer_file(data_dir, meta)) != recorded
+    return isinstance(recorded, str) and tokenizer_sha256(tokenizer_file(data_dir, meta)) != recorded
 
 
 def missing_entries(data_dir: Path) -> list[str]:

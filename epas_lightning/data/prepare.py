@@ -51,9 +51,9 @@ from epas_lightning.data.tokenizer import (
     TRAINED_SPECIAL_TOKENS,
     check_tokenizer_flag,
     copy_tokenizer,
-    file_sha256,
     load_tokenizer,
     resolve_tokenizer_path,
+    tokenizer_sha256,
     train_byte_level_bpe,
 )
 from epas_lightning.data.writing import TOKEN_DTYPE, default_num_workers, part_bytes, write_split
@@ -236,7 +236,7 @@ def build_dataset(build_dir: Path, files: list[InputFile], tokenizer: TokenizerC
         "tokenizer": tokenizer_path.name,
         "tokenizer_kind": loaded.kind,
         "tokenizer_source": source,
-        "tokenizer_sha256": file_sha256(tokenizer_path),
+        "tokenizer_sha256": tokenizer_sha256(tokenizer_path),
         "vocab_size": loaded.vocab_size,
         "bos_id": loaded.bos_id,
         "eos_id": loaded.eos_id,

@@ -32,9 +32,9 @@ from epas_lightning.data.layout import (
 from epas_lightning.data.tokenizer import (
     RecordedTokenizer,
     TextTokenizer,
-    file_sha256,
     load_tokenizer,
     same_token_ids,
+    tokenizer_sha256,
 )
 from epas_lightning.errors import ConfigError, DataError, check_path_name
 from epas_lightning.loss import PAD
@@ -141,7 +141,7 @@ def check_tokenized_with(data_dir: Path, tokenizer: Path, where: str, fix: str, 
 
 def holds_recorded_tokenizer(data_dir: Path, tokenizer: RecordedTokenizer) -> bool:
     """Whether the prepared folder ``data_dir`` holds the very tokenizer file a checkpoint recorded (its hash)."""
-    return file_sha256(tokenizer_file(data_dir)) == tokenizer.sha256
+    return tokenizer_sha256(tokenizer_file(data_dir)) == tokenizer.sha256
 
 
 def check_tokenized_as(
@@ -347,7 +347,7 @@ class TokenData:
         tokenizer."""
         metas = [load_meta(d) for d in self.data_dirs]
         tokenizer_files = [tokenizer_file(d, m) for d, m in zip(self.data_dirs, metas, strict=True)]
-        if len(self.data_dirs) > 1 and len({file_sha256(f) for f in tokenizer_files}) > 1:
+        if len(self.data_dirs) > 1 and len({tokenizer_sha256(f) for f in tokenizer_files}) > 1:
             raise DataCheckError(
                 "the data directories to mix were tokenized differently",
                 ", ".join(map(str, tokenizer_files)),
@@ -358,7 +358,7 @@ class TokenData:
         if (val_data := self._prepared_val_dir()) is not None:
             check_recorded_tokenizer(val_data, f"data.val_dir {self.val_dir}")
             val_tokenizer = tokenizer_file(val_data)
-            if file_sha256(val_tokenizer) != file_sha256(tokenizer_files[0]):
+            if tokenizer_sha256(val_tokenizer) != tokenizer_sha256(tokenizer_files[0]):
                 raise DataCheckError(
                     "data.val_dir was tokenized differently from data.data_dir",
                     f"{val_tokenizer}, {tokenizer_files[0]}",

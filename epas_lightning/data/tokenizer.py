@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import time
@@ -12,9 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from epas_lightning.data.added_tokens import AddedToken, FolderTokens, folder_tokens, split_encoder
+from epas_lightning.data.added_tokens import (
+    AddedToken,
+    FolderTokens,
+    folder_tokens,
+    split_encoder,
+    with_added_tokens,
+)
 from epas_lightning.data.stop_tokens import stop_ids_beside
 from epas_lightning.errors import DataError, os_reason
+
+log = logging.getLogger(__name__)
 
 HF_FILENAME = "tokenizer.json"
 SENTENCEPIECE_FILENAME = "tokenizer.model"
@@ -53,7 +62,8 @@ class TextTokenizer:
             non-special one's text is its id, a special one's text is text (as the other special tokens'); each
             decodes to its text, a special one to nothing (as ``tokenizer.json``'s added tokens).
         named: The special tokens named beside the tokenizer file (``added_tokens.FolderTokens.named``).
-        sha256: The file's hash as loaded (a checkpoint records it: the file may be replaced or removed later).
+        sha256: The file's hash as loaded, with its ``added`` tokens (:func:`tokenizer_sha256`; a checkpoint records
+            it: the file may be replaced or removed later).
     """
 
     def __init__(
@@ -75,7 +85,7 @@ class TextTokenizer:
         beside = [*stop_ids_beside(path), self.token_id(named_eos) if isinstance(named_eos, str) else None]
         beside = [i for i in dict.fromkeys(beside) if i is not None and 0 <= i < vocab_size and i != eos_id]
         self.stop_ids: tuple[int, ...] = (eos_id, *beside)
-        self.sha256 = file_sha256(path)
+        self.sha256 = with_added_tokens(file_sha256(path), self.added)
         plain = {token.text: token_id for token_id, token in self.added.items() if not token.special}
         strips = {token.text: token for token in self.added.values()}
         encode = lambda text: backend.encode(text, out_type=int)  # noqa: E731
@@ -147,7 +157,26 @@ class TextTokenizer:
         self, vocab_size: int, fix: str = "pass --tokenizer with the tokenizer the model trained with"
     ) -> None:
         """Refuse a model vocabulary of ``vocab_size`` that this tokenizer's ids can overrun (another model's
-        tokenizer, or data prepared for a larger model); ``fix``: what to do."""
+        tokenizer, or data prepared for a larger model); ``fix``: what to do. Special added tokens past it (a
+        fine-tune's ``<pad>`` the model has no row for, as transformers loads it) are dropped with a warning: text
+        never reads as them, and the model never emits them."""
+        past = {i: token for i, token in self.added.items() if i >= vocab_size}
+        ends = max(self.bos_id, self.eos_id) < vocab_size <= self.vocab_size
+        if past and ends and self.backend.get_piece_size() <= vocab_size:
+            if plain := [token.text for token in past.values() if not token.special]:
+                raise DataError(
+                    f"the added tokens {plain} beside the tokenizer are past the model's {vocab_size} rows (text reads "
+                    "as their ids)",
+                    self.path,
+                    f"{fix}, or remove them from its added_tokens.json/tokenizer_config.json",
+                )
+            log.warning(
+                f"The special added tokens {[token.text for token in past.values()]} beside {self.path} are past the "
+                f"model's {vocab_size} rows: dropped (the model never emits them; a chat template's are read as text)"
+            )
+            self.added = {i: token for i, token in self.added.items() if i < vocab_size}
+            self.vocab_size = max([self.backend.get_piece_size(), *(i + 1 for i in self.added)])
+            self.stop_ids = tuple(i for i in self.stop_ids if i < self.vocab_size)
         if self.vocab_size > vocab_size:
             raise DataError(
                 f"the tokenizer has {self.vocab_size} tokens but the model's vocab_size is {vocab_size}", self.path, fix
@@ -202,6 +231,24 @@ def file_sha256(path: str | Path) -> str:
         raise unreadable(path, e) from e
 
 
+def tokenizer_sha256(path: str | Path) -> str:
+    """The hash of what gives a tokenizer file's text its ids, as :attr:`TextTokenizer.sha256` records it: the file's
+    (:func:`file_sha256`) and, for a sentencepiece model, the added tokens past its pieces named beside it."""
+    return with_added_tokens(file_sha256(path), _added_beside(Path(path)))
+
+
+def _added_beside(path: Path) -> dict[int, AddedToken]:
+    """The added tokens a sentencepiece model ``path`` gets from its folder (none for a ``tokenizer.json``)."""
+    if _is_hf_file(path) or not (added := folder_tokens(path).added):
+        return {}
+    import sentencepiece as spm
+
+    try:
+        return added_past_pieces(spm.SentencePieceProcessor(model_file=str(path)), added)
+    except Exception:  # not a tokenizer: load_tokenizer says so where it is read
+        return {}
+
+
 def sha256_of(path: Path) -> str:
     """The SHA-256 of the file ``path``'s bytes, read now."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -227,7 +274,7 @@ class RecordedTokenizer:
         with its folder gone (moved with the data), nothing can be said."""
         if not self.sha256 or not self.path.parent.is_dir():
             return False
-        return not self.path.is_file() or file_sha256(self.path) != self.sha256
+        return not self.path.is_file() or tokenizer_sha256(self.path) != self.sha256
 
 
 def tokenizer_in(folder: Path) -> Path | None:
@@ -332,7 +379,7 @@ def load_tokenizer(
         eos = _pick(eos_token, EOS_CANDIDATES, backend.token_to_id, "EOS", path) if eos is None else eos
         return TextTokenizer("hf", path, backend, bos, eos, vocab_size, tokens)
     sp = backend
-    added = {i: token for i, token in tokens.added.items() if i >= sp.get_piece_size()}  # others: the model's pieces
+    added = added_past_pieces(sp, tokens.added)
 
     def sp_lookup(token: str) -> int | None:
         return sentencepiece_token_id(sp, added, token)
@@ -345,6 +392,11 @@ def load_tokenizer(
     if eos is None:
         eos = sp.eos_id() if eos_token is None and sp.eos_id() >= 0 else _pick(eos_token, (), sp_lookup, "EOS", path)
     return TextTokenizer("sentencepiece", path, sp, bos, eos, vocab_size, FolderTokens(added, tokens.named))
+
+
+def added_past_pieces(sp: Any, added: dict[int, AddedToken]) -> dict[int, AddedToken]:
+    """The ``added`` tokens of a sentencepiece model ``sp`` past its pieces (the others are its pieces)."""
+    return {i: token for i, token in added.items() if i >= sp.get_piece_size()}
 
 
 def sentencepiece_token_id(sp: Any, added: dict[int, AddedToken], token: str) -> int | None:
@@ -362,9 +414,7 @@ NOT_A_TOKENIZER_FIX = (
 
 def _open(path: Path) -> tuple[str, Any]:
     """The kind of a tokenizer file (``"hf"`` or ``"sentencepiece"``) and its loaded backend."""
-    with path.open("rb") as f:
-        head = f.read(64).lstrip()
-    if path.suffix == ".json" or head.startswith(b"{"):
+    if _is_hf_file(path):
         try:
             pipeline = hf_pipeline(path)
         except Exception as e:
@@ -396,18 +446,31 @@ def hf_pipeline(path: str | Path):  # noqa: ANN201
     return pipeline
 
 
-def _tokens_by_id(path: Path) -> dict[int, str]:
+def _is_hf_file(path: Path) -> bool:
+    """Whether the tokenizer file ``path`` is a ``tokenizer.json`` (else a sentencepiece model)."""
+    with path.open("rb") as f:
+        head = f.read(64).lstrip()
+    return path.suffix == ".json" or head.startswith(b"{")
+
+
+def _tokens_by_id(path: Path) -> tuple[dict[int, str], dict[int, AddedToken] | None]:
+    """Each id's token text, and a sentencepiece model's added tokens (``None`` for a ``tokenizer.json``)."""
     kind, backend = _open(path)
     if kind == "hf":
-        return {token_id: token for token, token_id in backend.get_vocab(with_added_tokens=True).items()}
-    return {token_id: backend.id_to_piece(token_id) for token_id in range(backend.get_piece_size())}
+        return {token_id: token for token, token_id in backend.get_vocab(with_added_tokens=True).items()}, None
+    added = added_past_pieces(backend, folder_tokens(path).added)
+    pieces = {token_id: backend.id_to_piece(token_id) for token_id in range(backend.get_piece_size())}
+    return pieces | {token_id: token.text for token_id, token in added.items()}, added
 
 
 def same_token_ids(a: str | Path, b: str | Path) -> bool:
-    """Whether two tokenizer files give every id the same token: the same file, or one vocabulary in two files (a
-    model's ``tokenizer.json`` and ``tokenizer.model``)."""
+    """Whether two tokenizer files give every id the same token: the same file (with the same added tokens beside a
+    sentencepiece model), or one vocabulary in two files (a model's ``tokenizer.json`` and ``tokenizer.model``)."""
     a, b = resolve_tokenizer_path(a), resolve_tokenizer_path(b)
-    return file_sha256(a) == file_sha256(b) or _tokens_by_id(a) == _tokens_by_id(b)
+    if tokenizer_sha256(a) == tokenizer_sha256(b):
+        return True
+    (tokens_a, added_a), (tokens_b, added_b) = _tokens_by_id(a), _tokens_by_id(b)
+    return tokens_a == tokens_b and (added_a is None or added_b is None or added_a == added_b)
 
 
 def _recorded(token_id: int | None, what: str, vocab_size: int, path: Path) -> int | None:

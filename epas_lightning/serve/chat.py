@@ -109,8 +109,17 @@ def chat_prompt_ids(
     return split_encoder(marks, encode)(text) if marks else encode(text)
 
 
+PRIVATE_USE = range(0xE000, 0xF900)
+"""The code points a mark is made of: no filter (``lower``, ``upper``, ``title``) changes them."""
+
+
 def _unused_mark(name: str, texts: Sequence[str]) -> str:
-    """A text that none of ``texts`` holds, naming ``name`` between private-use characters (JSON keeps them as is)."""
+    """A text no render of ``texts`` writes but where it stands for ``name``: ``name`` between a private-use character
+    that none of ``texts`` holds (JSON keeps them as is), so no two messages joined, nor a message a filter changed,
+    can make it; where they hold every one, a text none of them holds."""
+    used = set().union(*texts)
+    if (free := next((chr(c) for c in PRIVATE_USE if chr(c) not in used), None)) is not None:
+        return f"{free}{name}{free}"
     return next(mark for n in itertools.count() if not any((mark := f"\ue000{name}{n}\ue001") in t for t in texts))
 
 
