@@ -1316,6 +1316,23 @@ def test_an_os_error_at_any_step_of_writing_an_output_is_one_line_and_loses_noth
         assert json.loads((out / MARKER).read_text()) == {"created_by": "epas_lightning", "kind": "hf-export"}
 
 
+def test_an_output_folder_that_cannot_be_created_leaves_no_parent_folder_it_made(tmp_path, monkeypatch):
+    """The parents made for an output stayed, empty, when its hidden build folder could not be created (a failure
+    later on removed them)."""
+    real = Path.mkdir
+
+    def refused(path: Path, *args, **kwargs):
+        if path.name.startswith(".out.tmp-"):
+            raise OSError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    refused_line = pytest.raises(OutputError, match=r"^cannot create the output folder \((?i:permission denied)\)")
+    with refused_line, output_folder(tmp_path / "new" / "er" / "out", "bench"):
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_previous_output_that_cannot_be_put_back_is_named_and_put_back_by_the_next_run(tmp_path, monkeypatch):
     """A replacement whose build could not take the target's place (a folder made read-only meanwhile) puts the
     previous output back; where that fails as well, the line names where it is, and the next run puts it back."""
