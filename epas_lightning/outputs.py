@@ -8,7 +8,11 @@ through :func:`output_folder`:
 - an existing target is replaced only with ``overwrite=True`` *and* only if its marker file says this project wrote
   it, as the same kind of output (a user's own folder is never touched);
 - an output that contains, or lies inside, one of the command's inputs is refused;
-- temporary folders of earlier runs that were killed (their process is gone) are removed;
+- temporary folders of earlier runs that were killed (their process is gone) are removed: only those whose marker
+  says a run of ours made them for this very target;
+- an OS error at any step of its own (a read-only or foreign-owned folder, a busy mount point) is one
+  :class:`OutputError` saying what it was doing, and where, leaving the target as it was (or a previous output, where
+  it could not be put back, under a name the line gives and the next run recognises);
 - a finished folder names no process or host (it may be pushed to the Hub as it is): only a hidden one does.
 """
 
@@ -28,7 +32,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from epas_lightning.errors import OutputError, exception_chain
+from epas_lightning.errors import OutputError, exception_chain, os_reason
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -42,6 +46,18 @@ NAME_MAX = 255
 """Bytes in one file name (ext4, xfs, btrfs, APFS...)."""
 _TAG = 8
 """Random hex digits that end a hidden build folder's name."""
+FIXES = {
+    errno.EACCES: "check the permissions of the folder and the one holding it, or choose another output folder",
+    errno.EPERM: "check the permissions of the folder and the one holding it, or choose another output folder",
+    errno.EROFS: "the file system is read-only: choose an output folder on a writable one",
+    errno.EBUSY: "it is in use (a mount point, a file open on a network file system): choose another output folder",
+    errno.EXDEV: "this file system cannot rename the folder (a container image's layer): move it away yourself or "
+    "choose another output folder",
+    errno.ENAMETOOLONG: "choose a shorter output path",
+    errno.ENOTEMPTY: "something else wrote there meanwhile: choose another output folder",
+    errno.EEXIST: "something else wrote there meanwhile: choose another output folder",
+}
+"""What to do when a step of writing an output fails with an OS error, by its ``errno``."""
 
 
 def shortened_name(name: str, tail: str, room: int) -> str:
@@ -81,12 +97,13 @@ def read_marker(folder: Path) -> dict | None:
     return record if isinstance(record, dict) and record.get("created_by") == "epas_lightning" else None
 
 
-def write_marker(folder: Path, kind: str, writer: bool = False) -> None:
-    """Mark ``folder`` ours, as a ``kind`` output, in one step (a reader never sees half a marker). ``writer``: with
-    this process's id and host, which a hidden folder carries while it is built or moved aside (a later run removes
-    or puts it back once that process is gone); a finished folder names neither, as it may be handed on or pushed to
-    the Hub as it is (``huggingface_hub.upload_folder`` uploads dotfiles)."""
-    written = _pending_marker(folder, kind, writer)
+def write_marker(folder: Path, kind: str, output: str | None = None) -> None:
+    """Mark ``folder`` ours, as a ``kind`` output, in one step (a reader never sees half a marker). ``output``: the
+    name of the output a hidden folder is built for or moved aside from, with this process's id and host, which it
+    carries meanwhile (a later run at that output removes or puts it back once that process is gone); a finished
+    folder names none of them, as it may be handed on or pushed to the Hub as it is (``huggingface_hub.upload_folder``
+    uploads dotfiles)."""
+    written = _pending_marker(folder, kind, output)
     try:
         os.replace(written, folder / MARKER)
     except BaseException:
@@ -94,11 +111,11 @@ def write_marker(folder: Path, kind: str, writer: bool = False) -> None:
         raise
 
 
-def _pending_marker(folder: Path, kind: str, writer: bool = False) -> Path:
+def _pending_marker(folder: Path, kind: str, output: str | None = None) -> Path:
     """A marker written beside ``folder``'s own, in effect once renamed onto it."""
     record = {"created_by": "epas_lightning", "kind": kind}
-    if writer:
-        record |= {"pid": os.getpid(), "host": socket.gethostname()}
+    if output is not None:
+        record |= {"pid": os.getpid(), "host": socket.gethostname(), "output": output}
     written = folder / f"{MARKER}.{uuid.uuid4().hex[:_TAG]}"
     try:
         written.write_text(json.dumps(record) + "\n")
@@ -113,13 +130,15 @@ def _put_in_place(hidden: Path, target: Path, kind: str) -> None:
     the finished one: it names its writer for as long as it is hidden, so a later run tells a killed writer's folder
     from a live one's at any moment; a kill between the two renames leaves a complete output whose marker still names
     the writer (and the finished marker beside it), never a hidden folder no run can classify."""
-    finished = _pending_marker(hidden, kind)
-    try:
-        os.replace(hidden, target)
-    except BaseException:
-        finished.unlink(missing_ok=True)
-        raise
-    os.replace(target / finished.name, target / MARKER)
+    with _step("cannot rename the finished output into place"):
+        finished = _pending_marker(hidden, kind)
+        try:
+            os.replace(hidden, target)
+        except BaseException:
+            finished.unlink(missing_ok=True)
+            raise
+    with _step("the output is in place, but its marker could not be finished", target, "run again with --overwrite"):
+        os.replace(target / finished.name, target / MARKER)
 
 
 def check_apart(output: Path, inputs: Iterable[str | Path], flag: str = "--output") -> None:
@@ -140,8 +159,8 @@ def _real(path: str | Path) -> Path:
     return Path(os.path.realpath(Path(path).expanduser()))
 
 
-def _owned_by_dead_process(folder: Path) -> bool:
-    record = read_marker(folder)
+def _owned_by_dead_process(folder: Path, target: Path) -> bool:
+    record = _ours_for(folder, target)
     if record is None or record.get("host") != socket.gethostname():
         return False
     try:
@@ -153,10 +172,24 @@ def _owned_by_dead_process(folder: Path) -> bool:
     return False
 
 
+def _hidden_beside(target: Path, kind: str) -> list[Path]:
+    """The folders beside ``target`` named as :func:`_hidden` names its ``kind``: exactly, as ``.out.old-*`` also
+    matches the build of an output named ``out.old-b``."""
+    return sorted(target.parent.glob(f".{glob.escape(_hidden_stem(target))}{kind}{'[0-9a-f]' * _TAG}"))
+
+
+def _ours_for(folder: Path, target: Path) -> dict | None:
+    """The marker of ``folder`` where it says a run of ours made it for ``target`` (it names the writer, and this
+    output: a marker written before markers named their output counts as this one's), else ``None``."""
+    record = read_marker(folder) if folder.is_dir() and not folder.is_symlink() else None
+    if record is None or "pid" not in record or record.get("output", target.name) != target.name:
+        return None
+    return record
+
+
 def interrupted_build(target: Path) -> Path | None:
     """A hidden build folder of ours beside a missing ``target``: a killed (or a running) build of it, if any."""
-    stem = glob.escape(_hidden_stem(target))
-    return next((p for p in sorted(target.parent.glob(f".{stem}{_TMP}*")) if p.is_dir()), None)
+    return next((p for p in _hidden_beside(target, _TMP) if p.is_dir()), None)
 
 
 def remove_stale_builds(target: Path) -> list[Path]:
@@ -166,36 +199,60 @@ def remove_stale_builds(target: Path) -> list[Path]:
     aside for a replacement that never finished is put back when the target is missing, else deleted.
     """
     removed = []
-    stem = glob.escape(_hidden_stem(target))
-    for doomed in sorted(target.parent.glob(f".{stem}{_DOOMED}{'[0-9a-f]' * _TAG}")):  # a removal killed midway
-        if doomed.is_dir() and not doomed.is_symlink():
-            shutil.rmtree(doomed, ignore_errors=True)
-            removed.append(doomed)
-    for stale in sorted(target.parent.glob(f".{stem}{_TMP}*")):
-        if stale.is_dir() and _owned_by_dead_process(stale):
-            remove_hidden(stale, target)
-            removed.append(stale)
-    for old in sorted(target.parent.glob(f".{stem}{_OLD}*")):
-        if not (old.is_dir() and _owned_by_dead_process(old)):
+    for doomed in _hidden_beside(target, _DOOMED):  # a removal killed midway (its marker goes last, then the folder)
+        if _ours_for(doomed, target) is not None or (doomed.is_dir() and not doomed.is_symlink() and _is_empty(doomed)):
+            with contextlib.suppress(OSError):  # what cannot go is left, marked, to a later run
+                _delete(doomed)
+                removed.append(doomed)
+    for stale in _hidden_beside(target, _TMP):
+        if _owned_by_dead_process(stale, target):
+            with contextlib.suppress(OSError):
+                remove_hidden(stale, target)
+                removed.append(stale)
+    for old in _hidden_beside(target, _OLD):
+        if not _owned_by_dead_process(old, target):
             continue
         if target.exists():
-            remove_hidden(old, target)
-            removed.append(old)
+            with contextlib.suppress(OSError):
+                remove_hidden(old, target)
+                removed.append(old)
         else:
             _put_in_place(old, target, read_marker(old)["kind"])  # finished again: the dead writer's host goes
     return removed
 
 
 def remove_hidden(folder: Path, target: Path) -> None:
-    """Delete ``folder``, a hidden folder of ours beside ``target``, renamed first to one any later run removes: its
-    marker may go before its other files, and a kill midway (a second Ctrl+C, a scheduler's kill after SIGTERM) left
-    them under a name no run could classify."""
+    """Delete ``folder``, a hidden folder of ours beside ``target``, renamed first to one a later run removes (its
+    marker goes last, so a kill midway, a second Ctrl+C or a scheduler's kill after SIGTERM, leaves it marked ours).
+    An ``OSError`` leaves it under one of those names, with its marker, and is raised naming it (``filename``)."""
     doomed = _hidden(target, _DOOMED)
     try:
         os.replace(folder, doomed)
     except FileNotFoundError:  # gone already (another run's cleanup, or a build already in place)
         return
-    shutil.rmtree(doomed, ignore_errors=True)
+    _delete(doomed)
+
+
+def _delete(folder: Path) -> None:
+    """Delete ``folder`` as far as it goes, its marker last; raise the first ``OSError`` (naming ``folder``, which is
+    left with its marker) once the rest is gone."""
+    failed = None
+    for entry in sorted(folder.iterdir()):
+        if entry.name == MARKER:
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError as e:
+            failed = failed or e
+            shutil.rmtree(entry, ignore_errors=True)
+    if failed is not None:
+        failed.filename = str(folder)
+        raise failed
+    (folder / MARKER).unlink(missing_ok=True)
+    folder.rmdir()
 
 
 def check_replaceable(
@@ -279,31 +336,56 @@ def output_folder(
     build = _hidden(target, _TMP)
     made = [p for p in target.parents if not p.exists()]  # created here, innermost first: removed on a failure
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_builds(target)
-        build.mkdir()
-    except OSError as e:
-        raise OutputError(
-            f"cannot create the output folder ({e.strerror or e})", f"{flag} {target}", "choose a writable location"
-        ) from e
-    try:
-        write_marker(build, kind, writer=True)
+        with _step("cannot create the output folder"):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_builds(target)
+            build.mkdir()
+        with _step("cannot write into the output folder being built"):
+            write_marker(build, kind, output=target.name)
         with stopping_on_sigterm():
             yield build
         # it may have appeared meanwhile (another run, the user)
         check_replaceable(target, kind, overwrite, flag, unmarked_ours)
-        honour_umask(build)
+        with _step("cannot give the output's files the permissions the umask allows"):
+            honour_umask(build)
         replace_folder(build, target, kind)
     except BaseException as e:
-        remove_hidden(build, target)
+        with contextlib.suppress(OSError):  # left, marked, to a later run: the error says what went wrong
+            remove_hidden(build, target)
         remove_empty(made)
-        if out_of_space(e):
-            raise OutputError(
-                "no space left on the device (or quota) while writing; nothing was left behind",
-                f"{flag} {target}",
-                "free space, or choose an --output on another disk",
-            ) from e
+        if (failure := step_failure(e, f"{flag} {target}")) is not None:
+            raise failure from e
         raise
+
+
+@contextlib.contextmanager
+def _step(what: str, left: Path | None = None, fix: str | None = None) -> Iterator[None]:
+    """A context in which an ``OSError`` is a step of writing an output that failed: :func:`step_failure` says it as
+    ``what``, and where it ``left`` something the user should act on (``fix``) if anything."""
+    try:
+        yield
+    except OSError as e:
+        if getattr(e, "output_step", (None, None))[1] is None:  # the outermost says it, unless one left something
+            e.output_step = (what, left, fix)
+        raise
+
+
+def step_failure(error: BaseException, where: str) -> OutputError | None:
+    """The one line for ``error``, raised while writing the output ``where`` names (its flag and path): a step that
+    left something for the user says where; else a full disk (or quota) anywhere, or the failed step, with what to do
+    by its ``errno``. ``None`` for any other error (a bug, an error of the command's own work)."""
+    what, left, fix = getattr(error, "output_step", (None, None, None))
+    if what is not None and left is not None:
+        return OutputError(f"{what} ({os_reason(error)})", left, fix)
+    if out_of_space(error):
+        return OutputError(
+            "no space left on the device (or quota) while writing; nothing was left behind",
+            where,
+            "free space, or choose an --output on another disk",
+        )
+    if what is not None:
+        return OutputError(f"{what} ({os_reason(error)})", where, FIXES.get(error.errno, "choose a writable location"))
+    return None
 
 
 def remove_empty(folders: list[Path]) -> None:
@@ -369,21 +451,34 @@ def replace_folder(build: Path, target: Path, kind: str) -> None:
 
     The previous output is marked with this process (in place: aside, it would name no writer for a moment, and a
     kill then left it hidden for good), so the next run puts it back if this one dies before ``build`` takes its
-    place; an exception there (Ctrl+C) puts it back at once."""
+    place; an exception there (Ctrl+C, an OS error) puts it back at once. An OS error says its step to
+    :func:`step_failure`, and where it left the previous output if it could not be put back or removed."""
     if not target.exists():
         _put_in_place(build, target, kind)
         return
-    write_marker(target, kind, writer=True)
+    with _step("cannot mark the previous output as being replaced"):
+        write_marker(target, kind, output=target.name)
     old = _hidden(target, _OLD)
     try:
-        os.replace(target, old)
+        with _step("cannot move the previous output aside"):
+            os.replace(target, old)
     except BaseException:
-        write_marker(target, kind)  # it stays in place: finished again
+        with _step(
+            "the previous output stays, but its marker names this process", target, "run again with --overwrite"
+        ):
+            write_marker(target, kind)  # it stays in place: finished again
         raise
     try:
         _put_in_place(build, target, kind)
     except BaseException:
         if not target.exists():
-            _put_in_place(old, target, kind)
+            put_back = f"rename it to {target} yourself (the next run at this output also does)"
+            with _step("cannot put the previous output back", old, put_back):
+                _put_in_place(old, target, kind)
         raise
-    remove_hidden(old, target)
+    try:
+        remove_hidden(old, target)
+    except OSError as e:
+        left = Path(e.filename)
+        with _step("the new output is in place, but the previous one could not be removed", left, "remove it yourself"):
+            raise

@@ -880,6 +880,34 @@ def test_builds_left_by_killed_runs_are_cleaned_by_the_next(tmp_path):
     assert alive.exists() and foreign.exists() and mine.exists()
 
 
+def test_folders_named_as_our_hidden_ones_are_left_unless_their_marker_says_this_output(tmp_path):
+    """A user's folder named as a removal of ours (`.data.del-` and 8 hex digits) was deleted by any run at `data`,
+    whatever it held; a killed build of the output `data.old-b` (`.data.old-b.tmp-...`) was put in place as `data`,
+    half-built, by a run at `data`. Only a folder whose marker says a run of ours made it for this output is removed or
+    put back (or an empty one a removal left when killed after its marker went)."""
+    target = tmp_path / "data"
+    dead = {"created_by": "epas_lightning", "kind": "dataset", "pid": 2**22 + 12345, "host": os.uname().nodename}
+    users = tmp_path / ".data.del-1234abcd"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    other = tmp_path / ".data.old-b.tmp-deadbeef"  # a killed build of the output data.old-b
+    other.mkdir()
+    (other / MARKER).write_text(json.dumps(dead | {"output": "data.old-b"}))
+    for name, output in ((".data.old-cafecafe", "data2"), (".data.tmp-cafecafe", "data2")):  # another output's
+        (tmp_path / name).mkdir()
+        (tmp_path / name / MARKER).write_text(json.dumps(dead | {"output": output}))
+    ours = tmp_path / ".data.del-5678abcd"  # a removal of ours killed midway: its marker is there until the end
+    ours.mkdir()
+    (ours / "half.bin").write_text("x")
+    (ours / MARKER).write_text(json.dumps(dead | {"output": "data"}))
+    emptied = tmp_path / ".data.del-9999abcd"  # killed after its marker went
+    emptied.mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert remove_stale_builds(target) == [ours, emptied] and not target.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(before) - {ours.name, emptied.name})
+    assert (users / "notes.txt").read_text() == "mine"
+
+
 def test_a_previous_output_put_back_after_a_killed_replacement_names_no_host(tmp_path, monkeypatch):
     """A replacement killed after it moved the previous output aside leaves it marked with its process and host (so
     the next run knows the mover is gone): put back, it kept them, and a folder pushed to the Hub leaked the host."""
@@ -997,7 +1025,8 @@ def test_a_previous_output_that_cannot_be_moved_aside_keeps_a_marker_naming_no_h
             raise OSError(errno.EBUSY, "Device or resource busy")
         real(source, destination)
 
-    with pytest.raises(OSError, match="busy"), output_folder(target, "bench", overwrite=True) as build:
+    move_aside = pytest.raises(OutputError, match=r"^cannot move the previous output aside \(device or resource busy\)")
+    with move_aside, output_folder(target, "bench", overwrite=True) as build:
         (build / "a.txt").write_text("second")
         monkeypatch.setattr(os, "replace", busy)
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "a.txt").read_text() == "first"
@@ -1190,6 +1219,147 @@ def test_export_is_atomic_and_a_reexport_leaves_no_stale_file(small_checkpoint, 
         capsys, ["export", "--checkpoint", str(small_checkpoint), "--output", str(user), "--overwrite"]
     )
     assert "replaces only a folder epas_lightning wrote as its hf-export output" in err
+
+
+def failing_at(step: str, out: Path):
+    """``(owner, name, when, errno)``: the OS call that fails at ``step`` of writing ``out``, and when it does."""
+    build, aside, doomed = f".{out.name}.tmp-", f".{out.name}.old-", f".{out.name}.del-"
+    return {
+        "the build's mkdir": (Path, "mkdir", lambda path, *a, **k: path.name.startswith(build), errno.EACCES),
+        "the build's marker": (
+            Path, "write_text", lambda path, *a, **k: path.parent.name.startswith(build), errno.EROFS
+        ),
+        "honour_umask's chmod": (Path, "chmod", lambda path, *a, **k: True, errno.EPERM),
+        "marking the previous output": (
+            Path, "write_text", lambda path, *a, **k: path.parent == out and path.name.startswith(MARKER), errno.EACCES
+        ),
+        "moving the previous output aside": (
+            os, "replace", lambda source, destination: Path(source) == out, errno.EXDEV
+        ),
+        "renaming the build into place": (
+            os, "replace", lambda source, destination: Path(destination) == out and Path(source).name.startswith(build),
+            errno.EBUSY
+        ),
+        "renaming the build into place, raced": (
+            os, "replace", lambda source, destination: Path(destination) == out and Path(source).name.startswith(build),
+            errno.ENOTEMPTY
+        ),
+        "finishing the marker in place": (
+            os, "replace", lambda source, destination: Path(destination) == out / MARKER, errno.EACCES
+        ),
+        "removing the previous output": (
+            os, "replace", lambda source, destination: Path(source).name.startswith(aside), errno.EACCES
+        ),
+        "removing the previous output, a busy file": (
+            Path, "unlink", lambda path, *a, **k: path.parent.name.startswith(doomed) and path.name != MARKER,
+            errno.EBUSY,
+        ),
+    }[step]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("step", "says"),
+    [
+        ("the build's mkdir", "cannot create the output folder (permission denied) — --output {out} — check the"),
+        ("the build's marker", "cannot write into the output folder being built (read-only file system) — --output"),
+        ("honour_umask's chmod", "cannot give the output's files the permissions the umask allows (operation not"),
+        ("marking the previous output", "cannot mark the previous output as being replaced (permission denied)"),
+        ("moving the previous output aside", "cannot move the previous output aside (invalid cross-device link) — --"),
+        ("renaming the build into place", "cannot rename the finished output into place (device or resource busy)"),
+        ("renaming the build into place, raced", "into place (directory not empty) — --output {out} — something else"),
+        ("finishing the marker in place", "output is in place, but its marker could not be finished (permission"),
+        ("removing the previous output", "previous one could not be removed (permission denied) — {tmp}/.out.old-"),
+        (
+            "removing the previous output, a busy file",
+            "could not be removed (device or resource busy) — {tmp}/.out.del-",
+        ),
+    ],
+)
+def test_an_os_error_at_any_step_of_writing_an_output_is_one_line_and_loses_nothing(
+    step, says, small_checkpoint, tmp_path, capsys, monkeypatch
+):
+    """An OS error other than a full disk while the output folder was built or replaced (a read-only or foreign-owned
+    folder, a read-only mount, a busy mount point or a file open on a network file system, an overlay that cannot
+    rename a folder, another writer's race) was a Python traceback. It is one line saying what failed, where and what
+    to do; a previous output is back in place, or left where the line says, marked for the next run."""
+    out = tmp_path / "out"
+    replacing = not step.endswith(("raced", "in place"))
+    if replacing:
+        with output_folder(out, "hf-export") as previous:
+            (previous / "a.txt").write_text("first")
+    owner, name, when, code = failing_at(step, out)
+    real = getattr(owner, name)
+
+    def fails(*args, **kwargs):
+        if when(*args, **kwargs):
+            raise OSError(code, os.strerror(code), str(args[0]))
+        return real(*args, **kwargs)
+
+    argv = ["export", "--checkpoint", str(small_checkpoint), "--output", str(out), *(["--overwrite"] * replacing)]
+    with monkeypatch.context() as patch:
+        patch.setattr(owner, name, fails)
+        assert says.format(out=out, tmp=tmp_path) in one_line_error(capsys, argv)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    if step.startswith("removing"):  # the new output is in place; the previous one, or what remains, is marked ours
+        (hidden,) = set(left) - {"ckpt", "out"}
+        record = json.loads((tmp_path / hidden / MARKER).read_text())
+        assert (out / "model.safetensors").is_file() and record["output"] == "out"
+        (tmp_path / hidden / MARKER).write_text(json.dumps(record | {"pid": 2**22 + 12345}))  # once this process ends
+        assert remove_stale_builds(out) == [tmp_path / hidden]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]
+    elif step == "finishing the marker in place":
+        assert left == ["ckpt", "out"] and json.loads((out / MARKER).read_text())["kind"] == "hf-export"
+    else:
+        assert left == (["ckpt", "out"] if replacing else ["ckpt"])
+    if replacing and not step.startswith("removing"):
+        assert (out / "a.txt").read_text() == "first"
+        assert json.loads((out / MARKER).read_text()) == {"created_by": "epas_lightning", "kind": "hf-export"}
+
+
+def test_an_output_folder_that_cannot_be_created_leaves_no_parent_folder_it_made(tmp_path, monkeypatch):
+    """The parents made for an output stayed, empty, when its hidden build folder could not be created (a failure
+    later on removed them)."""
+    real = Path.mkdir
+
+    def refused(path: Path, *args, **kwargs):
+        if path.name.startswith(".out.tmp-"):
+            raise OSError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    refused_line = pytest.raises(OutputError, match=r"^cannot create the output folder \((?i:permission denied)\)")
+    with refused_line, output_folder(tmp_path / "new" / "er" / "out", "bench"):
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_previous_output_that_cannot_be_put_back_is_named_and_put_back_by_the_next_run(tmp_path, monkeypatch):
+    """A replacement whose build could not take the target's place (a folder made read-only meanwhile) puts the
+    previous output back; where that fails as well, the line names where it is, and the next run puts it back."""
+    out = tmp_path / "out"
+    with output_folder(out, "bench") as build:
+        (build / "a.txt").write_text("first")
+    real = os.replace
+
+    def refused(source, destination):
+        if Path(destination) == out:
+            raise OSError(errno.EACCES, "Permission denied", source)
+        real(source, destination)
+
+    with pytest.raises(OutputError) as raised, output_folder(out, "bench", overwrite=True) as build:
+        (build / "a.txt").write_text("second")
+        monkeypatch.setattr(os, "replace", refused)
+    monkeypatch.setattr(os, "replace", real)
+    (aside,) = tmp_path.iterdir()
+    assert str(raised.value) == (
+        f"cannot put the previous output back (permission denied) — {aside} — rename it to {out} yourself (the next "
+        "run at this output also does)"
+    )
+    record = json.loads((aside / MARKER).read_text())
+    assert (aside / "a.txt").read_text() == "first" and record["output"] == "out"
+    (aside / MARKER).write_text(json.dumps(record | {"pid": 2**22 + 12345}))  # as once this process is gone
+    assert remove_stale_builds(out) == [] and (out / "a.txt").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_consolidate_copies_only_a_real_tokenizer(tmp_path, tiny_corpus, caplog):
