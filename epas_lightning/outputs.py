@@ -23,16 +23,20 @@ import errno
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
 import socket
+import stat
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from epas_lightning.errors import OutputError, exception_chain, os_reason
+
+log = logging.getLogger(__name__)
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -346,8 +350,7 @@ def output_folder(
             yield build
         # it may have appeared meanwhile (another run, the user)
         check_replaceable(target, kind, overwrite, flag, unmarked_ours)
-        with _step("cannot give the output's files the permissions the umask allows"):
-            honour_umask(build)
+        honour_umask(build, target)  # a refused chmod loses no output: a warning
         replace_folder(build, target, kind)
     except BaseException as e:
         with contextlib.suppress(OSError):  # left, marked, to a later run: the error says what went wrong
@@ -436,14 +439,25 @@ def out_of_space(error: BaseException | None) -> bool:
     return False
 
 
-def honour_umask(folder: Path) -> None:
+def honour_umask(folder: Path, target: Path) -> None:
     """Give the files under ``folder`` the permissions the umask allows: libraries that write through a private temp
-    file (safetensors: 0600) would otherwise keep others from reading an output meant to be shared."""
+    file (safetensors: 0600) would otherwise keep others from reading an output meant to be shared. A file system
+    that refuses ``chmod`` (some network and FUSE mounts) keeps the output, complete and readable by its owner: a
+    warning says so, once."""
     umask = os.umask(0)
     os.umask(umask)
+    wanted = 0o666 & ~umask
     for file in folder.rglob("*"):
-        if file.is_file() and not file.is_symlink():
-            file.chmod(0o666 & ~umask)
+        if file.is_file() and not file.is_symlink() and stat.S_IMODE(file.stat().st_mode) != wanted:
+            try:
+                file.chmod(wanted)
+            except OSError as e:
+                log.warning(
+                    f"{target / file.relative_to(folder)} and the output's other files may be readable by their owner "
+                    f"only: the file system refused to change their permissions ({os_reason(e)}); run chmod on "
+                    f"{target} yourself to share it"
+                )
+                return
 
 
 def replace_folder(build: Path, target: Path, kind: str) -> None:
