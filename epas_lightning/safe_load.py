@@ -97,15 +97,15 @@ class LegacyReads:
     ``.ckpt``) that a read of its metadata asked to keep. Such a file cannot be mapped, so each look at its metadata
     (the checks of a command, Lightning's look for hyperparameters) read it whole again. A read to keep reuses it; one
     that does not (its weights, read once) takes it and frees it; a full load of the file frees it first. A file
-    changed since (its size, modification time or inode) is read again. Each read gets its own top-level dict (callers
-    pop ``state_dict``)."""
+    changed since (its size, modification or change time, device or inode: one written over in place with its
+    modification time kept, too) is read again. Each read gets its own top-level dict (callers pop ``state_dict``)."""
 
     def __init__(self) -> None:
-        self._kept: tuple[tuple[Path, int, int, int], Any] | None = None
+        self._kept: tuple[tuple[Path, int, int, int, int, int], Any] | None = None
 
     def read(self, path: Path, keep: bool) -> Any:
         stat = path.stat()
-        key = (path.resolve(), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        key = (path.resolve(), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_dev, stat.st_ino)
         kept = self._kept
         if kept is not None and kept[0] == key:
             loaded = kept[1]

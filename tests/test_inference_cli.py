@@ -695,6 +695,43 @@ def test_a_legacy_checkpoint_changed_since_its_metadata_was_read_is_read_again(t
     assert read_checkpoint(legacy, weights=False)[1]["global_step"] == 222 and len(reads) == 4
 
 
+def test_a_legacy_checkpoint_copied_over_with_its_times_kept_is_read_again(trained, tmp_path, monkeypatch):
+    """The kept metadata read of a legacy .ckpt was keyed on its path, size, mtime and inode: another checkpoint of the
+    same size copied over it in place with its modification time kept (``cp -p``, ``rsync --inplace -t``) was answered
+    from what was kept, the old step; as was a file of the same inode on another file system mounted there. The key
+    holds the change time (which no program sets) and the device."""
+    import time
+    from pathlib import Path
+
+    from epas_lightning.checkpoint_formats import read_checkpoint
+
+    loaded = torch.load(trained, weights_only=True)
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save({**loaded, "global_step": 111}, legacy, _use_new_zipfile_serialization=False)
+    assert read_checkpoint(legacy, weights=False)[1]["global_step"] == 111
+    before = legacy.stat()
+    time.sleep(0.05)  # past a coarse clock's tick
+    with legacy.open("r+b") as f:
+        torch.save({**loaded, "global_step": 222}, f, _use_new_zipfile_serialization=False)
+    os.utime(legacy, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (legacy.stat().st_size, legacy.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert read_checkpoint(legacy, weights=False)[1]["global_step"] == 222
+
+    class OnAnotherDevice:
+        def __init__(self, stat: os.stat_result) -> None:
+            self.stat = stat
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.stat, name) + (name == "st_dev")
+
+    reads, stat = reads_of(legacy, monkeypatch), Path.stat
+    read_checkpoint(legacy, weights=False)
+    assert not reads  # unchanged: what was kept
+    monkeypatch.setattr(Path, "stat", lambda path, **kwargs: OnAnotherDevice(stat(path, **kwargs)))
+    read_checkpoint(legacy, weights=False)
+    assert len(reads) == 1
+
+
 def test_a_recorded_tokenizer_that_is_gone_is_named_in_the_error(tmp_path):
     """The error said only 'the checkpoint does not name an existing tokenizer': which file went missing was lost."""
     from epas_lightning.checkpoint import _info
