@@ -670,6 +670,36 @@ def test_a_legacy_checkpoint_is_read_once_before_fit_resumes_it(trained, tiny_co
     assert reads == ["read", "load_torch_file"], reads  # the kept metadata read, then the restore
 
 
+def test_a_legacy_checkpoint_with_hyperparameters_is_not_kept_while_lightning_reads_it(
+    trained, tiny_corpus, tmp_path, capsys, monkeypatch
+):
+    """A legacy .ckpt that holds hyperparameters (of a LightningModule that saves them) is read whole by Lightning's
+    LightningCLI._parse_ckpt_path, which merges them into the config: the kept read of its metadata was held beside
+    that read, two copies of the checkpoint at once where there had been one. It is freed first."""
+    import gc
+    import sys
+
+    from epas_lightning import safe_load
+
+    legacy = tmp_path / "legacy.ckpt"
+    checkpoint = {**torch.load(trained, weights_only=True), "hyper_parameters": {"compile": False}}
+    torch.save(checkpoint, legacy, _use_new_zipfile_serialization=False)
+    held, load = [], torch.load
+
+    def reading(f, *args, **kwargs):
+        if sys._getframe(1).f_code.co_name == "_parse_ckpt_path":
+            gc.collect()
+            held.append(safe_load._LEGACY_READS._kept is not None)
+        return load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", reading)
+    monkeypatch.chdir(tmp_path)
+    args = ["validate", "--config", DEBUG, "--data.data_dir", str(tiny_corpus), "--ckpt_path", str(legacy)]
+    rc, _, err = run_cli(capsys, *args, "--model.config.n_layer", "4", "--trainer.logger", "false")
+    assert rc == 0, err
+    assert held == [False], held
+
+
 def test_a_legacy_checkpoint_changed_since_its_metadata_was_read_is_read_again(trained, tmp_path, monkeypatch):
     """The metadata read of a legacy .ckpt is kept for the next read: the read of its weights takes it, and frees it
     (as Lightning's load_from_checkpoint, which reads the file itself); a file written again since (in place, the same
