@@ -700,6 +700,33 @@ def test_a_legacy_checkpoint_with_hyperparameters_is_not_kept_while_lightning_re
     assert held == [False], held
 
 
+def test_a_legacy_init_from_is_not_kept_in_memory_through_a_resumed_fit(trained, tiny_corpus, tmp_path):
+    """``trainer.fit(EPASModule(config, init_from=legacy.ckpt), ckpt_path=...)``: the module's checks of init_from read
+    its metadata, and a legacy (non-zip) file's whole read was kept for a next read that a resume never makes (only a
+    read of that file's weights or a full load of it freed it): the whole init_from checkpoint, its optimizer state
+    too, stayed in memory beside the restored one for the whole run. A full load of any file frees it."""
+    import gc
+
+    from lightning.pytorch.callbacks import LambdaCallback
+
+    from epas_lightning import safe_load
+
+    legacy = tmp_path / "init_from.ckpt"
+    torch.save(torch.load(trained, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    config = LlamaConfig.from_name("debug", n_layer=4, block_size=32)
+    kept = []
+
+    def look(*_) -> None:
+        gc.collect()
+        kept.append(safe_load._LEGACY_READS._kept is not None)
+
+    probe = LambdaCallback(on_train_batch_start=look)
+    trainer = cpu_trainer(tmp_path, max_steps=7, callbacks=[probe, ProgressiveSharing(target=2, interval=2)])
+    data = TokenDataModule(tiny_corpus, seq_len=32, batch_size=4, vocab_size=config.vocab_size)
+    trainer.fit(EPASModule(config, init_from=str(legacy)), data, ckpt_path=trained)
+    assert kept == [False], kept
+
+
 def test_a_legacy_checkpoint_changed_since_its_metadata_was_read_is_read_again(trained, tmp_path, monkeypatch):
     """The metadata read of a legacy .ckpt is kept for the next read: the read of its weights takes it, and frees it
     (as Lightning's load_from_checkpoint, which reads the file itself); a file written again since (in place, the same
