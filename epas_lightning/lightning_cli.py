@@ -111,7 +111,7 @@ from epas_lightning.resume import (
 from epas_lightning.run_checkpoint import RunCheckpoint, save_between_steps
 from epas_lightning.run_folder import RunFolders, check_run_folders_writable
 from epas_lightning.run_summary import FlopsModelSummary, RunSummary, progress_bar_for, say
-from epas_lightning.safe_load import is_sharded_checkpoint, load_torch_file, verify_checkpoint
+from epas_lightning.safe_load import is_sharded_checkpoint, load_torch_file, release_kept_read, verify_checkpoint
 from epas_lightning.seeds import SEED_FIX, TRAINING_SEEDS, seed_out_of_range
 from epas_lightning.sigterm_in_setup import answer_sigterm_in_setup
 from epas_lightning.strategy import STRATEGY_NAME, check_data_parallel_only, check_strategy_name
@@ -310,6 +310,7 @@ class EPASCLI(LightningCLI):
         if fitting:
             self._check_log_folders_free(config, config.get("ckpt_path"))
         if config.get("ckpt_path") and holds_hyperparameters(Path(config.ckpt_path)):
+            release_kept_read(Path(config.ckpt_path))  # Lightning reads it whole: not held beside that
             super()._parse_ckpt_path()
 
     def _check_log_folders_free(self, config: Namespace, ckpt_path: str | None) -> None:

@@ -63,7 +63,7 @@ def load_torch_file(
             return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
         if mmap and map_location == "cpu":  # a legacy file cannot be mapped: read whole, once while kept
             return _LEGACY_READS.read(path, keep)
-        _LEGACY_READS.forget(path)  # a full load of its own: the kept copy's memory is freed first
+        _LEGACY_READS.forget()  # a full load (a restore, say): what is kept, of any file, is freed first
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         _refuse_other_files(path, where, e)
@@ -96,16 +96,17 @@ class LegacyReads:
     """The last legacy file (not a zip: ``torch.save(..., _use_new_zipfile_serialization=False)``, an older version's
     ``.ckpt``) that a read of its metadata asked to keep. Such a file cannot be mapped, so each look at its metadata
     (the checks of a command, Lightning's look for hyperparameters) read it whole again. A read to keep reuses it; one
-    that does not (its weights, read once) takes it and frees it; a full load of the file frees it first. A file
-    changed since (its size, modification time or inode) is read again. Each read gets its own top-level dict (callers
-    pop ``state_dict``)."""
+    that does not (its weights, read once) takes it and frees it; a full load of any file frees it first (a restore:
+    the kept read may be of a file never read again, a resumed fit's ``init_from``). A file changed since (its size,
+    modification or change time, device or inode: one written over in place with its modification time kept, too)
+    is read again. Each read gets its own top-level dict (callers pop ``state_dict``)."""
 
     def __init__(self) -> None:
-        self._kept: tuple[tuple[Path, int, int, int], Any] | None = None
+        self._kept: tuple[tuple[Path, int, int, int, int, int], Any] | None = None
 
     def read(self, path: Path, keep: bool) -> Any:
         stat = path.stat()
-        key = (path.resolve(), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        key = (path.resolve(), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_dev, stat.st_ino)
         kept = self._kept
         if kept is not None and kept[0] == key:
             loaded = kept[1]
@@ -115,9 +116,9 @@ class LegacyReads:
         self._kept = (key, loaded) if keep else None
         return dict(loaded) if isinstance(loaded, dict) else loaded
 
-    def forget(self, path: Path) -> None:
-        """Free what is kept of ``path``: it is read in full, or by a reader of its own."""
-        if self._kept is not None and self._kept[0][0] == path.resolve():
+    def forget(self, path: Path | None = None) -> None:
+        """Free what is kept of ``path`` (of any file: ``None``): it is read in full, or by a reader of its own."""
+        if self._kept is not None and (path is None or self._kept[0][0] == path.resolve()):
             self._kept = None
 
 

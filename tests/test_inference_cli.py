@@ -670,6 +670,63 @@ def test_a_legacy_checkpoint_is_read_once_before_fit_resumes_it(trained, tiny_co
     assert reads == ["read", "load_torch_file"], reads  # the kept metadata read, then the restore
 
 
+def test_a_legacy_checkpoint_with_hyperparameters_is_not_kept_while_lightning_reads_it(
+    trained, tiny_corpus, tmp_path, capsys, monkeypatch
+):
+    """A legacy .ckpt that holds hyperparameters (of a LightningModule that saves them) is read whole by Lightning's
+    LightningCLI._parse_ckpt_path, which merges them into the config: the kept read of its metadata was held beside
+    that read, two copies of the checkpoint at once where there had been one. It is freed first."""
+    import gc
+    import sys
+
+    from epas_lightning import safe_load
+
+    legacy = tmp_path / "legacy.ckpt"
+    checkpoint = {**torch.load(trained, weights_only=True), "hyper_parameters": {"compile": False}}
+    torch.save(checkpoint, legacy, _use_new_zipfile_serialization=False)
+    held, load = [], torch.load
+
+    def reading(f, *args, **kwargs):
+        if sys._getframe(1).f_code.co_name == "_parse_ckpt_path":
+            gc.collect()
+            held.append(safe_load._LEGACY_READS._kept is not None)
+        return load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", reading)
+    monkeypatch.chdir(tmp_path)
+    args = ["validate", "--config", DEBUG, "--data.data_dir", str(tiny_corpus), "--ckpt_path", str(legacy)]
+    rc, _, err = run_cli(capsys, *args, "--model.config.n_layer", "4", "--trainer.logger", "false")
+    assert rc == 0, err
+    assert held == [False], held
+
+
+def test_a_legacy_init_from_is_not_kept_in_memory_through_a_resumed_fit(trained, tiny_corpus, tmp_path):
+    """``trainer.fit(EPASModule(config, init_from=legacy.ckpt), ckpt_path=...)``: the module's checks of init_from read
+    its metadata, and a legacy (non-zip) file's whole read was kept for a next read that a resume never makes (only a
+    read of that file's weights or a full load of it freed it): the whole init_from checkpoint, its optimizer state
+    too, stayed in memory beside the restored one for the whole run. A full load of any file frees it."""
+    import gc
+
+    from lightning.pytorch.callbacks import LambdaCallback
+
+    from epas_lightning import safe_load
+
+    legacy = tmp_path / "init_from.ckpt"
+    torch.save(torch.load(trained, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    config = LlamaConfig.from_name("debug", n_layer=4, block_size=32)
+    kept = []
+
+    def look(*_) -> None:
+        gc.collect()
+        kept.append(safe_load._LEGACY_READS._kept is not None)
+
+    probe = LambdaCallback(on_train_batch_start=look)
+    trainer = cpu_trainer(tmp_path, max_steps=7, callbacks=[probe, ProgressiveSharing(target=2, interval=2)])
+    data = TokenDataModule(tiny_corpus, seq_len=32, batch_size=4, vocab_size=config.vocab_size)
+    trainer.fit(EPASModule(config, init_from=str(legacy)), data, ckpt_path=trained)
+    assert kept == [False], kept
+
+
 def test_a_legacy_checkpoint_changed_since_its_metadata_was_read_is_read_again(trained, tmp_path, monkeypatch):
     """The metadata read of a legacy .ckpt is kept for the next read: the read of its weights takes it, and frees it
     (as Lightning's load_from_checkpoint, which reads the file itself); a file written again since (in place, the same
@@ -693,6 +750,43 @@ def test_a_legacy_checkpoint_changed_since_its_metadata_was_read_is_read_again(t
     os.utime(legacy, ns=(written + 1_000_000, written + 1_000_000))  # a coarse clock may not have moved
     assert legacy.stat().st_size == size
     assert read_checkpoint(legacy, weights=False)[1]["global_step"] == 222 and len(reads) == 4
+
+
+def test_a_legacy_checkpoint_copied_over_with_its_times_kept_is_read_again(trained, tmp_path, monkeypatch):
+    """The kept metadata read of a legacy .ckpt was keyed on its path, size, mtime and inode: another checkpoint of the
+    same size copied over it in place with its modification time kept (``cp -p``, ``rsync --inplace -t``) was answered
+    from what was kept, the old step; as was a file of the same inode on another file system mounted there. The key
+    holds the change time (which no program sets) and the device."""
+    import time
+    from pathlib import Path
+
+    from epas_lightning.checkpoint_formats import read_checkpoint
+
+    loaded = torch.load(trained, weights_only=True)
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save({**loaded, "global_step": 111}, legacy, _use_new_zipfile_serialization=False)
+    assert read_checkpoint(legacy, weights=False)[1]["global_step"] == 111
+    before = legacy.stat()
+    time.sleep(0.05)  # past a coarse clock's tick
+    with legacy.open("r+b") as f:
+        torch.save({**loaded, "global_step": 222}, f, _use_new_zipfile_serialization=False)
+    os.utime(legacy, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (legacy.stat().st_size, legacy.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert read_checkpoint(legacy, weights=False)[1]["global_step"] == 222
+
+    class OnAnotherDevice:
+        def __init__(self, stat: os.stat_result) -> None:
+            self.stat = stat
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.stat, name) + (name == "st_dev")
+
+    reads, stat = reads_of(legacy, monkeypatch), Path.stat
+    read_checkpoint(legacy, weights=False)
+    assert not reads  # unchanged: what was kept
+    monkeypatch.setattr(Path, "stat", lambda path, **kwargs: OnAnotherDevice(stat(path, **kwargs)))
+    read_checkpoint(legacy, weights=False)
+    assert len(reads) == 1
 
 
 def test_a_recorded_tokenizer_that_is_gone_is_named_in_the_error(tmp_path):

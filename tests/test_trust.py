@@ -58,10 +58,13 @@ class Evil:
 
 @pytest.fixture
 def evil(tmp_path: Path) -> SimpleNamespace:
-    """A malicious .ckpt file, sharded checkpoint folder and HF folder; each would create ``marker`` if unpickled."""
+    """A malicious .ckpt file (zip, and torch's legacy format: read whole, and kept for the next read of its
+    metadata), sharded checkpoint folder and HF folder; each would create ``marker`` if unpickled."""
     marker = tmp_path / "PWNED"
-    file = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "model_config": {}, "payload": Evil(marker)}, file)
+    file, legacy = tmp_path / "evil.ckpt", tmp_path / "evil_legacy.ckpt"
+    for path, zipped in ((file, True), (legacy, False)):
+        payload = {"state_dict": {}, "model_config": {}, "payload": Evil(marker)}
+        torch.save(payload, path, _use_new_zipfile_serialization=zipped)
     sharded = tmp_path / "evil_sharded"
     sharded.mkdir()
     (sharded / ".metadata").write_bytes(pickle.dumps(Evil(marker)))
@@ -73,10 +76,11 @@ def evil(tmp_path: Path) -> SimpleNamespace:
     (hf / "config.json").write_text(json.dumps(config))
     torch.save({"model.embed_tokens.weight": Evil(marker)}, hf / "pytorch_model.bin")
     # the files are really malicious: a plain unpickler runs them
-    torch.load(file, weights_only=False)
-    assert marker.exists()
-    marker.unlink()
-    return SimpleNamespace(marker=marker, file=file, sharded=sharded, hf=hf)
+    for path in (file, legacy):
+        torch.load(path, weights_only=False)
+        assert marker.exists()
+        marker.unlink()
+    return SimpleNamespace(marker=marker, file=file, legacy=legacy, sharded=sharded, hf=hf)
 
 
 def one_line_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
@@ -101,10 +105,10 @@ TOOL_ARGS = {
 }
 
 
-@pytest.mark.parametrize("form", ["file", "sharded"])
+@pytest.mark.parametrize("form", ["file", "legacy", "sharded"])
 @pytest.mark.parametrize("command", sorted(TOOL_ARGS))
 def test_tools_refuse_malicious_checkpoints(command, form, evil, tmp_path, capsys):
-    path = evil.file if form == "file" else evil.sharded
+    path = getattr(evil, form)
     extra = [a.format(tmp=tmp_path) for a in TOOL_ARGS[command]]
     err = one_line_error(capsys, [command, "--checkpoint", str(path), *extra])
     assert str(path) in err
@@ -112,18 +116,18 @@ def test_tools_refuse_malicious_checkpoints(command, form, evil, tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("form", ["file", "sharded"])
+@pytest.mark.parametrize("form", ["file", "legacy", "sharded"])
 @pytest.mark.parametrize("command", ["fit", "validate", "test"])
 def test_lightning_commands_refuse_malicious_checkpoints(command, form, evil, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    path = evil.file if form == "file" else evil.sharded
+    path = getattr(evil, form)
     err = one_line_error(capsys, [command, "--config", DEBUG, "--ckpt_path", str(path)])
     assert "--ckpt_path" in err and not evil.marker.exists()
 
 
 def test_init_from_refuses_malicious_checkpoints_and_hf_weights(evil, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    for path in (evil.file, evil.sharded):
+    for path in (evil.file, evil.legacy, evil.sharded):
         err = one_line_error(capsys, ["fit", "--config", DEBUG, "--model.init_from", str(path)])
         assert "model.init_from" in err
     from epas_lightning.hf.convert import read_hf_weights
