@@ -5,9 +5,11 @@ Every HF model here is a tiny random ``transformers.LlamaForCausalLM`` saved int
 
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import warnings
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -1324,6 +1326,34 @@ def test_the_remote_code_checkpoints_its_layers_when_asked(tmp_path: Path, mode:
     if "every_n_layers" in inspect.signature(enable).parameters:  # newer transformers: layers 0 and 2 of the 3
         enable(every_n_layers=2)
         assert step()[1] == 5
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpointed_forward_left_without_backward_frees_its_graph(tmp_path: Path, reentrant: bool) -> None:
+    """With gradient checkpointing on, a training forward given no backward (a skipped step, an out-of-memory retry,
+    an error raised midway) kept its whole graph alive for good: the relay held the pair a checkpoint gave out (and the
+    attention weights), whose graph holds that checkpoint's function, which holds the relay, a cycle through autograd
+    that Python's collector does not free. The graph is freed now, as the stock model's is."""
+    stock, ours = stock_and_remote_at_region_0(tmp_path, attn_implementation="eager")
+    ours.set_region(1)
+    ids = torch.randint(3, VOCAB, (2, 8))
+
+    def fail(*_: object) -> None:
+        raise RuntimeError("midway")
+
+    embedded = []  # the first activation of each forward, which every layer's graph leads back to
+    for model in (stock, ours):
+        embedded.clear()
+        model.get_input_embeddings().register_forward_hook(lambda _, args, out: embedded.append(weakref.ref(out)))
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": reentrant})
+        model.train()(ids, labels=ids, output_attentions=True)
+        handle = model.model.norm.register_forward_pre_hook(fail)
+        with pytest.raises(RuntimeError, match="midway"):
+            model(ids, labels=ids)
+        handle.remove()
+        gc.collect()
+        assert [ref() is None for ref in embedded] == [True, True], type(model).__name__
 
 
 def test_a_stock_export_of_a_kv_model_reads_back_as_kv(tmp_path: Path) -> None:

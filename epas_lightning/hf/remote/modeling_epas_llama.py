@@ -325,16 +325,19 @@ class EpasLlamaModel(LlamaModel):
         options = dict(attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
         options.update(use_cache=use_cache, cache_position=cache_position, epas_relay=relay)
         options[CACHE_FIELD] = past_key_values
-        h = inputs_embeds
-        for layer in layers:  # transformers' GradientCheckpointingLayer recomputes a checkpointed one
-            h = layer(h, **options)  # the hidden states positionally, so that a reentrant checkpoint passes gradients
-            if hidden is not None:
-                hidden.append(h)
+        h, recorded = inputs_embeds, relay.weights
+        try:
+            for layer in layers:  # transformers' GradientCheckpointingLayer recomputes a checkpointed one
+                h = layer(h, **options)  # the hidden states positionally: a reentrant checkpoint passes gradients so
+                if hidden is not None:
+                    hidden.append(h)
+        finally:  # a checkpoint holds the relay: what it holds of this forward's graph would keep the graph alive
+            relay.pair, relay.weights = (), None
         h = self.norm(h)
         if hidden is not None:  # as transformers' LlamaModel: the last layer's output is given normed
             hidden[-1] = h
             hidden = _selected(hidden, selected_hidden_states(keep))
-        weights = None if relay.weights is None else tuple(w for w in relay.weights if w is not None) or NO_WEIGHTS
+        weights = None if recorded is None else tuple(w for w in recorded if w is not None) or NO_WEIGHTS
         output = BaseModelOutputWithPast(
             last_hidden_state=h,
             hidden_states=None if hidden is None else tuple(hidden),
