@@ -1356,6 +1356,33 @@ def test_a_checkpointed_forward_left_without_backward_frees_its_graph(tmp_path: 
         assert [ref() is None for ref in embedded] == [True, True], type(model).__name__
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpointed_layer_keeps_for_backward_what_the_stock_one_keeps(tmp_path: Path, reentrant: bool) -> None:
+    """Gradient checkpointing handed each layer's checkpoint the Q/K the layer before it computed, sharing or not: a
+    computing layer, which never reads them, kept them for its backward, some two to three times the activations the
+    stock model keeps for fine-tuning. At region 0 the remote code keeps what the stock model keeps now."""
+    stock, ours = stock_and_remote_at_region_0(tmp_path)
+    ids = torch.randint(3, VOCAB, (2, 16))
+
+    def kept_for_backward(model: torch.nn.Module) -> int:
+        """The bytes of the activations a checkpointed training step of ``model`` keeps for its backward."""
+        kept = {}  # storage -> its bytes
+
+        def keep(tensor: torch.Tensor) -> torch.Tensor:
+            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": reentrant})
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            loss = model.train()(ids, labels=ids).loss
+        loss.backward()
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        return sum(size for storage, size in kept.items() if storage not in weights)
+
+    assert kept_for_backward(ours) == kept_for_backward(stock)
+
+
 def test_a_stock_export_of_a_kv_model_reads_back_as_kv(tmp_path: Path) -> None:
     """A stock export (dense) of a kv-trained model read back as qk: inspect said Q/K sharing, and a forced region or
     an init_from that reran its weights' region shared Q/K, which those weights never learned to."""

@@ -236,8 +236,8 @@ class EpasLlamaDecoderLayer(LlamaDecoderLayer):
     @property
     def _gradient_checkpointing_func(self):
         """The checkpoint transformers' ``GradientCheckpointingLayer`` runs this layer in, the relay's pair made one of
-        its inputs and, from a computing layer, one of its outputs: a reentrant checkpoint passes gradients only
-        through those."""
+        its inputs in a sharing layer and one of its outputs in a computing one: a reentrant checkpoint passes gradients
+        only through those."""
         return self._checkpoint_with_relay
 
     @_gradient_checkpointing_func.setter
@@ -248,7 +248,8 @@ class EpasLlamaDecoderLayer(LlamaDecoderLayer):
         relay = getattr(function, "keywords", {}).get("epas_relay")  # the partial transformers checkpoints
         if relay is None:
             return self._checkpoint(function, *args)
-        received = relay.pair
+        attention = self.self_attn  # only a sharing layer reads the pair: another's checkpoint would keep it idle
+        received = relay.pair if attention.layer_idx in attention.config.epas_shared_layers else ()
 
         def run(*inputs):
             handed = relay.pair = inputs[len(args) :]  # in a recompute, the checkpoint's copies
