@@ -5,9 +5,11 @@ Every HF model here is a tiny random ``transformers.LlamaForCausalLM`` saved int
 
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import warnings
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -1325,6 +1327,61 @@ def test_the_remote_code_checkpoints_its_layers_when_asked(tmp_path: Path, mode:
     if "every_n_layers" in inspect.signature(enable).parameters:  # newer transformers: layers 0 and 2 of the 3
         enable(every_n_layers=2)
         assert step()[1] == 5
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpointed_forward_left_without_backward_frees_its_graph(tmp_path: Path, reentrant: bool) -> None:
+    """With gradient checkpointing on, a training forward given no backward (a skipped step, an out-of-memory retry,
+    an error raised midway) kept its whole graph alive for good: the relay held the pair a checkpoint gave out (and the
+    attention weights), whose graph holds that checkpoint's function, which holds the relay, a cycle through autograd
+    that Python's collector does not free. The graph is freed now, as the stock model's is."""
+    stock, ours = stock_and_remote_at_region_0(tmp_path, attn_implementation="eager")
+    ours.set_region(1)
+    ids = torch.randint(3, VOCAB, (2, 8))
+
+    def fail(*_: object) -> None:
+        raise RuntimeError("midway")
+
+    embedded = []  # the first activation of each forward, which every layer's graph leads back to
+    for model in (stock, ours):
+        embedded.clear()
+        model.get_input_embeddings().register_forward_hook(lambda _, args, out: embedded.append(weakref.ref(out)))
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": reentrant})
+        model.train()(ids, labels=ids, output_attentions=True)
+        handle = model.model.norm.register_forward_pre_hook(fail)
+        with pytest.raises(RuntimeError, match="midway"):
+            model(ids, labels=ids)
+        handle.remove()
+        gc.collect()
+        assert [ref() is None for ref in embedded] == [True, True], type(model).__name__
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpointed_layer_keeps_for_backward_what_the_stock_one_keeps(tmp_path: Path, reentrant: bool) -> None:
+    """Gradient checkpointing handed each layer's checkpoint the Q/K the layer before it computed, sharing or not: a
+    computing layer, which never reads them, kept them for its backward, some two to three times the activations the
+    stock model keeps for fine-tuning. At region 0 the remote code keeps what the stock model keeps now."""
+    stock, ours = stock_and_remote_at_region_0(tmp_path)
+    ids = torch.randint(3, VOCAB, (2, 16))
+
+    def kept_for_backward(model: torch.nn.Module) -> int:
+        """The bytes of the activations a checkpointed training step of ``model`` keeps for its backward."""
+        kept = {}  # storage -> its bytes
+
+        def keep(tensor: torch.Tensor) -> torch.Tensor:
+            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": reentrant})
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            loss = model.train()(ids, labels=ids).loss
+        loss.backward()
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        return sum(size for storage, size in kept.items() if storage not in weights)
+
+    assert kept_for_backward(ours) == kept_for_backward(stock)
 
 
 def test_a_stock_export_of_a_kv_model_reads_back_as_kv(tmp_path: Path) -> None:

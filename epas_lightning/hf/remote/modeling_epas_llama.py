@@ -236,8 +236,8 @@ class EpasLlamaDecoderLayer(LlamaDecoderLayer):
     @property
     def _gradient_checkpointing_func(self):
         """The checkpoint transformers' ``GradientCheckpointingLayer`` runs this layer in, the relay's pair made one of
-        its inputs and, from a computing layer, one of its outputs: a reentrant checkpoint passes gradients only
-        through those."""
+        its inputs in a sharing layer and one of its outputs in a computing one: a reentrant checkpoint passes gradients
+        only through those."""
         return self._checkpoint_with_relay
 
     @_gradient_checkpointing_func.setter
@@ -248,7 +248,8 @@ class EpasLlamaDecoderLayer(LlamaDecoderLayer):
         relay = getattr(function, "keywords", {}).get("epas_relay")  # the partial transformers checkpoints
         if relay is None:
             return self._checkpoint(function, *args)
-        received = relay.pair
+        attention = self.self_attn  # only a sharing layer reads the pair: another's checkpoint would keep it idle
+        received = relay.pair if attention.layer_idx in attention.config.epas_shared_layers else ()
 
         def run(*inputs):
             handed = relay.pair = inputs[len(args) :]  # in a recompute, the checkpoint's copies
@@ -325,16 +326,19 @@ class EpasLlamaModel(LlamaModel):
         options = dict(attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
         options.update(use_cache=use_cache, cache_position=cache_position, epas_relay=relay)
         options[CACHE_FIELD] = past_key_values
-        h = inputs_embeds
-        for layer in layers:  # transformers' GradientCheckpointingLayer recomputes a checkpointed one
-            h = layer(h, **options)  # the hidden states positionally, so that a reentrant checkpoint passes gradients
-            if hidden is not None:
-                hidden.append(h)
+        h, recorded = inputs_embeds, relay.weights
+        try:
+            for layer in layers:  # transformers' GradientCheckpointingLayer recomputes a checkpointed one
+                h = layer(h, **options)  # the hidden states positionally: a reentrant checkpoint passes gradients so
+                if hidden is not None:
+                    hidden.append(h)
+        finally:  # a checkpoint holds the relay: what it holds of this forward's graph would keep the graph alive
+            relay.pair, relay.weights = (), None
         h = self.norm(h)
         if hidden is not None:  # as transformers' LlamaModel: the last layer's output is given normed
             hidden[-1] = h
             hidden = _selected(hidden, selected_hidden_states(keep))
-        weights = None if relay.weights is None else tuple(w for w in relay.weights if w is not None) or NO_WEIGHTS
+        weights = None if recorded is None else tuple(w for w in recorded if w is not None) or NO_WEIGHTS
         output = BaseModelOutputWithPast(
             last_hidden_state=h,
             hidden_states=None if hidden is None else tuple(hidden),
