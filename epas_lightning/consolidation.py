@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from epas_lightning.checkpoint import STORED, LoadedModel, load_model
 from epas_lightning.checkpoint_formats import CONFIG_FILE, EXPORTED_KEY, WEIGHTS_FILE, WEIGHTS_REGION_KEY
 from epas_lightning.data.tokenizer import TokenizerError, load_tokenizer
+from epas_lightning.errors import sentence_start
 from epas_lightning.hf.convert import saveable
 from epas_lightning.outputs import check_output, output_folder
 from epas_lightning.provenance import TRAINING_KEY, carried, checked, from_consolidated, relative_path, relative_paths
@@ -53,7 +54,7 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
     with output_folder(output, "consolidated", overwrite, inputs=[checkpoint]) as build:
         save_file(saveable(state), build / WEIGHTS_FILE)
         if loaded.tokenizer_path is None:
-            log.warning(f"{loaded.no_tokenizer().capitalize()}: consolidated weights and config only")
+            log.warning(f"{sentence_start(loaded.no_tokenizer())}: consolidated weights and config only")
             if sha256 := loaded.tokenizer_sha256:  # what a --tokenizer given for the folder is compared with
                 record["tokenizer"] = {"sha256": sha256, "bos_id": loaded.bos_id, "eos_id": loaded.eos_id}
         else:

@@ -178,6 +178,11 @@ def listed(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
 
 
+def sentence_start(text: str) -> str:
+    """``text`` with its first letter capitalized and the rest (paths, names) as they are, unlike ``str.capitalize``."""
+    return text[:1].upper() + text[1:]
+
+
 def os_reason(error: OSError) -> str:
     """Why an ``OSError`` happened, as a line quotes it: ``permission denied``."""
     return (error.strerror or str(error)).lower()

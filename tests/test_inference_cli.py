@@ -482,6 +482,18 @@ def test_a_budget_read_off_the_bench_table_picks_that_row(capsys):
     assert [region_for_budget(config, budget, 3, 16) for budget in shown] == [0, 1, 2, 3]
 
 
+def test_budget_nothing_meets_says_the_figure_the_table_shows():
+    """The refusal said the largest region "needs 0.9464 x dense" where the table shows 0.9465, the least budget that
+    picks it: a --budget of the figure the error named was refused again."""
+    from epas_lightning.errors import ConfigError
+
+    config = LlamaConfig.from_name("debug", block_size=32)
+    with pytest.raises(ConfigError) as refused:
+        region_for_budget(config, 0.5, 1, 32)
+    needs = float(str(refused.value).split(" needs ")[1].split()[0])
+    assert region_for_budget(config, needs, 1, 32) == 1
+
+
 def test_bench_budget_below_the_trained_region_is_an_error(trained, capsys):
     rc, _, err = run_cli(capsys, "bench", "--checkpoint", str(trained), "--budget", "0.5")
     assert rc == 2 and "the largest region (2 sharing layers) needs" in err

@@ -1414,6 +1414,21 @@ def test_consolidate_copies_only_a_real_tokenizer(tmp_path, tiny_corpus, caplog)
     assert not caplog.text
 
 
+def test_weights_only_warning_names_the_tokenizer_path_as_it_is(tmp_path, caplog):
+    """consolidate and export name the gone tokenizer's path in its own case (they lowercased the whole line)."""
+    from epas_lightning.hf.export import export
+
+    config = LlamaConfig(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, block_size=16)
+    state = {f"model.{k}": v for k, v in Llama(config).state_dict().items()}
+    gone = tmp_path / "Run" / "Tokenizer.json"
+    record = {"path": str(gone), "bos_id": 0, "eos_id": 1}
+    torch.save({"state_dict": state, "model_config": config.to_dict(), "tokenizer": record}, tmp_path / "a.ckpt")
+    with caplog.at_level("WARNING", logger="epas_lightning"):
+        consolidate(tmp_path / "a.ckpt", tmp_path / "consolidated")
+        export(tmp_path / "a.ckpt", tmp_path / "exported")
+    assert caplog.text.count(f"The tokenizer the checkpoint was trained with is gone ({gone})") == 2
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Resume says what it does: the LR schedule follows the configured max_steps
 # ---------------------------------------------------------------------------------------------------------------------

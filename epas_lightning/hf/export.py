@@ -36,6 +36,7 @@ from epas_lightning.data.tokenizer import (
     load_tokenizer,
     resolve_tokenizer_path,
 )
+from epas_lightning.errors import sentence_start
 from epas_lightning.hf.convert import ours_to_hf
 from epas_lightning.inference.generate import set_region
 from epas_lightning.model import LlamaConfig
@@ -289,7 +290,7 @@ def export(
                 "export with --remote-code to keep the region with 0 sharing layers"
             )
         if tokenizer_path is None:
-            log.warning(f"{loaded.no_tokenizer().capitalize()}: exported weights and config only; pass --tokenizer.")
+            log.warning(f"{sentence_start(loaded.no_tokenizer())}: exported weights and config only; pass --tokenizer.")
         else:
             export_tokenizer(Path(tokenizer_path), build, config.context_length, loaded.bos_id, loaded.eos_id)
             if record["model_type"] == "qwen2":

@@ -69,7 +69,7 @@ def region_for_budget(config: LlamaConfig, budget: float, max_shared: int, seq_l
     floor = flops_ratio(config, max_shared, seq_len)
     raise ConfigError(
         f"no region fits a budget of {budget:g} x dense: the largest region ({sharing_layers_text(max_shared)}) needs "
-        f"{floor:.4f} x dense",
+        f"{budget_to_fit(floor):.4f} x dense",
         "--budget",
         f"raise --budget to at least {budget_to_fit(floor):g}",
     )
