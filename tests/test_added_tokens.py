@@ -293,3 +293,40 @@ def test_special_added_tokens_past_the_model_s_rows_are_dropped_not_refused(mode
     with pytest.raises(DataError, match=r"'<\|plain\|>'.*past the model's 302 rows") as refused:
         load_tokenizer(plain).check_fits(PIECES + 2)
     assert "\n" not in str(refused.value)
+
+
+def bpe_folder(folder: Path, special: tuple[str, ...] = (), plain: tuple[str, ...] = ()) -> Path:
+    """A folder holding a tiny byte-level BPE ``tokenizer.json`` of :data:`PIECES` ids and the ``special`` and
+    ``plain`` added tokens after them, in that order (as a fine-tune's ``tokenizer.json`` adds its ``<pad>``)."""
+    from epas_lightning.data.tokenizer import train_byte_level_bpe
+
+    pipeline = train_byte_level_bpe([f"ka{i} lo{i * 7} mine{i * 13}" for i in range(400)], PIECES)
+    assert pipeline.get_vocab_size() == PIECES
+    pipeline.add_special_tokens(list(special))
+    pipeline.add_tokens(list(plain))
+    folder.mkdir()
+    pipeline.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_a_tokenizer_json_s_special_added_tokens_past_the_model_s_rows_are_dropped_not_refused(tmp_path, caplog):
+    """The same fine-tune shipped as a tokenizer.json ('<pad>' = 300 in its added_tokens, special, on a 300-row model)
+    was refused by check_fits with advice to pass the tokenizer the model trained with: the one passed. It is dropped
+    as a sentencepiece folder's is (one warning; not a stop id, nor an id of a chat template's '<pad>' text, nor an id
+    generation may emit); a non-special one, and a BOS past the rows, are still refused."""
+    from epas_lightning.errors import DataError
+
+    folder = bpe_folder(tmp_path / "pad", special=("<pad>",))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, PIECES]}))
+    tokenizer = load_tokenizer(folder)
+    assert (tokenizer.vocab_size, tokenizer.stop_ids) == (PIECES + 1, (1, PIECES))
+    tokenizer.check_fits(PIECES)
+    assert (tokenizer.vocab_size, tokenizer.stop_ids) == (PIECES, (1,)) and "'<pad>'" in caplog.text
+    assert PIECES not in control_token_encoder(tokenizer)("ka<pad>") and PIECES not in tokenizer.encode("ka<pad>")
+    assert tokenizer.decode(tokenizer.encode("ka lo<pad>")) == "ka lo<pad>"
+    plain = bpe_folder(tmp_path / "plain", special=("<pad>",), plain=("<|plain|>",))
+    with pytest.raises(DataError, match=r"'<\|plain\|>'.*past the model's 300 rows") as refused:
+        load_tokenizer(plain).check_fits(PIECES)
+    assert "\n" not in str(refused.value)
+    with pytest.raises(DataError, match="301 tokens but the model's vocab_size is 300"):
+        load_tokenizer(folder, bos_token="<pad>").check_fits(PIECES)
