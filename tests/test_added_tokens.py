@@ -330,3 +330,21 @@ def test_a_tokenizer_json_s_special_added_tokens_past_the_model_s_rows_are_dropp
     assert "\n" not in str(refused.value)
     with pytest.raises(DataError, match="301 tokens but the model's vocab_size is 300"):
         load_tokenizer(folder, bos_token="<pad>").check_fits(PIECES)
+
+
+def test_serve_s_tokenizer_drops_the_special_added_tokens_past_the_model_s_rows(tmp_path):
+    """serve checked the tokenizer at startup, but its HTTP process and inference worker loaded it again unchecked:
+    '<pad>' past the model's 300 rows was back (301 ids: the worker's engine refused the model at startup, and a
+    prompt of token ids could hold 300). They get the checked tokenizer."""
+    from epas_lightning import Llama, LlamaConfig
+    from epas_lightning.region import TrainedRegion
+    from epas_lightning.serve.engine import Engine
+    from epas_lightning.serve.model_card import ServedModel
+
+    folder = bpe_folder(tmp_path / "pad", special=("<pad>",))
+    config = LlamaConfig(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, vocab_size=PIECES, block_size=16)
+    region = TrainedRegion(2)
+    served = ServedModel("m", config, region, 0, folder / "tokenizer.json", 0, 1, 8, 1, 2**20, 0)
+    tokenizer = served.tokenizer()
+    assert (tokenizer.vocab_size, tokenizer.stop_ids) == (PIECES, (1,))
+    assert Engine.for_tokenizer(Llama(config).eval(), region, tokenizer).vocab_size == PIECES
