@@ -293,3 +293,58 @@ def test_special_added_tokens_past_the_model_s_rows_are_dropped_not_refused(mode
     with pytest.raises(DataError, match=r"'<\|plain\|>'.*past the model's 302 rows") as refused:
         load_tokenizer(plain).check_fits(PIECES + 2)
     assert "\n" not in str(refused.value)
+
+
+def bpe_folder(folder: Path, special: tuple[str, ...] = (), plain: tuple[str, ...] = ()) -> Path:
+    """A folder holding a tiny byte-level BPE ``tokenizer.json`` of :data:`PIECES` ids and the ``special`` and
+    ``plain`` added tokens after them, in that order (as a fine-tune's ``tokenizer.json`` adds its ``<pad>``)."""
+    from epas_lightning.data.tokenizer import train_byte_level_bpe
+
+    pipeline = train_byte_level_bpe([f"ka{i} lo{i * 7} mine{i * 13}" for i in range(400)], PIECES)
+    assert pipeline.get_vocab_size() == PIECES
+    pipeline.add_special_tokens(list(special))
+    pipeline.add_tokens(list(plain))
+    folder.mkdir()
+    pipeline.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_a_tokenizer_json_s_special_added_tokens_past_the_model_s_rows_are_dropped_not_refused(tmp_path, caplog):
+    """The same fine-tune shipped as a tokenizer.json ('<pad>' = 300 in its added_tokens, special, on a 300-row model)
+    was refused by check_fits with advice to pass the tokenizer the model trained with: the one passed. It is dropped
+    as a sentencepiece folder's is (one warning; not a stop id, nor an id of a chat template's '<pad>' text, nor an id
+    generation may emit); a non-special one, and a BOS past the rows, are still refused."""
+    from epas_lightning.errors import DataError
+
+    folder = bpe_folder(tmp_path / "pad", special=("<pad>",))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, PIECES]}))
+    tokenizer = load_tokenizer(folder)
+    assert (tokenizer.vocab_size, tokenizer.stop_ids) == (PIECES + 1, (1, PIECES))
+    tokenizer.check_fits(PIECES)
+    assert (tokenizer.vocab_size, tokenizer.stop_ids) == (PIECES, (1,)) and "'<pad>'" in caplog.text
+    assert PIECES not in control_token_encoder(tokenizer)("ka<pad>") and PIECES not in tokenizer.encode("ka<pad>")
+    assert tokenizer.decode(tokenizer.encode("ka lo<pad>")) == "ka lo<pad>"
+    plain = bpe_folder(tmp_path / "plain", special=("<pad>",), plain=("<|plain|>",))
+    with pytest.raises(DataError, match=r"'<\|plain\|>'.*past the model's 300 rows") as refused:
+        load_tokenizer(plain).check_fits(PIECES)
+    assert "\n" not in str(refused.value)
+    with pytest.raises(DataError, match="301 tokens but the model's vocab_size is 300"):
+        load_tokenizer(folder, bos_token="<pad>").check_fits(PIECES)
+
+
+def test_serve_s_tokenizer_drops_the_special_added_tokens_past_the_model_s_rows(tmp_path):
+    """serve checked the tokenizer at startup, but its HTTP process and inference worker loaded it again unchecked:
+    '<pad>' past the model's 300 rows was back (301 ids: the worker's engine refused the model at startup, and a
+    prompt of token ids could hold 300). They get the checked tokenizer."""
+    from epas_lightning import Llama, LlamaConfig
+    from epas_lightning.region import TrainedRegion
+    from epas_lightning.serve.engine import Engine
+    from epas_lightning.serve.model_card import ServedModel
+
+    folder = bpe_folder(tmp_path / "pad", special=("<pad>",))
+    config = LlamaConfig(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, vocab_size=PIECES, block_size=16)
+    region = TrainedRegion(2)
+    served = ServedModel("m", config, region, 0, folder / "tokenizer.json", 0, 1, 8, 1, 2**20, 0)
+    tokenizer = served.tokenizer()
+    assert (tokenizer.vocab_size, tokenizer.stop_ids) == (PIECES, (1,))
+    assert Engine.for_tokenizer(Llama(config).eval(), region, tokenizer).vocab_size == PIECES

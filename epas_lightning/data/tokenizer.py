@@ -153,6 +153,20 @@ class TextTokenizer:
     def get_vocab_size(self) -> int:
         return self.vocab_size
 
+    def added_tokens(self) -> dict[int, AddedToken]:
+        """The added tokens by id: a ``tokenizer.json``'s own, or a sentencepiece model's from its folder."""
+        if self.kind == "sentencepiece":
+            return self.added
+        added = self.backend.get_added_tokens_decoder().items()
+        return {i: AddedToken(t.content, t.special, t.lstrip, t.rstrip) for i, t in added}
+
+    def own_size(self) -> int:
+        """One more than the largest id of the tokenizer's model itself, without its added tokens (``vocab_size`` at
+        least this)."""
+        if self.kind == "sentencepiece":
+            return self.backend.get_piece_size()
+        return max(self.backend.get_vocab(with_added_tokens=False).values(), default=-1) + 1
+
     def check_fits(
         self, vocab_size: int, fix: str = "pass --tokenizer with the tokenizer the model trained with"
     ) -> None:
@@ -160,22 +174,25 @@ class TextTokenizer:
         tokenizer, or data prepared for a larger model); ``fix``: what to do. Special added tokens past it (a
         fine-tune's ``<pad>`` the model has no row for, as transformers loads it) are dropped with a warning: text
         never reads as them, and the model never emits them."""
-        past = {i: token for i, token in self.added.items() if i >= vocab_size}
+        added, own = self.added_tokens(), self.own_size()
+        past = {i: token for i, token in added.items() if i >= vocab_size}
         ends = max(self.bos_id, self.eos_id) < vocab_size <= self.vocab_size
-        if past and ends and self.backend.get_piece_size() <= vocab_size:
+        if past and ends and own <= vocab_size:
+            where = "its added_tokens" if self.kind == "hf" else "its added_tokens.json/tokenizer_config.json"
             if plain := [token.text for token in past.values() if not token.special]:
                 raise DataError(
-                    f"the added tokens {plain} beside the tokenizer are past the model's {vocab_size} rows (text reads "
+                    f"the added tokens {plain} of the tokenizer are past the model's {vocab_size} rows (text reads "
                     "as their ids)",
                     self.path,
-                    f"{fix}, or remove them from its added_tokens.json/tokenizer_config.json",
+                    f"{fix}, or remove them from {where}",
                 )
             log.warning(
-                f"The special added tokens {[token.text for token in past.values()]} beside {self.path} are past the "
+                f"The special added tokens {[token.text for token in past.values()]} of {self.path} are past the "
                 f"model's {vocab_size} rows: dropped (the model never emits them; a chat template's are read as text)"
             )
-            self.added = {i: token for i, token in self.added.items() if i < vocab_size}
-            self.vocab_size = max([self.backend.get_piece_size(), *(i + 1 for i in self.added)])
+            kept = {i: token for i, token in added.items() if i < vocab_size}
+            self.added = kept if self.kind == "sentencepiece" else {}
+            self.vocab_size = max([own, *(i + 1 for i in kept)])
             self.stop_ids = tuple(i for i in self.stop_ids if i < self.vocab_size)
         if self.vocab_size > vocab_size:
             raise DataError(
@@ -434,13 +451,21 @@ def _open(path: Path) -> tuple[str, Any]:
         ) from e
 
 
-def hf_pipeline(path: str | Path):  # noqa: ANN201
+def hf_pipeline(path: str | Path, below: int | None = None):  # noqa: ANN201
     """The ``tokenizers.Tokenizer`` of a ``tokenizer.json``, giving every id of a text: without the truncation and
     padding the file may have been saved with (``transformers`` saves the ones last used), which cut every document
-    at their ``max_length`` and padded it to their length."""
+    at their ``max_length`` and padded it to their length. ``below``: without the added tokens of that id or more
+    (those :meth:`TextTokenizer.check_fits` dropped: their text is text)."""
+    import json
+
     from tokenizers import Tokenizer
 
-    pipeline = Tokenizer.from_file(str(path))
+    if below is None:
+        pipeline = Tokenizer.from_file(str(path))
+    else:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+        record["added_tokens"] = [token for token in record.get("added_tokens") or [] if token["id"] < below]
+        pipeline = Tokenizer.from_str(json.dumps(record))
     pipeline.no_truncation()
     pipeline.no_padding()
     return pipeline

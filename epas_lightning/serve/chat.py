@@ -287,21 +287,21 @@ def control_token_encoder(tokenizer: TextTokenizer) -> Callable[[str], list[int]
     """Text -> ids where the tokenizer's special tokens' text is their control id (a rendered chat), everything else
     as ``tokenizer.encode`` reads it. A separate pipeline: ``tokenizer`` itself goes on reading such text as text."""
     added = tuple(sorted(tokenizer.added.items()))
-    return _control_token_pipeline(str(tokenizer.path), tokenizer.kind, added)
+    return _control_token_pipeline(str(tokenizer.path), tokenizer.kind, added, tokenizer.vocab_size)
 
 
 @functools.lru_cache(maxsize=2)
 def _control_token_pipeline(
-    path: str, kind: str, added: tuple[tuple[int, AddedToken], ...]
+    path: str, kind: str, added: tuple[tuple[int, AddedToken], ...], vocab_size: int
 ) -> Callable[[str], list[int]]:
     """:func:`control_token_encoder` of the tokenizer file ``path``, with a sentencepiece model's ``added`` tokens
-    (id, token) read as their ids too."""
+    (id, token) read as their ids too; a ``tokenizer.json``'s added tokens past ``vocab_size`` (dropped) are text."""
     from epas_lightning.data.added_tokens import split_encoder
     from epas_lightning.data.tokenizer import hf_pipeline
 
     ids, strips = {token.text: i for i, token in added}, {token.text: token for _, token in added}
     if kind == "hf":
-        pipeline = hf_pipeline(path)
+        pipeline = hf_pipeline(path, below=vocab_size)
     else:
         from epas_lightning.hf.sentencepiece_json import sentencepiece_tokenizer
 
