@@ -1015,20 +1015,31 @@ def test_ctrl_c_while_the_new_output_takes_the_old_ones_place_puts_the_old_one_b
     assert json.loads((target / MARKER).read_text()) == {"created_by": "epas_lightning", "kind": "bench"}
 
 
+def first_output(target: Path, kind: str = "bench") -> None:
+    """An output of ours at ``target``, holding ``a.txt`` = "first", for a test to replace."""
+    with output_folder(target, kind) as build:
+        (build / "a.txt").write_text("first")
+
+
+def replace_failing(when, code: int):
+    """``os.replace`` that raises the OS error ``code`` where ``when(source, destination)``, else renames."""
+    real = os.replace
+
+    def replace(source, destination):
+        if when(source, destination):
+            raise OSError(code, os.strerror(code), str(source))
+        real(source, destination)
+
+    return replace
+
+
 def test_a_previous_output_that_cannot_be_moved_aside_keeps_a_marker_naming_no_host(tmp_path, monkeypatch):
     """Marked with this process and host to be moved aside, it kept that marker when the move failed (a busy mount
     point, a folder others may not rename): a finished folder naming the host."""
     monkeypatch.setattr("socket.gethostname", lambda: "bq-private-host")
     target = tmp_path / "out"
-    with output_folder(target, "bench") as build:
-        (build / "a.txt").write_text("first")
-    real = os.replace
-
-    def busy(source, destination):
-        if Path(source) == target:
-            raise OSError(errno.EBUSY, "Device or resource busy")
-        real(source, destination)
-
+    first_output(target)
+    busy = replace_failing(lambda source, destination: Path(source) == target, errno.EBUSY)
     move_aside = pytest.raises(OutputError, match=r"^cannot move the previous output aside \(device or resource busy\)")
     with move_aside, output_folder(target, "bench", overwrite=True) as build:
         (build / "a.txt").write_text("second")
@@ -1361,15 +1372,9 @@ def test_a_previous_output_that_cannot_be_put_back_is_named_and_put_back_by_the_
     """A replacement whose build could not take the target's place (a folder made read-only meanwhile) puts the
     previous output back; where that fails as well, the line names where it is, and the next run puts it back."""
     out = tmp_path / "out"
-    with output_folder(out, "bench") as build:
-        (build / "a.txt").write_text("first")
+    first_output(out)
     real = os.replace
-
-    def refused(source, destination):
-        if Path(destination) == out:
-            raise OSError(errno.EACCES, "Permission denied", source)
-        real(source, destination)
-
+    refused = replace_failing(lambda source, destination: Path(destination) == out, errno.EACCES)
     with pytest.raises(OutputError) as raised, output_folder(out, "bench", overwrite=True) as build:
         (build / "a.txt").write_text("second")
         monkeypatch.setattr(os, "replace", refused)
