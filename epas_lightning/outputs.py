@@ -199,12 +199,14 @@ def interrupted_build(target: Path) -> Path | None:
 def remove_stale_builds(target: Path) -> list[Path]:
     """Clean up after killed runs of ours beside ``target``; return the folders removed.
 
-    Their half-built folders are deleted, as are folders a removal of ours was killed in. A previous output moved
-    aside for a replacement that never finished is put back when the target is missing, else deleted.
+    Their half-built folders are deleted, as are folders a removal of ours was killed in (a live run's removal is its
+    own). A previous output moved aside for a replacement that never finished is put back when the target is missing,
+    else deleted.
     """
     removed = []
     for doomed in _hidden_beside(target, _DOOMED):  # a removal killed midway (its marker goes last, then the folder)
-        if _ours_for(doomed, target) is not None or (doomed.is_dir() and not doomed.is_symlink() and _is_empty(doomed)):
+        emptied = doomed.is_dir() and not doomed.is_symlink() and _is_empty(doomed)
+        if _owned_by_dead_process(doomed, target) or emptied:
             with contextlib.suppress(OSError):  # what cannot go is left, marked, to a later run
                 _delete(doomed)
                 removed.append(doomed)

@@ -912,6 +912,21 @@ def test_folders_named_as_our_hidden_ones_are_left_unless_their_marker_says_this
     assert (users / "notes.txt").read_text() == "mine"
 
 
+def test_a_removal_by_a_live_run_is_left_to_it(tmp_path):
+    """A run starting at an output deleted a live run's `.del-` folder (the previous output it had just replaced)
+    under it: the live run's own deletion then met files already gone and failed with "the previous one could not be
+    removed", exit 2. A removal whose writer still runs on this host is its own; only a killed one is cleaned."""
+    record = {"created_by": "epas_lightning", "kind": "dataset", "pid": os.getpid(), "host": os.uname().nodename}
+    live = tmp_path / ".data.del-1234abcd"
+    live.mkdir()
+    (live / "half.bin").write_text("x")
+    (live / MARKER).write_text(json.dumps(record | {"output": "data"}))
+    elsewhere = tmp_path / ".data.del-5678abcd"  # a run on another host sharing the file system: its own
+    elsewhere.mkdir()
+    (elsewhere / MARKER).write_text(json.dumps(record | {"host": "another-host", "output": "data"}))
+    assert remove_stale_builds(tmp_path / "data") == [] and (live / "half.bin").exists() and elsewhere.exists()
+
+
 def test_a_previous_output_put_back_after_a_killed_replacement_names_no_host(tmp_path, monkeypatch):
     """A replacement killed after it moved the previous output aside leaves it marked with its process and host (so
     the next run knows the mover is gone): put back, it kept them, and a folder pushed to the Hub leaked the host."""
