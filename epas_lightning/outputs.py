@@ -251,6 +251,8 @@ def _delete(folder: Path) -> None:
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
+        except FileNotFoundError:  # removed meanwhile (a run that started as this one emptied the folder)
+            continue
         except OSError as e:
             failed = failed or e
             shutil.rmtree(entry, ignore_errors=True)
@@ -258,7 +260,8 @@ def _delete(folder: Path) -> None:
         failed.filename = str(folder)
         raise failed
     (folder / MARKER).unlink(missing_ok=True)
-    folder.rmdir()
+    with contextlib.suppress(FileNotFoundError):  # empty, so removed by a run that started meanwhile
+        folder.rmdir()
 
 
 def check_replaceable(

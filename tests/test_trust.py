@@ -927,6 +927,26 @@ def test_a_removal_by_a_live_run_is_left_to_it(tmp_path):
     assert remove_stale_builds(tmp_path / "data") == [] and (live / "half.bin").exists() and elsewhere.exists()
 
 
+def test_a_run_starting_as_a_live_removal_empties_its_folder_does_not_fail_it(tmp_path, monkeypatch):
+    """A removal's folder is empty once its marker went, and a run starting at that instant removes it (as a killed
+    removal's): the live run's own rmdir then found it gone and failed its replacement with exit 2."""
+    target = tmp_path / "out"
+    with output_folder(target, "bench") as build:
+        (build / "a.txt").write_text("first")
+    unlink, started = Path.unlink, []
+
+    def unlink_then_another_run_starts(path, missing_ok=False):
+        unlink(path, missing_ok=missing_ok)
+        if path.name == MARKER and ".del-" in path.parent.name and not started:
+            started.append(path.parent)
+            remove_stale_builds(target)
+
+    monkeypatch.setattr(Path, "unlink", unlink_then_another_run_starts)
+    with output_folder(target, "bench", overwrite=True) as build:
+        (build / "a.txt").write_text("second")
+    assert started and (target / "a.txt").read_text() == "second" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 def test_a_previous_output_put_back_after_a_killed_replacement_names_no_host(tmp_path, monkeypatch):
     """A replacement killed after it moved the previous output aside leaves it marked with its process and host (so
     the next run knows the mover is gone): put back, it kept them, and a folder pushed to the Hub leaked the host."""
