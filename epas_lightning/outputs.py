@@ -140,6 +140,8 @@ def _put_in_place(hidden: Path, target: Path, kind: str) -> None:
             os.replace(hidden, target)
         except BaseException:
             finished.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # where another run put ``hidden`` meanwhile (a file: not a folder)
+                (target / finished.name).unlink(missing_ok=True)
             raise
     with _step("the output is in place, but its marker could not be finished", target, "run again with --overwrite"):
         os.replace(target / finished.name, target / MARKER)
@@ -222,8 +224,12 @@ def remove_stale_builds(target: Path) -> list[Path]:
             with contextlib.suppress(OSError):
                 remove_hidden(old, target)
                 removed.append(old)
-        else:
-            _put_in_place(old, target, read_marker(old)["kind"])  # finished again: the dead writer's host goes
+        elif (record := read_marker(old)) is not None:  # else put back meanwhile, by a run that started with this one
+            try:
+                _put_in_place(old, target, record["kind"])  # finished again: the dead writer's host goes
+            except FileNotFoundError:
+                if old.exists():
+                    raise
     return removed
 
 

@@ -33,6 +33,7 @@ from epas_lightning import (
     TokenDataModule,
     TrainingDiverged,
     WarmupCosineLR,
+    outputs,
 )
 from epas_lightning.cli import main
 from epas_lightning.consolidation import consolidate
@@ -960,6 +961,33 @@ def test_a_previous_output_put_back_after_a_killed_replacement_names_no_host(tmp
     (aside / MARKER).write_text(json.dumps(record))  # as the killed run marked it
     assert remove_stale_builds(target) == [] and (target / "a.txt").read_text() == "first"
     assert json.loads((target / MARKER).read_text()) == {"created_by": "epas_lightning", "kind": "bench"}
+
+
+def test_two_runs_starting_together_put_a_killed_replacements_previous_output_back_once(tmp_path, monkeypatch):
+    """Two runs starting at an output whose replacement was killed after it moved the previous output aside both put
+    it back: the second found it gone, failed with "cannot create the output folder (no such file or directory)", exit
+    2, and left its pending marker in the output."""
+    target = tmp_path / "out"
+    with output_folder(target, "bench") as build:
+        (build / "a.txt").write_text("first")
+    aside = tmp_path / ".out.old-deadbeef"
+    os.replace(target, aside)
+    record = {"created_by": "epas_lightning", "kind": "bench", "pid": 2**22 + 12345, "host": os.uname().nodename}
+    (aside / MARKER).write_text(json.dumps(record))
+    pending_marker = outputs._pending_marker
+
+    def then_the_other_run_puts_it_back(*args, **kwargs):
+        written = pending_marker(*args, **kwargs)
+        monkeypatch.setattr(outputs, "_pending_marker", pending_marker)
+        remove_stale_builds(target)
+        return written
+
+    monkeypatch.setattr(outputs, "_pending_marker", then_the_other_run_puts_it_back)
+    assert remove_stale_builds(target) == [] and (target / "a.txt").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and sorted(p.name for p in target.iterdir()) == [
+        MARKER,
+        "a.txt",
+    ]
 
 
 KILLED_AT_A_STEP = """
