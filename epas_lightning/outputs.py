@@ -354,6 +354,8 @@ def output_folder(
         with _step("cannot create the output folder"):
             target.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_builds(target)
+        check_replaceable(target, kind, overwrite, flag, unmarked_ours)  # a previous output put back: before any work
+        with _step("cannot create the output folder"):
             build.mkdir()
         with _step("cannot write into the output folder being built"):
             write_marker(build, kind, output=target.name)

@@ -963,6 +963,23 @@ def test_a_previous_output_put_back_after_a_killed_replacement_names_no_host(tmp
     assert json.loads((target / MARKER).read_text()) == {"created_by": "epas_lightning", "kind": "bench"}
 
 
+def test_a_previous_output_put_back_at_start_refuses_the_run_before_its_work(tmp_path):
+    """A previous output that a killed replacement had moved aside is put back as a run starts: without --overwrite
+    that run did all its work (a whole prepare) before it found the output there and was refused."""
+    target = tmp_path / "out"
+    with output_folder(target, "bench") as build:
+        (build / "a.txt").write_text("first")
+    aside = tmp_path / ".out.old-deadbeef"
+    os.replace(target, aside)
+    record = {"created_by": "epas_lightning", "kind": "bench", "pid": 2**22 + 12345, "host": os.uname().nodename}
+    (aside / MARKER).write_text(json.dumps(record))
+    worked = []
+    refused = "^the output already exists .* choose a new folder or pass --overwrite$"
+    with pytest.raises(OutputError, match=refused), output_folder(target, "bench") as build:
+        worked.append(build)
+    assert not worked and [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "a.txt").read_text() == "first"
+
+
 def test_two_runs_starting_together_put_a_killed_replacements_previous_output_back_once(tmp_path, monkeypatch):
     """Two runs starting at an output whose replacement was killed after it moved the previous output aside both put
     it back: the second found it gone, failed with "cannot create the output folder (no such file or directory)", exit
