@@ -140,6 +140,8 @@ def _put_in_place(hidden: Path, target: Path, kind: str) -> None:
             os.replace(hidden, target)
         except BaseException:
             finished.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # where another run put ``hidden`` meanwhile (a file: not a folder)
+                (target / finished.name).unlink(missing_ok=True)
             raise
     with _step("the output is in place, but its marker could not be finished", target, "run again with --overwrite"):
         os.replace(target / finished.name, target / MARKER)
@@ -199,12 +201,14 @@ def interrupted_build(target: Path) -> Path | None:
 def remove_stale_builds(target: Path) -> list[Path]:
     """Clean up after killed runs of ours beside ``target``; return the folders removed.
 
-    Their half-built folders are deleted, as are folders a removal of ours was killed in. A previous output moved
-    aside for a replacement that never finished is put back when the target is missing, else deleted.
+    Their half-built folders are deleted, as are folders a removal of ours was killed in (a live run's removal is its
+    own). A previous output moved aside for a replacement that never finished is put back when the target is missing,
+    else deleted.
     """
     removed = []
     for doomed in _hidden_beside(target, _DOOMED):  # a removal killed midway (its marker goes last, then the folder)
-        if _ours_for(doomed, target) is not None or (doomed.is_dir() and not doomed.is_symlink() and _is_empty(doomed)):
+        emptied = doomed.is_dir() and not doomed.is_symlink() and _is_empty(doomed)
+        if _owned_by_dead_process(doomed, target) or emptied:
             with contextlib.suppress(OSError):  # what cannot go is left, marked, to a later run
                 _delete(doomed)
                 removed.append(doomed)
@@ -220,8 +224,12 @@ def remove_stale_builds(target: Path) -> list[Path]:
             with contextlib.suppress(OSError):
                 remove_hidden(old, target)
                 removed.append(old)
-        else:
-            _put_in_place(old, target, read_marker(old)["kind"])  # finished again: the dead writer's host goes
+        elif (record := read_marker(old)) is not None:  # else put back meanwhile, by a run that started with this one
+            try:
+                _put_in_place(old, target, record["kind"])  # finished again: the dead writer's host goes
+            except FileNotFoundError:
+                if old.exists():
+                    raise
     return removed
 
 
@@ -249,6 +257,8 @@ def _delete(folder: Path) -> None:
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
+        except FileNotFoundError:  # removed meanwhile (a run that started as this one emptied the folder)
+            continue
         except OSError as e:
             failed = failed or e
             shutil.rmtree(entry, ignore_errors=True)
@@ -256,7 +266,8 @@ def _delete(folder: Path) -> None:
         failed.filename = str(folder)
         raise failed
     (folder / MARKER).unlink(missing_ok=True)
-    folder.rmdir()
+    with contextlib.suppress(FileNotFoundError):  # empty, so removed by a run that started meanwhile
+        folder.rmdir()
 
 
 def check_replaceable(
@@ -343,6 +354,8 @@ def output_folder(
         with _step("cannot create the output folder"):
             target.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_builds(target)
+        check_replaceable(target, kind, overwrite, flag, unmarked_ours)  # a previous output put back: before any work
+        with _step("cannot create the output folder"):
             build.mkdir()
         with _step("cannot write into the output folder being built"):
             write_marker(build, kind, output=target.name)

@@ -33,6 +33,7 @@ from epas_lightning import (
     TokenDataModule,
     TrainingDiverged,
     WarmupCosineLR,
+    outputs,
 )
 from epas_lightning.cli import main
 from epas_lightning.consolidation import consolidate
@@ -912,6 +913,41 @@ def test_folders_named_as_our_hidden_ones_are_left_unless_their_marker_says_this
     assert (users / "notes.txt").read_text() == "mine"
 
 
+def test_a_removal_by_a_live_run_is_left_to_it(tmp_path):
+    """A run starting at an output deleted a live run's `.del-` folder (the previous output it had just replaced)
+    under it: the live run's own deletion then met files already gone and failed with "the previous one could not be
+    removed", exit 2. A removal whose writer still runs on this host is its own; only a killed one is cleaned."""
+    record = {"created_by": "epas_lightning", "kind": "dataset", "pid": os.getpid(), "host": os.uname().nodename}
+    live = tmp_path / ".data.del-1234abcd"
+    live.mkdir()
+    (live / "half.bin").write_text("x")
+    (live / MARKER).write_text(json.dumps(record | {"output": "data"}))
+    elsewhere = tmp_path / ".data.del-5678abcd"  # a run on another host sharing the file system: its own
+    elsewhere.mkdir()
+    (elsewhere / MARKER).write_text(json.dumps(record | {"host": "another-host", "output": "data"}))
+    assert remove_stale_builds(tmp_path / "data") == [] and (live / "half.bin").exists() and elsewhere.exists()
+
+
+def test_a_run_starting_as_a_live_removal_empties_its_folder_does_not_fail_it(tmp_path, monkeypatch):
+    """A removal's folder is empty once its marker went, and a run starting at that instant removes it (as a killed
+    removal's): the live run's own rmdir then found it gone and failed its replacement with exit 2."""
+    target = tmp_path / "out"
+    with output_folder(target, "bench") as build:
+        (build / "a.txt").write_text("first")
+    unlink, started = Path.unlink, []
+
+    def unlink_then_another_run_starts(path, missing_ok=False):
+        unlink(path, missing_ok=missing_ok)
+        if path.name == MARKER and ".del-" in path.parent.name and not started:
+            started.append(path.parent)
+            remove_stale_builds(target)
+
+    monkeypatch.setattr(Path, "unlink", unlink_then_another_run_starts)
+    with output_folder(target, "bench", overwrite=True) as build:
+        (build / "a.txt").write_text("second")
+    assert started and (target / "a.txt").read_text() == "second" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 def test_a_previous_output_put_back_after_a_killed_replacement_names_no_host(tmp_path, monkeypatch):
     """A replacement killed after it moved the previous output aside leaves it marked with its process and host (so
     the next run knows the mover is gone): put back, it kept them, and a folder pushed to the Hub leaked the host."""
@@ -927,8 +963,52 @@ def test_a_previous_output_put_back_after_a_killed_replacement_names_no_host(tmp
     assert json.loads((target / MARKER).read_text()) == {"created_by": "epas_lightning", "kind": "bench"}
 
 
+def test_a_previous_output_put_back_at_start_refuses_the_run_before_its_work(tmp_path):
+    """A previous output that a killed replacement had moved aside is put back as a run starts: without --overwrite
+    that run did all its work (a whole prepare) before it found the output there and was refused."""
+    target = tmp_path / "out"
+    with output_folder(target, "bench") as build:
+        (build / "a.txt").write_text("first")
+    aside = tmp_path / ".out.old-deadbeef"
+    os.replace(target, aside)
+    record = {"created_by": "epas_lightning", "kind": "bench", "pid": 2**22 + 12345, "host": os.uname().nodename}
+    (aside / MARKER).write_text(json.dumps(record))
+    worked = []
+    refused = "^the output already exists .* choose a new folder or pass --overwrite$"
+    with pytest.raises(OutputError, match=refused), output_folder(target, "bench") as build:
+        worked.append(build)
+    assert not worked and [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "a.txt").read_text() == "first"
+
+
+def test_two_runs_starting_together_put_a_killed_replacements_previous_output_back_once(tmp_path, monkeypatch):
+    """Two runs starting at an output whose replacement was killed after it moved the previous output aside both put
+    it back: the second found it gone, failed with "cannot create the output folder (no such file or directory)", exit
+    2, and left its pending marker in the output."""
+    target = tmp_path / "out"
+    with output_folder(target, "bench") as build:
+        (build / "a.txt").write_text("first")
+    aside = tmp_path / ".out.old-deadbeef"
+    os.replace(target, aside)
+    record = {"created_by": "epas_lightning", "kind": "bench", "pid": 2**22 + 12345, "host": os.uname().nodename}
+    (aside / MARKER).write_text(json.dumps(record))
+    pending_marker = outputs._pending_marker
+
+    def then_the_other_run_puts_it_back(*args, **kwargs):
+        written = pending_marker(*args, **kwargs)
+        monkeypatch.setattr(outputs, "_pending_marker", pending_marker)
+        remove_stale_builds(target)
+        return written
+
+    monkeypatch.setattr(outputs, "_pending_marker", then_the_other_run_puts_it_back)
+    assert remove_stale_builds(target) == [] and (target / "a.txt").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and sorted(p.name for p in target.iterdir()) == [
+        MARKER,
+        "a.txt",
+    ]
+
+
 KILLED_AT_A_STEP = """
-import os, shutil, signal, sys
+import os, signal, sys
 from epas_lightning.outputs import output_folder
 
 target, step = sys.argv[1], int(sys.argv[2])
@@ -936,19 +1016,19 @@ if step >= 0:  # -1: the first output
     with output_folder(target, "bench", overwrite=True) as build:
         (build / "a.txt").write_text("second")
         steps = iter(range(step, -1, -1))
-        for name in ("replace", "rmtree"):  # killed outright (kill -9) before the step-th rename or removal
-            def killing(*args, call=getattr(os if name == "replace" else shutil, name), **kwargs):
+        for name in ("replace", "unlink"):  # killed outright (kill -9) before the step-th rename or removal
+            def killing(*args, call=getattr(os, name), **kwargs):
                 if next(steps) == 0:
                     os.kill(os.getpid(), signal.SIGKILL)
                 return call(*args, **kwargs)
-            setattr(os if name == "replace" else shutil, name, killing)
+            setattr(os, name, killing)
 else:
     with output_folder(target, "bench") as build:
         (build / "a.txt").write_text("first")
 """
 
 
-@pytest.mark.parametrize("step", range(6))
+@pytest.mark.parametrize("step", range(7))
 def test_a_replacement_killed_at_any_step_is_cleaned_or_put_back_by_the_next_run(step, tmp_path):
     """A build switched to the finished marker before its rename, and a previous output moved aside before it was
     marked with its mover: killed there, the next run could tell neither from a live run's, so the build stayed
@@ -958,7 +1038,7 @@ def test_a_replacement_killed_at_any_step_is_cleaned_or_put_back_by_the_next_run
     env = os.environ | {"PYTHONPATH": str(REPO)}
     for at in (-1, step):
         run = subprocess.run([sys.executable, "-c", KILLED_AT_A_STEP, str(target), str(at)], env=env, timeout=60)
-        assert run.returncode in (0, -signal.SIGKILL)
+        assert run.returncode == (0 if at < 0 else -signal.SIGKILL)  # each step is reached: the removal's too
     remove_stale_builds(target)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert (target / "a.txt").read_text() in ("first", "second")
