@@ -461,16 +461,16 @@ def honour_umask(folder: Path, target: Path) -> None:
     os.umask(umask)
     wanted = 0o666 & ~umask
     for file in folder.rglob("*"):
-        if file.is_file() and not file.is_symlink() and stat.S_IMODE(file.stat().st_mode) != wanted:
-            try:
+        try:
+            if file.is_file() and not file.is_symlink() and stat.S_IMODE(file.stat().st_mode) != wanted:
                 file.chmod(wanted)
-            except OSError as e:
-                log.warning(
-                    f"{target / file.relative_to(folder)} and the output's other files may be readable by their owner "
-                    f"only: the file system refused to change their permissions ({os_reason(e)}); run chmod on "
-                    f"{target} yourself to share it"
-                )
-                return
+        except OSError as e:
+            log.warning(
+                f"{target / file.relative_to(folder)} and the output's other files may be readable by their owner "
+                f"only: the file system refused to change their permissions ({os_reason(e)}); run chmod on "
+                f"{target} yourself to share it"
+            )
+            return
 
 
 def replace_folder(build: Path, target: Path, kind: str) -> None:
