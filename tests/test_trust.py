@@ -948,17 +948,23 @@ def test_a_run_starting_as_a_live_removal_empties_its_folder_does_not_fail_it(tm
     assert started and (target / "a.txt").read_text() == "second" and [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def moved_aside_by_a_killed_run(tmp_path: Path, host: str | None = None) -> tuple[Path, Path]:
+    """``(target, aside)``: our output ``out`` (``a.txt`` = "first") that a replacement killed on ``host`` (default:
+    this one) moved aside to ``aside``, marked with its writer, a process that is gone."""
+    target, aside = tmp_path / "out", tmp_path / ".out.old-deadbeef"
+    first_output(target)
+    os.replace(target, aside)
+    host = host or os.uname().nodename
+    record = {"created_by": "epas_lightning", "kind": "bench", "pid": 2**22 + 12345, "host": host}
+    (aside / MARKER).write_text(json.dumps(record))  # as the killed run marked it
+    return target, aside
+
+
 def test_a_previous_output_put_back_after_a_killed_replacement_names_no_host(tmp_path, monkeypatch):
     """A replacement killed after it moved the previous output aside leaves it marked with its process and host (so
     the next run knows the mover is gone): put back, it kept them, and a folder pushed to the Hub leaked the host."""
     monkeypatch.setattr("socket.gethostname", lambda: "bq-private-host")
-    target = tmp_path / "out"
-    with output_folder(target, "bench") as build:
-        (build / "a.txt").write_text("first")
-    aside = tmp_path / ".out.old-deadbeef"
-    os.replace(target, aside)
-    record = {"created_by": "epas_lightning", "kind": "bench", "pid": 2**22 + 12345, "host": "bq-private-host"}
-    (aside / MARKER).write_text(json.dumps(record))  # as the killed run marked it
+    target, _ = moved_aside_by_a_killed_run(tmp_path, host="bq-private-host")
     assert remove_stale_builds(target) == [] and (target / "a.txt").read_text() == "first"
     assert json.loads((target / MARKER).read_text()) == {"created_by": "epas_lightning", "kind": "bench"}
 
@@ -966,13 +972,7 @@ def test_a_previous_output_put_back_after_a_killed_replacement_names_no_host(tmp
 def test_a_previous_output_put_back_at_start_refuses_the_run_before_its_work(tmp_path):
     """A previous output that a killed replacement had moved aside is put back as a run starts: without --overwrite
     that run did all its work (a whole prepare) before it found the output there and was refused."""
-    target = tmp_path / "out"
-    with output_folder(target, "bench") as build:
-        (build / "a.txt").write_text("first")
-    aside = tmp_path / ".out.old-deadbeef"
-    os.replace(target, aside)
-    record = {"created_by": "epas_lightning", "kind": "bench", "pid": 2**22 + 12345, "host": os.uname().nodename}
-    (aside / MARKER).write_text(json.dumps(record))
+    target, _ = moved_aside_by_a_killed_run(tmp_path)
     worked = []
     refused = "^the output already exists .* choose a new folder or pass --overwrite$"
     with pytest.raises(OutputError, match=refused), output_folder(target, "bench") as build:
@@ -984,13 +984,7 @@ def test_two_runs_starting_together_put_a_killed_replacements_previous_output_ba
     """Two runs starting at an output whose replacement was killed after it moved the previous output aside both put
     it back: the second found it gone, failed with "cannot create the output folder (no such file or directory)", exit
     2, and left its pending marker in the output."""
-    target = tmp_path / "out"
-    with output_folder(target, "bench") as build:
-        (build / "a.txt").write_text("first")
-    aside = tmp_path / ".out.old-deadbeef"
-    os.replace(target, aside)
-    record = {"created_by": "epas_lightning", "kind": "bench", "pid": 2**22 + 12345, "host": os.uname().nodename}
-    (aside / MARKER).write_text(json.dumps(record))
+    target, aside = moved_aside_by_a_killed_run(tmp_path)
     pending_marker = outputs._pending_marker
 
     def then_the_other_run_puts_it_back(*args, **kwargs):
