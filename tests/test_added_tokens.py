@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import train_tiny_sentencepiece
 
-from epas_lightning.data.tokenizer import copy_tokenizer, load_tokenizer
+from epas_lightning.data.tokenizer import TextTokenizer, copy_tokenizer, load_tokenizer
 from epas_lightning.serve.chat import chat_prompt_ids, control_token_encoder
 
 PIECES = 300
@@ -332,7 +332,7 @@ def test_a_tokenizer_json_s_special_added_tokens_past_the_model_s_rows_are_dropp
         load_tokenizer(folder, bos_token="<pad>").check_fits(PIECES)
 
 
-def test_serve_s_tokenizer_drops_the_special_added_tokens_past_the_model_s_rows(tmp_path):
+def test_serve_s_tokenizer_drops_the_special_added_tokens_past_the_model_s_rows(tmp_path, monkeypatch):
     """serve checked the tokenizer at startup, but its HTTP process and inference worker loaded it again unchecked:
     '<pad>' past the model's 300 rows was back (301 ids: the worker's engine refused the model at startup, and a
     prompt of token ids could hold 300). They get the checked tokenizer."""
@@ -345,6 +345,12 @@ def test_serve_s_tokenizer_drops_the_special_added_tokens_past_the_model_s_rows(
     config = LlamaConfig(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, vocab_size=PIECES, block_size=16)
     region = TrainedRegion(2)
     served = ServedModel("m", config, region, 0, folder / "tokenizer.json", 0, 1, 8, 1, 2**20, 0)
+    fitted = []
+    check_fits = TextTokenizer.check_fits
+    monkeypatch.setattr(
+        TextTokenizer, "check_fits", lambda self, *a, **k: fitted.append(1) or check_fits(self, *a, **k)
+    )
     tokenizer = served.tokenizer()
     assert (tokenizer.vocab_size, tokenizer.stop_ids) == (PIECES, (1,))
+    assert served.tokenizer() is tokenizer and len(fitted) == 1  # once per process, not at every request
     assert Engine.for_tokenizer(Llama(config).eval(), region, tokenizer).vocab_size == PIECES

@@ -556,10 +556,14 @@ def load_tokenizer_once(
     eos_token: str | None = None,
     bos_id: int | None = None,
     eos_id: int | None = None,
+    fits: int | None = None,
 ) -> TextTokenizer:
     """:func:`load_tokenizer`, once per process (a preparation worker tokenizes several work items, a server every
-    request)."""
-    key = (path, bos_token, eos_token, bos_id, eos_id)
+    request); ``fits``: fitted once to a model of that vocabulary size (:meth:`TextTokenizer.check_fits`)."""
+    key = (path, bos_token, eos_token, bos_id, eos_id, fits)
     if key not in _LOADED:
-        _LOADED[key] = load_tokenizer(path, bos_token, eos_token, bos_id, eos_id)
+        tokenizer = load_tokenizer(path, bos_token, eos_token, bos_id, eos_id)
+        if fits is not None:
+            tokenizer.check_fits(fits)
+        _LOADED[key] = tokenizer
     return _LOADED[key]

@@ -89,10 +89,10 @@ class ServedModel:
 
     def tokenizer(self) -> TextTokenizer:
         """The tokenizer with the checkpoint's BOS/EOS ids, loaded once per process (the HTTP side and the worker),
-        fitted to the model as at startup (``check_fits``: special added tokens past its rows dropped)."""
-        tokenizer = load_tokenizer_once(str(self.tokenizer_path), bos_id=self.bos_id, eos_id=self.eos_id)
-        tokenizer.check_fits(self.config.vocab_size)
-        return tokenizer
+        fitted once to the model as at startup (``check_fits``: special added tokens past its rows dropped), not at
+        every request."""
+        path, vocab_size = str(self.tokenizer_path), self.config.vocab_size
+        return load_tokenizer_once(path, bos_id=self.bos_id, eos_id=self.eos_id, fits=vocab_size)
 
     def resolve_region(self, sharing_layers: int | None, budget: float | None) -> int:
         """The number of sharing layers a request runs with; :class:`RequestError` if the checkpoint cannot do it."""
