@@ -13,22 +13,33 @@ exits; rank 0's next collective then breaks (gloo: "Connection closed by peer") 
 line. :func:`peer_rank_ended` turns it into one line that points at the child's error and takes the child's exit status;
 none where a signal stopped the child at once (Ctrl+C, or SIGTERM to it alone while ``fit`` set up), whose own line says
 so.
+
+Lightning's observer thread answers a failed child by SIGKILLing every rank, rank 0 included, within its 5 s poll:
+rank 0 then died without its line, and with status -9 instead of the child's, whenever its next collective came later
+than that poll (a long step, a slow machine). From its ``setup`` on, this callback watches the children instead
+(:class:`PatientObserver`): rank 0 gets :data:`ANSWER_SECONDS` more to meet the failure itself, and is killed only if
+it has not (a rank stuck in a native wait, such as an NCCL collective, which would otherwise wait out its timeout).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 
+from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
 from epas_lightning.errors import UserError, process_ending
 
 GRACE_SECONDS = 5.0
+ANSWER_SECONDS = 15.0
+"""How long rank 0 has, after the observer saw a child fail, to meet that failure itself before it is killed."""
 
 PEER_GONE = re.compile(r"Connection (?:closed|reset) by peer|remote process exited")
 """How a collective says another rank's process is gone (gloo's broken connection, NCCL's remote error)."""
@@ -51,12 +62,18 @@ class PeerRankEnded(UserError):
 class EndChildRanksOnError(Callback):
     """On an exception in the launching process, end the rank processes it started (after ``grace_seconds``)."""
 
-    def __init__(self, grace_seconds: float = GRACE_SECONDS) -> None:
+    def __init__(self, grace_seconds: float = GRACE_SECONDS, answer_seconds: float = ANSWER_SECONDS) -> None:
         self.grace_seconds = grace_seconds
+        self.answer_seconds = answer_seconds
         self.failed_children: list[tuple[int, int]] = []
         """(global rank, exit status) of the started ranks that had failed before this one's error ended them."""
         self.children_finished = False
         """Whether every rank this one started had exited with status 0 before its error: none of them failed."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        launcher = trainer.strategy.launcher
+        if isinstance(launcher, _SubprocessScriptLauncher) and launcher.procs:
+            watch_patiently(launcher.procs, self.answer_seconds)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt):
@@ -70,6 +87,35 @@ class EndChildRanksOnError(Callback):
             # Lightning's observer thread watches this same list: emptied, it stops instead of answering the killed
             # children by SIGKILLing this process before it has said what went wrong.
             launcher.procs.clear()
+
+
+class PatientObserver(_ChildProcessObserver):
+    """Lightning's observer, except that after a child failed it waits up to ``answer_seconds`` for this process to
+    answer the failure itself (``EndChildRanksOnError.on_exception`` empties the list it watches) before it kills
+    every rank."""
+
+    def __init__(self, child_processes: list[subprocess.Popen], answer_seconds: float) -> None:
+        super().__init__(main_pid=os.getpid(), child_processes=child_processes)
+        self.answer_seconds = answer_seconds
+
+    def _run(self) -> bool:
+        if any(proc.poll() for proc in self._child_processes):  # a child failed: wait for this process to answer
+            deadline = time.monotonic() + self.answer_seconds
+            while self._child_processes and time.monotonic() < deadline:
+                time.sleep(0.1)
+        return super()._run()  # an emptied list: done, with nothing killed or said
+
+
+def watch_patiently(procs: list[subprocess.Popen], answer_seconds: float) -> None:
+    """Let a :class:`PatientObserver` watch ``procs`` in place of Lightning's observer of that list, which is left a
+    list of its own with nothing in it, so it ends at its next poll without killing anything."""
+    observers = [t for t in threading.enumerate() if isinstance(t, _ChildProcessObserver)]
+    if any(isinstance(t, PatientObserver) and t._child_processes is procs for t in observers):
+        return  # this launch's children are watched already (a second setup of the same run)
+    for observer in observers:
+        if observer._child_processes is procs:
+            observer._child_processes = []
+    PatientObserver(procs, answer_seconds).start()
 
 
 def end_processes(procs: Sequence[subprocess.Popen], grace_seconds: float) -> list[subprocess.Popen]:

@@ -3,7 +3,8 @@
 Used by ``tests/test_distributed.py`` through ``--trainer.callbacks+=rank_failure.FailOnRankZero`` (this folder on
 ``PYTHONPATH``). Rank 1 writes its process id to ``$EPAS_TEST_PID_FILE`` and sleeps; rank 0 waits for that file, then
 raises. Rank 1 never ends on its own, so the grace ``EndChildRanksOnError`` gives it is cut to half a second (the
-default 5 s would only be waited out). ``FailOnRankOne``: rank 1 fails with a user error while rank 0 trains on.
+default 5 s would only be waited out). ``FailOnRankOne``: rank 1 fails with a user error while rank 0 trains on, and
+meets it only at its next collective, later than Lightning's observer polls (its 5 s).
 """
 
 import os
@@ -31,8 +32,13 @@ class FailOnRankZero(Callback):
 
 
 class FailOnRankOne(Callback):
-    """Rank 1 alone meets a user error at its first step (a data folder only it cannot read); rank 0 trains on."""
+    """Rank 1 alone meets a user error at its first step (a data folder only it cannot read); rank 0 trains on, and
+    its step takes longer than Lightning's observer waits between polls (a long step, a slow machine)."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_rank == 1:
             raise UserError("cannot read the data folder", "rank 1", "make it readable on every node")
+        (child,) = trainer.strategy.launcher.procs
+        while child.poll() is None:
+            time.sleep(0.1)
+        time.sleep(6.5)  # Lightning's observer polls every 5 s
