@@ -390,3 +390,34 @@ def test_an_export_ships_no_special_added_token_past_the_model_s_rows(model, tmp
     assert max(hf.encode("<|im_start|>ka<pad> lo<|im_end|><pad>", add_special_tokens=False)) < rows
     assert len(hf) == rows and hf.convert_ids_to_tokens(list(range(rows))) == [ours.id_to_token(i) for i in range(rows)]
     assert hf.encode("ka<|im_end|>", add_special_tokens=False)[-1] == PIECES
+
+
+def test_serve_warns_of_a_dropped_token_once_across_its_processes(tmp_path, monkeypatch, caplog):
+    """serve said '<pad> ... dropped' at startup, again in its HTTP process and again in its inference worker (spawned:
+    it gets the served model pickled): three times for one tokenizer. It is said once per tokenizer now, by the first
+    fit in the process tree; another tokenizer's drop is still said."""
+    import pickle
+
+    from model_dirs import save_consolidated
+
+    from epas_lightning import Llama, LlamaConfig
+    from epas_lightning.checkpoint import describe_checkpoint
+    from epas_lightning.data import tokenizer as tokenizer_module
+    from epas_lightning.inference.generate_cli import resolve_tokenizer
+    from epas_lightning.serve.model_card import ServedModel
+
+    monkeypatch.setattr(tokenizer_module, "_DROPS_WARNED", set(), raising=False)
+    monkeypatch.setattr(tokenizer_module, "_LOADED", {})
+    config = LlamaConfig(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, vocab_size=PIECES, block_size=16)
+    folder = bpe_folder(tmp_path / "pad", special=("<pad>",))
+    recorded = describe_checkpoint(save_consolidated(Llama(config), tmp_path / "ckpt", folder / "tokenizer.json"))
+    served = ServedModel.build(recorded, resolve_tokenizer(recorded, None), "m", None, None, 1)  # startup
+    assert served.tokenizer().vocab_size == PIECES  # the HTTP process (forked: what startup said is said)
+    worker = pickle.loads(pickle.dumps(served))
+    monkeypatch.setattr(tokenizer_module, "_DROPS_WARNED", set(), raising=False)  # spawned: a fresh process
+    monkeypatch.setattr(tokenizer_module, "_LOADED", {})
+    assert worker.tokenizer().vocab_size == PIECES
+    assert len([r for r in caplog.records if "'<pad>'" in r.getMessage()]) == 1
+    other = bpe_folder(tmp_path / "other", special=("<pad>",))
+    load_tokenizer(other).check_fits(PIECES)
+    assert len([r for r in caplog.records if "'<pad>'" in r.getMessage()]) == 2
