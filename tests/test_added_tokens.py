@@ -354,3 +354,70 @@ def test_serve_s_tokenizer_drops_the_special_added_tokens_past_the_model_s_rows(
     assert (tokenizer.vocab_size, tokenizer.stop_ids) == (PIECES, (1,))
     assert served.tokenizer() is tokenizer and len(fitted) == 1  # once per process, not at every request
     assert Engine.for_tokenizer(Llama(config).eval(), region, tokenizer).vocab_size == PIECES
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "tokenizer.json"])
+def test_an_export_ships_no_special_added_token_past_the_model_s_rows(model, tmp_path, kind, caplog):
+    """check_fits dropped '<pad>' (special, past the model's 301 rows) but export shipped the folder's tokenizer with
+    it: transformers' tokenizer of the export read a chat's '<pad>' text as id 301, which the model has no row for.
+    The exported files hold the tokens our loader kept (the same ids), and the source folder is left as it was."""
+    transformers = pytest.importorskip("transformers")
+    from model_dirs import save_consolidated
+
+    from epas_lightning import Llama, LlamaConfig
+    from epas_lightning.hf.export import export
+
+    rows = PIECES + 1
+    config = LlamaConfig(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, vocab_size=rows, block_size=16)
+    tokens = {"chat_template": CHATML, "pad_token": "<pad>"}
+    if kind == "sentencepiece":
+        source = save_consolidated(Llama(config), tmp_path / "ckpt", model, 1, 2)
+        (source / "added_tokens.json").write_text(json.dumps({"<|im_end|>": PIECES, "<pad>": PIECES + 1}))
+        decoder = {str(PIECES + i): {"content": t, "special": True} for i, t in enumerate(("<|im_end|>", "<pad>"))}
+        tokens["added_tokens_decoder"] = decoder
+    else:
+        bpe = bpe_folder(tmp_path / "bpe", special=("<|im_end|>", "<pad>"))
+        source = save_consolidated(Llama(config), tmp_path / "ckpt", bpe / "tokenizer.json", 0, 1)
+    (source / "tokenizer_config.json").write_text(json.dumps(tokens))
+    before = {path.name: path.read_bytes() for path in source.iterdir()}
+    ours = load_tokenizer(source)
+    ours.check_fits(rows)
+    assert ours.vocab_size == rows and ours.token_id("<|im_end|>") == PIECES  # '<pad>' dropped, '<|im_end|>' kept
+
+    export(source, tmp_path / "hf")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert {path.name: path.read_bytes() for path in source.iterdir()} == before
+    assert max(hf.encode("<|im_start|>ka<pad> lo<|im_end|><pad>", add_special_tokens=False)) < rows
+    assert len(hf) == rows and hf.convert_ids_to_tokens(list(range(rows))) == [ours.id_to_token(i) for i in range(rows)]
+    assert hf.encode("ka<|im_end|>", add_special_tokens=False)[-1] == PIECES
+
+
+def test_serve_warns_of_a_dropped_token_once_across_its_processes(tmp_path, monkeypatch, caplog):
+    """serve said '<pad> ... dropped' at startup, again in its HTTP process and again in its inference worker (spawned:
+    it gets the served model pickled): three times for one tokenizer. It is said once per tokenizer now, by the first
+    fit in the process tree; another tokenizer's drop is still said."""
+    import pickle
+
+    from model_dirs import save_consolidated
+
+    from epas_lightning import Llama, LlamaConfig
+    from epas_lightning.checkpoint import describe_checkpoint
+    from epas_lightning.data import tokenizer as tokenizer_module
+    from epas_lightning.inference.generate_cli import resolve_tokenizer
+    from epas_lightning.serve.model_card import ServedModel
+
+    monkeypatch.setattr(tokenizer_module, "_DROPS_WARNED", set(), raising=False)
+    monkeypatch.setattr(tokenizer_module, "_LOADED", {})
+    config = LlamaConfig(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, vocab_size=PIECES, block_size=16)
+    folder = bpe_folder(tmp_path / "pad", special=("<pad>",))
+    recorded = describe_checkpoint(save_consolidated(Llama(config), tmp_path / "ckpt", folder / "tokenizer.json"))
+    served = ServedModel.build(recorded, resolve_tokenizer(recorded, None), "m", None, None, 1)  # startup
+    assert served.tokenizer().vocab_size == PIECES  # the HTTP process (forked: what startup said is said)
+    worker = pickle.loads(pickle.dumps(served))
+    monkeypatch.setattr(tokenizer_module, "_DROPS_WARNED", set(), raising=False)  # spawned: a fresh process
+    monkeypatch.setattr(tokenizer_module, "_LOADED", {})
+    assert worker.tokenizer().vocab_size == PIECES
+    assert len([r for r in caplog.records if "'<pad>'" in r.getMessage()]) == 1
+    other = bpe_folder(tmp_path / "other", special=("<pad>",))
+    load_tokenizer(other).check_fits(PIECES)
+    assert len([r for r in caplog.records if "'<pad>'" in r.getMessage()]) == 2

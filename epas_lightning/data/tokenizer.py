@@ -44,6 +44,24 @@ class TokenizerError(DataError):
     """A tokenizer file that cannot be used (missing, unknown format, no BOS/EOS token)."""
 
 
+Drop = tuple[str, str, int]
+"""A tokenizer fitted to a model with special added tokens dropped: its path, :attr:`TextTokenizer.sha256` and the
+model's rows."""
+_DROPS_WARNED: set[Drop] = set()
+"""The drops this process warned of: once each, however often it fits the tokenizer (serve fits it at startup, in its
+HTTP process and in its worker)."""
+
+
+def drops_warned() -> frozenset[Drop]:
+    """The drops this process warned of, for a process it spawns (:func:`warned_before`)."""
+    return frozenset(_DROPS_WARNED)
+
+
+def warned_before(drops: frozenset[Drop]) -> None:
+    """Take ``drops`` (:func:`drops_warned` of the process that started this one) as warned of in this process."""
+    _DROPS_WARNED.update(drops)
+
+
 class TextTokenizer:
     """Encode/decode without special tokens, plus the BOS/EOS ids that preparation wraps each document in.
 
@@ -186,10 +204,13 @@ class TextTokenizer:
                     self.path,
                     f"{fix}, or remove them from {where}",
                 )
-            log.warning(
-                f"The special added tokens {[token.text for token in past.values()]} of {self.path} are past the "
-                f"model's {vocab_size} rows: dropped (the model never emits them; a chat template's are read as text)"
-            )
+            if (drop := (str(self.path), self.sha256, vocab_size)) not in _DROPS_WARNED:
+                _DROPS_WARNED.add(drop)
+                log.warning(
+                    f"The special added tokens {[token.text for token in past.values()]} of {self.path} are past the "
+                    f"model's {vocab_size} rows: dropped (the model never emits them; a chat template's are read as "
+                    "text)"
+                )
             kept = {i: token for i, token in added.items() if i < vocab_size}
             self.added = kept if self.kind == "sentencepiece" else {}
             self.vocab_size = max([own, *(i + 1 for i in kept)])

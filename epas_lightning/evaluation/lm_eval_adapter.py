@@ -266,7 +266,9 @@ class EPASLM(HFLM):
             raise ConfigError(recorded.no_tokenizer(), f"--checkpoint {checkpoint}", TOKENIZER_FIX)
         text_tokenizer = load_tokenizer(Path(path), bos_id=recorded.bos_id, eos_id=recorded.eos_id)
         text_tokenizer.check_fits(recorded.config.vocab_size)
-        hf_tokenizer = exported_tokenizer(Path(path), recorded.config.context_length, recorded.bos_id, recorded.eos_id)
+        hf_tokenizer = exported_tokenizer(
+            Path(path), recorded.config.context_length, recorded.bos_id, recorded.eos_id, recorded.config.vocab_size
+        )
         # attention recomputed in every layer, as the export's modeling code does
         self.loaded = load_for_inference(checkpoint, device or "auto", dtype or "auto", attention_reuse=False)
         self.checkpoint, self.force = str(checkpoint), bool(force)

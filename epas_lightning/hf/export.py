@@ -33,6 +33,7 @@ from epas_lightning.data.tokenizer import (
     SENTENCEPIECE_FILENAME,
     TextTokenizer,
     check_tokenizer_flag,
+    hf_pipeline,
     load_tokenizer,
     resolve_tokenizer_path,
 )
@@ -128,7 +129,9 @@ def hf_config(
     return record
 
 
-def export_tokenizer(path: Path, output: Path, block_size: int, bos_id: int | None, eos_id: int | None) -> None:
+def export_tokenizer(
+    path: Path, output: Path, block_size: int, bos_id: int | None, eos_id: int | None, rows: int | None = None
+) -> None:
     """Write the tokenizer files and a ``tokenizer_config.json`` that ``AutoTokenizer.from_pretrained`` reads.
 
     Like LLaMA's, the exported tokenizer starts every text with BOS (``tokenizer(text)`` and ``encode(text)``), as
@@ -138,13 +141,21 @@ def export_tokenizer(path: Path, output: Path, block_size: int, bos_id: int | No
     Special-token strings in a text are text (``split_special_tokens``), as training read them, unless a chat template
     is shipped: the chat template found beside the tokenizer file is kept, and it writes its control tokens as text
     (``</s>``, ``<|im_start|>``), which must then read as those tokens, as the tokenizer it came with read them.
+    ``rows``: the model's embedding rows; the special added tokens past them that
+    :meth:`~epas_lightning.data.tokenizer.TextTokenizer.check_fits` drops are not shipped (a chat's ``<pad>`` text
+    would read as an id the model has no row for). The files beside ``path`` are only read.
     """
     from tokenizers import processors
 
     path = resolve_tokenizer_path(path)
     tokenizer = load_tokenizer(path, bos_id=bos_id, eos_id=eos_id)  # only a file that parses as a tokenizer is shipped
+    if rows is not None:
+        tokenizer.check_fits(rows)
     bos_id, eos_id = tokenizer.bos_id, tokenizer.eos_id
-    pipeline = tokenizer.backend if tokenizer.kind == "hf" else _sentencepiece_pipeline(tokenizer)
+    if tokenizer.kind == "hf":  # without the added tokens check_fits dropped
+        pipeline = hf_pipeline(path, below=tokenizer.vocab_size) if rows is not None else tokenizer.backend
+    else:
+        pipeline = _sentencepiece_pipeline(tokenizer)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
     token = tokenizer.id_to_token
     if pipeline is None:  # a word or char sentencepiece model: transformers' LlamaTokenizer reads it (roughly)
@@ -212,15 +223,18 @@ def add_tokens(pipeline, added: dict[int, AddedToken], path: Path) -> None:  # n
         )
 
 
-def exported_tokenizer(path: Path, block_size: int, bos_id: int | None = None, eos_id: int | None = None):  # noqa: ANN201
-    """The ``transformers`` tokenizer that :func:`export` ships for the tokenizer file ``path``, in memory: what
-    ``AutoTokenizer.from_pretrained(export_dir)`` (and lm-eval's ``hf`` model) reads."""
+def exported_tokenizer(  # noqa: ANN201
+    path: Path, block_size: int, bos_id: int | None = None, eos_id: int | None = None, rows: int | None = None
+):
+    """The ``transformers`` tokenizer that :func:`export` ships for the tokenizer file ``path`` (and a model of
+    ``rows`` embedding rows), in memory: what ``AutoTokenizer.from_pretrained(export_dir)`` (and lm-eval's ``hf``
+    model) reads."""
     import tempfile
 
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as folder:
-        export_tokenizer(Path(path), Path(folder), block_size, bos_id, eos_id)
+        export_tokenizer(Path(path), Path(folder), block_size, bos_id, eos_id, rows)
         return AutoTokenizer.from_pretrained(folder)
 
 
@@ -292,7 +306,9 @@ def export(
         if tokenizer_path is None:
             log.warning(f"{sentence_start(loaded.no_tokenizer())}: exported weights and config only; pass --tokenizer.")
         else:
-            export_tokenizer(Path(tokenizer_path), build, config.context_length, loaded.bos_id, loaded.eos_id)
+            export_tokenizer(
+                Path(tokenizer_path), build, config.context_length, loaded.bos_id, loaded.eos_id, config.vocab_size
+            )
             if record["model_type"] == "qwen2":
                 _check_qwen2_tokenizer(build, text_tokenizer)
     return Path(output).expanduser().absolute()

@@ -188,8 +188,9 @@ def stream_reply(
     """Decode a reply to ``prompt`` with the model's current region, writing its text as it comes (never half a
     character; never an id the tokenizer lacks), until an end token of the model (``tokenizer.stop_ids``) or
     ``max_new_tokens``. Returns the text written and whether Ctrl+C stopped it (the text is then what was written
-    until then)."""
-    text = TextStream(tokenizer.decode, context=prompt)
+    until then). The text is the reply's tokens' alone, as transformers decodes a reply's ids (no space before its first
+    word after the prompt)."""
+    text = TextStream(tokenizer.decode)
     try:  # a Ctrl+C while the decoder is built (its KV cache allocated) stops the reply too
         decoder = Decoder(
             model, [prompt], max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,

@@ -53,7 +53,10 @@ class Sampling:
 
 @dataclass
 class SequenceRequest:
-    """One sequence to decode: prompt token ids, its region (the first ``n_shared`` trained layers) and limits."""
+    """One sequence to decode: prompt token ids, its region (the first ``n_shared`` trained layers) and limits.
+    ``reply``: a chat reply, whose text is its tokens' alone (as transformers decodes a reply's ids: no space before
+    its first word); else a completion, whose text goes on from its prompt's
+    (:func:`~epas_lightning.data.tokenizer.decode_continuation`)."""
 
     prompt: list[int]
     max_tokens: int
@@ -61,6 +64,7 @@ class SequenceRequest:
     sampling: Sampling = field(default_factory=Sampling)
     stop: tuple[str, ...] = ()
     stream: bool = False
+    reply: bool = False
 
 
 @dataclass
@@ -104,7 +108,9 @@ class _Group:
         token (:meth:`Engine._rejoin`); ``rejoined``: its sequences did, and go on alone for good if it fails too."""
         self.engine, self.keys = engine, [key for key, _, _ in members]
         self.requests = [request for _, request, _ in members]
-        self.texts = [TextStream(engine.decode, r.stop, r.prompt) if t is None else t for _, r, t in members]
+        self.texts = [
+            TextStream(engine.decode, r.stop, () if r.reply else r.prompt) if t is None else t for _, r, t in members
+        ]
         self.size = len(members)
         """The batch the group started with (it shrinks as sequences leave)."""
         self.layers = engine.region.first(first.n_shared)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from epas_lightning.checkpoint import CheckpointInfo
-from epas_lightning.data.tokenizer import TextTokenizer, load_tokenizer_once
+from epas_lightning.data.tokenizer import Drop, TextTokenizer, drops_warned, load_tokenizer_once, warned_before
 from epas_lightning.errors import ConfigError
 from epas_lightning.inference.bench import flops_ratio, region_for_budget
 from epas_lightning.model import LlamaConfig
@@ -44,6 +44,9 @@ class ServedModel:
     no_chat: str = ""
     """Why chat is unavailable (the ready line says it; its requests get :attr:`no_chat_message`); empty when it is
     available."""
+    warned: frozenset[Drop] = frozenset()
+    """The tokenizer drops startup warned of (:func:`~epas_lightning.data.tokenizer.drops_warned`): the processes
+    serving it (the spawned inference worker too) do not warn of them again."""
 
     @classmethod
     def build(
@@ -79,7 +82,7 @@ class ServedModel:
         template, no_chat = _chat_template(tokenizer.path)
         return cls(
             name, config, region, default, tokenizer.path, *ids, limit, max_choices, int(max_request_mb * 2**20),
-            int(time.time()), template, no_chat,
+            int(time.time()), template, no_chat, drops_warned(),
         )  # fmt: skip
 
     @property
@@ -89,9 +92,10 @@ class ServedModel:
 
     def tokenizer(self) -> TextTokenizer:
         """The tokenizer with the checkpoint's BOS/EOS ids, loaded once per process (the HTTP side and the worker),
-        fitted once to the model as at startup (``check_fits``: special added tokens past its rows dropped), not at
-        every request."""
+        fitted once to the model as at startup (``check_fits``: special added tokens past its rows dropped, without
+        warning of them again), not at every request."""
         path, vocab_size = str(self.tokenizer_path), self.config.vocab_size
+        warned_before(self.warned)
         return load_tokenizer_once(path, bos_id=self.bos_id, eos_id=self.eos_id, fits=vocab_size)
 
     def resolve_region(self, sharing_layers: int | None, budget: float | None) -> int:

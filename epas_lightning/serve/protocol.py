@@ -244,6 +244,7 @@ def _completion(
             sampling=sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + i),
             stop=stop,
             stream=bool(request.stream),
+            reply=chat,
         )
         for ids in prompts
         for i in range(n)
