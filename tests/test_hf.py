@@ -1263,6 +1263,145 @@ def test_a_sharing_layer_on_another_device_than_its_source_runs(tmp_path: Path, 
     assert logits.device.type == "meta" and logits.shape == (2, 8, VOCAB)
 
 
+class Captured(Exception):
+    """What a calibration tool raises in layer 0 once it holds the layer's inputs."""
+
+
+def layer_inputs(hf: torch.nn.Module, samples: list[torch.Tensor]) -> list[tuple[torch.Tensor, dict]]:
+    """Layer 0's hidden states and keyword arguments for each sample, caught as GPTQ/AWQ tools catch them: a hook on
+    layer 0 keeps them and raises, stopping the model's forward there."""
+    caught = []
+
+    def catch(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        caught.append((args[0], kwargs))
+        raise Captured
+
+    handle = hf.model.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    for ids in samples:
+        with pytest.raises(Captured):
+            hf(ids, use_cache=False)
+    handle.remove()
+    return caught
+
+
+def layer_by_layer(
+    hf: torch.nn.Module, inputs: list[torch.Tensor], kwargs: list[dict], quantize: bool = False
+) -> list[torch.Tensor]:
+    """Each sample's last layer output, normed, as a layer-wise quantizer computes it: every layer alone over every
+    sample, its outputs stored (copied, as into a tool's buffer) to be the next layer's inputs. With ``quantize``, as
+    GPTQ: a first pass over the layer's inputs (its outputs dropped), the layer's weights rounded, then the pass whose
+    outputs go on."""
+    for layer in hf.model.layers:
+        if quantize:
+            for h, options in zip(inputs, kwargs, strict=True):
+                layer(h, **options)
+            for p in layer.parameters():  # 4-bit symmetric
+                scale = p.abs().max() / 7
+                p.copy_((p / scale).round() * scale)
+        inputs = [layer(h, **options).clone() for h, options in zip(inputs, kwargs, strict=True)]
+    return [hf.model.norm(h) for h in inputs]
+
+
+@pytest.mark.parametrize("mode", ["qk", "kv"])
+@pytest.mark.parametrize("kwargs_of", ["each sample", "the first sample"])
+def test_a_layer_by_layer_calibration_loop_gets_each_samples_own_pair(
+    tmp_path: Path, mode: str, kwargs_of: str
+) -> None:
+    """GPTQ/AWQ-style tools catch layer 0's inputs and keyword arguments, then call each layer alone over every sample.
+    The relay in those arguments held the pair of the last sample the layer before computed, so a sharing layer gave
+    every other sample a silently wrong output. A sharing layer now takes the pair computed from the very hidden
+    states it is given: the loop's outputs are the model's forward's, whether the tool keeps each sample's arguments
+    or the first one's for all."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=4, shared=2, sharing_mode=mode)  # layers 2, 3 reuse layer 1's pair
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "hf"), trust_remote_code=True, dtype=torch.float32
+    ).eval()
+    samples = [torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(i)) for i in (0, 1)]
+    with torch.no_grad():
+        expected = [hf.model(ids).last_hidden_state for ids in samples]
+        caught = layer_inputs(hf, samples)
+        kwargs = [options for _, options in caught] if kwargs_of == "each sample" else [caught[0][1]] * 2
+        got = layer_by_layer(hf, [h for h, _ in caught], kwargs)
+    for have, want in zip(got, expected, strict=True):
+        torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_layer_by_layer_quantizer_gets_the_quantized_models_outputs(tmp_path: Path) -> None:
+    """GPTQ runs each layer twice over its inputs, before and after quantizing it, and feeds the second pass's outputs
+    on: each sharing layer takes the pair of its source's second pass, so the loop's outputs are the quantized model's
+    forward's, and the relay keeps the pairs of one pass only."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=4, shared=2)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "hf"), trust_remote_code=True, dtype=torch.float32
+    ).eval()
+    samples = [torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(i)) for i in (0, 1)]
+    with torch.no_grad():
+        caught = layer_inputs(hf, samples)
+        kwargs = [caught[0][1]] * 2  # the first sample's for both
+        got = layer_by_layer(hf, [h for h, _ in caught], kwargs, quantize=True)
+        expected = [hf.model(ids).last_hidden_state for ids in samples]
+    for have, want in zip(got, expected, strict=True):
+        torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
+    assert len(kwargs[0]["epas_relay"].kept) == 4  # layers 2 and 3's for each sample, the first passes' dropped
+
+
+def test_a_computing_layer_trained_alone_keeps_one_detached_pair_per_input(tmp_path: Path) -> None:
+    """A layer-wise reconstruction tool trains a layer alone, epoch after epoch over the same inputs: the pair the
+    layer before a sharing one hands on is kept once per input, the latest, without the graph of its step."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=3, shared=1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "hf"), trust_remote_code=True, dtype=torch.float32
+    )
+    ids = torch.randint(3, VOCAB, (1, 8))
+    with torch.no_grad():
+        ((h, options),) = layer_inputs(hf.eval(), [ids])
+        h = hf.model.layers[0](h, **options)
+    layer, relay = hf.model.layers[1].train(), options["epas_relay"]
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        layer(h, **options).square().mean().backward()
+        optimizer.step()
+        assert len(relay.kept) == 1 and not any(x.requires_grad for x in next(iter(relay.kept.values())))
+    with torch.no_grad():  # the trained layer's outputs go on to the sharing layer with the pair it computed
+        got = hf.model.norm(hf.model.layers[2](layer.eval()(h, **options), **options))
+        torch.testing.assert_close(got, hf.model(ids).last_hidden_state, atol=1e-5, rtol=1e-5)
+    assert len(relay.kept) == 1
+
+
+def test_a_sharing_layer_called_without_its_pair_says_so(tmp_path: Path) -> None:
+    """A tool that keeps only the mask and positions of layer 0's inputs (the original GPTQ loop), or that calls a
+    sharing layer's attention alone, ran that layer dense, or on the pair another call left: silently another model.
+    Its source's pair cannot be recomputed there (it comes from the layer before's input), so the call is refused,
+    saying what to do; a computing layer still runs alone, and at region 0 every layer does."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=3, shared=1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "hf"), trust_remote_code=True, dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        ((h, options),) = layer_inputs(hf, [torch.randint(3, VOCAB, (1, 8))])
+        kept = {name: options[name] for name in ("attention_mask", "position_ids", "position_embeddings")}
+        h = hf.model.layers[1](hf.model.layers[0](h, **kept), **kept)
+        refusal = "Layer 2 reuses layer 1's Q/K.*whole model.*epas_shared_layers=\\[\\].*--sharing-layers 0"
+        with pytest.raises(RuntimeError, match=refusal):
+            hf.model.layers[2](h, **kept)
+        with pytest.raises(RuntimeError, match=refusal):
+            hf.model.layers[2].self_attn(hidden_states=h, **kept)
+        hf.model.layers[1].self_attn(hidden_states=h, **options)  # alone, with the relay: its pair is another's
+        with pytest.raises(RuntimeError, match=refusal):
+            hf.model.layers[2].self_attn(hidden_states=h, **options)
+        hf.set_region(0)
+        assert hf.model.layers[2](h, **kept).shape == h.shape
+
+
 def test_the_remote_code_builds_each_layer_once_as_the_stock_llama_does(tmp_path: Path) -> None:
     """The remote base model built the stock decoder layers, initialised them, then built its own over them: twice the
     layers to build and initialise in ``from_config`` (pretraining the architecture from scratch), and other random

@@ -24,6 +24,11 @@ a computing layer hands to the sharing layers after it travels in a relay passed
 it marks in backward (a sharing layer from the pair its source handed on, which the checkpoint takes as an input and a
 computing layer's checkpoint gives as an output), and the cache is turned off.
 
+Layer-wise tools (GPTQ, AWQ calibration) catch layer 0's inputs and keyword arguments, then call each layer alone over
+every sample. Given those arguments (the relay among them), a sharing layer takes the pair computed with exactly the
+hidden states it is given (the pair of its own sample, and of the layer before as last run over that input); a sharing
+layer or its attention given no pair (no relay, other hidden states) raises, saying what to do, never runs otherwise.
+
 Notation: B batch, T new tokens, S cached + new tokens, H query heads, H_kv key/value heads, D head dim.
 """
 
@@ -149,12 +154,66 @@ def _selected(hidden, indices):
     return [x if i in keep else None for i, x in enumerate(hidden)]
 
 
+def _fingerprint(x):
+    """(shape, dtype, two checksums of the bits of ``x``): the same for the same values on any device (a layer's output
+    copied into a calibration tool's buffer, moved off the accelerator and back), others for other samples' values."""
+    bits = x.detach().contiguous().view(torch.int16 if x.element_size() > 1 else torch.int8).flatten().long()  # (N,)
+    places = torch.arange(bits.numel(), device=bits.device) % 65521 + 1  # order counts; no sum overflows an int64
+    return tuple(x.shape), x.dtype, int(bits.sum()), int((bits * places).sum())
+
+
+def _cannot_share(config, layer_idx):
+    """The error for sharing layer ``layer_idx`` called without the pair of its source."""
+    source = max(i for i in range(layer_idx) if i not in config.epas_shared_layers)
+    pair = "Q/K" if config.epas_sharing_mode == "qk" else "K/V"
+    return RuntimeError(
+        f"Layer {layer_idx} reuses layer {source}'s {pair}, which it was not handed: it gets them in the model's "
+        f"forward, or called alone (layer by layer, as GPTQ/AWQ calibration runs it) with the keyword arguments a "
+        f"forward passed (epas_relay) and exactly the hidden states layer {layer_idx - 1} returned there. Run the "
+        "whole model, or load it with epas_shared_layers=[] (export with --sharing-layers 0) for a tool that cannot."
+    )
+
+
 class _Relay:
     """What the layers of one forward hand on: the pair of the last computing layer (post-RoPE (Q, K) in "qk" mode,
-    (K, V) in "kv" mode) and, when recording, each layer's attention weights as its attention returned them."""
+    (K, V) in "kv" mode) and, when recording, each layer's attention weights as its attention returned them.
+
+    Once the forward is over (``live`` False) a layer-wise tool may call the layers alone with the keyword arguments
+    it caught, this relay among them, over many samples: then a pair is handed on keyed to the hidden states it goes
+    with, so a sharing layer takes the pair of its own sample."""
 
     def __init__(self, record_weights):
-        self.pair, self.weights = (), [] if record_weights else None
+        self.pair, self.weights, self.live = (), [] if record_weights else None, True
+        self.taken_by = None  # called alone: the layer whose call took the pair
+        self.kept, self.sources = {}, {}  # (layer, its input's fingerprint) -> pair; (layer, fingerprint) -> whence
+
+    def pair_for(self, layer_idx):
+        """The pair layer ``layer_idx`` may read: in the forward the last one handed on; called alone the one its own
+        layer's call took (not what another call, its attention's alone say, left here)."""
+        return self.pair if self.live or self.taken_by == layer_idx else ()
+
+    def enter(self, layer_idx, hidden_states, shares, hands_on):
+        """Called alone: take the pair handed to layer ``layer_idx`` (if it ``shares``) with exactly ``hidden_states``,
+        none if none was; the fingerprint of ``hidden_states`` where the layer ``hands_on`` its pair, else None."""
+        self.pair, self.taken_by = (), layer_idx
+        given = _fingerprint(hidden_states) if shares or hands_on else None
+        if shares:
+            self.pair = self.kept.get((layer_idx, given), ())
+        return given if hands_on else None
+
+    def leave(self, layer_idx, given, output):
+        """Called alone: hand the pair on (detached: a layer alone takes it as data) to layer ``layer_idx + 1`` given
+        exactly ``output``, where ``given`` (the fingerprint of this call's input) is not None. What this layer handed
+        on from that input before is dropped (a layer trained alone, epoch after epoch), and what went to layers before
+        it (kept for it: a tool may run a layer twice over its inputs, GPTQ's second pass over the quantized one)."""
+        if given is not None:
+            self.kept = {key: pair for key, pair in self.kept.items() if key[0] >= layer_idx}
+            self.sources = {key: whence for key, whence in self.sources.items() if key[0] >= layer_idx}
+            self.kept.pop((layer_idx + 1, self.sources.pop((layer_idx + 1, given), None)), None)
+            handed = _fingerprint(output)
+            self.kept[layer_idx + 1, handed] = tuple(x.detach() for x in self.pair)
+            self.sources[layer_idx + 1, given] = handed
+        self.pair, self.taken_by = (), None
 
 
 class EpasLlamaAttention(LlamaAttention):
@@ -181,7 +240,9 @@ class EpasLlamaAttention(LlamaAttention):
         def heads(x):
             return x.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n, T, D)
 
-        shared = epas_relay is not None and epas_relay.pair and self.layer_idx in config.epas_shared_layers
+        shared = self.layer_idx in config.epas_shared_layers
+        if shared and not (epas_relay is not None and epas_relay.pair_for(self.layer_idx)):
+            raise _cannot_share(config, self.layer_idx)
         if not shared:
             q = _apply_rope(heads(self.q_proj(hidden_states)), cos, sin)  # (B, H, T, D)
             k = _apply_rope(heads(self.k_proj(hidden_states)), cos, sin)  # (B, H_kv, T, D)
@@ -221,17 +282,24 @@ class EpasLlamaDecoderLayer(LlamaDecoderLayer):
 
     def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
         """The layer's output (B, T, C); ``kwargs`` (the cache, ``epas_relay``) go on to the attention as stock's do."""
+        relay, index = kwargs.get("epas_relay"), self.self_attn.layer_idx
+        shared = self.self_attn.config.epas_shared_layers
+        alone = relay is not None and not relay.live  # a layer-wise tool's call, with a finished forward's arguments
+        if alone:
+            given = relay.enter(index, hidden_states, shares=index in shared, hands_on=index + 1 in shared)
         attended, weights = self.self_attn(
             hidden_states=self.input_layernorm(hidden_states),
             attention_mask=attention_mask,
             position_embeddings=position_embeddings,
             **kwargs,
         )
-        relay = kwargs.get("epas_relay")
         if relay is not None and relay.weights is not None:
             relay.weights.append(weights)
         hidden_states = hidden_states + attended
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        output = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        if alone:
+            relay.leave(index, given, output)
+        return output
 
     @property
     def _gradient_checkpointing_func(self):
@@ -246,14 +314,18 @@ class EpasLlamaDecoderLayer(LlamaDecoderLayer):
 
     def _checkpoint_with_relay(self, function, *args):
         relay = getattr(function, "keywords", {}).get("epas_relay")  # the partial transformers checkpoints
-        if relay is None:
+        if relay is None or not relay.live:  # no pair to pass, or a layer-wise tool's call: the layer keys its own
             return self._checkpoint(function, *args)
         attention = self.self_attn  # only a sharing layer reads the pair: another's checkpoint would keep it idle
         received = relay.pair if attention.layer_idx in attention.config.epas_shared_layers else ()
 
         def run(*inputs):
             handed = relay.pair = inputs[len(args) :]  # in a recompute, the checkpoint's copies
-            output = function(*inputs[: len(args)])
+            live, relay.live = relay.live, True  # a recompute in backward runs as in the forward
+            try:
+                output = function(*inputs[: len(args)])
+            finally:
+                relay.live = live
             return (output,) if relay.pair is handed else (output, *relay.pair)
 
         outputs = self._checkpoint(run, *args, *received)
@@ -333,7 +405,7 @@ class EpasLlamaModel(LlamaModel):
                 if hidden is not None:
                     hidden.append(h)
         finally:  # a checkpoint holds the relay: what it holds of this forward's graph would keep the graph alive
-            relay.pair, relay.weights = (), None
+            relay.pair, relay.weights, relay.live = (), None, False
         h = self.norm(h)
         if hidden is not None:  # as transformers' LlamaModel: the last layer's output is given normed
             hidden[-1] = h
