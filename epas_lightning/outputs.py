@@ -55,13 +55,18 @@ FIXES = {
     errno.EPERM: "check the permissions of the folder and the one holding it, or choose another output folder",
     errno.EROFS: "the file system is read-only: choose an output folder on a writable one",
     errno.EBUSY: "it is in use (a mount point, a file open on a network file system): choose another output folder",
-    errno.EXDEV: "this file system cannot rename the folder (a container image's layer): move it away yourself or "
-    "choose another output folder",
+    errno.EXDEV: "this file system cannot rename the folder (a container image's layer): choose an output folder on "
+    "another one (a mounted volume)",
     errno.ENAMETOOLONG: "choose a shorter output path",
     errno.ENOTEMPTY: "something else wrote there meanwhile: choose another output folder",
     errno.EEXIST: "something else wrote there meanwhile: choose another output folder",
 }
 """What to do when a step of writing an output fails with an OS error, by its ``errno``."""
+MOVE_ASIDE_FIXES = {
+    errno.EXDEV: "this file system cannot rename the folder (a container image's layer): move the previous output "
+    "away yourself, or choose another output folder",
+}
+"""What to do, where it differs, when the previous output cannot be moved aside."""
 
 
 def shortened_name(name: str, tail: str, room: int) -> str:
@@ -226,11 +231,17 @@ def remove_stale_builds(target: Path) -> list[Path]:
                 removed.append(old)
         elif (record := read_marker(old)) is not None:  # else put back meanwhile, by a run that started with this one
             try:
-                _put_in_place(old, target, record["kind"])  # finished again: the dead writer's host goes
+                with _step("cannot put the previous output back", old, _put_back(target)):
+                    _put_in_place(old, target, record["kind"])  # finished again: the dead writer's host goes
             except FileNotFoundError:
                 if old.exists():
                     raise
     return removed
+
+
+def _put_back(target: Path) -> str:
+    """What to do with a previous output of ``target`` that could not be put back."""
+    return f"rename it to {target} yourself (the next run at this output also does)"
 
 
 def remove_hidden(folder: Path, target: Path) -> None:
@@ -375,14 +386,18 @@ def output_folder(
 
 
 @contextlib.contextmanager
-def _step(what: str, left: Path | None = None, fix: str | None = None) -> Iterator[None]:
+def _step(
+    what: str, left: Path | None = None, fix: str | None = None, fixes: dict[int, str] | None = None
+) -> Iterator[None]:
     """A context in which an ``OSError`` is a step of writing an output that failed: :func:`step_failure` says it as
-    ``what``, and where it ``left`` something the user should act on (``fix``) if anything."""
+    ``what``, and where it ``left`` something the user should act on (``fix``) if anything; ``fixes``: what to do by
+    ``errno`` where this step's case differs from :data:`FIXES`."""
     try:
         yield
     except OSError as e:
         if getattr(e, "output_step", (None, None))[1] is None:  # the outermost says it, unless one left something
             e.output_step = (what, left, fix)
+            e.output_fixes = fixes or {}
         raise
 
 
@@ -400,7 +415,8 @@ def step_failure(error: BaseException, where: str) -> OutputError | None:
             "free space, or choose an --output on another disk",
         )
     if what is not None:
-        return OutputError(f"{what} ({os_reason(error)})", where, FIXES.get(error.errno, "choose a writable location"))
+        fixes = FIXES | getattr(error, "output_fixes", {})
+        return OutputError(f"{what} ({os_reason(error)})", where, fixes.get(error.errno, "choose a writable location"))
     return None
 
 
@@ -487,7 +503,7 @@ def replace_folder(build: Path, target: Path, kind: str) -> None:
         write_marker(target, kind, output=target.name)
     old = _hidden(target, _OLD)
     try:
-        with _step("cannot move the previous output aside"):
+        with _step("cannot move the previous output aside", fixes=MOVE_ASIDE_FIXES):
             os.replace(target, old)
     except BaseException:
         with _step(
@@ -499,8 +515,7 @@ def replace_folder(build: Path, target: Path, kind: str) -> None:
         _put_in_place(build, target, kind)
     except BaseException:
         if not target.exists():
-            put_back = f"rename it to {target} yourself (the next run at this output also does)"
-            with _step("cannot put the previous output back", old, put_back):
+            with _step("cannot put the previous output back", old, _put_back(target)):
                 _put_in_place(old, target, kind)
         raise
     try:

@@ -1465,6 +1465,51 @@ def test_a_previous_output_that_cannot_be_put_back_is_named_and_put_back_by_the_
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_a_previous_output_that_cannot_be_put_back_as_a_run_starts_is_named(tmp_path, monkeypatch):
+    """A run starting after a killed replacement puts the previous output it had moved aside back; where that failed,
+    the line said "cannot create the output folder" and named the target, not the hidden folder holding the output."""
+    target, aside = moved_aside_by_a_killed_run(tmp_path)
+    monkeypatch.setattr(
+        os, "replace", replace_failing(lambda source, destination: Path(destination) == target, errno.EACCES)
+    )
+    with pytest.raises(OutputError) as raised, output_folder(target, "bench", overwrite=True):
+        pass
+    assert str(raised.value) == (
+        f"cannot put the previous output back (permission denied) — {aside} — rename it to {target} yourself (the next "
+        "run at this output also does)"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == [aside.name] and (aside / "a.txt").read_text() == "first"
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_a_build_that_cannot_be_renamed_across_devices_is_not_told_to_move_an_output_away(
+    previous, tmp_path, monkeypatch
+):
+    """EXDEV advised "move it away yourself" at any rename: with no previous output, or with one already put back
+    after the build could not take its place, there is nothing to move away. Only a previous output that cannot be
+    moved aside is the user's to move."""
+    out = tmp_path / "out"
+    if previous:
+        first_output(out)
+    build_into_place = replace_failing(
+        lambda source, destination: Path(destination) == out and ".out.tmp-" in str(source), errno.EXDEV
+    )
+    with pytest.raises(OutputError) as raised, output_folder(out, "bench", overwrite=previous) as build:
+        (build / "a.txt").write_text("second")
+        monkeypatch.setattr(os, "replace", build_into_place)
+    assert str(raised.value).startswith("cannot rename the finished output into place (invalid cross-device link)")
+    assert "move" not in str(raised.value).split(" — ")[-1], raised.value
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == (["out"] if previous else [])
+    if not previous:
+        first_output(out)
+    aside = replace_failing(lambda source, destination: Path(source) == out, errno.EXDEV)
+    with pytest.raises(OutputError) as raised, output_folder(out, "bench", overwrite=True):
+        monkeypatch.setattr(os, "replace", aside)
+    assert str(raised.value).startswith("cannot move the previous output aside (invalid cross-device link)")
+    assert "move the previous output away yourself" in str(raised.value).split(" — ")[-1]
+
+
 def test_consolidate_copies_only_a_real_tokenizer(tmp_path, tiny_corpus, caplog):
     secret = tmp_path / "id_rsa"
     secret.write_text("-----BEGIN PRIVATE KEY-----")
