@@ -495,7 +495,8 @@ def replace_folder(build: Path, target: Path, kind: str) -> None:
     The previous output is marked with this process (in place: aside, it would name no writer for a moment, and a
     kill then left it hidden for good), so the next run puts it back if this one dies before ``build`` takes its
     place; an exception there (Ctrl+C, an OS error) puts it back at once. An OS error says its step to
-    :func:`step_failure`, and where it left the previous output if it could not be put back or removed."""
+    :func:`step_failure`, and where it left the previous output if it could not be put back; one removing it once the
+    new output is in place is a warning naming what is left."""
     if not target.exists():
         _put_in_place(build, target, kind)
         return
@@ -520,7 +521,8 @@ def replace_folder(build: Path, target: Path, kind: str) -> None:
         raise
     try:
         remove_hidden(old, target)
-    except OSError as e:
-        left = Path(e.filename)
-        with _step("the new output is in place, but the previous one could not be removed", left, "remove it yourself"):
-            raise
+    except OSError as e:  # the output is complete: what is left, marked ours, is a later run's to remove
+        log.warning(
+            f"The new output is in place, but the previous one could not be removed ({os_reason(e)}) — {e.filename} — "
+            "remove it yourself (the next run at this output tries again)"
+        )
