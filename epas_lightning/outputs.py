@@ -9,7 +9,8 @@ through :func:`output_folder`:
   it, as the same kind of output (a user's own folder is never touched);
 - an output that contains, or lies inside, one of the command's inputs is refused;
 - temporary folders of earlier runs that were killed (their process is gone) are removed: only those whose marker
-  says a run of ours made them for this very target;
+  (or, killed before the marker was in, the claim made before the folder) says a run of ours made them for this very
+  target;
 - an OS error at any step of its own (a read-only or foreign-owned folder, a busy mount point) is one
   :class:`OutputError` saying what it was doing, and where, leaving the target as it was (or a previous output, where
   it could not be put back, under a name the line gives and the next run recognises);
@@ -46,6 +47,9 @@ aside also names its writer's process and host (:func:`write_marker`)."""
 _TMP = ".tmp-"
 _OLD = ".old-"
 _DOOMED = ".del-"
+_CLAIM = ".new-"
+NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS)
+"""What ``symlink`` raises on a file system that has no links (FAT, some network mounts)."""
 NAME_MAX = 255
 """Bytes in one file name (ext4, xfs, btrfs, APFS...)."""
 _TAG = 8
@@ -97,6 +101,12 @@ def _hidden(target: Path, kind: str) -> Path:
     return target.parent / f".{_hidden_stem(target)}{kind}{uuid.uuid4().hex[:_TAG]}"
 
 
+def _partner(hidden: Path, kind: str) -> Path:
+    """The name of ``kind`` that goes with the ``hidden`` one beside the same target: the build ``.out.tmp-1234abcd``
+    and its claim ``.out.new-1234abcd``."""
+    return hidden.with_name(hidden.name[: -len(kind) - _TAG] + kind + hidden.name[-_TAG:])
+
+
 def read_marker(folder: Path) -> dict | None:
     """The marker of a folder we wrote, or ``None``."""
     try:
@@ -120,14 +130,19 @@ def write_marker(folder: Path, kind: str, output: str | None = None) -> None:
         raise
 
 
-def _pending_marker(folder: Path, kind: str, output: str | None = None) -> Path:
-    """A marker written beside ``folder``'s own, in effect once renamed onto it."""
+def _record(kind: str, output: str | None = None) -> dict:
+    """What a marker says (see :func:`write_marker`)."""
     record = {"created_by": "epas_lightning", "kind": kind}
     if output is not None:
         record |= {"pid": os.getpid(), "host": socket.gethostname(), "output": output}
+    return record
+
+
+def _pending_marker(folder: Path, kind: str, output: str | None = None) -> Path:
+    """A marker written beside ``folder``'s own, in effect once renamed onto it."""
     written = folder / f"{MARKER}.{uuid.uuid4().hex[:_TAG]}"
     try:
-        written.write_text(json.dumps(record) + "\n")
+        written.write_text(json.dumps(_record(kind, output)) + "\n")
     except BaseException:
         written.unlink(missing_ok=True)
         raise
@@ -171,7 +186,11 @@ def _real(path: str | Path) -> Path:
 
 
 def _owned_by_dead_process(folder: Path, target: Path) -> bool:
-    record = _ours_for(folder, target)
+    return _written_by_dead_process(_ours_for(folder, target))
+
+
+def _written_by_dead_process(record: dict | None) -> bool:
+    """``record`` (a marker, or a claim) names a process of this host that is gone."""
     if record is None or record.get("host") != socket.gethostname():
         return False
     try:
@@ -198,6 +217,31 @@ def _ours_for(folder: Path, target: Path) -> dict | None:
     return record
 
 
+def _claim(build: Path, target: Path, kind: str) -> Path | None:
+    """Claim the ``build`` folder about to be made for ``target`` as this process's, in the one step that makes a link
+    beside it whose text is the marker its folder gets next (a folder is made empty, and a kill before its marker is in
+    left one no later run could tell from a user's); return the link, removed once the marker is in. ``None`` where the
+    file system has no links."""
+    claim = _partner(build, _CLAIM)
+    try:
+        os.symlink(json.dumps(_record(kind, target.name)), claim)
+    except OSError as e:
+        if e.errno in NO_LINKS:
+            return None
+        raise
+    return claim
+
+
+def _claimed_for(claim: Path, target: Path) -> dict | None:
+    """The record of ``claim`` where it is a link :func:`_claim` made for ``target``, else ``None``."""
+    try:
+        record = json.loads(os.readlink(claim))
+    except (OSError, ValueError):
+        return None
+    ours = isinstance(record, dict) and record.get("created_by") == "epas_lightning" and "pid" in record
+    return record if ours and record.get("output") == target.name else None
+
+
 def interrupted_build(target: Path) -> Path | None:
     """A hidden build folder of ours beside a missing ``target``: a killed (or a running) build of it, if any."""
     return next((p for p in _hidden_beside(target, _TMP) if p.is_dir()), None)
@@ -206,9 +250,9 @@ def interrupted_build(target: Path) -> Path | None:
 def remove_stale_builds(target: Path) -> list[Path]:
     """Clean up after killed runs of ours beside ``target``; return the folders removed.
 
-    Their half-built folders are deleted, as are folders a removal of ours was killed in (a live run's removal is its
-    own). A previous output moved aside for a replacement that never finished is put back when the target is missing,
-    else deleted.
+    Their half-built folders are deleted (one killed before its marker was in, by the claim made before it), as are
+    folders a removal of ours was killed in (a live run's removal is its own). A previous output moved aside for a
+    replacement that never finished is put back when the target is missing, else deleted.
     """
     removed = []
     for doomed in _hidden_beside(target, _DOOMED):  # a removal killed midway (its marker goes last, then the folder)
@@ -222,6 +266,15 @@ def remove_stale_builds(target: Path) -> list[Path]:
             with contextlib.suppress(OSError):
                 remove_hidden(stale, target)
                 removed.append(stale)
+    for claim in _hidden_beside(target, _CLAIM):  # a build killed before its marker was in: its claim says it is ours
+        if not _written_by_dead_process(_claimed_for(claim, target)):
+            continue
+        build = _partner(claim, _TMP)
+        with contextlib.suppress(OSError):
+            if build.is_dir() and not build.is_symlink() and read_marker(build) is None:  # a marked one: removed above
+                _delete(build)  # empty, or holding the marker being written
+                removed.append(build)
+            claim.unlink()
     for old in _hidden_beside(target, _OLD):
         if not _owned_by_dead_process(old, target):
             continue
@@ -359,7 +412,7 @@ def output_folder(
     it was.
     """
     target = check_output(target, kind, overwrite, inputs, flag, unmarked_ours)
-    build = _hidden(target, _TMP)
+    build, claim = _hidden(target, _TMP), None
     made = [p for p in target.parents if not p.exists()]  # created here, innermost first: removed on a failure
     try:
         with _step("cannot create the output folder"):
@@ -367,9 +420,12 @@ def output_folder(
             remove_stale_builds(target)
         check_replaceable(target, kind, overwrite, flag, unmarked_ours)  # a previous output put back: before any work
         with _step("cannot create the output folder"):
+            claim = _claim(build, target, kind)
             build.mkdir()
         with _step("cannot write into the output folder being built"):
             write_marker(build, kind, output=target.name)
+            if claim is not None:
+                claim.unlink()
         with stopping_on_sigterm():
             yield build
         # it may have appeared meanwhile (another run, the user)
@@ -379,6 +435,10 @@ def output_folder(
     except BaseException as e:
         with contextlib.suppress(OSError):  # left, marked, to a later run: the error says what went wrong
             remove_hidden(build, target)
+            if (
+                claim is not None
+            ):  # after its build: a kill between leaves a claim of nothing, which a later run removes
+                claim.unlink(missing_ok=True)
         remove_empty(made)
         if (failure := step_failure(e, f"{flag} {target}")) is not None:
             raise failure from e

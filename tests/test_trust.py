@@ -1069,6 +1069,56 @@ def test_a_build_killed_while_it_is_removed_is_removed_by_the_next_run(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
+KILLED_AS_A_BUILD_STARTS = """
+import os, signal, sys
+from pathlib import Path
+from epas_lightning.outputs import output_folder
+
+left = [int(sys.argv[2])]
+
+def killing_after(call):
+    def killing(*args, **kwargs):
+        result = call(*args, **kwargs)
+        if left and left[0] == 0:  # killed outright (kill -9) right after the step-th call that changed a folder
+            os.kill(os.getpid(), signal.SIGKILL)
+        if left:
+            left[0] -= 1
+        return result
+    return killing
+
+for name in ("mkdir", "symlink", "replace", "unlink"):
+    setattr(os, name, killing_after(getattr(os, name)))
+Path.write_text = killing_after(Path.write_text)
+with output_folder(sys.argv[1], "bench") as build:
+    left.clear()  # the build has started: the steps after are another test's
+"""
+
+
+@pytest.mark.parametrize("step", range(5))
+def test_a_build_killed_as_it_starts_is_removed_by_the_next_run(step, tmp_path):
+    """Killed between the mkdir of the hidden build folder and its first marker, a run left an unmarked folder that no
+    later run could tell from a user's, so none removed it. Whatever step of starting a build the kill hits, the next
+    run leaves nothing beside the output."""
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    script = [sys.executable, "-c", KILLED_AS_A_BUILD_STARTS, str(tmp_path / "out"), str(step)]
+    assert subprocess.run(script, env=env, timeout=60).returncode == -signal.SIGKILL  # each step is reached
+    assert list(tmp_path.iterdir())  # the kill left something
+    remove_stale_builds(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_build_on_a_file_system_without_links_starts_and_leaves_nothing(tmp_path, monkeypatch):
+    """The link that says a build is ours before its folder holds a marker: a file system that has none (FAT, some
+    network mounts) builds as before."""
+
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM), str(args[1]))
+
+    monkeypatch.setattr(os, "symlink", no_links)
+    first_output(tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out" / "a.txt").read_text() == "first"
+
+
 def test_ctrl_c_while_the_new_output_takes_the_old_ones_place_puts_the_old_one_back(tmp_path, monkeypatch):
     """Interrupted between moving the previous output aside and renaming the build into place, the run removed its
     build and left the target missing, the previous output hidden beside it until a later run at the same target."""
