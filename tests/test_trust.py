@@ -1107,6 +1107,24 @@ def test_a_build_killed_as_it_starts_is_removed_by_the_next_run(step, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_build_claimed_by_a_live_run_another_output_or_no_run_of_ours_is_left(tmp_path):
+    """A claim says a build is ours before its folder holds a marker: only a claim of ours, for this output, whose
+    writer is gone lets a later run remove the folder it names."""
+    record = {"created_by": "epas_lightning", "kind": "bench", "pid": os.getpid(), "host": os.uname().nodename}
+    claims = {
+        "1234abcd": record | {"output": "out"},  # a live run's, this instant between its mkdir and its marker
+        "5678abcd": record | {"output": "out2", "pid": 2**22 + 12345},  # a killed build of another output
+        "9999abcd": {"created_by": "someone", "output": "out", "pid": 2**22 + 12345},
+    }
+    for tag, claim in claims.items():
+        (tmp_path / f".out.tmp-{tag}").mkdir()
+        (tmp_path / f".out.new-{tag}").symlink_to(json.dumps(claim))
+    (tmp_path / ".out.tmp-0000abcd").mkdir()
+    (tmp_path / ".out.new-0000abcd").write_text(json.dumps(record | {"output": "out", "pid": 2**22 + 12345}))  # a file
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert remove_stale_builds(tmp_path / "out") == [] and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_a_build_on_a_file_system_without_links_starts_and_leaves_nothing(tmp_path, monkeypatch):
     """The link that says a build is ours before its folder holds a marker: a file system that has none (FAT, some
     network mounts) builds as before."""
