@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -64,6 +65,9 @@ FIXES = {
     errno.ENAMETOOLONG: "choose a shorter output path",
     errno.ENOTEMPTY: "something else wrote there meanwhile: choose another output folder",
     errno.EEXIST: "something else wrote there meanwhile: choose another output folder",
+    errno.EIO: "the disk or its file system failed (see dmesg): check it, or choose an output folder on another one",
+    errno.EFBIG: "a file is larger than this file system takes (FAT: 4 GiB): choose an output folder on another one",
+    errno.ESTALE: "the network file system lost the folder: run again, or choose an output folder on another one",
 }
 """What to do when a step of writing an output fails with an OS error, by its ``errno``."""
 MOVE_ASIDE_FIXES = {
@@ -71,6 +75,17 @@ MOVE_ASIDE_FIXES = {
     "away yourself, or choose another output folder",
 }
 """What to do, where it differs, when the previous output cannot be moved aside."""
+WRITE_ERRORS = frozenset(
+    {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG, errno.EIO, errno.EFBIG, errno.EBUSY, errno.ESTALE}
+)
+"""The OS errors of a command's own write into its build that are about the output's location, not a bug of ours."""
+QUOTED_OS_ERRORS = (
+    re.compile(r"\[Errno (\d+)\] [^\n]*?: '([^'\n]+)'"),  # Python's, in a worker process's traceback
+    re.compile(r"\(os error (\d+)\)(?: at path \"([^\"\n]+)\")?"),  # a Rust library's (safetensors)
+)
+"""An OS error an exception quotes, with the file it names if any."""
+SERIALIZING = "Error while serializing"
+"""How safetensors starts an error of writing a file (which it may not name)."""
 
 
 def shortened_name(name: str, tail: str, room: int) -> str:
@@ -440,7 +455,7 @@ def output_folder(
             ):  # after its build: a kill between leaves a claim of nothing, which a later run removes
                 claim.unlink(missing_ok=True)
         remove_empty(made)
-        if (failure := step_failure(e, f"{flag} {target}")) is not None:
+        if (failure := step_failure(e, f"{flag} {target}", build)) is not None:
             raise failure from e
         raise
 
@@ -461,10 +476,11 @@ def _step(
         raise
 
 
-def step_failure(error: BaseException, where: str) -> OutputError | None:
+def step_failure(error: BaseException, where: str, build: Path | None = None) -> OutputError | None:
     """The one line for ``error``, raised while writing the output ``where`` names (its flag and path): a step that
-    left something for the user says where; else a full disk (or quota) anywhere, or the failed step, with what to do
-    by its ``errno``. ``None`` for any other error (a bug, an error of the command's own work)."""
+    left something for the user says where; else a full disk (or quota) anywhere, the failed step, or the command's own
+    write into ``build`` (:func:`build_write_error`), with what to do by its ``errno``. ``None`` for any other error (a
+    bug, an error of the command's own work)."""
     what, left, fix = getattr(error, "output_step", (None, None, None))
     if what is not None and left is not None:
         return OutputError(f"{what} ({os_reason(error)})", left, fix)
@@ -477,6 +493,34 @@ def step_failure(error: BaseException, where: str) -> OutputError | None:
     if what is not None:
         fixes = FIXES | getattr(error, "output_fixes", {})
         return OutputError(f"{what} ({os_reason(error)})", where, fixes.get(error.errno, "choose a writable location"))
+    if build is not None and (written := build_write_error(error, build)) is not None:
+        code, file = written
+        what = "cannot write " + (f"{file} " if file else "") + "into the output folder being built"
+        return OutputError(
+            f"{what} ({os.strerror(code).lower()})", where, FIXES.get(code, "choose a writable location")
+        )
+    return None
+
+
+def build_write_error(error: BaseException, build: Path) -> tuple[int, str | None] | None:
+    """``(errno, file)`` where ``error`` is, was raised from, or quotes (a worker process's traceback, a Rust library's
+    message) an OS error of :data:`WRITE_ERRORS` at a file in ``build`` (``file``: its path there, ``None`` where
+    safetensors names none while it writes); else ``None``: an error about an input, or a bug, is not the output's."""
+    for e in exception_chain(error):
+        if isinstance(e, OSError):
+            named = [name for name in (e.filename, e.filename2) if isinstance(name, str | bytes | os.PathLike)]
+            quoted = [(e.errno, os.fsdecode(name)) for name in named]
+        else:
+            quoted = [
+                (int(code), file or None) for pattern in QUOTED_OS_ERRORS for code, file in pattern.findall(str(e))
+            ]
+        for code, file in quoted:
+            if code not in WRITE_ERRORS:
+                continue
+            if file is None and SERIALIZING in str(e):
+                return code, None
+            if file is not None and Path(file).is_relative_to(build):
+                return code, str(Path(file).relative_to(build)) if Path(file) != build else None
     return None
 
 

@@ -1206,6 +1206,56 @@ def test_a_full_disk_at_the_builds_first_marker_leaves_nothing(tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("code", "fix"),
+    [
+        (errno.EACCES, "check the permissions of the folder"),
+        (errno.EROFS, "the file system is read-only"),
+        (errno.ENAMETOOLONG, "choose a shorter output path"),
+        (errno.EIO, "the disk or its file system failed"),
+    ],
+)
+def test_an_os_error_of_a_commands_own_write_into_its_build_is_one_line_and_leaves_nothing(code, fix, tmp_path):
+    """Only the steps of output_folder's own were one line: an OS error other than a full disk while a command wrote a
+    file into its build (a folder made read-only meanwhile, a failing disk) was a traceback. Whether raised as an
+    OSError naming the file, or quoted by a worker process's traceback or a Rust library (safetensors), it is one line
+    naming the output and what to do, and nothing is left."""
+    target = tmp_path / "out"
+    reason = os.strerror(code).lower()
+    with pytest.raises(OutputError) as raised, output_folder(target, "bench") as build:
+        raise OSError(code, os.strerror(code), str(build / "sub" / "a.bin"))
+    assert str(raised.value).startswith(f"cannot write sub/a.bin into the output folder being built ({reason}) — ")
+    assert f" — --output {target} — {fix}" in str(raised.value) and list(tmp_path.iterdir()) == []
+    with pytest.raises(OutputError) as raised, output_folder(target, "dataset") as build:
+        crash = f"Traceback ...\nOSError: [Errno {code}] {os.strerror(code)}: '{build}/train/chunk-0-0.bin'\n"
+        raise RuntimeError(f"Tokenizing the train split failed in a worker:\n{crash}")
+    assert str(raised.value).startswith(
+        f"cannot write train/chunk-0-0.bin into the output folder being built ({reason})"
+    )
+    assert list(tmp_path.iterdir()) == []
+    serializing = f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})"
+    with pytest.raises(OutputError) as raised, output_folder(target, "hf-export"):
+        raise RuntimeError(serializing)  # as safetensors' SafetensorError says it, naming no file
+    assert str(raised.value).startswith(f"cannot write into the output folder being built ({reason}) — --output")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_os_error_reading_an_input_while_building_is_not_said_as_the_outputs(tmp_path):
+    """A command reads its inputs while it builds (a prepare its corpus, analyze its data): their errors are theirs
+    to say, not a write into the output; an error that is not about the location (a missing file of the build: a bug)
+    keeps its traceback too."""
+    target, corpus = tmp_path / "out", tmp_path / "corpus.txt"
+    quoted = f"OSError: [Errno {errno.EACCES}] Permission denied: '{corpus}'"
+    for error in (
+        OSError(errno.EACCES, "Permission denied", str(corpus)),
+        RuntimeError(f"Tokenizing the train split into {target}/train failed: {quoted}"),
+        OSError(errno.ENOENT, "No such file or directory", str(target / "a.bin")),
+    ):
+        with pytest.raises(type(error)) as raised, output_folder(target, "bench"):
+            raise error
+        assert raised.value is error and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("name", ["o" * 255, "é" * 127, "oé" * 85, "run[1]"])
 def test_any_legal_output_name_builds_and_replaces(name, tmp_path):
     """A name of 242+ bytes made the hidden build folder's name longer than 255 bytes: 'cannot create the output
@@ -1398,6 +1448,38 @@ def test_export_is_atomic_and_a_reexport_leaves_no_stale_file(small_checkpoint, 
         capsys, ["export", "--checkpoint", str(small_checkpoint), "--output", str(user), "--overwrite"]
     )
     assert "replaces only a folder epas_lightning wrote as its hf-export output" in err
+
+
+def test_an_os_error_of_an_exports_own_writes_is_one_line_and_leaves_nothing(small_checkpoint, tmp_path, capsys):
+    """export's own writes into its build (safetensors' weights, config.json) failing with an OS error other than a
+    full disk were tracebacks."""
+    from safetensors import SafetensorError
+
+    from epas_lightning.hf import export as export_module
+
+    out = tmp_path / "out"
+    argv = ["export", "--checkpoint", str(small_checkpoint), "--output", str(out)]
+    refused = SafetensorError("Error while serializing: I/O error: Permission denied (os error 13)")
+    read_only = OSError(errno.EROFS, os.strerror(errno.EROFS))
+    real = Path.write_text
+
+    def config_read_only(path: Path, *args, **kwargs):
+        if path.name == "config.json":
+            read_only.filename = str(path)
+            raise read_only
+        return real(path, *args, **kwargs)
+
+    for owner, name, failing, says in (
+        (export_module, "save_file", lambda *a, **k: (_ for _ in ()).throw(refused), "write into"),
+        (Path, "write_text", config_read_only, "write config.json into"),
+    ):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(owner, name, failing)
+            line = one_line_error(capsys, argv)
+        assert (
+            line.startswith(f"error: cannot {says} the output folder being built (") and f"— --output {out} —" in line
+        )
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 def failing_at(step: str, out: Path):
