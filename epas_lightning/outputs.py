@@ -80,7 +80,7 @@ WRITE_ERRORS = frozenset(
 )
 """The OS errors of a command's own write into its build that are about the output's location, not a bug of ours."""
 QUOTED_OS_ERRORS = (
-    re.compile(r"\[Errno (\d+)\] [^\n]*?: '([^'\n]+)'"),  # Python's, in a worker process's traceback
+    re.compile(r"\[Errno (\d+)\] [^\n:']*(?:: '([^'\n]+)')?"),  # Python's, in a worker process's traceback
     re.compile(r"\(os error (\d+)\)(?: at path \"([^\"\n]+)\")?"),  # a Rust library's (safetensors)
 )
 """An OS error an exception quotes, with the file it names if any."""
@@ -502,6 +502,11 @@ def step_failure(error: BaseException, where: str, build: Path | None = None) ->
     return None
 
 
+def quoted_os_errors(text: str) -> list[tuple[int, str | None]]:
+    """The OS errors ``text`` quotes (:data:`QUOTED_OS_ERRORS`), each ``(errno, file)`` (``None``: it names none)."""
+    return [(int(code), file or None) for pattern in QUOTED_OS_ERRORS for code, file in pattern.findall(text)]
+
+
 def build_write_error(error: BaseException, build: Path) -> tuple[int, str | None] | None:
     """``(errno, file)`` where ``error`` is, was raised from, or quotes (a worker process's traceback, a Rust library's
     message) an OS error of :data:`WRITE_ERRORS` at a file in ``build`` (``file``: its path there, ``None`` where
@@ -511,9 +516,7 @@ def build_write_error(error: BaseException, build: Path) -> tuple[int, str | Non
             named = [name for name in (e.filename, e.filename2) if isinstance(name, str | bytes | os.PathLike)]
             quoted = [(e.errno, os.fsdecode(name)) for name in named]
         else:
-            quoted = [
-                (int(code), file or None) for pattern in QUOTED_OS_ERRORS for code, file in pattern.findall(str(e))
-            ]
+            quoted = quoted_os_errors(str(e))
         for code, file in quoted:
             if code not in WRITE_ERRORS:
                 continue
