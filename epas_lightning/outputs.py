@@ -11,9 +11,10 @@ through :func:`output_folder`:
 - temporary folders of earlier runs that were killed (their process is gone) are removed: only those whose marker
   (or, killed before the marker was in, the claim made before the folder) says a run of ours made them for this very
   target;
-- an OS error at any step of its own (a read-only or foreign-owned folder, a busy mount point) is one
-  :class:`OutputError` saying what it was doing, and where, leaving the target as it was (or a previous output, where
-  it could not be put back, under a name the line gives and the next run recognises);
+- an OS error at any step of its own (a read-only or foreign-owned folder, a busy mount point), or of a command's own
+  write into the build (:func:`build_write_error`, :func:`writing_into`), is one :class:`OutputError` saying what it
+  was doing, and where, leaving the target as it was (or a previous output, where it could not be put back, under a
+  name the line gives and the next run recognises); one removing the previous output once replaced is a warning;
 - a finished folder names no process or host (it may be pushed to the Hub as it is): only a hidden one does.
 """
 
@@ -525,6 +526,19 @@ def build_write_error(error: BaseException, build: Path) -> tuple[int, str | Non
             if file is not None and Path(file).is_relative_to(build):
                 return code, str(Path(file).relative_to(build)) if Path(file) != build else None
     return None
+
+
+@contextlib.contextmanager
+def writing_into(build: Path) -> Iterator[None]:
+    """A context that only writes into ``build`` (a command's own writes): an OS error that names no file (a failing
+    disk's, raised by a write where an open names its file) is said as a write into it, as :func:`step_failure` says
+    one that names a file there."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(build)
+        raise
 
 
 def remove_empty(folders: list[Path]) -> None:

@@ -1469,9 +1469,15 @@ def test_an_os_error_of_an_exports_own_writes_is_one_line_and_leaves_nothing(sma
             raise read_only
         return real(path, *args, **kwargs)
 
+    def failing_disk(path: Path, *args, **kwargs):  # a write's error names no file, an open's does
+        if path.name == "generation_config.json":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(path, *args, **kwargs)
+
     for owner, name, failing, says in (
         (export_module, "save_file", lambda *a, **k: (_ for _ in ()).throw(refused), "write into"),
         (Path, "write_text", config_read_only, "write config.json into"),
+        (Path, "write_text", failing_disk, "write into"),
     ):
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(owner, name, failing)
