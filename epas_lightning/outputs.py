@@ -451,9 +451,8 @@ def output_folder(
     except BaseException as e:
         with contextlib.suppress(OSError):  # left, marked, to a later run: the error says what went wrong
             remove_hidden(build, target)
-            if (
-                claim is not None
-            ):  # after its build: a kill between leaves a claim of nothing, which a later run removes
+            # after its build: a kill between leaves a claim of nothing, which a later run removes
+            if claim is not None:
                 claim.unlink(missing_ok=True)
         remove_empty(made)
         if (failure := step_failure(e, f"{flag} {target}", build)) is not None:
