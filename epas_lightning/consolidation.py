@@ -16,7 +16,7 @@ from epas_lightning.checkpoint_formats import CONFIG_FILE, EXPORTED_KEY, WEIGHTS
 from epas_lightning.data.tokenizer import TokenizerError, load_tokenizer
 from epas_lightning.errors import sentence_start
 from epas_lightning.hf.convert import saveable
-from epas_lightning.outputs import check_output, output_folder
+from epas_lightning.outputs import check_output, output_folder, writing_into
 from epas_lightning.provenance import TRAINING_KEY, carried, checked, from_consolidated, relative_path, relative_paths
 from epas_lightning.runtime import emit_json, json_text
 
@@ -75,7 +75,8 @@ def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = Fa
                     "data_dir": relative_path(str(loaded.data_dir), output) if loaded.data_dir else None,
                     "sha256": tokenizer.sha256,  # the copy's: a folder whose tokenizer is replaced is refused too
                 }
-        (build / CONFIG_FILE).write_text(json_text(record, indent=2) + "\n")  # a non-finite val loss: null
+        with writing_into(build):
+            (build / CONFIG_FILE).write_text(json_text(record, indent=2) + "\n")  # a non-finite val loss: null
     return Path(output).expanduser().absolute()
 
 

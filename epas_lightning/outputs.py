@@ -9,10 +9,12 @@ through :func:`output_folder`:
   it, as the same kind of output (a user's own folder is never touched);
 - an output that contains, or lies inside, one of the command's inputs is refused;
 - temporary folders of earlier runs that were killed (their process is gone) are removed: only those whose marker
-  says a run of ours made them for this very target;
-- an OS error at any step of its own (a read-only or foreign-owned folder, a busy mount point) is one
-  :class:`OutputError` saying what it was doing, and where, leaving the target as it was (or a previous output, where
-  it could not be put back, under a name the line gives and the next run recognises);
+  (or, killed before the marker was in, the claim made before the folder) says a run of ours made them for this very
+  target;
+- an OS error at any step of its own (a read-only or foreign-owned folder, a busy mount point), or of a command's own
+  write into the build (:func:`build_write_error`, :func:`writing_into`), is one :class:`OutputError` saying what it
+  was doing, and where, leaving the target as it was (or a previous output, where it could not be put back, under a
+  name the line gives and the next run recognises); one removing the previous output once replaced is a warning;
 - a finished folder names no process or host (it may be pushed to the Hub as it is): only a hidden one does.
 """
 
@@ -25,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -46,6 +49,9 @@ aside also names its writer's process and host (:func:`write_marker`)."""
 _TMP = ".tmp-"
 _OLD = ".old-"
 _DOOMED = ".del-"
+_CLAIM = ".new-"
+NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS)
+"""What ``symlink`` raises on a file system that has no links (FAT, some network mounts)."""
 NAME_MAX = 255
 """Bytes in one file name (ext4, xfs, btrfs, APFS...)."""
 _TAG = 8
@@ -55,13 +61,32 @@ FIXES = {
     errno.EPERM: "check the permissions of the folder and the one holding it, or choose another output folder",
     errno.EROFS: "the file system is read-only: choose an output folder on a writable one",
     errno.EBUSY: "it is in use (a mount point, a file open on a network file system): choose another output folder",
-    errno.EXDEV: "this file system cannot rename the folder (a container image's layer): move it away yourself or "
-    "choose another output folder",
+    errno.EXDEV: "this file system cannot rename the folder (a container image's layer): choose an output folder on "
+    "another one (a mounted volume)",
     errno.ENAMETOOLONG: "choose a shorter output path",
     errno.ENOTEMPTY: "something else wrote there meanwhile: choose another output folder",
     errno.EEXIST: "something else wrote there meanwhile: choose another output folder",
+    errno.EIO: "the disk or its file system failed (see dmesg): check it, or choose an output folder on another one",
+    errno.EFBIG: "a file is larger than this file system takes (FAT: 4 GiB): choose an output folder on another one",
+    errno.ESTALE: "the network file system lost the folder: run again, or choose an output folder on another one",
 }
 """What to do when a step of writing an output fails with an OS error, by its ``errno``."""
+MOVE_ASIDE_FIXES = {
+    errno.EXDEV: "this file system cannot rename the folder (a container image's layer): move the previous output "
+    "away yourself, or choose another output folder",
+}
+"""What to do, where it differs, when the previous output cannot be moved aside."""
+WRITE_ERRORS = frozenset(
+    {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG, errno.EIO, errno.EFBIG, errno.EBUSY, errno.ESTALE}
+)
+"""The OS errors of a command's own write into its build that are about the output's location, not a bug of ours."""
+QUOTED_OS_ERRORS = (
+    re.compile(r"\[Errno (\d+)\] [^\n:']*(?:: '([^'\n]+)')?"),  # Python's, in a worker process's traceback
+    re.compile(r"\(os error (\d+)\)(?: at path \"([^\"\n]+)\")?"),  # a Rust library's (safetensors)
+)
+"""An OS error an exception quotes, with the file it names if any."""
+SERIALIZING = "Error while serializing"
+"""How safetensors starts an error of writing a file (which it may not name)."""
 
 
 def shortened_name(name: str, tail: str, room: int) -> str:
@@ -92,6 +117,12 @@ def _hidden(target: Path, kind: str) -> Path:
     return target.parent / f".{_hidden_stem(target)}{kind}{uuid.uuid4().hex[:_TAG]}"
 
 
+def _partner(hidden: Path, kind: str) -> Path:
+    """The name of ``kind`` that goes with the ``hidden`` one beside the same target: the build ``.out.tmp-1234abcd``
+    and its claim ``.out.new-1234abcd``."""
+    return hidden.with_name(hidden.name[: -len(kind) - _TAG] + kind + hidden.name[-_TAG:])
+
+
 def read_marker(folder: Path) -> dict | None:
     """The marker of a folder we wrote, or ``None``."""
     try:
@@ -115,14 +146,19 @@ def write_marker(folder: Path, kind: str, output: str | None = None) -> None:
         raise
 
 
-def _pending_marker(folder: Path, kind: str, output: str | None = None) -> Path:
-    """A marker written beside ``folder``'s own, in effect once renamed onto it."""
+def _record(kind: str, output: str | None = None) -> dict:
+    """What a marker says (see :func:`write_marker`)."""
     record = {"created_by": "epas_lightning", "kind": kind}
     if output is not None:
         record |= {"pid": os.getpid(), "host": socket.gethostname(), "output": output}
+    return record
+
+
+def _pending_marker(folder: Path, kind: str, output: str | None = None) -> Path:
+    """A marker written beside ``folder``'s own, in effect once renamed onto it."""
     written = folder / f"{MARKER}.{uuid.uuid4().hex[:_TAG]}"
     try:
-        written.write_text(json.dumps(record) + "\n")
+        written.write_text(json.dumps(_record(kind, output)) + "\n")
     except BaseException:
         written.unlink(missing_ok=True)
         raise
@@ -166,7 +202,11 @@ def _real(path: str | Path) -> Path:
 
 
 def _owned_by_dead_process(folder: Path, target: Path) -> bool:
-    record = _ours_for(folder, target)
+    return _written_by_dead_process(_ours_for(folder, target))
+
+
+def _written_by_dead_process(record: dict | None) -> bool:
+    """``record`` (a marker, or a claim) names a process of this host that is gone."""
     if record is None or record.get("host") != socket.gethostname():
         return False
     try:
@@ -193,6 +233,31 @@ def _ours_for(folder: Path, target: Path) -> dict | None:
     return record
 
 
+def _claim(build: Path, target: Path, kind: str) -> Path | None:
+    """Claim the ``build`` folder about to be made for ``target`` as this process's, in the one step that makes a link
+    beside it whose text is the marker its folder gets next (a folder is made empty, and a kill before its marker is in
+    left one no later run could tell from a user's); return the link, removed once the marker is in. ``None`` where the
+    file system has no links."""
+    claim = _partner(build, _CLAIM)
+    try:
+        os.symlink(json.dumps(_record(kind, target.name)), claim)
+    except OSError as e:
+        if e.errno in NO_LINKS:
+            return None
+        raise
+    return claim
+
+
+def _claimed_for(claim: Path, target: Path) -> dict | None:
+    """The record of ``claim`` where it is a link :func:`_claim` made for ``target``, else ``None``."""
+    try:
+        record = json.loads(os.readlink(claim))
+    except (OSError, ValueError):
+        return None
+    ours = isinstance(record, dict) and record.get("created_by") == "epas_lightning" and "pid" in record
+    return record if ours and record.get("output") == target.name else None
+
+
 def interrupted_build(target: Path) -> Path | None:
     """A hidden build folder of ours beside a missing ``target``: a killed (or a running) build of it, if any."""
     return next((p for p in _hidden_beside(target, _TMP) if p.is_dir()), None)
@@ -201,9 +266,9 @@ def interrupted_build(target: Path) -> Path | None:
 def remove_stale_builds(target: Path) -> list[Path]:
     """Clean up after killed runs of ours beside ``target``; return the folders removed.
 
-    Their half-built folders are deleted, as are folders a removal of ours was killed in (a live run's removal is its
-    own). A previous output moved aside for a replacement that never finished is put back when the target is missing,
-    else deleted.
+    Their half-built folders are deleted (one killed before its marker was in, by the claim made before it), as are
+    folders a removal of ours was killed in (a live run's removal is its own). A previous output moved aside for a
+    replacement that never finished is put back when the target is missing, else deleted.
     """
     removed = []
     for doomed in _hidden_beside(target, _DOOMED):  # a removal killed midway (its marker goes last, then the folder)
@@ -217,6 +282,15 @@ def remove_stale_builds(target: Path) -> list[Path]:
             with contextlib.suppress(OSError):
                 remove_hidden(stale, target)
                 removed.append(stale)
+    for claim in _hidden_beside(target, _CLAIM):  # a build killed before its marker was in: its claim says it is ours
+        if not _written_by_dead_process(_claimed_for(claim, target)):
+            continue
+        build = _partner(claim, _TMP)
+        with contextlib.suppress(OSError):
+            if build.is_dir() and not build.is_symlink() and read_marker(build) is None:  # a marked one: removed above
+                _delete(build)  # empty, or holding the marker being written
+                removed.append(build)
+            claim.unlink()
     for old in _hidden_beside(target, _OLD):
         if not _owned_by_dead_process(old, target):
             continue
@@ -226,11 +300,17 @@ def remove_stale_builds(target: Path) -> list[Path]:
                 removed.append(old)
         elif (record := read_marker(old)) is not None:  # else put back meanwhile, by a run that started with this one
             try:
-                _put_in_place(old, target, record["kind"])  # finished again: the dead writer's host goes
+                with _step("cannot put the previous output back", old, _put_back(target)):
+                    _put_in_place(old, target, record["kind"])  # finished again: the dead writer's host goes
             except FileNotFoundError:
                 if old.exists():
                     raise
     return removed
+
+
+def _put_back(target: Path) -> str:
+    """What to do with a previous output of ``target`` that could not be put back."""
+    return f"rename it to {target} yourself (the next run at this output also does)"
 
 
 def remove_hidden(folder: Path, target: Path) -> None:
@@ -348,7 +428,7 @@ def output_folder(
     it was.
     """
     target = check_output(target, kind, overwrite, inputs, flag, unmarked_ours)
-    build = _hidden(target, _TMP)
+    build, claim = _hidden(target, _TMP), None
     made = [p for p in target.parents if not p.exists()]  # created here, innermost first: removed on a failure
     try:
         with _step("cannot create the output folder"):
@@ -356,9 +436,12 @@ def output_folder(
             remove_stale_builds(target)
         check_replaceable(target, kind, overwrite, flag, unmarked_ours)  # a previous output put back: before any work
         with _step("cannot create the output folder"):
+            claim = _claim(build, target, kind)
             build.mkdir()
         with _step("cannot write into the output folder being built"):
             write_marker(build, kind, output=target.name)
+            if claim is not None:
+                claim.unlink()
         with stopping_on_sigterm():
             yield build
         # it may have appeared meanwhile (another run, the user)
@@ -368,28 +451,36 @@ def output_folder(
     except BaseException as e:
         with contextlib.suppress(OSError):  # left, marked, to a later run: the error says what went wrong
             remove_hidden(build, target)
+            # after its build: a kill between leaves a claim of nothing, which a later run removes
+            if claim is not None:
+                claim.unlink(missing_ok=True)
         remove_empty(made)
-        if (failure := step_failure(e, f"{flag} {target}")) is not None:
+        if (failure := step_failure(e, f"{flag} {target}", build)) is not None:
             raise failure from e
         raise
 
 
 @contextlib.contextmanager
-def _step(what: str, left: Path | None = None, fix: str | None = None) -> Iterator[None]:
+def _step(
+    what: str, left: Path | None = None, fix: str | None = None, fixes: dict[int, str] | None = None
+) -> Iterator[None]:
     """A context in which an ``OSError`` is a step of writing an output that failed: :func:`step_failure` says it as
-    ``what``, and where it ``left`` something the user should act on (``fix``) if anything."""
+    ``what``, and where it ``left`` something the user should act on (``fix``) if anything; ``fixes``: what to do by
+    ``errno`` where this step's case differs from :data:`FIXES`."""
     try:
         yield
     except OSError as e:
         if getattr(e, "output_step", (None, None))[1] is None:  # the outermost says it, unless one left something
             e.output_step = (what, left, fix)
+            e.output_fixes = fixes or {}
         raise
 
 
-def step_failure(error: BaseException, where: str) -> OutputError | None:
+def step_failure(error: BaseException, where: str, build: Path | None = None) -> OutputError | None:
     """The one line for ``error``, raised while writing the output ``where`` names (its flag and path): a step that
-    left something for the user says where; else a full disk (or quota) anywhere, or the failed step, with what to do
-    by its ``errno``. ``None`` for any other error (a bug, an error of the command's own work)."""
+    left something for the user says where; else a full disk (or quota) anywhere, the failed step, or the command's own
+    write into ``build`` (:func:`build_write_error`), with what to do by its ``errno``. ``None`` for any other error (a
+    bug, an error of the command's own work)."""
     what, left, fix = getattr(error, "output_step", (None, None, None))
     if what is not None and left is not None:
         return OutputError(f"{what} ({os_reason(error)})", left, fix)
@@ -400,8 +491,53 @@ def step_failure(error: BaseException, where: str) -> OutputError | None:
             "free space, or choose an --output on another disk",
         )
     if what is not None:
-        return OutputError(f"{what} ({os_reason(error)})", where, FIXES.get(error.errno, "choose a writable location"))
+        fixes = FIXES | getattr(error, "output_fixes", {})
+        return OutputError(f"{what} ({os_reason(error)})", where, fixes.get(error.errno, "choose a writable location"))
+    if build is not None and (written := build_write_error(error, build)) is not None:
+        code, file = written
+        what = "cannot write " + (f"{file} " if file else "") + "into the output folder being built"
+        return OutputError(
+            f"{what} ({os.strerror(code).lower()})", where, FIXES.get(code, "choose a writable location")
+        )
     return None
+
+
+def quoted_os_errors(text: str) -> list[tuple[int, str | None]]:
+    """The OS errors ``text`` quotes (:data:`QUOTED_OS_ERRORS`), each ``(errno, file)`` (``None``: it names none)."""
+    return [(int(code), file or None) for pattern in QUOTED_OS_ERRORS for code, file in pattern.findall(text)]
+
+
+def build_write_error(error: BaseException, build: Path) -> tuple[int, str | None] | None:
+    """``(errno, file)`` where ``error`` is, was raised from, or quotes (a worker process's traceback, a Rust library's
+    message) an OS error of :data:`WRITE_ERRORS` at a file in ``build`` (``file``: its path there, ``None`` where
+    safetensors names none while it writes); else ``None``: an error about an input, or a bug, is not the output's."""
+    for e in exception_chain(error):
+        if isinstance(e, OSError):
+            named = [name for name in (e.filename, e.filename2) if isinstance(name, str | bytes | os.PathLike)]
+            quoted = [(e.errno, os.fsdecode(name)) for name in named]
+        else:
+            quoted = quoted_os_errors(str(e))
+        for code, file in quoted:
+            if code not in WRITE_ERRORS:
+                continue
+            if file is None and SERIALIZING in str(e):
+                return code, None
+            if file is not None and Path(file).is_relative_to(build):
+                return code, str(Path(file).relative_to(build)) if Path(file) != build else None
+    return None
+
+
+@contextlib.contextmanager
+def writing_into(build: Path) -> Iterator[None]:
+    """A context that only writes into ``build`` (a command's own writes): an OS error that names no file (a failing
+    disk's, raised by a write where an open names its file) is said as a write into it, as :func:`step_failure` says
+    one that names a file there."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(build)
+        raise
 
 
 def remove_empty(folders: list[Path]) -> None:
@@ -479,7 +615,8 @@ def replace_folder(build: Path, target: Path, kind: str) -> None:
     The previous output is marked with this process (in place: aside, it would name no writer for a moment, and a
     kill then left it hidden for good), so the next run puts it back if this one dies before ``build`` takes its
     place; an exception there (Ctrl+C, an OS error) puts it back at once. An OS error says its step to
-    :func:`step_failure`, and where it left the previous output if it could not be put back or removed."""
+    :func:`step_failure`, and where it left the previous output if it could not be put back; one removing it once the
+    new output is in place is a warning naming what is left."""
     if not target.exists():
         _put_in_place(build, target, kind)
         return
@@ -487,7 +624,7 @@ def replace_folder(build: Path, target: Path, kind: str) -> None:
         write_marker(target, kind, output=target.name)
     old = _hidden(target, _OLD)
     try:
-        with _step("cannot move the previous output aside"):
+        with _step("cannot move the previous output aside", fixes=MOVE_ASIDE_FIXES):
             os.replace(target, old)
     except BaseException:
         with _step(
@@ -499,13 +636,13 @@ def replace_folder(build: Path, target: Path, kind: str) -> None:
         _put_in_place(build, target, kind)
     except BaseException:
         if not target.exists():
-            put_back = f"rename it to {target} yourself (the next run at this output also does)"
-            with _step("cannot put the previous output back", old, put_back):
+            with _step("cannot put the previous output back", old, _put_back(target)):
                 _put_in_place(old, target, kind)
         raise
     try:
         remove_hidden(old, target)
-    except OSError as e:
-        left = Path(e.filename)
-        with _step("the new output is in place, but the previous one could not be removed", left, "remove it yourself"):
-            raise
+    except OSError as e:  # the output is complete: what is left, marked ours, is a later run's to remove
+        log.warning(
+            f"The new output is in place, but the previous one could not be removed ({os_reason(e)}) — {e.filename} — "
+            "remove it yourself (the next run at this output tries again)"
+        )

@@ -1069,6 +1069,74 @@ def test_a_build_killed_while_it_is_removed_is_removed_by_the_next_run(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
+KILLED_AS_A_BUILD_STARTS = """
+import os, signal, sys
+from pathlib import Path
+from epas_lightning.outputs import output_folder
+
+left = [int(sys.argv[2])]
+
+def killing_after(call):
+    def killing(*args, **kwargs):
+        result = call(*args, **kwargs)
+        if left and left[0] == 0:  # killed outright (kill -9) right after the step-th call that changed a folder
+            os.kill(os.getpid(), signal.SIGKILL)
+        if left:
+            left[0] -= 1
+        return result
+    return killing
+
+for name in ("mkdir", "symlink", "replace", "unlink"):
+    setattr(os, name, killing_after(getattr(os, name)))
+Path.write_text = killing_after(Path.write_text)
+with output_folder(sys.argv[1], "bench") as build:
+    left.clear()  # the build has started: the steps after are another test's
+"""
+
+
+@pytest.mark.parametrize("step", range(5))
+def test_a_build_killed_as_it_starts_is_removed_by_the_next_run(step, tmp_path):
+    """Killed between the mkdir of the hidden build folder and its first marker, a run left an unmarked folder that no
+    later run could tell from a user's, so none removed it. Whatever step of starting a build the kill hits, the next
+    run leaves nothing beside the output."""
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    script = [sys.executable, "-c", KILLED_AS_A_BUILD_STARTS, str(tmp_path / "out"), str(step)]
+    assert subprocess.run(script, env=env, timeout=60).returncode == -signal.SIGKILL  # each step is reached
+    assert list(tmp_path.iterdir())  # the kill left something
+    remove_stale_builds(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_build_claimed_by_a_live_run_another_output_or_no_run_of_ours_is_left(tmp_path):
+    """A claim says a build is ours before its folder holds a marker: only a claim of ours, for this output, whose
+    writer is gone lets a later run remove the folder it names."""
+    record = {"created_by": "epas_lightning", "kind": "bench", "pid": os.getpid(), "host": os.uname().nodename}
+    claims = {
+        "1234abcd": record | {"output": "out"},  # a live run's, this instant between its mkdir and its marker
+        "5678abcd": record | {"output": "out2", "pid": 2**22 + 12345},  # a killed build of another output
+        "9999abcd": {"created_by": "someone", "output": "out", "pid": 2**22 + 12345},
+    }
+    for tag, claim in claims.items():
+        (tmp_path / f".out.tmp-{tag}").mkdir()
+        (tmp_path / f".out.new-{tag}").symlink_to(json.dumps(claim))
+    (tmp_path / ".out.tmp-0000abcd").mkdir()
+    (tmp_path / ".out.new-0000abcd").write_text(json.dumps(record | {"output": "out", "pid": 2**22 + 12345}))  # a file
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert remove_stale_builds(tmp_path / "out") == [] and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_build_on_a_file_system_without_links_starts_and_leaves_nothing(tmp_path, monkeypatch):
+    """The link that says a build is ours before its folder holds a marker: a file system that has none (FAT, some
+    network mounts) builds as before."""
+
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM), str(args[1]))
+
+    monkeypatch.setattr(os, "symlink", no_links)
+    first_output(tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out" / "a.txt").read_text() == "first"
+
+
 def test_ctrl_c_while_the_new_output_takes_the_old_ones_place_puts_the_old_one_back(tmp_path, monkeypatch):
     """Interrupted between moving the previous output aside and renaming the build into place, the run removed its
     build and left the target missing, the previous output hidden beside it until a later run at the same target."""
@@ -1136,6 +1204,56 @@ def test_a_full_disk_at_the_builds_first_marker_leaves_nothing(tmp_path, monkeyp
     with pytest.raises(OutputError, match="^no space left on the device"), output_folder(tmp_path / "out", "bench"):
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("code", "fix"),
+    [
+        (errno.EACCES, "check the permissions of the folder"),
+        (errno.EROFS, "the file system is read-only"),
+        (errno.ENAMETOOLONG, "choose a shorter output path"),
+        (errno.EIO, "the disk or its file system failed"),
+    ],
+)
+def test_an_os_error_of_a_commands_own_write_into_its_build_is_one_line_and_leaves_nothing(code, fix, tmp_path):
+    """Only the steps of output_folder's own were one line: an OS error other than a full disk while a command wrote a
+    file into its build (a folder made read-only meanwhile, a failing disk) was a traceback. Whether raised as an
+    OSError naming the file, or quoted by a worker process's traceback or a Rust library (safetensors), it is one line
+    naming the output and what to do, and nothing is left."""
+    target = tmp_path / "out"
+    reason = os.strerror(code).lower()
+    with pytest.raises(OutputError) as raised, output_folder(target, "bench") as build:
+        raise OSError(code, os.strerror(code), str(build / "sub" / "a.bin"))
+    assert str(raised.value).startswith(f"cannot write sub/a.bin into the output folder being built ({reason}) — ")
+    assert f" — --output {target} — {fix}" in str(raised.value) and list(tmp_path.iterdir()) == []
+    with pytest.raises(OutputError) as raised, output_folder(target, "dataset") as build:
+        crash = f"Traceback ...\nOSError: [Errno {code}] {os.strerror(code)}: '{build}/train/chunk-0-0.bin'\n"
+        raise RuntimeError(f"Tokenizing the train split failed in a worker:\n{crash}")
+    assert str(raised.value).startswith(
+        f"cannot write train/chunk-0-0.bin into the output folder being built ({reason})"
+    )
+    assert list(tmp_path.iterdir()) == []
+    serializing = f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})"
+    with pytest.raises(OutputError) as raised, output_folder(target, "hf-export"):
+        raise RuntimeError(serializing)  # as safetensors' SafetensorError says it, naming no file
+    assert str(raised.value).startswith(f"cannot write into the output folder being built ({reason}) — --output")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_os_error_reading_an_input_while_building_is_not_said_as_the_outputs(tmp_path):
+    """A command reads its inputs while it builds (a prepare its corpus, analyze its data): their errors are theirs
+    to say, not a write into the output; an error that is not about the location (a missing file of the build: a bug)
+    keeps its traceback too."""
+    target, corpus = tmp_path / "out", tmp_path / "corpus.txt"
+    quoted = f"OSError: [Errno {errno.EACCES}] Permission denied: '{corpus}'"
+    for error in (
+        OSError(errno.EACCES, "Permission denied", str(corpus)),
+        RuntimeError(f"Tokenizing the train split into {target}/train failed: {quoted}"),
+        OSError(errno.ENOENT, "No such file or directory", str(target / "a.bin")),
+    ):
+        with pytest.raises(type(error)) as raised, output_folder(target, "bench"):
+            raise error
+        assert raised.value is error and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("name", ["o" * 255, "é" * 127, "oé" * 85, "run[1]"])
@@ -1332,6 +1450,44 @@ def test_export_is_atomic_and_a_reexport_leaves_no_stale_file(small_checkpoint, 
     assert "replaces only a folder epas_lightning wrote as its hf-export output" in err
 
 
+def test_an_os_error_of_an_exports_own_writes_is_one_line_and_leaves_nothing(small_checkpoint, tmp_path, capsys):
+    """export's own writes into its build (safetensors' weights, config.json) failing with an OS error other than a
+    full disk were tracebacks."""
+    from safetensors import SafetensorError
+
+    from epas_lightning.hf import export as export_module
+
+    out = tmp_path / "out"
+    argv = ["export", "--checkpoint", str(small_checkpoint), "--output", str(out)]
+    refused = SafetensorError("Error while serializing: I/O error: Permission denied (os error 13)")
+    read_only = OSError(errno.EROFS, os.strerror(errno.EROFS))
+    real = Path.write_text
+
+    def config_read_only(path: Path, *args, **kwargs):
+        if path.name == "config.json":
+            read_only.filename = str(path)
+            raise read_only
+        return real(path, *args, **kwargs)
+
+    def failing_disk(path: Path, *args, **kwargs):  # a write's error names no file, an open's does
+        if path.name == "generation_config.json":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(path, *args, **kwargs)
+
+    for owner, name, failing, says in (
+        (export_module, "save_file", lambda *a, **k: (_ for _ in ()).throw(refused), "write into"),
+        (Path, "write_text", config_read_only, "write config.json into"),
+        (Path, "write_text", failing_disk, "write into"),
+    ):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(owner, name, failing)
+            line = one_line_error(capsys, argv)
+        assert (
+            line.startswith(f"error: cannot {says} the output folder being built (") and f"— --output {out} —" in line
+        )
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
 def failing_at(step: str, out: Path):
     """``(owner, name, when, errno)``: the OS call that fails at ``step`` of writing ``out``, and when it does."""
     build, aside, doomed = f".{out.name}.tmp-", f".{out.name}.old-", f".{out.name}.del-"
@@ -1377,11 +1533,6 @@ def failing_at(step: str, out: Path):
         ("renaming the build into place", "cannot rename the finished output into place (device or resource busy)"),
         ("renaming the build into place, raced", "into place (directory not empty) — --output {out} — something else"),
         ("finishing the marker in place", "output is in place, but its marker could not be finished (permission"),
-        ("removing the previous output", "previous one could not be removed (permission denied) — {tmp}/.out.old-"),
-        (
-            "removing the previous output, a busy file",
-            "could not be removed (device or resource busy) — {tmp}/.out.del-",
-        ),
     ],
 )
 def test_an_os_error_at_any_step_of_writing_an_output_is_one_line_and_loses_nothing(
@@ -1409,20 +1560,49 @@ def test_an_os_error_at_any_step_of_writing_an_output_is_one_line_and_loses_noth
         patch.setattr(owner, name, fails)
         assert says.format(out=out, tmp=tmp_path) in one_line_error(capsys, argv)
     left = sorted(p.name for p in tmp_path.iterdir())
-    if step.startswith("removing"):  # the new output is in place; the previous one, or what remains, is marked ours
-        (hidden,) = set(left) - {"ckpt", "out"}
-        record = json.loads((tmp_path / hidden / MARKER).read_text())
-        assert (out / "model.safetensors").is_file() and record["output"] == "out"
-        (tmp_path / hidden / MARKER).write_text(json.dumps(record | {"pid": 2**22 + 12345}))  # once this process ends
-        assert remove_stale_builds(out) == [tmp_path / hidden]
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]
-    elif step == "finishing the marker in place":
+    if step == "finishing the marker in place":
         assert left == ["ckpt", "out"] and json.loads((out / MARKER).read_text())["kind"] == "hf-export"
     else:
         assert left == (["ckpt", "out"] if replacing else ["ckpt"])
-    if replacing and not step.startswith("removing"):
+    if replacing:
         assert (out / "a.txt").read_text() == "first"
         assert json.loads((out / MARKER).read_text()) == {"created_by": "epas_lightning", "kind": "hf-export"}
+
+
+@pytest.mark.parametrize(
+    ("step", "leftover"),
+    [("removing the previous output", ".out.old-"), ("removing the previous output, a busy file", ".out.del-")],
+)
+def test_a_previous_output_that_cannot_be_removed_after_its_replacement_is_a_warning(
+    step, leftover, small_checkpoint, tmp_path, capsys, monkeypatch
+):
+    """The removal of the previous output, once the new one had taken its place, failed the command with exit 2: its
+    work was done and the new output complete. It is one warning naming the folder left, and exit 0; the folder, marked
+    ours, is removed by the next run once this process is gone."""
+    out = tmp_path / "out"
+    with output_folder(out, "hf-export") as previous:
+        (previous / "a.txt").write_text("first")
+    owner, name, when, code = failing_at(step, out)
+    real = getattr(owner, name)
+
+    def fails(*args, **kwargs):
+        if when(*args, **kwargs):
+            raise OSError(code, os.strerror(code), str(args[0]))
+        return real(*args, **kwargs)
+
+    argv = ["export", "--checkpoint", str(small_checkpoint), "--output", str(out), "--overwrite"]
+    with monkeypatch.context() as patch:
+        patch.setattr(owner, name, fails)
+        assert main(argv) == 0
+    (hidden,) = {p.name for p in tmp_path.iterdir()} - {"ckpt", "out"}
+    warned = [line for line in capsys.readouterr().err.splitlines() if "could not be removed" in line]
+    assert len(warned) == 1 and f"{tmp_path / hidden} — remove it yourself" in warned[0], warned
+    assert hidden.startswith(leftover) and (out / "model.safetensors").is_file() and not (out / "a.txt").exists()
+    assert json.loads((out / MARKER).read_text()) == {"created_by": "epas_lightning", "kind": "hf-export"}
+    record = json.loads((tmp_path / hidden / MARKER).read_text())
+    (tmp_path / hidden / MARKER).write_text(json.dumps(record | {"pid": 2**22 + 12345}))  # once this process ends
+    assert remove_stale_builds(out) == [tmp_path / hidden]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]
 
 
 def test_an_output_folder_that_cannot_be_created_leaves_no_parent_folder_it_made(tmp_path, monkeypatch):
@@ -1463,6 +1643,51 @@ def test_a_previous_output_that_cannot_be_put_back_is_named_and_put_back_by_the_
     (aside / MARKER).write_text(json.dumps(record | {"pid": 2**22 + 12345}))  # as once this process is gone
     assert remove_stale_builds(out) == [] and (out / "a.txt").read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_previous_output_that_cannot_be_put_back_as_a_run_starts_is_named(tmp_path, monkeypatch):
+    """A run starting after a killed replacement puts the previous output it had moved aside back; where that failed,
+    the line said "cannot create the output folder" and named the target, not the hidden folder holding the output."""
+    target, aside = moved_aside_by_a_killed_run(tmp_path)
+    monkeypatch.setattr(
+        os, "replace", replace_failing(lambda source, destination: Path(destination) == target, errno.EACCES)
+    )
+    with pytest.raises(OutputError) as raised, output_folder(target, "bench", overwrite=True):
+        pass
+    assert str(raised.value) == (
+        f"cannot put the previous output back (permission denied) — {aside} — rename it to {target} yourself (the next "
+        "run at this output also does)"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == [aside.name] and (aside / "a.txt").read_text() == "first"
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_a_build_that_cannot_be_renamed_across_devices_is_not_told_to_move_an_output_away(
+    previous, tmp_path, monkeypatch
+):
+    """EXDEV advised "move it away yourself" at any rename: with no previous output, or with one already put back
+    after the build could not take its place, there is nothing to move away. Only a previous output that cannot be
+    moved aside is the user's to move."""
+    out = tmp_path / "out"
+    if previous:
+        first_output(out)
+    build_into_place = replace_failing(
+        lambda source, destination: Path(destination) == out and ".out.tmp-" in str(source), errno.EXDEV
+    )
+    with pytest.raises(OutputError) as raised, output_folder(out, "bench", overwrite=previous) as build:
+        (build / "a.txt").write_text("second")
+        monkeypatch.setattr(os, "replace", build_into_place)
+    assert str(raised.value).startswith("cannot rename the finished output into place (invalid cross-device link)")
+    assert "move" not in str(raised.value).split(" — ")[-1], raised.value
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == (["out"] if previous else [])
+    if not previous:
+        first_output(out)
+    aside = replace_failing(lambda source, destination: Path(source) == out, errno.EXDEV)
+    with pytest.raises(OutputError) as raised, output_folder(out, "bench", overwrite=True):
+        monkeypatch.setattr(os, "replace", aside)
+    assert str(raised.value).startswith("cannot move the previous output aside (invalid cross-device link)")
+    assert "move the previous output away yourself" in str(raised.value).split(" — ")[-1]
 
 
 def test_consolidate_copies_only_a_real_tokenizer(tmp_path, tiny_corpus, caplog):

@@ -23,7 +23,7 @@ from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model import Llama
 from epas_lightning.model.config import REUSED
 from epas_lightning.model.llama import check_has_weights, check_is_llama, holds_token_ids
-from epas_lightning.outputs import check_output, output_folder
+from epas_lightning.outputs import check_output, output_folder, writing_into
 from epas_lightning.progress import progress
 from epas_lightning.runtime import DType, check_counts, dtype_name, dtype_overflow, emit_json
 
@@ -242,7 +242,8 @@ def analyze_command(
             weights_trained_region=loaded.region.unrun_record(),
         )
         recommendation = report.recommend(metric, threshold, config)
-        record = write_outputs(report, recommendation, build, config.n_embd)
+        with writing_into(build):
+            record = write_outputs(report, recommendation, build, config.n_embd)
     if too_few_tokens(report, config.n_embd):
         print(
             f"note: only {report.n_tokens} tokens were measured, fewer than the model's {config.n_embd} features: the "

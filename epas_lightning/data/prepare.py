@@ -58,7 +58,7 @@ from epas_lightning.data.tokenizer import (
 )
 from epas_lightning.data.writing import TOKEN_DTYPE, default_num_workers, part_bytes, write_split
 from epas_lightning.errors import ConfigError
-from epas_lightning.outputs import output_folder
+from epas_lightning.outputs import output_folder, writing_into
 
 log = logging.getLogger(__name__)
 
@@ -393,7 +393,8 @@ def prepare_dataset(
         meta = build_dataset(build, files, choice, options)
         meta["inputs"] = [str(p) for p in inputs]
         meta["val_inputs"] = [str(p) for p in val_inputs] or None
-        write_meta(build, meta)
+        with writing_into(build):
+            write_meta(build, meta)
     return output
 
 

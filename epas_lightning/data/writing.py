@@ -34,6 +34,7 @@ from epas_lightning.data.layout import count_stream_tokens
 from epas_lightning.data.sources import BadDocument, DataPreparationError, InputFile, split_documents
 from epas_lightning.data.tokenizer import load_tokenizer_once
 from epas_lightning.errors import process_ending
+from epas_lightning.outputs import WRITE_ERRORS, quoted_os_errors
 from epas_lightning.worker_processes import never_collect_inherited_objects, print_stack_on_crash
 
 if TYPE_CHECKING:
@@ -411,6 +412,9 @@ def write_split(
         except WorkerEnded as e:
             raise worker_lost(e, split, workers) from None
         except RuntimeError as e:
+            # litdata's own writes (a worker's reads end in tokenize_work_item): a failing disk names no file
+            if written := [code for code, _ in quoted_os_errors(str(e)) if code in WRITE_ERRORS]:
+                raise OSError(written[0], os.strerror(written[0]), str(output_dir)) from e
             raise RuntimeError(f"Tokenizing the {split} split into {output_dir} failed: {e}") from e
     if errors := sorted(stats_dir.glob("error-*.txt")):
         raise DataPreparationError(*json.loads(errors[0].read_text()))

@@ -28,7 +28,7 @@ from epas_lightning.data.tokenizer import check_tokenizer_flag
 from epas_lightning.errors import ConfigError
 from epas_lightning.evaluation.evaluate_cli import format_table, region_lengths
 from epas_lightning.evaluation.lm_eval_documents import refusing_misscored_documents
-from epas_lightning.outputs import check_output, output_folder
+from epas_lightning.outputs import check_output, output_folder, writing_into
 from epas_lightning.runtime import DType, check_counts, emit_json, json_text, resolve_device
 
 INSTALL = "pip install 'epas_lightning[eval]'"
@@ -326,7 +326,7 @@ def lm_eval_command(
     )  # fmt: skip
     print(format_table(summary["rows"]))
     if output is not None:
-        with output_folder(output, OUTPUT_KIND, overwrite, inputs=[checkpoint]) as build:
+        with output_folder(output, OUTPUT_KIND, overwrite, inputs=[checkpoint]) as build, writing_into(build):
             write_outputs(summary, build)
         print(f"wrote {Path(output) / TABLE_FILE} and {SUMMARY_FILE}")
     emit_json(summary["rows"], json)

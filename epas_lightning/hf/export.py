@@ -41,7 +41,7 @@ from epas_lightning.errors import sentence_start
 from epas_lightning.hf.convert import ours_to_hf
 from epas_lightning.inference.generate import set_region
 from epas_lightning.model import LlamaConfig
-from epas_lightning.outputs import check_output, output_folder
+from epas_lightning.outputs import check_output, output_folder, writing_into
 from epas_lightning.provenance import carried, checked, export_metadata
 from epas_lightning.region import EXPORT_UNRUN_FIX, SHARING_FLAGS, TrainedRegion
 from epas_lightning.runtime import DType, dtype_name, emit_json, named_dtype
@@ -291,9 +291,10 @@ def export(
             provenance[EXPORT_REGION_KEY] = json.dumps(trained.to_record())
         save_file(state, build / "model.safetensors", metadata={"format": "pt", **provenance})
         record = hf_config(config, shared if use_remote else None, trained, loaded.bos_id, eos_ids, torch_dtype)
-        (build / "config.json").write_text(json.dumps(record, indent=2) + "\n")
         generation = {"bos_token_id": loaded.bos_id, "eos_token_id": eos_ids}
-        (build / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        with writing_into(build):
+            (build / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+            (build / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if use_remote:
             for name in REMOTE_FILES:
                 shutil.copyfile(REMOTE_DIR / name, build / name)

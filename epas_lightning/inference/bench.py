@@ -27,7 +27,7 @@ from epas_lightning.flops import estimate_flops
 from epas_lightning.inference.generate import generate, set_region
 from epas_lightning.inference.generate_cli import MIB, CudaGraph, check_device, cuda_graph_choice, load_for_inference
 from epas_lightning.model import LlamaConfig
-from epas_lightning.outputs import check_output, output_folder
+from epas_lightning.outputs import check_output, output_folder, writing_into
 from epas_lightning.progress import progress
 from epas_lightning.region import SHARING_FLAGS, sharing_layers_text
 from epas_lightning.runtime import DType, check_counts, dtype_name, emit_json, json_text
@@ -378,9 +378,10 @@ def bench_command(
             "budget_pick": pick,
             "rows": rows,
         }
-        write_csv(rows, build / "many_in_one.csv")
-        write_plot(summary, build / "many_in_one.png")
-        (build / "many_in_one.json").write_text(json_text(summary, indent=2) + "\n")
+        with writing_into(build):
+            write_csv(rows, build / "many_in_one.csv")
+            write_plot(summary, build / "many_in_one.png")
+            (build / "many_in_one.json").write_text(json_text(summary, indent=2) + "\n")
     print_table(summary)
     print(f"wrote {Path(output) / 'many_in_one.csv'}, .png and .json")
     emit_json(summary, json)
