@@ -34,9 +34,12 @@ def save_consolidated(
     return path
 
 
-def save_scripted(path: Path, tokenizer: Path, vocab_size: int, tokens: list[int]) -> Path:
+def save_scripted(
+    path: Path, tokenizer: Path, vocab_size: int, tokens: list[int], bos_id: int = 1, eos_id: int = 2
+) -> Path:
     """A 2-layer model whose greedy continuation of any prompt cycles through ``tokens``, consolidated with
-    ``tokenizer`` (BOS 1, EOS 2): attention and MLP add nothing, so each position's logits depend on its token only."""
+    ``tokenizer`` (BOS ``bos_id``, EOS ``eos_id``): attention and MLP add nothing, so each position's logits depend on
+    its token only."""
     torch.manual_seed(0)
     model = Llama(LlamaConfig.from_name("debug", n_layer=2, vocab_size=vocab_size, block_size=64))
     with torch.no_grad():
@@ -49,4 +52,4 @@ def save_scripted(path: Path, tokenizer: Path, vocab_size: int, tokens: list[int
         for i, token in enumerate(tokens):
             embed[token] = 0.0
             embed[token, 1 + i], head[tokens[(i + 1) % len(tokens)], 1 + i] = 1.0, 10.0
-    return save_consolidated(model, path, tokenizer, bos_id=1, eos_id=2)
+    return save_consolidated(model, path, tokenizer, bos_id=bos_id, eos_id=eos_id)

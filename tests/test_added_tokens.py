@@ -67,6 +67,22 @@ def test_a_sentencepiece_folder_s_added_tokens_are_ids_of_the_tokenizer(model, t
     assert prompt.count(ADDED["<|im_start|>"]) == 2 and prompt.count(ADDED["<|im_end|>"]) == 1
 
 
+@pytest.mark.parametrize(("piece", "text"), [("<s>", "mine ka"), ("</s>", "mine ka"), ("\u2581", "mine  ka")])
+def test_the_spaces_of_a_word_after_a_special_added_token_are_kept(model, tmp_path, piece, text):
+    """A run of pieces after an added token got back one space at most, of its first piece: after a control piece
+    (which decodes to nothing) none ('mine<|im_end|></s> ka' decoded to 'mineka'), and a lone space piece before the
+    word was lost ('mine<|im_end|>\u2581 ka': 'mine ka'), where transformers' decode of the same ids (a chat reply's
+    text) keeps every space. Before any other text, the run's leading spaces are dropped as before."""
+    transformers = pytest.importorskip("transformers")
+    folder = added_folder(tmp_path / "tok", model, "tokenizer_config.json")
+    tokenizer, hf = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    word = tokenizer.encode("mine")
+    ids = [*word, ADDED["<|im_end|>"], tokenizer.token_id(piece), *tokenizer.encode(" ka")]
+    assert tokenizer.decode(ids) == hf.decode(ids, skip_special_tokens=True) == text
+    run = ids[len(word) + 1 :]
+    assert tokenizer.decode([ADDED["<|im_end|>"], *run]) == tokenizer.backend.decode(run) == "ka"  # nothing before it
+
+
 def test_a_sentencepiece_folder_reads_as_transformers_reads_it(model, tmp_path):
     """Vocabulary size, EOS and the chat template's text as transformers' tokenizer of the same folder gives them: the
     template gets the folder's other special tokens too (unk, pad and the additional ones rendered empty before)."""

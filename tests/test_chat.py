@@ -399,3 +399,35 @@ def test_a_sentencepiece_reply_is_the_text_transformers_decodes_from_its_ids(tmp
     engine.add(0, SequenceRequest(prompt, len(words) + 1, 0, stream=True))
     streamed = [output.text for _ in range(len(words) + 2) for output in engine.step()]
     assert "".join(streamed) == " " + expected  # a completion goes on from its prompt's text, as before
+
+
+def test_a_byte_level_reply_keeps_the_space_that_transformers_decodes_before_its_first_word(tmp_path):
+    """A byte-level BPE token carries its word's space ('\u0120mine'): transformers' decode of a reply's ids keeps it,
+    and so do chat's and serve's reply, streamed or not (only a sentencepiece-style reply has no space before its first
+    word)."""
+    transformers = pytest.importorskip("transformers")
+    from model_dirs import save_scripted
+
+    from epas_lightning.checkpoint import load_model
+    from epas_lightning.data.tokenizer import load_tokenizer, train_byte_level_bpe
+
+    bpe = train_byte_level_bpe(["ka lo mine su\n"] * 20, 300)
+    bpe.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    (tmp_path / "bpe").mkdir()
+    bpe.save(str(tmp_path / "bpe" / "tokenizer.json"))
+    words = load_tokenizer(tmp_path / "bpe").encode(" mine ka")
+    size = bpe.get_vocab_size()
+    ckpt = save_scripted(tmp_path / "ckpt", tmp_path / "bpe" / "tokenizer.json", size, [*words, 1], bos_id=0, eos_id=1)
+    template = SENTENCEPIECE_CHATML.replace("{{ end }}", "\n")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template}
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
+    expected = transformers.AutoTokenizer.from_pretrained(ckpt).decode(words, skip_special_tokens=True)
+    assert expected == " mine ka"
+
+    prompt, served = serve_reply(ckpt, [{"role": "user", "content": "ka lo"}], len(words) + 1)
+    assert served == expected
+    deltas = []
+    sampling = chat_module.Sampling(0.0, None, None, 0)
+    tokenizer, model = resolve_tokenizer(describe_checkpoint(ckpt), None), load_model(ckpt).model
+    reply, _ = chat_module.stream_reply(model, prompt, tokenizer, len(words) + 1, sampling, deltas.append)
+    assert reply == "".join(deltas) == expected

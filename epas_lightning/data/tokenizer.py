@@ -149,14 +149,18 @@ class TextTokenizer:
 
     def _decode_with_added(self, ids: Sequence[int]) -> str:
         """Sentencepiece's text of each run of its pieces, and each added token's text (none for a special one); a
-        run after other text keeps the space of its word-initial first piece, as a ``tokenizer.json`` decodes it."""
+        run after other text keeps the leading spaces of its first pieces (sentencepiece drops them at a text's start;
+        control pieces such as ``</s>`` decode to nothing), as a ``tokenizer.json`` decodes it."""
         sp, pieces, texts, run = self.backend, self.backend.get_piece_size(), [], []
 
         def end_run() -> None:
             if run:
                 text = sp.decode(run)
-                space = "".join(texts) and sp.id_to_piece(run[0]).startswith(SPACE) and not text.startswith(" ")
-                texts.append(" " + text if space else text)
+                if "".join(texts):
+                    shown = "".join(sp.id_to_piece(i) for i in run if not sp.is_control(i))
+                    dropped = len(shown) - len(shown.lstrip(SPACE)) - (len(text) - len(text.lstrip(" ")))
+                    text = " " * dropped + text
+                texts.append(text)
                 run.clear()
 
         for i in ids:

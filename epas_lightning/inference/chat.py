@@ -188,8 +188,8 @@ def stream_reply(
     """Decode a reply to ``prompt`` with the model's current region, writing its text as it comes (never half a
     character; never an id the tokenizer lacks), until an end token of the model (``tokenizer.stop_ids``) or
     ``max_new_tokens``. Returns the text written and whether Ctrl+C stopped it (the text is then what was written
-    until then). The text is the reply's tokens' alone, as transformers decodes a reply's ids (no space before its first
-    word after the prompt)."""
+    until then). The text is the reply's tokens' alone, as transformers decodes a reply's ids (a sentencepiece-style
+    reply has no space before its first word; a byte-level BPE one keeps its first token's)."""
     text = TextStream(tokenizer.decode)
     try:  # a Ctrl+C while the decoder is built (its KV cache allocated) stops the reply too
         decoder = Decoder(

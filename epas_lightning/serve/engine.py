@@ -54,9 +54,9 @@ class Sampling:
 @dataclass
 class SequenceRequest:
     """One sequence to decode: prompt token ids, its region (the first ``n_shared`` trained layers) and limits.
-    ``reply``: a chat reply, whose text is its tokens' alone (as transformers decodes a reply's ids: no space before
-    its first word); else a completion, whose text goes on from its prompt's
-    (:func:`~epas_lightning.data.tokenizer.decode_continuation`)."""
+    ``reply``: a chat reply, whose text is its tokens' alone (as transformers decodes a reply's ids: a
+    sentencepiece-style reply has no space before its first word); else a completion, whose text goes on from its
+    prompt's (:func:`~epas_lightning.data.tokenizer.decode_continuation`)."""
 
     prompt: list[int]
     max_tokens: int
