@@ -19,6 +19,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from epas_lightning.checkpoint_formats import read_checkpoint
 from epas_lightning.errors import ConfigError
 from epas_lightning.flops import flop_cut, peak_dtype_name, peak_flops
 from epas_lightning.heldout_metric import HeldOutLoss
@@ -35,6 +36,7 @@ from epas_lightning.schedule import (
     check_pace,
     resolve_target,
 )
+from epas_lightning.trainer_call import restored_checkpoint
 
 SCORING_A_CHECKPOINT: ContextVar[bool] = ContextVar("scoring_a_checkpoint", default=False)
 """Set while the command line builds ``validate``/``test --ckpt_path``'s objects: ``val_sharing_layers`` count the
@@ -187,6 +189,9 @@ class ProgressiveSharing(Callback):
                 f"set it to {n_layer}, or leave it unset (the model's)",
             )
         self.schedule = self._build(n_layer, check_lengths=stage == "fit")  # validate/test: the checkpoint's region
+        scored = stage in ("validate", "test") and self.val_sharing_layers
+        if scored and (ckpt_path := restored_checkpoint(trainer)) is not None:  # before Lightning loads its weights
+            self.check_scored_checkpoint(read_checkpoint(ckpt_path, weights=False, flag="ckpt_path")[1], n_layer)
         if stage == "fit" and self.enabled:
             let_ddp_find_unused_parameters(trainer, self.schedule.start_step)
             rank_zero_info(
@@ -330,17 +335,19 @@ class ProgressiveSharing(Callback):
         self.reached_at = state_dict.get("reached_at")
         self._resumed_settings = _saved_settings(state_dict)
 
-    def check_scored_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def check_scored_checkpoint(self, checkpoint: dict[str, Any], n_layer: int | None = None) -> None:
         """``validate``/``test`` of a checkpoint, before it loads: lengths of ``val_sharing_layers`` past the region it
         trained are refused from ``checkpoint``, its metadata (its state of this callback; of a weights-only one, the
-        region it records), as :meth:`on_validation_start` refuses them once it has loaded."""
-        if not self.val_sharing_layers or self.schedule is None or self.n_layer is None:
+        region it records), as :meth:`on_validation_start` refuses them once it has loaded. ``n_layer``: the model's
+        (default: the configured ``n_layer``; :meth:`setup` calls it with the model's for a ``Trainer`` call)."""
+        n_layer = self.n_layer if n_layer is None else n_layer
+        if not self.val_sharing_layers or self.schedule is None or n_layer is None:
             return
         state = (checkpoint.get("callbacks") or {}).get(self.state_key)
         saved = _saved_settings(state) if isinstance(state, dict) else None
         recorded = checkpoint.get(REGION_KEY) if is_weights_only(checkpoint) else None
-        configured = (TrainedRegion(self.n_layer, self.schedule.target_layers, self.order),)
-        self._regions_of(*(self._checkpoint_region(saved, recorded, self.n_layer) or configured))
+        configured = (TrainedRegion(n_layer, self.schedule.target_layers, self.order),)
+        self._regions_of(*(self._checkpoint_region(saved, recorded, n_layer) or configured))
 
     def _same_schedule(self, saved: dict[str, Any], n_layer: int) -> bool:
         """Whether the checkpoint's settings ``saved`` grow the same region at the same steps as the configured ones

@@ -31,6 +31,7 @@ import os
 import random
 import re
 import sys
+import typing
 import warnings
 from argparse import ArgumentError
 from contextvars import ContextVar
@@ -199,6 +200,7 @@ class EPASCLI(LightningCLI):
 
     def __init__(self, *args: Any, commands: tuple[str, ...] = LIGHTNING_COMMANDS, **kwargs: Any) -> None:
         self._commands = commands
+        forget_cached_unions()  # before jsonargparse reads the signatures
         super().__init__(*args, **kwargs)
 
     def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]  # Lightning's is static
@@ -485,6 +487,18 @@ def check_same_model(model_config: Any, ckpt_path: str) -> None:
     check_resumed_model(
         as_model_config(model_config), recorded_config(ckpt_path, "--ckpt_path"), f"--ckpt_path {ckpt_path}"
     )
+
+
+def forget_cached_unions() -> None:
+    """Empty typing's caches of subscripted types, so that the options' unions keep their signatures' order.
+
+    jsonargparse makes a union whose default is ``None`` ``Optional[...]`` as it reads a signature; typing caches
+    ``Union[...]`` by its members, and unions of the same members in another order are equal: once the process had
+    read ``float | int | None = None`` (a notebook's own parser, a test before), Lightning's ``limit_train_batches:
+    int | float | None`` came back float first: ``-1`` parsed as ``-1.0``, and ``3`` as ``3.0``, which Lightning
+    reads as a fraction. The caches only save time; CPython's own test runner empties them the same way."""
+    for cache_clear in getattr(typing, "_cleanups", ()):
+        cache_clear()
 
 
 def check_scored_regions(callbacks: list[Any], ckpt_path: str) -> None:

@@ -61,6 +61,7 @@ from epas_lightning.run_checkpoint import (
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
 from epas_lightning.safe_load import is_weights_only, plain_numbers, release_kept_read, verify_checkpoint
 from epas_lightning.step_logging import mean_over_ranks, read_alike_on_every_rank, replace_logged, step_is_logged
+from epas_lightning.trainer_call import restored_checkpoint
 from epas_lightning.trainer_checks import check_gradient_clip
 
 if TYPE_CHECKING:
@@ -233,6 +234,14 @@ class EPASModule(LightningModule):
         line calls it at once for a run that resumes nothing, before any data is prepared."""
         if self._init_from_refusal is not None:
             raise self._init_from_refusal
+
+    def configure_callbacks(self) -> list[Callback]:
+        """None of its own. The first hook of a ``Trainer`` call, before any data is prepared and before the loggers
+        make their folders: a fit that starts from ``init_from`` (resumes nothing) refuses it here where it was gone,
+        or its weights did not read or fit, as the module was built (:meth:`check_init_from`)."""
+        if self.trainer.state.fn == TrainerFn.FITTING and restored_checkpoint(self.trainer) is None:
+            self.check_init_from()
+        return []
 
     def setup(self, stage: str) -> None:
         self._restored_checked = self._repeats_checked = False

@@ -230,6 +230,26 @@ def test_a_validation_interval_longer_than_the_limited_epoch_is_one_line(tmp_pat
         lightning_cli(["--config", DEBUG, *flags], run=False)
 
 
+def test_a_float_first_union_parsed_earlier_in_the_process_leaves_integer_limits_integers(tmp_path, monkeypatch):
+    """`--trainer.limit_train_batches -1` read as -1.0 (the refusal above said "invalid value -1.0") once the process
+    had parsed a signature with `float | int | None = None` (a notebook's own jsonargparse parser; one test before it in
+    a pytest-xdist worker): jsonargparse makes both `Optional[...]`, and typing's cache, to which unions of the same
+    members in another order are equal, returned the float-first one for Lightning's `int | float | None`."""
+    from jsonargparse import ArgumentParser
+
+    def scaled(scale: float | int | None = None) -> None:  # the order that made it float first
+        pass
+
+    ArgumentParser(exit_on_error=False).add_function_arguments(scaled)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=re.escape("invalid value -1 for limit_train_batches")):
+        lightning_cli(["--config", DEBUG, "--trainer.limit_train_batches", "-1"], run=False)
+    cli = lightning_cli(
+        ["--config", DEBUG, "--trainer.limit_train_batches", "3", "--trainer.val_check_interval", "2"], run=False
+    )
+    assert cli.config.trainer.limit_train_batches == 3 and isinstance(cli.config.trainer.limit_train_batches, int)
+
+
 def test_built_in_corpus_settings_beside_a_prepared_folder(tmp_path, monkeypatch):
     """`--data.max_bytes` (or `cache_dir`) with `--data.data_dir` did nothing, without a word: given with the folder
     or after it (on the command line, in the same config file) they are refused; debug.yaml's own max_bytes, which a

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import inspect
 import json
+import re
 import warnings
 import weakref
 from dataclasses import replace
@@ -2032,3 +2033,25 @@ def test_export_warns_when_the_sentencepiece_json_tokenizes_otherwise(tmp_path: 
     export_tokenizer(model, tmp_path / "hf", 64, None, None)
     warning = f'the exported tokenizer.json does not tokenize as {model} the model trained with: "Hello world'
     assert warning in caplog.text and len(caplog.records) == 1 and "\n" not in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("case", ["gone", "truncated", "shape"])
+def test_a_python_fit_refuses_broken_init_from_before_preparing_data_or_logging(tmp_path: Path, monkeypatch, case):
+    """``trainer.fit(EPASModule(config, init_from=broken), data)`` (gone, corrupt, another shape) was refused only
+    when training started: after the datamodule's prepare_data ran and the logger made its folder. It is refused before
+    either (the command line's order); the module keeps the refusal it read from the headers as it was built."""
+    from epas_lightning import TokenDataModule
+    from epas_lightning.init_from import source_config
+
+    def prepared(self) -> None:  # noqa: ANN001
+        raise AssertionError("data prepared before init_from was refused")
+
+    monkeypatch.setattr(TokenDataModule, "prepare_data", prepared)
+    config = source_config(save_tiny_hf(tmp_path / "source"), block_size=32)
+    path, says = (tmp_path / "gone", "does not exist") if case == "gone" else _broken_init_source(tmp_path, case)
+    module = EPASModule(config, init_from=str(path))
+    data = TokenDataModule(tmp_path / "corpus", seq_len=32, batch_size=2, vocab_size=VOCAB)
+    trainer = cpu_trainer(tmp_path / "run", max_steps=1, logger=True)
+    with pytest.raises(CheckpointError, match=re.escape(says)):
+        trainer.fit(module, data)
+    assert not (tmp_path / "run").exists()

@@ -17,6 +17,7 @@ from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDat
 from epas_lightning.checkpoint import load_model
 from epas_lightning.cli import main as cli_main
 from epas_lightning.consolidation import consolidate
+from epas_lightning.errors import ConfigError
 from epas_lightning.inference import generate, set_region
 from epas_lightning.inference.bench import flops_ratio, region_for_budget
 
@@ -649,6 +650,32 @@ def test_validate_refuses_val_sharing_layers_past_the_checkpoints_region_before_
         rc, _, err = run_cli(capsys, *args, "--sharing.val_sharing_layers", "[1, 3]")
         whose = "region" if weights_only else "target region"
         assert rc == 2 and f"3 sharing layers were asked for; the checkpoint's {whose} has 2 (layers [3, 2])" in err
+
+
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_python_validate_refuses_val_sharing_layers_past_the_checkpoints_region_before_it_loads(
+    trained, tiny_corpus, tmp_path, monkeypatch, weights_only
+):
+    """``trainer.validate(module, data, ckpt_path=...)`` (and ``test``) with val_sharing_layers past the region the
+    checkpoint trained was refused only once Lightning had loaded its weights; now from its metadata, before Lightning
+    opens it, as the command line does (above)."""
+    from epas_lightning.checkpoint_io import AtomicCheckpointIO
+
+    def read(*args, **kwargs):
+        raise AssertionError("Lightning read the checkpoint")
+
+    config = load_model(trained).model.config
+    data = TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=config.vocab_size)
+    if weights_only:
+        state = {k: v for k, v in torch.load(trained, weights_only=True).items() if k not in TRAINING_STATE}
+        torch.save(state, trained := tmp_path / "weights.ckpt")
+    monkeypatch.setattr(AtomicCheckpointIO, "load_checkpoint", read)
+    whose = "region" if weights_only else "target region"
+    for stage in ("validate", "test"):
+        sharing = ProgressiveSharing(target=1, val_sharing_layers=[1, 3])
+        trainer = cpu_trainer(tmp_path, 1, [sharing], limit_val_batches=1, limit_test_batches=1)
+        with pytest.raises(ConfigError, match=rf"3 sharing layers were asked for; the checkpoint's {whose} has 2 "):
+            getattr(trainer, stage)(EPASModule(config), data, ckpt_path=trained, verbose=False)
 
 
 def reads_of(path, monkeypatch) -> list[str]:

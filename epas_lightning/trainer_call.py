@@ -1,0 +1,25 @@
+"""The checkpoint a ``Trainer`` call (``fit``, ``validate``, ``test``, ``predict``) restores, known before it reads it.
+
+Lightning resolves ``ckpt_path`` (``"last"`` included) before its first hook, but keeps it in ``Trainer._run``'s
+arguments until it opens the file, after ``prepare_data``, the loggers' folders and ``setup``: ``trainer.ckpt_path``
+is still the previous call's. Checks that must come first (a fit that starts from ``init_from`` rather than a resume,
+a scored checkpoint's region) read it here.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from lightning.pytorch import Trainer
+
+
+def restored_checkpoint(trainer: Trainer) -> Any:
+    """The ``ckpt_path`` the running call of ``trainer`` restores (``None``: none), as Lightning resolved it; called
+    from one of its hooks. Outside a call (a hook called by hand), ``trainer.ckpt_path``."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is Trainer._run.__code__ and frame.f_locals.get("self") is trainer:
+            return frame.f_locals.get("ckpt_path")
+        frame = frame.f_back
+    return trainer.ckpt_path
