@@ -1402,6 +1402,23 @@ def test_a_sharing_layer_called_without_its_pair_says_so(tmp_path: Path) -> None
         assert hf.model.layers[2](h, **kept).shape == h.shape
 
 
+def test_a_config_where_layer_0_shares_is_refused_saying_which_layers_may(tmp_path: Path) -> None:
+    """``from_pretrained(..., epas_shared_layers=[...])`` sets the region past the config's checks: with layer 0 in it
+    the forward failed with "max() arg is an empty sequence". It is refused at load, and a region set on the config
+    afterwards in the forward, naming the layers that may share."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=3, shared=1)
+    out = export(tmp_path / "ckpt", tmp_path / "hf")
+    refusal = "Layer 0 cannot share.*1\\.\\.2"
+    with pytest.raises(ValueError, match=refusal):
+        transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, epas_shared_layers=[0, 2])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    hf.config.epas_shared_layers = [0, 2]
+    with torch.no_grad(), pytest.raises(ValueError, match=refusal):
+        hf(torch.randint(3, VOCAB, (1, 8)))
+
+
 def test_the_remote_code_builds_each_layer_once_as_the_stock_llama_does(tmp_path: Path) -> None:
     """The remote base model built the stock decoder layers, initialised them, then built its own over them: twice the
     layers to build and initialise in ``from_config`` (pretraining the architecture from scratch), and other random

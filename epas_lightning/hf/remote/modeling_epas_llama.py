@@ -162,9 +162,23 @@ def _fingerprint(x):
     return tuple(x.shape), x.dtype, int(bits.sum()), int((bits * places).sum())
 
 
+def _region_error(config, layers):
+    """The error for ``layers`` of ``config.epas_shared_layers`` that cannot share (the region set past the config's
+    checks: a ``from_pretrained`` keyword, the loaded config changed)."""
+    which = f"Layer {layers[0]}" if len(layers) == 1 else f"Layers {layers}"
+    return ValueError(
+        f"{which} cannot share: epas_shared_layers may list layers 1..{config.num_hidden_layers - 1} (layer 0 computes "
+        "the first pair); give a region within them, or call model.set_region(n) for the first n of the trained one."
+    )
+
+
 def _cannot_share(config, layer_idx):
-    """The error for sharing layer ``layer_idx`` called without the pair of its source."""
-    source = max(i for i in range(layer_idx) if i not in config.epas_shared_layers)
+    """The error for sharing layer ``layer_idx`` called without the pair of its source (or with no layer before it to
+    compute one)."""
+    sources = [i for i in range(layer_idx) if i not in config.epas_shared_layers]
+    if not sources:
+        return _region_error(config, [layer_idx])
+    source = max(sources)
     pair = "Q/K" if config.epas_sharing_mode == "qk" else "K/V"
     return RuntimeError(
         f"Layer {layer_idx} reuses layer {source}'s {pair}, which it was not handed: it gets them in the model's "
@@ -340,6 +354,9 @@ class EpasLlamaModel(LlamaModel):
 
     def __init__(self, config):  # LlamaModel's, with EPAS layers: each layer built and initialised once, as stock
         LlamaPreTrainedModel.__init__(self, config)
+        bad = [i for i in config.epas_shared_layers if not 1 <= i < config.num_hidden_layers]
+        if bad:  # set past the config's checks: refused before anything is built or a weight loaded
+            raise _region_error(config, bad)
         self.padding_idx, self.vocab_size = config.pad_token_id, config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(EpasLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
