@@ -1402,6 +1402,27 @@ def test_a_sharing_layer_called_without_its_pair_says_so(tmp_path: Path) -> None
         assert hf.model.layers[2](h, **kept).shape == h.shape
 
 
+def test_a_loop_sample_by_sample_through_the_layers_keeps_one_samples_pairs(tmp_path: Path) -> None:
+    """A tool may call the layers alone sample by sample, each through every layer, with one sample's arguments: the
+    relay kept every sample's pairs for the layers after the source (two more per sample, without bound). Once the
+    source runs again, what the layers after it took is spent: one sample's pairs are kept, the outputs unchanged."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=4, shared=2)  # layers 2, 3 reuse layer 1's pair
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "hf"), trust_remote_code=True, dtype=torch.float32
+    ).eval()
+    samples = [torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    with torch.no_grad():
+        caught = layer_inputs(hf, samples)
+        options = caught[0][1]  # the first sample's for all
+        for (h, _), ids in zip(caught, samples, strict=True):
+            for layer in hf.model.layers:
+                h = layer(h, **options).clone()
+            torch.testing.assert_close(hf.model.norm(h), hf.model(ids).last_hidden_state, atol=1e-5, rtol=1e-5)
+    assert len(options["epas_relay"].kept) == 2  # the last sample's, for layers 2 and 3
+
+
 def test_a_config_where_layer_0_shares_is_refused_saying_which_layers_may(tmp_path: Path) -> None:
     """``from_pretrained(..., epas_shared_layers=[...])`` sets the region past the config's checks: with layer 0 in it
     the forward failed with "max() arg is an empty sequence". It is refused at load, and a region set on the config

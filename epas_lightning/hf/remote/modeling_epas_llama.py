@@ -200,6 +200,7 @@ class _Relay:
         self.pair, self.weights, self.live = (), [] if record_weights else None, True
         self.taken_by = None  # called alone: the layer whose call took the pair
         self.kept, self.sources = {}, {}  # (layer, its input's fingerprint) -> pair; (layer, fingerprint) -> whence
+        self.spent = set()  # the keys in ``kept`` of the pairs a sharing layer took
 
     def pair_for(self, layer_idx):
         """The pair layer ``layer_idx`` may read: in the forward the last one handed on; called alone the one its own
@@ -213,20 +214,27 @@ class _Relay:
         given = _fingerprint(hidden_states) if shares or hands_on else None
         if shares:
             self.pair = self.kept.get((layer_idx, given), ())
+            if self.pair:
+                self.spent.add((layer_idx, given))
         return given if hands_on else None
 
     def leave(self, layer_idx, given, output):
         """Called alone: hand the pair on (detached: a layer alone takes it as data) to layer ``layer_idx + 1`` given
         exactly ``output``, where ``given`` (the fingerprint of this call's input) is not None. What this layer handed
-        on from that input before is dropped (a layer trained alone, epoch after epoch), and what went to layers before
-        it (kept for it: a tool may run a layer twice over its inputs, GPTQ's second pass over the quantized one)."""
+        on from that input before is dropped (a layer trained alone, epoch after epoch), what went to layers before it
+        (kept for it: a tool may run a layer twice over its inputs, GPTQ's second pass over the quantized one) and what
+        layers after it took (spent: this layer running again starts their next sweep, as a loop sample by sample
+        through all the layers does), so a layer-by-layer loop keeps one pass's pairs and a sample-by-sample one a
+        sample's."""
         if given is not None:
-            self.kept = {key: pair for key, pair in self.kept.items() if key[0] >= layer_idx}
-            self.sources = {key: whence for key, whence in self.sources.items() if key[0] >= layer_idx}
+            kept = {key for key in self.kept if key[0] >= layer_idx and not (key[0] > layer_idx and key in self.spent)}
+            self.kept = {key: self.kept[key] for key in kept}
+            self.sources = {key: whence for key, whence in self.sources.items() if (key[0], whence) in kept}
             self.kept.pop((layer_idx + 1, self.sources.pop((layer_idx + 1, given), None)), None)
             handed = _fingerprint(output)
             self.kept[layer_idx + 1, handed] = tuple(x.detach() for x in self.pair)
             self.sources[layer_idx + 1, given] = handed
+            self.spent = {key for key in self.spent if key in self.kept and key != (layer_idx + 1, handed)}
         self.pair, self.taken_by = (), None
 
 
