@@ -1423,6 +1423,33 @@ def test_a_loop_sample_by_sample_through_the_layers_keeps_one_samples_pairs(tmp_
     assert len(options["epas_relay"].kept) == 2  # the last sample's, for layers 2 and 3
 
 
+def test_a_sharing_layers_attention_alone_after_its_layer_was_cut_short_says_so(tmp_path: Path) -> None:
+    """A tool may stop a layer's call once it holds what it came for (a hook raising in the MLP, as an early stop), then
+    call its attention alone over other samples: the pair that cut-short call took stayed in the relay, so the attention
+    ran on it for every sample, silently another model. A call cut short leaves nothing to take; the attention alone
+    is refused as without it."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=3, shared=1)  # layer 2 reuses layer 1's pair
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "hf"), trust_remote_code=True, dtype=torch.float32
+    ).eval()
+
+    def stop(module: torch.nn.Module, args: tuple) -> None:
+        raise Captured
+
+    with torch.no_grad():
+        ((h, options),) = layer_inputs(hf, [torch.randint(3, VOCAB, (1, 8))])
+        h = hf.model.layers[1](hf.model.layers[0](h, **options), **options)
+        handle = hf.model.layers[2].mlp.register_forward_pre_hook(stop)
+        with pytest.raises(Captured):
+            hf.model.layers[2](h, **options)
+        handle.remove()
+        with pytest.raises(RuntimeError, match="Layer 2 reuses layer 1's Q/K"):
+            hf.model.layers[2].self_attn(hidden_states=torch.randn_like(h), **options)
+        torch.testing.assert_close(hf.model.layers[2](h, **options), hf.model.layers[2](h, **options))
+
+
 def test_a_config_where_layer_0_shares_is_refused_saying_which_layers_may(tmp_path: Path) -> None:
     """``from_pretrained(..., epas_shared_layers=[...])`` sets the region past the config's checks: with layer 0 in it
     the forward failed with "max() arg is an empty sequence". It is refused at load, and a region set on the config

@@ -235,6 +235,9 @@ class _Relay:
             self.kept[layer_idx + 1, handed] = tuple(x.detach() for x in self.pair)
             self.sources[layer_idx + 1, given] = handed
             self.spent = {key for key in self.spent if key in self.kept and key != (layer_idx + 1, handed)}
+
+    def end(self):
+        """Called alone, the layer's call over, or cut short (a hook's early stop): no pair left for another call."""
         self.pair, self.taken_by = (), None
 
 
@@ -309,18 +312,22 @@ class EpasLlamaDecoderLayer(LlamaDecoderLayer):
         alone = relay is not None and not relay.live  # a layer-wise tool's call, with a finished forward's arguments
         if alone:
             given = relay.enter(index, hidden_states, shares=index in shared, hands_on=index + 1 in shared)
-        attended, weights = self.self_attn(
-            hidden_states=self.input_layernorm(hidden_states),
-            attention_mask=attention_mask,
-            position_embeddings=position_embeddings,
-            **kwargs,
-        )
-        if relay is not None and relay.weights is not None:
-            relay.weights.append(weights)
-        hidden_states = hidden_states + attended
-        output = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-        if alone:
-            relay.leave(index, given, output)
+        try:
+            attended, weights = self.self_attn(
+                hidden_states=self.input_layernorm(hidden_states),
+                attention_mask=attention_mask,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+            if relay is not None and relay.weights is not None:
+                relay.weights.append(weights)
+            hidden_states = hidden_states + attended
+            output = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+            if alone:
+                relay.leave(index, given, output)
+        finally:
+            if alone:
+                relay.end()
         return output
 
     @property
