@@ -1403,6 +1403,71 @@ def test_a_sharing_layer_called_without_its_pair_says_so(tmp_path: Path) -> None
         assert hf.model.layers[2](h, **kept).shape == h.shape
 
 
+def test_a_loop_sample_by_sample_through_the_layers_keeps_one_samples_pairs(tmp_path: Path) -> None:
+    """A tool may call the layers alone sample by sample, each through every layer, with one sample's arguments: the
+    relay kept every sample's pairs for the layers after the source (two more per sample, without bound). Once the
+    source runs again, what the layers after it took is spent: one sample's pairs are kept, the outputs unchanged."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=4, shared=2)  # layers 2, 3 reuse layer 1's pair
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "hf"), trust_remote_code=True, dtype=torch.float32
+    ).eval()
+    samples = [torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    with torch.no_grad():
+        caught = layer_inputs(hf, samples)
+        options = caught[0][1]  # the first sample's for all
+        for (h, _), ids in zip(caught, samples, strict=True):
+            for layer in hf.model.layers:
+                h = layer(h, **options).clone()
+            torch.testing.assert_close(hf.model.norm(h), hf.model(ids).last_hidden_state, atol=1e-5, rtol=1e-5)
+    assert len(options["epas_relay"].kept) == 2  # the last sample's, for layers 2 and 3
+
+
+def test_a_sharing_layers_attention_alone_after_its_layer_was_cut_short_says_so(tmp_path: Path) -> None:
+    """A tool may stop a layer's call once it holds what it came for (a hook raising in the MLP, as an early stop), then
+    call its attention alone over other samples: the pair that cut-short call took stayed in the relay, so the attention
+    ran on it for every sample, silently another model. A call cut short leaves nothing to take; the attention alone
+    is refused as without it."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=3, shared=1)  # layer 2 reuses layer 1's pair
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "ckpt", tmp_path / "hf"), trust_remote_code=True, dtype=torch.float32
+    ).eval()
+
+    def stop(module: torch.nn.Module, args: tuple) -> None:
+        raise Captured
+
+    with torch.no_grad():
+        ((h, options),) = layer_inputs(hf, [torch.randint(3, VOCAB, (1, 8))])
+        h = hf.model.layers[1](hf.model.layers[0](h, **options), **options)
+        handle = hf.model.layers[2].mlp.register_forward_pre_hook(stop)
+        with pytest.raises(Captured):
+            hf.model.layers[2](h, **options)
+        handle.remove()
+        with pytest.raises(RuntimeError, match="Layer 2 reuses layer 1's Q/K"):
+            hf.model.layers[2].self_attn(hidden_states=torch.randn_like(h), **options)
+        torch.testing.assert_close(hf.model.layers[2](h, **options), hf.model.layers[2](h, **options))
+
+
+def test_a_config_where_layer_0_shares_is_refused_saying_which_layers_may(tmp_path: Path) -> None:
+    """``from_pretrained(..., epas_shared_layers=[...])`` sets the region past the config's checks: with layer 0 in it
+    the forward failed with "max() arg is an empty sequence". It is refused at load, and a region set on the config
+    afterwards in the forward, naming the layers that may share."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=3, shared=1)
+    out = export(tmp_path / "ckpt", tmp_path / "hf")
+    refusal = "Layer 0 cannot share.*1\\.\\.2"
+    with pytest.raises(ValueError, match=refusal):
+        transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, epas_shared_layers=[0, 2])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    hf.config.epas_shared_layers = [0, 2]
+    with torch.no_grad(), pytest.raises(ValueError, match=refusal):
+        hf(torch.randint(3, VOCAB, (1, 8)))
+
+
 def test_the_remote_code_builds_each_layer_once_as_the_stock_llama_does(tmp_path: Path) -> None:
     """The remote base model built the stock decoder layers, initialised them, then built its own over them: twice the
     layers to build and initialise in ``from_config`` (pretraining the architecture from scratch), and other random

@@ -162,9 +162,23 @@ def _fingerprint(x):
     return tuple(x.shape), x.dtype, int(bits.sum()), int((bits * places).sum())
 
 
+def _region_error(config, layers):
+    """The error for ``layers`` of ``config.epas_shared_layers`` that cannot share (the region set past the config's
+    checks: a ``from_pretrained`` keyword, the loaded config changed)."""
+    which = f"Layer {layers[0]}" if len(layers) == 1 else f"Layers {layers}"
+    return ValueError(
+        f"{which} cannot share: epas_shared_layers may list layers 1..{config.num_hidden_layers - 1} (layer 0 computes "
+        "the first pair); give a region within them, or call model.set_region(n) for the first n of the trained one."
+    )
+
+
 def _cannot_share(config, layer_idx):
-    """The error for sharing layer ``layer_idx`` called without the pair of its source."""
-    source = max(i for i in range(layer_idx) if i not in config.epas_shared_layers)
+    """The error for sharing layer ``layer_idx`` called without the pair of its source (or with no layer before it to
+    compute one)."""
+    sources = [i for i in range(layer_idx) if i not in config.epas_shared_layers]
+    if not sources:
+        return _region_error(config, [layer_idx])
+    source = max(sources)
     pair = "Q/K" if config.epas_sharing_mode == "qk" else "K/V"
     return RuntimeError(
         f"Layer {layer_idx} reuses layer {source}'s {pair}, which it was not handed: it gets them in the model's "
@@ -186,6 +200,7 @@ class _Relay:
         self.pair, self.weights, self.live = (), [] if record_weights else None, True
         self.taken_by = None  # called alone: the layer whose call took the pair
         self.kept, self.sources = {}, {}  # (layer, its input's fingerprint) -> pair; (layer, fingerprint) -> whence
+        self.spent = set()  # the keys in ``kept`` of the pairs a sharing layer took
 
     def pair_for(self, layer_idx):
         """The pair layer ``layer_idx`` may read: in the forward the last one handed on; called alone the one its own
@@ -199,20 +214,30 @@ class _Relay:
         given = _fingerprint(hidden_states) if shares or hands_on else None
         if shares:
             self.pair = self.kept.get((layer_idx, given), ())
+            if self.pair:
+                self.spent.add((layer_idx, given))
         return given if hands_on else None
 
     def leave(self, layer_idx, given, output):
         """Called alone: hand the pair on (detached: a layer alone takes it as data) to layer ``layer_idx + 1`` given
         exactly ``output``, where ``given`` (the fingerprint of this call's input) is not None. What this layer handed
-        on from that input before is dropped (a layer trained alone, epoch after epoch), and what went to layers before
-        it (kept for it: a tool may run a layer twice over its inputs, GPTQ's second pass over the quantized one)."""
+        on from that input before is dropped (a layer trained alone, epoch after epoch), what went to layers before it
+        (kept for it: a tool may run a layer twice over its inputs, GPTQ's second pass over the quantized one) and what
+        layers after it took (spent: this layer running again starts their next sweep, as a loop sample by sample
+        through all the layers does), so a layer-by-layer loop keeps one pass's pairs and a sample-by-sample one a
+        sample's."""
         if given is not None:
-            self.kept = {key: pair for key, pair in self.kept.items() if key[0] >= layer_idx}
-            self.sources = {key: whence for key, whence in self.sources.items() if key[0] >= layer_idx}
+            kept = {key for key in self.kept if key[0] >= layer_idx and not (key[0] > layer_idx and key in self.spent)}
+            self.kept = {key: self.kept[key] for key in kept}
+            self.sources = {key: whence for key, whence in self.sources.items() if (key[0], whence) in kept}
             self.kept.pop((layer_idx + 1, self.sources.pop((layer_idx + 1, given), None)), None)
             handed = _fingerprint(output)
             self.kept[layer_idx + 1, handed] = tuple(x.detach() for x in self.pair)
             self.sources[layer_idx + 1, given] = handed
+            self.spent = {key for key in self.spent if key in self.kept and key != (layer_idx + 1, handed)}
+
+    def end(self):
+        """Called alone, the layer's call over, or cut short (a hook's early stop): no pair left for another call."""
         self.pair, self.taken_by = (), None
 
 
@@ -287,18 +312,22 @@ class EpasLlamaDecoderLayer(LlamaDecoderLayer):
         alone = relay is not None and not relay.live  # a layer-wise tool's call, with a finished forward's arguments
         if alone:
             given = relay.enter(index, hidden_states, shares=index in shared, hands_on=index + 1 in shared)
-        attended, weights = self.self_attn(
-            hidden_states=self.input_layernorm(hidden_states),
-            attention_mask=attention_mask,
-            position_embeddings=position_embeddings,
-            **kwargs,
-        )
-        if relay is not None and relay.weights is not None:
-            relay.weights.append(weights)
-        hidden_states = hidden_states + attended
-        output = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-        if alone:
-            relay.leave(index, given, output)
+        try:
+            attended, weights = self.self_attn(
+                hidden_states=self.input_layernorm(hidden_states),
+                attention_mask=attention_mask,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+            if relay is not None and relay.weights is not None:
+                relay.weights.append(weights)
+            hidden_states = hidden_states + attended
+            output = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+            if alone:
+                relay.leave(index, given, output)
+        finally:
+            if alone:
+                relay.end()
         return output
 
     @property
@@ -340,6 +369,9 @@ class EpasLlamaModel(LlamaModel):
 
     def __init__(self, config):  # LlamaModel's, with EPAS layers: each layer built and initialised once, as stock
         LlamaPreTrainedModel.__init__(self, config)
+        bad = [i for i in config.epas_shared_layers if not 1 <= i < config.num_hidden_layers]
+        if bad:  # set past the config's checks: refused before anything is built or a weight loaded
+            raise _region_error(config, bad)
         self.padding_idx, self.vocab_size = config.pad_token_id, config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(EpasLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
