@@ -24,10 +24,11 @@ a computing layer hands to the sharing layers after it travels in a relay passed
 it marks in backward (a sharing layer from the pair its source handed on, which the checkpoint takes as an input and a
 computing layer's checkpoint gives as an output), and the cache is turned off.
 
-Layer-wise tools (GPTQ, AWQ calibration) catch layer 0's inputs and keyword arguments, then call each layer alone over
+Layer-wise tools (GPTQ-style calibration) catch layer 0's inputs and keyword arguments, then call each layer alone over
 every sample. Given those arguments (the relay among them), a sharing layer takes the pair computed with exactly the
 hidden states it is given (the pair of its own sample, and of the layer before as last run over that input); a sharing
-layer or its attention given no pair (no relay, other hidden states) raises, saying what to do, never runs otherwise.
+layer given no pair (no relay, other hidden states), or its attention called alone (AWQ's scale search), raises,
+saying what to do, never runs otherwise.
 
 Notation: B batch, T new tokens, S cached + new tokens, H query heads, H_kv key/value heads, D head dim.
 """
@@ -182,7 +183,8 @@ def _cannot_share(config, layer_idx):
     pair = "Q/K" if config.epas_sharing_mode == "qk" else "K/V"
     return RuntimeError(
         f"Layer {layer_idx} reuses layer {source}'s {pair}, which it was not handed: it gets them in the model's "
-        f"forward, or called alone (layer by layer, as GPTQ/AWQ calibration runs it) with the keyword arguments a "
+        f"forward, or called alone as a whole layer (layer by layer, as GPTQ calibration runs it; never its attention "
+        f"alone, as AWQ's scale search does) with the keyword arguments a "
         f"forward passed (epas_relay) and exactly the hidden states layer {layer_idx - 1} returned there. Run the "
         "whole model, or load it with epas_shared_layers=[] (export with --sharing-layers 0) for a tool that cannot."
     )
