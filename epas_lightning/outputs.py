@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from epas_lightning.errors import OutputError, exception_chain, os_reason
+from epas_lightning.errors import OutputError, UserError, exception_chain, os_reason
 
 log = logging.getLogger(__name__)
 
@@ -480,7 +480,10 @@ def step_failure(error: BaseException, where: str, build: Path | None = None) ->
     """The one line for ``error``, raised while writing the output ``where`` names (its flag and path): a step that
     left something for the user says where; else a full disk (or quota) anywhere, the failed step, or the command's own
     write into ``build`` (:func:`build_write_error`), with what to do by its ``errno``. ``None`` for any other error (a
-    bug, an error of the command's own work)."""
+    bug, an error of the command's own work), and for Ctrl+C, SIGTERM or a user error, whatever they were raised while
+    handling."""
+    if not isinstance(error, Exception) or isinstance(error, UserError):
+        return None
     what, left, fix = getattr(error, "output_step", (None, None, None))
     if what is not None and left is not None:
         return OutputError(f"{what} ({os_reason(error)})", left, fix)

@@ -2210,3 +2210,19 @@ def test_the_fp16_loss_scale_is_read_once_per_optimizer_step(tiny_corpus, tmp_pa
     trainer.fit(module, data)
     assert sum(path.endswith("run_summary.py") for path in reads) == 1 + 3  # at the start, after each step
     assert trainer.callback_metrics["train/loss_scale"].item() == 65536.0
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.ENOSPC])
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, CheckpointError])
+def test_ctrl_c_or_a_user_error_raised_while_handling_a_write_error_into_the_build_passes_through(
+    code, raised, tmp_path
+):
+    """An error raised while a command handled a failed write into its build (its own user error, Ctrl+C or SIGTERM in
+    its clean-up) was said as that write's one line: exit 2, not the user error's line, nor a stop at a signal."""
+    error = raised() if raised is KeyboardInterrupt else raised("the checkpoint is bad", "ckpt", "use another one")
+    with pytest.raises(raised) as caught, output_folder(tmp_path / "out", "bench") as build:
+        try:
+            raise OSError(code, os.strerror(code), str(build / "a.txt"))
+        except OSError:
+            raise error from None
+    assert caught.value is error and list(tmp_path.iterdir()) == []
