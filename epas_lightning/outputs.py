@@ -20,6 +20,7 @@ through :func:`output_folder`:
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import errno
 import glob
@@ -81,7 +82,8 @@ WRITE_ERRORS = frozenset(
 )
 """The OS errors of a command's own write into its build that are about the output's location, not a bug of ours."""
 QUOTED_OS_ERRORS = (
-    re.compile(r"\[Errno (\d+)\] [^\n:']*(?:: '([^'\n]+)')?"),  # Python's, in a worker process's traceback
+    # Python's, in a worker process's traceback: the file as repr() quotes it (with " where its name holds a ')
+    re.compile(r"""\[Errno (\d+)\] [^\n:'"]*(?:: ('(?:[^'\\\n]|\\.)+'|"(?:[^"\\\n]|\\.)+"))?"""),
     re.compile(r"\(os error (\d+)\)(?: at path \"([^\"\n]+)\")?"),  # a Rust library's (safetensors)
 )
 """An OS error an exception quotes, with the file it names if any."""
@@ -507,7 +509,15 @@ def step_failure(error: BaseException, where: str, build: Path | None = None) ->
 
 def quoted_os_errors(text: str) -> list[tuple[int, str | None]]:
     """The OS errors ``text`` quotes (:data:`QUOTED_OS_ERRORS`), each ``(errno, file)`` (``None``: it names none)."""
-    return [(int(code), file or None) for pattern in QUOTED_OS_ERRORS for code, file in pattern.findall(text)]
+    return [(int(code), _unquoted(file)) for pattern in QUOTED_OS_ERRORS for code, file in pattern.findall(text)]
+
+
+def _unquoted(file: str) -> str | None:
+    """A file name as an OS error quotes it: repr()'s, read back (its escapes too); a Rust library's, as it is."""
+    if file[:1] in ("'", '"'):
+        with contextlib.suppress(ValueError, SyntaxError):
+            return ast.literal_eval(file)
+    return file or None
 
 
 def build_write_error(error: BaseException, build: Path) -> tuple[int, str | None] | None:
