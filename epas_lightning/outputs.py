@@ -153,7 +153,18 @@ def _record(kind: str, output: str | None = None) -> dict:
     record = {"created_by": "epas_lightning", "kind": kind}
     if output is not None:
         record |= {"pid": os.getpid(), "host": socket.gethostname(), "output": output}
+        if (namespace := _pid_namespace()) is not None:
+            record["pid_namespace"] = namespace
     return record
+
+
+def _pid_namespace() -> str | None:
+    """This process's PID namespace (Linux: ``pid:[4026531836]``), or ``None`` where there is none to name: containers
+    that share a host name (``--network host``) each have their own, in which another's process ids mean nothing."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
 
 
 def _pending_marker(folder: Path, kind: str, output: str | None = None) -> Path:
@@ -208,8 +219,11 @@ def _owned_by_dead_process(folder: Path, target: Path) -> bool:
 
 
 def _written_by_dead_process(record: dict | None) -> bool:
-    """``record`` (a marker, or a claim) names a process of this host that is gone."""
+    """``record`` (a marker, or a claim) names a process of this host, and of this process's PID namespace where it
+    names one (a record written before records named it: as this one's), that is gone."""
     if record is None or record.get("host") != socket.gethostname():
+        return False
+    if record.get("pid_namespace", _pid_namespace()) != _pid_namespace():  # another container's: not ours to judge
         return False
     try:
         os.kill(int(record["pid"]), 0)

@@ -11,6 +11,7 @@ import pickle
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -2226,3 +2227,23 @@ def test_ctrl_c_or_a_user_error_raised_while_handling_a_write_error_into_the_bui
         except OSError:
             raise error from None
     assert caught.value is error and list(tmp_path.iterdir()) == []
+
+
+def test_a_build_of_a_process_in_another_pid_namespace_of_this_host_name_is_left(tmp_path):
+    """Containers that share a host name (Docker's --network host, Kubernetes' hostNetwork pods) on one volume: a live
+    run's process id, looked up in another container's process namespace, is no process there, and its build (marked,
+    or only claimed) was removed under it. A writer's namespace is in its record: one not ours is not ours to judge."""
+    record = {"created_by": "epas_lightning", "kind": "bench", "pid": 2**22 + 12345, "host": socket.gethostname()}
+    elsewhere = record | {"output": "out", "pid_namespace": "pid:[1]"}
+    (tmp_path / ".out.tmp-1234abcd").mkdir()
+    (tmp_path / ".out.tmp-1234abcd" / MARKER).write_text(json.dumps(elsewhere))
+    (tmp_path / ".out.tmp-5678abcd").mkdir()
+    (tmp_path / ".out.new-5678abcd").symlink_to(json.dumps(elsewhere))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert remove_stale_builds(tmp_path / "out") == [] and sorted(p.name for p in tmp_path.iterdir()) == before
+    with output_folder(tmp_path / "out2", "bench") as build:  # this run's own namespace: a kill of it is removed
+        ours = json.loads((build / MARKER).read_text())
+    assert remove_stale_builds(tmp_path / "out2") == []
+    (tmp_path / ".out2.tmp-1234abcd").mkdir()
+    (tmp_path / ".out2.tmp-1234abcd" / MARKER).write_text(json.dumps(ours | {"pid": 2**22 + 12345}))
+    assert [p.name for p in remove_stale_builds(tmp_path / "out2")] == [".out2.tmp-1234abcd"]
