@@ -343,25 +343,34 @@ def remove_hidden(folder: Path, target: Path) -> None:
 
 def _delete(folder: Path) -> None:
     """Delete ``folder`` as far as it goes, its marker last; raise the first ``OSError`` (naming ``folder``, which is
-    left with its marker) once the rest is gone."""
+    left with its marker) once the rest is gone. It is opened once, not followed if it is a link, and emptied through
+    that handle: a folder swapped for a link meanwhile (another user of a shared ``/tmp``) has nothing it points to
+    deleted."""
     failed = None
-    for entry in sorted(folder.iterdir()):
-        if entry.name == MARKER:
-            continue
-        try:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-        except FileNotFoundError:  # removed meanwhile (a run that started as this one emptied the folder)
-            continue
-        except OSError as e:
-            failed = failed or e
-            shutil.rmtree(entry, ignore_errors=True)
-    if failed is not None:
-        failed.filename = str(folder)
-        raise failed
-    (folder / MARKER).unlink(missing_ok=True)
+    handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for name in sorted(os.listdir(handle)):
+            if name == MARKER:
+                continue
+            try:
+                if stat.S_ISDIR(os.stat(name, dir_fd=handle, follow_symlinks=False).st_mode):
+                    shutil.rmtree(name, dir_fd=handle)
+                else:
+                    os.unlink(name, dir_fd=handle)
+            except FileNotFoundError:  # removed meanwhile (a run that started as this one emptied the folder)
+                continue
+            except OSError as e:
+                failed = failed or e
+                shutil.rmtree(name, dir_fd=handle, ignore_errors=True)
+        if failed is not None:
+            raise failed
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(MARKER, dir_fd=handle)
+    except OSError as e:
+        e.filename = str(folder)  # the entry's name alone, relative to the handle
+        raise
+    finally:
+        os.close(handle)
     with contextlib.suppress(FileNotFoundError):  # empty, so removed by a run that started meanwhile
         folder.rmdir()
 

@@ -935,15 +935,15 @@ def test_a_run_starting_as_a_live_removal_empties_its_folder_does_not_fail_it(tm
     target = tmp_path / "out"
     with output_folder(target, "bench") as build:
         (build / "a.txt").write_text("first")
-    unlink, started = Path.unlink, []
+    unlink, started = os.unlink, []
 
-    def unlink_then_another_run_starts(path, missing_ok=False):
-        unlink(path, missing_ok=missing_ok)
-        if path.name == MARKER and ".del-" in path.parent.name and not started:
-            started.append(path.parent)
+    def unlink_then_another_run_starts(name, *, dir_fd=None):  # a removal's folder is emptied through its handle
+        unlink(name, dir_fd=dir_fd)
+        if name == MARKER and dir_fd is not None and not started:
+            started.append(name)
             remove_stale_builds(target)
 
-    monkeypatch.setattr(Path, "unlink", unlink_then_another_run_starts)
+    monkeypatch.setattr(os, "unlink", unlink_then_another_run_starts)
     with output_folder(target, "bench", overwrite=True) as build:
         (build / "a.txt").write_text("second")
     assert started and (target / "a.txt").read_text() == "second" and [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -1491,7 +1491,7 @@ def test_an_os_error_of_an_exports_own_writes_is_one_line_and_leaves_nothing(sma
 
 def failing_at(step: str, out: Path):
     """``(owner, name, when, errno)``: the OS call that fails at ``step`` of writing ``out``, and when it does."""
-    build, aside, doomed = f".{out.name}.tmp-", f".{out.name}.old-", f".{out.name}.del-"
+    build, aside = f".{out.name}.tmp-", f".{out.name}.old-"
     return {
         "the build's mkdir": (Path, "mkdir", lambda path, *a, **k: path.name.startswith(build), errno.EACCES),
         "the build's marker": (
@@ -1518,8 +1518,8 @@ def failing_at(step: str, out: Path):
             os, "replace", lambda source, destination: Path(source).name.startswith(aside), errno.EACCES
         ),
         "removing the previous output, a busy file": (
-            Path, "unlink", lambda path, *a, **k: path.parent.name.startswith(doomed) and path.name != MARKER,
-            errno.EBUSY,
+            # a file of the folder being removed (which is emptied through its handle), by name
+            os, "unlink", lambda name, *a, dir_fd=None, **k: dir_fd is not None and name != MARKER, errno.EBUSY,
         ),
     }[step]  # fmt: skip
 
@@ -2247,3 +2247,27 @@ def test_a_build_of_a_process_in_another_pid_namespace_of_this_host_name_is_left
     (tmp_path / ".out2.tmp-1234abcd").mkdir()
     (tmp_path / ".out2.tmp-1234abcd" / MARKER).write_text(json.dumps(ours | {"pid": 2**22 + 12345}))
     assert [p.name for p in remove_stale_builds(tmp_path / "out2")] == [".out2.tmp-1234abcd"]
+
+
+def test_a_claimed_build_swapped_for_a_link_as_it_is_removed_deletes_nothing_the_link_points_to(tmp_path, monkeypatch):
+    """A build claimed by a killed run was emptied through its name: a folder swapped for a link meanwhile (another user
+    of a shared /tmp, between the check that it is a folder and its removal) had the files it points to deleted."""
+    yours, work = tmp_path / "yours", tmp_path / "work"
+    yours.mkdir(), work.mkdir()
+    (yours / "thesis.tex").write_text("years of work")
+    dead = {"created_by": "epas_lightning", "kind": "bench", "pid": 2**22 + 12345, "host": socket.gethostname()}
+    build = work / ".out.tmp-1234abcd"
+    build.mkdir()
+    (work / ".out.new-1234abcd").symlink_to(json.dumps(dead | {"output": "out"}))
+    read_marker, reads = outputs.read_marker, []
+
+    def swapped_meanwhile(folder: Path) -> dict | None:
+        reads.append(folder)
+        if reads.count(build) == 2:  # the check of the claim's build: the last before its removal
+            build.rmdir()
+            build.symlink_to(yours)
+        return read_marker(folder)
+
+    monkeypatch.setattr(outputs, "read_marker", swapped_meanwhile)
+    remove_stale_builds(work / "out")
+    assert [p.name for p in yours.iterdir()] == ["thesis.tex"] and build.is_symlink()
