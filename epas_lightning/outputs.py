@@ -82,8 +82,9 @@ WRITE_ERRORS = frozenset(
 )
 """The OS errors of a command's own write into its build that are about the output's location, not a bug of ours."""
 QUOTED_OS_ERRORS = (
-    # Python's, in a worker process's traceback: the file as repr() quotes it (with " where its name holds a ')
-    re.compile(r"""\[Errno (\d+)\] [^\n:'"]*(?:: ('(?:[^'\\\n]|\\.)+'|"(?:[^"\\\n]|\\.)+"))?"""),
+    # Python's, in a worker process's traceback: the file as repr() quotes it (with " where its name holds a ', a bytes
+    # name as b'...')
+    re.compile(r"""\[Errno (\d+)\] [^\n:'"]*(?:: (b?'(?:[^'\\\n]|\\.)+'|b?"(?:[^"\\\n]|\\.)+"))?"""),
     re.compile(r"\(os error (\d+)\)(?: at path \"([^\"\n]+)\")?"),  # a Rust library's (safetensors)
 )
 """An OS error an exception quotes, with the file it names if any."""
@@ -537,9 +538,9 @@ def quoted_os_errors(text: str) -> list[tuple[int, str | None]]:
 
 def _unquoted(file: str) -> str | None:
     """A file name as an OS error quotes it: repr()'s, read back (its escapes too); a Rust library's, as it is."""
-    if file[:1] in ("'", '"'):
+    if file[:1] in ("'", '"') or file[:2] in ("b'", 'b"'):
         with contextlib.suppress(ValueError, SyntaxError):
-            return ast.literal_eval(file)
+            return os.fsdecode(ast.literal_eval(file))
     return file or None
 
 

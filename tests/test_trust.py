@@ -2271,3 +2271,13 @@ def test_a_claimed_build_swapped_for_a_link_as_it_is_removed_deletes_nothing_the
     monkeypatch.setattr(outputs, "read_marker", swapped_meanwhile)
     remove_stale_builds(work / "out")
     assert [p.name for p in yours.iterdir()] == ["thesis.tex"] and build.is_symlink()
+
+
+def test_a_quoted_os_error_names_its_file_however_python_quotes_it():
+    """A worker's traceback quotes an OS error's file as repr() does: a name holding ' in ", a bytes name as b'...'.
+    Read as naming no file, an input's error there was taken for a write into the output."""
+    from epas_lightning.outputs import quoted_os_errors
+
+    for name in ("/in/a.txt", "/in/it's.txt", "/in/a\\b\"c'd", b"/in/a.txt", "/in/\udcff.txt"):
+        quote = f"Traceback ...\nPermissionError: {PermissionError(errno.EACCES, 'Permission denied', name)}\n"
+        assert quoted_os_errors(quote) == [(errno.EACCES, os.fsdecode(name))], quote
