@@ -454,7 +454,7 @@ def output_folder(
     it was.
     """
     target = check_output(target, kind, overwrite, inputs, flag, unmarked_ours)
-    build, claim = _hidden(target, _TMP), None
+    build, claim, foreign = _hidden(target, _TMP), None, False
     made = [p for p in target.parents if not p.exists()]  # created here, innermost first: removed on a failure
     try:
         with _step("cannot create the output folder"):
@@ -462,8 +462,12 @@ def output_folder(
             remove_stale_builds(target)
         check_replaceable(target, kind, overwrite, flag, unmarked_ours)  # a previous output put back: before any work
         with _step("cannot create the output folder"):
-            claim = _claim(build, target, kind)
-            build.mkdir()
+            try:
+                claim = _claim(build, target, kind)
+                build.mkdir()
+            except FileExistsError:  # a folder of its name (its random tag drawn again): not ours to remove
+                foreign = True
+                raise
         with _step("cannot write into the output folder being built"):
             write_marker(build, kind, output=target.name)
             if claim is not None:
@@ -476,7 +480,8 @@ def output_folder(
         replace_folder(build, target, kind)
     except BaseException as e:
         with contextlib.suppress(OSError):  # left, marked, to a later run: the error says what went wrong
-            remove_hidden(build, target)
+            if not foreign:
+                remove_hidden(build, target)
             # after its build: a kill between leaves a claim of nothing, which a later run removes
             if claim is not None:
                 claim.unlink(missing_ok=True)

@@ -2281,3 +2281,17 @@ def test_a_quoted_os_error_names_its_file_however_python_quotes_it():
     for name in ("/in/a.txt", "/in/it's.txt", "/in/a\\b\"c'd", b"/in/a.txt", "/in/\udcff.txt"):
         quote = f"Traceback ...\nPermissionError: {PermissionError(errno.EACCES, 'Permission denied', name)}\n"
         assert quoted_os_errors(quote) == [(errno.EACCES, os.fsdecode(name))], quote
+
+
+def test_a_users_folder_named_as_the_build_would_be_is_left(tmp_path, monkeypatch):
+    """A folder of the hidden build's name (its random tag drawn again) made the build's mkdir fail, and the clean-up
+    after that failure removed the folder as the build: a user's, not ours."""
+    tag = "1234abcd" + "0" * 24
+    (tmp_path / f".out.tmp-{tag[:8]}").mkdir()
+    (tmp_path / f".out.tmp-{tag[:8]}" / "notes.txt").write_text("mine")
+    monkeypatch.setattr(outputs.uuid, "uuid4", lambda: SimpleNamespace(hex=tag))
+    exists = pytest.raises(OutputError, match=r"^cannot create the output folder \(file exists\)")
+    with exists, output_folder(tmp_path / "out", "bench"):
+        pass
+    assert [p.name for p in tmp_path.iterdir()] == [f".out.tmp-{tag[:8]}"]
+    assert (tmp_path / f".out.tmp-{tag[:8]}" / "notes.txt").read_text() == "mine"
