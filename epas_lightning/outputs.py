@@ -20,6 +20,7 @@ through :func:`output_folder`:
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import errno
 import glob
@@ -37,7 +38,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from epas_lightning.errors import OutputError, exception_chain, os_reason
+from epas_lightning.errors import OutputError, UserError, exception_chain, os_reason
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,9 @@ WRITE_ERRORS = frozenset(
 )
 """The OS errors of a command's own write into its build that are about the output's location, not a bug of ours."""
 QUOTED_OS_ERRORS = (
-    re.compile(r"\[Errno (\d+)\] [^\n:']*(?:: '([^'\n]+)')?"),  # Python's, in a worker process's traceback
+    # Python's, in a worker process's traceback: the file as repr() quotes it (with " where its name holds a ', a bytes
+    # name as b'...')
+    re.compile(r"""\[Errno (\d+)\] [^\n:'"]*(?:: (b?'(?:[^'\\\n]|\\.)+'|b?"(?:[^"\\\n]|\\.)+"))?"""),
     re.compile(r"\(os error (\d+)\)(?: at path \"([^\"\n]+)\")?"),  # a Rust library's (safetensors)
 )
 """An OS error an exception quotes, with the file it names if any."""
@@ -151,7 +154,18 @@ def _record(kind: str, output: str | None = None) -> dict:
     record = {"created_by": "epas_lightning", "kind": kind}
     if output is not None:
         record |= {"pid": os.getpid(), "host": socket.gethostname(), "output": output}
+        if (namespace := _pid_namespace()) is not None:
+            record["pid_namespace"] = namespace
     return record
+
+
+def _pid_namespace() -> str | None:
+    """This process's PID namespace (Linux: ``pid:[4026531836]``), or ``None`` where there is none to name: containers
+    that share a host name (``--network host``) each have their own, in which another's process ids mean nothing."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
 
 
 def _pending_marker(folder: Path, kind: str, output: str | None = None) -> Path:
@@ -206,8 +220,11 @@ def _owned_by_dead_process(folder: Path, target: Path) -> bool:
 
 
 def _written_by_dead_process(record: dict | None) -> bool:
-    """``record`` (a marker, or a claim) names a process of this host that is gone."""
+    """``record`` (a marker, or a claim) names a process of this host, and of this process's PID namespace where it
+    names one (a record written before records named it: as this one's), that is gone."""
     if record is None or record.get("host") != socket.gethostname():
+        return False
+    if record.get("pid_namespace", _pid_namespace()) != _pid_namespace():  # another container's: not ours to judge
         return False
     try:
         os.kill(int(record["pid"]), 0)
@@ -327,25 +344,34 @@ def remove_hidden(folder: Path, target: Path) -> None:
 
 def _delete(folder: Path) -> None:
     """Delete ``folder`` as far as it goes, its marker last; raise the first ``OSError`` (naming ``folder``, which is
-    left with its marker) once the rest is gone."""
+    left with its marker) once the rest is gone. It is opened once, not followed if it is a link, and emptied through
+    that handle: a folder swapped for a link meanwhile (another user of a shared ``/tmp``) has nothing it points to
+    deleted."""
     failed = None
-    for entry in sorted(folder.iterdir()):
-        if entry.name == MARKER:
-            continue
-        try:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-        except FileNotFoundError:  # removed meanwhile (a run that started as this one emptied the folder)
-            continue
-        except OSError as e:
-            failed = failed or e
-            shutil.rmtree(entry, ignore_errors=True)
-    if failed is not None:
-        failed.filename = str(folder)
-        raise failed
-    (folder / MARKER).unlink(missing_ok=True)
+    handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for name in sorted(os.listdir(handle)):
+            if name == MARKER:
+                continue
+            try:
+                if stat.S_ISDIR(os.stat(name, dir_fd=handle, follow_symlinks=False).st_mode):
+                    shutil.rmtree(name, dir_fd=handle)
+                else:
+                    os.unlink(name, dir_fd=handle)
+            except FileNotFoundError:  # removed meanwhile (a run that started as this one emptied the folder)
+                continue
+            except OSError as e:
+                failed = failed or e
+                shutil.rmtree(name, dir_fd=handle, ignore_errors=True)
+        if failed is not None:
+            raise failed
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(MARKER, dir_fd=handle)
+    except OSError as e:
+        e.filename = str(folder)  # the entry's name alone, relative to the handle
+        raise
+    finally:
+        os.close(handle)
     with contextlib.suppress(FileNotFoundError):  # empty, so removed by a run that started meanwhile
         folder.rmdir()
 
@@ -428,7 +454,7 @@ def output_folder(
     it was.
     """
     target = check_output(target, kind, overwrite, inputs, flag, unmarked_ours)
-    build, claim = _hidden(target, _TMP), None
+    build, claim, foreign = _hidden(target, _TMP), None, False
     made = [p for p in target.parents if not p.exists()]  # created here, innermost first: removed on a failure
     try:
         with _step("cannot create the output folder"):
@@ -436,8 +462,12 @@ def output_folder(
             remove_stale_builds(target)
         check_replaceable(target, kind, overwrite, flag, unmarked_ours)  # a previous output put back: before any work
         with _step("cannot create the output folder"):
-            claim = _claim(build, target, kind)
-            build.mkdir()
+            try:
+                claim = _claim(build, target, kind)
+                build.mkdir()
+            except FileExistsError:  # a folder of its name (its random tag drawn again): not ours to remove
+                foreign = True
+                raise
         with _step("cannot write into the output folder being built"):
             write_marker(build, kind, output=target.name)
             if claim is not None:
@@ -450,7 +480,8 @@ def output_folder(
         replace_folder(build, target, kind)
     except BaseException as e:
         with contextlib.suppress(OSError):  # left, marked, to a later run: the error says what went wrong
-            remove_hidden(build, target)
+            if not foreign:
+                remove_hidden(build, target)
             # after its build: a kill between leaves a claim of nothing, which a later run removes
             if claim is not None:
                 claim.unlink(missing_ok=True)
@@ -480,7 +511,10 @@ def step_failure(error: BaseException, where: str, build: Path | None = None) ->
     """The one line for ``error``, raised while writing the output ``where`` names (its flag and path): a step that
     left something for the user says where; else a full disk (or quota) anywhere, the failed step, or the command's own
     write into ``build`` (:func:`build_write_error`), with what to do by its ``errno``. ``None`` for any other error (a
-    bug, an error of the command's own work)."""
+    bug, an error of the command's own work), and for Ctrl+C, SIGTERM or a user error, whatever they were raised while
+    handling."""
+    if not isinstance(error, Exception) or isinstance(error, UserError):
+        return None
     what, left, fix = getattr(error, "output_step", (None, None, None))
     if what is not None and left is not None:
         return OutputError(f"{what} ({os_reason(error)})", left, fix)
@@ -504,7 +538,15 @@ def step_failure(error: BaseException, where: str, build: Path | None = None) ->
 
 def quoted_os_errors(text: str) -> list[tuple[int, str | None]]:
     """The OS errors ``text`` quotes (:data:`QUOTED_OS_ERRORS`), each ``(errno, file)`` (``None``: it names none)."""
-    return [(int(code), file or None) for pattern in QUOTED_OS_ERRORS for code, file in pattern.findall(text)]
+    return [(int(code), _unquoted(file)) for pattern in QUOTED_OS_ERRORS for code, file in pattern.findall(text)]
+
+
+def _unquoted(file: str) -> str | None:
+    """A file name as an OS error quotes it: repr()'s, read back (its escapes too); a Rust library's, as it is."""
+    if file[:1] in ("'", '"') or file[:2] in ("b'", 'b"'):
+        with contextlib.suppress(ValueError, SyntaxError):
+            return os.fsdecode(ast.literal_eval(file))
+    return file or None
 
 
 def build_write_error(error: BaseException, build: Path) -> tuple[int, str | None] | None:

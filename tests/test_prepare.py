@@ -1368,6 +1368,30 @@ def test_a_chunk_a_worker_cannot_write_stops_prepare(code, raised, sp_model: Pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["a.txt", "it's.txt"])
+def test_an_input_a_worker_cannot_read_is_not_said_as_a_write_into_the_output(
+    name, sp_model: Path, tmp_path: Path, monkeypatch
+):
+    """litdata's RuntimeError quoting a worker's traceback became a write error into the output (exit 2, "check the
+    permissions of the folder") for any permission error it quoted, one at an input file too: the file it names
+    decides, and one outside the build keeps the error as it was. A name with a quote (which Python quotes with ")
+    read as naming no file, so as the output's."""
+    import errno
+
+    from litdata.streaming.writer import BinaryWriter
+
+    def cannot_read(*args, **kwargs):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / name))
+
+    monkeypatch.setattr(BinaryWriter, "write_chunk_to_file", cannot_read)  # forked workers inherit it
+    for each in (name, "b.txt"):
+        (tmp_path / each).write_text(f"some text of {each}")
+    with pytest.raises(RuntimeError, match=r"(?s)^Tokenizing the (train|val) split into .* failed: .*\[Errno 13\]"):
+        prepare([tmp_path / name, tmp_path / "b.txt"], tmp_path / "out", sp_model, num_workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "b.txt"])
+
+
 def test_documents_are_encoded_in_batches_of_bounded_bytes(sp_model: Path, tmp_path: Path, monkeypatch):
     """Batches were 256 documents whatever their size: a worker encoding 256 books held many times their size in
     memory (35 MB of half-megabyte records took 2.5 GB)."""

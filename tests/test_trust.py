@@ -11,6 +11,7 @@ import pickle
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -934,15 +935,15 @@ def test_a_run_starting_as_a_live_removal_empties_its_folder_does_not_fail_it(tm
     target = tmp_path / "out"
     with output_folder(target, "bench") as build:
         (build / "a.txt").write_text("first")
-    unlink, started = Path.unlink, []
+    unlink, started = os.unlink, []
 
-    def unlink_then_another_run_starts(path, missing_ok=False):
-        unlink(path, missing_ok=missing_ok)
-        if path.name == MARKER and ".del-" in path.parent.name and not started:
-            started.append(path.parent)
+    def unlink_then_another_run_starts(name, *, dir_fd=None):  # a removal's folder is emptied through its handle
+        unlink(name, dir_fd=dir_fd)
+        if name == MARKER and dir_fd is not None and not started:
+            started.append(name)
             remove_stale_builds(target)
 
-    monkeypatch.setattr(Path, "unlink", unlink_then_another_run_starts)
+    monkeypatch.setattr(os, "unlink", unlink_then_another_run_starts)
     with output_folder(target, "bench", overwrite=True) as build:
         (build / "a.txt").write_text("second")
     assert started and (target / "a.txt").read_text() == "second" and [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -1490,7 +1491,7 @@ def test_an_os_error_of_an_exports_own_writes_is_one_line_and_leaves_nothing(sma
 
 def failing_at(step: str, out: Path):
     """``(owner, name, when, errno)``: the OS call that fails at ``step`` of writing ``out``, and when it does."""
-    build, aside, doomed = f".{out.name}.tmp-", f".{out.name}.old-", f".{out.name}.del-"
+    build, aside = f".{out.name}.tmp-", f".{out.name}.old-"
     return {
         "the build's mkdir": (Path, "mkdir", lambda path, *a, **k: path.name.startswith(build), errno.EACCES),
         "the build's marker": (
@@ -1517,8 +1518,8 @@ def failing_at(step: str, out: Path):
             os, "replace", lambda source, destination: Path(source).name.startswith(aside), errno.EACCES
         ),
         "removing the previous output, a busy file": (
-            Path, "unlink", lambda path, *a, **k: path.parent.name.startswith(doomed) and path.name != MARKER,
-            errno.EBUSY,
+            # a file of the folder being removed (which is emptied through its handle), by name
+            os, "unlink", lambda name, *a, dir_fd=None, **k: dir_fd is not None and name != MARKER, errno.EBUSY,
         ),
     }[step]  # fmt: skip
 
@@ -2210,3 +2211,87 @@ def test_the_fp16_loss_scale_is_read_once_per_optimizer_step(tiny_corpus, tmp_pa
     trainer.fit(module, data)
     assert sum(path.endswith("run_summary.py") for path in reads) == 1 + 3  # at the start, after each step
     assert trainer.callback_metrics["train/loss_scale"].item() == 65536.0
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.ENOSPC])
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, CheckpointError])
+def test_ctrl_c_or_a_user_error_raised_while_handling_a_write_error_into_the_build_passes_through(
+    code, raised, tmp_path
+):
+    """An error raised while a command handled a failed write into its build (its own user error, Ctrl+C or SIGTERM in
+    its clean-up) was said as that write's one line: exit 2, not the user error's line, nor a stop at a signal."""
+    error = raised() if raised is KeyboardInterrupt else raised("the checkpoint is bad", "ckpt", "use another one")
+    with pytest.raises(raised) as caught, output_folder(tmp_path / "out", "bench") as build:
+        try:
+            raise OSError(code, os.strerror(code), str(build / "a.txt"))
+        except OSError:
+            raise error from None
+    assert caught.value is error and list(tmp_path.iterdir()) == []
+
+
+def test_a_build_of_a_process_in_another_pid_namespace_of_this_host_name_is_left(tmp_path):
+    """Containers that share a host name (Docker's --network host, Kubernetes' hostNetwork pods) on one volume: a live
+    run's process id, looked up in another container's process namespace, is no process there, and its build (marked,
+    or only claimed) was removed under it. A writer's namespace is in its record: one not ours is not ours to judge."""
+    record = {"created_by": "epas_lightning", "kind": "bench", "pid": 2**22 + 12345, "host": socket.gethostname()}
+    elsewhere = record | {"output": "out", "pid_namespace": "pid:[1]"}
+    (tmp_path / ".out.tmp-1234abcd").mkdir()
+    (tmp_path / ".out.tmp-1234abcd" / MARKER).write_text(json.dumps(elsewhere))
+    (tmp_path / ".out.tmp-5678abcd").mkdir()
+    (tmp_path / ".out.new-5678abcd").symlink_to(json.dumps(elsewhere))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert remove_stale_builds(tmp_path / "out") == [] and sorted(p.name for p in tmp_path.iterdir()) == before
+    with output_folder(tmp_path / "out2", "bench") as build:  # this run's own namespace: a kill of it is removed
+        ours = json.loads((build / MARKER).read_text())
+    assert remove_stale_builds(tmp_path / "out2") == []
+    (tmp_path / ".out2.tmp-1234abcd").mkdir()
+    (tmp_path / ".out2.tmp-1234abcd" / MARKER).write_text(json.dumps(ours | {"pid": 2**22 + 12345}))
+    assert [p.name for p in remove_stale_builds(tmp_path / "out2")] == [".out2.tmp-1234abcd"]
+
+
+def test_a_claimed_build_swapped_for_a_link_as_it_is_removed_deletes_nothing_the_link_points_to(tmp_path, monkeypatch):
+    """A build claimed by a killed run was emptied through its name: a folder swapped for a link meanwhile (another user
+    of a shared /tmp, between the check that it is a folder and its removal) had the files it points to deleted."""
+    yours, work = tmp_path / "yours", tmp_path / "work"
+    yours.mkdir(), work.mkdir()
+    (yours / "thesis.tex").write_text("years of work")
+    dead = {"created_by": "epas_lightning", "kind": "bench", "pid": 2**22 + 12345, "host": socket.gethostname()}
+    build = work / ".out.tmp-1234abcd"
+    build.mkdir()
+    (work / ".out.new-1234abcd").symlink_to(json.dumps(dead | {"output": "out"}))
+    read_marker, reads = outputs.read_marker, []
+
+    def swapped_meanwhile(folder: Path) -> dict | None:
+        reads.append(folder)
+        if reads.count(build) == 2:  # the check of the claim's build: the last before its removal
+            build.rmdir()
+            build.symlink_to(yours)
+        return read_marker(folder)
+
+    monkeypatch.setattr(outputs, "read_marker", swapped_meanwhile)
+    remove_stale_builds(work / "out")
+    assert [p.name for p in yours.iterdir()] == ["thesis.tex"] and build.is_symlink()
+
+
+def test_a_quoted_os_error_names_its_file_however_python_quotes_it():
+    """A worker's traceback quotes an OS error's file as repr() does: a name holding ' in ", a bytes name as b'...'.
+    Read as naming no file, an input's error there was taken for a write into the output."""
+    from epas_lightning.outputs import quoted_os_errors
+
+    for name in ("/in/a.txt", "/in/it's.txt", "/in/a\\b\"c'd", b"/in/a.txt", "/in/\udcff.txt"):
+        quote = f"Traceback ...\nPermissionError: {PermissionError(errno.EACCES, 'Permission denied', name)}\n"
+        assert quoted_os_errors(quote) == [(errno.EACCES, os.fsdecode(name))], quote
+
+
+def test_a_users_folder_named_as_the_build_would_be_is_left(tmp_path, monkeypatch):
+    """A folder of the hidden build's name (its random tag drawn again) made the build's mkdir fail, and the clean-up
+    after that failure removed the folder as the build: a user's, not ours."""
+    tag = "1234abcd" + "0" * 24
+    (tmp_path / f".out.tmp-{tag[:8]}").mkdir()
+    (tmp_path / f".out.tmp-{tag[:8]}" / "notes.txt").write_text("mine")
+    monkeypatch.setattr(outputs.uuid, "uuid4", lambda: SimpleNamespace(hex=tag))
+    exists = pytest.raises(OutputError, match=r"^cannot create the output folder \(file exists\)")
+    with exists, output_folder(tmp_path / "out", "bench"):
+        pass
+    assert [p.name for p in tmp_path.iterdir()] == [f".out.tmp-{tag[:8]}"]
+    assert (tmp_path / f".out.tmp-{tag[:8]}" / "notes.txt").read_text() == "mine"

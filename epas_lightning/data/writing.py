@@ -412,8 +412,10 @@ def write_split(
         except WorkerEnded as e:
             raise worker_lost(e, split, workers) from None
         except RuntimeError as e:
-            # litdata's own writes (a worker's reads end in tokenize_work_item): a failing disk names no file
-            if written := [code for code, _ in quoted_os_errors(str(e)) if code in WRITE_ERRORS]:
+            # litdata's own writes (a worker's reads end in tokenize_work_item): a failing disk names no file, and one
+            # naming a file outside this split's folders (an input) is not the output's
+            quoted = quoted_os_errors(str(e))
+            if written := [code for code, file in quoted if code in WRITE_ERRORS and in_split(file, output_dir)]:
                 raise OSError(written[0], os.strerror(written[0]), str(output_dir)) from e
             raise RuntimeError(f"Tokenizing the {split} split into {output_dir} failed: {e}") from e
     if errors := sorted(stats_dir.glob("error-*.txt")):
@@ -434,6 +436,13 @@ def write_split(
         return stats
     stats["tokens"] = count_stream_tokens(output_dir)
     return stats
+
+
+def in_split(file: str | None, output_dir: Path) -> bool:
+    """A file an OS error names (``None``: it names none) is one :func:`write_split` writes for ``output_dir``: in
+    it, or in its scratch folder beside it."""
+    scratch = output_dir.parent / f".scratch-{output_dir.name}"
+    return file is None or any(Path(file).is_relative_to(folder) for folder in (output_dir, scratch))
 
 
 class WorkerLost(DataPreparationError):
