@@ -437,3 +437,17 @@ def test_serve_warns_of_a_dropped_token_once_across_its_processes(tmp_path, monk
     other = bpe_folder(tmp_path / "other", special=("<pad>",))
     load_tokenizer(other).check_fits(PIECES)
     assert len([r for r in caplog.records if "'<pad>'" in r.getMessage()]) == 2
+
+
+def test_a_dropped_token_is_warned_of_once_whichever_path_reaches_its_tokenizer(tmp_path, monkeypatch, caplog):
+    """The drop warning was keyed by the path as given: the same tokenizer reached by a relative and an absolute path,
+    or through a symlink, warned twice. It is keyed by the resolved path."""
+    from epas_lightning.data import tokenizer as tokenizer_module
+
+    monkeypatch.setattr(tokenizer_module, "_DROPS_WARNED", set())
+    folder = bpe_folder(tmp_path / "pad", special=("<pad>",))
+    (tmp_path / "link").symlink_to(folder, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    for path in (folder / "tokenizer.json", Path("pad/tokenizer.json"), Path("link"), Path("link/../pad")):
+        load_tokenizer(path).check_fits(PIECES)
+    assert len([r for r in caplog.records if "'<pad>'" in r.getMessage()]) == 1

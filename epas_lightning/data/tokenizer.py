@@ -45,8 +45,8 @@ class TokenizerError(DataError):
 
 
 Drop = tuple[str, str, int]
-"""A tokenizer fitted to a model with special added tokens dropped: its path, :attr:`TextTokenizer.sha256` and the
-model's rows."""
+"""A tokenizer fitted to a model with special added tokens dropped: its resolved path (a relative one, an absolute one
+and a symlink to the file are one key), :attr:`TextTokenizer.sha256` and the model's rows."""
 _DROPS_WARNED: set[Drop] = set()
 """The drops this process warned of: once each, however often it fits the tokenizer (serve fits it at startup, in its
 HTTP process and in its worker)."""
@@ -208,7 +208,7 @@ class TextTokenizer:
                     self.path,
                     f"{fix}, or remove them from {where}",
                 )
-            if (drop := (str(self.path), self.sha256, vocab_size)) not in _DROPS_WARNED:
+            if (drop := (os.path.realpath(self.path), self.sha256, vocab_size)) not in _DROPS_WARNED:
                 _DROPS_WARNED.add(drop)
                 log.warning(
                     f"The special added tokens {[token.text for token in past.values()]} of {self.path} are past the "
