@@ -437,3 +437,57 @@ def test_serve_warns_of_a_dropped_token_once_across_its_processes(tmp_path, monk
     other = bpe_folder(tmp_path / "other", special=("<pad>",))
     load_tokenizer(other).check_fits(PIECES)
     assert len([r for r in caplog.records if "'<pad>'" in r.getMessage()]) == 2
+
+
+def test_a_dropped_token_is_warned_of_once_whichever_path_reaches_its_tokenizer(tmp_path, monkeypatch, caplog):
+    """The drop warning was keyed by the path as given: the same tokenizer reached by a relative and an absolute path,
+    or through a symlink, warned twice. It is keyed by the resolved path."""
+    from epas_lightning.data import tokenizer as tokenizer_module
+
+    monkeypatch.setattr(tokenizer_module, "_DROPS_WARNED", set())
+    folder = bpe_folder(tmp_path / "pad", special=("<pad>",))
+    (tmp_path / "link").symlink_to(folder, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    for path in (folder / "tokenizer.json", Path("pad/tokenizer.json"), Path("link"), Path("link/../pad")):
+        load_tokenizer(path).check_fits(PIECES)
+    assert len([r for r in caplog.records if "'<pad>'" in r.getMessage()]) == 1
+
+
+NAMING = "[{{ pad_token }}|{{ unk_token }}|{{ mask_token }}]"
+"""A template line writing the named special tokens besides BOS and EOS."""
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "tokenizer.json"])
+def test_an_export_names_the_special_tokens_its_source_folder_names(model, tmp_path, kind):
+    """export named BOS and EOS only: the source's pad_token, unk_token and additional_special_tokens were None in
+    transformers' tokenizer of the export, and a template writing them rendered '[|...]' where ours rendered
+    '[<|im_end|>|...]'. They are named as our loader kept them; '<pad>', dropped past the model's rows, is not."""
+    transformers = pytest.importorskip("transformers")
+    from epas_lightning.hf.export import export_tokenizer
+
+    named = {"pad_token": "<|im_end|>", "mask_token": "<pad>", "additional_special_tokens": ["<|im_start|>", "<pad>"]}
+    if kind == "sentencepiece":
+        source = added_folder(tmp_path / "tok", model, "tokenizer_config.json", unk_token="<unk>", **named)
+        config = json.loads((source / "tokenizer_config.json").read_text())
+        config["added_tokens_decoder"][str(PIECES + 3)] = {"content": "<pad>", "special": True}
+        rows = PIECES + 3
+    else:
+        source = bpe_folder(tmp_path / "tok", special=("<|im_end|>", "<|im_start|>", "<pad>"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<|im_start|>", **named}
+        rows = PIECES + 2
+    template = NAMING + CHATML
+    (source / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    ours = load_tokenizer(source)
+    ours.check_fits(rows)
+    (tmp_path / "hf").mkdir()
+    export_tokenizer(source, tmp_path / "hf", 64, ours.bos_id, ours.eos_id, rows)
+
+    hf, theirs = (transformers.AutoTokenizer.from_pretrained(folder) for folder in (tmp_path / "hf", source))
+    assert (hf.pad_token, hf.unk_token) == (theirs.pad_token, theirs.unk_token) != (None, None)
+    assert hf.mask_token is None and max(hf.convert_tokens_to_ids(hf.all_special_tokens)) < rows
+    assert "<|im_start|>" in hf.all_special_tokens and "<pad>" not in hf.all_special_tokens
+    messages = [{"role": "user", "content": "ka lo"}]
+    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.startswith(f"[<|im_end|>|{theirs.unk_token}|]")
+    ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert ids == chat_prompt_ids(template, messages, ours)

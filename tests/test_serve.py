@@ -2103,6 +2103,28 @@ def test_one_sigterm_delivered_twice_is_one_stop(checkpoint, monkeypatch, capsys
     assert capsys.readouterr().err.endswith("a second Ctrl+C or SIGTERM cuts it off\nserver stopped\n")
 
 
+def test_a_line_logged_in_the_http_process_is_printed_once(checkpoint, monkeypatch, capfd):
+    """LitServe's first ``logging.debug`` in the main process gives the root logger a stderr handler (``basicConfig``)
+    before it forks its HTTP process: each of our lines there was printed by our handler and again by that one, as
+    'WARNING:epas_lightning...'. The inference worker stopped it for itself; the HTTP process did not."""
+    fork = multiprocessing.get_context("fork")
+
+    def run(server) -> None:
+        root = logging.StreamHandler(sys.stderr)
+        logging.root.addHandler(root)  # what logging.debug's basicConfig adds in LitServe's run
+        try:
+            log = logging.getLogger("epas_lightning.serve")
+            http = fork.Process(target=lambda: log.warning("a line of the HTTP process"), name="http-process")
+            http.start()
+            http.join()
+        finally:
+            logging.root.removeHandler(root)
+
+    assert run_with_fake_litserver(checkpoint, monkeypatch, run) == 0
+    err = capfd.readouterr().err
+    assert err.count("a line of the HTTP process") == 1, err
+
+
 def test_a_server_process_that_ends_while_serving_stops_serve_in_one_line(checkpoint, monkeypatch, capsys):
     """The HTTP process killed (for memory) left serve waiting for ever while nothing answered; the inference worker
     killed ended serve with LitServe's EOFError traceback."""

@@ -138,6 +138,18 @@ def split_encoder(
     return encode_split
 
 
+def without_texts(named: Mapping[str, str | list[str]], texts: set[str]) -> dict[str, str | list[str]]:
+    """The named special tokens ``named`` (:attr:`FolderTokens.named`) without those whose text is one of ``texts``
+    (an ``additional_special_tokens`` list left empty is left out)."""
+    kept: dict[str, str | list[str]] = {}
+    for key, value in named.items():
+        if isinstance(value, str) and value not in texts:
+            kept[key] = value
+        elif isinstance(value, list) and (items := [text for text in value if text not in texts]):
+            kept[key] = items
+    return kept
+
+
 def _named(record: dict[str, Any]) -> dict[str, str | list[str]]:
     named: dict[str, str | list[str]] = {}
     for key in NAMED_TOKENS:

@@ -19,6 +19,7 @@ from epas_lightning.data.added_tokens import (
     folder_tokens,
     split_encoder,
     with_added_tokens,
+    without_texts,
 )
 from epas_lightning.data.stop_tokens import stop_ids_beside
 from epas_lightning.errors import DataError, os_reason
@@ -45,8 +46,8 @@ class TokenizerError(DataError):
 
 
 Drop = tuple[str, str, int]
-"""A tokenizer fitted to a model with special added tokens dropped: its path, :attr:`TextTokenizer.sha256` and the
-model's rows."""
+"""A tokenizer fitted to a model with special added tokens dropped: its resolved path (a relative one, an absolute one
+and a symlink to the file are one key), :attr:`TextTokenizer.sha256` and the model's rows."""
 _DROPS_WARNED: set[Drop] = set()
 """The drops this process warned of: once each, however often it fits the tokenizer (serve fits it at startup, in its
 HTTP process and in its worker)."""
@@ -195,7 +196,7 @@ class TextTokenizer:
         """Refuse a model vocabulary of ``vocab_size`` that this tokenizer's ids can overrun (another model's
         tokenizer, or data prepared for a larger model); ``fix``: what to do. Special added tokens past it (a
         fine-tune's ``<pad>`` the model has no row for, as transformers loads it) are dropped with a warning: text
-        never reads as them, and the model never emits them."""
+        never reads as them, the model never emits them, and they are no longer named (a template's ``pad_token``)."""
         added, own = self.added_tokens(), self.own_size()
         past = {i: token for i, token in added.items() if i >= vocab_size}
         ends = max(self.bos_id, self.eos_id) < vocab_size <= self.vocab_size
@@ -208,7 +209,7 @@ class TextTokenizer:
                     self.path,
                     f"{fix}, or remove them from {where}",
                 )
-            if (drop := (str(self.path), self.sha256, vocab_size)) not in _DROPS_WARNED:
+            if (drop := (os.path.realpath(self.path), self.sha256, vocab_size)) not in _DROPS_WARNED:
                 _DROPS_WARNED.add(drop)
                 log.warning(
                     f"The special added tokens {[token.text for token in past.values()]} of {self.path} are past the "
@@ -217,6 +218,7 @@ class TextTokenizer:
                 )
             kept = {i: token for i, token in added.items() if i < vocab_size}
             self.added = kept if self.kind == "sentencepiece" else {}
+            self.named = without_texts(self.named, {token.text for token in past.values()})
             self.vocab_size = max([own, *(i + 1 for i in kept)])
             self.stop_ids = tuple(i for i in self.stop_ids if i < self.vocab_size)
         if self.vocab_size > vocab_size:

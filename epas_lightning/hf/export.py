@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from epas_lightning.checkpoint import STORED, describe_checkpoint, load_model
 from epas_lightning.checkpoint_formats import EXPORT_REGION_KEY, export_record
-from epas_lightning.data.added_tokens import AddedToken, decoder_entry
+from epas_lightning.data.added_tokens import AddedToken, decoder_entry, without_texts
 from epas_lightning.data.chat_template import chat_template_beside
 from epas_lightning.data.tokenizer import (
     HF_FILENAME,
@@ -143,7 +143,8 @@ def export_tokenizer(
     (``</s>``, ``<|im_start|>``), which must then read as those tokens, as the tokenizer it came with read them.
     ``rows``: the model's embedding rows; the special added tokens past them that
     :meth:`~epas_lightning.data.tokenizer.TextTokenizer.check_fits` drops are not shipped (a chat's ``<pad>`` text
-    would read as an id the model has no row for). The files beside ``path`` are only read.
+    would read as an id the model has no row for). The other special tokens the folder names (``pad_token``, ...) are
+    named too (:func:`other_named_tokens`): a chat template renders them. The files beside ``path`` are only read.
     """
     from tokenizers import processors
 
@@ -169,12 +170,25 @@ def export_tokenizer(
     if tokenizer.kind == "sentencepiece":
         shutil.copyfile(path, output / SENTENCEPIECE_FILENAME)
         config["added_tokens_decoder"] = {str(i): decoder_entry(token) for i, token in sorted(tokenizer.added.items())}
-    special = {"bos_token": token(bos_id), "eos_token": token(eos_id)}
+    special = {"bos_token": token(bos_id), "eos_token": token(eos_id), **other_named_tokens(tokenizer)}
     chat = chat_template_beside(path)
     # "</s>" in a text is text, as training (TextTokenizer) read it; a chat template's are its control tokens
     tokenizer_config = {**config, **special, "model_max_length": block_size, "split_special_tokens": not chat, **chat}
     (output / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (output / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def other_named_tokens(tokenizer: TextTokenizer) -> dict[str, str | list[str]]:
+    """The special tokens besides BOS and EOS that the tokenizer's folder names (``pad_token``, ``unk_token``,
+    ``additional_special_tokens``), as our loader kept them: those with an id in ``tokenizer`` (transformers would add
+    another as a new id, which the model has no row for)."""
+
+    def no_id(text: str) -> bool:
+        return (token_id := tokenizer.token_id(text)) is None or token_id >= tokenizer.vocab_size
+
+    texts = {text for value in tokenizer.named.values() for text in ([value] if isinstance(value, str) else value)}
+    kept = without_texts(tokenizer.named, set(filter(no_id, texts)))
+    return {key: value for key, value in kept.items() if key not in ("bos_token", "eos_token")}
 
 
 def _sentencepiece_pipeline(tokenizer: TextTokenizer):  # noqa: ANN202

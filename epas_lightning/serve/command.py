@@ -254,6 +254,7 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
         watching_startup(server) as died,
         watching_processes(server, received, api.device_failure) as ended,
         ending_with_this_process(),
+        our_handler_only(),
     ):
         try:
             server.run(host=host, port=port, log_level=log_level, generate_client_file=False, num_api_servers=1)
@@ -286,6 +287,22 @@ def run_server(api, accelerator: str, index: int | None, host: str, port: int, l
         raise server_ended(ended[0])
     cut_off = f" after the {grace} s grace period: {_cut_off(unfinished[0])}" if unfinished and unfinished[0] else ""
     print(f"server stopped{cut_off}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def our_handler_only() -> Iterator[None]:
+    """Our log lines are printed by our handler alone while LitServe runs: its first ``logging.debug`` gives the root
+    logger a stderr handler (``basicConfig``) before it forks the HTTP process, which printed each of our lines twice
+    (the inference worker, spawned, does the same in its setup)."""
+    from epas_lightning.cli import show_package_logs
+
+    show_package_logs()
+    package = logging.getLogger("epas_lightning")
+    propagate, package.propagate = package.propagate, False
+    try:
+        yield
+    finally:
+        package.propagate = propagate
 
 
 def _requests(count: int) -> str:
