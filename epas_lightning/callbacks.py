@@ -11,6 +11,7 @@ from contextvars import ContextVar
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
@@ -190,7 +191,9 @@ class ProgressiveSharing(Callback):
             )
         self.schedule = self._build(n_layer, check_lengths=stage == "fit")  # validate/test: the checkpoint's region
         scored = stage in ("validate", "test") and self.val_sharing_layers
-        if scored and (ckpt_path := restored_checkpoint(trainer)) is not None:  # before Lightning loads its weights
+        ckpt_path = restored_checkpoint(trainer) if scored else None
+        if ckpt_path is not None and _is_local_file_protocol(ckpt_path):  # before Lightning loads its weights; a
+            # remote one (an fsspec URL) only Lightning reads: on_validation_start checks it once loaded
             self.check_scored_checkpoint(read_checkpoint(ckpt_path, weights=False, flag="ckpt_path")[1], n_layer)
         if stage == "fit" and self.enabled:
             let_ddp_find_unused_parameters(trainer, self.schedule.start_step)
