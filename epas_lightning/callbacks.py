@@ -37,7 +37,7 @@ from epas_lightning.schedule import (
     check_pace,
     resolve_target,
 )
-from epas_lightning.trainer_call import restored_checkpoint
+from epas_lightning.trainer_call import NOT_KNOWN, restored_checkpoint
 
 SCORING_A_CHECKPOINT: ContextVar[bool] = ContextVar("scoring_a_checkpoint", default=False)
 """Set while the command line builds ``validate``/``test --ckpt_path``'s objects: ``val_sharing_layers`` count the
@@ -192,8 +192,9 @@ class ProgressiveSharing(Callback):
         self.schedule = self._build(n_layer, check_lengths=stage == "fit")  # validate/test: the checkpoint's region
         scored = stage in ("validate", "test") and self.val_sharing_layers
         ckpt_path = restored_checkpoint(trainer) if scored else None
-        if ckpt_path is not None and _is_local_file_protocol(ckpt_path):  # before Lightning loads its weights; a
-            # remote one (an fsspec URL) only Lightning reads: on_validation_start checks it once loaded
+        known = ckpt_path is not None and ckpt_path is not NOT_KNOWN
+        if known and _is_local_file_protocol(ckpt_path):  # before Lightning loads its weights; a remote one (an fsspec
+            # URL) only Lightning reads, and one not known here: on_validation_start checks it once loaded
             self.check_scored_checkpoint(read_checkpoint(ckpt_path, weights=False, flag="ckpt_path")[1], n_layer)
         if stage == "fit" and self.enabled:
             let_ddp_find_unused_parameters(trainer, self.schedule.start_step)
