@@ -8,6 +8,7 @@ import numbers
 import time
 import warnings
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from epas_lightning.loss import heldout_mean, real_rows, token_losses
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.config import REUSED
 from epas_lightning.region import REGION_KEY, TrainedRegion, layers_asked_for, region_in_growth_order
-from epas_lightning.safe_load import is_weights_only
+from epas_lightning.safe_load import is_weights_only, release_kept_read
 from epas_lightning.schedule import (
     GrowthOrder,
     SharingSchedule,
@@ -195,7 +196,10 @@ class ProgressiveSharing(Callback):
         known = ckpt_path is not None and ckpt_path is not NOT_KNOWN
         if known and _is_local_file_protocol(ckpt_path):  # before Lightning loads its weights; a remote one (an fsspec
             # URL) only Lightning reads, and one not known here: on_validation_start checks it once loaded
-            self.check_scored_checkpoint(read_checkpoint(ckpt_path, weights=False, flag="ckpt_path")[1], n_layer)
+            try:
+                self.check_scored_checkpoint(read_checkpoint(ckpt_path, weights=False, flag="ckpt_path")[1], n_layer)
+            finally:  # Lightning reads it whole next: a legacy file's whole read is not held beside that, or on
+                release_kept_read(Path(ckpt_path).expanduser())  # after a refusal
         if stage == "fit" and self.enabled:
             let_ddp_find_unused_parameters(trainer, self.schedule.start_step)
             rank_zero_info(
