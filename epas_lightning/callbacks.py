@@ -8,9 +8,11 @@ import numbers
 import time
 import warnings
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
@@ -27,7 +29,7 @@ from epas_lightning.loss import heldout_mean, real_rows, token_losses
 from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.config import REUSED
 from epas_lightning.region import REGION_KEY, TrainedRegion, layers_asked_for, region_in_growth_order
-from epas_lightning.safe_load import is_weights_only
+from epas_lightning.safe_load import is_weights_only, release_kept_read
 from epas_lightning.schedule import (
     GrowthOrder,
     SharingSchedule,
@@ -36,7 +38,7 @@ from epas_lightning.schedule import (
     check_pace,
     resolve_target,
 )
-from epas_lightning.trainer_call import restored_checkpoint
+from epas_lightning.trainer_call import NOT_KNOWN, restored_checkpoint
 
 SCORING_A_CHECKPOINT: ContextVar[bool] = ContextVar("scoring_a_checkpoint", default=False)
 """Set while the command line builds ``validate``/``test --ckpt_path``'s objects: ``val_sharing_layers`` count the
@@ -190,8 +192,14 @@ class ProgressiveSharing(Callback):
             )
         self.schedule = self._build(n_layer, check_lengths=stage == "fit")  # validate/test: the checkpoint's region
         scored = stage in ("validate", "test") and self.val_sharing_layers
-        if scored and (ckpt_path := restored_checkpoint(trainer)) is not None:  # before Lightning loads its weights
-            self.check_scored_checkpoint(read_checkpoint(ckpt_path, weights=False, flag="ckpt_path")[1], n_layer)
+        ckpt_path = restored_checkpoint(trainer) if scored else None
+        known = ckpt_path is not None and ckpt_path is not NOT_KNOWN
+        if known and _is_local_file_protocol(ckpt_path):  # before Lightning loads its weights; a remote one (an fsspec
+            # URL) only Lightning reads, and one not known here: on_validation_start checks it once loaded
+            try:
+                self.check_scored_checkpoint(read_checkpoint(ckpt_path, weights=False, flag="ckpt_path")[1], n_layer)
+            finally:  # Lightning reads it whole next: a legacy file's whole read is not held beside that, or on
+                release_kept_read(Path(ckpt_path).expanduser())  # after a refusal
         if stage == "fit" and self.enabled:
             let_ddp_find_unused_parameters(trainer, self.schedule.start_step)
             rank_zero_info(

@@ -238,7 +238,9 @@ class EPASModule(LightningModule):
     def configure_callbacks(self) -> list[Callback]:
         """None of its own. The first hook of a ``Trainer`` call, before any data is prepared and before the loggers
         make their folders: a fit that starts from ``init_from`` (resumes nothing) refuses it here where it was gone,
-        or its weights did not read or fit, as the module was built (:meth:`check_init_from`)."""
+        or its weights did not read or fit, as the module was built (:meth:`check_init_from`). Where the call's
+        checkpoint is not known here, the refusal waits for training to start (a subclass's own
+        ``configure_callbacks`` keeps it by extending ``super().configure_callbacks()``)."""
         if self.trainer.state.fn == TrainerFn.FITTING and restored_checkpoint(self.trainer) is None:
             self.check_init_from()
         return []

@@ -3,7 +3,7 @@
 Lightning resolves ``ckpt_path`` (``"last"`` included) before its first hook, but keeps it in ``Trainer._run``'s
 arguments until it opens the file, after ``prepare_data``, the loggers' folders and ``setup``: ``trainer.ckpt_path``
 is still the previous call's. Checks that must come first (a fit that starts from ``init_from`` rather than a resume,
-a scored checkpoint's region) read it here.
+a scored checkpoint's region) read it here; where it cannot be read (:data:`NOT_KNOWN`), they wait for the restore.
 """
 
 from __future__ import annotations
@@ -13,13 +13,18 @@ from typing import Any
 
 from lightning.pytorch import Trainer
 
+NOT_KNOWN: Any = object()
+"""What :func:`restored_checkpoint` gives outside a ``Trainer`` call, or where Lightning keeps the path otherwise:
+neither ``None`` (no checkpoint) nor a path, so no early check runs on a guess (the previous call's path)."""
+
 
 def restored_checkpoint(trainer: Trainer) -> Any:
     """The ``ckpt_path`` the running call of ``trainer`` restores (``None``: none), as Lightning resolved it; called
-    from one of its hooks. Outside a call (a hook called by hand), ``trainer.ckpt_path``."""
+    from one of its hooks. Outside a call (a hook called by hand), or where ``Trainer._run`` holds no ``ckpt_path``
+    (another Lightning), :data:`NOT_KNOWN`."""
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code is Trainer._run.__code__ and frame.f_locals.get("self") is trainer:
-            return frame.f_locals.get("ckpt_path")
+            return frame.f_locals.get("ckpt_path", NOT_KNOWN)
         frame = frame.f_back
-    return trainer.ckpt_path
+    return NOT_KNOWN

@@ -2120,3 +2120,36 @@ def test_a_python_fit_refuses_broken_init_from_before_preparing_data_or_logging(
     with pytest.raises(CheckpointError, match=re.escape(says)):
         trainer.fit(module, data)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_python_resume_where_lightning_keeps_its_checkpoint_elsewhere(tmp_path: Path, tiny_corpus, monkeypatch):
+    """The checkpoint a call restores is read from ``Trainer._run``'s ``ckpt_path`` before Lightning opens it; a
+    Lightning that keeps it under another name made every resume look like a fresh fit, and a resume with its
+    ``init_from`` gone since was refused. Not known, nothing is refused early: the resume runs; a fresh fit is refused
+    when training starts."""
+    from lightning.pytorch import Trainer
+
+    from epas_lightning import TokenDataModule
+
+    def data() -> TokenDataModule:
+        return TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=VOCAB)
+
+    source = save_tiny_hf(tmp_path / "hf")
+    config = source_config(source, block_size=32)
+    trainer = cpu_trainer(tmp_path / "first", max_steps=1, num_sanity_val_steps=0)
+    trainer.fit(EPASModule(config, init_from=str(source)), data())
+    trainer.save_checkpoint(ckpt := tmp_path / "one_step.ckpt")
+    module = EPASModule(config, init_from=str(tmp_path / "gone"))
+    run = Trainer._run
+
+    def renamed(self, model, **arguments):  # noqa: ANN001, ANN003, ANN202  # no ckpt_path of its own
+        return run(self, model, *arguments.values())
+
+    monkeypatch.setattr(Trainer, "_run", renamed)
+    resumed = cpu_trainer(tmp_path / "resumed", max_steps=2, num_sanity_val_steps=0)
+    resumed.fit(module, data(), ckpt_path=ckpt)
+    assert resumed.global_step == 2
+    fresh = cpu_trainer(tmp_path / "fresh", max_steps=2, num_sanity_val_steps=0)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        fresh.fit(EPASModule(config, init_from=str(tmp_path / "gone")), data())
+    assert fresh.global_step == 0

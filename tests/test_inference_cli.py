@@ -1122,3 +1122,38 @@ def test_commands_read_the_held_out_data_fit_validated_on(trained, tiny_corpus, 
         rc, _, err = run_cli(capsys, "evaluate", "--checkpoint", str(checkpoint), "--device", "cpu")
         whose = "validated" if val_dir else "trained"
         assert rc == 2 and f"the data the checkpoint {whose} on is gone ({other}) — --data / --tasks —" in err, err
+
+
+def test_python_validate_of_a_remote_checkpoint_with_val_sharing_layers(trained, tiny_corpus, tmp_path):
+    """A remote ``ckpt_path`` (an fsspec URL: Lightning reads it, our local checks cannot) with ``val_sharing_layers``
+    was refused before Lightning read it, as a local file that does not exist; its region is checked once loaded."""
+    import fsspec
+
+    fsspec.filesystem("memory").pipe("/remote/last.ckpt", trained.read_bytes())
+    config = load_model(trained).model.config
+    data = TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=config.vocab_size)
+    for lengths in ([1, 2], [1, 3]):
+        sharing = ProgressiveSharing(target=1, val_sharing_layers=lengths)
+        trainer = cpu_trainer(tmp_path, 1, [sharing], limit_val_batches=1)
+        if lengths == [1, 2]:  # within the region the checkpoint trained: scored
+            (scores,) = trainer.validate(EPASModule(config), data, ckpt_path="memory://remote/last.ckpt", verbose=False)
+            assert {"val/loss_at_sharing/1", "val/loss_at_sharing/2"} <= scores.keys()
+            continue
+        with pytest.raises(ConfigError, match=r"3 sharing layers were asked for; the checkpoint's target region has 2"):
+            trainer.validate(EPASModule(config), data, ckpt_path="memory://remote/last.ckpt", verbose=False)
+
+
+def test_a_refused_python_validate_does_not_keep_a_legacy_checkpoint_in_memory(trained, tiny_corpus, tmp_path):
+    """``trainer.validate(..., ckpt_path=legacy.ckpt)`` (torch's legacy format, read whole to see its metadata) with
+    val_sharing_layers past its region is refused from that read; the read was kept for a next look that never comes
+    (Lightning reads the file again, whole), so a notebook held the whole checkpoint after the refusal."""
+    from epas_lightning import safe_load
+
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save(torch.load(trained, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    config = load_model(trained).model.config
+    data = TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=config.vocab_size)
+    trainer = cpu_trainer(tmp_path, 1, [ProgressiveSharing(target=1, val_sharing_layers=[1, 3])], limit_val_batches=1)
+    with pytest.raises(ConfigError, match=r"3 sharing layers were asked for; the checkpoint's target region has 2"):
+        trainer.validate(EPASModule(config), data, ckpt_path=legacy, verbose=False)
+    assert safe_load._LEGACY_READS._kept is None
