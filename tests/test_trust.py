@@ -1489,6 +1489,20 @@ def test_an_os_error_of_an_exports_own_writes_is_one_line_and_leaves_nothing(sma
         assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def failing_call(step: str, out: Path):
+    """``(owner, name, replacement)``: the OS call of :func:`failing_at` and a stand-in for it that raises its error
+    when the step comes, and otherwise calls through."""
+    owner, name, when, code = failing_at(step, out)
+    real = getattr(owner, name)
+
+    def fails(*args, **kwargs):
+        if when(*args, **kwargs):
+            raise OSError(code, os.strerror(code), str(args[0]))
+        return real(*args, **kwargs)
+
+    return owner, name, fails
+
+
 def failing_at(step: str, out: Path):
     """``(owner, name, when, errno)``: the OS call that fails at ``step`` of writing ``out``, and when it does."""
     build, aside = f".{out.name}.tmp-", f".{out.name}.old-"
@@ -1548,14 +1562,7 @@ def test_an_os_error_at_any_step_of_writing_an_output_is_one_line_and_loses_noth
     if replacing:
         with output_folder(out, "hf-export") as previous:
             (previous / "a.txt").write_text("first")
-    owner, name, when, code = failing_at(step, out)
-    real = getattr(owner, name)
-
-    def fails(*args, **kwargs):
-        if when(*args, **kwargs):
-            raise OSError(code, os.strerror(code), str(args[0]))
-        return real(*args, **kwargs)
-
+    owner, name, fails = failing_call(step, out)
     argv = ["export", "--checkpoint", str(small_checkpoint), "--output", str(out), *(["--overwrite"] * replacing)]
     with monkeypatch.context() as patch:
         patch.setattr(owner, name, fails)
@@ -1583,14 +1590,7 @@ def test_a_previous_output_that_cannot_be_removed_after_its_replacement_is_a_war
     out = tmp_path / "out"
     with output_folder(out, "hf-export") as previous:
         (previous / "a.txt").write_text("first")
-    owner, name, when, code = failing_at(step, out)
-    real = getattr(owner, name)
-
-    def fails(*args, **kwargs):
-        if when(*args, **kwargs):
-            raise OSError(code, os.strerror(code), str(args[0]))
-        return real(*args, **kwargs)
-
+    owner, name, fails = failing_call(step, out)
     argv = ["export", "--checkpoint", str(small_checkpoint), "--output", str(out), "--overwrite"]
     with monkeypatch.context() as patch:
         patch.setattr(owner, name, fails)
