@@ -1468,6 +1468,45 @@ def test_a_config_where_layer_0_shares_is_refused_saying_which_layers_may(tmp_pa
         hf(torch.randint(3, VOCAB, (1, 8)))
 
 
+def test_a_region_past_the_last_layer_set_on_the_loaded_config_is_refused_in_the_next_forward(tmp_path: Path) -> None:
+    """A region set on the loaded config past its checks (``model.config.epas_shared_layers = [30]`` on a 3-layer model)
+    named no layer, or not all of its layers, that could share: the forward and ``generate`` ran the rest of the model
+    silently (dense where none was left). It is refused in the next forward (of the model, a layer called alone, an
+    attention called alone), naming the layers and those that may share; loading with it was refused already."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=3, shared=1)
+    out = export(tmp_path / "ckpt", tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"^Layer 30 cannot share: epas_shared_layers may list layers 1\.\.2 "):
+        transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, epas_shared_layers=[2, 30])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    with pytest.raises(ValueError, match=r"^Layers \[30\] cannot share: valid are 1\.\.2\.$"):
+        hf.set_shared_layers([30])
+    ids = torch.randint(3, VOCAB, (1, 8))
+    with torch.no_grad():
+        ((h, options),) = layer_inputs(hf, [ids])
+        says = r" cannot share: epas_shared_layers may list layers 1\.\.2 .*model\.set_region"
+        for region, refusal in (
+            ([30], "^Layer 30" + says),
+            ([2, 30], "^Layer 30" + says),
+            ([1, 3, 4], r"^Layers \[3, 4\]" + says),
+            (["2"], "^Layer '2'" + says),
+            (2, r"^epas_shared_layers must list layers 1\.\.2, not 2: give a list, or call model\.set_region"),
+        ):
+            hf.config.epas_shared_layers = region
+            for run in (
+                lambda: hf(ids),
+                lambda: hf.generate(ids, max_new_tokens=2, do_sample=False),
+                lambda: hf.generate(ids, max_new_tokens=2, do_sample=False, use_cache=False),
+                lambda: hf.model.layers[0](h, **options),  # a layer-wise tool's call, the config changed since
+                lambda: hf.model.layers[1].self_attn(hidden_states=h, **options),
+            ):
+                with pytest.raises(ValueError, match=refusal):
+                    run()
+        hf.set_region(1)  # a valid region runs again
+        assert hf(ids).logits.shape == (1, 8, VOCAB)
+
+
 def test_the_remote_code_builds_each_layer_once_as_the_stock_llama_does(tmp_path: Path) -> None:
     """The remote base model built the stock decoder layers, initialised them, then built its own over them: twice the
     layers to build and initialise in ``from_config`` (pretraining the architecture from scratch), and other random

@@ -166,11 +166,26 @@ def _fingerprint(x):
 def _region_error(config, layers):
     """The error for ``layers`` of ``config.epas_shared_layers`` that cannot share (the region set past the config's
     checks: a ``from_pretrained`` keyword, the loaded config changed)."""
-    which = f"Layer {layers[0]}" if len(layers) == 1 else f"Layers {layers}"
+    which = f"Layer {layers[0]!r}" if len(layers) == 1 else f"Layers {layers}"
     return ValueError(
         f"{which} cannot share: epas_shared_layers may list layers 1..{config.num_hidden_layers - 1} (layer 0 computes "
         "the first pair); give a region within them, or call model.set_region(n) for the first n of the trained one."
     )
+
+
+def _check_region(config):
+    """Raise, naming them, where ``config.epas_shared_layers`` lists layers that cannot share (0, past the last, not a
+    layer's index) or is no list: set on the loaded config past its checks, they would run computing, silently."""
+    may = range(1, config.num_hidden_layers)
+    try:
+        bad = [i for i in config.epas_shared_layers if i not in may]
+    except TypeError:  # not iterable
+        raise ValueError(
+            f"epas_shared_layers must list layers 1..{may.stop - 1}, not {config.epas_shared_layers!r}: give a list, "
+            "or call model.set_region(n) for the first n of the trained region."
+        ) from None
+    if bad:
+        raise _region_error(config, bad)
 
 
 def _cannot_share(config, layer_idx):
@@ -267,6 +282,8 @@ class EpasLlamaAttention(LlamaAttention):
         def heads(x):
             return x.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n, T, D)
 
+        if epas_relay is None or not epas_relay.live:  # called alone: the model's forward did not check the region
+            _check_region(config)
         shared = self.layer_idx in config.epas_shared_layers
         if shared and not (epas_relay is not None and epas_relay.pair_for(self.layer_idx)):
             raise _cannot_share(config, self.layer_idx)
@@ -313,6 +330,7 @@ class EpasLlamaDecoderLayer(LlamaDecoderLayer):
         shared = self.self_attn.config.epas_shared_layers
         alone = relay is not None and not relay.live  # a layer-wise tool's call, with a finished forward's arguments
         if alone:
+            _check_region(self.self_attn.config)  # changed on the config since the forward that made the relay
             given = relay.enter(index, hidden_states, shares=index in shared, hands_on=index + 1 in shared)
         try:
             attended, weights = self.self_attn(
@@ -371,9 +389,7 @@ class EpasLlamaModel(LlamaModel):
 
     def __init__(self, config):  # LlamaModel's, with EPAS layers: each layer built and initialised once, as stock
         LlamaPreTrainedModel.__init__(self, config)
-        bad = [i for i in config.epas_shared_layers if not 1 <= i < config.num_hidden_layers]
-        if bad:  # set past the config's checks: refused before anything is built or a weight loaded
-            raise _region_error(config, bad)
+        _check_region(config)  # set past the config's checks: refused before anything is built or a weight loaded
         self.padding_idx, self.vocab_size = config.pad_token_id, config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(EpasLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
@@ -393,6 +409,7 @@ class EpasLlamaModel(LlamaModel):
         cache=None,
         **kwargs,
     ):
+        _check_region(self.config)  # changed on the config since load: refused, not run without the layers it names
         past_key_values = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Give exactly one of input_ids or inputs_embeds.")
