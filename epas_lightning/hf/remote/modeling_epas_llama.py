@@ -155,12 +155,54 @@ def _selected(hidden, indices):
     return [x if i in keep else None for i, x in enumerate(hidden)]
 
 
+FINGERPRINT_WORDS = 1 << 22
+"""How many 16-bit words (bytes for a 1-byte dtype) of hidden states ``_fingerprint`` reads at a time: its extra memory
+(two int32 buffers of that many, 32 MiB, and as many words copied from non-contiguous hidden states) does not grow with
+the hidden states (a layer-wise tool may give a layer a whole calibration batch at once)."""
+
+
+def _pieces(x, most):
+    """The elements of ``x`` in order (its flattened order), as contiguous 1-D tensors of at most ``most`` elements
+    each: views of a contiguous ``x``, else copies of one part of it at a time."""
+    if x.numel() == 0:
+        return
+    if x.is_contiguous():
+        flat = x.view(-1)
+        for start in range(0, flat.numel(), most):
+            yield flat[start : start + most]
+    elif x.dim() > 1 and x[0].numel() > most:  # one row (along dim 0) is too many: each row in pieces
+        for row in x.unbind(0):
+            yield from _pieces(row, most)
+    else:  # as many whole rows as fit
+        rows = max(1, most // x[0].numel())
+        for start in range(0, x.shape[0], rows):
+            yield x[start : start + rows].contiguous().view(-1)
+
+
+def _word_sums(piece, word, done):
+    """(the sum of the words of ``piece``, 1-D, read as ``word``, and their sum each weighted by its place), int64
+    tensors, its first word the one after the ``done`` read before it; the buffers freed on return."""
+    bits = piece.view(word).int()  # (n,): int32, so a word times its place (< 2**15 * 65521) cannot overflow
+    places = torch.arange(bits.numel(), dtype=torch.int32, device=bits.device)
+    places.add_(done % 65521).remainder_(65521).add_(1)  # (n,) the places of words done..done + n - 1: 1..65521
+    return bits.sum(), places.mul_(bits).sum()  # int32 sums add up in int64
+
+
 def _fingerprint(x):
     """(shape, dtype, two checksums of the bits of ``x``): the same for the same values on any device (a layer's output
-    copied into a calibration tool's buffer, moved off the accelerator and back), others for other samples' values."""
-    bits = x.detach().contiguous().view(torch.int16 if x.element_size() > 1 else torch.int8).flatten().long()  # (N,)
-    places = torch.arange(bits.numel(), device=bits.device) % 65521 + 1  # order counts; no sum overflows an int64
-    return tuple(x.shape), x.dtype, int(bits.sum()), int((bits * places).sum())
+    copied into a calibration tool's buffer, moved off the accelerator and back), others for other samples' values.
+    The checksums are the sum of its 16-bit words (bytes for a 1-byte dtype) and their sum each weighted by its place
+    (order counts), read ``FINGERPRINT_WORDS`` at a time and added up on ``x``'s device (one sync)."""
+    x = x.detach()
+    word = torch.int16 if x.element_size() > 1 else torch.int8
+    most = max(1, FINGERPRINT_WORDS * word.itemsize // x.element_size())  # elements per piece
+    total = weighted = torch.zeros((), dtype=torch.int64, device=x.device)
+    done = 0  # words read so far
+    for piece in _pieces(x, most):
+        sums = _word_sums(piece, word, done)
+        total, weighted = total + sums[0], weighted + sums[1]
+        done += piece.numel() * x.element_size() // word.itemsize
+    return tuple(x.shape), x.dtype, *torch.stack((total, weighted)).tolist()
 
 
 def _region_error(config, layers):
