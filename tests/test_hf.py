@@ -1376,6 +1376,76 @@ def test_a_computing_layer_trained_alone_keeps_one_detached_pair_per_input(tmp_p
     assert len(relay.kept) == 1
 
 
+def unchunked_fingerprint(x: torch.Tensor) -> tuple:
+    """The fingerprint's checksums computed over the whole tensor at once (int64 copies of all its words)."""
+    bits = x.contiguous().view(torch.int16 if x.element_size() > 1 else torch.int8).flatten().long()
+    places = torch.arange(bits.numel()) % 65521 + 1
+    return tuple(x.shape), x.dtype, int(bits.sum()), int((bits * places).sum())
+
+
+def fingerprint_inputs() -> list[torch.Tensor]:
+    """Hidden states of several dtypes and shapes, contiguous or not, none a multiple of a 7-word piece."""
+    generator = torch.Generator().manual_seed(0)
+    words = torch.randint(-(2**15), 2**15, (3, 10, 13), dtype=torch.int16, generator=generator)  # 390 words
+    half = words.view(torch.bfloat16)
+    return [
+        half,
+        words.view(torch.float16).transpose(1, 2),  # rows of 30 elements, more than a piece
+        half[:, ::3, 1:],  # rows of 48, a stride in dim 1
+        words[:, :, :12].contiguous().view(torch.float32).transpose(0, 2),  # 2 words an element, 6 rows of 30
+        words.view(torch.bfloat16)[0, :, 5],  # 1-D, strided
+        words.view(torch.int8)[..., :5],  # 1-byte words
+        half.float().double()[:, :2],  # 4 words an element: more than half a piece
+        half[0, 0, 0],  # 0-d
+        half[:, :0],  # empty
+    ]
+
+
+def test_the_fingerprint_reads_its_input_a_bounded_piece_at_a_time(monkeypatch) -> None:
+    """The fingerprint keying the pairs handed on to layers called alone made int64 copies of the whole hidden states
+    at once. It reads ``FINGERPRINT_WORDS`` words at a time now, contiguous ones where the input is not, with the same
+    checksums: same values, same fingerprint; order and values count."""
+    from epas_lightning.hf.remote import modeling_epas_llama as remote
+
+    monkeypatch.setattr(remote, "FINGERPRINT_WORDS", 7)
+    for x in fingerprint_inputs():
+        want = unchunked_fingerprint(x)
+        assert remote._fingerprint(x) == want, x.shape
+        most = max(1, 7 * (1 if x.element_size() == 1 else 2) // x.element_size())
+        pieces = list(remote._pieces(x, most))
+        assert all(p.dim() == 1 and p.is_contiguous() and 1 <= p.numel() <= most for p in pieces)
+        in_order = torch.cat(pieces) if pieces else x.new_empty(0)  # compared by bits: NaNs do not equal themselves
+        assert torch.equal(in_order.view(torch.int8), x.flatten().contiguous().view(torch.int8))
+        with monkeypatch.context() as m:  # one piece
+            m.setattr(remote, "FINGERPRINT_WORDS", 1 << 22)
+            assert remote._fingerprint(x) == want
+    half = fingerprint_inputs()[0]
+    assert remote._fingerprint(half.transpose(1, 2).contiguous().transpose(1, 2)) == remote._fingerprint(half)
+    assert remote._fingerprint(half.flip(2)) != remote._fingerprint(half)  # order counts
+    other = half.clone()
+    other[2, 9, 12] = 1.0
+    assert remote._fingerprint(other) != remote._fingerprint(half)
+
+
+def test_the_fingerprints_extra_memory_is_bounded_by_its_piece_not_its_input(monkeypatch) -> None:
+    """The fingerprint held about 24 bytes a 16-bit word of its input at once (24 GiB for a 2 GiB calibration batch):
+    now at most about 10 bytes a word of a piece (64 pieces here), measured by torch's profiler of CPU memory."""
+    from epas_lightning.hf.remote import modeling_epas_llama as remote
+
+    monkeypatch.setattr(remote, "FINGERPRINT_WORDS", 1 << 14)
+    big = torch.randint(-(2**15), 2**15, (4, 256, 1024), dtype=torch.int16, generator=torch.Generator()).view(
+        torch.bfloat16
+    )
+    for x in (big, big.transpose(1, 2), big.float()[:, ::2]):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+            remote._fingerprint(x)
+        held = peak = 0  # each allocation counted in the op that made it, each release when it happened
+        for event in sorted(profile.events(), key=lambda event: event.time_range.start):
+            held += event.self_cpu_memory_usage
+            peak = max(peak, held)
+        assert peak <= 12 * remote.FINGERPRINT_WORDS, (x.shape, peak)
+
+
 def test_a_sharing_layer_called_without_its_pair_says_so(tmp_path: Path) -> None:
     """A tool that keeps only the mask and positions of layer 0's inputs (the original GPTQ loop), or that calls a
     sharing layer's attention alone, ran that layer dense, or on the pair another call left: silently another model.
@@ -1466,6 +1536,45 @@ def test_a_config_where_layer_0_shares_is_refused_saying_which_layers_may(tmp_pa
     hf.config.epas_shared_layers = [0, 2]
     with torch.no_grad(), pytest.raises(ValueError, match=refusal):
         hf(torch.randint(3, VOCAB, (1, 8)))
+
+
+def test_a_region_past_the_last_layer_set_on_the_loaded_config_is_refused_in_the_next_forward(tmp_path: Path) -> None:
+    """A region set on the loaded config past its checks (``model.config.epas_shared_layers = [30]`` on a 3-layer model)
+    named no layer, or not all of its layers, that could share: the forward and ``generate`` ran the rest of the model
+    silently (dense where none was left). It is refused in the next forward (of the model, a layer called alone, an
+    attention called alone), naming the layers and those that may share; loading with it was refused already."""
+    from epas_lightning.hf.export import export
+
+    save_ours(tmp_path / "ckpt", n_layer=3, shared=1)
+    out = export(tmp_path / "ckpt", tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"^Layer 30 cannot share: epas_shared_layers may list layers 1\.\.2 "):
+        transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, epas_shared_layers=[2, 30])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    with pytest.raises(ValueError, match=r"^Layers \[30\] cannot share: valid are 1\.\.2\.$"):
+        hf.set_shared_layers([30])
+    ids = torch.randint(3, VOCAB, (1, 8))
+    with torch.no_grad():
+        ((h, options),) = layer_inputs(hf, [ids])
+        says = r" cannot share: epas_shared_layers may list layers 1\.\.2 .*model\.set_region"
+        for region, refusal in (
+            ([30], "^Layer 30" + says),
+            ([2, 30], "^Layer 30" + says),
+            ([1, 3, 4], r"^Layers \[3, 4\]" + says),
+            (["2"], "^Layer '2'" + says),
+            (2, r"^epas_shared_layers must list layers 1\.\.2, not 2: give a list, or call model\.set_region"),
+        ):
+            hf.config.epas_shared_layers = region
+            for run in (
+                lambda: hf(ids),
+                lambda: hf.generate(ids, max_new_tokens=2, do_sample=False),
+                lambda: hf.generate(ids, max_new_tokens=2, do_sample=False, use_cache=False),
+                lambda: hf.model.layers[0](h, **options),  # a layer-wise tool's call, the config changed since
+                lambda: hf.model.layers[1].self_attn(hidden_states=h, **options),
+            ):
+                with pytest.raises(ValueError, match=refusal):
+                    run()
+        hf.set_region(1)  # a valid region runs again
+        assert hf(ids).logits.shape == (1, 8, VOCAB)
 
 
 def test_the_remote_code_builds_each_layer_once_as_the_stock_llama_does(tmp_path: Path) -> None:

@@ -155,22 +155,79 @@ def _selected(hidden, indices):
     return [x if i in keep else None for i, x in enumerate(hidden)]
 
 
+FINGERPRINT_WORDS = 1 << 22
+"""How many 16-bit words (bytes for a 1-byte dtype) of hidden states ``_fingerprint`` reads at a time: its extra memory
+(two int32 buffers of that many, 32 MiB, and as many words copied from non-contiguous hidden states) does not grow with
+the hidden states (a layer-wise tool may give a layer a whole calibration batch at once)."""
+
+
+def _pieces(x, most):
+    """The elements of ``x`` in order (its flattened order), as contiguous 1-D tensors of at most ``most`` elements
+    each: views of a contiguous ``x``, else copies of one part of it at a time."""
+    if x.numel() == 0:
+        return
+    if x.is_contiguous():
+        flat = x.view(-1)
+        for start in range(0, flat.numel(), most):
+            yield flat[start : start + most]
+    elif x.dim() > 1 and x[0].numel() > most:  # one row (along dim 0) is too many: each row in pieces
+        for row in x.unbind(0):
+            yield from _pieces(row, most)
+    else:  # as many whole rows as fit
+        rows = max(1, most // x[0].numel())
+        for start in range(0, x.shape[0], rows):
+            yield x[start : start + rows].contiguous().view(-1)
+
+
+def _word_sums(piece, word, done):
+    """(the sum of the words of ``piece``, 1-D, read as ``word``, and their sum each weighted by its place), int64
+    tensors, its first word the one after the ``done`` read before it; the buffers freed on return."""
+    bits = piece.view(word).int()  # (n,): int32, so a word times its place (< 2**15 * 65521) cannot overflow
+    places = torch.arange(bits.numel(), dtype=torch.int32, device=bits.device)
+    places.add_(done % 65521).remainder_(65521).add_(1)  # (n,) the places of words done..done + n - 1: 1..65521
+    return bits.sum(), places.mul_(bits).sum()  # int32 sums add up in int64
+
+
 def _fingerprint(x):
     """(shape, dtype, two checksums of the bits of ``x``): the same for the same values on any device (a layer's output
-    copied into a calibration tool's buffer, moved off the accelerator and back), others for other samples' values."""
-    bits = x.detach().contiguous().view(torch.int16 if x.element_size() > 1 else torch.int8).flatten().long()  # (N,)
-    places = torch.arange(bits.numel(), device=bits.device) % 65521 + 1  # order counts; no sum overflows an int64
-    return tuple(x.shape), x.dtype, int(bits.sum()), int((bits * places).sum())
+    copied into a calibration tool's buffer, moved off the accelerator and back), others for other samples' values.
+    The checksums are the sum of its 16-bit words (bytes for a 1-byte dtype) and their sum each weighted by its place
+    (order counts), read ``FINGERPRINT_WORDS`` at a time and added up on ``x``'s device (one sync)."""
+    x = x.detach()
+    word = torch.int16 if x.element_size() > 1 else torch.int8
+    most = max(1, FINGERPRINT_WORDS * word.itemsize // x.element_size())  # elements per piece
+    total = weighted = torch.zeros((), dtype=torch.int64, device=x.device)
+    done = 0  # words read so far
+    for piece in _pieces(x, most):
+        sums = _word_sums(piece, word, done)
+        total, weighted = total + sums[0], weighted + sums[1]
+        done += piece.numel() * x.element_size() // word.itemsize
+    return tuple(x.shape), x.dtype, *torch.stack((total, weighted)).tolist()
 
 
 def _region_error(config, layers):
     """The error for ``layers`` of ``config.epas_shared_layers`` that cannot share (the region set past the config's
     checks: a ``from_pretrained`` keyword, the loaded config changed)."""
-    which = f"Layer {layers[0]}" if len(layers) == 1 else f"Layers {layers}"
+    which = f"Layer {layers[0]!r}" if len(layers) == 1 else f"Layers {layers}"
     return ValueError(
         f"{which} cannot share: epas_shared_layers may list layers 1..{config.num_hidden_layers - 1} (layer 0 computes "
         "the first pair); give a region within them, or call model.set_region(n) for the first n of the trained one."
     )
+
+
+def _check_region(config):
+    """Raise, naming them, where ``config.epas_shared_layers`` lists layers that cannot share (0, past the last, not a
+    layer's index) or is no list: set on the loaded config past its checks, they would run computing, silently."""
+    may = range(1, config.num_hidden_layers)
+    try:
+        bad = [i for i in config.epas_shared_layers if i not in may]
+    except TypeError:  # not iterable
+        raise ValueError(
+            f"epas_shared_layers must list layers 1..{may.stop - 1}, not {config.epas_shared_layers!r}: give a list, "
+            "or call model.set_region(n) for the first n of the trained region."
+        ) from None
+    if bad:
+        raise _region_error(config, bad)
 
 
 def _cannot_share(config, layer_idx):
@@ -267,6 +324,8 @@ class EpasLlamaAttention(LlamaAttention):
         def heads(x):
             return x.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n, T, D)
 
+        if epas_relay is None or not epas_relay.live:  # called alone: the model's forward did not check the region
+            _check_region(config)
         shared = self.layer_idx in config.epas_shared_layers
         if shared and not (epas_relay is not None and epas_relay.pair_for(self.layer_idx)):
             raise _cannot_share(config, self.layer_idx)
@@ -313,6 +372,7 @@ class EpasLlamaDecoderLayer(LlamaDecoderLayer):
         shared = self.self_attn.config.epas_shared_layers
         alone = relay is not None and not relay.live  # a layer-wise tool's call, with a finished forward's arguments
         if alone:
+            _check_region(self.self_attn.config)  # changed on the config since the forward that made the relay
             given = relay.enter(index, hidden_states, shares=index in shared, hands_on=index + 1 in shared)
         try:
             attended, weights = self.self_attn(
@@ -371,9 +431,7 @@ class EpasLlamaModel(LlamaModel):
 
     def __init__(self, config):  # LlamaModel's, with EPAS layers: each layer built and initialised once, as stock
         LlamaPreTrainedModel.__init__(self, config)
-        bad = [i for i in config.epas_shared_layers if not 1 <= i < config.num_hidden_layers]
-        if bad:  # set past the config's checks: refused before anything is built or a weight loaded
-            raise _region_error(config, bad)
+        _check_region(config)  # set past the config's checks: refused before anything is built or a weight loaded
         self.padding_idx, self.vocab_size = config.pad_token_id, config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(EpasLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
@@ -393,6 +451,7 @@ class EpasLlamaModel(LlamaModel):
         cache=None,
         **kwargs,
     ):
+        _check_region(self.config)  # changed on the config since load: refused, not run without the layers it names
         past_key_values = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Give exactly one of input_ids or inputs_embeds.")
