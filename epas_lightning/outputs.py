@@ -83,11 +83,12 @@ WRITE_ERRORS = frozenset(
 """The OS errors of a command's own write into its build that are about the output's location, not a bug of ours."""
 QUOTED_OS_ERRORS = (
     # Python's, in a worker process's traceback: the file as repr() quotes it (with " where its name holds a ', a bytes
-    # name as b'...')
-    re.compile(r"""\[Errno (\d+)\] [^\n:'"]*(?:: (b?'(?:[^'\\\n]|\\.)+'|b?"(?:[^"\\\n]|\\.)+"))?"""),
+    # name as b'...'); the code alone where a message quotes only that
+    re.compile(r"""\[Errno (\d+)\](?: [^\n:'"]*(?:: (b?'(?:[^'\\\n]|\\.)+'|b?"(?:[^"\\\n]|\\.)+"))?)?"""),
     re.compile(r"\(os error (\d+)\)(?: at path \"([^\"\n]+)\")?"),  # a Rust library's (safetensors)
 )
-"""An OS error an exception quotes, with the file it names if any."""
+"""An OS error an exception quotes, with the file it names if any: what :func:`out_of_space` and
+:func:`build_write_error` read in an error's text (a code inside a file name it quotes is part of that name)."""
 SERIALIZING = "Error while serializing"
 """How safetensors starts an error of writing a file (which it may not name)."""
 
@@ -620,12 +621,12 @@ def stopping_on_sigterm() -> Iterator[None]:
 
 def out_of_space(error: BaseException | None) -> bool:
     """``error``, or an error it was raised from or while handling, is a full disk or an exceeded quota (an
-    ``OSError``, or an error that quotes one: a Rust library's, as safetensors and tokenizers raise, or a Python
-    traceback from another process, as litdata raises for its workers)."""
+    ``OSError``, or an error that quotes one (:func:`quoted_os_errors`): a Rust library's, as safetensors and tokenizers
+    raise, or a Python traceback from another process, as litdata raises for its workers)."""
     for e in exception_chain(error):
         if isinstance(e, OSError) and e.errno in NO_SPACE:
             return True
-        if any(quote in str(e) for code in NO_SPACE for quote in (f"(os error {code})", f"[Errno {code}]")):
+        if any(code in NO_SPACE for code, _ in quoted_os_errors(str(e))):
             return True
     return False
 

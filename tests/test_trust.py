@@ -2283,6 +2283,45 @@ def test_a_quoted_os_error_names_its_file_however_python_quotes_it():
         assert quoted_os_errors(quote) == [(errno.EACCES, os.fsdecode(name))], quote
 
 
+QUOTED_FULL_DISKS = {
+    "python, no file": ("[Errno 28] No space left on device", [(errno.ENOSPC, None)]),
+    "python, a file": ("[Errno 28] No space left on device: '/out/a.bin'", [(errno.ENOSPC, "/out/a.bin")]),
+    "python, the code alone": ("a worker's write failed: [Errno 28]", [(errno.ENOSPC, None)]),
+    "rust, no path": ("Error while serializing: I/O error: No space left on device (os error 28)", [(28, None)]),
+    "rust, a path": ('No space left on device (os error 28) at path "/out/a.bin"', [(errno.ENOSPC, "/out/a.bin")]),
+    "litdata worker": (
+        f'Traceback (most recent call last):\n  File "w.py", line 9, in run\nOSError: [Errno {errno.EDQUOT}] Disk '
+        "quota exceeded\n",
+        [(errno.EDQUOT, None)],
+    ),
+}
+
+
+@pytest.mark.parametrize(("text", "quoted"), QUOTED_FULL_DISKS.values(), ids=QUOTED_FULL_DISKS)
+def test_a_full_disk_an_error_quotes_is_read_by_the_parser_of_quoted_os_errors(text, quoted):
+    """out_of_space looked for a quoted full disk by its own substrings, apart from quoted_os_errors' patterns, which
+    took `[Errno N]` only followed by a space: one parser serves both, and reads every form either read (the code
+    alone, no file, a worker's traceback), in an error or in one it was raised from or while handling."""
+    from epas_lightning.outputs import out_of_space, quoted_os_errors
+
+    assert quoted_os_errors(text) == quoted
+    assert out_of_space(RuntimeError(text))
+    for link in ("__cause__", "__context__"):
+        chained = ValueError("saving failed")
+        setattr(chained, link, RuntimeError(text))
+        assert out_of_space(chained), link
+
+
+def test_a_code_in_a_quoted_file_name_is_no_quoted_os_error():
+    """A full disk's code inside a file name an error quotes (`[Errno 28]` in `'/in/[Errno 28].txt'`) was taken by
+    out_of_space for a full disk: a permission error on an input was said as no space left on the output's device."""
+    from epas_lightning.outputs import out_of_space, quoted_os_errors
+
+    text = str(PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/in/[Errno 28].txt"))
+    assert quoted_os_errors(text) == [(errno.EACCES, "/in/[Errno 28].txt")]
+    assert not out_of_space(RuntimeError(text))
+
+
 def test_a_users_folder_named_as_the_build_would_be_is_left(tmp_path, monkeypatch):
     """A folder of the hidden build's name (its random tag drawn again) made the build's mkdir fail, and the clean-up
     after that failure removed the folder as the build: a user's, not ours."""
