@@ -9,8 +9,8 @@ through :func:`output_folder`:
   it, as the same kind of output (a user's own folder is never touched);
 - an output that contains, or lies inside, one of the command's inputs is refused;
 - temporary folders of earlier runs that were killed (their process is gone) are removed: only those whose marker
-  (or, killed before the marker was in, the claim made before the folder) says a run of ours made them for this very
-  target;
+  (or, killed before the marker was in or after it went, the claim made before the folder or before its marker went)
+  says a run of ours made them for this very target;
 - an OS error at any step of its own (a read-only or foreign-owned folder, a busy mount point), or of a command's own
   write into the build (:func:`build_write_error`, :func:`writing_into`), is one :class:`OutputError` saying what it
   was doing, and where, leaving the target as it was (or a previous output, where it could not be put back, under a
@@ -51,6 +51,8 @@ _TMP = ".tmp-"
 _OLD = ".old-"
 _DOOMED = ".del-"
 _CLAIM = ".new-"
+_EMPTIED = ".end-"
+"""The claim of a removal's folder, once its marker is to go (:func:`_delete`); each hidden kind has 5 characters."""
 NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS)
 """What ``symlink`` raises on a file system that has no links (FAT, some network mounts)."""
 NAME_MAX = 255
@@ -251,12 +253,12 @@ def _ours_for(folder: Path, target: Path) -> dict | None:
     return record
 
 
-def _claim(build: Path, target: Path, kind: str) -> Path | None:
+def _claim(build: Path, target: Path, kind: str, link: str = _CLAIM) -> Path | None:
     """Claim the ``build`` folder about to be made for ``target`` as this process's, in the one step that makes a link
     beside it whose text is the marker its folder gets next (a folder is made empty, and a kill before its marker is in
     left one no later run could tell from a user's); return the link, removed once the marker is in. ``None`` where the
-    file system has no links."""
-    claim = _partner(build, _CLAIM)
+    file system has no links. ``link``: ``_EMPTIED`` claims a removal's folder as its marker goes (:func:`_delete`)."""
+    claim = _partner(build, link)
     try:
         os.symlink(json.dumps(_record(kind, target.name)), claim)
     except OSError as e:
@@ -285,16 +287,21 @@ def remove_stale_builds(target: Path) -> list[Path]:
     """Clean up after killed runs of ours beside ``target``; return the folders removed.
 
     Their half-built folders are deleted (one killed before its marker was in, by the claim made before it), as are
-    folders a removal of ours was killed in (a live run's removal is its own). A previous output moved aside for a
+    folders a removal of ours was killed in (one emptied of its marker, by the claim made before it went; a live run's
+    removal is its own). A previous output moved aside for a
     replacement that never finished is put back when the target is missing, else deleted.
     """
     removed = []
     for doomed in _hidden_beside(target, _DOOMED):  # a removal killed midway (its marker goes last, then the folder)
-        emptied = doomed.is_dir() and not doomed.is_symlink() and _is_empty(doomed)
-        if _owned_by_dead_process(doomed, target) or emptied:
+        emptied = _written_by_dead_process(_claimed_for(_partner(doomed, _EMPTIED), target))  # after its marker went
+        if _owned_by_dead_process(doomed, target) or (emptied and _is_empty_folder(doomed)):
             with contextlib.suppress(OSError):  # what cannot go is left, marked, to a later run
-                _delete(doomed)
+                _delete(doomed, target)
                 removed.append(doomed)
+    for claim in _hidden_beside(target, _EMPTIED):  # its folder gone (above, or by its killed run)
+        if _written_by_dead_process(_claimed_for(claim, target)) and not os.path.lexists(_partner(claim, _DOOMED)):
+            with contextlib.suppress(OSError):
+                claim.unlink()
     for stale in _hidden_beside(target, _TMP):
         if _owned_by_dead_process(stale, target):
             with contextlib.suppress(OSError):
@@ -306,7 +313,7 @@ def remove_stale_builds(target: Path) -> list[Path]:
         build = _partner(claim, _TMP)
         with contextlib.suppress(OSError):
             if build.is_dir() and not build.is_symlink() and read_marker(build) is None:  # a marked one: removed above
-                _delete(build)  # empty, or holding the marker being written
+                _delete(build, target)  # empty, or holding the marker being written
                 removed.append(build)
             claim.unlink()
     for old in _hidden_beside(target, _OLD):
@@ -340,18 +347,20 @@ def remove_hidden(folder: Path, target: Path) -> None:
         os.replace(folder, doomed)
     except FileNotFoundError:  # gone already (another run's cleanup, or a build already in place)
         return
-    _delete(doomed)
+    _delete(doomed, target)
 
 
-def _delete(folder: Path) -> None:
-    """Delete ``folder`` as far as it goes, its marker last; raise the first ``OSError`` (naming ``folder``, which is
-    left with its marker) once the rest is gone. It is opened once, not followed if it is a link, and emptied through
-    that handle: a folder swapped for a link meanwhile (another user of a shared ``/tmp``) has nothing it points to
-    deleted."""
-    failed = None
+def _delete(folder: Path, target: Path) -> None:
+    """Delete ``folder``, a hidden folder of ours beside ``target``, as far as it goes, its marker last; raise the first
+    ``OSError`` (naming ``folder``, which is left with its marker) once the rest is gone. It is opened once, not
+    followed if it is a link, and emptied through that handle: a folder swapped for a link meanwhile (another user of a
+    shared ``/tmp``) has nothing it points to deleted. Its marker goes once a claim beside it (:func:`_claim`) says
+    whose it is: a kill before the folder goes leaves an empty folder a later run tells from a user's."""
+    failed, claim = None, None
     handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        for name in sorted(os.listdir(handle)):
+        names = sorted(os.listdir(handle))
+        for name in names:
             if name == MARKER:
                 continue
             try:
@@ -366,6 +375,8 @@ def _delete(folder: Path) -> None:
                 shutil.rmtree(name, dir_fd=handle, ignore_errors=True)
         if failed is not None:
             raise failed
+        if MARKER in names:
+            claim = _removal_claim(folder, target)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(MARKER, dir_fd=handle)
     except OSError as e:
@@ -373,8 +384,23 @@ def _delete(folder: Path) -> None:
         raise
     finally:
         os.close(handle)
-    with contextlib.suppress(FileNotFoundError):  # empty, so removed by a run that started meanwhile
+    with contextlib.suppress(FileNotFoundError):  # removed meanwhile (by an earlier version, as a killed one)
         folder.rmdir()
+    if claim is not None:
+        claim.unlink(missing_ok=True)
+
+
+def _removal_claim(folder: Path, target: Path) -> Path | None:
+    """A claim of ``folder``, being removed, as this process's (:func:`_claim`), or a killed run's that was removing
+    it: ``None`` where the file system has no links, or a user's entry has its name."""
+    try:
+        return _claim(folder, target, "removal", _EMPTIED)
+    except FileExistsError:
+        return _partner(folder, _EMPTIED) if _claimed_for(_partner(folder, _EMPTIED), target) else None
+
+
+def _is_empty_folder(folder: Path) -> bool:
+    return folder.is_dir() and not folder.is_symlink() and _is_empty(folder)
 
 
 def check_replaceable(

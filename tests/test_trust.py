@@ -890,7 +890,7 @@ def test_folders_named_as_our_hidden_ones_are_left_unless_their_marker_says_this
     """A user's folder named as a removal of ours (`.data.del-` and 8 hex digits) was deleted by any run at `data`,
     whatever it held; a killed build of the output `data.old-b` (`.data.old-b.tmp-...`) was put in place as `data`,
     half-built, by a run at `data`. Only a folder whose marker says a run of ours made it for this output is removed or
-    put back (or an empty one a removal left when killed after its marker went)."""
+    put back (or an empty one a removal left when killed after its marker went, by the claim it made before)."""
     target = tmp_path / "data"
     dead = {"created_by": "epas_lightning", "kind": "dataset", "pid": 2**22 + 12345, "host": os.uname().nodename}
     users = tmp_path / ".data.del-1234abcd"
@@ -906,12 +906,62 @@ def test_folders_named_as_our_hidden_ones_are_left_unless_their_marker_says_this
     ours.mkdir()
     (ours / "half.bin").write_text("x")
     (ours / MARKER).write_text(json.dumps(dead | {"output": "data"}))
-    emptied = tmp_path / ".data.del-9999abcd"  # killed after its marker went
+    emptied = tmp_path / ".data.del-9999abcd"  # killed after its marker went: its claim says whose it was
     emptied.mkdir()
+    (tmp_path / ".data.end-9999abcd").symlink_to(json.dumps(dead | {"output": "data"}))
     before = sorted(p.name for p in tmp_path.iterdir())
     assert remove_stale_builds(target) == [ours, emptied] and not target.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(before) - {ours.name, emptied.name})
+    gone = {ours.name, emptied.name, ".data.end-9999abcd"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(before) - gone)
     assert (users / "notes.txt").read_text() == "mine"
+
+
+def test_a_users_empty_folders_named_as_our_hidden_ones_are_left(tmp_path):
+    """A run at `out` removed any empty folder named as a removal of ours (`.out.del-` and 8 hex digits), taken for one
+    killed after its marker went: a user's, made with no marker or claim of ours. Only one whose claim says a removal
+    of ours, for this output, by a process now gone, emptied it is removed (with that claim)."""
+    names = [".out.del-1234abcd", ".out.tmp-1234abcd", ".out.old-1234abcd", ".out.new-1234abcd", ".out.end-1234abcd"]
+    for name in names:
+        (tmp_path / name).mkdir()
+    with output_folder(tmp_path / "out", "bench") as build:
+        (build / "a.txt").write_text("ours")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names, "out"])
+    dead = {"created_by": "epas_lightning", "kind": "bench", "pid": 2**22 + 12345, "host": socket.gethostname()}
+    emptied = tmp_path / ".out.del-5678abcd"  # a removal of ours killed after its marker went
+    emptied.mkdir()
+    (tmp_path / ".out.end-5678abcd").symlink_to(json.dumps(dead | {"output": "out"}))
+    for tag, record in (("9999abcd", {"output": "out2"}), ("aaaaabcd", {"output": "out", "pid": os.getpid()})):
+        (tmp_path / f".out.del-{tag}").mkdir()  # another output's, or a live run's: left
+        (tmp_path / f".out.end-{tag}").symlink_to(json.dumps(dead | record))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert remove_stale_builds(tmp_path / "out") == [emptied]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(before) - {emptied.name, ".out.end-5678abcd"})
+
+
+def test_a_removal_killed_after_its_marker_went_is_finished_by_the_next_run(tmp_path, monkeypatch):
+    """A removal's folder is empty once its marker went: killed before its rmdir, it was told from a user's empty
+    folder by nothing. Its claim, made before the marker goes, says whose it is; the next run removes both."""
+    target = tmp_path / "out"
+    first_output(target)
+    rmdir = Path.rmdir
+
+    def killed_before_a_removals_rmdir(folder: Path) -> None:
+        if ".del-" in folder.name:
+            raise KeyboardInterrupt
+        rmdir(folder)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "rmdir", killed_before_a_removals_rmdir)
+        with pytest.raises(KeyboardInterrupt), output_folder(target, "bench", overwrite=True) as build:
+            (build / "a.txt").write_text("second")
+    [doomed] = tmp_path.glob(".out.del-*")
+    claim = doomed.with_name(doomed.name.replace(".del-", ".end-"))
+    assert list(doomed.iterdir()) == [] and claim.is_symlink() and (target / "a.txt").read_text() == "second"
+    assert remove_stale_builds(target) == []  # its writer, this process, still runs
+    record = json.loads(os.readlink(claim)) | {"pid": 2**22 + 12345}  # as the killed process's
+    claim.unlink()
+    claim.symlink_to(json.dumps(record))
+    assert remove_stale_builds(target) == [doomed] and [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_a_removal_by_a_live_run_is_left_to_it(tmp_path):
