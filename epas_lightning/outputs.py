@@ -482,10 +482,10 @@ def output_folder(
     """
     target = check_output(target, kind, overwrite, inputs, flag, unmarked_ours)
     build, claim, foreign = _hidden(target, _TMP), None, False
-    made = [p for p in target.parents if not p.exists()]  # created here, innermost first: removed on a failure
+    made: list[Path] = []  # created here, innermost first: removed on a failure
     try:
         with _step("cannot create the output folder"):
-            target.parent.mkdir(parents=True, exist_ok=True)
+            make_folder(target.parent, made)
             remove_stale_builds(target)
         check_replaceable(target, kind, overwrite, flag, unmarked_ours)  # a previous output put back: before any work
         with _step("cannot create the output folder"):
@@ -607,6 +607,19 @@ def writing_into(build: Path) -> Iterator[None]:
         if e.filename is None:
             e.filename = str(build)
         raise
+
+
+def make_folder(folder: Path, made: list[Path]) -> None:
+    """Make ``folder`` and its missing parents, adding each made here to ``made``, innermost first: one another process
+    made meanwhile (a run at a sibling output, the user) is not this run's to remove."""
+    for missing in [p for p in [*reversed(folder.parents), folder] if not p.exists()]:
+        try:
+            missing.mkdir()
+        except FileExistsError:
+            if not missing.is_dir():
+                raise
+            continue
+        made.insert(0, missing)
 
 
 def remove_empty(folders: list[Path]) -> None:

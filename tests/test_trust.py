@@ -964,6 +964,23 @@ def test_a_removal_killed_after_its_marker_went_is_finished_by_the_next_run(tmp_
     assert remove_stale_builds(target) == [doomed] and [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_a_parent_folder_someone_else_made_as_a_run_started_is_left_when_the_run_fails(tmp_path, monkeypatch):
+    """A failed run removes the missing parents it made for its output, while empty: they were listed before they were
+    made, and one another process made meanwhile (a run at a sibling output, the user) was removed as the run's."""
+    parent = tmp_path / "new"
+    mkdir = Path.mkdir
+
+    def made_first_by_someone_else(folder: Path, *args, **kwargs) -> None:
+        if folder == parent and not parent.exists():
+            mkdir(parent)
+        mkdir(folder, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", made_first_by_someone_else)
+    with pytest.raises(RuntimeError, match="the command failed"), output_folder(parent / "a" / "out", "bench"):
+        raise RuntimeError("the command failed")
+    assert [p.name for p in tmp_path.iterdir()] == ["new"] and list(parent.iterdir()) == []
+
+
 def test_a_removal_by_a_live_run_is_left_to_it(tmp_path):
     """A run starting at an output deleted a live run's `.del-` folder (the previous output it had just replaced)
     under it: the live run's own deletion then met files already gone and failed with "the previous one could not be
