@@ -123,6 +123,14 @@ def _hidden(target: Path, kind: str) -> Path:
     return target.parent / f".{_hidden_stem(target)}{kind}{uuid.uuid4().hex[:_TAG]}"
 
 
+def _unused_hidden(target: Path, kind: str) -> Path:
+    """A new hidden name of ``kind`` beside ``target`` (:func:`_hidden`) that nothing has: a folder is renamed to it,
+    and a rename onto an empty folder replaces it (a user's of the name drawn is not ours to replace)."""
+    while os.path.lexists(hidden := _hidden(target, kind)):
+        continue
+    return hidden
+
+
 def _partner(hidden: Path, kind: str) -> Path:
     """The name of ``kind`` that goes with the ``hidden`` one beside the same target: the build ``.out.tmp-1234abcd``
     and its claim ``.out.new-1234abcd``."""
@@ -342,7 +350,7 @@ def remove_hidden(folder: Path, target: Path) -> None:
     """Delete ``folder``, a hidden folder of ours beside ``target``, renamed first to one a later run removes (its
     marker goes last, so a kill midway, a second Ctrl+C or a scheduler's kill after SIGTERM, leaves it marked ours).
     An ``OSError`` leaves it under one of those names, with its marker, and is raised naming it (``filename``)."""
-    doomed = _hidden(target, _DOOMED)
+    doomed = _unused_hidden(target, _DOOMED)
     try:
         os.replace(folder, doomed)
     except FileNotFoundError:  # gone already (another run's cleanup, or a build already in place)
@@ -704,7 +712,7 @@ def replace_folder(build: Path, target: Path, kind: str) -> None:
         return
     with _step("cannot mark the previous output as being replaced"):
         write_marker(target, kind, output=target.name)
-    old = _hidden(target, _OLD)
+    old = _unused_hidden(target, _OLD)
     try:
         with _step("cannot move the previous output aside", fixes=MOVE_ASIDE_FIXES):
             os.replace(target, old)

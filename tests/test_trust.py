@@ -981,6 +981,29 @@ def test_a_parent_folder_someone_else_made_as_a_run_started_is_left_when_the_run
     assert [p.name for p in tmp_path.iterdir()] == ["new"] and list(parent.iterdir()) == []
 
 
+def test_a_users_empty_folder_of_the_name_drawn_to_move_an_output_aside_is_not_replaced(tmp_path, monkeypatch):
+    """The previous output was renamed aside, then to a removal's name, each drawn at random: a rename onto an empty
+    folder replaces it, and a user's folder of the name drawn (`.out.old-1234abcd`, `.out.del-1234abcd`) was lost."""
+    target = tmp_path / "out"
+    first_output(target)
+    users = [tmp_path / ".out.old-1234abcd", tmp_path / ".out.del-1234abcd"]
+    for folder in users:
+        folder.mkdir()
+    hidden, drawn = outputs._hidden, []
+
+    def the_users_name_drawn_first(target: Path, kind: str) -> Path:
+        if kind in (".old-", ".del-") and kind not in drawn:
+            drawn.append(kind)
+            return target.parent / f".out{kind}1234abcd"
+        return hidden(target, kind)
+
+    monkeypatch.setattr(outputs, "_hidden", the_users_name_drawn_first)
+    with output_folder(target, "bench", overwrite=True) as build:
+        (build / "a.txt").write_text("second")
+    assert drawn == [".old-", ".del-"] and (target / "a.txt").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in users), "out"])
+
+
 def test_a_removal_by_a_live_run_is_left_to_it(tmp_path):
     """A run starting at an output deleted a live run's `.del-` folder (the previous output it had just replaced)
     under it: the live run's own deletion then met files already gone and failed with "the previous one could not be
