@@ -320,8 +320,9 @@ def remove_stale_builds(target: Path) -> list[Path]:
             continue
         build = _partner(claim, _TMP)
         with contextlib.suppress(OSError):
-            if build.is_dir() and not build.is_symlink() and read_marker(build) is None:  # a marked one: removed above
-                _delete(build, target)  # empty, or holding the marker being written
+            # a marked one: removed above; one holding anything but the marker being written: a user's of its name
+            if build.is_dir() and not build.is_symlink() and read_marker(build) is None and _holds_markers_only(build):
+                _delete(build, target)
                 removed.append(build)
             claim.unlink()
     for old in _hidden_beside(target, _OLD):
@@ -405,6 +406,14 @@ def _removal_claim(folder: Path, target: Path) -> Path | None:
         return _claim(folder, target, "removal", _EMPTIED)
     except FileExistsError:
         return _partner(folder, _EMPTIED) if _claimed_for(_partner(folder, _EMPTIED), target) else None
+
+
+def _holds_markers_only(folder: Path) -> bool:
+    """``folder`` is empty, or holds only markers (one being written, :func:`_pending_marker`)."""
+    try:
+        return all(name.startswith(MARKER) for name in os.listdir(folder))
+    except OSError:  # not ours to list
+        return False
 
 
 def _is_empty_folder(folder: Path) -> bool:

@@ -1004,6 +1004,19 @@ def test_a_users_empty_folder_of_the_name_drawn_to_move_an_output_aside_is_not_r
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in users), "out"])
 
 
+def test_a_users_folder_beside_a_killed_runs_claim_of_its_name_keeps_what_it_holds(tmp_path):
+    """A run claims its build's name, then makes the folder: killed after a claim whose folder a user already had (the
+    random name drawn again), it left a claim the next run took for that folder's, and deleted what the user's held. A
+    claimed folder is removed only as it can be ours: empty, or holding the marker being written."""
+    dead = {"created_by": "epas_lightning", "kind": "bench", "pid": 2**22 + 12345, "host": socket.gethostname()}
+    users = tmp_path / ".out.tmp-1234abcd"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    (tmp_path / ".out.new-1234abcd").symlink_to(json.dumps(dead | {"output": "out"}))
+    assert remove_stale_builds(tmp_path / "out") == [] and [p.name for p in tmp_path.iterdir()] == [users.name]
+    assert (users / "notes.txt").read_text() == "mine"
+
+
 def test_a_removal_by_a_live_run_is_left_to_it(tmp_path):
     """A run starting at an output deleted a live run's `.del-` folder (the previous output it had just replaced)
     under it: the live run's own deletion then met files already gone and failed with "the previous one could not be
