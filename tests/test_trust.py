@@ -2332,6 +2332,20 @@ def test_ctrl_c_or_a_user_error_raised_while_handling_a_write_error_into_the_bui
     assert caught.value is error and list(tmp_path.iterdir()) == []
 
 
+def test_a_bug_raised_while_handling_a_write_error_into_the_build_is_that_writes_line_and_keeps_its_traceback(tmp_path):
+    """A library's handler of a failed write into the build that fails itself (a bug's ValueError) is said as that
+    write's one line: the write is what the user can act on, and an implicit wrap (`except OSError: raise
+    RuntimeError(...)`) looks the same. The bug stays the line's cause, which --debug prints with its traceback."""
+    bug = ValueError("a bug in the handler")
+    with pytest.raises(OutputError) as caught, output_folder(tmp_path / "out", "bench") as build:
+        try:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(build / "a.txt"))
+        except OSError:
+            raise bug  # noqa: B904 (an implicit chain is the case)
+    assert str(caught.value).startswith("cannot write a.txt into the output folder being built (permission denied)")
+    assert caught.value.__cause__ is bug and list(tmp_path.iterdir()) == []
+
+
 def test_a_build_of_a_process_in_another_pid_namespace_of_this_host_name_is_left(tmp_path):
     """Containers that share a host name (Docker's --network host, Kubernetes' hostNetwork pods) on one volume: a live
     run's process id, looked up in another container's process namespace, is no process there, and its build (marked,
