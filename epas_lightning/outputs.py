@@ -296,8 +296,8 @@ def remove_stale_builds(target: Path) -> list[Path]:
 
     Their half-built folders are deleted (one killed before its marker was in, by the claim made before it), as are
     folders a removal of ours was killed in (one emptied of its marker, by the claim made before it went; a live run's
-    removal is its own). A previous output moved aside for a
-    replacement that never finished is put back when the target is missing, else deleted.
+    removal is its own). A previous output moved aside for a replacement that never finished is put back when the
+    target is missing, else deleted.
     """
     removed = []
     for doomed in _hidden_beside(target, _DOOMED):  # a removal killed midway (its marker goes last, then the folder)
