@@ -9,8 +9,8 @@ through :func:`output_folder`:
   it, as the same kind of output (a user's own folder is never touched);
 - an output that contains, or lies inside, one of the command's inputs is refused;
 - temporary folders of earlier runs that were killed (their process is gone) are removed: only those whose marker
-  (or, killed before the marker was in, the claim made before the folder) says a run of ours made them for this very
-  target;
+  (or, killed before the marker was in or after it went, the claim made before the folder or before its marker went)
+  says a run of ours made them for this very target;
 - an OS error at any step of its own (a read-only or foreign-owned folder, a busy mount point), or of a command's own
   write into the build (:func:`build_write_error`, :func:`writing_into`), is one :class:`OutputError` saying what it
   was doing, and where, leaving the target as it was (or a previous output, where it could not be put back, under a
@@ -51,6 +51,8 @@ _TMP = ".tmp-"
 _OLD = ".old-"
 _DOOMED = ".del-"
 _CLAIM = ".new-"
+_EMPTIED = ".end-"
+"""The claim of a removal's folder, once its marker is to go (:func:`_delete`); each hidden kind has 5 characters."""
 NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS)
 """What ``symlink`` raises on a file system that has no links (FAT, some network mounts)."""
 NAME_MAX = 255
@@ -83,11 +85,12 @@ WRITE_ERRORS = frozenset(
 """The OS errors of a command's own write into its build that are about the output's location, not a bug of ours."""
 QUOTED_OS_ERRORS = (
     # Python's, in a worker process's traceback: the file as repr() quotes it (with " where its name holds a ', a bytes
-    # name as b'...')
-    re.compile(r"""\[Errno (\d+)\] [^\n:'"]*(?:: (b?'(?:[^'\\\n]|\\.)+'|b?"(?:[^"\\\n]|\\.)+"))?"""),
+    # name as b'...'); the code alone where a message quotes only that
+    re.compile(r"""\[Errno (\d+)\](?: [^\n:'"]*(?:: (b?'(?:[^'\\\n]|\\.)+'|b?"(?:[^"\\\n]|\\.)+"))?)?"""),
     re.compile(r"\(os error (\d+)\)(?: at path \"([^\"\n]+)\")?"),  # a Rust library's (safetensors)
 )
-"""An OS error an exception quotes, with the file it names if any."""
+"""An OS error an exception quotes, with the file it names if any: what :func:`out_of_space` and
+:func:`build_write_error` read in an error's text (a code inside a file name it quotes is part of that name)."""
 SERIALIZING = "Error while serializing"
 """How safetensors starts an error of writing a file (which it may not name)."""
 
@@ -118,6 +121,14 @@ def _hidden(target: Path, kind: str) -> Path:
     """A new hidden folder name beside ``target``: ``kind`` is ``_TMP`` (a build), ``_OLD`` (the old output) or
     ``_DOOMED`` (one being removed)."""
     return target.parent / f".{_hidden_stem(target)}{kind}{uuid.uuid4().hex[:_TAG]}"
+
+
+def _unused_hidden(target: Path, kind: str) -> Path:
+    """A new hidden name of ``kind`` beside ``target`` (:func:`_hidden`) that nothing has: a folder is renamed to it,
+    and a rename onto an empty folder replaces it (a user's of the name drawn is not ours to replace)."""
+    while os.path.lexists(hidden := _hidden(target, kind)):
+        continue
+    return hidden
 
 
 def _partner(hidden: Path, kind: str) -> Path:
@@ -250,12 +261,12 @@ def _ours_for(folder: Path, target: Path) -> dict | None:
     return record
 
 
-def _claim(build: Path, target: Path, kind: str) -> Path | None:
+def _claim(build: Path, target: Path, kind: str, link: str = _CLAIM) -> Path | None:
     """Claim the ``build`` folder about to be made for ``target`` as this process's, in the one step that makes a link
     beside it whose text is the marker its folder gets next (a folder is made empty, and a kill before its marker is in
     left one no later run could tell from a user's); return the link, removed once the marker is in. ``None`` where the
-    file system has no links."""
-    claim = _partner(build, _CLAIM)
+    file system has no links. ``link``: ``_EMPTIED`` claims a removal's folder as its marker goes (:func:`_delete`)."""
+    claim = _partner(build, link)
     try:
         os.symlink(json.dumps(_record(kind, target.name)), claim)
     except OSError as e:
@@ -284,16 +295,21 @@ def remove_stale_builds(target: Path) -> list[Path]:
     """Clean up after killed runs of ours beside ``target``; return the folders removed.
 
     Their half-built folders are deleted (one killed before its marker was in, by the claim made before it), as are
-    folders a removal of ours was killed in (a live run's removal is its own). A previous output moved aside for a
-    replacement that never finished is put back when the target is missing, else deleted.
+    folders a removal of ours was killed in (one emptied of its marker, by the claim made before it went; a live run's
+    removal is its own). A previous output moved aside for a replacement that never finished is put back when the
+    target is missing, else deleted.
     """
     removed = []
     for doomed in _hidden_beside(target, _DOOMED):  # a removal killed midway (its marker goes last, then the folder)
-        emptied = doomed.is_dir() and not doomed.is_symlink() and _is_empty(doomed)
-        if _owned_by_dead_process(doomed, target) or emptied:
+        emptied = _written_by_dead_process(_claimed_for(_partner(doomed, _EMPTIED), target))  # after its marker went
+        if _owned_by_dead_process(doomed, target) or (emptied and _is_empty_folder(doomed)):
             with contextlib.suppress(OSError):  # what cannot go is left, marked, to a later run
-                _delete(doomed)
+                _delete(doomed, target)
                 removed.append(doomed)
+    for claim in _hidden_beside(target, _EMPTIED):  # its folder gone (above, or by its killed run)
+        if _written_by_dead_process(_claimed_for(claim, target)) and not os.path.lexists(_partner(claim, _DOOMED)):
+            with contextlib.suppress(OSError):
+                claim.unlink()
     for stale in _hidden_beside(target, _TMP):
         if _owned_by_dead_process(stale, target):
             with contextlib.suppress(OSError):
@@ -304,8 +320,9 @@ def remove_stale_builds(target: Path) -> list[Path]:
             continue
         build = _partner(claim, _TMP)
         with contextlib.suppress(OSError):
-            if build.is_dir() and not build.is_symlink() and read_marker(build) is None:  # a marked one: removed above
-                _delete(build)  # empty, or holding the marker being written
+            # a marked one: removed above; one holding anything but the marker being written: a user's of its name
+            if build.is_dir() and not build.is_symlink() and read_marker(build) is None and _holds_markers_only(build):
+                _delete(build, target)
                 removed.append(build)
             claim.unlink()
     for old in _hidden_beside(target, _OLD):
@@ -334,23 +351,25 @@ def remove_hidden(folder: Path, target: Path) -> None:
     """Delete ``folder``, a hidden folder of ours beside ``target``, renamed first to one a later run removes (its
     marker goes last, so a kill midway, a second Ctrl+C or a scheduler's kill after SIGTERM, leaves it marked ours).
     An ``OSError`` leaves it under one of those names, with its marker, and is raised naming it (``filename``)."""
-    doomed = _hidden(target, _DOOMED)
+    doomed = _unused_hidden(target, _DOOMED)
     try:
         os.replace(folder, doomed)
     except FileNotFoundError:  # gone already (another run's cleanup, or a build already in place)
         return
-    _delete(doomed)
+    _delete(doomed, target)
 
 
-def _delete(folder: Path) -> None:
-    """Delete ``folder`` as far as it goes, its marker last; raise the first ``OSError`` (naming ``folder``, which is
-    left with its marker) once the rest is gone. It is opened once, not followed if it is a link, and emptied through
-    that handle: a folder swapped for a link meanwhile (another user of a shared ``/tmp``) has nothing it points to
-    deleted."""
-    failed = None
+def _delete(folder: Path, target: Path) -> None:
+    """Delete ``folder``, a hidden folder of ours beside ``target``, as far as it goes, its marker last; raise the first
+    ``OSError`` (naming ``folder``, which is left with its marker) once the rest is gone. It is opened once, not
+    followed if it is a link, and emptied through that handle: a folder swapped for a link meanwhile (another user of a
+    shared ``/tmp``) has nothing it points to deleted. Its marker goes once a claim beside it (:func:`_claim`) says
+    whose it is: a kill before the folder goes leaves an empty folder a later run tells from a user's."""
+    failed, claim = None, None
     handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        for name in sorted(os.listdir(handle)):
+        names = sorted(os.listdir(handle))
+        for name in names:
             if name == MARKER:
                 continue
             try:
@@ -365,6 +384,8 @@ def _delete(folder: Path) -> None:
                 shutil.rmtree(name, dir_fd=handle, ignore_errors=True)
         if failed is not None:
             raise failed
+        if MARKER in names:
+            claim = _removal_claim(folder, target)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(MARKER, dir_fd=handle)
     except OSError as e:
@@ -372,8 +393,31 @@ def _delete(folder: Path) -> None:
         raise
     finally:
         os.close(handle)
-    with contextlib.suppress(FileNotFoundError):  # empty, so removed by a run that started meanwhile
+    with contextlib.suppress(FileNotFoundError):  # removed meanwhile (by an earlier version, as a killed one)
         folder.rmdir()
+    if claim is not None:
+        claim.unlink(missing_ok=True)
+
+
+def _removal_claim(folder: Path, target: Path) -> Path | None:
+    """A claim of ``folder``, being removed, as this process's (:func:`_claim`), or a killed run's that was removing
+    it: ``None`` where the file system has no links, or a user's entry has its name."""
+    try:
+        return _claim(folder, target, "removal", _EMPTIED)
+    except FileExistsError:
+        return _partner(folder, _EMPTIED) if _claimed_for(_partner(folder, _EMPTIED), target) else None
+
+
+def _holds_markers_only(folder: Path) -> bool:
+    """``folder`` is empty, or holds only markers (one being written, :func:`_pending_marker`)."""
+    try:
+        return all(name.startswith(MARKER) for name in os.listdir(folder))
+    except OSError:  # not ours to list
+        return False
+
+
+def _is_empty_folder(folder: Path) -> bool:
+    return folder.is_dir() and not folder.is_symlink() and _is_empty(folder)
 
 
 def check_replaceable(
@@ -455,10 +499,10 @@ def output_folder(
     """
     target = check_output(target, kind, overwrite, inputs, flag, unmarked_ours)
     build, claim, foreign = _hidden(target, _TMP), None, False
-    made = [p for p in target.parents if not p.exists()]  # created here, innermost first: removed on a failure
+    made: list[Path] = []  # created here, innermost first: removed on a failure
     try:
         with _step("cannot create the output folder"):
-            target.parent.mkdir(parents=True, exist_ok=True)
+            make_folder(target.parent, made)
             remove_stale_builds(target)
         check_replaceable(target, kind, overwrite, flag, unmarked_ours)  # a previous output put back: before any work
         with _step("cannot create the output folder"):
@@ -582,6 +626,19 @@ def writing_into(build: Path) -> Iterator[None]:
         raise
 
 
+def make_folder(folder: Path, made: list[Path]) -> None:
+    """Make ``folder`` and its missing parents, adding each made here to ``made``, innermost first: one another process
+    made meanwhile (a run at a sibling output, the user) is not this run's to remove."""
+    for missing in [p for p in [*reversed(folder.parents), folder] if not p.exists()]:
+        try:
+            missing.mkdir()
+        except FileExistsError:
+            if not missing.is_dir():
+                raise
+            continue
+        made.insert(0, missing)
+
+
 def remove_empty(folders: list[Path]) -> None:
     """Remove ``folders`` (innermost first) while they are empty: the parents an output that failed had created."""
     for folder in folders:
@@ -620,12 +677,12 @@ def stopping_on_sigterm() -> Iterator[None]:
 
 def out_of_space(error: BaseException | None) -> bool:
     """``error``, or an error it was raised from or while handling, is a full disk or an exceeded quota (an
-    ``OSError``, or an error that quotes one: a Rust library's, as safetensors and tokenizers raise, or a Python
-    traceback from another process, as litdata raises for its workers)."""
+    ``OSError``, or an error that quotes one (:func:`quoted_os_errors`): a Rust library's, as safetensors and tokenizers
+    raise, or a Python traceback from another process, as litdata raises for its workers)."""
     for e in exception_chain(error):
         if isinstance(e, OSError) and e.errno in NO_SPACE:
             return True
-        if any(quote in str(e) for code in NO_SPACE for quote in (f"(os error {code})", f"[Errno {code}]")):
+        if any(code in NO_SPACE for code, _ in quoted_os_errors(str(e))):
             return True
     return False
 
@@ -664,7 +721,7 @@ def replace_folder(build: Path, target: Path, kind: str) -> None:
         return
     with _step("cannot mark the previous output as being replaced"):
         write_marker(target, kind, output=target.name)
-    old = _hidden(target, _OLD)
+    old = _unused_hidden(target, _OLD)
     try:
         with _step("cannot move the previous output aside", fixes=MOVE_ASIDE_FIXES):
             os.replace(target, old)

@@ -890,7 +890,7 @@ def test_folders_named_as_our_hidden_ones_are_left_unless_their_marker_says_this
     """A user's folder named as a removal of ours (`.data.del-` and 8 hex digits) was deleted by any run at `data`,
     whatever it held; a killed build of the output `data.old-b` (`.data.old-b.tmp-...`) was put in place as `data`,
     half-built, by a run at `data`. Only a folder whose marker says a run of ours made it for this output is removed or
-    put back (or an empty one a removal left when killed after its marker went)."""
+    put back (or an empty one a removal left when killed after its marker went, by the claim it made before)."""
     target = tmp_path / "data"
     dead = {"created_by": "epas_lightning", "kind": "dataset", "pid": 2**22 + 12345, "host": os.uname().nodename}
     users = tmp_path / ".data.del-1234abcd"
@@ -906,11 +906,114 @@ def test_folders_named_as_our_hidden_ones_are_left_unless_their_marker_says_this
     ours.mkdir()
     (ours / "half.bin").write_text("x")
     (ours / MARKER).write_text(json.dumps(dead | {"output": "data"}))
-    emptied = tmp_path / ".data.del-9999abcd"  # killed after its marker went
+    emptied = tmp_path / ".data.del-9999abcd"  # killed after its marker went: its claim says whose it was
     emptied.mkdir()
+    (tmp_path / ".data.end-9999abcd").symlink_to(json.dumps(dead | {"output": "data"}))
     before = sorted(p.name for p in tmp_path.iterdir())
     assert remove_stale_builds(target) == [ours, emptied] and not target.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(before) - {ours.name, emptied.name})
+    gone = {ours.name, emptied.name, ".data.end-9999abcd"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(before) - gone)
+    assert (users / "notes.txt").read_text() == "mine"
+
+
+def test_a_users_empty_folders_named_as_our_hidden_ones_are_left(tmp_path):
+    """A run at `out` removed any empty folder named as a removal of ours (`.out.del-` and 8 hex digits), taken for one
+    killed after its marker went: a user's, made with no marker or claim of ours. Only one whose claim says a removal
+    of ours, for this output, by a process now gone, emptied it is removed (with that claim)."""
+    names = [".out.del-1234abcd", ".out.tmp-1234abcd", ".out.old-1234abcd", ".out.new-1234abcd", ".out.end-1234abcd"]
+    for name in names:
+        (tmp_path / name).mkdir()
+    with output_folder(tmp_path / "out", "bench") as build:
+        (build / "a.txt").write_text("ours")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names, "out"])
+    dead = {"created_by": "epas_lightning", "kind": "bench", "pid": 2**22 + 12345, "host": socket.gethostname()}
+    emptied = tmp_path / ".out.del-5678abcd"  # a removal of ours killed after its marker went
+    emptied.mkdir()
+    (tmp_path / ".out.end-5678abcd").symlink_to(json.dumps(dead | {"output": "out"}))
+    for tag, record in (("9999abcd", {"output": "out2"}), ("aaaaabcd", {"output": "out", "pid": os.getpid()})):
+        (tmp_path / f".out.del-{tag}").mkdir()  # another output's, or a live run's: left
+        (tmp_path / f".out.end-{tag}").symlink_to(json.dumps(dead | record))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert remove_stale_builds(tmp_path / "out") == [emptied]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(before) - {emptied.name, ".out.end-5678abcd"})
+
+
+def test_a_removal_killed_after_its_marker_went_is_finished_by_the_next_run(tmp_path, monkeypatch):
+    """A removal's folder is empty once its marker went: killed before its rmdir, it was told from a user's empty
+    folder by nothing. Its claim, made before the marker goes, says whose it is; the next run removes both."""
+    target = tmp_path / "out"
+    first_output(target)
+    rmdir = Path.rmdir
+
+    def killed_before_a_removals_rmdir(folder: Path) -> None:
+        if ".del-" in folder.name:
+            raise KeyboardInterrupt
+        rmdir(folder)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "rmdir", killed_before_a_removals_rmdir)
+        with pytest.raises(KeyboardInterrupt), output_folder(target, "bench", overwrite=True) as build:
+            (build / "a.txt").write_text("second")
+    [doomed] = tmp_path.glob(".out.del-*")
+    claim = doomed.with_name(doomed.name.replace(".del-", ".end-"))
+    assert list(doomed.iterdir()) == [] and claim.is_symlink() and (target / "a.txt").read_text() == "second"
+    assert remove_stale_builds(target) == []  # its writer, this process, still runs
+    record = json.loads(os.readlink(claim)) | {"pid": 2**22 + 12345}  # as the killed process's
+    claim.unlink()
+    claim.symlink_to(json.dumps(record))
+    assert remove_stale_builds(target) == [doomed] and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_parent_folder_someone_else_made_as_a_run_started_is_left_when_the_run_fails(tmp_path, monkeypatch):
+    """A failed run removes the missing parents it made for its output, while empty: they were listed before they were
+    made, and one another process made meanwhile (a run at a sibling output, the user) was removed as the run's."""
+    parent = tmp_path / "new"
+    mkdir = Path.mkdir
+
+    def made_first_by_someone_else(folder: Path, *args, **kwargs) -> None:
+        if folder == parent and not parent.exists():
+            mkdir(parent)
+        mkdir(folder, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", made_first_by_someone_else)
+    with pytest.raises(RuntimeError, match="the command failed"), output_folder(parent / "a" / "out", "bench"):
+        raise RuntimeError("the command failed")
+    assert [p.name for p in tmp_path.iterdir()] == ["new"] and list(parent.iterdir()) == []
+
+
+def test_a_users_empty_folder_of_the_name_drawn_to_move_an_output_aside_is_not_replaced(tmp_path, monkeypatch):
+    """The previous output was renamed aside, then to a removal's name, each drawn at random: a rename onto an empty
+    folder replaces it, and a user's folder of the name drawn (`.out.old-1234abcd`, `.out.del-1234abcd`) was lost."""
+    target = tmp_path / "out"
+    first_output(target)
+    users = [tmp_path / ".out.old-1234abcd", tmp_path / ".out.del-1234abcd"]
+    for folder in users:
+        folder.mkdir()
+    hidden, drawn = outputs._hidden, []
+
+    def the_users_name_drawn_first(target: Path, kind: str) -> Path:
+        if kind in (".old-", ".del-") and kind not in drawn:
+            drawn.append(kind)
+            return target.parent / f".out{kind}1234abcd"
+        return hidden(target, kind)
+
+    monkeypatch.setattr(outputs, "_hidden", the_users_name_drawn_first)
+    with output_folder(target, "bench", overwrite=True) as build:
+        (build / "a.txt").write_text("second")
+    assert drawn == [".old-", ".del-"] and (target / "a.txt").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in users), "out"])
+
+
+def test_a_users_folder_beside_a_killed_runs_claim_of_its_name_keeps_what_it_holds(tmp_path):
+    """A run claims its build's name, then makes the folder: killed after a claim whose folder a user already had (the
+    random name drawn again), it left a claim the next run took for that folder's, and deleted what the user's held. A
+    claimed folder is removed only as it can be ours: empty, or holding the marker being written."""
+    dead = {"created_by": "epas_lightning", "kind": "bench", "pid": 2**22 + 12345, "host": socket.gethostname()}
+    users = tmp_path / ".out.tmp-1234abcd"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    (tmp_path / ".out.new-1234abcd").symlink_to(json.dumps(dead | {"output": "out"}))
+    assert remove_stale_builds(tmp_path / "out") == [] and [p.name for p in tmp_path.iterdir()] == [users.name]
     assert (users / "notes.txt").read_text() == "mine"
 
 
@@ -2229,6 +2332,20 @@ def test_ctrl_c_or_a_user_error_raised_while_handling_a_write_error_into_the_bui
     assert caught.value is error and list(tmp_path.iterdir()) == []
 
 
+def test_a_bug_raised_while_handling_a_write_error_into_the_build_is_that_writes_line_and_keeps_its_traceback(tmp_path):
+    """A library's handler of a failed write into the build that fails itself (a bug's ValueError) is said as that
+    write's one line: the write is what the user can act on, and an implicit wrap (`except OSError: raise
+    RuntimeError(...)`) looks the same. The bug stays the line's cause, which --debug prints with its traceback."""
+    bug = ValueError("a bug in the handler")
+    with pytest.raises(OutputError) as caught, output_folder(tmp_path / "out", "bench") as build:
+        try:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(build / "a.txt"))
+        except OSError:
+            raise bug  # noqa: B904 (an implicit chain is the case)
+    assert str(caught.value).startswith("cannot write a.txt into the output folder being built (permission denied)")
+    assert caught.value.__cause__ is bug and list(tmp_path.iterdir()) == []
+
+
 def test_a_build_of_a_process_in_another_pid_namespace_of_this_host_name_is_left(tmp_path):
     """Containers that share a host name (Docker's --network host, Kubernetes' hostNetwork pods) on one volume: a live
     run's process id, looked up in another container's process namespace, is no process there, and its build (marked,
@@ -2281,6 +2398,45 @@ def test_a_quoted_os_error_names_its_file_however_python_quotes_it():
     for name in ("/in/a.txt", "/in/it's.txt", "/in/a\\b\"c'd", b"/in/a.txt", "/in/\udcff.txt"):
         quote = f"Traceback ...\nPermissionError: {PermissionError(errno.EACCES, 'Permission denied', name)}\n"
         assert quoted_os_errors(quote) == [(errno.EACCES, os.fsdecode(name))], quote
+
+
+QUOTED_FULL_DISKS = {
+    "python, no file": ("[Errno 28] No space left on device", [(errno.ENOSPC, None)]),
+    "python, a file": ("[Errno 28] No space left on device: '/out/a.bin'", [(errno.ENOSPC, "/out/a.bin")]),
+    "python, the code alone": ("a worker's write failed: [Errno 28]", [(errno.ENOSPC, None)]),
+    "rust, no path": ("Error while serializing: I/O error: No space left on device (os error 28)", [(28, None)]),
+    "rust, a path": ('No space left on device (os error 28) at path "/out/a.bin"', [(errno.ENOSPC, "/out/a.bin")]),
+    "litdata worker": (
+        f'Traceback (most recent call last):\n  File "w.py", line 9, in run\nOSError: [Errno {errno.EDQUOT}] Disk '
+        "quota exceeded\n",
+        [(errno.EDQUOT, None)],
+    ),
+}
+
+
+@pytest.mark.parametrize(("text", "quoted"), QUOTED_FULL_DISKS.values(), ids=QUOTED_FULL_DISKS)
+def test_a_full_disk_an_error_quotes_is_read_by_the_parser_of_quoted_os_errors(text, quoted):
+    """out_of_space looked for a quoted full disk by its own substrings, apart from quoted_os_errors' patterns, which
+    took `[Errno N]` only followed by a space: one parser serves both, and reads every form either read (the code
+    alone, no file, a worker's traceback), in an error or in one it was raised from or while handling."""
+    from epas_lightning.outputs import out_of_space, quoted_os_errors
+
+    assert quoted_os_errors(text) == quoted
+    assert out_of_space(RuntimeError(text))
+    for link in ("__cause__", "__context__"):
+        chained = ValueError("saving failed")
+        setattr(chained, link, RuntimeError(text))
+        assert out_of_space(chained), link
+
+
+def test_a_code_in_a_quoted_file_name_is_no_quoted_os_error():
+    """A full disk's code inside a file name an error quotes (`[Errno 28]` in `'/in/[Errno 28].txt'`) was taken by
+    out_of_space for a full disk: a permission error on an input was said as no space left on the output's device."""
+    from epas_lightning.outputs import out_of_space, quoted_os_errors
+
+    text = str(PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/in/[Errno 28].txt"))
+    assert quoted_os_errors(text) == [(errno.EACCES, "/in/[Errno 28].txt")]
+    assert not out_of_space(RuntimeError(text))
 
 
 def test_a_users_folder_named_as_the_build_would_be_is_left(tmp_path, monkeypatch):
