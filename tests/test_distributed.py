@@ -651,6 +651,28 @@ def test_a_user_error_on_rank_one_alone_is_one_line_with_its_status(tiny_corpus,
     ], proc.stderr[-4000:]
 
 
+def test_a_user_error_on_rank_one_before_it_joins_is_one_line_with_its_status(tiny_corpus, tmp_path):
+    """Rank 1 alone meets a user error as it starts, before it joins the process group, where rank 0 waits for it and
+    cannot answer by itself. Lightning's observer SIGKILLed every rank within its 5 s poll: rank 0 died without a word,
+    status -9 (137 from a shell). Now the observer of the ranks rank 0 started, from their start, gives rank 0 its
+    time to answer, then ends it with one line that points at rank 1's error, and rank 1's status."""
+    scripts = Path(__file__).parent / "scripts"
+    env = clean_env() | {"EPAS_CACHE_DIR": str(tiny_corpus.parent)}
+    env["PYTHONPATH"] += os.pathsep + str(scripts)
+    args = ["fit", "--config", "debug", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    args += ["--trainer.logger=false", "--trainer.callbacks+=rank_failure.FailOnRankOneAtStart"]
+    command = [sys.executable, "-m", "epas_lightning", *args]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, (proc.returncode, proc.stderr[-4000:])
+    assert "Forcefully terminating" not in proc.stderr, proc.stderr[-4000:]  # Lightning's observer: it killed no rank
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "cannot read the data folder — rank 1" in errors[0], proc.stderr[-4000:]  # rank 1's
+    assert errors[1] == (
+        "error: rank 1 ended (exit status 2) during the run — rank 0, which still waited for it 15 s later — its own "
+        "error, above, says why: fix that, then run again"
+    ), proc.stderr[-4000:]
+
+
 @pytest.mark.parametrize("child_status", [0, 2, 143])
 def test_rank_zero_names_a_failed_child_and_blames_none_that_finished(child_status):
     """Rank 0's collective broke (Connection closed by peer) after the rank it started had ended: a child that failed
