@@ -119,8 +119,8 @@ class PatientObserver(_ChildProcessObserver):
     def end_unanswered(self, children: list[subprocess.Popen]) -> None:
         """End ``children`` and this process, which did not answer a child's failure: one line names the first child
         that failed (none for one a signal stopped at once: it said so), and this process exits with its status."""
+        child, status = next((i, p.returncode) for i, p in enumerate(children) if p.returncode)  # not one killed here
         end_processes(children, 0.0)  # the failed ones have exited; the others may wait in a collective
-        child, status = next((i, p.returncode) for i, p in enumerate(children) if p.returncode)
         rank = self.rank + child + 1
         ended = PeerRankEnded(
             f"rank {rank} ended ({process_ending(status)}) during the run",
