@@ -16,9 +16,15 @@ so.
 
 Lightning's observer thread answers a failed child by SIGKILLing every rank, rank 0 included, within its 5 s poll:
 rank 0 then died without its line, and with status -9 instead of the child's, whenever its next collective came later
-than that poll (a long step, a slow machine). From its ``setup`` on, this callback watches the children instead
-(:class:`PatientObserver`): rank 0 gets :data:`ANSWER_SECONDS` more to meet the failure itself, and is killed only if
-it has not (a rank stuck in a native wait, such as an NCCL collective, which would otherwise wait out its timeout).
+than that poll (a long step, a slow machine), or while it waited for a child that failed before joining the process
+group. A :class:`PatientObserver` watches the children instead, from their start where the command built the
+``Trainer`` (:func:`watch_from_launch`), else from this callback's ``setup``: rank 0 gets :data:`ANSWER_SECONDS` more to
+meet the failure itself. If it has not (stuck in a rendezvous, or in a native wait such as an NCCL collective, which
+would otherwise wait out its timeout), the observer ends the children, then rank 0 with that line and the child's
+status.
+
+Lightning's private names used: ``_SubprocessScriptLauncher`` (its ``procs``, ``cluster_environment``,
+``num_processes``) and ``_ChildProcessObserver`` (its ``_child_processes`` and ``_run``), as in Lightning 2.6.
 """
 
 from __future__ import annotations
@@ -27,15 +33,17 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
-from epas_lightning.errors import UserError, process_ending
+from epas_lightning.errors import UserError, error_line, process_ending
 
 GRACE_SECONDS = 5.0
 ANSWER_SECONDS = 15.0
@@ -73,7 +81,7 @@ class EndChildRanksOnError(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         launcher = trainer.strategy.launcher
         if isinstance(launcher, _SubprocessScriptLauncher) and launcher.procs:
-            watch_patiently(launcher.procs, self.answer_seconds)
+            watch_patiently(launcher.procs, self.answer_seconds, trainer.global_rank)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt):
@@ -90,32 +98,84 @@ class EndChildRanksOnError(Callback):
 
 
 class PatientObserver(_ChildProcessObserver):
-    """Lightning's observer, except that after a child failed it waits up to ``answer_seconds`` for this process to
-    answer the failure itself (``EndChildRanksOnError.on_exception`` empties the list it watches) before it kills
-    every rank."""
+    """Lightning's observer, except that after a child failed it waits up to ``answer_seconds`` for this process (global
+    rank ``rank``) to answer the failure itself (``EndChildRanksOnError.on_exception`` empties the list it watches).
+    Unanswered, it ends the children, says which one failed and ends this process with its status."""
 
-    def __init__(self, child_processes: list[subprocess.Popen], answer_seconds: float) -> None:
+    def __init__(self, child_processes: list[subprocess.Popen], answer_seconds: float, rank: int) -> None:
         super().__init__(main_pid=os.getpid(), child_processes=child_processes)
         self.answer_seconds = answer_seconds
+        self.rank = rank
 
     def _run(self) -> bool:
         if any(proc.poll() for proc in self._child_processes):  # a child failed: wait for this process to answer
             deadline = time.monotonic() + self.answer_seconds
             while self._child_processes and time.monotonic() < deadline:
                 time.sleep(0.1)
+            if children := list(self._child_processes):
+                self.end_unanswered(children)
         return super()._run()  # an emptied list: done, with nothing killed or said
 
+    def end_unanswered(self, children: list[subprocess.Popen]) -> None:
+        """End ``children`` and this process, which did not answer a child's failure: one line names the first child
+        that failed (none for one a signal stopped at once: it said so), and this process exits with its status."""
+        child, status = next((i, p.returncode) for i, p in enumerate(children) if p.returncode)  # not one killed here
+        end_processes(children, 0.0)  # the failed ones have exited; the others may wait in a collective
+        rank = self.rank + child + 1
+        ended = PeerRankEnded(
+            f"rank {rank} ended ({process_ending(status)}) during the run",
+            f"rank {self.rank}, which still waited for it {self.answer_seconds:g} s later",
+            "its own error, above, says why: fix that, then run again",
+            128 - status if status < 0 else status,
+        )
+        if status not in STOPPED_AT_ONCE:
+            print(error_line(ended), file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(ended.exit_status)  # the main thread waits where it cannot answer (a rendezvous, a native collective)
 
-def watch_patiently(procs: list[subprocess.Popen], answer_seconds: float) -> None:
-    """Let a :class:`PatientObserver` watch ``procs`` in place of Lightning's observer of that list, which is left a
-    list of its own with nothing in it, so it ends at its next poll without killing anything."""
+
+def watch_patiently(procs: list[subprocess.Popen], answer_seconds: float, rank: int) -> None:
+    """Let a :class:`PatientObserver` watch ``procs``, started by global rank ``rank``, in place of Lightning's observer
+    of that list, which is left a list of its own with nothing in it, so it ends at its next poll without killing
+    anything."""
     observers = [t for t in threading.enumerate() if isinstance(t, _ChildProcessObserver)]
     if any(isinstance(t, PatientObserver) and t._child_processes is procs for t in observers):
-        return  # this launch's children are watched already (a second setup of the same run)
+        return  # this launch's children are watched already (from their start, or a second setup of the same run)
     for observer in observers:
         if observer._child_processes is procs:
             observer._child_processes = []
-    PatientObserver(procs, answer_seconds).start()
+    PatientObserver(procs, answer_seconds, rank).start()
+
+
+def watch_from_launch(trainer: Trainer) -> None:
+    """Have the ranks that ``trainer``'s launcher starts on this node watched by a :class:`PatientObserver` from their
+    start, where an ``EndChildRanksOnError`` is among its callbacks: a child that fails before that callback's
+    ``setup`` (as it starts, in the rendezvous, in the data's setup) no longer meets Lightning's observer."""
+    watchers = [c for c in trainer.callbacks if isinstance(c, EndChildRanksOnError)]
+    launcher = trainer.strategy.launcher
+    if watchers and isinstance(launcher, _SubprocessScriptLauncher) and not isinstance(launcher.launch, WatchedLaunch):
+        launcher.launch = WatchedLaunch(launcher, watchers[0].answer_seconds)
+
+
+class WatchedLaunch:
+    """A ``_SubprocessScriptLauncher``'s ``launch`` that hands the children it starts to a :class:`PatientObserver`
+    before the function it runs: Lightning's observer, started with them, is replaced before its first poll (5 s)."""
+
+    def __init__(self, launcher: _SubprocessScriptLauncher, answer_seconds: float) -> None:
+        self.launcher = launcher
+        self.answer_seconds = answer_seconds
+
+    def __call__(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
+        launcher = self.launcher
+
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            if launcher.procs:  # none where the cluster starts every process (torchrun, srun)
+                rank = launcher.cluster_environment.node_rank() * launcher.num_processes  # this process's
+                watch_patiently(launcher.procs, self.answer_seconds, rank)
+            return function(*args, **kwargs)
+
+        return type(launcher).launch(launcher, watched, *args, **kwargs)
 
 
 def end_processes(procs: Sequence[subprocess.Popen], grace_seconds: float) -> list[subprocess.Popen]:

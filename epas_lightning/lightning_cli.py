@@ -55,7 +55,7 @@ from epas_lightning.callbacks import (
 from epas_lightning.checkpoint import recorded_config
 from epas_lightning.checkpoint_formats import read_checkpoint
 from epas_lightning.checkpoint_io import AtomicCheckpointIO, sharded_needs_fsdp2
-from epas_lightning.child_ranks import EndChildRanksOnError, peer_rank_ended
+from epas_lightning.child_ranks import EndChildRanksOnError, peer_rank_ended, watch_from_launch
 from epas_lightning.cli import (
     DURATION,
     LIGHTNING_COMMANDS,
@@ -429,6 +429,7 @@ class EPASCLI(LightningCLI):
         keep_version(trainer.loggers, self._continued)
         check_processes_meet(trainer)
         check_data_parallel_only(trainer.strategy, trainer.num_devices)
+        watch_from_launch(trainer)  # a rank that fails before fit's setup: rank 0 says so and exits with its status
         return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:

@@ -651,6 +651,58 @@ def test_a_user_error_on_rank_one_alone_is_one_line_with_its_status(tiny_corpus,
     ], proc.stderr[-4000:]
 
 
+def test_a_user_error_on_rank_one_before_it_joins_is_one_line_with_its_status(tiny_corpus, tmp_path):
+    """Rank 1 alone meets a user error as it starts, before it joins the process group, where rank 0 waits for it and
+    cannot answer by itself. Lightning's observer SIGKILLed every rank within its 5 s poll: rank 0 died without a word,
+    status -9 (137 from a shell). Now the observer of the ranks rank 0 started, from their start, gives rank 0 its
+    time to answer, then ends it with one line that points at rank 1's error, and rank 1's status."""
+    scripts = Path(__file__).parent / "scripts"
+    env = clean_env() | {"EPAS_CACHE_DIR": str(tiny_corpus.parent)}
+    env["PYTHONPATH"] += os.pathsep + str(scripts)
+    args = ["fit", "--config", "debug", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    args += ["--trainer.logger=false", "--trainer.callbacks+=rank_failure.FailOnRankOneAtStart"]
+    command = [sys.executable, "-m", "epas_lightning", *args]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, (proc.returncode, proc.stderr[-4000:])
+    assert "Forcefully terminating" not in proc.stderr, proc.stderr[-4000:]  # Lightning's observer: it killed no rank
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "cannot read the data folder — rank 1" in errors[0], proc.stderr[-4000:]  # rank 1's
+    assert errors[1] == (
+        "error: rank 1 ended (exit status 2) during the run — rank 0, which still waited for it 15 s later — its own "
+        "error, above, says why: fix that, then run again"
+    ), proc.stderr[-4000:]
+
+
+UNANSWERED = """
+import subprocess, sys, time
+from epas_lightning.child_ranks import watch_patiently
+stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # rank 1: waits for the others
+procs = [stuck, subprocess.Popen([sys.executable, "-c", "raise SystemExit({status})"])]  # rank 2 fails
+watch_patiently(procs, 0.5, 0)
+time.sleep({wait})  # a rendezvous that never ends, or (short) the time to meet the failure
+procs.clear()  # the answer: EndChildRanksOnError.on_exception empties the list
+time.sleep(6)  # the observer's next poll: it kills nothing
+print("answered", stuck.poll())
+stuck.kill()
+"""
+
+
+@pytest.mark.parametrize("status, wait", [(2, 60), (143, 60), (2, 0)], ids=["user error", "stopped", "answered"])
+def test_the_observer_ends_a_rank_that_does_not_answer_a_failed_child_with_its_status(status, wait):
+    """The rank that started a child which failed, and has not answered it within its time (it waits where it cannot),
+    exits with the child's status and one line pointing at the child's error, not at a stuck child the observer ended;
+    no line after a child a signal stopped at once (it said so itself). A rank that answers in time is left to do so,
+    with nothing killed."""
+    command = [sys.executable, "-c", UNANSWERED.format(status=status, wait=wait)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60, env=clean_env())
+    if not wait:
+        assert proc.returncode == 0 and proc.stdout == "answered None\n" and not proc.stderr, proc.stderr
+        return
+    assert proc.returncode == status and "Traceback" not in proc.stderr, proc.stderr
+    said = "error: rank 2 ended (exit status 2) during the run — rank 0, which still waited for it 0.5 s later — "
+    assert proc.stderr == (f"{said}its own error, above, says why: fix that, then run again\n" if status == 2 else "")
+
+
 @pytest.mark.parametrize("child_status", [0, 2, 143])
 def test_rank_zero_names_a_failed_child_and_blames_none_that_finished(child_status):
     """Rank 0's collective broke (Connection closed by peer) after the rank it started had ended: a child that failed

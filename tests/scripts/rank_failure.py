@@ -4,7 +4,8 @@ Used by ``tests/test_distributed.py`` through ``--trainer.callbacks+=rank_failur
 ``PYTHONPATH``). Rank 1 writes its process id to ``$EPAS_TEST_PID_FILE`` and sleeps; rank 0 waits for that file, then
 raises. Rank 1 never ends on its own, so the grace ``EndChildRanksOnError`` gives it is cut to half a second (the
 default 5 s would only be waited out). ``FailOnRankOne``: rank 1 fails with a user error while rank 0 trains on, and
-meets it only at its next collective, later than Lightning's observer polls (its 5 s).
+meets it only at its next collective, later than Lightning's observer polls (its 5 s). ``FailOnRankOneAtStart``: rank 1
+fails with a user error as its command starts, before it joins the process group, which rank 0 waits in.
 """
 
 import os
@@ -42,3 +43,13 @@ class FailOnRankOne(Callback):
         while child.poll() is None:
             time.sleep(0.1)
         time.sleep(6.5)  # Lightning's observer polls every 5 s
+
+
+class FailOnRankOneAtStart(Callback):
+    """Rank 1 alone meets a user error as its command reads its options (which builds this callback), before it joins
+    the process group: rank 0 waits for it there, in a rendezvous that cannot end. (Lightning's launcher sets
+    ``LOCAL_RANK`` for the ranks it starts, after rank 0 built its own callbacks.)"""
+
+    def __init__(self) -> None:
+        if os.environ.get("LOCAL_RANK") == "1":
+            raise UserError("cannot read the data folder", "rank 1", "make it readable on every node")
