@@ -83,14 +83,15 @@ WRITE_ERRORS = frozenset(
     {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG, errno.EIO, errno.EFBIG, errno.EBUSY, errno.ESTALE}
 )
 """The OS errors of a command's own write into its build that are about the output's location, not a bug of ours."""
-QUOTED_OS_ERRORS = (
+QUOTED_OS_ERROR = re.compile(
     # Python's, in a worker process's traceback: the file as repr() quotes it (with " where its name holds a ', a bytes
     # name as b'...'); the code alone where a message quotes only that
-    re.compile(r"""\[Errno (\d+)\](?: [^\n:'"]*(?:: (b?'(?:[^'\\\n]|\\.)+'|b?"(?:[^"\\\n]|\\.)+"))?)?"""),
-    re.compile(r"\(os error (\d+)\)(?: at path \"([^\"\n]+)\")?"),  # a Rust library's (safetensors)
+    r"""\[Errno (\d+)\](?: [^\n:'"]*(?:: (b?'(?:[^'\\\n]|\\.)+'|b?"(?:[^"\\\n]|\\.)+"))?)?"""
+    r"""|\(os error (\d+)\)(?: at path "([^"\n]+)")?"""  # a Rust library's (safetensors)
 )
 """An OS error an exception quotes, with the file it names if any: what :func:`out_of_space` and
-:func:`build_write_error` read in an error's text (a code inside a file name it quotes is part of that name)."""
+:func:`build_write_error` read in an error's text, in one pass from its start (a code of either form inside a file name
+the other quotes is part of that name)."""
 SERIALIZING = "Error while serializing"
 """How safetensors starts an error of writing a file (which it may not name)."""
 
@@ -581,8 +582,11 @@ def step_failure(error: BaseException, where: str, build: Path | None = None) ->
 
 
 def quoted_os_errors(text: str) -> list[tuple[int, str | None]]:
-    """The OS errors ``text`` quotes (:data:`QUOTED_OS_ERRORS`), each ``(errno, file)`` (``None``: it names none)."""
-    return [(int(code), _unquoted(file)) for pattern in QUOTED_OS_ERRORS for code, file in pattern.findall(text)]
+    """The OS errors ``text`` quotes (:data:`QUOTED_OS_ERROR`), each ``(errno, file)`` (``None``: it names none)."""
+    return [
+        (int(python or rust), _unquoted(python_file or rust_file))
+        for python, python_file, rust, rust_file in QUOTED_OS_ERROR.findall(text)
+    ]
 
 
 def _unquoted(file: str) -> str | None:

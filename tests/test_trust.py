@@ -2439,6 +2439,20 @@ def test_a_code_in_a_quoted_file_name_is_no_quoted_os_error():
     assert not out_of_space(RuntimeError(text))
 
 
+def test_a_code_of_either_quoting_inside_a_file_name_the_other_quotes_is_no_quoted_os_error(tmp_path):
+    """Python's quoting and a Rust library's were each read over the whole text: a full disk's code of one inside a
+    file name the other quotes (`'/in/(os error 28).txt'`, `at path "/in/[Errno 28].txt"`) was taken for a full disk,
+    and an input's error while serializing for a failing write into the build."""
+    from epas_lightning.outputs import build_write_error, out_of_space, quoted_os_errors
+
+    python = str(PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/in/(os error 28).txt"))
+    rust = 'Error while serializing: Permission denied (os error 13) at path "/in/[Errno 5].txt"'
+    assert quoted_os_errors(python) == [(errno.EACCES, "/in/(os error 28).txt")]
+    assert not out_of_space(RuntimeError(python))
+    assert quoted_os_errors(rust) == [(errno.EACCES, "/in/[Errno 5].txt")]
+    assert build_write_error(RuntimeError(rust), tmp_path / ".out.tmp-1234abcd") is None
+
+
 def test_a_users_folder_named_as_the_build_would_be_is_left(tmp_path, monkeypatch):
     """A folder of the hidden build's name (its random tag drawn again) made the build's mkdir fail, and the clean-up
     after that failure removed the folder as the build: a user's, not ours."""
