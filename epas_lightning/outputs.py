@@ -402,11 +402,16 @@ def _delete(folder: Path, target: Path) -> None:
 
 def _removal_claim(folder: Path, target: Path) -> Path | None:
     """A claim of ``folder``, being removed, as this process's (:func:`_claim`), or a killed run's that was removing
-    it: ``None`` where the file system has no links, or a user's entry has its name."""
+    it: ``None`` where the file system has no links, a user's entry has its name, or a full disk has no room for it
+    (emptying a build whose first file got none frees none, and the removal goes on unclaimed)."""
     try:
         return _claim(folder, target, "removal", _EMPTIED)
     except FileExistsError:
         return _partner(folder, _EMPTIED) if _claimed_for(_partner(folder, _EMPTIED), target) else None
+    except OSError as e:
+        if e.errno in NO_SPACE:
+            return None
+        raise
 
 
 def _holds_markers_only(folder: Path) -> bool:

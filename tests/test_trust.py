@@ -1310,6 +1310,27 @@ def test_a_full_disk_at_the_builds_first_marker_leaves_nothing(tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_full_disk_at_a_builds_first_file_leaves_nothing_though_the_removals_claim_finds_no_room(
+    tmp_path, monkeypatch
+):
+    """A disk full at the build's first file (created empty, its write refused) frees no room as the build is emptied:
+    the link that claims a removal's folder before its marker goes (as much as a file where its text is long) was
+    refused too, and the build stayed, marked, under a removal's name, while the line said nothing was left behind."""
+    real = os.symlink
+
+    def full(text, link, *args, **kwargs):
+        if ".end-" in os.fspath(link):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(link))
+        real(text, link, *args, **kwargs)
+
+    no_space = pytest.raises(OutputError, match="^no space left on the device")
+    with no_space, output_folder(tmp_path / "out", "bench") as build:
+        (build / "a.bin").touch()
+        monkeypatch.setattr(os, "symlink", full)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(build / "a.bin"))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("code", "fix"),
     [
