@@ -383,6 +383,8 @@ def _delete(folder: Path, target: Path) -> None:
             except OSError as e:
                 failed = failed or e
                 shutil.rmtree(name, dir_fd=handle, ignore_errors=True)
+        if failed is None and set(os.listdir(handle)) - {MARKER}:  # one another run removes as this one: not yet gone
+            failed = OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY))
         if failed is not None:
             raise failed
         if MARKER in names:

@@ -964,6 +964,32 @@ def test_a_removal_killed_after_its_marker_went_is_finished_by_the_next_run(tmp_
     assert remove_stale_builds(target) == [doomed] and [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_a_removal_two_runs_share_keeps_its_marker_while_a_folder_in_it_is_left(tmp_path, monkeypatch):
+    """Two runs at one output remove one killed run's folder at once: the files of a folder in it the other run lists
+    and removes first are not found, and that folder was taken for removed. Killed then, the other run left it, the
+    marker went, and its folder stayed unmarked, not empty, beside the output for good. The marker stays while
+    anything else does; the next run removes the rest."""
+    dead = {"created_by": "epas_lightning", "kind": "bench", "pid": 2**22 + 12345, "host": socket.gethostname()}
+    doomed = tmp_path / ".out.del-1234abcd"
+    (doomed / "sub").mkdir(parents=True)
+    for name in "ab":
+        (doomed / "sub" / name).write_text(name)
+    (doomed / MARKER).write_text(json.dumps(dead | {"output": "out"}))
+    (tmp_path / ".out.end-1234abcd").symlink_to(json.dumps(dead | {"output": "out"}))  # the other run's, killed
+    rmtree = shutil.rmtree
+
+    def the_other_run_removed_a_first(name, *args, dir_fd=None, **kwargs):
+        os.unlink(os.path.join(name, "a"), dir_fd=dir_fd)  # then killed, before b
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "a")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shutil, "rmtree", the_other_run_removed_a_first)
+        assert remove_stale_builds(tmp_path / "out") == []
+    assert sorted(p.name for p in doomed.iterdir()) == [MARKER, "sub"]
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert remove_stale_builds(tmp_path / "out") == [doomed] and list(tmp_path.iterdir()) == []
+
+
 def test_a_parent_folder_someone_else_made_as_a_run_started_is_left_when_the_run_fails(tmp_path, monkeypatch):
     """A failed run removes the missing parents it made for its output, while empty: they were listed before they were
     made, and one another process made meanwhile (a run at a sibling output, the user) was removed as the run's."""
