@@ -83,14 +83,15 @@ WRITE_ERRORS = frozenset(
     {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG, errno.EIO, errno.EFBIG, errno.EBUSY, errno.ESTALE}
 )
 """The OS errors of a command's own write into its build that are about the output's location, not a bug of ours."""
-QUOTED_OS_ERRORS = (
+QUOTED_OS_ERROR = re.compile(
     # Python's, in a worker process's traceback: the file as repr() quotes it (with " where its name holds a ', a bytes
     # name as b'...'); the code alone where a message quotes only that
-    re.compile(r"""\[Errno (\d+)\](?: [^\n:'"]*(?:: (b?'(?:[^'\\\n]|\\.)+'|b?"(?:[^"\\\n]|\\.)+"))?)?"""),
-    re.compile(r"\(os error (\d+)\)(?: at path \"([^\"\n]+)\")?"),  # a Rust library's (safetensors)
+    r"""\[Errno (\d+)\](?: [^\n:'"]*(?:: (b?'(?:[^'\\\n]|\\.)+'|b?"(?:[^"\\\n]|\\.)+"))?)?"""
+    r"""|\(os error (\d+)\)(?: at path "([^"\n]+)")?"""  # a Rust library's (safetensors)
 )
 """An OS error an exception quotes, with the file it names if any: what :func:`out_of_space` and
-:func:`build_write_error` read in an error's text (a code inside a file name it quotes is part of that name)."""
+:func:`build_write_error` read in an error's text, in one pass from its start (a code of either form inside a file name
+the other quotes is part of that name)."""
 SERIALIZING = "Error while serializing"
 """How safetensors starts an error of writing a file (which it may not name)."""
 
@@ -382,6 +383,8 @@ def _delete(folder: Path, target: Path) -> None:
             except OSError as e:
                 failed = failed or e
                 shutil.rmtree(name, dir_fd=handle, ignore_errors=True)
+        if failed is None and set(os.listdir(handle)) - {MARKER}:  # one another run removes as this one: not yet gone
+            failed = OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY))
         if failed is not None:
             raise failed
         if MARKER in names:
@@ -401,11 +404,16 @@ def _delete(folder: Path, target: Path) -> None:
 
 def _removal_claim(folder: Path, target: Path) -> Path | None:
     """A claim of ``folder``, being removed, as this process's (:func:`_claim`), or a killed run's that was removing
-    it: ``None`` where the file system has no links, or a user's entry has its name."""
+    it: ``None`` where the file system has no links, a user's entry has its name, or a full disk has no room for it
+    (emptying a build whose first file got none frees none, and the removal goes on unclaimed)."""
     try:
         return _claim(folder, target, "removal", _EMPTIED)
     except FileExistsError:
         return _partner(folder, _EMPTIED) if _claimed_for(_partner(folder, _EMPTIED), target) else None
+    except OSError as e:
+        if e.errno in NO_SPACE:
+            return None
+        raise
 
 
 def _holds_markers_only(folder: Path) -> bool:
@@ -581,8 +589,11 @@ def step_failure(error: BaseException, where: str, build: Path | None = None) ->
 
 
 def quoted_os_errors(text: str) -> list[tuple[int, str | None]]:
-    """The OS errors ``text`` quotes (:data:`QUOTED_OS_ERRORS`), each ``(errno, file)`` (``None``: it names none)."""
-    return [(int(code), _unquoted(file)) for pattern in QUOTED_OS_ERRORS for code, file in pattern.findall(text)]
+    """The OS errors ``text`` quotes (:data:`QUOTED_OS_ERROR`), each ``(errno, file)`` (``None``: it names none)."""
+    return [
+        (int(python or rust), _unquoted(python_file or rust_file))
+        for python, python_file, rust, rust_file in QUOTED_OS_ERROR.findall(text)
+    ]
 
 
 def _unquoted(file: str) -> str | None:

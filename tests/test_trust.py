@@ -964,6 +964,32 @@ def test_a_removal_killed_after_its_marker_went_is_finished_by_the_next_run(tmp_
     assert remove_stale_builds(target) == [doomed] and [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_a_removal_two_runs_share_keeps_its_marker_while_a_folder_in_it_is_left(tmp_path, monkeypatch):
+    """Two runs at one output remove one killed run's folder at once: the files of a folder in it the other run lists
+    and removes first are not found, and that folder was taken for removed. Killed then, the other run left it, the
+    marker went, and its folder stayed unmarked, not empty, beside the output for good. The marker stays while
+    anything else does; the next run removes the rest."""
+    dead = {"created_by": "epas_lightning", "kind": "bench", "pid": 2**22 + 12345, "host": socket.gethostname()}
+    doomed = tmp_path / ".out.del-1234abcd"
+    (doomed / "sub").mkdir(parents=True)
+    for name in "ab":
+        (doomed / "sub" / name).write_text(name)
+    (doomed / MARKER).write_text(json.dumps(dead | {"output": "out"}))
+    (tmp_path / ".out.end-1234abcd").symlink_to(json.dumps(dead | {"output": "out"}))  # the other run's, killed
+    rmtree = shutil.rmtree
+
+    def the_other_run_removed_a_first(name, *args, dir_fd=None, **kwargs):
+        os.unlink(os.path.join(name, "a"), dir_fd=dir_fd)  # then killed, before b
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "a")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shutil, "rmtree", the_other_run_removed_a_first)
+        assert remove_stale_builds(tmp_path / "out") == []
+    assert sorted(p.name for p in doomed.iterdir()) == [MARKER, "sub"]
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert remove_stale_builds(tmp_path / "out") == [doomed] and list(tmp_path.iterdir()) == []
+
+
 def test_a_parent_folder_someone_else_made_as_a_run_started_is_left_when_the_run_fails(tmp_path, monkeypatch):
     """A failed run removes the missing parents it made for its output, while empty: they were listed before they were
     made, and one another process made meanwhile (a run at a sibling output, the user) was removed as the run's."""
@@ -1307,6 +1333,27 @@ def test_a_full_disk_at_the_builds_first_marker_leaves_nothing(tmp_path, monkeyp
     monkeypatch.setattr(Path, "write_text", full)
     with pytest.raises(OutputError, match="^no space left on the device"), output_folder(tmp_path / "out", "bench"):
         pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_at_a_builds_first_file_leaves_nothing_though_the_removals_claim_finds_no_room(
+    tmp_path, monkeypatch
+):
+    """A disk full at the build's first file (created empty, its write refused) frees no room as the build is emptied:
+    the link that claims a removal's folder before its marker goes (as much as a file where its text is long) was
+    refused too, and the build stayed, marked, under a removal's name, while the line said nothing was left behind."""
+    real = os.symlink
+
+    def full(text, link, *args, **kwargs):
+        if ".end-" in os.fspath(link):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(link))
+        real(text, link, *args, **kwargs)
+
+    no_space = pytest.raises(OutputError, match="^no space left on the device")
+    with no_space, output_folder(tmp_path / "out", "bench") as build:
+        (build / "a.bin").touch()
+        monkeypatch.setattr(os, "symlink", full)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(build / "a.bin"))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -2437,6 +2484,20 @@ def test_a_code_in_a_quoted_file_name_is_no_quoted_os_error():
     text = str(PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/in/[Errno 28].txt"))
     assert quoted_os_errors(text) == [(errno.EACCES, "/in/[Errno 28].txt")]
     assert not out_of_space(RuntimeError(text))
+
+
+def test_a_code_of_either_quoting_inside_a_file_name_the_other_quotes_is_no_quoted_os_error(tmp_path):
+    """Python's quoting and a Rust library's were each read over the whole text: a full disk's code of one inside a
+    file name the other quotes (`'/in/(os error 28).txt'`, `at path "/in/[Errno 28].txt"`) was taken for a full disk,
+    and an input's error while serializing for a failing write into the build."""
+    from epas_lightning.outputs import build_write_error, out_of_space, quoted_os_errors
+
+    python = str(PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/in/(os error 28).txt"))
+    rust = 'Error while serializing: Permission denied (os error 13) at path "/in/[Errno 5].txt"'
+    assert quoted_os_errors(python) == [(errno.EACCES, "/in/(os error 28).txt")]
+    assert not out_of_space(RuntimeError(python))
+    assert quoted_os_errors(rust) == [(errno.EACCES, "/in/[Errno 5].txt")]
+    assert build_write_error(RuntimeError(rust), tmp_path / ".out.tmp-1234abcd") is None
 
 
 def test_a_users_folder_named_as_the_build_would_be_is_left(tmp_path, monkeypatch):
