@@ -180,13 +180,18 @@ def _plain(text: str | None) -> str | None:
 
 
 def _append_lists(argv: Sequence[str], list_options: set[str]) -> list[str]:
-    """``--prompt a --prompt b`` -> jsonargparse's ``--prompt+ a --prompt+ b`` (a JSON/YAML list value stays whole)."""
-    out = []
+    """``--prompt a --prompt b`` -> jsonargparse's ``--prompt=[] --prompt+ a --prompt+ b``: the flags add up, and
+    replace the list of a ``--config`` before them as any flag overrides it (a JSON/YAML list value stays whole)."""
+    out, given = [], set()
     for i, token in enumerate(argv):
         name, _, value = token.partition("=")
         following = value if value else (argv[i + 1] if i + 1 < len(argv) else "")
         if name in list_options and not following.lstrip().startswith("["):
+            if name not in given:
+                out.append(name + "=[]")
             token = name + "+" + ("=" + value if value else "")
+        if name in list_options:
+            given.add(name)
         out.append(token)
     return out
 

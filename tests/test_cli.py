@@ -868,3 +868,28 @@ def test_a_gradient_clip_value_of_nan_is_one_line_before_training(tmp_path, caps
         "error: trainer.gradient_clip_val must be a number, not nan — trainer.gradient_clip_val — set a positive "
         "number, or leave it unset for no clipping"
     )
+
+
+def _prompts(prompt: list[str] | None = None, prompt_file: Path | None = None) -> list[str] | None:
+    """A stand-in command with a list option."""
+    return prompt
+
+
+@pytest.mark.parametrize(
+    ("argv", "prompts"),
+    [
+        (["--config", "{config}", "--prompt", "c"], ["c"]),  # the command line replaces the file's list
+        (["--config", "{config}", "--prompt", "c", "--prompt", "d"], ["c", "d"]),  # and its own flags add up
+        (["--prompt", "c", "--config", "{config}"], ["a", "b"]),  # a later --config replaces, as for any option
+        (["--config", "{config}", "--prompt", "[c, d]"], ["c", "d"]),
+        (["--config", "{config}"], ["a", "b"]),
+    ],
+)
+def test_a_list_flag_replaces_the_list_of_an_earlier_config(tmp_path, argv, prompts):
+    """`generate --config g.yaml --prompt x` generated for the file's prompts and x: a repeated list flag appended to
+    the list --config had set, where any other flag on the command line overrides the file."""
+    from epas_lightning.cli import run_function
+
+    (config := tmp_path / "g.yaml").write_text("prompt: [a, b]\n")
+    argv = [str(config) if arg == "{config}" else arg for arg in argv]
+    assert run_function(_prompts, "prompts", argv) == prompts
