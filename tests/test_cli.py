@@ -893,3 +893,13 @@ def test_a_list_flag_replaces_the_list_of_an_earlier_config(tmp_path, argv, prom
     (config := tmp_path / "g.yaml").write_text("prompt: [a, b]\n")
     argv = [str(config) if arg == "{config}" else arg for arg in argv]
     assert run_function(_prompts, "prompts", argv) == prompts
+
+
+def test_a_bad_value_on_the_command_line_is_quoted_as_typed(tmp_path, capsys, monkeypatch):
+    """`--checkpoint.train_time_interval 30:00` said "not '1800'": the value as YAML 1.1 reads it (sexagesimal)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", DEBUG, "--checkpoint.train_time_interval", "30:00"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        'error: --checkpoint.train_time_interval takes a duration "H:MM:SS" (e.g. "0:30:00"), not \'30:00\' — '
+        "python -m epas_lightning fit — see `python -m epas_lightning fit --help`"
+    )
