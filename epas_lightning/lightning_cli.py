@@ -84,6 +84,7 @@ from epas_lightning.launch import check_processes_meet, check_slurm_tasks, missi
 from epas_lightning.lightning_messages import (
     IGNORED_WARNINGS,
     LIGHTNING_LOGGERS,
+    RESUMING_ELSEWHERE_QUIET_WARNINGS,
     RESUMING_QUIET_WARNINGS,
     SCORING_QUIET_INFO,
     SCORING_QUIET_WARNINGS,
@@ -306,6 +307,8 @@ class EPASCLI(LightningCLI):
                 self._continued = version_dir
             elif same_folder(checkpoint_folder(config), Path(config.ckpt_path).parent):
                 self._quiet = ((), RESUMING_QUIET_WARNINGS)
+            else:
+                self._quiet = ((), RESUMING_ELSEWHERE_QUIET_WARNINGS)
             if config.model.get("init_from"):  # never read: a folder deleted or unmounted since must not stop this
                 say(resumed_instead(config.ckpt_path))
                 config.model.init_from = None

@@ -41,6 +41,9 @@ SCORING_QUIET_WARNINGS = (
 callback state (from callbacks configured otherwise too)."""
 RESUMING_QUIET_WARNINGS = (r"Checkpoint directory .* exists and is not empty",)
 """``fit`` resuming into the folder its checkpoint came from: that folder is meant to hold the run's checkpoints."""
+RESUMING_ELSEWHERE_QUIET_WARNINGS = (r"The dirpath has changed from .* won't be reloaded",)
+"""``fit`` resuming into another checkpoint folder than its checkpoint's (a new version folder, that of a copy): the
+checkpoints there are this run's alone, as meant, and those of the run it came from stay."""
 
 
 class QuietInfo(logging.Filter):

@@ -868,3 +868,38 @@ def test_a_gradient_clip_value_of_nan_is_one_line_before_training(tmp_path, caps
         "error: trainer.gradient_clip_val must be a number, not nan — trainer.gradient_clip_val — set a positive "
         "number, or leave it unset for no clipping"
     )
+
+
+def _prompts(prompt: list[str] | None = None, prompt_file: Path | None = None) -> list[str] | None:
+    """A stand-in command with a list option."""
+    return prompt
+
+
+@pytest.mark.parametrize(
+    ("argv", "prompts"),
+    [
+        (["--config", "{config}", "--prompt", "c"], ["c"]),  # the command line replaces the file's list
+        (["--config", "{config}", "--prompt", "c", "--prompt", "d"], ["c", "d"]),  # and its own flags add up
+        (["--prompt", "c", "--config", "{config}"], ["a", "b"]),  # a later --config replaces, as for any option
+        (["--config", "{config}", "--prompt", "[c, d]"], ["c", "d"]),
+        (["--config", "{config}"], ["a", "b"]),
+    ],
+)
+def test_a_list_flag_replaces_the_list_of_an_earlier_config(tmp_path, argv, prompts):
+    """`generate --config g.yaml --prompt x` generated for the file's prompts and x: a repeated list flag appended to
+    the list --config had set, where any other flag on the command line overrides the file."""
+    from epas_lightning.cli import run_function
+
+    (config := tmp_path / "g.yaml").write_text("prompt: [a, b]\n")
+    argv = [str(config) if arg == "{config}" else arg for arg in argv]
+    assert run_function(_prompts, "prompts", argv) == prompts
+
+
+def test_a_bad_value_on_the_command_line_is_quoted_as_typed(tmp_path, capsys, monkeypatch):
+    """`--checkpoint.train_time_interval 30:00` said "not '1800'": the value as YAML 1.1 reads it (sexagesimal)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", DEBUG, "--checkpoint.train_time_interval", "30:00"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        'error: --checkpoint.train_time_interval takes a duration "H:MM:SS" (e.g. "0:30:00"), not \'30:00\' — '
+        "python -m epas_lightning fit — see `python -m epas_lightning fit --help`"
+    )

@@ -1663,3 +1663,26 @@ def test_the_summary_lists_the_region_in_growth_order():
     module = SimpleNamespace(model=model, config=SimpleNamespace(n_layer=4))
     trainer = SimpleNamespace(callbacks=[ProgressiveSharing(target=2, n_layer=4)])
     assert _region_line(trainer, module).startswith("2/4 layers share [3, 2]; full region since")
+
+
+@pytest.mark.slow
+def test_a_resume_into_a_new_version_folder_prints_no_lightning_warning_about_it(
+    tiny_corpus, debug_fit_run, tmp_path, capsys, monkeypatch
+):
+    """A checkpoint resumed into another folder than it was saved in (a copy, a rewind of a run that went on) printed
+    Lightning's "<path>/model_checkpoint.py:566: The dirpath has changed from ... won't be reloaded": the new folder's
+    checkpoints are this run's alone, as meant, and the summary names that folder."""
+    shutil.copytree(debug_fit_run[1] / "runs", tmp_path / "runs")  # the resume starts version_1 beside it
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(tmp_path / "runs/debug/version_0/checkpoints/last.ckpt", tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EPAS_CACHE_DIR", str(tiny_corpus.parent))
+    resume = ["--sharing.interval", "3", "--ckpt_path", "elsewhere/last.ckpt", "--trainer.max_steps", "9"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(["fit", "--config", DEBUG, *resume])
+    resumed = capsys.readouterr()
+    assert code == 0, resumed.err[-3000:]
+    assert "checkpoints  runs/debug/version_1/checkpoints" in resumed.out
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]
+    assert "dirpath has changed" not in resumed.err
