@@ -1378,7 +1378,8 @@ def test_a_computing_layer_trained_alone_keeps_one_detached_pair_per_input(tmp_p
 
 def unchunked_fingerprint(x: torch.Tensor) -> tuple:
     """The fingerprint's checksums computed over the whole tensor at once (int64 copies of all its words)."""
-    bits = x.contiguous().view(torch.int16 if x.element_size() > 1 else torch.int8).flatten().long()
+    whole = x.clone(memory_format=torch.contiguous_format)  # stride 1 even for one element, as a view as words needs
+    bits = whole.view(torch.int16 if x.element_size() > 1 else torch.int8).flatten().long()
     places = torch.arange(bits.numel()) % 65521 + 1
     return tuple(x.shape), x.dtype, int(bits.sum()), int((bits * places).sum())
 
@@ -1387,7 +1388,7 @@ def fingerprint_inputs() -> list[torch.Tensor]:
     """Hidden states of several dtypes and shapes, contiguous or not, none a multiple of a 7-word piece."""
     generator = torch.Generator().manual_seed(0)
     words = torch.randint(-(2**15), 2**15, (3, 10, 13), dtype=torch.int16, generator=generator)  # 390 words
-    half = words.view(torch.bfloat16)
+    half, single = words.view(torch.bfloat16), words[:, :, :12].contiguous().view(torch.float32)
     return [
         half,
         words.view(torch.float16).transpose(1, 2),  # rows of 30 elements, more than a piece
@@ -1396,6 +1397,8 @@ def fingerprint_inputs() -> list[torch.Tensor]:
         words.view(torch.bfloat16)[0, :, 5],  # 1-D, strided
         words.view(torch.int8)[..., :5],  # 1-byte words
         half.float().double()[:, :2],  # 4 words an element: more than half a piece
+        single[:, :, 0],  # rows of 10 strided 2-word elements: pieces of 3, the last of 1 (any stride is contiguous)
+        single[0, 0, ::6],  # one 2-word element, stride 6
         half[0, 0, 0],  # 0-d
         half[:, :0],  # empty
     ]
@@ -1415,7 +1418,8 @@ def test_the_fingerprint_reads_its_input_a_bounded_piece_at_a_time(monkeypatch) 
         pieces = list(remote._pieces(x, most))
         assert all(p.dim() == 1 and p.is_contiguous() and 1 <= p.numel() <= most for p in pieces)
         in_order = torch.cat(pieces) if pieces else x.new_empty(0)  # compared by bits: NaNs do not equal themselves
-        assert torch.equal(in_order.view(torch.int8), x.flatten().contiguous().view(torch.int8))
+        whole = x.clone(memory_format=torch.contiguous_format).flatten()  # stride 1, as a view as bytes needs
+        assert torch.equal(in_order.view(torch.int8), whole.view(torch.int8))
         with monkeypatch.context() as m:  # one piece
             m.setattr(remote, "FINGERPRINT_WORDS", 1 << 22)
             assert remote._fingerprint(x) == want

@@ -182,6 +182,8 @@ def _pieces(x, most):
 def _word_sums(piece, word, done):
     """(the sum of the words of ``piece``, 1-D, read as ``word``, and their sum each weighted by its place), int64
     tensors, its first word the one after the ``done`` read before it; the buffers freed on return."""
+    if piece.stride(0) != 1:  # one element: contiguous at any stride, which a view as a smaller ``word`` needs to be 1
+        piece = piece.clone(memory_format=torch.contiguous_format)
     bits = piece.view(word).int()  # (n,): int32, so a word times its place (< 2**15 * 65521) cannot overflow
     places = torch.arange(bits.numel(), dtype=torch.int32, device=bits.device)
     places.add_(done % 65521).remainder_(65521).add_(1)  # (n,) the places of words done..done + n - 1: 1..65521
