@@ -34,6 +34,7 @@ Notation: B batch, T new tokens, S cached + new tokens, H query heads, H_kv key/
 """
 
 import inspect
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -217,12 +218,17 @@ def _region_error(config, layers):
     )
 
 
+def _is_index(i):
+    """Whether ``i`` is a layer's index: an integer (numpy's too), not a bool (a mask's True equals layer 1)."""
+    return isinstance(i, numbers.Integral) and not isinstance(i, bool)
+
+
 def _check_region(config):
     """Raise, naming them, where ``config.epas_shared_layers`` lists layers that cannot share (0, past the last, not a
     layer's index) or is no list: set on the loaded config past its checks, they would run computing, silently."""
     may = range(1, config.num_hidden_layers)
     try:
-        bad = [i for i in config.epas_shared_layers if i not in may]
+        bad = [i for i in config.epas_shared_layers if not _is_index(i) or i not in may]
     except TypeError:  # not iterable
         raise ValueError(
             f"epas_shared_layers must list layers 1..{may.stop - 1}, not {config.epas_shared_layers!r}: give a list, "
