@@ -1547,7 +1547,8 @@ def test_a_region_past_the_last_layer_set_on_the_loaded_config_is_refused_in_the
     named no layer, or not all of its layers, that could share: the forward and ``generate`` ran the rest of the model
     silently (dense where none was left). It is refused in the next forward (of the model, a layer called alone, an
     attention called alone), naming the layers and those that may share; loading with it was refused already. So is a
-    list of what are no layer indices: a mask ``[True, True]`` (True equals 1) ran layer 1 sharing alone."""
+    list of what are no layer indices: a mask ``[True, True]`` (True equals 1) ran layer 1 sharing alone; and a
+    generator, which the first check read to its end: the layers found it empty and ran dense."""
     from epas_lightning.hf.export import export
 
     save_ours(tmp_path / "ckpt", n_layer=3, shared=1)
@@ -1569,6 +1570,7 @@ def test_a_region_past_the_last_layer_set_on_the_loaded_config_is_refused_in_the
             ([True, True], r"^Layers \[True, True\]" + says),  # a mask of layers 1..2, not layer 1 twice
             ([2.0], "^Layer 2.0" + says),
             (2, r"^epas_shared_layers must list layers 1\.\.2, not 2: give a list, or call model\.set_region"),
+            ((i for i in [2]), r"^epas_shared_layers must list layers 1\.\.2, not <generator .*: give a list"),
         ):
             hf.config.epas_shared_layers = region
             for run in (

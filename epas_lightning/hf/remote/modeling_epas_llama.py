@@ -35,6 +35,7 @@ Notation: B batch, T new tokens, S cached + new tokens, H query heads, H_kv key/
 
 import inspect
 import numbers
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -223,17 +224,28 @@ def _is_index(i):
     return isinstance(i, numbers.Integral) and not isinstance(i, bool)
 
 
+def _listed(region):
+    """The items of ``region``, or None where it is no collection: not iterable (an int, a 0-d array), or an iterator
+    (a generator), which a check would read to its end, leaving the layers none."""
+    if isinstance(region, Iterator):
+        return None
+    try:
+        return list(region)
+    except TypeError:
+        return None
+
+
 def _check_region(config):
     """Raise, naming them, where ``config.epas_shared_layers`` lists layers that cannot share (0, past the last, not a
     layer's index) or is no list: set on the loaded config past its checks, they would run computing, silently."""
-    may = range(1, config.num_hidden_layers)
-    try:
-        bad = [i for i in config.epas_shared_layers if not _is_index(i) or i not in may]
-    except TypeError:  # not iterable
+    region, may = config.epas_shared_layers, range(1, config.num_hidden_layers)
+    items = _listed(region)
+    if items is None:
         raise ValueError(
-            f"epas_shared_layers must list layers 1..{may.stop - 1}, not {config.epas_shared_layers!r}: give a list, "
+            f"epas_shared_layers must list layers 1..{may.stop - 1}, not {region!r}: give a list, "
             "or call model.set_region(n) for the first n of the trained region."
-        ) from None
+        )
+    bad = [i for i in items if not _is_index(i) or i not in may]
     if bad:
         raise _region_error(config, bad)
 
