@@ -159,8 +159,9 @@ def _selected(hidden, indices):
 
 FINGERPRINT_WORDS = 1 << 22
 """How many 16-bit words (bytes for a 1-byte dtype) of hidden states ``_fingerprint`` reads at a time: its extra memory
-(two int32 buffers of that many, 32 MiB, and as many words copied from non-contiguous hidden states) does not grow with
-the hidden states (a layer-wise tool may give a layer a whole calibration batch at once)."""
+(16 bytes a word, 64 MiB: the words and their places in int32, and the int64 copy of either that torch's integer sum
+makes; 2 bytes a word more for a piece copied from non-contiguous hidden states) does not grow with the hidden states
+(a layer-wise tool may give a layer a whole calibration batch at once)."""
 
 
 def _pieces(x, most):
@@ -189,7 +190,7 @@ def _word_sums(piece, word, done):
     bits = piece.view(word).int()  # (n,): int32, so a word times its place (< 2**15 * 65521) cannot overflow
     places = torch.arange(bits.numel(), dtype=torch.int32, device=bits.device)
     places.add_(done % 65521).remainder_(65521).add_(1)  # (n,) the places of words done..done + n - 1: 1..65521
-    return bits.sum(), places.mul_(bits).sum()  # int32 sums add up in int64
+    return bits.sum(), places.mul_(bits).sum()  # int32 sums add up in int64 (each in an int64 copy, freed)
 
 
 def _fingerprint(x):
