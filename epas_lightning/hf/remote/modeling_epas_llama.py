@@ -34,6 +34,8 @@ Notation: B batch, T new tokens, S cached + new tokens, H query heads, H_kv key/
 """
 
 import inspect
+import numbers
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -157,8 +159,9 @@ def _selected(hidden, indices):
 
 FINGERPRINT_WORDS = 1 << 22
 """How many 16-bit words (bytes for a 1-byte dtype) of hidden states ``_fingerprint`` reads at a time: its extra memory
-(two int32 buffers of that many, 32 MiB, and as many words copied from non-contiguous hidden states) does not grow with
-the hidden states (a layer-wise tool may give a layer a whole calibration batch at once)."""
+(16 bytes a word, 64 MiB: the words and their places in int32, and the int64 copy of either that torch's integer sum
+makes; 2 bytes a word more for a piece copied from non-contiguous hidden states) does not grow with the hidden states
+(a layer-wise tool may give a layer a whole calibration batch at once)."""
 
 
 def _pieces(x, most):
@@ -182,10 +185,12 @@ def _pieces(x, most):
 def _word_sums(piece, word, done):
     """(the sum of the words of ``piece``, 1-D, read as ``word``, and their sum each weighted by its place), int64
     tensors, its first word the one after the ``done`` read before it; the buffers freed on return."""
+    if piece.stride(0) != 1:  # one element: contiguous at any stride, which a view as a smaller ``word`` needs to be 1
+        piece = piece.clone(memory_format=torch.contiguous_format)
     bits = piece.view(word).int()  # (n,): int32, so a word times its place (< 2**15 * 65521) cannot overflow
     places = torch.arange(bits.numel(), dtype=torch.int32, device=bits.device)
     places.add_(done % 65521).remainder_(65521).add_(1)  # (n,) the places of words done..done + n - 1: 1..65521
-    return bits.sum(), places.mul_(bits).sum()  # int32 sums add up in int64
+    return bits.sum(), places.mul_(bits).sum()  # int32 sums add up in int64 (each in an int64 copy, freed)
 
 
 def _fingerprint(x):
@@ -215,17 +220,33 @@ def _region_error(config, layers):
     )
 
 
+def _is_index(i):
+    """Whether ``i`` is a layer's index: an integer (numpy's too), not a bool (a mask's True equals layer 1)."""
+    return isinstance(i, numbers.Integral) and not isinstance(i, bool)
+
+
+def _listed(region):
+    """The items of ``region``, or None where it is no collection: not iterable (an int, a 0-d array), or an iterator
+    (a generator), which a check would read to its end, leaving the layers none."""
+    if isinstance(region, Iterator):
+        return None
+    try:
+        return list(region)
+    except TypeError:
+        return None
+
+
 def _check_region(config):
     """Raise, naming them, where ``config.epas_shared_layers`` lists layers that cannot share (0, past the last, not a
     layer's index) or is no list: set on the loaded config past its checks, they would run computing, silently."""
-    may = range(1, config.num_hidden_layers)
-    try:
-        bad = [i for i in config.epas_shared_layers if i not in may]
-    except TypeError:  # not iterable
+    region, may = config.epas_shared_layers, range(1, config.num_hidden_layers)
+    items = _listed(region)
+    if items is None:
         raise ValueError(
-            f"epas_shared_layers must list layers 1..{may.stop - 1}, not {config.epas_shared_layers!r}: give a list, "
+            f"epas_shared_layers must list layers 1..{may.stop - 1}, not {region!r}: give a list, "
             "or call model.set_region(n) for the first n of the trained region."
-        ) from None
+        )
+    bad = [i for i in items if not _is_index(i) or i not in may]
     if bad:
         raise _region_error(config, bad)
 
