@@ -668,18 +668,21 @@ def test_a_user_error_on_rank_one_before_it_joins_is_one_line_with_its_status(ti
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and "cannot read the data folder — rank 1" in errors[0], proc.stderr[-4000:]  # rank 1's
     assert errors[1] == (
-        "error: rank 1 ended (exit status 2) during the run — rank 0, which still waited for it 15 s later — its own "
-        "error, above, says why: fix that, then run again"
+        "error: rank 1 ended (exit status 2) during the run — rank 0, which waited for it to join — its own error, "
+        "above, says why: fix that, then run again"
     ), proc.stderr[-4000:]
 
 
 UNANSWERED = """
 import subprocess, sys, time
+import torch.distributed as dist
 from epas_lightning.child_ranks import watch_patiently
+if {joined}:  # past the rendezvous: waiting where it cannot answer (a native collective), or meeting the failure
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
 stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # rank 1: waits for the others
 procs = [stuck, subprocess.Popen([sys.executable, "-c", "raise SystemExit({status})"])]  # rank 2 fails
-watch_patiently(procs, 0.5, 0)
-time.sleep({wait})  # a rendezvous that never ends, or (short) the time to meet the failure
+watch_patiently(procs, {answer}, 0)
+time.sleep({wait})  # a collective or a rendezvous that never ends, or (short) the time to meet the failure
 procs.clear()  # the answer: EndChildRanksOnError.on_exception empties the list
 time.sleep(6)  # the observer's next poll: it kills nothing
 print("answered", stuck.poll())
@@ -687,19 +690,28 @@ stuck.kill()
 """
 
 
-@pytest.mark.parametrize("status, wait", [(2, 60), (143, 60), (2, 0)], ids=["user error", "stopped", "answered"])
-def test_the_observer_ends_a_rank_that_does_not_answer_a_failed_child_with_its_status(status, wait):
+@pytest.mark.parametrize(
+    "joined, status, answer, wait",
+    [(True, 2, 0.5, 60), (True, 143, 0.5, 60), (True, 2, 0.5, 0), (False, 2, 600, 600), (False, 130, 600, 600)],
+    ids=["user error", "stopped", "answered", "user error in the rendezvous", "Ctrl+C in the rendezvous"],
+)
+def test_the_observer_ends_a_rank_that_does_not_answer_a_failed_child_with_its_status(
+    joined, status, answer, wait, tmp_path
+):
     """The rank that started a child which failed, and has not answered it within its time (it waits where it cannot),
     exits with the child's status and one line pointing at the child's error, not at a stuck child the observer ended;
     no line after a child a signal stopped at once (it said so itself). A rank that answers in time is left to do so,
-    with nothing killed."""
-    command = [sys.executable, "-c", UNANSWERED.format(status=status, wait=wait)]
+    with nothing killed. One that has not joined the process group waits in the rendezvous, which it cannot leave to
+    answer: it is ended at once, not after its time (Ctrl+C as a run starts took 20 s, where Lightning took 5)."""
+    script = UNANSWERED.format(joined=joined, status=status, answer=answer, wait=wait)
+    command = [sys.executable, "-c", script, str(tmp_path / "rendezvous")]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=60, env=clean_env())
     if not wait:
         assert proc.returncode == 0 and proc.stdout == "answered None\n" and not proc.stderr, proc.stderr
         return
     assert proc.returncode == status and "Traceback" not in proc.stderr, proc.stderr
-    said = "error: rank 2 ended (exit status 2) during the run — rank 0, which still waited for it 0.5 s later — "
+    waited = "which still waited for it 0.5 s later" if joined else "which waited for it to join"
+    said = f"error: rank 2 ended (exit status 2) during the run — rank 0, {waited} — "
     assert proc.stderr == (f"{said}its own error, above, says why: fix that, then run again\n" if status == 2 else "")
 
 
