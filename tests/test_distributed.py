@@ -654,8 +654,8 @@ def test_a_user_error_on_rank_one_alone_is_one_line_with_its_status(tiny_corpus,
 def test_a_user_error_on_rank_one_before_it_joins_is_one_line_with_its_status(tiny_corpus, tmp_path):
     """Rank 1 alone meets a user error as it starts, before it joins the process group, where rank 0 waits for it and
     cannot answer by itself. Lightning's observer SIGKILLed every rank within its 5 s poll: rank 0 died without a word,
-    status -9 (137 from a shell). Now the observer of the ranks rank 0 started, from their start, gives rank 0 its
-    time to answer, then ends it with one line that points at rank 1's error, and rank 1's status."""
+    status -9 (137 from a shell). Now the observer of the ranks rank 0 started, from their start, ends it with one line
+    that points at rank 1's error, and rank 1's status: at once, as rank 0 cannot leave the rendezvous to answer."""
     scripts = Path(__file__).parent / "scripts"
     env = clean_env() | {"EPAS_CACHE_DIR": str(tiny_corpus.parent)}
     env["PYTHONPATH"] += os.pathsep + str(scripts)
