@@ -89,13 +89,18 @@ class EndChildRanksOnError(Callback):
             return  # Lightning kills the children itself after Ctrl+C
         launcher = trainer.strategy.launcher
         if isinstance(launcher, _SubprocessScriptLauncher) and launcher.procs:
-            killed = end_processes(launcher.procs, self.grace_seconds)
-            ranks = {proc: trainer.global_rank + i + 1 for i, proc in enumerate(launcher.procs)}
-            self.failed_children = [(r, p.returncode) for p, r in ranks.items() if p.returncode and p not in killed]
-            self.children_finished = not killed and all(p.returncode == 0 for p in launcher.procs)
-            # Lightning's observer thread watches this same list: emptied, it stops instead of answering the killed
-            # children by SIGKILLing this process before it has said what went wrong.
+            procs = list(launcher.procs)
+            # The observer thread watches this same list: emptied before the grace, it leaves this answer to run its
+            # course instead of ending this process (Lightning's by SIGKILL) before it has said what went wrong.
             launcher.procs.clear()
+            try:
+                killed = end_processes(procs, self.grace_seconds)
+            except BaseException:  # Ctrl+C in the grace: no observer ends them now
+                end_processes(procs, 0.0)
+                raise
+            ranks = {proc: trainer.global_rank + i + 1 for i, proc in enumerate(procs)}
+            self.failed_children = [(r, p.returncode) for p, r in ranks.items() if p.returncode and p not in killed]
+            self.children_finished = not killed and all(p.returncode == 0 for p in procs)
 
 
 class PatientObserver(_ChildProcessObserver):

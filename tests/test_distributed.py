@@ -715,6 +715,36 @@ def test_the_observer_ends_a_rank_that_does_not_answer_a_failed_child_with_its_s
     assert proc.stderr == (f"{said}its own error, above, says why: fix that, then run again\n" if status == 2 else "")
 
 
+ANSWERING = """
+import subprocess, sys
+from types import SimpleNamespace
+import torch.distributed as dist
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from epas_lightning.child_ranks import EndChildRanksOnError, watch_patiently
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+failed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(2)"])  # rank 1
+stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # rank 2: in a native collective
+failed.wait()
+launcher = object.__new__(_SubprocessScriptLauncher)
+launcher.procs = [failed, stuck]
+watch_patiently(launcher.procs, 1.0, 0)  # it sees the failure at its first poll (5 s), and waits 1 s for the answer
+watcher = EndChildRanksOnError(grace_seconds=8.0)  # rank 0 met the failure at once; rank 2 gets its grace to end
+trainer = SimpleNamespace(strategy=SimpleNamespace(launcher=launcher), global_rank=0, num_nodes=1, callbacks=[watcher])
+watcher.on_exception(trainer, None, RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:1234"))
+print("answered", watcher.failed_children, stuck.returncode)
+"""
+
+
+def test_the_observer_leaves_an_answer_under_way_to_end_as_it_would(tmp_path):
+    """Rank 0 met a child's failure (its collective broke) and gives the other ranks their grace to end: that is its
+    answer, which the observer's time for one ran out in the middle of. The observer ended rank 0 there, with its
+    own line ("which still waited for it") in place of rank 0's, which may say another error (a full disk). Now the
+    answer, once begun, runs to its end: rank 0 names the failed child, and the stuck one is killed after its grace."""
+    command = [sys.executable, "-c", ANSWERING, str(tmp_path / "rendezvous")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60, env=clean_env())
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "answered [(1, 2)] -9\n", ""), proc.stderr
+
+
 @pytest.mark.parametrize("child_status", [0, 2, 143])
 def test_rank_zero_names_a_failed_child_and_blames_none_that_finished(child_status):
     """Rank 0's collective broke (Connection closed by peer) after the rank it started had ended: a child that failed
