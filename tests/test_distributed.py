@@ -745,6 +745,32 @@ def test_the_observer_leaves_an_answer_under_way_to_end_as_it_would(tmp_path):
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "answered [(1, 2)] -9\n", ""), proc.stderr
 
 
+INTERRUPTED_ANSWER = """
+import signal, subprocess, sys
+from types import SimpleNamespace
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from epas_lightning.child_ranks import EndChildRanksOnError
+stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # rank 1: in a native collective
+launcher = object.__new__(_SubprocessScriptLauncher)
+launcher.procs = [stuck]
+trainer = SimpleNamespace(strategy=SimpleNamespace(launcher=launcher), global_rank=0, num_nodes=1, callbacks=[])
+signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))  # Ctrl+C, 1 s into the grace
+signal.alarm(1)
+try:
+    EndChildRanksOnError(grace_seconds=30).on_exception(trainer, None, RuntimeError("a failure only rank 0 sees"))
+except KeyboardInterrupt:
+    print("interrupted", stuck.poll(), launcher.procs)
+"""
+
+
+def test_ctrl_c_in_the_grace_after_an_error_ends_the_ranks_it_started():
+    """Ctrl+C while rank 0 gives the ranks it started their grace after its error: the list the observer watches is
+    already emptied (the answer is under way), so no observer would end them; the answer ends them itself."""
+    command = [sys.executable, "-c", INTERRUPTED_ANSWER]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60, env=clean_env())
+    assert (proc.returncode, proc.stdout) == (0, "interrupted -9 []\n"), proc.stderr
+
+
 @pytest.mark.parametrize("child_status", [0, 2, 143])
 def test_rank_zero_names_a_failed_child_and_blames_none_that_finished(child_status):
     """Rank 0's collective broke (Connection closed by peer) after the rank it started had ended: a child that failed
