@@ -19,9 +19,9 @@ rank 0 then died without its line, and with status -9 instead of the child's, wh
 than that poll (a long step, a slow machine), or while it waited for a child that failed before joining the process
 group. A :class:`PatientObserver` watches the children instead, from their start where the command built the
 ``Trainer`` (:func:`watch_from_launch`), else from this callback's ``setup``: rank 0 gets :data:`ANSWER_SECONDS` more to
-meet the failure itself. If it has not (stuck in a rendezvous, or in a native wait such as an NCCL collective, which
-would otherwise wait out its timeout), the observer ends the children, then rank 0 with that line and the child's
-status.
+meet the failure itself. If it has not (stuck in a native wait such as an NCCL collective, which would otherwise wait
+out its timeout), the observer ends the children, then rank 0 with that line and the child's status; at once where
+rank 0 has not joined the process group yet: it waits in the rendezvous, which neither the failure nor Ctrl+C ends.
 
 Lightning's private names used: ``_SubprocessScriptLauncher`` (its ``procs``, ``cluster_environment``,
 ``num_processes``) and ``_ChildProcessObserver`` (its ``_child_processes`` and ``_run``), as in Lightning 2.6.
@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
@@ -88,19 +89,25 @@ class EndChildRanksOnError(Callback):
             return  # Lightning kills the children itself after Ctrl+C
         launcher = trainer.strategy.launcher
         if isinstance(launcher, _SubprocessScriptLauncher) and launcher.procs:
-            killed = end_processes(launcher.procs, self.grace_seconds)
-            ranks = {proc: trainer.global_rank + i + 1 for i, proc in enumerate(launcher.procs)}
-            self.failed_children = [(r, p.returncode) for p, r in ranks.items() if p.returncode and p not in killed]
-            self.children_finished = not killed and all(p.returncode == 0 for p in launcher.procs)
-            # Lightning's observer thread watches this same list: emptied, it stops instead of answering the killed
-            # children by SIGKILLing this process before it has said what went wrong.
+            procs = list(launcher.procs)
+            # The observer thread watches this same list: emptied before the grace, it leaves this answer to run its
+            # course instead of ending this process (Lightning's by SIGKILL) before it has said what went wrong.
             launcher.procs.clear()
+            try:
+                killed = end_processes(procs, self.grace_seconds)
+            except BaseException:  # Ctrl+C in the grace: no observer ends them now
+                end_processes(procs, 0.0)
+                raise
+            ranks = {proc: trainer.global_rank + i + 1 for i, proc in enumerate(procs)}
+            self.failed_children = [(r, p.returncode) for p, r in ranks.items() if p.returncode and p not in killed]
+            self.children_finished = not killed and all(p.returncode == 0 for p in procs)
 
 
 class PatientObserver(_ChildProcessObserver):
     """Lightning's observer, except that after a child failed it waits up to ``answer_seconds`` for this process (global
     rank ``rank``) to answer the failure itself (``EndChildRanksOnError.on_exception`` empties the list it watches).
-    Unanswered, it ends the children, says which one failed and ends this process with its status."""
+    Unanswered, it ends the children, says which one failed and ends this process with its status: at once where this
+    process has not joined the process group (it waits in the rendezvous, which it cannot leave to answer)."""
 
     def __init__(self, child_processes: list[subprocess.Popen], answer_seconds: float, rank: int) -> None:
         super().__init__(main_pid=os.getpid(), child_processes=child_processes)
@@ -109,22 +116,25 @@ class PatientObserver(_ChildProcessObserver):
 
     def _run(self) -> bool:
         if any(proc.poll() for proc in self._child_processes):  # a child failed: wait for this process to answer
-            deadline = time.monotonic() + self.answer_seconds
+            joined = in_process_group()  # else it waits in the rendezvous, which it cannot leave to answer
+            deadline = time.monotonic() + (self.answer_seconds if joined else 0.0)
             while self._child_processes and time.monotonic() < deadline:
                 time.sleep(0.1)
             if children := list(self._child_processes):
-                self.end_unanswered(children)
+                self.end_unanswered(children, joined)
         return super()._run()  # an emptied list: done, with nothing killed or said
 
-    def end_unanswered(self, children: list[subprocess.Popen]) -> None:
-        """End ``children`` and this process, which did not answer a child's failure: one line names the first child
-        that failed (none for one a signal stopped at once: it said so), and this process exits with its status."""
+    def end_unanswered(self, children: list[subprocess.Popen], joined: bool) -> None:
+        """End ``children`` and this process, which did not answer a child's failure (``joined``: in the process group,
+        else in its rendezvous): one line names the first child that failed (none for one a signal stopped at once: it
+        said so), and this process exits with its status."""
         child, status = next((i, p.returncode) for i, p in enumerate(children) if p.returncode)  # not one killed here
         end_processes(children, 0.0)  # the failed ones have exited; the others may wait in a collective
         rank = self.rank + child + 1
+        waited = f"still waited for it {self.answer_seconds:g} s later" if joined else "waited for it to join"
         ended = PeerRankEnded(
             f"rank {rank} ended ({process_ending(status)}) during the run",
-            f"rank {self.rank}, which still waited for it {self.answer_seconds:g} s later",
+            f"rank {self.rank}, which {waited}",
             "its own error, above, says why: fix that, then run again",
             128 - status if status < 0 else status,
         )
@@ -133,6 +143,12 @@ class PatientObserver(_ChildProcessObserver):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(ended.exit_status)  # the main thread waits where it cannot answer (a rendezvous, a native collective)
+
+
+def in_process_group() -> bool:
+    """Whether this process has joined its process group: before, it waits for the others in a rendezvous (a native
+    wait that ends at its timeout, 30 minutes), where a signal cannot stop it and it cannot meet another's failure."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def watch_patiently(procs: list[subprocess.Popen], answer_seconds: float, rank: int) -> None:
