@@ -212,20 +212,29 @@ def check_path_name(path: str | os.PathLike, where: str) -> None:
         raise ConfigError(f"the path is too long ({reason})", where, "give a shorter path")
 
 
+STDIN = "-"
+"""The path that names standard input where a command reads a text file (``--prompt-file -``); ``./-`` is a file."""
+
+
 def read_text_file(path: Path, what: str, where: str, error: type[UserError] = ConfigError) -> str:
-    """The text of a user's UTF-8 file (``what``: "prompt file"); one ``error`` naming ``where`` (its flag) when it is
-    missing, a folder, unreadable or not UTF-8 text."""
-    if path.is_dir():
+    """The text of a user's UTF-8 file (``what``: "prompt file"), or of standard input for :data:`STDIN`; one
+    ``error`` naming ``where`` (its flag) when it is missing, a folder, unreadable or not UTF-8 text."""
+    if str(path) == STDIN:
+        read = sys.stdin.buffer.read
+    elif path.is_dir():
         raise error(f"the {what} is a folder", where, "give the path of a text file")
-    if not path.exists():  # a pipe (`<(command)`, /dev/stdin) is read as a file is
+    elif not path.exists():  # a pipe (`<(command)`, /dev/stdin) is read as a file is
         raise error(f"{what} does not exist", where, "check the path")
+    else:
+        read = path.read_bytes
     try:
-        return path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is not text
+        text = read().decode("utf-8-sig")  # a byte order mark (Windows editors) is not text
     except UnicodeDecodeError as e:
         what_byte = f"byte {e.object[e.start]:#04x} at offset {e.start}"
         raise error(f"the {what} is not UTF-8 text ({what_byte})", where, "give a UTF-8 text file") from None
     except OSError as e:
         raise error(f"cannot read the {what} ({e.strerror})", where, "check its permissions") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # CRLF and CR newlines read as text mode reads them
 
 
 def text_lines(text: str) -> list[str]:

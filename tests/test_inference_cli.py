@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import threading
@@ -329,6 +330,20 @@ def test_a_prompt_file_may_be_a_pipe(tmp_path, capsys):
     missing = str(tmp_path / "nope.ckpt")
     rc, _, err = run_cli(capsys, "generate", "--checkpoint", missing, "--prompt-file", str(fifo))
     assert rc == 2 and "checkpoint does not exist" in err, err  # the prompts were read: the next check speaks
+
+
+@pytest.mark.parametrize(
+    ("stdin", "says"),
+    [(b"x\r\ny\n", "checkpoint does not exist"), (b"\n\n", "nothing to continue"), (b"\xa8", "not UTF-8 text")],
+)
+def test_a_prompt_file_of_a_dash_reads_standard_input(stdin, says, tmp_path, capsys, monkeypatch):
+    """`--prompt-file -` (prompts piped in, as `-` reads standard input in most tools) was said not to exist."""
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    missing = str(tmp_path / "nope.ckpt")
+    rc, _, err = run_cli(capsys, "generate", "--checkpoint", missing, "--prompt-file", "-")
+    assert rc == 2 and says in err and "prompt file does not exist" not in err, err  # read: the next check speaks
+    if says == "not UTF-8 text":
+        assert "— --prompt-file - — " in err, err
 
 
 def test_a_prompt_file_line_is_one_prompt_whatever_separators_it_holds(tiny_corpus, tmp_path, capsys):

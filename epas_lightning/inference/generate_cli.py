@@ -151,7 +151,8 @@ def generate_command(
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         prompt: A prompt; repeat the flag for a batch.
-        prompt_file: A file with one prompt per line, blank lines skipped (added to --prompt).
+        prompt_file: A file with one prompt per line, blank lines skipped (added to --prompt); - reads them
+            from standard input.
         sharing_layers: The first N layers of the trained region (in its growth order) share; default: all of it (an
             export's folder: the N it was exported with).
         max_new_tokens: Tokens to generate per prompt (default: 100, or what the model's context length leaves after
