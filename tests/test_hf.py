@@ -1562,6 +1562,11 @@ def test_a_region_past_the_last_layer_set_on_the_loaded_config_is_refused_in_the
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     with pytest.raises(ValueError, match=r"^Layers \[30\] cannot share: valid are 1\.\.2\.$"):
         hf.set_shared_layers([30])
+    for bad in ([True, True], torch.tensor([True]), ["2"], [2.0], 2):  # a mask's True was layer 1, "2" layer 2
+        with pytest.raises(TypeError, match=r"^The sharing layers must be integer layer indices, like \[2, 3\], not "):
+            hf.set_shared_layers(bad)
+    hf.set_shared_layers(torch.tensor([2]))  # integer tensors, as the model's own set_shared_layers takes them
+    assert hf.config.epas_shared_layers == [2] and type(hf.config.epas_shared_layers[0]) is int
     ids = torch.randint(3, VOCAB, (1, 8))
     with torch.no_grad():
         ((h, options),) = layer_inputs(hf, [ids])

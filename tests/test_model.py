@@ -225,11 +225,11 @@ def test_layer_zero_never_shares():
 
 def test_shared_layers_are_read_as_integer_indices():
     """A tensor or numpy array of layers makes them share (a set of 0-d tensors matched no layer: nothing shared);
-    a non-integer index is refused instead of matching no layer."""
+    a non-integer index is refused instead of matching no layer, and a bool too (a mask's True read as layer 1)."""
     model = tiny()
     model.set_shared_layers(torch.tensor([2, 3]))
     assert model.sharing.shared_layers == [2, 3]
-    for bad in ([2.5], 3, ["3"]):
+    for bad in ([2.5], 3, ["3"], [True, True], torch.tensor([False, True, True])):
         with pytest.raises(TypeError, match="integer layer indices"):
             model.set_shared_layers(bad)
     assert model.sharing.shared_layers == [2, 3]

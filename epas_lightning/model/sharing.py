@@ -12,6 +12,14 @@ _DEVICE_MASKS_KEPT = 64
 """Regions whose device masks a :class:`SharingState` keeps (a schedule's and validation's are a few)."""
 
 
+def layer_index(i: object) -> int:
+    """``i`` as a layer's index: an integer (Python's, numpy's, a 0-d tensor's); a bool is refused (``TypeError``), as
+    the True of a mask over the layers would read as layer 1."""
+    if isinstance(i, bool) or getattr(i, "dtype", None) == torch.bool:
+        raise TypeError(f"{i!r} is a bool")
+    return operator.index(i)
+
+
 class SharingState(nn.Module):
     """The sharing mask of an ``n_layer`` model.
 
@@ -50,7 +58,7 @@ class SharingState(nn.Module):
         """Make exactly ``layers`` (integer indices: ints, or a tensor or array of them) share; every other layer
         computes. Layer 0 can never share."""
         try:
-            layers = {operator.index(i) for i in layers}  # a 0-d tensor is no dict key of its int: read the int
+            layers = {layer_index(i) for i in layers}  # a 0-d tensor is no dict key of its int: read the int
         except TypeError:
             raise TypeError(f"sharing layers must be integer layer indices, like [2, 3]; got {layers!r}") from None
         bad = sorted(i for i in layers if not 1 <= i < self.n_layer)

@@ -35,6 +35,7 @@ Notation: B batch, T new tokens, S cached + new tokens, H query heads, H_kv key/
 
 import inspect
 import numbers
+import operator
 from collections.abc import Iterator
 
 import torch
@@ -223,6 +224,14 @@ def _region_error(config, layers):
 def _is_index(i):
     """Whether ``i`` is a layer's index: an integer (numpy's too), not a bool (a mask's True equals layer 1)."""
     return isinstance(i, numbers.Integral) and not isinstance(i, bool)
+
+
+INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _is_index_tensor(i):
+    """Whether ``i`` is a 0-d integer tensor (an item of ``torch.tensor([2, 3])``), not a bool one."""
+    return isinstance(i, torch.Tensor) and i.dim() == 0 and i.dtype in INDEX_DTYPES
 
 
 def _listed(region):
@@ -556,8 +565,11 @@ class EpasLlamaForCausalLM(LlamaForCausalLM):
 
     def set_shared_layers(self, layers):
         """Run with exactly ``layers`` sharing (e.g. a shorter deepest region for a smaller compute budget)."""
-        layers = sorted(int(i) for i in layers)
-        bad = [i for i in layers if not 1 <= i < self.config.num_hidden_layers]
+        items = _listed(layers)
+        indices = [operator.index(i) for i in items if _is_index(i) or _is_index_tensor(i)] if items is not None else []
+        if items is None or len(indices) != len(items):
+            raise TypeError(f"The sharing layers must be integer layer indices, like [2, 3], not {layers!r}.")
+        bad = sorted(i for i in indices if not 1 <= i < self.config.num_hidden_layers)
         if bad:
             raise ValueError(f"Layers {bad} cannot share: valid are 1..{self.config.num_hidden_layers - 1}.")
-        self.config.epas_shared_layers = layers
+        self.config.epas_shared_layers = sorted(set(indices))
