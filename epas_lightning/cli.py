@@ -187,6 +187,8 @@ def _append_lists(argv: Sequence[str], list_options: set[str]) -> list[str]:
     out, given = [], set()
     for token in argv:
         name, equals, value = token.partition("=")
+        if name == "--config":  # the flags after it replace its lists
+            given = set()
         if name in list_options:
             if name not in given:
                 out.append(name + "=[]")

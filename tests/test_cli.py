@@ -913,11 +913,14 @@ def test_a_bad_value_on_the_command_line_is_quoted_as_typed(tmp_path, capsys, mo
         (["--prompt=", "--prompt", "b"], ["", "b"]),  # an empty `=` value is a value: `--prompt` took the next flag
         (["--config", "{config}", "--prompt+", "c", "--prompt", "d"], ["a", "b", "c", "d"]),  # jsonargparse's `+`
         (["--prompt", "c", "--prompt", "[d, e]"], ["c", "d", "e"]),  # a YAML list adds its items as the flags add up
+        (["--prompt", "c", "--config", "{config}", "--prompt", "d"], ["d"]),  # d replaces the list of the --config
+        (["--config", "{config}", "--config", "{config}", "--prompt", "c"], ["c"]),
     ],
 )
 def test_every_value_of_a_list_flag_is_kept(tmp_path, argv, prompts):
     """`--prompt "[INST] hi"` was refused as a list that does not parse, `--prompt= --prompt b` took `--prompt` as the
-    value of the first, and `--prompt+ c --prompt d` dropped c: the inserted `--prompt=[]` came after it."""
+    value of the first, `--prompt+ c --prompt d` dropped c (the inserted `--prompt=[]` came after it), and
+    `--prompt c --config g.yaml --prompt d` added d to the file's list."""
     from epas_lightning.cli import run_function
 
     (config := tmp_path / "g.yaml").write_text("prompt: [a, b]\n")
