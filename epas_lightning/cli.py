@@ -181,17 +181,20 @@ def _plain(text: str | None) -> str | None:
 
 def _append_lists(argv: Sequence[str], list_options: set[str]) -> list[str]:
     """``--prompt a --prompt b`` -> jsonargparse's ``--prompt=[] --prompt+ a --prompt+ b``: the flags add up, and
-    replace the list of a ``--config`` before them as any flag overrides it (a JSON/YAML list value stays whole)."""
+    replace the list of a ``--config`` before them as any flag overrides it. A YAML list value (``--prompt '[a, b]'``)
+    adds its items; other text is one item, even where it starts with "[" (``--prompt "[INST] hi"``). A ``--prompt+``
+    of the user's own adds to what is there, as jsonargparse documents."""
     out, given = [], set()
-    for i, token in enumerate(argv):
-        name, _, value = token.partition("=")
-        following = value if value else (argv[i + 1] if i + 1 < len(argv) else "")
-        if name in list_options and not following.lstrip().startswith("["):
+    for token in argv:
+        name, equals, value = token.partition("=")
+        if name == "--config":  # the flags after it replace its lists
+            given = set()
+        if name in list_options:
             if name not in given:
                 out.append(name + "=[]")
-            token = name + "+" + ("=" + value if value else "")
-        if name in list_options:
-            given.add(name)
+            token = name + "+" + equals + value
+        if name.removesuffix("+") in list_options:
+            given.add(name.removesuffix("+"))
         out.append(token)
     return out
 
@@ -308,23 +311,31 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
                 )
             return ConfigError(what, prog, f"name the class first: {flag} CLASS {flag}.{name} {val}")
         if takes and value:
-            what = f"{flag} takes {takes}, not {(typed_value(flag, argv) or value.group(1).strip())!r}"
+            what = f"{flag} takes {takes}, not {typed_value(flag, argv, value.group(1).strip())!r}"
         else:
             detail = "; ".join(part for part in (expected, given) if part)
             what = f"invalid value for {flag}" + (f" ({detail})" if detail else "")
     return ConfigError(what, prog, f"see `{prog} --help`")
 
 
-def typed_value(flag: str, argv: Sequence[str]) -> str | None:
-    """The value ``flag`` was last given on the command line, as typed (``30:00``, which the parser reads as YAML 1.1's
-    1800), or ``None`` where it came from a ``--config`` file."""
-    given = [(i, token) for i, token in enumerate(argv) if token == flag or token.startswith(flag + "=")]
-    if not given:
-        return None
-    i, token = given[-1]
-    if token != flag:
-        return token.partition("=")[2]
-    return argv[i + 1] if i + 1 < len(argv) else None
+def typed_value(flag: str, argv: Sequence[str], parsed: str) -> str:
+    """The value of ``flag`` the parser refused, ``parsed`` as it reports it, as typed on the command line (``30:00``,
+    which it reads as YAML 1.1's 1800); ``parsed`` itself where no value typed reads as it (it came from a
+    ``--config``)."""
+    import yaml
+    from jsonargparse import get_loader
+
+    load = get_loader("yaml")  # the parser's own reading: `1e3` is 1000.0, as it reports it
+    for i, token in enumerate(argv):
+        typed = token.partition("=")[2] if token.startswith(flag + "=") else None
+        if token == flag and i + 1 < len(argv):
+            typed = argv[i + 1]
+        try:
+            if typed is not None and str(load(typed)) == parsed:
+                return typed
+        except (yaml.YAMLError, ValueError):
+            continue
+    return parsed
 
 
 def adamw_flags(name: str, value: str) -> str:

@@ -903,3 +903,51 @@ def test_a_bad_value_on_the_command_line_is_quoted_as_typed(tmp_path, capsys, mo
         'error: --checkpoint.train_time_interval takes a duration "H:MM:SS" (e.g. "0:30:00"), not \'30:00\' — '
         "python -m epas_lightning fit — see `python -m epas_lightning fit --help`"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "prompts"),
+    [
+        (["--prompt", "[INST] hi"], ["[INST] hi"]),  # text that starts with "[" is a prompt, not a broken list
+        (["--prompt=[INST] hi", "--prompt", "b"], ["[INST] hi", "b"]),
+        (["--prompt=", "--prompt", "b"], ["", "b"]),  # an empty `=` value is a value: `--prompt` took the next flag
+        (["--config", "{config}", "--prompt+", "c", "--prompt", "d"], ["a", "b", "c", "d"]),  # jsonargparse's `+`
+        (["--prompt", "c", "--prompt", "[d, e]"], ["c", "d", "e"]),  # a YAML list adds its items as the flags add up
+        (["--prompt", "c", "--config", "{config}", "--prompt", "d"], ["d"]),  # d replaces the list of the --config
+        (["--config", "{config}", "--config", "{config}", "--prompt", "c"], ["c"]),
+    ],
+)
+def test_every_value_of_a_list_flag_is_kept(tmp_path, argv, prompts):
+    """`--prompt "[INST] hi"` was refused as a list that does not parse, `--prompt= --prompt b` took `--prompt` as the
+    value of the first, `--prompt+ c --prompt d` dropped c (the inserted `--prompt=[]` came after it), and
+    `--prompt c --config g.yaml --prompt d` added d to the file's list."""
+    from epas_lightning.cli import run_function
+
+    (config := tmp_path / "g.yaml").write_text("prompt: [a, b]\n")
+    argv = [str(config) if arg == "{config}" else arg for arg in argv]
+    assert run_function(_prompts, "prompts", argv) == prompts
+
+
+def _count(n: int = 1) -> int:
+    """A stand-in command with a number option."""
+    return n
+
+
+@pytest.mark.parametrize(
+    ("argv", "bad"),
+    [
+        (["--n", "x", "--n", "5"], "x"),  # the parser stops at the bad one, not the last
+        (["--n=x", "--n=5"], "x"),
+        (["--n", "5", "--config", "{config}"], "x"),  # a --config after the flag gave the bad value
+        (["--n", "5", "--n", "1e3"], "1e3"),  # which the parser reports as it reads it, 1000.0
+    ],
+)
+def test_the_value_quoted_as_typed_is_the_bad_one(tmp_path, argv, bad):
+    """`--n x --n 5` and `--n 5 --config c.yaml` (with `n: x`) said "--n takes a whole number, not '5'"."""
+    from epas_lightning.cli import run_function
+
+    (config := tmp_path / "c.yaml").write_text("n: x\n")
+    argv = [str(config) if arg == "{config}" else arg for arg in argv]
+    with pytest.raises(ConfigError) as error:
+        run_function(_count, "count", argv)
+    assert str(error.value).startswith(f"--n takes a whole number, not {bad!r} — ")
