@@ -90,6 +90,24 @@ def read_checkpoint(
     return _strip_prefix(state, wanted), metadata
 
 
+def read_lightning_metadata(path: str | Path, flag: str = "--ckpt_path") -> dict[str, Any] | None:
+    """The Lightning metadata of a ``.ckpt`` file or a sharded folder (its loops, callbacks' and data module's states,
+    a file's optimizer ``param_groups``), without a weight: a file's entries but its ``state_dict``, mapped (its
+    optimizer state is not read; a legacy file, which cannot be, is read whole and not kept), a folder's ``meta.pt``.
+    ``None`` where it has none (a folder without ``meta.pt``, a file that is no dict). What a resumed fit refuses before
+    Lightning loads the checkpoint is read here."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        meta = path / LIGHTNING_METADATA
+        loaded = load_torch_file(meta, where=f"{flag} {path}") if meta.is_file() else None
+    else:
+        loaded = load_torch_file(path, mmap=True, where=f"{flag} {path}")
+    if not isinstance(loaded, dict):
+        return None
+    loaded.pop("state_dict", None)
+    return loaded
+
+
 def read_shards(state: dict[str, torch.Tensor], path: Path) -> None:
     """Fill ``state``'s tensors (keyed as the sharded checkpoint ``path`` names them) from its shards, in-process."""
     from epas_lightning.safe_dcp import load_shards

@@ -683,6 +683,49 @@ def test_resuming_with_another_optimizer_is_refused_in_one_line(tiny_corpus, tmp
     make_trainer(tmp_path, 2, []).fit(module, data, ckpt_path=tmp_path / "last.ckpt")
 
 
+@pytest.mark.parametrize("case", ["optimizer", "weights-only", "model", "seed", "seed-older"])
+def test_a_resume_its_checkpoint_metadata_refuses_is_refused_before_the_checkpoint_loads(
+    case, tiny_corpus, tmp_path, monkeypatch
+):
+    """``Trainer.fit(ckpt_path=...)`` refused another optimizer's state, a weights-only save, another model config and
+    another data seed (also from the loader state of a checkpoint older than the data module's settings) once
+    Lightning had loaded the whole checkpoint, weights and optimizer state: minutes for a large model. Its metadata
+    says them all: refused before it loads."""
+    from functools import partial
+
+    from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+
+    from epas_lightning.errors import CheckpointError, DataError
+
+    module, data = make_run(tiny_corpus, n_layer=2)
+    if case == "optimizer":
+        module.optimizer_factory = partial(torch.optim.SGD, lr=0.01, momentum=0.9)
+    saves = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_weights_only=case == "weights-only")
+    make_trainer(tmp_path, 1, [saves]).fit(module, data)
+    if case == "seed-older":  # written before TokenDataModule saved its settings: litdata's loader state says them
+        older = torch.load(tmp_path / "last.ckpt", weights_only=True)
+        del older["TokenDataModule"]
+        torch.save(older, tmp_path / "last.ckpt")
+    module, data = make_run(tiny_corpus, n_layer=3 if case == "model" else 2)
+    if case.startswith("seed"):
+        data = TokenDataModule(data_dir=str(tiny_corpus), seq_len=32, batch_size=4, vocab_size=512, seed=7)
+    said = {
+        "optimizer": (CheckpointError, r"not the configured AdamW's \(it has dampening, momentum, nesterov;"),
+        "weights-only": (CheckpointError, "a weights-only checkpoint .* holds no training state to resume"),
+        "model": (CheckpointError, "model.config does not match the checkpoint"),
+        "seed": (DataError, r"holds only for the data settings it was saved with \(seed 42 -> 7\)"),
+        "seed-older": (DataError, r"holds only for the data settings it was saved with \(seed 42 -> 7\)"),
+    }
+
+    def load(connector, checkpoint_path=None, weights_only=None):
+        assert not checkpoint_path, f"Lightning loaded {checkpoint_path} before the refusal"
+
+    monkeypatch.setattr(_CheckpointConnector, "resume_start", load)
+    with pytest.raises(said[case][0], match=said[case][1]) as refused:
+        make_trainer(tmp_path, 2, []).fit(module, data, ckpt_path=tmp_path / "last.ckpt")
+    assert "\n" not in str(refused.value) and str(tmp_path / "last.ckpt") in str(refused.value)
+
+
 def test_a_script_fit_says_when_no_region_grows_or_a_checkpoint_could_save_inside_a_step(tmp_path):
     """A Trainer of one's own without ProgressiveSharing trained dense, and one with a plain ModelCheckpoint (or a
     subclass of it, also under `trainer.callbacks`) under gradient accumulation saved inside optimizer steps: all
