@@ -683,14 +683,14 @@ def test_resuming_with_another_optimizer_is_refused_in_one_line(tiny_corpus, tmp
     make_trainer(tmp_path, 2, []).fit(module, data, ckpt_path=tmp_path / "last.ckpt")
 
 
-@pytest.mark.parametrize("case", ["optimizer", "weights-only", "model", "seed", "seed-older"])
+@pytest.mark.parametrize("case", ["optimizer", "weights-only", "model", "seed", "seed-older", "tokenizer"])
 def test_a_resume_its_checkpoint_metadata_refuses_is_refused_before_the_checkpoint_loads(
     case, tiny_corpus, tmp_path, monkeypatch
 ):
-    """``Trainer.fit(ckpt_path=...)`` refused another optimizer's state, a weights-only save, another model config and
-    another data seed (also from the loader state of a checkpoint older than the data module's settings) once
-    Lightning had loaded the whole checkpoint, weights and optimizer state: minutes for a large model. Its metadata
-    says them all: refused before it loads."""
+    """``Trainer.fit(ckpt_path=...)`` refused another optimizer's state, a weights-only save, another model config,
+    another data seed (also from the loader state of a checkpoint older than the data module's settings) and data of
+    another tokenizer once Lightning had loaded the whole checkpoint, weights and optimizer state: minutes for a large
+    model. Its metadata says them all: refused before it loads."""
     from functools import partial
 
     from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
@@ -706,6 +706,10 @@ def test_a_resume_its_checkpoint_metadata_refuses_is_refused_before_the_checkpoi
         older = torch.load(tmp_path / "last.ckpt", weights_only=True)
         del older["TokenDataModule"]
         torch.save(older, tmp_path / "last.ckpt")
+    if case == "tokenizer":  # the data's tokenizer.json is not the one the checkpoint read
+        other = torch.load(tmp_path / "last.ckpt", weights_only=True)
+        other["tokenizer"]["sha256"] = "0" * 64
+        torch.save(other, tmp_path / "last.ckpt")
     module, data = make_run(tiny_corpus, n_layer=3 if case == "model" else 2)
     if case.startswith("seed"):
         data = TokenDataModule(data_dir=str(tiny_corpus), seq_len=32, batch_size=4, vocab_size=512, seed=7)
@@ -715,6 +719,7 @@ def test_a_resume_its_checkpoint_metadata_refuses_is_refused_before_the_checkpoi
         "model": (CheckpointError, "model.config does not match the checkpoint"),
         "seed": (DataError, r"holds only for the data settings it was saved with \(seed 42 -> 7\)"),
         "seed-older": (DataError, r"holds only for the data settings it was saved with \(seed 42 -> 7\)"),
+        "tokenizer": (DataError, "tokenizer .*tokenizer.json changed since the checkpoint"),
     }
 
     def load(connector, checkpoint_path=None, weights_only=None):
@@ -723,7 +728,8 @@ def test_a_resume_its_checkpoint_metadata_refuses_is_refused_before_the_checkpoi
     monkeypatch.setattr(_CheckpointConnector, "resume_start", load)
     with pytest.raises(said[case][0], match=said[case][1]) as refused:
         make_trainer(tmp_path, 2, []).fit(module, data, ckpt_path=tmp_path / "last.ckpt")
-    assert "\n" not in str(refused.value) and str(tmp_path / "last.ckpt") in str(refused.value)
+    assert "\n" not in str(refused.value)
+    assert (str(tmp_path / "last.ckpt") in str(refused.value)) == (case != "tokenizer")  # that one names the data
 
 
 def test_a_script_fit_says_when_no_region_grows_or_a_checkpoint_could_save_inside_a_step(tmp_path):
