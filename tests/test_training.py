@@ -683,25 +683,31 @@ def test_resuming_with_another_optimizer_is_refused_in_one_line(tiny_corpus, tmp
     make_trainer(tmp_path, 2, []).fit(module, data, ckpt_path=tmp_path / "last.ckpt")
 
 
-@pytest.mark.parametrize("case", ["optimizer", "weights-only", "model", "seed", "seed-older", "tokenizer"])
+@pytest.mark.parametrize(
+    "case", ["optimizer", "optimizer-sharded", "weights-only", "model", "seed", "seed-older", "tokenizer"]
+)
 def test_a_resume_its_checkpoint_metadata_refuses_is_refused_before_the_checkpoint_loads(
     case, tiny_corpus, tmp_path, monkeypatch
 ):
     """``Trainer.fit(ckpt_path=...)`` refused another optimizer's state, a weights-only save, another model config,
     another data seed (also from the loader state of a checkpoint older than the data module's settings) and data of
     another tokenizer once Lightning had loaded the whole checkpoint, weights and optimizer state: minutes for a large
-    model. Its metadata says them all: refused before it loads."""
+    model. Its metadata says them all: refused before it loads. A sharded checkpoint of another optimizer failed as
+    unreadable shards ("copy it again"): its metadata names the optimizer's settings."""
     from functools import partial
 
     from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 
+    from epas_lightning import FSDP2Strategy
     from epas_lightning.errors import CheckpointError, DataError
 
     module, data = make_run(tiny_corpus, n_layer=2)
-    if case == "optimizer":
+    if case.startswith("optimizer"):
         module.optimizer_factory = partial(torch.optim.SGD, lr=0.01, momentum=0.9)
     saves = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_weights_only=case == "weights-only")
-    make_trainer(tmp_path, 1, [saves]).fit(module, data)
+    strategy = FSDP2Strategy if case == "optimizer-sharded" else lambda: "auto"
+    make_trainer(tmp_path, 1, [saves], strategy=strategy()).fit(module, data)
+    assert (tmp_path / "last.ckpt").is_dir() == (case == "optimizer-sharded")  # a sharded save is a folder
     if case == "seed-older":  # written before TokenDataModule saved its settings: litdata's loader state says them
         older = torch.load(tmp_path / "last.ckpt", weights_only=True)
         del older["TokenDataModule"]
@@ -715,6 +721,7 @@ def test_a_resume_its_checkpoint_metadata_refuses_is_refused_before_the_checkpoi
         data = TokenDataModule(data_dir=str(tiny_corpus), seq_len=32, batch_size=4, vocab_size=512, seed=7)
     said = {
         "optimizer": (CheckpointError, r"not the configured AdamW's \(it has dampening, momentum, nesterov;"),
+        "optimizer-sharded": (CheckpointError, r"not the configured AdamW's \(it has dampening, momentum, nesterov;"),
         "weights-only": (CheckpointError, "a weights-only checkpoint .* holds no training state to resume"),
         "model": (CheckpointError, "model.config does not match the checkpoint"),
         "seed": (DataError, r"holds only for the data settings it was saved with \(seed 42 -> 7\)"),
@@ -727,7 +734,7 @@ def test_a_resume_its_checkpoint_metadata_refuses_is_refused_before_the_checkpoi
 
     monkeypatch.setattr(_CheckpointConnector, "resume_start", load)
     with pytest.raises(said[case][0], match=said[case][1]) as refused:
-        make_trainer(tmp_path, 2, []).fit(module, data, ckpt_path=tmp_path / "last.ckpt")
+        make_trainer(tmp_path, 2, [], strategy=strategy()).fit(module, data, ckpt_path=tmp_path / "last.ckpt")
     assert "\n" not in str(refused.value)
     assert (str(tmp_path / "last.ckpt") in str(refused.value)) == (case != "tokenizer")  # that one names the data
 
