@@ -90,6 +90,46 @@ def read_checkpoint(
     return _strip_prefix(state, wanted), metadata
 
 
+def read_lightning_metadata(path: str | Path, flag: str = "--ckpt_path") -> dict[str, Any] | None:
+    """The Lightning metadata of a ``.ckpt`` file or a sharded folder (its loops, callbacks' and data module's states,
+    its optimizers' ``param_groups``), without a weight: a file's entries but its ``state_dict``, mapped (its optimizer
+    state is not read; a legacy file, which cannot be, is read whole and not kept); a folder's ``meta.pt``, with the
+    settings its shards' metadata names (:func:`sharded_optimizer_states`). ``None`` where it has none (a folder
+    without ``meta.pt``, a file that is no dict). What a resumed fit refuses before Lightning loads it is read here."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        meta = path / LIGHTNING_METADATA
+        loaded = load_torch_file(meta, where=f"{flag} {path}") if meta.is_file() else None
+        if isinstance(loaded, dict) and (path / DCP_METADATA).is_file():
+            loaded.setdefault("optimizer_states", sharded_optimizer_states(path, flag))
+    else:
+        loaded = load_torch_file(path, mmap=True, where=f"{flag} {path}")
+    if not isinstance(loaded, dict):
+        return None
+    loaded.pop("state_dict", None)
+    return loaded
+
+
+def sharded_optimizer_states(path: Path, flag: str = "--ckpt_path") -> list[dict[str, Any]]:
+    """The optimizer states of a sharded checkpoint as far as its metadata names them: each optimizer's
+    ``param_groups``, a dict of its setting names (``optimizer_0.param_groups.1.betas``) to ``None`` per group (the
+    values lie in the shards, unread)."""
+    from epas_lightning.safe_dcp import read_dcp_metadata
+
+    metadata = read_dcp_metadata((path / DCP_METADATA).read_bytes(), f"{flag} {path}")
+    groups: dict[int, dict[int, dict[str, None]]] = {}
+    for key in metadata.state_dict_metadata:
+        parts = key.split(".")
+        if len(parts) == 4 and parts[0].startswith("optimizer_") and parts[1] == "param_groups":
+            optimizer, group = parts[0].removeprefix("optimizer_"), parts[2]
+            if optimizer.isdigit() and group.isdigit():
+                groups.setdefault(int(optimizer), {}).setdefault(int(group), {})[parts[3]] = None
+    return [
+        {"param_groups": [found[g] for g in sorted(found)]}
+        for found in (groups.get(i, {}) for i in range(max(groups, default=-1) + 1))
+    ]
+
+
 def read_shards(state: dict[str, torch.Tensor], path: Path) -> None:
     """Fill ``state``'s tensors (keyed as the sharded checkpoint ``path`` names them) from its shards, in-process."""
     from epas_lightning.safe_dcp import load_shards

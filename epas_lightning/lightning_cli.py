@@ -53,7 +53,7 @@ from epas_lightning.callbacks import (
     TokenThroughputMonitor,
 )
 from epas_lightning.checkpoint import recorded_config
-from epas_lightning.checkpoint_formats import read_checkpoint
+from epas_lightning.checkpoint_formats import read_checkpoint, read_lightning_metadata
 from epas_lightning.checkpoint_io import AtomicCheckpointIO, sharded_needs_fsdp2
 from epas_lightning.child_ranks import EndChildRanksOnError, peer_rank_ended, watch_from_launch
 from epas_lightning.cli import (
@@ -405,6 +405,9 @@ class EPASCLI(LightningCLI):
             SCORING_A_CHECKPOINT.reset(token)
         if isinstance(self.model, EPASModule):  # it reads init_from (a resume's was set aside): before any data
             self.model.check_init_from()
+            resumed = section.get("ckpt_path") if self.subcommand == "fit" else None
+            if resumed and (metadata := read_lightning_metadata(resumed)) is not None:  # before any data is prepared
+                self.model.check_resumable(metadata, resumed)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         check_no_repeated_section(config.get("callbacks"))

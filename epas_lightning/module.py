@@ -40,6 +40,7 @@ from epas_lightning.model import Llama, LlamaConfig
 from epas_lightning.model.config import check_is_config
 from epas_lightning.model.llama import check_attention_reuse
 from epas_lightning.optim import (
+    DEFAULT_ADAMW,
     check_same_optimizer,
     default_optimizer,
     optimizer_settings,
@@ -61,7 +62,7 @@ from epas_lightning.run_checkpoint import (
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
 from epas_lightning.safe_load import is_weights_only, plain_numbers, release_kept_read, verify_checkpoint
 from epas_lightning.step_logging import mean_over_ranks, read_alike_on_every_rank, replace_logged, step_is_logged
-from epas_lightning.trainer_call import restored_checkpoint
+from epas_lightning.trainer_call import restored_checkpoint, restored_metadata
 from epas_lightning.trainer_checks import check_gradient_clip
 
 if TYPE_CHECKING:
@@ -254,9 +255,47 @@ class EPASModule(LightningModule):
             check_gradient_clip(self.trainer.gradient_clip_val)  # the command line checked its own
             warn_without_sharing_schedule(self.trainer.callbacks)
             warn_mid_step_checkpoints(self.trainer.callbacks, self.trainer.accumulate_grad_batches)
+            if restored := restored_metadata(self.trainer):
+                self._check_resumed_metadata(*restored)
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
             check_sharded_precision(self.trainer.precision)
         warn_emulated_bf16(self.trainer.precision, self._root_device())
+
+    def _check_resumed_metadata(self, ckpt_path: str, checkpoint: dict) -> None:
+        """Refuse what a resumed fit's checkpoint says against this run from its metadata (``checkpoint``, without
+        its weights), before Lightning loads it (weights and optimizer state: minutes for a large model): another
+        model config, data of another tokenizer, and what :meth:`check_resumable` refuses. The same checks run again
+        as it loads (:meth:`on_load_checkpoint`)."""
+        if recorded := checkpoint.get("model_config"):
+            where = f"ckpt_path {ckpt_path}"
+            check_resumed_model(self.config, LlamaConfig.from_dict(recorded), where, PYTHON_CONFIG_FIX)
+        self.check_resumable(checkpoint, ckpt_path)
+        data = getattr(self.trainer, "datamodule", None)
+        if hasattr(data, "check_checkpoint_tokenizer"):  # a TokenDataModule: its ids are the checkpoint's tokens
+            data.check_checkpoint_tokenizer(
+                checkpoint.get("tokenizer"), (checkpoint.get(HELDOUT_KEY) or {}).get("data_dirs")
+            )
+
+    def check_resumable(self, checkpoint: dict, ckpt_path: object) -> None:
+        """Refuse a checkpoint a fit resumes (``checkpoint``: its metadata, without its weights) that holds no training
+        state (a weights-only save), or another optimizer's state than the configured one's, before it loads. The
+        command line calls it before any data is prepared."""
+        check_holds_training_state(checkpoint, ckpt_path)
+        saved_groups = (checkpoint.get("optimizer_states") or [{}])[0].get("param_groups") or []
+        if saved_groups and (configured := self._configured_optimizer()) is not None:
+            check_same_optimizer(configured, saved_groups, f"--ckpt_path {ckpt_path}")
+
+    def _configured_optimizer(self) -> torch.optim.Optimizer | None:
+        """The configured optimizer built on one stand-in parameter, for its type and settings before the model is
+        built; ``None`` where it cannot be built so (an optimizer of one's own wanting the model's parameters): the
+        check waits for :meth:`configure_optimizers`."""
+        stand_in = [torch.nn.Parameter(torch.zeros(1))]
+        try:
+            if self.optimizer_factory is None:
+                return torch.optim.AdamW(stand_in, **DEFAULT_ADAMW)
+            return self.optimizer_factory(stand_in)
+        except Exception:  # noqa: BLE001 - a refused setting is said where the run's optimizer is built
+            return None
 
     def configure_model(self) -> None:
         """Build the model and apply AC / compile / FSDP2 (idempotent).
@@ -727,13 +766,19 @@ def checkpoint_region(checkpoint: dict, n_layer: int) -> TrainedRegion | None:
 
 
 def check_training_state(trainer: Trainer, checkpoint: dict) -> None:
-    """A checkpoint ``fit`` resumes holds the training state (a weights-only save has none): Lightning failed on it
-    with a ``KeyError`` traceback once the weights were loaded."""
-    if trainer.state.fn == TrainerFn.FITTING and "lr_schedulers" not in checkpoint:
+    """A checkpoint ``fit`` resumes holds the training state (:func:`check_holds_training_state`)."""
+    if trainer.state.fn == TrainerFn.FITTING:
+        check_holds_training_state(checkpoint, trainer.ckpt_path)
+
+
+def check_holds_training_state(checkpoint: dict, ckpt_path: object) -> None:
+    """A checkpoint a fit resumes (``ckpt_path``; ``checkpoint``: it, or its metadata) holds the training state (a
+    weights-only save has none): Lightning failed on it with a ``KeyError`` traceback once the weights were loaded."""
+    if "lr_schedulers" not in checkpoint:
         raise CheckpointError(
             "a weights-only checkpoint (checkpoint.save_weights_only) holds no training state to resume",
-            f"--ckpt_path {trainer.ckpt_path}",
-            f"start a new run from its weights with --model.init_from {trainer.ckpt_path}",
+            f"--ckpt_path {ckpt_path}",
+            f"start a new run from its weights with --model.init_from {ckpt_path}",
         )
 
 

@@ -11,7 +11,11 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch import Trainer
+
+from epas_lightning.checkpoint_formats import read_lightning_metadata
+from epas_lightning.errors import UserError
 
 NOT_KNOWN: Any = object()
 """What :func:`restored_checkpoint` gives outside a ``Trainer`` call, or where Lightning keeps the path otherwise:
@@ -28,3 +32,20 @@ def restored_checkpoint(trainer: Trainer) -> Any:
             return frame.f_locals.get("ckpt_path", NOT_KNOWN)
         frame = frame.f_back
     return NOT_KNOWN
+
+
+def restored_metadata(trainer: Trainer) -> tuple[str, dict[str, Any]] | None:
+    """The checkpoint the running call of ``trainer`` restores and its Lightning metadata, read without a weight
+    (:func:`~epas_lightning.checkpoint_formats.read_lightning_metadata`), for the checks that refuse it before
+    Lightning loads it (a large checkpoint takes minutes); called from one of its hooks. ``None`` where it restores
+    none, where that is not known (:data:`NOT_KNOWN`), for a remote one (an fsspec URL: only Lightning reads it), and
+    where its metadata does not read: the load refuses such a checkpoint as it always did (a user's own
+    ``CheckpointIO`` may read what ``torch.load`` cannot)."""
+    ckpt_path = restored_checkpoint(trainer)
+    if ckpt_path is None or ckpt_path is NOT_KNOWN or not _is_local_file_protocol(ckpt_path):
+        return None
+    try:
+        metadata = read_lightning_metadata(ckpt_path, flag="ckpt_path")
+    except UserError:
+        return None
+    return None if metadata is None else (str(ckpt_path), metadata)

@@ -24,6 +24,7 @@ from helpers import REPO, run_cli, signal_fit_once_training, train_tiny_checkpoi
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from epas_lightning import ProgressiveSharing
@@ -947,6 +948,40 @@ def test_fit_summary_and_a_resume_that_continues_the_run(tiny_corpus, debug_fit_
     assert sorted(e.step for e in events.Scalars("train/loss")) == list(range(10))
     layers = events.Scalars("sharing/layers")
     assert len({e.step for e in layers}) == len(layers)  # logged once per step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--data.seed", "7"], r"holds only for the data settings it was saved with \(seed 42 -> 7\)"),
+        (["--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.01"], "not the configured SGD's"),
+    ],
+    ids=["seed", "optimizer"],
+)
+def test_fit_refuses_a_resume_its_checkpoint_metadata_refuses_before_restoring_it(
+    flags, says, tiny_corpus, debug_fit_run, tmp_path, capsys, monkeypatch
+):
+    """``fit --ckpt_path`` with another data seed or another optimizer than the checkpoint's said its one line after
+    Lightning's "Restoring states from the checkpoint path" (the whole checkpoint loaded: minutes for a large model).
+    The optimizer is refused before any data is prepared; the position once the data is found (its streams count)."""
+    _, first_cwd = debug_fit_run
+    shutil.copytree(first_cwd / "runs", tmp_path / "runs")  # other tests read the first run
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EPAS_CACHE_DIR", str(tiny_corpus.parent))
+    ckpt_path = "runs/debug/version_0/checkpoints/last.ckpt"
+
+    def load(connector, checkpoint_path=None, weights_only=None):  # Lightning's "Restoring states ..." and its load
+        assert not checkpoint_path, f"Lightning loaded {checkpoint_path} before the refusal"
+
+    monkeypatch.setattr(_CheckpointConnector, "resume_start", load)
+    code = main(["fit", "--config", DEBUG, "--sharing.interval", "3", "--ckpt_path", ckpt_path, *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(says, err), err
+    *before, refusal = err.splitlines()
+    assert refusal.startswith("error: ") and f"— --ckpt_path {ckpt_path} —" in refusal, err
+    assert len(before) == (0 if "--model.optimizer" in flags else 1), err  # the corpus found, for the position
+    assert all(line.startswith("Reusing prepared corpus at ") for line in before), err
 
 
 @pytest.mark.slow

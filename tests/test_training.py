@@ -683,6 +683,67 @@ def test_resuming_with_another_optimizer_is_refused_in_one_line(tiny_corpus, tmp
     make_trainer(tmp_path, 2, []).fit(module, data, ckpt_path=tmp_path / "last.ckpt")
 
 
+@pytest.mark.parametrize(
+    "case",
+    ["optimizer", "optimizer-sharded", "weights-only", "model", "seed", "seed-older", "seed-legacy", "tokenizer"],
+)
+def test_a_resume_its_checkpoint_metadata_refuses_is_refused_before_the_checkpoint_loads(
+    case, tiny_corpus, tmp_path, monkeypatch
+):
+    """``Trainer.fit(ckpt_path=...)`` refused another optimizer's state, a weights-only save, another model config,
+    another data seed (also from the loader state of a checkpoint older than the data module's settings) and data of
+    another tokenizer once Lightning had loaded the whole checkpoint, weights and optimizer state: minutes for a large
+    model. Its metadata says them all: refused before it loads. A sharded checkpoint of another optimizer failed as
+    unreadable shards ("copy it again"): its metadata names the optimizer's settings."""
+    from functools import partial
+
+    from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+
+    from epas_lightning import FSDP2Strategy
+    from epas_lightning.errors import CheckpointError, DataError
+
+    module, data = make_run(tiny_corpus, n_layer=2)
+    if case.startswith("optimizer"):
+        module.optimizer_factory = partial(torch.optim.SGD, lr=0.01, momentum=0.9)
+    saves = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_weights_only=case == "weights-only")
+    strategy = FSDP2Strategy if case == "optimizer-sharded" else lambda: "auto"
+    make_trainer(tmp_path, 1, [saves], strategy=strategy()).fit(module, data)
+    assert (tmp_path / "last.ckpt").is_dir() == (case == "optimizer-sharded")  # a sharded save is a folder
+    if case == "seed-older":  # written before TokenDataModule saved its settings: litdata's loader state says them
+        older = torch.load(tmp_path / "last.ckpt", weights_only=True)
+        del older["TokenDataModule"]
+        torch.save(older, tmp_path / "last.ckpt")
+    if case == "seed-legacy":  # a legacy file (not a zip) cannot be mapped: its metadata is read whole, not kept
+        legacy = torch.load(tmp_path / "last.ckpt", weights_only=True)
+        torch.save(legacy, tmp_path / "last.ckpt", _use_new_zipfile_serialization=False)
+    if case == "tokenizer":  # the data's tokenizer.json is not the one the checkpoint read
+        other = torch.load(tmp_path / "last.ckpt", weights_only=True)
+        other["tokenizer"]["sha256"] = "0" * 64
+        torch.save(other, tmp_path / "last.ckpt")
+    module, data = make_run(tiny_corpus, n_layer=3 if case == "model" else 2)
+    if case.startswith("seed"):
+        data = TokenDataModule(data_dir=str(tiny_corpus), seq_len=32, batch_size=4, vocab_size=512, seed=7)
+    said = {
+        "optimizer": (CheckpointError, r"not the configured AdamW's \(it has dampening, momentum, nesterov;"),
+        "optimizer-sharded": (CheckpointError, r"not the configured AdamW's \(it has dampening, momentum, nesterov;"),
+        "weights-only": (CheckpointError, "a weights-only checkpoint .* holds no training state to resume"),
+        "model": (CheckpointError, "model.config does not match the checkpoint"),
+        "seed": (DataError, r"holds only for the data settings it was saved with \(seed 42 -> 7\)"),
+        "seed-older": (DataError, r"holds only for the data settings it was saved with \(seed 42 -> 7\)"),
+        "seed-legacy": (DataError, r"holds only for the data settings it was saved with \(seed 42 -> 7\)"),
+        "tokenizer": (DataError, "tokenizer .*tokenizer.json changed since the checkpoint"),
+    }
+
+    def load(connector, checkpoint_path=None, weights_only=None):
+        assert not checkpoint_path, f"Lightning loaded {checkpoint_path} before the refusal"
+
+    monkeypatch.setattr(_CheckpointConnector, "resume_start", load)
+    with pytest.raises(said[case][0], match=said[case][1]) as refused:
+        make_trainer(tmp_path, 2, [], strategy=strategy()).fit(module, data, ckpt_path=tmp_path / "last.ckpt")
+    assert "\n" not in str(refused.value)
+    assert (str(tmp_path / "last.ckpt") in str(refused.value)) == (case != "tokenizer")  # that one names the data
+
+
 def test_a_script_fit_says_when_no_region_grows_or_a_checkpoint_could_save_inside_a_step(tmp_path):
     """A Trainer of one's own without ProgressiveSharing trained dense, and one with a plain ModelCheckpoint (or a
     subclass of it, also under `trainer.callbacks`) under gradient accumulation saved inside optimizer steps: all

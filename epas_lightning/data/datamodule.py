@@ -19,6 +19,7 @@ from epas_lightning.data.token_data import TokenData, check_seq_len, check_token
 from epas_lightning.data.tokenizer import RecordedTokenizer
 from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model.config import LlamaConfig
+from epas_lightning.trainer_call import restored_metadata
 
 if TYPE_CHECKING:
     from litdata import StreamingDataLoader
@@ -87,6 +88,9 @@ class TokenDataModule(TokenData, LightningDataModule):
         super().setup(stage)
         if stage in (None, TrainerFn.FITTING):
             self._train_contents = self._stream_fingerprints()
+        trainer = getattr(self, "trainer", None)
+        if stage == TrainerFn.FITTING and trainer is not None and (restored := restored_metadata(trainer)):
+            self.check_resumed_position(restored[1], restored[0])  # before Lightning loads the checkpoint
 
     def _stream_fingerprints(self) -> list[str | None]:
         return [stream_fingerprint(stream) for stream in self.train_streams()]
@@ -121,12 +125,41 @@ class TokenDataModule(TokenData, LightningDataModule):
         current = self._position_settings()
         self._moved_streams = moved_streams(saved, current)
         if moved := self._moved_streams:  # the same chunks at another path: the position holds there
-            saved = {**saved, "streams": current["streams"]}
             rank_zero_info(
                 "data: the checkpoint's data moved ("
                 + "; ".join(f"{saved_path} -> {path}" for saved_path, path in moved.values())
                 + "), its chunks the same (index.json): its position resumes there"
             )
+        where = f"--ckpt_path {trainer.ckpt_path}" if trainer is not None else "--ckpt_path"
+        if moved := self._refuse_other_position(saved, current, where):  # one stream: litdata's elastic resume
+            self._resplit_note = (
+                f"data: resumed with {', '.join(moved)}: litdata splits the rest of the epoch anew, so a few samples "
+                "at the resumed position may be read twice or skipped"
+            )
+            if trainer is None:  # no fit's first batch to say it at
+                rank_zero_info(self.take_resplit_note())
+
+    def check_resumed_position(self, checkpoint: dict[str, Any], ckpt_path: object) -> None:
+        """Refuse a resumed fit's position from the checkpoint's metadata (``checkpoint``, without its weights) before
+        Lightning loads it, as :meth:`load_state_dict` does once it has: other streams, seed, sequence length, ...
+        Nothing is adopted here, nor said; a checkpoint whose position says nothing readable is left to that check."""
+        if not self.resume_position:
+            return
+        saved = (checkpoint.get(type(self).__qualname__) or {}).get("position_settings")
+        if not isinstance(saved, dict):  # older than position_settings: the loader state litdata saved says them
+            fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+            loaders = (fit_loop.get("state_dict") or {}).get("combined_loader")
+            first = loaders[0] if isinstance(loaders, list) and loaders else None
+            saved = position_settings_of(first, self.num_workers) if isinstance(first, dict) else None
+        if saved:
+            self._refuse_other_position(saved, self._position_settings(), f"--ckpt_path {ckpt_path}")
+
+    def _refuse_other_position(self, saved: dict[str, Any], current: dict[str, Any], where: str) -> list[str]:
+        """Refuse a saved position (``saved``, its settings) that this data (``current``) cannot continue: its data
+        gone, or other streams, seed, sequence length (a mixture's: weights and layout too), or a folder prepared again
+        since. Return how the layout (batch size, workers, ranks) of one stream changed: litdata resumes it anew."""
+        if moved_streams(saved, current):  # the same chunks at another path: the position holds there
+            saved = {**saved, "streams": current["streams"]}
         fixed, layout = ["streams", "seed", "seq_len"], ["batch_size", "num_workers", "world_size"]
         if len(current["streams"]) > 1 or len(saved["streams"]) > 1:
             fixed += ["weights", *layout]
@@ -143,18 +176,11 @@ class TokenDataModule(TokenData, LightningDataModule):
         if "streams" in saved and saved["streams"] != current["streams"] and gone:
             raise DataError(  # "resume with those settings" cannot be followed: the built-in corpus of an older version
                 f"the data the checkpoint's position belongs to is gone ({', '.join(gone)})",
-                f"--ckpt_path {trainer.ckpt_path}" if trainer is not None else "--ckpt_path",
+                where,
                 "go on with this data from its beginning with --data.resume_position false (the run's steps, "
                 "optimizer, LR and sharing schedules resume), or give the folder that data is in now, or move it back "
                 "to its path (or prepare it again there), to resume its position",
             )
-        if moved := differ([key for key in layout if key not in fixed]):  # one stream: litdata's elastic resume
-            self._resplit_note = (
-                f"data: resumed with {', '.join(moved)}: litdata splits the rest of the epoch anew, so a few samples "
-                "at the resumed position may be read twice or skipped"
-            )
-            if trainer is None:  # no fit's first batch to say it at
-                rank_zero_info(self.take_resplit_note())
         if changed:
             fix = "go on with this data from its beginning with --data.resume_position false"
             if changed != [PREPARED_AGAIN]:  # settings one can give again; a folder prepared anew is not
@@ -163,9 +189,10 @@ class TokenDataModule(TokenData, LightningDataModule):
                 "the checkpoint's position in the data holds only for the data settings it was saved with ("
                 + "; ".join(changed)
                 + ")",
-                f"--ckpt_path {trainer.ckpt_path}" if trainer is not None else "--ckpt_path",
+                where,
                 fix,
             )
+        return differ([key for key in layout if key not in fixed])
 
     @property
     def _data_dir_flag(self) -> str:
