@@ -660,7 +660,10 @@ def test_init_from_checks_before_training(tmp_path: Path) -> None:
         EPASModule(_module_config(), init_from=str(qwen2))
     # a config we cannot run: the one-line error names the folder (it named nothing)
     biased = save_tiny_hf(tmp_path / "biased", mlp_bias=True)
-    says = f"mlp_bias=true is not supported.* — model.init_from {biased} — use a LLaMA checkpoint without MLP biases$"
+    says = (
+        f"^mlp_bias=true is not supported: our MLP has no biases — model.init_from {biased}"
+        " — use a LLaMA checkpoint without MLP biases$"
+    )
     with pytest.raises(HFCheckpointError, match=says):
         EPASModule(_module_config(), init_from=str(biased))
 

@@ -295,7 +295,7 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
     check_sizes(hf)
     if model_type in ("llama", "epas_llama") and config_flag(hf, "mlp_bias"):  # Mistral's and Qwen2's have none
         raise HFCheckpointError(
-            "mlp_bias=true is not supported: our MLP has no biases.", fix="use a LLaMA checkpoint without MLP biases"
+            "mlp_bias=true is not supported: our MLP has no biases", fix="use a LLaMA checkpoint without MLP biases"
         )
     if quantization := hf.get("quantization_config"):
         method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
