@@ -384,8 +384,9 @@ def test_import_refuses_unsupported_configs(tmp_path: Path, overrides: dict, mes
         config["rope_parameters"] = {**config.get("rope_parameters", {}), **overrides.pop("rope_scaling")}
     config.update(overrides)
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(HFCheckpointError, match=message):
+    with pytest.raises(HFCheckpointError, match=message) as refused:
         config_from_hf(path)
+    assert ". — " not in str(refused.value)  # one line: what — where — what to do, as every refusal reads
 
 
 def test_import_takes_swish_for_silu(tmp_path: Path) -> None:
