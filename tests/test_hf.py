@@ -384,8 +384,9 @@ def test_import_refuses_unsupported_configs(tmp_path: Path, overrides: dict, mes
         config["rope_parameters"] = {**config.get("rope_parameters", {}), **overrides.pop("rope_scaling")}
     config.update(overrides)
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(HFCheckpointError, match=message):
+    with pytest.raises(HFCheckpointError, match=message) as refused:
         config_from_hf(path)
+    assert ". — " not in str(refused.value)  # one line: what — where — what to do, as every refusal reads
 
 
 def test_import_takes_swish_for_silu(tmp_path: Path) -> None:
@@ -660,7 +661,10 @@ def test_init_from_checks_before_training(tmp_path: Path) -> None:
         EPASModule(_module_config(), init_from=str(qwen2))
     # a config we cannot run: the one-line error names the folder (it named nothing)
     biased = save_tiny_hf(tmp_path / "biased", mlp_bias=True)
-    says = f"mlp_bias=true is not supported.* — model.init_from {biased} — use a LLaMA checkpoint without MLP biases$"
+    says = (
+        f"^mlp_bias=true is not supported: our MLP has no biases — model.init_from {biased}"
+        " — use a LLaMA checkpoint without MLP biases$"
+    )
     with pytest.raises(HFCheckpointError, match=says):
         EPASModule(_module_config(), init_from=str(biased))
 

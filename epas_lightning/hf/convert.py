@@ -295,7 +295,7 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
     check_sizes(hf)
     if model_type in ("llama", "epas_llama") and config_flag(hf, "mlp_bias"):  # Mistral's and Qwen2's have none
         raise HFCheckpointError(
-            "mlp_bias=true is not supported: our MLP has no biases.", fix="use a LLaMA checkpoint without MLP biases"
+            "mlp_bias=true is not supported: our MLP has no biases", fix="use a LLaMA checkpoint without MLP biases"
         )
     if quantization := hf.get("quantization_config"):
         method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
@@ -306,14 +306,14 @@ def config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaCo
         )
     if hf.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers' two names of one activation
         raise HFCheckpointError(
-            f"hidden_act={hf['hidden_act']!r} is not supported: our MLP is SwiGLU (silu).",
+            f"hidden_act={hf['hidden_act']!r} is not supported: our MLP is SwiGLU (silu)",
             fix="use a LLaMA-architecture checkpoint (hidden_act silu)",
         )
     n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or n_embd // n_head
     if head_dim * n_head != n_embd:
         raise HFCheckpointError(
-            f"head_dim={head_dim} with {n_head} heads != hidden_size={n_embd}: decoupled head_dim is not supported.",
+            f"head_dim={head_dim} with {n_head} heads != hidden_size={n_embd}: decoupled head_dim is not supported",
             fix="use a checkpoint whose head_dim is hidden_size / num_attention_heads (or unset)",
         )
     theta, scaling = rope_of(hf)
