@@ -285,6 +285,27 @@ def test_a_tied_folder_with_its_own_lm_head_is_read_only_where_they_agree(tmp_pa
             read()
 
 
+@pytest.mark.parametrize("change", ["no head", "unknown tensor"])
+def test_a_folder_missing_its_head_or_holding_other_tensors_is_one_line(tmp_path: Path, change: str) -> None:
+    """Said as every refusal is said: "The HF checkpoint has no lm_head.weight ... is false. — ..." had a capital and a
+    full stop before its " — "."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_tiny_hf(tmp_path / "hf", tie=False)
+    state = load_file(path / "model.safetensors")
+    if change == "no head":
+        del state["lm_head.weight"]
+    else:
+        state["vision_tower.weight"] = torch.zeros(2)
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    says = {
+        "no head": r"the HF checkpoint has no lm_head\.weight but tie_word_embeddings is false — .* — copy the model",
+        "unknown tensor": r"unexpected tensors in the HF checkpoint: \['vision_tower\.weight'\] — .* — use a",
+    }[change]
+    with pytest.raises(HFCheckpointError, match="^" + says):
+        ours_from_hf(path)
+
+
 def test_import_pads_vocab_rows(tmp_path: Path) -> None:
     path = save_tiny_hf(tmp_path / "hf", vocab_size=500)
     model = ours_from_hf(path, padded_vocab_size=512)

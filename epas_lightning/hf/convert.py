@@ -521,14 +521,14 @@ def hf_to_ours(hf_state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[s
             unknown.append(key)
     if unknown:
         raise HFCheckpointError(
-            f"Unexpected tensors in the HF checkpoint: {sorted(unknown)[:8]}",
+            f"unexpected tensors in the HF checkpoint: {sorted(unknown)[:8]}",
             fix="use a plain LLaMA-architecture checkpoint (no weights of other modules)",
         )
     if config.tie_embeddings:
         _tie_head(state)
     elif "lm_head.weight" not in state:
         raise HFCheckpointError(
-            "The HF checkpoint has no lm_head.weight but tie_word_embeddings is false.",
+            "the HF checkpoint has no lm_head.weight but tie_word_embeddings is false",
             fix="copy the model folder again",
         )
     for key in VOCAB_KEYS:
