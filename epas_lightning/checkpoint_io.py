@@ -22,7 +22,7 @@ import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 
@@ -106,6 +106,21 @@ def load_safely(strategy: Strategy) -> None:
             wrapper._checkpoint_io, wrapper._base_checkpoint_io_configured = AtomicCheckpointIO(), True
     if not isinstance(strategy.load_checkpoint, WeightsOnlyLoad):
         strategy.load_checkpoint = WeightsOnlyLoad(strategy)
+
+
+def reads_files_as_saved(strategy: Strategy) -> bool:
+    """Whether ``strategy`` reads a checkpoint as it lies on disk (what an early read of its metadata sees):
+    Lightning's ``TorchCheckpointIO`` or :class:`AtomicCheckpointIO` (also inside an ``AsyncCheckpointIO``), or
+    ``ModelParallelStrategy``'s own reading; not a ``CheckpointIO`` or ``load_checkpoint`` of one's own, which may
+    keep a checkpoint otherwise (inside a dict of its own, say)."""
+    load = type(strategy).load_checkpoint
+    if load in (ModelParallelStrategy.load_checkpoint, FSDP2Strategy.load_checkpoint):
+        return True
+    if load is not Strategy.load_checkpoint:
+        return False
+    io = strategy._checkpoint_io  # None: Lightning makes a TorchCheckpointIO when it is first used
+    inner = io.checkpoint_io if type(io) is AsyncCheckpointIO else io
+    return inner is None or type(inner) in (TorchCheckpointIO, AtomicCheckpointIO)
 
 
 class WeightsOnlyLoad:

@@ -287,8 +287,10 @@ class EPASModule(LightningModule):
 
     def _configured_optimizer(self) -> torch.optim.Optimizer | None:
         """The configured optimizer built on one stand-in parameter, for its type and settings before the model is
-        built; ``None`` where it cannot be built so (an optimizer of one's own wanting the model's parameters): the
-        check waits for :meth:`configure_optimizers`."""
+        built; ``None`` where it cannot be built so (an optimizer of one's own wanting the model's parameters), or
+        where a ``configure_optimizers`` of one's own (a subclass's) builds another: the check waits for the run's."""
+        if getattr(self.configure_optimizers, "__func__", None) is not EPASModule.configure_optimizers:
+            return None
         stand_in = [torch.nn.Parameter(torch.zeros(1))]
         try:
             if self.optimizer_factory is None:

@@ -39,10 +39,15 @@ def restored_metadata(trainer: Trainer) -> tuple[str, dict[str, Any]] | None:
     (:func:`~epas_lightning.checkpoint_formats.read_lightning_metadata`), for the checks that refuse it before
     Lightning loads it (a large checkpoint takes minutes); called from one of its hooks. ``None`` where it restores
     none, where that is not known (:data:`NOT_KNOWN`), for a remote one (an fsspec URL: only Lightning reads it), and
-    where its metadata does not read: the load refuses such a checkpoint as it always did (a user's own
-    ``CheckpointIO`` may read what ``torch.load`` cannot)."""
+    where the strategy reads checkpoints its own way (a ``CheckpointIO`` of one's own:
+    :func:`~epas_lightning.checkpoint_io.reads_files_as_saved`), and where its metadata does not read: the load refuses
+    such a checkpoint as it always did."""
     ckpt_path = restored_checkpoint(trainer)
     if ckpt_path is None or ckpt_path is NOT_KNOWN or not _is_local_file_protocol(ckpt_path):
+        return None
+    from epas_lightning.checkpoint_io import reads_files_as_saved  # noqa: PLC0415 - an import cycle otherwise
+
+    if not reads_files_as_saved(trainer.strategy):  # a CheckpointIO of one's own: only it knows how it keeps one
         return None
     try:
         metadata = read_lightning_metadata(ckpt_path, flag="ckpt_path")

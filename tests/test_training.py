@@ -683,6 +683,44 @@ def test_resuming_with_another_optimizer_is_refused_in_one_line(tiny_corpus, tmp
     make_trainer(tmp_path, 2, []).fit(module, data, ckpt_path=tmp_path / "last.ckpt")
 
 
+class SGDModule(EPASModule):
+    """A module of one's own that builds its optimizer itself (no ``model.optimizer``)."""
+
+    def configure_optimizers(self):  # noqa: ANN201
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+def test_a_module_building_its_own_optimizer_resumes_its_checkpoint(tiny_corpus, tmp_path):
+    """A subclass's own ``configure_optimizers`` (SGD) resumed its run's checkpoint; the early check compared it to
+    the default AdamW (the module's ``optimizer`` unset) and refused it as another optimizer's state."""
+    module, data = make_run(tiny_corpus, n_layer=2, module_class=SGDModule)
+    make_trainer(tmp_path, 1, [ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(module, data)
+    module = make_run(tiny_corpus, n_layer=2, module_class=SGDModule)[0]
+    make_trainer(tmp_path, 2, []).fit(module, data, ckpt_path=tmp_path / "last.ckpt")
+    assert module.trainer.global_step == 2
+    assert isinstance(module.trainer.optimizers[0], torch.optim.SGD)
+
+
+def test_a_checkpoint_io_of_ones_own_resumes_the_checkpoints_it_wrote(tiny_corpus, tmp_path):
+    """A ``CheckpointIO`` of one's own that keeps the checkpoint inside a dict of its own resumed its checkpoints; the
+    early check read the file with ``torch.load`` (no ``lr_schedulers`` at its top) and refused it as weights-only."""
+    from lightning.fabric.plugins import TorchCheckpointIO
+
+    class WrappingIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None):  # noqa: ANN001, ANN202
+            super().save_checkpoint({"wrapped": checkpoint}, path, storage_options)
+
+        def load_checkpoint(self, path, map_location=None, weights_only=None):  # noqa: ANN001, ANN202
+            return super().load_checkpoint(path, map_location, weights_only)["wrapped"]
+
+    module, data = make_run(tiny_corpus, n_layer=2)
+    saves = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    make_trainer(tmp_path, 1, [saves], plugins=[WrappingIO()]).fit(module, data)
+    module, data = make_run(tiny_corpus, n_layer=2)
+    make_trainer(tmp_path, 2, [], plugins=[WrappingIO()]).fit(module, data, ckpt_path=tmp_path / "last.ckpt")
+    assert module.trainer.global_step == 2
+
+
 @pytest.mark.parametrize(
     "case",
     ["optimizer", "optimizer-sharded", "weights-only", "model", "seed", "seed-older", "seed-legacy", "tokenizer"],
