@@ -629,47 +629,40 @@ def test_an_error_on_rank_zero_ends_the_ranks_it_started(tiny_corpus, tmp_path):
     assert "error: a failure only rank 0 sees — rank 0" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_a_user_error_on_rank_one_alone_is_one_line_with_its_status(tiny_corpus, tmp_path):
-    """Rank 1 alone meets a user error and says it; rank 0's next collective breaks ("Connection closed by peer"): it
-    used to print a 160-line traceback under that line and exit 1. Now one line of its own points at rank 1's error,
-    and the command exits with rank 1's status. Rank 0 meets the break only after Lightning's observer has polled (its
-    step is long), which SIGKILLed it then, without its line (status -9): now it has time to say it."""
+@pytest.mark.parametrize(
+    "failing, where",
+    [
+        ("FailOnRankOne", "rank 0, whose collective broke (Connection closed by peer)"),
+        ("FailOnRankOneAtStart", "rank 0, which waited for it to join"),
+    ],
+    ids=["in training", "before it joins"],
+)
+def test_a_user_error_on_rank_one_alone_is_one_line_with_its_status(failing, where, tiny_corpus, tmp_path):
+    """Rank 1 alone meets a user error and says it; rank 0 ends with one line of its own that points at rank 1's error,
+    and the command exits with rank 1's status.
+
+    In training, rank 0's next collective breaks ("Connection closed by peer"): it used to print a 160-line traceback
+    under that line and exit 1. It meets the break only after Lightning's observer has polled (its step is long), which
+    SIGKILLed it then, without its line (status -9): now it has time to say it. Before it joins, rank 0 waits for rank
+    1 in the rendezvous and cannot answer by itself: Lightning's observer SIGKILLed every rank within its 5 s poll,
+    rank 0 without a word (status -9, 137 from a shell); now the observer of the ranks rank 0 started, from their
+    start, ends it with its line at once."""
     scripts = Path(__file__).parent / "scripts"
     env = clean_env() | {"EPAS_CACHE_DIR": str(tiny_corpus.parent)}
     env["PYTHONPATH"] += os.pathsep + str(scripts)
     args = ["fit", "--config", "debug", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
-    args += ["--trainer.logger=false", "--trainer.callbacks+=rank_failure.FailOnRankOne"]
-    command = [sys.executable, "-m", "epas_lightning", *args]
-    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
-    assert "Forcefully terminating" not in proc.stderr, proc.stderr[-4000:]  # Lightning's observer: it killed no rank
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [
-        "error: cannot read the data folder — rank 1 — make it readable on every node",
-        "error: rank 1 ended (exit status 2) during the run — rank 0, whose collective broke (Connection closed by "
-        "peer) — its own error, above, says why: fix that, then run again",
-    ], proc.stderr[-4000:]
-
-
-def test_a_user_error_on_rank_one_before_it_joins_is_one_line_with_its_status(tiny_corpus, tmp_path):
-    """Rank 1 alone meets a user error as it starts, before it joins the process group, where rank 0 waits for it and
-    cannot answer by itself. Lightning's observer SIGKILLed every rank within its 5 s poll: rank 0 died without a word,
-    status -9 (137 from a shell). Now the observer of the ranks rank 0 started, from their start, ends it with one line
-    that points at rank 1's error, and rank 1's status: at once, as rank 0 cannot leave the rendezvous to answer."""
-    scripts = Path(__file__).parent / "scripts"
-    env = clean_env() | {"EPAS_CACHE_DIR": str(tiny_corpus.parent)}
-    env["PYTHONPATH"] += os.pathsep + str(scripts)
-    args = ["fit", "--config", "debug", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
-    args += ["--trainer.logger=false", "--trainer.callbacks+=rank_failure.FailOnRankOneAtStart"]
+    args += ["--trainer.logger=false", f"--trainer.callbacks+=rank_failure.{failing}"]
     command = [sys.executable, "-m", "epas_lightning", *args]
     proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, (proc.returncode, proc.stderr[-4000:])
     assert "Forcefully terminating" not in proc.stderr, proc.stderr[-4000:]  # Lightning's observer: it killed no rank
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and "cannot read the data folder — rank 1" in errors[0], proc.stderr[-4000:]  # rank 1's
+    if failing == "FailOnRankOne":  # read when training: a line of its own (at start, jsonargparse wraps it)
+        assert errors[0] == "error: cannot read the data folder — rank 1 — make it readable on every node", errors
     assert errors[1] == (
-        "error: rank 1 ended (exit status 2) during the run — rank 0, which waited for it to join — its own error, "
-        "above, says why: fix that, then run again"
+        f"error: rank 1 ended (exit status 2) during the run — {where} — its own error, above, says why: fix that, "
+        "then run again"
     ), proc.stderr[-4000:]
 
 
