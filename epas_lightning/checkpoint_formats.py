@@ -93,8 +93,9 @@ def read_checkpoint(
 def read_lightning_metadata(path: str | Path, flag: str = "--ckpt_path") -> dict[str, Any] | None:
     """The Lightning metadata of a ``.ckpt`` file or a sharded folder (its loops, callbacks' and data module's states,
     its optimizers' ``param_groups``), without a weight: a file's entries but its ``state_dict``, mapped (its optimizer
-    state is not read; a legacy file, which cannot be, is read whole and not kept); a folder's ``meta.pt``, with the
-    settings its shards' metadata names (:func:`sharded_optimizer_states`). ``None`` where it has none (a folder
+    state is not read; a legacy file, which cannot be, is read whole once and kept for the next look, until the
+    restore's full load frees it first: :class:`~epas_lightning.safe_load.LegacyReads`); a folder's ``meta.pt``, with
+    the settings its shards' metadata names (:func:`sharded_optimizer_states`). ``None`` where it has none (a folder
     without ``meta.pt``, a file that is no dict). What a resumed fit refuses before Lightning loads it is read here."""
     path = Path(path).expanduser()
     if path.is_dir():
@@ -103,7 +104,7 @@ def read_lightning_metadata(path: str | Path, flag: str = "--ckpt_path") -> dict
         if isinstance(loaded, dict) and (path / DCP_METADATA).is_file():
             loaded.setdefault("optimizer_states", sharded_optimizer_states(path, flag))
     else:
-        loaded = load_torch_file(path, mmap=True, where=f"{flag} {path}")
+        loaded = load_torch_file(path, mmap=True, where=f"{flag} {path}", keep=True)
     if not isinstance(loaded, dict):
         return None
     loaded.pop("state_dict", None)

@@ -62,7 +62,7 @@ from epas_lightning.run_checkpoint import (
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
 from epas_lightning.safe_load import is_weights_only, plain_numbers, release_kept_read, verify_checkpoint
 from epas_lightning.step_logging import mean_over_ranks, read_alike_on_every_rank, replace_logged, step_is_logged
-from epas_lightning.trainer_call import restored_checkpoint, restored_metadata
+from epas_lightning.trainer_call import check_restored, restored_checkpoint
 from epas_lightning.trainer_checks import check_gradient_clip
 
 if TYPE_CHECKING:
@@ -255,8 +255,7 @@ class EPASModule(LightningModule):
             check_gradient_clip(self.trainer.gradient_clip_val)  # the command line checked its own
             warn_without_sharing_schedule(self.trainer.callbacks)
             warn_mid_step_checkpoints(self.trainer.callbacks, self.trainer.accumulate_grad_batches)
-            if restored := restored_metadata(self.trainer):
-                self._check_resumed_metadata(*restored)
+            check_restored(self.trainer, self._check_resumed_metadata)
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
             check_sharded_precision(self.trainer.precision)
         warn_emulated_bf16(self.trainer.precision, self._root_device())

@@ -9,6 +9,8 @@ a scored checkpoint's region) read it here; where it cannot be read (:data:`NOT_
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
@@ -16,6 +18,7 @@ from lightning.pytorch import Trainer
 
 from epas_lightning.checkpoint_formats import read_lightning_metadata
 from epas_lightning.errors import UserError
+from epas_lightning.safe_load import release_kept_read
 
 NOT_KNOWN: Any = object()
 """What :func:`restored_checkpoint` gives outside a ``Trainer`` call, or where Lightning keeps the path otherwise:
@@ -54,3 +57,16 @@ def restored_metadata(trainer: Trainer) -> tuple[str, dict[str, Any]] | None:
     except UserError:
         return None
     return None if metadata is None else (str(ckpt_path), metadata)
+
+
+def check_restored(trainer: Trainer, check: Callable[[str, dict[str, Any]], None]) -> None:
+    """Run ``check(ckpt_path, metadata)`` on the checkpoint the running call of ``trainer`` restores
+    (:func:`restored_metadata`), where its metadata reads. A legacy file's whole read, kept for the next look until the
+    restore frees it, is freed at once where ``check`` refuses it: no restore follows."""
+    if (restored := restored_metadata(trainer)) is None:
+        return
+    try:
+        check(*restored)
+    except BaseException:
+        release_kept_read(Path(restored[0]).expanduser())
+        raise

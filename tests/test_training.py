@@ -737,7 +737,7 @@ def test_a_resume_its_checkpoint_metadata_refuses_is_refused_before_the_checkpoi
 
     from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 
-    from epas_lightning import FSDP2Strategy
+    from epas_lightning import FSDP2Strategy, safe_load
     from epas_lightning.errors import CheckpointError, DataError
 
     module, data = make_run(tiny_corpus, n_layer=2)
@@ -751,7 +751,7 @@ def test_a_resume_its_checkpoint_metadata_refuses_is_refused_before_the_checkpoi
         older = torch.load(tmp_path / "last.ckpt", weights_only=True)
         del older["TokenDataModule"]
         torch.save(older, tmp_path / "last.ckpt")
-    if case == "seed-legacy":  # a legacy file (not a zip) cannot be mapped: its metadata is read whole, not kept
+    if case == "seed-legacy":  # a legacy file (not a zip) cannot be mapped: its metadata is read whole, once
         legacy = torch.load(tmp_path / "last.ckpt", weights_only=True)
         torch.save(legacy, tmp_path / "last.ckpt", _use_new_zipfile_serialization=False)
     if case == "tokenizer":  # the data's tokenizer.json is not the one the checkpoint read
@@ -780,6 +780,7 @@ def test_a_resume_its_checkpoint_metadata_refuses_is_refused_before_the_checkpoi
         make_trainer(tmp_path, 2, [], strategy=strategy()).fit(module, data, ckpt_path=tmp_path / "last.ckpt")
     assert "\n" not in str(refused.value)
     assert (str(tmp_path / "last.ckpt") in str(refused.value)) == (case != "tokenizer")  # that one names the data
+    assert safe_load._LEGACY_READS._kept is None  # a legacy file's whole read, kept for the next look, is freed
 
 
 def test_a_script_fit_says_when_no_region_grows_or_a_checkpoint_could_save_inside_a_step(tmp_path):

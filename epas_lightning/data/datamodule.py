@@ -19,7 +19,7 @@ from epas_lightning.data.token_data import TokenData, check_seq_len, check_token
 from epas_lightning.data.tokenizer import RecordedTokenizer
 from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model.config import LlamaConfig
-from epas_lightning.trainer_call import restored_metadata
+from epas_lightning.trainer_call import check_restored
 
 if TYPE_CHECKING:
     from litdata import StreamingDataLoader
@@ -89,8 +89,8 @@ class TokenDataModule(TokenData, LightningDataModule):
         if stage in (None, TrainerFn.FITTING):
             self._train_contents = self._stream_fingerprints()
         trainer = getattr(self, "trainer", None)
-        if stage == TrainerFn.FITTING and trainer is not None and (restored := restored_metadata(trainer)):
-            self.check_resumed_position(restored[1], restored[0])  # before Lightning loads the checkpoint
+        if stage == TrainerFn.FITTING and trainer is not None:  # before Lightning loads the checkpoint
+            check_restored(trainer, lambda ckpt_path, metadata: self.check_resumed_position(metadata, ckpt_path))
 
     def _stream_fingerprints(self) -> list[str | None]:
         return [stream_fingerprint(stream) for stream in self.train_streams()]
