@@ -406,7 +406,8 @@ class EPASCLI(LightningCLI):
         if isinstance(self.model, EPASModule):  # it reads init_from (a resume's was set aside): before any data
             self.model.check_init_from()
             resumed = section.get("ckpt_path") if self.subcommand == "fit" else None
-            if resumed and (metadata := read_lightning_metadata(resumed)) is not None:  # before any data is prepared
+            early = resumed and self.model.reads_checkpoints_as_saved()
+            if early and (metadata := read_lightning_metadata(resumed)) is not None:  # before any data is prepared
                 self.model.check_resumable(metadata, resumed)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:

@@ -255,10 +255,16 @@ class EPASModule(LightningModule):
             check_gradient_clip(self.trainer.gradient_clip_val)  # the command line checked its own
             warn_without_sharing_schedule(self.trainer.callbacks)
             warn_mid_step_checkpoints(self.trainer.callbacks, self.trainer.accumulate_grad_batches)
-            check_restored(self.trainer, self._check_resumed_metadata)
+            if self.reads_checkpoints_as_saved():
+                check_restored(self.trainer, self._check_resumed_metadata)
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
             check_sharded_precision(self.trainer.precision)
         warn_emulated_bf16(self.trainer.precision, self._root_device())
+
+    def reads_checkpoints_as_saved(self) -> bool:
+        """Whether this module reads a checkpoint as it lies on disk, so its metadata may be checked before the load:
+        not where an ``on_load_checkpoint`` of one's own (a subclass's) may rewrite it first (an older run's)."""
+        return type(self).on_load_checkpoint is EPASModule.on_load_checkpoint
 
     def _check_resumed_metadata(self, ckpt_path: str, checkpoint: dict) -> None:
         """Refuse what a resumed fit's checkpoint says against this run from its metadata (``checkpoint``, without

@@ -701,6 +701,46 @@ def test_a_module_building_its_own_optimizer_resumes_its_checkpoint(tiny_corpus,
     assert isinstance(module.trainer.optimizers[0], torch.optim.SGD)
 
 
+class MigratingModule(EPASModule):
+    """A module of one's own that rewrites an older checkpoint as it loads (a model setting renamed since)."""
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["model_config"]["rope_theta"] = checkpoint["model_config"].pop("old_rope_theta")
+        super().on_load_checkpoint(checkpoint)
+
+
+class MigratingData(TokenDataModule):
+    """A data module of one's own that rewrites an older checkpoint's position as it loads (its default seed was
+    written as -1)."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict["position_settings"]["seed"] == -1:
+            state_dict["position_settings"]["seed"] = self.seed
+        super().load_state_dict(state_dict)
+
+
+@pytest.mark.parametrize("rewriter", ["module", "data"])
+def test_a_run_that_rewrites_its_checkpoint_as_it_loads_resumes_it(rewriter, tiny_corpus, tmp_path):
+    """A module's own ``on_load_checkpoint`` (a data module's own ``load_state_dict``) that rewrites an older
+    checkpoint as it loads resumed it; the early checks read the checkpoint as it lies on disk and refused it (another
+    model config, another data position): they wait for the rewrite where one's own hook reads it."""
+    module_class = MigratingModule if rewriter == "module" else EPASModule
+    module, _ = make_run(tiny_corpus, n_layer=2, module_class=module_class)
+    data = MigratingData(data_dir=str(tiny_corpus), seq_len=32, batch_size=4, vocab_size=512)
+    if rewriter == "module":
+        data = TokenDataModule(data_dir=str(tiny_corpus), seq_len=32, batch_size=4, vocab_size=512)
+    make_trainer(tmp_path, 1, [ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(module, data)
+    older = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    if rewriter == "module":
+        older["model_config"]["old_rope_theta"] = older["model_config"].pop("rope_theta")
+    else:
+        older["MigratingData"]["position_settings"]["seed"] = -1
+    torch.save(older, tmp_path / "last.ckpt")
+    module = make_run(tiny_corpus, n_layer=2, module_class=module_class)[0]
+    make_trainer(tmp_path, 2, []).fit(module, data, ckpt_path=tmp_path / "last.ckpt")
+    assert module.trainer.global_step == 2
+
+
 def test_a_checkpoint_io_of_ones_own_resumes_the_checkpoints_it_wrote(tiny_corpus, tmp_path):
     """A ``CheckpointIO`` of one's own that keeps the checkpoint inside a dict of its own resumed its checkpoints; the
     early check read the file with ``torch.load`` (no ``lr_schedulers`` at its top) and refused it as weights-only."""

@@ -89,7 +89,8 @@ class TokenDataModule(TokenData, LightningDataModule):
         if stage in (None, TrainerFn.FITTING):
             self._train_contents = self._stream_fingerprints()
         trainer = getattr(self, "trainer", None)
-        if stage == TrainerFn.FITTING and trainer is not None:  # before Lightning loads the checkpoint
+        own = type(self).load_state_dict is TokenDataModule.load_state_dict  # one's own may rewrite what it reads
+        if stage == TrainerFn.FITTING and trainer is not None and own:  # before Lightning loads the checkpoint
             check_restored(trainer, lambda ckpt_path, metadata: self.check_resumed_position(metadata, ckpt_path))
 
     def _stream_fingerprints(self) -> list[str | None]:
