@@ -275,11 +275,7 @@ class EPASModule(LightningModule):
             where = f"ckpt_path {ckpt_path}"
             check_resumed_model(self.config, LlamaConfig.from_dict(recorded), where, PYTHON_CONFIG_FIX)
         self.check_resumable(checkpoint, ckpt_path)
-        data = getattr(self.trainer, "datamodule", None)
-        if hasattr(data, "check_checkpoint_tokenizer"):  # a TokenDataModule: its ids are the checkpoint's tokens
-            data.check_checkpoint_tokenizer(
-                checkpoint.get("tokenizer"), (checkpoint.get(HELDOUT_KEY) or {}).get("data_dirs")
-            )
+        check_data_tokenizer(getattr(self.trainer, "datamodule", None), checkpoint)
 
     def check_resumable(self, checkpoint: dict, ckpt_path: object) -> None:
         """Refuse a checkpoint a fit resumes (``checkpoint``: its metadata, without its weights) that holds no training
@@ -545,10 +541,7 @@ class EPASModule(LightningModule):
             for sharing in (c for c in trainer.callbacks if isinstance(c, ProgressiveSharing)):
                 sharing.on_load_checkpoint(trainer, self, checkpoint)  # the region it records
         data = getattr(trainer, "datamodule", None)
-        if hasattr(data, "check_checkpoint_tokenizer"):  # a TokenDataModule: its ids are the checkpoint's tokens
-            data.check_checkpoint_tokenizer(
-                checkpoint.get("tokenizer"), (checkpoint.get(HELDOUT_KEY) or {}).get("data_dirs")
-            )
+        check_data_tokenizer(data, checkpoint)
         self._say_if_narrowed(checkpoint)
         if self.model is not None:  # built (load_from_checkpoint, a single-file restore): before its weights load
             self.model.trained_region = checkpoint_region(checkpoint, self.config.n_layer)
@@ -770,6 +763,14 @@ def checkpoint_region(checkpoint: dict, n_layer: int) -> TrainedRegion | None:
         return recorded_region(checkpoint, [i for i, shares in enumerate(mask.tolist()) if shares], n_layer)
     except ConfigError:  # load_model refuses it in one line
         return None
+
+
+def check_data_tokenizer(data: object, checkpoint: dict) -> None:
+    """Refuse data of another tokenizer than ``checkpoint``'s (it, or its metadata), where ``data`` (a run's data
+    module, or None) is a ``TokenDataModule``: its ids are the checkpoint's tokens."""
+    if hasattr(data, "check_checkpoint_tokenizer"):
+        held_out = (checkpoint.get(HELDOUT_KEY) or {}).get("data_dirs")
+        data.check_checkpoint_tokenizer(checkpoint.get("tokenizer"), held_out)
 
 
 def check_training_state(trainer: Trainer, checkpoint: dict) -> None:
