@@ -1265,6 +1265,32 @@ def test_chat_content_parts_read_as_text_and_fields_that_change_the_output_are_r
     )  # fmt: skip
 
 
+def test_a_refusal_names_the_field_the_request_sent(checkpoint, monkeypatch):
+    """An error's ``param`` is the request field to change, as OpenAI names it: a chat request's ``top_logprobs``
+    alone was refused as ``logprobs``, and more prompts than ``--max-choices`` (n left at 1) as ``n``."""
+    pytest.importorskip("litserve")
+    from epas_lightning.serve.protocol import RequestError, parse_chat, parse_completion
+
+    served = built_api(checkpoint, monkeypatch).served
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    completion = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+    cases = [
+        (parse_chat, {**chat, "top_logprobs": 2}, "top_logprobs"),
+        (parse_chat, {**chat, "logprobs": True}, "logprobs"),
+        (parse_chat, {**chat, "max_completion_tokens": 0}, "max_completion_tokens"),
+        (parse_chat, {**chat, "n": 17}, "n"),
+        (parse_completion, {**completion, "prompt": ["a"] * 17}, "prompt"),
+        (parse_completion, {**completion, "prompt": ["a"] * 2, "n": 9}, "n"),
+        (parse_completion, {**completion, "logprobs": 1}, "logprobs"),
+        (parse_completion, {**completion, "top_p": 2.0}, "top_p"),
+        (parse_completion, {**completion, "stream_options": {"include_usage": True}}, "stream_options"),
+    ]
+    for parse, body, param in cases:
+        with pytest.raises(RequestError) as error:
+            parse(body, served, served.tokenizer())
+        assert error.value.param == param, (body, error.value.message)
+
+
 def test_an_assistant_message_sent_back_whole_is_read_and_its_tool_calls_refused(checkpoint, monkeypatch):
     """A response's message sent back as the openai SDK dumps it (``message.model_dump()``: refusal, tool_calls,
     function_call, audio and annotations all null) was a 400 'unrecognized request argument' once messages refused

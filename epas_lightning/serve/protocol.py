@@ -179,7 +179,8 @@ def parse_chat(body: Any, served: ServedModel, tokenizer: TextTokenizer) -> Comp
     request = _validate(body, ChatRequest, served)
     _refuse_unsupported(
         {
-            "logprobs": bool(request.logprobs) or request.top_logprobs is not None,
+            "logprobs": bool(request.logprobs),
+            "top_logprobs": request.top_logprobs is not None,
             "tools": bool(request.tools),
             "tool_choice": request.tool_choice not in (None, "none", "auto"),
             "functions": bool(request.functions),
@@ -266,7 +267,8 @@ def _completion(
 
 
 def _check_choices(prompts: int, n: int | None, served: ServedModel) -> int:
-    """``n``, checked: the sequences of ``prompts`` prompts x ``n`` fit ``--max-choices``."""
+    """``n``, checked: the sequences of ``prompts`` prompts x ``n`` fit ``--max-choices`` (the error names
+    ``prompt`` where the prompts alone are too many)."""
     n = 1 if n is None else n
     if n < 1:
         raise RequestError(f"n must be at least 1, got {n}", "n")
@@ -274,7 +276,7 @@ def _check_choices(prompts: int, n: int | None, served: ServedModel) -> int:
         raise RequestError(
             f"{prompts} prompt(s) x n={n} is more than the {served.max_choices} completions one request may ask "
             "for on this server",
-            "n",
+            "prompt" if prompts > served.max_choices else "n",
         )
     return n
 
