@@ -1209,15 +1209,22 @@ def test_token_id_prompts_hold_only_ids_the_tokenizer_has(checkpoint, monkeypatc
 
 def test_sampling_settings_out_of_range_are_a_400_that_says_what_to_do(checkpoint, monkeypatch):
     """The checks generate runs (the same messages, with the fix the error carries); temperature stops at OpenAI's 2,
-    and top_k reads as vLLM reads it."""
+    top_p takes OpenAI's [0, 1] (0, a 400 once, keeps the most likely token alone: greedy decoding) and top_k reads as
+    vLLM reads it."""
     from epas_lightning.serve.protocol import parse_completion
 
     served = built_api(checkpoint, monkeypatch).served
     body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
-    assert refused(parse_completion, {**body, "top_p": 0.0}, served) == (
-        400,
-        "top_p must be in (0, 1], got 0.0: use a fraction in (0, 1], e.g. 0.9, or leave it unset for no nucleus cut",
-    )
+    for top_p in (-0.1, 1.5):
+        assert refused(parse_completion, {**body, "top_p": top_p}, served) == (
+            400,
+            f"top_p must lie in [0, 1], got {top_p}: use a fraction, e.g. 0.9 (0 is greedy), or leave it unset for no "
+            "nucleus cut",
+        )
+    nucleus_of_one = {**body, "top_p": 0.0, "temperature": 0.7, "top_k": 5, "seed": 3}
+    sampling = parse_completion(nucleus_of_one, served, served.tokenizer()).sequences[0].sampling
+    assert (sampling.temperature, sampling.top_k, sampling.top_p) == (0.0, None, None)
+    assert refused(parse_completion, {**body, "top_p": 0.0, "top_k": -2}, served)[1].startswith("top_k must be >= 1")
     assert refused(parse_completion, {**body, "top_k": -2}, served)[1].startswith("top_k must be >= 1, got -2: use 1")
     for every_token in (-1, 0):  # vLLM's top_k for no top-k cut (its clients send it): was a 400
         sequence = parse_completion({**body, "top_k": every_token}, served, served.tokenizer()).sequences[0]
