@@ -271,7 +271,7 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
         source, target = linked.group(1, 2) if linked.group(1) else linked.group(4, 3)
         what = f"--{target} is taken from {source} (a linked value)"
         return ConfigError(what, prog, f"set it through {source}: `{prog} --help` lists the links")
-    if fix := missing_argument_fix(what, fn is not None):
+    if fix := missing_argument_fix(what, fn is not None, argv):
         return ConfigError(what, prog, fix)
     given = next((line for line in lines if line.startswith(("Given value:", "Got value:"))), None)
     expected = next((line for line in lines if line.startswith("Expected")), None)
