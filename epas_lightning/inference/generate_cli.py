@@ -149,7 +149,8 @@ def generate_command(
 
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
-        prompt: A prompt; repeat the flag for a batch.
+        prompt: A prompt, as typed; repeat the flag for a batch. '[a, b]' is one prompt too (a YAML list of prompts
+            goes in a --config file); one that starts with "-" is written --prompt=-x.
         prompt_file: A file with one prompt per line, blank lines skipped (added to --prompt); - reads them
             from standard input.
         sharing_layers: The first N layers of the trained region (in its growth order) share; default: all of it (an
