@@ -4,7 +4,7 @@
 typed function exposed through jsonargparse, as LitGPT does for ``litgpt <command>``: its ``--help`` comes from the
 function's docstring, ``--config FILE`` sets any of its arguments from YAML, flags are spelled with dashes
 (``--sharing-layers``), booleans are switches (``--force``, ``--no-force``) and list flags repeat (``--prompt a
---prompt b``).
+--prompt b``; each value of a text list flag is one item, as typed, not YAML).
 
 A user error prints ``error: <what> — <where> — <what to do>`` on stderr and exits 2; ``--debug`` (anywhere on the
 line) or ``EPAS_DEBUG=1`` shows its traceback. A diverged training run exits 3. Unexpected errors keep their traceback.
@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import traceback
+import uuid
 from argparse import ArgumentError
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -137,6 +138,12 @@ def _is_list(annotation: Any) -> bool:
     return get_origin(annotation) is list or any(get_origin(a) is list for a in options)
 
 
+def _is_text_list(annotation: Any) -> bool:
+    """``list[str]`` (or ``list[str] | None``): a flag whose values are text (``--prompt``)."""
+    options = get_args(annotation) if get_origin(annotation) is not list else (annotation,)
+    return any(get_origin(a) is list and get_args(a) == (str,) for a in options)
+
+
 def function_parser(fn: Callable, prog: str):  # noqa: ANN201 - jsonargparse.ArgumentParser
     """A jsonargparse parser for ``fn``'s typed keyword arguments, with dashed flags and switch booleans."""
     import docstring_parser
@@ -171,6 +178,7 @@ def function_parser(fn: Callable, prog: str):  # noqa: ANN201 - jsonargparse.Arg
                 parser._option_string_actions[dashed] = action
                 action.option_strings[i] = dashed
     parser.list_options = {"--" + name.replace("_", "-") for name in params if _is_list(hints.get(name))}
+    parser.text_list_options = {"--" + name.replace("_", "-") for name in params if _is_text_list(hints.get(name))}
     return parser
 
 
@@ -181,9 +189,8 @@ def _plain(text: str | None) -> str | None:
 
 def _append_lists(argv: Sequence[str], list_options: set[str]) -> list[str]:
     """``--prompt a --prompt b`` -> jsonargparse's ``--prompt=[] --prompt+ a --prompt+ b``: the flags add up, and
-    replace the list of a ``--config`` before them as any flag overrides it. A YAML list value (``--prompt '[a, b]'``)
-    adds its items; other text is one item, even where it starts with "[" (``--prompt "[INST] hi"``). A ``--prompt+``
-    of the user's own adds to what is there, as jsonargparse documents."""
+    replace the list of a ``--config`` before them as any flag overrides it. A ``--prompt+`` of the user's own adds to
+    what is there, as jsonargparse documents."""
     out, given = [], set()
     for token in argv:
         name, equals, value = token.partition("=")
@@ -197,6 +204,57 @@ def _append_lists(argv: Sequence[str], list_options: set[str]) -> list[str]:
             given.add(name.removesuffix("+"))
         out.append(token)
     return out
+
+
+def _verbatim_values(argv: Sequence[str], text_options: set[str]) -> tuple[list[str], dict[str, str]]:
+    """``argv`` with each value of a text list flag (``--prompt``) replaced by a placeholder word, and the values by
+    placeholder: the parser reads a value as YAML, where ``#include <x>`` is a comment (no prompt at all), ``null``
+    no list, ``[a, b]`` two items and ``[x for x in y]`` the text "x for x in y"; :func:`_restore_values` puts each
+    value back as typed, one item. A value that argparse reads as a flag (``--prompt -x``) is left for it to refuse."""
+    nonce, out, values = uuid.uuid4().hex, [], {}
+
+    def placeholder(value: str) -> str:
+        values[word := f"epas-value-{nonce}-{len(values)}"] = value
+        return word
+
+    takes_value = False
+    for token in argv:
+        name, equals, value = token.partition("=")
+        if takes_value and _read_as_value(token):
+            token = placeholder(token)
+        elif name.removesuffix("+") in text_options and equals:
+            token = name + equals + placeholder(value)
+        takes_value = name.removesuffix("+") in text_options and not equals
+        out.append(token)
+    return out, values
+
+
+def _read_as_value(token: str) -> bool:
+    """Whether argparse takes ``token`` after a flag as its value (not as a flag: ``-x``, ``--json``)."""
+    return (
+        not token.startswith("-") or token == "-" or " " in token or re.fullmatch(r"-\d+|-\d*\.\d+", token) is not None
+    )
+
+
+def _print_as_typed(parser: Any, values: dict[str, str]) -> None:
+    """``--print_config`` (jsonargparse's, which dumps the config as it parses) writes the values
+    :func:`_verbatim_values` replaced as typed."""
+    dump = parser.dump
+
+    def dump_as_typed(config: Any, *args: Any, **kwargs: Any) -> str:
+        config = config.clone()
+        _restore_values(config, parser.text_list_options, values)
+        return dump(config, *args, **kwargs)
+
+    parser.dump = dump_as_typed
+
+
+def _restore_values(config: Any, text_options: set[str], values: dict[str, str]) -> None:
+    """The values :func:`_verbatim_values` replaced, back in ``config`` as typed."""
+    for option in text_options:
+        key = option.removeprefix("--").replace("-", "_")
+        if isinstance(items := getattr(config, key, None), list):
+            setattr(config, key, [values.get(item, item) for item in items])
 
 
 DURATION = 'a duration "H:MM:SS" (e.g. "0:30:00")'
@@ -271,7 +329,7 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
         source, target = linked.group(1, 2) if linked.group(1) else linked.group(4, 3)
         what = f"--{target} is taken from {source} (a linked value)"
         return ConfigError(what, prog, f"set it through {source}: `{prog} --help` lists the links")
-    if fix := missing_argument_fix(what, fn is not None):
+    if fix := missing_argument_fix(what, fn is not None, argv):
         return ConfigError(what, prog, fix)
     given = next((line for line in lines if line.startswith(("Given value:", "Got value:"))), None)
     expected = next((line for line in lines if line.startswith("Expected")), None)
@@ -605,9 +663,12 @@ def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:
     check_utf8(argv, prog)
     print_config_options([arg for arg in argv if arg.split("=")[0] == "--print_config"])
     try:
-        config = parser.parse_args(_append_lists(argv, parser.list_options))
+        verbatim, values = _verbatim_values(argv, parser.text_list_options)
+        _print_as_typed(parser, values)
+        config = parser.parse_args(_append_lists(verbatim, parser.list_options))
     except ArgumentError as e:
         raise unknown_option(e, parser, argv=argv) or parse_error(e, prog, fn, argv) from e
+    _restore_values(config, parser.text_list_options, values)
     kwargs = parser.instantiate(config)
     kwargs.pop("config", None)
     check_finite(kwargs, prog)

@@ -171,6 +171,18 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+SIZE_UNITS = ("KiB", "MiB", "GiB", "TiB")
+"""The units :func:`size_text` writes above 1023 bytes, each 1024 of the one before."""
+
+
 def size_text(n_bytes: int) -> str:
-    """``n_bytes`` as messages write a size: ``1.5 GiB``, ``12.0 MiB``."""
-    return f"{n_bytes / 1024**3:.1f} GiB" if n_bytes >= 1024**3 else f"{n_bytes / 1024**2:.1f} MiB"
+    """``n_bytes`` as every message writes a size, in the largest unit that shows it as 1 or more: ``1.5 GiB``,
+    ``12.0 MiB``, ``21.0 KiB``, ``600 bytes`` (a tiny model's KV cache was "0.00 MiB")."""
+    if n_bytes < 1024:
+        return f"{n_bytes} byte{'' if n_bytes == 1 else 's'}"
+    value = n_bytes / 1024
+    for unit in SIZE_UNITS[:-1]:
+        if round(value, 1) < 1024:  # 1048575 bytes is 1.0 MiB, not 1024.0 KiB
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} {SIZE_UNITS[-1]}"

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Callable
+import shlex
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -28,6 +30,7 @@ class ScriptParser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)  # as the commands: --rep is no --reps
         super().__init__(*args, **kwargs)
         self._quick: dict[str, object] = {}
+        self._argv: list[str] = []
 
     def add_quick(self, help: str, **values: object) -> None:
         """``--quick``: ``values`` (by argument name) replace the defaults of the flags not given."""
@@ -35,6 +38,7 @@ class ScriptParser(argparse.ArgumentParser):
         self._quick = values
 
     def parse_args(self, args=None, namespace=None) -> argparse.Namespace:  # noqa: ANN001
+        self._argv = sys.argv[1:] if args is None else list(args)  # for the fix of an error
         parsed = super().parse_args(args, namespace)
         if getattr(parsed, "quick", False):
             given = self._given(args)
@@ -55,7 +59,7 @@ class ScriptParser(argparse.ArgumentParser):
                 action.default = default
 
     def error(self, message: str) -> NoReturn:
-        if fix := missing_argument_fix(message, dashed=True):
+        if fix := missing_argument_fix(message, dashed=True, argv=self._argv):
             raise ConfigError(message, self.prog, fix)
         if unknown := re.match(r"unrecognized arguments: (-[^=\s]+)", message):
             meant = did_you_mean(unknown[1], self._option_string_actions)
@@ -65,15 +69,30 @@ class ScriptParser(argparse.ArgumentParser):
         raise ConfigError(what, where, f"see `{self.prog} --help`")
 
 
-def missing_argument_fix(what: str, dashed: bool) -> str | None:
+def missing_argument_fix(what: str, dashed: bool, argv: Sequence[str] = ()) -> str | None:
     """What to add for argparse's "the following arguments are required: checkpoint, output" (the flags, as typed:
-    ``dashed`` for our tools' ``--max-new-tokens``) or "argument --checkpoint: expected one argument"; else ``None``."""
+    ``dashed`` for our tools' ``--max-new-tokens``) or "argument --checkpoint: expected one argument"; else ``None``.
+    Where ``argv`` gave the flag a value that starts with "-" (``--prompt -x``), which argparse reads as a flag, the
+    fix says to write it ``--prompt=-x``."""
     if required := re.fullmatch(r"the following arguments are required: ([\w.,/ -]+)", what):
         keys = [key.strip().split("/")[-1].lstrip("-") for key in required.group(1).split(",")]
         return "add " + " and ".join("--" + (key.replace("_", "-") if dashed else key) for key in keys)
     if valueless := re.fullmatch(r"argument (\S+): expected one argument", what):  # -c/--config, --input/--input+
-        flag = next((name for name in valueless.group(1).split("/") if name.startswith("--")), valueless.group(1))
-        return f"give {flag} a value"
+        names = valueless.group(1).split("/")
+        flag = next((name for name in names if name.startswith("--")), valueless.group(1))
+        fix = f"give {flag} a value"
+        if (value := _dash_value(argv, names)) is not None:
+            fix += f'; write {shlex.quote(f"{flag}={value}")} for one that starts with "-"'
+        return fix
+    return None
+
+
+def _dash_value(argv: Sequence[str], names: list[str]) -> str | None:
+    """The value after a flag of ``names`` in ``argv`` that starts with "-" and is no other flag (``-x``, not
+    ``--json``): the value argparse took for a flag."""
+    for name, value in zip(argv, argv[1:], strict=False):
+        if name in names and value.startswith("-") and not re.fullmatch(r"--[\w.+-]+(=.*)?", value, re.DOTALL):
+            return value
     return None
 
 

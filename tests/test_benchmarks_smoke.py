@@ -866,6 +866,10 @@ def test_a_script_says_to_give_a_flag_its_value(benchmarks_importable, monkeypat
     out, err = capsys.readouterr()
     assert stopped.value.code == 2 and out == ""
     assert err == "error: argument --model: expected one argument — memory.py — give --model a value\n"
+    monkeypatch.setattr(sys, "argv", ["memory.py", "--model", "-tiny"])  # a value that argparse reads as a flag
+    with pytest.raises(SystemExit):
+        run_script(memory.main)
+    assert capsys.readouterr().err.endswith('give --model a value; write --model=-tiny for one that starts with "-"\n')
 
 
 def test_vs_peers_step_memory_counts_only_the_timed_steps(benchmarks_importable, monkeypatch):

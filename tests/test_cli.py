@@ -881,7 +881,7 @@ def _prompts(prompt: list[str] | None = None, prompt_file: Path | None = None) -
         (["--config", "{config}", "--prompt", "c"], ["c"]),  # the command line replaces the file's list
         (["--config", "{config}", "--prompt", "c", "--prompt", "d"], ["c", "d"]),  # and its own flags add up
         (["--prompt", "c", "--config", "{config}"], ["a", "b"]),  # a later --config replaces, as for any option
-        (["--config", "{config}", "--prompt", "[c, d]"], ["c", "d"]),
+        (["--config", "{config}", "--prompt", "[c, d]"], ["[c, d]"]),
         (["--config", "{config}"], ["a", "b"]),
     ],
 )
@@ -912,20 +912,46 @@ def test_a_bad_value_on_the_command_line_is_quoted_as_typed(tmp_path, capsys, mo
         (["--prompt=[INST] hi", "--prompt", "b"], ["[INST] hi", "b"]),
         (["--prompt=", "--prompt", "b"], ["", "b"]),  # an empty `=` value is a value: `--prompt` took the next flag
         (["--config", "{config}", "--prompt+", "c", "--prompt", "d"], ["a", "b", "c", "d"]),  # jsonargparse's `+`
-        (["--prompt", "c", "--prompt", "[d, e]"], ["c", "d", "e"]),  # a YAML list adds its items as the flags add up
+        (["--prompt", "c", "--prompt", "[d, e]"], ["c", "[d, e]"]),  # a value is one prompt, as typed
         (["--prompt", "c", "--config", "{config}", "--prompt", "d"], ["d"]),  # d replaces the list of the --config
         (["--config", "{config}", "--config", "{config}", "--prompt", "c"], ["c"]),
+        (["--prompt", "#include <stdio.h>"], ["#include <stdio.h>"]),  # was None: a YAML comment
+        (["--prompt", "a", "--prompt", "null"], ["a", "null"]),  # was None: YAML's null dropped every prompt
+        (["--prompt", "~", "--prompt=&x"], ["~", "&x"]),  # were None too
+        (["--prompt", "- item", "--prompt", "[x for x in y]"], ["- item", "[x for x in y]"]),  # were item, x for x in y
+        (["--prompt", "-.5", "--prompt+", "1e3", "--prompt", "-"], ["-.5", "1e3", "-"]),  # -.5 was -0.5
+        (["--prompt", "[a]", "--prompt", "[]", "--prompt", "{a: 1}"], ["[a]", "[]", "{a: 1}"]),
     ],
 )
 def test_every_value_of_a_list_flag_is_kept(tmp_path, argv, prompts):
     """`--prompt "[INST] hi"` was refused as a list that does not parse, `--prompt= --prompt b` took `--prompt` as the
     value of the first, `--prompt+ c --prompt d` dropped c (the inserted `--prompt=[]` came after it), and
-    `--prompt c --config g.yaml --prompt d` added d to the file's list."""
+    `--prompt c --config g.yaml --prompt d` added d to the file's list. A value was read as YAML: `#include <x>` was a
+    comment (no prompt at all), `null` no list, `[a, b]` two prompts and `[x for x in y]` the prompt "x for x in y"; a
+    text flag's value is one prompt, as typed (a YAML list of prompts is a --config's)."""
     from epas_lightning.cli import run_function
 
     (config := tmp_path / "g.yaml").write_text("prompt: [a, b]\n")
     argv = [str(config) if arg == "{config}" else arg for arg in argv]
     assert run_function(_prompts, "prompts", argv) == prompts
+
+
+def test_print_config_writes_text_flag_values_as_typed(capsys):
+    """`--print_config` writes each --prompt as the command reads it (one prompt, as typed)."""
+    import yaml
+
+    from epas_lightning.cli import run_function
+
+    with pytest.raises(SystemExit):
+        run_function(_prompts, "prompts", ["--prompt", "#include <x>", "--prompt", "[a, b]", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["prompt"] == ["#include <x>", "[a, b]"]
+
+
+def test_generate_help_says_how_a_prompt_is_read(capsys):
+    """The rule for a --prompt value (one prompt as typed; `--prompt=-x` for one that starts with "-") is in --help."""
+    assert main(["generate", "--help"]) == 0
+    helped = " ".join(capsys.readouterr().out.split())
+    assert "'[a, b]' is one prompt too" in helped and 'one that starts with "-" is written --prompt=-x' in helped
 
 
 def _count(n: int = 1) -> int:

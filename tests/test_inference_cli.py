@@ -105,6 +105,29 @@ def test_generate_reports_the_analytic_cache_saving(trained, capsys):
     assert numbers["kv_cache_saving"] == pytest.approx(1 / 8) == numbers["kv_cache_saving_analytic"]
     assert out.startswith("def main(") and "\nimport" in out
     assert "layers [3] share (1/4; trained region: layers [3, 2], deep-first, attention reuse)" in err
+    # a tiny model's few KiB of cache said "0.00 MiB"
+    assert f"KV cache: {numbers['kv_cache_bytes'] / 1024:.1f} KiB (dense " in err and "0.00 MiB" not in err
+
+
+@pytest.mark.parametrize(
+    ("n_bytes", "text"),
+    [
+        (0, "0 bytes"),
+        (1, "1 byte"),
+        (1023, "1023 bytes"),
+        (1536, "1.5 KiB"),
+        (2**20 - 1, "1.0 MiB"),  # not "1024.0 KiB"
+        (12 * 2**20, "12.0 MiB"),
+        (3 * 2**30 // 2, "1.5 GiB"),
+        (5 * 2**40, "5.0 TiB"),
+    ],
+)
+def test_sizes_are_written_in_a_unit_that_shows_them(n_bytes, text):
+    """One helper writes every size a command prints (generate's KV cache, inspect's files, the free space a run
+    warns of): a size under 1 MiB was "0.0 MiB"."""
+    from epas_lightning.runtime import size_text
+
+    assert size_text(n_bytes) == text
 
 
 def test_generate_refuses_more_than_the_trained_region_unless_forced(trained, capsys):

@@ -1209,15 +1209,22 @@ def test_token_id_prompts_hold_only_ids_the_tokenizer_has(checkpoint, monkeypatc
 
 def test_sampling_settings_out_of_range_are_a_400_that_says_what_to_do(checkpoint, monkeypatch):
     """The checks generate runs (the same messages, with the fix the error carries); temperature stops at OpenAI's 2,
-    and top_k reads as vLLM reads it."""
+    top_p takes OpenAI's [0, 1] (0, a 400 once, keeps the most likely token alone: greedy decoding) and top_k reads as
+    vLLM reads it."""
     from epas_lightning.serve.protocol import parse_completion
 
     served = built_api(checkpoint, monkeypatch).served
     body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
-    assert refused(parse_completion, {**body, "top_p": 0.0}, served) == (
-        400,
-        "top_p must be in (0, 1], got 0.0: use a fraction in (0, 1], e.g. 0.9, or leave it unset for no nucleus cut",
-    )
+    for top_p in (-0.1, 1.5):
+        assert refused(parse_completion, {**body, "top_p": top_p}, served) == (
+            400,
+            f"top_p must lie in [0, 1], got {top_p}: use a fraction, e.g. 0.9 (0 is greedy), or leave it unset for no "
+            "nucleus cut",
+        )
+    nucleus_of_one = {**body, "top_p": 0.0, "temperature": 0.7, "top_k": 5, "seed": 3}
+    sampling = parse_completion(nucleus_of_one, served, served.tokenizer()).sequences[0].sampling
+    assert (sampling.temperature, sampling.top_k, sampling.top_p) == (0.0, None, None)
+    assert refused(parse_completion, {**body, "top_p": 0.0, "top_k": -2}, served)[1].startswith("top_k must be >= 1")
     assert refused(parse_completion, {**body, "top_k": -2}, served)[1].startswith("top_k must be >= 1, got -2: use 1")
     for every_token in (-1, 0):  # vLLM's top_k for no top-k cut (its clients send it): was a 400
         sequence = parse_completion({**body, "top_k": every_token}, served, served.tokenizer()).sequences[0]
@@ -1263,6 +1270,32 @@ def test_chat_content_parts_read_as_text_and_fields_that_change_the_output_are_r
     assert refused(parse_completion, completion, served) == (
         400, "unrecognized request argument supplied: min_p (this server does not implement it)"
     )  # fmt: skip
+
+
+def test_a_refusal_names_the_field_the_request_sent(checkpoint, monkeypatch):
+    """An error's ``param`` is the request field to change, as OpenAI names it: a chat request's ``top_logprobs``
+    alone was refused as ``logprobs``, and more prompts than ``--max-choices`` (n left at 1) as ``n``."""
+    pytest.importorskip("litserve")
+    from epas_lightning.serve.protocol import RequestError, parse_chat, parse_completion
+
+    served = built_api(checkpoint, monkeypatch).served
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    completion = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+    cases = [
+        (parse_chat, {**chat, "top_logprobs": 2}, "top_logprobs"),
+        (parse_chat, {**chat, "logprobs": True}, "logprobs"),
+        (parse_chat, {**chat, "max_completion_tokens": 0}, "max_completion_tokens"),
+        (parse_chat, {**chat, "n": 17}, "n"),
+        (parse_completion, {**completion, "prompt": ["a"] * 17}, "prompt"),
+        (parse_completion, {**completion, "prompt": ["a"] * 2, "n": 9}, "n"),
+        (parse_completion, {**completion, "logprobs": 1}, "logprobs"),
+        (parse_completion, {**completion, "top_p": 2.0}, "top_p"),
+        (parse_completion, {**completion, "stream_options": {"include_usage": True}}, "stream_options"),
+    ]
+    for parse, body, param in cases:
+        with pytest.raises(RequestError) as error:
+            parse(body, served, served.tokenizer())
+        assert error.value.param == param, (body, error.value.message)
 
 
 def test_an_assistant_message_sent_back_whole_is_read_and_its_tool_calls_refused(checkpoint, monkeypatch):

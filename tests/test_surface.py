@@ -368,10 +368,25 @@ def test_a_misspelt_key_in_a_commands_config_names_the_one_meant_and_the_file(tm
         ),
         (["generate", "--checkpoint"], "argument --checkpoint: expected one argument — {} — give --checkpoint a value"),
         (["fit", "--config"], "argument -c/--config: expected one argument — {} — give --config a value"),
+        (
+            ["generate", "--checkpoint", "c", "--prompt", "-x"],
+            "argument --prompt/--prompt+: expected one argument — {} — give --prompt a value; write --prompt=-x for "
+            'one that starts with "-"',
+        ),
+        (
+            ["generate", "--checkpoint", "c", "--prompt", "--ignore-eos"],
+            "argument --prompt/--prompt+: expected one argument — {} — give --prompt a value",
+        ),
+        (
+            ["fit", "--trainer.default_root_dir", "-runs"],
+            "argument --trainer.default_root_dir: expected one argument — {} — give --trainer.default_root_dir a "
+            'value; write --trainer.default_root_dir=-runs for one that starts with "-"',
+        ),
     ],
 )
 def test_a_missing_flag_or_value_says_which_to_give(argv, says, capsys):
-    """They said only "see `... --help`": the flags to add, or the one to give a value, are known."""
+    """They said only "see `... --help`": the flags to add, or the one to give a value, are known; a value that starts
+    with "-" (a prompt "-x"), which argparse reads as a flag, is said to need the `--flag=value` form."""
     assert main(argv) == 2
     assert capsys.readouterr().err == f"error: {says.format('python -m epas_lightning ' + argv[0])}\n"
 

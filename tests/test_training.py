@@ -1683,7 +1683,7 @@ def test_a_run_warns_before_training_when_its_checkpoints_may_not_fit(tiny_corpu
     os.utime(stale, (time.time() - 3600,) * 2)
     (saving := tmp_path / "ckpt" / ".epoch=0-step=9.ckpt.saving").write_bytes(b"another process saving now")
     trainer = make_trainer(tmp_path, 1, [checkpoint])
-    with pytest.warns(UserWarning, match=r"checkpoints may not fit: 3 of .* MiB is free in .*ckpt"):
+    with pytest.warns(UserWarning, match=r"checkpoints may not fit: 3 of .*, and 1\.0 KiB is free in .*ckpt"):
         trainer.fit(module, datamodule=data)
     assert not stale.exists() and saving.exists()  # a file written to minutes ago may be a save still running
     assert f"removed {stale} (20 bytes): a checkpoint save killed before it finished" in capsys.readouterr().err

@@ -25,16 +25,18 @@ from epas_lightning.errors import ConfigError
 from epas_lightning.evaluation.perplexity import perplexity, perplexity_of_batches
 from epas_lightning.flops import estimate_flops
 from epas_lightning.inference.generate import generate, set_region
-from epas_lightning.inference.generate_cli import MIB, CudaGraph, check_device, cuda_graph_choice, load_for_inference
+from epas_lightning.inference.generate_cli import CudaGraph, check_device, cuda_graph_choice, load_for_inference
 from epas_lightning.model import LlamaConfig
 from epas_lightning.outputs import check_output, output_folder, writing_into
 from epas_lightning.progress import progress
 from epas_lightning.region import SHARING_FLAGS, sharing_layers_text
-from epas_lightning.runtime import DType, check_counts, dtype_name, emit_json, json_text
+from epas_lightning.runtime import DType, check_counts, dtype_name, emit_json, json_text, size_text
 
 if TYPE_CHECKING:
     from epas_lightning.data.token_data import HeldOut
 
+MIB = 2**20
+"""The plot's KV-cache unit."""
 DEFAULT_TOKENS = 64
 """Default --prompt-len and --max-new-tokens, each cut to what the model's context length leaves."""
 
@@ -240,13 +242,13 @@ def print_table(summary: dict) -> None:
         f"val loss on {summary['val_tokens']} held-out tokens, sequences of {summary['seq_len']}"
     )
     head = f"{'shared':>6} {'FLOPs':>6} {'prefill tok/s':>14} {'decode tok/s':>13}"
-    print(f"{head} {'KV MiB':>8} {'KV saved':>9} {'val loss':>9}")
+    print(f"{head} {'KV cache':>10} {'KV saved':>9} {'val loss':>9}")
     for r in summary["rows"]:
         loss = shown(r["val_loss"], ".4f")
         prefill, decode = (shown(r[key], ".1f") for key in ("prefill_tokens_per_s", "decode_tokens_per_s"))
         print(
             f"{r['sharing_layers']:>6} {budget_to_fit(r['flops_ratio']):>6.4f} {prefill:>14} {decode:>13} "
-            f"{r['kv_cache_bytes'] / MIB:>8.2f} {r['kv_cache_saving']:>9.1%} {loss:>9}"
+            f"{size_text(r['kv_cache_bytes']):>10} {r['kv_cache_saving']:>9.1%} {loss:>9}"
         )
     if summary["budget_pick"] is not None:
         n = summary["budget_pick"]

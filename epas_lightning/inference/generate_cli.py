@@ -12,10 +12,9 @@ from epas_lightning.errors import ConfigError, read_text_file, text_lines
 from epas_lightning.inference.generate import GenerationResult, fit_new_tokens, generate, per_second, set_region
 from epas_lightning.inference.sampling import SamplingError, check_sampling
 from epas_lightning.region import SHARING_FLAGS
-from epas_lightning.runtime import DType, check_counts, emit_json, resolve_device, resolve_dtype
+from epas_lightning.runtime import DType, check_counts, emit_json, resolve_device, resolve_dtype, size_text
 from epas_lightning.seeds import SAMPLING_SEEDS, SEED_FIX, seed_out_of_range
 
-MIB = 2**20
 CudaGraph = Literal["auto", "on", "off"]
 
 
@@ -150,7 +149,8 @@ def generate_command(
 
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
-        prompt: A prompt; repeat the flag for a batch.
+        prompt: A prompt, as typed; repeat the flag for a batch. '[a, b]' is one prompt too (a YAML list of prompts
+            goes in a --config file); one that starts with "-" is written --prompt=-x.
         prompt_file: A file with one prompt per line, blank lines skipped (added to --prompt); - reads them
             from standard input.
         sharing_layers: The first N layers of the trained region (in its growth order) share; default: all of it (an
@@ -230,7 +230,7 @@ def generate_command(
         file=sys.stderr,
     )
     print(
-        f"KV cache: {numbers['kv_cache_bytes'] / MIB:.2f} MiB (dense {numbers['dense_kv_cache_bytes'] / MIB:.2f} MiB, "
+        f"KV cache: {size_text(numbers['kv_cache_bytes'])} (dense {size_text(numbers['dense_kv_cache_bytes'])}, "
         f"saving {numbers['kv_cache_saving']:.1%}; analytic {numbers['kv_cache_saving_analytic']:.1%})",
         file=sys.stderr,
     )

@@ -16,7 +16,7 @@ TEMPERATURE_FIX = "use 0 (greedy) or more; 1 samples from the model's distributi
 TOP_K_FIX = "use 1 or more (1 is greedy), or leave it unset to sample from every token"
 TOP_P_FIX = "use a fraction in (0, 1], e.g. 0.9, or leave it unset for no nucleus cut"
 """What to do about each setting :func:`check_sampling` refuses (from Python; a command's flag and serve's field
-take the same values)."""
+take the same values, but for serve's ``top_p``, which also takes OpenAI's 0: greedy)."""
 
 
 class SamplingError(ConfigError):

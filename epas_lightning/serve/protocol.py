@@ -179,7 +179,8 @@ def parse_chat(body: Any, served: ServedModel, tokenizer: TextTokenizer) -> Comp
     request = _validate(body, ChatRequest, served)
     _refuse_unsupported(
         {
-            "logprobs": bool(request.logprobs) or request.top_logprobs is not None,
+            "logprobs": bool(request.logprobs),
+            "top_logprobs": request.top_logprobs is not None,
             "tools": bool(request.tools),
             "tool_choice": request.tool_choice not in (None, "none", "auto"),
             "functions": bool(request.functions),
@@ -266,7 +267,8 @@ def _completion(
 
 
 def _check_choices(prompts: int, n: int | None, served: ServedModel) -> int:
-    """``n``, checked: the sequences of ``prompts`` prompts x ``n`` fit ``--max-choices``."""
+    """``n``, checked: the sequences of ``prompts`` prompts x ``n`` fit ``--max-choices`` (the error names
+    ``prompt`` where the prompts alone are too many)."""
     n = 1 if n is None else n
     if n < 1:
         raise RequestError(f"n must be at least 1, got {n}", "n")
@@ -274,7 +276,7 @@ def _check_choices(prompts: int, n: int | None, served: ServedModel) -> int:
         raise RequestError(
             f"{prompts} prompt(s) x n={n} is more than the {served.max_choices} completions one request may ask "
             "for on this server",
-            "n",
+            "prompt" if prompts > served.max_choices else "n",
         )
     return n
 
@@ -330,17 +332,27 @@ def _refuse_unsupported(unsupported: dict[str, bool], request: SamplingRequest) 
 
 
 def _sampling(request: SamplingRequest) -> Sampling:
+    """The request's sampling, checked as ``generate`` checks it, with OpenAI's ranges: ``temperature`` up to 2,
+    ``top_p`` in [0, 1], where 0 keeps the most likely token alone (greedy decoding, as transformers reads it)."""
     temperature = 1.0 if request.temperature is None else request.temperature
     top_p = 1.0 if request.top_p is None else request.top_p
     top_k = None if request.top_k in EVERY_TOKEN else request.top_k
+    if not 0.0 <= top_p <= 1.0:  # NaN too
+        raise RequestError(
+            f"top_p must lie in [0, 1], got {top_p}: use a fraction, e.g. 0.9 (0 is greedy), or leave it unset for no "
+            "nucleus cut",
+            "top_p",
+        )
     try:
-        check_sampling(temperature, top_k, top_p)
+        check_sampling(temperature, top_k, top_p or None)
     except SamplingError as e:
         raise RequestError(f"{e.what}: {e.fix}", e.setting) from None
     if temperature > MAX_TEMPERATURE:
         raise RequestError(f"temperature must lie in [0, {MAX_TEMPERATURE:g}], got {temperature}", "temperature")
     if request.seed is not None and (problem := seed_out_of_range(request.seed, SAMPLING_SEEDS)):
         raise RequestError(problem, "seed")
+    if top_p == 0.0:  # a nucleus of the most likely token alone: decoded (and batched) as greedy
+        return Sampling(0.0, None, None, request.seed)
     return Sampling(temperature, top_k, None if top_p == 1.0 else top_p, request.seed)
 
 
