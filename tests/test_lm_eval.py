@@ -661,6 +661,11 @@ def no_weights_load(monkeypatch: pytest.MonkeyPatch) -> None:
             ["--gen-kwargs", '{"do_sample": true}', "--gen-kwargs", 'until=["\\n", "]"],num_beams=2'],
             "error: --gen-kwargs asks for num_beams: 2, which",
         ),
+        # each was a ValueError, TypeError or AssertionError traceback from lm-eval once the model had loaded
+        (["--gen-kwargs", "do_sample=True,temperature=abc"], "error: temperature takes a number from 0, got 'abc' — "),
+        (["--gen-kwargs", "until=5"], "error: until takes text or a list of texts, got 5 — --gen-kwargs — give un"),
+        (["--gen-kwargs", "top_k=-3"], "error: top_k takes a whole number from 0, or None, got -3.0 — --gen-kwargs — "),
+        (["--gen-kwargs", "max_gen_toks=32"], "error: max_gen_toks 32 leaves no room for a prompt in the model's cont"),
         (["--seed", "1,2"], "error: Argument requires 4 integers or None, separated by ',' (got '1,2') — --seed — "),
         (["--seed", "x"], "error: x is not an integer or None (got 'x') — --seed — give one whole number from 0 to "),
         (["--seed", "-1"], "error: a seed must be from 0 to 4294967295, got -1 — --seed — "),

@@ -30,6 +30,7 @@ from epas_lightning.evaluation.evaluate_cli import format_table, region_lengths
 from epas_lightning.evaluation.lm_eval_documents import refusing_misscored_documents
 from epas_lightning.evaluation.lm_eval_options import (
     check_chat_template,
+    check_generation_length,
     check_log_samples,
     fewshot_turns,
     parse_gen_kwargs,
@@ -179,6 +180,7 @@ def run_lm_eval(
     specs, manager = resolve_tasks(tasks, include_path)
     recorded = describe_checkpoint(checkpoint)
     lengths = region_lengths(sharing_layers, recorded, force)  # checked before the weights load
+    check_generation_length(gen_kwargs, recorded.config.context_length)
     if apply_chat_template:  # before the weights load too; no tokenizer at all: EPASLM says so
         path = resolve_tokenizer_path(tokenizer) if tokenizer is not None else recorded.tokenizer_file()
         if path is not None:

@@ -64,8 +64,48 @@ def parse_gen_kwargs(values: Sequence[str] | None) -> dict[str, Any] | None:
                 'give key=value pairs separated by commas (temperature=0.8,top_p=0.95,until=["\\n\\n"]), or a JSON '
                 "object",
             ) from e
+    check_setting_types(merged)
     check_decoding_settings({k: v for k, v in merged.items() if k not in LENGTH_KEYS}, where="--gen-kwargs")
     return merged or None
+
+
+def check_setting_types(kwargs: dict[str, Any]) -> None:
+    """The ``--gen-kwargs`` lm-eval and our decoding read, of the types they take: a stop string or a list of them, a
+    whole number of tokens, ``do_sample`` true or false, ``temperature`` and ``top_p`` numbers from 0, ``top_k`` a
+    whole number from 0 or None. (Others were a ``ValueError`` or ``TypeError`` traceback once the model had
+    loaded.)"""
+    from epas_lightning.runtime import is_real_number, is_whole_number
+
+    def stops(v: object) -> bool:
+        return isinstance(v, str) or (isinstance(v, list) and all(isinstance(item, str) for item in v))
+
+    takes = {
+        "until": ("text or a list of texts", stops),
+        "do_sample": ("True or False", lambda v: isinstance(v, bool)),
+        "temperature": ("a number from 0", lambda v: is_real_number(v) and v >= 0),
+        "top_p": ("a number from 0", lambda v: is_real_number(v) and v >= 0),
+        "top_k": ("a whole number from 0, or None", lambda v: v is None or (is_whole_number(v) and v >= 0)),
+        **{key: ("a whole number from 1", lambda v: is_whole_number(v) and v >= 1) for key in LENGTH_KEYS - {"until"}},
+    }
+    for key, value in kwargs.items():
+        if key in takes and not takes[key][1](value):
+            raise ConfigError(
+                f"{key} takes {takes[key][0]}, got {value!r}",
+                "--gen-kwargs",
+                f"give {key} {takes[key][0]}, as a Python literal (lm-eval reads -3 as -3.0)",
+            )
+
+
+def check_generation_length(kwargs: dict[str, Any] | None, context_length: int) -> None:
+    """``--gen-kwargs``' tokens to generate below the model's context length, which lm-eval's ``HFLM`` asserts once the
+    model has loaded (room must be left for the prompt)."""
+    for key in sorted(LENGTH_KEYS - {"until"}):
+        if kwargs and key in kwargs and kwargs[key] >= context_length:
+            raise ConfigError(
+                f"{key} {kwargs[key]} leaves no room for a prompt in the model's context length of {context_length}",
+                "--gen-kwargs",
+                f"give {key} below {context_length}",
+            )
 
 
 def fewshot_turns(apply_chat_template: bool, fewshot_as_multiturn: bool | None) -> bool:
