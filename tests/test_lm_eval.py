@@ -704,3 +704,11 @@ def test_apply_chat_template_renders_the_prompts_and_the_few_shot_turns(checkpoi
     assert context.count("<|bos|>user: ") == 1 and context.endswith("<|bos|>assistant:")  # one turn holds them
     recorded = (turns["apply_chat_template"], turns["fewshot_as_multiturn"], one["fewshot_as_multiturn"])
     assert recorded == (True, True, False)
+
+
+def test_a_config_files_seed_is_a_number_as_in_lm_evals_yaml(checkpoint, tasks, tmp_path, capsys, no_weights_load):
+    """`seed: 42` in a --config file (as lm-eval's YAML config takes it) was refused as not text."""
+    config = tmp_path / "eval.yaml"
+    config.write_text("seed: 4294967296\n")
+    rc, _, err = run_cli(capsys, "lm-eval", "--config", str(config), "--checkpoint", str(checkpoint), "--tasks", "x")
+    assert rc == 2 and err.startswith("error: a seed must be from 0 to 4294967295, got 4294967296 — --seed — "), err

@@ -319,7 +319,7 @@ def lm_eval_command(
     device: str = "auto",
     dtype: DType = "auto",
     force: bool = False,
-    seed: str | None = None,
+    seed: int | str | None = None,
     gen_kwargs: list[str] | None = None,
     apply_chat_template: bool = False,
     fewshot_as_multiturn: bool | None = None,
