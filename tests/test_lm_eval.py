@@ -666,6 +666,8 @@ def no_weights_load(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--gen-kwargs", "until=5"], "error: until takes text or a list of texts, got 5 — --gen-kwargs — give un"),
         (["--gen-kwargs", "top_k=-3"], "error: top_k takes a whole number from 0, or None, got -3.0 — --gen-kwargs — "),
         (["--gen-kwargs", "max_gen_toks=32"], "error: max_gen_toks 32 leaves no room for a prompt in the model's cont"),
+        (["--batch-size", "auto:0"], "error: must be a whole number, auto or auto:N, got 'auto:0' — --batch-size — "),
+        (["--batch-size", "big"], "error: must be a whole number, auto or auto:N, got 'big' — --batch-size — "),
         (["--seed", "1,2"], "error: Argument requires 4 integers or None, separated by ',' (got '1,2') — --seed — "),
         (["--seed", "x"], "error: x is not an integer or None (got 'x') — --seed — give one whole number from 0 to "),
         (["--seed", "-1"], "error: a seed must be from 0 to 4294967295, got -1 — --seed — "),
@@ -712,3 +714,13 @@ def test_a_config_files_seed_is_a_number_as_in_lm_evals_yaml(checkpoint, tasks, 
     config.write_text("seed: 4294967296\n")
     rc, _, err = run_cli(capsys, "lm-eval", "--config", str(config), "--checkpoint", str(checkpoint), "--tasks", "x")
     assert rc == 2 and err.startswith("error: a seed must be from 0 to 4294967295, got 4294967296 — --seed — "), err
+
+
+def test_batch_size_auto_finds_one_as_lm_eval_does(checkpoint, tasks, tmp_path, capsys) -> None:
+    """lm-eval's --batch_size auto (the largest batch that fits, up to 64) was refused as not a whole number."""
+    flags = ["--tasks", "tiny_mc", "--tasks", "tiny_ppl", "--sharing-layers", "2"]
+    auto, _ = lm_eval_into(capsys, checkpoint, tasks, tmp_path / "auto", *flags, "--batch-size", "auto")
+    four, _ = lm_eval_into(capsys, checkpoint, tasks, tmp_path / "four", *flags, "--batch-size", "4")
+    assert auto["runs"]["2"]["config"]["batch_sizes"] == [64] and four["runs"]["2"]["config"]["batch_sizes"] == []
+    metrics = [{key: value for key, value in run["rows"][0].items() if "/" in key} for run in (auto, four)]
+    assert len(metrics[0]) == 5 and metrics[0] == pytest.approx(metrics[1], rel=1e-5)

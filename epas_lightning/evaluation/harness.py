@@ -29,6 +29,7 @@ from epas_lightning.errors import ConfigError
 from epas_lightning.evaluation.evaluate_cli import format_table, region_lengths
 from epas_lightning.evaluation.lm_eval_documents import refusing_misscored_documents
 from epas_lightning.evaluation.lm_eval_options import (
+    check_batch_size,
     check_chat_template,
     check_generation_length,
     check_log_samples,
@@ -38,7 +39,7 @@ from epas_lightning.evaluation.lm_eval_options import (
     write_samples,
 )
 from epas_lightning.outputs import check_output, output_folder, writing_into
-from epas_lightning.runtime import DType, check_counts, emit_json, json_text, resolve_device
+from epas_lightning.runtime import DType, emit_json, json_text, resolve_device
 
 INSTALL = "pip install 'epas_lightning[eval]'"
 OUTPUT_KIND = "lm-eval"
@@ -156,7 +157,7 @@ def run_lm_eval(
     sharing_layers: int | str | None = None,
     num_fewshot: int | None = None,
     limit: float | None = None,
-    batch_size: int = 16,
+    batch_size: int | str = 16,
     bootstrap_iters: int = 100000,
     tokenizer: str | Path | None = None,
     device: str = "auto",
@@ -313,7 +314,7 @@ def lm_eval_command(
     sharing_layers: int | Literal["all"] | None = None,
     num_fewshot: int | None = None,
     limit: float | None = None,
-    batch_size: int = 16,
+    batch_size: int | str = 16,
     bootstrap_iters: int = 100000,
     tokenizer: Path | None = None,
     device: str = "auto",
@@ -344,7 +345,8 @@ def lm_eval_command(
             0..trained max; default: the trained region (an export's folder: the N it was exported with).
         num_fewshot: Few-shot examples per question (default: each task's own).
         limit: Score only the first N documents of each task (a fraction below 1); for quick checks.
-        batch_size: Sequences per forward pass.
+        batch_size: Sequences per forward pass; or auto (lm-eval's: the largest batch that fits, up to 64, found once
+            per region) or auto:N (found again N times in a run).
         bootstrap_iters: Bootstrap samples for lm-eval's standard errors (0 skips them).
         tokenizer: Tokenizer file or folder (default: the one the checkpoint records).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
@@ -369,7 +371,7 @@ def lm_eval_command(
         json: End with one JSON line of the rows.
     """
     resolve_device(device)  # before lm-eval indexes its tasks
-    check_counts({"--batch-size": batch_size})
+    check_batch_size(batch_size)
     check_lm_eval_numbers(limit, num_fewshot, bootstrap_iters)
     check_tokenizer_flag(tokenizer)
     check_log_samples(log_samples, output)

@@ -6,11 +6,13 @@ refusal one :class:`ConfigError` before the model loads; and the per-sample file
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from epas_lightning.errors import ConfigError
+from epas_lightning.runtime import check_counts, is_real_number, is_whole_number
 
 DEFAULT_SEED = "0,1234,1234,1234"
 """lm-eval's seeds for Python's ``random``, NumPy, torch and the few-shot sampler, where ``--seed`` is not given."""
@@ -41,6 +43,24 @@ def parse_seed(text: str | int | None) -> dict[str, int | None]:
         if seed is not None and not 0 <= seed <= MAX_SEED:
             raise ConfigError(f"a seed must be from 0 to {MAX_SEED}, got {seed}", "--seed", SEED_FIX)
     return dict(zip(SEED_NAMES, seeds, strict=True))
+
+
+AUTO_BATCH = re.compile(r"auto(?::(\d+(?:\.\d*)?|\.\d+))?")
+"""lm-eval's ``--batch_size auto`` (the largest that fits, found once) and ``auto:N`` (found again N times in a run)."""
+
+
+def check_batch_size(batch_size: int | str) -> None:
+    """``--batch-size``: a whole number from 1, or lm-eval's ``auto`` or ``auto:N`` (N above 0)."""
+    if isinstance(batch_size, str):
+        match = AUTO_BATCH.fullmatch(batch_size)
+        if match is None or (match[1] is not None and not float(match[1]) > 0):
+            raise ConfigError(
+                f"must be a whole number, auto or auto:N, got {batch_size!r}",
+                "--batch-size",
+                "give 1 or more, auto (the largest batch that fits, up to 64) or auto:N (found again N times)",
+            )
+        return
+    check_counts({"--batch-size": batch_size})
 
 
 def parse_gen_kwargs(values: Sequence[str] | None) -> dict[str, Any] | None:
@@ -74,7 +94,6 @@ def check_setting_types(kwargs: dict[str, Any]) -> None:
     whole number of tokens, ``do_sample`` true or false, ``temperature`` and ``top_p`` numbers from 0, ``top_k`` a
     whole number from 0 or None. (Others were a ``ValueError`` or ``TypeError`` traceback once the model had
     loaded.)"""
-    from epas_lightning.runtime import is_real_number, is_whole_number
 
     def stops(v: object) -> bool:
         return isinstance(v, str) or (isinstance(v, list) and all(isinstance(item, str) for item in v))
