@@ -1,6 +1,7 @@
 """The ``lm-eval`` command's options that are lm-eval's own (``--seed``, ``--gen-kwargs``, ``--apply-chat-template``,
-``--fewshot-as-multiturn``, ``--log-samples``): read and checked as lm-eval 0.4.13's ``lm_eval run`` reads them, each
-refusal one :class:`ConfigError` before the model loads; and the per-sample files ``--log-samples`` writes.
+``--fewshot-as-multiturn``, ``--log-samples``, ``--batch-size auto``): read and checked as lm-eval 0.4.13's
+``lm_eval run`` reads them, each refusal one :class:`ConfigError` before the model loads; and the per-sample files
+``--log-samples`` writes.
 """
 
 from __future__ import annotations
