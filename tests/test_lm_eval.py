@@ -543,3 +543,184 @@ def test_readme_shell_command_runs_in_a_fresh_process(checkpoint, tasks, tmp_pat
     expected = metric_columns(evaluate("epas", args, tasks, ["tiny_mc", "tiny_ppl"], limit=4)["results"])
     assert len(expected) == 5 and {key: row[key] for key in expected} == pytest.approx(expected, rel=1e-9)
     assert (row["tiny_mc/acc"], row["tiny_mc/acc_norm"]) == (expected["tiny_mc/acc"], expected["tiny_mc/acc_norm"])
+
+
+def lm_eval_into(capsys, checkpoint: Path, tasks: Path, output: Path, *flags: str) -> tuple[dict, dict[str, list]]:
+    """`lm-eval` on the local tasks into ``output``: lm_eval.json and the samples files by name."""
+    argv = ["lm-eval", "--checkpoint", str(checkpoint), "--include-path", str(tasks), "--device", "cpu"]
+    rc, _, err = run_cli(capsys, *argv, "--bootstrap-iters", "0", "--output", str(output), *flags)
+    assert rc == 0, err
+    samples = {
+        path.name: [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        for path in sorted(output.glob("samples_*.jsonl"))
+    }
+    return json.loads((output / "lm_eval.json").read_text()), samples
+
+
+def test_log_samples_writes_each_task_and_region_into_the_output(checkpoint, tasks, tmp_path, capsys) -> None:
+    """lm-eval's --log_samples was missing: the per-document prompts, responses and scores, beside the results."""
+    flags = ["--tasks", "tiny_mc", "--tasks", "tiny_gen", "--sharing-layers", "all", "--limit", "3", "--log-samples"]
+    summary, samples = lm_eval_into(capsys, checkpoint, tasks, tmp_path / "out", *flags)
+    assert sorted(samples) == sorted(f"samples_{t}_sharing{n}.jsonl" for t in ("tiny_mc", "tiny_gen") for n in range(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # built in a hidden folder, renamed into place
+    assert "samples" not in summary
+    for n, row in enumerate(summary["rows"]):
+        mc = samples[f"samples_tiny_mc_sharing{n}.jsonl"]
+        assert [s["doc_id"] for s in mc] == [0, 1, 2] and row["tiny_mc/acc"] == sum(s["acc"] for s in mc) / 3
+        assert mc[0]["arguments"]["gen_args_0"]["arg_1"] in mc[0]["doc"]["choices"]  # lm-eval's sanitized form
+        assert isinstance(mc[0]["target"], str) and len(mc[0]["resps"]) == 3  # one per choice
+        generated = samples[f"samples_tiny_gen_sharing{n}.jsonl"]
+        assert row["tiny_gen/exact_match"] == sum(s["exact_match"] for s in generated) / 3
+    rc, _, err = run_cli(capsys, "lm-eval", "--checkpoint", str(checkpoint), "--tasks", "tiny_mc", "--log-samples")
+    assert rc == 2 and "error: the samples are written into the --output folder, and none was given — --log-sa" in err
+
+
+def test_a_seed_reproduces_sampled_generations_and_few_shot_draws(checkpoint, tasks, tmp_path, capsys) -> None:
+    """lm-eval's --seed was missing (every run took lm-eval's default seeds); --gen-kwargs turns the greedy task into
+    a sampling one, so the seed decides the generations, and the few-shot examples drawn."""
+    flags = ["--tasks", "tiny_gen", "--tasks", "tiny_mc", "--num-fewshot", "2", "--limit", "4", "--log-samples"]
+    flags += ["--sharing-layers", "2"]
+    flags += ["--gen-kwargs", '{"do_sample": true}', "--gen-kwargs", 'temperature=1,until=["]"]']
+    runs = {
+        name: lm_eval_into(capsys, checkpoint, tasks, tmp_path / name, *flags, "--seed", seed)
+        for name, seed in (("a", "7"), ("b", "7"), ("c", "8"))
+    }
+    (first, first_samples), (again, again_samples), (other, other_samples) = runs.values()
+    assert first["rows"] == again["rows"] and first_samples == again_samples
+
+    def seen(samples: dict, task: str, key: str) -> list:
+        return [s[key] if key == "resps" else s["arguments"] for s in samples[f"samples_{task}_sharing2.jsonl"]]
+
+    assert seen(first_samples, "tiny_gen", "resps") != seen(other_samples, "tiny_gen", "resps")
+    assert seen(first_samples, "tiny_mc", "prompt") != seen(other_samples, "tiny_mc", "prompt")  # other examples drawn
+    config = first["runs"]["2"]["config"]
+    assert [config[k] for k in ("random_seed", "numpy_seed", "torch_seed", "fewshot_seed")] == [7, 7, 7, 7]
+    assert config["gen_kwargs"] == {"do_sample": True, "temperature": 1, "until": ["]"]}  # as typed
+    assert first_samples["samples_tiny_gen_sharing2.jsonl"][0]["arguments"]["gen_args_0"]["arg_1"]["do_sample"]
+
+
+@pytest.mark.parametrize(
+    ("seed", "expected"),
+    [
+        (None, [0, 1234, 1234, 1234]),  # lm-eval's defaults
+        ("42", [42, 42, 42, 42]),
+        ("0,None,8,52", [0, None, 8, 52]),
+        ("5,6,7", [5, 6, 7, 1234]),  # lm-eval fills in the fourth
+    ],
+)
+def test_seed_reads_as_lm_eval_reads_it(seed, expected) -> None:
+    from lm_eval._cli.run import Run
+
+    from epas_lightning.evaluation.lm_eval_options import SEED_NAMES, parse_seed
+
+    assert parse_seed(seed) == dict(zip(SEED_NAMES, expected, strict=True))
+    if seed is not None:  # lm_eval run --seed's own reading
+        import argparse
+
+        parser = argparse.ArgumentParser().add_subparsers()
+        assert Run(parser)._parser.parse_args(["--seed", seed]).seed == expected
+
+
+def test_gen_kwargs_read_as_lm_eval_reads_them() -> None:
+    import argparse
+
+    from lm_eval._cli.utils import MergeDictAction
+
+    from epas_lightning.evaluation.lm_eval_options import parse_gen_kwargs
+
+    values = ['until=["\\n", "a,b"],max_gen_toks=3', "temperature=0.5,top_k=5", '{"do_sample": true, "top_p": 0.9}']
+    values += ["temperature=0.7"]  # a later value replaces an earlier one
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--gen_kwargs", nargs="+", action=MergeDictAction, default=None)
+    expected = parser.parse_args([token for value in values for token in ("--gen_kwargs", value)]).gen_kwargs
+    assert parse_gen_kwargs(values) == expected
+    assert expected == {"until": ["\n", "a,b"], "max_gen_toks": 3, "temperature": 0.7, "top_k": 5, "do_sample": True,
+                        "top_p": 0.9}  # fmt: skip
+    assert parse_gen_kwargs(None) is None and parse_gen_kwargs([]) is None
+
+
+@pytest.fixture
+def no_weights_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading the model's weights fails the test: a refusal must come before it."""
+    from epas_lightning.inference import generate_cli
+
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the weights loaded")
+
+    monkeypatch.setattr(generate_cli, "load_for_inference", refuse)
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--gen-kwargs", "temperature"], "error: expected `key=value`, got 'temperature' — --gen-kwargs temperatu"),
+        (["--gen-kwargs", '{"do_sample": tru}'], 'error: Invalid JSON: {"do_sample": tru}. Hint: Use double quo'),
+        (["--gen-kwargs", "num_beams=4"], "error: --gen-kwargs asks for num_beams: 4, which this model's decoding d"),
+        # a JSON object and brackets reach lm-eval's parsing as typed
+        (
+            ["--gen-kwargs", '{"do_sample": true}', "--gen-kwargs", 'until=["\\n", "]"],num_beams=2'],
+            "error: --gen-kwargs asks for num_beams: 2, which",
+        ),
+        # each was a ValueError, TypeError or AssertionError traceback from lm-eval once the model had loaded
+        (["--gen-kwargs", "do_sample=True,temperature=abc"], "error: temperature takes a number from 0, got 'abc' — "),
+        (["--gen-kwargs", "until=5"], "error: until takes text or a list of texts, got 5 — --gen-kwargs — give un"),
+        (["--gen-kwargs", "top_k=-3"], "error: top_k takes a whole number from 0, or None, got -3.0 — --gen-kwargs — "),
+        (["--gen-kwargs", "max_gen_toks=32"], "error: max_gen_toks 32 leaves no room for a prompt in the model's cont"),
+        (["--batch-size", "auto:0"], "error: must be a whole number, auto or auto:N, got 'auto:0' — --batch-size — "),
+        (["--batch-size", "big"], "error: must be a whole number, auto or auto:N, got 'big' — --batch-size — "),
+        (["--seed", "1,2"], "error: Argument requires 4 integers or None, separated by ',' (got '1,2') — --seed — "),
+        (["--seed", "x"], "error: x is not an integer or None (got 'x') — --seed — give one whole number from 0 to "),
+        (["--seed", "-1"], "error: a seed must be from 0 to 4294967295, got -1 — --seed — "),
+        (["--seed", "1,2,3,4294967296"], "error: a seed must be from 0 to 4294967295, got 4294967296 — --seed — "),
+        (["--apply-chat-template"], "error: this model has no chat template (none beside "),
+        (["--fewshot-as-multiturn"], "error: few-shot examples as turns of a chat need the chat template — --fe"),
+    ],
+)
+def test_lm_eval_options_refused_before_the_weights_load(checkpoint, tasks, capsys, no_weights_load, flags, said):
+    """A bad --gen-kwargs or --seed, --apply-chat-template with a tokenizer that has no chat template, and
+    --fewshot-as-multiturn without it (lm-eval refuses it): one line, before the model loads."""
+    argv = ["lm-eval", "--checkpoint", str(checkpoint), "--tasks", str(tasks / "tiny_gen.yaml"), "--device", "cpu"]
+    rc, _, err = run_cli(capsys, *argv, *flags)
+    assert rc == 2 and err.startswith(said), err
+    if flags == ["--apply-chat-template"]:
+        assert "— --apply-chat-template — pass --tokenizer <a folder holding this tokenizer and its chat_te" in err
+
+
+def test_apply_chat_template_renders_the_prompts_and_the_few_shot_turns(checkpoint, tasks, tmp_path, capsys) -> None:
+    """lm-eval's --apply_chat_template and --fewshot_as_multiturn were missing."""
+    import shutil
+
+    chat = shutil.copytree(checkpoint, tmp_path / "chat")
+    (chat / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|bos|>{{ m['role'] }}: {{ m['content'] }}<|eos|>{% endfor %}"
+        "{% if add_generation_prompt %}<|bos|>assistant:{% endif %}"
+    )
+    flags = ["--tasks", "tiny_gen", "--num-fewshot", "2", "--limit", "2", "--log-samples", "--apply-chat-template"]
+    turns, turns_samples = lm_eval_into(capsys, chat, tasks, tmp_path / "turns", *flags)
+    one, one_samples = lm_eval_into(capsys, chat, tasks, tmp_path / "one", *flags, "--no-fewshot-as-multiturn")
+    name = f"samples_tiny_gen_sharing{turns['rows'][0]['sharing_layers']}.jsonl"
+    [context, _] = turns_samples[name][0]["arguments"]["gen_args_0"].values()
+    assert context.startswith("<|bos|>user: ") and context.endswith("<|bos|>assistant:")
+    assert context.count("<|bos|>user: ") == 3 and context.count("<|bos|>assistant: ") == 2  # two examples as turns
+    [context, _] = one_samples[name][0]["arguments"]["gen_args_0"].values()
+    assert context.count("<|bos|>user: ") == 1 and context.endswith("<|bos|>assistant:")  # one turn holds them
+    recorded = (turns["apply_chat_template"], turns["fewshot_as_multiturn"], one["fewshot_as_multiturn"])
+    assert recorded == (True, True, False)
+
+
+def test_a_config_files_seed_is_a_number_as_in_lm_evals_yaml(checkpoint, tasks, tmp_path, capsys, no_weights_load):
+    """`seed: 42` in a --config file (as lm-eval's YAML config takes it) was refused as not text."""
+    config = tmp_path / "eval.yaml"
+    config.write_text("seed: 4294967296\n")
+    rc, _, err = run_cli(capsys, "lm-eval", "--config", str(config), "--checkpoint", str(checkpoint), "--tasks", "x")
+    assert rc == 2 and err.startswith("error: a seed must be from 0 to 4294967295, got 4294967296 — --seed — "), err
+
+
+def test_batch_size_auto_finds_one_as_lm_eval_does(checkpoint, tasks, tmp_path, capsys) -> None:
+    """lm-eval's --batch_size auto (the largest batch that fits, up to 64) was refused as not a whole number."""
+    flags = ["--tasks", "tiny_mc", "--tasks", "tiny_ppl", "--sharing-layers", "2"]
+    auto, _ = lm_eval_into(capsys, checkpoint, tasks, tmp_path / "auto", *flags, "--batch-size", "auto")
+    four, _ = lm_eval_into(capsys, checkpoint, tasks, tmp_path / "four", *flags, "--batch-size", "4")
+    assert auto["runs"]["2"]["config"]["batch_sizes"] == [64] and four["runs"]["2"]["config"]["batch_sizes"] == []
+    metrics = [{key: value for key, value in run["rows"][0].items() if "/" in key} for run in (auto, four)]
+    assert len(metrics[0]) == 5 and metrics[0] == pytest.approx(metrics[1], rel=1e-5)

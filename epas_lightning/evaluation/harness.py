@@ -24,12 +24,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 from epas_lightning.checkpoint import describe_checkpoint
-from epas_lightning.data.tokenizer import check_tokenizer_flag
+from epas_lightning.data.tokenizer import check_tokenizer_flag, resolve_tokenizer_path
 from epas_lightning.errors import ConfigError
 from epas_lightning.evaluation.evaluate_cli import format_table, region_lengths
 from epas_lightning.evaluation.lm_eval_documents import refusing_misscored_documents
+from epas_lightning.evaluation.lm_eval_options import (
+    check_batch_size,
+    check_chat_template,
+    check_generation_length,
+    check_log_samples,
+    fewshot_turns,
+    parse_gen_kwargs,
+    parse_seed,
+    write_samples,
+)
 from epas_lightning.outputs import check_output, output_folder, writing_into
-from epas_lightning.runtime import DType, check_counts, emit_json, json_text, resolve_device
+from epas_lightning.runtime import DType, emit_json, json_text, resolve_device
 
 INSTALL = "pip install 'epas_lightning[eval]'"
 OUTPUT_KIND = "lm-eval"
@@ -147,22 +157,35 @@ def run_lm_eval(
     sharing_layers: int | str | None = None,
     num_fewshot: int | None = None,
     limit: float | None = None,
-    batch_size: int = 16,
+    batch_size: int | str = 16,
     bootstrap_iters: int = 100000,
     tokenizer: str | Path | None = None,
     device: str = "auto",
     dtype: DType = "auto",
     force: bool = False,
+    seeds: dict[str, int | None] | None = None,
+    gen_kwargs: dict[str, Any] | None = None,
+    apply_chat_template: bool = False,
+    fewshot_as_multiturn: bool = False,
+    log_samples: bool = False,
 ) -> dict:
     """lm-eval on ``checkpoint`` at each requested region: ``{"rows": [one per region], "runs": {n: lm-eval's
-    results, versions, n-shot, n-samples}, ...}``."""
+    results, versions, n-shot, n-samples}, ...}``, and with ``log_samples`` ``"samples": {n: {task: samples}}``.
+    ``seeds``: :func:`~epas_lightning.evaluation.lm_eval_options.parse_seed`'s (default: lm-eval's), set again before
+    each region, so each region's run is the run of that region alone."""
     require_lm_eval()
     import lm_eval
 
     from epas_lightning.evaluation.lm_eval_adapter import EPASLM
 
     specs, manager = resolve_tasks(tasks, include_path)
-    lengths = region_lengths(sharing_layers, describe_checkpoint(checkpoint), force)  # checked before the weights load
+    recorded = describe_checkpoint(checkpoint)
+    lengths = region_lengths(sharing_layers, recorded, force)  # checked before the weights load
+    check_generation_length(gen_kwargs, recorded.config.context_length)
+    if apply_chat_template:  # before the weights load too; no tokenizer at all: EPASLM says so
+        path = resolve_tokenizer_path(tokenizer) if tokenizer is not None else recorded.tokenizer_file()
+        if path is not None:
+            check_chat_template(path)
     lm = EPASLM(
         checkpoint,
         tokenizer=tokenizer,
@@ -174,7 +197,7 @@ def run_lm_eval(
     )
     if limit is not None and limit >= 1:
         limit = int(limit)
-    rows, runs = [], {}
+    rows, runs, samples = [], {}, {}
     for n in lengths:
         layers = lm.set_sharing_layers(n)
         with task_data_errors(), too_few_examples(num_fewshot), refusing_misscored_documents(), quiet_git_hash():
@@ -185,20 +208,29 @@ def run_lm_eval(
                 num_fewshot=num_fewshot,
                 limit=limit,
                 bootstrap_iters=bootstrap_iters,
-                log_samples=False,
+                log_samples=log_samples,
+                gen_kwargs=gen_kwargs,
+                apply_chat_template=apply_chat_template,
+                fewshot_as_multiturn=fewshot_as_multiturn,
+                **(seeds or parse_seed(None)),
             )
         rows.append({"sharing_layers": n, "shared_layers": layers, **metric_columns(result["results"])})
-        runs[n] = {key: result.get(key) for key in ("results", "groups", "n-shot", "n-samples", "versions")}
-    return {
+        runs[n] = {key: result.get(key) for key in ("results", "groups", "n-shot", "n-samples", "versions", "config")}
+        if log_samples:
+            samples[n] = result["samples"]
+    summary = {
         "checkpoint": str(checkpoint),
         "trained_region": lm.loaded.region.to_record(),
         "tasks": specs,
         "num_fewshot": num_fewshot,
         "limit": limit,
+        "apply_chat_template": apply_chat_template,
+        "fewshot_as_multiturn": fewshot_as_multiturn,
         "lm_eval_version": version("lm_eval"),
         "rows": rows,
         "runs": runs,
     }
+    return {**summary, "samples": samples} if log_samples else summary
 
 
 @contextmanager
@@ -261,13 +293,18 @@ def too_few_examples(num_fewshot: int | None) -> Iterator[None]:
 
 
 def write_outputs(summary: dict, folder: Path) -> None:
-    """``lm_eval.json`` (everything) and ``lm_eval.csv`` (the table: one row per region, one column per metric)."""
+    """``lm_eval.json`` (everything but the samples), ``lm_eval.csv`` (the table: one row per region, one column per
+    metric) and, with ``--log-samples``, the samples of each task and region (``samples_<task>_sharing<N>.jsonl``)."""
+    summary = dict(summary)
+    samples = summary.pop("samples", None)
     (folder / SUMMARY_FILE).write_text(json_text(summary, indent=2) + "\n")
     columns = list(dict.fromkeys(key for row in summary["rows"] for key in row))
     with (folder / TABLE_FILE).open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(summary["rows"])
+    if samples is not None:
+        write_samples(samples, folder)
 
 
 def lm_eval_command(
@@ -277,14 +314,19 @@ def lm_eval_command(
     sharing_layers: int | Literal["all"] | None = None,
     num_fewshot: int | None = None,
     limit: float | None = None,
-    batch_size: int = 16,
+    batch_size: int | str = 16,
     bootstrap_iters: int = 100000,
     tokenizer: Path | None = None,
     device: str = "auto",
     dtype: DType = "auto",
     force: bool = False,
+    seed: int | str | None = None,
+    gen_kwargs: list[str] | None = None,
+    apply_chat_template: bool = False,
+    fewshot_as_multiturn: bool | None = None,
     output: Path | None = None,
     overwrite: bool = False,
+    log_samples: bool = False,
     json: bool = False,
 ) -> None:
     """Run lm-eval-harness tasks on a checkpoint, at one sharing region or at every one (needs the eval extra).
@@ -303,30 +345,49 @@ def lm_eval_command(
             0..trained max; default: the trained region (an export's folder: the N it was exported with).
         num_fewshot: Few-shot examples per question (default: each task's own).
         limit: Score only the first N documents of each task (a fraction below 1); for quick checks.
-        batch_size: Sequences per forward pass.
+        batch_size: Sequences per forward pass; or auto (lm-eval's: the largest batch that fits, up to 64, found once
+            per region) or auto:N (found again N times in a run).
         bootstrap_iters: Bootstrap samples for lm-eval's standard errors (0 skips them).
         tokenizer: Tokenizer file or folder (default: the one the checkpoint records).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
         dtype: Weights and activations; auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32 elsewhere.
         force: Allow a region longer than the trained one (its extra layers never learned to share: quality drops
             sharply); of a stock export, which runs dense, any region above 0.
+        seed: lm-eval's seeds for Python's random, NumPy, torch and the few-shot sampler: one whole number (0 to
+            4294967295) for all four, or four separated by commas (three: the fourth is 1234), None for one left
+            unseeded (0,None,8,52); default 0,1234,1234,1234, as lm-eval's. Set again before each region: the same
+            seed gives the same samples and metrics.
+        gen_kwargs: Generation settings for the generate_until tasks (a key given replaces the task's): key=value pairs
+            separated by commas (values read as Python literals: temperature=0.8,do_sample=True,until=["."]) or a
+            JSON object; repeat the flag for more.
+        apply_chat_template: Render each prompt with the chat template beside the tokenizer (refused when there is
+            none).
+        fewshot_as_multiturn: Give the few-shot examples as turns of the chat (default: on with
+            --apply-chat-template; refused without it).
         output: Folder for lm_eval.csv and lm_eval.json (default: print only).
         overwrite: Replace --output if it is an lm-eval folder written by this command.
+        log_samples: Also write every document's prompt, responses and scores into --output, as lm-eval's
+            --log_samples: samples_<task>_sharing<N>.jsonl per task and region.
         json: End with one JSON line of the rows.
     """
     resolve_device(device)  # before lm-eval indexes its tasks
-    check_counts({"--batch-size": batch_size})
+    check_batch_size(batch_size)
     check_lm_eval_numbers(limit, num_fewshot, bootstrap_iters)
     check_tokenizer_flag(tokenizer)
+    check_log_samples(log_samples, output)
+    multiturn = fewshot_turns(apply_chat_template, fewshot_as_multiturn)
+    require_lm_eval()
+    seeds, generation = parse_seed(seed), parse_gen_kwargs(gen_kwargs)
     if output is not None:  # refuse a bad output before hours of scoring
         check_output(output, OUTPUT_KIND, overwrite, [checkpoint])
     summary = run_lm_eval(
         checkpoint, tasks, include_path or [], sharing_layers, num_fewshot, limit, batch_size, bootstrap_iters,
-        tokenizer, device, dtype, force,
+        tokenizer, device, dtype, force, seeds, generation, apply_chat_template, multiturn, log_samples,
     )  # fmt: skip
     print(format_table(summary["rows"]))
     if output is not None:
         with output_folder(output, OUTPUT_KIND, overwrite, inputs=[checkpoint]) as build, writing_into(build):
             write_outputs(summary, build)
-        print(f"wrote {Path(output) / TABLE_FILE} and {SUMMARY_FILE}")
+        samples = " and the samples (samples_<task>_sharing<N>.jsonl)" if log_samples else ""
+        print(f"wrote {Path(output) / TABLE_FILE}, {SUMMARY_FILE}{samples}")
     emit_json(summary["rows"], json)

@@ -86,16 +86,18 @@ NO_OP_SETTINGS = {
 """transformers' ``generate`` settings at values that change nothing (its defaults)."""
 
 
-def check_decoding_settings(kwargs: dict[str, Any]) -> None:
+def check_decoding_settings(kwargs: dict[str, Any], where: str = "the task's generation_kwargs") -> None:
     """A :class:`ConfigError` for a generation kwarg that transformers' ``generate`` would honour on the export and our
-    decoding does not (beam search: ``num_beams: 10``, a repetition penalty, ...); it was ignored without a word."""
+    decoding does not (beam search: ``num_beams: 10``, a repetition penalty, ...); it was ignored without a word.
+    ``where``: who asked (the task, or the command's ``--gen-kwargs``)."""
+    asker = "the task" if where == "the task's generation_kwargs" else where
     for key, value in kwargs.items():
         if key in DECODING_SETTINGS or (key in NO_OP_SETTINGS and value == NO_OP_SETTINGS[key]):
             continue
         raise ConfigError(
-            f"the task asks for {key}: {value!r}, which this model's decoding does not do (it decodes greedily, or "
+            f"{asker} asks for {key}: {value!r}, which this model's decoding does not do (it decodes greedily, or "
             "samples with temperature, top_k and top_p, as transformers' generate does for the export)",
-            "the task's generation_kwargs",
+            where,
             f"remove {key} from them, or score the export with lm-eval's hf model",
         )
 

@@ -1,0 +1,200 @@
+"""The ``lm-eval`` command's options that are lm-eval's own (``--seed``, ``--gen-kwargs``, ``--apply-chat-template``,
+``--fewshot-as-multiturn``, ``--log-samples``, ``--batch-size auto``): read and checked as lm-eval 0.4.13's
+``lm_eval run`` reads them, each refusal one :class:`ConfigError` before the model loads; and the per-sample files
+``--log-samples`` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from epas_lightning.errors import ConfigError
+from epas_lightning.runtime import check_counts, is_real_number, is_whole_number
+
+DEFAULT_SEED = "0,1234,1234,1234"
+"""lm-eval's seeds for Python's ``random``, NumPy, torch and the few-shot sampler, where ``--seed`` is not given."""
+SEED_NAMES = ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")
+"""``simple_evaluate``'s arguments for the four seeds, in ``--seed``'s order."""
+MAX_SEED = 2**32 - 1
+"""The largest seed NumPy takes (its ``ValueError`` inside lm-eval past it); the bound for all four."""
+SEED_FIX = (
+    "give one whole number from 0 to 4294967295 for all four seeds, or four (three: the fourth is 1234) separated by "
+    "commas, None for one left unseeded (e.g. 0,None,8,52)"
+)
+LENGTH_KEYS = {"until", "max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"}
+"""Generation kwargs lm-eval's ``HFLM`` reads itself (the stop strings and the tokens to generate), before decoding."""
+
+
+def parse_seed(text: str | int | None) -> dict[str, int | None]:
+    """``--seed`` as ``simple_evaluate``'s four seed arguments, read as ``lm_eval run --seed`` reads it: one value for
+    all four, or three or four comma-separated (a missing fourth is lm-eval's default), ``None`` leaving one unseeded;
+    each from 0 to :data:`MAX_SEED`. ``None`` (no ``--seed``): lm-eval's defaults, :data:`DEFAULT_SEED`."""
+    from lm_eval._cli.utils import _int_or_none_list_arg_type
+
+    text = DEFAULT_SEED if text is None else str(text)
+    try:
+        seeds = _int_or_none_list_arg_type(3, 4, DEFAULT_SEED, text)
+    except ValueError as e:
+        raise ConfigError(f"{e} (got {text!r})", "--seed", SEED_FIX) from e
+    for seed in seeds:
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"a seed must be from 0 to {MAX_SEED}, got {seed}", "--seed", SEED_FIX)
+    return dict(zip(SEED_NAMES, seeds, strict=True))
+
+
+AUTO_BATCH = re.compile(r"auto(?::(\d+(?:\.\d*)?|\.\d+))?")
+"""lm-eval's ``--batch_size auto`` (the largest that fits, found once) and ``auto:N`` (found again N times in a run)."""
+
+
+def check_batch_size(batch_size: int | str) -> None:
+    """``--batch-size``: a whole number from 1, or lm-eval's ``auto`` or ``auto:N`` (N above 0)."""
+    if isinstance(batch_size, str):
+        match = AUTO_BATCH.fullmatch(batch_size)
+        if match is None or (match[1] is not None and not float(match[1]) > 0):
+            raise ConfigError(
+                f"must be a whole number, auto or auto:N, got {batch_size!r}",
+                "--batch-size",
+                "give 1 or more, auto (the largest batch that fits, up to 64) or auto:N (found again N times)",
+            )
+        return
+    check_counts({"--batch-size": batch_size})
+
+
+def parse_gen_kwargs(values: Sequence[str] | None) -> dict[str, Any] | None:
+    """``--gen-kwargs`` as ``lm_eval run --gen_kwargs`` reads it: each value a JSON object or ``key=value`` pairs
+    separated by commas outside brackets and quotes (values read as Python literals, else kept as text), later keys
+    replacing earlier ones. ``None`` where none is given. Keys our decoding does not honour are refused here, before the
+    model loads (:func:`~epas_lightning.evaluation.lm_eval_adapter.check_decoding_settings`)."""
+    from lm_eval._cli.utils import key_val_to_dict, try_parse_json
+
+    from epas_lightning.evaluation.lm_eval_adapter import check_decoding_settings
+
+    merged: dict[str, Any] = {}
+    for value in values or ():
+        try:
+            parsed = try_parse_json(value)
+            merged.update(parsed if isinstance(parsed, dict) else key_val_to_dict(value))
+        except ValueError as e:
+            raise ConfigError(
+                " ".join(str(e).split()),
+                f"--gen-kwargs {value}",
+                'give key=value pairs separated by commas (temperature=0.8,top_p=0.95,until=["\\n\\n"]), or a JSON '
+                "object",
+            ) from e
+    check_setting_types(merged)
+    check_decoding_settings({k: v for k, v in merged.items() if k not in LENGTH_KEYS}, where="--gen-kwargs")
+    return merged or None
+
+
+def check_setting_types(kwargs: dict[str, Any]) -> None:
+    """The ``--gen-kwargs`` lm-eval and our decoding read, of the types they take: a stop string or a list of them, a
+    whole number of tokens, ``do_sample`` true or false, ``temperature`` and ``top_p`` numbers from 0, ``top_k`` a
+    whole number from 0 or None. (Others were a ``ValueError`` or ``TypeError`` traceback once the model had
+    loaded.)"""
+
+    def stops(v: object) -> bool:
+        return isinstance(v, str) or (isinstance(v, list) and all(isinstance(item, str) for item in v))
+
+    takes = {
+        "until": ("text or a list of texts", stops),
+        "do_sample": ("True or False", lambda v: isinstance(v, bool)),
+        "temperature": ("a number from 0", lambda v: is_real_number(v) and v >= 0),
+        "top_p": ("a number from 0", lambda v: is_real_number(v) and v >= 0),
+        "top_k": ("a whole number from 0, or None", lambda v: v is None or (is_whole_number(v) and v >= 0)),
+        **{key: ("a whole number from 1", lambda v: is_whole_number(v) and v >= 1) for key in LENGTH_KEYS - {"until"}},
+    }
+    for key, value in kwargs.items():
+        if key in takes and not takes[key][1](value):
+            raise ConfigError(
+                f"{key} takes {takes[key][0]}, got {value!r}",
+                "--gen-kwargs",
+                f"give {key} {takes[key][0]}, as a Python literal (lm-eval reads -3 as -3.0)",
+            )
+
+
+def check_generation_length(kwargs: dict[str, Any] | None, context_length: int) -> None:
+    """``--gen-kwargs``' tokens to generate below the model's context length, which lm-eval's ``HFLM`` asserts once the
+    model has loaded (room must be left for the prompt)."""
+    for key in sorted(LENGTH_KEYS - {"until"}):
+        if kwargs and key in kwargs and kwargs[key] >= context_length:
+            raise ConfigError(
+                f"{key} {kwargs[key]} leaves no room for a prompt in the model's context length of {context_length}",
+                "--gen-kwargs",
+                f"give {key} below {context_length}",
+            )
+
+
+def fewshot_turns(apply_chat_template: bool, fewshot_as_multiturn: bool | None) -> bool:
+    """``--fewshot-as-multiturn`` as lm-eval settles it: on by default with ``--apply-chat-template``, refused without
+    it."""
+    if fewshot_as_multiturn is None:
+        return apply_chat_template
+    if fewshot_as_multiturn and not apply_chat_template:
+        raise ConfigError(
+            "few-shot examples as turns of a chat need the chat template",
+            "--fewshot-as-multiturn",
+            "add --apply-chat-template, or leave --fewshot-as-multiturn out",
+        )
+    return fewshot_as_multiturn
+
+
+def check_chat_template(tokenizer_file: Path) -> None:
+    """``--apply-chat-template``: a :class:`ConfigError` unless a usable chat template lies beside the tokenizer file
+    (lm-eval failed on none with a traceback, once the model had loaded)."""
+    from epas_lightning.serve.chat import checked_chat_template
+
+    template, why = checked_chat_template(tokenizer_file)
+    if template is None:
+        raise ConfigError(
+            why,
+            "--apply-chat-template",
+            "pass --tokenizer <a folder holding this tokenizer and its chat_template.jinja>, or leave "
+            "--apply-chat-template out",
+        )
+
+
+def check_log_samples(log_samples: bool, output: Path | None) -> None:
+    """``--log-samples`` writes into ``--output``: refused without it, as lm-eval refuses it without
+    ``--output_path``."""
+    if log_samples and output is None:
+        raise ConfigError(
+            "the samples are written into the --output folder, and none was given",
+            "--log-samples",
+            "add --output FOLDER",
+        )
+
+
+def samples_file(task: str, sharing_layers: int) -> str:
+    """lm-eval's ``samples_<task>_<date>.jsonl``, with the region in place of the date: one file per task and
+    region."""
+    return f"samples_{task}_sharing{sharing_layers}.jsonl"
+
+
+def write_samples(samples: dict[int, dict[str, list[dict]]], folder: Path) -> list[str]:
+    """``{region: {task: lm-eval's samples}}`` as one JSON line per sample, as ``lm_eval run --log_samples`` writes them
+    (its ``EvaluationTracker.save_results_samples``, whose errors only warn); return the file names."""
+    from lm_eval.utils import handle_non_serializable, sanitize_list
+
+    names = []
+    for n, tasks in samples.items():
+        for task, rows in tasks.items():
+            names.append(samples_file(task, n))
+            with (folder / names[-1]).open("w", encoding="utf-8") as f:
+                for sample in rows:
+                    arguments = {
+                        f"gen_args_{i}": {f"arg_{j}": value for j, value in enumerate(argument)}
+                        for i, argument in enumerate(sample["arguments"])
+                    }
+                    sample = {  # noqa: PLW2901 - lm-eval's sanitized copy
+                        **sample,
+                        "arguments": arguments,
+                        "resps": sanitize_list(sample["resps"]),
+                        "filtered_resps": sanitize_list(sample["filtered_resps"]),
+                        "target": str(sample["target"]),
+                    }
+                    f.write(json.dumps(sample, default=handle_non_serializable, ensure_ascii=False) + "\n")
+    return names
