@@ -128,10 +128,21 @@ def train(
         gradient_clip_val=1.0,
         callbacks=[callback],
     )
-    trainer.fit(module, data)
+    fit(trainer, module, data)
     path = out / "checkpoints" / f"{'pretrained' if init_from is None else callback_name(callback)}.ckpt"
     trainer.save_checkpoint(path)
     return path
+
+
+def fit(trainer: L.Trainer, module: EPASModule, data: TokenDataModule) -> None:
+    """``trainer.fit``, with Ctrl+C a ``KeyboardInterrupt`` again: Lightning turns it into exit status 1 after its
+    own clean-up, which ended the script silently instead of with the one line and 130 that ``run_script`` gives."""
+    try:
+        trainer.fit(module, data)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning's exit after a KeyboardInterrupt
+            raise KeyboardInterrupt from None
+        raise
 
 
 def callback_name(callback: ProgressiveSharing) -> str:

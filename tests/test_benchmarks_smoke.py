@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -929,3 +930,35 @@ def test_host_sync_watch_counts_the_watched_steps_syncs_by_place(
     assert re.fullmatch(r"epas_lightning/module\.py:\d+ \(training_step\)", site["ours"]), site
     assert "test_benchmarks_smoke.py" in site["innermost"] and site["per_step"] == 2.0
     assert any("another warning" in str(w.message) for w in others)  # other warnings pass through
+
+
+def test_continual_stopped_with_ctrl_c_in_training_says_so_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """Lightning ends a fit that Ctrl+C stops with ``sys.exit(1)``: the script exited 1 without a word, where
+    ``run_script`` says "interrupted: ... (Ctrl+C)" and exits 130."""
+    import lightning as L
+
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import continual
+
+    from epas_lightning.errors import run_script
+
+    class CtrlC(L.Callback):
+        def setup(self, trainer, pl_module, stage):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(continual, "sharing_callback", lambda kind, args: CtrlC())
+    monkeypatch.setattr(continual, "TokenDataModule", lambda **kwargs: L.LightningDataModule())  # no corpus needed
+    monkeypatch.setattr(sys, "argv", ["continual.py", "--quick", "--output", str(tmp_path / "out")])
+    loggers = [logging.getLogger(name) for name in ("lightning", "lightning.pytorch")]  # main quiets them
+    levels = [log.level for log in loggers]
+    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl+C for its shutdown, and leaves it so
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            run_script(continual.main)
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.endswith("interrupted: continual.py stopped (Ctrl+C)\n")
+    assert os.listdir(tmp_path) == []  # neither the output nor its hidden build folder

@@ -9,6 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 from epas_lightning.cli import main as cli_main
 
@@ -129,12 +130,44 @@ def test_read_a_run_notebook_finds_the_newest_run_or_says_how_to_make_one(tiny_r
     assert "run: runs/debug/version_0" in text_output(execute("02_read_a_run.ipynb", kernel_env))
 
 
+def first_error(name: str, workdir: Path) -> list[str]:
+    """The traceback lines of the first cell that raised when the notebook ran (it stops there)."""
+    nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
+    client = NotebookClient(nb, kernel_name=KERNEL, timeout=300, resources={"metadata": {"path": str(workdir)}})
+    with pytest.raises(CellExecutionError):
+        client.execute()
+    return next(o.traceback for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error")
+
+
+@pytest.mark.slow
+def test_read_a_run_notebook_says_in_one_line_that_it_has_no_run_to_read(kernel_env, monkeypatch):
+    """No run, an EPAS_RUN_DIR that does not exist, or one without logs: the cell showed a traceback of the notebook's
+    own code above the message, where one line says what is missing and what to do."""
+    monkeypatch.delenv("EPAS_RUN_DIR", raising=False)
+    assert first_error("02_read_a_run.ipynb", kernel_env) == [
+        "NoRun: No run under runs/ or ../runs/ logged a train/loss (validate and test runs do not). Train one (python "
+        "-m epas_lightning fit --config configs/debug.yaml) or set EPAS_RUN_DIR to a runs/<name>/version_N directory."
+    ]
+    missing = kernel_env / "runs" / "debug" / "version_9"
+    monkeypatch.setenv("EPAS_RUN_DIR", str(missing))
+    assert first_error("02_read_a_run.ipynb", kernel_env) == [
+        f"NoRun: {missing} does not exist: set EPAS_RUN_DIR to a run's version_N directory (runs/<name>/version_N), "
+        "or unset it to read the newest fit run."
+    ]
+    missing.mkdir(parents=True)
+    assert first_error("02_read_a_run.ipynb", kernel_env) == [
+        f"NoRun: {missing} holds no TensorBoard event files and no metrics.csv: set EPAS_RUN_DIR to a run's version_N "
+        "directory (runs/<name>/version_N)."
+    ]
+
+
 def notebook_functions(name: str) -> dict:
-    """The imports and functions a notebook defines, without running its cells."""
+    """The imports, classes and functions a notebook defines, without running its cells."""
     code = "\n".join(
         c.source for c in nbformat.read(REPO / "notebooks" / name, as_version=4).cells if c.cell_type == "code"
     )
-    kept = [node for node in ast.parse(code).body if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef))]
+    definitions = (ast.Import, ast.ImportFrom, ast.ClassDef, ast.FunctionDef)
+    kept = [node for node in ast.parse(code).body if isinstance(node, definitions)]
     names: dict = {"RUN_FILES": ("events.out.tfevents.*", "metrics.csv")}
     exec(compile(ast.Module(body=kept, type_ignores=[]), name, "exec"), names)
     return names
