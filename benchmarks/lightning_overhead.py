@@ -44,7 +44,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from epas_lightning.callbacks import ProgressiveSharing
-from epas_lightning.errors import run_script
+from epas_lightning.errors import fit_in_script, run_script
 from epas_lightning.loss import train_loss
 from epas_lightning.lr import WarmupCosineLR
 from epas_lightning.model import Llama, LlamaConfig
@@ -136,7 +136,7 @@ def run_lightning(
     quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
     with quiet[0], quiet[1], warnings.catch_warnings():  # the progress bar and fit warnings
         warnings.simplefilter("ignore")
-        trainer.fit(EPASModule(config), train_dataloaders=loader)
+        fit_in_script(trainer, EPASModule(config), train_dataloaders=loader)
     return window(clock.starts, args.warmup, args.steps), clock.losses
 
 

@@ -18,6 +18,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 EXIT_USER_ERROR = 2
 """Exit status of a command stopped by a user error (argparse's convention)."""
@@ -251,6 +252,18 @@ def debug_enabled() -> bool:
 def error_line(error: BaseException) -> str:
     """The one line a command prints for ``error``."""
     return f"error: {error}"
+
+
+def fit_in_script(trainer: Any, *args: Any, **kwargs: Any) -> None:
+    """``trainer.fit(*args, **kwargs)`` in a script that :func:`run_script` runs: Lightning ends a fit that Ctrl+C
+    stopped with ``sys.exit(1)`` after its own clean-up, which ended the script silently with 1; the stop is a
+    ``KeyboardInterrupt`` again, so that the script ends with run_script's one line and 130."""
+    try:
+        trainer.fit(*args, **kwargs)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning's exit after a KeyboardInterrupt
+            raise KeyboardInterrupt from None
+        raise
 
 
 def run_script(main: Callable[[], object]) -> None:

@@ -32,7 +32,7 @@ import torch
 from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule, WarmupCosineLR
 from epas_lightning.checkpoint import load_model
 from epas_lightning.data import heldout_loader
-from epas_lightning.errors import ConfigError, OutputError, run_script
+from epas_lightning.errors import ConfigError, OutputError, fit_in_script, run_script
 from epas_lightning.evaluation.perplexity import perplexity_of_batches
 from epas_lightning.inference import deepest_layers
 from epas_lightning.outputs import check_output, output_folder
@@ -128,21 +128,10 @@ def train(
         gradient_clip_val=1.0,
         callbacks=[callback],
     )
-    fit(trainer, module, data)
+    fit_in_script(trainer, module, data)
     path = out / "checkpoints" / f"{'pretrained' if init_from is None else callback_name(callback)}.ckpt"
     trainer.save_checkpoint(path)
     return path
-
-
-def fit(trainer: L.Trainer, module: EPASModule, data: TokenDataModule) -> None:
-    """``trainer.fit``, with Ctrl+C a ``KeyboardInterrupt`` again: Lightning turns it into exit status 1 after its
-    own clean-up, which ended the script silently instead of with the one line and 130 that ``run_script`` gives."""
-    try:
-        trainer.fit(module, data)
-    except SystemExit:
-        if trainer.interrupted:  # Lightning's exit after a KeyboardInterrupt
-            raise KeyboardInterrupt from None
-        raise
 
 
 def callback_name(callback: ProgressiveSharing) -> str:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from helpers import strict_json
@@ -932,33 +933,56 @@ def test_host_sync_watch_counts_the_watched_steps_syncs_by_place(
     assert any("another warning" in str(w.message) for w in others)  # other warnings pass through
 
 
-def test_continual_stopped_with_ctrl_c_in_training_says_so_and_leaves_nothing(tmp_path, monkeypatch, capsys):
-    """Lightning ends a fit that Ctrl+C stops with ``sys.exit(1)``: the script exited 1 without a word, where
-    ``run_script`` says "interrupted: ... (Ctrl+C)" and exits 130."""
-    import lightning as L
-
-    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
-    import continual
-
+def run_stopped_script(main, argv: list[str], monkeypatch) -> int:  # noqa: ANN001
+    """``run_script(main)`` with ``sys.argv`` set to ``argv``, putting back what a fit stopped by Ctrl+C leaves changed
+    (Lightning ignores SIGINT for its shutdown and leaves it so; the scripts quiet Lightning's loggers); its exit
+    status."""
     from epas_lightning.errors import run_script
 
-    class CtrlC(L.Callback):
-        def setup(self, trainer, pl_module, stage):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(continual, "sharing_callback", lambda kind, args: CtrlC())
-    monkeypatch.setattr(continual, "TokenDataModule", lambda **kwargs: L.LightningDataModule())  # no corpus needed
-    monkeypatch.setattr(sys, "argv", ["continual.py", "--quick", "--output", str(tmp_path / "out")])
-    loggers = [logging.getLogger(name) for name in ("lightning", "lightning.pytorch")]  # main quiets them
+    monkeypatch.setattr(sys, "argv", argv)
+    loggers = [logging.getLogger(name) for name in ("lightning", "lightning.pytorch")]
     levels = [log.level for log in loggers]
-    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl+C for its shutdown, and leaves it so
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(SystemExit) as stopped:
-            run_script(continual.main)
+            run_script(main)
     finally:
         signal.signal(signal.SIGINT, sigint)
         for log, level in zip(loggers, levels, strict=True):
             log.setLevel(level)
-    assert stopped.value.code == 130
+    return stopped.value.code
+
+
+class CtrlCInSetup(L.Callback):
+    def setup(self, trainer, pl_module, stage):  # noqa: ANN001
+        raise KeyboardInterrupt
+
+
+def test_continual_stopped_with_ctrl_c_in_training_says_so_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """Lightning ends a fit that Ctrl+C stops with ``sys.exit(1)``: the script exited 1 without a word, where
+    ``run_script`` says "interrupted: ... (Ctrl+C)" and exits 130."""
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import continual
+
+    monkeypatch.setattr(continual, "sharing_callback", lambda kind, args: CtrlCInSetup())
+    monkeypatch.setattr(continual, "TokenDataModule", lambda **kwargs: L.LightningDataModule())  # no corpus needed
+    argv = ["continual.py", "--quick", "--output", str(tmp_path / "out")]
+    assert run_stopped_script(continual.main, argv, monkeypatch) == 130
     assert capsys.readouterr().err.endswith("interrupted: continual.py stopped (Ctrl+C)\n")
     assert os.listdir(tmp_path) == []  # neither the output nor its hidden build folder
+
+
+def test_lightning_overhead_stopped_with_ctrl_c_in_its_fit_says_so(benchmarks_importable, monkeypatch, capsys):
+    """The benchmark's Lightning fit ended silently with Lightning's exit status 1 after Ctrl+C, as continual.py did."""
+    import lightning_overhead
+
+    monkeypatch.setattr(lightning_overhead, "StepClock", CtrlCInSetup)
+    argv = ["lightning_overhead.py", "--quick", "--threads", "1"]
+    assert run_stopped_script(lightning_overhead.main, argv, monkeypatch) == 130
+    assert capsys.readouterr().err.endswith("interrupted: lightning_overhead.py stopped (Ctrl+C)\n")
+
+
+def test_scripts_fit_through_fit_in_script():
+    """A script's own ``trainer.fit`` loses Ctrl+C to Lightning's ``sys.exit(1)``; ``fit_in_script`` keeps it."""
+    direct = [p.name for p in SCRIPTS if re.search(r"\btrainer\.fit\(", p.read_text())]
+    assert direct == [], f"{direct} call trainer.fit without epas_lightning.errors.fit_in_script"
