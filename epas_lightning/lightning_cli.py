@@ -435,7 +435,7 @@ class EPASCLI(LightningCLI):
             raise refused_setting(e, config) from e
         keep_version(trainer.loggers, self._continued)
         check_processes_meet(trainer)
-        check_data_parallel_only(trainer.strategy, trainer.num_devices)
+        check_data_parallel_only(trainer.strategy, trainer.num_devices, trainer.num_nodes)
         watch_from_launch(trainer)  # a rank that fails before fit's setup: rank 0 says so and exits with its status
         return trainer
 

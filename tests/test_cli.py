@@ -793,6 +793,28 @@ def test_tensor_parallelism_the_model_has_no_plan_for_is_one_line(tmp_path, caps
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(("data", "devices", "nodes"), [("auto", 2, 1), (1, 2, 1), (2, 2, 2), (4, 2, 1)])
+def test_model_parallel_sizes_that_miss_the_processes_are_refused_before_launch(data, devices, nodes):
+    """tensor_parallel_size 1 with the parent's data_parallel_size (the node count) fell short of the processes:
+    Lightning raised a RuntimeError traceback on every rank after the launch."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from epas_lightning.strategy import FSDP2Strategy, check_data_parallel_only
+
+    strategy = ModelParallelStrategy(data_parallel_size=data, tensor_parallel_size=1)
+    size = nodes if data == "auto" else data
+    refused = (
+        f"ModelParallelStrategy's data_parallel_size {size} x tensor_parallel_size 1 is not the {devices * nodes} "
+        f"processes of the run (trainer.devices {devices} x trainer.num_nodes {nodes})"
+    )
+    with pytest.raises(ConfigError, match=re.escape(refused)):
+        check_data_parallel_only(strategy, devices, nodes)
+    check_data_parallel_only(
+        ModelParallelStrategy(data_parallel_size=devices * nodes, tensor_parallel_size=1), devices, nodes
+    )
+    check_data_parallel_only(FSDP2Strategy(), devices, nodes)  # its data-parallel size is every process
+
+
 def test_a_master_port_another_program_holds_is_one_line(tmp_path, capsys, monkeypatch):
     """torch's DistNetworkError traceback (EADDRINUSE) when the first rank's store could not listen on MASTER_PORT."""
     import socket
