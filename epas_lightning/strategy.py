@@ -179,6 +179,13 @@ def check_strategy_name(strategy: object) -> None:
     four examples, ``fsdp2`` not among them, and sent the user to its website)."""
     if not isinstance(strategy, str) or strategy.lower() == "auto" or strategy.lower() in StrategyRegistry:
         return
+    if "." in strategy:  # a class path, read as a name: jsonargparse takes a class from class_path only
+        raise ConfigError(
+            f"unknown strategy {strategy!r}",
+            f"trainer.strategy: {strategy}",
+            f"a class is given as --trainer.strategy.class_path={strategy} "
+            f"(YAML: strategy: {{class_path: {strategy}}})",
+        )
     near = difflib.get_close_matches(strategy.lower(), sorted(StrategyRegistry), n=3, cutoff=0.6)
     near = [STRATEGY_NAME] if STRATEGY_NAME in near else near[:1]  # fsdp3: ours before Lightning's FSDP1
     raise ConfigError(

@@ -847,6 +847,18 @@ def test_a_strategy_name_lightning_does_not_know_names_the_nearest(name, near, t
     )
 
 
+def test_a_strategy_class_given_as_a_name_says_how_to_give_a_class(tmp_path, capsys, monkeypatch):
+    """--trainer.strategy=<class path> is read as a registry name; the refusal said "or a class_path" as if it was
+    not one."""
+    monkeypatch.chdir(tmp_path)
+    name = "lightning.pytorch.strategies.ModelParallelStrategy"
+    assert main(["fit", "--config", DEBUG, f"--trainer.strategy={name}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: unknown strategy '{name}' — trainer.strategy: {name} — a class is given as "
+        f"--trainer.strategy.class_path={name} (YAML: strategy: {{class_path: {name}}})"
+    )
+
+
 def test_a_strategy_whose_package_is_missing_is_one_line(tmp_path, capsys, monkeypatch):
     """Lightning's XLAStrategy raised a ModuleNotFoundError traceback (DeepSpeed's says it as a misconfiguration)."""
     if importlib.util.find_spec("torch_xla") is not None:
