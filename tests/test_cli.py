@@ -815,6 +815,25 @@ def test_model_parallel_sizes_that_miss_the_processes_are_refused_before_launch(
     check_data_parallel_only(FSDP2Strategy(), devices, nodes)  # its data-parallel size is every process
 
 
+def test_ddp_static_graph_is_one_line_before_the_ranks_start(tmp_path, capsys, monkeypatch):
+    """ProgressiveSharing refuses static_graph in setup, on every rank Lightning started (one line each, after the data
+    was prepared); the command refuses it before it starts them."""
+    monkeypatch.chdir(tmp_path)
+    ddp = ["--trainer.strategy.class_path=lightning.pytorch.strategies.DDPStrategy"]
+    ddp += [
+        "--trainer.strategy.init_args.static_graph=true",
+        "--trainer.strategy.init_args.find_unused_parameters=true",
+    ]
+    assert main(["fit", "--config", DEBUG, *ddp]) == 2
+    err = capsys.readouterr().err
+    assert "corpus" not in err and [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: DDP's static_graph=True cannot train a growing sharing region: the sharing layers' q/k projections "
+        "stop getting gradients at step 4, and a static graph fails there — trainer.strategy: static_graph — leave "
+        "static_graph unset (find_unused_parameters=True is set for you)"
+    ]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_master_port_another_program_holds_is_one_line(tmp_path, capsys, monkeypatch):
     """torch's DistNetworkError traceback (EADDRINUSE) when the first rank's store could not listen on MASTER_PORT."""
     import socket
