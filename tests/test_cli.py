@@ -878,6 +878,18 @@ def test_a_strategy_class_given_as_a_name_says_how_to_give_a_class(tmp_path, cap
     )
 
 
+def test_init_args_after_a_strategy_name_say_to_give_its_class(tmp_path, capsys, monkeypatch):
+    """`--trainer.strategy=fsdp2 --trainer.strategy.init_args.…` (the README: its class_path form takes init_args) was
+    "no class named fsdp2 is known", though fsdp2 is a name fit knows."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--trainer.strategy=fsdp2", "--trainer.strategy.init_args.save_distributed_checkpoint=false"]
+    assert main(["fit", "--config", DEBUG, *args]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: fsdp2 is a strategy name, which takes no init_args — --trainer.strategy — give its class to set "
+        "them: --trainer.strategy.class_path=epas_lightning.strategy.FSDP2Strategy"
+    )
+
+
 def test_a_strategy_whose_package_is_missing_is_one_line(tmp_path, capsys, monkeypatch):
     """Lightning's XLAStrategy raised a ModuleNotFoundError traceback (DeepSpeed's says it as a misconfiguration)."""
     if importlib.util.find_spec("torch_xla") is not None:
