@@ -561,27 +561,22 @@ def test_slurms_requeue_signal_to_two_srun_tasks_saves_once_and_rank_zero_requeu
     args += ["--trainer.val_check_interval=1000", "--trainer.num_sanity_val_steps=0", "--ckpt_path", "auto"]
 
     def start_tasks(max_steps: int, restarts: int) -> list[subprocess.Popen]:
+        """The job's two tasks; rank 0's stderr is piped, the rest goes to files (a full pipe would block a rank)."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         command = [sys.executable, "-m", "epas_lightning", *args, f"--trainer.max_steps={max_steps}"]
-        return [
-            subprocess.Popen(
-                command,
-                cwd=tmp_path,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env
-                | {
-                    "SLURM_PROCID": str(rank),
-                    "SLURM_LOCALID": str(rank),
-                    "MASTER_PORT": str(port),
-                    "SLURM_RESTART_COUNT": str(restarts),
-                },
-            )  # fmt: skip
-            for rank in range(2)
-        ]
+        tasks = []
+        for rank in range(2):
+            task_env = env | {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "MASTER_PORT": str(port)}
+            task_env["SLURM_RESTART_COUNT"] = str(restarts)
+            log = tmp_path / f"task{rank}-run{restarts}"
+            with log.with_suffix(".out").open("w") as out, log.with_suffix(".err").open("w") as err:
+                stderr = subprocess.PIPE if rank == 0 else err
+                tasks.append(
+                    subprocess.Popen(command, cwd=tmp_path, env=task_env, stdout=out, stderr=stderr, text=True)
+                )
+        return tasks
 
     tasks = start_tasks(100000, 0)
     watchdog = threading.Timer(300, lambda: [task.kill() for task in tasks])
@@ -595,15 +590,15 @@ def test_slurms_requeue_signal_to_two_srun_tasks_saves_once_and_rank_zero_requeu
     codes = [task.wait() for task in tasks]
     watchdog.cancel()
     err = "".join(lines)
-    assert codes == [138, 138], err[-4000:] + tasks[1].stderr.read()[-4000:]
+    assert codes == [138, 138], err[-4000:] + (tmp_path / "task1-run0.err").read_text()[-4000:]
     assert (tmp_path / "scontrol.log").read_text() == "0 requeue 77\n"
     step = int(err.split("stopped by SIGUSR1 after step ")[1].split(";")[0])
     last = tmp_path / "runs" / "debug" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(last / "meta.pt", weights_only=True)["global_step"] == step
     requeued = start_tasks(step + 1, 1)
-    outputs = [task.communicate(timeout=300) for task in requeued]
-    assert [task.returncode for task in requeued] == [0, 0], outputs[0][1][-4000:]
-    assert "Resuming from runs/debug/version_0/checkpoints/last.ckpt" in outputs[0][1]
+    outputs = [task.communicate(timeout=300)[1] for task in requeued]
+    assert [task.returncode for task in requeued] == [0, 0], outputs[0][-4000:]
+    assert "Resuming from runs/debug/version_0/checkpoints/last.ckpt" in outputs[0]
 
 
 def sigterm_to_rank_one_run_args(root: Path, tiny_corpus: Path) -> list[list[str]]:
