@@ -523,11 +523,12 @@ def let_ddp_find_unused_parameters(trainer: Trainer, first_sharing_step: int) ->
     first grows: DDP must look for unused parameters or it fails mid-run. Switch that on before DDP wraps the model
     (a plain ``strategy: ddp`` leaves it off), and say so: also that torch's warning, once per rank, that it found no
     unused parameters (a C++ warning, which no Python filter reaches) is expected before ``first_sharing_step``, also
-    where the configuration switched it on itself."""
+    where the configuration switched it on itself. Refuse ``static_graph``, which fails at that step."""
     strategy = trainer.strategy
     ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
     if not isinstance(strategy, DDPStrategy) or not isinstance(ddp_kwargs, dict):
         return
+    refuse_static_graph(strategy, first_sharing_step)
     already = bool(ddp_kwargs.get("find_unused_parameters"))
     if already and first_sharing_step == 0:
         return  # nothing to say: no torch warning comes
@@ -541,6 +542,19 @@ def let_ddp_find_unused_parameters(trainer: Trainer, first_sharing_step: int) ->
     state = "finds unused parameters" if already else "set to find_unused_parameters=True"
     rank_zero_info(
         f"EPAS: DDP {state} (sharing layers' q/k projections get no grad from step {first_sharing_step}){expected}"
+    )
+
+
+def refuse_static_graph(strategy: object, first_sharing_step: int) -> None:
+    """Refuse DDP's ``static_graph=True``: it failed when the region first grew, on every rank, with a traceback that
+    asked for ``find_unused_parameters=True`` (which was set)."""
+    if not isinstance(strategy, DDPStrategy) or not getattr(strategy, "_ddp_kwargs", {}).get("static_graph"):
+        return
+    raise ConfigError(
+        "DDP's static_graph=True cannot train a growing sharing region: the sharing layers' q/k projections stop "
+        f"getting gradients at step {first_sharing_step}, and a static graph fails there",
+        "trainer.strategy: static_graph",
+        "leave static_graph unset (find_unused_parameters=True is set for you)",
     )
 
 

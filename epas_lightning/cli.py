@@ -482,6 +482,12 @@ def unknown_class(message: str, flag: str, prog: str) -> ConfigError | None:
     bases = [base for path in re.findall(r"[\w.]+", subtypes.group(1) if subtypes else "") if (base := _class_at(path))]
     if unresolved := re.search(r"Expected a dot import path string: (\S+)$", message, re.MULTILINE):
         given = unresolved.group(1)
+        if flag == "--trainer.strategy" and (named := registered_strategy(given)) is not None:
+            return ConfigError(  # a name given init_args: jsonargparse looked for a class of that name
+                f"{given} is a strategy name, which takes no init_args",
+                flag,
+                f"give its class to set them: --trainer.strategy.class_path={named.__module__}.{named.__qualname__}",
+            )
         known = sorted({cls.__name__ for base in bases for cls in _subclasses(base)})
         same_letters = [name for name in known if name.lower() == given.lower()]  # Adamw: AdamW, not the closer Adam
         meant = did_you_mean(given, known, {given: same_letters[0]} if same_letters else None)
@@ -497,6 +503,13 @@ def unknown_class(message: str, flag: str, prog: str) -> ConfigError | None:
         what = f"{path} is not a {full}, which {flag} takes"  # LitLogger: a Fabric logger, not the Trainer's
         return ConfigError(what, flag, f"give a subclass of {base} (`{prog} --help` lists known ones)")
     return None
+
+
+def registered_strategy(name: str) -> type | None:
+    """The class Lightning's ``StrategyRegistry`` gives ``name`` (``fsdp2``: ``FSDP2Strategy``), else ``None``."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    return StrategyRegistry[name.lower()]["strategy"] if name.lower() in StrategyRegistry else None
 
 
 def _class_at(path: str) -> type | None:

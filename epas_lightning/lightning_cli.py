@@ -51,6 +51,7 @@ from epas_lightning.callbacks import (
     ProgressiveSharing,
     StepLearningRateMonitor,
     TokenThroughputMonitor,
+    refuse_static_graph,
 )
 from epas_lightning.checkpoint import recorded_config
 from epas_lightning.checkpoint_formats import read_checkpoint, read_lightning_metadata
@@ -435,7 +436,12 @@ class EPASCLI(LightningCLI):
             raise refused_setting(e, config) from e
         keep_version(trainer.loggers, self._continued)
         check_processes_meet(trainer)
-        check_data_parallel_only(trainer.strategy, trainer.num_devices)
+        check_data_parallel_only(trainer.strategy, trainer.num_devices, trainer.num_nodes)
+        growing = [c for c in trainer.callbacks if isinstance(c, ProgressiveSharing) and c.enabled]
+        for sharing in growing if self.subcommand == "fit" else []:
+            # before Lightning starts the ranks (each would refuse it in setup, one line each)
+            start = sharing.interval if sharing.start_step is None else sharing.start_step
+            refuse_static_graph(trainer.strategy, start)
         watch_from_launch(trainer)  # a rank that fails before fit's setup: rank 0 says so and exits with its status
         return trainer
 

@@ -143,22 +143,35 @@ if STRATEGY_NAME not in StrategyRegistry:
     )
 
 
-def check_data_parallel_only(strategy: object, devices: int) -> None:
+def check_data_parallel_only(strategy: object, devices: int, nodes: int = 1) -> None:
     """Refuse Lightning's ``ModelParallelStrategy`` with tensor parallelism (by default over the processes of a node):
     ``parallelize`` shards over its data-parallel mesh only, so each tensor-parallel process trained a model of its own
-    on data of its own, and the checkpoint kept one of them (exit 0)."""
+    on data of its own, and the checkpoint kept one of them (exit 0). Refuse too, before the launch, sizes whose
+    product is not the number of processes (``tensor_parallel_size: 1`` with the default data-parallel size, the node
+    count): Lightning raised it on every rank as a traceback."""
     if not isinstance(strategy, ModelParallelStrategy):
         return
     size = strategy._tensor_parallel_size  # "auto": setup_environment makes it the processes of a node
     size = devices if size == "auto" else size
-    if size == 1:
+    if size != 1:
+        raise ConfigError(
+            f"ModelParallelStrategy would split the model over {size} processes by tensor parallelism, which it has "
+            "no plan for: each process would train a model of its own",
+            "trainer.strategy",
+            f"use trainer.strategy: {STRATEGY_NAME} (FSDP2 over every process, no tensor parallelism)",
+        )
+    if isinstance(strategy, FSDP2Strategy):  # its data-parallel size is every process (setup_environment)
         return
-    raise ConfigError(
-        f"ModelParallelStrategy would split the model over {size} processes by tensor parallelism, which it has no "
-        "plan for: each process would train a model of its own",
-        "trainer.strategy",
-        f"use trainer.strategy: {STRATEGY_NAME} (FSDP2 over every process, no tensor parallelism)",
-    )
+    data = strategy._data_parallel_size  # "auto": setup_environment makes it the number of nodes
+    data = nodes if data == "auto" else data
+    if data != devices * nodes:
+        raise ConfigError(
+            f"ModelParallelStrategy's data_parallel_size {data} x tensor_parallel_size 1 is not the {devices * nodes} "
+            f"processes of the run (trainer.devices {devices} x trainer.num_nodes {nodes})",
+            "trainer.strategy",
+            f"use trainer.strategy: {STRATEGY_NAME} (FSDP2 over every process), or set its data_parallel_size to "
+            f"{devices * nodes}",
+        )
 
 
 def check_strategy_name(strategy: object) -> None:
@@ -166,6 +179,13 @@ def check_strategy_name(strategy: object) -> None:
     four examples, ``fsdp2`` not among them, and sent the user to its website)."""
     if not isinstance(strategy, str) or strategy.lower() == "auto" or strategy.lower() in StrategyRegistry:
         return
+    if "." in strategy:  # a class path, read as a name: jsonargparse takes a class from class_path only
+        raise ConfigError(
+            f"unknown strategy {strategy!r}",
+            f"trainer.strategy: {strategy}",
+            f"a class is given as --trainer.strategy.class_path={strategy} "
+            f"(YAML: strategy: {{class_path: {strategy}}})",
+        )
     near = difflib.get_close_matches(strategy.lower(), sorted(StrategyRegistry), n=3, cutoff=0.6)
     near = [STRATEGY_NAME] if STRATEGY_NAME in near else near[:1]  # fsdp3: ours before Lightning's FSDP1
     raise ConfigError(

@@ -793,6 +793,47 @@ def test_tensor_parallelism_the_model_has_no_plan_for_is_one_line(tmp_path, caps
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(("data", "devices", "nodes"), [("auto", 2, 1), (1, 2, 1), (2, 2, 2), (4, 2, 1)])
+def test_model_parallel_sizes_that_miss_the_processes_are_refused_before_launch(data, devices, nodes):
+    """tensor_parallel_size 1 with the parent's data_parallel_size (the node count) fell short of the processes:
+    Lightning raised a RuntimeError traceback on every rank after the launch."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from epas_lightning.strategy import FSDP2Strategy, check_data_parallel_only
+
+    strategy = ModelParallelStrategy(data_parallel_size=data, tensor_parallel_size=1)
+    size = nodes if data == "auto" else data
+    refused = (
+        f"ModelParallelStrategy's data_parallel_size {size} x tensor_parallel_size 1 is not the {devices * nodes} "
+        f"processes of the run (trainer.devices {devices} x trainer.num_nodes {nodes})"
+    )
+    with pytest.raises(ConfigError, match=re.escape(refused)):
+        check_data_parallel_only(strategy, devices, nodes)
+    check_data_parallel_only(
+        ModelParallelStrategy(data_parallel_size=devices * nodes, tensor_parallel_size=1), devices, nodes
+    )
+    check_data_parallel_only(FSDP2Strategy(), devices, nodes)  # its data-parallel size is every process
+
+
+def test_ddp_static_graph_is_one_line_before_the_ranks_start(tmp_path, capsys, monkeypatch):
+    """ProgressiveSharing refuses static_graph in setup, on every rank Lightning started (one line each, after the data
+    was prepared); the command refuses it before it starts them."""
+    monkeypatch.chdir(tmp_path)
+    ddp = ["--trainer.strategy.class_path=lightning.pytorch.strategies.DDPStrategy"]
+    ddp += [
+        "--trainer.strategy.init_args.static_graph=true",
+        "--trainer.strategy.init_args.find_unused_parameters=true",
+    ]
+    assert main(["fit", "--config", DEBUG, *ddp]) == 2
+    err = capsys.readouterr().err
+    assert "corpus" not in err and [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: DDP's static_graph=True cannot train a growing sharing region: the sharing layers' q/k projections "
+        "stop getting gradients at step 4, and a static graph fails there — trainer.strategy: static_graph — leave "
+        "static_graph unset (find_unused_parameters=True is set for you)"
+    ]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_master_port_another_program_holds_is_one_line(tmp_path, capsys, monkeypatch):
     """torch's DistNetworkError traceback (EADDRINUSE) when the first rank's store could not listen on MASTER_PORT."""
     import socket
@@ -822,6 +863,30 @@ def test_a_strategy_name_lightning_does_not_know_names_the_nearest(name, near, t
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: unknown strategy '{name}'{near} — trainer.strategy: {name} — give auto, ddp, fsdp2 or another name "
         "of Lightning's StrategyRegistry, or a class_path"
+    )
+
+
+def test_a_strategy_class_given_as_a_name_says_how_to_give_a_class(tmp_path, capsys, monkeypatch):
+    """--trainer.strategy=<class path> is read as a registry name; the refusal said "or a class_path" as if it was
+    not one."""
+    monkeypatch.chdir(tmp_path)
+    name = "lightning.pytorch.strategies.ModelParallelStrategy"
+    assert main(["fit", "--config", DEBUG, f"--trainer.strategy={name}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: unknown strategy '{name}' — trainer.strategy: {name} — a class is given as "
+        f"--trainer.strategy.class_path={name} (YAML: strategy: {{class_path: {name}}})"
+    )
+
+
+def test_init_args_after_a_strategy_name_say_to_give_its_class(tmp_path, capsys, monkeypatch):
+    """`--trainer.strategy=fsdp2 --trainer.strategy.init_args.…` (the README: its class_path form takes init_args) was
+    "no class named fsdp2 is known", though fsdp2 is a name fit knows."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--trainer.strategy=fsdp2", "--trainer.strategy.init_args.save_distributed_checkpoint=false"]
+    assert main(["fit", "--config", DEBUG, *args]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: fsdp2 is a strategy name, which takes no init_args — --trainer.strategy — give its class to set "
+        "them: --trainer.strategy.class_path=epas_lightning.strategy.FSDP2Strategy"
     )
 
 

@@ -543,6 +543,64 @@ def test_sigterm_to_the_first_rank_stops_every_rank_after_one_step_with_a_checkp
     assert torch.load(last, weights_only=True)["global_step"] == step and out.count(f"Run finished: {step} optim") == 1
 
 
+def test_slurms_requeue_signal_to_two_srun_tasks_saves_once_and_rank_zero_requeues_the_job(tiny_corpus, tmp_path):
+    """Two FSDP2 ranks started as srun's tasks (a simulated SLURM job, with an scontrol that logs its calls), both sent
+    SIGUSR1 as `#SBATCH --signal=USR1@...` does: they stop after the same step with one sharded last.ckpt, the first
+    rank alone requeues the job, both exit 138; the requeued job's `--ckpt_path auto` resumes that checkpoint."""
+    import threading
+
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.parent.mkdir()
+    scontrol.write_text(f'#!/bin/sh\necho "$SLURM_PROCID $@" >> {tmp_path / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+             "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "77", "SLURM_NODELIST": "127.0.0.1"}  # fmt: skip
+    env = clean_env() | slurm | {"EPAS_CACHE_DIR": str(tiny_corpus.parent), "OMP_NUM_THREADS": "1"}
+    env["PATH"] = f"{scontrol.parent}{os.pathsep}{env['PATH']}"
+    args = ["fit", "--config", "debug", "--trainer.strategy=fsdp2", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    args += ["--trainer.val_check_interval=1000", "--trainer.num_sanity_val_steps=0", "--ckpt_path", "auto"]
+
+    def start_tasks(max_steps: int, restarts: int) -> list[subprocess.Popen]:
+        """The job's two tasks; rank 0's stderr is piped, the rest goes to files (a full pipe would block a rank)."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        command = [sys.executable, "-m", "epas_lightning", *args, f"--trainer.max_steps={max_steps}"]
+        tasks = []
+        for rank in range(2):
+            task_env = env | {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "MASTER_PORT": str(port)}
+            task_env["SLURM_RESTART_COUNT"] = str(restarts)
+            log = tmp_path / f"task{rank}-run{restarts}"
+            with log.with_suffix(".out").open("w") as out, log.with_suffix(".err").open("w") as err:
+                stderr = subprocess.PIPE if rank == 0 else err
+                tasks.append(
+                    subprocess.Popen(command, cwd=tmp_path, env=task_env, stdout=out, stderr=stderr, text=True)
+                )
+        return tasks
+
+    tasks = start_tasks(100000, 0)
+    watchdog = threading.Timer(300, lambda: [task.kill() for task in tasks])
+    watchdog.start()
+    lines = []
+    for line in tasks[0].stderr:  # to the end of rank 0's output
+        lines.append(line)
+        if "EPAS: step 4:" in line:  # training is under way: SLURM signals every task
+            for task in tasks:
+                task.send_signal(signal.SIGUSR1)
+    codes = [task.wait() for task in tasks]
+    watchdog.cancel()
+    err = "".join(lines)
+    assert codes == [138, 138], err[-4000:] + (tmp_path / "task1-run0.err").read_text()[-4000:]
+    assert (tmp_path / "scontrol.log").read_text() == "0 requeue 77\n"
+    step = int(err.split("stopped by SIGUSR1 after step ")[1].split(";")[0])
+    last = tmp_path / "runs" / "debug" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last / "meta.pt", weights_only=True)["global_step"] == step
+    requeued = start_tasks(step + 1, 1)
+    outputs = [task.communicate(timeout=300)[1] for task in requeued]
+    assert [task.returncode for task in requeued] == [0, 0], outputs[0][-4000:]
+    assert "Resuming from runs/debug/version_0/checkpoints/last.ckpt" in outputs[0]
+
+
 def sigterm_to_rank_one_run_args(root: Path, tiny_corpus: Path) -> list[list[str]]:
     """FSDP2 stopped by a SIGTERM to rank 1 in step 3, resumed from its last.ckpt; then the run never stopped."""
     ckpt, common = root / "ckpt", ["--data-dir", str(tiny_corpus), "--steps", "5"]

@@ -82,3 +82,32 @@ def test_the_wheel_carries_every_file_of_the_package():
         {str(f.parent) for f in files if f.suffix == ".py" and not (PACKAGE / f.parent / "__init__.py").is_file()}
     )
     assert not no_init, f"not in the wheel without an __init__.py: {no_init}"
+
+
+def test_ci_installs_versions_inside_the_declared_ranges_with_the_readme_command():
+    """CI's exact versions (.ci/constraints.txt, .ci/constraints-oldest.txt) must be ones pyproject.toml allows, or
+    the pip install of .ci/run fails to resolve (or tests what no user gets); and .ci/run runs the README's command."""
+    from packaging.requirements import Requirement
+
+    project = _pyproject()["project"]
+    requirements = [
+        *project["dependencies"],
+        *(r for extra in project["optional-dependencies"].values() for r in extra),
+    ]
+    outside = []
+    for constraints in (".ci/constraints.txt", ".ci/constraints-oldest.txt"):
+        pins = dict(
+            (_name(line), line.split("==")[1].strip())
+            for line in (REPO / constraints).read_text().splitlines()
+            if "==" in line and not line.startswith("#")
+        )
+        for requirement in map(Requirement, requirements):
+            pinned = pins.get(_name(requirement.name))
+            if pinned is not None and not requirement.specifier.contains(pinned, prereleases=True):
+                outside.append(f"{constraints}: {requirement.name}=={pinned} outside {requirement}")
+    assert not outside
+    readme_commands = re.findall(r"^python3 -m venv .*$", (REPO / "README.md").read_text(), re.MULTILINE)
+    ci_command = next(
+        line for line in (REPO / ".ci/run").read_text().splitlines() if line.startswith("python3 -m venv")
+    )
+    assert readme_commands and ci_command.startswith(readme_commands[-1] + " ||"), (readme_commands, ci_command)

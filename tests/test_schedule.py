@@ -259,6 +259,25 @@ def test_ddp_switched_to_find_unused_parameters_says_torchs_warning_before_the_f
     ]
 
 
+def test_ddp_static_graph_is_refused_before_training():
+    """DDP's static_graph=True trained until the region first grew, then failed on every rank with a traceback (exit
+    1) saying to set find_unused_parameters=True, which was set: a static graph cannot lose parameters mid-run."""
+    import lightning as L
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from epas_lightning import callbacks
+
+    strategy = DDPStrategy(find_unused_parameters=True, static_graph=True)
+    trainer = L.Trainer(accelerator="cpu", strategy=strategy, devices=1, logger=False, enable_checkpointing=False)
+    with pytest.raises(ConfigError) as refused:
+        callbacks.let_ddp_find_unused_parameters(trainer, 4)
+    assert str(refused.value) == (
+        "DDP's static_graph=True cannot train a growing sharing region: the sharing layers' q/k projections stop "
+        "getting gradients at step 4, and a static graph fails there — trainer.strategy: static_graph — leave "
+        "static_graph unset (find_unused_parameters=True is set for you)"
+    )
+
+
 def test_a_dense_run_of_one_layer_trains_and_resumes_with_sharing_off(tmp_path):
     """With sharing off, its target was still checked against the model: a 1-layer dense baseline was refused ("a
     sharing target of 1 layers is invalid for a 1-layer model"), at construction and in setup; a resume with another
