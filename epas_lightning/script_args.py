@@ -89,11 +89,19 @@ def missing_argument_fix(what: str, dashed: bool, argv: Sequence[str] = ()) -> s
 
 def _dash_value(argv: Sequence[str], names: list[str]) -> str | None:
     """The value after a flag of ``names`` in ``argv`` that starts with "-" and is no other flag (``-x``, not
-    ``--json``): the value argparse took for a flag."""
+    ``--json``): the value argparse took for a flag (not one it took as a value before it: ``-5``, ``"-c x"``)."""
     for name, value in zip(argv, argv[1:], strict=False):
-        if name in names and value.startswith("-") and not re.fullmatch(r"--[\w.+-]+(=.*)?", value, re.DOTALL):
+        if name in names and not read_as_value(value) and not re.fullmatch(r"--[\w.+-]+(=.*)?", value, re.DOTALL):
             return value
     return None
+
+
+def read_as_value(token: str) -> bool:
+    """Whether argparse takes ``token`` after a flag as its value (not as a flag: ``-x``, ``--json``): it does not start
+    with "-", or is "-", a negative number or holds a space."""
+    return (
+        not token.startswith("-") or token == "-" or " " in token or re.fullmatch(r"-\d+|-\d*\.\d+", token) is not None
+    )
 
 
 def whole_number(minimum: int) -> Callable[[str], int]:
