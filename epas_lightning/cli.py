@@ -53,7 +53,7 @@ from epas_lightning.errors import (
 )
 from epas_lightning.interrupted import stopped_line
 from epas_lightning.outputs import out_of_space
-from epas_lightning.script_args import missing_argument_fix
+from epas_lightning.script_args import missing_argument_fix, read_as_value
 from epas_lightning.sigterm_in_setup import answering_sigterm_in_setup
 from epas_lightning.slurm import remembering_requeue_signal
 
@@ -220,20 +220,13 @@ def _verbatim_values(argv: Sequence[str], text_options: set[str]) -> tuple[list[
     takes_value = False
     for token in argv:
         name, equals, value = token.partition("=")
-        if takes_value and _read_as_value(token):
+        if takes_value and read_as_value(token):
             token = placeholder(token)
         elif name.removesuffix("+") in text_options and equals:
             token = name + equals + placeholder(value)
         takes_value = name.removesuffix("+") in text_options and not equals
         out.append(token)
     return out, values
-
-
-def _read_as_value(token: str) -> bool:
-    """Whether argparse takes ``token`` after a flag as its value (not as a flag: ``-x``, ``--json``)."""
-    return (
-        not token.startswith("-") or token == "-" or " " in token or re.fullmatch(r"-\d+|-\d*\.\d+", token) is not None
-    )
 
 
 def _print_as_typed(parser: Any, values: dict[str, str]) -> None:

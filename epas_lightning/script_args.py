@@ -73,7 +73,7 @@ def missing_argument_fix(what: str, dashed: bool, argv: Sequence[str] = ()) -> s
     """What to add for argparse's "the following arguments are required: checkpoint, output" (the flags, as typed:
     ``dashed`` for our tools' ``--max-new-tokens``) or "argument --checkpoint: expected one argument"; else ``None``.
     Where ``argv`` gave the flag a value that starts with "-" (``--prompt -x``), which argparse reads as a flag, the
-    fix says to write it ``--prompt=-x``."""
+    fix says to write it ``--prompt=-x`` (``--prompt+=-x`` where it was typed ``--prompt+``)."""
     if required := re.fullmatch(r"the following arguments are required: ([\w.,/ -]+)", what):
         keys = [key.strip().split("/")[-1].lstrip("-") for key in required.group(1).split(",")]
         return "add " + " and ".join("--" + (key.replace("_", "-") if dashed else key) for key in keys)
@@ -81,19 +81,29 @@ def missing_argument_fix(what: str, dashed: bool, argv: Sequence[str] = ()) -> s
         names = valueless.group(1).split("/")
         flag = next((name for name in names if name.startswith("--")), valueless.group(1))
         fix = f"give {flag} a value"
-        if (value := _dash_value(argv, names)) is not None:
-            fix += f'; write {shlex.quote(f"{flag}={value}")} for one that starts with "-"'
+        if dashed := _dash_value(argv, names):
+            typed, value = dashed
+            written = typed if typed.startswith("--") else flag  # --prompt+ as typed; -c as --config
+            fix += f'; write {shlex.quote(f"{written}={value}")} for one that starts with "-"'
         return fix
     return None
 
 
-def _dash_value(argv: Sequence[str], names: list[str]) -> str | None:
-    """The value after a flag of ``names`` in ``argv`` that starts with "-" and is no other flag (``-x``, not
-    ``--json``): the value argparse took for a flag."""
+def _dash_value(argv: Sequence[str], names: list[str]) -> tuple[str, str] | None:
+    """The flag of ``names`` in ``argv``, as typed, and its value that starts with "-" and is no other flag (``-x``,
+    not ``--json``): the value argparse took for a flag (not one it took as a value before it: ``-5``, ``"-c x"``)."""
     for name, value in zip(argv, argv[1:], strict=False):
-        if name in names and value.startswith("-") and not re.fullmatch(r"--[\w.+-]+(=.*)?", value, re.DOTALL):
-            return value
+        if name in names and not read_as_value(value) and not re.fullmatch(r"--[\w.+-]+(=.*)?", value, re.DOTALL):
+            return name, value
     return None
+
+
+def read_as_value(token: str) -> bool:
+    """Whether argparse takes ``token`` after a flag as its value (not as a flag: ``-x``, ``--json``): it does not start
+    with "-", or is "-", a negative number or holds a space."""
+    return (
+        not token.startswith("-") or token == "-" or " " in token or re.fullmatch(r"-\d+|-\d*\.\d+", token) is not None
+    )
 
 
 def whole_number(minimum: int) -> Callable[[str], int]:

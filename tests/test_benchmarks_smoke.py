@@ -872,6 +872,10 @@ def test_a_script_says_to_give_a_flag_its_value(benchmarks_importable, monkeypat
     with pytest.raises(SystemExit):
         run_script(memory.main)
     assert capsys.readouterr().err.endswith('give --model a value; write --model=-tiny for one that starts with "-"\n')
+    monkeypatch.setattr(sys, "argv", ["memory.py", "--seed", "-5", "--seed", "-x"])  # -5 is a value argparse takes
+    with pytest.raises(SystemExit):
+        run_script(memory.main)
+    assert capsys.readouterr().err.endswith('give --seed a value; write --seed=-x for one that starts with "-"\n')
 
 
 def test_vs_peers_step_memory_counts_only_the_timed_steps(benchmarks_importable, monkeypatch):

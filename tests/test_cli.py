@@ -1001,6 +1001,18 @@ def test_every_value_of_a_list_flag_is_kept(tmp_path, argv, prompts):
     assert run_function(_prompts, "prompts", argv) == prompts
 
 
+def test_a_dash_value_after_prompt_plus_is_said_to_be_written_with_prompt_plus(tmp_path):
+    """`--prompt+ -x` (add -x to a --config's prompts) was told to write `--prompt=-x`, which replaces them."""
+    from epas_lightning.cli import run_function
+    from epas_lightning.errors import ConfigError
+
+    (config := tmp_path / "g.yaml").write_text("prompt: [a, b]\n")
+    with pytest.raises(ConfigError) as refused:
+        run_function(_prompts, "prompts", ["--config", str(config), "--prompt+", "-x"])
+    assert refused.value.fix == 'give --prompt a value; write --prompt+=-x for one that starts with "-"'
+    assert run_function(_prompts, "prompts", ["--config", str(config), "--prompt+=-x"]) == ["a", "b", "-x"]
+
+
 def test_print_config_writes_text_flag_values_as_typed(capsys):
     """`--print_config` writes each --prompt as the command reads it (one prompt, as typed)."""
     import yaml

@@ -373,6 +373,11 @@ def test_a_misspelt_key_in_a_commands_config_names_the_one_meant_and_the_file(tm
             "argument --prompt/--prompt+: expected one argument — {} — give --prompt a value; write --prompt=-x for "
             'one that starts with "-"',
         ),
+        (  # the value it refused, not an earlier one it took (-5, "-c x"): that one was "write --prompt=-5"
+            ["generate", "--checkpoint", "c", "--prompt", "-5", "--prompt", "-c x", "--prompt", "-x"],
+            "argument --prompt/--prompt+: expected one argument — {} — give --prompt a value; write --prompt=-x for "
+            'one that starts with "-"',
+        ),
         (
             ["generate", "--checkpoint", "c", "--prompt", "--ignore-eos"],
             "argument --prompt/--prompt+: expected one argument — {} — give --prompt a value",
