@@ -30,6 +30,7 @@ from harness import alternate, device_name, emit, preset_config, resolve_device
 from epas_lightning.errors import ConfigError, run_script
 from epas_lightning.inference import generate, set_region
 from epas_lightning.model import Llama, LlamaConfig
+from epas_lightning.runtime import size_text
 from epas_lightning.script_args import ScriptParser, count, fraction
 
 TARGET = 0.29
@@ -165,12 +166,12 @@ def print_table(s: dict) -> None:
     print()
     print(f"{s['model']} on {s['device_name']} ({s['dtype']}), prompt {s['prompt_len']}, {s['new_tokens']} new tokens")
     head = f"{'batch':>5} {'setting':>16} {'shared':>6} {'decode tok/s':>13} {'gain':>8}"
-    print(f"{head} {'prefill tok/s':>14} {'KV MB':>8}")
+    print(f"{head} {'prefill tok/s':>14} {'KV cache':>10}")
     for B, rows in s["results"].items():
         for label, r in rows.items():
             print(
                 f"{B:>5} {label:>16} {r['n_shared']:>6} {r['decode_tokens_per_s']:>13.1f} {r['gain']:>+8.3f} "
-                f"{r['prefill_tokens_per_s']:>14.1f} {r['kv_cache_bytes'] / 2**20:>8.2f}"
+                f"{r['prefill_tokens_per_s']:>14.1f} {size_text(r['kv_cache_bytes']):>10}"
             )
     print(f"gain_50 >= {s['target']} at every batch size: {s['target_met']} (stretch {STRETCH}: {s['stretch_met']})")
 

@@ -413,14 +413,19 @@ def test_memory_caps_the_region_below_the_layer_count(benchmarks_importable, mon
     assert regions == [[], [1], [], [1]] and result["n_shared"] == 1
 
 
-def test_generate_throughput_always_measures_the_dense_baseline(benchmarks_importable):
-    """Gains are relative to dense: ``--sharing 0.5`` alone used to fail with KeyError 'dense' after all the work."""
+def test_generate_throughput_always_measures_the_dense_baseline(benchmarks_importable, capsys):
+    """Gains are relative to dense: ``--sharing 0.5`` alone used to fail with KeyError 'dense' after all the work. The
+    table's KV cache column is in a unit that shows a tiny model's cache (it said 0.00 under "KV MB", in MiB)."""
     import generate_throughput
 
     args = ["--model", "debug", "--batch-sizes", "1", "--prompt-len", "4", "--new-tokens", "3", "--reps", "1"]
     result = generate_throughput.main([*args, "--device", "cpu", "--sharing", "0.5"])
     rows = result["results"][1]
     assert list(rows) == ["dense", "0.5"] and rows["dense"]["gain"] == 0 and result["gain_50"] is not None
+    lines = capsys.readouterr().out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("batch "))
+    assert lines[head].endswith("KV cache")
+    assert lines[head + 1].endswith(generate_throughput.size_text(rows["dense"]["kv_cache_bytes"]))
 
 
 def test_generate_throughput_refuses_arguments_it_cannot_measure(benchmarks_importable):
