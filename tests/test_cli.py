@@ -834,6 +834,16 @@ def test_ddp_static_graph_is_one_line_before_the_ranks_start(tmp_path, capsys, m
     assert not (tmp_path / "runs").exists()
 
 
+def test_ddp_static_graph_fits_a_region_whole_from_the_first_step(tmp_path, capsys, monkeypatch):
+    """sharing.start_step 0 with the whole region in one stage: the same parameters get gradients every step, which a
+    static graph takes; fit refused it as a growing region."""
+    monkeypatch.chdir(tmp_path)
+    ddp = ["--trainer.strategy.class_path=lightning.pytorch.strategies.DDPStrategy"]
+    ddp += ["--trainer.strategy.init_args.static_graph=true", "--sharing.start_step=0", "--trainer.max_steps=2"]
+    assert main(["fit", "--config", DEBUG, *ddp, "--trainer.logger=false", "--trainer.enable_checkpointing=false"]) == 0
+    assert "error:" not in capsys.readouterr().err
+
+
 def test_a_master_port_another_program_holds_is_one_line(tmp_path, capsys, monkeypatch):
     """torch's DistNetworkError traceback (EADDRINUSE) when the first rank's store could not listen on MASTER_PORT."""
     import socket
