@@ -900,6 +900,23 @@ def test_init_args_after_a_strategy_name_say_to_give_its_class(tmp_path, capsys,
     )
 
 
+def test_init_args_after_a_strategy_name_keep_the_settings_of_the_name(tmp_path, capsys, monkeypatch):
+    """ddp_spawn is DDPStrategy with start_method spawn: the class path alone, as the refusal said to give, would have
+    started the ranks another way (DDPStrategy's own default, popen)."""
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "--trainer.strategy=ddp_spawn_find_unused_parameters_true",
+        "--trainer.strategy.init_args.static_graph=false",
+    ]
+    assert main(["fit", "--config", DEBUG, *args]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: ddp_spawn_find_unused_parameters_true is a strategy name, which takes no init_args — "
+        "--trainer.strategy — give its class to set them: "
+        "--trainer.strategy.class_path=lightning.pytorch.strategies.ddp.DDPStrategy "
+        "--trainer.strategy.init_args.find_unused_parameters=true --trainer.strategy.init_args.start_method=spawn"
+    )
+
+
 def test_a_strategy_whose_package_is_missing_is_one_line(tmp_path, capsys, monkeypatch):
     """Lightning's XLAStrategy raised a ModuleNotFoundError traceback (DeepSpeed's says it as a misconfiguration)."""
     if importlib.util.find_spec("torch_xla") is not None:
