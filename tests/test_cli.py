@@ -876,11 +876,11 @@ def test_a_strategy_name_lightning_does_not_know_names_the_nearest(name, near, t
     )
 
 
-def test_a_strategy_class_given_as_a_name_says_how_to_give_a_class(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("name", ["lightning.pytorch.strategies.ModelParallelStrategy", "FSDP2Strategy"])
+def test_a_strategy_class_given_as_a_name_says_how_to_give_a_class(name, tmp_path, capsys, monkeypatch):
     """--trainer.strategy=<class path> is read as a registry name; the refusal said "or a class_path" as if it was
-    not one."""
+    not one (also for a class's bare name, which class_path takes as it takes a path)."""
     monkeypatch.chdir(tmp_path)
-    name = "lightning.pytorch.strategies.ModelParallelStrategy"
     assert main(["fit", "--config", DEBUG, f"--trainer.strategy={name}"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: unknown strategy '{name}' — trainer.strategy: {name} — a class is given as "
