@@ -484,12 +484,14 @@ def unknown_class(message: str, flag: str, prog: str) -> ConfigError | None:
         given = unresolved.group(1)
         if flag == "--trainer.strategy" and (named := registered_strategy(given)) is not None:
             named_class, settings = named
-            init_args = "".join(f" {flag}.init_args.{k}={flag_value(v)}" for k, v in settings.items())
+            path = f"{named_class.__module__}.{named_class.__qualname__}"
+            flags = "".join(f" {flag}.init_args.{k}={flag_value(v)}" for k, v in settings.items())
+            yaml = "".join(f"{k}: {flag_value(v)}, " for k, v in settings.items())
             return ConfigError(  # a name given init_args: jsonargparse looked for a class of that name
                 f"{given} is a strategy name, which takes no init_args",
                 flag,
-                f"give its class to set them: {flag}.class_path={named_class.__module__}.{named_class.__qualname__}"
-                + init_args,
+                f"give its class to set them: {flag}.class_path={path}{flags} "
+                f"(YAML: strategy: {{class_path: {path}, init_args: {{{yaml}...}}}})",
             )
         known = sorted({cls.__name__ for base in bases for cls in _subclasses(base)})
         same_letters = [name for name in known if name.lower() == given.lower()]  # Adamw: AdamW, not the closer Adam

@@ -896,7 +896,8 @@ def test_init_args_after_a_strategy_name_say_to_give_its_class(tmp_path, capsys,
     assert main(["fit", "--config", DEBUG, *args]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: fsdp2 is a strategy name, which takes no init_args — --trainer.strategy — give its class to set "
-        "them: --trainer.strategy.class_path=epas_lightning.strategy.FSDP2Strategy"
+        "them: --trainer.strategy.class_path=epas_lightning.strategy.FSDP2Strategy (YAML: strategy: {class_path: "
+        "epas_lightning.strategy.FSDP2Strategy, init_args: {...}})"
     )
 
 
@@ -913,7 +914,9 @@ def test_init_args_after_a_strategy_name_keep_the_settings_of_the_name(tmp_path,
         "error: ddp_spawn_find_unused_parameters_true is a strategy name, which takes no init_args — "
         "--trainer.strategy — give its class to set them: "
         "--trainer.strategy.class_path=lightning.pytorch.strategies.ddp.DDPStrategy "
-        "--trainer.strategy.init_args.find_unused_parameters=true --trainer.strategy.init_args.start_method=spawn"
+        "--trainer.strategy.init_args.find_unused_parameters=true --trainer.strategy.init_args.start_method=spawn "
+        "(YAML: strategy: {class_path: lightning.pytorch.strategies.ddp.DDPStrategy, init_args: "
+        "{find_unused_parameters: true, start_method: spawn, ...}})"
     )
 
 
