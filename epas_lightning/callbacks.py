@@ -201,6 +201,7 @@ class ProgressiveSharing(Callback):
             finally:  # Lightning reads it whole next: a legacy file's whole read is not held beside that, or on
                 release_kept_read(Path(ckpt_path).expanduser())  # after a refusal
         if stage == "fit" and self.enabled:
+            refuse_static_graph(trainer.strategy, self.schedule)
             let_ddp_find_unused_parameters(trainer, self.schedule.start_step)
             rank_zero_info(
                 f"EPAS: region {list(self.schedule.target_layers)} grows by {self.growth} layer(s) every "
@@ -523,12 +524,11 @@ def let_ddp_find_unused_parameters(trainer: Trainer, first_sharing_step: int) ->
     first grows: DDP must look for unused parameters or it fails mid-run. Switch that on before DDP wraps the model
     (a plain ``strategy: ddp`` leaves it off), and say so: also that torch's warning, once per rank, that it found no
     unused parameters (a C++ warning, which no Python filter reaches) is expected before ``first_sharing_step``, also
-    where the configuration switched it on itself. Refuse ``static_graph``, which fails at that step."""
+    where the configuration switched it on itself."""
     strategy = trainer.strategy
     ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
     if not isinstance(strategy, DDPStrategy) or not isinstance(ddp_kwargs, dict):
         return
-    refuse_static_graph(strategy, first_sharing_step)
     already = bool(ddp_kwargs.get("find_unused_parameters"))
     if already and first_sharing_step == 0:
         return  # nothing to say: no torch warning comes
@@ -545,14 +545,18 @@ def let_ddp_find_unused_parameters(trainer: Trainer, first_sharing_step: int) ->
     )
 
 
-def refuse_static_graph(strategy: object, first_sharing_step: int) -> None:
-    """Refuse DDP's ``static_graph=True``: it failed when the region first grew, on every rank, with a traceback that
-    asked for ``find_unused_parameters=True`` (which was set)."""
+def refuse_static_graph(strategy: object, schedule: SharingSchedule) -> None:
+    """Refuse DDP's ``static_graph=True`` for a region that grows during the run: it failed at the first growth, on
+    every rank, with a traceback that asked for ``find_unused_parameters=True`` (which was set). A region whole from
+    step 0 (``start_step`` 0, one stage) leaves the same parameters without gradients every step: that trains."""
     if not isinstance(strategy, DDPStrategy) or not getattr(strategy, "_ddp_kwargs", {}).get("static_graph"):
         return
+    if schedule.final_step == 0:
+        return
+    grows = schedule.start_step or schedule.interval  # the first step whose region is not step 0's
     raise ConfigError(
         "DDP's static_graph=True cannot train a growing sharing region: the sharing layers' q/k projections stop "
-        f"getting gradients at step {first_sharing_step}, and a static graph fails there",
+        f"getting gradients at step {grows}, and a static graph fails there",
         "trainer.strategy: static_graph",
         "leave static_graph unset (find_unused_parameters=True is set for you)",
     )

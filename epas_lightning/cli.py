@@ -476,10 +476,15 @@ def unknown_class(message: str, flag: str, prog: str) -> ConfigError | None:
     if unresolved := re.search(r"Expected a dot import path string: (\S+)$", message, re.MULTILINE):
         given = unresolved.group(1)
         if flag == "--trainer.strategy" and (named := registered_strategy(given)) is not None:
+            named_class, settings = named
+            path = f"{named_class.__module__}.{named_class.__qualname__}"
+            flags = "".join(f" {flag}.init_args.{k}={flag_value(v)}" for k, v in settings.items())
+            yaml = "".join(f"{k}: {flag_value(v)}, " for k, v in settings.items())
             return ConfigError(  # a name given init_args: jsonargparse looked for a class of that name
                 f"{given} is a strategy name, which takes no init_args",
                 flag,
-                f"give its class to set them: --trainer.strategy.class_path={named.__module__}.{named.__qualname__}",
+                f"give its class to set them: {flag}.class_path={path}{flags} "
+                f"(YAML: strategy: {{class_path: {path}, init_args: {{{yaml}...}}}})",
             )
         known = sorted({cls.__name__ for base in bases for cls in _subclasses(base)})
         same_letters = [name for name in known if name.lower() == given.lower()]  # Adamw: AdamW, not the closer Adam
@@ -498,11 +503,19 @@ def unknown_class(message: str, flag: str, prog: str) -> ConfigError | None:
     return None
 
 
-def registered_strategy(name: str) -> type | None:
-    """The class Lightning's ``StrategyRegistry`` gives ``name`` (``fsdp2``: ``FSDP2Strategy``), else ``None``."""
+def registered_strategy(name: str) -> tuple[type, dict[str, Any]] | None:
+    """The class Lightning's ``StrategyRegistry`` gives ``name`` (``fsdp2``: ``FSDP2Strategy``) and the arguments the
+    name sets that differ from the class's defaults (``ddp_spawn``: ``start_method`` ``spawn``), else ``None``."""
     from lightning.pytorch.strategies import StrategyRegistry
 
-    return StrategyRegistry[name.lower()]["strategy"] if name.lower() in StrategyRegistry else None
+    if name.lower() not in StrategyRegistry:
+        return None
+    entry = StrategyRegistry[name.lower()]
+    defaults = inspect.signature(entry["strategy"]).parameters
+    settings = {
+        k: v for k, v in entry["init_params"].items() if k not in defaults or defaults[k].default != v
+    }  # ddp's start_method popen is DDPStrategy's own
+    return entry["strategy"], dict(sorted(settings.items()))
 
 
 def _class_at(path: str) -> type | None:

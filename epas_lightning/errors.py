@@ -257,19 +257,24 @@ def error_line(error: BaseException) -> str:
 def fit_in_script(trainer: Any, *args: Any, **kwargs: Any) -> None:
     """``trainer.fit(*args, **kwargs)`` in a script that :func:`run_script` runs: Lightning ends a fit that Ctrl+C
     stopped with ``sys.exit(1)`` after its own clean-up, which ended the script silently with 1; the stop is a
-    ``KeyboardInterrupt`` again, so that the script ends with run_script's one line and 130."""
+    ``KeyboardInterrupt`` again, so that the script ends with run_script's one line and 130. Lightning's SIGTERM stop
+    (its ``SIGTERMException``, also a ``SystemExit``) ends it as SIGTERM's: the one line names it, status 143."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException  # a fit's caller has Lightning imported
+
     try:
         trainer.fit(*args, **kwargs)
-    except SystemExit:
-        if trainer.interrupted:  # Lightning's exit after a KeyboardInterrupt
-            raise KeyboardInterrupt from None
-        raise
+    except SystemExit as e:
+        if not trainer.interrupted:
+            raise
+        interrupt = KeyboardInterrupt()  # Lightning's exit after a KeyboardInterrupt, or its SIGTERM stop
+        interrupt.signum = signal.SIGTERM if isinstance(e, SIGTERMException) else signal.SIGINT
+        raise interrupt from None
 
 
 def run_script(main: Callable[[], object]) -> None:
     """Run a script's ``main()`` (``benchmarks/``, ``experiments/``) under this policy: a :class:`UserError` prints one
-    line on stderr and exits with status 2, Ctrl+C one line and 130, as the commands end (with the traceback when
-    ``EPAS_DEBUG=1``)."""
+    line on stderr and exits with status 2, Ctrl+C one line and 130 (a fit SIGTERM stopped: 143), as the commands end
+    (with the traceback when ``EPAS_DEBUG=1``)."""
     try:
         main()
     except UserError as error:
@@ -277,8 +282,10 @@ def run_script(main: Callable[[], object]) -> None:
             traceback.print_exc()
         print(error_line(error), file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug_enabled():
             traceback.print_exc()
-        print(f"interrupted: {Path(sys.argv[0]).name} stopped (Ctrl+C)", file=sys.stderr)
-        raise SystemExit(128 + signal.SIGINT) from None
+        signum = getattr(e, "signum", signal.SIGINT)  # a fit a signal stopped (fit_in_script): which one
+        what = "Ctrl+C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"interrupted: {Path(sys.argv[0]).name} stopped ({what})", file=sys.stderr)
+        raise SystemExit(128 + signum) from None

@@ -439,9 +439,8 @@ class EPASCLI(LightningCLI):
         check_data_parallel_only(trainer.strategy, trainer.num_devices, trainer.num_nodes)
         growing = [c for c in trainer.callbacks if isinstance(c, ProgressiveSharing) and c.enabled]
         for sharing in growing if self.subcommand == "fit" else []:
-            # before Lightning starts the ranks (each would refuse it in setup, one line each)
-            start = sharing.interval if sharing.start_step is None else sharing.start_step
-            refuse_static_graph(trainer.strategy, start)
+            # before Lightning starts the ranks (each would refuse it in setup, one line each); n_layer is linked
+            refuse_static_graph(trainer.strategy, sharing.schedule)
         watch_from_launch(trainer)  # a rank that fails before fit's setup: rank 0 says so and exits with its status
         return trainer
 

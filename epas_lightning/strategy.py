@@ -12,7 +12,7 @@ from typing import Any
 
 from lightning.fabric.strategies.model_parallel import _load_checkpoint
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from lightning.pytorch.strategies import ModelParallelStrategy, Strategy, StrategyRegistry
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.constants import default_pg_timeout
 
@@ -179,7 +179,8 @@ def check_strategy_name(strategy: object) -> None:
     four examples, ``fsdp2`` not among them, and sent the user to its website)."""
     if not isinstance(strategy, str) or strategy.lower() == "auto" or strategy.lower() in StrategyRegistry:
         return
-    if "." in strategy:  # a class path, read as a name: jsonargparse takes a class from class_path only
+    # a class read as a name: jsonargparse takes a class (its path, or an imported one's bare name) from class_path
+    if "." in strategy or is_strategy_class_name(strategy):
         raise ConfigError(
             f"unknown strategy {strategy!r}",
             f"trainer.strategy: {strategy}",
@@ -193,3 +194,16 @@ def check_strategy_name(strategy: object) -> None:
         f"trainer.strategy: {strategy}",
         f"give auto, ddp, {STRATEGY_NAME} or another name of Lightning's StrategyRegistry, or a class_path",
     )
+
+
+def is_strategy_class_name(name: str) -> bool:
+    """Whether ``name`` is the name of an imported ``Strategy`` class (``FSDP2Strategy``), which ``class_path``
+    takes."""
+    classes, seen = [Strategy], set()
+    while classes:
+        cls = classes.pop()
+        if cls.__name__ == name:
+            return True
+        seen.add(cls)
+        classes += [sub for sub in cls.__subclasses__() if sub not in seen]
+    return False

@@ -991,6 +991,26 @@ def test_lightning_overhead_stopped_with_ctrl_c_in_its_fit_says_so(benchmarks_im
     assert capsys.readouterr().err.endswith("interrupted: lightning_overhead.py stopped (Ctrl+C)\n")
 
 
+class SigtermInSetup(L.Callback):
+    def setup(self, trainer, pl_module, stage):  # noqa: ANN001
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        raise SIGTERMException  # as Lightning's loops raise it once its SIGTERM handler ran
+
+
+def test_lightning_overhead_stopped_by_sigterm_in_its_fit_does_not_say_ctrl_c(
+    benchmarks_importable, monkeypatch, capsys
+):
+    """Lightning's SIGTERM stop (a SystemExit that leaves trainer.interrupted, as Ctrl+C's) was said as Ctrl+C, with
+    130; it is SIGTERM's, with 143, as the commands say it."""
+    import lightning_overhead
+
+    monkeypatch.setattr(lightning_overhead, "StepClock", SigtermInSetup)
+    argv = ["lightning_overhead.py", "--quick", "--threads", "1"]
+    assert run_stopped_script(lightning_overhead.main, argv, monkeypatch) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.endswith("interrupted: lightning_overhead.py stopped (SIGTERM)\n")
+
+
 def test_scripts_fit_through_fit_in_script():
     """A script's own ``trainer.fit`` loses Ctrl+C to Lightning's ``sys.exit(1)``; ``fit_in_script`` keeps it."""
     direct = [p.name for p in SCRIPTS if re.search(r"\btrainer\.fit\(", p.read_text())]

@@ -834,6 +834,16 @@ def test_ddp_static_graph_is_one_line_before_the_ranks_start(tmp_path, capsys, m
     assert not (tmp_path / "runs").exists()
 
 
+def test_ddp_static_graph_fits_a_region_whole_from_the_first_step(tmp_path, capsys, monkeypatch):
+    """sharing.start_step 0 with the whole region in one stage: the same parameters get gradients every step, which a
+    static graph takes; fit refused it as a growing region."""
+    monkeypatch.chdir(tmp_path)
+    ddp = ["--trainer.strategy.class_path=lightning.pytorch.strategies.DDPStrategy"]
+    ddp += ["--trainer.strategy.init_args.static_graph=true", "--sharing.start_step=0", "--trainer.max_steps=2"]
+    assert main(["fit", "--config", DEBUG, *ddp, "--trainer.logger=false", "--trainer.enable_checkpointing=false"]) == 0
+    assert "error:" not in capsys.readouterr().err
+
+
 def test_a_master_port_another_program_holds_is_one_line(tmp_path, capsys, monkeypatch):
     """torch's DistNetworkError traceback (EADDRINUSE) when the first rank's store could not listen on MASTER_PORT."""
     import socket
@@ -866,11 +876,11 @@ def test_a_strategy_name_lightning_does_not_know_names_the_nearest(name, near, t
     )
 
 
-def test_a_strategy_class_given_as_a_name_says_how_to_give_a_class(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("name", ["lightning.pytorch.strategies.ModelParallelStrategy", "FSDP2Strategy"])
+def test_a_strategy_class_given_as_a_name_says_how_to_give_a_class(name, tmp_path, capsys, monkeypatch):
     """--trainer.strategy=<class path> is read as a registry name; the refusal said "or a class_path" as if it was
-    not one."""
+    not one (also for a class's bare name, which class_path takes as it takes a path)."""
     monkeypatch.chdir(tmp_path)
-    name = "lightning.pytorch.strategies.ModelParallelStrategy"
     assert main(["fit", "--config", DEBUG, f"--trainer.strategy={name}"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: unknown strategy '{name}' — trainer.strategy: {name} — a class is given as "
@@ -886,7 +896,27 @@ def test_init_args_after_a_strategy_name_say_to_give_its_class(tmp_path, capsys,
     assert main(["fit", "--config", DEBUG, *args]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: fsdp2 is a strategy name, which takes no init_args — --trainer.strategy — give its class to set "
-        "them: --trainer.strategy.class_path=epas_lightning.strategy.FSDP2Strategy"
+        "them: --trainer.strategy.class_path=epas_lightning.strategy.FSDP2Strategy (YAML: strategy: {class_path: "
+        "epas_lightning.strategy.FSDP2Strategy, init_args: {...}})"
+    )
+
+
+def test_init_args_after_a_strategy_name_keep_the_settings_of_the_name(tmp_path, capsys, monkeypatch):
+    """ddp_spawn is DDPStrategy with start_method spawn: the class path alone, as the refusal said to give, would have
+    started the ranks another way (DDPStrategy's own default, popen)."""
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "--trainer.strategy=ddp_spawn_find_unused_parameters_true",
+        "--trainer.strategy.init_args.static_graph=false",
+    ]
+    assert main(["fit", "--config", DEBUG, *args]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: ddp_spawn_find_unused_parameters_true is a strategy name, which takes no init_args — "
+        "--trainer.strategy — give its class to set them: "
+        "--trainer.strategy.class_path=lightning.pytorch.strategies.ddp.DDPStrategy "
+        "--trainer.strategy.init_args.find_unused_parameters=true --trainer.strategy.init_args.start_method=spawn "
+        "(YAML: strategy: {class_path: lightning.pytorch.strategies.ddp.DDPStrategy, init_args: "
+        "{find_unused_parameters: true, start_method: spawn, ...}})"
     )
 
 

@@ -87,8 +87,6 @@ def test_the_wheel_carries_every_file_of_the_package():
 def test_ci_installs_versions_inside_the_declared_ranges_with_the_readme_command():
     """CI's exact versions (.ci/constraints.txt, .ci/constraints-oldest.txt) must be ones pyproject.toml allows, or
     the pip install of .ci/run fails to resolve (or tests what no user gets); and .ci/run runs the README's command."""
-    from packaging.requirements import Requirement
-
     project = _pyproject()["project"]
     requirements = [
         *project["dependencies"],
@@ -96,18 +94,67 @@ def test_ci_installs_versions_inside_the_declared_ranges_with_the_readme_command
     ]
     outside = []
     for constraints in (".ci/constraints.txt", ".ci/constraints-oldest.txt"):
-        pins = dict(
-            (_name(line), line.split("==")[1].strip())
-            for line in (REPO / constraints).read_text().splitlines()
-            if "==" in line and not line.startswith("#")
-        )
-        for requirement in map(Requirement, requirements):
-            pinned = pins.get(_name(requirement.name))
-            if pinned is not None and not requirement.specifier.contains(pinned, prereleases=True):
-                outside.append(f"{constraints}: {requirement.name}=={pinned} outside {requirement}")
+        pins = _pins((REPO / constraints).read_text())
+        outside += [f"{constraints}: {problem}" for problem in _pins_outside(requirements, pins)]
     assert not outside
     readme_commands = re.findall(r"^python3 -m venv .*$", (REPO / "README.md").read_text(), re.MULTILINE)
     ci_command = next(
         line for line in (REPO / ".ci/run").read_text().splitlines() if line.startswith("python3 -m venv")
     )
     assert readme_commands and ci_command.startswith(readme_commands[-1] + " ||"), (readme_commands, ci_command)
+
+
+def _pins(constraints: str) -> dict[str, str]:
+    """The exact version of each distribution a constraints file pins for this Python, by normalized name (pip's
+    reading: a comment after `` #``, a marker, options such as ``--extra-index-url`` are not the version)."""
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in constraints.splitlines():
+        text = re.split(r"(?:^|\s)#", line, maxsplit=1)[0].strip()
+        if not text or text.startswith("-"):
+            continue
+        requirement = Requirement(text)
+        exact = [s.version for s in requirement.specifier if s.operator in ("==", "===")]
+        if exact and (requirement.marker is None or requirement.marker.evaluate()):
+            pins[_name(requirement.name)] = exact[0]
+    return pins
+
+
+def _pins_outside(requirements: list[str], pins: dict[str, str]) -> list[str]:
+    """``name==pin outside requirement`` for each pin a requirement's range does not allow (one whose marker this
+    Python does not meet does not apply)."""
+    from packaging.requirements import Requirement
+
+    outside = []
+    for requirement in map(Requirement, requirements):
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        pinned = pins.get(_name(requirement.name))
+        if pinned is not None and not requirement.specifier.contains(pinned, prereleases=True):
+            outside.append(f"{requirement.name}=={pinned} outside {requirement}")
+    return outside
+
+
+def test_pins_inside_ranges_are_read_as_pip_reads_them():
+    """Legitimate lines of a constraints file and of pyproject.toml: a pin with a marker or a comment after it, a local
+    version (torch's +cpu), ranges with ~= and !=, extras, a requirement whose marker this Python does not meet."""
+    pins = _pins(
+        "# a comment\n"
+        'torch==2.13.0+cpu ; sys_platform == "linux"\n'
+        "Jinja2==3.1.6  # chat templates\n"
+        "numpy==2.4.6\n"
+        "    # via pandas\n"
+        "jsonargparse==4.53.0\n"
+        "--extra-index-url https://download.pytorch.org/whl/cpu\n"
+    )
+    assert pins == {"torch": "2.13.0+cpu", "jinja2": "3.1.6", "numpy": "2.4.6", "jsonargparse": "4.53.0"}
+    requirements = [
+        "torch>=2.6,<=2.13.0",
+        "jinja2~=3.1.2",
+        "jsonargparse[signatures]>=4.49,!=4.50.0",
+        'numpy<2; python_version < "3.0"',
+        "numpy>=2,<=2.4.6",
+    ]
+    assert _pins_outside(requirements, pins) == []
+    assert _pins_outside(["numpy>=2,!=2.4.6"], pins) == ["numpy==2.4.6 outside numpy!=2.4.6,>=2"]

@@ -262,20 +262,34 @@ def test_ddp_switched_to_find_unused_parameters_says_torchs_warning_before_the_f
 def test_ddp_static_graph_is_refused_before_training():
     """DDP's static_graph=True trained until the region first grew, then failed on every rank with a traceback (exit
     1) saying to set find_unused_parameters=True, which was set: a static graph cannot lose parameters mid-run."""
-    import lightning as L
     from lightning.pytorch.strategies import DDPStrategy
 
     from epas_lightning import callbacks
 
     strategy = DDPStrategy(find_unused_parameters=True, static_graph=True)
-    trainer = L.Trainer(accelerator="cpu", strategy=strategy, devices=1, logger=False, enable_checkpointing=False)
     with pytest.raises(ConfigError) as refused:
-        callbacks.let_ddp_find_unused_parameters(trainer, 4)
+        callbacks.refuse_static_graph(strategy, SharingSchedule.build(2, 1, interval=4))
     assert str(refused.value) == (
         "DDP's static_graph=True cannot train a growing sharing region: the sharing layers' q/k projections stop "
         "getting gradients at step 4, and a static graph fails there — trainer.strategy: static_graph — leave "
         "static_graph unset (find_unused_parameters=True is set for you)"
     )
+
+
+def test_ddp_static_graph_trains_a_region_that_never_changes():
+    """start_step 0 with the whole region in one stage shares the same layers from the first step to the last: the
+    parameters that get gradients never change, which a static graph takes (such a fit trained to the end), but fit
+    refused it. A region that grows after step 0 is still refused, at its first growth."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from epas_lightning.callbacks import refuse_static_graph
+
+    strategy = DDPStrategy(static_graph=True)
+    refuse_static_graph(strategy, SharingSchedule.build(4, 2, growth=2, interval=10, start_step=0))
+    with pytest.raises(ConfigError, match="stop getting gradients at step 10, "):
+        refuse_static_graph(strategy, SharingSchedule.build(4, 2, growth=1, interval=10, start_step=0))
+    with pytest.raises(ConfigError, match="stop getting gradients at step 5, "):
+        refuse_static_graph(strategy, SharingSchedule.build(4, 2, growth=2, interval=10, start_step=5))
 
 
 def test_a_dense_run_of_one_layer_trains_and_resumes_with_sharing_off(tmp_path):
