@@ -798,6 +798,7 @@ def test_a_resume_with_other_checkpoint_settings_goes_on_writing_the_runs_last_c
     assert main([*fit, "--trainer.max_steps", "10", "--checkpoint.every_n_train_steps", "5"]) == 0
     assert sorted(p.name for p in checkpoints.glob("last*")) == ["last.ckpt"]
     assert load_torch_file(checkpoints / "last.ckpt")["global_step"] == 10
+    assert (checkpoints / "epoch=0-step=8.ckpt").exists()  # kept by the earlier settings: not this run's to remove
     capsys.readouterr()
     assert main([*fit, "--trainer.max_steps", "11"]) == 0
     assert "Run finished: 11 optimizer steps (1 in this session, resumed at step 10)" in capsys.readouterr().out
