@@ -130,6 +130,7 @@ from epas_lightning.trainer_errors import (
     misconfigured,
     one_line,
     refused_setting,
+    save_triggers_refused,
     setting_that_raised,
     settings_of_class,
     settings_where,
@@ -401,7 +402,7 @@ class EPASCLI(LightningCLI):
                 ) from e
             if isinstance(e, ModuleNotFoundError):
                 raise
-            raise refused_setting(e) from e
+            raise save_triggers_refused(e) or refused_setting(e) from e
         finally:
             SCORING_A_CHECKPOINT.reset(token)
         if isinstance(self.model, EPASModule):  # it reads init_from (a resume's was set aside): before any data

@@ -12,7 +12,7 @@ means (:mod:`epas_lightning.resume`).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,13 @@ from epas_lightning.plateau_metrics import (
     restore_plateau_metrics,
     save_plateau_metrics,
 )
-from epas_lightning.resume import last_checkpoint_of_run, version_folder, version_of, version_to_continue
+from epas_lightning.resume import (
+    last_checkpoint_of_run,
+    same_folder,
+    version_folder,
+    version_of,
+    version_to_continue,
+)
 from epas_lightning.run_summary import max_time_ran_out, say
 from epas_lightning.safe_load import verify_checkpoint
 
@@ -487,3 +493,17 @@ def adopt_model_checkpoint_states(trainer: Trainer, checkpoint: dict[str, Any]) 
         older = "ModelCheckpoint" + callback.state_key.removeprefix(type(callback).__qualname__)
         if isinstance(callback, RunCheckpoint) and callback.state_key not in states and older in states.keys() - own:
             states[callback.state_key] = states.pop(older)
+        if isinstance(callback, RunCheckpoint) and callback.state_key not in states:
+            keep_last_of_resumed_run(callback, states.values())
+
+
+def keep_last_of_resumed_run(callback: RunCheckpoint, states: Iterable[Any]) -> None:
+    """A resume whose ``checkpoint`` section differs from the checkpoint's (another ``every_n_train_steps``,
+    ``train_time_interval``, ``save_top_k``, ``monitor``) gets none of its state: its ``last.ckpt`` stays the run's own,
+    to be written again, rather than Lightning's ``last-v1.ckpt`` beside a stale ``last.ckpt`` that ``--ckpt_path
+    last`` would resume. The step checkpoints it kept are not taken on: they stay."""
+    for state in states:
+        last = state.get("last_model_path") if isinstance(state, dict) else None
+        if last and isinstance(state.get("dirpath"), str) and same_folder(callback.dirpath, Path(state["dirpath"])):
+            callback.last_model_path = str(Path(callback.dirpath) / Path(last).name)  # as the callback names its saves
+            return

@@ -43,6 +43,27 @@ def unlogged_monitor(error: BaseException, trainer: Any) -> ConfigError | None:
     return None
 
 
+SAVE_TRIGGERS = re.compile(
+    r"Combination of parameters every_n_train_steps=(?P<every_n_train_steps>\S+), "
+    r"every_n_epochs=(?P<every_n_epochs>\S+) and train_time_interval=(?P<train_time_interval>.+) should be mutually "
+    r"exclusive"
+)
+"""Lightning's refusal of a ``ModelCheckpoint`` (the ``checkpoint`` section) given more than one trigger to save by."""
+
+
+def save_triggers_refused(error: BaseException) -> ConfigError | None:
+    """The one line for ``error`` if it is the ``checkpoint`` section's refusal of two triggers (``every_n_train_steps``
+    with ``train_time_interval``), at the settings that are set; ``None`` for any other error."""
+    if (found := SAVE_TRIGGERS.search(one_line(error))) is None:
+        return None
+    unset = {"every_n_train_steps": ("0", "None"), "every_n_epochs": ("0", "None"), "train_time_interval": ("None",)}
+    given = {key: value for key, value in found.groupdict().items() if value not in unset[key]}
+    where = ", ".join(f"checkpoint.{key}: {value}" for key, value in given.items())
+    return ConfigError(
+        "the checkpoint section saves by more than one trigger (steps, epochs, time)", where, "set one of them"
+    )
+
+
 def misconfigured(error: BaseException, trainer: Any = None) -> ConfigError | None:
     """Lightning's word for a setting that cannot work, found once ``fit`` sets up (``DeviceStatsMonitor`` listed
     with ``trainer.logger: false``), as one line (at the ``trainer`` settings it names); ``None`` for any other

@@ -1000,6 +1000,19 @@ def test_a_bad_value_on_the_command_line_is_quoted_as_typed(tmp_path, capsys, mo
     )
 
 
+def test_two_save_triggers_of_the_checkpoint_section_are_refused_at_their_settings(tmp_path, capsys, monkeypatch):
+    """`train_time_interval` with `every_n_train_steps` (the README: "not together") was Lightning's sentence at "the
+    configuration", with "fix the value in the YAML or the flag": neither the settings nor which to drop."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--checkpoint.every_n_train_steps", "100", "--checkpoint.train_time_interval", "0:30:00"]
+    assert main(["fit", "--config", DEBUG, *argv]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: the checkpoint section saves by more than one trigger (steps, epochs, time) — "
+        "checkpoint.every_n_train_steps: 100, checkpoint.train_time_interval: 0:30:00 — set one of them"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize(
     ("argv", "prompts"),
     [

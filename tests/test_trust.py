@@ -42,6 +42,7 @@ from epas_lightning.data.prepare import prepare_dataset
 from epas_lightning.data.sources import DataPreparationError
 from epas_lightning.errors import CheckpointError, OutputError
 from epas_lightning.outputs import MARKER, output_folder, remove_stale_builds
+from epas_lightning.safe_load import load_torch_file
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG = str(REPO / "configs" / "debug.yaml")
@@ -782,6 +783,26 @@ def test_a_resume_refused_at_start_up_leaves_the_run_folder_as_it_was(
     assert main(argv) == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith(error)
     assert sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "runs").rglob("*")) == before
+
+
+def test_a_resume_with_other_checkpoint_settings_goes_on_writing_the_runs_last_ckpt(
+    debug_fit_run, capsys, monkeypatch, tmp_path
+):
+    """A resume whose checkpoint section differs from the checkpoint's (every_n_train_steps, train_time_interval,
+    save_top_k, monitor: its state goes unrestored, Lightning only warns) wrote last-v1.ckpt beside the run's
+    last.ckpt, and the next `--ckpt_path last` resumed that stale last.ckpt, training its steps again."""
+    shutil.copytree(debug_fit_run[1] / "runs", tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)
+    checkpoints = tmp_path / "runs/debug/version_0/checkpoints"
+    fit = ["fit", "--config", DEBUG, "--sharing.interval", "3", "--ckpt_path", "last"]
+    assert main([*fit, "--trainer.max_steps", "10", "--checkpoint.every_n_train_steps", "5"]) == 0
+    assert sorted(p.name for p in checkpoints.glob("last*")) == ["last.ckpt"]
+    assert load_torch_file(checkpoints / "last.ckpt")["global_step"] == 10
+    assert (checkpoints / "epoch=0-step=8.ckpt").exists()  # kept by the earlier settings: not this run's to remove
+    capsys.readouterr()
+    assert main([*fit, "--trainer.max_steps", "11"]) == 0
+    assert "Run finished: 11 optimizer steps (1 in this session, resumed at step 10)" in capsys.readouterr().out
+    assert sorted(p.name for p in checkpoints.glob("last*")) == ["last.ckpt"]
 
 
 def test_the_run_folder_look_at_start_up_stays_out_of_checkpoint_folders(tmp_path):
