@@ -724,3 +724,19 @@ def test_batch_size_auto_finds_one_as_lm_eval_does(checkpoint, tasks, tmp_path, 
     assert auto["runs"]["2"]["config"]["batch_sizes"] == [64] and four["runs"]["2"]["config"]["batch_sizes"] == []
     metrics = [{key: value for key, value in run["rows"][0].items() if "/" in key} for run in (auto, four)]
     assert len(metrics[0]) == 5 and metrics[0] == pytest.approx(metrics[1], rel=1e-5)
+
+
+def test_samples_of_a_task_whose_name_is_no_file_name(checkpoint, tasks, tmp_path, capsys) -> None:
+    """A task named ``my/mc`` (any name a task YAML gives): its samples file was ``samples_my/mc_…``, a folder that is
+    not there, so the whole output was lost after the scoring, with a traceback. Its characters that a file name
+    does not take are ``_``, the name's hash kept apart from a task really named ``my_mc``."""
+    from epas_lightning.evaluation.lm_eval_options import samples_file
+
+    data = tasks / "tiny_mc.jsonl"
+    for name, file in (("my/mc", "slash.yaml"), ("my_mc", "plain.yaml")):
+        (tmp_path / file).write_text(task_yaml(name, data, tmp_path / "cache", MULTIPLE_CHOICE))
+    flags = ["--tasks", str(tmp_path / "slash.yaml"), "--tasks", str(tmp_path / "plain.yaml"), "--limit", "2"]
+    _, samples = lm_eval_into(capsys, checkpoint, tasks, tmp_path / "out", *flags, "--log-samples")
+    assert sorted(samples) == sorted([samples_file("my/mc", 2), "samples_my_mc_sharing2.jsonl"])
+    assert samples_file("my/mc", 2).startswith("samples_my_mc-") and len(samples[samples_file("my/mc", 2)]) == 2
+    assert len(samples_file("x" * 300, 2).encode()) < 255 and samples_file("é" * 200, 2) != samples_file("é" * 201, 2)

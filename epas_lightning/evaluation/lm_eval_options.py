@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -168,10 +169,21 @@ def check_log_samples(log_samples: bool, output: Path | None) -> None:
         )
 
 
+FILE_NAME_CHARACTER = re.compile(r"[\w.-]")
+"""A character a task name keeps in its samples file's name (any other is ``_``: a task YAML names its task freely)."""
+MAX_TASK_NAME_BYTES = 200
+"""The longest task name kept whole in a file name (file names end at 255 bytes)."""
+
+
 def samples_file(task: str, sharing_layers: int) -> str:
-    """lm-eval's ``samples_<task>_<date>.jsonl``, with the region in place of the date: one file per task and
-    region."""
-    return f"samples_{task}_sharing{sharing_layers}.jsonl"
+    """lm-eval's ``samples_<task>_<date>.jsonl``, with the region in place of the date: one file per task and region.
+    A task name that is no file name (``my/task``, one too long) has its other characters as ``_``, cut at
+    :data:`MAX_TASK_NAME_BYTES`, and the hash of the name after a dash, apart from a task named ``my_task``."""
+    name = "".join(c if FILE_NAME_CHARACTER.fullmatch(c) else "_" for c in task)
+    if name != task or len(name.encode()) > MAX_TASK_NAME_BYTES:
+        short = name.encode()[:MAX_TASK_NAME_BYTES].decode(errors="ignore")
+        name = f"{short}-{hashlib.sha256(task.encode(errors='surrogatepass')).hexdigest()[:8]}"
+    return f"samples_{name}_sharing{sharing_layers}.jsonl"
 
 
 def write_samples(samples: dict[int, dict[str, list[dict]]], folder: Path) -> list[str]:
