@@ -740,3 +740,33 @@ def test_samples_of_a_task_whose_name_is_no_file_name(checkpoint, tasks, tmp_pat
     assert sorted(samples) == sorted([samples_file("my/mc", 2), "samples_my_mc_sharing2.jsonl"])
     assert samples_file("my/mc", 2).startswith("samples_my_mc-") and len(samples[samples_file("my/mc", 2)]) == 2
     assert len(samples_file("x" * 300, 2).encode()) < 255 and samples_file("é" * 200, 2) != samples_file("é" * 201, 2)
+
+
+@pytest.mark.parametrize("seed", ["[1, null, 3, 4]", "[5]", "[5, 6, 7]", "42"])
+def test_a_config_files_seed_list_as_in_lm_evals_yaml(checkpoint, tmp_path, capsys, monkeypatch, seed) -> None:
+    """`seed: [1, null, 3, 4]` in a --config file, as lm-eval's YAML config takes it (its own default is such a
+    list), was refused as "takes a whole number or text"; each form gives lm-eval's seeds."""
+    import yaml
+    from lm_eval.config.evaluate_config import EvaluatorConfig
+
+    from epas_lightning.evaluation import harness
+    from epas_lightning.evaluation.lm_eval_options import SEED_NAMES
+
+    class Ran(Exception):
+        pass
+
+    def capture(*args: object) -> None:
+        raise Ran(args[12])
+
+    monkeypatch.setattr(harness, "run_lm_eval", capture)
+    (config := tmp_path / "eval.yaml").write_text(f"seed: {seed}\n")
+    with pytest.raises(Ran) as ran:
+        cli_main(["lm-eval", "--config", str(config), "--checkpoint", str(checkpoint), "--tasks", "x"])
+    expected = EvaluatorConfig(seed=yaml.safe_load(seed))._normalize_seed().seed  # lm-eval's reading of its YAML
+    assert ran.value.args[0] == dict(zip(SEED_NAMES, expected, strict=True))
+    config.write_text("seed: [1, 2]\n")
+    rc, _, err = run_cli(capsys, "lm-eval", "--config", str(config), "--checkpoint", str(checkpoint), "--tasks", "x")
+    assert rc == 2 and err.startswith("error: Argument requires 4 integers or None, separated by ',' (got [1, 2]) — ")
+    config.write_text("seed: 1.5\n")
+    rc, _, err = run_cli(capsys, "lm-eval", "--config", str(config), "--checkpoint", str(checkpoint), "--tasks", "x")
+    assert rc == 2 and "--seed takes a whole number or text or a list, each item a whole number ([A, B]), not" in err

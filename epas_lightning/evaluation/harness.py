@@ -320,7 +320,7 @@ def lm_eval_command(
     device: str = "auto",
     dtype: DType = "auto",
     force: bool = False,
-    seed: int | str | None = None,
+    seed: int | str | Sequence[int | None] | None = None,
     gen_kwargs: list[str] | None = None,
     apply_chat_template: bool = False,
     fewshot_as_multiturn: bool | None = None,
@@ -355,8 +355,9 @@ def lm_eval_command(
             sharply); of a stock export, which runs dense, any region above 0.
         seed: lm-eval's seeds for Python's random, NumPy, torch and the few-shot sampler: one whole number (0 to
             4294967295) for all four, or four separated by commas (three: the fourth is 1234), None for one left
-            unseeded (0,None,8,52); default 0,1234,1234,1234, as lm-eval's. Set again before each region: the same
-            seed gives the same samples and metrics.
+            unseeded (0,None,8,52); in a --config file also a list, as in lm-eval's (seed: [0, null, 8, 52]); default
+            0,1234,1234,1234, as lm-eval's. Set again before each region: the same seed gives the same samples and
+            metrics.
         gen_kwargs: Generation settings for the generate_until tasks (a key given replaces the task's): key=value pairs
             separated by commas (values read as Python literals: temperature=0.8,do_sample=True,until=["."]) or a
             JSON object; repeat the flag for more.

@@ -30,17 +30,25 @@ LENGTH_KEYS = {"until", "max_gen_toks", "max_new_tokens", "max_tokens", "max_com
 """Generation kwargs lm-eval's ``HFLM`` reads itself (the stop strings and the tokens to generate), before decoding."""
 
 
-def parse_seed(text: str | int | None) -> dict[str, int | None]:
+def parse_seed(seed: str | int | Sequence[int | None] | None) -> dict[str, int | None]:
     """``--seed`` as ``simple_evaluate``'s four seed arguments, read as ``lm_eval run --seed`` reads it: one value for
     all four, or three or four comma-separated (a missing fourth is lm-eval's default), ``None`` leaving one unseeded;
-    each from 0 to :data:`MAX_SEED`. ``None`` (no ``--seed``): lm-eval's defaults, :data:`DEFAULT_SEED`."""
+    each from 0 to :data:`MAX_SEED`. A list (a ``--config`` file's ``seed: [0, null, 8, 52]``, as lm-eval's YAML config
+    takes it) is read as those values separated by commas. ``None`` (no ``--seed``): lm-eval's defaults,
+    :data:`DEFAULT_SEED`."""
     from lm_eval._cli.utils import _int_or_none_list_arg_type
 
-    text = DEFAULT_SEED if text is None else str(text)
+    if seed is None:
+        text = DEFAULT_SEED
+    elif isinstance(seed, (str, int)):
+        text = str(seed)
+    else:
+        text = ",".join(str(value) for value in seed)
     try:
         seeds = _int_or_none_list_arg_type(3, 4, DEFAULT_SEED, text)
     except ValueError as e:
-        raise ConfigError(f"{e} (got {text!r})", "--seed", SEED_FIX) from e
+        shown = repr(text) if isinstance(seed, (str, int)) else str(list(seed))
+        raise ConfigError(f"{e} (got {shown})", "--seed", SEED_FIX) from e
     for seed in seeds:
         if seed is not None and not 0 <= seed <= MAX_SEED:
             raise ConfigError(f"a seed must be from 0 to {MAX_SEED}, got {seed}", "--seed", SEED_FIX)
