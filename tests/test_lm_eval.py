@@ -770,3 +770,12 @@ def test_a_config_files_seed_list_as_in_lm_evals_yaml(checkpoint, tmp_path, caps
     config.write_text("seed: 1.5\n")
     rc, _, err = run_cli(capsys, "lm-eval", "--config", str(config), "--checkpoint", str(checkpoint), "--tasks", "x")
     assert rc == 2 and "--seed takes a whole number or text or a list, each item a whole number ([A, B]), not" in err
+
+
+def test_lm_eval_json_records_the_batch_size_and_device_of_each_run(checkpoint, tasks, tmp_path, capsys) -> None:
+    """``runs.<N>.config`` is lm-eval's record of a run, whose ``batch_size`` and ``device`` were null: lm-eval records
+    the ones it is given, and the command gave them to the model only."""
+    flags = ["--tasks", "tiny_mc", "--limit", "2", "--batch-size", "3"]
+    summary, _ = lm_eval_into(capsys, checkpoint, tasks, tmp_path / "out", *flags)
+    config = summary["runs"]["2"]["config"]
+    assert (config["batch_size"], config["device"]) == (3, "cpu")

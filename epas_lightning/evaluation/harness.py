@@ -203,6 +203,8 @@ def run_lm_eval(
         with task_data_errors(), too_few_examples(num_fewshot), refusing_misscored_documents(), quiet_git_hash():
             result = lm_eval.simple_evaluate(
                 model=lm,
+                batch_size=batch_size,  # recorded in the run's config, as lm-eval records the batch size it is given
+                device=str(lm.device),
                 tasks=specs,
                 task_manager=manager,
                 num_fewshot=num_fewshot,
