@@ -779,3 +779,32 @@ def test_lm_eval_json_records_the_batch_size_and_device_of_each_run(checkpoint, 
     summary, _ = lm_eval_into(capsys, checkpoint, tasks, tmp_path / "out", *flags)
     config = summary["runs"]["2"]["config"]
     assert (config["batch_size"], config["device"]) == (3, "cpu")
+
+
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        ("{temperature: 0.5, do_sample: true}", {"temperature": 0.5, "do_sample": True}),  # lm-eval's YAML mapping
+        ("temperature=0.5,top_k=3", {"temperature": 0.5, "top_k": 3}),  # lm-eval's YAML text
+        ('["temperature=0.5", "top_k=3"]', {"temperature": 0.5, "top_k": 3}),  # the repeated flag's list
+    ],
+)
+def test_a_config_files_gen_kwargs_as_in_lm_evals_yaml(checkpoint, tmp_path, capsys, monkeypatch, written, expected):
+    """`gen_kwargs: {temperature: 0.5}` or `gen_kwargs: temperature=0.5` in a --config file, as lm-eval's YAML config
+    takes them, were refused as not a list of texts."""
+    from epas_lightning.evaluation import harness
+
+    class Ran(Exception):
+        pass
+
+    def capture(*args: object) -> None:
+        raise Ran(args[13])
+
+    monkeypatch.setattr(harness, "run_lm_eval", capture)
+    (config := tmp_path / "eval.yaml").write_text(f"gen_kwargs: {written}\n")
+    with pytest.raises(Ran) as ran:
+        cli_main(["lm-eval", "--config", str(config), "--checkpoint", str(checkpoint), "--tasks", "x"])
+    assert ran.value.args[0] == expected
+    config.write_text("gen_kwargs: {num_beams: 4}\n")  # checked as the flag's
+    rc, _, err = run_cli(capsys, "lm-eval", "--config", str(config), "--checkpoint", str(checkpoint), "--tasks", "x")
+    assert rc == 2 and err.startswith("error: --gen-kwargs asks for num_beams: 4, which this model"), err

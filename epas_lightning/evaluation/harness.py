@@ -323,7 +323,7 @@ def lm_eval_command(
     dtype: DType = "auto",
     force: bool = False,
     seed: int | str | Sequence[int | None] | None = None,
-    gen_kwargs: list[str] | None = None,
+    gen_kwargs: list[str] | dict[str, Any] | str | None = None,
     apply_chat_template: bool = False,
     fewshot_as_multiturn: bool | None = None,
     output: Path | None = None,
@@ -362,7 +362,8 @@ def lm_eval_command(
             metrics.
         gen_kwargs: Generation settings for the generate_until tasks (a key given replaces the task's): key=value pairs
             separated by commas (values read as Python literals: temperature=0.8,do_sample=True,until=["."]) or a
-            JSON object; repeat the flag for more.
+            JSON object; repeat the flag for more. In a --config file also a mapping or one text, as in lm-eval's
+            (gen_kwargs: {temperature: 0.8}).
         apply_chat_template: Render each prompt with the chat template beside the tokenizer (refused when there is
             none).
         fewshot_as_multiturn: Give the few-shot examples as turns of the chat (default: on with

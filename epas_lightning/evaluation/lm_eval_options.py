@@ -73,17 +73,19 @@ def check_batch_size(batch_size: int | str) -> None:
     check_counts({"--batch-size": batch_size})
 
 
-def parse_gen_kwargs(values: Sequence[str] | None) -> dict[str, Any] | None:
+def parse_gen_kwargs(values: Sequence[str] | dict[str, Any] | str | None) -> dict[str, Any] | None:
     """``--gen-kwargs`` as ``lm_eval run --gen_kwargs`` reads it: each value a JSON object or ``key=value`` pairs
     separated by commas outside brackets and quotes (values read as Python literals, else kept as text), later keys
-    replacing earlier ones. ``None`` where none is given. Keys our decoding does not honour are refused here, before the
+    replacing earlier ones; a ``--config`` file's mapping as it is, and its one text as one value, as lm-eval's YAML
+    config takes them. ``None`` where none is given. Keys our decoding does not honour are refused here, before the
     model loads (:func:`~epas_lightning.evaluation.lm_eval_adapter.check_decoding_settings`)."""
     from lm_eval._cli.utils import key_val_to_dict, try_parse_json
 
     from epas_lightning.evaluation.lm_eval_adapter import check_decoding_settings
 
-    merged: dict[str, Any] = {}
-    for value in values or ():
+    merged: dict[str, Any] = dict(values) if isinstance(values, dict) else {}
+    texts = [values] if isinstance(values, str) else [] if isinstance(values, dict) else list(values or ())
+    for value in texts:
         try:
             parsed = try_parse_json(value)
             merged.update(parsed if isinstance(parsed, dict) else key_val_to_dict(value))
