@@ -666,6 +666,8 @@ def no_weights_load(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--gen-kwargs", "until=5"], "error: until takes text or a list of texts, got 5 — --gen-kwargs — give un"),
         (["--gen-kwargs", "top_k=-3"], "error: top_k takes a whole number from 0, or None, got -3.0 — --gen-kwargs — "),
         (["--gen-kwargs", "max_gen_toks=32"], "error: max_gen_toks 32 leaves no room for a prompt in the model's cont"),
+        # transformers' generate refuses it for the export; it was refused once the model had loaded
+        (["--gen-kwargs", "do_sample=True,temperature=0"], "error: --gen-kwargs samples (do_sample=True) at temperat"),
         (["--batch-size", "auto:0"], "error: must be a whole number, auto or auto:N, got 'auto:0' — --batch-size — "),
         (["--batch-size", "big"], "error: must be a whole number, auto or auto:N, got 'big' — --batch-size — "),
         (["--seed", "1,2"], "error: Argument requires 4 integers or None, separated by ',' (got '1,2') — --seed — "),

@@ -97,6 +97,7 @@ def parse_gen_kwargs(values: Sequence[str] | dict[str, Any] | str | None) -> dic
                 "object",
             ) from e
     check_setting_types(merged)
+    check_sampling_temperature(merged)
     check_decoding_settings({k: v for k, v in merged.items() if k not in LENGTH_KEYS}, where="--gen-kwargs")
     return merged or None
 
@@ -125,6 +126,20 @@ def check_setting_types(kwargs: dict[str, Any]) -> None:
                 "--gen-kwargs",
                 f"give {key} {takes[key][0]}, as a Python literal (lm-eval reads -3 as -3.0)",
             )
+
+
+def check_sampling_temperature(kwargs: dict[str, Any]) -> None:
+    """``do_sample=True`` at ``temperature=0``, refused before the model loads, as our decoding refuses it for a task
+    (:func:`~epas_lightning.evaluation.lm_eval_adapter.check_sampling_temperature`: transformers' ``generate`` refuses
+    it for the export)."""
+    if kwargs.get("do_sample") is True and "temperature" in kwargs and kwargs["temperature"] == 0:
+        raise ConfigError(
+            "--gen-kwargs samples (do_sample=True) at temperature 0, which transformers' generate refuses for the "
+            "export",
+            "--gen-kwargs",
+            "give a temperature above 0 (1 samples from the model's distribution), or do_sample=False for greedy "
+            "decoding",
+        )
 
 
 def check_generation_length(kwargs: dict[str, Any] | None, context_length: int) -> None:
