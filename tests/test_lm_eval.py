@@ -810,3 +810,13 @@ def test_a_config_files_gen_kwargs_as_in_lm_evals_yaml(checkpoint, tmp_path, cap
     config.write_text("gen_kwargs: {num_beams: 4}\n")  # checked as the flag's
     rc, _, err = run_cli(capsys, "lm-eval", "--config", str(config), "--checkpoint", str(checkpoint), "--tasks", "x")
     assert rc == 2 and err.startswith("error: --gen-kwargs asks for num_beams: 4, which this model"), err
+
+
+def test_batch_size_auto_n_above_the_requests(checkpoint, tasks, tmp_path, capsys) -> None:
+    """``--batch-size auto:8`` on fewer than 8 requests (a small task, a small --limit): lm-eval's schedule divided by
+    zero (a ZeroDivisionError traceback, as with its hf model); the search runs once per request instead."""
+    flags = ["--tasks", "tiny_mc", "--limit", "1"]
+    auto, _ = lm_eval_into(capsys, checkpoint, tasks, tmp_path / "auto", *flags, "--batch-size", "auto:8")
+    one, _ = lm_eval_into(capsys, checkpoint, tasks, tmp_path / "one", *flags, "--batch-size", "1")
+    assert auto["runs"]["2"]["config"]["batch_sizes"] == [64] * 3  # tiny_mc's 3 choices
+    assert auto["rows"] == one["rows"]
