@@ -820,3 +820,32 @@ def test_batch_size_auto_n_above_the_requests(checkpoint, tasks, tmp_path, capsy
     one, _ = lm_eval_into(capsys, checkpoint, tasks, tmp_path / "one", *flags, "--batch-size", "1")
     assert auto["runs"]["2"]["config"]["batch_sizes"] == [64] * 3  # tiny_mc's 3 choices
     assert auto["rows"] == one["rows"]
+
+
+def test_samples_files_are_the_ones_lm_evals_writer_writes(checkpoint, tasks, tmp_path) -> None:
+    """Each samples file holds what lm-eval's own ``EvaluationTracker`` writes for the same samples, byte for byte:
+    the sanitized arguments and responses, the hashes, and a document's values that JSON has no type for."""
+    import copy
+    import datetime
+
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.tasks import TaskManager
+
+    from epas_lightning.evaluation.lm_eval_adapter import EPASLM
+    from epas_lightning.evaluation.lm_eval_options import samples_file, write_samples
+
+    lm = EPASLM(checkpoint, device="cpu", batch_size=2)
+    manager = TaskManager(include_path=str(tasks), include_defaults=False)
+    names = ["tiny_mc", "tiny_gen", "tiny_ppl"]
+    result = lm_eval.simple_evaluate(
+        model=lm, tasks=names, task_manager=manager, limit=2, bootstrap_iters=0, log_samples=True
+    )  # fmt: skip
+    result["samples"]["tiny_mc"][0]["doc"] |= {"day": datetime.date(2020, 1, 2), "raw": b"\x00\x01"}
+    write_samples({2: copy.deepcopy(result["samples"])}, tmp_path)
+    tracker = EvaluationTracker(output_path=str(tmp_path / "lm_eval"))
+    tracker.general_config_tracker.model_name_sanitized, tracker.date_id = "model", "date"
+    for task in result["configs"]:
+        tracker.save_results_samples(task_name=task, samples=result["samples"][task])
+    for task in names:
+        theirs = (tmp_path / "lm_eval" / "model" / f"samples_{task}_date.jsonl").read_text(encoding="utf-8")
+        assert (tmp_path / samples_file(task, 2)).read_text(encoding="utf-8") == theirs and theirs.count("\n") == 2
