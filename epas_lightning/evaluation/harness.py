@@ -347,8 +347,9 @@ def lm_eval_command(
             0..trained max; default: the trained region (an export's folder: the N it was exported with).
         num_fewshot: Few-shot examples per question (default: each task's own).
         limit: Score only the first N documents of each task (a fraction below 1); for quick checks.
-        batch_size: Sequences per forward pass; or auto (lm-eval's: the largest batch that fits, up to 64, found once
-            per region) or auto:N (found again N times in a run).
+        batch_size: Sequences per forward pass; or auto (lm-eval's: the largest batch that fits, up to 64, searched
+            in each region for each kind of request) or auto:N (searched again N times over a region's
+            log-likelihood requests).
         bootstrap_iters: Bootstrap samples for lm-eval's standard errors (0 skips them).
         tokenizer: Tokenizer file or folder (default: the one the checkpoint records).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
