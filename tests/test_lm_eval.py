@@ -849,3 +849,26 @@ def test_samples_files_are_the_ones_lm_evals_writer_writes(checkpoint, tasks, tm
     for task in names:
         theirs = (tmp_path / "lm_eval" / "model" / f"samples_{task}_date.jsonl").read_text(encoding="utf-8")
         assert (tmp_path / samples_file(task, 2)).read_text(encoding="utf-8") == theirs and theirs.count("\n") == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "refused"),
+    [
+        ({"max_gen_toks": 8, "max_new_tokens": 100}, False),  # lm-eval generates max_gen_toks, the first it reads
+        ({"max_tokens": 8, "max_completion_tokens": 40}, False),
+        ({"max_new_tokens": 100, "max_tokens": 8}, True),
+    ],
+)
+def test_generation_length_checks_the_tokens_lm_eval_generates(kwargs, refused) -> None:
+    """Of several names for the tokens to generate, lm-eval reads the first of max_gen_toks, max_new_tokens, max_tokens,
+    max_completion_tokens; one it ignores past the context length was refused."""
+    from lm_eval.models.utils import normalize_gen_kwargs
+
+    from epas_lightning.evaluation.lm_eval_options import check_generation_length
+
+    generated = normalize_gen_kwargs(kwargs)["max_gen_toks"]
+    if refused:
+        with pytest.raises(ConfigError, match=f"{generated} leaves no room for a prompt"):
+            check_generation_length(kwargs, 32)
+    else:
+        check_generation_length(kwargs, 32)

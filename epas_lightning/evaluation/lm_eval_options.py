@@ -142,16 +142,21 @@ def check_sampling_temperature(kwargs: dict[str, Any]) -> None:
         )
 
 
+TOKENS_TO_GENERATE = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+"""The names of the tokens to generate, in the order lm-eval reads them: the first given is the one it generates."""
+
+
 def check_generation_length(kwargs: dict[str, Any] | None, context_length: int) -> None:
-    """``--gen-kwargs``' tokens to generate below the model's context length, which lm-eval's ``HFLM`` asserts once the
-    model has loaded (room must be left for the prompt)."""
-    for key in sorted(LENGTH_KEYS - {"until"}):
-        if kwargs and key in kwargs and kwargs[key] >= context_length:
-            raise ConfigError(
-                f"{key} {kwargs[key]} leaves no room for a prompt in the model's context length of {context_length}",
-                "--gen-kwargs",
-                f"give {key} below {context_length}",
-            )
+    """``--gen-kwargs``' tokens to generate (the first of :data:`TOKENS_TO_GENERATE` given, the one lm-eval reads)
+    below the model's context length, which lm-eval's ``HFLM`` asserts once the model has loaded (room must be left for
+    the prompt)."""
+    key = next((key for key in TOKENS_TO_GENERATE if kwargs and key in kwargs), None)
+    if key is not None and kwargs[key] >= context_length:
+        raise ConfigError(
+            f"{key} {kwargs[key]} leaves no room for a prompt in the model's context length of {context_length}",
+            "--gen-kwargs",
+            f"give {key} below {context_length}",
+        )
 
 
 def fewshot_turns(apply_chat_template: bool, fewshot_as_multiturn: bool | None) -> bool:
