@@ -672,8 +672,9 @@ def no_weights_load(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--batch-size", "big"], "error: must be a whole number, auto or auto:N, got 'big' — --batch-size — "),
         (["--seed", "1,2"], "error: Argument requires 4 integers or None, separated by ',' (got '1,2') — --seed — "),
         (["--seed", "x"], "error: x is not an integer or None (got 'x') — --seed — give one whole number from 0 to "),
-        (["--seed", "-1"], "error: a seed must be from 0 to 4294967295, got -1 — --seed — "),
-        (["--seed", "1,2,3,4294967296"], "error: a seed must be from 0 to 4294967295, got 4294967296 — --seed — "),
+        (["--seed", "-1"], "error: NumPy's seed (the second) must be from 0 to 4294967295, got -1 — --seed — "),
+        (["--seed", "1,4294967296,3,4"], "error: NumPy's seed (the second) must be from 0 to 4294967295, got 4294967"),
+        (["--seed", "1,2,18446744073709551616"], "error: torch's seed (the third) must be from -9223372036854775808 "),
         (["--apply-chat-template"], "error: this model has no chat template (none beside "),
         (["--fewshot-as-multiturn"], "error: few-shot examples as turns of a chat need the chat template — --fe"),
     ],
@@ -715,7 +716,7 @@ def test_a_config_files_seed_is_a_number_as_in_lm_evals_yaml(checkpoint, tasks, 
     config = tmp_path / "eval.yaml"
     config.write_text("seed: 4294967296\n")
     rc, _, err = run_cli(capsys, "lm-eval", "--config", str(config), "--checkpoint", str(checkpoint), "--tasks", "x")
-    assert rc == 2 and err.startswith("error: a seed must be from 0 to 4294967295, got 4294967296 — --seed — "), err
+    assert rc == 2 and err.startswith("error: NumPy's seed (the second) must be from 0 to 4294967295, got 42949"), err
 
 
 def test_batch_size_auto_finds_one_as_lm_eval_does(checkpoint, tasks, tmp_path, capsys) -> None:
@@ -872,3 +873,13 @@ def test_generation_length_checks_the_tokens_lm_eval_generates(kwargs, refused) 
             check_generation_length(kwargs, 32)
     else:
         check_generation_length(kwargs, 32)
+
+
+def test_seeds_that_only_numpy_or_torch_refuse() -> None:
+    """NumPy takes seeds from 0 to 2**32 - 1 and torch from -2**63 to 2**64 - 1; Python's random and the few-shot
+    sampler take any whole number. Every seed was refused outside NumPy's range (``--seed 5000000000,0,0,5000000000``
+    and ``--seed -1,0,-1,-1``, which lm-eval runs)."""
+    from epas_lightning.evaluation.lm_eval_options import parse_seed
+
+    assert list(parse_seed("5000000000,0,0,5000000000").values()) == [5000000000, 0, 0, 5000000000]
+    assert list(parse_seed("-1,0,-1,-1").values()) == [-1, 0, -1, -1]

@@ -358,7 +358,8 @@ def lm_eval_command(
             sharply); of a stock export, which runs dense, any region above 0.
         seed: lm-eval's seeds for Python's random, NumPy, torch and the few-shot sampler: one whole number (0 to
             4294967295) for all four, or four separated by commas (three: the fourth is 1234), None for one left
-            unseeded (0,None,8,52); in a --config file also a list, as in lm-eval's (seed: [0, null, 8, 52]); default
+            unseeded (0,None,8,52); in a --config file also a list, as in lm-eval's (seed: [0, null, 8, 52]); NumPy's
+            from 0 to 4294967295, torch's from -2**63 to 2**64 - 1, the others any whole number; default
             0,1234,1234,1234, as lm-eval's. Set again before each region: the same seed gives the same samples and
             metrics.
         gen_kwargs: Generation settings for the generate_until tasks (a key given replaces the task's): key=value pairs

@@ -20,8 +20,12 @@ DEFAULT_SEED = "0,1234,1234,1234"
 """lm-eval's seeds for Python's ``random``, NumPy, torch and the few-shot sampler, where ``--seed`` is not given."""
 SEED_NAMES = ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")
 """``simple_evaluate``'s arguments for the four seeds, in ``--seed``'s order."""
-MAX_SEED = 2**32 - 1
-"""The largest seed NumPy takes (its ``ValueError`` inside lm-eval past it); the bound for all four."""
+SEED_RANGES = {
+    "numpy_random_seed": ("NumPy's seed (the second)", 0, 2**32 - 1),
+    "torch_random_seed": ("torch's seed (the third)", -(2**63), 2**64 - 1),
+}
+"""The seeds NumPy and torch take (their ``ValueError`` inside lm-eval past them); Python's ``random`` and the few-shot
+sampler (a ``random.Random``) take any whole number."""
 SEED_FIX = (
     "give one whole number from 0 to 4294967295 for all four seeds, or four (three: the fourth is 1234) separated by "
     "commas, None for one left unseeded (e.g. 0,None,8,52)"
@@ -33,9 +37,9 @@ LENGTH_KEYS = {"until", "max_gen_toks", "max_new_tokens", "max_tokens", "max_com
 def parse_seed(seed: str | int | Sequence[int | None] | None) -> dict[str, int | None]:
     """``--seed`` as ``simple_evaluate``'s four seed arguments, read as ``lm_eval run --seed`` reads it: one value for
     all four, or three or four comma-separated (a missing fourth is lm-eval's default), ``None`` leaving one unseeded;
-    each from 0 to :data:`MAX_SEED`. A list (a ``--config`` file's ``seed: [0, null, 8, 52]``, as lm-eval's YAML config
-    takes it) is read as those values separated by commas. ``None`` (no ``--seed``): lm-eval's defaults,
-    :data:`DEFAULT_SEED`."""
+    each in its generator's range (:data:`SEED_RANGES`). A list (a ``--config`` file's ``seed: [0, null, 8, 52]``, as
+    lm-eval's YAML config takes it) is read as those values separated by commas. ``None`` (no ``--seed``): lm-eval's
+    defaults, :data:`DEFAULT_SEED`."""
     from lm_eval._cli.utils import _int_or_none_list_arg_type
 
     if seed is None:
@@ -49,10 +53,11 @@ def parse_seed(seed: str | int | Sequence[int | None] | None) -> dict[str, int |
     except ValueError as e:
         shown = repr(text) if isinstance(seed, (str, int)) else str(list(seed))
         raise ConfigError(f"{e} (got {shown})", "--seed", SEED_FIX) from e
-    for seed in seeds:
-        if seed is not None and not 0 <= seed <= MAX_SEED:
-            raise ConfigError(f"a seed must be from 0 to {MAX_SEED}, got {seed}", "--seed", SEED_FIX)
-    return dict(zip(SEED_NAMES, seeds, strict=True))
+    named = dict(zip(SEED_NAMES, seeds, strict=True))
+    for name, (which, low, high) in SEED_RANGES.items():
+        if named[name] is not None and not low <= named[name] <= high:
+            raise ConfigError(f"{which} must be from {low} to {high}, got {named[name]}", "--seed", SEED_FIX)
+    return named
 
 
 AUTO_BATCH = re.compile(r"auto(?::(\d+(?:\.\d*)?|\.\d+))?")
