@@ -264,6 +264,9 @@ def describe_type(hint: Any) -> str | None:
     if get_origin(hint) is list:  # a repeated flag on the command line; in a YAML file, a list even of one
         item = describe_type(get_args(hint)[0])
         return item and f"a list, each item {item} ([A, B] in a YAML file)"
+    if get_origin(hint) is Sequence:  # a list in a YAML file (lm-eval's seed: [0, null, 8, 52]), not a repeated flag
+        item = describe_type(get_args(hint)[0])
+        return item and f"a list, each item {item} ([A, B])"
     options = [option for option in get_args(hint) if option is not type(None)]
     if options:  # a union: describe each choice
         described = [describe_type(option) for option in options]

@@ -666,12 +666,15 @@ def no_weights_load(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--gen-kwargs", "until=5"], "error: until takes text or a list of texts, got 5 — --gen-kwargs — give un"),
         (["--gen-kwargs", "top_k=-3"], "error: top_k takes a whole number from 0, or None, got -3.0 — --gen-kwargs — "),
         (["--gen-kwargs", "max_gen_toks=32"], "error: max_gen_toks 32 leaves no room for a prompt in the model's cont"),
+        # transformers' generate refuses it for the export; it was refused once the model had loaded
+        (["--gen-kwargs", "do_sample=True,temperature=0"], "error: --gen-kwargs samples (do_sample=True) at temperat"),
         (["--batch-size", "auto:0"], "error: must be a whole number, auto or auto:N, got 'auto:0' — --batch-size — "),
         (["--batch-size", "big"], "error: must be a whole number, auto or auto:N, got 'big' — --batch-size — "),
         (["--seed", "1,2"], "error: Argument requires 4 integers or None, separated by ',' (got '1,2') — --seed — "),
         (["--seed", "x"], "error: x is not an integer or None (got 'x') — --seed — give one whole number from 0 to "),
-        (["--seed", "-1"], "error: a seed must be from 0 to 4294967295, got -1 — --seed — "),
-        (["--seed", "1,2,3,4294967296"], "error: a seed must be from 0 to 4294967295, got 4294967296 — --seed — "),
+        (["--seed", "-1"], "error: NumPy's seed (the second) must be from 0 to 4294967295, got -1 — --seed — "),
+        (["--seed", "1,4294967296,3,4"], "error: NumPy's seed (the second) must be from 0 to 4294967295, got 4294967"),
+        (["--seed", "1,2,18446744073709551616"], "error: torch's seed (the third) must be from -9223372036854775808 "),
         (["--apply-chat-template"], "error: this model has no chat template (none beside "),
         (["--fewshot-as-multiturn"], "error: few-shot examples as turns of a chat need the chat template — --fe"),
     ],
@@ -713,7 +716,7 @@ def test_a_config_files_seed_is_a_number_as_in_lm_evals_yaml(checkpoint, tasks, 
     config = tmp_path / "eval.yaml"
     config.write_text("seed: 4294967296\n")
     rc, _, err = run_cli(capsys, "lm-eval", "--config", str(config), "--checkpoint", str(checkpoint), "--tasks", "x")
-    assert rc == 2 and err.startswith("error: a seed must be from 0 to 4294967295, got 4294967296 — --seed — "), err
+    assert rc == 2 and err.startswith("error: NumPy's seed (the second) must be from 0 to 4294967295, got 42949"), err
 
 
 def test_batch_size_auto_finds_one_as_lm_eval_does(checkpoint, tasks, tmp_path, capsys) -> None:
@@ -724,3 +727,159 @@ def test_batch_size_auto_finds_one_as_lm_eval_does(checkpoint, tasks, tmp_path, 
     assert auto["runs"]["2"]["config"]["batch_sizes"] == [64] and four["runs"]["2"]["config"]["batch_sizes"] == []
     metrics = [{key: value for key, value in run["rows"][0].items() if "/" in key} for run in (auto, four)]
     assert len(metrics[0]) == 5 and metrics[0] == pytest.approx(metrics[1], rel=1e-5)
+
+
+def test_samples_of_a_task_whose_name_is_no_file_name(checkpoint, tasks, tmp_path, capsys) -> None:
+    """A task named ``my/mc`` (any name a task YAML gives): its samples file was ``samples_my/mc_…``, a folder that is
+    not there, so the whole output was lost after the scoring, with a traceback. Its characters that a file name
+    does not take are ``_``, the name's hash kept apart from a task really named ``my_mc``."""
+    from epas_lightning.evaluation.lm_eval_options import samples_file
+
+    data = tasks / "tiny_mc.jsonl"
+    for name, file in (("my/mc", "slash.yaml"), ("my_mc", "plain.yaml")):
+        (tmp_path / file).write_text(task_yaml(name, data, tmp_path / "cache", MULTIPLE_CHOICE))
+    flags = ["--tasks", str(tmp_path / "slash.yaml"), "--tasks", str(tmp_path / "plain.yaml"), "--limit", "2"]
+    _, samples = lm_eval_into(capsys, checkpoint, tasks, tmp_path / "out", *flags, "--log-samples")
+    assert sorted(samples) == sorted([samples_file("my/mc", 2), "samples_my_mc_sharing2.jsonl"])
+    assert samples_file("my/mc", 2).startswith("samples_my_mc-") and len(samples[samples_file("my/mc", 2)]) == 2
+    assert len(samples_file("x" * 300, 2).encode()) < 255 and samples_file("é" * 200, 2) != samples_file("é" * 201, 2)
+
+
+@pytest.mark.parametrize("seed", ["[1, null, 3, 4]", "[5]", "[5, 6, 7]", "42"])
+def test_a_config_files_seed_list_as_in_lm_evals_yaml(checkpoint, tmp_path, capsys, monkeypatch, seed) -> None:
+    """`seed: [1, null, 3, 4]` in a --config file, as lm-eval's YAML config takes it (its own default is such a
+    list), was refused as "takes a whole number or text"; each form gives lm-eval's seeds."""
+    import yaml
+    from lm_eval.config.evaluate_config import EvaluatorConfig
+
+    from epas_lightning.evaluation import harness
+    from epas_lightning.evaluation.lm_eval_options import SEED_NAMES
+
+    class Ran(Exception):
+        pass
+
+    def capture(*args: object) -> None:
+        raise Ran(args[12])
+
+    monkeypatch.setattr(harness, "run_lm_eval", capture)
+    (config := tmp_path / "eval.yaml").write_text(f"seed: {seed}\n")
+    with pytest.raises(Ran) as ran:
+        cli_main(["lm-eval", "--config", str(config), "--checkpoint", str(checkpoint), "--tasks", "x"])
+    expected = EvaluatorConfig(seed=yaml.safe_load(seed))._normalize_seed().seed  # lm-eval's reading of its YAML
+    assert ran.value.args[0] == dict(zip(SEED_NAMES, expected, strict=True))
+    config.write_text("seed: [1, 2]\n")
+    rc, _, err = run_cli(capsys, "lm-eval", "--config", str(config), "--checkpoint", str(checkpoint), "--tasks", "x")
+    assert rc == 2 and err.startswith("error: Argument requires 4 integers or None, separated by ',' (got [1, 2]) — ")
+    config.write_text("seed: 1.5\n")
+    rc, _, err = run_cli(capsys, "lm-eval", "--config", str(config), "--checkpoint", str(checkpoint), "--tasks", "x")
+    assert rc == 2 and "--seed takes a whole number or text or a list, each item a whole number ([A, B]), not" in err
+
+
+def test_lm_eval_json_records_the_batch_size_and_device_of_each_run(checkpoint, tasks, tmp_path, capsys) -> None:
+    """``runs.<N>.config`` is lm-eval's record of a run, whose ``batch_size`` and ``device`` were null: lm-eval records
+    the ones it is given, and the command gave them to the model only."""
+    flags = ["--tasks", "tiny_mc", "--limit", "2", "--batch-size", "3"]
+    summary, _ = lm_eval_into(capsys, checkpoint, tasks, tmp_path / "out", *flags)
+    config = summary["runs"]["2"]["config"]
+    assert (config["batch_size"], config["device"]) == (3, "cpu")
+
+
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        ("{temperature: 0.5, do_sample: true}", {"temperature": 0.5, "do_sample": True}),  # lm-eval's YAML mapping
+        ("temperature=0.5,top_k=3", {"temperature": 0.5, "top_k": 3}),  # lm-eval's YAML text
+        ('["temperature=0.5", "top_k=3"]', {"temperature": 0.5, "top_k": 3}),  # the repeated flag's list
+    ],
+)
+def test_a_config_files_gen_kwargs_as_in_lm_evals_yaml(checkpoint, tmp_path, capsys, monkeypatch, written, expected):
+    """`gen_kwargs: {temperature: 0.5}` or `gen_kwargs: temperature=0.5` in a --config file, as lm-eval's YAML config
+    takes them, were refused as not a list of texts."""
+    from epas_lightning.evaluation import harness
+
+    class Ran(Exception):
+        pass
+
+    def capture(*args: object) -> None:
+        raise Ran(args[13])
+
+    monkeypatch.setattr(harness, "run_lm_eval", capture)
+    (config := tmp_path / "eval.yaml").write_text(f"gen_kwargs: {written}\n")
+    with pytest.raises(Ran) as ran:
+        cli_main(["lm-eval", "--config", str(config), "--checkpoint", str(checkpoint), "--tasks", "x"])
+    assert ran.value.args[0] == expected
+    config.write_text("gen_kwargs: {num_beams: 4}\n")  # checked as the flag's
+    rc, _, err = run_cli(capsys, "lm-eval", "--config", str(config), "--checkpoint", str(checkpoint), "--tasks", "x")
+    assert rc == 2 and err.startswith("error: --gen-kwargs asks for num_beams: 4, which this model"), err
+
+
+def test_batch_size_auto_n_above_the_requests(checkpoint, tasks, tmp_path, capsys) -> None:
+    """``--batch-size auto:8`` on fewer than 8 requests (a small task, a small --limit): lm-eval's schedule divided by
+    zero (a ZeroDivisionError traceback, as with its hf model); the search runs once per request instead."""
+    flags = ["--tasks", "tiny_mc", "--limit", "1"]
+    auto, _ = lm_eval_into(capsys, checkpoint, tasks, tmp_path / "auto", *flags, "--batch-size", "auto:8")
+    one, _ = lm_eval_into(capsys, checkpoint, tasks, tmp_path / "one", *flags, "--batch-size", "1")
+    assert auto["runs"]["2"]["config"]["batch_sizes"] == [64] * 3  # tiny_mc's 3 choices
+    assert auto["rows"] == one["rows"]
+
+
+def test_samples_files_are_the_ones_lm_evals_writer_writes(checkpoint, tasks, tmp_path) -> None:
+    """Each samples file holds what lm-eval's own ``EvaluationTracker`` writes for the same samples, byte for byte:
+    the sanitized arguments and responses, the hashes, and a document's values that JSON has no type for."""
+    import copy
+    import datetime
+
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.tasks import TaskManager
+
+    from epas_lightning.evaluation.lm_eval_adapter import EPASLM
+    from epas_lightning.evaluation.lm_eval_options import samples_file, write_samples
+
+    lm = EPASLM(checkpoint, device="cpu", batch_size=2)
+    manager = TaskManager(include_path=str(tasks), include_defaults=False)
+    names = ["tiny_mc", "tiny_gen", "tiny_ppl"]
+    result = lm_eval.simple_evaluate(
+        model=lm, tasks=names, task_manager=manager, limit=2, bootstrap_iters=0, log_samples=True
+    )  # fmt: skip
+    result["samples"]["tiny_mc"][0]["doc"] |= {"day": datetime.date(2020, 1, 2), "raw": b"\x00\x01"}
+    write_samples({2: copy.deepcopy(result["samples"])}, tmp_path)
+    tracker = EvaluationTracker(output_path=str(tmp_path / "lm_eval"))
+    tracker.general_config_tracker.model_name_sanitized, tracker.date_id = "model", "date"
+    for task in result["configs"]:
+        tracker.save_results_samples(task_name=task, samples=result["samples"][task])
+    for task in names:
+        theirs = (tmp_path / "lm_eval" / "model" / f"samples_{task}_date.jsonl").read_text(encoding="utf-8")
+        assert (tmp_path / samples_file(task, 2)).read_text(encoding="utf-8") == theirs and theirs.count("\n") == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "refused"),
+    [
+        ({"max_gen_toks": 8, "max_new_tokens": 100}, False),  # lm-eval generates max_gen_toks, the first it reads
+        ({"max_tokens": 8, "max_completion_tokens": 40}, False),
+        ({"max_new_tokens": 100, "max_tokens": 8}, True),
+    ],
+)
+def test_generation_length_checks_the_tokens_lm_eval_generates(kwargs, refused) -> None:
+    """Of several names for the tokens to generate, lm-eval reads the first of max_gen_toks, max_new_tokens, max_tokens,
+    max_completion_tokens; one it ignores past the context length was refused."""
+    from lm_eval.models.utils import normalize_gen_kwargs
+
+    from epas_lightning.evaluation.lm_eval_options import check_generation_length
+
+    generated = normalize_gen_kwargs(kwargs)["max_gen_toks"]
+    if refused:
+        with pytest.raises(ConfigError, match=f"{generated} leaves no room for a prompt"):
+            check_generation_length(kwargs, 32)
+    else:
+        check_generation_length(kwargs, 32)
+
+
+def test_seeds_that_only_numpy_or_torch_refuse() -> None:
+    """NumPy takes seeds from 0 to 2**32 - 1 and torch from -2**63 to 2**64 - 1; Python's random and the few-shot
+    sampler take any whole number. Every seed was refused outside NumPy's range (``--seed 5000000000,0,0,5000000000``
+    and ``--seed -1,0,-1,-1``, which lm-eval runs)."""
+    from epas_lightning.evaluation.lm_eval_options import parse_seed
+
+    assert list(parse_seed("5000000000,0,0,5000000000").values()) == [5000000000, 0, 0, 5000000000]
+    assert list(parse_seed("-1,0,-1,-1").values()) == [-1, 0, -1, -1]

@@ -203,6 +203,8 @@ def run_lm_eval(
         with task_data_errors(), too_few_examples(num_fewshot), refusing_misscored_documents(), quiet_git_hash():
             result = lm_eval.simple_evaluate(
                 model=lm,
+                batch_size=batch_size,  # recorded in the run's config, as lm-eval records the batch size it is given
+                device=str(lm.device),
                 tasks=specs,
                 task_manager=manager,
                 num_fewshot=num_fewshot,
@@ -320,8 +322,8 @@ def lm_eval_command(
     device: str = "auto",
     dtype: DType = "auto",
     force: bool = False,
-    seed: int | str | None = None,
-    gen_kwargs: list[str] | None = None,
+    seed: int | str | Sequence[int | None] | None = None,
+    gen_kwargs: list[str] | dict[str, Any] | str | None = None,
     apply_chat_template: bool = False,
     fewshot_as_multiturn: bool | None = None,
     output: Path | None = None,
@@ -345,8 +347,9 @@ def lm_eval_command(
             0..trained max; default: the trained region (an export's folder: the N it was exported with).
         num_fewshot: Few-shot examples per question (default: each task's own).
         limit: Score only the first N documents of each task (a fraction below 1); for quick checks.
-        batch_size: Sequences per forward pass; or auto (lm-eval's: the largest batch that fits, up to 64, found once
-            per region) or auto:N (found again N times in a run).
+        batch_size: Sequences per forward pass; or auto (lm-eval's: the largest batch that fits, up to 64, searched
+            in each region for each kind of request) or auto:N (searched again N times over a region's
+            log-likelihood requests).
         bootstrap_iters: Bootstrap samples for lm-eval's standard errors (0 skips them).
         tokenizer: Tokenizer file or folder (default: the one the checkpoint records).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
@@ -355,11 +358,14 @@ def lm_eval_command(
             sharply); of a stock export, which runs dense, any region above 0.
         seed: lm-eval's seeds for Python's random, NumPy, torch and the few-shot sampler: one whole number (0 to
             4294967295) for all four, or four separated by commas (three: the fourth is 1234), None for one left
-            unseeded (0,None,8,52); default 0,1234,1234,1234, as lm-eval's. Set again before each region: the same
-            seed gives the same samples and metrics.
+            unseeded (0,None,8,52); in a --config file also a list, as in lm-eval's (seed: [0, null, 8, 52]); NumPy's
+            from 0 to 4294967295, torch's from -2**63 to 2**64 - 1, the others any whole number; default
+            0,1234,1234,1234, as lm-eval's. Set again before each region: the same seed gives the same samples and
+            metrics.
         gen_kwargs: Generation settings for the generate_until tasks (a key given replaces the task's): key=value pairs
             separated by commas (values read as Python literals: temperature=0.8,do_sample=True,until=["."]) or a
-            JSON object; repeat the flag for more.
+            JSON object; repeat the flag for more. In a --config file also a mapping or one text, as in lm-eval's
+            (gen_kwargs: {temperature: 0.8}).
         apply_chat_template: Render each prompt with the chat template beside the tokenizer (refused when there is
             none).
         fewshot_as_multiturn: Give the few-shot examples as turns of the chat (default: on with

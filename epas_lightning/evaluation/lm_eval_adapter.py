@@ -295,6 +295,16 @@ class EPASLM(HFLM):
         finally:
             self.logits_cache = cache
 
+    def _batch_scheduler(self, pos: int, n_reordered_requests: Any) -> int:
+        """``HFLM``'s search schedule for ``batch_size="auto:N"``, with N at most the number of requests: lm-eval
+        0.4.13 split them into ``len // N`` each, zero below N requests (a small task, a small ``limit``), and divided
+        by it (a ``ZeroDivisionError``, for ``hf`` alike). There the search runs once per request."""
+        schedule, self.batch_schedule = self.batch_schedule, min(self.batch_schedule, len(n_reordered_requests))
+        try:
+            return super()._batch_scheduler(pos, n_reordered_requests)
+        finally:
+            self.batch_schedule = schedule
+
     def _model_call(self, inps: torch.Tensor, attn_mask: Any = None, labels: Any = None) -> torch.Tensor:
         with torch.no_grad():
             return self.model(inps)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -19,8 +20,12 @@ DEFAULT_SEED = "0,1234,1234,1234"
 """lm-eval's seeds for Python's ``random``, NumPy, torch and the few-shot sampler, where ``--seed`` is not given."""
 SEED_NAMES = ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")
 """``simple_evaluate``'s arguments for the four seeds, in ``--seed``'s order."""
-MAX_SEED = 2**32 - 1
-"""The largest seed NumPy takes (its ``ValueError`` inside lm-eval past it); the bound for all four."""
+SEED_RANGES = {
+    "numpy_random_seed": ("NumPy's seed (the second)", 0, 2**32 - 1),
+    "torch_random_seed": ("torch's seed (the third)", -(2**63), 2**64 - 1),
+}
+"""The seeds NumPy and torch take (their ``ValueError`` inside lm-eval past them); Python's ``random`` and the few-shot
+sampler (a ``random.Random``) take any whole number."""
 SEED_FIX = (
     "give one whole number from 0 to 4294967295 for all four seeds, or four (three: the fourth is 1234) separated by "
     "commas, None for one left unseeded (e.g. 0,None,8,52)"
@@ -29,21 +34,30 @@ LENGTH_KEYS = {"until", "max_gen_toks", "max_new_tokens", "max_tokens", "max_com
 """Generation kwargs lm-eval's ``HFLM`` reads itself (the stop strings and the tokens to generate), before decoding."""
 
 
-def parse_seed(text: str | int | None) -> dict[str, int | None]:
+def parse_seed(seed: str | int | Sequence[int | None] | None) -> dict[str, int | None]:
     """``--seed`` as ``simple_evaluate``'s four seed arguments, read as ``lm_eval run --seed`` reads it: one value for
     all four, or three or four comma-separated (a missing fourth is lm-eval's default), ``None`` leaving one unseeded;
-    each from 0 to :data:`MAX_SEED`. ``None`` (no ``--seed``): lm-eval's defaults, :data:`DEFAULT_SEED`."""
+    each in its generator's range (:data:`SEED_RANGES`). A list (a ``--config`` file's ``seed: [0, null, 8, 52]``, as
+    lm-eval's YAML config takes it) is read as those values separated by commas. ``None`` (no ``--seed``): lm-eval's
+    defaults, :data:`DEFAULT_SEED`."""
     from lm_eval._cli.utils import _int_or_none_list_arg_type
 
-    text = DEFAULT_SEED if text is None else str(text)
+    if seed is None:
+        text = DEFAULT_SEED
+    elif isinstance(seed, (str, int)):
+        text = str(seed)
+    else:
+        text = ",".join(str(value) for value in seed)
     try:
         seeds = _int_or_none_list_arg_type(3, 4, DEFAULT_SEED, text)
     except ValueError as e:
-        raise ConfigError(f"{e} (got {text!r})", "--seed", SEED_FIX) from e
-    for seed in seeds:
-        if seed is not None and not 0 <= seed <= MAX_SEED:
-            raise ConfigError(f"a seed must be from 0 to {MAX_SEED}, got {seed}", "--seed", SEED_FIX)
-    return dict(zip(SEED_NAMES, seeds, strict=True))
+        shown = repr(text) if isinstance(seed, (str, int)) else str(list(seed))
+        raise ConfigError(f"{e} (got {shown})", "--seed", SEED_FIX) from e
+    named = dict(zip(SEED_NAMES, seeds, strict=True))
+    for name, (which, low, high) in SEED_RANGES.items():
+        if named[name] is not None and not low <= named[name] <= high:
+            raise ConfigError(f"{which} must be from {low} to {high}, got {named[name]}", "--seed", SEED_FIX)
+    return named
 
 
 AUTO_BATCH = re.compile(r"auto(?::(\d+(?:\.\d*)?|\.\d+))?")
@@ -64,17 +78,19 @@ def check_batch_size(batch_size: int | str) -> None:
     check_counts({"--batch-size": batch_size})
 
 
-def parse_gen_kwargs(values: Sequence[str] | None) -> dict[str, Any] | None:
+def parse_gen_kwargs(values: Sequence[str] | dict[str, Any] | str | None) -> dict[str, Any] | None:
     """``--gen-kwargs`` as ``lm_eval run --gen_kwargs`` reads it: each value a JSON object or ``key=value`` pairs
     separated by commas outside brackets and quotes (values read as Python literals, else kept as text), later keys
-    replacing earlier ones. ``None`` where none is given. Keys our decoding does not honour are refused here, before the
+    replacing earlier ones; a ``--config`` file's mapping as it is, and its one text as one value, as lm-eval's YAML
+    config takes them. ``None`` where none is given. Keys our decoding does not honour are refused here, before the
     model loads (:func:`~epas_lightning.evaluation.lm_eval_adapter.check_decoding_settings`)."""
     from lm_eval._cli.utils import key_val_to_dict, try_parse_json
 
     from epas_lightning.evaluation.lm_eval_adapter import check_decoding_settings
 
-    merged: dict[str, Any] = {}
-    for value in values or ():
+    merged: dict[str, Any] = dict(values) if isinstance(values, dict) else {}
+    texts = [values] if isinstance(values, str) else [] if isinstance(values, dict) else list(values or ())
+    for value in texts:
         try:
             parsed = try_parse_json(value)
             merged.update(parsed if isinstance(parsed, dict) else key_val_to_dict(value))
@@ -86,6 +102,7 @@ def parse_gen_kwargs(values: Sequence[str] | None) -> dict[str, Any] | None:
                 "object",
             ) from e
     check_setting_types(merged)
+    check_sampling_temperature(merged)
     check_decoding_settings({k: v for k, v in merged.items() if k not in LENGTH_KEYS}, where="--gen-kwargs")
     return merged or None
 
@@ -116,16 +133,35 @@ def check_setting_types(kwargs: dict[str, Any]) -> None:
             )
 
 
+def check_sampling_temperature(kwargs: dict[str, Any]) -> None:
+    """``do_sample=True`` at ``temperature=0``, refused before the model loads, as our decoding refuses it for a task
+    (:func:`~epas_lightning.evaluation.lm_eval_adapter.check_sampling_temperature`: transformers' ``generate`` refuses
+    it for the export)."""
+    if kwargs.get("do_sample") is True and "temperature" in kwargs and kwargs["temperature"] == 0:
+        raise ConfigError(
+            "--gen-kwargs samples (do_sample=True) at temperature 0, which transformers' generate refuses for the "
+            "export",
+            "--gen-kwargs",
+            "give a temperature above 0 (1 samples from the model's distribution), or do_sample=False for greedy "
+            "decoding",
+        )
+
+
+TOKENS_TO_GENERATE = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+"""The names of the tokens to generate, in the order lm-eval reads them: the first given is the one it generates."""
+
+
 def check_generation_length(kwargs: dict[str, Any] | None, context_length: int) -> None:
-    """``--gen-kwargs``' tokens to generate below the model's context length, which lm-eval's ``HFLM`` asserts once the
-    model has loaded (room must be left for the prompt)."""
-    for key in sorted(LENGTH_KEYS - {"until"}):
-        if kwargs and key in kwargs and kwargs[key] >= context_length:
-            raise ConfigError(
-                f"{key} {kwargs[key]} leaves no room for a prompt in the model's context length of {context_length}",
-                "--gen-kwargs",
-                f"give {key} below {context_length}",
-            )
+    """``--gen-kwargs``' tokens to generate (the first of :data:`TOKENS_TO_GENERATE` given, the one lm-eval reads)
+    below the model's context length, which lm-eval's ``HFLM`` asserts once the model has loaded (room must be left for
+    the prompt)."""
+    key = next((key for key in TOKENS_TO_GENERATE if kwargs and key in kwargs), None)
+    if key is not None and kwargs[key] >= context_length:
+        raise ConfigError(
+            f"{key} {kwargs[key]} leaves no room for a prompt in the model's context length of {context_length}",
+            "--gen-kwargs",
+            f"give {key} below {context_length}",
+        )
 
 
 def fewshot_turns(apply_chat_template: bool, fewshot_as_multiturn: bool | None) -> bool:
@@ -168,10 +204,21 @@ def check_log_samples(log_samples: bool, output: Path | None) -> None:
         )
 
 
+FILE_NAME_CHARACTER = re.compile(r"[\w.-]")
+"""A character a task name keeps in its samples file's name (any other is ``_``: a task YAML names its task freely)."""
+MAX_TASK_NAME_BYTES = 200
+"""The longest task name kept whole in a file name (file names end at 255 bytes)."""
+
+
 def samples_file(task: str, sharing_layers: int) -> str:
-    """lm-eval's ``samples_<task>_<date>.jsonl``, with the region in place of the date: one file per task and
-    region."""
-    return f"samples_{task}_sharing{sharing_layers}.jsonl"
+    """lm-eval's ``samples_<task>_<date>.jsonl``, with the region in place of the date: one file per task and region.
+    A task name that is no file name (``my/task``, one too long) has its other characters as ``_``, cut at
+    :data:`MAX_TASK_NAME_BYTES`, and the hash of the name after a dash, apart from a task named ``my_task``."""
+    name = "".join(c if FILE_NAME_CHARACTER.fullmatch(c) else "_" for c in task)
+    if name != task or len(name.encode()) > MAX_TASK_NAME_BYTES:
+        short = name.encode()[:MAX_TASK_NAME_BYTES].decode(errors="ignore")
+        name = f"{short}-{hashlib.sha256(task.encode(errors='surrogatepass')).hexdigest()[:8]}"
+    return f"samples_{name}_sharing{sharing_layers}.jsonl"
 
 
 def write_samples(samples: dict[int, dict[str, list[dict]]], folder: Path) -> list[str]:
