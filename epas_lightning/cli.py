@@ -571,6 +571,22 @@ UNKNOWN_OPTION = re.compile(
 line."""
 
 
+OTHER_FLAG_NAMES = {
+    "ckpt": "checkpoint",
+    "ckpt-path": "checkpoint",
+    "ckpt_path": "checkpoint",
+    "out": "output",
+    "out-dir": "output",
+    "out_dir": "output",
+    "output-dir": "output",
+    "output_dir": "output",
+    "precision": "dtype",
+    "layers": "sharing-layers",
+}
+"""Other programs' names (LitGPT's, training scripts') of the tools' shared flags -> ours, for the hint of a command
+that has the flag: their spelling is too far from ours for ``did_you_mean`` to guess."""
+
+
 def unknown_option(
     error: ArgumentError, parser: Any, aliases: dict[str, str] | None = None, argv: Sequence[str] = ()
 ) -> ConfigError | None:
@@ -595,6 +611,8 @@ def unknown_option(
         what = "--model.lr is no option: the learning rate is an argument of the optimizer"
         fix = f"give it with fit's other default settings: {adamw_flags('lr', value[1] if value else 'LR')}"
         return ConfigError(what, f"{PROG} {command}", fix)
+    if in_config and aliases:  # a config's keys are underscored: sharing_layers
+        aliases = {name: meant.replace("-", "_") for name, meant in aliases.items()}
     holding = config_holding(key, argv) if in_config else None
     return ConfigError(
         f"{command} has no option {key}{did_you_mean(key, known, aliases)}",
@@ -673,7 +691,8 @@ def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:
         _print_as_typed(parser, values)
         config = parser.parse_args(_append_lists(verbatim, parser.list_options))
     except ArgumentError as e:
-        raise unknown_option(e, parser, argv=argv) or parse_error(e, prog, fn, argv) from e
+        ours = {name: flag for name, flag in OTHER_FLAG_NAMES.items() if f"--{flag}" in parser._option_string_actions}
+        raise unknown_option(e, parser, ours, argv) or parse_error(e, prog, fn, argv) from e
     _restore_values(config, parser.text_list_options, values)
     kwargs = parser.instantiate(config)
     kwargs.pop("config", None)

@@ -29,7 +29,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from epas_lightning import ProgressiveSharing
 from epas_lightning.checkpoint import REGION_KEY, load_model
-from epas_lightning.cli import LIGHTNING_COMMANDS, TOOLS, function_parser, main, tool, tool_docstring
+from epas_lightning.cli import LIGHTNING_COMMANDS, OTHER_FLAG_NAMES, TOOLS, function_parser, main, tool, tool_docstring
 from epas_lightning.errors import CheckpointError, ConfigError, OutputError
 from epas_lightning.resume import check_version_folder_free, continue_version, resume_checkpoint
 from epas_lightning.runtime import DType, resolve_dtype
@@ -357,6 +357,33 @@ def test_a_misspelt_key_in_a_commands_config_names_the_one_meant_and_the_file(tm
         f"error: generate has no option max_new_tokns (did you mean max_new_tokens?) — --config {typo} — see "
         "`python -m epas_lightning generate --help`\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "meant"),
+    [
+        (["inspect", "--ckpt", "x.ckpt"], "checkpoint"),  # the names of other tools (LitGPT, scripts) for our flags
+        (["generate", "--checkpoint", "c", "--prompt", "x", "--ckpt_path", "x.ckpt"], "checkpoint"),
+        (["consolidate", "--checkpoint", "c", "--out", "o"], "output"),
+        (["export", "--checkpoint", "c", "--out-dir", "o"], "output"),
+        (["bench", "--checkpoint", "c", "--output_dir", "o"], "output"),
+        (["generate", "--checkpoint", "c", "--prompt", "x", "--precision", "bf16-true"], "dtype"),
+        (["evaluate", "--checkpoint", "c", "--layers", "2"], "sharing-layers"),
+        (["inspect", "--checkpoint", "c", "--out", "o"], None),  # a flag the command does not have is never meant
+        (["analyze", "--checkpoint", "c", "--layers", "2"], None),
+    ],
+)
+def test_another_tools_name_of_a_flag_names_ours(argv, meant, tmp_path, capsys):
+    """--ckpt, --out or --precision said only "has no option ckpt" (--out: "did you mean output?" by its spelling)."""
+    assert main(argv) == 2
+    key = next(arg[2:] for arg in argv if arg.startswith("--") and arg[2:] in OTHER_FLAG_NAMES)
+    hint = f" (did you mean {meant}?)" if meant else ""
+    assert capsys.readouterr().err.startswith(f"error: {argv[0]} has no option {key}{hint} — ")
+    config = tmp_path / "config.yaml"  # a --config's key, by its underscored name
+    config.write_text(f"{key}: 2\n")
+    assert main([argv[0], "--config", str(config)]) == 2
+    hint = f" (did you mean {meant.replace('-', '_')}?)" if meant else ""
+    assert capsys.readouterr().err.startswith(f"error: {argv[0]} has no option {key}{hint} — --config {config} — ")
 
 
 @pytest.mark.parametrize(
