@@ -770,6 +770,7 @@ def dispatch(argv: list[str]) -> int:
             from epas_lightning.lightning_cli import RUN_SECTIONS, exit_status, lightning_cli
 
             check_config_files(argv, sections=("trainer", "model", "data", *RUN_SECTIONS))
+            check_section_files(argv, ("trainer", "model", "data", *RUN_SECTIONS))
             try:
                 cli = lightning_cli(argv)
             except ArgumentError as e:
@@ -794,6 +795,35 @@ def check_config_files(argv: Sequence[str], sections: Sequence[str] = ()) -> Non
         check_path_name(path, f"--config {given}")
         if path.is_file() or path.is_dir():  # not a pipe: read here, it would be empty for the parser
             check_config_shape(read_text_file(path, "config", f"--config {given}"), f"--config {given}", sections)
+
+
+def check_section_files(argv: Sequence[str], sections: Sequence[str]) -> None:
+    """Each file or folder given to a section flag of fit, validate or test (``--trainer FILE``), checked as
+    :func:`check_config_files` checks a ``--config``. A checkpoint given to ``--checkpoint`` (the tools' name of one;
+    here the checkpoint section's settings) is said to be ``--ckpt_path``'s: jsonargparse read a .ckpt as YAML, to a
+    UnicodeDecodeError traceback, and said "invalid value for --checkpoint" of a checkpoint folder."""
+    command = argv[0]
+    for i, arg in enumerate(argv[1:], start=1):
+        flag, equals, value = arg.partition("=")
+        if not equals:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+        if flag[2:] not in sections or not flag.startswith("--") or not value:
+            continue
+        path, where = Path(value).expanduser(), f"{flag} {value}"
+        try:
+            is_dir, is_file = path.is_dir(), path.is_file()
+        except OSError:  # a name too long for a file: inline settings, left to the parser
+            continue
+        if flag == "--checkpoint" and (is_dir or (is_file and path.suffix not in (".yaml", ".yml"))):
+            resume = " to resume the run, or --model.init_from to start from its weights" if command == "fit" else ""
+            raise ConfigError(
+                f"{command}'s --checkpoint takes the checkpoint section's settings (a YAML file or mapping), not a "
+                "checkpoint",
+                where,
+                f"give it as --ckpt_path {value}{resume}",
+            )
+        if is_file:
+            read_text_file(path, "settings file", where)
 
 
 def check_config_shape(text: str, where: str, sections: Sequence[str]) -> None:

@@ -471,6 +471,28 @@ def test_a_config_that_is_a_folder_or_not_utf8_is_one_line(tmp_path, capsys):
         assert err.startswith(f"error: {says} — --config {config} — ") and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_a_checkpoint_given_to_fits_checkpoint_section_says_to_give_it_as_ckpt_path(command, tmp_path, capsys):
+    """The tools' --checkpoint is a checkpoint; fit's is its save settings: a .ckpt there was jsonargparse's
+    UnicodeDecodeError traceback (reading it as YAML), and a checkpoint folder "invalid value for --checkpoint"."""
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}}, ckpt)
+    folder = tmp_path / "sharded.ckpt"
+    folder.mkdir()
+    resume = " to resume the run, or --model.init_from to start from its weights" if command == "fit" else ""
+    for given in (ckpt, folder):
+        assert main([command, "--config", DEBUG, "--checkpoint", str(given)]) == 2
+        assert capsys.readouterr().err == (
+            f"error: {command}'s --checkpoint takes the checkpoint section's settings (a YAML file or mapping), not a "
+            f"checkpoint — --checkpoint {given} — give it as --ckpt_path {given}{resume}\n"
+        )
+    latin = tmp_path / "latin.yaml"  # any section's settings file: as a --config of another encoding
+    latin.write_bytes(b"max_steps: \xe9\n")
+    assert main([command, "--config", DEBUG, f"--trainer={latin}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the settings file is not UTF-8 text (byte 0xe9 at offset 11) — --trainer {latin} — ")
+
+
 @pytest.mark.parametrize(("command", "setting"), [("generate", "temperature: .nan"), ("serve", "max_request_mb: .inf")])
 def test_a_config_value_that_is_not_a_finite_number_is_refused_as_on_the_command_line(
     command, setting, tmp_path, capsys
