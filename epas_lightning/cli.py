@@ -800,8 +800,9 @@ def check_config_files(argv: Sequence[str], sections: Sequence[str] = ()) -> Non
 def check_section_files(argv: Sequence[str], sections: Sequence[str]) -> None:
     """Each file or folder given to a section flag of fit, validate or test (``--trainer FILE``), checked as
     :func:`check_config_files` checks a ``--config``. A checkpoint given to ``--checkpoint`` (the tools' name of one;
-    here the checkpoint section's settings) is said to be ``--ckpt_path``'s: jsonargparse read a .ckpt as YAML, to a
-    UnicodeDecodeError traceback, and said "invalid value for --checkpoint" of a checkpoint folder."""
+    here the checkpoint section's settings) is said to be ``--ckpt_path``'s, and a folder given to ``--data`` (the
+    tools' prepared folder) ``--data.data_dir``'s: jsonargparse read a .ckpt as YAML, to a UnicodeDecodeError
+    traceback, and said "invalid value for --checkpoint" (``--data``) of a folder."""
     command = argv[0]
     for i, arg in enumerate(argv[1:], start=1):
         flag, equals, value = arg.partition("=")
@@ -821,6 +822,12 @@ def check_section_files(argv: Sequence[str], sections: Sequence[str]) -> None:
                 "checkpoint",
                 where,
                 f"give it as --ckpt_path {value}{resume}",
+            )
+        if flag == "--data" and is_dir:  # evaluate's, bench's and analyze's --data: a prepared folder
+            raise ConfigError(
+                f"{command}'s --data takes the data section's settings (a YAML file or mapping), not a data folder",
+                where,
+                f"give it as --data.data_dir {value}",
             )
         if is_file:
             read_text_file(path, "settings file", where)

@@ -493,6 +493,15 @@ def test_a_checkpoint_given_to_fits_checkpoint_section_says_to_give_it_as_ckpt_p
     assert err.startswith(f"error: the settings file is not UTF-8 text (byte 0xe9 at offset 11) — --trainer {latin} — ")
 
 
+def test_a_data_folder_given_to_fits_data_section_says_to_give_it_as_data_dir(tmp_path, capsys):
+    """evaluate, bench and analyze take --data FOLDER; fit's --data is its section: "invalid value for --data"."""
+    assert main(["fit", "--config", DEBUG, "--data", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: fit's --data takes the data section's settings (a YAML file or mapping), not a data folder — --data "
+        f"{tmp_path} — give it as --data.data_dir {tmp_path}\n"
+    )
+
+
 @pytest.mark.parametrize(("command", "setting"), [("generate", "temperature: .nan"), ("serve", "max_request_mb: .inf")])
 def test_a_config_value_that_is_not_a_finite_number_is_refused_as_on_the_command_line(
     command, setting, tmp_path, capsys
