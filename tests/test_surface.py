@@ -387,6 +387,23 @@ def test_another_tools_name_of_a_flag_names_ours(argv, meant, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
+    ("flag", "meant"),
+    [
+        ("--sharing-layers", "sharing.target"),  # was "did you mean sharing.n_layer?", a field fit links, not set
+        ("--sharing_layers", "sharing.target"),
+        ("--dtype", "trainer.precision"),
+        ("--precision", "trainer.precision"),
+        ("--device", "trainer.accelerator"),
+        ("--devices", "trainer.devices"),
+        ("--max_steps", "trainer.max_steps"),
+    ],
+)
+def test_the_tools_or_litgpts_name_of_a_fit_setting_names_fits(flag, meant, capsys):
+    assert main(["fit", "--config", DEBUG, flag, "1"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: fit has no option {flag[2:]} (did you mean {meant}?) — ")
+
+
+@pytest.mark.parametrize(
     ("argv", "says"),
     [
         (
