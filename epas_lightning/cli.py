@@ -815,7 +815,7 @@ def check_section_files(argv: Sequence[str], sections: Sequence[str]) -> None:
             is_dir, is_file = path.is_dir(), path.is_file()
         except OSError:  # a name too long for a file: inline settings, left to the parser
             continue
-        if flag == "--checkpoint" and (is_dir or (is_file and path.suffix not in (".yaml", ".yml"))):
+        if flag == "--checkpoint" and (is_dir or (is_file and path.suffix not in (".yaml", ".yml", ".json"))):
             resume = " to resume the run, or --model.init_from to start from its weights" if command == "fit" else ""
             raise ConfigError(
                 f"{command}'s --checkpoint takes the checkpoint section's settings (a YAML file or mapping), not a "

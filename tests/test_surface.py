@@ -503,6 +503,10 @@ def test_a_checkpoint_given_to_fits_checkpoint_section_says_to_give_it_as_ckpt_p
             f"error: {command}'s --checkpoint takes the checkpoint section's settings (a YAML file or mapping), not a "
             f"checkpoint — --checkpoint {given} — give it as --ckpt_path {given}{resume}\n"
         )
+    settings = tmp_path / "checkpoint.json"  # settings in JSON, which is YAML, are the section's
+    settings.write_text('{"every_n_train_steps": 2}')
+    assert main([command, "--config", DEBUG, "--checkpoint", str(settings), "--print_config"]) == 0
+    assert "every_n_train_steps: 2" in capsys.readouterr().out
     latin = tmp_path / "latin.yaml"  # any section's settings file: as a --config of another encoding
     latin.write_bytes(b"max_steps: \xe9\n")
     assert main([command, "--config", DEBUG, f"--trainer={latin}"]) == 2
