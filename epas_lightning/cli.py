@@ -587,6 +587,22 @@ UNKNOWN_OPTION = re.compile(
 line."""
 
 
+OTHER_FLAG_NAMES = {
+    "ckpt": "checkpoint",
+    "ckpt-path": "checkpoint",
+    "ckpt_path": "checkpoint",
+    "out": "output",
+    "out-dir": "output",
+    "out_dir": "output",
+    "output-dir": "output",
+    "output_dir": "output",
+    "precision": "dtype",
+    "layers": "sharing-layers",
+}
+"""Other programs' names (LitGPT's, training scripts') of the tools' shared flags -> ours, for the hint of a command
+that has the flag: their spelling is too far from ours for ``did_you_mean`` to guess."""
+
+
 def unknown_option(
     error: ArgumentError, parser: Any, aliases: dict[str, str] | None = None, argv: Sequence[str] = ()
 ) -> ConfigError | None:
@@ -611,6 +627,8 @@ def unknown_option(
         what = "--model.lr is no option: the learning rate is an argument of the optimizer"
         fix = f"give it with fit's other default settings: {adamw_flags('lr', value[1] if value else 'LR')}"
         return ConfigError(what, f"{PROG} {command}", fix)
+    if in_config and aliases:  # a config's keys are underscored: sharing_layers
+        aliases = {name: meant.replace("-", "_") for name, meant in aliases.items()}
     holding = config_holding(key, argv) if in_config else None
     return ConfigError(
         f"{command} has no option {key}{did_you_mean(key, known, aliases)}",
@@ -689,7 +707,8 @@ def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:
         _print_as_typed(parser, values)
         config = parser.parse_args(_append_lists(verbatim, parser.list_options))
     except ArgumentError as e:
-        raise unknown_option(e, parser, argv=argv) or parse_error(e, prog, fn, argv) from e
+        ours = {name: flag for name, flag in OTHER_FLAG_NAMES.items() if f"--{flag}" in parser._option_string_actions}
+        raise unknown_option(e, parser, ours, argv) or parse_error(e, prog, fn, argv) from e
     _restore_values(config, parser.text_list_options, values)
     kwargs = parser.instantiate(config)
     kwargs.pop("config", None)
@@ -767,6 +786,7 @@ def dispatch(argv: list[str]) -> int:
             from epas_lightning.lightning_cli import RUN_SECTIONS, exit_status, lightning_cli
 
             check_config_files(argv, sections=("trainer", "model", "data", *RUN_SECTIONS))
+            check_section_files(argv, ("trainer", "model", "data", *RUN_SECTIONS))
             try:
                 cli = lightning_cli(argv)
             except ArgumentError as e:
@@ -791,6 +811,42 @@ def check_config_files(argv: Sequence[str], sections: Sequence[str] = ()) -> Non
         check_path_name(path, f"--config {given}")
         if path.is_file() or path.is_dir():  # not a pipe: read here, it would be empty for the parser
             check_config_shape(read_text_file(path, "config", f"--config {given}"), f"--config {given}", sections)
+
+
+def check_section_files(argv: Sequence[str], sections: Sequence[str]) -> None:
+    """Each file or folder given to a section flag of fit, validate or test (``--trainer FILE``), checked as
+    :func:`check_config_files` checks a ``--config``. A checkpoint given to ``--checkpoint`` (the tools' name of one;
+    here the checkpoint section's settings) is said to be ``--ckpt_path``'s, and a folder given to ``--data`` (the
+    tools' prepared folder) ``--data.data_dir``'s: jsonargparse read a .ckpt as YAML, to a UnicodeDecodeError
+    traceback, and said "invalid value for --checkpoint" (``--data``) of a folder."""
+    command = argv[0]
+    for i, arg in enumerate(argv[1:], start=1):
+        flag, equals, value = arg.partition("=")
+        if not equals:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+        if flag[2:] not in sections or not flag.startswith("--") or not value:
+            continue
+        path, where = Path(value).expanduser(), f"{flag} {value}"
+        try:
+            is_dir, is_file = path.is_dir(), path.is_file()
+        except OSError:  # a name too long for a file: inline settings, left to the parser
+            continue
+        if flag == "--checkpoint" and (is_dir or (is_file and path.suffix not in (".yaml", ".yml", ".json"))):
+            resume = " to resume the run, or --model.init_from to start from its weights" if command == "fit" else ""
+            raise ConfigError(
+                f"{command}'s --checkpoint takes the checkpoint section's settings (a YAML file or mapping), not a "
+                "checkpoint",
+                where,
+                f"give it as --ckpt_path {value}{resume}",
+            )
+        if flag == "--data" and is_dir:  # evaluate's, bench's and analyze's --data: a prepared folder
+            raise ConfigError(
+                f"{command}'s --data takes the data section's settings (a YAML file or mapping), not a data folder",
+                where,
+                f"give it as --data.data_dir {value}",
+            )
+        if is_file:
+            read_text_file(path, "settings file", where)
 
 
 def check_config_shape(text: str, where: str, sections: Sequence[str]) -> None:

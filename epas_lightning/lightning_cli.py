@@ -143,6 +143,19 @@ DEFAULT_LOGGER = {
 }
 
 
+OTHER_FIT_FLAG_NAMES = {
+    "sharing-layers": "sharing.target",
+    "sharing_layers": "sharing.target",
+    "dtype": "trainer.precision",
+    "precision": "trainer.precision",
+    "device": "trainer.accelerator",
+    "devices": "trainer.devices",
+    "max_steps": "trainer.max_steps",
+}
+"""The tools' and LitGPT's names of a fit setting -> its flag: ``--sharing-layers`` was said to mean
+``sharing.n_layer`` (by its spelling), a field fit links from the model, not one to set."""
+
+
 RUN_SECTIONS = {
     "sharing": ProgressiveSharing,
     "divergence": DivergenceGuard,
@@ -255,6 +268,7 @@ class EPASCLI(LightningCLI):
         except ArgumentError as e:
             parsers = getattr(self, "_subcommand_parsers", {})  # none when run=False
             aliases = {f"model.config.{name}": f"model.config.{field}" for name, field in OTHER_NAMES.items()}
+            aliases.update(OTHER_FIT_FLAG_NAMES)
             if (unknown := unknown_option(e, parsers.get(args[0]) if args else None, aliases, args)) is None:
                 raise
             raise unknown from e

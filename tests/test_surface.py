@@ -29,7 +29,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from epas_lightning import ProgressiveSharing
 from epas_lightning.checkpoint import REGION_KEY, load_model
-from epas_lightning.cli import LIGHTNING_COMMANDS, TOOLS, function_parser, main, tool, tool_docstring
+from epas_lightning.cli import LIGHTNING_COMMANDS, OTHER_FLAG_NAMES, TOOLS, function_parser, main, tool, tool_docstring
 from epas_lightning.errors import CheckpointError, ConfigError, OutputError
 from epas_lightning.resume import check_version_folder_free, continue_version, resume_checkpoint
 from epas_lightning.runtime import DType, resolve_dtype
@@ -360,6 +360,50 @@ def test_a_misspelt_key_in_a_commands_config_names_the_one_meant_and_the_file(tm
 
 
 @pytest.mark.parametrize(
+    ("argv", "meant"),
+    [
+        (["inspect", "--ckpt", "x.ckpt"], "checkpoint"),  # the names of other tools (LitGPT, scripts) for our flags
+        (["generate", "--checkpoint", "c", "--prompt", "x", "--ckpt_path", "x.ckpt"], "checkpoint"),
+        (["consolidate", "--checkpoint", "c", "--out", "o"], "output"),
+        (["export", "--checkpoint", "c", "--out-dir", "o"], "output"),
+        (["bench", "--checkpoint", "c", "--output_dir", "o"], "output"),
+        (["generate", "--checkpoint", "c", "--prompt", "x", "--precision", "bf16-true"], "dtype"),
+        (["evaluate", "--checkpoint", "c", "--layers", "2"], "sharing-layers"),
+        (["inspect", "--checkpoint", "c", "--out", "o"], None),  # a flag the command does not have is never meant
+        (["analyze", "--checkpoint", "c", "--layers", "2"], None),
+    ],
+)
+def test_another_tools_name_of_a_flag_names_ours(argv, meant, tmp_path, capsys):
+    """--ckpt, --out or --precision said only "has no option ckpt" (--out: "did you mean output?" by its spelling)."""
+    assert main(argv) == 2
+    key = next(arg[2:] for arg in argv if arg.startswith("--") and arg[2:] in OTHER_FLAG_NAMES)
+    hint = f" (did you mean {meant}?)" if meant else ""
+    assert capsys.readouterr().err.startswith(f"error: {argv[0]} has no option {key}{hint} — ")
+    config = tmp_path / "config.yaml"  # a --config's key, by its underscored name
+    config.write_text(f"{key}: 2\n")
+    assert main([argv[0], "--config", str(config)]) == 2
+    hint = f" (did you mean {meant.replace('-', '_')}?)" if meant else ""
+    assert capsys.readouterr().err.startswith(f"error: {argv[0]} has no option {key}{hint} — --config {config} — ")
+
+
+@pytest.mark.parametrize(
+    ("flag", "meant"),
+    [
+        ("--sharing-layers", "sharing.target"),  # was "did you mean sharing.n_layer?", a field fit links, not set
+        ("--sharing_layers", "sharing.target"),
+        ("--dtype", "trainer.precision"),
+        ("--precision", "trainer.precision"),
+        ("--device", "trainer.accelerator"),
+        ("--devices", "trainer.devices"),
+        ("--max_steps", "trainer.max_steps"),
+    ],
+)
+def test_the_tools_or_litgpts_name_of_a_fit_setting_names_fits(flag, meant, capsys):
+    assert main(["fit", "--config", DEBUG, flag, "1"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: fit has no option {flag[2:]} (did you mean {meant}?) — ")
+
+
+@pytest.mark.parametrize(
     ("argv", "says"),
     [
         (
@@ -442,6 +486,41 @@ def test_a_config_that_is_a_folder_or_not_utf8_is_one_line(tmp_path, capsys):
         assert main([*argv, f"--config={config}"]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {says} — --config {config} — ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_a_checkpoint_given_to_fits_checkpoint_section_says_to_give_it_as_ckpt_path(command, tmp_path, capsys):
+    """The tools' --checkpoint is a checkpoint; fit's is its save settings: a .ckpt there was jsonargparse's
+    UnicodeDecodeError traceback (reading it as YAML), and a checkpoint folder "invalid value for --checkpoint"."""
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}}, ckpt)
+    folder = tmp_path / "sharded.ckpt"
+    folder.mkdir()
+    resume = " to resume the run, or --model.init_from to start from its weights" if command == "fit" else ""
+    for given in (ckpt, folder):
+        assert main([command, "--config", DEBUG, "--checkpoint", str(given)]) == 2
+        assert capsys.readouterr().err == (
+            f"error: {command}'s --checkpoint takes the checkpoint section's settings (a YAML file or mapping), not a "
+            f"checkpoint — --checkpoint {given} — give it as --ckpt_path {given}{resume}\n"
+        )
+    settings = tmp_path / "checkpoint.json"  # settings in JSON, which is YAML, are the section's
+    settings.write_text('{"every_n_train_steps": 2}')
+    assert main([command, "--config", DEBUG, "--checkpoint", str(settings), "--print_config"]) == 0
+    assert "every_n_train_steps: 2" in capsys.readouterr().out
+    latin = tmp_path / "latin.yaml"  # any section's settings file: as a --config of another encoding
+    latin.write_bytes(b"max_steps: \xe9\n")
+    assert main([command, "--config", DEBUG, f"--trainer={latin}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the settings file is not UTF-8 text (byte 0xe9 at offset 11) — --trainer {latin} — ")
+
+
+def test_a_data_folder_given_to_fits_data_section_says_to_give_it_as_data_dir(tmp_path, capsys):
+    """evaluate, bench and analyze take --data FOLDER; fit's --data is its section: "invalid value for --data"."""
+    assert main(["fit", "--config", DEBUG, "--data", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: fit's --data takes the data section's settings (a YAML file or mapping), not a data folder — --data "
+        f"{tmp_path} — give it as --data.data_dir {tmp_path}\n"
+    )
 
 
 @pytest.mark.parametrize(("command", "setting"), [("generate", "temperature: .nan"), ("serve", "max_request_mb: .inf")])
