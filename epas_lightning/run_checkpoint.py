@@ -12,6 +12,7 @@ means (:mod:`epas_lightning.resume`).
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -515,6 +516,6 @@ def keep_last_of_resumed_run(callback: RunCheckpoint, unclaimed: dict[str, Any])
         state = unclaimed[key]
         last = state.get("last_model_path") if isinstance(state, dict) else None
         if last and isinstance(state.get("dirpath"), str) and same_folder(callback.dirpath, Path(state["dirpath"])):
-            callback.last_model_path = str(Path(callback.dirpath) / Path(last).name)  # as the callback names its saves
+            callback.last_model_path = os.path.join(callback.dirpath, Path(last).name)  # as Lightning names its saves
             del unclaimed[key]
             return

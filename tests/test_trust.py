@@ -846,6 +846,18 @@ def test_a_resume_with_other_checkpoint_settings_takes_the_last_name_of_the_runs
     assert other.last_model_path == ""
 
 
+def test_a_resume_with_other_checkpoint_settings_names_the_last_checkpoint_of_a_url_folder_as_lightning_does():
+    """The name was built as a local path (memory://run/... became memory:/run/...): Lightning, finding the folder's
+    last.ckpt under another name than the callback's, wrote last-v1.ckpt beside it, as before the fix."""
+    from epas_lightning.run_checkpoint import RunCheckpoint, adopt_model_checkpoint_states
+
+    run = RunCheckpoint(dirpath="memory://run/checkpoints", save_last=True, every_n_train_steps=5)
+    earlier = RunCheckpoint(dirpath="memory://run/checkpoints", save_last=True, every_n_train_steps=3)
+    state = {"dirpath": run.dirpath, "last_model_path": f"{run.dirpath}/last.ckpt", "best_model_path": ""}
+    adopt_model_checkpoint_states(SimpleNamespace(callbacks=[run]), {"callbacks": {earlier.state_key: state}})
+    assert run.last_model_path == run.format_checkpoint_name({}, run.CHECKPOINT_NAME_LAST)
+
+
 def test_the_run_folder_look_at_start_up_stays_out_of_checkpoint_folders(tmp_path):
     """Every start lists the run folders it may resume into (a sub_dir's start-up files too): walking their
     checkpoints/ went through every shard file of every sharded checkpoint of every version, slow on a cluster's file
