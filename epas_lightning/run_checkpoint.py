@@ -498,12 +498,17 @@ def adopt_model_checkpoint_states(trainer: Trainer, checkpoint: dict[str, Any]) 
         if isinstance(callback, RunCheckpoint) and callback.state_key not in states and older in states.keys() - own:
             states[callback.state_key] = states.pop(older)
     unclaimed = {key: state for key, state in states.items() if key.startswith(kind) and key not in own}
-    for callback in trainer.callbacks:
-        if isinstance(callback, RunCheckpoint) and callback.state_key not in states:
-            keep_last_of_resumed_run(callback, unclaimed)
+    unrestored = [c for c in trainer.callbacks if isinstance(c, RunCheckpoint) and c.state_key not in states]
+    for callback in unrestored:
+        if (taken := keep_last_of_resumed_run(callback, unclaimed)) is not None:
+            del states[taken]  # else Lightning asks to add a callback of the earlier settings back
+            say(
+                f"{callback.last_model_path} goes on as the run's last checkpoint: the checkpoint section's settings "
+                "are not those it was saved with; the step checkpoints they kept stay"
+            )
 
 
-def keep_last_of_resumed_run(callback: RunCheckpoint, unclaimed: dict[str, Any]) -> None:
+def keep_last_of_resumed_run(callback: RunCheckpoint, unclaimed: dict[str, Any]) -> str | None:
     """A resume whose ``checkpoint`` section differs from the checkpoint's (another ``every_n_train_steps``,
     ``train_time_interval``, ``save_top_k``, ``monitor``) gets none of its state: its ``last.ckpt`` stays the run's own,
     to be written again, rather than Lightning's ``last-v1.ckpt`` beside a stale ``last.ckpt`` that ``--ckpt_path
@@ -511,11 +516,13 @@ def keep_last_of_resumed_run(callback: RunCheckpoint, unclaimed: dict[str, Any])
 
     ``unclaimed`` are the run's checkpoint states (``ModelCheckpoint``'s in a checkpoint older than ``RunCheckpoint``)
     that no callback of this run restores: not a user's own checkpoint callback's, whose last checkpoint it would write
-    too (or in its stead). The state taken is removed from them, so that two callbacks do not take one name."""
+    too (or in its stead). The state taken is removed from them, so that two callbacks do not take one name; its key
+    is returned (``None`` where none is in the callback's folder)."""
     for key in list(unclaimed):
         state = unclaimed[key]
         last = state.get("last_model_path") if isinstance(state, dict) else None
         if last and isinstance(state.get("dirpath"), str) and same_folder(callback.dirpath, Path(state["dirpath"])):
             callback.last_model_path = os.path.join(callback.dirpath, Path(last).name)  # as Lightning names its saves
             del unclaimed[key]
-            return
+            return key
+    return None

@@ -846,6 +846,25 @@ def test_a_resume_with_other_checkpoint_settings_takes_the_last_name_of_the_runs
     assert other.last_model_path == ""
 
 
+def test_a_resume_with_other_checkpoint_settings_says_so_rather_than_lightnings_please_add_the_callback(
+    tmp_path, capsys
+):
+    """Lightning warned "callbacks used to create the checkpoint need to be provided ... Please add the following
+    callbacks: [RunCheckpoint{...the earlier settings...}]": settings changed on purpose, whose last name was taken."""
+    from epas_lightning.run_checkpoint import RunCheckpoint, adopt_model_checkpoint_states
+
+    folder = (tmp_path / "checkpoints").resolve()
+    run = RunCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=5)
+    earlier = RunCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=3)
+    states = {earlier.state_key: _saved_state(folder, "last.ckpt")}
+    adopt_model_checkpoint_states(SimpleNamespace(callbacks=[run]), {"callbacks": states})
+    assert states == {}
+    assert capsys.readouterr().err == (
+        f"{folder / 'last.ckpt'} goes on as the run's last checkpoint: the checkpoint section's settings are not those "
+        "it was saved with; the step checkpoints they kept stay\n"
+    )
+
+
 def test_a_resume_with_other_checkpoint_settings_names_the_last_checkpoint_of_a_url_folder_as_lightning_does():
     """The name was built as a local path (memory://run/... became memory:/run/...): Lightning, finding the folder's
     last.ckpt under another name than the callback's, wrote last-v1.ckpt beside it, as before the fix."""
