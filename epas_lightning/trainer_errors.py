@@ -48,7 +48,8 @@ SAVE_TRIGGERS = re.compile(
     r"every_n_epochs=(?P<every_n_epochs>\S+) and train_time_interval=(?P<train_time_interval>.+) should be mutually "
     r"exclusive"
 )
-"""Lightning's refusal of a ``ModelCheckpoint`` (the ``checkpoint`` section) given more than one trigger to save by."""
+"""Lightning's refusal of a ``ModelCheckpoint`` (the ``checkpoint`` section, one of ``trainer.callbacks``) given two
+triggers to save by."""
 
 
 def save_triggers_refused(error: BaseException, checkpoint_section: Any = None) -> ConfigError | None:
