@@ -416,7 +416,7 @@ class EPASCLI(LightningCLI):
                 ) from e
             if isinstance(e, ModuleNotFoundError):
                 raise
-            raise save_triggers_refused(e) or refused_setting(e) from e
+            raise save_triggers_refused(e, section.get("checkpoint")) or refused_setting(e) from e
         finally:
             SCORING_A_CHECKPOINT.reset(token)
         if isinstance(self.model, EPASModule):  # it reads init_from (a resume's was set aside): before any data

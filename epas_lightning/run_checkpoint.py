@@ -12,7 +12,8 @@ means (:mod:`epas_lightning.resume`).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -486,24 +487,42 @@ def adopt_model_checkpoint_states(trainer: Trainer, checkpoint: dict[str, Any]) 
     """Checkpoints written before the run's checkpoint was a ``RunCheckpoint`` keep its state under Lightning's
     ``ModelCheckpoint{...}`` key: moved to the key of the run's ``RunCheckpoint`` of the same arguments, so that a
     resume restores it (the best checkpoints kept so far, the last one) and Lightning does not ask for a callback the
-    run has. A plain ``ModelCheckpoint`` of the run's own keeps its state."""
+    run has. A plain ``ModelCheckpoint`` of the run's own keeps its state. A ``RunCheckpoint`` none of whose states
+    the checkpoint holds keeps writing the run's last checkpoint (:func:`keep_last_of_resumed_run`)."""
     states = checkpoint.get("callbacks") or {}
     own = {callback.state_key for callback in trainer.callbacks}
+    kind = f"{RunCheckpoint.__qualname__}{{"
+    kind = kind if any(key.startswith(kind) for key in states) else "ModelCheckpoint{"  # the run's checkpoint states
     for callback in trainer.callbacks:
         older = "ModelCheckpoint" + callback.state_key.removeprefix(type(callback).__qualname__)
         if isinstance(callback, RunCheckpoint) and callback.state_key not in states and older in states.keys() - own:
             states[callback.state_key] = states.pop(older)
-        if isinstance(callback, RunCheckpoint) and callback.state_key not in states:
-            keep_last_of_resumed_run(callback, states.values())
+    unclaimed = {key: state for key, state in states.items() if key.startswith(kind) and key not in own}
+    unrestored = [c for c in trainer.callbacks if isinstance(c, RunCheckpoint) and c.state_key not in states]
+    for callback in unrestored:
+        if (taken := keep_last_of_resumed_run(callback, unclaimed)) is not None:
+            del states[taken]  # else Lightning asks to add a callback of the earlier settings back
+            say(
+                f"{callback.last_model_path} goes on as the run's last checkpoint: the checkpoint section's settings "
+                "are not those it was saved with; the step checkpoints they kept stay"
+            )
 
 
-def keep_last_of_resumed_run(callback: RunCheckpoint, states: Iterable[Any]) -> None:
+def keep_last_of_resumed_run(callback: RunCheckpoint, unclaimed: dict[str, Any]) -> str | None:
     """A resume whose ``checkpoint`` section differs from the checkpoint's (another ``every_n_train_steps``,
     ``train_time_interval``, ``save_top_k``, ``monitor``) gets none of its state: its ``last.ckpt`` stays the run's own,
     to be written again, rather than Lightning's ``last-v1.ckpt`` beside a stale ``last.ckpt`` that ``--ckpt_path
-    last`` would resume. The step checkpoints it kept are not taken on: they stay."""
-    for state in states:
+    last`` would resume. The step checkpoints it kept are not taken on: they stay.
+
+    ``unclaimed`` are the run's checkpoint states (``ModelCheckpoint``'s in a checkpoint older than ``RunCheckpoint``)
+    that no callback of this run restores: not a user's own checkpoint callback's, whose last checkpoint it would write
+    too (or in its stead). The state taken is removed from them, so that two callbacks do not take one name; its key
+    is returned (``None`` where none is in the callback's folder)."""
+    for key in list(unclaimed):
+        state = unclaimed[key]
         last = state.get("last_model_path") if isinstance(state, dict) else None
         if last and isinstance(state.get("dirpath"), str) and same_folder(callback.dirpath, Path(state["dirpath"])):
-            callback.last_model_path = str(Path(callback.dirpath) / Path(last).name)  # as the callback names its saves
-            return
+            callback.last_model_path = os.path.join(callback.dirpath, Path(last).name)  # as Lightning names its saves
+            del unclaimed[key]
+            return key
+    return None

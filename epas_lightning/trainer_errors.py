@@ -48,20 +48,36 @@ SAVE_TRIGGERS = re.compile(
     r"every_n_epochs=(?P<every_n_epochs>\S+) and train_time_interval=(?P<train_time_interval>.+) should be mutually "
     r"exclusive"
 )
-"""Lightning's refusal of a ``ModelCheckpoint`` (the ``checkpoint`` section) given more than one trigger to save by."""
+"""Lightning's refusal of a ``ModelCheckpoint`` (the ``checkpoint`` section, one of ``trainer.callbacks``) given two
+triggers to save by."""
 
 
-def save_triggers_refused(error: BaseException) -> ConfigError | None:
-    """The one line for ``error`` if it is the ``checkpoint`` section's refusal of two triggers (``every_n_train_steps``
-    with ``train_time_interval``), at the settings that are set; ``None`` for any other error."""
+def save_triggers_refused(error: BaseException, checkpoint_section: Any = None) -> ConfigError | None:
+    """The one line for ``error`` if it is a refusal of two triggers (``every_n_train_steps`` with
+    ``train_time_interval``), at the settings that are set: of the ``checkpoint`` section where it has two, else of a
+    checkpoint callback of ``trainer.callbacks``; ``None`` for any other error."""
     if (found := SAVE_TRIGGERS.search(one_line(error))) is None:
         return None
     unset = {"every_n_train_steps": ("0", "None"), "every_n_epochs": ("0", "None"), "train_time_interval": ("None",)}
     given = {key: value for key, value in found.groupdict().items() if value not in unset[key]}
-    where = ", ".join(f"checkpoint.{key}: {value}" for key, value in given.items())
-    return ConfigError(
-        "the checkpoint section saves by more than one trigger (steps, epochs, time)", where, "set one of them"
-    )
+    if save_triggers(checkpoint_section) > 1:
+        where = ", ".join(f"checkpoint.{key}: {value}" for key, value in given.items())
+        return ConfigError(
+            "the checkpoint section saves by more than one trigger (steps, epochs, time)", where, "set one of them"
+        )
+    where = "trainer.callbacks: " + ", ".join(f"{key}: {value}" for key, value in given.items())
+    what = "a checkpoint callback of trainer.callbacks saves by more than one trigger (steps, epochs, time)"
+    return ConfigError(what, where, "set one of them")
+
+
+def save_triggers(checkpoint_section: Any) -> int:
+    """How many triggers to save by the ``checkpoint`` section sets (``ModelCheckpoint`` counts a number of 1 or more,
+    a time interval that is set)."""
+    if not checkpoint_section:
+        return 0
+    steps, epochs = checkpoint_section.get("every_n_train_steps"), checkpoint_section.get("every_n_epochs")
+    numbers = sum(isinstance(n, int) and n >= 1 for n in (steps, epochs))
+    return numbers + (checkpoint_section.get("train_time_interval") is not None)
 
 
 def misconfigured(error: BaseException, trainer: Any = None) -> ConfigError | None:

@@ -1013,6 +1013,24 @@ def test_two_save_triggers_of_the_checkpoint_section_are_refused_at_their_settin
     assert not (tmp_path / "runs").exists()
 
 
+def test_two_save_triggers_of_a_checkpoint_callback_of_the_trainer_are_not_blamed_on_the_checkpoint_section(
+    tmp_path, capsys, monkeypatch
+):
+    """A StepCheckpoint of trainer.callbacks given two triggers was refused as 'the checkpoint section' at
+    checkpoint.every_n_train_steps and checkpoint.every_n_epochs, settings the config does not have."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "callbacks.yaml").write_text(
+        "trainer:\n  callbacks:\n    - class_path: epas_lightning.StepCheckpoint\n      init_args:\n"
+        "        dirpath: mine\n        every_n_train_steps: 5\n        every_n_epochs: 1\n"
+    )
+    assert main(["fit", "--config", DEBUG, "--config", "callbacks.yaml"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: a checkpoint callback of trainer.callbacks saves by more than one trigger (steps, epochs, time) — "
+        "trainer.callbacks: every_n_train_steps: 5, every_n_epochs: 1 — set one of them"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize(
     ("argv", "prompts"),
     [

@@ -805,6 +805,78 @@ def test_a_resume_with_other_checkpoint_settings_goes_on_writing_the_runs_last_c
     assert sorted(p.name for p in checkpoints.glob("last*")) == ["last.ckpt"]
 
 
+def _saved_state(folder: Path, last: str) -> dict:
+    return {"dirpath": str(folder), "last_model_path": str(folder / last), "best_model_path": ""}
+
+
+def test_a_resume_with_other_checkpoint_settings_leaves_another_callbacks_last_checkpoint(tmp_path):
+    """Its RunCheckpoint took the last checkpoint name of the first callback state saved in its folder: a user's own
+    checkpoint callback with save_last there (listed before the run's), whose file the two then both wrote, and the
+    run's own last checkpoint went stale."""
+    from epas_lightning.run_checkpoint import RunCheckpoint, StepCheckpoint, adopt_model_checkpoint_states
+
+    folder = (tmp_path / "checkpoints").resolve()
+    users = StepCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=2)
+    run = RunCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=5)
+    earlier = RunCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=3)
+    states = {
+        users.state_key: _saved_state(folder, "last.ckpt"),
+        earlier.state_key: _saved_state(folder, "last-v1.ckpt"),
+    }
+    adopt_model_checkpoint_states(SimpleNamespace(callbacks=[users, run]), {"callbacks": states})
+    assert run.last_model_path == str(folder / "last-v1.ckpt")
+
+
+def test_a_resume_with_other_checkpoint_settings_takes_the_last_name_of_the_runs_own_checkpoint(tmp_path):
+    """A callback the checkpoint holds but this run has not (a user's, listed first) is not the run's checkpoint; and
+    two RunCheckpoints of one folder do not both take the one name."""
+    from epas_lightning.run_checkpoint import RunCheckpoint, StepCheckpoint, adopt_model_checkpoint_states
+
+    folder = (tmp_path / "checkpoints").resolve()
+    gone = StepCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=2)
+    earlier = RunCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=3)
+    states = {
+        gone.state_key: _saved_state(folder, "last.ckpt"),
+        earlier.state_key: _saved_state(folder, "last-v1.ckpt"),
+    }
+    run = RunCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=5)
+    other = RunCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=7)
+    adopt_model_checkpoint_states(SimpleNamespace(callbacks=[run, other]), {"callbacks": states})
+    assert run.last_model_path == str(folder / "last-v1.ckpt")
+    assert other.last_model_path == ""
+
+
+def test_a_resume_with_other_checkpoint_settings_says_so_rather_than_lightnings_please_add_the_callback(
+    tmp_path, capsys
+):
+    """Lightning warned "callbacks used to create the checkpoint need to be provided ... Please add the following
+    callbacks: [RunCheckpoint{...the earlier settings...}]": settings changed on purpose, whose last name was taken."""
+    from epas_lightning.run_checkpoint import RunCheckpoint, adopt_model_checkpoint_states
+
+    folder = (tmp_path / "checkpoints").resolve()
+    run = RunCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=5)
+    earlier = RunCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=3)
+    states = {earlier.state_key: _saved_state(folder, "last.ckpt")}
+    adopt_model_checkpoint_states(SimpleNamespace(callbacks=[run]), {"callbacks": states})
+    assert states == {}
+    assert capsys.readouterr().err == (
+        f"{folder / 'last.ckpt'} goes on as the run's last checkpoint: the checkpoint section's settings are not those "
+        "it was saved with; the step checkpoints they kept stay\n"
+    )
+
+
+def test_a_resume_with_other_checkpoint_settings_names_the_last_checkpoint_of_a_url_folder_as_lightning_does():
+    """The name was built as a local path (memory://run/... became memory:/run/...): Lightning, finding the folder's
+    last.ckpt under another name than the callback's, wrote last-v1.ckpt beside it, as before the fix."""
+    from epas_lightning.run_checkpoint import RunCheckpoint, adopt_model_checkpoint_states
+
+    run = RunCheckpoint(dirpath="memory://run/checkpoints", save_last=True, every_n_train_steps=5)
+    earlier = RunCheckpoint(dirpath="memory://run/checkpoints", save_last=True, every_n_train_steps=3)
+    state = {"dirpath": run.dirpath, "last_model_path": f"{run.dirpath}/last.ckpt", "best_model_path": ""}
+    adopt_model_checkpoint_states(SimpleNamespace(callbacks=[run]), {"callbacks": {earlier.state_key: state}})
+    assert run.last_model_path == run.format_checkpoint_name({}, run.CHECKPOINT_NAME_LAST)
+
+
 def test_the_run_folder_look_at_start_up_stays_out_of_checkpoint_folders(tmp_path):
     """Every start lists the run folders it may resume into (a sub_dir's start-up files too): walking their
     checkpoints/ went through every shard file of every sharded checkpoint of every version, slow on a cluster's file
