@@ -745,6 +745,23 @@ def test_samples_of_a_task_whose_name_is_no_file_name(checkpoint, tasks, tmp_pat
     assert len(samples_file("x" * 300, 2).encode()) < 255 and samples_file("é" * 200, 2) != samples_file("é" * 201, 2)
 
 
+def argument_run_with(monkeypatch, config: Path, text: str, checkpoint: Path, index: int) -> object:  # noqa: ANN001
+    """The ``index``-th argument ``lm-eval --config config`` (``config`` holding ``text``) runs lm-eval with."""
+    from epas_lightning.evaluation import harness
+
+    class Ran(Exception):
+        pass
+
+    def capture(*args: object) -> None:
+        raise Ran(args[index])
+
+    monkeypatch.setattr(harness, "run_lm_eval", capture)
+    config.write_text(text)
+    with pytest.raises(Ran) as ran:
+        cli_main(["lm-eval", "--config", str(config), "--checkpoint", str(checkpoint), "--tasks", "x"])
+    return ran.value.args[0]
+
+
 @pytest.mark.parametrize("seed", ["[1, null, 3, 4]", "[5]", "[5, 6, 7]", "42"])
 def test_a_config_files_seed_list_as_in_lm_evals_yaml(checkpoint, tmp_path, capsys, monkeypatch, seed) -> None:
     """`seed: [1, null, 3, 4]` in a --config file, as lm-eval's YAML config takes it (its own default is such a
@@ -752,21 +769,12 @@ def test_a_config_files_seed_list_as_in_lm_evals_yaml(checkpoint, tmp_path, caps
     import yaml
     from lm_eval.config.evaluate_config import EvaluatorConfig
 
-    from epas_lightning.evaluation import harness
     from epas_lightning.evaluation.lm_eval_options import SEED_NAMES
 
-    class Ran(Exception):
-        pass
-
-    def capture(*args: object) -> None:
-        raise Ran(args[12])
-
-    monkeypatch.setattr(harness, "run_lm_eval", capture)
-    (config := tmp_path / "eval.yaml").write_text(f"seed: {seed}\n")
-    with pytest.raises(Ran) as ran:
-        cli_main(["lm-eval", "--config", str(config), "--checkpoint", str(checkpoint), "--tasks", "x"])
+    config = tmp_path / "eval.yaml"
+    seeds = argument_run_with(monkeypatch, config, f"seed: {seed}\n", checkpoint, 12)
     expected = EvaluatorConfig(seed=yaml.safe_load(seed))._normalize_seed().seed  # lm-eval's reading of its YAML
-    assert ran.value.args[0] == dict(zip(SEED_NAMES, expected, strict=True))
+    assert seeds == dict(zip(SEED_NAMES, expected, strict=True))
     config.write_text("seed: [1, 2]\n")
     rc, _, err = run_cli(capsys, "lm-eval", "--config", str(config), "--checkpoint", str(checkpoint), "--tasks", "x")
     assert rc == 2 and err.startswith("error: Argument requires 4 integers or None, separated by ',' (got [1, 2]) — ")
@@ -795,19 +803,8 @@ def test_lm_eval_json_records_the_batch_size_and_device_of_each_run(checkpoint, 
 def test_a_config_files_gen_kwargs_as_in_lm_evals_yaml(checkpoint, tmp_path, capsys, monkeypatch, written, expected):
     """`gen_kwargs: {temperature: 0.5}` or `gen_kwargs: temperature=0.5` in a --config file, as lm-eval's YAML config
     takes them, were refused as not a list of texts."""
-    from epas_lightning.evaluation import harness
-
-    class Ran(Exception):
-        pass
-
-    def capture(*args: object) -> None:
-        raise Ran(args[13])
-
-    monkeypatch.setattr(harness, "run_lm_eval", capture)
-    (config := tmp_path / "eval.yaml").write_text(f"gen_kwargs: {written}\n")
-    with pytest.raises(Ran) as ran:
-        cli_main(["lm-eval", "--config", str(config), "--checkpoint", str(checkpoint), "--tasks", "x"])
-    assert ran.value.args[0] == expected
+    config = tmp_path / "eval.yaml"
+    assert argument_run_with(monkeypatch, config, f"gen_kwargs: {written}\n", checkpoint, 13) == expected
     config.write_text("gen_kwargs: {num_beams: 4}\n")  # checked as the flag's
     rc, _, err = run_cli(capsys, "lm-eval", "--config", str(config), "--checkpoint", str(checkpoint), "--tasks", "x")
     assert rc == 2 and err.startswith("error: --gen-kwargs asks for num_beams: 4, which this model"), err
