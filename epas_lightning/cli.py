@@ -820,11 +820,8 @@ def check_section_files(argv: Sequence[str], sections: Sequence[str]) -> None:
     tools' prepared folder) ``--data.data_dir``'s: jsonargparse read a .ckpt as YAML, to a UnicodeDecodeError
     traceback, and said "invalid value for --checkpoint" (``--data``) of a folder."""
     command = argv[0]
-    for i, arg in enumerate(argv[1:], start=1):
-        flag, equals, value = arg.partition("=")
-        if not equals:
-            value = argv[i + 1] if i + 1 < len(argv) else ""
-        if flag[2:] not in sections or not flag.startswith("--") or not value:
+    for flag, value in flag_values(argv[1:], [f"--{section}" for section in sections]).values():
+        if not value:
             continue
         path, where = Path(value).expanduser(), f"{flag} {value}"
         try:
@@ -879,12 +876,21 @@ def config_arguments(argv: Sequence[str]) -> list[str]:
 
 def config_positions(argv: Sequence[str]) -> dict[int, str]:
     """The values of ``--config`` (``-c``) in ``argv`` by the position of their flag, in the order they are given."""
+    return {i: value for i, (_, value) in flag_values(argv, ("--config", "-c")).items()}
+
+
+def flag_values(argv: Sequence[str], flags: Sequence[str]) -> dict[int, tuple[str, str]]:
+    """Each of ``flags`` in ``argv`` with its value, as ``--flag VALUE`` or ``--flag=VALUE``, by the position of the
+    flag, in the order they are given."""
     given = {}
     for i, arg in enumerate(argv):
-        if arg in ("--config", "-c") and i + 1 < len(argv):
-            given[i] = argv[i + 1]
-        elif arg.startswith(("--config=", "-c=")):
-            given[i] = arg.split("=", 1)[1]
+        flag, equals, value = arg.partition("=")
+        if flag not in flags:
+            continue
+        if equals:
+            given[i] = (flag, value)
+        elif i + 1 < len(argv):
+            given[i] = (flag, argv[i + 1])
     return given
 
 
