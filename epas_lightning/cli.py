@@ -489,7 +489,7 @@ def unknown_class(message: str, flag: str, prog: str) -> ConfigError | None:
                 f"give its class to set them: {flag}.class_path={path}{flags} "
                 f"(YAML: strategy: {{class_path: {path}, init_args: {{{yaml}...}}}})",
             )
-        known = sorted({cls.__name__ for base in bases for cls in _subclasses(base)})
+        known = sorted({cls.__name__ for base in bases for cls in imported_subclasses(base)})
         same_letters = [name for name in known if name.lower() == given.lower()]  # Adamw: AdamW, not the closer Adam
         meant = did_you_mean(given, known, {given: same_letters[0]} if same_letters else None)
         what = f"no class named {given} is known{meant}"
@@ -528,11 +528,11 @@ def _class_at(path: str) -> type | None:
     return found if isinstance(found, type) else None
 
 
-def _subclasses(cls: type) -> set[type]:
+def imported_subclasses(cls: type) -> set[type]:
     """Every class below ``cls`` that is imported (the short names jsonargparse resolves)."""
     found = set()
     for sub in cls.__subclasses__():
-        found |= {sub, *_subclasses(sub)}
+        found |= {sub, *imported_subclasses(sub)}
     return found
 
 

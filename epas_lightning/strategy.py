@@ -199,11 +199,6 @@ def check_strategy_name(strategy: object) -> None:
 def is_strategy_class_name(name: str) -> bool:
     """Whether ``name`` is the name of an imported ``Strategy`` class (``FSDP2Strategy``), which ``class_path``
     takes."""
-    classes, seen = [Strategy], set()
-    while classes:
-        cls = classes.pop()
-        if cls.__name__ == name:
-            return True
-        seen.add(cls)
-        classes += [sub for sub in cls.__subclasses__() if sub not in seen]
-    return False
+    from epas_lightning.cli import imported_subclasses  # the short names jsonargparse resolves
+
+    return any(cls.__name__ == name for cls in {Strategy, *imported_subclasses(Strategy)})
