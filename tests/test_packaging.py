@@ -58,6 +58,27 @@ def test_every_module_the_package_imports_is_declared():
     assert not undeclared, f"declare in pyproject.toml: {undeclared}"
 
 
+def test_what_lightning_offers_only_when_installed_and_we_rely_on_is_a_core_dependency():
+    """Lightning gates some features on an optional package (``_RICH_AVAILABLE``): where the package reads such a flag,
+    the feature is part of the product, so the package must come with a plain ``pip install`` (the README's first
+    command), not only with an extra the test suite happens to install (rich came in through transformers' typer,
+    while the demo's plain install fell back to a bar redrawn at every step in a log file and no progress lines)."""
+
+    core = {_name(r) for r in _pyproject()["project"]["dependencies"]}
+    gated: dict[str, str] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("utilities.imports"):
+                flags = importlib.import_module(node.module)
+                for alias in node.names:
+                    requirement = getattr(getattr(flags, alias.name), "requirement", None)
+                    if alias.name.endswith("_AVAILABLE") and requirement:
+                        gated.setdefault(_name(requirement), f"{alias.name} in {path.relative_to(REPO)}")
+    assert gated, "the scan found no flag: it no longer sees how the package reads them"
+    missing = {name: where for name, where in gated.items() if name not in core}
+    assert not missing, f"declare in pyproject.toml's dependencies: {missing}"
+
+
 def test_every_requirement_has_an_upper_bound_and_the_license_builds():
     """The build backend too: a setuptools release past the tested one decides whether ``pip install`` builds at all
     (setuptools deprecates the ``license = {text = ...}`` table, the SPDX string replaces it from 77 on)."""
