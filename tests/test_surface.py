@@ -93,7 +93,7 @@ def test_every_tool_speaks_the_same_vocabulary(command, capsys):
     runs_a_model = ("generate", "chat", "bench", "evaluate", "analyze", "serve", "lm-eval")
     vocabulary = {
         "--checkpoint": command != "prepare",
-        "--output": command in ("prepare", "consolidate", "export", "bench", "analyze", "lm-eval"),
+        "--output": command in ("prepare", "consolidate", "export", "bench", "evaluate", "analyze", "lm-eval"),
         "--device": command in runs_a_model,
         "--dtype": command in (*runs_a_model, "export"),
         "--sharing-layers": command in ("generate", "chat", "bench", "evaluate", "export", "serve", "lm-eval"),
