@@ -95,7 +95,7 @@ def test_every_tool_speaks_the_same_vocabulary(command, capsys):
         "--checkpoint": command != "prepare",
         "--output": command in ("prepare", "consolidate", "export", "bench", "evaluate", "analyze", "lm-eval"),
         "--device": command in runs_a_model,
-        "--dtype": command in (*runs_a_model, "export"),
+        "--dtype": command in (*runs_a_model, "export", "consolidate"),
         "--sharing-layers": command in ("generate", "chat", "bench", "evaluate", "export", "serve", "lm-eval"),
         "--force": command in ("generate", "chat", "bench", "evaluate", "export", "lm-eval"),  # serve: none past it
         "--json": command not in ("serve", "chat"),  # a server and a conversation have no result line
