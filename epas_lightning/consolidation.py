@@ -124,7 +124,7 @@ def consolidate_command(
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         output: The folder to write.
         overwrite: Replace --output if it is a consolidated folder written by this command.
-        dtype: Weight dtype of the consolidated folder (floating-point tensors only: bfloat16 halves an fp32
+        dtype: Weight dtype of the folder written (floating-point tensors only: bfloat16 halves a float32
             checkpoint); auto keeps the checkpoint's.
         json: End with one JSON line of what was written.
     """

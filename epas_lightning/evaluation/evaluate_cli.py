@@ -221,7 +221,7 @@ def evaluate_command(
             --batches is given: --tasks alone scores the tasks only, and says so on stderr).
         tasks: Multiple-choice JSONL tasks {"context", "choices", "label"}; repeat the flag for several.
         batches: Held-out batches to score (default: the whole val split).
-        batch_size: Sequences per batch.
+        batch_size: Sequences per held-out batch (and per batch of --tasks questions).
         tokenizer: Tokenizer file or folder for --tasks (default: the one the checkpoint records).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
         dtype: Weights and activations; auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32 elsewhere.
