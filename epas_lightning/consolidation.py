@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 
 from epas_lightning.checkpoint import STORED, LoadedModel, load_model
@@ -18,26 +19,31 @@ from epas_lightning.errors import sentence_start
 from epas_lightning.hf.convert import saveable
 from epas_lightning.outputs import check_output, output_folder, writing_into
 from epas_lightning.provenance import TRAINING_KEY, carried, checked, from_consolidated, relative_path, relative_paths
-from epas_lightning.runtime import emit_json, json_text
+from epas_lightning.runtime import DType, emit_json, json_text, named_dtype
 
 log = logging.getLogger(__name__)
 
 
-def consolidate(checkpoint: str | Path, output: str | Path, overwrite: bool = False) -> Path:
+def consolidate(
+    checkpoint: str | Path, output: str | Path, overwrite: bool = False, dtype: DType | torch.dtype = "auto"
+) -> Path:
     """Write ``output/model.safetensors`` and ``output/config.json`` from a training checkpoint; return ``output``.
 
-    The weights keep the dtype the checkpoint stores them in; ``config.json`` records their provenance
-    (:mod:`epas_lightning.provenance`). The tokenizer the run trained with (recorded in the
-    checkpoint) is copied beside them when it still exists, is the file it trained with (its recorded hash) and
-    parses as a tokenizer; only the tokenizer file itself is copied, under its standard name, with the chat template
-    and the end tokens found beside it, and its hash is recorded. Otherwise a warning says so, and the recorded hash is
-    kept (a ``--tokenizer`` given for the folder is compared with it).
+    The weights keep the dtype the checkpoint stores them in (``dtype="auto"``), or are cast to ``dtype``
+    (``float32``, ``bfloat16``, ``float16``: the floating-point tensors only; one past its range is refused, as every
+    command that casts refuses it): the safetensors file records each tensor's dtype, and ``config.json`` names none.
+    ``config.json`` records their provenance (:mod:`epas_lightning.provenance`). The tokenizer the run trained with
+    (recorded in the checkpoint) is copied beside them when it still exists, is the file it trained with (its recorded
+    hash) and parses as a tokenizer; only the tokenizer file itself is copied, under its standard name, with the chat
+    template and the end tokens found beside it, and its hash is recorded. Otherwise a warning says so, and the
+    recorded hash is kept (a ``--tokenizer`` given for the folder is compared with it).
     """
     from epas_lightning.data.tokenizer import copy_tokenizer
 
     checkpoint = Path(checkpoint).expanduser()
+    cast = STORED if dtype == "auto" else named_dtype(dtype)  # an unknown name: one line, before any weight is read
     check_output(output, "consolidated", overwrite, [checkpoint])
-    loaded = load_model(checkpoint, dtype=STORED, flag="--checkpoint")  # no wider copy of the weights
+    loaded = load_model(checkpoint, dtype=cast, flag="--checkpoint")  # no wider copy of the weights
     state = loaded.model.state_dict()
     training = carried(loaded.training, checkpoint)
     record: dict[str, Any] = {
@@ -104,7 +110,9 @@ def consolidated_summary(folder: Path) -> dict[str, Any]:
     }
 
 
-def consolidate_command(checkpoint: Path, output: Path, overwrite: bool = False, json: bool = False) -> None:
+def consolidate_command(
+    checkpoint: Path, output: Path, overwrite: bool = False, dtype: DType = "auto", json: bool = False
+) -> None:
     """Turn a training checkpoint (.ckpt file or FSDP2 folder) into model.safetensors + config.json.
 
     The folder is built beside the target and renamed into place when complete; it records the model config, the
@@ -116,8 +124,10 @@ def consolidate_command(checkpoint: Path, output: Path, overwrite: bool = False,
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         output: The folder to write.
         overwrite: Replace --output if it is a consolidated folder written by this command.
+        dtype: Weight dtype of the folder written (floating-point tensors only: bfloat16 halves a float32
+            checkpoint); auto keeps the checkpoint's.
         json: End with one JSON line of what was written.
     """
-    out = consolidate(checkpoint, output, overwrite)
+    out = consolidate(checkpoint, output, overwrite, dtype)
     print(f"wrote {out / WEIGHTS_FILE} and {out / CONFIG_FILE}")
     emit_json(consolidated_summary(out), json)

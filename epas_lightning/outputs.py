@@ -1,7 +1,7 @@
 """Output folders that never destroy what we did not create, and never look complete when they are not.
 
-Every command that writes a folder (``prepare``, ``consolidate``, ``export``, ``bench``, ``analyze``, ``lm-eval``) goes
-through :func:`output_folder`:
+Every command that writes a folder (``prepare``, ``consolidate``, ``export``, ``bench``, ``analyze``, ``evaluate``,
+``lm-eval``) goes through :func:`output_folder`:
 
 - the folder is built under a hidden temporary name beside the target and renamed into place at the end, so a
   failure or a kill leaves nothing that looks loadable, and a rewrite leaves no stale file behind;

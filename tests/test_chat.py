@@ -431,3 +431,12 @@ def test_a_byte_level_reply_keeps_the_space_that_transformers_decodes_before_its
     tokenizer, model = resolve_tokenizer(describe_checkpoint(ckpt), None), load_model(ckpt).model
     reply, _ = chat_module.stream_reply(model, prompt, tokenizer, len(words) + 1, sampling, deltas.append)
     assert reply == "".join(deltas) == expected
+
+
+def test_chat_top_p_0_is_greedy_as_serve_reads_it(checkpoint, monkeypatch, capsys):
+    """chat refused --top-p 0, which serve takes as greedy (OpenAI's nucleus of one token): now the same reply as
+    --temperature 0, at any temperature."""
+    rc, greedy, err, _ = chat(monkeypatch, capsys, checkpoint, "hi\n")
+    assert rc == 0, err
+    rc, nucleus_of_one, err, _ = chat(monkeypatch, capsys, checkpoint, "hi\n", "--temperature", "1.5", "--top-p", "0")
+    assert rc == 0 and nucleus_of_one == greedy, err

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from helpers import strict_json, without_heldout_sequences
 from model_dirs import save_consolidated
 
-from epas_lightning import Llama, LlamaConfig
+from epas_lightning import Llama, LlamaConfig, checkpoint
 from epas_lightning.cli import main as cli_main
 from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.evaluation import evaluate_perplexity, evaluate_task, load_task, score_continuations
@@ -534,3 +534,38 @@ def test_evaluate_cli_sweeps_regions(tmp_path: Path, tiny_corpus: Path, capsys: 
     assert evaluate_main([*bare, "--tasks", str(task), "--batches", "2", "--json"]) == 0
     says = "evaluate: no held-out loss: the checkpoint does not say which data it trained on (pass --data for one)\n"
     assert capsys.readouterr().err.endswith(says)
+
+
+def test_evaluate_output_writes_the_table_and_what_was_scored(tmp_path, tiny_corpus, capsys, monkeypatch) -> None:
+    """evaluate printed its table only (and --json): --output writes it as bench, analyze and lm-eval write theirs, a
+    folder built beside the target and renamed into place, replaced only with --overwrite and only if evaluate wrote
+    it; a folder it may not write is refused before the weights load."""
+    save_consolidated(tiny_model(shared=2), tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
+    out = tmp_path / "scores"
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tiny_corpus), "--batches", "1", "--output", str(out)]
+    assert evaluate_main([*argv, "--sharing-layers", "all", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = strict_json((out / "evaluate.json").read_text())
+    assert summary["rows"] == printed and [row["sharing_layers"] for row in printed] == [0, 1, 2]
+    assert summary["data"] == [str(tiny_corpus)] and summary["batches"] == 1 and summary["dtype"] == "float32"
+    table = (out / "evaluate.csv").read_text().splitlines()
+    assert table[0].startswith("sharing_layers,shared_layers,val_loss,val_ppl,val_tokens") and len(table) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "scores"]  # nothing hidden left beside it
+
+    def read(*args):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(checkpoint, "_load_weights", read)
+    assert evaluate_main(argv) == 2
+    assert "the output already exists" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    (mine / "notes.txt").parent.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert evaluate_main([*argv[:-1], str(mine), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--overwrite replaces only a folder epas_lightning wrote as its evaluate" in err
+    assert evaluate_main([*argv[:-1], str(tmp_path / "ckpt" / "scores")]) == 2
+    assert "the output lies inside the input" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert evaluate_main([*argv, "--overwrite"]) == 0  # its own output, replaced
+    assert len((out / "evaluate.csv").read_text().splitlines()) == 2 and (mine / "notes.txt").read_text() == "keep"

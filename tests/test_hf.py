@@ -24,7 +24,7 @@ from epas_lightning import EPASModule, Llama, LlamaConfig
 from epas_lightning.checkpoint import STORED, describe_checkpoint, load_model
 from epas_lightning.cli import main
 from epas_lightning.consolidation import consolidate
-from epas_lightning.errors import CheckpointError
+from epas_lightning.errors import CheckpointError, ConfigError
 from epas_lightning.hf.convert import HFCheckpointError, config_from_hf, load_hf_state, resize_rows
 from epas_lightning.inference import set_region
 from epas_lightning.init_from import resumed_instead, source_config
@@ -1947,6 +1947,65 @@ def test_export_and_consolidate_keep_the_dtype_the_checkpoint_trained_in(tmp_pat
     fp32 = export(tmp_path / "bf16.ckpt", tmp_path / "hf32", dtype="float32")
     with safe_open(fp32 / "model.safetensors", "pt") as f:
         assert f.get_tensor("lm_head.weight").dtype == torch.float32
+
+
+def test_consolidate_dtype_casts_the_floating_weights_and_auto_keeps_every_byte(
+    tmp_path, tiny_corpus, capsys, monkeypatch
+) -> None:
+    """consolidate had no --dtype: a release of an fp32-master checkpoint could not be made bf16 (half the size) as
+    export's can. --dtype casts the floating-point tensors only (the sharing mask stays bool), the folder still loads
+    in generate and evaluate, the default writes the bytes it wrote before, and a dtype that cannot be (an unknown
+    name, weights past float16's range) is one line before any weight is read."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from epas_lightning import checkpoint
+    from epas_lightning.hf.convert import saveable
+
+    model = save_ours(tmp_path / "m", tiny_corpus / "tokenizer.json", n_layer=2, shared=1)
+    state = {"model." + k: v for k, v in model.state_dict().items()}
+    tokenizer = {"path": str(tiny_corpus / "tokenizer.json"), "bos_id": 0, "eos_id": 1}
+    described = {"model_config": model.config.to_dict(), "tokenizer": tokenizer}
+    torch.save({"state_dict": state, **described}, tmp_path / "a.ckpt")
+    argv = ["consolidate", "--checkpoint", str(tmp_path / "a.ckpt"), "--output"]
+    assert main([*argv, str(tmp_path / "c32")]) == 0
+    save_file(saveable(model.state_dict()), tmp_path / "expected.safetensors")  # what consolidate always wrote
+    written = (tmp_path / "c32" / "model.safetensors").read_bytes()
+    assert written == (tmp_path / "expected.safetensors").read_bytes()
+    before = {name: (tmp_path / "c32" / name).read_bytes() for name in ("model.safetensors", "config.json")}
+    assert main([*argv, str(tmp_path / "c32"), "--dtype", "auto", "--overwrite"]) == 0  # config.json names its folder
+    assert {name: (tmp_path / "c32" / name).read_bytes() for name in before} == before
+    assert main([*argv, str(tmp_path / "c16"), "--dtype", "bfloat16"]) == 0
+    with safe_open(tmp_path / "c16" / "model.safetensors", "pt") as f:
+        cast = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    assert cast["sharing.mask"].dtype == torch.bool and cast["sharing.mask"].equal(model.sharing.mask)
+    assert all(cast[k].dtype == torch.bfloat16 and cast[k].equal(v.bfloat16()) for k, v in model.named_parameters())
+    assert (tmp_path / "c16" / "model.safetensors").stat().st_size < 0.6 * len(written)
+    capsys.readouterr()
+    folder = ["--checkpoint", str(tmp_path / "c16"), "--device", "cpu"]
+    assert main(["generate", *folder, "--prompt", "the", "--max-new-tokens", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["evaluate", *folder, "--data", str(tiny_corpus), "--batches", "1", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["sharing_layers"] == 1 and row["val_loss"] > 0
+
+    def read(*args):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(checkpoint, "_load_weights", read)
+    with pytest.raises(ConfigError, match="unknown dtype 'int8' — --dtype — use auto or one of float32, bfloat16"):
+        consolidate(tmp_path / "a.ckpt", tmp_path / "bad", dtype="int8")
+    assert main([*argv, str(tmp_path / "bad"), "--dtype", "int8"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    monkeypatch.undo()
+    state["model.lm_head.weight"][0, 0] = 1e5  # past float16's 65504
+    torch.save({"state_dict": state, **described}, tmp_path / "big.ckpt")
+    assert main(["consolidate", "--checkpoint", str(tmp_path / "big.ckpt"), "--output", str(tmp_path / "bad")]) == 0
+    capsys.readouterr()
+    assert main(["consolidate", "--checkpoint", str(tmp_path / "big.ckpt"), "--output", str(tmp_path / "f16"),
+                 "--dtype", "float16"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "float16" in err and not (tmp_path / "f16").exists(), err
 
 
 def test_a_chat_template_beside_the_tokenizer_reaches_the_export(tmp_path: Path, tiny_corpus: Path) -> None:

@@ -254,8 +254,10 @@ def test_sampling_filters():
     # p(0)=0.70, p(1)=0.26: top_p=0.5 keeps only token 0, top_p=0.9 keeps tokens 0 and 1
     assert set(sample(logits.expand(400, -1), 1.0, top_p=0.5, generator=g).tolist()) == {0}
     assert set(sample(logits.expand(400, -1), 1.0, top_p=0.9, generator=g).tolist()) == {0, 1}
-    with pytest.raises(ConfigError, match=r"^top_p must be in \(0, 1\], got 0.0 — top_p — use a fraction in"):
-        sample(logits, 1.0, top_p=0.0)  # what to do, too (the error carries it: commands name their flag instead)
+    # top_p 0 keeps the most likely token alone (greedy, as serve's OpenAI top_p 0): it was refused here
+    assert set(sample(logits.expand(400, -1), 1.0, top_k=3, top_p=0.0, generator=g).tolist()) == {0}
+    with pytest.raises(ConfigError, match=r"^top_p must lie in \[0, 1\], got -0.1 — top_p — use a fraction, e.g"):
+        sample(logits, 1.0, top_p=-0.1)  # what to do, too (the error carries it: commands name their flag instead)
     with pytest.raises(ValueError, match="temperature must be >= 0, got nan"):  # was torch's multinomial error
         sample(logits, float("nan"))
 
@@ -391,8 +393,8 @@ def test_generate_refuses_arguments_of_the_wrong_type_before_it_runs_and_keeps_t
         ),
         (
             dict(temperature=1.0, top_p=3.0),
-            r"top_p must be in \(0, 1\], got 3.0 — top_p — use a fraction in \(0, 1\], e.g. 0.9, or leave it unset for "
-            "no nucleus cut",
+            r"top_p must lie in \[0, 1\], got 3.0 — top_p — use a fraction, e.g. 0.9 \(0 is greedy\), or leave it "
+            "unset for no nucleus cut",
         ),
         (dict(temperature=1.0, seed="3"), "seed must be a whole number, got '3' — seed — pass an int, or None"),
         (  # a ValueError from the capture, after the prefill ("off", the command's word, turned graphs on)

@@ -323,6 +323,22 @@ def test_generate_ignore_eos_counts_the_end_tokens_the_model_emits(trained, caps
     assert json.loads(out.strip().splitlines()[-1])["completions"][0]["new_tokens"] == 3
 
 
+def test_generate_top_p_0_is_greedy_as_serve_reads_it(trained, capsys):
+    """serve takes OpenAI's top_p 0 (the most likely token alone: greedy) while generate refused --top-p 0; both read
+    it through one helper now: the greedy completion, whatever the temperature and seed."""
+    args = ["generate", "--checkpoint", str(trained), "--prompt", "def", "--max-new-tokens", "8", "--json"]
+    completions = {}
+    for name, flags in {
+        "greedy": ["--temperature", "0"],
+        "top_p 0": ["--temperature", "1.5", "--top-p", "0", "--seed", "3"],
+        "sampled": ["--temperature", "1.5", "--top-p", "1", "--seed", "3"],
+    }.items():
+        rc, out, err = run_cli(capsys, *args, *flags)
+        assert rc == 0, err
+        completions[name] = json.loads(out.strip().splitlines()[-1])["completions"][0]["completion"]
+    assert completions["top_p 0"] == completions["greedy"] != completions["sampled"], completions
+
+
 @pytest.mark.parametrize(
     ("flag", "value"),
     [("--temperature", "-1"), ("--top-k", "0"), ("--top-p", "2"), ("--max-new-tokens", "0"), ("--seed", str(2**64))],

@@ -63,7 +63,7 @@ def test_a_command_refuses_what_the_checkpoint_says_before_reading_the_weights(
 
     monkeypatch.setattr(checkpoint, "_load_weights", read)
     flags = [str(tiny_corpus) if flag == "CORPUS" else flag for flag in flags]
-    output = [] if command == "evaluate" else ["--output", str(tmp_path / "out")]
+    output = ["--output", str(tmp_path / "out")]
     device = [] if command == "export" else ["--device", "cpu"]  # a --device in flags comes after: it wins
     if command == "lm-eval":
         pytest.importorskip("lm_eval")

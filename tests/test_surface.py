@@ -91,11 +91,12 @@ def test_every_tool_speaks_the_same_vocabulary(command, capsys):
     assert "--config CONFIG" in out
     assert "``" not in out  # the docstrings' reStructuredText literals read as `name`
     runs_a_model = ("generate", "chat", "bench", "evaluate", "analyze", "serve", "lm-eval")
+    writes = ("prepare", "consolidate", "export", "bench", "evaluate", "analyze", "lm-eval")
     vocabulary = {
         "--checkpoint": command != "prepare",
-        "--output": command in ("prepare", "consolidate", "export", "bench", "analyze", "lm-eval"),
+        "--output": command in writes,
         "--device": command in runs_a_model,
-        "--dtype": command in (*runs_a_model, "export"),
+        "--dtype": command in (*runs_a_model, "export", "consolidate"),
         "--sharing-layers": command in ("generate", "chat", "bench", "evaluate", "export", "serve", "lm-eval"),
         "--force": command in ("generate", "chat", "bench", "evaluate", "export", "lm-eval"),  # serve: none past it
         "--json": command not in ("serve", "chat"),  # a server and a conversation have no result line
@@ -113,6 +114,26 @@ def test_every_tool_speaks_the_same_vocabulary(command, capsys):
         "drops sharply); of a stock export, which runs dense, any region above 0.",  # was said three ways
     }
     assert all(text in helps[flag] for flag, text in said.items() if vocabulary[flag]), command
+    held_out = ("bench", "evaluate", "analyze")
+    said_where = [  # one meaning where some commands share it, said the same way (they were said two ways each)
+        ("--dtype", ("consolidate", "export"), "Weight dtype of the folder written (floating-point tensors only: "
+         "bfloat16 halves a float32 checkpoint); auto keeps the checkpoint's."),
+        ("--dtype", runs_a_model, "Weights and activations; auto is bfloat16 on CUDA (float16 before Ampere: V100, "
+         "T4), float32 elsewhere"),
+        ("--sharing-layers", ("generate", "chat", "serve", "evaluate", "lm-eval", "export"),
+         "(an export's folder: the N it was exported with)"),
+        ("--overwrite", writes, "Replace --output if it is "),
+        ("--attention-reuse", ("generate", "chat", "serve", "bench"),
+         "Sharing layers reuse the source layer's attention probabilities (the same model, less work)."),
+        ("--data", held_out, "(default: the held-out data fit validated the run on: its data.val_dir, or the val "
+         "splits of its data folders, mixed as fit mixes them"),
+        ("--batch-size", held_out, "Sequences per held-out batch"),
+        ("--tokenizer", ("generate", "chat", "serve", "evaluate", "lm-eval", "export"),
+         "(default: the one the checkpoint records)"),
+        ("--top-p", ("generate", "chat"), "0 keeps the most likely alone (greedy decoding, as serve's top_p 0)"),
+    ]  # fmt: skip
+    wrong = [flag for flag, commands, text in said_where if command in commands and text not in helps.get(flag, "")]
+    assert not wrong, (command, wrong)
     assert not [o for o in options if "_" in o], options  # dashes, never underscores
     assert "LIST_OF" not in out and "[ITEM,...]" not in out  # a list flag repeats; a file or - is read as one path
     fn, hints = tool(command), get_type_hints(tool(command))

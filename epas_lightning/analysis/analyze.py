@@ -168,9 +168,9 @@ def analyze_command(
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
         data: Prepared data folder whose val split is read (default: the held-out data fit validated the run on: its
-            data.val_dir, or the val splits of its data folders).
+            data.val_dir, or the val splits of its data folders, mixed as fit mixes them).
         batches: Held-out batches to measure on.
-        batch_size: Sequences per batch.
+        batch_size: Sequences per held-out batch.
         seq_len: Tokens per sequence, up to the model's context length (default: min(block_size, 256)).
         metric: The similarity the recommendation is based on (default: of what a sharing layer reuses: attn/cka in
             qk mode, kv/cka, the lower of the K and V similarity, in kv mode).

@@ -4,11 +4,13 @@ Scores one trained model at one or every sharing-region length (the first N laye
 sweeps 0..trained maximum): the held-out loss of ``fit`` and ``test`` (:mod:`epas_lightning.evaluation.perplexity`)
 on a prepared data directory's ``val`` split (the run's own data by default), with the tokens it scored, and
 multiple-choice accuracy (``acc``, ``acc_norm``) on local JSONL tasks, scored as lm-eval scores them (the fallback
-for installs without the ``eval`` extra; ``lm-eval`` runs any lm-eval task). Prints a table.
+for installs without the ``eval`` extra; ``lm-eval`` runs any lm-eval task). Prints a table; ``--output`` also writes
+it as ``evaluate.csv``, with what was scored and how in ``evaluate.json``.
 """
 
 from __future__ import annotations
 
+import csv
 import sys
 from itertools import islice
 from pathlib import Path
@@ -21,9 +23,14 @@ from epas_lightning.evaluation.multiple_choice import evaluate_task, load_tasks
 from epas_lightning.evaluation.perplexity import perplexity_of_batches
 from epas_lightning.inference.generate import set_region
 from epas_lightning.inference.generate_cli import check_device, load_for_inference, resolve_tokenizer
+from epas_lightning.outputs import check_output, output_folder, writing_into
 from epas_lightning.progress import progress
 from epas_lightning.region import SHARING_FLAGS, sharing_layers_text
-from epas_lightning.runtime import DType, check_counts, emit_json
+from epas_lightning.runtime import DType, check_counts, dtype_name, emit_json, json_text
+
+OUTPUT_KIND = "evaluate"
+SUMMARY_FILE = "evaluate.json"
+TABLE_FILE = "evaluate.csv"
 
 
 def region_lengths(spec: int | str | None, recorded: CheckpointInfo, force: bool) -> list[int]:
@@ -58,6 +65,28 @@ def evaluate(
     seq_len: int | None = None,
 ) -> list[dict]:
     """One row per region length: ``{"sharing_layers", "val_loss", "val_ppl", "<task>/acc", "<task>/acc_norm"}``.
+    See :func:`evaluation_summary`, whose ``rows`` they are."""
+    summary = evaluation_summary(
+        checkpoint, sharing_layers, data, tasks, batches, batch_size, tokenizer, force, device, dtype, seq_len
+    )
+    return summary["rows"]
+
+
+def evaluation_summary(
+    checkpoint: str | Path,
+    sharing_layers: int | str | None = None,
+    data: str | Path | None = None,
+    tasks: list[str | Path] = (),
+    batches: int | None = None,
+    batch_size: int = 8,
+    tokenizer: str | Path | None = None,
+    force: bool = False,
+    device: str = "auto",
+    dtype: DType = "auto",
+    seq_len: int | None = None,
+) -> dict:
+    """What was scored, and how (the checkpoint, the held-out data read, the tasks, the device and dtype the model ran
+    in), with ``rows``: one per region length (``{"sharing_layers", "val_loss", "val_ppl", "<task>/acc", ...}``).
 
     ``data=None`` scores perplexity on the held-out data the checkpoint's run validated on (or, where it does not say,
     the val split of the data it trained on), when it is known and either no ``tasks`` or ``batches`` are given;
@@ -121,7 +150,21 @@ def evaluate(
             result = evaluate_task(loaded.model, text_tokenizer, items, batch_size)
             row.update({f"{name}/acc": result["acc"], f"{name}/acc_norm": result["acc_norm"]})
         rows.append(row)
-    return rows
+    from epas_lightning.data.token_data import data_record
+
+    weight = loaded.model.embed_tokens.weight
+    return {
+        "checkpoint": str(checkpoint),
+        "device": str(weight.device),
+        "dtype": dtype_name(weight.dtype),
+        "trained_region": loaded.region.to_record(),
+        "data": data_record(data),
+        "batches": batches,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "tasks": {Path(path).stem: str(path) for path in tasks},  # by their column prefix
+        "rows": rows,
+    }
 
 
 def format_table(rows: list[dict]) -> str:
@@ -136,6 +179,15 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_table(rows: list[dict], path: Path) -> None:
+    """The rows as CSV: one column per key any row has (a row without one leaves its cell empty)."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def evaluate_command(
     checkpoint: Path,
     sharing_layers: int | Literal["all"] | None = None,
@@ -148,6 +200,8 @@ def evaluate_command(
     dtype: DType = "auto",
     force: bool = False,
     seq_len: int | None = None,
+    output: Path | None = None,
+    overwrite: bool = False,
     json: bool = False,
 ) -> None:
     """Held-out loss and perplexity, and multiple-choice accuracy, of a checkpoint at chosen sharing regions.
@@ -155,6 +209,8 @@ def evaluate_command(
     The held-out loss is fit's validation loss on the val split in stored order: --batches B --batch-size S scores
     the same first B x S sequences as fit with limit_val_batches B and data.batch_size S; val_tokens says how many
     tokens were scored. JSONL tasks are scored as lm-eval scores them (use the lm-eval command for lm-eval's tasks).
+    Prints a table with one row per region; --output also writes it as evaluate.csv, with the rows and what was scored
+    (checkpoint, held-out data, tasks, batches, device, dtype) in evaluate.json.
 
     Args:
         checkpoint: A .ckpt file, an FSDP2 checkpoint folder, a consolidated folder or a Hugging Face LLaMA folder.
@@ -165,7 +221,7 @@ def evaluate_command(
             --batches is given: --tasks alone scores the tasks only, and says so on stderr).
         tasks: Multiple-choice JSONL tasks {"context", "choices", "label"}; repeat the flag for several.
         batches: Held-out batches to score (default: the whole val split).
-        batch_size: Sequences per batch.
+        batch_size: Sequences per held-out batch (and per batch of --tasks questions).
         tokenizer: Tokenizer file or folder for --tasks (default: the one the checkpoint records).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
         dtype: Weights and activations; auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32 elsewhere.
@@ -173,6 +229,8 @@ def evaluate_command(
             sharply); of a stock export, which runs dense, any region above 0.
         seq_len: Tokens per held-out sequence, up to the model's context length (default: the block_size it trained
             at; a Hugging Face folder's is its whole context: give the block_size of the run it is compared with).
+        output: Folder for evaluate.csv and evaluate.json (default: print only).
+        overwrite: Replace --output if it is an evaluate folder written by this command.
         json: End with one JSON line of the rows.
     """
     from epas_lightning.data.token_data import check_data_flag
@@ -180,8 +238,15 @@ def evaluate_command(
     check_counts({"--batches": batches, "--batch-size": batch_size, "--seq-len": seq_len})
     check_data_flag(data)
     check_tokenizer_flag(tokenizer)
-    rows = evaluate(
+    if output is not None:  # refuse a bad output before the weights load and the scoring runs
+        check_output(output, OUTPUT_KIND, overwrite, [checkpoint])
+    summary = evaluation_summary(
         checkpoint, sharing_layers, data, tasks or [], batches, batch_size, tokenizer, force, device, dtype, seq_len
     )
-    print(format_table(rows))
-    emit_json(rows, json)
+    print(format_table(summary["rows"]))
+    if output is not None:
+        with output_folder(output, OUTPUT_KIND, overwrite, inputs=[checkpoint]) as build, writing_into(build):
+            write_table(summary["rows"], build / TABLE_FILE)
+            (build / SUMMARY_FILE).write_text(json_text(summary, indent=2) + "\n")
+        print(f"wrote {Path(output) / TABLE_FILE} and {SUMMARY_FILE}")
+    emit_json(summary["rows"], json)

@@ -11,7 +11,6 @@ lm-eval's own task list is indexed (a few seconds) only when a name is not found
 
 from __future__ import annotations
 
-import csv
 import importlib
 import os
 import subprocess
@@ -26,7 +25,7 @@ from typing import Any, Literal
 from epas_lightning.checkpoint import describe_checkpoint
 from epas_lightning.data.tokenizer import check_tokenizer_flag, resolve_tokenizer_path
 from epas_lightning.errors import ConfigError
-from epas_lightning.evaluation.evaluate_cli import format_table, region_lengths
+from epas_lightning.evaluation.evaluate_cli import format_table, region_lengths, write_table
 from epas_lightning.evaluation.lm_eval_documents import refusing_misscored_documents
 from epas_lightning.evaluation.lm_eval_options import (
     check_batch_size,
@@ -300,11 +299,7 @@ def write_outputs(summary: dict, folder: Path) -> None:
     summary = dict(summary)
     samples = summary.pop("samples", None)
     (folder / SUMMARY_FILE).write_text(json_text(summary, indent=2) + "\n")
-    columns = list(dict.fromkeys(key for row in summary["rows"] for key in row))
-    with (folder / TABLE_FILE).open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(summary["rows"])
+    write_table(summary["rows"], folder / TABLE_FILE)
     if samples is not None:
         write_samples(samples, folder)
 

@@ -395,10 +395,11 @@ def export_command(
         output: The folder to write.
         sharing_layers: Region length N (the first N layers of the trained region, in its growth order; of a
             stock export, of the region it recorded, above 0 only with --force, as in every command); default: the
-            trained region; 0 writes a stock LLaMA.
+            trained region (an export's folder: the N it was exported with); 0 writes a stock LLaMA.
         tokenizer: Tokenizer file or folder to ship (default: the one the checkpoint records).
         remote_code: Write the epas_llama form (own modeling code) even for N = 0.
-        dtype: Weight dtype of the export; auto keeps the checkpoint's.
+        dtype: Weight dtype of the folder written (floating-point tensors only: bfloat16 halves a float32
+            checkpoint); auto keeps the checkpoint's.
         force: Allow a region longer than the trained one (its extra layers never learned to share: quality drops
             sharply); of a stock export, which runs dense, any region above 0.
         overwrite: Replace --output if it is an export written by this command.

@@ -290,7 +290,7 @@ def bench_command(
             growth order); default: N is the trained region's size.
         budget: Pick the region with the fewest sharing layers whose FLOPs are at most this fraction of dense.
         data: Prepared data folder whose val split gives the held-out loss (default: the held-out data fit validated
-            the run on: its data.val_dir, or the val splits of its data folders).
+            the run on: its data.val_dir, or the val splits of its data folders, mixed as fit mixes them).
         batches: Held-out batches of --seq-len tokens to score.
         batch_size: Sequences per held-out batch.
         prompts: Prompts decoded together (the generation batch).
@@ -302,7 +302,7 @@ def bench_command(
             the block_size of the run it is compared with).
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
         dtype: Weights and activations; auto is bfloat16 on CUDA (float16 before Ampere: V100, T4), float32 elsewhere.
-        attention_reuse: Sharing layers reuse the source layer's attention probabilities.
+        attention_reuse: Sharing layers reuse the source layer's attention probabilities (the same model, less work).
         cuda_graph: Replay decode steps from a CUDA graph (auto: on for CUDA).
         force: Allow a region longer than the trained one (its extra layers never learned to share: quality drops
             sharply); of a stock export, which runs dense, any region above 0.

@@ -168,7 +168,7 @@ def check_text(text: str) -> None:
 
 @dataclass(frozen=True)
 class Sampling:
-    """How a reply's tokens are chosen (greedy at temperature 0)."""
+    """How a reply's tokens are chosen (greedy at temperature 0, or top_p 0)."""
 
     temperature: float
     top_k: int | None

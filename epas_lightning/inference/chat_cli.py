@@ -67,7 +67,8 @@ def chat_command(
             the conversation is kept short enough to leave it room.
         temperature: 0 is greedy decoding.
         top_k: Sample among the k most likely tokens.
-        top_p: Sample among the most likely tokens whose probability reaches p.
+        top_p: Sample among the most likely tokens whose probability reaches p; 0 keeps the most likely alone
+            (greedy decoding, as serve's top_p 0).
         seed: Seed of the first reply's sampling; each later reply takes the next seed.
         tokenizer: Tokenizer file or folder (default: the one the checkpoint records); its folder's chat template is
             the one used.

@@ -159,7 +159,8 @@ def generate_command(
             the longest prompt).
         temperature: 0 is greedy decoding.
         top_k: Sample among the k most likely tokens.
-        top_p: Sample among the most likely tokens whose probability reaches p.
+        top_p: Sample among the most likely tokens whose probability reaches p; 0 keeps the most likely alone
+            (greedy decoding, as serve's top_p 0).
         seed: Seed of the sampling: the same completions again for the same seed and --batch-size on the same device
             and dtype (CPU and CUDA draw from different generators, as in torch).
         ignore_eos: Always generate --max-new-tokens tokens: end tokens the model emits are kept and counted (their

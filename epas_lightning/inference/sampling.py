@@ -14,9 +14,9 @@ logit unless another is within float32 rounding of it."""
 
 TEMPERATURE_FIX = "use 0 (greedy) or more; 1 samples from the model's distribution"
 TOP_K_FIX = "use 1 or more (1 is greedy), or leave it unset to sample from every token"
-TOP_P_FIX = "use a fraction in (0, 1], e.g. 0.9, or leave it unset for no nucleus cut"
+TOP_P_FIX = "use a fraction, e.g. 0.9 (0 is greedy), or leave it unset for no nucleus cut"
 """What to do about each setting :func:`check_sampling` refuses (from Python; a command's flag and serve's field
-take the same values, but for serve's ``top_p``, which also takes OpenAI's 0: greedy)."""
+take the same values)."""
 
 
 class SamplingError(ConfigError):
@@ -41,8 +41,20 @@ def check_sampling(temperature: float, top_k: int | None = None, top_p: float | 
         raise SamplingError(f"temperature must be >= 0, got {temperature}", "temperature", TEMPERATURE_FIX)
     if top_k is not None and top_k < 1:
         raise SamplingError(f"top_k must be >= 1, got {top_k}", "top_k", TOP_K_FIX)
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise SamplingError(f"top_p must be in (0, 1], got {top_p}", "top_p", TOP_P_FIX)
+    if top_p is not None and not 0.0 <= top_p <= 1.0:  # NaN too
+        raise SamplingError(f"top_p must lie in [0, 1], got {top_p}", "top_p", TOP_P_FIX)
+
+
+def decoded_sampling(
+    temperature: float, top_k: int | None = None, top_p: float | None = None
+) -> tuple[float, int | None, float | None]:
+    """``(temperature, top_k, top_p)`` as they are decoded with, once checked (:func:`check_sampling`): a ``top_p`` of 0
+    keeps the most likely token alone, which is greedy decoding (as OpenAI's API and transformers' nucleus cut read
+    it), and is said as greedy, ``(0.0, None, None)``; one of 1 cuts nothing (``None``). Every command and ``serve``
+    read the settings through it (``serve`` batches the greedy requests together however they asked for it)."""
+    if top_p == 0:
+        return 0.0, None, None
+    return temperature, top_k, None if top_p == 1 else top_p
 
 
 def sample(
@@ -52,9 +64,10 @@ def sample(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Token ids (B,) from logits (B, V). ``temperature == 0`` is greedy; otherwise sample from
-    :func:`filtered_logits`."""
+    """Token ids (B,) from logits (B, V). ``temperature == 0`` (or ``top_p == 0``: :func:`decoded_sampling`) is greedy;
+    otherwise sample from :func:`filtered_logits`."""
     check_sampling(temperature, top_k, top_p)
+    temperature, top_k, top_p = decoded_sampling(temperature, top_k, top_p)
     if temperature == 0 or top_k == 1:
         return logits.argmax(dim=-1)
     probs = filtered_logits(logits, temperature, top_k, top_p).softmax(dim=-1)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from epas_lightning.inference.sampling import SamplingError, check_sampling
+from epas_lightning.inference.sampling import SamplingError, check_sampling, decoded_sampling
 from epas_lightning.seeds import SAMPLING_SEEDS, seed_out_of_range
 from epas_lightning.serve.chat import MAX_TOKEN_CHARS, TemplateFailure, TemplateRefusal, chat_prompt_ids
 from epas_lightning.serve.engine import Sampling, SequenceRequest
@@ -337,23 +337,15 @@ def _sampling(request: SamplingRequest) -> Sampling:
     temperature = 1.0 if request.temperature is None else request.temperature
     top_p = 1.0 if request.top_p is None else request.top_p
     top_k = None if request.top_k in EVERY_TOKEN else request.top_k
-    if not 0.0 <= top_p <= 1.0:  # NaN too
-        raise RequestError(
-            f"top_p must lie in [0, 1], got {top_p}: use a fraction, e.g. 0.9 (0 is greedy), or leave it unset for no "
-            "nucleus cut",
-            "top_p",
-        )
     try:
-        check_sampling(temperature, top_k, top_p or None)
+        check_sampling(temperature, top_k, top_p)
     except SamplingError as e:
         raise RequestError(f"{e.what}: {e.fix}", e.setting) from None
     if temperature > MAX_TEMPERATURE:
         raise RequestError(f"temperature must lie in [0, {MAX_TEMPERATURE:g}], got {temperature}", "temperature")
     if request.seed is not None and (problem := seed_out_of_range(request.seed, SAMPLING_SEEDS)):
         raise RequestError(problem, "seed")
-    if top_p == 0.0:  # a nucleus of the most likely token alone: decoded (and batched) as greedy
-        return Sampling(0.0, None, None, request.seed)
-    return Sampling(temperature, top_k, None if top_p == 1.0 else top_p, request.seed)
+    return Sampling(*decoded_sampling(temperature, top_k, top_p), request.seed)  # top_p 0: decoded, batched as greedy
 
 
 def _prompt_ids(prompt: Any, tokenizer: TextTokenizer, served: ServedModel) -> list[list[int]]:
