@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -125,13 +126,15 @@ def exports(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     return {n: export(checkpoint, root / f"hf{n}", sharing_layers=n) for n in (0, 2)}
 
 
-def evaluate(model: str, model_args: dict, tasks: Path, names: list[str], limit: int | None = None) -> dict:
+def evaluate(
+    model: str, model_args: dict, tasks: Path, names: list[str], limit: int | None = None, **options: Any
+) -> dict:
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(tasks), include_defaults=False)
     return lm_eval.simple_evaluate(
         model=model, model_args=model_args, tasks=names, task_manager=manager, batch_size=4, bootstrap_iters=0,
-        limit=limit,
+        limit=limit, **options,
     )  # fmt: skip
 
 
@@ -880,3 +883,64 @@ def test_seeds_that_only_numpy_or_torch_refuse() -> None:
 
     assert list(parse_seed("5000000000,0,0,5000000000").values()) == [5000000000, 0, 0, 5000000000]
     assert list(parse_seed("-1,0,-1,-1").values()) == [-1, 0, -1, -1]
+
+
+@pytest.mark.parametrize("value", ["max_length=20", "max_length=32", "do_sample=1,temperature=0.5", "do_sample=0"])
+def test_gen_kwargs_lm_evals_hf_model_takes(value) -> None:
+    """``max_length`` (the prompt and the generated tokens together, which ``HFLM`` hands to ``generate``) and
+    ``do_sample`` 1 or 0 (lm-eval reads ``do_sample=1`` as the int 1, which transformers' ``generate`` samples with)
+    were refused, though lm-eval's hf model takes them; each is taken as lm-eval reads it."""
+    from lm_eval._cli.utils import key_val_to_dict
+
+    from epas_lightning.evaluation.lm_eval_adapter import sampling_settings
+    from epas_lightning.evaluation.lm_eval_options import check_generation_length, parse_gen_kwargs
+
+    kwargs = parse_gen_kwargs([value])
+    assert kwargs == key_val_to_dict(value)
+    check_generation_length(kwargs, 32)
+    if "do_sample" in kwargs:  # sampling as with True, greedy as with False
+        as_bool = {**kwargs, "do_sample": bool(kwargs["do_sample"])}
+        assert sampling_settings(kwargs) == sampling_settings(as_bool)
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("max_length=33", "max_length 33 is past the model's context length of 32 (the prompt and the generated tok"),
+        ("max_length=0", "max_length takes a whole number from 1, got 0"),
+        ("do_sample=2", "do_sample takes True or False (or 1 or 0), got 2"),
+        ("do_sample=yes", "do_sample takes True or False (or 1 or 0), got 'yes'"),
+        ("do_sample=1,temperature=0", "--gen-kwargs samples (do_sample=1) at temperature 0, which transformers' "),
+    ],
+)
+def test_gen_kwargs_max_length_and_do_sample_refused_before_the_weights_load(value, said) -> None:
+    from epas_lightning.evaluation.lm_eval_options import check_generation_length, parse_gen_kwargs
+
+    with pytest.raises(ConfigError) as refused:
+        check_generation_length(parse_gen_kwargs([value]), 32)
+    assert str(refused.value).startswith(said), str(refused.value)
+
+
+def test_gen_kwargs_max_length_generates_as_hf_generates_the_export(checkpoint, exports, tasks) -> None:
+    """``max_length`` in the generation kwargs is the prompt (padded) and the generated tokens together, as ``HFLM``
+    hands it to transformers' ``generate``: the same texts as ``hf`` on the export, shorter than without it."""
+    import epas_lightning.evaluation.lm_eval_adapter  # noqa: F401 - registers "epas"
+
+    ours_args = {"checkpoint": str(checkpoint), "sharing_layers": 0, "device": "cpu"}
+    hf_args = {"pretrained": str(exports[0]), "device": "cpu"}
+    gen_kwargs = {"max_length": 12, "until": ["@@"]}  # no stop string: the length decides
+    ours = evaluate("epas", ours_args, tasks, ["tiny_gen"], limit=3, gen_kwargs=gen_kwargs)
+    theirs = evaluate("hf", hf_args, tasks, ["tiny_gen"], limit=3, gen_kwargs=gen_kwargs)
+    longer = evaluate("epas", ours_args, tasks, ["tiny_gen"], limit=3, gen_kwargs={"until": ["@@"]})
+    assert generations(ours) == generations(theirs)
+    assert generations(ours) != generations(longer)
+
+
+def test_gen_kwargs_max_length_within_the_prompt_names_max_length(checkpoint, tasks) -> None:
+    """A ``max_length`` no longer than a prompt leaves nothing to generate (transformers' ``generate`` raises for it
+    on the export): the error named our decoding's ``max_new_tokens`` the user never gave."""
+    import epas_lightning.evaluation.lm_eval_adapter  # noqa: F401 - registers "epas"
+
+    args = {"checkpoint": str(checkpoint), "sharing_layers": 0, "device": "cpu"}
+    with pytest.raises(ConfigError, match=r"^max_length 2 leaves no token to generate after a prompt of \d+ tokens"):
+        evaluate("epas", args, tasks, ["tiny_gen"], limit=1, gen_kwargs={"max_length": 2})

@@ -364,8 +364,9 @@ def lm_eval_command(
             metrics.
         gen_kwargs: Generation settings for the generate_until tasks (a key given replaces the task's): key=value pairs
             separated by commas (values read as Python literals: temperature=0.8,do_sample=True,until=["."]) or a
-            JSON object; repeat the flag for more. In a --config file also a mapping or one text, as in lm-eval's
-            (gen_kwargs: {temperature: 0.8}).
+            JSON object; repeat the flag for more. max_length is the prompt and the generated tokens together,
+            max_gen_toks the generated ones, as lm-eval's hf model reads them. In a --config file also a mapping or
+            one text, as in lm-eval's (gen_kwargs: {temperature: 0.8}).
         apply_chat_template: Render each prompt with the chat template beside the tokenizer (refused when there is
             none).
         fewshot_as_multiturn: Give the few-shot examples as turns of the chat (default: on with
