@@ -944,3 +944,21 @@ def test_gen_kwargs_max_length_within_the_prompt_names_max_length(checkpoint, ta
     args = {"checkpoint": str(checkpoint), "sharing_layers": 0, "device": "cpu"}
     with pytest.raises(ConfigError, match=r"^max_length 2 leaves no token to generate after a prompt of \d+ tokens"):
         evaluate("epas", args, tasks, ["tiny_gen"], limit=1, gen_kwargs={"max_length": 2})
+
+
+@pytest.mark.parametrize(
+    ("value", "fix"),
+    [
+        ("[tiny_mc, tiny_gen]", "give --tasks tiny_mc,tiny_gen"),
+        ('["tiny_mc", "nope"]', "give --tasks tiny_mc,nope"),
+        ("tiny_mc tiny_gen", "give --tasks tiny_mc,tiny_gen"),
+    ],
+)
+def test_tasks_written_as_a_list_say_how_tasks_are_given(checkpoint, tasks, capsys, value, fix) -> None:
+    """``--tasks '[a, b]'`` read as the unknown task "[a, b]" (its parts "[a" and "b]"): the line said to list lm-eval's
+    tasks, not that tasks are given separated by commas or by repeating --tasks."""
+    argv = ["lm-eval", "--checkpoint", str(checkpoint), "--include-path", str(tasks), "--device", "cpu"]
+    rc, _, err = run_cli(capsys, *argv, "--tasks", value)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: --tasks takes task names separated by commas, not a list or spaces: "), err
+    assert f" — --tasks {value} — {fix} (names separated by commas), or repeat --tasks for each" in err, err

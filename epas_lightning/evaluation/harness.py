@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import importlib
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -92,12 +93,31 @@ def resolve_tasks(tasks: Sequence[str], include_path: Sequence[str | Path] = ())
         manager = TaskManager(include_path=paths)  # lm-eval's own tasks
     unknown = [name for name in names if not _matches(name, manager.all_tasks)]
     if unknown:
+        check_task_list(tasks)
         raise ConfigError(
             f"unknown lm-eval task {', '.join(unknown)}",
             "--tasks",
             "`lm_eval ls tasks` lists them; or give a task YAML file, or the folder of yours with --include-path",
         )
     return [*files, *manager.match_tasks(names)], manager
+
+
+LIST_SYNTAX = re.compile(r"""[\s"']|^\[.*\]$""", re.DOTALL)
+"""A ``--tasks`` value written as a list (``[a, b]``, ``["a", "b"]``) or as lm-eval's space-separated names (``a b``):
+brackets around it, quotes or spaces, which no task name has."""
+
+
+def check_task_list(tasks: Sequence[str]) -> None:
+    """A :class:`ConfigError` saying how tasks are given, for a ``--tasks`` value written as a list
+    (:data:`LIST_SYNTAX`), which read as unknown names (``[a`` and ``b]``)."""
+    for value in (str(task).strip() for task in tasks):
+        if LIST_SYNTAX.search(value) and not value.endswith((".yaml", ".yml")):
+            names = [name for name in re.split(r"""[\s"',\[\]]+""", value) if name]
+            raise ConfigError(
+                f"--tasks takes task names separated by commas, not a list or spaces: unknown lm-eval task {value}",
+                f"--tasks {value}",
+                f"give --tasks {','.join(names)} (names separated by commas), or repeat --tasks for each",
+            )
 
 
 def check_task_file(path: Path) -> None:
