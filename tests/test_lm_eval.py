@@ -605,7 +605,7 @@ def test_a_seed_reproduces_sampled_generations_and_few_shot_draws(checkpoint, ta
 @pytest.mark.parametrize(
     ("seed", "expected"),
     [
-        (None, [0, 1234, 1234, 1234]),  # lm-eval's defaults
+        (None, [None, None, None, None]),  # lm-eval's `seed: null`: unseeded
         ("42", [42, 42, 42, 42]),
         ("0,None,8,52", [0, None, 8, 52]),
         ("5,6,7", [5, 6, 7, 1234]),  # lm-eval fills in the fourth
@@ -765,18 +765,20 @@ def argument_run_with(monkeypatch, config: Path, text: str, checkpoint: Path, in
     return ran.value.args[0]
 
 
-@pytest.mark.parametrize("seed", ["[1, null, 3, 4]", "[5]", "[5, 6, 7]", "42"])
+@pytest.mark.parametrize("seed", ["[1, null, 3, 4]", "[5]", "[5, 6, 7]", "42", "null", "~", None])
 def test_a_config_files_seed_list_as_in_lm_evals_yaml(checkpoint, tmp_path, capsys, monkeypatch, seed) -> None:
     """`seed: [1, null, 3, 4]` in a --config file, as lm-eval's YAML config takes it (its own default is such a
-    list), was refused as "takes a whole number or text"; each form gives lm-eval's seeds."""
+    list), was refused as "takes a whole number or text"; each form gives lm-eval's seeds. `seed: null` leaves all four
+    unseeded, as in lm-eval's YAML config (it gave lm-eval's default seeds); no `seed:` gives those defaults."""
     import yaml
     from lm_eval.config.evaluate_config import EvaluatorConfig
 
     from epas_lightning.evaluation.lm_eval_options import SEED_NAMES
 
     config = tmp_path / "eval.yaml"
-    seeds = argument_run_with(monkeypatch, config, f"seed: {seed}\n", checkpoint, 12)
-    expected = EvaluatorConfig(seed=yaml.safe_load(seed))._normalize_seed().seed  # lm-eval's reading of its YAML
+    seeds = argument_run_with(monkeypatch, config, "limit: 1\n" if seed is None else f"seed: {seed}\n", checkpoint, 12)
+    read = EvaluatorConfig() if seed is None else EvaluatorConfig(seed=yaml.safe_load(seed))  # lm-eval's YAML reading
+    expected = read._normalize_seed().seed or [None] * 4  # lm_eval run: `cfg.seed[0] if cfg.seed else None`, ...
     assert seeds == dict(zip(SEED_NAMES, expected, strict=True))
     config.write_text("seed: [1, 2]\n")
     rc, _, err = run_cli(capsys, "lm-eval", "--config", str(config), "--checkpoint", str(checkpoint), "--tasks", "x")

@@ -30,6 +30,7 @@ from epas_lightning.errors import ConfigError
 from epas_lightning.evaluation.evaluate_cli import format_table, region_lengths
 from epas_lightning.evaluation.lm_eval_documents import refusing_misscored_documents
 from epas_lightning.evaluation.lm_eval_options import (
+    DEFAULT_SEED,
     check_batch_size,
     check_chat_template,
     check_generation_length,
@@ -234,7 +235,7 @@ def run_lm_eval(
                 gen_kwargs=gen_kwargs,
                 apply_chat_template=apply_chat_template,
                 fewshot_as_multiturn=fewshot_as_multiturn,
-                **(seeds or parse_seed(None)),
+                **(seeds or parse_seed(DEFAULT_SEED)),
             )
         rows.append({"sharing_layers": n, "shared_layers": layers, **metric_columns(result["results"])})
         runs[n] = {key: result.get(key) for key in ("results", "groups", "n-shot", "n-samples", "versions", "config")}
@@ -342,7 +343,7 @@ def lm_eval_command(
     device: str = "auto",
     dtype: DType = "auto",
     force: bool = False,
-    seed: int | str | Sequence[int | None] | None = None,
+    seed: int | str | Sequence[int | None] | None = DEFAULT_SEED,
     gen_kwargs: list[str] | dict[str, Any] | str | None = None,
     apply_chat_template: bool = False,
     fewshot_as_multiturn: bool | None = None,
@@ -378,9 +379,10 @@ def lm_eval_command(
             sharply); of a stock export, which runs dense, any region above 0.
         seed: lm-eval's seeds for Python's random, NumPy, torch and the few-shot sampler: one whole number (0 to
             4294967295) for all four, or four separated by commas (three: the fourth is 1234), None for one left
-            unseeded (0,None,8,52); in a --config file also a list, as in lm-eval's (seed: [0, null, 8, 52]); NumPy's
-            from 0 to 4294967295, torch's from -2**63 to 2**64 - 1, the others any whole number; default
-            0,1234,1234,1234, as lm-eval's. Set again before each region: the same seed gives the same samples and
+            unseeded (0,None,8,52; None alone, or seed: null in a --config file, all four, as in lm-eval's); in a
+            --config file also a list, as in lm-eval's (seed: [0, null, 8, 52]); NumPy's from 0 to 4294967295,
+            torch's from -2**63 to 2**64 - 1, the others any whole number; default 0,1234,1234,1234, as lm-eval's
+            where no seed is given. Set again before each region: the same seed gives the same samples and
             metrics.
         gen_kwargs: Generation settings for the generate_until tasks (a key given replaces the task's): key=value pairs
             separated by commas (values read as Python literals: temperature=0.8,do_sample=True,until=["."]) or a

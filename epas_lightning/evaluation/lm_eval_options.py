@@ -39,12 +39,13 @@ def parse_seed(seed: str | int | Sequence[int | None] | None) -> dict[str, int |
     """``--seed`` as ``simple_evaluate``'s four seed arguments, read as ``lm_eval run --seed`` reads it: one value for
     all four, or three or four comma-separated (a missing fourth is lm-eval's default), ``None`` leaving one unseeded;
     each in its generator's range (:data:`SEED_RANGES`). A list (a ``--config`` file's ``seed: [0, null, 8, 52]``, as
-    lm-eval's YAML config takes it) is read as those values separated by commas. ``None`` (no ``--seed``): lm-eval's
-    defaults, :data:`DEFAULT_SEED`."""
+    lm-eval's YAML config takes it) is read as those values separated by commas. ``None`` (``seed: null``) leaves all
+    four unseeded, as in lm-eval's YAML config and ``--seed None``; where no seed is given, lm-eval's defaults are
+    :data:`DEFAULT_SEED`."""
     from lm_eval._cli.utils import _int_or_none_list_arg_type
 
     if seed is None:
-        text = DEFAULT_SEED
+        text = "None"
     elif isinstance(seed, (str, int)):
         text = str(seed)
     else:
