@@ -964,3 +964,60 @@ def test_tasks_written_as_a_list_say_how_tasks_are_given(checkpoint, tasks, caps
     assert rc == 2 and err.count("\n") == 1, err
     assert err.startswith("error: --tasks takes task names separated by commas, not a list or spaces: "), err
     assert f" — --tasks {value} — {fix} (names separated by commas), or repeat --tasks for each" in err, err
+
+
+def test_log_samples_writes_each_region_into_the_build_as_it_ends(checkpoint, tasks, tmp_path, capsys, monkeypatch):
+    """--log-samples kept every region's samples in memory until the output was written (with --sharing-layers all, a
+    copy of every sample per region): each region's files are now in the hidden build folder once that region has
+    run, byte for byte what writing all of them at the end gives."""
+    from epas_lightning.evaluation.harness import run_lm_eval
+    from epas_lightning.evaluation.lm_eval_options import write_samples
+
+    evaluate_region, built = lm_eval.simple_evaluate, []
+
+    def recording(*args: Any, **kwargs: Any) -> dict:  # the files built when each region starts
+        built.append(sorted(p.name for p in tmp_path.glob(".out.tmp-*/samples_*.jsonl")))
+        return evaluate_region(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", recording)
+    flags = ["--tasks", "tiny_mc,tiny_gen", "--sharing-layers", "all", "--limit", "2", "--log-samples"]
+    lm_eval_into(capsys, checkpoint, tasks, tmp_path / "out", *flags)
+    written = [
+        sorted(f"samples_{t}_sharing{n}.jsonl" for t in ("tiny_gen", "tiny_mc") for n in range(k)) for k in (0, 1, 2)
+    ]
+    assert built == written
+    monkeypatch.setattr(lm_eval, "simple_evaluate", evaluate_region)
+    kept = run_lm_eval(checkpoint, ["tiny_mc,tiny_gen"], [tasks], "all", limit=2, bootstrap_iters=0, device="cpu",
+                       log_samples=True)  # fmt: skip
+    (tmp_path / "kept").mkdir()
+    names = write_samples(kept["samples"], tmp_path / "kept")
+    assert sorted(names) == sorted(p.name for p in (tmp_path / "out").glob("samples_*.jsonl")) and len(names) == 6
+    for name in names:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "kept" / name).read_bytes()
+
+
+def test_an_interrupted_log_samples_run_leaves_no_output(checkpoint, tasks, tmp_path, capsys, monkeypatch) -> None:
+    """Ctrl+C in the second region, after the first wrote its samples into the build: no output folder, no hidden
+    one, and a previous output (--overwrite) as it was."""
+    evaluate_region, calls = lm_eval.simple_evaluate, []
+
+    def interrupted(*args: Any, **kwargs: Any) -> dict:
+        calls.append(sorted(p.name for p in tmp_path.glob(".out.tmp-*/samples_*.jsonl")))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate_region(*args, **kwargs)
+
+    argv = ["lm-eval", "--checkpoint", str(checkpoint), "--include-path", str(tasks), "--device", "cpu"]
+    argv += ["--tasks", "tiny_mc", "--limit", "2", "--bootstrap-iters", "0", "--output", str(tmp_path / "out")]
+    monkeypatch.setattr(lm_eval, "simple_evaluate", interrupted)
+    rc, _, _ = run_cli(capsys, *argv, "--sharing-layers", "all", "--log-samples")
+    assert rc == 130 and calls[1] == ["samples_tiny_mc_sharing0.jsonl"] and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(lm_eval, "simple_evaluate", evaluate_region)
+    assert run_cli(capsys, *argv)[0] == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    monkeypatch.setattr(lm_eval, "simple_evaluate", interrupted)
+    calls.clear()
+    rc, _, _ = run_cli(capsys, *argv, "--sharing-layers", "all", "--log-samples", "--overwrite")
+    assert rc == 130 and calls[1] == ["samples_tiny_mc_sharing0.jsonl"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before

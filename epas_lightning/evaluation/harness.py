@@ -189,9 +189,12 @@ def run_lm_eval(
     apply_chat_template: bool = False,
     fewshot_as_multiturn: bool = False,
     log_samples: bool = False,
+    samples_into: Path | None = None,
 ) -> dict:
     """lm-eval on ``checkpoint`` at each requested region: ``{"rows": [one per region], "runs": {n: lm-eval's
-    results, versions, n-shot, n-samples}, ...}``, and with ``log_samples`` ``"samples": {n: {task: samples}}``.
+    results, versions, n-shot, n-samples}, ...}``, and with ``log_samples`` ``"samples": {n: {task: samples}}``; or,
+    given ``samples_into`` (a folder), each region's samples written there as soon as that region has run
+    (:func:`~epas_lightning.evaluation.lm_eval_options.write_samples`) and not kept: one region's in memory at a time.
     ``seeds``: :func:`~epas_lightning.evaluation.lm_eval_options.parse_seed`'s (default: lm-eval's), set again before
     each region, so each region's run is the run of that region alone."""
     require_lm_eval()
@@ -239,7 +242,10 @@ def run_lm_eval(
             )
         rows.append({"sharing_layers": n, "shared_layers": layers, **metric_columns(result["results"])})
         runs[n] = {key: result.get(key) for key in ("results", "groups", "n-shot", "n-samples", "versions", "config")}
-        if log_samples:
+        if log_samples and samples_into is not None:
+            with writing_into(samples_into):
+                write_samples({n: result.pop("samples")}, samples_into)
+        elif log_samples:
             samples[n] = result["samples"]
     summary = {
         "checkpoint": str(checkpoint),
@@ -253,7 +259,7 @@ def run_lm_eval(
         "rows": rows,
         "runs": runs,
     }
-    return {**summary, "samples": samples} if log_samples else summary
+    return {**summary, "samples": samples} if log_samples and samples_into is None else summary
 
 
 @contextmanager
@@ -409,14 +415,19 @@ def lm_eval_command(
     seeds, generation = parse_seed(seed), parse_gen_kwargs(gen_kwargs)
     if output is not None:  # refuse a bad output before hours of scoring
         check_output(output, OUTPUT_KIND, overwrite, [checkpoint])
-    summary = run_lm_eval(
+    arguments = (
         checkpoint, tasks, include_path or [], sharing_layers, num_fewshot, limit, batch_size, bootstrap_iters,
         tokenizer, device, dtype, force, seeds, generation, apply_chat_template, multiturn, log_samples,
     )  # fmt: skip
-    print(format_table(summary["rows"]))
-    if output is not None:
-        with output_folder(output, OUTPUT_KIND, overwrite, inputs=[checkpoint]) as build, writing_into(build):
-            write_outputs(summary, build)
+    if output is None:
+        summary = run_lm_eval(*arguments)
+        print(format_table(summary["rows"]))
+    else:  # each region's samples written into the build as it ends; renamed into place once all are
+        with output_folder(output, OUTPUT_KIND, overwrite, inputs=[checkpoint]) as build:
+            summary = run_lm_eval(*arguments, samples_into=build)
+            print(format_table(summary["rows"]))
+            with writing_into(build):
+                write_outputs(summary, build)
         samples = " and the samples (samples_<task>_sharing<N>.jsonl)" if log_samples else ""
         print(f"wrote {Path(output) / TABLE_FILE}, {SUMMARY_FILE}{samples}")
     emit_json(summary["rows"], json)
