@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -125,13 +126,15 @@ def exports(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     return {n: export(checkpoint, root / f"hf{n}", sharing_layers=n) for n in (0, 2)}
 
 
-def evaluate(model: str, model_args: dict, tasks: Path, names: list[str], limit: int | None = None) -> dict:
+def evaluate(
+    model: str, model_args: dict, tasks: Path, names: list[str], limit: int | None = None, **options: Any
+) -> dict:
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(tasks), include_defaults=False)
     return lm_eval.simple_evaluate(
         model=model, model_args=model_args, tasks=names, task_manager=manager, batch_size=4, bootstrap_iters=0,
-        limit=limit,
+        limit=limit, **options,
     )  # fmt: skip
 
 
@@ -602,7 +605,7 @@ def test_a_seed_reproduces_sampled_generations_and_few_shot_draws(checkpoint, ta
 @pytest.mark.parametrize(
     ("seed", "expected"),
     [
-        (None, [0, 1234, 1234, 1234]),  # lm-eval's defaults
+        (None, [None, None, None, None]),  # lm-eval's `seed: null`: unseeded
         ("42", [42, 42, 42, 42]),
         ("0,None,8,52", [0, None, 8, 52]),
         ("5,6,7", [5, 6, 7, 1234]),  # lm-eval fills in the fourth
@@ -762,18 +765,20 @@ def argument_run_with(monkeypatch, config: Path, text: str, checkpoint: Path, in
     return ran.value.args[0]
 
 
-@pytest.mark.parametrize("seed", ["[1, null, 3, 4]", "[5]", "[5, 6, 7]", "42"])
+@pytest.mark.parametrize("seed", ["[1, null, 3, 4]", "[5]", "[5, 6, 7]", "42", "null", "~", None])
 def test_a_config_files_seed_list_as_in_lm_evals_yaml(checkpoint, tmp_path, capsys, monkeypatch, seed) -> None:
     """`seed: [1, null, 3, 4]` in a --config file, as lm-eval's YAML config takes it (its own default is such a
-    list), was refused as "takes a whole number or text"; each form gives lm-eval's seeds."""
+    list), was refused as "takes a whole number or text"; each form gives lm-eval's seeds. `seed: null` leaves all four
+    unseeded, as in lm-eval's YAML config (it gave lm-eval's default seeds); no `seed:` gives those defaults."""
     import yaml
     from lm_eval.config.evaluate_config import EvaluatorConfig
 
     from epas_lightning.evaluation.lm_eval_options import SEED_NAMES
 
     config = tmp_path / "eval.yaml"
-    seeds = argument_run_with(monkeypatch, config, f"seed: {seed}\n", checkpoint, 12)
-    expected = EvaluatorConfig(seed=yaml.safe_load(seed))._normalize_seed().seed  # lm-eval's reading of its YAML
+    seeds = argument_run_with(monkeypatch, config, "limit: 1\n" if seed is None else f"seed: {seed}\n", checkpoint, 12)
+    read = EvaluatorConfig() if seed is None else EvaluatorConfig(seed=yaml.safe_load(seed))  # lm-eval's YAML reading
+    expected = read._normalize_seed().seed or [None] * 4  # lm_eval run: `cfg.seed[0] if cfg.seed else None`, ...
     assert seeds == dict(zip(SEED_NAMES, expected, strict=True))
     config.write_text("seed: [1, 2]\n")
     rc, _, err = run_cli(capsys, "lm-eval", "--config", str(config), "--checkpoint", str(checkpoint), "--tasks", "x")
@@ -880,3 +885,139 @@ def test_seeds_that_only_numpy_or_torch_refuse() -> None:
 
     assert list(parse_seed("5000000000,0,0,5000000000").values()) == [5000000000, 0, 0, 5000000000]
     assert list(parse_seed("-1,0,-1,-1").values()) == [-1, 0, -1, -1]
+
+
+@pytest.mark.parametrize("value", ["max_length=20", "max_length=32", "do_sample=1,temperature=0.5", "do_sample=0"])
+def test_gen_kwargs_lm_evals_hf_model_takes(value) -> None:
+    """``max_length`` (the prompt and the generated tokens together, which ``HFLM`` hands to ``generate``) and
+    ``do_sample`` 1 or 0 (lm-eval reads ``do_sample=1`` as the int 1, which transformers' ``generate`` samples with)
+    were refused, though lm-eval's hf model takes them; each is taken as lm-eval reads it."""
+    from lm_eval._cli.utils import key_val_to_dict
+
+    from epas_lightning.evaluation.lm_eval_adapter import sampling_settings
+    from epas_lightning.evaluation.lm_eval_options import check_generation_length, parse_gen_kwargs
+
+    kwargs = parse_gen_kwargs([value])
+    assert kwargs == key_val_to_dict(value)
+    check_generation_length(kwargs, 32)
+    if "do_sample" in kwargs:  # sampling as with True, greedy as with False
+        as_bool = {**kwargs, "do_sample": bool(kwargs["do_sample"])}
+        assert sampling_settings(kwargs) == sampling_settings(as_bool)
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("max_length=33", "max_length 33 is past the model's context length of 32 (the prompt and the generated tok"),
+        ("max_length=0", "max_length takes a whole number from 1, got 0"),
+        ("do_sample=2", "do_sample takes True or False (or 1 or 0), got 2"),
+        ("do_sample=yes", "do_sample takes True or False (or 1 or 0), got 'yes'"),
+        ("do_sample=1,temperature=0", "--gen-kwargs samples (do_sample=1) at temperature 0, which transformers' "),
+    ],
+)
+def test_gen_kwargs_max_length_and_do_sample_refused_before_the_weights_load(value, said) -> None:
+    from epas_lightning.evaluation.lm_eval_options import check_generation_length, parse_gen_kwargs
+
+    with pytest.raises(ConfigError) as refused:
+        check_generation_length(parse_gen_kwargs([value]), 32)
+    assert str(refused.value).startswith(said), str(refused.value)
+
+
+def test_gen_kwargs_max_length_generates_as_hf_generates_the_export(checkpoint, exports, tasks) -> None:
+    """``max_length`` in the generation kwargs is the prompt (padded) and the generated tokens together, as ``HFLM``
+    hands it to transformers' ``generate``: the same texts as ``hf`` on the export, shorter than without it."""
+    import epas_lightning.evaluation.lm_eval_adapter  # noqa: F401 - registers "epas"
+
+    ours_args = {"checkpoint": str(checkpoint), "sharing_layers": 0, "device": "cpu"}
+    hf_args = {"pretrained": str(exports[0]), "device": "cpu"}
+    gen_kwargs = {"max_length": 12, "until": ["@@"]}  # no stop string: the length decides
+    ours = evaluate("epas", ours_args, tasks, ["tiny_gen"], limit=3, gen_kwargs=gen_kwargs)
+    theirs = evaluate("hf", hf_args, tasks, ["tiny_gen"], limit=3, gen_kwargs=gen_kwargs)
+    longer = evaluate("epas", ours_args, tasks, ["tiny_gen"], limit=3, gen_kwargs={"until": ["@@"]})
+    assert generations(ours) == generations(theirs)
+    assert generations(ours) != generations(longer)
+
+
+def test_gen_kwargs_max_length_within_the_prompt_names_max_length(checkpoint, tasks) -> None:
+    """A ``max_length`` no longer than a prompt leaves nothing to generate (transformers' ``generate`` raises for it
+    on the export): the error named our decoding's ``max_new_tokens`` the user never gave."""
+    import epas_lightning.evaluation.lm_eval_adapter  # noqa: F401 - registers "epas"
+
+    args = {"checkpoint": str(checkpoint), "sharing_layers": 0, "device": "cpu"}
+    with pytest.raises(ConfigError, match=r"^max_length 2 leaves no token to generate after a prompt of \d+ tokens"):
+        evaluate("epas", args, tasks, ["tiny_gen"], limit=1, gen_kwargs={"max_length": 2})
+
+
+@pytest.mark.parametrize(
+    ("value", "fix"),
+    [
+        ("[tiny_mc, tiny_gen]", "give --tasks tiny_mc,tiny_gen"),
+        ('["tiny_mc", "nope"]', "give --tasks tiny_mc,nope"),
+        ("tiny_mc tiny_gen", "give --tasks tiny_mc,tiny_gen"),
+    ],
+)
+def test_tasks_written_as_a_list_say_how_tasks_are_given(checkpoint, tasks, capsys, value, fix) -> None:
+    """``--tasks '[a, b]'`` read as the unknown task "[a, b]" (its parts "[a" and "b]"): the line said to list lm-eval's
+    tasks, not that tasks are given separated by commas or by repeating --tasks."""
+    argv = ["lm-eval", "--checkpoint", str(checkpoint), "--include-path", str(tasks), "--device", "cpu"]
+    rc, _, err = run_cli(capsys, *argv, "--tasks", value)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: --tasks takes task names separated by commas, not a list or spaces: "), err
+    assert f" — --tasks {value} — {fix} (names separated by commas), or repeat --tasks for each" in err, err
+
+
+def test_log_samples_writes_each_region_into_the_build_as_it_ends(checkpoint, tasks, tmp_path, capsys, monkeypatch):
+    """--log-samples kept every region's samples in memory until the output was written (with --sharing-layers all, a
+    copy of every sample per region): each region's files are now in the hidden build folder once that region has
+    run, byte for byte what writing all of them at the end gives."""
+    from epas_lightning.evaluation.harness import run_lm_eval
+    from epas_lightning.evaluation.lm_eval_options import write_samples
+
+    evaluate_region, built = lm_eval.simple_evaluate, []
+
+    def recording(*args: Any, **kwargs: Any) -> dict:  # the files built when each region starts
+        built.append(sorted(p.name for p in tmp_path.glob(".out.tmp-*/samples_*.jsonl")))
+        return evaluate_region(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", recording)
+    flags = ["--tasks", "tiny_mc,tiny_gen", "--sharing-layers", "all", "--limit", "2", "--log-samples"]
+    lm_eval_into(capsys, checkpoint, tasks, tmp_path / "out", *flags)
+    written = [
+        sorted(f"samples_{t}_sharing{n}.jsonl" for t in ("tiny_gen", "tiny_mc") for n in range(k)) for k in (0, 1, 2)
+    ]
+    assert built == written
+    monkeypatch.setattr(lm_eval, "simple_evaluate", evaluate_region)
+    kept = run_lm_eval(checkpoint, ["tiny_mc,tiny_gen"], [tasks], "all", limit=2, bootstrap_iters=0, device="cpu",
+                       log_samples=True)  # fmt: skip
+    (tmp_path / "kept").mkdir()
+    names = write_samples(kept["samples"], tmp_path / "kept")
+    assert sorted(names) == sorted(p.name for p in (tmp_path / "out").glob("samples_*.jsonl")) and len(names) == 6
+    for name in names:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "kept" / name).read_bytes()
+
+
+def test_an_interrupted_log_samples_run_leaves_no_output(checkpoint, tasks, tmp_path, capsys, monkeypatch) -> None:
+    """Ctrl+C in the second region, after the first wrote its samples into the build: no output folder, no hidden
+    one, and a previous output (--overwrite) as it was."""
+    evaluate_region, calls = lm_eval.simple_evaluate, []
+
+    def interrupted(*args: Any, **kwargs: Any) -> dict:
+        calls.append(sorted(p.name for p in tmp_path.glob(".out.tmp-*/samples_*.jsonl")))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate_region(*args, **kwargs)
+
+    argv = ["lm-eval", "--checkpoint", str(checkpoint), "--include-path", str(tasks), "--device", "cpu"]
+    argv += ["--tasks", "tiny_mc", "--limit", "2", "--bootstrap-iters", "0", "--output", str(tmp_path / "out")]
+    monkeypatch.setattr(lm_eval, "simple_evaluate", interrupted)
+    rc, _, _ = run_cli(capsys, *argv, "--sharing-layers", "all", "--log-samples")
+    assert rc == 130 and calls[1] == ["samples_tiny_mc_sharing0.jsonl"] and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(lm_eval, "simple_evaluate", evaluate_region)
+    assert run_cli(capsys, *argv)[0] == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    monkeypatch.setattr(lm_eval, "simple_evaluate", interrupted)
+    calls.clear()
+    rc, _, _ = run_cli(capsys, *argv, "--sharing-layers", "all", "--log-samples", "--overwrite")
+    assert rc == 130 and calls[1] == ["samples_tiny_mc_sharing0.jsonl"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -28,6 +29,7 @@ from epas_lightning.errors import ConfigError
 from epas_lightning.evaluation.evaluate_cli import format_table, region_lengths, write_table
 from epas_lightning.evaluation.lm_eval_documents import refusing_misscored_documents
 from epas_lightning.evaluation.lm_eval_options import (
+    DEFAULT_SEED,
     check_batch_size,
     check_chat_template,
     check_generation_length,
@@ -91,12 +93,31 @@ def resolve_tasks(tasks: Sequence[str], include_path: Sequence[str | Path] = ())
         manager = TaskManager(include_path=paths)  # lm-eval's own tasks
     unknown = [name for name in names if not _matches(name, manager.all_tasks)]
     if unknown:
+        check_task_list(tasks)
         raise ConfigError(
             f"unknown lm-eval task {', '.join(unknown)}",
             "--tasks",
             "`lm_eval ls tasks` lists them; or give a task YAML file, or the folder of yours with --include-path",
         )
     return [*files, *manager.match_tasks(names)], manager
+
+
+LIST_SYNTAX = re.compile(r"""[\s"']|^\[.*\]$""", re.DOTALL)
+"""A ``--tasks`` value written as a list (``[a, b]``, ``["a", "b"]``) or as lm-eval's space-separated names (``a b``):
+brackets around it, quotes or spaces, which no task name has."""
+
+
+def check_task_list(tasks: Sequence[str]) -> None:
+    """A :class:`ConfigError` saying how tasks are given, for a ``--tasks`` value written as a list
+    (:data:`LIST_SYNTAX`), which read as unknown names (``[a`` and ``b]``)."""
+    for value in (str(task).strip() for task in tasks):
+        if LIST_SYNTAX.search(value) and not value.endswith((".yaml", ".yml")):
+            names = [name for name in re.split(r"""[\s"',\[\]]+""", value) if name]
+            raise ConfigError(
+                f"--tasks takes task names separated by commas, not a list or spaces: unknown lm-eval task {value}",
+                f"--tasks {value}",
+                f"give --tasks {','.join(names)} (names separated by commas), or repeat --tasks for each",
+            )
 
 
 def check_task_file(path: Path) -> None:
@@ -167,9 +188,12 @@ def run_lm_eval(
     apply_chat_template: bool = False,
     fewshot_as_multiturn: bool = False,
     log_samples: bool = False,
+    samples_into: Path | None = None,
 ) -> dict:
     """lm-eval on ``checkpoint`` at each requested region: ``{"rows": [one per region], "runs": {n: lm-eval's
-    results, versions, n-shot, n-samples}, ...}``, and with ``log_samples`` ``"samples": {n: {task: samples}}``.
+    results, versions, n-shot, n-samples}, ...}``, and with ``log_samples`` ``"samples": {n: {task: samples}}``; or,
+    given ``samples_into`` (a folder), each region's samples written there as soon as that region has run
+    (:func:`~epas_lightning.evaluation.lm_eval_options.write_samples`) and not kept: one region's in memory at a time.
     ``seeds``: :func:`~epas_lightning.evaluation.lm_eval_options.parse_seed`'s (default: lm-eval's), set again before
     each region, so each region's run is the run of that region alone."""
     require_lm_eval()
@@ -213,11 +237,14 @@ def run_lm_eval(
                 gen_kwargs=gen_kwargs,
                 apply_chat_template=apply_chat_template,
                 fewshot_as_multiturn=fewshot_as_multiturn,
-                **(seeds or parse_seed(None)),
+                **(seeds or parse_seed(DEFAULT_SEED)),
             )
         rows.append({"sharing_layers": n, "shared_layers": layers, **metric_columns(result["results"])})
         runs[n] = {key: result.get(key) for key in ("results", "groups", "n-shot", "n-samples", "versions", "config")}
-        if log_samples:
+        if log_samples and samples_into is not None:
+            with writing_into(samples_into):
+                write_samples({n: result.pop("samples")}, samples_into)
+        elif log_samples:
             samples[n] = result["samples"]
     summary = {
         "checkpoint": str(checkpoint),
@@ -231,7 +258,7 @@ def run_lm_eval(
         "rows": rows,
         "runs": runs,
     }
-    return {**summary, "samples": samples} if log_samples else summary
+    return {**summary, "samples": samples} if log_samples and samples_into is None else summary
 
 
 @contextmanager
@@ -317,7 +344,7 @@ def lm_eval_command(
     device: str = "auto",
     dtype: DType = "auto",
     force: bool = False,
-    seed: int | str | Sequence[int | None] | None = None,
+    seed: int | str | Sequence[int | None] | None = DEFAULT_SEED,
     gen_kwargs: list[str] | dict[str, Any] | str | None = None,
     apply_chat_template: bool = False,
     fewshot_as_multiturn: bool | None = None,
@@ -353,14 +380,16 @@ def lm_eval_command(
             sharply); of a stock export, which runs dense, any region above 0.
         seed: lm-eval's seeds for Python's random, NumPy, torch and the few-shot sampler: one whole number (0 to
             4294967295) for all four, or four separated by commas (three: the fourth is 1234), None for one left
-            unseeded (0,None,8,52); in a --config file also a list, as in lm-eval's (seed: [0, null, 8, 52]); NumPy's
-            from 0 to 4294967295, torch's from -2**63 to 2**64 - 1, the others any whole number; default
-            0,1234,1234,1234, as lm-eval's. Set again before each region: the same seed gives the same samples and
+            unseeded (0,None,8,52; None alone, or seed: null in a --config file, all four, as in lm-eval's); in a
+            --config file also a list, as in lm-eval's (seed: [0, null, 8, 52]); NumPy's from 0 to 4294967295,
+            torch's from -2**63 to 2**64 - 1, the others any whole number; default 0,1234,1234,1234, as lm-eval's
+            where no seed is given. Set again before each region: the same seed gives the same samples and
             metrics.
         gen_kwargs: Generation settings for the generate_until tasks (a key given replaces the task's): key=value pairs
             separated by commas (values read as Python literals: temperature=0.8,do_sample=True,until=["."]) or a
-            JSON object; repeat the flag for more. In a --config file also a mapping or one text, as in lm-eval's
-            (gen_kwargs: {temperature: 0.8}).
+            JSON object; repeat the flag for more. max_length is the prompt and the generated tokens together,
+            max_gen_toks the generated ones, as lm-eval's hf model reads them. In a --config file also a mapping or
+            one text, as in lm-eval's (gen_kwargs: {temperature: 0.8}).
         apply_chat_template: Render each prompt with the chat template beside the tokenizer (refused when there is
             none).
         fewshot_as_multiturn: Give the few-shot examples as turns of the chat (default: on with
@@ -381,14 +410,19 @@ def lm_eval_command(
     seeds, generation = parse_seed(seed), parse_gen_kwargs(gen_kwargs)
     if output is not None:  # refuse a bad output before hours of scoring
         check_output(output, OUTPUT_KIND, overwrite, [checkpoint])
-    summary = run_lm_eval(
+    arguments = (
         checkpoint, tasks, include_path or [], sharing_layers, num_fewshot, limit, batch_size, bootstrap_iters,
         tokenizer, device, dtype, force, seeds, generation, apply_chat_template, multiturn, log_samples,
     )  # fmt: skip
-    print(format_table(summary["rows"]))
-    if output is not None:
-        with output_folder(output, OUTPUT_KIND, overwrite, inputs=[checkpoint]) as build, writing_into(build):
-            write_outputs(summary, build)
+    if output is None:
+        summary = run_lm_eval(*arguments)
+        print(format_table(summary["rows"]))
+    else:  # each region's samples written into the build as it ends; renamed into place once all are
+        with output_folder(output, OUTPUT_KIND, overwrite, inputs=[checkpoint]) as build:
+            summary = run_lm_eval(*arguments, samples_into=build)
+            print(format_table(summary["rows"]))
+            with writing_into(build):
+                write_outputs(summary, build)
         samples = " and the samples (samples_<task>_sharing<N>.jsonl)" if log_samples else ""
         print(f"wrote {Path(output) / TABLE_FILE}, {SUMMARY_FILE}{samples}")
     emit_json(summary["rows"], json)

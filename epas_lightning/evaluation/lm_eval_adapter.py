@@ -316,6 +316,13 @@ class EPASLM(HFLM):
         defaults: :func:`sampling_settings`); ``HFLM`` cuts the decoded text at the stop strings. A setting our decoding
         does not honour (beam search, a repetition penalty) is refused: :func:`check_decoding_settings`.
         """
+        if max_length <= context.shape[1]:  # transformers' generate raises for it on the export
+            raise ConfigError(
+                f"max_length {max_length} leaves no token to generate after a prompt of {context.shape[1]} tokens (the "
+                "prompt and the generated tokens together)",
+                "--gen-kwargs, or the task's generation_kwargs",
+                "give a larger max_length, or max_gen_toks for the tokens to generate",
+            )
         mask = kwargs.get("attention_mask")
         rows = context.tolist() if mask is None else [r[m.bool()].tolist() for r, m in zip(context, mask, strict=True)]
         check_decoding_settings(kwargs)

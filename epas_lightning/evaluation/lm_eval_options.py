@@ -30,20 +30,22 @@ SEED_FIX = (
     "give one whole number from 0 to 4294967295 for all four seeds, or four (three: the fourth is 1234) separated by "
     "commas, None for one left unseeded (e.g. 0,None,8,52)"
 )
-LENGTH_KEYS = {"until", "max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"}
-"""Generation kwargs lm-eval's ``HFLM`` reads itself (the stop strings and the tokens to generate), before decoding."""
+LENGTH_KEYS = {"until", "max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens", "max_length"}
+"""Generation kwargs lm-eval's ``HFLM`` reads itself (the stop strings, the tokens to generate, and ``max_length``: the
+prompt, its left padding included, and the generated tokens together), before decoding."""
 
 
 def parse_seed(seed: str | int | Sequence[int | None] | None) -> dict[str, int | None]:
     """``--seed`` as ``simple_evaluate``'s four seed arguments, read as ``lm_eval run --seed`` reads it: one value for
     all four, or three or four comma-separated (a missing fourth is lm-eval's default), ``None`` leaving one unseeded;
     each in its generator's range (:data:`SEED_RANGES`). A list (a ``--config`` file's ``seed: [0, null, 8, 52]``, as
-    lm-eval's YAML config takes it) is read as those values separated by commas. ``None`` (no ``--seed``): lm-eval's
-    defaults, :data:`DEFAULT_SEED`."""
+    lm-eval's YAML config takes it) is read as those values separated by commas. ``None`` (``seed: null``) leaves all
+    four unseeded, as in lm-eval's YAML config and ``--seed None``; where no seed is given, lm-eval's defaults are
+    :data:`DEFAULT_SEED`."""
     from lm_eval._cli.utils import _int_or_none_list_arg_type
 
     if seed is None:
-        text = DEFAULT_SEED
+        text = "None"
     elif isinstance(seed, (str, int)):
         text = str(seed)
     else:
@@ -109,16 +111,19 @@ def parse_gen_kwargs(values: Sequence[str] | dict[str, Any] | str | None) -> dic
 
 def check_setting_types(kwargs: dict[str, Any]) -> None:
     """The ``--gen-kwargs`` lm-eval and our decoding read, of the types they take: a stop string or a list of them, a
-    whole number of tokens, ``do_sample`` true or false, ``temperature`` and ``top_p`` numbers from 0, ``top_k`` a
-    whole number from 0 or None. (Others were a ``ValueError`` or ``TypeError`` traceback once the model had
-    loaded.)"""
+    whole number of tokens, ``do_sample`` true or false (or 1 or 0: lm-eval reads ``do_sample=1`` as the int 1, which
+    transformers' ``generate`` takes for true), ``temperature`` and ``top_p`` numbers from 0, ``top_k`` a whole number
+    from 0 or None. (Others were a ``ValueError`` or ``TypeError`` traceback once the model had loaded.)"""
 
     def stops(v: object) -> bool:
         return isinstance(v, str) or (isinstance(v, list) and all(isinstance(item, str) for item in v))
 
     takes = {
         "until": ("text or a list of texts", stops),
-        "do_sample": ("True or False", lambda v: isinstance(v, bool)),
+        "do_sample": (
+            "True or False (or 1 or 0)",
+            lambda v: isinstance(v, bool) or (is_real_number(v) and v in (0, 1)),
+        ),
         "temperature": ("a number from 0", lambda v: is_real_number(v) and v >= 0),
         "top_p": ("a number from 0", lambda v: is_real_number(v) and v >= 0),
         "top_k": ("a whole number from 0, or None", lambda v: v is None or (is_whole_number(v) and v >= 0)),
@@ -134,13 +139,13 @@ def check_setting_types(kwargs: dict[str, Any]) -> None:
 
 
 def check_sampling_temperature(kwargs: dict[str, Any]) -> None:
-    """``do_sample=True`` at ``temperature=0``, refused before the model loads, as our decoding refuses it for a task
-    (:func:`~epas_lightning.evaluation.lm_eval_adapter.check_sampling_temperature`: transformers' ``generate`` refuses
-    it for the export)."""
-    if kwargs.get("do_sample") is True and "temperature" in kwargs and kwargs["temperature"] == 0:
+    """``do_sample=True`` (or 1) at ``temperature=0``, refused before the model loads, as our decoding refuses it for a
+    task (:func:`~epas_lightning.evaluation.lm_eval_adapter.check_sampling_temperature`: transformers' ``generate``
+    refuses it for the export)."""
+    if kwargs.get("do_sample") and "temperature" in kwargs and kwargs["temperature"] == 0:
         raise ConfigError(
-            "--gen-kwargs samples (do_sample=True) at temperature 0, which transformers' generate refuses for the "
-            "export",
+            f"--gen-kwargs samples (do_sample={kwargs['do_sample']!r}) at temperature 0, which transformers' generate "
+            "refuses for the export",
             "--gen-kwargs",
             "give a temperature above 0 (1 samples from the model's distribution), or do_sample=False for greedy "
             "decoding",
@@ -154,13 +159,21 @@ TOKENS_TO_GENERATE = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_compl
 def check_generation_length(kwargs: dict[str, Any] | None, context_length: int) -> None:
     """``--gen-kwargs``' tokens to generate (the first of :data:`TOKENS_TO_GENERATE` given, the one lm-eval reads)
     below the model's context length, which lm-eval's ``HFLM`` asserts once the model has loaded (room must be left for
-    the prompt)."""
+    the prompt); ``max_length`` (the prompt and the generated tokens together) at most the context length, as our model
+    has no positions past it."""
     key = next((key for key in TOKENS_TO_GENERATE if kwargs and key in kwargs), None)
     if key is not None and kwargs[key] >= context_length:
         raise ConfigError(
             f"{key} {kwargs[key]} leaves no room for a prompt in the model's context length of {context_length}",
             "--gen-kwargs",
             f"give {key} below {context_length}",
+        )
+    if kwargs and "max_length" in kwargs and kwargs["max_length"] > context_length:
+        raise ConfigError(
+            f"max_length {kwargs['max_length']} is past the model's context length of {context_length} (the prompt "
+            "and the generated tokens together)",
+            "--gen-kwargs",
+            f"give max_length {context_length} or less, or max_gen_toks for the tokens to generate",
         )
 
 
