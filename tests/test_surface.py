@@ -651,6 +651,24 @@ def test_the_process_freezes_its_objects_before_shutdown(tmp_path):
     assert '\nepas = "epas_lightning.cli:entry_point"\n' in (REPO / "pyproject.toml").read_text()  # the `epas` script
 
 
+def test_ctrl_c_while_the_cli_imports_ends_in_one_line(tmp_path):
+    """Ctrl+C in the first moments of ``python -m epas_lightning`` (the CLI module's own imports, before ``main``
+    answers it) printed a Python traceback and ended by the signal; every command ends a Ctrl+C in one line with
+    status 130. The signal lands as the CLI's first module of its own (``errors``) is looked up."""
+    hook = (
+        "import signal, sys, runpy\n"
+        "class CtrlC:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'epas_lightning.errors':\n"
+        "            signal.raise_signal(signal.SIGINT)\n"
+        "sys.meta_path.insert(0, CtrlC())\n"
+        "runpy.run_module('epas_lightning', run_name='__main__', alter_sys=True)"
+    )
+    done = run_cli(["-c", hook, "fit", "--help"], tmp_path, tmp_path, [sys.executable])
+    assert (done.returncode, done.stdout) == (130, "")
+    assert done.stderr == "interrupted: fit stopped (Ctrl+C)\n"
+
+
 def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
     """``python -m epas_lightning --help | head -3``: a reader that exits before the output ends closed the pipe, and
     the next write raised BrokenPipeError, printed as a traceback after the lines the reader wanted."""
