@@ -142,6 +142,7 @@ DEVICE_COMMANDS = {
         (1, "cuda:1", "no such GPU: this machine has 1 (cuda:0) — --device cuda:1 — use cuda:0 (or auto)"),
         (0, "cuda", "CUDA is not available on this machine — --device cuda — use --device cpu (or auto)"),
         (0, "gpu0", "unknown device 'gpu0' — --device gpu0 — use auto, cpu, cuda or cuda:N"),
+        (1, "0", "unknown device '0' — --device 0 — use cuda:0 for GPU 0 (or auto, cpu, cuda)"),  # HF's, vLLM's
         (0, "meta", "device 'meta' is not available to these commands on this machine — --device meta — use auto"),
     ],
 )
@@ -155,6 +156,19 @@ def test_a_missing_device_is_one_line_before_anything_loads(cuda, device, says, 
         assert main([*argv, "--output", str(tmp_path / command)] if command in ("bench", "analyze") else argv) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {says}") and err.count("\n") == 1, (command, err)
+
+
+def test_a_gpu_number_as_the_device_in_a_config_says_cuda_n(tmp_path, capsys):
+    """``device: 0`` in a config (HF's and vLLM's spelling of GPU 0) said '--device takes text, not '0'', without the
+    name it takes; ``--device 0`` says ``cuda:0`` too."""
+    (tmp_path / "gpu.yaml").write_text("device: 0\n")
+    for command, extra in DEVICE_COMMANDS.items():
+        argv = [command, "--config", str(tmp_path / "gpu.yaml"), "--checkpoint", str(tmp_path / "missing.ckpt"), *extra]
+        assert main([*argv, "--output", str(tmp_path / command)] if command in ("bench", "analyze") else argv) == 2
+        assert capsys.readouterr().err == (
+            f"error: --device takes a device name, not the number 0 — python -m epas_lightning {command} — use cuda:0 "
+            "for GPU 0 (or auto, cpu, cuda)\n"
+        ), command
 
 
 def test_load_model_from_python_checks_its_device_argument(tmp_path, monkeypatch):
