@@ -1410,6 +1410,30 @@ def test_a_rewind_into_a_fixed_checkpoint_folder_is_refused(tmp_path, capsys, mo
     check_checkpoint_folder_free(config, "fixed/last.ckpt")
 
 
+def test_a_rewind_into_a_fixed_folder_without_last_checkpoints_is_refused(tmp_path, monkeypatch):
+    """With save_last off the folder has no last.ckpt to tell the run went on: a resume of its step 4 trained there,
+    beside that run's later checkpoints ('epoch=0-step=8.ckpt' of one run, 'epoch=0-step=8-v1.ckpt' of the other).
+    Its newest checkpoint tells instead; resuming that one stays allowed."""
+    import os
+
+    from epas_lightning.resume import check_checkpoint_folder_free
+
+    monkeypatch.chdir(tmp_path)
+    folder = Path("fixed")
+    folder.mkdir()
+    for written, (name, step) in enumerate((("epoch=0-step=4.ckpt", 4), ("epoch=0-step=12.ckpt", 12))):
+        torch.save({"state_dict": {}, "global_step": step}, folder / name)
+        os.utime(folder / name, (1_000_000 + written, 1_000_000 + written))  # saved in that order
+    config = Namespace(trainer=Namespace(logger=False), checkpoint=Namespace(dirpath="fixed"))
+    with pytest.raises(CheckpointError, match="folder went on to step 12 after epoch=0-step=4.ckpt") as refused:
+        check_checkpoint_folder_free(config, "fixed/epoch=0-step=4.ckpt")
+    assert str(refused.value).endswith("or resume the newest with its path as --ckpt_path")  # no last to resume
+    check_checkpoint_folder_free(config, "fixed/epoch=0-step=12.ckpt")
+    (folder / "stray.ckpt").write_bytes(b"not a checkpoint")  # newest, but no step to judge by: the next one tells
+    with pytest.raises(CheckpointError, match="folder went on to step 12 after epoch=0-step=4.ckpt"):
+        check_checkpoint_folder_free(config, "fixed/epoch=0-step=4.ckpt")
+
+
 def test_a_logger_given_a_version_refuses_a_folder_with_another_runs_logs(tmp_path, monkeypatch):
     """A logger given a version logged into another run's folder: a CSVLogger after the first deleted that run's
     metrics.csv (Lightning warned and went on), a TensorBoardLogger added its events to that run's. Now one line before
