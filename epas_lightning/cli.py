@@ -45,6 +45,7 @@ from epas_lightning.errors import (
     did_you_mean,
     error_line,
     exception_chain,
+    gpu_number_fix,
     is_out_of_memory,
     lost_data_worker,
     not_utf8,
@@ -364,6 +365,8 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
                     what, prog, f"name the class first, with fit's default settings: {adamw_flags(name, val)}"
                 )
             return ConfigError(what, prog, f"name the class first: {flag} CLASS {flag}.{name} {val}")
+        if flag == "--device" and value and (number := value.group(1).strip()).isdigit():  # `device: 0` in a config
+            return ConfigError(f"--device takes a device name, not the number {number}", prog, gpu_number_fix(number))
         if takes and value:
             what = f"{flag} takes {takes}, not {typed_value(flag, argv, value.group(1).strip())!r}"
         else:

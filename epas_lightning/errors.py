@@ -127,6 +127,11 @@ def lost_data_worker(error: BaseException, command: str) -> UserError | None:
     return UserError(f"a data worker process died ({found[0].strip()})", "data.num_workers", fix)
 
 
+def gpu_number_fix(number: int | str) -> str:
+    """The fix for a ``--device`` given a bare GPU number (``0``, as Hugging Face and vLLM take it): its name."""
+    return f"use cuda:{number} for GPU {number} (or auto, cpu, cuda)"
+
+
 def exception_chain(error: BaseException | None) -> list[BaseException]:
     """``error`` and the errors it was raised from or while handling, outermost first."""
     chain: list[BaseException] = []

@@ -228,11 +228,13 @@ def check_checkpoint_folder_free(config: Namespace, ckpt_path: str | None) -> No
     where = f"checkpoint.dirpath {folder}" if config.get("checkpoint") and config.checkpoint.get("dirpath") else folder
     if ckpt_path and same_folder(folder, Path(ckpt_path).parent):
         if went_on := went_on_past(Path(ckpt_path)):  # a rewind would mix two runs here and replace the later last.ckpt
+            last = (Path(ckpt_path).parent / "last.ckpt").exists()  # else save_last is off: the newest by its path
             raise CheckpointError(
                 f"the run in this checkpoint folder {went_on} after {Path(ckpt_path).name}, which this run would mix "
                 "with its own checkpoints and replace",
                 where,
-                "give the resumed run an empty folder (checkpoint.dirpath), or resume the newest with --ckpt_path last",
+                "give the resumed run an empty folder (checkpoint.dirpath), or resume the newest with "
+                + ("--ckpt_path last" if last else "its path as --ckpt_path"),
             )
         return
     try:
@@ -377,14 +379,29 @@ def version_to_continue(ckpt_path: Path, run_dirs: list[Path], csv_logger: bool 
 
 def went_on_past(ckpt_path: Path) -> str | None:
     """How the run whose checkpoint folder holds ``ckpt_path`` went on past it (``"went on to step 12"``, judged by the
-    folder's ``last.ckpt``), or ``None`` where it did not: resuming there would replace its later checkpoints."""
+    folder's ``last.ckpt``, or without one (``save_last`` off) by its newest checkpoint that reads), or ``None`` where
+    it did not: resuming there would replace its later checkpoints, or mix its own with them."""
     latest = ckpt_path.parent / "last.ckpt"
-    if not latest.exists() or latest.samefile(ckpt_path):
+    if not latest.exists():
+        return _went_on_without_last(ckpt_path)
+    if latest.samefile(ckpt_path):
         return None
     step, latest_step = global_step_of(ckpt_path), global_step_of(latest)
     if latest_step is not None and step is not None and latest_step <= step:
         return None
     return f"went on to step {latest_step}" if latest_step is not None else "has a last.ckpt that won't load"
+
+
+def _went_on_without_last(ckpt_path: Path) -> str | None:
+    """:func:`went_on_past` for a folder without ``last.ckpt``: the checkpoints saved after ``ckpt_path``, newest first,
+    until one says its step (each read costs a metadata load)."""
+    saved_at = _mtime(ckpt_path)
+    later = [p for p in ckpt_path.parent.glob("*.ckpt") if _mtime(p) > saved_at and not p.samefile(ckpt_path)]
+    step = global_step_of(ckpt_path)
+    for path in sorted(later, key=_mtime, reverse=True):
+        if (later_step := global_step_of(path)) is not None:
+            return f"went on to step {later_step}" if step is not None and later_step > step else None
+    return None
 
 
 def version_of(version_dir: Path) -> int | str:

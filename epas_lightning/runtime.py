@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import torch
 
-from epas_lightning.errors import ConfigError
+from epas_lightning.errors import ConfigError, gpu_number_fix
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 """``--dtype`` choices; ``auto`` is bfloat16 on CUDA (float16 on GPUs without native bfloat16) and float32 elsewhere."""
@@ -28,6 +28,8 @@ def resolve_device(device: str | torch.device = "auto", flag: str = "--device") 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     where, fix = f"{flag} {device}", "use auto, cpu, cuda or cuda:N"
+    if isinstance(device, str) and device.isdigit():  # Hugging Face's and vLLM's GPU 0 (an int from Python is torch's)
+        raise ConfigError(f"unknown device {device!r}", where, gpu_number_fix(device))
     try:
         resolved = torch.device(device)
     except (RuntimeError, ValueError, TypeError) as e:  # TypeError: None, a list

@@ -159,6 +159,19 @@ def test_read_a_run_notebook_says_in_one_line_that_it_has_no_run_to_read(kernel_
         f"NoRun: {missing} holds no TensorBoard event files and no metrics.csv: set EPAS_RUN_DIR to a run's version_N "
         "directory (runs/<name>/version_N)."
     ]
+    checkpoint = missing / "checkpoints" / "last.ckpt"  # a file of the run, not its folder: said 'does not exist'
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"")
+    monkeypatch.setenv("EPAS_RUN_DIR", str(checkpoint))
+    assert first_error("02_read_a_run.ipynb", kernel_env) == [
+        f"NoRun: {checkpoint} is a file: set EPAS_RUN_DIR to the run's version_N directory it lies in, {missing}."
+    ]
+    loose = kernel_env / "notes.txt"
+    loose.write_text("")
+    monkeypatch.setenv("EPAS_RUN_DIR", str(loose))
+    assert first_error("02_read_a_run.ipynb", kernel_env) == [
+        f"NoRun: {loose} is a file: set EPAS_RUN_DIR to a run's version_N directory (runs/<name>/version_N)."
+    ]
 
 
 def notebook_functions(name: str) -> dict:

@@ -497,6 +497,24 @@ def test_broken_links_and_folders_that_cannot_be_listed_are_named(tmp_path: Path
         discover_files([pipe])
 
 
+def test_no_input_at_all_is_refused_in_one_line_naming_the_flag(tmp_path: Path, capsys, monkeypatch):
+    """`--input null` (null: no inputs) said 'input does not exist — --input null — check the path', as for a file
+    named null; `input: []` in a config said 'no input files found — --input  —', naming nothing. A file named null
+    is still an input."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.yaml").write_text("input: []\n")
+    tail = ["--output", "out", "--train-tokenizer", "--vocab-size", "300"]
+    for args, where in ((["--input", "null"], "--input null"), (["--config", "empty.yaml"], "--input")):
+        assert cli_main(["prepare", *args, *tail]) == 2
+        assert capsys.readouterr().err == (
+            f"error: no input given — {where} — give one or more files or folders (text, JSONL or parquet)\n"
+        )
+    (tmp_path / "null").write_text("")
+    assert cli_main(["prepare", "--input", "null", *tail]) == 2
+    assert capsys.readouterr().err.startswith("error: the input files are all empty or whitespace — --input null")
+    assert not (tmp_path / "out").exists()
+
+
 def test_compressed_json_shards_are_json_lines(tmp_path: Path):
     """C4 and Dolma ship JSON Lines as .json.gz: in a folder they were left out, named alone read as one binary text."""
     from epas_lightning.data.sources import discover_files, iter_documents

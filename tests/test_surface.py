@@ -163,6 +163,7 @@ DEVICE_COMMANDS = {
         (1, "cuda:1", "no such GPU: this machine has 1 (cuda:0) — --device cuda:1 — use cuda:0 (or auto)"),
         (0, "cuda", "CUDA is not available on this machine — --device cuda — use --device cpu (or auto)"),
         (0, "gpu0", "unknown device 'gpu0' — --device gpu0 — use auto, cpu, cuda or cuda:N"),
+        (1, "0", "unknown device '0' — --device 0 — use cuda:0 for GPU 0 (or auto, cpu, cuda)"),  # HF's, vLLM's
         (0, "meta", "device 'meta' is not available to these commands on this machine — --device meta — use auto"),
     ],
 )
@@ -176,6 +177,19 @@ def test_a_missing_device_is_one_line_before_anything_loads(cuda, device, says, 
         assert main([*argv, "--output", str(tmp_path / command)] if command in ("bench", "analyze") else argv) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {says}") and err.count("\n") == 1, (command, err)
+
+
+def test_a_gpu_number_as_the_device_in_a_config_says_cuda_n(tmp_path, capsys):
+    """``device: 0`` in a config (HF's and vLLM's spelling of GPU 0) said '--device takes text, not '0'', without the
+    name it takes; ``--device 0`` says ``cuda:0`` too."""
+    (tmp_path / "gpu.yaml").write_text("device: 0\n")
+    for command, extra in DEVICE_COMMANDS.items():
+        argv = [command, "--config", str(tmp_path / "gpu.yaml"), "--checkpoint", str(tmp_path / "missing.ckpt"), *extra]
+        assert main([*argv, "--output", str(tmp_path / command)] if command in ("bench", "analyze") else argv) == 2
+        assert capsys.readouterr().err == (
+            f"error: --device takes a device name, not the number 0 — python -m epas_lightning {command} — use cuda:0 "
+            "for GPU 0 (or auto, cpu, cuda)\n"
+        ), command
 
 
 def test_load_model_from_python_checks_its_device_argument(tmp_path, monkeypatch):
@@ -670,6 +684,24 @@ def test_the_process_freezes_its_objects_before_shutdown(tmp_path):
                     "--version"], tmp_path, tmp_path, [sys.executable])  # fmt: skip
     assert done.returncode == 0 and done.stdout.splitlines()[-1] == "frozen: True", done
     assert '\nepas = "epas_lightning.cli:entry_point"\n' in (REPO / "pyproject.toml").read_text()  # the `epas` script
+
+
+def test_ctrl_c_while_the_cli_imports_ends_in_one_line(tmp_path):
+    """Ctrl+C in the first moments of ``python -m epas_lightning`` (the CLI module's own imports, before ``main``
+    answers it) printed a Python traceback and ended by the signal; every command ends a Ctrl+C in one line with
+    status 130. The signal lands as the CLI's first module of its own (``errors``) is looked up."""
+    hook = (
+        "import signal, sys, runpy\n"
+        "class CtrlC:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'epas_lightning.errors':\n"
+        "            signal.raise_signal(signal.SIGINT)\n"
+        "sys.meta_path.insert(0, CtrlC())\n"
+        "runpy.run_module('epas_lightning', run_name='__main__', alter_sys=True)"
+    )
+    done = run_cli(["-c", hook, "fit", "--help"], tmp_path, tmp_path, [sys.executable])
+    assert (done.returncode, done.stdout) == (130, "")
+    assert done.stderr == "interrupted: fit stopped (Ctrl+C)\n"
 
 
 def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
@@ -1397,6 +1429,30 @@ def test_a_rewind_into_a_fixed_checkpoint_folder_is_refused(tmp_path, capsys, mo
     assert "— checkpoint.dirpath fixed — give the resumed run an empty folder" in str(refused.value)
     check_checkpoint_folder_free(config, "fixed/epoch=0-step=12.ckpt")
     check_checkpoint_folder_free(config, "fixed/last.ckpt")
+
+
+def test_a_rewind_into_a_fixed_folder_without_last_checkpoints_is_refused(tmp_path, monkeypatch):
+    """With save_last off the folder has no last.ckpt to tell the run went on: a resume of its step 4 trained there,
+    beside that run's later checkpoints ('epoch=0-step=8.ckpt' of one run, 'epoch=0-step=8-v1.ckpt' of the other).
+    Its newest checkpoint tells instead; resuming that one stays allowed."""
+    import os
+
+    from epas_lightning.resume import check_checkpoint_folder_free
+
+    monkeypatch.chdir(tmp_path)
+    folder = Path("fixed")
+    folder.mkdir()
+    for written, (name, step) in enumerate((("epoch=0-step=4.ckpt", 4), ("epoch=0-step=12.ckpt", 12))):
+        torch.save({"state_dict": {}, "global_step": step}, folder / name)
+        os.utime(folder / name, (1_000_000 + written, 1_000_000 + written))  # saved in that order
+    config = Namespace(trainer=Namespace(logger=False), checkpoint=Namespace(dirpath="fixed"))
+    with pytest.raises(CheckpointError, match="folder went on to step 12 after epoch=0-step=4.ckpt") as refused:
+        check_checkpoint_folder_free(config, "fixed/epoch=0-step=4.ckpt")
+    assert str(refused.value).endswith("or resume the newest with its path as --ckpt_path")  # no last to resume
+    check_checkpoint_folder_free(config, "fixed/epoch=0-step=12.ckpt")
+    (folder / "stray.ckpt").write_bytes(b"not a checkpoint")  # newest, but no step to judge by: the next one tells
+    with pytest.raises(CheckpointError, match="folder went on to step 12 after epoch=0-step=4.ckpt"):
+        check_checkpoint_folder_free(config, "fixed/epoch=0-step=4.ckpt")
 
 
 def test_a_logger_given_a_version_refuses_a_folder_with_another_runs_logs(tmp_path, monkeypatch):

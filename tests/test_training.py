@@ -2609,3 +2609,34 @@ def test_ctrl_c_stops_a_one_process_validate_of_a_loader_without_length_within_i
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     assert stop.interrupted_by == signal.SIGINT and batches == list(range(9))
+
+
+@pytest.mark.parametrize("save_last", [True, False])
+def test_a_rewind_into_its_own_checkpoint_folder_leaves_the_later_checkpoints_alone(
+    save_last, tiny_corpus, tmp_path, monkeypatch, capsys
+):
+    """A fit resuming its run's step 4 into that run's checkpoint folder, where the run went on to step 8: its saves
+    would replace that run's last.ckpt (or, save_last off, train beside its later checkpoints). One line before
+    training, nothing written; the newest checkpoint resumes there as before."""
+    from helpers import DEBUG_CONFIG
+
+    from epas_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    run = ["fit", "--config", DEBUG_CONFIG, "--checkpoint.dirpath", "ck", "--checkpoint.every_n_train_steps", "4"]
+    run += ["--checkpoint.save_top_k", "-1", "--checkpoint.save_last", str(save_last).lower()]
+    run += ["--trainer.enable_progress_bar", "false"]
+    assert main(run) == 0
+    written = {path.name: path.read_bytes() for path in Path("ck").iterdir()}
+    capsys.readouterr()
+    assert main([*run, "--trainer.max_steps", "12", "--ckpt_path", "ck/epoch=0-step=4.ckpt"]) == 2
+    newest = "--ckpt_path last" if save_last else "its path as --ckpt_path"
+    assert capsys.readouterr().err == (
+        "error: the run in this checkpoint folder went on to step 8 after epoch=0-step=4.ckpt, which this run would "
+        "mix with its own checkpoints and replace — checkpoint.dirpath ck — give the resumed run an empty folder "
+        f"(checkpoint.dirpath), or resume the newest with {newest}\n"
+    )
+    assert {path.name: path.read_bytes() for path in Path("ck").iterdir()} == written
+    newest_path = "last" if save_last else "ck/epoch=0-step=8.ckpt"
+    assert main([*run, "--trainer.max_steps", "12", "--ckpt_path", newest_path]) == 0
+    assert torch.load(f"ck/{'last' if save_last else 'epoch=0-step=12'}.ckpt", weights_only=True)["global_step"] == 12

@@ -41,6 +41,7 @@ from epas_lightning.data.sources import (
     discover_files,
     document_hash,
     file_identity,
+    no_input_given,
     plan_split,
     split_documents,
     with_split,
@@ -299,6 +300,8 @@ def prepare_dataset(
     inputs = [input] if isinstance(input, str | Path) else list(input)
     val_inputs = [] if val_input is None else [val_input] if isinstance(val_input, str | Path) else list(val_input)
     output = Path(output).expanduser().absolute()
+    if not inputs:
+        raise no_input_given("--input")
     if train_tokenizer != (tokenizer is None):
         raise ConfigError(
             "pass either a tokenizer file or --train-tokenizer with --vocab-size",

@@ -111,6 +111,8 @@ def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[In
             raise DataPreparationError(
                 "input is neither a file nor a folder (a pipe?)", f"{flag} {root}", "write it to a file first"
             )
+        elif str(raw) == "null":  # `--input null`: no input, not a file's name
+            raise no_input_given(f"{flag} null")
         else:
             what = "input is a broken link" if root.is_symlink() else "input does not exist"
             raise DataPreparationError(what, f"{flag} {root}", "check the path")
@@ -121,6 +123,11 @@ def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[In
                 files.append(InputFile(str(path), key, kind, stamp[0], split, stamp=stamp))  # type: ignore[arg-type]
     _warn_json_records(files)
     return files
+
+
+def no_input_given(where: str) -> DataPreparationError:
+    """The error for an input flag given no file or folder (``--input null``, ``input: []``)."""
+    return DataPreparationError("no input given", where, "give one or more files or folders (text, JSONL or parquet)")
 
 
 def file_identity(path: str | Path) -> tuple[int, int] | str:
