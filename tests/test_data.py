@@ -376,6 +376,19 @@ def test_a_built_in_corpus_entry_whose_tokenizer_was_replaced_is_built_again(
     assert len(built) == 1
 
 
+def test_a_built_in_corpus_built_again_does_not_say_first_use(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """An entry built again (its tokenizer file replaced since) said "Preparing the built-in corpus (first use only)"
+    right after the line saying it builds it again: it is prepared once per entry, which later runs reuse."""
+    entry = prepare_builtin_corpus(512, cache_dir=tmp_path, max_bytes=100_000, num_workers=1, progress=False)
+    tokenizer = json.loads((entry / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"]["replaced"] = len(tokenizer["model"]["vocab"])
+    (entry / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with caplog.at_level(logging.INFO, logger="epas_lightning"):
+        prepare_builtin_corpus(512, cache_dir=tmp_path, max_bytes=100_000, num_workers=1, progress=False)
+    assert "building it again" in caplog.text and "Preparing the built-in corpus" in caplog.text
+    assert "first use" not in caplog.text
+
+
 def test_numpy_numbers_in_the_settings_build_and_batch(tiny_corpus: Path):
     """A sweep's ``np.int64`` settings: ``vocab_size`` failed building the corpus's cache key ("Object of type int64 is
     not JSON serializable"), ``batch_size`` in torch's sampler ("should be a positive integer value")."""

@@ -375,6 +375,30 @@ def test_every_python_block_compiles_and_imports_what_exists(capsys):
     assert capsys.readouterr().out == "6.6%\n"
 
 
+def test_demo_section_scores_region_lengths_the_demo_trains():
+    """The region lengths README.md's "The demo" section has every validation also score (``val_sharing_layers``,
+    and the ``val/loss_at_sharing/N`` it names) fit configs/demo.yaml's region: its ``[0, 6]`` was the llama-125m
+    example's, and ``fit --config demo`` refused a length of 6 for a region of 4 layers."""
+    import yaml
+
+    from epas_lightning import LlamaConfig
+    from epas_lightning.schedule import SharingSchedule
+
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("## The demo\n")
+    demo = " ".join(readme[start : readme.index("\n## ", start)].split())
+    lengths = {n for found in re.findall(r"val_sharing_layers: (\[[^\]]*\])", demo) for n in yaml.safe_load(found)}
+    lengths |= {int(n) for n in re.findall(r"val/loss_at_sharing/(\d+)", demo)}
+    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    sharing = config["sharing"]
+    n_layer = LlamaConfig.from_name(config["model"]["config"]["name"]).n_layer
+    schedule = SharingSchedule.build(
+        n_layer, sharing["target"], sharing["growth"], sharing["interval"], sharing["start_step"]
+    )
+    assert lengths, "the demo section no longer names val_sharing_layers: update this test"
+    assert max(lengths) <= len(schedule.target_layers), (sorted(lengths), schedule.target_layers)
+
+
 def test_readme_training_script_runs_with_every_section_of_fit(tiny_corpus, tmp_path, monkeypatch):
     """The README's "In Python" script, shrunk to the debug model and 2 steps: it trains, and its Trainer has the
     callback of every section ``fit`` adds (a plain ``Trainer`` had none: no divergence guard, no last.ckpt at the

@@ -179,7 +179,7 @@ def build_entry(
         log.warning("Skipped %d standard library files that are not valid UTF-8.", n_undecodable)
     train, val = split_train_val(files, val_fraction)
     log.info(
-        "Preparing the built-in corpus (first use only): %d train / %d val files, %.1f MB of Python from %s",
+        "Preparing the built-in corpus (once: later runs reuse it): %d train / %d val files, %.1f MB of Python from %s",
         len(train),
         len(val),
         _mb(files),
