@@ -569,3 +569,28 @@ def test_evaluate_output_writes_the_table_and_what_was_scored(tmp_path, tiny_cor
     monkeypatch.undo()
     assert evaluate_main([*argv, "--overwrite"]) == 0  # its own output, replaced
     assert len((out / "evaluate.csv").read_text().splitlines()) == 2 and (mine / "notes.txt").read_text() == "keep"
+
+
+def test_evaluate_output_inside_what_it_reads_is_refused_before_the_weights_load(
+    tmp_path, tiny_corpus, capsys, monkeypatch
+) -> None:
+    """evaluate --output refused only an output inside the checkpoint: one inside the --data folder (or a --tokenizer
+    folder) it reads was built there, a folder of ours inside the user's prepared data (which ``prepare --overwrite``
+    then deletes with it)."""
+    import shutil
+
+    save_consolidated(tiny_model(shared=2), tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
+    data = shutil.copytree(tiny_corpus, tmp_path / "data")
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--data", str(data), "--batches", "1", "--device", "cpu"]
+
+    def read(*args):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(checkpoint, "_load_weights", read)
+    assert evaluate_main([*argv, "--output", str(data / "scores")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the output lies inside the input {data.resolve()}" in err, err
+    assert evaluate_main([*argv, "--tokenizer", str(data), "--output", str(data / "scores")]) == 2
+    assert "the output lies inside the input" in capsys.readouterr().err
+    assert sorted(p.name for p in data.iterdir()) == sorted(p.name for p in tiny_corpus.iterdir())
+
