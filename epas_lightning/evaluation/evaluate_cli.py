@@ -158,6 +158,7 @@ def evaluation_summary(
         "device": str(weight.device),
         "dtype": dtype_name(weight.dtype),
         "trained_region": loaded.region.to_record(),
+        "weights_trained_region": loaded.region.unrun_record(),  # a stock export's, which it runs dense
         "data": data_record(data),
         "batches": batches,
         "batch_size": batch_size,
