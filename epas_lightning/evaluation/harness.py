@@ -222,6 +222,7 @@ def run_lm_eval(
     summary = {
         "checkpoint": str(checkpoint),
         "trained_region": lm.loaded.region.to_record(),
+        "weights_trained_region": lm.loaded.region.unrun_record(),  # a stock export's, which it runs dense
         "tasks": specs,
         "num_fewshot": num_fewshot,
         "limit": limit,
@@ -379,15 +380,16 @@ def lm_eval_command(
     multiturn = fewshot_turns(apply_chat_template, fewshot_as_multiturn)
     require_lm_eval()
     seeds, generation = parse_seed(seed), parse_gen_kwargs(gen_kwargs)
+    read = [path for path in (checkpoint, tokenizer, *(include_path or [])) if path is not None]  # no output inside
     if output is not None:  # refuse a bad output before hours of scoring
-        check_output(output, OUTPUT_KIND, overwrite, [checkpoint])
+        check_output(output, OUTPUT_KIND, overwrite, read)
     summary = run_lm_eval(
         checkpoint, tasks, include_path or [], sharing_layers, num_fewshot, limit, batch_size, bootstrap_iters,
         tokenizer, device, dtype, force, seeds, generation, apply_chat_template, multiturn, log_samples,
     )  # fmt: skip
     print(format_table(summary["rows"]))
     if output is not None:
-        with output_folder(output, OUTPUT_KIND, overwrite, inputs=[checkpoint]) as build, writing_into(build):
+        with output_folder(output, OUTPUT_KIND, overwrite, inputs=read) as build, writing_into(build):
             write_outputs(summary, build)
         samples = " and the samples (samples_<task>_sharing<N>.jsonl)" if log_samples else ""
         print(f"wrote {Path(output) / TABLE_FILE}, {SUMMARY_FILE}{samples}")
