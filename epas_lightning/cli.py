@@ -154,11 +154,11 @@ def function_parser(fn: Callable, prog: str):  # noqa: ANN201 - jsonargparse.Arg
     described = {p.arg_name: p.description for p in doc.params}
     params = inspect.signature(fn).parameters
     hints = get_type_hints(fn)
-    switches = {name for name in params if _is_bool(hints.get(name))}
+    switches = [name for name in params if _is_bool(hints.get(name))]  # in --help in the arguments' order
     description = _plain("\n\n".join(part for part in (doc.short_description, doc.long_description) if part))
     parser = ArgumentParser(prog=prog, description=description, exit_on_error=False, allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML file setting any of the options below.")
-    parser.add_function_arguments(fn, skip=switches, as_group=False)
+    parser.add_function_arguments(fn, skip=set(switches), as_group=False)
     for name in switches:
         parser.add_argument(
             "--" + name.replace("_", "-"),

@@ -569,3 +569,44 @@ def test_evaluate_output_writes_the_table_and_what_was_scored(tmp_path, tiny_cor
     monkeypatch.undo()
     assert evaluate_main([*argv, "--overwrite"]) == 0  # its own output, replaced
     assert len((out / "evaluate.csv").read_text().splitlines()) == 2 and (mine / "notes.txt").read_text() == "keep"
+
+
+def test_evaluate_output_inside_what_it_reads_is_refused_before_the_weights_load(
+    tmp_path, tiny_corpus, capsys, monkeypatch
+) -> None:
+    """evaluate --output refused only an output inside the checkpoint: one inside the --data folder (or a --tokenizer
+    folder) it reads was built there, a folder of ours inside the user's prepared data (which ``prepare --overwrite``
+    then deletes with it)."""
+    import shutil
+
+    save_consolidated(tiny_model(shared=2), tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
+    data = shutil.copytree(tiny_corpus, tmp_path / "data")
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--data", str(data), "--batches", "1", "--device", "cpu"]
+
+    def read(*args):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(checkpoint, "_load_weights", read)
+    assert evaluate_main([*argv, "--output", str(data / "scores")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the output lies inside the input {data.resolve()}" in err, err
+    assert evaluate_main([*argv, "--tokenizer", str(data), "--output", str(data / "scores")]) == 2
+    assert "the output lies inside the input" in capsys.readouterr().err
+    assert sorted(p.name for p in data.iterdir()) == sorted(p.name for p in tiny_corpus.iterdir())
+
+
+def test_evaluate_output_of_a_stock_export_records_the_region_its_weights_trained(tmp_path, tiny_corpus, capsys):
+    """A stock export runs dense (its trained_region is empty) while its weights trained a region, which a forced
+    sweep shares: bench's JSON records it as weights_trained_region, evaluate.json did not, leaving its rows past
+    the empty region unexplained."""
+    save_consolidated(tiny_model(shared=2), tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
+    export = ["export", "--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf"), "--sharing-layers"]
+    assert cli_main([*export, "0"]) == 0
+    out = tmp_path / "scores"
+    argv = ["--checkpoint", str(tmp_path / "hf"), "--data", str(tiny_corpus), "--batches", "1", "--device", "cpu"]
+    assert evaluate_main([*argv, "--sharing-layers", "2", "--force", "--output", str(out)]) == 0
+    summary = strict_json((out / "evaluate.json").read_text())
+    assert summary["trained_region"]["layers"] == [] and summary["rows"][0]["shared_layers"] == [3, 2]
+    assert summary["weights_trained_region"] == {"layers": [3, 2], "order": "deep_first"}
+    assert evaluate_main(["--checkpoint", str(tmp_path / "ckpt"), *argv[2:], "--output", str(tmp_path / "own")]) == 0
+    assert strict_json((tmp_path / "own" / "evaluate.json").read_text())["weights_trained_region"] is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -1021,3 +1022,29 @@ def test_an_interrupted_log_samples_run_leaves_no_output(checkpoint, tasks, tmp_
     assert rc == 130 and calls[1] == ["samples_tiny_mc_sharing0.jsonl"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
+def test_lm_eval_json_of_a_stock_export_records_the_region_its_weights_trained(
+    exports, tasks, tmp_path, capsys
+) -> None:
+    """A stock export runs dense (trained_region empty) while its weights trained a region, which a forced sweep
+    shares: bench's and evaluate's JSON record it as weights_trained_region, lm_eval.json did not."""
+    argv = ["lm-eval", "--checkpoint", str(exports[0]), "--tasks", "tiny_mc", "--include-path", str(tasks),
+            "--bootstrap-iters", "0", "--limit", "2", "--device", "cpu"]  # fmt: skip
+    rc, _, err = run_cli(capsys, *argv, "--sharing-layers", "2", "--force", "--output", str(tmp_path / "out"))
+    assert rc == 0, err
+    written = json.loads((tmp_path / "out" / "lm_eval.json").read_text())
+    assert written["trained_region"]["layers"] == [] and written["rows"][0]["shared_layers"] == [3, 2]
+    assert written["weights_trained_region"] == {"layers": [3, 2], "order": "deep_first"}
+
+
+def test_lm_eval_output_inside_an_include_path_is_refused_before_the_weights(
+    checkpoint, tasks, tmp_path, capsys, no_weights_load
+) -> None:
+    """lm-eval --output refused an output inside the checkpoint only: one inside an --include-path folder (or a
+    --tokenizer folder) it reads was built there, beside the task YAMLs lm-eval indexes."""
+    include = shutil.copytree(tasks, tmp_path / "tasks")
+    argv = ["lm-eval", "--checkpoint", str(checkpoint), "--tasks", "tiny_mc", "--include-path", str(include)]
+    rc, _, err = run_cli(capsys, *argv, "--device", "cpu", "--output", str(include / "out"))
+    assert rc == 2 and f"the output lies inside the input {include.resolve()}" in err, err
+    assert not (include / "out").exists()

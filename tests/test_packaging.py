@@ -68,12 +68,13 @@ def test_what_lightning_offers_only_when_installed_and_we_rely_on_is_a_core_depe
     gated: dict[str, str] = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("utilities.imports"):
-                flags = importlib.import_module(node.module)
-                for alias in node.names:
-                    requirement = getattr(getattr(flags, alias.name), "requirement", None)
-                    if alias.name.endswith("_AVAILABLE") and requirement:
-                        gated.setdefault(_name(requirement), f"{alias.name} in {path.relative_to(REPO)}")
+            # from any library's module (lightning's utilities.imports, litdata.constants, a callback's module)
+            if not isinstance(node, ast.ImportFrom) or node.level or node.module.split(".")[0] == PACKAGE.name:
+                continue
+            for name in (alias.name for alias in node.names if alias.name.endswith("_AVAILABLE")):
+                requirement = getattr(getattr(importlib.import_module(node.module), name), "requirement", None)
+                if requirement:
+                    gated.setdefault(_name(requirement), f"{name} in {path.relative_to(REPO)}")
     assert gated, "the scan found no flag: it no longer sees how the package reads them"
     missing = {name: where for name, where in gated.items() if name not in core}
     assert not missing, f"declare in pyproject.toml's dependencies: {missing}"

@@ -88,3 +88,23 @@ def test_epaslm_refuses_a_region_past_the_trained_one_before_reading_the_weights
     monkeypatch.setattr(checkpoint, "_load_weights", read)
     with pytest.raises(ConfigError, match="trained dense \\(no sharing layers\\); 1 was asked for — sharing_layers —"):
         lm_eval_adapter.EPASLM(str(models[320]), sharing_layers=1, device="cpu")
+
+
+@pytest.mark.parametrize("command", ["evaluate", "bench", "analyze"])
+def test_an_output_inside_the_data_folder_read_is_refused_before_the_weights(
+    command, models, tiny_corpus, tmp_path, capsys, monkeypatch
+):
+    """The commands that read a --data folder refused an --output inside the checkpoint only: one inside the
+    prepared data folder was built there (after minutes of work, and deleted by the next ``prepare --overwrite``)."""
+    import shutil
+
+    def read(*args):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(checkpoint, "_load_weights", read)
+    data = shutil.copytree(tiny_corpus, tmp_path / "data")
+    flags = ["--checkpoint", str(models[320]), "--data", str(data), "--device", "cpu", "--output", str(data / "out")]
+    rc = cli_main([command, *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and f"the output lies inside the input {data.resolve()}" in err, err
+    assert not (data / "out").exists()

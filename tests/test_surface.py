@@ -84,6 +84,17 @@ def test_top_level_help_lists_every_command_with_a_description(capsys, monkeypat
     assert capsys.readouterr().out.startswith("usage: python -m epas_lightning fit --trainer.callbacks.monitor")
 
 
+def test_help_lists_a_tools_switches_in_the_order_of_its_arguments():
+    """The switches (--force, --json, --overwrite...) were added from a set: each run's --help listed them in another
+    order (the hash seed's), so two runs of ``generate --help`` differed."""
+    for name in TOOLS:
+        fn = tool(name)
+        hints = get_type_hints(fn)
+        switches = [p for p in inspect.signature(fn).parameters if hints.get(p) in (bool, bool | None)]
+        listed = [a.dest for a in function_parser(fn, name)._actions if a.dest in switches]
+        assert listed == switches, name
+
+
 @pytest.mark.parametrize("command", sorted(TOOLS))
 def test_every_tool_speaks_the_same_vocabulary(command, capsys):
     assert main([command, "--help"]) == 0

@@ -198,7 +198,8 @@ def analyze_command(
         )
     check_data_flag(data)
     check_device(device, dtype)
-    check_output(output, "analysis", overwrite, [checkpoint])
+    read = [path for path in (checkpoint, data) if path is not None]  # no output inside what it reads
+    check_output(output, "analysis", overwrite, read)
     recorded = describe_checkpoint(checkpoint)  # everything checked before the weights load
     config = recorded.config
     if config.n_layer < 2:
@@ -228,7 +229,7 @@ def analyze_command(
     )
     loaded = load_for_inference(checkpoint, device, dtype, attention_reuse=False)  # every layer computes here
     model = loaded.model
-    with output_folder(output, "analysis", overwrite, inputs=[checkpoint]) as build:
+    with output_folder(output, "analysis", overwrite, inputs=read) as build:
         print(f"analysing {checkpoint} ({config.n_layer} layers) on {data_dir}", file=sys.stderr)
         held_out = progress(held_out, "analyze: capturing activations", batches, "batch")
         report = analyze_model(model, held_out)

@@ -158,6 +158,7 @@ def evaluation_summary(
         "device": str(weight.device),
         "dtype": dtype_name(weight.dtype),
         "trained_region": loaded.region.to_record(),
+        "weights_trained_region": loaded.region.unrun_record(),  # a stock export's, which it runs dense
         "data": data_record(data),
         "batches": batches,
         "batch_size": batch_size,
@@ -238,14 +239,15 @@ def evaluate_command(
     check_counts({"--batches": batches, "--batch-size": batch_size, "--seq-len": seq_len})
     check_data_flag(data)
     check_tokenizer_flag(tokenizer)
+    read = [path for path in (checkpoint, data, tokenizer, *(tasks or [])) if path is not None]  # no output inside
     if output is not None:  # refuse a bad output before the weights load and the scoring runs
-        check_output(output, OUTPUT_KIND, overwrite, [checkpoint])
+        check_output(output, OUTPUT_KIND, overwrite, read)
     summary = evaluation_summary(
         checkpoint, sharing_layers, data, tasks or [], batches, batch_size, tokenizer, force, device, dtype, seq_len
     )
     print(format_table(summary["rows"]))
     if output is not None:
-        with output_folder(output, OUTPUT_KIND, overwrite, inputs=[checkpoint]) as build, writing_into(build):
+        with output_folder(output, OUTPUT_KIND, overwrite, inputs=read) as build, writing_into(build):
             write_table(summary["rows"], build / TABLE_FILE)
             (build / SUMMARY_FILE).write_text(json_text(summary, indent=2) + "\n")
         print(f"wrote {Path(output) / TABLE_FILE} and {SUMMARY_FILE}")

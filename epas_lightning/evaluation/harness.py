@@ -249,6 +249,7 @@ def run_lm_eval(
     summary = {
         "checkpoint": str(checkpoint),
         "trained_region": lm.loaded.region.to_record(),
+        "weights_trained_region": lm.loaded.region.unrun_record(),  # a stock export's, which it runs dense
         "tasks": specs,
         "num_fewshot": num_fewshot,
         "limit": limit,
@@ -408,8 +409,9 @@ def lm_eval_command(
     multiturn = fewshot_turns(apply_chat_template, fewshot_as_multiturn)
     require_lm_eval()
     seeds, generation = parse_seed(seed), parse_gen_kwargs(gen_kwargs)
+    read = [path for path in (checkpoint, tokenizer, *(include_path or [])) if path is not None]  # no output inside
     if output is not None:  # refuse a bad output before hours of scoring
-        check_output(output, OUTPUT_KIND, overwrite, [checkpoint])
+        check_output(output, OUTPUT_KIND, overwrite, read)
     arguments = (
         checkpoint, tasks, include_path or [], sharing_layers, num_fewshot, limit, batch_size, bootstrap_iters,
         tokenizer, device, dtype, force, seeds, generation, apply_chat_template, multiturn, log_samples,
@@ -418,7 +420,7 @@ def lm_eval_command(
         summary = run_lm_eval(*arguments)
         print(format_table(summary["rows"]))
     else:  # each region's samples written into the build as it ends; renamed into place once all are
-        with output_folder(output, OUTPUT_KIND, overwrite, inputs=[checkpoint]) as build:
+        with output_folder(output, OUTPUT_KIND, overwrite, inputs=read) as build:
             summary = run_lm_eval(*arguments, samples_into=build)
             print(format_table(summary["rows"]))
             with writing_into(build):

@@ -317,7 +317,8 @@ def bench_command(
     check_data_flag(data)
     graphed = cuda_graph_choice(cuda_graph, device)
     check_device(device, dtype)
-    check_output(output, "bench", overwrite, [checkpoint])
+    read = [path for path in (checkpoint, data) if path is not None]  # no output inside what it reads
+    check_output(output, "bench", overwrite, read)
     recorded = describe_checkpoint(checkpoint)  # everything checked before the weights load
     config = recorded.config
     seq_len = config.block_size if seq_len is None else seq_len
@@ -357,7 +358,7 @@ def bench_command(
         else []
     )
     loaded = load_for_inference(checkpoint, device, dtype, attention_reuse)
-    with output_folder(output, "bench", overwrite, inputs=[checkpoint]) as build:
+    with output_folder(output, "bench", overwrite, inputs=read) as build:
         rows = measure(loaded, max_shared, force, seq_len, held_out, prompts, prompt_len, max_new_tokens, reps,
                        graphed)  # fmt: skip
         summary = {
