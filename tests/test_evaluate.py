@@ -321,7 +321,7 @@ def test_seq_len_errors_say_what_to_lower(tiny_corpus: Path, tmp_path: Path) -> 
 def test_evaluate_batches_with_tasks_scores_the_run_data_too(tmp_path: Path, tiny_corpus: Path, capsys) -> None:
     """--batches asks for the held-out loss: with --tasks it is still scored on the run's own data, not dropped.
     --tasks alone scores the tasks only, which it did without a word: a note says so and how to get the loss."""
-    from epas_lightning.evaluation.evaluate_cli import evaluate
+    from epas_lightning.evaluation.evaluate_cli import evaluation_summary
 
     ckpt = save_consolidated(tiny_model(), tmp_path / "ckpt", tiny_corpus / "tokenizer.json")
     record = json.loads((ckpt / "config.json").read_text())
@@ -329,14 +329,15 @@ def test_evaluate_batches_with_tasks_scores_the_run_data_too(tmp_path: Path, tin
     (ckpt / "config.json").write_text(json.dumps(record))
     task = tmp_path / "code.jsonl"
     task.write_text(json.dumps({"context": "import", "choices": [" os", " the"], "label": 0}) + "\n")
-    rows = evaluate(ckpt, tasks=[task], batches=1, batch_size=2, device="cpu")
+    rows = evaluation_summary(ckpt, tasks=[task], batches=1, batch_size=2, device="cpu")["rows"]
     assert rows[0]["val_tokens"] == 2 * 32 and "code/acc" in rows[0]
     capsys.readouterr()
-    assert "val_loss" not in evaluate(ckpt, tasks=[task], device="cpu")[0]  # tasks alone: only the tasks
+    tasks_alone = evaluation_summary(ckpt, tasks=[task], device="cpu")["rows"]  # no --batches: only the tasks
+    assert "val_loss" not in tasks_alone[0]
     says = "evaluate: the tasks only, no held-out loss: give --batches B or --data DIR for one\n"
     assert capsys.readouterr().err == says
     bare = save_consolidated(tiny_model(), tmp_path / "bare", tiny_corpus / "tokenizer.json")  # records no data
-    evaluate(bare, tasks=[task], device="cpu")
+    evaluation_summary(bare, tasks=[task], device="cpu")
     says = "evaluate: the tasks only, no held-out loss: give --data DIR for one (the checkpoint does not say which "
     assert capsys.readouterr().err.startswith(says)
 

@@ -286,7 +286,7 @@ def test_validation_scores_the_asked_region_lengths_as_evaluate_does_and_leaves_
     """``val_sharing_layers``: each validation (mid-epoch, and at the end, before last.ckpt is written) and ``test``
     score their batches at those lengths too, the numbers ``evaluate`` gives the checkpoint, and training goes on
     with the region it had."""
-    from epas_lightning.evaluation.evaluate_cli import evaluate
+    from epas_lightning.evaluation.evaluate_cli import evaluation_summary
 
     module, data = make_run(tiny_corpus, n_layer=2)
     record = ValidationRecord()
@@ -301,7 +301,7 @@ def test_validation_scores_the_asked_region_lengths_as_evaluate_does_and_leaves_
     mid, end = record.logged
     assert mid["val/loss_at_sharing/0"] == mid["val/loss"] != mid["val/loss_at_sharing/1"]
     assert end["val/loss_at_sharing/1"] == end["val/loss"]
-    rows = evaluate(tmp_path / "last.ckpt", "all", data=tiny_corpus, batches=2, batch_size=4)
+    rows = evaluation_summary(tmp_path / "last.ckpt", "all", data=tiny_corpus, batches=2, batch_size=4)["rows"]
     (tested,) = trainer.test(module, data)
     for n, row in enumerate(rows):  # attention reuse in evaluate: the same model, other rounding
         assert end[f"val/loss_at_sharing/{n}"] == pytest.approx(row["val_loss"], rel=1e-5)

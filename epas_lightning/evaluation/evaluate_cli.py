@@ -51,27 +51,6 @@ def region_lengths(spec: int | str | None, recorded: CheckpointInfo, force: bool
     return [n]
 
 
-def evaluate(
-    checkpoint: str | Path,
-    sharing_layers: int | str | None = None,
-    data: str | Path | None = None,
-    tasks: list[str | Path] = (),
-    batches: int | None = None,
-    batch_size: int = 8,
-    tokenizer: str | Path | None = None,
-    force: bool = False,
-    device: str = "auto",
-    dtype: DType = "auto",
-    seq_len: int | None = None,
-) -> list[dict]:
-    """One row per region length: ``{"sharing_layers", "val_loss", "val_ppl", "<task>/acc", "<task>/acc_norm"}``.
-    See :func:`evaluation_summary`, whose ``rows`` they are."""
-    summary = evaluation_summary(
-        checkpoint, sharing_layers, data, tasks, batches, batch_size, tokenizer, force, device, dtype, seq_len
-    )
-    return summary["rows"]
-
-
 def evaluation_summary(
     checkpoint: str | Path,
     sharing_layers: int | str | None = None,
