@@ -1021,3 +1021,21 @@ def test_an_interrupted_log_samples_run_leaves_no_output(checkpoint, tasks, tmp_
     assert rc == 130 and calls[1] == ["samples_tiny_mc_sharing0.jsonl"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    ("value", "unknown"), [("{file},nope", "nope"), ("nope,{file}", "nope"), ("tiny_[xy]*,{file}", "tiny_[xy]*")]
+)
+def test_an_unknown_task_beside_a_task_file_with_spaces_in_its_path_is_named(
+    checkpoint, tasks, tmp_path, capsys, value, unknown
+) -> None:
+    """A task YAML in a folder whose name has a space, given with an unknown task in one --tasks value, read as a list
+    written with spaces (the advice split the file's path into task names); the unknown task is what the line names,
+    a glob's brackets too."""
+    folder = tmp_path / "my tasks"
+    folder.mkdir()
+    file = folder / "tiny_mc.yaml"
+    file.write_text((tasks / "tiny_mc.yaml").read_text())
+    argv = ["lm-eval", "--checkpoint", str(checkpoint), "--device", "cpu", "--tasks", value.format(file=file)]
+    rc, _, err = run_cli(capsys, *argv)
+    assert rc == 2 and err.startswith(f"error: unknown lm-eval task {unknown} — --tasks — `lm_eval ls tasks` "), err

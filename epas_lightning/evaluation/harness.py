@@ -93,7 +93,7 @@ def resolve_tasks(tasks: Sequence[str], include_path: Sequence[str | Path] = ())
         manager = TaskManager(include_path=paths)  # lm-eval's own tasks
     unknown = [name for name in names if not _matches(name, manager.all_tasks)]
     if unknown:
-        check_task_list(tasks)
+        check_task_list(tasks, unknown)
         raise ConfigError(
             f"unknown lm-eval task {', '.join(unknown)}",
             "--tasks",
@@ -102,17 +102,21 @@ def resolve_tasks(tasks: Sequence[str], include_path: Sequence[str | Path] = ())
     return [*files, *manager.match_tasks(names)], manager
 
 
-LIST_SYNTAX = re.compile(r"""[\s"']|^\[.*\]$""", re.DOTALL)
-"""A ``--tasks`` value written as a list (``[a, b]``, ``["a", "b"]``) or as lm-eval's space-separated names (``a b``):
-brackets around it, quotes or spaces, which no task name has."""
+LIST_SYNTAX = re.compile(r"""[\s"']|^\[[^\]]*$|^[^\[]*\]$|^\[[^\[\]]*\]$""")
+"""An unknown name from a ``--tasks`` value written as a list (``[a, b]``, ``["a", "b"]``: the names ``[a`` and ``b]``;
+``[a]``) or as lm-eval's space-separated names (``a b``): quotes or spaces, which no task name has, or a bracket of a
+list (a glob's ``mmlu_[ab]*`` is not one). A task file's path may have spaces: it is no name."""
+LIST_PUNCTUATION = re.compile(r"""[\s"'\[\]]+""")
 
 
-def check_task_list(tasks: Sequence[str]) -> None:
+def check_task_list(tasks: Sequence[str], unknown: Sequence[str]) -> None:
     """A :class:`ConfigError` saying how tasks are given, for a ``--tasks`` value written as a list
-    (:data:`LIST_SYNTAX`), which read as unknown names (``[a`` and ``b]``)."""
+    (:data:`LIST_SYNTAX` in one of its ``unknown`` names); the names it gives keep the value's known names and files."""
     for value in (str(task).strip() for task in tasks):
-        if LIST_SYNTAX.search(value) and not value.endswith((".yaml", ".yml")):
-            names = [name for name in re.split(r"""[\s"',\[\]]+""", value) if name]
+        parts = [part.strip() for part in value.split(",") if part.strip()]
+        if any(part in unknown and LIST_SYNTAX.search(part) for part in parts):
+            split = [LIST_PUNCTUATION.split(part) if part in unknown else [part] for part in parts]
+            names = [name for names in split for name in names if name]
             raise ConfigError(
                 f"--tasks takes task names separated by commas, not a list or spaces: unknown lm-eval task {value}",
                 f"--tasks {value}",
