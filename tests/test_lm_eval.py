@@ -1039,3 +1039,20 @@ def test_an_unknown_task_beside_a_task_file_with_spaces_in_its_path_is_named(
     argv = ["lm-eval", "--checkpoint", str(checkpoint), "--device", "cpu", "--tasks", value.format(file=file)]
     rc, _, err = run_cli(capsys, *argv)
     assert rc == 2 and err.startswith(f"error: unknown lm-eval task {unknown} — --tasks — `lm_eval ls tasks` "), err
+
+
+def test_a_task_max_length_past_the_context_length_names_max_length(checkpoint, tasks, tmp_path) -> None:
+    """A task YAML's ``max_length`` (the prompt and the generated tokens together) past the model's 32 positions,
+    which --gen-kwargs' check never sees: the error named our decoding's ``max_new_tokens`` and the prompts."""
+    import epas_lightning.evaluation.lm_eval_adapter  # noqa: F401 - registers "epas"
+
+    body = GENERATE.replace("max_gen_toks: 8", "max_gen_toks: 8, max_length: 40")
+    (tmp_path / "long_gen.yaml").write_text(task_yaml("long_gen", tasks / "tiny_gen.jsonl", tmp_path / "cache", body))
+    args = {"checkpoint": str(checkpoint), "sharing_layers": 0, "device": "cpu"}
+    with pytest.raises(ConfigError) as raised:
+        evaluate("epas", args, tmp_path, ["long_gen"], limit=1)
+    said = raised.value
+    past = "max_length 40 is past the model's context length of 32 (the prompt and the generated tokens together)"
+    assert said.what == past, said.what
+    assert said.where == "--gen-kwargs, or the task's generation_kwargs", said.where
+    assert said.fix == "give max_length 32 or less, or max_gen_toks for the tokens to generate", said.fix

@@ -316,6 +316,14 @@ class EPASLM(HFLM):
         defaults: :func:`sampling_settings`); ``HFLM`` cuts the decoded text at the stop strings. A setting our decoding
         does not honour (beam search, a repetition penalty) is refused: :func:`check_decoding_settings`.
         """
+        context_length = self.loaded.model.config.context_length
+        if max_length > context_length:  # a task's max_length: --gen-kwargs' is checked before the weights load
+            raise ConfigError(
+                f"max_length {max_length} is past the model's context length of {context_length} (the prompt and the "
+                "generated tokens together)",
+                "--gen-kwargs, or the task's generation_kwargs",
+                f"give max_length {context_length} or less, or max_gen_toks for the tokens to generate",
+            )
         if max_length <= context.shape[1]:  # transformers' generate raises for it on the export
             raise ConfigError(
                 f"max_length {max_length} leaves no token to generate after a prompt of {context.shape[1]} tokens (the "
