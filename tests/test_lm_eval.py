@@ -1056,3 +1056,42 @@ def test_a_task_max_length_past_the_context_length_names_max_length(checkpoint, 
     assert said.what == past, said.what
     assert said.where == "--gen-kwargs, or the task's generation_kwargs", said.where
     assert said.fix == "give max_length 32 or less, or max_gen_toks for the tokens to generate", said.fix
+
+
+@pytest.mark.parametrize("output", [False, True])
+def test_a_full_disk_while_scoring_is_not_blamed_on_the_output(
+    checkpoint, tasks, tmp_path, capsys, monkeypatch, output
+) -> None:
+    """lm-eval filling its disk while it scores (the datasets cache): with --output (opened before scoring since the
+    samples are written as each region ends) the line said the output's disk was full and to choose another --output;
+    it names the file lm-eval was writing, as without --output, and leaves no output."""
+    import errno
+
+    def full(*args: Any, **kwargs: Any) -> dict:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "data.arrow"))
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", full)
+    argv = ["lm-eval", "--checkpoint", str(checkpoint), "--include-path", str(tasks), "--device", "cpu"]
+    argv += ["--tasks", "tiny_mc", "--limit", "1"] + (["--output", str(tmp_path / "out")] if output else [])
+    rc, _, err = run_cli(capsys, *argv)
+    assert rc == 2 and list(tmp_path.iterdir()) == [], err
+    said = "error: no space left on the device (or quota) while lm-eval ran — " + str(tmp_path / "cache" / "data.arrow")
+    assert err == f"{said} — free space\n", err
+
+
+def test_a_full_disk_writing_the_samples_is_the_outputs(checkpoint, tasks, tmp_path, capsys, monkeypatch) -> None:
+    """A region's samples written into the build on a full disk stay the output's to say, scoring apart from it."""
+    import errno
+
+    from epas_lightning.evaluation import harness
+
+    def full(*args: Any, **kwargs: Any) -> list[str]:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(harness, "write_samples", full)
+    argv = ["lm-eval", "--checkpoint", str(checkpoint), "--include-path", str(tasks), "--device", "cpu"]
+    argv += ["--tasks", "tiny_mc", "--limit", "1", "--log-samples", "--output", str(tmp_path / "out")]
+    rc, err = cli_main(argv), capsys.readouterr().err  # after lm-eval's progress bars
+    assert rc == 2 and list(tmp_path.iterdir()) == [], err
+    line = err.splitlines()[-1]
+    assert line.startswith("error: no space left on the device (or quota) while writing; nothing was left behind"), err

@@ -39,7 +39,7 @@ from epas_lightning.evaluation.lm_eval_options import (
     parse_seed,
     write_samples,
 )
-from epas_lightning.outputs import check_output, output_folder, writing_into
+from epas_lightning.outputs import apart_from_the_output, check_output, output_folder, writing_into
 from epas_lightning.runtime import DType, emit_json, json_text, resolve_device
 
 INSTALL = "pip install 'epas_lightning[eval]'"
@@ -227,7 +227,13 @@ def run_lm_eval(
     rows, runs, samples = [], {}, {}
     for n in lengths:
         layers = lm.set_sharing_layers(n)
-        with task_data_errors(), too_few_examples(num_fewshot), refusing_misscored_documents(), quiet_git_hash():
+        with (
+            apart_from_the_output(),
+            task_data_errors(),
+            too_few_examples(num_fewshot),
+            refusing_misscored_documents(),
+            quiet_git_hash(),
+        ):
             result = lm_eval.simple_evaluate(
                 model=lm,
                 batch_size=batch_size,  # recorded in the run's config, as lm-eval records the batch size it is given
