@@ -1095,3 +1095,21 @@ def test_a_full_disk_writing_the_samples_is_the_outputs(checkpoint, tasks, tmp_p
     assert rc == 2 and list(tmp_path.iterdir()) == [], err
     line = err.splitlines()[-1]
     assert line.startswith("error: no space left on the device (or quota) while writing; nothing was left behind"), err
+
+
+def test_a_task_given_alone_and_in_its_group_is_one_line(checkpoint, tasks, tmp_path, capsys) -> None:
+    """A task given on its own and in a group that holds it (lm-eval runs each task once, so each region writes one
+    samples file per task): lm-eval's ValueError "Duplicate task" was a traceback; one line, and no output."""
+    import shutil
+
+    folder = tmp_path / "tasks"
+    shutil.copytree(tasks, folder, ignore=shutil.ignore_patterns("cache"))
+    (folder / "group.yaml").write_text("group: tiny_group\ntask: [tiny_mc, tiny_gen]\n")
+    argv = ["lm-eval", "--checkpoint", str(checkpoint), "--include-path", str(folder), "--device", "cpu"]
+    argv += ["--tasks", "tiny_group,tiny_mc", "--limit", "1", "--log-samples", "--output", str(tmp_path / "out")]
+    rc, err = cli_main(argv), capsys.readouterr().err  # after the datasets' progress bars
+    assert rc == 2 and not (tmp_path / "out").exists(), err
+    assert err.splitlines()[-1] == (
+        "error: lm-eval runs each task once: Duplicate task 'tiny_mc': found in both 'tiny_group' and 'tiny_mc' — "
+        "--tasks — give each task once: leave out the one given on its own, or one of the groups holding it"
+    ), err

@@ -231,6 +231,7 @@ def run_lm_eval(
             apart_from_the_output(),
             task_data_errors(),
             too_few_examples(num_fewshot),
+            tasks_given_twice(),
             refusing_misscored_documents(),
             quiet_git_hash(),
         ):
@@ -327,6 +328,22 @@ def too_few_examples(num_fewshot: int | None) -> Iterator[None]:
             f"a task has fewer than {num_fewshot} examples to draw the few-shot ones from",
             f"--num-fewshot {num_fewshot}",
             "lower --num-fewshot, or leave it out for each task's own",
+        ) from e
+
+
+@contextmanager
+def tasks_given_twice() -> Iterator[None]:
+    """A task given on its own and in a group that holds it (or in two such groups), which lm-eval runs once: its
+    ``ValueError`` "Duplicate task", raised as it builds the tasks (before any scoring), was a traceback."""
+    try:
+        yield
+    except ValueError as e:
+        if not str(e).startswith("Duplicate task"):
+            raise
+        raise ConfigError(
+            f"lm-eval runs each task once: {e}",
+            "--tasks",
+            "give each task once: leave out the one given on its own, or one of the groups holding it",
         ) from e
 
 
