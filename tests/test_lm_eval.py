@@ -1113,3 +1113,21 @@ def test_a_task_given_alone_and_in_its_group_is_one_line(checkpoint, tasks, tmp_
         "error: lm-eval runs each task once: Duplicate task 'tiny_mc': found in both 'tiny_group' and 'tiny_mc' — "
         "--tasks — give each task once: leave out the one given on its own, or one of the groups holding it"
     ), err
+
+
+def test_a_task_without_max_gen_toks_past_a_short_context_is_one_line(checkpoint, tasks, tmp_path) -> None:
+    """A generate_until task that sets no max_gen_toks generates up to lm-eval's default 256 tokens, past this model's
+    32 positions: ``HFLM``'s AssertionError "Invalid configuration" was a traceback."""
+    import epas_lightning.evaluation.lm_eval_adapter  # noqa: F401 - registers "epas"
+
+    body = GENERATE.replace(", max_gen_toks: 8", "")
+    (tmp_path / "gen.yaml").write_text(task_yaml("default_gen", tasks / "tiny_gen.jsonl", tmp_path / "cache", body))
+    args = {"checkpoint": str(checkpoint), "sharing_layers": 0, "device": "cpu"}
+    with pytest.raises(ConfigError) as raised:
+        evaluate("epas", args, tmp_path, ["default_gen"], limit=1)
+    said = raised.value
+    assert said.what == (
+        "a task generates up to 256 tokens (max_gen_toks; 256 where the task sets none), which leaves no room for a "
+        "prompt in the model's context length of 32"
+    ), said.what
+    assert (said.where, said.fix) == ("the task's generation_kwargs", "give --gen-kwargs max_gen_toks=N, N below 32")

@@ -295,6 +295,23 @@ class EPASLM(HFLM):
         finally:
             self.logits_cache = cache
 
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        """``HFLM``'s, once every request's tokens to generate are known to leave room for a prompt: ``HFLM`` asserted
+        it (an ``AssertionError`` traceback), for a task that sets no ``max_gen_toks`` too (lm-eval's default, 256,
+        past a context length of 256 or less)."""
+        from lm_eval.models.utils import normalize_gen_kwargs
+
+        for settings in {repr(request.args[1]): request.args[1] for request in requests}.values():
+            tokens = normalize_gen_kwargs(settings, self.max_gen_toks)["max_gen_toks"]
+            if tokens >= self.max_length:
+                raise ConfigError(
+                    f"a task generates up to {tokens} tokens (max_gen_toks; {self.max_gen_toks} where the task sets "
+                    f"none), which leaves no room for a prompt in the model's context length of {self.max_length}",
+                    "the task's generation_kwargs",
+                    f"give --gen-kwargs max_gen_toks=N, N below {self.max_length}",
+                )
+        return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
     def _batch_scheduler(self, pos: int, n_reordered_requests: Any) -> int:
         """``HFLM``'s search schedule for ``batch_size="auto:N"``, with N at most the number of requests: lm-eval
         0.4.13 split them into ``len // N`` each, zero below N requests (a small task, a small ``limit``), and divided
