@@ -1059,18 +1059,22 @@ def test_a_task_max_length_past_the_context_length_names_max_length(checkpoint, 
 
 
 @pytest.mark.parametrize("output", [False, True])
+@pytest.mark.parametrize("stage", ["loading", "scoring"])
 def test_a_full_disk_while_scoring_is_not_blamed_on_the_output(
-    checkpoint, tasks, tmp_path, capsys, monkeypatch, output
+    checkpoint, tasks, tmp_path, capsys, monkeypatch, output, stage
 ) -> None:
-    """lm-eval filling its disk while it scores (the datasets cache): with --output (opened before scoring since the
-    samples are written as each region ends) the line said the output's disk was full and to choose another --output;
-    it names the file lm-eval was writing, as without --output, and leaves no output."""
+    """lm-eval filling its disk while it scores (the datasets cache), or the model's loading its temporary folder:
+    with --output (opened before both since the samples are written as each region ends) the line said the output's
+    disk was full and to choose another --output; it names the file being written, as without --output, and leaves no
+    output."""
     import errno
+
+    from epas_lightning.evaluation import lm_eval_adapter
 
     def full(*args: Any, **kwargs: Any) -> dict:
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "data.arrow"))
 
-    monkeypatch.setattr(lm_eval, "simple_evaluate", full)
+    monkeypatch.setattr(*(lm_eval, "simple_evaluate") if stage == "scoring" else (lm_eval_adapter, "EPASLM"), full)
     argv = ["lm-eval", "--checkpoint", str(checkpoint), "--include-path", str(tasks), "--device", "cpu"]
     argv += ["--tasks", "tiny_mc", "--limit", "1"] + (["--output", str(tmp_path / "out")] if output else [])
     rc, _, err = run_cli(capsys, *argv)

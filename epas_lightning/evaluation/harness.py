@@ -205,23 +205,24 @@ def run_lm_eval(
 
     from epas_lightning.evaluation.lm_eval_adapter import EPASLM
 
-    specs, manager = resolve_tasks(tasks, include_path)
-    recorded = describe_checkpoint(checkpoint)
-    lengths = region_lengths(sharing_layers, recorded, force)  # checked before the weights load
-    check_generation_length(gen_kwargs, recorded.config.context_length)
-    if apply_chat_template:  # before the weights load too; no tokenizer at all: EPASLM says so
-        path = resolve_tokenizer_path(tokenizer) if tokenizer is not None else recorded.tokenizer_file()
-        if path is not None:
-            check_chat_template(path)
-    lm = EPASLM(
-        checkpoint,
-        tokenizer=tokenizer,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        force=force,
-        command_flags=True,
-    )
+    with apart_from_the_output():  # loading, as scoring, writes nothing into samples_into
+        specs, manager = resolve_tasks(tasks, include_path)
+        recorded = describe_checkpoint(checkpoint)
+        lengths = region_lengths(sharing_layers, recorded, force)  # checked before the weights load
+        check_generation_length(gen_kwargs, recorded.config.context_length)
+        if apply_chat_template:  # before the weights load too; no tokenizer at all: EPASLM says so
+            path = resolve_tokenizer_path(tokenizer) if tokenizer is not None else recorded.tokenizer_file()
+            if path is not None:
+                check_chat_template(path)
+        lm = EPASLM(
+            checkpoint,
+            tokenizer=tokenizer,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            force=force,
+            command_flags=True,
+        )
     if limit is not None and limit >= 1:
         limit = int(limit)
     rows, runs, samples = [], {}, {}
