@@ -1135,3 +1135,15 @@ def test_a_task_without_max_gen_toks_past_a_short_context_is_one_line(checkpoint
         "prompt in the model's context length of 32"
     ), said.what
     assert (said.where, said.fix) == ("the task's generation_kwargs", "give --gen-kwargs max_gen_toks=N, N below 32")
+
+
+def test_sampling_without_a_temperature_names_gen_kwargs_too(checkpoint) -> None:
+    """``--gen-kwargs do_sample=1`` (taken since lm-eval reads it as the int 1) on a task that sets no temperature
+    samples at lm-eval's 0: the line named only the task's generation_kwargs, where --gen-kwargs asked for it."""
+    from epas_lightning.evaluation.lm_eval_adapter import EPASLM
+
+    lm = EPASLM(str(checkpoint), device="cpu")
+    with pytest.raises(ConfigError) as raised:
+        lm._model_generate(torch.tensor([[1, 5, 9]]), 6, [], do_sample=1)
+    assert raised.value.where == "--gen-kwargs, or the task's generation_kwargs", raised.value.where
+    assert raised.value.fix.startswith("give a temperature above 0 (1 samples from the model's distribution)")

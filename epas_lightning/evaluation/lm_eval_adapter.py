@@ -114,9 +114,9 @@ def check_sampling_temperature(temperature: object) -> None:
     if temperature == 0:
         raise ConfigError(
             "a task samples (do_sample: true) at temperature 0, which transformers' generate refuses for the export "
-            "(lm-eval passes 0 where the task sets no temperature)",
-            "the task's generation_kwargs",
-            "give it a temperature above 0 (1 samples from the model's distribution), or do_sample: false for greedy "
+            "(lm-eval passes 0 where neither the task nor --gen-kwargs sets a temperature)",
+            "--gen-kwargs, or the task's generation_kwargs",
+            "give a temperature above 0 (1 samples from the model's distribution), or do_sample: false for greedy "
             "decoding",
         )
 
