@@ -564,8 +564,10 @@ def step_failure(error: BaseException, where: str, build: Path | None = None) ->
     left something for the user says where; else a full disk (or quota) anywhere, the failed step, or the command's own
     write into ``build`` (:func:`build_write_error`), with what to do by its ``errno``. ``None`` for any other error (a
     bug, an error of the command's own work), and for Ctrl+C, SIGTERM or a user error, whatever they were raised while
-    handling."""
+    handling, or raised by work apart from the output (:func:`apart_from_the_output`)."""
     if not isinstance(error, Exception) or isinstance(error, UserError):
+        return None
+    if getattr(error, "apart_from_the_output", False):
         return None
     what, left, fix = getattr(error, "output_step", (None, None, None))
     if what is not None and left is not None:
@@ -622,6 +624,19 @@ def build_write_error(error: BaseException, build: Path) -> tuple[int, str | Non
             if file is not None and Path(file).is_relative_to(build):
                 return code, str(Path(file).relative_to(build)) if Path(file) != build else None
     return None
+
+
+@contextlib.contextmanager
+def apart_from_the_output() -> Iterator[None]:
+    """A context for a command's work that writes nothing of the output, run while it is built (``lm-eval``'s scoring,
+    between its writes of each region's samples): an error raised there is said as outside :func:`output_folder`, not
+    as the output's (a full disk while a library fills its cache is not the output's disk to change)."""
+    try:
+        yield
+    except Exception as e:
+        with contextlib.suppress(AttributeError):  # an exception that takes no attribute is said as before
+            e.apart_from_the_output = True
+        raise
 
 
 @contextlib.contextmanager

@@ -1048,3 +1048,129 @@ def test_lm_eval_output_inside_an_include_path_is_refused_before_the_weights(
     rc, _, err = run_cli(capsys, *argv, "--device", "cpu", "--output", str(include / "out"))
     assert rc == 2 and f"the output lies inside the input {include.resolve()}" in err, err
     assert not (include / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "unknown"), [("{file},nope", "nope"), ("nope,{file}", "nope"), ("tiny_[xy]*,{file}", "tiny_[xy]*")]
+)
+def test_an_unknown_task_beside_a_task_file_with_spaces_in_its_path_is_named(
+    checkpoint, tasks, tmp_path, capsys, value, unknown
+) -> None:
+    """A task YAML in a folder whose name has a space, given with an unknown task in one --tasks value, read as a list
+    written with spaces (the advice split the file's path into task names); the unknown task is what the line names,
+    a glob's brackets too."""
+    folder = tmp_path / "my tasks"
+    folder.mkdir()
+    file = folder / "tiny_mc.yaml"
+    file.write_text((tasks / "tiny_mc.yaml").read_text())
+    argv = ["lm-eval", "--checkpoint", str(checkpoint), "--device", "cpu", "--tasks", value.format(file=file)]
+    rc, _, err = run_cli(capsys, *argv)
+    assert rc == 2 and err.startswith(f"error: unknown lm-eval task {unknown} — --tasks — `lm_eval ls tasks` "), err
+
+
+def test_a_task_max_length_past_the_context_length_names_max_length(checkpoint, tasks, tmp_path) -> None:
+    """A task YAML's ``max_length`` (the prompt and the generated tokens together) past the model's 32 positions,
+    which --gen-kwargs' check never sees: the error named our decoding's ``max_new_tokens`` and the prompts."""
+    import epas_lightning.evaluation.lm_eval_adapter  # noqa: F401 - registers "epas"
+
+    body = GENERATE.replace("max_gen_toks: 8", "max_gen_toks: 8, max_length: 40")
+    (tmp_path / "long_gen.yaml").write_text(task_yaml("long_gen", tasks / "tiny_gen.jsonl", tmp_path / "cache", body))
+    args = {"checkpoint": str(checkpoint), "sharing_layers": 0, "device": "cpu"}
+    with pytest.raises(ConfigError) as raised:
+        evaluate("epas", args, tmp_path, ["long_gen"], limit=1)
+    said = raised.value
+    past = "max_length 40 is past the model's context length of 32 (the prompt and the generated tokens together)"
+    assert said.what == past, said.what
+    assert said.where == "--gen-kwargs, or the task's generation_kwargs", said.where
+    assert said.fix == "give max_length 32 or less, or max_gen_toks for the tokens to generate", said.fix
+
+
+@pytest.mark.parametrize("output", [False, True])
+@pytest.mark.parametrize("stage", ["loading", "scoring"])
+def test_a_full_disk_while_scoring_is_not_blamed_on_the_output(
+    checkpoint, tasks, tmp_path, capsys, monkeypatch, output, stage
+) -> None:
+    """lm-eval filling its disk while it scores (the datasets cache), or the model's loading its temporary folder:
+    with --output (opened before both since the samples are written as each region ends) the line said the output's
+    disk was full and to choose another --output; it names the file being written, as without --output, and leaves no
+    output."""
+    import errno
+
+    from epas_lightning.evaluation import lm_eval_adapter
+
+    def full(*args: Any, **kwargs: Any) -> dict:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "data.arrow"))
+
+    monkeypatch.setattr(*(lm_eval, "simple_evaluate") if stage == "scoring" else (lm_eval_adapter, "EPASLM"), full)
+    argv = ["lm-eval", "--checkpoint", str(checkpoint), "--include-path", str(tasks), "--device", "cpu"]
+    argv += ["--tasks", "tiny_mc", "--limit", "1"] + (["--output", str(tmp_path / "out")] if output else [])
+    rc, _, err = run_cli(capsys, *argv)
+    assert rc == 2 and list(tmp_path.iterdir()) == [], err
+    said = "error: no space left on the device (or quota) while lm-eval ran — " + str(tmp_path / "cache" / "data.arrow")
+    assert err == f"{said} — free space\n", err
+
+
+def test_a_full_disk_writing_the_samples_is_the_outputs(checkpoint, tasks, tmp_path, capsys, monkeypatch) -> None:
+    """A region's samples written into the build on a full disk stay the output's to say, scoring apart from it."""
+    import errno
+
+    from epas_lightning.evaluation import harness
+
+    def full(*args: Any, **kwargs: Any) -> list[str]:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(harness, "write_samples", full)
+    argv = ["lm-eval", "--checkpoint", str(checkpoint), "--include-path", str(tasks), "--device", "cpu"]
+    argv += ["--tasks", "tiny_mc", "--limit", "1", "--log-samples", "--output", str(tmp_path / "out")]
+    rc, err = cli_main(argv), capsys.readouterr().err  # after lm-eval's progress bars
+    assert rc == 2 and list(tmp_path.iterdir()) == [], err
+    line = err.splitlines()[-1]
+    assert line.startswith("error: no space left on the device (or quota) while writing; nothing was left behind"), err
+
+
+def test_a_task_given_alone_and_in_its_group_is_one_line(checkpoint, tasks, tmp_path, capsys) -> None:
+    """A task given on its own and in a group that holds it (lm-eval runs each task once, so each region writes one
+    samples file per task): lm-eval's ValueError "Duplicate task" was a traceback; one line, and no output."""
+    import shutil
+
+    folder = tmp_path / "tasks"
+    shutil.copytree(tasks, folder, ignore=shutil.ignore_patterns("cache"))
+    (folder / "group.yaml").write_text("group: tiny_group\ntask: [tiny_mc, tiny_gen]\n")
+    argv = ["lm-eval", "--checkpoint", str(checkpoint), "--include-path", str(folder), "--device", "cpu"]
+    argv += ["--tasks", "tiny_group,tiny_mc", "--limit", "1", "--log-samples", "--output", str(tmp_path / "out")]
+    rc, err = cli_main(argv), capsys.readouterr().err  # after the datasets' progress bars
+    assert rc == 2 and not (tmp_path / "out").exists(), err
+    assert err.splitlines()[-1] == (
+        "error: lm-eval runs each task once: Duplicate task 'tiny_mc': found in both 'tiny_group' and 'tiny_mc' — "
+        "--tasks — give each task once: leave out the one given on its own, or one of the groups holding it"
+    ), err
+
+
+def test_a_task_without_max_gen_toks_past_a_short_context_is_one_line(checkpoint, tasks, tmp_path) -> None:
+    """A generate_until task that sets no max_gen_toks generates up to lm-eval's default 256 tokens, past this model's
+    32 positions: ``HFLM``'s AssertionError "Invalid configuration" was a traceback."""
+    import epas_lightning.evaluation.lm_eval_adapter  # noqa: F401 - registers "epas"
+
+    body = GENERATE.replace(", max_gen_toks: 8", "")
+    (tmp_path / "gen.yaml").write_text(task_yaml("default_gen", tasks / "tiny_gen.jsonl", tmp_path / "cache", body))
+    args = {"checkpoint": str(checkpoint), "sharing_layers": 0, "device": "cpu"}
+    with pytest.raises(ConfigError) as raised:
+        evaluate("epas", args, tmp_path, ["default_gen"], limit=1)
+    said = raised.value
+    assert said.what == (
+        "a task generates up to 256 tokens (max_gen_toks; 256 where the task sets none), which leaves no room for a "
+        "prompt in the model's context length of 32"
+    ), said.what
+    assert (said.where, said.fix) == ("the task's generation_kwargs", "give --gen-kwargs max_gen_toks=N, N below 32")
+
+
+def test_sampling_without_a_temperature_names_gen_kwargs_too(checkpoint) -> None:
+    """``--gen-kwargs do_sample=1`` (taken since lm-eval reads it as the int 1) on a task that sets no temperature
+    samples at lm-eval's 0: the line named only the task's generation_kwargs, where --gen-kwargs asked for it."""
+    from epas_lightning.evaluation.lm_eval_adapter import EPASLM
+
+    lm = EPASLM(str(checkpoint), device="cpu")
+    with pytest.raises(ConfigError) as raised:
+        lm._model_generate(torch.tensor([[1, 5, 9]]), 6, [], do_sample=1)
+    assert raised.value.where == "--gen-kwargs, or the task's generation_kwargs", raised.value.where
+    assert raised.value.fix.startswith("give a temperature above 0 (1 samples from the model's distribution)")

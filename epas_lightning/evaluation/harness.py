@@ -39,7 +39,7 @@ from epas_lightning.evaluation.lm_eval_options import (
     parse_seed,
     write_samples,
 )
-from epas_lightning.outputs import check_output, output_folder, writing_into
+from epas_lightning.outputs import apart_from_the_output, check_output, output_folder, writing_into
 from epas_lightning.runtime import DType, emit_json, json_text, resolve_device
 
 INSTALL = "pip install 'epas_lightning[eval]'"
@@ -93,7 +93,7 @@ def resolve_tasks(tasks: Sequence[str], include_path: Sequence[str | Path] = ())
         manager = TaskManager(include_path=paths)  # lm-eval's own tasks
     unknown = [name for name in names if not _matches(name, manager.all_tasks)]
     if unknown:
-        check_task_list(tasks)
+        check_task_list(tasks, unknown)
         raise ConfigError(
             f"unknown lm-eval task {', '.join(unknown)}",
             "--tasks",
@@ -102,17 +102,21 @@ def resolve_tasks(tasks: Sequence[str], include_path: Sequence[str | Path] = ())
     return [*files, *manager.match_tasks(names)], manager
 
 
-LIST_SYNTAX = re.compile(r"""[\s"']|^\[.*\]$""", re.DOTALL)
-"""A ``--tasks`` value written as a list (``[a, b]``, ``["a", "b"]``) or as lm-eval's space-separated names (``a b``):
-brackets around it, quotes or spaces, which no task name has."""
+LIST_SYNTAX = re.compile(r"""[\s"']|^\[[^\]]*$|^[^\[]*\]$|^\[[^\[\]]*\]$""")
+"""An unknown name from a ``--tasks`` value written as a list (``[a, b]``, ``["a", "b"]``: the names ``[a`` and ``b]``;
+``[a]``) or as lm-eval's space-separated names (``a b``): quotes or spaces, which no task name has, or a bracket of a
+list (a glob's ``mmlu_[ab]*`` is not one). A task file's path may have spaces: it is no name."""
+LIST_PUNCTUATION = re.compile(r"""[\s"'\[\]]+""")
 
 
-def check_task_list(tasks: Sequence[str]) -> None:
+def check_task_list(tasks: Sequence[str], unknown: Sequence[str]) -> None:
     """A :class:`ConfigError` saying how tasks are given, for a ``--tasks`` value written as a list
-    (:data:`LIST_SYNTAX`), which read as unknown names (``[a`` and ``b]``)."""
+    (:data:`LIST_SYNTAX` in one of its ``unknown`` names); the names it gives keep the value's known names and files."""
     for value in (str(task).strip() for task in tasks):
-        if LIST_SYNTAX.search(value) and not value.endswith((".yaml", ".yml")):
-            names = [name for name in re.split(r"""[\s"',\[\]]+""", value) if name]
+        parts = [part.strip() for part in value.split(",") if part.strip()]
+        if any(part in unknown and LIST_SYNTAX.search(part) for part in parts):
+            split = [LIST_PUNCTUATION.split(part) if part in unknown else [part] for part in parts]
+            names = [name for names in split for name in names if name]
             raise ConfigError(
                 f"--tasks takes task names separated by commas, not a list or spaces: unknown lm-eval task {value}",
                 f"--tasks {value}",
@@ -201,29 +205,37 @@ def run_lm_eval(
 
     from epas_lightning.evaluation.lm_eval_adapter import EPASLM
 
-    specs, manager = resolve_tasks(tasks, include_path)
-    recorded = describe_checkpoint(checkpoint)
-    lengths = region_lengths(sharing_layers, recorded, force)  # checked before the weights load
-    check_generation_length(gen_kwargs, recorded.config.context_length)
-    if apply_chat_template:  # before the weights load too; no tokenizer at all: EPASLM says so
-        path = resolve_tokenizer_path(tokenizer) if tokenizer is not None else recorded.tokenizer_file()
-        if path is not None:
-            check_chat_template(path)
-    lm = EPASLM(
-        checkpoint,
-        tokenizer=tokenizer,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        force=force,
-        command_flags=True,
-    )
+    with apart_from_the_output():  # loading, as scoring, writes nothing into samples_into
+        specs, manager = resolve_tasks(tasks, include_path)
+        recorded = describe_checkpoint(checkpoint)
+        lengths = region_lengths(sharing_layers, recorded, force)  # checked before the weights load
+        check_generation_length(gen_kwargs, recorded.config.context_length)
+        if apply_chat_template:  # before the weights load too; no tokenizer at all: EPASLM says so
+            path = resolve_tokenizer_path(tokenizer) if tokenizer is not None else recorded.tokenizer_file()
+            if path is not None:
+                check_chat_template(path)
+        lm = EPASLM(
+            checkpoint,
+            tokenizer=tokenizer,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            force=force,
+            command_flags=True,
+        )
     if limit is not None and limit >= 1:
         limit = int(limit)
     rows, runs, samples = [], {}, {}
     for n in lengths:
         layers = lm.set_sharing_layers(n)
-        with task_data_errors(), too_few_examples(num_fewshot), refusing_misscored_documents(), quiet_git_hash():
+        with (
+            apart_from_the_output(),
+            task_data_errors(),
+            too_few_examples(num_fewshot),
+            tasks_given_twice(),
+            refusing_misscored_documents(),
+            quiet_git_hash(),
+        ):
             result = lm_eval.simple_evaluate(
                 model=lm,
                 batch_size=batch_size,  # recorded in the run's config, as lm-eval records the batch size it is given
@@ -318,6 +330,22 @@ def too_few_examples(num_fewshot: int | None) -> Iterator[None]:
             f"a task has fewer than {num_fewshot} examples to draw the few-shot ones from",
             f"--num-fewshot {num_fewshot}",
             "lower --num-fewshot, or leave it out for each task's own",
+        ) from e
+
+
+@contextmanager
+def tasks_given_twice() -> Iterator[None]:
+    """A task given on its own and in a group that holds it (or in two such groups), which lm-eval runs once: its
+    ``ValueError`` "Duplicate task", raised as it builds the tasks (before any scoring), was a traceback."""
+    try:
+        yield
+    except ValueError as e:
+        if not str(e).startswith("Duplicate task"):
+            raise
+        raise ConfigError(
+            f"lm-eval runs each task once: {e}",
+            "--tasks",
+            "give each task once: leave out the one given on its own, or one of the groups holding it",
         ) from e
 
 

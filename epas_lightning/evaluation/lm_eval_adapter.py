@@ -114,9 +114,9 @@ def check_sampling_temperature(temperature: object) -> None:
     if temperature == 0:
         raise ConfigError(
             "a task samples (do_sample: true) at temperature 0, which transformers' generate refuses for the export "
-            "(lm-eval passes 0 where the task sets no temperature)",
-            "the task's generation_kwargs",
-            "give it a temperature above 0 (1 samples from the model's distribution), or do_sample: false for greedy "
+            "(lm-eval passes 0 where neither the task nor --gen-kwargs sets a temperature)",
+            "--gen-kwargs, or the task's generation_kwargs",
+            "give a temperature above 0 (1 samples from the model's distribution), or do_sample: false for greedy "
             "decoding",
         )
 
@@ -295,6 +295,23 @@ class EPASLM(HFLM):
         finally:
             self.logits_cache = cache
 
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        """``HFLM``'s, once every request's tokens to generate are known to leave room for a prompt: ``HFLM`` asserted
+        it (an ``AssertionError`` traceback), for a task that sets no ``max_gen_toks`` too (lm-eval's default, 256,
+        past a context length of 256 or less)."""
+        from lm_eval.models.utils import normalize_gen_kwargs
+
+        for settings in {repr(request.args[1]): request.args[1] for request in requests}.values():
+            tokens = normalize_gen_kwargs(settings, self.max_gen_toks)["max_gen_toks"]
+            if tokens >= self.max_length:
+                raise ConfigError(
+                    f"a task generates up to {tokens} tokens (max_gen_toks; {self.max_gen_toks} where the task sets "
+                    f"none), which leaves no room for a prompt in the model's context length of {self.max_length}",
+                    "the task's generation_kwargs",
+                    f"give --gen-kwargs max_gen_toks=N, N below {self.max_length}",
+                )
+        return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
     def _batch_scheduler(self, pos: int, n_reordered_requests: Any) -> int:
         """``HFLM``'s search schedule for ``batch_size="auto:N"``, with N at most the number of requests: lm-eval
         0.4.13 split them into ``len // N`` each, zero below N requests (a small task, a small ``limit``), and divided
@@ -316,6 +333,14 @@ class EPASLM(HFLM):
         defaults: :func:`sampling_settings`); ``HFLM`` cuts the decoded text at the stop strings. A setting our decoding
         does not honour (beam search, a repetition penalty) is refused: :func:`check_decoding_settings`.
         """
+        context_length = self.loaded.model.config.context_length
+        if max_length > context_length:  # a task's max_length: --gen-kwargs' is checked before the weights load
+            raise ConfigError(
+                f"max_length {max_length} is past the model's context length of {context_length} (the prompt and the "
+                "generated tokens together)",
+                "--gen-kwargs, or the task's generation_kwargs",
+                f"give max_length {context_length} or less, or max_gen_toks for the tokens to generate",
+            )
         if max_length <= context.shape[1]:  # transformers' generate raises for it on the export
             raise ConfigError(
                 f"max_length {max_length} leaves no token to generate after a prompt of {context.shape[1]} tokens (the "
