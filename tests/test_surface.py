@@ -1448,11 +1448,36 @@ def test_a_rewind_into_a_fixed_folder_without_last_checkpoints_is_refused(tmp_pa
     config = Namespace(trainer=Namespace(logger=False), checkpoint=Namespace(dirpath="fixed"))
     with pytest.raises(CheckpointError, match="folder went on to step 12 after epoch=0-step=4.ckpt") as refused:
         check_checkpoint_folder_free(config, "fixed/epoch=0-step=4.ckpt")
-    assert str(refused.value).endswith("or resume the newest with its path as --ckpt_path")  # no last to resume
+    assert str(refused.value).endswith("or resume the newest with --ckpt_path fixed/epoch=0-step=12.ckpt")  # no last
     check_checkpoint_folder_free(config, "fixed/epoch=0-step=12.ckpt")
     (folder / "stray.ckpt").write_bytes(b"not a checkpoint")  # newest, but no step to judge by: the next one tells
     with pytest.raises(CheckpointError, match="folder went on to step 12 after epoch=0-step=4.ckpt"):
         check_checkpoint_folder_free(config, "fixed/epoch=0-step=4.ckpt")
+
+
+def test_a_rewind_into_a_folder_without_last_is_judged_by_steps_not_file_times(tmp_path, monkeypatch):
+    """``cp`` gives a copied checkpoint a new time: judged by the newest file, a resume of step 8 copied back in (the
+    newest file) was let train beside the run's step 12, and a resume of step 4 was told the run went on to step 8. The
+    steps the checkpoints say tell, whatever their times; the newest by step resumes; one that does not read (a sharded
+    folder without its metadata, a truncated file) is passed over."""
+    import os
+
+    from epas_lightning.resume import check_checkpoint_folder_free
+
+    monkeypatch.chdir(tmp_path)
+    folder = Path("fixed")
+    folder.mkdir()
+    for written, step in enumerate((12, 4, 8)):  # step 12 saved first, then 4 and 8 copied in
+        torch.save({"state_dict": {}, "global_step": step}, folder / f"epoch=0-step={step}.ckpt")
+        os.utime(folder / f"epoch=0-step={step}.ckpt", (1_000_000 + written, 1_000_000 + written))
+    (folder / "epoch=0-step=16.ckpt").mkdir()  # a sharded folder copied without its files
+    (folder / "truncated.ckpt").write_bytes(b"PK\x03\x04")
+    config = Namespace(trainer=Namespace(logger=False), checkpoint=Namespace(dirpath="fixed"))
+    for resumed in ("epoch=0-step=8.ckpt", "epoch=0-step=4.ckpt"):
+        with pytest.raises(CheckpointError, match=f"folder went on to step 12 after {resumed}") as refused:
+            check_checkpoint_folder_free(config, f"fixed/{resumed}")
+        assert str(refused.value).endswith("or resume the newest with --ckpt_path fixed/epoch=0-step=12.ckpt")
+    check_checkpoint_folder_free(config, "fixed/epoch=0-step=12.ckpt")
 
 
 def test_a_logger_given_a_version_refuses_a_folder_with_another_runs_logs(tmp_path, monkeypatch):
