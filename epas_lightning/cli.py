@@ -32,6 +32,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from epas_lightning.console import PROG, command_named
 from epas_lightning.errors import (
     DEBUG_ENV,
     EXIT_DIVERGED,
@@ -58,7 +59,6 @@ from epas_lightning.script_args import missing_argument_fix, read_as_value
 from epas_lightning.sigterm_in_setup import answering_sigterm_in_setup
 from epas_lightning.slurm import remembering_requeue_signal
 
-PROG = "python -m epas_lightning"
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 TOOLS: dict[str, str] = {
     "prepare": "epas_lightning.data.prepare:prepare_command",
@@ -962,7 +962,7 @@ def _run(argv: list[str], debug: bool) -> int:
         signum = getattr(e, "signum", signal.SIGINT)  # fit ended at once by a signal: which one
         what = getattr(e, "reason", None) or ("Ctrl+C" if signum == signal.SIGINT else signal.Signals(signum).name)
         if getattr(e, "announce", True):
-            print(stopped_line(argv[0] if argv else PROG, what), file=sys.stderr)
+            print(stopped_line(command_named(argv), what), file=sys.stderr)
         return 128 + signum
 
 

@@ -683,25 +683,48 @@ def test_the_process_freezes_its_objects_before_shutdown(tmp_path):
     done = run_cli(["-c", f"{report}; import runpy; runpy.run_module('epas_lightning', run_name='__main__')",
                     "--version"], tmp_path, tmp_path, [sys.executable])  # fmt: skip
     assert done.returncode == 0 and done.stdout.splitlines()[-1] == "frozen: True", done
-    assert '\nepas = "epas_lightning.cli:entry_point"\n' in (REPO / "pyproject.toml").read_text()  # the `epas` script
+    assert (
+        '\nepas = "epas_lightning.console:entry_point"\n' in (REPO / "pyproject.toml").read_text()
+    )  # the `epas` script
 
 
-def test_ctrl_c_while_the_cli_imports_ends_in_one_line(tmp_path):
+CTRL_C_AT_THE_CLI_IMPORT = (
+    "import signal, sys\n"
+    "class CtrlC:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'epas_lightning.errors':\n"
+    "            signal.raise_signal(signal.SIGINT)\n"
+    "sys.meta_path.insert(0, CtrlC())\n"
+)
+"""Python code that raises Ctrl+C as the CLI's first module of its own (``errors``) is looked up."""
+
+
+@pytest.mark.parametrize(
+    ("args", "command"),
+    [(["fit", "--help"], "fit"), (["--debug", "fit", "--help"], "fit"), (["--help"], "python -m epas_lightning")],
+)
+def test_ctrl_c_while_the_cli_imports_ends_in_one_line(tmp_path, args, command):
     """Ctrl+C in the first moments of ``python -m epas_lightning`` (the CLI module's own imports, before ``main``
     answers it) printed a Python traceback and ended by the signal; every command ends a Ctrl+C in one line with
-    status 130. The signal lands as the CLI's first module of its own (``errors``) is looked up."""
+    status 130, naming the command as ``main`` does (``--debug`` is no command, nor is ``--help``)."""
     hook = (
-        "import signal, sys, runpy\n"
-        "class CtrlC:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'epas_lightning.errors':\n"
-        "            signal.raise_signal(signal.SIGINT)\n"
-        "sys.meta_path.insert(0, CtrlC())\n"
-        "runpy.run_module('epas_lightning', run_name='__main__', alter_sys=True)"
+        CTRL_C_AT_THE_CLI_IMPORT
+        + "import runpy; runpy.run_module('epas_lightning', run_name='__main__', alter_sys=True)"
     )
-    done = run_cli(["-c", hook, "fit", "--help"], tmp_path, tmp_path, [sys.executable])
+    done = run_cli(["-c", hook, *args], tmp_path, tmp_path, [sys.executable])
     assert (done.returncode, done.stdout) == (130, "")
-    assert done.stderr == "interrupted: fit stopped (Ctrl+C)\n"
+    assert done.stderr.endswith(f"interrupted: {command} stopped (Ctrl+C)\n")
+    assert "Traceback" in done.stderr if "--debug" in args else done.stderr.count("\n") == 1
+
+
+def test_ctrl_c_while_the_epas_script_imports_ends_in_one_line(tmp_path):
+    """The ``epas`` console script, as pip writes it from pyproject's entry point (``from module import function``,
+    then ``sys.exit(function())``), printed a traceback for a Ctrl+C during the CLI's imports, as ``python -m`` did."""
+    entry = re.search(r'^epas = "(.+):(.+)"$', (REPO / "pyproject.toml").read_text(), re.MULTILINE)
+    assert entry is not None, "pyproject.toml names the epas script's entry point"
+    script = f"from {entry[1]} import {entry[2]}\nsys.argv[0] = 'epas'\nsys.exit({entry[2]}())"
+    done = run_cli(["-c", CTRL_C_AT_THE_CLI_IMPORT + script, "fit", "--help"], tmp_path, tmp_path, [sys.executable])
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "interrupted: fit stopped (Ctrl+C)\n")
 
 
 def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
