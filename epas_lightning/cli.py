@@ -139,6 +139,11 @@ def _is_list(annotation: Any) -> bool:
     return get_origin(annotation) is list or any(get_origin(a) is list for a in options)
 
 
+def _takes_paths(annotation: Any) -> bool:
+    """``Path``, or a list or optional of it (``list[Path] | None``): a flag whose values are paths."""
+    return annotation is Path or any(_takes_paths(a) for a in get_args(annotation))
+
+
 def _is_text_list(annotation: Any) -> bool:
     """``list[str]`` (or ``list[str] | None``): a flag whose values are text (``--prompt``)."""
     options = get_args(annotation) if get_origin(annotation) is not list else (annotation,)
@@ -180,6 +185,7 @@ def function_parser(fn: Callable, prog: str):  # noqa: ANN201 - jsonargparse.Arg
                 action.option_strings[i] = dashed
     parser.list_options = {"--" + name.replace("_", "-") for name in params if _is_list(hints.get(name))}
     parser.text_list_options = {"--" + name.replace("_", "-") for name in params if _is_text_list(hints.get(name))}
+    parser.path_options = {"--" + name.replace("_", "-") for name in params if _takes_paths(hints.get(name))}
     return parser
 
 
@@ -583,6 +589,19 @@ def check_utf8(argv: Sequence[str], prog: str) -> None:
         raise ConfigError(f"{flag} is not UTF-8 text ({where})", prog, "give it in UTF-8")
 
 
+def check_no_empty_paths(argv: Sequence[str], path_options: set[str]) -> None:
+    """A :class:`ConfigError` for a path flag given an empty value (``--input "$DATA"``, DATA unset): it was the current
+    folder, read (prepare took every file in it as the corpus) or written into without a word."""
+    for i, token in enumerate(argv):
+        flag, equals, value = token.partition("=")
+        if not equals:
+            value = argv[i + 1] if i + 1 < len(argv) else "-"
+        if flag in path_options and not value.strip():
+            raise ConfigError(
+                f"{flag} is given an empty path", f"{flag} {value!r}", "give a path (is a variable unset?)"
+            )
+
+
 UNKNOWN_OPTION = re.compile(
     r"does not accept option '([^']+)'|\AOption '([^']+)' is not accepted\Z|unrecognized arguments: --(\S+?)(?:=|\s|$)"
 )
@@ -704,6 +723,7 @@ def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:
     """Parse ``argv`` for ``fn`` and call it; ``--help`` and ``--print_config`` exit 0 (``SystemExit``)."""
     parser = function_parser(fn, prog)
     check_utf8(argv, prog)
+    check_no_empty_paths(argv, parser.path_options)
     print_config_options([arg for arg in argv if arg.split("=")[0] == "--print_config"])
     try:
         verbatim, values = _verbatim_values(argv, parser.text_list_options)
