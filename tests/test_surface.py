@@ -162,7 +162,11 @@ DEVICE_COMMANDS = {
         (2, "cuda:2", "no such GPU: this machine has 2 (cuda:0 to cuda:1) — --device cuda:2 — use cuda:0 to cuda:1"),
         (1, "cuda:1", "no such GPU: this machine has 1 (cuda:0) — --device cuda:1 — use cuda:0 (or auto)"),
         (0, "cuda", "CUDA is not available on this machine — --device cuda — use --device cpu (or auto)"),
-        (0, "gpu0", "unknown device 'gpu0' — --device gpu0 — use auto, cpu, cuda or cuda:N"),
+        (0, "gpu0", "unknown device 'gpu0' — --device gpu0 — use cuda:0 for GPU 0 (or auto, cpu, cuda)"),
+        (0, "cuda1", "unknown device 'cuda1' — --device cuda1 — use cuda:1 for GPU 1 (or auto, cpu, cuda)"),
+        (0, "GPU:1", "unknown device 'GPU:1' — --device GPU:1 — use cuda:1 for GPU 1 (or auto, cpu, cuda)"),
+        (0, "gpu", "unknown device 'gpu' — --device gpu — use cuda for the GPU (or auto, cpu, cuda:N)"),
+        (0, "tpu", "unknown device 'tpu' — --device tpu — use auto, cpu, cuda or cuda:N"),
         (1, "0", "unknown device '0' — --device 0 — use cuda:0 for GPU 0 (or auto, cpu, cuda)"),  # HF's, vLLM's
         (0, "meta", "device 'meta' is not available to these commands on this machine — --device meta — use auto"),
     ],
