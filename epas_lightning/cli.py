@@ -372,7 +372,8 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
                 )
             return ConfigError(what, prog, f"name the class first: {flag} CLASS {flag}.{name} {val}")
         if flag == "--device" and value and (number := value.group(1).strip()).isdigit():  # `device: 0` in a config
-            return ConfigError(f"--device takes a device name, not the number {number}", prog, gpu_number_fix(number))
+            where = f"--config {holding}" if (holding := config_holding("device", argv)) else prog
+            return ConfigError(f"--device takes a device name, not the number {number}", where, gpu_number_fix(number))
         if takes and value:
             what = f"{flag} takes {takes}, not {typed_value(flag, argv, value.group(1).strip())!r}"
         else:

@@ -185,13 +185,13 @@ def test_a_missing_device_is_one_line_before_anything_loads(cuda, device, says, 
 
 def test_a_gpu_number_as_the_device_in_a_config_says_cuda_n(tmp_path, capsys):
     """``device: 0`` in a config (HF's and vLLM's spelling of GPU 0) said '--device takes text, not '0'', without the
-    name it takes; ``--device 0`` says ``cuda:0`` too."""
+    name it takes, nor the config that gives it; ``--device 0`` says ``cuda:0`` too."""
     (tmp_path / "gpu.yaml").write_text("device: 0\n")
     for command, extra in DEVICE_COMMANDS.items():
         argv = [command, "--config", str(tmp_path / "gpu.yaml"), "--checkpoint", str(tmp_path / "missing.ckpt"), *extra]
         assert main([*argv, "--output", str(tmp_path / command)] if command in ("bench", "analyze") else argv) == 2
         assert capsys.readouterr().err == (
-            f"error: --device takes a device name, not the number 0 — python -m epas_lightning {command} — use cuda:0 "
+            f"error: --device takes a device name, not the number 0 — --config {tmp_path / 'gpu.yaml'} — use cuda:0 "
             "for GPU 0 (or auto, cpu, cuda)\n"
         ), command
 
