@@ -24,6 +24,17 @@ from epas_lightning.strategy import REPLACED, recover_replaced
 RESUME_WORDS = ("last", "auto")
 
 
+def check_not_empty(ckpt_path: object) -> None:
+    """Refuse an empty ``--ckpt_path`` (``"$CKPT"``, CKPT unset): Lightning took it for a word it did not know and
+    raised a ValueError traceback once the data was prepared."""
+    if isinstance(ckpt_path, str) and not ckpt_path.strip():
+        raise CheckpointError(
+            "--ckpt_path is given an empty path",
+            f"--ckpt_path {ckpt_path!r}",
+            "give a checkpoint's path, last or auto (is a variable unset?)",
+        )
+
+
 def check_resume_word(ckpt_path: str) -> None:
     """Refuse a bare word that names no file or folder here (``--ckpt_path lst``, ``Last``) as a misspelt resume word:
     "check the path" did not say which words there are."""

@@ -1339,6 +1339,19 @@ def test_a_signal_in_the_sanity_validation_stops_fit_before_training_and_removes
     ]
 
 
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_an_empty_ckpt_path_is_one_line(tmp_path, capsys, monkeypatch, command):
+    """``--ckpt_path "$CKPT"`` with CKPT unset was Lightning's ValueError traceback ("found no path for the best
+    weights: ''"), status 1."""
+    monkeypatch.chdir(tmp_path)
+    assert main([command, "--config", DEBUG, "--ckpt_path", ""]) == 2
+    assert capsys.readouterr().err == (
+        "error: --ckpt_path is given an empty path — --ckpt_path '' — give a checkpoint's path, last or auto (is a "
+        "variable unset?)\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_misspelt_resume_word_names_the_words(tmp_path, capsys, monkeypatch):
     """``--ckpt_path lst`` said "checkpoint does not exist — check the path", not which words there are."""
     monkeypatch.chdir(tmp_path)
