@@ -32,6 +32,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from epas_lightning.console import PROG, command_named
 from epas_lightning.errors import (
     DEBUG_ENV,
     EXIT_DIVERGED,
@@ -58,7 +59,6 @@ from epas_lightning.script_args import missing_argument_fix, read_as_value
 from epas_lightning.sigterm_in_setup import answering_sigterm_in_setup
 from epas_lightning.slurm import remembering_requeue_signal
 
-PROG = "python -m epas_lightning"
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 TOOLS: dict[str, str] = {
     "prepare": "epas_lightning.data.prepare:prepare_command",
@@ -139,6 +139,11 @@ def _is_list(annotation: Any) -> bool:
     return get_origin(annotation) is list or any(get_origin(a) is list for a in options)
 
 
+def _takes_paths(annotation: Any) -> bool:
+    """``Path``, or a list or optional of it (``list[Path] | None``): a flag whose values are paths."""
+    return annotation is Path or any(_takes_paths(a) for a in get_args(annotation))
+
+
 def _is_text_list(annotation: Any) -> bool:
     """``list[str]`` (or ``list[str] | None``): a flag whose values are text (``--prompt``)."""
     options = get_args(annotation) if get_origin(annotation) is not list else (annotation,)
@@ -180,6 +185,7 @@ def function_parser(fn: Callable, prog: str):  # noqa: ANN201 - jsonargparse.Arg
                 action.option_strings[i] = dashed
     parser.list_options = {"--" + name.replace("_", "-") for name in params if _is_list(hints.get(name))}
     parser.text_list_options = {"--" + name.replace("_", "-") for name in params if _is_text_list(hints.get(name))}
+    parser.path_options = {"--" + name.replace("_", "-") for name in params if _takes_paths(hints.get(name))}
     return parser
 
 
@@ -366,7 +372,8 @@ def parse_error(error: Exception, prog: str, fn: Callable | None = None, argv: S
                 )
             return ConfigError(what, prog, f"name the class first: {flag} CLASS {flag}.{name} {val}")
         if flag == "--device" and value and (number := value.group(1).strip()).isdigit():  # `device: 0` in a config
-            return ConfigError(f"--device takes a device name, not the number {number}", prog, gpu_number_fix(number))
+            where = f"--config {holding}" if (holding := config_holding("device", argv)) else prog
+            return ConfigError(f"--device takes a device name, not the number {number}", where, gpu_number_fix(number))
         if takes and value:
             what = f"{flag} takes {takes}, not {typed_value(flag, argv, value.group(1).strip())!r}"
         else:
@@ -583,6 +590,19 @@ def check_utf8(argv: Sequence[str], prog: str) -> None:
         raise ConfigError(f"{flag} is not UTF-8 text ({where})", prog, "give it in UTF-8")
 
 
+def check_no_empty_paths(argv: Sequence[str], path_options: set[str]) -> None:
+    """A :class:`ConfigError` for a path flag given an empty value (``--input "$DATA"``, DATA unset): it was the current
+    folder, read (prepare took every file in it as the corpus) or written into without a word."""
+    for i, token in enumerate(argv):
+        flag, equals, value = token.partition("=")
+        if not equals:
+            value = argv[i + 1] if i + 1 < len(argv) else "-"
+        if flag in path_options and not value.strip():
+            raise ConfigError(
+                f"{flag} is given an empty path", f"{flag} {value!r}", "give a path (is a variable unset?)"
+            )
+
+
 UNKNOWN_OPTION = re.compile(
     r"does not accept option '([^']+)'|\AOption '([^']+)' is not accepted\Z|unrecognized arguments: --(\S+?)(?:=|\s|$)"
 )
@@ -704,6 +724,7 @@ def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:
     """Parse ``argv`` for ``fn`` and call it; ``--help`` and ``--print_config`` exit 0 (``SystemExit``)."""
     parser = function_parser(fn, prog)
     check_utf8(argv, prog)
+    check_no_empty_paths(argv, parser.path_options)
     print_config_options([arg for arg in argv if arg.split("=")[0] == "--print_config"])
     try:
         verbatim, values = _verbatim_values(argv, parser.text_list_options)
@@ -962,7 +983,7 @@ def _run(argv: list[str], debug: bool) -> int:
         signum = getattr(e, "signum", signal.SIGINT)  # fit ended at once by a signal: which one
         what = getattr(e, "reason", None) or ("Ctrl+C" if signum == signal.SIGINT else signal.Signals(signum).name)
         if getattr(e, "announce", True):
-            print(stopped_line(argv[0] if argv else PROG, what), file=sys.stderr)
+            print(stopped_line(command_named(argv), what), file=sys.stderr)
         return 128 + signum
 
 

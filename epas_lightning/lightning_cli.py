@@ -101,6 +101,7 @@ from epas_lightning.resume import (
     check_checkpoint_folder_free,
     check_logger_folders_free,
     check_no_slurm_checkpoint,
+    check_not_empty,
     check_resume_word,
     check_version_folder_free,
     checkpoint_folder,
@@ -296,6 +297,7 @@ class EPASCLI(LightningCLI):
             resolve_model(self.config)
             return
         config = self.config[subcommand]
+        check_not_empty(config.get("ckpt_path"))
         fitting = subcommand == "fit"
         if not fitting:  # it resumes no run: even its checkpoint's run folder is another run's, before it is read
             self._check_log_folders_free(config, None)

@@ -24,6 +24,17 @@ from epas_lightning.strategy import REPLACED, recover_replaced
 RESUME_WORDS = ("last", "auto")
 
 
+def check_not_empty(ckpt_path: object) -> None:
+    """Refuse an empty ``--ckpt_path`` (``"$CKPT"``, CKPT unset): Lightning took it for a word it did not know and
+    raised a ValueError traceback once the data was prepared."""
+    if isinstance(ckpt_path, str) and not ckpt_path.strip():
+        raise CheckpointError(
+            "--ckpt_path is given an empty path",
+            f"--ckpt_path {ckpt_path!r}",
+            "give a checkpoint's path, last or auto (is a variable unset?)",
+        )
+
+
 def check_resume_word(ckpt_path: str) -> None:
     """Refuse a bare word that names no file or folder here (``--ckpt_path lst``, ``Last``) as a misspelt resume word:
     "check the path" did not say which words there are."""
@@ -227,14 +238,14 @@ def check_checkpoint_folder_free(config: Namespace, ckpt_path: str | None) -> No
         return
     where = f"checkpoint.dirpath {folder}" if config.get("checkpoint") and config.checkpoint.get("dirpath") else folder
     if ckpt_path and same_folder(folder, Path(ckpt_path).parent):
-        if went_on := went_on_past(Path(ckpt_path)):  # a rewind would mix two runs here and replace the later last.ckpt
-            last = (Path(ckpt_path).parent / "last.ckpt").exists()  # else save_last is off: the newest by its path
+        if further := further_checkpoint(Path(ckpt_path)):  # a rewind would mix two runs here, replace the later ones
+            newest = "last" if further[0].name == "last.ckpt" else str(further[0])
             raise CheckpointError(
-                f"the run in this checkpoint folder {went_on} after {Path(ckpt_path).name}, which this run would mix "
-                "with its own checkpoints and replace",
+                f"the run in this checkpoint folder {went_on_words(further)} after {Path(ckpt_path).name}, which this "
+                "run would mix with its own checkpoints and replace",
                 where,
-                "give the resumed run an empty folder (checkpoint.dirpath), or resume the newest with "
-                + ("--ckpt_path last" if last else "its path as --ckpt_path"),
+                "give the resumed run an empty folder (checkpoint.dirpath), or resume the newest with --ckpt_path "
+                + newest,
             )
         return
     try:
@@ -378,30 +389,43 @@ def version_to_continue(ckpt_path: Path, run_dirs: list[Path], csv_logger: bool 
 
 
 def went_on_past(ckpt_path: Path) -> str | None:
-    """How the run whose checkpoint folder holds ``ckpt_path`` went on past it (``"went on to step 12"``, judged by the
-    folder's ``last.ckpt``, or without one (``save_last`` off) by its newest checkpoint that reads), or ``None`` where
-    it did not: resuming there would replace its later checkpoints, or mix its own with them."""
+    """How the run whose checkpoint folder holds ``ckpt_path`` went on past it (``"went on to step 12"``), or ``None``
+    where it did not (:func:`further_checkpoint`): resuming there would replace its later checkpoints, or mix its own
+    with them."""
+    further = further_checkpoint(ckpt_path)
+    return None if further is None else went_on_words(further)
+
+
+def went_on_words(further: tuple[Path, int | None]) -> str:
+    """``"went on to step 12"`` for :func:`further_checkpoint`'s answer (a ``last.ckpt`` that does not load: so)."""
+    return f"went on to step {further[1]}" if further[1] is not None else "has a last.ckpt that won't load"
+
+
+def further_checkpoint(ckpt_path: Path) -> tuple[Path, int | None] | None:
+    """The checkpoint, with its step, of the run that went on past ``ckpt_path`` in its folder: the folder's
+    ``last.ckpt`` (step ``None`` where it does not load), or without one (``save_last`` off) the checkpoint of the
+    highest step above ``ckpt_path``'s; ``None`` where the run did not go on, or ``ckpt_path`` does not say its step."""
     latest = ckpt_path.parent / "last.ckpt"
     if not latest.exists():
-        return _went_on_without_last(ckpt_path)
+        return _furthest_by_step(ckpt_path)
     if latest.samefile(ckpt_path):
         return None
     step, latest_step = global_step_of(ckpt_path), global_step_of(latest)
     if latest_step is not None and step is not None and latest_step <= step:
         return None
-    return f"went on to step {latest_step}" if latest_step is not None else "has a last.ckpt that won't load"
+    return latest, latest_step
 
 
-def _went_on_without_last(ckpt_path: Path) -> str | None:
-    """:func:`went_on_past` for a folder without ``last.ckpt``: the checkpoints saved after ``ckpt_path``, newest first,
-    until one says its step (each read costs a metadata load)."""
-    saved_at = _mtime(ckpt_path)
-    later = [p for p in ckpt_path.parent.glob("*.ckpt") if _mtime(p) > saved_at and not p.samefile(ckpt_path)]
+def _furthest_by_step(ckpt_path: Path) -> tuple[Path, int] | None:
+    """:func:`further_checkpoint` for a folder without ``last.ckpt``, judged by the steps the checkpoints say, not by
+    their times (``cp`` gives a copy a new one): each checkpoint's metadata is read once, no weights; one that does
+    not read is passed over."""
     step = global_step_of(ckpt_path)
-    for path in sorted(later, key=_mtime, reverse=True):
-        if (later_step := global_step_of(path)) is not None:
-            return f"went on to step {later_step}" if step is not None and later_step > step else None
-    return None
+    if step is None:
+        return None
+    others = (p for p in ckpt_path.parent.glob("*.ckpt") if os.path.exists(p) and not p.samefile(ckpt_path))
+    steps = [(p, s) for p in sorted(others) if (s := global_step_of(p)) is not None and s > step]
+    return max(steps, key=lambda found: found[1], default=None)
 
 
 def version_of(version_dir: Path) -> int | str:

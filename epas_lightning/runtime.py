@@ -6,6 +6,7 @@ import json
 import math
 import numbers
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,9 @@ from epas_lightning.errors import ConfigError, gpu_number_fix
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 """``--dtype`` choices; ``auto`` is bfloat16 on CUDA (float16 on GPUs without native bfloat16) and float32 elsewhere."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+GPU_SPELLING = re.compile(r"(?:gpu|cuda)[:_-]?(\d*)", re.IGNORECASE)
+"""A GPU named as torch does not (``gpu``, ``gpu0``, ``cuda1``, ``GPU:1``): the group is its number, if any."""
 
 
 def resolve_device(device: str | torch.device = "auto", flag: str = "--device") -> torch.device:
@@ -33,6 +37,8 @@ def resolve_device(device: str | torch.device = "auto", flag: str = "--device") 
     try:
         resolved = torch.device(device)
     except (RuntimeError, ValueError, TypeError) as e:  # TypeError: None, a list
+        if isinstance(device, str) and (gpu := GPU_SPELLING.fullmatch(device)):
+            fix = gpu_number_fix(gpu[1]) if gpu[1] else "use cuda for the GPU (or auto, cpu, cuda:N)"
         raise ConfigError(f"unknown device {device!r}", where, fix) from e
     if resolved.type == "cpu":
         return resolved

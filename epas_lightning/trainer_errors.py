@@ -101,7 +101,13 @@ def refused_setting(error: BaseException, trainer: Any = None) -> ConfigError:
     keys = [key for key in keys if trainer is not None and key in trainer]
     if not keys and trainer is not None:  # "To use the `DeepSpeedStrategy`, you must have DeepSpeed installed"
         keys = setting_that_raised(error, trainer)
-    return ConfigError(what, settings_where(trainer, keys), "fix the value in the YAML or the flag")
+    no_devices = keys == ["devices"] and trainer["devices"] in (0, "0", [])  # Hugging Face's and vLLM's GPU 0
+    fix = NO_DEVICES_FIX if no_devices else "fix the value in the YAML or the flag"
+    return ConfigError(what, settings_where(trainer, keys), fix)
+
+
+NO_DEVICES_FIX = "give how many devices to train on (1, 2, ... or auto); for GPU 0 alone, [0]"
+"""The fix for ``trainer.devices: 0``, which Lightning reads as no device, where GPU 0 was meant."""
 
 
 SETTING_OF = {"Timer": "max_time"}

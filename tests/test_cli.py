@@ -397,6 +397,9 @@ def test_a_value_without_its_flag_says_which_flag(capsys, argv, fix):
         # what the Trainer refuses names the settings (was "— the configuration —")
         (["--trainer.devices", "-2"], "`devices` selected with `CPUAccelerator` should be an int > 0 — "
          "trainer.devices: -2 — fix the value in the YAML or the flag"),
+        # 0 counts no device (Hugging Face's and vLLM's GPU 0): how to count them, and how to pick GPU 0
+        (["--trainer.devices", "0"], "`Trainer(devices='0')` value is not a valid input using cpu accelerator — "
+         "trainer.devices: 0 — give how many devices to train on (1, 2, ... or auto); for GPU 0 alone, [0]"),
         (["--trainer.val_check_interval", "1.5"], "You have passed invalid value 1.5 for val_check_interval, it has "
          "to be in [0.0, 1.0] or an int — trainer.val_check_interval: 1.5 — fix the value in the YAML or the flag"),
         (["--trainer.max_time", "1h"], "`Timer(duration='1h')` is not a valid duration. Expected a string in the "

@@ -515,6 +515,33 @@ def test_no_input_at_all_is_refused_in_one_line_naming_the_flag(tmp_path: Path, 
     assert not (tmp_path / "out").exists()
 
 
+def test_an_empty_input_path_is_no_input_not_the_current_folder(tmp_path: Path, capsys, monkeypatch):
+    """`--input "$DATA"` with DATA unset (an empty path) read the current folder as the corpus, every file in it, and
+    prepared it without a word; `--val-input ""` held the current folder out. An empty path flag is refused in one line
+    (every command's), and ``discover_files`` takes an empty input as none."""
+    from epas_lightning.data.sources import discover_files
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("a document of the current folder\n")
+    (tmp_path / "corpus.txt").write_text("the corpus\n\nmeant to be read\n")
+    out = str(tmp_path.parent / f"{tmp_path.name}-out")
+    tail = ["--train-tokenizer", "--vocab-size", "300"]
+    for args, where in (
+        (["--input", "", "--output", out], "--input ''"),
+        (["--input", "corpus.txt", "--val-input= ", "--output", out], "--val-input ' '"),
+        (["--input", "corpus.txt", "--output="], "--output ''"),
+    ):
+        assert cli_main(["prepare", *args, *tail]) == 2
+        flag = where.split()[0]
+        assert (
+            capsys.readouterr().err
+            == f"error: {flag} is given an empty path — {where} — give a path (is a variable unset?)\n"
+        )
+    assert not Path(out).exists()
+    with pytest.raises(DataPreparationError, match="^no input given — --input '' — give one or more files"):
+        discover_files([""])
+
+
 def test_compressed_json_shards_are_json_lines(tmp_path: Path):
     """C4 and Dolma ship JSON Lines as .json.gz: in a folder they were left out, named alone read as one binary text."""
     from epas_lightning.data.sources import discover_files, iter_documents

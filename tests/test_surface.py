@@ -173,7 +173,11 @@ DEVICE_COMMANDS = {
         (2, "cuda:2", "no such GPU: this machine has 2 (cuda:0 to cuda:1) — --device cuda:2 — use cuda:0 to cuda:1"),
         (1, "cuda:1", "no such GPU: this machine has 1 (cuda:0) — --device cuda:1 — use cuda:0 (or auto)"),
         (0, "cuda", "CUDA is not available on this machine — --device cuda — use --device cpu (or auto)"),
-        (0, "gpu0", "unknown device 'gpu0' — --device gpu0 — use auto, cpu, cuda or cuda:N"),
+        (0, "gpu0", "unknown device 'gpu0' — --device gpu0 — use cuda:0 for GPU 0 (or auto, cpu, cuda)"),
+        (0, "cuda1", "unknown device 'cuda1' — --device cuda1 — use cuda:1 for GPU 1 (or auto, cpu, cuda)"),
+        (0, "GPU:1", "unknown device 'GPU:1' — --device GPU:1 — use cuda:1 for GPU 1 (or auto, cpu, cuda)"),
+        (0, "gpu", "unknown device 'gpu' — --device gpu — use cuda for the GPU (or auto, cpu, cuda:N)"),
+        (0, "tpu", "unknown device 'tpu' — --device tpu — use auto, cpu, cuda or cuda:N"),
         (1, "0", "unknown device '0' — --device 0 — use cuda:0 for GPU 0 (or auto, cpu, cuda)"),  # HF's, vLLM's
         (0, "meta", "device 'meta' is not available to these commands on this machine — --device meta — use auto"),
     ],
@@ -192,13 +196,13 @@ def test_a_missing_device_is_one_line_before_anything_loads(cuda, device, says, 
 
 def test_a_gpu_number_as_the_device_in_a_config_says_cuda_n(tmp_path, capsys):
     """``device: 0`` in a config (HF's and vLLM's spelling of GPU 0) said '--device takes text, not '0'', without the
-    name it takes; ``--device 0`` says ``cuda:0`` too."""
+    name it takes, nor the config that gives it; ``--device 0`` says ``cuda:0`` too."""
     (tmp_path / "gpu.yaml").write_text("device: 0\n")
     for command, extra in DEVICE_COMMANDS.items():
         argv = [command, "--config", str(tmp_path / "gpu.yaml"), "--checkpoint", str(tmp_path / "missing.ckpt"), *extra]
         assert main([*argv, "--output", str(tmp_path / command)] if command in ("bench", "analyze") else argv) == 2
         assert capsys.readouterr().err == (
-            f"error: --device takes a device name, not the number 0 — python -m epas_lightning {command} — use cuda:0 "
+            f"error: --device takes a device name, not the number 0 — --config {tmp_path / 'gpu.yaml'} — use cuda:0 "
             "for GPU 0 (or auto, cpu, cuda)\n"
         ), command
 
@@ -694,25 +698,48 @@ def test_the_process_freezes_its_objects_before_shutdown(tmp_path):
     done = run_cli(["-c", f"{report}; import runpy; runpy.run_module('epas_lightning', run_name='__main__')",
                     "--version"], tmp_path, tmp_path, [sys.executable])  # fmt: skip
     assert done.returncode == 0 and done.stdout.splitlines()[-1] == "frozen: True", done
-    assert '\nepas = "epas_lightning.cli:entry_point"\n' in (REPO / "pyproject.toml").read_text()  # the `epas` script
+    assert (
+        '\nepas = "epas_lightning.console:entry_point"\n' in (REPO / "pyproject.toml").read_text()
+    )  # the `epas` script
 
 
-def test_ctrl_c_while_the_cli_imports_ends_in_one_line(tmp_path):
+CTRL_C_AT_THE_CLI_IMPORT = (
+    "import signal, sys\n"
+    "class CtrlC:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'epas_lightning.errors':\n"
+    "            signal.raise_signal(signal.SIGINT)\n"
+    "sys.meta_path.insert(0, CtrlC())\n"
+)
+"""Python code that raises Ctrl+C as the CLI's first module of its own (``errors``) is looked up."""
+
+
+@pytest.mark.parametrize(
+    ("args", "command"),
+    [(["fit", "--help"], "fit"), (["--debug", "fit", "--help"], "fit"), (["--help"], "python -m epas_lightning")],
+)
+def test_ctrl_c_while_the_cli_imports_ends_in_one_line(tmp_path, args, command):
     """Ctrl+C in the first moments of ``python -m epas_lightning`` (the CLI module's own imports, before ``main``
     answers it) printed a Python traceback and ended by the signal; every command ends a Ctrl+C in one line with
-    status 130. The signal lands as the CLI's first module of its own (``errors``) is looked up."""
+    status 130, naming the command as ``main`` does (``--debug`` is no command, nor is ``--help``)."""
     hook = (
-        "import signal, sys, runpy\n"
-        "class CtrlC:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'epas_lightning.errors':\n"
-        "            signal.raise_signal(signal.SIGINT)\n"
-        "sys.meta_path.insert(0, CtrlC())\n"
-        "runpy.run_module('epas_lightning', run_name='__main__', alter_sys=True)"
+        CTRL_C_AT_THE_CLI_IMPORT
+        + "import runpy; runpy.run_module('epas_lightning', run_name='__main__', alter_sys=True)"
     )
-    done = run_cli(["-c", hook, "fit", "--help"], tmp_path, tmp_path, [sys.executable])
+    done = run_cli(["-c", hook, *args], tmp_path, tmp_path, [sys.executable])
     assert (done.returncode, done.stdout) == (130, "")
-    assert done.stderr == "interrupted: fit stopped (Ctrl+C)\n"
+    assert done.stderr.endswith(f"interrupted: {command} stopped (Ctrl+C)\n")
+    assert "Traceback" in done.stderr if "--debug" in args else done.stderr.count("\n") == 1
+
+
+def test_ctrl_c_while_the_epas_script_imports_ends_in_one_line(tmp_path):
+    """The ``epas`` console script, as pip writes it from pyproject's entry point (``from module import function``,
+    then ``sys.exit(function())``), printed a traceback for a Ctrl+C during the CLI's imports, as ``python -m`` did."""
+    entry = re.search(r'^epas = "(.+):(.+)"$', (REPO / "pyproject.toml").read_text(), re.MULTILINE)
+    assert entry is not None, "pyproject.toml names the epas script's entry point"
+    script = f"from {entry[1]} import {entry[2]}\nsys.argv[0] = 'epas'\nsys.exit({entry[2]}())"
+    done = run_cli(["-c", CTRL_C_AT_THE_CLI_IMPORT + script, "fit", "--help"], tmp_path, tmp_path, [sys.executable])
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "interrupted: fit stopped (Ctrl+C)\n")
 
 
 def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
@@ -1323,6 +1350,19 @@ def test_a_signal_in_the_sanity_validation_stops_fit_before_training_and_removes
     ]
 
 
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_an_empty_ckpt_path_is_one_line(tmp_path, capsys, monkeypatch, command):
+    """``--ckpt_path "$CKPT"`` with CKPT unset was Lightning's ValueError traceback ("found no path for the best
+    weights: ''"), status 1."""
+    monkeypatch.chdir(tmp_path)
+    assert main([command, "--config", DEBUG, "--ckpt_path", ""]) == 2
+    assert capsys.readouterr().err == (
+        "error: --ckpt_path is given an empty path — --ckpt_path '' — give a checkpoint's path, last or auto (is a "
+        "variable unset?)\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_misspelt_resume_word_names_the_words(tmp_path, capsys, monkeypatch):
     """``--ckpt_path lst`` said "checkpoint does not exist — check the path", not which words there are."""
     monkeypatch.chdir(tmp_path)
@@ -1459,11 +1499,36 @@ def test_a_rewind_into_a_fixed_folder_without_last_checkpoints_is_refused(tmp_pa
     config = Namespace(trainer=Namespace(logger=False), checkpoint=Namespace(dirpath="fixed"))
     with pytest.raises(CheckpointError, match="folder went on to step 12 after epoch=0-step=4.ckpt") as refused:
         check_checkpoint_folder_free(config, "fixed/epoch=0-step=4.ckpt")
-    assert str(refused.value).endswith("or resume the newest with its path as --ckpt_path")  # no last to resume
+    assert str(refused.value).endswith("or resume the newest with --ckpt_path fixed/epoch=0-step=12.ckpt")  # no last
     check_checkpoint_folder_free(config, "fixed/epoch=0-step=12.ckpt")
     (folder / "stray.ckpt").write_bytes(b"not a checkpoint")  # newest, but no step to judge by: the next one tells
     with pytest.raises(CheckpointError, match="folder went on to step 12 after epoch=0-step=4.ckpt"):
         check_checkpoint_folder_free(config, "fixed/epoch=0-step=4.ckpt")
+
+
+def test_a_rewind_into_a_folder_without_last_is_judged_by_steps_not_file_times(tmp_path, monkeypatch):
+    """``cp`` gives a copied checkpoint a new time: judged by the newest file, a resume of step 8 copied back in (the
+    newest file) was let train beside the run's step 12, and a resume of step 4 was told the run went on to step 8. The
+    steps the checkpoints say tell, whatever their times; the newest by step resumes; one that does not read (a sharded
+    folder without its metadata, a truncated file) is passed over."""
+    import os
+
+    from epas_lightning.resume import check_checkpoint_folder_free
+
+    monkeypatch.chdir(tmp_path)
+    folder = Path("fixed")
+    folder.mkdir()
+    for written, step in enumerate((12, 4, 8)):  # step 12 saved first, then 4 and 8 copied in
+        torch.save({"state_dict": {}, "global_step": step}, folder / f"epoch=0-step={step}.ckpt")
+        os.utime(folder / f"epoch=0-step={step}.ckpt", (1_000_000 + written, 1_000_000 + written))
+    (folder / "epoch=0-step=16.ckpt").mkdir()  # a sharded folder copied without its files
+    (folder / "truncated.ckpt").write_bytes(b"PK\x03\x04")
+    config = Namespace(trainer=Namespace(logger=False), checkpoint=Namespace(dirpath="fixed"))
+    for resumed in ("epoch=0-step=8.ckpt", "epoch=0-step=4.ckpt"):
+        with pytest.raises(CheckpointError, match=f"folder went on to step 12 after {resumed}") as refused:
+            check_checkpoint_folder_free(config, f"fixed/{resumed}")
+        assert str(refused.value).endswith("or resume the newest with --ckpt_path fixed/epoch=0-step=12.ckpt")
+    check_checkpoint_folder_free(config, "fixed/epoch=0-step=12.ckpt")
 
 
 def test_a_logger_given_a_version_refuses_a_folder_with_another_runs_logs(tmp_path, monkeypatch):

@@ -2630,13 +2630,12 @@ def test_a_rewind_into_its_own_checkpoint_folder_leaves_the_later_checkpoints_al
     written = {path.name: path.read_bytes() for path in Path("ck").iterdir()}
     capsys.readouterr()
     assert main([*run, "--trainer.max_steps", "12", "--ckpt_path", "ck/epoch=0-step=4.ckpt"]) == 2
-    newest = "--ckpt_path last" if save_last else "its path as --ckpt_path"
+    newest = "last" if save_last else "ck/epoch=0-step=8.ckpt"
     assert capsys.readouterr().err == (
         "error: the run in this checkpoint folder went on to step 8 after epoch=0-step=4.ckpt, which this run would "
         "mix with its own checkpoints and replace — checkpoint.dirpath ck — give the resumed run an empty folder "
-        f"(checkpoint.dirpath), or resume the newest with {newest}\n"
+        f"(checkpoint.dirpath), or resume the newest with --ckpt_path {newest}\n"
     )
     assert {path.name: path.read_bytes() for path in Path("ck").iterdir()} == written
-    newest_path = "last" if save_last else "ck/epoch=0-step=8.ckpt"
-    assert main([*run, "--trainer.max_steps", "12", "--ckpt_path", newest_path]) == 0
+    assert main([*run, "--trainer.max_steps", "12", "--ckpt_path", newest]) == 0
     assert torch.load(f"ck/{'last' if save_last else 'epoch=0-step=12'}.ckpt", weights_only=True)["global_step"] == 12

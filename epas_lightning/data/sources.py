@@ -101,6 +101,8 @@ def discover_files(inputs: Sequence[str | Path], split: str = "hash") -> list[In
     read: set[tuple[int, int] | str] = set()
     flag = "--val-input" if split == "val" else "--input"
     for raw in inputs:
+        if isinstance(raw, str) and not raw.strip():  # `--input "$DATA"`, DATA unset: Path("") is the current folder
+            raise no_input_given(f"{flag} {raw!r}")
         root = Path(raw).expanduser()
         if root.is_file():
             _check_no_output(root, f"{flag} {root}")
