@@ -643,6 +643,23 @@ def test_fit_init_from_refuses_data_of_another_tokenizer(tmp_path: Path, tiny_co
     fit(tmp_path / "b")  # the model's own tokenizer: trains
 
 
+def test_fit_init_from_a_folder_without_tokenizer_says_the_data_is_unchecked(
+    tmp_path: Path, tiny_corpus: Path, recwarn
+) -> None:
+    """An HF folder with no tokenizer file (only config.json and the weights copied) trained on data of any
+    vocabulary that fit the embedding, without a word: nothing said the data's ids were not checked against the
+    weights'. The run says so in one line, naming where the tokenizer would be, and still trains."""
+    from epas_lightning import TokenDataModule
+
+    path = save_tiny_hf(tmp_path / "hf")
+    assert not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists()
+    data = TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=VOCAB)
+    cpu_trainer(tmp_path, max_steps=1).fit(EPASModule(_module_config(), init_from=str(path)), data)
+    warned = [str(w.message) for w in recwarn if "holds no tokenizer" in str(w.message)]
+    assert len(warned) == 1 and f"model.init_from {path} holds no tokenizer" in warned[0], warned
+    assert str(tiny_corpus / "tokenizer.json") in warned[0]  # the file the data was tokenized with
+
+
 def test_validate_and_test_start_from_init_from(tmp_path: Path, tiny_corpus: Path) -> None:
     """`validate`/`test` without --ckpt_path score the init_from weights (the baseline of a continual run), once."""
     from epas_lightning import TokenDataModule

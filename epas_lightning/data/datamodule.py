@@ -15,6 +15,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from epas_lightning.data.layout import tokenizer_file
 from epas_lightning.data.token_data import TokenData, check_seq_len, check_tokenized_as
 from epas_lightning.data.tokenizer import RecordedTokenizer
 from epas_lightning.errors import ConfigError, DataError
@@ -236,8 +237,15 @@ class TokenDataModule(TokenData, LightningDataModule):
         ``source_tokenizer``: ``init_from``'s, where it has one) is refused before any step: its ids would stand for
         other tokens than the weights learned, and days of training would fit them to noise."""
         trainer = self.trainer
-        source = getattr(trainer.lightning_module, "source_tokenizer", None) if trainer is not None else None
+        module = trainer.lightning_module if trainer is not None else None
+        source = getattr(module, "source_tokenizer", None)
         if source is None:
+            if getattr(module, "starts_from_untokenized_source", False):
+                rank_zero_warn(
+                    f"model.init_from {module.init_from} holds no tokenizer (tokenizer.json or tokenizer.model): the "
+                    f"data's ids ({tokenizer_file(self.data_dirs[0])}) are not checked against the vocabulary its "
+                    "weights learned; prepare data.data_dir with the model's own tokenizer"
+                )
             return
         fix = f"prepare the data with --tokenizer {source.path} (the tokenizer of model.init_from)"
         # setup found every data_dir, and a prepared val_dir, tokenized with one file: comparing the first suffices
