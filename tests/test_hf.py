@@ -660,6 +660,23 @@ def test_fit_init_from_a_folder_without_tokenizer_says_the_data_is_unchecked(
     assert str(tiny_corpus / "tokenizer.json") in warned[0]  # the file the data was tokenized with
 
 
+def test_fit_init_from_a_smaller_vocabulary_than_the_data_asks_for_the_models_tokenizer(
+    tmp_path: Path, tiny_corpus: Path
+) -> None:
+    """Data whose tokenizer has more ids than the init_from model's rows was refused with "set
+    model.config.vocab_size to at least 512": a fit from init_from that set it was refused in turn (model.config
+    must match the source). The refusal asks for data of the model's own tokenizer."""
+    from epas_lightning import TokenDataModule
+    from epas_lightning.errors import DataError
+
+    path = save_tiny_hf(tmp_path / "hf", vocab_size=256)
+    config = replace(_module_config(), vocab_size=256, padded_vocab_size=None)
+    data = TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=256)
+    fix = rf"prepare the data with the tokenizer of model.init_from {path} \(at most 256 ids\)$"
+    with pytest.raises(DataError, match=rf"has {VOCAB} tokens but the model's vocab_size is 256 — .* — {fix}"):
+        cpu_trainer(tmp_path, max_steps=1).fit(EPASModule(config, init_from=str(path)), data)
+
+
 def test_validate_and_test_start_from_init_from(tmp_path: Path, tiny_corpus: Path) -> None:
     """`validate`/`test` without --ckpt_path score the init_from weights (the baseline of a continual run), once."""
     from epas_lightning import TokenDataModule

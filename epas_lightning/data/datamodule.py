@@ -20,7 +20,7 @@ from epas_lightning.data.token_data import TokenData, check_seq_len, check_token
 from epas_lightning.data.tokenizer import RecordedTokenizer
 from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model.config import LlamaConfig
-from epas_lightning.trainer_call import check_restored
+from epas_lightning.trainer_call import check_restored, restored_checkpoint
 
 if TYPE_CHECKING:
     from litdata import StreamingDataLoader
@@ -250,6 +250,15 @@ class TokenDataModule(TokenData, LightningDataModule):
         fix = f"prepare the data with --tokenizer {source.path} (the tokenizer of model.init_from)"
         # setup found every data_dir, and a prepared val_dir, tokenized with one file: comparing the first suffices
         check_tokenized_as(self.data_dirs[0], source, self._data_dir_flag, fix)
+
+    def vocab_size_fix(self) -> str:
+        """A fit that starts from ``init_from`` takes its vocabulary from those weights (a ``model.config.vocab_size``
+        of another size is refused): the data must be of a tokenizer that fits them."""
+        trainer = self.trainer
+        init_from = getattr(trainer.lightning_module, "init_from", None) if trainer is not None else None
+        if init_from is None or restored_checkpoint(trainer) is not None:
+            return super().vocab_size_fix()
+        return f"prepare the data with the tokenizer of model.init_from {init_from} (at most {self.vocab_size} ids)"
 
     def check_checkpoint_tokenizer(self, recorded: dict[str, Any] | None, trained_on: list[str] | None = None) -> None:
         """Data tokenized with another vocabulary than the checkpoint a run resumes (or scores) is refused before its
