@@ -677,6 +677,17 @@ def test_fit_init_from_a_smaller_vocabulary_than_the_data_asks_for_the_models_to
         cpu_trainer(tmp_path, max_steps=1).fit(EPASModule(config, init_from=str(path)), data)
 
 
+def test_init_from_an_hf_folder_with_a_damaged_config_asks_to_copy_it_again(tmp_path: Path) -> None:
+    """An HF folder's config.json cut short reads as a consolidated folder (config.json + model.safetensors): the
+    refusal said only "consolidate again", a command that never wrote it."""
+    from epas_lightning.init_from import check_init_source
+
+    path = save_tiny_hf(tmp_path / "hf")
+    (path / "config.json").write_text((path / "config.json").read_text()[:40])
+    with pytest.raises(CheckpointError, match=rf"^unreadable config.json .* — model.init_from {path} — .*copy the"):
+        check_init_source(path, _module_config())
+
+
 def test_validate_and_test_start_from_init_from(tmp_path: Path, tiny_corpus: Path) -> None:
     """`validate`/`test` without --ckpt_path score the init_from weights (the baseline of a continual run), once."""
     from epas_lightning import TokenDataModule
