@@ -161,7 +161,8 @@ def _read_consolidated(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], 
     try:
         record = json.loads((path / CONFIG_FILE).read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"unreadable {CONFIG_FILE} ({e})", where, "consolidate again") from e
+        fix = "consolidate again, or copy the model folder again if it is a Hugging Face one"
+        raise CheckpointError(f"unreadable {CONFIG_FILE} ({e})", where, fix) from e
     if not isinstance(record, dict) or "model" not in record:
         raise CheckpointError(f"{CONFIG_FILE} was not written by consolidate (no 'model' entry)", where, AS_WRITTEN)
     check_readable(path / WEIGHTS_FILE)

@@ -229,6 +229,17 @@ class EPASModule(LightningModule):
 
         return describe_checkpoint(self.init_from, "model.init_from").recorded_tokenizer
 
+    @property
+    def starts_from_untokenized_source(self) -> bool:
+        """Whether this call starts from ``init_from`` weights that name no tokenizer (an HF folder without
+        ``tokenizer.json``/``tokenizer.model``): the data's ids cannot be checked against the ones they learned.
+        Called from a hook of a ``Trainer`` call; a call that resumes a checkpoint reads no ``init_from``."""
+        if self.init_from is None or self._init_from_refusal is not None:
+            return False
+        if self._trainer is None or restored_checkpoint(self.trainer) is not None:
+            return False
+        return self.source_tokenizer is None
+
     def check_init_from(self) -> None:
         """Refuse ``init_from`` where it was gone, or its weights did not read or fit, as the module was built: a fit
         that resumes a checkpoint never reads it (only then is that known), one that starts from it does. The command

@@ -643,6 +643,51 @@ def test_fit_init_from_refuses_data_of_another_tokenizer(tmp_path: Path, tiny_co
     fit(tmp_path / "b")  # the model's own tokenizer: trains
 
 
+def test_fit_init_from_a_folder_without_tokenizer_says_the_data_is_unchecked(
+    tmp_path: Path, tiny_corpus: Path, recwarn
+) -> None:
+    """An HF folder with no tokenizer file (only config.json and the weights copied) trained on data of any
+    vocabulary that fit the embedding, without a word: nothing said the data's ids were not checked against the
+    weights'. The run says so in one line, naming where the tokenizer would be, and still trains."""
+    from epas_lightning import TokenDataModule
+
+    path = save_tiny_hf(tmp_path / "hf")
+    assert not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists()
+    data = TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=VOCAB)
+    cpu_trainer(tmp_path, max_steps=1).fit(EPASModule(_module_config(), init_from=str(path)), data)
+    warned = [str(w.message) for w in recwarn if "holds no tokenizer" in str(w.message)]
+    assert len(warned) == 1 and f"model.init_from {path} holds no tokenizer" in warned[0], warned
+    assert str(tiny_corpus / "tokenizer.json") in warned[0]  # the file the data was tokenized with
+
+
+def test_fit_init_from_a_smaller_vocabulary_than_the_data_asks_for_the_models_tokenizer(
+    tmp_path: Path, tiny_corpus: Path
+) -> None:
+    """Data whose tokenizer has more ids than the init_from model's rows was refused with "set
+    model.config.vocab_size to at least 512": a fit from init_from that set it was refused in turn (model.config
+    must match the source). The refusal asks for data of the model's own tokenizer."""
+    from epas_lightning import TokenDataModule
+    from epas_lightning.errors import DataError
+
+    path = save_tiny_hf(tmp_path / "hf", vocab_size=256)
+    config = replace(_module_config(), vocab_size=256, padded_vocab_size=None)
+    data = TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=256)
+    fix = rf"prepare the data with the tokenizer of model.init_from {path} \(at most 256 ids\)$"
+    with pytest.raises(DataError, match=rf"has {VOCAB} tokens but the model's vocab_size is 256 — .* — {fix}"):
+        cpu_trainer(tmp_path, max_steps=1).fit(EPASModule(config, init_from=str(path)), data)
+
+
+def test_init_from_an_hf_folder_with_a_damaged_config_asks_to_copy_it_again(tmp_path: Path) -> None:
+    """An HF folder's config.json cut short reads as a consolidated folder (config.json + model.safetensors): the
+    refusal said only "consolidate again", a command that never wrote it."""
+    from epas_lightning.init_from import check_init_source
+
+    path = save_tiny_hf(tmp_path / "hf")
+    (path / "config.json").write_text((path / "config.json").read_text()[:40])
+    with pytest.raises(CheckpointError, match=rf"^unreadable config.json .* — model.init_from {path} — .*copy the"):
+        check_init_source(path, _module_config())
+
+
 def test_validate_and_test_start_from_init_from(tmp_path: Path, tiny_corpus: Path) -> None:
     """`validate`/`test` without --ckpt_path score the init_from weights (the baseline of a continual run), once."""
     from epas_lightning import TokenDataModule

@@ -15,11 +15,12 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from epas_lightning.data.layout import tokenizer_file
 from epas_lightning.data.token_data import TokenData, check_seq_len, check_tokenized_as
 from epas_lightning.data.tokenizer import RecordedTokenizer
 from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model.config import LlamaConfig
-from epas_lightning.trainer_call import check_restored
+from epas_lightning.trainer_call import check_restored, restored_checkpoint
 
 if TYPE_CHECKING:
     from litdata import StreamingDataLoader
@@ -236,12 +237,28 @@ class TokenDataModule(TokenData, LightningDataModule):
         ``source_tokenizer``: ``init_from``'s, where it has one) is refused before any step: its ids would stand for
         other tokens than the weights learned, and days of training would fit them to noise."""
         trainer = self.trainer
-        source = getattr(trainer.lightning_module, "source_tokenizer", None) if trainer is not None else None
+        module = trainer.lightning_module if trainer is not None else None
+        source = getattr(module, "source_tokenizer", None)
         if source is None:
+            if getattr(module, "starts_from_untokenized_source", False):
+                rank_zero_warn(
+                    f"model.init_from {module.init_from} holds no tokenizer (tokenizer.json or tokenizer.model): the "
+                    f"data's ids ({tokenizer_file(self.data_dirs[0])}) are not checked against the vocabulary its "
+                    "weights learned; prepare data.data_dir with the model's own tokenizer"
+                )
             return
         fix = f"prepare the data with --tokenizer {source.path} (the tokenizer of model.init_from)"
         # setup found every data_dir, and a prepared val_dir, tokenized with one file: comparing the first suffices
         check_tokenized_as(self.data_dirs[0], source, self._data_dir_flag, fix)
+
+    def vocab_size_fix(self) -> str:
+        """A fit that starts from ``init_from`` takes its vocabulary from those weights (a ``model.config.vocab_size``
+        of another size is refused): the data must be of a tokenizer that fits them."""
+        trainer = self.trainer
+        init_from = getattr(trainer.lightning_module, "init_from", None) if trainer is not None else None
+        if init_from is None or restored_checkpoint(trainer) is not None:
+            return super().vocab_size_fix()
+        return f"prepare the data with the tokenizer of model.init_from {init_from} (at most {self.vocab_size} ids)"
 
     def check_checkpoint_tokenizer(self, recorded: dict[str, Any] | None, trained_on: list[str] | None = None) -> None:
         """Data tokenized with another vocabulary than the checkpoint a run resumes (or scores) is refused before its

@@ -413,8 +413,12 @@ class TokenData:
         """Fail before training if the tokenizer can emit ids outside the model's embedding table."""
         assert self.tokenizer is not None
         if self.vocab_size is not None:
-            fix = f"set model.config.vocab_size to at least {self.tokenizer.vocab_size}, or use a smaller tokenizer"
-            self.tokenizer.check_fits(self.vocab_size, fix)
+            self.tokenizer.check_fits(self.vocab_size, self.vocab_size_fix())
+
+    def vocab_size_fix(self) -> str:
+        """What to do where the tokenizer has more ids than the model's ``vocab_size``."""
+        assert self.tokenizer is not None
+        return f"set model.config.vocab_size to at least {self.tokenizer.vocab_size}, or use a smaller tokenizer"
 
     def check_batch(self, batch: torch.Tensor, heldout: bool = False) -> torch.Tensor:
         """``batch`` (of the held-out data if ``heldout``, else of the training data), unless it holds token ids
