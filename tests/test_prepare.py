@@ -1083,6 +1083,8 @@ def test_non_utf8_file_is_skipped_with_a_warning_or_fails_by_flag(
     assert meta["documents"] == 6 and meta["skipped"] == {"train": 2, "val": 0}
     said = prepare_module.summary_line(out, meta)  # the last line: the warnings may have scrolled away
     assert "6 documents (5 train / 1 val), 2 bad files or records skipped (see the warnings), " in said
+    one = prepare_module.summary_line(out, {**meta, "skipped": {"train": 0, "val": 1}})
+    assert ", 1 bad file or record skipped (see the warnings), " in one
     (src / "windows.txt").unlink()  # which of two bad files fails first depends on the order the files are read in
     with pytest.raises(DataPreparationError, match=rf"not valid UTF-8 .* — {src / 'latin1.txt'} — pass --on-bad skip"):
         prepare(src, tmp_path / "fail", sp_model, val_input=val, on_bad="fail", num_workers=1)

@@ -427,7 +427,8 @@ def summary_line(output: Path, meta: dict) -> str:
     away above a long run's progress."""
     s = meta["splits"]
     n_skipped = sum(meta.get("skipped", {}).values())
-    skipped = f", {n_skipped:,} bad files or records skipped (see the warnings)" if n_skipped else ""
+    things = "file or record" if n_skipped == 1 else "files or records"
+    skipped = f", {n_skipped:,} bad {things} skipped (see the warnings)" if n_skipped else ""
     if copies := s["train"].get("copies_of_val"):
         skipped += f", {copies:,} copies of validation documents left out of training"
     return (
