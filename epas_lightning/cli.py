@@ -603,6 +603,26 @@ def check_no_empty_paths(argv: Sequence[str], path_options: set[str]) -> None:
             )
 
 
+def check_no_empty_config_paths(argv: Sequence[str], path_options: set[str]) -> None:
+    """:func:`check_no_empty_paths` for the values of ``argv``'s ``--config`` files (``input: [""]``, a template whose
+    variable was unset), which the scan of ``argv`` does not see: they were the current folder too. A config that does
+    not read is left to the parser's error."""
+    import yaml
+
+    for given in config_arguments(argv):
+        try:
+            data = yaml.safe_load(Path(given).expanduser().read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        for key, value in data.items() if isinstance(data, dict) else ():
+            values = value if isinstance(value, list) else [value]
+            empty = any(isinstance(v, str) and not v.strip() for v in values)
+            if empty and "--" + str(key).replace("_", "-") in path_options:
+                raise ConfigError(
+                    f"{key} is given an empty path", f"--config {given}", "give a path (is a variable unset?)"
+                )
+
+
 UNKNOWN_OPTION = re.compile(
     r"does not accept option '([^']+)'|\AOption '([^']+)' is not accepted\Z|unrecognized arguments: --(\S+?)(?:=|\s|$)"
 )
@@ -725,6 +745,7 @@ def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:
     parser = function_parser(fn, prog)
     check_utf8(argv, prog)
     check_no_empty_paths(argv, parser.path_options)
+    check_no_empty_config_paths(argv, parser.path_options)
     print_config_options([arg for arg in argv if arg.split("=")[0] == "--print_config"])
     try:
         verbatim, values = _verbatim_values(argv, parser.text_list_options)
