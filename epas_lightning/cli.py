@@ -653,7 +653,7 @@ def unknown_option(
     an abbreviation, ``--trainer.max_step``, as the parsers refuse them), with the option it most likely meant (or
     that ``aliases`` gives for it), and for a config's key the ``--config`` file of ``argv`` that holds it; ``None``
     for any other parse error."""
-    if parser is not None and (stray := re.search(r"unrecognized arguments: ([^-\s]\S*)", str(error))):
+    if parser is not None and (stray := re.search(r"unrecognized arguments: ([^-\s]\S*|(?=\s|\Z))", str(error))):
         return stray_argument(stray.group(1), parser)
     found = UNKNOWN_OPTION.search(str(error))
     if found is None or parser is None:
@@ -728,8 +728,15 @@ def print_config_options(given: list[str]) -> dict[str, bool]:
 
 def stray_argument(value: str, parser: Any) -> ConfigError:
     """The one line for a value given without its flag (``inspect runs/x/last.ckpt``): the commands take flags only;
-    the fix spells it with the flag it most likely is (``--checkpoint``; ``--config`` or ``--ckpt_path`` for fit)."""
+    the fix spells it with the flag it most likely is (``--checkpoint``; ``--config`` or ``--ckpt_path`` for fit). An
+    empty ``value`` is an empty or blank argument (argparse's message shows nothing of it)."""
     command = parser.prog.split()[-1]
+    if not value:  # an empty (or blank) argument: `"$EXTRA"`, EXTRA unset
+        what, fix = (
+            "takes flags only, not an empty argument",
+            "drop it, or give the value it stood for (is a variable unset?)",
+        )
+        return ConfigError(f"{command} {what}", f"{PROG} {command}", fix)
     flags = parser._option_string_actions  # argparse's: every option string, its action
     if "--ckpt_path" in flags:  # fit, validate, test (whose --checkpoint is the checkpoint section)
         fix = f"give it with its flag: --config {value} for a config, --ckpt_path {value} for a checkpoint"
