@@ -364,8 +364,8 @@ def check_not_a_part(file: Path, flag: str = "--checkpoint") -> None:
 
 
 def check_complete(folder: Path, flag: str = "--checkpoint") -> None:
-    """Refuse a folder that holds part of a checkpoint (copied without one of its files), saying which is missing:
-    it would read as no checkpoint at all."""
+    """Refuse a folder that holds part of a checkpoint (copied without one of its files), saying which is missing, or
+    an HF folder's weights beside a ``config.json`` that does not read: it would read as no checkpoint at all."""
     missing = None
     if any(folder.glob("*.distcp")) and not (folder / DCP_METADATA).is_file():
         missing = f"FSDP2 shards without their {DCP_METADATA} (a hidden file, which `cp folder/*` leaves out)"
@@ -373,6 +373,14 @@ def check_complete(folder: Path, flag: str = "--checkpoint") -> None:
         missing = f"{WEIGHTS_FILE} without the {CONFIG_FILE} beside it"
     if missing is not None:
         raise CheckpointError(f"an incomplete checkpoint: {missing}", f"{flag} {folder}", "copy the whole folder again")
+    hf_weights = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.safetensors.index.json")
+    if (folder / CONFIG_FILE).is_file() and any((folder / name).is_file() for name in hf_weights):
+        try:  # an HF folder whose config.json is damaged: no consolidated folder either (no model.safetensors)
+            json.loads((folder / CONFIG_FILE).read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(
+                f"unreadable {CONFIG_FILE} ({e})", f"{flag} {folder}", "copy the model folder again"
+            ) from e
 
 
 def checked_tokenizer(record: Any, where: object, holder: str = "its") -> dict[str, Any]:

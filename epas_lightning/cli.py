@@ -603,6 +603,26 @@ def check_no_empty_paths(argv: Sequence[str], path_options: set[str]) -> None:
             )
 
 
+def check_no_empty_config_paths(argv: Sequence[str], path_options: set[str]) -> None:
+    """:func:`check_no_empty_paths` for the values of ``argv``'s ``--config`` files (``input: [""]``, a template whose
+    variable was unset), which the scan of ``argv`` does not see: they were the current folder too. A config that does
+    not read is left to the parser's error."""
+    import yaml
+
+    for given in config_arguments(argv):
+        try:
+            data = yaml.safe_load(Path(given).expanduser().read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        for key, value in data.items() if isinstance(data, dict) else ():
+            values = value if isinstance(value, list) else [value]
+            empty = any(isinstance(v, str) and not v.strip() for v in values)
+            if empty and "--" + str(key).replace("_", "-") in path_options:
+                raise ConfigError(
+                    f"{key} is given an empty path", f"--config {given}", "give a path (is a variable unset?)"
+                )
+
+
 UNKNOWN_OPTION = re.compile(
     r"does not accept option '([^']+)'|\AOption '([^']+)' is not accepted\Z|unrecognized arguments: --(\S+?)(?:=|\s|$)"
 )
@@ -633,7 +653,7 @@ def unknown_option(
     an abbreviation, ``--trainer.max_step``, as the parsers refuse them), with the option it most likely meant (or
     that ``aliases`` gives for it), and for a config's key the ``--config`` file of ``argv`` that holds it; ``None``
     for any other parse error."""
-    if parser is not None and (stray := re.search(r"unrecognized arguments: ([^-\s]\S*)", str(error))):
+    if parser is not None and (stray := re.search(r"unrecognized arguments: ([^-\s]\S*|(?=\s|\Z))", str(error))):
         return stray_argument(stray.group(1), parser)
     found = UNKNOWN_OPTION.search(str(error))
     if found is None or parser is None:
@@ -708,8 +728,15 @@ def print_config_options(given: list[str]) -> dict[str, bool]:
 
 def stray_argument(value: str, parser: Any) -> ConfigError:
     """The one line for a value given without its flag (``inspect runs/x/last.ckpt``): the commands take flags only;
-    the fix spells it with the flag it most likely is (``--checkpoint``; ``--config`` or ``--ckpt_path`` for fit)."""
+    the fix spells it with the flag it most likely is (``--checkpoint``; ``--config`` or ``--ckpt_path`` for fit). An
+    empty ``value`` is an empty or blank argument (argparse's message shows nothing of it)."""
     command = parser.prog.split()[-1]
+    if not value:  # an empty (or blank) argument: `"$EXTRA"`, EXTRA unset
+        what, fix = (
+            "takes flags only, not an empty argument",
+            "drop it, or give the value it stood for (is a variable unset?)",
+        )
+        return ConfigError(f"{command} {what}", f"{PROG} {command}", fix)
     flags = parser._option_string_actions  # argparse's: every option string, its action
     if "--ckpt_path" in flags:  # fit, validate, test (whose --checkpoint is the checkpoint section)
         fix = f"give it with its flag: --config {value} for a config, --ckpt_path {value} for a checkpoint"
@@ -725,6 +752,7 @@ def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:
     parser = function_parser(fn, prog)
     check_utf8(argv, prog)
     check_no_empty_paths(argv, parser.path_options)
+    check_no_empty_config_paths(argv, parser.path_options)
     print_config_options([arg for arg in argv if arg.split("=")[0] == "--print_config"])
     try:
         verbatim, values = _verbatim_values(argv, parser.text_list_options)

@@ -356,6 +356,19 @@ def test_a_value_without_its_flag_says_which_flag(capsys, argv, fix):
 
 
 @pytest.mark.parametrize(
+    "argv", [["inspect", "--checkpoint", "x.ckpt", ""], ["inspect", " ", "--checkpoint", "x.ckpt"], ["fit", ""]]
+)
+def test_an_empty_argument_without_a_flag_is_named(capsys, argv):
+    """A stray empty argument (``"$EXTRA"``, EXTRA unset) said "unrecognized arguments:" followed by nothing."""
+    command = argv[0]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {command} takes flags only, not an empty argument — python -m epas_lightning {command} — drop it, or "
+        "give the value it stood for (is a variable unset?)"
+    )
+
+
+@pytest.mark.parametrize(
     ("flags", "line"),
     [
         (["--model.optimizer", "torch.optim.AdamWW"], "torch.optim has no AdamWW (did you mean AdamW?) — "

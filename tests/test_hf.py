@@ -688,6 +688,25 @@ def test_init_from_an_hf_folder_with_a_damaged_config_asks_to_copy_it_again(tmp_
         check_init_source(path, _module_config())
 
 
+@pytest.mark.parametrize("weights", ["pytorch_model.bin", "model.safetensors.index.json"])
+def test_an_hf_folder_of_other_weight_files_with_a_damaged_config_asks_to_copy_it_again(
+    tmp_path: Path, capsys, weights: str
+) -> None:
+    """Its config.json cut short, an HF folder of pytorch_model.bin or sharded safetensors is no consolidated folder
+    either: it was "not a checkpoint" (inspect: "no checkpoints in this folder"), though its config.json was damaged."""
+    from epas_lightning.init_from import check_init_source
+
+    path = save_tiny_hf(tmp_path / "hf")
+    (path / "config.json").write_text((path / "config.json").read_text()[:40])
+    (path / "model.safetensors").rename(path / weights)
+    capsys.readouterr()  # the writer's progress bar
+    with pytest.raises(CheckpointError, match=rf"^unreadable config.json .* — model.init_from {path} — copy the"):
+        check_init_source(path, _module_config())
+    for command in (["inspect"], ["generate", "--prompt", "hi"]):
+        assert main([*command, "--checkpoint", str(path)]) == 2
+        assert capsys.readouterr().err.startswith("error: unreadable config.json (")
+
+
 def test_validate_and_test_start_from_init_from(tmp_path: Path, tiny_corpus: Path) -> None:
     """`validate`/`test` without --ckpt_path score the init_from weights (the baseline of a continual run), once."""
     from epas_lightning import TokenDataModule

@@ -542,6 +542,27 @@ def test_an_empty_input_path_is_no_input_not_the_current_folder(tmp_path: Path, 
         discover_files([""])
 
 
+def test_an_empty_path_in_a_config_is_refused_as_on_the_command_line(tmp_path: Path, capsys, monkeypatch):
+    """A config's ``input: [""]`` (a template whose variable was unset) was the current folder: prepare took every file
+    there, the config too, as the corpus without a word; ``tokenizer: ""`` was read as the folder ``.``. The argv scan
+    of empty path flags does not see a config's values: they are refused in the same one line, naming the config."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("a document of the current folder\n")
+    out = str(tmp_path.parent / f"{tmp_path.name}-out")
+    for lines, key in (
+        (["input: ['']", f"output: {out}"], "input"),
+        (["input: [notes.txt, ' ']", f"output: {out}"], "input"),
+        (["input: [notes.txt]", "output: ''"], "output"),
+        (["input: [notes.txt]", f"output: {out}", "tokenizer: ''"], "tokenizer"),
+    ):
+        (tmp_path / "prepare.yaml").write_text("\n".join([*lines, "train_tokenizer: true", "vocab_size: 300"]) + "\n")
+        assert cli_main(["prepare", "--config", "prepare.yaml"]) == 2
+        assert capsys.readouterr().err == (
+            f"error: {key} is given an empty path — --config prepare.yaml — give a path (is a variable unset?)\n"
+        )
+    assert not Path(out).exists()
+
+
 def test_compressed_json_shards_are_json_lines(tmp_path: Path):
     """C4 and Dolma ship JSON Lines as .json.gz: in a folder they were left out, named alone read as one binary text."""
     from epas_lightning.data.sources import discover_files, iter_documents
