@@ -1068,17 +1068,24 @@ def test_an_unknown_task_beside_a_task_file_with_spaces_in_its_path_is_named(
     assert rc == 2 and err.startswith(f"error: unknown lm-eval task {unknown} — --tasks — `lm_eval ls tasks` "), err
 
 
+def generate_task_refusal(checkpoint: Path, tasks: Path, tmp_path: Path, setting: str, instead: str) -> ConfigError:
+    """The one-line error of scoring a document of the generate task whose YAML has ``setting`` written ``instead``."""
+    import epas_lightning.evaluation.lm_eval_adapter  # noqa: F401 - registers "epas"
+
+    body = GENERATE.replace(setting, instead)
+    (tmp_path / "edited_gen.yaml").write_text(
+        task_yaml("edited_gen", tasks / "tiny_gen.jsonl", tmp_path / "cache", body)
+    )
+    args = {"checkpoint": str(checkpoint), "sharing_layers": 0, "device": "cpu"}
+    with pytest.raises(ConfigError) as raised:
+        evaluate("epas", args, tmp_path, ["edited_gen"], limit=1)
+    return raised.value
+
+
 def test_a_task_max_length_past_the_context_length_names_max_length(checkpoint, tasks, tmp_path) -> None:
     """A task YAML's ``max_length`` (the prompt and the generated tokens together) past the model's 32 positions,
     which --gen-kwargs' check never sees: the error named our decoding's ``max_new_tokens`` and the prompts."""
-    import epas_lightning.evaluation.lm_eval_adapter  # noqa: F401 - registers "epas"
-
-    body = GENERATE.replace("max_gen_toks: 8", "max_gen_toks: 8, max_length: 40")
-    (tmp_path / "long_gen.yaml").write_text(task_yaml("long_gen", tasks / "tiny_gen.jsonl", tmp_path / "cache", body))
-    args = {"checkpoint": str(checkpoint), "sharing_layers": 0, "device": "cpu"}
-    with pytest.raises(ConfigError) as raised:
-        evaluate("epas", args, tmp_path, ["long_gen"], limit=1)
-    said = raised.value
+    said = generate_task_refusal(checkpoint, tasks, tmp_path, "max_gen_toks: 8", "max_gen_toks: 8, max_length: 40")
     past = "max_length 40 is past the model's context length of 32 (the prompt and the generated tokens together)"
     assert said.what == past, said.what
     assert said.where == "--gen-kwargs, or the task's generation_kwargs", said.where
@@ -1149,14 +1156,7 @@ def test_a_task_given_alone_and_in_its_group_is_one_line(checkpoint, tasks, tmp_
 def test_a_task_without_max_gen_toks_past_a_short_context_is_one_line(checkpoint, tasks, tmp_path) -> None:
     """A generate_until task that sets no max_gen_toks generates up to lm-eval's default 256 tokens, past this model's
     32 positions: ``HFLM``'s AssertionError "Invalid configuration" was a traceback."""
-    import epas_lightning.evaluation.lm_eval_adapter  # noqa: F401 - registers "epas"
-
-    body = GENERATE.replace(", max_gen_toks: 8", "")
-    (tmp_path / "gen.yaml").write_text(task_yaml("default_gen", tasks / "tiny_gen.jsonl", tmp_path / "cache", body))
-    args = {"checkpoint": str(checkpoint), "sharing_layers": 0, "device": "cpu"}
-    with pytest.raises(ConfigError) as raised:
-        evaluate("epas", args, tmp_path, ["default_gen"], limit=1)
-    said = raised.value
+    said = generate_task_refusal(checkpoint, tasks, tmp_path, ", max_gen_toks: 8", "")
     assert said.what == (
         "a task generates up to 256 tokens (max_gen_toks; 256 where the task sets none), which leaves no room for a "
         "prompt in the model's context length of 32"
