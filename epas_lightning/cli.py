@@ -186,7 +186,26 @@ def function_parser(fn: Callable, prog: str):  # noqa: ANN201 - jsonargparse.Arg
     parser.list_options = {"--" + name.replace("_", "-") for name in params if _is_list(hints.get(name))}
     parser.text_list_options = {"--" + name.replace("_", "-") for name in params if _is_text_list(hints.get(name))}
     parser.path_options = {"--" + name.replace("_", "-") for name in params if _takes_paths(hints.get(name))}
+    _read_single_values_as_lists(parser, {name for name in params if _is_list(hints.get(name))})
     return parser
+
+
+def _read_single_values_as_lists(parser: Any, list_keys: set[str]) -> None:
+    """A config's single value for a list option (``input: a.txt``, ``prompt: hello``) read as a list of that one
+    item, as the flag given once is: jsonargparse refused it as "takes a list", or read a string again as YAML
+    (``prompt: "[a, b]"`` two prompts, ``prompt: "#include <x>"`` none). ``null`` stays no list."""
+    apply_actions = parser._apply_actions  # jsonargparse's check of each key of a config (a --config file's mapping)
+
+    def apply_with_single_values_as_lists(cfg: Any, parent_key: str = "", *args: Any, **kwargs: Any) -> Any:
+        if isinstance(cfg, dict) and not parent_key:
+            cfg = {key: [value] if key in list_keys and _is_single(value) else value for key, value in cfg.items()}
+        return apply_actions(cfg, parent_key, *args, **kwargs)
+
+    parser._apply_actions = apply_with_single_values_as_lists
+
+
+def _is_single(value: Any) -> bool:
+    return value is not None and not isinstance(value, list | tuple)
 
 
 def _plain(text: str | None) -> str | None:
