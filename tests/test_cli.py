@@ -1029,6 +1029,23 @@ def test_a_single_value_in_a_config_is_a_list_of_one_for_a_path_list_flag(tmp_pa
 
 
 @pytest.mark.parametrize(
+    ("argv", "paths"),
+    [
+        (["--input", "[a.txt, b]"], [Path("[a.txt, b]")]),  # was two paths, a.txt and b
+        (["--input=a", "--input", "[b,c]"], [Path("a"), Path("[b,c]")]),
+        (["--input", "[]"], [Path("[]")]),  # was no input at all
+        (["--input", "a", "--input+", "-"], [Path("a"), Path("-")]),
+    ],
+)
+def test_every_value_of_a_path_list_flag_is_one_path(argv, paths):
+    """`--input [a,b]` was two paths, where --help says to repeat the flag for several and a YAML string
+    (`input: "[a, b]"`) is one path: each value of a list flag is one item, as typed, as a --prompt is."""
+    from epas_lightning.cli import run_function
+
+    assert run_function(_paths, "paths", argv) == (paths, None)
+
+
+@pytest.mark.parametrize(
     ("yaml", "prompts"),
     [
         ("prompt: hello\n", ["hello"]),  # was "--prompt takes a list ... not 'hello'"
