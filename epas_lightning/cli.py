@@ -139,6 +139,14 @@ def _is_list(annotation: Any) -> bool:
     return get_origin(annotation) is list or any(get_origin(a) is list for a in options)
 
 
+def _takes_only_lists(annotation: Any) -> bool:
+    """``list[Path]`` or ``list[str] | None``, not ``list[str] | dict | str`` (lm-eval's ``gen_kwargs``, whose single
+    value is one of its own choices): a flag whose single value in a config is a list of one."""
+    options = (annotation,) if get_origin(annotation) is list else get_args(annotation)
+    options = [option for option in options if option is not type(None)]
+    return bool(options) and all(get_origin(option) is list for option in options)
+
+
 def _takes_paths(annotation: Any) -> bool:
     """``Path``, or a list or optional of it (``list[Path] | None``): a flag whose values are paths."""
     return annotation is Path or any(_takes_paths(a) for a in get_args(annotation))
@@ -179,7 +187,7 @@ def function_parser(fn: Callable, prog: str):  # noqa: ANN201 - jsonargparse.Arg
                 action.option_strings[i] = dashed
     parser.list_options = {"--" + name.replace("_", "-") for name in params if _is_list(hints.get(name))}
     parser.path_options = {"--" + name.replace("_", "-") for name in params if _takes_paths(hints.get(name))}
-    _read_single_values_as_lists(parser, {name for name in params if _is_list(hints.get(name))})
+    _read_single_values_as_lists(parser, {name for name in params if _takes_only_lists(hints.get(name))})
     return parser
 
 
