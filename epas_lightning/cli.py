@@ -4,7 +4,7 @@
 typed function exposed through jsonargparse, as LitGPT does for ``litgpt <command>``: its ``--help`` comes from the
 function's docstring, ``--config FILE`` sets any of its arguments from YAML, flags are spelled with dashes
 (``--sharing-layers``), booleans are switches (``--force``, ``--no-force``) and list flags repeat (``--prompt a
---prompt b``; each value of a text list flag is one item, as typed, not YAML).
+--prompt b``; each value of a list flag is one item, as typed, not YAML; a config's single value is a list of one).
 
 A user error prints ``error: <what> — <where> — <what to do>`` on stderr and exits 2; ``--debug`` (anywhere on the
 line) or ``EPAS_DEBUG=1`` shows its traceback. A diverged training run exits 3. Unexpected errors keep their traceback.
@@ -139,15 +139,17 @@ def _is_list(annotation: Any) -> bool:
     return get_origin(annotation) is list or any(get_origin(a) is list for a in options)
 
 
+def _takes_only_lists(annotation: Any) -> bool:
+    """``list[Path]`` or ``list[str] | None``, not ``list[str] | dict | str`` (lm-eval's ``gen_kwargs``, whose single
+    value is one of its own choices): a flag whose single value in a config is a list of one."""
+    options = (annotation,) if get_origin(annotation) is list else get_args(annotation)
+    options = [option for option in options if option is not type(None)]
+    return bool(options) and all(get_origin(option) is list for option in options)
+
+
 def _takes_paths(annotation: Any) -> bool:
     """``Path``, or a list or optional of it (``list[Path] | None``): a flag whose values are paths."""
     return annotation is Path or any(_takes_paths(a) for a in get_args(annotation))
-
-
-def _is_text_list(annotation: Any) -> bool:
-    """``list[str]`` (or ``list[str] | None``): a flag whose values are text (``--prompt``)."""
-    options = get_args(annotation) if get_origin(annotation) is not list else (annotation,)
-    return any(get_origin(a) is list and get_args(a) == (str,) for a in options)
 
 
 def function_parser(fn: Callable, prog: str):  # noqa: ANN201 - jsonargparse.ArgumentParser
@@ -184,9 +186,27 @@ def function_parser(fn: Callable, prog: str):  # noqa: ANN201 - jsonargparse.Arg
                 parser._option_string_actions[dashed] = action
                 action.option_strings[i] = dashed
     parser.list_options = {"--" + name.replace("_", "-") for name in params if _is_list(hints.get(name))}
-    parser.text_list_options = {"--" + name.replace("_", "-") for name in params if _is_text_list(hints.get(name))}
     parser.path_options = {"--" + name.replace("_", "-") for name in params if _takes_paths(hints.get(name))}
+    _read_single_values_as_lists(parser, {name for name in params if _takes_only_lists(hints.get(name))})
     return parser
+
+
+def _read_single_values_as_lists(parser: Any, list_keys: set[str]) -> None:
+    """A config's single value for a list option (``input: a.txt``, ``prompt: hello``) read as a list of that one
+    item, as the flag given once is: jsonargparse refused it as "takes a list", or read a string again as YAML
+    (``prompt: "[a, b]"`` two prompts, ``prompt: "#include <x>"`` none). ``null`` stays no list."""
+    apply_actions = parser._apply_actions  # jsonargparse's check of each key of a config (a --config file's mapping)
+
+    def apply_with_single_values_as_lists(cfg: Any, parent_key: str = "", *args: Any, **kwargs: Any) -> Any:
+        if isinstance(cfg, dict) and not parent_key:
+            cfg = {key: [value] if key in list_keys and _is_single(value) else value for key, value in cfg.items()}
+        return apply_actions(cfg, parent_key, *args, **kwargs)
+
+    parser._apply_actions = apply_with_single_values_as_lists
+
+
+def _is_single(value: Any) -> bool:
+    return value is not None and not isinstance(value, list | tuple)
 
 
 def _plain(text: str | None) -> str | None:
@@ -213,11 +233,12 @@ def _append_lists(argv: Sequence[str], list_options: set[str]) -> list[str]:
     return out
 
 
-def _verbatim_values(argv: Sequence[str], text_options: set[str]) -> tuple[list[str], dict[str, str]]:
-    """``argv`` with each value of a text list flag (``--prompt``) replaced by a placeholder word, and the values by
-    placeholder: the parser reads a value as YAML, where ``#include <x>`` is a comment (no prompt at all), ``null``
-    no list, ``[a, b]`` two items and ``[x for x in y]`` the text "x for x in y"; :func:`_restore_values` puts each
-    value back as typed, one item. A value that argparse reads as a flag (``--prompt -x``) is left for it to refuse."""
+def _verbatim_values(argv: Sequence[str], list_options: set[str]) -> tuple[list[str], dict[str, str]]:
+    """``argv`` with each value of a list flag (``--prompt``, ``--input``) replaced by a placeholder word, and the
+    values by placeholder: the parser reads a value as YAML, where ``#include <x>`` is a comment (no prompt at all),
+    ``null`` no list, ``[a, b]`` two items and ``[x for x in y]`` the text "x for x in y"; :func:`_restore_values`
+    puts each value back as typed, one item. A value that argparse reads as a flag (``--prompt -x``) is left for it
+    to refuse."""
     nonce, out, values = uuid.uuid4().hex, [], {}
 
     def placeholder(value: str) -> str:
@@ -229,9 +250,9 @@ def _verbatim_values(argv: Sequence[str], text_options: set[str]) -> tuple[list[
         name, equals, value = token.partition("=")
         if takes_value and read_as_value(token):
             token = placeholder(token)
-        elif name.removesuffix("+") in text_options and equals:
+        elif name.removesuffix("+") in list_options and equals:
             token = name + equals + placeholder(value)
-        takes_value = name.removesuffix("+") in text_options and not equals
+        takes_value = name.removesuffix("+") in list_options and not equals
         out.append(token)
     return out, values
 
@@ -243,18 +264,18 @@ def _print_as_typed(parser: Any, values: dict[str, str]) -> None:
 
     def dump_as_typed(config: Any, *args: Any, **kwargs: Any) -> str:
         config = config.clone()
-        _restore_values(config, parser.text_list_options, values)
+        _restore_values(config, parser.list_options, values)
         return dump(config, *args, **kwargs)
 
     parser.dump = dump_as_typed
 
 
-def _restore_values(config: Any, text_options: set[str], values: dict[str, str]) -> None:
-    """The values :func:`_verbatim_values` replaced, back in ``config`` as typed."""
-    for option in text_options:
+def _restore_values(config: Any, list_options: set[str], values: dict[str, str]) -> None:
+    """The values :func:`_verbatim_values` replaced, back in ``config`` as typed (a path as a path)."""
+    for option in list_options:
         key = option.removeprefix("--").replace("-", "_")
         if isinstance(items := getattr(config, key, None), list):
-            setattr(config, key, [values.get(item, item) for item in items])
+            setattr(config, key, [type(item)(values[str(item)]) if str(item) in values else item for item in items])
 
 
 DURATION = 'a duration "H:MM:SS" (e.g. "0:30:00")'
@@ -755,13 +776,13 @@ def run_function(fn: Callable, prog: str, argv: Sequence[str]) -> Any:
     check_no_empty_config_paths(argv, parser.path_options)
     print_config_options([arg for arg in argv if arg.split("=")[0] == "--print_config"])
     try:
-        verbatim, values = _verbatim_values(argv, parser.text_list_options)
+        verbatim, values = _verbatim_values(argv, parser.list_options)
         _print_as_typed(parser, values)
         config = parser.parse_args(_append_lists(verbatim, parser.list_options))
     except ArgumentError as e:
         ours = {name: flag for name, flag in OTHER_FLAG_NAMES.items() if f"--{flag}" in parser._option_string_actions}
         raise unknown_option(e, parser, ours, argv) or parse_error(e, prog, fn, argv) from e
-    _restore_values(config, parser.text_list_options, values)
+    _restore_values(config, parser.list_options, values)
     kwargs = parser.instantiate(config)
     kwargs.pop("config", None)
     check_finite(kwargs, prog)

@@ -230,6 +230,16 @@ class EPASModule(LightningModule):
         return describe_checkpoint(self.init_from, "model.init_from").recorded_tokenizer
 
     @property
+    def source_tokenizer_sha256(self) -> str | None:
+        """The hash of the tokenizer file ``init_from``'s weights trained with, where it records one: all a
+        consolidated folder whose tokenizer was gone when it was consolidated keeps of it."""
+        if self.init_from is None or self._init_from_refusal is not None:
+            return None
+        from epas_lightning.checkpoint import describe_checkpoint
+
+        return describe_checkpoint(self.init_from, "model.init_from").tokenizer_sha256
+
+    @property
     def starts_from_untokenized_source(self) -> bool:
         """Whether this call starts from ``init_from`` weights that name no tokenizer (an HF folder without
         ``tokenizer.json``/``tokenizer.model``): the data's ids cannot be checked against the ones they learned.

@@ -1006,6 +1006,64 @@ def test_a_list_flag_replaces_the_list_of_an_earlier_config(tmp_path, argv, prom
     assert run_function(_prompts, "prompts", argv) == prompts
 
 
+def _paths(input: list[Path], val_input: list[Path] | None = None) -> tuple[list[Path], list[Path] | None]:
+    """A stand-in command with path list options."""
+    return input, val_input
+
+
+@pytest.mark.parametrize(
+    ("yaml", "expected"),
+    [
+        ("input: a.txt\n", ([Path("a.txt")], None)),  # was "--input takes a list ... not 'a.txt'"
+        ("input: a.txt\nval_input: v\n", ([Path("a.txt")], [Path("v")])),
+        ("input: [a.txt, b]\nval_input: null\n", ([Path("a.txt"), Path("b")], None)),
+    ],
+)
+def test_a_single_value_in_a_config_is_a_list_of_one_for_a_path_list_flag(tmp_path, yaml, expected):
+    """`input: a.txt` in a --config was refused as "takes a list", where the flag given once (`--input a.txt`) is a
+    list of one."""
+    from epas_lightning.cli import run_function
+
+    (config := tmp_path / "c.yaml").write_text(yaml)
+    assert run_function(_paths, "paths", ["--config", str(config)]) == expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "paths"),
+    [
+        (["--input", "[a.txt, b]"], [Path("[a.txt, b]")]),  # was two paths, a.txt and b
+        (["--input=a", "--input", "[b,c]"], [Path("a"), Path("[b,c]")]),
+        (["--input", "[]"], [Path("[]")]),  # was no input at all
+        (["--input", "a", "--input+", "-"], [Path("a"), Path("-")]),
+    ],
+)
+def test_every_value_of_a_path_list_flag_is_one_path(argv, paths):
+    """`--input [a,b]` was two paths, where --help says to repeat the flag for several and a YAML string
+    (`input: "[a, b]"`) is one path: each value of a list flag is one item, as typed, as a --prompt is."""
+    from epas_lightning.cli import run_function
+
+    assert run_function(_paths, "paths", argv) == (paths, None)
+
+
+@pytest.mark.parametrize(
+    ("yaml", "prompts"),
+    [
+        ("prompt: hello\n", ["hello"]),  # was "--prompt takes a list ... not 'hello'"
+        ("prompt: '[a, b]'\n", ["[a, b]"]),  # a YAML string is one prompt, as typed (was two)
+        ("prompt: '#include <x>'\n", ["#include <x>"]),  # was None: read again as YAML, a comment
+        ("prompt: [a, '[b]']\n", ["a", "[b]"]),
+        ("prompt: null\n", None),
+    ],
+)
+def test_a_single_value_in_a_config_is_one_item_of_a_text_list_flag(tmp_path, yaml, prompts):
+    """`prompt: hello` in a --config was refused as "takes a list"; a YAML string for a text list flag is one item, as
+    typed, as the flag's value on the command line is."""
+    from epas_lightning.cli import run_function
+
+    (config := tmp_path / "g.yaml").write_text(yaml)
+    assert run_function(_prompts, "prompts", ["--config", str(config)]) == prompts
+
+
 def test_a_bad_value_on_the_command_line_is_quoted_as_typed(tmp_path, capsys, monkeypatch):
     """`--checkpoint.train_time_interval 30:00` said "not '1800'": the value as YAML 1.1 reads it (sexagesimal)."""
     monkeypatch.chdir(tmp_path)

@@ -660,6 +660,32 @@ def test_fit_init_from_a_folder_without_tokenizer_says_the_data_is_unchecked(
     assert str(tiny_corpus / "tokenizer.json") in warned[0]  # the file the data was tokenized with
 
 
+def test_fit_init_from_a_consolidated_folder_that_records_only_its_tokenizers_hash_compares_it(
+    tmp_path: Path, tiny_corpus: Path, recwarn
+) -> None:
+    """A consolidated folder whose tokenizer was gone when it was consolidated records the file's hash only: it was
+    warned of as an HF folder that "holds no tokenizer", and data of another tokenizer trained. The data's tokenizer
+    is compared with that hash: another file is refused before the first step, the same one trains without a word."""
+    from epas_lightning import TokenDataModule
+    from epas_lightning.data.tokenizer import tokenizer_sha256
+    from epas_lightning.errors import DataError
+
+    def fit(root: Path, sha256: str) -> None:
+        path = save_consolidated(Llama(_module_config()), root / "consolidated")
+        record = json.loads((path / "config.json").read_text())
+        record["tokenizer"] = {"sha256": sha256, "bos_id": 1, "eos_id": 2}  # as consolidate records a gone tokenizer
+        (path / "config.json").write_text(json.dumps(record))
+        data = TokenDataModule(tiny_corpus, seq_len=32, batch_size=2, vocab_size=VOCAB)
+        cpu_trainer(root, max_steps=1).fit(EPASModule(_module_config(), init_from=str(path)), data)
+
+    says = rf"^prepared with another tokenizer \({tiny_corpus / 'tokenizer.json'}\) than the one the weights of "
+    with pytest.raises(DataError, match=says + rf".* — data.data_dir {tiny_corpus} — "):
+        fit(tmp_path / "a", "0" * 64)
+    assert not list((tmp_path / "a").rglob("*.ckpt"))
+    fit(tmp_path / "b", tokenizer_sha256(tiny_corpus / "tokenizer.json"))
+    assert not [w for w in recwarn if "holds no tokenizer" in str(w.message)]
+
+
 def test_fit_init_from_a_smaller_vocabulary_than_the_data_asks_for_the_models_tokenizer(
     tmp_path: Path, tiny_corpus: Path
 ) -> None:

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from epas_lightning.data.layout import tokenizer_file
 from epas_lightning.data.token_data import TokenData, check_seq_len, check_tokenized_as
-from epas_lightning.data.tokenizer import RecordedTokenizer
+from epas_lightning.data.tokenizer import RecordedTokenizer, tokenizer_sha256
 from epas_lightning.errors import ConfigError, DataError
 from epas_lightning.model.config import LlamaConfig
 from epas_lightning.trainer_call import check_restored, restored_checkpoint
@@ -240,7 +240,11 @@ class TokenDataModule(TokenData, LightningDataModule):
         module = trainer.lightning_module if trainer is not None else None
         source = getattr(module, "source_tokenizer", None)
         if source is None:
-            if getattr(module, "starts_from_untokenized_source", False):
+            if not getattr(module, "starts_from_untokenized_source", False):
+                return
+            if sha256 := getattr(module, "source_tokenizer_sha256", None):  # its file gone when it was consolidated
+                self._check_tokenizer_hash(sha256, module.init_from)
+            else:
                 rank_zero_warn(
                     f"model.init_from {module.init_from} holds no tokenizer (tokenizer.json or tokenizer.model): the "
                     f"data's ids ({tokenizer_file(self.data_dirs[0])}) are not checked against the vocabulary its "
@@ -250,6 +254,18 @@ class TokenDataModule(TokenData, LightningDataModule):
         fix = f"prepare the data with --tokenizer {source.path} (the tokenizer of model.init_from)"
         # setup found every data_dir, and a prepared val_dir, tokenized with one file: comparing the first suffices
         check_tokenized_as(self.data_dirs[0], source, self._data_dir_flag, fix)
+
+    def _check_tokenizer_hash(self, sha256: str, init_from: str) -> None:
+        """Data whose tokenizer file is not the one ``init_from``'s weights trained with (the ``sha256`` it records
+        without the file) is refused: the hash is all that can be compared."""
+        data_tokenizer = tokenizer_file(self.data_dirs[0])
+        if tokenizer_sha256(data_tokenizer) != sha256:
+            raise DataError(
+                f"prepared with another tokenizer ({data_tokenizer}) than the one the weights of model.init_from "
+                f"{init_from} trained with (it records the file's hash, not the file)",
+                self._data_dir_flag,
+                "prepare the data with the tokenizer the weights trained with",
+            )
 
     def vocab_size_fix(self) -> str:
         """A fit that starts from ``init_from`` takes its vocabulary from those weights (a ``model.config.vocab_size``
