@@ -500,13 +500,15 @@ def test_a_missing_config_file_is_named_by_every_tool_as_fit_names_it(tmp_path, 
     )
 
 
-def test_a_list_flag_given_one_value_in_a_config_file_says_it_takes_a_list(tmp_path, capsys):
-    """`input: corpus/` in prepare's YAML said "--input takes a path, not 'corpus/'": it was one."""
+def test_a_list_flag_given_one_value_in_a_config_file_reads_it_as_a_list_of_one(tmp_path, capsys):
+    """`input: corpus/` in prepare's YAML was refused ("--input takes a list"), while `--input corpus/` works: it is
+    now the list of that one folder, and prepare goes on to its next check (here: no tokenizer given)."""
     config = tmp_path / "prepare.yaml"
     config.write_text(f"input: {tmp_path}\noutput: {tmp_path / 'out'}\n")
     assert main(["prepare", "--config", str(config)]) == 2
-    says = f"error: --input takes a list, each item a path ([A, B] in a YAML file), not '{tmp_path}'"
-    assert capsys.readouterr().err.startswith(says)
+    err = capsys.readouterr().err
+    assert err.startswith("error: pass either a tokenizer file or --train-tokenizer with --vocab-size — "), err
+    assert "takes a list" not in err
 
 
 def test_a_config_file_that_is_not_yaml_is_named_with_the_line(tmp_path, capsys):
