@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from epas_lightning.errors import CheckpointError, ConfigError, TrainingDiverged, UserError, listed
 from epas_lightning.loss_scaling import loss_scaler, unscale_fused_gradients
 from epas_lightning.optim import state_entry, state_tensors
+from epas_lightning.rank_agreement import ranks_agree
 from epas_lightning.safe_load import is_weights_only
 
 log = logging.getLogger(__name__)
@@ -108,11 +109,11 @@ class DivergenceGuard(Callback):
         scaled = scaler is not None and scaler.get_scale() > self.min_loss_scale
         grads_ok = torch.tensor(True) if scaled else all_finite(grads)
         local_bad = not bool(loss_ok.to(grads_ok.device) & grads_ok)
-        if not trainer.strategy.reduce_boolean_decision(local_bad, all=False):
+        if not ranks_agree(trainer, local_bad, all=False):
             return
         step = trainer.global_step
         # another rank's non-finite loss reaches this rank as non-finite gradients: every rank names the loss
-        reason = "loss" if trainer.strategy.reduce_boolean_decision(not bool(loss_ok), all=False) else "gradients"
+        reason = "loss" if ranks_agree(trainer, not bool(loss_ok), all=False) else "gradients"
         if self.action == "skip" and self.skipped < self.max_skips:
             self.skipped += 1
             self._skipped_at.add(step)
@@ -146,9 +147,9 @@ class DivergenceGuard(Callback):
             return
         weights = [t for t in pl_module.state_dict().values() if torch.is_tensor(t) and t.is_floating_point()]
         state = [] if weights_only else [t for _, _, t in optimizer_state(trainer.optimizers)]
-        if not trainer.strategy.reduce_boolean_decision(not bool(all_finite(weights + state)), all=False):
+        if not ranks_agree(trainer, not bool(all_finite(weights + state)), all=False):
             return
-        bad = "weights" if trainer.strategy.reduce_boolean_decision(not bool(all_finite(weights)), all=False) else None
+        bad = "weights" if ranks_agree(trainer, not bool(all_finite(weights)), all=False) else None
         what = f"non-finite {bad or 'optimizer state'} at step {trainer.global_step}; no checkpoint written"
         raise TrainingDiverged(self._message(trainer, what), trainer.is_global_zero)
 
@@ -241,7 +242,7 @@ def check_resumed_finite(trainer: Trainer, model: torch.nn.Module) -> None:
     whose advice (a lower learning rate) could not help, and ``validate`` scored it ``nan``. Ranks agree (each checks
     its shards), so they all stop together; the first says it."""
     weights, state = non_finite_restored(model, trainer.optimizers)
-    if not trainer.strategy.reduce_boolean_decision(bool(weights or state), all=False):
+    if not ranks_agree(trainer, bool(weights or state), all=False):
         return
     from epas_lightning.weight_checks import NOT_FINITE_FIX
 

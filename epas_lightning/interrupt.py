@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from epas_lightning.errors import ConfigError
 from epas_lightning.interrupted import Interrupted
 from epas_lightning.plateau_metrics import hold_plateau_steps, release_plateau_steps
+from epas_lightning.rank_agreement import ranks_agree
 from epas_lightning.run_checkpoint import (
     PLATEAU_STEPS_HELD_KEY,
     VALIDATION_SKIPPED_KEY,
@@ -338,7 +340,7 @@ class GracefulStop(Callback):
         """Whether any rank was signalled (one all-reduce; once one was, one or two more): the signal the stop reports
         (the requeue signal wins; Ctrl+C where every signalled rank got Ctrl+C; else this rank's, another rank's
         counting as SIGTERM), and whether the job is to be requeued."""
-        reduce = trainer.strategy.reduce_boolean_decision
+        reduce = partial(ranks_agree, trainer)
         if not reduce(self.received is not None, all=False):
             return None, False
         if self.requeue_signal is not None and reduce(self.received == self.requeue_signal, all=False):

@@ -2489,7 +2489,9 @@ def test_every_rank_reports_the_signal_of_a_stop_alike(signals, reported):
 
         stop = GracefulStop()
         stop.received = signals[rank] and signal.Signals[signals[rank]]
-        return stop._agreed_stop(SimpleNamespace(strategy=SimpleNamespace(reduce_boolean_decision=reduce)))
+        return stop._agreed_stop(
+            SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce_boolean_decision=reduce))
+        )
 
     with ThreadPoolExecutor(2) as ranks:
         results = list(ranks.map(agreed_stop, range(2)))

@@ -562,7 +562,7 @@ def test_a_resumed_checkpoint_names_the_bad_weights_of_whichever_rank_holds_them
     from epas_lightning.divergence import check_resumed_finite
 
     trainer = SimpleNamespace(
-        optimizers=[], ckpt_path="run/last.ckpt", is_global_zero=True,
+        optimizers=[], ckpt_path="run/last.ckpt", is_global_zero=True, world_size=2,
         strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: True),  # another rank found NaN
     )  # fmt: skip
     with monkeypatch.context() as patch:  # undone before conftest's teardown asks torch about process groups
@@ -583,7 +583,7 @@ def test_a_divergence_is_said_once_however_many_ranks_stop(capsys, monkeypatch):
         said = iter([True, False])  # another rank saw NaN gradients: any rank's bad step, yes; any rank's bad loss, no
         trainer = SimpleNamespace(
             global_step=7, global_rank=rank, is_global_zero=rank == 0, checkpoint_callbacks=[], precision_plugin=None,
-            strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all, said=said: next(said)),
+            world_size=2, strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all, said=said: next(said)),
         )  # fmt: skip
         with pytest.raises(TrainingDiverged, match="non-finite gradients at step 7") as stopped:
             guard.on_before_optimizer_step(trainer, None, SimpleNamespace(param_groups=[]))
@@ -2415,6 +2415,7 @@ def test_a_non_finite_loss_on_another_rank_is_named_once_as_the_loss(action, cap
     optimizer = SimpleNamespace(param_groups=[{"params": [param]}])
     for rank in (0, 1):
         trainer = SimpleNamespace(strategy=strategy, global_step=3, is_global_zero=rank == 0, precision_plugin=None)
+        trainer.world_size = 2
         trainer.checkpoint_callbacks = []
         guard.on_before_backward(trainer, None, torch.tensor(float("nan") if rank else 1.0))
         if action == "stop":
@@ -2605,3 +2606,41 @@ def test_a_users_folder_named_as_the_build_would_be_is_left(tmp_path, monkeypatc
         pass
     assert [p.name for p in tmp_path.iterdir()] == [f".out.tmp-{tag[:8]}"]
     assert (tmp_path / f".out.tmp-{tag[:8]}" / "notes.txt").read_text() == "mine"
+
+
+def test_one_process_decides_alone_without_a_device_round_trip():
+    """Lightning's parallel strategies (FSDP2 on one GPU: ``tinyllama-1gpu``) reduce every boolean decision as a
+    device tensor even in a world of one process: on the H200 the divergence guard's and the interrupt check's
+    decisions were 4 of the 9 host syncs per optimizer step (benchmarks/RESULTS.md). One process now decides alone;
+    several still reduce."""
+    from epas_lightning.interrupt import GracefulStop
+    from epas_lightning.rank_agreement import ranks_agree
+
+    def no_reduce(decision, all):  # noqa: A002
+        raise AssertionError("one process reduced its decision")
+
+    alone = SimpleNamespace(world_size=1, strategy=SimpleNamespace(reduce_boolean_decision=no_reduce))
+    assert ranks_agree(alone, True) is True and ranks_agree(alone, 0, all=False) is False
+    calls = []
+    several = SimpleNamespace(
+        world_size=2, strategy=SimpleNamespace(reduce_boolean_decision=lambda d, all: calls.append((d, all)) or True)
+    )  # noqa: E501
+    assert ranks_agree(several, False, all=False) is True and calls == [(False, False)]
+
+    guard = DivergenceGuard("stop")
+    param = torch.nn.Parameter(torch.zeros(2))
+    param.grad = torch.zeros(2)
+    trainer = SimpleNamespace(
+        world_size=1, strategy=alone.strategy, global_step=3, is_global_zero=True, precision_plugin=None,
+        checkpoint_callbacks=[],
+    )  # fmt: skip
+    guard.on_before_backward(trainer, None, torch.tensor(1.0))
+    guard.on_before_optimizer_step(trainer, None, SimpleNamespace(param_groups=[{"params": [param]}]))
+    param.grad = torch.full((2,), float("nan"))
+    guard.on_before_backward(trainer, None, torch.tensor(1.0))
+    with pytest.raises(TrainingDiverged, match="non-finite gradients at step 3"):
+        guard.on_before_optimizer_step(trainer, None, SimpleNamespace(param_groups=[{"params": [param]}]))
+    stop = GracefulStop()
+    assert stop._agreed_stop(trainer) == (None, False)
+    stop.received = signal.SIGTERM
+    assert stop._agreed_stop(trainer) == (signal.SIGTERM, False)
