@@ -16,8 +16,8 @@ Each timed call runs ``--inner`` forward/backward passes and clears the gradient
 
 Usage::
 
-    python benchmarks/block_vs_litgpt.py --device cuda                                     # tinyllama, 4 x 2048
-    python benchmarks/block_vs_litgpt.py --device cpu --model debug --seq-len 64 --precision 32-true --reps 3
+    python benchmarks/block_vs_litgpt.py --device cuda          # tinyllama, 4 x 2048, bf16-mixed, compiled
+    python benchmarks/block_vs_litgpt.py --quick                # smoke test
 """
 
 from __future__ import annotations
@@ -37,17 +37,27 @@ from epas_lightning.linear_ce import linear_cross_entropy
 from epas_lightning.model import Llama
 from epas_lightning.model.attention import AttentionContext, apply_rope
 from epas_lightning.model.rope import RotaryEmbedding
+from epas_lightning.script_args import ScriptParser, count, whole_number
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ScriptParser(description=__doc__.split("\n\n")[0])
     shape_flags(parser, "tinyllama-1.1b", 2048, 4)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "32-true"])
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--inner", type=int, default=10, help="forward/backward passes per timed call")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--precision", choices=("auto", "32-true", "bf16-mixed"), default="auto", help="auto: bf16 on CUDA"
+    )
+    parser.add_argument(
+        "--compile", choices=("auto", "none", "all"), default="auto", help="auto: all on CUDA, none on CPU"
+    )
+    parser.add_argument("--reps", type=count, default=7)
+    parser.add_argument("--inner", type=count, default=10, help="forward/backward passes per timed call")
+    parser.add_argument("--warmup", type=whole_number(0), default=2)
+    parser.add_argument("--threads", type=count, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_quick(
+        "debug shape, seq 64, eager, 2 reps of 1 pass", model="debug", seq_len=64, reps=2, inner=1, warmup=1
+    )
     return parser.parse_args(argv)
 
 
@@ -71,7 +81,16 @@ def bthd_attention_forward(attn: torch.nn.Module) -> Callable:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    precision = args.precision if args.precision != "auto" else "bf16-mixed" if cuda else "32-true"
+    compiled = args.compile == "all" or (args.compile == "auto" and cuda)
+
+    def compile(fn: Callable, fullgraph: bool = True) -> Callable:
+        return torch.compile(fn, fullgraph=fullgraph) if compiled else fn
+
     config = preset_config(args.model, args.seq_len)
     config = type(config).from_name(args.model, n_layer=1, block_size=max(config.block_size, args.seq_len))
     torch.manual_seed(args.seed)
@@ -91,22 +110,22 @@ def main(argv: list[str] | None = None) -> dict:
     ctx = AttentionContext(cos, sin)
     their_cos, their_sin = theirs.cos[:T].unsqueeze(0), theirs.sin[:T].unsqueeze(0)
 
-    our_block = torch.compile(lambda h: ours.layers[0](h, ctx)[0], fullgraph=True)
-    bthd_block = torch.compile(lambda h: bthd.layers[0](h, ctx)[0], fullgraph=True)
-    their_block = torch.compile(lambda h: theirs.transformer.h[0](h, their_cos, their_sin))
+    our_block = compile(lambda h: ours.layers[0](h, ctx)[0])
+    bthd_block = compile(lambda h: bthd.layers[0](h, ctx)[0])
+    their_block = compile(lambda h: theirs.transformer.h[0](h, their_cos, their_sin), fullgraph=False)
     vocab = config.vocab_size
-    our_norm = torch.compile(ours.norm, fullgraph=True)
-    their_logits = torch.compile(lambda h: theirs.lm_head(theirs.transformer.ln_f(h)))
+    our_norm = compile(ours.norm)
+    their_logits = compile(lambda h: theirs.lm_head(theirs.transformer.ln_f(h)), fullgraph=False)
 
     def our_head(h: torch.Tensor) -> torch.Tensor:
-        return linear_cross_entropy(our_norm(h), ours.lm_head.weight, targets, vocab, compile=True)
+        return linear_cross_entropy(our_norm(h), ours.lm_head.weight, targets, vocab, compile=compiled)
 
     def their_head(h: torch.Tensor) -> torch.Tensor:
         from litgpt.utils import chunked_cross_entropy
 
         return chunked_cross_entropy(their_logits(h), targets)
 
-    autocast = autocast_context(args.precision, device)
+    autocast = autocast_context(precision, device)
     models = {"ours": ours, "ours_bthd": bthd, "litgpt": theirs, "ours_head": ours, "litgpt_head": theirs}
     passes = {"ours": our_block, "ours_bthd": bthd_block, "litgpt": their_block}
     heads = {"ours_head": our_head, "litgpt_head": their_head}
@@ -138,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
         "model": args.model,
         "batch_size": B,
         "seq_len": T,
-        "precision": args.precision,
+        "precision": precision,
+        "compiled": compiled,
         "ms_per_pass": ms,
         "block_vs_litgpt": ms["ours"] / ms["litgpt"],
         "bthd_vs_ours": ms["ours_bthd"] / ms["ours"],

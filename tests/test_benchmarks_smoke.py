@@ -81,6 +81,16 @@ def test_vs_peers_reports_each_system_against_the_best_peer(quick_main):
     assert set(r["profile"]) == expected and all(len(p["ops"]) == 3 for p in r["profile"].values())
 
 
+def test_block_vs_litgpt_times_each_part_of_both_on_the_same_function(quick_main):
+    pytest.importorskip("litgpt")
+    r = quick_main("benchmarks/block_vs_litgpt.py")
+    assert set(r["ms_per_pass"]) == {"ours", "ours_bthd", "litgpt", "ours_head", "litgpt_head"}
+    assert all(ms > 0 for ms in r["ms_per_pass"].values())
+    assert r["block_vs_litgpt"] == r["ms_per_pass"]["ours"] / r["ms_per_pass"]["litgpt"]
+    assert r["max_abs_diff_vs_ours"]["ours_bthd"] == 0.0  # RoPE before the transpose: the same numbers
+    assert r["max_abs_diff_vs_ours"]["litgpt"] < 1e-4 and r["compiled"] is False  # fp32 on the CPU, eager
+
+
 @pytest.mark.slow
 def test_lightning_overhead_reports_ratios_and_same_losses(quick_main):
     r = quick_main("benchmarks/lightning_overhead.py")
