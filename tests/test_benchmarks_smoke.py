@@ -101,6 +101,7 @@ def test_block_vs_litgpt_times_each_part_of_both_on_the_same_function(quick_main
     assert r["block_vs_litgpt"] == r["ms_per_pass"]["ours"] / r["ms_per_pass"]["litgpt"]
     assert r["max_abs_diff_vs_ours"]["ours_bthd"] == 0.0  # RoPE before the transpose: the same numbers
     assert r["max_abs_diff_vs_ours"]["litgpt"] < 1e-4 and r["compiled"] is False  # fp32 on the CPU, eager
+    assert r["max_abs_diff_vs_ours"]["litgpt_head"] < 1e-4  # the two loss heads: the same loss
 
 
 @pytest.mark.slow
