@@ -253,6 +253,7 @@ def build_systems(
     compile_all = args.compile == "all"
     ours = parallelize(ours.to(device), None, compile=compile_all)
     kernels = sdpa_order("auto", device, config)  # as EPASModule's default
+    ours.sdpa_order = kernels  # the model's order from the start, as EPASModule sets it; the arms switch it
     optimizer = default_optimizer(ours)
     region = sharing_layers(config.n_layer, args.sharing)
 

@@ -81,6 +81,18 @@ def test_vs_peers_reports_each_system_against_the_best_peer(quick_main):
     assert set(r["profile"]) == expected and all(len(p["ops"]) == 3 for p in r["profile"].values())
 
 
+def test_vs_peers_reports_the_kernel_order_its_dense_arm_ran(quick_main, monkeypatch):
+    """The order ``attention_kernel='auto'`` chose, not the model's before the dense arm switched to it."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    vs_peers = importlib.import_module("vs_peers")
+    from epas_lightning.attention_kernels import sdpa_order
+
+    monkeypatch.setattr(vs_peers, "sdpa_order", lambda setting, device, config: sdpa_order("flash", device, config))
+    r = quick_main("benchmarks/vs_peers.py", "--systems", "dense", "torch_sdpa", "--reps", "1", "--warmup", "0")
+    assert r["sdpa_order"] == ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"]
+    assert "torch_sdpa" in r["tokens_per_s"]  # the arm that runs torch's own order
+
+
 def test_block_vs_litgpt_times_each_part_of_both_on_the_same_function(quick_main):
     pytest.importorskip("litgpt")
     r = quick_main("benchmarks/block_vs_litgpt.py")
@@ -89,6 +101,7 @@ def test_block_vs_litgpt_times_each_part_of_both_on_the_same_function(quick_main
     assert r["block_vs_litgpt"] == r["ms_per_pass"]["ours"] / r["ms_per_pass"]["litgpt"]
     assert r["max_abs_diff_vs_ours"]["ours_bthd"] == 0.0  # RoPE before the transpose: the same numbers
     assert r["max_abs_diff_vs_ours"]["litgpt"] < 1e-4 and r["compiled"] is False  # fp32 on the CPU, eager
+    assert r["max_abs_diff_vs_ours"]["litgpt_head"] < 1e-4  # the two loss heads: the same loss
 
 
 @pytest.mark.slow
