@@ -12,11 +12,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import Recorder, SignalInStep, cpu_trainer, train_tiny_checkpoint
+from helpers import DEBUG_CONFIG, HostReads, Recorder, SignalInStep, cpu_trainer, train_tiny_checkpoint
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule
 from epas_lightning.flops import estimate_flops
+from epas_lightning.lightning_cli import lightning_cli
 
 
 def make_trainer(root: Path, max_steps: int, callbacks: list, **kwargs) -> L.Trainer:
@@ -106,6 +107,21 @@ def test_train_loss_is_the_mean_of_the_steps_micro_batches(tiny_corpus, tmp_path
     for step in range(2):  # what the step's last micro-batch leaves in the logs is the mean of its three
         expected = sum(micro_losses[3 * step : 3 * step + 3]) / 3
         assert logged[3 * step + 2] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_fit_step_that_logs_nothing_reads_only_the_divergence_guards_decision(tiny_corpus, tmp_path, monkeypatch):
+    """The steps of a ``fit`` through the entry point (its bar, learning-rate monitor, guard, throughput monitor) that
+    neither log nor print read one value back to the host: the divergence guard's decision (on CUDA each read waits
+    for the GPU). Lightning converted ``train/loss`` as a progress-bar metric after every batch, and the bar read it."""
+    monkeypatch.chdir(tmp_path)
+    HostReads.watch(monkeypatch)
+    steps = ["--trainer.max_steps", "7", "--trainer.log_every_n_steps", "5", "--trainer.limit_val_batches", "0"]
+    cli = lightning_cli(["fit", "--config", DEBUG_CONFIG, *steps, "--trainer.callbacks+=helpers.HostReads"])
+    reads = next(c for c in cli.trainer.callbacks if isinstance(c, HostReads))
+    assert reads.logged == {4}  # log_every_n_steps: the 5th step; the last (6) prints the run's line and saves
+    for step in (1, 2, 3, 5):
+        assert reads.reads[step] == {"divergence.py:on_before_optimizer_step": 1}, step
+    assert reads.reads[6]["run_summary.py:_print_line"] == 1  # the count sees the bar's read where it prints
 
 
 @pytest.mark.parametrize("clip", [None, 0.05, -1.0])  # Lightning does not clip at <= 0 (ours reversed the gradients)
