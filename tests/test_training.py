@@ -1679,6 +1679,31 @@ def test_the_learning_rate_is_logged_once_per_optimizer_step_under_gradient_accu
     assert steps == ["0", "1", "2"]
 
 
+def test_the_learning_rate_monitor_gives_callbacks_the_rates_as_host_tensors():
+    """Lightning's LearningRateMonitor put each rate it logs into ``callback_metrics`` as a tensor made on the root
+    device: on CUDA a blocking host-to-device copy (a device sync) per rate at every logged step. A ``meta`` root
+    device shows where it makes them."""
+    from types import SimpleNamespace
+
+    from epas_lightning.lightning_cli import RUN_SECTIONS
+
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": lr} for lr in (1e-3, 2e-3)]
+    trainer = SimpleNamespace(
+        optimizers=[torch.optim.AdamW(groups)],
+        lr_scheduler_configs=[],
+        loggers=[None],
+        callback_metrics={"train/loss": torch.tensor(1.0)},
+        strategy=SimpleNamespace(root_device=torch.device("meta")),
+    )
+    monitor = RUN_SECTIONS["lr_monitor"](logging_interval="step")
+    monitor.on_train_start(trainer)
+    assert monitor._extract_stats(trainer, "step") == {"lr-AdamW/pg1": 1e-3, "lr-AdamW/pg2": 2e-3}
+    rates = {name: value for name, value in trainer.callback_metrics.items() if name.startswith("lr-")}
+    assert {value.device.type for value in rates.values()} == {"cpu"}
+    assert rates == {"lr-AdamW/pg1": torch.tensor(1e-3), "lr-AdamW/pg2": torch.tensor(2e-3)}
+    assert trainer.callback_metrics["train/loss"] == 1.0
+
+
 def test_a_run_warns_before_training_when_its_checkpoints_may_not_fit(tiny_corpus, tmp_path, monkeypatch, capsys):
     """A full checkpoint disk showed only at the first save, hours into a run. Before training, the run's checkpoint
     now warns when the free space is less than the checkpoints it keeps at once (top 1, last, the one being written),
