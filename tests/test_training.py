@@ -109,7 +109,9 @@ def test_train_loss_is_the_mean_of_the_steps_micro_batches(tiny_corpus, tmp_path
         assert logged[3 * step + 2] == pytest.approx(expected, rel=1e-6)
 
 
-def test_a_fit_step_that_logs_nothing_reads_only_the_divergence_guards_decision(tiny_corpus, tmp_path, monkeypatch):
+def test_a_fit_step_that_logs_nothing_reads_only_the_divergence_guards_decision(
+    tiny_corpus, tmp_path, monkeypatch, capsys
+):
     """The steps of a ``fit`` through the entry point (its bar, learning-rate monitor, guard, throughput monitor) that
     neither log nor print read one value back to the host: the divergence guard's decision (on CUDA each read waits
     for the GPU). Lightning converted ``train/loss`` as a progress-bar metric after every batch, and the bar read it."""
@@ -122,6 +124,9 @@ def test_a_fit_step_that_logs_nothing_reads_only_the_divergence_guards_decision(
     for step in (1, 2, 3, 5):
         assert reads.reads[step] == {"divergence.py:on_before_optimizer_step": 1}, step
     assert reads.reads[6]["run_summary.py:_print_line"] == 1  # the count sees the bar's read where it prints
+    loss = float(cli.trainer.callback_metrics["train/loss"])
+    assert f"7/7 steps · train/loss {loss:.4f} · " in capsys.readouterr().err
+    assert cli.trainer.progress_bar_callback._metric_component._metrics["train/loss"] == loss  # the bar's, drawn last
 
 
 @pytest.mark.parametrize("clip", [None, 0.05, -1.0])  # Lightning does not clip at <= 0 (ours reversed the gradients)
