@@ -9,6 +9,7 @@ import time
 import warnings
 from contextvars import ContextVar
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -790,6 +791,19 @@ class StepLearningRateMonitor(LearningRateMonitor):
     def on_train_batch_start(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
         if not trainer.fit_loop._should_accumulate():
             super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def _extract_stats(self, trainer: Trainer, interval: str) -> dict[str, float]:
+        """Lightning's, with the rates it puts into ``callback_metrics`` as CPU tensors: it made each on the root
+        device, on CUDA a blocking host-to-device copy (a device sync) per rate at every step it logs."""
+        on_host = SimpleNamespace(
+            lr_scheduler_configs=trainer.lr_scheduler_configs,
+            optimizers=trainer.optimizers,
+            callback_metrics={},
+            strategy=SimpleNamespace(root_device=torch.device("cpu")),
+        )
+        stats = super()._extract_stats(on_host, interval)
+        trainer.callback_metrics.update(on_host.callback_metrics)
+        return stats
 
 
 def host_scalar(value: float) -> torch.Tensor:

@@ -61,7 +61,13 @@ from epas_lightning.run_checkpoint import (
 )
 from epas_lightning.runtime import DTYPES, dtype_name, has_native_bf16
 from epas_lightning.safe_load import is_weights_only, plain_numbers, release_kept_read, verify_checkpoint
-from epas_lightning.step_logging import mean_over_ranks, read_alike_on_every_rank, replace_logged, step_is_logged
+from epas_lightning.step_logging import (
+    mean_over_ranks,
+    on_lightnings_progress_bar,
+    read_alike_on_every_rank,
+    replace_logged,
+    step_is_logged,
+)
 from epas_lightning.trainer_call import check_restored, restored_checkpoint
 from epas_lightning.trainer_checks import check_gradient_clip
 
@@ -627,11 +633,13 @@ class EPASModule(LightningModule):
         file name holds it (a validation may come between two micro-batches of a step: it reads the running mean).
         Elsewhere it is this rank's: the progress bar (rank zero's) and ``callback_metrics`` show the rank's own loss
         between the steps the loggers write. ``sync_dist`` made the collective (a barrier and an all-reduce; on CUDA a
-        wait for the loss) at every micro-batch of every step."""
+        wait for the loss) at every micro-batch of every step. It is a progress-bar metric only for a bar that reads
+        Lightning's (which Lightning converts to a number after every batch, a device sync)."""
         trainer = self.trainer
         last = not trainer.fit_loop._should_accumulate()
         self._loss_reduced = read_alike_on_every_rank(trainer, TRAIN_LOSS) or (last and step_is_logged(trainer))
-        self.log(TRAIN_LOSS, mean_over_ranks(trainer, step_loss) if self._loss_reduced else step_loss, prog_bar=True)
+        value = mean_over_ranks(trainer, step_loss) if self._loss_reduced else step_loss
+        self.log(TRAIN_LOSS, value, prog_bar=on_lightnings_progress_bar(trainer))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """A callback that set ``should_stop`` in this step (``max_time``'s ``Timer``) made Lightning write it, whatever

@@ -385,13 +385,18 @@ class StepRunProgressBar(RichProgressBar):
         line_every_s: Without a terminal, the shortest time between two step lines.
     """
 
+    reads_train_loss = True
+    """``train/loss`` is left out of Lightning's progress-bar metrics with this bar (Lightning reads those back to the
+    host after every batch, a device sync per step on CUDA): the bar reads ``callback_metrics`` where it shows it."""
+
     def __init__(self, line_every_s: float = LINE_EVERY_S) -> None:
         super().__init__()
         self.line_every_s = line_every_s
         self._lines = False
-        self._last_line = self._start = self._validation_start = 0.0
+        self._last_line = self._start = self._validation_start = self._metrics_read = 0.0
         self._tokens = 0
         self._start_step = 0
+        self._metrics_due = True
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -402,17 +407,35 @@ class StepRunProgressBar(RichProgressBar):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        """The metrics are read (a device sync each) where they are shown: without a terminal where a line prints (the
+        bar is drawn when the epoch ends, with them read again), in one as often as the bar redraws (``refresh_rate``
+        times a second), not at every batch."""
+        now = time.perf_counter()
+        line_due = self._lines and self._line_due(trainer, now)
+        self._metrics_due = line_due or (not self._lines and self._redraw_due(now))
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if not self._lines:
-            return
-        self._tokens += batch_tokens(batch) * trainer.world_size
+        self._metrics_due = True
+        if self._lines:
+            self._tokens += batch_tokens(batch) * trainer.world_size
+        if line_due:
+            self._print_line(trainer, now)
+
+    def _line_due(self, trainer: Trainer, now: float) -> bool:
+        """Whether a step line prints after this batch: a step ends, ``line_every_s`` after the last line or at the last
+        step (mid-step, a line would count part of a step beside the loss of the last)."""
         if trainer.fit_loop._should_accumulate():
-            return  # mid-step: a line counts whole steps, beside the loss of the last
-        now, step, last = time.perf_counter(), trainer.global_step, trainer.max_steps
-        if now - self._last_line < self.line_every_s and step != last:
-            return
+            return False
+        return now - self._last_line >= self.line_every_s or trainer.global_step == trainer.max_steps
+
+    def _redraw_due(self, now: float) -> bool:
+        """Whether the bar in a terminal redraws with new metrics by now: ``refresh_rate`` times a second."""
+        return self.refresh_rate > 0 and now - self._metrics_read >= 1 / self.refresh_rate
+
+    def _print_line(self, trainer: Trainer, now: float) -> None:
+        """The step line: steps done, the train loss, tokens/s since the last line, time left."""
+        step, last = trainer.global_step, trainer.max_steps
         parts = [f"{step}/{last} steps" if last and last > 0 else f"{step} steps"]  # counts: no index to misread
-        loss = trainer.progress_bar_metrics.get("train/loss")
+        loss = trainer.callback_metrics.get("train/loss")
         if loss is not None:
             parts.append(f"train/loss {float(loss):.4f}")
         parts.append(f"{self._tokens / (now - self._last_line):,.0f} tokens/s")
@@ -420,6 +443,11 @@ class StepRunProgressBar(RichProgressBar):
             parts.append(f"{_seconds((now - self._start) / (step - self._start_step) * (last - step))} left")
         print(" · ".join(parts), file=sys.stderr, flush=True)
         self._last_line, self._tokens = now, 0
+
+    def _update_metrics(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._metrics_due:
+            super()._update_metrics(trainer, pl_module)
+            self._metrics_read = time.perf_counter()
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_validation_start(trainer, pl_module)
@@ -435,6 +463,9 @@ class StepRunProgressBar(RichProgressBar):
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
+        loss = trainer.callback_metrics.get("train/loss")  # not Lightning's progress-bar metric: reads_train_loss
+        if loss is not None and "train/loss" not in items:
+            items["train/loss"] = float(loss)
         if isinstance(items.get("v_num"), int):
             items["v_num"] = str(items["v_num"])
         return items

@@ -21,6 +21,15 @@ def step_is_logged(trainer: Trainer) -> bool:
     return bool(getattr(trainer._logger_connector, "should_update_logs", True) or trainer.fast_dev_run)
 
 
+def on_lightnings_progress_bar(trainer: Trainer) -> bool:
+    """Whether ``train/loss`` goes to Lightning's progress-bar metrics (``prog_bar=True``). Lightning reads those back
+    to the host after every batch, a device sync per step on CUDA, so only for a progress bar that shows them: not with
+    no bar, nor with one that reads ``callback_metrics`` itself where it shows the loss (``reads_train_loss = True``,
+    ``StepRunProgressBar``)."""
+    bar = trainer.progress_bar_callback
+    return bar is not None and not getattr(bar, "reads_train_loss", False)
+
+
 def read_alike_on_every_rank(trainer: Trainer, name: str) -> bool:
     """Whether the metric ``name`` must hold the same value on every rank at every micro-batch (a validation may come
     inside an optimizer step): a callback decides on it (``ModelCheckpoint``, ``EarlyStopping``: their ``monitor``), or

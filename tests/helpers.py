@@ -5,6 +5,8 @@ import os
 import signal
 import subprocess
 import sys
+import traceback
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -193,6 +195,62 @@ class Recorder(L.Callback):
             logged_step = trainer.fit_loop.epoch_loop._batches_that_stepped
             loss = float(trainer.callback_metrics["val/loss"])
             self.validations.append(Validation(trainer.global_step, logged_step, trainer.current_epoch, loss))
+
+
+class HostReads(L.Callback):
+    """Counts, per optimizer step (micro-batch, without gradient accumulation: from one ``on_train_batch_start`` to the
+    next, so the logging and the loading of the next batch count too), each read of a tensor's value into Python:
+    ``item``, ``tolist``, ``numpy``, ``bool``/``float``/``int``/``index`` of a tensor. On CUDA each read of a device
+    tensor makes the host wait for the GPU. On a CPU every tensor is on the host, so the reads of values that a CUDA run
+    keeps on the host too are left out (:data:`HOST_SIDE`). ``reads[step]``: a ``Counter`` of ``file:function``, the
+    innermost frame of ``epas_lightning`` (the innermost frame where none of ours is on the stack)."""
+
+    READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+    HOST_SIDE = (
+        ("optimizer.py", "_get_value"),  # AdamW's step count: a CPU tensor (on the device the fused one reads none)
+        ("datamodule.py", "on_before_batch_transfer"),  # the batch checked before it moves to the device
+    )
+    CPU_ONLY = 'device.type == "cpu"'  # a read in a line that makes it only for a CPU tensor
+
+    watching: "HostReads | None" = None
+    """The instance counting now."""
+
+    def __init__(self) -> None:
+        self.reads: dict[int, Counter] = {}
+        self.logged: set[int] = set()
+        self._step = 0
+
+    @classmethod
+    def watch(cls, monkeypatch) -> None:
+        """Wrap the tensor reads for the test (``monkeypatch`` puts them back): an instance counts while it trains."""
+        monkeypatch.setattr(cls, "watching", None)
+        for name in cls.READS:
+            monkeypatch.setattr(torch.Tensor, name, cls._counted(getattr(torch.Tensor, name)))
+
+    @classmethod
+    def _counted(cls, read):
+        def counted(tensor, *args, **kwargs):
+            if cls.watching is not None:
+                cls.watching._count(traceback.extract_stack()[:-1])
+            return read(tensor, *args, **kwargs)
+
+        return counted
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        HostReads.watching, self._step = self, trainer.global_step
+        self.reads[self._step] = Counter()
+        if trainer._logger_connector.should_update_logs:
+            self.logged.add(self._step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        HostReads.watching = None
+
+    def _count(self, frames: list) -> None:
+        if any((Path(f.filename).name, f.name) in self.HOST_SIDE or self.CPU_ONLY in (f.line or "") for f in frames):
+            return
+        ours = [f for f in frames if f"{os.sep}epas_lightning{os.sep}" in f.filename]
+        frame = (ours or frames)[-1]
+        self.reads[self._step][f"{Path(frame.filename).name}:{frame.name}"] += 1
 
 
 class SignalInStep(L.Callback):

@@ -12,11 +12,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import Recorder, SignalInStep, cpu_trainer, train_tiny_checkpoint
+from helpers import DEBUG_CONFIG, HostReads, Recorder, SignalInStep, cpu_trainer, train_tiny_checkpoint
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from epas_lightning import EPASModule, LlamaConfig, ProgressiveSharing, TokenDataModule
 from epas_lightning.flops import estimate_flops
+from epas_lightning.lightning_cli import lightning_cli
 
 
 def make_trainer(root: Path, max_steps: int, callbacks: list, **kwargs) -> L.Trainer:
@@ -106,6 +107,26 @@ def test_train_loss_is_the_mean_of_the_steps_micro_batches(tiny_corpus, tmp_path
     for step in range(2):  # what the step's last micro-batch leaves in the logs is the mean of its three
         expected = sum(micro_losses[3 * step : 3 * step + 3]) / 3
         assert logged[3 * step + 2] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_fit_step_that_logs_nothing_reads_only_the_divergence_guards_decision(
+    tiny_corpus, tmp_path, monkeypatch, capsys
+):
+    """The steps of a ``fit`` through the entry point (its bar, learning-rate monitor, guard, throughput monitor) that
+    neither log nor print read one value back to the host: the divergence guard's decision (on CUDA each read waits
+    for the GPU). Lightning converted ``train/loss`` as a progress-bar metric after every batch, and the bar read it."""
+    monkeypatch.chdir(tmp_path)
+    HostReads.watch(monkeypatch)
+    steps = ["--trainer.max_steps", "7", "--trainer.log_every_n_steps", "5", "--trainer.limit_val_batches", "0"]
+    cli = lightning_cli(["fit", "--config", DEBUG_CONFIG, *steps, "--trainer.callbacks+=helpers.HostReads"])
+    reads = next(c for c in cli.trainer.callbacks if isinstance(c, HostReads))
+    assert reads.logged == {4}  # log_every_n_steps: the 5th step; the last (6) prints the run's line and saves
+    for step in (1, 2, 3, 5):
+        assert reads.reads[step] == {"divergence.py:on_before_optimizer_step": 1}, step
+    assert reads.reads[6]["run_summary.py:_print_line"] == 1  # the count sees the bar's read where it prints
+    loss = float(cli.trainer.callback_metrics["train/loss"])
+    assert f"7/7 steps · train/loss {loss:.4f} · " in capsys.readouterr().err
+    assert cli.trainer.progress_bar_callback._metric_component._metrics["train/loss"] == loss  # the bar's, drawn last
 
 
 @pytest.mark.parametrize("clip", [None, 0.05, -1.0])  # Lightning does not clip at <= 0 (ours reversed the gradients)
@@ -1661,6 +1682,31 @@ def test_the_learning_rate_is_logged_once_per_optimizer_step_under_gradient_accu
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         steps = [row["step"] for row in csv.DictReader(f) if row.get("lr-AdamW/pg1")]
     assert steps == ["0", "1", "2"]
+
+
+def test_the_learning_rate_monitor_gives_callbacks_the_rates_as_host_tensors():
+    """Lightning's LearningRateMonitor put each rate it logs into ``callback_metrics`` as a tensor made on the root
+    device: on CUDA a blocking host-to-device copy (a device sync) per rate at every logged step. A ``meta`` root
+    device shows where it makes them."""
+    from types import SimpleNamespace
+
+    from epas_lightning.lightning_cli import RUN_SECTIONS
+
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": lr} for lr in (1e-3, 2e-3)]
+    trainer = SimpleNamespace(
+        optimizers=[torch.optim.AdamW(groups)],
+        lr_scheduler_configs=[],
+        loggers=[None],
+        callback_metrics={"train/loss": torch.tensor(1.0)},
+        strategy=SimpleNamespace(root_device=torch.device("meta")),
+    )
+    monitor = RUN_SECTIONS["lr_monitor"](logging_interval="step")
+    monitor.on_train_start(trainer)
+    assert monitor._extract_stats(trainer, "step") == {"lr-AdamW/pg1": 1e-3, "lr-AdamW/pg2": 2e-3}
+    rates = {name: value for name, value in trainer.callback_metrics.items() if name.startswith("lr-")}
+    assert {value.device.type for value in rates.values()} == {"cpu"}
+    assert rates == {"lr-AdamW/pg1": torch.tensor(1e-3), "lr-AdamW/pg2": torch.tensor(2e-3)}
+    assert trainer.callback_metrics["train/loss"] == 1.0
 
 
 def test_a_run_warns_before_training_when_its_checkpoints_may_not_fit(tiny_corpus, tmp_path, monkeypatch, capsys):
