@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import (
     Timer,
 )
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+from lightning.pytorch.callbacks.progress.progress_bar import get_standard_metrics
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
@@ -464,8 +465,8 @@ class StepRunProgressBar(RichProgressBar):
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
         loss = trainer.callback_metrics.get("train/loss")  # not Lightning's progress-bar metric: reads_train_loss
-        if loss is not None and "train/loss" not in items:
-            items["train/loss"] = float(loss)
+        if loss is not None and "train/loss" not in items:  # first of the logged ones, where Lightning showed it
+            items = {**get_standard_metrics(trainer), "train/loss": float(loss), **items}
         if isinstance(items.get("v_num"), int):
             items["v_num"] = str(items["v_num"])
         return items

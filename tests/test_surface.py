@@ -1846,6 +1846,24 @@ def test_without_a_terminal_step_lines_come_at_whole_steps_with_their_loss(tmp_p
     ]
 
 
+def test_the_bar_shows_the_train_loss_before_the_validation_loss(tmp_path):
+    """``train/loss`` came after ``val/loss`` on the bar ("v_num: 0 val/loss: 6.236 train/loss: 6.222") once the bar
+    read it from ``callback_metrics``: it was first as a progress-bar metric (the training step logs it first)."""
+    from helpers import cpu_trainer
+
+    from epas_lightning import EPASModule, LlamaConfig
+    from epas_lightning.run_summary import StepRunProgressBar
+
+    module = EPASModule(LlamaConfig.from_name("debug", block_size=16))
+    data = torch.utils.data.DataLoader(torch.randint(0, 512, (4, 17)), batch_size=2)
+    bar = StepRunProgressBar(line_every_s=0)
+    trainer = cpu_trainer(tmp_path, 2, [bar], enable_progress_bar=True, limit_val_batches=1, val_check_interval=2)
+    trainer.fit(module, data, data)
+    metrics = bar.get_metrics(trainer, module)
+    assert [name for name in metrics if name.endswith("/loss")] == ["train/loss", "val/loss"]
+    assert metrics["train/loss"] == trainer.callback_metrics["train/loss"].item()
+
+
 def test_out_of_memory_advice_names_flags_each_command_has():
     from epas_lightning.cli import function_parser, tool
     from epas_lightning.errors import OUT_OF_MEMORY_ADVICE
