@@ -355,13 +355,20 @@ def peers_rows(peers: dict) -> list[str]:
     return [*rows, ""]
 
 
+def fit_strategy(command: str) -> str:
+    """The strategy ``fit`` ran with: the config's FSDP2, or the last ``--trainer.strategy=`` of ``--fit-args``."""
+    given = [flag.split("=", 1)[1] for flag in command.split() if flag.startswith("--trainer.strategy=")]
+    return f"strategy {given[-1]}" if given else "FSDP2"
+
+
 def fit_rows(fit: dict) -> list[str]:
     if fit.get("skipped"):
         return ["fit not run (--skip-fit)"]
     if "error" in fit:
         return [f"fit part failed: {fit['error']}"]
     rows = [
-        f"| fit (Lightning + FSDP2, 1 GPU, batch {fit['batch_size']} x {fit.get('seq_len')}) | tokens/s | MFU |",
+        f"| fit (Lightning + {fit_strategy(fit.get('command', ''))}, 1 GPU, batch {fit['batch_size']} x "
+        f"{fit.get('seq_len')}) | tokens/s | MFU |",
         "|---|---|---|",
     ]
     for arm in ("dense", "epas"):

@@ -308,6 +308,9 @@ def test_gpu_session_tables_name_the_shapes_that_ran(tmp_path, monkeypatch):
     text = gpu_session.table({"device": "x", "torch": "y", "fit": fit, "peers": peers})
     assert "| system (vs_peers, debug, 32 x 1, 32-true) |" in text and "| dense | 9 | 0.900 | None | 1 |" in text
     assert "| fit (Lightning + FSDP2, 1 GPU, batch 2 x 64) |" in text
+    fit["command"] = "-m epas_lightning fit --config tinyllama-1gpu --trainer.strategy=auto --data.batch_size=2"
+    text = gpu_session.table({"device": "x", "torch": "y", "fit": fit, "peers": peers})  # --fit-args chose it
+    assert "| fit (Lightning + strategy auto, 1 GPU, batch 2 x 64) |" in text
 
 
 def test_linear_ce_precision_compares_chunk_counts_with_the_plain_path():
