@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     ours = Llama(config)
     theirs = build_litgpt(ours, args.seq_len).to(device)
+    from litgpt.utils import chunked_cross_entropy  # litgpt is importable: build_litgpt just imported it
+
     ours.to(device)
     bthd = Llama(config).to(device)
     bthd.load_state_dict(ours.state_dict())
@@ -122,8 +124,6 @@ def main(argv: list[str] | None = None) -> dict:
         return linear_cross_entropy(our_norm(h), ours.lm_head.weight, targets, vocab, compile=compiled)
 
     def their_head(h: torch.Tensor) -> torch.Tensor:
-        from litgpt.utils import chunked_cross_entropy
-
         return chunked_cross_entropy(their_logits(h), targets)
 
     autocast = autocast_context(precision, device)
