@@ -2624,7 +2624,7 @@ def test_one_process_decides_alone_without_a_device_round_trip():
     calls = []
     several = SimpleNamespace(
         world_size=2, strategy=SimpleNamespace(reduce_boolean_decision=lambda d, all: calls.append((d, all)) or True)
-    )  # noqa: E501
+    )
     assert ranks_agree(several, False, all=False) is True and calls == [(False, False)]
 
     guard = DivergenceGuard("stop")
