@@ -24,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import statistics
 from collections.abc import Callable
@@ -31,9 +32,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from harness import autocast_context, device_name, emit, preset_config, resolve_device, shape_flags, time_arms
-from vs_peers import build_litgpt
+from vs_peers import INSTALL, build_litgpt
 
-from epas_lightning.errors import run_script
+from epas_lightning.errors import ConfigError, run_script
 from epas_lightning.linear_ce import linear_cross_entropy
 from epas_lightning.model import Llama
 from epas_lightning.model.attention import AttentionContext, apply_rope
@@ -82,6 +83,10 @@ def bthd_attention_forward(attn: torch.nn.Module) -> Callable:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if importlib.util.find_spec("litgpt") is None:
+        raise ConfigError(
+            "litgpt is not installed", "benchmarks/block_vs_litgpt.py", f"install it: {INSTALL['litgpt']}"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

@@ -104,6 +104,21 @@ def test_block_vs_litgpt_times_each_part_of_both_on_the_same_function(quick_main
     assert r["max_abs_diff_vs_ours"]["litgpt_head"] < 1e-4  # the two loss heads: the same loss
 
 
+def test_block_vs_litgpt_without_litgpt_says_how_to_install_it():
+    """Where litgpt is not installed (CI's install), the script ended in a ModuleNotFoundError traceback."""
+    last = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['litgpt'] = None; import runpy; "
+         "runpy.run_path('benchmarks/block_vs_litgpt.py', run_name='__main__')", "--quick"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'benchmarks'}"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert last.returncode == 2 and "Traceback" not in last.stderr, last.stderr
+    assert last.stderr.strip().splitlines() == [
+        "error: litgpt is not installed — benchmarks/block_vs_litgpt.py — install it: pip install --no-deps "
+        '"litgpt==0.5.13"'
+    ]
+
+
 @pytest.mark.slow
 def test_lightning_overhead_reports_ratios_and_same_losses(quick_main):
     r = quick_main("benchmarks/lightning_overhead.py")
